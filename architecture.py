@@ -264,20 +264,22 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """fc: the up projection; SwiGLU adds `gate`. Gate and up stay two Linears, not one fused
+    (n_embd, 2 * hidden): the fused one measured ~4% slower per training step on CPU (a slower
+    wide matmul, SiLU on a strided half, and a cat in the backward of the split)."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.swiglu = cfg.mlp == "swiglu"
-        self.fc = nn.Linear(cfg.n_embd, cfg.mlp_hidden * (2 if self.swiglu else 1),
-                            bias=cfg.mlp_bias)
+        self.fc = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.mlp_bias)
+        self.gate = (nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.mlp_bias)
+                     if cfg.mlp == "swiglu" else None)
         self.proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.mlp_bias)
         self.approximate = "tanh" if cfg.mlp == "gelu_tanh" else "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc(x)
-        if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            return self.proj(F.silu(gate) * up)
-        return self.proj(F.gelu(h, approximate=self.approximate))
+        if self.gate is not None:
+            return self.proj(F.silu(self.gate(x)) * self.fc(x))
+        return self.proj(F.gelu(self.fc(x), approximate=self.approximate))
 
 
 class Block(nn.Module):

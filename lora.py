@@ -1,8 +1,8 @@
 """LoRA for codelm: exact, strict about target names, and file-compatible with PEFT.
 
-codelm fuses q/k/v (and SwiGLU gate/up) into one Linear. A LoRA target given in the loaded family's
-HF names (``q_proj``, ``c_attn``, ``qkv_proj``, ...) therefore becomes one adapter on the fused
-module that owns exactly the output rows ``pretrained.hf_module_slots`` assigns to that HF module.
+codelm fuses q/k/v into one Linear. A LoRA target given in the loaded family's HF names
+(``q_proj``, ``c_attn``, ``qkv_proj``, ...) therefore becomes one adapter on the fused module that
+owns exactly the output rows ``pretrained.hf_module_slots`` assigns to that HF module.
 Each adapter has its own A and B, shaped as PEFT shapes them on the transformers model, so the
 model computes what PEFT computes, the parameter count is PEFT's, and the adapter file uses PEFT's
 key names. codelm's own names (``qkv``, ``attn.proj``, ``fc``, ...) select the HF modules that live

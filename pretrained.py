@@ -5,8 +5,8 @@ module and the rows of that module's output it fills (`part`). Loading, exportin
 targeting (`hf_module_slots`) all read these tables; nothing else knows HF names.
 
 Loading never holds two copies: the model is built on the meta device, safetensors files are
-memory-mapped and unfused tensors assigned as views of the map; tensors that codelm fuses (Llama's
-q/k/v, gate/up) are read from the file straight into their rows of the fused tensor.
+memory-mapped and unfused tensors assigned as views of the map; tensors that codelm fuses (q/k/v
+of Llama and Phi) are read from the file straight into their rows of the fused tensor.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from architecture import FAMILIES, ModelConfig, Transformer
 # --------------------------------------------------------------------------- tables
 
 # part: which rows of the codelm module an HF module's output fills.
-#   None: all, same order; q/k/v: that block of the fused [Q | K | V]; gate/up: that half of
-#   SwiGLU's [gate | up]; qkv_codegen: CodeGen's 4 chunks of [q | v | k] per chunk;
+#   None: all, same order; q/k/v: that block of the fused [Q | K | V];
+#   qkv_codegen: CodeGen's 4 chunks of [q | v | k] per chunk;
 #   qkv_per_head: GPTBigCode without multi-query, [q | k | v] per head.
 LLAMA_MODULES = {
     "model.embed_tokens": ("wte", None),
@@ -36,8 +36,8 @@ LLAMA_MODULES = {
     "model.layers.{i}.self_attn.v_proj": ("blocks.{i}.attn.qkv", "v"),
     "model.layers.{i}.self_attn.o_proj": ("blocks.{i}.attn.proj", None),
     "model.layers.{i}.post_attention_layernorm": ("blocks.{i}.norm_2", None),
-    "model.layers.{i}.mlp.gate_proj": ("blocks.{i}.mlp.fc", "gate"),
-    "model.layers.{i}.mlp.up_proj": ("blocks.{i}.mlp.fc", "up"),
+    "model.layers.{i}.mlp.gate_proj": ("blocks.{i}.mlp.gate", None),
+    "model.layers.{i}.mlp.up_proj": ("blocks.{i}.mlp.fc", None),
     "model.layers.{i}.mlp.down_proj": ("blocks.{i}.mlp.proj", None),
     "model.norm": ("norm_f", None),
     "lm_head": ("lm_head", None),
@@ -326,9 +326,6 @@ def part_rows(cfg: ModelConfig, part: str | None) -> torch.Tensor | None:
     if part in ("q", "k", "v"):
         start = {"q": 0, "k": q, "v": q + kv}[part]
         return torch.arange(start, start + (q if part == "q" else kv))
-    if part in ("gate", "up"):
-        start = 0 if part == "gate" else cfg.mlp_hidden
-        return torch.arange(start, start + cfg.mlp_hidden)
     heads = torch.arange(nh)[:, None] * hd + torch.arange(hd)  # (nh, hd) offsets inside Q
     if part == "qkv_codegen":
         # 4 chunks (CodeGen's TPU shards), each [q | v | k] for nh / 4 heads.

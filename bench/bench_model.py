@@ -276,7 +276,8 @@ def bench_generate(cfg: BenchConfig) -> dict:
                                                    a.v_proj.weight)))
             block.attn.proj.weight.copy_(a.o_proj.weight)
             m = layer.mlp
-            block.mlp.fc.weight.copy_(torch.cat((m.gate_proj.weight, m.up_proj.weight)))
+            block.mlp.gate.weight.copy_(m.gate_proj.weight)
+            block.mlp.fc.weight.copy_(m.up_proj.weight)
             block.mlp.proj.weight.copy_(m.down_proj.weight)
         ours.wte.weight.copy_(hf.model.embed_tokens.weight)
     prompt = torch.randint(3, c.vocab_size, (1, 64))

@@ -68,7 +68,8 @@ def test_contract_module_paths():
     hd = cfg.head_dim
     assert model.blocks[1].attn.qkv.weight.shape == ((4 + 2 * 2) * hd, 64)
     assert model.blocks[1].attn.proj.weight.shape == (64, 4 * hd)
-    assert model.blocks[1].mlp.fc.weight.shape == (2 * 96, 64)  # [gate | up]
+    assert model.blocks[1].mlp.fc.weight.shape == (96, 64)
+    assert model.blocks[1].mlp.gate.weight.shape == (96, 64)
     assert model.blocks[1].mlp.proj.weight.shape == (64, 96)
     assert model.lm_head.weight is model.wte.weight and model.wpe is None
     assert isinstance(model.norm_f, torch.nn.Module) and model.blocks[0].norm_2 is not None
@@ -263,8 +264,8 @@ def test_init_gpt2_style_and_xavier():
     assert abs(model.blocks[0].mlp.proj.weight.std().item() - 0.02 / 2) < 1e-3
     assert model.blocks[0].norm_1.weight.eq(1).all()
     xav = Transformer(dataclasses.replace(cfg, n_layer=2, init="xavier"))
-    w = xav.blocks[0].mlp.fc.weight  # (2048, 384): bound sqrt(6 / (2048 + 384))
-    assert abs(w.abs().max().item() - (6 / (2048 + 384)) ** 0.5) < 1e-3
+    w = xav.blocks[0].mlp.gate.weight  # (1024, 384): bound sqrt(6 / (1024 + 384))
+    assert abs(w.abs().max().item() - (6 / (1024 + 384)) ** 0.5) < 1e-3
 
 
 def test_bf16_keeps_rope_frequencies_fp32():
