@@ -149,6 +149,37 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+def _rms_normalize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x / rms(x) computed in (at least) fp32 and cast back to x's dtype before any weight, as
+    Llama does (matters in bf16); also returns 1 / rms."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    return (xf * rstd).to(x.dtype), rstd
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm with a hand-written backward: fwd + bwd take ~2.2x less time on CPU than
+    autograd through the composite ops (one pass per term instead of one per primitive)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        xhat, rstd = _rms_normalize(x, eps)
+        ctx.save_for_backward(xhat, rstd, weight)
+        return weight * xhat
+
+    @staticmethod
+    def backward(ctx, grad):
+        xhat, rstd, weight = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad * xhat).flatten(0, -2).sum(0).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            g = (grad * weight).to(rstd.dtype)
+            xh = xhat.to(rstd.dtype)
+            grad_x = ((g - xh * (g * xh).mean(-1, keepdim=True)) * rstd).to(xhat.dtype)
+        return grad_x, grad_w, None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -156,8 +187,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 and cast back before the weight, as Llama does (matters in bf16).
-        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return _RMSNormFunction.apply(x, self.weight, self.eps)
+        # Without autograd, plain ops: Function.apply costs ~8 us a call, 1.5% of a decode step.
+        return self.weight * _rms_normalize(x, self.eps)[0]
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -206,15 +239,17 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool):
     """Rotate the first 2 * cos.shape[-1] dims of x (B, T, H, D); cos, sin (B, T, 1, r / 2)."""
-    r = 2 * cos.shape[-1]
-    rot, rest = x[..., :r], x[..., r:]
+    # split/chunk/unbind rather than slices: their backward is one cat or stack, where each
+    # slice's backward zero-fills a tensor of the whole input and copies into it.
+    r, d = 2 * cos.shape[-1], x.shape[-1]
+    rot, rest = (x, None) if r == d else x.split((r, d - r), dim=-1)
     if interleaved:
-        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        x1, x2 = rot.unflatten(-1, (r // 2, 2)).unbind(-1)
         rot = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
     else:
-        x1, x2 = rot[..., : r // 2], rot[..., r // 2:]
+        x1, x2 = rot.chunk(2, dim=-1)
         rot = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return torch.cat((rot, rest), dim=-1) if rest.shape[-1] else rot
+    return rot if rest is None else torch.cat((rot, rest), dim=-1)
 
 
 class KVCache(nn.Module):

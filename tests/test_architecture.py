@@ -276,6 +276,37 @@ def test_bf16_keeps_rope_frequencies_fp32():
     assert (model(idx).float() - ref(idx)).abs().max().item() < 0.1
 
 
+def test_rmsnorm_backward_equals_autograd_of_the_composite():
+    """The hand-written RMSNorm backward against torch's gradcheck and against autograd through
+    F.rms_norm, with and without a trainable weight, and bf16 activations on fp32 weights."""
+    from architecture import RMSNorm, _RMSNormFunction
+
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(8, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: _RMSNormFunction.apply(a, b, 1e-5), (x, w))
+    norm = RMSNorm(8, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(w)
+    for dtype, train_weight, tol in ((torch.float32, True, 1e-5), (torch.float32, False, 1e-5),
+                                     (torch.bfloat16, True, 2e-2)):
+        norm.weight.requires_grad_(train_weight)
+        xs = x.detach().to(dtype).requires_grad_()
+        g = torch.randn(2, 5, 8)
+        norm(xs).backward(g)
+        ref_x = xs.detach().float().requires_grad_()
+        ref_w = norm.weight.detach().clone().requires_grad_(train_weight)
+        (ref_w * F.rms_norm(ref_x, (8,), eps=1e-5).to(dtype)).backward(g)
+        assert xs.grad.dtype == dtype
+        assert (xs.grad.float() - ref_x.grad).abs().max().item() < tol
+        if train_weight:
+            assert (norm.weight.grad - ref_w.grad).abs().max().item() < tol * 10
+            norm.weight.grad = None
+        else:
+            assert norm.weight.grad is None
+        with torch.no_grad():  # the autograd-free path computes the same forward
+            assert torch.equal(norm(xs), _RMSNormFunction.apply(xs, norm.weight, 1e-5))
+
+
 def test_dropout_only_in_training():
     cfg = dataclasses.replace(SHAPES["gpt_bigcode"], dropout=0.2, attn_dropout=0.2)
     model = Transformer(cfg)
