@@ -193,6 +193,17 @@ class RMSNorm(nn.Module):
         return self.weight * _rms_normalize(x, self.eps)[0]
 
 
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """F.dropout; on CPU one uniform draw and a multiply, ~1.4x faster forward + backward there
+    than torch's bernoulli kernel. CUDA keeps torch's fused kernel."""
+    if not training or not p:
+        return x
+    if x.is_cuda:
+        return F.dropout(x, p, True)
+    keep = torch.rand(x.shape, device=x.device) >= p  # fp32 draws: exact p for a bf16 x too
+    return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
+
+
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return RMSNorm(cfg.n_embd, cfg.norm_eps)
@@ -327,10 +338,8 @@ class Block(nn.Module):
         self.cfg = cfg
 
     def drop(self, x: torch.Tensor) -> torch.Tensor:
-        # Read live from the shared cfg (so `model.cfg.dropout = p` retunes a loaded model), and
-        # no op at all when off (one op fewer per block and decode step).
-        p = self.cfg.dropout
-        return F.dropout(x, p, self.training) if p else x
+        # p read live from the shared cfg, so `model.cfg.dropout = p` retunes a loaded model.
+        return dropout(x, self.cfg.dropout, self.training)
 
     def forward(self, x, rope, mask, slots):
         h = self.norm_1(x)
@@ -401,8 +410,7 @@ class Transformer(nn.Module):
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe(pos)
-        if self.cfg.dropout:
-            x = F.dropout(x, self.cfg.dropout, self.training)
+        x = dropout(x, self.cfg.dropout, self.training)
         rope = self.rope(pos, x.dtype) if self.rope is not None else None
         for block in self.blocks:
             x = block(x, rope, mask, slots)

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import pretrained
+from architecture import dropout
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -259,7 +260,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self.r, self.scale = r, scale
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = dropout
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.names: dict[str, str] = {}       # adapter key -> module name in the adapter file
@@ -346,11 +347,11 @@ class LoRALinear(nn.Module):
             return out
         keys = list(self.lora_A.keys())
         x = x.to(self.lora_A[keys[0]].dtype)
-        if self.training and isinstance(self.dropout, nn.Dropout) and len(keys) > 1:
-            hs = [F.linear(self.dropout(x), self.lora_A[k]) for k in keys]
+        if self.training and self.dropout and len(keys) > 1:
+            hs = [F.linear(dropout(x, self.dropout, True), self.lora_A[k]) for k in keys]
         else:
             A = torch.cat([self.lora_A[k] for k in keys]) if len(keys) > 1 else self.lora_A[keys[0]]
-            hs = F.linear(self.dropout(x), A).split(self.r, dim=-1)
+            hs = F.linear(dropout(x, self.dropout, self.training), A).split(self.r, dim=-1)
         ys = {key: F.linear(h * self.scale, self._delta_B(key)).to(out.dtype)
               for key, h in zip(keys, hs)}
         if self._segments is None:
@@ -377,7 +378,8 @@ class LoRALinear(nn.Module):
         self.base.weight.copy_(w32.to(self.base.weight.dtype))
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, scale={self.scale:g}, adapters={list(self.names.values())}"
+        return (f"r={self.r}, scale={self.scale:g}, dropout={self.dropout:g}, "
+                f"adapters={list(self.names.values())}")
 
 
 class LoRAEmbedding(nn.Module):

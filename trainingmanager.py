@@ -768,9 +768,6 @@ def build_model(cfg: TrainConfig, tok) -> nn.Module:
                              f"{cfg.init_from} only {model.cfg.vocab_size} embeddings")
         if cfg.dropout is not None:
             model.cfg.dropout = cfg.dropout
-            for m in model.modules():
-                if isinstance(m, nn.Dropout):
-                    m.p = cfg.dropout
     else:
         model = Transformer(model_config(cfg, tok.vocab_size, tok.bos_id, tok.eos_id))
     if cfg.lora_r > 0:

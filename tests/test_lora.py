@@ -14,7 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tiny_hf import save_tiny_hf, tiny_hf_model
 
 import lora
-from architecture import PRESETS, Transformer
+from architecture import PRESETS, Transformer, dropout
 from lora import (
     LoRAConfig,
     LoRALinear,
@@ -319,7 +319,8 @@ def test_dropout_acts_on_the_input_of_A_in_training_only():
     torch.testing.assert_close(layer(x), expected)
     layer.train()
     torch.manual_seed(0)
-    mask = torch.nn.functional.dropout(torch.ones_like(x), 0.5, training=True)
+    mask = dropout(torch.ones_like(x), 0.5, training=True)
+    assert 0.3 < (mask == 0).float().mean() < 0.7 and set(mask.unique().tolist()) == {0.0, 2.0}
     torch.manual_seed(0)
     expected = base(x) + (x * mask) @ layer.lora_A["a"].T @ layer.lora_B["a"].T
     torch.testing.assert_close(layer(x), expected)
