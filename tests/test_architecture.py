@@ -135,6 +135,31 @@ def test_greedy_is_argmax_of_forward():
     logits.sum().backward()  # the output is an ordinary tensor, not an inference-mode one
 
 
+def test_decode_layout_keeps_values_and_training_gets_row_major_back():
+    """generate may re-lay out weights column-major for decoding (CPU); values, outputs, saved
+    files and training must not notice."""
+    model = _model("llama")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    idx = _ids(2, 10)
+    logits = model(idx)
+    out = model.generate(idx, 8)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, state[name]), name
+    torch.testing.assert_close(model(idx), logits, rtol=0, atol=1e-5)
+    assert torch.equal(model.generate(idx, 8), out)  # the layout stays in eval mode
+    model._use_decode_layout(True)
+    forced = [p for p in model.parameters() if p.dim() == 2]
+    for p in forced:  # force the column-major case whatever this machine measured
+        p.data = p.data.t().contiguous().t()
+    assert torch.equal(model.generate(idx, 8), out)
+    model.train()
+    assert all(p.is_contiguous() for p in model.parameters())
+    F.cross_entropy(model(idx).flatten(0, 1), idx.flatten()).backward()
+    assert all(p.grad.is_contiguous() for p in model.parameters())
+    model.generate(idx, 4)  # in train mode the weights go back to row-major at the end
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
 def test_sampling_filters_and_seed():
     model = _model("llama")
     idx = _ids(1, 10).repeat(400, 1)

@@ -238,7 +238,8 @@ def test_hf_module_slots_map_outputs_onto_codelm_rows(checkpoints, family):
             ref = hf_modules[name](x)
             out = modules[slot.path](x)
         got = out if slot.rows is None else out[:, slot.rows]
-        assert torch.equal(got, ref), name
+        # Close, not bit-equal: a model that has generated may hold column-major weights.
+        torch.testing.assert_close(got, ref, msg=name)
     if family == "codegen":
         rows = slots["transformer.h.0.attn.qkv_proj"].rows
         assert sorted(rows.tolist()) == list(range(3 * 64)) and rows[16] == 128  # q-v-k chunks
