@@ -469,22 +469,22 @@ class Transformer(nn.Module):
         when training resumes. CUDA reads both layouts well: left as is."""
         if on == getattr(self, "_decode_layout", False) or self.wte.weight.device.type != "cpu":
             return
-        groups: dict[tuple, list[nn.Parameter]] = {}
+        self._decode_layout = on
+        if not on:
+            for p in self.parameters():
+                if not p.is_contiguous():
+                    p.data = p.data.contiguous()
+            return
+        groups: dict[tuple, dict[int, nn.Parameter]] = {}  # by id: tied weights once
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 w = module.weight
-                groups.setdefault((tuple(w.shape), w.dtype, w.stride()), []).append(w)
-        for weights in groups.values():
-            weights = list({id(w): w for w in weights}.values())  # tied weights once
-            if on:
-                cols = [w.data.t().contiguous().t() for w in weights]
-                if _stream_time(cols) < 0.95 * _stream_time([w.data for w in weights]):
-                    for w, col in zip(weights, cols):
-                        w.data = col
-            else:
-                for w in weights:
-                    w.data = w.data.contiguous()
-        self._decode_layout = on
+                groups.setdefault((tuple(w.shape), w.dtype), {})[id(w)] = w
+        for weights in (list(g.values()) for g in groups.values()):
+            cols = [w.data.t().contiguous().t() for w in weights]
+            if _stream_time(cols) < 0.95 * _stream_time([w.data for w in weights]):
+                for w, col in zip(weights, cols):
+                    w.data = col
 
     def _reorder_cache(self, rows: torch.Tensor) -> None:
         for block in self.blocks:
