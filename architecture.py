@@ -502,7 +502,8 @@ class Transformer(nn.Module):
         if getattr(self, "_compiled_step", None) is None:
             # Default dynamic: a second batch or cache length recompiles once with symbolic
             # sizes instead of once per shape.
-            self._compiled_step = torch.compile(self._step, fullgraph=True)
+            self._compiled_step = torch.compile(self._step, fullgraph=True,
+                                                backend=_decode_backend)
         return self._compiled_step
 
     def _prefill(self, idx, attention_mask, length):
@@ -547,7 +548,7 @@ class Transformer(nn.Module):
         generated: list[torch.Tensor] = []
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
         track = bool(eos_ids or stop_seqs or stop_strs)
-        self._use_decode_layout(True)
+        self._use_decode_layout(not compile)  # the compiled step reads row-major best
         self._setup_cache(B, length)
         try:
             logits, key_valid, pos = self._prefill(idx, attention_mask, length)
@@ -723,6 +724,44 @@ def _stream_time(weights: list[torch.Tensor], reps: int = 3) -> float:
             F.linear(x, w)
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def _one_row_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(1, K) @ (K, N) as a multiply and a sum over K, accumulated in fp32 (as a matmul is)."""
+    acc = torch.promote_types(a.dtype, torch.float32)
+    return (a.to(acc).unsqueeze(2) * b.to(acc).unsqueeze(0)).sum(1)
+
+
+def _is_one_row_on_cpu(a: torch.Tensor) -> bool:
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return a.device.type == "cpu" and statically_known_true(a.shape[0] == 1)
+
+
+def _mm_one_row(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if not _is_one_row_on_cpu(a):
+        return NotImplemented
+    return _one_row_product(a, b).to(a.dtype)
+
+
+def _addmm_one_row(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta=1,
+                   alpha=1) -> torch.Tensor:
+    if not _is_one_row_on_cpu(a) or beta != 1 or alpha != 1:
+        return NotImplemented
+    return (_one_row_product(a, b) + bias).to(a.dtype)
+
+
+def _decode_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+    """Inductor, with batch-1 matmuls on CPU written as multiply-and-sum. A decode step streams
+    every weight once, and inductor fuses that into one reduction kernel per Linear that reads
+    row-major weights at 25-30 GB/s here, where aten's gemv reaches 8-20 (and the kernels fuse
+    with their neighbours). The step runs 2x faster on the benchmark's model."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+
+    table = {**select_decomp_table(), torch.ops.aten.mm.default: _mm_one_row,
+             torch.ops.aten.addmm.default: _addmm_one_row}
+    return compile_fx(gm, example_inputs, decompositions=table)
 
 
 def _parse_stops(eos_id, stop, decode):

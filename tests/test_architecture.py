@@ -2,6 +2,7 @@
 strategies, init, dtype, and that it can learn (transformers parity is in test_pretrained.py)."""
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -264,6 +265,41 @@ def test_compiled_decode_matches_eager():
         mask[0, :3] = False
         assert torch.equal(model.generate(idx, 10, attention_mask=mask, compile=True),
                            model.generate(idx, 10, attention_mask=mask))
+
+
+def _compiled_batch1_decode(shape: str) -> None:
+    from torch._inductor.utils import run_and_get_code
+
+    model, idx = _model(shape), _ids(1, 7)
+    out, code = run_and_get_code(model.generate, idx, 12, compile=True)
+    assert torch.equal(out, model.generate(idx, 12))
+    step_code = "\n".join(code)
+    assert "def call(" in step_code  # the compiled step's code was captured
+    # every Linear became a fused multiply-reduce: no call of a matmul kernel is left
+    assert not re.search(r"(extern_kernels|aten)\.(add)?mm(\.default)?\(", step_code)
+
+
+def test_compiled_batch1_decode_fuses_the_matmuls_and_matches_eager():
+    _compiled_batch1_decode("phi")  # biases: the addmm path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", ["gpt_bigcode", "codegen", "llama"])
+def test_compiled_batch1_decode_every_family(shape):
+    _compiled_batch1_decode(shape)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2),
+                                        (torch.float64, 1e-12)])
+def test_one_row_matmul_rewrite_equals_linear(dtype, tol):
+    from architecture import _addmm_one_row, _mm_one_row
+
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*s, generator=g).to(dtype) for s in ((1, 96), (40, 96), (40,)))
+    torch.testing.assert_close(_mm_one_row(x, w.t()), F.linear(x, w), atol=tol, rtol=tol)
+    torch.testing.assert_close(_addmm_one_row(b, x, w.t()), F.linear(x, w, b), atol=tol, rtol=tol)
+    assert _mm_one_row(torch.cat((x, x)), w.t()) is NotImplemented  # only batch-1 rows
+    assert _addmm_one_row(b, x, w.t(), beta=2) is NotImplemented
 
 
 @pytest.mark.slow
