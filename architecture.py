@@ -235,7 +235,10 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        inv_freq = torch.empty(cfg.rotary_dim // 2)  # on the default device; values below
+        if not inv_freq.is_meta:  # (on meta, pretrained.load: arange would import sympy)
+            inv_freq = rope_inv_freq(cfg, device=inv_freq.device)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def _apply(self, fn, recurse=True):
         # Keep the frequencies exact in fp32 whatever `.to(dtype)`/`to_empty` does to buffers:
@@ -371,15 +374,22 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.positions == "learned" else None
+        # _weight: reset_parameters below draws the values (so nn.Embedding's own normal_ is
+        # skipped), and on the meta device (pretrained.load) nothing is drawn at all: normal_ on
+        # meta imports sympy, 65 MiB of RSS for nothing.
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd,
+                                _weight=torch.empty(cfg.vocab_size, cfg.n_embd))
+        self.wpe = (nn.Embedding(cfg.block_size, cfg.n_embd,
+                                 _weight=torch.empty(cfg.block_size, cfg.n_embd))
+                    if cfg.positions == "learned" else None)
         self.rope = RotaryEmbedding(cfg) if cfg.positions == "rope" else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=cfg.lm_head_bias)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        self.reset_parameters()
+        if not self.wte.weight.is_meta:
+            self.reset_parameters()
 
     # ------------------------------------------------------------------ init
     def reset_parameters(self) -> None:
@@ -756,12 +766,16 @@ def _decode_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
     every weight once, and inductor fuses that into one reduction kernel per Linear that reads
     row-major weights at 25-30 GB/s here, where aten's gemv reaches 8-20 (and the kernels fuse
     with their neighbours). The step runs 2x faster on the benchmark's model."""
+    from torch._functorch import config as functorch_config
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.decomposition import select_decomp_table
 
     table = {**select_decomp_table(), torch.ops.aten.mm.default: _mm_one_row,
              torch.ops.aten.addmm.default: _addmm_one_row}
-    return compile_fx(gm, example_inputs, decompositions=table)
+    # AOTAutograd's cache key leaves the decompositions out, so it could hand back a step
+    # compiled without ours; inductor's own cache (keyed on the decomposed graph) stays on.
+    with functorch_config.patch(enable_autograd_cache=False):
+        return compile_fx(gm, example_inputs, decompositions=table)
 
 
 def _parse_stops(eos_id, stop, decode):

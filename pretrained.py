@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from architecture import FAMILIES, ModelConfig, Transformer
+from architecture import FAMILIES, ModelConfig, Transformer, rope_inv_freq
 
 # --------------------------------------------------------------------------- tables
 
@@ -630,7 +630,8 @@ def load(directory: str | Path, dtype: torch.dtype | None = None,
     if cfg.tie_embeddings:
         model.lm_head.weight = model.wte.weight
     if model.rope is not None:
-        model.rope.to_empty(device=device)  # recomputes the fp32 frequencies on device
+        # computed, not moved: to_empty on a meta buffer imports sympy (+65 MiB RSS)
+        model.rope.inv_freq = rope_inv_freq(cfg, device=device)
     return model.eval()
 
 

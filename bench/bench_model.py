@@ -225,7 +225,8 @@ def bench_train(cfg: BenchConfig) -> dict:
     B, T = 8, 256
     x = torch.randint(0, c.vocab_size, (B, T))
     y = torch.randint(0, c.vocab_size, (B, T))
-    opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-4) for n, m in models.items()}
+    # Fused AdamW for all three: what codelm's Trainer and transformers' Trainer both use.
+    opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for n, m in models.items()}
 
     def step(name):
         m, opt = models[name], opts[name]
