@@ -3,6 +3,7 @@ and beam generation, export back into transformers, every input format, every er
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -212,6 +213,22 @@ def test_dtype_cast_on_load(checkpoints):
     with torch.no_grad():
         ref = hf(idx).logits
     assert (model(idx).float() - ref).abs().max().item() < 0.1
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_bigcode"])  # rotary; learned positions
+def test_load_imports_no_symbolic_machinery(checkpoints, family):
+    """Meta-device init must not reach torch's Python meta kernels: they import sympy, 65 MiB
+    of RSS on top of the weights (the load's memory goal is 1.1x the file)."""
+    import subprocess
+    import sys
+
+    path = checkpoints[family][0]
+    code = ("import sys, torch; from architecture import Transformer; "
+            f"m = Transformer.from_pretrained({str(path)!r}); m(torch.tensor([[3, 4]])); "
+            "print('sympy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.split()[-1] == "False"
 
 
 @pytest.mark.parametrize("stored, loaded", [(torch.bfloat16, torch.bfloat16),
