@@ -252,19 +252,61 @@ class RotaryEmbedding(nn.Module):
         return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool):
-    """Rotate the first 2 * cos.shape[-1] dims of x (B, T, H, D); cos, sin (B, T, 1, r / 2)."""
-    # split/chunk/unbind rather than slices: their backward is one cat or stack, where each
-    # slice's backward zero-fills a tensor of the whole input and copies into it.
-    r, d = 2 * cos.shape[-1], x.shape[-1]
-    rot, rest = (x, None) if r == d else x.split((r, d - r), dim=-1)
-    if interleaved:
-        x1, x2 = rot.unflatten(-1, (r // 2, 2)).unbind(-1)
-        rot = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
+           out: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Write x (B, T, H, D) into out with its first 2 * cos.shape[-1] dims rotated (by minus the
+    angle if inverse: the backward); cos, sin (B, T, 1, r / 2). Each half is written in place
+    (a mul and an addcmul), so no cat, and the backward has no cat either."""
+    r = 2 * cos.shape[-1]
+    if interleaved:  # pairs (0, 1), (2, 3), ... as in CodeGen / GPT-J
+        x1, x2, o1, o2 = x[..., 0:r:2], x[..., 1:r:2], out[..., 0:r:2], out[..., 1:r:2]
+    else:  # halves, as in Llama / NeoX
+        h = r // 2
+        x1, x2, o1, o2 = x[..., :h], x[..., h:r], out[..., :h], out[..., h:r]
+    sign = -1 if inverse else 1
+    if torch.compiler.is_compiling():  # dynamo refuses out= into a strided view; inductor
+        o1.copy_((x1 * cos).addcmul_(x2, sin, value=-sign))  # fuses this into one kernel
+        o2.copy_((x2 * cos).addcmul_(x1, sin, value=sign))
     else:
-        x1, x2 = rot.chunk(2, dim=-1)
-        rot = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return rot if rest is None else torch.cat((rot, rest), dim=-1)
+        torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-sign)
+        torch.mul(x2, cos, out=o2).addcmul_(x1, sin, value=sign)
+    if r < x.shape[-1]:  # partial rotary: the rest passes through
+        out[..., r:] = x[..., r:]
+    return out
+
+
+def _split_rotated(qkv: torch.Tensor, rope, n_head: int, n_kv: int, interleaved: bool):
+    """Fused-projection rows (B, T, n_head + 2 n_kv, D) -> q, k, v (B, heads, T, D), q and k
+    rotated when rope (cos, sin) is given."""
+    qk = qkv[:, :, :n_head + n_kv]
+    if rope is not None:  # queries and keys rotated in one go
+        qk = rotate(qk, *rope, interleaved, qkv.new_empty(qk.shape))
+    q, k = qk.transpose(1, 2).split((n_head, n_kv), dim=1)
+    return q, k, qkv[:, :, n_head + n_kv:].transpose(1, 2)
+
+
+class _SplitRotatedFunction(torch.autograd.Function):
+    """`_split_rotated` whose backward writes the gradients of q, k and v straight into one
+    tensor of qkv's shape: autograd through the split and the rotation would cat them three
+    times a layer (and zero-fill for the slices)."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, n_head, n_kv, interleaved):
+        ctx.save_for_backward(cos, sin)
+        ctx.layout = (n_head, n_kv, interleaved)
+        return _split_rotated(qkv, (cos, sin), n_head, n_kv, interleaved)
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k, grad_v):
+        cos, sin = ctx.saved_tensors
+        n_head, n_kv, interleaved = ctx.layout
+        B, _, T, D = grad_q.shape
+        grad = grad_q.new_empty(B, T, n_head + 2 * n_kv, D)
+        rotate(grad_q.transpose(1, 2), cos, sin, interleaved, grad[:, :, :n_head], inverse=True)
+        rotate(grad_k.transpose(1, 2), cos, sin, interleaved, grad[:, :, n_head:n_head + n_kv],
+               inverse=True)
+        grad[:, :, n_head + n_kv:] = grad_v.transpose(1, 2)
+        return grad, None, None, None, None, None
 
 
 class KVCache(nn.Module):
@@ -299,11 +341,11 @@ class Attention(nn.Module):
         cfg = self.cfg
         B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, cfg.n_head + 2 * cfg.n_kv_head, cfg.head_dim)
-        qk, v = qkv.split((cfg.n_head + cfg.n_kv_head, cfg.n_kv_head), dim=2)
-        if rope is not None:  # queries and keys rotated in one go
-            qk = apply_rope(qk, *rope, cfg.rope_interleaved)
-        q, k = qk.transpose(1, 2).split((cfg.n_head, cfg.n_kv_head), dim=1)
-        v = v.transpose(1, 2)
+        layout = (cfg.n_head, cfg.n_kv_head, cfg.rope_interleaved)
+        if rope is not None and torch.is_grad_enabled() and qkv.requires_grad:
+            q, k, v = _SplitRotatedFunction.apply(qkv, *rope, *layout)
+        else:
+            q, k, v = _split_rotated(qkv, rope, *layout)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(slots, k, v)
         y = F.scaled_dot_product_attention(

@@ -337,6 +337,56 @@ def test_bf16_keeps_rope_frequencies_fp32():
     assert (model(idx).float() - ref(idx)).abs().max().item() < 0.1
 
 
+def _rope_reference(x, cos, sin, interleaved):
+    """Rotary embedding as HF writes it: x * cos + rotate_half(x) * sin on the rotated dims."""
+    r = 2 * cos.shape[-1]
+    rot, rest = x[..., :r], x[..., r:]
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        c, s = cos.repeat_interleave(2, -1), sin.repeat_interleave(2, -1)
+        half = torch.stack((-x2, x1), dim=-1).flatten(-2)
+    else:
+        x1, x2 = rot.chunk(2, dim=-1)
+        c, s = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
+        half = torch.cat((-x2, x1), dim=-1)
+    return torch.cat((rot * c + half * s, rest), dim=-1)
+
+
+@pytest.mark.parametrize("n_head, n_kv, head_dim, rotary, interleaved", [
+    (4, 2, 8, 8, False),  # Llama: grouped-query, full half-split rotary
+    (4, 4, 8, 4, False),  # Phi: partial rotary
+    (4, 4, 8, 4, True),   # CodeGen: partial interleaved rotary
+    (4, 1, 8, 8, False),  # multi-query
+])
+def test_split_rotated_backward_equals_autograd_of_the_composite(n_head, n_kv, head_dim, rotary,
+                                                                 interleaved):
+    """The qkv split + rotary Function with its hand-written backward, against gradcheck and
+    against autograd through HF's formula (rotate_half) with a plain split."""
+    from architecture import _split_rotated, _SplitRotatedFunction
+
+    g = torch.Generator().manual_seed(0)
+    B, T = 2, 5
+    qkv = torch.randn(B, T, n_head + 2 * n_kv, head_dim, dtype=torch.float64, generator=g)
+    angle = torch.randn(B, T, 1, rotary // 2, dtype=torch.float64, generator=g)
+    cos, sin = angle.cos(), angle.sin()
+    fn = lambda t: _SplitRotatedFunction.apply(t, cos, sin, n_head, n_kv, interleaved)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (qkv.clone().requires_grad_(),))
+
+    ours_in, ref_in = qkv.clone().requires_grad_(), qkv.clone().requires_grad_()
+    q, k, v = fn(ours_in)
+    rq, rk, rv = ref_in.split((n_head, n_kv, n_kv), dim=2)
+    ref = [_rope_reference(rq, cos, sin, interleaved).transpose(1, 2),
+           _rope_reference(rk, cos, sin, interleaved).transpose(1, 2), rv.transpose(1, 2)]
+    grads = [torch.randn(t.shape, dtype=torch.float64, generator=g) for t in ref]
+    for a, b in zip((q, k, v), ref):
+        torch.testing.assert_close(a, b)
+    torch.autograd.backward((q, k, v), grads)
+    torch.autograd.backward(ref, grads)
+    torch.testing.assert_close(ours_in.grad, ref_in.grad)
+    for a, b in zip(_split_rotated(qkv, (cos, sin), n_head, n_kv, interleaved), ref):
+        torch.testing.assert_close(a, b)  # the autograd-free path
+
+
 def test_rmsnorm_backward_equals_autograd_of_the_composite():
     """The hand-written RMSNorm backward against torch's gradcheck and against autograd through
     F.rms_norm, with and without a trainable weight, and bf16 activations on fp32 weights."""
