@@ -428,8 +428,8 @@ def longest_literal(lines: Iterable[str], at_least: int = 0) -> int:
     return longest
 
 
-class _Timeout(Exception):
-    pass
+class _Timeout(BaseException):
+    """BaseException: autopep8's own `except Exception` handlers would swallow it and go on."""
 
 
 def _raise_timeout(signum, frame):
