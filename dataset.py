@@ -429,7 +429,7 @@ def longest_literal(lines: Iterable[str], at_least: int = 0) -> int:
 
 
 class _Timeout(BaseException):
-    """BaseException: autopep8's own `except Exception` handlers would swallow it and go on."""
+    """A BaseException, so that no `except Exception` in autopep8 or below can swallow it."""
 
 
 def _raise_timeout(signum, frame):
@@ -443,7 +443,9 @@ def _autopep8(text: str, timeout: float) -> tuple[str, bool]:
     use_alarm = timeout > 0 and threading.current_thread() is threading.main_thread()
     if use_alarm:
         old = signal.signal(signal.SIGALRM, _raise_timeout)
-        signal.setitimer(signal.ITIMER_REAL, timeout)
+        # Repeating every 50 ms: a raise that lands in a weakref callback or __del__ (garbage
+        # collection during autopep8) is printed and dropped by Python; the next one lands.
+        signal.setitimer(signal.ITIMER_REAL, timeout, 0.05)
     try:
         return autopep8.fix_code(text), False
     except _Timeout:
