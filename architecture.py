@@ -252,8 +252,8 @@ class RotaryEmbedding(nn.Module):
         return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
-           out: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
+            out: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """Write x (B, T, H, D) into out with its first 2 * cos.shape[-1] dims rotated (by minus the
     angle if inverse: the backward); cos, sin (B, T, 1, r / 2). Each half is written in place
     (a mul and an addcmul), so no cat, and the backward has no cat either."""
@@ -278,11 +278,13 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
 def _split_rotated(qkv: torch.Tensor, rope, n_head: int, n_kv: int, interleaved: bool):
     """Fused-projection rows (B, T, n_head + 2 n_kv, D) -> q, k, v (B, heads, T, D), q and k
     rotated when rope (cos, sin) is given."""
-    qk = qkv[:, :, :n_head + n_kv]
+    # split, not slices: without rope autograd runs this, and a slice's backward zero-fills
+    # a tensor of the whole qkv
+    qk, v = qkv.split((n_head + n_kv, n_kv), dim=2)
     if rope is not None:  # queries and keys rotated in one go
-        qk = rotate(qk, *rope, interleaved, qkv.new_empty(qk.shape))
+        qk = _rotate(qk, *rope, interleaved, qkv.new_empty(qk.shape))
     q, k = qk.transpose(1, 2).split((n_head, n_kv), dim=1)
-    return q, k, qkv[:, :, n_head + n_kv:].transpose(1, 2)
+    return q, k, v.transpose(1, 2)
 
 
 class _SplitRotatedFunction(torch.autograd.Function):
@@ -302,9 +304,9 @@ class _SplitRotatedFunction(torch.autograd.Function):
         n_head, n_kv, interleaved = ctx.layout
         B, _, T, D = grad_q.shape
         grad = grad_q.new_empty(B, T, n_head + 2 * n_kv, D)
-        rotate(grad_q.transpose(1, 2), cos, sin, interleaved, grad[:, :, :n_head], inverse=True)
-        rotate(grad_k.transpose(1, 2), cos, sin, interleaved, grad[:, :, n_head:n_head + n_kv],
-               inverse=True)
+        _rotate(grad_q.transpose(1, 2), cos, sin, interleaved, grad[:, :, :n_head], inverse=True)
+        _rotate(grad_k.transpose(1, 2), cos, sin, interleaved, grad[:, :, n_head:n_head + n_kv],
+                inverse=True)
         grad[:, :, n_head + n_kv:] = grad_v.transpose(1, 2)
         return grad, None, None, None, None, None
 
