@@ -414,6 +414,139 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+IGNORE_INDEX = -100  # the label of positions no loss counts: prompt tokens, padding
+
+
+def _loss_chunk_rows(vocab: int, device: torch.device) -> int:
+    """Rows of logits formed at a time. On CPU ~16 MiB of fp32 (at least 512 rows, so the
+    matmuls stay efficient): a chunk's softmax passes run in cache and its buffers come back from
+    the heap each step, where a whole (N, V) tensor is mapped and page-faulted afresh every step
+    (512 rows measured 4% faster a training step than 256 at vocab 8192). ~1 GiB on GPUs."""
+    budget = 2**28 if device.type == "cuda" else 2**22
+    return max(512, budget // vocab)
+
+
+def _head_cross_entropy(hidden, weight, bias, labels, smoothing: float, want: tuple,
+                        count_correct: bool):
+    """Summed cross-entropy of hidden @ weight.T + bias, chunk by chunk, with the gradients of
+    that sum for the inputs flagged in `want` (hidden, weight, bias) computed in the same pass.
+    Returns (loss sum, correct top-1 count or None, (grad_hidden, grad_weight, grad_bias))."""
+    dev = hidden.device
+    # Under autocast the matmuls run in its dtype, as the unfused head would; softmax in fp32.
+    dt = (torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type)
+          else hidden.dtype)
+    acc = torch.promote_types(dt, torch.float32)
+    h, w = hidden.to(dt), weight.to(dt)
+    b = bias.to(dt) if bias is not None else None
+    vocab = w.shape[0]
+    gh = torch.empty_like(h) if want[0] else None
+    gw = torch.zeros(w.shape, dtype=torch.promote_types(weight.dtype, acc), device=dev) \
+        if want[1] else None
+    gb = torch.zeros(vocab, dtype=acc, device=dev) if want[2] else None
+    total = torch.zeros((), dtype=acc, device=dev)
+    correct = torch.zeros((), dtype=torch.long, device=dev) if count_correct else None
+    step = _loss_chunk_rows(vocab, dev)
+    with torch.autocast(dev.type, enabled=False):
+        for s in range(0, h.shape[0], step):
+            hc, yc = h[s:s + step], labels[s:s + step]
+            z = (hc @ w.t() if b is None else torch.addmm(b, hc, w.t())).to(acc)
+            keep = yc != IGNORE_INDEX
+            rows, target = torch.arange(len(yc), device=dev), yc.clamp(min=0)
+            if count_correct:
+                correct += ((z.argmax(-1) == yc) & keep).sum()
+            z.sub_(z.amax(-1, keepdim=True))  # logits shifted by their max: exp cannot overflow
+            nll = -z[rows, target]
+            smooth = -z.mean(-1) if smoothing else None
+            z.exp_()
+            sumexp = z.sum(-1)
+            log_sum = sumexp.log()
+            per_row = (1 - smoothing) * (log_sum + nll)
+            if smoothing:
+                per_row += smoothing * (log_sum + smooth)
+            total += torch.where(keep, per_row, 0).sum()
+            if not any(want):
+                continue
+            # d(sum)/dz = softmax - (1 - eps) onehot - eps / V on counted rows, 0 on the rest
+            counted = keep.to(acc)
+            z.mul_((counted / sumexp)[:, None])
+            z[rows, target] -= (1 - smoothing) * counted
+            if smoothing:
+                z.sub_((smoothing / vocab) * counted[:, None])
+            g = z.to(dt)
+            if gh is not None:
+                torch.mm(g, w, out=gh[s:s + step])
+            if gw is not None:
+                if gw.dtype == dt:
+                    gw.addmm_(g.t(), hc)
+                else:
+                    gw += g.t() @ hc
+            if gb is not None:
+                gb += z.sum(0)
+    return total, correct, (gh, gw, gb)
+
+
+class _HeadCrossEntropyFunction(torch.autograd.Function):
+    """The LM head and its cross-entropy as one op. The (N, V) logits are never held whole: each
+    chunk's gradient is finished, through both matmuls, while the chunk is in cache, so the
+    backward only scales. Saves the logits' memory (N * V * 4 bytes: 1 GiB per 2048 tokens of
+    Llama-3's vocabulary) and, on CPU, ~5% of a small model's training step."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, smoothing, count_correct):
+        total, correct, grads = _head_cross_entropy(
+            hidden, weight, bias, labels, smoothing, ctx.needs_input_grad[:3], count_correct)
+        # Kept off save_for_backward: the backward scales them in place (grad_weight can be
+        # as large as the weight), so a second backward through this graph is refused.
+        ctx.grads = grads
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        if correct is None:
+            return total
+        ctx.mark_non_differentiable(correct)
+        return total, correct
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad, *_):
+        if ctx.grads is None:
+            raise RuntimeError("the fused LM-head loss supports one backward per forward "
+                               "(retain_graph=True with a second backward is not supported)")
+        grads, ctx.grads = ctx.grads, None
+        out = [None if g is None else g.mul_(grad).to(d) for g, d in zip(grads, ctx.dtypes)]
+        return *out, None, None, None
+
+
+def head_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module,
+                       label_smoothing: float = 0.0, count_correct: bool = False,
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed next-token cross-entropy of head(hidden) (hidden (..., C), labels (...)) over the
+    positions whose label is not IGNORE_INDEX, in fp32; with count_correct, also how many of
+    them have the label as top logit. An nn.Linear head runs fused with the loss (the logits are
+    never materialized, see _HeadCrossEntropyFunction); any other head (a LoRA-wrapped one), or
+    fp16 autocast, whose gradients need the loss scale before they are formed, runs unfused."""
+    hidden, labels = hidden.flatten(0, -2), labels.flatten()
+    vocab = head.out_features
+    bad = ((labels < 0) & (labels != IGNORE_INDEX)) | (labels >= vocab)
+    if bool(bad.any()):
+        raise ValueError(f"label {int(labels[bad][0])} is outside the vocabulary (size "
+                         f"{vocab}); labels must be token ids or {IGNORE_INDEX} (ignored)")
+    dev = hidden.device.type
+    fp16 = torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.float16
+    if type(head) is nn.Linear and not fp16:
+        args = (hidden, head.weight, head.bias, labels, label_smoothing, count_correct)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:3]):
+            out = _HeadCrossEntropyFunction.apply(*args)
+            return out if count_correct else (out, None)
+        with torch.no_grad():
+            total, correct, _ = _head_cross_entropy(*args[:5], (False,) * 3, count_correct)
+        return total, correct
+    logits = head(hidden).float()
+    total = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX,
+                            label_smoothing=label_smoothing, reduction="sum")
+    if not count_correct:
+        return total, None
+    return total, ((logits.argmax(-1) == labels) & (labels != IGNORE_INDEX)).sum()
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -461,7 +594,7 @@ class Transformer(nn.Module):
         return n
 
     # --------------------------------------------------------------- forward
-    def _run(self, idx, pos, mask, slots, last_only=False):
+    def _run(self, idx, pos, mask, slots, last_only=False, head=True):
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe(pos)
@@ -471,12 +604,15 @@ class Transformer(nn.Module):
             x = block(x, rope, mask, slots)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm_f(x))
+        x = self.norm_f(x)
+        return self.lm_head(x) if head else x
 
-    def forward(self, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, V). attention_mask (B, T), True = real token, for left-padded batches
-        (right padding needs none: causal attention never looks ahead)."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
+        """Logits (B, T, V); with return_hidden, the final normed hidden states (B, T, C), which
+        `head_cross_entropy` turns into the loss without forming the logits. attention_mask
+        (B, T), True = real token, for left-padded batches (right padding needs none: causal
+        attention never looks ahead)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, time), got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
@@ -485,14 +621,15 @@ class Transformer(nn.Module):
                              f"block_size={self.cfg.block_size}")
         if attention_mask is None:
             pos = torch.arange(T, device=input_ids.device)[None]
-            return self._run(input_ids, pos, None, None)
+            return self._run(input_ids, pos, None, None, head=not return_hidden)
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids "
                              f"shape {tuple(input_ids.shape)}")
         attention_mask = attention_mask.bool()
         slots = torch.arange(T, device=input_ids.device)
         mask = _padded_mask(attention_mask, slots, T)
-        return self._run(input_ids, _positions(attention_mask), mask, None)
+        return self._run(input_ids, _positions(attention_mask), mask, None,
+                         head=not return_hidden)
 
     # ------------------------------------------------------------- KV cache
     def _setup_cache(self, batch: int, length: int) -> None:

@@ -528,7 +528,7 @@ def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: EvalConfig) -> dict:
     """Loss (the training loss, ``trainingmanager.lm_loss``), perplexity and next-token accuracy
     over consecutive block-size windows of the texts packed with EOS, as the trainer packs them."""
     from dataset import collate
-    from trainingmanager import lm_loss
+    from trainingmanager import lm_loss_and_correct
 
     tok, model = lm.tokenizer, lm.model
     context = _context(lm, cfg)
@@ -552,12 +552,13 @@ def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: EvalConfig) -> dict:
     for i in tqdm(batches, desc=f"{lm.label} lm", disable=not cfg.progress, leave=False):
         batch = collate(windows[i : i + cfg.batch_size], tok.pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+        hidden = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                       return_hidden=True)
         labels = batch["labels"]
-        total += float(lm_loss(logits, labels, reduction="sum"))
-        valid = labels != -100
-        correct += float(((logits.argmax(-1) == labels) & valid).sum())
-        count += float(valid.sum())
+        loss, right = lm_loss_and_correct(hidden, labels, model.lm_head)
+        total += float(loss)
+        correct += float(right)
+        count += float((labels != -100).sum())
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
             "token_accuracy": 100.0 * correct / count, "tokens": int(count)}
@@ -582,9 +583,9 @@ def score_supervised(lm: LoadedModel, prompts: Sequence[str], references: Sequen
     for i in range(0, len(examples), cfg.batch_size):
         batch = collate(examples[i : i + cfg.batch_size], tok.pad_id)
         mask = batch["attention_mask"].to(device)
-        logits = model(batch["input_ids"].to(device), attention_mask=mask)
+        hidden = model(batch["input_ids"].to(device), attention_mask=mask, return_hidden=True)
         labels = batch["labels"].to(device)
-        total += float(lm_loss(logits, labels, reduction="sum"))
+        total += float(lm_loss(hidden, labels, model.lm_head, reduction="sum"))
         count += float((labels != -100).sum())
     if count == 0:
         raise ValueError("no reference tokens to score")

@@ -30,14 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import cliconfig
+from architecture import IGNORE_INDEX, head_cross_entropy
 
 ROOT = Path(__file__).resolve().parent
 OVERFIT_CORPUS = ROOT / "data" / "overfit"
-IGNORE_INDEX = -100
 
 
 # --------------------------------------------------------------------------------------------
@@ -46,31 +45,43 @@ IGNORE_INDEX = -100
 
 
 def lm_loss(
-    logits: torch.Tensor,
+    hidden: torch.Tensor,
     labels: torch.Tensor,
+    head: nn.Module,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """Next-token cross-entropy over positions whose label is not -100 (labels already shifted).
+    """Next-token cross-entropy of ``head(hidden)`` over positions whose label is not -100
+    (labels already shifted); ``hidden`` (B, T, C) is ``model(ids, return_hidden=True)``.
 
     ``"mean"`` averages over the counted tokens, ``"sum"`` totals them (evaluation and token-
-    weighted accumulation). Label smoothing is spread over counted tokens only. The shape check
-    makes a transposed (T, B) batch, seed 001's silent bug, a loud error.
+    weighted accumulation). Label smoothing is spread over counted tokens only. The logits are
+    formed chunk by chunk with the loss (``architecture.head_cross_entropy``), never whole. The
+    shape check makes a transposed (T, B) batch, seed 001's silent bug, a loud error.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"lm_loss: reduction must be 'mean' or 'sum', got {reduction!r}")
-    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+    _check_loss_shapes(hidden, labels)
+    total, _ = head_cross_entropy(hidden, labels, head, label_smoothing)
+    return total if reduction == "sum" else total / (labels != IGNORE_INDEX).sum()
+
+
+def lm_loss_and_correct(
+    hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The validation figures: ``lm_loss(..., reduction="sum")`` (no smoothing: perplexity is a
+    true NLL) and how many counted positions have their label as the top logit."""
+    _check_loss_shapes(hidden, labels)
+    return head_cross_entropy(hidden, labels, head, count_correct=True)
+
+
+def _check_loss_shapes(hidden: torch.Tensor, labels: torch.Tensor) -> None:
+    if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
         raise ValueError(
-            f"lm_loss: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} must be "
-            "(B, T, V) and (B, T); mismatched leading dims usually mean a transposed batch"
+            f"lm_loss: hidden states {tuple(hidden.shape)} and labels {tuple(labels.shape)} "
+            "must be (B, T, C) and (B, T); mismatched leading dims usually mean a transposed "
+            "batch"
         )
-    return F.cross_entropy(
-        logits.flatten(0, 1).float(),
-        labels.flatten(),
-        ignore_index=IGNORE_INDEX,
-        label_smoothing=label_smoothing,
-        reduction=reduction,
-    )
 
 
 class NonFiniteLossError(RuntimeError):
@@ -460,8 +471,9 @@ class Trainer:
             with sync:
                 with _autocast(self.device, self.precision):
                     # Right-padded batches need no mask: causal attention never sees the padding.
-                    logits = self.model(batch["input_ids"])
-                    loss = lm_loss(logits, batch["labels"], self.cfg.label_smoothing, "sum")
+                    hidden = self.model(batch["input_ids"], return_hidden=True)
+                    loss = lm_loss(hidden, batch["labels"], self.raw_model.lm_head,
+                                   self.cfg.label_smoothing, "sum")
                 if inject_nan:
                     loss = loss * float("nan")
                 self.scaler.scale(loss * weight).backward()
@@ -499,11 +511,11 @@ class Trainer:
             batch = self._to_device(batch)
             labels = batch["labels"]
             with _autocast(self.device, precision):
-                logits = model(batch["input_ids"])
-            counted = labels != IGNORE_INDEX
-            totals[0] += lm_loss(logits, labels, reduction="sum").double()
-            totals[1] += counted.sum()
-            totals[2] += ((logits.argmax(-1) == labels) & counted).sum()
+                hidden = model(batch["input_ids"], return_hidden=True)
+                loss, correct = lm_loss_and_correct(hidden, labels, self.raw_model.lm_head)
+            totals[0] += loss.double()
+            totals[1] += (labels != IGNORE_INDEX).sum()
+            totals[2] += correct
         model.train(was_training)
         loss_sum, n, correct = _all_reduce_sum(totals, self.dist).tolist()
         if n == 0:

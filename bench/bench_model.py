@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from architecture import PRESETS, Transformer  # noqa: E402
+from trainingmanager import lm_loss  # noqa: E402
 
 
 @dataclass
@@ -211,10 +212,6 @@ def _hf_llama(c, **kw):
     return transformers.LlamaForCausalLM(hf_cfg)
 
 
-def _logits(out):
-    return out if isinstance(out, torch.Tensor) else out.logits
-
-
 def bench_train(cfg: BenchConfig) -> dict:
     c = BENCH_CFG
     torch.manual_seed(0)
@@ -227,10 +224,17 @@ def bench_train(cfg: BenchConfig) -> dict:
     y = torch.randint(0, c.vocab_size, (B, T))
     # Fused AdamW for all three: what codelm's Trainer and transformers' Trainer both use.
     opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for n, m in models.items()}
+    # Each library's own loss: codelm's Trainer runs lm_loss (the head fused with the loss);
+    # nanoGPT and transformers' LlamaForCausalLM take F.cross_entropy of the whole logits.
+    losses = {
+        "codelm": lambda m: lm_loss(m(x, return_hidden=True), y, m.lm_head),
+        "nanoGPT-style": lambda m: F.cross_entropy(m(x).flatten(0, 1), y.flatten()),
+        "HF Llama": lambda m: F.cross_entropy(m(x).logits.flatten(0, 1), y.flatten()),
+    }
 
     def step(name):
         m, opt = models[name], opts[name]
-        loss = F.cross_entropy(_logits(m(x)).flatten(0, 1), y.flatten())
+        loss = losses[name](m)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

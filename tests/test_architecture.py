@@ -418,6 +418,134 @@ def test_rmsnorm_backward_equals_autograd_of_the_composite():
             assert torch.equal(norm(xs), _RMSNormFunction.apply(xs, norm.weight, 1e-5))
 
 
+def _unfused(hidden, labels, head, smoothing=0.0):
+    logits = head(hidden.flatten(0, -2))
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    labels = labels.flatten()
+    loss = F.cross_entropy(logits, labels, ignore_index=-100, label_smoothing=smoothing,
+                           reduction="sum")
+    return loss, ((logits.argmax(-1) == labels) & (labels != -100)).sum()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_fused_head_loss_equals_cross_entropy_of_the_logits(bias, smoothing, monkeypatch):
+    """Loss, correct count and the gradients of hidden, weight and bias against F.cross_entropy
+    of the whole logits, in fp64, over chunks that do not divide the rows, with ignored rows."""
+    import architecture
+
+    monkeypatch.setattr(architecture, "_loss_chunk_rows", lambda vocab, device: 7)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(12, 50, bias=bias).double()
+    hidden = torch.randn(3, 10, 12, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 10))
+    labels[0, :4] = -100
+    labels[2, 9] = -100
+    loss, correct = architecture.head_cross_entropy(hidden, labels, head, smoothing, True)
+    loss.backward(torch.tensor(0.3, dtype=torch.float64))
+    params = [hidden, head.weight] + ([head.bias] if bias else [])
+    fused = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    ref_loss, ref_correct = _unfused(hidden, labels, head, smoothing)
+    (0.3 * ref_loss).backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+    assert int(correct) == int(ref_correct) and not correct.requires_grad
+    for got, p in zip(fused, params):
+        torch.testing.assert_close(got, p.grad, rtol=1e-10, atol=1e-14)
+    with torch.no_grad():  # the autograd-free path
+        torch.testing.assert_close(architecture.head_cross_entropy(hidden, labels, head,
+                                                                   smoothing)[0],
+                                   ref_loss, rtol=1e-12, atol=0)
+
+
+def test_fused_head_loss_never_forms_the_whole_logits():
+    """The point of fusing: no op in the training step's loss outputs an (N, V) tensor."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from architecture import head_cross_entropy
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    Largest.numel = max(Largest.numel, t.numel())
+            return out
+
+    head = torch.nn.Linear(16, 8192)
+    hidden = torch.randn(4, 512, 16, requires_grad=True)  # 2048 rows: 4 chunks of 512
+    labels = torch.randint(0, 8192, (4, 512))
+    with Largest():
+        head_cross_entropy(hidden, labels, head)[0].backward()
+    assert 0 < Largest.numel <= 2048 * 8192 // 4
+    assert hidden.grad is not None and head.weight.grad is not None
+
+
+def test_fused_head_loss_trains_a_tied_model_like_the_logits_loss():
+    """Whole-model gradients (tied embedding + head, bias-free and biased heads) equal those of
+    F.cross_entropy on the logits; a frozen head gets no gradient and costs no weight matmul."""
+    from architecture import head_cross_entropy
+
+    for shape in ("llama", "phi"):
+        model = _model(shape).train()
+        idx, labels = _ids(2, 24), _ids(2, 24, seed=1)
+        labels[:, :5] = -100
+        head_cross_entropy(model(idx, return_hidden=True), labels, model.lm_head)[0].backward()
+        fused = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        _unfused(model(idx, return_hidden=True), labels, model.lm_head)[0].backward()
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(fused[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    model.zero_grad()
+    model.lm_head.requires_grad_(False)
+    head_cross_entropy(model(idx, return_hidden=True), labels, model.lm_head)[0].backward()
+    assert model.lm_head.weight.grad is None and model.norm_f.weight.grad is not None
+
+
+def test_head_loss_under_bf16_autocast_and_other_heads():
+    """bf16 autocast runs the matmuls in bf16 with fp32 gradients out; a head that is not a plain
+    nn.Linear (a LoRA-wrapped one) is called as a module, unfused."""
+    from architecture import head_cross_entropy
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 300)
+    hidden = torch.randn(64, 32, requires_grad=True)
+    labels = torch.randint(0, 300, (64,))
+    with torch.autocast("cpu", torch.bfloat16):
+        loss = head_cross_entropy(hidden, labels, head)[0]
+        ref = _unfused(hidden, labels, head)[0]
+    torch.testing.assert_close(loss, ref, rtol=2e-3, atol=0)
+    loss.backward()
+    assert hidden.grad.dtype == head.weight.grad.dtype == torch.float32
+
+    class Doubled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    doubled = Doubled(32, 300)
+    doubled.load_state_dict(head.state_dict())
+    torch.testing.assert_close(head_cross_entropy(hidden, labels, doubled)[0],
+                               _unfused(hidden, labels, lambda h: 2 * head(h))[0])
+
+
+def test_head_loss_errors():
+    from architecture import head_cross_entropy
+
+    head = torch.nn.Linear(8, 20)
+    with pytest.raises(ValueError, match="label 20 is outside the vocabulary"):
+        head_cross_entropy(torch.randn(3, 8), torch.tensor([1, 20, -100]), head)
+    with pytest.raises(ValueError, match="label -5 is outside"):
+        head_cross_entropy(torch.randn(3, 8), torch.tensor([1, -5, -100]), head)
+    loss = head_cross_entropy(torch.randn(3, 8, requires_grad=True), torch.tensor([1, 2, 3]),
+                              head)[0]
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss.backward()
+
+
 def test_dropout_only_in_training():
     cfg = dataclasses.replace(SHAPES["gpt_bigcode"], dropout=0.2, attn_dropout=0.2)
     model = Transformer(cfg)

@@ -82,7 +82,9 @@ def assert_bit_equal(a: dict, b: dict) -> None:
 
 def test_lm_loss_matches_a_hand_written_reference_with_smoothing_and_masks():
     torch.manual_seed(0)
-    logits = torch.randn(2, 5, 11)
+    head = torch.nn.Linear(6, 11)
+    hidden = torch.randn(2, 5, 6)
+    logits = head(hidden).detach()
     labels = torch.randint(0, 11, (2, 5))
     labels[0, :3] = -100
     labels[1, 4] = -100
@@ -91,9 +93,12 @@ def test_lm_loss_matches_a_hand_written_reference_with_smoothing_and_masks():
     logp = logits.log_softmax(-1)[keep]
     target = labels[keep]
     per_token = -((1 - eps) * logp.gather(1, target[:, None])[:, 0] + eps * logp.mean(-1))
-    assert torch.allclose(tm.lm_loss(logits, labels, eps, "sum"), per_token.sum(), atol=1e-5)
-    assert torch.allclose(tm.lm_loss(logits, labels, eps), per_token.mean(), atol=1e-6)
-    assert torch.allclose(tm.lm_loss(logits, labels), F.cross_entropy(logits[keep], target))
+    assert torch.allclose(tm.lm_loss(hidden, labels, head, eps, "sum"), per_token.sum(), atol=1e-5)
+    assert torch.allclose(tm.lm_loss(hidden, labels, head, eps), per_token.mean(), atol=1e-6)
+    assert torch.allclose(tm.lm_loss(hidden, labels, head), F.cross_entropy(logits[keep], target))
+    loss, correct = tm.lm_loss_and_correct(hidden, labels, head)
+    assert torch.allclose(loss, tm.lm_loss(hidden, labels, head, reduction="sum"))
+    assert int(correct) == int((logits.argmax(-1)[keep] == target).sum())
 
 
 def test_loss_ignores_prompt_tokens():
@@ -105,23 +110,26 @@ def test_loss_ignores_prompt_tokens():
     batch = collate([example], pad_id=0)
     labels = batch["labels"]
     assert int((labels != -100).sum()) == len(completion)
-    logits = torch.randn(1, labels.shape[1], 64, requires_grad=True)
-    changed = logits.detach().clone()
+    head = torch.nn.Linear(8, 64)
+    hidden = torch.randn(1, labels.shape[1], 8, requires_grad=True)
+    changed = hidden.detach().clone()
     changed[labels == -100] += 5 * torch.randn_like(changed[labels == -100])
     for eps in (0.0, 0.1):
-        assert torch.equal(tm.lm_loss(logits, labels, eps), tm.lm_loss(changed, labels, eps))
-    tm.lm_loss(logits, labels, 0.1).backward()
-    assert logits.grad[labels == -100].abs().max() == 0
-    assert logits.grad[labels != -100].abs().max() > 0
+        assert torch.equal(tm.lm_loss(hidden, labels, head, eps),
+                           tm.lm_loss(changed, labels, head, eps))
+    tm.lm_loss(hidden, labels, head, 0.1).backward()
+    assert hidden.grad[labels == -100].abs().max() == 0
+    assert hidden.grad[labels != -100].abs().max() > 0
     # The same input with the prompt's targets counted gives another loss: the mask matters.
     unmasked = batch["input_ids"][:, 1:]
     full = torch.cat([unmasked, labels[:, -1:]], dim=1)
-    assert not torch.equal(tm.lm_loss(logits, labels), tm.lm_loss(logits, full))
+    assert not torch.equal(tm.lm_loss(hidden, labels, head), tm.lm_loss(hidden, full, head))
 
 
 def test_lm_loss_rejects_a_transposed_batch():
     with pytest.raises(ValueError, match="transposed"):
-        tm.lm_loss(torch.randn(7, 3, 10), torch.zeros(3, 7, dtype=torch.long))
+        tm.lm_loss(torch.randn(7, 3, 10), torch.zeros(3, 7, dtype=torch.long),
+                   torch.nn.Linear(10, 5))
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,7 +172,9 @@ def test_accumulation_equals_one_big_batch_and_validation_equals_training_loss(t
         assert torch.allclose(a, b, atol=1e-5), name
     # Averaging per-micro-batch means (the usual bug) would give a different loss here.
     with torch.no_grad():
-        naive = sum(tm.lm_loss(one.raw_model(m["input_ids"]), m["labels"]) for m in micro) / 2
+        model = one.raw_model
+        naive = sum(tm.lm_loss(model(m["input_ids"], return_hidden=True), m["labels"],
+                               model.lm_head) for m in micro) / 2
     assert abs(float(naive) - stats_one.loss) > 1e-3
 
 
