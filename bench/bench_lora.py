@@ -35,6 +35,7 @@ from tiny_hf import tiny_hf_model  # noqa: E402
 
 from architecture import PRESETS, Transformer  # noqa: E402
 from lora import LoRAConfig, apply_lora, quantize_base  # noqa: E402
+from trainingmanager import lm_loss  # noqa: E402
 
 # Each family with the LoRA setting of the seed project built on it (seed 002's Phi recipe is
 # QLoRA; its speed is measured here on a full-precision base, which PEFT can also run on CPU).
@@ -63,12 +64,18 @@ def bench_config(family: str, layers: int, width: int, vocab: int) -> dict:
 
 
 def make_step(model, params, ids):
+    """A step with each library's own loss: codelm's Trainer runs lm_loss (the head fused with
+    the cross-entropy); PEFT's model gives logits, and transformers takes their cross-entropy."""
     opt = torch.optim.AdamW(params, lr=1e-4)
+    x, y = ids[:, :-1], ids[:, 1:]
+
+    def loss_of() -> torch.Tensor:
+        if isinstance(model, Transformer):
+            return lm_loss(model(x, return_hidden=True), y, model.lm_head)
+        return F.cross_entropy(model(x).logits.flatten(0, 1).float(), y.flatten())
 
     def step():
-        out = model(ids[:, :-1])
-        logits = out.logits if hasattr(out, "logits") else out
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss = loss_of()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
