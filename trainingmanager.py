@@ -144,6 +144,7 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 or fp16 on CUDA, fp32 on CPU)
     eval_precision: str = "fp32"  # fp32 | same
     compile: bool = False
+    gradient_checkpointing: bool = False  # recompute each block in backward: less memory
     # evaluation, logging, checkpoints
     eval_every: int = 175
     eval_batches: int | None = 20  # None: the whole validation split
@@ -790,6 +791,7 @@ def build_model(cfg: TrainConfig, tok) -> nn.Module:
         options = {"target_modules": cfg.lora_targets} if cfg.lora_targets else {}
         lora.apply_lora(model, lora.LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha,
                                                dropout=cfg.lora_dropout, **options))
+    model.gradient_checkpointing = cfg.gradient_checkpointing
     return model
 
 

@@ -33,7 +33,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from architecture import PRESETS, Transformer  # noqa: E402
-from trainingmanager import lm_loss  # noqa: E402
 
 
 @dataclass
@@ -213,6 +212,8 @@ def _hf_llama(c, **kw):
 
 
 def bench_train(cfg: BenchConfig) -> dict:
+    from trainingmanager import lm_loss  # here, not above: the load child imports no more than
+                                         # loading needs (its RSS is measured)
     c = BENCH_CFG
     torch.manual_seed(0)
     models = {"codelm": Transformer(c), "nanoGPT-style": NanoLlama(c), "HF Llama": _hf_llama(c)}

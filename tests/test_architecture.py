@@ -546,6 +546,36 @@ def test_head_loss_errors():
         loss.backward()
 
 
+def test_gradient_checkpointing_same_gradients_fraction_of_the_saved_activations():
+    """Checkpointed blocks give the same gradients (dropout masks replayed on recompute) while
+    autograd stores only what lies outside the blocks."""
+    from architecture import head_cross_entropy
+
+    cfg = dataclasses.replace(SHAPES["llama"], n_layer=4, dropout=0.1)
+    torch.manual_seed(0)
+    model = Transformer(cfg).train()
+    idx, labels = _ids(2, 32), _ids(2, 32, seed=1)
+    grads, saved = [], []
+    for on in (False, True):
+        model.gradient_checkpointing = on
+        model.zero_grad()
+        nbytes = [0]
+
+        def pack(t, nbytes=nbytes):
+            nbytes[0] += t.numel() * t.element_size()
+            return t
+
+        torch.manual_seed(1)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = head_cross_entropy(model(idx, return_hidden=True), labels, model.lm_head)[0]
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        saved.append(nbytes[0])
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
+    assert saved[1] < saved[0] / 10, saved
+
+
 def test_dropout_only_in_training():
     cfg = dataclasses.replace(SHAPES["gpt_bigcode"], dropout=0.2, attn_dropout=0.2)
     model = Transformer(cfg)
