@@ -103,6 +103,12 @@ class DataConfig:
     # "stdlib", a directory, a scraper JSONL ({repo, path, text, ...}) or a pairs JSONL
     # ({"input","output"} or {"prompt","completion"}).
     sources: list[str] = field(default_factory=lambda: ["stdlib"])
+    # Predefined splits (e.g. a dataset's own train/validation files): the documents of these
+    # sources are exactly the val (test) split, and `sources` fill the other splits by their
+    # fractions (a predefined split's fraction is unused). An exact duplicate of a val/test
+    # document in `sources` is dropped from training.
+    val_sources: list[str] = field(default_factory=list)
+    test_sources: list[str] = field(default_factory=list)
     extensions: list[str] = field(default_factory=lambda: [".py"])
     block_size: int = 256  # tokens per training sequence (supervised: prompt + completion)
     train_frac: float = 0.8
@@ -159,6 +165,13 @@ class DataConfig:
             raise DataError(f"DataConfig.block_size must be >= 2, got {self.block_size}")
         if not self.sources:
             raise DataError("DataConfig.sources is empty; use ['stdlib'] for the default corpus")
+        roles: dict[str, str] = {}
+        for split, source in _sources_by_split(self):
+            key = source if source == "stdlib" else str(Path(source).expanduser().resolve())
+            role = {"val": "val_sources", "test": "test_sources"}.get(split, "sources")
+            if roles.setdefault(key, role) != role:
+                raise DataError(f"data source {source} is in both {roles[key]} and {role}: a "
+                                "document can belong to one split only")
         if not 0.0 <= self.fim_rate <= 1.0:
             raise DataError(f"DataConfig.fim_rate must be in [0, 1], got {self.fim_rate}")
         if self.num_workers < 1:
@@ -179,7 +192,7 @@ _RUNTIME_FIELDS = frozenset({"cache_dir", "use_cache", "num_workers", "progress"
 _SPLIT_FIELDS = frozenset({"train_frac", "val_frac", "test_frac", "seed", "split_by"})
 _CLEANING_FIELDS = frozenset(
     {
-        "sources", "extensions", "dedupe", "near_dedupe", "near_dedupe_threshold", "autopep8",
+        "sources", "val_sources", "test_sources", "extensions", "dedupe", "near_dedupe", "near_dedupe_threshold", "autopep8",
         "autopep8_timeout", "strip_license", "strip_comments", "strip_docstrings", "min_bytes",
         "max_bytes", "min_lines", "max_line_length", "max_literal_length", "skip_bad", "max_docs",
     }
@@ -200,6 +213,7 @@ class Doc:
     repo: str | None = None
     target: str | None = None  # the completion of a pair; None for code files
     raw_pair: bool = False  # a {"prompt","completion"} pair: used verbatim, no template
+    split: str | None = None  # "val"/"test" from val_sources/test_sources; None: by fraction
 
     @property
     def is_python(self) -> bool:
@@ -213,6 +227,7 @@ class _RawDoc:
     repo: str | None = None
     target: str | None = None
     raw_pair: bool = False
+    split: str | None = None
 
 
 def _source_files(source: str, extensions: Sequence[str]) -> tuple[Path, list[Path]]:
@@ -277,30 +292,40 @@ def _record_to_doc(rec: dict, path: Path, lineno: int, where: str) -> _RawDoc:
     )
 
 
+def _sources_by_split(cfg: DataConfig) -> list[tuple[str | None, str]]:
+    """(predefined split or None, source), val and test first: deduplication keeps the first
+    copy, so a document both in a val/test file and in `sources` stays out of training."""
+    return ([("val", s) for s in cfg.val_sources] + [("test", s) for s in cfg.test_sources]
+            + [(None, s) for s in cfg.sources])
+
+
 def _iter_sources(cfg: DataConfig, counts: Counter) -> Iterator[_RawDoc]:
-    for source in cfg.sources:
+    for split, source in _sources_by_split(cfg):
         _check_source(source)
         path = Path(source).expanduser()
         if source != "stdlib" and path.is_file():
-            yield from _read_jsonl(path, cfg.skip_bad, counts)
+            for raw in _read_jsonl(path, cfg.skip_bad, counts):
+                raw.split = split
+                yield raw
             continue
         root, files = _source_files(source, cfg.extensions)
         prefix = "stdlib" if source == "stdlib" else root.name
         for p in files:
-            yield _RawDoc(f"{prefix}/{p.relative_to(root).as_posix()}", p.read_bytes())
+            yield _RawDoc(f"{prefix}/{p.relative_to(root).as_posix()}", p.read_bytes(),
+                          split=split)
 
 
-def _sources_fingerprint(cfg: DataConfig) -> list:
+def _sources_fingerprint(sources: Sequence[str], extensions: Sequence[str]) -> list:
     """What the cache key knows of the sources: every file's path, size and mtime."""
     out = []
-    for source in cfg.sources:
+    for source in sources:
         _check_source(source)
         path = Path(source).expanduser()
         if source != "stdlib" and path.is_file():
             st = path.stat()
             out.append([str(path.resolve()), st.st_size, st.st_mtime_ns])
             continue
-        root, files = _source_files(source, cfg.extensions)
+        root, files = _source_files(source, extensions)
         listing = hashlib.sha256()
         for p in files:
             st = p.stat()
@@ -463,7 +488,7 @@ def _clean_one(args: tuple[_RawDoc, dict]) -> tuple[Doc | None, str | None, list
     if raw.target is not None:  # a pair: only checked, never rewritten
         if not raw.data.strip() or not raw.target.strip():
             return None, "empty_pair", mods
-        return Doc(raw.id, raw.data, raw.repo, raw.target, raw.raw_pair), None, mods
+        return Doc(raw.id, raw.data, raw.repo, raw.target, raw.raw_pair, raw.split), None, mods
     data = raw.data
     if isinstance(data, bytes):
         if b"\0" in data:
@@ -513,7 +538,7 @@ def _clean_one(args: tuple[_RawDoc, dict]) -> tuple[Doc | None, str | None, list
         return None, "long_line", mods
     if longest_literal(lines, opt["max_literal_length"]) > opt["max_literal_length"]:
         return None, "long_literal", mods
-    return Doc(raw.id, text, raw.repo), None, mods
+    return Doc(raw.id, text, raw.repo, split=raw.split), None, mods
 
 
 def _content_hash(doc: Doc | _RawDoc) -> bytes:
@@ -683,15 +708,20 @@ class Corpus:
 def split_corpus(docs: Sequence[Doc], cfg: DataConfig) -> tuple[dict[str, list[Doc]], str]:
     """Docs by split, and the unit actually used. Splitting by repo needs at least one repo per
     split: a corpus of one repo (seed 002's Kotlin clone) is split by file instead."""
-    fracs = (cfg.train_frac, cfg.val_frac, cfg.test_frac)
+    given = {"val": bool(cfg.val_sources), "test": bool(cfg.test_sources)}
+    fracs = tuple(0.0 if given.get(s) else f
+                  for s, f in zip(SPLITS, (cfg.train_frac, cfg.val_frac, cfg.test_frac)))
+    out: dict[str, list[Doc]] = {s: [] for s in SPLITS}
+    rest = []
+    for d in docs:
+        (out[d.split] if d.split else rest).append(d)
     unit = cfg.split_by
     if unit == "repo":
-        n_keys = len({split_key(d, "repo") for d in docs})
-        if n_keys < sum(f > 0 for f in fracs) or not any(d.repo for d in docs):
+        n_keys = len({split_key(d, "repo") for d in rest})
+        if n_keys < sum(f > 0 for f in fracs) or not any(d.repo for d in rest):
             unit = "file"
-    which = assign_splits((split_key(d, unit) for d in docs), fracs, cfg.seed)
-    out: dict[str, list[Doc]] = {s: [] for s in SPLITS}
-    for d in docs:
+    which = assign_splits((split_key(d, unit) for d in rest), fracs, cfg.seed)
+    for d in rest:
         out[which[split_key(d, unit)]].append(d)
     return out, unit
 
@@ -702,7 +732,8 @@ def _hash_json(obj) -> str:
 
 def corpus_key(cfg: DataConfig) -> str:
     opts = {k: v for k, v in asdict(cfg).items() if k in _CLEANING_FIELDS | _SPLIT_FIELDS}
-    opts["sources"] = _sources_fingerprint(cfg)
+    for name in ("sources", "val_sources", "test_sources"):
+        opts[name] = _sources_fingerprint(getattr(cfg, name), cfg.extensions)
     return _hash_json({"v": PIPELINE_VERSION, "corpus": opts})
 
 
@@ -742,6 +773,10 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     stats["split_by"] = unit
     if not splits["train"]:
         raise DataError(f"the train split is empty ({len(docs)} documents); add data")
+    for split, given in (("val", cfg.val_sources), ("test", cfg.test_sources)):
+        if given and not splits[split]:
+            raise DataError(f"{split}_sources {given} left no {split} documents after cleaning "
+                            f"(dropped: {stats['dropped'] or 'none'})")
     tmp = _atomic_dir(path)
     for s in SPLITS:
         with open(tmp / f"{s}.jsonl", "w", encoding="utf-8") as f:

@@ -660,6 +660,9 @@ def corpus_config(cfg: EvalConfig, models: Sequence[LoadedModel]):
     options = {}
     if run is not None:
         options = {k: v for k, v in (run.get("data_options") or {}).items() if k in known}
+    if run is not None and cfg.data is None:  # the run's predefined splits shape its split too
+        options.update(val_sources=list(run.get("val_data") or []),
+                       test_sources=list(run.get("test_data") or []))
     options.update(cfg.data_options)
     sources = cfg.data or (run or {}).get("data") or ["stdlib"]
     options.update(sources=list(sources), progress=cfg.progress)

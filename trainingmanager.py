@@ -126,6 +126,8 @@ class TrainConfig:
     # data (dataset.py): task and sources (None: the Python standard library)
     task: str = "lm"
     data: list[str] | None = None
+    val_data: list[str] | None = None  # predefined validation files (None: split from data)
+    test_data: list[str] | None = None  # predefined test files (None: split from data)
     data_options: dict = field(default_factory=dict)  # further DataConfig fields for the task
     # optimisation
     batch_size: int = 4
@@ -708,16 +710,19 @@ def data_config(cfg: TrainConfig, block_size: int):
     """The dataset.DataConfig of this run: task, sources and sequence length come from cfg."""
     from dataset import DataConfig
 
+    own = {"task": "task", "sources": "data", "val_sources": "val_data",
+           "test_sources": "test_data", "block_size": "block_size"}  # DataConfig -> TrainConfig
     known = {f.name for f in dataclasses.fields(DataConfig)}
     for key in cfg.data_options:
-        if key in ("task", "sources", "block_size"):
+        if key in own:
             raise ValueError(f"data_options: set {key!r} with the TrainConfig key "
-                             f"{ {'sources': 'data'}.get(key, key)!r} instead")
+                             f"{own[key]!r} instead")
         if key not in known:
             raise ValueError(f"data_options: unknown DataConfig key {key!r}; known keys: "
-                             f"{', '.join(sorted(known - {'task', 'sources', 'block_size'}))}")
+                             f"{', '.join(sorted(known - set(own)))}")
     options = {"progress": cfg.progress, **cfg.data_options}
     dcfg = DataConfig(task=cfg.task, sources=list(cfg.data or ["stdlib"]),
+                      val_sources=list(cfg.val_data or []), test_sources=list(cfg.test_data or []),
                       block_size=block_size, **options)
     dcfg.validate()
     return dcfg

@@ -244,6 +244,45 @@ def test_split_by_file_has_no_file_in_two_splits_and_ignores_order(tmp_path):
     assert a != dataset.assign_splits(keys, seed=7)
 
 
+def test_predefined_val_and_test_files_are_those_splits_and_stay_out_of_training(tmp_path):
+    """Seed 000's layout, a train file and a validation file: the validation file's records are
+    exactly the val split, the train file fills the rest by the fractions, a record in both files
+    never reaches training, and a file in two roles or a val file left empty is an error."""
+    pairs = [{"input": f"def f{i}(x):\n    return x + {i}\n",
+              "output": f"def f{i}(x):\n    return {i} + x\n"} for i in range(40)]
+    train = write_jsonl(tmp_path / "train.jsonl", pairs[:30] + pairs[30:32])  # two leaked
+    val = write_jsonl(tmp_path / "validation.jsonl", pairs[30:40])
+    test = write_jsonl(tmp_path / "test.jsonl", pairs[:5])
+
+    def outputs(docs):
+        return sorted(d.target for d in docs)
+
+    all_train = cfg(tmp_path, task="refactor", sources=[str(train)], val_sources=[str(val)],
+                    train_frac=0.9, val_frac=0.1, test_frac=0.0)
+    corpus = dataset.load_corpus(all_train)
+    assert outputs(corpus.val) == outputs(dataset.Doc("", "", target=p["output"])
+                                          for p in pairs[30:40])
+    assert len(corpus.train) == 30 and not corpus.test
+    assert not {d.target for d in corpus.train} & {d.target for d in corpus.val}
+    assert corpus.stats["dropped"]["duplicate"] == 2
+    # Default fractions: the train file also gives the test split (10% of its documents).
+    split = dataset.load_corpus(cfg(tmp_path, task="refactor", sources=[str(train)],
+                                    val_sources=[str(val)]))
+    assert len(split.val) == 10 and (len(split.train), len(split.test)) == (27, 3)
+    both = dataset.load_corpus(cfg(tmp_path, task="refactor", sources=[str(train)],
+                                   val_sources=[str(val)], test_sources=[str(test)]))
+    assert outputs(both.test) == sorted(p["output"] for p in pairs[:5])
+    assert len(both.train) == 25 and len(both.val) == 10
+    # The same file as train and validation data, and a validation file cleaning empties.
+    with pytest.raises(DataError, match="is in both val_sources and sources"):
+        dataset.load_corpus(cfg(tmp_path, task="refactor", sources=[str(train)],
+                                val_sources=[str(tmp_path / "." / "train.jsonl")]))
+    empty = write_jsonl(tmp_path / "empty.jsonl", [{"input": " ", "output": "x"}])
+    with pytest.raises(DataError, match=r"val_sources .* left no val documents .*empty_pair"):
+        dataset.load_corpus(cfg(tmp_path, task="refactor", sources=[str(train)],
+                                val_sources=[str(empty)]))
+
+
 def test_split_is_the_same_in_another_process_and_hash_seed():
     keys = [f"repo{i}/file.py" for i in range(50)]
     here = dataset.assign_splits(keys)
@@ -538,6 +577,8 @@ def test_every_option_that_changes_the_data_changes_a_cache_key(tmp_path):
     }
     changed = {
         "sources": [str(EMAIL), "stdlib"],
+        "val_sources": [str(stdlib_root() / "json")],
+        "test_sources": [str(stdlib_root() / "json")],
         "extensions": [".py", ".pyi"],
         "split_by": "file",
         "completion_style": "line",

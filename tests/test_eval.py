@@ -551,3 +551,29 @@ def test_default_eval_after_a_real_training_run(tiny_models, tmp_path, monkeypat
     row = [line for line in exported.splitlines() if line.startswith("| r1 |")][0]
     assert row.split("|")[2:6] == [line for line in from_best.splitlines()
                                    if line.startswith("| r1 |")][0].split("|")[2:6]
+
+
+def test_eval_splits_a_run_with_predefined_files_as_its_training_did(tmp_path):
+    """A run trained with --val-data/--test-data is evaluated on the same split (same corpus
+    cache key), so its test split holds no training document; --data overrides the run's."""
+    import dataclasses
+
+    import torch
+
+    import dataset
+    import trainingmanager as tm
+
+    dirs = {}
+    for name in ("train", "valid", "test"):
+        dirs[name] = tmp_path / name
+        dirs[name].mkdir()
+        (dirs[name] / f"{name}.py").write_text(f"def {name}():\n    return 1\n")
+    run = tm.TrainConfig(data=[str(dirs["train"])], val_data=[str(dirs["valid"])],
+                         test_data=[str(dirs["test"])])
+    model = ev.LoadedModel("r", "runs/r", torch.nn.Linear(1, 1), None,
+                           run_config=dataclasses.asdict(run))
+    ours = ev.corpus_config(ev.EvalConfig(), [model])
+    assert (ours.val_sources, ours.test_sources) == ([str(dirs["valid"])], [str(dirs["test"])])
+    assert dataset.corpus_key(ours) == dataset.corpus_key(tm.data_config(run, 64))
+    other = ev.corpus_config(ev.EvalConfig(data=[str(dirs["test"])]), [model])
+    assert other.val_sources == other.test_sources == []

@@ -233,6 +233,30 @@ def test_unknown_data_and_model_options_are_named(assets, tmp_path):
         tm.model_config(tm.TrainConfig(preset="tiny", model_options={"width": 3}), 64, None, None)
 
 
+def test_val_data_files_are_the_validation_split(assets, tmp_path):
+    """--val-data: the run validates on exactly those files (their tokens, packed as the trainer
+    packs them), not on a fraction of --data; DataConfig's own key is refused in data_options."""
+    from dataset import prepare
+    from tokenizer import load_tokenizer
+
+    val_dir = tmp_path / "valid"
+    val_dir.mkdir()
+    for f in [f for f in stdlib_files() if 5000 < f.stat().st_size < 8000][:3]:
+        shutil.copy(f, val_dir / f.name)
+    cfg = tiny_cfg(assets, tmp_path, val_data=[str(val_dir)], max_steps=2, eval_every=2,
+                   eval_batches=None)
+    dcfg = tm.data_config(cfg, 32)
+    assert dcfg.val_sources == [str(val_dir)] and dcfg.sources == [assets["corpus"]]
+    val = prepare(dcfg, load_tokenizer(assets["tokenizer"])).val
+    expected = sum(int((val[i]["labels"] != -100).sum()) for i in range(len(val)))
+    result = tm.train(cfg)
+    assert result.val_metrics["val_tokens"] == expected
+    plain = tm.train(dataclasses.replace(cfg, val_data=None, name="plain"))
+    assert plain.val_metrics["val_tokens"] != expected
+    with pytest.raises(ValueError, match="set 'val_sources' with the TrainConfig key 'val_data'"):
+        tm.data_config(tiny_cfg(assets, tmp_path, data_options={"val_sources": ["x"]}), 32)
+
+
 # --------------------------------------------------------------------------------------------
 # Runs: layout, NaN, best, early stop, callbacks, export
 # --------------------------------------------------------------------------------------------
