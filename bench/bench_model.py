@@ -2,7 +2,7 @@
 
   load      Llama-3.2-1B-shaped bf16 checkpoint (random weights): wall time of the load call and
             peak RSS after one forward pass (every weight touched), codelm vs transformers, each
-            in a fresh process.
+            in a fresh process running bench/load_child.py.
   train     forward + backward + AdamW step, fp32, CPU, batch 8x256, 14M Llama-shaped config:
             tokens/s of codelm vs a nanoGPT-style reference written here vs LlamaForCausalLM.
   generate  greedy, batch 1, 64-token prompt, 128 new tokens, same config: tokens/s of codelm
@@ -68,10 +68,6 @@ BENCH_CFG = dataclasses.replace(PRESETS["llama-14m"], block_size=256)
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def _rss_mib() -> float:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 # ------------------------------------------------------------------------------- load
 
 def make_checkpoint(path: Path) -> None:
@@ -85,30 +81,6 @@ def make_checkpoint(path: Path) -> None:
     model.save_pretrained(path)
 
 
-def load_child(lib: str, path: str, threads: int) -> None:
-    """Runs in a fresh process: load, one forward pass, print the figures as JSON."""
-    torch.set_num_threads(threads)
-    if lib == "transformers":
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-    base = _rss_mib()
-    t0 = time.perf_counter()
-    if lib == "codelm":
-        model = Transformer.from_pretrained(path, dtype=torch.bfloat16)
-    else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
-    load_s = time.perf_counter() - t0
-    with torch.no_grad():
-        out = model(torch.tensor([[1, 2, 3, 4]]))
-    logits = out if isinstance(out, torch.Tensor) else out.logits
-    assert torch.isfinite(logits.float()).all()
-    # VmHWM, not ru_maxrss: Linux carries the parent's peak into ru_maxrss across fork + exec.
-    status = Path("/proc/self/status").read_text()
-    peak = int(next(ln for ln in status.splitlines() if ln.startswith("VmHWM")).split()[1]) / 1024
-    print(json.dumps({"load_s": load_s, "peak_mib": peak, "base_mib": base}))
-
-
 def bench_load(cfg: BenchConfig) -> dict:
     path = Path(cfg.ckpt_dir)
     make_checkpoint(path)
@@ -120,7 +92,8 @@ def bench_load(cfg: BenchConfig) -> dict:
     for _ in range(cfg.load_repeats):
         for lib in runs:
             out = subprocess.run(
-                [sys.executable, __file__, "--_load-child", lib, str(path), str(cfg.threads)],
+                [sys.executable, str(Path(__file__).with_name("load_child.py")), lib,
+                 str(path), str(cfg.threads)],
                 capture_output=True, text=True, check=True)
             runs[lib].append(json.loads(out.stdout.strip().splitlines()[-1]))
     res = {"file_mib": size}
@@ -332,12 +305,7 @@ def main(argv: list[str] | None = None) -> None:
             kind = {"int": int, "str": str}[f.type]
             parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default,
                                 help=f"{HELP[f.name]} (default: {f.default})")
-    parser.add_argument("--_load-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args._load_child:
-        lib, path, threads = args._load_child
-        load_child(lib, path, int(threads))
-        return
     cfg = BenchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)})
     if cfg.only not in ("all", "load", "train", "generate"):
         parser.error(f"--only: expected all, load, train or generate, got {cfg.only!r}")
