@@ -4,6 +4,8 @@
 underscores and spaces, newlines and indentation stay tokens, and pieces seen at least
 ``min_freq`` times become the vocabulary. Unlike the seed it is lossless: a piece outside the
 vocabulary is covered by its longest known sub-pieces and, where none fits, by UTF-8 byte tokens.
+It saves as an HF ``tokenizer.json`` that HF ``tokenizers`` and ``transformers`` read with the same
+ids, so a from-scratch export runs without codelm.
 
 ``BPETokenizer`` reproduces the ids of HF ``tokenizers`` for the byte-level BPE ``tokenizer.json``
 files that StarCoder, CodeGen, Phi-1.5 and Llama-3 ship; anything outside that set is refused
@@ -247,6 +249,10 @@ _CODE_PIECE_PATTERN = r"""
   | (?s:.)
 """
 _CODE_PIECE_RE = regex.compile(_CODE_PIECE_PATTERN, regex.VERBOSE)
+# The same pattern for HF tokenizers' Oniguruma: no verbose layout, and [\s\S] for (?s:.).
+_CODE_PIECE_HF_REGEX = regex.sub(
+    r"\s+", "", regex.sub(r"#.*", "", _CODE_PIECE_PATTERN)
+).replace("(?s:.)", r"[\s\S]")
 
 CODE_SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>")
 _N_BYTES = 256
@@ -453,13 +459,84 @@ class CodeTokenizer(_BatchEncodeMixin):
             "pieces": self.pieces,
         }
 
+    def to_hf(self) -> dict:
+        """The same tokenizer as an HF ``tokenizer.json`` (``tokenizers`` gives the same ids):
+        the piece regex as a Split pre-tokenizer, then ByteLevel characters, then WordPiece
+        with no continuation prefix, whose greedy longest-match from the left is this class's
+        sub-piece rule; every byte is in the vocabulary, so WordPiece's unknown token is never
+        used and the byte fallback is exact. A byte whose character is also a one-character
+        piece (the piece always wins) is written ``<0xNN>``, which the ByteFallback decoder
+        turns back into the byte. Special tokens are HF added tokens, which HF (unlike this
+        class) also recognizes inside a text. Comment stripping has no HF form."""
+        if self.strip_comments:
+            raise ValueError("a CodeTokenizer that strips comments has no HF tokenizer.json form")
+        vocab = {t: i for i, t in enumerate(self.special_tokens)}
+        pieces = {p: "".join(map(BYTE_TO_UNICODE.__getitem__, p.encode("utf-8")))
+                  for p in self.pieces}
+        taken = set(pieces.values())
+        for b in range(_N_BYTES):
+            char = BYTE_TO_UNICODE[b]
+            vocab[char if char not in taken else f"<0x{b:02X}>"] = self._byte_offset + b
+        vocab.update((pieces[p], i) for p, i in self._piece_to_id.items())
+        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
+                      "use_regex": False}
+        return {
+            "version": "1.0", "truncation": None, "padding": None,
+            "added_tokens": [
+                {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                 "normalized": False, "special": True} for i, t in enumerate(self.special_tokens)
+            ],
+            "normalizer": None,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": _CODE_PIECE_HF_REGEX},
+                 "behavior": "Isolated", "invert": False},
+                byte_level,
+            ]},
+            "post_processor": None,
+            "decoder": {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, byte_level]},
+            "model": {"type": "WordPiece", "unk_token": self.special_tokens[0],
+                      "continuing_subword_prefix": "", "max_input_chars_per_word": 1 << 40,
+                      "vocab": vocab},
+        }
+
+    @classmethod
+    def from_hf(cls, spec: dict, source: str = "<tokenizer.json>") -> CodeTokenizer:
+        """Read back what ``to_hf`` writes."""
+        try:
+            specials = [t["content"] for t in sorted(spec["added_tokens"], key=lambda t: t["id"])]
+            by_id = {i: t for t, i in spec["model"]["vocab"].items()}
+            first_piece = len(specials) + _N_BYTES
+            pieces = [bytes(UNICODE_TO_BYTE[c] for c in by_id[i]).decode("utf-8")
+                      for i in range(first_piece, first_piece + len(by_id) - first_piece)]
+            return cls(pieces, special_tokens=specials)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{source}: malformed CodeTokenizer tokenizer.json ({e!r})") from None
+
+    @staticmethod
+    def is_hf_form(spec: dict) -> bool:
+        """Whether an HF tokenizer.json is a CodeTokenizer's (``to_hf``)."""
+        model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+        first = (pre.get("pretokenizers") or [{}])[0]
+        return (model.get("type") == "WordPiece" and model.get("continuing_subword_prefix") == ""
+                and first.get("pattern") == {"Regex": _CODE_PIECE_HF_REGEX})
+
     def save(self, path: str | os.PathLike) -> Path:
-        """Write one JSON file (``tokenizer.json`` inside ``path`` when it is a directory)."""
+        """Write ``tokenizer.json`` (inside ``path`` when it is a directory) in HF's format, which
+        ``transformers`` loads, with a ``tokenizer_config.json`` naming bos/eos/pad beside it; a
+        comment-stripping tokenizer, which HF cannot express, in codelm's own format."""
         path = Path(path)
-        if path.is_dir():
-            path = path / TOKENIZER_FILE
+        directory = path if path.is_dir() else None
+        if directory is not None:
+            path = directory / TOKENIZER_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=0), "utf-8")
+        data = self.to_dict() if self.strip_comments else self.to_hf()
+        path.write_text(json.dumps(data, ensure_ascii=False, indent=0), "utf-8")
+        if directory is not None and not self.strip_comments:
+            roles = {"tokenizer_class": "PreTrainedTokenizerFast"}
+            roles.update((f"{role}_token", token) for role, token in
+                         (("bos", "<bos>"), ("eos", "<eos>"), ("pad", "<pad>"))
+                         if token in self.special_tokens)
+            (directory / "tokenizer_config.json").write_text(json.dumps(roles, indent=2), "utf-8")
         return path
 
     @classmethod
@@ -499,7 +576,10 @@ class CodeTokenizer(_BatchEncodeMixin):
         path = Path(path)
         if path.is_dir():
             path = path / TOKENIZER_FILE
-        return cls.from_dict(_read_json(path), str(path))
+        data = _read_json(path)
+        if cls.is_hf_form(data):
+            return cls.from_hf(data, str(path))
+        return cls.from_dict(data, str(path))
 
     def __repr__(self) -> str:
         return (
@@ -1285,6 +1365,8 @@ def load_tokenizer(path: str | os.PathLike) -> CodeTokenizer | BPETokenizer:
     data = _read_json(path)
     if data.get("type") == CODE_TOKENIZER_TYPE:
         return CodeTokenizer.from_dict(data, str(path))
+    if CodeTokenizer.is_hf_form(data):
+        return CodeTokenizer.from_hf(data, str(path))
     if "model" in data:
         return BPETokenizer(data, str(path), _roles_from_config(path.parent))
     raise ValueError(

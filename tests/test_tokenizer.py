@@ -115,6 +115,12 @@ def code_tok(stdlib_texts) -> CodeTokenizer:
 
 
 @pytest.fixture(scope="session")
+def code_tok_hf(code_tok) -> Tokenizer:
+    """HF tokenizers reading the tokenizer.json the CodeTokenizer writes."""
+    return Tokenizer.from_str(json.dumps(code_tok.to_hf()))
+
+
+@pytest.fixture(scope="session")
 def strip_tok(stdlib_texts) -> CodeTokenizer:
     return CodeTokenizer.train([t for _, t in stdlib_texts[::100]], min_freq=3, strip_comments=True)
 
@@ -451,6 +457,33 @@ def test_code_tokenizer_save_load(code_tok, stdlib_texts, tmp_path):
     assert load_tokenizer(tmp_path).encode("x = 1") == code_tok.encode("x = 1")
 
 
+def test_code_tokenizer_json_gives_hf_and_transformers_the_same_ids(code_tok, stdlib_texts,
+                                                                   tmp_path):
+    """What a from-scratch run exports runs anywhere: the saved tokenizer.json gives HF
+    tokenizers and transformers' AutoTokenizer this tokenizer's ids and text, byte fallback and
+    sub-pieces included, and codelm reads it back as the same CodeTokenizer."""
+    from transformers import AutoTokenizer
+
+    code_tok.save(tmp_path)
+    hf = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    vocab = hf.get_vocab()
+    assert "<0x61>" in vocab and vocab["a"] == code_tok.token_to_id("a")  # the piece wins
+    stress = "héllo wörld 日本語 \x1c\x1f\u00a0\u2028 x\u0301 \U0001F600 ΑΒΓ ǅungla HTTPServer_x"
+    held_out = [t for _, t in stdlib_texts[1::40]] + [stress]
+    for text in held_out:
+        ids = code_tok.encode(text)
+        assert hf.encode(text).ids == ids
+        assert hf.decode(ids) == text
+    assert any(code_tok.is_byte_token(i) for i in code_tok.encode(stress))
+    auto = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert auto(held_out[0])["input_ids"] == code_tok.encode(held_out[0])
+    assert (auto.bos_token_id, auto.eos_token_id, auto.pad_token_id) == (
+        code_tok.bos_id, code_tok.eos_id, code_tok.pad_id)
+    reloaded = load_tokenizer(tmp_path)
+    assert isinstance(reloaded, CodeTokenizer) and reloaded.pieces == code_tok.pieces
+    assert reloaded.encode(stress) == code_tok.encode(stress)
+
+
 def test_strip_comments_and_docstrings(stdlib_texts):
     source = (
         '"""Module doc."""\n'
@@ -516,8 +549,11 @@ ROUND_TRIP = settings(max_examples=200, deadline=None, suppress_health_check=[He
 
 @ROUND_TRIP
 @given(text=TEXTS)
-def test_round_trip_code_tokenizer(code_tok, text):
-    assert code_tok.decode(code_tok.encode(text)) == text
+def test_round_trip_code_tokenizer(code_tok, code_tok_hf, text):
+    ids = code_tok.encode(text)
+    assert code_tok.decode(ids) == text
+    if not any(t in text for t in code_tok.special_tokens):  # HF splits those out of a text
+        assert code_tok_hf.encode(text).ids == ids
 
 
 @ROUND_TRIP

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import trainingmanager as tm
 from dataset import collate, stdlib_files, supervised_example
-from tokenizer import CodeTokenizer
+from tokenizer import CodeTokenizer, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -287,7 +287,12 @@ def test_run_directory_best_checkpoint_and_hf_export(assets, tmp_path):
     ids = torch.randint(0, ours.cfg.vocab_size, (2, 16))
     with torch.no_grad():
         assert torch.allclose(hf(ids).logits, ours(ids), atol=1e-4)
-    assert (run / "export" / "tokenizer.json").is_file()
+    # The from-scratch CodeTokenizer too: transformers alone tokenizes and decodes like codelm.
+    auto = transformers.AutoTokenizer.from_pretrained(run / "export")
+    tok = load_tokenizer(run / "export")
+    text = "def add(a, b):\n    return a + b  # é\n"
+    assert auto(text)["input_ids"] == tok.encode(text)
+    assert auto.decode(tok.encode(text)) == text and auto.eos_token_id == tok.eos_id
 
 
 def test_injected_nan_stops_loudly_and_keeps_the_last_good_checkpoint(assets, tmp_path):
