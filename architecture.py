@@ -440,7 +440,7 @@ def _head_cross_entropy(hidden, weight, bias, labels, smoothing: float, want: tu
     h, w = hidden.to(dt), weight.to(dt)
     b = bias.to(dt) if bias is not None else None
     vocab = w.shape[0]
-    gh = torch.empty_like(h) if want[0] else None
+    gh = torch.empty(h.shape, dtype=dt, device=dev) if want[0] else None
     gw = torch.zeros(w.shape, dtype=torch.promote_types(weight.dtype, acc), device=dev) \
         if want[1] else None
     gb = torch.zeros(vocab, dtype=acc, device=dev) if want[2] else None
