@@ -36,13 +36,15 @@ WARMUP = 2
 
 
 class BareLoop:
-    """The plainest correct training step: random windows, cross-entropy, clip, AdamW."""
+    """The plainest correct training step: random windows, the loss, clip, fused AdamW. codelm's
+    model takes its Trainer's loss (``lm_loss``, the head fused with it), so the manager's
+    overhead is measured on equal model work; the HF model takes F.cross_entropy of its logits."""
 
     def __init__(self, model: torch.nn.Module, tokens: torch.Tensor, cfg: tm.TrainConfig,
                  hf: bool):
         self.model, self.tokens, self.cfg, self.hf = model.train(), tokens, cfg, hf
         self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                     weight_decay=cfg.weight_decay)
+                                     weight_decay=cfg.weight_decay, fused=True)
         self.gen = torch.Generator().manual_seed(0)
 
     def step(self) -> None:
@@ -50,8 +52,10 @@ class BareLoop:
         ix = torch.randint(len(self.tokens) - T - 1, (B,), generator=self.gen)
         x = torch.stack([self.tokens[i:i + T] for i in ix])
         y = torch.stack([self.tokens[i + 1:i + T + 1] for i in ix])
-        logits = self.model(x).logits if self.hf else self.model(x)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        if self.hf:
+            loss = F.cross_entropy(self.model(x).logits.flatten(0, 1), y.flatten())
+        else:
+            loss = tm.lm_loss(self.model(x, return_hidden=True), y, self.model.lm_head)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
