@@ -123,6 +123,8 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_targets: list[str] | None = None
     quantize_bits: int = 0  # 0, 8 (int8) or 4 (NF4); needs lora_r > 0
+    base_dtype: str = "fp32"  # fp32 | bf16 | fp16: dtype of the frozen base under LoRA (the
+    #   adapters stay fp32); bf16 halves the base's memory, fp16 is for GPUs without bf16
     # data (dataset.py): task and sources (None: the Python standard library)
     task: str = "lm"
     data: list[str] | None = None
@@ -168,10 +170,12 @@ class TrainConfig:
     inject_nan_at_step: int | None = None  # fault injection: make this step's loss NaN
 
 
+BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _CHOICES = {
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "eval_precision": ("fp32", "same"),
     "quantize_bits": (0, 4, 8),
+    "base_dtype": tuple(BASE_DTYPES),
 }
 
 
@@ -694,6 +698,9 @@ def validate_config(cfg: TrainConfig) -> None:
     need(cfg.lora_r >= 0, "lora_r", "must be >= 0 (0: no LoRA)")
     need(cfg.quantize_bits == 0 or cfg.lora_r > 0, "quantize_bits",
          "a quantized base is frozen: it needs LoRA (--lora-r > 0)")
+    need(cfg.base_dtype == "fp32" or cfg.lora_r > 0, "base_dtype",
+         "only a frozen base (LoRA, --lora-r > 0) can be held in 16 bits; full training keeps "
+         "fp32 weights (use --precision bf16 for 16-bit compute)")
     need(cfg.overfit_batches >= 0, "overfit_batches", "must be >= 0")
     if cfg.init_from is not None:
         for key in ("preset", "n_layer", "n_head", "n_embd", "mlp_hidden"):
@@ -779,8 +786,9 @@ def build_model(cfg: TrainConfig, tok) -> nn.Module:
     """From scratch or from ``init_from``; then the quantized base and LoRA if asked for."""
     from architecture import Transformer
 
+    base_dtype = BASE_DTYPES[cfg.base_dtype]
     if cfg.init_from is not None:
-        model = Transformer.from_pretrained(cfg.init_from, dtype=torch.float32, device="cpu")
+        model = Transformer.from_pretrained(cfg.init_from, dtype=base_dtype, device="cpu")
         if tok.vocab_size > model.cfg.vocab_size:
             raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model at "
                              f"{cfg.init_from} only {model.cfg.vocab_size} embeddings")
@@ -788,6 +796,7 @@ def build_model(cfg: TrainConfig, tok) -> nn.Module:
             model.cfg.dropout = cfg.dropout
     else:
         model = Transformer(model_config(cfg, tok.vocab_size, tok.bos_id, tok.eos_id))
+        model.to(base_dtype)
     if cfg.lora_r > 0:
         import lora
 
@@ -1263,9 +1272,10 @@ class _Run:
                 lora.save_adapter(model, tmp)
                 if self.cfg.export_merged:
                     merged = model
-                    if self.cfg.quantize_bits:  # merge into the full-precision base instead
+                    if self.cfg.quantize_bits or self.cfg.base_dtype != "fp32":
+                        # merge into the full-precision base instead
                         merged = build_model(dataclasses.replace(
-                            self.cfg, lora_r=0, quantize_bits=0), self.tok)
+                            self.cfg, lora_r=0, quantize_bits=0, base_dtype="fp32"), self.tok)
                         lora.load_adapter(merged, tmp)
                     lora.merge_and_export(merged, tmp / "merged")
                     self.tok.save(tmp / "merged")

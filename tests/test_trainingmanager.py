@@ -460,6 +460,41 @@ def test_lora_resume_is_bit_exact_and_saves_only_the_adapter(assets, tmp_path):
     assert (run / "export" / "adapter_config.json").is_file()
 
 
+def test_lora_on_a_bf16_base_trains_like_the_fp32_base(assets, tmp_path):
+    """--base-dtype bf16: the frozen base is held in bf16 (half the memory), the adapters in
+    fp32; the run follows the fp32-base run's losses and its merged export is fp32 again."""
+    from tiny_hf import save_tiny_hf
+
+    base = tmp_path / "base"
+    save_tiny_hf("llama", base, vocab_size=512)
+    common = dict(preset="tiny", init_from=str(base), lora_r=4, lora_alpha=8.0,
+                  lora_targets=["q_proj", "v_proj"], max_steps=6, eval_every=6, save_every=6)
+    runs = {}
+    for dtype in ("fp32", "bf16"):
+        cfg = tiny_cfg(assets, tmp_path, name=dtype, base_dtype=dtype, export=dtype == "bf16",
+                       export_merged=True, **common)
+        model = tm.build_model(cfg, load_tokenizer(assets["tokenizer"]))
+        kinds = {p.dtype for n, p in model.named_parameters() if "lora" not in n}
+        assert kinds == {tm.BASE_DTYPES[dtype]}
+        assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+        runs[dtype] = tm.train(cfg)
+    losses = {k: [json.loads(line)["loss"] for line in
+                  (r.run_dir / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+              for k, r in runs.items()}
+    for a, b in zip(losses["fp32"], losses["bf16"]):
+        assert abs(a - b) < 0.01 * a
+    # The adapters learn the same update (B starts at zero, so B is all that was learned).
+    adapters = {k: final_weights(r.run_dir, 6, tm.ADAPTER_FILE) for k, r in runs.items()}
+    for name, b32 in adapters["fp32"].items():
+        if "lora_B" in name:
+            cos = F.cosine_similarity(b32.flatten(), adapters["bf16"][name].flatten(), dim=0)
+            assert b32.abs().max() > 0 and cos > 0.99, (name, float(cos))
+    merged = load_file(runs["bf16"].run_dir / "export" / "merged" / "model.safetensors")
+    assert {t.dtype for t in merged.values()} == {torch.float32}
+    with pytest.raises(ValueError, match="TrainConfig.base_dtype='bf16': only a frozen base"):
+        tm.validate_config(tm.TrainConfig(base_dtype="bf16"))
+
+
 def test_gradient_checkpointing_trains_like_the_plain_run(assets, tmp_path):
     """Recomputing each block in the backward (dropout masks replayed) gives the plain run's
     weights, with LoRA on a dropout-carrying model too."""
