@@ -139,10 +139,12 @@ def check_paths(values: dict, recipe: str) -> None:
                              f"checkpoint of {values.get('preset')} (see docs/recipes.md; "
                              f"{recipe}: train.init_from)")
         check_family(init_from, values.get("preset"))
-    for source in values.get("data") or []:
-        if source != "stdlib" and not _GIT_URL.match(source) and not Path(source).exists():
-            raise ValueError(f"{source}: no such data file or directory; pass --data PATH ... "
-                             f"(see docs/recipes.md; {recipe}: train.data)")
+    for key, flag in (("data", "--data"), ("val_data", "--val-data"), ("test_data", None)):
+        for source in values.get(key) or []:
+            if source != "stdlib" and not _GIT_URL.match(source) and not Path(source).exists():
+                how = f"pass {flag} PATH ... " if flag else f"set --set train.{key}=[...] "
+                raise ValueError(f"{source}: no such data file or directory; {how}"
+                                 f"(see docs/recipes.md; {recipe}: train.{key})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,7 +289,8 @@ def smoke_train_values(values: dict, work: Path, steps: int) -> dict:
     """The recipe's train section at toy scale: same task, cleaning, LoRA and quantization."""
     task, scratch = values.get("task", "lm"), values.get("init_from") is None
     sources, texts = write_smoke_data(task, scratch, work / "data")
-    values = {**values, "data": sources, "max_steps": steps, "epochs": None,
+    values = {**values, "data": sources, "val_data": None, "test_data": None,
+              "max_steps": steps, "epochs": None,
               "warmup_steps": 2, "eval_every": steps, "save_every": steps, "eval_batches": 4,
               "batch_size": min(values.get("batch_size", 8), 4),
               "grad_accum": min(values.get("grad_accum", 1), 2),
@@ -351,6 +354,7 @@ class RecipeOptions:
     smoke: bool = False  # tiny checkpoint of the family + small stdlib sample, seconds
     model: str | None = None  # the base model's local HF directory (the train init_from)
     data: list[str] | None = None  # data sources (files, directories, git URLs)
+    val_data: list[str] | None = None  # validation files (without it, --data drops the recipe's)
     out_dir: str | None = None  # runs/ (smoke: runs/smoke)
     name: str | None = None  # run name (default: the recipe's)
     set: list[str] = field(default_factory=list)  # train.KEY=VALUE / eval.KEY=VALUE overrides
@@ -415,8 +419,11 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
         if values.get("init_from") is None:
             raise ValueError(f"--model: {opts.recipe} trains from scratch (no init_from)")
         values["init_from"] = opts.model
-    if opts.data:
+    if opts.data:  # the user's own data: their validation files, or a split of the data
         values["data"] = list(opts.data)
+        values["val_data"] = None
+    if opts.val_data:
+        values["val_data"] = list(opts.val_data)
     if opts.smoke:  # a smoke run replaces the previous one of the same name
         if values.get("init_from") and values.get("preset") not in PRESETS:
             raise ValueError(f"{opts.recipe}: --smoke builds a tiny checkpoint of the family of "
@@ -525,6 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "train.init_from)")
     parser.add_argument("--data", nargs="+", help="data sources: JSONL files, directories or "
                         "git URLs (the recipe's train.data)")
+    parser.add_argument("--val-data", nargs="+", help="validation files or directories (the "
+                        "recipe's train.val_data); with --data but without this, the "
+                        "validation split is cut from --data")
     parser.add_argument("--out-dir", help="where runs go (default: runs/, smoke: runs/smoke/)")
     parser.add_argument("--name", help="run name (default: the recipe's)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",

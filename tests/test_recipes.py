@@ -192,6 +192,12 @@ def test_recipe_placeholders_name_the_flag_that_replaces_them(tmp_path, capsys, 
     assert recipes.main([str(CONFIGS / "refactotron.json")]) == 2
     assert "models/starcoderbase-1b: no such model directory; pass --model DIR" in (
         capsys.readouterr().err)
+    values = json.loads((CONFIGS / "refactotron.json").read_text())["train"]
+    (tmp_path / "train.jsonl").write_text("")
+    values.update(init_from=None, data=["train.jsonl"])
+    with pytest.raises(ValueError, match="validation_enhanced.jsonl: no such data file or "
+                                         "directory; pass --val-data PATH"):
+        recipes.check_paths(values, "refactotron.json")
 
 
 def test_recipe_refuses_a_checkpoint_of_another_family(tmp_path, capsys):
