@@ -1,7 +1,8 @@
 """Training manager for codelm: one loop for from-scratch, fine-tuning and LoRA runs.
 
 The training loop users should never have to debug (seed 001 lost weeks to one): training and
-validation share ``lm_loss``; gradient accumulation weights every micro-batch by its token count,
+validation share one loss (``lm_loss``; validation's ``lm_loss_and_correct`` is the same function
+of the head, plus the accuracy count); gradient accumulation weights every micro-batch by its token count,
 so accumulation equals one big batch (and DDP equals one process); a non-finite loss stops the
 run loudly with the last good checkpoint intact; checkpoints hold everything needed to continue
 bit-exactly (weights, optimizer, scheduler, scaler, every RNG, the data position) and are written
