@@ -567,8 +567,8 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         # Activation (gradient) checkpointing in training: a block's activations are recomputed
-        # in the backward instead of stored: ~n_layer times less activation memory for a 1.22x
-        # slower step (the 14M bench model on CPU). A run setting, not in ModelConfig.
+        # in the backward instead of stored: ~n_layer times less activation memory for a 1.24x
+        # slower step (bench_model.py --checkpointing, CPU). A run setting, not in ModelConfig.
         self.gradient_checkpointing = False
         if not self.wte.weight.is_meta:
             self.reset_parameters()

@@ -46,6 +46,7 @@ class BenchConfig:
     gen_repeats: int = 3
     compile: bool = True
     clock: str = "wall"
+    checkpointing: bool = False
 
 
 HELP = {
@@ -59,6 +60,7 @@ HELP = {
     "compile": "also time codelm's torch.compile'd decode step",
     "clock": "wall, or cpu (process CPU time: with --threads 1 robust to other processes "
              "time-sharing the cores, which wall time is not)",
+    "checkpointing": "train: also time codelm with gradient checkpointing (its cost in speed)",
 }
 
 
@@ -190,6 +192,9 @@ def bench_train(cfg: BenchConfig) -> dict:
     c = BENCH_CFG
     torch.manual_seed(0)
     models = {"codelm": Transformer(c), "nanoGPT-style": NanoLlama(c), "HF Llama": _hf_llama(c)}
+    if cfg.checkpointing:
+        models["codelm ckpt"] = Transformer(c)
+        models["codelm ckpt"].gradient_checkpointing = True
     n_params = sum(p.numel() for p in models["codelm"].parameters())
     for name, m in models.items():
         assert sum(p.numel() for p in m.parameters()) == n_params, name
@@ -202,6 +207,7 @@ def bench_train(cfg: BenchConfig) -> dict:
     # nanoGPT and transformers' LlamaForCausalLM take F.cross_entropy of the whole logits.
     losses = {
         "codelm": lambda m: lm_loss(m(x, return_hidden=True), y, m.lm_head),
+        "codelm ckpt": lambda m: lm_loss(m(x, return_hidden=True), y, m.lm_head),
         "nanoGPT-style": lambda m: F.cross_entropy(m(x).flatten(0, 1), y.flatten()),
         "HF Llama": lambda m: F.cross_entropy(m(x).logits.flatten(0, 1), y.flatten()),
     }
@@ -219,7 +225,8 @@ def bench_train(cfg: BenchConfig) -> dict:
     clock = CLOCKS[cfg.clock]
     names = list(models)
     for r in range(cfg.train_rounds):
-        for name in names[r % 3:] + names[:r % 3]:  # rotate who goes first: no order bias
+        k = r % len(names)
+        for name in names[k:] + names[:k]:  # rotate who goes first: no order bias
             t0 = clock()
             for _ in range(cfg.train_steps):
                 step(name)
@@ -238,6 +245,9 @@ def bench_train(cfg: BenchConfig) -> dict:
               f"(step {s * 1e3:.0f} ms)")
     for ref in ("nanoGPT-style", "HF Llama"):
         print(f"  codelm / {ref}: {res['codelm']['tokens_s'] / res[ref]['tokens_s']:.3f}")
+    if cfg.checkpointing:
+        print(f"  codelm ckpt step / codelm step: "
+              f"{res['codelm ckpt']['step_s'] / res['codelm']['step_s']:.3f}")
     return res
 
 
