@@ -449,6 +449,7 @@ def _head_cross_entropy(hidden, weight, bias, labels, smoothing: float, want: tu
     step = _loss_chunk_rows(vocab, dev)
     with torch.autocast(dev.type, enabled=False):
         for s in range(0, h.shape[0], step):
+            z = g = None  # the previous chunk goes before the next is formed: one chunk alive
             hc, yc = h[s:s + step], labels[s:s + step]
             z = (hc @ w.t() if b is None else torch.addmm(b, hc, w.t())).to(acc)
             keep = yc != IGNORE_INDEX

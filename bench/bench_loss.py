@@ -1,0 +1,86 @@
+"""The LM-head loss at Llama-3's vocabulary: codelm's fused head + cross-entropy against the
+unfused reference (logits, then F.cross_entropy), forward + backward, each in a fresh process.
+
+Figures: wall time, and peak RSS above the inputs (hidden states, head weight, labels), which
+is the memory the loss itself needs: for the unfused loss the (N, V) logits, their log-softmax
+and their gradient; for the fused one a chunk of them. With a trainable head both also hold the
+weight's gradient (V x C), which autograd keeps as ``.grad``; under LoRA the head is frozen.
+
+    python bench/bench_loss.py [--tokens 1024] [--width 2048] [--vocab 128256] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from architecture import head_cross_entropy  # noqa: E402
+
+
+def _status_mib(field: str) -> float:
+    line = next(ln for ln in Path("/proc/self/status").read_text().splitlines()
+                if ln.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
+def child(mode: str, head_mode: str, tokens: int, width: int, vocab: int, threads: int) -> None:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(width, vocab, bias=False).requires_grad_(head_mode == "trainable")
+    hidden = torch.randn(tokens, width, requires_grad=True)
+    labels = torch.randint(0, vocab, (tokens,))
+    base = _status_mib("VmRSS")
+    t0 = time.perf_counter()
+    if mode == "fused":
+        loss = head_cross_entropy(hidden, labels, head)[0]
+    else:
+        loss = F.cross_entropy(head(hidden).float(), labels, reduction="sum")
+    loss.backward()
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"seconds": seconds, "extra_mib": _status_mib("VmHWM") - base,
+                      "loss": float(loss)}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--width", type=int, default=2048)
+    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    shape = (args.tokens, args.width, args.vocab, args.threads)
+    if args._child:
+        child(*args._child, *shape)
+        return 0
+    print(f"LM-head loss, fp32, {args.tokens} tokens x width {args.width} x vocab {args.vocab}, "
+          f"{args.threads} threads, forward + backward")
+    for head_mode in ("trainable", "frozen"):
+        res = {}
+        for mode in ("unfused", "fused"):
+            out = subprocess.run([sys.executable, __file__, "--_child", mode, head_mode,
+                                  *(f"--{k}={v}" for k, v in zip(
+                                      ("tokens", "width", "vocab", "threads"), shape))],
+                                 capture_output=True, text=True, check=True)
+            res[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        for mode, r in res.items():
+            print(f"  {head_mode:9s} head, {mode:8s} {r['seconds']:6.2f} s   peak RSS above the "
+                  f"inputs {r['extra_mib']:7.0f} MiB   loss {r['loss']:.4f}")
+        u, f = res["unfused"], res["fused"]
+        print(f"  {head_mode:9s} head, fused / unfused: time {f['seconds'] / u['seconds']:.2f}, "
+              f"memory {f['extra_mib'] / u['extra_mib']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
