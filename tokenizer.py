@@ -507,7 +507,7 @@ class CodeTokenizer(_BatchEncodeMixin):
             by_id = {i: t for t, i in spec["model"]["vocab"].items()}
             first_piece = len(specials) + _N_BYTES
             pieces = [bytes(UNICODE_TO_BYTE[c] for c in by_id[i]).decode("utf-8")
-                      for i in range(first_piece, first_piece + len(by_id) - first_piece)]
+                      for i in range(first_piece, len(by_id))]
             return cls(pieces, special_tokens=specials)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{source}: malformed CodeTokenizer tokenizer.json ({e!r})") from None
@@ -532,11 +532,10 @@ class CodeTokenizer(_BatchEncodeMixin):
         data = self.to_dict() if self.strip_comments else self.to_hf()
         path.write_text(json.dumps(data, ensure_ascii=False, indent=0), "utf-8")
         if directory is not None and not self.strip_comments:
-            roles = {"tokenizer_class": "PreTrainedTokenizerFast"}
-            roles.update((f"{role}_token", token) for role, token in
-                         (("bos", "<bos>"), ("eos", "<eos>"), ("pad", "<pad>"))
-                         if token in self.special_tokens)
-            (directory / "tokenizer_config.json").write_text(json.dumps(roles, indent=2), "utf-8")
+            roles = {role: token for role, token in
+                     (("bos", "<bos>"), ("eos", "<eos>"), ("pad", "<pad>"))
+                     if token in self.special_tokens}
+            _write_roles_config(directory, roles, replace=True)
         return path
 
     @classmethod
@@ -586,6 +585,16 @@ class CodeTokenizer(_BatchEncodeMixin):
             f"CodeTokenizer(vocab_size={self.vocab_size}, min_freq={self.min_freq}, "
             f"strip_comments={self.strip_comments})"
         )
+
+
+def _write_roles_config(directory: Path, roles: dict[str, str], replace: bool) -> None:
+    """tokenizer_config.json naming the bos/eos/pad tokens, which transformers' AutoTokenizer
+    reads (the roles are not part of tokenizer.json); kept as is unless ``replace``."""
+    config = directory / "tokenizer_config.json"
+    if replace or not config.exists():
+        data = {"tokenizer_class": "PreTrainedTokenizerFast"}
+        data.update((f"{role}_token", token) for role, token in roles.items())
+        config.write_text(json.dumps(data, ensure_ascii=False, indent=2), "utf-8")
 
 
 def _is_utf8(text: str) -> bool:
@@ -1028,13 +1037,10 @@ class BPETokenizer(_BatchEncodeMixin):
             path = directory / TOKENIZER_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.spec, ensure_ascii=False, indent=2), "utf-8")
-        config = directory / "tokenizer_config.json" if directory is not None else None
-        if config is not None and not config.exists():
-            roles = {"tokenizer_class": "PreTrainedTokenizerFast"}
-            for role, i in self._roles.items():
-                if i is not None:
-                    roles[f"{role}_token"] = self.id_to_token(i)
-            config.write_text(json.dumps(roles, ensure_ascii=False, indent=2), "utf-8")
+        if directory is not None:
+            _write_roles_config(directory, {role: self.id_to_token(i)
+                                            for role, i in self._roles.items() if i is not None},
+                                replace=False)
         return path
 
     # -- encoding ------------------------------------------------------------------------------

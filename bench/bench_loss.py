@@ -24,13 +24,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from load_child import _status_mib  # noqa: E402  (bench/, the script folder, is on sys.path)
+
 from architecture import head_cross_entropy  # noqa: E402
-
-
-def _status_mib(field: str) -> float:
-    line = next(ln for ln in Path("/proc/self/status").read_text().splitlines()
-                if ln.startswith(field + ":"))
-    return int(line.split()[1]) / 1024
 
 
 def child(mode: str, head_mode: str, tokens: int, width: int, vocab: int, threads: int) -> None:

@@ -207,10 +207,10 @@ def bench_train(cfg: BenchConfig) -> dict:
     # nanoGPT and transformers' LlamaForCausalLM take F.cross_entropy of the whole logits.
     losses = {
         "codelm": lambda m: lm_loss(m(x, return_hidden=True), y, m.lm_head),
-        "codelm ckpt": lambda m: lm_loss(m(x, return_hidden=True), y, m.lm_head),
         "nanoGPT-style": lambda m: F.cross_entropy(m(x).flatten(0, 1), y.flatten()),
         "HF Llama": lambda m: F.cross_entropy(m(x).logits.flatten(0, 1), y.flatten()),
     }
+    losses["codelm ckpt"] = losses["codelm"]
 
     def step(name):
         m, opt = models[name], opts[name]
