@@ -428,10 +428,11 @@ def _loss_chunk_rows(vocab: int, device: torch.device) -> int:
 
 
 def _head_cross_entropy(hidden, weight, bias, labels, smoothing: float, want: tuple,
-                        count_correct: bool):
+                        count_correct: bool, grad_scale: torch.Tensor | float = 1.0):
     """Summed cross-entropy of hidden @ weight.T + bias, chunk by chunk, with the gradients of
-    that sum for the inputs flagged in `want` (hidden, weight, bias) computed in the same pass.
-    Returns (loss sum, correct top-1 count or None, (grad_hidden, grad_weight, grad_bias))."""
+    that sum for the inputs flagged in `want` (hidden, weight, bias) computed in the same pass,
+    times grad_scale. Returns (loss sum, correct top-1 count or None, (grad_hidden, grad_weight,
+    grad_bias))."""
     dev = hidden.device
     # Under autocast the matmuls run in its dtype, as the unfused head would; softmax in fp32.
     dt = (torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type)
@@ -441,8 +442,10 @@ def _head_cross_entropy(hidden, weight, bias, labels, smoothing: float, want: tu
     b = bias.to(dt) if bias is not None else None
     vocab = w.shape[0]
     gh = torch.empty(h.shape, dtype=dt, device=dev) if want[0] else None
-    gw = torch.zeros(w.shape, dtype=torch.promote_types(weight.dtype, acc), device=dev) \
-        if want[1] else None
+    # In the matmul dtype, accumulated in place: under autocast an fp32 gradient would take a
+    # (V, C) temporary per chunk (and on CPU a second one to add it). One rounding per chunk,
+    # where the unfused head rounds its one product once; converted to the weight's dtype last.
+    gw = torch.zeros(w.shape, dtype=dt, device=dev) if want[1] else None
     gb = torch.zeros(vocab, dtype=acc, device=dev) if want[2] else None
     total = torch.zeros((), dtype=acc, device=dev)
     correct = torch.zeros((), dtype=torch.long, device=dev) if count_correct else None
@@ -469,7 +472,7 @@ def _head_cross_entropy(hidden, weight, bias, labels, smoothing: float, want: tu
             if not any(want):
                 continue
             # d(sum)/dz = softmax - (1 - eps) onehot - eps / V on counted rows, 0 on the rest
-            counted = keep.to(acc)
+            counted = keep.to(acc) * grad_scale
             z.mul_((counted / sumexp)[:, None])
             z[rows, target] -= (1 - smoothing) * counted
             if smoothing:
@@ -478,10 +481,7 @@ def _head_cross_entropy(hidden, weight, bias, labels, smoothing: float, want: tu
             if gh is not None:
                 torch.mm(g, w, out=gh[s:s + step])
             if gw is not None:
-                if gw.dtype == dt:
-                    gw.addmm_(g.t(), hc)
-                else:
-                    gw += g.t() @ hc
+                gw.addmm_(g.t(), hc)
             if gb is not None:
                 gb += z.sum(0)
     return total, correct, (gh, gw, gb)
@@ -494,12 +494,13 @@ class _HeadCrossEntropyFunction(torch.autograd.Function):
     Llama-3's vocabulary) and, on CPU, ~5% of a small model's training step."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, smoothing, count_correct):
+    def forward(ctx, hidden, weight, bias, labels, smoothing, count_correct, grad_scale):
         total, correct, grads = _head_cross_entropy(
-            hidden, weight, bias, labels, smoothing, ctx.needs_input_grad[:3], count_correct)
+            hidden, weight, bias, labels, smoothing, ctx.needs_input_grad[:3], count_correct,
+            grad_scale)
         # Kept off save_for_backward: the backward scales them in place (grad_weight can be
         # as large as the weight), so a second backward through this graph is refused.
-        ctx.grads = grads
+        ctx.grads, ctx.grad_scale = grads, grad_scale
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         if correct is None:
             return total
@@ -513,18 +514,26 @@ class _HeadCrossEntropyFunction(torch.autograd.Function):
             raise RuntimeError("the fused LM-head loss supports one backward per forward "
                                "(retain_graph=True with a second backward is not supported)")
         grads, ctx.grads = ctx.grads, None
-        out = [None if g is None else g.mul_(grad).to(d) for g, d in zip(grads, ctx.dtypes)]
-        return *out, None, None, None
+        factor = grad / ctx.grad_scale  # 1 when the forward guessed the incoming gradient
+        out = [None if g is None else g.mul_(factor).to(d) for g, d in zip(grads, ctx.dtypes)]
+        return *out, None, None, None, None
 
 
 def head_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module,
                        label_smoothing: float = 0.0, count_correct: bool = False,
+                       grad_scale: torch.Tensor | float | None = None,
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Summed next-token cross-entropy of head(hidden) (hidden (..., C), labels (...)) over the
     positions whose label is not IGNORE_INDEX, in fp32; with count_correct, also how many of
     them have the label as top logit. An nn.Linear head runs fused with the loss (the logits are
-    never materialized, see _HeadCrossEntropyFunction); any other head (a LoRA-wrapped one), or
-    fp16 autocast, whose gradients need the loss scale before they are formed, runs unfused."""
+    never materialized, see _HeadCrossEntropyFunction); any other head (a LoRA-wrapped one) runs
+    unfused.
+
+    grad_scale: the factor the caller's backward will multiply this sum's gradient by (the fp16
+    loss scale times any weighting). The fused loss forms its gradients in the forward, so under
+    fp16 autocast it needs this to form them at the magnitude the loss scaler chose, as the
+    unfused head would in its backward (fp16's range is narrow); without it, fp16 runs unfused.
+    Other dtypes ignore it."""
     hidden, labels = hidden.flatten(0, -2), labels.flatten()
     vocab = head.out_features
     bad = ((labels < 0) & (labels != IGNORE_INDEX)) | (labels >= vocab)
@@ -533,10 +542,12 @@ def head_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Modu
                          f"{vocab}); labels must be token ids or {IGNORE_INDEX} (ignored)")
     dev = hidden.device.type
     fp16 = torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.float16
-    if type(head) is nn.Linear and not fp16:
-        args = (hidden, head.weight, head.bias, labels, label_smoothing, count_correct)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:3]):
-            out = _HeadCrossEntropyFunction.apply(*args)
+    args = (hidden, head.weight, head.bias, labels, label_smoothing, count_correct)
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                 for t in args[:3])
+    if type(head) is nn.Linear and not (fp16 and wants_grad and grad_scale is None):
+        if wants_grad:
+            out = _HeadCrossEntropyFunction.apply(*args, grad_scale if fp16 else 1.0)
             return out if count_correct else (out, None)
         with torch.no_grad():
             total, correct, _ = _head_cross_entropy(*args[:5], (False,) * 3, count_correct)

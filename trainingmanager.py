@@ -51,6 +51,7 @@ def lm_loss(
     head: nn.Module,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
+    grad_scale: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Next-token cross-entropy of ``head(hidden)`` over positions whose label is not -100
     (labels already shifted); ``hidden`` (B, T, C) is ``model(ids, return_hidden=True)``.
@@ -59,12 +60,17 @@ def lm_loss(
     weighted accumulation). Label smoothing is spread over counted tokens only. The logits are
     formed chunk by chunk with the loss (``architecture.head_cross_entropy``), never whole. The
     shape check makes a transposed (T, B) batch, seed 001's silent bug, a loud error.
+    ``grad_scale``: what the backward will multiply this loss by (the fp16 loss scale, times any
+    weighting); fp16 autocast needs it to run the head fused.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"lm_loss: reduction must be 'mean' or 'sum', got {reduction!r}")
     _check_loss_shapes(hidden, labels)
-    total, _ = head_cross_entropy(hidden, labels, head, label_smoothing)
-    return total if reduction == "sum" else total / (labels != IGNORE_INDEX).sum()
+    count = (labels != IGNORE_INDEX).sum()
+    if reduction == "mean" and grad_scale is not None:  # the sum's gradient is the mean's / count
+        grad_scale = grad_scale / count.clamp(min=1)
+    total, _ = head_cross_entropy(hidden, labels, head, label_smoothing, grad_scale=grad_scale)
+    return total if reduction == "sum" else total / count
 
 
 def lm_loss_and_correct(
@@ -481,7 +487,8 @@ class Trainer:
                     # Right-padded batches need no mask: causal attention never sees the padding.
                     hidden = self.model(batch["input_ids"], return_hidden=True)
                     loss = lm_loss(hidden, batch["labels"], self.raw_model.lm_head,
-                                   self.cfg.label_smoothing, "sum")
+                                   self.cfg.label_smoothing, "sum",
+                                   grad_scale=self.scaler.scale(weight))
                 if inject_nan:
                     loss = loss * float("nan")
                 self.scaler.scale(loss * weight).backward()

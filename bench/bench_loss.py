@@ -6,7 +6,13 @@ is the memory the loss itself needs: for the unfused loss the (N, V) logits, the
 and their gradient; for the fused one a chunk of them. With a trainable head both also hold the
 weight's gradient (V x C), which autograd keeps as ``.grad``; under LoRA the head is frozen.
 
+With --precision bf16 or fp16 both run under autocast; fp16 backs a fixed loss scale through
+both, handed to the fused loss as its grad_scale, as the Trainer hands it the GradScaler's. This
+CPU has no fp16 matmul kernel (a 512 x 2048 x 8192 product takes ~50 s), so fp16 is measured at
+a small width: the (N, V) tensors, the memory in question, do not depend on it.
+
     python bench/bench_loss.py [--tokens 1024] [--width 2048] [--vocab 128256] [--threads 2]
+                               [--precision fp32|bf16|fp16]
 """
 
 from __future__ import annotations
@@ -28,20 +34,27 @@ from load_child import _status_mib  # noqa: E402  (bench/, the script folder, is
 
 from architecture import head_cross_entropy  # noqa: E402
 
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+LOSS_SCALE = 1024.0  # fp16's: what a GradScaler multiplies the loss by
 
-def child(mode: str, head_mode: str, tokens: int, width: int, vocab: int, threads: int) -> None:
+
+def child(mode: str, head_mode: str, tokens: int, width: int, vocab: int, threads: int,
+          precision: str) -> None:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     head = torch.nn.Linear(width, vocab, bias=False).requires_grad_(head_mode == "trainable")
     hidden = torch.randn(tokens, width, requires_grad=True)
     labels = torch.randint(0, vocab, (tokens,))
+    dtype = AUTOCAST[precision]
+    scale = LOSS_SCALE if dtype == torch.float16 else 1.0
     base = _status_mib("VmRSS")
     t0 = time.perf_counter()
-    if mode == "fused":
-        loss = head_cross_entropy(hidden, labels, head)[0]
-    else:
-        loss = F.cross_entropy(head(hidden).float(), labels, reduction="sum")
-    loss.backward()
+    with torch.autocast("cpu", dtype or torch.bfloat16, enabled=dtype is not None):
+        if mode == "fused":
+            loss = head_cross_entropy(hidden, labels, head, grad_scale=scale)[0]
+        else:
+            loss = F.cross_entropy(head(hidden).float(), labels, reduction="sum")
+    (loss * scale).backward()
     seconds = time.perf_counter() - t0
     print(json.dumps({"seconds": seconds, "extra_mib": _status_mib("VmHWM") - base,
                       "loss": float(loss)}))
@@ -53,20 +66,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", choices=tuple(AUTOCAST), default="fp32",
+                        help="fp32, or autocast to bf16 / fp16 (fp16 with a loss scale)")
     parser.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    shape = (args.tokens, args.width, args.vocab, args.threads)
+    shape = (args.tokens, args.width, args.vocab, args.threads, args.precision)
     if args._child:
         child(*args._child, *shape)
         return 0
-    print(f"LM-head loss, fp32, {args.tokens} tokens x width {args.width} x vocab {args.vocab}, "
-          f"{args.threads} threads, forward + backward")
+    print(f"LM-head loss, {args.precision}, {args.tokens} tokens x width {args.width} x vocab "
+          f"{args.vocab}, {args.threads} threads, forward + backward")
     for head_mode in ("trainable", "frozen"):
         res = {}
         for mode in ("unfused", "fused"):
             out = subprocess.run([sys.executable, __file__, "--_child", mode, head_mode,
                                   *(f"--{k}={v}" for k, v in zip(
-                                      ("tokens", "width", "vocab", "threads"), shape))],
+                                      ("tokens", "width", "vocab", "threads", "precision"),
+                                      shape))],
                                  capture_output=True, text=True, check=True)
             res[mode] = json.loads(out.stdout.strip().splitlines()[-1])
         for mode, r in res.items():

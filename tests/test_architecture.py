@@ -505,11 +505,14 @@ def test_fused_head_loss_trains_a_tied_model_like_the_logits_loss():
     assert model.lm_head.weight.grad is None and model.norm_f.weight.grad is not None
 
 
-def test_head_loss_under_bf16_autocast_and_other_heads():
-    """bf16 autocast runs the matmuls in bf16 with fp32 gradients out; a head that is not a plain
-    nn.Linear (a LoRA-wrapped one) is called as a module, unfused."""
+def test_head_loss_under_bf16_autocast_and_other_heads(monkeypatch):
+    """bf16 autocast runs the matmuls in bf16 with fp32 gradients out, as accurate as the
+    unfused head's over four chunks; a head that is not a plain nn.Linear (a LoRA-wrapped one)
+    is called as a module, unfused."""
+    import architecture
     from architecture import head_cross_entropy
 
+    monkeypatch.setattr(architecture, "_loss_chunk_rows", lambda vocab, device: 16)
     torch.manual_seed(0)
     head = torch.nn.Linear(32, 300)
     hidden = torch.randn(64, 32, requires_grad=True)
@@ -520,6 +523,13 @@ def test_head_loss_under_bf16_autocast_and_other_heads():
     torch.testing.assert_close(loss, ref, rtol=2e-3, atol=0)
     loss.backward()
     assert hidden.grad.dtype == head.weight.grad.dtype == torch.float32
+    exact = torch.nn.Linear(32, 300).double()
+    exact.load_state_dict(head.state_dict())
+    hidden64 = hidden.detach().double().requires_grad_()
+    _unfused(hidden64, labels, exact)[0].backward()
+    for got, want in ((hidden.grad, hidden64.grad), (head.weight.grad, exact.weight.grad),
+                      (head.bias.grad, exact.bias.grad)):
+        assert float((got.double() - want).norm() / want.norm()) < 5e-3  # bf16's eps: 3.9e-3
 
     class Doubled(torch.nn.Linear):
         def forward(self, x):
@@ -529,6 +539,45 @@ def test_head_loss_under_bf16_autocast_and_other_heads():
     doubled.load_state_dict(head.state_dict())
     torch.testing.assert_close(head_cross_entropy(hidden, labels, doubled)[0],
                                _unfused(hidden, labels, lambda h: 2 * head(h))[0])
+
+
+def test_head_loss_under_fp16_autocast_forms_gradients_at_the_loss_scale():
+    """fp16 autocast: given the scale its backward will see (the loss scaler's), the fused head
+    forms the gradients the unfused fp16 head forms, overflows where that overflows (so the
+    scaler's backoff works the same), and without the scale runs unfused."""
+    from architecture import head_cross_entropy
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 300)
+    hidden = torch.randn(64, 32, requires_grad=True)
+    labels = torch.randint(0, 300, (64,))
+    labels[:5] = -100
+    params = (hidden, head.weight, head.bias)
+
+    def run(fused: bool, scale: float):
+        for t in params:
+            t.grad = None
+        with torch.autocast("cpu", torch.float16):
+            if fused:
+                loss = head_cross_entropy(hidden, labels, head, grad_scale=torch.tensor(scale))[0]
+                assert type(loss.grad_fn).__name__ == "_HeadCrossEntropyFunctionBackward"
+            else:
+                loss = _unfused(hidden, labels, head)[0]
+        (loss * scale).backward()
+        return loss.detach(), [t.grad / scale for t in params]
+
+    for scale in (1.0, 2.0**12):
+        (loss, got), (ref_loss, ref) = run(True, scale), run(False, scale)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=0)
+        for name, a, b in zip(("hidden", "weight", "bias"), got, ref):
+            torch.testing.assert_close(a, b, rtol=2e-3, atol=1e-3, msg=f"{name} at {scale}")
+    for fused in (True, False):
+        assert not all(bool(g.isfinite().all()) for g in run(fused, 2.0**40)[1])
+    with torch.autocast("cpu", torch.float16):
+        loss = head_cross_entropy(hidden, labels, head)[0]
+        assert type(loss.grad_fn).__name__ != "_HeadCrossEntropyFunctionBackward"
+        with torch.no_grad():  # no gradients, no scale needed: fused
+            torch.testing.assert_close(head_cross_entropy(hidden, labels, head)[0], loss)
 
 
 def test_head_loss_errors():

@@ -195,6 +195,50 @@ def test_fp16_overflow_is_skipped_by_the_scaler_not_applied():
     assert not all(torch.equal(a, b) for a, b in zip(before, trainer.params))
 
 
+def test_fp16_step_runs_the_head_fused_with_the_unfused_heads_gradients(monkeypatch):
+    """Under fp16 the Trainer hands the loss scale times the token weight to the fused head
+    loss, which then forms the gradients the unfused fp16 head would (Adam's first moment after
+    one step is 0.1 x the gradient)."""
+    import architecture
+
+    cfg = tm.TrainConfig(preset="tiny", dropout=0.0, block_size=16, precision="fp16",
+                         grad_clip=0.0)
+    trainer = _trainer(cfg)
+    model = trainer.raw_model
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))
+    labels = ids.roll(-1, 1)
+    labels[:, :3] = tm.IGNORE_INDEX
+    scale = trainer.scaler.scale(torch.ones(()))
+    with torch.autocast("cpu", torch.float16):
+        logits = model.lm_head(model(ids, return_hidden=True)).float()
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
+                                             reduction="sum")
+    count = int((labels != tm.IGNORE_INDEX).sum())
+    (loss * scale / count).backward()
+    ref = {n: p.grad / scale for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    scales = []  # the grad_scale of each fused call that forms gradients
+    real = architecture._head_cross_entropy
+
+    def spy(*args):
+        if any(args[5]):
+            scales.append(float(args[7]))
+        return real(*args)
+
+    monkeypatch.setattr(architecture, "_head_cross_entropy", spy)
+    stats = trainer.train_step([{"input_ids": ids, "labels": labels}])
+    assert scales == [pytest.approx(float(scale) / count)] and not stats.skipped
+    assert stats.loss == pytest.approx(loss.item() / count, rel=1e-4)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(trainer.optimizer.state[p]["exp_avg"] / (1 - cfg.beta1),
+                                   ref[n], rtol=2e-3, atol=1e-6, msg=n)
+    scales.clear()  # a mean's scale reaches the head as the summed loss's: divided by the count
+    with torch.autocast("cpu", torch.float16):
+        tm.lm_loss(model(ids, return_hidden=True), labels, model.lm_head, grad_scale=scale)
+    assert scales == [pytest.approx(float(scale) / count)]
+
+
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     f = [tm.lr_factor(s, 10, 110, 0.1) for s in range(120)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
