@@ -427,6 +427,12 @@ def _loss_chunk_rows(vocab: int, device: torch.device) -> int:
     return max(512, budget // vocab)
 
 
+def _matmul_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The head's matmul dtype: autocast's when it is on, as the unfused head's would be."""
+    dev = hidden.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+
+
 def _head_cross_entropy(hidden, weight, bias, labels, smoothing: float, want: tuple,
                         count_correct: bool, grad_scale: torch.Tensor | float = 1.0):
     """Summed cross-entropy of hidden @ weight.T + bias, chunk by chunk, with the gradients of
@@ -434,9 +440,7 @@ def _head_cross_entropy(hidden, weight, bias, labels, smoothing: float, want: tu
     times grad_scale. Returns (loss sum, correct top-1 count or None, (grad_hidden, grad_weight,
     grad_bias))."""
     dev = hidden.device
-    # Under autocast the matmuls run in its dtype, as the unfused head would; softmax in fp32.
-    dt = (torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type)
-          else hidden.dtype)
+    dt = _matmul_dtype(hidden)  # the softmax runs in fp32
     acc = torch.promote_types(dt, torch.float32)
     h, w = hidden.to(dt), weight.to(dt)
     b = bias.to(dt) if bias is not None else None
@@ -530,18 +534,17 @@ def head_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Modu
     unfused.
 
     grad_scale: the factor the caller's backward will multiply this sum's gradient by (the fp16
-    loss scale times any weighting). The fused loss forms its gradients in the forward, so under
-    fp16 autocast it needs this to form them at the magnitude the loss scaler chose, as the
-    unfused head would in its backward (fp16's range is narrow); without it, fp16 runs unfused.
-    Other dtypes ignore it."""
+    loss scale times any weighting). The fused loss forms its gradients in the forward, so in
+    fp16 (autocast or fp16 tensors) it needs this to form them at the magnitude the loss scaler
+    chose, as the unfused head would in its backward (fp16's range is narrow); without it, fp16
+    runs unfused. Other dtypes ignore it."""
     hidden, labels = hidden.flatten(0, -2), labels.flatten()
     vocab = head.out_features
     bad = ((labels < 0) & (labels != IGNORE_INDEX)) | (labels >= vocab)
     if bool(bad.any()):
         raise ValueError(f"label {int(labels[bad][0])} is outside the vocabulary (size "
                          f"{vocab}); labels must be token ids or {IGNORE_INDEX} (ignored)")
-    dev = hidden.device.type
-    fp16 = torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.float16
+    fp16 = _matmul_dtype(hidden) == torch.float16
     args = (hidden, head.weight, head.bias, labels, label_smoothing, count_correct)
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                  for t in args[:3])

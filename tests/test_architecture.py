@@ -578,6 +578,11 @@ def test_head_loss_under_fp16_autocast_forms_gradients_at_the_loss_scale():
         assert type(loss.grad_fn).__name__ != "_HeadCrossEntropyFunctionBackward"
         with torch.no_grad():  # no gradients, no scale needed: fused
             torch.testing.assert_close(head_cross_entropy(hidden, labels, head)[0], loss)
+    fused = "_HeadCrossEntropyFunctionBackward"  # fp16 tensors without autocast: the same rule
+    half, hidden16 = head.half(), hidden.detach().half().requires_grad_()
+    assert type(head_cross_entropy(hidden16, labels, half)[0].grad_fn).__name__ != fused
+    assert type(head_cross_entropy(hidden16, labels, half, grad_scale=8.0)[0].grad_fn).__name__ \
+        == fused
 
 
 def test_head_loss_errors():
