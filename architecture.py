@@ -151,6 +151,15 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+def cuda_half_dtype(device: torch.device) -> torch.dtype:
+    """The 16-bit dtype a GPU computes natively: bf16 from compute capability 8 (Ampere) on, and
+    on ROCm; fp16 before (T4, V100). torch.cuda.is_bf16_supported() also says yes there, as it
+    can emulate bf16, slowly (and seed 000's bf16 runs on a T4 were unstable)."""
+    if torch.version.hip or torch.cuda.get_device_capability(device)[0] >= 8:
+        return torch.bfloat16
+    return torch.float16
+
+
 def _rms_normalize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x / rms(x) computed in (at least) fp32 and cast back to x's dtype before any weight, as
     Llama does (matters in bf16); also returns 1 / rms."""

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
+import re
+import tokenize
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -131,24 +134,68 @@ def _list_flag(item: type) -> type[argparse.Action]:
     return ListFlag
 
 
+def field_docs(cls: type) -> tuple[dict[str, str], dict[str, str]]:
+    """(help, section) of the fields of the dataclass ``cls``, read from its source. A field's
+    help is its trailing comment, continued on the comment lines right below it that start with
+    "#   "; any other comment line in the class body titles the fields below it. So the comments
+    a config is documented with are what ``--help`` shows, written once."""
+    try:
+        lines, _ = inspect.getsourcelines(cls)
+    except (OSError, TypeError):  # no source (a frozen or interactive class): bare flags
+        return {}, {}
+    comments = {tok.start[0]: tok.string[1:] for tok in tokenize.generate_tokens(iter(lines).__next__)
+                if tok.type == tokenize.COMMENT}
+    names = {f.name for f in dataclasses.fields(cls)}
+    helps: dict[str, str] = {}
+    sections: dict[str, str] = {}
+    section = current = None
+    for number, line in enumerate(lines, 1):
+        text, stripped = comments.get(number), line.strip()
+        declared = re.match(r"\s+(\w+)\s*:", line)
+        if declared and declared.group(1) in names:
+            current = declared.group(1)
+            helps[current] = (text or "").strip()
+            if section:
+                sections[current] = section
+        elif stripped.startswith("#") and text is not None:
+            if current is not None and text.startswith("   "):
+                helps[current] = f"{helps[current]} {text.strip()}".strip()
+            else:
+                section, current = text.strip(), None
+        elif stripped.startswith(("def ", "@")) and line[0].isspace():
+            break  # the methods: no fields below
+        elif stripped:
+            current = None
+    return helps, sections
+
+
 def add_config_flags(parser: argparse.ArgumentParser, cls: type,
                      choices: Mapping[str, Sequence] | None = None) -> argparse.ArgumentParser:
-    """One flag per dataclass field; give the parser ``argument_default=argparse.SUPPRESS`` so
-    that only the flags a user typed override the config file."""
+    """One flag per dataclass field, described by its comment and grouped under its section
+    (``field_docs``); give the parser ``argument_default=argparse.SUPPRESS`` so that only the
+    flags a user typed override the config file."""
     hints, defaults = typing.get_type_hints(cls), cls()
+    helps, sections = field_docs(cls)
+    groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(cls):
         base, _ = _field_type(hints[f.name])
-        flag, help_text = "--" + f.name.replace("_", "-"), f"default: {getattr(defaults, f.name)!r}"
+        default = f"default: {getattr(defaults, f.name)!r}"
+        doc = helps.get(f.name, "")
+        help_text = doc if "default:" in doc else f"{doc} ({default})" if doc else default
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %
+        title = sections.get(f.name)
+        target = groups.setdefault(title, parser.add_argument_group(title)) if title else parser
+        flag = "--" + f.name.replace("_", "-")
         origin = typing.get_origin(base) or base
         if origin is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+            target.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         elif origin is list:
-            parser.add_argument(flag, nargs="+", action=_list_flag(_item_type(base)),
+            target.add_argument(flag, nargs="+", action=_list_flag(_item_type(base)),
                                 metavar="ITEM", help=help_text)
         elif origin is dict:
-            parser.add_argument(flag, type=_json_object, metavar="JSON", help=help_text)
+            target.add_argument(flag, type=_json_object, metavar="JSON", help=help_text)
         else:
-            parser.add_argument(flag, type=origin, choices=(choices or {}).get(f.name),
+            target.add_argument(flag, type=origin, choices=(choices or {}).get(f.name),
                                 help=help_text)
     return parser
 

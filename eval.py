@@ -300,43 +300,45 @@ TASKS = ("lm", "line", "completion", "method", "docstring", "refactor", "passk")
 class EvalConfig:
     """What ``python eval.py`` evaluates; JSON keys of ``--config`` and CLI flags mirror it."""
 
-    # models: "DIR", "LABEL=DIR" or "BASE+ADAPTER"; HF dirs, codelm run dirs, adapter dirs.
-    # Empty: the latest run under runs_dir.
-    models: list[str] = field(default_factory=list)
-    runs_dir: str = "runs"
+    # models
+    models: list[str] = field(default_factory=list)  # "DIR", "LABEL=DIR" or "BASE+ADAPTER": HF
+    #   dirs, codelm run dirs, adapter dirs; empty: the latest run under runs_dir
+    runs_dir: str = "runs"  # where codelm runs are found
     tokenizer: str | None = None  # overrides every model's own tokenizer
-    tasks: list[str] = field(default_factory=lambda: ["lm", "line"])
-    # dataset.DataConfig sources; None: a codelm run's own (with its cleaning and split), else stdlib
-    data: list[str] | None = None
+    # tasks and data
+    tasks: list[str] = field(default_factory=lambda: ["lm", "line"])  # lm | line |
+    #   completion | method | docstring | refactor | passk
+    data: list[str] | None = None  # dataset.DataConfig sources; None: a codelm run's own (with
+    #   its cleaning and split), else the stdlib
     data_options: dict = field(default_factory=dict)  # DataConfig fields over the run's, e.g.
-    # {"extensions": [".kt"], "split_by": "file"} for Kotlin without a codelm run
-    split: str = "test"
+    #   {"extensions": [".kt"], "split_by": "file"} for Kotlin without a codelm run
+    split: str = "test"  # train | val | test
     limit: int = 100  # examples per generation task (the first ones of the split)
     lines_per_file: int = 1  # line / window completion targets sampled per file
     lm_windows: int | None = 64  # block-size windows scored by the lm task (None: the split)
     block_size: int | None = None  # context for scoring and prompts (default: the model's)
     docstring_prompts: list[str] = field(default_factory=lambda: ["simple"])  # seed 004 variants
-    docstring_targets: str = "class"
+    docstring_targets: str = "class"  # class | function | both
     docstring_min_tokens: int = 0  # skip shorter reference docstrings (seed 004: 20)
     reference_loss: bool = False  # generation tasks: also the loss of the reference (seed 000)
     problems: str | None = None  # pass@k problems JSONL (default: the bundled set)
     # generation
-    max_new_tokens: int = 128
+    max_new_tokens: int = 128  # per generated completion
     temperature: float = 0.0  # 0: greedy; seed 004 sampled with temperature 0.7, top_p 0.9
-    top_p: float | None = None
-    top_k: int | None = None
+    top_p: float | None = None  # nucleus sampling (temperature > 0)
+    top_k: int | None = None  # sample from the k likeliest tokens (temperature > 0)
     num_samples: int = 1  # pass@k: samples per problem (n)
-    pass_k: list[int] = field(default_factory=lambda: [1])
-    batch_size: int = 8
-    seed: int = 0
-    device: str = "auto"
+    pass_k: list[int] = field(default_factory=lambda: [1])  # the k of pass@k, each <= num_samples
+    batch_size: int = 8  # prompts generated or windows scored at once
+    seed: int = 0  # sampling and the choice of completion targets
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     # sandbox
-    timeout_s: float = 5.0
-    memory_mb: int = 1024
+    timeout_s: float = 5.0  # wall-clock limit of one sandboxed run
+    memory_mb: int = 1024  # memory limit of one sandboxed run
     workers: int = 2  # sandboxed runs in flight at once
     # output
     out_dir: str | None = None  # default: <runs_dir>/eval-<timestamp>
-    progress: bool = True
+    progress: bool = True  # progress bars
 
     def validate(self) -> None:
         def need(ok: bool, key: str, why: str) -> None:

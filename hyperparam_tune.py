@@ -65,7 +65,7 @@ INTERRUPTED = "interrupted (SIGINT/SIGTERM)"  # such trials run again when the s
 class TuneConfig:
     """A sweep; the defaults are the default sweep (from-scratch model, stdlib corpus, 2 CPUs)."""
 
-    study_name: str = "codelm-from-scratch"
+    study_name: str = "codelm-from-scratch"  # the Optuna study; rerunning one continues it
     space: str = "from-scratch"  # a built-in space name or a JSON file
     train_config: str | None = None  # trainingmanager JSON config under the space's base values
     n_trials: int = 12  # total finished trials the study should hold (shared by all workers)
@@ -81,7 +81,7 @@ class TuneConfig:
     heartbeat_interval: int = 30  # seconds (RDB storages)
     grace_period: int = 120  # seconds without a heartbeat before a trial counts as dead
     max_retry: int = 2  # times a dead worker's trial is queued again
-    progress: bool = True
+    progress: bool = True  # a progress bar over the trials
     worker: int = 0  # internal: i > 0 makes this process worker i of --workers (trials only)
 
 

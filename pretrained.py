@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from architecture import FAMILIES, ModelConfig, Transformer, rope_inv_freq
+from architecture import FAMILIES, ModelConfig, Transformer, cuda_half_dtype, rope_inv_freq
 
 # --------------------------------------------------------------------------- tables
 
@@ -564,7 +564,7 @@ def read_config(directory: str | Path) -> tuple[ModelConfig, dict]:
 
 def _auto_dtype(hf: dict, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return cuda_half_dtype(device)
     name = hf.get("dtype") or hf.get("torch_dtype")
     dtype = getattr(torch, name, None) if isinstance(name, str) else None
     if not isinstance(dtype, torch.dtype) or dtype in (torch.float16, torch.float64):

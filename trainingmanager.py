@@ -34,7 +34,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 import cliconfig
-from architecture import IGNORE_INDEX, head_cross_entropy
+from architecture import IGNORE_INDEX, cuda_half_dtype, head_cross_entropy
 
 ROOT = Path(__file__).resolve().parent
 OVERFIT_CORPUS = ROOT / "data" / "overfit"
@@ -106,71 +106,73 @@ class TrainConfig:
 
     # run directory
     name: str | None = None  # runs/<name>; default: <preset>-<timestamp>
-    out_dir: str = "runs"
+    out_dir: str = "runs"  # the parent of run directories
     resume: str | None = None  # a run directory to continue from its latest checkpoint
-    seed: int = 1337
+    seed: int = 1337  # model init, data order, dropout (a resumed run restores its RNG)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # model: from scratch (preset + overrides) or from a local HF checkpoint
     preset: str = "llama-14m"  # architecture.PRESETS name (vocab_size follows the tokenizer)
-    init_from: str | None = None
-    n_layer: int | None = None
+    init_from: str | None = None  # a local HF checkpoint directory (a run's export/ too)
+    n_layer: int | None = None  # overrides the preset (from-scratch models only)
     n_head: int | None = None  # n_kv_head follows it unless model_options sets it
-    n_embd: int | None = None
-    mlp_hidden: int | None = None
+    n_embd: int | None = None  # model width
+    mlp_hidden: int | None = None  # MLP width
     block_size: int | None = None  # context length of the model and of training sequences
-    dropout: float | None = None
+    dropout: float | None = None  # residual and attention dropout (default: the model's own)
     model_options: dict = field(default_factory=dict)  # any other ModelConfig field, e.g. init
     # tokenizer: a file/dir, else the model dir's, else a CodeTokenizer trained on the train split
-    tokenizer: str | None = None
-    tokenizer_min_freq: int = 10
-    tokenizer_max_vocab: int | None = 8000
+    tokenizer: str | None = None  # a tokenizer.json / codelm tokenizer file or directory
+    tokenizer_min_freq: int = 10  # a trained tokenizer keeps pieces seen this often
+    tokenizer_max_vocab: int | None = 8000  # a trained tokenizer's vocabulary cap
     # LoRA (r = 0: full training) and a quantized frozen base (QLoRA)
-    lora_r: int = 0
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: list[str] | None = None
+    lora_r: int = 0  # adapter rank
+    lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_r
+    lora_dropout: float = 0.0  # dropout on the adapters' input
+    lora_targets: list[str] | None = None  # module names, HF (q_proj) or codelm (qkv);
+    #   default: the attention projections (qkv, attn.proj)
     quantize_bits: int = 0  # 0, 8 (int8) or 4 (NF4); needs lora_r > 0
     base_dtype: str = "fp32"  # fp32 | bf16 | fp16: dtype of the frozen base under LoRA (the
     #   adapters stay fp32); bf16 halves the base's memory, fp16 is for GPUs without bf16
     # data (dataset.py): task and sources (None: the Python standard library)
-    task: str = "lm"
-    data: list[str] | None = None
+    task: str = "lm"  # lm | completion | method | docstring | refactor | fim (dataset.TASKS)
+    data: list[str] | None = None  # "stdlib", directories, scraper JSONL or pairs JSONL
     val_data: list[str] | None = None  # predefined validation files (None: split from data)
     test_data: list[str] | None = None  # predefined test files (None: split from data)
     data_options: dict = field(default_factory=dict)  # further DataConfig fields for the task
     # optimisation
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_steps: int = 700
+    batch_size: int = 4  # sequences per micro-batch (per process)
+    grad_accum: int = 1  # micro-batches per optimizer step, weighted by their tokens
+    max_steps: int = 700  # optimizer steps
     epochs: float | None = None  # if set, overrides max_steps
-    lr: float = 1e-3
+    lr: float = 1e-3  # peak learning rate (AdamW)
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    adam_eps: float = 1e-8
+    warmup_steps: int = 50  # linear warmup, then cosine decay
+    weight_decay: float = 0.1  # decoupled; matrices only (not norms, biases)
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.95  # AdamW's second-moment decay
+    adam_eps: float = 1e-8  # AdamW's epsilon
     grad_clip: float = 1.0  # 0: no clipping (the norm is still logged)
-    label_smoothing: float = 0.0
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 or fp16 on CUDA, fp32 on CPU)
-    eval_precision: str = "fp32"  # fp32 | same
-    compile: bool = False
+    label_smoothing: float = 0.0  # training only; validation reports the true NLL
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 on GPUs with native bf16, fp16
+    #   on older ones such as the T4, fp32 on CPU)
+    eval_precision: str = "fp32"  # fp32 | same (as training); seed 000 needed fp32
+    compile: bool = False  # torch.compile the model
     gradient_checkpointing: bool = False  # recompute each block in backward: less memory
     # evaluation, logging, checkpoints
-    eval_every: int = 175
+    eval_every: int = 175  # steps between evaluations (and best/ checkpoints)
     eval_batches: int | None = 20  # None: the whole validation split
     early_stop_patience: int = 0  # evaluations without improvement before stopping; 0: never
     early_stop_min_delta: float = 0.0  # a smaller fall of the validation loss is no improvement
-    log_every: int = 10
+    log_every: int = 10  # steps between metrics.jsonl / TensorBoard lines
     save_every: int | None = None  # default: eval_every
-    keep_last: int = 2
+    keep_last: int = 2  # step checkpoints kept (best/ is kept apart)
     max_time_s: float | None = None  # wall-clock budget; the run checkpoints and ends cleanly
-    progress: bool = True
+    progress: bool = True  # a progress bar
     # end of run
-    export: bool = True
+    export: bool = True  # write export/: HF model + tokenizer, or the PEFT adapter
     export_merged: bool = False  # under LoRA: also write the merged full model
-    sample_prompt: str = "def fibonacci(n):\n"
-    sample_tokens: int = 48
+    sample_prompt: str = "def fibonacci(n):\n"  # completed greedily at the end of the run
+    sample_tokens: int = 48  # tokens of that sample
     # debugging
     overfit: bool = False  # train on the bundled tiny corpus until it is memorised
     overfit_batches: int = 0  # overfit K batches of the real training data
@@ -280,7 +282,7 @@ def _resolve_precision(precision: str, device: torch.device) -> str:
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cuda_half_dtype(device) == torch.bfloat16 else "fp16"
     return "fp32"
 
 
@@ -430,8 +432,12 @@ class Trainer:
                  dist: Dist | None = None, max_steps: int | None = None):
         self.cfg, self.device, self.dist = cfg, device, dist or Dist()
         self.precision = _resolve_precision(cfg.precision, device)
-        if self.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ValueError("precision 'bf16' requested but this GPU does not support bf16")
+        if (self.precision == "bf16" and device.type == "cuda"
+                and cuda_half_dtype(device) != torch.bfloat16):
+            major, minor = torch.cuda.get_device_capability(device)
+            raise ValueError(f"precision 'bf16' requested but this GPU (compute capability "
+                             f"{major}.{minor}) has no native bf16 (torch would emulate it, "
+                             "slowly): use --precision fp16 or fp32")
         self.raw_model = model.to(device)
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
         if not self.params:

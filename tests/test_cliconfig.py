@@ -11,9 +11,12 @@ import cliconfig
 
 @dataclass
 class Demo:
-    lr: float = 1e-3
-    steps: int = 10
-    name: str | None = None
+    # optimisation
+    lr: float = 1e-3  # peak rate: 100% at the end of warmup
+    steps: int = 10  # optimizer steps; a step is
+    #   one update
+    name: str | None = None  # runs/<name>; default: a timestamp
+    # switches: the second section
     fast: bool = False
     targets: list[str] = field(default_factory=lambda: ["q"])
     ks: list[int] = field(default_factory=lambda: [1])
@@ -79,3 +82,28 @@ def test_bad_flag_values_exit_2(capsys):
         with pytest.raises(SystemExit) as exit_info:
             _parse(argv)
         assert exit_info.value.code == 2
+
+
+def test_help_comes_from_the_field_comments_grouped_by_section():
+    """A field's trailing comment (continued on "#   " lines) is its --help text, with its
+    default unless it states one; other comment lines title groups; '%' is printed as is."""
+    helps, sections = cliconfig.field_docs(Demo)
+    assert helps["steps"] == "optimizer steps; a step is one update"
+    assert helps["fast"] == "" and sections["mode"] == "switches: the second section"
+    assert sections["lr"] == sections["name"] == "optimisation"
+    assert sections["fast"] == "switches: the second section"
+    parser = argparse.ArgumentParser(argument_default=argparse.SUPPRESS)
+    text = " ".join(cliconfig.add_config_flags(parser, Demo, CHOICES).format_help().split())
+    assert "optimisation: --lr LR peak rate: 100% at the end of warmup (default: 0.001)" in text
+    assert ("--name NAME runs/<name>; default: a timestamp switches: the second section: "
+            "--fast, --no-fast default: False") in text
+
+
+def test_every_flag_of_the_three_scripts_explains_itself():
+    import hyperparam_tune
+    import trainingmanager
+    from eval import EvalConfig
+
+    for cls in (trainingmanager.TrainConfig, EvalConfig, hyperparam_tune.TuneConfig):
+        helps, _ = cliconfig.field_docs(cls)
+        assert not [f for f in cls.__dataclass_fields__ if not helps.get(f)], cls.__name__

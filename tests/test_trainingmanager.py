@@ -239,6 +239,27 @@ def test_fp16_step_runs_the_head_fused_with_the_unfused_heads_gradients(monkeypa
     assert scales == [pytest.approx(float(scale) / count)]
 
 
+@pytest.mark.parametrize("capability, half", [((7, 5), "fp16"), ((8, 0), "bf16")])
+def test_auto_precision_takes_the_gpus_native_half(monkeypatch, capability, half):
+    """A T4 (compute capability 7.5) trains and loads in fp16: torch.cuda.is_bf16_supported()
+    says yes there (emulation), and seed 000's bf16 runs on one were unstable. Explicit bf16 on
+    it is refused, naming the capability and the way out."""
+    import pretrained
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert tm._resolve_precision("auto", cuda) == half
+    assert pretrained._auto_dtype({"torch_dtype": "float32"}, cuda) == getattr(
+        torch, {"fp16": "float16", "bf16": "bfloat16"}[half])
+    cfg = tm.TrainConfig(preset="tiny", precision="bf16")
+    model = torch.nn.Linear(2, 2)
+    if half == "fp16":
+        with pytest.raises(ValueError, match=r"compute capability 7\.5\) has no native bf16.*"
+                                             r"--precision fp16"):
+            tm.Trainer(model, cfg, cuda)
+
+
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     f = [tm.lr_factor(s, 10, 110, 0.1) for s in range(120)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
