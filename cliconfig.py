@@ -184,7 +184,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type,
         help_text = doc if "default:" in doc else f"{doc} ({default})" if doc else default
         help_text = help_text.replace("%", "%%")  # argparse formats help with %
         title = sections.get(f.name)
-        target = groups.setdefault(title, parser.add_argument_group(title)) if title else parser
+        if title and title not in groups:
+            groups[title] = parser.add_argument_group(title)
+        target = groups[title] if title else parser
         flag = "--" + f.name.replace("_", "-")
         origin = typing.get_origin(base) or base
         if origin is bool:

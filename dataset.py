@@ -99,58 +99,58 @@ class DataConfig:
     """Everything that decides what ``prepare`` builds; all of it (but the knobs that cannot
     change the result) goes into the cache key."""
 
-    task: str = "lm"  # one of TASKS
-    # "stdlib", a directory, a scraper JSONL ({repo, path, text, ...}) or a pairs JSONL
-    # ({"input","output"} or {"prompt","completion"}).
-    sources: list[str] = field(default_factory=lambda: ["stdlib"])
-    # Predefined splits (e.g. a dataset's own train/validation files): the documents of these
-    # sources are exactly the val (test) split, and `sources` fill the other splits by their
-    # fractions (a predefined split's fraction is unused). An exact duplicate of a val/test
-    # document in `sources` is dropped from training.
-    val_sources: list[str] = field(default_factory=list)
-    test_sources: list[str] = field(default_factory=list)
-    extensions: list[str] = field(default_factory=lambda: [".py"])
+    # task and sources
+    task: str = "lm"  # lm | completion | method | docstring | refactor | fim
+    sources: list[str] = field(default_factory=lambda: ["stdlib"])  # "stdlib", a directory, a
+    #   scraper JSONL ({repo, path, text, ...}) or a pairs JSONL ({"input","output"} or
+    #   {"prompt","completion"})
+    val_sources: list[str] = field(default_factory=list)  # predefined split (e.g. a dataset's
+    #   own validation file): its documents are exactly the val split, `sources` fill the others
+    #   by their fractions, and an exact duplicate of one of them in `sources` leaves training
+    test_sources: list[str] = field(default_factory=list)  # the same for the test split
+    extensions: list[str] = field(default_factory=lambda: [".py"])  # files read from directories
     block_size: int = 256  # tokens per training sequence (supervised: prompt + completion)
-    train_frac: float = 0.8
-    val_frac: float = 0.1
-    test_frac: float = 0.1
-    seed: int = 42
+    # splits
+    train_frac: float = 0.8  # the training share of the documents (the three sum to 1)
+    val_frac: float = 0.1  # the validation share
+    test_frac: float = 0.1  # the test share
+    seed: int = 42  # the split and the sampled task targets
     split_by: str = "repo"  # "repo" (where the source knows the repo, else file) or "file"
     # cleaning
-    dedupe: bool = True
-    near_dedupe: bool = False
-    near_dedupe_threshold: float = 0.85
-    autopep8: bool = False
+    dedupe: bool = True  # drop exact duplicate files
+    near_dedupe: bool = False  # also drop near duplicates (MinHash)
+    near_dedupe_threshold: float = 0.85  # Jaccard similarity above which files are duplicates
+    autopep8: bool = False  # reformat each file with autopep8 (in a subprocess)
     autopep8_timeout: float = 10.0  # seconds per file; on timeout the file is kept unformatted
-    strip_license: bool = True
-    strip_comments: bool = False
-    strip_docstrings: bool = False
-    min_bytes: int = 1
-    max_bytes: int = 1_000_000
-    min_lines: int = 2
-    max_line_length: int = 1000
+    strip_license: bool = True  # drop license header comments
+    strip_comments: bool = False  # drop comments
+    strip_docstrings: bool = False  # drop docstrings
+    min_bytes: int = 1  # smaller files are dropped
+    max_bytes: int = 1_000_000  # larger files are dropped
+    min_lines: int = 2  # files with fewer lines are dropped
+    max_line_length: int = 1000  # files with a longer line (minified, generated) are dropped
     max_literal_length: int = 400  # longest one-line string/number literal (seed 002's case)
     skip_bad: bool = False  # skip (and count) malformed JSONL lines instead of failing
     max_docs: int | None = None  # read only the first N files/records (smoke runs, samples)
     # task options
     add_eos: bool = True  # EOS after each supervised completion
-    max_prompt_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_prompt_tokens: int | None = None  # longer prompts are cut from the left
+    max_completion_tokens: int | None = None  # longer completions are cut
     completion_style: str = "window"  # "window" (seed 002) or "line" (CodeXGLUE line completion)
-    window_prompt_tokens: int = 100
-    window_completion_tokens: int = 35
+    window_prompt_tokens: int = 100  # window completion: tokens of context
+    window_completion_tokens: int = 35  # window completion: tokens to complete
     window_stride: int | None = None  # default: prompt + completion tokens (no overlap)
     lines_per_file: int = 5  # line completion targets sampled per file
     docstring_targets: str = "class"  # "class", "function" or "both"
-    docstring_min_tokens: int = 20
-    docstring_code_tokens: int = 400
+    docstring_min_tokens: int = 20  # shorter docstrings make no example
+    docstring_code_tokens: int = 400  # the code shown with a docstring target, at most
     docstring_prompt: str = "simple"  # key of DOCSTRING_PROMPTS
     fim_rate: float = 0.5  # fraction of fim chunks turned into prefix-suffix-middle examples
     # runtime (not part of the cache key)
-    cache_dir: str = field(default_factory=_default_cache_dir)
+    cache_dir: str = field(default_factory=_default_cache_dir)  # where prepared datasets are kept
     use_cache: bool = True  # False: rebuild, replacing what the cache holds
-    num_workers: int = 1
-    progress: bool = True
+    num_workers: int = 1  # processes cleaning and tokenizing
+    progress: bool = True  # progress bars
 
     def validate(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -1375,41 +1375,27 @@ def _print_stats(stats: dict, out=None) -> None:
     print(f"cache     {'hit' if stats.get('cache_hit') else 'built'}", file=out)
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per DataConfig field, named like it (--block-size for block_size)."""
-    defaults = DataConfig()
-    for f in fields(DataConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif isinstance(default, list):
-            parser.add_argument(flag, nargs="+", default=default, help=f"default: {default}")
-        elif f.name in ("max_prompt_tokens", "max_completion_tokens", "window_stride", "max_docs"):
-            parser.add_argument(flag, type=int, default=default, help="default: none")
-        else:
-            parser.add_argument(
-                flag, type=type(default), default=default, help=f"default: {default}"
-            )
-
-
 def main(argv: list[str] | None = None) -> int:
+    import cliconfig
+
     parser = argparse.ArgumentParser(
         description="Prepare a codelm dataset: read sources, clean, split, build a task, cache "
-        "it, and print counts per stage."
+        "it, and print counts per stage.",
+        argument_default=argparse.SUPPRESS,
     )
-    _add_config_flags(parser)
     parser.add_argument(
         "--tokenizer", help="tokenizer file/dir; without one only the cleaned corpus is built"
     )
-    args = parser.parse_args(argv)
-    cfg = DataConfig(**{f.name: getattr(args, f.name) for f in fields(DataConfig)})
+    cliconfig.add_config_flags(parser, DataConfig, _CHOICES)
+    flags = vars(parser.parse_args(argv))
+    tokenizer_path = flags.pop("tokenizer", None)
     try:
+        cfg = cliconfig.config_from_dict(DataConfig, flags, "command line", _CHOICES)
         tokenizer = None
-        if args.tokenizer:
+        if tokenizer_path:
             from tokenizer import load_tokenizer
 
-            tokenizer = load_tokenizer(args.tokenizer)
+            tokenizer = load_tokenizer(tokenizer_path)
         data = prepare(cfg, tokenizer)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

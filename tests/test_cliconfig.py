@@ -99,11 +99,12 @@ def test_help_comes_from_the_field_comments_grouped_by_section():
             "--fast, --no-fast default: False") in text
 
 
-def test_every_flag_of_the_three_scripts_explains_itself():
+def test_every_flag_of_the_scripts_explains_itself():
     import hyperparam_tune
     import trainingmanager
+    from dataset import DataConfig
     from eval import EvalConfig
 
-    for cls in (trainingmanager.TrainConfig, EvalConfig, hyperparam_tune.TuneConfig):
+    for cls in (trainingmanager.TrainConfig, EvalConfig, hyperparam_tune.TuneConfig, DataConfig):
         helps, _ = cliconfig.field_docs(cls)
         assert not [f for f in cls.__dataclass_fields__ if not helps.get(f)], cls.__name__
