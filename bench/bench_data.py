@@ -28,9 +28,11 @@ from tokenizer import CodeTokenizer  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                        help="worker counts, one cold run each (default: 1 2)")
     parser.add_argument("--autopep8", action="store_true", help="include autopep8 (slow)")
-    parser.add_argument("--block-size", type=int, default=256)
+    parser.add_argument("--block-size", type=int, default=256,
+                        help="tokens per packed sequence (default: 256)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -176,16 +176,18 @@ def bench_memory(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--families", nargs="+", default=list(SEEDS), choices=list(SEEDS))
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--families", nargs="+", default=list(SEEDS), choices=list(SEEDS),
+                        help="families timed (default: all four)")
+    parser.add_argument("--layers", type=int, default=4, help="blocks (default: 4)")
+    parser.add_argument("--width", type=int, default=512, help="model width (default: 512)")
+    parser.add_argument("--vocab", type=int, default=8192, help="vocabulary (default: 8192)")
+    parser.add_argument("--batch", type=int, default=4, help="sequences per step (default: 4)")
+    parser.add_argument("--seq", type=int, default=128, help="tokens per sequence (default: 128)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per side")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: steady figures on a shared machine; 0: all)")
-    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true",
+                        help="skip the quantized-base memory figures")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -62,10 +62,13 @@ def child(mode: str, head_mode: str, tokens: int, width: int, vocab: int, thread
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=1024)
-    parser.add_argument("--width", type=int, default=2048)
-    parser.add_argument("--vocab", type=int, default=128256)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=1024, help="rows of hidden states "
+                        "(default: 1024)")
+    parser.add_argument("--width", type=int, default=2048,
+                        help="hidden width (default: 2048, Llama-3.2-1B's)")
+    parser.add_argument("--vocab", type=int, default=128256,
+                        help="vocabulary (default: 128256, Llama-3's)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     parser.add_argument("--precision", choices=tuple(AUTOCAST), default="fp32",
                         help="fp32, or autocast to bf16 / fp16 (fp16 with a loss scale)")
     parser.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)

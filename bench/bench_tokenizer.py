@@ -12,7 +12,6 @@ held-out slice and its chars/token and byte-fallback rate are measured on the he
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import cliconfig  # noqa: E402
 import dataset  # noqa: E402
 from tokenizer import PRETOKENIZER_STYLES, CodeTokenizer, load_tokenizer  # noqa: E402
 
@@ -33,7 +33,7 @@ class BenchConfig:
     train_every: int = 20  # the references are trained on every Nth stdlib file
     num_workers: int = 2  # processes for encode_batch; HF batch threads follow os.cpu_count()
     held_out_every: int = 10  # CodeTokenizer is evaluated on every Nth file, trained on the rest
-    min_freq: int = 10
+    min_freq: int = 10  # CodeTokenizer keeps pieces seen this often
 
 
 def _timed(fn, *args):
@@ -127,11 +127,9 @@ def bench_code_tokenizer(cfg: BenchConfig, texts: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for field in dataclasses.fields(BenchConfig):
-        parser.add_argument(
-            f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default
-        )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     argument_default=argparse.SUPPRESS)
+    cliconfig.add_config_flags(parser, BenchConfig)
     cfg = BenchConfig(**vars(parser.parse_args(argv)))
     unknown = set(cfg.styles.split(",")) - set(PRETOKENIZER_STYLES)
     if unknown:

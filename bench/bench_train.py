@@ -76,10 +76,12 @@ def hf_twin(model_cfg):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--preset", default=tm.TrainConfig.preset)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--block-size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per loop (default: 12)")
+    parser.add_argument("--preset", default=tm.TrainConfig.preset,
+                        help=f"architecture.PRESETS name (default: {tm.TrainConfig.preset})")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: 8)")
+    parser.add_argument("--block-size", type=int, default=256,
+                        help="tokens per sequence (default: 256)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     args = parser.parse_args(argv)
     if args.threads:
