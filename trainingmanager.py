@@ -66,11 +66,12 @@ def lm_loss(
     if reduction not in ("mean", "sum"):
         raise ValueError(f"lm_loss: reduction must be 'mean' or 'sum', got {reduction!r}")
     _check_loss_shapes(hidden, labels)
+    if reduction == "sum":
+        return head_cross_entropy(hidden, labels, head, label_smoothing, grad_scale=grad_scale)[0]
     count = (labels != IGNORE_INDEX).sum()
-    if reduction == "mean" and grad_scale is not None:  # the sum's gradient is the mean's / count
+    if grad_scale is not None:  # the sum's gradient is the mean's divided by the count
         grad_scale = grad_scale / count.clamp(min=1)
-    total, _ = head_cross_entropy(hidden, labels, head, label_smoothing, grad_scale=grad_scale)
-    return total if reduction == "sum" else total / count
+    return head_cross_entropy(hidden, labels, head, label_smoothing, grad_scale=grad_scale)[0] / count
 
 
 def lm_loss_and_correct(
