@@ -63,7 +63,7 @@ class ModelConfig:
     init: str = "normal"  # normal: GPT-2 N(0, init_std), scaled residual projections; xavier
     init_std: float = 0.02
     bos_id: int | None = None  # written to the exported HF config
-    eos_id: int | None = None
+    eos_id: int | list[int] | None = None  # a list where the checkpoint has several (chat models)
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> ValueError:
@@ -836,6 +836,9 @@ class Transformer(nn.Module):
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         B, T = idx.shape
+        if T == 0:
+            raise ValueError("the prompt is empty: generation continues at least one token (for "
+                             "an unconditional sample, start from the BOS id)")
         if idx.numel() and not 0 <= int(idx.min()) <= int(idx.max()) < self.cfg.vocab_size:
             raise ValueError(f"idx holds token ids outside [0, vocab_size={self.cfg.vocab_size}):"
                              f" min {int(idx.min())}, max {int(idx.max())} (wrong tokenizer?)")

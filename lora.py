@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,8 +39,10 @@ _UNSUPPORTED_PEFT_KEYS = {
     "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
     "layers_pattern": None, "modules_to_save": None, "lora_bias": False, "fan_in_fan_out": False,
     "target_parameters": None, "exclude_modules": None, "layer_replication": None,
-    "use_qalora": False, "trainable_token_indices": None,
+    "use_qalora": False, "trainable_token_indices": None, "alora_invocation_tokens": None,
 }
+# init_lora_weights values under which PEFT rewrites the base weights when it loads the adapter.
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
 _KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\."
                      r"(?P<kind>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B"
                      r"|base_layer\.weight|base_layer\.bias)$")
@@ -461,8 +463,10 @@ def _leaf_names(names) -> list[str]:
     return list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))
 
 
-def _resolve_targets(model: nn.Module, targets: list[str] | str) -> dict[str, list[str]]:
-    """target -> the adapter-file module names it selects. Each target must select something."""
+def _resolve_targets(model: nn.Module, targets: list[str] | str,
+                     each: bool = True) -> dict[str, list[str]]:
+    """target -> the adapter-file module names it selects. Each target must select something
+    (``each``), or, as PEFT rules when it loads an adapter, at least one of them must."""
     names = _module_names(model)
     codelm_paths = [p for p, m in model.named_modules()
                     if isinstance(m, (nn.Linear, nn.Embedding, QuantLinear))]
@@ -479,7 +483,7 @@ def _resolve_targets(model: nn.Module, targets: list[str] | str) -> dict[str, li
             resolved[target] = hits
         else:
             missing.append(target)
-    if missing:
+    if missing and (each or not resolved):
         adaptable = [n for n, (p, _) in names.items() if p in codelm_paths]
         raise ValueError(f"LoRA target(s) {missing} match no module of this {model.cfg.family} "
                          f"model. HF names: {', '.join(_leaf_names(adaptable))}; codelm names: "
@@ -495,7 +499,10 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> LoRAReport:
     """
     if any(True for _ in lora_modules(model)):
         raise ValueError("the model already has LoRA adapters; apply_lora once per model")
-    resolved = _resolve_targets(model, cfg.target_modules)
+    return _attach(model, cfg, _resolve_targets(model, cfg.target_modules))
+
+
+def _attach(model: nn.Module, cfg: LoRAConfig, resolved: dict[str, list[str]]) -> LoRAReport:
     names = _module_names(model)
     chosen = list(dict.fromkeys(n for hits in resolved.values() for n in hits))
     for name in chosen:
@@ -522,6 +529,15 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> LoRAReport:
         module.train(model.training)  # new layers join an eval-mode model in eval mode
     model.lora_config = cfg
     return _report(model, resolved)
+
+
+def _detach(model: nn.Module, trainable: dict[str, bool]) -> None:
+    """Undo ``_attach``: the base modules back in place, ``requires_grad`` as it was."""
+    for path, module in list(lora_modules(model)):
+        _set_submodule(model, path, module.base)
+    for name, p in model.named_parameters():
+        p.requires_grad_(trainable[name])
+    del model.lora_config
 
 
 def _report(model: nn.Module, resolved: dict[str, list[str]]) -> LoRAReport:
@@ -654,6 +670,12 @@ def _read_config(path: Path) -> LoRAConfig:
     for key, unused in _UNSUPPORTED_PEFT_KEYS.items():
         if raw.get(key, unused) not in (unused, None, False, {}, []):
             raise ValueError(f"{file}: {key}={raw[key]!r} is not supported by codelm's LoRA")
+    init = raw.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        raise ValueError(f"{file}: init_lora_weights={init!r} is not supported: PEFT subtracts "
+                         "this adapter's initial value from the base weights when it loads it, "
+                         "which codelm does not (convert it to a plain LoRA adapter with PEFT's "
+                         "path_initial_model_for_weight_conversion)")
     for key in ("r", "lora_alpha", "target_modules"):
         if raw.get(key) is None:
             raise ValueError(f"{file}: missing key {key!r}")
@@ -678,23 +700,51 @@ def _read_weights(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAReport:
     """Load an adapter written by ``save_adapter`` or by PEFT.
 
-    On a plain model the adapter's config is applied first (``apply_lora``); on a model that
-    already carries the same adapters (resuming), only the weights are replaced. Every key of the
-    file must land on an adapter and every adapter must get its weights.
+    On a plain model the adapter's config is applied first (PEFT's rule: targets the model lacks
+    are skipped as long as one matches); on a model that already carries the same adapters
+    (resuming), only the weights are replaced. Every key of the file must land on an adapter and
+    every adapter must get its weights. Every check runs before anything is written, and a
+    failed load leaves the model as it was.
     """
     path = Path(adapter_dir)
     cfg = _read_config(path)
     file, tensors = _read_weights(path)
     if bad := [k for k in tensors if _KEY_RE.match(k) is None]:
         raise ValueError(f"{file}: unexpected key {bad[0]!r} (not a LoRA weight)")
-    resolved = {}
     if any(m.merged for _, m in lora_modules(model)):
         raise ValueError("load_adapter: the model's adapters are merged; unmerge_lora first")
-    if not any(True for _ in lora_modules(model)):
-        try:
-            resolved = apply_lora(model, cfg).targets
-        except ValueError as e:
-            raise ValueError(f"{path / ADAPTER_CONFIG}: {e}") from None
+    if any(True for _ in lora_modules(model)):
+        _check_same_adapters(getattr(model, "lora_config", None), cfg, path / ADAPTER_CONFIG)
+        _copy_adapter(model, tensors, file)
+        return _report(model, {})
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        resolved = _resolve_targets(model, cfg.target_modules, each=False)
+        _attach(model, cfg, resolved)
+    except ValueError as e:
+        raise ValueError(f"{path / ADAPTER_CONFIG}: {e}") from None
+    try:
+        _copy_adapter(model, tensors, file)
+    except ValueError:
+        _detach(model, trainable)
+        raise
+    return _report(model, resolved)
+
+
+def _check_same_adapters(have: LoRAConfig | None, new: LoRAConfig, file: Path) -> None:
+    """Weights loaded into existing adapters keep those adapters' scale, so it must agree."""
+    if have is None:
+        return
+    differ = [f"{key}: file {a!r}, model {b!r}" for key, a, b in (
+        ("r", new.r, have.r), ("lora_alpha", new.alpha, have.alpha),
+        ("use_rslora", new.use_rslora, have.use_rslora)) if a != b]
+    if differ:
+        raise ValueError(f"{file}: the adapter differs from the model's adapters ({'; '.join(differ)}"
+                         "); load it into a model without adapters")
+
+
+def _copy_adapter(model: nn.Module, tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """Check every key and shape of the file against the model's adapters, then copy."""
     slots: dict[str, tuple[str, str]] = {}  # file key -> (codelm path, attribute)
     for mpath, module in lora_modules(model):
         if isinstance(module, LoRAEmbedding):
@@ -705,12 +755,14 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAReport:
                 slots[f"{name}.lora_A.weight"] = (mpath, f"lora_A.{key}")
                 slots[f"{name}.lora_B.weight"] = (mpath, f"lora_B.{key}")
     names = _module_names(model)
+    writes: list[Callable[[], object]] = []
     loaded = set()
     for key, tensor in tensors.items():
         m = _KEY_RE.match(key)
         short = key.removeprefix(PEFT_PREFIX)
         if m["kind"].startswith("base_layer."):  # PEFT saves embedding/output layers it adapted
-            _load_base_tensor(model, names, m["module"], m["kind"].split(".")[1], tensor, file, key)
+            writes.append(_base_tensor_writer(model, names, m["module"],
+                                              m["kind"].split(".")[1], tensor, file, key))
             continue
         if short not in slots:
             raise ValueError(f"{file}: key {key!r} matches no adapter of this model "
@@ -720,25 +772,26 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAReport:
         if param.shape != tensor.shape:
             raise ValueError(f"{file}: {key!r} has shape {tuple(tensor.shape)}, the model expects "
                              f"{tuple(param.shape)}")
-        param.copy_(tensor)
+        writes.append(lambda param=param, tensor=tensor: param.copy_(tensor))
         loaded.add(short)
     if missing := sorted(set(slots) - loaded):
         raise ValueError(f"{file}: no weights for {len(missing)} adapter tensor(s), e.g. {missing[0]}")
-    return _report(model, resolved)
+    for write in writes:
+        write()
 
 
-def _load_base_tensor(model, names, name, attr, tensor, file, key) -> None:
+def _base_tensor_writer(model, names, name, attr, tensor, file, key) -> Callable[[], object]:
+    """Check a base-layer tensor of the file against the model; return the write that loads it."""
     if name not in names:
         raise ValueError(f"{file}: key {key!r} names no module of this model")
     path, rows = names[name]
     target = getattr(model.get_submodule(path), attr, None)
     if not isinstance(target, torch.Tensor):
         raise ValueError(f"{file}: cannot load {key!r}: {path} has no full-precision {attr}")
-    view = target if rows is None else target[rows]
-    if view.shape != tensor.shape:
+    shape = tuple(target.shape) if rows is None else (len(rows),) + tuple(target.shape[1:])
+    if shape != tuple(tensor.shape):
         raise ValueError(f"{file}: {key!r} has shape {tuple(tensor.shape)}, {path} expects "
-                         f"{tuple(view.shape)} (was the vocabulary resized?)")
+                         f"{shape} (was the vocabulary resized?)")
     if rows is None:
-        target.copy_(tensor)
-    else:
-        target[rows] = tensor.to(target.dtype)
+        return lambda: target.copy_(tensor)
+    return lambda: target.index_copy_(0, rows.to(target.device), tensor.to(target))

@@ -144,9 +144,12 @@ def _rope(hf: dict, default_partial: float = 1.0) -> dict:
     return out
 
 
-def _eos(hf: dict) -> int | None:
+def _eos(hf: dict) -> int | list[int] | None:
+    """Kept as written: chat checkpoints list several ids, and the export must stop on each."""
     eos = hf.get("eos_token_id")
-    return eos[0] if isinstance(eos, list) and eos else (eos if isinstance(eos, int) else None)
+    if isinstance(eos, list) and eos and all(isinstance(e, int) for e in eos):
+        return eos if len(eos) > 1 else eos[0]
+    return eos if isinstance(eos, int) else None
 
 
 def _refuse(hf: dict, key: str, ok: Callable[[object], bool], why: str) -> None:
@@ -366,8 +369,14 @@ def _param_plan(model: Transformer, table: FamilyTable):
     """codelm parameter -> [(HF tensor name, rows)], for every parameter of the model."""
     cfg = model.cfg
     params = dict(model.named_parameters(remove_duplicate=False))
+    modules = dict(model.named_modules(remove_duplicate=False))
     plan: dict[str, list[tuple[str, torch.Tensor | None]]] = {}
     for hf, (path, part) in _expand(table, cfg).items():
+        if path in modules and f"{path}.weight" not in params:
+            raise ValueError(f"{path} is a {type(modules[path]).__name__} without a "
+                             "full-precision weight: HF checkpoints hold plain weights (a LoRA "
+                             "model exports through lora.merge_and_export or save_adapter; a "
+                             "quantized base cannot be exported)")
         rows = part_rows(cfg, part)
         for suffix in ("weight", "bias"):
             name = f"{path}.{suffix}"
@@ -409,6 +418,9 @@ class SafetensorsFile:
         header.pop("__metadata__", None)
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for name, e in header.items():
+            if isinstance(e, dict) and e.get("dtype", "F32") not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{path}: tensor {name!r} has dtype {e['dtype']}, which codelm "
+                                 f"does not load (supported: {', '.join(SAFETENSORS_DTYPES)})")
             try:
                 dtype = SAFETENSORS_DTYPES[e["dtype"]]
                 shape = tuple(int(s) for s in e["shape"])
@@ -556,6 +568,12 @@ def read_config(directory: str | Path) -> tuple[ModelConfig, dict]:
     if model_type not in TABLES:
         raise ValueError(f"{path}: unknown model_type {model_type!r}; supported: "
                          f"{', '.join(FAMILIES)}")
+    if hf.get("quantization_config"):
+        qc = hf["quantization_config"]
+        method = qc.get("quant_method", "unknown") if isinstance(qc, dict) else qc
+        raise ValueError(f"{path}: a quantized checkpoint (quant_method {method!r}) cannot be "
+                         "loaded; use the full-precision one (lora.quantize_base quantizes a "
+                         "loaded base for QLoRA)")
     try:
         return TABLES[model_type].read_config(hf), hf
     except ValueError as e:
@@ -681,6 +699,7 @@ def save(model: Transformer, directory: str | Path, max_shard_bytes: int = 5 * 2
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if len(shards) == 1:
         _write_safetensors(directory / "model.safetensors", tensors)
+        _remove_stale_weights(directory, {"model.safetensors"})
         return
     weight_map = {}
     for k, names in enumerate(shards, 1):
@@ -690,6 +709,18 @@ def save(model: Transformer, directory: str | Path, max_shard_bytes: int = 5 * 2
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    _remove_stale_weights(directory, {"model.safetensors.index.json", *weight_map.values()})
+
+
+def _remove_stale_weights(directory: Path, written: set[str]) -> None:
+    """Delete weight files an earlier save left in the directory (a single file beside new shards
+    would be loaded instead of them, by codelm and by transformers alike)."""
+    for pattern in ("model.safetensors", "model-*-of-*.safetensors",
+                    "model.safetensors.index.json", "pytorch_model*.bin",
+                    "pytorch_model.bin.index.json"):
+        for stale in directory.glob(pattern):
+            if stale.name not in written:
+                stale.unlink()
 
 
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:

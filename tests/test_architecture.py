@@ -254,6 +254,9 @@ def test_input_errors():
         model.generate(_ids(1, 60), 10)
     with pytest.raises(ValueError, match=r"token ids outside \[0, vocab_size=96\): min 3, max 96"):
         model.generate(torch.tensor([[3, 96]]), 2)
+    for beams in (1, 2):
+        with pytest.raises(ValueError, match="the prompt is empty"):
+            model.generate(torch.zeros(1, 0, dtype=torch.long), 3, num_beams=beams)
 
 
 @pytest.mark.slow

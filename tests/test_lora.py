@@ -115,6 +115,54 @@ def test_peft_adapter_loads_in_codelm(case, tmp_path):
     assert report.trainable_params == peft_model.get_nb_trainable_parameters()[0]
 
 
+
+def test_peft_adapter_with_targets_the_model_lacks_loads(tmp_path):
+    # PEFT's rule: a target list is fine when one name matches (Llama's MLP names on Phi).
+    hf, model, _ = _pair("phi", tmp_path)
+    setting = dict(r=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                 "gate_proj", "up_proj", "down_proj"])
+    peft_model = get_peft_model(copy.deepcopy(hf), _peft_config(setting))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+    peft_model.save_pretrained(tmp_path / "peft")
+    report = load_adapter(model, tmp_path / "peft")
+    assert set(report.targets) == {"q_proj", "k_proj", "v_proj"}
+    torch.testing.assert_close(_logits(model, _ids(2)), _logits(peft_model.eval(), _ids(2)),
+                               atol=1e-4, rtol=0)
+
+
+def test_loading_into_existing_adapters_needs_the_same_scale(tmp_path):
+    _, model, setting = _pair("phi", tmp_path)
+    apply_lora(model, LoRAConfig(**setting))
+    _train(model, steps=1)
+    save_adapter(model, tmp_path / "a")
+    load_adapter(model, tmp_path / "a")  # resuming: same adapters, weights replaced
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(
+        {**config, "lora_alpha": 64, "use_rslora": False}))
+    before = _logits(model, _ids())
+    with pytest.raises(ValueError, match=r"lora_alpha: file 64, model 16.*use_rslora: file False"):
+        load_adapter(model, tmp_path / "a")
+    torch.testing.assert_close(_logits(model, _ids()), before, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("key,value", [("init_lora_weights", "pissa_niter_4"),
+                                       ("init_lora_weights", "olora"),
+                                       ("alora_invocation_tokens", [7, 8])])
+def test_adapters_peft_reads_differently_are_refused(tmp_path, key, value):
+    # PiSSA/OLoRA adapters change the base weights when PEFT loads them; aLoRA applies only
+    # after its invocation tokens. Loading them as plain LoRA would give other logits.
+    _, model, setting = _pair("llama", tmp_path)
+    apply_lora(model, LoRAConfig(**setting))
+    save_adapter(model, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, key: value}))
+    _, fresh, _ = _pair("llama", tmp_path / "other")
+    with pytest.raises(ValueError, match=rf"adapter_config.json: {key}=.* not supported"):
+        load_adapter(fresh, tmp_path / "a")
+
 # Real shapes, built on the meta device (no memory): transformers configs typed from the
 # published checkpoints' config.json, codelm's from its presets.
 REAL = {
@@ -274,9 +322,19 @@ def test_adapter_file_errors_name_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"adapter_config.json: use_dora=True is not supported"):
         load_adapter(fresh, tmp_path / "a")
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(
-        {**config, "target_modules": ["q_proj", "c_attn"]}))
-    with pytest.raises(ValueError, match=r"adapter_config.json: LoRA target\(s\) \['c_attn'\]"):
+        {**config, "target_modules": ["c_attn", "gate_proj"]}))
+    with pytest.raises(ValueError, match=r"adapter_config.json: LoRA target\(s\) \['c_attn', "
+                       r"'gate_proj'\] match no module"):
         load_adapter(fresh, tmp_path / "a")
+    # A file whose keys the config's targets do not cover fails, and leaves the model untouched.
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(
+        {**config, "target_modules": ["q_proj"]}))
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: key .* matches no adapter"):
+        load_adapter(fresh, tmp_path / "a")
+    assert not list(lora.lora_modules(fresh)) and not hasattr(fresh, "lora_config")
+    assert all(p.requires_grad for p in fresh.parameters())
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in before.items())
 
 
 def test_partial_suffix_target_is_saved_exactly(tmp_path):

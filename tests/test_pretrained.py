@@ -134,6 +134,44 @@ def test_from_scratch_model_exports_as_llama(tmp_path):
         assert (back(idx).logits - model(idx)).abs().max().item() <= 1e-5
 
 
+
+def test_export_over_an_earlier_one_leaves_no_stale_weights(checkpoints, tmp_path):
+    _, _, model = checkpoints["phi"]
+    model.save_pretrained(tmp_path)  # one file...
+    (tmp_path / "pytorch_model.bin").write_bytes(b"stale")
+    other = Transformer(model.cfg).eval()
+    other.save_pretrained(tmp_path, max_shard_bytes=64 * 1024)  # ...then shards of other weights
+    assert not (tmp_path / "model.safetensors").exists()
+    assert not (tmp_path / "pytorch_model.bin").exists()
+    idx = _ids(1, 16)
+    assert torch.equal(Transformer.from_pretrained(tmp_path)(idx), other(idx))
+    model.save_pretrained(tmp_path)  # and back to one file: the shards and index go
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_export_keeps_every_eos_id(checkpoints, tmp_path):
+    # Llama-3 chat checkpoints end on any of several ids; the export must keep them all.
+    d = _edit_config(checkpoints["llama"][0], tmp_path / "m", eos_token_id=[5, 2])
+    model = Transformer.from_pretrained(d)
+    assert model.cfg.eos_id == [5, 2]
+    model.save_pretrained(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["eos_token_id"] == [5, 2]
+
+
+def test_export_refuses_a_quantized_or_wrapped_model(checkpoints, tmp_path):
+    import lora
+
+    quantized = Transformer.from_pretrained(checkpoints["llama"][0])
+    lora.quantize_base(quantized, 8)
+    with pytest.raises(ValueError, match=r"blocks.0.attn.qkv is a QuantLinear without a "
+                                         r"full-precision weight"):
+        quantized.save_pretrained(tmp_path / "q")
+    wrapped = Transformer.from_pretrained(checkpoints["llama"][0])
+    lora.apply_lora(wrapped, lora.LoRAConfig(target_modules=["o_proj"]))
+    with pytest.raises(ValueError, match=r"blocks.0.attn.proj is a LoRALinear.*merge_and_export"):
+        wrapped.save_pretrained(tmp_path / "w")
+    assert not (tmp_path / "q").exists() and not (tmp_path / "w").exists()
+
 def test_export_refuses_what_the_family_cannot_express(tmp_path):
     cfg = ModelConfig(family="llama", vocab_size=64, n_layer=1, n_head=2, n_embd=32,
                       mlp_hidden=64, norm="layernorm", block_size=32)
@@ -310,6 +348,23 @@ def test_error_config_field_cannot_be_honoured(checkpoints, tmp_path, change, me
     with pytest.raises(ValueError, match=message):
         Transformer.from_pretrained(d)
 
+
+
+def test_error_quantized_checkpoint(checkpoints, tmp_path):
+    d = _edit_config(checkpoints["llama"][0], tmp_path / "m",
+                     quantization_config={"quant_method": "fp8", "fmt": "e4m3"})
+    with pytest.raises(ValueError, match=r"config.json: a quantized checkpoint \(quant_method "
+                                         r"'fp8'\) cannot be loaded"):
+        Transformer.from_pretrained(d)
+
+
+def test_error_unsupported_tensor_dtype(checkpoints, tmp_path):
+    def to_fp8(state):
+        state["model.norm.weight"] = state["model.norm.weight"].to(torch.float8_e4m3fn)
+    d = _rewrite_weights(checkpoints, "llama", tmp_path, to_fp8)
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor 'model.norm.weight' has "
+                                         r"dtype F8_E4M3, which codelm does not load"):
+        Transformer.from_pretrained(d)
 
 def test_error_missing_config(tmp_path):
     with pytest.raises(ValueError, match="config.json: not found"):
