@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import ast
 import hashlib
-import io
 import json
 import math
 import multiprocessing
@@ -26,7 +25,8 @@ import sys
 import sysconfig
 import tempfile
 import threading
-import tokenize
+import types
+import typing
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -38,8 +38,15 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from tokenizer import (
+    PYTHON_PARSE_ERRORS,
+    docstring_statement,
+    is_utf8,
+    strip_comments_and_docstrings,
+)
+
 # Bump when cleaning or task building changes what a cache holds.
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2
 
 # Some installs keep third-party packages inside the stdlib directory; they are not stdlib code.
 _STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
@@ -153,6 +160,14 @@ class DataConfig:
     progress: bool = True  # progress bars
 
     def validate(self) -> None:
+        hints = typing.get_type_hints(DataConfig)
+        for f in fields(self):
+            value, hint = getattr(self, f.name), hints[f.name]
+            if not _has_type(value, hint):
+                expected = hint.__name__ if isinstance(hint, type) else str(hint)
+                raise DataError(f"DataConfig.{f.name}: expected {expected}, got {value!r}")
+            if f.name in _MINIMUMS and value is not None and value < _MINIMUMS[f.name]:
+                raise DataError(f"DataConfig.{f.name} must be >= {_MINIMUMS[f.name]}, got {value}")
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise DataError(
@@ -161,8 +176,6 @@ class DataConfig:
         fracs = (self.train_frac, self.val_frac, self.test_frac)
         if min(fracs) < 0 or abs(sum(fracs) - 1.0) > 1e-6:
             raise DataError(f"DataConfig split fractions must be >= 0 and sum to 1, got {fracs}")
-        if self.block_size < 2:
-            raise DataError(f"DataConfig.block_size must be >= 2, got {self.block_size}")
         if not self.sources:
             raise DataError("DataConfig.sources is empty; use ['stdlib'] for the default corpus")
         roles: dict[str, str] = {}
@@ -172,11 +185,35 @@ class DataConfig:
             if roles.setdefault(key, role) != role:
                 raise DataError(f"data source {source} is in both {roles[key]} and {role}: a "
                                 "document can belong to one split only")
-        if not 0.0 <= self.fim_rate <= 1.0:
-            raise DataError(f"DataConfig.fim_rate must be in [0, 1], got {self.fim_rate}")
-        if self.num_workers < 1:
-            raise DataError(f"DataConfig.num_workers must be >= 1, got {self.num_workers}")
+        for name in ("fim_rate", "near_dedupe_threshold"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise DataError(f"DataConfig.{name} must be in [0, 1], got {getattr(self, name)}")
 
+
+def _has_type(value: object, hint: object) -> bool:
+    """Whether a config value has its field's type (``int | None``, ``list[str]``, ...): a JSON
+    config or ``--data-options`` can hold anything, and ``".kt"`` is no list of extensions."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_has_type(value, arg) for arg in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return isinstance(value, list) and all(
+            _has_type(v, typing.get_args(hint)[0]) for v in value
+        )
+    if hint is type(None):
+        return value is None
+    if isinstance(value, bool) and hint is not bool:  # bool is an int to isinstance
+        return False
+    return isinstance(value, (int, float) if hint is float else hint)
+
+
+# Lower bounds of numeric options (fractions and rates are checked against [0, 1] apart).
+_MINIMUMS = {
+    "block_size": 2, "num_workers": 1, "min_bytes": 0, "max_bytes": 0, "min_lines": 0,
+    "max_line_length": 1, "max_literal_length": 1, "autopep8_timeout": 0, "max_docs": 0,
+    "max_prompt_tokens": 0, "max_completion_tokens": 0, "window_prompt_tokens": 0,
+    "window_completion_tokens": 1, "window_stride": 0, "lines_per_file": 0,
+    "docstring_min_tokens": 0, "docstring_code_tokens": 0,
+}  # fmt: skip
 
 _CHOICES = {
     "task": TASKS,
@@ -244,6 +281,8 @@ def _check_source(source: str) -> None:
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError(f"data source not found: {source}")
+    if not is_utf8(path.name):  # the name goes into every document id
+        raise DataError(f"data source {source!r}: its name is not valid UTF-8; rename it")
     if path.is_file() and not path.name.endswith(".jsonl"):
         raise DataError(f"data source {source}: a file source must be JSONL (*.jsonl)")
 
@@ -275,7 +314,17 @@ def _read_jsonl(path: Path, skip_bad: bool, counts: Counter) -> Iterator[_RawDoc
             yield doc
 
 
+def _check_utf8(rec: dict, where: str) -> None:
+    """Every string a record contributes must be valid UTF-8: JSON can spell lone surrogates
+    (``"\\ud83d"``), which no file, cache or tokenizer can hold."""
+    for key in ("text", "repo", "path", "input", "output", "prompt", "completion"):
+        value = rec.get(key)
+        if isinstance(value, str) and not is_utf8(value):
+            raise DataError(f"{where}: key {key!r} holds a lone surrogate (not valid UTF-8)")
+
+
 def _record_to_doc(rec: dict, path: Path, lineno: int, where: str) -> _RawDoc:
+    _check_utf8(rec, where)
     for a, b in (("input", "output"), ("prompt", "completion")):
         if a in rec or b in rec:
             if not (isinstance(rec.get(a), str) and isinstance(rec.get(b), str)):
@@ -311,8 +360,11 @@ def _iter_sources(cfg: DataConfig, counts: Counter) -> Iterator[_RawDoc]:
         root, files = _source_files(source, cfg.extensions)
         prefix = "stdlib" if source == "stdlib" else root.name
         for p in files:
-            yield _RawDoc(f"{prefix}/{p.relative_to(root).as_posix()}", p.read_bytes(),
-                          split=split)
+            doc_id = f"{prefix}/{p.relative_to(root).as_posix()}"
+            if not is_utf8(doc_id):  # os.walk spells undecodable name bytes as surrogates
+                counts["not_utf8_name"] += 1
+                continue
+            yield _RawDoc(doc_id, p.read_bytes(), split=split)
 
 
 def _sources_fingerprint(sources: Sequence[str], extensions: Sequence[str]) -> list:
@@ -330,7 +382,8 @@ def _sources_fingerprint(sources: Sequence[str], extensions: Sequence[str]) -> l
         for p in files:
             st = p.stat()
             listing.update(
-                f"{p.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode()
+                f"{p.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode(
+                    "utf-8", "surrogateescape")  # a name that is not UTF-8: its own bytes
             )
         out.append([source if source == "stdlib" else str(root.resolve()), listing.hexdigest()])
     return out
@@ -382,44 +435,9 @@ def strip_license_header(text: str) -> tuple[str, bool]:
 def strip_python_comments_and_docstrings(
     text: str, comments: bool = True, docstrings: bool = True
 ) -> str:
-    """Remove comments (via ``tokenize``) and docstrings (via ``ast``) without reformatting the
-    rest. A docstring that is its body's only statement becomes ``pass``. Raises SyntaxError."""
-    tree = ast.parse(text)
-    lines = text.splitlines(keepends=True)
-    drop: set[int] = set()  # 0-based line indices removed entirely
-    replace: dict[int, str] = {}  # 0-based line index -> replacement line
-    if docstrings:
-        for node in ast.walk(tree):
-            if not isinstance(
-                node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef
-            ):
-                continue
-            ds = _docstring_node(node)
-            if ds is None:
-                continue
-            first, last = ds.lineno - 1, ds.end_lineno - 1
-            if _shares_line(lines, ds):
-                continue
-            rng = range(first, last + 1)
-            if len(node.body) == 1 and not isinstance(node, ast.Module):
-                replace[first] = " " * ds.col_offset + "pass\n"
-                rng = range(first + 1, last + 1)
-            drop.update(rng)
-    if comments:
-        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
-            if tok.type != tokenize.COMMENT:
-                continue
-            row, col = tok.start[0] - 1, tok.start[1]
-            if row in drop or row in replace:
-                continue
-            line = lines[row]
-            before = line[:col].rstrip()
-            if before:
-                replace[row] = before + ("\n" if line.endswith("\n") else "")
-            elif not (row == 0 and line.startswith("#!")) and not _ENCODING_LINE.match(line):
-                drop.add(row)
-    out = [replace.get(i, line) for i, line in enumerate(lines) if i not in drop]
-    return "".join(out)
+    """``tokenizer.strip_comments_and_docstrings`` that raises one of ``PYTHON_PARSE_ERRORS`` on
+    text that is not Python, instead of returning it unchanged."""
+    return strip_comments_and_docstrings(text, comments, docstrings, strict=True)
 
 
 def _shares_line(lines: Sequence[str], node: ast.AST) -> bool:
@@ -428,18 +446,6 @@ def _shares_line(lines: Sequence[str], node: ast.AST) -> bool:
     before = lines[node.lineno - 1].encode("utf-8")[: node.col_offset]
     after = lines[node.end_lineno - 1].encode("utf-8")[node.end_col_offset :]
     return bool(before.strip() or after.decode("utf-8", "replace").split("#")[0].strip())
-
-
-def _docstring_node(node: ast.AST) -> ast.Expr | None:
-    body = getattr(node, "body", None)
-    if (
-        body
-        and isinstance(body[0], ast.Expr)
-        and isinstance(body[0].value, ast.Constant)
-        and isinstance(body[0].value.value, str)
-    ):
-        return body[0]
-    return None
 
 
 def longest_literal(lines: Iterable[str], at_least: int = 0) -> int:
@@ -518,7 +524,7 @@ def _clean_one(args: tuple[_RawDoc, dict]) -> tuple[Doc | None, str | None, list
                 text, opt["strip_comments"], opt["strip_docstrings"]
             )
             mods.append("comments_or_docstrings_stripped")
-        except (SyntaxError, ValueError, tokenize.TokenError):
+        except PYTHON_PARSE_ERRORS:
             return None, "syntax_error", mods
     if is_python and opt["autopep8"]:
         try:
@@ -955,10 +961,15 @@ class Example:
     body_budget: int | None = None
 
 
-def _parse(doc: Doc) -> tuple[ast.Module, list[str]] | None:
+_Parsed = tuple[ast.Module, list[str]]
+
+
+def _parse(doc: Doc) -> _Parsed | None:
+    """(tree, lines) of a Python document, or None when it does not parse (counted by the
+    caller as ``skipped_syntax_error_file``)."""
     try:
         return ast.parse(doc.text), doc.text.splitlines()
-    except (SyntaxError, ValueError):
+    except PYTHON_PARSE_ERRORS:
         return None
 
 
@@ -975,9 +986,10 @@ def _dedent_lines(lines: list[str], indent: int) -> list[str]:
     return [line[indent:] if line[:indent].strip() == "" else line.lstrip() for line in lines]
 
 
-def method_examples(doc: Doc) -> list[Example]:
-    """CodeXGLUE method generation: signature + docstring -> body."""
-    parsed = _parse(doc)
+def method_examples(doc: Doc, parsed: _Parsed | None = None) -> list[Example]:
+    """CodeXGLUE method generation: signature + docstring -> body. ``parsed``: the document's
+    ``_parse`` result where the caller has it."""
+    parsed = parsed or _parse(doc)
     if parsed is None:
         return []
     tree, lines = parsed
@@ -985,7 +997,7 @@ def method_examples(doc: Doc) -> list[Example]:
     for node in ast.walk(tree):
         if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
             continue
-        ds = _docstring_node(node)
+        ds = docstring_statement(node)
         if ds is None or len(node.body) < 2 or ds.lineno == node.lineno:
             continue
         if node.body[1].lineno <= ds.end_lineno:
@@ -1000,9 +1012,12 @@ def method_examples(doc: Doc) -> list[Example]:
     return out
 
 
-def docstring_examples(doc: Doc, targets: str, prompt: str, code_tokens: int) -> list[Example]:
-    """Seed 004: a class (or function) with its docstring removed -> the docstring."""
-    parsed = _parse(doc)
+def docstring_examples(
+    doc: Doc, targets: str, prompt: str, code_tokens: int, parsed: _Parsed | None = None
+) -> list[Example]:
+    """Seed 004: a class (or function) with its docstring removed -> the docstring.
+    ``parsed``: the document's ``_parse`` result where the caller has it."""
+    parsed = parsed or _parse(doc)
     if parsed is None:
         return []
     tree, lines = parsed
@@ -1017,7 +1032,7 @@ def docstring_examples(doc: Doc, targets: str, prompt: str, code_tokens: int) ->
     for node in ast.walk(tree):
         if not isinstance(node, kinds):
             continue
-        ds = _docstring_node(node)
+        ds = docstring_statement(node)
         if ds is None or ds.lineno == node.lineno:
             continue
         if _shares_line(lines, ds):
@@ -1135,7 +1150,7 @@ def _build_lm(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path) -> dict:
     return meta
 
 
-def _examples_for(doc: Doc, cfg: DataConfig) -> list[Example]:
+def _examples_for(doc: Doc, cfg: DataConfig, events: Counter) -> list[Example]:
     if cfg.task == "refactor":
         if doc.target is None:
             raise DataError(
@@ -1146,13 +1161,17 @@ def _examples_for(doc: Doc, cfg: DataConfig) -> list[Example]:
         return [Example(doc.text, doc.target)]
     if cfg.task == "completion":
         return line_completion_examples(doc, cfg.lines_per_file, cfg.seed)
+    if not doc.is_python:  # method and docstring targets come from Python files only
+        return []
+    parsed = _parse(doc)
+    if parsed is None:
+        events["skipped_syntax_error_file"] += 1
+        return []
     if cfg.task == "method":
-        return method_examples(doc) if doc.is_python else []
+        return method_examples(doc, parsed)
     if cfg.task == "docstring":
-        if not doc.is_python:
-            return []
         return docstring_examples(
-            doc, cfg.docstring_targets, cfg.docstring_prompt, cfg.docstring_code_tokens
+            doc, cfg.docstring_targets, cfg.docstring_prompt, cfg.docstring_code_tokens, parsed
         )
     raise AssertionError(cfg.task)
 
@@ -1235,7 +1254,7 @@ def _build_supervised(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path) -> 
             examples = [
                 e
                 for d in tqdm(docs, desc=f"{cfg.task} {s}", disable=not cfg.progress)
-                for e in _examples_for(d, cfg)
+                for e in _examples_for(d, cfg, events)
             ]
         tokenized = _tokenize_examples(examples, tokenizer, cfg, f"tokenize {s}")
         for prompt, completion in tokenized:

@@ -28,11 +28,11 @@ predictions.jsonl. ``python eval.py`` alone evaluates the latest run under runs/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
 import re
-import secrets
 import sys
 import time
 from collections import Counter
@@ -45,7 +45,7 @@ import torch
 from tqdm import tqdm
 
 import cliconfig
-from sandbox import SandboxConfig, SandboxResult, run_python
+from sandbox import MIN_MEMORY_MB, SandboxConfig, SandboxResult, run_python
 
 # --------------------------------------------------------------------------------------------
 # Metrics
@@ -244,20 +244,39 @@ FUNCTION_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n@
 
 
 def load_problems(path: str | Path = PROBLEMS_FILE) -> list[dict]:
-    """HumanEval-shaped problems from a JSONL file; a malformed line is named in the error."""
-    problems = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                problem = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not JSON ({err.msg})") from None
-            missing = [k for k in PROBLEM_KEYS if not isinstance(problem.get(k), str)]
-            if missing:
-                raise ValueError(f"{path}:{line_no}: missing string field(s) {missing}")
-            problems.append(problem)
+    """HumanEval-shaped problems from a JSONL file; a malformed line is named in the error
+    before any sample is generated, so no finished work is thrown away for it."""
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ValueError(f"{path}: problems file not found") from None
+    except OSError as err:  # a directory, no permission
+        raise ValueError(f"{path}: cannot read the problems file: {err.strerror}") from None
+    problems: list[dict] = []
+    first_line: dict[str, int] = {}
+    for line_no, data in enumerate(raw.splitlines(), 1):
+        try:
+            line = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}:{line_no}: not UTF-8 text ({err.reason})") from None
+        if not line.strip():
+            continue
+        try:
+            problem = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{line_no}: not JSON ({err.msg})") from None
+        if not isinstance(problem, dict):
+            raise ValueError(f"{path}:{line_no}: a problem is a JSON object, got "
+                             f"{type(problem).__name__}")
+        missing = [k for k in PROBLEM_KEYS if not isinstance(problem.get(k), str)]
+        if missing:
+            raise ValueError(f"{path}:{line_no}: missing string field(s) {missing}")
+        task_id = problem["task_id"]
+        if task_id in first_line:  # pass@k counts samples per task_id
+            raise ValueError(f"{path}:{line_no}: duplicate task_id {task_id!r} (first on line "
+                             f"{first_line[task_id]})")
+        first_line[task_id] = line_no
+        problems.append(problem)
     if not problems:
         raise ValueError(f"{path}: no problems")
     return problems
@@ -272,13 +291,12 @@ def check_program(problem: dict, completion: str) -> str:
 def run_check(problem: dict, completion: str, config: SandboxConfig | None = None) -> SandboxResult:
     """Execute one completion against its problem's tests in the sandbox.
 
-    The program prints a random token after ``check`` returns; a run passes only with exit status
-    0 *and* that token, so a sample calling ``sys.exit(0)`` or ``os._exit(0)`` early fails.
+    A run passes only with exit status 0 *and* the sandbox's completion signal (a token the program
+    never sees on disk, in argv or in its environment), so a sample calling ``sys.exit(0)`` or
+    ``os._exit(0)`` before ``check`` returns fails.
     """
-    token = secrets.token_hex(16)
-    program = check_program(problem, completion) + f"print({token!r})\n"
-    result = run_python(program, config)
-    if result.passed and token not in result.stdout:
+    result = run_python(check_program(problem, completion), config)
+    if result.passed and not result.completed:
         result.status = "failed"
     return result
 
@@ -294,6 +312,7 @@ def truncate_at_stops(text: str, stops: Sequence[str] = FUNCTION_STOPS) -> str:
 # --------------------------------------------------------------------------------------------
 
 TASKS = ("lm", "line", "completion", "method", "docstring", "refactor", "passk")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 
 
 @dataclass
@@ -331,7 +350,7 @@ class EvalConfig:
     pass_k: list[int] = field(default_factory=lambda: [1])  # the k of pass@k, each <= num_samples
     batch_size: int = 8  # prompts generated or windows scored at once
     seed: int = 0  # sampling and the choice of completion targets
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     # sandbox
     timeout_s: float = 5.0  # wall-clock limit of one sandboxed run
     memory_mb: int = 1024  # memory limit of one sandboxed run
@@ -352,6 +371,15 @@ class EvalConfig:
                     "workers"):
             need(getattr(self, key) >= 1, key, "must be >= 1")
         need(self.temperature >= 0, "temperature", "must be >= 0")
+        need(self.block_size is None or self.block_size >= 2, "block_size",
+             "must be >= 2 (a prompt token and a generated one) or null for the model's")
+        need(self.lm_windows is None or self.lm_windows >= 1, "lm_windows",
+             "must be >= 1, or null for the whole split")
+        need(0 < self.timeout_s < math.inf, "timeout_s", "must be a positive number of seconds")
+        need(self.memory_mb >= MIN_MEMORY_MB, "memory_mb",
+             f"must be >= {MIN_MEMORY_MB}: a Python interpreter running a test needs that much")
+        need(_DEVICE.fullmatch(self.device) is not None, "device",
+             "must be auto, cpu, cuda, cuda:N or mps")
         need(self.top_p is None or 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         need(all(1 <= k <= self.num_samples for k in self.pass_k), "pass_k",
              f"every k must be in [1, num_samples={self.num_samples}]")
@@ -394,9 +422,22 @@ class LoadedModel:
 
 
 def _device(name: str) -> torch.device:
+    """The torch device for ``EvalConfig.device`` (spelling checked by ``validate``); one this
+    machine lacks is a user error here, not an assertion from deep inside torch later."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"EvalConfig.device={name!r}: CUDA is not available on this machine "
+                             "(use cpu or auto)")
+        if (device.index or 0) >= count:
+            raise ValueError(f"EvalConfig.device={name!r}: this machine has {count} CUDA "
+                             f"device(s), cuda:0 to cuda:{count - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"EvalConfig.device={name!r}: MPS is not available on this machine")
+    return device
 
 
 def _is_run_dir(path: Path) -> bool:
@@ -423,10 +464,24 @@ def _load_hf(path: Path, device: torch.device) -> torch.nn.Module:
     return Transformer.from_pretrained(path, dtype=dtype, device=device)
 
 
+def _read_json_object(path: Path) -> dict:
+    """A JSON object file; a corrupt one is named with its line, not as a bare decoder message."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: cannot read: {err}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: invalid JSON ({err.msg}, column {err.colno})"
+                         ) from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: must hold one JSON object, got {type(value).__name__}")
+    return value
+
+
 def _adapter_base(adapter: Path) -> Path:
     import lora
 
-    config = json.loads((adapter / lora.ADAPTER_CONFIG).read_text())
+    config = _read_json_object(adapter / lora.ADAPTER_CONFIG)
     base = config.get("base_model_name_or_path")
     if not base or not Path(base).is_dir():
         raise ValueError(f"{adapter / lora.ADAPTER_CONFIG}: base_model_name_or_path {base!r} is "
@@ -439,7 +494,7 @@ def _load_run(run_dir: Path, device: torch.device) -> tuple[torch.nn.Module, Pat
     import lora
     import trainingmanager as tm
 
-    config = json.loads((run_dir / "config.json").read_text())
+    config = _read_json_object(run_dir / "config.json")
     export = run_dir / "export"
     tok_dir = run_dir if (run_dir / "tokenizer.json").is_file() else export
     if (export / lora.ADAPTER_CONFIG).is_file():
@@ -852,13 +907,41 @@ def markdown_table(rows: Sequence[dict]) -> str:
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Evaluate every model on the same examples; write results.json, predictions.jsonl and
-    table.md to the output directory; return the results."""
-    from dataset import load_corpus
-
+    table.md to the output directory (made first, so a bad one costs no work); return the
+    results."""
     cfg.validate()
     torch.manual_seed(cfg.seed)
     device = _device(cfg.device)
     specs = cfg.models or [str(latest_run(cfg.runs_dir))]
+    out = Path(cfg.out_dir or Path(cfg.runs_dir) / time.strftime("eval-%Y%m%d-%H%M%S"))
+    created = not out.exists()
+    try:  # before any model runs: a bad --out-dir must not cost the evaluation's results
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"EvalConfig.out_dir={str(out)!r}: cannot create the output directory "
+                         f"({err.strerror})") from None
+    try:
+        results = _evaluate(cfg, device, specs)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if still empty: no empty eval-* directory behind a failure
+        raise
+    records = results.pop("records")
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "table.md").write_text(results["table"] + "\n")
+    with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    results["out_dir"] = str(out)
+    return results
+
+
+def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str]) -> dict:
+    """The work of ``evaluate``: results (with the prediction records under ``records``)."""
+    from dataset import load_corpus
+
+    problems = load_problems(cfg.problems or PROBLEMS_FILE) if "passk" in cfg.tasks else []
     models = [load_model(spec, device, cfg.tokenizer) for spec in specs]
     _unique_labels(models)
     text_tasks = [t for t in cfg.tasks if t != "passk"]
@@ -873,7 +956,6 @@ def evaluate(cfg: EvalConfig) -> dict:
         for variant in cfg.docstring_prompts:
             examples[("docstring", variant)] = build_examples("docstring", docs, cfg, variant,
                                                               tok=tok)
-    problems = load_problems(cfg.problems or PROBLEMS_FILE) if "passk" in cfg.tasks else []
     variants = cfg.docstring_prompts if "docstring" in cfg.tasks else [None]
 
     rows, records = [], []
@@ -905,17 +987,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     counts = {f"{t}/{v}" if v else t: len(e) for (t, v), e in examples.items()}
     if problems:
         counts["passk"] = len(problems)
-    table = markdown_table(rows)
-    results = {"config": asdict(cfg), "examples": counts, "rows": rows, "table": table}
-    out = Path(cfg.out_dir or Path(cfg.runs_dir) / time.strftime("eval-%Y%m%d-%H%M%S"))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "table.md").write_text(table + "\n")
-    with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    results["out_dir"] = str(out)
-    return results
+    return {"config": asdict(cfg), "examples": counts, "rows": rows,
+            "table": markdown_table(rows), "records": records}
 
 
 # --------------------------------------------------------------------------------------------
@@ -944,7 +1017,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = parse_config(argv)
         results = evaluate(cfg)
-    except ValueError as err:
+    except (ValueError, OSError) as err:  # OSError: e.g. the disk filled up while writing
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(results["table"])

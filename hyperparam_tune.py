@@ -3,7 +3,9 @@
 Each trial is one ``trainingmanager.train`` run with a step budget; its objective is the best
 validation loss. Validation losses reach the pruner at every evaluation, so hopeless trials stop
 early. A trial that hits a non-finite loss or runs out of memory is recorded FAILED with its
-reason and the sweep goes on. The search space is data (``configs/search_spaces/*.json``).
+reason and the sweep goes on; a configuration mistake is found before the first trial (or, if
+only a trial meets it, stops the sweep without counting that trial). The search space is data
+(``configs/search_spaces/*.json``).
 
 Storage decides how far a sweep spreads. The default, a journal file under ``runs/<study>/``,
 is safe for several processes on one machine (``--workers N`` starts them). Any SQLAlchemy URL
@@ -16,7 +18,8 @@ shows the study live.
 Outputs in ``runs/<study>/``: ``best.json`` (a ready ``trainingmanager.py --config`` file: the
 best trial's config), ``trials.csv`` (every trial, its state, value, steps, parameters and the
 reason a trial failed or was pruned), ``importances.json`` (fANOVA parameter importances) and
-``trials/trial-NNNN/``, each trial's run directory.
+``trials/trial-NNNN/``, each trial's run directory (``study.json`` names the storage whose study
+owns them).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import csv
 import dataclasses
 import fcntl
 import json
+import logging
 import math
 import os
 import signal
@@ -57,6 +61,8 @@ JOURNAL_FILE = "journal.log"
 # Where trial records keep what the reports need (ATTR_CONFIG: the trial's recipe), so that any
 # process can write the reports.
 ATTR_CONFIG, ATTR_REASON, ATTR_WORKER, ATTR_STEP = "train_config", "fail_reason", "worker", "step"
+ATTR_STOPPED = "stopped_sweep"  # a trial whose error (a configuration error) stopped the sweep
+OWNER_FILE = "study.json"  # which storage's study owns runs/<study>/ (its trial numbers)
 _DONE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 INTERRUPTED = "interrupted (SIGINT/SIGTERM)"  # such trials run again when the sweep is re-run
 
@@ -100,6 +106,10 @@ class TrialFailed(Exception):
     """A trial the sweep records FAILED (with its reason) and goes past."""
 
 
+class TrialSetupError(ValueError):
+    """A trial's configuration cannot run: the sweep stops (exit 2); the trial is not counted."""
+
+
 # --------------------------------------------------------------------------------------------
 # Search space: JSON data -> trial suggestions -> TrainConfig values
 # --------------------------------------------------------------------------------------------
@@ -120,6 +130,15 @@ class SearchSpace:
             if base.get(key) is None:
                 raise ValueError(f"search space {self.source} needs {key!r} set in {source} "
                                  f"(e.g. --train-config FILE.json with \"{key}\": ...)")
+
+    def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
+        """What Optuna records for each parameter (a study's trials must agree on it)."""
+        return {name: _distribution(spec) for name, spec in self.params.items()}
+
+    def example(self) -> dict:
+        """One value per parameter (low bound, first choice): a trial to check before any runs."""
+        return {name: spec["choices"][0] if spec["type"] == "categorical" else spec["low"]
+                for name, spec in self.params.items()}
 
     def suggest(self, trial: optuna.Trial) -> dict:
         """TrainConfig values for one trial; non-scalar choices travel as JSON strings."""
@@ -143,6 +162,17 @@ class SearchSpace:
 def _choice_label(choice: typing.Any) -> typing.Any:
     """Optuna stores None, bool, int, float and str choices; lists and objects go as JSON."""
     return json.dumps(choice) if isinstance(choice, (list, dict)) else choice
+
+
+def _distribution(spec: dict) -> optuna.distributions.BaseDistribution:
+    if spec["type"] == "categorical":
+        return optuna.distributions.CategoricalDistribution(
+            [_choice_label(c) for c in spec["choices"]])
+    if spec["type"] == "int":
+        return optuna.distributions.IntDistribution(
+            spec["low"], spec["high"], log=spec.get("log", False), step=spec.get("step", 1))
+    return optuna.distributions.FloatDistribution(
+        spec["low"], spec["high"], log=spec.get("log", False), step=spec.get("step"))
 
 
 _SPEC_KEYS = {
@@ -172,6 +202,10 @@ def load_space(space: str) -> SearchSpace:
         raise ValueError(f"{source}: unknown top-level key(s) {sorted(unknown)}")
     base = data.get("base", {})
     trainingmanager.config_from_dict(base, f"{source}: base")
+    for name in sorted(set(data["params"]) & SWEEP_KEYS):  # sampled, then overwritten
+        flag = {"max_steps": " (--max-steps)", "eval_every": " (--eval-every)"}.get(name, "")
+        raise ValueError(f"{source}: params.{name}: the sweep sets {name!r} for every "
+                         f"trial{flag}: a sampled value would be ignored")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     for name, spec in data["params"].items():
         where = f"{source}: params.{name}"
@@ -195,11 +229,8 @@ def load_space(space: str) -> SearchSpace:
             if not all(isinstance(spec[k], number) and not isinstance(spec[k], bool)
                        for k in ("low", "high")):
                 raise ValueError(f"{where}: low and high must be {kind} numbers")
-            distribution = (optuna.distributions.IntDistribution if kind == "int"
-                            else optuna.distributions.FloatDistribution)
             try:  # Optuna's own checks: low <= high, log needs low > 0 and no step, ...
-                distribution(spec["low"], spec["high"], log=spec.get("log", False),
-                             step=spec.get("step", 1 if kind == "int" else None))
+                _distribution(spec)
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
             for bound in (spec["low"], spec["high"]):
@@ -269,11 +300,22 @@ def _retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
     return {n for t in trials for n in t.system_attrs.get("retry_history", [])}
 
 
+def counts(trial: FrozenTrial, retried: set[int]) -> bool:
+    """Whether a finished trial counts toward n_trials. Not counted: a FAIL that was queued again,
+    was interrupted, stopped the sweep (a configuration error) or has no recorded reason (its
+    worker died, or an older sweep stopped on it): the study runs another trial instead."""
+    if trial.state != TrialState.FAIL:
+        return trial.state in _DONE
+    reason = trial.user_attrs.get(ATTR_REASON)
+    return (trial.number not in retried and bool(reason) and reason != INTERRUPTED
+            and not trial.user_attrs.get(ATTR_STOPPED))
+
+
 def study_progress(study: optuna.Study) -> tuple[int, int, int]:
-    """(finished, running, waiting) trials; a dead worker's trial that was retried not counted."""
+    """(finished, running, waiting) trials; finished counts the trials ``counts`` counts."""
     trials = study.get_trials(deepcopy=False)
     retried = _retried_numbers(trials)
-    finished = sum(t.state in _DONE and t.number not in retried for t in trials)
+    finished = sum(counts(t, retried) for t in trials)
     running = sum(t.state == TrialState.RUNNING for t in trials)
     waiting = sum(t.state == TrialState.WAITING for t in trials)
     return finished, running, waiting
@@ -359,19 +401,31 @@ def _is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate" in text)
 
 
+def _budget(cfg: TuneConfig) -> dict:
+    return {"max_steps": cfg.max_steps, "epochs": None, "eval_every": cfg.eval_every}
+
+
+def _trial_run(cfg: TuneConfig, number: int) -> dict:
+    """A trial's own run directory, no bars, no export, and one checkpoint at the end (a trial
+    is never resumed; its best/ checkpoint is kept)."""
+    return {"name": f"trial-{number:04d}", "out_dir": str(study_dir(cfg) / "trials"),
+            "resume": None, "progress": False, "export": False, "save_every": cfg.max_steps,
+            "keep_last": 1}
+
+
+# TrainConfig keys the sweep sets on every trial: a search space may not set them.
+SWEEP_KEYS = frozenset(_budget(TuneConfig())) | frozenset(_trial_run(TuneConfig(), 0))
+
+
 def trial_recipe(cfg: TuneConfig, space: SearchSpace, base: dict, trial: optuna.Trial) -> dict:
     """The trial's TrainConfig values as a user would run them (best.json is one):
     space base < --train-config < sampled values < the sweep's step budget."""
-    return {**space.base, **base, **space.suggest(trial),
-            "max_steps": cfg.max_steps, "epochs": None, "eval_every": cfg.eval_every}
+    return {**space.base, **base, **space.suggest(trial), **_budget(cfg)}
 
 
 def trial_run_config(cfg: TuneConfig, recipe: dict, number: int) -> dict:
-    """The recipe run as a trial: its own run directory, no bars, no export, and one checkpoint
-    at the end (a trial is never resumed; its best/ checkpoint is kept)."""
-    return {**recipe, "name": f"trial-{number:04d}", "out_dir": str(study_dir(cfg) / "trials"),
-            "resume": None, "progress": False, "export": False, "save_every": cfg.max_steps,
-            "keep_last": 1}
+    """The recipe run as trial ``number`` (see ``_trial_run``)."""
+    return {**recipe, **_trial_run(cfg, number)}
 
 
 def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _ClaimLock):
@@ -382,10 +436,6 @@ def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _Claim
         if trial.user_attrs.get(ATTR_REASON) is not None:
             trial.set_user_attr(ATTR_REASON, None)
         lock.release()  # the trial exists: other workers may start theirs
-        recipe = trial_recipe(cfg, space, base, trial)
-        trial.set_user_attr(ATTR_CONFIG, recipe)
-        train_cfg = trainingmanager.config_from_dict(
-            trial_run_config(cfg, recipe, trial.number), f"trial {trial.number}")
 
         def on_eval(step: int, metrics: dict) -> None:
             trial.set_user_attr(ATTR_STEP, step)
@@ -396,14 +446,32 @@ def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _Claim
                     "threshold")
 
         try:
-            result = trainingmanager.train(train_cfg, on_eval=on_eval)
+            recipe = trial_recipe(cfg, space, base, trial)
+            trial.set_user_attr(ATTR_CONFIG, recipe)
+            train_cfg = trainingmanager.config_from_dict(
+                trial_run_config(cfg, recipe, trial.number), f"trial {trial.number}")
+            run_dir = Path(train_cfg.out_dir) / train_cfg.name
+            if (run_dir / "config.json").exists():  # trainingmanager would suggest --resume
+                raise ValueError(f"{run_dir} holds a trial of another study: move it away, or "
+                                 "give this study its own --out-dir or --study-name")
+            result = trainingmanager.train(train_cfg, on_eval=on_eval,
+                                           resume_hint="the same hyperparam_tune.py command")
         except KeyboardInterrupt:
             trial.set_user_attr(ATTR_REASON, INTERRUPTED)
+            raise
+        except optuna.TrialPruned:
             raise
         except NonFiniteLossError as e:  # its message names the step, the batch and likely causes
             reason = str(e) if str(e).startswith("non-finite") else f"non-finite loss: {e}"
         except Exception as e:
             if not _is_out_of_memory(e):
+                # Not the parameters' fault: recorded, not counted, and the sweep stops.
+                trial.set_user_attr(ATTR_STOPPED, True)
+                trial.set_user_attr(ATTR_REASON, f"stopped the sweep: {type(e).__name__}: {e}")
+                if isinstance(e, (ValueError, OSError)):  # the configuration or a path
+                    raise TrialSetupError(
+                        f"trial {trial.number} {trial.params}: {e} (the trial is not counted "
+                        "toward n_trials: fix this and run the same command again)") from None
                 raise
             reason = f"out of memory: {e}"
         else:
@@ -448,6 +516,87 @@ def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.Ba
 
 
 # --------------------------------------------------------------------------------------------
+# Checks before the first trial: a configuration mistake stops the sweep before it costs a trial
+# --------------------------------------------------------------------------------------------
+
+
+def check_trial_config(cfg: TuneConfig, space: SearchSpace, base: dict) -> None:
+    """A trial with example parameters passes the trainer's checks and its files exist."""
+    def origin(key: str) -> str:
+        if key in base:
+            return cfg.train_config or "--train-config"
+        return space.source if key in space.base or key in space.params else "TrainConfig"
+
+    values = trial_run_config(cfg, {**space.base, **base, **space.example(), **_budget(cfg)}, 0)
+    where = " with ".join(filter(None, (space.source, cfg.train_config)))
+    train_cfg = trainingmanager.config_from_dict(values, where)
+    try:
+        trainingmanager.validate_config(train_cfg)
+        trainingmanager.data_config(train_cfg, train_cfg.block_size or 256)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    for key in ("data", "val_data", "test_data", "tokenizer"):
+        value = getattr(train_cfg, key)
+        for path in [value] if isinstance(value, str) else value or []:
+            if path != "stdlib" and not Path(path).expanduser().exists():
+                raise ValueError(f"{origin(key)}: {key}: {path} not found")
+
+
+def check_space_fits_study(cfg: TuneConfig, space: SearchSpace, study: optuna.Study) -> None:
+    """A study fixes each parameter's kind, log scale and categorical choices at its first trial;
+    Optuna would refuse (and fail) every trial of a space that changed them."""
+    recorded: dict[str, optuna.distributions.BaseDistribution] = {}
+    for trial in study.get_trials(deepcopy=False):
+        for name, dist in trial.distributions.items():
+            recorded.setdefault(name, dist)
+    for name, new in space.distributions().items():
+        if name not in recorded:
+            continue
+        try:
+            optuna.distributions.check_distribution_compatibility(recorded[name], new)
+        except ValueError as e:
+            raise ValueError(
+                f"{space.source}: params.{name} does not fit study {cfg.study_name!r}, whose "
+                f"trials sampled {name!r} from {recorded[name]} ({e}): keep its type, log scale "
+                "and choices, or start a new study with another --study-name") from None
+
+
+def _storage_label(cfg: TuneConfig) -> str:
+    """The storage, without a password; the default journal file as its name."""
+    url = cfg.storage or JOURNAL_FILE
+    if "://" in url:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    default = (study_dir(cfg) / JOURNAL_FILE).resolve()
+    return JOURNAL_FILE if url == JOURNAL_FILE or Path(url).resolve() == default \
+        else str(Path(url).resolve())
+
+
+def claim_study_dir(cfg: TuneConfig, study: optuna.Study) -> None:
+    """``<out_dir>/<study>/`` belongs to one storage's study: trial N of another study of the
+    same name (another --storage) would find trial N's run directory taken."""
+    owner_file = study_dir(cfg) / OWNER_FILE
+    mine = _storage_label(cfg)
+    if owner_file.is_file():
+        try:
+            owner = json.loads(owner_file.read_text("utf-8"))["storage"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{owner_file}: unreadable ({e}); it names the storage of this "
+                             "directory's study: fix or delete it") from None
+        if owner != mine:
+            hint = "without --storage" if owner == JOURNAL_FILE else f"with --storage {owner}"
+            raise ValueError(
+                f"{study_dir(cfg)} holds study {cfg.study_name!r} of storage {owner}, not of "
+                f"{mine}: run {hint} to continue that study, or give this one another "
+                "--out-dir or --study-name")
+    trials_dir = study_dir(cfg) / "trials"
+    if not study.get_trials(deepcopy=False) and trials_dir.is_dir() and any(trials_dir.iterdir()):
+        raise ValueError(f"{trials_dir} holds the trials of a study that storage {mine} does not "
+                         "have: move them away, or choose another --out-dir or --study-name")
+    if not owner_file.is_file():
+        _write_atomic(owner_file, json.dumps({"storage": mine}) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
 # Reports: best config, trials table, importances
 # --------------------------------------------------------------------------------------------
 
@@ -464,6 +613,8 @@ def trial_reason(trial: FrozenTrial, retried_by: dict[int, int]) -> str:
     reason = trial.user_attrs.get(ATTR_REASON)
     if trial.number in retried_by:  # no reason recorded: its worker stopped sending heartbeats
         return f"{reason or 'worker died'}; queued again as trial {retried_by[trial.number]}"
+    if trial.state == TrialState.FAIL and not counts(trial, set()):
+        return f"{reason or 'no reason recorded'}; not counted toward n_trials"
     return reason or ""
 
 
@@ -530,6 +681,27 @@ def _short(value: str) -> str:
     return value if number.is_integer() or not math.isfinite(number) else f"{number:.4g}"
 
 
+class _OptunaLog(logging.Handler):
+    """Optuna's messages, one line each: a failed trial's reason is recorded (trials.csv), so its
+    traceback is noise; a stopping error or an interruption is told once by ``main``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        error = record.exc_info[1] if record.exc_info else None
+        message = record.getMessage()
+        if isinstance(error, (KeyboardInterrupt, TrialSetupError)) or (
+                message.startswith("Trial ") and message.endswith(" failed with value None.")):
+            return
+        tqdm.write(f"[{record.levelname[0]}] {message}", file=sys.stderr)
+
+
+def _quiet_optuna() -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and table tell
+    optuna.logging.disable_default_handler()
+    logger = logging.getLogger("optuna")
+    if not any(isinstance(h, _OptunaLog) for h in logger.handlers):
+        logger.addHandler(_OptunaLog())
+
+
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
@@ -581,13 +753,17 @@ def _start_workers(cfg: TuneConfig) -> list[subprocess.Popen]:
 
 def tune(cfg: TuneConfig) -> TuneResult:
     """Run (or continue) the sweep until the study holds ``cfg.n_trials`` finished trials."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and table tell
+    _quiet_optuna()
     space = load_space(cfg.space)
-    study_dir(cfg).mkdir(parents=True, exist_ok=True)
     base = trainingmanager.load_config_file(cfg.train_config) if cfg.train_config else {}
     space.check_base({**space.base, **base}, cfg.train_config or "--train-config")
+    check_trial_config(cfg, space, base)
+    study_dir(cfg).mkdir(parents=True, exist_ok=True)
     storage = open_storage(cfg)
     study = open_study(cfg, storage)
+    check_space_fits_study(cfg, space, study)
+    if not cfg.worker:  # the workers' parent has claimed it
+        claim_study_dir(cfg, study)
     if cfg.worker:  # one of --workers N processes: share this machine's cores among them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))
         run_worker(cfg, study, storage, space, base)
@@ -627,14 +803,21 @@ def tune(cfg: TuneConfig) -> TuneResult:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    cfg = None
     try:
         cfg = parse_config(argv)
         result = tune(cfg)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. --out-dir or --storage where no directory can be made
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("interrupted: run the same command again to continue the study", file=sys.stderr)
+        if cfg is None or not cfg.worker:  # a worker's parent says it, once
+            print("interrupted: run the same command again to continue the study",
+                  file=sys.stderr)
         return 130
     return 0 if result.finished >= cfg.n_trials else 1
 

@@ -373,6 +373,7 @@ class RecipeResult:
     table: str | None
     losses: list[float]
     adapter_max_diff: float | None = None  # smoke: base + adapter vs the merged export
+    smoke: bool = False  # a --smoke run
 
 
 def resolve_models(specs: Sequence[str], placeholders: dict[str, str]) -> list[str]:
@@ -397,6 +398,13 @@ def run_recipe(opts: RecipeOptions) -> RecipeResult:
         return _run_recipe(opts)
     finally:
         torch.set_num_threads(threads)
+
+
+def resume_hint(smoke: bool) -> str:
+    """Completes trainingmanager's "continue it with ...": here --resume is a switch, not a
+    path, and a smoke run is not resumed but run again."""
+    return ("the same recipes.py command again (a --smoke run starts over)" if smoke else
+            "the same recipes.py command plus --resume")
 
 
 def _run_recipe(opts: RecipeOptions) -> RecipeResult:
@@ -424,6 +432,11 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
         values["val_data"] = None
     if opts.val_data:
         values["val_data"] = list(opts.val_data)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{out_dir}: cannot create the output directory ({e.strerror}); check "
+                         "--out-dir") from None
     if opts.smoke:  # a smoke run replaces the previous one of the same name
         if values.get("init_from") and values.get("preset") not in PRESETS:
             raise ValueError(f"{opts.recipe}: --smoke builds a tiny checkpoint of the family of "
@@ -442,9 +455,9 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
                                              opts.progress)
 
     cfg = tm.config_from_dict(values, f"{opts.recipe} (train section)")
-    result = tm.train(cfg)
+    result = tm.train(cfg, resume_hint=resume_hint(opts.smoke))
     losses = train_losses(result.run_dir)
-    report = RecipeResult(result.run_dir, result, None, None, losses)
+    report = RecipeResult(result.run_dir, result, None, None, losses, smoke=opts.smoke)
     if result.interrupted:
         return report
     export = result.run_dir / "export"
@@ -493,7 +506,7 @@ def summary(report: RecipeResult) -> str:
     lines = [f"run: {report.run_dir}"]
     if report.train.interrupted:
         lines.append(f"interrupted ({report.train.interrupted}) at step {report.train.step}: "
-                     "continue with the same command and --resume")
+                     f"continue with {resume_hint(report.smoke)}")
     if report.losses:
         first, last = loss_change(report.losses)
         lines.append(f"training loss (first vs last steps): {first:.4f} -> {last:.4f} "
@@ -559,8 +572,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"error: {tm.os_error_message(e)}", file=sys.stderr)
+        return 2
     print(summary(report))
-    problems = smoke_problems(report) if opts.smoke and not report.train.interrupted else []
+    if report.train.interrupted:
+        return tm.interrupted_exit_code(report.train.interrupted)
+    problems = smoke_problems(report) if opts.smoke else []
     for problem in problems:
         print(f"smoke check failed: {problem}", file=sys.stderr)
     return 1 if problems else 0

@@ -10,6 +10,12 @@ What each run gets, and what it guarantees:
 - **A fresh temporary working directory** (also its ``HOME`` and ``TMPDIR``), removed afterwards.
 - **A minimal environment**: only ``PATH``, ``HOME``, ``TMPDIR``, ``LANG``; nothing of the
   evaluator's environment (tokens, keys) is inherited.
+- **A completion signal the program cannot forge by reading**: a random token reaches the
+  bootstrap through a pipe on stdin (never a file, ``argv`` or the environment; stdin is /dev/null
+  again before the program starts), and the bootstrap writes it to stderr only if the program
+  ran to its end. ``SandboxResult.completed`` says so; an early ``os._exit(0)`` exits 0 without
+  it. Code that walks the interpreter's own frames or memory could still find the token: the
+  same limit as the audit hook below.
 - **Writes confined to the working directory**, by two layers:
   1. Landlock (Linux >= 5.13, unprivileged, kernel-enforced) when the kernel offers it: no file
      may be created, written, truncated, removed or renamed outside the working directory, by the
@@ -37,6 +43,7 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -48,9 +55,21 @@ from pathlib import Path
 
 # Exit status the bootstrap uses when the sample ran out of memory.
 EXIT_MEMORY = 113
+# Smallest sensible address-space limit: the interpreter alone maps about 15 MB before any test.
+MIN_MEMORY_MB = 64
 
 _BOOTSTRAP = r'''
 import builtins, json, os, resource, sys, types
+
+def _read_token():
+    """The completion token, from the pipe on stdin; stdin is /dev/null again afterwards."""
+    token = b""
+    while chunk := os.read(0, 64):
+        token += chunk
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    return token.decode().strip()
 
 def _limits(cfg):
     cpu = cfg["cpu_s"]
@@ -165,6 +184,7 @@ def _install_guard(workdir):
     sys.addaudithook(guard)
 
 def _main():
+    token = _read_token()
     program, cfg_json = sys.argv[1], sys.argv[2]
     cfg = json.loads(cfg_json)
     with open(program, encoding="utf-8") as f:
@@ -184,6 +204,9 @@ def _main():
         exec(code, main.__dict__)
     except MemoryError:
         os._exit(EXIT_MEMORY)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.write(2, f"\nsandbox: completed {token}\n".encode())
 
 EXIT_MEMORY = __EXIT_MEMORY__
 _main()
@@ -210,6 +233,7 @@ class SandboxResult:
     stderr: str
     duration_s: float
     landlock: bool
+    completed: bool = False  # the program ran to its end (no early exit of any kind)
 
     @property
     def passed(self) -> bool:
@@ -232,13 +256,15 @@ def _kill_group(pgid: int) -> None:
 
 def run_python(source: str, config: SandboxConfig | None = None) -> SandboxResult:
     """Execute ``source`` as a Python program under the limits of ``config``; never raises for
-    anything the program does."""
+    anything the program does. ``completed`` in the result tells a run that reached the end of
+    ``source`` from one that exited early."""
     cfg = config or SandboxConfig()
     limits = {
         "cpu_s": math.ceil(cfg.timeout_s) + 1,
         "memory_bytes": cfg.memory_mb * 2**20,
         "file_bytes": cfg.file_mb * 2**20,
     }
+    token = secrets.token_hex(16)  # only the bootstrap learns it, through stdin
     with tempfile.TemporaryDirectory(prefix="codelm-sandbox-") as control:
         control_dir = Path(control)
         workdir = control_dir / "work"
@@ -251,8 +277,13 @@ def run_python(source: str, config: SandboxConfig | None = None) -> SandboxResul
                    str(control_dir / "program.py"), json.dumps(limits)]
         with open(control_dir / "stdout", "wb") as out, open(control_dir / "stderr", "wb") as err:
             start = time.monotonic()
-            proc = subprocess.Popen(command, cwd=workdir, env=env, stdin=subprocess.DEVNULL,
+            proc = subprocess.Popen(command, cwd=workdir, env=env, stdin=subprocess.PIPE,
                                     stdout=out, stderr=err, start_new_session=True)
+            try:  # a few bytes into an empty pipe: never blocks
+                proc.stdin.write(token.encode() + b"\n")
+                proc.stdin.close()
+            except OSError:  # the interpreter died at startup; its status says so
+                pass
             timed_out = False
             try:
                 proc.wait(timeout=cfg.timeout_s)
@@ -268,6 +299,9 @@ def run_python(source: str, config: SandboxConfig | None = None) -> SandboxResul
             landlock = f.readline().strip() not in (b"sandbox: landlock=0", b"")
         stderr = _tail(control_dir / "stderr", cfg.max_output_chars)
         stderr = re.sub(r"\Asandbox: landlock=\d+\n", "", stderr)
+        marker = f"\nsandbox: completed {token}\n"
+        completed = marker in stderr
+        stderr = stderr.replace(marker, "")
         # Samples can leave read-only files or directories behind; make them removable.
         os.chmod(workdir, 0o700)
         for root, dirs, files in os.walk(workdir):
@@ -289,4 +323,4 @@ def run_python(source: str, config: SandboxConfig | None = None) -> SandboxResul
         status = "killed"
     else:
         status = "failed"
-    return SandboxResult(status, code, stdout, stderr, duration, landlock)
+    return SandboxResult(status, code, stdout, stderr, duration, landlock, completed)

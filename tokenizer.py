@@ -162,33 +162,53 @@ def _read_json(path: Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+# What parsing or tokenizing Python text can raise on bad or pathological input: a syntax error,
+# a NUL byte, an unterminated string, or nesting deep enough to exhaust the parser's recursion or
+# memory. Every caller that parses untrusted text catches exactly these.
+PYTHON_PARSE_ERRORS = (SyntaxError, ValueError, tokenize.TokenError, RecursionError, MemoryError)
+
+
+def docstring_statement(node: ast.AST) -> ast.Expr | None:
+    """The docstring statement of a module, class or function node (its first statement, a
+    string constant), or None."""
+    body = getattr(node, "body", None)
+    first = body[0] if isinstance(body, list) and body else None
+    if (
+        isinstance(first, ast.Expr)
+        and isinstance(first.value, ast.Constant)
+        and isinstance(first.value.value, str)
+    ):
+        return first
+    return None
+
+
 def _docstring_nodes(tree: ast.AST) -> list[tuple[ast.Expr, bool]]:
     """(docstring statement, is it the only statement of its body) for every docstring."""
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
-            body = node.body
-            first = body[0] if body else None
-            if (
-                isinstance(first, ast.Expr)
-                and isinstance(first.value, ast.Constant)
-                and isinstance(first.value.value, str)
-            ):
-                found.append((first, len(body) == 1 and not isinstance(node, ast.Module)))
+            first = docstring_statement(node)
+            if first is not None:
+                found.append((first, len(node.body) == 1 and not isinstance(node, ast.Module)))
     return found
 
 
-def strip_comments_and_docstrings(source: str) -> str:
-    """Remove ``#`` comments and docstrings from Python source, keeping it valid Python.
+def strip_comments_and_docstrings(
+    source: str, comments: bool = True, docstrings: bool = True, strict: bool = False
+) -> str:
+    """Remove ``#`` comments and/or docstrings from Python source, keeping it valid Python.
 
     A docstring that is the only statement of a function or class becomes ``pass``. Lines left
     blank by a removal disappear; other blank lines stay. Text that is not valid Python is
-    returned unchanged: stripping is a best effort on code, never a reason to fail.
+    returned unchanged (stripping is a best effort on code, never a reason to fail), or with
+    ``strict`` raises one of ``PYTHON_PARSE_ERRORS`` (the dataset cleaner drops such files).
     """
     try:
         tree = ast.parse(source)
-        tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
-    except (SyntaxError, ValueError, tokenize.TokenError, RecursionError, MemoryError):
+        tokens = list(tokenize.generate_tokens(io.StringIO(source).readline)) if comments else []
+    except PYTHON_PARSE_ERRORS:
+        if strict:
+            raise
         return source
     lines = source.splitlines(keepends=True)
     line_bytes = [line.encode("utf-8", "surrogatepass") for line in lines]
@@ -202,7 +222,7 @@ def strip_comments_and_docstrings(source: str) -> str:
         if tok.type == tokenize.COMMENT:
             (row, col), (_, end) = tok.start, tok.end
             edits.append((row, col, row, end, ""))
-    for node, only_statement in _docstring_nodes(tree):
+    for node, only_statement in _docstring_nodes(tree) if docstrings else []:
         col = char_col(node.lineno, node.col_offset)
         end_col = char_col(node.end_lineno, node.end_col_offset)
         # A docstring sharing its line with code (``def f(): "doc"; return 1``) becomes ``pass``.
@@ -322,7 +342,7 @@ class CodeTokenizer(_BatchEncodeMixin):
         kept = [
             (piece, n)
             for piece, n in counts.items()
-            if n >= min_freq and _is_utf8(piece) and piece not in special_tokens
+            if n >= min_freq and is_utf8(piece) and piece not in special_tokens
         ]
         kept.sort(key=lambda pn: (-pn[1], pn[0]))
         if max_vocab is not None:
@@ -597,7 +617,8 @@ def _write_roles_config(directory: Path, roles: dict[str, str], replace: bool) -
         config.write_text(json.dumps(data, ensure_ascii=False, indent=2), "utf-8")
 
 
-def _is_utf8(text: str) -> bool:
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8: False where it holds a lone surrogate."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

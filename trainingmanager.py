@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -31,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import cliconfig
@@ -271,9 +273,17 @@ def _resolve_device(cfg: TrainConfig, dist: Dist) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", dist.local_rank)
         return torch.device("cpu")
-    device = torch.device(cfg.device)
+    try:
+        device = torch.device(cfg.device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {cfg.device}: not a device (auto | cpu | cuda | cuda:N)"
+                         ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {cfg.device!r} requested but CUDA is not available")
+    if (device.type == "cuda" and device.index is not None and not dist.enabled
+            and device.index >= torch.cuda.device_count()):
+        raise ValueError(f"--device {cfg.device}: this machine has "
+                         f"{torch.cuda.device_count()} CUDA device(s)")
     if device.type == "cuda" and dist.enabled:
         device = torch.device("cuda", dist.local_rank)
     return device
@@ -417,11 +427,17 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float)
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), capped: a diverged run's finite loss (say 23000) must not overflow math.exp."""
+    return math.exp(min(loss, 700.0))
+
+
 @dataclass
 class StepStats:
     loss: float  # token-weighted mean over the whole (global) step, as validation computes it
     grad_norm: float
     tokens: int  # input positions processed by this rank
+    lr: float  # the learning rate this step used (the scheduler has moved on by the time it logs)
     skipped: bool = False  # the fp16 scaler skipped the update (inf/NaN gradients)
     nonfinite: str | None = None  # "loss" or "gradient": the step was not applied
 
@@ -505,9 +521,10 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         loss_sum = _all_reduce_sum(loss_sum, self.dist)
         loss, norm = torch.stack([loss_sum / n_tokens.clamp(min=1.0), grad_norm.float()]).tolist()
+        lr = self.lr
         if not math.isfinite(loss) or (not math.isfinite(norm) and not self.scaler.is_enabled()):
             self.optimizer.zero_grad(set_to_none=True)
-            return StepStats(loss, norm, positions, nonfinite="loss" if not math.isfinite(loss)
+            return StepStats(loss, norm, positions, lr, nonfinite="loss" if not math.isfinite(loss)
                              else "gradient")
         scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
         self.scaler.step(self.optimizer)
@@ -515,15 +532,21 @@ class Trainer:
         skipped = self.scaler.is_enabled() and self.scaler.get_scale() < scale_before
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return StepStats(loss, norm, positions, skipped=skipped)
+        return StepStats(loss, norm, positions, lr, skipped=skipped)
 
     @torch.no_grad()
-    def evaluate(self, batches: Iterator[dict] | Sequence[dict]) -> dict:
+    def evaluate(self, batches: Iterator[dict] | Sequence[dict], total: int | None = None) -> dict:
         """Validation loss, perplexity and token accuracy with the training loss function.
 
         Totals are summed over tokens (and processes) before dividing, so the result does not
         depend on how the split is batched. Label smoothing is left out: perplexity is a true NLL.
+        A whole validation split can take minutes: it gets its own (transient) progress bar of
+        ``total`` batches.
         """
+        from tqdm import tqdm
+
+        batches = tqdm(batches, total=total, desc="eval", unit="batch", leave=False,
+                       disable=not (self.dist.main and self.cfg.progress), dynamic_ncols=True)
         model = self.eval_model
         was_training = model.training
         model.eval()
@@ -545,7 +568,7 @@ class Trainer:
         loss = loss_sum / n
         return {
             "val_loss": loss,
-            "val_ppl": math.exp(min(loss, 700.0)),
+            "val_ppl": perplexity(loss),
             "val_accuracy": correct / n,
             "val_tokens": int(n),
         }
@@ -606,6 +629,12 @@ def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], sourc
             f"{source}: checkpoint does not match the model (missing {missing[:8]}, "
             f"unexpected {unexpected[:8]}); was it written by a run with another config?"
         )
+    own = model.state_dict()
+    for name, t in tensors.items():  # before load_state_dict, whose error names no source
+        if t.shape != own[name].shape:
+            raise ValueError(f"{source}: tensor {name} has shape {tuple(t.shape)}, the model's "
+                             f"{tuple(own[name].shape)}; was it written by a run with another "
+                             "config?")
     model.load_state_dict(tensors, strict=False)
 
 
@@ -679,14 +708,45 @@ def save_checkpoint(path: Path, model: nn.Module, trainer_state: dict, rng: list
     write_dir_atomically(path, write)
 
 
+class CorruptCheckpointError(ValueError):
+    """A checkpoint that cannot be read back (a disk that filled up, a file edited or lost)."""
+
+
+_STATE_KEYS = ("optimizer", "scheduler", "scaler", "rng", "progress")
+_PROGRESS_KEYS = ("step", "order", "tokens_seen", "best_val_loss", "best_step",
+                  "evals_since_best", "last_eval_step")
+
+
 def load_checkpoint(path: Path, model: nn.Module, trainable_only: bool) -> dict:
-    """Load the weights into ``model``; return the rest (trainer state, rng, progress)."""
+    """Load the weights into ``model``; return the rest (trainer state, rng, progress).
+
+    Both files are read and checked before the model is touched, so a broken checkpoint
+    (CorruptCheckpointError) leaves the model as it was and an earlier one can be tried.
+    """
     path = Path(path)
     weights = path / (ADAPTER_FILE if trainable_only else MODEL_FILE)
+
+    def broken(why: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{path}: corrupt or incomplete checkpoint ({why})")
+
     if not weights.is_file():
-        raise ValueError(f"{path}: no {weights.name} (a checkpoint of a different kind of run?)")
-    load_model_tensors(model, load_file(weights), str(weights), trainable_only)
-    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        raise broken(f"no {weights.name}")
+    try:
+        tensors = load_file(weights)
+    except (SafetensorError, OSError) as e:
+        raise broken(f"{weights.name}: {e}") from None
+    if not (path / STATE_FILE).is_file():
+        raise broken(f"no {STATE_FILE}")
+    try:
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        # torch's own message suggests an unsafe reload; a torn file is all there is to say
+        raise broken(f"{STATE_FILE} is not a readable torch file ({type(e).__name__})") from None
+    if not isinstance(state, dict) or any(k not in state for k in _STATE_KEYS) or not isinstance(
+            state["progress"], dict) or any(k not in state["progress"] for k in _PROGRESS_KEYS):
+        raise broken(f"{STATE_FILE} lacks some of {', '.join(_STATE_KEYS)}")
+    load_model_tensors(model, tensors, str(weights), trainable_only)
+    return state
 
 
 # --------------------------------------------------------------------------------------------
@@ -700,14 +760,32 @@ def validate_config(cfg: TrainConfig) -> None:
         if not ok:
             raise ValueError(f"TrainConfig.{key}={getattr(cfg, key)!r}: {why}")
 
-    for key in ("batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "keep_last"):
+    for key in ("batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "keep_last",
+                "tokenizer_min_freq"):
         need(getattr(cfg, key) >= 1, key, "must be >= 1")
-    need(cfg.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+    for key in ("warmup_steps", "early_stop_patience", "sample_tokens"):
+        need(getattr(cfg, key) >= 0, key, "must be >= 0")
+    # "inf" and "nan" parse as floats: every float must be finite (nan fails every comparison).
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        need(not isinstance(value, float) or math.isfinite(value), f.name, "must be finite")
     need(cfg.lr > 0, "lr", "must be > 0")
     need(0.0 <= cfg.min_lr_ratio <= 1.0, "min_lr_ratio", "must be in [0, 1]")
+    need(cfg.weight_decay >= 0, "weight_decay", "must be >= 0")
+    for key in ("beta1", "beta2"):
+        need(0.0 <= getattr(cfg, key) < 1.0, key, "must be in [0, 1)")
+    need(cfg.adam_eps > 0, "adam_eps", "must be > 0")
     need(0.0 <= cfg.label_smoothing < 1.0, "label_smoothing", "must be in [0, 1)")
     need(cfg.grad_clip >= 0, "grad_clip", "must be >= 0 (0: no clipping)")
+    need(cfg.early_stop_min_delta >= 0, "early_stop_min_delta", "must be >= 0")
     need(cfg.epochs is None or cfg.epochs > 0, "epochs", "must be > 0")
+    need(cfg.max_time_s is None or cfg.max_time_s > 0, "max_time_s", "must be > 0")
+    need(cfg.dropout is None or 0.0 <= cfg.dropout < 1.0, "dropout", "must be in [0, 1)")
+    need(0.0 <= cfg.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)")
+    need(cfg.tokenizer_max_vocab is None or cfg.tokenizer_max_vocab >= 1, "tokenizer_max_vocab",
+         "must be >= 1")
+    need(cfg.inject_nan_at_step is None or cfg.inject_nan_at_step >= 1, "inject_nan_at_step",
+         "must be >= 1 (steps count from 1)")
     need(cfg.save_every is None or cfg.save_every >= 1, "save_every", "must be >= 1")
     need(cfg.eval_batches is None or cfg.eval_batches >= 1, "eval_batches", "must be >= 1")
     need(cfg.lora_r >= 0, "lora_r", "must be >= 0 (0: no LoRA)")
@@ -726,6 +804,47 @@ def validate_config(cfg: TrainConfig) -> None:
             raise ValueError(f"--init-from {cfg.init_from}: not a directory")
     if cfg.resume is not None and not Path(cfg.resume).is_dir():
         raise ValueError(f"--resume {cfg.resume}: no such run directory")
+
+
+# What a resumed run may change (besides name, out_dir and resume, which only locate it): how it
+# computes (the same maths; bit-exact only with the same device and settings), how far it goes,
+# what it reports and keeps, and how it ends. Every other key shapes the model, the data or its
+# order, the optimizer state or the steps already taken: with another value the checkpoint would
+# not load, or would load and silently override it (AdamW's lr, betas and decay come back from
+# the checkpoint), or the run would go on as another run than the one on disk. Those are refused.
+RESUME_MAY_CHANGE = (
+    "device", "compile", "gradient_checkpointing",  # how the same maths is computed
+    "max_steps", "epochs", "max_time_s",  # how far it goes (the cosine follows the new length)
+    "early_stop_patience", "early_stop_min_delta",  # when it may stop early
+    "eval_every", "log_every", "save_every", "keep_last", "progress",  # reporting and keeping
+    "export", "export_merged", "sample_prompt", "sample_tokens",  # the end of the run
+    "inject_nan_at_step",  # fault injection (tests)
+)
+# data_options that change where and how fast the data is prepared, not what it is.
+RESUME_DATA_OPTIONS_MAY_CHANGE = ("cache_dir", "use_cache", "num_workers", "progress")
+
+
+def check_resume_config(cfg: TrainConfig, run_dir: Path, resume_hint: str) -> None:
+    """Refuse a resumed run whose settings differ from the run's own config.json in a key
+    outside RESUME_MAY_CHANGE, naming each key with both values."""
+    saved_path = Path(run_dir) / "config.json"
+    if not saved_path.is_file():
+        return  # nothing was written yet: the run starts from the beginning anyway
+    saved, source = cliconfig.read_config_file(saved_path, "train")
+    now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # JSON's view, as config.json holds it
+    for values in (saved, now):
+        if isinstance(values.get("data_options"), dict):
+            values["data_options"] = {k: v for k, v in values["data_options"].items()
+                                      if k not in RESUME_DATA_OPTIONS_MAY_CHANGE}
+    fixed = [k for k in now if k not in ("name", "out_dir", "resume", *RESUME_MAY_CHANGE)]
+    changed = [f"{k}={saved[k]!r} (now {now[k]!r})" for k in fixed
+               if k in saved and saved[k] != now[k]]
+    if changed:
+        raise ValueError(
+            f"{source}: the run was trained with other settings: {'; '.join(changed)}. A "
+            "resumed run keeps every setting of its model, data, optimizer and schedule: drop "
+            f"those changes ({resume_hint} alone continues it), or start a new run with another "
+            f"--name. A resume may change only: {', '.join(RESUME_MAY_CHANGE)}")
 
 
 def data_config(cfg: TrainConfig, block_size: int):
@@ -866,24 +985,48 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
+def _metrics_up_to(path: Path, step: int) -> list[str]:
+    """The lines of metrics.jsonl up to ``step``. A torn last line (a crash or a full disk
+    mid-write) is dropped with a warning; any other unreadable line is an error naming it."""
+    lines = path.read_bytes().split(b"\n")
+    kept = []
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            if number == len(lines):  # no newline after it: the write never finished
+                print(f"warning: {path}:{number}: dropping a torn last line", file=sys.stderr)
+                continue
+            raise ValueError(f"{path}:{number}: not a metrics line ({e}); fix or remove it "
+                             "to resume") from None
+        if record.get("step", 0) <= step:
+            kept.append(raw.decode("utf-8"))
+    return kept
+
+
 class _RunLog:
     """metrics.jsonl (one line per log step and per evaluation) and TensorBoard; rank 0 only."""
 
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: int):
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None):
+        """``resume_step``: the step a resumed run continues from (0 when it had no checkpoint
+        yet; None: a new run). What the interrupted run logged past it is dropped."""
         self.enabled = enabled
         self.file = self.tb = None
         if not enabled:
             return
         path = run_dir / "metrics.jsonl"
-        if resume_step and path.exists():  # drop what the interrupted run logged past its checkpoint
-            kept = [line for line in path.read_text().splitlines()
-                    if line and json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
+        if resume_step is not None and path.exists():
+            path.write_text("".join(line + "\n" for line in _metrics_up_to(path, resume_step)),
+                            encoding="utf-8")
         self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step
-                                else None)
+        self.tb = SummaryWriter(str(run_dir / "tb"),
+                                purge_step=None if resume_step is None else resume_step + 1)
 
     def write(self, step: int, kind: str, values: dict) -> None:
         if not self.enabled:
@@ -932,15 +1075,17 @@ def _gather(value, dist: Dist) -> list:
 class _Run:
     """Everything one call of ``train`` builds and owns."""
 
-    def __init__(self, cfg: TrainConfig, dist: Dist):
+    def __init__(self, cfg: TrainConfig, dist: Dist, resume_hint: str | None = None):
         validate_config(cfg)
         self.cfg, self.dist = cfg, dist
         self.main = dist.main
+        self._resume_hint = resume_hint
         self.device = _resolve_device(cfg, dist)
+        if cfg.resume:
+            check_resume_config(cfg, Path(cfg.resume), self.resume_hint(Path(cfg.resume)))
         self.run_dir = self._run_dir()
         checkpoints = list_checkpoints(self.run_dir) if cfg.resume else []
-        self.resume_from = checkpoints[-1] if checkpoints else None
-        if cfg.resume and self.resume_from is None and self.main:
+        if cfg.resume and not checkpoints and self.main:
             print(f"{self.run_dir}: no checkpoint yet; starting the run from the beginning")
 
         # Tokenizer and data: rank 0 fills the caches, the others read them.
@@ -949,6 +1094,12 @@ class _Run:
 
         block = cfg.block_size or self._default_block_size()
         self.dcfg = data_config(cfg, block)
+        if self.dcfg.use_cache:
+            try:
+                Path(self.dcfg.cache_dir).mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ValueError(f"data_options.cache_dir {self.dcfg.cache_dir}: cannot create it "
+                                 f"({e.strerror})") from None
         saved_tok = self.run_dir / "tokenizer.json"
         with _main_first(dist):
             self.tok = (load_tokenizer(saved_tok) if saved_tok.is_file()
@@ -974,18 +1125,23 @@ class _Run:
         self.order = BatchOrder(len(self.train_set), cfg.batch_size, dist, cfg.seed)
         self.step = 0
         self.tokens_seen = 0
+        self.train_loss: float | None = None  # of the last step
         self.best_val_loss: float | None = None
         self.best_step: int | None = None
         self.evals_since_best = 0
         self.last_eval_step = -1
         self.last_saved_step = -1
-        if self.resume_from is not None:
-            self._restore(self.resume_from)
+        if checkpoints:
+            self._restore_latest(checkpoints)
         self.config_dict = {**dataclasses.asdict(cfg), "name": self.run_dir.name, "resume": None}
         if self.main:
             (self.run_dir / "config.json").write_text(json.dumps(self.config_dict, indent=1))
 
     # -- set-up helpers ---------------------------------------------------------------------
+
+    def resume_hint(self, run_dir: Path) -> str:
+        """How the caller's command line continues this run ("continue it with ...")."""
+        return self._resume_hint or f"--resume {run_dir}"
 
     def _run_dir(self) -> Path:
         cfg = self.cfg
@@ -997,10 +1153,14 @@ class _Run:
                 f"{time.strftime('%Y%m%d-%H%M%S')}", self.dist)
             run_dir = Path(cfg.out_dir) / name
             if (run_dir / "config.json").exists():
-                raise ValueError(f"{run_dir} already holds a run: continue it with --resume "
-                                 f"{run_dir}, or choose another --name")
+                raise ValueError(f"{run_dir} already holds a run: continue it with "
+                                 f"{self.resume_hint(run_dir)}, or choose another --name")
         if self.main:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ValueError(f"{run_dir}: cannot create the run directory ({e.strerror}); "
+                                 "check --out-dir") from None
             clean_partial_writes(run_dir)
             clean_partial_writes(run_dir / "checkpoints")
         _barrier(self.dist)
@@ -1038,6 +1198,28 @@ class _Run:
         per_step = cfg.batch_size * cfg.grad_accum * self.dist.world
         return max(1, math.ceil(cfg.epochs * n / per_step))
 
+    def _restore_latest(self, checkpoints: list[Path]) -> None:
+        """Continue from the newest checkpoint that reads back. A broken one (a full disk, a lost
+        file) is renamed broken-step-N, kept for inspection, with a warning; none: an error."""
+        errors: list[CorruptCheckpointError] = []
+        for path in reversed(checkpoints):
+            try:
+                self._restore(path)
+                break
+            except CorruptCheckpointError as e:
+                errors.append(e)
+                if self.main and path != checkpoints[0]:
+                    print(f"warning: {e}; trying the checkpoint before it", file=sys.stderr)
+        else:
+            raise CorruptCheckpointError("; ".join(map(str, errors)) + ": no intact checkpoint "
+                                         "to resume from")
+        _barrier(self.dist)  # every rank has read its checkpoint before the broken are moved
+        if self.main:
+            for path in checkpoints[len(checkpoints) - len(errors):]:
+                aside = path.with_name(f"broken-{path.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+                os.rename(path, aside)
+                print(f"warning: {path} set aside as {aside.name}", file=sys.stderr)
+
     def _restore(self, path: Path) -> None:
         state = load_checkpoint(path, self.trainer.raw_model, self.trainable_only)
         self.trainer.load_state_dict(state)
@@ -1049,6 +1231,7 @@ class _Run:
         self.best_step = progress["best_step"]
         self.evals_since_best = progress["evals_since_best"]
         self.last_eval_step = progress["last_eval_step"]
+        self.train_loss = progress.get("train_loss")  # absent from older checkpoints
         self.last_saved_step = self.step
         rngs = state["rng"]
         if len(rngs) == self.dist.world:
@@ -1076,17 +1259,18 @@ class _Run:
             micro.append(self._collate([self.train_set[i] for i in indices]))
         return micro, where
 
-    def _val_batches(self) -> Iterator[dict]:
-        """This rank's share of the validation batches (the same examples at every evaluation)."""
+    def _val_batches(self) -> tuple[Iterator[dict], int]:
+        """This rank's share of the validation batches (the same examples at every evaluation),
+        and how many there are."""
         cfg, world = self.cfg, self.dist.world
         n = len(self.val_set)
         if cfg.eval_batches is not None:
             n = min(n, cfg.eval_batches * cfg.batch_size * world)
-        starts = range(0, n, cfg.batch_size)
-        for k, start in enumerate(starts):
-            if k % world == self.dist.rank:
-                stop = min(start + cfg.batch_size, n)
-                yield self._collate([self.val_set[i] for i in range(start, stop)])
+        step = cfg.batch_size
+        starts = range(0, n, step)[self.dist.rank::world]
+        batches = (self._collate([self.val_set[i] for i in range(start, min(start + step, n))])
+                   for start in starts)
+        return batches, len(starts)
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -1099,6 +1283,7 @@ class _Run:
             "best_step": self.best_step,
             "evals_since_best": self.evals_since_best,
             "last_eval_step": self.last_eval_step,
+            "train_loss": self.train_loss,
         }
 
     def save(self) -> None:
@@ -1137,7 +1322,7 @@ class _Run:
         value = stats.loss if stats.nonfinite == "loss" else stats.grad_norm
         span = cfg.batch_size * self.dist.world * cfg.grad_accum
         causes = [
-            f"the learning rate is too high (lr at this step {self.trainer.lr:.3g}, peak "
+            f"the learning rate is too high (lr at this step {stats.lr:.3g}, peak "
             f"{cfg.lr:.3g}): lower --lr or lengthen --warmup-steps",
             "fp16 overflow: train with --precision bf16 or fp32"
             if self.trainer.precision == "fp16" else
@@ -1148,8 +1333,9 @@ class _Run:
         if cfg.inject_nan_at_step == step:
             causes.insert(0, "injected on purpose: inject_nan_at_step is set")
         last = list_checkpoints(self.run_dir)
-        kept = (f"the last good checkpoint is {last[-1]} (continue with --resume {self.run_dir})"
-                if last else "no checkpoint had been written yet")
+        kept = (f"the last good checkpoint is {last[-1]} (continue with "
+                f"{self.resume_hint(self.run_dir)})" if last else
+                "no checkpoint had been written yet")
         message = (
             f"non-finite {stats.nonfinite} ({value}) at step {step}: epoch {epoch}, training "
             f"examples {pos}..{pos + span - 1} of that epoch's shuffled order ({cfg.grad_accum} "
@@ -1160,7 +1346,7 @@ class _Run:
         raise NonFiniteLossError(message)
 
     def _evaluate(self, log: _RunLog, on_eval) -> dict:
-        metrics = self.trainer.evaluate(self._val_batches())
+        metrics = self.trainer.evaluate(*self._val_batches())
         self.last_eval_step = self.step
         if self.best_val_loss is None or metrics["val_loss"] < self.best_val_loss:
             self.evals_since_best = (
@@ -1188,7 +1374,7 @@ class _Run:
 
     def execute(self, on_eval) -> TrainResult:
         cfg, trainer = self.cfg, self.trainer
-        log = _RunLog(self.run_dir, self.main, self.step)
+        log = _RunLog(self.run_dir, self.main, self.step if cfg.resume else None)
         signals = _StopSignals()
         result = TrainResult(self.run_dir, self.best_val_loss, self.step)
         from tqdm import tqdm
@@ -1219,19 +1405,19 @@ class _Run:
                 self.step += 1
                 self.tokens_seen += stats.tokens * self.dist.world
                 window_tokens += stats.tokens * self.dist.world
-                result.train_loss = stats.loss
+                self.train_loss = stats.loss
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == 1:
                     now = time.perf_counter()
                     tok_s = window_tokens / max(now - window_start, 1e-9)
                     window_start, window_tokens = now, 0
-                    values = {"loss": stats.loss, "lr": trainer.lr, "grad_norm": stats.grad_norm,
+                    values = {"loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
                               "tokens_per_s": tok_s, "tokens_seen": self.tokens_seen,
                               "memory_mb": _memory_mb(self.device)}
                     if trainer.scaler.is_enabled():
                         values["loss_scale"] = trainer.scaler.get_scale()
                     log.write(self.step, "train", values)
-                    bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{trainer.lr:.2e}",
+                    bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}",
                                     tok_s=f"{tok_s:.0f}", refresh=False)
                 memorised = cfg.overfit_batches > 0 and stats.loss < OVERFIT_LOSS
                 if (self.step % cfg.eval_every == 0 and self.step >= cfg.warmup_steps) or (
@@ -1248,7 +1434,7 @@ class _Run:
                 result.interrupted = stop
                 if self.main:
                     print(f"\n{stop}: checkpoint saved at step {self.step}; continue with "
-                          f"--resume {self.run_dir}")
+                          f"{self.resume_hint(self.run_dir)}")
             else:
                 if self.last_eval_step != self.step:
                     metrics = self._evaluate(log, on_eval)
@@ -1260,8 +1446,8 @@ class _Run:
             bar.close()
             log.close()
             signals.restore()
-        result.step, result.best_val_loss, result.best_step = (
-            self.step, self.best_val_loss, self.best_step)
+        result.step, result.best_val_loss, result.best_step, result.train_loss = (
+            self.step, self.best_val_loss, self.best_step, self.train_loss)
         result.val_metrics = metrics
         return result
 
@@ -1300,7 +1486,7 @@ class _Run:
 
         write_dir_atomically(export, write)
         print(f"exported to {export} (best validation loss {self.best_val_loss:.4f}, "
-              f"perplexity {math.exp(self.best_val_loss):.2f})")
+              f"perplexity {perplexity(self.best_val_loss):.2f})")
         return export, sample
 
 
@@ -1322,16 +1508,18 @@ def sample_completion(model: nn.Module, tok, prompt: str, max_new_tokens: int) -
     return tok.decode([i for i in out[0, len(ids):].tolist() if i != tok.eos_id])
 
 
-def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None) -> TrainResult:
+def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
+          resume_hint: str | None = None) -> TrainResult:
     """Run (or continue, with ``cfg.resume``) one training run; see the module docstring.
 
     ``on_eval(step, metrics)`` is called after every evaluation; an exception it raises (e.g.
     ``optuna.TrialPruned``) propagates once the run directory is consistent. Under torchrun this
-    joins the process group (gloo on CPU, NCCL on GPU).
+    joins the process group (gloo on CPU, NCCL on GPU). ``resume_hint`` completes the messages'
+    "continue it with ..." in the caller's own terms (default: ``--resume <run dir>``).
     """
     dist, owns_group = _init_distributed(cfg.device)
     try:
-        return _Run(cfg, dist).execute(on_eval)
+        return _Run(cfg, dist, resume_hint).execute(on_eval)
     finally:
         if owns_group:
             import torch.distributed as td
@@ -1474,6 +1662,18 @@ def run_overfit(cfg: TrainConfig, max_steps: int = 400) -> tuple[bool, str]:
 # --------------------------------------------------------------------------------------------
 
 
+def os_error_message(e: OSError) -> str:
+    """A file-system failure as one line naming the path (no traceback)."""
+    paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+    return f"{paths}: {e.strerror}" if paths and e.strerror else str(e)
+
+
+def interrupted_exit_code(signal_name: str) -> int:
+    """The shell's code for a run stopped by SIGINT (130) or SIGTERM (143), checkpoint saved:
+    non-zero, so ``train && eval`` does not go on with an unfinished run."""
+    return 128 + signal.Signals[signal_name].value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = parse_config(argv)
@@ -1488,18 +1688,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"error: {os_error_message(e)}", file=sys.stderr)
+        return 2
+    if result.interrupted:
+        return interrupted_exit_code(result.interrupted)
     if cfg.overfit_batches:
         ok = result.train_loss is not None and result.train_loss < OVERFIT_LOSS
+        loss = "no loss" if result.train_loss is None else f"loss {result.train_loss:.4f}"
         print(f"{'PASS' if ok else 'FAIL'}: {cfg.overfit_batches} batch(es) of the training data, "
-              f"loss {result.train_loss:.4f} after {result.step} steps (target {OVERFIT_LOSS})"
+              f"{loss} after {result.step} steps (target {OVERFIT_LOSS})"
               + ("" if ok else ". Diagnosis: not memorised; raise --max-steps or --lr, check the "
                  "data (labels vs inputs) and run --overfit to test the model and training step"))
         return 0 if ok else 1
-    if result.interrupted:
-        return 0
     if result.best_val_loss is not None:
         print(f"best validation loss {result.best_val_loss:.4f} (perplexity "
-              f"{math.exp(result.best_val_loss):.2f}) at step {result.best_step}; run dir "
+              f"{perplexity(result.best_val_loss):.2f}) at step {result.best_step}; run dir "
               f"{result.run_dir}")
     return 0
 

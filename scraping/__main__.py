@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     except GitHubError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # the output cannot be written: disk full, permissions, ...
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; finished repos are saved, re-run to continue", file=sys.stderr)
         return 130

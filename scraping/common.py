@@ -94,6 +94,26 @@ def decode_source(data: bytes) -> tuple[str | None, str | None]:
         return None, "not_utf8"
 
 
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8: False for a file name whose bytes are not UTF-8
+    (``os`` spells them as lone surrogates, which no JSON reader downstream accepts)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_output_file(path: Path, flag: str) -> None:
+    """Fail before any work is done when ``path`` cannot be written as a file."""
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; give a file path such as "
+                         f"{path / 'out.jsonl'}")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"{flag} {path}: {parent} is a file, not a directory")
+
+
 def make_record(
     repo: str, path: str, sha: str, license_id: str | None, stars: int | None, text: str
 ) -> dict:

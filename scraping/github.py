@@ -22,6 +22,7 @@ from scraping.common import (
     FileFilter,
     ResumableOutput,
     Summary,
+    check_output_file,
     decode_source,
     expand_licenses,
     git_blob_sha,
@@ -238,6 +239,8 @@ class GitHubScraper:
         cfg = self.cfg
         out = Path(cfg.out)
         state = Path(cfg.state) if cfg.state else out.with_name(out.name + ".state")
+        check_output_file(out, "--out")
+        check_output_file(state, "--state")
         previous = ResumableOutput.read_settings(state)
         until = cfg.until or (previous or {}).get("until") or date.today().isoformat()
         start = datetime.combine(_parse_day(cfg.since, "since"), datetime.min.time(),

@@ -20,9 +20,11 @@ from scraping.common import (
     FileFilter,
     Summary,
     atomic_write,
+    check_output_file,
     decode_source,
     encode_records,
     git_blob_sha,
+    is_utf8,
     make_record,
     normalize_extensions,
     redact_url,
@@ -87,6 +89,9 @@ def collect_directory(
     """Records for every wanted file under ``root``; ``seen`` holds blob SHAs already kept."""
     records = []
     for rel, path in tqdm(list(_walk(root)), desc=repo[-40:], unit="file", disable=not progress):
+        if not is_utf8(rel):
+            summary.files["not_utf8_name"] += 1
+            continue
         if path.is_symlink() or not path.is_file():
             summary.files["symlink" if path.is_symlink() else "not_a_file"] += 1
             continue
@@ -114,6 +119,9 @@ def collect_local(cfg: LocalConfig) -> Summary:
     if not cfg.sources:
         raise ValueError("give at least one directory or git URL to collect from")
     file_filter = FileFilter(normalize_extensions(cfg.extensions), cfg.min_bytes, cfg.max_bytes)
+    out = Path(cfg.out)
+    check_output_file(out, "--out")
+    out.parent.mkdir(parents=True, exist_ok=True)
     summary, seen, records = Summary(), set(), []
     for source in cfg.sources:
         if _is_git_url(source):
@@ -123,11 +131,13 @@ def collect_local(cfg: LocalConfig) -> Summary:
                                              cfg.license, summary, seen, cfg.progress)
         elif Path(source).is_dir():
             root = Path(source).resolve()
+            if not is_utf8(root.name):
+                raise ValueError(f"{source!r}: the directory name, which names the repo of its "
+                                 "records, is not valid UTF-8; rename it")
             records += collect_directory(root, root.name, file_filter, cfg.license, summary,
                                          seen, cfg.progress)
         else:
             raise ValueError(f"{source}: not a directory or a git URL")
         summary.repos["collected"] += 1
-    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(Path(cfg.out), encode_records(records))
+    atomic_write(out, encode_records(records))
     return summary

@@ -153,9 +153,28 @@ def test_strip_comments_and_docstrings_on_stdlib_file():
     original = ast.parse(source)
     for node in ast.walk(original):
         body = getattr(node, "body", None)
-        if isinstance(body, list) and dataset._docstring_node(node) is not None:
+        if isinstance(body, list) and dataset.docstring_statement(node) is not None:
             node.body = body[1:] or [ast.Pass()]
     assert ast.dump(original) == ast.dump(tree)
+
+
+def test_deeply_nested_file_is_dropped_as_a_syntax_error_not_a_crash(tmp_path, tok):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "good.py").write_text((EMAIL / "quoprimime.py").read_text("utf-8"))
+    # Valid Python whose parse exhausts the parser's recursion (RecursionError in ast.parse).
+    (src / "deep.py").write_text(
+        'def g():\n    """Build."""\n    x = (\n' + '        "abc" +\n' * 6000
+        + '        "b")\n    return x\n')
+    whole = dict(sources=[str(src)], train_frac=1.0, val_frac=0.0, test_frac=0.0)
+    for option in ("strip_comments", "strip_docstrings"):
+        corpus = dataset.load_corpus(cfg(tmp_path, **whole, **{option: True}))
+        assert corpus.stats["dropped"] == {"syntax_error": 1}
+        assert [d.id for d in corpus.train] == ["src/good.py"]
+    for task in ("docstring", "method"):  # kept by cleaning, skipped (and counted) by the task
+        data = prepare(cfg(tmp_path, **whole, task=task, docstring_targets="function"), tok)
+        assert data.stats["task"]["events"]["train"]["skipped_syntax_error_file"] == 1
+        assert len(data.train) > 0
 
 
 def test_autopep8_formats_and_respects_the_time_limit(tmp_path):
@@ -529,6 +548,45 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
     corpus = dataset.load_corpus(cfg(tmp_path, sources=[str(mixed)], skip_bad=True))
     assert corpus.stats["dropped"]["bad_jsonl_line"] == 2
     assert corpus.stats["kept"]["files"] == 10
+
+
+def test_names_and_strings_that_are_not_utf8_are_skipped_or_named(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "ok.py").write_text("x = 1\ny = 2\n")
+    with open(os.path.join(os.fsencode(src), b"\xff\xfe.py"), "wb") as f:
+        f.write(b"x = 1\nz = 3\n")
+    corpus = dataset.load_corpus(cfg(tmp_path, sources=[str(src)]))
+    assert corpus.stats["dropped"] == {"not_utf8_name": 1}
+    assert [d.id for d in corpus.train + corpus.val + corpus.test] == ["src/ok.py"]
+    good = {"repo": "u/r", "path": "a.py", "text": "x = 1\ny = 2\n"}
+    for key, value in (("text", 'y = "\ud83d"\nz = 1\n'), ("path", "\udcff.py")):
+        bad = write_jsonl(tmp_path / f"{key}.jsonl", [good, {**good, key: value}])
+        with pytest.raises(DataError, match=rf"{key}\.jsonl:2: key '{key}' holds a lone surrogate"):
+            dataset.load_corpus(cfg(tmp_path, sources=[str(bad)]))
+        corpus = dataset.load_corpus(cfg(tmp_path, sources=[str(bad)], skip_bad=True))
+        assert corpus.stats["dropped"] == {"bad_jsonl_line": 1}
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"input": "a\ud800", "output": "b"}])
+    with pytest.raises(DataError, match=r"pairs\.jsonl:1: key 'input'"):
+        dataset.load_corpus(cfg(tmp_path, sources=[str(pairs)]))
+
+
+def test_config_values_of_the_wrong_type_or_range_name_the_key(tmp_path):
+    for key, value, message in (
+        ("extensions", ".kt", "expected list[str], got '.kt'"),
+        ("sources", [str(EMAIL), 3], "expected list[str]"),
+        ("near_dedupe_threshold", 5.0, "must be in [0, 1], got 5.0"),
+        ("val_frac", "0.1", "expected float"),
+        ("max_docs", True, "expected int | None"),
+        ("min_lines", -1, "must be >= 0"),
+        ("block_size", 1, "must be >= 2"),
+    ):
+        with pytest.raises(DataError) as info:
+            dataset.load_corpus(cfg(tmp_path, **{key: value}))
+        assert f"DataConfig.{key}" in str(info.value) and message in str(info.value)
+    assert dataset.main(["--near-dedupe", "--near-dedupe-threshold", "5", "--no-progress",
+                         "--cache-dir", str(tmp_path)]) == 2
+    cfg(tmp_path, max_docs=None, val_frac=0.1, near_dedupe_threshold=1).validate()
 
 
 def test_empty_corpus_and_missing_source_are_clear_errors(tmp_path):

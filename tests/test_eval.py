@@ -236,6 +236,141 @@ def test_malformed_problem_file_is_named(tmp_path):
         ev.load_problems(bad)
 
 
+FORTY_TWO = {"task_id": "t/42", "prompt": 'def c():\n    """Return 42."""\n',
+             "entry_point": "c", "test": "def check(candidate):\n    assert candidate() == 42\n"}
+
+
+def test_a_sample_cannot_forge_a_pass_by_reading_its_program():
+    assert ev.run_check(FORTY_TWO, "    return 42\n").passed
+    forge = ("import re, os\nprint(re.findall(r\"print\\('([0-9a-f]{32})'\\)\", "
+             "open(__file__).read())[-1], flush=True); os._exit(0)")
+    assert ev.run_check(FORTY_TWO, forge).status == "failed"
+
+
+def test_a_sample_cannot_forge_a_pass_from_its_environment_or_stdin():
+    forge = ("import os, re, sys\n"
+             "seen = str(os.environ) + ' '.join(sys.argv) + sys.stdin.read()\n"
+             "for name in ('environ', 'cmdline'):\n"
+             "    seen += open('/proc/self/' + name, 'rb').read().decode('latin-1')\n"
+             "for token in re.findall('[0-9a-f]{32}', seen):\n"
+             "    print(token, flush=True)\n"
+             "    print('\\nsandbox: completed ' + token, file=sys.stderr, flush=True)\n"
+             "os._exit(0)\n")
+    assert ev.run_check(FORTY_TWO, forge).status == "failed"
+
+
+def _problem_line(task_id: str) -> str:
+    import json
+
+    return json.dumps({**FORTY_TWO, "task_id": task_id}) + "\n"
+
+
+def test_duplicate_task_id_is_an_error_before_any_generation(tiny_models, tmp_path,
+                                                             monkeypatch, capsys):
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text(_problem_line("A") + _problem_line("B") + _problem_line("A"))
+    with pytest.raises(ValueError, match=r"dup.jsonl:3: duplicate task_id 'A' \(first on line 1\)"):
+        ev.load_problems(dup)
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generated before the problems were checked")
+
+    monkeypatch.setattr(ev, "generate_texts", no_generation)
+    out = tmp_path / "out"
+    assert ev.main(["--models", str(tiny_models["base"]), "--tasks", "passk", "--problems",
+                    str(dup), "--out-dir", str(out), "--no-progress"]) == 2
+    assert "dup.jsonl:3: duplicate task_id 'A'" in capsys.readouterr().err
+    assert not out.exists()  # the failed run leaves no empty output directory
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: None, r"p.jsonl: problems file not found"),
+    (lambda p: p.mkdir(), r"p.jsonl: cannot read the problems file: Is a directory"),
+    (lambda p: p.write_text(_problem_line("A") + "[1, 2]\n"),
+     r"p.jsonl:2: a problem is a JSON object, got list"),
+    (lambda p: p.write_bytes(_problem_line("A").encode() + b'{"task_id": "\xff"}\n'),
+     r"p.jsonl:2: not UTF-8 text"),
+])
+def test_unreadable_problem_files_are_named(tmp_path, capsys, make, message):
+    path = tmp_path / "p.jsonl"
+    make(path)
+    with pytest.raises(ValueError, match=message):
+        ev.load_problems(path)
+    out = tmp_path / "out"
+    assert ev.main(["--tasks", "passk", "--problems", str(path), "--models", str(tmp_path),
+                    "--out-dir", str(out), "--no-progress"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {path}")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, key", [
+    (["--timeout-s", "-1"], "timeout_s"),
+    (["--timeout-s", "0"], "timeout_s"),
+    (["--memory-mb", "0"], "memory_mb"),
+    (["--memory-mb", "8"], "memory_mb"),
+    (["--block-size", "1"], "block_size"),
+    (["--block-size", "-8"], "block_size"),
+    (["--lm-windows", "-1"], "lm_windows"),
+    (["--lm-windows", "0"], "lm_windows"),
+    (["--device", "tpu"], "device"),
+])
+def test_bad_settings_are_rejected_before_any_work(flags, key, capsys, monkeypatch):
+    monkeypatch.setattr(ev, "load_model", lambda *a: pytest.fail("a model was loaded"))
+    assert ev.main(["--models", "m", *flags]) == 2
+    assert f"error: EvalConfig.{key}=" in capsys.readouterr().err
+
+
+def test_a_missing_cuda_device_is_a_clear_error(capsys, monkeypatch):
+    monkeypatch.setattr(ev.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(ev, "load_model", lambda *a: pytest.fail("a model was loaded"))
+    for device in ("cuda", "cuda:1"):
+        assert ev.main(["--models", "m", "--device", device]) == 2
+        err = capsys.readouterr().err
+        assert f"error: EvalConfig.device='{device}': CUDA is not available" in err
+    monkeypatch.setattr(ev.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ev.torch.cuda, "device_count", lambda: 1)
+    assert ev.main(["--models", "m", "--device", "cuda:1"]) == 2
+    assert "1 CUDA device(s), cuda:0 to cuda:0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["file", "under-file"])
+def test_a_bad_out_dir_fails_before_any_model_runs(tmp_path, capsys, monkeypatch, where):
+    monkeypatch.setattr(ev, "load_model", lambda *a: pytest.fail("a model was loaded"))
+    blocker = tmp_path / "taken"
+    blocker.write_text("")
+    out = blocker if where == "file" else blocker / "sub"
+    assert ev.main(["--models", "m", "--out-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: EvalConfig.out_dir='{out}': cannot create the output directory" in err
+
+
+def test_an_os_error_while_writing_results_is_a_clear_error(capsys, monkeypatch):
+    def disk_full(cfg):
+        raise OSError(28, "No space left on device", "out/results.json")
+
+    monkeypatch.setattr(ev, "evaluate", disk_full)
+    assert ev.main(["--models", "m"]) == 2
+    assert "error: [Errno 28] No space left on device: 'out/results.json'" in capsys.readouterr().err
+
+
+def test_corrupt_model_json_files_are_named(tmp_path):
+    import torch
+
+    run = tmp_path / "run"
+    (run / "export").mkdir(parents=True)
+    (run / "config.json").write_text('{\n  "task": "lm",\n  oops\n}\n')
+    with pytest.raises(ValueError, match=r"run/config.json:3: invalid JSON \(Expecting property"):
+        ev.load_model(str(run), torch.device("cpu"))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{\n 'r': 4}")
+    with pytest.raises(ValueError, match=r"adapter/adapter_config.json:2: invalid JSON"):
+        ev.load_model(str(adapter), torch.device("cpu"))
+    (adapter / "adapter_config.json").write_text("[4]")
+    with pytest.raises(ValueError, match=r"adapter_config.json: must hold one JSON object"):
+        ev.load_model(str(adapter), torch.device("cpu"))
+
+
 def test_truncate_at_stops():
     text = "    return x\n\ndef other():\n    pass"
     assert ev.truncate_at_stops(text) == "    return x\n"

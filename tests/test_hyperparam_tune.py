@@ -21,7 +21,7 @@ from tiny_hf import save_tiny_hf
 
 import hyperparam_tune
 import trainingmanager
-from dataset import stdlib_files, stdlib_root
+from dataset import DataError, stdlib_files, stdlib_root
 from tokenizer import CodeTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,7 +191,7 @@ def test_interrupted_sweep_reruns_the_interrupted_trial(tmp_path, corpus):
     finally:
         sweep.kill()
     assert sweep.returncode == 130, output[-3000:]
-    assert "run the same command again" in output
+    assert "run the same command again" in output and "Traceback" not in output
 
     assert hyperparam_tune.main(argv) == 0
     first, *rest = load_study(storage, "int").get_trials()
@@ -284,6 +284,10 @@ def test_builtin_spaces_are_valid_trainingmanager_values():
     ({"lr": {"type": "float", "low": 0.0, "high": 1e-2, "log": True}}, "log"),
     ({"lr": {"type": "float", "low": "1e-4", "high": 1e-2}}, "must be float numbers"),
     ({"batch_size": {"type": "categorical", "choices": ["8"]}}, "'batch_size' must be an integer"),
+    # keys the sweep sets on every trial: a sampled value would be silently overwritten
+    ({"max_steps": {"type": "int", "low": 2, "high": 3}}, "params.max_steps: the sweep sets"),
+    ({"epochs": {"type": "float", "low": 1.0, "high": 2.0}}, "params.epochs: the sweep sets"),
+    ({"save_every": {"type": "int", "low": 1, "high": 4}}, "params.save_every: the sweep sets"),
 ])
 def test_bad_space_is_a_clear_error(tmp_path, params, message):
     path = tmp_path / "bad.json"
@@ -340,3 +344,134 @@ def test_builtin_lora_space_sweeps_a_pretrained_model(tmp_path, corpus):
                          f"trial-{best_trial.number:04d}" / "config.json").read_text())
     assert config["lora_targets"] == best["lora_targets"]
     assert config["lora_alpha"] == best["lora_alpha"]
+
+
+def test_sweep_keys_are_every_key_the_sweep_sets():
+    cfg = hyperparam_tune.TuneConfig()
+    recipe = hyperparam_tune.trial_recipe(cfg, hyperparam_tune.load_space("from-scratch"), {},
+                                          optuna.create_study().ask())
+    run = hyperparam_tune.trial_run_config(cfg, recipe, 0)
+    assert {k for k in run if k not in recipe or run[k] != recipe[k]} <= hyperparam_tune.SWEEP_KEYS
+    assert {"max_steps", "epochs", "eval_every"} <= hyperparam_tune.SWEEP_KEYS
+
+
+def test_config_mistake_stops_before_any_trial(tmp_path, corpus, capsys):
+    """A missing data source is one error line naming the file, and costs no trial."""
+    bad = tmp_path / "tc_bad.json"
+    bad.write_text(json.dumps({"data": [str(tmp_path / "nonexistent")]}))
+    space = tiny_space(tmp_path, corpus)
+    argv = tune_args(tmp_path, space, study_name="bad", n_trials=1)
+    assert hyperparam_tune.main([*argv, "--train-config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert str(bad) in err and str(tmp_path / "nonexistent") in err
+    assert not (tmp_path / "runs" / "bad" / hyperparam_tune.JOURNAL_FILE).exists()
+
+    assert hyperparam_tune.main(argv) == 0  # the fixed config gets its whole trial count
+    assert [t.state for t in load_study(journal(tmp_path, "bad"), "bad").get_trials()] == [
+        TrialState.COMPLETE]
+
+
+def test_config_error_in_a_trial_stops_the_sweep_and_is_not_counted(tmp_path, corpus, capsys,
+                                                                    monkeypatch):
+    def missing_data(cfg, on_eval=None):
+        raise DataError("data source not found: /gone")
+
+    monkeypatch.setattr(trainingmanager, "train", missing_data)
+    space = tiny_space(tmp_path, corpus)
+    argv = tune_args(tmp_path, space, study_name="stop", n_trials=1)
+    assert hyperparam_tune.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: trial 0 ") and "/gone" in err and "not counted" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+    study = load_study(journal(tmp_path, "stop"), "stop")
+    (stopped,) = study.get_trials()
+    assert stopped.state == TrialState.FAIL
+    assert "/gone" in stopped.user_attrs[hyperparam_tune.ATTR_REASON]
+    assert hyperparam_tune.study_progress(study)[0] == 0
+    failed_without_reason = study.ask()  # a FAIL recorded by an older sweep: no reason
+    study.tell(failed_without_reason, state=TrialState.FAIL)
+    assert hyperparam_tune.study_progress(study)[0] == 0
+
+    def trained(cfg, on_eval=None):
+        return trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=1.0, step=4)
+
+    monkeypatch.setattr(trainingmanager, "train", trained)
+    assert hyperparam_tune.main(argv) == 0  # runs the one trial that counts
+    states = [t.state for t in load_study(journal(tmp_path, "stop"), "stop").get_trials()]
+    assert states == [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]
+    rows = (tmp_path / "runs" / "stop" / "trials.csv").read_text().splitlines()
+    assert "/gone" in rows[1] and rows[1].endswith("not counted toward n_trials")
+    assert rows[2].endswith("no reason recorded; not counted toward n_trials")
+
+
+def test_space_that_does_not_fit_the_study_is_refused_before_a_trial(tmp_path, corpus, capsys):
+    space = tiny_space(tmp_path, corpus)
+    study = optuna.create_study(study_name="kind", storage=journal(tmp_path, "kind"))
+    study.add_trial(optuna.trial.create_trial(
+        params={"lr": 1e-3}, distributions={"lr": optuna.distributions.FloatDistribution(
+            1e-4, 1e-2, log=True)}, value=1.0))
+    changed = json.loads(Path(space).read_text())
+    changed["params"]["lr"] = {"type": "categorical", "choices": [1e-3, 1e-2]}
+    Path(space).write_text(json.dumps(changed))
+    assert hyperparam_tune.main(tune_args(tmp_path, space, study_name="kind", n_trials=2)) == 2
+    err = capsys.readouterr().err
+    assert f"{space}: params.lr does not fit study 'kind'" in err and "Traceback" not in err
+    assert len(load_study(journal(tmp_path, "kind"), "kind").get_trials()) == 1
+
+
+def test_study_dir_belongs_to_one_storage(tmp_path, corpus, capsys):
+    space = tiny_space(tmp_path, corpus)
+    argv = tune_args(tmp_path, space, study_name="own", n_trials=1)
+    assert hyperparam_tune.main(argv) == 0
+    assert (tmp_path / "runs" / "own" / "trials" / "trial-0000" / "config.json").is_file()
+    capsys.readouterr()
+
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    assert hyperparam_tune.main([*argv, "--storage", url]) == 2
+    err = capsys.readouterr().err
+    assert "of storage journal.log" in err and "without --storage" in err
+    assert "--resume" not in err and "Traceback" not in err
+    assert load_study(url, "own").get_trials() == []
+
+    (tmp_path / "runs" / "own" / hyperparam_tune.JOURNAL_FILE).unlink()  # the study is gone
+    assert hyperparam_tune.main(argv) == 2
+    assert "holds the trials of a study that storage journal.log does not have" in (
+        capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("flag", ["--out-dir", "--storage"])
+def test_unusable_path_is_a_clear_error(tmp_path, corpus, capsys, flag):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    path = str(blocker / ("runs" if flag == "--out-dir" else "journal.log"))
+    argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="path", n_trials=1)
+    assert hyperparam_tune.main([*argv, flag, path]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {blocker}") and "Traceback" not in err
+
+
+FAKE_TRAIN = """
+import sys
+import hyperparam_tune, trainingmanager
+def train(cfg, on_eval=None):
+    raise {error}
+trainingmanager.train = train
+sys.exit(hyperparam_tune.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("error, code, line", [
+    ("trainingmanager.NonFiniteLossError('non-finite gradient at step 2')", 0,
+     "Trial 0 failed with parameters"),
+    ("KeyboardInterrupt()", 130, "interrupted: run the same command again"),
+])
+def test_failed_or_interrupted_trial_prints_one_line(tmp_path, corpus, error, code, line):
+    """What the command prints (Optuna logs failures with their traceback by default)."""
+    argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="one", n_trials=1)
+    done = subprocess.run([sys.executable, "-c", FAKE_TRAIN.format(error=error), *argv],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == code, done.stderr[-3000:]
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and line in lines[0], done.stderr[-3000:]

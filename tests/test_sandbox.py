@@ -137,3 +137,32 @@ def test_evaluator_survives_hostile_samples():
     assert statuses == ["failed"] * 5 + ["passed"]
     assert run_python("print('still here')", FAST).stdout == "still here\n"
     assert os.getpid() > 0  # this process is alive to run the assertion
+
+
+def test_completion_is_signalled_only_when_the_program_ran_to_its_end():
+    done = run_python("print('hello')", FAST)
+    assert done.passed and done.completed
+    assert done.stdout == "hello\n" and done.stderr == ""  # the signal is not in the output
+    for early in ("import os\nos._exit(0)", "import sys\nsys.exit(0)", "raise SystemExit"):
+        result = run_python(early + "\nprint('never')", FAST)
+        assert result.passed and not result.completed, early
+    assert not run_python("1 / 0", FAST).completed
+
+
+def test_completion_token_cannot_be_read_by_the_program():
+    # Every place a program could look for the token: its file, argv, environment, stdin. Each
+    # candidate is echoed both on stdout and in the exact form of the completion signal.
+    program = (
+        "import os, re, sys\n"
+        "seen = open(__file__).read() + ' '.join(sys.argv) + str(os.environ)\n"
+        "for name in ('environ', 'cmdline'):\n"
+        "    seen += open(f'/proc/self/{name}', 'rb').read().decode('latin-1')\n"
+        "seen += os.read(0, 4096).decode('latin-1') + open('/proc/self/fd/0').read()\n"
+        "for token in set(re.findall('[0-9a-f]{32}', seen)):\n"
+        "    print(token, flush=True)\n"
+        "    sys.stderr.write(f'\\nsandbox: completed {token}\\n')\n"
+        "sys.stderr.flush()\n"
+        "os._exit(0)\n"
+    )
+    result = run_python(program, FAST)
+    assert result.passed and not result.completed, result.stderr

@@ -325,3 +325,34 @@ def test_cli_help_and_bad_flags(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--since" in err and "--extensions" in err and "--max-bytes" in err
     assert "Traceback" not in err
+
+
+def test_local_skips_names_that_are_not_utf8(tmp_path):
+    src = tmp_path / "repo"
+    src.mkdir()
+    (src / "ok.py").write_text("x = 1\n")
+    with open(os.path.join(os.fsencode(src), b"\xff\xfe.py"), "wb") as f:
+        f.write(b"y = 2\n")
+    out = tmp_path / "out.jsonl"
+    summary = collect_local(LocalConfig(sources=[str(src)], out=str(out), progress=False))
+    assert [r["path"] for r in read_jsonl(out)] == ["ok.py"]
+    assert summary.files["not_utf8_name"] == 1 and summary.files["kept"] == 1
+
+
+def test_an_output_path_that_is_a_directory_is_refused_before_any_work(tmp_path, capsys):
+    src = tmp_path / "repo"
+    src.mkdir()
+    (src / "ok.py").write_text("x = 1\n")
+    outdir = tmp_path / "outdir"
+    outdir.mkdir()
+    assert main(["local", str(src), "--out", str(outdir), "--no-progress"]) == 2
+    # Before any request: the API URL points nowhere.
+    assert main(["github", "--out", str(outdir), "--since", RANGE[0], "--until", RANGE[1],
+                 "--api-url", "http://127.0.0.1:9", "--no-progress"]) == 2
+    assert main(["local", str(src), "--out", str(src / "ok.py" / "x.jsonl"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count(f"--out {outdir} is a directory") == 2 and "is a file, not a directory" in err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outdir", "repo"]
+    assert not any(outdir.iterdir())

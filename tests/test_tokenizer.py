@@ -29,6 +29,7 @@ import dataset
 from tokenizer import (
     LLAMA3_PATTERN,
     PRETOKENIZER_STYLES,
+    PYTHON_PARSE_ERRORS,
     BPETokenizer,
     CodeTokenizer,
     code_pieces,
@@ -527,6 +528,22 @@ def test_strip_comments_and_docstrings(stdlib_texts):
         # Only comments and docstrings went: the code itself is unchanged.
         n_defs = sum(isinstance(n, ast.FunctionDef | ast.ClassDef) for n in ast.walk(original))
         assert n_defs == sum(isinstance(n, ast.FunctionDef | ast.ClassDef) for n in ast.walk(tree))
+
+
+def test_strip_options_strict_mode_and_pathological_nesting():
+    source = 'def f():\n    """Doc."""\n    return 1  # one\n# alone\n'
+    assert strip_comments_and_docstrings(source, docstrings=False) == (
+        'def f():\n    """Doc."""\n    return 1\n')
+    assert strip_comments_and_docstrings(source, comments=False) == (
+        "def f():\n    return 1  # one\n# alone\n")
+    assert strip_comments_and_docstrings(source, False, False) == source
+    # Nesting deep enough to exhaust the parser raises RecursionError: unchanged, or with strict
+    # one of the errors every caller catches.
+    deep = "x = (\n" + '    "abc" +\n' * 6000 + '    "b")\n'
+    assert strip_comments_and_docstrings(deep) == deep
+    for bad in (deep, "def broken(:\n"):
+        with pytest.raises(PYTHON_PARSE_ERRORS):
+            strip_comments_and_docstrings(bad, strict=True)
 
 
 def test_code_tokenizer_strip_option_round_trips_stripped_text(strip_tok, stdlib_texts, tmp_path):

@@ -493,12 +493,12 @@ def test_resume_after_kill_9_is_bit_exact(assets, tmp_path, mode):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_exits_cleanly_and_resumes_bit_exact(assets, tmp_path):
+def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_bit_exact(assets, tmp_path):
     common = dict(dropout=0.1, max_steps=10)
     straight = tm.train(tiny_cfg(assets, tmp_path, name="straight", **common))
     cfg = tiny_cfg(assets, tmp_path, name="stopped", **common)
     proc, run = _interrupted_then_resumed(cfg, tmp_path, "sigterm", 6)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 143, proc.stderr[-2000:]
     assert "SIGTERM: checkpoint saved at step 6" in proc.stdout
     assert [p.name for p in tm.list_checkpoints(run)] == ["step-4", "step-6"]
     _resume(run)
@@ -652,3 +652,227 @@ def test_overfit_fails_with_a_diagnosis_when_the_model_sees_the_future(monkeypat
     monkeypatch.setattr(Transformer, "forward", leaky)
     assert tm.main(["--overfit", "--no-progress"]) == 1
     assert "sees the future" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# Review fixes: broken checkpoints, changed configs, paths, logs, exit codes, range checks
+# --------------------------------------------------------------------------------------------
+
+
+def _tiny_config_file(assets, tmp_path: Path, **overrides) -> str:
+    cfg = tiny_cfg(assets, tmp_path, **overrides)
+    return str(write_config(cfg, tmp_path / f"{cfg.name}.json"))
+
+
+def test_broken_checkpoint_falls_back_to_the_one_before_and_then_fails_clearly(assets, tmp_path,
+                                                                               capsys):
+    """A truncated model.safetensors: the run resumes from the checkpoint before it (bit-exact)
+    and keeps the broken one aside; garbage or missing state.pt everywhere: a clear error."""
+    config = _tiny_config_file(assets, tmp_path, max_steps=8, dropout=0.1)
+    assert tm.main(["--config", config]) == 0
+    run = tmp_path / "runs" / "run"
+    straight = {k: t.clone() for k, t in final_weights(run, 8).items()}  # not the mmap
+    weights = run / "checkpoints" / "step-8" / tm.MODEL_FILE
+    weights.write_bytes(weights.read_bytes()[:1000])
+    capsys.readouterr()
+    assert tm.main(["--resume", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert "step-8: corrupt or incomplete checkpoint (model.safetensors" in err
+    assert [p.name.startswith("broken-step-8") for p in (run / "checkpoints").iterdir()].count(
+        True) == 1
+    assert_bit_equal(straight, final_weights(run, 8))  # trained again from step 4
+
+    (run / "checkpoints" / "step-8" / tm.STATE_FILE).write_bytes(b"garbage, not a pickle")
+    (run / "checkpoints" / "step-4" / tm.STATE_FILE).unlink()
+    assert tm.main(["--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "step-8: corrupt or incomplete checkpoint (state.pt is not a readable torch file" in err
+    assert "step-4: corrupt or incomplete checkpoint (no state.pt)" in err
+    assert "Traceback" not in err and "weights_only" not in err
+
+
+def test_resume_refuses_settings_that_would_change_the_run(assets, tmp_path, capsys):
+    """Model shape, LoRA, batch, sequence length, lr: refused with every key named and the
+    run's config.json untouched; the run's length may change."""
+    config = _tiny_config_file(assets, tmp_path, max_steps=4)
+    assert tm.main(["--config", config]) == 0
+    run = tmp_path / "runs" / "run"
+    saved = (run / "config.json").read_text()
+    capsys.readouterr()
+    assert tm.main(["--resume", str(run), "--n-embd", "96"]) == 2
+    err = capsys.readouterr().err
+    assert "n_embd=None (now 96)" in err and "Traceback" not in err
+    assert tm.main(["--resume", str(run), "--lora-r", "4"]) == 2
+    assert "lora_r=0 (now 4)" in capsys.readouterr().err
+    assert tm.main(["--resume", str(run), "--batch-size", "2", "--block-size", "16",
+                    "--lr", "1"]) == 2
+    err = capsys.readouterr().err
+    assert all(f"{k}=" in err for k in ("batch_size", "block_size", "lr"))
+    assert f"--resume {run} alone continues it" in err
+    assert (run / "config.json").read_text() == saved
+    assert tm.main(["--resume", str(run), "--max-steps", "6", "--eval-every", "3",
+                    "--data-options", json.dumps({"cache_dir": assets["cache"]})]) == 0
+    assert tm.list_checkpoints(run)[-1].name == "step-6"
+    assert json.loads((run / "config.json").read_text())["max_steps"] == 6
+
+
+def test_loading_tensors_of_another_shape_names_the_tensor(assets, tmp_path):
+    tok = load_tokenizer(assets["tokenizer"])
+    small = tm.build_model(tiny_cfg(assets, tmp_path), tok)
+    wide = tm.build_model(tiny_cfg(assets, tmp_path, n_embd=96), tok)
+    with pytest.raises(ValueError, match=r"src\.safetensors: tensor wte\.weight has shape "
+                                         r"\(\d+, 64\), the model's \(\d+, 96\)"):
+        tm.load_model_tensors(wide, tm.model_tensors(small, False), "src.safetensors", False)
+
+
+def test_recipe_resume_refuses_a_lora_rank_change_and_hints_its_own_flag(assets, tmp_path,
+                                                                        capsys):
+    import recipes
+
+    train = dataclasses.asdict(tiny_cfg(assets, tmp_path, max_steps=2, eval_every=2))
+    for key in ("out_dir", "name", "resume", "device", "progress"):
+        del train[key]
+    recipe = tmp_path / "tiny.json"
+    recipe.write_text(json.dumps({"train": train, "eval": {}}))
+    flags = [str(recipe), "--out-dir", str(tmp_path / "runs"), "--skip-eval", "--no-progress"]
+    assert recipes.main(flags) == 0
+    capsys.readouterr()
+    assert recipes.main(flags) == 2
+    assert "continue it with the same recipes.py command plus --resume" in (
+        capsys.readouterr().err)
+    assert recipes.main([*flags, "--resume", "--set", "train.lora_r=4"]) == 2
+    err = capsys.readouterr().err
+    assert "lora_r=0 (now 4)" in err and "Traceback" not in err
+    assert recipes.main([*flags, "--smoke", "--out-dir", "/proc/nope"]) == 2
+    assert "error: /proc/nope: cannot create the output directory" in capsys.readouterr().err
+
+
+def test_bad_paths_and_devices_are_clear_errors(assets, tmp_path, capsys, monkeypatch):
+    config = _tiny_config_file(assets, tmp_path)
+    cases = [
+        (["--out-dir", "/proc/nope"], "error: /proc/nope/run: cannot create the run directory"),
+        (["--data-options", '{"cache_dir": "/proc/nope"}'],
+         "error: data_options.cache_dir /proc/nope: cannot create it"),
+        (["--device", "foo"], "error: --device foo: not a device"),
+        (["--device", "cuda:abc"], "error: --device cuda:abc: not a device"),
+    ]
+    for flags, message in cases:
+        assert tm.main(["--config", config, *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
+    def full_disk(cfg, on_eval=None):
+        raise OSError(28, "No space left on device", "/runs/x/checkpoints/.tmp-step-8")
+
+    monkeypatch.setattr(tm, "train", full_disk)
+    assert tm.main(["--config", config]) == 2
+    assert ("error: /runs/x/checkpoints/.tmp-step-8: No space left on device"
+            in capsys.readouterr().err)
+
+
+def test_a_diverged_finite_run_ends_with_a_capped_perplexity(assets, tmp_path, capsys):
+    """lr 30 without warmup diverges to a finite validation loss past exp's range: the end of
+    the run (export message, summary) reports a capped perplexity instead of crashing."""
+    config = _tiny_config_file(assets, tmp_path, lr=30.0, warmup_steps=0, max_steps=8,
+                               export=True)
+    assert tm.main(["--config", config]) == 0
+    out = capsys.readouterr().out
+    best = json.loads((tmp_path / "runs" / "run" / "best" / "metrics.json").read_text())
+    assert best["val_loss"] > 710  # math.exp overflows past ~709.8
+    assert f"perplexity {tm.perplexity(best['val_loss']):.2f}) at step" in out
+    assert tm.perplexity(1e6) == tm.perplexity(700.0) and tm.perplexity(0.0) == 1.0
+
+
+def test_logged_lr_is_the_lr_the_step_used(assets, tmp_path):
+    cfg = tiny_cfg(assets, tmp_path, max_steps=3, warmup_steps=2, eval_every=3)
+    result = tm.train(cfg)
+    lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    lrs = [m["lr"] for m in lines if m["kind"] == "train"]
+    expected = [cfg.lr * tm.lr_factor(s, 2, 3, cfg.min_lr_ratio) for s in range(3)]
+    assert lrs == pytest.approx(expected)
+
+
+def test_resume_without_a_checkpoint_and_a_torn_metrics_line(assets, tmp_path, capsys):
+    """A run stopped before its first checkpoint starts again without duplicating its metrics;
+    a torn last line (full disk) is dropped, any other bad line is an error naming the line."""
+    cfg = tiny_cfg(assets, tmp_path, max_steps=4, eval_every=4, save_every=100,
+                   inject_nan_at_step=3)
+    with pytest.raises(tm.NonFiniteLossError):
+        tm.train(cfg)
+    run = Path(cfg.out_dir) / "run"
+    assert tm.list_checkpoints(run) == []
+    tm.train(dataclasses.replace(cfg, resume=str(run), inject_nan_at_step=None))
+    metrics = run / "metrics.jsonl"
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()
+             if '"train"' in x]
+    assert steps == [1, 2, 3, 4]
+
+    with metrics.open("a") as f:
+        f.write('{"step": 5, "kind": "tra')
+    capsys.readouterr()
+    assert tm.main(["--resume", str(run), "--max-steps", "5"]) == 0
+    assert f"{metrics}:" in capsys.readouterr().err
+    lines = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [m["step"] for m in lines if m["kind"] == "train"] == [1, 2, 3, 4, 5]
+
+    text = metrics.read_text().splitlines(keepends=True)
+    metrics.write_text("".join([text[0], "not json\n", *text[1:]]))
+    assert tm.main(["--resume", str(run), "--max-steps", "6"]) == 2
+    assert f"{metrics}:2: not a metrics line" in capsys.readouterr().err
+
+
+def test_resuming_a_finished_overfit_batches_run_reports_its_loss(assets, tmp_path, capsys):
+    config = _tiny_config_file(assets, tmp_path, overfit_batches=1, max_steps=2, eval_every=2)
+    assert tm.main(["--config", config]) == 1
+    first = capsys.readouterr().out.splitlines()[-1]
+    assert tm.main(["--resume", str(tmp_path / "runs" / "run")]) == 1
+    assert capsys.readouterr().out.splitlines()[-1] == first and "FAIL" in first
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("early_stop_patience", -1, "must be >= 0"),
+    ("epochs", float("inf"), "must be finite"),
+    ("weight_decay", -1.0, "must be >= 0"),
+    ("lr", float("nan"), "must be finite"),
+    ("beta2", 1.0, r"must be in \[0, 1\)"),
+])
+def test_validate_config_range_checks_name_the_key(key, value, message):
+    with pytest.raises(ValueError, match=rf"TrainConfig\.{key}=.*{message}"):
+        tm.validate_config(tm.TrainConfig(**{key: value}))
+
+
+def test_cli_range_error_exits_2(capsys):
+    assert tm.main(["--epochs", "inf"]) == 2
+    assert "TrainConfig.epochs=inf: must be finite" in capsys.readouterr().err
+
+
+def test_a_stop_signal_saves_and_exits_non_zero_with_the_resume_hint(assets, tmp_path, capsys,
+                                                                      monkeypatch):
+    """SIGTERM: checkpoint, then exit 143 (so `train && eval` stops) and say how to go on."""
+    import signal
+
+    original, calls = tm.Trainer.train_step, [0]
+
+    def train_step(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(tm.Trainer, "train_step", train_step)
+    config = _tiny_config_file(assets, tmp_path)
+    assert tm.main(["--config", config]) == 143
+    run = tmp_path / "runs" / "run"
+    assert f"SIGTERM: checkpoint saved at step 2; continue with --resume {run}" in (
+        capsys.readouterr().out)
+    assert [p.name for p in tm.list_checkpoints(run)] == ["step-2"]
+    assert tm.interrupted_exit_code("SIGINT") == 130
+
+
+def test_evaluation_has_its_own_progress_bar(capsys):
+    cfg = tm.TrainConfig(preset="tiny", block_size=16, progress=True)
+    batch = {"input_ids": torch.randint(0, 64, (2, 16)), "labels": torch.randint(0, 64, (2, 16))}
+    _trainer(cfg).evaluate([batch] * 3, total=3)
+    assert "eval" in capsys.readouterr().err
+    _trainer(dataclasses.replace(cfg, progress=False)).evaluate([batch], total=1)
+    assert "eval" not in capsys.readouterr().err
