@@ -58,6 +58,15 @@ def _matches(base: Any, value: Any) -> bool:
     return isinstance(value, origin)
 
 
+def type_error(hint: Any, value: Any) -> str | None:
+    """Why ``value`` does not fit a config field typed ``hint`` ("must be a list of strings, got
+    '.kt'"), or None when it fits (an int fits a float field)."""
+    base, optional = _field_type(hint)
+    if value is None:
+        return None if optional else "must not be null"
+    return None if _matches(base, value) else f"must be {_describe(base)}, got {value!r}"
+
+
 def config_from_dict(cls: type, values: Mapping[str, Any], source: str = "<dict>",
                      choices: Mapping[str, Sequence] | None = None) -> Any:
     """An instance of the dataclass ``cls`` from JSON-like values, type-checked key by key
@@ -70,12 +79,10 @@ def config_from_dict(cls: type, values: Mapping[str, Any], source: str = "<dict>
                              f"{', '.join(sorted(known))}")
     checked = {}
     for key, value in values.items():
-        base, optional = _field_type(hints[key])
-        if value is None and not optional:
-            raise ValueError(f"{source}: key {key!r} must not be null")
+        base, _ = _field_type(hints[key])
+        if problem := type_error(hints[key], value):
+            raise ValueError(f"{source}: key {key!r} {problem}")
         if value is not None:
-            if not _matches(base, value):
-                raise ValueError(f"{source}: key {key!r} must be {_describe(base)}, got {value!r}")
             if base is float:
                 value = float(value)
             allowed = (choices or {}).get(key)

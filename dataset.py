@@ -25,7 +25,6 @@ import sys
 import sysconfig
 import tempfile
 import threading
-import types
 import typing
 import zlib
 from collections import Counter
@@ -38,6 +37,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+import cliconfig
 from tokenizer import (
     PYTHON_PARSE_ERRORS,
     docstring_statement,
@@ -163,9 +163,8 @@ class DataConfig:
         hints = typing.get_type_hints(DataConfig)
         for f in fields(self):
             value, hint = getattr(self, f.name), hints[f.name]
-            if not _has_type(value, hint):
-                expected = hint.__name__ if isinstance(hint, type) else str(hint)
-                raise DataError(f"DataConfig.{f.name}: expected {expected}, got {value!r}")
+            if problem := cliconfig.type_error(hint, value):
+                raise DataError(f"DataConfig.{f.name} {problem}")
             if f.name in _MINIMUMS and value is not None and value < _MINIMUMS[f.name]:
                 raise DataError(f"DataConfig.{f.name} must be >= {_MINIMUMS[f.name]}, got {value}")
         for name, allowed in _CHOICES.items():
@@ -188,22 +187,6 @@ class DataConfig:
         for name in ("fim_rate", "near_dedupe_threshold"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise DataError(f"DataConfig.{name} must be in [0, 1], got {getattr(self, name)}")
-
-
-def _has_type(value: object, hint: object) -> bool:
-    """Whether a config value has its field's type (``int | None``, ``list[str]``, ...): a JSON
-    config or ``--data-options`` can hold anything, and ``".kt"`` is no list of extensions."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return any(_has_type(value, arg) for arg in typing.get_args(hint))
-    if typing.get_origin(hint) is list:
-        return isinstance(value, list) and all(
-            _has_type(v, typing.get_args(hint)[0]) for v in value
-        )
-    if hint is type(None):
-        return value is None
-    if isinstance(value, bool) and hint is not bool:  # bool is an int to isinstance
-        return False
-    return isinstance(value, (int, float) if hint is float else hint)
 
 
 # Lower bounds of numeric options (fractions and rates are checked against [0, 1] apart).
@@ -432,14 +415,6 @@ def strip_license_header(text: str) -> tuple[str, bool]:
     return "".join(keep + lines[i:]), True
 
 
-def strip_python_comments_and_docstrings(
-    text: str, comments: bool = True, docstrings: bool = True
-) -> str:
-    """``tokenizer.strip_comments_and_docstrings`` that raises one of ``PYTHON_PARSE_ERRORS`` on
-    text that is not Python, instead of returning it unchanged."""
-    return strip_comments_and_docstrings(text, comments, docstrings, strict=True)
-
-
 def _shares_line(lines: Sequence[str], node: ast.AST) -> bool:
     """Whether code stands before or after ``node`` on its first/last line (ast columns count
     UTF-8 bytes)."""
@@ -520,8 +495,8 @@ def _clean_one(args: tuple[_RawDoc, dict]) -> tuple[Doc | None, str | None, list
     is_python = raw.id.endswith(".py")
     if is_python and (opt["strip_comments"] or opt["strip_docstrings"]):
         try:
-            text = strip_python_comments_and_docstrings(
-                text, opt["strip_comments"], opt["strip_docstrings"]
+            text = strip_comments_and_docstrings(
+                text, opt["strip_comments"], opt["strip_docstrings"], strict=True
             )
             mods.append("comments_or_docstrings_stripped")
         except PYTHON_PARSE_ERRORS:
@@ -1395,8 +1370,6 @@ def _print_stats(stats: dict, out=None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import cliconfig
-
     parser = argparse.ArgumentParser(
         description="Prepare a codelm dataset: read sources, clean, split, build a task, cache "
         "it, and print counts per stage.",

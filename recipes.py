@@ -198,7 +198,8 @@ def _has_class_docstring(text: str) -> bool:
 
 def _refactor_pairs(count: int) -> list[dict]:
     """Stdlib functions with their docstrings and comments -> the same code without them."""
-    from dataset import stdlib_files, strip_python_comments_and_docstrings
+    from dataset import stdlib_files
+    from tokenizer import PYTHON_PARSE_ERRORS, strip_comments_and_docstrings
 
     pairs = []
     for path in stdlib_files():
@@ -217,8 +218,8 @@ def _refactor_pairs(count: int) -> list[dict]:
             if not 120 <= len(source) <= 500 or not ast.get_docstring(node):
                 continue
             try:
-                clean = strip_python_comments_and_docstrings(source).strip()
-            except (SyntaxError, ValueError):
+                clean = strip_comments_and_docstrings(source, strict=True).strip()
+            except PYTHON_PARSE_ERRORS:
                 continue
             pairs.append({"input": source, "output": clean})
             if len(pairs) == count:
