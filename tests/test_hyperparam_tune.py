@@ -192,6 +192,7 @@ def test_interrupted_sweep_reruns_the_interrupted_trial(tmp_path, corpus):
         sweep.kill()
     assert sweep.returncode == 130, output[-3000:]
     assert "run the same command again" in output and "Traceback" not in output
+    assert "--resume" not in output  # the trial's own message speaks the sweep's terms
 
     assert hyperparam_tune.main(argv) == 0
     first, *rest = load_study(storage, "int").get_trials()
@@ -253,7 +254,7 @@ def test_nan_trial_is_failed_with_reason_and_the_study_goes_on(tmp_path, corpus)
 
 def test_out_of_memory_trial_is_failed_with_reason(tmp_path, corpus, monkeypatch):
     """An OOM cannot be provoked on a CPU test machine; the trainer raising it is simulated."""
-    def out_of_memory(cfg, on_eval=None):
+    def out_of_memory(cfg, on_eval=None, resume_hint=None):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1TB")
 
     monkeypatch.setattr(trainingmanager, "train", out_of_memory)
@@ -374,7 +375,7 @@ def test_config_mistake_stops_before_any_trial(tmp_path, corpus, capsys):
 
 def test_config_error_in_a_trial_stops_the_sweep_and_is_not_counted(tmp_path, corpus, capsys,
                                                                     monkeypatch):
-    def missing_data(cfg, on_eval=None):
+    def missing_data(cfg, on_eval=None, resume_hint=None):
         raise DataError("data source not found: /gone")
 
     monkeypatch.setattr(trainingmanager, "train", missing_data)
@@ -394,7 +395,7 @@ def test_config_error_in_a_trial_stops_the_sweep_and_is_not_counted(tmp_path, co
     study.tell(failed_without_reason, state=TrialState.FAIL)
     assert hyperparam_tune.study_progress(study)[0] == 0
 
-    def trained(cfg, on_eval=None):
+    def trained(cfg, on_eval=None, resume_hint=None):
         return trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=1.0, step=4)
 
     monkeypatch.setattr(trainingmanager, "train", trained)
@@ -455,7 +456,7 @@ def test_unusable_path_is_a_clear_error(tmp_path, corpus, capsys, flag):
 FAKE_TRAIN = """
 import sys
 import hyperparam_tune, trainingmanager
-def train(cfg, on_eval=None):
+def train(cfg, on_eval=None, resume_hint=None):
     raise {error}
 trainingmanager.train = train
 sys.exit(hyperparam_tune.main(sys.argv[1:]))
