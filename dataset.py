@@ -184,6 +184,9 @@ class DataConfig:
             if roles.setdefault(key, role) != role:
                 raise DataError(f"data source {source} is in both {roles[key]} and {role}: a "
                                 "document can belong to one split only")
+        if bad := [e for e in self.extensions if not (e.startswith(".") and len(e) > 1)]:
+            raise DataError(f"DataConfig.extensions: {bad} must each be a suffix with its dot, "
+                            "e.g. '.kt' ('kt' would also match a file named 'fookt')")
         for name in ("fim_rate", "near_dedupe_threshold"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise DataError(f"DataConfig.{name} must be in [0, 1], got {getattr(self, name)}")

@@ -574,6 +574,7 @@ def test_names_and_strings_that_are_not_utf8_are_skipped_or_named(tmp_path):
 def test_config_values_of_the_wrong_type_or_range_name_the_key(tmp_path):
     for key, value, message in (
         ("extensions", ".kt", "must be a list of strings, got '.kt'"),
+        ("extensions", [".py", "kt"], "['kt'] must each be a suffix with its dot"),
         ("sources", [str(EMAIL), 3], "must be a list of strings"),
         ("near_dedupe_threshold", 5.0, "must be in [0, 1], got 5.0"),
         ("val_frac", "0.1", "must be a number"),
