@@ -93,20 +93,34 @@ def config_from_dict(cls: type, values: Mapping[str, Any], source: str = "<dict>
     return cls(**checked)
 
 
+def read_json_object(path: str | Path, what: str = "file") -> dict:
+    """The one JSON object a file holds. Every script reads its JSON files here, so each failure
+    names the file (and the line) in one form."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: {what} not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: cannot read the {what}: {err}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: "
+                         f"{err.msg}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: the {what} must be one JSON object, not {_json_kind(value)}")
+    return value
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "an array", str: "a string", bool: "true/false", type(None): "null"}.get(
+        type(value), "a number")
+
+
 def read_config_file(path: str | Path, section: str) -> tuple[dict, str]:
     """(values, source name) of a JSON config file: the recipe's ``section`` when the file is a
     recipe, else the whole object. ``_``-prefixed keys are documentation and are dropped."""
     path = Path(path)
-    try:
-        values = json.loads(path.read_text("utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: cannot read the config file: {err}") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: a config file holds one JSON object")
+    values = read_json_object(path, "config file")
     source = str(path)
     if section in values:
         values, source = values[section], f"{path} ({section} section)"

@@ -464,24 +464,10 @@ def _load_hf(path: Path, device: torch.device) -> torch.nn.Module:
     return Transformer.from_pretrained(path, dtype=dtype, device=device)
 
 
-def _read_json_object(path: Path) -> dict:
-    """A JSON object file; a corrupt one is named with its line, not as a bare decoder message."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: cannot read: {err}") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}: invalid JSON ({err.msg}, column {err.colno})"
-                         ) from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: must hold one JSON object, got {type(value).__name__}")
-    return value
-
-
 def _adapter_base(adapter: Path) -> Path:
     import lora
 
-    config = _read_json_object(adapter / lora.ADAPTER_CONFIG)
+    config = cliconfig.read_json_object(adapter / lora.ADAPTER_CONFIG, "adapter config")
     base = config.get("base_model_name_or_path")
     if not base or not Path(base).is_dir():
         raise ValueError(f"{adapter / lora.ADAPTER_CONFIG}: base_model_name_or_path {base!r} is "
@@ -494,7 +480,7 @@ def _load_run(run_dir: Path, device: torch.device) -> tuple[torch.nn.Module, Pat
     import lora
     import trainingmanager as tm
 
-    config = _read_json_object(run_dir / "config.json")
+    config = cliconfig.read_json_object(run_dir / "config.json", "run config")
     export = run_dir / "export"
     tok_dir = run_dir if (run_dir / "tokenizer.json").is_file() else export
     if (export / lora.ADAPTER_CONFIG).is_file():

@@ -191,11 +191,8 @@ def load_space(space: str) -> SearchSpace:
         builtin = sorted(p.stem for p in SPACES_DIR.glob("*.json"))
         raise ValueError(f"search space {space!r}: not a built-in space {builtin} nor a file")
     source = str(path)
-    try:
-        data = json.loads(path.read_text("utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("params"), dict) or not data["params"]:
+    data = cliconfig.read_json_object(path, "search space")
+    if not isinstance(data.get("params"), dict) or not data["params"]:
         raise ValueError(f"{source}: a search space is an object with a non-empty 'params' object")
     unknown = set(data) - {"description", "requires", "base", "params"}
     if unknown:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import cliconfig
 import pretrained
 from architecture import dropout
 
@@ -661,10 +662,7 @@ def _read_config(path: Path) -> LoRAConfig:
     if not file.is_file():
         raise ValueError(f"{file}: not found; an adapter directory holds {ADAPTER_CONFIG} and "
                          f"{ADAPTER_WEIGHTS}")
-    try:
-        raw = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    raw = cliconfig.read_json_object(file, "adapter config")
     if raw.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{file}: peft_type {raw['peft_type']!r} is not LORA")
     for key, unused in _UNSUPPORTED_PEFT_KEYS.items():

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+import cliconfig
 from architecture import FAMILIES, ModelConfig, Transformer, cuda_half_dtype, rope_inv_freq
 
 # --------------------------------------------------------------------------- tables
@@ -486,10 +487,9 @@ class TensorSource:
 
     @staticmethod
     def _shards(index: Path) -> list[Path]:
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index}: corrupt shard index ({e!r})") from None
+        weight_map = cliconfig.read_json_object(index, "shard index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: corrupt shard index (no 'weight_map' object)")
         shards = [index.parent / f for f in dict.fromkeys(weight_map.values())]
         missing = [str(s) for s in shards if not s.exists()]
         if missing:
@@ -560,10 +560,7 @@ def read_config(directory: str | Path) -> tuple[ModelConfig, dict]:
     path = Path(directory) / "config.json"
     if not path.exists():
         raise ValueError(f"{path}: not found (is {directory} an HF checkpoint directory?)")
-    try:
-        hf = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    hf = cliconfig.read_json_object(path, "model config")
     model_type = hf.get("model_type")
     if model_type not in TABLES:
         raise ValueError(f"{path}: unknown model_type {model_type!r}; supported: "

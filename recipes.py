@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+import cliconfig
 import eval as ev
 import trainingmanager as tm
 
@@ -47,14 +48,7 @@ class Recipe:
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe; errors name the file, the section and the key."""
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text("utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{path}: recipe not found") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: a recipe is one JSON object with 'train' and 'eval' sections")
+    raw = cliconfig.read_json_object(path, "recipe")
     unknown = [k for k in raw if not k.startswith("_") and k not in ("train", "eval")]
     if unknown:
         raise ValueError(f"{path}: unknown top-level key(s) {unknown}; a recipe has 'train', "
@@ -123,7 +117,7 @@ def check_family(model_dir: str, preset: str | None) -> None:
     config = Path(model_dir) / "config.json"
     if preset not in PRESETS or not config.is_file():
         return  # trainingmanager reports a missing or malformed checkpoint itself
-    found = json.loads(config.read_text()).get("model_type")
+    found = cliconfig.read_json_object(config, "model config").get("model_type")
     want = PRESETS[preset].family
     if found != want:
         raise ValueError(f"{model_dir}: a {found!r} checkpoint, but this recipe is written for "

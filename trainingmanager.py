@@ -1172,7 +1172,7 @@ class _Run:
 
             preset = PRESETS.get(self.cfg.preset)
             return preset.block_size if preset is not None else 256
-        config = json.loads((Path(self.cfg.init_from) / "config.json").read_text())
+        config = cliconfig.read_json_object(Path(self.cfg.init_from) / "config.json", "model config")
         context = next((config[k] for k in ("max_position_embeddings", "n_positions", "n_ctx")
                         if k in config), 1024)
         return min(int(context), 1024)

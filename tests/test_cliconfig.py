@@ -73,7 +73,15 @@ def test_unreadable_files_are_named(tmp_path):
         _parse(["--config", str(tmp_path / "missing.json")])
     bad = tmp_path / "bad.json"
     bad.write_text('{\n  "lr": 1,\n  oops\n}')
-    with pytest.raises(ValueError, match=r"bad\.json: invalid JSON at line 3"):
+    with pytest.raises(ValueError, match=r"bad\.json: invalid JSON at line 3, column 3"):
+        _parse(["--config", str(bad)])
+    for content, kind in ((b"[1]", "an array"), (b"null", "null"), (b"3", "a number")):
+        bad.write_bytes(content)
+        with pytest.raises(ValueError, match=f"bad.json: the config file must be one JSON object, "
+                                             f"not {kind}"):
+            _parse(["--config", str(bad)])
+    bad.write_bytes(b'{"lr": "\xff"}')
+    with pytest.raises(ValueError, match="bad.json: cannot read the config file: .*utf-8"):
         _parse(["--config", str(bad)])
 
 

@@ -359,15 +359,15 @@ def test_corrupt_model_json_files_are_named(tmp_path):
     run = tmp_path / "run"
     (run / "export").mkdir(parents=True)
     (run / "config.json").write_text('{\n  "task": "lm",\n  oops\n}\n')
-    with pytest.raises(ValueError, match=r"run/config.json:3: invalid JSON \(Expecting property"):
+    with pytest.raises(ValueError, match=r"run/config.json: invalid JSON at line 3, column 3: Expecting property"):
         ev.load_model(str(run), torch.device("cpu"))
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{\n 'r': 4}")
-    with pytest.raises(ValueError, match=r"adapter/adapter_config.json:2: invalid JSON"):
+    with pytest.raises(ValueError, match=r"adapter/adapter_config.json: invalid JSON at line 2"):
         ev.load_model(str(adapter), torch.device("cpu"))
     (adapter / "adapter_config.json").write_text("[4]")
-    with pytest.raises(ValueError, match=r"adapter_config.json: must hold one JSON object"):
+    with pytest.raises(ValueError, match=r"adapter_config.json: the adapter config must be one JSON object, not an array"):
         ev.load_model(str(adapter), torch.device("cpu"))
 
 

@@ -366,8 +366,12 @@ def test_error_unsupported_tensor_dtype(checkpoints, tmp_path):
                                          r"dtype F8_E4M3, which codelm does not load"):
         Transformer.from_pretrained(d)
 
-def test_error_missing_config(tmp_path):
+
+def test_error_missing_or_malformed_config(tmp_path):
     with pytest.raises(ValueError, match="config.json: not found"):
+        Transformer.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('["llama"]')  # was: AttributeError from dict.get
+    with pytest.raises(ValueError, match="config.json: the model config must be one JSON object"):
         Transformer.from_pretrained(tmp_path)
 
 
