@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import hashlib
 import json
 import re
 import shutil
@@ -93,15 +94,17 @@ _GIT_URL = re.compile(r"^(?:[a-z+]+://|[\w.-]+@[\w.-]+:)")
 
 def collect_git_sources(sources: Sequence[str], extensions: Sequence[str], out_dir: Path,
                         progress: bool) -> list[str]:
-    """Git URLs become scraper JSONL (``python -m scraping local``); other sources pass through."""
+    """Git URLs become scraper JSONL (``python -m scraping local``); other sources pass through.
+    Each URL and extension list has its own file, which a re-run reuses instead of cloning again."""
     from scraping import LocalConfig, collect_local
 
     out = []
-    for i, source in enumerate(sources):
+    for source in sources:
         if not _GIT_URL.match(source):
             out.append(source)
             continue
-        target = out_dir / f"source-{i}.jsonl"
+        key = json.dumps([source, sorted(extensions)]).encode()
+        target = out_dir / f"source-{hashlib.sha256(key).hexdigest()[:16]}.jsonl"
         summary = collect_local(LocalConfig(sources=[source], out=str(target),
                                             extensions=list(extensions), progress=progress))
         print(f"collected {source} -> {target}: {summary.format()}")

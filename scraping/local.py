@@ -1,7 +1,9 @@
 """Collect source files by extension from local directories or git URLs (seed 002's Kotlin corpus).
 
 A git URL is shallow-cloned into a temporary directory that is removed afterwards. Symlinks are
-skipped, so a cloned repository cannot pull files from outside itself into the corpus.
+skipped, so a cloned repository cannot pull files from outside itself into the corpus. Each source's
+records are committed as it finishes (as the GitHub scraper commits each repo), so a clone that fails
+or a run that is stopped keeps the sources already collected, and a re-run goes on from there.
 """
 
 from __future__ import annotations
@@ -18,11 +20,10 @@ from tqdm import tqdm
 
 from scraping.common import (
     FileFilter,
+    ResumableOutput,
     Summary,
-    atomic_write,
     check_output_file,
     decode_source,
-    encode_records,
     git_blob_sha,
     is_utf8,
     make_record,
@@ -45,6 +46,8 @@ class LocalConfig:
         default=None, metadata={"help": "branch or tag to clone (default: the remote's HEAD)"})
     license: str | None = field(
         default=None, metadata={"help": "SPDX licence id recorded on every file"})
+    state: str | None = field(
+        default=None, metadata={"help": "resume state file (default: OUT.state)"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
 
@@ -114,30 +117,46 @@ def collect_directory(
     return records
 
 
+def _source_key(source: str) -> tuple[str, Path | None]:
+    """(the key a finished source is recorded under, its directory or None for a git URL)."""
+    if _is_git_url(source):
+        return redact_url(source), None
+    if not Path(source).is_dir():
+        raise ValueError(f"{source}: not a directory or a git URL")
+    root = Path(source).resolve()
+    if not is_utf8(root.name):
+        raise ValueError(f"{source!r}: the directory name, which names the repo of its records, "
+                         "is not valid UTF-8; rename it")
+    return str(root), root
+
+
 def collect_local(cfg: LocalConfig) -> Summary:
-    """Write every wanted file of every source to ``cfg.out``; returns kept/skipped counts."""
+    """Append every wanted file of every source to ``cfg.out``, one source at a time (resumable:
+    sources finished by an earlier run with the same filters are skipped); returns the counts."""
     if not cfg.sources:
         raise ValueError("give at least one directory or git URL to collect from")
     file_filter = FileFilter(normalize_extensions(cfg.extensions), cfg.min_bytes, cfg.max_bytes)
     out = Path(cfg.out)
+    state = Path(cfg.state) if cfg.state else out.with_name(out.name + ".state")
     check_output_file(out, "--out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    summary, seen, records = Summary(), set(), []
-    for source in cfg.sources:
-        if _is_git_url(source):
+    check_output_file(state, "--state")
+    sources = [(source, *_source_key(source)) for source in cfg.sources]  # all checked up front
+    settings = {"extensions": list(file_filter.extensions), "min_bytes": cfg.min_bytes,
+                "max_bytes": cfg.max_bytes, "branch": cfg.branch, "license": cfg.license}
+    store = ResumableOutput(out, state, settings)
+    summary = Summary()
+    for source, key, root in sources:
+        if key in store.done:
+            summary.repos["already_done"] += 1
+            continue
+        if root is None:
             with tempfile.TemporaryDirectory(prefix="codelm-clone-") as tmp:
                 shallow_clone(source, Path(tmp) / "repo", cfg.branch)
-                records += collect_directory(Path(tmp) / "repo", redact_url(source), file_filter,
-                                             cfg.license, summary, seen, cfg.progress)
-        elif Path(source).is_dir():
-            root = Path(source).resolve()
-            if not is_utf8(root.name):
-                raise ValueError(f"{source!r}: the directory name, which names the repo of its "
-                                 "records, is not valid UTF-8; rename it")
-            records += collect_directory(root, root.name, file_filter, cfg.license, summary,
-                                         seen, cfg.progress)
+                records = collect_directory(Path(tmp) / "repo", key, file_filter, cfg.license,
+                                            summary, store.shas, cfg.progress)
         else:
-            raise ValueError(f"{source}: not a directory or a git URL")
+            records = collect_directory(root, root.name, file_filter, cfg.license, summary,
+                                        store.shas, cfg.progress)
+        store.commit(key, records)
         summary.repos["collected"] += 1
-    atomic_write(out, encode_records(records))
     return summary

@@ -289,6 +289,14 @@ def test_git_url_data_is_collected_into_scraper_jsonl(tmp_path):
     assert sources[1] == "stdlib" and sources[0].endswith(".jsonl")
     records = [json.loads(line) for line in Path(sources[0]).read_text().splitlines()]
     assert [r["path"] for r in records] == ["src/Main.kt"] and "println" in records[0]["text"]
+    moved = work.rename(tmp_path / "moved")  # a re-run reuses the collected file: no clone
+    assert recipes.collect_git_sources([url], [".kt"], tmp_path / "out", False) == sources[:1]
+    assert Path(sources[0]).read_text().count("\n") == 1
+    url = (moved / ".git").as_uri()
+    other = recipes.collect_git_sources([url], [".gradle"], tmp_path / "out", False)[0]
+    assert other != sources[0]  # other extensions: another file, not a refused resume
+    assert [json.loads(line)["path"] for line in Path(other).read_text().splitlines()] == [
+        "build.gradle"]
 
 
 def test_completion_eval_of_a_base_model_on_kotlin_files(tiny_starcoder, tmp_path, monkeypatch,

@@ -308,10 +308,34 @@ def test_local_git_url_is_shallow_cloned_and_removed(tmp_path, capsys):
     assert "kept 3 files" in capsys.readouterr().err
 
     assert main(["local", str(tmp_path / "nope"), "--out", str(out), "--no-progress"]) == 2
-    assert main(["local", "file:///no/such/repo.git", "--out", str(out), "--no-progress"]) == 2
+    other = str(tmp_path / "other.jsonl")
+    assert main(["local", "file:///no/such/repo.git", "--out", other, "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "not a directory or a git URL" in err and "git clone" in err
     assert "Traceback" not in err
+
+
+def test_local_keeps_finished_sources_when_a_later_one_fails_and_resumes(tmp_path, capsys):
+    first, second = tmp_path / "first", tmp_path / "second"
+    for root, name in ((first, "a.py"), (second, "b.py")):
+        root.mkdir()
+        (root / name).write_text(f"# {name}\n")
+    out = tmp_path / "out.jsonl"
+    missing = "file:///no/such/repo.git"
+    argv = ["local", str(first), missing, "--out", str(out), "--no-progress"]
+    assert main(argv) == 2  # the clone fails after the first source is collected
+    assert "git clone" in capsys.readouterr().err
+    assert [r["path"] for r in read_jsonl(out)] == ["a.py"]  # was: nothing written at all
+    assert main(["local", str(first), str(second), "--out", str(out), "--no-progress"]) == 0
+    assert [r["path"] for r in read_jsonl(out)] == ["a.py", "b.py"]
+    assert "already_done" in capsys.readouterr().err
+    assert main(["local", str(first), str(tmp_path / "typo"), "--out", str(out),
+                 "--no-progress"]) == 2  # every source is checked before any work
+    assert "typo: not a directory or a git URL" in capsys.readouterr().err
+    assert [r["path"] for r in read_jsonl(out)] == ["a.py", "b.py"]
+    assert main(["local", str(first), "--out", str(out), "--extensions", ".kt",
+                 "--no-progress"]) == 2
+    assert "extensions differ" in capsys.readouterr().err
 
 
 def test_cli_help_and_bad_flags(tmp_path, capsys):
