@@ -564,15 +564,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = RecipeOptions(**vars(args))
     try:
         report = run_recipe(opts)
-    except tm.NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: {tm.os_error_message(e)}", file=sys.stderr)
-        return 2
+    except tm.RUN_ERRORS as e:
+        return tm.report_run_error(e)
     print(summary(report))
     if report.train.interrupted:
         return tm.interrupted_exit_code(report.train.interrupted)

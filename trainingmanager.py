@@ -1668,6 +1668,17 @@ def os_error_message(e: OSError) -> str:
     return f"{paths}: {e.strerror}" if paths and e.strerror else str(e)
 
 
+# What a user's mistake or a failing run raises: reported as one line, never a traceback.
+RUN_ERRORS = (NonFiniteLossError, ValueError, OSError)
+
+
+def report_run_error(e: Exception) -> int:
+    """Print one of RUN_ERRORS as ``error: ...`` and return the exit code: 1 for a diverged run,
+    2 for a bad setting or an unwritable path."""
+    print(f"error: {os_error_message(e) if isinstance(e, OSError) else e}", file=sys.stderr)
+    return 1 if isinstance(e, NonFiniteLossError) else 2
+
+
 def interrupted_exit_code(signal_name: str) -> int:
     """The shell's code for a run stopped by SIGINT (130) or SIGTERM (143), checkpoint saved:
     non-zero, so ``train && eval`` does not go on with an unfinished run."""
@@ -1682,15 +1693,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(report)
             return 0 if passed else 1
         result = train(cfg)
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: {os_error_message(e)}", file=sys.stderr)
-        return 2
+    except RUN_ERRORS as e:
+        return report_run_error(e)
     if result.interrupted:
         return interrupted_exit_code(result.interrupted)
     if cfg.overfit_batches:
