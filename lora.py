@@ -41,6 +41,7 @@ _UNSUPPORTED_PEFT_KEYS = {
     "layers_pattern": None, "modules_to_save": None, "lora_bias": False, "fan_in_fan_out": False,
     "target_parameters": None, "exclude_modules": None, "layer_replication": None,
     "use_qalora": False, "trainable_token_indices": None, "alora_invocation_tokens": None,
+    "use_bdlora": None, "kasa_config": None, "monteclora_config": None, "arrow_config": None,
 }
 # init_lora_weights values under which PEFT rewrites the base weights when it loads the adapter.
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
@@ -465,9 +466,10 @@ def _leaf_names(names) -> list[str]:
 
 
 def _resolve_targets(model: nn.Module, targets: list[str] | str,
-                     each: bool = True) -> dict[str, list[str]]:
-    """target -> the adapter-file module names it selects. Each target must select something
-    (``each``), or, as PEFT rules when it loads an adapter, at least one of them must."""
+                     peft_rules: bool = False) -> dict[str, list[str]]:
+    """target -> the adapter-file module names it selects. Each target must select something, HF
+    name or codelm name. Under ``peft_rules``, as PEFT reads an adapter file, targets match HF
+    names only and at least one of them must select something."""
     names = _module_names(model)
     codelm_paths = [p for p, m in model.named_modules()
                     if isinstance(m, (nn.Linear, nn.Embedding, QuantLinear))]
@@ -478,13 +480,13 @@ def _resolve_targets(model: nn.Module, targets: list[str] | str,
     for target in [targets] if isinstance(targets, str) else targets:
         spec = target if isinstance(targets, str) else [target]
         hits = [n for n in names if _matches(spec, n)]
-        if not hits:  # codelm's own names select the HF modules living inside them
+        if not hits and not peft_rules:  # codelm's names select the HF modules inside them
             hits = [n for p in codelm_paths if _matches(spec, p) for n in by_path.get(p, [])]
         if hits:
             resolved[target] = hits
         else:
             missing.append(target)
-    if missing and (each or not resolved):
+    if missing and (not peft_rules or not resolved):
         adaptable = [n for n, (p, _) in names.items() if p in codelm_paths]
         raise ValueError(f"LoRA target(s) {missing} match no module of this {model.cfg.family} "
                          f"model. HF names: {', '.join(_leaf_names(adaptable))}; codelm names: "
@@ -717,7 +719,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAReport:
         return _report(model, {})
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     try:
-        resolved = _resolve_targets(model, cfg.target_modules, each=False)
+        resolved = _resolve_targets(model, cfg.target_modules, peft_rules=True)
         _attach(model, cfg, resolved)
     except ValueError as e:
         raise ValueError(f"{path / ADAPTER_CONFIG}: {e}") from None

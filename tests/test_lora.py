@@ -133,6 +133,24 @@ def test_peft_adapter_with_targets_the_model_lacks_loads(tmp_path):
                                atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("family,targets", [("llama", ["q_proj", "v_proj", "wte"]),
+                                            ("gpt_bigcode", ["c_attn", "proj"])])
+def test_peft_adapter_targets_match_hf_names_only(tmp_path, family, targets):
+    # 'wte' and 'proj' are codelm module names; PEFT, reading the file, matches HF names only and
+    # skips them. Matching codelm's names here added adapters the file has no weights for.
+    hf, model, _ = _pair(family, tmp_path)
+    peft_model = get_peft_model(copy.deepcopy(hf), _peft_config(dict(r=4, alpha=8,
+                                                                      target_modules=targets)))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+    peft_model.save_pretrained(tmp_path / "peft")
+    load_adapter(model, tmp_path / "peft")
+    torch.testing.assert_close(_logits(model, _ids(2)), _logits(peft_model.eval(), _ids(2)),
+                               atol=1e-4, rtol=0)
+
+
 def test_loading_into_existing_adapters_needs_the_same_scale(tmp_path):
     _, model, setting = _pair("phi", tmp_path)
     apply_lora(model, LoRAConfig(**setting))
@@ -321,6 +339,11 @@ def test_adapter_file_errors_name_the_file(tmp_path):
     _, fresh, _ = _pair("phi", tmp_path / "other")
     with pytest.raises(ValueError, match=r"adapter_config.json: use_dora=True is not supported"):
         load_adapter(fresh, tmp_path / "a")
+    for key, value in (("use_bdlora", {"target_modules_bd_a": ["o_proj"]}),
+                       ("kasa_config", {"on": True}), ("monteclora_config", {"n_experts": 2})):
+        (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(ValueError, match=rf"adapter_config.json: {key}=.* is not supported"):
+            load_adapter(fresh, tmp_path / "a")
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(
         {**config, "target_modules": ["c_attn", "gate_proj"]}))
     with pytest.raises(ValueError, match=r"adapter_config.json: LoRA target\(s\) \['c_attn', "
