@@ -1108,6 +1108,12 @@ def _token_dtype(tokenizer) -> str:
     return "uint16" if tokenizer.vocab_size <= 65536 else "uint32"
 
 
+def prompt_prefix(tokenizer, task: str | None) -> list[int]:
+    """The ids before a prompt, as the model saw text in training: the lm task packs files after
+    an EOS; supervised examples (and base checkpoints, ``task`` None) start bare."""
+    return [tokenizer.eos_id] if task == "lm" and tokenizer.eos_id is not None else []
+
+
 def _build_lm(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path) -> dict:
     eos = tokenizer.eos_id
     if eos is None:

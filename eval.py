@@ -38,7 +38,7 @@ import time
 from collections import Counter
 from collections.abc import Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -335,7 +335,9 @@ class EvalConfig:
     limit: int = 100  # examples per generation task (the first ones of the split)
     lines_per_file: int = 1  # line / window completion targets sampled per file
     lm_windows: int | None = 64  # block-size windows scored by the lm task (None: the split)
-    block_size: int | None = None  # context for scoring and prompts (default: the model's)
+    # context for scoring and prompts; default: the smallest of the compared models', where a
+    # codelm run's is the block_size it trained and validated at, so reference_loss is its val_loss
+    block_size: int | None = None
     docstring_prompts: list[str] = field(default_factory=lambda: ["simple"])  # seed 004 variants
     docstring_targets: str = "class"  # class | function | both
     docstring_min_tokens: int = 0  # skip shorter reference docstrings (seed 004: 20)
@@ -553,17 +555,23 @@ def _context(lm: LoadedModel, cfg: EvalConfig) -> int:
     return min(cfg.block_size or lm.model.cfg.block_size, lm.model.cfg.block_size)
 
 
+def shared_context(models: Sequence[LoadedModel]) -> int:
+    """One context for every compared model: the smallest, where a codelm run's is its training
+    ``block_size`` (not the base model's, which may be far longer)."""
+    return min(min(lm.model.cfg.block_size, (lm.run_config or {}).get("block_size") or
+                   lm.model.cfg.block_size) for lm in models)
+
+
 def _doc_start(tok) -> list[int]:
     """Documents start after an EOS in codelm's packed training stream (as in the trainer)."""
     return [tok.eos_id] if tok.eos_id is not None else []
 
 
 def _prompt_start(lm: LoadedModel) -> list[int]:
-    """A prompt is formatted as the model saw text in training: after an EOS for a codelm run
-    trained on the packed ``lm`` stream; bare for supervised fine-tunes (dataset.py's pair
-    examples carry no prefix) and for base checkpoints compared with them."""
-    trained_on_stream = lm.run_config is not None and lm.run_config.get("task", "lm") == "lm"
-    return _doc_start(lm.tokenizer) if trained_on_stream else []
+    """A prompt is formatted as the model saw text in training (a base checkpoint: bare)."""
+    from dataset import prompt_prefix
+
+    return prompt_prefix(lm.tokenizer, lm.run_config.get("task", "lm") if lm.run_config else None)
 
 
 @torch.no_grad()
@@ -930,6 +938,8 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str]) -> di
     problems = load_problems(cfg.problems or PROBLEMS_FILE) if "passk" in cfg.tasks else []
     models = [load_model(spec, device, cfg.tokenizer) for spec in specs]
     _unique_labels(models)
+    if cfg.block_size is None:  # results.json records the context used
+        cfg = replace(cfg, block_size=shared_context(models))
     text_tasks = [t for t in cfg.tasks if t != "passk"]
     docs = []
     if text_tasks:

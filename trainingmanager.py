@@ -158,7 +158,8 @@ class TrainConfig:
     label_smoothing: float = 0.0  # training only; validation reports the true NLL
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 on GPUs with native bf16, fp16
     #   on older ones such as the T4, fp32 on CPU)
-    eval_precision: str = "fp32"  # fp32 | same (as training); seed 000 needed fp32
+    eval_precision: str = "fp32"  # fp32 | same (as training); seed 000 needed fp32. fp32 means
+    #   no autocast: a bf16/fp16 or quantized frozen base (base_dtype) computes in its own dtype
     compile: bool = False  # torch.compile the model
     gradient_checkpointing: bool = False  # recompute each block in backward: less memory
     # evaluation, logging, checkpoints
@@ -587,6 +588,12 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # The saved lr is the saved schedule's; a resume may change its length (max_steps, epochs).
+        step = self.scheduler.last_epoch
+        for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                       self.scheduler.lr_lambdas):
+            group["lr"] = base * factor(step)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
 
@@ -1461,7 +1468,8 @@ class _Run:
             load_model_tensors(model, load_file(best), str(best), self.trainable_only)
         if not self.main:
             return None, None
-        sample = sample_completion(model, self.tok, self.cfg.sample_prompt, self.cfg.sample_tokens)
+        sample = sample_completion(model, self.tok, self.cfg.sample_prompt, self.cfg.sample_tokens,
+                                   self.cfg.task)
         print(f"sample completion (greedy, best checkpoint at step {self.best_step}):\n"
               f"{self.cfg.sample_prompt}{sample}")
         export = self.run_dir / "export"
@@ -1491,11 +1499,12 @@ class _Run:
 
 
 @torch.no_grad()
-def sample_completion(model: nn.Module, tok, prompt: str, max_new_tokens: int) -> str:
-    """Greedy continuation of ``prompt``; documents start after an EOS in the packed stream."""
-    ids = tok.encode(prompt)
-    if tok.eos_id is not None:
-        ids = [tok.eos_id, *ids]
+def sample_completion(model: nn.Module, tok, prompt: str, max_new_tokens: int,
+                      task: str) -> str:
+    """Greedy continuation of ``prompt``, formatted as the run's ``task`` trained on it."""
+    from dataset import prompt_prefix
+
+    ids = prompt_prefix(tok, task) + tok.encode(prompt)
     max_new_tokens = min(max_new_tokens, model.cfg.block_size - len(ids))
     if max_new_tokens <= 0:
         return ""

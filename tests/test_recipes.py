@@ -81,6 +81,11 @@ def test_recipe_smoke_end_to_end(name, tmp_path, monkeypatch, capsys):
     assert all(c in head for c in columns), head
     assert [tuple(r[:2]) if head[1] == "prompt" else r[0] for r in body] == rows
     assert all(cell != "n/a" for row in body for cell in row)
+    if recipe["eval"].get("reference_loss"):  # seed 000: eval's loss is training's val_loss
+        results = json.loads((run / "eval" / "results.json").read_text())
+        best = json.loads((run / "best" / "metrics.json").read_text())
+        assert results["rows"][0]["metrics"]["refactor/loss"] == pytest.approx(
+            best["val_loss"], rel=1e-5)  # scored at the base's 384 tokens, not the run's 192
 
     export = run / "export"
     merged_dir = export / "merged" if recipe["train"].get("lora_r") else export

@@ -713,7 +713,29 @@ def test_resume_refuses_settings_that_would_change_the_run(assets, tmp_path, cap
     assert tm.main(["--resume", str(run), "--max-steps", "6", "--eval-every", "3",
                     "--data-options", json.dumps({"cache_dir": assets["cache"]})]) == 0
     assert tm.list_checkpoints(run)[-1].name == "step-6"
-    assert json.loads((run / "config.json").read_text())["max_steps"] == 6
+    resumed = json.loads((run / "config.json").read_text())
+    assert resumed["max_steps"] == 6
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (run / "metrics.jsonl").open())
+           if r["kind"] == "train"}
+    for step in (5, 6):  # step 5 ran at the 4-step schedule's lr before the fix
+        factor = tm.lr_factor(step - 1, resumed["warmup_steps"], 6, resumed["min_lr_ratio"])
+        assert lrs[step] == pytest.approx(resumed["lr"] * factor, rel=1e-12)
+
+
+def test_sample_prompt_is_formatted_as_the_task_trained(assets, tmp_path, monkeypatch):
+    tok = load_tokenizer(assets["tokenizer"])
+    model = tm.build_model(tiny_cfg(assets, tmp_path), tok)
+    seen = []
+
+    def generate(self, idx, max_new_tokens, **kwargs):
+        seen.append(idx[0].tolist())
+        return idx
+
+    monkeypatch.setattr(type(model), "generate", generate)
+    for task in ("lm", "refactor"):
+        tm.sample_completion(model, tok, "def f(", 4, task)
+    body = tok.encode("def f(")
+    assert seen == [[tok.eos_id, *body], body]  # supervised examples do not start after an EOS
 
 
 def test_loading_tensors_of_another_shape_names_the_tensor(assets, tmp_path):
