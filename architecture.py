@@ -321,24 +321,10 @@ class _SplitRotatedFunction(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
-class KVCache(nn.Module):
-    """Preallocated keys/values of one layer; slots are written in place (static shapes)."""
-
-    def __init__(self, batch: int, n_kv_head: int, length: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
-        super().__init__()
-        shape = (batch, n_kv_head, length, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        self.k.index_copy_(2, slots, k)
-        self.v.index_copy_(2, slots, v)
-        return self.k, self.v
-
-    def reorder(self, rows: torch.Tensor) -> None:
-        self.k.copy_(self.k.index_select(0, rows))
-        self.v.copy_(self.v.index_select(0, rows))
+# One layer's preallocated (keys, values), each (B, n_kv_head, length, head_dim), written in place
+# at the decode step's slots (static shapes). A generation owns its caches: they are created per
+# call and passed down, never stored on the model, so generations running at once do not mix.
+LayerCache = tuple[torch.Tensor, torch.Tensor]
 
 
 class Attention(nn.Module):
@@ -347,9 +333,8 @@ class Attention(nn.Module):
         self.cfg = cfg
         self.qkv = nn.Linear(cfg.n_embd, cfg.qkv_size, bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.attn_proj_bias)
-        self.kv_cache: KVCache | None = None
 
-    def forward(self, x, rope, mask, slots):
+    def forward(self, x, rope, mask, slots, cache: LayerCache | None = None):
         cfg = self.cfg
         B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, cfg.n_head + 2 * cfg.n_kv_head, cfg.head_dim)
@@ -358,8 +343,10 @@ class Attention(nn.Module):
             q, k, v = _SplitRotatedFunction.apply(qkv, *rope, *layout)
         else:
             q, k, v = _split_rotated(qkv, rope, *layout)
-        if self.kv_cache is not None:
-            k, v = self.kv_cache.update(slots, k, v)
+        if cache is not None:
+            cache[0].index_copy_(2, slots, k)
+            cache[1].index_copy_(2, slots, v)
+            k, v = cache
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None,
             dropout_p=cfg.attn_dropout if self.training else 0.0,
@@ -399,9 +386,9 @@ class Block(nn.Module):
         # p read live from the shared cfg, so `model.cfg.dropout = p` retunes a loaded model.
         return dropout(x, self.cfg.dropout, self.training)
 
-    def forward(self, x, rope, mask, slots):
+    def forward(self, x, rope, mask, slots, cache: LayerCache | None = None):
         h = self.norm_1(x)
-        a = self.drop(self.attn(h, rope, mask, slots))
+        a = self.drop(self.attn(h, rope, mask, slots, cache))
         if self.norm_2 is None:
             return x + a + self.drop(self.mlp(h))
         x = x + a
@@ -623,18 +610,18 @@ class Transformer(nn.Module):
         return n
 
     # --------------------------------------------------------------- forward
-    def _run(self, idx, pos, mask, slots, last_only=False, head=True):
+    def _run(self, idx, pos, mask, slots, caches=None, last_only=False, head=True):
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe(pos)
         x = dropout(x, self.cfg.dropout, self.training)
         rope = self.rope(pos, x.dtype) if self.rope is not None else None
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             if recompute:  # keep only each block's input; its activations are redone in backward
                 x = checkpoint(block, x, rope, mask, slots, use_reentrant=False)
             else:
-                x = block(x, rope, mask, slots)
+                x = block(x, rope, mask, slots, caches[i] if caches is not None else None)
         if last_only:
             x = x[:, -1:]
         x = self.norm_f(x)
@@ -665,15 +652,12 @@ class Transformer(nn.Module):
                          head=not return_hidden)
 
     # ------------------------------------------------------------- KV cache
-    def _setup_cache(self, batch: int, length: int) -> None:
+    def _new_caches(self, batch: int, length: int) -> list[LayerCache]:
         p = self.wte.weight
-        for block in self.blocks:
-            block.attn.kv_cache = KVCache(batch, self.cfg.n_kv_head, length, self.cfg.head_dim,
-                                          p.dtype, p.device)
+        shape = (batch, self.cfg.n_kv_head, length, self.cfg.head_dim)
+        return [(p.new_zeros(shape), p.new_zeros(shape)) for _ in self.blocks]
 
-    def _clear_cache(self) -> None:
-        for block in self.blocks:
-            block.attn.kv_cache = None
+    def _end_decode(self) -> None:
         if self.training:  # training wants row-major weights back (see _use_decode_layout)
             self._use_decode_layout(False)
 
@@ -710,15 +694,17 @@ class Transformer(nn.Module):
                 for w, col in zip(weights, cols):
                     w.data = col
 
-    def _reorder_cache(self, rows: torch.Tensor) -> None:
-        for block in self.blocks:
-            block.attn.kv_cache.reorder(rows)
+    @staticmethod
+    def _reorder_caches(caches: list[LayerCache], rows: torch.Tensor) -> None:
+        for k, v in caches:
+            k.copy_(k.index_select(0, rows))
+            v.copy_(v.index_select(0, rows))
 
-    def _step(self, tok, pos, slot, key_valid):
+    def _step(self, tok, pos, slot, key_valid, caches):
         """One decode step: tok, pos (B, 1); slot (1,) cache slot; key_valid (B, L)."""
         k_slots = torch.arange(key_valid.shape[1], device=tok.device)
         mask = ((k_slots <= slot) & key_valid)[:, None, None, :]
-        return self._run(tok, pos, mask, slot)[:, -1]
+        return self._run(tok, pos, mask, slot, caches)[:, -1]
 
     def _decoder(self, compile: bool) -> Callable:
         if not compile:
@@ -730,7 +716,7 @@ class Transformer(nn.Module):
                                                 backend=_decode_backend)
         return self._compiled_step
 
-    def _prefill(self, idx, attention_mask, length):
+    def _prefill(self, idx, attention_mask, length, caches):
         """Fill the cache with the prompt; return (last logits (B, V), key_valid (B, L), next pos)."""
         B, T = idx.shape
         key_valid = torch.ones(B, length, dtype=torch.bool, device=idx.device)
@@ -742,7 +728,7 @@ class Transformer(nn.Module):
         slots = torch.arange(T, device=idx.device)
         pos = _positions(key_valid[:, :T])
         mask = _padded_mask(key_valid, slots, length)
-        logits = self._run(idx, pos, mask, slots, last_only=True)[:, -1]
+        logits = self._run(idx, pos, mask, slots, caches, last_only=True)[:, -1]
         return logits, key_valid, pos[:, -1:] + 1
 
     # ------------------------------------------------------------- generate
@@ -773,9 +759,9 @@ class Transformer(nn.Module):
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
         track = bool(eos_ids or stop_seqs or stop_strs)
         self._use_decode_layout(not compile)  # the compiled step reads row-major best
-        self._setup_cache(B, length)
+        caches = self._new_caches(B, length)
         try:
-            logits, key_valid, pos = self._prefill(idx, attention_mask, length)
+            logits, key_valid, pos = self._prefill(idx, attention_mask, length, caches)
             for i in range(max_new_tokens):
                 tok = _pick(logits, temperature, top_k, top_p, generator)
                 if track:
@@ -790,10 +776,10 @@ class Transformer(nn.Module):
                 if i == max_new_tokens - 1:
                     return
                 slot = torch.tensor([T + i], device=idx.device)
-                logits = step_fn(tok[:, None], pos, slot, key_valid)
+                logits = step_fn(tok[:, None], pos, slot, key_valid, caches)
                 pos = pos + 1
         finally:
-            self._clear_cache()
+            self._end_decode()
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None,
@@ -864,9 +850,9 @@ class Transformer(nn.Module):
         closed = [False] * B
         base = (torch.arange(B, device=dev) * K)[:, None]
         self._use_decode_layout(True)
-        self._setup_cache(B * K, length)
+        caches = self._new_caches(B * K, length)
         try:
-            logits, key_valid, pos = self._prefill(flat, mask, length)
+            logits, key_valid, pos = self._prefill(flat, mask, length, caches)
             for i in range(max_new_tokens):
                 logp = torch.log_softmax(logits.float(), dim=-1)
                 V = logp.shape[-1]
@@ -904,13 +890,13 @@ class Transformer(nn.Module):
                 scores = new_scores
                 if all(closed) or i == max_new_tokens - 1:
                     break
-                self._reorder_cache(rows)
+                self._reorder_caches(caches, rows)
                 key_valid, pos = key_valid[rows], pos[rows]
                 slot = torch.tensor([T + i], device=dev)
-                logits = self._step(new_tok.view(-1, 1), pos, slot, key_valid)
+                logits = self._step(new_tok.view(-1, 1), pos, slot, key_valid, caches)
                 pos = pos + 1
         finally:
-            self._clear_cache()
+            self._end_decode()
         n_gen = seqs.shape[1]
         out = torch.full((B, T + n_gen), fill, dtype=torch.long, device=dev)
         out[:, :T] = idx

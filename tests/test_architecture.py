@@ -87,15 +87,12 @@ def test_kv_cache_decode_equals_full_forward(shape):
     idx = _ids(2, 40)
     full = model(idx)
     prompt, total = 24, idx.shape[1]
-    model._setup_cache(2, total)
-    try:
-        last, key_valid, pos = model._prefill(idx[:, :prompt], None, total)
-        steps = [last]
-        for t in range(prompt, total - 1):
-            steps.append(model._step(idx[:, t:t + 1], pos, torch.tensor([t]), key_valid))
-            pos = pos + 1
-    finally:
-        model._clear_cache()
+    caches = model._new_caches(2, total)
+    last, key_valid, pos = model._prefill(idx[:, :prompt], None, total, caches)
+    steps = [last]
+    for t in range(prompt, total - 1):
+        steps.append(model._step(idx[:, t:t + 1], pos, torch.tensor([t]), key_valid, caches))
+        pos = pos + 1
     decoded = torch.stack(steps, dim=1)
     assert (decoded - full[:, prompt - 1:total - 1]).abs().max().item() < 1e-5
 
@@ -227,6 +224,22 @@ def test_stream_yields_what_generate_returns():
     idx = _ids(2, 8)
     streamed = torch.stack(list(model.stream(idx, 9)), dim=1)
     assert torch.equal(streamed, model.generate(idx, 9)[:, 8:])
+
+
+def test_generations_running_at_once_do_not_share_a_cache():
+    # The KV cache lived on the model: a second stream replaced the first one's (wrong tokens,
+    # no error), and a generate() inside a stream crashed it.
+    model = _model("codegen")
+    a, b = _ids(1, 6), _ids(2, 5)[1:]
+    want_a, want_b = model.generate(a, 8)[0, 6:], model.generate(b, 8)[0, 5:]
+    pairs = list(zip(model.stream(a, 8), model.stream(b, 8)))
+    assert torch.equal(torch.cat([x for x, _ in pairs]), want_a)
+    assert torch.equal(torch.cat([y for _, y in pairs]), want_b)
+    got = []
+    for tok in model.stream(a, 8):
+        got.append(tok)
+        model.generate(b, 3, num_beams=2)
+    assert torch.equal(torch.cat(got), want_a)
 
 
 def test_beam_search_scores_at_least_greedy():
