@@ -335,9 +335,8 @@ class EvalConfig:
     limit: int = 100  # examples per generation task (the first ones of the split)
     lines_per_file: int = 1  # line / window completion targets sampled per file
     lm_windows: int | None = 64  # block-size windows scored by the lm task (None: the split)
-    # context for scoring and prompts; default: the smallest of the compared models', where a
-    # codelm run's is the block_size it trained and validated at, so reference_loss is its val_loss
-    block_size: int | None = None
+    block_size: int | None = None  # context for scoring and prompts (default: the smallest of
+    #   the models', a codelm run's being the block_size it trained at: its val_loss context)
     docstring_prompts: list[str] = field(default_factory=lambda: ["simple"])  # seed 004 variants
     docstring_targets: str = "class"  # class | function | both
     docstring_min_tokens: int = 0  # skip shorter reference docstrings (seed 004: 20)
