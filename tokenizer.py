@@ -400,10 +400,7 @@ class CodeTokenizer(_BatchEncodeMixin):
         except (IndexError, TypeError):
             bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < len(table)]
             raise ValueError(f"token ids out of range [0, {len(table)}): {bad[:5]}") from None
-        try:
-            return raw.decode("utf-8", "surrogatepass")
-        except UnicodeDecodeError:
-            return raw.decode("utf-8", "replace")
+        return _utf8(raw)
 
     # -- vocabulary ---------------------------------------------------------------------------
 
@@ -754,11 +751,89 @@ def _pretokenizer_pattern(spec: dict | None) -> tuple[str, bool]:
             isinstance(pattern, dict) and len(pattern) == 1, where, f"Split pattern {pattern!r}"
         )
         if isinstance(pattern.get("Regex"), str):
+            _check_split_regex(pattern["Regex"])
             return pattern["Regex"], True
         if isinstance(pattern.get("String"), str):
             return regex.escape(pattern["String"]), True
         raise _Unsupported(f"unsupported {where}: Split pattern {pattern!r}")
     raise _Unsupported(f"unsupported {where}: Sequence of {kinds}")
+
+
+# Split regexes are written for Oniguruma (HF) but run here by Python ``regex``. Only syntax both
+# read alike passes (checked against HF over every code point or a fuzz): escapes of these letters
+# (\p{..} and \P{..} of a general category only), of digits and of punctuation; plain character
+# classes; groups (?: (?= (?! (?<= (?<! (?> (?<name> (?#; and (?i: over ASCII literals with no
+# multi-letter case fold. Refused, for example: \h (hex digit in Oniguruma), \w \b \p{Word}
+# (Oniguruma leaves out ZWJ/ZWNJ), \Z \G \K, ^ and $ (line anchors in Oniguruma), (?m) (dot-all
+# there), other inline options, {n}? and {n,m}+ (a repeat there), [ or && inside a class (nested
+# sets there). Both engines still follow their own Unicode version for the properties.
+_SAME_ESCAPES = frozenset("pPsSdDnrtfvauxAzRX")
+_SAME_CLASS_ESCAPES = frozenset("pPsSdDnrtfvaux")
+_GENERAL_CATEGORY = regex.compile(r"\\[pP]\{\^?(?:L[ultmo]?|M[nce]?|N[dlo]?|P[cdseifo]?|S[mcko]?"
+                                   r"|Z[slp]?|C[cfson]?)\}")
+_SAME_GROUP = regex.compile(r"\(\?(?:[:=!>]|<[=!]|<\w+>)")
+_INTERVAL = regex.compile(r"\{\d*(?:,\d*)?\}")
+_CASELESS_LITERALS = regex.compile(r"\(\?i:([^\\\[\](){}^$.*+?]*)\)")
+
+
+def _check_split_regex(pattern: str) -> None:
+    """Refuse a Split regex that Oniguruma (HF) and Python ``regex`` could read differently."""
+
+    def refuse(construct: str) -> None:
+        raise _Unsupported(
+            f"pre_tokenizer: Split regex {pattern!r} uses {construct}, which codelm refuses: "
+            "Oniguruma (run by HF) and Python regex (run here) do not read it the same way"
+        )
+
+    i, n, in_class = 0, len(pattern), False
+    while i < n:
+        c = pattern[i]
+        if c == "\\":
+            e = pattern[i + 1 : i + 2]
+            if e.isalpha() and e not in (_SAME_CLASS_ESCAPES if in_class else _SAME_ESCAPES):
+                refuse(f"\\{e}")
+            if e in ("p", "P"):
+                prop = _GENERAL_CATEGORY.match(pattern, i)
+                if not prop:
+                    shown = regex.match(r"..(?:\{[^}]*\})?", pattern[i:], regex.S).group()
+                    refuse(f"{shown} (codelm reads \\p{{..}} of general categories only)")
+                i = prop.end()
+                continue
+            i += 2
+            continue
+        if in_class:
+            if c == "[" or pattern.startswith("&&", i):
+                refuse(f"{'[' if c == '[' else '&&'} inside a character class")
+            in_class = c != "]"
+        elif c == "[":
+            i += 2 if pattern.startswith("[^", i) else 1
+            in_class = True
+            if pattern.startswith("]", i):  # a leading ] is literal in both
+                i += 1
+            continue
+        elif c in "^$":
+            refuse(c)
+        elif c == "(" and pattern.startswith("(?", i):
+            if pattern.startswith("(?#", i):
+                i = pattern.find(")", i) + 1 or n
+                continue
+            caseless = _CASELESS_LITERALS.match(pattern, i)
+            if caseless:
+                literals = caseless.group(1)
+                if not literals.isascii() or any(
+                    fold in literals.lower() for fold in ("ss", "st", "ff", "fi", "fl")
+                ):
+                    refuse(f"{caseless.group()} (case folding)")
+                i = caseless.end()
+                continue
+            if not _SAME_GROUP.match(pattern, i):
+                refuse(f"the group or inline option {pattern[i : i + 4]!r}")
+        elif c == "{":
+            interval = _INTERVAL.match(pattern, i)
+            after = pattern[interval.end() : interval.end() + 1] if interval else ""
+            if after == "+" or (after == "?" and "," not in interval.group()):
+                refuse(f"the quantifier {interval.group() + after!r}")
+        i += 1
 
 
 def _template_ids(spec: dict, where: str) -> tuple[list[int], list[int]]:
@@ -905,6 +980,9 @@ class BPETokenizer(_BatchEncodeMixin):
             self._id_to_bytes[i] = _byte_level_bytes(token)
 
     def _build_added(self, added: list) -> None:
+        """Added tokens with the ids HF gives them on loading; HF ignores the JSON ``id``: in list
+        order, a content already in the vocabulary keeps its id, any other gets one past the
+        largest added id, or the vocabulary size if that is larger."""
         _expect(isinstance(added, list), "added_tokens", "must be a list")
         self._added_ids: dict[str, int] = {}
         self._added: dict[str, dict] = {}
@@ -921,10 +999,19 @@ class BPETokenizer(_BatchEncodeMixin):
             content = entry["content"]
             if not content:
                 continue
-            self._added_ids[content] = entry["id"]
-            self._added[content] = {f: bool(entry.get(f, f == "normalized")) for f in flags}
-            if entry.get("special", False):
-                self._special_ids.add(entry["id"])
+            entry_flags = {f: bool(entry.get(f, f == "normalized")) for f in flags}
+            if content in self._added:
+                # HF merges such repeats in ways that depend on the flags; only exact ones pass.
+                _expect(self._added[content] == entry_flags, "added_tokens",
+                        f"entry {entry!r} repeats {content!r} with other flags")
+                continue
+            i = self._vocab.get(content)
+            if i is None:
+                i = max(max(self._added_ids.values(), default=-1) + 1, len(self._vocab))
+            self._added_ids[content] = i
+            self._added[content] = entry_flags
+            if entry_flags["special"]:
+                self._special_ids.add(i)
         # HF matches tokens that are not normalized first, then the normalized ones in the gaps;
         # both leftmost-longest, which a longest-first alternation reproduces.
         self._added_res = []
@@ -1175,6 +1262,10 @@ class BPETokenizer(_BatchEncodeMixin):
             if flags["rstrip"]:
                 while stop < n and _SPACE_CHAR.match(text[stop]):
                     stop += 1
+            if start >= stop:
+                # The previous rstrip token took this whole match: HF drops it (on start > stop
+                # HF itself panics with "AddedVocabulary bad split").
+                continue
             if start_offset < start:
                 out.extend(self._split_added(text[start_offset:start], level + 1))
             out.append((text[start:stop], self._added_ids[content]))
@@ -1260,10 +1351,9 @@ class BPETokenizer(_BatchEncodeMixin):
 
 
 def _utf8(raw: bytes) -> str:
-    try:
-        return raw.decode("utf-8", "surrogatepass")
-    except UnicodeDecodeError:
-        return raw.decode("utf-8", "replace")
+    """Text of token bytes; invalid UTF-8 becomes U+FFFD as in HF, bytes spelling a surrogate
+    (ED A0 80..ED BF BF) included, so the text can always be written as UTF-8."""
+    return raw.decode("utf-8", "replace")
 
 
 def _byte_level_bytes(token: str) -> bytes:

@@ -27,6 +27,7 @@ from tokenizers import (
 
 import dataset
 from tokenizer import (
+    BYTE_TO_UNICODE,
     LLAMA3_PATTERN,
     PRETOKENIZER_STYLES,
     PYTHON_PARSE_ERRORS,
@@ -247,6 +248,16 @@ def test_decode_vocab_and_ids_match_hf(style, references, stdlib_texts):
         assert ours.decode(ids, skip_special_tokens=True) == hf.decode(ids)
 
 
+def test_decode_bytes_spelling_a_surrogate_like_hf(references, code_tok, code_tok_hf):
+    """ED A0 80 is invalid UTF-8: HF gives U+FFFD per byte, never a lone surrogate."""
+    raw = b"x\xed\xa0\x80y"
+    _, hf, ours = references["gpt2"]
+    ids = [hf.token_to_id(BYTE_TO_UNICODE[b]) for b in raw]
+    assert ours.decode(ids) == hf.decode(ids) == "x\ufffd\ufffd\ufffdy"
+    code_ids = [code_tok.token_to_id(f"<0x{b:02X}>") for b in raw]
+    assert code_tok.decode(code_ids) == code_tok_hf.decode(code_ids)
+
+
 def test_special_role_and_fim_ids(references, tmp_path):
     _, hf, star = references["starcoder"]
     assert star.eos_id == star.bos_id == hf.token_to_id("<|endoftext|>")
@@ -298,6 +309,100 @@ def test_merges_as_strings_and_added_token_flags(references, stdlib_texts, tmp_p
         ref = _hf_ids(hf, texts, add_special_tokens=add)
         got = [ours.encode(t, add_special_tokens=add) for t in texts]
         assert _first_mismatch(texts, got, ref) is None, _first_mismatch(texts, got, ref)
+
+
+def test_lstrip_token_inside_the_previous_rstrip_whitespace_is_dropped(references, tmp_path):
+    """HF starts an lstrip match no earlier than the previous token's end and drops it if empty."""
+    hf = Tokenizer.from_file(str(references["gpt2"][0]))
+    hf.add_special_tokens([AddedToken("<sep>", rstrip=True, special=True)])
+    hf.add_tokens([AddedToken("  ", lstrip=True, normalized=False)])  # CodeGen-style run token
+    hf.save(str(tmp_path / "tokenizer.json"))
+    ours = load_tokenizer(tmp_path / "tokenizer.json")
+    texts = ["a<sep>  b", "def f():<sep>  return 1", "<sep><sep>  ", "a  <sep>  b  c"]
+    assert [ours.encode(t) for t in texts] == _hf_ids(hf, texts)
+
+
+def test_added_token_ids_are_derived_as_hf_derives_them(references, tmp_path):
+    """HF ignores the JSON ids: a content in the vocabulary keeps its id, others come next."""
+    path, _, _ = references["gpt2"]
+    spec = json.loads(path.read_text("utf-8"))
+    n = len(spec["model"]["vocab"])
+    flags = dict(single_word=False, lstrip=False, rstrip=False, normalized=False)
+    spec["added_tokens"] += [
+        {"id": n + 5, "content": "<sep>", **flags, "special": True},  # a gap
+        {"id": n + 6, "content": "def", **flags, "special": False},  # already in the vocabulary
+        {"id": 3, "content": "<cls>", **flags, "special": True},  # another token's id
+        {"id": n + 5, "content": "<sep>", **flags, "special": True},  # an exact repeat
+    ]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec), "utf-8")
+    hf = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    ours = load_tokenizer(tmp_path / "tokenizer.json")
+    texts = ["a<sep>b<cls>", "def f(): <|endoftext|>", "<cls><sep>def"]
+    ref = _hf_ids(hf, texts)
+    assert [ours.encode(t) for t in texts] == ref
+    assert ours.vocab_size == hf.get_vocab_size(with_added_tokens=True)
+    for token, i in hf.get_vocab(with_added_tokens=True).items():
+        assert ours.token_to_id(token) == i
+    for ids in ref:
+        assert ours.decode(ids, skip_special_tokens=True) == hf.decode(ids)
+    spec["added_tokens"].append({"id": n, "content": "<sep>", **flags, "special": False})
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec), "utf-8")
+    with pytest.raises(ValueError, match="repeats '<sep>' with other flags"):
+        load_tokenizer(tmp_path / "tokenizer.json")
+
+
+def _with_split_regex(references, tmp_path, pattern: str):
+    """The Llama-3 reference with its Split regex replaced: (path, HF tokenizer reading it)."""
+    spec = json.loads(references["llama3"][0].read_text("utf-8"))
+    spec["pre_tokenizer"]["pretokenizers"][0]["pattern"] = {"Regex": pattern}
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(spec), "utf-8")
+    return path, Tokenizer.from_file(str(path))
+
+
+@pytest.mark.parametrize(
+    "pattern, construct",
+    [
+        (r"\h+|\S+|\s+", r"\\h"),  # hex digit in Oniguruma, horizontal space in Python regex
+        (r"(?m)a.b|\S+|\s+", r"\(\?m\)"),  # dot-all in Oniguruma, multi-line in Python
+        (r"^ +|\S+|\s+", r"\^"),  # line anchor in Oniguruma, string anchor in Python
+        (r"\S+$|\S+|\s+", r"\$"),
+        (r"a\Z|\S+|\s+", r"\\Z"),  # also before a final newline in Oniguruma
+        (r"\w+|\W", r"\\w"),  # Python's \w also takes ZWJ/ZWNJ
+        (r"\p{N}{1,3}+|\D+", r"\{1,3\}\+"),  # a repeat in Oniguruma, possessive in Python
+        (r"(?i:ss)|\S|\s+", "case folding"),  # Oniguruma folds ß to ss
+        (r"[a-z&&[^aeiou]]+|[^a-z]+|[a-z]", "&&"),  # a set intersection in Oniguruma only
+    ],
+)
+def test_split_regexes_oniguruma_reads_differently_are_refused(
+    pattern, construct, references, tmp_path
+):
+    path, hf = _with_split_regex(references, tmp_path, pattern)
+    with pytest.raises(ValueError, match=construct) as info:
+        load_tokenizer(path)
+    assert str(path) in str(info.value)
+
+
+O200K_PATTERN = "|".join([
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"\p{N}{1,3}", r" ?[^\s\p{L}\p{N}]+[\r\n/]*", r"\s*[\r\n]+", r"\s+(?!\S)", r"\s+",
+])  # fmt: skip
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+@pytest.mark.parametrize("pattern", [O200K_PATTERN, QWEN2_PATTERN, r"\p{N}{1,2}?|[]\d]|\D"])
+def test_real_split_regexes_still_read_as_hf_reads_them(pattern, references, stdlib_texts,
+                                                          tmp_path):
+    path, hf = _with_split_regex(references, tmp_path, pattern)
+    ours = load_tokenizer(path)
+    texts = [t for _, t in stdlib_texts[::150]] + EDGE_CASES
+    assert _first_mismatch(texts, [ours.encode(t) for t in texts], _hf_ids(hf, texts)) is None
 
 
 def _small_hf(pre, texts, alphabet=True, specials=("<|endoftext|>",)) -> Tokenizer:
@@ -594,11 +699,12 @@ def test_round_trip_with_stripping(strip_tok, stdlib_texts, index, comment, text
 @settings(max_examples=100, deadline=None)
 @given(text=st.text(alphabet=st.characters(codec="utf-8"), max_size=50))
 def test_round_trip_strings_with_surrogates(code_tok, references, text):
-    # Lone surrogates cannot reach HF at all; here they still round-trip exactly.
+    # Lone surrogates cannot reach HF at all; here they encode, and decode to writable text.
+    replaced = text + "\ufffd" * 3
     text = text + "\ud800"
-    assert code_tok.decode(code_tok.encode(text)) == text
+    assert code_tok.decode(code_tok.encode(text)) == replaced
     _, _, ours = references["gpt2"]
-    assert ours.decode(ours.encode(text)) == text
+    assert ours.decode(ours.encode(text)) == replaced
 
 
 def test_pickled_tokenizers_encode_the_same(references, code_tok, stdlib_texts):
