@@ -496,31 +496,19 @@ def test_fim_examples_rebuild_the_file(tmp_path, tok):
 
 def test_pretrained_bpe_tokenizer_ids_match_hf_tokenizers(tmp_path):
     """A StarCoder-shaped tokenizer.json (trained by HF): packed lm tokens and FIM ids are HF's."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tiny_hf import train_hf_tokenizer
 
     from tokenizer import load_tokenizer
 
-    specials = ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"]
-    hf = Tokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(False)]
-    )
-    hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=2000,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    hf.train_from_iterator(email_texts().values(), trainer)
-    hf.save(str(tmp_path / "tokenizer.json"))
+    hf = train_hf_tokenizer("starcoder", list(email_texts().values()), tmp_path / "tokenizer.json")
     tok = load_tokenizer(tmp_path / "tokenizer.json")
     assert tok.eos_id == hf.token_to_id("<|endoftext|>")
 
     data = prepare(cfg(tmp_path, task="lm", block_size=64), tok)
     corpus = dataset.load_corpus(cfg(tmp_path))
     eos = hf.token_to_id("<|endoftext|>")
-    reference = [t for text in corpus.texts("val") for t in hf.encode(text).ids + [eos]]
+    reference = [t for text in corpus.texts("val")
+                 for t in hf.encode(text, add_special_tokens=False).ids + [eos]]
     assert data.val.tokens.tolist() == reference
 
     fim = prepare(cfg(tmp_path, task="fim", block_size=64, fim_rate=1.0), tok)

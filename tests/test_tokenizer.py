@@ -14,21 +14,19 @@ import tokenize
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tiny_hf import LLAMA3_SPECIALS, STARCODER_SPECIALS, train_hf_tokenizer
 from tokenizers import (
     AddedToken,
-    Regex,
     Tokenizer,
     decoders,
     models,
     pre_tokenizers,
-    processors,
     trainers,
 )
 
 import dataset
 from tokenizer import (
     BYTE_TO_UNICODE,
-    LLAMA3_PATTERN,
     PRETOKENIZER_STYLES,
     PYTHON_PARSE_ERRORS,
     BPETokenizer,
@@ -37,9 +35,6 @@ from tokenizer import (
     load_tokenizer,
     strip_comments_and_docstrings,
 )
-
-STARCODER_SPECIALS = ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"]
-LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
 
 
 @pytest.fixture(scope="session")
@@ -51,54 +46,6 @@ def stdlib_texts() -> list[tuple[str, str]]:
     ]
 
 
-def _train_hf(style: str, texts: list[str], path) -> Tokenizer:
-    """A tokenizer.json in the shape the real models ship, trained by HF's own BpeTrainer."""
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=style != "llama3")
-    if style == "gpt2":  # CodeGen / Phi-1.5
-        model = models.BPE()
-        pre = byte_level
-        specials = ["<|endoftext|>"]
-    elif style == "starcoder":
-        model = models.BPE()
-        pre = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-        specials = STARCODER_SPECIALS
-    else:  # Llama-3
-        model = models.BPE(ignore_merges=True)
-        split = pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False)
-        pre = pre_tokenizers.Sequence([split, byte_level])
-        specials = LLAMA3_SPECIALS
-    tok = Tokenizer(model)
-    tok.pre_tokenizer = pre
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=3000,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    if style == "gpt2":
-        # CodeGen ships runs of spaces and tabs as added (normalized, non-special) tokens.
-        tok.add_tokens([AddedToken(" " * n, normalized=True) for n in range(2, 9)])
-        tok.add_tokens([AddedToken("\t" * n, normalized=False) for n in range(2, 5)])
-        tok.post_processor = processors.ByteLevel(trim_offsets=True)
-    elif style == "starcoder":
-        tok.post_processor = processors.TemplateProcessing(
-            single="$A <|endoftext|>", special_tokens=[("<|endoftext|>", 0)]
-        )
-    else:
-        tok.post_processor = processors.Sequence(
-            [
-                processors.ByteLevel(trim_offsets=False),
-                processors.TemplateProcessing(
-                    single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 0)]
-                ),
-            ]
-        )
-    tok.save(str(path))
-    return tok
-
-
 @pytest.fixture(scope="session")
 def references(stdlib_texts, tmp_path_factory) -> dict:
     """style -> (tokenizer.json path, HF tokenizer, our BPETokenizer) for the three styles."""
@@ -106,7 +53,7 @@ def references(stdlib_texts, tmp_path_factory) -> dict:
     out = {}
     for style in PRETOKENIZER_STYLES:
         path = tmp_path_factory.mktemp(f"ref_{style}") / "tokenizer.json"
-        hf = _train_hf(style, train_texts, path)
+        hf = train_hf_tokenizer(style, train_texts, path)
         out[style] = (path, hf, load_tokenizer(path))
     return out
 

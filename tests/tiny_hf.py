@@ -1,7 +1,8 @@
-"""Tiny random Hugging Face checkpoints of the four families, built at test time (no download).
+"""Tiny random Hugging Face checkpoints of the four families, and tokenizer.json files in the
+shape the real models ship, built at test time (no download).
 
 Each keeps its family's real config fields and layer naming at toy sizes. Shared by the model,
-LoRA and recipe tests.
+LoRA, recipe, tokenizer and dataset tests.
 """
 
 from __future__ import annotations
@@ -9,6 +10,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
+
+from tokenizer import LLAMA3_PATTERN
 
 FAMILIES = ("gpt_bigcode", "codegen", "phi", "llama")
 
@@ -63,3 +76,55 @@ def save_tiny_hf(family: str, path: Path, seed: int = 0, **overrides):
     model = tiny_hf_model(family, seed=seed, **overrides)
     model.save_pretrained(path)
     return model
+
+
+STARCODER_SPECIALS = ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"]
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
+
+
+def train_hf_tokenizer(style: str, texts: list[str], path) -> Tokenizer:
+    """A tokenizer.json in the shape the real models ship, trained by HF's own BpeTrainer."""
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=style != "llama3")
+    if style == "gpt2":  # CodeGen / Phi-1.5
+        model = models.BPE()
+        pre = byte_level
+        specials = ["<|endoftext|>"]
+    elif style == "starcoder":
+        model = models.BPE()
+        pre = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        specials = STARCODER_SPECIALS
+    else:  # Llama-3
+        model = models.BPE(ignore_merges=True)
+        split = pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False)
+        pre = pre_tokenizers.Sequence([split, byte_level])
+        specials = LLAMA3_SPECIALS
+    tok = Tokenizer(model)
+    tok.pre_tokenizer = pre
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=3000,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    if style == "gpt2":
+        # CodeGen ships runs of spaces and tabs as added (normalized, non-special) tokens.
+        tok.add_tokens([AddedToken(" " * n, normalized=True) for n in range(2, 9)])
+        tok.add_tokens([AddedToken("\t" * n, normalized=False) for n in range(2, 5)])
+        tok.post_processor = processors.ByteLevel(trim_offsets=True)
+    elif style == "starcoder":
+        tok.post_processor = processors.TemplateProcessing(
+            single="$A <|endoftext|>", special_tokens=[("<|endoftext|>", 0)]
+        )
+    else:
+        tok.post_processor = processors.Sequence(
+            [
+                processors.ByteLevel(trim_offsets=False),
+                processors.TemplateProcessing(
+                    single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 0)]
+                ),
+            ]
+        )
+    tok.save(str(path))
+    return tok
