@@ -103,44 +103,50 @@ def _get(hf: dict, *names: str, default=_REQUIRED):
         if hf.get(n) is not None:
             return hf[n]
     if default is _REQUIRED:
-        raise ValueError(f"config.json: missing field {' / '.join(names)!r}")
+        raise ValueError(f"missing field {' / '.join(names)!r}")
     return default
 
 
 def _act(hf: dict, key: str, default: str) -> str:
     act = hf.get(key, default)
     if act not in HF_ACT:
-        raise ValueError(f"config.json: {key}={act!r} is not supported (supported: "
+        raise ValueError(f"{key}={act!r} is not supported (supported: "
                          f"{sorted(HF_ACT)})")
     return HF_ACT[act]
 
 
 def _rope(hf: dict, default_partial: float = 1.0) -> dict:
-    """Rope fields from either the Hub's older names (rope_theta, rope_scaling,
-    partial_rotary_factor) or transformers 5's `rope_parameters`."""
-    params = hf.get("rope_parameters") or {}
-    if params and all(isinstance(v, dict) for v in params.values()):
-        raise ValueError("config.json: per-layer-type rope_parameters are not supported")
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = (params.get("rope_type") or params.get("type") or scaling.get("rope_type")
-                 or scaling.get("type") or "default")
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", default_partial))
-    out = {"rope_theta": float(theta), "partial": float(partial), "rope_scaling": None}
+    """Rope fields as transformers resolves them: the Hub's older `rope_scaling` dict, when given,
+    replaces transformers 5's `rope_parameters`; rope_theta and partial_rotary_factor are read
+    from that dict, else from the top level (a null counts as absent)."""
+    params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    if not isinstance(params, dict) or (params and all(isinstance(v, dict)
+                                                       for v in params.values())):
+        raise ValueError(f"rope parameters {params!r} are not supported (one dict "
+                         "of rope_type and its fields)")
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+
+    def field(key: str, default: float) -> float:
+        return next((d[key] for d in (params, hf) if d.get(key) is not None), default)
+
+    if "rope_theta" in hf and hf["rope_theta"] is None and params.get("rope_theta") is None:
+        raise ValueError("rope_theta is null")
+    out = {"rope_theta": float(field("rope_theta", 10000.0)),
+           "partial": float(field("partial_rotary_factor", default_partial)), "rope_scaling": None}
     if rope_type == "llama3":
-        src = {**scaling, **params}
+        src = dict(params)
         src.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings"))
         missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor",
                                "original_max_position_embeddings") if src.get(k) is None]
         if missing:
-            raise ValueError(f"config.json: llama3 rope scaling lacks {missing}")
+            raise ValueError(f"llama3 rope scaling lacks {missing}")
         out["rope_scaling"] = {"factor": float(src["factor"]),
                                "low_freq_factor": float(src["low_freq_factor"]),
                                "high_freq_factor": float(src["high_freq_factor"]),
                                "original_max_position_embeddings":
                                    int(src["original_max_position_embeddings"])}
     elif rope_type != "default":
-        raise ValueError(f"config.json: rope_type {rope_type!r} is not supported "
+        raise ValueError(f"rope_type {rope_type!r} is not supported "
                          "(supported: default, llama3)")
     return out
 
@@ -155,7 +161,7 @@ def _eos(hf: dict) -> int | list[int] | None:
 
 def _refuse(hf: dict, key: str, ok: Callable[[object], bool], why: str) -> None:
     if key in hf and not ok(hf[key]):
-        raise ValueError(f"config.json: {key}={hf[key]!r} cannot be honoured: {why}")
+        raise ValueError(f"{key}={hf[key]!r} cannot be honoured: {why}")
 
 
 def _read_llama(hf: dict) -> ModelConfig:
@@ -163,7 +169,7 @@ def _read_llama(hf: dict) -> ModelConfig:
     n_embd, n_head = _get(hf, "hidden_size"), _get(hf, "num_attention_heads")
     rope = _rope(hf)
     if rope["partial"] != 1.0:
-        raise ValueError("config.json: partial_rotary_factor != 1 cannot be honoured for llama")
+        raise ValueError("partial_rotary_factor != 1 cannot be honoured for llama")
     bias = bool(hf.get("attention_bias", False))
     return ModelConfig(
         family="llama", vocab_size=_get(hf, "vocab_size"),
@@ -185,7 +191,7 @@ def _read_phi(hf: dict) -> ModelConfig:
     head_dim = n_embd // n_head
     rope = _rope(hf, default_partial=0.5)
     if rope["rope_scaling"] is not None:
-        raise ValueError("config.json: rope scaling cannot be honoured for phi")
+        raise ValueError("rope scaling cannot be honoured for phi")
     dropout = float(hf.get("resid_pdrop") or 0.0)
     return ModelConfig(
         family="phi", vocab_size=_get(hf, "vocab_size"),
@@ -204,7 +210,7 @@ def _read_phi(hf: dict) -> ModelConfig:
 def _read_codegen(hf: dict) -> ModelConfig:
     n_embd, n_head = _get(hf, "n_embd", "hidden_size"), _get(hf, "n_head", "num_attention_heads")
     if n_head % 4:
-        raise ValueError(f"config.json: n_head={n_head} cannot be honoured: CodeGen's qkv_proj "
+        raise ValueError(f"n_head={n_head} cannot be honoured: CodeGen's qkv_proj "
                          "is laid out in 4 chunks, so n_head must be a multiple of 4")
     return ModelConfig(
         family="codegen", vocab_size=_get(hf, "vocab_size"),
@@ -213,7 +219,7 @@ def _read_codegen(hf: dict) -> ModelConfig:
         mlp_hidden=_get(hf, "n_inner", default=4 * n_embd), norm="layernorm",
         norm_eps=float(_get(hf, "layer_norm_epsilon", default=1e-5)),
         mlp=_act(hf, "activation_function", "gelu_new"), positions="rope",
-        rotary_dim=_get(hf, "rotary_dim", default=n_embd // n_head), rope_interleaved=True,
+        rotary_dim=_get(hf, "rotary_dim", default=64), rope_interleaved=True,  # CodeGenConfig's
         parallel_residual=True, mlp_bias=True, lm_head_bias=True,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         dropout=float(hf.get("resid_pdrop") or 0.0), attn_dropout=float(hf.get("attn_pdrop") or 0.0),

@@ -224,6 +224,36 @@ def test_older_config_field_names(checkpoints, tmp_path):
     assert loaded.cfg.rope_scaling["factor"] == 32.0
 
 
+def _same_logits_as_transformers(directory):
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    idx = _ids(2, 100)
+    with torch.no_grad():
+        diff = (Transformer.from_pretrained(directory)(idx) - hf(idx).logits).abs().max()
+    assert diff <= 1e-4, diff
+
+
+def test_rope_fields_resolve_as_transformers_resolves_them(checkpoints, tmp_path):
+    # A rope_scaling dict replaces rope_parameters (it was ignored: logits off by ~4).
+    path = checkpoints["llama"][0]
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    _same_logits_as_transformers(_edit_config(path, tmp_path / "both", rope_scaling=llama3))
+    # A null partial_rotary_factor is absent (it was a bare TypeError).
+    _same_logits_as_transformers(_edit_config(path, tmp_path / "null",
+                                              partial_rotary_factor=None))
+    with pytest.raises(ValueError, match="rope_type 'linear' is not supported"):
+        Transformer.from_pretrained(_edit_config(path, tmp_path / "linear", rope_scaling={
+            "type": "linear", "factor": 4.0}))
+    # CodeGen without rotary_dim: CodeGenConfig's 64, not the head dim (80 here).
+    save_tiny_hf("codegen", tmp_path / "codegen", n_embd=320, rotary_dim=64)
+    config = json.loads((tmp_path / "codegen" / "config.json").read_text())
+    del config["rotary_dim"]
+    (tmp_path / "codegen" / "config.json").write_text(json.dumps(config))
+    _same_logits_as_transformers(tmp_path / "codegen")
+
+
 @pytest.mark.parametrize("family, buffers", [
     ("gpt_bigcode", ("transformer.h.0.attn.masked_bias", "transformer.h.1.attn.bias")),
     ("codegen", ("transformer.h.0.attn.causal_mask", "transformer.h.1.attn.masked_bias")),
