@@ -8,14 +8,17 @@ names the file (or the command line) and the key in its errors. It imports nothi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import json
 import re
+import signal
+import threading
 import tokenize
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -236,3 +239,34 @@ def resolve_config(cls: type, args: Mapping[str, Any], section: str,
     flags.pop("config", None)
     values.update(flags)
     return config_from_dict(cls, values, "command line", choices)
+
+
+# --------------------------------------------------------------------------------------------
+# Stopping: Ctrl-C and SIGTERM end every script the same way
+# --------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def interrupt_on_sigterm() -> Iterator[None]:
+    """Within: SIGTERM (``kill``, a scheduler's stop) raises ``KeyboardInterrupt("SIGTERM")`` as
+    Ctrl-C raises KeyboardInterrupt, so ``finally`` blocks run (partial files removed, sandboxed
+    children killed, finished work saved) instead of the process dying on the spot."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupted_exit_code(stop: str | KeyboardInterrupt) -> int:
+    """The shell's code for a script stopped by SIGINT (130) or SIGTERM (143), given the signal's
+    name or the KeyboardInterrupt it raised: non-zero, so ``train && eval`` does not go on."""
+    if isinstance(stop, KeyboardInterrupt):
+        stop = stop.args[0] if stop.args and stop.args[0] in ("SIGINT", "SIGTERM") else "SIGINT"
+    return 128 + signal.Signals[stop].value

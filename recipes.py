@@ -568,7 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return tm.report_run_error(e)
     print(summary(report))
     if report.train.interrupted:
-        return tm.interrupted_exit_code(report.train.interrupted)
+        return cliconfig.interrupted_exit_code(report.train.interrupted)
     problems = smoke_problems(report) if opts.smoke else []
     for problem in problems:
         print(f"smoke check failed: {problem}", file=sys.stderr)

@@ -1688,12 +1688,6 @@ def report_run_error(e: Exception) -> int:
     return 1 if isinstance(e, NonFiniteLossError) else 2
 
 
-def interrupted_exit_code(signal_name: str) -> int:
-    """The shell's code for a run stopped by SIGINT (130) or SIGTERM (143), checkpoint saved:
-    non-zero, so ``train && eval`` does not go on with an unfinished run."""
-    return 128 + signal.Signals[signal_name].value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = parse_config(argv)
@@ -1705,7 +1699,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RUN_ERRORS as e:
         return report_run_error(e)
     if result.interrupted:
-        return interrupted_exit_code(result.interrupted)
+        return cliconfig.interrupted_exit_code(result.interrupted)
     if cfg.overfit_batches:
         ok = result.train_loss is not None and result.train_loss < OVERFIT_LOSS
         loss = "no loss" if result.train_loss is None else f"loss {result.train_loss:.4f}"

@@ -116,3 +116,18 @@ def test_every_flag_of_the_scripts_explains_itself():
     for cls in (trainingmanager.TrainConfig, EvalConfig, hyperparam_tune.TuneConfig, DataConfig):
         helps, _ = cliconfig.field_docs(cls)
         assert not [f for f in cls.__dataclass_fields__ if not helps.get(f)], cls.__name__
+
+
+def test_sigterm_is_an_interrupt_with_its_own_exit_code():
+    import os
+    import signal
+    import time
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        with cliconfig.interrupt_on_sigterm():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # not reached: the handler raises first
+    assert cliconfig.interrupted_exit_code(stopped.value) == 143
+    assert cliconfig.interrupted_exit_code(KeyboardInterrupt()) == 130  # Ctrl-C
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import cliconfig
 import trainingmanager as tm
 from dataset import collate, stdlib_files, supervised_example
 from tokenizer import CodeTokenizer, load_tokenizer
@@ -888,7 +889,7 @@ def test_a_stop_signal_saves_and_exits_non_zero_with_the_resume_hint(assets, tmp
     assert f"SIGTERM: checkpoint saved at step 2; continue with --resume {run}" in (
         capsys.readouterr().out)
     assert [p.name for p in tm.list_checkpoints(run)] == ["step-2"]
-    assert tm.interrupted_exit_code("SIGINT") == 130
+    assert cliconfig.interrupted_exit_code("SIGINT") == 130
 
 
 def test_evaluation_has_its_own_progress_bar(capsys):
