@@ -1690,14 +1690,19 @@ def report_run_error(e: Exception) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        cfg = parse_config(argv)
-        if cfg.overfit:
-            passed, report = run_overfit(cfg)
-            print(report)
-            return 0 if passed else 1
-        result = train(cfg)
+        with cliconfig.interrupt_on_sigterm():  # outside the step loop: data, tokenizer, export
+            cfg = parse_config(argv)
+            if cfg.overfit:
+                passed, report = run_overfit(cfg)
+                print(report)
+                return 0 if passed else 1
+            result = train(cfg)
     except RUN_ERRORS as e:
         return report_run_error(e)
+    except KeyboardInterrupt as stop:
+        print("interrupted; checkpoints already written are kept (--resume RUN_DIR continues)",
+              file=sys.stderr)
+        return cliconfig.interrupted_exit_code(stop)
     if result.interrupted:
         return cliconfig.interrupted_exit_code(result.interrupted)
     if cfg.overfit_batches:

@@ -892,6 +892,26 @@ def test_a_stop_signal_saves_and_exits_non_zero_with_the_resume_hint(assets, tmp
     assert cliconfig.interrupted_exit_code("SIGINT") == 130
 
 
+def test_a_stop_outside_the_step_loop_exits_with_the_signals_code(assets, tmp_path, capsys,
+                                                                  monkeypatch):
+    """SIGTERM while the data is prepared (before the loop's own handler) was a bare kill, and
+    Ctrl-C there a traceback."""
+    import signal
+
+    def killed(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    config = _tiny_config_file(assets, tmp_path)
+    monkeypatch.setattr(tm, "load_or_train_tokenizer", killed)
+    assert tm.main(["--config", config]) == 143
+    assert "interrupted; checkpoints already written are kept" in capsys.readouterr().err
+    monkeypatch.setattr(tm, "load_or_train_tokenizer", ctrl_c)
+    assert tm.main(["--config", config]) == 130
+
+
 def test_evaluation_has_its_own_progress_bar(capsys):
     cfg = tm.TrainConfig(preset="tiny", block_size=16, progress=True)
     batch = {"input_ids": torch.randint(0, 64, (2, 16)), "labels": torch.randint(0, 64, (2, 16))}
