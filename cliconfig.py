@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import inspect
 import json
+import os
 import re
 import signal
 import threading
@@ -254,7 +255,13 @@ def interrupt_on_sigterm() -> Iterator[None]:
         yield
         return
 
+    owner = os.getpid()
+
     def handle(signum, frame):
+        if os.getpid() != owner:  # a forked pool worker, which its pool ends with SIGTERM: die
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         raise KeyboardInterrupt("SIGTERM")
 
     previous = signal.signal(signal.SIGTERM, handle)
@@ -264,9 +271,45 @@ def interrupt_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def stop_signal(stop: KeyboardInterrupt) -> signal.Signals:
+    """The signal behind a KeyboardInterrupt: SIGTERM under ``interrupt_on_sigterm`` (or a name
+    passed on in its args), else Ctrl-C's SIGINT."""
+    named = stop.args[0] if stop.args and stop.args[0] in ("SIGINT", "SIGTERM") else "SIGINT"
+    return signal.Signals[named]
+
+
 def interrupted_exit_code(stop: str | KeyboardInterrupt) -> int:
     """The shell's code for a script stopped by SIGINT (130) or SIGTERM (143), given the signal's
     name or the KeyboardInterrupt it raised: non-zero, so ``train && eval`` does not go on."""
-    if isinstance(stop, KeyboardInterrupt):
-        stop = stop.args[0] if stop.args and stop.args[0] in ("SIGINT", "SIGTERM") else "SIGINT"
-    return 128 + signal.Signals[stop].value
+    sig = stop_signal(stop) if isinstance(stop, KeyboardInterrupt) else signal.Signals[stop]
+    return 128 + sig.value
+
+
+# --------------------------------------------------------------------------------------------
+# Output files and file-system errors
+# --------------------------------------------------------------------------------------------
+
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    """Write ``data`` (str as UTF-8) to a temporary file beside ``path``, then rename it over
+    ``path``: a kill or a full disk leaves the previous file whole, never half of one. The
+    OSError of a failed write names ``path`` (one from write() itself carries no file name)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename in (None, str(tmp)):
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+        raise
+
+
+def os_error_message(e: OSError) -> str:
+    """A file-system failure as one line naming the path (no traceback)."""
+    paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+    return f"{paths}: {e.strerror}" if paths and e.strerror else str(e)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import hashlib
 import json
 import math
@@ -21,6 +22,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import sys
 import sysconfig
 import tempfile
@@ -574,9 +576,15 @@ def near_duplicates(texts: Sequence[str], threshold: float = 0.85, num_perm: int
     return dupes
 
 
+def _pool_worker_signals() -> None:
+    """A worker leaves Ctrl-C to its parent, which ends the pool: the terminal sends SIGINT to
+    every process of the group, and each worker would print a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _pool(num_workers: int):
     ctx = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
-    return ctx.Pool(num_workers)
+    return ctx.Pool(num_workers, initializer=_pool_worker_signals)
 
 
 def clean_corpus(cfg: DataConfig) -> tuple[list[Doc], dict]:
@@ -721,21 +729,64 @@ def corpus_key(cfg: DataConfig) -> str:
     return _hash_json({"v": PIPELINE_VERSION, "corpus": opts})
 
 
+# A build's temp (and replaced) directories are named ``<entry>.tmp-PID@HOST@...``: a later build
+# removes those of builders that died on this machine, and leaves other machines' (a shared disk).
+_PARTIAL = re.compile(r"\.(?:tmp|old)-(?P<pid>\d+)@(?P<host>[^@]*)@")
+
+
+def _builder() -> str:
+    return f"{os.getpid()}@{socket.gethostname()}@"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_dead_builds(cache_dir: Path) -> None:
+    """Remove what builds killed on this machine (SIGKILL, a crash, power loss) left behind: on
+    real corpora gigabytes that no later build would ever read."""
+    host = socket.gethostname()
+    for entry in cache_dir.iterdir():
+        match = _PARTIAL.search(entry.name)
+        if match and match["host"] == host and not _alive(int(match["pid"])):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 def _atomic_dir(final: Path) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+    _remove_dead_builds(final.parent)
+    return Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-{_builder()}", dir=final.parent))
 
 
 def _publish(tmp: Path, final: Path, replace: bool) -> None:
     """Move a finished build into place (rename: readers never see half a cache entry)."""
     if replace and final.exists():
-        old = final.with_name(final.name + f".old-{os.getpid()}")
+        old = final.with_name(f"{final.name}.old-{_builder()}")
         os.rename(final, old)
         shutil.rmtree(old, ignore_errors=True)
     try:
         os.rename(tmp, final)
     except OSError:  # another process published the same key first
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _building(final: Path, replace: bool) -> Iterator[Path]:
+    """A temp dir to build ``final`` in: published when the block ends, removed if it fails or is
+    interrupted (Ctrl-C, or SIGTERM under ``cliconfig.interrupt_on_sigterm``)."""
+    tmp = _atomic_dir(final)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _publish(tmp, final, replace)
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:
@@ -761,13 +812,12 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         if given and not splits[split]:
             raise DataError(f"{split}_sources {given} left no {split} documents after cleaning "
                             f"(dropped: {stats['dropped'] or 'none'})")
-    tmp = _atomic_dir(path)
-    for s in SPLITS:
-        with open(tmp / f"{s}.jsonl", "w", encoding="utf-8") as f:
-            for d in splits[s]:
-                f.write(json.dumps(asdict(d), ensure_ascii=False) + "\n")
-    (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
-    _publish(tmp, path, replace=not cfg.use_cache)
+    with _building(path, replace=not cfg.use_cache) as tmp:
+        for s in SPLITS:
+            with open(tmp / f"{s}.jsonl", "w", encoding="utf-8") as f:
+                for d in splits[s]:
+                    f.write(json.dumps(asdict(d), ensure_ascii=False) + "\n")
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
     stats["cache_hit"] = False
     return Corpus(**splits, stats=stats, key=key)
 
@@ -1332,15 +1382,10 @@ def prepare(cfg: DataConfig, tokenizer=None) -> PreparedData:
         meta = json.loads((path / "meta.json").read_text())
         return _open_task(path, meta, cfg, tokenizer, cache_hit=True)
     corpus = load_corpus(cfg)
-    tmp = _atomic_dir(path)
-    try:
+    with _building(path, replace=not cfg.use_cache) as tmp:
         build = _build_lm if cfg.task == "lm" else _build_supervised
         meta = {"corpus": corpus.stats, "task": build(corpus, tokenizer, cfg, tmp)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _publish(tmp, path, replace=not cfg.use_cache)
     return _open_task(path, meta, cfg, tokenizer, cache_hit=False)
 
 
@@ -1391,16 +1436,22 @@ def main(argv: list[str] | None = None) -> int:
     flags = vars(parser.parse_args(argv))
     tokenizer_path = flags.pop("tokenizer", None)
     try:
-        cfg = cliconfig.config_from_dict(DataConfig, flags, "command line", _CHOICES)
-        tokenizer = None
-        if tokenizer_path:
-            from tokenizer import load_tokenizer
+        with cliconfig.interrupt_on_sigterm():
+            cfg = cliconfig.config_from_dict(DataConfig, flags, "command line", _CHOICES)
+            tokenizer = None
+            if tokenizer_path:
+                from tokenizer import load_tokenizer
 
-            tokenizer = load_tokenizer(tokenizer_path)
-        data = prepare(cfg, tokenizer)
+                tokenizer = load_tokenizer(tokenizer_path)
+            data = prepare(cfg, tokenizer)
     except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        message = cliconfig.os_error_message(exc) if isinstance(exc, OSError) else exc
+        print(f"error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        print("interrupted: no half-built cache entry is kept; the same command builds it",
+              file=sys.stderr)
+        return cliconfig.interrupted_exit_code(exc)
     _print_stats(data.stats)
     if data.cache_path is not None:
         print(f"cached at {data.cache_path}")

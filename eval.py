@@ -22,7 +22,9 @@ sim, semantic similarity, seed 000) and ``passk`` (the bundled problems, each sa
 its prompt (seed 000's validation loss). Examples come from dataset.py's builders on one split,
 the same for every model of ``--models``, which takes HF dirs, codelm run dirs, adapter dirs and
 ``BASE+ADAPTER``, each optionally ``LABEL=...``. Output: a markdown table (printed), results.json,
-predictions.jsonl. ``python eval.py`` alone evaluates the latest run under runs/.
+predictions.jsonl, table.md, written after each model (results.json's ``complete`` is false until
+the last), so a stopped evaluation keeps the finished models' results. ``python eval.py`` alone
+evaluates the latest run under runs/.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ import torch
 from tqdm import tqdm
 
 import cliconfig
-from sandbox import MIN_MEMORY_MB, SandboxConfig, SandboxResult, run_python
+from sandbox import MIN_MEMORY_MB, SandboxConfig, SandboxResult, kill_running, run_python
 
 # --------------------------------------------------------------------------------------------
 # Metrics
@@ -493,15 +495,17 @@ def _load_run(run_dir: Path, device: torch.device) -> tuple[torch.nn.Module, Pat
         return model, tok_dir, config
     if (export / "config.json").is_file():
         return _load_hf(export, device), tok_dir, config
-    from safetensors.torch import load_file
-
+    from pretrained import SafetensorsFile
     from tokenizer import load_tokenizer
 
     cfg = tm.config_from_dict(config, str(run_dir / "config.json"))
-    model = tm.build_model(cfg, load_tokenizer(tok_dir))
     adapter_only = (run_dir / "best" / tm.ADAPTER_FILE).is_file()
     weights = run_dir / "best" / (tm.ADAPTER_FILE if adapter_only else tm.MODEL_FILE)
-    tm.load_model_tensors(model, load_file(weights), str(weights), adapter_only)
+    # pretrained's checked reader: a truncated file is an error naming it (before any build)
+    file = SafetensorsFile(weights)
+    tensors = {name: file.view(name) for name in file.entries}
+    model = tm.build_model(cfg, load_tokenizer(tok_dir))
+    tm.load_model_tensors(model, tensors, str(weights), adapter_only)
     return model.to(device), tok_dir, config
 
 
@@ -843,9 +847,14 @@ def run_passk(lm: LoadedModel, problems: Sequence[dict], cfg: EvalConfig
     sandbox = SandboxConfig(timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb)
     jobs = [(problems[i // cfg.num_samples], c) for i, c in enumerate(completions)]
     with ThreadPoolExecutor(max_workers=cfg.workers) as pool:
-        results = list(tqdm(pool.map(lambda job: run_check(*job, sandbox), jobs),
-                            total=len(jobs), desc=f"{lm.label} execute",
-                            disable=not cfg.progress, leave=False))
+        try:
+            results = list(tqdm(pool.map(lambda job: run_check(*job, sandbox), jobs),
+                                total=len(jobs), desc=f"{lm.label} execute",
+                                disable=not cfg.progress, leave=False))
+        except BaseException:  # interrupted: start no more runs, end those the workers wait on
+            pool.shutdown(wait=False, cancel_futures=True)
+            kill_running()
+            raise
     records, passed = [], Counter()
     for (problem, completion), result in zip(jobs, results):
         passed[problem["task_id"]] += result.passed
@@ -898,10 +907,33 @@ def markdown_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def evaluate(cfg: EvalConfig) -> dict:
-    """Evaluate every model on the same examples; write results.json, predictions.jsonl and
-    table.md to the output directory (made first, so a bad one costs no work); return the
-    results."""
+@dataclass
+class EvalProgress:
+    """How far ``evaluate`` got, kept up to date as it runs: what a caller reports when the
+    evaluation stops early (interrupted, out of memory, a full disk)."""
+
+    out_dir: Path | None = None
+    models: list[str] = field(default_factory=list)  # labels, in evaluation order
+    saved: list[str] = field(default_factory=list)  # models whose results are on disk
+    running: str | None = None  # the model being evaluated or saved
+    table: str = ""  # the finished models' table
+
+    def summary(self) -> str:
+        """Where a stopped evaluation stopped and what it left on disk ("" outside the models)."""
+        if self.running is None:
+            return ""
+        if not self.saved:
+            return f"stopped at model {self.running}; no model's results were saved"
+        return (f"stopped at model {self.running}; results of {len(self.saved)} of "
+                f"{len(self.models)} models ({', '.join(self.saved)}) saved in {self.out_dir} "
+                "(results.json marked incomplete)")
+
+
+def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None) -> dict:
+    """Evaluate every model on the same examples; after each model, write the results so far
+    (results.json, predictions.jsonl, table.md) to the output directory (made first, so a bad
+    one costs no work), so a failure or an interrupt loses only the model it stopped; return
+    the results. ``progress``, if given, is kept up to date for the caller's report."""
     cfg.validate()
     torch.manual_seed(cfg.seed)
     device = _device(cfg.device)
@@ -913,25 +945,23 @@ def evaluate(cfg: EvalConfig) -> dict:
     except OSError as err:
         raise ValueError(f"EvalConfig.out_dir={str(out)!r}: cannot create the output directory "
                          f"({err.strerror})") from None
+    if progress is None:
+        progress = EvalProgress()
+    progress.out_dir = out
     try:
-        results = _evaluate(cfg, device, specs)
+        results = _evaluate(cfg, device, specs, progress)
     except BaseException:
         if created:
             with contextlib.suppress(OSError):
                 out.rmdir()  # only if still empty: no empty eval-* directory behind a failure
         raise
-    records = results.pop("records")
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "table.md").write_text(results["table"] + "\n")
-    with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
     results["out_dir"] = str(out)
     return results
 
 
-def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str]) -> dict:
-    """The work of ``evaluate``: results (with the prediction records under ``records``)."""
+def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
+              progress: EvalProgress) -> dict:
+    """The work of ``evaluate``: load, build the examples, then each model in turn, saved."""
     from dataset import load_corpus
 
     problems = load_problems(cfg.problems or PROBLEMS_FILE) if "passk" in cfg.tasks else []
@@ -951,39 +981,63 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str]) -> di
         for variant in cfg.docstring_prompts:
             examples[("docstring", variant)] = build_examples("docstring", docs, cfg, variant,
                                                               tok=tok)
-    variants = cfg.docstring_prompts if "docstring" in cfg.tasks else [None]
-
-    rows, records = [], []
-    for lm in models:
-        shared: dict = {}
-        for task in cfg.tasks:
-            if task == "lm":
-                metrics = score_lm(lm, [d.text if d.target is None else d.text + "\n" + d.target
-                                        for d in docs], cfg)
-            elif task == "passk":
-                metrics, recs = run_passk(lm, problems, cfg)
-                records += recs
-            elif task == "docstring":
-                continue
-            else:
-                metrics, recs = run_generation_task(lm, task, examples[(task, None)], cfg)
-                records += recs
-            shared.update({f"{task}/{k}": v for k, v in metrics.items()})
-        for variant in variants:
-            row = {"model": lm.label, "source": lm.source, "prompt": variant,
-                   "metrics": dict(shared)}
-            if variant is not None:
-                metrics, recs = run_generation_task(
-                    lm, "docstring", examples[("docstring", variant)], cfg, variant)
-                records += recs
-                row["metrics"].update({f"docstring/{k}": v for k, v in metrics.items()})
-            rows.append(row)
-
     counts = {f"{t}/{v}" if v else t: len(e) for (t, v), e in examples.items()}
     if problems:
         counts["passk"] = len(problems)
-    return {"config": asdict(cfg), "examples": counts, "rows": rows,
-            "table": markdown_table(rows), "records": records}
+
+    progress.models = [lm.label for lm in models]
+    rows, records = [], []
+    for i, lm in enumerate(models):
+        progress.running = lm.label
+        model_rows, model_records = _evaluate_model(lm, cfg, docs, examples, problems)
+        rows += model_rows
+        records += model_records
+        results = {"complete": i == len(models) - 1, "pending": progress.models[i + 1 :],
+                   "config": asdict(cfg), "examples": counts, "rows": rows,
+                   "table": markdown_table(rows)}
+        progress.table = results["table"]
+        _save(progress.out_dir, results, records)
+        progress.saved.append(lm.label)
+        progress.running = None
+    return results
+
+
+def _evaluate_model(lm: LoadedModel, cfg: EvalConfig, docs: Sequence, examples: dict,
+                    problems: Sequence[dict]) -> tuple[list[dict], list[dict]]:
+    """One model's table rows (one per docstring prompt variant) and prediction records."""
+    rows, records = [], []
+    shared: dict = {}
+    for task in cfg.tasks:
+        if task == "lm":
+            metrics = score_lm(lm, [d.text if d.target is None else d.text + "\n" + d.target
+                                    for d in docs], cfg)
+        elif task == "passk":
+            metrics, recs = run_passk(lm, problems, cfg)
+            records += recs
+        elif task == "docstring":
+            continue
+        else:
+            metrics, recs = run_generation_task(lm, task, examples[(task, None)], cfg)
+            records += recs
+        shared.update({f"{task}/{k}": v for k, v in metrics.items()})
+    for variant in cfg.docstring_prompts if "docstring" in cfg.tasks else [None]:
+        row = {"model": lm.label, "source": lm.source, "prompt": variant, "metrics": dict(shared)}
+        if variant is not None:
+            metrics, recs = run_generation_task(
+                lm, "docstring", examples[("docstring", variant)], cfg, variant)
+            records += recs
+            row["metrics"].update({f"docstring/{k}": v for k, v in metrics.items()})
+        rows.append(row)
+    return rows, records
+
+
+def _save(out: Path, results: dict, records: Sequence[dict]) -> None:
+    """The results so far; results.json last, so it never lists a model whose predictions are
+    not on disk."""
+    cliconfig.write_atomic(out / "predictions.jsonl",
+                  "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    cliconfig.write_atomic(out / "table.md", results["table"] + "\n")
+    cliconfig.write_atomic(out / "results.json", json.dumps(results, indent=1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1008,13 +1062,33 @@ def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
     return cfg
 
 
+def _stopped(progress: EvalProgress, message: str, code: int) -> int:
+    """Report an evaluation that stopped early: the finished models' table, then one line
+    saying why and what was saved where."""
+    if progress.table:
+        print(progress.table)
+    print("; ".join(filter(None, [message, progress.summary()])), file=sys.stderr)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    progress = EvalProgress()
     try:
-        cfg = parse_config(argv)
-        results = evaluate(cfg)
-    except (ValueError, OSError) as err:  # OSError: e.g. the disk filled up while writing
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        with cliconfig.interrupt_on_sigterm():  # so finished models are saved, samples killed
+            cfg = parse_config(argv)
+            results = evaluate(cfg, progress)
+    except KeyboardInterrupt as stop:
+        return _stopped(progress, "interrupted", cliconfig.interrupted_exit_code(stop))
+    except ValueError as err:
+        return _stopped(progress, f"error: {err}", 2)
+    except OSError as err:  # an unreadable model file, a full disk
+        return _stopped(progress, f"error: {cliconfig.os_error_message(err)}", 2)
+    except (torch.OutOfMemoryError, MemoryError) as err:  # the run failed, not the settings
+        return _stopped(progress, f"error: out of memory ({err}); a smaller --batch-size or "
+                        "--max-new-tokens needs less", 1)
+    except Exception:  # a bug: its traceback follows what was saved
+        _stopped(progress, "error: evaluation failed", 1)
+        raise
     print(results["table"])
     print(f"\nresults: {results['out_dir']}/results.json, predictions.jsonl, table.md")
     return 0

@@ -29,11 +29,11 @@ import contextlib
 import csv
 import dataclasses
 import fcntl
+import io
 import json
 import logging
 import math
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -65,6 +65,10 @@ ATTR_STOPPED = "stopped_sweep"  # a trial whose error (a configuration error) st
 OWNER_FILE = "study.json"  # which storage's study owns runs/<study>/ (its trial numbers)
 _DONE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 INTERRUPTED = "interrupted (SIGINT/SIGTERM)"  # such trials run again when the sweep is re-run
+# Completes the trainer's "checkpoint saved at step N; continue with ...": a re-run sweep starts
+# an interrupted trial's parameters over as a new trial and never reads that checkpoint.
+RESUME_HINT = ("the same hyperparam_tune.py command; a sweep never resumes a trial's checkpoint "
+               "but runs an interrupted trial's parameters again from the start")
 
 
 @dataclass
@@ -451,8 +455,7 @@ def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _Claim
             if (run_dir / "config.json").exists():  # trainingmanager would suggest --resume
                 raise ValueError(f"{run_dir} holds a trial of another study: move it away, or "
                                  "give this study its own --out-dir or --study-name")
-            result = trainingmanager.train(train_cfg, on_eval=on_eval,
-                                           resume_hint="the same hyperparam_tune.py command")
+            result = trainingmanager.train(train_cfg, on_eval=on_eval, resume_hint=RESUME_HINT)
         except KeyboardInterrupt:
             trial.set_user_attr(ATTR_REASON, INTERRUPTED)
             raise
@@ -590,18 +593,12 @@ def claim_study_dir(cfg: TuneConfig, study: optuna.Study) -> None:
         raise ValueError(f"{trials_dir} holds the trials of a study that storage {mine} does not "
                          "have: move them away, or choose another --out-dir or --study-name")
     if not owner_file.is_file():
-        _write_atomic(owner_file, json.dumps({"storage": mine}) + "\n")
+        cliconfig.write_atomic(owner_file, json.dumps({"storage": mine}) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
 # Reports: best config, trials table, importances
 # --------------------------------------------------------------------------------------------
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, "utf-8")
-    os.replace(tmp, path)
 
 
 def trial_reason(trial: FrozenTrial, retried_by: dict[int, int]) -> str:
@@ -629,8 +626,9 @@ def write_reports(study: optuna.Study, cfg: TuneConfig) -> dict | None:
         rows.append([t.number, t.state.name, t.value, t.user_attrs.get(ATTR_STEP),
                      None if duration is None else round(duration, 1),
                      *(t.params.get(p) for p in names), trial_reason(t, retried_by)])
-    with open(out / "trials.csv", "w", newline="", encoding="utf-8") as f:
-        csv.writer(f).writerows(rows)
+    table = io.StringIO(newline="")
+    csv.writer(table).writerows(rows)
+    cliconfig.write_atomic(out / "trials.csv", table.getvalue())
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = None
     if complete:
@@ -638,14 +636,14 @@ def write_reports(study: optuna.Study, cfg: TuneConfig) -> dict | None:
         best = {**best_trial.user_attrs[ATTR_CONFIG], "name": f"{cfg.study_name}-best",
                 "out_dir": cfg.out_dir}
         trainingmanager.config_from_dict(best, "best trial")
-        _write_atomic(out / "best.json", json.dumps(best, indent=2) + "\n")
+        cliconfig.write_atomic(out / "best.json", json.dumps(best, indent=2) + "\n")
     importances = {}
     if len(complete) >= 2:
         try:
             importances = optuna.importance.get_param_importances(study)
         except (RuntimeError, ValueError) as e:  # e.g. no parameter varied among complete trials
             importances = {"unavailable": str(e)}
-    _write_atomic(out / "importances.json", json.dumps(importances, indent=2) + "\n")
+    cliconfig.write_atomic(out / "importances.json", json.dumps(importances, indent=2) + "\n")
     return best
 
 
@@ -740,12 +738,35 @@ def parse_config(argv: Sequence[str] | None = None) -> TuneConfig:
 def _start_workers(cfg: TuneConfig) -> list[subprocess.Popen]:
     config_file = study_dir(cfg) / "tune_config.json"
     worker_cfg = {**dataclasses.asdict(cfg), "progress": False}
-    _write_atomic(config_file, json.dumps(worker_cfg, indent=2) + "\n")
-    # Their own session: a Ctrl-C reaches them once, forwarded by this process.
+    cliconfig.write_atomic(config_file, json.dumps(worker_cfg, indent=2) + "\n")
+    # Their own session: a Ctrl-C (or a SIGTERM) reaches them once, forwarded by this process.
     return [subprocess.Popen([sys.executable, str(ROOT / "hyperparam_tune.py"),
                               "--config", str(config_file), "--worker", str(i)],
                              start_new_session=True)
             for i in range(1, cfg.workers + 1)]
+
+
+def _run_workers(cfg: TuneConfig, study: optuna.Study, bar: tqdm) -> None:
+    """Run ``cfg.workers`` worker processes to the end; a Ctrl-C or SIGTERM to this process is
+    passed on to them (the same signal), and they are waited for."""
+    procs = _start_workers(cfg)
+    try:
+        # poll() every worker each time: that reaps a dead one, whose process id must vanish
+        # for the others to see that its trial is orphaned.
+        while None in [p.poll() for p in procs]:
+            bar.update(min(study_progress(study)[0], cfg.n_trials) - bar.n)
+            time.sleep(1)
+    except KeyboardInterrupt as e:
+        stop = cliconfig.stop_signal(e)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(stop)
+        for p in procs:
+            p.wait()
+        raise
+    for i, p in enumerate(procs, start=1):
+        if p.returncode != 0:
+            print(f"worker {i} (pid {p.pid}) exited with status {p.returncode}", file=sys.stderr)
 
 
 def tune(cfg: TuneConfig) -> TuneResult:
@@ -768,26 +789,15 @@ def tune(cfg: TuneConfig) -> TuneResult:
     finished = study_progress(study)[0]
     bar = tqdm(total=cfg.n_trials, initial=min(finished, cfg.n_trials), unit="trial",
                desc=cfg.study_name, disable=not cfg.progress)
-    if cfg.workers == 1:
-        run_worker(cfg, study, storage, space, base, progress=bar)
-    else:
-        procs = _start_workers(cfg)
-        try:
-            # poll() every worker each time: that reaps a dead one, whose process id must vanish
-            # for the others to see that its trial is orphaned.
-            while None in [p.poll() for p in procs]:
-                bar.update(min(study_progress(study)[0], cfg.n_trials) - bar.n)
-                time.sleep(1)
-        except KeyboardInterrupt:
-            for p in procs:
-                if p.poll() is None:
-                    p.send_signal(signal.SIGINT)
-            for p in procs:
-                p.wait()
-            raise
-        for i, p in enumerate(procs, start=1):
-            if p.returncode != 0:
-                print(f"worker {i} (pid {p.pid}) exited with status {p.returncode}", file=sys.stderr)
+    try:
+        if cfg.workers == 1:
+            run_worker(cfg, study, storage, space, base, progress=bar)
+        else:
+            _run_workers(cfg, study, bar)
+    except BaseException:  # interrupted or stopped: what the finished trials found is kept
+        if study_progress(study)[0]:
+            write_reports(study, cfg)
+        raise
     finished = study_progress(study)[0]
     bar.update(min(finished, cfg.n_trials) - bar.n)
     bar.close()
@@ -802,20 +812,20 @@ def tune(cfg: TuneConfig) -> TuneResult:
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = None
     try:
-        cfg = parse_config(argv)
-        result = tune(cfg)
+        with cliconfig.interrupt_on_sigterm():
+            cfg = parse_config(argv)
+            result = tune(cfg)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # e.g. --out-dir or --storage where no directory can be made
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        print(f"error: {cliconfig.os_error_message(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if cfg is None or not cfg.worker:  # a worker's parent says it, once
             print("interrupted: run the same command again to continue the study",
                   file=sys.stderr)
-        return 130
+        return cliconfig.interrupted_exit_code(e)
     return 0 if result.finished >= cfg.n_trials else 1
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -688,8 +689,14 @@ def _read_config(path: Path) -> LoRAConfig:
 
 
 def _read_weights(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The adapter's weight file and tensors; a truncated or corrupt file (a copy cut short) is
+    an error naming it."""
     if (path / ADAPTER_WEIGHTS).is_file():
-        return path / ADAPTER_WEIGHTS, load_file(str(path / ADAPTER_WEIGHTS))
+        try:
+            return path / ADAPTER_WEIGHTS, load_file(str(path / ADAPTER_WEIGHTS))
+        except SafetensorError as e:
+            raise ValueError(f"{path / ADAPTER_WEIGHTS}: truncated or corrupt safetensors file "
+                             f"({e})") from None
     if (path / LEGACY_WEIGHTS).is_file():  # older PEFT wrote pickled weights; tensors only
         return path / LEGACY_WEIGHTS, torch.load(path / LEGACY_WEIGHTS, weights_only=True,
                                                  map_location="cpu")

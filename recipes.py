@@ -405,6 +405,15 @@ def resume_hint(smoke: bool) -> str:
             "the same recipes.py command plus --resume")
 
 
+class TrainedRunInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM after training returned (export check, evaluation): the run is complete
+    and saved, and ``--resume`` evaluates it without training again."""
+
+    def __init__(self, stop: KeyboardInterrupt, run_dir: Path):
+        super().__init__(*stop.args)  # the signal's name, for cliconfig.interrupted_exit_code
+        self.run_dir = run_dir
+
+
 def _run_recipe(opts: RecipeOptions) -> RecipeResult:
     from architecture import PRESETS
 
@@ -458,22 +467,26 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
     report = RecipeResult(result.run_dir, result, None, None, losses, smoke=opts.smoke)
     if result.interrupted:
         return report
-    export = result.run_dir / "export"
-    if opts.smoke and cfg.lora_r > 0:
-        report.adapter_max_diff = check_adapter_round_trip(Path(cfg.init_from), export)
-    if not opts.skip_eval:
-        ev_values = dict(recipe.eval)
-        if opts.smoke:
-            ev_values = smoke_eval_values(ev_values)
-        placeholders = {own_run: str(result.run_dir)}
-        if own_base and cfg.init_from:
-            placeholders[own_base] = cfg.init_from
-        models = ev_values.get("models") or [own_run]
-        ev_values.update(models=resolve_models(models, placeholders),
-                         out_dir=str(result.run_dir / "eval"), device=opts.device,
-                         progress=opts.progress)
-        report.eval = ev.evaluate(ev.config_from_dict(ev_values, f"{opts.recipe} (eval section)"))
-        report.table = report.eval["table"]
+    try:
+        export = result.run_dir / "export"
+        if opts.smoke and cfg.lora_r > 0:
+            report.adapter_max_diff = check_adapter_round_trip(Path(cfg.init_from), export)
+        if not opts.skip_eval:
+            ev_values = dict(recipe.eval)
+            if opts.smoke:
+                ev_values = smoke_eval_values(ev_values)
+            placeholders = {own_run: str(result.run_dir)}
+            if own_base and cfg.init_from:
+                placeholders[own_base] = cfg.init_from
+            models = ev_values.get("models") or [own_run]
+            ev_values.update(models=resolve_models(models, placeholders),
+                             out_dir=str(result.run_dir / "eval"), device=opts.device,
+                             progress=opts.progress)
+            report.eval = ev.evaluate(
+                ev.config_from_dict(ev_values, f"{opts.recipe} (eval section)"))
+            report.table = report.eval["table"]
+    except KeyboardInterrupt as e:
+        raise TrainedRunInterrupted(e, result.run_dir) from None
     return report
 
 
@@ -563,9 +576,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     opts = RecipeOptions(**vars(args))
     try:
-        report = run_recipe(opts)
+        with cliconfig.interrupt_on_sigterm():
+            report = run_recipe(opts)
     except tm.RUN_ERRORS as e:
         return tm.report_run_error(e)
+    except KeyboardInterrupt as e:  # training stops itself (a checkpoint); this is before or after
+        if isinstance(e, TrainedRunInterrupted):
+            print(f"interrupted: training is complete and saved in {e.run_dir}; finish the "
+                  f"evaluation with {resume_hint(opts.smoke)}", file=sys.stderr)
+        else:
+            print(f"interrupted: continue with {resume_hint(opts.smoke)}", file=sys.stderr)
+        return cliconfig.interrupted_exit_code(e)
     print(summary(report))
     if report.train.interrupted:
         return cliconfig.interrupted_exit_code(report.train.interrupted)

@@ -4,7 +4,8 @@ What each run gets, and what it guarantees:
 
 - **A separate process** (``python -I -S -B``: no site-packages, no user site, no ``PYTHON*``
   variables, no bytecode written) in **its own process group**, killed as a group with SIGKILL
-  at the wall-clock limit, and once more after it exits so nothing it started outlives it.
+  at the wall-clock limit, and once more after it exits so nothing it started outlives it (also
+  when the caller is interrupted; ``kill_running()`` ends the runs other threads wait on).
 - **rlimits set in the child before user code**: CPU seconds, address space (a memory bomb gets
   ``MemoryError`` or dies), file size (also caps what it can print), no core dumps.
 - **A fresh temporary working directory** (also its ``HOME`` and ``TMPDIR``), removed afterwards.
@@ -49,6 +50,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,6 +256,19 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
+_RUNNING: set[int] = set()  # process groups of the runs in flight, in any thread
+_RUNNING_LOCK = threading.Lock()
+
+
+def kill_running() -> None:
+    """Kill every run in flight. A KeyboardInterrupt reaches only the main thread, so an
+    evaluator whose worker threads wait on runs calls this to end them now, not at their
+    timeouts (and not after it has exited: each run is in its own session)."""
+    with _RUNNING_LOCK:
+        for pgid in _RUNNING:
+            _kill_group(pgid)
+
+
 def run_python(source: str, config: SandboxConfig | None = None) -> SandboxResult:
     """Execute ``source`` as a Python program under the limits of ``config``; never raises for
     anything the program does. ``completed`` in the result tells a run that reached the end of
@@ -279,20 +294,23 @@ def run_python(source: str, config: SandboxConfig | None = None) -> SandboxResul
             start = time.monotonic()
             proc = subprocess.Popen(command, cwd=workdir, env=env, stdin=subprocess.PIPE,
                                     stdout=out, stderr=err, start_new_session=True)
-            try:  # a few bytes into an empty pipe: never blocks
-                proc.stdin.write(token.encode() + b"\n")
-                proc.stdin.close()
-            except OSError:  # the interpreter died at startup; its status says so
-                pass
+            with _RUNNING_LOCK:
+                _RUNNING.add(proc.pid)
             timed_out = False
             try:
+                try:  # a few bytes into an empty pipe: never blocks
+                    proc.stdin.write(token.encode() + b"\n")
+                    proc.stdin.close()
+                except OSError:  # the interpreter died at startup; its status says so
+                    pass
                 proc.wait(timeout=cfg.timeout_s)
             except subprocess.TimeoutExpired:
                 timed_out = True
+            finally:  # at the timeout, on an interrupt, and whatever it left running
                 _kill_group(proc.pid)
                 proc.wait()
-            finally:
-                _kill_group(proc.pid)  # whatever it left running
+                with _RUNNING_LOCK:
+                    _RUNNING.discard(proc.pid)
             duration = time.monotonic() - start
         stdout = _tail(control_dir / "stdout", cfg.max_output_chars)
         with open(control_dir / "stderr", "rb") as f:

@@ -1671,12 +1671,6 @@ def run_overfit(cfg: TrainConfig, max_steps: int = 400) -> tuple[bool, str]:
 # --------------------------------------------------------------------------------------------
 
 
-def os_error_message(e: OSError) -> str:
-    """A file-system failure as one line naming the path (no traceback)."""
-    paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
-    return f"{paths}: {e.strerror}" if paths and e.strerror else str(e)
-
-
 # What a user's mistake or a failing run raises: reported as one line, never a traceback.
 RUN_ERRORS = (NonFiniteLossError, ValueError, OSError)
 
@@ -1684,7 +1678,8 @@ RUN_ERRORS = (NonFiniteLossError, ValueError, OSError)
 def report_run_error(e: Exception) -> int:
     """Print one of RUN_ERRORS as ``error: ...`` and return the exit code: 1 for a diverged run,
     2 for a bad setting or an unwritable path."""
-    print(f"error: {os_error_message(e) if isinstance(e, OSError) else e}", file=sys.stderr)
+    print(f"error: {cliconfig.os_error_message(e) if isinstance(e, OSError) else e}",
+          file=sys.stderr)
     return 1 if isinstance(e, NonFiniteLossError) else 2
 
 

@@ -131,3 +131,23 @@ def test_sigterm_is_an_interrupt_with_its_own_exit_code():
     assert cliconfig.interrupted_exit_code(stopped.value) == 143
     assert cliconfig.interrupted_exit_code(KeyboardInterrupt()) == 130  # Ctrl-C
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_forked_worker_ends_on_sigterm_without_a_traceback(capfd):
+    # multiprocessing ends a fork pool's workers with SIGTERM: a worker must die of it, not raise
+    # the parent's KeyboardInterrupt (a traceback per worker).
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    def worker():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+
+    with cliconfig.interrupt_on_sigterm():
+        child = multiprocessing.get_context("fork").Process(target=worker)
+        child.start()
+        child.join()
+    assert child.exitcode == -signal.SIGTERM
+    assert "Traceback" not in capfd.readouterr().err

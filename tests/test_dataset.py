@@ -5,6 +5,8 @@ import ast
 import io
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import tokenize
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from procs import signal_when
 
 import dataset
 from dataset import (
@@ -605,6 +608,73 @@ def test_second_prepare_loads_from_cache_and_keys_cover_options(tmp_path, tok):
     )
     assert prepare(cfg(tmp_path, task="lm", block_size=48), tok).cache_path != first.cache_path
 
+
+def _dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    return int(done.stdout)
+
+
+def test_a_build_removes_what_dead_builders_of_this_machine_left(tmp_path):
+    cache = tmp_path / "cache"
+    host, dead = socket.gethostname(), _dead_pid()
+    left = [f"corpus-x.tmp-{dead}@{host}@k1l2", f"lm-y.old-{dead}@{host}@"]
+    kept = [f"corpus-x.tmp-{os.getpid()}@{host}@abcd",  # a build that still runs
+            f"corpus-x.tmp-{dead}@other-{host}@abcd"]  # another machine's, on a shared disk
+    for name in left + kept:
+        (cache / name).mkdir(parents=True)
+    corpus = dataset.load_corpus(cfg(tmp_path))
+    entries = sorted(p.name for p in cache.iterdir())
+    assert entries == sorted([*kept, f"corpus-{corpus.key}"])
+
+
+def test_an_interrupted_corpus_write_leaves_no_temp_dir(tmp_path, monkeypatch):
+    real_asdict = dataset.asdict
+
+    def interrupted(obj):
+        if isinstance(obj, dataset.Doc):  # the corpus is being written
+            raise KeyboardInterrupt
+        return real_asdict(obj)
+
+    monkeypatch.setattr(dataset, "asdict", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        dataset.load_corpus(cfg(tmp_path))
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+# The task build waits once its temp dir exists, so that a signal lands mid-build.
+SLOW_BUILD = """
+import sys, time
+import dataset
+def build(corpus, tokenizer, cfg, out):
+    (out / "started").write_text("")
+    time.sleep(60)
+dataset._build_lm = build
+sys.exit(dataset.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143),
+                                       (signal.SIGKILL, -9)], ids=["INT", "TERM", "KILL"])
+def test_an_interrupted_build_exits_cleanly_and_leaves_nothing(tmp_path, tok, sig, code):
+    """Ctrl-C and SIGTERM remove the half-built entry and exit 130/143 with one line; what a
+    SIGKILL leaves is removed by the next build."""
+    tok.save(tmp_path / "tok")
+    cache = tmp_path / "cache"
+    argv = ["--task", "lm", "--sources", str(EMAIL), "--tokenizer", str(tmp_path / "tok"),
+            "--cache-dir", str(cache), "--no-progress"]
+    build = subprocess.Popen([sys.executable, "-c", SLOW_BUILD, *argv],
+                             cwd=Path(dataset.__file__).parent, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    _, err = signal_when(build, lambda: list(cache.glob("lm-*.tmp-*/started")), sig)
+    assert build.returncode == code, err
+    if sig != signal.SIGKILL:
+        assert "Traceback" not in err and err.count("\n") == 1, err
+        assert err.startswith("interrupted:"), err
+    partial = [p.name for p in cache.iterdir() if ".tmp-" in p.name]
+    assert len(partial) == (1 if sig == signal.SIGKILL else 0), partial
+    prepare(cfg(tmp_path, task="lm", block_size=32), tok)  # the next build
+    assert not [p.name for p in cache.iterdir() if ".tmp-" in p.name]
 
 def test_every_option_that_changes_the_data_changes_a_cache_key(tmp_path):
     base = cfg(tmp_path)

@@ -344,13 +344,14 @@ def test_a_bad_out_dir_fails_before_any_model_runs(tmp_path, capsys, monkeypatch
     assert f"error: EvalConfig.out_dir='{out}': cannot create the output directory" in err
 
 
-def test_an_os_error_while_writing_results_is_a_clear_error(capsys, monkeypatch):
-    def disk_full(cfg):
-        raise OSError(28, "No space left on device", "out/results.json")
+def test_an_os_error_naming_its_file_is_a_clear_error(capsys, monkeypatch):
+    # (a full disk while writing the results: test_a_full_disk_while_writing_results_...)
+    def unreadable(cfg, progress):
+        raise PermissionError(13, "Permission denied", "m/model.safetensors")
 
-    monkeypatch.setattr(ev, "evaluate", disk_full)
+    monkeypatch.setattr(ev, "evaluate", unreadable)
     assert ev.main(["--models", "m"]) == 2
-    assert "error: [Errno 28] No space left on device: 'out/results.json'" in capsys.readouterr().err
+    assert "error: m/model.safetensors: Permission denied" in capsys.readouterr().err
 
 
 def test_corrupt_model_json_files_are_named(tmp_path):
@@ -461,6 +462,7 @@ def test_models_base_and_finetuned_print_one_table(tiny_models, tmp_path, monkey
     assert len(table) == 4 and table[0].startswith("| model | lm loss | lm perplexity")
     assert table[2].startswith("| base |") and table[3].startswith("| tuned |")
     results = json.loads((out / "results.json").read_text())
+    assert results["complete"] is True and results["pending"] == []
     base_row, tuned_row = results["rows"]
     assert base_row["metrics"]["lm/loss"] != tuned_row["metrics"]["lm/loss"]  # adapter applied
     assert (out / "table.md").read_text().strip() == "\n".join(table)
@@ -712,3 +714,157 @@ def test_eval_splits_a_run_with_predefined_files_as_its_training_did(tmp_path):
     assert dataset.corpus_key(ours) == dataset.corpus_key(tm.data_config(run, 64))
     other = ev.corpus_config(ev.EvalConfig(data=[str(dirs["test"])]), [model])
     assert other.val_sources == other.test_sources == []
+
+
+# ---- a stopped evaluation keeps what finished ---------------------------------------------
+
+def _fail_in_model_b(error: BaseException):
+    def generate(lm, prompts, cfg, stops=(), desc=""):
+        if lm.label == "b":
+            raise error
+        return ["x = 1"] * len(prompts)
+    return generate
+
+
+@pytest.mark.parametrize("error, code, message", [
+    (KeyboardInterrupt(), 130, "interrupted"),
+    (KeyboardInterrupt("SIGTERM"), 143, "interrupted"),
+    (ev.torch.OutOfMemoryError("CUDA out of memory"), 1, "error: out of memory (CUDA out of "
+     "memory); a smaller --batch-size or --max-new-tokens needs less"),
+], ids=["SIGINT", "SIGTERM", "out-of-memory"])
+def test_a_model_that_fails_or_is_interrupted_keeps_the_finished_models(
+        tiny_models, tmp_path, monkeypatch, capsys, error, code, message):
+    import json
+
+    monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(ev, "generate_texts", _fail_in_model_b(error))
+    base, out = tiny_models["base"], tmp_path / "out"
+    assert ev.main(["--models", f"a={base}", f"b={base}", f"c={base}", "--data",
+                    str(tiny_models["code"]), "--tasks", "line", "--out-dir", str(out),
+                    *FAST_FLAGS]) == code
+    captured = capsys.readouterr()
+    assert captured.err == (f"{message}; stopped at model b; results of 1 of 3 models (a) saved "
+                            f"in {out} (results.json marked incomplete)\n")
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] is False and results["pending"] == ["b", "c"]
+    assert [row["model"] for row in results["rows"]] == ["a"]
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert records and {r["model"] for r in records} == {"a"}
+    table = (out / "table.md").read_text()
+    assert "| a |" in table and table in captured.out + "\n"  # the finished rows are printed
+    assert sorted(p.name for p in out.iterdir()) == ["predictions.jsonl", "results.json",
+                                                     "table.md"]
+
+
+def test_a_full_disk_while_writing_results_names_the_file_and_keeps_the_old_ones(
+        tiny_models, tmp_path, monkeypatch, capsys):
+    import errno
+    import os
+
+    monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(ev, "generate_texts", _fail_in_model_b(AssertionError("unused")))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text('{"an earlier run": "intact"}')
+
+    def full_disk(fd):  # the data is written, flushing it fails; the error names no file
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    assert ev.main(["--models", f"a={tiny_models['base']}", "--data", str(tiny_models["code"]),
+                    "--tasks", "line", "--out-dir", str(out), *FAST_FLAGS]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: {out}/")
+    assert "predictions.jsonl: No space left on device; stopped at model a;" in captured.err
+    assert captured.out.startswith("| model | line EM |")  # the table is not lost
+    assert sorted(p.name for p in out.iterdir()) == ["results.json"]  # no half-written file
+    assert (out / "results.json").read_text() == '{"an earlier run": "intact"}'
+
+
+def test_a_truncated_run_checkpoint_is_an_error_naming_it(tiny_models, tmp_path, capsys):
+    import dataclasses
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    import trainingmanager as tm
+
+    cfg = tm.TrainConfig(preset="tiny")
+    model = tm.build_model(cfg, tiny_models["tok"])
+    run = tmp_path / "run"
+    (run / "best").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    tiny_models["tok"].save(run)
+    weights = run / "best" / tm.MODEL_FILE
+    save_file(tm.model_tensors(model, False), weights)
+    loaded = ev.load_model(str(run), torch.device("cpu")).model
+    assert all(torch.equal(p, q) for p, q in zip(loaded.state_dict().values(),
+                                                 model.state_dict().values()))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"run/best/model.safetensors: truncated file"):
+        ev.load_model(str(run), torch.device("cpu"))
+    assert ev.main(["--models", str(run), "--tasks", "lm", "--out-dir", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {weights}: truncated file")
+
+
+def _sandbox_children(pid: int) -> dict[int, str]:
+    """Live sandboxed runs started by process ``pid``: their pids and temporary directories."""
+    from pathlib import Path
+
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            stat = (proc / "stat").read_text()
+            args = (proc / "cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        bootstrap = [a for a in args if a.endswith("bootstrap.py")]
+        if ppid == str(pid) and state != "Z" and bootstrap:
+            found[int(proc.name)] = str(Path(bootstrap[0]).parent)
+    return found
+
+
+def test_sigterm_during_passk_kills_the_sandboxed_samples(tiny_models, tmp_path):
+    import contextlib
+    import json
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    problems = tmp_path / "p.jsonl"
+    problems.write_text("".join(json.dumps({"task_id": f"t{i}", "prompt": "def f():\n",
+                                            "entry_point": "f", "test": "def check(c):\n    c()\n"})
+                                + "\n" for i in range(2)))
+    sleeper = "['    import time\\n    time.sleep(60)\\n'] * len(p)"
+    script = (f"import sys, eval\neval.generate_texts = lambda lm, p, *a, **k: {sleeper}\n"
+              "sys.exit(eval.main(sys.argv[1:]))\n")
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, "--models", str(tiny_models["base"]), "--tasks", "passk",
+         "--problems", str(problems), "--timeout-s", "60", "--no-progress", "--out-dir", str(out)],
+        cwd=Path(ev.__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    samples: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 30
+        while len(samples) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+            samples = _sandbox_children(proc.pid)
+        assert len(samples) == 2, proc.communicate()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+        assert proc.returncode == 143
+        assert err == "interrupted; stopped at model base; no model's results were saved\n"
+        assert not _sandbox_children(proc.pid) and not out.exists()
+        assert not any(Path(d).exists() for d in samples.values())  # temporary dirs removed
+    finally:  # whatever the code under test left behind
+        proc.kill()
+        for pid, directory in samples.items():
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)
+            shutil.rmtree(directory, ignore_errors=True)

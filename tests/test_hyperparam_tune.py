@@ -17,6 +17,7 @@ import optuna
 import pytest
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
+from procs import signal_when
 from tiny_hf import save_tiny_hf
 
 import hyperparam_tune
@@ -200,6 +201,58 @@ def test_interrupted_sweep_reruns_the_interrupted_trial(tmp_path, corpus):
     assert first.user_attrs[hyperparam_tune.ATTR_REASON] == hyperparam_tune.INTERRUPTED
     assert rest[0].system_attrs["failed_trial"] == 0 and rest[0].params == first.params
     assert len(rest) == 2 and all(t.state == TrialState.COMPLETE for t in rest)
+
+
+def test_sigterm_stops_the_workers_too(tmp_path, corpus):
+    """SIGTERM (a scheduler's stop, ``kill``) to the command is passed on to the workers, which
+    run in their own sessions: each ends its trial as interrupted, and the command exits 143."""
+    space = tiny_space(tmp_path, corpus)
+    argv = tune_args(tmp_path, space, study_name="term", n_trials=2, workers=2, max_steps=5000,
+                     eval_every=4, pruner="none")
+    storage = journal(tmp_path, "term")
+    sweep = subprocess.Popen([sys.executable, str(ROOT / "hyperparam_tune.py"), *argv],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    running = []
+
+    def both_training() -> bool:
+        try:
+            trials = load_study(storage, "term").get_trials(states=(TrialState.RUNNING,))
+        except KeyError:  # the study is not created yet
+            return False
+        running[:] = [t for t in trials if t.intermediate_values]
+        return len(running) == 2
+
+    output, _ = signal_when(sweep, both_training, signal.SIGTERM)
+    assert sweep.returncode == 143, output[-3000:]
+    assert "Traceback" not in output and "run the same command again" in output
+    for trial in running:
+        with pytest.raises(ProcessLookupError):  # its worker has ended (and was waited for)
+            os.kill(int(trial.user_attrs[hyperparam_tune.ATTR_WORKER].rpartition(":")[2]), 0)
+    trials = load_study(storage, "term").get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL] * 2
+    assert all(t.user_attrs[hyperparam_tune.ATTR_REASON] == hyperparam_tune.INTERRUPTED
+               for t in trials)
+
+
+def test_interrupted_sweep_keeps_the_reports_of_finished_trials(tmp_path, corpus, monkeypatch):
+    """The trainer stops on SIGTERM after a checkpoint and returns; the sweep exits 143, writes
+    the reports of the trials that finished, and tells the trainer what a re-run does."""
+    hints = []
+
+    def train(cfg, on_eval=None, resume_hint=None):
+        hints.append(resume_hint)
+        interrupted = "SIGTERM" if len(hints) == 2 else None
+        return trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=1.0, step=4,
+                                           interrupted=interrupted)
+
+    monkeypatch.setattr(trainingmanager, "train", train)
+    argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="keep", n_trials=3)
+    assert hyperparam_tune.main(argv) == 143
+    out = tmp_path / "runs" / "keep"
+    assert json.loads((out / "best.json").read_text())["name"] == "keep-best"
+    rows = (out / "trials.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[2].startswith("1,FAIL") and hyperparam_tune.INTERRUPTED in rows[2]
+    assert "again from the start" in hints[1] and "never resumes" in hints[1]
 
 
 @pytest.mark.skipif(POSTGRES_URL is None, reason="no PostgreSQL server: CODELM_TEST_POSTGRES_URL "
@@ -467,6 +520,7 @@ sys.exit(hyperparam_tune.main(sys.argv[1:]))
     ("trainingmanager.NonFiniteLossError('non-finite gradient at step 2')", 0,
      "Trial 0 failed with parameters"),
     ("KeyboardInterrupt()", 130, "interrupted: run the same command again"),
+    ("KeyboardInterrupt('SIGTERM')", 143, "interrupted: run the same command again"),
 ])
 def test_failed_or_interrupted_trial_prints_one_line(tmp_path, corpus, error, code, line):
     """What the command prints (Optuna logs failures with their traceback by default)."""

@@ -360,6 +360,19 @@ def test_adapter_file_errors_name_the_file(tmp_path):
     assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in before.items())
 
 
+def test_truncated_adapter_weights_are_an_error_naming_the_file(tmp_path):
+    """A copy cut short (a full disk, a killed rsync) is the user's file to fix, not a crash."""
+    _, model, setting = _pair("phi", tmp_path)
+    apply_lora(model, LoRAConfig(**setting))
+    save_adapter(model, tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    _, fresh, _ = _pair("phi", tmp_path / "other")
+    with pytest.raises(ValueError, match="truncated or corrupt") as e:
+        load_adapter(fresh, tmp_path / "a")
+    assert str(e.value).startswith(f"{weights}: ")
+    assert not list(lora.lora_modules(fresh))
+
 def test_partial_suffix_target_is_saved_exactly(tmp_path):
     # "attn.c_proj" must not become PEFT's "c_proj", which would also select mlp.c_proj.
     hf, model, _ = _pair("gpt_bigcode", tmp_path)

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from procs import signal_when
 
 import eval as ev
 import recipes
@@ -146,6 +149,50 @@ def test_code_completion_trains_on_the_fake_github_scrape(tmp_path, monkeypatch)
     assert stats["modified"]["autopep8_changed"] > 0  # the recipe's cleaning ran
     assert stats["modified"]["comments_or_docstrings_stripped"] == stats["read"]["files"]
     assert json.loads((result.run_dir / "config.json").read_text())["tokenizer_min_freq"] == 10
+
+
+# The evaluation waits once it has started, so that a signal lands after training returned.
+SLOW_EVAL = """
+import sys, time
+from pathlib import Path
+import eval as ev
+import recipes
+def evaluate(cfg):
+    Path(cfg.out_dir).mkdir(parents=True)
+    (Path(cfg.out_dir) / "started").write_text("")
+    time.sleep(60)
+ev.evaluate = evaluate
+sys.exit(recipes.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
+                         ids=["INT", "TERM"])
+def test_interrupted_evaluation_says_the_training_is_saved(tmp_path, sig, code):
+    """Ctrl-C or SIGTERM once training is done: one line saying how to finish the evaluation
+    (--resume does not train again), and 130 / 143."""
+    from dataset import stdlib_files, stdlib_root
+
+    data = tmp_path / "data"
+    for path in [p for p in stdlib_files() if 2_000 < p.stat().st_size < 6_000][:16]:
+        (data / path.relative_to(stdlib_root())).parent.mkdir(parents=True, exist_ok=True)
+        (data / path.relative_to(stdlib_root())).write_text(path.read_text("utf-8"), "utf-8")
+    recipe = tmp_path / "tiny.json"
+    recipe.write_text(json.dumps({
+        "train": {"preset": "tiny", "block_size": 32, "n_embd": 32, "n_layer": 1,
+                  "batch_size": 4, "max_steps": 2, "eval_every": 2, "warmup_steps": 0,
+                  "eval_batches": 1, "tokenizer_max_vocab": 256, "tokenizer_min_freq": 2,
+                  "data": [str(data)], "data_options": {"split_by": "file"}, "name": "tiny"},
+        "eval": {"tasks": ["lm"]}}))
+    run = subprocess.Popen(
+        [sys.executable, "-c", SLOW_EVAL, str(recipe), "--out-dir", str(tmp_path / "runs"),
+         "--device", "cpu", "--no-progress"], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "CODELM_CACHE": str(tmp_path)})
+    _, err = signal_when(run, (tmp_path / "runs" / "tiny" / "eval" / "started").exists, sig)
+    assert run.returncode == code, err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith(f"interrupted: training is complete and saved in {tmp_path / 'runs'}")
+    assert "--resume" in err
 
 
 def _trainingmanager_reads_sections() -> bool:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from sandbox import SandboxConfig, run_python
+from sandbox import SandboxConfig, kill_running, run_python
 
 FAST = SandboxConfig(timeout_s=3.0, memory_mb=256)
 
@@ -35,6 +36,18 @@ def test_infinite_loop_is_killed_at_the_time_limit():
 def test_sleeping_program_is_killed_at_the_time_limit():
     result = run_python("import time\ntime.sleep(60)", SandboxConfig(timeout_s=1.0))
     assert result.status == "timeout" and result.duration_s < 3.0
+
+
+def test_kill_running_ends_a_run_that_another_thread_waits_on():
+    # An interrupt reaches only the main thread; the evaluator's workers wait on their runs.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(run_python, "import time\ntime.sleep(60)", SandboxConfig(timeout_s=60))
+        start = time.monotonic()
+        while not future.done() and time.monotonic() - start < 10:
+            kill_running()  # until the run has started and is killed
+            time.sleep(0.05)
+        result = future.result(timeout=1)
+    assert result.status == "killed" and time.monotonic() - start < 10
 
 
 @pytest.mark.parametrize("bomb", [
