@@ -580,14 +580,15 @@ def _prompt_start(lm: LoadedModel) -> list[int]:
 @torch.no_grad()
 def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: EvalConfig) -> dict:
     """Loss (the training loss, ``trainingmanager.lm_loss``), perplexity and next-token accuracy
-    over consecutive block-size windows of the texts packed with EOS, as the trainer packs them."""
+    over consecutive block-size windows of the texts, each followed by EOS, as dataset.py packs
+    the trainer's split: on a run's val split this is its val_loss."""
     from dataset import collate
     from trainingmanager import lm_loss_and_correct
 
     tok, model = lm.tokenizer, lm.model
     context = _context(lm, cfg)
     want = None if cfg.lm_windows is None else cfg.lm_windows * context + 1
-    stream = list(_doc_start(tok))
+    stream: list[int] = []
     for text in texts:
         stream += tok.encode(text) + _doc_start(tok)
         if want is not None and len(stream) >= want:
@@ -705,12 +706,24 @@ class TaskExample:
 
 
 def corpus_config(cfg: EvalConfig, models: Sequence[LoadedModel]):
-    """The dataset config whose split is evaluated: a codelm run's own sources, cleaning and split
-    options (so its test split is the one it never trained on), unless ``data`` is given."""
+    """The dataset config whose split is evaluated: the codelm runs' own sources, cleaning and
+    split options (so a run's test split is the one it never trained on), unless ``data`` is
+    given. Runs whose corpora or splits differ have no common held-out split: refused."""
+    from dataset import corpus_key
+
+    runs = [m for m in models if m.run_config]
+    configs = {m.label: _corpus_config(cfg, m.run_config) for m in runs}
+    if cfg.data is None and len({corpus_key(c) for c in configs.values()}) > 1:
+        raise ValueError(f"the runs {', '.join(configs)} were trained on different corpora or "
+                         "splits, so no split is held out from all of them; name the data every "
+                         "model is scored on with --data (and --data-options)")
+    return next(iter(configs.values())) if configs else _corpus_config(cfg, None)
+
+
+def _corpus_config(cfg: EvalConfig, run: dict | None):
     from dataset import DataConfig
 
     known = {f.name for f in fields(DataConfig)} - {"task", "block_size", "progress"}
-    run = next((m.run_config for m in models if m.run_config), None)
     options = {}
     if run is not None:
         options = {k: v for k, v in (run.get("data_options") or {}).items() if k in known}

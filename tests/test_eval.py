@@ -481,9 +481,9 @@ def test_lm_task_loss_equals_transformers(tiny_models, tmp_path, monkeypatch):
     texts = [(m["code"] / "module_1.py").read_text(), (m["code"] / "module_2.py").read_text()]
     cfg = ev.EvalConfig(lm_windows=3, block_size=32, batch_size=2, progress=False)
     got = ev.score_lm(lm, texts, cfg)
-    # Reference: HF's model on the same packed stream (EOS before each document), own loss.
+    # Reference: HF's model on the same packed stream (EOS after each document), own loss.
     tok = m["tok"]
-    stream = [tok.eos_id]
+    stream = []
     for text in texts:
         stream += tok.encode(text) + [tok.eos_id]
     stream = torch.tensor(stream[: 3 * 32 + 1])
@@ -714,6 +714,14 @@ def test_eval_splits_a_run_with_predefined_files_as_its_training_did(tmp_path):
     assert dataset.corpus_key(ours) == dataset.corpus_key(tm.data_config(run, 64))
     other = ev.corpus_config(ev.EvalConfig(data=[str(dirs["test"])]), [model])
     assert other.val_sources == other.test_sources == []
+    # Runs split differently share no held-out split: every model was scored on the first run's.
+    reseeded = ev.LoadedModel("s", "runs/s", torch.nn.Linear(1, 1), None, run_config={
+        **dataclasses.asdict(run), "data_options": {"seed": 7}})
+    with pytest.raises(ValueError, match="the runs r, s were trained on different corpora or "
+                                         "splits"):
+        ev.corpus_config(ev.EvalConfig(), [model, reseeded])
+    assert ev.corpus_config(ev.EvalConfig(), [model, model]) == ours
+    assert ev.corpus_config(ev.EvalConfig(data=[str(dirs["test"])]), [model, reseeded]) == other
 
 
 # ---- a stopped evaluation keeps what finished ---------------------------------------------
