@@ -12,8 +12,10 @@ is safe for several processes on one machine (``--workers N`` starts them). Any 
 (``--storage postgresql://...``) lets every machine run the same command against one study;
 heartbeats then mark a killed worker's trial FAILED and it is queued again with the same
 parameters. Re-running with the same ``--study-name`` continues the study; ``--n-trials`` is
-the total the study should reach. ``optuna-dashboard runs/<study>/journal.log`` (or the URL)
-shows the study live.
+the total the study should reach. Trials compare only under one budget and base config: a
+continuation that changes them (``--max-steps``, ``--eval-every``, ``--train-config``, the
+space's base) is refused, naming each key. ``optuna-dashboard runs/<study>/journal.log`` (or
+the URL) shows the study live.
 
 Outputs in ``runs/<study>/``: ``best.json`` (a ready ``trainingmanager.py --config`` file: the
 best trial's config), ``trials.csv`` (every trial, its state, value, steps, parameters and the
@@ -62,6 +64,8 @@ JOURNAL_FILE = "journal.log"
 # process can write the reports.
 ATTR_CONFIG, ATTR_REASON, ATTR_WORKER, ATTR_STEP = "train_config", "fail_reason", "worker", "step"
 ATTR_STOPPED = "stopped_sweep"  # a trial whose error (a configuration error) stopped the sweep
+# The study's record of the TrainConfig values all its trials share (``study_settings``).
+ATTR_SETTINGS = "trial_settings"
 OWNER_FILE = "study.json"  # which storage's study owns runs/<study>/ (its trial numbers)
 _DONE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 INTERRUPTED = "interrupted (SIGINT/SIGTERM)"  # such trials run again when the sweep is re-run
@@ -143,6 +147,18 @@ class SearchSpace:
         """One value per parameter (low bound, first choice): a trial to check before any runs."""
         return {name: spec["choices"][0] if spec["type"] == "categorical" else spec["low"]
                 for name, spec in self.params.items()}
+
+    def extremes(self) -> list[tuple[str, typing.Any]]:
+        """(name, value) for each categorical choice and each range's lowest and highest value:
+        the values checked before any trial, since a study fixes the choices at its first trial."""
+        values = []
+        for name, spec in self.params.items():
+            if spec["type"] == "categorical":
+                values += [(name, choice) for choice in spec["choices"]]
+            else:
+                dist = _distribution(spec)  # its high is what a step lets a trial reach
+                values += [(name, dist.low), (name, dist.high)]
+        return values
 
     def suggest(self, trial: optuna.Trial) -> dict:
         """TrainConfig values for one trial; non-scalar choices travel as JSON strings."""
@@ -471,7 +487,9 @@ def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _Claim
                 if isinstance(e, (ValueError, OSError)):  # the configuration or a path
                     raise TrialSetupError(
                         f"trial {trial.number} {trial.params}: {e} (the trial is not counted "
-                        "toward n_trials: fix this and run the same command again)") from None
+                        "toward n_trials: fix this and run the same command again; a change to a "
+                        "parameter's type, log scale or choices needs another --study-name)"
+                    ) from None
                 raise
             reason = f"out of memory: {e}"
         else:
@@ -521,25 +539,74 @@ def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.Ba
 
 
 def check_trial_config(cfg: TuneConfig, space: SearchSpace, base: dict) -> None:
-    """A trial with example parameters passes the trainer's checks and its files exist."""
+    """The example trial, then each categorical choice and range bound (the other parameters at
+    their example values), pass the trainer's checks, make a model config and find their files.
+    A bad choice met only by a trial would stop the sweep after the study had recorded it."""
     def origin(key: str) -> str:
         if key in base:
             return cfg.train_config or "--train-config"
         return space.source if key in space.base or key in space.params else "TrainConfig"
 
-    values = trial_run_config(cfg, {**space.base, **base, **space.example(), **_budget(cfg)}, 0)
     where = " with ".join(filter(None, (space.source, cfg.train_config)))
-    train_cfg = trainingmanager.config_from_dict(values, where)
-    try:
-        trainingmanager.validate_config(train_cfg)
-        trainingmanager.data_config(train_cfg, train_cfg.block_size or 256)
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
-    for key in ("data", "val_data", "test_data", "tokenizer"):
-        value = getattr(train_cfg, key)
-        for path in [value] if isinstance(value, str) else value or []:
-            if path != "stdlib" and not Path(path).expanduser().exists():
-                raise ValueError(f"{origin(key)}: {key}: {path} not found")
+    example = space.example()
+    trials = [("", example), *((f"params.{name}={value!r}: ", {**example, name: value})
+                               for name, value in space.extremes())]
+    for label, params in trials:
+        values = trial_run_config(cfg, {**space.base, **base, **params, **_budget(cfg)}, 0)
+        train_cfg = trainingmanager.config_from_dict(values, where)
+        try:
+            trainingmanager.validate_config(train_cfg)
+            trainingmanager.data_config(train_cfg, train_cfg.block_size or 256)
+            if train_cfg.init_from is None:  # the vocabulary size (the tokenizer's) checks nothing
+                trainingmanager.model_config(train_cfg, 1, None, None)
+        except ValueError as e:
+            raise ValueError(f"{where}: {label}{e}") from None
+        for key in ("data", "val_data", "test_data", "tokenizer"):
+            value = getattr(train_cfg, key)
+            for path in [value] if isinstance(value, str) else value or []:
+                if path != "stdlib" and not Path(path).expanduser().exists():
+                    raise ValueError(f"{origin(key)}: {label}{key}: {path} not found")
+
+
+# TrainConfig keys that change how a trial is computed or reported, not its result: a continued
+# study may change them (as a resumed run may, trainingmanager.RESUME_MAY_CHANGE). The keys the
+# sweep sets per trial (``_trial_run``) are never the user's.
+STUDY_MAY_CHANGE = ("device", "compile", "gradient_checkpointing", "log_every",
+                    "export_merged", "sample_prompt", "sample_tokens")
+
+
+def study_settings(cfg: TuneConfig, space: SearchSpace, base: dict) -> dict:
+    """What a trial's result depends on besides its sampled parameters: the TrainConfig values
+    every trial shares (space base < --train-config < the sweep's budget), as JSON holds them."""
+    shared = trainingmanager.config_from_dict({**space.base, **base, **_budget(cfg)},
+                                              space.source)
+    settings = dataclasses.asdict(shared)
+    settings["data_options"] = {k: v for k, v in shared.data_options.items()
+                                if k not in trainingmanager.RESUME_DATA_OPTIONS_MAY_CHANGE}
+    skip = {*space.params, *STUDY_MAY_CHANGE, *_trial_run(cfg, 0)}
+    return json.loads(json.dumps({k: v for k, v in settings.items() if k not in skip}))
+
+
+def check_study_settings(cfg: TuneConfig, space: SearchSpace, base: dict,
+                         study: optuna.Study) -> None:
+    """Record the shared settings with a new study (or one from before they were recorded), and
+    refuse a continuation that changed them, naming each key with both values: trials run on
+    another budget or base would be ranked (best.json, importances) against each other."""
+    now = study_settings(cfg, space, base)
+    recorded = study.user_attrs.get(ATTR_SETTINGS)
+    if recorded is None:
+        study.set_user_attr(ATTR_SETTINGS, now)
+        return
+    changed = [f"{k}={recorded[k]!r} (now {now[k]!r})" for k in now
+               if k in recorded and recorded[k] != now[k]]
+    if changed:
+        raise ValueError(
+            f"study {cfg.study_name!r} of storage {_storage_label(cfg)}: its trials ran with "
+            f"other settings: {'; '.join(changed)}. Every trial of a study shares the budget "
+            "(--max-steps, --eval-every) and the base config (the space's base, "
+            "--train-config): drop those changes to continue it, or start a new study with "
+            "another --study-name. The TrainConfig keys a continued study may change: "
+            f"{', '.join(STUDY_MAY_CHANGE)}")
 
 
 def check_space_fits_study(cfg: TuneConfig, space: SearchSpace, study: optuna.Study) -> None:
@@ -782,6 +849,7 @@ def tune(cfg: TuneConfig) -> TuneResult:
     check_space_fits_study(cfg, space, study)
     if not cfg.worker:  # the workers' parent has claimed it
         claim_study_dir(cfg, study)
+    check_study_settings(cfg, space, base, study)
     if cfg.worker:  # one of --workers N processes: share this machine's cores among them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))
         run_worker(cfg, study, storage, space, base)

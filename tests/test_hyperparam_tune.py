@@ -426,6 +426,28 @@ def test_config_mistake_stops_before_any_trial(tmp_path, corpus, capsys):
         TrialState.COMPLETE]
 
 
+@pytest.mark.parametrize("params, fixed, message", [
+    ({"n_embd": {"type": "categorical", "choices": [32, 30]}},  # the tiny preset: n_head 4
+     {"n_embd": {"type": "categorical", "choices": [32, 64]}},
+     "params.n_embd=30: ModelConfig.n_embd=30: not divisible by n_head=4"),
+    ({"label_smoothing": {"type": "float", "low": 0.0, "high": 1.0}},
+     {"label_smoothing": {"type": "float", "low": 0.0, "high": 0.5}},
+     "params.label_smoothing=1.0: TrainConfig.label_smoothing=1.0: must be in [0, 1)"),
+])
+def test_every_choice_and_bound_is_checked_before_any_trial(tmp_path, corpus, capsys, params,
+                                                            fixed, message):
+    """A bad choice met only by a trial would stop the sweep after the study recorded the
+    choices, so that the fixed space no longer fit it: each is checked before the first trial."""
+    argv = tune_args(tmp_path, tiny_space(tmp_path, corpus, params), study_name="ch", n_trials=1)
+    assert hyperparam_tune.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert not (tmp_path / "runs" / "ch" / hyperparam_tune.JOURNAL_FILE).exists()
+
+    tiny_space(tmp_path, corpus, fixed)
+    assert hyperparam_tune.main(argv) == 0  # the same command, once the space is fixed
+
+
 def test_config_error_in_a_trial_stops_the_sweep_and_is_not_counted(tmp_path, corpus, capsys,
                                                                     monkeypatch):
     def missing_data(cfg, on_eval=None, resume_hint=None):
@@ -437,6 +459,7 @@ def test_config_error_in_a_trial_stops_the_sweep_and_is_not_counted(tmp_path, co
     assert hyperparam_tune.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: trial 0 ") and "/gone" in err and "not counted" in err
+    assert "choices needs another --study-name" in err  # a fixed space may not fit the study
     assert err.count("\n") == 1 and "Traceback" not in err
 
     study = load_study(journal(tmp_path, "stop"), "stop")
@@ -473,6 +496,39 @@ def test_space_that_does_not_fit_the_study_is_refused_before_a_trial(tmp_path, c
     err = capsys.readouterr().err
     assert f"{space}: params.lr does not fit study 'kind'" in err and "Traceback" not in err
     assert len(load_study(journal(tmp_path, "kind"), "kind").get_trials()) == 1
+
+
+def test_continuing_with_another_budget_or_base_is_refused(tmp_path, corpus, capsys,
+                                                          monkeypatch):
+    """Trials of one study are ranked against each other, so a continuation that changes what
+    they share (budget, base config) is refused, naming each key; a study from before that was
+    recorded continues and records it."""
+    def trained(cfg, on_eval=None, resume_hint=None):
+        return trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=1.0, step=cfg.max_steps)
+
+    monkeypatch.setattr(trainingmanager, "train", trained)
+    storage = journal(tmp_path, "budget")
+    older = optuna.create_study(study_name="budget", storage=storage)  # nothing recorded
+    older.add_trial(optuna.trial.create_trial(
+        params={"lr": 1e-3}, distributions={"lr": optuna.distributions.FloatDistribution(
+            1e-4, 1e-2, log=True)}, value=2.0))
+    space = tiny_space(tmp_path, corpus)
+    assert hyperparam_tune.main(tune_args(tmp_path, space, study_name="budget", n_trials=2)) == 0
+    capsys.readouterr()
+
+    changed = tmp_path / "changed.json"
+    changed.write_text(json.dumps({"seed": 7, "log_every": 3}))  # log_every changes no result
+    argv = tune_args(tmp_path, space, study_name="budget", n_trials=3, max_steps=20)
+    assert hyperparam_tune.main([*argv, "--train-config", str(changed)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "--study-name" in err
+    assert "other settings: seed=1337 (now 7); max_steps=4 (now 20). " in err
+    assert len(load_study(storage, "budget").get_trials()) == 2
+
+    changed.write_text(json.dumps({"log_every": 3, "device": "cpu"}))
+    argv = tune_args(tmp_path, space, study_name="budget", n_trials=3, pruner="none")
+    assert hyperparam_tune.main([*argv, "--train-config", str(changed)]) == 0
+    assert len(load_study(storage, "budget").get_trials()) == 3
 
 
 def test_study_dir_belongs_to_one_storage(tmp_path, corpus, capsys):
