@@ -14,6 +14,7 @@ import argparse
 import ast
 import contextlib
 import hashlib
+import io
 import json
 import math
 import multiprocessing
@@ -27,6 +28,7 @@ import sys
 import sysconfig
 import tempfile
 import threading
+import tokenize
 import typing
 import zlib
 from collections import Counter
@@ -44,11 +46,12 @@ from tokenizer import (
     PYTHON_PARSE_ERRORS,
     docstring_statement,
     is_utf8,
+    source_lines,
     strip_comments_and_docstrings,
 )
 
 # Bump when cleaning or task building changes what a cache holds.
-PIPELINE_VERSION = 2
+PIPELINE_VERSION = 3
 
 # Some installs keep third-party packages inside the stdlib directory; they are not stdlib code.
 _STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
@@ -126,7 +129,8 @@ class DataConfig:
     seed: int = 42  # the split and the sampled task targets
     split_by: str = "repo"  # "repo" (where the source knows the repo, else file) or "file"
     # cleaning
-    dedupe: bool = True  # drop exact duplicate files
+    dedupe: bool = True  # drop exact duplicate files (a copy of a val/test document leaves
+    #   `sources` even without it)
     near_dedupe: bool = False  # also drop near duplicates (MinHash)
     near_dedupe_threshold: float = 0.85  # Jaccard similarity above which files are duplicates
     autopep8: bool = False  # reformat each file with autopep8 (in a subprocess)
@@ -143,7 +147,8 @@ class DataConfig:
     max_docs: int | None = None  # read only the first N files/records (smoke runs, samples)
     # task options
     add_eos: bool = True  # EOS after each supervised completion
-    max_prompt_tokens: int | None = None  # longer prompts are cut from the left
+    max_prompt_tokens: int | None = None  # longer prompts are cut: first the end of the code in
+    #   a docstring or refactor template, then from the left
     max_completion_tokens: int | None = None  # longer completions are cut
     completion_style: str = "window"  # "window" (seed 002) or "line" (CodeXGLUE line completion)
     window_prompt_tokens: int = 100  # window completion: tokens of context
@@ -198,7 +203,7 @@ class DataConfig:
 _MINIMUMS = {
     "block_size": 2, "num_workers": 1, "min_bytes": 0, "max_bytes": 0, "min_lines": 0,
     "max_line_length": 1, "max_literal_length": 1, "autopep8_timeout": 0, "max_docs": 0,
-    "max_prompt_tokens": 0, "max_completion_tokens": 0, "window_prompt_tokens": 0,
+    "max_prompt_tokens": 0, "max_completion_tokens": 1, "window_prompt_tokens": 1,
     "window_completion_tokens": 1, "window_stride": 0, "lines_per_file": 0,
     "docstring_min_tokens": 0, "docstring_code_tokens": 0,
 }  # fmt: skip
@@ -383,15 +388,18 @@ def _sources_fingerprint(sources: Sequence[str], extensions: Sequence[str]) -> l
 
 _LICENSE_WORDS = re.compile(r"copyright|licen[cs]e|spdx-license|all rights reserved", re.I)
 _ENCODING_LINE = re.compile(r"^[ \t\f]*#.*?coding[:=]")
-# A quoted literal (no newline inside) or a run of digits; longer than the limit -> drop.
-_STRING_LITERAL = re.compile(r"\"(?:[^\"\\\n]|\\.)*\"|'(?:[^'\\\n]|\\.)*'")
+# A quoted literal (no newline inside) or, outside one, a `//` or `#` comment start; a run of
+# digits. A literal longer than the limit -> drop.
+_STRING_OR_COMMENT = re.compile(r"\"(?:[^\"\\\n]|\\.)*\"|'(?:[^'\\\n]|\\.)*'|//|#")
 _NUMBER_LITERAL = re.compile(r"(?<![\w.])\d[\w.]*")
+# Python tokens that are literals (Python 3.12 splits f-strings: their text is FSTRING_MIDDLE).
+_LITERAL_TOKENS = {tokenize.STRING, tokenize.NUMBER, getattr(tokenize, "FSTRING_MIDDLE", -1)}
 
 
 def strip_license_header(text: str) -> tuple[str, bool]:
     """Remove a leading comment block that mentions copyright/licence (``#``, ``//`` or
     ``/* */``), keeping a shebang and an encoding line. Returns (text, removed)."""
-    lines = text.splitlines(keepends=True)
+    lines = source_lines(text, keepends=True)
     keep: list[str] = []
     i = 0
     while (
@@ -428,14 +436,27 @@ def _shares_line(lines: Sequence[str], node: ast.AST) -> bool:
     return bool(before.strip() or after.decode("utf-8", "replace").split("#")[0].strip())
 
 
-def longest_literal(lines: Iterable[str], at_least: int = 0) -> int:
-    """Length of the longest one-line string literal or digit run, looking only at lines longer
-    than ``at_least`` (a literal cannot be longer than its line)."""
+def longest_literal(text: str, at_least: int = 0, python: bool = False) -> int:
+    """Length of the longest one-line string literal or number, exact when it is longer than
+    ``at_least`` (only lines longer than that are looked at: a literal cannot be longer than its
+    line). Python is read with ``tokenize``, so that quotes in a comment are no literal; other
+    languages, and Python that tokenize rejects, with a pattern that stops at a ``//`` or ``#``
+    comment start outside quotes."""
+    lines = [line for line in source_lines(text) if len(line) > at_least]
+    if lines and python:
+        with contextlib.suppress(*PYTHON_PARSE_ERRORS):
+            tokens = tokenize.generate_tokens(io.StringIO(text).readline)
+            return max((len(t.string) for t in tokens
+                        if t.type in _LITERAL_TOKENS and t.start[0] == t.end[0]), default=0)
     longest = 0
-    for line in [line for line in lines if len(line) > at_least]:
-        for pattern in (_STRING_LITERAL, _NUMBER_LITERAL):
-            for m in pattern.finditer(line):
-                longest = max(longest, m.end() - m.start())
+    for line in lines:
+        code = line
+        for m in _STRING_OR_COMMENT.finditer(line):
+            if m.group() in ("//", "#"):
+                code = line[: m.start()]
+                break
+            longest = max(longest, len(m.group()))
+        longest = max([longest] + [len(m.group()) for m in _NUMBER_LITERAL.finditer(code)])
     return longest
 
 
@@ -517,12 +538,13 @@ def _clean_one(args: tuple[_RawDoc, dict]) -> tuple[Doc | None, str | None, list
         elif fixed != text:
             mods.append("autopep8_changed")
         text = fixed
-    lines = text.splitlines()
+    lines = source_lines(text)
     if sum(map(bool, map(str.strip, lines))) < opt["min_lines"]:
         return None, "too_few_lines", mods
     if max(map(len, lines), default=0) > opt["max_line_length"]:
         return None, "long_line", mods
-    if longest_literal(lines, opt["max_literal_length"]) > opt["max_literal_length"]:
+    limit = opt["max_literal_length"]
+    if longest_literal(text, limit, python=is_python) > limit:
         return None, "long_literal", mods
     return Doc(raw.id, text, raw.repo, split=raw.split), None, mods
 
@@ -534,6 +556,18 @@ def _content_hash(doc: Doc | _RawDoc) -> bytes:
     if doc.target is not None:
         h.update(b"\0target\0" + doc.target.encode("utf-8", "surrogatepass"))
     return h.digest()
+
+
+def _is_duplicate(doc: Doc | _RawDoc, seen: dict[bytes, bool], dedupe: bool) -> bool:
+    """Whether ``doc`` repeats an earlier document; ``seen`` maps the content hashes so far to
+    whether a val/test document had it (those come first). A copy of a val/test document in
+    `sources` always repeats one, so that it cannot leak into training; ``dedupe`` decides the
+    rest."""
+    key = _content_hash(doc)
+    if key in seen and (dedupe or (seen[key] and doc.split is None)):
+        return True
+    seen[key] = seen.get(key, False) or doc.split is not None
+    return False
 
 
 _SHINGLE_WORDS = re.compile(r"\w+|[^\w\s]")
@@ -593,7 +627,7 @@ def clean_corpus(cfg: DataConfig) -> tuple[list[Doc], dict]:
     mods: Counter = Counter()
     opt = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name in _CLEANING_FIELDS}
     raws: list[_RawDoc] = []
-    seen: set[bytes] = set()
+    seen: dict[bytes, bool] = {}
     read_files = read_bytes = 0
     for raw in tqdm(_iter_sources(cfg, counts), desc="read", unit="file", disable=not cfg.progress):
         if cfg.max_docs is not None and read_files >= cfg.max_docs:
@@ -601,12 +635,9 @@ def clean_corpus(cfg: DataConfig) -> tuple[list[Doc], dict]:
         read_files += 1
         data = raw.data
         read_bytes += len(data) if isinstance(data, bytes) else len(data.encode("utf-8", "replace"))
-        if cfg.dedupe:  # cheap early pass: identical raw files are not cleaned twice
-            key = _content_hash(raw)
-            if key in seen:
-                counts["duplicate"] += 1
-                continue
-            seen.add(key)
+        if _is_duplicate(raw, seen, cfg.dedupe):  # early: identical raw files are not cleaned twice
+            counts["duplicate"] += 1
+            continue
         raws.append(raw)
     work = ((raw, opt) for raw in raws)
     bar = dict(total=len(raws), desc="clean", unit="file", disable=not cfg.progress)
@@ -617,18 +648,15 @@ def clean_corpus(cfg: DataConfig) -> tuple[list[Doc], dict]:
     else:
         results = [_clean_one(w) for w in tqdm(work, **bar)]
     docs: list[Doc] = []
-    seen = set()
+    seen = {}
     for doc, reason, doc_mods in results:
         mods.update(doc_mods)
         if doc is None:
             counts[reason] += 1
             continue
-        if cfg.dedupe:  # cleaning can make different files identical
-            key = _content_hash(doc)
-            if key in seen:
-                counts["duplicate"] += 1
-                continue
-            seen.add(key)
+        if _is_duplicate(doc, seen, cfg.dedupe):  # cleaning can make different files identical
+            counts["duplicate"] += 1
+            continue
         docs.append(doc)
     if cfg.near_dedupe and docs:
         texts = [d.text if d.target is None else d.text + "\n" + d.target for d in docs]
@@ -899,12 +927,15 @@ def supervised_example(
     completion_ids: Sequence[int],
     max_length: int,
     max_completion_tokens: int | None = None,
+    max_prompt_tokens: int | None = None,
+    code: tuple[int, int] = (0, 0),
 ) -> dict[str, torch.Tensor]:
     """One causal-LM training example from a prompt and its completion: the completion is kept
-    (its start, when it alone is too long), the prompt is cut from the left. ``max_length`` is the
-    model's context (input length T); labels are shifted and -100 on every prompt target."""
+    (its start, when it alone is too long), the prompt loses the end of its ``code`` span first
+    (see ``tokenize_examples``), then its left end. ``max_length`` is the model's context (input
+    length T); labels are shifted and -100 on every prompt target."""
     prompt, completion = _truncate_pair(
-        prompt_ids, completion_ids, max_length, max_completion_tokens
+        prompt_ids, completion_ids, max_length, max_completion_tokens, max_prompt_tokens, code
     )
     seq = torch.tensor(prompt + completion, dtype=torch.long)
     labels = seq[1:].clone()
@@ -925,15 +956,22 @@ def _truncate_pair(
     completion_ids: Sequence[int],
     max_length: int,
     max_completion_tokens: int | None,
+    max_prompt_tokens: int | None = None,
+    code: tuple[int, int] = (0, 0),
 ) -> tuple[list[int], list[int]]:
-    completion = list(completion_ids)
-    if max_completion_tokens is not None:
-        completion = completion[:max_completion_tokens]
-    budget = max_length + 1  # input and labels are the sequence shifted by one
-    completion = completion[: budget - 1] if prompt_ids else completion[:budget]
-    room = budget - len(completion)
-    prompt = list(prompt_ids)[-room:] if room > 0 else []
-    return prompt, completion
+    """Fit prompt + completion into ``max_length + 1`` tokens (input and labels are the sequence
+    shifted by one) and the prompt into ``max_prompt_tokens``. The completion keeps its start; the
+    prompt first loses the end of its ``code`` span (start, end), so that an instruction around
+    the code survives, then its left end."""
+    completion = list(completion_ids)[:max_completion_tokens]
+    room = len(prompt_ids) if max_prompt_tokens is None else min(len(prompt_ids), max_prompt_tokens)
+    budget = max_length + 1
+    completion = completion[: budget - 1] if room else completion[:budget]
+    room = min(room, budget - len(completion))
+    prompt = list(prompt_ids)
+    start, end = code
+    del prompt[max(start, end - (len(prompt) - room)) : end]
+    return prompt[len(prompt) - room :], completion
 
 
 def collate(
@@ -979,8 +1017,9 @@ class PreparedData:
 
 @dataclass
 class Example:
-    """A supervised example before tokenization. The prompt is head + body + tail, where only
-    ``body`` is truncated (to ``body_budget`` tokens) so the instruction around it survives."""
+    """A supervised example before tokenization. The prompt is head + body + tail, where ``body``
+    (the code inside an instruction) is cut to ``body_budget`` tokens, and is what a prompt too
+    long for its limits loses first (from its end), so that the instruction around it survives."""
 
     head: str
     completion: str
@@ -989,29 +1028,56 @@ class Example:
     body_budget: int | None = None
 
 
-_Parsed = tuple[ast.Module, list[str]]
+_DOCUMENTED = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+class _Parsed(typing.NamedTuple):
+    tree: ast.Module
+    lines: list[str]  # numbered as ast numbers them (source_lines), without their ends
+    in_string: set[int]  # numbers of the lines that start inside a multi-line string literal
 
 
 def _parse(doc: Doc) -> _Parsed | None:
-    """(tree, lines) of a Python document, or None when it does not parse (counted by the
-    caller as ``skipped_syntax_error_file``)."""
+    """A Python document parsed, or None when it does not parse (counted by the caller as
+    ``skipped_syntax_error_file``)."""
+    lines = source_lines(doc.text, keepends=True)
     try:
-        return ast.parse(doc.text), doc.text.splitlines()
+        tree = ast.parse(doc.text)
+        tokens = tokenize.generate_tokens(iter(lines).__next__)
+        in_string = {row for t in tokens for row in range(t.start[0] + 1, t.end[0] + 1)}
     except PYTHON_PARSE_ERRORS:
         return None
+    lines = [line.rstrip("\r\n") for line in lines]
+    for node in ast.walk(tree):
+        # A docstring is read cleaned (inspect.cleandoc): indented at least as far as its
+        # statement, it can move with the code and keep that value (but trailing whitespace).
+        ds = docstring_statement(node) if isinstance(node, _DOCUMENTED) else None
+        if ds is not None and all(len(line) - len(line.lstrip(" \t")) >= ds.col_offset
+                                  or not line.strip() for line in lines[ds.lineno : ds.end_lineno]):
+            in_string -= set(range(ds.lineno + 1, ds.end_lineno + 1))
+    return _Parsed(tree, lines, in_string)
 
 
 def line_completion_examples(doc: Doc, n: int, seed: int) -> list[Example]:
     """CodeXGLUE line completion: the file up to a line boundary -> the next (non-blank) line."""
-    lines = doc.text.splitlines(keepends=True)
+    lines = source_lines(doc.text, keepends=True)
     candidates = [i for i in range(1, len(lines)) if lines[i].strip()]
     rng = random.Random(f"{seed}\0{doc.id}")
     chosen = sorted(rng.sample(candidates, min(n, len(candidates))))
     return [Example("".join(lines[:i]), lines[i].rstrip("\n")) for i in chosen]
 
 
-def _dedent_lines(lines: list[str], indent: int) -> list[str]:
-    return [line[indent:] if line[:indent].strip() == "" else line.lstrip() for line in lines]
+def _dedent(parsed: _Parsed, first: int, last: int, indent: int) -> list[str]:
+    """Lines ``first``..``last`` (numbered from 1) moved ``indent`` columns left, as the def would
+    stand at the top level: a line loses at most the whitespace it starts with, and a line inside
+    a multi-line string (``in_string``) keeps all of it, so that the string's value is kept."""
+    out = []
+    for row in range(first, last + 1):
+        line = parsed.lines[row - 1]
+        if row not in parsed.in_string:
+            line = line[min(indent, len(line) - len(line.lstrip(" \t\f"))) :]
+        out.append(line)
+    return out
 
 
 def method_examples(doc: Doc, parsed: _Parsed | None = None) -> list[Example]:
@@ -1020,9 +1086,8 @@ def method_examples(doc: Doc, parsed: _Parsed | None = None) -> list[Example]:
     parsed = parsed or _parse(doc)
     if parsed is None:
         return []
-    tree, lines = parsed
     out = []
-    for node in ast.walk(tree):
+    for node in ast.walk(parsed.tree):
         if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
             continue
         ds = docstring_statement(node)
@@ -1031,9 +1096,8 @@ def method_examples(doc: Doc, parsed: _Parsed | None = None) -> list[Example]:
         if node.body[1].lineno <= ds.end_lineno:
             continue
         start = min([node.lineno] + [d.lineno for d in node.decorator_list])
-        indent = node.col_offset
-        head = _dedent_lines(lines[start - 1 : ds.end_lineno], indent)
-        body = _dedent_lines(lines[ds.end_lineno : node.end_lineno], indent)
+        head = _dedent(parsed, start, ds.end_lineno, node.col_offset)
+        body = _dedent(parsed, ds.end_lineno + 1, node.end_lineno, node.col_offset)
         if not "".join(body).strip():
             continue
         out.append(Example("\n".join(head) + "\n", "\n".join(body).rstrip()))
@@ -1048,7 +1112,6 @@ def docstring_examples(
     parsed = parsed or _parse(doc)
     if parsed is None:
         return []
-    tree, lines = parsed
     kinds: tuple = ()
     if targets in ("class", "both"):
         kinds += (ast.ClassDef,)
@@ -1057,34 +1120,36 @@ def docstring_examples(
     template = DOCSTRING_PROMPTS[prompt]
     head_t, tail_t = template.split("{source_code}")
     out = []
-    for node in ast.walk(tree):
+    for node in ast.walk(parsed.tree):
         if not isinstance(node, kinds):
             continue
         ds = docstring_statement(node)
         if ds is None or ds.lineno == node.lineno:
             continue
-        if _shares_line(lines, ds):
+        if _shares_line(parsed.lines, ds):
             continue
         docstring = ast.get_docstring(node, clean=True)
         if not docstring or not docstring.strip():
             continue
         start = min([node.lineno] + [d.lineno for d in node.decorator_list])
-        code = lines[start - 1 : ds.lineno - 1]
+        indent = node.col_offset
+        code = _dedent(parsed, start, ds.lineno - 1, indent)
         if len(node.body) == 1:
-            code.append(" " * ds.col_offset + "pass")
-        code += lines[ds.end_lineno : node.end_lineno]
-        source = "\n".join(_dedent_lines(code, node.col_offset))
+            code.append(" " * (ds.col_offset - indent) + "pass")
+        code += _dedent(parsed, ds.end_lineno + 1, node.end_lineno, indent)
+        source = "\n".join(code)
         head = head_t.replace("{class_name}", node.name)
         out.append(Example(head, docstring, body=source, tail=tail_t, body_budget=code_tokens))
     return out
 
 
 def refactor_example(doc: Doc) -> Example:
-    """Seed 000: {"input","output"} through the refactoring template; prompt/completion pairs are
-    used verbatim."""
+    """Seed 000: {"input","output"} through the refactoring template, the input apart as the body
+    (a long prompt loses code, not the instruction); prompt/completion pairs are used verbatim."""
     if doc.raw_pair:
         return Example(doc.text, doc.target)
-    return Example(REFACTOR_TEMPLATE.format(input=doc.text), doc.target)
+    head, tail = REFACTOR_TEMPLATE.split("{input}")
+    return Example(head, doc.target, body=doc.text, tail=tail)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1213,23 +1278,41 @@ def _examples_for(doc: Doc, cfg: DataConfig, events: Counter) -> list[Example]:
 _CHARS_PER_TOKEN_BOUND = 32
 
 
-def _tokenize_examples(
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def tokenize_examples(
     examples: list[Example], tokenizer, cfg: DataConfig, desc: str
-) -> list[tuple[list[int], list[int]]]:
+) -> list[tuple[list[int], list[int], tuple[int, int]]]:
+    """(prompt ids, completion ids, the span of the body in the prompt) of each example. A body
+    with a token budget (docstring code) is tokenized apart, to be cut; a prompt whose body has
+    none (refactor) is tokenized whole, as eval.py and seed 000 tokenize it, and its head and tail
+    apart only to find the body: what the whole shares with their ids at its start and end is
+    theirs."""
     # Text far beyond what can survive truncation is cut before tokenizing (a token is rarely
     # longer than 32 characters): line-completion prompts are whole file prefixes.
-    limit = _CHARS_PER_TOKEN_BOUND * (cfg.block_size + 1)
+    chars = _CHARS_PER_TOKEN_BOUND * (cfg.block_size + 1)
     parts = []
     for e in examples:
-        body = e.body if e.body_budget is None else e.body[: _CHARS_PER_TOKEN_BOUND * e.body_budget]
-        parts += [e.head[-limit:], body, e.tail, e.completion[:limit]]
+        head, completion = e.head[-chars:], e.completion[:chars]
+        if e.body_budget is None:
+            whole = head + e.body[:chars] + e.tail
+            parts += [whole, head, e.tail] if e.body else [whole, "", ""]
+        else:
+            parts += [head, e.body[: _CHARS_PER_TOKEN_BOUND * e.body_budget], e.tail]
+        parts.append(completion)
     ids = _encode(tokenizer, parts, cfg, desc)
     out = []
     for i, e in enumerate(examples):
-        head, body, tail, completion = ids[4 * i : 4 * i + 4]
-        if e.body_budget is not None:
-            body = body[: e.body_budget]
-        out.append((head + body + tail, completion))
+        a, b, c, completion = ids[4 * i : 4 * i + 4]
+        if e.body_budget is None:  # a: the whole prompt, b: its head, c: its tail
+            start = _common_prefix(a, b)
+            end = max(start, len(a) - _common_prefix(a[::-1], c[::-1])) if e.body else start
+            out.append((a, completion, (start, end)))
+        else:  # a: the head, b: the body, c: the tail
+            b = b[: e.body_budget]
+            out.append((a + b + c, completion, (len(a), len(a) + len(b))))
     return out
 
 
@@ -1270,19 +1353,22 @@ def _build_supervised(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path) -> 
     eos = tokenizer.eos_id if cfg.add_eos else None
     dtype = _token_dtype(tokenizer)
     meta: dict = {"dtype": dtype, "examples": {}, "tokens": {}, "events": {}}
+    in_train: set[bytes] = set()  # hashes of the train examples
     for s in SPLITS:
         docs = getattr(corpus, s)
         events: Counter = Counter()  # examples skipped or truncated, by reason
-        # (prompt ids, completion ids, whether the completion ends the text: EOS follows it)
-        pairs: list[tuple[list[int], list[int], bool]] = []
+        # (prompt ids, completion ids, whether the completion ends the text: EOS follows it,
+        # the span of the prompt that truncation cuts first)
+        pairs: list[tuple[list[int], list[int], bool, tuple[int, int]]] = []
         if cfg.task == "fim" or (cfg.task == "completion" and cfg.completion_style == "window"):
             code = [d for d in docs if d.target is None]
             encoded = _encode(tokenizer, [d.text for d in code], cfg, f"tokenize {s}")
             for d, ids in zip(code, encoded):
                 if cfg.task == "fim":
-                    pairs.extend((p, c, bool(p)) for p, c in _fim_pairs(ids, d.id, tokenizer, cfg))
+                    pairs.extend((p, c, bool(p), (0, 0))
+                                 for p, c in _fim_pairs(ids, d.id, tokenizer, cfg))
                 else:
-                    pairs.extend((p, c, False) for p, c in window_pairs(ids, cfg))
+                    pairs.extend((p, c, False, (0, 0)) for p, c in window_pairs(ids, cfg))
             examples = [Example(d.text, d.target) for d in docs if d.target is not None]
         else:
             examples = [
@@ -1290,29 +1376,37 @@ def _build_supervised(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path) -> 
                 for d in tqdm(docs, desc=f"{cfg.task} {s}", disable=not cfg.progress)
                 for e in _examples_for(d, cfg, events)
             ]
-        tokenized = _tokenize_examples(examples, tokenizer, cfg, f"tokenize {s}")
-        for prompt, completion in tokenized:
+        tokenized = tokenize_examples(examples, tokenizer, cfg, f"tokenize {s}")
+        for prompt, completion, code_span in tokenized:
             if cfg.task == "docstring" and len(completion) < cfg.docstring_min_tokens:
                 events["skipped_docstring_too_short"] += 1
                 continue
-            if not completion:
-                events["skipped_empty_completion"] += 1
-                continue
-            pairs.append((prompt, completion, True))
+            pairs.append((prompt, completion, True, code_span))
         ids_out: list[int] = []
         offsets = [0]
         prompt_lens = []
-        for prompt, completion, ends in pairs:
-            if cfg.max_prompt_tokens is not None:
-                prompt = prompt[-cfg.max_prompt_tokens :] if cfg.max_prompt_tokens else []
+        for prompt, completion, ends, code_span in pairs:
+            n_target = len(completion)
             if ends and eos is not None:
                 completion = completion + [eos]
             kept_prompt, kept_completion = _truncate_pair(
-                prompt, completion, cfg.block_size, cfg.max_completion_tokens
+                prompt, completion, cfg.block_size, cfg.max_completion_tokens,
+                cfg.max_prompt_tokens, code_span,
             )
+            if not kept_completion[:n_target]:  # nothing to learn (an EOS alone is no target)
+                events["skipped_empty_completion"] += 1
+                continue
             events["prompt_truncated"] += len(kept_prompt) < len(prompt)
             events["completion_truncated"] += len(kept_completion) < len(completion)
             prompt, completion = kept_prompt, kept_completion
+            # Different files can hold the same code: such an example stays in train only.
+            ids = np.asarray([len(prompt)] + prompt + completion, np.int64)
+            key = hashlib.blake2b(ids, digest_size=16).digest()
+            if s == "train":
+                in_train.add(key)
+            elif key in in_train:
+                events["skipped_same_as_train"] += 1
+                continue
             ids_out.extend(prompt + completion)
             offsets.append(len(ids_out))
             prompt_lens.append(len(prompt))

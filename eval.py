@@ -620,23 +620,27 @@ def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: EvalConfig) -> dict:
 
 
 @torch.no_grad()
-def score_supervised(lm: LoadedModel, prompts: Sequence[str], references: Sequence[str],
-                     cfg: EvalConfig) -> float:
+def score_supervised(lm: LoadedModel, examples: Sequence[TaskExample], cfg: EvalConfig,
+                     data_cfg=None) -> float:
     """Mean loss (``trainingmanager.lm_loss``) of each reference completion, EOS included, given
-    its prompt: dataset.py's training example of the pair, so it is the validation loss a
-    supervised run logs on these examples."""
-    from dataset import collate, supervised_example
+    its prompt: dataset.py's training example of the pair (tokenized, and cut to the context, as
+    the run's data options cut it), so it is the validation loss a supervised run logs on these
+    examples."""
+    import dataset as ds
     from trainingmanager import lm_loss
 
     tok, model = lm.tokenizer, lm.model
     context = _context(lm, cfg)
+    data_cfg = replace(data_cfg or ds.DataConfig(), block_size=context, progress=False)
     eos = [tok.eos_id] if tok.eos_id is not None else []
-    examples = [supervised_example(tok.encode(p), tok.encode(r) + eos, context)
-                for p, r in zip(prompts, references)]
+    pairs = [ds.Example(e.head, e.reference, e.body, e.tail, e.body_tokens) for e in examples]
+    examples = [ds.supervised_example(p, c + eos, context, data_cfg.max_completion_tokens,
+                                      data_cfg.max_prompt_tokens, span)
+                for p, c, span in ds.tokenize_examples(pairs, tok, data_cfg, "tokenize")]
     device = next(model.parameters()).device
     total = count = 0.0
     for i in range(0, len(examples), cfg.batch_size):
-        batch = collate(examples[i : i + cfg.batch_size], tok.pad_id)
+        batch = ds.collate(examples[i : i + cfg.batch_size], tok.pad_id)
         mask = batch["attention_mask"].to(device)
         hidden = model(batch["input_ids"].to(device), attention_mask=mask, return_hidden=True)
         labels = batch["labels"].to(device)
@@ -755,7 +759,7 @@ def build_examples(task: str, docs: Sequence, cfg: EvalConfig, variant: str = "s
             if doc.target is None:
                 continue
             e = ds.refactor_example(doc)
-            out.append(TaskExample(doc.id, e.completion, e.head))
+            out.append(TaskExample(doc.id, e.completion, e.head, e.body, e.tail))
         elif doc.target is None and doc.is_python:
             if task == "line":
                 built = ds.line_completion_examples(doc, cfg.lines_per_file, cfg.seed)
@@ -836,7 +840,8 @@ def _generation_metrics(task: str, preds: list[str], refs: list[str]) -> dict:
 
 
 def run_generation_task(lm: LoadedModel, task: str, examples: Sequence[TaskExample],
-                        cfg: EvalConfig, variant: str | None = None) -> tuple[dict, list[dict]]:
+                        cfg: EvalConfig, variant: str | None = None,
+                        data_cfg=None) -> tuple[dict, list[dict]]:
     stops, clean_pred, clean_ref = _GENERATION[task]
     prompts = [e.prompt(lm.tokenizer) for e in examples]
     raw = generate_texts(lm, prompts, cfg, stops, desc=task)
@@ -848,7 +853,7 @@ def run_generation_task(lm: LoadedModel, task: str, examples: Sequence[TaskExamp
                for e, p, r, y in zip(examples, prompts, refs, preds)]
     metrics = {}
     if cfg.reference_loss:  # seed 000 reports the validation loss beside BLEU
-        metrics["loss"] = score_supervised(lm, prompts, [e.reference for e in examples], cfg)
+        metrics["loss"] = score_supervised(lm, examples, cfg, data_cfg)
     return {**metrics, **_generation_metrics(task, preds, refs)}, records
 
 
@@ -1002,7 +1007,7 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
     rows, records = [], []
     for i, lm in enumerate(models):
         progress.running = lm.label
-        model_rows, model_records = _evaluate_model(lm, cfg, docs, examples, problems)
+        model_rows, model_records = _evaluate_model(lm, cfg, docs, examples, problems, data_cfg)
         rows += model_rows
         records += model_records
         results = {"complete": i == len(models) - 1, "pending": progress.models[i + 1 :],
@@ -1016,8 +1021,9 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
 
 
 def _evaluate_model(lm: LoadedModel, cfg: EvalConfig, docs: Sequence, examples: dict,
-                    problems: Sequence[dict]) -> tuple[list[dict], list[dict]]:
-    """One model's table rows (one per docstring prompt variant) and prediction records."""
+                    problems: Sequence[dict], data_cfg=None) -> tuple[list[dict], list[dict]]:
+    """One model's table rows (one per docstring prompt variant) and prediction records;
+    ``data_cfg`` (the corpus's dataset.DataConfig) cuts reference-loss examples as training did."""
     rows, records = [], []
     shared: dict = {}
     for task in cfg.tasks:
@@ -1030,14 +1036,15 @@ def _evaluate_model(lm: LoadedModel, cfg: EvalConfig, docs: Sequence, examples: 
         elif task == "docstring":
             continue
         else:
-            metrics, recs = run_generation_task(lm, task, examples[(task, None)], cfg)
+            metrics, recs = run_generation_task(lm, task, examples[(task, None)], cfg,
+                                                data_cfg=data_cfg)
             records += recs
         shared.update({f"{task}/{k}": v for k, v in metrics.items()})
     for variant in cfg.docstring_prompts if "docstring" in cfg.tasks else [None]:
         row = {"model": lm.label, "source": lm.source, "prompt": variant, "metrics": dict(shared)}
         if variant is not None:
             metrics, recs = run_generation_task(
-                lm, "docstring", examples[("docstring", variant)], cfg, variant)
+                lm, "docstring", examples[("docstring", variant)], cfg, variant, data_cfg)
             records += recs
             row["metrics"].update({f"docstring/{k}": v for k, v in metrics.items()})
         rows.append(row)

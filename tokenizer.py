@@ -168,6 +168,14 @@ def _read_json(path: Path) -> dict:
 PYTHON_PARSE_ERRORS = (SyntaxError, ValueError, tokenize.TokenError, RecursionError, MemoryError)
 
 
+def source_lines(text: str, keepends: bool = False) -> list[str]:
+    """Lines as Python's parser numbers them: only ``\\n``, ``\\r\\n`` and ``\\r`` end one.
+    ``str.splitlines`` also breaks at ``\\f``, ``\\v``, ``\\x1c``-``\\x1e``, U+0085, U+2028 and
+    U+2029, which would shift every ``ast`` line number after such a character."""
+    lines = io.StringIO(text, newline="").readlines()
+    return lines if keepends else [line.rstrip("\r\n") for line in lines]
+
+
 def docstring_statement(node: ast.AST) -> ast.Expr | None:
     """The docstring statement of a module, class or function node (its first statement, a
     string constant), or None."""
@@ -201,16 +209,17 @@ def strip_comments_and_docstrings(
     A docstring that is the only statement of a function or class becomes ``pass``. Lines left
     blank by a removal disappear; other blank lines stay. Text that is not valid Python is
     returned unchanged (stripping is a best effort on code, never a reason to fail), or with
-    ``strict`` raises one of ``PYTHON_PARSE_ERRORS`` (the dataset cleaner drops such files).
+    ``strict`` raises one of ``PYTHON_PARSE_ERRORS`` (the dataset cleaner drops such files), as it
+    does when the stripped text does not parse.
     """
+    lines = source_lines(source, keepends=True)
     try:
         tree = ast.parse(source)
-        tokens = list(tokenize.generate_tokens(io.StringIO(source).readline)) if comments else []
+        tokens = list(tokenize.generate_tokens(iter(lines).__next__)) if comments else []
     except PYTHON_PARSE_ERRORS:
         if strict:
             raise
         return source
-    lines = source.splitlines(keepends=True)
     line_bytes = [line.encode("utf-8", "surrogatepass") for line in lines]
 
     def char_col(line_no: int, byte_col: int) -> int:
@@ -243,11 +252,14 @@ def strip_comments_and_docstrings(
         # Rows after the edit shift up; only the edited row itself is remembered.
         edited_rows = {r - (end_row - row) if r > end_row else r for r in edited_rows}
         edited_rows.add(row)
-    return "".join(
+    stripped = "".join(
         line
         for row, line in enumerate(lines, start=1)
         if row not in edited_rows or line.strip() != ""
     )
+    if strict:  # what a dataset keeps must parse, whatever this function got wrong
+        ast.parse(stripped)
+    return stripped
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,6 +45,9 @@ def tok() -> CodeTokenizer:
     return CodeTokenizer.train(texts, min_freq=2)
 
 
+DOCUMENTED = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
 def email_texts() -> dict[str, str]:
     return {
         f"email/{p.relative_to(EMAIL).as_posix()}": p.read_text("utf-8")
@@ -127,6 +130,81 @@ def test_cleaning_counts_every_drop_by_reason(tmp_path):
     assert docs["src/licensed.py"] == "#!/usr/bin/env python\nimport os\nprint(os.sep)\n"
     assert good.startswith("# Copyright (C) 2001-2006 Python Software Foundation\n")
     assert docs["src/a.py"] == good.split("\n", 4)[4].lstrip("\n")
+
+
+# Characters that str.splitlines() ends a line at and Python does not: a page break (^L) line,
+# and the others inside strings and comments, where Python allows them.
+ODD_BREAKS = (
+    "import os\n"
+    "\x0c\n"
+    "SEPARATORS = '\x0b\x1c\x1d\x1e\x85\u2028\u2029'  # \u2028 in a comment\x85 too\n"
+    "\n"
+    "def add(a, b):\n"
+    '    """Add two numbers.\x0c\n'
+    "\n"
+    '    Page break above."""\n'
+    "    total = a + b  # \x0c\n"
+    "    return total\n"
+    "\x0c\n"
+    "class Box:\n"
+    '    """A box holding one value."""\n'
+    "\n"
+    "    def get(self):\n"
+    '        """Return the value."""\n'
+    "        return '\u2029'\n"
+)
+
+
+def without_docstrings(tree: ast.AST) -> str:
+    """ast.dump of a tree with every docstring removed (``pass`` where it was alone)."""
+    for node in ast.walk(tree):
+        if isinstance(node, (*DOCUMENTED, ast.Module)) and dataset.docstring_statement(node):
+            node.body = node.body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
+def test_cleaning_keeps_python_lines_at_odd_line_breaks(tmp_path):
+    """Stripping comments and docstrings from a file with a page break or U+2028 gives the
+    original's AST without docstrings, not text shifted by the extra "lines" (which did not
+    parse, and was kept)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "odd.py").write_text(ODD_BREAKS, encoding="utf-8")
+    (src / "ok.py").write_text("x = 1\ny = 2\n")
+    corpus = dataset.load_corpus(cfg(tmp_path, sources=[str(src)], strip_comments=True,
+                                     strip_docstrings=True, train_frac=1.0, val_frac=0.0,
+                                     test_frac=0.0))
+    assert corpus.stats["dropped"] == {}
+    stripped = {d.id: d.text for d in corpus.train}["src/odd.py"]
+    assert without_docstrings(ast.parse(stripped)) == without_docstrings(ast.parse(ODD_BREAKS))
+
+
+def test_long_literal_counts_real_literals_not_quotes_in_comments(tmp_path):
+    """A long comment with apostrophes is no long literal (reference: tokenize for Python); real
+    long literals still drop their file, in Python, in Python tokenize rejects, and in Kotlin."""
+    src = tmp_path / "src"
+    src.mkdir()
+    comment = "Don't change this: " + "the parser relies on the order of fields " * 12 + "it's ok"
+    long_string = "'" + "x" * 450 + "'"
+    files = {
+        "comment.py": f"x = 'a'\n# {comment}\ny = 2\n",
+        "comment.kt": f"val x = 'a'\n// {comment}\nval y = \"http://a.b\"  # {comment}\n",
+        "unclosed.py": f"x = 'a'  # {comment}\ny = '''never closed\n",  # tokenize fails
+        "string.py": f"x = 1  # it's\ny = {long_string}  # it's\n",
+        "string.kt": f"val x = 1\nval y = {long_string.replace(chr(39), chr(34))} // it's\n",
+        "unclosed_string.py": f"x = 1\ny = {long_string}\nz = '''never closed\n",
+    }
+    for name, text in files.items():
+        (src / name).write_text(text)
+    corpus = dataset.load_corpus(cfg(tmp_path, sources=[str(src)], extensions=[".py", ".kt"],
+                                     train_frac=1.0, val_frac=0.0, test_frac=0.0))
+    assert sorted(d.id for d in corpus.train) == [
+        "src/comment.kt", "src/comment.py", "src/unclosed.py"]
+    assert corpus.stats["dropped"] == {"long_literal": 3}
+    for name in ("comment.py", "string.py"):
+        tokens = tokenize.generate_tokens(io.StringIO(files[name]).readline)
+        longest = max(len(t.string) for t in tokens if t.type in (tokenize.STRING, tokenize.NUMBER))
+        assert dataset.longest_literal(files[name], python=True) == longest
 
 
 def test_license_header_forms():
@@ -305,6 +383,21 @@ def test_predefined_val_and_test_files_are_those_splits_and_stay_out_of_training
                                 val_sources=[str(empty)]))
 
 
+def test_a_copy_of_a_val_document_leaves_sources_even_without_dedupe(tmp_path):
+    """dedupe=False keeps duplicates inside `sources`, never a copy of a val/test document."""
+    pairs = [{"input": f"def f{i}(x):\n    return x+{i}\n",
+              "output": f"def f{i}(x):\n    return x + {i}\n"} for i in range(6)]
+    train = write_jsonl(tmp_path / "train.jsonl", pairs + pairs[:1])  # pairs[0] twice
+    val = write_jsonl(tmp_path / "validation.jsonl", pairs[2:4])
+    corpus = dataset.load_corpus(cfg(tmp_path, task="refactor", sources=[str(train)],
+                                     val_sources=[str(val)], dedupe=False, train_frac=1.0,
+                                     val_frac=0.0, test_frac=0.0))
+    assert sorted(d.target for d in corpus.val) == [p["output"] for p in pairs[2:4]]
+    assert sorted(d.target for d in corpus.train) == sorted(
+        p["output"] for p in pairs[:2] + pairs[4:] + pairs[:1])
+    assert corpus.stats["dropped"] == {"duplicate": 2}
+
+
 def test_split_is_the_same_in_another_process_and_hash_seed():
     keys = [f"repo{i}/file.py" for i in range(50)]
     here = dataset.assign_splits(keys)
@@ -458,6 +551,142 @@ def test_docstring_task_follows_seed_004(tmp_path, tok):
             assert code.startswith(("class ", "@")) and len(tok.encode(code)) <= 100 + 1
 
 
+# Strings inside a nested def: one left of the def's indentation, one indented with the code.
+NESTED_STRINGS = (
+    "class Report:\n"
+    "    def render(self):\n"
+    '        """Render the report.\n'
+    "\n"
+    '        Two lines."""\n'
+    "        text = '''\\\n"
+    "Title\n"
+    "  - item one\n"
+    "'''\n"
+    "        sql = '''\n"
+    "            SELECT 1\n"
+    "        '''\n"
+    "        return text + sql\n"
+)
+
+
+def cleaned_dump(node: ast.AST) -> str:
+    """ast.dump with every docstring as ast.get_docstring reads it (cleaned; trailing whitespace,
+    which cleaning keeps where no line after the first has text, dropped)."""
+    for n in ast.walk(node):
+        if isinstance(n, DOCUMENTED) and (ds := dataset.docstring_statement(n)):
+            ds.value.value = ast.get_docstring(n).rstrip()
+    return ast.dump(node)
+
+
+def test_method_and_docstring_examples_are_the_source_defs():
+    """The method task's prompt + target, and the docstring task's code, are the source's def
+    (reference: its AST, docstrings read cleaned), also with strings left of the def's indentation
+    and with page breaks or U+2028 in the file; the docstring target is ast.get_docstring's; a
+    line completion is the prefix up to a newline and the line after it."""
+    texts = {"nested.py": NESTED_STRINGS, "odd.py": ODD_BREAKS, **email_texts()}
+    n_methods = n_docstrings = 0
+    for name, text in texts.items():
+        docstrings = {ast.get_docstring(n) for n in ast.walk(ast.parse(text))
+                      if isinstance(n, DOCUMENTED)}
+        whole, without = {}, {}  # def name -> dumps of the defs, whole / docstring removed
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, DOCUMENTED):
+                whole.setdefault(node.name, set()).add(cleaned_dump(node))
+                if dataset.docstring_statement(node):
+                    body, node.body = node.body, node.body[1:] or [ast.Pass()]
+                    without.setdefault(node.name, set()).add(cleaned_dump(node))
+                    node.body = body
+        doc = dataset.Doc(name, text)
+        for e in dataset.method_examples(doc):
+            fn = ast.parse(e.head + e.completion).body[0]
+            assert cleaned_dump(fn) in whole[fn.name], (name, fn.name)
+            n_methods += 1
+        for e in dataset.docstring_examples(doc, "both", "simple", 400):
+            node = ast.parse(e.body).body[0]
+            assert cleaned_dump(node) in without[node.name], (name, node.name)
+            assert e.completion in docstrings
+            n_docstrings += 1
+    assert n_methods > 100 and n_docstrings > 100
+    [render] = dataset.method_examples(dataset.Doc("nested.py", NESTED_STRINGS))
+    namespace: dict = {}
+    exec(render.head + render.completion, namespace)
+    assert namespace["render"](None) == "Title\n  - item one\n\n            SELECT 1\n        "
+    lines = dataset.line_completion_examples(dataset.Doc("odd.py", ODD_BREAKS), 100, seed=0)
+    assert len(lines) == sum(1 for line in ODD_BREAKS.split("\n")[1:] if line.strip())
+    for e in lines:
+        assert e.head.endswith("\n") and ODD_BREAKS.startswith(e.head + e.completion + "\n")
+
+
+def test_a_prompt_too_long_loses_code_not_its_instruction(tmp_path, tok):
+    """Docstring and refactor prompts over block_size or max_prompt_tokens keep their template
+    and lose the end of the code inside it (seed 004 cut the code to make room)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    methods = "".join(f"    def method_{i}(self, value):\n        return value * {i}\n\n"
+                      for i in range(30))
+    for i in range(3):
+        (src / f"w{i}.py").write_text(
+            f"class Widget{i}:\n    \"\"\"Widget {i} transforms values by many numbered "
+            "methods, here to show how a long prompt is cut.\"\"\"\n\n" + methods)
+    whole = dict(train_frac=1.0, val_frac=0.0, test_frac=0.0)
+    for style, limits in (("simple", {}), ("verbose", {}), ("simple", {"max_prompt_tokens": 48})):
+        data = prepare(cfg(tmp_path, sources=[str(src)], task="docstring", block_size=160,
+                           docstring_prompt=style, docstring_min_tokens=5, **whole, **limits), tok)
+        expected = {}
+        for p in sorted(src.iterdir()):
+            for e in dataset.docstring_examples(dataset.Doc(p.name, p.read_text()), "class",
+                                                style, 400):
+                parts = [tok.encode(part) for part in (e.head, e.body, e.tail)]
+                expected[tuple(tok.encode(e.completion) + [tok.eos_id])] = parts
+        assert len(data.train) == len(expected) == 3
+        for i in range(len(data.train)):
+            prompt, completion = prompt_and_completion(data.train[i])
+            head, body, tail = expected[tuple(completion)]
+            n_code = len(prompt) - len(head) - len(tail)
+            assert 0 < n_code < len(body) and prompt == head + body[:n_code] + tail
+            assert len(prompt) == min(161 - len(completion), limits.get("max_prompt_tokens", 161))
+    # A refactor prompt is tokenized whole, as eval.py tokenizes it (reference: tok.encode).
+    long_input, short_input = methods.replace("    ", "  "), "x  =  1\n"
+    records = [{"input": long_input, "output": methods + f"# {i}\n"} for i in range(3)]
+    records.append({"input": short_input, "output": "x = 1\n"})
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", records)
+    data = prepare(cfg(tmp_path, sources=[str(pairs)], task="refactor", block_size=96,
+                       max_completion_tokens=40, **whole), tok)
+    header = tok.encode(REFACTOR_TEMPLATE.split("{input}")[0])
+    whole_prompt = {text: tok.encode(REFACTOR_TEMPLATE.format(input=text))
+                    for text in (long_input, short_input)}
+    assert len(data.train) == 4
+    for i in range(4):
+        prompt, completion = prompt_and_completion(data.train[i])
+        if len(completion) == 40:  # a long pair: code lost from the end, then the tail "\n"
+            reference = whole_prompt[long_input]
+            assert prompt[: len(header)] == header and len(prompt) + 40 == 97
+            assert prompt == reference[: len(prompt) - 1] + reference[-1:]
+        else:
+            assert prompt == whole_prompt[short_input]
+
+
+def test_val_and_test_hold_no_example_identical_to_a_train_example(tmp_path, tok):
+    """Different files can hold the same function: its example stays in train only."""
+    src = tmp_path / "src"
+    src.mkdir()
+    shared = 'def shared(x):\n    """Add one."""\n    return x + 1\n'
+    for i in range(12):
+        (src / f"m{i}.py").write_text(
+            f'{shared}\n\ndef own_{i}(x):\n    """Add {i}."""\n    return x + {i}\n')
+    data = prepare(cfg(tmp_path, sources=[str(src)], task="method", split_by="file"), tok)
+
+    def examples(split):
+        ds = getattr(data, split)
+        return [tuple(map(tuple, prompt_and_completion(ds[i]))) for i in range(len(ds))]
+
+    train = set(examples("train"))
+    assert len(train) == 10 + 1
+    for split in ("val", "test"):
+        assert len(examples(split)) == 1 and not set(examples(split)) & train
+        assert data.stats["task"]["events"][split] == {"skipped_same_as_train": 1}
+
+
 def test_refactor_pairs_use_the_seed_000_template(tmp_path, tok):
     before = (EMAIL / "encoders.py").read_text("utf-8")
     records = [
@@ -572,6 +801,8 @@ def test_config_values_of_the_wrong_type_or_range_name_the_key(tmp_path):
         ("max_docs", True, "must be an integer"),
         ("min_lines", -1, "must be >= 0"),
         ("block_size", 1, "must be >= 2"),
+        ("max_completion_tokens", 0, "must be >= 1"),  # no example would have a target
+        ("window_prompt_tokens", 0, "must be >= 1"),  # no window would have a prompt
     ):
         with pytest.raises(DataError) as info:
             dataset.load_corpus(cfg(tmp_path, **{key: value}))

@@ -588,7 +588,7 @@ def test_refactor_and_method_tasks_score_generations(tiny_models, tmp_path, monk
     docs = load_corpus(DataConfig(sources=[str(pairs)], progress=False)).test
     examples = ev.build_examples("refactor", docs, cfg)
     assert examples and examples[0].head.startswith("### Refactor the following Python code")
-    references.update({e.head: e.reference for e in examples})
+    references.update({e.prompt(None): e.reference for e in examples})
     lm = ev.load_model(str(tiny_models["base"]), __import__("torch").device("cpu"))
     metrics, records = ev.run_generation_task(lm, "refactor", examples, cfg)
     assert metrics == {"BLEU": pytest.approx(100.0), "edit_sim": 100.0}

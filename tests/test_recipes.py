@@ -280,7 +280,8 @@ def test_refactor_loss_equals_transformers_teacher_forced_loss(tiny_starcoder):
     prompts = ["### Refactor the following Python code to improve quality:\n\nx = 1\n",
                "def f(a):\n    return a\n"]
     refs = ["x = 1", "def f(a): return a"]
-    got = ev.score_supervised(lm, prompts, refs, ev.EvalConfig(batch_size=2, progress=False))
+    examples = [ev.TaskExample(str(i), r, p) for i, (p, r) in enumerate(zip(prompts, refs))]
+    got = ev.score_supervised(lm, examples, ev.EvalConfig(batch_size=2, progress=False))
     hf = transformers.AutoModelForCausalLM.from_pretrained(base).eval()
     total = count = 0.0
     with torch.no_grad():

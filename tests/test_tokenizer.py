@@ -598,6 +598,51 @@ def test_strip_options_strict_mode_and_pathological_nesting():
             strip_comments_and_docstrings(bad, strict=True)
 
 
+def test_strip_at_line_breaks_python_does_not_count():
+    """Form feeds, \\v, \\x1c-\\x1e, U+0085, U+2028 and U+2029 end no Python line (str.splitlines
+    ends one at each): the stripped text is the original's AST without docstrings (reference:
+    ast), keeps its CRLF or CR line ends, and has no comment left (reference: tokenize)."""
+    source = (
+        "import os  # \x0c\n"
+        "\x0c\n"
+        "SEP = '\x0b\x1c\x1d\x1e\x85\u2028\u2029'  # \u2028\x85 in a comment\n"
+        "def add(a, b):\n"
+        '    """Add.\x0c\n'
+        '    Two numbers."""\n'
+        "    return a + b  # sum\n"
+        "\x0c\n"
+        "class Box:\n"
+        '    """A box\u2028."""\n'
+        "    def get(self):\n"
+        "        '''Return.'''\n"
+    )
+    reference = ast.parse(source)
+    documented = ast.Module | ast.ClassDef | ast.FunctionDef
+    for node in ast.walk(reference):
+        if isinstance(node, documented) and dataset.docstring_statement(node):
+            node.body = node.body[1:] or [ast.Pass()]
+    stripped = strip_comments_and_docstrings(source, strict=True)
+    assert ast.dump(ast.parse(stripped)) == ast.dump(reference)
+    tokens = tokenize.generate_tokens(io.StringIO(stripped).readline)
+    assert not any(t.type == tokenize.COMMENT for t in tokens)
+    for end in ("\r\n", "\r"):
+        assert strip_comments_and_docstrings(source.replace("\n", end), strict=True) == (
+            stripped.replace("\n", end))
+
+
+def test_strict_stripping_refuses_output_that_does_not_parse(monkeypatch):
+    """A strict caller (dataset cleaning) never gets text that does not parse, whatever goes
+    wrong inside: here a lone docstring is wrongly removed without its ``pass``."""
+    import tokenizer
+
+    source = 'def f():\n    """Only a docstring."""\n'
+    monkeypatch.setattr(tokenizer, "_docstring_nodes",
+                        lambda tree: [(tree.body[0].body[0], False)])
+    assert strip_comments_and_docstrings(source) == "def f():\n"  # best effort: as it came out
+    with pytest.raises(PYTHON_PARSE_ERRORS):
+        strip_comments_and_docstrings(source, strict=True)
+
+
 def test_code_tokenizer_strip_option_round_trips_stripped_text(strip_tok, stdlib_texts, tmp_path):
     tok = load_tokenizer(strip_tok.save(tmp_path / "t.json"))
     assert tok.strip_comments
