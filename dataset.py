@@ -967,11 +967,17 @@ def _truncate_pair(
     room = len(prompt_ids) if max_prompt_tokens is None else min(len(prompt_ids), max_prompt_tokens)
     budget = max_length + 1
     completion = completion[: budget - 1] if room else completion[:budget]
-    room = min(room, budget - len(completion))
+    return fit_prompt(prompt_ids, min(room, budget - len(completion)), code), completion
+
+
+def fit_prompt(prompt_ids: Sequence[int], room: int, code: tuple[int, int] = (0, 0)) -> list[int]:
+    """The prompt cut to ``room`` tokens: the end of its ``code`` span (start, end) goes first, so
+    that an instruction around the code survives, then its left end. Training and eval.py's
+    generation prompts are cut by this one rule."""
     prompt = list(prompt_ids)
     start, end = code
     del prompt[max(start, end - (len(prompt) - room)) : end]
-    return prompt[len(prompt) - room :], completion
+    return prompt[len(prompt) - room :]
 
 
 def collate(

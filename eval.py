@@ -620,6 +620,17 @@ def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: EvalConfig) -> dict:
 
 
 @torch.no_grad()
+def _training_ids(lm: LoadedModel, examples: Sequence[TaskExample], cfg: EvalConfig,
+                  data_cfg=None) -> list[tuple[list[int], list[int], tuple[int, int]]]:
+    """(prompt ids, completion ids, code span) of each example, tokenized as dataset.py tokenizes
+    the training example (an instruction's code apart, so that cuts take code first)."""
+    import dataset as ds
+
+    data_cfg = replace(data_cfg or ds.DataConfig(), block_size=_context(lm, cfg), progress=False)
+    pairs = [ds.Example(e.head, e.reference, e.body, e.tail, e.body_tokens) for e in examples]
+    return ds.tokenize_examples(pairs, lm.tokenizer, data_cfg, "tokenize")
+
+
 def score_supervised(lm: LoadedModel, examples: Sequence[TaskExample], cfg: EvalConfig,
                      data_cfg=None) -> float:
     """Mean loss (``trainingmanager.lm_loss``) of each reference completion, EOS included, given
@@ -631,12 +642,11 @@ def score_supervised(lm: LoadedModel, examples: Sequence[TaskExample], cfg: Eval
 
     tok, model = lm.tokenizer, lm.model
     context = _context(lm, cfg)
-    data_cfg = replace(data_cfg or ds.DataConfig(), block_size=context, progress=False)
+    data_cfg = data_cfg or ds.DataConfig()
     eos = [tok.eos_id] if tok.eos_id is not None else []
-    pairs = [ds.Example(e.head, e.reference, e.body, e.tail, e.body_tokens) for e in examples]
     examples = [ds.supervised_example(p, c + eos, context, data_cfg.max_completion_tokens,
                                       data_cfg.max_prompt_tokens, span)
-                for p, c, span in ds.tokenize_examples(pairs, tok, data_cfg, "tokenize")]
+                for p, c, span in _training_ids(lm, examples, cfg, data_cfg)]
     device = next(model.parameters()).device
     total = count = 0.0
     for i in range(0, len(examples), cfg.batch_size):
@@ -653,15 +663,23 @@ def score_supervised(lm: LoadedModel, examples: Sequence[TaskExample], cfg: Eval
 
 @torch.no_grad()
 def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig,
-                   stops: Sequence[str] = (), desc: str = "generate") -> list[str]:
+                   stops: Sequence[str] = (), desc: str = "generate",
+                   prompt_ids: Sequence[tuple[list[int], tuple[int, int]]] | None = None
+                   ) -> list[str]:
     """Continue each prompt (greedy, or sampled with temperature/top-p/top-k), in left-padded
-    batches; each continuation ends at EOS or the first stop string (which is cut off)."""
+    batches; each continuation ends at EOS or the first stop string (which is cut off).
+    ``prompt_ids``: each prompt's ids and code span as training tokenized them
+    (dataset.tokenize_examples), so that a long prompt is cut as training cut it, code first."""
+    from dataset import fit_prompt
+
     tok, model = lm.tokenizer, lm.model
     context = _context(lm, cfg)
     new_tokens = min(cfg.max_new_tokens, context // 2)
-    keep = context - new_tokens
     start = _prompt_start(lm)
-    encoded = [(start + tok.encode(p))[-keep:] for p in prompts]
+    room = context - new_tokens - len(start)
+    if prompt_ids is None:
+        prompt_ids = [(tok.encode(p), (0, 0)) for p in prompts]
+    encoded = [start + fit_prompt(ids, room, span) for ids, span in prompt_ids]
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
@@ -844,7 +862,8 @@ def run_generation_task(lm: LoadedModel, task: str, examples: Sequence[TaskExamp
                         data_cfg=None) -> tuple[dict, list[dict]]:
     stops, clean_pred, clean_ref = _GENERATION[task]
     prompts = [e.prompt(lm.tokenizer) for e in examples]
-    raw = generate_texts(lm, prompts, cfg, stops, desc=task)
+    ids = [(prompt, span) for prompt, _, span in _training_ids(lm, examples, cfg, data_cfg)]
+    raw = generate_texts(lm, prompts, cfg, stops, desc=task, prompt_ids=ids)
     preds = [clean_pred(t) for t in raw]
     refs = [clean_ref(e.reference) for e in examples]
     records = [{"model": lm.label, "task": task, "variant": variant, "id": e.id,

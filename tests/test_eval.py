@@ -534,7 +534,7 @@ def test_passk_task_executes_samples(tiny_models, tmp_path, monkeypatch):
     answers = {p["prompt"]: p["canonical_solution"] if i % 2 == 0 else "    return None\n"
                for i, p in enumerate(problems)}
     monkeypatch.setattr(ev, "generate_texts",
-                        lambda lm, prompts, cfg, stops=(), desc="": [answers[p] for p in prompts])
+                        lambda lm, prompts, cfg, stops=(), desc="", **kw: [answers[p] for p in prompts])
     lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
     cfg = ev.EvalConfig(tasks=["passk"], problems=str(file), progress=False)
     metrics, records = ev.run_passk(lm, problems, cfg)
@@ -546,7 +546,7 @@ def test_docstring_prompt_variants_make_rows(tiny_models, tmp_path, monkeypatch,
     monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
     seen = []
 
-    def fake_generate(lm, prompts, cfg, stops=(), desc=""):
+    def fake_generate(lm, prompts, cfg, stops=(), desc="", prompt_ids=None):
         seen.extend(prompts)
         return ["A bank account that keeps a running balance."] * len(prompts)
 
@@ -574,7 +574,7 @@ def test_refactor_and_method_tasks_score_generations(tiny_models, tmp_path, monk
                              for i in range(30)))
     references = {}
 
-    def fake_generate(lm, prompts, cfg, stops=(), desc=""):
+    def fake_generate(lm, prompts, cfg, stops=(), desc="", prompt_ids=None):
         return [references.get(p, "junk") for p in prompts]
 
     def no_minilm(preds, refs):
@@ -727,7 +727,7 @@ def test_eval_splits_a_run_with_predefined_files_as_its_training_did(tmp_path):
 # ---- a stopped evaluation keeps what finished ---------------------------------------------
 
 def _fail_in_model_b(error: BaseException):
-    def generate(lm, prompts, cfg, stops=(), desc=""):
+    def generate(lm, prompts, cfg, stops=(), desc="", prompt_ids=None):
         if lm.label == "b":
             raise error
         return ["x = 1"] * len(prompts)
@@ -876,3 +876,27 @@ def test_sigterm_during_passk_kills_the_sandboxed_samples(tiny_models, tmp_path)
             with contextlib.suppress(OSError):
                 os.killpg(pid, signal.SIGKILL)
             shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_a_long_generation_prompt_loses_code_not_its_instruction(tiny_models):
+    """Cut as training cuts it (dataset.fit_prompt): it lost its left end, the instruction."""
+    import torch
+
+    import dataset
+
+    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    head, tail = dataset.REFACTOR_TEMPLATE.split("{input}")
+    code = "".join(f"x = {i}\n" for i in range(300))
+    seen = []
+
+    def generate(idx, *args, **kwargs):
+        seen.append(idx[0].tolist())
+        return idx
+
+    lm.model.generate = generate
+    cfg = ev.EvalConfig(block_size=128, max_new_tokens=8, progress=False)
+    ev.run_generation_task(lm, "refactor", [ev.TaskExample("r", "x = 1", head, code, tail)], cfg)
+    prompt = lm.tokenizer.decode(seen[0])
+    assert len(seen[0]) == 128 - 8
+    assert prompt.startswith(head) and prompt.endswith(tail), prompt
+    assert "x = 0\n" in prompt and "x = 299" not in prompt
