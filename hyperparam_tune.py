@@ -21,7 +21,8 @@ Outputs in ``runs/<study>/``: ``best.json`` (a ready ``trainingmanager.py --conf
 best trial's config), ``trials.csv`` (every trial, its state, value, steps, parameters and the
 reason a trial failed or was pruned), ``importances.json`` (fANOVA parameter importances) and
 ``trials/trial-NNNN/``, each trial's run directory (``study.json`` names the storage whose study
-owns them).
+owns them). The command exits 0 once the study holds ``--n-trials`` finished trials and one of
+them completed (so there is a ``best.json``), else 1.
 """
 
 from __future__ import annotations
@@ -894,7 +895,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("interrupted: run the same command again to continue the study",
                   file=sys.stderr)
         return cliconfig.interrupted_exit_code(e)
-    return 0 if result.finished >= cfg.n_trials else 1
+    # Non-zero without a best config, so `tune && train --config best.json` stops there.
+    return 0 if result.finished >= cfg.n_trials and result.best_config is not None else 1
 
 
 if __name__ == "__main__":

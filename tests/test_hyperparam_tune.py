@@ -305,14 +305,17 @@ def test_nan_trial_is_failed_with_reason_and_the_study_goes_on(tmp_path, corpus)
     assert best["inject_nan_at_step"] is None and best["lr"] == ok.params["lr"]
 
 
-def test_out_of_memory_trial_is_failed_with_reason(tmp_path, corpus, monkeypatch):
+def test_out_of_memory_trial_is_failed_with_reason(tmp_path, corpus, monkeypatch, capsys):
     """An OOM cannot be provoked on a CPU test machine; the trainer raising it is simulated."""
     def out_of_memory(cfg, on_eval=None, resume_hint=None):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1TB")
 
     monkeypatch.setattr(trainingmanager, "train", out_of_memory)
     space = tiny_space(tmp_path, corpus)
-    assert hyperparam_tune.main(tune_args(tmp_path, space, study_name="oom", n_trials=2)) == 0
+    # Every trial failed: no best.json, so not exit 0 (`tune && train --config best.json`).
+    assert hyperparam_tune.main(tune_args(tmp_path, space, study_name="oom", n_trials=2)) == 1
+    assert "no trial completed" in capsys.readouterr().out
+    assert not (tmp_path / "runs" / "oom" / "best.json").exists()
     trials = load_study(journal(tmp_path, "oom"), "oom").get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]
     assert all(t.user_attrs[hyperparam_tune.ATTR_REASON].startswith("out of memory")
@@ -573,8 +576,8 @@ sys.exit(hyperparam_tune.main(sys.argv[1:]))
 
 
 @pytest.mark.parametrize("error, code, line", [
-    ("trainingmanager.NonFiniteLossError('non-finite gradient at step 2')", 0,
-     "Trial 0 failed with parameters"),
+    ("trainingmanager.NonFiniteLossError('non-finite gradient at step 2')", 1,
+     "Trial 0 failed with parameters"),  # exit 1: the sweep's only trial failed, no best.json
     ("KeyboardInterrupt()", 130, "interrupted: run the same command again"),
     ("KeyboardInterrupt('SIGTERM')", 143, "interrupted: run the same command again"),
 ])
