@@ -975,6 +975,7 @@ def fit_prompt(prompt_ids: Sequence[int], room: int, code: tuple[int, int] = (0,
     that an instruction around the code survives, then its left end. Training and eval.py's
     generation prompts are cut by this one rule."""
     prompt = list(prompt_ids)
+    room = min(room, len(prompt))
     start, end = code
     del prompt[max(start, end - (len(prompt) - room)) : end]
     return prompt[len(prompt) - room :]

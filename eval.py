@@ -643,7 +643,7 @@ def score_supervised(lm: LoadedModel, examples: Sequence[TaskExample], cfg: Eval
     tok, model = lm.tokenizer, lm.model
     context = _context(lm, cfg)
     data_cfg = data_cfg or ds.DataConfig()
-    eos = [tok.eos_id] if tok.eos_id is not None else []
+    eos = [tok.eos_id] if tok.eos_id is not None and data_cfg.add_eos else []
     examples = [ds.supervised_example(p, c + eos, context, data_cfg.max_completion_tokens,
                                       data_cfg.max_prompt_tokens, span)
                 for p, c, span in _training_ids(lm, examples, cfg, data_cfg)]
@@ -664,12 +664,13 @@ def score_supervised(lm: LoadedModel, examples: Sequence[TaskExample], cfg: Eval
 @torch.no_grad()
 def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig,
                    stops: Sequence[str] = (), desc: str = "generate",
-                   prompt_ids: Sequence[tuple[list[int], tuple[int, int]]] | None = None
-                   ) -> list[str]:
+                   prompt_ids: Sequence[tuple[list[int], tuple[int, int]]] | None = None,
+                   max_prompt_tokens: int | None = None) -> list[str]:
     """Continue each prompt (greedy, or sampled with temperature/top-p/top-k), in left-padded
     batches; each continuation ends at EOS or the first stop string (which is cut off).
     ``prompt_ids``: each prompt's ids and code span as training tokenized them
-    (dataset.tokenize_examples), so that a long prompt is cut as training cut it, code first."""
+    (dataset.tokenize_examples), so that a long prompt is cut as training cut it, code first;
+    ``max_prompt_tokens``: the run's own prompt limit (its data options), if it had one."""
     from dataset import fit_prompt
 
     tok, model = lm.tokenizer, lm.model
@@ -677,6 +678,8 @@ def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig,
     new_tokens = min(cfg.max_new_tokens, context // 2)
     start = _prompt_start(lm)
     room = context - new_tokens - len(start)
+    if max_prompt_tokens is not None:
+        room = min(room, max_prompt_tokens)
     if prompt_ids is None:
         prompt_ids = [(tok.encode(p), (0, 0)) for p in prompts]
     encoded = [start + fit_prompt(ids, room, span) for ids, span in prompt_ids]
@@ -863,7 +866,8 @@ def run_generation_task(lm: LoadedModel, task: str, examples: Sequence[TaskExamp
     stops, clean_pred, clean_ref = _GENERATION[task]
     prompts = [e.prompt(lm.tokenizer) for e in examples]
     ids = [(prompt, span) for prompt, _, span in _training_ids(lm, examples, cfg, data_cfg)]
-    raw = generate_texts(lm, prompts, cfg, stops, desc=task, prompt_ids=ids)
+    raw = generate_texts(lm, prompts, cfg, stops, desc=task, prompt_ids=ids,
+                         max_prompt_tokens=data_cfg.max_prompt_tokens if data_cfg else None)
     preds = [clean_pred(t) for t in raw]
     refs = [clean_ref(e.reference) for e in examples]
     records = [{"model": lm.label, "task": task, "variant": variant, "id": e.id,
@@ -1016,8 +1020,8 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
                 for t in text_tasks if t not in ("lm", "docstring")}
     if "docstring" in cfg.tasks:
         for variant in cfg.docstring_prompts:
-            examples[("docstring", variant)] = build_examples("docstring", docs, cfg, variant,
-                                                              tok=tok)
+            examples[("docstring", variant)] = build_examples(
+                "docstring", docs, cfg, variant, data_cfg.docstring_code_tokens, tok=tok)
     counts = {f"{t}/{v}" if v else t: len(e) for (t, v), e in examples.items()}
     if problems:
         counts["passk"] = len(problems)

@@ -984,7 +984,7 @@ class _StopSignals:
 
     def _handle(self, signum, frame) -> None:
         if self.reason is not None:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt(signal.Signals(signum).name)  # its exit code: 130 or 143
         self.reason = signal.Signals(signum).name
 
     def restore(self) -> None:

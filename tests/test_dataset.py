@@ -432,6 +432,17 @@ def test_supervised_example_masks_prompt_and_cuts_it_from_the_left():
     assert ex["labels"].tolist() == [-100] * 6 + [50, 51]
 
 
+def test_fit_prompt_cuts_only_what_does_not_fit():
+    prompt = list(range(10))
+    for room in (10, 11, 19, 100):  # room for all of it (between 1x and 2x kept only the tail)
+        assert dataset.fit_prompt(prompt, room) == prompt
+        assert dataset.fit_prompt(prompt, room, (2, 8)) == prompt
+    assert dataset.fit_prompt(prompt, 6) == prompt[4:]
+    assert dataset.fit_prompt(prompt, 6, (2, 8)) == [0, 1, 2, 3, 8, 9]  # the code's end first
+    assert dataset.fit_prompt(prompt, 3, (2, 8)) == [1, 8, 9]  # then the left end
+    assert dataset.fit_prompt(prompt, 0) == []
+
+
 def test_collate_pads_right_with_pad_id_and_ignored_labels():
     a = supervised_example([5, 6, 7], [8, 9], max_length=16)
     b = supervised_example([5], [8], max_length=16)

@@ -546,7 +546,7 @@ def test_docstring_prompt_variants_make_rows(tiny_models, tmp_path, monkeypatch,
     monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
     seen = []
 
-    def fake_generate(lm, prompts, cfg, stops=(), desc="", prompt_ids=None):
+    def fake_generate(lm, prompts, cfg, stops=(), desc="", **kwargs):
         seen.extend(prompts)
         return ["A bank account that keeps a running balance."] * len(prompts)
 
@@ -574,7 +574,7 @@ def test_refactor_and_method_tasks_score_generations(tiny_models, tmp_path, monk
                              for i in range(30)))
     references = {}
 
-    def fake_generate(lm, prompts, cfg, stops=(), desc="", prompt_ids=None):
+    def fake_generate(lm, prompts, cfg, stops=(), desc="", **kwargs):
         return [references.get(p, "junk") for p in prompts]
 
     def no_minilm(preds, refs):
@@ -727,7 +727,7 @@ def test_eval_splits_a_run_with_predefined_files_as_its_training_did(tmp_path):
 # ---- a stopped evaluation keeps what finished ---------------------------------------------
 
 def _fail_in_model_b(error: BaseException):
-    def generate(lm, prompts, cfg, stops=(), desc="", prompt_ids=None):
+    def generate(lm, prompts, cfg, stops=(), desc="", **kwargs):
         if lm.label == "b":
             raise error
         return ["x = 1"] * len(prompts)
@@ -900,3 +900,31 @@ def test_a_long_generation_prompt_loses_code_not_its_instruction(tiny_models):
     assert len(seen[0]) == 128 - 8
     assert prompt.startswith(head) and prompt.endswith(tail), prompt
     assert "x = 0\n" in prompt and "x = 299" not in prompt
+    # A prompt that fits is kept whole (one of 60-120 tokens kept only its tail: a regression).
+    short = ev.TaskExample("s", "x = 1", head, code[:40], tail)
+    ev.run_generation_task(lm, "refactor", [short], cfg)
+    assert 60 < len(seen[1]) < 120 and lm.tokenizer.decode(seen[1]) == short.prompt(None)
+    # The run's own prompt limit (its data options) holds in eval too.
+    ev.run_generation_task(lm, "refactor", [short], cfg,
+                           data_cfg=dataset.DataConfig(max_prompt_tokens=70))
+    assert len(seen[2]) == 70 and lm.tokenizer.decode(seen[2]).startswith(head)
+
+
+def test_reference_loss_scores_the_eos_only_when_training_did(tiny_models):
+    import torch
+    import torch.nn.functional as F
+
+    import dataset
+
+    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    tok = lm.tokenizer
+    example = ev.TaskExample("r", "return 1", "def f():\n    ")
+    cfg = ev.EvalConfig(progress=False)
+    for add_eos in (True, False):
+        got = ev.score_supervised(lm, [example], cfg, dataset.DataConfig(add_eos=add_eos))
+        prompt = tok.encode(example.head)
+        target = tok.encode(example.reference) + ([tok.eos_id] if add_eos else [])
+        with torch.no_grad():
+            logits = lm.model(torch.tensor([prompt + target[:-1]]))[0, len(prompt) - 1:]
+        assert got == pytest.approx(float(F.cross_entropy(logits, torch.tensor(target))),
+                                    abs=1e-5)

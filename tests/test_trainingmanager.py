@@ -919,3 +919,17 @@ def test_evaluation_has_its_own_progress_bar(capsys):
     assert "eval" in capsys.readouterr().err
     _trainer(dataclasses.replace(cfg, progress=False)).evaluate([batch], total=1)
     assert "eval" not in capsys.readouterr().err
+
+
+def test_a_second_stop_signal_interrupts_with_its_own_exit_code():
+    import signal
+
+    signals = tm._StopSignals()
+    try:
+        signals._handle(signal.SIGTERM, None)  # the first asks for a checkpoint
+        assert signals.reason == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt) as stop:
+            signals._handle(signal.SIGTERM, None)  # the second stops at once
+    finally:
+        signals.restore()
+    assert cliconfig.interrupted_exit_code(stop.value) == 143  # was 130: a bare interrupt
