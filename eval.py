@@ -23,14 +23,17 @@ its prompt (seed 000's validation loss). Examples come from dataset.py's builder
 the same for every model of ``--models``, which takes HF dirs, codelm run dirs, adapter dirs and
 ``BASE+ADAPTER``, each optionally ``LABEL=...``. Output: a markdown table (printed), results.json,
 predictions.jsonl, table.md, written after each model (results.json's ``complete`` is false until
-the last), so a stopped evaluation keeps the finished models' results. ``python eval.py`` alone
-evaluates the latest run under runs/.
+the last), so a stopped evaluation keeps the finished models' results, and the same command
+with the same ``--out-dir`` evaluates only the models not yet saved (the results of different
+settings, models or data are refused, never overwritten). ``python eval.py`` alone evaluates the
+latest run under runs/.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import random
@@ -967,7 +970,8 @@ class EvalProgress:
             return f"stopped at model {self.running}; no model's results were saved"
         return (f"stopped at model {self.running}; results of {len(self.saved)} of "
                 f"{len(self.models)} models ({', '.join(self.saved)}) saved in {self.out_dir} "
-                "(results.json marked incomplete)")
+                f"(results.json marked incomplete; the same command with --out-dir "
+                f"{self.out_dir} evaluates the rest)")
 
 
 def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None) -> dict:
@@ -1027,20 +1031,104 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
         counts["passk"] = len(problems)
 
     progress.models = [lm.label for lm in models]
-    rows, records = [], []
-    for i, lm in enumerate(models):
+    results = {"complete": False, "pending": progress.models, "config": asdict(cfg),
+               "models": [_identity(lm) for lm in models], "examples": counts,
+               "examples_digest": _examples_digest(docs, examples, problems),
+               "rows": [], "table": ""}
+    rows, records = _finished_models(progress.out_dir, results)
+    progress.saved = list(dict.fromkeys(row["model"] for row in rows))
+    if progress.saved:
+        print(f"resuming {progress.out_dir}: {len(progress.saved)} of {len(models)} models "
+              f"already evaluated ({', '.join(progress.saved)})", file=sys.stderr)
+    for lm in models:
+        if lm.label in progress.saved:
+            continue
         progress.running = lm.label
         model_rows, model_records = _evaluate_model(lm, cfg, docs, examples, problems, data_cfg)
         rows += model_rows
         records += model_records
-        results = {"complete": i == len(models) - 1, "pending": progress.models[i + 1 :],
-                   "config": asdict(cfg), "examples": counts, "rows": rows,
-                   "table": markdown_table(rows)}
+        pending = progress.models[progress.models.index(lm.label) + 1 :]
+        results.update(complete=not pending, pending=pending, rows=rows,
+                       table=markdown_table(rows))
         progress.table = results["table"]
         _save(progress.out_dir, results, records)
         progress.saved.append(lm.label)
         progress.running = None
+    results.update(complete=True, pending=[], rows=rows, table=markdown_table(rows))
     return results
+
+
+def _identity(lm: LoadedModel) -> dict:
+    """What makes a model's saved results its own: its label, where it was loaded from, and a
+    fingerprint of its weights (so a run retrained in place is not mistaken for the old one)."""
+    norms = [torch.linalg.vector_norm(p.detach(), o).item() for p in lm.model.parameters()
+             for o in (1, 2)]
+    return {"label": lm.label, "source": lm.source,
+            "weight_norms": [math.fsum(norms[0::2]), math.fsum(norms[1::2])]}
+
+
+def _examples_digest(docs: Sequence, examples: dict, problems: Sequence[dict]) -> str:
+    """A hash of everything scored, so results of an edited corpus are never resumed."""
+    digest = hashlib.blake2b(digest_size=16)
+    for doc in docs:
+        digest.update(json.dumps([doc.id, doc.text, doc.target]).encode())
+    for key, built in examples.items():
+        digest.update(json.dumps([key, [asdict(e) for e in built]]).encode())
+    digest.update(json.dumps(list(problems), sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+# Keys that say where results go or how fast they come, not what they are.
+_RESUME_IGNORES = ("models", "runs_dir", "out_dir", "progress", "workers")
+
+
+def _finished_models(out: Path, results: dict) -> tuple[list[dict], list[dict]]:
+    """Rows and prediction records of the models that an earlier evaluation of the same models
+    on the same examples with the same settings already saved in ``out`` (none if it holds no
+    results); the results of a different evaluation are refused, not overwritten."""
+    path = out / "results.json"
+    if not path.exists():
+        return [], []
+    old = cliconfig.read_json_object(path, "evaluation results")
+    config = old.get("config") if isinstance(old.get("config"), dict) else {}
+    changed = [f"{key} ({config.get(key)!r} there, {value!r} now)"
+               for key, value in results["config"].items()
+               if key not in _RESUME_IGNORES and config.get(key) != value]
+    if not changed and not _same_models(old.get("models"), results["models"]):
+        changed = ["the models (labels, paths or weights)"]
+    if not changed and old.get("examples_digest") != results["examples_digest"]:
+        changed = ["the examples (the data changed)"]
+    if changed:
+        raise ValueError(f"{path}: the results of a different evaluation (differs in "
+                         f"{'; '.join(changed)}); name another --out-dir, or remove {out} to "
+                         "start over")
+    rows = old.get("rows") or []
+    done = {row["model"] for row in rows}
+    records = []
+    preds = out / "predictions.jsonl"
+    with preds.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{preds}:{n}: not a JSON record ({err.msg}); remove {out} to "
+                                 "start over") from None
+            if record.get("model") in done:
+                records.append(record)
+    return rows, records
+
+
+def _same_models(old: object, new: list[dict]) -> bool:
+    """Same labels and sources in the same order, and weights whose norms agree to float
+    rounding (the sums' order may differ between runs)."""
+    if not isinstance(old, list) or len(old) != len(new):
+        return False
+    return all(isinstance(a, dict) and a.get("label") == b["label"]
+               and a.get("source") == b["source"]
+               and len(a.get("weight_norms") or []) == 2
+               and all(math.isclose(x, y, rel_tol=1e-5)
+                       for x, y in zip(a["weight_norms"], b["weight_norms"]))
+               for a, b in zip(old, new))
 
 
 def _evaluate_model(lm: LoadedModel, cfg: EvalConfig, docs: Sequence, examples: dict,

@@ -752,7 +752,8 @@ def test_a_model_that_fails_or_is_interrupted_keeps_the_finished_models(
                     *FAST_FLAGS]) == code
     captured = capsys.readouterr()
     assert captured.err == (f"{message}; stopped at model b; results of 1 of 3 models (a) saved "
-                            f"in {out} (results.json marked incomplete)\n")
+                            f"in {out} (results.json marked incomplete; the same command with "
+                            f"--out-dir {out} evaluates the rest)\n")
     results = json.loads((out / "results.json").read_text())
     assert results["complete"] is False and results["pending"] == ["b", "c"]
     assert [row["model"] for row in results["rows"]] == ["a"]
@@ -770,23 +771,114 @@ def test_a_full_disk_while_writing_results_names_the_file_and_keeps_the_old_ones
     import os
 
     monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(ev, "generate_texts", _fail_in_model_b(AssertionError("unused")))
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "results.json").write_text('{"an earlier run": "intact"}')
+    argv = ["--models", f"a={tiny_models['base']}", f"b={tiny_models['base']}", "--data",
+            str(tiny_models["code"]), "--tasks", "line", "--out-dir", str(out), *FAST_FLAGS]
+    monkeypatch.setattr(ev, "generate_texts", _fail_in_model_b(KeyboardInterrupt()))
+    assert ev.main(argv) == 130  # an earlier evaluation saved model a
+    earlier = {p.name: p.read_text() for p in out.iterdir()}
+    capsys.readouterr()
 
     def full_disk(fd):  # the data is written, flushing it fails; the error names no file
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    monkeypatch.setattr(ev, "generate_texts", lambda lm, prompts, *a, **k: ["x"] * len(prompts))
     monkeypatch.setattr(os, "fsync", full_disk)
-    assert ev.main(["--models", f"a={tiny_models['base']}", "--data", str(tiny_models["code"]),
-                    "--tasks", "line", "--out-dir", str(out), *FAST_FLAGS]) == 2
+    assert ev.main(argv) == 2  # resumed at model b, whose results cannot be written
     captured = capsys.readouterr()
-    assert captured.err.startswith(f"error: {out}/")
-    assert "predictions.jsonl: No space left on device; stopped at model a;" in captured.err
+    assert captured.err.startswith(f"resuming {out}: 1 of 2 models already evaluated (a)\n"
+                                   f"error: {out}/")
+    assert "predictions.jsonl: No space left on device; stopped at model b;" in captured.err
     assert captured.out.startswith("| model | line EM |")  # the table is not lost
-    assert sorted(p.name for p in out.iterdir()) == ["results.json"]  # no half-written file
-    assert (out / "results.json").read_text() == '{"an earlier run": "intact"}'
+    assert "| b |" in captured.out
+    assert {p.name: p.read_text() for p in out.iterdir()} == earlier  # no half-written file
+
+
+def _record_models(evaluated: list):
+    def generate(lm, prompts, cfg, stops=(), desc="", **kwargs):
+        evaluated.append(lm.label)
+        return [f"x = {lm.label!r}"] * len(prompts)
+    return generate
+
+
+def test_a_rerun_into_the_same_out_dir_evaluates_only_the_models_not_yet_saved(
+        tiny_models, tmp_path, monkeypatch, capsys):
+    import json
+
+    monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
+    base, out = tiny_models["base"], tmp_path / "out"
+    argv = ["--models", f"a={base}", f"b={base}", f"c={base}", "--data", str(tiny_models["code"]),
+            "--tasks", "lm", "line", "--out-dir", str(out), *FAST_FLAGS]
+    monkeypatch.setattr(ev, "generate_texts", _fail_in_model_b(KeyboardInterrupt()))
+    assert ev.main(argv) == 130
+    first = json.loads((out / "results.json").read_text())
+    capsys.readouterr()
+
+    evaluated: list = []
+    monkeypatch.setattr(ev, "generate_texts", _record_models(evaluated))
+    assert ev.main(argv) == 0
+    captured = capsys.readouterr()
+    assert evaluated == ["b", "c"]
+    assert captured.err == f"resuming {out}: 1 of 3 models already evaluated (a)\n"
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] is True and results["pending"] == []
+    assert [row["model"] for row in results["rows"]] == ["a", "b", "c"]
+    assert results["rows"][0] == first["rows"][0]  # model a's results kept as they were
+    assert results["rows"][1]["metrics"]["lm/loss"] == first["rows"][0]["metrics"]["lm/loss"]
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    n = results["examples"]["line"]
+    assert n >= 1 and [r["prediction"] for r in records if r["model"] == "a"] == ["x = 1"] * n
+    assert [r["prediction"] for r in records if r["model"] == "c"] == ["x = 'c'"] * n
+    assert results["table"] in captured.out
+
+    evaluated.clear()  # a finished evaluation re-run: nothing to do, the same table
+    assert ev.main(argv) == 0
+    assert evaluated == [] and results["table"] in capsys.readouterr().out
+    assert json.loads((out / "results.json").read_text()) == results
+
+
+@pytest.mark.parametrize("change, differs", [
+    (["--limit", "1"], "limit (2 there, 1 now)"),
+    (["--seed", "3"], "seed (0 there, 3 now)"),
+    ("retrained", "the models (labels, paths or weights)"),
+    ("relabelled", "the models (labels, paths or weights)"),
+    ("edited data", "the examples (the data changed)"),
+], ids=["limit", "seed", "retrained", "relabelled", "edited-data"])
+def test_a_rerun_with_other_settings_models_or_data_is_refused_and_keeps_the_results(
+        tiny_models, tmp_path, monkeypatch, capsys, change, differs):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
+    base, code, out = tmp_path / "base", tmp_path / "code", tmp_path / "out"
+    shutil.copytree(tiny_models["base"], base)
+    shutil.copytree(tiny_models["code"], code)
+    argv = ["--data", str(code), "--tasks", "line", "--out-dir", str(out), *FAST_FLAGS]
+    monkeypatch.setattr(ev, "generate_texts", _fail_in_model_b(KeyboardInterrupt()))
+    assert ev.main(["--models", f"a={base}", f"b={base}", *argv]) == 130
+    earlier = {p.name: p.read_text() for p in out.iterdir()}
+    capsys.readouterr()
+
+    labels = ["a", "b"]
+    if change == "retrained":
+        weights = load_file(base / "model.safetensors")
+        name = next(iter(weights))
+        weights[name] = weights[name] + 0.01
+        save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    elif change == "relabelled":
+        labels = ["a2", "b"]
+    elif change == "edited data":
+        for file in code.iterdir():  # whichever of them the split holds
+            file.write_text(file.read_text().replace("return", "return  "))
+    extra = change if isinstance(change, list) else []
+    monkeypatch.setattr(ev, "generate_texts", _record_models([]))
+    assert ev.main(["--models", *(f"{label}={base}" for label in labels), *argv, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out}/results.json: the results of a different evaluation "
+                          f"(differs in {differs}); name another --out-dir, or remove {out} to "
+                          "start over")
+    assert {p.name: p.read_text() for p in out.iterdir()} == earlier
 
 
 def test_a_truncated_run_checkpoint_is_an_error_naming_it(tiny_models, tmp_path, capsys):
