@@ -11,18 +11,20 @@ Storage decides how far a sweep spreads. The default, a journal file under ``run
 is safe for several processes on one machine (``--workers N`` starts them). Any SQLAlchemy URL
 (``--storage postgresql://...``) lets every machine run the same command against one study;
 heartbeats then mark a killed worker's trial FAILED and it is queued again with the same
-parameters. Re-running with the same ``--study-name`` continues the study; ``--n-trials`` is
-the total the study should reach. Trials compare only under one budget and base config: a
-continuation that changes them (``--max-steps``, ``--eval-every``, ``--train-config``, the
-space's base) is refused, naming each key. ``optuna-dashboard runs/<study>/journal.log`` (or
-the URL) shows the study live.
+parameters. A trial queued again (after an interrupted sweep, or a dead worker) continues its
+predecessor's run from the last checkpoint (a stop writes one; a killed worker's run has none
+and starts over). Re-running with the same ``--study-name`` continues the study;
+``--n-trials`` is the total the study should reach. Trials compare only under one budget and
+base config: a continuation that changes them (``--max-steps``, ``--eval-every``,
+``--train-config``, the space's base) is refused, naming each key. ``optuna-dashboard
+runs/<study>/journal.log`` (or the URL) shows the study live.
 
 Outputs in ``runs/<study>/``: ``best.json`` (a ready ``trainingmanager.py --config`` file: the
-best trial's config), ``trials.csv`` (every trial, its state, value, steps, parameters and the
-reason a trial failed or was pruned), ``importances.json`` (fANOVA parameter importances) and
-``trials/trial-NNNN/``, each trial's run directory (``study.json`` names the storage whose study
-owns them). The command exits 0 once the study holds ``--n-trials`` finished trials and one of
-them completed (so there is a ``best.json``), else 1.
+best trial's config), ``trials.csv`` (every trial, its state, value, steps, parameters, run
+directory and the reason a trial failed or was pruned), ``importances.json`` (fANOVA parameter
+importances) and ``trials/trial-NNNN/``, each trial's run directory (``study.json`` names the
+storage whose study owns them). The command exits 0 once the study holds ``--n-trials``
+finished trials and one of them completed (so there is a ``best.json``), else 1.
 """
 
 from __future__ import annotations
@@ -64,16 +66,17 @@ JOURNAL_FILE = "journal.log"
 # Where trial records keep what the reports need (ATTR_CONFIG: the trial's recipe), so that any
 # process can write the reports.
 ATTR_CONFIG, ATTR_REASON, ATTR_WORKER, ATTR_STEP = "train_config", "fail_reason", "worker", "step"
+ATTR_RUN = "run_dir"  # the trial's run directory (a re-run of an interrupted trial continues it)
 ATTR_STOPPED = "stopped_sweep"  # a trial whose error (a configuration error) stopped the sweep
 # The study's record of the TrainConfig values all its trials share (``study_settings``).
 ATTR_SETTINGS = "trial_settings"
 OWNER_FILE = "study.json"  # which storage's study owns runs/<study>/ (its trial numbers)
 _DONE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 INTERRUPTED = "interrupted (SIGINT/SIGTERM)"  # such trials run again when the sweep is re-run
-# Completes the trainer's "checkpoint saved at step N; continue with ...": a re-run sweep starts
-# an interrupted trial's parameters over as a new trial and never reads that checkpoint.
-RESUME_HINT = ("the same hyperparam_tune.py command; a sweep never resumes a trial's checkpoint "
-               "but runs an interrupted trial's parameters again from the start")
+# Completes the trainer's "checkpoint saved at step N; continue with ...": a re-run sweep queues
+# an interrupted trial again, and the new trial continues the run from that checkpoint.
+RESUME_HINT = ("the same hyperparam_tune.py command, which continues this trial's run from its "
+               "checkpoint")
 
 
 @dataclass
@@ -423,12 +426,13 @@ def _budget(cfg: TuneConfig) -> dict:
     return {"max_steps": cfg.max_steps, "epochs": None, "eval_every": cfg.eval_every}
 
 
-def _trial_run(cfg: TuneConfig, number: int) -> dict:
-    """A trial's own run directory, no bars, no export, and one checkpoint at the end (a trial
-    is never resumed; its best/ checkpoint is kept)."""
-    return {"name": f"trial-{number:04d}", "out_dir": str(study_dir(cfg) / "trials"),
-            "resume": None, "progress": False, "export": False, "save_every": cfg.max_steps,
-            "keep_last": 1}
+def _trial_run(cfg: TuneConfig, number: int, resume: Path | None = None) -> dict:
+    """A trial's own run directory (``resume``: the run of the interrupted trial it re-runs,
+    continued), no bars, no export, and one checkpoint at the end (or where a stop left it);
+    its best/ checkpoint is kept."""
+    run = resume or study_dir(cfg) / "trials" / f"trial-{number:04d}"
+    return {"name": run.name, "out_dir": str(run.parent), "resume": resume and str(resume),
+            "progress": False, "export": False, "save_every": cfg.max_steps, "keep_last": 1}
 
 
 # TrainConfig keys the sweep sets on every trial: a search space may not set them.
@@ -441,9 +445,28 @@ def trial_recipe(cfg: TuneConfig, space: SearchSpace, base: dict, trial: optuna.
     return {**space.base, **base, **space.suggest(trial), **_budget(cfg)}
 
 
-def trial_run_config(cfg: TuneConfig, recipe: dict, number: int) -> dict:
+def trial_run_config(cfg: TuneConfig, recipe: dict, number: int,
+                     resume: Path | None = None) -> dict:
     """The recipe run as trial ``number`` (see ``_trial_run``)."""
-    return {**recipe, **_trial_run(cfg, number)}
+    return {**recipe, **_trial_run(cfg, number, resume)}
+
+
+def interrupted_run(trial: optuna.Trial) -> tuple[Path | None, dict[int, float]]:
+    """Where this trial continues: the run directory of the trial it re-runs (queued again after
+    an interrupt or a dead worker, same parameters and budget), if that run started; and the
+    validation losses that trial reported up to the checkpoint the run continues from, which
+    this trial reports again so that its record (and the pruner) sees the whole curve."""
+    trials = {t.number: t for t in trial.study.get_trials(deepcopy=False)}
+    history = trials[trial.number].system_attrs.get("retry_history") or []
+    before = trials.get(history[-1]) if history else None
+    run = before and before.user_attrs.get(ATTR_RUN)
+    if not run or not (Path(run) / "config.json").is_file():
+        return None, {}
+    checkpoints = trainingmanager.list_checkpoints(Path(run))
+    step = 0
+    if checkpoints:
+        step = int(checkpoints[-1].name.removeprefix(trainingmanager.CHECKPOINT_PREFIX))
+    return Path(run), {s: v for s, v in before.intermediate_values.items() if s <= step}
 
 
 def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _ClaimLock):
@@ -466,12 +489,16 @@ def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _Claim
         try:
             recipe = trial_recipe(cfg, space, base, trial)
             trial.set_user_attr(ATTR_CONFIG, recipe)
+            resume, reported = interrupted_run(trial)
             train_cfg = trainingmanager.config_from_dict(
-                trial_run_config(cfg, recipe, trial.number), f"trial {trial.number}")
+                trial_run_config(cfg, recipe, trial.number, resume), f"trial {trial.number}")
             run_dir = Path(train_cfg.out_dir) / train_cfg.name
-            if (run_dir / "config.json").exists():  # trainingmanager would suggest --resume
+            if resume is None and (run_dir / "config.json").exists():  # not this study's run
                 raise ValueError(f"{run_dir} holds a trial of another study: move it away, or "
                                  "give this study its own --out-dir or --study-name")
+            trial.set_user_attr(ATTR_RUN, str(run_dir))
+            for step, value in sorted(reported.items()):
+                trial.report(value, step)
             result = trainingmanager.train(train_cfg, on_eval=on_eval, resume_hint=RESUME_HINT)
         except KeyboardInterrupt:
             trial.set_user_attr(ATTR_REASON, INTERRUPTED)
@@ -688,12 +715,13 @@ def write_reports(study: optuna.Study, cfg: TuneConfig) -> dict | None:
     retried_by = {t.system_attrs["retry_history"][-1]: t.number
                   for t in trials if t.system_attrs.get("retry_history")}
     names = sorted({p for t in trials for p in t.params})
-    rows = [["number", "state", "value", "steps", "duration_s", *names, "reason"]]
+    rows = [["number", "state", "value", "steps", "duration_s", *names, "run_dir", "reason"]]
     for t in trials:
         duration = t.duration.total_seconds() if t.duration else None
         rows.append([t.number, t.state.name, t.value, t.user_attrs.get(ATTR_STEP),
                      None if duration is None else round(duration, 1),
-                     *(t.params.get(p) for p in names), trial_reason(t, retried_by)])
+                     *(t.params.get(p) for p in names), t.user_attrs.get(ATTR_RUN),
+                     trial_reason(t, retried_by)])
     table = io.StringIO(newline="")
     csv.writer(table).writerows(rows)
     cliconfig.write_atomic(out / "trials.csv", table.getvalue())

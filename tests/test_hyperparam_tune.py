@@ -201,6 +201,15 @@ def test_interrupted_sweep_reruns_the_interrupted_trial(tmp_path, corpus):
     assert first.user_attrs[hyperparam_tune.ATTR_REASON] == hyperparam_tune.INTERRUPTED
     assert rest[0].system_attrs["failed_trial"] == 0 and rest[0].params == first.params
     assert len(rest) == 2 and all(t.state == TrialState.COMPLETE for t in rest)
+    # The re-run continued the interrupted run from the checkpoint the stop wrote.
+    run = Path(first.user_attrs[hyperparam_tune.ATTR_RUN])
+    assert rest[0].user_attrs[hyperparam_tune.ATTR_RUN] == str(run)
+    stopped_at = first.user_attrs[hyperparam_tune.ATTR_STEP]
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [line["step"] for line in lines if line["kind"] == "train"]
+    assert steps == sorted(set(steps)) and steps[-1] == 60  # one pass, no step run twice
+    assert {s: v for s, v in rest[0].intermediate_values.items() if s <= stopped_at} == {
+        s: v for s, v in first.intermediate_values.items() if s <= stopped_at}
 
 
 def test_sigterm_stops_the_workers_too(tmp_path, corpus):
@@ -252,7 +261,44 @@ def test_interrupted_sweep_keeps_the_reports_of_finished_trials(tmp_path, corpus
     assert json.loads((out / "best.json").read_text())["name"] == "keep-best"
     rows = (out / "trials.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[2].startswith("1,FAIL") and hyperparam_tune.INTERRUPTED in rows[2]
-    assert "again from the start" in hints[1] and "never resumes" in hints[1]
+    assert "continues this trial's run from its checkpoint" in hints[1]
+
+
+def test_a_rerun_sweep_continues_the_interrupted_trial_from_its_checkpoint(
+        tmp_path, corpus, monkeypatch):
+    """The trial queued again after an interrupt continues its predecessor's run directory
+    (``resume``) and first reports again the losses its predecessor reported up to the
+    checkpoint it continues from."""
+    calls = []
+
+    def train(cfg, on_eval=None, resume_hint=None):
+        calls.append(cfg)
+        run = Path(cfg.out_dir) / cfg.name
+        if len(calls) == 1:  # evaluates at steps 2, 4 and 6, checkpoints at 4, then is stopped
+            run.mkdir(parents=True)
+            (run / "config.json").write_text("{}")
+            (run / "checkpoints" / f"{trainingmanager.CHECKPOINT_PREFIX}4").mkdir(parents=True)
+            for step, loss in ((2, 3.0), (4, 2.5), (6, 2.4)):
+                on_eval(step, {"val_loss": loss})
+            return trainingmanager.TrainResult(run_dir=run, best_val_loss=2.4, step=6,
+                                               interrupted="SIGTERM")
+        on_eval(8, {"val_loss": 2.0})
+        return trainingmanager.TrainResult(run_dir=run, best_val_loss=2.0, step=8)
+
+    monkeypatch.setattr(trainingmanager, "train", train)
+    argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="cont", n_trials=1,
+                     max_steps=8)
+    assert hyperparam_tune.main(argv) == 143
+    assert hyperparam_tune.main(argv) == 0
+    first_run = tmp_path / "runs" / "cont" / "trials" / "trial-0000"
+    assert calls[0].resume is None and Path(calls[0].out_dir) / calls[0].name == first_run
+    assert calls[1].resume == str(first_run) and calls[1].name == "trial-0000"
+    first, second = load_study(journal(tmp_path, "cont"), "cont").get_trials()
+    assert second.params == first.params and second.state == TrialState.COMPLETE
+    assert second.intermediate_values == {2: 3.0, 4: 2.5, 8: 2.0}  # not step 6: after step-4
+    assert second.user_attrs[hyperparam_tune.ATTR_RUN] == str(first_run)
+    rows = (tmp_path / "runs" / "cont" / "trials.csv").read_text().splitlines()
+    assert rows[0].endswith(",run_dir,reason") and f",{first_run},interrupted" in rows[1]
 
 
 @pytest.mark.skipif(POSTGRES_URL is None, reason="no PostgreSQL server: CODELM_TEST_POSTGRES_URL "
