@@ -343,8 +343,10 @@ class EvalConfig:
     block_size: int | None = None  # context for scoring and prompts (default: the smallest of
     #   the models', a codelm run's being the block_size it trained at: its val_loss context)
     docstring_prompts: list[str] = field(default_factory=lambda: ["simple"])  # seed 004 variants
-    docstring_targets: str = "class"  # class | function | both
-    docstring_min_tokens: int = 0  # skip shorter reference docstrings (seed 004: 20)
+    docstring_targets: str | None = None  # class | function | both (None: the corpus's data
+    #   options': a run's own, else dataset's default, class)
+    docstring_min_tokens: int | None = None  # skip shorter reference docstrings (None: the
+    #   corpus's data options': a run's own, else dataset's default, 20 as in seed 004)
     reference_loss: bool = False  # generation tasks: also the loss of the reference (seed 000)
     problems: str | None = None  # pass@k problems JSONL (default: the bundled set)
     # generation
@@ -396,9 +398,10 @@ class EvalConfig:
         bad = [p for p in self.docstring_prompts if p not in DOCSTRING_PROMPTS]
         need(not bad and bool(self.docstring_prompts), "docstring_prompts",
              f"choose from {sorted(DOCSTRING_PROMPTS)}")
-        need(self.docstring_targets in ("class", "function", "both"), "docstring_targets",
-             "must be class, function or both")
-        need(self.docstring_min_tokens >= 0, "docstring_min_tokens", "must be >= 0")
+        need(self.docstring_targets in (None, "class", "function", "both"), "docstring_targets",
+             "must be class, function or both (or null for the corpus's)")
+        need(self.docstring_min_tokens is None or self.docstring_min_tokens >= 0,
+             "docstring_min_tokens", "must be >= 0 (or null for the corpus's)")
         from dataset import DataConfig
 
         known = {f.name for f in fields(DataConfig)} - {"task", "sources", "block_size", "progress"}
@@ -770,15 +773,20 @@ def build_examples(task: str, docs: Sequence, cfg: EvalConfig, variant: str = "s
 
     ``completion`` cuts token windows, so it needs the tokenizer ``tok`` (models compared side by
     side share one family) and the window sizes of ``data_cfg`` (a dataset.DataConfig); ``tok``
-    also measures docstrings for ``cfg.docstring_min_tokens``.
+    also measures docstrings for ``cfg.docstring_min_tokens``; docstring options left None are
+    ``data_cfg``'s.
     """
     import dataset as ds
 
+    data_cfg = data_cfg or ds.DataConfig()
+    targets = cfg.docstring_targets or data_cfg.docstring_targets
+    min_tokens = (data_cfg.docstring_min_tokens if cfg.docstring_min_tokens is None
+                  else cfg.docstring_min_tokens)
     out: list[TaskExample] = []
     for doc in docs:
         if task == "completion":
             if doc.target is None:
-                out += completion_examples(doc, tok, data_cfg or ds.DataConfig(), cfg)
+                out += completion_examples(doc, tok, data_cfg, cfg)
         elif task == "refactor":
             if doc.target is None:
                 continue
@@ -790,10 +798,9 @@ def build_examples(task: str, docs: Sequence, cfg: EvalConfig, variant: str = "s
             elif task == "method":
                 built = ds.method_examples(doc)
             else:
-                built = ds.docstring_examples(doc, cfg.docstring_targets, variant, code_tokens)
-                if cfg.docstring_min_tokens and tok is not None:
-                    built = [e for e in built
-                             if len(tok.encode(e.completion)) >= cfg.docstring_min_tokens]
+                built = ds.docstring_examples(doc, targets, variant, code_tokens)
+                if min_tokens and tok is not None:
+                    built = [e for e in built if len(tok.encode(e.completion)) >= min_tokens]
             out += [TaskExample(f"{doc.id}#{j}", e.completion, e.head, e.body, e.tail,
                                 e.body_budget) for j, e in enumerate(built)]
         if len(out) >= cfg.limit:
@@ -1019,13 +1026,17 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
     if text_tasks:
         docs = getattr(load_corpus(corpus_config(cfg, models)), cfg.split)
     data_cfg = corpus_config(cfg, models) if text_tasks else None
+    if data_cfg is not None:  # results.json records the docstring options used (build_examples)
+        cfg = replace(cfg, docstring_targets=cfg.docstring_targets or data_cfg.docstring_targets,
+                      docstring_min_tokens=data_cfg.docstring_min_tokens
+                      if cfg.docstring_min_tokens is None else cfg.docstring_min_tokens)
     tok = models[0].tokenizer
     examples = {(t, None): build_examples(t, docs, cfg, tok=tok, data_cfg=data_cfg)
                 for t in text_tasks if t not in ("lm", "docstring")}
     if "docstring" in cfg.tasks:
         for variant in cfg.docstring_prompts:
             examples[("docstring", variant)] = build_examples(
-                "docstring", docs, cfg, variant, data_cfg.docstring_code_tokens, tok=tok)
+                "docstring", docs, cfg, variant, data_cfg.docstring_code_tokens, tok, data_cfg)
     counts = {f"{t}/{v}" if v else t: len(e) for (t, v), e in examples.items()}
     if problems:
         counts["passk"] = len(problems)

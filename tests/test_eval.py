@@ -563,6 +563,30 @@ def test_docstring_prompt_variants_make_rows(tiny_models, tmp_path, monkeypatch,
     assert any(p.startswith("Class ") for p in seen)
 
 
+def test_docstring_examples_follow_the_corpus_data_options_unless_set(tiny_models):
+    """Eval's docstring examples are those training chose (the run's or dataset's targets and
+    minimum length), so generation metrics and the reference loss match the val split's."""
+    import dataset as ds
+    from tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_models["base"])
+    docs = [ds.Doc(p.name, p.read_text()) for p in sorted(tiny_models["code"].iterdir())[:2]]
+
+    def references(data_cfg, **options) -> set:
+        cfg = ev.EvalConfig(limit=100, **options)
+        return {e.reference for e in ev.build_examples("docstring", docs, cfg, tok=tok,
+                                                        data_cfg=data_cfg)}
+
+    both = ds.DataConfig(docstring_targets="both")
+    every = references(both, docstring_min_tokens=0)
+    long_enough = {r for r in every if len(tok.encode(r)) >= 20}
+    assert long_enough and every - long_enough  # the corpus has docstrings on both sides of 20
+    assert references(both) == long_enough  # DataConfig's default minimum, 20
+    assert references(ds.DataConfig(docstring_targets="both", docstring_min_tokens=0)) == every
+    assert references(ds.DataConfig()) == {r for r in long_enough if "bank account" in r}
+    assert references(ds.DataConfig(), docstring_targets="both") == long_enough
+
+
 def test_refactor_and_method_tasks_score_generations(tiny_models, tmp_path, monkeypatch,
                                                       capsys):
     import json
