@@ -11,6 +11,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
 import requests
@@ -109,30 +110,53 @@ class GitHubClient:
         with self._lock:
             self._blocked_until[resource] = max(self._blocked_until.get(resource, 0.0), until)
 
-    def _note_rate_limit(self, resource: str, resp: requests.Response) -> bool:
-        """Record waits the response asks for; True when it was a rate-limit refusal."""
+    def _reset_at(self, reset: float, resp: requests.Response) -> float:
+        """GitHub's reset time (on GitHub's clock) as a time on ``self._clock``.
+
+        The response's ``Date`` says how far the clocks disagree: without this, a local clock
+        running ahead makes a reset look past, and every retry is spent at once.
+        """
+        try:
+            server_now = parsedate_to_datetime(resp.headers["date"]).timestamp()
+        except (KeyError, TypeError, ValueError, IndexError):
+            return reset  # no usable Date: trust the local clock
+        # Date is whole seconds, rounded down: the wait below errs long, never short.
+        return self._clock() + (reset - server_now)
+
+    def _note_rate_limit(
+        self, resource: str, resp: requests.Response, attempt: int
+    ) -> float | None:
+        """Record waits the response asks for. For a rate-limit refusal, the pause before its
+        retry (0 when the wait is recorded for every thread); None for other responses."""
         headers = resp.headers
-        limited = False
-        if resp.status_code in (403, 429) and headers.get("retry-after"):
+        refused = resp.status_code in (403, 429)
+        delay = None
+        if refused and headers.get("retry-after"):
             try:
                 self._block(resource, self._clock() + float(headers["retry-after"]))
-                limited = True
+                delay = 0.0
             except ValueError:  # an HTTP date instead of seconds: fall back to backoff
                 pass
         if headers.get("x-ratelimit-remaining") == "0" and headers.get("x-ratelimit-reset"):
             try:
-                # One second of slack: the reset time is whole seconds and clocks differ.
-                self._block(resource, float(headers["x-ratelimit-reset"]) + 1)
-                limited = limited or resp.status_code in (403, 429)
+                reset = float(headers["x-ratelimit-reset"])
             except ValueError:
-                pass
-        return limited
+                return delay
+            # One second of slack: the reset time is whole seconds.
+            until = self._reset_at(reset, resp) + 1
+            self._block(resource, until)
+            if refused and delay is None:
+                # A refusal at or after its own reset (the clocks still disagree): waiting for
+                # the reset would not pause at all, so back off instead of retrying in a burst.
+                delay = 0.0 if until > self._clock() else self._backoff_delay(attempt)
+        return delay
 
     def _retry_delay(self, resource: str, resp: requests.Response, attempt: int) -> float | None:
         """Seconds to pause before retrying, or None when the response is final."""
         status = resp.status_code
-        if self._note_rate_limit(resource, resp):
-            return 0.0  # the wait itself happens in _wait_for, shared by every thread
+        limited = self._note_rate_limit(resource, resp, attempt)
+        if limited is not None:
+            return limited  # a reset's wait happens in _wait_for, shared by every thread
         if status == 401:
             raise GitHubError(
                 f"GitHub refused the credentials (HTTP 401) for {resp.url}: "

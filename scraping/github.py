@@ -15,6 +15,7 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from urllib.parse import quote
 
+import requests
 from tqdm import tqdm
 
 from scraping.client import GitHubClient
@@ -35,6 +36,8 @@ log = logging.getLogger("scraping")
 
 # GitHub search returns at most this many results per query, whatever the total_count says.
 SEARCH_CAP = 1000
+# How often one search slice is read when a read comes back short (star counts shifted pages).
+_SLICE_READS = 3
 DEFAULT_API_URL = "https://api.github.com"
 DEFAULT_RAW_URL = "https://raw.githubusercontent.com"
 
@@ -124,7 +127,8 @@ def search_repositories(
     """Every repository matching ``query`` with ``date_field`` in [start, end] (whole seconds).
 
     A slice whose total exceeds the search cap is halved until each half fits, so results past
-    the first 1,000 of a query are reached too.
+    the first 1,000 of a query are reached too. Each slice is read whole before any of it is
+    yielded (see ``_read_slice``), so slow consumers do not make results go missing.
     """
     q = f"{query} {date_field}:{_stamp(start)}..{_stamp(end)}"
     params = {"q": q, "per_page": per_page, "sort": "stars", "order": "desc"}
@@ -143,12 +147,39 @@ def search_repositories(
                     total, _stamp(start), cap)
     if data.get("incomplete_results"):
         log.warning("GitHub reported incomplete search results for %s", q)
-    while True:
-        yield from data["items"]
-        next_url = resp.links.get("next", {}).get("url")
-        if not next_url:
-            return
-        data, resp = client.get_json(next_url)
+    yield from _read_slice(client, params, data, resp, cap)
+
+
+def _read_slice(client: GitHubClient, params: dict, data: dict, resp: requests.Response,
+                cap: int) -> list[dict]:
+    """Every repository of one search slice (at most ``cap``), deduplicated by full name.
+
+    The results are sorted by stars, which change while a scrape runs: a repo that moves to a
+    page already read shifts the pages after it, so it is never returned and another is
+    returned twice. Reading every page before scraping any repo (at most 10 requests) shrinks
+    that window from the hours a slice takes to scrape to seconds; a read that still comes back
+    short of the total is repeated, keeping what earlier reads found.
+    """
+    found: dict[str, dict] = {}
+    for attempt in range(_SLICE_READS):
+        if attempt:
+            data, resp = client.get_json("/search/repositories", params=params)
+        before = len(found)
+        while True:
+            for item in data["items"]:
+                found.setdefault(item["full_name"], item)
+            next_url = resp.links.get("next", {}).get("url")
+            if not next_url:
+                break
+            data, resp = client.get_json(next_url)
+        wanted = min(data["total_count"], cap)
+        if len(found) >= wanted or (attempt and len(found) == before):
+            break  # complete, or a re-read found nothing new: the total is not reachable
+        log.info("search %s returned %d of %d repos (star counts changed while paging): "
+                 "reading it again", params["q"], len(found), wanted)
+    if len(found) < wanted:
+        log.warning("search %s: %d of %d repos reachable", params["q"], len(found), wanted)
+    return list(found.values())
 
 
 def _get_tree(client: GitHubClient, repo: str, sha: str, recursive: bool) -> dict | None:

@@ -17,6 +17,7 @@ import json
 import sysconfig
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from datetime import time as dtime
@@ -63,15 +64,25 @@ class FakeGitHub:
     ``secondary_403`` (secondary limit with retry-after), ``500``, ``drop`` (connection closed
     before any response), ``drop_body`` (closed half-way through the body), ``remaining_0`` (a
     normal answer that says the quota is spent until one second from now).
+
+    ``star_changes`` is a list of (request substring, repo, stars), each applied once, in order,
+    when a request whose path and query contain the substring arrives (before it is answered):
+    popular repos gain stars during a scrape. ``clock`` is the server's time (reset stamps and
+    the ``Date`` header), so a test can run it apart from the client's; ``send_date=False``
+    leaves the ``Date`` header out.
     """
 
     def __init__(self, repos: list[FakeRepo], *, token: str | None = None,
                  faults: list[tuple[str, str]] | None = None, max_per_page: int = 100,
-                 search_cap: int = 1000, delay: float = 0.0):
+                 search_cap: int = 1000, delay: float = 0.0,
+                 star_changes: list[tuple[str, str, int]] | None = None,
+                 clock: Callable[[], float] = time.time, send_date: bool = True):
         self.repos = {r.full_name: r for r in repos}
         self.token, self.max_per_page, self.search_cap, self.delay = (
             token, max_per_page, search_cap, delay)
         self.faults = list(faults or [])
+        self.star_changes = list(star_changes or [])
+        self.clock, self.send_date = clock, send_date
         self.requests: list[str] = []  # every request's path and query, in arrival order
         self.auth_seen: set[str | None] = set()
         self._lock = threading.Lock()
@@ -98,6 +109,14 @@ class FakeGitHub:
                     return kind
         return None
 
+    def _change_stars(self, request: str) -> None:
+        with self._lock:
+            for i, (needle, name, stars) in enumerate(self.star_changes):
+                if needle in request:
+                    del self.star_changes[i]
+                    self.repos[name].stars = stars
+                    return
+
     def _handler_class(self) -> type:
         fake = self
 
@@ -107,6 +126,13 @@ class FakeGitHub:
 
             def log_message(self, *args) -> None:  # keep test output quiet
                 pass
+
+            def date_time_string(self, timestamp: float | None = None) -> str:
+                return super().date_time_string(fake.clock() if timestamp is None else timestamp)
+
+            def send_header(self, keyword: str, value: str) -> None:
+                if fake.send_date or keyword.lower() != "date":
+                    super().send_header(keyword, value)
 
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 fake._handle(self)
@@ -127,7 +153,7 @@ class FakeGitHub:
 
     def _json(self, h, status: int, obj, headers: dict | None = None) -> None:
         limits = {"x-ratelimit-limit": 5000, "x-ratelimit-remaining": 4999,
-                  "x-ratelimit-reset": int(time.time()) + 3600}
+                  "x-ratelimit-reset": int(self.clock()) + 3600}
         extra = getattr(h, "extra_headers", {})
         self._send(h, status, json.dumps(obj).encode(), {**limits, **extra, **(headers or {})})
 
@@ -136,13 +162,14 @@ class FakeGitHub:
         with self._lock:
             self.requests.append(h.path)
             self.auth_seen.add(h.headers.get("Authorization"))
+        self._change_stars(h.path)
         if self.delay:
             time.sleep(self.delay)
         fault = self._take_fault(url.path)
         h.extra_headers = {}
         if fault == "remaining_0":
             h.extra_headers = {"x-ratelimit-remaining": 0,
-                               "x-ratelimit-reset": int(time.time()) + 1}
+                               "x-ratelimit-reset": int(self.clock()) + 1}
         elif fault:
             return self._inject(h, fault)
         if self.token and h.headers.get("Authorization") != f"Bearer {self.token}":
@@ -166,7 +193,7 @@ class FakeGitHub:
         self._json(h, 404, {"message": "Not Found"})
 
     def _inject(self, h: BaseHTTPRequestHandler, kind: str) -> None:
-        now = int(time.time())
+        now = int(self.clock())
         if kind == "403_reset":
             self._json(h, 403, {"message": "API rate limit exceeded"},
                        {"x-ratelimit-remaining": 0, "x-ratelimit-reset": now + 1})

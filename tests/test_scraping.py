@@ -129,6 +129,45 @@ def test_search_splits_date_range_past_the_result_cap():
         assert len(unsplit) == 4
 
 
+def _ranked_repos(n: int = 9) -> list[FakeRepo]:
+    """Repos o/r0..o/r{n-1}, in falling star order, one small file each."""
+    return [FakeRepo(f"o/r{i}", 1000 - 10 * i, "2020-01-01",
+                     files={"m.py": f"x = {i}\n".encode() * 200}) for i in range(n)]
+
+
+def test_search_reads_a_slice_again_when_a_repo_moves_between_page_reads():
+    # o/r3 gains stars just before page 2 is read: it moves to page 1, already read, and page 2
+    # starts with o/r2 again. A second read of the slice finds it.
+    repos = _ranked_repos()
+    start = datetime(2015, 1, 1, tzinfo=timezone.utc)
+    end = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    with FakeGitHub(repos, max_per_page=3, star_changes=[("&page=2", "o/r3", 5000)]) as fake:
+        names = [r["full_name"] for r in search_repositories(
+            make_client(fake), "stars:>100", "created", start, end)]
+    assert sorted(names) == [r.full_name for r in repos] and len(names) == len(set(names))
+
+
+@pytest.mark.parametrize("max_repos", [None, 2])
+def test_a_repo_that_gains_stars_mid_scrape_is_scraped_exactly_once(tmp_path, max_repos):
+    # o/r3 gains stars while page 1 (o/r0..o/r2) is being scraped, so it moves to page 1; with
+    # max_repos=2 the run stops there and a second run resumes with the new order.
+    out = tmp_path / "out.jsonl"
+    repos = _ranked_repos()
+    shift = [("/repos/o/r0/branches/", "o/r3", 5000)]
+    with FakeGitHub(repos, max_per_page=3, star_changes=shift) as fake:
+        first = scrape_github(config(fake, out, min_bytes=1, max_repos=max_repos),
+                              make_client(fake))
+        assert fake.star_changes == []  # the change happened mid-scrape
+        if max_repos:
+            assert first.repos["scraped"] == 2
+            second = scrape_github(config(fake, out, min_bytes=1), make_client(fake))
+            assert second.repos["already_done"] == 2 and second.repos["scraped"] == 7
+        else:
+            assert first.repos["scraped"] == 9 and first.repos["repeated_in_search"] == 0
+    names = [r["repo"] for r in read_jsonl(out)]
+    assert sorted(names) == [r.full_name for r in repos] and len(names) == len(set(names))
+
+
 def test_license_allow_list(tmp_path):
     out = tmp_path / "p.jsonl"
     _, summary, expected, _ = run_scrape(out, licenses=["permissive"])
@@ -245,9 +284,54 @@ def test_client_waits_for_the_reset_when_the_quota_runs_out():
         assert client.get("/repos/a/b/branches/main").status_code == 200
         assert sleep.calls == []
         assert client.get("/repos/a/b/branches/main").status_code == 200  # waited first
-        assert len(sleep.calls) == 1 and 1 < sleep.calls[0] <= 2.5
+        assert len(sleep.calls) == 1 and 1 <= sleep.calls[0] <= 2.5
         client.get("/search/repositories", params={"q": "stars:>1"})  # another quota: no wait
         assert len(sleep.calls) == 1
+
+
+class ServerTime:
+    """The fake server's clock, moved on only by the client's sleeps: waits cost no real time."""
+
+    def __init__(self, now: float):
+        self.now, self.calls = now, []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.calls.append(seconds)
+        self.now += seconds
+
+
+class RateLimitedUntil(FakeGitHub):
+    """Refuses branch requests with a primary rate limit until its clock reaches ``reset``."""
+
+    reset = 0
+
+    def _branch(self, h, repo, branch):
+        if self.clock() < self.reset:
+            return self._json(h, 403, {"message": "API rate limit exceeded"},
+                              {"x-ratelimit-remaining": 0, "x-ratelimit-reset": self.reset})
+        return super()._branch(h, repo, branch)
+
+
+@pytest.mark.parametrize("skew,send_date", [(5.0, True), (5.0, False), (-600.0, True)])
+def test_client_waits_out_a_rate_limit_whatever_the_clock_skew(skew, send_date):
+    # GitHub's quota resets 1.5 s from now on its clock; the local clock is `skew` s off. A
+    # fast clock made the reset look past, and every retry went out in the same millisecond.
+    server = ServerTime(1_700_000_000.5)
+    with RateLimitedUntil([FakeRepo("a/b", 500, "2020-01-01")], clock=server,
+                          send_date=send_date) as fake:
+        fake.reset = 1_700_000_002
+        client = GitHubClient(fake.api_url, retries=6, sleep=server.sleep,
+                              clock=lambda: server() + skew, rng=random.Random(0))
+        assert client.get("/repos/a/b/branches/main").status_code == 200
+        assert len(fake.requests) == len(server.calls) + 1  # a pause before every retry
+    assert all(s >= 0.5 for s in server.calls) and server() >= fake.reset
+    if send_date:  # the Date header measures the skew: one wait, to the reset's next second
+        assert server.calls == [pytest.approx(3.0)]
+    else:  # no Date: the refusal came after its reset on the local clock, so back off
+        assert 2 <= len(server.calls) <= 3
 
 
 # --- local ---------------------------------------------------------------------------------------
