@@ -625,7 +625,6 @@ def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: EvalConfig) -> dict:
             "token_accuracy": 100.0 * correct / count, "tokens": int(count)}
 
 
-@torch.no_grad()
 def _training_ids(lm: LoadedModel, examples: Sequence[TaskExample], cfg: EvalConfig,
                   data_cfg=None) -> list[tuple[list[int], list[int], tuple[int, int]]]:
     """(prompt ids, completion ids, code span) of each example, tokenized as dataset.py tokenizes
@@ -637,6 +636,7 @@ def _training_ids(lm: LoadedModel, examples: Sequence[TaskExample], cfg: EvalCon
     return ds.tokenize_examples(pairs, lm.tokenizer, data_cfg, "tokenize")
 
 
+@torch.no_grad()
 def score_supervised(lm: LoadedModel, examples: Sequence[TaskExample], cfg: EvalConfig,
                      data_cfg=None) -> float:
     """Mean loss (``trainingmanager.lm_loss``) of each reference completion, EOS included, given

@@ -1044,3 +1044,23 @@ def test_reference_loss_scores_the_eos_only_when_training_did(tiny_models):
             logits = lm.model(torch.tensor([prompt + target[:-1]]))[0, len(prompt) - 1:]
         assert got == pytest.approx(float(F.cross_entropy(logits, torch.tensor(target))),
                                     abs=1e-5)
+
+
+def test_reference_loss_runs_without_autograd(tiny_models, monkeypatch):
+    """Scoring keeps no activations for a backward that never comes."""
+    import torch
+
+    import trainingmanager
+
+    grad_enabled = []
+    real_loss = trainingmanager.lm_loss
+
+    def spy(*args, **kwargs):
+        grad_enabled.append(torch.is_grad_enabled())
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(trainingmanager, "lm_loss", spy)
+    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    example = ev.TaskExample("r", "return 1", "def f():\n    ")
+    ev.score_supervised(lm, [example], ev.EvalConfig(progress=False))
+    assert grad_enabled == [False]
