@@ -26,6 +26,9 @@ from typing import Any
 # Top-level keys of a recipe (configs/*.json): one section per script that reads it.
 RECIPE_SECTIONS = ("train", "eval")
 
+# What an Optional field's flag reads as None (any case): ``--eval-batches none``.
+NONE_WORDS = ("none", "null")
+
 _NAMES = {bool: "true/false", int: "an integer", float: "a number", str: "a string",
           dict: "a JSON object"}
 
@@ -145,12 +148,32 @@ def _json_object(text: str) -> dict:
     return value
 
 
-def _list_flag(item: type) -> type[argparse.Action]:
-    """An action for a list field: ``--flag a b`` and ``--flag a,b`` both give ``[a, b]``."""
+def _is_none(text: str) -> bool:
+    return text.strip().lower() in NONE_WORDS
+
+
+def _or_none(convert: Any) -> Any:
+    """A flag type for an Optional field: a word of ``NONE_WORDS`` gives None, any other text
+    ``convert(text)``; else a field documented as "None: the whole split" could not be set back to
+    None from the command line."""
+
+    def parse(text: str) -> Any:
+        return None if _is_none(text) else convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")  # argparse: "invalid int value: 'x'"
+    return parse
+
+
+def _list_flag(item: type, optional: bool = False) -> type[argparse.Action]:
+    """An action for a list field: ``--flag a b`` and ``--flag a,b`` both give ``[a, b]``; for an
+    Optional field, a lone ``none`` gives None."""
 
     class ListFlag(argparse.Action):
         def __call__(self, parser, namespace, values, option_string=None):
             parts = [x for v in values for x in v.split(",") if x]
+            if optional and len(parts) == 1 and _is_none(parts[0]):
+                setattr(namespace, self.dest, None)
+                return
             try:
                 setattr(namespace, self.dest, [item(x) for x in parts])
             except ValueError:
@@ -198,15 +221,19 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type,
                      choices: Mapping[str, Sequence] | None = None) -> argparse.ArgumentParser:
     """One flag per dataclass field, described by its comment and grouped under its section
     (``field_docs``); give the parser ``argument_default=argparse.SUPPRESS`` so that only the
-    flags a user typed override the config file."""
+    flags a user typed override the config file. An Optional field's flag reads ``none`` (or
+    ``null``, any case) as None, and its help says so; a plain ``str`` field keeps "none" as text."""
     hints, defaults = typing.get_type_hints(cls), cls()
     helps, sections = field_docs(cls)
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(cls):
-        base, _ = _field_type(hints[f.name])
-        default = f"default: {getattr(defaults, f.name)!r}"
+        base, optional = _field_type(hints[f.name])
         doc = helps.get(f.name, "")
-        help_text = doc if "default:" in doc else f"{doc} ({default})" if doc else default
+        notes = [] if "default:" in doc else [f"default: {getattr(defaults, f.name)!r}"]
+        if optional and base is not bool:
+            notes.append("'none' for None")
+        note = "; ".join(notes)
+        help_text = f"{doc} ({note})" if doc and note else doc or note
         help_text = help_text.replace("%", "%%")  # argparse formats help with %
         title = sections.get(f.name)
         if title and title not in groups:
@@ -217,10 +244,17 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type,
         if origin is bool:
             target.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         elif origin is list:
-            target.add_argument(flag, nargs="+", action=_list_flag(_item_type(base)),
+            target.add_argument(flag, nargs="+", action=_list_flag(_item_type(base), optional),
                                 metavar="ITEM", help=help_text)
         elif origin is dict:
-            target.add_argument(flag, type=_json_object, metavar="JSON", help=help_text)
+            target.add_argument(flag, type=_or_none(_json_object) if optional else _json_object,
+                                metavar="JSON", help=help_text)
+        elif optional:
+            allowed = (choices or {}).get(f.name)
+            target.add_argument(flag, type=_or_none(origin), help=help_text,
+                                choices=None if allowed is None else (*allowed, None),
+                                metavar=None if allowed is None else
+                                "{" + ",".join(map(str, (*allowed, "none"))) + "}")
         else:
             target.add_argument(flag, type=origin, choices=(choices or {}).get(f.name),
                                 help=help_text)

@@ -68,23 +68,47 @@ class LoRAConfig:
     use_rslora: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.r, int) or self.r <= 0:
+        # Types first: a hand-edited adapter_config.json ("lora_alpha": "16") must fail here as a
+        # ValueError naming the field, not later as a TypeError deep in apply_lora.
+        if not _is_number(self.r, int) or self.r <= 0:
             raise ValueError(f"LoRAConfig.r must be a positive integer, got {self.r!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if not _is_number(self.alpha) or not math.isfinite(self.alpha):
+            raise ValueError(f"LoRAConfig.alpha must be a finite number, got {self.alpha!r}")
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRAConfig.dropout must be a number in [0, 1), got "
+                             f"{self.dropout!r}")
         if self.bias != "none":
             raise ValueError(f"LoRAConfig.bias={self.bias!r} is not supported: codelm's LoRA trains "
                              "only the low-rank matrices (bias='none')")
+        if not isinstance(self.use_rslora, bool):
+            raise ValueError(f"LoRAConfig.use_rslora must be true/false, got {self.use_rslora!r}")
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
+        if not isinstance(self.target_modules, (list, str)):
+            raise ValueError("LoRAConfig.target_modules must be a list of module names or one "
+                             f"regular expression, got {self.target_modules!r}")
         if not self.target_modules:
             raise ValueError("LoRAConfig.target_modules is empty; name the modules to adapt, "
                              "e.g. ['q_proj', 'v_proj'] or codelm's ['qkv', 'attn.proj']")
+        if isinstance(self.target_modules, str):
+            try:
+                re.compile(self.target_modules)
+            except re.error as e:
+                raise ValueError(f"LoRAConfig.target_modules {self.target_modules!r} is not a "
+                                 f"valid regular expression: {e}") from None
+        elif bad := [t for t in self.target_modules if not isinstance(t, str)]:
+            raise ValueError(f"LoRAConfig.target_modules must hold module names (strings), got "
+                             f"{bad[0]!r}")
 
     @property
     def scale(self) -> float:
         """alpha / r, or alpha / sqrt(r) with rsLoRA (rank-stabilised scaling)."""
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+def _is_number(value: object, kind: type | tuple[type, ...] = (int, float)) -> bool:
+    """isinstance without bool: JSON's true is no rank or scale."""
+    return isinstance(value, kind) and not isinstance(value, bool)
 
 
 @dataclass
@@ -636,10 +660,13 @@ def _target_spec(model: nn.Module, written: set[str]) -> list[str] | str:
     return leaves if selected == written else "|".join(re.escape(n) for n in sorted(written))
 
 
-def save_adapter(model: nn.Module, out_dir: str | Path) -> Path:
+def save_adapter(model: nn.Module, out_dir: str | Path,
+                 base_model_name_or_path: str | None = None) -> Path:
     """Write the adapters in PEFT's layout: adapter_config.json + adapter_model.safetensors, keys
     ``base_model.model.<HF module>.lora_A.weight`` etc., loadable by ``PeftModel.from_pretrained``
-    on the transformers model of the family."""
+    on the transformers model of the family. ``base_model_name_or_path``: the base's directory
+    (or hub name), recorded as PEFT records it, so that ``AutoPeftModelForCausalLM`` and
+    transformers load the adapter directory on its own."""
     cfg: LoRAConfig | None = getattr(model, "lora_config", None)
     if cfg is None:
         raise ValueError("save_adapter: the model has no LoRA adapters (apply_lora first)")
@@ -649,7 +676,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": None,
+        "base_model_name_or_path": base_model_name_or_path,
         "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
         "target_modules": _target_spec(model, written), "bias": cfg.bias,
         "use_rslora": cfg.use_rslora, "init_lora_weights": True, "inference_mode": True,

@@ -22,9 +22,15 @@ class Demo:
     ks: list[int] = field(default_factory=lambda: [1])
     options: dict = field(default_factory=dict)
     mode: str = "a"
+    tag: str = "x"  # a plain str: "none" is text here
+    limit: int | None = 5  # None: no limit
+    share: float | None = None
+    kind: str | None = None
+    paths: list[str] | None = None
+    extra: dict | None = None
 
 
-CHOICES = {"mode": ("a", "b")}
+CHOICES = {"mode": ("a", "b"), "kind": ("x", "y")}
 
 
 def _parse(argv, tmp_path=None):
@@ -92,6 +98,42 @@ def test_bad_flag_values_exit_2(capsys):
         assert exit_info.value.code == 2
 
 
+@pytest.mark.parametrize("word", ["none", "None", "NULL"])
+def test_optional_fields_take_none_on_the_command_line(word):
+    """A field documented as "None: no limit" must be settable to None from the command line."""
+    cfg = _parse(["--limit", word, "--share", word, "--kind", word, "--paths", word,
+                  "--extra", word, "--name", word, "--tag", word])
+    assert (cfg.limit, cfg.share, cfg.kind, cfg.paths, cfg.extra, cfg.name) == (None,) * 6
+    assert cfg.tag == word  # not Optional: the word is the value
+
+
+def test_optional_fields_still_take_values_and_refuse_bad_ones(capsys):
+    cfg = _parse(["--limit", "3", "--share", "0.5", "--kind", "y", "--paths", "none,b",
+                  "--extra", '{"a": 1}'])
+    assert (cfg.limit, cfg.share, cfg.kind, cfg.paths, cfg.extra) == (3, 0.5, "y", ["none", "b"],
+                                                                       {"a": 1})
+    for argv in (["--limit", "x"], ["--kind", "z"], ["--mode", "none"], ["--steps", "none"]):
+        with pytest.raises(SystemExit) as exit_info:
+            _parse(argv)
+        assert exit_info.value.code == 2
+    assert "invalid int value: 'none'" in capsys.readouterr().err
+
+
+def test_help_says_which_flags_take_none():
+    parser = argparse.ArgumentParser(argument_default=argparse.SUPPRESS)
+    text = " ".join(cliconfig.add_config_flags(parser, Demo, CHOICES).format_help().split())
+    assert "--limit LIMIT None: no limit (default: 5; 'none' for None)" in text
+    assert "--kind {x,y,none} default: None; 'none' for None" in text
+    assert "--tag TAG a plain str: \"none\" is text here (default: 'x') " in text
+
+
+def test_trainingmanager_eval_batches_none_is_the_whole_split():
+    import trainingmanager
+
+    assert trainingmanager.parse_config([]).eval_batches == 20
+    assert trainingmanager.parse_config(["--eval-batches", "none"]).eval_batches is None
+
+
 def test_help_comes_from_the_field_comments_grouped_by_section():
     """A field's trailing comment (continued on "#   " lines) is its --help text, with its
     default unless it states one; other comment lines title groups; '%' is printed as is."""
@@ -103,7 +145,8 @@ def test_help_comes_from_the_field_comments_grouped_by_section():
     parser = argparse.ArgumentParser(argument_default=argparse.SUPPRESS)
     text = " ".join(cliconfig.add_config_flags(parser, Demo, CHOICES).format_help().split())
     assert "optimisation: --lr LR peak rate: 100% at the end of warmup (default: 0.001)" in text
-    assert ("--name NAME runs/<name>; default: a timestamp switches: the second section: "
+    assert ("--name NAME runs/<name>; default: a timestamp ('none' for None) switches: the "
+            "second section: "
             "--fast, --no-fast default: False") in text
 
 

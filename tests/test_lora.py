@@ -360,6 +360,46 @@ def test_adapter_file_errors_name_the_file(tmp_path):
     assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in before.items())
 
 
+@pytest.mark.parametrize(("setting", "message"), [
+    (dict(r=True), r"LoRAConfig\.r must be a positive integer, got True"),
+    (dict(r=4.0), r"LoRAConfig\.r must be a positive integer"),
+    (dict(alpha="16"), r"LoRAConfig\.alpha must be a finite number, got '16'"),
+    (dict(alpha=False), r"LoRAConfig\.alpha must be"),
+    (dict(alpha=float("nan")), r"LoRAConfig\.alpha must be a finite number"),
+    (dict(dropout="0.1"), r"LoRAConfig\.dropout must be a number in \[0, 1\), got '0.1'"),
+    (dict(use_rslora="false"), r"LoRAConfig\.use_rslora must be true/false"),
+    (dict(target_modules=5), r"LoRAConfig\.target_modules must be a list .* got 5"),
+    (dict(target_modules=["q_proj", None]), r"must hold module names \(strings\), got None"),
+    (dict(target_modules="*proj"), r"LoRAConfig\.target_modules '\*proj' is not a valid regular "
+                                   r"expression: nothing to repeat"),
+])
+def test_malformed_settings_are_value_errors_naming_the_field(setting, message):
+    """Not a TypeError / re.error from deep inside apply_lora: callers catch ValueError."""
+    with pytest.raises(ValueError, match=message):
+        LoRAConfig(**setting)
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("lora_alpha", "16", r"alpha must be a finite number, got '16'"),
+    ("lora_dropout", "0.1", r"dropout must be a number in \[0, 1\)"),
+    ("r", 8.5, r"r must be a positive integer"),
+    ("target_modules", 5, r"target_modules must be a list"),
+    ("target_modules", ["q_proj", 3], r"target_modules must hold module names \(strings\), got 3"),
+    ("target_modules", "(q_proj", r"target_modules '\(q_proj' is not a valid regular expression: missing \)"),
+])
+def test_malformed_adapter_config_is_an_error_naming_the_file(tmp_path, key, value, message):
+    """A hand-edited adapter_config.json fails as "<file>: ..." (eval.py catches ValueError)."""
+    _, model, setting = _pair("phi", tmp_path)
+    apply_lora(model, LoRAConfig(**setting))
+    save_adapter(model, tmp_path / "a")
+    file = tmp_path / "a" / "adapter_config.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), key: value}))
+    _, fresh, _ = _pair("phi", tmp_path / "other")
+    with pytest.raises(ValueError, match=rf"adapter_config\.json: LoRAConfig\.{message}"):
+        load_adapter(fresh, tmp_path / "a")
+    assert not list(lora.lora_modules(fresh))
+
+
 def test_truncated_adapter_weights_are_an_error_naming_the_file(tmp_path):
     """A copy cut short (a full disk, a killed rsync) is the user's file to fix, not a crash."""
     _, model, setting = _pair("phi", tmp_path)
