@@ -24,7 +24,8 @@ best trial's config), ``trials.csv`` (every trial, its state, value, steps, para
 directory and the reason a trial failed or was pruned), ``importances.json`` (fANOVA parameter
 importances) and ``trials/trial-NNNN/``, each trial's run directory (``study.json`` names the
 storage whose study owns them). The command exits 0 once the study holds ``--n-trials``
-finished trials and one of them completed (so there is a ``best.json``), else 1.
+finished trials and one of them completed (so there is a ``best.json``), else 1; a worker
+of ``--workers`` that failed (its error ended it) gives the command its exit status.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -112,6 +114,7 @@ class TuneResult:
     finished: int  # trials counted toward n_trials
     best_value: float | None
     best_config: dict | None  # a trainingmanager config, also written to best.json
+    worker_status: int = 0  # --workers: the exit status of the first worker that failed
 
 
 class TrialFailed(Exception):
@@ -206,6 +209,35 @@ _SPEC_KEYS = {
 }
 
 
+def _check_spec_types(spec: typing.Any, where: str) -> None:
+    """Each field of one parameter's spec has its JSON type: Optuna takes ``"log": "false"`` as
+    true and fails on a string ``step`` with a TypeError, so neither may reach it."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where}: must be an object with a 'type', got {spec!r}")
+    kind = spec.get("type")
+    if not isinstance(kind, str) or kind not in _SPEC_KEYS:
+        raise ValueError(f"{where}.type: must be one of {sorted(_SPEC_KEYS)}, got {kind!r}")
+    required, optional = _SPEC_KEYS[kind]
+    if missing := required - set(spec):
+        raise ValueError(f"{where}: missing {sorted(missing)}")
+    if extra := set(spec) - required - optional - {"type"}:
+        raise ValueError(f"{where}: unknown key(s) {sorted(extra)}")
+    if kind == "categorical":
+        if not isinstance(spec["choices"], list) or not spec["choices"]:
+            raise ValueError(f"{where}.choices: must be a non-empty list, got {spec['choices']!r}")
+        return
+    number = (int,) if kind == "int" else (int, float)
+    for field in ("low", "high", "step"):
+        value = spec.get(field, 0)  # JSON's true/false are Python ints: refused too
+        if (isinstance(value, bool) or not isinstance(value, number)
+                or isinstance(value, float) and not math.isfinite(value)):
+            what = "an integer" if kind == "int" else "a finite number"
+            raise ValueError(f"{where}.{field}: must be {what}, got {value!r}")
+    if "log" in spec and not isinstance(spec["log"], bool):
+        raise ValueError(f"{where}.log: must be true or false (a JSON boolean), "
+                         f"got {spec['log']!r}")
+
+
 def load_space(space: str) -> SearchSpace:
     """A built-in space name or a JSON file; every key and bound is checked against TrainConfig."""
     path = SPACES_DIR / f"{space}.json"
@@ -232,24 +264,11 @@ def load_space(space: str) -> SearchSpace:
         where = f"{source}: params.{name}"
         if name not in known:
             raise ValueError(f"{where}: not a TrainConfig key; keys are: {', '.join(sorted(known))}")
-        kind = spec.get("type") if isinstance(spec, dict) else None
-        if kind not in _SPEC_KEYS:
-            raise ValueError(f"{where}: 'type' must be one of {sorted(_SPEC_KEYS)}")
-        required, optional = _SPEC_KEYS[kind]
-        if missing := required - set(spec):
-            raise ValueError(f"{where}: missing {sorted(missing)}")
-        if extra := set(spec) - required - optional - {"type"}:
-            raise ValueError(f"{where}: unknown key(s) {sorted(extra)}")
-        if kind == "categorical":
-            if not isinstance(spec["choices"], list) or not spec["choices"]:
-                raise ValueError(f"{where}: 'choices' must be a non-empty list")
+        _check_spec_types(spec, where)
+        if spec["type"] == "categorical":
             for choice in spec["choices"]:
                 trainingmanager.config_from_dict({**base, name: choice}, where)
         else:
-            number = int if kind == "int" else (int, float)
-            if not all(isinstance(spec[k], number) and not isinstance(spec[k], bool)
-                       for k in ("low", "high")):
-                raise ValueError(f"{where}: low and high must be {kind} numbers")
             try:  # Optuna's own checks: low <= high, log needs low > 0 and no step, ...
                 _distribution(spec)
             except ValueError as e:
@@ -799,6 +818,12 @@ def _quiet_optuna() -> None:
 
 
 def _check_ranges(cfg: TuneConfig, source: str) -> TuneConfig:
+    """Value checks the types alone do not make; the study name is one directory of --out-dir
+    (its files go to <out_dir>/<study_name>/: "" or "../x" would put them elsewhere)."""
+    name = cfg.study_name
+    if name in ("", ".", "..") or any(sep in name for sep in {"/", os.sep, os.altsep or "/"}):
+        raise ValueError(f"{source}: --study-name (key 'study_name') must be a non-empty name "
+                         f"of one directory under --out-dir: no '/', not '.' or '..', got {name!r}")
     for key in ("n_trials", "max_steps", "eval_every", "workers", "heartbeat_interval"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"{source}: key {key!r} must be at least 1, got {getattr(cfg, key)}")
@@ -831,20 +856,26 @@ def parse_config(argv: Sequence[str] | None = None) -> TuneConfig:
     return _check_ranges(cfg, args.get("config", "command line"))
 
 
+# What runs one worker (its arguments follow); tests put a stand-in trainer in front of main.
+WORKER_COMMAND = (sys.executable, str(ROOT / "hyperparam_tune.py"))
+
+
 def _start_workers(cfg: TuneConfig) -> list[subprocess.Popen]:
     config_file = study_dir(cfg) / "tune_config.json"
     worker_cfg = {**dataclasses.asdict(cfg), "progress": False}
     cliconfig.write_atomic(config_file, json.dumps(worker_cfg, indent=2) + "\n")
     # Their own session: a Ctrl-C (or a SIGTERM) reaches them once, forwarded by this process.
-    return [subprocess.Popen([sys.executable, str(ROOT / "hyperparam_tune.py"),
-                              "--config", str(config_file), "--worker", str(i)],
+    return [subprocess.Popen([*WORKER_COMMAND, "--config", str(config_file), "--worker", str(i)],
                              start_new_session=True)
             for i in range(1, cfg.workers + 1)]
 
 
-def _run_workers(cfg: TuneConfig, study: optuna.Study, bar: tqdm) -> None:
+def _run_workers(cfg: TuneConfig, study: optuna.Study, bar: tqdm) -> int:
     """Run ``cfg.workers`` worker processes to the end; a Ctrl-C or SIGTERM to this process is
-    passed on to them (the same signal), and they are waited for."""
+    passed on to them (the same signal), and they are waited for. Returns the exit status of the
+    first worker that failed (its error stopped it), else 0. A worker killed by a signal is
+    told but is no failure of the sweep: as with a dead worker on another machine, the study
+    queues its trial again, and the trial count decides."""
     procs = _start_workers(cfg)
     try:
         # poll() every worker each time: that reaps a dead one, whose process id must vanish
@@ -860,9 +891,22 @@ def _run_workers(cfg: TuneConfig, study: optuna.Study, bar: tqdm) -> None:
         for p in procs:
             p.wait()
         raise
+    failed = 0
     for i, p in enumerate(procs, start=1):
-        if p.returncode != 0:
-            print(f"worker {i} (pid {p.pid}) exited with status {p.returncode}", file=sys.stderr)
+        if p.returncode < 0:
+            print(f"worker {i} (pid {p.pid}) was killed by {_signal_name(-p.returncode)}",
+                  file=sys.stderr)
+        elif p.returncode > 0:
+            print(f"worker {i} (pid {p.pid}) failed: exit status {p.returncode}", file=sys.stderr)
+            failed = failed or p.returncode
+    return failed
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def tune(cfg: TuneConfig) -> TuneResult:
@@ -886,11 +930,12 @@ def tune(cfg: TuneConfig) -> TuneResult:
     finished = study_progress(study)[0]
     bar = tqdm(total=cfg.n_trials, initial=min(finished, cfg.n_trials), unit="trial",
                desc=cfg.study_name, disable=not cfg.progress)
+    worker_status = 0
     try:
         if cfg.workers == 1:
             run_worker(cfg, study, storage, space, base, progress=bar)
         else:
-            _run_workers(cfg, study, bar)
+            worker_status = _run_workers(cfg, study, bar)
     except BaseException:  # interrupted or stopped: what the finished trials found is kept
         if study_progress(study)[0]:
             write_reports(study, cfg)
@@ -903,7 +948,8 @@ def tune(cfg: TuneConfig) -> TuneResult:
               "same command again to continue", file=sys.stderr)
     best = write_reports(study, cfg)
     print_summary(study, cfg, best)
-    return TuneResult(study_dir(cfg), finished, study.best_value if best else None, best)
+    return TuneResult(study_dir(cfg), finished, study.best_value if best else None, best,
+                      worker_status)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -923,6 +969,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("interrupted: run the same command again to continue the study",
                   file=sys.stderr)
         return cliconfig.interrupted_exit_code(e)
+    if cfg.worker:  # it ran its trials; the parent judges the study (and writes best.json)
+        return 0
+    if result.worker_status:  # its error was told by the worker, and its status by the parent
+        return result.worker_status
     # Non-zero without a best config, so `tune && train --config best.json` stops there.
     return 0 if result.finished >= cfg.n_trials and result.best_config is not None else 1
 

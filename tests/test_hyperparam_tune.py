@@ -6,6 +6,7 @@ heartbeats) and, where .ci/run could start one, a PostgreSQL server.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -92,10 +93,11 @@ def assert_distinct_trials(trials, n: int) -> None:
     assert len({t.params["lr"] for t in trials}) == n, "two trials ran the same parameters"
 
 
-def test_two_local_workers_share_one_journal(tmp_path, corpus):
+def test_two_local_workers_share_one_journal(tmp_path, corpus, capfd):
     space = tiny_space(tmp_path, corpus)
     argv = tune_args(tmp_path, space, study_name="two", n_trials=6, workers=2, pruner="none")
     assert hyperparam_tune.main(argv) == 0
+    assert "worker" not in capfd.readouterr().err  # workers that ran their trials are not told
 
     trials = load_study(journal(tmp_path, "two"), "two").get_trials()
     assert_distinct_trials(trials, 6)
@@ -382,10 +384,30 @@ def test_builtin_spaces_are_valid_trainingmanager_values():
 
 @pytest.mark.parametrize("params, message", [
     ({"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2}}, "params.learning_rate"),
-    ({"lr": {"type": "uniform", "low": 1e-4, "high": 1e-2}}, "'type' must be one of"),
+    ({"lr": {"type": "uniform", "low": 1e-4, "high": 1e-2}}, "params.lr.type: must be one of"),
+    ({"lr": {"type": ["float"], "low": 1e-4, "high": 1e-2}}, "params.lr.type: must be one of"),
+    ({"lr": ["float", 1e-4, 1e-2]}, "params.lr: must be an object"),
     ({"lr": {"type": "float", "low": 1e-2, "high": 1e-4}}, "`low <= high` must hold"),
     ({"lr": {"type": "float", "low": 0.0, "high": 1e-2, "log": True}}, "log"),
-    ({"lr": {"type": "float", "low": "1e-4", "high": 1e-2}}, "must be float numbers"),
+    ({"lr": {"type": "float", "low": "1e-4", "high": 1e-2}},
+     "params.lr.low: must be a finite number, got '1e-4'"),
+    ({"lr": {"type": "float", "low": 1e-4, "high": True}}, "params.lr.high: must be a finite"),
+    # Optuna would take the string "false" as true: log-uniform sampling
+    ({"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": "false"}},
+     "params.lr.log: must be true or false"),
+    ({"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": 0}}, "params.lr.log: must be"),
+    ({"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "step": None}},
+     "params.lr.step: must be a finite number"),
+    ({"warmup_steps": {"type": "int", "low": 0, "high": 30, "step": "5"}},  # was a TypeError
+     "params.warmup_steps.step: must be an integer, got '5'"),
+    ({"warmup_steps": {"type": "int", "low": 0, "high": 30.5}},
+     "params.warmup_steps.high: must be an integer"),
+    ({"warmup_steps": {"type": "int", "low": False, "high": 30}},
+     "params.warmup_steps.low: must be an integer"),
+    ({"batch_size": {"type": "categorical", "choices": "8"}},
+     "params.batch_size.choices: must be a non-empty list"),
+    ({"batch_size": {"type": "categorical", "choices": []}},
+     "params.batch_size.choices: must be a non-empty list"),
     ({"batch_size": {"type": "categorical", "choices": ["8"]}}, "'batch_size' must be an integer"),
     # keys the sweep sets on every trial: a sampled value would be silently overwritten
     ({"max_steps": {"type": "int", "low": 2, "high": 3}}, "params.max_steps: the sweep sets"),
@@ -398,6 +420,28 @@ def test_bad_space_is_a_clear_error(tmp_path, params, message):
     with pytest.raises(ValueError, match=message) as e:
         hyperparam_tune.load_space(str(path))
     assert str(path) in str(e.value)
+
+
+def test_bad_space_field_type_exits_2_with_one_line(tmp_path, capsys):
+    space = tmp_path / "step.json"
+    space.write_text(json.dumps({"params": {"warmup_steps": {
+        "type": "int", "low": 0, "high": 30, "step": "5"}}}))
+    assert hyperparam_tune.main(tune_args(tmp_path, str(space), study_name="step")) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {space}: params.warmup_steps.step: must be an integer, got '5'\n"
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../escape", "a/b", "/abs"])
+def test_study_name_is_one_directory_under_out_dir(tmp_path, capsys, name):
+    """The study's files go to <out_dir>/<study_name>/: "" would spread them over --out-dir
+    itself, "../x" outside it."""
+    argv = tune_args(tmp_path / "out", "from-scratch", study_name=name, n_trials=1)
+    assert hyperparam_tune.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: command line: --study-name") and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []  # nothing written, inside --out-dir or beside it
+    with pytest.raises(ValueError, match="study_name"):
+        hyperparam_tune.config_from_dict({"study_name": name}, "tune.json")
 
 
 def test_cli_errors_exit_2_without_traceback(tmp_path, capsys):
@@ -635,3 +679,45 @@ def test_failed_or_interrupted_trial_prints_one_line(tmp_path, corpus, error, co
     assert done.returncode == code, done.stderr[-3000:]
     lines = done.stderr.splitlines()
     assert len(lines) == 1 and line in lines[0], done.stderr[-3000:]
+
+
+FAKE_WORKER = """
+import os, signal, sys
+from pathlib import Path
+sys.path.insert(0, {root!r})
+import hyperparam_tune, trainingmanager
+if sys.argv[-1] == "2" and {fault!r} == "error":
+    print("error: worker 2 cannot run", file=sys.stderr)
+    sys.exit(2)
+if sys.argv[-1] == "2" and {fault!r} == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)
+def train(cfg, on_eval=None, resume_hint=None):
+    run_dir = Path(cfg.out_dir) / cfg.name
+    return trainingmanager.TrainResult(run_dir=run_dir, best_val_loss=cfg.lr, step=cfg.max_steps)
+trainingmanager.train = train
+sys.exit(hyperparam_tune.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("fault, code, told", [
+    (None, 0, None),  # every worker ran its trials: nothing to tell, exit 0
+    ("error", 2, r"worker 2 \(pid \d+\) failed: exit status 2"),
+    # as a dead worker elsewhere: told, its trials run by the others, the trial count decides
+    ("kill", 0, r"worker 2 \(pid \d+\) was killed by SIGKILL"),
+])
+def test_parent_tells_and_returns_only_worker_failures(tmp_path, corpus, capfd, monkeypatch,
+                                                       fault, code, told):
+    """A worker's own run has no best config to judge: it exits 0 once it ran its trials. The
+    parent tells each worker that ended otherwise, and a failed worker's status is its own."""
+    script = FAKE_WORKER.format(root=str(ROOT), fault=fault)
+    monkeypatch.setattr(hyperparam_tune, "WORKER_COMMAND", (sys.executable, "-c", script))
+    argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="w", n_trials=3,
+                     workers=2)
+    assert hyperparam_tune.main(argv) == code
+    err = capfd.readouterr().err
+    told_lines = [line for line in err.splitlines() if line.startswith("worker ")]
+    if told is None:
+        assert told_lines == [], err
+    else:
+        assert len(told_lines) == 1 and re.fullmatch(told, told_lines[0]), err
+    assert (tmp_path / "runs" / "w" / "best.json").is_file()  # worker 1 ran every trial
