@@ -5,10 +5,14 @@ What each run gets, and what it guarantees:
 - **A separate process** (``python -I -S -B``: no site-packages, no user site, no ``PYTHON*``
   variables, no bytecode written) in **its own process group**, killed as a group with SIGKILL
   at the wall-clock limit, and once more after it exits so nothing it started outlives it (also
-  when the caller is interrupted; ``kill_running()`` ends the runs other threads wait on).
+  when the caller is interrupted; ``kill_running()`` ends the runs other threads wait on). It
+  **dies with the evaluator** (``PR_SET_PDEATHSIG``): an evaluator killed by SIGKILL or the OOM
+  killer, whose wall-clock limit dies with it, leaves no sample running.
 - **rlimits set in the child before user code**: CPU seconds, address space (a memory bomb gets
   ``MemoryError`` or dies), file size (also caps what it can print), no core dumps.
 - **A fresh temporary working directory** (also its ``HOME`` and ``TMPDIR``), removed afterwards.
+  It is named ``codelm-sandbox-PID@HOST@...`` after the evaluator: one that a killed evaluator
+  left behind is removed by the first run of a later evaluator on the same machine.
 - **A minimal environment**: only ``PATH``, ``HOME``, ``TMPDIR``, ``LANG``; nothing of the
   evaluator's environment (tokens, keys) is inherited.
 - **A completion signal the program cannot forge by reading**: a random token reaches the
@@ -17,29 +21,46 @@ What each run gets, and what it guarantees:
   ran to its end. ``SandboxResult.completed`` says so; an early ``os._exit(0)`` exits 0 without
   it. Code that walks the interpreter's own frames or memory could still find the token: the
   same limit as the audit hook below.
-- **Writes confined to the working directory**, by two layers:
+- **Writes confined to the working directory, the evaluator out of reach**, by three layers:
   1. Landlock (Linux >= 5.13, unprivileged, kernel-enforced) when the kernel offers it: no file
      may be created, written, truncated, removed or renamed outside the working directory, by the
      sample or anything it runs; it also cannot ptrace/read ``/proc/<pid>/environ`` of processes
      outside its domain, open TCP connections (Landlock ABI >= 4), or signal the evaluator
      (ABI >= 6).
-  2. A Python audit hook installed before user code (always): refuses opens for writing outside
+  2. A seccomp filter (x86_64 and aarch64, any kernel; inherited by anything it runs): signals
+     (``kill``, ``tgkill``, ``rt_*sigqueueinfo``) and rlimit changes reach only the sample
+     itself; ``tkill``, ``pidfd_open``, ``pidfd_send_signal`` and making a file send SIGIO to
+     a process (``F_SETOWN``, ``FIOSETOWN``) are refused.
+  3. A Python audit hook installed before user code (always): refuses opens for writing outside
      the working directory, directory opens outside it (so ``dir_fd`` tricks have nothing to
      start from), file-system changes outside it, reading another process's ``/proc/<pid>``,
-     starting processes, sockets, signals, and ``ctypes``.
-  ``SandboxResult.landlock`` says whether layer 1 was active.
+     starting processes, sockets, signals, ``resource.prlimit`` of another process,
+     ``F_SETOWN``, and ``ctypes``. What writes or signals from C without an audit event is
+     replaced or withheld before user code: ``os.mkfifo``/``os.mknod`` refuse paths outside,
+     ``os.pidfd_open`` and ``signal.pidfd_send_signal`` always refuse; ``sqlite3.connect``
+     refuses a database outside (a path or a ``file:`` URI), and without Landlock each
+     connection's authorizer refuses ``ATTACH`` / ``VACUUM INTO`` outside (or of a name given
+     as a parameter); ``_dbm``/``_gdbm`` (``dbm`` falls back to ``dbm.dumb``), ``readline``,
+     ``_posixshmem`` and ``_multiprocessing`` are not available.
+  ``SandboxResult.landlock`` / ``.seccomp`` say whether layers 1 / 2 were active; both need
+  ``ctypes`` in the interpreter, as dying with the evaluator does.
 
 What it does *not* guarantee: reads are not confined (a sample can read any file the evaluator's
-user can read); disk use is bounded per file, not in total; without Landlock, the audit hook is
-an in-process guard that deliberately hostile code can defeat (e.g. by monkeypatching
-``posixpath`` internals before writing), and forks are refused only by that hook (RLIMIT_NPROC
-does not bind root). It is no substitute for a container or VM when running code from an
-adversary. It is built for code from our own models: buggy, looping, memory-hungry or careless,
-not malicious. Imports of ``subprocess``, ``multiprocessing`` and ``ctypes`` fail by design.
+user can read); disk use is bounded per file, not in total; the sample can still lower the
+evaluator's scheduling priority or CPU affinity (``os.setpriority``, ``os.sched_setaffinity``:
+slower, never killed). Without Landlock, the audit hook is an in-process guard that deliberately
+hostile code can defeat (e.g. by monkeypatching ``posixpath`` internals before writing, building
+a fresh ``posix`` module with ``_imp.create_builtin`` to get the original ``mkfifo``, or setting
+its own sqlite authorizer), and forks are refused only by that hook (RLIMIT_NPROC does not bind
+root; a fork would not die with the evaluator). It is no substitute for a container or VM when
+running code from an adversary. It is built for code from our own models: buggy, looping,
+memory-hungry or careless, not malicious. Imports of ``subprocess``, ``multiprocessing`` and
+``ctypes`` fail by design.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -47,6 +68,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -59,6 +81,8 @@ from pathlib import Path
 EXIT_MEMORY = 113
 # Smallest sensible address-space limit: the interpreter alone maps about 15 MB before any test.
 MIN_MEMORY_MB = 64
+# Tests emulate older kernels with it: the highest Landlock ABI a run may use (0: none).
+_LANDLOCK_ABI_CAP: int | None = None
 
 _BOOTSTRAP = r'''
 import builtins, json, os, resource, sys, types
@@ -82,15 +106,39 @@ def _limits(cfg):
     resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
-def _landlock(workdir):
-    """Kernel-enforced: writes only beneath workdir. Returns the ABI version, 0 if unavailable."""
+def _kernel(cfg, workdir):
+    """The kernel-enforced layers, set through ctypes (then forgotten: the sample may not import
+    it): die with the evaluator, Landlock, seccomp. Returns (Landlock ABI or 0, seccomp on)."""
     try:
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
+    except (ImportError, OSError):
+        return 0, False
+    try:
+        # The wall-clock limit lives in the evaluator: die with it (SIGKILL when the thread that
+        # started this process exits). If it died before this line, our parent is someone else.
+        libc.prctl(1, ctypes.c_ulong(9), 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
+        if os.getppid() != cfg["parent_pid"]:
+            os._exit(1)
+        abi = _landlock(ctypes, libc, workdir, cfg["landlock_cap"])
+        try:
+            seccomp = _seccomp(ctypes, libc)
+        except (OSError, AttributeError):
+            seccomp = False
+        return abi, seccomp
+    finally:
+        for name in [m for m in sys.modules if "ctypes" in m]:
+            del sys.modules[name]
+
+def _landlock(ctypes, libc, workdir, cap):
+    """Kernel-enforced: writes only beneath workdir. Returns the ABI version, 0 if unavailable."""
+    try:
         syscall = libc.syscall
         syscall.restype = ctypes.c_long
         create, add_rule, restrict = 444, 445, 446  # same numbers on x86_64 and aarch64
         abi = syscall(create, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+        if cap is not None:  # tests emulate older kernels
+            abi = min(abi, cap)
         if abi < 1:
             return 0
         write_rights = (1 << 1) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 7) | (1 << 8) \
@@ -130,24 +178,79 @@ def _landlock(workdir):
         return abi if ok else 0
     except (OSError, AttributeError):
         return 0
-    finally:
-        for name in [m for m in sys.modules if "ctypes" in m]:
-            del sys.modules[name]
 
-def _install_guard(workdir):
+# machine -> (AUDIT_ARCH_*, syscall numbers); pidfd_send_signal (424) and pidfd_open (434) are
+# the same on both
+_SECCOMP_ARCH = {
+    "x86_64": (0xC000003E, {"kill": 62, "tkill": 200, "tgkill": 234, "rt_sigqueueinfo": 129,
+                            "rt_tgsigqueueinfo": 297, "prlimit64": 302, "fcntl": 72,
+                            "ioctl": 16}),
+    "aarch64": (0xC00000B7, {"kill": 129, "tkill": 130, "tgkill": 131, "rt_sigqueueinfo": 138,
+                             "rt_tgsigqueueinfo": 240, "prlimit64": 261, "fcntl": 25,
+                             "ioctl": 29}),
+}
+
+def _seccomp(ctypes, libc):
+    """Kernel-enforced on every kernel (Landlock scopes signals only from ABI 6, Linux 6.12):
+    signals and rlimit changes reach only this process, and no file may send SIGIO to another
+    (F_SETOWN). Everything else is allowed. Returns whether the filter is on."""
+    machine = os.uname().machine
+    if machine not in _SECCOMP_ARCH or sys.byteorder != "little":
+        return False
+    arch, nr = _SECCOMP_ARCH[machine]
+    nr = dict(nr, pidfd_send_signal=424, pidfd_open=434)
+    allow, deny = 0x7FFF0000, 0x00050001  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EPERM
+    me = os.getpid()
+    # (syscall, argument, values, what a listed value gets; any other value gets the opposite)
+    rules = [(name, 0, (0, me), allow) for name in
+             ("kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "prlimit64")]
+    rules += [(name, 0, (), allow) for name in ("tkill", "pidfd_send_signal", "pidfd_open")]
+    rules += [("fcntl", 1, (8, 15), deny),  # F_SETOWN, F_SETOWN_EX
+              ("ioctl", 1, (0x8901, 0x8902), deny)]  # FIOSETOWN, SIOCSPGRP
+    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, JMP|JEQ|K, JMP|JGE|K, RET|K
+    prog = [(ld, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, deny),  # another ABI (i386)
+            (ld, 0, 0, 0), (jge, 0, 1, 0x40000000), (ret, 0, 0, deny)]  # x32 syscalls
+    for name, arg, values, hit in rules:  # A holds the syscall number between rules
+        n = len(values)
+        prog += [(jeq, 0, n + 3, nr[name]), (ld, 0, 0, 16 + 8 * arg)]  # low 32 bits of arg
+        prog += [(jeq, n - i, 0, value) for i, value in enumerate(values)]
+        prog += [(ret, 0, 0, allow if hit == deny else deny), (ret, 0, 0, hit)]
+    prog.append((ret, 0, 0, allow))
+
+    class Filter(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
+                    ("k", ctypes.c_uint32)]
+
+    class Program(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(Filter))]
+
+    program = Program(len(prog), (Filter * len(prog))(*prog))
+    ulong = ctypes.c_ulong
+    return (libc.prctl(38, ulong(1), ulong(0), ulong(0), ulong(0)) == 0  # PR_SET_NO_NEW_PRIVS
+            and libc.prctl(22, ulong(2), ctypes.byref(program), ulong(0), ulong(0)) == 0)
+
+def _install_guard(workdir, landlock):
     realpath, isdir, fsdecode, getpid = os.path.realpath, os.path.isdir, os.fsdecode, os.getpid
     prefix = workdir + os.sep
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
     denied = {"os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
               "os.kill", "os.killpg", "signal.pthread_kill", "subprocess.Popen", "pty.spawn",
               "socket.__new__", "os.chroot"}
-    denied_imports = {"ctypes", "_ctypes", "_posixsubprocess", "subprocess", "multiprocessing"}
+    # posix and _signal are loaded already: importing one again would bring back the functions
+    # replaced below
+    denied_imports = {"ctypes", "_ctypes", "_posixsubprocess", "subprocess", "multiprocessing",
+                      "posix", "_signal"}
+    # C modules that write files (or /dev/shm objects) with no audit event: "not installed", so
+    # that optional users fall back (dbm to dbm.dumb, which writes through open)
+    unavailable = {"_dbm", "_gdbm", "_posixshmem", "_multiprocessing", "readline"}
     # event -> indices of path arguments that must stay inside the working directory
     path_events = {"os.chmod": (0,), "os.chown": (0,), "os.link": (0, 1), "os.mkdir": (0,),
                    "os.remove": (0,), "os.rename": (0, 1), "os.rmdir": (0,),
                    "os.symlink": (1,), "os.truncate": (0,), "os.utime": (0,),
                    "os.chflags": (0,), "os.lchflags": (0,), "os.setxattr": (0,),
                    "os.removexattr": (0,)}
+    # commands that make a file send SIGIO (default action: terminate) to a given process
+    sigio_owner = {"fcntl.fcntl": (8, 15), "fcntl.ioctl": (0x8901, 0x8902)}
 
     def inside(path):
         real = realpath(fsdecode(path))
@@ -155,6 +258,25 @@ def _install_guard(workdir):
 
     def deny(what):
         raise PermissionError(f"sandbox: {what} is not allowed")
+
+    def sqlite_inside(name):
+        """Whether the database a sqlite3 name means, as a path or as a file: URI, is inside."""
+        if name is None:  # ATTACH of a parameter or an expression: the authorizer cannot tell
+            return False
+        name = fsdecode(name)
+        if name in ("", ":memory:"):
+            return True
+        if not name.startswith("file:"):
+            return inside(name)
+        path = name[5:].partition("?")[0].partition("#")[0]
+        if path.startswith("//"):  # file://host/path
+            path = "/" + path[2:].partition("/")[2]
+        # a URI with uri=True, else a plain name; %-escapes are refused, not decoded
+        return "%" not in path and inside(path or ".") and inside(name)
+
+    def sqlite_authorizer(action, name, *_):
+        """ATTACH (and VACUUM INTO, which attaches its target) only inside: SQLITE_DENY."""
+        return 1 if action == 24 and not sqlite_inside(name) else 0
 
     def guard(event, args):
         if event == "open":
@@ -182,7 +304,51 @@ def _install_guard(workdir):
             deny(event)
         elif event == "import" and args[0] in denied_imports:
             deny(f"importing {args[0]}")
+        elif event == "import" and args[0] in unavailable:
+            raise ModuleNotFoundError(f"sandbox: {args[0]} is not available", name=args[0])
+        elif event == "sqlite3.connect" and not sqlite_inside(args[0]):
+            deny(f"sqlite3.connect({args[0]!r}) (outside the working directory)")
+        elif event == "resource.prlimit" and args[0] not in (0, getpid()):
+            deny("resource.prlimit of another process")
+        elif event in sigio_owner and args[1] in sigio_owner[event]:
+            deny(f"{event} command {args[1]:#x} (SIGIO to another process)")
 
+    def refused(name):
+        def refuse(*args, **kwargs):
+            deny(name)
+        return refuse
+
+    def confined(name, make):
+        def make_inside(path, *args, dir_fd=None, **kwargs):
+            if dir_fd is not None or not inside(path):
+                deny(f"os.{name} on {path!r} (outside the working directory)")
+            return make(path, *args, **kwargs)
+        return make_inside
+
+    # No audit event for these (the seccomp filter refuses the signal ones too): replaced before
+    # user code, in posix and os, and in _signal before signal.py copies it.
+    import _signal, posix
+    replacements = [(posix, "pidfd_open", refused("os.pidfd_open")),
+                    (_signal, "pidfd_send_signal", refused("signal.pidfd_send_signal"))]
+    replacements += [(posix, name, confined(name, getattr(posix, name)))
+                     for name in ("mkfifo", "mknod") if hasattr(posix, name)]
+    for module, name, replacement in replacements:
+        for target in (module, os):
+            if hasattr(target, name):
+                setattr(target, name, replacement)
+    if not landlock:  # nothing else stops sqlite's own ATTACH and VACUUM INTO: checked there
+        try:
+            import _sqlite3
+        except ImportError:
+            pass
+        else:
+            connect = _sqlite3.connect  # sqlite3 copies it on import
+
+            def connect_confined(*args, **kwargs):
+                connection = connect(*args, **kwargs)
+                connection.set_authorizer(sqlite_authorizer)
+                return connection
+            _sqlite3.connect = connect_confined
     sys.addaudithook(guard)
 
 def _main():
@@ -192,11 +358,11 @@ def _main():
     with open(program, encoding="utf-8") as f:
         source = f.read()
     workdir = os.path.realpath(os.getcwd())
-    abi = _landlock(workdir)
-    sys.stderr.write(f"sandbox: landlock={abi}\n")
+    abi, seccomp = _kernel(cfg, workdir)
+    sys.stderr.write(f"sandbox: landlock={abi} seccomp={int(seccomp)}\n")
     sys.stderr.flush()
     _limits(cfg)
-    _install_guard(workdir)
+    _install_guard(workdir, abi > 0)
     sys.argv = [program]
     code = compile(source, program, "exec")
     main = types.ModuleType("__main__")  # the sample is __main__, as under `python program.py`
@@ -236,6 +402,7 @@ class SandboxResult:
     duration_s: float
     landlock: bool
     completed: bool = False  # the program ran to its end (no early exit of any kind)
+    seccomp: bool = False  # the kernel filter on signals was active
 
     @property
     def passed(self) -> bool:
@@ -256,6 +423,52 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
+# A run's directory is named ``codelm-sandbox-PID@HOST@...`` after its evaluator: a later one
+# removes those of evaluators that died on this machine (SIGKILL, the OOM killer), and leaves
+# other machines' (a shared /tmp).
+_OWNED = re.compile(r"codelm-sandbox-(?P<pid>\d+)@(?P<host>[^@]*)@")
+_swept = False  # this process has removed the dead evaluators' directories
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove(directory: Path) -> None:
+    """Remove a run's directory; samples can leave read-only files or directories behind."""
+    try:
+        os.chmod(directory, 0o700)
+    except OSError:
+        return
+    for root, dirs, files in os.walk(directory):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                with contextlib.suppress(OSError):  # another evaluator may be removing it too
+                    os.chmod(path, 0o700)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _remove_dead_runs() -> None:
+    """Once per process: remove what the runs of evaluators killed on this machine left behind
+    (their samples died with them, through PR_SET_PDEATHSIG)."""
+    global _swept
+    if _swept:
+        return
+    _swept = True
+    host = socket.gethostname()
+    for entry in Path(tempfile.gettempdir()).glob("codelm-sandbox-*"):
+        match = _OWNED.match(entry.name)
+        if match and match["host"] == host and not _alive(int(match["pid"])):
+            _remove(entry)
+
+
 _RUNNING: set[int] = set()  # process groups of the runs in flight, in any thread
 _RUNNING_LOCK = threading.Lock()
 
@@ -274,14 +487,18 @@ def run_python(source: str, config: SandboxConfig | None = None) -> SandboxResul
     anything the program does. ``completed`` in the result tells a run that reached the end of
     ``source`` from one that exited early."""
     cfg = config or SandboxConfig()
-    limits = {
+    settings = {
         "cpu_s": math.ceil(cfg.timeout_s) + 1,
         "memory_bytes": cfg.memory_mb * 2**20,
         "file_bytes": cfg.file_mb * 2**20,
+        "parent_pid": os.getpid(),  # the sample dies with this process
+        "landlock_cap": _LANDLOCK_ABI_CAP,
     }
     token = secrets.token_hex(16)  # only the bootstrap learns it, through stdin
-    with tempfile.TemporaryDirectory(prefix="codelm-sandbox-") as control:
-        control_dir = Path(control)
+    _remove_dead_runs()
+    owner = f"codelm-sandbox-{os.getpid()}@{socket.gethostname()}@"
+    control_dir = Path(tempfile.mkdtemp(prefix=owner))
+    try:
         workdir = control_dir / "work"
         workdir.mkdir()
         (control_dir / "bootstrap.py").write_text(_BOOTSTRAP, encoding="utf-8")
@@ -289,7 +506,7 @@ def run_python(source: str, config: SandboxConfig | None = None) -> SandboxResul
         env = {"PATH": os.defpath, "HOME": str(workdir), "TMPDIR": str(workdir),
                "LANG": "C.UTF-8"}
         command = [sys.executable, "-I", "-S", "-B", str(control_dir / "bootstrap.py"),
-                   str(control_dir / "program.py"), json.dumps(limits)]
+                   str(control_dir / "program.py"), json.dumps(settings)]
         with open(control_dir / "stdout", "wb") as out, open(control_dir / "stderr", "wb") as err:
             start = time.monotonic()
             proc = subprocess.Popen(command, cwd=workdir, env=env, stdin=subprocess.PIPE,
@@ -314,20 +531,15 @@ def run_python(source: str, config: SandboxConfig | None = None) -> SandboxResul
             duration = time.monotonic() - start
         stdout = _tail(control_dir / "stdout", cfg.max_output_chars)
         with open(control_dir / "stderr", "rb") as f:
-            landlock = f.readline().strip() not in (b"sandbox: landlock=0", b"")
+            header = re.match(rb"sandbox: landlock=(\d+) seccomp=(\d)$", f.readline().strip())
+        landlock, seccomp = (header[1] != b"0", header[2] == b"1") if header else (False, False)
         stderr = _tail(control_dir / "stderr", cfg.max_output_chars)
-        stderr = re.sub(r"\Asandbox: landlock=\d+\n", "", stderr)
+        stderr = re.sub(r"\Asandbox: landlock=\d+ seccomp=\d\n", "", stderr)
         marker = f"\nsandbox: completed {token}\n"
         completed = marker in stderr
         stderr = stderr.replace(marker, "")
-        # Samples can leave read-only files or directories behind; make them removable.
-        os.chmod(workdir, 0o700)
-        for root, dirs, files in os.walk(workdir):
-            for name in dirs + files:
-                path = os.path.join(root, name)
-                if not os.path.islink(path):
-                    os.chmod(path, 0o700)
-        shutil.rmtree(workdir, ignore_errors=True)
+    finally:
+        _remove(control_dir)
     code = proc.returncode
     if timed_out:
         status = "timeout"
@@ -341,4 +553,4 @@ def run_python(source: str, config: SandboxConfig | None = None) -> SandboxResul
         status = "killed"
     else:
         status = "failed"
-    return SandboxResult(status, code, stdout, stderr, duration, landlock, completed)
+    return SandboxResult(status, code, stdout, stderr, duration, landlock, completed, seccomp)

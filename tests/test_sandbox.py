@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
+import sandbox
 from sandbox import SandboxConfig, kill_running, run_python
 
 FAST = SandboxConfig(timeout_s=3.0, memory_mb=256)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_plain_program_passes_and_output_is_captured():
@@ -179,3 +188,177 @@ def test_completion_token_cannot_be_read_by_the_program():
     )
     result = run_python(program, FAST)
     assert result.passed and not result.completed, result.stderr
+
+
+def _evaluate_elsewhere(sources: list[str], landlock_cap: int) -> list[str]:
+    """Each sample's status and last stderr line, run by a separate evaluator process (a sample
+    that kills its evaluator must not take pytest with it) whose Landlock is capped to emulate
+    an older kernel. The evaluator must survive them all."""
+    script = (
+        "import json, sys\n"
+        "import sandbox\n"
+        f"sandbox._LANDLOCK_ABI_CAP = {landlock_cap}\n"
+        "for source in json.loads(sys.argv[1]):\n"
+        "    r = sandbox.run_python(source, sandbox.SandboxConfig(timeout_s=3.0, memory_mb=256))\n"
+        "    print(r.status, (r.stderr.strip().splitlines() or [''])[-1], flush=True)\n"
+    )
+    evaluator = subprocess.run([sys.executable, "-c", script, json.dumps(sources)], cwd=ROOT,
+                               capture_output=True, text=True, timeout=60)
+    assert evaluator.returncode == 0, (evaluator.returncode, evaluator.stdout, evaluator.stderr)
+    return evaluator.stdout.splitlines()
+
+
+def test_evaluator_survives_signals_without_audit_events_on_older_kernels():
+    # Landlock ABI 4 (Linux 6.7-6.11, e.g. Ubuntu 24.04) does not scope signals; none of these
+    # calls raises an audit event of its own, or the one it raises was not checked.
+    hostile = [
+        "import os, signal\nsignal.pidfd_send_signal(os.pidfd_open(os.getppid()), signal.SIGKILL)",
+        # SIGIO (default action: terminate) to the owner of a file that becomes readable
+        "import fcntl, os\nr, w = os.pipe()\nfcntl.fcntl(r, fcntl.F_SETOWN, os.getppid())\n"
+        "fcntl.fcntl(r, fcntl.F_SETFL, os.O_ASYNC)\nos.write(w, b'x')",
+        "import fcntl, os, struct\nr, w = os.pipe()\n"
+        "fcntl.ioctl(r, 0x8901, struct.pack('i', os.getppid()))  # FIOSETOWN\n"
+        "fcntl.fcntl(r, fcntl.F_SETFL, os.O_ASYNC)\nos.write(w, b'x')",
+        "import os, resource\nresource.prlimit(os.getppid(), resource.RLIMIT_NOFILE, (3, 3))",
+    ]
+    for line in _evaluate_elsewhere(hostile, landlock_cap=4):
+        assert line.startswith("failed PermissionError: sandbox:"), line
+
+
+def test_kernel_filter_holds_when_the_hook_is_fooled():
+    if not run_python("pass", FAST).seccomp:
+        pytest.skip("no seccomp filter on this machine; only the in-process guard is active")
+    # Fresh copies of the C modules still hold the functions the bootstrap replaced.
+    fooled = (
+        "import _imp, importlib.util, os\n"
+        "posix = _imp.create_builtin(importlib.util.find_spec('posix'))\n"
+        "signals = _imp.create_builtin(importlib.util.find_spec('_signal'))\n"
+        "signals.pidfd_send_signal(posix.pidfd_open(os.getppid()), 9)"
+    )
+    [line] = _evaluate_elsewhere([fooled], landlock_cap=4)
+    assert line == "failed PermissionError: [Errno 1] Operation not permitted", line
+
+
+def test_kernel_filter_keeps_signals_and_limits_to_the_sample_itself():
+    # The bootstrap's filter alone (no audit hook) in a plain child process, probing this
+    # process harmlessly: signal 0, reading a limit, an owner for a pipe that never gets O_ASYNC.
+    definitions = sandbox._BOOTSTRAP[: sandbox._BOOTSTRAP.rindex("EXIT_MEMORY =")]
+    probe = definitions + textwrap.dedent("""
+        import ctypes, fcntl, signal, struct
+        if not _seccomp(ctypes, ctypes.CDLL(None)):
+            sys.exit(77)
+        other, me = int(sys.argv[1]), os.getpid()
+        r, w = os.pipe()
+        for name, attempt in {
+            "kill": lambda: os.kill(other, 0),
+            "kill all": lambda: os.kill(-1, 0),
+            "pidfd_open": lambda: os.pidfd_open(other),
+            "prlimit": lambda: resource.prlimit(other, resource.RLIMIT_NOFILE),
+            "F_SETOWN": lambda: fcntl.fcntl(r, fcntl.F_SETOWN, other),
+            "FIOSETOWN": lambda: fcntl.ioctl(r, 0x8901, struct.pack("i", other)),
+        }.items():
+            try:
+                attempt()
+                print(name, "allowed")
+            except PermissionError:
+                print(name, "refused")
+        os.kill(me, 0)
+        resource.setrlimit(resource.RLIMIT_NOFILE, resource.prlimit(me, resource.RLIMIT_NOFILE))
+        signal.signal(signal.SIGUSR1, lambda *_: print("own signal delivered"))
+        signal.raise_signal(signal.SIGUSR1)
+    """)
+    result = subprocess.run([sys.executable, "-I", "-c", probe, str(os.getpid())],
+                            capture_output=True, text=True, timeout=30)
+    if result.returncode == 77:
+        pytest.skip("no seccomp filter for this machine")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"{name} refused" for name in
+        ("kill", "kill all", "pidfd_open", "prlimit", "F_SETOWN", "FIOSETOWN")
+    ] + ["own signal delivered"]
+
+
+@pytest.mark.parametrize("attempt", [
+    "import sqlite3\nsqlite3.connect(TARGET).execute('create table t(x)')",
+    "import sqlite3\nsqlite3.connect(f'file:{TARGET}?mode=rwc', uri=True).execute('create table t(x)')",
+    "import sqlite3\nsqlite3.connect(':memory:').execute(f\"attach database '{TARGET}' as a\")",
+    "import sqlite3\nc = sqlite3.connect(':memory:')\nc.execute('create table t(x)')\n"
+    "c.execute('vacuum into ?', (TARGET,))",
+    "import os\nos.mkfifo(TARGET)",
+    "import os\nos.mknod(TARGET)",
+    "import dbm\nwith dbm.open(TARGET, 'c') as db:\n    db['k'] = 'v'",
+    "import readline\nreadline.write_history_file(TARGET)",
+    "import _posixshmem  # creates files in /dev/shm",
+])
+def test_without_landlock_c_level_writers_stay_inside(tmp_path, monkeypatch, attempt):
+    # The documented fallback (no Landlock: old kernels, gVisor, seccomp profiles): only the
+    # audit hook guards, and these write from C without an open() it sees.
+    monkeypatch.setattr(sandbox, "_LANDLOCK_ABI_CAP", 0)
+    result = run_python(f"TARGET = {str(tmp_path / 'outside')!r}\n{attempt}", FAST)
+    assert not result.landlock and result.status == "failed", result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("landlock_cap", [None, 0])
+def test_c_level_writers_work_inside_the_working_directory(monkeypatch, landlock_cap):
+    monkeypatch.setattr(sandbox, "_LANDLOCK_ABI_CAP", landlock_cap)
+    program = (
+        "import dbm, os, sqlite3\n"
+        "c = sqlite3.connect('a.db')\n"
+        "c.execute('create table t(x)')\n"
+        "c.execute(\"attach database 'b.db' as b\")\n"
+        "c.commit()\n"
+        "c.execute('vacuum')\n"
+        "c.execute(\"vacuum into 'c.db'\")\n"
+        "sqlite3.connect(':memory:').execute('create table t(x)')\n"
+        "sqlite3.connect('file:d.db?mode=rwc', uri=True).execute('create table t(x)')\n"
+        "os.mkfifo('fifo')\n"
+        "os.mknod('node')\n"
+        "with dbm.open('db', 'c') as db:\n"
+        "    db['k'] = 'v'\n"
+        "print(sorted(n for n in os.listdir('.') if not n.startswith('db.')))\n"
+    )
+    result = run_python(program, FAST)
+    assert result.passed, result.stderr
+    assert result.stdout == "['a.db', 'b.db', 'c.db', 'd.db', 'fifo', 'node']\n"
+
+
+def _gone(pid: int) -> bool:
+    """Exited (a zombie too: a container's init may never reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
+    except OSError:
+        return True
+
+
+def test_sample_dies_with_its_evaluator_and_a_later_run_removes_its_directory(monkeypatch):
+    # The wall-clock limit lives in the evaluator: SIGKILLed (the OOM killer), it takes the
+    # sample with it, and the directory it could not remove goes at the next evaluator's run.
+    run = "import os, time\nprint(os.getpid(), flush=True)\ntime.sleep(60)"
+    evaluator = subprocess.Popen(
+        [sys.executable, "-c", f"import sandbox\nsandbox.run_python({run!r}, "
+         "sandbox.SandboxConfig(timeout_s=60))"], cwd=ROOT)
+    sample = directory = None
+    try:
+        deadline = time.monotonic() + 10
+        while sample is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            for out in Path(tempfile.gettempdir()).glob(f"codelm-sandbox-{evaluator.pid}@*/stdout"):
+                if out.read_text().endswith("\n"):
+                    sample, directory = int(out.read_text()), out.parent
+        assert sample is not None, "the sample did not start"
+        evaluator.kill()
+        evaluator.wait()
+        deadline = time.monotonic() + 2
+        while not _gone(sample) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _gone(sample)
+    finally:
+        evaluator.kill()
+        evaluator.wait()
+        if sample is not None and not _gone(sample):
+            os.kill(sample, signal.SIGKILL)
+    assert directory.exists()
+    monkeypatch.setattr(sandbox, "_swept", False)  # as in a new evaluator process
+    assert run_python("pass", FAST).passed
+    assert not directory.exists()
