@@ -51,7 +51,7 @@ from tokenizer import (
 )
 
 # Bump when cleaning or task building changes what a cache holds.
-PIPELINE_VERSION = 3
+PIPELINE_VERSION = 4
 
 # Some installs keep third-party packages inside the stdlib directory; they are not stdlib code.
 _STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
@@ -139,16 +139,18 @@ class DataConfig:
     strip_comments: bool = False  # drop comments
     strip_docstrings: bool = False  # drop docstrings
     min_bytes: int = 1  # smaller files are dropped
-    max_bytes: int = 1_000_000  # larger files are dropped
+    max_bytes: int = 1_000_000  # larger files (as stored) are dropped, unread
     min_lines: int = 2  # files with fewer lines are dropped
     max_line_length: int = 1000  # files with a longer line (minified, generated) are dropped
     max_literal_length: int = 400  # longest one-line string/number literal (seed 002's case)
     skip_bad: bool = False  # skip (and count) malformed JSONL lines instead of failing
-    max_docs: int | None = None  # read only the first N files/records (smoke runs, samples)
+    max_docs: int | None = None  # read only the first N files/records of each role: of
+    #   sources, of val_sources and of test_sources (smoke runs, samples)
     # task options
     add_eos: bool = True  # EOS after each supervised completion
     max_prompt_tokens: int | None = None  # longer prompts are cut: first the end of the code in
-    #   a docstring or refactor template, then from the left
+    #   a docstring or refactor template, then from the left (fim: the start of the prefix and
+    #   the end of the suffix, never a sentinel; at least 3)
     max_completion_tokens: int | None = None  # longer completions are cut
     completion_style: str = "window"  # "window" (seed 002) or "line" (CodeXGLUE line completion)
     window_prompt_tokens: int = 100  # window completion: tokens of context
@@ -197,6 +199,11 @@ class DataConfig:
         for name in ("fim_rate", "near_dedupe_threshold"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise DataError(f"DataConfig.{name} must be in [0, 1], got {getattr(self, name)}")
+        if (self.task == "fim" and self.fim_rate > 0 and self.max_prompt_tokens is not None
+                and self.max_prompt_tokens < _FIM_SENTINELS):
+            raise DataError(f"DataConfig.max_prompt_tokens={self.max_prompt_tokens} leaves no room "
+                            f"for the {_FIM_SENTINELS} sentinels of a fim prompt; use >= "
+                            f"{_FIM_SENTINELS} (or fim_rate=0)")
 
 
 # Lower bounds of numeric options (fractions and rates are checked against [0, 1] apart).
@@ -253,7 +260,7 @@ class Doc:
 @dataclass
 class _RawDoc:
     id: str
-    data: bytes | str
+    data: bytes | str | None  # None: a file over max_bytes, not read
     repo: str | None = None
     target: str | None = None
     raw_pair: bool = False
@@ -288,7 +295,10 @@ def _read_jsonl(path: Path, skip_bad: bool, counts: Counter) -> Iterator[_RawDoc
                 continue
             where = f"{path}:{lineno}"
             try:
-                rec = json.loads(raw)
+                try:
+                    rec = json.loads(raw)
+                except RecursionError:  # json's decoder recurses once per nesting level
+                    raise DataError(f"{where}: malformed JSON (nested too deeply)") from None
                 if not isinstance(rec, dict):
                     raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
                 doc = _record_to_doc(rec, path, lineno, where)
@@ -342,22 +352,34 @@ def _sources_by_split(cfg: DataConfig) -> list[tuple[str | None, str]]:
 
 
 def _iter_sources(cfg: DataConfig, counts: Counter) -> Iterator[_RawDoc]:
+    """Every document of every source, at most ``max_docs`` per role (sources, val_sources,
+    test_sources). A file over ``max_bytes`` is left unread (``data`` None): one stray
+    multi-gigabyte file must not decide the memory a build needs."""
+    taken: Counter = Counter()  # documents yielded per role
     for split, source in _sources_by_split(cfg):
         _check_source(source)
         path = Path(source).expanduser()
         if source != "stdlib" and path.is_file():
-            for raw in _read_jsonl(path, cfg.skip_bad, counts):
-                raw.split = split
-                yield raw
+            docs = _read_jsonl(path, cfg.skip_bad, counts)
+        else:
+            docs = _read_files(source, cfg, counts)
+        for raw in docs:
+            if cfg.max_docs is not None and taken[split] >= cfg.max_docs:
+                break
+            taken[split] += 1
+            raw.split = split
+            yield raw
+
+
+def _read_files(source: str, cfg: DataConfig, counts: Counter) -> Iterator[_RawDoc]:
+    root, files = _source_files(source, cfg.extensions)
+    prefix = "stdlib" if source == "stdlib" else root.name
+    for p in files:
+        doc_id = f"{prefix}/{p.relative_to(root).as_posix()}"
+        if not is_utf8(doc_id):  # os.walk spells undecodable name bytes as surrogates
+            counts["not_utf8_name"] += 1
             continue
-        root, files = _source_files(source, cfg.extensions)
-        prefix = "stdlib" if source == "stdlib" else root.name
-        for p in files:
-            doc_id = f"{prefix}/{p.relative_to(root).as_posix()}"
-            if not is_utf8(doc_id):  # os.walk spells undecodable name bytes as surrogates
-                counts["not_utf8_name"] += 1
-                continue
-            yield _RawDoc(doc_id, p.read_bytes(), split=split)
+        yield _RawDoc(doc_id, p.read_bytes() if p.stat().st_size <= cfg.max_bytes else None)
 
 
 def _sources_fingerprint(sources: Sequence[str], extensions: Sequence[str]) -> list:
@@ -497,6 +519,9 @@ def _clean_one(args: tuple[_RawDoc, dict]) -> tuple[Doc | None, str | None, list
             return None, "empty_pair", mods
         return Doc(raw.id, raw.data, raw.repo, raw.target, raw.raw_pair, raw.split), None, mods
     data = raw.data
+    # The size as stored (before newline normalization), as a file's stat gives it unread.
+    if _stored_size(data) > opt["max_bytes"]:
+        return None, "too_large", mods
     if isinstance(data, bytes):
         if b"\0" in data:
             return None, "binary", mods
@@ -509,11 +534,8 @@ def _clean_one(args: tuple[_RawDoc, dict]) -> tuple[Doc | None, str | None, list
         if "\0" in text:
             return None, "binary", mods
     text = text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
-    size = len(text.encode("utf-8"))
-    if size < opt["min_bytes"]:
+    if len(text.encode("utf-8")) < opt["min_bytes"]:
         return None, "too_small", mods
-    if size > opt["max_bytes"]:
-        return None, "too_large", mods
     if opt["strip_license"]:
         text, removed = strip_license_header(text)
         if removed:
@@ -547,6 +569,10 @@ def _clean_one(args: tuple[_RawDoc, dict]) -> tuple[Doc | None, str | None, list
     if longest_literal(text, limit, python=is_python) > limit:
         return None, "long_literal", mods
     return Doc(raw.id, text, raw.repo, split=raw.split), None, mods
+
+
+def _stored_size(data: bytes | str) -> int:
+    return len(data) if isinstance(data, bytes) else len(data.encode("utf-8", "surrogatepass"))
 
 
 def _content_hash(doc: Doc | _RawDoc) -> bytes:
@@ -630,11 +656,11 @@ def clean_corpus(cfg: DataConfig) -> tuple[list[Doc], dict]:
     seen: dict[bytes, bool] = {}
     read_files = read_bytes = 0
     for raw in tqdm(_iter_sources(cfg, counts), desc="read", unit="file", disable=not cfg.progress):
-        if cfg.max_docs is not None and read_files >= cfg.max_docs:
-            break
         read_files += 1
-        data = raw.data
-        read_bytes += len(data) if isinstance(data, bytes) else len(data.encode("utf-8", "replace"))
+        if raw.data is None:
+            counts["too_large"] += 1
+            continue
+        read_bytes += _stored_size(raw.data)
         if _is_duplicate(raw, seen, cfg.dedupe):  # early: identical raw files are not cleaned twice
             counts["duplicate"] += 1
             continue
@@ -1056,13 +1082,26 @@ def _parse(doc: Doc) -> _Parsed | None:
         return None
     lines = [line.rstrip("\r\n") for line in lines]
     for node in ast.walk(tree):
-        # A docstring is read cleaned (inspect.cleandoc): indented at least as far as its
-        # statement, it can move with the code and keep that value (but trailing whitespace).
         ds = docstring_statement(node) if isinstance(node, _DOCUMENTED) else None
-        if ds is not None and all(len(line) - len(line.lstrip(" \t")) >= ds.col_offset
-                                  or not line.strip() for line in lines[ds.lineno : ds.end_lineno]):
+        if ds is not None and _docstring_can_move(ds, lines):
             in_string -= set(range(ds.lineno + 1, ds.end_lineno + 1))
     return _Parsed(tree, lines, in_string)
+
+
+def _docstring_can_move(ds: ast.Expr, lines: list[str]) -> bool:
+    """Whether a docstring keeps its value, which is read cleaned (inspect.cleandoc, trailing
+    whitespace aside), when its lines lose up to its statement's indentation: they are indented
+    at least that far, and no backslash joins one to the next (that takes the next line's
+    indentation into the value mid-line, where cleandoc leaves it)."""
+    inside = lines[ds.lineno : ds.end_lineno]
+    indented = all(len(line) - len(line.lstrip(" \t")) >= ds.col_offset or not line.strip()
+                   for line in inside)
+    return indented and not any(map(_joins_next, lines[ds.lineno - 1 : ds.end_lineno - 1]))
+
+
+def _joins_next(line: str) -> bool:
+    """Whether a line ends in a backslash that escapes its newline (an odd run of them)."""
+    return (len(line) - len(line.rstrip("\\"))) % 2 == 1
 
 
 def line_completion_examples(doc: Doc, n: int, seed: int) -> list[Example]:
@@ -1337,7 +1376,9 @@ def _fim_pairs(
     ids: list[int], doc_id: str, tokenizer, cfg: DataConfig
 ) -> Iterator[tuple[list[int], list[int]]]:
     """Chunks of a file; a ``fim_rate`` share become prefix-suffix-middle (PSM) examples with the
-    loss on the middle, the rest stay plain LM chunks with the loss on every token."""
+    loss on the middle, the rest stay plain LM chunks with the loss on every token. The chunk
+    size fits ``block_size``; a PSM prompt over ``max_prompt_tokens`` is cut here, inside its
+    code, so that it keeps its three sentinels (a cut from the left would take the first)."""
     pre, mid, suf = tokenizer.fim_prefix_id, tokenizer.fim_middle_id, tokenizer.fim_suffix_id
     rng = random.Random(f"{cfg.seed}\0fim\0{doc_id}")
     size = max(2, cfg.block_size + 1 - 4)
@@ -1345,9 +1386,28 @@ def _fim_pairs(
         chunk = ids[s : s + size]
         if len(chunk) >= 3 and rng.random() < cfg.fim_rate:
             a, b = sorted(rng.sample(range(1, len(chunk)), 2))
-            yield [pre] + chunk[:a] + [suf] + chunk[b:] + [mid], chunk[a:b]
+            prefix, suffix = _fit_fim_context(chunk[:a], chunk[b:], cfg.max_prompt_tokens)
+            yield [pre] + prefix + [suf] + suffix + [mid], chunk[a:b]
         elif len(chunk) >= 2:
             yield [], chunk
+
+
+_FIM_SENTINELS = 3
+
+
+def _fit_fim_context(
+    prefix: list[int], suffix: list[int], max_prompt_tokens: int | None
+) -> tuple[list[int], list[int]]:
+    """Prefix and suffix cut to fit a PSM prompt into ``max_prompt_tokens``, keeping the code
+    next to the middle: the prefix loses its start, the suffix its end, each keeping at least
+    half the room where both are long."""
+    if max_prompt_tokens is None:
+        return prefix, suffix
+    room = max_prompt_tokens - _FIM_SENTINELS
+    if len(prefix) + len(suffix) <= room:
+        return prefix, suffix
+    keep = min(len(prefix), max(room // 2, room - len(suffix)))
+    return prefix[len(prefix) - keep :], suffix[: room - keep]
 
 
 def _build_supervised(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path) -> dict:

@@ -21,6 +21,7 @@ import heapq
 import io
 import json
 import multiprocessing
+import operator
 import os
 import tokenize
 from array import array
@@ -295,12 +296,27 @@ def code_pieces(text: str) -> list[str]:
     return _CODE_PIECE_RE.findall(text)
 
 
+# The character classes of the piece pattern: a piece longer than one character holds one only.
+_PIECE_CLASS_RES = [regex.compile(p) for p in
+                    (r"\s", r"[\p{L}\p{M}]", r"\p{N}", r"_", r"[^\s\p{L}\p{N}\p{M}_]")]
+
+
+def _can_be_in_a_piece(token: str) -> bool:
+    """Whether some code piece could contain ``token``, where HF's WordPiece would find it: yes
+    unless the token is printable ASCII (which the byte-level spelling of a piece keeps as is) of
+    two character classes or more (a piece longer than one character has one)."""
+    if not all("!" <= c <= "~" for c in token):
+        return True
+    return sum(any(r.match(c) for c in token) for r in _PIECE_CLASS_RES) < 2
+
+
 class CodeTokenizer(_BatchEncodeMixin):
     """Code-aware tokenizer trained on a corpus; lossless through byte fallback.
 
     Ids: the special tokens first, then the 256 byte tokens, then the vocabulary pieces by
-    descending corpus frequency. Special-token strings inside a text are ordinary text here: only
-    callers place special ids (by ``bos_id``, ``eos_id``, ``fim_*_id``).
+    descending corpus frequency. Special-token strings inside a text are ordinary text here (and
+    in the HF export, see ``to_hf``): only callers place special ids (by ``bos_id``, ``eos_id``,
+    ``fim_*_id``), so ``"<eos>"`` in scraped code never ends a document.
     """
 
     def __init__(
@@ -403,16 +419,11 @@ class CodeTokenizer(_BatchEncodeMixin):
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids``; byte tokens that do not form valid UTF-8 decode to U+FFFD."""
         table = self._id_to_bytes
-        n_special = self._byte_offset
-        try:
-            if skip_special_tokens:
-                raw = b"".join(table[i] for i in ids if i >= n_special)
-            else:
-                raw = b"".join(table[i] for i in ids)
-        except (IndexError, TypeError):
-            bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < len(table)]
-            raise ValueError(f"token ids out of range [0, {len(table)}): {bad[:5]}") from None
-        return _utf8(raw)
+        ids = _checked_ids(ids, len(table))
+        if skip_special_tokens:
+            n_special = self._byte_offset
+            return _utf8(b"".join(table[i] for i in ids if i >= n_special))
+        return _utf8(b"".join(map(table.__getitem__, ids)))
 
     # -- vocabulary ---------------------------------------------------------------------------
 
@@ -466,6 +477,7 @@ class CodeTokenizer(_BatchEncodeMixin):
         return None
 
     def id_to_token(self, i: int) -> str:
+        _checked_ids([i], self.vocab_size)
         if i < self._byte_offset:
             return self.special_tokens[i]
         if i < self._byte_offset + _N_BYTES:
@@ -495,10 +507,20 @@ class CodeTokenizer(_BatchEncodeMixin):
         sub-piece rule; every byte is in the vocabulary, so WordPiece's unknown token is never
         used and the byte fallback is exact. A byte whose character is also a one-character
         piece (the piece always wins) is written ``<0xNN>``, which the ByteFallback decoder
-        turns back into the byte. Special tokens are HF added tokens, which HF (unlike this
-        class) also recognizes inside a text. Comment stripping has no HF form."""
+        turns back into the byte. Comment stripping has no HF form.
+
+        Special tokens are plain vocabulary entries, not HF added tokens: HF finds added tokens
+        inside a text, and no tokenizer.json setting turns that off (``encode_special_tokens`` is
+        not saved), while here ``"<eos>"`` in scraped code is text. A vocabulary entry is only
+        found inside one pre-tokenizer piece, and no piece can hold a special token that mixes
+        character classes (``_can_be_in_a_piece``). ``save`` names the special tokens for
+        ``transformers`` in tokenizer_config.json, with ``split_special_tokens``."""
         if self.strip_comments:
             raise ValueError("a CodeTokenizer that strips comments has no HF tokenizer.json form")
+        if inside := [t for t in self.special_tokens if _can_be_in_a_piece(t)]:
+            raise ValueError(f"special tokens {inside} could be read inside a code piece by HF; "
+                             "one with an HF form mixes punctuation with letters or digits, "
+                             "e.g. '<eos>'")
         vocab = {t: i for i, t in enumerate(self.special_tokens)}
         pieces = {p: "".join(map(BYTE_TO_UNICODE.__getitem__, p.encode("utf-8")))
                   for p in self.pieces}
@@ -510,11 +532,7 @@ class CodeTokenizer(_BatchEncodeMixin):
         byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
                       "use_regex": False}
         return {
-            "version": "1.0", "truncation": None, "padding": None,
-            "added_tokens": [
-                {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-                 "normalized": False, "special": True} for i, t in enumerate(self.special_tokens)
-            ],
+            "version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
             "normalizer": None,
             "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
                 {"type": "Split", "pattern": {"Regex": _CODE_PIECE_HF_REGEX},
@@ -530,10 +548,14 @@ class CodeTokenizer(_BatchEncodeMixin):
 
     @classmethod
     def from_hf(cls, spec: dict, source: str = "<tokenizer.json>") -> CodeTokenizer:
-        """Read back what ``to_hf`` writes."""
+        """Read back what ``to_hf`` writes: the special tokens are the entries before the byte
+        tokens (files written before codelm stopped exporting them also list them as added
+        tokens, as does a ``transformers`` save of the tokenizer)."""
         try:
-            specials = [t["content"] for t in sorted(spec["added_tokens"], key=lambda t: t["id"])]
-            by_id = {i: t for t, i in spec["model"]["vocab"].items()}
+            vocab = spec["model"]["vocab"]
+            by_id = {i: t for t, i in vocab.items()}
+            n_specials = vocab.get("<0x00>", vocab[BYTE_TO_UNICODE[0]])
+            specials = [by_id[i] for i in range(n_specials)]
             first_piece = len(specials) + _N_BYTES
             pieces = [bytes(UNICODE_TO_BYTE[c] for c in by_id[i]).decode("utf-8")
                       for i in range(first_piece, len(by_id))]
@@ -551,8 +573,10 @@ class CodeTokenizer(_BatchEncodeMixin):
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``tokenizer.json`` (inside ``path`` when it is a directory) in HF's format, which
-        ``transformers`` loads, with a ``tokenizer_config.json`` naming bos/eos/pad beside it; a
-        comment-stripping tokenizer, which HF cannot express, in codelm's own format."""
+        ``transformers`` loads, with a ``tokenizer_config.json`` beside it naming bos/eos/pad and
+        the other special tokens, and ``split_special_tokens`` (their strings in a text are text,
+        as here); a comment-stripping tokenizer, which HF cannot express, in codelm's own
+        format."""
         path = Path(path)
         directory = path if path.is_dir() else None
         if directory is not None:
@@ -564,7 +588,9 @@ class CodeTokenizer(_BatchEncodeMixin):
             roles = {role: token for role, token in
                      (("bos", "<bos>"), ("eos", "<eos>"), ("pad", "<pad>"))
                      if token in self.special_tokens}
-            _write_roles_config(directory, roles, replace=True)
+            others = [t for t in self.special_tokens if t not in roles.values()]
+            _write_roles_config(directory, roles, replace=True, extra={
+                "additional_special_tokens": others, "split_special_tokens": True})
         return path
 
     @classmethod
@@ -616,13 +642,16 @@ class CodeTokenizer(_BatchEncodeMixin):
         )
 
 
-def _write_roles_config(directory: Path, roles: dict[str, str], replace: bool) -> None:
+def _write_roles_config(directory: Path, roles: dict[str, str], replace: bool,
+                        extra: dict | None = None) -> None:
     """tokenizer_config.json naming the bos/eos/pad tokens, which transformers' AutoTokenizer
-    reads (the roles are not part of tokenizer.json); kept as is unless ``replace``."""
+    reads (the roles are not part of tokenizer.json), and ``extra`` settings; kept as is unless
+    ``replace``."""
     config = directory / "tokenizer_config.json"
     if replace or not config.exists():
         data = {"tokenizer_class": "PreTrainedTokenizerFast"}
         data.update((f"{role}_token", token) for role, token in roles.items())
+        data.update(extra or {})
         config.write_text(json.dumps(data, ensure_ascii=False, indent=2), "utf-8")
 
 
@@ -1309,17 +1338,11 @@ class BPETokenizer(_BatchEncodeMixin):
         Unlike HF, special tokens are kept by default so that decode(encode(x)) == x.
         """
         table = self._id_to_bytes
-        try:
-            if skip_special_tokens:
-                special = self._special_ids
-                raw = b"".join(table[i] for i in ids if i not in special)
-            else:
-                raw = b"".join(map(table.__getitem__, ids))
-        except (IndexError, TypeError):
-            ids = list(ids)
-            bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < len(table)]
-            raise ValueError(f"token ids out of range [0, {len(table)}): {bad[:5]}") from None
-        return _utf8(raw)
+        ids = _checked_ids(ids, len(table))
+        if skip_special_tokens:
+            special = self._special_ids
+            return _utf8(b"".join(table[i] for i in ids if i not in special))
+        return _utf8(b"".join(map(table.__getitem__, ids)))
 
     # -- vocabulary ------------------------------------------------------------------------------
 
@@ -1360,6 +1383,27 @@ class BPETokenizer(_BatchEncodeMixin):
 
     def __repr__(self) -> str:
         return f"BPETokenizer({self.source!r}, vocab_size={self.vocab_size})"
+
+
+def _is_token_id(i, vocab_size: int) -> bool:
+    try:
+        return 0 <= operator.index(i) < vocab_size
+    except TypeError:
+        return False
+
+
+def _checked_ids(ids: Iterable[int], vocab_size: int) -> list[int]:
+    """``ids`` as a list of ints, each naming a token (numpy and torch integers are read too). A
+    negative id, e.g. the -100 of ignored labels, is refused: as a list index it would name a
+    token counted from the end of the vocabulary."""
+    ids = list(ids)
+    try:
+        if not ids or (min(ids) >= 0 and max(ids) < vocab_size):
+            return list(map(operator.index, ids))
+    except TypeError:
+        pass
+    bad = [i for i in ids if not _is_token_id(i, vocab_size)]
+    raise ValueError(f"token ids out of range [0, {vocab_size}): {bad[:5]}")
 
 
 def _utf8(raw: bytes) -> str:

@@ -132,6 +132,31 @@ def test_cleaning_counts_every_drop_by_reason(tmp_path):
     assert docs["src/a.py"] == good.split("\n", 4)[4].lstrip("\n")
 
 
+def test_a_file_over_max_bytes_is_dropped_unread(tmp_path, monkeypatch):
+    """A stray multi-gigabyte file is dropped by its size, never read into memory; max_bytes is
+    the size as stored, in a directory and in a scraper JSONL alike."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "ok.py").write_text("x = 1\ny = 2\n")
+    with open(src / "generated.py", "wb") as f:
+        f.truncate(1 << 30)  # sparse: no disk used
+    (src / "crlf.py").write_bytes(b"x = 1\r\n" * 20)  # 140 bytes stored, 120 as text
+    read = Path.read_bytes
+
+    def read_bytes(path: Path) -> bytes:
+        assert path.name != "generated.py", "read a file over max_bytes"
+        return read(path)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    corpus = dataset.load_corpus(cfg(tmp_path, sources=[str(src)], max_bytes=130))
+    assert corpus.stats["dropped"] == {"too_large": 2} and corpus.stats["read"]["files"] == 3
+    scraped = write_jsonl(tmp_path / "s.jsonl", [{"repo": "u/r", "path": "crlf.py",
+                                                 "text": "x = 1\r\n" * 20}])
+    stats = dataset.load_corpus(cfg(tmp_path, sources=[str(src), str(scraped)],
+                                    max_bytes=130)).stats
+    assert stats["dropped"] == {"too_large": 3}
+
+
 # Characters that str.splitlines() ends a line at and Python does not: a page break (^L) line,
 # and the others inside strings and comments, where Python allows them.
 ODD_BREAKS = (
@@ -383,6 +408,20 @@ def test_predefined_val_and_test_files_are_those_splits_and_stay_out_of_training
                                 val_sources=[str(empty)]))
 
 
+def test_max_docs_reads_at_most_n_documents_of_each_role(tmp_path):
+    """A smoke run with a predefined val split still trains: max_docs caps sources, val_sources
+    and test_sources each, not all of them together in the order they are read."""
+    records = [{"repo": f"u/v{i}", "path": "v.py", "text": f"def v{i}(x):\n    return x * {i}\n"}
+               for i in range(33)]
+    val = write_jsonl(tmp_path / "val.jsonl", records[:30])
+    test = write_jsonl(tmp_path / "test.jsonl", records[30:])
+    corpus = dataset.load_corpus(cfg(tmp_path, val_sources=[str(val)], test_sources=[str(test)],
+                                     max_docs=20))
+    assert corpus.stats["read"]["files"] == 20 + 20 + 3
+    assert len(corpus.val) == 20 and len(corpus.test) == 3
+    assert len(corpus.train) + sum(corpus.stats["dropped"].values()) == 20  # all from sources
+
+
 def test_a_copy_of_a_val_document_leaves_sources_even_without_dedupe(tmp_path):
     """dedupe=False keeps duplicates inside `sources`, never a copy of a val/test document."""
     pairs = [{"input": f"def f{i}(x):\n    return x+{i}\n",
@@ -628,6 +667,41 @@ def test_method_and_docstring_examples_are_the_source_defs():
         assert e.head.endswith("\n") and ODD_BREAKS.startswith(e.head + e.completion + "\n")
 
 
+# Docstrings with a line ending in a backslash: one joins the next line (its indentation is then
+# inside the value, mid-line), the other is an escaped backslash.
+CONTINUED = (
+    "class Counter:\n"
+    '    """Counts things."""\n'
+    "\n"
+    "    def one(self):\n"
+    '        """Return one, \\\n'
+    '        always."""\n'
+    "        return 1\n"
+    "\n"
+    "    def slash(self):\n"
+    '        """Return a backslash: \\\\\n'
+    '        one."""\n'
+    "        return '\\\\'\n"
+)
+
+
+def test_a_docstring_continued_by_a_backslash_keeps_its_value():
+    """The method task's prompt and the docstring task's code hold each docstring exactly as
+    the source does, also where a backslash joins one of its lines to the next."""
+    doc = dataset.Doc("continued.py", CONTINUED)
+    source = {n.name: ast.get_docstring(n) for n in ast.walk(ast.parse(CONTINUED))
+              if isinstance(n, ast.FunctionDef)}
+    assert source["one"] == "Return one,         always."
+    examples = {e.head.split("(")[0]: e for e in dataset.method_examples(doc)}
+    for name, docstring in source.items():
+        fn = ast.parse(examples[f"def {name}"].head + examples[f"def {name}"].completion).body[0]
+        assert ast.get_docstring(fn) == docstring
+    assert "\n    one.\"\"\"" in examples["def slash"].head  # an escaped backslash joins nothing
+    [cls] = dataset.docstring_examples(doc, "class", "simple", 400)
+    methods = ast.parse(cls.body).body[0].body
+    assert {fn.name: ast.get_docstring(fn) for fn in methods} == source
+
+
 def test_a_prompt_too_long_loses_code_not_its_instruction(tmp_path, tok):
     """Docstring and refactor prompts over block_size or max_prompt_tokens keep their template
     and lose the end of the code inside it (seed 004 cut the code to make room)."""
@@ -737,6 +811,32 @@ def test_fim_examples_rebuild_the_file(tmp_path, tok):
     assert n_fim > 20
 
 
+def test_fim_prompts_cut_to_max_prompt_tokens_keep_their_sentinels(tmp_path, tok):
+    """A PSM prompt over max_prompt_tokens loses code far from the middle, never a sentinel."""
+    data = prepare(cfg(tmp_path, task="fim", block_size=64, max_prompt_tokens=32, fim_rate=1.0),
+                   tok)
+    texts = list(email_texts().values())
+    sentinels = {tok.fim_prefix_id, tok.fim_suffix_id, tok.fim_middle_id}
+    n_fim = 0
+    for i in range(len(data.train)):
+        prompt, completion = prompt_and_completion(data.train[i])
+        assert len(prompt) <= 32
+        if not prompt:
+            continue
+        n_fim += 1
+        assert [t for t in prompt if t in sentinels] == [
+            tok.fim_prefix_id, tok.fim_suffix_id, tok.fim_middle_id]
+        assert prompt[0] == tok.fim_prefix_id and prompt[-1] == tok.fim_middle_id
+        s = prompt.index(tok.fim_suffix_id)
+        around_middle = tok.decode(prompt[1:s] + completion[:-1] + prompt[s + 1 : -1])
+        assert any(around_middle in t for t in texts)
+    assert n_fim > 100
+    assert dataset._fit_fim_context([1, 2, 3, 4], [5, 6, 7], 7) == ([3, 4], [5, 6])
+    assert dataset._fit_fim_context([1], [5, 6, 7, 8], 7) == ([1], [5, 6, 7])
+    with pytest.raises(DataError, match="max_prompt_tokens=2 leaves no room for the 3 sentinels"):
+        prepare(cfg(tmp_path, task="fim", max_prompt_tokens=2), tok)
+
+
 def test_pretrained_bpe_tokenizer_ids_match_hf_tokenizers(tmp_path):
     """A StarCoder-shaped tokenizer.json (trained by HF): packed lm tokens and FIM ids are HF's."""
     from tiny_hf import train_hf_tokenizer
@@ -779,6 +879,18 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
     corpus = dataset.load_corpus(cfg(tmp_path, sources=[str(mixed)], skip_bad=True))
     assert corpus.stats["dropped"]["bad_jsonl_line"] == 2
     assert corpus.stats["kept"]["files"] == 10
+
+
+def test_jsonl_nested_too_deeply_for_json_is_a_malformed_line(tmp_path, capsys):
+    """json.loads recurses per nesting level: such a line is named, or skipped with skip_bad."""
+    deep = write_jsonl(tmp_path / "deep.jsonl", [
+        {"repo": "u/r", "path": "a.py", "text": "x = 1\ny = 2\n"}, "[" * 100_000 + "]" * 100_000])
+    with pytest.raises(DataError, match=r"deep\.jsonl:2: malformed JSON \(nested too deeply\)"):
+        dataset.load_corpus(cfg(tmp_path, sources=[str(deep)]))
+    corpus = dataset.load_corpus(cfg(tmp_path, sources=[str(deep)], skip_bad=True))
+    assert corpus.stats["dropped"] == {"bad_jsonl_line": 1} and corpus.stats["kept"]["files"] == 1
+    assert dataset.main(["--sources", str(deep), "--cache-dir", str(tmp_path), "--no-progress"]) == 2
+    assert "deep.jsonl:2: malformed JSON" in capsys.readouterr().err
 
 
 def test_names_and_strings_that_are_not_utf8_are_skipped_or_named(tmp_path):

@@ -510,6 +510,63 @@ def test_code_tokenizer_save_load(code_tok, stdlib_texts, tmp_path):
     assert load_tokenizer(tmp_path).encode("x = 1") == code_tok.encode("x = 1")
 
 
+def test_special_token_strings_in_code_are_text_in_hf_and_transformers_too(code_tok, tmp_path):
+    """``"<eos>"`` in scraped code is text, for codelm and for the exported tokenizer read by HF
+    tokenizers and by transformers (which still knows every special token as special)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    code_tok.save(tmp_path)
+    text = ('SPECIALS = ["<pad>", "<bos>", "<eos>"]  # <fim_prefix>x<fim_suffix>y<fim_middle>\n'
+            "if tok != '<eos>' and s.endswith('<<pad>>'): ids = [<bos>]<eos>\n")
+    ids = code_tok.encode(text)
+    assert not set(ids) & set(range(len(code_tok.special_tokens)))
+    raw = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    auto = AutoTokenizer.from_pretrained(str(tmp_path))
+    for hf_ids in (raw.encode(text).ids, auto(text, add_special_tokens=False)["input_ids"],
+                   PreTrainedTokenizerFast.from_pretrained(str(tmp_path))(text)["input_ids"],
+                   PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))(
+                       text)["input_ids"]):
+        assert hf_ids == ids
+    specials = list(range(len(code_tok.special_tokens)))
+    assert raw.token_to_id("<eos>") == code_tok.eos_id and raw.id_to_token(0) == "<pad>"
+    assert sorted(auto.all_special_ids) == specials
+    mixed = [code_tok.bos_id, code_tok.fim_prefix_id, *ids, code_tok.fim_middle_id,
+             code_tok.eos_id]
+    assert auto.decode(mixed, skip_special_tokens=True) == code_tok.decode(
+        mixed, skip_special_tokens=True) == text
+    assert auto.decode(mixed) == raw.decode(mixed, skip_special_tokens=False) == code_tok.decode(
+        mixed)
+    assert load_tokenizer(tmp_path).special_tokens == code_tok.special_tokens
+    # A file that still lists them as added tokens (older codelm, a transformers save) reads back.
+    spec = code_tok.to_hf()
+    spec["added_tokens"] = [{"id": i, "content": t, "special": True}
+                            for i, t in enumerate(code_tok.special_tokens)]
+    assert CodeTokenizer.from_hf(spec).special_tokens == code_tok.special_tokens
+    # A special token a code piece could hold would be read inside code by HF: no HF form.
+    with pytest.raises(ValueError, match=r"special tokens \['PAD', '<<'\] could be read inside"):
+        CodeTokenizer(["x"], special_tokens=["PAD", "<eos>", "<<"]).to_hf()
+
+
+def test_decode_refuses_ids_outside_the_vocabulary_negative_ones_too(code_tok, references):
+    """-100 (ignored labels) or -1 would index the vocabulary from its end: refused, named."""
+    import numpy as np
+
+    _, _, bpe = references["gpt2"]
+    for tok in (code_tok, bpe):
+        for ids in ([5, -1], [-100], [tok.vocab_size, 7], [1.0]):
+            with pytest.raises(ValueError, match=rf"out of range \[0, {tok.vocab_size}\): .*"
+                               rf"{ids[-1] if ids[0] == 5 else ids[0]}"):
+                tok.decode(ids)
+            with pytest.raises(ValueError, match="out of range"):
+                tok.decode(iter(ids), skip_special_tokens=True)
+        ids = tok.encode("def f(x):\n    return x\n")
+        assert tok.decode(np.array(ids)) == tok.decode(ids) == "def f(x):\n    return x\n"
+    for i in (-1, code_tok.vocab_size):
+        with pytest.raises(ValueError, match=rf"out of range .*\[{i}\]"):
+            code_tok.id_to_token(i)
+    assert code_tok.id_to_token(code_tok.vocab_size - 1) == code_tok.pieces[-1]
+
+
 def test_code_tokenizer_json_gives_hf_and_transformers_the_same_ids(code_tok, stdlib_texts,
                                                                    tmp_path):
     """What a from-scratch run exports runs anywhere: the saved tokenizer.json gives HF
@@ -658,16 +715,18 @@ CODE_ALPHABET = st.sampled_from(
     list("abcXYZ_019 \t\n\r()[]{}:=.,'\"#<>|-+*/\\") + ["é", "中", "🙂", "\u0301", "\x00", "\u2028"]
 )
 TEXTS = st.one_of(st.text(), st.text(alphabet=CODE_ALPHABET, max_size=200))
+# Code with special-token strings in it, which a CodeTokenizer and its HF export read as text.
+CODE_WITH_SPECIALS = st.lists(st.one_of(CODE_ALPHABET, st.sampled_from(
+    ["<pad>", "<eos>", "<fim_middle>", "pad", "eos"])), max_size=100).map("".join)
 ROUND_TRIP = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @ROUND_TRIP
-@given(text=TEXTS)
+@given(text=st.one_of(TEXTS, CODE_WITH_SPECIALS))
 def test_round_trip_code_tokenizer(code_tok, code_tok_hf, text):
     ids = code_tok.encode(text)
     assert code_tok.decode(ids) == text
-    if not any(t in text for t in code_tok.special_tokens):  # HF splits those out of a text
-        assert code_tok_hf.encode(text).ids == ids
+    assert code_tok_hf.encode(text).ids == ids
 
 
 @ROUND_TRIP
