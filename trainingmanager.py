@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -25,6 +27,7 @@ import signal
 import sys
 import threading
 import time
+import typing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,7 +111,7 @@ class TrainConfig:
     """Everything a run needs; the defaults are the default run (stdlib corpus, ~15 min, 2 CPUs)."""
 
     # run directory
-    name: str | None = None  # runs/<name>; default: <preset>-<timestamp>
+    name: str | None = None  # runs/<name>; default: <preset>-<timestamp>[-2, -3, ... if taken]
     out_dir: str = "runs"  # the parent of run directories
     resume: str | None = None  # a run directory to continue from its latest checkpoint
     seed: int = 1337  # model init, data order, dropout (a resumed run restores its RNG)
@@ -809,6 +812,14 @@ def validate_config(cfg: TrainConfig) -> None:
                                  f"--init-from {cfg.init_from} cannot be changed")
         if not Path(cfg.init_from).is_dir():
             raise ValueError(f"--init-from {cfg.init_from}: not a directory")
+        if cfg.block_size is not None:  # else the first forward pass finds it, after the data
+            from pretrained import read_config
+
+            context = read_config(cfg.init_from)[0].block_size
+            need(cfg.block_size <= context, "block_size",
+                 f"longer than the context of --init-from {cfg.init_from} ({context} positions)")
+    else:  # the preset, the shape and model_options, checked before the data is prepared
+        model_config(cfg, 1, None, None)
     if cfg.resume is not None and not Path(cfg.resume).is_dir():
         raise ValueError(f"--resume {cfg.resume}: no such run directory")
 
@@ -900,6 +911,10 @@ def load_or_train_tokenizer(cfg: TrainConfig, dcfg):
     return tok
 
 
+# ModelConfig keys the tokenizer sets: model_options may not.
+TOKENIZER_MODEL_KEYS = ("vocab_size", "bos_id", "eos_id")
+
+
 def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int | None, eos_id: int | None):
     """Preset + overrides for a from-scratch model (derived sizes re-derived from the new ones)."""
     from architecture import PRESETS, ModelConfig
@@ -914,13 +929,26 @@ def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int | None, eos_id: 
         values.update(head_dim=None, rotary_dim=None)
     if "n_head" in shape:
         values["n_kv_head"] = None
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    for key in cfg.model_options:
-        if key not in known:
+    if "dropout" in shape and "attn_dropout" not in cfg.model_options:
+        shape["attn_dropout"] = shape["dropout"]  # --dropout: residual and attention dropout
+    hints = typing.get_type_hints(ModelConfig)
+    for key, value in cfg.model_options.items():
+        if key not in hints:
             raise ValueError(f"model_options: unknown ModelConfig key {key!r}; known keys: "
-                             f"{', '.join(sorted(known))}")
-    values.update(shape, **cfg.model_options, vocab_size=vocab_size, bos_id=bos_id, eos_id=eos_id)
-    return ModelConfig(**values)
+                             f"{', '.join(sorted(hints))}")
+        if key in TOKENIZER_MODEL_KEYS:
+            raise ValueError(f"model_options: {key!r} comes from the tokenizer (its vocabulary "
+                             "and special tokens); choose the tokenizer instead (--tokenizer, "
+                             "--tokenizer-max-vocab)")
+        if problem := cliconfig.type_error(hints[key], value):
+            raise ValueError(f"model_options: key {key!r} {problem}")
+    values.update(shape)
+    values.update(cfg.model_options)
+    values.update(vocab_size=vocab_size, bos_id=bos_id, eos_id=eos_id)
+    try:
+        return ModelConfig(**values)
+    except (TypeError, AttributeError, KeyError) as e:  # a malformed value the types let through
+        raise ValueError(f"model_options {json.dumps(cfg.model_options)}: {e}") from None
 
 
 def build_model(cfg: TrainConfig, tok) -> nn.Module:
@@ -933,8 +961,8 @@ def build_model(cfg: TrainConfig, tok) -> nn.Module:
         if tok.vocab_size > model.cfg.vocab_size:
             raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model at "
                              f"{cfg.init_from} only {model.cfg.vocab_size} embeddings")
-        if cfg.dropout is not None:
-            model.cfg.dropout = cfg.dropout
+        if cfg.dropout is not None:  # residual and attention dropout, as from scratch
+            model.cfg.dropout = model.cfg.attn_dropout = cfg.dropout
     else:
         model = Transformer(model_config(cfg, tok.vocab_size, tok.bos_id, tok.eos_id))
         model.to(base_dtype)
@@ -970,6 +998,9 @@ class TrainResult:
     early_stopped: bool = False
     export_dir: Path | None = None
     sample: str | None = None
+
+
+STOP_SIGNALS = ("SIGINT", "SIGTERM")
 
 
 class _StopSignals:
@@ -1079,18 +1110,74 @@ def _gather(value, dist: Dist) -> list:
     return out
 
 
+class _RunDirTaken(ValueError):
+    """The run directory belongs to another run (running now, or holding weights)."""
+
+
+def _holds_weights(run_dir: Path) -> bool:
+    """Whether a run directory holds trained weights (a checkpoint, best/ or export/): a new
+    run may replace one without them, and a resumed one without them starts from scratch."""
+    return bool(list_checkpoints(run_dir)) or any((run_dir / d).is_dir()
+                                                  for d in ("best", "export"))
+
+
+def _tied_lora_targets(model: nn.Module) -> dict[str, list[str]]:
+    """LoRA modules whose base weight another module shares (a tied embedding and head), with
+    every name of that weight."""
+    import lora
+
+    uses: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        uses.setdefault(id(p), []).append(name)
+    return {path: uses[id(weight)] for path, module in lora.lora_modules(model)
+            if (weight := getattr(module.base, "weight", None)) is not None
+            and len(uses.get(id(weight), [])) > 1}
+
+
+def check_lora_export(cfg: TrainConfig, model: nn.Module) -> None:
+    """Refuse, before training, an export that would merge a LoRA into a tied weight (the
+    merge would change the head too, so it fails at the end of the run and loses the export).
+    A from-scratch LoRA run's export is always merged (its base exists only in the run)."""
+    merges = cfg.export and cfg.lora_r > 0 and (cfg.export_merged or cfg.init_from is None)
+    tied = _tied_lora_targets(model) if merges else {}
+    if not tied:
+        return
+    path, names = next(iter(tied.items()))
+    if cfg.init_from is not None:
+        why, instead = "export_merged=True writes the merged model", "--no-export-merged"
+    else:
+        why = "export=True (a LoRA run from scratch exports the merged model: its base exists "
+        why, instead = why + "only in the run)", "--no-export"
+    raise ValueError(
+        f"TrainConfig.{why}, but the LoRA target {path} (lora_targets={cfg.lora_targets!r}) "
+        f"cannot be merged: its weight is tied to {names}, so merging would change both. Drop it "
+        f"from --lora-targets, or train with {instead}.")
+
+
 class _Run:
-    """Everything one call of ``train`` builds and owns."""
+    """Everything one call of ``train`` builds and owns. Rank 0 holds a lock on the run directory
+    from the start until ``release`` (``train`` calls it), so two runs never share one."""
 
     def __init__(self, cfg: TrainConfig, dist: Dist, resume_hint: str | None = None):
         validate_config(cfg)
         self.cfg, self.dist = cfg, dist
         self.main = dist.main
         self._resume_hint = resume_hint
+        self._lock: int | None = None
+        try:
+            self._build()
+        except BaseException:
+            self.release()
+            raise
+
+    def _build(self) -> None:
+        cfg, dist = self.cfg, self.dist
         self.device = _resolve_device(cfg, dist)
-        if cfg.resume:
-            check_resume_config(cfg, Path(cfg.resume), self.resume_hint(Path(cfg.resume)))
-        self.run_dir = self._run_dir()
+        self.run_dir, self.has_weights = self._claim_run_dir()
+        # A run with weights continues them in its own settings; one without (it stopped before
+        # its first checkpoint) starts from the beginning anyway, so it may change any of them.
+        if cfg.resume and self.has_weights:
+            check_resume_config(cfg, self.run_dir, self.resume_hint(self.run_dir))
         checkpoints = list_checkpoints(self.run_dir) if cfg.resume else []
         if cfg.resume and not checkpoints and self.main:
             print(f"{self.run_dir}: no checkpoint yet; starting the run from the beginning")
@@ -1108,12 +1195,16 @@ class _Run:
                 raise ValueError(f"data_options.cache_dir {self.dcfg.cache_dir}: cannot create it "
                                  f"({e.strerror})") from None
         saved_tok = self.run_dir / "tokenizer.json"
+        # Only a run continued from its weights reads the run's tokenizer.json: a new run (or one
+        # with no weights yet) uses the tokenizer its config asks for, never a failed attempt's.
+        own_tok = bool(cfg.resume) and self.has_weights and saved_tok.is_file()
         with _main_first(dist):
-            self.tok = (load_tokenizer(saved_tok) if saved_tok.is_file()
-                        else load_or_train_tokenizer(cfg, self.dcfg))
-            data = prepare(self.dcfg, self.tok)
-            if self.main and not saved_tok.is_file():
+            if self.main and not own_tok:
+                self.tok = load_or_train_tokenizer(cfg, self.dcfg)
                 self.tok.save(self.run_dir)
+            else:  # the run's own, or rank 0's just written
+                self.tok = load_tokenizer(saved_tok)
+            data = prepare(self.dcfg, self.tok)
         self.train_set, self.val_set = data.train, data.val
         if len(self.val_set) == 0:
             raise ValueError(f"the validation split of {self.dcfg.sources} is empty: add data or "
@@ -1123,6 +1214,7 @@ class _Run:
 
         seed_everything(cfg.seed)
         model = build_model(cfg, self.tok)
+        check_lora_export(cfg, model)
         if dist.enabled:  # same init everywhere, but each rank its own dropout stream
             seed_everything(cfg.seed + dist.rank)
         # Under LoRA on a pretrained base, checkpoints hold only the adapter (the base is on disk).
@@ -1135,7 +1227,8 @@ class _Run:
         self.train_loss: float | None = None  # of the last step
         self.best_val_loss: float | None = None
         self.best_step: int | None = None
-        self.evals_since_best = 0
+        self.stop_ref: float | None = None  # early stopping's reference: the last counted fall
+        self.evals_since_best = 0  # evaluations since stop_ref was set
         self.last_eval_step = -1
         self.last_saved_step = -1
         if checkpoints:
@@ -1144,33 +1237,82 @@ class _Run:
         if self.main:
             (self.run_dir / "config.json").write_text(json.dumps(self.config_dict, indent=1))
 
+    def release(self) -> None:
+        """Give up the run directory's lock (the process's end does too)."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
     # -- set-up helpers ---------------------------------------------------------------------
 
     def resume_hint(self, run_dir: Path) -> str:
         """How the caller's command line continues this run ("continue it with ...")."""
         return self._resume_hint or f"--resume {run_dir}"
 
-    def _run_dir(self) -> Path:
-        cfg = self.cfg
-        if cfg.resume:
-            run_dir = Path(cfg.resume)
-        else:
-            name = cfg.name or _broadcast(
-                f"{Path(cfg.init_from).name if cfg.init_from else cfg.preset}-"
-                f"{time.strftime('%Y%m%d-%H%M%S')}", self.dist)
-            run_dir = Path(cfg.out_dir) / name
-            if (run_dir / "config.json").exists():
-                raise ValueError(f"{run_dir} already holds a run: continue it with "
-                                 f"{self.resume_hint(run_dir)}, or choose another --name")
+    def _claim_run_dir(self) -> tuple[Path, bool]:
+        """Rank 0 claims the run directory; every rank learns it and whether it holds weights."""
+        claimed: tuple[str, bool, str | None] = ("", False, None)
         if self.main:
             try:
-                run_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise ValueError(f"{run_dir}: cannot create the run directory ({e.strerror}); "
-                                 "check --out-dir") from None
-            clean_partial_writes(run_dir)
-            clean_partial_writes(run_dir / "checkpoints")
-        _barrier(self.dist)
+                run_dir = self._claim()
+                claimed = (str(run_dir), _holds_weights(run_dir), None)
+            except ValueError as e:
+                claimed = ("", False, str(e))
+        path, has_weights, error = _broadcast(claimed, self.dist)
+        if error is not None:
+            raise ValueError(error)
+        return Path(path), has_weights
+
+    def _claim(self) -> Path:
+        """The locked run directory: ``--resume``'s, ``--name``'s, or a new default name (a
+        suffix -2, -3, ... when runs started in the same second took the first ones)."""
+        cfg = self.cfg
+        if cfg.resume:
+            return self._lock_dir(Path(cfg.resume), new=False)
+        if cfg.name:
+            return self._lock_dir(Path(cfg.out_dir) / cfg.name, new=True)
+        stem = (f"{Path(cfg.init_from).name if cfg.init_from else cfg.preset}-"
+                f"{time.strftime('%Y%m%d-%H%M%S')}")
+        for n in range(1, 1000):
+            try:
+                return self._lock_dir(Path(cfg.out_dir) / (f"{stem}-{n}" if n > 1 else stem),
+                                      new=True)
+            except _RunDirTaken:
+                continue
+        raise ValueError(f"{cfg.out_dir}: no free run name {stem}-N; choose one with --name")
+
+    def _lock_dir(self, run_dir: Path, new: bool) -> Path:
+        """Create ``run_dir`` and take its exclusive lock. A new run refuses a directory whose run
+        has weights, and clears one whose run stopped before its first checkpoint (a setting
+        that failed at the start), so that the corrected command may reuse its name."""
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"{run_dir}: cannot create the run directory ({e.strerror}); "
+                             "check --out-dir") from None
+        fd = os.open(run_dir, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._lock = fd
+        except BlockingIOError:
+            os.close(fd)
+            raise _RunDirTaken(f"{run_dir} is in use by another run (one started in the same "
+                               "second, or with the same --name or --resume): wait for it to end, "
+                               "or choose another --name") from None
+        except OSError:  # a filesystem without locks: go on unguarded, as before
+            os.close(fd)
+        clean_partial_writes(run_dir)
+        clean_partial_writes(run_dir / "checkpoints")
+        if new and (run_dir / "config.json").exists():
+            if _holds_weights(run_dir):
+                self.release()
+                raise _RunDirTaken(f"{run_dir} already holds a run: continue it with "
+                                   f"{self.resume_hint(run_dir)}, or choose another --name")
+            print(f"{run_dir}: its run stopped before its first checkpoint; starting it anew "
+                  "with these settings")
+            for name in ("config.json", "tokenizer.json", "metrics.jsonl"):
+                (run_dir / name).unlink(missing_ok=True)
+            shutil.rmtree(run_dir / "tb", ignore_errors=True)
         return run_dir
 
     def _default_block_size(self) -> int:
@@ -1239,6 +1381,7 @@ class _Run:
         self.evals_since_best = progress["evals_since_best"]
         self.last_eval_step = progress["last_eval_step"]
         self.train_loss = progress.get("train_loss")  # absent from older checkpoints
+        self.stop_ref = progress.get("stop_ref", self.best_val_loss)  # likewise
         self.last_saved_step = self.step
         rngs = state["rng"]
         if len(rngs) == self.dist.world:
@@ -1291,6 +1434,7 @@ class _Run:
             "evals_since_best": self.evals_since_best,
             "last_eval_step": self.last_eval_step,
             "train_loss": self.train_loss,
+            "stop_ref": self.stop_ref,
         }
 
     def save(self) -> None:
@@ -1340,9 +1484,18 @@ class _Run:
         if cfg.inject_nan_at_step == step:
             causes.insert(0, "injected on purpose: inject_nan_at_step is set")
         last = list_checkpoints(self.run_dir)
-        kept = (f"the last good checkpoint is {last[-1]} (continue with "
-                f"{self.resume_hint(self.run_dir)})" if last else
-                "no checkpoint had been written yet")
+        # A resume replays the same steps bit-exactly and keeps lr, warmup and precision: say so.
+        if last:
+            kept = (f"the last good checkpoint is {last[-1]}: {self.resume_hint(self.run_dir)} "
+                    "replays the same steps from there, so it helps only once the cause is gone "
+                    "(bad data fixed, a NaN injected on purpose); a change of --lr, "
+                    "--warmup-steps or --precision needs a new run (another --name)")
+        elif _holds_weights(self.run_dir):
+            kept = ("no checkpoint had been written yet: start a new run with the changes "
+                    "(another --name)")
+        else:
+            kept = ("no checkpoint had been written yet: run the command again with the changes "
+                    "(the same --name starts the run anew)")
         message = (
             f"non-finite {stats.nonfinite} ({value}) at step {step}: epoch {epoch}, training "
             f"examples {pos}..{pos + span - 1} of that epoch's shuffled order ({cfg.grad_accum} "
@@ -1355,15 +1508,16 @@ class _Run:
     def _evaluate(self, log: _RunLog, on_eval) -> dict:
         metrics = self.trainer.evaluate(*self._val_batches())
         self.last_eval_step = self.step
-        if self.best_val_loss is None or metrics["val_loss"] < self.best_val_loss:
-            self.evals_since_best = (
-                0 if self.best_val_loss is None or metrics["val_loss"]
-                < self.best_val_loss - self.cfg.early_stop_min_delta
-                else self.evals_since_best + 1)
-            self.best_val_loss, self.best_step = metrics["val_loss"], self.step
-            self._save_best(metrics)
+        loss = metrics["val_loss"]
+        # Early stopping counts from the last fall larger than min_delta (as Keras and Lightning
+        # do), so falls each smaller than min_delta still add up; best/ follows every new minimum.
+        if self.stop_ref is None or loss < self.stop_ref - self.cfg.early_stop_min_delta:
+            self.stop_ref, self.evals_since_best = loss, 0
         else:
             self.evals_since_best += 1
+        if self.best_val_loss is None or loss < self.best_val_loss:
+            self.best_val_loss, self.best_step = loss, self.step
+            self._save_best(metrics)
         log.write(self.step, "val", {**metrics, "best_val_loss": self.best_val_loss})
         if on_eval is not None:
             on_eval(self.step, dict(metrics))
@@ -1378,6 +1532,13 @@ class _Run:
         if flags[0]:
             return signals.reason or "SIGTERM"
         return "time budget" if flags[1] else None
+
+    def _signalled(self, signals: _StopSignals) -> str | None:
+        """The stop signal any rank received (a collective call), else None."""
+        flag = torch.tensor([signals.reason is not None], dtype=torch.float32, device=self.device)
+        if _all_reduce_sum(flag, self.dist).item():
+            return signals.reason or "SIGTERM"
+        return None
 
     def execute(self, on_eval) -> TrainResult:
         cfg, trainer = self.cfg, self.trainer
@@ -1427,6 +1588,7 @@ class _Run:
                     bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}",
                                     tok_s=f"{tok_s:.0f}", refresh=False)
                 memorised = cfg.overfit_batches > 0 and stats.loss < OVERFIT_LOSS
+                paused = time.perf_counter()  # evaluation and saving are not training time
                 if (self.step % cfg.eval_every == 0 and self.step >= cfg.warmup_steps) or (
                         memorised):
                     metrics = self._evaluate(log, on_eval)
@@ -1437,18 +1599,25 @@ class _Run:
                     self.save()
                 if stop or result.early_stopped or memorised:
                     break
-            if stop in ("SIGINT", "SIGTERM"):
-                result.interrupted = stop
-                if self.main:
-                    print(f"\n{stop}: checkpoint saved at step {self.step}; continue with "
-                          f"{self.resume_hint(self.run_dir)}")
-            else:
+                window_start += time.perf_counter() - paused
+            if stop not in STOP_SIGNALS:
                 if self.last_eval_step != self.step:
                     metrics = self._evaluate(log, on_eval)
                 if self.last_saved_step != self.step:
                     self.save()
-                if cfg.export:
+                # A stop signal during that evaluation: the checkpoint is saved, skip the export.
+                stop = self._signalled(signals)
+                if cfg.export and stop is None:
                     result.export_dir, result.sample = self._finish()
+                    stop = self._signalled(signals)
+            if stop in STOP_SIGNALS:
+                result.interrupted = stop
+                if self.main and result.export_dir is not None:
+                    print(f"\n{stop}: the run had finished (checkpoint and export at step "
+                          f"{self.step}); stopping with the signal's exit code")
+                elif self.main:
+                    print(f"\n{stop}: checkpoint saved at step {self.step}; continue with "
+                          f"{self.resume_hint(self.run_dir)}")
         finally:
             bar.close()
             log.close()
@@ -1475,27 +1644,55 @@ class _Run:
         export = self.run_dir / "export"
 
         def write(tmp: Path) -> None:
-            if self.cfg.lora_r > 0:
-                import lora
+            import lora
 
-                lora.save_adapter(model, tmp)
-                if self.cfg.export_merged:
+            cfg = self.cfg
+            if cfg.lora_r == 0:
+                model.save_pretrained(tmp)
+            elif cfg.init_from is None:
+                # The base exists only in this run: the export is the merged model (its own
+                # base upcast or dequantized, never a fresh init), which transformers loads.
+                merged = _full_precision_copy(model)
+                for out in [tmp, tmp / "merged"] if cfg.export_merged else [tmp]:
+                    lora.merge_and_export(merged, out)
+                    self.tok.save(out)
+            else:
+                base = str(Path(cfg.init_from).resolve())  # as PEFT records it: loadable alone
+                lora.save_adapter(model, tmp, base_model_name_or_path=base)
+                if cfg.export_merged:
                     merged = model
-                    if self.cfg.quantize_bits or self.cfg.base_dtype != "fp32":
-                        # merge into the full-precision base instead
+                    if cfg.quantize_bits or cfg.base_dtype != "fp32":
+                        # merge into the full-precision base on disk instead
                         merged = build_model(dataclasses.replace(
-                            self.cfg, lora_r=0, quantize_bits=0, base_dtype="fp32"), self.tok)
+                            cfg, lora_r=0, quantize_bits=0, base_dtype="fp32"), self.tok)
                         lora.load_adapter(merged, tmp)
                     lora.merge_and_export(merged, tmp / "merged")
                     self.tok.save(tmp / "merged")
-            else:
-                model.save_pretrained(tmp)
             self.tok.save(tmp)
 
         write_dir_atomically(export, write)
         print(f"exported to {export} (best validation loss {self.best_val_loss:.4f}, "
               f"perplexity {perplexity(self.best_val_loss):.2f})")
         return export, sample
+
+
+@torch.no_grad()
+def _full_precision_copy(model: nn.Module) -> nn.Module:
+    """A float32 CPU copy of a LoRA model whose frozen base is upcast (bf16, fp16) or dequantized
+    (int8, NF4): the weights the trained model computes with, ready to be merged."""
+    import lora
+
+    dup = copy.deepcopy(model).cpu()
+    for path, module in list(dup.named_modules()):
+        if isinstance(module, lora.QuantLinear):
+            linear = nn.Linear(module.in_features, module.out_features,
+                               bias=module.bias is not None, device="meta")
+            linear.weight = nn.Parameter(module.dequantize(torch.float32), requires_grad=False)
+            if module.bias is not None:
+                linear.bias = nn.Parameter(module.bias.detach().float(), requires_grad=False)
+            parent, _, leaf = path.rpartition(".")
+            setattr(dup.get_submodule(parent), leaf, linear)
+    return dup.float()
 
 
 @torch.no_grad()
@@ -1528,7 +1725,11 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
     """
     dist, owns_group = _init_distributed(cfg.device)
     try:
-        return _Run(cfg, dist, resume_hint).execute(on_eval)
+        run = _Run(cfg, dist, resume_hint)
+        try:
+            return run.execute(on_eval)
+        finally:
+            run.release()
     finally:
         if owns_group:
             import torch.distributed as td
@@ -1576,7 +1777,35 @@ def structure_diagnosis(model: nn.Module, vocab_size: int, length: int) -> str |
         model.train(was_training)
 
 
-def run_overfit(cfg: TrainConfig, max_steps: int = 400) -> tuple[bool, str]:
+# What --overfit (a small from-scratch model memorising the bundled corpus) makes of each key:
+# these it honours (max_steps and lr only when given: its own are 400 and 3e-3), these mean
+# nothing without a run directory or validation; any other setting is refused, not dropped.
+OVERFIT_HONOURS = ("overfit", "max_steps", "lr", "preset", "n_layer", "n_head", "n_embd",
+                   "mlp_hidden", "model_options", "seed", "device", "precision", "progress",
+                   "min_lr_ratio", "beta1", "beta2", "adam_eps", "grad_clip")
+OVERFIT_IGNORES = ("name", "out_dir", "eval_every", "eval_batches", "eval_precision",
+                   "early_stop_patience", "early_stop_min_delta", "log_every", "save_every",
+                   "keep_last", "max_time_s", "export", "export_merged", "sample_prompt",
+                   "sample_tokens")
+
+
+def overfit_settings(cfg: TrainConfig, given: set[str]) -> dict:
+    """``run_overfit``'s max_steps and lr (the given ones, else its own); a ValueError naming
+    every other setting it cannot honour."""
+    defaults = TrainConfig()
+    refused = [f"{f.name}={getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
+               if f.name not in OVERFIT_HONOURS + OVERFIT_IGNORES
+               and getattr(cfg, f.name) != getattr(defaults, f.name)]
+    if refused:
+        raise ValueError(f"--overfit trains a small model from scratch on the bundled corpus, so "
+                         f"it cannot honour {', '.join(refused)}. To check that setup, memorise a "
+                         "few batches of its own data with --overfit-batches K (without "
+                         "--overfit)")
+    return {"max_steps": cfg.max_steps if "max_steps" in given else 400,
+            "lr": cfg.lr if "lr" in given else 3e-3}
+
+
+def run_overfit(cfg: TrainConfig, max_steps: int = 400, lr: float = 3e-3) -> tuple[bool, str]:
     """Memorise ``data/overfit`` with the real model, loss and training step; then greedy
     completion of each file's first line must reproduce the file. Returns (passed, report)."""
     from architecture import Transformer
@@ -1599,7 +1828,7 @@ def run_overfit(cfg: TrainConfig, max_steps: int = 400) -> tuple[bool, str]:
     block = max(map(len, seqs))  # generation re-creates the whole sequence, final EOS included
     ocfg = dataclasses.replace(
         cfg, n_layer=cfg.n_layer or 2, n_head=cfg.n_head or 4, n_embd=cfg.n_embd or 128,
-        mlp_hidden=cfg.mlp_hidden or 256, block_size=block, dropout=0.0, lr=3e-3,
+        mlp_hidden=cfg.mlp_hidden or 256, block_size=block, dropout=0.0, lr=lr,
         warmup_steps=20, max_steps=max_steps, weight_decay=0.0, grad_accum=1,
         label_smoothing=0.0, lora_r=0, quantize_bits=0, init_from=None, compile=False,
     )
@@ -1683,14 +1912,33 @@ def report_run_error(e: Exception) -> int:
     return 1 if isinstance(e, NonFiniteLossError) else 2
 
 
+def given_keys(argv: Sequence[str] | None) -> tuple[set[str], set[str]]:
+    """The TrainConfig keys typed on the command line, and those its ``--config`` file sets."""
+    args = vars(build_parser().parse_args(argv))
+    typed = set(args) - {"config"}
+    return typed, set(load_config_file(args["config"])) if args.get("config") else set()
+
+
+def check_max_steps_flag(cfg: TrainConfig, typed: set[str]) -> None:
+    """A typed --max-steps that ``epochs`` overrides would end the run silently elsewhere (a
+    resumed epochs run would train nothing and exit 0): refuse it, saying what to do."""
+    if "max_steps" in typed and cfg.epochs is not None:
+        where = "" if "epochs" in typed else " (from the run's config)"
+        raise ValueError(f"--max-steps {cfg.max_steps} has no effect: epochs={cfg.epochs:g}"
+                         f"{where} sets the run's length. Change --epochs instead (a resume may "
+                         "change it), or drop it with --epochs none to count --max-steps")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         with cliconfig.interrupt_on_sigterm():  # outside the step loop: data, tokenizer, export
             cfg = parse_config(argv)
+            typed, in_file = given_keys(argv)
             if cfg.overfit:
-                passed, report = run_overfit(cfg)
+                passed, report = run_overfit(cfg, **overfit_settings(cfg, typed | in_file))
                 print(report)
                 return 0 if passed else 1
+            check_max_steps_flag(cfg, typed)
             result = train(cfg)
     except RUN_ERRORS as e:
         return report_run_error(e)

@@ -933,3 +933,303 @@ def test_a_second_stop_signal_interrupts_with_its_own_exit_code():
     finally:
         signals.restore()
     assert cliconfig.interrupted_exit_code(stop.value) == 143  # was 130: a bare interrupt
+
+
+# --------------------------------------------------------------------------------------------
+# Review fixes: run directories (stale tokenizer, sharing, retrying a failed start), LoRA
+# exports, signals at the end of a run, throughput, dropout, early stopping, CLI mistakes
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_new_run_uses_its_own_tokenizer_not_a_failed_attempts(assets, tmp_path):
+    """An attempt that failed after saving its tokenizer (a mistyped LoRA target) left
+    tokenizer.json behind; the corrected command under the same name read it instead of the
+    tokenizer it asked for."""
+    texts = [p.read_text("utf-8") for p in sorted(Path(assets["corpus"]).iterdir())]
+    other = tmp_path / "other"
+    other.mkdir()
+    CodeTokenizer.train(texts, min_freq=3, max_vocab=120).save(other)
+    with pytest.raises(ValueError, match="q_prj"):
+        tm.train(tiny_cfg(assets, tmp_path, lora_r=4, lora_targets=["q_prj"]))
+    result = tm.train(tiny_cfg(assets, tmp_path, tokenizer=str(other / "tokenizer.json"),
+                               max_steps=2, eval_every=2))
+    want = load_tokenizer(other)
+    assert load_tokenizer(result.run_dir).vocab_size == want.vocab_size
+    weights = final_weights(result.run_dir, 2)
+    assert weights["wte.weight"].shape[0] == want.vocab_size
+
+
+def test_two_runs_never_share_a_run_directory(assets, tmp_path, monkeypatch):
+    """A run started while another holds the directory (both default-named in the same second,
+    or given the same --name) used to train into it too. Default names now take a free suffix;
+    a given name is refused while the other run holds it, and free again once it has ended."""
+    import time as real_time
+    import types
+
+    stamp = "20260101-000000"
+    monkeypatch.setattr(tm, "time", types.SimpleNamespace(perf_counter=real_time.perf_counter,
+                                                          strftime=lambda fmt: stamp))
+    name = f"tiny-{stamp}"
+    started = []
+
+    def start_others(step, metrics):  # while the first run trains (its first evaluation)
+        if started:
+            return
+        started.append(tm.train(tiny_cfg(assets, tmp_path, name=None, max_steps=2,
+                                         eval_every=2)).run_dir)
+        with pytest.raises(ValueError, match="is in use by another run"):
+            tm.train(tiny_cfg(assets, tmp_path, name=name, max_steps=2))
+
+    first = tm.train(tiny_cfg(assets, tmp_path, name=None, max_steps=4), on_eval=start_others)
+    assert first.run_dir.name == name and started == [first.run_dir.with_name(f"{name}-2")]
+    for run, steps in ((first.run_dir, 4), (started[0], 2)):
+        config = json.loads((run / "config.json").read_text())
+        assert (config["name"], config["max_steps"]) == (run.name, steps)
+        assert tm.list_checkpoints(run)[-1].name == f"step-{steps}"
+    with pytest.raises(ValueError, match="already holds a run: continue it with --resume"):
+        tm.train(tiny_cfg(assets, tmp_path, name=name, max_steps=2))  # ended: not in use
+    third = tm.train(tiny_cfg(assets, tmp_path, name=None, max_steps=2, eval_every=2))
+    assert third.run_dir.name == f"{name}-3"
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_can_be_run_again(assets, tmp_path,
+                                                                         capsys):
+    """No weights in the directory: the corrected command may reuse the name (or --resume may
+    change its settings); the NaN message says only what resume can do."""
+    cfg = tiny_cfg(assets, tmp_path, max_steps=4, eval_every=4, inject_nan_at_step=1)
+    with pytest.raises(tm.NonFiniteLossError, match="the same --name starts the run anew"):
+        tm.train(cfg)
+    run = Path(cfg.out_dir) / "run"
+    assert (run / "config.json").is_file() and not tm.list_checkpoints(run)
+    result = tm.train(dataclasses.replace(cfg, inject_nan_at_step=None, lr=1e-3))
+    assert result.step == 4 and json.loads((run / "config.json").read_text())["lr"] == 1e-3
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
+             if '"train"' in x]
+    assert steps == [1, 2, 3, 4]  # the failed attempt's lines are gone
+
+    with pytest.raises(tm.NonFiniteLossError) as info:  # now with a checkpoint (step 4)
+        tm.train(dataclasses.replace(cfg, name="later", inject_nan_at_step=6, max_steps=8))
+    message = str(info.value)
+    assert "replays the same steps" in message and "needs a new run (another --name)" in message
+
+    with pytest.raises(tm.NonFiniteLossError):
+        tm.train(dataclasses.replace(cfg, name="again", inject_nan_at_step=2))
+    capsys.readouterr()
+    assert tm.main(["--resume", str(Path(cfg.out_dir) / "again"), "--lr", "0.002",
+                    "--inject-nan-at-step", "100"]) == 0  # no weights: it may change settings
+    assert json.loads((Path(cfg.out_dir) / "again" / "config.json").read_text())["lr"] == 0.002
+
+
+def test_block_size_beyond_the_init_from_context_is_refused_before_any_work(assets, tmp_path):
+    from tiny_hf import save_tiny_hf
+
+    base = tmp_path / "base"
+    save_tiny_hf("llama", base, vocab_size=512)  # 128 positions
+    with pytest.raises(ValueError, match=r"TrainConfig\.block_size=256: longer than the context "
+                                         r"of --init-from .* \(128 positions\)"):
+        tm.validate_config(tm.TrainConfig(init_from=str(base), block_size=256))
+    tm.validate_config(tm.TrainConfig(init_from=str(base), block_size=128))
+
+
+@pytest.mark.parametrize("quantization", [{"base_dtype": "bf16"}, {"quantize_bits": 8}])
+def test_lora_from_scratch_exports_the_trained_model_merged(assets, tmp_path, quantization):
+    """The base of a from-scratch LoRA run exists only in the run: the export (which held only
+    the adapter) is the merged model in HF format, and --export-merged merged into a fresh
+    random init instead of the run's own (bf16 / quantized) base."""
+    import transformers
+
+    import eval as ev
+    from architecture import Transformer
+
+    cfg = tiny_cfg(assets, tmp_path, lora_r=4, lora_alpha=8.0, max_steps=4, lr=3e-2,
+                   export=True, export_merged=True, **quantization)
+    run = tm.train(cfg).run_dir
+    export = run / "export"
+    assert not (export / "adapter_config.json").exists() and (export / "merged").is_dir()
+    # The trained model, as eval.py rebuilds it from best/ (a bf16 base computed in fp32).
+    full = dataclasses.replace(cfg, base_dtype="fp32") if "base_dtype" in quantization else cfg
+    trained = tm.build_model(full, load_tokenizer(run))
+    tm.load_model_tensors(trained, load_file(run / "best" / tm.MODEL_FILE), "best", False)
+    ids = torch.randint(0, trained.cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        want = trained.eval()(ids)
+        assert want.abs().max() > 0.1
+        hf = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
+        torch.testing.assert_close(hf(ids).logits, want, atol=2e-5, rtol=1e-4)
+        merged = Transformer.from_pretrained(export / "merged", dtype=torch.float32).eval()
+        torch.testing.assert_close(merged(ids), want, atol=2e-5, rtol=1e-4)
+        loaded = ev.load_model(str(run), torch.device("cpu"))
+        torch.testing.assert_close(loaded.model.eval()(ids), want, atol=2e-5, rtol=1e-4)
+
+
+def test_lora_export_names_its_base_so_peft_loads_it_alone(assets, tmp_path):
+    """adapter_config.json recorded base_model_name_or_path null: AutoPeftModel and
+    transformers then looked for a hub repo named None."""
+    import transformers
+    from peft import AutoPeftModelForCausalLM
+    from tiny_hf import save_tiny_hf
+
+    import lora
+
+    base = tmp_path / "base"
+    save_tiny_hf("llama", base, vocab_size=512)
+    cfg = tiny_cfg(assets, tmp_path, init_from=str(base), lora_r=4, lora_alpha=8.0, lr=3e-2,
+                   lora_targets=["q_proj", "v_proj"], max_steps=4, export=True)
+    export = tm.train(cfg).run_dir / "export"
+    config = json.loads((export / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base.resolve())
+    ours = tm.build_model(dataclasses.replace(cfg, lora_r=0), load_tokenizer(export))
+    lora.load_adapter(ours, export)
+    ids = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        want = ours.eval()(ids)
+        peft_model = AutoPeftModelForCausalLM.from_pretrained(export).eval()
+        torch.testing.assert_close(peft_model(ids).logits, want, atol=1e-5, rtol=1e-4)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
+        torch.testing.assert_close(hf(ids).logits, want, atol=1e-5, rtol=1e-4)
+
+
+def test_a_merge_into_a_tied_embedding_is_refused_before_training(assets, tmp_path):
+    """The merge failed only after training, and took the (valid) adapter export with it."""
+    from tiny_hf import save_tiny_hf
+
+    base = tmp_path / "base"
+    save_tiny_hf("llama", base, vocab_size=512)  # lm_head tied to embed_tokens
+    common = dict(lora_r=4, lora_targets=["q_proj", "embed_tokens"], max_steps=2,
+                  eval_every=2, export=True)
+    cfg = tiny_cfg(assets, tmp_path, init_from=str(base), export_merged=True, **common)
+    with pytest.raises(ValueError, match=r"export_merged=True .* LoRA target wte .* tied"):
+        tm.train(cfg)
+    assert not tm.list_checkpoints(Path(cfg.out_dir) / "run")
+    scratch = tiny_cfg(assets, tmp_path, name="scratch", **{**common, "lora_targets": ["wte"]})
+    with pytest.raises(ValueError, match=r"from scratch exports the merged model.*--no-export"):
+        tm.train(scratch)  # the tiny preset ties its head too
+    assert tm.train(dataclasses.replace(cfg, export_merged=False)).export_dir is not None
+
+
+def test_a_stop_signal_during_the_final_evaluation_exits_with_its_code(assets, tmp_path,
+                                                                       capsys, monkeypatch):
+    """The first SIGTERM during the end-of-run evaluation was ignored: eval, sample and export
+    ran and the run exited 0, so `train && eval` went on."""
+    import signal
+
+    original = tm.Trainer.evaluate
+
+    def evaluate(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(tm.Trainer, "evaluate", evaluate)
+    config = _tiny_config_file(assets, tmp_path, max_steps=3, eval_every=100, export=True)
+    assert tm.main(["--config", config]) == 143
+    run = tmp_path / "runs" / "run"
+    assert f"SIGTERM: checkpoint saved at step 3; continue with --resume {run}" in (
+        capsys.readouterr().out)
+    assert [p.name for p in tm.list_checkpoints(run)] == ["step-3"]
+    assert not (run / "export").exists()
+    monkeypatch.setattr(tm.Trainer, "evaluate", original)
+    assert tm.main(["--resume", str(run)]) == 0 and (run / "export" / "config.json").is_file()
+
+
+def test_tokens_per_s_counts_training_time_only(assets, tmp_path, monkeypatch):
+    """Each step takes 1 s on a fake clock, each evaluation 100 s and each save 50 s: the
+    throughput after an evaluation fell 50-fold."""
+    import types
+
+    now = [0.0]
+    monkeypatch.setattr(tm, "time", types.SimpleNamespace(perf_counter=lambda: now[0],
+                                                          strftime=lambda fmt: "x"))
+    for name, cost in (("train_step", 1.0), ("evaluate", 100.0)):
+        original = getattr(tm.Trainer, name)
+
+        def timed(self, *args, _original=original, _cost=cost, **kwargs):
+            now[0] += _cost
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(tm.Trainer, name, timed)
+    save = tm._Run.save
+
+    def slow_save(self):
+        now[0] += 50.0
+        save(self)
+
+    monkeypatch.setattr(tm._Run, "save", slow_save)
+    result = tm.train(tiny_cfg(assets, tmp_path, max_steps=9, eval_every=3, save_every=3,
+                               warmup_steps=0, log_every=2))
+    lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rates = [m["tokens_per_s"] for m in lines if m["kind"] == "train"]
+    assert rates == pytest.approx([4 * 32] * len(rates))  # one batch of 4 x 32 a second
+
+
+def test_dropout_flag_sets_attention_dropout_too(assets, tmp_path):
+    from tiny_hf import save_tiny_hf
+
+    cfg = tm.model_config(tm.TrainConfig(preset="tiny", dropout=0.2), 64, None, None)
+    assert (cfg.dropout, cfg.attn_dropout) == (0.2, 0.2)
+    own = tm.TrainConfig(preset="tiny", dropout=0.2, model_options={"attn_dropout": 0.0})
+    assert tm.model_config(own, 64, None, None).attn_dropout == 0.0
+    base = tmp_path / "base"
+    save_tiny_hf("llama", base, vocab_size=512)
+    model = tm.build_model(tm.TrainConfig(init_from=str(base), dropout=0.15),
+                           load_tokenizer(assets["tokenizer"]))
+    assert (model.cfg.dropout, model.cfg.attn_dropout) == (0.15, 0.15)
+
+
+def test_early_stopping_keeps_its_reference_until_a_fall_larger_than_min_delta(
+        assets, tmp_path, monkeypatch):
+    """The validation loss falls 0.006 per evaluation with min_delta 0.01: every two
+    evaluations it falls more than min_delta, so patience 3 never runs out (it did after 3
+    evaluations, each small fall moving the reference); best/ follows the true minimum."""
+    losses = iter([3.0 - 0.006 * i for i in range(20)])
+
+    def evaluate(self, *args, **kwargs):
+        loss = next(losses)
+        return {"val_loss": loss, "val_ppl": tm.perplexity(loss), "val_accuracy": 0.0,
+                "val_tokens": 1}
+
+    monkeypatch.setattr(tm.Trainer, "evaluate", evaluate)
+    result = tm.train(tiny_cfg(assets, tmp_path, max_steps=10, eval_every=1, warmup_steps=0,
+                               early_stop_patience=3, early_stop_min_delta=0.01))
+    assert not result.early_stopped and result.step == 10 and result.best_step == 10
+    losses = iter([3.0, 2.995, 2.992, 2.991, 2.5])  # three falls of less than min_delta
+    result = tm.train(tiny_cfg(assets, tmp_path, name="flat", max_steps=10, eval_every=1,
+                               warmup_steps=0, early_stop_patience=3, early_stop_min_delta=0.01))
+    assert result.early_stopped and result.step == 4 and result.best_step == 4
+
+
+def test_max_steps_that_epochs_overrides_is_refused(assets, tmp_path, capsys):
+    """A run with epochs set ignored --resume ... --max-steps N: it trained nothing, exit 0."""
+    run = tmp_path / "runs" / "ep"
+    run.mkdir(parents=True)
+    write_config(tiny_cfg(assets, tmp_path, name="ep", epochs=0.5), run / "config.json")
+    assert tm.main(["--resume", str(run), "--max-steps", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-steps 10 has no effect: epochs=0.5 (from the run's config)" in err
+    assert "--epochs none" in err
+    config = _tiny_config_file(assets, tmp_path)
+    assert tm.main(["--config", config, "--epochs", "1", "--max-steps", "5"]) == 2
+    assert "epochs=1 sets the run's length" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, message", [
+    ('{"vocab_size": 100}', "model_options: 'vocab_size' comes from the tokenizer"),
+    ('{"eos_id": 3}', "model_options: 'eos_id' comes from the tokenizer"),
+    ('{"rope_scaling": 5}', "model_options: key 'rope_scaling' must be"),
+])
+def test_model_options_mistakes_are_one_line_errors(assets, tmp_path, capsys, options, message):
+    config = _tiny_config_file(assets, tmp_path)
+    assert tm.main(["--config", config, "--model-options", options]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs" / "run").exists()  # refused before any work
+
+
+def test_overfit_honours_max_steps_and_lr_and_refuses_what_it_cannot(capsys):
+    """--overfit --max-steps 5 --lr 1e-6 --lora-r 4 reported PASS after 66 steps of a plain
+    from-scratch model."""
+    assert tm.main(["--overfit", "--max-steps", "3", "--lr", "1e-6", "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("FAIL") and "in 3 steps" in out and "barely moved" in out
+    assert tm.main(["--overfit", "--lora-r", "4", "--init-from", "x", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot honour init_from='x', lora_r=4" in err and "--overfit-batches" in err
