@@ -26,7 +26,7 @@ from typing import Any
 # Top-level keys of a recipe (configs/*.json): one section per script that reads it.
 RECIPE_SECTIONS = ("train", "eval")
 
-# What an Optional field's flag reads as None (any case): ``--eval-batches none``.
+# What an Optional field's flag reads as None (any case): ``--eval-examples none``.
 NONE_WORDS = ("none", "null")
 
 _NAMES = {bool: "true/false", int: "an integer", float: "a number", str: "a string",

@@ -289,7 +289,8 @@ def smoke_train_values(values: dict, work: Path, steps: int) -> dict:
     sources, texts = write_smoke_data(task, scratch, work / "data")
     values = {**values, "data": sources, "val_data": None, "test_data": None,
               "max_steps": steps, "epochs": None,
-              "warmup_steps": 2, "eval_every": steps, "save_every": steps, "eval_batches": 4,
+              "warmup_steps": 2, "eval_every": steps, "save_every": steps,
+              "eval_examples": SMOKE_EVAL_LIMITS["limit"],  # eval's examples: the same loss
               "batch_size": min(values.get("batch_size", 8), 4),
               "grad_accum": min(values.get("grad_accum", 1), 2),
               "block_size": SMOKE_BLOCK, "log_every": 1, "sample_tokens": 8,

@@ -167,7 +167,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute each block in backward: less memory
     # evaluation, logging, checkpoints
     eval_every: int = 175  # steps between evaluations (and best/ checkpoints)
-    eval_batches: int | None = 20  # None: the whole validation split
+    eval_examples: int | None = 80  # validation examples (windows or pairs) scored at each
+    #   evaluation: the split's first ones, whatever the batch size, accumulation or processes,
+    #   so runs that differ in those compare on the same examples; None: the whole split
     early_stop_patience: int = 0  # evaluations without improvement before stopping; 0: never
     early_stop_min_delta: float = 0.0  # a smaller fall of the validation loss is no improvement
     log_every: int = 10  # steps between metrics.jsonl / TensorBoard lines
@@ -797,7 +799,7 @@ def validate_config(cfg: TrainConfig) -> None:
     need(cfg.inject_nan_at_step is None or cfg.inject_nan_at_step >= 1, "inject_nan_at_step",
          "must be >= 1 (steps count from 1)")
     need(cfg.save_every is None or cfg.save_every >= 1, "save_every", "must be >= 1")
-    need(cfg.eval_batches is None or cfg.eval_batches >= 1, "eval_batches", "must be >= 1")
+    need(cfg.eval_examples is None or cfg.eval_examples >= 1, "eval_examples", "must be >= 1")
     need(cfg.lora_r >= 0, "lora_r", "must be >= 0 (0: no LoRA)")
     need(cfg.quantize_bits == 0 or cfg.lora_r > 0, "quantize_bits",
          "a quantized base is frozen: it needs LoRA (--lora-r > 0)")
@@ -1414,8 +1416,8 @@ class _Run:
         and how many there are."""
         cfg, world = self.cfg, self.dist.world
         n = len(self.val_set)
-        if cfg.eval_batches is not None:
-            n = min(n, cfg.eval_batches * cfg.batch_size * world)
+        if cfg.eval_examples is not None:
+            n = min(n, cfg.eval_examples)
         step = cfg.batch_size
         starts = range(0, n, step)[self.dist.rank::world]
         batches = (self._collate([self.val_set[i] for i in range(start, min(start + step, n))])
@@ -1783,7 +1785,7 @@ def structure_diagnosis(model: nn.Module, vocab_size: int, length: int) -> str |
 OVERFIT_HONOURS = ("overfit", "max_steps", "lr", "preset", "n_layer", "n_head", "n_embd",
                    "mlp_hidden", "model_options", "seed", "device", "precision", "progress",
                    "min_lr_ratio", "beta1", "beta2", "adam_eps", "grad_clip")
-OVERFIT_IGNORES = ("name", "out_dir", "eval_every", "eval_batches", "eval_precision",
+OVERFIT_IGNORES = ("name", "out_dir", "eval_every", "eval_examples", "eval_precision",
                    "early_stop_patience", "early_stop_min_delta", "log_every", "save_every",
                    "keep_last", "max_time_s", "export", "export_merged", "sample_prompt",
                    "sample_tokens")

@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as out:
         cfg = tm.TrainConfig(preset=args.preset, batch_size=args.batch_size,
                              block_size=args.block_size, max_steps=args.steps + WARMUP + 1,
-                             eval_every=10**9, eval_batches=1, save_every=10**9, export=False,
+                             eval_every=10**9, eval_examples=args.batch_size, save_every=10**9, export=False,
                              log_every=10, out_dir=out, name="bench")
         run = tm._Run(cfg, tm.Dist())
         model_cfg = run.trainer.raw_model.cfg

@@ -127,11 +127,11 @@ def test_help_says_which_flags_take_none():
     assert "--tag TAG a plain str: \"none\" is text here (default: 'x') " in text
 
 
-def test_trainingmanager_eval_batches_none_is_the_whole_split():
+def test_trainingmanager_eval_examples_none_is_the_whole_split():
     import trainingmanager
 
-    assert trainingmanager.parse_config([]).eval_batches == 20
-    assert trainingmanager.parse_config(["--eval-batches", "none"]).eval_batches is None
+    assert trainingmanager.parse_config([]).eval_examples == 80
+    assert trainingmanager.parse_config(["--eval-examples", "none"]).eval_examples is None
 
 
 def test_help_comes_from_the_field_comments_grouped_by_section():

@@ -47,7 +47,7 @@ def tiny_space(tmp_path: Path, corpus: Path, extra_params: dict | None = None) -
     space = {
         "base": {
             "preset": "tiny", "block_size": 32, "n_embd": 32, "n_layer": 1, "batch_size": 4,
-            "warmup_steps": 0, "eval_batches": 2, "log_every": 1, "export": False,
+            "warmup_steps": 0, "eval_examples": 8, "log_every": 1, "export": False,
             "tokenizer_max_vocab": 256, "tokenizer_min_freq": 2, "data": [str(corpus)],
             "data_options": {"cache_dir": str(corpus.parent / "cache"), "split_by": "file"},
             "device": "cpu",
@@ -473,7 +473,7 @@ def test_builtin_lora_space_sweeps_a_pretrained_model(tmp_path, corpus):
     train_config = tmp_path / "train.json"
     train_config.write_text(json.dumps({
         "init_from": str(tmp_path / "base"), "tokenizer": str(tmp_path / "tokenizer.json"),
-        "block_size": 32, "eval_batches": 1, "export": False, "device": "cpu",
+        "block_size": 32, "eval_examples": 4, "export": False, "device": "cpu",
         "data": [str(corpus)], "data_options": {"cache_dir": str(tmp_path / "cache"),
                                                 "split_by": "file"}}))
     argv = tune_args(tmp_path, "lora", study_name="lora", n_trials=2, max_steps=2,

@@ -133,7 +133,7 @@ def test_code_completion_trains_on_the_fake_github_scrape(tmp_path, monkeypatch)
     write_fake_scrape(scrape)
     values = json.loads((CONFIGS / "code_completion.json").read_text())["train"]
     values.update(data=[str(scrape)], n_layer=2, n_head=4, n_embd=64, mlp_hidden=128,
-                  block_size=64, max_steps=12, eval_every=12, eval_batches=4, warmup_steps=2,
+                  block_size=64, max_steps=12, eval_every=12, eval_examples=32, warmup_steps=2,
                   lr=3e-3, log_every=1, out_dir=str(tmp_path / "runs"), progress=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -181,7 +181,7 @@ def test_interrupted_evaluation_says_the_training_is_saved(tmp_path, sig, code):
     recipe.write_text(json.dumps({
         "train": {"preset": "tiny", "block_size": 32, "n_embd": 32, "n_layer": 1,
                   "batch_size": 4, "max_steps": 2, "eval_every": 2, "warmup_steps": 0,
-                  "eval_batches": 1, "tokenizer_max_vocab": 256, "tokenizer_min_freq": 2,
+                  "eval_examples": 4, "tokenizer_max_vocab": 256, "tokenizer_min_freq": 2,
                   "data": [str(data)], "data_options": {"split_by": "file"}, "name": "tiny"},
         "eval": {"tasks": ["lm"]}}))
     run = subprocess.Popen(
@@ -214,7 +214,7 @@ def test_trainingmanager_cli_runs_the_recipe_on_the_scrape(tmp_path):
         [sys.executable, "trainingmanager.py", "--config", "configs/code_completion.json",
          "--data", str(scrape), "--n-layer", "2", "--n-head", "4", "--n-embd", "64",
          "--mlp-hidden", "128", "--block-size", "64", "--max-steps", "6", "--eval-every", "6",
-         "--eval-batches", "2", "--warmup-steps", "1", "--out-dir", str(tmp_path / "runs"),
+         "--eval-examples", "16", "--warmup-steps", "1", "--out-dir", str(tmp_path / "runs"),
          "--no-progress"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
         env={**__import__("os").environ, "CODELM_CACHE": str(tmp_path / "cache"),

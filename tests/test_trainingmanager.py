@@ -53,7 +53,7 @@ def tiny_cfg(assets, tmp_path, **overrides) -> tm.TrainConfig:
     values = dict(
         preset="tiny", data=[assets["corpus"]], tokenizer=assets["tokenizer"],
         data_options={"cache_dir": assets["cache"], "progress": False}, block_size=32,
-        batch_size=4, max_steps=12, warmup_steps=2, lr=3e-3, eval_every=4, eval_batches=2,
+        batch_size=4, max_steps=12, warmup_steps=2, lr=3e-3, eval_every=4, eval_examples=8,
         log_every=1, save_every=4, keep_last=5, progress=False, export=False,
         out_dir=str(tmp_path / "runs"), name="run", sample_tokens=8,
     )
@@ -310,7 +310,7 @@ def test_val_data_files_are_the_validation_split(assets, tmp_path):
     for f in [f for f in stdlib_files() if 5000 < f.stat().st_size < 8000][:3]:
         shutil.copy(f, val_dir / f.name)
     cfg = tiny_cfg(assets, tmp_path, val_data=[str(val_dir)], max_steps=2, eval_every=2,
-                   eval_batches=None)
+                   eval_examples=None)
     dcfg = tm.data_config(cfg, 32)
     assert dcfg.val_sources == [str(val_dir)] and dcfg.sources == [assets["corpus"]]
     val = prepare(dcfg, load_tokenizer(assets["tokenizer"])).val
@@ -1233,3 +1233,21 @@ def test_overfit_honours_max_steps_and_lr_and_refuses_what_it_cannot(capsys):
     assert tm.main(["--overfit", "--lora-r", "4", "--init-from", "x", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "cannot honour init_from='x', lora_r=4" in err and "--overfit-batches" in err
+
+
+def test_the_validation_examples_do_not_depend_on_batch_size_or_accumulation(assets, tmp_path):
+    """Runs that split the same batch differently (a sweep over batch_size) are scored on the
+    same validation examples, and the same weights give the same val_loss."""
+    losses, examples = [], []
+    for i, (batch_size, grad_accum) in enumerate([(4, 2), (8, 1), (3, 1)]):
+        cfg = tiny_cfg(assets, tmp_path, batch_size=batch_size, grad_accum=grad_accum,
+                       eval_examples=10, name=f"v{i}")
+        run = tm._Run(cfg, tm.Dist())
+        batches, _ = run._val_batches()
+        batches = list(batches)
+        examples.append([row[mask].tolist() for b in batches
+                         for row, mask in zip(b["input_ids"], b["labels"] != tm.IGNORE_INDEX)])
+        losses.append(run.trainer.evaluate(batches)["val_loss"])
+        run.release()
+    assert len(examples[0]) == 10 and examples[0] == examples[1] == examples[2]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6) == pytest.approx(losses[2], rel=1e-6)
