@@ -9,6 +9,7 @@ checkpoints are read and written by `pretrained.py` (imported lazily by `from_pr
 from __future__ import annotations
 
 import math
+import operator
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -581,6 +582,7 @@ class Transformer(nn.Module):
         # in the backward instead of stored: ~n_layer times less activation memory for a 1.24x
         # slower step (bench_model.py --checkpointing, CPU). A run setting, not in ModelConfig.
         self.gradient_checkpointing = False
+        self.register_state_dict_post_hook(_row_major_state)  # see _use_decode_layout
         if not self.wte.weight.is_meta:
             self.reset_parameters()
 
@@ -653,9 +655,15 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------- KV cache
     def _new_caches(self, batch: int, length: int) -> list[LayerCache]:
+        """Zeroed caches in the dtype the qkv projection returns: autocast's when it is on for the
+        device (so decoding sees the keys and values forward computes), else the weights'."""
         p = self.wte.weight
+        dtype = p.dtype
+        if torch.is_autocast_enabled(p.device.type) and p.dtype != torch.float64:
+            dtype = torch.get_autocast_dtype(p.device.type)  # autocast leaves fp64 alone
         shape = (batch, self.cfg.n_kv_head, length, self.cfg.head_dim)
-        return [(p.new_zeros(shape), p.new_zeros(shape)) for _ in self.blocks]
+        return [(p.new_zeros(shape, dtype=dtype), p.new_zeros(shape, dtype=dtype))
+                for _ in self.blocks]
 
     def _end_decode(self) -> None:
         if self.training:  # training wants row-major weights back (see _use_decode_layout)
@@ -673,9 +681,13 @@ class Transformer(nn.Module):
         shapes stream at half the bandwidth in the (out, in) row-major layout, e.g. (1024, 384)
         at 9 GB/s against 20 GB/s column-major here. On: each group of same-shape Linear
         weights whose batch-1 pass measures faster column-major is re-laid out in place (same
-        values and shape, swapped strides); it stays so in eval mode and returns to row-major
-        when training resumes. CUDA reads both layouts well: left as is."""
-        if on == getattr(self, "_decode_layout", False) or self.wte.weight.device.type != "cpu":
+        values and shape, swapped strides); it stays so in eval mode (re-laying out per call
+        would copy every such weight twice a call) and returns to row-major when training
+        resumes. `state_dict()` returns such weights row-major (`_row_major_state`), so saving
+        tools see ordinary tensors. CUDA reads both layouts well: left as is."""
+        if on == getattr(self, "_decode_layout", False):
+            return
+        if on and self.wte.weight.device.type != "cpu":  # (off: also after a move to CUDA)
             return
         self._decode_layout = on
         if not on:
@@ -721,9 +733,7 @@ class Transformer(nn.Module):
         B, T = idx.shape
         key_valid = torch.ones(B, length, dtype=torch.bool, device=idx.device)
         if attention_mask is not None:
-            if attention_mask.shape != idx.shape:
-                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != idx "
-                                 f"shape {tuple(idx.shape)}")
+            _check_mask(attention_mask, idx)
             key_valid[:, :T] = attention_mask.bool()
         slots = torch.arange(T, device=idx.device)
         pos = _positions(key_valid[:, :T])
@@ -798,6 +808,13 @@ class Transformer(nn.Module):
         eos_id: an id or ids ending a row. stop: ids, id sequences or strings (strings need
         `decode`, e.g. tokenizer.decode) that end a row; the stop itself is kept in the output.
         compile: torch.compile the decode step (static shapes: the cache is preallocated).
+        Under torch.autocast the caches hold autocast's dtype, as forward's keys and values.
+
+        On CPU in eval mode, the eager path may leave Linear weights column-major (same values
+        and shapes, non-contiguous strides: they stream faster; see `_use_decode_layout`) until
+        `model.train()`. `state_dict()` (so `save_pretrained`, safetensors' save_model) returns
+        them row-major; code that views a parameter's memory directly (`p.view(-1)`) should use
+        `p.contiguous()` or call `model.train()` first.
         """
         if num_beams > 1:
             if temperature != 0.0 or top_k is not None or top_p is not None or stop:
@@ -836,9 +853,13 @@ class Transformer(nn.Module):
     def _beam_search(self, idx, max_new_tokens, num_beams, eos_id, attention_mask, pad_id,
                      length_penalty):
         B, T = self._check_prompt(idx, max_new_tokens)
+        _check_mask(attention_mask, idx)  # before the beams expand the shapes it names
         eos_ids, _, _ = _parse_stops(eos_id, None, None)
         fill = pad_id if pad_id is not None else (eos_ids[0] if eos_ids else 0)
         K, dev = num_beams, idx.device
+        # As HF: (1 + #EOS) * K candidates a step, so K live beams remain whichever EOS ids
+        # the top ones end with (each beam contributes at most #EOS finished candidates).
+        pool = max(2, 1 + len(eos_ids)) * K
         flat = idx.repeat_interleave(K, dim=0)
         mask = None if attention_mask is None else attention_mask.repeat_interleave(K, dim=0)
         length = T + max_new_tokens
@@ -857,7 +878,7 @@ class Transformer(nn.Module):
                 logp = torch.log_softmax(logits.float(), dim=-1)
                 V = logp.shape[-1]
                 cand = (scores[..., None] + logp.view(B, K, V)).view(B, K * V)
-                top, ids = cand.topk(2 * K, dim=1)
+                top, ids = cand.topk(min(pool, K * V), dim=1)
                 beams_l, toks_l, top_l = (ids // V).tolist(), (ids % V).tolist(), top.tolist()
                 new_scores = [[-1e9] * K for _ in range(B)]
                 new_beam = [[0] * K for _ in range(B)]
@@ -866,7 +887,7 @@ class Transformer(nn.Module):
                     if closed[b]:
                         continue
                     n = 0
-                    for r in range(2 * K):
+                    for r in range(ids.shape[1]):
                         t, src, s = toks_l[b][r], beams_l[b][r], top_l[b][r]
                         if t in eos_ids:
                             if r < K:
@@ -898,24 +919,30 @@ class Transformer(nn.Module):
         finally:
             self._end_decode()
         n_gen = seqs.shape[1]
-        out = torch.full((B, T + n_gen), fill, dtype=torch.long, device=dev)
-        out[:, :T] = idx
+        best = []
         for b in range(B):
             if not closed[b]:
                 for k in range(K):
                     s = float(scores[b, k]) / max(n_gen, 1) ** length_penalty
                     done[b].append((s, seqs[b * K + k]))
-            best = max(done[b], key=lambda h: h[0])[1]
-            out[b, T:T + best.numel()] = best
+            best.append(max(done[b], key=lambda h: h[0])[1])
+        # As HF and the greedy path: as wide as the longest returned hypothesis
+        out = torch.full((B, T + max(h.numel() for h in best)), fill, dtype=torch.long,
+                         device=dev)
+        out[:, :T] = idx
+        for b, hyp in enumerate(best):
+            out[b, T:T + hyp.numel()] = hyp
         return out
 
     # ------------------------------------------------------- HF interchange
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str | None = None,
                         device: torch.device | str | None = None) -> Transformer:
         """Load a local HF checkpoint directory (gpt_bigcode, codegen, phi, llama).
         dtype None: bf16 (fp16 without bf16 support) on CUDA; on CPU the checkpoint's dtype
-        (config.json `dtype`/`torch_dtype`), float32 for float16 checkpoints."""
+        (config.json `dtype`/`torch_dtype`), float32 for float16 checkpoints. Names are read as
+        transformers reads them ("bfloat16", "float32", ...; also "bf16", "fp16", "fp32"), and
+        "auto" is the checkpoint's dtype exactly (float16 too)."""
         import pretrained
 
         return pretrained.load(path, dtype=dtype, device=device)
@@ -925,6 +952,21 @@ class Transformer(nn.Module):
         import pretrained
 
         pretrained.save(self, path, max_shard_bytes=max_shard_bytes)
+
+
+def _row_major_state(module: Transformer, state_dict: dict, prefix: str, _metadata) -> None:
+    """State-dict post-hook: weights in the decode layout (column-major, non-contiguous) come
+    out as row-major copies, as tools expect (safetensors' save_model, `.view(-1)`); tied weights
+    stay one tensor. keep_vars=True returns the parameters themselves, as they are."""
+    if not getattr(module, "_decode_layout", False):
+        return
+    copies: dict[tuple, torch.Tensor] = {}
+    for key, t in state_dict.items():
+        if key.startswith(prefix) and not isinstance(t, nn.Parameter) and not t.is_contiguous():
+            same = (t.data_ptr(), t.dtype, t.shape, t.stride())
+            if same not in copies:
+                copies[same] = t.contiguous()
+            state_dict[key] = copies[same]
 
 
 def _stream_time(weights: list[torch.Tensor], reps: int = 3) -> float:
@@ -981,17 +1023,36 @@ def _decode_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         return compile_fx(gm, example_inputs, decompositions=table)
 
 
+def _check_mask(attention_mask: torch.Tensor | None, idx: torch.Tensor) -> None:
+    if attention_mask is not None and attention_mask.shape != idx.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != idx shape "
+                         f"{tuple(idx.shape)}")
+
+
+def _token_ids(ids, name: str) -> list[int]:
+    """ids as a list of ints: one int-like (numpy integer, 0-d tensor) or a sequence of them
+    (list, 1-d array or tensor)."""
+    if ids is None:
+        return []
+    try:
+        return [operator.index(ids)]
+    except TypeError:
+        pass
+    try:
+        return [operator.index(i) for i in ids]
+    except TypeError:
+        raise ValueError(f"{name} must be a token id or a sequence of ids, got {ids!r}") from None
+
+
 def _parse_stops(eos_id, stop, decode):
-    eos_ids = [] if eos_id is None else ([eos_id] if isinstance(eos_id, int) else list(eos_id))
+    eos_ids = _token_ids(eos_id, "eos_id")
     stop_seqs: list[list[int]] = []
     stop_strs: list[str] = []
     for s in stop or ():
         if isinstance(s, str):
             stop_strs.append(s)
-        elif isinstance(s, int):
-            stop_seqs.append([s])
         else:
-            stop_seqs.append(list(s))
+            stop_seqs.append(_token_ids(s, "stop"))
     if stop_strs and decode is None:
         raise ValueError(f"stop strings {stop_strs} need decode= (e.g. tokenizer.decode)")
     if any(not seq for seq in stop_seqs):

@@ -529,6 +529,11 @@ class TensorSource:
             return self.files[name].shape(name)
         return tuple(self.tensors[name].shape)
 
+    def dtype(self, name: str) -> torch.dtype:
+        if name in self.files:
+            return self.files[name].entries[name][0]
+        return self.tensors[name].dtype
+
     def whole(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """The tensor in dtype on device; a view of the file map when nothing changes."""
         if name in self.tensors:
@@ -593,18 +598,47 @@ def _auto_dtype(hf: dict, device: torch.device) -> torch.dtype:
     return dtype if dtype.is_floating_point else torch.float32
 
 
-def load(directory: str | Path, dtype: torch.dtype | None = None,
+DTYPE_ALIASES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _requested_dtype(dtype: torch.dtype | str | None, hf: dict,
+                     source: TensorSource) -> torch.dtype | None:
+    """The `dtype` argument as a torch dtype (None stays None: codelm's default). Strings as
+    transformers reads them, plus codelm's short names: a torch dtype name ("bfloat16",
+    "float16", "float32", "bf16", "fp16", "fp32"), or "auto": config.json's `dtype` /
+    `torch_dtype`, else the first floating-point tensor's own dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        resolved = dtype
+    elif not isinstance(dtype, str):
+        resolved = None
+    elif dtype == "auto":
+        name = hf.get("dtype") or hf.get("torch_dtype")
+        resolved = getattr(torch, name, None) if isinstance(name, str) else None
+        if not isinstance(resolved, torch.dtype):
+            found = (source.dtype(n) for n in [*source.files, *source.tensors])
+            resolved = next((d for d in found if d.is_floating_point), torch.float32)
+    else:
+        resolved = DTYPE_ALIASES.get(dtype, getattr(torch, dtype, None))
+    if dtype is not None and not (isinstance(resolved, torch.dtype)
+                                  and resolved.is_floating_point):
+        raise ValueError(f"dtype={dtype!r}: expected a floating-point torch dtype, its name "
+                         f"('bfloat16', 'float16', 'float32', or 'bf16', 'fp16', 'fp32'), or "
+                         f"'auto' (the checkpoint's dtype)")
+    return resolved
+
+
+def load(directory: str | Path, dtype: torch.dtype | str | None = None,
          device: torch.device | str | None = None) -> Transformer:
     """Build a `Transformer` from a local HF checkpoint directory; every check runs before the
-    model exists."""
+    model exists. dtype: see `_requested_dtype`; None: `_auto_dtype`."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"{directory}: not a directory")
     cfg, hf = read_config(directory)
     table = TABLES[cfg.family]
     device = torch.device(device if device is not None else "cpu")
-    dtype = dtype or _auto_dtype(hf, device)
     source = TensorSource(directory)
+    dtype = _requested_dtype(dtype, hf, source) or _auto_dtype(hf, device)
 
     with torch.device("meta"):
         model = Transformer(cfg)

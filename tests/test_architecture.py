@@ -158,6 +158,42 @@ def test_decode_layout_keeps_values_and_training_gets_row_major_back():
     assert all(p.is_contiguous() for p in model.parameters())
 
 
+def test_decode_layout_stays_out_of_state_dict(tmp_path):
+    """Tools that save or flatten a state dict (safetensors' save_model, .view(-1)) get
+    row-major tensors after generate; tied weights stay one tensor."""
+    from safetensors.torch import load_file, save_model
+
+    model = _model("llama")
+    model.generate(_ids(1, 4), 2)
+    model._use_decode_layout(True)
+    for p in model.parameters():  # force the column-major case whatever this machine measured
+        if p.dim() == 2:
+            p.data = p.data.t().contiguous().t()
+    state = model.state_dict()
+    assert all(t.is_contiguous() for t in state.values())
+    assert state["wte.weight"] is state["lm_head.weight"]
+    assert not model.wte.weight.is_contiguous()  # the model itself keeps the decode layout
+    assert not model.state_dict(keep_vars=True)["wte.weight"].is_contiguous()
+    state["wte.weight"].view(-1)
+    save_model(model, tmp_path / "m.safetensors")
+    back = load_file(tmp_path / "m.safetensors")
+    assert all(torch.equal(back[k], state[k]) for k in back)
+
+
+def test_generate_under_autocast_decodes_what_forward_computes():
+    """Under autocast the cache holds autocast's dtype, so each greedy token is the argmax of
+    forward's logits under the same autocast (an fp32 cache failed in index_copy_)."""
+    model = _model("llama")
+    idx = _ids(2, 10)
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", dtype=dtype):
+            out = model.generate(idx, 6)
+            logits = model(out[:, :-1])
+            assert torch.equal(out[:, 10:], logits[:, 9:].argmax(-1))
+            assert torch.equal(torch.stack(list(model.stream(idx, 6)), 1), out[:, 10:])
+            assert model.generate(idx, 6, num_beams=2).shape == (2, 16)
+
+
 def test_sampling_filters_and_seed():
     model = _model("llama")
     idx = _ids(1, 10).repeat(400, 1)
@@ -270,6 +306,28 @@ def test_input_errors():
     for beams in (1, 2):
         with pytest.raises(ValueError, match="the prompt is empty"):
             model.generate(torch.zeros(1, 0, dtype=torch.long), 3, num_beams=beams)
+    for beams in (1, 3):  # the shapes passed, not the beam-expanded ones
+        with pytest.raises(ValueError, match=re.escape("shape (2, 4) != idx shape (2, 5)")):
+            model.generate(_ids(2, 5), 2, num_beams=beams,
+                           attention_mask=torch.ones(2, 4, dtype=torch.bool))
+    for bad in ("x", 2.5, [3, None]):
+        with pytest.raises(ValueError, match="eos_id must be a token id or a sequence of ids"):
+            model.generate(_ids(1, 5), 2, eos_id=bad)
+
+
+def test_eos_and_stop_ids_as_numpy_or_tensor_values():
+    import numpy as np
+
+    model = _lively("codegen")
+    idx = _ids(2, 8, seed=5)
+    eos = int(model.generate(idx, 3)[0, -1])
+    want = model.generate(idx, 6, eos_id=eos)
+    for alike in (np.int64(eos), torch.tensor(eos), [np.int32(eos)], np.array([eos]),
+                  torch.tensor([eos])):
+        for beams in (1, 2):
+            assert torch.equal(model.generate(idx, 6, eos_id=alike, num_beams=beams),
+                               model.generate(idx, 6, eos_id=eos, num_beams=beams))
+    assert torch.equal(model.generate(idx, 6, stop=[np.int64(eos)], pad_id=eos), want)
 
 
 @pytest.mark.slow

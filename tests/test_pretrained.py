@@ -93,6 +93,53 @@ def test_beam_search_with_eos_matches_transformers(checkpoints, seed):
     assert torch.equal(got, ref)
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_beam_search_with_several_eos_ids_matches_transformers(checkpoints, seed):
+    """EOS ids crowding the top candidates: HF keeps (1 + #EOS) * num_beams candidates a step so
+    that num_beams live beams remain (codelm kept 2 * num_beams and lost live beams)."""
+    _, hf, model = checkpoints["llama"]
+    idx = _ids(2, 10, seed=seed)
+    with torch.no_grad():
+        eos = model(idx)[0, -1].topk(5).indices[1:].tolist()  # all but the best end a row
+    ref = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=8,
+                      do_sample=False, num_beams=2, eos_token_id=eos, pad_token_id=eos[0])
+    got = model.generate(idx, 8, num_beams=2, eos_id=eos)
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("seed", [4, 6])
+def test_beam_search_output_is_as_wide_as_the_longest_hypothesis(checkpoints, seed):
+    """The best hypothesis ends at once while the search goes on: HF (and codelm's greedy path)
+    crop the output to the longest returned row, with no all-padding columns after it."""
+    _, hf, model = checkpoints["llama"]
+    idx = _ids(1, 10, seed=seed)
+    eos = int(model.generate(idx, 1)[0, -1])  # the greedy first token ends the row
+    ref = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=12,
+                      do_sample=False, num_beams=3, eos_token_id=eos, pad_token_id=eos)
+    got = model.generate(idx, 12, num_beams=3, eos_id=eos)
+    assert ref.shape[1] < 22
+    assert torch.equal(got, ref)
+
+
+def test_generate_under_autocast_matches_transformers(checkpoints):
+    """fp32 weights under bf16 autocast (mixed precision): the KV cache takes the keys and
+    values in autocast's dtype, as forward computes them (an fp32 cache made index_copy_ fail)."""
+    _, hf, model = checkpoints["llama"]
+    idx = _ids(2, 10, seed=1)
+    mask = torch.ones_like(idx, dtype=torch.bool)
+    mask[1, :3] = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = hf.generate(idx, attention_mask=mask.long(), max_new_tokens=12, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+        got = model.generate(idx, 12, attention_mask=mask)
+        streamed = torch.stack(list(model.stream(idx, 12, attention_mask=mask)), dim=1)
+        ref_beam = hf.generate(idx, attention_mask=mask.long(), max_new_tokens=12,
+                               do_sample=False, num_beams=3, eos_token_id=None, pad_token_id=0)
+        beam = model.generate(idx, 12, num_beams=3, attention_mask=mask)
+    assert torch.equal(got, ref) and torch.equal(streamed, got[:, 10:])
+    assert torch.equal(beam, ref_beam)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_export_loads_in_transformers_with_same_logits(checkpoints, family, tmp_path):
     import transformers
@@ -281,6 +328,33 @@ def test_dtype_cast_on_load(checkpoints):
     with torch.no_grad():
         ref = hf(idx).logits
     assert (model(idx).float() - ref).abs().max().item() < 0.1
+
+
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16])
+def test_dtype_names_as_transformers_reads_them(tmp_path, stored):
+    """dtype given by name: torch's names and "auto" (config.json's dtype, else the weights')
+    resolve as in transformers; codelm's short names too; anything else is a ValueError."""
+    import transformers
+
+    tiny_hf_model("llama").to(stored).save_pretrained(tmp_path)
+
+    def dtypes(**kw):
+        return {p.dtype for p in Transformer.from_pretrained(tmp_path, **kw).parameters()}
+
+    for name in ("bfloat16", "float16", "float32", "auto"):
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=name)
+        assert dtypes(dtype=name) == {p.dtype for p in hf.parameters()}, name
+    for short, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16),
+                         ("fp32", torch.float32)):
+        assert dtypes(dtype=short) == {dtype}
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key in ("dtype", "torch_dtype"):
+        config.pop(key, None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert dtypes(dtype="auto") == {stored}  # from the weights
+    for bad in ("int8", "bfloat", "cuda", 16):
+        with pytest.raises(ValueError, match=f"dtype={bad!r}: expected a floating-point"):
+            Transformer.from_pretrained(tmp_path, dtype=bad)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_bigcode"])  # rotary; learned positions
