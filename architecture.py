@@ -582,7 +582,7 @@ class Transformer(nn.Module):
         # in the backward instead of stored: ~n_layer times less activation memory for a 1.24x
         # slower step (bench_model.py --checkpointing, CPU). A run setting, not in ModelConfig.
         self.gradient_checkpointing = False
-        self.register_state_dict_post_hook(_row_major_state)  # see _use_decode_layout
+        self.register_state_dict_pre_hook(_row_major_state)  # see _use_decode_layout
         if not self.wte.weight.is_meta:
             self.reset_parameters()
 
@@ -683,8 +683,8 @@ class Transformer(nn.Module):
         weights whose batch-1 pass measures faster column-major is re-laid out in place (same
         values and shape, swapped strides); it stays so in eval mode (re-laying out per call
         would copy every such weight twice a call) and returns to row-major when training
-        resumes. `state_dict()` returns such weights row-major (`_row_major_state`), so saving
-        tools see ordinary tensors. CUDA reads both layouts well: left as is."""
+        resumes, or `state_dict()` is read (`_row_major_state`), so saving tools see ordinary
+        tensors. CUDA reads both layouts well: left as is."""
         if on == getattr(self, "_decode_layout", False):
             return
         if on and self.wte.weight.device.type != "cpu":  # (off: also after a move to CUDA)
@@ -812,9 +812,9 @@ class Transformer(nn.Module):
 
         On CPU in eval mode, the eager path may leave Linear weights column-major (same values
         and shapes, non-contiguous strides: they stream faster; see `_use_decode_layout`) until
-        `model.train()`. `state_dict()` (so `save_pretrained`, safetensors' save_model) returns
-        them row-major; code that views a parameter's memory directly (`p.view(-1)`) should use
-        `p.contiguous()` or call `model.train()` first.
+        `model.train()` or `state_dict()` (so `save_pretrained` and safetensors' save_model
+        see row-major tensors); code that views a parameter's memory directly (`p.view(-1)`)
+        should use `p.contiguous()` or call `model.train()` first.
         """
         if num_beams > 1:
             if temperature != 0.0 or top_k is not None or top_p is not None or stop:
@@ -954,19 +954,11 @@ class Transformer(nn.Module):
         pretrained.save(self, path, max_shard_bytes=max_shard_bytes)
 
 
-def _row_major_state(module: Transformer, state_dict: dict, prefix: str, _metadata) -> None:
-    """State-dict post-hook: weights in the decode layout (column-major, non-contiguous) come
-    out as row-major copies, as tools expect (safetensors' save_model, `.view(-1)`); tied weights
-    stay one tensor. keep_vars=True returns the parameters themselves, as they are."""
-    if not getattr(module, "_decode_layout", False):
-        return
-    copies: dict[tuple, torch.Tensor] = {}
-    for key, t in state_dict.items():
-        if key.startswith(prefix) and not isinstance(t, nn.Parameter) and not t.is_contiguous():
-            same = (t.data_ptr(), t.dtype, t.shape, t.stride())
-            if same not in copies:
-                copies[same] = t.contiguous()
-            state_dict[key] = copies[same]
+def _row_major_state(module: Transformer, prefix: str, keep_vars: bool) -> None:
+    """State-dict pre-hook: weights in the decode layout go back to row-major, in place, before
+    they are read, so tools get ordinary tensors (safetensors' save_model, `.view(-1)`) without
+    a copy of the model; the next `generate` lays them out again."""
+    module._use_decode_layout(False)
 
 
 def _stream_time(weights: list[torch.Tensor], reps: int = 3) -> float:

@@ -160,24 +160,34 @@ def test_decode_layout_keeps_values_and_training_gets_row_major_back():
 
 def test_decode_layout_stays_out_of_state_dict(tmp_path):
     """Tools that save or flatten a state dict (safetensors' save_model, .view(-1)) get
-    row-major tensors after generate; tied weights stay one tensor."""
+    row-major tensors after generate, without a copy of the model; the next generate lays the
+    weights out again."""
     from safetensors.torch import load_file, save_model
 
     model = _model("llama")
     model.generate(_ids(1, 4), 2)
-    model._use_decode_layout(True)
-    for p in model.parameters():  # force the column-major case whatever this machine measured
-        if p.dim() == 2:
-            p.data = p.data.t().contiguous().t()
+
+    def force_column_major():  # whatever this machine measured
+        model._use_decode_layout(True)
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.data = p.data.t().contiguous().t()
+
+    force_column_major()
+    expected = model(_ids(1, 4))
     state = model.state_dict()
     assert all(t.is_contiguous() for t in state.values())
-    assert state["wte.weight"] is state["lm_head.weight"]
-    assert not model.wte.weight.is_contiguous()  # the model itself keeps the decode layout
-    assert not model.state_dict(keep_vars=True)["wte.weight"].is_contiguous()
+    for name, p in model.named_parameters():  # the parameters themselves, not copies
+        assert p.is_contiguous() and state[name].data_ptr() == p.data_ptr()
+    assert state["wte.weight"].data_ptr() == state["lm_head.weight"].data_ptr()  # still tied
+    assert torch.equal(model(_ids(1, 4)), expected)
     state["wte.weight"].view(-1)
+    force_column_major()
     save_model(model, tmp_path / "m.safetensors")
     back = load_file(tmp_path / "m.safetensors")
     assert all(torch.equal(back[k], state[k]) for k in back)
+    model.generate(_ids(1, 4), 2)  # lays the weights out again (if faster here)
+    assert model._decode_layout
 
 
 def test_generate_under_autocast_decodes_what_forward_computes():
