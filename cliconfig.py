@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import socket
 import threading
 import tokenize
 import types
@@ -322,6 +323,39 @@ def interrupted_exit_code(stop: str | KeyboardInterrupt) -> int:
 # --------------------------------------------------------------------------------------------
 # Output files and file-system errors
 # --------------------------------------------------------------------------------------------
+
+# Temp directories are named after the process that made them (``owner_tag``), so that a later
+# process removes what dead ones left behind. A PID names a process only on its machine and in
+# its PID namespace (containers sharing /tmp or a disk, even with one host name), so a tag says
+# all three, and only tags of this machine and namespace are judged.
+OWNER_PATTERN = r"(?P<pid>\d+)@(?P<host>[^@]*)@(?P<pidns>\d*)@"
+
+
+def _pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:  # no /proc (macOS): PIDs are machine-wide
+        return ""
+
+
+def owner_tag() -> str:
+    """``PID@HOST@PIDNS@`` of this process, for the names of the temp directories it makes."""
+    return f"{os.getpid()}@{socket.gethostname()}@{_pid_namespace()}@"
+
+
+def owner_is_dead(match: re.Match) -> bool:
+    """Whether the process an ``OWNER_PATTERN`` match names has ended; False when it cannot be
+    told (another machine or PID namespace, or another user's live process)."""
+    if match["host"] != socket.gethostname() or match["pidns"] != _pid_namespace():
+        return False
+    try:
+        os.kill(int(match["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
 
 def write_atomic(path: str | Path, data: str | bytes) -> None:
     """Write ``data`` (str as UTF-8) to a temporary file beside ``path``, then rename it over

@@ -23,7 +23,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import sys
 import sysconfig
 import tempfile
@@ -783,45 +782,31 @@ def corpus_key(cfg: DataConfig) -> str:
     return _hash_json({"v": PIPELINE_VERSION, "corpus": opts})
 
 
-# A build's temp (and replaced) directories are named ``<entry>.tmp-PID@HOST@...``: a later build
-# removes those of builders that died on this machine, and leaves other machines' (a shared disk).
-_PARTIAL = re.compile(r"\.(?:tmp|old)-(?P<pid>\d+)@(?P<host>[^@]*)@")
-
-
-def _builder() -> str:
-    return f"{os.getpid()}@{socket.gethostname()}@"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+# A build's temp (and replaced) directories are named ``<entry>.tmp-<cliconfig.owner_tag()>...``:
+# a later build removes those of builders that died on this machine, and leaves other machines'
+# and other PID namespaces' (a shared disk).
+_PARTIAL = re.compile(r"\.(?:tmp|old)-" + cliconfig.OWNER_PATTERN)
 
 
 def _remove_dead_builds(cache_dir: Path) -> None:
     """Remove what builds killed on this machine (SIGKILL, a crash, power loss) left behind: on
     real corpora gigabytes that no later build would ever read."""
-    host = socket.gethostname()
     for entry in cache_dir.iterdir():
         match = _PARTIAL.search(entry.name)
-        if match and match["host"] == host and not _alive(int(match["pid"])):
+        if match and cliconfig.owner_is_dead(match):
             shutil.rmtree(entry, ignore_errors=True)
 
 
 def _atomic_dir(final: Path) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_builds(final.parent)
-    return Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-{_builder()}", dir=final.parent))
+    return Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-{cliconfig.owner_tag()}", dir=final.parent))
 
 
 def _publish(tmp: Path, final: Path, replace: bool) -> None:
     """Move a finished build into place (rename: readers never see half a cache entry)."""
     if replace and final.exists():
-        old = final.with_name(f"{final.name}.old-{_builder()}")
+        old = final.with_name(f"{final.name}.old-{cliconfig.owner_tag()}")
         os.rename(final, old)
         shutil.rmtree(old, ignore_errors=True)
     try:

@@ -11,8 +11,9 @@ What each run gets, and what it guarantees:
 - **rlimits set in the child before user code**: CPU seconds, address space (a memory bomb gets
   ``MemoryError`` or dies), file size (also caps what it can print), no core dumps.
 - **A fresh temporary working directory** (also its ``HOME`` and ``TMPDIR``), removed afterwards.
-  It is named ``codelm-sandbox-PID@HOST@...`` after the evaluator: one that a killed evaluator
-  left behind is removed by the first run of a later evaluator on the same machine.
+  It is named after the evaluator (``codelm-sandbox-PID@HOST@PIDNS@...``): one that a killed
+  evaluator left behind is removed by the first run of a later evaluator on the same machine and
+  in the same PID namespace (a container sharing /tmp judges only its own).
 - **A minimal environment**: only ``PATH``, ``HOME``, ``TMPDIR``, ``LANG``; nothing of the
   evaluator's environment (tokens, keys) is inherited.
 - **A completion signal the program cannot forge by reading**: a random token reaches the
@@ -68,7 +69,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -76,6 +76,8 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import cliconfig
 
 # Exit status the bootstrap uses when the sample ran out of memory.
 EXIT_MEMORY = 113
@@ -423,21 +425,11 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
-# A run's directory is named ``codelm-sandbox-PID@HOST@...`` after its evaluator: a later one
-# removes those of evaluators that died on this machine (SIGKILL, the OOM killer), and leaves
-# other machines' (a shared /tmp).
-_OWNED = re.compile(r"codelm-sandbox-(?P<pid>\d+)@(?P<host>[^@]*)@")
+# A run's directory is named ``codelm-sandbox-<cliconfig.owner_tag()>...`` after its evaluator:
+# a later one removes those of evaluators that died on this machine (SIGKILL, the OOM killer),
+# and leaves other machines' and other PID namespaces' (a shared /tmp).
+_OWNED = re.compile(r"codelm-sandbox-" + cliconfig.OWNER_PATTERN)
 _swept = False  # this process has removed the dead evaluators' directories
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _remove(directory: Path) -> None:
@@ -462,10 +454,9 @@ def _remove_dead_runs() -> None:
     if _swept:
         return
     _swept = True
-    host = socket.gethostname()
     for entry in Path(tempfile.gettempdir()).glob("codelm-sandbox-*"):
         match = _OWNED.match(entry.name)
-        if match and match["host"] == host and not _alive(int(match["pid"])):
+        if match and cliconfig.owner_is_dead(match):
             _remove(entry)
 
 
@@ -496,8 +487,7 @@ def run_python(source: str, config: SandboxConfig | None = None) -> SandboxResul
     }
     token = secrets.token_hex(16)  # only the bootstrap learns it, through stdin
     _remove_dead_runs()
-    owner = f"codelm-sandbox-{os.getpid()}@{socket.gethostname()}@"
-    control_dir = Path(tempfile.mkdtemp(prefix=owner))
+    control_dir = Path(tempfile.mkdtemp(prefix=f"codelm-sandbox-{cliconfig.owner_tag()}"))
     try:
         workdir = control_dir / "work"
         workdir.mkdir()

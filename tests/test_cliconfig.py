@@ -194,3 +194,26 @@ def test_a_forked_worker_ends_on_sigterm_without_a_traceback(capfd):
         child.join()
     assert child.exitcode == -signal.SIGTERM
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_only_dead_processes_of_this_machine_and_pid_namespace_are_dead_owners():
+    import os
+    import re
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    pattern = re.compile(cliconfig.OWNER_PATTERN)
+    tag = cliconfig.owner_tag()
+    pid, host, ns, _ = tag.split("@")
+    assert int(pid) == os.getpid() and host == socket.gethostname()
+
+    def dead_owner(name: str) -> bool:
+        return cliconfig.owner_is_dead(pattern.fullmatch(name))
+
+    assert dead_owner(f"{dead}@{host}@{ns}@")
+    assert not dead_owner(tag)  # this process
+    assert not dead_owner(f"{dead}@other-{host}@{ns}@")  # another machine's
+    assert not dead_owner(f"{dead}@{host}@{ns}9@")  # a container's: its PIDs are not ours

@@ -16,6 +16,7 @@ import pytest
 import torch
 from procs import signal_when
 
+import cliconfig
 import dataset
 from dataset import (
     DOCSTRING_PROMPTS,
@@ -972,9 +973,11 @@ def _dead_pid() -> int:
 def test_a_build_removes_what_dead_builders_of_this_machine_left(tmp_path):
     cache = tmp_path / "cache"
     host, dead = socket.gethostname(), _dead_pid()
-    left = [f"corpus-x.tmp-{dead}@{host}@k1l2", f"lm-y.old-{dead}@{host}@"]
-    kept = [f"corpus-x.tmp-{os.getpid()}@{host}@abcd",  # a build that still runs
-            f"corpus-x.tmp-{dead}@other-{host}@abcd"]  # another machine's, on a shared disk
+    ns = cliconfig.owner_tag().split("@")[2]
+    left = [f"corpus-x.tmp-{dead}@{host}@{ns}@k1l2", f"lm-y.old-{dead}@{host}@{ns}@"]
+    kept = [f"corpus-x.tmp-{os.getpid()}@{host}@{ns}@abcd",  # a build that still runs
+            f"corpus-x.tmp-{dead}@other-{host}@{ns}@abcd",  # another machine's, on a shared disk
+            f"corpus-x.tmp-{dead}@{host}@{ns}1@abcd"]  # another PID namespace's (a container)
     for name in left + kept:
         (cache / name).mkdir(parents=True)
     corpus = dataset.load_corpus(cfg(tmp_path))
