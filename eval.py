@@ -1089,8 +1089,10 @@ def _examples_digest(docs: Sequence, examples: dict, problems: Sequence[dict]) -
     return digest.hexdigest()
 
 
-# Keys that say where results go or how fast they come, not what they are.
-_RESUME_IGNORES = ("models", "runs_dir", "out_dir", "progress", "workers")
+# Keys that say where results go or how they are computed, not what they are (batches of
+# left-padded prompts give each prompt's result; a smaller batch is the remedy for memory).
+_RESUME_IGNORES = ("models", "runs_dir", "out_dir", "progress", "workers", "batch_size",
+                   "device")
 
 
 def _finished_models(out: Path, results: dict) -> tuple[list[dict], list[dict]]:
@@ -1226,8 +1228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:  # an unreadable model file, a full disk
         return _stopped(progress, f"error: {cliconfig.os_error_message(err)}", 2)
     except (torch.OutOfMemoryError, MemoryError) as err:  # the run failed, not the settings
-        return _stopped(progress, f"error: out of memory ({err}); a smaller --batch-size or "
-                        "--max-new-tokens needs less", 1)
+        return _stopped(progress, f"error: out of memory ({err}); a smaller --batch-size "
+                        "needs less (a smaller --max-new-tokens too, in a new --out-dir)", 1)
     except Exception:  # a bug: its traceback follows what was saved
         _stopped(progress, "error: evaluation failed", 1)
         raise

@@ -124,7 +124,8 @@ class TrainConfig:
     n_embd: int | None = None  # model width
     mlp_hidden: int | None = None  # MLP width
     block_size: int | None = None  # context length of the model and of training sequences
-    dropout: float | None = None  # residual and attention dropout (default: the model's own)
+    dropout: float | None = None  # residual dropout (default: the model's own); attention
+    #   dropout is the model's own, or model_options {"attn_dropout": p} from scratch
     model_options: dict = field(default_factory=dict)  # any other ModelConfig field, e.g. init
     # tokenizer: a file/dir, else the model dir's, else a CodeTokenizer trained on the train split
     tokenizer: str | None = None  # a tokenizer.json / codelm tokenizer file or directory
@@ -199,15 +200,32 @@ _CHOICES = {
 
 def config_from_dict(values: dict, source: str = "<dict>") -> TrainConfig:
     """Build a TrainConfig from a dict, with errors that name the source and the key."""
-    return cliconfig.config_from_dict(TrainConfig, values, source, _CHOICES)
+    return cliconfig.config_from_dict(TrainConfig, upgraded(values), source, _CHOICES)
+
+
+def upgraded(values: dict) -> dict:
+    """Values written before validation was counted in examples (a run's config.json, a sweep's
+    best.json): ``eval_batches`` micro-batches of ``batch_size`` became ``eval_examples``, so
+    such runs still resume on the same validation examples (one process assumed)."""
+    if "eval_batches" not in values or "eval_examples" in values:
+        return values
+    values = dict(values)
+    batches = values.pop("eval_batches")
+    per_batch = values.get("batch_size", TrainConfig.batch_size)
+    ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (batches, per_batch))
+    values["eval_examples"] = batches * per_batch if ok else batches
+    return values
 
 
 def load_config_file(path: str | os.PathLike) -> dict:
     """The checked TrainConfig values of a JSON file (a recipe's ``train`` section when the file
     is a recipe); errors name the file and the key."""
     values, source = cliconfig.read_config_file(path, "train")
-    config_from_dict(values, source)
-    return values
+    if (new := upgraded(values)) is not values:
+        print(f"note: {source}: eval_batches={values['eval_batches']} (an earlier codelm's) read "
+              f"as eval_examples={new['eval_examples']}", file=sys.stderr)
+    config_from_dict(new, source)
+    return new
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -611,6 +629,7 @@ MODEL_FILE = "model.safetensors"  # the full model's tensors
 ADAPTER_FILE = "adapter.safetensors"  # only the trainable tensors (LoRA on a pretrained base)
 STATE_FILE = "state.pt"  # optimizer, scheduler, scaler, RNG of every rank, progress
 CHECKPOINT_PREFIX = "step-"
+LOCK_FILE = ".lock"  # held (flock) by the run that runs in the directory
 
 
 def _unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -851,6 +870,7 @@ def check_resume_config(cfg: TrainConfig, run_dir: Path, resume_hint: str) -> No
     if not saved_path.is_file():
         return  # nothing was written yet: the run starts from the beginning anyway
     saved, source = cliconfig.read_config_file(saved_path, "train")
+    saved = upgraded(saved)
     now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # JSON's view, as config.json holds it
     for values in (saved, now):
         if isinstance(values.get("data_options"), dict):
@@ -931,8 +951,6 @@ def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int | None, eos_id: 
         values.update(head_dim=None, rotary_dim=None)
     if "n_head" in shape:
         values["n_kv_head"] = None
-    if "dropout" in shape and "attn_dropout" not in cfg.model_options:
-        shape["attn_dropout"] = shape["dropout"]  # --dropout: residual and attention dropout
     hints = typing.get_type_hints(ModelConfig)
     for key, value in cfg.model_options.items():
         if key not in hints:
@@ -963,8 +981,8 @@ def build_model(cfg: TrainConfig, tok) -> nn.Module:
         if tok.vocab_size > model.cfg.vocab_size:
             raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model at "
                              f"{cfg.init_from} only {model.cfg.vocab_size} embeddings")
-        if cfg.dropout is not None:  # residual and attention dropout, as from scratch
-            model.cfg.dropout = model.cfg.attn_dropout = cfg.dropout
+        if cfg.dropout is not None:  # residual dropout, as from scratch
+            model.cfg.dropout = cfg.dropout
     else:
         model = Transformer(model_config(cfg, tok.vocab_size, tok.bos_id, tok.eos_id))
         model.to(base_dtype)
@@ -1062,6 +1080,9 @@ class _RunLog:
         if resume_step is not None and path.exists():
             path.write_text("".join(line + "\n" for line in _metrics_up_to(path, resume_step)),
                             encoding="utf-8")
+        elif resume_step is None:  # a new run: nothing of an attempt it replaces (_lock_dir)
+            path.unlink(missing_ok=True)
+            shutil.rmtree(run_dir / "tb", ignore_errors=True)
         self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         from torch.utils.tensorboard import SummaryWriter
 
@@ -1114,6 +1135,17 @@ def _gather(value, dist: Dist) -> list:
 
 class _RunDirTaken(ValueError):
     """The run directory belongs to another run (running now, or holding weights)."""
+
+
+def _failed_before_weights(run_dir: Path) -> bool:
+    """Whether a directory holds only a codelm run that stopped before writing any weights: its
+    config.json reads as a TrainConfig, and there is no weights file anywhere in it."""
+    try:
+        config_from_dict(cliconfig.read_json_object(run_dir / "config.json", "run config"))
+    except (ValueError, OSError):
+        return False
+    weights = (p for p in run_dir.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt"))
+    return not _holds_weights(run_dir) and next(weights, None) is None
 
 
 def _holds_weights(run_dir: Path) -> bool:
@@ -1284,15 +1316,22 @@ class _Run:
         raise ValueError(f"{cfg.out_dir}: no free run name {stem}-N; choose one with --name")
 
     def _lock_dir(self, run_dir: Path, new: bool) -> Path:
-        """Create ``run_dir`` and take its exclusive lock. A new run refuses a directory whose run
-        has weights, and clears one whose run stopped before its first checkpoint (a setting
-        that failed at the start), so that the corrected command may reuse its name."""
+        """Create ``run_dir`` and take its exclusive lock (on a file: flock on a directory fails
+        on NFS). A new run refuses a directory that holds anything but a codelm run that stopped
+        before its first weights (a setting that failed at the start): that one it replaces, so
+        the corrected command may reuse the name, and only while it holds the lock (the run
+        may be live where there is none)."""
+        taken = _RunDirTaken(f"{run_dir} already holds a run: continue it with "
+                             f"{self.resume_hint(run_dir)}, or choose another --name")
+        if (new and (run_dir / "config.json").exists() and not (run_dir / LOCK_FILE).exists()
+                and not _failed_before_weights(run_dir)):
+            raise taken  # not a codelm run's directory (or an old one): nothing is added to it
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise ValueError(f"{run_dir}: cannot create the run directory ({e.strerror}); "
                              "check --out-dir") from None
-        fd = os.open(run_dir, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             self._lock = fd
@@ -1301,20 +1340,17 @@ class _Run:
             raise _RunDirTaken(f"{run_dir} is in use by another run (one started in the same "
                                "second, or with the same --name or --resume): wait for it to end, "
                                "or choose another --name") from None
-        except OSError:  # a filesystem without locks: go on unguarded, as before
+        except OSError:  # a filesystem without locks: unguarded, so nothing is replaced
             os.close(fd)
+            print(f"warning: {run_dir}: this filesystem cannot lock the run directory; nothing "
+                  "stops a second run under this name", file=sys.stderr)
         clean_partial_writes(run_dir)
         clean_partial_writes(run_dir / "checkpoints")
         if new and (run_dir / "config.json").exists():
-            if _holds_weights(run_dir):
+            if self._lock is None or not _failed_before_weights(run_dir):
                 self.release()
-                raise _RunDirTaken(f"{run_dir} already holds a run: continue it with "
-                                   f"{self.resume_hint(run_dir)}, or choose another --name")
-            print(f"{run_dir}: its run stopped before its first checkpoint; starting it anew "
-                  "with these settings")
-            for name in ("config.json", "tokenizer.json", "metrics.jsonl"):
-                (run_dir / name).unlink(missing_ok=True)
-            shutil.rmtree(run_dir / "tb", ignore_errors=True)
+                raise taken
+            print(f"{run_dir}: its run stopped before its first checkpoint; this run replaces it")
         return run_dir
 
     def _default_block_size(self) -> int:
@@ -1831,7 +1867,7 @@ def run_overfit(cfg: TrainConfig, max_steps: int = 400, lr: float = 3e-3) -> tup
     ocfg = dataclasses.replace(
         cfg, n_layer=cfg.n_layer or 2, n_head=cfg.n_head or 4, n_embd=cfg.n_embd or 128,
         mlp_hidden=cfg.mlp_hidden or 256, block_size=block, dropout=0.0, lr=lr,
-        warmup_steps=20, max_steps=max_steps, weight_decay=0.0, grad_accum=1,
+        warmup_steps=min(20, max_steps // 10), max_steps=max_steps, weight_decay=0.0, grad_accum=1,
         label_smoothing=0.0, lora_r=0, quantize_bits=0, init_from=None, compile=False,
     )
     seed_everything(ocfg.seed)

@@ -762,7 +762,8 @@ def _fail_in_model_b(error: BaseException):
     (KeyboardInterrupt(), 130, "interrupted"),
     (KeyboardInterrupt("SIGTERM"), 143, "interrupted"),
     (ev.torch.OutOfMemoryError("CUDA out of memory"), 1, "error: out of memory (CUDA out of "
-     "memory); a smaller --batch-size or --max-new-tokens needs less"),
+     "memory); a smaller --batch-size needs less (a smaller --max-new-tokens too, in a new "
+     "--out-dir)"),
 ], ids=["SIGINT", "SIGTERM", "out-of-memory"])
 def test_a_model_that_fails_or_is_interrupted_keeps_the_finished_models(
         tiny_models, tmp_path, monkeypatch, capsys, error, code, message):
@@ -840,7 +841,7 @@ def test_a_rerun_into_the_same_out_dir_evaluates_only_the_models_not_yet_saved(
 
     evaluated: list = []
     monkeypatch.setattr(ev, "generate_texts", _record_models(evaluated))
-    assert ev.main(argv) == 0
+    assert ev.main([*argv, "--batch-size", "2"]) == 0  # smaller batches: the remedy for memory
     captured = capsys.readouterr()
     assert evaluated == ["b", "c"]
     assert captured.err == f"resuming {out}: 1 of 3 models already evaluated (a)\n"

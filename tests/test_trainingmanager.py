@@ -1020,6 +1020,44 @@ def test_a_run_that_failed_before_its_first_checkpoint_can_be_run_again(assets, 
     assert json.loads((Path(cfg.out_dir) / "again" / "config.json").read_text())["lr"] == 0.002
 
 
+def test_a_new_run_replaces_nothing_but_a_failed_codelm_run(assets, tmp_path, monkeypatch,
+                                                            capsys):
+    """A directory under --name that is not a codelm run without weights (an HF model, a run
+    with any weights file) is refused untouched; without a working lock (NFS) even a failed
+    run is refused, since it may be live."""
+    import errno
+    import fcntl
+
+    from tiny_hf import save_tiny_hf
+
+    cfg = tiny_cfg(assets, tmp_path, max_steps=2, eval_every=2, name="model")
+    hf = Path(cfg.out_dir) / "model"
+    save_tiny_hf("llama", hf, vocab_size=512)
+    (hf / "tokenizer.json").write_text("{}")
+    before = sorted(p.name for p in hf.iterdir())
+    with pytest.raises(ValueError, match="already holds a run"):
+        tm.train(cfg)
+    assert sorted(p.name for p in hf.iterdir()) == before  # not even a lock file
+
+    failed = tiny_cfg(assets, tmp_path, max_steps=2, name="failed", inject_nan_at_step=1)
+    with pytest.raises(tm.NonFiniteLossError):
+        tm.train(failed)
+    run = Path(cfg.out_dir) / "failed"
+    (run / "stray.bin").write_bytes(b"weights of some kind")
+    with pytest.raises(ValueError, match="already holds a run"):
+        tm.train(dataclasses.replace(failed, inject_nan_at_step=None))
+    (run / "stray.bin").unlink()
+
+    def no_locks(fd, operation):  # NFS: flock on this file fails
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(ValueError, match="already holds a run"):
+        tm.train(dataclasses.replace(failed, inject_nan_at_step=None))
+    assert "cannot lock the run directory" in capsys.readouterr().err
+    assert (run / "config.json").is_file() and (run / "metrics.jsonl").is_file()
+
+
 def test_block_size_beyond_the_init_from_context_is_refused_before_any_work(assets, tmp_path):
     from tiny_hf import save_tiny_hf
 
@@ -1161,18 +1199,21 @@ def test_tokens_per_s_counts_training_time_only(assets, tmp_path, monkeypatch):
     assert rates == pytest.approx([4 * 32] * len(rates))  # one batch of 4 x 32 a second
 
 
-def test_dropout_flag_sets_attention_dropout_too(assets, tmp_path):
+def test_dropout_flag_sets_residual_dropout_and_model_options_attention_dropout(assets,
+                                                                                tmp_path):
+    """--dropout is the residual dropout (what runs trained with it used, so they resume
+    bit-exactly); attention dropout is the model's own, or model_options' from scratch."""
     from tiny_hf import save_tiny_hf
 
     cfg = tm.model_config(tm.TrainConfig(preset="tiny", dropout=0.2), 64, None, None)
-    assert (cfg.dropout, cfg.attn_dropout) == (0.2, 0.2)
-    own = tm.TrainConfig(preset="tiny", dropout=0.2, model_options={"attn_dropout": 0.0})
-    assert tm.model_config(own, 64, None, None).attn_dropout == 0.0
+    assert (cfg.dropout, cfg.attn_dropout) == (0.2, 0.0)
+    both = tm.TrainConfig(preset="tiny", dropout=0.2, model_options={"attn_dropout": 0.1})
+    assert tm.model_config(both, 64, None, None).attn_dropout == 0.1
     base = tmp_path / "base"
-    save_tiny_hf("llama", base, vocab_size=512)
+    save_tiny_hf("llama", base, vocab_size=512, attention_dropout=0.05)
     model = tm.build_model(tm.TrainConfig(init_from=str(base), dropout=0.15),
                            load_tokenizer(assets["tokenizer"]))
-    assert (model.cfg.dropout, model.cfg.attn_dropout) == (0.15, 0.15)
+    assert (model.cfg.dropout, model.cfg.attn_dropout) == (0.15, 0.05)
 
 
 def test_early_stopping_keeps_its_reference_until_a_fall_larger_than_min_delta(
@@ -1230,6 +1271,8 @@ def test_overfit_honours_max_steps_and_lr_and_refuses_what_it_cannot(capsys):
     assert tm.main(["--overfit", "--max-steps", "3", "--lr", "1e-6", "--no-progress"]) == 1
     out = capsys.readouterr().out
     assert out.startswith("FAIL") and "in 3 steps" in out and "barely moved" in out
+    tm.main(["--overfit", "--max-steps", "3", "--no-progress"])  # warmup fits in the 3 steps
+    assert "barely moved" not in capsys.readouterr().out
     assert tm.main(["--overfit", "--lora-r", "4", "--init-from", "x", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "cannot honour init_from='x', lora_r=4" in err and "--overfit-batches" in err
@@ -1251,3 +1294,20 @@ def test_the_validation_examples_do_not_depend_on_batch_size_or_accumulation(ass
         run.release()
     assert len(examples[0]) == 10 and examples[0] == examples[1] == examples[2]
     assert losses[0] == pytest.approx(losses[1], rel=1e-6) == pytest.approx(losses[2], rel=1e-6)
+
+
+def test_a_run_saved_with_eval_batches_resumes_on_the_same_validation_examples(
+        assets, tmp_path, capsys):
+    """Runs written before validation was counted in examples keep their validation set:
+    eval_batches micro-batches of batch_size become eval_examples."""
+    first = tm.train(tiny_cfg(assets, tmp_path, max_steps=4, eval_examples=8))
+    config = first.run_dir / "config.json"
+    values = json.loads(config.read_text())
+    del values["eval_examples"]
+    config.write_text(json.dumps({**values, "eval_batches": 2}))  # 2 x batch_size 4
+    capsys.readouterr()
+    resumed = tm.parse_config(["--resume", str(first.run_dir), "--max-steps", "8"])
+    assert resumed.eval_examples == 8
+    assert "eval_batches=2 (an earlier codelm's) read as eval_examples=8" in capsys.readouterr().err
+    assert tm.train(resumed).step == 8
+    assert tm.config_from_dict({"eval_batches": None}).eval_examples is None
