@@ -1090,9 +1090,9 @@ def _examples_digest(docs: Sequence, examples: dict, problems: Sequence[dict]) -
 
 
 # Keys that say where results go or how they are computed, not what they are (batches of
-# left-padded prompts give each prompt's result; a smaller batch is the remedy for memory).
-_RESUME_IGNORES = ("models", "runs_dir", "out_dir", "progress", "workers", "batch_size",
-                   "device")
+# left-padded prompts give each prompt's result; a smaller batch is the remedy for memory). Not
+# the device: HF checkpoints load in another dtype on GPUs.
+_RESUME_IGNORES = ("models", "runs_dir", "out_dir", "progress", "workers", "batch_size")
 
 
 def _finished_models(out: Path, results: dict) -> tuple[list[dict], list[dict]]:
@@ -1165,7 +1165,9 @@ def _evaluate_model(lm: LoadedModel, cfg: EvalConfig, docs: Sequence, examples: 
             records += recs
         shared.update({f"{task}/{k}": v for k, v in metrics.items()})
     for variant in cfg.docstring_prompts if "docstring" in cfg.tasks else [None]:
-        row = {"model": lm.label, "source": lm.source, "prompt": variant, "metrics": dict(shared)}
+        row = {"model": lm.label, "source": lm.source, "prompt": variant,
+               "batch_size": cfg.batch_size,  # may differ between models of a resumed evaluation
+               "metrics": dict(shared)}
         if variant is not None:
             metrics, recs = run_generation_task(
                 lm, "docstring", examples[("docstring", variant)], cfg, variant, data_cfg)

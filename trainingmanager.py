@@ -345,12 +345,24 @@ def _barrier(dist: Dist) -> None:
 
 @contextlib.contextmanager
 def _main_first(dist: Dist) -> Iterator[None]:
-    """Rank 0 builds shared caches (tokenizer, dataset) before the others read them."""
+    """Rank 0 builds shared caches (tokenizer, dataset) before the others read them; if it fails
+    (a bad --tokenizer or data path), the others stop too, quietly, not on a lost connection."""
     if not dist.main:
-        _barrier(dist)
-    yield
-    if dist.main:
-        _barrier(dist)
+        if _broadcast(None, dist) is not None:
+            raise RankZeroFailed("rank 0 stopped while preparing the run (its error says why)")
+        yield
+        return
+    try:
+        yield
+    except BaseException:
+        _broadcast("failed", dist)
+        raise
+    _broadcast(None, dist)
+
+
+class RankZeroFailed(RuntimeError):
+    """Raised on the other ranks when rank 0 fails preparing a distributed run: rank 0 reports
+    the error, the others exit with the same code (2) and nothing more."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -1978,6 +1990,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 0 if passed else 1
             check_max_steps_flag(cfg, typed)
             result = train(cfg)
+    except RankZeroFailed:
+        return 2
     except RUN_ERRORS as e:
         return report_run_error(e)
     except KeyboardInterrupt as stop:
@@ -1986,6 +2000,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cliconfig.interrupted_exit_code(stop)
     if result.interrupted:
         return cliconfig.interrupted_exit_code(result.interrupted)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 reports for all
+        return 0
     if cfg.overfit_batches:
         ok = result.train_loss is not None and result.train_loss < OVERFIT_LOSS
         loss = "no loss" if result.train_loss is None else f"loss {result.train_loss:.4f}"

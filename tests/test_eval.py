@@ -849,6 +849,7 @@ def test_a_rerun_into_the_same_out_dir_evaluates_only_the_models_not_yet_saved(
     assert results["complete"] is True and results["pending"] == []
     assert [row["model"] for row in results["rows"]] == ["a", "b", "c"]
     assert results["rows"][0] == first["rows"][0]  # model a's results kept as they were
+    assert [row["batch_size"] for row in results["rows"]] == [8, 2, 2]
     assert results["rows"][1]["metrics"]["lm/loss"] == first["rows"][0]["metrics"]["lm/loss"]
     records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     n = results["examples"]["line"]

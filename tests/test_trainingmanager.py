@@ -613,6 +613,21 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(assets, 
     ref = [json.loads(x) for x in (single.run_dir / "metrics.jsonl").read_text().splitlines()
            if '"val"' in x]
     assert [v["val_loss"] for v in val] == pytest.approx([v["val_loss"] for v in ref], rel=1e-5)
+    assert proc.stdout.count("best validation loss") == 1  # rank 0 reports for all
+
+
+def test_ddp_rank_zero_setup_error_stops_every_rank_with_its_one_line(assets, tmp_path):
+    """Only rank 0 reads the tokenizer: its error used to leave rank 1 on a lost connection
+    (a gloo traceback) beside rank 0's one-line error."""
+    cfg = tiny_cfg(assets, tmp_path, name="badtok", tokenizer=str(tmp_path / "nope.json"))
+    config = write_config(cfg, tmp_path / "badtok.json")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "trainingmanager.py", "--config", str(config)],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: ") == 1 and "nope.json" in proc.stderr, proc.stderr[-3000:]
+    assert "Connection closed" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
 
 
 # --------------------------------------------------------------------------------------------
