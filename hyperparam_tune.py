@@ -92,7 +92,8 @@ class TuneConfig:
     max_steps: int = 150  # step budget of one trial
     eval_every: int = 25  # evaluation (and pruning) interval in steps
     out_dir: str = "runs"  # the study's files go to <out_dir>/<study_name>/
-    storage: str | None = None  # SQLAlchemy URL or journal file; default: runs/<study>/journal.log
+    storage: str | None = None  # SQLAlchemy URL or journal file (default:
+    #   <out_dir>/<study>/journal.log)
     workers: int = 1  # worker processes on this machine
     pruner: str = "median"  # median | hyperband | none
     prune_startup_trials: int = 3  # median pruner: trials finished before any pruning

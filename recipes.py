@@ -424,7 +424,9 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
     for setting in opts.set:
         apply_setting(recipe, setting)
     if opts.set:  # an overridden value is checked now, not after hours of training
-        tm.config_from_dict(recipe.train, f"{opts.recipe} (train section, with --set)")
+        cfg = tm.config_from_dict(recipe.train, f"{opts.recipe} (train section, with --set)")
+        typed = {s.partition("=")[0].removeprefix("train.") for s in opts.set}
+        tm.check_max_steps_flag(cfg, typed, opts.recipe, set_prefix="train.")
         ev.config_from_dict(recipe.eval, f"{opts.recipe} (eval section, with --set)")
     values = dict(recipe.train)
     name = opts.name or values.get("name") or Path(opts.recipe).stem
@@ -564,12 +566,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", help="run name (default: the recipe's)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a recipe value, e.g. --set train.lr=1e-4 (JSON values)")
-    parser.add_argument("--smoke-steps", type=int, default=30, help="training steps of --smoke")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--smoke-steps", type=int, default=30,
+                        help="training steps of --smoke (default: %(default)s)")
+    parser.add_argument("--device", default="auto",
+                        help="auto | cpu | cuda | cuda:N (default: %(default)s)")
     parser.add_argument("--skip-eval", action="store_true", help="train and export only")
     parser.add_argument("--resume", action="store_true",
                         help="continue the interrupted run <out-dir>/<name> from its checkpoint")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="progress bars (default: on)")
     return parser
 
 

@@ -670,14 +670,15 @@ def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], sourc
     if missing or unexpected:
         raise ValueError(
             f"{source}: checkpoint does not match the model (missing {missing[:8]}, "
-            f"unexpected {unexpected[:8]}); was it written by a run with another config?"
+            f"unexpected {unexpected[:8]}); was it written by a run with another config, or by "
+            "an earlier codelm (its export/ still loads)?"
         )
     own = model.state_dict()
     for name, t in tensors.items():  # before load_state_dict, whose error names no source
         if t.shape != own[name].shape:
             raise ValueError(f"{source}: tensor {name} has shape {tuple(t.shape)}, the model's "
                              f"{tuple(own[name].shape)}; was it written by a run with another "
-                             "config?")
+                             "config, or by an earlier codelm (its export/ still loads)?")
     model.load_state_dict(tensors, strict=False)
 
 
@@ -1213,8 +1214,20 @@ class _Run:
         try:
             self._build()
         except BaseException:
+            self._drop_unused_dir()
             self.release()
             raise
+
+    def _drop_unused_dir(self) -> None:
+        """A run that failed before writing anything (a bad path or setting) leaves no
+        directory behind: only its lock file is there, removed while still held."""
+        run_dir = getattr(self, "run_dir", None)
+        if self._lock is None or run_dir is None:
+            return
+        with contextlib.suppress(OSError):
+            if [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:
+                (run_dir / LOCK_FILE).unlink()
+                run_dir.rmdir()
 
     def _build(self) -> None:
         cfg, dist = self.cfg, self.dist
@@ -1247,10 +1260,11 @@ class _Run:
         with _main_first(dist):
             if self.main and not own_tok:
                 self.tok = load_or_train_tokenizer(cfg, self.dcfg)
-                self.tok.save(self.run_dir)
             else:  # the run's own, or rank 0's just written
                 self.tok = load_tokenizer(saved_tok)
             data = prepare(self.dcfg, self.tok)
+            if self.main and not own_tok:  # once the data is known good
+                self.tok.save(self.run_dir)
         self.train_set, self.val_set = data.train, data.val
         if len(self.val_set) == 0:
             raise ValueError(f"the validation split of {self.dcfg.sources} is empty: add data or "
@@ -1969,14 +1983,23 @@ def given_keys(argv: Sequence[str] | None) -> tuple[set[str], set[str]]:
     return typed, set(load_config_file(args["config"])) if args.get("config") else set()
 
 
-def check_max_steps_flag(cfg: TrainConfig, typed: set[str]) -> None:
+def check_max_steps_flag(cfg: TrainConfig, typed: set[str], source: str,
+                         set_prefix: str | None = None) -> None:
     """A typed --max-steps that ``epochs`` overrides would end the run silently elsewhere (a
-    resumed epochs run would train nothing and exit 0): refuse it, saying what to do."""
-    if "max_steps" in typed and cfg.epochs is not None:
-        where = "" if "epochs" in typed else " (from the run's config)"
-        raise ValueError(f"--max-steps {cfg.max_steps} has no effect: epochs={cfg.epochs:g}"
-                         f"{where} sets the run's length. Change --epochs instead (a resume may "
-                         "change it), or drop it with --epochs none to count --max-steps")
+    resumed epochs run would train nothing and exit 0): refuse it, saying what to do. ``source``
+    names where ``epochs`` came from when it was not typed; ``set_prefix`` ("train."): the
+    values were typed as recipes.py's ``--set``."""
+    if "max_steps" not in typed or cfg.epochs is None:
+        return
+    if set_prefix is None:
+        max_steps, epochs, clear = "--max-steps ", "--epochs", "--epochs none"
+    else:
+        max_steps = f"--set {set_prefix}max_steps="
+        epochs, clear = f"--set {set_prefix}epochs=N", f"--set {set_prefix}epochs=null"
+    where = "" if "epochs" in typed else f" (from {source})"
+    raise ValueError(f"{max_steps}{cfg.max_steps} has no effect: epochs={cfg.epochs:g}{where} "
+                     f"sets the run's length. Change it with {epochs} instead (a resume may "
+                     f"change it), or drop it with {clear} to count max_steps")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1988,7 +2011,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 passed, report = run_overfit(cfg, **overfit_settings(cfg, typed | in_file))
                 print(report)
                 return 0 if passed else 1
-            check_max_steps_flag(cfg, typed)
+            check_max_steps_flag(cfg, typed, "the --config file" if "epochs" in in_file
+                                 else "the resumed run's config")
             result = train(cfg)
     except RankZeroFailed:
         return 2

@@ -326,6 +326,12 @@ def test_set_overrides_and_eval_model_placeholders(tmp_path, capsys):
     assert recipes.main([str(CONFIGS / "airflow_docstrings.json"),
                          "--set", "eval.temprature=0.5"]) == 2
     assert "unknown key 'temprature'" in capsys.readouterr().err
+    # The recipe counts epochs: a max_steps set beside them would be ignored, silently.
+    assert recipes.main([str(CONFIGS / "airflow_docstrings.json"),
+                         "--set", "train.max_steps=2"]) == 2
+    err = capsys.readouterr().err
+    assert "--set train.max_steps=2 has no effect: epochs=" in err
+    assert "--set train.epochs=null" in err
 
 
 def test_git_url_data_is_collected_into_scraper_jsonl(tmp_path):

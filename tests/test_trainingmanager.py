@@ -1260,11 +1260,15 @@ def test_max_steps_that_epochs_overrides_is_refused(assets, tmp_path, capsys):
     write_config(tiny_cfg(assets, tmp_path, name="ep", epochs=0.5), run / "config.json")
     assert tm.main(["--resume", str(run), "--max-steps", "10"]) == 2
     err = capsys.readouterr().err
-    assert "--max-steps 10 has no effect: epochs=0.5 (from the run's config)" in err
+    assert "--max-steps 10 has no effect: epochs=0.5 (from the resumed run's config)" in err
     assert "--epochs none" in err
     config = _tiny_config_file(assets, tmp_path)
     assert tm.main(["--config", config, "--epochs", "1", "--max-steps", "5"]) == 2
     assert "epochs=1 sets the run's length" in capsys.readouterr().err
+    with_epochs = tmp_path / "epochs.json"
+    with_epochs.write_text(json.dumps({**json.loads(Path(config).read_text()), "epochs": 1}))
+    assert tm.main(["--config", str(with_epochs), "--max-steps", "5"]) == 2
+    assert "epochs=1 (from the --config file)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("options, message", [
@@ -1326,3 +1330,11 @@ def test_a_run_saved_with_eval_batches_resumes_on_the_same_validation_examples(
     assert "eval_batches=2 (an earlier codelm's) read as eval_examples=8" in capsys.readouterr().err
     assert tm.train(resumed).step == 8
     assert tm.config_from_dict({"eval_batches": None}).eval_examples is None
+
+
+def test_a_run_that_fails_before_writing_anything_leaves_no_directory(assets, tmp_path):
+    cfg = tiny_cfg(assets, tmp_path, name="nodata", data=[str(tmp_path / "missing")])
+    with pytest.raises(ValueError, match="missing"):
+        tm.train(cfg)
+    assert not (Path(cfg.out_dir) / "nodata").exists()
+    assert sorted(p.name for p in Path(cfg.out_dir).iterdir()) == []
