@@ -527,12 +527,13 @@ def load_model(spec: str, device: torch.device, tokenizer: str | None = None) ->
     base_spec, _, adapter_spec = path_spec.partition("+")
     path = Path(base_spec)
     if not path.is_dir():
-        raise ValueError(f"--models {spec}: {path} is not a directory")
+        raise ValueError(f"EvalConfig.models {spec!r}: {path} is not a directory")
     run_config = None
     if adapter_spec:
         adapter = Path(adapter_spec)
         if not (adapter / lora.ADAPTER_CONFIG).is_file():
-            raise ValueError(f"--models {spec}: {adapter} holds no {lora.ADAPTER_CONFIG}")
+            raise ValueError(f"EvalConfig.models {spec!r}: {adapter} holds no "
+                             f"{lora.ADAPTER_CONFIG}")
         model = _load_hf(path, device)
         lora.load_adapter(model, adapter)
         tok_dir = adapter if (adapter / "tokenizer.json").is_file() else path
@@ -546,11 +547,12 @@ def load_model(spec: str, device: torch.device, tokenizer: str | None = None) ->
         model = _load_hf(path, device)
         tok_dir = path
     if tokenizer is None and not (Path(tok_dir) / "tokenizer.json").is_file():
-        raise ValueError(f"--models {spec}: no tokenizer.json in {tok_dir}; pass --tokenizer")
+        raise ValueError(f"EvalConfig.models {spec!r}: no tokenizer.json in {tok_dir}; pass "
+                         "--tokenizer")
     tok = load_tokenizer(tokenizer or tok_dir)
     if tok.vocab_size > model.cfg.vocab_size:
-        raise ValueError(f"--models {spec}: the tokenizer has {tok.vocab_size} tokens, the model "
-                         f"only {model.cfg.vocab_size} embeddings")
+        raise ValueError(f"EvalConfig.models {spec!r}: the tokenizer has {tok.vocab_size} "
+                         f"tokens, the model only {model.cfg.vocab_size} embeddings")
     name = label or (Path(adapter_spec).name if adapter_spec else path.name)
     return LoadedModel(name, path_spec, model.eval(), tok, run_config)
 

@@ -684,7 +684,11 @@ def test_config_file_and_user_errors(tiny_models, tmp_path, monkeypatch, capsys)
     assert ev.main(["--config", str(recipe)]) == 2
     assert "recipe.json: unknown key 'taks'" in capsys.readouterr().err
     assert ev.main(["--models", str(tmp_path / "missing")]) == 2
-    assert "is not a directory" in capsys.readouterr().err
+    assert f"EvalConfig.models '{tmp_path / 'missing'}': " in capsys.readouterr().err
+    recipe.write_text(json.dumps({"eval": {"models": [f"base={tmp_path / 'gone'}"]}}))
+    assert ev.main(["--config", str(recipe)]) == 2  # from a file: the key, not a flag typed
+    assert f"EvalConfig.models 'base={tmp_path / 'gone'}': {tmp_path / 'gone'} is not a " \
+        "directory" in capsys.readouterr().err
     assert ev.main(["--tasks", "translate"]) == 2
     assert "EvalConfig.tasks" in capsys.readouterr().err
     assert ev.main(["--runs-dir", str(tmp_path / "empty")]) == 2
