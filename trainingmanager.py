@@ -250,6 +250,8 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
         if not saved.is_file():
             raise ValueError(f"--resume {args['resume']}: no config.json there (not a run dir)")
         resumed = load_config_file(saved)
+    if args.get("config") is not None:  # read here, so that an earlier codelm's is upgraded
+        resumed = {**resumed, **load_config_file(args.pop("config"))}
     return cliconfig.resolve_config(TrainConfig, args, "train", base=resumed, choices=_CHOICES)
 
 

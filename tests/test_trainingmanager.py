@@ -1330,6 +1330,9 @@ def test_a_run_saved_with_eval_batches_resumes_on_the_same_validation_examples(
     assert "eval_batches=2 (an earlier codelm's) read as eval_examples=8" in capsys.readouterr().err
     assert tm.train(resumed).step == 8
     assert tm.config_from_dict({"eval_batches": None}).eval_examples is None
+    best = tmp_path / "best.json"  # an earlier sweep's best.json, run with --config
+    best.write_text(json.dumps({"eval_batches": 5, "batch_size": 2}))
+    assert tm.parse_config(["--config", str(best)]).eval_examples == 10
 
 
 def test_a_run_that_fails_before_writing_anything_leaves_no_directory(assets, tmp_path):
