@@ -517,10 +517,7 @@ def _clean_one(args: tuple[_RawDoc, dict]) -> tuple[Doc | None, str | None, list
         if not raw.data.strip() or not raw.target.strip():
             return None, "empty_pair", mods
         return Doc(raw.id, raw.data, raw.repo, raw.target, raw.raw_pair, raw.split), None, mods
-    data = raw.data
-    # The size as stored (before newline normalization), as a file's stat gives it unread.
-    if _stored_size(data) > opt["max_bytes"]:
-        return None, "too_large", mods
+    data = raw.data  # already within max_bytes: clean_corpus drops larger documents
     if isinstance(data, bytes):
         if b"\0" in data:
             return None, "binary", mods
@@ -656,10 +653,14 @@ def clean_corpus(cfg: DataConfig) -> tuple[list[Doc], dict]:
     read_files = read_bytes = 0
     for raw in tqdm(_iter_sources(cfg, counts), desc="read", unit="file", disable=not cfg.progress):
         read_files += 1
-        if raw.data is None:
+        # The size as stored (before newline normalization), as a file's stat gives it unread
+        # (None: a file dropped unread); prompt/completion pairs are not dropped for size.
+        size = None if raw.data is None else _stored_size(raw.data)
+        if size is not None:
+            read_bytes += size
+        if raw.target is None and (size is None or size > cfg.max_bytes):
             counts["too_large"] += 1
             continue
-        read_bytes += _stored_size(raw.data)
         if _is_duplicate(raw, seen, cfg.dedupe):  # early: identical raw files are not cleaned twice
             counts["duplicate"] += 1
             continue

@@ -769,6 +769,14 @@ def _corpus_config(cfg: EvalConfig, run: dict | None):
     return DataConfig(**options)
 
 
+def with_docstring_options(cfg: EvalConfig, data_cfg) -> EvalConfig:
+    """``cfg`` with the docstring options it leaves None taken from the corpus's
+    dataset.DataConfig ``data_cfg``: examples chosen as training chose them."""
+    return replace(cfg, docstring_targets=cfg.docstring_targets or data_cfg.docstring_targets,
+                   docstring_min_tokens=data_cfg.docstring_min_tokens
+                   if cfg.docstring_min_tokens is None else cfg.docstring_min_tokens)
+
+
 def build_examples(task: str, docs: Sequence, cfg: EvalConfig, variant: str = "simple",
                    code_tokens: int = 400, tok=None, data_cfg=None) -> list[TaskExample]:
     """The first ``cfg.limit`` examples of a generation task, built by dataset.py's builders.
@@ -781,9 +789,8 @@ def build_examples(task: str, docs: Sequence, cfg: EvalConfig, variant: str = "s
     import dataset as ds
 
     data_cfg = data_cfg or ds.DataConfig()
-    targets = cfg.docstring_targets or data_cfg.docstring_targets
-    min_tokens = (data_cfg.docstring_min_tokens if cfg.docstring_min_tokens is None
-                  else cfg.docstring_min_tokens)
+    cfg = with_docstring_options(cfg, data_cfg)
+    targets, min_tokens = cfg.docstring_targets, cfg.docstring_min_tokens
     out: list[TaskExample] = []
     for doc in docs:
         if task == "completion":
@@ -1028,10 +1035,8 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
     if text_tasks:
         docs = getattr(load_corpus(corpus_config(cfg, models)), cfg.split)
     data_cfg = corpus_config(cfg, models) if text_tasks else None
-    if data_cfg is not None:  # results.json records the docstring options used (build_examples)
-        cfg = replace(cfg, docstring_targets=cfg.docstring_targets or data_cfg.docstring_targets,
-                      docstring_min_tokens=data_cfg.docstring_min_tokens
-                      if cfg.docstring_min_tokens is None else cfg.docstring_min_tokens)
+    if data_cfg is not None:  # results.json records the docstring options used
+        cfg = with_docstring_options(cfg, data_cfg)
     tok = models[0].tokenizer
     examples = {(t, None): build_examples(t, docs, cfg, tok=tok, data_cfg=data_cfg)
                 for t in text_tasks if t not in ("lm", "docstring")}

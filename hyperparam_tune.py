@@ -483,9 +483,7 @@ def interrupted_run(trial: optuna.Trial) -> tuple[Path | None, dict[int, float]]
     if not run or not (Path(run) / "config.json").is_file():
         return None, {}
     checkpoints = trainingmanager.list_checkpoints(Path(run))
-    step = 0
-    if checkpoints:
-        step = int(checkpoints[-1].name.removeprefix(trainingmanager.CHECKPOINT_PREFIX))
+    step = trainingmanager.checkpoint_step(checkpoints[-1]) if checkpoints else 0
     return Path(run), {s: v for s, v in before.intermediate_values.items() if s <= step}
 
 

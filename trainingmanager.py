@@ -736,9 +736,14 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir()
-             if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
-             and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+             if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step a checkpoint directory ``step-N`` holds (None: not a checkpoint's name)."""
+    number = path.name.removeprefix(CHECKPOINT_PREFIX)
+    return int(number) if path.name.startswith(CHECKPOINT_PREFIX) and number.isdigit() else None
 
 
 def save_checkpoint(path: Path, model: nn.Module, trainer_state: dict, rng: list[dict],
@@ -1589,22 +1594,18 @@ class _Run:
             on_eval(self.step, dict(metrics))
         return metrics
 
-    def _stop_requested(self, signals: _StopSignals, started: float) -> str | None:
+    def _stop_requested(self, signals: _StopSignals, started: float | None = None) -> str | None:
+        """Why every rank stops now (a collective call): a signal any rank received, or the
+        time budget counted from ``started`` (None: signals only), else None."""
         cfg = self.cfg
-        flags = torch.tensor([signals.reason is not None, cfg.max_time_s is not None and
-                              time.perf_counter() - started > cfg.max_time_s], dtype=torch.float32,
+        over_time = (started is not None and cfg.max_time_s is not None
+                     and time.perf_counter() - started > cfg.max_time_s)
+        flags = torch.tensor([signals.reason is not None, over_time], dtype=torch.float32,
                              device=self.device)
         flags = _all_reduce_sum(flags, self.dist).tolist()
         if flags[0]:
             return signals.reason or "SIGTERM"
         return "time budget" if flags[1] else None
-
-    def _signalled(self, signals: _StopSignals) -> str | None:
-        """The stop signal any rank received (a collective call), else None."""
-        flag = torch.tensor([signals.reason is not None], dtype=torch.float32, device=self.device)
-        if _all_reduce_sum(flag, self.dist).item():
-            return signals.reason or "SIGTERM"
-        return None
 
     def execute(self, on_eval) -> TrainResult:
         cfg, trainer = self.cfg, self.trainer
@@ -1672,10 +1673,10 @@ class _Run:
                 if self.last_saved_step != self.step:
                     self.save()
                 # A stop signal during that evaluation: the checkpoint is saved, skip the export.
-                stop = self._signalled(signals)
+                stop = self._stop_requested(signals)
                 if cfg.export and stop is None:
                     result.export_dir, result.sample = self._finish()
-                    stop = self._signalled(signals)
+                    stop = self._stop_requested(signals)
             if stop in STOP_SIGNALS:
                 result.interrupted = stop
                 if self.main and result.export_dir is not None:
