@@ -26,7 +26,7 @@ import os
 import tokenize
 from array import array
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from itertools import chain
 from pathlib import Path
 
@@ -96,7 +96,11 @@ def _chunks(texts: list[str], n_chunks: int) -> list[list[str]]:
 
 
 class _BatchEncodeMixin:
-    """encode_batch over processes, and pickling without the piece cache (for spawn workers)."""
+    """encode_batch over processes, decode, and pickling without the piece cache (for spawn
+    workers). A tokenizer provides ``_id_to_bytes`` (bytes of each id) and ``_special_ids``."""
+
+    _id_to_bytes: list[bytes]
+    _special_ids: Container[int]  # the ids that skip_special_tokens drops
 
     def encode_batch(
         self,
@@ -129,6 +133,17 @@ class _BatchEncodeMixin:
                 a.frombytes(buf)
                 out.append(a.tolist())
         return out
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text of ``ids``; bytes that do not form valid UTF-8 become U+FFFD, as with HF's
+        ByteLevel decoder. Unlike HF, special tokens are kept by default, so that
+        decode(encode(x)) == x."""
+        table = self._id_to_bytes
+        ids = _checked_ids(ids, len(table))
+        if skip_special_tokens:
+            special = self._special_ids
+            return _utf8(b"".join(table[i] for i in ids if i not in special))
+        return _utf8(b"".join(map(table.__getitem__, ids)))
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -416,14 +431,10 @@ class CodeTokenizer(_BatchEncodeMixin):
             ids = [self.bos_id, *ids, self.eos_id]
         return ids
 
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        """Text of ``ids``; byte tokens that do not form valid UTF-8 decode to U+FFFD."""
-        table = self._id_to_bytes
-        ids = _checked_ids(ids, len(table))
-        if skip_special_tokens:
-            n_special = self._byte_offset
-            return _utf8(b"".join(table[i] for i in ids if i >= n_special))
-        return _utf8(b"".join(map(table.__getitem__, ids)))
+    @property
+    def _special_ids(self) -> range:
+        """The special tokens come first; ``in`` on a range is O(1)."""
+        return range(self._byte_offset)
 
     # -- vocabulary ---------------------------------------------------------------------------
 
@@ -1332,18 +1343,6 @@ class BPETokenizer(_BatchEncodeMixin):
             ids = [*self._prefix_ids, *ids, *self._suffix_ids]
         return ids
 
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        """Text of ``ids`` as HF's ByteLevel decoder gives it (invalid UTF-8 becomes U+FFFD).
-
-        Unlike HF, special tokens are kept by default so that decode(encode(x)) == x.
-        """
-        table = self._id_to_bytes
-        ids = _checked_ids(ids, len(table))
-        if skip_special_tokens:
-            special = self._special_ids
-            return _utf8(b"".join(table[i] for i in ids if i not in special))
-        return _utf8(b"".join(map(table.__getitem__, ids)))
-
     # -- vocabulary ------------------------------------------------------------------------------
 
     @property
@@ -1396,12 +1395,14 @@ def _checked_ids(ids: Iterable[int], vocab_size: int) -> list[int]:
     """``ids`` as a list of ints, each naming a token (numpy and torch integers are read too). A
     negative id, e.g. the -100 of ignored labels, is refused: as a list index it would name a
     token counted from the end of the vocabulary."""
-    ids = list(ids)
+    if not isinstance(ids, Sequence):
+        ids = list(ids)  # a generator could not be read again for the error below
     try:
-        if not ids or (min(ids) >= 0 and max(ids) < vocab_size):
-            return list(map(operator.index, ids))
+        checked = list(map(operator.index, ids))
     except TypeError:
-        pass
+        checked = None
+    if checked is not None and (not checked or (min(checked) >= 0 and max(checked) < vocab_size)):
+        return checked
     bad = [i for i in ids if not _is_token_id(i, vocab_size)]
     raise ValueError(f"token ids out of range [0, {vocab_size}): {bad[:5]}")
 
