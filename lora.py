@@ -14,6 +14,7 @@ dequantizes them on the fly, so LoRA can train on top of a 4-bit base (QLoRA) on
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -272,6 +273,22 @@ def quantize_base(model: nn.Module, bits: int = 4, skip: tuple[str, ...] = ("lm_
         raise ValueError("quantize_base: the model has no nn.Linear to quantize (already quantized?)")
     rest = 2 * sum(p.numel() for p in model.parameters() if p.dtype.is_floating_point)
     return QuantReport(bits, names, quant_bytes, bf16_bytes, quant_bytes + rest, bf16_total)
+
+
+def dequantized_copy(model: nn.Module) -> nn.Module:
+    """A float32 CPU copy of ``model`` whose frozen base is upcast (bf16, fp16) or dequantized
+    (``QuantLinear``, int8 / NF4): the weights the model computes with, ready to be merged
+    (``quantize_base`` undone; the original is left as it is)."""
+    dup = copy.deepcopy(model).cpu()
+    for path, module in list(dup.named_modules()):
+        if isinstance(module, QuantLinear):
+            linear = nn.Linear(module.in_features, module.out_features,
+                               bias=module.bias is not None, device="meta")
+            linear.weight = nn.Parameter(module.dequantize(torch.float32), requires_grad=False)
+            if module.bias is not None:
+                linear.bias = nn.Parameter(module.bias.detach().float(), requires_grad=False)
+            _set_submodule(dup, path, linear)
+    return dup.float()
 
 
 # ----------------------------------------------------------------------------- LoRA layers
@@ -587,14 +604,20 @@ def _shared_parameters(model: nn.Module) -> dict[int, list[str]]:
     return {key: names for key, names in uses.items() if len(names) > 1}
 
 
-def _check_not_tied(model: nn.Module, modules) -> None:
-    """Merging into a weight another module shares (tied lm_head/wte) would change both."""
+def tied_targets(model: nn.Module, modules=None) -> dict[str, list[str]]:
+    """The LoRA modules (of ``modules``, default all) whose base weight another module shares
+    (a tied lm_head/wte), with every name of that weight: a merge into one changes both."""
     tied = _shared_parameters(model)
-    for path, module in modules:
-        sharers = tied.get(id(module.base.weight))
-        if sharers:
-            raise ValueError(f"cannot merge the LoRA on {path}: its weight is tied to "
-                             f"{sharers}, so merging would change both; untie them first")
+    weights = ((path, getattr(module.base, "weight", None))  # a QuantLinear base: never tied
+               for path, module in (lora_modules(model) if modules is None else modules))
+    return {path: tied[id(w)] for path, w in weights if w is not None and id(w) in tied}
+
+
+def _check_not_tied(model: nn.Module, modules) -> None:
+    if tied := tied_targets(model, modules):
+        path, sharers = next(iter(tied.items()))
+        raise ValueError(f"cannot merge the LoRA on {path}: its weight is tied to "
+                         f"{sharers}, so merging would change both; untie them first")
 
 
 def merge_lora(model: nn.Module) -> None:

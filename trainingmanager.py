@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import dataclasses
 import fcntl
 import hashlib
@@ -1175,25 +1174,14 @@ def _holds_weights(run_dir: Path) -> bool:
                                                   for d in ("best", "export"))
 
 
-def _tied_lora_targets(model: nn.Module) -> dict[str, list[str]]:
-    """LoRA modules whose base weight another module shares (a tied embedding and head), with
-    every name of that weight."""
-    import lora
-
-    uses: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        uses.setdefault(id(p), []).append(name)
-    return {path: uses[id(weight)] for path, module in lora.lora_modules(model)
-            if (weight := getattr(module.base, "weight", None)) is not None
-            and len(uses.get(id(weight), [])) > 1}
-
-
 def check_lora_export(cfg: TrainConfig, model: nn.Module) -> None:
     """Refuse, before training, an export that would merge a LoRA into a tied weight (the
     merge would change the head too, so it fails at the end of the run and loses the export).
     A from-scratch LoRA run's export is always merged (its base exists only in the run)."""
     merges = cfg.export and cfg.lora_r > 0 and (cfg.export_merged or cfg.init_from is None)
-    tied = _tied_lora_targets(model) if merges else {}
+    import lora
+
+    tied = lora.tied_targets(model) if merges else {}
     if not tied:
         return
     path, names = next(iter(tied.items()))
@@ -1719,10 +1707,11 @@ class _Run:
             elif cfg.init_from is None:
                 # The base exists only in this run: the export is the merged model (its own
                 # base upcast or dequantized, never a fresh init), which transformers loads.
-                merged = _full_precision_copy(model)
-                for out in [tmp, tmp / "merged"] if cfg.export_merged else [tmp]:
-                    lora.merge_and_export(merged, out)
-                    self.tok.save(out)
+                merged = lora.dequantized_copy(model)
+                lora.merge_and_export(merged, tmp)
+                if cfg.export_merged:
+                    lora.merge_and_export(merged, tmp / "merged")
+                    self.tok.save(tmp / "merged")
             else:
                 base = str(Path(cfg.init_from).resolve())  # as PEFT records it: loadable alone
                 lora.save_adapter(model, tmp, base_model_name_or_path=base)
@@ -1744,24 +1733,6 @@ class _Run:
 
 
 @torch.no_grad()
-def _full_precision_copy(model: nn.Module) -> nn.Module:
-    """A float32 CPU copy of a LoRA model whose frozen base is upcast (bf16, fp16) or dequantized
-    (int8, NF4): the weights the trained model computes with, ready to be merged."""
-    import lora
-
-    dup = copy.deepcopy(model).cpu()
-    for path, module in list(dup.named_modules()):
-        if isinstance(module, lora.QuantLinear):
-            linear = nn.Linear(module.in_features, module.out_features,
-                               bias=module.bias is not None, device="meta")
-            linear.weight = nn.Parameter(module.dequantize(torch.float32), requires_grad=False)
-            if module.bias is not None:
-                linear.bias = nn.Parameter(module.bias.detach().float(), requires_grad=False)
-            parent, _, leaf = path.rpartition(".")
-            setattr(dup.get_submodule(parent), leaf, linear)
-    return dup.float()
-
-
 @torch.no_grad()
 def sample_completion(model: nn.Module, tok, prompt: str, max_new_tokens: int,
                       task: str) -> str:
