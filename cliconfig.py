@@ -66,6 +66,12 @@ def _matches(base: Any, value: Any) -> bool:
     return isinstance(value, origin)
 
 
+def is_number(value: Any, kind: type = float) -> bool:
+    """Whether ``value`` is an int (``kind`` int) or a number (float) as a config reads it: JSON's
+    true and false are not numbers."""
+    return _matches(kind, value)
+
+
 def type_error(hint: Any, value: Any) -> str | None:
     """Why ``value`` does not fit a config field typed ``hint`` ("must be a list of strings, got
     '.kt'"), or None when it fits (an int fits a float field)."""

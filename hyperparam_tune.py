@@ -227,10 +227,10 @@ def _check_spec_types(spec: typing.Any, where: str) -> None:
         if not isinstance(spec["choices"], list) or not spec["choices"]:
             raise ValueError(f"{where}.choices: must be a non-empty list, got {spec['choices']!r}")
         return
-    number = (int,) if kind == "int" else (int, float)
+    number = int if kind == "int" else float
     for field in ("low", "high", "step"):
         value = spec.get(field, 0)  # JSON's true/false are Python ints: refused too
-        if (isinstance(value, bool) or not isinstance(value, number)
+        if (not cliconfig.is_number(value, number)
                 or isinstance(value, float) and not math.isfinite(value)):
             what = "an integer" if kind == "int" else "a finite number"
             raise ValueError(f"{where}.{field}: must be {what}, got {value!r}")

@@ -71,11 +71,11 @@ class LoRAConfig:
     def __post_init__(self):
         # Types first: a hand-edited adapter_config.json ("lora_alpha": "16") must fail here as a
         # ValueError naming the field, not later as a TypeError deep in apply_lora.
-        if not _is_number(self.r, int) or self.r <= 0:
+        if not cliconfig.is_number(self.r, int) or self.r <= 0:
             raise ValueError(f"LoRAConfig.r must be a positive integer, got {self.r!r}")
-        if not _is_number(self.alpha) or not math.isfinite(self.alpha):
+        if not cliconfig.is_number(self.alpha) or not math.isfinite(self.alpha):
             raise ValueError(f"LoRAConfig.alpha must be a finite number, got {self.alpha!r}")
-        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+        if not cliconfig.is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRAConfig.dropout must be a number in [0, 1), got "
                              f"{self.dropout!r}")
         if self.bias != "none":
@@ -105,11 +105,6 @@ class LoRAConfig:
     def scale(self) -> float:
         """alpha / r, or alpha / sqrt(r) with rsLoRA (rank-stabilised scaling)."""
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
-
-
-def _is_number(value: object, kind: type | tuple[type, ...] = (int, float)) -> bool:
-    """isinstance without bool: JSON's true is no rank or scale."""
-    return isinstance(value, kind) and not isinstance(value, bool)
 
 
 @dataclass

@@ -211,7 +211,7 @@ def upgraded(values: dict) -> dict:
     values = dict(values)
     batches = values.pop("eval_batches")
     per_batch = values.get("batch_size", TrainConfig.batch_size)
-    ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (batches, per_batch))
+    ok = all(cliconfig.is_number(v, int) for v in (batches, per_batch))
     values["eval_examples"] = batches * per_batch if ok else batches
     return values
 
