@@ -152,6 +152,10 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+# codelm's short dtype names (flags such as --base-dtype, from_pretrained(dtype="bf16")).
+SHORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def cuda_half_dtype(device: torch.device) -> torch.dtype:
     """The 16-bit dtype a GPU computes natively: bf16 from compute capability 8 (Ampere) on, and
     on ROCm; fp16 before (T4, V100). torch.cuda.is_bf16_supported() also says yes there, as it

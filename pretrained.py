@@ -21,7 +21,14 @@ from pathlib import Path
 import torch
 
 import cliconfig
-from architecture import FAMILIES, ModelConfig, Transformer, cuda_half_dtype, rope_inv_freq
+from architecture import (
+    FAMILIES,
+    SHORT_DTYPES,
+    ModelConfig,
+    Transformer,
+    cuda_half_dtype,
+    rope_inv_freq,
+)
 
 # --------------------------------------------------------------------------- tables
 
@@ -588,17 +595,20 @@ def read_config(directory: str | Path) -> tuple[ModelConfig, dict]:
         raise ValueError(f"{path}: {e}") from None
 
 
+def _config_dtype(hf: dict) -> torch.dtype | None:
+    """config.json's ``dtype`` (transformers 5) or ``torch_dtype`` (older), if it names one."""
+    name = hf.get("dtype") or hf.get("torch_dtype")
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
 def _auto_dtype(hf: dict, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return cuda_half_dtype(device)
-    name = hf.get("dtype") or hf.get("torch_dtype")
-    dtype = getattr(torch, name, None) if isinstance(name, str) else None
-    if not isinstance(dtype, torch.dtype) or dtype in (torch.float16, torch.float64):
+    dtype = _config_dtype(hf)
+    if dtype is None or dtype in (torch.float16, torch.float64):
         return torch.float32  # fp16 arithmetic on CPU is slow and overflows where bf16 does not
     return dtype if dtype.is_floating_point else torch.float32
-
-
-DTYPE_ALIASES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _requested_dtype(dtype: torch.dtype | str | None, hf: dict,
@@ -612,13 +622,12 @@ def _requested_dtype(dtype: torch.dtype | str | None, hf: dict,
     elif not isinstance(dtype, str):
         resolved = None
     elif dtype == "auto":
-        name = hf.get("dtype") or hf.get("torch_dtype")
-        resolved = getattr(torch, name, None) if isinstance(name, str) else None
-        if not isinstance(resolved, torch.dtype):
+        resolved = _config_dtype(hf)
+        if resolved is None:
             found = (source.dtype(n) for n in [*source.files, *source.tensors])
             resolved = next((d for d in found if d.is_floating_point), torch.float32)
     else:
-        resolved = DTYPE_ALIASES.get(dtype, getattr(torch, dtype, None))
+        resolved = SHORT_DTYPES.get(dtype, getattr(torch, dtype, None))
     if dtype is not None and not (isinstance(resolved, torch.dtype)
                                   and resolved.is_floating_point):
         raise ValueError(f"dtype={dtype!r}: expected a floating-point torch dtype, its name "

@@ -38,7 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import cliconfig
-from architecture import IGNORE_INDEX, cuda_half_dtype, head_cross_entropy
+from architecture import IGNORE_INDEX, SHORT_DTYPES, cuda_half_dtype, head_cross_entropy
 
 ROOT = Path(__file__).resolve().parent
 OVERFIT_CORPUS = ROOT / "data" / "overfit"
@@ -188,12 +188,11 @@ class TrainConfig:
     inject_nan_at_step: int | None = None  # fault injection: make this step's loss NaN
 
 
-BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _CHOICES = {
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "eval_precision": ("fp32", "same"),
     "quantize_bits": (0, 4, 8),
-    "base_dtype": tuple(BASE_DTYPES),
+    "base_dtype": tuple(SHORT_DTYPES),
 }
 
 
@@ -994,7 +993,7 @@ def build_model(cfg: TrainConfig, tok) -> nn.Module:
     """From scratch or from ``init_from``; then the quantized base and LoRA if asked for."""
     from architecture import Transformer
 
-    base_dtype = BASE_DTYPES[cfg.base_dtype]
+    base_dtype = SHORT_DTYPES[cfg.base_dtype]
     if cfg.init_from is not None:
         model = Transformer.from_pretrained(cfg.init_from, dtype=base_dtype, device="cpu")
         if tok.vocab_size > model.cfg.vocab_size:

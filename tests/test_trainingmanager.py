@@ -541,7 +541,7 @@ def test_lora_on_a_bf16_base_trains_like_the_fp32_base(assets, tmp_path):
                        export_merged=True, **common)
         model = tm.build_model(cfg, load_tokenizer(assets["tokenizer"]))
         kinds = {p.dtype for n, p in model.named_parameters() if "lora" not in n}
-        assert kinds == {tm.BASE_DTYPES[dtype]}
+        assert kinds == {tm.SHORT_DTYPES[dtype]}
         assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
         runs[dtype] = tm.train(cfg)
     losses = {k: [json.loads(line)["loss"] for line in
