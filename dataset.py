@@ -644,53 +644,61 @@ def _pool(num_workers: int):
 
 
 def clean_corpus(cfg: DataConfig) -> tuple[list[Doc], dict]:
-    """Read every source and clean it. Returns (kept docs in source order, stats)."""
-    counts: Counter = Counter()  # drops by reason
+    """Read every source and clean it. Returns (kept docs in source order, stats).
+
+    One streaming pass: a file is read, cleaned (by the worker pool) and kept or dropped before
+    files far behind it are read, so memory holds the kept documents, not the raw corpus too."""
+    counts: Counter = Counter()  # drops by reason, in cleaning
     mods: Counter = Counter()
+    # What the reader counts is kept apart: under a pool it runs in the pool's task thread, and
+    # its counts are complete once the last result has been taken (imap ends after its input).
+    read = {"files": 0, "bytes": 0}
+    read_drops: Counter = Counter()  # drops by reason, before cleaning
     opt = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name in _CLEANING_FIELDS}
-    raws: list[_RawDoc] = []
-    seen: dict[bytes, bool] = {}
-    read_files = read_bytes = 0
-    for raw in tqdm(_iter_sources(cfg, counts), desc="read", unit="file", disable=not cfg.progress):
-        read_files += 1
-        # The size as stored (before newline normalization), as a file's stat gives it unread
-        # (None: a file dropped unread); prompt/completion pairs are not dropped for size.
-        size = None if raw.data is None else _stored_size(raw.data)
-        if size is not None:
-            read_bytes += size
-        if raw.target is None and (size is None or size > cfg.max_bytes):
-            counts["too_large"] += 1
-            continue
-        if _is_duplicate(raw, seen, cfg.dedupe):  # early: identical raw files are not cleaned twice
-            counts["duplicate"] += 1
-            continue
-        raws.append(raw)
-    work = ((raw, opt) for raw in raws)
-    bar = dict(total=len(raws), desc="clean", unit="file", disable=not cfg.progress)
-    if cfg.num_workers > 1 and len(raws) > 1:
-        with _pool(cfg.num_workers) as pool:
-            chunksize = 1 if cfg.autopep8 else 16  # autopep8 files vary a lot in cost
-            results = list(tqdm(pool.imap(_clean_one, work, chunksize=chunksize), **bar))
-    else:
-        results = [_clean_one(w) for w in tqdm(work, **bar)]
+    seen_raw: dict[bytes, bool] = {}
+
+    def to_clean() -> Iterator[tuple[_RawDoc, dict]]:
+        for raw in _iter_sources(cfg, read_drops):
+            read["files"] += 1
+            # The size as stored (before newline normalization), as a file's stat gives it
+            # unread (None: a file dropped unread); prompt/completion pairs are not dropped
+            # for size.
+            size = None if raw.data is None else _stored_size(raw.data)
+            read["bytes"] += size or 0
+            if raw.target is None and (size is None or size > cfg.max_bytes):
+                read_drops["too_large"] += 1
+            elif _is_duplicate(raw, seen_raw, cfg.dedupe):  # identical files are cleaned once
+                read_drops["duplicate"] += 1
+            else:
+                yield raw, opt
+
     docs: list[Doc] = []
-    seen = {}
-    for doc, reason, doc_mods in results:
-        mods.update(doc_mods)
-        if doc is None:
-            counts[reason] += 1
-            continue
-        if _is_duplicate(doc, seen, cfg.dedupe):  # cleaning can make different files identical
-            counts["duplicate"] += 1
-            continue
-        docs.append(doc)
+    seen: dict[bytes, bool] = {}
+    with contextlib.ExitStack() as stack:
+        if cfg.num_workers > 1:
+            pool = stack.enter_context(_pool(cfg.num_workers))
+            chunksize = 1 if cfg.autopep8 else 16  # autopep8 files vary a lot in cost
+            results = pool.imap(_clean_one, to_clean(), chunksize=chunksize)
+        else:
+            results = map(_clean_one, to_clean())
+        for doc, reason, doc_mods in tqdm(results, desc="read and clean", unit="file",
+                                          disable=not cfg.progress):
+            mods.update(doc_mods)
+            if doc is None:
+                counts[reason] += 1
+            elif _is_duplicate(doc, seen, cfg.dedupe):  # cleaning can make files identical
+                counts["duplicate"] += 1
+            else:
+                docs.append(doc)
+    counts.update(read_drops)
+    read_files = read["files"]
     if cfg.near_dedupe and docs:
         texts = [d.text if d.target is None else d.text + "\n" + d.target for d in docs]
         dupes = near_duplicates(texts, cfg.near_dedupe_threshold)
         counts["near_duplicate"] += len(dupes)
         docs = [d for i, d in enumerate(docs) if i not in dupes]
     stats = {
-        "read": {"files": read_files, "bytes": read_bytes},
+        "read": read,
         "dropped": dict(sorted(counts.items())),
         "modified": dict(sorted(mods.items())),
         "kept": {"files": len(docs), "bytes": sum(len(d.text.encode("utf-8")) for d in docs)},

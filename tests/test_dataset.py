@@ -5,6 +5,7 @@ import ast
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -325,11 +326,41 @@ def test_near_duplicates_found_exact_ones_kept_apart(tmp_path):
     assert dataset.near_duplicates([base, other]) == set()
 
 
+def test_cleaning_streams_the_sources(tmp_path, monkeypatch):
+    """A file is cleaned before the next is read: memory holds kept documents, never the whole
+    raw corpus beside them."""
+    read_so_far = []
+    iter_sources, clean_one = dataset._iter_sources, dataset._clean_one
+
+    def counting_reader(*args):
+        for raw in iter_sources(*args):
+            read_so_far.append(raw.id)
+            yield raw
+
+    def clean_and_check(work):
+        assert read_so_far[-1] == work[0].id  # nothing read ahead
+        return clean_one(work)
+
+    monkeypatch.setattr(dataset, "_iter_sources", counting_reader)
+    monkeypatch.setattr(dataset, "_clean_one", clean_and_check)
+    corpus = dataset.load_corpus(cfg(tmp_path))
+    assert corpus.stats["read"]["files"] == len(read_so_far) == len(stdlib_files(EMAIL))
+
+
 def test_parallel_cleaning_matches_serial(tmp_path):
-    one = dataset.load_corpus(cfg(tmp_path / "a", num_workers=1))
-    two = dataset.load_corpus(cfg(tmp_path / "b", num_workers=2))
+    """Same documents, same order, same counts; drops happen both before cleaning (too large,
+    a copy) and in it (too few lines, a copy once cleaned)."""
+    src = tmp_path / "src"
+    shutil.copytree(EMAIL, src)
+    (src / "copy.py").write_text((EMAIL / "utils.py").read_text("utf-8"))
+    (src / "crlf.py").write_bytes((EMAIL / "utils.py").read_bytes().replace(b"\n", b"\r\n"))
+    (src / "short.py").write_text("x = 1\n")
+    (src / "huge.py").write_text("x = 1\n" * 200_000)
+    one = dataset.load_corpus(cfg(tmp_path / "a", sources=[str(src)], num_workers=1))
+    two = dataset.load_corpus(cfg(tmp_path / "b", sources=[str(src)], num_workers=2))
     assert [d.text for d in one.train] == [d.text for d in two.train]
-    assert one.stats["kept"] == two.stats["kept"]
+    assert one.stats == two.stats
+    assert one.stats["dropped"]["duplicate"] == 2 and one.stats["dropped"]["too_large"] == 1
 
 
 # ----------------------------------------------------------------------------- splits
@@ -865,19 +896,22 @@ def test_pretrained_bpe_tokenizer_ids_match_hf_tokenizers(tmp_path):
 # ----------------------------------------------------------------------------- errors, cache
 
 
-def test_malformed_jsonl_names_file_and_line(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_malformed_jsonl_names_file_and_line(tmp_path, workers):
+    """Also when the reader feeds a cleaning pool (its error crosses the pool's threads)."""
     bad = write_jsonl(
         tmp_path / "data.jsonl",
         [{"input": "a = 1", "output": "a = 2"}, {"input": "b", "output": "c"}, '{"input": oops'],
     )
     with pytest.raises(DataError, match=r"data\.jsonl:3: malformed JSON"):
-        dataset.load_corpus(cfg(tmp_path, sources=[str(bad)]))
+        dataset.load_corpus(cfg(tmp_path, sources=[str(bad)], num_workers=workers))
     wrong = write_jsonl(tmp_path / "keys.jsonl", [{"code": "x"}])
     with pytest.raises(DataError, match=r"keys\.jsonl:1: record has none of the keys"):
-        dataset.load_corpus(cfg(tmp_path, sources=[str(wrong)]))
+        dataset.load_corpus(cfg(tmp_path, sources=[str(wrong)], num_workers=workers))
     recs = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(10)] + ["[1, 2]", "{bad"]
     mixed = write_jsonl(tmp_path / "mixed.jsonl", recs)
-    corpus = dataset.load_corpus(cfg(tmp_path, sources=[str(mixed)], skip_bad=True))
+    corpus = dataset.load_corpus(cfg(tmp_path, sources=[str(mixed)], skip_bad=True,
+                                     num_workers=workers))
     assert corpus.stats["dropped"]["bad_jsonl_line"] == 2
     assert corpus.stats["kept"]["files"] == 10
 
