@@ -644,7 +644,8 @@ def score_supervised(lm: LoadedModel, examples: Sequence[TaskExample], cfg: Eval
     """Mean loss (``trainingmanager.lm_loss``) of each reference completion, EOS included, given
     its prompt: dataset.py's training example of the pair (tokenized, and cut to the context, as
     the run's data options cut it), so it is the validation loss a supervised run logs on these
-    examples."""
+    examples. These are the examples whose BLEU is reported beside it: the val split's copies of
+    train examples, which dataset.py leaves out (``skipped_same_as_train``), are scored here."""
     import dataset as ds
     from trainingmanager import lm_loss
 
