@@ -138,7 +138,8 @@ class TrainConfig:
     #   default: the attention projections (qkv, attn.proj)
     quantize_bits: int = 0  # 0, 8 (int8) or 4 (NF4); needs lora_r > 0
     base_dtype: str = "fp32"  # fp32 | bf16 | fp16: dtype of the frozen base under LoRA (the
-    #   adapters stay fp32); bf16 halves the base's memory, fp16 is for GPUs without bf16
+    #   adapters stay fp32); bf16 halves the base's memory, fp16 is for GPUs without bf16 (and
+    #   turns on loss scaling, as --precision fp16 does)
     # data (dataset.py): task and sources (None: the Python standard library)
     task: str = "lm"  # lm | completion | method | docstring | refactor | fim (dataset.TASKS)
     data: list[str] | None = None  # "stdlib", directories, scraper JSONL or pairs JSONL
@@ -166,7 +167,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     gradient_checkpointing: bool = False  # recompute each block in backward: less memory
     # evaluation, logging, checkpoints
-    eval_every: int = 175  # steps between evaluations (and best/ checkpoints)
+    eval_every: int = 175  # steps between evaluations (and best/ checkpoints); none before
+    #   warmup_steps (a loss not yet comparable), and always one at the end
     eval_examples: int | None = 80  # validation examples (windows or pairs) scored at each
     #   evaluation: the split's first ones, whatever the batch size, accumulation or processes,
     #   so runs that differ in those compare on the same examples; None: the whole split
@@ -472,7 +474,7 @@ def perplexity(loss: float) -> float:
 class StepStats:
     loss: float  # token-weighted mean over the whole (global) step, as validation computes it
     grad_norm: float
-    tokens: int  # input positions processed by this rank
+    tokens: int  # input positions processed by all ranks (padding included: it is computed)
     lr: float  # the learning rate this step used (the scheduler has moved on by the time it logs)
     skipped: bool = False  # the fp16 scaler skipped the update (inf/NaN gradients)
     nonfinite: str | None = None  # "loss" or "gradient": the step was not applied
@@ -509,7 +511,10 @@ class Trainer:
             self.optimizer,
             lambda s: lr_factor(s, cfg.warmup_steps, total, cfg.min_lr_ratio),
         )
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+        # Loss scaling wherever the backward runs in fp16: fp16 autocast, or a frozen fp16 base
+        # under LoRA whatever the precision (its small per-token gradients would underflow).
+        self.scaler = torch.amp.GradScaler(
+            device.type, enabled=self.precision == "fp16" or cfg.base_dtype == "fp16")
         model = torch.compile(self.raw_model) if cfg.compile else self.raw_model
         self.eval_model = model
         if self.dist.enabled:
@@ -531,13 +536,13 @@ class Trainer:
         """
         self.model.train()
         count = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
-        n_tokens = _all_reduce_sum(torch.tensor(float(count), device=self.device), self.dist)
+        positions = sum(b["input_ids"].numel() for b in micro_batches)
+        n_tokens, n_positions = _all_reduce_sum(
+            torch.tensor([float(count), float(positions)], device=self.device), self.dist)
         weight = self.dist.world / n_tokens.clamp(min=1.0)
         loss_sum = torch.zeros((), device=self.device)
-        positions = 0
         for i, batch in enumerate(micro_batches):
             batch = self._to_device(batch)
-            positions += batch["input_ids"].numel()
             last = i == len(micro_batches) - 1
             # Gradients are averaged across processes once, on the step's last micro-batch.
             sync = contextlib.nullcontext() if last or not self.dist.enabled else self.model.no_sync()
@@ -556,7 +561,9 @@ class Trainer:
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         loss_sum = _all_reduce_sum(loss_sum, self.dist)
-        loss, norm = torch.stack([loss_sum / n_tokens.clamp(min=1.0), grad_norm.float()]).tolist()
+        loss, norm, positions = torch.stack(
+            [loss_sum / n_tokens.clamp(min=1.0), grad_norm.float(), n_positions]).tolist()
+        positions = int(positions)
         lr = self.lr
         if not math.isfinite(loss) or (not math.isfinite(norm) and not self.scaler.is_enabled()):
             self.optimizer.zero_grad(set_to_none=True)
@@ -1536,7 +1543,7 @@ class _Run:
             "fp16 overflow: train with --precision bf16 or fp32"
             if self.trainer.precision == "fp16" else
             "exploding activations or gradients: keep --grad-clip > 0, check the init",
-            "bad data: a batch with token ids outside the vocabulary or no labelled tokens",
+            "non-finite weights: a checkpoint (--init-from, --resume) holding inf/NaN",
             "a model bug producing inf/NaN (attention mask, dtype casts, division by zero)",
         ]
         if cfg.inject_nan_at_step == step:
@@ -1625,8 +1632,8 @@ class _Run:
                     stats.nonfinite = "gradient"
                     self._nonfinite(stats, where, log)
                 self.step += 1
-                self.tokens_seen += stats.tokens * self.dist.world
-                window_tokens += stats.tokens * self.dist.world
+                self.tokens_seen += stats.tokens
+                window_tokens += stats.tokens
                 self.train_loss = stats.loss
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == 1:
