@@ -546,10 +546,11 @@ def head_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Modu
         raise ValueError(f"label {int(labels[bad][0])} is outside the vocabulary (size "
                          f"{vocab}); labels must be token ids or {IGNORE_INDEX} (ignored)")
     fp16 = _matmul_dtype(hidden) == torch.float16
-    args = (hidden, head.weight, head.bias, labels, label_smoothing, count_correct)
-    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                 for t in args[:3])
-    if type(head) is nn.Linear and not (fp16 and wants_grad and grad_scale is None):
+    fused = type(head) is nn.Linear  # a quantized or LoRA head may have no plain .weight
+    wants_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (hidden, *head.parameters()))
+    if fused and not (fp16 and wants_grad and grad_scale is None):
+        args = (hidden, head.weight, head.bias, labels, label_smoothing, count_correct)
         if wants_grad:
             out = _HeadCrossEntropyFunction.apply(*args, grad_scale if fp16 else 1.0)
             return out if count_correct else (out, None)

@@ -592,6 +592,16 @@ def test_quantize_base_keeps_tied_head_and_can_take_an_untied_one(tmp_path):
     _, phi, _ = _pair("phi", tmp_path / "phi")
     assert "lm_head" in quantize_base(phi, bits=4, skip=()).modules
     assert isinstance(phi.lm_head, QuantLinear)
+    # The one loss takes such a head (unfused: it has no plain weight), LoRA-wrapped or not.
+    from trainingmanager import lm_loss
+
+    ids = torch.randint(0, phi.cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    for wrap in (False, True):
+        if wrap:
+            apply_lora(phi, LoRAConfig(r=2, target_modules=["lm_head"]))
+        hidden = phi(ids, return_hidden=True)
+        ref = F.cross_entropy(phi.lm_head(hidden).flatten(0, 1).float(), ids.flatten())
+        torch.testing.assert_close(lm_loss(hidden, ids, phi.lm_head), ref)
 
 
 def test_overlapping_adapters_are_refused():
