@@ -484,27 +484,49 @@ def _adapter_base(adapter: Path) -> Path:
     return Path(base)
 
 
+def _run_base(run_dir: Path, config: dict) -> str:
+    """The ``init_from`` base of a run: the absolute path its export's adapter config records
+    (written from the directory the run was started in), else config.json's ``init_from``,
+    which an older run holds relative to that directory (checked: an error names its source)."""
+    import lora
+    import trainingmanager as tm
+
+    adapter_config = run_dir / "export" / lora.ADAPTER_CONFIG
+    if adapter_config.is_file():
+        base = cliconfig.read_json_object(adapter_config, "adapter config").get(
+            "base_model_name_or_path")
+        if isinstance(base, str) and Path(base).is_absolute() and Path(base).is_dir():
+            return base
+    tm.check_run_paths(config, ["init_from"], str(run_dir / "config.json"))
+    return config["init_from"]
+
+
 def _load_run(run_dir: Path, device: torch.device) -> tuple[torch.nn.Module, Path, dict]:
-    """A codelm run: its export (full model or adapter on ``init_from``), else ``best/``."""
+    """A codelm run: its export (full model or adapter on ``init_from``) while it holds the
+    run's best weights, else ``best/``."""
     import lora
     import trainingmanager as tm
 
     config = cliconfig.read_json_object(run_dir / "config.json", "run config")
     export = run_dir / "export"
     tok_dir = run_dir if (run_dir / "tokenizer.json").is_file() else export
-    if (export / lora.ADAPTER_CONFIG).is_file():
-        base = config.get("init_from")
-        if not base:
+    stale = tm.stale_export(run_dir)
+    if stale:
+        print(f"note: {export} is not used: {stale}; scoring best/", file=sys.stderr)
+    elif (export / lora.ADAPTER_CONFIG).is_file():
+        if not config.get("init_from"):
             raise ValueError(f"{run_dir / 'config.json'}: a LoRA run without init_from")
-        model = _load_hf(Path(base), device)
+        model = _load_hf(Path(_run_base(run_dir, config)), device)
         lora.load_adapter(model, export)
         return model, tok_dir, config
-    if (export / "config.json").is_file():
+    elif (export / "config.json").is_file():
         return _load_hf(export, device), tok_dir, config
     from pretrained import SafetensorsFile
     from tokenizer import load_tokenizer
 
     cfg = tm.config_from_dict(config, str(run_dir / "config.json"))
+    if cfg.init_from:
+        cfg = replace(cfg, init_from=_run_base(run_dir, config))
     adapter_only = (run_dir / "best" / tm.ADAPTER_FILE).is_file()
     weights = run_dir / "best" / (tm.ADAPTER_FILE if adapter_only else tm.MODEL_FILE)
     # pretrained's checked reader: a truncated file is an error naming it (before any build)
@@ -746,7 +768,8 @@ def corpus_config(cfg: EvalConfig, models: Sequence[LoadedModel]):
     from dataset import corpus_key
 
     runs = [m for m in models if m.run_config]
-    configs = {m.label: _corpus_config(cfg, m.run_config) for m in runs}
+    configs = {m.label: _corpus_config(cfg, m.run_config, str(Path(m.source) / "config.json"))
+               for m in runs}
     if cfg.data is None and len({corpus_key(c) for c in configs.values()}) > 1:
         raise ValueError(f"the runs {', '.join(configs)} were trained on different corpora or "
                          "splits, so no split is held out from all of them; name the data every "
@@ -754,14 +777,17 @@ def corpus_config(cfg: EvalConfig, models: Sequence[LoadedModel]):
     return next(iter(configs.values())) if configs else _corpus_config(cfg, None)
 
 
-def _corpus_config(cfg: EvalConfig, run: dict | None):
+def _corpus_config(cfg: EvalConfig, run: dict | None, run_source: str = "run config"):
+    """``run_source``: the run's config.json, which errors about its data paths name."""
     from dataset import DataConfig
+    from trainingmanager import check_run_paths
 
     known = {f.name for f in fields(DataConfig)} - {"task", "block_size", "progress"}
     options = {}
     if run is not None:
         options = {k: v for k, v in (run.get("data_options") or {}).items() if k in known}
     if run is not None and cfg.data is None:  # the run's predefined splits shape its split too
+        check_run_paths(run, ["data", "val_data", "test_data"], run_source)
         options.update(val_sources=list(run.get("val_data") or []),
                        test_sources=list(run.get("test_data") or []))
     options.update(cfg.data_options)

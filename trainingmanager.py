@@ -117,7 +117,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # model: from scratch (preset + overrides) or from a local HF checkpoint
     preset: str = "llama-14m"  # architecture.PRESETS name (vocab_size follows the tokenizer)
-    init_from: str | None = None  # a local HF checkpoint directory (a run's export/ too)
+    init_from: str | None = None  # a local HF checkpoint directory: a run's export/ too, or
+    #   for a LoRA run on --init-from (whose export/ is the adapter) its export/merged/
     n_layer: int | None = None  # overrides the preset (from-scratch models only)
     n_head: int | None = None  # n_kv_head follows it unless model_options sets it
     n_embd: int | None = None  # model width
@@ -250,9 +251,14 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
         if not saved.is_file():
             raise ValueError(f"--resume {args['resume']}: no config.json there (not a run dir)")
         resumed = load_config_file(saved)
+    given: dict = {}
     if args.get("config") is not None:  # read here, so that an earlier codelm's is upgraded
-        resumed = {**resumed, **load_config_file(args.pop("config"))}
-    return cliconfig.resolve_config(TrainConfig, args, "train", base=resumed, choices=_CHOICES)
+        given = load_config_file(args.pop("config"))
+    if resumed:  # the paths it gives the run (its own tokenizer.json replaces the tokenizer's)
+        check_run_paths(resumed, [k for k in ("init_from", "data", "val_data", "test_data")
+                                  if k not in args and k not in given], str(saved))
+    return cliconfig.resolve_config(TrainConfig, args, "train", base={**resumed, **given},
+                                    choices=_CHOICES)
 
 
 # --------------------------------------------------------------------------------------------
@@ -648,6 +654,7 @@ MODEL_FILE = "model.safetensors"  # the full model's tensors
 ADAPTER_FILE = "adapter.safetensors"  # only the trainable tensors (LoRA on a pretrained base)
 STATE_FILE = "state.pt"  # optimizer, scheduler, scaler, RNG of every rank, progress
 CHECKPOINT_PREFIX = "step-"
+EXPORT_RECORD = "codelm_export.json"  # in export/: {"best_step": the step of best/ it holds}
 LOCK_FILE = ".lock"  # held (flock) by the run that runs in the directory
 
 
@@ -735,6 +742,26 @@ def clean_partial_writes(directory: Path) -> None:
                 os.rename(p, original)
 
 
+def best_step(run_dir: Path) -> int | None:
+    """The step whose weights a run's best/ holds (None: no best/ yet)."""
+    path = Path(run_dir) / "best" / "metrics.json"
+    return cliconfig.read_json_object(path, "best metrics").get("step") if path.is_file() else None
+
+
+def stale_export(run_dir: Path) -> str | None:
+    """Why a run's export/ does not hold its best/ weights (a resume trained on without
+    exporting), or None. An export without EXPORT_RECORD (an older codelm's) counts as current."""
+    record = Path(run_dir) / "export" / EXPORT_RECORD
+    if not record.is_file():
+        return None
+    exported = cliconfig.read_json_object(record, "export record").get("best_step")
+    best = best_step(run_dir)
+    if best is None or exported == best:
+        return None
+    held = f"the best weights of step {exported}" if exported is not None else "no best/ weights"
+    return f"it holds {held}, best/ those of step {best} (the run trained on after its export)"
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     root = Path(run_dir) / "checkpoints"
@@ -810,6 +837,29 @@ def load_checkpoint(path: Path, model: nn.Module, trainable_only: bool) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+# Keys that mean something only under LoRA (lora_r > 0): set without it, they are refused.
+LORA_ONLY_KEYS = ("lora_alpha", "lora_dropout", "lora_targets", "export_merged")
+
+
+def check_not_an_adapter(init_from: str) -> None:
+    """Refuse a LoRA adapter directory (a LoRA run's export/) as ``init_from``, naming what to
+    load instead: it holds no model, and "config.json not found" would not say why."""
+    import lora
+
+    path = Path(init_from)
+    if not (path / lora.ADAPTER_CONFIG).is_file() or (path / "config.json").is_file():
+        return
+    if (path / "merged" / "config.json").is_file():
+        instead = f"use {path / 'merged'}, the merged model beside it"
+    else:
+        base = cliconfig.read_json_object(path / lora.ADAPTER_CONFIG, "adapter config").get(
+            "base_model_name_or_path")
+        instead = (f"use the base it names, {base}" if base else "use the base it was trained on")
+        instead += " (a run with --export-merged also writes the merged model to export/merged)"
+    raise ValueError(f"--init-from {init_from}: a LoRA adapter ({lora.ADAPTER_CONFIG}), not a "
+                     f"model: {instead}")
+
+
 def validate_config(cfg: TrainConfig) -> None:
     """Reject impossible settings before any work, naming the key."""
     def need(ok: bool, key: str, why: str) -> None:
@@ -850,6 +900,11 @@ def validate_config(cfg: TrainConfig) -> None:
     need(cfg.base_dtype == "fp32" or cfg.lora_r > 0, "base_dtype",
          "only a frozen base (LoRA, --lora-r > 0) can be held in 16 bits; full training keeps "
          "fp32 weights (use --precision bf16 for 16-bit compute)")
+    lora_only = [f"{k}={getattr(cfg, k)!r}" for k in LORA_ONLY_KEYS
+                 if getattr(cfg, k) != getattr(TrainConfig, k)]
+    if lora_only and cfg.lora_r == 0:  # else a full fine-tune would run, ignoring them
+        raise ValueError(f"TrainConfig.{', '.join(lora_only)}: LoRA settings, but lora_r=0 "
+                         "(full training of every weight); add --lora-r R")
     need(cfg.overfit_batches >= 0, "overfit_batches", "must be >= 0")
     if cfg.init_from is not None:
         for key in ("preset", "n_layer", "n_head", "n_embd", "mlp_hidden"):
@@ -858,6 +913,7 @@ def validate_config(cfg: TrainConfig) -> None:
                                  f"--init-from {cfg.init_from} cannot be changed")
         if not Path(cfg.init_from).is_dir():
             raise ValueError(f"--init-from {cfg.init_from}: not a directory")
+        check_not_an_adapter(cfg.init_from)
         if cfg.block_size is not None:  # else the first forward pass finds it, after the data
             from pretrained import read_config
 
@@ -888,28 +944,74 @@ RESUME_MAY_CHANGE = (
 RESUME_DATA_OPTIONS_MAY_CHANGE = ("cache_dir", "use_cache", "num_workers", "progress")
 
 
-def check_resume_config(cfg: TrainConfig, run_dir: Path, resume_hint: str) -> None:
+# TrainConfig keys that hold paths. A new run's config.json holds them absolute, so that eval.py
+# and --resume find them from any directory; an older run's, as typed (relative to the directory
+# it was started in). "stdlib" is a data source's name, not a path.
+PATH_KEYS = ("init_from", "tokenizer", "data", "val_data", "test_data")
+
+
+def _map_paths(key: str, value, fn: Callable[[Path], Path]):
+    """``fn`` applied to each path of a PATH_KEYS value (a path, a list of them, or None)."""
+    def one(path):
+        return path if key.endswith("data") and path == "stdlib" else str(fn(Path(path)))
+
+    if isinstance(value, str):
+        return one(value)
+    return [one(v) for v in value] if isinstance(value, list) else value
+
+
+def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its PATH_KEYS absolute (as read from the current directory). Not resolved:
+    a symlink keeps its name, which a data source's document ids start with."""
+    return dataclasses.replace(cfg, **{
+        k: _map_paths(k, getattr(cfg, k), lambda p: p.expanduser().absolute()) for k in PATH_KEYS})
+
+
+def check_run_paths(values: dict, keys: Sequence[str], source: str) -> None:
+    """Each path that ``values`` (a run's config.json, read from ``source``) holds under ``keys``
+    must exist: a missing one is an error naming the file and the key, and saying where an
+    older run's relative path was relative to."""
+    for key in keys:
+        value = values.get(key)
+        for path in [value] if isinstance(value, str) else value or []:
+            if not isinstance(path, str) or (key.endswith("data") and path == "stdlib") or (
+                    Path(path).expanduser().exists()):
+                continue
+            where = "" if Path(path).expanduser().is_absolute() else (
+                f" from {Path.cwd()} (the run holds it relative to the directory it was started "
+                "in: run from there)")
+            raise ValueError(f"{source}: {key} {path!r} not found{where}")
+
+
+def check_resume_config(cfg: TrainConfig, run_dir: Path, resume_hint: str) -> dict | None:
     """Refuse a resumed run whose settings differ from the run's own config.json in a key
-    outside RESUME_MAY_CHANGE, naming each key with both values."""
+    outside RESUME_MAY_CHANGE, naming each key with both values; return the saved values (None:
+    no config.json). PATH_KEYS compare as the files they name, typed relative or absolute."""
     saved_path = Path(run_dir) / "config.json"
     if not saved_path.is_file():
-        return  # nothing was written yet: the run starts from the beginning anyway
+        return None  # nothing was written yet: the run starts from the beginning anyway
     saved, source = cliconfig.read_config_file(saved_path, "train")
     saved = upgraded(saved)
     now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # JSON's view, as config.json holds it
+    compared = []
     for values in (saved, now):
+        values = dict(values)
         if isinstance(values.get("data_options"), dict):
             values["data_options"] = {k: v for k, v in values["data_options"].items()
                                       if k not in RESUME_DATA_OPTIONS_MAY_CHANGE}
+        for key in PATH_KEYS:
+            values[key] = _map_paths(key, values.get(key), lambda p: p.expanduser().resolve())
+        compared.append(values)
     fixed = [k for k in now if k not in ("name", "out_dir", "resume", *RESUME_MAY_CHANGE)]
     changed = [f"{k}={saved[k]!r} (now {now[k]!r})" for k in fixed
-               if k in saved and saved[k] != now[k]]
+               if k in saved and compared[0][k] != compared[1][k]]
     if changed:
         raise ValueError(
             f"{source}: the run was trained with other settings: {'; '.join(changed)}. A "
             "resumed run keeps every setting of its model, data, optimizer and schedule: drop "
             f"those changes ({resume_hint} alone continues it), or start a new run with another "
             f"--name. A resume may change only: {', '.join(RESUME_MAY_CHANGE)}")
+    return saved
 
 
 def data_config(cfg: TrainConfig, block_size: int):
@@ -1234,10 +1336,17 @@ class _Run:
         cfg, dist = self.cfg, self.dist
         self.device = _resolve_device(cfg, dist)
         self.run_dir, self.has_weights = self._claim_run_dir()
-        # A run with weights continues them in its own settings; one without (it stopped before
-        # its first checkpoint) starts from the beginning anyway, so it may change any of them.
+        # A run with weights continues them in its own settings (its paths as it saved them, the
+        # same files); one without (it stopped before its first checkpoint) starts from the
+        # beginning anyway, so it may change any of them. A new run saves its paths absolute.
+        saved = None
         if cfg.resume and self.has_weights:
-            check_resume_config(cfg, self.run_dir, self.resume_hint(self.run_dir))
+            saved = check_resume_config(cfg, self.run_dir, self.resume_hint(self.run_dir))
+        if saved is None:
+            cfg = with_absolute_paths(cfg)
+        else:
+            cfg = dataclasses.replace(cfg, **{k: saved[k] for k in PATH_KEYS if k in saved})
+        self.cfg = cfg
         checkpoints = list_checkpoints(self.run_dir) if cfg.resume else []
         if cfg.resume and not checkpoints and self.main:
             print(f"{self.run_dir}: no checkpoint yet; starting the run from the beginning")
@@ -1694,8 +1803,10 @@ class _Run:
         """Best weights back in the model, a sample completion, the HF export (rank 0)."""
         model = self.trainer.raw_model
         best = self.run_dir / "best" / (ADAPTER_FILE if self.trainable_only else MODEL_FILE)
+        exported_step = None
         if best.is_file():
             load_model_tensors(model, load_file(best), str(best), self.trainable_only)
+            exported_step = best_step(self.run_dir)
         if not self.main:
             return None, None
         sample = sample_completion(model, self.tok, self.cfg.sample_prompt, self.cfg.sample_tokens,
@@ -1731,6 +1842,8 @@ class _Run:
                     lora.merge_and_export(merged, tmp / "merged")
                     self.tok.save(tmp / "merged")
             self.tok.save(tmp)
+            # Which best/ it holds: eval.py scores best/ instead once a resume trains past it.
+            (tmp / EXPORT_RECORD).write_text(json.dumps({"best_step": exported_step}))
 
         write_dir_atomically(export, write)
         print(f"exported to {export} (best validation loss {self.best_val_loss:.4f}, "

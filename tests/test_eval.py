@@ -668,6 +668,86 @@ def test_lora_run_directory_loads_base_plus_adapter(tiny_models, tmp_path):
     assert from_run == explicit and from_run["loss"] != base["loss"]
 
 
+def test_a_run_dir_scores_best_when_its_export_holds_an_older_best(tiny_models, tmp_path,
+                                                                   capsys):
+    """export/ records the best/ step it holds: a resume that trained past it without exporting
+    left eval.py scoring the stale export. An export without the record (an older codelm's) is
+    used as before."""
+    import dataclasses
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    import trainingmanager as tm
+
+    cfg = tm.TrainConfig(preset="tiny")
+    torch.manual_seed(0)
+    old = tm.build_model(cfg, tiny_models["tok"])
+    torch.manual_seed(1)
+    new = tm.build_model(cfg, tiny_models["tok"])
+    run = tmp_path / "run"
+    (run / "best").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    tiny_models["tok"].save(run)
+    save_file(tm.model_tensors(new, False), run / "best" / tm.MODEL_FILE)
+    (run / "best" / "metrics.json").write_text(json.dumps({"step": 30, "val_loss": 2.0}))
+    old.save_pretrained(run / "export")
+
+    def scored_is(model) -> bool:
+        loaded = ev.load_model(str(run), torch.device("cpu")).model.state_dict()
+        return all(torch.equal(t, loaded[k]) for k, t in model.state_dict().items())
+
+    assert scored_is(old)  # no record
+    (run / "export" / tm.EXPORT_RECORD).write_text(json.dumps({"best_step": 30}))
+    assert scored_is(old) and capsys.readouterr().err == ""
+    (run / "export" / tm.EXPORT_RECORD).write_text(json.dumps({"best_step": 10}))
+    assert scored_is(new)
+    assert capsys.readouterr().err == (
+        f"note: {run / 'export'} is not used: it holds the best weights of step 10, best/ those "
+        "of step 30 (the run trained on after its export); scoring best/\n")
+
+
+def test_an_older_runs_relative_paths_use_its_export_or_name_its_config(tiny_models, tmp_path,
+                                                                        monkeypatch):
+    """An older run's config.json holds init_from and data relative to where it was trained:
+    eval.py elsewhere failed with "models/base: not a directory". Its LoRA export records the
+    absolute base; a path still not found names the config file and the key."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    import torch
+
+    m = tiny_models
+    run = tmp_path / "lora-run"
+    shutil.copytree(m["adapter"], run / "export")
+    adapter_config = run / "export" / "adapter_config.json"
+    recorded = json.loads(adapter_config.read_text())
+    adapter_config.write_text(json.dumps({**recorded, "base_model_name_or_path": str(m["base"])}))
+    shutil.copy(m["base"] / "tokenizer.json", run / "tokenizer.json")
+    (run / "config.json").write_text(json.dumps({"init_from": "base", "lora_r": 4,
+                                                 "data": ["code"]}))
+    monkeypatch.chdir(tmp_path)
+    cpu = torch.device("cpu")
+    from_run = ev.load_model(str(run), cpu)
+    explicit = ev.load_model(f"{m['base']}+{m['adapter']}", cpu)
+    cfg = ev.EvalConfig(lm_windows=2, block_size=32, progress=False)
+    texts = [(m["code"] / "module_3.py").read_text()]
+    assert ev.score_lm(from_run, texts, cfg) == ev.score_lm(explicit, texts, cfg)
+    with pytest.raises(ValueError) as missing:
+        ev.corpus_config(ev.EvalConfig(), [from_run])
+    assert str(missing.value) == (
+        f"{run / 'config.json'}: data 'code' not found from {Path.cwd()} (the run holds it "
+        "relative to the directory it was started in: run from there)")
+    monkeypatch.chdir(m["code"].parent)  # from its own directory, as before
+    assert ev.corpus_config(ev.EvalConfig(), [from_run]).sources == ["code"]
+    monkeypatch.chdir(tmp_path)
+    adapter_config.write_text(json.dumps(recorded))  # no base recorded: config.json's init_from
+    with pytest.raises(ValueError, match=f"^{run / 'config.json'}: init_from 'base' not found "):
+        ev.load_model(str(run), cpu)
+
+
 def test_config_file_and_user_errors(tiny_models, tmp_path, monkeypatch, capsys):
     import json
 

@@ -1389,3 +1389,104 @@ def test_a_run_that_fails_before_writing_anything_leaves_no_directory(assets, tm
         tm.train(cfg)
     assert not (Path(cfg.out_dir) / "nodata").exists()
     assert sorted(p.name for p in Path(cfg.out_dir).iterdir()) == []
+
+
+def test_lora_settings_without_lora_r_are_refused(capsys):
+    """--lora-alpha, --lora-dropout, --lora-targets or --export-merged without --lora-r ran a
+    full fine-tune of every weight that silently ignored them; every bundled recipe still
+    validates (each sets lora_r with them)."""
+    for key, value in [("lora_alpha", 32.0), ("lora_dropout", 0.1), ("lora_targets", ["q_proj"]),
+                       ("export_merged", True)]:
+        with pytest.raises(ValueError, match=rf"^TrainConfig\.{key}=.*: LoRA settings, but "
+                                             r"lora_r=0 .*; add --lora-r R$"):
+            tm.validate_config(tm.TrainConfig(**{key: value}))
+        tm.validate_config(tm.TrainConfig(lora_r=4, **{key: value}))
+    assert tm.main(["--lora-alpha", "32", "--lora-dropout", "0.1", "--export-merged"]) == 2
+    assert capsys.readouterr().err == (
+        "error: TrainConfig.lora_alpha=32.0, lora_dropout=0.1, export_merged=True: LoRA settings, "
+        "but lora_r=0 (full training of every weight); add --lora-r R\n")
+    for recipe in sorted((ROOT / "configs").glob("*.json")):  # their bases are not here
+        cfg = tm.config_from_dict(tm.load_config_file(recipe), str(recipe))
+        tm.validate_config(dataclasses.replace(cfg, init_from=None))
+
+
+def test_init_from_a_lora_adapter_says_what_to_load_instead(tmp_path):
+    """--help said a run's export/ loads with --init-from, but a LoRA run's export/ (an adapter)
+    failed later with "config.json: not found (is it an HF checkpoint directory?)"."""
+    from tiny_hf import save_tiny_hf
+
+    base = tmp_path / "base"
+    save_tiny_hf("llama", base, vocab_size=512)
+    export = tmp_path / "run" / "export"
+    export.mkdir(parents=True)
+    (export / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "base_model_name_or_path": str(base)}))
+    cfg = tm.TrainConfig(init_from=str(export), lora_r=4)
+    with pytest.raises(ValueError) as refused:
+        tm.validate_config(cfg)
+    assert str(refused.value) == (
+        f"--init-from {export}: a LoRA adapter (adapter_config.json), not a model: use the base "
+        f"it names, {base} (a run with --export-merged also writes the merged model to "
+        "export/merged)")
+    shutil.copytree(base, export / "merged")
+    with pytest.raises(ValueError) as refused:
+        tm.validate_config(cfg)
+    assert str(refused.value) == (f"--init-from {export}: a LoRA adapter (adapter_config.json), "
+                                  f"not a model: use {export / 'merged'}, the merged model "
+                                  "beside it")
+    tm.validate_config(dataclasses.replace(cfg, init_from=str(export / "merged")))
+    assert "its export/merged/" in " ".join(tm.build_parser().format_help().split())
+
+
+def test_eval_scores_best_when_a_resume_trained_past_the_export(assets, tmp_path, capsys):
+    """A resume with --no-export that found a new best left export/ at the old best, and eval.py
+    scored that stale export: export/ now records which best/ step it holds."""
+    import eval as ev
+
+    cfg = tiny_cfg(assets, tmp_path, max_steps=4, eval_every=2, export=True)
+    run = tm.train(cfg).run_dir
+    exported = tm.best_step(run)
+    assert json.loads((run / "export" / tm.EXPORT_RECORD).read_text()) == {"best_step": exported}
+    assert tm.stale_export(run) is None
+    tm.train(dataclasses.replace(cfg, resume=str(run), max_steps=12, export=False))
+    best = json.loads((run / "best" / "metrics.json").read_text())["step"]
+    assert best > exported  # the loss kept falling
+    capsys.readouterr()
+    loaded = ev.load_model(str(run), torch.device("cpu")).model
+    assert capsys.readouterr().err == (
+        f"note: {run / 'export'} is not used: it holds the best weights of step {exported}, "
+        f"best/ those of step {best} (the run trained on after its export); scoring best/\n")
+    assert_bit_equal(tm.model_tensors(loaded, False), load_file(run / "best" / tm.MODEL_FILE))
+
+
+def test_a_run_saves_its_paths_absolute_and_resumes_from_any_directory(assets, tmp_path,
+                                                                       monkeypatch, capsys):
+    """config.json kept --data and --tokenizer as typed, relative to the directory training ran
+    in, so --resume (and eval.py) elsewhere failed on a path that did not say where it came
+    from. An older run's relative paths still work from its own directory, and are named with
+    their config.json elsewhere."""
+    root = Path(assets["corpus"]).parent
+    monkeypatch.chdir(root)
+    config = _tiny_config_file(assets, tmp_path, data=["corpus"], tokenizer="tokenizer.json",
+                               max_steps=2, eval_every=2)
+    assert tm.main(["--config", config]) == 0
+    run = tmp_path / "runs" / "run"
+    saved = json.loads((run / "config.json").read_text())
+    assert Path(saved["data"][0]).is_absolute() and Path(saved["tokenizer"]).is_absolute()
+    assert Path(saved["data"][0]).samefile(assets["corpus"])
+    monkeypatch.chdir(tmp_path)
+    assert tm.main(["--resume", str(run), "--max-steps", "4"]) == 0
+    monkeypatch.chdir(root)  # typed relative again: the same files, so no change of data
+    assert tm.main(["--resume", str(run), "--data", "corpus", "--max-steps", "6"]) == 0
+    assert json.loads((run / "config.json").read_text())["data"] == saved["data"]
+
+    (run / "config.json").write_text(json.dumps({**saved, "data": ["corpus"]}))  # an older run
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert tm.main(["--resume", str(run), "--max-steps", "8"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {run / 'config.json'}: data 'corpus' not found from {Path.cwd()} (the run holds "
+        "it relative to the directory it was started in: run from there)\n")
+    monkeypatch.chdir(root)
+    assert tm.main(["--resume", str(run), "--max-steps", "8"]) == 0
+    assert json.loads((run / "config.json").read_text())["data"] == ["corpus"]
