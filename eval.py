@@ -5,8 +5,10 @@ definition, so numbers are comparable with the papers and seed projects that rep
 
 - ``codexglue_bleu``: CodeXGLUE's ``bleu.py`` (corpus BLEU-4, add-one smoothing at every order,
   whitespace tokens, brevity penalty), x100.
-- ``edit_sim``: CodeXGLUE's edit similarity, ``fuzz.ratio`` (normalised InDel/Levenshtein ratio),
-  x100, averaged over pairs.
+- ``edit_sim``: CodeXGLUE's edit similarity, fuzzywuzzy's ``fuzz.ratio`` (normalised InDel
+  ratio x100, rounded to an integer per pair as its evaluators get it), averaged over pairs; for
+  ``method`` and ``completion`` on whitespace runs collapsed to one space (CodeXGLUE method
+  generation's post-processing, which seed 002 follows).
 - ``exact_match``: CodeXGLUE's EM (whitespace token lists equal), x100.
 - ``chrf``: sacrebleu's corpus chrF (character 6-grams, beta 2, whitespace removed), 0-100.
 - ``rouge_l``: ROUGE-L F1 with ``rouge_score``'s tokenizer, averaged over pairs, 0-1 (seed 004's scale).
@@ -121,16 +123,18 @@ def codexglue_post_process(code: str) -> str:
     return _LITERAL.sub(lambda m: m.group(2), code)
 
 
-def _fuzz_ratio(a: str, b: str) -> float:
-    """``rapidfuzz.fuzz.ratio``: 100 * (1 - InDel distance / (len(a) + len(b)))."""
+def _fuzz_ratio(a: str, b: str) -> int:
+    """fuzzywuzzy's ``fuzz.ratio`` (CodeXGLUE's evaluators import it): round(100 * (1 - InDel
+    distance / (len(a) + len(b)))), with ratio formed as Levenshtein.ratio forms it."""
     total = len(a) + len(b)
     if total == 0:
-        return 100.0
-    return 100.0 * (1.0 - (total - 2 * _lcs_length(a, b)) / total)
+        return 100
+    return round(100 * ((total - (total - 2 * _lcs_length(a, b))) / total))
 
 
 def edit_sim(preds: Sequence[str], refs: Sequence[str]) -> float:
-    """CodeXGLUE edit similarity: mean ``fuzz.ratio(pred, ref)`` over pairs (0-100)."""
+    """CodeXGLUE edit similarity: mean ``fuzz.ratio(pred, ref)`` over pairs (0-100), each pair's
+    an integer as fuzzywuzzy gives it."""
     _check_pairs(preds, refs)
     return sum(_fuzz_ratio(p, r) for p, r in zip(preds, refs)) / len(preds)
 
@@ -887,18 +891,26 @@ _GENERATION = {
 }
 
 
+def _edit_form(task: str, text: str) -> str:
+    """What edit similarity compares: CodeXGLUE method generation's post-processing collapses
+    whitespace runs to one space (seed 002's completion follows it); line completion compares
+    the stripped line as it is."""
+    return " ".join(text.split()) if task in ("method", "completion") else text
+
+
 def _generation_metrics(task: str, preds: list[str], refs: list[str]) -> dict:
+    edit = edit_sim([_edit_form(task, p) for p in preds], [_edit_form(task, r) for r in refs])
     if task == "line":
-        return {"EM": exact_match(preds, refs), "edit_sim": edit_sim(preds, refs),
+        return {"EM": exact_match(preds, refs), "edit_sim": edit,
                 "BLEU": codexglue_bleu(preds, refs)}
     if task == "method":
-        return {"BLEU": codexglue_bleu(preds, refs), "edit_sim": edit_sim(preds, refs)}
+        return {"BLEU": codexglue_bleu(preds, refs), "edit_sim": edit}
     if task == "completion":  # seed 002's table: edit similarity, then BLEU
-        return {"edit_sim": edit_sim(preds, refs), "BLEU": codexglue_bleu(preds, refs)}
+        return {"edit_sim": edit, "BLEU": codexglue_bleu(preds, refs)}
     if task == "docstring":
         return {"chrF": chrf(preds, refs), "ROUGE-L": rouge_l(preds, refs),
                 "BLEU": codexglue_bleu(preds, refs)}
-    metrics = {"BLEU": codexglue_bleu(preds, refs), "edit_sim": edit_sim(preds, refs)}
+    metrics = {"BLEU": codexglue_bleu(preds, refs), "edit_sim": edit}
     try:
         metrics["semantic_sim"] = semantic_similarity(preds, refs)
     except ImportError as err:
@@ -918,7 +930,7 @@ def run_generation_task(lm: LoadedModel, task: str, examples: Sequence[TaskExamp
     refs = [clean_ref(e.reference) for e in examples]
     records = [{"model": lm.label, "task": task, "variant": variant, "id": e.id,
                 "prompt_tail": p[-300:], "reference": r, "prediction": y,
-                "edit_sim": _fuzz_ratio(y, r)}
+                "edit_sim": _fuzz_ratio(_edit_form(task, y), _edit_form(task, r))}
                for e, p, r, y in zip(examples, prompts, refs, preds)]
     metrics = {}
     if cfg.reference_loss:  # seed 000 reports the validation loss beside BLEU
@@ -1079,7 +1091,7 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
     results = {"complete": False, "pending": progress.models, "config": asdict(cfg),
                "models": [_identity(lm) for lm in models], "examples": counts,
                "examples_digest": _examples_digest(docs, examples, problems),
-               "rows": [], "table": ""}
+               "metrics_version": METRICS_VERSION, "rows": [], "table": ""}
     rows, records = _finished_models(progress.out_dir, results)
     progress.saved = list(dict.fromkeys(row["model"] for row in rows))
     if progress.saved:
@@ -1129,6 +1141,12 @@ def _examples_digest(docs: Sequence, examples: dict, problems: Sequence[dict]) -
 _RESUME_IGNORES = ("models", "runs_dir", "out_dir", "progress", "workers", "batch_size")
 
 
+# Raised when a metric's definition changes, so that a resumed evaluation never puts rows of two
+# definitions in one table. 2: edit_sim rounds per pair, and collapses whitespace for method and
+# completion, as CodeXGLUE's evaluators do.
+METRICS_VERSION = 2
+
+
 def _finished_models(out: Path, results: dict) -> tuple[list[dict], list[dict]]:
     """Rows and prediction records of the models that an earlier evaluation of the same models
     on the same examples with the same settings already saved in ``out`` (none if it holds no
@@ -1145,6 +1163,9 @@ def _finished_models(out: Path, results: dict) -> tuple[list[dict], list[dict]]:
         changed = ["the models (labels, paths or weights)"]
     if not changed and old.get("examples_digest") != results["examples_digest"]:
         changed = ["the examples (the data changed)"]
+    if not changed and old.get("metrics_version", 1) != METRICS_VERSION:
+        changed = [f"the metrics' definitions (codelm's version {old.get('metrics_version', 1)} "
+                   f"there, {METRICS_VERSION} now)"]
     if changed:
         raise ValueError(f"{path}: the results of a different evaluation (differs in "
                          f"{'; '.join(changed)}); name another --out-dir, or remove {out} to "

@@ -418,6 +418,14 @@ def _tail(path: Path, limit: int) -> str:
         return f.read().decode("utf-8", errors="replace")[-limit:]
 
 
+def _raised_memory_error(stderr: str) -> bool:
+    """The program died of an uncaught MemoryError (one the bootstrap could not map to
+    EXIT_MEMORY, e.g. raised while compiling): the traceback's last line names it, not merely
+    any line that mentions the word."""
+    lines = stderr.rstrip().splitlines()
+    return bool(lines) and re.fullmatch(r"MemoryError(?:: .*)?", lines[-1]) is not None
+
+
 def _kill_group(pgid: int) -> None:
     try:
         os.killpg(pgid, signal.SIGKILL)
@@ -535,7 +543,7 @@ def run_python(source: str, config: SandboxConfig | None = None) -> SandboxResul
         status = "timeout"
     elif code == 0:
         status = "passed"
-    elif code == EXIT_MEMORY or (code == 1 and "MemoryError" in stderr):
+    elif code == EXIT_MEMORY or (code == 1 and _raised_memory_error(stderr)):
         status = "memory"
     elif code < 0 and -code in (signal.SIGXCPU,):
         status = "timeout"

@@ -57,21 +57,42 @@ def test_chrf_sentence_level_equals_sacrebleu():
 
 # ---- edit similarity, exact match ---------------------------------------------------------
 
-def test_edit_sim_equals_rapidfuzz_ratio():
+def _fuzzywuzzy_ratio(a: str, b: str) -> int:
+    """What CodeXGLUE's evaluators get from fuzzywuzzy's fuzz.ratio (with python-Levenshtein):
+    the InDel ratio, which rapidfuzz computes unrounded, times 100 and rounded."""
+    return round(fuzz.ratio(a, b)) if a or b else 100
+
+
+def test_edit_sim_equals_codexglue_fuzz_ratio_rounded_per_pair():
     preds, refs = _random_pairs(4)
     preds += ["", "", "abc", "kitten"]
     refs += ["", "x", "", "sitting"]
     for p, r in zip(preds, refs):
-        assert ev.edit_sim([p], [r]) == pytest.approx(fuzz.ratio(p, r), abs=1e-9)
-    mean = sum(fuzz.ratio(p, r) for p, r in zip(preds, refs)) / len(preds)
-    assert ev.edit_sim(preds, refs) == pytest.approx(mean, abs=1e-9)
+        assert ev.edit_sim([p], [r]) == _fuzzywuzzy_ratio(p, r)
+    assert ev.edit_sim(["kitten"], ["sitting"]) == 62  # 61.54 unrounded
+    mean = sum(_fuzzywuzzy_ratio(p, r) for p, r in zip(preds, refs)) / len(preds)
+    assert ev.edit_sim(preds, refs) == pytest.approx(mean, abs=1e-12)
 
 
 def test_edit_sim_long_strings_equal_rapidfuzz():
     rng = random.Random(5)
     a = "".join(rng.choice("ab(): \n") for _ in range(3000))
     b = "".join(rng.choice("ab(): \n") for _ in range(2500))
-    assert ev.edit_sim([a], [b]) == pytest.approx(fuzz.ratio(a, b), abs=1e-9)
+    assert ev.edit_sim([a], [b]) == _fuzzywuzzy_ratio(a, b)
+
+
+def test_method_and_completion_edit_sim_collapse_whitespace_as_codexglue():
+    """CodeXGLUE method generation scores " ".join(code.split()): indentation is no edit; line
+    completion compares the line as it is."""
+    ref = "def f(x):\n    if x:\n        return 1\n    return 2"
+    tabs = ref.replace("    ", "\t")
+    for task in ("method", "completion"):
+        assert ev._generation_metrics(task, [tabs], [ref])["edit_sim"] == 100
+    other = "def g(y):\n    while y:\n        y -= 1\n    return y"
+    collapsed = _fuzzywuzzy_ratio(" ".join(other.split()), " ".join(ref.split()))
+    assert ev._generation_metrics("method", [other], [ref])["edit_sim"] == collapsed
+    assert ev._generation_metrics("line", ["x  = 1"], ["x = 1"])["edit_sim"] == (
+        _fuzzywuzzy_ratio("x  = 1", "x = 1"))
 
 
 def test_exact_match_compares_whitespace_token_lists():
@@ -953,9 +974,11 @@ def test_a_rerun_into_the_same_out_dir_evaluates_only_the_models_not_yet_saved(
     ("retrained", "the models (labels, paths or weights)"),
     ("relabelled", "the models (labels, paths or weights)"),
     ("edited data", "the examples (the data changed)"),
-], ids=["limit", "seed", "retrained", "relabelled", "edited-data"])
+    ("new metrics", "the metrics' definitions (codelm's version 1 there, 2 now)"),
+], ids=["limit", "seed", "retrained", "relabelled", "edited-data", "metrics-version"])
 def test_a_rerun_with_other_settings_models_or_data_is_refused_and_keeps_the_results(
         tiny_models, tmp_path, monkeypatch, capsys, change, differs):
+    import json
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -981,6 +1004,11 @@ def test_a_rerun_with_other_settings_models_or_data_is_refused_and_keeps_the_res
     elif change == "edited data":
         for file in code.iterdir():  # whichever of them the split holds
             file.write_text(file.read_text().replace("return", "return  "))
+    elif change == "new metrics":  # results an earlier codelm wrote (no metrics_version)
+        saved = json.loads(earlier["results.json"])
+        del saved["metrics_version"]
+        earlier["results.json"] = json.dumps(saved)
+        (out / "results.json").write_text(earlier["results.json"])
     extra = change if isinstance(change, list) else []
     monkeypatch.setattr(ev, "generate_texts", _record_models([]))
     assert ev.main(["--models", *(f"{label}={base}" for label in labels), *argv, *extra]) == 2

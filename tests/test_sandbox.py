@@ -69,6 +69,16 @@ def test_memory_bomb_is_stopped(bomb):
     assert result.status == "memory", result.stderr
 
 
+@pytest.mark.parametrize("program", [
+    "raise ValueError('expected a MemoryError subclass, got int')",
+    "import sys\nprint('MemoryError budget exceeded? no', file=sys.stderr)\nsys.exit(1)",
+    "raise ValueError('x') from MemoryError()",
+])
+def test_a_failure_that_mentions_memory_error_is_a_failure(program):
+    result = run_python(program, FAST)
+    assert result.status == "failed", result.stderr
+
+
 def test_output_flood_is_capped():
     result = run_python("while True:\n    print('y' * 1000)", SandboxConfig(timeout_s=10.0, file_mb=1))
     assert result.status in ("killed", "failed") and not result.passed
