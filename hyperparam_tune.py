@@ -17,7 +17,8 @@ and starts over). Re-running with the same ``--study-name`` continues the study;
 ``--n-trials`` is the total the study should reach. Trials compare only under one budget and
 base config: a continuation that changes them (``--max-steps``, ``--eval-every``,
 ``--train-config``, the space's base) is refused, naming each key. ``optuna-dashboard
-runs/<study>/journal.log`` (or the URL) shows the study live.
+runs/<study>/journal.log`` (or the URL) shows the study live (``pip install optuna-dashboard``:
+not in the requirements).
 
 Outputs in ``runs/<study>/``: ``best.json`` (a ready ``trainingmanager.py --config`` file: the
 best trial's config), ``trials.csv`` (every trial, its state, value, steps, parameters, run
@@ -40,6 +41,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -487,6 +489,16 @@ def interrupted_run(trial: optuna.Trial) -> tuple[Path | None, dict[int, float]]
     return Path(run), {s: v for s, v in before.intermediate_values.items() if s <= step}
 
 
+def drop_uncheckpointed_weights(run: Path) -> None:
+    """A killed worker's run has no checkpoint (a trial saves only at its end or a stop) but
+    may hold best/ from an evaluation: that trial's own weights, which the re-run starts over
+    and replaces. Removed first, since ``--resume`` refuses a run with weights and no
+    checkpoint (it would overwrite them)."""
+    if not trainingmanager.list_checkpoints(run):
+        for name in ("best", "export"):
+            shutil.rmtree(run / name, ignore_errors=True)
+
+
 def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _ClaimLock):
     def objective(trial: optuna.Trial) -> float:
         # A retried trial arrives with its predecessor's attributes: make them this run's
@@ -508,6 +520,8 @@ def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _Claim
             recipe = trial_recipe(cfg, space, base, trial)
             trial.set_user_attr(ATTR_CONFIG, recipe)
             resume, reported = interrupted_run(trial)
+            if resume is not None:
+                drop_uncheckpointed_weights(resume)
             train_cfg = trainingmanager.config_from_dict(
                 trial_run_config(cfg, recipe, trial.number, resume), f"trial {trial.number}")
             run_dir = Path(train_cfg.out_dir) / train_cfg.name
@@ -779,7 +793,8 @@ def print_summary(study: optuna.Study, cfg: TuneConfig, best: dict | None) -> No
     print(json.dumps(best, indent=2))
     print(f"best config: {out / 'best.json'}  (python trainingmanager.py --config "
           f"{out / 'best.json'})")
-    print(f"dashboard: optuna-dashboard {cfg.storage or out / JOURNAL_FILE}")
+    print(f"dashboard: optuna-dashboard {cfg.storage or out / JOURNAL_FILE}  (pip install "
+          "optuna-dashboard)")
 
 
 def _short(value: str) -> str:

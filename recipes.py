@@ -26,6 +26,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -306,6 +307,22 @@ def smoke_train_values(values: dict, work: Path, steps: int) -> dict:
     return values
 
 
+def check_train_values(values: dict, source: str) -> None:
+    """What training would check before its first step, checked now: every key and range,
+    the nested data_options and model_options, and the LoRA targets on the model itself (a
+    --smoke run deletes its previous run only after this)."""
+    from tokenizer import load_tokenizer
+
+    cfg = tm.config_from_dict(values, source)
+    tm.validate_config(cfg)
+    tm.data_config(cfg, cfg.block_size or SMOKE_BLOCK)
+    if cfg.init_from is not None:
+        tok = load_tokenizer(cfg.init_from)
+    else:  # the run trains its tokenizer on the data: any vocabulary shapes the same modules
+        tok = SimpleNamespace(vocab_size=SMOKE_VOCAB, bos_id=None, eos_id=None)
+    tm.check_lora_export(cfg, tm.build_model(cfg, tok))
+
+
 SMOKE_EVAL_LIMITS = {"limit": 4, "max_new_tokens": 16, "lm_windows": 4, "lines_per_file": 2,
                      "batch_size": 4}
 
@@ -433,6 +450,11 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
     out_dir = Path(opts.out_dir or ("runs/smoke" if opts.smoke else values.get("out_dir", "runs")))
     values.update(name=name, out_dir=str(out_dir), device=opts.device, progress=opts.progress,
                   resume=str(out_dir / name) if opts.resume else None)
+    if opts.smoke and (given := [flag for flag, value in (
+            ("--model", opts.model), ("--data", opts.data), ("--val-data", opts.val_data))
+            if value is not None]):
+        raise ValueError(f"--smoke builds its own tiny model and data: drop {', '.join(given)} "
+                         "(or drop --smoke to train on them)")
     if opts.model is not None:
         if values.get("init_from") is None:
             raise ValueError(f"--model: {opts.recipe} trains from scratch (no init_from)")
@@ -453,10 +475,11 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
                              f"train.preset, which must name one of {sorted(PRESETS)}")
         if opts.resume:
             raise ValueError("--smoke runs are not resumed; run it again")
-        work = out_dir / f"{name}-smoke-inputs"
-        for old in (work, out_dir / name):
-            shutil.rmtree(old, ignore_errors=True)
+        work = out_dir / f"{name}-smoke-inputs"  # rebuilt alike each time
+        shutil.rmtree(work, ignore_errors=True)
         values = smoke_train_values(values, work, opts.smoke_steps)
+        check_train_values(values, f"{opts.recipe} (train section, smoke-sized)")
+        shutil.rmtree(out_dir / name, ignore_errors=True)  # only once the new run can start
     else:
         check_paths(values, opts.recipe)
     if values.get("data"):
@@ -555,17 +578,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("recipe", help="a recipe file, e.g. configs/refactotron.json")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny random checkpoint of the family + small stdlib sample")
-    parser.add_argument("--model", help="local HF directory of the base model (the recipe's "
-                        "train.init_from)")
+    parser.add_argument("--model", help="local HF directory of the base model, not with "
+                        "--smoke (default: the recipe's train.init_from)")
     parser.add_argument("--data", nargs="+", help="data sources: JSONL files, directories or "
-                        "git URLs (the recipe's train.data)")
-    parser.add_argument("--val-data", nargs="+", help="validation files or directories (the "
-                        "recipe's train.val_data); with --data but without this, the "
-                        "validation split is cut from --data")
+                        "git URLs, not with --smoke (default: the recipe's train.data)")
+    parser.add_argument("--val-data", nargs="+", help="validation files or directories, not "
+                        "with --smoke (default: the recipe's train.val_data; with --data, a "
+                        "validation split cut from --data)")
     parser.add_argument("--out-dir", help="where runs go (default: runs/, smoke: runs/smoke/)")
     parser.add_argument("--name", help="run name (default: the recipe's)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a recipe value, e.g. --set train.lr=1e-4 (JSON values)")
+                        help="override a recipe value, e.g. --set train.lr=1e-4 (JSON values; "
+                        "repeatable; default: none)")
     parser.add_argument("--smoke-steps", type=int, default=30,
                         help="training steps of --smoke (default: %(default)s)")
     parser.add_argument("--device", default="auto",

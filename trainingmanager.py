@@ -61,9 +61,11 @@ def lm_loss(
     (labels already shifted); ``hidden`` (B, T, C) is ``model(ids, return_hidden=True)``.
 
     ``"mean"`` averages over the counted tokens, ``"sum"`` totals them (evaluation and token-
-    weighted accumulation). Label smoothing is spread over counted tokens only. The logits are
-    formed chunk by chunk with the loss (``architecture.head_cross_entropy``), never whole. The
-    shape check makes a transposed (T, B) batch, seed 001's silent bug, a loud error.
+    weighted accumulation). Label smoothing is spread over counted tokens only. For a plain
+    ``nn.Linear`` head the logits are formed chunk by chunk with the loss
+    (``architecture.head_cross_entropy``), never whole; a LoRA-wrapped or quantized head (and
+    fp16 autocast without ``grad_scale``) runs unfused, holding the whole logits. The shape
+    check makes a transposed (T, B) batch, seed 001's silent bug, a loud error.
     ``grad_scale``: what the backward will multiply this loss by (the fp16 loss scale, times any
     weighting); fp16 autocast needs it to run the head fused.
     """
@@ -107,7 +109,8 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    """Everything a run needs; the defaults are the default run (stdlib corpus, ~15 min, 2 CPUs)."""
+    """Everything a run needs; the defaults are the default run (stdlib corpus, ~18 min on 2
+    CPUs, as README.md times it)."""
 
     # run directory
     name: str | None = None  # runs/<name>; default: <preset>-<timestamp>[-2, -3, ... if taken]
@@ -130,7 +133,8 @@ class TrainConfig:
     # tokenizer: a file/dir, else the model dir's, else a CodeTokenizer trained on the train split
     tokenizer: str | None = None  # a tokenizer.json / codelm tokenizer file or directory
     tokenizer_min_freq: int = 10  # a trained tokenizer keeps pieces seen this often
-    tokenizer_max_vocab: int | None = 8000  # a trained tokenizer's vocabulary cap
+    tokenizer_max_vocab: int | None = 8000  # a trained tokenizer's cap on learned pieces; its
+    #   256 byte tokens and its special tokens come on top (the default run: 8,262 tokens)
     # LoRA (r = 0: full training) and a quantized frozen base (QLoRA)
     lora_r: int = 0  # adapter rank
     lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_r
@@ -1277,9 +1281,30 @@ def _failed_before_weights(run_dir: Path) -> bool:
 
 def _holds_weights(run_dir: Path) -> bool:
     """Whether a run directory holds trained weights (a checkpoint, best/ or export/): a new
-    run may replace one without them, and a resumed one without them starts from scratch."""
+    run may replace one without them, and a resumed one without them starts from scratch (one
+    with weights but no checkpoint is refused: ``no_checkpoint_to_resume``)."""
     return bool(list_checkpoints(run_dir)) or any((run_dir / d).is_dir()
                                                   for d in ("best", "export"))
+
+
+def no_checkpoint_to_resume(run_dir: Path) -> str:
+    """Why ``--resume`` refuses a run that holds weights (best/, export/) but no checkpoint
+    (e.g. checkpoints/ deleted to free disk): starting it again would overwrite them. Names a
+    way on from those weights, or a new run."""
+    held = []
+    if (run_dir / "best").is_dir():
+        step = None
+        with contextlib.suppress(ValueError, OSError):
+            step = best_step(run_dir)
+        held.append("best/" + (f" (step {step})" if step is not None else ""))
+    if (run_dir / "export").is_dir():
+        held.append("export/")
+    loadable = next((d for d in (run_dir / "export", run_dir / "export" / "merged")
+                     if (d / "config.json").is_file()), None)
+    how = (f"train on from them with --init-from {loadable} (a new run), or start over under "
+           "another --name" if loadable else "start over under another --name")
+    return (f"--resume {run_dir}: it holds {' and '.join(held)} but no checkpoint to continue "
+            f"from; {how}")
 
 
 def check_lora_export(cfg: TrainConfig, model: nn.Module) -> None:
@@ -1336,6 +1361,8 @@ class _Run:
         cfg, dist = self.cfg, self.dist
         self.device = _resolve_device(cfg, dist)
         self.run_dir, self.has_weights = self._claim_run_dir()
+        if cfg.resume and self.has_weights and not list_checkpoints(self.run_dir):
+            raise ValueError(no_checkpoint_to_resume(self.run_dir))
         # A run with weights continues them in its own settings (its paths as it saved them, the
         # same files); one without (it stopped before its first checkpoint) starts from the
         # beginning anyway, so it may change any of them. A new run saves its paths absolute.

@@ -174,21 +174,26 @@ def bench_memory(args) -> None:
                   f"{errors[bits][1]:>7.4f} {rate[bits]:>11.0f} {rate[bits] / rate[0]:>13.2f}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="+", default=list(SEEDS), choices=list(SEEDS),
                         help="families timed (default: all four)")
     parser.add_argument("--layers", type=int, default=4, help="blocks (default: 4)")
-    parser.add_argument("--width", type=int, default=512, help="model width (default: 512)")
+    parser.add_argument("--width", type=int, default=512,
+                        help="model width, a multiple of 128 (default: 512)")
     parser.add_argument("--vocab", type=int, default=8192, help="vocabulary (default: 8192)")
     parser.add_argument("--batch", type=int, default=4, help="sequences per step (default: 4)")
     parser.add_argument("--seq", type=int, default=128, help="tokens per sequence (default: 128)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per side")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: steady figures on a shared machine; 0: all)")
+    parser.add_argument("--steps", type=int, default=10,
+                        help="timed steps per side (default: 10)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steady "
+                        "figures on a shared machine; 0: all) (default: 1)")
     parser.add_argument("--skip-memory", action="store_true",
                         help="skip the quantized-base memory figures")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.width <= 0 or args.width % 128:
+        parser.error(f"--width {args.width}: must be a positive multiple of 128 (64-wide "
+                     "attention heads, two per key/value head in Llama's grouped-query attention)")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"CPU, {torch.get_num_threads()} threads; {args.layers} layers x {args.width} wide, "

@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="vocabulary (default: 128256, Llama-3's)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     parser.add_argument("--precision", choices=tuple(AUTOCAST), default="fp32",
-                        help="fp32, or autocast to bf16 / fp16 (fp16 with a loss scale)")
+                        help="fp32, or autocast to bf16 / fp16 (fp16 with a loss scale) "
+                        "(default: fp32)")
     parser.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     shape = (args.tokens, args.width, args.vocab, args.threads, args.precision)

@@ -309,7 +309,8 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(BenchConfig):
         if f.type == "bool":
-            parser.add_argument(f"--{f.name.replace('_', '-')}", help=HELP[f.name],
+            parser.add_argument(f"--{f.name.replace('_', '-')}",
+                                help=f"{HELP[f.name]} (default: {'on' if f.default else 'off'})",
                                 action=argparse.BooleanOptionalAction, default=f.default)
         else:
             kind = {"int": int, "str": str}[f.type]

@@ -16,6 +16,15 @@ from scraping.local import LocalConfig, collect_local
 _POSITIONAL = {"sources"}
 
 
+def _shown(default, switch: bool) -> str:
+    """A default as --help gives it."""
+    if switch:
+        return "on" if default else "off"
+    if default in (None, ""):
+        return "none"
+    return " ".join(map(str, default)) if isinstance(default, list) else str(default)
+
+
 def _add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per dataclass field, typed and documented from the field itself."""
     hints = typing.get_type_hints(cls)
@@ -45,9 +54,8 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
             continue
         if required:
             kwargs["required"] = True
-        if default not in (None, "") and hint is not bool:
-            shown = " ".join(map(str, default)) if isinstance(default, list) else default
-            kwargs["help"] += f" (default: {shown})"
+        if not required and "default" not in kwargs["help"]:  # else said in its own words
+            kwargs["help"] += f" (default: {_shown(default, hint is bool)})"
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -15,6 +16,18 @@ from urllib.parse import urlsplit
 PERMISSIVE_LICENSES = frozenset(
     {"MIT", "Apache-2.0", "BSD-2-Clause", "BSD-3-Clause", "ISC", "Unlicense", "0BSD", "Zlib",
      "MIT-0", "BSL-1.0", "PSF-2.0", "CC0-1.0"}
+)
+
+# Every id GitHub reports as a repository's ``license.spdx_id`` (the licences it detects, as
+# choosealicense.com lists them; NOASSERTION: a licence file it does not recognise), with ours:
+# what ``--licenses`` may name. Any other id matches no repository, so it is a typo.
+KNOWN_LICENSES = PERMISSIVE_LICENSES | frozenset(
+    {"AFL-3.0", "AGPL-3.0", "Artistic-2.0", "BlueOak-1.0.0", "BSD-2-Clause-Patent",
+     "BSD-3-Clause-Clear", "BSD-4-Clause", "CC-BY-4.0", "CC-BY-SA-4.0", "CECILL-2.1",
+     "CERN-OHL-P-2.0", "CERN-OHL-S-2.0", "CERN-OHL-W-2.0", "ECL-2.0", "EPL-1.0", "EPL-2.0",
+     "EUPL-1.1", "EUPL-1.2", "GFDL-1.3", "GPL-2.0", "GPL-3.0", "LGPL-2.1", "LGPL-3.0",
+     "LPPL-1.3c", "MPL-2.0", "MS-PL", "MS-RL", "MulanPSL-2.0", "NCSA", "ODbL-1.0", "OFL-1.1",
+     "OSL-3.0", "PostgreSQL", "UPL-1.0", "Vim", "WTFPL", "NOASSERTION"}
 )
 
 RECORD_KEYS = ("repo", "path", "sha", "license", "stars", "text")
@@ -43,11 +56,18 @@ def normalize_extensions(extensions: Iterable[str]) -> tuple[str, ...]:
 
 
 def expand_licenses(licenses: Iterable[str] | None) -> frozenset[str] | None:
-    """SPDX ids to accept (case-insensitive compare happens in ``license_allowed``)."""
+    """SPDX ids to accept (case-insensitive compare happens in ``license_allowed``). An id
+    GitHub never reports is refused: it would silently skip every repository."""
     if licenses is None:
         return None
+    known = {k.lower(): k for k in (*KNOWN_LICENSES, "permissive")}
     out: set[str] = set()
     for name in licenses:
+        if name.lower() not in known:
+            close = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.6)
+            hint = f"did you mean {known[close[0]]!r}? " if close else ""
+            raise ValueError(f"--licenses {name!r}: not a licence id GitHub reports; {hint}Give "
+                             "'permissive' or SPDX ids such as MIT, Apache-2.0, GPL-3.0")
         out |= PERMISSIVE_LICENSES if name.lower() == "permissive" else {name}
     return frozenset(out)
 

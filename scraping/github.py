@@ -64,10 +64,12 @@ class GitHubConfig:
     max_bytes: int = field(default=100_000, metadata={"help": "largest file kept, in bytes"})
     licenses: list[str] | None = field(
         default=None,
-        metadata={"help": "SPDX licence ids to accept ('permissive' = MIT, Apache-2.0, BSD, ...); "
+        metadata={"help": "SPDX licence ids to accept, as GitHub reports them ('permissive' = "
+                          "MIT, Apache-2.0, BSD, ...; an id GitHub does not know is refused); "
                           "default: any, including none"})
     max_repos: int | None = field(
-        default=None, metadata={"help": "stop after this many repos are finished (all runs)"})
+        default=None, metadata={"help": "stop after this many repos are finished (all runs; "
+                                        "default: no limit)"})
     api_url: str = field(
         default=DEFAULT_API_URL, metadata={"help": "REST API root (GitHub Enterprise: "
                                                    "https://HOST/api/v3)"})

@@ -37,7 +37,8 @@ _SCP_LIKE = re.compile(r"^[\w.-]+@[\w.-]+:")  # git@github.com:owner/repo.git
 @dataclass
 class LocalConfig:
     sources: list[str] = field(metadata={"help": "directories or git URLs to collect from"})
-    out: str = field(metadata={"help": "output JSONL file (written atomically)"})
+    out: str = field(metadata={"help": "output JSONL file (appended one source at a time; a "
+                                       "stopped run resumes through OUT.state)"})
     extensions: list[str] = field(
         default_factory=lambda: [".py"], metadata={"help": "file extensions to keep"})
     min_bytes: int = field(default=1, metadata={"help": "smallest file kept, in bytes"})
@@ -45,7 +46,8 @@ class LocalConfig:
     branch: str | None = field(
         default=None, metadata={"help": "branch or tag to clone (default: the remote's HEAD)"})
     license: str | None = field(
-        default=None, metadata={"help": "SPDX licence id recorded on every file"})
+        default=None, metadata={"help": "SPDX licence id recorded on every file (default: "
+                                        "none, recorded as null)"})
     state: str | None = field(
         default=None, metadata={"help": "resume state file (default: OUT.state)"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})

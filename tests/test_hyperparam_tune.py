@@ -97,7 +97,9 @@ def test_two_local_workers_share_one_journal(tmp_path, corpus, capfd):
     space = tiny_space(tmp_path, corpus)
     argv = tune_args(tmp_path, space, study_name="two", n_trials=6, workers=2, pruner="none")
     assert hyperparam_tune.main(argv) == 0
-    assert "worker" not in capfd.readouterr().err  # workers that ran their trials are not told
+    out, err = capfd.readouterr()
+    assert "worker" not in err  # workers that ran their trials are not told
+    assert "(pip install optuna-dashboard)" in out  # not in the requirements
 
     trials = load_study(journal(tmp_path, "two"), "two").get_trials()
     assert_distinct_trials(trials, 6)

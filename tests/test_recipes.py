@@ -392,3 +392,35 @@ def test_trainingmanager_config_reads_the_train_section_and_names_bad_keys(tmp_p
     bad.write_text(json.dumps({"train": {"learning_rate": 0.5}}))
     with pytest.raises(ValueError, match=r"bad\.json \(train section\): unknown key"):
         tm.parse_config(["--config", str(bad)])
+
+
+@pytest.mark.parametrize("flag", ["--model", "--data", "--val-data"])
+def test_smoke_refuses_the_users_model_and_data(tmp_path, capsys, flag):
+    """--smoke builds its own tiny model and data: a --model/--data given with it was ignored."""
+    assert recipes.main([str(CONFIGS / "fastapi_codegen.json"), "--smoke", flag,
+                         str(tmp_path), "--out-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert f"--smoke builds its own tiny model and data: drop {flag}" in err
+    assert err.count("\n") == 1 and not (tmp_path / "runs" / "fastapi_codegen").exists()
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("train.data_options.extensionz=5", "unknown DataConfig key 'extensionz'"),
+    ("train.model_options.n_layerz=1", "unknown ModelConfig key 'n_layerz'"),
+    ('train.lora_targets=["nope"]', "nope"),
+    ("train.weight_decay=-1", "TrainConfig.weight_decay=-1"),
+])
+def test_a_bad_smoke_setting_keeps_the_previous_smoke_run(tmp_path, capsys, monkeypatch, setting,
+                                                          message):
+    """Every setting is checked (nested keys and LoRA targets too) before --smoke deletes the
+    previous smoke run of that name."""
+    monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
+    recipe = "code_completion" if "model_options" in setting else "kotlin_phi"
+    previous = tmp_path / "runs" / recipe
+    previous.mkdir(parents=True)
+    (previous / "metrics.jsonl").write_text("{}\n")
+    assert recipes.main([str(CONFIGS / f"{recipe}.json"), "--smoke", "--set", setting,
+                         "--out-dir", str(tmp_path / "runs"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert (previous / "metrics.jsonl").read_text() == "{}\n"

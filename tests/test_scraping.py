@@ -435,6 +435,34 @@ def test_cli_help_and_bad_flags(tmp_path, capsys):
     assert "Traceback" not in err
 
 
+def test_a_licence_typo_is_refused_before_scraping(tmp_path, capsys):
+    """'permisive' matches no repository: every repo would be skipped as `license`, visible
+    only in the counts after the whole scrape. It is refused at once, naming the value."""
+    out = tmp_path / "x.jsonl"
+    assert main(["github", "--out", str(out), "--licenses", "MIT", "permisive",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--licenses 'permisive': not a licence id GitHub reports" in err
+    assert "did you mean 'permissive'?" in err and err.count("\n") == 1
+    assert not out.exists()
+    with pytest.raises(ValueError, match="'GPL3'.*did you mean 'GPL-3.0'"):
+        run_scrape(tmp_path / "y.jsonl", licenses=["GPL3"])
+    # GitHub's own ids pass in any case, as the filter compares them.
+    _, summary, _, _ = run_scrape(tmp_path / "z.jsonl", licenses=["gpl-3.0", "NOASSERTION"])
+    assert summary.repos["scraped"] == 1
+
+
+def test_help_gives_every_flags_default():
+    """README: every script's --help gives each flag's meaning and default."""
+    from scraping.__main__ import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for name, parser in commands.items():
+        for action in parser._actions:
+            if action.option_strings and not action.required and action.dest != "help":
+                assert "default" in action.help, f"{name} --{action.dest}: {action.help}"
+
+
 def test_local_skips_names_that_are_not_utf8(tmp_path):
     src = tmp_path / "repo"
     src.mkdir()

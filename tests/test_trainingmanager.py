@@ -907,6 +907,29 @@ def test_resume_without_a_checkpoint_and_a_torn_metrics_line(assets, tmp_path, c
     assert f"{metrics}:2: not a metrics line" in capsys.readouterr().err
 
 
+def test_resume_refuses_a_run_with_weights_but_no_checkpoint(assets, tmp_path, capsys):
+    """checkpoints/ deleted (to free disk) but best/ and export/ kept: --resume must not train
+    a new model from step 0 over them; it refuses, naming the export to start from."""
+    config = _tiny_config_file(assets, tmp_path, max_steps=8, export=True)
+    assert tm.main(["--config", config]) == 0
+    run = tmp_path / "runs" / "run"
+    shutil.rmtree(run / "checkpoints")
+    kept = {p: p.read_bytes() for p in (run / "metrics.jsonl", run / "best" / "metrics.json")}
+    capsys.readouterr()
+    assert tm.main(["--resume", str(run), "--max-steps", "10"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no checkpoint to continue from" in err
+    step = tm.best_step(run)
+    assert f"best/ (step {step}) and export/" in err and f"--init-from {run / 'export'}" in err
+    assert all(p.read_bytes() == data for p, data in kept.items())
+
+    shutil.rmtree(run / "export")  # best/ alone: no model to start from, only a new run
+    assert tm.main(["--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"holds best/ (step {step}) but no checkpoint" in err and "another --name" in err
+    assert "--init-from" not in err
+
+
 def test_resuming_a_finished_overfit_batches_run_reports_its_loss(assets, tmp_path, capsys):
     config = _tiny_config_file(assets, tmp_path, overfit_batches=1, max_steps=2, eval_every=2)
     assert tm.main(["--config", config]) == 1
