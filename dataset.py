@@ -50,7 +50,7 @@ from tokenizer import (
 )
 
 # Bump when cleaning or task building changes what a cache holds.
-PIPELINE_VERSION = 4
+PIPELINE_VERSION = 5
 
 # Some installs keep third-party packages inside the stdlib directory; they are not stdlib code.
 _STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
@@ -980,14 +980,17 @@ def _truncate_pair(
     code: tuple[int, int] = (0, 0),
 ) -> tuple[list[int], list[int]]:
     """Fit prompt + completion into ``max_length + 1`` tokens (input and labels are the sequence
-    shifted by one) and the prompt into ``max_prompt_tokens``. The completion keeps its start; the
-    prompt first loses the end of its ``code`` span (start, end), so that an instruction around
-    the code survives, then its left end."""
+    shifted by one) and the prompt into ``max_prompt_tokens``. When they overflow together, the
+    prompt keeps at least half of it (all of itself if shorter) and the completion the rest, from
+    its start. The prompt first loses the end of its ``code`` span (start, end), so that an
+    instruction around the code survives, then its left end."""
     completion = list(completion_ids)[:max_completion_tokens]
     room = len(prompt_ids) if max_prompt_tokens is None else min(len(prompt_ids), max_prompt_tokens)
     budget = max_length + 1
-    completion = completion[: budget - 1] if room else completion[:budget]
-    return fit_prompt(prompt_ids, min(room, budget - len(completion)), code), completion
+    # When both are long, the prompt keeps half the sequence: a completion cut short still
+    # teaches its start, a prompt cut to a token or two conditions nothing.
+    room = min(room, max(budget - len(completion), budget // 2))
+    return fit_prompt(prompt_ids, room, code), completion[: budget - room]
 
 
 def fit_prompt(prompt_ids: Sequence[int], room: int, code: tuple[int, int] = (0, 0)) -> list[int]:
@@ -1157,8 +1160,6 @@ def docstring_examples(
         kinds += (ast.ClassDef,)
     if targets in ("function", "both"):
         kinds += (ast.FunctionDef, ast.AsyncFunctionDef)
-    template = DOCSTRING_PROMPTS[prompt]
-    head_t, tail_t = template.split("{source_code}")
     out = []
     for node in ast.walk(parsed.tree):
         if not isinstance(node, kinds):
@@ -1168,8 +1169,9 @@ def docstring_examples(
             continue
         if _shares_line(parsed.lines, ds):
             continue
-        docstring = ast.get_docstring(node, clean=True)
-        if not docstring or not docstring.strip():
+        # strip: Python < 3.13 keeps a last line of indentation before the closing quotes
+        docstring = (ast.get_docstring(node, clean=True) or "").strip()
+        if not docstring:
             continue
         start = min([node.lineno] + [d.lineno for d in node.decorator_list])
         indent = node.col_offset
@@ -1178,9 +1180,18 @@ def docstring_examples(
             code.append(" " * (ds.col_offset - indent) + "pass")
         code += _dedent(parsed, ds.end_lineno + 1, node.end_lineno, indent)
         source = "\n".join(code)
+        head_t, tail_t = docstring_template(prompt, node).split("{source_code}")
         head = head_t.replace("{class_name}", node.name)
         out.append(Example(head, docstring, body=source, tail=tail_t, body_budget=code_tokens))
     return out
+
+
+def docstring_template(prompt: str, node: ast.AST) -> str:
+    """Seed 004's prompt (DOCSTRING_PROMPTS) names a class; for a function it names a function."""
+    template = DOCSTRING_PROMPTS[prompt]
+    if isinstance(node, ast.ClassDef):
+        return template
+    return template.replace("Class", "Function").replace("Python class", "Python function")
 
 
 def refactor_example(doc: Doc) -> Example:

@@ -841,6 +841,20 @@ def load_checkpoint(path: Path, model: nn.Module, trainable_only: bool) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+def check_next_token_labels(examples, split: str, n: int = 8) -> None:
+    """The contract the loss relies on, checked on a split's first examples: every counted label
+    is the next input token, and some label counts. A data bug that breaks it (labels not
+    shifted) makes the task trivially easy: the loss falls and even --overfit-batches passes."""
+    for i in range(min(n, len(examples))):
+        ids, labels = examples[i]["input_ids"], examples[i]["labels"]
+        counted = labels[:-1] != IGNORE_INDEX
+        if not bool((labels != IGNORE_INDEX).any()) or not torch.equal(
+                labels[:-1][counted], ids[1:][counted]):
+            raise ValueError(f"{split} example {i}: its labels are not the next input tokens "
+                             "(each counted labels[t] must equal input_ids[t + 1], and some "
+                             "label must count): a data bug; the training would be meaningless")
+
+
 # Keys that mean something only under LoRA (lora_r > 0): set without it, they are refused.
 LORA_ONLY_KEYS = ("lora_alpha", "lora_dropout", "lora_targets", "export_merged")
 
@@ -1406,6 +1420,8 @@ class _Run:
         if len(self.val_set) == 0:
             raise ValueError(f"the validation split of {self.dcfg.sources} is empty: add data or "
                              "raise data_options.val_frac")
+        for split, examples in (("train", self.train_set), ("val", self.val_set)):
+            check_next_token_labels(examples, split)
         if cfg.overfit_batches:
             self._restrict_to_overfit_batches()
 

@@ -494,10 +494,13 @@ def test_supervised_example_masks_prompt_and_cuts_it_from_the_left():
     assert ex["input_ids"].tolist() == seq[:-1]
     assert ex["labels"].tolist() == [-100] * 5 + [31, 32, 33]
     assert prompt_and_completion(ex) == (prompt[-6:], completion)
-    # A completion longer than the window keeps its start and one prompt token.
+    # A completion longer than the window keeps its start, beside half the window of prompt
+    # (a prompt cut to one token would condition nothing).
     ex = supervised_example(prompt, list(range(50, 70)), max_length=8)
-    assert ex["input_ids"].tolist() == [19] + list(range(50, 57))
-    assert ex["labels"].tolist() == list(range(50, 58))
+    assert ex["input_ids"].tolist() == [16, 17, 18, 19] + list(range(50, 54))
+    assert ex["labels"].tolist() == [-100] * 3 + list(range(50, 55))
+    short = supervised_example([7, 8], list(range(50, 70)), max_length=8)  # all of a short one
+    assert short["input_ids"].tolist() == [7, 8] + list(range(50, 56))
     # max_completion_tokens caps the completion first (seed 004: 256 label tokens).
     ex = supervised_example(prompt, list(range(50, 70)), max_length=8, max_completion_tokens=2)
     assert ex["labels"].tolist() == [-100] * 6 + [50, 51]
@@ -660,16 +663,30 @@ def cleaned_dump(node: ast.AST) -> str:
     return ast.dump(node)
 
 
+def test_docstring_targets_end_in_text_and_prompts_name_the_kind():
+    """No target ends in the indentation of its closing quotes (Python < 3.13's cleandoc keeps
+    it), and a function target's prompt names a function, not seed 004's class."""
+    text = ('class Outer:\n    """Summary of a class.\n    """\n\n'
+            '    def add(self, a, b):\n        """Add two numbers.\n        """\n'
+            '        return a + b\n')
+    doc = dataset.Doc("m.py", text)
+    simple = {e.completion: e.head for e in dataset.docstring_examples(doc, "both", "simple", 99)}
+    assert simple == {"Summary of a class.": "Class ", "Add two numbers.": "Function "}
+    [verbose] = dataset.docstring_examples(doc, "function", "verbose", 99)
+    assert verbose.head == ("Your task is to write a docstring that summarizes the following "
+                            "Python function.\nFunction add:\n")
+
+
 def test_method_and_docstring_examples_are_the_source_defs():
     """The method task's prompt + target, and the docstring task's code, are the source's def
     (reference: its AST, docstrings read cleaned), also with strings left of the def's indentation
-    and with page breaks or U+2028 in the file; the docstring target is ast.get_docstring's; a
+    and with page breaks or U+2028 in the file; the docstring target is ast.get_docstring's, stripped; a
     line completion is the prefix up to a newline and the line after it."""
     texts = {"nested.py": NESTED_STRINGS, "odd.py": ODD_BREAKS, **email_texts()}
     n_methods = n_docstrings = 0
     for name, text in texts.items():
-        docstrings = {ast.get_docstring(n) for n in ast.walk(ast.parse(text))
-                      if isinstance(n, DOCUMENTED)}
+        docstrings = {ast.get_docstring(n).strip() for n in ast.walk(ast.parse(text))
+                      if isinstance(n, DOCUMENTED) and ast.get_docstring(n)}
         whole, without = {}, {}  # def name -> dumps of the defs, whole / docstring removed
         for node in ast.walk(ast.parse(text)):
             if isinstance(node, DOCUMENTED):

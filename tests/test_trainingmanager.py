@@ -461,6 +461,22 @@ def test_overfit_batches_memorises_real_batches(assets, tmp_path):
     assert result.val_metrics["val_loss"] == pytest.approx(result.train_loss, abs=0.05)
 
 
+def test_labels_that_are_not_the_next_tokens_stop_the_run(assets, tmp_path, monkeypatch):
+    """Unshifted labels (a data bug) make training trivially easy: --overfit-batches passed in
+    fewer steps than on intact data. The run refuses them before training."""
+    import dataset
+
+    def unshifted(self, i):
+        chunk = torch.from_numpy(self.tokens[i : i + self.block_size].astype("int64"))
+        return {"input_ids": chunk, "labels": chunk.clone()}
+
+    monkeypatch.setattr(dataset.LMWindows, "__getitem__", unshifted)
+    cfg = tiny_cfg(assets, tmp_path, overfit_batches=1, max_steps=5)
+    with pytest.raises(ValueError, match=r"train example 0: its labels are not the next input "):
+        tm.train(cfg)
+    assert not list(tmp_path.rglob("checkpoints"))
+
+
 # --------------------------------------------------------------------------------------------
 # Resume: kill -9 (mid-step or mid-checkpoint-write), SIGTERM; then --resume == straight run
 # --------------------------------------------------------------------------------------------
