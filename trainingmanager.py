@@ -719,8 +719,16 @@ def write_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
     tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write(tmp)
-    _fsync_tree(tmp)
+    try:
+        write(tmp)
+        _fsync_tree(tmp)
+    except Exception as err:  # a full disk: torch and safetensors raise their own types
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise
+        free = shutil.disk_usage(target.parent).free / 2**20
+        raise OSError(f"{target}: could not write it ({type(err).__name__}: {err}; "
+                      f"{free:.0f} MiB free); what was written before is intact") from None
     if target.exists():
         old = target.parent / f".old-{target.name}-{os.getpid()}"
         os.rename(target, old)
@@ -1223,8 +1231,9 @@ class _RunLog:
             return
         path = run_dir / "metrics.jsonl"
         if resume_step is not None and path.exists():
-            path.write_text("".join(line + "\n" for line in _metrics_up_to(path, resume_step)),
-                            encoding="utf-8")
+            # Atomic: a kill mid-write would drop the history up to the checkpoint for good.
+            cliconfig.write_atomic(
+                path, "".join(line + "\n" for line in _metrics_up_to(path, resume_step)))
         elif resume_step is None:  # a new run: nothing of an attempt it replaces (_lock_dir)
             path.unlink(missing_ok=True)
             shutil.rmtree(run_dir / "tb", ignore_errors=True)
@@ -1448,7 +1457,9 @@ class _Run:
             self._restore_latest(checkpoints)
         self.config_dict = {**dataclasses.asdict(cfg), "name": self.run_dir.name, "resume": None}
         if self.main:
-            (self.run_dir / "config.json").write_text(json.dumps(self.config_dict, indent=1))
+            # Atomic: a kill mid-write must not leave a run that no command can continue.
+            cliconfig.write_atomic(self.run_dir / "config.json",
+                                   json.dumps(self.config_dict, indent=1))
 
     def release(self) -> None:
         """Give up the run directory's lock (the process's end does too)."""

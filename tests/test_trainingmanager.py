@@ -461,6 +461,23 @@ def test_overfit_batches_memorises_real_batches(assets, tmp_path):
     assert result.val_metrics["val_loss"] == pytest.approx(result.train_loss, abs=0.05)
 
 
+def test_a_failed_directory_write_is_one_oserror_and_leaves_the_old_one(tmp_path):
+    """A full disk makes torch.save / safetensors raise their own types: the run reports one
+    line (an OSError naming the target), removes the half-written copy and keeps the old."""
+    target = tmp_path / "best"
+    tm.write_dir_atomically(target, lambda d: (d / "a.txt").write_text("old"))
+
+    def full_disk(d):
+        (d / "a.txt").write_text("new, half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos")
+
+    with pytest.raises(OSError, match=r"best: could not write it \(RuntimeError: .*MiB free\); "
+                                      r"what was written before is intact"):
+        tm.write_dir_atomically(target, full_disk)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+    assert (target / "a.txt").read_text() == "old"
+
+
 def test_labels_that_are_not_the_next_tokens_stop_the_run(assets, tmp_path, monkeypatch):
     """Unshifted labels (a data bug) make training trivially easy: --overfit-batches passed in
     fewer steps than on intact data. The run refuses them before training."""
