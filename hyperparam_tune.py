@@ -390,7 +390,8 @@ def recover_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorag
                         cfg: TuneConfig) -> None:
     """Queue again the trials of interrupted sweeps, and fail (and queue again) trials whose
     worker died: found by heartbeats where the storage has them, else (journal file) the trials
-    of this machine whose worker process is gone."""
+    of this machine whose worker process is gone, and those whose worker died before it named
+    itself (run under the claim lock)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry)
@@ -403,8 +404,11 @@ def recover_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorag
         if _heartbeats(storage):
             optuna.storages.fail_stale_trials(study)
             return
+        # Called under the claim lock, which a worker holds from creating its trial to naming
+        # itself its owner: a running trial with no owner here lost its worker in between.
         for trial in trials:
-            if trial.state == TrialState.RUNNING and _local_owner_alive(trial) is False:
+            if trial.state == TrialState.RUNNING and (
+                    ATTR_WORKER not in trial.user_attrs or _local_owner_alive(trial) is False):
                 with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
                     storage.set_trial_user_attr(
                         trial._trial_id, ATTR_REASON,

@@ -146,6 +146,20 @@ def _running_trial(storage, name: str, timeout: float = 120.0):
     raise AssertionError("no trial started running")
 
 
+def test_a_trial_whose_worker_died_before_naming_itself_is_queued_again(tmp_path):
+    """A worker killed between creating its trial and recording itself as its owner (both under
+    the claim lock) left a RUNNING trial that nothing recovered: the study never finished."""
+    storage = journal(tmp_path, "orphan")
+    study = optuna.create_study(study_name="orphan", storage=storage)
+    orphan = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    cfg = hyperparam_tune.TuneConfig()
+    hyperparam_tune.recover_dead_trials(study, storage, cfg)
+    trials = study.get_trials()
+    assert trials[orphan.number].state == TrialState.FAIL
+    [retry] = [t for t in trials if t.system_attrs.get("failed_trial") == orphan.number]
+    assert retry.state == TrialState.WAITING and retry.params == trials[orphan.number].params
+
+
 @pytest.mark.parametrize("storage_kind", [
     "sqlite", pytest.param("journal", marks=pytest.mark.slow)])
 def test_killed_worker_trial_fails_and_is_retried(tmp_path, corpus, storage_kind):
