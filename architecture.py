@@ -9,8 +9,8 @@ checkpoints are read and written by `pretrained.py` (imported lazily by `from_pr
 from __future__ import annotations
 
 import math
+import numbers
 import operator
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -684,12 +684,12 @@ class Transformer(nn.Module):
     def _use_decode_layout(self, on: bool) -> None:
         """Decoding multiplies one row by every weight matrix: memory-bound, and on CPU some
         shapes stream at half the bandwidth in the (out, in) row-major layout, e.g. (1024, 384)
-        at 9 GB/s against 20 GB/s column-major here. On: each group of same-shape Linear
-        weights whose batch-1 pass measures faster column-major is re-laid out in place (same
-        values and shape, swapped strides); it stays so in eval mode (re-laying out per call
-        would copy every such weight twice a call) and returns to row-major when training
-        resumes, or `state_dict()` is read (`_row_major_state`), so saving tools see ordinary
-        tensors. CUDA reads both layouts well: left as is."""
+        at 9 GB/s against 20 GB/s column-major here. On: the Linear weights that
+        `_reads_faster_column_major` are re-laid out in place (same values and shape, swapped
+        strides); they stay so in eval mode (re-laying out per call would copy every such
+        weight twice a call) and return to row-major when training resumes, or `state_dict()`
+        is read (`_row_major_state`), so saving tools see ordinary tensors. CUDA reads both
+        layouts well: left as is."""
         if on == getattr(self, "_decode_layout", False):
             return
         if on and self.wte.weight.device.type != "cpu":  # (off: also after a move to CUDA)
@@ -700,16 +700,10 @@ class Transformer(nn.Module):
                 if not p.is_contiguous():
                     p.data = p.data.contiguous()
             return
-        groups: dict[tuple, dict[int, nn.Parameter]] = {}  # by id: tied weights once
         for module in self.modules():
-            if isinstance(module, nn.Linear):
-                w = module.weight
-                groups.setdefault((tuple(w.shape), w.dtype), {})[id(w)] = w
-        for weights in (list(g.values()) for g in groups.values()):
-            cols = [w.data.t().contiguous().t() for w in weights]
-            if _stream_time(cols) < 0.95 * _stream_time([w.data for w in weights]):
-                for w, col in zip(weights, cols):
-                    w.data = col
+            w = module.weight if isinstance(module, nn.Linear) else None
+            if w is not None and w.is_contiguous() and _reads_faster_column_major(w):
+                w.data = w.data.t().contiguous().t()  # (a tied weight: once, then strided)
 
     @staticmethod
     def _reorder_caches(caches: list[LayerCache], rows: torch.Tensor) -> None:
@@ -726,7 +720,7 @@ class Transformer(nn.Module):
     def _decoder(self, compile: bool) -> Callable:
         if not compile:
             return self._step
-        if getattr(self, "_compiled_step", None) is None:
+        if getattr(self, "_compiled_step", None) is None:  # (left out of copies: __getstate__)
             # Default dynamic: a second batch or cache length recompiles once with symbolic
             # sizes instead of once per shape.
             self._compiled_step = torch.compile(self._step, fullgraph=True,
@@ -737,8 +731,7 @@ class Transformer(nn.Module):
         """Fill the cache with the prompt; return (last logits (B, V), key_valid (B, L), next pos)."""
         B, T = idx.shape
         key_valid = torch.ones(B, length, dtype=torch.bool, device=idx.device)
-        if attention_mask is not None:
-            _check_mask(attention_mask, idx)
+        if attention_mask is not None:  # (checked by the callers: _check_mask)
             key_valid[:, :T] = attention_mask.bool()
         slots = torch.arange(T, device=idx.device)
         pos = _positions(key_valid[:, :T])
@@ -746,12 +739,20 @@ class Transformer(nn.Module):
         logits = self._run(idx, pos, mask, slots, caches, last_only=True)[:, -1]
         return logits, key_valid, pos[:, -1:] + 1
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the compiled decode step behind (each compiles its own): it
+        is bound to this instance, so a deep copy sharing it would decode with the original's
+        weights, and a compiled function cannot be pickled."""
+        state = super().__getstate__()
+        state.pop("_compiled_step", None)
+        return state
+
     # ------------------------------------------------------------- generate
     @torch.no_grad()
     def stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                top_k: int | None = None, top_p: float | None = None,
                eos_id: int | Sequence[int] | None = None,
-               stop: Sequence[str | int | Sequence[int]] | None = None,
+               stop: str | int | Sequence[str | int | Sequence[int]] | None = None,
                attention_mask: torch.Tensor | None = None, pad_id: int | None = None,
                decode: Callable[[list[int]], str] | None = None,
                generator: torch.Generator | None = None,
@@ -764,9 +765,20 @@ class Transformer(nn.Module):
 
     def _steps(self, idx, max_new_tokens, temperature, top_k, top_p, eos_id, stop,
                attention_mask, pad_id, decode, generator, compile):
-        B, T = self._check_prompt(idx, max_new_tokens)
+        B, T, max_new_tokens = self._check_prompt(idx, max_new_tokens)
+        _check_sampling(temperature, top_k, top_p)
+        _check_mask(attention_mask, idx)
         eos_ids, stop_seqs, stop_strs = _parse_stops(eos_id, stop, decode)
-        fill = pad_id if pad_id is not None else (eos_ids[0] if eos_ids else 0)
+        if pad_id is not None:
+            fill = _index(pad_id, "pad_id")
+        elif eos_ids:
+            fill = eos_ids[0]
+        elif (stop_seqs or stop_strs) and B > 1:
+            # Any filler would be a real token id (0 is "!" in GPT-2's vocabulary).
+            raise ValueError("stop without eos_id on a batch needs pad_id: the id that fills "
+                             "the rows that stop first")
+        else:
+            fill = 0  # never emitted: a lone row ends generation when it stops
         length = T + max_new_tokens
         eos_t = torch.tensor(eos_ids, device=idx.device, dtype=torch.long)
         step_fn = self._decoder(compile)
@@ -799,19 +811,24 @@ class Transformer(nn.Module):
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None,
                  eos_id: int | Sequence[int] | None = None,
-                 stop: Sequence[str | int | Sequence[int]] | None = None, num_beams: int = 1,
+                 stop: str | int | Sequence[str | int | Sequence[int]] | None = None,
+                 num_beams: int = 1,
                  attention_mask: torch.Tensor | None = None, pad_id: int | None = None,
                  decode: Callable[[list[int]], str] | None = None,
                  generator: torch.Generator | None = None, length_penalty: float = 1.0,
                  compile: bool = False) -> torch.Tensor:
         """Continue the prompts idx (B, T) (left-padded, with attention_mask, for a batch of
         different lengths). Returns (B, T + n): the prompt then n <= max_new_tokens new tokens;
-        a row that finished early is filled with `pad_id` (default: the EOS id).
+        a row that finished early is filled with `pad_id` (default: the first EOS id; a batch
+        with stops but no eos_id needs pad_id). T + max_new_tokens may reach block_size + 1
+        (the last new token is never fed back).
 
-        temperature 0: greedy; > 0: sampling, optionally restricted by top_k / top_p.
+        temperature 0: greedy; > 0: sampling, optionally restricted by top_k / top_p (filtered
+        as transformers filters, so a seed samples what its do_sample=True would).
         num_beams > 1: beam search (scores are summed log-probs / length ** length_penalty).
-        eos_id: an id or ids ending a row. stop: ids, id sequences or strings (strings need
-        `decode`, e.g. tokenizer.decode) that end a row; the stop itself is kept in the output.
+        eos_id: an id or ids ending a row. stop: a string, an id, or a list of strings, ids and
+        id sequences (strings need `decode`, e.g. tokenizer.decode) that end a row; the stop
+        itself is kept in the output.
         compile: torch.compile the decode step (static shapes: the cache is preallocated).
         Under torch.autocast the caches hold autocast's dtype, as forward's keys and values.
 
@@ -821,16 +838,18 @@ class Transformer(nn.Module):
         see row-major tensors); code that views a parameter's memory directly (`p.view(-1)`)
         should use `p.contiguous()` or call `model.train()` first.
         """
+        num_beams = _index(num_beams, "num_beams")
+        if num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {num_beams}")
         if num_beams > 1:
-            if temperature != 0.0 or top_k is not None or top_p is not None or stop:
+            if (temperature != 0.0 or top_k is not None or top_p is not None
+                    or _stop_entries(stop)):
                 raise ValueError("beam search is deterministic: leave temperature, top_k, top_p "
                                  "and stop unset with num_beams > 1")
             with torch.inference_mode():
                 out = self._beam_search(idx, max_new_tokens, num_beams, eos_id,
                                         attention_mask, pad_id, length_penalty)
             return out.clone()  # a normal tensor again, usable by autograd
-        if num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1, got {num_beams}")
         # inference_mode (not no_grad) drops view and version tracking: ~5% per decode step.
         with torch.inference_mode():
             steps = list(self._steps(idx, max_new_tokens, temperature, top_k, top_p, eos_id,
@@ -838,9 +857,11 @@ class Transformer(nn.Module):
             new = torch.stack(steps, dim=1) if steps else idx[:, :0]
         return torch.cat((idx, new.clone()), dim=1)
 
-    def _check_prompt(self, idx: torch.Tensor, max_new_tokens: int) -> tuple[int, int]:
+    def _check_prompt(self, idx: torch.Tensor, max_new_tokens: int) -> tuple[int, int, int]:
+        """(B, T, max_new_tokens as an int), once the prompt and the length are checked."""
         if idx.dim() != 2:
             raise ValueError(f"idx must be (batch, time), got shape {tuple(idx.shape)}")
+        max_new_tokens = _index(max_new_tokens, "max_new_tokens")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         B, T = idx.shape
@@ -850,17 +871,26 @@ class Transformer(nn.Module):
         if idx.numel() and not 0 <= int(idx.min()) <= int(idx.max()) < self.cfg.vocab_size:
             raise ValueError(f"idx holds token ids outside [0, vocab_size={self.cfg.vocab_size}):"
                              f" min {int(idx.min())}, max {int(idx.max())} (wrong tokenizer?)")
-        if T + max_new_tokens > self.cfg.block_size:
+        # The last new token is never fed back: n new tokens take positions up to T + n - 2, so
+        # T + n may reach block_size + 1 (as in transformers).
+        block = self.cfg.block_size
+        if T > block:
+            raise ValueError(f"prompt length {T} exceeds the context length block_size={block}")
+        if T + max_new_tokens > block + 1:
             raise ValueError(f"prompt length {T} + max_new_tokens {max_new_tokens} exceeds the "
-                             f"context length block_size={self.cfg.block_size}")
-        return B, T
+                             f"context length block_size={block} + 1 (the last new token is "
+                             "never fed back)")
+        return B, T, max_new_tokens
 
     def _beam_search(self, idx, max_new_tokens, num_beams, eos_id, attention_mask, pad_id,
                      length_penalty):
-        B, T = self._check_prompt(idx, max_new_tokens)
+        B, T, max_new_tokens = self._check_prompt(idx, max_new_tokens)
         _check_mask(attention_mask, idx)  # before the beams expand the shapes it names
         eos_ids, _, _ = _parse_stops(eos_id, None, None)
-        fill = pad_id if pad_id is not None else (eos_ids[0] if eos_ids else 0)
+        if pad_id is not None:
+            fill = _index(pad_id, "pad_id")
+        else:  # without EOS no hypothesis ends early, so no fill is ever returned
+            fill = eos_ids[0] if eos_ids else 0
         K, dev = num_beams, idx.device
         # As HF: (1 + #EOS) * K candidates a step, so K live beams remain whichever EOS ids
         # the top ones end with (each beam contributes at most #EOS finished candidates).
@@ -966,16 +996,16 @@ def _row_major_state(module: Transformer, prefix: str, keep_vars: bool) -> None:
     module._use_decode_layout(False)
 
 
-def _stream_time(weights: list[torch.Tensor], reps: int = 3) -> float:
-    """Best time of one batch-1 matmul pass over every weight (the decode step's access)."""
-    x = torch.randn(1, weights[0].shape[1], dtype=weights[0].dtype)
-    best = math.inf
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for w in weights:
-            F.linear(x, w)
-        best = min(best, time.perf_counter() - t0)
-    return best
+def _reads_faster_column_major(w: torch.Tensor) -> bool:
+    """Whether a batch-1 CPU matmul reads the (out, in) weight w faster column-major: fp32 with
+    more outputs than inputs. Row-major, the product is `out` dot products of length `in`, and
+    short ones pay a reduction each; column-major, `in` multiply-adds of length-`out` columns.
+    Measured here (2 threads, row-major time / column-major time): tall (1024, 384) 1.8-2.4,
+    (8192, 384) 2.4-4, (3072, 2048) 1.2, (128256, 2048) 1.25; wide (384, 1024) 0.6-0.9,
+    (2048, 8192) 0.9-1.1; square (384, 384) 0.95, (2048, 2048) 1.1; bf16: no consistent gain.
+    A fixed rule, not a timing race: the layout changes the low bits of batch-1 logits, and a
+    race's outcome varied from run to run with the machine's load."""
+    return w.dtype == torch.float32 and w.shape[0] > w.shape[1]
 
 
 def _one_row_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -1021,9 +1051,37 @@ def _decode_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
 
 
 def _check_mask(attention_mask: torch.Tensor | None, idx: torch.Tensor) -> None:
-    if attention_mask is not None and attention_mask.shape != idx.shape:
+    """Generation continues every row from its last position, so each row must end with a real
+    token: left padding (right padding, as training batches have, would continue the pads)."""
+    if attention_mask is None:
+        return
+    if attention_mask.shape != idx.shape:
         raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != idx shape "
                          f"{tuple(idx.shape)}")
+    last = attention_mask[:, -1].bool()
+    if not bool(last.all()):
+        b = int((~last).nonzero()[0, 0])
+        what = "is all padding" if not bool(attention_mask[b].any()) else "ends with padding"
+        raise ValueError(f"attention_mask row {b} {what}: generation needs left-padded "
+                         "prompts, each ending with a real token")
+
+
+def _index(value, name: str) -> int:
+    """value as an int: ints and int-likes (numpy integers, 0-d integer tensors)."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
+def _check_sampling(temperature, top_k, top_p) -> None:
+    """Checked before any work, also where nothing is sampled (greedy, max_new_tokens=0)."""
+    if not isinstance(temperature, numbers.Real) or not temperature >= 0:
+        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+    if top_k is not None and _index(top_k, "top_k") < 1:
+        raise ValueError(f"top_k must be >= 1 (or None: no top-k filter), got {top_k!r}")
+    if top_p is not None and (not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] (or None: no nucleus filter), got {top_p!r}")
 
 
 def _token_ids(ids, name: str) -> list[int]:
@@ -1041,13 +1099,36 @@ def _token_ids(ids, name: str) -> list[int]:
         raise ValueError(f"{name} must be a token id or a sequence of ids, got {ids!r}") from None
 
 
+def _stop_entries(stop) -> list:
+    """stop as a list of stops: a bare string or id is one stop (not one per character)."""
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    try:
+        return [operator.index(stop)]
+    except TypeError:
+        pass
+    if not isinstance(stop, (bytes, bytearray, dict)):  # (bytes would iterate as ids)
+        try:
+            return list(stop)
+        except TypeError:
+            pass
+    raise ValueError(f"stop must be a string, an id, or a list of strings, ids and id "
+                     f"sequences, got {stop!r}")
+
+
 def _parse_stops(eos_id, stop, decode):
     eos_ids = _token_ids(eos_id, "eos_id")
     stop_seqs: list[list[int]] = []
     stop_strs: list[str] = []
-    for s in stop or ():
+    for s in _stop_entries(stop):
         if isinstance(s, str):
+            if not s:
+                raise ValueError("stop: empty string (it would end every row at once)")
             stop_strs.append(s)
+        elif s is None:
+            raise ValueError(f"stop: None is no stop, in {stop!r}")
         else:
             stop_seqs.append(_token_ids(s, "stop"))
     if stop_strs and decode is None:
@@ -1074,28 +1155,32 @@ def _hit_stop(generated, stop_seqs, stop_strs, decode, finished) -> torch.Tensor
     return hit
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-          generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row: argmax at temperature 0, else a sample from the filtered softmax."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if temperature == 0.0:
-        return logits.argmax(dim=-1)
+def _sampling_logits(logits: torch.Tensor, temperature: float, top_k: int | None,
+                     top_p: float | None) -> torch.Tensor:
+    """fp32 logits / temperature with the tokens top_k and top_p leave out at -inf. The ops of
+    transformers' Temperature, TopK and TopP warpers, in their order, so that tokens tied at a
+    boundary fall the same way and the same seed samples the same tokens."""
     logits = logits.float() / temperature
     if top_k is not None:
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
-        if top_p <= 0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens before it already reach top_p (the top one always stays).
-        drop = probs.cumsum(dim=-1) - probs >= top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(dim=-1)
+        # Ascending: drop the least likely tokens while their mass stays <= 1 - top_p; the
+        # likeliest one always stays.
+        sorted_logits, order = torch.sort(logits, descending=False)
+        drop = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+        drop[..., -1] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+          generator: torch.Generator | None) -> torch.Tensor:
+    """Next token per row: argmax at temperature 0, else a sample from the filtered softmax
+    (arguments checked by _check_sampling)."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    probs = _sampling_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

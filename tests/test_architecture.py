@@ -1,5 +1,7 @@
 """The model on its own: config checks, contract module paths, KV cache, padding, decoding
-strategies, init, dtype, and that it can learn (transformers parity is in test_pretrained.py)."""
+strategies, init, dtype, and that it can learn (transformers parity of the loaded families is
+in test_pretrained.py; of generation options such as sampling, stops and the context edge,
+here)."""
 
 import dataclasses
 import re
@@ -155,6 +157,24 @@ def test_decode_layout_keeps_values_and_training_gets_row_major_back():
     F.cross_entropy(model(idx).flatten(0, 1), idx.flatten()).backward()
     assert all(p.grad.is_contiguous() for p in model.parameters())
     model.generate(idx, 4)  # in train mode the weights go back to row-major at the end
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
+def test_decode_layout_is_a_fixed_rule_not_a_timing_race(monkeypatch):
+    """The layout changes the low bits of batch-1 logits, and a timing race chose it, so which
+    weights were re-laid out varied from run to run with the machine's load. Now a rule: fp32
+    weights with more outputs than inputs go column-major, whatever the clock says."""
+    import time
+
+    ticks = iter(range(10**9))  # a clock by which every layout times the same
+    monkeypatch.setattr(time, "perf_counter", lambda: next(ticks))
+    model = _model("llama")  # qkv (128, 64), fc and gate (96, 64), tied head (96, 64)
+    model.generate(_ids(1, 4), 2)
+    column_major = {n for n, p in model.named_parameters() if not p.is_contiguous()}
+    assert column_major == {"wte.weight"} | {f"blocks.{i}.{name}.weight" for i in range(2)
+                                             for name in ("attn.qkv", "mlp.fc", "mlp.gate")}
+    model = _model("llama").to(torch.bfloat16)  # bf16 reads row-major as fast
+    model.generate(_ids(1, 4), 2)
     assert all(p.is_contiguous() for p in model.parameters())
 
 
@@ -340,6 +360,222 @@ def test_eos_and_stop_ids_as_numpy_or_tensor_values():
     assert torch.equal(model.generate(idx, 6, stop=[np.int64(eos)], pad_id=eos), want)
 
 
+def test_sampling_and_generation_arguments_checked_up_front():
+    """Refused before any work, also where they would not be used (greedy, no new tokens)."""
+    import numpy as np
+
+    model = _model("llama")
+    idx = _ids(1, 5)
+    for kw, message in [
+        (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (dict(top_p=0.0, temperature=1.0), r"top_p must be in \(0, 1\]"),
+        (dict(top_p=float("nan"), temperature=1.0), r"top_p must be in \(0, 1\]"),
+        (dict(temperature=-1.0), "temperature must be a number >= 0"),
+        (dict(temperature="0.7"), "temperature must be a number >= 0"),
+        (dict(top_k=0), "top_k must be >= 1"),
+        (dict(top_k=2.5, temperature=1.0), "top_k must be an integer"),
+        (dict(pad_id="0", eos_id=3), "pad_id must be an integer"),
+    ]:
+        for n in (0, 2):
+            with pytest.raises(ValueError, match=message):
+                model.generate(idx, n, **kw)
+            with pytest.raises(ValueError, match=message):
+                next(model.stream(idx, n, **kw))
+    for beams in (1, 2):
+        with pytest.raises(ValueError, match="max_new_tokens must be an integer, got 5.0"):
+            model.generate(idx, 5.0, num_beams=beams)
+    with pytest.raises(ValueError, match="num_beams must be an integer, got 2.0"):
+        model.generate(idx, 5, num_beams=2.0)
+    with pytest.raises(ValueError, match="beam search is deterministic"):
+        model.generate(idx, 5, num_beams=2, stop=0)  # a bare id 0 is a stop too
+    assert model.generate(idx, np.int64(3), top_k=np.int64(2)).shape == (1, 8)
+
+
+def test_generation_refuses_right_padded_or_empty_rows():
+    """generate continues each row from its last position: a right-padded row (as training
+    batches are padded) would continue its pads, and an all-padding row has no prompt."""
+    model = _model("llama")
+    idx = _ids(3, 6)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[0, :2] = False  # left padding is fine
+    mask[1, 4:] = False  # right padding is not
+    for beams in (1, 2):
+        with pytest.raises(ValueError, match="attention_mask row 1 ends with padding: "
+                                             "generation needs left-padded prompts"):
+            model.generate(idx, 3, attention_mask=mask, num_beams=beams)
+    with pytest.raises(ValueError, match="attention_mask row 1 ends with padding"):
+        next(model.stream(idx, 3, attention_mask=mask))
+    mask[1] = True
+    mask[2] = False
+    for beams in (1, 2):
+        with pytest.raises(ValueError, match="attention_mask row 2 is all padding: generation "
+                                             "needs left-padded prompts"):
+            model.generate(idx, 3, attention_mask=mask, num_beams=beams)
+    mask[2] = True
+    assert model.generate(idx, 3, attention_mask=mask).shape == (3, 9)
+
+
+def test_stop_without_eos_on_a_batch_needs_pad_id():
+    """A row that stops before the others is filled; without eos_id or pad_id there is no id to
+    fill it with (any default would be a real token, 0 is "!" in GPT-2's vocabulary)."""
+    model = _lively("gpt_bigcode")
+    idx = _ids(2, 8, seed=6)
+    free = model.generate(idx, 6)[:, 8:].tolist()
+    stop = free[0][1]
+    assert stop not in free[0][:1] + free[1]  # row 0 stops after 2 tokens, row 1 runs on
+    with pytest.raises(ValueError, match="stop without eos_id on a batch needs pad_id"):
+        model.generate(idx, 6, stop=[stop])
+    with pytest.raises(ValueError, match="stop without eos_id on a batch needs pad_id"):
+        next(model.stream(idx, 6, stop=[stop]))
+    out = model.generate(idx, 6, stop=[stop], pad_id=95)
+    assert out[0, 8:].tolist() == free[0][:2] + [95] * 4 and out[1, 8:].tolist() == free[1]
+    out = model.generate(idx, 6, stop=[stop], eos_id=94)  # the EOS id fills, as documented
+    assert out[0, 8:].tolist() == free[0][:2] + [94] * 4
+    alone = model.generate(idx[:1], 6, stop=[stop])  # a lone row just ends there
+    assert alone[0, 8:].tolist() == free[0][:2]
+
+
+# ------------------------------------------------------- generation options vs transformers
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    """family -> (directory, transformers model) of tiny random checkpoints whose greedy
+    continuations vary; codelm models are loaded fresh from the directory by each test."""
+    from tiny_hf import save_tiny_hf
+
+    out = {}
+    for family in ("gpt_bigcode", "llama"):  # learned positions; rope
+        path = tmp_path_factory.mktemp(family)
+        out[family] = path, save_tiny_hf(family, path, initializer_range=0.2)
+    return out
+
+
+def _hf_generate(hf, idx, n, **kw):
+    kw = {"do_sample": False, "eos_token_id": None, "pad_token_id": 0, **kw}
+    return hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=n, **kw)
+
+
+def test_seeded_sampling_matches_transformers_from_the_first_call(hf_dirs):
+    """The decode-layout measurement of a model's first generate drew from the global RNG:
+    the same seed sampled other tokens on that call than on later ones and than HF."""
+    path, hf = hf_dirs["llama"]
+    idx = _ids(2, 10, vocab=256)
+    kw = dict(temperature=0.8, top_k=40, top_p=0.9)
+    torch.manual_seed(123)
+    ref = _hf_generate(hf, idx, 16, do_sample=True, eos_token_id=2, **kw)
+    model = Transformer.from_pretrained(path).eval()  # fresh: this call measures the layout
+    torch.manual_seed(123)
+    assert torch.equal(model.generate(idx, 16, eos_id=2, pad_id=0, **kw), ref)
+    model = Transformer.from_pretrained(path).eval()
+    torch.manual_seed(123)
+    streamed = list(model.stream(idx, 16, eos_id=2, pad_id=0, **kw))
+    assert torch.equal(torch.cat((idx, torch.stack(streamed, 1)), 1), ref)
+    for train in (False, True):  # train mode measures on every call
+        model = Transformer.from_pretrained(path).train(train)
+        state = torch.get_rng_state()
+        model.generate(idx, 4)
+        model.generate(idx, 4, num_beams=2)
+        list(model.stream(idx, 4))
+        assert torch.equal(torch.get_rng_state(), state), "greedy decoding drew random numbers"
+
+
+@pytest.mark.parametrize("family", ["gpt_bigcode", "llama"])
+def test_full_context_prompt_continues_as_in_transformers(hf_dirs, family):
+    """The last new token is never fed back, so T + max_new_tokens may be block_size + 1: a
+    full-context prompt gets its next token, as transformers gives it."""
+    path, hf = hf_dirs[family]
+    model = Transformer.from_pretrained(path).eval()
+    block = model.cfg.block_size
+    for T, n in ((block, 1), (block - 10, 11)):
+        idx = _ids(2, T, vocab=256)
+        ref = _hf_generate(hf, idx, n)
+        assert ref.shape == (2, block + 1)
+        assert torch.equal(model.generate(idx, n), ref)
+        assert torch.equal(model.generate(idx, n, num_beams=2),
+                           _hf_generate(hf, idx, n, num_beams=2))
+    with pytest.raises(ValueError, match=rf"prompt length {block + 1} exceeds the context"):
+        model.generate(_ids(1, block + 1, vocab=256), 0)
+    with pytest.raises(ValueError, match=rf"max_new_tokens 12 exceeds the context length "
+                                         rf"block_size={block} \+ 1"):
+        model.generate(_ids(1, block - 10, vocab=256), 12)
+
+
+def test_sampling_filter_equals_transformers_warpers_with_ties():
+    """top_p broke ties at the nucleus boundary the other way than transformers (which keeps the
+    later ones): different kept sets for bf16 logits at nearly every step."""
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    from architecture import _sampling_logits
+
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.ones(1, 4),  # all tied: top_p 0.5 keeps two of them
+             torch.randint(0, 4, (64, 12), generator=g).float(),  # few values, many ties
+             (3 * torch.randn(32, 4096, generator=g)).bfloat16(),  # bf16: ties in the tail
+             torch.randn(32, 300, generator=g)]
+    settings = [(1.0, None, 0.5), (0.7, None, 0.9), (1.3, 50, 0.8), (1.0, 3, 0.6),
+                (1.0, None, 1.0), (0.5, 10, None), (2.0, None, 0.3)]
+    for logits in cases:
+        for temperature, top_k, top_p in settings:
+            ref = TemperatureLogitsWarper(temperature)(None, logits.float())
+            if top_k is not None:
+                ref = TopKLogitsWarper(top_k)(None, ref)
+            if top_p is not None and top_p < 1.0:
+                ref = TopPLogitsWarper(top_p)(None, ref)
+            got = _sampling_logits(logits, temperature, top_k, top_p)
+            assert torch.equal(got, ref), (logits.shape, temperature, top_k, top_p)
+    kept = _sampling_logits(torch.ones(1, 4), 1.0, None, 0.5).isfinite()
+    assert kept.tolist() == [[False, False, True, True]]
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tmp_path_factory):
+    """A GPT-2-style tokenizer (transformers' fast tokenizer) trained on a little code."""
+    from tiny_hf import train_hf_tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    texts = [f"def f{i}(x, y):\n    return x * {i} + y - {i * i}  # ok\n" for i in range(300)]
+    train_hf_tokenizer("gpt2", texts, path)
+    return PreTrainedTokenizerFast(tokenizer_file=str(path))
+
+
+def test_stop_given_alone_is_one_stop_as_in_transformers(hf_tokenizer, tmp_path):
+    """A bare string was split into one stop per character; a bare id raised TypeError."""
+    from tiny_hf import save_tiny_hf
+
+    hft = hf_tokenizer
+    hf = save_tiny_hf("llama", tmp_path, vocab_size=len(hft), initializer_range=0.2)
+    model = Transformer.from_pretrained(tmp_path).eval()
+    idx = _ids(1, 8, seed=1, vocab=len(hft))
+    free = model.generate(idx, 30)[0, 8:].tolist()
+    text = hft.decode(free)
+    # a 3-character stop first seen late in the text, whose characters all occur before it
+    # (and are whole characters: HF matches tokens, not a partial UTF-8 sequence's U+FFFD)
+    at = next(i for i in range(len(text) // 2, len(text) - 3)
+              if text[i:i + 3] not in text[:i + 2] and "\ufffd" not in text[i:i + 3]
+              and all(c in text[:i] for c in text[i:i + 3]))
+    stop = text[at:at + 3]
+    ref = _hf_generate(hf, idx, 30, stop_strings=stop, tokenizer=hft)
+    assert 8 < ref.shape[1] - 8 < 30
+    assert torch.equal(model.generate(idx, 30, stop=stop, decode=hft.decode), ref)
+    assert torch.equal(model.generate(idx, 30, stop=[stop], decode=hft.decode), ref)
+    tok = free[10]  # a bare id is one stop id: for one row, what an EOS id does
+    ref = _hf_generate(hf, idx, 30, eos_token_id=tok)
+    assert torch.equal(model.generate(idx, 30, stop=tok), ref)
+    assert torch.equal(model.generate(idx, 30, stop=torch.tensor(tok)), ref)
+    for bad, message in [("", "stop: empty string"), ([""], "stop: empty string"),
+                         ([[]], "stop: empty id sequence"), ([None], "stop: None is no stop"),
+                         (2.5, "stop must be a string, an id, or a list"),
+                         (b"ab", "stop must be a string, an id, or a list"),
+                         ([2.5], "stop must be a token id or a sequence of ids")]:
+        with pytest.raises(ValueError, match=message):
+            model.generate(idx, 4, stop=bad, decode=hft.decode)
+
+
 @pytest.mark.slow
 def test_compiled_decode_matches_eager():
     model = _model("llama")
@@ -365,6 +601,27 @@ def _compiled_batch1_decode(shape: str) -> None:
 
 def test_compiled_batch1_decode_fuses_the_matmuls_and_matches_eager():
     _compiled_batch1_decode("phi")  # biases: the addmm path
+
+
+def test_copies_and_pickles_leave_the_compiled_decode_step_behind():
+    """The compiled step was kept on the instance: a deep copy decoded with the original's
+    weights, and pickling failed after a compiled generate."""
+    import copy
+    import io
+    import pickle
+
+    model, idx = _model("phi"), _ids(1, 7)
+    want = model.generate(idx, 12, compile=True)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():  # the original now always picks token 5
+        model.lm_head.bias[5] = 1e4
+    assert torch.equal(twin.generate(idx, 12, compile=True), want)
+    assert (model.generate(idx, 12, compile=True)[0, 7:] == 5).all()
+    buf = io.BytesIO()
+    torch.save(twin, buf)
+    assert torch.equal(pickle.loads(pickle.dumps(twin)).generate(idx, 12), want)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf, weights_only=False).generate(idx, 12), want)
 
 
 @pytest.mark.slow
