@@ -1743,10 +1743,16 @@ class _Run:
             self.stop_ref, self.evals_since_best = loss, 0
         else:
             self.evals_since_best += 1
-        if self.best_val_loss is None or loss < self.best_val_loss:
+        improved = self.best_val_loss is None or loss < self.best_val_loss
+        if improved:
             self.best_val_loss, self.best_step = loss, self.step
-            self._save_best(metrics)
         log.write(self.step, "val", {**metrics, "best_val_loss": self.best_val_loss})
+        if improved:
+            # Never best/ without a checkpoint: a kill between them would leave a run that
+            # holds weights but nothing to resume from, which no command continues.
+            if self.last_saved_step < 0:
+                self.save()
+            self._save_best(metrics)
         if on_eval is not None:
             on_eval(self.step, dict(metrics))
         return metrics
@@ -1819,7 +1825,8 @@ class _Run:
                     if cfg.early_stop_patience and self.evals_since_best >= cfg.early_stop_patience:
                         result.early_stopped = True
                 stop = self._stop_requested(signals, started)
-                if self.step % save_every == 0 or stop or result.early_stopped or memorised:
+                if (self.step % save_every == 0 or stop or result.early_stopped or memorised) and (
+                        self.last_saved_step != self.step):
                     self.save()
                 if stop or result.early_stopped or memorised:
                     break

@@ -478,6 +478,23 @@ def test_a_failed_directory_write_is_one_oserror_and_leaves_the_old_one(tmp_path
     assert (target / "a.txt").read_text() == "old"
 
 
+def test_best_is_never_written_before_a_checkpoint(assets, tmp_path, monkeypatch):
+    """A kill between the first best/ and the first checkpoint left a run that --resume and the
+    same command both refused: the first best/ now follows a checkpoint of its step."""
+    seen = []
+    save_best = tm._Run._save_best
+
+    def checked(self, metrics):
+        seen.append([p.name for p in tm.list_checkpoints(self.run_dir)])
+        save_best(self, metrics)
+
+    monkeypatch.setattr(tm._Run, "_save_best", checked)
+    result = tm.train(tiny_cfg(assets, tmp_path, max_steps=4, eval_every=2, save_every=50))
+    assert seen and seen[0] == ["step-2"]
+    saved = [p.name for p in tm.list_checkpoints(result.run_dir)]
+    assert saved[-1] == "step-4"
+
+
 def test_labels_that_are_not_the_next_tokens_stop_the_run(assets, tmp_path, monkeypatch):
     """Unshifted labels (a data bug) make training trivially easy: --overfit-batches passed in
     fewer steps than on intact data. The run refuses them before training."""
