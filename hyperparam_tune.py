@@ -12,8 +12,8 @@ is safe for several processes on one machine (``--workers N`` starts them). Any 
 (``--storage postgresql://...``) lets every machine run the same command against one study;
 heartbeats then mark a killed worker's trial FAILED and it is queued again with the same
 parameters. A trial queued again (after an interrupted sweep, or a dead worker) continues its
-predecessor's run from the last checkpoint (a stop writes one; a killed worker's run has none
-and starts over). Re-running with the same ``--study-name`` continues the study;
+predecessor's run from its last checkpoint (a stop writes one, and so does its first new best;
+a run without one starts over). Re-running with the same ``--study-name`` continues the study;
 ``--n-trials`` is the total the study should reach. Trials compare only under one budget and
 base config: a continuation that changes them (``--max-steps``, ``--eval-every``,
 ``--train-config``, the space's base) is refused, naming each key. ``optuna-dashboard
@@ -41,7 +41,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -493,16 +492,6 @@ def interrupted_run(trial: optuna.Trial) -> tuple[Path | None, dict[int, float]]
     return Path(run), {s: v for s, v in before.intermediate_values.items() if s <= step}
 
 
-def drop_uncheckpointed_weights(run: Path) -> None:
-    """A killed worker's run has no checkpoint (a trial saves only at its end or a stop) but
-    may hold best/ from an evaluation: that trial's own weights, which the re-run starts over
-    and replaces. Removed first, since ``--resume`` refuses a run with weights and no
-    checkpoint (it would overwrite them)."""
-    if not trainingmanager.list_checkpoints(run):
-        for name in ("best", "export"):
-            shutil.rmtree(run / name, ignore_errors=True)
-
-
 def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _ClaimLock):
     def objective(trial: optuna.Trial) -> float:
         # A retried trial arrives with its predecessor's attributes: make them this run's
@@ -524,8 +513,6 @@ def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _Claim
             recipe = trial_recipe(cfg, space, base, trial)
             trial.set_user_attr(ATTR_CONFIG, recipe)
             resume, reported = interrupted_run(trial)
-            if resume is not None:
-                drop_uncheckpointed_weights(resume)
             train_cfg = trainingmanager.config_from_dict(
                 trial_run_config(cfg, recipe, trial.number, resume), f"trial {trial.number}")
             run_dir = Path(train_cfg.out_dir) / train_cfg.name
