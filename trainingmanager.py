@@ -976,10 +976,15 @@ RESUME_DATA_OPTIONS_MAY_CHANGE = ("cache_dir", "use_cache", "num_workers", "prog
 PATH_KEYS = ("init_from", "tokenizer", "data", "val_data", "test_data")
 
 
+def _is_path(key: str, item) -> bool:
+    """Whether an item of a PATH_KEYS value names a file ("stdlib" as a data source does not)."""
+    return isinstance(item, str) and not (key.endswith("data") and item == "stdlib")
+
+
 def _map_paths(key: str, value, fn: Callable[[Path], Path]):
     """``fn`` applied to each path of a PATH_KEYS value (a path, a list of them, or None)."""
     def one(path):
-        return path if key.endswith("data") and path == "stdlib" else str(fn(Path(path)))
+        return str(fn(Path(path))) if _is_path(key, path) else path
 
     if isinstance(value, str):
         return one(value)
@@ -1000,8 +1005,7 @@ def check_run_paths(values: dict, keys: Sequence[str], source: str) -> None:
     for key in keys:
         value = values.get(key)
         for path in [value] if isinstance(value, str) else value or []:
-            if not isinstance(path, str) or (key.endswith("data") and path == "stdlib") or (
-                    Path(path).expanduser().exists()):
+            if not _is_path(key, path) or Path(path).expanduser().exists():
                 continue
             where = "" if Path(path).expanduser().is_absolute() else (
                 f" from {Path.cwd()} (the run holds it relative to the directory it was started "
