@@ -869,10 +869,29 @@ def _start_workers(cfg: TuneConfig) -> list[subprocess.Popen]:
     config_file = study_dir(cfg) / "tune_config.json"
     worker_cfg = {**dataclasses.asdict(cfg), "progress": False}
     cliconfig.write_atomic(config_file, json.dumps(worker_cfg, indent=2) + "\n")
+    env = {**os.environ, PARENT_ENV: str(os.getpid())}
     # Their own session: a Ctrl-C (or a SIGTERM) reaches them once, forwarded by this process.
     return [subprocess.Popen([*WORKER_COMMAND, "--config", str(config_file), "--worker", str(i)],
-                             start_new_session=True)
+                             start_new_session=True, env=env)
             for i in range(1, cfg.workers + 1)]
+
+
+PARENT_ENV = "CODELM_SWEEP_PARENT"  # the process id of the sweep that started a worker
+
+
+def _stop_with_parent() -> None:
+    """A worker gets SIGTERM when its sweep process dies (kill -9, the OOM killer), and stops
+    its trial as at a Ctrl-C, instead of sweeping on unseen beside the workers of a re-run.
+    Linux only (prctl); elsewhere a worker outlives a killed sweep."""
+    parent = os.environ.get(PARENT_ENV)
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, ctypes.c_ulong(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != int(parent):  # it died before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _run_workers(cfg: TuneConfig, study: optuna.Study, bar: tqdm) -> int:
@@ -916,6 +935,8 @@ def _signal_name(number: int) -> str:
 
 def tune(cfg: TuneConfig) -> TuneResult:
     """Run (or continue) the sweep until the study holds ``cfg.n_trials`` finished trials."""
+    if cfg.worker:
+        _stop_with_parent()
     _quiet_optuna()
     space = load_space(cfg.space)
     base = trainingmanager.load_config_file(cfg.train_config) if cfg.train_config else {}

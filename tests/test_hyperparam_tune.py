@@ -230,9 +230,20 @@ def test_interrupted_sweep_reruns_the_interrupted_trial(tmp_path, corpus):
         s: v for s, v in first.intermediate_values.items() if s <= stopped_at}
 
 
-def test_sigterm_stops_the_workers_too(tmp_path, corpus):
+def _ended(pid: int) -> bool:
+    """Gone, or a zombie that the reaper of orphans (here perhaps no init) has not waited for."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_stopped_or_killed_sweep_stops_its_workers(tmp_path, corpus, sig):
     """SIGTERM (a scheduler's stop, ``kill``) to the command is passed on to the workers, which
-    run in their own sessions: each ends its trial as interrupted, and the command exits 143."""
+    run in their own sessions: each ends its trial as interrupted, and the command exits 143.
+    SIGKILL (the OOM killer) leaves nothing to pass it on: the workers see their parent die
+    and stop the same way, instead of sweeping on beside a re-run's workers."""
     space = tiny_space(tmp_path, corpus)
     argv = tune_args(tmp_path, space, study_name="term", n_trials=2, workers=2, max_steps=5000,
                      eval_every=4, pruner="none")
@@ -249,12 +260,27 @@ def test_sigterm_stops_the_workers_too(tmp_path, corpus):
         running[:] = [t for t in trials if t.intermediate_values]
         return len(running) == 2
 
-    output, _ = signal_when(sweep, both_training, signal.SIGTERM)
-    assert sweep.returncode == 143, output[-3000:]
-    assert "Traceback" not in output and "run the same command again" in output
-    for trial in running:
-        with pytest.raises(ProcessLookupError):  # its worker has ended (and was waited for)
-            os.kill(int(trial.user_attrs[hyperparam_tune.ATTR_WORKER].rpartition(":")[2]), 0)
+    def workers() -> list[int]:
+        return [int(t.user_attrs[hyperparam_tune.ATTR_WORKER].rpartition(":")[2])
+                for t in running]
+
+    try:  # orphaned workers hold the output pipe open: the wait for it is the test
+        output, _ = signal_when(sweep, both_training, sig)
+    finally:
+        if sig == signal.SIGKILL:
+            deadline = time.monotonic() + 10  # the pipe closes a moment before the exit ends
+            while any(not _ended(pid) for pid in workers()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            alive = [pid for pid in workers() if not _ended(pid)]
+            for pid in alive:
+                os.kill(pid, signal.SIGKILL)
+            assert not alive, "the workers outlived their killed sweep"
+    if sig == signal.SIGTERM:
+        assert sweep.returncode == 143, output[-3000:]
+        assert "Traceback" not in output and "run the same command again" in output
+        for pid in workers():
+            with pytest.raises(ProcessLookupError):  # it has ended (and was waited for)
+                os.kill(pid, 0)
     trials = load_study(storage, "term").get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL] * 2
     assert all(t.user_attrs[hyperparam_tune.ATTR_REASON] == hyperparam_tune.INTERRUPTED
