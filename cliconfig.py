@@ -14,6 +14,7 @@ import inspect
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import threading
@@ -330,10 +331,11 @@ def interrupted_exit_code(stop: str | KeyboardInterrupt) -> int:
 # Output files and file-system errors
 # --------------------------------------------------------------------------------------------
 
-# Temp directories are named after the process that made them (``owner_tag``), so that a later
-# process removes what dead ones left behind. A PID names a process only on its machine and in
-# its PID namespace (containers sharing /tmp or a disk, even with one host name), so a tag says
-# all three, and only tags of this machine and namespace are judged.
+# Temp files and directories are named after the process that made them (``owner_tag``), so that
+# a later process removes what dead ones left behind (``remove_dead_owners``: SIGKILL, a crash or a
+# power loss runs no cleanup) and never what a live one is still writing. A PID names a process
+# only on its machine and in its PID namespace (containers sharing /tmp or a disk, even with one
+# host name), so a tag says all three, and only tags of this machine and namespace are judged.
 OWNER_PATTERN = r"(?P<pid>\d+)@(?P<host>[^@]*)@(?P<pidns>\d*)@"
 
 
@@ -363,12 +365,34 @@ def owner_is_dead(match: re.Match) -> bool:
     return False
 
 
+def remove_dead_owners(directory: str | Path, before: str) -> None:
+    """Remove the entries of ``directory`` (files or directories) named ``<before><owner tag>...``,
+    ``before`` a regex for the start of the name, whose owner has died: what a killed process left
+    of a write, which nothing else would ever remove. A live owner's entry is never touched."""
+    owned = re.compile(before + OWNER_PATTERN)
+    try:
+        entries = list(Path(directory).iterdir())
+    except OSError:  # no such directory yet, or unreadable: nothing of ours to remove
+        return
+    for entry in entries:
+        match = owned.match(entry.name)
+        if not (match and owner_is_dead(match)):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):  # another process removed it first
+                entry.unlink()
+
+
 def write_atomic(path: str | Path, data: str | bytes) -> None:
     """Write ``data`` (str as UTF-8) to a temporary file beside ``path``, then rename it over
-    ``path``: a kill or a full disk leaves the previous file whole, never half of one. The
-    OSError of a failed write names ``path`` (one from write() itself carries no file name)."""
+    ``path``: a kill or a full disk leaves the previous file whole, never half of one, and the
+    temporary files of writers killed earlier are removed here. The OSError of a failed write
+    names ``path`` (one from write() itself carries no file name)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    remove_dead_owners(path.parent, re.escape(f".{path.name}.tmp-"))
+    tmp = path.with_name(f".{path.name}.tmp-{owner_tag()}")
     try:
         with open(tmp, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)

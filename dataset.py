@@ -792,23 +792,14 @@ def corpus_key(cfg: DataConfig) -> str:
 
 
 # A build's temp (and replaced) directories are named ``<entry>.tmp-<cliconfig.owner_tag()>...``:
-# a later build removes those of builders that died on this machine, and leaves other machines'
-# and other PID namespaces' (a shared disk).
-_PARTIAL = re.compile(r"\.(?:tmp|old)-" + cliconfig.OWNER_PATTERN)
-
-
-def _remove_dead_builds(cache_dir: Path) -> None:
-    """Remove what builds killed on this machine (SIGKILL, a crash, power loss) left behind: on
-    real corpora gigabytes that no later build would ever read."""
-    for entry in cache_dir.iterdir():
-        match = _PARTIAL.search(entry.name)
-        if match and cliconfig.owner_is_dead(match):
-            shutil.rmtree(entry, ignore_errors=True)
+# a later build removes those of builders that died on this machine (on real corpora gigabytes
+# that no later build would ever read), and leaves other machines' and other PID namespaces'.
+_PARTIAL = r".*\.(?:tmp|old)-"
 
 
 def _atomic_dir(final: Path) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_builds(final.parent)
+    cliconfig.remove_dead_owners(final.parent, _PARTIAL)
     return Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-{cliconfig.owner_tag()}", dir=final.parent))
 
 

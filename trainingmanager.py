@@ -21,6 +21,7 @@ import math
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import sys
@@ -713,41 +714,51 @@ def write_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
     """``write`` fills a temporary directory, which then replaces ``target`` by rename.
 
     A crash (or kill -9) at any point leaves either the previous ``target`` or the new one, never
-    a half-written one; leftovers are named ``.tmp-*``/``.old-*`` and cleaned at the next start.
+    a half-written one. Leftovers, ``.tmp-<name>-<owner tag>``/``.old-...``, are cleaned at a
+    run's start (``clean_partial_writes``) and, outside run directories (the tokenizer cache),
+    by the next write of ``target``; a failed or interrupted ``write`` removes its own.
     """
     target = Path(target)
-    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
+    cliconfig.remove_dead_owners(target.parent, rf"\.(?:tmp|old)-{re.escape(target.name)}-")
+    tmp = target.parent / f".tmp-{target.name}-{cliconfig.owner_tag()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         write(tmp)
         _fsync_tree(tmp)
-    except Exception as err:  # a full disk: torch and safetensors raise their own types
+    except BaseException as err:  # Ctrl-C and SIGTERM too: no half-written copy is left
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, OSError):
+        if isinstance(err, OSError) or not isinstance(err, Exception):
             raise
+        # a full disk: torch and safetensors raise their own types
         free = shutil.disk_usage(target.parent).free / 2**20
         raise OSError(f"{target}: could not write it ({type(err).__name__}: {err}; "
                       f"{free:.0f} MiB free); what was written before is intact") from None
-    if target.exists():
-        old = target.parent / f".old-{target.name}-{os.getpid()}"
-        os.rename(target, old)
-        os.rename(tmp, target)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, target)
+    try:
+        if target.exists():
+            old = target.parent / f".old-{target.name}-{cliconfig.owner_tag()}"
+            os.rename(target, old)
+            os.rename(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, target)
+    finally:  # tmp is left only if a rename failed (another process wrote target first)
+        shutil.rmtree(tmp, ignore_errors=True)
     _fsync_tree(target.parent)
 
 
 def clean_partial_writes(directory: Path) -> None:
-    """Remove interrupted writes; restore a ``target`` whose replacement never landed."""
+    """Remove interrupted writes; restore a ``target`` whose replacement never landed. Run under
+    the run's lock, so every owner of these names is gone: no owner tags need judging."""
     if not directory.is_dir():
         return
+    # ``.old-<name>-<owner tag>``, or ``-<pid>`` as runs before owner tags named it
+    old = re.compile(r"\.old-(?P<name>.+)-(?:" + cliconfig.OWNER_PATTERN + r"|\d+)")
     for p in directory.iterdir():
         if p.name.startswith(".tmp-"):
             shutil.rmtree(p, ignore_errors=True)
-        elif p.name.startswith(".old-"):
-            original = directory / p.name[len(".old-"):].rsplit("-", 1)[0]
+        elif match := old.fullmatch(p.name):
+            original = directory / match["name"]
             if original.exists():
                 shutil.rmtree(p, ignore_errors=True)
             else:
@@ -1522,10 +1533,14 @@ class _Run:
             raise taken  # not a codelm run's directory (or an old one): nothing is added to it
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise ValueError(f"{run_dir}: cannot create the run directory ({e.strerror}); "
                              "check --out-dir") from None
+        try:
+            fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ValueError(f"{run_dir / LOCK_FILE}: cannot lock the run directory "
+                             f"({e.strerror})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             self._lock = fd

@@ -9,6 +9,7 @@ import sys
 import types
 import typing
 
+import cliconfig
 from scraping.client import GitHubError
 from scraping.github import GitHubConfig, scrape_github
 from scraping.local import LocalConfig, collect_local
@@ -87,10 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(message)s")
     try:
-        if command == "github":
-            summary = scrape_github(GitHubConfig(**args))
-        else:
-            summary = collect_local(LocalConfig(**args))
+        with cliconfig.interrupt_on_sigterm():  # a kill ends it as Ctrl-C does: clones removed
+            if command == "github":
+                summary = scrape_github(GitHubConfig(**args))
+            else:
+                summary = collect_local(LocalConfig(**args))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -100,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # the output cannot be written: disk full, permissions, ...
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         print("interrupted; finished repos are saved, re-run to continue", file=sys.stderr)
-        return 130
+        return cliconfig.interrupted_exit_code(stop)
     print(summary.format(), file=sys.stderr)
     print(f"wrote {args['out']}", file=sys.stderr)
     return 0

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+import cliconfig
 from scraping.common import (
     FileFilter,
     ResumableOutput,
@@ -32,6 +33,10 @@ from scraping.common import (
 )
 
 _SCP_LIKE = re.compile(r"^[\w.-]+@[\w.-]+:")  # git@github.com:owner/repo.git
+
+# Clones are named ``codelm-clone-<cliconfig.owner_tag()>...`` in $TMPDIR: a run removes those of
+# runs killed on this machine (SIGKILL, the OOM killer), possibly gigabytes each, never a live one's.
+CLONE_PREFIX = "codelm-clone-"
 
 
 @dataclass
@@ -147,12 +152,16 @@ def collect_local(cfg: LocalConfig) -> Summary:
                 "max_bytes": cfg.max_bytes, "branch": cfg.branch, "license": cfg.license}
     store = ResumableOutput(out, state, settings)
     summary = Summary()
+    cliconfig.remove_dead_owners(tempfile.gettempdir(), CLONE_PREFIX)
     for source, key, root in sources:
         if key in store.done:
             summary.repos["already_done"] += 1
             continue
         if root is None:
-            with tempfile.TemporaryDirectory(prefix="codelm-clone-") as tmp:
+            # cleanup errors: git's own children may still be writing after an interrupt (what
+            # is left is removed by the next run, once this process is gone)
+            with tempfile.TemporaryDirectory(prefix=CLONE_PREFIX + cliconfig.owner_tag(),
+                                             ignore_cleanup_errors=True) as tmp:
                 shallow_clone(source, Path(tmp) / "repo", cfg.branch)
                 records = collect_directory(Path(tmp) / "repo", key, file_filter, cfg.license,
                                             summary, store.shas, cfg.progress)

@@ -217,3 +217,30 @@ def test_only_dead_processes_of_this_machine_and_pid_namespace_are_dead_owners()
     assert not dead_owner(tag)  # this process
     assert not dead_owner(f"{dead}@other-{host}@{ns}@")  # another machine's
     assert not dead_owner(f"{dead}@{host}@{ns}9@")  # a container's: its PIDs are not ours
+
+
+def test_write_atomic_removes_what_killed_writers_left_never_a_live_writers_temp(tmp_path):
+    # SIGKILL runs no cleanup: a writer killed mid-write left `.NAME.tmp-PID` for good. Temp names
+    # now carry the owner tag, and the next write of the file removes dead owners' temps only.
+    import multiprocessing
+    import os
+    import signal
+
+    target = tmp_path / "results.json"
+
+    def killed_writer():
+        os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)  # written, not yet renamed
+        cliconfig.write_atomic(target, "half")
+
+    child = multiprocessing.get_context("fork").Process(target=killed_writer)
+    child.start()
+    child.join()
+    assert child.exitcode == -signal.SIGKILL
+    [left] = tmp_path.iterdir()
+    assert left.name.startswith(f".results.json.tmp-{child.pid}@")
+    _, host, ns, _ = cliconfig.owner_tag().split("@")
+    live = tmp_path / f".results.json.tmp-{os.getppid()}@{host}@{ns}@"  # this test's parent's
+    live.write_text("another worker is writing")
+    cliconfig.write_atomic(target, "whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "results.json"]
+    assert target.read_text() == "whole"

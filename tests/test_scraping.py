@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 from fake_github import DEFAULT_FAULTS, FakeGitHub, FakeRepo, blob_sha, fake_corpus
+from procs import signal_when
 
+import cliconfig
 from scraping import (
     GitHubClient,
     GitHubConfig,
@@ -388,7 +390,7 @@ def test_local_git_url_is_shallow_cloned_and_removed(tmp_path, capsys):
     records = read_jsonl(out)
     assert {r["path"]: r["text"].encode() for r in records} == files
     assert {r["repo"] for r in records} == {url}
-    assert set(Path(tempfile.gettempdir()).glob("codelm-clone-*")) == before
+    assert set(Path(tempfile.gettempdir()).glob("codelm-clone-*")) <= before  # (killed runs')
     assert "kept 3 files" in capsys.readouterr().err
 
     assert main(["local", str(tmp_path / "nope"), "--out", str(out), "--no-progress"]) == 2
@@ -397,6 +399,50 @@ def test_local_git_url_is_shallow_cloned_and_removed(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "not a directory or a git URL" in err and "git clone" in err
     assert "Traceback" not in err
+
+
+# The clone waits once its directory exists, so that a signal lands mid-clone.
+SLOW_CLONE = """
+import sys, time
+from scraping import local
+from scraping.__main__ import main
+def clone(url, dest, branch=None):
+    dest.mkdir()
+    time.sleep(60)
+local.shallow_clone = clone
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143),
+                                       (signal.SIGKILL, -9)], ids=["INT", "TERM", "KILL"])
+def test_a_stopped_clone_is_removed_at_once_or_by_the_next_run(tmp_path, monkeypatch, sig, code):
+    """Ctrl-C and SIGTERM remove the clone and exit 130/143 with one line (SIGTERM was a bare
+    kill that left the clone in $TMPDIR); a SIGKILLed run's clone is removed by the next run,
+    never the clone of a run still going."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    _, host, ns, _ = cliconfig.owner_tag().split("@")
+    live = tmp / f"codelm-clone-{os.getppid()}@{host}@{ns}@x1y2"  # this test's parent's
+    live.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_CLONE, "local", "file:///some/repo.git", "--out",
+         str(tmp_path / "out.jsonl"), "--no-progress"], cwd=tmp_path, text=True,
+        env={**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, err = signal_when(proc, lambda: list(tmp.glob("codelm-clone-*/repo")), sig)
+    assert proc.returncode == code, err
+    clones = sorted(p.name for p in tmp.iterdir())
+    if sig == signal.SIGKILL:
+        assert len(clones) == 2 and live.name in clones
+    else:
+        assert err == "interrupted; finished repos are saved, re-run to continue\n"
+        assert clones == [live.name]
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    (tmp_path / "src").mkdir()
+    assert main(["local", str(tmp_path / "src"), "--out", str(tmp_path / "next.jsonl"),
+                 "--no-progress"]) == 0
+    assert [p.name for p in tmp.iterdir()] == [live.name]
 
 
 def test_local_keeps_finished_sources_when_a_later_one_fails_and_resumes(tmp_path, capsys):

@@ -478,6 +478,51 @@ def test_a_failed_directory_write_is_one_oserror_and_leaves_the_old_one(tmp_path
     assert (target / "a.txt").read_text() == "old"
 
 
+def test_a_stopped_directory_write_removes_its_half_written_copy(tmp_path):
+    """Ctrl-C, or SIGTERM under interrupt_on_sigterm, mid-write left the temp directory behind
+    (only an Exception removed it): in the tokenizer cache, which no run start cleans, for good."""
+    def stopped(d):
+        (d / "tokenizer.json").write_text("{half")
+        raise KeyboardInterrupt("SIGTERM")
+
+    with pytest.raises(KeyboardInterrupt):
+        tm.write_dir_atomically(tmp_path / "tokenizer-abc", stopped)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_next_tokenizer_cache_write_removes_what_a_killed_one_left(assets, tmp_path):
+    """The data cache is shared by runs (no run lock, no clean_partial_writes): a run killed while
+    caching its tokenizer left `.tmp-tokenizer-KEY-PID/` there for good. The next write of that
+    entry removes the temp directories of dead writers, never one a live run is writing."""
+    import multiprocessing
+    import signal
+
+    cache = tmp_path / "cache"
+    cfg = tiny_cfg(assets, tmp_path, tokenizer=None,
+                   data_options={"cache_dir": str(cache), "progress": False})
+    dcfg = tm.data_config(cfg, cfg.block_size)
+
+    def killed_run():
+        def save(self, path):
+            (Path(path) / "tokenizer.json").write_text("{half")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        CodeTokenizer.save = save
+        tm.load_or_train_tokenizer(cfg, dcfg)
+
+    child = multiprocessing.get_context("fork").Process(target=killed_run)
+    child.start()
+    child.join()
+    assert child.exitcode == -signal.SIGKILL
+    [partial] = [p.name for p in cache.iterdir() if p.name.startswith(".tmp-tokenizer-")]
+    live = cache / partial.replace(f"-{child.pid}@", f"-{os.getppid()}@")  # this test's parent's
+    live.mkdir()
+    tok = tm.load_or_train_tokenizer(cfg, dcfg)  # the re-run
+    assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == [live.name]
+    [entry] = cache.glob("tokenizer-*")
+    assert load_tokenizer(entry).vocab_size == tok.vocab_size
+
+
 def test_best_is_never_written_before_a_checkpoint(assets, tmp_path, monkeypatch):
     """A kill between the first best/ and the first checkpoint left a run that --resume and the
     same command both refused: the first best/ now follows a checkpoint of its step."""
@@ -899,6 +944,13 @@ def test_bad_paths_and_devices_are_clear_errors(assets, tmp_path, capsys, monkey
 
     def full_disk(cfg, on_eval=None):
         raise OSError(28, "No space left on device", "/runs/x/checkpoints/.tmp-step-8")
+
+    stuck = tmp_path / "stuck"  # a lock that cannot be opened names itself, not --out-dir
+    (stuck / tm.LOCK_FILE).mkdir(parents=True)
+    assert tm.main(["--config", config, "--out-dir", str(tmp_path), "--name", "stuck"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {stuck / tm.LOCK_FILE}: cannot lock the run directory (Is a directory)" in err
+    assert "--out-dir" not in err
 
     monkeypatch.setattr(tm, "train", full_disk)
     assert tm.main(["--config", config]) == 2
