@@ -21,7 +21,8 @@ import threading
 import tokenize
 import types
 import typing
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -365,10 +366,12 @@ def owner_is_dead(match: re.Match) -> bool:
     return False
 
 
-def remove_dead_owners(directory: str | Path, before: str) -> None:
+def remove_dead_owners(directory: str | Path, before: str,
+                       remove_dir: Callable[[Path], None] | None = None) -> None:
     """Remove the entries of ``directory`` (files or directories) named ``<before><owner tag>...``,
     ``before`` a regex for the start of the name, whose owner has died: what a killed process left
-    of a write, which nothing else would ever remove. A live owner's entry is never touched."""
+    of a write, which nothing else would ever remove. A live owner's entry is never touched.
+    ``remove_dir`` replaces rmtree where the directories need more (read-only contents)."""
     owned = re.compile(before + OWNER_PATTERN)
     try:
         entries = list(Path(directory).iterdir())
@@ -379,7 +382,7 @@ def remove_dead_owners(directory: str | Path, before: str) -> None:
         if not (match and owner_is_dead(match)):
             continue
         if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
+            (remove_dir or partial(shutil.rmtree, ignore_errors=True))(entry)
         else:
             with contextlib.suppress(OSError):  # another process removed it first
                 entry.unlink()

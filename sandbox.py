@@ -436,7 +436,7 @@ def _kill_group(pgid: int) -> None:
 # A run's directory is named ``codelm-sandbox-<cliconfig.owner_tag()>...`` after its evaluator:
 # a later one removes those of evaluators that died on this machine (SIGKILL, the OOM killer),
 # and leaves other machines' and other PID namespaces' (a shared /tmp).
-_OWNED = re.compile(r"codelm-sandbox-" + cliconfig.OWNER_PATTERN)
+_PREFIX = "codelm-sandbox-"
 _swept = False  # this process has removed the dead evaluators' directories
 
 
@@ -462,10 +462,7 @@ def _remove_dead_runs() -> None:
     if _swept:
         return
     _swept = True
-    for entry in Path(tempfile.gettempdir()).glob("codelm-sandbox-*"):
-        match = _OWNED.match(entry.name)
-        if match and cliconfig.owner_is_dead(match):
-            _remove(entry)
+    cliconfig.remove_dead_owners(tempfile.gettempdir(), _PREFIX, remove_dir=_remove)
 
 
 _RUNNING: set[int] = set()  # process groups of the runs in flight, in any thread
@@ -495,7 +492,7 @@ def run_python(source: str, config: SandboxConfig | None = None) -> SandboxResul
     }
     token = secrets.token_hex(16)  # only the bootstrap learns it, through stdin
     _remove_dead_runs()
-    control_dir = Path(tempfile.mkdtemp(prefix=f"codelm-sandbox-{cliconfig.owner_tag()}"))
+    control_dir = Path(tempfile.mkdtemp(prefix=_PREFIX + cliconfig.owner_tag()))
     try:
         workdir = control_dir / "work"
         workdir.mkdir()
