@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 def signal_when(proc: subprocess.Popen, ready: Callable[[], bool], sig: int,
@@ -20,3 +21,11 @@ def signal_when(proc: subprocess.Popen, ready: Callable[[], bool], sig: int,
         return proc.communicate(timeout=60)
     finally:
         proc.kill()
+
+
+def exited(pid: int) -> bool:
+    """Gone, or a zombie (a container's init may never reap an orphan)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
+    except OSError:
+        return True

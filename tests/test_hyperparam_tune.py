@@ -18,7 +18,7 @@ import optuna
 import pytest
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
-from procs import signal_when
+from procs import exited, signal_when
 from tiny_hf import save_tiny_hf
 
 import hyperparam_tune
@@ -230,14 +230,6 @@ def test_interrupted_sweep_reruns_the_interrupted_trial(tmp_path, corpus):
         s: v for s, v in first.intermediate_values.items() if s <= stopped_at}
 
 
-def _ended(pid: int) -> bool:
-    """Gone, or a zombie that the reaper of orphans (here perhaps no init) has not waited for."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_a_stopped_or_killed_sweep_stops_its_workers(tmp_path, corpus, sig):
     """SIGTERM (a scheduler's stop, ``kill``) to the command is passed on to the workers, which
@@ -269,9 +261,9 @@ def test_a_stopped_or_killed_sweep_stops_its_workers(tmp_path, corpus, sig):
     finally:
         if sig == signal.SIGKILL:
             deadline = time.monotonic() + 10  # the pipe closes a moment before the exit ends
-            while any(not _ended(pid) for pid in workers()) and time.monotonic() < deadline:
+            while any(not exited(pid) for pid in workers()) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            alive = [pid for pid in workers() if not _ended(pid)]
+            alive = [pid for pid in workers() if not exited(pid)]
             for pid in alive:
                 os.kill(pid, signal.SIGKILL)
             assert not alive, "the workers outlived their killed sweep"

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from procs import exited
 
 import sandbox
 from sandbox import SandboxConfig, kill_running, run_python
@@ -333,14 +334,6 @@ def test_c_level_writers_work_inside_the_working_directory(monkeypatch, landlock
     assert result.stdout == "['a.db', 'b.db', 'c.db', 'd.db', 'fifo', 'node']\n"
 
 
-def _gone(pid: int) -> bool:
-    """Exited (a zombie too: a container's init may never reap it)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
-    except OSError:
-        return True
-
-
 def test_sample_dies_with_its_evaluator_and_a_later_run_removes_its_directory(monkeypatch):
     # The wall-clock limit lives in the evaluator: SIGKILLed (the OOM killer), it takes the
     # sample with it, and the directory it could not remove goes at the next evaluator's run.
@@ -360,13 +353,13 @@ def test_sample_dies_with_its_evaluator_and_a_later_run_removes_its_directory(mo
         evaluator.kill()
         evaluator.wait()
         deadline = time.monotonic() + 2
-        while not _gone(sample) and time.monotonic() < deadline:
+        while not exited(sample) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert _gone(sample)
+        assert exited(sample)
     finally:
         evaluator.kill()
         evaluator.wait()
-        if sample is not None and not _gone(sample):
+        if sample is not None and not exited(sample):
             os.kill(sample, signal.SIGKILL)
     assert directory.exists()
     monkeypatch.setattr(sandbox, "_swept", False)  # as in a new evaluator process
