@@ -41,6 +41,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import cliconfig
+from scraping.common import EXCLUDED_DIRS, decode_source
 from tokenizer import (
     PYTHON_PARSE_ERRORS,
     docstring_statement,
@@ -50,11 +51,8 @@ from tokenizer import (
 )
 
 # Bump when cleaning or task building changes what a cache holds.
-PIPELINE_VERSION = 5
-
-# Some installs keep third-party packages inside the stdlib directory; they are not stdlib code.
-_STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
-_LOCAL_EXCLUDED_DIRS = frozenset({".git", ".hg", ".svn", "__pycache__", "node_modules", ".venv"})
+# 6: Git LFS pointers dropped; a document in val_sources and test_sources kept in val only.
+PIPELINE_VERSION = 6
 
 TASKS = ("lm", "completion", "method", "docstring", "refactor", "fim")
 SPLITS = ("train", "val", "test")
@@ -84,15 +82,17 @@ def stdlib_root() -> Path:
 def stdlib_files(root: Path | None = None) -> list[Path]:
     """Every ``.py`` file of the standard library, sorted by relative path (deterministic)."""
     root = Path(root) if root is not None else stdlib_root()
-    return _walk(root, (".py",), _STDLIB_EXCLUDED_DIRS)
+    return _walk(root, (".py",))
 
 
-def _walk(root: Path, extensions: tuple[str, ...], excluded_dirs: frozenset[str]) -> list[Path]:
-    """Files under root ending in one of ``extensions``, never descending into excluded dirs
-    (site-packages can be larger than the stdlib itself), sorted by relative path."""
+def _walk(root: Path, extensions: tuple[str, ...]) -> list[Path]:
+    """Files under root ending in one of ``extensions``, sorted by relative path, never descending
+    into the directories ``scraping local`` skips too (scraping.common.EXCLUDED_DIRS): installed
+    third-party code (site-packages, which some installs keep inside the stdlib directory and
+    can be larger than it, a .venv), caches and version control are not the source's own code."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in excluded_dirs]
+        dirnames[:] = [d for d in dirnames if d not in EXCLUDED_DIRS]
         for name in filenames:
             if name.endswith(extensions):
                 path = Path(dirpath, name)
@@ -128,8 +128,8 @@ class DataConfig:
     seed: int = 42  # the split and the sampled task targets
     split_by: str = "repo"  # "repo" (where the source knows the repo, else file) or "file"
     # cleaning
-    dedupe: bool = True  # drop exact duplicate files (a copy of a val/test document leaves
-    #   `sources` even without it)
+    dedupe: bool = True  # drop exact duplicate files (a later copy in another role, e.g. a
+    #   val document in test_sources or `sources`, is dropped even without it)
     near_dedupe: bool = False  # also drop near duplicates (MinHash)
     near_dedupe_threshold: float = 0.85  # Jaccard similarity above which files are duplicates
     autopep8: bool = False  # reformat each file with autopep8 (in a subprocess)
@@ -271,7 +271,7 @@ def _source_files(source: str, extensions: Sequence[str]) -> tuple[Path, list[Pa
     if source == "stdlib":
         return stdlib_root(), stdlib_files()
     root = Path(source).expanduser()
-    return root, _walk(root, tuple(extensions), _LOCAL_EXCLUDED_DIRS)
+    return root, _walk(root, tuple(extensions))
 
 
 def _check_source(source: str) -> None:
@@ -517,18 +517,11 @@ def _clean_one(args: tuple[_RawDoc, dict]) -> tuple[Doc | None, str | None, list
         if not raw.data.strip() or not raw.target.strip():
             return None, "empty_pair", mods
         return Doc(raw.id, raw.data, raw.repo, raw.target, raw.raw_pair, raw.split), None, mods
-    data = raw.data  # already within max_bytes: clean_corpus drops larger documents
-    if isinstance(data, bytes):
-        if b"\0" in data:
-            return None, "binary", mods
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            return None, "not_utf8", mods
-    else:
-        text = data
-        if "\0" in text:
-            return None, "binary", mods
+    # Already within max_bytes (clean_corpus drops larger documents); binary, not UTF-8 or a Git
+    # LFS pointer: the collectors' own rule.
+    text, reason = decode_source(raw.data)
+    if text is None:
+        return None, reason, mods
     text = text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
     if len(text.encode("utf-8")) < opt["min_bytes"]:
         return None, "too_small", mods
@@ -580,16 +573,16 @@ def _content_hash(doc: Doc | _RawDoc) -> bytes:
     return h.digest()
 
 
-def _is_duplicate(doc: Doc | _RawDoc, seen: dict[bytes, bool], dedupe: bool) -> bool:
+def _is_duplicate(doc: Doc | _RawDoc, seen: dict[bytes, str | None], dedupe: bool) -> bool:
     """Whether ``doc`` repeats an earlier document; ``seen`` maps the content hashes so far to
-    whether a val/test document had it (those come first). A copy of a val/test document in
-    `sources` always repeats one, so that it cannot leak into training; ``dedupe`` decides the
-    rest."""
+    the role of their first copy ("val", "test", or None for `sources`; val and test come
+    first). A copy in another role always repeats one, so that no document sits in two splits
+    (a val document in training or in test); ``dedupe`` decides copies within one role."""
     key = _content_hash(doc)
-    if key in seen and (dedupe or (seen[key] and doc.split is None)):
-        return True
-    seen[key] = seen.get(key, False) or doc.split is not None
-    return False
+    if key not in seen:
+        seen[key] = doc.split
+        return False
+    return dedupe or seen[key] != doc.split
 
 
 _SHINGLE_WORDS = re.compile(r"\w+|[^\w\s]")
@@ -655,7 +648,7 @@ def clean_corpus(cfg: DataConfig) -> tuple[list[Doc], dict]:
     read = {"files": 0, "bytes": 0}
     read_drops: Counter = Counter()  # drops by reason, before cleaning
     opt = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name in _CLEANING_FIELDS}
-    seen_raw: dict[bytes, bool] = {}
+    seen_raw: dict[bytes, str | None] = {}
 
     def to_clean() -> Iterator[tuple[_RawDoc, dict]]:
         for raw in _iter_sources(cfg, read_drops):
@@ -673,7 +666,7 @@ def clean_corpus(cfg: DataConfig) -> tuple[list[Doc], dict]:
                 yield raw, opt
 
     docs: list[Doc] = []
-    seen: dict[bytes, bool] = {}
+    seen: dict[bytes, str | None] = {}
     with contextlib.ExitStack() as stack:
         if cfg.num_workers > 1:
             pool = stack.enter_context(_pool(cfg.num_workers))

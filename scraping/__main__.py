@@ -11,7 +11,7 @@ import typing
 
 import cliconfig
 from scraping.client import GitHubError
-from scraping.github import GitHubConfig, scrape_github
+from scraping.github import SERVER_ERROR, GitHubConfig, scrape_github
 from scraping.local import LocalConfig, collect_local
 
 _POSITIONAL = {"sources"}
@@ -107,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         return cliconfig.interrupted_exit_code(stop)
     print(summary.format(), file=sys.stderr)
     print(f"wrote {args['out']}", file=sys.stderr)
+    if summary.repos[SERVER_ERROR]:
+        print(f"error: GitHub kept failing on {summary.repos[SERVER_ERROR]} repos, which are not "
+              f"in {args['out']}; re-run the same command to retry them", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -30,6 +30,22 @@ class GitHubError(RuntimeError):
     """A request that kept failing after every retry, or that GitHub refused for good."""
 
 
+class ServerError(GitHubError):
+    """Retries spent on 5xx answers or dropped connections: GitHub failed this request, which
+    says nothing about the next one (unlike a rate limit or bad credentials)."""
+
+
+def _check_token(token: str | None) -> str | None:
+    """The token without surrounding whitespace (a token file saved with CRLF); one that still
+    holds anything but visible ASCII is refused without showing it: requests would quote the
+    whole header in its error."""
+    token = (token or "").strip()
+    if any(not 33 <= ord(c) <= 126 for c in token):
+        raise ValueError("GITHUB_TOKEN holds spaces, control or non-ASCII characters inside it "
+                         "(not shown here); set it to the token alone")
+    return token or None
+
+
 class GitHubClient:
     """GET with rate-limit waits, exponential backoff with jitter, and bounded retries.
 
@@ -55,7 +71,7 @@ class GitHubClient:
         self.api_url = api_url.rstrip("/")
         self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
         self.max_wait, self.timeout = max_wait, timeout
-        self._token = token
+        self._token = _check_token(token)
         self._sleep, self._clock = sleep, clock
         self._rng = rng or random.Random()
         self._blocked_until: dict[str, float] = {}
@@ -179,7 +195,7 @@ class GitHubClient:
         if url.startswith("/"):
             url = self.api_url + url
         resource = self._resource(url)
-        problem = ""
+        problem, server_failed = "", False
         for attempt in range(self.retries + 1):
             self._wait_for(resource)
             try:
@@ -187,20 +203,26 @@ class GitHubClient:
                 resp = self._session().get(
                     url, params=params, headers={"Accept": accept}, timeout=self.timeout
                 )
+            except (requests.exceptions.InvalidHeader, UnicodeEncodeError):
+                # Their messages quote the header (or part of it), which may be the token.
+                raise ValueError(f"GET {redact_url(url)}: a request header holds characters "
+                                 "HTTP does not allow (check GITHUB_TOKEN)") from None
             except (requests.ConnectionError, requests.Timeout,
                     requests.exceptions.ChunkedEncodingError) as exc:
                 delay, problem = self._backoff_delay(attempt), f"{type(exc).__name__}"
+                server_failed = True
             else:
                 delay = self._retry_delay(resource, resp, attempt)
                 if delay is None:
                     return resp
                 problem = f"HTTP {resp.status_code}"
+                server_failed = resp.status_code in _RETRY_STATUSES
             if attempt == self.retries:
                 break
             if delay > 0:
                 log.warning("GET %s: %s; retrying in %.1f s", redact_url(url), problem, delay)
                 self._sleep(delay)
-        raise GitHubError(
+        raise (ServerError if server_failed else GitHubError)(
             f"GET {redact_url(url)} failed {self.retries + 1} times (last: {problem}); "
             "progress is saved, re-run to continue"
         )

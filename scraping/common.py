@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import difflib
+import fcntl
 import hashlib
 import json
+import logging
 import os
 from collections import Counter
 from collections.abc import Iterable
@@ -32,6 +34,20 @@ KNOWN_LICENSES = PERMISSIVE_LICENSES | frozenset(
 
 RECORD_KEYS = ("repo", "path", "sha", "license", "stars", "text")
 
+# Directories no collector descends into, here and in dataset.py's directory reader: version
+# control, caches, and installed third-party code (virtualenvs, node_modules, site-packages),
+# which is not the project's own code and does not carry its licence.
+EXCLUDED_DIRS = frozenset(
+    {".git", ".hg", ".svn", "__pycache__", "node_modules", ".venv", ".tox", ".nox",
+     "site-packages", "dist-packages"}
+)
+
+# The first line of a Git LFS pointer, the small text file a checkout without git-lfs (and
+# GitHub's raw host) holds in place of the real file; pointers are under 1,024 bytes.
+_LFS_POINTER = "version https://git-lfs.github.com/spec/"
+
+log = logging.getLogger("scraping")
+
 
 def git_blob_sha(data: bytes) -> str:
     """The SHA-1 git gives this content as a blob, so local and GitHub records share one id."""
@@ -55,21 +71,41 @@ def normalize_extensions(extensions: Iterable[str]) -> tuple[str, ...]:
     return out
 
 
+def _license_id(name: str, flag: str, known: dict[str, str], give: str) -> str:
+    """The canonical spelling of ``name`` in ``known`` (lower-case -> id), or a ValueError."""
+    if name.lower() not in known:
+        close = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.6)
+        hint = f"did you mean {known[close[0]]!r}? " if close else ""
+        raise ValueError(f"{flag} {name!r}: not a licence id GitHub reports; {hint}{give}")
+    return known[name.lower()]
+
+
 def expand_licenses(licenses: Iterable[str] | None) -> frozenset[str] | None:
-    """SPDX ids to accept (case-insensitive compare happens in ``license_allowed``). An id
-    GitHub never reports is refused: it would silently skip every repository."""
+    """SPDX ids to accept, spelled as GitHub does (so a re-run typed in another case resumes).
+    An id GitHub never reports, or none at all, is refused: it would skip every repository."""
     if licenses is None:
         return None
+    licenses = list(licenses)
+    if not licenses:
+        raise ValueError("--licenses: give at least one licence id, or leave the flag out to "
+                         "accept any licence")
     known = {k.lower(): k for k in (*KNOWN_LICENSES, "permissive")}
     out: set[str] = set()
     for name in licenses:
-        if name.lower() not in known:
-            close = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.6)
-            hint = f"did you mean {known[close[0]]!r}? " if close else ""
-            raise ValueError(f"--licenses {name!r}: not a licence id GitHub reports; {hint}Give "
-                             "'permissive' or SPDX ids such as MIT, Apache-2.0, GPL-3.0")
-        out |= PERMISSIVE_LICENSES if name.lower() == "permissive" else {name}
+        name = _license_id(name, "--licenses", known, "Give 'permissive' or SPDX ids such as "
+                                                      "MIT, Apache-2.0, GPL-3.0")
+        out |= PERMISSIVE_LICENSES if name == "permissive" else {name}
     return frozenset(out)
+
+
+def canonical_license(name: str | None) -> str | None:
+    """``scraping local --license``: one id of the table ``--licenses`` checks, spelled as
+    GitHub does, so local and GitHub records name a licence the same way."""
+    if name is None:
+        return None
+    return _license_id(name, "--license", {k.lower(): k for k in KNOWN_LICENSES},
+                       "Give the one SPDX id of these sources, such as MIT, Apache-2.0, "
+                       "GPL-3.0 (NOASSERTION for another licence)")
 
 
 def license_allowed(license_id: str | None, allowed: frozenset[str] | None) -> bool:
@@ -104,14 +140,20 @@ class FileFilter:
         return None
 
 
-def decode_source(data: bytes) -> tuple[str | None, str | None]:
-    """(text, None) for UTF-8 source, or (None, reason) for binary and other encodings."""
-    if b"\0" in data:
+def decode_source(data: bytes | str) -> tuple[str | None, str | None]:
+    """(text, None) for source code, or (None, reason): ``binary`` (NUL bytes), ``not_utf8``,
+    or ``lfs_pointer`` (a Git LFS pointer stands where the file's content should be). The one
+    rule for the collectors and dataset.py's cleaning."""
+    if (b"\0" if isinstance(data, bytes) else "\0") in data:
         return None, "binary"
-    try:
-        return data.decode("utf-8"), None
-    except UnicodeDecodeError:
-        return None, "not_utf8"
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError:
+            return None, "not_utf8"
+    if len(data) < 1024 and data.startswith(_LFS_POINTER):
+        return None, "lfs_pointer"
+    return data, None
 
 
 def is_utf8(text: str) -> bool:
@@ -174,11 +216,13 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 class ResumableOutput:
-    """Output JSONL plus an append-only state log of finished repos.
+    """Output JSONL plus an append-only state log of finished repos, held by one run at a time.
 
     A repo's records are appended to the output and fsynced, then one state line records the repo,
     the output's new length and the blob SHAs it added. On open, the output is cut back to the
     last recorded length, so a run killed at any point resumes with no partial or duplicate record.
+    The output stays locked (flock) until ``close``: a second run on it would append duplicates,
+    and its resume would cut the file under the first run's appends.
     """
 
     def __init__(self, out: Path, state: Path, settings: dict):
@@ -186,17 +230,48 @@ class ResumableOutput:
         self.done: set[str] = set()
         self.shas: set[str] = set()
         self.end = 0
-        if self.state.exists():
-            self._resume(settings)
-        else:
-            if self.out.exists() and self.out.stat().st_size > 0:
-                raise ValueError(
-                    f"{self.out} exists but its state file {self.state} does not; "
-                    "choose another --out or remove the file"
-                )
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.out, b"")
-            atomic_write(self.state, json.dumps({"settings": settings}).encode() + b"\n")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = self._lock()
+        try:
+            if self.state.exists():
+                self._resume(settings)
+            else:
+                if self.out.stat().st_size > 0:
+                    raise ValueError(
+                        f"{self.out} exists but its state file {self.state} does not; "
+                        "choose another --out or remove the file"
+                    )
+                atomic_write(self.state, json.dumps({"settings": settings}).encode() + b"\n")
+        except BaseException:
+            self.close()
+            raise
+
+    def _lock(self) -> int:
+        """Open (creating it empty) and lock the output; the file is never replaced, only cut
+        and appended to, so the lock holds for the whole run."""
+        fd = os.open(self.out, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ValueError(f"{self.out} is being written by another run (same --out); wait "
+                             "for it to end, or choose another --out") from None
+        except OSError:  # a filesystem without locks (some NFS): unguarded, as before
+            log.warning("%s: this filesystem cannot lock the output; nothing stops a second "
+                        "run on it", self.out)
+        return fd
+
+    def close(self) -> None:
+        """Release the output for the next run (also done by the OS when the process dies)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> ResumableOutput:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @staticmethod
     def read_settings(state: Path) -> dict | None:
@@ -233,12 +308,10 @@ class ResumableOutput:
             self.shas.update(shas)
             self.end = end
             good += len(line) + 1
-        if not self.out.exists() and self.end == 0:
-            atomic_write(self.out, b"")
-        size = self.out.stat().st_size if self.out.exists() else -1
+        size = self.out.stat().st_size
         if size < self.end:
             raise ValueError(
-                f"{self.out} is shorter than {self.state} records ({max(size, 0)} < {self.end} "
+                f"{self.out} is shorter than {self.state} records ({size} < {self.end} "
                 "bytes); it was changed outside the scraper. Use a new --out to start over"
             )
         os.truncate(self.state, good)

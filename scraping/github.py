@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -18,7 +19,7 @@ from urllib.parse import quote
 import requests
 from tqdm import tqdm
 
-from scraping.client import GitHubClient
+from scraping.client import GitHubClient, GitHubError, ServerError
 from scraping.common import (
     FileFilter,
     ResumableOutput,
@@ -38,6 +39,11 @@ log = logging.getLogger("scraping")
 SEARCH_CAP = 1000
 # How often one search slice is read when a read comes back short (star counts shifted pages).
 _SLICE_READS = 3
+# A repo GitHub fails to serve (5xx, dropped connections, after every retry) is counted under
+# this reason and not saved, so the next run retries it; this many in a row is an outage, which
+# stops the run instead of marking every repo after it.
+SERVER_ERROR = "server_error"
+_FAILED_IN_A_ROW = 5
 DEFAULT_API_URL = "https://api.github.com"
 DEFAULT_RAW_URL = "https://raw.githubusercontent.com"
 
@@ -109,8 +115,9 @@ def _stamp(t: datetime) -> str:
 def build_query(cfg: GitHubConfig) -> str:
     """The search qualifiers shared by every date slice."""
     parts = [f"stars:>{cfg.min_stars}"]
-    if cfg.language:
-        parts.append(f"language:{cfg.language}")
+    if cfg.language:  # "Jupyter Notebook" is one value only in quotes
+        language = f'"{cfg.language}"' if any(c.isspace() for c in cfg.language) else cfg.language
+        parts.append(f"language:{language}")
     if cfg.extra_query.strip():
         parts.append(cfg.extra_query.strip())
     return " ".join(parts)
@@ -258,6 +265,7 @@ class GitHubScraper:
             raw = DEFAULT_RAW_URL
         self.raw_url = raw.rstrip("/") if raw else None
         self.summary = Summary()
+        self._failed_in_a_row = 0
 
     def _settings(self, until: str) -> dict:
         """What the output depends on; a resume must use the same."""
@@ -282,7 +290,11 @@ class GitHubScraper:
                                tzinfo=timezone.utc).replace(microsecond=0)
         if end < start:
             raise ValueError(f"--since {cfg.since} is after --until {until}")
-        store = ResumableOutput(out, state, self._settings(until))
+        with ResumableOutput(out, state, self._settings(until)) as store:
+            return self._run(store, start, end)
+
+    def _run(self, store: ResumableOutput, start: datetime, end: datetime) -> Summary:
+        cfg = self.cfg
         if not self.client.has_token:
             log.warning("GITHUB_TOKEN is not set: GitHub allows only 60 API requests an hour "
                         "without one")
@@ -310,30 +322,49 @@ class GitHubScraper:
         return self.summary
 
     def _scrape_repo(self, item: dict, store: ResumableOutput, pool: ThreadPoolExecutor) -> None:
+        """Read one repo and commit it whole, or, when GitHub keeps failing on any of its
+        requests, count it under SERVER_ERROR and leave it for the next run."""
+        name = item["full_name"]
+        files: Counter = Counter()
+        try:
+            how, records = self._read_repo(item, store, pool, files)
+        except ServerError as exc:
+            self.summary.repos[SERVER_ERROR] += 1
+            self._failed_in_a_row += 1
+            if self._failed_in_a_row >= _FAILED_IN_A_ROW:
+                raise GitHubError(f"GitHub failed {_FAILED_IN_A_ROW} repos in a row; the "
+                                  f"last: {exc}") from None
+            log.warning("%s is not saved (a re-run retries it): %s", name, exc)
+            return
+        self._failed_in_a_row = 0
+        store.commit(name, records)
+        self.summary.repos[how] += 1
+        self.summary.files.update(files)
+        self.summary.bytes_kept += sum(len(r["text"].encode()) for r in records)
+
+    def _read_repo(self, item: dict, store: ResumableOutput, pool: ThreadPoolExecutor,
+                   files: Counter) -> tuple[str, list[dict]]:
+        """(how the repo ends, its records), counting its files in ``files``."""
         name = item["full_name"]
         license_id = (item.get("license") or {}).get("spdx_id")
         stars = item.get("stargazers_count")
         if not license_allowed(license_id, self.allowed):
-            self._finish(store, name, [], "license")
-            return
+            return "license", []
         branch = item.get("default_branch") or "HEAD"
         resp = self.client.get(f"/repos/{name}/branches/{quote(branch)}")
         if resp.status_code != 200:  # 404: empty repo; 403/451: access blocked
-            self._finish(store, name, [], "empty" if resp.status_code == 404
-                         else f"http_{resp.status_code}")
-            return
+            return ("empty" if resp.status_code == 404 else f"http_{resp.status_code}"), []
         commit = resp.json()["commit"]["sha"]
-        files = list_repo_files(self.client, name, commit)
-        if files is None:
-            self._finish(store, name, [], "empty")
-            return
+        tree = list_repo_files(self.client, name, commit)
+        if tree is None:
+            return "empty", []
         wanted, new_shas = [], set()
-        for f in files:
+        for f in tree:
             reason = self._reject_reason(f)
             if reason is None and (f.sha in store.shas or f.sha in new_shas):
                 reason = "duplicate_sha"
             if reason:
-                self.summary.files[reason] += 1
+                files[reason] += 1
             else:
                 new_shas.add(f.sha)
                 wanted.append(f)
@@ -344,21 +375,16 @@ class GitHubScraper:
             if text is not None and git_blob_sha(data) != f.sha:
                 text, reason = None, "sha_mismatch"
             if text is None:
-                self.summary.files[reason] += 1
+                files[reason] += 1
                 continue
             records.append(make_record(name, f.path, f.sha, license_id, stars, text))
-            self.summary.bytes_kept += len(data)
-        self.summary.files["kept"] += len(records)
-        self._finish(store, name, records, "scraped")
+        files["kept"] += len(records)
+        return "scraped", records
 
     def _reject_reason(self, f: TreeFile) -> str | None:
         if f.mode == "120000":
             return "symlink"
         return self.filter.reject_reason(f.path, f.size)
-
-    def _finish(self, store: ResumableOutput, name: str, records: list[dict], how: str) -> None:
-        store.commit(name, records)
-        self.summary.repos[how] += 1
 
     def _download(self, repo: str, commit: str, f: TreeFile) -> tuple[bytes | None, str | None]:
         """(the file's bytes, None), or (None, why) when GitHub will not serve it."""

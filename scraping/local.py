@@ -20,9 +20,11 @@ from tqdm import tqdm
 
 import cliconfig
 from scraping.common import (
+    EXCLUDED_DIRS,
     FileFilter,
     ResumableOutput,
     Summary,
+    canonical_license,
     check_output_file,
     decode_source,
     git_blob_sha,
@@ -51,7 +53,8 @@ class LocalConfig:
     branch: str | None = field(
         default=None, metadata={"help": "branch or tag to clone (default: the remote's HEAD)"})
     license: str | None = field(
-        default=None, metadata={"help": "SPDX licence id recorded on every file (default: "
+        default=None, metadata={"help": "SPDX licence id recorded on every file, one GitHub "
+                                        "reports (scraping.common.KNOWN_LICENSES; default: "
                                         "none, recorded as null)"})
     state: str | None = field(
         default=None, metadata={"help": "resume state file (default: OUT.state)"})
@@ -84,9 +87,10 @@ def shallow_clone(url: str, dest: Path, branch: str | None = None) -> None:
 
 
 def _walk(root: Path) -> Iterator[tuple[str, Path]]:
-    """(relative posix path, path) of every regular file under root, sorted, skipping .git."""
+    """(relative posix path, path) of every file under root, sorted, skipping EXCLUDED_DIRS
+    (version control, caches, installed third-party code), as dataset.py's reader does."""
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d != ".git")
+        dirnames[:] = sorted(d for d in dirnames if d not in EXCLUDED_DIRS)
         for name in sorted(filenames):
             path = Path(dirpath, name)
             yield path.relative_to(root).as_posix(), path
@@ -143,31 +147,32 @@ def collect_local(cfg: LocalConfig) -> Summary:
     if not cfg.sources:
         raise ValueError("give at least one directory or git URL to collect from")
     file_filter = FileFilter(normalize_extensions(cfg.extensions), cfg.min_bytes, cfg.max_bytes)
+    license_id = canonical_license(cfg.license)
     out = Path(cfg.out)
     state = Path(cfg.state) if cfg.state else out.with_name(out.name + ".state")
     check_output_file(out, "--out")
     check_output_file(state, "--state")
     sources = [(source, *_source_key(source)) for source in cfg.sources]  # all checked up front
     settings = {"extensions": list(file_filter.extensions), "min_bytes": cfg.min_bytes,
-                "max_bytes": cfg.max_bytes, "branch": cfg.branch, "license": cfg.license}
-    store = ResumableOutput(out, state, settings)
+                "max_bytes": cfg.max_bytes, "branch": cfg.branch, "license": license_id}
     summary = Summary()
     cliconfig.remove_dead_owners(tempfile.gettempdir(), CLONE_PREFIX)
-    for source, key, root in sources:
-        if key in store.done:
-            summary.repos["already_done"] += 1
-            continue
-        if root is None:
-            # cleanup errors: git's own children may still be writing after an interrupt (what
-            # is left is removed by the next run, once this process is gone)
-            with tempfile.TemporaryDirectory(prefix=CLONE_PREFIX + cliconfig.owner_tag(),
-                                             ignore_cleanup_errors=True) as tmp:
-                shallow_clone(source, Path(tmp) / "repo", cfg.branch)
-                records = collect_directory(Path(tmp) / "repo", key, file_filter, cfg.license,
-                                            summary, store.shas, cfg.progress)
-        else:
-            records = collect_directory(root, root.name, file_filter, cfg.license, summary,
-                                        store.shas, cfg.progress)
-        store.commit(key, records)
-        summary.repos["collected"] += 1
+    with ResumableOutput(out, state, settings) as store:
+        for source, key, root in sources:
+            if key in store.done:
+                summary.repos["already_done"] += 1
+                continue
+            if root is None:
+                # cleanup errors: git's own children may still be writing after an interrupt
+                # (what is left is removed by the next run, once this process is gone)
+                with tempfile.TemporaryDirectory(prefix=CLONE_PREFIX + cliconfig.owner_tag(),
+                                                 ignore_cleanup_errors=True) as tmp:
+                    shallow_clone(source, Path(tmp) / "repo", cfg.branch)
+                    records = collect_directory(Path(tmp) / "repo", key, file_filter,
+                                                license_id, summary, store.shas, cfg.progress)
+            else:
+                records = collect_directory(root, root.name, file_filter, license_id, summary,
+                                            store.shas, cfg.progress)
+            store.commit(key, records)
+            summary.repos["collected"] += 1
     return summary

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import shlex
 import sysconfig
 import threading
 import time
@@ -218,7 +219,7 @@ class FakeGitHub:
 
     def _search(self, h, query: dict) -> None:
         min_stars, language, lo, hi = None, None, None, None
-        for term in query.get("q", "").split():
+        for term in shlex.split(query.get("q", "")):  # language:"Jupyter Notebook" is one term
             key, _, value = term.partition(":")
             if key == "stars" and value.startswith(">"):
                 min_stars = int(value[1:])

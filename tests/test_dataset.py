@@ -469,6 +469,40 @@ def test_a_copy_of_a_val_document_leaves_sources_even_without_dedupe(tmp_path):
     assert corpus.stats["dropped"] == {"duplicate": 2}
 
 
+def test_a_document_in_val_and_test_sources_stays_in_val_only_without_dedupe(tmp_path):
+    """dedupe=False kept it in both held-out splits, a leak between val and test."""
+    pairs = [{"input": f"def f{i}(x):\n    return x+{i}\n",
+              "output": f"def f{i}(x):\n    return x + {i}\n"} for i in range(8)]
+    train = write_jsonl(tmp_path / "train.jsonl", pairs[:4])
+    val = write_jsonl(tmp_path / "validation.jsonl", pairs[4:6] + pairs[4:5])  # one twice
+    test = write_jsonl(tmp_path / "test.jsonl", pairs[5:8])
+    corpus = dataset.load_corpus(cfg(tmp_path, task="refactor", sources=[str(train)],
+                                     val_sources=[str(val)], test_sources=[str(test)],
+                                     dedupe=False))
+    outputs = [p["output"] for p in pairs]
+    assert sorted(d.target for d in corpus.val) == sorted(outputs[4:6] + outputs[4:5])
+    assert sorted(d.target for d in corpus.test) == outputs[6:8]
+    assert corpus.stats["dropped"] == {"duplicate": 1}
+
+
+def test_git_lfs_pointers_are_dropped_as_the_collectors_drop_them(tmp_path):
+    """A clone without git-lfs leaves 3-line pointer files where the content should be; they
+    passed every cleaning rule and were trained on as code."""
+    pointer = ("version https://git-lfs.github.com/spec/v1\noid sha256:"
+               + "4d7a2146" * 8 + "\nsize 12345\n")
+    src = tmp_path / "proj"
+    src.mkdir()
+    (src / "model.py").write_text(pointer)
+    (src / "main.py").write_text("def main():\n    return 1\n")
+    scraped = write_jsonl(tmp_path / "scraped.jsonl", [
+        {"repo": "u/r", "path": "weights.py", "text": pointer},
+        {"repo": "u/r", "path": "ok.py", "text": "def ok():\n    return 2\n"}])
+    for source in (src, scraped):
+        corpus = dataset.load_corpus(cfg(tmp_path, sources=[str(source)], min_lines=1,
+                                         train_frac=1.0, val_frac=0.0, test_frac=0.0))
+        assert len(corpus.train) == 1 and corpus.stats["dropped"] == {"lfs_pointer": 1}
+
+
 def test_split_is_the_same_in_another_process_and_hash_seed():
     keys = [f"repo{i}/file.py" for i in range(50)]
     here = dataset.assign_splits(keys)

@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -27,6 +28,9 @@ from scraping import (
     search_repositories,
 )
 from scraping.__main__ import main
+from scraping.client import ServerError
+from scraping.common import ResumableOutput, expand_licenses
+from scraping.github import build_query
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "ghp_fakeSecretTokenForTests0123456789"
@@ -538,3 +542,169 @@ def test_an_output_path_that_is_a_directory_is_refused_before_any_work(tmp_path,
     assert "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outdir", "repo"]
     assert not any(outdir.iterdir())
+
+
+# --- tokens, failing repos, concurrent runs, licences, excluded dirs, LFS pointers -------------
+def _cli_scrape(fake: FakeGitHub, out: Path, *flags: str) -> int:
+    return main(["github", "--out", str(out), "--api-url", fake.api_url, "--raw-url",
+                 fake.raw_url, "--since", RANGE[0], "--until", RANGE[1], "--min-bytes", "1",
+                 "--backoff", "0", "--no-progress", *flags])
+
+
+def test_a_token_with_a_line_end_works_and_a_malformed_one_is_never_shown(tmp_path, capsys,
+                                                                          monkeypatch):
+    """A token file saved with CRLF gave requests' InvalidHeader, whose message (printed as the
+    error) quoted the whole token."""
+    with FakeGitHub(_ranked_repos(2), token=TOKEN) as fake:
+        monkeypatch.setenv("GITHUB_TOKEN", TOKEN + "\r\n")
+        assert _cli_scrape(fake, tmp_path / "a.jsonl") == 0
+        assert fake.auth_seen == {f"Bearer {TOKEN}"}
+        monkeypatch.setenv("GITHUB_TOKEN", "ghp_half\r\nghp_other")
+        assert _cli_scrape(fake, tmp_path / "b.jsonl") == 2
+        err = capsys.readouterr().err
+        assert "GITHUB_TOKEN holds spaces, control or non-ASCII characters" in err
+        assert "ghp_" not in err and "Traceback" not in err
+        # Second guard: whatever header requests refuses, its value is not in the error.
+        client = make_client(fake, token=TOKEN)
+        client._token = "ghp_sneaked\r\nin"
+        with pytest.raises(ValueError, match="a request header holds characters") as info:
+            client.get("/repos/o/r0/branches/main")
+        assert "ghp_" not in str(info.value) and info.value.__suppress_context__
+
+
+def test_a_repo_github_keeps_failing_is_left_for_the_next_run_and_the_rest_go_on(tmp_path,
+                                                                                capsys):
+    """A file (or tree) that kept answering 5xx stopped the whole scrape, and every re-run
+    stopped on the same repo: now that repo alone is not saved, the run says so (exit 1), and
+    the next run retries it."""
+    out = tmp_path / "out.jsonl"
+    repos, expected = fake_corpus()
+    faults = [("/jsonish/encoder.py", "500"), ("/repos/beta/webkit/git/trees/", "500")] * 2
+    with FakeGitHub(repos, faults=faults, max_per_page=3) as fake:
+        assert _cli_scrape(fake, out, "--retries", "1", "--min-bytes", "1000") == 1
+        err = capsys.readouterr().err
+        assert re.search(r"repos server_error +2\n", err)
+        assert f"GitHub kept failing on 2 repos, which are not in {out}; re-run" in err
+        assert {r["repo"] for r in read_jsonl(out)} == {
+            repo for repo, _ in expected} - {"alpha/jsonish", "beta/webkit"}
+        assert _cli_scrape(fake, out, "--retries", "1", "--min-bytes", "1000") == 0
+        assert re.search(r"repos already_done +9\n", capsys.readouterr().err)
+    # gamma vendors alpha's decoder.py: kept there first, it is alpha's duplicate now.
+    moved = {("alpha/jsonish", "jsonish/decoder.py"), ("gamma/mailer", "vendored/decoder.py")}
+    assert {(r["repo"], r["path"]) for r in read_jsonl(out)} == expected ^ moved
+    assert len(read_jsonl(out)) == len(expected)
+
+
+def test_an_outage_stops_the_run_and_rate_limits_still_do(tmp_path):
+    """Five repos failing in a row is GitHub down, not one broken repo: the run stops (as a
+    spent rate limit does) instead of marking every repo after it as failed."""
+    out = tmp_path / "out.jsonl"
+    with FakeGitHub(_ranked_repos(), faults=[("/branches/", "500")] * 5) as fake:
+        with pytest.raises(GitHubError, match="GitHub failed 5 repos in a row"):
+            scrape_github(config(fake, out, min_bytes=1), make_client(fake, retries=0))
+    assert read_jsonl(out.with_name("out.jsonl.state"))[1:] == []
+    with FakeGitHub(_ranked_repos(), faults=[("/branches/", "429")] * 2) as fake:
+        with pytest.raises(GitHubError, match="failed 2 times") as info:
+            scrape_github(config(fake, out, min_bytes=1), make_client(fake, retries=1))
+    assert not isinstance(info.value, ServerError)
+
+
+def test_a_second_run_on_the_same_output_is_refused(tmp_path, capsys):
+    """Two runs appending to one output wrote duplicates, then a resume cut the file under the
+    other's appends (a truncated JSON line)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.py").write_text("a = 1\n")
+    out = tmp_path / "out.jsonl"
+    argv = ["local", str(src), "--out", str(out), "--no-progress"]
+    with ResumableOutput(out, tmp_path / "out.jsonl.state", {}):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {out} is being written by another run (same --out); wait for it " \
+                      "to end, or choose another --out\n"
+    assert out.read_bytes() == b""
+    (tmp_path / "out.jsonl.state").unlink()
+    assert main(argv) == 0 and main(argv) == 0  # released at the end of each run
+    assert [r["path"] for r in read_jsonl(out)] == ["a.py"]
+
+
+def test_an_empty_licence_list_is_refused(tmp_path, capsys):
+    """``--licenses`` with no id skipped every repo and locked the output to that."""
+    assert main(["github", "--out", str(tmp_path / "x.jsonl"), "--licenses", "--api-url",
+                 "http://127.0.0.1:9", "--retries", "0", "--no-progress"]) == 2
+    assert "--licenses: give at least one licence id" in capsys.readouterr().err
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_licences_are_stored_as_github_spells_them_so_a_rerun_in_another_case_resumes(tmp_path):
+    assert expand_licenses(["mit", "APACHE-2.0"]) == {"MIT", "Apache-2.0"}
+    out = tmp_path / "out.jsonl"
+    run_scrape(out, licenses=["MIT", "Apache-2.0"], max_repos=1)
+    run_scrape(out, licenses=["mit", "apache-2.0"])  # was "licenses differ"
+
+
+def test_local_license_is_one_id_of_the_github_table(tmp_path, capsys):
+    """``scraping local --license`` recorded any string, typos and 'permissive' included."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.py").write_text("a = 1\n")
+    local = ["local", str(src), "--no-progress", "--license"]
+    assert main([*local, "MTI", "--out", str(tmp_path / "l1.jsonl")]) == 2
+    assert main([*local, "permissive", "--out", str(tmp_path / "l2.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "--license 'MTI': not a licence id GitHub reports; did you mean 'MIT'?" in err
+    assert "--license 'permissive'" in err and err.count("\n") == 2
+    assert main([*local, "apache-2.0", "--out", str(tmp_path / "l3.jsonl")]) == 0
+    assert [r["license"] for r in read_jsonl(tmp_path / "l3.jsonl")] == ["Apache-2.0"]
+
+
+def test_a_multi_word_language_is_one_search_term(tmp_path):
+    repos = [FakeRepo("o/nb", 500, "2020-01-01", language="Jupyter Notebook",
+                      files={"a.py": b"x = 1\n"}), *_ranked_repos(2)]
+    cfg = GitHubConfig(out="x.jsonl", language="Jupyter Notebook")
+    assert build_query(cfg) == 'stars:>100 language:"Jupyter Notebook"'
+    with FakeGitHub(repos) as fake:
+        summary = scrape_github(config(fake, tmp_path / "nb.jsonl", min_bytes=1,
+                                       language="Jupyter Notebook"), make_client(fake))
+    assert summary.repos["scraped"] == 1
+    assert [r["repo"] for r in read_jsonl(tmp_path / "nb.jsonl")] == ["o/nb"]
+
+
+def test_local_skips_the_directories_dataset_skips(tmp_path):
+    """A virtualenv's packages were collected (and stamped with --license) though dataset.py's
+    reader of the same directory skipped them."""
+    import dataset
+
+    src = tmp_path / "proj"
+    for rel in ("app/main.py", ".venv/lib/python3.11/site-packages/req/api.py",
+                "node_modules/pkg/setup.py", "app/__pycache__/m.py", "lib/site-packages/x.py",
+                ".tox/py311/y.py"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(f"# {rel}\nx = 1\n")
+    out = tmp_path / "out.jsonl"
+    collect_local(LocalConfig(sources=[str(src)], out=str(out), license="MIT", progress=False))
+    assert [r["path"] for r in read_jsonl(out)] == ["app/main.py"]
+    root, files = dataset._source_files(str(src), [".py"])
+    assert [p.relative_to(root).as_posix() for p in files] == ["app/main.py"]
+
+
+def test_both_collectors_skip_git_lfs_pointers(tmp_path):
+    """A clone without git-lfs (and GitHub's raw host) holds a pointer in place of the file;
+    it was kept as source code."""
+    pointer = (b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"4d7a2146" * 8
+               + b"\nsize 12345\n")
+    src = tmp_path / "proj"
+    src.mkdir()
+    (src / "main.py").write_text("x = 1\n")
+    (src / "model.py").write_bytes(pointer)
+    out = tmp_path / "out.jsonl"
+    summary = collect_local(LocalConfig(sources=[str(src)], out=str(out), progress=False))
+    assert [r["path"] for r in read_jsonl(out)] == ["main.py"]
+    assert summary.files["lfs_pointer"] == 1
+    repo = FakeRepo("o/lfs", 500, "2020-01-01",
+                    files={"model.py": pointer, "main.py": b"x = 1\n" * 30})
+    with FakeGitHub([repo]) as fake:
+        summary = scrape_github(config(fake, tmp_path / "gh.jsonl", min_bytes=1),
+                                make_client(fake))
+    assert [r["path"] for r in read_jsonl(tmp_path / "gh.jsonl")] == ["main.py"]
+    assert summary.files["lfs_pointer"] == 1
