@@ -4,8 +4,14 @@ Each trial is one ``trainingmanager.train`` run with a step budget; its objectiv
 validation loss. Validation losses reach the pruner at every evaluation, so hopeless trials stop
 early. A trial that hits a non-finite loss or runs out of memory is recorded FAILED with its
 reason and the sweep goes on; a configuration mistake is found before the first trial (or, if
-only a trial meets it, stops the sweep without counting that trial). The search space is data
-(``configs/search_spaces/*.json``).
+only a trial meets it, stops the sweep, every worker of it, without counting that trial). The
+search space is data (``configs/search_spaces/*.json``). Every trial has the same step budget,
+so a space that samples ``batch_size`` or ``grad_accum`` lets the trials with larger effective
+batches see more data, and those tend to win for that reason alone. The built-in spaces fix both
+in their base, and a space that samples either gets a warning when the sweep starts. Paths in the
+space's base and in ``--train-config`` are read from the current directory and recorded absolute,
+as a run's ``config.json`` holds them, so the study and ``best.json`` name the same files from
+any directory.
 
 Storage decides how far a sweep spreads. The default, a journal file under ``runs/<study>/``,
 is safe for several processes on one machine (``--workers N`` starts them). Any SQLAlchemy URL
@@ -77,7 +83,8 @@ OWNER_FILE = "study.json"  # which storage's study owns runs/<study>/ (its trial
 _DONE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 INTERRUPTED = "interrupted (SIGINT/SIGTERM)"  # such trials run again when the sweep is re-run
 # Completes the trainer's "checkpoint saved at step N; continue with ...": a re-run sweep queues
-# an interrupted trial again, and the new trial continues the run from that checkpoint.
+# an interrupted trial again, and the new trial continues the run from that checkpoint. (A NaN
+# trial is never continued: its reason leaves the trainer's resume advice out.)
 RESUME_HINT = ("the same hyperparam_tune.py command, which continues this trial's run from its "
                "checkpoint")
 
@@ -99,9 +106,12 @@ class TuneConfig:
     pruner: str = "median"  # median | hyperband | none
     prune_startup_trials: int = 3  # median pruner: trials finished before any pruning
     prune_warmup_steps: int = 0  # median pruner: steps of a trial never pruned
-    sampler_seed: int | None = None  # None: independent random streams for parallel workers
-    heartbeat_interval: int = 30  # seconds (RDB storages)
-    grace_period: int = 120  # seconds without a heartbeat before a trial counts as dead
+    sampler_seed: int | None = None  # an integer in [0, 2**32): a reproducible sweep (the
+    #   TPE sampler's seed; each worker and each continuation draws its own stream from it);
+    #   None: fresh random streams
+    heartbeat_interval: int = 30  # seconds between a trial's heartbeats (RDB storages)
+    grace_period: int = 120  # seconds without a heartbeat before a trial counts as dead (more
+    #   than --heartbeat-interval)
     max_retry: int = 2  # times a dead worker's trial is queued again
     progress: bool = True  # a progress bar over the trials
     worker: int = 0  # internal: i > 0 makes this process worker i of --workers (trials only)
@@ -121,6 +131,11 @@ class TuneResult:
 
 class TrialFailed(Exception):
     """A trial the sweep records FAILED (with its reason) and goes past."""
+
+
+class TrialAbandoned(Exception):
+    """Another worker declared this trial dead and failed it (Optuna's heartbeats): its worker
+    leaves it (the study queues it again, up to --max-retry times) and goes on."""
 
 
 class TrialSetupError(ValueError):
@@ -240,6 +255,15 @@ def _check_spec_types(spec: typing.Any, where: str) -> None:
                          f"got {spec['log']!r}")
 
 
+def absolute_paths(values: dict, source: str) -> dict:
+    """``values`` (TrainConfig values) with their paths absolute, read from the current
+    directory as a run's config.json reads them (``trainingmanager.with_absolute_paths``): a
+    study compares, and best.json names, the files themselves, from whatever directory."""
+    paths = {k: values[k] for k in trainingmanager.PATH_KEYS if k in values}
+    absolute = trainingmanager.with_absolute_paths(trainingmanager.config_from_dict(paths, source))
+    return {**values, **{k: getattr(absolute, k) for k in paths}}
+
+
 def load_space(space: str) -> SearchSpace:
     """A built-in space name or a JSON file; every key and bound is checked against TrainConfig."""
     path = SPACES_DIR / f"{space}.json"
@@ -256,7 +280,17 @@ def load_space(space: str) -> SearchSpace:
     if unknown:
         raise ValueError(f"{source}: unknown top-level key(s) {sorted(unknown)}")
     base = data.get("base", {})
+    if not isinstance(base, dict):
+        raise ValueError(f"{source}: 'base' must be a JSON object of TrainConfig values, "
+                         f"got {json.dumps(base)}")
+    if not isinstance(data.get("description", ""), str):
+        raise ValueError(f"{source}: 'description' must be a string")
+    requires = data.get("requires", [])
+    if not isinstance(requires, list) or not all(isinstance(k, str) for k in requires):
+        raise ValueError(f"{source}: 'requires' must be a list of TrainConfig key names, "
+                         f"got {json.dumps(requires)}")
     trainingmanager.config_from_dict(base, f"{source}: base")
+    base = absolute_paths(base, f"{source}: base")
     for name in sorted(set(data["params"]) & SWEEP_KEYS):  # sampled, then overwritten
         flag = {"max_steps": " (--max-steps)", "eval_every": " (--eval-every)"}.get(name, "")
         raise ValueError(f"{source}: params.{name}: the sweep sets {name!r} for every "
@@ -277,9 +311,8 @@ def load_space(space: str) -> SearchSpace:
                 raise ValueError(f"{where}: {e}") from None
             for bound in (spec["low"], spec["high"]):
                 trainingmanager.config_from_dict({**base, name: bound}, where)
-    requires = data.get("requires", [])
-    if not isinstance(requires, list) or not set(requires) <= known:
-        raise ValueError(f"{source}: 'requires' must be a list of TrainConfig keys")
+    if unknown := sorted(set(requires) - known):
+        raise ValueError(f"{source}: requires: not TrainConfig key(s) {unknown}")
     return SearchSpace(base=base, params=data["params"], source=source, requires=requires)
 
 
@@ -333,7 +366,7 @@ def open_study(cfg: TuneConfig, storage: optuna.storages.BaseStorage) -> optuna.
                                 pruner=pruner, load_if_exists=True)
     seed = cfg.sampler_seed
     if seed is not None:  # reproducible, yet a distinct stream per worker and per restart
-        seed += 1000 * cfg.worker + len(study.get_trials(deepcopy=False))
+        seed = (seed + 1000 * cfg.worker + len(study.get_trials(deepcopy=False))) % 2**32
     study.sampler = optuna.samplers.TPESampler(seed=seed)
     return study
 
@@ -460,6 +493,9 @@ def _trial_run(cfg: TuneConfig, number: int, resume: Path | None = None) -> dict
             "progress": False, "export": False, "save_every": cfg.max_steps, "keep_last": 1}
 
 
+# TrainConfig keys that set how much data an optimizer step sees: under one step budget, a
+# space that samples them ranks trials by the data they saw (the sweep warns).
+BATCH_KEYS = frozenset({"batch_size", "grad_accum"})
 # TrainConfig keys the sweep sets on every trial: a search space may not set them.
 SWEEP_KEYS = frozenset(_budget(TuneConfig())) | frozenset(_trial_run(TuneConfig(), 0))
 
@@ -492,8 +528,24 @@ def interrupted_run(trial: optuna.Trial) -> tuple[Path | None, dict[int, float]]
     return Path(run), {s: v for s, v in before.intermediate_values.items() if s <= step}
 
 
-def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _ClaimLock):
+def _mark_interrupted(trial: optuna.Trial) -> None:
+    """Record the interrupt; a trial another worker already declared dead is left as it is."""
+    with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+        trial.set_user_attr(ATTR_REASON, INTERRUPTED)
+
+
+def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _ClaimLock,
+                   abandoned: list[int]):
+    """The objective; the number of a trial it gave up (``TrialAbandoned``) goes to
+    ``abandoned``, for ``run_worker``."""
     def objective(trial: optuna.Trial) -> float:
+        try:
+            return run_trial(trial)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            abandoned.append(trial.number)
+            raise TrialAbandoned(f"trial {trial.number}") from None
+
+    def run_trial(trial: optuna.Trial) -> float:
         # A retried trial arrives with its predecessor's attributes: make them this run's
         # before other workers (which judge RUNNING trials by their worker) look at it.
         trial.set_user_attr(ATTR_WORKER, _worker_id())
@@ -504,7 +556,9 @@ def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _Claim
         def on_eval(step: int, metrics: dict) -> None:
             trial.set_user_attr(ATTR_STEP, step)
             trial.report(metrics["val_loss"], step)
-            if trial.should_prune():
+            # Not at the final evaluation: stopping there saves nothing, and the trial trained
+            # its whole budget (COMPLETE, with its best value).
+            if step < cfg.max_steps and trial.should_prune():
                 raise optuna.TrialPruned(
                     f"val loss {metrics['val_loss']:.4f} at step {step} is worse than the pruner's "
                     "threshold")
@@ -524,12 +578,18 @@ def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _Claim
                 trial.report(value, step)
             result = trainingmanager.train(train_cfg, on_eval=on_eval, resume_hint=RESUME_HINT)
         except KeyboardInterrupt:
-            trial.set_user_attr(ATTR_REASON, INTERRUPTED)
+            _mark_interrupted(trial)
             raise
-        except optuna.TrialPruned:
+        except (optuna.TrialPruned, optuna.exceptions.UpdateFinishedTrialError):
             raise
-        except NonFiniteLossError as e:  # its message names the step, the batch and likely causes
-            reason = str(e) if str(e).startswith("non-finite") else f"non-finite loss: {e}"
+        except NonFiniteLossError as e:  # the step, the batch and likely causes
+            # Without the trainer's advice on continuing: the sweep counts a FAILED trial and
+            # never continues it.
+            reason = e.diagnosis
+            if not reason.startswith("non-finite"):
+                reason = f"non-finite loss: {reason}"
+            if e.step is not None:
+                trial.set_user_attr(ATTR_STEP, e.step)
         except Exception as e:
             if not _is_out_of_memory(e):
                 # Not the parameters' fault: recorded, not counted, and the sweep stops.
@@ -546,7 +606,7 @@ def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _Claim
         else:
             trial.set_user_attr(ATTR_STEP, result.step)
             if result.interrupted:  # the trainer checkpointed and returned on SIGINT/SIGTERM
-                trial.set_user_attr(ATTR_REASON, INTERRUPTED)
+                _mark_interrupted(trial)
                 raise KeyboardInterrupt(result.interrupted)
             if result.best_val_loss is not None and math.isfinite(result.best_val_loss):
                 return result.best_val_loss
@@ -562,7 +622,8 @@ def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.Ba
     """Start trials until the study holds ``n_trials`` finished ones; while the last ones run
     elsewhere, wait for them where a dead worker's trial can come back to the queue."""
     lock = _ClaimLock(study_dir(cfg) / "claim.lock")
-    objective = make_objective(cfg, space, base, lock)
+    abandoned: list[int] = []
+    objective = make_objective(cfg, space, base, lock, abandoned)
     while True:
         lock.acquire()
         try:
@@ -579,7 +640,15 @@ def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.Ba
                 lock.release()
                 time.sleep(min(cfg.heartbeat_interval, 5) if _heartbeats(storage) else 2)
                 continue
-            study.optimize(objective, n_trials=1, catch=(TrialFailed,))
+            try:
+                study.optimize(objective, n_trials=1, catch=(TrialFailed, TrialAbandoned))
+            except ValueError:  # Optuna's "Cannot tell a FAIL trial.": the abandoned one
+                if not abandoned:
+                    raise
+            if abandoned:
+                tqdm.write(f"trial {abandoned.pop()}: another worker declared it dead (no "
+                           "heartbeat within --grace-period); this worker leaves it (queued "
+                           "again up to --max-retry times) and goes on", file=sys.stderr)
         finally:
             lock.release()
 
@@ -642,14 +711,18 @@ def check_study_settings(cfg: TuneConfig, space: SearchSpace, base: dict,
                          study: optuna.Study) -> None:
     """Record the shared settings with a new study (or one from before they were recorded), and
     refuse a continuation that changed them, naming each key with both values: trials run on
-    another budget or base would be ranked (best.json, importances) against each other."""
+    another budget or base would be ranked (best.json, importances) against each other.
+    Paths compare as absolute paths. An earlier codelm recorded them as typed: those are read
+    from the current directory (continue such a study from the one it was started in), and
+    recorded absolute once they match."""
     now = study_settings(cfg, space, base)
     recorded = study.user_attrs.get(ATTR_SETTINGS)
     if recorded is None:
         study.set_user_attr(ATTR_SETTINGS, now)
         return
+    absolute = absolute_paths(recorded, f"study {cfg.study_name!r}: its recorded settings")
     changed = [f"{k}={recorded[k]!r} (now {now[k]!r})" for k in now
-               if k in recorded and recorded[k] != now[k]]
+               if k in recorded and absolute[k] != now[k]]
     if changed:
         raise ValueError(
             f"study {cfg.study_name!r} of storage {_storage_label(cfg)}: its trials ran with "
@@ -658,6 +731,8 @@ def check_study_settings(cfg: TuneConfig, space: SearchSpace, base: dict,
             "--train-config): drop those changes to continue it, or start a new study with "
             "another --study-name. The TrainConfig keys a continued study may change: "
             f"{', '.join(STUDY_MAY_CHANGE)}")
+    if absolute != recorded:
+        study.set_user_attr(ATTR_SETTINGS, absolute)
 
 
 def check_space_fits_study(cfg: TuneConfig, space: SearchSpace, study: optuna.Study) -> None:
@@ -752,8 +827,8 @@ def write_reports(study: optuna.Study, cfg: TuneConfig) -> dict | None:
     best = None
     if complete:
         best_trial = min(complete, key=lambda t: t.value)
-        best = {**best_trial.user_attrs[ATTR_CONFIG], "name": f"{cfg.study_name}-best",
-                "out_dir": cfg.out_dir}
+        best = {**absolute_paths(best_trial.user_attrs[ATTR_CONFIG], "best trial"),
+                "name": f"{cfg.study_name}-best", "out_dir": cfg.out_dir}
         trainingmanager.config_from_dict(best, "best trial")
         cliconfig.write_atomic(out / "best.json", json.dumps(best, indent=2) + "\n")
     importances = {}
@@ -803,7 +878,7 @@ class _OptunaLog(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         error = record.exc_info[1] if record.exc_info else None
         message = record.getMessage()
-        if isinstance(error, (KeyboardInterrupt, TrialSetupError)) or (
+        if isinstance(error, (KeyboardInterrupt, TrialSetupError, TrialAbandoned)) or (
                 message.startswith("Trial ") and message.endswith(" failed with value None.")):
             return
         tqdm.write(f"[{record.levelname[0]}] {message}", file=sys.stderr)
@@ -835,6 +910,14 @@ def _check_ranges(cfg: TuneConfig, source: str) -> TuneConfig:
     for key in ("worker", "max_retry", "prune_startup_trials", "prune_warmup_steps"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"{source}: key {key!r} must be at least 0, got {getattr(cfg, key)}")
+    if cfg.sampler_seed is not None and not 0 <= cfg.sampler_seed < 2**32:
+        raise ValueError(f"{source}: --sampler-seed (key 'sampler_seed') must be in [0, 2**32), "
+                         f"got {cfg.sampler_seed}")
+    # A grace period within one heartbeat interval declares live trials dead: other workers
+    # would fail them and queue them again while they still train.
+    if cfg.grace_period <= cfg.heartbeat_interval:
+        raise ValueError(f"{source}: --grace-period ({cfg.grace_period} s) must be greater than "
+                         f"--heartbeat-interval ({cfg.heartbeat_interval} s)")
     return cfg
 
 
@@ -896,15 +979,22 @@ def _stop_with_parent() -> None:
 
 def _run_workers(cfg: TuneConfig, study: optuna.Study, bar: tqdm) -> int:
     """Run ``cfg.workers`` worker processes to the end; a Ctrl-C or SIGTERM to this process is
-    passed on to them (the same signal), and they are waited for. Returns the exit status of the
-    first worker that failed (its error stopped it), else 0. A worker killed by a signal is
-    told but is no failure of the sweep: as with a dead worker on another machine, the study
-    queues its trial again, and the trial count decides."""
+    passed on to them (the same signal), and they are waited for. A worker's configuration
+    error (exit status 2) stops the others with SIGTERM, as it stops a sweep of one worker:
+    their trials end as interrupted and run again when the fixed command is. Returns the exit
+    status of the first worker that failed (its error stopped it), else 0. A worker killed by a
+    signal is told but is no failure of the sweep: as with a dead worker on another machine,
+    the study queues its trial again, and the trial count decides."""
     procs = _start_workers(cfg)
+    stopped: list[subprocess.Popen] = []  # the workers another's error stopped
     try:
         # poll() every worker each time: that reaps a dead one, whose process id must vanish
         # for the others to see that its trial is orphaned.
         while None in [p.poll() for p in procs]:
+            if not stopped and any(p.returncode == 2 for p in procs):
+                stopped = [p for p in procs if p.returncode is None]
+                for p in stopped:
+                    p.send_signal(signal.SIGTERM)
             bar.update(min(study_progress(study)[0], cfg.n_trials) - bar.n)
             time.sleep(1)
     except KeyboardInterrupt as e:
@@ -917,7 +1007,10 @@ def _run_workers(cfg: TuneConfig, study: optuna.Study, bar: tqdm) -> int:
         raise
     failed = 0
     for i, p in enumerate(procs, start=1):
-        if p.returncode < 0:
+        if p in stopped and p.returncode not in (0, 2):
+            print(f"worker {i} (pid {p.pid}) stopped with the sweep: its trial runs again when "
+                  "the command is run again", file=sys.stderr)
+        elif p.returncode < 0:
             print(f"worker {i} (pid {p.pid}) was killed by {_signal_name(-p.returncode)}",
                   file=sys.stderr)
         elif p.returncode > 0:
@@ -939,7 +1032,9 @@ def tune(cfg: TuneConfig) -> TuneResult:
         _stop_with_parent()
     _quiet_optuna()
     space = load_space(cfg.space)
-    base = trainingmanager.load_config_file(cfg.train_config) if cfg.train_config else {}
+    base: dict = {}
+    if cfg.train_config:
+        base = absolute_paths(trainingmanager.load_config_file(cfg.train_config), cfg.train_config)
     space.check_base({**space.base, **base}, cfg.train_config or "--train-config")
     check_trial_config(cfg, space, base)
     study_dir(cfg).mkdir(parents=True, exist_ok=True)
@@ -953,6 +1048,11 @@ def tune(cfg: TuneConfig) -> TuneResult:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))
         run_worker(cfg, study, storage, space, base)
         return TuneResult(study_dir(cfg), study_progress(study)[0], None, None)
+    if sampled := sorted(BATCH_KEYS & set(space.params)):
+        print(f"warning: {space.source}: params {', '.join(sampled)}: trials share a step budget "
+              "(--max-steps), so a larger effective batch (batch_size x grad_accum) sees more "
+              "data and tends to win for that alone; fix them in the space's base to compare "
+              "the other parameters", file=sys.stderr)
     finished = study_progress(study)[0]
     bar = tqdm(total=cfg.n_trials, initial=min(finished, cfg.n_trials), unit="trial",
                desc=cfg.study_name, disable=not cfg.progress)

@@ -100,7 +100,12 @@ def _check_loss_shapes(hidden: torch.Tensor, labels: torch.Tensor) -> None:
 
 
 class NonFiniteLossError(RuntimeError):
-    """A non-finite loss or gradient the fp16 loss scaler could not absorb."""
+    """A non-finite loss or gradient the fp16 loss scaler could not absorb. ``diagnosis`` is the
+    message without its advice on how to go on, for callers (a sweep) that go on their own way."""
+
+    def __init__(self, message: str, step: int | None = None, diagnosis: str | None = None):
+        super().__init__(message)
+        self.step, self.diagnosis = step, diagnosis or message
 
 
 # --------------------------------------------------------------------------------------------
@@ -941,7 +946,7 @@ def validate_config(cfg: TrainConfig) -> None:
                  if getattr(cfg, k) != getattr(TrainConfig, k)]
     if lora_only and cfg.lora_r == 0:  # else a full fine-tune would run, ignoring them
         raise ValueError(f"TrainConfig.{', '.join(lora_only)}: LoRA settings, but lora_r=0 "
-                         "(full training of every weight); add --lora-r R")
+                         "(full training of every weight): set lora_r > 0, or drop them")
     need(cfg.overfit_batches >= 0, "overfit_batches", "must be >= 0")
     if cfg.init_from is not None:
         for key in ("preset", "n_layer", "n_head", "n_embd", "mlp_hidden"):
@@ -1721,19 +1726,20 @@ class _Run:
         span = cfg.batch_size * self.dist.world * cfg.grad_accum
         causes = [
             f"the learning rate is too high (lr at this step {stats.lr:.3g}, peak "
-            f"{cfg.lr:.3g}): lower --lr or lengthen --warmup-steps",
-            "fp16 overflow: train with --precision bf16 or fp32"
+            f"{cfg.lr:.3g}): lower lr or lengthen warmup_steps",
+            "fp16 overflow: train with precision bf16 or fp32"
             if self.trainer.precision == "fp16" else
-            "exploding activations or gradients: keep --grad-clip > 0, check the init",
-            "non-finite weights: a checkpoint (--init-from, --resume) holding inf/NaN",
+            "exploding activations or gradients: keep grad_clip > 0, check the init",
+            "non-finite weights: a checkpoint (init_from, resume) holding inf/NaN",
             "a model bug producing inf/NaN (attention mask, dtype casts, division by zero)",
         ]
         if cfg.inject_nan_at_step == step:
             causes.insert(0, "injected on purpose: inject_nan_at_step is set")
         last = list_checkpoints(self.run_dir)
         # A resume replays the same steps bit-exactly and keeps lr, warmup and precision: say so.
+        # (--resume, not a caller's resume hint: a sweep continues interrupted trials only.)
         if last:
-            kept = (f"the last good checkpoint is {last[-1]}: {self.resume_hint(self.run_dir)} "
+            kept = (f"the last good checkpoint is {last[-1]}: --resume {self.run_dir} "
                     "replays the same steps from there, so it helps only once the cause is gone "
                     "(bad data fixed, a NaN injected on purpose); a change of --lr, "
                     "--warmup-steps or --precision needs a new run (another --name)")
@@ -1743,14 +1749,15 @@ class _Run:
         else:
             kept = ("no checkpoint had been written yet: run the command again with the changes "
                     "(the same --name starts the run anew)")
-        message = (
+        diagnosis = (
             f"non-finite {stats.nonfinite} ({value}) at step {step}: epoch {epoch}, training "
             f"examples {pos}..{pos + span - 1} of that epoch's shuffled order ({cfg.grad_accum} "
             f"micro-batch(es) of {cfg.batch_size} x {self.dist.world} process(es)); the update was "
-            f"not applied and the run stopped. Likely causes: " + "; ".join(causes) + f". {kept}."
+            f"not applied and the run stopped. Likely causes: " + "; ".join(causes) + "."
         )
+        message = f"{diagnosis} {kept}."
         log.write(step, "error", {"message": message})
-        raise NonFiniteLossError(message)
+        raise NonFiniteLossError(message, step, diagnosis)
 
     def _evaluate(self, log: _RunLog, on_eval) -> dict:
         metrics = self.trainer.evaluate(*self._val_batches())

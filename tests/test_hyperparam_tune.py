@@ -196,6 +196,32 @@ def test_killed_worker_trial_fails_and_is_retried(tmp_path, corpus, storage_kind
     assert f"; queued again as trial {retries[0].number}" in output  # the trials table
 
 
+def test_a_trial_declared_dead_elsewhere_is_left_and_the_worker_goes_on(tmp_path, corpus,
+                                                                       capsys, monkeypatch):
+    """Another worker may fail a trial that still trains (its heartbeats stalled): its worker
+    leaves that trial with one line and goes on, instead of exiting 2 with Optuna's "Cannot
+    tell a FAIL trial."."""
+    storage = journal(tmp_path, "dead")
+
+    def train(cfg, on_eval=None, resume_hint=None):
+        if cfg.name == "trial-0000":  # failed as fail_stale_trials fails it, then evaluated
+            (mine,) = load_study(storage, "dead").get_trials(states=(TrialState.RUNNING,))
+            storage.set_trial_state_values(mine._trial_id, TrialState.FAIL)
+            on_eval(2, {"val_loss": 1.0})
+        return trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=1.0,
+                                           step=cfg.max_steps)
+
+    monkeypatch.setattr(trainingmanager, "train", train)
+    argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="dead", n_trials=2)
+    assert hyperparam_tune.main(argv) == 0
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["trial 0: another worker declared it dead (no heartbeat within "
+                                "--grace-period); this worker leaves it (queued again up to "
+                                "--max-retry times) and goes on"]
+    states = [t.state for t in load_study(storage, "dead").get_trials()]
+    assert states == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+
+
 @pytest.mark.slow
 def test_interrupted_sweep_reruns_the_interrupted_trial(tmp_path, corpus):
     space = tiny_space(tmp_path, corpus)
@@ -370,6 +396,27 @@ def test_hopeless_trial_is_pruned_early(tmp_path, corpus):
     assert max(steps) < 12, "the pruned trial trained its whole budget"
 
 
+def test_trial_that_trained_its_whole_budget_is_complete_not_pruned(tmp_path, corpus,
+                                                                    monkeypatch):
+    """At the final evaluation pruning saves nothing: a worse trial still completes."""
+    def trained(cfg, on_eval=None, resume_hint=None):
+        on_eval(cfg.max_steps, {"val_loss": 5.0})
+        return trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=5.0,
+                                           step=cfg.max_steps)
+
+    monkeypatch.setattr(trainingmanager, "train", trained)
+    storage = journal(tmp_path, "last")
+    study = optuna.create_study(study_name="last", storage=storage)
+    study.add_trial(optuna.trial.create_trial(
+        params={"lr": 1e-3}, distributions={"lr": optuna.distributions.FloatDistribution(
+            1e-4, 1e-2, log=True)}, value=1.0, intermediate_values={4: 1.0},
+        user_attrs={hyperparam_tune.ATTR_CONFIG: {"lr": 1e-3}}))
+    argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="last", n_trials=2,
+                     max_steps=4, prune_startup_trials=1)
+    assert hyperparam_tune.main(argv) == 0
+    assert load_study(storage, "last").get_trials()[1].state == TrialState.COMPLETE
+
+
 def test_nan_trial_is_failed_with_reason_and_the_study_goes_on(tmp_path, corpus):
     space = tiny_space(tmp_path, corpus, {
         "inject_nan_at_step": {"type": "categorical", "choices": [None, 2]}})
@@ -381,7 +428,12 @@ def test_nan_trial_is_failed_with_reason_and_the_study_goes_on(tmp_path, corpus)
 
     nan, ok = load_study(storage, "nan").get_trials()
     assert nan.state == TrialState.FAIL
-    assert nan.user_attrs[hyperparam_tune.ATTR_REASON].startswith("non-finite loss")
+    reason = nan.user_attrs[hyperparam_tune.ATTR_REASON]
+    assert reason.startswith("non-finite loss") and " at step 2: " in reason
+    assert "Likely causes: injected on purpose" in reason and "lower lr" in reason
+    # A NaN trial is counted and never continued: no resume advice, no trainingmanager flags.
+    assert "the same" not in reason and "new run" not in reason and "--" not in reason
+    assert nan.user_attrs[hyperparam_tune.ATTR_STEP] == 2
     assert ok.state == TrialState.COMPLETE
     best = json.loads((tmp_path / "runs" / "nan" / "best.json").read_text())
     assert best["inject_nan_at_step"] is None and best["lr"] == ok.params["lr"]
@@ -407,8 +459,10 @@ def test_out_of_memory_trial_is_failed_with_reason(tmp_path, corpus, monkeypatch
 def test_builtin_spaces_are_valid_trainingmanager_values():
     for name in ("from-scratch", "lora"):
         space = hyperparam_tune.load_space(name)
-        assert {"lr", "warmup_steps", "weight_decay", "batch_size", "grad_accum",
-                "label_smoothing"} <= set(space.params)
+        assert {"lr", "warmup_steps", "weight_decay", "label_smoothing"} <= set(space.params)
+        # Under one step budget a sampled batch would win by the data it saw: fixed in the base.
+        assert not hyperparam_tune.BATCH_KEYS & set(space.params)
+        assert hyperparam_tune.BATCH_KEYS <= set(space.base)
     assert {"n_embd", "n_layer"} <= set(hyperparam_tune.load_space("from-scratch").params)
     lora = hyperparam_tune.load_space("lora")
     assert {"lora_r", "lora_alpha", "lora_dropout", "lora_targets"} <= set(lora.params)
@@ -463,6 +517,43 @@ def test_bad_space_field_type_exits_2_with_one_line(tmp_path, capsys):
     assert hyperparam_tune.main(tune_args(tmp_path, str(space), study_name="step")) == 2
     err = capsys.readouterr().err
     assert err == f"error: {space}: params.warmup_steps.step: must be an integer, got '5'\n"
+
+
+@pytest.mark.parametrize("top, message", [
+    ({"base": []}, "'base' must be a JSON object of TrainConfig values, got []"),
+    ({"base": None}, "'base' must be a JSON object of TrainConfig values, got null"),
+    ({"base": "x"}, "'base' must be a JSON object of TrainConfig values, got \"x\""),
+    ({"requires": [["init_from"]]}, "'requires' must be a list of TrainConfig key names"),
+    ({"requires": "init_from"}, "'requires' must be a list of TrainConfig key names"),
+    ({"requires": ["init_frm"]}, "requires: not TrainConfig key(s) ['init_frm']"),
+    ({"description": ["what"]}, "'description' must be a string"),
+])
+def test_space_of_wrong_top_level_types_is_a_clear_error(tmp_path, top, message):
+    """These were tracebacks (AttributeError, TypeError) or a misleading 'unknown key'."""
+    path = tmp_path / "space.json"
+    path.write_text(json.dumps({**top, "params": {"lr": {"type": "float", "low": 1e-4,
+                                                         "high": 1e-2}}}))
+    with pytest.raises(ValueError) as e:
+        hyperparam_tune.load_space(str(path))
+    assert str(e.value).startswith(f"{path}: {message}")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--heartbeat-interval", "10", "--grace-period", "1"],
+     "--grace-period (1 s) must be greater than --heartbeat-interval (10 s)"),
+    (["--heartbeat-interval", "10", "--grace-period", "10"],
+     "--grace-period (10 s) must be greater than --heartbeat-interval (10 s)"),
+    (["--grace-period", "-1"], "--grace-period (-1 s) must be greater than"),
+    (["--sampler-seed", "-1"], "--sampler-seed (key 'sampler_seed') must be in [0, 2**32)"),
+    (["--sampler-seed", str(2**32)], "--sampler-seed (key 'sampler_seed') must be in"),
+])
+def test_heartbeat_and_seed_flags_are_checked(tmp_path, capsys, flags, message):
+    """A grace period within one heartbeat interval let workers fail each other's live trials;
+    Optuna's own errors named no flag."""
+    argv = ["--space", str(tmp_path / "no-space.json"), "--out-dir", str(tmp_path), *flags]
+    assert hyperparam_tune.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: command line: {message}") and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("name", ["", ".", "..", "../escape", "a/b", "/abs"])
@@ -575,6 +666,18 @@ def test_every_choice_and_bound_is_checked_before_any_trial(tmp_path, corpus, ca
     assert hyperparam_tune.main(argv) == 0  # the same command, once the space is fixed
 
 
+def test_lora_keys_without_lora_r_are_refused_in_the_sweeps_terms(tmp_path, corpus, capsys):
+    """The trainer's refusal named --lora-r, a flag the sweep does not have; it names keys."""
+    params = {"lora_r": {"type": "categorical", "choices": [0, 4]},
+              "lora_alpha": {"type": "categorical", "choices": [8, 16]}}
+    argv = tune_args(tmp_path, tiny_space(tmp_path, corpus, params), study_name="lo", n_trials=1)
+    assert hyperparam_tune.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "lora_alpha=8.0: LoRA settings, but lora_r=0" in err
+    assert "set lora_r > 0, or drop them" in err and "--lora-r" not in err
+    assert err.count("\n") == 1
+
+
 def test_config_error_in_a_trial_stops_the_sweep_and_is_not_counted(tmp_path, corpus, capsys,
                                                                     monkeypatch):
     def missing_data(cfg, on_eval=None, resume_hint=None):
@@ -656,6 +759,49 @@ def test_continuing_with_another_budget_or_base_is_refused(tmp_path, corpus, cap
     argv = tune_args(tmp_path, space, study_name="budget", n_trials=3, pruner="none")
     assert hyperparam_tune.main([*argv, "--train-config", str(changed)]) == 0
     assert len(load_study(storage, "budget").get_trials()) == 3
+
+
+def test_relative_paths_name_the_files_they_name_from_any_directory(tmp_path, corpus, capsys,
+                                                                   monkeypatch):
+    """Relative paths of the space's base and of --train-config are recorded absolute: a study
+    continued from another directory is refused when they name other files, and best.json
+    names the files themselves. A study recorded with relative paths (an earlier codelm)
+    continues from the directory it was started in, and is recorded absolute from then on."""
+    def trained(cfg, on_eval=None, resume_hint=None):
+        return trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=1.0, step=cfg.max_steps)
+
+    monkeypatch.setattr(trainingmanager, "train", trained)
+    space = json.loads(Path(tiny_space(tmp_path, corpus)).read_text())
+    space["base"]["data"] = ["corpus"]
+    (tmp_path / "space.json").write_text(json.dumps(space))
+    for d in ("a", "b"):
+        (tmp_path / d / "corpus").mkdir(parents=True)
+        (tmp_path / d / "val").mkdir()
+        (tmp_path / d / "tc.json").write_text(json.dumps({"val_data": ["val"]}))
+    argv = [*tune_args(tmp_path, str(tmp_path / "space.json"), study_name="rel"),
+            "--train-config", "tc.json"]
+    monkeypatch.chdir(tmp_path / "a")
+    assert hyperparam_tune.main([*argv, "--n-trials", "1"]) == 0
+    best = json.loads((tmp_path / "runs" / "rel" / "best.json").read_text())
+    assert best["data"] == [str(tmp_path / "a" / "corpus")]
+    assert best["val_data"] == [str(tmp_path / "a" / "val")]
+    capsys.readouterr()
+
+    monkeypatch.chdir(tmp_path / "b")
+    assert hyperparam_tune.main([*argv, "--n-trials", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"data=['{tmp_path / 'a' / 'corpus'}'] (now ['{tmp_path / 'b' / 'corpus'}'])" in err
+    assert "val_data=" in err and err.count("\n") == 1
+
+    storage = journal(tmp_path, "rel")
+    study = load_study(storage, "rel")
+    older = {**study.user_attrs[hyperparam_tune.ATTR_SETTINGS], "data": ["corpus"],
+             "val_data": ["val"]}
+    study.set_user_attr(hyperparam_tune.ATTR_SETTINGS, older)
+    monkeypatch.chdir(tmp_path / "a")
+    assert hyperparam_tune.main([*argv, "--n-trials", "2"]) == 0
+    recorded = load_study(storage, "rel").user_attrs[hyperparam_tune.ATTR_SETTINGS]
+    assert recorded["data"] == [str(tmp_path / "a" / "corpus")]
 
 
 def test_study_dir_belongs_to_one_storage(tmp_path, corpus, capsys):
@@ -749,9 +895,65 @@ def test_parent_tells_and_returns_only_worker_failures(tmp_path, corpus, capfd, 
                      workers=2)
     assert hyperparam_tune.main(argv) == code
     err = capfd.readouterr().err
-    told_lines = [line for line in err.splitlines() if line.startswith("worker ")]
+    told_lines = [line for line in err.splitlines()
+                  if line.startswith("worker ") and "stopped with the sweep" not in line]
     if told is None:
         assert told_lines == [], err
     else:
         assert len(told_lines) == 1 and re.fullmatch(told, told_lines[0]), err
-    assert (tmp_path / "runs" / "w" / "best.json").is_file()  # worker 1 ran every trial
+    if fault != "error":  # an error stops worker 1 too (see the test below)
+        assert (tmp_path / "runs" / "w" / "best.json").is_file()  # worker 1 ran every trial
+
+
+FAKE_STOPPED_WORKER = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {root!r})
+import hyperparam_tune, trainingmanager
+started = Path({started!r})
+if sys.argv[-1] == "2":  # a configuration error, met while worker 1 trains
+    deadline = time.monotonic() + 60
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print("error: worker 2 cannot run", file=sys.stderr)
+    sys.exit(2)
+def train(cfg, on_eval=None, resume_hint=None):
+    started.touch()
+    time.sleep(20)
+    return trainingmanager.TrainResult(run_dir=Path(cfg.out_dir) / cfg.name, best_val_loss=1.0,
+                                       step=cfg.max_steps)
+trainingmanager.train = train
+sys.exit(hyperparam_tune.main(sys.argv[1:]))
+"""
+
+
+def test_a_workers_config_error_stops_the_other_workers(tmp_path, corpus, capfd, monkeypatch):
+    """As with one worker, a configuration error stops the sweep: the parent stops the other
+    workers as at a Ctrl-C (their trials end interrupted, and run again with the fixed
+    command), so that "fix this and run the same command again" holds for --workers N."""
+    script = FAKE_STOPPED_WORKER.format(root=str(ROOT), started=str(tmp_path / "started"))
+    monkeypatch.setattr(hyperparam_tune, "WORKER_COMMAND", (sys.executable, "-c", script))
+    argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="ws", n_trials=1,
+                     workers=2)
+    assert hyperparam_tune.main(argv) == 2
+    err = capfd.readouterr().err
+    assert re.search(r"^worker 1 \(pid \d+\) stopped with the sweep: its trial runs again",
+                     err, re.M), err
+    assert re.search(r"^worker 2 \(pid \d+\) failed: exit status 2$", err, re.M), err
+    (trial,) = load_study(journal(tmp_path, "ws"), "ws").get_trials()
+    assert trial.state == TrialState.FAIL
+    assert trial.user_attrs[hyperparam_tune.ATTR_REASON] == hyperparam_tune.INTERRUPTED
+
+
+def test_a_space_that_samples_the_batch_is_warned_once(tmp_path, corpus, capfd, monkeypatch):
+    """Under one step budget the trials with larger batches see more data and tend to win: one
+    warning from the sweep, not one per worker."""
+    script = FAKE_WORKER.format(root=str(ROOT), fault=None)
+    monkeypatch.setattr(hyperparam_tune, "WORKER_COMMAND", (sys.executable, "-c", script))
+    space = tiny_space(tmp_path, corpus, {
+        "grad_accum": {"type": "categorical", "choices": [1, 2]}})
+    argv = tune_args(tmp_path, space, study_name="wb", n_trials=2, workers=2)
+    assert hyperparam_tune.main(argv) == 0
+    warnings = [line for line in capfd.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: {space}: params grad_accum: ")
+    assert "larger effective batch" in warnings[0]

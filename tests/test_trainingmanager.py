@@ -1523,13 +1523,13 @@ def test_lora_settings_without_lora_r_are_refused(capsys):
     for key, value in [("lora_alpha", 32.0), ("lora_dropout", 0.1), ("lora_targets", ["q_proj"]),
                        ("export_merged", True)]:
         with pytest.raises(ValueError, match=rf"^TrainConfig\.{key}=.*: LoRA settings, but "
-                                             r"lora_r=0 .*; add --lora-r R$"):
+                                             r"lora_r=0 .*: set lora_r > 0, or drop them$"):
             tm.validate_config(tm.TrainConfig(**{key: value}))
         tm.validate_config(tm.TrainConfig(lora_r=4, **{key: value}))
     assert tm.main(["--lora-alpha", "32", "--lora-dropout", "0.1", "--export-merged"]) == 2
     assert capsys.readouterr().err == (
         "error: TrainConfig.lora_alpha=32.0, lora_dropout=0.1, export_merged=True: LoRA settings, "
-        "but lora_r=0 (full training of every weight); add --lora-r R\n")
+        "but lora_r=0 (full training of every weight): set lora_r > 0, or drop them\n")
     for recipe in sorted((ROOT / "configs").glob("*.json")):  # their bases are not here
         cfg = tm.config_from_dict(tm.load_config_file(recipe), str(recipe))
         tm.validate_config(dataclasses.replace(cfg, init_from=None))
