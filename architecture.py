@@ -59,8 +59,10 @@ class ModelConfig:
     mlp_bias: bool = False
     lm_head_bias: bool = False
     tie_embeddings: bool = False
-    dropout: float = 0.0  # embeddings and residual branches
-    attn_dropout: float = 0.0
+    dropout: float = 0.0  # residual branches (attention and MLP outputs)
+    embd_dropout: float | None = None  # embeddings; None: `dropout`'s value, read live (Phi-2
+    #   and CodeGen configs set them apart: embd_pdrop, resid_pdrop)
+    attn_dropout: float = 0.0  # attention probabilities
     init: str = "normal"  # normal: GPT-2 N(0, init_std), scaled residual projections; xavier
     init_std: float = 0.02
     bos_id: int | None = None  # written to the exported HF config
@@ -74,12 +76,14 @@ class ModelConfig:
                              ("positions", POSITIONS), ("init", INITS)):
             if getattr(self, key) not in allowed:
                 raise bad(key, f"expected one of {allowed}")
-        for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_hidden"):
+        sizes = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_hidden")
+        derived = ("n_kv_head", "head_dim", "rotary_dim")  # None: resolved from sizes below
+        for key in sizes + tuple(k for k in derived if getattr(self, k) is not None):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise bad(key, "must be a positive integer")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
-        if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
+        if self.n_head % self.n_kv_head:
             raise bad("n_kv_head", f"must divide n_head={self.n_head}")
         if self.head_dim is None:
             if self.n_embd % self.n_head:
@@ -87,15 +91,21 @@ class ModelConfig:
             self.head_dim = self.n_embd // self.n_head
         if self.rotary_dim is None:
             self.rotary_dim = self.head_dim
-        if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
+        if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
             raise bad("rotary_dim", f"must be even and in (0, head_dim={self.head_dim}]")
         if self.rope_scaling is not None:
             missing = [k for k in LLAMA3_SCALING_KEYS if k not in self.rope_scaling]
             if missing:
                 raise bad("rope_scaling", f"Llama-3 scaling needs keys {missing}")
-        for key in ("dropout", "attn_dropout"):
-            if not 0.0 <= getattr(self, key) < 1.0:
+        for key in ("dropout", "embd_dropout", "attn_dropout"):
+            if getattr(self, key) is not None and not 0.0 <= getattr(self, key) < 1.0:
                 raise bad(key, "must be in [0, 1)")
+
+    @property
+    def embedding_dropout(self) -> float:
+        """The embeddings' dropout p, read live: a model whose embd_dropout is None follows a
+        later change of `dropout` (trainingmanager sets a loaded model's `dropout`)."""
+        return self.dropout if self.embd_dropout is None else self.embd_dropout
 
     @property
     def qkv_size(self) -> int:
@@ -621,7 +631,7 @@ class Transformer(nn.Module):
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe(pos)
-        x = dropout(x, self.cfg.dropout, self.training)
+        x = dropout(x, self.cfg.embedding_dropout, self.training)
         rope = self.rope(pos, x.dtype) if self.rope is not None else None
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
@@ -975,9 +985,9 @@ class Transformer(nn.Module):
                         device: torch.device | str | None = None) -> Transformer:
         """Load a local HF checkpoint directory (gpt_bigcode, codegen, phi, llama).
         dtype None: bf16 (fp16 without bf16 support) on CUDA; on CPU the checkpoint's dtype
-        (config.json `dtype`/`torch_dtype`), float32 for float16 checkpoints. Names are read as
-        transformers reads them ("bfloat16", "float32", ...; also "bf16", "fp16", "fp32"), and
-        "auto" is the checkpoint's dtype exactly (float16 too)."""
+        (config.json `dtype`/`torch_dtype`), float32 for float16 and float64 checkpoints. Names
+        are read as transformers reads them ("bfloat16", "float32", ...; also "bf16", "fp16",
+        "fp32"), and "auto" is the checkpoint's dtype exactly (float16 too)."""
         import pretrained
 
         return pretrained.load(path, dtype=dtype, device=device)

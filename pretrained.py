@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ import torch
 import cliconfig
 from architecture import (
     FAMILIES,
+    LLAMA3_SCALING_KEYS,
     SHORT_DTYPES,
     ModelConfig,
     Transformer,
@@ -100,22 +102,80 @@ HF_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_ta
           "gelu_fast": "gelu_tanh"}
 
 # Training-only fields that a family's HF config may not carry (inference ignores them).
-NOT_IN_HF_CONFIG = ("init", "init_std", "dropout", "attn_dropout")
+NOT_IN_HF_CONFIG = ("init", "init_std", "dropout", "embd_dropout", "attn_dropout")
+
+# ModelConfig dropout field -> (HF key, the HF config class's default), per family: where
+# transformers applies dropout in training (Llama: attention weights only).
+DROPOUT_KEYS = {
+    "llama": {"attn_dropout": ("attention_dropout", 0.0)},
+    "phi": {"dropout": ("resid_pdrop", 0.0), "embd_dropout": ("embd_pdrop", 0.0),
+            "attn_dropout": ("attention_dropout", 0.0)},
+    "codegen": {"dropout": ("resid_pdrop", 0.0), "embd_dropout": ("embd_pdrop", 0.0),
+                "attn_dropout": ("attn_pdrop", 0.0)},
+    "gpt_bigcode": {"dropout": ("resid_pdrop", 0.1), "embd_dropout": ("embd_pdrop", 0.1),
+                    "attn_dropout": ("attn_pdrop", 0.1)},
+}
 
 _REQUIRED = object()
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
-def _get(hf: dict, *names: str, default=_REQUIRED):
+def _typed(key: str, value, kind: type):
+    """value checked as a JSON value of kind, as transformers 5 checks it, else a ValueError
+    naming key (Python reads "false" as true, and 16.5 fails later as a tensor size). An
+    integral float (64.0) is taken as its int."""
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if (isinstance(value, bool) != (kind is bool)  # a JSON true is no number, 1 no boolean
+            or not isinstance(value, (int, float) if kind is float else kind)):
+        raise ValueError(f"{key}={value!r}: expected {_KINDS[kind]}")
+    return kind(value)
+
+
+def _get(hf: dict, *names: str, kind: type = int, default=_REQUIRED):
+    """The first of names that is set, checked by `_typed`. A null counts as absent (transformers'
+    optional numbers), except for a boolean: transformers 5 refuses a null one."""
     for n in names:
-        if hf.get(n) is not None:
-            return hf[n]
+        if hf.get(n) is not None or (kind is bool and n in hf):
+            return _typed(n, hf[n], kind)
     if default is _REQUIRED:
         raise ValueError(f"missing field {' / '.join(names)!r}")
     return default
 
 
+def _heads(hf: dict, *names: str) -> int:
+    """The head count, checked here because the readers divide the width by it (ModelConfig
+    checks every other size)."""
+    n = _get(hf, *names)
+    if n < 1:
+        raise ValueError(f"{next(k for k in names if k in hf)}={n}: must be a positive integer")
+    return n
+
+
+def _require(hf: dict, key: str, want, why: str) -> None:
+    """A field codelm honours one way only: absent, or exactly `want`."""
+    if key in hf and _typed(key, hf[key], type(want)) != want:
+        raise ValueError(f"{key}={hf[key]!r} cannot be honoured: {why}")
+
+
+def _dropouts(hf: dict, family: str) -> dict:
+    """The family's dropout fields as ModelConfig keywords (absent keys: the HF class default)."""
+    out = {}
+    for field, (key, default) in DROPOUT_KEYS[family].items():
+        out[field] = _get(hf, key, kind=float, default=default)
+        if not 0.0 <= out[field] < 1.0:
+            raise ValueError(f"{key}={out[field]!r}: must be in [0, 1)")
+    return out
+
+
+def _write_dropouts(c: ModelConfig) -> dict:
+    """The family's dropout keys with c's values (the embeddings' resolved)."""
+    p = {"dropout": c.dropout, "embd_dropout": c.embedding_dropout, "attn_dropout": c.attn_dropout}
+    return {key: p[field] for field, (key, _) in DROPOUT_KEYS[c.family].items()}
+
+
 def _act(hf: dict, key: str, default: str) -> str:
-    act = hf.get(key, default)
+    act = _get(hf, key, kind=str, default=default)
     if act not in HF_ACT:
         raise ValueError(f"{key}={act!r} is not supported (supported: "
                          f"{sorted(HF_ACT)})")
@@ -125,7 +185,9 @@ def _act(hf: dict, key: str, default: str) -> str:
 def _rope(hf: dict, default_partial: float = 1.0) -> dict:
     """Rope fields as transformers resolves them: the Hub's older `rope_scaling` dict, when given,
     replaces transformers 5's `rope_parameters`; rope_theta and partial_rotary_factor are read
-    from that dict, else from the top level (a null counts as absent)."""
+    from that dict, else from the top level (a null counts as absent). For llama3 scaling a
+    top-level original_max_position_embeddings (Phi-3 style) overrides the dict's, as in
+    transformers' `standardize_rope_params`."""
     params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     if not isinstance(params, dict) or (params and all(isinstance(v, dict)
                                                        for v in params.values())):
@@ -133,25 +195,24 @@ def _rope(hf: dict, default_partial: float = 1.0) -> dict:
                          "of rope_type and its fields)")
     rope_type = params.get("rope_type") or params.get("type") or "default"
 
-    def field(key: str, default: float) -> float:
-        return next((d[key] for d in (params, hf) if d.get(key) is not None), default)
+    def field(key: str, kind: type, default):
+        return next((_typed(key, d[key], kind) for d in (params, hf)
+                     if d.get(key) is not None), default)
 
     if "rope_theta" in hf and hf["rope_theta"] is None and params.get("rope_theta") is None:
         raise ValueError("rope_theta is null")
-    out = {"rope_theta": float(field("rope_theta", 10000.0)),
-           "partial": float(field("partial_rotary_factor", default_partial)), "rope_scaling": None}
+    out = {"rope_theta": field("rope_theta", float, 10000.0),
+           "partial": field("partial_rotary_factor", float, default_partial),
+           "rope_scaling": None}
     if rope_type == "llama3":
         src = dict(params)
-        src.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings"))
-        missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor",
-                               "original_max_position_embeddings") if src.get(k) is None]
+        top = "original_max_position_embeddings"
+        src[top] = hf[top] if top in hf else src.get(top, hf.get("max_position_embeddings"))
+        missing = [k for k in LLAMA3_SCALING_KEYS if src.get(k) is None]
         if missing:
             raise ValueError(f"llama3 rope scaling lacks {missing}")
-        out["rope_scaling"] = {"factor": float(src["factor"]),
-                               "low_freq_factor": float(src["low_freq_factor"]),
-                               "high_freq_factor": float(src["high_freq_factor"]),
-                               "original_max_position_embeddings":
-                                   int(src["original_max_position_embeddings"])}
+        out["rope_scaling"] = {k: _typed(k, src[k], int if k == top else float)
+                               for k in LLAMA3_SCALING_KEYS}
     elif rope_type != "default":
         raise ValueError(f"rope_type {rope_type!r} is not supported "
                          "(supported: default, llama3)")
@@ -161,61 +222,56 @@ def _rope(hf: dict, default_partial: float = 1.0) -> dict:
 def _eos(hf: dict) -> int | list[int] | None:
     """Kept as written: chat checkpoints list several ids, and the export must stop on each."""
     eos = hf.get("eos_token_id")
-    if isinstance(eos, list) and eos and all(isinstance(e, int) for e in eos):
-        return eos if len(eos) > 1 else eos[0]
-    return eos if isinstance(eos, int) else None
-
-
-def _refuse(hf: dict, key: str, ok: Callable[[object], bool], why: str) -> None:
-    if key in hf and not ok(hf[key]):
-        raise ValueError(f"{key}={hf[key]!r} cannot be honoured: {why}")
+    if eos is None:
+        return None
+    ids = [_typed("eos_token_id", e, int) for e in (eos if isinstance(eos, list) else [eos])]
+    return (ids if len(ids) > 1 else ids[0]) if ids else None
 
 
 def _read_llama(hf: dict) -> ModelConfig:
-    _refuse(hf, "hidden_act", lambda v: v == "silu", "codelm's SwiGLU uses silu")
-    n_embd, n_head = _get(hf, "hidden_size"), _get(hf, "num_attention_heads")
+    _require(hf, "hidden_act", "silu", "codelm's SwiGLU uses silu")
+    n_embd, n_head = _get(hf, "hidden_size"), _heads(hf, "num_attention_heads")
     rope = _rope(hf)
     if rope["partial"] != 1.0:
         raise ValueError("partial_rotary_factor != 1 cannot be honoured for llama")
-    bias = bool(hf.get("attention_bias", False))
+    bias = _get(hf, "attention_bias", kind=bool, default=False)
     return ModelConfig(
         family="llama", vocab_size=_get(hf, "vocab_size"),
         block_size=_get(hf, "max_position_embeddings"), n_layer=_get(hf, "num_hidden_layers"),
         n_head=n_head, n_kv_head=_get(hf, "num_key_value_heads", default=n_head), n_embd=n_embd,
         head_dim=_get(hf, "head_dim", default=n_embd // n_head),
         mlp_hidden=_get(hf, "intermediate_size"), norm="rmsnorm",
-        norm_eps=float(_get(hf, "rms_norm_eps", default=1e-6)), mlp="swiglu", positions="rope",
-        rope_theta=rope["rope_theta"], rope_scaling=rope["rope_scaling"], qkv_bias=bias,
-        attn_proj_bias=bias, mlp_bias=bool(hf.get("mlp_bias", False)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        attn_dropout=float(hf.get("attention_dropout") or 0.0),
-        bos_id=hf.get("bos_token_id"), eos_id=_eos(hf))
+        norm_eps=_get(hf, "rms_norm_eps", kind=float, default=1e-6), mlp="swiglu",
+        positions="rope", rope_theta=rope["rope_theta"], rope_scaling=rope["rope_scaling"],
+        qkv_bias=bias, attn_proj_bias=bias,
+        mlp_bias=_get(hf, "mlp_bias", kind=bool, default=False),
+        tie_embeddings=_get(hf, "tie_word_embeddings", kind=bool, default=False),
+        **_dropouts(hf, "llama"), bos_id=_get(hf, "bos_token_id", default=None), eos_id=_eos(hf))
 
 
 def _read_phi(hf: dict) -> ModelConfig:
-    _refuse(hf, "qk_layernorm", lambda v: not v, "query/key LayerNorm is not implemented")
-    n_embd, n_head = _get(hf, "hidden_size"), _get(hf, "num_attention_heads")
+    _require(hf, "qk_layernorm", False, "query/key LayerNorm is not implemented")
+    n_embd, n_head = _get(hf, "hidden_size"), _heads(hf, "num_attention_heads")
     head_dim = n_embd // n_head
     rope = _rope(hf, default_partial=0.5)
     if rope["rope_scaling"] is not None:
         raise ValueError("rope scaling cannot be honoured for phi")
-    dropout = float(hf.get("resid_pdrop") or 0.0)
     return ModelConfig(
         family="phi", vocab_size=_get(hf, "vocab_size"),
         block_size=_get(hf, "max_position_embeddings"), n_layer=_get(hf, "num_hidden_layers"),
         n_head=n_head, n_kv_head=_get(hf, "num_key_value_heads", default=n_head), n_embd=n_embd,
         mlp_hidden=_get(hf, "intermediate_size"), norm="layernorm",
-        norm_eps=float(_get(hf, "layer_norm_eps", default=1e-5)),
+        norm_eps=_get(hf, "layer_norm_eps", kind=float, default=1e-5),
         mlp=_act(hf, "hidden_act", "gelu_new"), positions="rope",
         rotary_dim=int(head_dim * rope["partial"]), rope_theta=rope["rope_theta"],
         parallel_residual=True, qkv_bias=True, attn_proj_bias=True, mlp_bias=True,
-        lm_head_bias=True, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        dropout=dropout, attn_dropout=float(hf.get("attention_dropout") or 0.0),
-        bos_id=hf.get("bos_token_id"), eos_id=_eos(hf))
+        lm_head_bias=True,
+        tie_embeddings=_get(hf, "tie_word_embeddings", kind=bool, default=False),
+        **_dropouts(hf, "phi"), bos_id=_get(hf, "bos_token_id", default=None), eos_id=_eos(hf))
 
 
 def _read_codegen(hf: dict) -> ModelConfig:
-    n_embd, n_head = _get(hf, "n_embd", "hidden_size"), _get(hf, "n_head", "num_attention_heads")
+    n_embd, n_head = _get(hf, "n_embd", "hidden_size"), _heads(hf, "n_head", "num_attention_heads")
     if n_head % 4:
         raise ValueError(f"n_head={n_head} cannot be honoured: CodeGen's qkv_proj "
                          "is laid out in 4 chunks, so n_head must be a multiple of 4")
@@ -224,31 +280,31 @@ def _read_codegen(hf: dict) -> ModelConfig:
         block_size=_get(hf, "n_positions", "max_position_embeddings"),
         n_layer=_get(hf, "n_layer", "num_hidden_layers"), n_head=n_head, n_embd=n_embd,
         mlp_hidden=_get(hf, "n_inner", default=4 * n_embd), norm="layernorm",
-        norm_eps=float(_get(hf, "layer_norm_epsilon", default=1e-5)),
+        norm_eps=_get(hf, "layer_norm_epsilon", kind=float, default=1e-5),
         mlp=_act(hf, "activation_function", "gelu_new"), positions="rope",
         rotary_dim=_get(hf, "rotary_dim", default=64), rope_interleaved=True,  # CodeGenConfig's
         parallel_residual=True, mlp_bias=True, lm_head_bias=True,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        dropout=float(hf.get("resid_pdrop") or 0.0), attn_dropout=float(hf.get("attn_pdrop") or 0.0),
-        bos_id=hf.get("bos_token_id"), eos_id=_eos(hf))
+        tie_embeddings=_get(hf, "tie_word_embeddings", kind=bool, default=False),
+        **_dropouts(hf, "codegen"), bos_id=_get(hf, "bos_token_id", default=None),
+        eos_id=_eos(hf))
 
 
 def _read_gpt_bigcode(hf: dict) -> ModelConfig:
-    _refuse(hf, "scale_attn_weights", bool, "attention is always scaled by 1/sqrt(head_dim)")
-    _refuse(hf, "add_cross_attention", lambda v: not v, "cross-attention is not implemented")
-    n_embd, n_head = _get(hf, "n_embd", "hidden_size"), _get(hf, "n_head", "num_attention_heads")
+    _require(hf, "scale_attn_weights", True, "attention is always scaled by 1/sqrt(head_dim)")
+    _require(hf, "add_cross_attention", False, "cross-attention is not implemented")
+    n_embd, n_head = _get(hf, "n_embd", "hidden_size"), _heads(hf, "n_head", "num_attention_heads")
     return ModelConfig(
         family="gpt_bigcode", vocab_size=_get(hf, "vocab_size"),
         block_size=_get(hf, "n_positions", "max_position_embeddings"),
         n_layer=_get(hf, "n_layer", "num_hidden_layers"), n_head=n_head,
-        n_kv_head=1 if hf.get("multi_query", True) else n_head, n_embd=n_embd,
-        mlp_hidden=_get(hf, "n_inner", default=4 * n_embd), norm="layernorm",
-        norm_eps=float(_get(hf, "layer_norm_epsilon", default=1e-5)),
+        n_kv_head=1 if _get(hf, "multi_query", kind=bool, default=True) else n_head,
+        n_embd=n_embd, mlp_hidden=_get(hf, "n_inner", default=4 * n_embd), norm="layernorm",
+        norm_eps=_get(hf, "layer_norm_epsilon", kind=float, default=1e-5),
         mlp=_act(hf, "activation_function", "gelu_pytorch_tanh"), positions="learned",
         qkv_bias=True, attn_proj_bias=True, mlp_bias=True,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-        dropout=float(hf.get("resid_pdrop") or 0.0), attn_dropout=float(hf.get("attn_pdrop") or 0.0),
-        bos_id=hf.get("bos_token_id"), eos_id=_eos(hf))
+        tie_embeddings=_get(hf, "tie_word_embeddings", kind=bool, default=True),
+        **_dropouts(hf, "gpt_bigcode"), bos_id=_get(hf, "bos_token_id", default=None),
+        eos_id=_eos(hf))
 
 
 _HF_ACT_NAME = {"gpt_bigcode": {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"},
@@ -271,8 +327,7 @@ def _write_llama(c: ModelConfig) -> dict:
             "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
             "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim, "hidden_act": "silu",
             "rms_norm_eps": c.norm_eps, "rope_parameters": rope, **_legacy_rope(rope),
-            "attention_bias": c.qkv_bias,
-            "mlp_bias": c.mlp_bias, "attention_dropout": c.attn_dropout,
+            "attention_bias": c.qkv_bias, "mlp_bias": c.mlp_bias, **_write_dropouts(c),
             "tie_word_embeddings": c.tie_embeddings}
 
 
@@ -285,9 +340,7 @@ def _write_phi(c: ModelConfig) -> dict:
             "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta,
                                 "partial_rotary_factor": c.rotary_dim / c.head_dim},
             "rope_theta": c.rope_theta, "partial_rotary_factor": c.rotary_dim / c.head_dim,
-            "resid_pdrop": c.dropout, "embd_pdrop": c.dropout,
-            "attention_dropout": c.attn_dropout, "qk_layernorm": False,
-            "tie_word_embeddings": c.tie_embeddings}
+            **_write_dropouts(c), "qk_layernorm": False, "tie_word_embeddings": c.tie_embeddings}
 
 
 def _write_codegen(c: ModelConfig) -> dict:
@@ -295,8 +348,8 @@ def _write_codegen(c: ModelConfig) -> dict:
             "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
             "n_inner": c.mlp_hidden, "rotary_dim": c.rotary_dim,
             "activation_function": _HF_ACT_NAME["codegen"][c.mlp],
-            "layer_norm_epsilon": c.norm_eps, "resid_pdrop": c.dropout, "embd_pdrop": c.dropout,
-            "attn_pdrop": c.attn_dropout, "tie_word_embeddings": c.tie_embeddings}
+            "layer_norm_epsilon": c.norm_eps, **_write_dropouts(c),
+            "tie_word_embeddings": c.tie_embeddings}
 
 
 def _write_gpt_bigcode(c: ModelConfig) -> dict:
@@ -304,8 +357,7 @@ def _write_gpt_bigcode(c: ModelConfig) -> dict:
             "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": c.mlp_hidden,
             "multi_query": c.n_kv_head == 1,
             "activation_function": _HF_ACT_NAME["gpt_bigcode"][c.mlp],
-            "layer_norm_epsilon": c.norm_eps, "resid_pdrop": c.dropout, "embd_pdrop": c.dropout,
-            "attn_pdrop": c.attn_dropout, "scale_attn_weights": True,
+            "layer_norm_epsilon": c.norm_eps, **_write_dropouts(c), "scale_attn_weights": True,
             "tie_word_embeddings": c.tie_embeddings}
 
 
@@ -482,6 +534,7 @@ class TensorSource:
     def __init__(self, directory: Path) -> None:
         self.files: dict[str, SafetensorsFile] = {}
         self.tensors: dict[str, torch.Tensor] = {}  # from .bin files
+        self.origin: dict[str, Path] = {}  # the file each tensor is in (for messages)
         st, st_index = directory / "model.safetensors", directory / "model.safetensors.index.json"
         bin_, bin_index = directory / "pytorch_model.bin", directory / "pytorch_model.bin.index.json"
         if st.exists():
@@ -503,6 +556,10 @@ class TensorSource:
         weight_map = cliconfig.read_json_object(index, "shard index").get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: corrupt shard index (no 'weight_map' object)")
+        bad = next((k for k, f in weight_map.items() if not isinstance(f, str) or not f), None)
+        if bad is not None:
+            raise ValueError(f"{index}: corrupt shard index (weight_map[{bad!r}] is "
+                             f"{weight_map[bad]!r}, not a file name)")
         shards = [index.parent / f for f in dict.fromkeys(weight_map.values())]
         missing = [str(s) for s in shards if not s.exists()]
         if missing:
@@ -513,6 +570,7 @@ class TensorSource:
         f = SafetensorsFile(path)
         for name in f.entries:
             self.files[name] = f
+        self.origin.update(dict.fromkeys(f.entries, path))
 
     def _add_bin(self, path: Path) -> None:
         try:
@@ -527,6 +585,7 @@ class TensorSource:
         if not isinstance(sd, dict):
             raise ValueError(f"{path}: expected a state dict, found {type(sd).__name__}")
         self.tensors.update(sd)
+        self.origin.update(dict.fromkeys(sd, path))
 
     def names(self) -> set[str]:
         return set(self.files) | set(self.tensors)
@@ -636,6 +695,26 @@ def _requested_dtype(dtype: torch.dtype | str | None, hf: dict,
     return resolved
 
 
+def _tie_as_the_file_says(cfg: ModelConfig, table: FamilyTable, source: TensorSource,
+                           dtype: torch.dtype) -> ModelConfig:
+    """transformers' rule for a config that ties the head: tie when the file has no head or
+    one equal to the embeddings (in the dtype loaded); a different head is a fine-tune's own,
+    left behind in config.json, so it loads untied, with a warning. Only such a file's two
+    tensors are read here."""
+    weights = {path: f"{hf}.weight" for hf, (path, _) in table.modules.items()}
+    head, embeddings = weights["lm_head"], weights["wte"]
+    if not (cfg.tie_embeddings and {head, embeddings} <= source.names()):
+        return cfg  # an absent embedding is reported as missing
+    cpu = torch.device("cpu")
+    if source.shape(head) == source.shape(embeddings) and torch.equal(
+            source.whole(head, dtype, cpu), source.whole(embeddings, dtype, cpu)):
+        return cfg
+    print(f"warning: {source.origin[head]}: {head} differs from {embeddings}, but the config "
+          "ties them (tie_word_embeddings true, or absent for gpt_bigcode); loading them untied, "
+          "as transformers does", file=sys.stderr)
+    return replace(cfg, tie_embeddings=False)
+
+
 def load(directory: str | Path, dtype: torch.dtype | str | None = None,
          device: torch.device | str | None = None) -> Transformer:
     """Build a `Transformer` from a local HF checkpoint directory; every check runs before the
@@ -648,6 +727,7 @@ def load(directory: str | Path, dtype: torch.dtype | str | None = None,
     device = torch.device(device if device is not None else "cpu")
     source = TensorSource(directory)
     dtype = _requested_dtype(dtype, hf, source) or _auto_dtype(hf, device)
+    cfg = _tie_as_the_file_says(cfg, table, source, dtype)
 
     with torch.device("meta"):
         model = Transformer(cfg)

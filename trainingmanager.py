@@ -133,8 +133,9 @@ class TrainConfig:
     n_embd: int | None = None  # model width
     mlp_hidden: int | None = None  # MLP width
     block_size: int | None = None  # context length of the model and of training sequences
-    dropout: float | None = None  # residual dropout (default: the model's own); attention
-    #   dropout is the model's own, or model_options {"attn_dropout": p} from scratch
+    dropout: float | None = None  # residual dropout (default: the model's own), and the
+    #   embeddings' where the checkpoint sets none apart (embd_pdrop); attention dropout is the
+    #   model's own, or model_options {"attn_dropout": p} from scratch
     model_options: dict = field(default_factory=dict)  # any other ModelConfig field, e.g. init
     # tokenizer: a file/dir, else the model dir's, else a CodeTokenizer trained on the train split
     tokenizer: str | None = None  # a tokenizer.json / codelm tokenizer file or directory

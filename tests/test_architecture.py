@@ -52,6 +52,12 @@ def _ids(batch, length, seed=0, vocab=96):
     (dict(rope_scaling={"factor": 8.0}), r"rope_scaling.*needs keys"),
     (dict(init="kaiming"), r"ModelConfig.init='kaiming'"),
     (dict(dropout=1.5), r"dropout=1.5: must be in"),
+    (dict(embd_dropout=-0.1), r"embd_dropout=-0.1: must be in"),
+    # Sizes that only resolve later failed as a bare TypeError in torch.empty.
+    (dict(head_dim=16.0), r"ModelConfig.head_dim=16.0: must be a positive integer"),
+    (dict(n_kv_head=2.0), r"ModelConfig.n_kv_head=2.0: must be a positive integer"),
+    (dict(rotary_dim=8.0), r"ModelConfig.rotary_dim=8.0: must be a positive integer"),
+    (dict(rotary_dim=0), r"ModelConfig.rotary_dim=0: must be a positive integer"),
 ])
 def test_config_rejects_bad_values(change, message):
     with pytest.raises(ValueError, match=message):
@@ -979,6 +985,24 @@ def test_dropout_only_in_training():
     assert not torch.equal(model(idx), model(idx))
     model.eval()
     assert torch.equal(model(idx), model(idx))
+
+
+def test_embeddings_take_their_own_dropout_else_the_residual_one(monkeypatch):
+    """embd_dropout (Phi-2: embd_pdrop 0.0 beside resid_pdrop 0.1) drops the embeddings, dropout
+    the residual branches; embd_dropout None follows dropout, read live (the embeddings took
+    dropout's p whatever the config said)."""
+    import architecture
+
+    calls = []
+    monkeypatch.setattr(architecture, "dropout", lambda x, p, training: calls.append(p) or x)
+    model = Transformer(dataclasses.replace(SHAPES["phi"], dropout=0.1, embd_dropout=0.0)).train()
+    model(_ids(1, 8))
+    assert calls == [0.0] + [0.1] * 2 * model.cfg.n_layer
+    calls.clear()
+    model.cfg.embd_dropout = None
+    model.cfg.dropout = 0.2
+    model(_ids(1, 8))
+    assert calls == [0.2] * (1 + 2 * model.cfg.n_layer)
 
 
 @pytest.mark.parametrize("preset", ["tiny"])

@@ -2,6 +2,7 @@
 and beam generation, export back into transformers, every input format, every error."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -301,6 +302,126 @@ def test_rope_fields_resolve_as_transformers_resolves_them(checkpoints, tmp_path
     _same_logits_as_transformers(tmp_path / "codegen")
 
 
+def test_top_level_original_max_position_embeddings_overrides_the_rope_dict(checkpoints,
+                                                                            tmp_path):
+    """Phi-3-style configs keep it at the top level; transformers puts it over the llama3 dict's
+    value (64 here), which codelm used (logits off by ~7e-3). A null one is refused, where
+    transformers fails on it."""
+    path = checkpoints["llama"][0]
+    _same_logits_as_transformers(_edit_config(path, tmp_path / "top",
+                                              original_max_position_embeddings=16))
+    assert Transformer.from_pretrained(tmp_path / "top").cfg.rope_scaling[
+        "original_max_position_embeddings"] == 16
+    with pytest.raises(ValueError, match=r"config.json: llama3 rope scaling lacks "
+                                         r"\['original_max_position_embeddings'\]"):
+        Transformer.from_pretrained(_edit_config(path, tmp_path / "null",
+                                                 original_max_position_embeddings=None))
+
+
+def _with_head(path, family, head):
+    """Rewrite the checkpoint at path with lm_head.weight = head(embeddings)."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(path / "model.safetensors")
+    wte = "model.embed_tokens.weight" if family == "llama" else "transformer.wte.weight"
+    state["lm_head.weight"] = head(state[wte])
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_bigcode"])
+def test_tied_config_over_a_different_head_loads_untied_as_transformers_does(family, tmp_path,
+                                                                             capsys):
+    """A fine-tune that untied its head but kept tie_word_embeddings true (gpt_bigcode: true when
+    absent): transformers warns and uses the file's head; codelm tied it silently (logits off by
+    ~0.7). The export then says untied, so transformers reads the same model back."""
+    import transformers
+
+    d = tmp_path / "m"
+    save_tiny_hf(family, d, tie_word_embeddings=True)
+    noise = 0.02 * torch.randn(256, 64, generator=torch.Generator().manual_seed(1))
+    _with_head(d, family, lambda embeddings: embeddings + noise)
+    if family == "gpt_bigcode":
+        config = json.loads((d / "config.json").read_text())
+        del config["tie_word_embeddings"]
+        (d / "config.json").write_text(json.dumps(config))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
+    capsys.readouterr()
+    model = Transformer.from_pretrained(d)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "model.safetensors: lm_head.weight differs" in err[0], err
+    assert not model.cfg.tie_embeddings and model.lm_head.weight is not model.wte.weight
+    idx = _ids(3, 128)
+    with torch.no_grad():
+        assert (model(idx) - hf(idx).logits).abs().max().item() <= 1e-4
+    model.save_pretrained(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())[
+        "tie_word_embeddings"] is False
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert (back(idx).logits - model(idx)).abs().max().item() <= 1e-5
+
+
+def test_tied_config_over_an_equal_head_stays_tied(tmp_path, capsys):
+    """A head equal to the embeddings (torch .bin files of tied models hold both) is tied."""
+    hf = save_tiny_hf("llama", tmp_path / "st")
+    _with_head(tmp_path / "st", "llama", torch.clone)
+    (tmp_path / "bin").mkdir()
+    shutil.copy(tmp_path / "st" / "config.json", tmp_path / "bin")
+    torch.save(hf.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    assert "lm_head.weight" in hf.state_dict()
+    capsys.readouterr()
+    for d in ("st", "bin"):
+        model = Transformer.from_pretrained(tmp_path / d)
+        assert model.lm_head.weight is model.wte.weight and capsys.readouterr().err == "", d
+
+
+# family -> (embeddings, residual, attention) dropout p of a transformers model, where it
+# applies them in training.
+HF_DROPOUTS = {
+    "llama": lambda m: (0.0, 0.0, m.model.layers[0].self_attn.attention_dropout),
+    "phi": lambda m: (m.model.embed_dropout.p, m.model.layers[0].resid_dropout.p,
+                      m.model.layers[0].self_attn.attention_dropout),
+    "codegen": lambda m: (m.transformer.drop.p, m.transformer.h[0].mlp.dropout.p,
+                          m.transformer.h[0].attn.attn_dropout.p),
+    "gpt_bigcode": lambda m: (m.transformer.drop.p, m.transformer.h[0].mlp.dropout.p,
+                              m.transformer.h[0].attn.attn_dropout),
+}
+
+
+@pytest.mark.parametrize("family, keys", [
+    ("llama", {"attention_dropout": 0.3}),
+    ("phi", {"resid_pdrop": 0.1, "embd_pdrop": 0.0, "attention_dropout": 0.2}),  # Phi-2's
+    ("codegen", {"resid_pdrop": 0.05, "embd_pdrop": 0.15, "attn_pdrop": 0.25}),
+    ("gpt_bigcode", {"resid_pdrop": None, "embd_pdrop": None, "attn_pdrop": None}),  # absent
+])
+def test_dropout_where_and_as_transformers_applies_it(family, keys, tmp_path, monkeypatch):
+    """embd_pdrop was never read (the embeddings took resid_pdrop) and gpt_bigcode's absent keys
+    were 0.0, not GPTBigCodeConfig's 0.1. Each p codelm draws in training is the one transformers
+    applies at that place, from the checkpoint and from codelm's export of it."""
+    import transformers
+
+    import architecture
+
+    save_tiny_hf(family, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config.update({k: v for k, v in keys.items() if v is not None})
+    for k in [k for k, v in keys.items() if v is None]:
+        config.pop(k, None)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    model = Transformer.from_pretrained(tmp_path / "m")
+    model.save_pretrained(tmp_path / "out")
+    calls = []
+    monkeypatch.setattr(architecture, "dropout", lambda x, p, training: calls.append(p) or x)
+    model.train()(_ids(1, 8))
+    for d in (tmp_path / "m", tmp_path / "out"):
+        hf = transformers.AutoModelForCausalLM.from_pretrained(d)
+        embd, resid, attn = HF_DROPOUTS[family](hf)
+        assert calls == [embd] + [resid] * 2 * model.cfg.n_layer, d
+        assert model.cfg.attn_dropout == attn, d
+    if family == "gpt_bigcode":
+        assert (embd, resid, attn) == (0.1, 0.1, 0.1)
+
+
 @pytest.mark.parametrize("family, buffers", [
     ("gpt_bigcode", ("transformer.h.0.attn.masked_bias", "transformer.h.1.attn.bias")),
     ("codegen", ("transformer.h.0.attn.causal_mask", "transformer.h.1.attn.masked_bias")),
@@ -374,7 +495,8 @@ def test_load_imports_no_symbolic_machinery(checkpoints, family):
 
 
 @pytest.mark.parametrize("stored, loaded", [(torch.bfloat16, torch.bfloat16),
-                                            (torch.float16, torch.float32)])
+                                            (torch.float16, torch.float32),
+                                            (torch.float64, torch.float32)])
 def test_default_dtype_follows_the_checkpoint(tmp_path, stored, loaded):
     tiny_hf_model("llama").to(stored).save_pretrained(tmp_path)
     model = Transformer.from_pretrained(tmp_path)
@@ -452,6 +574,59 @@ def test_error_config_field_cannot_be_honoured(checkpoints, tmp_path, change, me
     with pytest.raises(ValueError, match=message):
         Transformer.from_pretrained(d)
 
+
+
+@pytest.mark.parametrize("family, key, value, message", [
+    # A string was truthy: "false" tied an untied model (logits off by ~1.6).
+    ("llama", "tie_word_embeddings", "false", "expected true or false"),
+    ("llama", "attention_bias", "true", "expected true or false"),
+    ("llama", "mlp_bias", 0, "expected true or false"),
+    ("gpt_bigcode", "multi_query", "false", "expected true or false"),
+    ("gpt_bigcode", "tie_word_embeddings", None, "expected true or false"),
+    ("gpt_bigcode", "scale_attn_weights", 1, "expected true or false"),
+    ("phi", "qk_layernorm", "false", "expected true or false"),
+    # Non-integers for sizes failed later as a bare TypeError (torch.empty).
+    ("llama", "head_dim", 16.5, "expected an integer"),
+    ("llama", "num_key_value_heads", "2", "expected an integer"),
+    ("llama", "hidden_size", True, "expected an integer"),
+    ("codegen", "rotary_dim", 8.5, "expected an integer"),
+    ("llama", "eos_token_id", "2", "expected an integer"),  # was dropped: no EOS at all
+    ("phi", "layer_norm_eps", "1e-5", "expected a number"),
+    ("codegen", "activation_function", ["gelu"], "expected a string"),
+    # A zero head count divided the width: ZeroDivisionError.
+    ("llama", "num_attention_heads", 0, "must be a positive integer"),
+    ("phi", "num_attention_heads", 0, "must be a positive integer"),
+])
+def test_error_config_value_of_the_wrong_type(checkpoints, tmp_path, family, key, value,
+                                              message):
+    """Each is a ValueError naming the file and key (transformers 5 refuses them too)."""
+    d = _edit_config(checkpoints[family][0], tmp_path / "m", **{key: value})
+    with pytest.raises(ValueError, match=rf"config.json: {key}={re.escape(repr(value))}: "
+                                         rf"{message}"):
+        Transformer.from_pretrained(d)
+
+
+@pytest.mark.parametrize("family, key, value", [("llama", "head_dim", 16.0),
+                                                ("llama", "num_key_value_heads", 2.0),
+                                                ("codegen", "rotary_dim", 8.0)])
+def test_integral_float_sizes_are_read_as_integers(checkpoints, tmp_path, family, key, value):
+    _, _, model = checkpoints[family]
+    loaded = Transformer.from_pretrained(_edit_config(checkpoints[family][0], tmp_path / "m",
+                                                      **{key: value}))
+    assert loaded.cfg == model.cfg
+    idx = _ids(2, 16)
+    assert torch.equal(loaded(idx), model(idx))
+
+
+def test_error_shard_index_without_a_file_name(checkpoints, tmp_path):
+    checkpoints["llama"][1].save_pretrained(tmp_path, max_shard_size="100KB")
+    index = tmp_path / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"]["model.norm.weight"] = None  # was a bare TypeError joining the path
+    index.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json: corrupt shard index "
+                                         r"\(weight_map\['model.norm.weight'\] is None"):
+        Transformer.from_pretrained(tmp_path)
 
 
 def test_error_quantized_checkpoint(checkpoints, tmp_path):
