@@ -488,7 +488,8 @@ def _trial_run(cfg: TuneConfig, number: int, resume: Path | None = None) -> dict
     """A trial's own run directory (``resume``: the run of the interrupted trial it re-runs,
     continued), no bars, no export, and one checkpoint at the end (or where a stop left it);
     its best/ checkpoint is kept."""
-    run = resume or study_dir(cfg) / "trials" / f"trial-{number:04d}"
+    # Absolute, as the trial's recorded run: a continuation from another directory finds it.
+    run = resume or (study_dir(cfg) / "trials" / f"trial-{number:04d}").absolute()
     return {"name": run.name, "out_dir": str(run.parent), "resume": resume and str(resume),
             "progress": False, "export": False, "save_every": cfg.max_steps, "keep_last": 1}
 
@@ -534,16 +535,25 @@ def _mark_interrupted(trial: optuna.Trial) -> None:
         trial.set_user_attr(ATTR_REASON, INTERRUPTED)
 
 
+@dataclass
+class _Hidden:
+    """What Optuna's tell hides from ``run_worker`` when another worker has already failed the
+    trial (its tell raises "Cannot tell a FAIL trial."): the trial left, or the stop met in it."""
+    abandoned: int | None = None
+    stop: KeyboardInterrupt | None = None
+
+
 def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _ClaimLock,
-                   abandoned: list[int]):
-    """The objective; the number of a trial it gave up (``TrialAbandoned``) goes to
-    ``abandoned``, for ``run_worker``."""
+                   hidden: _Hidden):
     def objective(trial: optuna.Trial) -> float:
         try:
             return run_trial(trial)
         except optuna.exceptions.UpdateFinishedTrialError:
-            abandoned.append(trial.number)
+            hidden.abandoned = trial.number
             raise TrialAbandoned(f"trial {trial.number}") from None
+        except KeyboardInterrupt as stop:
+            hidden.stop = stop
+            raise
 
     def run_trial(trial: optuna.Trial) -> float:
         # A retried trial arrives with its predecessor's attributes: make them this run's
@@ -622,8 +632,8 @@ def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.Ba
     """Start trials until the study holds ``n_trials`` finished ones; while the last ones run
     elsewhere, wait for them where a dead worker's trial can come back to the queue."""
     lock = _ClaimLock(study_dir(cfg) / "claim.lock")
-    abandoned: list[int] = []
-    objective = make_objective(cfg, space, base, lock, abandoned)
+    hidden = _Hidden()
+    objective = make_objective(cfg, space, base, lock, hidden)
     while True:
         lock.acquire()
         try:
@@ -642,13 +652,16 @@ def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.Ba
                 continue
             try:
                 study.optimize(objective, n_trials=1, catch=(TrialFailed, TrialAbandoned))
-            except ValueError:  # Optuna's "Cannot tell a FAIL trial.": the abandoned one
-                if not abandoned:
+            except ValueError:  # Optuna's "Cannot tell a FAIL trial.": see _Hidden
+                if hidden.stop is not None:
+                    raise hidden.stop from None
+                if hidden.abandoned is None:
                     raise
-            if abandoned:
-                tqdm.write(f"trial {abandoned.pop()}: another worker declared it dead (no "
+            if hidden.abandoned is not None:
+                tqdm.write(f"trial {hidden.abandoned}: another worker declared it dead (no "
                            "heartbeat within --grace-period); this worker leaves it (queued "
                            "again up to --max-retry times) and goes on", file=sys.stderr)
+                hidden.abandoned = None
         finally:
             lock.release()
 
@@ -828,7 +841,7 @@ def write_reports(study: optuna.Study, cfg: TuneConfig) -> dict | None:
     if complete:
         best_trial = min(complete, key=lambda t: t.value)
         best = {**absolute_paths(best_trial.user_attrs[ATTR_CONFIG], "best trial"),
-                "name": f"{cfg.study_name}-best", "out_dir": cfg.out_dir}
+                "name": f"{cfg.study_name}-best", "out_dir": str(Path(cfg.out_dir).absolute())}
         trainingmanager.config_from_dict(best, "best trial")
         cliconfig.write_atomic(out / "best.json", json.dumps(best, indent=2) + "\n")
     importances = {}

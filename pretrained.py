@@ -148,7 +148,8 @@ def _heads(hf: dict, *names: str) -> int:
     checks every other size)."""
     n = _get(hf, *names)
     if n < 1:
-        raise ValueError(f"{next(k for k in names if k in hf)}={n}: must be a positive integer")
+        key = next(k for k in names if hf.get(k) is not None)
+        raise ValueError(f"{key}={n}: must be a positive integer")
     return n
 
 

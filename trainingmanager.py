@@ -133,9 +133,9 @@ class TrainConfig:
     n_embd: int | None = None  # model width
     mlp_hidden: int | None = None  # MLP width
     block_size: int | None = None  # context length of the model and of training sequences
-    dropout: float | None = None  # residual dropout (default: the model's own), and the
-    #   embeddings' where the checkpoint sets none apart (embd_pdrop); attention dropout is the
-    #   model's own, or model_options {"attn_dropout": p} from scratch
+    dropout: float | None = None  # dropout of the embeddings and residual branches (default:
+    #   the model's own, e.g. embd_pdrop, resid_pdrop); attention dropout is the model's own,
+    #   or model_options {"attn_dropout": p} from scratch
     model_options: dict = field(default_factory=dict)  # any other ModelConfig field, e.g. init
     # tokenizer: a file/dir, else the model dir's, else a CodeTokenizer trained on the train split
     tokenizer: str | None = None  # a tokenizer.json / codelm tokenizer file or directory
@@ -725,7 +725,10 @@ def write_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
     by the next write of ``target``; a failed or interrupted ``write`` removes its own.
     """
     target = Path(target)
-    cliconfig.remove_dead_owners(target.parent, rf"\.(?:tmp|old)-{re.escape(target.name)}-")
+    # A dead writer's temp copy of any entry (a shared cache is written under many names, some
+    # never again), and its replaced copy of this one (the next run's, or this write's, target).
+    cliconfig.remove_dead_owners(target.parent, r"\.tmp-.+-")
+    cliconfig.remove_dead_owners(target.parent, rf"\.old-{re.escape(target.name)}-")
     tmp = target.parent / f".tmp-{target.name}-{cliconfig.owner_tag()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -1155,8 +1158,8 @@ def build_model(cfg: TrainConfig, tok) -> nn.Module:
         if tok.vocab_size > model.cfg.vocab_size:
             raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model at "
                              f"{cfg.init_from} only {model.cfg.vocab_size} embeddings")
-        if cfg.dropout is not None:  # residual dropout, as from scratch
-            model.cfg.dropout = cfg.dropout
+        if cfg.dropout is not None:  # embeddings and residual branches, as from scratch
+            model.cfg.dropout = model.cfg.embd_dropout = cfg.dropout
     else:
         model = Transformer(model_config(cfg, tok.vocab_size, tok.bos_id, tok.eos_id))
         model.to(base_dtype)

@@ -5,21 +5,21 @@ Ground floor: imports nothing of the project but ``cliconfig``, the utility unde
 ``{"repo", "path", "sha", "license", "stars", "text"}`` (``sha`` is the git blob SHA-1).
 """
 
-from scraping.client import GitHubClient, GitHubError
-from scraping.common import PERMISSIVE_LICENSES, RECORD_KEYS, Summary, git_blob_sha
-from scraping.github import GitHubConfig, scrape_github, search_repositories
-from scraping.local import LocalConfig, collect_local
+import importlib
 
-__all__ = [
-    "PERMISSIVE_LICENSES",
-    "RECORD_KEYS",
-    "GitHubClient",
-    "GitHubConfig",
-    "GitHubError",
-    "LocalConfig",
-    "Summary",
-    "collect_local",
-    "git_blob_sha",
-    "scrape_github",
-    "search_repositories",
-]
+_API = {
+    "GitHubClient": "client", "GitHubError": "client",
+    "PERMISSIVE_LICENSES": "common", "RECORD_KEYS": "common", "Summary": "common",
+    "git_blob_sha": "common",
+    "GitHubConfig": "github", "scrape_github": "github", "search_repositories": "github",
+    "LocalConfig": "local", "collect_local": "local",
+}
+__all__ = list(_API)
+
+
+def __getattr__(name: str):
+    """The API, each name imported on first use: dataset.py reads scraping.common's rules
+    without loading requests and the collectors."""
+    if name not in _API:
+        raise AttributeError(f"module 'scraping' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"scraping.{_API[name]}"), name)

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import cliconfig
+
 # Licences that allow reuse with attribution only; ``--licenses permissive`` expands to these.
 PERMISSIVE_LICENSES = frozenset(
     {"MIT", "Apache-2.0", "BSD-2-Clause", "BSD-3-Clause", "ISC", "Unlicense", "0BSD", "Zlib",
@@ -204,17 +206,6 @@ class Summary:
         return "\n".join(lines)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write-then-rename, so a reader or a killed run never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class ResumableOutput:
     """Output JSONL plus an append-only state log of finished repos, held by one run at a time.
 
@@ -241,7 +232,7 @@ class ResumableOutput:
                         f"{self.out} exists but its state file {self.state} does not; "
                         "choose another --out or remove the file"
                     )
-                atomic_write(self.state, json.dumps({"settings": settings}).encode() + b"\n")
+                cliconfig.write_atomic(self.state, json.dumps({"settings": settings}) + "\n")
         except BaseException:
             self.close()
             raise
@@ -286,10 +277,20 @@ class ResumableOutput:
         except (ValueError, KeyError, TypeError):
             raise ValueError(f"{state}:1: not a scraper state file") from None
 
+    @staticmethod
+    def _comparable(settings: dict) -> dict:
+        """Licence ids compare in any case, as they match: runs of an earlier codelm stored
+        them as typed (``mit``), runs now as GitHub spells them (``MIT``)."""
+        out = dict(settings)
+        if out.get("licenses"):  # scraping github --licenses
+            out["licenses"] = sorted(name.lower() for name in out["licenses"])
+        if out.get("license"):  # scraping local --license
+            out["license"] = out["license"].lower()
+        return out
+
     def _resume(self, settings: dict) -> None:
-        previous = self.read_settings(self.state)
-        changed = sorted(k for k in settings.keys() | previous.keys()
-                         if settings.get(k) != previous.get(k))
+        previous, now = (self._comparable(s) for s in (self.read_settings(self.state), settings))
+        changed = sorted(k for k in now.keys() | previous.keys() if now.get(k) != previous.get(k))
         if changed:
             raise ValueError(
                 f"{self.state} was started with other settings ({', '.join(changed)} differ); "

@@ -222,6 +222,23 @@ def test_a_trial_declared_dead_elsewhere_is_left_and_the_worker_goes_on(tmp_path
     assert states == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
 
 
+def test_a_stop_in_a_trial_declared_dead_elsewhere_is_still_a_stop(tmp_path, corpus, capsys,
+                                                                 monkeypatch):
+    """Optuna's failed tell ("Cannot tell a FAIL trial.") hid the stop: exit 2, which a sweep
+    of several workers reads as a configuration error."""
+    storage = journal(tmp_path, "dead")
+
+    def train(cfg, on_eval=None, resume_hint=None):
+        (mine,) = load_study(storage, "dead").get_trials(states=(TrialState.RUNNING,))
+        storage.set_trial_state_values(mine._trial_id, TrialState.FAIL)  # another worker
+        raise KeyboardInterrupt("SIGTERM")  # then the sweep is stopped
+
+    monkeypatch.setattr(trainingmanager, "train", train)
+    argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="dead", n_trials=2)
+    assert hyperparam_tune.main(argv) == 143
+    assert "interrupted: run the same command again" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_interrupted_sweep_reruns_the_interrupted_trial(tmp_path, corpus):
     space = tiny_space(tmp_path, corpus)
@@ -778,13 +795,17 @@ def test_relative_paths_name_the_files_they_name_from_any_directory(tmp_path, co
         (tmp_path / d / "corpus").mkdir(parents=True)
         (tmp_path / d / "val").mkdir()
         (tmp_path / d / "tc.json").write_text(json.dumps({"val_data": ["val"]}))
-    argv = [*tune_args(tmp_path, str(tmp_path / "space.json"), study_name="rel"),
-            "--train-config", "tc.json"]
+    argv = [*tune_args(tmp_path, str(tmp_path / "space.json"), study_name="rel",
+                       out_dir="../runs"), "--train-config", "tc.json"]
     monkeypatch.chdir(tmp_path / "a")
     assert hyperparam_tune.main([*argv, "--n-trials", "1"]) == 0
     best = json.loads((tmp_path / "runs" / "rel" / "best.json").read_text())
     assert best["data"] == [str(tmp_path / "a" / "corpus")]
     assert best["val_data"] == [str(tmp_path / "a" / "val")]
+    assert best["out_dir"] == str(tmp_path / "a" / ".." / "runs")
+    # the trial's run, which a continuation from another directory resumes
+    [trial] = load_study(journal(tmp_path, "rel"), "rel").get_trials()
+    assert Path(trial.user_attrs[hyperparam_tune.ATTR_RUN]).is_absolute()
     capsys.readouterr()
 
     monkeypatch.chdir(tmp_path / "b")

@@ -642,6 +642,14 @@ def test_licences_are_stored_as_github_spells_them_so_a_rerun_in_another_case_re
     run_scrape(out, licenses=["MIT", "Apache-2.0"], max_repos=1)
     run_scrape(out, licenses=["mit", "apache-2.0"])  # was "licenses differ"
 
+    # A state an earlier codelm wrote kept the ids as typed: it resumes too.
+    state = next(p for p in tmp_path.iterdir() if p.suffix == ".state")
+    head, _, rest = state.read_text().partition("\n")
+    settings = json.loads(head)
+    settings["settings"]["licenses"] = ["apache-2.0", "mit"]
+    state.write_text(json.dumps(settings) + "\n" + rest)
+    run_scrape(out, licenses=["MIT", "Apache-2.0"])
+
 
 def test_local_license_is_one_id_of_the_github_table(tmp_path, capsys):
     """``scraping local --license`` recorded any string, typos and 'permissive' included."""

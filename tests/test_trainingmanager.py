@@ -492,8 +492,9 @@ def test_a_stopped_directory_write_removes_its_half_written_copy(tmp_path):
 
 def test_the_next_tokenizer_cache_write_removes_what_a_killed_one_left(assets, tmp_path):
     """The data cache is shared by runs (no run lock, no clean_partial_writes): a run killed while
-    caching its tokenizer left `.tmp-tokenizer-KEY-PID/` there for good. The next write of that
-    entry removes the temp directories of dead writers, never one a live run is writing."""
+    caching its tokenizer left `.tmp-tokenizer-KEY-PID/` there for good. The next write there
+    removes the temp directories of dead writers, of any entry (a key may never be written
+    again), never one a live run is writing."""
     import multiprocessing
     import signal
 
@@ -517,6 +518,7 @@ def test_the_next_tokenizer_cache_write_removes_what_a_killed_one_left(assets, t
     [partial] = [p.name for p in cache.iterdir() if p.name.startswith(".tmp-tokenizer-")]
     live = cache / partial.replace(f"-{child.pid}@", f"-{os.getppid()}@")  # this test's parent's
     live.mkdir()
+    (cache / partial.replace(".tmp-tokenizer-", ".tmp-tokenizer-other")).mkdir()  # a dead one
     tok = tm.load_or_train_tokenizer(cfg, dcfg)  # the re-run
     assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == [live.name]
     [entry] = cache.glob("tokenizer-*")
@@ -1389,8 +1391,9 @@ def test_tokens_per_s_counts_training_time_only(assets, tmp_path, monkeypatch):
 
 def test_dropout_flag_sets_residual_dropout_and_model_options_attention_dropout(assets,
                                                                                 tmp_path):
-    """--dropout is the residual dropout (what runs trained with it used, so they resume
-    bit-exactly); attention dropout is the model's own, or model_options' from scratch."""
+    """--dropout is the embeddings' and the residual dropout (what runs trained with it used,
+    so they resume bit-exactly), also over a checkpoint's own embd_pdrop; attention dropout is
+    the model's own, or model_options' from scratch."""
     from tiny_hf import save_tiny_hf
 
     cfg = tm.model_config(tm.TrainConfig(preset="tiny", dropout=0.2), 64, None, None)
@@ -1402,6 +1405,10 @@ def test_dropout_flag_sets_residual_dropout_and_model_options_attention_dropout(
     model = tm.build_model(tm.TrainConfig(init_from=str(base), dropout=0.15),
                            load_tokenizer(assets["tokenizer"]))
     assert (model.cfg.dropout, model.cfg.attn_dropout) == (0.15, 0.05)
+    save_tiny_hf("phi", tmp_path / "phi", vocab_size=512, embd_pdrop=0.1, resid_pdrop=0.1)
+    model = tm.build_model(tm.TrainConfig(init_from=str(tmp_path / "phi"), dropout=0.0),
+                           load_tokenizer(assets["tokenizer"]))
+    assert (model.cfg.embedding_dropout, model.cfg.dropout) == (0.0, 0.0)
 
 
 def test_early_stopping_keeps_its_reference_until_a_fall_larger_than_min_delta(
