@@ -43,6 +43,7 @@ from tqdm import tqdm
 import cliconfig
 from scraping.common import EXCLUDED_DIRS, decode_source
 from tokenizer import (
+    ENCODING_VERSION,
     PYTHON_PARSE_ERRORS,
     docstring_statement,
     is_utf8,
@@ -1193,14 +1194,16 @@ def refactor_example(doc: Doc) -> Example:
 
 
 def _tokenizer_fingerprint(tokenizer) -> str:
-    """Hash of the tokenizer's saved files: the cache must change when the vocabulary does."""
+    """Hash of the tokenizer's saved files and of what its ids depend on besides them
+    (``tokenizer.ENCODING_VERSION``): the cache must change when the ids can."""
     with tempfile.TemporaryDirectory() as d:
         target = Path(d) / "tokenizer"
         target.mkdir()
         tokenizer.save(str(target))
         roles = ("vocab_size", "bos_id", "eos_id", "pad_id", "fim_prefix_id", "fim_middle_id")
         roles += ("fim_suffix_id",)  # role ids can come from files beside tokenizer.json
-        h = hashlib.sha256(json.dumps([getattr(tokenizer, r) for r in roles]).encode())
+        key = [ENCODING_VERSION, *(getattr(tokenizer, r) for r in roles)]
+        h = hashlib.sha256(json.dumps(key).encode())
         for p in sorted(Path(d).rglob("*")):
             if p.is_file():
                 h.update(p.relative_to(d).as_posix().encode() + b"\0" + p.read_bytes())

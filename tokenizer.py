@@ -34,6 +34,11 @@ import regex
 
 TOKENIZER_FILE = "tokenizer.json"
 CODE_TOKENIZER_TYPE = "codelm-code-tokenizer"
+# What ids depend on besides a tokenizer's files, for caches of encoded text (dataset's key): the
+# encoding rules of this module, bumped when a file starts to encode differently (2: CodeTokenizer
+# pieces capped at MAX_PIECE_CHARS), and the installed `regex`, whose Unicode tables put characters
+# in the \p{..} classes the pre-tokenizers split by (categories change between Unicode versions).
+ENCODING_VERSION = f"2+regex-{regex.__version__}"
 # Texts shorter than this in total are encoded in-process: starting workers would cost more.
 _MIN_PARALLEL_CHARS = 1 << 20
 # Distinct pieces remembered per tokenizer; code repeats its words, so this is rarely reached.
@@ -302,13 +307,32 @@ _CODE_PIECE_HF_REGEX = regex.sub(
     r"\s+", "", regex.sub(r"#.*", "", _CODE_PIECE_PATTERN)
 ).replace("(?s:.)", r"[\s\S]")
 
+# Longest code piece, in characters: a longer match (a blob, a row of '=', 10k spaces) is cut into
+# runs of this length, here and in the HF export, whose WordPiece is about cubic in a piece's
+# length (one run of 16k 4-byte CJK characters: 1.4 s in HF cut at 128, 4.3 s at 256; 16k 'q'
+# uncut: 77 s). Above any useful vocabulary piece: the stdlib's longest is under 100 characters,
+# and its only longer matches are data blobs.
+MAX_PIECE_CHARS = 128
+_CAP_PIECE_HF_REGEX = rf"[\s\S]{{1,{MAX_PIECE_CHARS}}}"
+# Byte tokens as codelm writes them (HF's byte-fallback spelling): upper-case hex.
+_BYTE_TOKEN_RE = regex.compile(r"<0x([0-9A-F]{2})>")
+
 CODE_SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>")
 _N_BYTES = 256
 
 
+def _cut(match: str) -> list[str]:
+    """A piece-pattern match as code pieces: runs of at most ``MAX_PIECE_CHARS`` characters."""
+    k = MAX_PIECE_CHARS
+    return [match[i : i + k] for i in range(0, len(match), k)]
+
+
 def code_pieces(text: str) -> list[str]:
     """Split text the way CodeTokenizer does before looking pieces up in its vocabulary."""
-    return _CODE_PIECE_RE.findall(text)
+    matches = _CODE_PIECE_RE.findall(text)
+    if matches and max(map(len, matches)) > MAX_PIECE_CHARS:
+        return [piece for match in matches for piece in _cut(match)]
+    return matches
 
 
 # The character classes of the piece pattern: a piece longer than one character holds one only.
@@ -381,7 +405,11 @@ class CodeTokenizer(_BatchEncodeMixin):
         for text in texts:
             if strip_comments:
                 text = strip_comments_and_docstrings(text)
-            counts.update(_CODE_PIECE_RE.findall(text))
+            counts.update(_CODE_PIECE_RE.findall(text))  # cut below: rare, and faster there
+        for match in [m for m in counts if len(m) > MAX_PIECE_CHARS]:
+            n = counts.pop(match)
+            for piece in _cut(match):
+                counts[piece] += n
         kept = [
             (piece, n)
             for piece, n in counts.items()
@@ -400,7 +428,11 @@ class CodeTokenizer(_BatchEncodeMixin):
     # -- encoding ---------------------------------------------------------------------------
 
     def _encode_piece(self, piece: str) -> list[int]:
-        """Longest known sub-pieces from the left; bytes of a character no piece covers."""
+        """Longest known sub-pieces from the left; bytes of a character no piece covers. Takes
+        a piece-pattern match and cuts it if long: doing it on cache misses costs ``encode``
+        nothing, where checking every match would cost 4%."""
+        if len(piece) > MAX_PIECE_CHARS:
+            return [i for part in _cut(piece) for i in self._cache[part]]
         vocab = self._piece_to_id
         i = vocab.get(piece)
         if i is not None:
@@ -421,14 +453,16 @@ class CodeTokenizer(_BatchEncodeMixin):
         return ids
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of ``text``; with ``add_special_tokens``, wrapped in bos ... eos."""
+        """Token ids of ``text``; with ``add_special_tokens``, after bos and before eos (those
+        of the two the tokenizer has: custom ``special_tokens`` may lack them)."""
         if not isinstance(text, str):
             raise TypeError(f"encode() expects a str, got {type(text).__name__}")
         if self.strip_comments:
             text = strip_comments_and_docstrings(text)
         ids = list(chain.from_iterable(map(self._cache.__getitem__, _CODE_PIECE_RE.findall(text))))
         if add_special_tokens:
-            ids = [self.bos_id, *ids, self.eos_id]
+            bos, eos = self.bos_id, self.eos_id
+            ids = ([] if bos is None else [bos]) + ids + ([] if eos is None else [eos])
         return ids
 
     @property
@@ -480,12 +514,8 @@ class CodeTokenizer(_BatchEncodeMixin):
         i = self._piece_to_id.get(token)
         if i is not None:
             return i
-        if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
-            try:
-                return self._byte_offset + int(token[3:5], 16)
-            except ValueError:
-                return None
-        return None
+        m = _BYTE_TOKEN_RE.fullmatch(token)
+        return self._byte_offset + int(m[1], 16) if m else None
 
     def id_to_token(self, i: int) -> str:
         _checked_ids([i], self.vocab_size)
@@ -513,12 +543,14 @@ class CodeTokenizer(_BatchEncodeMixin):
 
     def to_hf(self) -> dict:
         """The same tokenizer as an HF ``tokenizer.json`` (``tokenizers`` gives the same ids):
-        the piece regex as a Split pre-tokenizer, then ByteLevel characters, then WordPiece
-        with no continuation prefix, whose greedy longest-match from the left is this class's
-        sub-piece rule; every byte is in the vocabulary, so WordPiece's unknown token is never
-        used and the byte fallback is exact. A byte whose character is also a one-character
-        piece (the piece always wins) is written ``<0xNN>``, which the ByteFallback decoder
-        turns back into the byte. Comment stripping has no HF form.
+        the piece regex as a Split pre-tokenizer, a second Split cutting pieces at
+        ``MAX_PIECE_CHARS`` (which also bounds WordPiece's cubic cost), then ByteLevel
+        characters, then WordPiece with no continuation prefix, whose greedy longest-match from
+        the left is this class's sub-piece rule; every byte is in the vocabulary, so WordPiece's
+        unknown token (it needs one: id 0's) is never used and the byte fallback is exact. A
+        byte whose character is also a one-character piece (the piece always wins) is written
+        ``<0xNN>``, which the ByteFallback decoder turns back into the byte. Comment stripping
+        has no HF form.
 
         Special tokens are plain vocabulary entries, not HF added tokens: HF finds added tokens
         inside a text, and no tokenizer.json setting turns that off (``encode_special_tokens`` is
@@ -548,11 +580,13 @@ class CodeTokenizer(_BatchEncodeMixin):
             "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
                 {"type": "Split", "pattern": {"Regex": _CODE_PIECE_HF_REGEX},
                  "behavior": "Isolated", "invert": False},
+                {"type": "Split", "pattern": {"Regex": _CAP_PIECE_HF_REGEX},
+                 "behavior": "Isolated", "invert": False},
                 byte_level,
             ]},
             "post_processor": None,
             "decoder": {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, byte_level]},
-            "model": {"type": "WordPiece", "unk_token": self.special_tokens[0],
+            "model": {"type": "WordPiece", "unk_token": next(iter(vocab)),
                       "continuing_subword_prefix": "", "max_input_chars_per_word": 1 << 40,
                       "vocab": vocab},
         }
@@ -561,25 +595,57 @@ class CodeTokenizer(_BatchEncodeMixin):
     def from_hf(cls, spec: dict, source: str = "<tokenizer.json>") -> CodeTokenizer:
         """Read back what ``to_hf`` writes: the special tokens are the entries before the byte
         tokens (files written before codelm stopped exporting them also list them as added
-        tokens, as does a ``transformers`` save of the tokenizer)."""
+        tokens, as does a ``transformers`` save of the tokenizer). A file written before pieces
+        were capped (no second Split) reads back capped: re-save it so HF caps them too."""
+        model = spec.get("model")
+        vocab = model.get("vocab") if isinstance(model, dict) else None
+        if not isinstance(vocab, dict):
+            raise ValueError(f"{source}: model.vocab is missing or not an object")
+        by_id: dict[int, str] = {}
+        for token, i in vocab.items():
+            if type(i) is not int or i < 0:
+                raise ValueError(f"{source}: model.vocab[{token!r}] = {i!r} is not an id (an "
+                                 "integer >= 0)")
+            if i in by_id:
+                raise ValueError(f"{source}: model.vocab gives id {i} to both {by_id[i]!r} and "
+                                 f"{token!r}")
+            by_id[i] = token
+        n_specials = vocab.get("<0x00>", vocab.get(BYTE_TO_UNICODE[0]))
+        if n_specials is None:
+            raise ValueError(f"{source}: model.vocab has no token for byte 0x00 "
+                             f"({BYTE_TO_UNICODE[0]!r} or '<0x00>')")
+        n = len(vocab)
+        if (hole := next((i for i in range(n) if i not in by_id), None)) is not None:
+            raise ValueError(f"{source}: model.vocab has no token with id {hole} (its {n} ids "
+                             f"must be 0..{n - 1})")
+        for b in range(_N_BYTES):
+            i, spellings = n_specials + b, (BYTE_TO_UNICODE[b], f"<0x{b:02X}>")
+            if by_id.get(i) not in spellings:
+                raise ValueError(f"{source}: model.vocab id {i} is {by_id.get(i)!r}, not byte "
+                                 f"0x{b:02X} ({' or '.join(map(repr, spellings))}); a "
+                                 "CodeTokenizer lists its special tokens, the 256 bytes in "
+                                 "order, then its pieces")
+        pieces = []
+        for i in range(n_specials + _N_BYTES, n):
+            try:
+                pieces.append(bytes(map(UNICODE_TO_BYTE.__getitem__, by_id[i])).decode("utf-8"))
+            except (KeyError, UnicodeDecodeError):
+                raise ValueError(f"{source}: model.vocab entry {by_id[i]!r} (id {i}) is not the "
+                                 "ByteLevel spelling of UTF-8 text") from None
         try:
-            vocab = spec["model"]["vocab"]
-            by_id = {i: t for t, i in vocab.items()}
-            n_specials = vocab.get("<0x00>", vocab[BYTE_TO_UNICODE[0]])
-            specials = [by_id[i] for i in range(n_specials)]
-            first_piece = len(specials) + _N_BYTES
-            pieces = [bytes(UNICODE_TO_BYTE[c] for c in by_id[i]).decode("utf-8")
-                      for i in range(first_piece, len(by_id))]
-            return cls(pieces, special_tokens=specials)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{source}: malformed CodeTokenizer tokenizer.json ({e!r})") from None
+            return cls(pieces, special_tokens=[by_id[i] for i in range(n_specials)])
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
 
     @staticmethod
     def is_hf_form(spec: dict) -> bool:
         """Whether an HF tokenizer.json is a CodeTokenizer's (``to_hf``)."""
-        model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
-        first = (pre.get("pretokenizers") or [{}])[0]
-        return (model.get("type") == "WordPiece" and model.get("continuing_subword_prefix") == ""
+        model, pre = spec.get("model"), spec.get("pre_tokenizer")
+        pres = pre.get("pretokenizers") if isinstance(pre, dict) else None
+        first = pres[0] if isinstance(pres, list) and pres else None
+        return (isinstance(model, dict) and model.get("type") == "WordPiece"
+                and model.get("continuing_subword_prefix") == ""
+                and isinstance(first, dict)
                 and first.get("pattern") == {"Regex": _CODE_PIECE_HF_REGEX})
 
     def save(self, path: str | os.PathLike) -> Path:

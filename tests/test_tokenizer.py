@@ -12,6 +12,7 @@ import random
 import tokenize
 
 import pytest
+import regex
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tiny_hf import LLAMA3_SPECIALS, STARCODER_SPECIALS, train_hf_tokenizer
@@ -27,6 +28,8 @@ from tokenizers import (
 import dataset
 from tokenizer import (
     BYTE_TO_UNICODE,
+    ENCODING_VERSION,
+    MAX_PIECE_CHARS,
     PRETOKENIZER_STYLES,
     PYTHON_PARSE_ERRORS,
     BPETokenizer,
@@ -594,6 +597,66 @@ def test_code_tokenizer_json_gives_hf_and_transformers_the_same_ids(code_tok, st
     assert reloaded.encode(stress) == code_tok.encode(stress)
 
 
+def test_long_pieces_are_cut_alike_in_codelm_and_its_hf_export(code_tok, code_tok_hf):
+    """HF's WordPiece is about cubic in a piece's length (16k characters in one piece: 77 s):
+    codelm and the export's second Split cut pieces at MAX_PIECE_CHARS, with the same ids."""
+    k = MAX_PIECE_CHARS
+    texts = ["q" * 4000, "#" + "-" * 3000, "x" + " " * 2000 + "x", "ABC" + "d" * (k + 1),
+             "q" * k, "q" * (k + 1), "日本語" * 300 + "\n", "\n" + "\t" * 700 + "if", "7" * 999]
+    for text in texts:
+        pieces = code_pieces(text)
+        assert max(map(len, pieces)) <= k and "".join(pieces) == text
+        hf_pieces = [p for p, _ in code_tok_hf.pre_tokenizer.pre_tokenize_str(text)]
+        assert list(map(len, hf_pieces)) == [len(p.encode()) for p in pieces]
+        ids = code_tok.encode(text)
+        assert code_tok_hf.encode(text).ids == ids and code_tok.decode(ids) == text
+    assert len(code_tok.encode("q" * (3 * k))) == 3 * len(code_tok.encode("q" * k))
+    # Training counts the cut pieces, the ones encode looks up.
+    tok = CodeTokenizer.train(["x = '" + "=" * (2 * k + 10) + "'\n"] * 3, min_freq=2)
+    assert max(map(len, tok.pieces)) <= k and "=" * k in tok.pieces
+    text = "y = '" + "=" * (2 * k + 10) + "'"
+    assert len(tok.encode(text)) < 10
+    assert Tokenizer.from_str(json.dumps(tok.to_hf())).encode(text).ids == tok.encode(text)
+
+
+def test_encoding_version_names_regex_and_keys_the_dataset_cache(code_tok, monkeypatch):
+    """Ids depend on the installed `regex` too (its Unicode tables: U+0295 is Ll before Unicode
+    16, Lo after), so dataset's token-file key includes ENCODING_VERSION."""
+    assert regex.__version__ in ENCODING_VERSION
+    before = dataset._tokenizer_fingerprint(code_tok)
+    assert dataset._tokenizer_fingerprint(code_tok) == before
+    monkeypatch.setattr(dataset, "ENCODING_VERSION", ENCODING_VERSION + "-other")
+    assert dataset._tokenizer_fingerprint(code_tok) != before
+
+
+@pytest.mark.parametrize("specials", [("<pad>",), (), ("<|endoftext|>", "<pad>"), ("<eos>",)])
+def test_code_tokenizer_without_bos_or_eos(specials, tmp_path):
+    """Custom special tokens may lack <bos>/<eos> (bos_id/eos_id are None, as for a
+    BPETokenizer): encode adds the ones there are, and the tokenizer saves and reloads."""
+    tok = CodeTokenizer.train(["def foo(x):\n    return x\n"] * 3, min_freq=1,
+                              special_tokens=specials)
+    plain = tok.encode("x")
+    ids = tok.encode("x", add_special_tokens=True)
+    assert ids == plain + ([tok.eos_id] if "<eos>" in specials else [])
+    assert tok.decode(ids, skip_special_tokens=True) == "x"
+    tok.save(tmp_path)
+    hf = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    text = "def foo(x):\n    return x  # <pad>\n"
+    assert hf.encode(text).ids == tok.encode(text) == load_tokenizer(tmp_path).encode(text)
+    assert load_tokenizer(tmp_path).special_tokens == list(specials)
+
+
+def test_byte_tokens_are_read_only_as_written(code_tok):
+    """token_to_id reads the spelling id_to_token writes, ``<0xNN>`` in upper-case hex."""
+    first = code_tok.token_to_id("<0x00>")
+    assert [code_tok.token_to_id(f"<0x{b:02X}>") for b in range(256)] == list(
+        range(first, first + 256))
+    assert all(code_tok.id_to_token(i) == f"<0x{i - first:02X}>" for i in range(first, first + 256))
+    for bad in ("<0x-1>", "<0x+1>", "<0x 1>", "<0x٣٣>", "<0x1>", "<0x123>", "<0xzz>", "<0x4a>",
+                "<0X4A>", "<0x4A> "):
+        assert code_tok.token_to_id(bad) is None, bad
+
+
 def test_strip_comments_and_docstrings(stdlib_texts):
     source = (
         '"""Module doc."""\n'
@@ -813,6 +876,42 @@ def test_unsupported_or_malformed_tokenizer_json(edit, message, references, tmp_
         load_tokenizer(path)
     assert str(path) in str(info.value)
     assert not isinstance(info.value, KeyError)
+
+
+def _code_vocab_edits():
+    def drop_piece(v):
+        del v[next(t for t, i in v.items() if i == len(v) - 3)]
+
+    def swap_bytes(v):  # bytes 1 and 2, spelled 'ā' and 'Ă' (no piece is)
+        one, two = BYTE_TO_UNICODE[1], BYTE_TO_UNICODE[2]
+        v[one], v[two] = v[two], v[one]
+
+    return [
+        (drop_piece, r"has no token with id \d+ \(its \d+ ids must be 0\.\.\d+\)"),
+        (lambda v: v.update(zzz=len(v) + 99), r"has no token with id \d+"),
+        (lambda v: v.update({"中文": len(v)}), r"entry '中文' \(id \d+\) is not the ByteLevel"),
+        (lambda v: v.pop(BYTE_TO_UNICODE[0]), r"has no token for byte 0x00 \('Ā' or '<0x00>'\)"),
+        (lambda v: v.update((t, str(i)) for t, i in list(v.items())),
+         r"\['<pad>'\] = '0' is not an id"),
+        (lambda v: v.update(zzz=-1), r"\['zzz'\] = -1 is not an id"),
+        (lambda v: v.update(zzz=300), r"gives id 300 to both"),
+        (swap_bytes, r"id \d+ is 'Ă', not byte 0x01 \('ā' or '<0x01>'\)"),
+    ]
+
+
+@pytest.mark.parametrize("edit, message", _code_vocab_edits())
+def test_malformed_code_tokenizer_json_says_what_is_wrong(edit, message, code_tok, tmp_path):
+    spec = code_tok.to_hf()
+    edit(spec["model"]["vocab"])
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(spec, ensure_ascii=False), "utf-8")
+    with pytest.raises(ValueError, match=rf"tokenizer.json: model.vocab ?{message}"):
+        load_tokenizer(path)
+    for shape in ("x", [1]):  # a model or pre-tokenizer of the wrong JSON type
+        for key in ("model", "pre_tokenizer"):
+            path.write_text(json.dumps({**code_tok.to_hf(), key: shape}), "utf-8")
+            with pytest.raises(ValueError, match="tokenizer.json: unsupported model"):
+                load_tokenizer(path)
 
 
 def test_broken_files_name_the_file(tmp_path, references):
