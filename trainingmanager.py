@@ -364,11 +364,12 @@ def _barrier(dist: Dist) -> None:
 
 @contextlib.contextmanager
 def _main_first(dist: Dist) -> Iterator[None]:
-    """Rank 0 builds shared caches (tokenizer, dataset) before the others read them; if it fails
-    (a bad --tokenizer or data path), the others stop too, quietly, not on a lost connection."""
+    """Rank 0 does what only it does (building shared caches before the others read them,
+    writing checkpoints); if it fails (a bad --tokenizer or data path, a full disk), the others
+    stop too, quietly, not on a lost connection."""
     if not dist.main:
         if _broadcast(None, dist) is not None:
-            raise RankZeroFailed("rank 0 stopped while preparing the run (its error says why)")
+            raise RankZeroFailed("rank 0 failed (its error says why)")
         yield
         return
     try:
@@ -380,8 +381,8 @@ def _main_first(dist: Dist) -> Iterator[None]:
 
 
 class RankZeroFailed(RuntimeError):
-    """Raised on the other ranks when rank 0 fails preparing a distributed run: rank 0 reports
-    the error, the others exit with the same code (2) and nothing more."""
+    """Raised on the other ranks when rank 0 fails in what only it does (``_main_first``): rank 0
+    reports the error, the others exit with code 2 and nothing more."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -1627,6 +1628,15 @@ class _Run:
 
     def _restore(self, path: Path) -> None:
         state = load_checkpoint(path, self.trainer.raw_model, self.trainable_only)
+        writers, cfg = len(state["rng"]), self.cfg
+        if writers != self.dist.world:  # one RNG state per process
+            per_process = cfg.batch_size * cfg.grad_accum
+            raise ValueError(
+                f"{path} was written by {writers} process(es), this run has {self.dist.world}: "
+                f"its global batch (batch_size x grad_accum x processes) would change from "
+                f"{per_process * writers} to {per_process * self.dist.world} examples a step, "
+                f"and its random streams could not continue; resume it on {writers} "
+                "process(es)")
         self.trainer.load_state_dict(state)
         progress = state["progress"]
         self.order.load_state_dict(progress["order"])
@@ -1639,14 +1649,7 @@ class _Run:
         self.train_loss = progress.get("train_loss")  # absent from older checkpoints
         self.stop_ref = progress.get("stop_ref", self.best_val_loss)  # likewise
         self.last_saved_step = self.step
-        rngs = state["rng"]
-        if len(rngs) == self.dist.world:
-            set_rng_state(_python_state_to_tuple(rngs[self.dist.rank]))
-        else:
-            seed_everything(self.cfg.seed + self.step)
-            if self.main:
-                print(f"warning: {path} was written by {len(rngs)} processes, this run has "
-                      f"{self.dist.world}: random streams are reseeded (not bit-exact)")
+        set_rng_state(_python_state_to_tuple(state["rng"][self.dist.rank]))
         if self.main:
             print(f"resumed {self.run_dir} from {path.name} (step {self.step})")
 
@@ -1696,20 +1699,23 @@ class _Run:
     def save(self) -> None:
         """Checkpoint this step (collective: every rank contributes its RNG state)."""
         rng = _gather(rng_state(), self.dist)
-        if self.main:
-            root = self.run_dir / "checkpoints"
-            root.mkdir(exist_ok=True)
-            save_checkpoint(root / f"{CHECKPOINT_PREFIX}{self.step}", self.trainer.raw_model,
-                            self.trainer.state_dict(), rng, self._progress(), self.config_dict,
-                            self.trainable_only)
-            for old in list_checkpoints(self.run_dir)[:-self.cfg.keep_last]:
-                shutil.rmtree(old)
+        with _main_first(self.dist):  # the others wait for the write, and stop if it fails
+            if self.main:
+                root = self.run_dir / "checkpoints"
+                root.mkdir(exist_ok=True)
+                save_checkpoint(root / f"{CHECKPOINT_PREFIX}{self.step}", self.trainer.raw_model,
+                                self.trainer.state_dict(), rng, self._progress(),
+                                self.config_dict, self.trainable_only)
+                for old in list_checkpoints(self.run_dir)[:-self.cfg.keep_last]:
+                    shutil.rmtree(old)
         self.last_saved_step = self.step
-        _barrier(self.dist)
 
     def _save_best(self, metrics: dict) -> None:
-        if not self.main:
-            return
+        with _main_first(self.dist):
+            if self.main:
+                self._write_best(metrics)
+
+    def _write_best(self, metrics: dict) -> None:
         tensors = model_tensors(self.trainer.raw_model, self.trainable_only)
         name = ADAPTER_FILE if self.trainable_only else MODEL_FILE
 
@@ -2152,11 +2158,17 @@ def run_overfit(cfg: TrainConfig, max_steps: int = 400, lr: float = 3e-3) -> tup
 RUN_ERRORS = (NonFiniteLossError, ValueError, OSError)
 
 
+def _is_rank_zero() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
 def report_run_error(e: Exception) -> int:
-    """Print one of RUN_ERRORS as ``error: ...`` and return the exit code: 1 for a diverged run,
-    2 for a bad setting or an unwritable path."""
-    print(f"error: {cliconfig.os_error_message(e) if isinstance(e, OSError) else e}",
-          file=sys.stderr)
+    """Print one of RUN_ERRORS as ``error: ...`` (under torchrun every rank meets it: rank 0
+    says it for all) and return the exit code: 1 for a diverged run, 2 for a bad setting or an
+    unwritable path."""
+    if _is_rank_zero():
+        print(f"error: {cliconfig.os_error_message(e) if isinstance(e, OSError) else e}",
+              file=sys.stderr)
     return 1 if isinstance(e, NonFiniteLossError) else 2
 
 
@@ -2203,12 +2215,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RUN_ERRORS as e:
         return report_run_error(e)
     except KeyboardInterrupt as stop:
-        print("interrupted; checkpoints already written are kept (--resume RUN_DIR continues)",
-              file=sys.stderr)
+        if _is_rank_zero():
+            print("interrupted; checkpoints already written are kept (--resume RUN_DIR "
+                  "continues)", file=sys.stderr)
         return cliconfig.interrupted_exit_code(stop)
     if result.interrupted:
         return cliconfig.interrupted_exit_code(result.interrupted)
-    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 reports for all
+    if not _is_rank_zero():  # under torchrun rank 0 reports for all
         return 0
     if cfg.overfit_batches:
         ok = result.train_loss is not None and result.train_loss < OVERFIT_LOSS

@@ -760,6 +760,42 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(assets, 
     assert [v["val_loss"] for v in val] == pytest.approx([v["val_loss"] for v in ref], rel=1e-5)
     assert proc.stdout.count("best validation loss") == 1  # rank 0 reports for all
 
+    # One process would halve the global batch (and reseed every stream): refused.
+    with pytest.raises(ValueError, match=r"written by 2 process\(es\), this run has 1: its "
+                                         r"global batch .* from 8 to 4 examples a step"):
+        tm.train(dataclasses.replace(cfg, resume=str(run), max_steps=8))
+
+
+FAILING_SECOND_CHECKPOINT = """
+import errno, sys
+import trainingmanager as tm
+save, calls = tm.save_checkpoint, []
+def failing(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        raise OSError(errno.ENOSPC, "No space left on device", str(args[0]))
+    return save(*args, **kwargs)
+tm.save_checkpoint = failing
+sys.exit(tm.main(sys.argv[1:]))
+"""
+
+
+def test_ddp_rank_zero_write_error_stops_every_rank_with_its_one_line(assets, tmp_path):
+    """Only rank 0 writes checkpoints: its full disk left rank 1 on a lost connection (a gloo
+    traceback), and an error every rank met was printed once per rank."""
+    cfg = tiny_cfg(assets, tmp_path, name="full", max_steps=8, save_every=2, eval_every=8)
+    config = write_config(cfg, tmp_path / "full.json")
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING_SECOND_CHECKPOINT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(script), "--config", str(config)],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: ") == 1, proc.stderr[-3000:]
+    assert "step-4: No space left on device" in proc.stderr
+    assert "Connection closed" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
+
 
 def test_ddp_rank_zero_setup_error_stops_every_rank_with_its_one_line(assets, tmp_path):
     """Only rank 0 reads the tokenizer: its error used to leave rank 1 on a lost connection
