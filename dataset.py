@@ -103,7 +103,8 @@ def _walk(root: Path, extensions: tuple[str, ...]) -> list[Path]:
 
 
 def _default_cache_dir() -> str:
-    return str(Path(os.environ.get("CODELM_CACHE", "~/.cache/codelm")).expanduser() / "data")
+    # An empty CODELM_CACHE (`CODELM_CACHE= cmd`) is unset, not the current directory.
+    return str(Path(os.environ.get("CODELM_CACHE") or "~/.cache/codelm").expanduser() / "data")
 
 
 @dataclass
@@ -310,7 +311,8 @@ def _read_jsonl(path: Path, skip_bad: bool, counts: Counter) -> Iterator[_RawDoc
                         else f"{where}: malformed JSON ({exc})"
                     )
                     raise DataError(
-                        msg + " (use skip_bad / --skip-bad to skip such lines)"
+                        msg + " (skip such lines with skip_bad: dataset.py --skip-bad, or "
+                        "--data-options '{\"skip_bad\": true}' in trainingmanager.py)"
                     ) from None
                 counts["bad_jsonl_line"] += 1
                 continue

@@ -284,6 +284,17 @@ def tiny_checkpoint(preset: str, texts: Sequence[str], out: Path, seed: int = 0)
     return out
 
 
+def _is_smoke_run(run_dir: Path, work: Path) -> bool:
+    """Whether run_dir is what an earlier --smoke wrote (its data cache in the smoke inputs),
+    the only run a smoke run may replace."""
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+        cache = saved["data_options"]["cache_dir"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return Path(cache).resolve() == (work / "cache").resolve()
+
+
 def smoke_train_values(values: dict, work: Path, steps: int) -> dict:
     """The recipe's train section at toy scale: same task, cleaning, LoRA and quantization."""
     task, scratch = values.get("task", "lm"), values.get("init_from") is None
@@ -476,10 +487,14 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
         if opts.resume:
             raise ValueError("--smoke runs are not resumed; run it again")
         work = out_dir / f"{name}-smoke-inputs"  # rebuilt alike each time
+        run_dir = out_dir / name
+        if run_dir.exists() and not _is_smoke_run(run_dir, work):
+            raise ValueError(f"{run_dir} holds a run that --smoke did not write; choose another "
+                             "--out-dir or --name (a smoke run replaces only its own)")
         shutil.rmtree(work, ignore_errors=True)
         values = smoke_train_values(values, work, opts.smoke_steps)
         check_train_values(values, f"{opts.recipe} (train section, smoke-sized)")
-        shutil.rmtree(out_dir / name, ignore_errors=True)  # only once the new run can start
+        shutil.rmtree(run_dir, ignore_errors=True)  # only once the new run can start
     else:
         check_paths(values, opts.recipe)
     if values.get("data"):

@@ -321,6 +321,9 @@ def _resolve_device(cfg: TrainConfig, dist: Dist) -> torch.device:
     except (RuntimeError, ValueError):
         raise ValueError(f"--device {cfg.device}: not a device (auto | cpu | cuda | cuda:N)"
                          ) from None
+    if device.type not in ("cpu", "cuda"):  # mps, meta, ...: kernels this trainer never ran on
+        raise ValueError(f"--device {cfg.device}: training runs on cpu or cuda (auto | cpu | "
+                         "cuda | cuda:N)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {cfg.device!r} requested but CUDA is not available")
     if (device.type == "cuda" and device.index is not None and not dist.enabled
@@ -1035,10 +1038,13 @@ def check_run_paths(values: dict, keys: Sequence[str], source: str) -> None:
 
 
 def check_resume_config(cfg: TrainConfig, run_dir: Path, resume_hint: str) -> dict | None:
-    """Refuse a resumed run whose settings differ from the run's own config.json in a key
-    outside RESUME_MAY_CHANGE, naming each key with both values; return the saved values (None:
-    no config.json). PATH_KEYS compare as the files they name, typed relative or absolute."""
-    saved_path = Path(run_dir) / "config.json"
+    """Refuse a resumed run whose settings differ from those its newest checkpoint was trained
+    with (else the run's config.json) in a key outside RESUME_MAY_CHANGE, naming each key with
+    both values; return the saved values (None: no config.json). The checkpoint's copy, not the
+    run's config.json, which a resume reads its settings from and a hand can edit. PATH_KEYS
+    compare as the files they name, typed relative or absolute."""
+    saved_path = next((c / "config.json" for c in reversed(list_checkpoints(run_dir))
+                       if (c / "config.json").is_file()), Path(run_dir) / "config.json")
     if not saved_path.is_file():
         return None  # nothing was written yet: the run starts from the beginning anyway
     saved, source = cliconfig.read_config_file(saved_path, "train")
@@ -1060,8 +1066,9 @@ def check_resume_config(cfg: TrainConfig, run_dir: Path, resume_hint: str) -> di
         raise ValueError(
             f"{source}: the run was trained with other settings: {'; '.join(changed)}. A "
             "resumed run keeps every setting of its model, data, optimizer and schedule: drop "
-            f"those changes ({resume_hint} alone continues it), or start a new run with another "
-            f"--name. A resume may change only: {', '.join(RESUME_MAY_CHANGE)}")
+            f"those changes ({resume_hint} alone continues it, once {Path(run_dir) / 'config.json'}"
+            " holds them as trained), or start a new run with another --name. A resume may "
+            f"change only: {', '.join(RESUME_MAY_CHANGE)}")
     return saved
 
 

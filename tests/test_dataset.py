@@ -1252,3 +1252,10 @@ def test_full_stdlib_pipeline_builds_lm_and_hits_cache(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert "dropped" in out and "n_tokens" in out and "cache     hit" in out
+
+
+def test_an_empty_codelm_cache_is_unset(monkeypatch):
+    """`CODELM_CACHE= python ...` put the cache in ./data, beside the user's own files."""
+    monkeypatch.setenv("HOME", "/home/someone")
+    monkeypatch.setenv("CODELM_CACHE", "")
+    assert DataConfig().cache_dir == "/home/someone/.cache/codelm/data"

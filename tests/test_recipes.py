@@ -419,8 +419,22 @@ def test_a_bad_smoke_setting_keeps_the_previous_smoke_run(tmp_path, capsys, monk
     previous = tmp_path / "runs" / recipe
     previous.mkdir(parents=True)
     (previous / "metrics.jsonl").write_text("{}\n")
+    cache = tmp_path / "runs" / f"{recipe}-smoke-inputs" / "cache"  # as a smoke run's
+    (previous / "config.json").write_text(json.dumps({"data_options": {"cache_dir": str(cache)}}))
     assert recipes.main([str(CONFIGS / f"{recipe}.json"), "--smoke", "--set", setting,
                          "--out-dir", str(tmp_path / "runs"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert (previous / "metrics.jsonl").read_text() == "{}\n"
+
+
+def test_smoke_never_replaces_a_run_it_did_not_write(tmp_path, capsys):
+    """--smoke --out-dir runs deleted the recipe's real run of the same name (hours of training)."""
+    real = tmp_path / "runs" / "kotlin_phi"
+    real.mkdir(parents=True)
+    (real / "config.json").write_text(json.dumps({"data_options": {"cache_dir": "/data/cache"}}))
+    assert recipes.main([str(CONFIGS / "kotlin_phi.json"), "--smoke", "--out-dir",
+                         str(tmp_path / "runs"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{real} holds a run that --smoke did not write" in err and err.count("\n") == 1
+    assert (real / "config.json").is_file()

@@ -974,6 +974,7 @@ def test_bad_paths_and_devices_are_clear_errors(assets, tmp_path, capsys, monkey
          "error: data_options.cache_dir /proc/nope: cannot create it"),
         (["--device", "foo"], "error: --device foo: not a device"),
         (["--device", "cuda:abc"], "error: --device cuda:abc: not a device"),
+        (["--device", "mps"], "error: --device mps: training runs on cpu or cuda"),
     ]
     for flags, message in cases:
         assert tm.main(["--config", config, *flags]) == 2, flags
@@ -1627,6 +1628,22 @@ def test_eval_scores_best_when_a_resume_trained_past_the_export(assets, tmp_path
     assert_bit_equal(tm.model_tensors(loaded, False), load_file(run / "best" / tm.MODEL_FILE))
 
 
+def test_resume_compares_with_the_settings_the_checkpoint_was_trained_with(assets, tmp_path,
+                                                                         capsys):
+    """--resume reads the run's config.json, so a hand-edited lr or block_size there was
+    compared with itself: accepted, and recorded as if the run had trained with it."""
+    config = _tiny_config_file(assets, tmp_path, max_steps=2, eval_every=2)
+    assert tm.main(["--config", config]) == 0
+    run = tmp_path / "runs" / "run"
+    saved = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**saved, "lr": 0.5}))
+    capsys.readouterr()
+    assert tm.main(["--resume", str(run), "--max-steps", "4"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {run / 'checkpoints' / 'step-2' / 'config.json'}: the run was trained " in err
+    assert f"lr={saved['lr']!r} (now 0.5)" in err and err.count("\n") == 1
+
+
 def test_a_run_saves_its_paths_absolute_and_resumes_from_any_directory(assets, tmp_path,
                                                                        monkeypatch, capsys):
     """config.json kept --data and --tokenizer as typed, relative to the directory training ran
@@ -1648,7 +1665,9 @@ def test_a_run_saves_its_paths_absolute_and_resumes_from_any_directory(assets, t
     assert tm.main(["--resume", str(run), "--data", "corpus", "--max-steps", "6"]) == 0
     assert json.loads((run / "config.json").read_text())["data"] == saved["data"]
 
-    (run / "config.json").write_text(json.dumps({**saved, "data": ["corpus"]}))  # an older run
+    older = json.dumps({**saved, "data": ["corpus"]})  # an older run, as it wrote its configs
+    for config_file in [run / "config.json", *run.glob("checkpoints/*/config.json")]:
+        config_file.write_text(older)
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()
     assert tm.main(["--resume", str(run), "--max-steps", "8"]) == 2
