@@ -100,6 +100,9 @@ class ModelConfig:
         for key in ("dropout", "embd_dropout", "attn_dropout"):
             if getattr(self, key) is not None and not 0.0 <= getattr(self, key) < 1.0:
                 raise bad(key, "must be in [0, 1)")
+        for key in ("init_std", "norm_eps"):
+            if not getattr(self, key) > 0:
+                raise bad(key, "must be > 0")
 
     @property
     def embedding_dropout(self) -> float:

@@ -956,6 +956,7 @@ def validate_config(cfg: TrainConfig) -> None:
         raise ValueError(f"TrainConfig.{', '.join(lora_only)}: LoRA settings, but lora_r=0 "
                          "(full training of every weight): set lora_r > 0, or drop them")
     need(cfg.overfit_batches >= 0, "overfit_batches", "must be >= 0")
+    need(0 <= cfg.seed < 2**63, "seed", "must be in [0, 2**63)")
     if cfg.init_from is not None:
         for key in ("preset", "n_layer", "n_head", "n_embd", "mlp_hidden"):
             if key != "preset" and getattr(cfg, key) is not None:

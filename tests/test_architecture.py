@@ -58,6 +58,9 @@ def _ids(batch, length, seed=0, vocab=96):
     (dict(n_kv_head=2.0), r"ModelConfig.n_kv_head=2.0: must be a positive integer"),
     (dict(rotary_dim=8.0), r"ModelConfig.rotary_dim=8.0: must be a positive integer"),
     (dict(rotary_dim=0), r"ModelConfig.rotary_dim=0: must be a positive integer"),
+    # A torch traceback from nn.init.normal_ / a silent division by zero in the norm.
+    (dict(init_std=-1.0), r"ModelConfig.init_std=-1.0: must be > 0"),
+    (dict(norm_eps=0.0), r"ModelConfig.norm_eps=0.0: must be > 0"),
 ])
 def test_config_rejects_bad_values(change, message):
     with pytest.raises(ValueError, match=message):

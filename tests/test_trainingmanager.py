@@ -975,6 +975,7 @@ def test_bad_paths_and_devices_are_clear_errors(assets, tmp_path, capsys, monkey
         (["--device", "foo"], "error: --device foo: not a device"),
         (["--device", "cuda:abc"], "error: --device cuda:abc: not a device"),
         (["--device", "mps"], "error: --device mps: training runs on cpu or cuda"),
+        (["--seed", str(10**20)], "error: TrainConfig.seed=100000000000000000000: must be in"),
     ]
     for flags, message in cases:
         assert tm.main(["--config", config, *flags]) == 2, flags
