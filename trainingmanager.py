@@ -1229,6 +1229,13 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop what an interrupted run logged past the step its resume continues from. Atomic: a
+    kill mid-write would drop the history up to the checkpoint for good."""
+    if path.exists():
+        cliconfig.write_atomic(path, "".join(line + "\n" for line in _metrics_up_to(path, step)))
+
+
 def _metrics_up_to(path: Path, step: int) -> list[str]:
     """The lines of metrics.jsonl up to ``step``. A torn last line (a crash or a full disk
     mid-write) is dropped with a warning; any other unreadable line is an error naming it."""
@@ -1262,12 +1269,8 @@ class _RunLog:
         self.file = self.tb = None
         if not enabled:
             return
-        path = run_dir / "metrics.jsonl"
-        if resume_step is not None and path.exists():
-            # Atomic: a kill mid-write would drop the history up to the checkpoint for good.
-            cliconfig.write_atomic(
-                path, "".join(line + "\n" for line in _metrics_up_to(path, resume_step)))
-        elif resume_step is None:  # a new run: nothing of an attempt it replaces (_lock_dir)
+        path = run_dir / "metrics.jsonl"  # a resumed run's is trimmed (_trim_metrics)
+        if resume_step is None:  # a new run: nothing of an attempt it replaces (_lock_dir)
             path.unlink(missing_ok=True)
             shutil.rmtree(run_dir / "tb", ignore_errors=True)
         self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
@@ -1489,10 +1492,13 @@ class _Run:
         if checkpoints:
             self._restore_latest(checkpoints)
         self.config_dict = {**dataclasses.asdict(cfg), "name": self.run_dir.name, "resume": None}
-        if self.main:
-            # Atomic: a kill mid-write must not leave a run that no command can continue.
-            cliconfig.write_atomic(self.run_dir / "config.json",
-                                   json.dumps(self.config_dict, indent=1))
+        with _main_first(self.dist):
+            if self.main:
+                if cfg.resume:  # first: a damaged log refuses the resume before any rewrite
+                    _trim_metrics(self.run_dir / "metrics.jsonl", self.step)
+                # Atomic: a kill mid-write must not leave a run that no command can continue.
+                cliconfig.write_atomic(self.run_dir / "config.json",
+                                       json.dumps(self.config_dict, indent=1))
 
     def release(self) -> None:
         """Give up the run directory's lock (the process's end does too)."""

@@ -1045,8 +1045,10 @@ def test_resume_without_a_checkpoint_and_a_torn_metrics_line(assets, tmp_path, c
 
     text = metrics.read_text().splitlines(keepends=True)
     metrics.write_text("".join([text[0], "not json\n", *text[1:]]))
+    config = (run / "config.json").read_bytes()
     assert tm.main(["--resume", str(run), "--max-steps", "6"]) == 2
     assert f"{metrics}:2: not a metrics line" in capsys.readouterr().err
+    assert (run / "config.json").read_bytes() == config  # the refused resume rewrote it
 
 
 def test_resume_refuses_a_run_with_weights_but_no_checkpoint(assets, tmp_path, capsys):
