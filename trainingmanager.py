@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import dataclasses
 import fcntl
+import gc
 import hashlib
 import json
 import math
@@ -1998,11 +1999,20 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
             return run.execute(on_eval)
         finally:
             run.release()
+            del run
     finally:
         if owns_group:
-            import torch.distributed as td
+            _leave_group()
 
-            td.destroy_process_group()
+
+def _leave_group() -> None:
+    """The run's DDP model sits in reference cycles and holds the group: freed by a late garbage
+    collection (at interpreter exit), gloo's threads die with the process half torn down and it
+    aborts now and then (SIGABRT, "terminate called without an active exception")."""
+    import torch.distributed as td
+
+    gc.collect()
+    td.destroy_process_group()
 
 
 # --------------------------------------------------------------------------------------------

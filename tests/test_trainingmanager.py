@@ -766,6 +766,37 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(assets, 
         tm.train(dataclasses.replace(cfg, resume=str(run), max_steps=8))
 
 
+COUNTING_LIVE_DDP_MODELS = """
+import gc, sys
+import torch.distributed as td
+from torch.nn.parallel import DistributedDataParallel
+import trainingmanager as tm
+gc.disable()  # no lucky collection: only the trainer's own frees the model
+destroy = td.destroy_process_group
+def counting(*args, **kwargs):
+    live = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+    print(f"live DDP models at destroy_process_group: {live}", flush=True)
+    return destroy(*args, **kwargs)
+td.destroy_process_group = counting
+sys.exit(tm.main(sys.argv[1:]))
+"""
+
+
+def test_ddp_model_is_freed_before_the_group_is_destroyed(assets, tmp_path):
+    """The DDP model sits in reference cycles; left to the collection at interpreter exit, gloo's
+    threads died in a half torn-down process: now and then SIGABRT, "terminate called without
+    an active exception", after a run that had finished."""
+    cfg = tiny_cfg(assets, tmp_path, name="freed", max_steps=1, eval_every=1, save_every=1)
+    script = tmp_path / "counting.py"
+    script.write_text(COUNTING_LIVE_DDP_MODELS)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "--tee", "1", str(script), "--config", str(write_config(cfg, tmp_path / "freed.json"))],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("live DDP models at destroy_process_group: 0") == 2, proc.stdout
+
+
 FAILING_SECOND_CHECKPOINT = """
 import errno, sys
 import trainingmanager as tm
