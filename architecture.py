@@ -89,10 +89,15 @@ class ModelConfig:
             if self.n_embd % self.n_head:
                 raise bad("n_embd", f"not divisible by n_head={self.n_head}; set head_dim")
             self.head_dim = self.n_embd // self.n_head
-        if self.rotary_dim is None:
+        rotary_given = self.rotary_dim is not None
+        if not rotary_given:
             self.rotary_dim = self.head_dim
-        if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
-            raise bad("rotary_dim", f"must be even and in (0, head_dim={self.head_dim}]")
+        if self.positions == "rope" and self.rotary_dim % 2:
+            raise bad("rotary_dim" if rotary_given else "head_dim",
+                      "must be even: rotary embeddings rotate pairs of dims")
+        if self.rotary_dim > self.head_dim:  # a changed head_dim under a preset's rotary_dim
+            raise bad("head_dim", f"smaller than rotary_dim={self.rotary_dim}, the dims per head "
+                      "that rotary embeddings rotate; set rotary_dim too (at most head_dim)")
         if self.rope_scaling is not None:
             missing = [k for k in LLAMA3_SCALING_KEYS if k not in self.rope_scaling]
             if missing:

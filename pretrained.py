@@ -640,6 +640,10 @@ def read_config(directory: str | Path) -> tuple[ModelConfig, dict]:
         raise ValueError(f"{path}: not found (is {directory} an HF checkpoint directory?)")
     hf = cliconfig.read_json_object(path, "model config")
     model_type = hf.get("model_type")
+    if model_type is None and {"preset", "lr", "max_steps"} <= hf.keys():
+        raise ValueError(f"{directory}: a codelm run directory, not an HF checkpoint; its model "
+                         f"is in {Path(directory) / 'export'} (written unless --no-export), or "
+                         "continue the run with --resume")
     if model_type not in TABLES:
         raise ValueError(f"{path}: unknown model_type {model_type!r}; supported: "
                          f"{', '.join(FAMILIES)}")

@@ -61,10 +61,17 @@ def _ids(batch, length, seed=0, vocab=96):
     # A torch traceback from nn.init.normal_ / a silent division by zero in the norm.
     (dict(init_std=-1.0), r"ModelConfig.init_std=-1.0: must be > 0"),
     (dict(norm_eps=0.0), r"ModelConfig.norm_eps=0.0: must be > 0"),
+    # A head_dim changed under a preset's rotary_dim was reported as a rotary_dim error.
+    (dict(head_dim=8, rotary_dim=16), r"ModelConfig.head_dim=8: smaller than rotary_dim=16"),
+    (dict(n_embd=42, n_head=6), r"ModelConfig.head_dim=7: must be even"),
 ])
 def test_config_rejects_bad_values(change, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(**change)
+
+
+def test_odd_head_dim_is_fine_without_rotary_embeddings():
+    assert ModelConfig(n_embd=42, n_head=6, positions="learned").head_dim == 7
 
 
 def test_config_dict_round_trip_and_unknown_keys():

@@ -563,6 +563,19 @@ def test_error_unknown_model_type(checkpoints, tmp_path):
         Transformer.from_pretrained(d)
 
 
+def test_error_codelm_run_directory_names_its_export(tmp_path):
+    """A run dir passed as a checkpoint was an "unknown model_type None"."""
+    import dataclasses
+
+    import trainingmanager
+
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(
+        trainingmanager.TrainConfig())))
+    with pytest.raises(ValueError, match=rf"{tmp_path}: a codelm run directory, not an HF "
+                                         rf"checkpoint; its model is in {tmp_path}/export"):
+        Transformer.from_pretrained(tmp_path)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"qk_layernorm": True}, "qk_layernorm=True cannot be honoured"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}},
