@@ -47,6 +47,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -325,10 +326,89 @@ def study_dir(cfg: TuneConfig) -> Path:
     return Path(cfg.out_dir) / cfg.study_name
 
 
+SQLITE_MAGIC = b"SQLite format 3\0"  # the first bytes of every SQLite database file
+# Seconds to wait, then again, for a last line without a newline to be ended: another worker
+# may be appending a record at the moment the file is read.
+_TORN_LINE_WAITS = (0.05, 0.2, 0.5)
+
+
+def _journal_line_problem(line: bytes) -> str | None:
+    """Why Optuna's journal could not replay ``line`` (one record: a JSON object with an int
+    ``op_code`` and a ``worker_id``), or None."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        return "not UTF-8 text"
+    except json.JSONDecodeError as e:
+        return f"not JSON: {e.msg} at column {e.colno}"
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    op_code = record.get("op_code")
+    if not isinstance(op_code, int) or isinstance(op_code, bool):
+        return f"op_code is {json.dumps(op_code)}, not an integer"
+    if not isinstance(record.get("worker_id"), str):
+        return "no worker_id string"
+    return None
+
+
+def _read_settled(path: Path, data: bytes) -> bytes:
+    """The file's bytes (``data`` as first read), once its last line is ended or has stayed
+    unended for a while: a worker's append in progress ends it within moments; a write cut off
+    by a kill never does."""
+    for wait in _TORN_LINE_WAITS:
+        if not data or data.endswith(b"\n"):
+            break
+        time.sleep(wait)
+        data = path.read_bytes()
+    return data
+
+
+def _not_a_journal_line(path: Path, number: int, problem: str) -> ValueError:
+    return ValueError(f"{path}:{number}: not an Optuna journal line ({problem}); is this the "
+                      "study's journal file?")
+
+
+def _unended_line_error(path: Path, number: int, whole: bool, offset: int) -> ValueError:
+    """The last line has no newline: Optuna skips such a line and then appends its next record
+    to it, which turns both into one unreadable line in the middle of the journal."""
+    where = f"{path}:{number}: the last line has no newline at its end"
+    quoted = shlex.quote(str(path))
+    if whole:  # only the newline is missing: the record is kept
+        return ValueError(f"{where}; its record is whole: add the newline (echo >> {quoted}) "
+                          "to continue the study")
+    return ValueError(f"{where}: its record is incomplete (a write cut off by a kill or a full "
+                      f"disk leaves one). Remove that line (truncate -s {offset} {quoted}) to "
+                      "continue the study without that one record")
+
+
+def check_journal(path: Path) -> None:
+    """Refuse a file Optuna's journal would misread, before anything is written to it: Optuna
+    skips a bad last line and appends after it, so a torn record, a user's other file or an
+    SQLite database would get JSON lines appended and fail later (or at once, obscurely).
+    Checked without the journal's lock: writers only append whole lines under it."""
+    if not path.is_file():  # none yet: Optuna creates it (a directory is an OSError later)
+        return
+    data = path.read_bytes()
+    if data.startswith(SQLITE_MAGIC):
+        raise ValueError(f"{path}: an SQLite database, not an Optuna journal file: use "
+                         f"--storage sqlite:///{path}")
+    data = _read_settled(path, data)
+    *lines, last = data.split(b"\n")
+    for number, line in enumerate(lines, start=1):
+        if problem := _journal_line_problem(line):
+            raise _not_a_journal_line(path, number, problem)
+    if last:
+        number, problem = len(lines) + 1, _journal_line_problem(last)
+        if problem and not last.startswith(b"{"):  # not even the start of a record
+            raise _not_a_journal_line(path, number, problem)
+        raise _unended_line_error(path, number, problem is None, len(data) - len(last))
+
+
 def open_storage(cfg: TuneConfig) -> optuna.storages.BaseStorage:
     """A journal file (local, several processes) or an RDB URL with heartbeats and retries."""
     url = cfg.storage or str(study_dir(cfg) / JOURNAL_FILE)
     if "://" not in url:
+        check_journal(Path(url))
         Path(url).parent.mkdir(parents=True, exist_ok=True)
         backend = optuna.storages.journal.JournalFileBackend(
             url, lock_obj=optuna.storages.journal.JournalFileOpenLock(url))

@@ -856,6 +856,85 @@ def test_unusable_path_is_a_clear_error(tmp_path, corpus, capsys, flag):
     assert err.startswith(f"error: {blocker}") and "Traceback" not in err
 
 
+def journal_of_one_study(tmp_path: Path) -> tuple[hyperparam_tune.TuneConfig, Path]:
+    """A real journal file of study "jt" with a study attribute: two records."""
+    cfg = hyperparam_tune.parse_config(["--out-dir", str(tmp_path / "runs"), "--study-name", "jt"])
+    hyperparam_tune.open_study(cfg, hyperparam_tune.open_storage(cfg)).set_user_attr("x", 1)
+    path = hyperparam_tune.study_dir(cfg) / hyperparam_tune.JOURNAL_FILE
+    assert path.read_bytes().count(b"\n") == 2
+    return cfg, path
+
+
+@pytest.mark.parametrize("damage, told", [
+    (lambda b: b + b"garbage\n", ":3: not an Optuna journal line (not JSON: Expecting value"),
+    (lambda b: b + b"\xfb\n", ":3: not an Optuna journal line (not UTF-8 text)"),
+    (lambda b: b + b"[1]\n", ":3: not an Optuna journal line (a JSON list, not an object)"),
+    (lambda b: b + b'{"op_code": "x", "worker_id": "w"}\n', ':3: not an Optuna journal line '
+     '(op_code is "x", not an integer)'),
+    (lambda b: b"\n" + b, ":1: not an Optuna journal line (not JSON"),
+    (lambda b: b + b"notes", ":3: not an Optuna journal line (not JSON"),
+    (lambda b: b[:-1], ":2: the last line has no newline at its end; its record is whole: add "
+     "the newline (echo >> "),
+])
+def test_damaged_journal_is_refused_untouched(tmp_path, damage, told):
+    """Optuna skips a bad last line and appends after it (a later read fails on the merged
+    line), or fails obscurely: the file is refused by line, before anything is written."""
+    cfg, path = journal_of_one_study(tmp_path)
+    damaged = damage(path.read_bytes())
+    path.write_bytes(damaged)
+    with pytest.raises(ValueError) as e:
+        hyperparam_tune.open_storage(cfg)
+    assert str(e.value).startswith(f"{path}{told}")
+    assert path.read_bytes() == damaged
+    assert os.listdir(path.parent) == [path.name]  # no lock file left behind
+
+
+def test_journal_with_a_torn_last_record_is_refused_with_its_fix(tmp_path):
+    """A write cut off by a kill or a full disk: the error names the line and a command that
+    removes it; after that the study continues with its other records."""
+    cfg, path = journal_of_one_study(tmp_path)
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-20])
+    with pytest.raises(ValueError) as e:
+        hyperparam_tune.open_storage(cfg)
+    offset = whole.rindex(b"\n", 0, len(whole) - 1) + 1
+    assert str(e.value) == (
+        f"{path}:2: the last line has no newline at its end: its record is incomplete (a write "
+        "cut off by a kill or a full disk leaves one). Remove that line "
+        f"(truncate -s {offset} {path}) to continue the study without that one record")
+    assert path.read_bytes() == whole[:-20]
+    os.truncate(path, offset)  # the fix it names
+    study = hyperparam_tune.open_study(cfg, hyperparam_tune.open_storage(cfg))
+    assert study.study_name == "jt" and study.user_attrs == {}
+
+
+def test_last_line_a_worker_is_appending_is_waited_for(tmp_path, monkeypatch):
+    """Another worker's append in progress is not a torn record: the check reads again."""
+    cfg, path = journal_of_one_study(tmp_path)
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-20])
+    monkeypatch.setattr(hyperparam_tune.time, "sleep", lambda s: path.write_bytes(whole))
+    storage = hyperparam_tune.open_storage(cfg)
+    assert storage.get_study_user_attrs(storage.get_study_id_from_name("jt")) == {"x": 1}
+
+
+@pytest.mark.parametrize("content, told", [
+    (b"SQLite format 3\0" + bytes(100), "an SQLite database, not an Optuna journal file: use "
+     "--storage sqlite:///"),
+    (b"my notes\n", ":1: not an Optuna journal line (not JSON"),
+])
+def test_storage_that_is_another_file_is_refused_untouched(tmp_path, corpus, capsys, content,
+                                                           told):
+    path = tmp_path / "mine.db"
+    path.write_bytes(content)
+    argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="other", n_trials=1)
+    assert hyperparam_tune.main([*argv, "--storage", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}") and told in err and "Traceback" not in err
+    assert path.read_bytes() == content
+    assert not (tmp_path / "runs" / "other" / "trials").exists()
+
+
 FAKE_TRAIN = """
 import sys
 import hyperparam_tune, trainingmanager
