@@ -34,6 +34,7 @@ latest run under runs/.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import hashlib
 import json
@@ -252,9 +253,69 @@ PROBLEM_KEYS = ("task_id", "prompt", "entry_point", "test")
 FUNCTION_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n@", "\nassert ")
 
 
-def load_problems(path: str | Path = PROBLEMS_FILE) -> list[dict]:
-    """HumanEval-shaped problems from a JSONL file; a malformed line is named in the error
-    before any sample is generated, so no finished work is thrown away for it."""
+def _compile_error(source: str, what: str) -> str | None:
+    """Why ``source`` does not compile, or None; compiled only, never run (that is the
+    sandbox's job)."""
+    try:
+        compile(source, what, "exec", dont_inherit=True)
+    except SyntaxError as err:
+        where = f", line {err.lineno}" if err.lineno else ""
+        return f"{what} does not compile ({err.msg}{where})"
+    except ValueError as err:  # a null byte, before Python 3.12
+        return f"{what} does not compile ({err})"
+    return None
+
+
+def _with_body(prompt: str) -> str:
+    """The prompt with a placeholder body: a HumanEval prompt may end at a function's header,
+    which compiles only once the completion gives it a body."""
+    lines = [line for line in prompt.splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    indent = last[: len(last) - len(last.lstrip())]
+    if last.rstrip().endswith(":"):
+        indent += "    "
+    return prompt + ("" if prompt.endswith("\n") else "\n") + indent + "pass\n"
+
+
+def _takes_one_argument(fn: ast.FunctionDef) -> bool:
+    """``check(entry_point)`` passes one positional argument."""
+    args = fn.args
+    positional = len(args.posonlyargs) + len(args.args)
+    required_keywords = any(default is None for default in args.kw_defaults)
+    return (not required_keywords and (positional >= 1 or args.vararg is not None)
+            and positional - len(args.defaults) <= 1)
+
+
+def _problem_error(problem: dict) -> str | None:
+    """Why every sample of this problem would fail whatever the model writes, or None: a test or
+    prompt that does not compile, no ``check(candidate)``, an entry point the prompt lacks.
+    Unchecked, every run fails alike, pass@k reads 0 for every model and only the runs' stderr
+    in predictions.jsonl says why."""
+    prompt, test = problem["prompt"], problem["test"]
+    error = _compile_error(test, "test")
+    if error:
+        return error
+    if not any(isinstance(node, ast.FunctionDef) and node.name == "check"
+               and _takes_one_argument(node) for node in ast.parse(test).body):
+        return "test does not define check(candidate)"
+    error = _compile_error(prompt, "prompt")
+    if error and _compile_error(_with_body(prompt), "prompt") is None:
+        prompt, error = _with_body(prompt), None
+    if error:
+        return error
+    defined = {node.name for node in ast.parse(prompt).body
+               if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+    if problem["entry_point"] not in defined:
+        return f"entry_point {problem['entry_point']!r} is not defined in the prompt"
+    return None
+
+
+def load_problems(path: str | Path = PROBLEMS_FILE, sandbox: SandboxConfig | None = None,
+                  workers: int = 1) -> list[dict]:
+    """HumanEval-shaped problems from a JSONL file; a malformed line, or a problem no sample
+    could pass, is named in the error before any sample is generated, so no finished work is
+    thrown away for it. With ``sandbox``, each ``canonical_solution`` is also run against its
+    test there (``workers`` at once): a broken test that compiles fails its own solution."""
     try:
         raw = Path(path).read_bytes()
     except FileNotFoundError:
@@ -285,10 +346,31 @@ def load_problems(path: str | Path = PROBLEMS_FILE) -> list[dict]:
             raise ValueError(f"{path}:{line_no}: duplicate task_id {task_id!r} (first on line "
                              f"{first_line[task_id]})")
         first_line[task_id] = line_no
+        error = _problem_error(problem)
+        if error:
+            raise ValueError(f"{path}:{line_no}: {error}")
         problems.append(problem)
     if not problems:
         raise ValueError(f"{path}: no problems")
+    if sandbox is not None:
+        _check_canonical_solutions(path, problems, first_line, sandbox, workers)
     return problems
+
+
+def _check_canonical_solutions(path: str | Path, problems: Sequence[dict],
+                               lines: dict[str, int], sandbox: SandboxConfig,
+                               workers: int) -> None:
+    """Run each problem's canonical solution, where it has one, against its test: a solution
+    that fails means a test no model can pass (or a timeout too short for it)."""
+    solved = [p for p in problems if isinstance(p.get("canonical_solution"), str)]
+    jobs = [(p, p["canonical_solution"]) for p in solved]
+    results = run_checks(jobs, sandbox, workers, "check problems", progress=False)
+    for problem, result in zip(solved, results):
+        if not result.passed:
+            tail = [line for line in result.stderr.splitlines() if line.strip()][-1:]
+            detail = ": ".join([result.status, *tail])
+            raise ValueError(f"{path}:{lines[problem['task_id']]}: the canonical solution "
+                             f"fails its own test ({detail})")
 
 
 def check_program(problem: dict, completion: str) -> str:
@@ -308,6 +390,20 @@ def run_check(problem: dict, completion: str, config: SandboxConfig | None = Non
     if result.passed and not result.completed:
         result.status = "failed"
     return result
+
+
+def run_checks(jobs: Sequence[tuple[dict, str]], sandbox: SandboxConfig, workers: int,
+               desc: str, progress: bool = True) -> list[SandboxResult]:
+    """``run_check`` of each (problem, completion), ``workers`` at once; interrupted, it starts
+    no more runs and ends those in flight, so no sample outlives the evaluation."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        try:
+            return list(tqdm(pool.map(lambda job: run_check(*job, sandbox), jobs),
+                             total=len(jobs), desc=desc, disable=not progress, leave=False))
+        except BaseException:  # interrupted: start no more runs, end those the workers wait on
+            pool.shutdown(wait=False, cancel_futures=True)
+            kill_running()
+            raise
 
 
 def truncate_at_stops(text: str, stops: Sequence[str] = FUNCTION_STOPS) -> str:
@@ -345,14 +441,16 @@ class EvalConfig:
     lines_per_file: int = 1  # line / window completion targets sampled per file
     lm_windows: int | None = 64  # block-size windows scored by the lm task (None: the split)
     block_size: int | None = None  # context for scoring and prompts (default: the smallest of
-    #   the models', a codelm run's being the block_size it trained at: its val_loss context)
+    #   the models', a codelm run's being the block_size it trained at: its val_loss context); a
+    #   model whose context is shorter uses its own (each result row records the one used)
     docstring_prompts: list[str] = field(default_factory=lambda: ["simple"])  # seed 004 variants
     docstring_targets: str | None = None  # class | function | both (None: the corpus's data
     #   options': a run's own, else dataset's default, class)
     docstring_min_tokens: int | None = None  # skip shorter reference docstrings (None: the
     #   corpus's data options': a run's own, else dataset's default, 20 as in seed 004)
     reference_loss: bool = False  # generation tasks: also the loss of the reference (seed 000)
-    problems: str | None = None  # pass@k problems JSONL (default: the bundled set)
+    problems: str | None = None  # pass@k problems JSONL (default: the bundled set); each is
+    #   compiled, and its canonical_solution run in the sandbox, before any model loads
     # generation
     max_new_tokens: int = 128  # per generated completion
     temperature: float = 0.0  # 0: greedy; seed 004 sampled with temperature 0.7, top_p 0.9
@@ -411,6 +509,11 @@ class EvalConfig:
         known = {f.name for f in fields(DataConfig)} - {"task", "sources", "block_size", "progress"}
         need(isinstance(self.data_options, dict) and set(self.data_options) <= known,
              "data_options", f"keys must be DataConfig fields: {', '.join(sorted(known))}")
+
+
+def sandbox_config(cfg: EvalConfig) -> SandboxConfig:
+    """The limits of each sandboxed run: the samples' and the canonical solutions' alike."""
+    return SandboxConfig(timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb)
 
 
 def config_from_dict(values: dict, source: str = "<dict>") -> EvalConfig:
@@ -505,15 +608,32 @@ def _run_base(run_dir: Path, config: dict) -> str:
     return config["init_from"]
 
 
-def _load_run(run_dir: Path, device: torch.device) -> tuple[torch.nn.Module, Path, dict]:
+def _run_tokenizer(run_dir: Path, override: str | None) -> Path:
+    """The tokenizer a run trained with: the run dir's (the trainer writes it there), else its
+    export's copy, else ``override`` (``--tokenizer``). Without any, the error names the file
+    the run lacks, not an export/ it may never have had (a run trained with --no-export)."""
+    export = run_dir / "export"
+    for directory in (run_dir, export):
+        if (directory / "tokenizer.json").is_file():
+            return directory
+    if override is not None:
+        return Path(override)
+    nor = f", nor {export / 'tokenizer.json'}" if export.is_dir() else ""
+    raise ValueError(f"{run_dir / 'tokenizer.json'}: not found{nor}; pass --tokenizer with the "
+                     "tokenizer the run trained with")
+
+
+def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None
+              ) -> tuple[torch.nn.Module, Path, dict]:
     """A codelm run: its export (full model or adapter on ``init_from``) while it holds the
-    run's best weights, else ``best/``."""
+    run's best weights, else ``best/``; ``tokenizer``: ``--tokenizer``, used where the run
+    holds none."""
     import lora
     import trainingmanager as tm
 
     config = cliconfig.read_json_object(run_dir / "config.json", "run config")
     export = run_dir / "export"
-    tok_dir = run_dir if (run_dir / "tokenizer.json").is_file() else export
+    tok_dir = _run_tokenizer(run_dir, tokenizer)
     stale = tm.stale_export(run_dir)
     if stale:
         print(f"note: {export} is not used: {stale}; scoring best/", file=sys.stderr)
@@ -568,7 +688,7 @@ def load_model(spec: str, device: torch.device, tokenizer: str | None = None) ->
         lora.load_adapter(model, path)
         tok_dir = path if (path / "tokenizer.json").is_file() else _adapter_base(path)
     elif _is_run_dir(path):
-        model, tok_dir, run_config = _load_run(path, device)
+        model, tok_dir, run_config = _load_run(path, device, tokenizer)
     else:
         model = _load_hf(path, device)
         tok_dir = path
@@ -589,6 +709,7 @@ def load_model(spec: str, device: torch.device, tokenizer: str | None = None) ->
 
 
 def _context(lm: LoadedModel, cfg: EvalConfig) -> int:
+    """The context a model is scored and prompted with: cfg's, but never past its positions."""
     return min(cfg.block_size or lm.model.cfg.block_size, lm.model.cfg.block_size)
 
 
@@ -943,17 +1064,9 @@ def run_passk(lm: LoadedModel, problems: Sequence[dict], cfg: EvalConfig
     """n samples per problem, each executed in its own sandboxed subprocess; unbiased pass@k."""
     prompts = [p["prompt"] for p in problems for _ in range(cfg.num_samples)]
     completions = generate_texts(lm, prompts, cfg, FUNCTION_STOPS, desc="passk")
-    sandbox = SandboxConfig(timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb)
     jobs = [(problems[i // cfg.num_samples], c) for i, c in enumerate(completions)]
-    with ThreadPoolExecutor(max_workers=cfg.workers) as pool:
-        try:
-            results = list(tqdm(pool.map(lambda job: run_check(*job, sandbox), jobs),
-                                total=len(jobs), desc=f"{lm.label} execute",
-                                disable=not cfg.progress, leave=False))
-        except BaseException:  # interrupted: start no more runs, end those the workers wait on
-            pool.shutdown(wait=False, cancel_futures=True)
-            kill_running()
-            raise
+    results = run_checks(jobs, sandbox_config(cfg), cfg.workers, f"{lm.label} execute",
+                         cfg.progress)
     records, passed = [], Counter()
     for (problem, completion), result in zip(jobs, results):
         passed[problem["task_id"]] += result.passed
@@ -1064,7 +1177,9 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
     """The work of ``evaluate``: load, build the examples, then each model in turn, saved."""
     from dataset import load_corpus
 
-    problems = load_problems(cfg.problems or PROBLEMS_FILE) if "passk" in cfg.tasks else []
+    problems: list[dict] = []
+    if "passk" in cfg.tasks:
+        problems = load_problems(cfg.problems or PROBLEMS_FILE, sandbox_config(cfg), cfg.workers)
     models = [load_model(spec, device, cfg.tokenizer) for spec in specs]
     _unique_labels(models)
     if cfg.block_size is None:  # results.json records the context used
@@ -1205,6 +1320,11 @@ def _evaluate_model(lm: LoadedModel, cfg: EvalConfig, docs: Sequence, examples: 
     ``data_cfg`` (the corpus's dataset.DataConfig) cuts reference-loss examples as training did."""
     rows, records = [], []
     shared: dict = {}
+    context = _context(lm, cfg)
+    if cfg.block_size is not None and context < cfg.block_size:
+        print(f"note: {lm.label} is scored and prompted with its own context, {context} "
+              f"tokens, not block_size {cfg.block_size} (results.json's rows record each "
+              "model's)", file=sys.stderr)
     for task in cfg.tasks:
         if task == "lm":
             metrics = score_lm(lm, [d.text if d.target is None else d.text + "\n" + d.target
@@ -1222,6 +1342,7 @@ def _evaluate_model(lm: LoadedModel, cfg: EvalConfig, docs: Sequence, examples: 
     for variant in cfg.docstring_prompts if "docstring" in cfg.tasks else [None]:
         row = {"model": lm.label, "source": lm.source, "prompt": variant,
                "batch_size": cfg.batch_size,  # may differ between models of a resumed evaluation
+               "block_size": context,  # the context used: a model's own where cfg's is longer
                "metrics": dict(shared)}
         if variant is not None:
             metrics, recs = run_generation_task(

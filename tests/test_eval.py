@@ -304,6 +304,64 @@ def test_duplicate_task_id_is_an_error_before_any_generation(tiny_models, tmp_pa
     assert not out.exists()  # the failed run leaves no empty output directory
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"test": "def check(candidate):\n  assert (((\n"},
+     r"test does not compile \('\(' was never closed, line 2\)"),
+    ({"test": "x = 1\n"}, r"test does not define check\(candidate\)"),
+    ({"test": "def check():\n    pass\n"}, r"test does not define check\(candidate\)"),
+    ({"entry_point": "nope"}, r"entry_point 'nope' is not defined in the prompt"),
+    ({"prompt": "def c(:\n"}, r"prompt does not compile \(invalid syntax, line 1\)"),
+])
+def test_a_problem_no_sample_can_pass_is_an_error_before_any_generation(
+        tiny_models, tmp_path, monkeypatch, capsys, change, message):
+    """Such a problem scored 0 for every model, its cause only in predictions.jsonl."""
+    import json
+
+    path = tmp_path / "p.jsonl"
+    path.write_text(_problem_line("A") + json.dumps({**FORTY_TWO, **change}) + "\n")
+    with pytest.raises(ValueError, match=f"^{path}:2: {message}$"):
+        ev.load_problems(path)
+    monkeypatch.setattr(ev, "generate_texts", lambda *a, **k: pytest.fail("generated"))
+    out = tmp_path / "out"
+    assert ev.main(["--models", str(tiny_models["base"]), "--tasks", "passk", "--problems",
+                    str(path), "--out-dir", str(out), "--no-progress", "--workers", "1"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {path}:2: ")
+    assert not out.exists()
+
+
+def test_problems_are_checked_by_compiling_only_and_accept_humaneval_prompts(tmp_path):
+    """A prompt may end at the header the completion gives a body; nothing is executed."""
+    import json
+
+    shapes = [{"prompt": "def c():\n"},
+              {"prompt": "class C:\n    def m(self):\n", "entry_point": "C"},
+              {"prompt": "import functools\n\n@functools.cache\nasync def c():\n"},
+              {"test": "raise SystemExit(3)\ndef check(f, *rest):\n    pass\n"}]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({**FORTY_TWO, "task_id": str(i), **shape}) + "\n"
+                            for i, shape in enumerate(shapes)))
+    assert len(ev.load_problems(path)) == len(shapes)
+
+
+def test_a_canonical_solution_failing_its_test_is_an_error_before_any_generation(
+        tiny_models, tmp_path, monkeypatch, capsys):
+    import json
+
+    assert ev.load_problems(ev.PROBLEMS_FILE, ev.SandboxConfig(timeout_s=10.0), 2)  # shipped
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({**FORTY_TWO, "canonical_solution": "    return 42\n"}) + "\n"
+                    + json.dumps({**FORTY_TWO, "task_id": "B",
+                                  "canonical_solution": "    return 41\n"}) + "\n")
+    assert len(ev.load_problems(path)) == 2  # not run without a sandbox
+    monkeypatch.setattr(ev, "generate_texts", lambda *a, **k: pytest.fail("generated"))
+    out = tmp_path / "out"
+    assert ev.main(["--models", str(tiny_models["base"]), "--tasks", "passk", "--problems",
+                    str(path), "--out-dir", str(out), "--no-progress", "--workers", "1"]) == 2
+    assert capsys.readouterr().err == (f"error: {path}:2: the canonical solution fails its "
+                                       "own test (failed: AssertionError)\n")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda p: None, r"p.jsonl: problems file not found"),
     (lambda p: p.mkdir(), r"p.jsonl: cannot read the problems file: Is a directory"),
@@ -490,6 +548,40 @@ def test_models_base_and_finetuned_print_one_table(tiny_models, tmp_path, monkey
     records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     ids = {model: [r["id"] for r in records if r["model"] == model] for model in ("base", "tuned")}
     assert ids["base"] == ids["tuned"] and len(ids["base"]) == results["examples"]["line"] >= 1
+
+
+def test_results_record_the_context_each_model_was_scored_with(tiny_models, tmp_path,
+                                                              monkeypatch, capsys):
+    """--block-size past a model's context is clamped to it: results.json recorded only the
+    requested value, not the 32 tokens the short model was scored with."""
+    import json
+    import shutil
+
+    from tiny_hf import save_tiny_hf
+
+    monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
+    m = tiny_models
+    short = tmp_path / "short"
+    save_tiny_hf("llama", short, vocab_size=m["tok"].vocab_size, max_position_embeddings=32,
+                 bos_token_id=m["tok"].bos_id, eos_token_id=m["tok"].eos_id)
+    shutil.copy(m["base"] / "tokenizer.json", short / "tokenizer.json")
+    flags = ["--models", f"long={m['base']}", f"short={short}", "--data", str(m["code"]),
+             "--tasks", "lm", "--lm-windows", "1", "--no-progress"]
+    assert ev.main([*flags, "--block-size", "100000", "--out-dir", str(tmp_path / "big")]) == 0
+    results = json.loads((tmp_path / "big" / "results.json").read_text())
+    assert results["config"]["block_size"] == 100000  # what was asked for
+    assert [(r["model"], r["block_size"]) for r in results["rows"]] == [("long", 128),
+                                                                         ("short", 32)]
+    assert [r["metrics"]["lm/tokens"] for r in results["rows"]] == [128, 32]
+    err = capsys.readouterr().err
+    assert "note: long is scored and prompted with its own context, 128 tokens, not " \
+        "block_size 100000" in err and "note: short is scored and prompted with its own " \
+        "context, 32 tokens" in err
+    assert ev.main([*flags, "--out-dir", str(tmp_path / "shared")]) == 0
+    results = json.loads((tmp_path / "shared" / "results.json").read_text())
+    assert results["config"]["block_size"] == 32  # the default: the smallest, for all
+    assert [r["block_size"] for r in results["rows"]] == [32, 32]
+    assert "note:" not in capsys.readouterr().err
 
 
 def test_lm_task_loss_equals_transformers(tiny_models, tmp_path, monkeypatch):
@@ -1044,6 +1136,40 @@ def test_a_truncated_run_checkpoint_is_an_error_naming_it(tiny_models, tmp_path,
         ev.load_model(str(run), torch.device("cpu"))
     assert ev.main(["--models", str(run), "--tasks", "lm", "--out-dir", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.startswith(f"error: {weights}: truncated file")
+
+
+def test_a_run_without_its_tokenizer_names_the_missing_file(tiny_models, tmp_path, capsys):
+    """A run trained with --no-export has no export/: the error named run/export, not the
+    run/tokenizer.json it lacks."""
+    import dataclasses
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    import trainingmanager as tm
+
+    cfg = tm.TrainConfig(preset="tiny")
+    run = tmp_path / "run"
+    (run / "best").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    save_file(tm.model_tensors(tm.build_model(cfg, tiny_models["tok"]), False),
+              run / "best" / tm.MODEL_FILE)
+    cpu = torch.device("cpu")
+    missing = f"{run / 'tokenizer.json'}: not found; pass --tokenizer"
+    with pytest.raises(ValueError, match=f"^{missing}"):
+        ev.load_model(str(run), cpu)
+    assert ev.main(["--models", str(run), "--tasks", "lm", "--out-dir", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {missing}")
+    shutil.copytree(tiny_models["base"], run / "export")
+    (run / "export" / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match=f"^{run / 'tokenizer.json'}: not found, nor "
+                                         f"{run / 'export' / 'tokenizer.json'}; pass --tokenizer"):
+        ev.load_model(str(run), cpu)
+    shutil.rmtree(run / "export")
+    given = ev.load_model(str(run), cpu, str(tiny_models["base"] / "tokenizer.json"))
+    assert given.tokenizer.vocab_size == tiny_models["tok"].vocab_size
 
 
 def _sandbox_children(pid: int) -> dict[int, str]:
