@@ -572,23 +572,13 @@ class CodeTokenizer(_BatchEncodeMixin):
             char = BYTE_TO_UNICODE[b]
             vocab[char if char not in taken else f"<0x{b:02X}>"] = self._byte_offset + b
         vocab.update((pieces[p], i) for p, i in self._piece_to_id.items())
-        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
-                      "use_regex": False}
+        sections = _code_hf_sections()
         return {
             "version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
-            "normalizer": None,
-            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": _CODE_PIECE_HF_REGEX},
-                 "behavior": "Isolated", "invert": False},
-                {"type": "Split", "pattern": {"Regex": _CAP_PIECE_HF_REGEX},
-                 "behavior": "Isolated", "invert": False},
-                byte_level,
-            ]},
-            "post_processor": None,
-            "decoder": {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, byte_level]},
+            "normalizer": None, "pre_tokenizer": sections["pre_tokenizer"],
+            "post_processor": None, "decoder": sections["decoder"],
             "model": {"type": "WordPiece", "unk_token": next(iter(vocab)),
-                      "continuing_subword_prefix": "", "max_input_chars_per_word": 1 << 40,
-                      "vocab": vocab},
+                      **_CODE_HF_MODEL, "vocab": vocab},
         }
 
     @classmethod
@@ -596,11 +586,15 @@ class CodeTokenizer(_BatchEncodeMixin):
         """Read back what ``to_hf`` writes: the special tokens are the entries before the byte
         tokens (files written before codelm stopped exporting them also list them as added
         tokens, as does a ``transformers`` save of the tokenizer). A file written before pieces
-        were capped (no second Split) reads back capped: re-save it so HF caps them too."""
+        were capped (no second Split) reads back capped: re-save it so HF caps them too.
+
+        Every other part must be as ``to_hf`` writes it, as HF tokenizers would otherwise give
+        other ids or decode them to other text; a difference is named."""
         model = spec.get("model")
         vocab = model.get("vocab") if isinstance(model, dict) else None
         if not isinstance(vocab, dict):
             raise ValueError(f"{source}: model.vocab is missing or not an object")
+        _check_code_hf_sections(spec, source)
         by_id: dict[int, str] = {}
         for token, i in vocab.items():
             if type(i) is not int or i < 0:
@@ -632,21 +626,22 @@ class CodeTokenizer(_BatchEncodeMixin):
             except (KeyError, UnicodeDecodeError):
                 raise ValueError(f"{source}: model.vocab entry {by_id[i]!r} (id {i}) is not the "
                                  "ByteLevel spelling of UTF-8 text") from None
+        specials = [by_id[i] for i in range(n_specials)]
+        _check_code_added_tokens(spec.get("added_tokens", []), specials, source)
         try:
-            return cls(pieces, special_tokens=[by_id[i] for i in range(n_specials)])
+            return cls(pieces, special_tokens=specials)
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
 
     @staticmethod
     def is_hf_form(spec: dict) -> bool:
-        """Whether an HF tokenizer.json is a CodeTokenizer's (``to_hf``)."""
-        model, pre = spec.get("model"), spec.get("pre_tokenizer")
-        pres = pre.get("pretokenizers") if isinstance(pre, dict) else None
-        first = pres[0] if isinstance(pres, list) and pres else None
+        """Whether an HF tokenizer.json is meant as a CodeTokenizer's (``to_hf``): a WordPiece
+        model with no continuation prefix, which no BPE reader takes. Only the model decides, so
+        that ``from_hf`` names any other part that is not codelm's (a hand edit) instead of the
+        BPE reader refusing the model type."""
+        model = spec.get("model")
         return (isinstance(model, dict) and model.get("type") == "WordPiece"
-                and model.get("continuing_subword_prefix") == ""
-                and isinstance(first, dict)
-                and first.get("pattern") == {"Regex": _CODE_PIECE_HF_REGEX})
+                and model.get("continuing_subword_prefix") == "")
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``tokenizer.json`` (inside ``path`` when it is a directory) in HF's format, which
@@ -730,6 +725,109 @@ def _write_roles_config(directory: Path, roles: dict[str, str], replace: bool,
         data.update((f"{role}_token", token) for role, token in roles.items())
         data.update(extra or {})
         config.write_text(json.dumps(data, ensure_ascii=False, indent=2), "utf-8")
+
+
+# The WordPiece settings of ``to_hf`` besides its vocabulary and unknown token (never used: every
+# byte has a token); HF's default max_input_chars_per_word (100) would make long pieces unknown.
+_CODE_HF_MODEL = {"continuing_subword_prefix": "", "max_input_chars_per_word": 1 << 40}
+
+
+def _code_hf_sections(capped: bool = True) -> dict:
+    """The parts of ``to_hf``'s tokenizer.json but the model, added tokens and post-processor;
+    ``capped=False`` gives the pre-tokenizer of files written before pieces were capped."""
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
+                  "use_regex": False}
+    splits = [{"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated",
+               "invert": False}
+              for pattern in (_CODE_PIECE_HF_REGEX, _CAP_PIECE_HF_REGEX)[: 2 if capped else 1]]
+    return {
+        "truncation": None, "padding": None, "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [*splits, byte_level]},
+        "decoder": {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, byte_level]},
+    }
+
+
+def _shown_json(value: object, limit: int = 60) -> str:
+    """A JSON value cut short for an error message: a Split regex runs to 200 characters."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _first_difference(actual: object, expected: object, path: str) -> str | None:
+    """Where ``actual`` first differs from ``expected``, as ``path... differs: ...``. Keys
+    ``expected`` lacks are passed over: to_hf writes every field of its components, so HF
+    ignores any other."""
+    if isinstance(expected, dict) and isinstance(actual, dict):
+        for key, value in expected.items():
+            if key not in actual:
+                return f"{path}.{key} is missing"
+            if (where := _first_difference(actual[key], value, f"{path}.{key}")) is not None:
+                return where
+        return None
+    if isinstance(expected, list) and isinstance(actual, list) and len(actual) == len(expected):
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            if (where := _first_difference(a, e, f"{path}[{i}]")) is not None:
+                return where
+        return None
+    if type(actual) is type(expected) and actual == expected:
+        return None
+    return f"{path} differs: {_shown_json(actual)} where codelm writes {_shown_json(expected)}"
+
+
+def _post_processor_difference(processor: object) -> str | None:
+    """How a post-processor differs from codelm's null, unless it adds no ids (a transformers
+    save writes a TemplateProcessing of the sequence alone)."""
+    try:
+        if _post_processor_ids(processor) == ([], []):
+            return None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        pass  # not one HF would read alike: named below
+    return (f"post_processor differs: {_shown_json(processor)} where codelm writes null (or "
+            "one that adds no ids)")
+
+
+def _code_hf_difference(spec: dict) -> tuple[str, str] | None:
+    """(part, where it differs) for the first part of a WordPiece tokenizer.json that is not as
+    ``to_hf`` writes it (the legacy uncapped pre-tokenizer is accepted); None if all are."""
+    where = _first_difference(spec["model"], _CODE_HF_MODEL, "model")
+    if where is not None:
+        return "model", where
+    if (where := _post_processor_difference(spec.get("post_processor"))) is not None:
+        return "post_processor", where
+    legacy = _code_hf_sections(capped=False)
+    for part, expected in _code_hf_sections().items():
+        actual = spec.get(part)  # HF reads a part left out as null
+        where = _first_difference(actual, expected, part)
+        if where is not None and _first_difference(actual, legacy[part], part) is not None:
+            return part, where
+    return None
+
+
+def _check_code_hf_sections(spec: dict, source: str) -> None:
+    """Refuse a CodeTokenizer tokenizer.json whose pre-tokenizer, decoder or other part was
+    edited: codelm would read it as the tokenizer it was, HF as another."""
+    if (found := _code_hf_difference(spec)) is not None:
+        part, where = found
+        whose = "that is" if part == "model" else f"whose {part} is"
+        raise ValueError(f"{source}: a WordPiece model {whose} not codelm's ({where}); "
+                         "codelm reads only the WordPiece form it writes, so that HF tokenizers "
+                         "give the same ids and text")
+
+
+def _check_code_added_tokens(added: object, specials: list[str], source: str) -> None:
+    """Added tokens may only repeat the special tokens (older codelm files and transformers
+    saves list them); HF would find any other inside a text as a token of its own."""
+    if not isinstance(added, list):
+        raise ValueError(f"{source}: added_tokens is {_shown_json(added)}, not a list")
+    for k, entry in enumerate(added):
+        content = entry.get("content") if isinstance(entry, dict) else None
+        if not isinstance(content, str):
+            raise ValueError(f"{source}: added_tokens[{k}] {_shown_json(entry)} has no string "
+                             "'content'")
+        if content not in specials:
+            raise ValueError(f"{source}: added_tokens[{k}] {content!r} is not one of the special "
+                             f"tokens {specials}: HF would read it inside a text as a token of "
+                             "its own, codelm as text")
 
 
 def is_utf8(text: str) -> bool:

@@ -7,6 +7,7 @@ files of 1-100 KB. Output is JSONL, one ``{repo, path, sha, license, stars, text
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import requests
 from tqdm import tqdm
@@ -106,6 +107,35 @@ def _parse_day(text: str, flag: str) -> date:
         return date.fromisoformat(text)
     except ValueError:
         raise ValueError(f"--{flag} {text!r}: expected a date like 2015-01-01") from None
+
+
+def _is_http_url(url: str) -> bool:
+    """Whether ``url`` is http(s) with a host (and a numeric port, if any)."""
+    try:
+        parts = urlsplit(url)
+        return (parts.scheme in ("http", "https") and bool(parts.hostname)
+                and (parts.port is None or parts.port > 0))
+    except ValueError:  # e.g. a port that is not a number, an unclosed [IPv6 address
+        return False
+
+
+def _check_url(url: str, flag: str, example: str) -> None:
+    """Anything but an http(s) URL failed at the first request, in requests' words (no flag
+    named), after an empty output was written."""
+    if not _is_http_url(url):
+        raise ValueError(f"{flag} {url!r}: expected an http(s) URL with a host, e.g. {example}")
+
+
+def _check_request_flags(cfg: GitHubConfig) -> None:
+    """Refuse request settings requests would reject mid-run, before anything is written."""
+    if not (math.isfinite(cfg.timeout) and cfg.timeout > 0):
+        raise ValueError(f"--timeout {cfg.timeout}: need a finite number of seconds > 0")
+    if cfg.max_repos is not None and cfg.max_repos < 1:
+        raise ValueError(f"--max-repos {cfg.max_repos}: need at least 1 (leave it out for no "
+                         "limit)")
+    _check_url(cfg.api_url, "--api-url", DEFAULT_API_URL)
+    if cfg.raw_url:  # empty: the blob API, as when left out
+        _check_url(cfg.raw_url, "--raw-url", DEFAULT_RAW_URL)
 
 
 def _stamp(t: datetime) -> str:
@@ -257,6 +287,7 @@ class GitHubScraper:
             raise ValueError(f"--workers {cfg.workers}: need at least 1")
         if cfg.date_field not in ("created", "pushed"):
             raise ValueError(f"--date-field {cfg.date_field!r}: choose created or pushed")
+        _check_request_flags(cfg)
         self.client = client or GitHubClient(
             cfg.api_url, os.environ.get("GITHUB_TOKEN") or None, retries=cfg.retries,
             backoff=cfg.backoff, max_wait=cfg.max_wait, timeout=cfg.timeout)

@@ -485,6 +485,24 @@ def test_cli_help_and_bad_flags(tmp_path, capsys):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("flag, value", [
+    ("--timeout", "-1"), ("--timeout", "0"), ("--timeout", "nan"), ("--max-repos", "-1"),
+    ("--max-repos", "0"), ("--api-url", "notaurl"), ("--api-url", "ftp://example.com/api"),
+    ("--api-url", "http://"), ("--api-url", "http://host:port/api"),
+    ("--raw-url", "raw.example.com"), ("--raw-url", "https:///x"),
+])
+def test_bad_request_flags_are_refused_by_name_before_anything_is_written(flag, value, tmp_path,
+                                                                          capsys):
+    """--timeout -1 and --api-url notaurl failed at the first request in requests' words, no
+    flag named, after OUT and OUT.state were written; --max-repos -1 was taken."""
+    with FakeGitHub(_ranked_repos(2)) as fake:
+        assert _cli_scrape(fake, tmp_path / "x.jsonl", flag, value) == 2
+    assert fake.requests == []
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {flag} ") and value in err and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_licence_typo_is_refused_before_scraping(tmp_path, capsys):
     """'permisive' matches no repository: every repo would be skipped as `license`, visible
     only in the counts after the whole scrape. It is refused at once, naming the value."""

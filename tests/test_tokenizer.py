@@ -908,10 +908,113 @@ def test_malformed_code_tokenizer_json_says_what_is_wrong(edit, message, code_to
     with pytest.raises(ValueError, match=rf"tokenizer.json: model.vocab ?{message}"):
         load_tokenizer(path)
     for shape in ("x", [1]):  # a model or pre-tokenizer of the wrong JSON type
-        for key in ("model", "pre_tokenizer"):
+        for key, said in (("model", "unsupported model"),
+                          ("pre_tokenizer", "a WordPiece model whose pre_tokenizer is not")):
             path.write_text(json.dumps({**code_tok.to_hf(), key: shape}), "utf-8")
-            with pytest.raises(ValueError, match="tokenizer.json: unsupported model"):
+            with pytest.raises(ValueError, match=f"tokenizer.json: {said}"):
                 load_tokenizer(path)
+
+
+def _edited_code_json(code_tok, tmp_path, edit):
+    """The CodeTokenizer's tokenizer.json after ``edit``, as a hand edit leaves the file."""
+    spec = json.loads(json.dumps(code_tok.to_hf()))  # parts to_hf shares are separate in a file
+    edit(spec)
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(spec, ensure_ascii=False), "utf-8")
+    return path
+
+
+def _set_pattern(index: int, pattern: str):
+    return lambda s: s["pre_tokenizer"]["pretokenizers"][index]["pattern"].update(Regex=pattern)
+
+
+_SPECIAL_ENTRY = {"id": 2, "content": "<eos>", "single_word": False, "lstrip": False,
+                  "rstrip": False, "normalized": False, "special": True}
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.update(pre_tokenizer=None),
+     r"whose pre_tokenizer is not codelm's \(pre_tokenizer differs: null where codelm writes "
+     r"\{\"type\": \"Sequence\""),
+    (_set_pattern(0, "(["),
+     r"whose pre_tokenizer is not codelm's \(pre_tokenizer\.pretokenizers\[0\]\.pattern\.Regex "
+     r"differs: \"\(\[\" where codelm writes \"\\\\r\\\\n\|"),
+    (_set_pattern(1, r"[\s\S]{1,64}"), r"pre_tokenizer\.pretokenizers\[1\]\.pattern\.Regex differs"),
+    (lambda s: s["pre_tokenizer"]["pretokenizers"][2].update(use_regex=True),
+     r"pretokenizers\[2\]\.use_regex differs: true where codelm writes false"),
+    (lambda s: s.update(decoder=None), r"whose decoder is not codelm's \(decoder differs: null"),
+    (lambda s: s.pop("decoder"), r"whose decoder is not codelm's \(decoder differs: null"),
+    (lambda s: s["decoder"]["decoders"].pop(0), r"whose decoder is not codelm's \(decoder\.decoders"),
+    (lambda s: s.update(normalizer={"type": "NFC"}), r"whose normalizer is not codelm's"),
+    (lambda s: s.update(truncation={"max_length": 5}), r"whose truncation is not codelm's"),
+    (lambda s: s.update(post_processor={"type": "TemplateProcessing", "single": [
+        {"SpecialToken": {"id": "<bos>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "special_tokens": {"<bos>": {"id": "<bos>", "ids": [1], "tokens": ["<bos>"]}}}),
+     r"whose post_processor is not codelm's \(post_processor differs: \{\"type\": \"Templ"),
+    (lambda s: s["model"].update(max_input_chars_per_word=100),
+     r"a WordPiece model that is not codelm's \(model\.max_input_chars_per_word differs: 100"),
+    (lambda s: s.update(added_tokens=[{"id": 5, "content": 5}]),
+     r"added_tokens\[0\] \{\"id\": 5, \"content\": 5\} has no string 'content'"),
+    (lambda s: s.update(added_tokens=[_SPECIAL_ENTRY, "<bos>"]),
+     r"added_tokens\[1\] \"<bos>\" has no string 'content'"),
+    (lambda s: s.update(added_tokens=[_SPECIAL_ENTRY, {**_SPECIAL_ENTRY, "content": "def"}]),
+     r"added_tokens\[1\] 'def' is not one of the special tokens \['<pad>', .*HF would read it"),
+    (lambda s: s.update(added_tokens=None), r"added_tokens is null, not a list"),
+])
+def test_an_edited_code_tokenizer_json_names_the_part_that_differs(edit, message, code_tok,
+                                                                    tmp_path):
+    """A pre_tokenizer set to null or an edited Split regex was blamed on the model ("unsupported
+    model: type 'WordPiece'"); a null decoder or a non-string added token passed silently,
+    though HF reads the file as another tokenizer or not at all."""
+    path = _edited_code_json(code_tok, tmp_path, edit)
+    for load in (load_tokenizer, CodeTokenizer.load):
+        with pytest.raises(ValueError, match=rf"tokenizer\.json: .*{message}"):
+            load(path)
+
+
+def test_what_the_edited_parts_change_in_hf(code_tok, code_tok_hf, tmp_path):
+    """Why those edits are refused: HF tokenizers gives the edited files other ids or text, and
+    reads no added token without a string content. codelm never uses the decoder itself."""
+    text = "def fooBar(x):  # é\n    return x_y\n"
+    ids = code_tok.encode(text)
+    assert code_tok_hf.encode(text).ids == ids and code_tok_hf.decode(ids) == text
+
+    def hf(edit) -> Tokenizer:
+        return Tokenizer.from_file(str(_edited_code_json(code_tok, tmp_path, edit)))
+
+    assert hf(lambda s: s.update(pre_tokenizer=None)).encode(text).ids != ids
+    assert hf(lambda s: s.update(decoder=None)).decode(ids) != text
+    assert hf(lambda s: s["model"].update(max_input_chars_per_word=3)).encode(text).ids != ids
+    with pytest.raises(Exception, match="invalid type: integer"):
+        hf(lambda s: s.update(added_tokens=[{**_SPECIAL_ENTRY, "content": 5}]))
+
+
+def test_hf_rewrites_and_older_forms_of_a_code_tokenizer_json_still_load(code_tok, tmp_path):
+    """What the checks of an edited file let through: HF's and transformers' saves of the file,
+    older codelm files (special tokens also as added tokens, pieces not capped), parts left out
+    that HF reads as null, and fields HF does not know."""
+    from transformers import AutoTokenizer
+
+    text = "class HTTPServer:\n    x_y = fooBar(1)  # <eos> é\n"
+    rewrites = tmp_path / "hf"
+    (tmp_path / "ours").mkdir()
+    code_tok.save(tmp_path / "ours")
+    AutoTokenizer.from_pretrained(str(tmp_path / "ours")).save_pretrained(str(rewrites))
+    saved = json.loads((rewrites / "tokenizer.json").read_text("utf-8"))
+    assert saved["post_processor"] is not None and saved["added_tokens"]  # what transformers adds
+    hf_saved = Tokenizer.from_str(json.dumps(code_tok.to_hf())).to_str()
+    edits = [
+        lambda s: s.update(saved),
+        lambda s: s.update(json.loads(hf_saved)),
+        lambda s: s.update(added_tokens=[_SPECIAL_ENTRY]),
+        lambda s: s["pre_tokenizer"]["pretokenizers"].pop(1),
+        lambda s: [s.pop(k) for k in ("truncation", "padding", "normalizer", "post_processor",
+                                      "added_tokens", "version")],
+        lambda s: s["decoder"]["decoders"][0].update(note="hand-written"),
+    ]
+    for edit in edits:
+        loaded = load_tokenizer(_edited_code_json(code_tok, tmp_path, edit))
+        assert isinstance(loaded, CodeTokenizer) and loaded.encode(text) == code_tok.encode(text)
 
 
 def test_broken_files_name_the_file(tmp_path, references):
