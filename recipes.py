@@ -23,7 +23,7 @@ import json
 import re
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -295,26 +295,50 @@ def _is_smoke_run(run_dir: Path, work: Path) -> bool:
     return Path(cache).resolve() == (work / "cache").resolve()
 
 
-def smoke_train_values(values: dict, work: Path, steps: int) -> dict:
-    """The recipe's train section at toy scale: same task, cleaning, LoRA and quantization."""
+# What --smoke replaces with its own tiny model and data: a --set of these is refused, as
+# --model and --data are ("data_options.cache_dir" marks the inputs a smoke run may replace).
+SMOKE_OWN_KEYS = ("init_from", "data", "val_data", "test_data", "data_options.cache_dir")
+
+
+def set_train_keys(settings: Sequence[str]) -> set[str]:
+    """The train keys that ``--set`` gives, dotted below the section ("data_options.x")."""
+    keys = (s.partition("=")[0] for s in settings)
+    return {k.removeprefix("train.") for k in keys if k.startswith("train.")}
+
+
+def check_smoke_settings(typed: set[str]) -> None:
+    """--smoke would silently replace these --set values with its own model and data."""
+    own = [f"--set train.{t}" for t in sorted(typed)
+           if any(t == k or t.startswith(f"{k}.") for k in SMOKE_OWN_KEYS)]
+    if own:
+        raise ValueError(f"--smoke builds its own tiny model and data: drop {', '.join(own)} "
+                         "(or drop --smoke to train on them)")
+
+
+def smoke_train_values(values: dict, work: Path, steps: int, typed: Collection[str] = ()
+                       ) -> dict:
+    """The recipe's train section at toy scale: same task, cleaning, LoRA and quantization.
+    ``typed``: the keys the user set with --set, whose values stay over the toy sizes (a
+    smoke run is how one tries an override out)."""
     task, scratch = values.get("task", "lm"), values.get("init_from") is None
     sources, texts = write_smoke_data(task, scratch, work / "data")
-    values = {**values, "data": sources, "val_data": None, "test_data": None,
-              "max_steps": steps, "epochs": None,
-              "warmup_steps": 2, "eval_every": steps, "save_every": steps,
-              "eval_examples": SMOKE_EVAL_LIMITS["limit"],  # eval's examples: the same loss
-              "batch_size": min(values.get("batch_size", 8), 4),
-              "grad_accum": min(values.get("grad_accum", 1), 2),
-              "block_size": SMOKE_BLOCK, "log_every": 1, "sample_tokens": 8,
-              "lr": 3e-3 if scratch else 1e-2, "min_lr_ratio": 0.1,
+    steps = values["max_steps"] if "max_steps" in typed else steps
+    sized = {"max_steps": steps, "epochs": None,
+             "warmup_steps": 2, "eval_every": steps, "save_every": steps,
+             "eval_examples": SMOKE_EVAL_LIMITS["limit"],  # eval's examples: the same loss
+             "batch_size": min(values.get("batch_size", 8), 4),
+             "grad_accum": min(values.get("grad_accum", 1), 2),
+             "block_size": SMOKE_BLOCK, "log_every": 1, "sample_tokens": 8,
+             "lr": 3e-3 if scratch else 1e-2, "min_lr_ratio": 0.1,
+             **(SMOKE_SHAPE if scratch else {})}
+    if not torch.cuda.is_available() and values.get("precision") in ("fp16", "bf16"):
+        sized["precision"] = "fp32"  # half precision needs CUDA; the smoke runs anywhere
+    values = {**values, **{k: v for k, v in sized.items() if k not in typed},
+              "data": sources, "val_data": None, "test_data": None,
               "data_options": {**values.get("data_options", {}),
                                "cache_dir": str(work / "cache")}}
-    if scratch:
-        values.update(SMOKE_SHAPE)
-    else:
+    if not scratch:
         values["init_from"] = str(tiny_checkpoint(values.get("preset"), texts, work / "base"))
-    if not torch.cuda.is_available() and values.get("precision") in ("fp16", "bf16"):
-        values["precision"] = "fp32"  # half precision needs CUDA; the smoke runs anywhere
     return values
 
 
@@ -451,10 +475,11 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
     own_base = str(recipe.train.get("init_from") or "").rstrip("/")
     for setting in opts.set:
         apply_setting(recipe, setting)
+    typed = set_train_keys(opts.set)
     if opts.set:  # an overridden value is checked now, not after hours of training
         cfg = tm.config_from_dict(recipe.train, f"{opts.recipe} (train section, with --set)")
-        typed = {s.partition("=")[0].removeprefix("train.") for s in opts.set}
-        tm.check_max_steps_flag(cfg, typed, opts.recipe, set_prefix="train.")
+        if not opts.smoke:  # else on the smoke-sized values, whose epochs is the user's only
+            tm.check_max_steps_flag(cfg, typed, opts.recipe, set_prefix="train.")
         ev.config_from_dict(recipe.eval, f"{opts.recipe} (eval section, with --set)")
     values = dict(recipe.train)
     name = opts.name or values.get("name") or Path(opts.recipe).stem
@@ -466,6 +491,8 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
             if value is not None]):
         raise ValueError(f"--smoke builds its own tiny model and data: drop {', '.join(given)} "
                          "(or drop --smoke to train on them)")
+    if opts.smoke:
+        check_smoke_settings(typed)
     if opts.model is not None:
         if values.get("init_from") is None:
             raise ValueError(f"--model: {opts.recipe} trains from scratch (no init_from)")
@@ -492,8 +519,10 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
             raise ValueError(f"{run_dir} holds a run that --smoke did not write; choose another "
                              "--out-dir or --name (a smoke run replaces only its own)")
         shutil.rmtree(work, ignore_errors=True)
-        values = smoke_train_values(values, work, opts.smoke_steps)
+        values = smoke_train_values(values, work, opts.smoke_steps, typed)
         check_train_values(values, f"{opts.recipe} (train section, smoke-sized)")
+        tm.check_max_steps_flag(tm.config_from_dict(values), typed, opts.recipe,
+                                set_prefix="train.")
         shutil.rmtree(run_dir, ignore_errors=True)  # only once the new run can start
     else:
         check_paths(values, opts.recipe)

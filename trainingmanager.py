@@ -144,7 +144,7 @@ class TrainConfig:
     tokenizer_max_vocab: int | None = 8000  # a trained tokenizer's cap on learned pieces; its
     #   256 byte tokens and its special tokens come on top (the default run: 8,262 tokens)
     # LoRA (r = 0: full training) and a quantized frozen base (QLoRA)
-    lora_r: int = 0  # adapter rank
+    lora_r: int = 0  # adapter rank; needs init_from (a random base is not worth freezing)
     lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_r
     lora_dropout: float = 0.0  # dropout on the adapters' input
     lora_targets: list[str] | None = None  # module names, HF (q_proj) or codelm (qkv);
@@ -259,6 +259,7 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
     args = vars(build_parser().parse_args(argv))
     resumed: dict = {}
     if args.get("resume"):
+        check_resume_location(args)
         saved = Path(args["resume"]) / "config.json"
         if not saved.is_file():
             raise ValueError(f"--resume {args['resume']}: no config.json there (not a run dir)")
@@ -271,6 +272,21 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
                                   if k not in args and k not in given], str(saved))
     return cliconfig.resolve_config(TrainConfig, args, "train", base={**resumed, **given},
                                     choices=_CHOICES)
+
+
+def check_resume_location(args: dict) -> None:
+    """A typed ``--name`` / ``--out-dir`` must name the ``--resume`` directory: the resume
+    continues that run, so one naming another run (a new branch, meant) would go unheeded."""
+    resume = Path(args["resume"]).expanduser()
+    typed = [k for k in ("name", "out_dir") if args.get(k) is not None]
+    named = (Path(args.get("out_dir") or resume.parent).expanduser()
+             / (args.get("name") or resume.name))
+    if not typed or named.resolve() == resume.resolve():
+        return
+    flags = " ".join(f"--{k.replace('_', '-')} {args[k]}" for k in typed)
+    raise ValueError(f"--resume {args['resume']} continues that run, but {flags} names another "
+                     f"run ({named}): drop {flags} to continue {args['resume']}, or drop "
+                     "--resume to start a new run there")
 
 
 # --------------------------------------------------------------------------------------------
@@ -946,6 +962,10 @@ def validate_config(cfg: TrainConfig) -> None:
     need(cfg.save_every is None or cfg.save_every >= 1, "save_every", "must be >= 1")
     need(cfg.eval_examples is None or cfg.eval_examples >= 1, "eval_examples", "must be >= 1")
     need(cfg.lora_r >= 0, "lora_r", "must be >= 0 (0: no LoRA)")
+    need(cfg.lora_r == 0 or cfg.init_from is not None, "lora_r",
+         "LoRA needs a pretrained base (init_from): a from-scratch model has nothing frozen "
+         "worth keeping, so only the adapters of a random model would train; set init_from, or "
+         "lora_r=0 to train every weight")
     need(cfg.quantize_bits == 0 or cfg.lora_r > 0, "quantize_bits",
          "a quantized base is frozen: it needs LoRA (--lora-r > 0)")
     need(cfg.base_dtype == "fp32" or cfg.lora_r > 0, "base_dtype",
@@ -1369,24 +1389,19 @@ def no_checkpoint_to_resume(run_dir: Path) -> str:
 
 def check_lora_export(cfg: TrainConfig, model: nn.Module) -> None:
     """Refuse, before training, an export that would merge a LoRA into a tied weight (the
-    merge would change the head too, so it fails at the end of the run and loses the export).
-    A from-scratch LoRA run's export is always merged (its base exists only in the run)."""
-    merges = cfg.export and cfg.lora_r > 0 and (cfg.export_merged or cfg.init_from is None)
+    merge would change the head too, so it fails at the end of the run and loses the export)."""
+    merges = cfg.export and cfg.lora_r > 0 and cfg.export_merged
     import lora
 
     tied = lora.tied_targets(model) if merges else {}
     if not tied:
         return
     path, names = next(iter(tied.items()))
-    if cfg.init_from is not None:
-        why, instead = "export_merged=True writes the merged model", "--no-export-merged"
-    else:
-        why = "export=True (a LoRA run from scratch exports the merged model: its base exists "
-        why, instead = why + "only in the run)", "--no-export"
     raise ValueError(
-        f"TrainConfig.{why}, but the LoRA target {path} (lora_targets={cfg.lora_targets!r}) "
-        f"cannot be merged: its weight is tied to {names}, so merging would change both. Drop it "
-        f"from --lora-targets, or train with {instead}.")
+        "TrainConfig.export_merged=True writes the merged model, but the LoRA target "
+        f"{path} (lora_targets={cfg.lora_targets!r}) cannot be merged: its weight is tied to "
+        f"{names}, so merging would change both. Drop it from --lora-targets, or train with "
+        "--no-export-merged.")
 
 
 class _Run:
@@ -1933,15 +1948,7 @@ class _Run:
             cfg = self.cfg
             if cfg.lora_r == 0:
                 model.save_pretrained(tmp)
-            elif cfg.init_from is None:
-                # The base exists only in this run: the export is the merged model (its own
-                # base upcast or dequantized, never a fresh init), which transformers loads.
-                merged = lora.dequantized_copy(model)
-                lora.merge_and_export(merged, tmp)
-                if cfg.export_merged:
-                    lora.merge_and_export(merged, tmp / "merged")
-                    self.tok.save(tmp / "merged")
-            else:
+            else:  # on init_from (validate_config): the adapter, naming that base
                 base = str(Path(cfg.init_from).resolve())  # as PEFT records it: loadable alone
                 lora.save_adapter(model, tmp, base_model_name_or_path=base)
                 if cfg.export_merged:

@@ -409,6 +409,7 @@ def test_smoke_refuses_the_users_model_and_data(tmp_path, capsys, flag):
     ("train.model_options.n_layerz=1", "unknown ModelConfig key 'n_layerz'"),
     ('train.lora_targets=["nope"]', "nope"),
     ("train.weight_decay=-1", "TrainConfig.weight_decay=-1"),
+    ("train.lr=-1", "TrainConfig.lr=-1"),  # a key --smoke sizes down: replaced, so never checked
 ])
 def test_a_bad_smoke_setting_keeps_the_previous_smoke_run(tmp_path, capsys, monkeypatch, setting,
                                                           message):
@@ -426,6 +427,35 @@ def test_a_bad_smoke_setting_keeps_the_previous_smoke_run(tmp_path, capsys, monk
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert (previous / "metrics.jsonl").read_text() == "{}\n"
+
+
+def test_smoke_trains_with_the_set_values_over_its_toy_sizes(tmp_path, capsys, monkeypatch):
+    """--smoke replaced --set values of the keys it sizes down (lr, batch, steps, ...): an
+    override tried with --smoke was never used (nor checked). Its own model and data keys are
+    refused, as --model and --data are."""
+    monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
+    trained = []
+
+    def train(cfg, resume_hint=None):
+        trained.append(cfg)
+        raise ValueError("stopped before training")
+
+    monkeypatch.setattr(tm, "train", train)
+    flags = [str(CONFIGS / "refactotron.json"), "--smoke", "--out-dir", str(tmp_path / "runs"),
+             "--no-progress"]
+    settings = ["--set", "train.lr=0.002", "--set", "train.batch_size=2",
+                "--set", "train.max_steps=5", "--set", "train.warmup_steps=1"]
+    assert recipes.main([*flags, *settings]) == 2  # the recipe counts epochs; smoke does not
+    assert "stopped before training" in capsys.readouterr().err
+    cfg = trained[0]
+    assert (cfg.lr, cfg.batch_size, cfg.max_steps, cfg.warmup_steps) == (0.002, 2, 5, 1)
+    assert cfg.epochs is None and cfg.eval_every == cfg.save_every == 5  # the run's length
+    assert cfg.block_size == recipes.SMOKE_BLOCK and cfg.grad_accum == 2  # the rest: toy sizes
+    for setting in ("train.data=[\"x.jsonl\"]", "train.data_options.cache_dir=/tmp/c"):
+        assert recipes.main([*flags, "--set", setting]) == 2
+        err = capsys.readouterr().err
+        assert f"drop --set {setting.partition('=')[0]} (or drop --smoke" in err
+    assert len(trained) == 1
 
 
 def test_smoke_never_replaces_a_run_it_did_not_write(tmp_path, capsys):

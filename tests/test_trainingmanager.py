@@ -61,6 +61,15 @@ def tiny_cfg(assets, tmp_path, **overrides) -> tm.TrainConfig:
     return tm.TrainConfig(**values)
 
 
+def tiny_llama(tmp_path: Path) -> Path:
+    """A tiny random Llama checkpoint: a pretrained base for LoRA (wider than assets' vocab)."""
+    from tiny_hf import save_tiny_hf
+
+    base = tmp_path / "base"
+    save_tiny_hf("llama", base, vocab_size=512)
+    return base
+
+
 def write_config(cfg: tm.TrainConfig, path: Path) -> Path:
     path.write_text(json.dumps(dataclasses.asdict(cfg)))
     return path
@@ -709,13 +718,15 @@ def test_lora_on_a_bf16_base_trains_like_the_fp32_base(assets, tmp_path):
 def test_gradient_checkpointing_trains_like_the_plain_run(assets, tmp_path):
     """Recomputing each block in the backward (dropout masks replayed) gives the plain run's
     weights, with LoRA on a dropout-carrying model too."""
-    for extra in ({}, {"lora_r": 4, "lora_dropout": 0.1}):
+    base = tiny_llama(tmp_path)
+    for extra in ({}, {"init_from": str(base), "lora_r": 4, "lora_dropout": 0.1}):
         common = dict(max_steps=3, dropout=0.1, eval_every=3, save_every=3, **extra)
         plain = tm.train(tiny_cfg(assets, tmp_path, name=f"plain{len(extra)}", **common))
         ckpt = tm.train(tiny_cfg(assets, tmp_path, name=f"ckpt{len(extra)}",
                                  gradient_checkpointing=True, **common))
-        a, b = final_weights(plain.run_dir, 3), final_weights(ckpt.run_dir, 3)
-        assert a.keys() == b.keys()
+        file = tm.ADAPTER_FILE if extra else tm.MODEL_FILE  # a LoRA run on a base: adapters
+        a, b = final_weights(plain.run_dir, 3, file), final_weights(ckpt.run_dir, 3, file)
+        assert a and a.keys() == b.keys()
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
 
@@ -931,7 +942,7 @@ def test_resume_refuses_settings_that_would_change_the_run(assets, tmp_path, cap
     err = capsys.readouterr().err
     assert "n_embd=None (now 96)" in err and "Traceback" not in err
     assert tm.main(["--resume", str(run), "--lora-r", "4"]) == 2
-    assert "lora_r=0 (now 4)" in capsys.readouterr().err
+    assert "TrainConfig.lora_r=4: LoRA needs a pretrained base" in capsys.readouterr().err
     assert tm.main(["--resume", str(run), "--batch-size", "2", "--block-size", "16",
                     "--lr", "1"]) == 2
     err = capsys.readouterr().err
@@ -992,7 +1003,7 @@ def test_recipe_resume_refuses_a_lora_rank_change_and_hints_its_own_flag(assets,
         capsys.readouterr().err)
     assert recipes.main([*flags, "--resume", "--set", "train.lora_r=4"]) == 2
     err = capsys.readouterr().err
-    assert "lora_r=0 (now 4)" in err and "Traceback" not in err
+    assert "TrainConfig.lora_r=4: LoRA needs a pretrained base" in err and "Traceback" not in err
     assert recipes.main([*flags, "--smoke", "--out-dir", "/proc/nope"]) == 2
     assert "error: /proc/nope: cannot create the output directory" in capsys.readouterr().err
 
@@ -1211,7 +1222,8 @@ def test_a_new_run_uses_its_own_tokenizer_not_a_failed_attempts(assets, tmp_path
     other.mkdir()
     CodeTokenizer.train(texts, min_freq=3, max_vocab=120).save(other)
     with pytest.raises(ValueError, match="q_prj"):
-        tm.train(tiny_cfg(assets, tmp_path, lora_r=4, lora_targets=["q_prj"]))
+        tm.train(tiny_cfg(assets, tmp_path, init_from=str(tiny_llama(tmp_path)), lora_r=4,
+                          lora_targets=["q_prj"]))
     result = tm.train(tiny_cfg(assets, tmp_path, tokenizer=str(other / "tokenizer.json"),
                                max_steps=2, eval_every=2))
     want = load_tokenizer(other)
@@ -1330,37 +1342,6 @@ def test_block_size_beyond_the_init_from_context_is_refused_before_any_work(asse
     tm.validate_config(tm.TrainConfig(init_from=str(base), block_size=128))
 
 
-@pytest.mark.parametrize("quantization", [{"base_dtype": "bf16"}, {"quantize_bits": 8}])
-def test_lora_from_scratch_exports_the_trained_model_merged(assets, tmp_path, quantization):
-    """The base of a from-scratch LoRA run exists only in the run: the export (which held only
-    the adapter) is the merged model in HF format, and --export-merged merged into a fresh
-    random init instead of the run's own (bf16 / quantized) base."""
-    import transformers
-
-    import eval as ev
-    from architecture import Transformer
-
-    cfg = tiny_cfg(assets, tmp_path, lora_r=4, lora_alpha=8.0, max_steps=4, lr=3e-2,
-                   export=True, export_merged=True, **quantization)
-    run = tm.train(cfg).run_dir
-    export = run / "export"
-    assert not (export / "adapter_config.json").exists() and (export / "merged").is_dir()
-    # The trained model, as eval.py rebuilds it from best/ (a bf16 base computed in fp32).
-    full = dataclasses.replace(cfg, base_dtype="fp32") if "base_dtype" in quantization else cfg
-    trained = tm.build_model(full, load_tokenizer(run))
-    tm.load_model_tensors(trained, load_file(run / "best" / tm.MODEL_FILE), "best", False)
-    ids = torch.randint(0, trained.cfg.vocab_size, (2, 16))
-    with torch.no_grad():
-        want = trained.eval()(ids)
-        assert want.abs().max() > 0.1
-        hf = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
-        torch.testing.assert_close(hf(ids).logits, want, atol=2e-5, rtol=1e-4)
-        merged = Transformer.from_pretrained(export / "merged", dtype=torch.float32).eval()
-        torch.testing.assert_close(merged(ids), want, atol=2e-5, rtol=1e-4)
-        loaded = ev.load_model(str(run), torch.device("cpu"))
-        torch.testing.assert_close(loaded.model.eval()(ids), want, atol=2e-5, rtol=1e-4)
-
-
 def test_lora_export_names_its_base_so_peft_loads_it_alone(assets, tmp_path):
     """adapter_config.json recorded base_model_name_or_path null: AutoPeftModel and
     transformers then looked for a hub repo named None."""
@@ -1400,9 +1381,6 @@ def test_a_merge_into_a_tied_embedding_is_refused_before_training(assets, tmp_pa
     with pytest.raises(ValueError, match=r"export_merged=True .* LoRA target wte .* tied"):
         tm.train(cfg)
     assert not tm.list_checkpoints(Path(cfg.out_dir) / "run")
-    scratch = tiny_cfg(assets, tmp_path, name="scratch", **{**common, "lora_targets": ["wte"]})
-    with pytest.raises(ValueError, match=r"from scratch exports the merged model.*--no-export"):
-        tm.train(scratch)  # the tiny preset ties its head too
     assert tm.train(dataclasses.replace(cfg, export_merged=False)).export_dir is not None
 
 
@@ -1594,23 +1572,28 @@ def test_a_run_that_fails_before_writing_anything_leaves_no_directory(assets, tm
     assert sorted(p.name for p in Path(cfg.out_dir).iterdir()) == []
 
 
-def test_lora_settings_without_lora_r_are_refused(capsys):
+def test_lora_settings_without_lora_r_are_refused(capsys, tmp_path):
     """--lora-alpha, --lora-dropout, --lora-targets or --export-merged without --lora-r ran a
     full fine-tune of every weight that silently ignored them; every bundled recipe still
     validates (each sets lora_r with them)."""
+    from tiny_hf import save_tiny_hf
+
+    base = tmp_path / "base"
+    save_tiny_hf("llama", base, max_position_embeddings=1024)  # the recipes' contexts fit
+    capsys.readouterr()  # transformers' progress bar
     for key, value in [("lora_alpha", 32.0), ("lora_dropout", 0.1), ("lora_targets", ["q_proj"]),
                        ("export_merged", True)]:
         with pytest.raises(ValueError, match=rf"^TrainConfig\.{key}=.*: LoRA settings, but "
                                              r"lora_r=0 .*: set lora_r > 0, or drop them$"):
             tm.validate_config(tm.TrainConfig(**{key: value}))
-        tm.validate_config(tm.TrainConfig(lora_r=4, **{key: value}))
+        tm.validate_config(tm.TrainConfig(lora_r=4, init_from=str(base), **{key: value}))
     assert tm.main(["--lora-alpha", "32", "--lora-dropout", "0.1", "--export-merged"]) == 2
     assert capsys.readouterr().err == (
         "error: TrainConfig.lora_alpha=32.0, lora_dropout=0.1, export_merged=True: LoRA settings, "
         "but lora_r=0 (full training of every weight): set lora_r > 0, or drop them\n")
     for recipe in sorted((ROOT / "configs").glob("*.json")):  # their bases are not here
         cfg = tm.config_from_dict(tm.load_config_file(recipe), str(recipe))
-        tm.validate_config(dataclasses.replace(cfg, init_from=None))
+        tm.validate_config(dataclasses.replace(cfg, init_from=cfg.init_from and str(base)))
 
 
 def test_init_from_a_lora_adapter_says_what_to_load_instead(tmp_path):
@@ -1711,3 +1694,44 @@ def test_a_run_saves_its_paths_absolute_and_resumes_from_any_directory(assets, t
     monkeypatch.chdir(root)
     assert tm.main(["--resume", str(run), "--max-steps", "8"]) == 0
     assert json.loads((run / "config.json").read_text())["data"] == ["corpus"]
+
+
+def test_lora_without_a_pretrained_base_is_refused(assets, tmp_path, capsys):
+    """--lora-r without --init-from froze a random model and trained only its adapters: rc 0,
+    "0.00M trainable", a validation loss that stayed near ln(vocab). A LoRA run on a base is
+    still accepted, and resumes (its config.json names the base)."""
+    config = _tiny_config_file(assets, tmp_path, max_steps=2, eval_every=2)
+    assert tm.main(["--config", config, "--lora-r", "4"]) == 2
+    assert capsys.readouterr().err == (
+        "error: TrainConfig.lora_r=4: LoRA needs a pretrained base (init_from): a from-scratch "
+        "model has nothing frozen worth keeping, so only the adapters of a random model would "
+        "train; set init_from, or lora_r=0 to train every weight\n")
+    assert not (tmp_path / "runs" / "run").exists()
+    base = tiny_llama(tmp_path)
+    assert tm.main(["--config", config, "--lora-r", "4", "--init-from", str(base)]) == 0
+    run = tmp_path / "runs" / "run"
+    assert tm.main(["--resume", str(run), "--max-steps", "3"]) == 0
+    assert tm.list_checkpoints(run)[-1].name == "step-3"
+
+
+def test_resume_refuses_a_name_or_out_dir_of_another_run(assets, tmp_path, capsys):
+    """--resume RUN --name other continued RUN and ignored --name: one who meant to branch
+    into a new run got the original extended. The run's own name and parent are accepted."""
+    config = _tiny_config_file(assets, tmp_path, max_steps=2, eval_every=2)
+    assert tm.main(["--config", config]) == 0
+    run = tmp_path / "runs" / "run"
+    capsys.readouterr()
+    assert tm.main(["--resume", str(run), "--name", "other", "--max-steps", "4"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --resume {run} continues that run, but --name other names another run "
+        f"({run.parent / 'other'}): drop --name other to continue {run}, or drop --resume to "
+        "start a new run there\n")
+    elsewhere = tmp_path / "elsewhere"
+    assert tm.main(["--resume", str(run), "--out-dir", str(elsewhere), "--max-steps", "4"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out-dir {elsewhere} names another run ({elsewhere / 'run'})" in err
+    assert [p.name for p in tm.list_checkpoints(run)] == ["step-2"]
+    assert not (run.parent / "other").exists() and not elsewhere.exists()
+    assert tm.main(["--resume", f"{run}/", "--name", "run", "--out-dir",
+                    os.path.relpath(run.parent), "--max-steps", "4"]) == 0
+    assert tm.list_checkpoints(run)[-1].name == "step-4"
