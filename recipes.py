@@ -117,11 +117,14 @@ def check_family(model_dir: str, preset: str | None) -> None:
     """A recipe's ``preset`` names the architecture its settings were written for (LoRA target
     names, context); a checkpoint of another family is refused before any work."""
     from architecture import PRESETS
+    from pretrained import read_config
 
     config = Path(model_dir) / "config.json"
     if preset not in PRESETS or not config.is_file():
         return  # trainingmanager reports a missing or malformed checkpoint itself
     found = cliconfig.read_json_object(config, "model config").get("model_type")
+    if found is None:
+        read_config(model_dir)  # says what it is instead (a codelm run directory, ...)
     want = PRESETS[preset].family
     if found != want:
         raise ValueError(f"{model_dir}: a {found!r} checkpoint, but this recipe is written for "

@@ -1971,7 +1971,6 @@ class _Run:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def sample_completion(model: nn.Module, tok, prompt: str, max_new_tokens: int,
                       task: str) -> str:
     """Greedy continuation of ``prompt``, formatted as the run's ``task`` trained on it."""

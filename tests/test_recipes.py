@@ -262,6 +262,12 @@ def test_recipe_refuses_a_checkpoint_of_another_family(tmp_path, capsys):
     assert "a 'llama' checkpoint, but this recipe is written for phi-1_5 ('phi')" in err
     assert recipes.main([str(CONFIGS / "code_completion.json"), "--model", str(model)]) == 2
     assert "trains from scratch" in capsys.readouterr().err
+    run = tmp_path / "run"  # a codelm run directory was "a None checkpoint"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"preset": "tiny", "lr": 1e-3, "max_steps": 9}))
+    assert recipes.main([str(CONFIGS / "kotlin_phi.json"), "--model", str(run),
+                         "--out-dir", str(tmp_path / "runs")]) == 2
+    assert f"{run}: a codelm run directory, not an HF checkpoint" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
