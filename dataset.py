@@ -41,7 +41,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import cliconfig
-from scraping.common import EXCLUDED_DIRS, decode_source
+from scraping.common import decode_source, has_extension, source_files
 from tokenizer import (
     ENCODING_VERSION,
     PYTHON_PARSE_ERRORS,
@@ -53,7 +53,9 @@ from tokenizer import (
 
 # Bump when cleaning or task building changes what a cache holds.
 # 6: Git LFS pointers dropped; a document in val_sources and test_sources kept in val only.
-PIPELINE_VERSION = 6
+# 7: directories walked by scraping's walker (symlinks skipped, extensions in any case); a
+#    ``.PY`` document (a JSONL record's path too) is Python.
+PIPELINE_VERSION = 7
 
 TASKS = ("lm", "completion", "method", "docstring", "refactor", "fim")
 SPLITS = ("train", "val", "test")
@@ -81,25 +83,11 @@ def stdlib_root() -> Path:
 
 
 def stdlib_files(root: Path | None = None) -> list[Path]:
-    """Every ``.py`` file of the standard library, sorted by relative path (deterministic)."""
+    """Every ``.py`` file of the standard library, sorted by relative path (deterministic), walked
+    as every directory source is (scraping.common.walk_source_tree): site-packages, which some
+    installs keep inside the stdlib directory and can be larger than it, is not the stdlib."""
     root = Path(root) if root is not None else stdlib_root()
-    return _walk(root, (".py",))
-
-
-def _walk(root: Path, extensions: tuple[str, ...]) -> list[Path]:
-    """Files under root ending in one of ``extensions``, sorted by relative path, never descending
-    into the directories ``scraping local`` skips too (scraping.common.EXCLUDED_DIRS): installed
-    third-party code (site-packages, which some installs keep inside the stdlib directory and
-    can be larger than it, a .venv), caches and version control are not the source's own code."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in EXCLUDED_DIRS]
-        for name in filenames:
-            if name.endswith(extensions):
-                path = Path(dirpath, name)
-                if path.is_file():
-                    found.append(path)
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+    return source_files(root, (".py",))
 
 
 def _default_cache_dir() -> str:
@@ -255,7 +243,7 @@ class Doc:
 
     @property
     def is_python(self) -> bool:
-        return self.target is None and self.id.endswith(".py")
+        return self.target is None and has_extension(self.id, (".py",))
 
 
 @dataclass
@@ -273,7 +261,7 @@ def _source_files(source: str, extensions: Sequence[str]) -> tuple[Path, list[Pa
     if source == "stdlib":
         return stdlib_root(), stdlib_files()
     root = Path(source).expanduser()
-    return root, _walk(root, tuple(extensions))
+    return root, source_files(root, extensions)
 
 
 def _check_source(source: str) -> None:
@@ -532,7 +520,7 @@ def _clean_one(args: tuple[_RawDoc, dict]) -> tuple[Doc | None, str | None, list
         text, removed = strip_license_header(text)
         if removed:
             mods.append("license_header_removed")
-    is_python = raw.id.endswith(".py")
+    is_python = has_extension(raw.id, (".py",))
     if is_python and (opt["strip_comments"] or opt["strip_docstrings"]):
         try:
             text = strip_comments_and_docstrings(
@@ -948,14 +936,6 @@ def supervised_example(
     labels = seq[1:].clone()
     labels[: max(0, len(prompt) - 1)] = -100
     return {"input_ids": seq[:-1], "labels": labels}
-
-
-def prompt_and_completion(example: dict[str, torch.Tensor]) -> tuple[list[int], list[int]]:
-    """Split a supervised example back into prompt ids and reference completion ids (with its
-    EOS): what generation-based evaluation feeds the model and compares against."""
-    input_ids, labels = example["input_ids"].tolist(), example["labels"].tolist()
-    first = next((j for j, t in enumerate(labels) if t != -100), len(labels))
-    return input_ids[: first + 1], labels[first:]
 
 
 def _truncate_pair(

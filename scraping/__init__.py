@@ -12,7 +12,7 @@ _API = {
     "PERMISSIVE_LICENSES": "common", "RECORD_KEYS": "common", "Summary": "common",
     "git_blob_sha": "common",
     "GitHubConfig": "github", "scrape_github": "github", "search_repositories": "github",
-    "LocalConfig": "local", "collect_local": "local",
+    "LocalConfig": "local", "collect_local": "local", "is_git_source": "local",
 }
 __all__ = list(_API)
 

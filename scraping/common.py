@@ -9,7 +9,7 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -36,7 +36,7 @@ KNOWN_LICENSES = PERMISSIVE_LICENSES | frozenset(
 
 RECORD_KEYS = ("repo", "path", "sha", "license", "stars", "text")
 
-# Directories no collector descends into, here and in dataset.py's directory reader: version
+# Directories no collector descends into (walk_source_tree, dataset.py's reader too): version
 # control, caches, and installed third-party code (virtualenvs, node_modules, site-packages),
 # which is not the project's own code and does not carry its licence.
 EXCLUDED_DIRS = frozenset(
@@ -133,13 +133,62 @@ class FileFilter:
 
     def reject_reason(self, path: str, size: int) -> str | None:
         """Why a file is skipped before reading it, or None when it is wanted."""
-        if not path.lower().endswith(self.extensions):
+        if not has_extension(path, self.extensions):
             return "extension"
         if size < self.min_bytes:
             return "too_small"
         if size > self.max_bytes:
             return "too_large"
         return None
+
+
+def has_extension(path: str, extensions: Iterable[str]) -> bool:
+    """Whether ``path`` ends in one of ``extensions``, in any case: ``B.PY`` (as Windows and old
+    checkouts spell it) is Python source as much as ``b.py``, in every collector and dataset.py."""
+    return path.lower().endswith(tuple(e.lower() for e in extensions))
+
+
+def walk_source_tree(
+    root: Path, extensions: Iterable[str]
+) -> Iterator[tuple[str, Path, str | None]]:
+    """(relative posix path, path, why it is skipped or None) of every file under ``root``.
+
+    The one directory walker of ``scraping local`` and dataset.py's directory sources, so a tree
+    gives the same files through either. Sorted by relative path (dataset's splits follow this
+    order); EXCLUDED_DIRS are never entered. Skip reasons: ``extension``; ``symlink`` (a link may
+    point anywhere, and a tree must not pull in files from outside itself); ``not_a_file``.
+    """
+    extensions = tuple(extensions)
+    for rel, path in _tree_files(root):
+        yield rel, path, _skip_reason(rel, path, extensions)
+
+
+def source_files(root: Path, extensions: Iterable[str]) -> list[Path]:
+    """The files of ``root`` that ``walk_source_tree`` keeps, in its order."""
+    return [path for _, path, skip in walk_source_tree(root, extensions) if skip is None]
+
+
+def _tree_files(root: Path) -> list[tuple[str, Path]]:
+    """Every non-directory entry under root, sorted by relative path (not os.walk's order, which
+    lists a directory's files before its sub-directories' whatever their names)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in EXCLUDED_DIRS]
+        for name in filenames:
+            path = Path(dirpath, name)
+            found.append((path.relative_to(root).as_posix(), path))
+    return sorted(found, key=lambda entry: entry[0])
+
+
+def _skip_reason(rel: str, path: Path, extensions: tuple[str, ...]) -> str | None:
+    """The extension is checked first: it needs no system call, and most skipped files fail it."""
+    if not has_extension(rel, extensions):
+        return "extension"
+    if path.is_symlink():
+        return "symlink"
+    if not path.is_file():  # a FIFO, a socket, a device
+        return "not_a_file"
+    return None
 
 
 def decode_source(data: bytes | str) -> tuple[str | None, str | None]:

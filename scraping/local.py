@@ -1,7 +1,8 @@
 """Collect source files by extension from local directories or git URLs (seed 002's Kotlin corpus).
 
-A git URL is shallow-cloned into a temporary directory that is removed afterwards. Symlinks are
-skipped, so a cloned repository cannot pull files from outside itself into the corpus. Each source's
+A git URL is shallow-cloned into a temporary directory that is removed afterwards. Directories are
+walked by ``scraping.common.walk_source_tree``, dataset.py's walker too: symlinks are skipped, so a
+cloned repository cannot pull files from outside itself into the corpus. Each source's
 records are committed as it finishes (as the GitHub scraper commits each repo), so a clone that fails
 or a run that is stopped keeps the sources already collected, and a re-run goes on from there.
 """
@@ -12,7 +13,6 @@ import os
 import re
 import subprocess
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +20,6 @@ from tqdm import tqdm
 
 import cliconfig
 from scraping.common import (
-    EXCLUDED_DIRS,
     FileFilter,
     ResumableOutput,
     Summary,
@@ -32,6 +31,7 @@ from scraping.common import (
     make_record,
     normalize_extensions,
     redact_url,
+    walk_source_tree,
 )
 
 _SCP_LIKE = re.compile(r"^[\w.-]+@[\w.-]+:")  # git@github.com:owner/repo.git
@@ -61,7 +61,10 @@ class LocalConfig:
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
 
-def _is_git_url(source: str) -> bool:
+def is_git_source(source: str) -> bool:
+    """Whether ``source`` is cloned rather than walked: a URL (any scheme, any case), the SCP form
+    ``user@host:path``, or a bare repository on disk. Public so that every caller sorting
+    sources into git and directories uses this one rule."""
     if "://" in source or _SCP_LIKE.match(source):
         return True
     p = Path(source)  # a bare repository on disk is cloned, not walked
@@ -86,30 +89,18 @@ def shallow_clone(url: str, dest: Path, branch: str | None = None) -> None:
         raise ValueError(f"git clone {redact_url(url)} failed: {message}")
 
 
-def _walk(root: Path) -> Iterator[tuple[str, Path]]:
-    """(relative posix path, path) of every file under root, sorted, skipping EXCLUDED_DIRS
-    (version control, caches, installed third-party code), as dataset.py's reader does."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in EXCLUDED_DIRS)
-        for name in sorted(filenames):
-            path = Path(dirpath, name)
-            yield path.relative_to(root).as_posix(), path
-
-
 def collect_directory(
     root: Path, repo: str, file_filter: FileFilter, license_id: str | None,
     summary: Summary, seen: set[str], progress: bool = True,
 ) -> list[dict]:
     """Records for every wanted file under ``root``; ``seen`` holds blob SHAs already kept."""
     records = []
-    for rel, path in tqdm(list(_walk(root)), desc=repo[-40:], unit="file", disable=not progress):
+    tree = list(walk_source_tree(root, file_filter.extensions))
+    for rel, path, reason in tqdm(tree, desc=repo[-40:], unit="file", disable=not progress):
         if not is_utf8(rel):
             summary.files["not_utf8_name"] += 1
             continue
-        if path.is_symlink() or not path.is_file():
-            summary.files["symlink" if path.is_symlink() else "not_a_file"] += 1
-            continue
-        reason = file_filter.reject_reason(rel, path.stat().st_size)
+        reason = reason or file_filter.reject_reason(rel, path.stat().st_size)
         if reason:
             summary.files[reason] += 1
             continue
@@ -130,7 +121,7 @@ def collect_directory(
 
 def _source_key(source: str) -> tuple[str, Path | None]:
     """(the key a finished source is recorded under, its directory or None for a git URL)."""
-    if _is_git_url(source):
+    if is_git_source(source):
         return redact_url(source), None
     if not Path(source).is_dir():
         raise ValueError(f"{source}: not a directory or a git URL")

@@ -26,7 +26,6 @@ from dataset import (
     DataError,
     collate,
     prepare,
-    prompt_and_completion,
     stdlib_files,
     stdlib_root,
     supervised_example,
@@ -39,6 +38,14 @@ EMAIL = stdlib_root() / "email"  # 29 real stdlib files, about 380 KB
 def cfg(tmp_path, **kw) -> DataConfig:
     kw.setdefault("sources", [str(EMAIL)])
     return DataConfig(cache_dir=str(tmp_path / "cache"), progress=False, **kw)
+
+
+def prompt_and_completion(example: dict[str, torch.Tensor]) -> tuple[list[int], list[int]]:
+    """A supervised example split back into prompt ids and completion ids (with its EOS), to
+    check what the pipeline built."""
+    input_ids, labels = example["input_ids"].tolist(), example["labels"].tolist()
+    first = next((j for j, t in enumerate(labels) if t != -100), len(labels))
+    return input_ids[: first + 1], labels[first:]
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +108,20 @@ def test_stdlib_files_skip_site_packages_and_pycache(tmp_path):
     assert got == ["json/__init__.py", "os.py"]
     real = stdlib_files()
     assert len(real) > 1000 and not any("site-packages" in p.parts for p in real)
+
+
+def test_directory_source_skips_symlinks_and_reads_extensions_in_any_case(tmp_path):
+    """A symlink pulled in a file from outside the tree, and ``B.PY`` was left out, though
+    ``scraping local`` (the docs said: the same walk) did the opposite of both."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "B.PY").write_text('def f():\n    """Say one."""\n    return 1\n')
+    (tmp_path / "secret.py").write_text("token = 'abc'\nx = 1\n")
+    (src / "link.py").symlink_to(tmp_path / "secret.py")
+    corpus = dataset.load_corpus(cfg(tmp_path, sources=[str(src)], strip_docstrings=True))
+    docs = {d.id: d.text for d in corpus.train + corpus.val + corpus.test}
+    assert docs == {"src/B.PY": "def f():\n    return 1\n"}  # cleaned as Python
+    assert dataset.Doc("src/B.PY", "x = 1\n").is_python
 
 
 def test_cleaning_counts_every_drop_by_reason(tmp_path):

@@ -24,6 +24,7 @@ from scraping import (
     GitHubError,
     LocalConfig,
     collect_local,
+    is_git_source,
     scrape_github,
     search_repositories,
 )
@@ -712,6 +713,36 @@ def test_local_skips_the_directories_dataset_skips(tmp_path):
     assert [r["path"] for r in read_jsonl(out)] == ["app/main.py"]
     root, files = dataset._source_files(str(src), [".py"])
     assert [p.relative_to(root).as_posix() for p in files] == ["app/main.py"]
+
+
+def test_local_and_dataset_walk_a_tree_alike(tmp_path):
+    """dataset.py followed a symlink out of the tree and matched extensions in one case only;
+    ``scraping local`` skipped the link and kept ``B.PY``: two corpora from one directory."""
+    import dataset
+
+    src = tmp_path / "proj"
+    for rel in ("a.py", "B.PY", "z.py", "pkg/x.py", "notes.md", ".venv/lib/v.py"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(f"# {rel}\nx = 1\n")
+    (tmp_path / "outside.py").write_text("secret = 1\n")
+    (src / "link.py").symlink_to(tmp_path / "outside.py")
+    out = tmp_path / "out.jsonl"
+    summary = collect_local(LocalConfig(sources=[str(src)], out=str(out), progress=False))
+    scraped = [r["path"] for r in read_jsonl(out)]
+    root, files = dataset._source_files(str(src), [".py"])
+    assert [p.relative_to(root).as_posix() for p in files] == scraped
+    assert scraped == ["B.PY", "a.py", "pkg/x.py", "z.py"]  # sorted by path, not dir by dir
+    assert summary.files["symlink"] == 1 and summary.files["extension"] == 1
+
+
+def test_is_git_source_is_public_api(tmp_path):
+    """One rule for what is cloned, for callers outside scraping (recipes' --data)."""
+    bare = tmp_path / "x.git"
+    (bare / "objects").mkdir(parents=True)
+    (bare / "HEAD").write_text("ref: refs/heads/main\n")
+    assert is_git_source("HTTPS://github.com/a/b") and is_git_source(str(bare))
+    assert is_git_source("git@github.com:a/b.git")
+    assert not is_git_source(str(tmp_path))
 
 
 def test_both_collectors_skip_git_lfs_pointers(tmp_path):
