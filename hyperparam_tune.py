@@ -94,28 +94,33 @@ RESUME_HINT = ("the same hyperparam_tune.py command, which continues this trial'
 class TuneConfig:
     """A sweep; the defaults are the default sweep (from-scratch model, stdlib corpus, 2 CPUs)."""
 
+    # study and sampling
     study_name: str = "codelm-from-scratch"  # the Optuna study; rerunning one continues it
     space: str = "from-scratch"  # a built-in space name or a JSON file
     train_config: str | None = None  # trainingmanager JSON config under the space's base values
     n_trials: int = 12  # total finished trials the study should hold (shared by all workers)
+    sampler_seed: int | None = None  # an integer in [0, 2**32): a reproducible sweep (the
+    #   TPE sampler's seed; each worker and each continuation draws its own stream from it);
+    #   None: fresh random streams
+    # budget of each trial (a study's trials share it)
     max_steps: int = 150  # step budget of one trial
     eval_every: int = 25  # evaluation (and pruning) interval in steps
+    # pruning (hopeless trials stop early)
+    pruner: str = "median"  # median | hyperband | none
+    prune_startup_trials: int = 3  # median pruner: trials finished before any pruning
+    prune_warmup_steps: int = 0  # median pruner: steps of a trial never pruned
+    # storage and workers
     out_dir: str = "runs"  # the study's files go to <out_dir>/<study_name>/
     storage: str | None = None  # SQLAlchemy URL or journal file (default:
     #   <out_dir>/<study>/journal.log)
     workers: int = 1  # worker processes on this machine
-    pruner: str = "median"  # median | hyperband | none
-    prune_startup_trials: int = 3  # median pruner: trials finished before any pruning
-    prune_warmup_steps: int = 0  # median pruner: steps of a trial never pruned
-    sampler_seed: int | None = None  # an integer in [0, 2**32): a reproducible sweep (the
-    #   TPE sampler's seed; each worker and each continuation draws its own stream from it);
-    #   None: fresh random streams
     heartbeat_interval: int = 30  # seconds between a trial's heartbeats (RDB storages)
     grace_period: int = 120  # seconds without a heartbeat before a trial counts as dead (more
     #   than --heartbeat-interval)
     max_retry: int = 2  # times a dead worker's trial is queued again
-    progress: bool = True  # a progress bar over the trials
     worker: int = 0  # internal: i > 0 makes this process worker i of --workers (trials only)
+    # output
+    progress: bool = True  # a progress bar over the trials
 
 
 _CHOICES = {"pruner": ("median", "hyperband", "none")}
@@ -781,6 +786,19 @@ def check_trial_config(cfg: TuneConfig, space: SearchSpace, base: dict) -> None:
                     raise ValueError(f"{origin(key)}: {label}{key}: {path} not found")
 
 
+def check_before_trials(cfg: TuneConfig) -> tuple[SearchSpace, dict]:
+    """The space and the ``--train-config`` values (paths absolute), once every check that needs
+    no storage has passed: what ``tune`` runs before it writes anything, and what a space file
+    (the worked example in configs/search_spaces/README.md too) must pass to be usable."""
+    space = load_space(cfg.space)
+    base: dict = {}
+    if cfg.train_config:
+        base = absolute_paths(trainingmanager.load_config_file(cfg.train_config), cfg.train_config)
+    space.check_base({**space.base, **base}, cfg.train_config or "--train-config")
+    check_trial_config(cfg, space, base)
+    return space, base
+
+
 # TrainConfig keys that change how a trial is computed or reported, not its result: a continued
 # study may change them (as a resumed run may, trainingmanager.RESUME_MAY_CHANGE). The keys the
 # sweep sets per trial (``_trial_run``) are never the user's.
@@ -1124,12 +1142,7 @@ def tune(cfg: TuneConfig) -> TuneResult:
     if cfg.worker:
         _stop_with_parent()
     _quiet_optuna()
-    space = load_space(cfg.space)
-    base: dict = {}
-    if cfg.train_config:
-        base = absolute_paths(trainingmanager.load_config_file(cfg.train_config), cfg.train_config)
-    space.check_base({**space.base, **base}, cfg.train_config or "--train-config")
-    check_trial_config(cfg, space, base)
+    space, base = check_before_trials(cfg)
     study_dir(cfg).mkdir(parents=True, exist_ok=True)
     storage = open_storage(cfg)
     study = open_study(cfg, storage)

@@ -487,6 +487,31 @@ def test_builtin_spaces_are_valid_trainingmanager_values():
         lora.check_base(lora.base, "--train-config")
 
 
+def test_readme_example_space_passes_the_checks_before_the_first_trial(tmp_path):
+    """configs/search_spaces/README.md's worked example is what a user copies: it passes every
+    check the sweep makes before its first trial (it sampled lora_targets without lora_r), given
+    what its `requires` names, and is refused without it."""
+    text = (hyperparam_tune.SPACES_DIR / "README.md").read_text("utf-8")
+    blocks = re.findall(r"```json\n(.*?)```", text, re.S)
+    assert len(blocks) == 1, "one worked example"
+    space = tmp_path / "example.json"
+    space.write_text(blocks[0], "utf-8")
+    requires = json.loads(blocks[0]).get("requires", [])
+    assert set(requires) <= {"init_from"}, "give this test a value for each required key"
+    train = tmp_path / "train.json"
+    train.write_text("{}", "utf-8")
+    cfg = hyperparam_tune.TuneConfig(space=str(space), train_config=str(train),
+                                     out_dir=str(tmp_path / "runs"))
+    if requires:
+        with pytest.raises(ValueError, match="needs 'init_from' set in"):
+            hyperparam_tune.check_before_trials(cfg)
+        save_tiny_hf("llama", tmp_path / "base", vocab_size=512)
+        train.write_text(json.dumps({"init_from": str(tmp_path / "base")}), "utf-8")
+    loaded, base = hyperparam_tune.check_before_trials(cfg)
+    assert set(loaded.params) and base.keys() == set(requires)
+    assert not (tmp_path / "runs").exists()  # checked before anything is written
+
+
 @pytest.mark.parametrize("params, message", [
     ({"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2}}, "params.learning_rate"),
     ({"lr": {"type": "uniform", "low": 1e-4, "high": 1e-2}}, "params.lr.type: must be one of"),
