@@ -21,10 +21,10 @@ import threading
 import tokenize
 import types
 import typing
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 # Top-level keys of a recipe (configs/*.json): one section per script that reads it.
 RECIPE_SECTIONS = ("train", "eval")
@@ -195,7 +195,17 @@ def field_docs(cls: type) -> tuple[dict[str, str], dict[str, str]]:
     """(help, section) of the fields of the dataclass ``cls``, read from its source. A field's
     help is its trailing comment, continued on the comment lines right below it that start with
     "#   "; any other comment line in the class body titles the fields below it. So the comments
-    a config is documented with are what ``--help`` shows, written once."""
+    a config is documented with are what ``--help`` shows, written once. A field without a
+    comment may carry its help as ``field(metadata={"help": ...})`` (scraping's configs)."""
+    helps, sections = _comment_docs(cls)
+    for f in dataclasses.fields(cls):
+        if not helps.get(f.name) and f.metadata.get("help"):
+            helps[f.name] = f.metadata["help"]
+    return helps, sections
+
+
+def _comment_docs(cls: type) -> tuple[dict[str, str], dict[str, str]]:
+    """``field_docs`` from the comments of the class body alone."""
     try:
         lines, _ = inspect.getsourcelines(cls)
     except (OSError, TypeError):  # no source (a frozen or interactive class): bare flags
@@ -226,47 +236,79 @@ def field_docs(cls: type) -> tuple[dict[str, str], dict[str, str]]:
     return helps, sections
 
 
+def _field_default(f: dataclasses.Field) -> Any:
+    """A field's default, or ``dataclasses.MISSING`` for one the user must give."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def _help_text(doc: str, default: Any, optional: bool) -> str:
+    """``doc`` plus the default (unless it states one, or there is none) and "'none' for None"
+    for an Optional flag; '%' escaped, as argparse formats help with %."""
+    notes = []
+    if default is not dataclasses.MISSING and "default:" not in doc:
+        notes.append(f"default: {default!r}")
+    if optional:
+        notes.append("'none' for None")
+    note = "; ".join(notes)
+    text = f"{doc} ({note})" if doc and note else doc or note
+    return text.replace("%", "%%")
+
+
+def _flag_kwargs(f: dataclasses.Field, base: Any, optional: bool,
+                 allowed: Sequence | None) -> dict[str, Any]:
+    """How argparse reads a field's flag, by the field's type."""
+    origin = typing.get_origin(base) or base
+    if origin is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if origin is list and f.metadata.get("repeat"):  # JSON values hold commas: no splitting
+        return {"action": "append", "type": _item_type(base)}
+    if origin is list:
+        return {"nargs": "+", "action": _list_flag(_item_type(base), optional), "metavar": "ITEM"}
+    if origin is dict:
+        return {"type": _or_none(_json_object) if optional else _json_object, "metavar": "JSON"}
+    if optional and allowed is not None:
+        return {"type": _or_none(origin), "choices": (*allowed, None),
+                "metavar": "{" + ",".join(map(str, (*allowed, "none"))) + "}"}
+    if optional:
+        return {"type": _or_none(origin)}
+    return {"type": origin, "choices": allowed}
+
+
 def add_config_flags(parser: argparse.ArgumentParser, cls: type,
-                     choices: Mapping[str, Sequence] | None = None) -> argparse.ArgumentParser:
+                     choices: Mapping[str, Sequence] | None = None,
+                     positional: Collection[str] = ()) -> argparse.ArgumentParser:
     """One flag per dataclass field, described by its comment and grouped under its section
     (``field_docs``); give the parser ``argument_default=argparse.SUPPRESS`` so that only the
     flags a user typed override the config file. An Optional field's flag reads ``none`` (or
-    ``null``, any case) as None, and its help says so; a plain ``str`` field keeps "none" as text."""
-    hints, defaults = typing.get_type_hints(cls), cls()
+    ``null``, any case) as None, and its help says so; a plain ``str`` field keeps "none" as text.
+    A field without a default is a required flag, or, named in ``positional``, a required
+    operand (a list one takes its values as given: file names may hold commas). A list field
+    with ``metadata={"repeat": True}`` is given once per item (``--set a=1 --set b=2``), and
+    ``metadata["metavar"]`` / ``metadata["choices"]`` name a flag's value / allowed values."""
+    hints = typing.get_type_hints(cls)
     helps, sections = field_docs(cls)
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(cls):
         base, optional = _field_type(hints[f.name])
-        doc = helps.get(f.name, "")
-        notes = [] if "default:" in doc else [f"default: {getattr(defaults, f.name)!r}"]
-        if optional and base is not bool:
-            notes.append("'none' for None")
-        note = "; ".join(notes)
-        help_text = f"{doc} ({note})" if doc and note else doc or note
-        help_text = help_text.replace("%", "%%")  # argparse formats help with %
+        default = _field_default(f)
+        help_text = _help_text(helps.get(f.name, ""), default, optional and base is not bool)
         title = sections.get(f.name)
         if title and title not in groups:
             groups[title] = parser.add_argument_group(title)
         target = groups[title] if title else parser
-        flag = "--" + f.name.replace("_", "-")
-        origin = typing.get_origin(base) or base
-        if origin is bool:
-            target.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
-        elif origin is list:
-            target.add_argument(flag, nargs="+", action=_list_flag(_item_type(base), optional),
-                                metavar="ITEM", help=help_text)
-        elif origin is dict:
-            target.add_argument(flag, type=_or_none(_json_object) if optional else _json_object,
-                                metavar="JSON", help=help_text)
-        elif optional:
-            allowed = (choices or {}).get(f.name)
-            target.add_argument(flag, type=_or_none(origin), help=help_text,
-                                choices=None if allowed is None else (*allowed, None),
-                                metavar=None if allowed is None else
-                                "{" + ",".join(map(str, (*allowed, "none"))) + "}")
-        else:
-            target.add_argument(flag, type=origin, choices=(choices or {}).get(f.name),
-                                help=help_text)
+        if f.name in positional:
+            kwargs = ({"nargs": "+", "type": _item_type(base)} if typing.get_origin(base) is list
+                      else {"type": base})
+            target.add_argument(f.name, help=help_text, **kwargs)
+            continue
+        allowed = (choices or {}).get(f.name, f.metadata.get("choices"))
+        kwargs = _flag_kwargs(f, base, optional, allowed)
+        if "metavar" in f.metadata:
+            kwargs["metavar"] = f.metadata["metavar"]
+        target.add_argument("--" + f.name.replace("_", "-"), help=help_text,
+                            required=default is dataclasses.MISSING, **kwargs)
     return parser
 
 
@@ -388,24 +430,65 @@ def remove_dead_owners(directory: str | Path, before: str,
                 entry.unlink()
 
 
-def write_atomic(path: str | Path, data: str | bytes) -> None:
-    """Write ``data`` (str as UTF-8) to a temporary file beside ``path``, then rename it over
-    ``path``: a kill or a full disk leaves the previous file whole, never half of one, and the
-    temporary files of writers killed earlier are removed here. The OSError of a failed write
-    names ``path`` (one from write() itself carries no file name)."""
-    path = Path(path)
+# What write_atomic writes: text (as UTF-8), bytes, or a function writing into the open binary
+# file (a stream too large to hold in memory, such as model weights).
+FileContent = str | bytes | Callable[[BinaryIO], object]
+
+
+def write_atomic(path: str | Path, data: FileContent) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``: a kill
+    or a full disk leaves the previous file whole, never half of one, and the temporary files of
+    writers killed earlier are removed here. The OSError of a failed write names ``path`` (one
+    from write() itself carries no file name)."""
+    write_atomic_files({path: data})
+
+
+def write_atomic_files(files: Mapping[str | Path, FileContent]) -> None:
+    """``write_atomic`` for files that belong together (weights and their config): every one is
+    written and fsynced to its temporary file before the first rename, and the renames go in
+    the mapping's order, so a failed write leaves all the previous files as they were."""
+    temps: list[tuple[Path, Path]] = []
+    try:
+        for path, data in files.items():
+            temps.append((Path(path), _write_temp(Path(path), data)))
+        for path, tmp in temps:
+            with _naming(path, tmp):
+                os.replace(tmp, path)
+    except BaseException:
+        for _, tmp in temps:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_temp(path: Path, data: FileContent) -> Path:
+    """``data`` written and fsynced to ``path``'s owner-tagged temporary file, which is gone
+    again if the write fails."""
     remove_dead_owners(path.parent, re.escape(f".{path.name}.tmp-"))
     tmp = path.with_name(f".{path.name}.tmp-{owner_tag()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        with _naming(path, tmp), open(tmp, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
+    except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.filename in (None, str(tmp)):
+        raise
+    return tmp
+
+
+@contextlib.contextmanager
+def _naming(path: Path, tmp: Path) -> Iterator[None]:
+    """Re-raise an OSError about the temporary file (or about no file) as one about ``path``,
+    the file the user asked for."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename in (None, str(tmp)):
             raise OSError(err.errno, err.strerror or str(err), str(path)) from None
         raise
 

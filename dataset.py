@@ -1192,6 +1192,15 @@ def _tokenizer_fingerprint(tokenizer) -> str:
         return h.hexdigest()[:24]
 
 
+def tokenizer_cache_dir(cfg: DataConfig, min_freq: int, max_vocab: int | None) -> Path:
+    """Where a CodeTokenizer trained on ``cfg``'s train split is cached, keyed beside the other
+    cache entries: by corpus, training options and ``tokenizer.ENCODING_VERSION`` (training
+    counts pieces with the encoding's regex and cut), so an upgrade trains a new vocabulary."""
+    key = _hash_json({"v": ENCODING_VERSION, "corpus": corpus_key(cfg),
+                      "min_freq": min_freq, "max_vocab": max_vocab})
+    return Path(cfg.cache_dir) / f"tokenizer-{key}"
+
+
 def _task_options(cfg: DataConfig) -> dict:
     opts = {"task": cfg.task, "block_size": cfg.block_size, "seed": cfg.seed}
     if cfg.task != "lm":

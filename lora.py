@@ -14,7 +14,6 @@ dequantizes them on the fly, so LoRA can train on top of a 4-bit base (QLoRA) on
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import re
@@ -268,22 +267,6 @@ def quantize_base(model: nn.Module, bits: int = 4, skip: tuple[str, ...] = ("lm_
         raise ValueError("quantize_base: the model has no nn.Linear to quantize (already quantized?)")
     rest = 2 * sum(p.numel() for p in model.parameters() if p.dtype.is_floating_point)
     return QuantReport(bits, names, quant_bytes, bf16_bytes, quant_bytes + rest, bf16_total)
-
-
-def dequantized_copy(model: nn.Module) -> nn.Module:
-    """A float32 CPU copy of ``model`` whose frozen base is upcast (bf16, fp16) or dequantized
-    (``QuantLinear``, int8 / NF4): the weights the model computes with, ready to be merged
-    (``quantize_base`` undone; the original is left as it is)."""
-    dup = copy.deepcopy(model).cpu()
-    for path, module in list(dup.named_modules()):
-        if isinstance(module, QuantLinear):
-            linear = nn.Linear(module.in_features, module.out_features,
-                               bias=module.bias is not None, device="meta")
-            linear.weight = nn.Parameter(module.dequantize(torch.float32), requires_grad=False)
-            if module.bias is not None:
-                linear.bias = nn.Parameter(module.bias.detach().float(), requires_grad=False)
-            _set_submodule(dup, path, linear)
-    return dup.float()
 
 
 # ----------------------------------------------------------------------------- LoRA layers

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import json
 import mmap
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
+from functools import partial
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -641,9 +642,12 @@ def read_config(directory: str | Path) -> tuple[ModelConfig, dict]:
     hf = cliconfig.read_json_object(path, "model config")
     model_type = hf.get("model_type")
     if model_type is None and {"preset", "lr", "max_steps"} <= hf.keys():
-        raise ValueError(f"{directory}: a codelm run directory, not an HF checkpoint; its model "
-                         f"is in {Path(directory) / 'export'} (written unless --no-export), or "
-                         "continue the run with --resume")
+        export = Path(directory) / "export"
+        raise ValueError(f"{directory}: a codelm run directory, not an HF checkpoint; its export "
+                         f"is {export} (written unless --no-export): the model, or for a LoRA "
+                         f"run the adapter (lora.load_adapter on its base), and the merged model "
+                         f"in {export / 'merged'} (with --export-merged); or continue the run "
+                         "with --resume")
     if model_type not in TABLES:
         raise ValueError(f"{path}: unknown model_type {model_type!r}; supported: "
                          f"{', '.join(FAMILIES)}")
@@ -803,7 +807,10 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
 
 
 def save(model: Transformer, directory: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write config.json + model.safetensors (or shards + index) in the family's HF layout."""
+    """Write config.json + model.safetensors (or shards + index) in the family's HF layout.
+    Every file is written in full before any replaces an earlier save's, config.json last, so a
+    failed save (a full disk) leaves the earlier one whole and consistent; until then both take
+    disk space."""
     cfg = model.cfg
     directory = Path(directory)
     dtype = model.wte.weight.dtype
@@ -826,21 +833,29 @@ def save(model: Transformer, directory: str | Path, max_shard_bytes: int = 5 * 2
             size = 0
         shards[-1].append(name)
         size += n
+    files = _weight_files(tensors, shards)
+    files["config.json"] = json.dumps(config, indent=2) + "\n"
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    cliconfig.write_atomic_files({directory / name: data for name, data in files.items()})
+    _remove_stale_weights(directory, set(files))
+
+
+def _weight_files(tensors: dict[str, torch.Tensor],
+                  shards: list[list[str]]) -> dict[str, cliconfig.FileContent]:
+    """File name -> content of the weights: model.safetensors, or the shards and their index.
+    The safetensors contents are writers, which stream the tensors one at a time."""
     if len(shards) == 1:
-        _write_safetensors(directory / "model.safetensors", tensors)
-        _remove_stale_weights(directory, {"model.safetensors"})
-        return
+        return {"model.safetensors": partial(_write_safetensors, tensors=tensors)}
+    files: dict[str, cliconfig.FileContent] = {}
     weight_map = {}
     for k, names in enumerate(shards, 1):
         fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        _write_safetensors(directory / fname, {n: tensors[n] for n in names})
+        files[fname] = partial(_write_safetensors, tensors={n: tensors[n] for n in names})
         weight_map.update(dict.fromkeys(names, fname))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    _remove_stale_weights(directory, {"model.safetensors.index.json", *weight_map.values()})
+    files["model.safetensors.index.json"] = json.dumps(index, indent=2) + "\n"
+    return files
 
 
 def _remove_stale_weights(directory: Path, written: set[str]) -> None:
@@ -854,8 +869,9 @@ def _remove_stale_weights(directory: Path, written: set[str]) -> None:
                 stale.unlink()
 
 
-def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """safetensors layout: 8-byte header length, JSON header (space-padded to 8), raw data."""
+def _write_safetensors(f: BinaryIO, tensors: dict[str, torch.Tensor]) -> None:
+    """safetensors layout: 8-byte header length, JSON header (space-padded to 8), raw data. One
+    tensor at a time is copied to the CPU and written: the file is never held in memory."""
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, t in tensors.items():
@@ -865,12 +881,9 @@ def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for t in tensors.values():
-            t = t.detach().to("cpu").contiguous()
-            if t.numel():
-                f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
-    os.replace(tmp, path)
+    f.write(len(raw).to_bytes(8, "little"))
+    f.write(raw)
+    for t in tensors.values():
+        t = t.detach().to("cpu").contiguous()
+        if t.numel():
+            f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))

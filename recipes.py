@@ -20,7 +20,6 @@ import ast
 import dataclasses
 import hashlib
 import json
-import re
 import shutil
 import sys
 from collections.abc import Collection, Sequence
@@ -33,6 +32,7 @@ import torch
 import cliconfig
 import eval as ev
 import trainingmanager as tm
+from scraping import is_git_source
 
 # --------------------------------------------------------------------------------------------
 # Recipes
@@ -90,18 +90,16 @@ def apply_setting(recipe: Recipe, setting: str) -> None:
 # Data sources that need collecting first
 # --------------------------------------------------------------------------------------------
 
-_GIT_URL = re.compile(r"^(?:[a-z+]+://|[\w.-]+@[\w.-]+:)")
-
-
 def collect_git_sources(sources: Sequence[str], extensions: Sequence[str], out_dir: Path,
                         progress: bool) -> list[str]:
-    """Git URLs become scraper JSONL (``python -m scraping local``); other sources pass through.
-    Each URL and extension list has its own file, which a re-run reuses instead of cloning again."""
+    """Git sources (``scraping.is_git_source``: URLs, ``user@host:path``, bare repositories)
+    become scraper JSONL (``python -m scraping local``); other sources pass through. Each source
+    and extension list has its own file, which a re-run reuses instead of cloning again."""
     from scraping import LocalConfig, collect_local
 
     out = []
     for source in sources:
-        if not _GIT_URL.match(source):
+        if not is_git_source(source):
             out.append(source)
             continue
         key = json.dumps([source, sorted(extensions)]).encode()
@@ -142,7 +140,7 @@ def check_paths(values: dict, recipe: str) -> None:
         check_family(init_from, values.get("preset"))
     for key, flag in (("data", "--data"), ("val_data", "--val-data"), ("test_data", None)):
         for source in values.get(key) or []:
-            if source != "stdlib" and not _GIT_URL.match(source) and not Path(source).exists():
+            if source != "stdlib" and not is_git_source(source) and not Path(source).exists():
                 how = f"pass {flag} PATH ... " if flag else f"set --set train.{key}=[...] "
                 raise ValueError(f"{source}: no such data file or directory; {how}"
                                  f"(see docs/recipes.md; {recipe}: train.{key})")
@@ -400,23 +398,31 @@ def train_losses(run_dir: Path) -> list[float]:
 # --------------------------------------------------------------------------------------------
 
 
+# --set is given once per override, its values never split at commas (JSON lists hold them).
+_SET_FLAG = {"repeat": True, "metavar": "SECTION.KEY=VALUE"}
+
+
 @dataclass
 class RecipeOptions:
-    """Flags of ``python recipes.py``."""
+    """Flags of ``python recipes.py`` (``cliconfig.add_config_flags``; ``recipe`` positional)."""
 
-    recipe: str
-    smoke: bool = False  # tiny checkpoint of the family + small stdlib sample, seconds
-    model: str | None = None  # the base model's local HF directory (the train init_from)
-    data: list[str] | None = None  # data sources (files, directories, git URLs)
-    val_data: list[str] | None = None  # validation files (without it, --data drops the recipe's)
-    out_dir: str | None = None  # runs/ (smoke: runs/smoke)
-    name: str | None = None  # run name (default: the recipe's)
-    set: list[str] = field(default_factory=list)  # train.KEY=VALUE / eval.KEY=VALUE overrides
-    smoke_steps: int = 30
-    device: str = "auto"
-    skip_eval: bool = False
-    resume: bool = False  # continue the interrupted run <out_dir>/<name>
-    progress: bool = True
+    recipe: str  # a recipe file, e.g. configs/refactotron.json
+    smoke: bool = False  # tiny random checkpoint of the family + small stdlib sample
+    model: str | None = None  # local HF directory of the base model, not with --smoke; default:
+    #   the recipe's train.init_from
+    data: list[str] | None = None  # data sources: JSONL files, directories or git URLs, not with
+    #   --smoke; default: the recipe's train.data
+    val_data: list[str] | None = None  # validation files or directories, not with --smoke;
+    #   default: the recipe's train.val_data, or with --data a validation split cut from --data
+    out_dir: str | None = None  # where runs go; default: runs/ (smoke: runs/smoke/)
+    name: str | None = None  # run name; default: the recipe's
+    set: list[str] = field(default_factory=list, metadata=_SET_FLAG)  # override a recipe value,
+    #   e.g. --set train.lr=1e-4 (a JSON value, else a string); repeatable; default: none
+    smoke_steps: int = 30  # training steps of --smoke
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    skip_eval: bool = False  # train and export only
+    resume: bool = False  # continue the interrupted run <out-dir>/<name> from its checkpoint
+    progress: bool = True  # progress bars
 
 
 @dataclass
@@ -619,34 +625,10 @@ def summary(report: RecipeResult) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="recipes.py",
+        prog="recipes.py", argument_default=argparse.SUPPRESS,  # RecipeOptions' defaults hold
         description="Train and evaluate one seed project's recipe (configs/*.json) with one "
         "command; --smoke runs it on a tiny random checkpoint of the same family in seconds.")
-    parser.add_argument("recipe", help="a recipe file, e.g. configs/refactotron.json")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny random checkpoint of the family + small stdlib sample")
-    parser.add_argument("--model", help="local HF directory of the base model, not with "
-                        "--smoke (default: the recipe's train.init_from)")
-    parser.add_argument("--data", nargs="+", help="data sources: JSONL files, directories or "
-                        "git URLs, not with --smoke (default: the recipe's train.data)")
-    parser.add_argument("--val-data", nargs="+", help="validation files or directories, not "
-                        "with --smoke (default: the recipe's train.val_data; with --data, a "
-                        "validation split cut from --data)")
-    parser.add_argument("--out-dir", help="where runs go (default: runs/, smoke: runs/smoke/)")
-    parser.add_argument("--name", help="run name (default: the recipe's)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a recipe value, e.g. --set train.lr=1e-4 (JSON values; "
-                        "repeatable; default: none)")
-    parser.add_argument("--smoke-steps", type=int, default=30,
-                        help="training steps of --smoke (default: %(default)s)")
-    parser.add_argument("--device", default="auto",
-                        help="auto | cpu | cuda | cuda:N (default: %(default)s)")
-    parser.add_argument("--skip-eval", action="store_true", help="train and export only")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the interrupted run <out-dir>/<name> from its checkpoint")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                        help="progress bars (default: on)")
-    return parser
+    return cliconfig.add_config_flags(parser, RecipeOptions, positional=("recipe",))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -322,17 +322,11 @@ _N_BYTES = 256
 
 
 def _cut(match: str) -> list[str]:
-    """A piece-pattern match as code pieces: runs of at most ``MAX_PIECE_CHARS`` characters."""
+    """A piece-pattern match as code pieces: runs of at most ``MAX_PIECE_CHARS`` characters.
+    The split into code pieces is ``_CODE_PIECE_RE.findall`` then this, per match; ``train`` and
+    ``encode`` cut after counting and on cache misses, where checking every match costs 4-5%."""
     k = MAX_PIECE_CHARS
     return [match[i : i + k] for i in range(0, len(match), k)]
-
-
-def code_pieces(text: str) -> list[str]:
-    """Split text the way CodeTokenizer does before looking pieces up in its vocabulary."""
-    matches = _CODE_PIECE_RE.findall(text)
-    if matches and max(map(len, matches)) > MAX_PIECE_CHARS:
-        return [piece for match in matches for piece in _cut(match)]
-    return matches
 
 
 # The character classes of the piece pattern: a piece longer than one character holds one only.
@@ -429,8 +423,7 @@ class CodeTokenizer(_BatchEncodeMixin):
 
     def _encode_piece(self, piece: str) -> list[int]:
         """Longest known sub-pieces from the left; bytes of a character no piece covers. Takes
-        a piece-pattern match and cuts it if long: doing it on cache misses costs ``encode``
-        nothing, where checking every match would cost 4%."""
+        a piece-pattern match and cuts it if long (on cache misses: free for ``encode``)."""
         if len(piece) > MAX_PIECE_CHARS:
             return [i for part in _cut(piece) for i in self._cache[part]]
         vocab = self._piece_to_id

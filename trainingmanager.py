@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import fcntl
 import gc
-import hashlib
 import json
 import math
 import os
@@ -1118,17 +1117,16 @@ def data_config(cfg: TrainConfig, block_size: int):
 
 def load_or_train_tokenizer(cfg: TrainConfig, dcfg):
     """The given tokenizer, the pretrained model's, or a CodeTokenizer trained on the train split
-    (cached by corpus and tokenizer options, so a second run reuses it)."""
-    from dataset import corpus_key, prepare
+    (cached by corpus, tokenizer options and encoding version: ``dataset.tokenizer_cache_dir``,
+    so a second run reuses it)."""
+    from dataset import prepare, tokenizer_cache_dir
     from tokenizer import CodeTokenizer, load_tokenizer
 
     if cfg.tokenizer is not None:
         return load_tokenizer(cfg.tokenizer)
     if cfg.init_from is not None:
         return load_tokenizer(cfg.init_from)
-    key = json.dumps([corpus_key(dcfg), cfg.tokenizer_min_freq, cfg.tokenizer_max_vocab,
-                      dcfg.strip_comments])
-    cached = Path(dcfg.cache_dir) / f"tokenizer-{hashlib.sha256(key.encode()).hexdigest()[:24]}"
+    cached = tokenizer_cache_dir(dcfg, cfg.tokenizer_min_freq, cfg.tokenizer_max_vocab)
     if dcfg.use_cache and (cached / "tokenizer.json").is_file():
         return load_tokenizer(cached)
     texts = prepare(dcfg, None).train

@@ -155,10 +155,40 @@ def test_every_flag_of_the_scripts_explains_itself():
     import trainingmanager
     from dataset import DataConfig
     from eval import EvalConfig
+    from recipes import RecipeOptions
+    from scraping import GitHubConfig, LocalConfig
 
-    for cls in (trainingmanager.TrainConfig, EvalConfig, hyperparam_tune.TuneConfig, DataConfig):
+    for cls in (trainingmanager.TrainConfig, EvalConfig, hyperparam_tune.TuneConfig, DataConfig,
+                RecipeOptions, GitHubConfig, LocalConfig):
         helps, _ = cliconfig.field_docs(cls)
         assert not [f for f in cls.__dataclass_fields__ if not helps.get(f)], cls.__name__
+
+
+@dataclass
+class Operands:
+    files: list[str]  # input files
+    out: str = field(metadata={"help": "output file"})
+    overrides: list[str] = field(default_factory=list, metadata={"repeat": True,
+                                                                 "metavar": "KEY=VALUE"})
+    mode: str = field(default="a", metadata={"help": "how", "choices": ("a", "b")})
+
+
+def test_operands_required_flags_and_repeated_flags():
+    """recipes.py (positional recipe, repeatable --set) and python -m scraping (positional
+    sources, required --out, help and choices in field metadata) each had their own copy of
+    this function; they now use it."""
+    parser = argparse.ArgumentParser(argument_default=argparse.SUPPRESS)
+    cliconfig.add_config_flags(parser, Operands, positional=("files",))
+    args = parser.parse_args(["a,b.py", "c.py", "--out", "o", "--overrides", 'k=["x","y"]',
+                              "--overrides", "j=1"])
+    assert Operands(**vars(args)) == Operands(["a,b.py", "c.py"], "o", ['k=["x","y"]', "j=1"])
+    assert Operands(**vars(parser.parse_args(["f", "--out", "o"]))).overrides == []
+    text = " ".join(parser.format_help().split())
+    assert "files input files" in text and "--out OUT output file --overrides KEY=VALUE" in text
+    assert "--mode {a,b} how (default: 'a')" in text
+    for argv in (["f"], ["--out", "o"], ["f", "--out", "o", "--mode", "c"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
 
 
 def test_sigterm_is_an_interrupt_with_its_own_exit_code():
@@ -244,3 +274,28 @@ def test_write_atomic_removes_what_killed_writers_left_never_a_live_writers_temp
     cliconfig.write_atomic(target, "whole")
     assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "results.json"]
     assert target.read_text() == "whole"
+
+
+def test_write_atomic_files_replace_none_of_a_set_when_one_write_fails(tmp_path):
+    """Files that belong together (weights and their config) are all written before the first is
+    renamed: a full disk on the last leaves every earlier file as it was, and no temp behind.
+    Content may be a function that streams into the file (weights too large for memory)."""
+    import errno
+
+    weights, config = tmp_path / "model.safetensors", tmp_path / "config.json"
+    weights.write_bytes(b"old weights")
+    config.write_text("old config")
+
+    def disk_full(f) -> None:
+        f.write(b"half a config")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError) as err:
+        cliconfig.write_atomic_files({weights: lambda f: f.write(b"new weights"),
+                                      config: disk_full})
+    assert (err.value.errno, err.value.filename) == (errno.ENOSPC, str(config))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert (weights.read_bytes(), config.read_text()) == (b"old weights", "old config")
+    cliconfig.write_atomic_files({weights: lambda f: f.write(b"new weights"),
+                                  config: "new config"})
+    assert (weights.read_bytes(), config.read_text()) == (b"new weights", "new config")

@@ -1191,6 +1191,20 @@ def test_every_option_that_changes_the_data_changes_a_cache_key(tmp_path):
         assert any(k(before) != k(after) for k in keys), f.name
 
 
+def test_the_trained_tokenizer_cache_is_keyed_by_the_encoding_version(tmp_path, monkeypatch):
+    """Training counts pieces with the encoding's regex and cut: after an upgrade of either
+    (ENCODING_VERSION) the cached vocabulary was reused while the token files were rebuilt."""
+    base = cfg(tmp_path)
+    before = dataset.tokenizer_cache_dir(base, 10, 8000)
+    assert before.parent == Path(base.cache_dir) and before.name.startswith("tokenizer-")
+    assert dataset.tokenizer_cache_dir(base, 10, 8000) == before
+    assert dataset.tokenizer_cache_dir(base, 2, 8000) != before
+    assert dataset.tokenizer_cache_dir(base, 10, None) != before
+    assert dataset.tokenizer_cache_dir(cfg(tmp_path, strip_comments=True), 10, 8000) != before
+    monkeypatch.setattr(dataset, "ENCODING_VERSION", dataset.ENCODING_VERSION + "-other")
+    assert dataset.tokenizer_cache_dir(base, 10, 8000) != before
+
+
 def test_kotlin_sources_lose_copyright_and_long_literals(tmp_path, tok):
     src = tmp_path / "kotlin"
     (src / "core").mkdir(parents=True)

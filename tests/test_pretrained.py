@@ -197,6 +197,31 @@ def test_export_over_an_earlier_one_leaves_no_stale_weights(checkpoints, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
 
 
+@pytest.mark.parametrize("max_shard_bytes", [2**30, 64 * 1024])
+def test_failed_export_leaves_the_earlier_one_whole_and_no_temp(checkpoints, tmp_path,
+                                                                 max_shard_bytes):
+    """A failed save over an earlier one (here a meta tensor, last in the file; a full disk alike)
+    wrote the new config.json beside the old weights, replaced the shards written before the
+    failure, and left `model.safetensors.tmp` behind."""
+    import dataclasses
+
+    _, _, model = checkpoints["phi"]
+    model.save_pretrained(tmp_path, max_shard_bytes=max_shard_bytes)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    other = Transformer(dataclasses.replace(model.cfg, n_layer=1))
+    last = list(pretrained._param_plan(other, pretrained.TABLES["phi"]))[-1]
+    module, attr = last.rsplit(".", 1)
+    meta = torch.empty_like(other.get_parameter(last), device="meta")
+    setattr(other.get_submodule(module), attr, torch.nn.Parameter(meta))
+    with pytest.raises(NotImplementedError, match="meta tensor"):
+        other.save_pretrained(tmp_path, max_shard_bytes=max_shard_bytes)
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert sorted(after) == sorted(before)  # no temp left
+    assert [name for name in before if after[name] != before[name]] == []
+    idx = _ids(1, 16)
+    assert torch.equal(Transformer.from_pretrained(tmp_path)(idx), model(idx))
+
+
 def test_export_keeps_every_eos_id(checkpoints, tmp_path):
     # Llama-3 chat checkpoints end on any of several ids; the export must keep them all.
     d = _edit_config(checkpoints["llama"][0], tmp_path / "m", eos_token_id=[5, 2])
@@ -564,16 +589,21 @@ def test_error_unknown_model_type(checkpoints, tmp_path):
 
 
 def test_error_codelm_run_directory_names_its_export(tmp_path):
-    """A run dir passed as a checkpoint was an "unknown model_type None"."""
+    """A run dir passed as a checkpoint was an "unknown model_type None"; the advice is right for
+    a LoRA run too, whose export/ holds an adapter (the merged model is in export/merged)."""
     import dataclasses
 
     import trainingmanager
 
     (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(
         trainingmanager.TrainConfig())))
-    with pytest.raises(ValueError, match=rf"{tmp_path}: a codelm run directory, not an HF "
-                                         rf"checkpoint; its model is in {tmp_path}/export"):
+    with pytest.raises(ValueError) as err:
         Transformer.from_pretrained(tmp_path)
+    assert re.match(rf"{tmp_path}: a codelm run directory, not an HF checkpoint; its export is "
+                    rf"{tmp_path}/export \(written unless --no-export\): the model, or for a "
+                    r"LoRA run the adapter \(lora.load_adapter on its base\), and the merged "
+                    rf"model in {tmp_path}/export/merged \(with --export-merged\)",
+                    str(err.value)), str(err.value)
 
 
 @pytest.mark.parametrize("change, message", [

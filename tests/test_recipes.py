@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -155,6 +156,7 @@ def test_code_completion_trains_on_the_fake_github_scrape(tmp_path, monkeypatch)
 SLOW_EVAL = """
 import sys, time
 from pathlib import Path
+from types import SimpleNamespace
 import eval as ev
 import recipes
 def evaluate(cfg):
@@ -362,6 +364,45 @@ def test_git_url_data_is_collected_into_scraper_jsonl(tmp_path):
     assert other != sources[0]  # other extensions: another file, not a refused resume
     assert [json.loads(line)["path"] for line in Path(other).read_text().splitlines()] == [
         "build.gradle"]
+
+
+def test_flags_mirror_recipe_options_as_every_scripts_do():
+    """The parser was a hand copy of RecipeOptions whose help had drifted from the fields; it is
+    cliconfig.add_config_flags's now, reading lists and None as trainingmanager's flags do."""
+    def parse(*argv: str) -> recipes.RecipeOptions:
+        return recipes.RecipeOptions(**vars(recipes.build_parser().parse_args(argv)))
+
+    assert parse("r.json") == recipes.RecipeOptions("r.json")
+    opts = parse("r.json", "--data", "a.jsonl,b.jsonl", "c", "--set", 'train.lora_targets=["q","v"]',
+                 "--set", "train.lr=1", "--no-progress", "--model", "none", "--smoke")
+    assert opts.data == ["a.jsonl", "b.jsonl", "c"] and opts.model is None
+    assert opts.set == ['train.lora_targets=["q","v"]', "train.lr=1"]  # never split at commas
+    assert opts.smoke and not opts.progress
+
+
+def test_git_sources_follow_scrapings_rule(tmp_path, monkeypatch, capsys):
+    """recipes had a git-URL regex of its own: 'HTTPS://...' was refused as a missing path, and
+    a bare repository was handed to dataset as a directory (no files in it) instead of being
+    cloned. It now asks scraping.is_git_source, the collector's own rule."""
+    import scraping.local
+
+    bare = tmp_path / "repo.git"
+    (bare / "objects").mkdir(parents=True)
+    (bare / "HEAD").write_text("ref: refs/heads/main\n")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    collected = []
+
+    def collect(cfg):
+        collected.extend(cfg.sources)
+        return SimpleNamespace(format=lambda: "0 files")
+
+    monkeypatch.setattr(scraping.local, "collect_local", collect)
+    git = ["HTTPS://example.com/a/b", "git@example.com:a/b.git", str(bare)]
+    sources = recipes.collect_git_sources([*git, str(plain), "stdlib"], [".py"], tmp_path, False)
+    assert collected == git
+    assert sources[3:] == [str(plain), "stdlib"] and all(s.endswith(".jsonl") for s in sources[:3])
+    recipes.check_paths({"data": git}, "r.json")  # URLs are not missing paths
 
 
 def test_completion_eval_of_a_base_model_on_kotlin_files(tiny_starcoder, tmp_path, monkeypatch,

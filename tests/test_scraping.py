@@ -532,6 +532,23 @@ def test_help_gives_every_flags_default():
                 assert "default" in action.help, f"{name} --{action.dest}: {action.help}"
 
 
+def test_flags_read_lists_and_none_as_every_scripts_do():
+    """A private copy of the dataclass-to-flags rule read `--extensions .kt,.kts` as one
+    extension and `--until none` as a date; the flags are cliconfig.add_config_flags's now."""
+    from scraping.__main__ import build_parser
+
+    def parse(*argv: str) -> dict:
+        args = vars(build_parser().parse_args(argv))
+        return {k: v for k, v in args.items() if k not in ("command", "verbose")}
+
+    cfg = GitHubConfig(**parse("github", "--out", "x", "--extensions", ".kt,.kts", "--until",
+                               "none", "--licenses", "MIT,Apache-2.0", "--no-progress"))
+    assert cfg == GitHubConfig(out="x", extensions=[".kt", ".kts"], licenses=["MIT", "Apache-2.0"],
+                               progress=False)
+    local = LocalConfig(**parse("local", "a,b", "c", "--out", "o", "--license", "none"))
+    assert local == LocalConfig(sources=["a,b", "c"], out="o")  # operands are never split
+
+
 def test_local_skips_names_that_are_not_utf8(tmp_path):
     src = tmp_path / "repo"
     src.mkdir()
@@ -648,11 +665,16 @@ def test_a_second_run_on_the_same_output_is_refused(tmp_path, capsys):
 
 
 def test_an_empty_licence_list_is_refused(tmp_path, capsys):
-    """``--licenses`` with no id skipped every repo and locked the output to that."""
+    """``--licenses`` with no id skipped every repo and locked the output to that. The flag,
+    a list flag of cliconfig's, needs one id (as every list flag does); the config, an empty
+    list."""
     assert main(["github", "--out", str(tmp_path / "x.jsonl"), "--licenses", "--api-url",
                  "http://127.0.0.1:9", "--retries", "0", "--no-progress"]) == 2
-    assert "--licenses: give at least one licence id" in capsys.readouterr().err
+    assert "argument --licenses: expected at least one argument" in capsys.readouterr().err
     assert not (tmp_path / "x.jsonl").exists()
+    with pytest.raises(ValueError, match="--licenses: give at least one licence id"):
+        run_scrape(tmp_path / "y.jsonl", licenses=[])
+    assert not (tmp_path / "y.jsonl").exists()
 
 
 def test_licences_are_stored_as_github_spells_them_so_a_rerun_in_another_case_resumes(tmp_path):

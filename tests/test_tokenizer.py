@@ -10,6 +10,7 @@ import json
 import pickle
 import random
 import tokenize
+from collections import Counter
 
 import pytest
 import regex
@@ -34,7 +35,6 @@ from tokenizer import (
     PYTHON_PARSE_ERRORS,
     BPETokenizer,
     CodeTokenizer,
-    code_pieces,
     load_tokenizer,
     strip_comments_and_docstrings,
 )
@@ -79,6 +79,12 @@ def strip_tok(stdlib_texts) -> CodeTokenizer:
 
 def _hf_ids(hf: Tokenizer, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
     return [e.ids for e in hf.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
+
+
+def _hf_pieces(hf: Tokenizer, text: str) -> list[str]:
+    """The pieces of ``text`` as a CodeTokenizer's HF export splits it (HF's own regex engine),
+    by its offsets: an independent oracle for the split that ``train`` and ``encode`` make."""
+    return [text[i:j] for _, (i, j) in hf.pre_tokenizer.pre_tokenize_str(text)]
 
 
 def _first_mismatch(names, ours, ref) -> str | None:
@@ -460,23 +466,25 @@ def test_bpe_training_learns_frequent_words():
 
 
 def test_code_pieces_split_identifiers_and_keep_layout():
+    """The split as train counts it and encode looks it up: with every piece kept, one id each."""
     text = "class HTTPServer:\n    def getValue_x(self, my_var2):\n\treturn  42\r\n"
-    assert code_pieces(text) == [
+    pieces = [
         "class", " ", "HTTP", "Server", ":", "\n",
         "    ", "def", " ", "get", "Value", "_", "x", "(", "self", ",", " ", "my", "_", "var", "2",
         "):", "\n", "\t", "return", "  ", "42", "\r\n",
     ]  # fmt: skip
-    assert "".join(code_pieces(text)) == text
+    tok = CodeTokenizer.train([text], min_freq=1)
+    assert sorted(tok.pieces) == sorted(set(pieces))
+    assert [tok.id_to_token(i) for i in tok.encode(text)] == pieces
+    assert _hf_pieces(Tokenizer.from_str(json.dumps(tok.to_hf())), text) == pieces
 
 
-def test_code_tokenizer_vocab_min_freq_and_specials(code_tok, stdlib_texts):
-    train = [t for _, t in stdlib_texts[::4]]
-    counts = {}
-    for text in train:
-        for piece in code_pieces(text):
-            counts[piece] = counts.get(piece, 0) + 1
-    assert all(counts[p] >= 10 for p in code_tok.pieces)
-    assert {p for p, n in counts.items() if n >= 10} == set(code_tok.pieces)
+def test_code_tokenizer_vocab_min_freq_and_specials(code_tok, code_tok_hf, stdlib_texts):
+    train = [t for _, t in stdlib_texts[::40]]  # HF's pre_tokenize_str is slow in Python
+    tok = CodeTokenizer.train(train, min_freq=10)
+    counts = Counter(piece for text in train for piece in _hf_pieces(code_tok_hf, text))
+    assert all(counts[p] >= 10 for p in tok.pieces)
+    assert {p for p, n in counts.items() if n >= 10} == set(tok.pieces)
     for piece in ("\n", "    ", "        ", "self", "return", "Error", "_"):
         assert code_tok.token_to_id(piece) is not None, piece
     ids = [code_tok.pad_id, code_tok.bos_id, code_tok.eos_id]
@@ -604,10 +612,8 @@ def test_long_pieces_are_cut_alike_in_codelm_and_its_hf_export(code_tok, code_to
     texts = ["q" * 4000, "#" + "-" * 3000, "x" + " " * 2000 + "x", "ABC" + "d" * (k + 1),
              "q" * k, "q" * (k + 1), "日本語" * 300 + "\n", "\n" + "\t" * 700 + "if", "7" * 999]
     for text in texts:
-        pieces = code_pieces(text)
+        pieces = _hf_pieces(code_tok_hf, text)
         assert max(map(len, pieces)) <= k and "".join(pieces) == text
-        hf_pieces = [p for p, _ in code_tok_hf.pre_tokenizer.pre_tokenize_str(text)]
-        assert list(map(len, hf_pieces)) == [len(p.encode()) for p in pieces]
         ids = code_tok.encode(text)
         assert code_tok_hf.encode(text).ids == ids and code_tok.decode(ids) == text
     assert len(code_tok.encode("q" * (3 * k))) == 3 * len(code_tok.encode("q" * k))

@@ -534,6 +534,23 @@ def test_the_next_tokenizer_cache_write_removes_what_a_killed_one_left(assets, t
     assert load_tokenizer(entry).vocab_size == tok.vocab_size
 
 
+def test_a_new_encoding_version_trains_a_new_tokenizer(assets, tmp_path, monkeypatch):
+    """The cached vocabulary was keyed without tokenizer.ENCODING_VERSION: after a `regex`
+    upgrade or a piece-rule change it was reused, trained under the old rule."""
+    import dataset
+
+    cache = tmp_path / "cache"
+    cfg = tiny_cfg(assets, tmp_path, tokenizer=None,
+                   data_options={"cache_dir": str(cache), "progress": False})
+    dcfg = tm.data_config(cfg, cfg.block_size)
+    tm.load_or_train_tokenizer(cfg, dcfg)
+    tm.load_or_train_tokenizer(cfg, dcfg)  # a cache hit
+    assert len(list(cache.glob("tokenizer-*"))) == 1
+    monkeypatch.setattr(dataset, "ENCODING_VERSION", dataset.ENCODING_VERSION + "-other")
+    tm.load_or_train_tokenizer(cfg, dcfg)
+    assert len(list(cache.glob("tokenizer-*"))) == 2
+
+
 def test_best_is_never_written_before_a_checkpoint(assets, tmp_path, monkeypatch):
     """A kill between the first best/ and the first checkpoint left a run that --resume and the
     same command both refused: the first best/ now follows a checkpoint of its step."""
