@@ -344,6 +344,19 @@ class _SplitRotatedFunction(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
+def _sdpa_takes_gqa(device: torch.device, dtype: torch.dtype, masked: bool) -> bool:
+    """Whether SDPA should get the grouped keys and values as they are (enable_gqa) rather than
+    repeated to the query heads. On CUDA only the flash kernel takes enable_gqa (fp16/bf16, no
+    mask, sm80+); any other grouped call falls silently to the math kernel, which materialises
+    every score (and repeats k/v itself), while repeated k/v let the memory-efficient kernel run.
+    Other devices' kernels take the groups as they are, and repeating would only cost memory."""
+    if device.type != "cuda":
+        return True
+    return (not masked and dtype in (torch.float16, torch.bfloat16)
+            # get_device_properties, not get_device_capability: torch.compile folds it
+            and torch.cuda.get_device_properties(device).major >= 8)
+
+
 # One layer's preallocated (keys, values), each (B, n_kv_head, length, head_dim), written in place
 # at the decode step's slots (static shapes). A generation owns its caches: they are created per
 # call and passed down, never stored on the model, so generations running at once do not mix.
@@ -369,11 +382,16 @@ class Attention(nn.Module):
         if cache is not None:
             cache[0].index_copy_(2, slots, k)
             cache[1].index_copy_(2, slots, v)
-            k, v = cache
+            if mask is not None:  # no mask: a prompt without padding (`_prefill`), which
+                k, v = cache      # needs only its own keys, causally
+        gqa = cfg.n_kv_head != cfg.n_head
+        if gqa and not _sdpa_takes_gqa(q.device, q.dtype, mask is not None):
+            k = k.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
+            v = v.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
+            gqa = False
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None,
-            dropout_p=cfg.attn_dropout if self.training else 0.0,
-            enable_gqa=cfg.n_kv_head != cfg.n_head)
+            dropout_p=cfg.attn_dropout if self.training else 0.0, enable_gqa=gqa)
         return self.proj(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))
 
 
@@ -753,7 +771,9 @@ class Transformer(nn.Module):
             key_valid[:, :T] = attention_mask.bool()
         slots = torch.arange(T, device=idx.device)
         pos = _positions(key_valid[:, :T])
-        mask = _padded_mask(key_valid, slots, length)
+        mask = None  # no padding: causal attention over the prompt's own keys (flash on CUDA)
+        if attention_mask is not None and not bool(attention_mask.all()):
+            mask = _padded_mask(key_valid, slots, length)
         logits = self._run(idx, pos, mask, slots, caches, last_only=True)[:, -1]
         return logits, key_valid, pos[:, -1:] + 1
 

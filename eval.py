@@ -762,8 +762,9 @@ def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: EvalConfig) -> dict:
     for i in tqdm(batches, desc=f"{lm.label} lm", disable=not cfg.progress, leave=False):
         batch = collate(windows[i : i + cfg.batch_size], tok.pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        hidden = model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                       return_hidden=True)
+        # Right padding needs no mask (causal attention never looks ahead, and its labels are
+        # -100); without one, SDPA may use its fused causal kernels (flash on CUDA).
+        hidden = model(batch["input_ids"], return_hidden=True)
         labels = batch["labels"]
         loss, right = lm_loss_and_correct(hidden, labels, model.lm_head)
         total += float(loss)
@@ -807,8 +808,8 @@ def score_supervised(lm: LoadedModel, examples: Sequence[TaskExample], cfg: Eval
     total = count = 0.0
     for i in range(0, len(examples), cfg.batch_size):
         batch = ds.collate(examples[i : i + cfg.batch_size], tok.pad_id)
-        mask = batch["attention_mask"].to(device)
-        hidden = model(batch["input_ids"].to(device), attention_mask=mask, return_hidden=True)
+        # right-padded, padding labelled -100: no mask needed (see score_lm)
+        hidden = model(batch["input_ids"].to(device), return_hidden=True)
         labels = batch["labels"].to(device)
         total += float(lm_loss(hidden, labels, model.lm_head, reduction="sum"))
         count += float((labels != -100).sum())
@@ -1206,7 +1207,8 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
     results = {"complete": False, "pending": progress.models, "config": asdict(cfg),
                "models": [_identity(lm) for lm in models], "examples": counts,
                "examples_digest": _examples_digest(docs, examples, problems),
-               "metrics_version": METRICS_VERSION, "rows": [], "table": ""}
+               "metrics_version": METRICS_VERSION, "fingerprint_version": FINGERPRINT_VERSION,
+               "rows": [], "table": ""}
     rows, records = _finished_models(progress.out_dir, results)
     progress.saved = list(dict.fromkeys(row["model"] for row in rows))
     if progress.saved:
@@ -1230,11 +1232,27 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
     return results
 
 
+# How `_identity` fingerprints weights, saved in results.json. 2: the norms are taken in float64.
+# 1 took them in the dtype the weights loaded in: bf16 on GPUs, too coarse to see a retrained
+# model, and fp32 sums that moved by 1e-3 with the thread count, so a version-1 directory whose
+# fingerprints differ is refused (with a note saying why), never resumed.
+FINGERPRINT_VERSION = 2
+_NORM_SLICE = 1 << 24  # values per float64 copy in `_identity` (128 MiB, however big the tensor)
+
+
 def _identity(lm: LoadedModel) -> dict:
     """What makes a model's saved results its own: its label, where it was loaded from, and a
-    fingerprint of its weights (so a run retrained in place is not mistaken for the old one)."""
-    norms = [torch.linalg.vector_norm(p.detach(), o).item() for p in lm.model.parameters()
-             for o in (1, 2)]
+    fingerprint of its weights (so a run retrained in place is not mistaken for the old one): the
+    sums of the parameters' L1 and L2 norms. They are taken in float64 whatever the load dtype:
+    a bf16 norm is rounded to 0.4%, while retraining moves a weight's norm far less than that."""
+    per_tensor: list[torch.Tensor] = []
+    for p in lm.model.parameters():
+        parts = p.detach().flatten().split(_NORM_SLICE)
+        l1 = sum(torch.linalg.vector_norm(x, 1, dtype=torch.float64) for x in parts)
+        l2 = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(x, 2, dtype=torch.float64) for x in parts]))
+        per_tensor += [l1, l2]
+    norms = torch.stack(per_tensor).tolist()  # one device sync
     return {"label": lm.label, "source": lm.source,
             "weight_norms": [math.fsum(norms[0::2]), math.fsum(norms[1::2])]}
 
@@ -1276,6 +1294,10 @@ def _finished_models(out: Path, results: dict) -> tuple[list[dict], list[dict]]:
                if key not in _RESUME_IGNORES and config.get(key) != value]
     if not changed and not _same_models(old.get("models"), results["models"]):
         changed = ["the models (labels, paths or weights)"]
+        if old.get("fingerprint_version", 1) != FINGERPRINT_VERSION:
+            changed = ["the models (labels, paths or weights; or only their fingerprints: "
+                       "an older codelm took these in the weights' own dtype, and they need not "
+                       "match this version's float64 ones)"]
     if not changed and old.get("examples_digest") != results["examples_digest"]:
         changed = ["the examples (the data changed)"]
     if not changed and old.get("metrics_version", 1) != METRICS_VERSION:

@@ -140,6 +140,94 @@ def test_right_padding_needs_no_mask():
     assert (model(padded)[:, :20] - model(idx)).abs().max().item() < 1e-5
 
 
+def _spy_sdpa(monkeypatch) -> list[dict]:
+    """Record each SDPA call's key shape, mask and enable_gqa (and still compute it)."""
+    import architecture
+
+    calls: list[dict] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False, **kw):
+        calls.append(dict(q_len=q.shape[2], kv_heads=k.shape[1], k_len=k.shape[2],
+                          masked=attn_mask is not None, is_causal=is_causal, gqa=enable_gqa))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa,
+                    **kw)
+
+    monkeypatch.setattr(architecture.F, "scaled_dot_product_attention", spy)
+    return calls
+
+
+@pytest.mark.parametrize("device, dtype, masked, major, grouped", [
+    ("cpu", torch.float32, True, None, True),  # CPU: as it always was
+    ("cpu", torch.bfloat16, False, None, True),
+    ("cuda", torch.bfloat16, False, 8, True),  # flash takes it
+    ("cuda", torch.float16, False, 9, True),
+    ("cuda", torch.bfloat16, True, 9, False),  # a mask: flash cannot
+    ("cuda", torch.float32, False, 9, False),  # fp32: flash cannot
+    ("cuda", torch.bfloat16, False, 7, False),  # pre-Ampere: no flash
+])
+def test_sdpa_gets_grouped_keys_only_where_a_fused_kernel_takes_them(monkeypatch, device, dtype,
+                                                                      masked, major, grouped):
+    """On CUDA only the flash kernel takes enable_gqa: any other grouped call fell silently to
+    the math kernel (every score in memory) in generation, masked or fp32 scoring, and all
+    pre-Ampere training."""
+    from types import SimpleNamespace
+
+    import architecture
+
+    def properties(device):
+        assert major is not None, "asked a CUDA question about a CPU tensor"
+        return SimpleNamespace(major=major)
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    assert architecture._sdpa_takes_gqa(torch.device(device), dtype, masked) is grouped
+
+
+@pytest.mark.parametrize("shape", ["llama", "gpt_bigcode"])  # grouped-query; multi-query
+def test_keys_repeated_to_the_query_heads_equal_grouped_attention(monkeypatch, shape):
+    """The path CUDA takes where flash cannot (keys and values repeated, no enable_gqa) gives what
+    grouped attention gives, masked and unmasked, and in the KV-cache decode."""
+    import architecture
+
+    model = _model(shape)
+    n_head = model.cfg.n_head
+    assert model.cfg.n_kv_head < n_head
+    idx = _ids(2, 20)
+    mask = torch.ones_like(idx, dtype=torch.bool)
+    mask[1, :6] = False  # left padding
+    with torch.no_grad():
+        grouped = [model(idx), model(idx, attention_mask=mask)]
+    grouped_out = model.generate(idx, 8, attention_mask=mask)
+    calls = _spy_sdpa(monkeypatch)
+    monkeypatch.setattr(architecture, "_sdpa_takes_gqa", lambda *args: False)
+    with torch.no_grad():
+        repeated = [model(idx), model(idx, attention_mask=mask)]
+    assert torch.equal(model.generate(idx, 8, attention_mask=mask), grouped_out)
+    assert calls and all(c["kv_heads"] == n_head and not c["gqa"] for c in calls)
+    for a, b in zip(grouped, repeated):
+        assert a.dtype == torch.float32 and (a - b).abs().max().item() < 1e-6
+
+
+def test_prefill_without_padding_attends_causally_to_the_prompt_alone(monkeypatch):
+    """A prompt without padding is prefilled with is_causal over its own keys, not a boolean mask
+    over the whole cache (which kept CUDA's prefill off flash); padded prompts keep the mask."""
+    model = _model("llama")
+    idx = _ids(2, 10)
+    calls = _spy_sdpa(monkeypatch)
+    n = model.cfg.n_layer
+    prefill = dict(q_len=10, kv_heads=2, k_len=10, masked=False, is_causal=True, gqa=True)
+    step = dict(q_len=1, kv_heads=2, k_len=13, masked=True, is_causal=False, gqa=True)
+    for mask in (None, torch.ones_like(idx, dtype=torch.bool)):
+        calls.clear()
+        model.generate(idx, 3, attention_mask=mask)
+        assert calls == [prefill] * n + [step] * 2 * n
+    mask = torch.ones_like(idx, dtype=torch.bool)
+    mask[0, :2] = False
+    calls.clear()
+    model.generate(idx, 3, attention_mask=mask)
+    assert calls[0] == dict(prefill, k_len=13, masked=True, is_causal=False)
+
+
 # ------------------------------------------------------------------------------ decoding
 
 def test_greedy_is_argmax_of_forward():

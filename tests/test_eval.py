@@ -1067,7 +1067,11 @@ def test_a_rerun_into_the_same_out_dir_evaluates_only_the_models_not_yet_saved(
     ("relabelled", "the models (labels, paths or weights)"),
     ("edited data", "the examples (the data changed)"),
     ("new metrics", "the metrics' definitions (codelm's version 1 there, 2 now)"),
-], ids=["limit", "seed", "retrained", "relabelled", "edited-data", "metrics-version"])
+    ("old fingerprints", "the models (labels, paths or weights; or only their fingerprints: an "
+                         "older codelm took these in the weights' own dtype, and they need not "
+                         "match this version's float64 ones)"),
+], ids=["limit", "seed", "retrained", "relabelled", "edited-data", "metrics-version",
+        "fingerprint-version"])
 def test_a_rerun_with_other_settings_models_or_data_is_refused_and_keeps_the_results(
         tiny_models, tmp_path, monkeypatch, capsys, change, differs):
     import json
@@ -1099,6 +1103,13 @@ def test_a_rerun_with_other_settings_models_or_data_is_refused_and_keeps_the_res
     elif change == "new metrics":  # results an earlier codelm wrote (no metrics_version)
         saved = json.loads(earlier["results.json"])
         del saved["metrics_version"]
+        earlier["results.json"] = json.dumps(saved)
+        (out / "results.json").write_text(earlier["results.json"])
+    elif change == "old fingerprints":  # an earlier codelm's, taken in bf16 (off by ~0.4%)
+        saved = json.loads(earlier["results.json"])
+        del saved["fingerprint_version"]
+        for model in saved["models"]:
+            model["weight_norms"] = [x * 1.004 for x in model["weight_norms"]]
         earlier["results.json"] = json.dumps(saved)
         (out / "results.json").write_text(earlier["results.json"])
     extra = change if isinstance(change, list) else []
@@ -1304,3 +1315,90 @@ def test_reference_loss_runs_without_autograd(tiny_models, monkeypatch):
     example = ev.TaskExample("r", "return 1", "def f():\n    ")
     ev.score_supervised(lm, [example], ev.EvalConfig(progress=False))
     assert grad_enabled == [False]
+
+
+def test_right_padded_scoring_passes_no_mask_and_scores_as_with_one(tiny_models, monkeypatch):
+    """score_lm and score_supervised batches are right-padded with -100 labels: a mask there
+    changes nothing but kept CUDA's SDPA off its fused causal kernels (flash)."""
+    import torch
+
+    import dataset
+
+    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    texts = [(tiny_models["code"] / f"module_{i}.py").read_text() for i in (1, 2)]
+    examples = [ev.TaskExample("a", "return 1", "def f():\n    "),
+                ev.TaskExample("b", "return self.balance + amount", "def deposit(self, amount):\n"
+                                                                      "    "),
+                ev.TaskExample("c", "x", "y = ")]
+    cfg = ev.EvalConfig(block_size=32, batch_size=4, lm_windows=None, progress=False)
+    masks: list = []
+    passed: list = []
+
+    def scores() -> tuple[dict, float]:
+        lm_scores = ev.score_lm(lm, texts, cfg)
+        assert not bool(masks[-1].all())  # the last window is short: padded
+        masks.clear()
+        supervised = ev.score_supervised(lm, examples, cfg)
+        assert not bool(masks[-1].all())
+        return lm_scores, supervised
+
+    real_collate, forward = dataset.collate, lm.model.forward
+
+    def collate(*args, **kwargs):
+        batch = real_collate(*args, **kwargs)
+        masks.append(batch["attention_mask"])
+        return batch
+
+    def spy(input_ids, attention_mask=None, **kwargs):
+        passed.append(attention_mask)
+        return forward(input_ids, attention_mask=attention_mask, **kwargs)
+
+    monkeypatch.setattr(dataset, "collate", collate)
+    monkeypatch.setattr(lm.model, "forward", spy)
+    without = scores()
+    assert passed and all(m is None for m in passed)
+
+    def masked(input_ids, attention_mask=None, **kwargs):  # what eval passed before
+        return forward(input_ids, attention_mask=masks[-1], **kwargs)
+
+    monkeypatch.setattr(lm.model, "forward", masked)
+    with_mask = scores()
+    for key in ("loss", "token_accuracy", "tokens"):
+        assert without[0][key] == pytest.approx(with_mask[0][key], rel=1e-6)
+    assert without[1] == pytest.approx(with_mask[1], rel=1e-6)
+
+
+def test_weight_fingerprint_tells_a_retrained_bf16_model_apart():
+    """GPUs load HF checkpoints in bf16: the fingerprint's norms rounded to bf16 (0.4% steps)
+    could not see a retrain in place (1% relative updates move a norm ~5e-5), so the old
+    model's results were reused. In float64 they differ, and they no longer depend on how the
+    fp32 sums were split between threads."""
+    import copy
+
+    import torch
+
+    from architecture import PRESETS, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(PRESETS["llama-14m"])
+    tuned = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            if p.dim() >= 2:
+                p.add_(torch.randn_like(p) * p.std() * 0.01)
+
+    def identity(m, dtype, threads=2):
+        torch.set_num_threads(threads)
+        lm = ev.LoadedModel(label="m", source="x", model=copy.deepcopy(m).to(dtype),
+                            tokenizer=None)
+        return ev._identity(lm)
+
+    threads = torch.get_num_threads()
+    try:
+        old, new = identity(model, torch.bfloat16), identity(tuned, torch.bfloat16)
+        assert not ev._same_models([old], [new])
+        assert ev._same_models([old], [identity(model, torch.bfloat16)])
+        assert ev._same_models([identity(model, torch.float32, threads=1)],
+                               [identity(model, torch.float32, threads=2)])
+    finally:
+        torch.set_num_threads(threads)
