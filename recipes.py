@@ -569,9 +569,13 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
     return report
 
 
-def loss_change(losses: Sequence[float]) -> tuple[float, float]:
-    """Mean training loss of the first and of the last (up to) three logged steps."""
-    k = min(3, len(losses))
+def loss_change(losses: Sequence[float]) -> tuple[float, float] | None:
+    """Mean training loss of the first and of the last (up to) three logged steps, windows that
+    never share a step (overlapping ones compare a loss with itself); None: fewer than two
+    logged steps, nothing to compare."""
+    k = min(3, len(losses) // 2)
+    if k == 0:
+        return None
     return sum(losses[:k]) / k, sum(losses[-k:]) / k
 
 
@@ -582,9 +586,10 @@ def smoke_problems(report: RecipeResult) -> list[str]:
     """What makes a smoke run fail: a loss that did not fall, an adapter that does not load back
     to what the merged export computes."""
     problems = []
-    first, last = loss_change(report.losses)
-    if not last < first:
-        problems.append(f"the training loss did not decrease ({first:.4f} -> {last:.4f})")
+    change = loss_change(report.losses)  # None (one logged step): not checked, said by summary
+    if change is not None and not change[1] < change[0]:
+        problems.append(f"the training loss did not decrease ({change[0]:.4f} -> "
+                        f"{change[1]:.4f})")
     if report.adapter_max_diff is not None and report.adapter_max_diff > ROUND_TRIP_TOLERANCE:
         problems.append(f"base + saved adapter and the merged export differ by "
                         f"{report.adapter_max_diff:.2e} (tolerance {ROUND_TRIP_TOLERANCE})")
@@ -597,10 +602,16 @@ def summary(report: RecipeResult) -> str:
     if report.train.interrupted:
         lines.append(f"interrupted ({report.train.interrupted}) at step {report.train.step}: "
                      f"continue with {resume_hint(report.smoke)}")
-    if report.losses:
-        first, last = loss_change(report.losses)
+    if report.train.stopped_by_budget:
+        lines.append(f"time budget (train.max_time_s) reached at step {report.train.step}: the "
+                     f"run is not finished; continue with {resume_hint(report.smoke)}")
+    if change := loss_change(report.losses):
+        first, last = change
         lines.append(f"training loss (first vs last steps): {first:.4f} -> {last:.4f} "
                      f"({'decreased' if last < first else 'DID NOT DECREASE'})")
+    elif report.losses:
+        lines.append(f"training loss: too few logged steps ({len(report.losses)}) to compare "
+                     "the first with the last")
     if report.train.best_val_loss is not None:
         lines.append(f"best validation loss {report.train.best_val_loss:.4f} at step "
                      f"{report.train.best_step}")
@@ -643,8 +654,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(e, TrainedRunInterrupted):
             print(f"interrupted: training is complete and saved in {e.run_dir}; finish the "
                   f"evaluation with {resume_hint(opts.smoke)}", file=sys.stderr)
-        else:
-            print(f"interrupted: continue with {resume_hint(opts.smoke)}", file=sys.stderr)
+        elif isinstance(e, tm.RunInterrupted) and e.resume is not None:
+            print(f"interrupted: continue with {e.resume}", file=sys.stderr)
+        else:  # before training, or before its first checkpoint: no run to resume
+            print("interrupted before the first checkpoint: nothing to resume; run the same "
+                  "command again", file=sys.stderr)
         return cliconfig.interrupted_exit_code(e)
     print(summary(report))
     if report.train.interrupted:

@@ -415,25 +415,35 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device | None = None) -> dict:
+    """This process's RNG state; on a CUDA ``device``, that GPU's generator only (the one its
+    dropout draws from): the state of every visible GPU would not restore where fewer are."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
         "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    """Restore ``rng_state``; the CUDA generator only on a CUDA ``device``. An older
+    checkpoint's list (one state per GPU the saving process saw) gives the device's entry."""
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or device is None or device.type != "cuda":
+        return
+    if isinstance(cuda, (list, tuple)):
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def _python_state_to_tuple(state: dict) -> dict:
@@ -558,7 +568,10 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [device.index] if device.type == "cuda" else None
-            model = DistributedDataParallel(model, device_ids=ids)
+            # Every buffer (rotary frequencies, LoRA row maps, a quantized base) is computed from
+            # the config and the weights, alike on every rank and never trained: re-broadcasting
+            # them before each forward (DDP's default) would send the whole QLoRA base each time.
+            model = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
         self.model = model
 
     def _to_device(self, batch: dict) -> dict:
@@ -1081,8 +1094,12 @@ def check_resume_config(cfg: TrainConfig, run_dir: Path, resume_hint: str) -> di
             values[key] = _map_paths(key, values.get(key), lambda p: p.expanduser().resolve())
         compared.append(values)
     fixed = [k for k in now if k not in ("name", "out_dir", "resume", *RESUME_MAY_CHANGE)]
+    # precision "auto" names a precision only with a device: what it computes in is checked
+    # against the checkpoint's record instead (_Run._check_precision), so that --precision X
+    # may pin the precision an "auto" run trained in.
     changed = [f"{k}={saved[k]!r} (now {now[k]!r})" for k in fixed
-               if k in saved and compared[0][k] != compared[1][k]]
+               if k in saved and compared[0][k] != compared[1][k]
+               and not (k == "precision" and "auto" in (saved[k], now[k]))]
     if changed:
         raise ValueError(
             f"{source}: the run was trained with other settings: {'; '.join(changed)}. A "
@@ -1221,11 +1238,22 @@ class TrainResult:
     val_metrics: dict | None = None  # of the last evaluation
     interrupted: str | None = None  # the signal that stopped the run (it can be resumed)
     early_stopped: bool = False
+    stopped_by_budget: bool = False  # max_time_s ended it before its last step (it can be resumed)
     export_dir: Path | None = None
     sample: str | None = None
 
 
 STOP_SIGNALS = ("SIGINT", "SIGTERM")
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM raised out of ``train`` (a signal outside the step loop, or a second
+    one), saying what is left: ``resume`` is how to continue the run from its checkpoint, or
+    None when it had written none (nothing to resume: the same command starts it again)."""
+
+    def __init__(self, stop: KeyboardInterrupt, resume: str | None):
+        super().__init__(*stop.args)  # the signal's name, for cliconfig.interrupted_exit_code
+        self.resume = resume
 
 
 class _StopSignals:
@@ -1414,10 +1442,18 @@ class _Run:
         self._lock: int | None = None
         try:
             self._build()
-        except BaseException:
+        except BaseException as e:
             self._drop_unused_dir()
             self.release()
+            if isinstance(e, KeyboardInterrupt) and not isinstance(e, RunInterrupted):
+                raise self.interrupted(e) from None
             raise
+
+    def interrupted(self, stop: KeyboardInterrupt) -> RunInterrupted:
+        """``stop`` saying whether a checkpoint of this run is there to continue from."""
+        run_dir = getattr(self, "run_dir", None)
+        saved = run_dir is not None and bool(list_checkpoints(run_dir))
+        return RunInterrupted(stop, self.resume_hint(run_dir) if saved else None)
 
     def _drop_unused_dir(self) -> None:
         """A run that failed before writing anything (a bad path or setting) leaves no
@@ -1442,6 +1478,7 @@ class _Run:
         saved = None
         if cfg.resume and self.has_weights:
             saved = check_resume_config(cfg, self.run_dir, self.resume_hint(self.run_dir))
+        self._trained_precision = saved.get("precision") if saved else None  # the setting
         if saved is None:
             cfg = with_absolute_paths(cfg)
         else:
@@ -1665,6 +1702,7 @@ class _Run:
                 f"{per_process * writers} to {per_process * self.dist.world} examples a step, "
                 f"and its random streams could not continue; resume it on {writers} "
                 "process(es)")
+        self._check_precision(path, state["progress"])
         self.trainer.load_state_dict(state)
         progress = state["progress"]
         self.order.load_state_dict(progress["order"])
@@ -1677,9 +1715,51 @@ class _Run:
         self.train_loss = progress.get("train_loss")  # absent from older checkpoints
         self.stop_ref = progress.get("stop_ref", self.best_val_loss)  # likewise
         self.last_saved_step = self.step
-        set_rng_state(_python_state_to_tuple(state["rng"][self.dist.rank]))
+        set_rng_state(_python_state_to_tuple(state["rng"][self.dist.rank]), self.device)
+        self._check_length()
         if self.main:
             print(f"resumed {self.run_dir} from {path.name} (step {self.step})")
+
+    def _check_precision(self, path: Path, progress: dict) -> None:
+        """A resume computes in the precision its run trained in (precision is not one of
+        RESUME_MAY_CHANGE): "auto" resolved on another device (a bf16 run resumed on a T4 or on
+        the CPU) would switch it silently. --precision X may pin the precision "auto" gave."""
+        cfg, now = self.cfg, self.trainer.precision
+        trained = progress.get("precision")
+        if trained is None:  # an earlier codelm's checkpoint: only its setting is known
+            if self._trained_precision in (None, cfg.precision):
+                return
+            raise ValueError(f"{path}: the run was trained with precision="
+                             f"{self._trained_precision!r} (now {cfg.precision!r}) and its "
+                             "checkpoint does not record what that computed in: a resume keeps "
+                             f"the run's precision; drop --precision {cfg.precision}")
+        if trained == now:
+            return
+        keep = f"Pass --precision {trained} to keep it on {self.device}"
+        if (trained == "bf16" and self.device.type == "cuda"
+                and cuda_half_dtype(self.device) != torch.bfloat16):
+            keep = ("This GPU has no native bf16: resume on one that has, or on the CPU with "
+                    "--precision bf16")
+        raise ValueError(
+            f"{path}: the run trained in {trained}, but --precision {cfg.precision} computes in "
+            f"{now} on {self.device}: a resume keeps the precision its run trained in. {keep}, "
+            f"or resume where --precision auto gives {trained} (bf16 on GPUs with native bf16, "
+            "fp16 on older ones, fp32 on the CPU); a change of precision needs a new run "
+            "(another --name)")
+
+    def _check_length(self) -> None:
+        """A resume can only extend its run: a length below the checkpoint's step trained
+        nothing, yet config.json recorded it as the run's (refused before any write)."""
+        cfg = self.cfg
+        if self.step <= self.max_steps:
+            return
+        if cfg.epochs is None:
+            raise ValueError(f"TrainConfig.max_steps={cfg.max_steps}: below the step of the "
+                             f"checkpoint it resumes from ({self.step}); a resume can only extend "
+                             f"its run: pass --max-steps {self.step} or more")
+        raise ValueError(f"TrainConfig.epochs={cfg.epochs:g}: {self.max_steps} step(s), below the "
+                         f"step of the checkpoint it resumes from ({self.step}); a resume can "
+                         "only extend its run: pass a larger --epochs")
 
     # -- data --------------------------------------------------------------------------------
 
@@ -1722,11 +1802,12 @@ class _Run:
             "last_eval_step": self.last_eval_step,
             "train_loss": self.train_loss,
             "stop_ref": self.stop_ref,
+            "precision": self.trainer.precision,  # what "auto" resolved to (_check_precision)
         }
 
     def save(self) -> None:
         """Checkpoint this step (collective: every rank contributes its RNG state)."""
-        rng = _gather(rng_state(), self.dist)
+        rng = _gather(rng_state(self.device), self.dist)
         with _main_first(self.dist):  # the others wait for the write, and stop if it fails
             if self.main:
                 root = self.run_dir / "checkpoints"
@@ -1834,6 +1915,17 @@ class _Run:
             return signals.reason or "SIGTERM"
         return "time budget" if flags[1] else None
 
+    def _log_step(self, log: _RunLog, bar, stats: StepStats, tok_s: float) -> None:
+        """The train line of this step (metrics.jsonl, TensorBoard) and the progress bar's."""
+        values = {"loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
+                  "tokens_per_s": tok_s, "tokens_seen": self.tokens_seen,
+                  "memory_mb": _memory_mb(self.device)}
+        if self.trainer.scaler.is_enabled():
+            values["loss_scale"] = self.trainer.scaler.get_scale()
+        log.write(self.step, "train", values)
+        bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}", tok_s=f"{tok_s:.0f}",
+                        refresh=False)
+
     def execute(self, on_eval) -> TrainResult:
         cfg, trainer = self.cfg, self.trainer
         log = _RunLog(self.run_dir, self.main, self.step if cfg.resume else None)
@@ -1869,18 +1961,14 @@ class _Run:
                 window_tokens += stats.tokens
                 self.train_loss = stats.loss
                 bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == 1:
-                    now = time.perf_counter()
-                    tok_s = window_tokens / max(now - window_start, 1e-9)
+                now = time.perf_counter()
+                tok_s = window_tokens / max(now - window_start, 1e-9)
+                # The run's last step is always logged, as its last point: the final one here,
+                # one that stops the run early below.
+                logged = self.step % cfg.log_every == 0 or self.step in (1, self.max_steps)
+                if logged:
+                    self._log_step(log, bar, stats, tok_s)
                     window_start, window_tokens = now, 0
-                    values = {"loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
-                              "tokens_per_s": tok_s, "tokens_seen": self.tokens_seen,
-                              "memory_mb": _memory_mb(self.device)}
-                    if trainer.scaler.is_enabled():
-                        values["loss_scale"] = trainer.scaler.get_scale()
-                    log.write(self.step, "train", values)
-                    bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}",
-                                    tok_s=f"{tok_s:.0f}", refresh=False)
                 memorised = cfg.overfit_batches > 0 and stats.loss < OVERFIT_LOSS
                 paused = time.perf_counter()  # evaluation and saving are not training time
                 if (self.step % cfg.eval_every == 0 and self.step >= cfg.warmup_steps) or (
@@ -1889,12 +1977,17 @@ class _Run:
                     if cfg.early_stop_patience and self.evals_since_best >= cfg.early_stop_patience:
                         result.early_stopped = True
                 stop = self._stop_requested(signals, started)
-                if (self.step % save_every == 0 or stop or result.early_stopped or memorised) and (
-                        self.last_saved_step != self.step):
+                ends = bool(stop or result.early_stopped or memorised)
+                if ends and not logged:  # after its evaluation's line, if it had one
+                    self._log_step(log, bar, stats, tok_s)
+                if (self.step % save_every == 0 or ends) and self.last_saved_step != self.step:
                     self.save()
-                if stop or result.early_stopped or memorised:
+                if ends:
                     break
                 window_start += time.perf_counter() - paused
+            # The budget ends the run as it would end (evaluation, checkpoint, export of the best
+            # weights so far, which eval.py can score now), but says that it is not finished.
+            result.stopped_by_budget = stop == "time budget" and self.step < self.max_steps
             if stop not in STOP_SIGNALS:
                 if self.last_eval_step != self.step:
                     metrics = self._evaluate(log, on_eval)
@@ -1913,6 +2006,12 @@ class _Run:
                 elif self.main:
                     print(f"\n{stop}: checkpoint saved at step {self.step}; continue with "
                           f"{self.resume_hint(self.run_dir)}")
+            elif result.stopped_by_budget and self.main:
+                exported = ("" if result.export_dir is None else
+                            f"; export/ holds its best weights so far (step {self.best_step})")
+                print(f"time budget (--max-time-s {cfg.max_time_s:g}) reached at step "
+                      f"{self.step}/{self.max_steps}: the run is not finished; checkpoint saved"
+                      f"{exported}; continue with {self.resume_hint(self.run_dir)}")
         finally:
             bar.close()
             log.close()
@@ -2001,6 +2100,8 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
         run = _Run(cfg, dist, resume_hint)
         try:
             return run.execute(on_eval)
+        except KeyboardInterrupt as stop:  # a second signal: the step loop's checkpoint is skipped
+            raise run.interrupted(stop) from None
         finally:
             run.release()
             del run
@@ -2226,6 +2327,14 @@ def check_max_steps_flag(cfg: TrainConfig, typed: set[str], source: str,
                      f"change it), or drop it with {clear} to count max_steps")
 
 
+def interrupted_message(stop: KeyboardInterrupt) -> str:
+    """What an interrupt outside the step loop leaves: a checkpoint to resume (the run's own
+    directory named), or nothing (before the first checkpoint, or --overfit, which saves none)."""
+    if isinstance(stop, RunInterrupted) and stop.resume is not None:
+        return f"interrupted; the checkpoints written are kept: continue with {stop.resume}"
+    return "interrupted before the first checkpoint: nothing to resume; run the same command again"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         with cliconfig.interrupt_on_sigterm():  # outside the step loop: data, tokenizer, export
@@ -2244,8 +2353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return report_run_error(e)
     except KeyboardInterrupt as stop:
         if _is_rank_zero():
-            print("interrupted; checkpoints already written are kept (--resume RUN_DIR "
-                  "continues)", file=sys.stderr)
+            print(interrupted_message(stop), file=sys.stderr)
         return cliconfig.interrupted_exit_code(stop)
     if result.interrupted:
         return cliconfig.interrupted_exit_code(result.interrupted)

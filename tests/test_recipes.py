@@ -515,3 +515,54 @@ def test_smoke_never_replaces_a_run_it_did_not_write(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{real} holds a run that --smoke did not write" in err and err.count("\n") == 1
     assert (real / "config.json").is_file()
+
+
+def test_loss_change_never_compares_a_window_with_itself(tmp_path):
+    """The first and last three logged losses overlapped below six points: with two, both
+    windows were the same list, and a loss that fell read "DID NOT DECREASE" (a smoke run of
+    one step failed so). Windows never share a step now; one logged step compares nothing."""
+    assert recipes.loss_change([7.96, 7.5]) == (7.96, 7.5)
+    assert recipes.loss_change([5.0, 4.0, 3.0, 2.0, 1.0]) == (4.5, 1.5)
+    assert recipes.loss_change([6.0, 5.0, 4.0, 3.0, 2.0, 1.0]) == (5.0, 2.0)
+    assert recipes.loss_change([7.7]) is None and recipes.loss_change([]) is None
+    report = recipes.RecipeResult(tmp_path, tm.TrainResult(tmp_path, None, 2), None, None,
+                                  [7.96, 7.5], smoke=True)
+    assert "7.9600 -> 7.5000 (decreased)" in recipes.summary(report)
+    assert recipes.smoke_problems(report) == []
+    report.losses = [7.7]
+    assert "training loss: too few logged steps (1) to compare" in recipes.summary(report)
+    assert recipes.smoke_problems(report) == []
+    report.losses = [7.5, 7.5]
+    assert recipes.smoke_problems(report) == [
+        "the training loss did not decrease (7.5000 -> 7.5000)"]
+
+
+def test_a_budget_stop_and_an_early_interrupt_say_what_is_left(tmp_path, capsys, monkeypatch):
+    """A run its time budget stopped looked finished; Ctrl-C before the first checkpoint
+    said to --resume a run that did not exist."""
+    train = tm.TrainResult(tmp_path, 5.0, 41, best_step=41, stopped_by_budget=True)
+    report = recipes.RecipeResult(tmp_path, train, None, None, [9.0, 8.0])
+    assert ("time budget (train.max_time_s) reached at step 41: the run is not finished; "
+            "continue with the same recipes.py command plus --resume") in recipes.summary(report)
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.py").write_text("x = 1\n")
+    recipe = tmp_path / "tiny.json"
+    recipe.write_text(json.dumps({"train": {"preset": "tiny", "data": [str(data)],
+                                            "name": "tiny"}, "eval": {"tasks": ["lm"]}}))
+    flags = [str(recipe), "--out-dir", str(tmp_path / "runs"), "--no-progress"]
+    stops = [KeyboardInterrupt(), tm.RunInterrupted(KeyboardInterrupt("SIGTERM"), None),
+             tm.RunInterrupted(KeyboardInterrupt("SIGTERM"), recipes.resume_hint(False))]
+
+    def train(cfg, resume_hint=None):
+        raise stops.pop(0)
+
+    monkeypatch.setattr(tm, "train", train)
+    nothing = ("interrupted before the first checkpoint: nothing to resume; run the same command "
+               "again\n")
+    assert recipes.main(flags) == 130 and capsys.readouterr().err == nothing
+    assert recipes.main(flags) == 143 and capsys.readouterr().err == nothing
+    assert recipes.main(flags) == 143
+    assert capsys.readouterr().err == (
+        "interrupted: continue with the same recipes.py command plus --resume\n")

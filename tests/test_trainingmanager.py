@@ -1196,7 +1196,7 @@ def test_a_stop_outside_the_step_loop_exits_with_the_signals_code(assets, tmp_pa
     config = _tiny_config_file(assets, tmp_path)
     monkeypatch.setattr(tm, "load_or_train_tokenizer", killed)
     assert tm.main(["--config", config]) == 143
-    assert "interrupted; checkpoints already written are kept" in capsys.readouterr().err
+    assert "interrupted before the first checkpoint: nothing to resume" in capsys.readouterr().err
     monkeypatch.setattr(tm, "load_or_train_tokenizer", ctrl_c)
     assert tm.main(["--config", config]) == 130
 
@@ -1752,3 +1752,241 @@ def test_resume_refuses_a_name_or_out_dir_of_another_run(assets, tmp_path, capsy
     assert tm.main(["--resume", f"{run}/", "--name", "run", "--out-dir",
                     os.path.relpath(run.parent), "--max-steps", "4"]) == 0
     assert tm.list_checkpoints(run)[-1].name == "step-4"
+
+
+# --------------------------------------------------------------------------------------------
+# Review fixes (rev11): the last step logged, honest interrupt and budget messages, a resume's
+# length and precision, the CUDA RNG of one device, DDP without buffer broadcasts
+# --------------------------------------------------------------------------------------------
+
+
+def _train_steps(run_dir: Path) -> list[int]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [m["step"] for m in map(json.loads, lines) if m["kind"] == "train"]
+
+
+def _train_losses(run_dir: Path) -> dict[int, float]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return {m["step"]: m["loss"] for m in map(json.loads, lines) if m["kind"] == "train"}
+
+
+def test_the_last_step_is_logged_whatever_ends_the_run(assets, tmp_path, monkeypatch):
+    """Only steps divisible by log_every (and step 1) were logged: a 15-step run at log_every
+    10 lost the loss of steps 11-15, and recipes compared step 1 with itself. The final step,
+    and a step a stop signal ends the run at, are logged; the resume adds no second line for
+    it and stays bit-exact."""
+    import signal
+
+    common = dict(max_steps=9, log_every=5, dropout=0.1)
+    straight = tm.train(tiny_cfg(assets, tmp_path, name="straight", **common))
+    assert _train_steps(straight.run_dir) == [1, 5, 9]
+
+    original, calls = tm.Trainer.train_step, [0]
+
+    def train_step(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(tm.Trainer, "train_step", train_step)
+    cfg = tiny_cfg(assets, tmp_path, name="stopped", **common)
+    assert tm.train(cfg).interrupted == "SIGTERM"
+    run = Path(cfg.out_dir) / "stopped"
+    assert _train_steps(run) == [1, 5, 6]
+    monkeypatch.setattr(tm.Trainer, "train_step", original)
+    tm.train(dataclasses.replace(cfg, resume=str(run)))
+    assert _train_steps(run) == [1, 5, 6, 9]
+    losses, reference = _train_losses(run), _train_losses(straight.run_dir)
+    assert all(losses[step] == reference[step] for step in (1, 5, 9))
+    assert_bit_equal(final_weights(straight.run_dir, 9), final_weights(run, 9))
+
+
+def test_an_interrupt_outside_the_step_loop_says_what_is_left_to_resume(assets, tmp_path,
+                                                                        capsys, monkeypatch):
+    """Every interrupt outside the step loop said "checkpoints already written are kept
+    (--resume RUN_DIR continues)": before the run directory existed (nothing to resume), and
+    under --overfit (which writes none). Now: nothing to resume, or the run's own directory."""
+    import dataset
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    config = _tiny_config_file(assets, tmp_path, max_steps=4)
+    run = tmp_path / "runs" / "run"
+    nothing = "interrupted before the first checkpoint: nothing to resume; run the same command "
+    prepare = dataset.prepare
+    monkeypatch.setattr(dataset, "prepare", ctrl_c)  # Ctrl-C while the data is tokenized
+    assert tm.main(["--config", config]) == 130
+    assert capsys.readouterr().err == nothing + "again\n"
+    assert not run.exists()
+    monkeypatch.setattr(dataset, "prepare", prepare)
+    assert tm.main(["--config", config]) == 0
+
+    monkeypatch.setattr(dataset, "prepare", ctrl_c)  # a resume's: the run's checkpoints are kept
+    assert tm.main(["--resume", str(run), "--max-steps", "8"]) == 130
+    kept = f"interrupted; the checkpoints written are kept: continue with --resume {run}\n"
+    assert capsys.readouterr().err == kept
+    monkeypatch.setattr(dataset, "prepare", prepare)
+
+    original, calls = tm.Trainer.train_step, [0]
+
+    def second_signal(self, *args, **kwargs):  # a second SIGTERM stops at once, mid-step
+        calls[0] += 1
+        if calls[0] == 2:
+            raise KeyboardInterrupt("SIGTERM")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(tm.Trainer, "train_step", second_signal)
+    assert tm.main(["--resume", str(run), "--max-steps", "8"]) == 143
+    assert capsys.readouterr().err == kept
+    monkeypatch.setattr(tm, "run_overfit", ctrl_c)
+    assert tm.main(["--overfit", "--no-progress"]) == 130
+    assert capsys.readouterr().err == nothing + "again\n"
+
+
+def test_resume_refuses_a_length_below_its_checkpoint(assets, tmp_path, capsys):
+    """--resume RUN --max-steps 5 on a checkpoint at step 8 trained nothing, exited 0 and wrote
+    max_steps 5 into config.json. Refused now, naming the key, before anything is written;
+    the checkpoint's own length still ends the run (no second line for its last step)."""
+    config = _tiny_config_file(assets, tmp_path, max_steps=8)
+    assert tm.main(["--config", config]) == 0
+    run = tmp_path / "runs" / "run"
+    kept = {p: p.read_bytes() for p in (run / "config.json", run / "metrics.jsonl")}
+    capsys.readouterr()
+    assert tm.main(["--resume", str(run), "--max-steps", "5"]) == 2
+    assert capsys.readouterr().err == (
+        "error: TrainConfig.max_steps=5: below the step of the checkpoint it resumes from (8); "
+        "a resume can only extend its run: pass --max-steps 8 or more\n")
+    assert tm.main(["--resume", str(run), "--epochs", "0.001"]) == 2
+    err = capsys.readouterr().err
+    assert "TrainConfig.epochs=0.001: " in err and "below the step of the checkpoint it " in err
+    assert "pass a larger --epochs" in err
+    assert all(p.read_bytes() == data for p, data in kept.items())
+    assert tm.main(["--resume", str(run), "--max-steps", "8"]) == 0
+    assert _train_steps(run) == list(range(1, 9))
+
+
+def test_a_time_budget_stop_says_the_run_is_not_finished(assets, tmp_path, monkeypatch, capsys):
+    """--max-time-s ended a run like a finished one: exit 0, no word of the steps left, an
+    export as if final. The export of the best weights so far is kept (eval.py can score it;
+    a resume exports again at its end), but the run says it is not finished, and TrainResult
+    records it. On a fake clock each step takes 1 s."""
+    import types
+
+    now = [0.0]
+    monkeypatch.setattr(tm, "time", types.SimpleNamespace(perf_counter=lambda: now[0],
+                                                          strftime=lambda fmt: "x"))
+    original = tm.Trainer.train_step
+
+    def timed(self, *args, **kwargs):
+        now[0] += 1.0
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(tm.Trainer, "train_step", timed)
+    cfg = tiny_cfg(assets, tmp_path, log_every=5, max_time_s=2.5, export=True)
+    result = tm.train(cfg)
+    run = Path(cfg.out_dir) / "run"
+    assert result.stopped_by_budget and result.step == 3 and result.interrupted is None
+    assert (
+        f"time budget (--max-time-s 2.5) reached at step 3/12: the run is not finished; "
+        f"checkpoint saved; export/ holds its best weights so far (step 3); continue with "
+        f"--resume {run}") in capsys.readouterr().out
+    assert _train_steps(run) == [1, 3] and tm.list_checkpoints(run)[-1].name == "step-3"
+    resumed = tm.train(dataclasses.replace(cfg, resume=str(run), max_time_s=None))
+    assert not resumed.stopped_by_budget and resumed.step == 12
+    assert _train_steps(run) == [1, 3, 5, 10, 12]
+    assert "time budget" not in capsys.readouterr().out
+
+
+def _simulated_gpus(monkeypatch, count: int) -> tuple[torch.Generator, ...]:
+    """torch.cuda's own RNG functions on a machine with ``count`` GPUs: CPU generators stand in
+    for the GPUs' (their states are alike ByteTensors), the CUDA initialisation is skipped."""
+    generators = tuple(torch.Generator().manual_seed(100 + i) for i in range(count))
+    monkeypatch.setattr(torch.cuda, "default_generators", generators)
+    monkeypatch.setattr(torch.cuda.random, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda.random, "_lazy_init", lambda: None)
+    monkeypatch.setattr(torch.cuda.random, "_lazy_call", lambda cb, **kwargs: cb())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    return generators
+
+
+def test_checkpoints_hold_the_training_gpus_rng_and_resume_where_fewer_are_visible(
+        monkeypatch):
+    """Every visible GPU's generator was saved (8 on an 8-GPU node) and all restored: resuming
+    with fewer visible raised IndexError. Only the training GPU's is saved now, and an older
+    checkpoint's list gives that GPU's entry."""
+    gpus = _simulated_gpus(monkeypatch, 8)
+    state = tm.rng_state(torch.device("cuda", 1))
+    assert torch.equal(state["cuda"], gpus[1].get_state())
+    assert "cuda" not in tm.rng_state(torch.device("cpu"))
+    older = {**state, "cuda": torch.cuda.get_rng_state_all()}  # as an older codelm saved it
+
+    gpus = _simulated_gpus(monkeypatch, 1)  # resumed with CUDA_VISIBLE_DEVICES=0
+    tm.set_rng_state(older, torch.device("cuda", 0))
+    assert torch.equal(gpus[0].get_state(), older["cuda"][0])
+    gpus = _simulated_gpus(monkeypatch, 2)
+    untouched = gpus[1].get_state()
+    tm.set_rng_state(state, torch.device("cuda", 0))
+    assert torch.equal(gpus[0].get_state(), state["cuda"])
+    assert torch.equal(gpus[1].get_state(), untouched)
+
+
+def test_ddp_broadcasts_no_buffers_which_every_rank_computes_alike(tmp_path, monkeypatch):
+    """DDP's default broadcast_buffers=True sent every buffer before each forward: under QLoRA
+    the whole quantized base. Every buffer (rotary frequencies, LoRA row maps, the quantized
+    base) is computed from the config and the weights, so each rank's copy is the same and
+    training never changes it: the broadcast is turned off."""
+    import types
+
+    import torch.nn.parallel
+
+    built: dict = {}
+
+    class Recorded(torch.nn.Module):
+        def __init__(self, module, **kwargs):
+            super().__init__()
+            self.module = module
+            built.update(kwargs)
+
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", Recorded)
+    cfg = tm.TrainConfig(init_from=str(tiny_llama(tmp_path)), lora_r=4, quantize_bits=4,
+                         block_size=16)
+    models = [tm.build_model(cfg, types.SimpleNamespace(vocab_size=8)) for _ in range(2)]
+    buffers = [dict(m.named_buffers()) for m in models]
+    assert {n.rsplit(".", 1)[-1].split("_")[0] for n in buffers[0]} == {
+        "inv", "rows", "order", "qweight", "scale", "pairs"}
+    assert_bit_equal(buffers[0], buffers[1])  # two ranks build the same buffers
+    before = {n: b.clone() for n, b in buffers[0].items()}
+    trainer = tm.Trainer(models[0], cfg, torch.device("cpu"), tm.Dist(rank=0, world=2))
+    assert isinstance(trainer.model, Recorded) and built["broadcast_buffers"] is False
+    ids = torch.randint(0, 64, (2, 16))
+    trainer.raw_model(ids).float().mean().backward()
+    trainer.optimizer.step()
+    assert_bit_equal(before, dict(trainer.raw_model.named_buffers()))
+
+
+def test_a_resume_keeps_the_precision_auto_trained_in(assets, tmp_path, monkeypatch, capsys):
+    """precision "auto" was resolved again on resume: a bf16 run resumed on a T4 trained on in
+    fp16, on the CPU in fp32, silently. The checkpoint records what it trained in; another
+    precision is refused, naming --precision and the device, and --precision X keeps X."""
+    resolve = tm._resolve_precision
+    monkeypatch.setattr(tm, "_resolve_precision",  # "auto" on a GPU with native bf16
+                        lambda precision, device: "bf16" if precision == "auto"
+                        else resolve(precision, device))
+    assert tm.main(["--config", _tiny_config_file(assets, tmp_path, max_steps=4)]) == 0
+    run = tmp_path / "runs" / "run"
+    monkeypatch.setattr(tm, "_resolve_precision", resolve)  # resumed on the CPU: fp32
+    saved = (run / "config.json").read_bytes()
+    capsys.readouterr()
+    assert tm.main(["--resume", str(run), "--max-steps", "6"]) == 2
+    err = capsys.readouterr().err
+    assert "step-4: the run trained in bf16, but --precision auto computes in fp32 on cpu" in err
+    assert "Pass --precision bf16 to keep it on cpu" in err and err.count("\n") == 1
+    assert tm.main(["--resume", str(run), "--max-steps", "6", "--precision", "fp16"]) == 2
+    assert "--precision fp16 computes in fp16 on cpu" in capsys.readouterr().err
+    assert (run / "config.json").read_bytes() == saved
+    assert tm.main(["--resume", str(run), "--max-steps", "6", "--precision", "bf16"]) == 0
+    assert json.loads((run / "config.json").read_text())["precision"] == "bf16"
+    state = torch.load(run / "checkpoints" / "step-6" / tm.STATE_FILE, weights_only=True)
+    assert state["progress"]["precision"] == "bf16"
