@@ -370,7 +370,11 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, cfg.qkv_size, bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.attn_proj_bias)
 
-    def forward(self, x, rope, mask, slots, cache: LayerCache | None = None):
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                mask: torch.Tensor | None, slots: torch.Tensor | None,
+                cache: LayerCache | None = None) -> torch.Tensor:
+        """``rope``: (cos, sin), None without rotary positions; ``mask``: SDPA's boolean mask,
+        None for plain causal attention; ``slots``: where ``cache`` takes this step's keys."""
         cfg = self.cfg
         B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, cfg.n_head + 2 * cfg.n_kv_head, cfg.head_dim)
@@ -427,7 +431,10 @@ class Block(nn.Module):
         # p read live from the shared cfg, so `model.cfg.dropout = p` retunes a loaded model.
         return dropout(x, self.cfg.dropout, self.training)
 
-    def forward(self, x, rope, mask, slots, cache: LayerCache | None = None):
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                mask: torch.Tensor | None, slots: torch.Tensor | None,
+                cache: LayerCache | None = None) -> torch.Tensor:
+        """The arguments are ``Attention.forward``'s."""
         h = self.norm_1(x)
         a = self.drop(self.attn(h, rope, mask, slots, cache))
         if self.norm_2 is None:

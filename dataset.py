@@ -45,6 +45,8 @@ from scraping.common import decode_source, has_extension, source_files
 from tokenizer import (
     ENCODING_VERSION,
     PYTHON_PARSE_ERRORS,
+    BPETokenizer,
+    CodeTokenizer,
     docstring_statement,
     is_utf8,
     source_lines,
@@ -1252,7 +1254,7 @@ def _token_dtype(tokenizer) -> str:
     return "uint16" if tokenizer.vocab_size <= 65536 else "uint32"
 
 
-def prompt_prefix(tokenizer, task: str | None) -> list[int]:
+def prompt_prefix(tokenizer: CodeTokenizer | BPETokenizer, task: str | None) -> list[int]:
     """The ids before a prompt, as the model saw text in training: the lm task packs files after
     an EOS; supervised examples (and base checkpoints, ``task`` None) start bare."""
     return [tokenizer.eos_id] if task == "lm" and tokenizer.eos_id is not None else []
@@ -1312,7 +1314,10 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def tokenize_examples(
-    examples: list[Example], tokenizer, cfg: DataConfig, desc: str
+    examples: list[Example],
+    tokenizer: CodeTokenizer | BPETokenizer,
+    cfg: DataConfig,
+    desc: str,
 ) -> list[tuple[list[int], list[int], tuple[int, int]]]:
     """(prompt ids, completion ids, the span of the body in the prompt) of each example. A body
     with a token budget (docstring code) is tokenized apart, to be cut; a prompt whose body has
@@ -1499,7 +1504,9 @@ def _open_task(path: Path, meta: dict, cfg: DataConfig, tokenizer, cache_hit: bo
     )
 
 
-def prepare(cfg: DataConfig, tokenizer=None) -> PreparedData:
+def prepare(
+    cfg: DataConfig, tokenizer: CodeTokenizer | BPETokenizer | None = None
+) -> PreparedData:
     """Build (or load from cache) the three splits of ``cfg.task``.
 
     ``tokenizer=None`` returns the cleaned split texts (train a from-scratch tokenizer on

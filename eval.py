@@ -49,12 +49,17 @@ from collections.abc import Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
 
 import cliconfig
 from sandbox import MIN_MEMORY_MB, SandboxConfig, SandboxResult, kill_running, run_python
+
+if TYPE_CHECKING:  # annotations only: eval loads dataset and tokenizer where a task needs them
+    from dataset import DataConfig, Doc
+    from tokenizer import BPETokenizer, CodeTokenizer
 
 # --------------------------------------------------------------------------------------------
 # Metrics
@@ -584,20 +589,18 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _is_run_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() and any(
-        (path / d).is_dir() for d in ("export", "best", "checkpoints"))
-
-
 def latest_run(runs_dir: str | Path) -> Path:
     """The most recently written run directory that holds a usable model."""
+    import trainingmanager as tm
+
     root = Path(runs_dir)
-    runs = [p for p in root.iterdir() if p.is_dir() and _is_run_dir(p)] if root.is_dir() else []
-    runs = [p for p in runs if (p / "export").is_dir() or (p / "best").is_dir()]
+    models = (tm.EXPORT_DIR, tm.BEST_DIR)
+    runs = [p for p in root.iterdir() if p.is_dir() and tm.is_run_dir(p)] if root.is_dir() else []
+    runs = [p for p in runs if any((p / d).is_dir() for d in models)]
     if not runs:
         raise ValueError(f"no trained model under {root}/: run `python trainingmanager.py` first, "
                          "or name models with --models")
-    return max(runs, key=lambda p: max((p / d).stat().st_mtime for d in ("export", "best")
+    return max(runs, key=lambda p: max((p / d).stat().st_mtime for d in models
                                        if (p / d).exists()))
 
 
@@ -626,13 +629,13 @@ def _run_base(run_dir: Path, config: dict) -> str:
     import lora
     import trainingmanager as tm
 
-    adapter_config = run_dir / "export" / lora.ADAPTER_CONFIG
+    adapter_config = run_dir / tm.EXPORT_DIR / lora.ADAPTER_CONFIG
     if adapter_config.is_file():
         base = cliconfig.read_json_object(adapter_config, "adapter config").get(
             "base_model_name_or_path")
         if isinstance(base, str) and Path(base).is_absolute() and Path(base).is_dir():
             return base
-    tm.check_run_paths(config, ["init_from"], str(run_dir / "config.json"))
+    tm.check_run_paths(config, ["init_from"], str(run_dir / tm.CONFIG_FILE))
     return config["init_from"]
 
 
@@ -640,7 +643,9 @@ def _run_tokenizer(run_dir: Path, override: str | None) -> Path:
     """The tokenizer a run trained with: the run dir's (the trainer writes it there), else its
     export's copy, else ``override`` (``--tokenizer``). Without any, the error names the file
     the run lacks, not an export/ it may never have had (a run trained with --no-export)."""
-    export = run_dir / "export"
+    import trainingmanager as tm
+
+    export = run_dir / tm.EXPORT_DIR
     for directory in (run_dir, export):
         if (directory / "tokenizer.json").is_file():
             return directory
@@ -659,28 +664,28 @@ def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None
     import lora
     import trainingmanager as tm
 
-    config = cliconfig.read_json_object(run_dir / "config.json", "run config")
-    export = run_dir / "export"
+    config = cliconfig.read_json_object(run_dir / tm.CONFIG_FILE, "run config")
+    export = run_dir / tm.EXPORT_DIR
     tok_dir = _run_tokenizer(run_dir, tokenizer)
     stale = tm.stale_export(run_dir)
     if stale:
         print(f"note: {export} is not used: {stale}; scoring best/", file=sys.stderr)
     elif (export / lora.ADAPTER_CONFIG).is_file():
         if not config.get("init_from"):
-            raise ValueError(f"{run_dir / 'config.json'}: a LoRA run without init_from")
+            raise ValueError(f"{run_dir / tm.CONFIG_FILE}: a LoRA run without init_from")
         model = _load_hf(Path(_run_base(run_dir, config)), device)
         lora.load_adapter(model, export)
         return model, tok_dir, config
-    elif (export / "config.json").is_file():
+    elif (export / tm.HF_CONFIG).is_file():
         return _load_hf(export, device), tok_dir, config
     from pretrained import SafetensorsFile
     from tokenizer import load_tokenizer
 
-    cfg = tm.config_from_dict(config, str(run_dir / "config.json"))
+    cfg = tm.config_from_dict(config, str(run_dir / tm.CONFIG_FILE))
     if cfg.init_from:
         cfg = replace(cfg, init_from=_run_base(run_dir, config))
-    adapter_only = (run_dir / "best" / tm.ADAPTER_FILE).is_file()
-    weights = run_dir / "best" / (tm.ADAPTER_FILE if adapter_only else tm.MODEL_FILE)
+    adapter_only = (run_dir / tm.BEST_DIR / tm.ADAPTER_FILE).is_file()
+    weights = run_dir / tm.BEST_DIR / (tm.ADAPTER_FILE if adapter_only else tm.MODEL_FILE)
     # pretrained's checked reader: a truncated file is an error naming it (before any build)
     file = SafetensorsFile(weights)
     tensors = {name: file.view(name) for name in file.entries}
@@ -693,6 +698,7 @@ def load_model(spec: str, device: torch.device, tokenizer: str | None = None) ->
     """Load ``[LABEL=]PATH`` where PATH is an HF dir, a codelm run dir, an adapter dir whose
     config names a local base, or ``BASE+ADAPTER``."""
     import lora
+    import trainingmanager as tm
     from tokenizer import load_tokenizer
 
     label, sep, path_spec = spec.partition("=")
@@ -715,7 +721,7 @@ def load_model(spec: str, device: torch.device, tokenizer: str | None = None) ->
         model = _load_hf(_adapter_base(path), device)
         lora.load_adapter(model, path)
         tok_dir = path if (path / "tokenizer.json").is_file() else _adapter_base(path)
-    elif _is_run_dir(path):
+    elif tm.is_run_dir(path):
         model, tok_dir, run_config = _load_run(path, device, tokenizer)
     else:
         model = _load_hf(path, device)
@@ -817,7 +823,7 @@ def _training_ids(lm: LoadedModel, examples: Sequence[TaskExample], cfg: EvalCon
 
 @torch.no_grad()
 def score_supervised(lm: LoadedModel, examples: Sequence[TaskExample], cfg: EvalConfig,
-                     data_cfg=None) -> float:
+                     data_cfg: DataConfig | None = None) -> float:
     """Mean loss (``trainingmanager.lm_loss``) of each reference completion, EOS included, given
     its prompt: dataset.py's training example of the pair (tokenized, and cut to the context, as
     the run's data options cut it), so it is the validation loss a supervised run logs on these
@@ -909,21 +915,22 @@ class TaskExample:
     tail: str = ""
     body_tokens: int | None = None
 
-    def prompt(self, tok) -> str:
+    def prompt(self, tok: CodeTokenizer | BPETokenizer) -> str:
         body = self.body
         if self.body_tokens is not None:
             body = tok.decode(tok.encode(body)[: self.body_tokens])
         return self.head + body + self.tail
 
 
-def corpus_config(cfg: EvalConfig, models: Sequence[LoadedModel]):
+def corpus_config(cfg: EvalConfig, models: Sequence[LoadedModel]) -> DataConfig:
     """The dataset config whose split is evaluated: the codelm runs' own sources, cleaning and
     split options (so a run's test split is the one it never trained on), unless ``data`` is
     given. Runs whose corpora or splits differ have no common held-out split: refused."""
+    import trainingmanager as tm
     from dataset import corpus_key
 
     runs = [m for m in models if m.run_config]
-    configs = {m.label: _corpus_config(cfg, m.run_config, str(Path(m.source) / "config.json"))
+    configs = {m.label: _corpus_config(cfg, m.run_config, str(Path(m.source) / tm.CONFIG_FILE))
                for m in runs}
     if cfg.data is None and len({corpus_key(c) for c in configs.values()}) > 1:
         raise ValueError(f"the runs {', '.join(configs)} were trained on different corpora or "
@@ -932,7 +939,8 @@ def corpus_config(cfg: EvalConfig, models: Sequence[LoadedModel]):
     return next(iter(configs.values())) if configs else _corpus_config(cfg, None)
 
 
-def _corpus_config(cfg: EvalConfig, run: dict | None, run_source: str = "run config"):
+def _corpus_config(cfg: EvalConfig, run: dict | None, run_source: str = "run config"
+                   ) -> DataConfig:
     """``run_source``: the run's config.json, which errors about its data paths name."""
     from dataset import DataConfig
     from trainingmanager import check_run_paths
@@ -951,7 +959,7 @@ def _corpus_config(cfg: EvalConfig, run: dict | None, run_source: str = "run con
     return DataConfig(**options)
 
 
-def with_docstring_options(cfg: EvalConfig, data_cfg) -> EvalConfig:
+def with_docstring_options(cfg: EvalConfig, data_cfg: DataConfig) -> EvalConfig:
     """``cfg`` with the docstring options it leaves None taken from the corpus's
     dataset.DataConfig ``data_cfg``: examples chosen as training chose them."""
     return replace(cfg, docstring_targets=cfg.docstring_targets or data_cfg.docstring_targets,
@@ -959,8 +967,9 @@ def with_docstring_options(cfg: EvalConfig, data_cfg) -> EvalConfig:
                    if cfg.docstring_min_tokens is None else cfg.docstring_min_tokens)
 
 
-def build_examples(task: str, docs: Sequence, cfg: EvalConfig, variant: str = "simple",
-                   code_tokens: int = 400, tok=None, data_cfg=None) -> list[TaskExample]:
+def build_examples(task: str, docs: Sequence[Doc], cfg: EvalConfig, variant: str = "simple",
+                   code_tokens: int = 400, tok: CodeTokenizer | BPETokenizer | None = None,
+                   data_cfg: DataConfig | None = None) -> list[TaskExample]:
     """The first ``cfg.limit`` examples of a generation task, built by dataset.py's builders.
 
     ``completion`` cuts token windows, so it needs the tokenizer ``tok`` (models compared side by
@@ -1003,7 +1012,8 @@ def build_examples(task: str, docs: Sequence, cfg: EvalConfig, variant: str = "s
     return out[: cfg.limit]
 
 
-def completion_examples(doc, tok, data_cfg, cfg: EvalConfig) -> list[TaskExample]:
+def completion_examples(doc: Doc, tok: CodeTokenizer | BPETokenizer | None, data_cfg: DataConfig,
+                        cfg: EvalConfig) -> list[TaskExample]:
     """Seed 002's test pairs: windows of ``window_prompt_tokens`` tokens of code -> the next
     ``window_completion_tokens`` tokens (dataset.py's training windows), ``cfg.lines_per_file``
     of them per file, chosen by a seeded draw."""
@@ -1072,7 +1082,7 @@ def _generation_metrics(task: str, preds: list[str], refs: list[str],
 
 def run_generation_task(lm: LoadedModel, task: str, examples: Sequence[TaskExample],
                         cfg: EvalConfig, variant: str | None = None,
-                        data_cfg=None) -> tuple[dict, list[dict]]:
+                        data_cfg: DataConfig | None = None) -> tuple[dict, list[dict]]:
     stops, clean_pred, clean_ref = _GENERATION[task]
     prompts = [e.prompt(lm.tokenizer) for e in examples]
     ids = [(prompt, span) for prompt, _, span in _training_ids(lm, examples, cfg, data_cfg)]

@@ -55,7 +55,7 @@ import sys
 import time
 import typing
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -607,7 +607,7 @@ def interrupted_run(trial: optuna.Trial) -> tuple[Path | None, dict[int, float]]
     history = trials[trial.number].system_attrs.get("retry_history") or []
     before = trials.get(history[-1]) if history else None
     run = before and before.user_attrs.get(ATTR_RUN)
-    if not run or not (Path(run) / "config.json").is_file():
+    if not run or not (Path(run) / trainingmanager.CONFIG_FILE).is_file():
         return None, {}
     checkpoints = trainingmanager.list_checkpoints(Path(run))
     step = trainingmanager.checkpoint_step(checkpoints[-1]) if checkpoints else 0
@@ -629,7 +629,7 @@ class _Hidden:
 
 
 def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _ClaimLock,
-                   hidden: _Hidden):
+                   hidden: _Hidden) -> Callable[[optuna.Trial], float]:
     def objective(trial: optuna.Trial) -> float:
         try:
             return run_trial(trial)
@@ -665,7 +665,8 @@ def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _Claim
             train_cfg = trainingmanager.config_from_dict(
                 trial_run_config(cfg, recipe, trial.number, resume), f"trial {trial.number}")
             run_dir = Path(train_cfg.out_dir) / train_cfg.name
-            if resume is None and (run_dir / "config.json").exists():  # not this study's run
+            # a run there that this trial does not resume: not this study's
+            if resume is None and (run_dir / trainingmanager.CONFIG_FILE).exists():
                 raise ValueError(f"{run_dir} holds a trial of another study: move it away, or "
                                  "give this study its own --out-dir or --study-name")
             trial.set_user_attr(ATTR_RUN, str(run_dir))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -582,7 +582,9 @@ def _shared_parameters(model: nn.Module) -> dict[int, list[str]]:
     return {key: names for key, names in uses.items() if len(names) > 1}
 
 
-def tied_targets(model: nn.Module, modules=None) -> dict[str, list[str]]:
+def tied_targets(model: nn.Module,
+                 modules: Iterable[tuple[str, LoRALinear | LoRAEmbedding]] | None = None
+                 ) -> dict[str, list[str]]:
     """The LoRA modules (of ``modules``, default all) whose base weight another module shares
     (a tied lm_head/wte), with every name of that weight: a merge into one changes both."""
     tied = _shared_parameters(model)
@@ -591,7 +593,8 @@ def tied_targets(model: nn.Module, modules=None) -> dict[str, list[str]]:
     return {path: tied[id(w)] for path, w in weights if w is not None and id(w) in tied}
 
 
-def _check_not_tied(model: nn.Module, modules) -> None:
+def _check_not_tied(model: nn.Module,
+                    modules: Iterable[tuple[str, LoRALinear | LoRAEmbedding]]) -> None:
     if tied := tied_targets(model, modules):
         path, sharers = next(iter(tied.items()))
         raise ValueError(f"cannot merge the LoRA on {path}: its weight is tied to "

@@ -117,7 +117,7 @@ def check_family(model_dir: str, preset: str | None) -> None:
     from architecture import PRESETS
     from pretrained import read_config
 
-    config = Path(model_dir) / "config.json"
+    config = Path(model_dir) / tm.HF_CONFIG
     if preset not in PRESETS or not config.is_file():
         return  # trainingmanager reports a missing or malformed checkpoint itself
     found = cliconfig.read_json_object(config, "model config").get("model_type")
@@ -289,7 +289,7 @@ def _is_smoke_run(run_dir: Path, work: Path) -> bool:
     """Whether run_dir is what an earlier --smoke wrote (its data cache in the smoke inputs),
     the only run a smoke run may replace."""
     try:
-        saved = json.loads((run_dir / "config.json").read_text())
+        saved = json.loads((run_dir / tm.CONFIG_FILE).read_text())
         cache = saved["data_options"]["cache_dir"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
@@ -382,14 +382,14 @@ def check_adapter_round_trip(base_dir: Path, export: Path) -> float:
 
     model = Transformer.from_pretrained(base_dir, dtype=torch.float32)
     lora.load_adapter(model, export)
-    merged = Transformer.from_pretrained(export / "merged", dtype=torch.float32)
+    merged = Transformer.from_pretrained(export / tm.MERGED_DIR, dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.cfg.vocab_size, (2, 24), generator=g)
     return float((model.eval()(ids) - merged.eval()(ids)).abs().max())
 
 
 def train_losses(run_dir: Path) -> list[float]:
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    lines = (Path(run_dir) / tm.METRICS_FILE).read_text().splitlines()
     return [r["loss"] for r in map(json.loads, lines) if r.get("kind") == "train"]
 
 
@@ -547,7 +547,7 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
     if result.interrupted:
         return report
     try:
-        export = result.run_dir / "export"
+        export = result.run_dir / tm.EXPORT_DIR
         if opts.smoke and cfg.lora_r > 0:
             report.adapter_max_diff = check_adapter_round_trip(Path(cfg.init_from), export)
         if not opts.skip_eval:
@@ -559,7 +559,7 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
                 placeholders[own_base] = cfg.init_from
             models = ev_values.get("models") or [own_run]
             ev_values.update(models=resolve_models(models, placeholders),
-                             out_dir=str(result.run_dir / "eval"), device=opts.device,
+                             out_dir=str(result.run_dir / tm.EVAL_DIR), device=opts.device,
                              progress=opts.progress)
             report.eval = ev.evaluate(
                 ev.config_from_dict(ev_values, f"{opts.recipe} (eval section)"))
@@ -597,7 +597,7 @@ def smoke_problems(report: RecipeResult) -> list[str]:
 
 
 def summary(report: RecipeResult) -> str:
-    export = report.run_dir / "export"
+    export = report.run_dir / tm.EXPORT_DIR
     lines = [f"run: {report.run_dir}"]
     if report.train.interrupted:
         lines.append(f"interrupted ({report.train.interrupted}) at step {report.train.step}: "
@@ -617,9 +617,9 @@ def summary(report: RecipeResult) -> str:
                      f"{report.train.best_step}")
     if (export / "adapter_config.json").is_file():
         lines.append(f"adapter (PEFT layout): {export}")
-    if (export / "merged").is_dir():
-        lines.append(f"merged model (HF layout): {export / 'merged'}")
-    elif (export / "config.json").is_file():
+    if (export / tm.MERGED_DIR).is_dir():
+        lines.append(f"merged model (HF layout): {export / tm.MERGED_DIR}")
+    elif (export / tm.HF_CONFIG).is_file():
         lines.append(f"model (HF layout): {export}")
     if report.adapter_max_diff is not None:
         lines.append(f"adapter loaded back onto the base vs merged export: max |logit diff| "

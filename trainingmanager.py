@@ -41,6 +41,13 @@ from safetensors.torch import load_file, save_file
 import cliconfig
 from architecture import IGNORE_INDEX, SHORT_DTYPES, cuda_half_dtype, head_cross_entropy
 
+if typing.TYPE_CHECKING:  # annotations only: dataset and tokenizer load where a run needs them
+    from torch.utils.data import Dataset
+
+    from architecture import ModelConfig
+    from dataset import DataConfig
+    from tokenizer import BPETokenizer, CodeTokenizer
+
 ROOT = Path(__file__).resolve().parent
 OVERFIT_CORPUS = ROOT / "data" / "overfit"
 
@@ -259,9 +266,9 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
     resumed: dict = {}
     if args.get("resume"):
         check_resume_location(args)
-        saved = Path(args["resume"]) / "config.json"
+        saved = Path(args["resume"]) / CONFIG_FILE
         if not saved.is_file():
-            raise ValueError(f"--resume {args['resume']}: no config.json there (not a run dir)")
+            raise ValueError(f"--resume {args['resume']}: no {CONFIG_FILE} there (not a run dir)")
         resumed = load_config_file(saved)
     given: dict = {}
     if args.get("config") is not None:  # read here, so that an earlier codelm's is upgraded
@@ -694,6 +701,23 @@ class Trainer:
 # Checkpoints: one directory each, written to a temporary name and renamed into place
 # --------------------------------------------------------------------------------------------
 
+# The run directory's layout, its one home: eval, recipes and hyperparam_tune name its parts from
+# here. runs/<name>/ holds CONFIG_FILE, METRICS_FILE, tokenizer.json, LOCK_FILE, TB_DIR/,
+# CHECKPOINTS_DIR/<CHECKPOINT_PREFIX>N/, BEST_DIR/, EXPORT_DIR/ and EVAL_DIR/; is_run_dir tells
+# one from any other directory.
+CONFIG_FILE = "config.json"  # the resolved TrainConfig; each checkpoint and best/ hold a copy
+METRICS_FILE = "metrics.jsonl"  # one line per log step and per evaluation (_RunLog)
+TB_DIR = "tb"  # TensorBoard events
+CHECKPOINTS_DIR = "checkpoints"  # one CHECKPOINT_PREFIX<step> directory per checkpoint
+BEST_DIR = "best"  # the best-by-validation weights, their BEST_METRICS and CONFIG_FILE
+BEST_METRICS = "metrics.json"  # in best/: {"step": the step of its weights, **val metrics}
+EXPORT_DIR = "export"  # HF model + tokenizer, or a LoRA run's adapter (PEFT layout)
+MERGED_DIR = "merged"  # in export/: a LoRA run's merged model (export_merged)
+EVAL_DIR = "eval"  # recipes.py's evaluation of the run
+# An HF model directory's config (export/, export/merged/, an init_from): HF's name, which stays
+# when the run's CONFIG_FILE is renamed.
+HF_CONFIG = "config.json"
+
 MODEL_FILE = "model.safetensors"  # the full model's tensors
 ADAPTER_FILE = "adapter.safetensors"  # only the trainable tensors (LoRA on a pretrained base)
 STATE_FILE = "state.pt"  # optimizer, scheduler, scaler, RNG of every rank, progress
@@ -809,14 +833,14 @@ def clean_partial_writes(directory: Path) -> None:
 
 def best_step(run_dir: Path) -> int | None:
     """The step whose weights a run's best/ holds (None: no best/ yet)."""
-    path = Path(run_dir) / "best" / "metrics.json"
+    path = Path(run_dir) / BEST_DIR / BEST_METRICS
     return cliconfig.read_json_object(path, "best metrics").get("step") if path.is_file() else None
 
 
 def stale_export(run_dir: Path) -> str | None:
     """Why a run's export/ does not hold its best/ weights (a resume trained on without
     exporting), or None. An export without EXPORT_RECORD (an older codelm's) counts as current."""
-    record = Path(run_dir) / "export" / EXPORT_RECORD
+    record = Path(run_dir) / EXPORT_DIR / EXPORT_RECORD
     if not record.is_file():
         return None
     exported = cliconfig.read_json_object(record, "export record").get("best_step")
@@ -829,7 +853,7 @@ def stale_export(run_dir: Path) -> str | None:
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir()
@@ -851,7 +875,7 @@ def save_checkpoint(path: Path, model: nn.Module, trainer_state: dict, rng: list
         save_file(tensors, tmp / (ADAPTER_FILE if trainable_only else MODEL_FILE),
                   metadata={"step": str(progress["step"])})
         torch.save({**trainer_state, "rng": rng, "progress": progress}, tmp / STATE_FILE)
-        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1))
 
     write_dir_atomically(path, write)
 
@@ -902,7 +926,7 @@ def load_checkpoint(path: Path, model: nn.Module, trainable_only: bool) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def check_next_token_labels(examples, split: str, n: int = 8) -> None:
+def check_next_token_labels(examples: Dataset, split: str, n: int = 8) -> None:
     """The contract the loss relies on, checked on a split's first examples: every counted label
     is the next input token, and some label counts. A data bug that breaks it (labels not
     shifted) makes the task trivially easy: the loss falls and even --overfit-batches passes."""
@@ -926,10 +950,10 @@ def check_not_an_adapter(init_from: str) -> None:
     import lora
 
     path = Path(init_from)
-    if not (path / lora.ADAPTER_CONFIG).is_file() or (path / "config.json").is_file():
+    if not (path / lora.ADAPTER_CONFIG).is_file() or (path / HF_CONFIG).is_file():
         return
-    if (path / "merged" / "config.json").is_file():
-        instead = f"use {path / 'merged'}, the merged model beside it"
+    if (path / MERGED_DIR / HF_CONFIG).is_file():
+        instead = f"use {path / MERGED_DIR}, the merged model beside it"
     else:
         base = cliconfig.read_json_object(path / lora.ADAPTER_CONFIG, "adapter config").get(
             "base_model_name_or_path")
@@ -1077,8 +1101,8 @@ def check_resume_config(cfg: TrainConfig, run_dir: Path, resume_hint: str) -> di
     both values; return the saved values (None: no config.json). The checkpoint's copy, not the
     run's config.json, which a resume reads its settings from and a hand can edit. PATH_KEYS
     compare as the files they name, typed relative or absolute."""
-    saved_path = next((c / "config.json" for c in reversed(list_checkpoints(run_dir))
-                       if (c / "config.json").is_file()), Path(run_dir) / "config.json")
+    saved_path = next((c / CONFIG_FILE for c in reversed(list_checkpoints(run_dir))
+                       if (c / CONFIG_FILE).is_file()), Path(run_dir) / CONFIG_FILE)
     if not saved_path.is_file():
         return None  # nothing was written yet: the run starts from the beginning anyway
     saved, source = cliconfig.read_config_file(saved_path, "train")
@@ -1110,7 +1134,7 @@ def check_resume_config(cfg: TrainConfig, run_dir: Path, resume_hint: str) -> di
     return saved
 
 
-def data_config(cfg: TrainConfig, block_size: int):
+def data_config(cfg: TrainConfig, block_size: int) -> DataConfig:
     """The dataset.DataConfig of this run: task, sources and sequence length come from cfg."""
     from dataset import DataConfig
 
@@ -1132,7 +1156,7 @@ def data_config(cfg: TrainConfig, block_size: int):
     return dcfg
 
 
-def load_or_train_tokenizer(cfg: TrainConfig, dcfg):
+def load_or_train_tokenizer(cfg: TrainConfig, dcfg: DataConfig) -> CodeTokenizer | BPETokenizer:
     """The given tokenizer, the pretrained model's, or a CodeTokenizer trained on the train split
     (cached by corpus, tokenizer options and encoding version: ``dataset.tokenizer_cache_dir``,
     so a second run reuses it)."""
@@ -1159,7 +1183,8 @@ def load_or_train_tokenizer(cfg: TrainConfig, dcfg):
 TOKENIZER_MODEL_KEYS = ("vocab_size", "bos_id", "eos_id")
 
 
-def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int | None, eos_id: int | None):
+def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int | None,
+                 eos_id: int | None) -> ModelConfig:
     """Preset + overrides for a from-scratch model (derived sizes re-derived from the new ones)."""
     from architecture import PRESETS, ModelConfig
 
@@ -1193,7 +1218,7 @@ def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int | None, eos_id: 
         raise ValueError(f"model_options {json.dumps(cfg.model_options)}: {e}") from None
 
 
-def build_model(cfg: TrainConfig, tok) -> nn.Module:
+def build_model(cfg: TrainConfig, tok: CodeTokenizer | BPETokenizer) -> nn.Module:
     """From scratch or from ``init_from``; then the quantized base and LoRA if asked for."""
     from architecture import Transformer
 
@@ -1316,14 +1341,14 @@ class _RunLog:
         self.file = self.tb = None
         if not enabled:
             return
-        path = run_dir / "metrics.jsonl"  # a resumed run's is trimmed (_trim_metrics)
+        path = run_dir / METRICS_FILE  # a resumed run's is trimmed (_trim_metrics)
         if resume_step is None:  # a new run: nothing of an attempt it replaces (_lock_dir)
             path.unlink(missing_ok=True)
-            shutil.rmtree(run_dir / "tb", ignore_errors=True)
+            shutil.rmtree(run_dir / TB_DIR, ignore_errors=True)
         self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(str(run_dir / "tb"),
+        self.tb = SummaryWriter(str(run_dir / TB_DIR),
                                 purge_step=None if resume_step is None else resume_step + 1)
 
     def write(self, step: int, kind: str, values: dict) -> None:
@@ -1378,7 +1403,7 @@ def _failed_before_weights(run_dir: Path) -> bool:
     """Whether a directory holds only a codelm run that stopped before writing any weights: its
     config.json reads as a TrainConfig, and there is no weights file anywhere in it."""
     try:
-        config_from_dict(cliconfig.read_json_object(run_dir / "config.json", "run config"))
+        config_from_dict(cliconfig.read_json_object(run_dir / CONFIG_FILE, "run config"))
     except (ValueError, OSError):
         return False
     weights = (p for p in run_dir.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt"))
@@ -1390,7 +1415,15 @@ def _holds_weights(run_dir: Path) -> bool:
     run may replace one without them, and a resumed one without them starts from scratch (one
     with weights but no checkpoint is refused: ``no_checkpoint_to_resume``)."""
     return bool(list_checkpoints(run_dir)) or any((run_dir / d).is_dir()
-                                                  for d in ("best", "export"))
+                                                  for d in (BEST_DIR, EXPORT_DIR))
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a codelm run directory that got as far as weights (its CONFIG_FILE,
+    and a checkpoint, best/ or export/): eval loads such a directory as a run, and training
+    reads the same weights rule (``_holds_weights``) to decide what a new run may replace."""
+    path = Path(path)
+    return (path / CONFIG_FILE).is_file() and _holds_weights(path)
 
 
 def no_checkpoint_to_resume(run_dir: Path) -> str:
@@ -1398,15 +1431,15 @@ def no_checkpoint_to_resume(run_dir: Path) -> str:
     (e.g. checkpoints/ deleted to free disk): starting it again would overwrite them. Names a
     way on from those weights, or a new run."""
     held = []
-    if (run_dir / "best").is_dir():
+    if (run_dir / BEST_DIR).is_dir():
         step = None
         with contextlib.suppress(ValueError, OSError):
             step = best_step(run_dir)
         held.append("best/" + (f" (step {step})" if step is not None else ""))
-    if (run_dir / "export").is_dir():
+    if (run_dir / EXPORT_DIR).is_dir():
         held.append("export/")
-    loadable = next((d for d in (run_dir / "export", run_dir / "export" / "merged")
-                     if (d / "config.json").is_file()), None)
+    loadable = next((d for d in (run_dir / EXPORT_DIR, run_dir / EXPORT_DIR / MERGED_DIR)
+                     if (d / HF_CONFIG).is_file()), None)
     how = (f"train on from them with --init-from {loadable} (a new run), or start over under "
            "another --name" if loadable else "start over under another --name")
     return (f"--resume {run_dir}: it holds {' and '.join(held)} but no checkpoint to continue "
@@ -1546,9 +1579,9 @@ class _Run:
         with _main_first(self.dist):
             if self.main:
                 if cfg.resume:  # first: a damaged log refuses the resume before any rewrite
-                    _trim_metrics(self.run_dir / "metrics.jsonl", self.step)
+                    _trim_metrics(self.run_dir / METRICS_FILE, self.step)
                 # Atomic: a kill mid-write must not leave a run that no command can continue.
-                cliconfig.write_atomic(self.run_dir / "config.json",
+                cliconfig.write_atomic(self.run_dir / CONFIG_FILE,
                                        json.dumps(self.config_dict, indent=1))
 
     def release(self) -> None:
@@ -1603,7 +1636,7 @@ class _Run:
         may be live where there is none)."""
         taken = _RunDirTaken(f"{run_dir} already holds a run: continue it with "
                              f"{self.resume_hint(run_dir)}, or choose another --name")
-        if (new and (run_dir / "config.json").exists() and not (run_dir / LOCK_FILE).exists()
+        if (new and (run_dir / CONFIG_FILE).exists() and not (run_dir / LOCK_FILE).exists()
                 and not _failed_before_weights(run_dir)):
             raise taken  # not a codelm run's directory (or an old one): nothing is added to it
         try:
@@ -1629,8 +1662,8 @@ class _Run:
             print(f"warning: {run_dir}: this filesystem cannot lock the run directory; nothing "
                   "stops a second run under this name", file=sys.stderr)
         clean_partial_writes(run_dir)
-        clean_partial_writes(run_dir / "checkpoints")
-        if new and (run_dir / "config.json").exists():
+        clean_partial_writes(run_dir / CHECKPOINTS_DIR)
+        if new and (run_dir / CONFIG_FILE).exists():
             if self._lock is None or not _failed_before_weights(run_dir):
                 self.release()
                 raise taken
@@ -1643,7 +1676,7 @@ class _Run:
 
             preset = PRESETS.get(self.cfg.preset)
             return preset.block_size if preset is not None else 256
-        config = cliconfig.read_json_object(Path(self.cfg.init_from) / "config.json", "model config")
+        config = cliconfig.read_json_object(Path(self.cfg.init_from) / HF_CONFIG, "model config")
         context = next((config[k] for k in ("max_position_embeddings", "n_positions", "n_ctx")
                         if k in config), 1024)
         return min(int(context), 1024)
@@ -1810,7 +1843,7 @@ class _Run:
         rng = _gather(rng_state(self.device), self.dist)
         with _main_first(self.dist):  # the others wait for the write, and stop if it fails
             if self.main:
-                root = self.run_dir / "checkpoints"
+                root = self.run_dir / CHECKPOINTS_DIR
                 root.mkdir(exist_ok=True)
                 save_checkpoint(root / f"{CHECKPOINT_PREFIX}{self.step}", self.trainer.raw_model,
                                 self.trainer.state_dict(), rng, self._progress(),
@@ -1830,10 +1863,10 @@ class _Run:
 
         def write(tmp: Path) -> None:
             save_file(tensors, tmp / name, metadata={"step": str(self.step)})
-            (tmp / "metrics.json").write_text(json.dumps({"step": self.step, **metrics}))
-            (tmp / "config.json").write_text(json.dumps(self.config_dict, indent=1))
+            (tmp / BEST_METRICS).write_text(json.dumps({"step": self.step, **metrics}))
+            (tmp / CONFIG_FILE).write_text(json.dumps(self.config_dict, indent=1))
 
-        write_dir_atomically(self.run_dir / "best", write)
+        write_dir_atomically(self.run_dir / BEST_DIR, write)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -2026,7 +2059,7 @@ class _Run:
     def _finish(self) -> tuple[Path | None, str | None]:
         """Best weights back in the model, a sample completion, the HF export (rank 0)."""
         model = self.trainer.raw_model
-        best = self.run_dir / "best" / (ADAPTER_FILE if self.trainable_only else MODEL_FILE)
+        best = self.run_dir / BEST_DIR / (ADAPTER_FILE if self.trainable_only else MODEL_FILE)
         exported_step = None
         if best.is_file():
             load_model_tensors(model, load_file(best), str(best), self.trainable_only)
@@ -2037,7 +2070,7 @@ class _Run:
                                    self.cfg.task)
         print(f"sample completion (greedy, best checkpoint at step {self.best_step}):\n"
               f"{self.cfg.sample_prompt}{sample}")
-        export = self.run_dir / "export"
+        export = self.run_dir / EXPORT_DIR
 
         def write(tmp: Path) -> None:
             import lora
@@ -2055,8 +2088,8 @@ class _Run:
                         merged = build_model(dataclasses.replace(
                             cfg, lora_r=0, quantize_bits=0, base_dtype="fp32"), self.tok)
                         lora.load_adapter(merged, tmp)
-                    lora.merge_and_export(merged, tmp / "merged")
-                    self.tok.save(tmp / "merged")
+                    lora.merge_and_export(merged, tmp / MERGED_DIR)
+                    self.tok.save(tmp / MERGED_DIR)
             self.tok.save(tmp)
             # Which best/ it holds: eval.py scores best/ instead once a resume trains past it.
             (tmp / EXPORT_RECORD).write_text(json.dumps({"best_step": exported_step}))
@@ -2068,8 +2101,8 @@ class _Run:
 
 
 @torch.no_grad()
-def sample_completion(model: nn.Module, tok, prompt: str, max_new_tokens: int,
-                      task: str) -> str:
+def sample_completion(model: nn.Module, tok: CodeTokenizer | BPETokenizer, prompt: str,
+                      max_new_tokens: int, task: str) -> str:
     """Greedy continuation of ``prompt``, formatted as the run's ``task`` trained on it."""
     from dataset import prompt_prefix
 

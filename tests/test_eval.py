@@ -1264,6 +1264,29 @@ def test_a_truncated_run_checkpoint_is_an_error_naming_it(tiny_models, tmp_path,
     assert capsys.readouterr().err.startswith(f"error: {weights}: truncated file")
 
 
+
+def test_a_run_killed_in_its_first_checkpoint_is_no_run_to_load(tmp_path):
+    """eval's "is this a run directory" is training's (trainingmanager.is_run_dir). They used to
+    disagree on a run killed while writing its first checkpoint (checkpoints/ holds only the
+    temporary copy): eval loaded it as a run and failed on a best/ file it never had (an
+    OSError); training counts it as holding no weights. Now it is refused as one that stopped
+    before checkpoints/ existed is."""
+    import dataclasses
+    import json
+
+    import torch
+
+    import trainingmanager as tm
+
+    run = tmp_path / "run"
+    (run / tm.CHECKPOINTS_DIR / f".tmp-{tm.CHECKPOINT_PREFIX}5-x").mkdir(parents=True)
+    (run / tm.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(tm.TrainConfig())))
+    assert not tm.is_run_dir(run)
+    with pytest.raises(ValueError, match="a codelm run directory, not an HF checkpoint"):
+        ev.load_model(str(run), torch.device("cpu"))
+    (run / tm.CHECKPOINTS_DIR / f"{tm.CHECKPOINT_PREFIX}5").mkdir()
+    assert tm.is_run_dir(run)
+
 def test_a_run_without_its_tokenizer_names_the_missing_file(tiny_models, tmp_path, capsys):
     """A run trained with --no-export has no export/: the error named run/export, not the
     run/tokenizer.json it lacks."""
