@@ -9,7 +9,19 @@ What each run gets, and what it guarantees:
   **dies with the evaluator** (``PR_SET_PDEATHSIG``): an evaluator killed by SIGKILL or the OOM
   killer, whose wall-clock limit dies with it, leaves no sample running.
 - **rlimits set in the child before user code**: CPU seconds, address space (a memory bomb gets
-  ``MemoryError`` or dies), file size (also caps what it can print), no core dumps.
+  ``MemoryError`` or dies), file size (also caps what it can print), no core dumps, 64 open
+  files; the seccomp filter below then refuses every change of them.
+- **Not root**: a root evaluator's sample runs as ``nobody`` (uid/gid 65534, no groups, no
+  capabilities), owning its working directory; where the interpreter's files are out of that
+  user's reach (e.g. under ``/root``) it keeps CAP_DAC_READ_SEARCH alone, so that it reads as
+  before. The kernel's own checks then keep it from the evaluator's and every other user's
+  ``/proc/<pid>/environ`` and memory, signals, and raising a limit. A non-root evaluator's
+  samples run as its own user: while any is in flight the evaluator is not dumpable
+  (``PR_SET_DUMPABLE``), so its ``/proc/<pid>/environ`` (tokens) and memory need
+  CAP_SYS_PTRACE; meanwhile it leaves no core dump and takes no same-user debugger.
+- **Disk use bounded in total**: the evaluator measures the working directory every 0.1 s and
+  kills the run past ``disk_mb`` or ``max_files`` (status ``disk``), so that removing it stays
+  quick too.
 - **A fresh temporary working directory** (also its ``HOME`` and ``TMPDIR``), removed afterwards.
   It is named after the evaluator (``codelm-sandbox-PID@HOST@PIDNS@...``): one that a killed
   evaluator left behind is removed by the first run of a later evaluator on the same machine and
@@ -20,48 +32,61 @@ What each run gets, and what it guarantees:
   bootstrap through a pipe on stdin (never a file, ``argv`` or the environment; stdin is /dev/null
   again before the program starts), and the bootstrap writes it to stderr only if the program
   ran to its end. ``SandboxResult.completed`` says so; an early ``os._exit(0)`` exits 0 without
-  it. Code that walks the interpreter's own frames or memory could still find the token: the
-  same limit as the audit hook below.
+  it. The token is in no frame the program runs beneath, but code that searches the
+  interpreter's objects or memory could still find it: best effort, as the audit hook below.
 - **Writes confined to the working directory, the evaluator out of reach**, by three layers:
   1. Landlock (Linux >= 5.13, unprivileged, kernel-enforced) when the kernel offers it: no file
      may be created, written, truncated, removed or renamed outside the working directory, by the
-     sample or anything it runs; it also cannot ptrace/read ``/proc/<pid>/environ`` of processes
-     outside its domain, open TCP connections (Landlock ABI >= 4), or signal the evaluator
-     (ABI >= 6).
-  2. A seccomp filter (x86_64 and aarch64, any kernel; inherited by anything it runs): signals
-     (``kill``, ``tgkill``, ``rt_*sigqueueinfo``) and rlimit changes reach only the sample
-     itself; ``tkill``, ``pidfd_open``, ``pidfd_send_signal`` and making a file send SIGIO to
-     a process (``F_SETOWN``, ``FIOSETOWN``) are refused.
+     sample; it also cannot open TCP connections (Landlock ABI >= 4) or signal the evaluator
+     (ABI >= 6). It does not keep a root sample from ``/proc/<pid>/environ`` (Linux 6.18):
+     not being root does.
+  2. A seccomp filter (x86_64 and aarch64, any kernel), whatever the audit hook is told:
+     signals (``kill``, ``tgkill``, ``rt_*sigqueueinfo``) reach only the sample itself; no new
+     process (``clone`` only with ``CLONE_THREAD``: threads work, ``fork``, ``vfork``,
+     ``posix_spawn`` and ``multiprocessing`` do not; ``clone3`` is ENOSYS, so that glibc falls
+     back to ``clone``), no ``execve``/``execveat``, no socket at all (no UDP, raw, netlink,
+     or a user's ``AF_UNIX`` ssh-agent or docker socket), no ``memfd_create`` (outside RLIMIT_AS), no rlimit change (``setrlimit``,
+     ``prlimit64`` with a new limit), no ``ptrace``, ``process_vm_*``, ``io_uring``,
+     ``unshare`` or ``open_by_handle_at``; ``tkill``, ``pidfd_open``, ``pidfd_send_signal``
+     and making a file send SIGIO to a process (``F_SETOWN``, ``FIOSETOWN``) are refused.
   3. A Python audit hook installed before user code (always): refuses opens for writing outside
      the working directory, directory opens outside it (so ``dir_fd`` tricks have nothing to
      start from), file-system changes outside it, reading another process's ``/proc/<pid>``,
-     starting processes, sockets, signals, ``resource.prlimit`` of another process,
-     ``F_SETOWN``, and ``ctypes``. What writes or signals from C without an audit event is
-     replaced or withheld before user code: ``os.mkfifo``/``os.mknod`` refuse paths outside,
-     ``os.pidfd_open`` and ``signal.pidfd_send_signal`` always refuse; ``sqlite3.connect``
+     starting processes, sockets, signals, changing a resource limit or reading another
+     process's, ``F_SETOWN``, and ``ctypes`` (also a denied C module loaded under a dotted
+     name). What writes or signals from C without an audit event is replaced or withheld
+     before user code: ``os.mkfifo``/``os.mknod`` refuse paths outside, ``os.pidfd_open``,
+     ``os.memfd_create`` and ``signal.pidfd_send_signal`` always refuse; ``sqlite3.connect``
      refuses a database outside (a path or a ``file:`` URI), and without Landlock each
      connection's authorizer refuses ``ATTACH`` / ``VACUUM INTO`` outside (or of a name given
      as a parameter); ``_dbm``/``_gdbm`` (``dbm`` falls back to ``dbm.dumb``), ``readline``,
      ``_posixshmem`` and ``_multiprocessing`` are not available.
   ``SandboxResult.landlock`` / ``.seccomp`` say whether layers 1 / 2 were active; both need
-  ``ctypes`` in the interpreter, as dying with the evaluator does.
+  ``ctypes`` in the interpreter, as dying with the evaluator and keeping CAP_DAC_READ_SEARCH do
+  (without it, a root evaluator's sample stays root where ``nobody`` cannot reach the
+  interpreter).
 
-What it does *not* guarantee: reads are not confined (a sample can read any file the evaluator's
-user can read); disk use is bounded per file, not in total; the sample can still lower the
+What it does *not* guarantee: reads are not confined (a sample can read any file its user can
+read: a non-root evaluator's, or ``nobody``'s, or every file with CAP_DAC_READ_SEARCH kept); a
+non-root evaluator's other processes (its shell) keep a readable environment where
+Landlock does not refuse it; disk use can pass its budget for up to 0.1 s, and files deleted
+while held open are not counted (at most 64 of ``file_mb`` each); the sample can still lower the
 evaluator's scheduling priority or CPU affinity (``os.setpriority``, ``os.sched_setaffinity``:
-slower, never killed). Without Landlock, the audit hook is an in-process guard that deliberately
-hostile code can defeat (e.g. by monkeypatching ``posixpath`` internals before writing, building
-a fresh ``posix`` module with ``_imp.create_builtin`` to get the original ``mkfifo``, or setting
-its own sqlite authorizer), and forks are refused only by that hook (RLIMIT_NPROC does not bind
-root; a fork would not die with the evaluator). It is no substitute for a container or VM when
-running code from an adversary. It is built for code from our own models: buggy, looping,
-memory-hungry or careless, not malicious. Imports of ``subprocess``, ``multiprocessing`` and
-``ctypes`` fail by design.
+slower, never killed). The audit hook is an in-process guard that deliberately hostile code can
+defeat (e.g. by monkeypatching ``posixpath`` internals before writing, building a fresh
+``posix`` module with ``_imp.create_builtin`` to get the original ``mkfifo``, setting its own
+sqlite authorizer, or emptying the guard's sets found through ``gc``): without Landlock, it is
+the only guard of the file system, and without the seccomp filter the only one of processes and
+sockets (a fork would then not die with the evaluator). It is no substitute for a container or
+VM when running code from an adversary. It is built for code from our own models: buggy,
+looping, memory-hungry or careless, not malicious. Imports of ``subprocess``,
+``multiprocessing`` and ``ctypes`` fail by design.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -69,11 +94,13 @@ import re
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +110,13 @@ import cliconfig
 EXIT_MEMORY = 113
 # Smallest sensible address-space limit: the interpreter alone maps about 15 MB before any test.
 MIN_MEMORY_MB = 64
+# Open files a sample may hold (RLIMIT_NOFILE): also bounds what it keeps outside RLIMIT_AS
+# and the disk budget's scan (pipe buffers, deleted files still open).
+MAX_FDS = 64
+# Who a root evaluator's samples run as: nobody.
+SAMPLE_UID = SAMPLE_GID = 65534
+# How often the evaluator measures a run's working directory while it waits (disk_mb, max_files).
+_DISK_POLL_S = 0.1
 # Tests emulate older kernels with it: the highest Landlock ABI a run may use (0: none).
 _LANDLOCK_ABI_CAP: int | None = None
 
@@ -100,6 +134,7 @@ def _read_token():
     return token.decode().strip()
 
 def _limits(cfg):
+    """Set before the seccomp filter, which then refuses every change (also a lowering)."""
     cpu = cfg["cpu_s"]
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
     memory = cfg["memory_bytes"]
@@ -107,16 +142,60 @@ def _limits(cfg):
     size = cfg["file_bytes"]
     resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    # bounds what it holds outside RLIMIT_AS (pipe buffers, deleted files kept open)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (MAX_FDS, MAX_FDS))
+
+def _reachable(path, uid, gid):
+    """Whether uid/gid (no other groups) may list ``path`` and search its every ancestor."""
+    path, need = os.path.realpath(path), 0o5
+    while True:
+        st = os.stat(path)
+        shift = 6 if st.st_uid == uid else 3 if st.st_gid == gid else 0
+        if (st.st_mode >> shift) & need != need:
+            return False
+        if path == "/":
+            return True
+        path, need = os.path.dirname(path), 0o1
+
+def _drop_root(cfg, workdir, ctypes=None, libc=None):
+    """A root evaluator's sample runs as the unprivileged user it chose (cfg["user"]): the
+    /proc/<pid>/environ and mem of the evaluator and of every other user's process, their
+    signals, and raising a limit are then refused by the kernel's own permission checks. If the
+    interpreter's files are out of that user's reach (e.g. under /root), CAP_DAC_READ_SEARCH
+    alone is kept so that reads work as before; without ctypes the sample then stays root."""
+    if cfg["user"] is None:
+        return
+    uid, gid = cfg["user"]
+    keep_reads = not all(_reachable(p, uid, gid) for p in (*sys.path, workdir) if os.path.isdir(p))
+    if keep_reads and libc is None:
+        return
+    if keep_reads and libc.prctl(8, 1, 0, 0, 0) != 0:  # PR_SET_KEEPCAPS: through setuid
+        raise OSError(ctypes.get_errno(), "PR_SET_KEEPCAPS")
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+    if keep_reads:
+        read_search = 1 << 2  # CAP_DAC_READ_SEARCH: effective and permitted, nothing else
+        header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, self
+        caps = (ctypes.c_uint32 * 6)(read_search, read_search, 0, 0, 0, 0)
+        if libc.capset(header, caps) != 0:
+            raise OSError(ctypes.get_errno(), "capset")
+        libc.prctl(8, 0, 0, 0, 0)
+    if libc is not None:  # a uid change made /proc/self root's; it is the sample's again
+        libc.prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
 
 def _kernel(cfg, workdir):
     """The kernel-enforced layers, set through ctypes (then forgotten: the sample may not import
-    it): die with the evaluator, Landlock, seccomp. Returns (Landlock ABI or 0, seccomp on)."""
+    it): no root, die with the evaluator, Landlock, seccomp. Returns (Landlock ABI or 0,
+    seccomp on)."""
     try:
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
     except (ImportError, OSError):
+        _drop_root(cfg, workdir)
         return 0, False
     try:
+        _drop_root(cfg, workdir, ctypes, libc)  # clears the parent-death signal: before it
         # The wall-clock limit lives in the evaluator: die with it (SIGKILL when the thread that
         # started this process exits). If it died before this line, our parent is someone else.
         libc.prctl(1, ctypes.c_ulong(9), 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
@@ -181,42 +260,78 @@ def _landlock(ctypes, libc, workdir, cap):
     except (OSError, AttributeError):
         return 0
 
-# machine -> (AUDIT_ARCH_*, syscall numbers); pidfd_send_signal (424) and pidfd_open (434) are
-# the same on both
+# machine -> (AUDIT_ARCH_*, syscall numbers); aarch64 has no fork or vfork. Numbers the two
+# share are in _seccomp.
 _SECCOMP_ARCH = {
     "x86_64": (0xC000003E, {"kill": 62, "tkill": 200, "tgkill": 234, "rt_sigqueueinfo": 129,
-                            "rt_tgsigqueueinfo": 297, "prlimit64": 302, "fcntl": 72,
-                            "ioctl": 16}),
+                            "rt_tgsigqueueinfo": 297, "prlimit64": 302, "setrlimit": 160,
+                            "fcntl": 72, "ioctl": 16, "fork": 57, "vfork": 58, "clone": 56,
+                            "execve": 59, "execveat": 322, "socket": 41, "socketpair": 53,
+                            "memfd_create": 319,
+                            "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311,
+                            "unshare": 272, "open_by_handle_at": 304}),
     "aarch64": (0xC00000B7, {"kill": 129, "tkill": 130, "tgkill": 131, "rt_sigqueueinfo": 138,
-                             "rt_tgsigqueueinfo": 240, "prlimit64": 261, "fcntl": 25,
-                             "ioctl": 29}),
+                             "rt_tgsigqueueinfo": 240, "prlimit64": 261, "setrlimit": 164,
+                             "fcntl": 25, "ioctl": 29, "clone": 220, "execve": 221,
+                             "execveat": 281, "socket": 198, "socketpair": 199,
+                             "memfd_create": 279,
+                             "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271,
+                             "unshare": 97, "open_by_handle_at": 265}),
 }
 
 def _seccomp(ctypes, libc):
-    """Kernel-enforced on every kernel (Landlock scopes signals only from ABI 6, Linux 6.12):
-    signals and rlimit changes reach only this process, and no file may send SIGIO to another
-    (F_SETOWN). Everything else is allowed. Returns whether the filter is on."""
+    """Kernel-enforced on every kernel, whatever the audit hook is told (Landlock scopes signals
+    only from ABI 6, Linux 6.12, and never processes, sockets or memory): signals reach only
+    this process; no new process (threads only), no program run, no socket, no
+    memfd (RLIMIT_AS does not count it), no rlimit change, no ptrace or io_uring. Everything
+    else is allowed. Returns whether the filter is on."""
     machine = os.uname().machine
     if machine not in _SECCOMP_ARCH or sys.byteorder != "little":
         return False
     arch, nr = _SECCOMP_ARCH[machine]
-    nr = dict(nr, pidfd_send_signal=424, pidfd_open=434)
-    allow, deny = 0x7FFF0000, 0x00050001  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EPERM
+    nr = dict(nr, pidfd_send_signal=424, pidfd_open=434, io_uring_setup=425, clone3=435)
+    allow, eperm = 0x7FFF0000, 0x00050001  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EPERM
+    enosys = 0x00050000 | 38
     me = os.getpid()
-    # (syscall, argument, values, what a listed value gets; any other value gets the opposite)
-    rules = [(name, 0, (0, me), allow) for name in
-             ("kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "prlimit64")]
-    rules += [(name, 0, (), allow) for name in ("tkill", "pidfd_send_signal", "pidfd_open")]
-    rules += [("fcntl", 1, (8, 15), deny),  # F_SETOWN, F_SETOWN_EX
-              ("ioctl", 1, (0x8901, 0x8902), deny)]  # FIOSETOWN, SIOCSPGRP
-    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, JMP|JEQ|K, JMP|JGE|K, RET|K
-    prog = [(ld, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, deny),  # another ABI (i386)
-            (ld, 0, 0, 0), (jge, 0, 1, 0x40000000), (ret, 0, 0, deny)]  # x32 syscalls
-    for name, arg, values, hit in rules:  # A holds the syscall number between rules
-        n = len(values)
-        prog += [(jeq, 0, n + 3, nr[name]), (ld, 0, 0, 16 + 8 * arg)]  # low 32 bits of arg
-        prog += [(jeq, n - i, 0, value) for i, value in enumerate(values)]
-        prog += [(ret, 0, 0, allow if hit == deny else deny), (ret, 0, 0, hit)]
+
+    def arg(i, high=False):  # offset of an argument's low (high) 32 bits in seccomp_data
+        return 16 + 8 * i + 4 * high
+
+    # (syscall, conditions, what it gets when all hold, otherwise); a condition is (offset,
+    # values): the word is one of them, or (offset, mask): some bit of the mask is set
+    rules = [(name, [(arg(0), (0, me))], allow, eperm) for name in
+             ("kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo")]
+    rules += [("prlimit64", [(arg(0), (0, me)), (arg(2), (0,)), (arg(2, True), (0,))],
+               allow, eperm),  # its own limits, read only
+              ("fcntl", [(arg(1), (8, 15))], eperm, allow),  # F_SETOWN, F_SETOWN_EX
+              ("ioctl", [(arg(1), (0x8901, 0x8902))], eperm, allow),  # FIOSETOWN, SIOCSPGRP
+              ("clone", [(arg(0), 0x10000)], allow, eperm),  # CLONE_THREAD: threads only
+              ("clone3", [], enosys, None)]  # flags out of reach: glibc falls back to clone
+    rules += [(name, [], eperm, None) for name in
+              ("tkill", "pidfd_send_signal", "pidfd_open", "fork", "vfork", "execve",
+               "execveat", "socket", "socketpair", "memfd_create", "setrlimit", "ptrace",
+               "process_vm_readv", "process_vm_writev", "io_uring_setup", "unshare",
+               "open_by_handle_at")
+              if name in nr]
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, JMP|{JEQ,JGE,JSET}|K
+    prog = [(ld, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, eperm),  # another ABI (i386)
+            (ld, 0, 0, 0), (jge, 0, 1, 0x40000000), (ret, 0, 0, eperm)]  # x32 syscalls
+    for name, conditions, hit, miss in rules:  # A holds the syscall number between rules
+        sizes = [1 + (1 if isinstance(test, int) else len(test)) for _, test in conditions]
+        miss_at = sum(sizes) + 1  # the return after the hit's
+        body = []
+        for (offset, test), size in zip(conditions, sizes):
+            body.append((ld, 0, 0, offset))
+            after = len(body) + size - 1  # the next condition, or the hit's return
+            tests = [test] if isinstance(test, int) else test
+            for j, value in enumerate(tests):
+                i, last = len(body), j == len(tests) - 1
+                body.append((jset if isinstance(test, int) else jeq, after - i - 1,
+                             miss_at - i - 1 if last else 0, value))
+        body.append((ret, 0, 0, hit))
+        if conditions:
+            body.append((ret, 0, 0, miss))
+        prog += [(jeq, 0, len(body), nr[name])] + body
     prog.append((ret, 0, 0, allow))
 
     class Filter(ctypes.Structure):
@@ -237,9 +352,10 @@ def _install_guard(workdir, landlock):
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
     denied = {"os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
               "os.kill", "os.killpg", "signal.pthread_kill", "subprocess.Popen", "pty.spawn",
-              "socket.__new__", "os.chroot"}
+              "socket.__new__", "os.chroot", "resource.setrlimit"}
     # posix and _signal are loaded already: importing one again would bring back the functions
-    # replaced below
+    # replaced below. Both sets are matched by the last part of a dotted name too: a C module
+    # loaded as "x._posixsubprocess" (importlib.util.spec_from_file_location) is the real one.
     denied_imports = {"ctypes", "_ctypes", "_posixsubprocess", "subprocess", "multiprocessing",
                       "posix", "_signal"}
     # C modules that write files (or /dev/shm objects) with no audit event: "not installed", so
@@ -304,14 +420,16 @@ def _install_guard(workdir, landlock):
                 deny(f"{event} with dir_fd")
         elif event in denied or event.startswith("ctypes."):
             deny(event)
-        elif event == "import" and args[0] in denied_imports:
+        elif event == "import" and denied_imports & {args[0], args[0].rpartition(".")[2]}:
             deny(f"importing {args[0]}")
-        elif event == "import" and args[0] in unavailable:
+        elif event == "import" and unavailable & {args[0], args[0].rpartition(".")[2]}:
             raise ModuleNotFoundError(f"sandbox: {args[0]} is not available", name=args[0])
         elif event == "sqlite3.connect" and not sqlite_inside(args[0]):
             deny(f"sqlite3.connect({args[0]!r}) (outside the working directory)")
         elif event == "resource.prlimit" and args[0] not in (0, getpid()):
             deny("resource.prlimit of another process")
+        elif event == "resource.prlimit" and args[2] is not None:
+            deny("changing a resource limit")
         elif event in sigio_owner and args[1] in sigio_owner[event]:
             deny(f"{event} command {args[1]:#x} (SIGIO to another process)")
 
@@ -327,10 +445,11 @@ def _install_guard(workdir, landlock):
             return make(path, *args, **kwargs)
         return make_inside
 
-    # No audit event for these (the seccomp filter refuses the signal ones too): replaced before
+    # No audit event for these (the seccomp filter refuses them too): replaced before
     # user code, in posix and os, and in _signal before signal.py copies it.
     import _signal, posix
     replacements = [(posix, "pidfd_open", refused("os.pidfd_open")),
+                    (posix, "memfd_create", refused("os.memfd_create")),  # outside RLIMIT_AS
                     (_signal, "pidfd_send_signal", refused("signal.pidfd_send_signal"))]
     replacements += [(posix, name, confined(name, getattr(posix, name)))
                      for name in ("mkfifo", "mknod") if hasattr(posix, name)]
@@ -353,17 +472,28 @@ def _install_guard(workdir, landlock):
             _sqlite3.connect = connect_confined
     sys.addaudithook(guard)
 
+def _signal_completion(token):
+    """What writes the completion signal. The token lives only in its closure, in no frame the
+    program runs beneath (best effort: code that searches the interpreter's objects finds it)."""
+    marker = f"\nsandbox: completed {token}\n".encode()
+
+    def signal_completion():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.write(2, marker)
+    return signal_completion
+
 def _main():
-    token = _read_token()
+    signal_completion = _signal_completion(_read_token())
     program, cfg_json = sys.argv[1], sys.argv[2]
     cfg = json.loads(cfg_json)
     with open(program, encoding="utf-8") as f:
         source = f.read()
     workdir = os.path.realpath(os.getcwd())
+    _limits(cfg)
     abi, seccomp = _kernel(cfg, workdir)
     sys.stderr.write(f"sandbox: landlock={abi} seccomp={int(seccomp)}\n")
     sys.stderr.flush()
-    _limits(cfg)
     _install_guard(workdir, abi > 0)
     sys.argv = [program]
     code = compile(source, program, "exec")
@@ -374,13 +504,12 @@ def _main():
         exec(code, main.__dict__)
     except MemoryError:
         os._exit(EXIT_MEMORY)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.write(2, f"\nsandbox: completed {token}\n".encode())
+    signal_completion()
 
 EXIT_MEMORY = __EXIT_MEMORY__
+MAX_FDS = __MAX_FDS__
 _main()
-'''.replace("__EXIT_MEMORY__", str(EXIT_MEMORY))
+'''.replace("__EXIT_MEMORY__", str(EXIT_MEMORY)).replace("__MAX_FDS__", str(MAX_FDS))
 
 
 @dataclass
@@ -391,11 +520,14 @@ class SandboxConfig:
     memory_mb: int = 1024  # address-space limit (RLIMIT_AS)
     file_mb: int = 16  # largest file it may write, stdout/stderr included (RLIMIT_FSIZE)
     max_output_chars: int = 20_000  # tail of stdout/stderr kept in the result
+    disk_mb: int = 64  # all it keeps in its working directory; killed past it (status "disk")
+    max_files: int = 10_000  # files and directories there; killed past it (status "disk")
 
 
 @dataclass
 class SandboxResult:
-    """How a sandboxed run ended. ``status``: passed, failed, timeout, memory or killed."""
+    """How a sandboxed run ended. ``status``: passed, failed, timeout, memory, disk (past
+    ``disk_mb`` or ``max_files``) or killed."""
 
     status: str
     returncode: int | None
@@ -404,7 +536,7 @@ class SandboxResult:
     duration_s: float
     landlock: bool
     completed: bool = False  # the program ran to its end (no early exit of any kind)
-    seccomp: bool = False  # the kernel filter on signals was active
+    seccomp: bool = False  # the kernel filter (signals, processes, sockets, ...) was active
 
     @property
     def passed(self) -> bool:
@@ -424,6 +556,75 @@ def _raised_memory_error(stderr: str) -> bool:
     any line that mentions the word."""
     lines = stderr.rstrip().splitlines()
     return bool(lines) and re.fullmatch(r"MemoryError(?:: .*)?", lines[-1]) is not None
+
+
+def _disk_use(directory: Path, max_files: int) -> tuple[int, int] | None:
+    """Bytes allocated to, and entries beneath, ``directory`` (counting stops past
+    ``max_files``); None if part of it cannot be listed, as a sample can make it for a non-root
+    evaluator. Files it deleted but holds open are not seen: RLIMIT_NOFILE bounds those."""
+    used = entries = 0
+    pending = [str(directory)]
+    while pending and entries <= max_files:
+        try:
+            with os.scandir(pending.pop()) as found:
+                for entry in found:
+                    entries += 1
+                    info = entry.stat(follow_symlinks=False)
+                    used += info.st_blocks * 512
+                    if stat.S_ISDIR(info.st_mode):
+                        pending.append(entry.path)
+        except FileNotFoundError:  # removed meanwhile
+            continue
+        except OSError:
+            return None
+    return used, entries
+
+
+def _sample_user(workdir: Path) -> list[int] | None:
+    """As root, the unprivileged user and group the sample runs as, made the owner of its
+    working directory; None (the sample runs as this process's user) if not root, or if that
+    user cannot exist here (a user namespace that does not map it)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        os.chown(workdir, SAMPLE_UID, SAMPLE_GID)
+    except OSError:
+        return None
+    return [SAMPLE_UID, SAMPLE_GID]
+
+
+@functools.cache
+def _prctl() -> Callable[..., int] | None:
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (ImportError, OSError, AttributeError):
+        return None
+
+
+_undumpable_runs = 0  # runs in flight while this process is kept from being dumpable
+_was_dumpable = 0
+
+
+def _hide_evaluator(change: int) -> None:
+    """A non-root evaluator's samples run as its own user, to whom its /proc/<pid>/environ
+    (tokens, keys) and memory are open: while any run is in flight (``change`` +1 as one starts,
+    -1 as it ends) the evaluator is not dumpable, and those need CAP_SYS_PTRACE (Landlock does
+    not refuse environ). Only meanwhile, as the whole process is concerned: no core dump, no
+    debugger of the same user attaching. Root needs none of it: its samples run as another
+    user."""
+    global _undumpable_runs, _was_dumpable
+    prctl = _prctl()
+    if os.geteuid() == 0 or prctl is None:
+        return
+    with _RUNNING_LOCK:
+        _undumpable_runs += change
+        if change > 0 and _undumpable_runs == 1:
+            _was_dumpable = prctl(3, 0, 0, 0, 0)  # PR_GET_DUMPABLE
+            prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE
+        elif change < 0 and _undumpable_runs == 0 and _was_dumpable == 1:
+            prctl(4, 1, 0, 0, 0)
 
 
 def _kill_group(pgid: int) -> None:
@@ -493,31 +694,52 @@ def run_python(source: str, config: SandboxConfig | None = None) -> SandboxResul
     token = secrets.token_hex(16)  # only the bootstrap learns it, through stdin
     _remove_dead_runs()
     control_dir = Path(tempfile.mkdtemp(prefix=_PREFIX + cliconfig.owner_tag()))
+    _hide_evaluator(+1)
     try:
         workdir = control_dir / "work"
         workdir.mkdir()
         (control_dir / "bootstrap.py").write_text(_BOOTSTRAP, encoding="utf-8")
         (control_dir / "program.py").write_text(source, encoding="utf-8")
+        settings["user"] = user = _sample_user(workdir)
+        if user:  # it reaches its directory and reads its program (tracebacks), lists nothing
+            os.chmod(control_dir, 0o711)
+            for name in ("bootstrap.py", "program.py"):
+                os.chmod(control_dir / name, 0o644)
         env = {"PATH": os.defpath, "HOME": str(workdir), "TMPDIR": str(workdir),
                "LANG": "C.UTF-8"}
         command = [sys.executable, "-I", "-S", "-B", str(control_dir / "bootstrap.py"),
                    str(control_dir / "program.py"), json.dumps(settings)]
-        with open(control_dir / "stdout", "wb") as out, open(control_dir / "stderr", "wb") as err:
+
+        def private(path: str, flags: int) -> int:
+            fd = os.open(path, flags, 0o600)
+            if user:  # also reopened through /dev/stdout
+                os.fchown(fd, *user)
+            return fd
+
+        with open(control_dir / "stdout", "wb", opener=private) as out, \
+                open(control_dir / "stderr", "wb", opener=private) as err:
             start = time.monotonic()
             proc = subprocess.Popen(command, cwd=workdir, env=env, stdin=subprocess.PIPE,
                                     stdout=out, stderr=err, start_new_session=True)
             with _RUNNING_LOCK:
                 _RUNNING.add(proc.pid)
-            timed_out = False
+            timed_out = over_disk = False
             try:
                 try:  # a few bytes into an empty pipe: never blocks
                     proc.stdin.write(token.encode() + b"\n")
                     proc.stdin.close()
                 except OSError:  # the interpreter died at startup; its status says so
                     pass
-                proc.wait(timeout=cfg.timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
+                deadline = start + cfg.timeout_s
+                while not timed_out and not over_disk:
+                    try:
+                        proc.wait(timeout=max(0.0, min(_DISK_POLL_S, deadline - time.monotonic())))
+                        break
+                    except subprocess.TimeoutExpired:
+                        timed_out = time.monotonic() >= deadline
+                    use = None if timed_out else _disk_use(workdir, cfg.max_files)
+                    over_disk = not timed_out and (use is None or use[0] > cfg.disk_mb * 2**20
+                                                   or use[1] > cfg.max_files)
             finally:  # at the timeout, on an interrupt, and whatever it left running
                 _kill_group(proc.pid)
                 proc.wait()
@@ -534,10 +756,13 @@ def run_python(source: str, config: SandboxConfig | None = None) -> SandboxResul
         completed = marker in stderr
         stderr = stderr.replace(marker, "")
     finally:
+        _hide_evaluator(-1)
         _remove(control_dir)
     code = proc.returncode
     if timed_out:
         status = "timeout"
+    elif over_disk:
+        status = "disk"
     elif code == 0:
         status = "passed"
     elif code == EXIT_MEMORY or (code == 1 and _raised_memory_error(stderr)):
