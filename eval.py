@@ -330,9 +330,12 @@ def _problem_error(problem: dict) -> str | None:
         prompt, error = _with_body(prompt), None
     if error:
         return error
+    if isinstance(problem.get("canonical_solution"), str):
+        return None  # its run in the sandbox is the stronger check (the completion may define
+        #   the entry point, as in MBPP; it may be an expression, such as Solution().two)
     defined = {node.name for node in ast.parse(prompt).body
                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
-    if problem["entry_point"] not in defined:
+    if problem["entry_point"].isidentifier() and problem["entry_point"] not in defined:
         return f"entry_point {problem['entry_point']!r} is not defined in the prompt"
     return None
 
@@ -382,7 +385,10 @@ def load_problems(path: str | Path = PROBLEMS_FILE, sandbox: SandboxConfig | Non
         problems.append(problem)
     if not problems:
         raise ValueError(f"{path}: no problems")
-    problems = problems[:limit]
+    if limit is not None and limit < len(problems):
+        print(f"note: pass@k on the first {limit} of the {len(problems)} problems of {path} "
+              "(--limit)", file=sys.stderr)
+        problems = problems[:limit]
     if sandbox is not None:
         _check_canonical_solutions(path, problems, first_line, sandbox, workers)
     return problems

@@ -802,9 +802,11 @@ def _check_code_hf_sections(spec: dict, source: str) -> None:
     if (found := _code_hf_difference(spec)) is not None:
         part, where = found
         whose = "that is" if part == "model" else f"whose {part} is"
+        hint = ("; a transformers save after a padded or truncated call writes them: set "
+                "truncation and padding to null" if part in ("truncation", "padding") else "")
         raise ValueError(f"{source}: a WordPiece model {whose} not codelm's ({where}); "
                          "codelm reads only the WordPiece form it writes, so that HF tokenizers "
-                         "give the same ids and text")
+                         f"give the same ids and text{hint}")
 
 
 def _check_code_added_tokens(added: object, specials: list[str], source: str) -> None:

@@ -397,6 +397,28 @@ def test_problems_are_checked_by_compiling_only_and_accept_humaneval_prompts(tmp
     assert len(ev.load_problems(path)) == len(shapes)
 
 
+def test_problems_whose_completion_defines_the_entry_point_are_run_not_refused(tmp_path):
+    """MBPP's shape (the completion writes the function) and an expression entry point were
+    refused by the static check, though their canonical solutions pass: with one, the sandbox
+    run decides."""
+    import json
+
+    shapes = [{"prompt": "# Write add(a, b).\n", "entry_point": "add",
+               "canonical_solution": "def add(a, b):\n    return a + b\n",
+               "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n"},
+              {"prompt": "class Solution:\n    def two(self):\n", "entry_point": "Solution().two",
+               "canonical_solution": "        return 2\n",
+               "test": "def check(candidate):\n    assert candidate() == 2\n"}]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"task_id": str(i), **shape}) + "\n"
+                            for i, shape in enumerate(shapes)))
+    assert len(ev.load_problems(path, ev.SandboxConfig(timeout_s=10.0), 1)) == 2
+    no_solution = {k: v for k, v in shapes[0].items() if k != "canonical_solution"}
+    path.write_text(json.dumps({"task_id": "0", **no_solution}) + "\n")
+    with pytest.raises(ValueError, match="entry_point 'add' is not defined in the prompt"):
+        ev.load_problems(path)
+
+
 def test_a_canonical_solution_failing_its_test_is_an_error_before_any_generation(
         tiny_models, tmp_path, monkeypatch, capsys):
     import json
@@ -416,7 +438,8 @@ def test_a_canonical_solution_failing_its_test_is_an_error_before_any_generation
     assert not out.exists()
 
 
-def test_limit_keeps_the_first_problems_and_runs_only_their_canonical_solutions(tmp_path):
+def test_limit_keeps_the_first_problems_and_runs_only_their_canonical_solutions(tmp_path,
+                                                                                capsys):
     """A problem past ``limit`` is still checked by compiling (a file is accepted or not
     whatever the limit) but its canonical solution is not run: --limit 3 waits on 3 runs."""
     import json
@@ -428,6 +451,7 @@ def test_limit_keeps_the_first_problems_and_runs_only_their_canonical_solutions(
                     + json.dumps({**FORTY_TWO, "task_id": "C",
                                   "canonical_solution": "    return 41\n"}) + "\n")
     assert [p["task_id"] for p in ev.load_problems(path, sandbox, 1, limit=2)] == ["t/42", "B"]
+    assert capsys.readouterr().err == f"note: pass@k on the first 2 of the 3 problems of {path} (--limit)\n"
     with pytest.raises(ValueError, match="p.jsonl:3: the canonical solution fails"):
         ev.load_problems(path, sandbox, 1, limit=3)
     path.write_text(good + _problem_line("B") + json.dumps({**FORTY_TWO, "task_id": "C",
