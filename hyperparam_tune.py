@@ -47,6 +47,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import shlex
 import signal
 import socket
@@ -614,6 +615,42 @@ def interrupted_run(trial: optuna.Trial) -> tuple[Path | None, dict[int, float]]
     return Path(run), {s: v for s, v in before.intermediate_values.items() if s <= step}
 
 
+def recorded_precision(run: Path) -> str | None:
+    """What the checkpoint a resume of ``run`` continues from computed in (its progress record's
+    "precision": what "auto" resolved to where it trained), or None (no readable checkpoint, or
+    an earlier codelm's, which did not record it). Like the trainer, a checkpoint whose state.pt
+    does not read gives way to the one before it. state.pt is read as the trainer reads it
+    (weights_only), memory-mapped: the optimizer's tensors are not read."""
+    for checkpoint in reversed(trainingmanager.list_checkpoints(run)):
+        try:
+            state = torch.load(checkpoint / trainingmanager.STATE_FILE, map_location="cpu",
+                               weights_only=True, mmap=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError):
+            continue
+        progress = state.get("progress") if isinstance(state, dict) else None
+        if isinstance(progress, dict):
+            precision = progress.get("precision")
+            return precision if isinstance(precision, str) else None
+    return None
+
+
+def trial_train_config(cfg: TuneConfig, recipe: dict, number: int,
+                       resume: Path | None = None) -> TrainConfig:
+    """The TrainConfig trial ``number`` runs. A trial that continues a run (``resume``) under
+    precision "auto" computes in the precision its checkpoint recorded, as ``--precision X``
+    pins an "auto" run: "auto" resolves per machine (bf16 on an A100, fp16 on a T4, fp32 on the
+    CPU), and the trainer refuses a resume whose precision would change, which would stop the
+    sweep when a trial is queued again on another kind of machine. Only the run's config is
+    pinned: the recipe (best.json) and the study's settings keep "auto"."""
+    values = trial_run_config(cfg, recipe, number, resume)
+    where = f"trial {number}"
+    train_cfg = trainingmanager.config_from_dict(values, where)
+    if resume is not None and train_cfg.precision == "auto":
+        if (trained := recorded_precision(resume)) is not None:
+            train_cfg = trainingmanager.config_from_dict({**values, "precision": trained}, where)
+    return train_cfg
+
+
 def _mark_interrupted(trial: optuna.Trial) -> None:
     """Record the interrupt; a trial another worker already declared dead is left as it is."""
     with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
@@ -662,8 +699,7 @@ def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _Claim
             recipe = trial_recipe(cfg, space, base, trial)
             trial.set_user_attr(ATTR_CONFIG, recipe)
             resume, reported = interrupted_run(trial)
-            train_cfg = trainingmanager.config_from_dict(
-                trial_run_config(cfg, recipe, trial.number, resume), f"trial {trial.number}")
+            train_cfg = trial_train_config(cfg, recipe, trial.number, resume)
             run_dir = Path(train_cfg.out_dir) / train_cfg.name
             # a run there that this trial does not resume: not this study's
             if resume is None and (run_dir / trainingmanager.CONFIG_FILE).exists():

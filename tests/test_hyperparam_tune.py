@@ -16,6 +16,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 from procs import exited, signal_when
@@ -378,6 +379,44 @@ def test_a_rerun_sweep_continues_the_interrupted_trial_from_its_checkpoint(
     assert second.user_attrs[hyperparam_tune.ATTR_RUN] == str(first_run)
     rows = (tmp_path / "runs" / "cont" / "trials.csv").read_text().splitlines()
     assert rows[0].endswith(",run_dir,reason") and f",{first_run},interrupted" in rows[1]
+
+
+def test_a_trial_continued_on_another_kind_of_machine_keeps_the_precision_it_trained_in(
+        tmp_path, corpus, monkeypatch, capsys):
+    """A trial trained in bf16 ("auto" on an A100) and queued again on a machine where "auto"
+    computes in fp32 continues its run in bf16, as its checkpoint recorded (the trainer refuses
+    a resume whose precision would change, and that stopped the sweep), while the recipe, the
+    study's settings and a fresh trial keep "auto"."""
+    real, calls = trainingmanager.train, []
+
+    def train(cfg, on_eval=None, resume_hint=None):
+        calls.append(cfg)
+        result = real(cfg, on_eval=on_eval, resume_hint=resume_hint)
+        if len(calls) == 1:  # as a worker on an A100 would have checkpointed it, then stopped
+            state_file = trainingmanager.list_checkpoints(result.run_dir)[-1] / \
+                trainingmanager.STATE_FILE
+            state = torch.load(state_file, weights_only=True)
+            state["progress"]["precision"] = "bf16"
+            torch.save(state, state_file)
+            result.interrupted = "SIGTERM"
+        return result
+
+    monkeypatch.setattr(trainingmanager, "train", train)
+    argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="prec", n_trials=2,
+                     max_steps=4, pruner="none")
+    assert hyperparam_tune.main(argv) == 143
+    assert hyperparam_tune.main(argv) == 0, capsys.readouterr().err
+    run = tmp_path / "runs" / "prec" / "trials" / "trial-0000"
+    assert [(c.resume, c.precision) for c in calls] == [
+        (None, "auto"), (str(run), "bf16"), (None, "auto")]
+    checkpoint = trainingmanager.list_checkpoints(run)[-1] / trainingmanager.STATE_FILE
+    assert torch.load(checkpoint, weights_only=True)["progress"]["precision"] == "bf16"
+    study = load_study(journal(tmp_path, "prec"), "prec")
+    assert [t.state for t in study.get_trials()] == [
+        TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert study.user_attrs[hyperparam_tune.ATTR_SETTINGS]["precision"] == "auto"
+    best = json.loads((tmp_path / "runs" / "prec" / "best.json").read_text())
+    assert trainingmanager.config_from_dict(best).precision == "auto"
 
 
 @pytest.mark.skipif(POSTGRES_URL is None, reason="no PostgreSQL server: CODELM_TEST_POSTGRES_URL "
