@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import inspect
 import json
 import os
@@ -430,6 +431,121 @@ def remove_dead_owners(directory: str | Path, before: str,
                 entry.unlink()
 
 
+# A write in progress lies beside its target NAME, named after the target and its owner, so that
+# the next writer there knows what is whose: ``.NAME.tmp-<owner tag>`` is the new file or directory
+# being written, ``.NAME.old-<owner tag>`` the directory it replaces, between its two renames. A
+# directory's names end in a random suffix too (two threads may write the same target).
+PARTIAL_WRITE = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-" + OWNER_PATTERN)
+
+
+def partial_path(target: Path, kind: str, suffix: str = "") -> Path:
+    """Where this process writes ``target`` (``kind`` "tmp") or keeps what it replaces ("old")."""
+    return target.with_name(f".{target.name}.{kind}-{owner_tag()}{suffix}")
+
+
+def recover_partial_writes(directory: str | Path, every_owner_gone: bool = False) -> None:
+    """Settle what writers killed mid-write left in ``directory`` (SIGKILL and power loss run no
+    cleanup): their temporary files and directories are removed, and a directory they had moved
+    aside to replace is put back when its replacement never landed, else removed. Only dead
+    owners' are touched, or every one's with ``every_owner_gone`` (under a lock that all writers
+    hold, which also covers owners on other machines, whose death cannot be told)."""
+    try:
+        entries = list(Path(directory).iterdir())
+    except OSError:  # no such directory yet: nothing to settle
+        return
+    for entry in entries:
+        match = PARTIAL_WRITE.match(entry.name)
+        if not match or not (every_owner_gone or owner_is_dead(match)):
+            continue
+        if match["kind"] == "old" and _put_back(entry, entry.with_name(match["name"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):  # another process removed it first
+                entry.unlink()
+
+
+def _put_back(old: Path, target: Path) -> bool:
+    """Rename ``old`` back to ``target`` unless ``target`` is there (its replacement landed)."""
+    if target.exists() or target.is_symlink():
+        return False
+    try:
+        os.rename(old, target)
+    except OSError:  # another writer published target meanwhile
+        return False
+    return True
+
+
+def write_dir_atomically(target: str | Path, build: Callable[[Path], object],
+                         replace: bool = True) -> bool:
+    """``build`` fills a temporary directory beside ``target``, which is fsynced and renamed to
+    ``target``: readers, and a kill or power loss at any point, see the previous directory or the
+    new one, never half of one. A failed or interrupted ``build`` removes its copy; what killed
+    writers left here is settled first (``recover_partial_writes``).
+
+    ``replace``: an existing ``target`` is replaced (put back if the rename fails). Without it,
+    the first complete publisher wins, as a cache entry wants: when ``target`` exists (another
+    process built the same entry meanwhile) this copy is discarded and False returned; True means
+    this call published ``target``."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    recover_partial_writes(target.parent)
+    suffix = os.urandom(4).hex()
+    tmp = partial_path(target, "tmp", suffix)
+    tmp.mkdir()
+    try:
+        build(tmp)
+        _fsync_tree(tmp)
+        return _publish(tmp, target, partial_path(target, "old", suffix) if replace else None)
+    finally:  # gone once published; else a failed, interrupted or losing write's copy
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(tmp: Path, target: Path, old: Path | None) -> bool:
+    """Rename ``tmp`` to ``target``, moving an existing ``target`` to ``old`` first (None: keep an
+    existing ``target`` and return False)."""
+    if old is not None and (target.exists() or target.is_symlink()):
+        os.rename(target, old)
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            if not _put_back(old, target):
+                shutil.rmtree(old, ignore_errors=True)
+            raise
+        _fsync(target.parent)
+        shutil.rmtree(old, ignore_errors=True)
+        return True
+    try:
+        os.rename(tmp, target)
+    except OSError as err:
+        if old is None and err.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            return False  # another process published target first: its entry stays
+        raise
+    _fsync(target.parent)
+    return True
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root``, so that the rename publishes data that is
+    on disk (without it, a power loss can leave the new name over empty files)."""
+    for parent, _, files in os.walk(root, topdown=False):
+        for name in files:
+            if not os.path.islink(Path(parent, name)):
+                _fsync(Path(parent, name))
+        _fsync(Path(parent))
+
+
+def _fsync(path: Path) -> None:
+    if os.name == "nt" and path.is_dir():  # Windows opens no directory (nor needs it synced)
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 # What write_atomic writes: text (as UTF-8), bytes, or a function writing into the open binary
 # file (a stream too large to hold in memory, such as model weights).
 FileContent = str | bytes | Callable[[BinaryIO], object]
@@ -465,7 +581,7 @@ def _write_temp(path: Path, data: FileContent) -> Path:
     """``data`` written and fsynced to ``path``'s owner-tagged temporary file, which is gone
     again if the write fails."""
     remove_dead_owners(path.parent, re.escape(f".{path.name}.tmp-"))
-    tmp = path.with_name(f".{path.name}.tmp-{owner_tag()}")
+    tmp = partial_path(path, "tmp")
     try:
         with _naming(path, tmp), open(tmp, "wb") as f:
             if callable(data):

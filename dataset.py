@@ -21,7 +21,6 @@ import multiprocessing
 import os
 import random
 import re
-import shutil
 import signal
 import sys
 import sysconfig
@@ -31,7 +30,7 @@ import tokenize
 import typing
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -777,41 +776,24 @@ def corpus_key(cfg: DataConfig) -> str:
     return _hash_json({"v": PIPELINE_VERSION, "corpus": opts})
 
 
-# A build's temp (and replaced) directories are named ``<entry>.tmp-<cliconfig.owner_tag()>...``:
-# a later build removes those of builders that died on this machine (on real corpora gigabytes
-# that no later build would ever read), and leaves other machines' and other PID namespaces'.
-_PARTIAL = r".*\.(?:tmp|old)-"
+# What builds of earlier versions, killed mid-build, left in a cache dir (now named by
+# cliconfig.partial_path, which cliconfig.write_dir_atomically settles): ``ENTRY.tmp-<owner
+# tag>...`` and ``ENTRY.old-<owner tag>`` of a build, ``.tmp-ENTRY-<owner tag>`` and
+# ``.old-ENTRY-<owner tag>`` of a tokenizer.
+_EARLIER_PARTIAL = r"(?:[^.].*\.(?:tmp|old)|\.(?:tmp|old)-.+)-"
 
 
-def _atomic_dir(final: Path) -> Path:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    cliconfig.remove_dead_owners(final.parent, _PARTIAL)
-    return Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-{cliconfig.owner_tag()}", dir=final.parent))
-
-
-def _publish(tmp: Path, final: Path, replace: bool) -> None:
-    """Move a finished build into place (rename: readers never see half a cache entry)."""
-    if replace and final.exists():
-        old = final.with_name(f"{final.name}.old-{cliconfig.owner_tag()}")
-        os.rename(final, old)
-        shutil.rmtree(old, ignore_errors=True)
-    try:
-        os.rename(tmp, final)
-    except OSError:  # another process published the same key first
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _building(final: Path, replace: bool) -> Iterator[Path]:
-    """A temp dir to build ``final`` in: published when the block ends, removed if it fails or is
-    interrupted (Ctrl-C, or SIGTERM under ``cliconfig.interrupt_on_sigterm``)."""
-    tmp = _atomic_dir(final)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _publish(tmp, final, replace)
+def publish_cache_entry(final: Path, build: Callable[[Path], object],
+                        replace: bool = False) -> None:
+    """Build the cache entry ``final`` (a corpus, a task's token files, a tokenizer) in a
+    temporary directory and rename it into place (``cliconfig.write_dir_atomically``: fsynced,
+    readers never see half an entry; an interrupted build leaves nothing). Without ``replace``
+    the first complete build of the key stays and a concurrent builder's copy is discarded (it
+    holds the same data, the key says so). Each build removes the temps of builders that died on
+    this machine (on real corpora gigabytes no later build would read), never another machine's
+    or PID namespace's."""
+    cliconfig.remove_dead_owners(final.parent, _EARLIER_PARTIAL)
+    cliconfig.write_dir_atomically(final, build, replace=replace)
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:
@@ -837,12 +819,15 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         if given and not splits[split]:
             raise DataError(f"{split}_sources {given} left no {split} documents after cleaning "
                             f"(dropped: {stats['dropped'] or 'none'})")
-    with _building(path, replace=not cfg.use_cache) as tmp:
+
+    def write(tmp: Path) -> None:
         for s in SPLITS:
             with open(tmp / f"{s}.jsonl", "w", encoding="utf-8") as f:
                 for d in splits[s]:
                     f.write(json.dumps(asdict(d), ensure_ascii=False) + "\n")
         (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
+
+    publish_cache_entry(path, write, replace=not cfg.use_cache)
     stats["cache_hit"] = False
     return Corpus(**splits, stats=stats, key=key)
 
@@ -1533,10 +1518,14 @@ def prepare(
         meta = json.loads((path / "meta.json").read_text())
         return _open_task(path, meta, cfg, tokenizer, cache_hit=True)
     corpus = load_corpus(cfg)
-    with _building(path, replace=not cfg.use_cache) as tmp:
-        build = _build_lm if cfg.task == "lm" else _build_supervised
-        meta = {"corpus": corpus.stats, "task": build(corpus, tokenizer, cfg, tmp)}
+    build = _build_lm if cfg.task == "lm" else _build_supervised
+    meta: dict = {}
+
+    def write(tmp: Path) -> None:
+        meta.update(corpus=corpus.stats, task=build(corpus, tokenizer, cfg, tmp))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+
+    publish_cache_entry(path, write, replace=not cfg.use_cache)
     return _open_task(path, meta, cfg, tokenizer, cache_hit=False)
 
 

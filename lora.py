@@ -19,12 +19,13 @@ import math
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 import cliconfig
@@ -686,8 +687,11 @@ def save_adapter(model: nn.Module, out_dir: str | Path,
         "use_rslora": cfg.use_rslora, "init_lora_weights": True, "inference_mode": True,
         **_UNSUPPORTED_PEFT_KEYS,
     }
-    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    # As a set (config last, as save_pretrained): a failed save leaves the earlier adapter whole.
+    cliconfig.write_atomic_files({
+        out / ADAPTER_WEIGHTS: partial(pretrained._write_safetensors, tensors=tensors),
+        out / ADAPTER_CONFIG: json.dumps(config, indent=2, sort_keys=True) + "\n",
+    })
     return out
 
 

@@ -764,53 +764,24 @@ def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], sourc
     model.load_state_dict(tensors, strict=False)
 
 
-def _fsync_tree(path: Path) -> None:
-    for p in [*path.iterdir(), path]:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def write_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
-    """``write`` fills a temporary directory, which then replaces ``target`` by rename.
-
-    A crash (or kill -9) at any point leaves either the previous ``target`` or the new one, never
-    a half-written one. Leftovers, ``.tmp-<name>-<owner tag>``/``.old-...``, are cleaned at a
-    run's start (``clean_partial_writes``) and, outside run directories (the tokenizer cache),
-    by the next write of ``target``; a failed or interrupted ``write`` removes its own.
-    """
-    target = Path(target)
-    # A dead writer's temp copy of any entry (a shared cache is written under many names, some
-    # never again), and its replaced copy of this one (the next run's, or this write's, target).
-    cliconfig.remove_dead_owners(target.parent, r"\.tmp-.+-")
-    cliconfig.remove_dead_owners(target.parent, rf"\.old-{re.escape(target.name)}-")
-    tmp = target.parent / f".tmp-{target.name}-{cliconfig.owner_tag()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    """``cliconfig.write_dir_atomically`` replacing ``target`` (a checkpoint, best/, export/), with
+    any failure of ``write`` reported as one OSError naming ``target``: on a full disk torch and
+    safetensors raise their own types, which would end a run with a traceback. What a killed
+    write leaves in a run directory is settled at the run's start (``clean_partial_writes``)."""
     try:
-        write(tmp)
-        _fsync_tree(tmp)
-    except BaseException as err:  # Ctrl-C and SIGTERM too: no half-written copy is left
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, OSError) or not isinstance(err, Exception):
+        cliconfig.write_dir_atomically(target, write, replace=True)
+    except Exception as err:
+        if isinstance(err, OSError):
             raise
-        # a full disk: torch and safetensors raise their own types
-        free = shutil.disk_usage(target.parent).free / 2**20
+        free = shutil.disk_usage(Path(target).parent).free / 2**20
         raise OSError(f"{target}: could not write it ({type(err).__name__}: {err}; "
                       f"{free:.0f} MiB free); what was written before is intact") from None
-    try:
-        if target.exists():
-            old = target.parent / f".old-{target.name}-{cliconfig.owner_tag()}"
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, target)
-    finally:  # tmp is left only if a rename failed (another process wrote target first)
-        shutil.rmtree(tmp, ignore_errors=True)
-    _fsync_tree(target.parent)
+
+
+# Partial writes as earlier versions named them (now cliconfig.partial_path's names):
+# ``.tmp-<name>-...`` and ``.old-<name>-`` with an owner tag, or ``-<pid>`` before owner tags.
+_EARLIER_OLD = re.compile(r"\.old-(?P<name>.+)-(?:" + cliconfig.OWNER_PATTERN + r"|\d+)")
 
 
 def clean_partial_writes(directory: Path) -> None:
@@ -818,12 +789,11 @@ def clean_partial_writes(directory: Path) -> None:
     the run's lock, so every owner of these names is gone: no owner tags need judging."""
     if not directory.is_dir():
         return
-    # ``.old-<name>-<owner tag>``, or ``-<pid>`` as runs before owner tags named it
-    old = re.compile(r"\.old-(?P<name>.+)-(?:" + cliconfig.OWNER_PATTERN + r"|\d+)")
+    cliconfig.recover_partial_writes(directory, every_owner_gone=True)
     for p in directory.iterdir():
         if p.name.startswith(".tmp-"):
             shutil.rmtree(p, ignore_errors=True)
-        elif match := old.fullmatch(p.name):
+        elif match := _EARLIER_OLD.fullmatch(p.name):
             original = directory / match["name"]
             if original.exists():
                 shutil.rmtree(p, ignore_errors=True)
@@ -1160,7 +1130,7 @@ def load_or_train_tokenizer(cfg: TrainConfig, dcfg: DataConfig) -> CodeTokenizer
     """The given tokenizer, the pretrained model's, or a CodeTokenizer trained on the train split
     (cached by corpus, tokenizer options and encoding version: ``dataset.tokenizer_cache_dir``,
     so a second run reuses it)."""
-    from dataset import prepare, tokenizer_cache_dir
+    from dataset import prepare, publish_cache_entry, tokenizer_cache_dir
     from tokenizer import CodeTokenizer, load_tokenizer
 
     if cfg.tokenizer is not None:
@@ -1173,9 +1143,9 @@ def load_or_train_tokenizer(cfg: TrainConfig, dcfg: DataConfig) -> CodeTokenizer
     texts = prepare(dcfg, None).train
     tok = CodeTokenizer.train(texts, min_freq=cfg.tokenizer_min_freq,
                               max_vocab=cfg.tokenizer_max_vocab)
-    if dcfg.use_cache:
-        with contextlib.suppress(OSError):  # another process cached the same tokenizer first
-            write_dir_atomically(cached, tok.save)
+    if dcfg.use_cache:  # the first complete entry stays: another run may be loading it
+        with contextlib.suppress(OSError):  # a read-only cache: the tokenizer is used uncached
+            publish_cache_entry(cached, tok.save)
     return tok
 
 

@@ -3,6 +3,7 @@
 import argparse
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -299,3 +300,81 @@ def test_write_atomic_files_replace_none_of_a_set_when_one_write_fails(tmp_path)
     cliconfig.write_atomic_files({weights: lambda f: f.write(b"new weights"),
                                   config: "new config"})
     assert (weights.read_bytes(), config.read_text()) == (b"new weights", "new config")
+
+
+def test_write_dir_atomically_replaces_or_lets_the_first_publisher_win(tmp_path):
+    """One home for directory publishing: trainingmanager replaces its checkpoints, best/ and
+    export/; a cache entry (dataset, the tokenizer cache) is published once, and a concurrent
+    builder's copy of the same key is discarded."""
+    target = tmp_path / "entry"
+    assert cliconfig.write_dir_atomically(target, lambda d: (d / "a").write_text("1"))
+    assert cliconfig.write_dir_atomically(target, lambda d: (d / "a").write_text("2"))
+    assert (target / "a").read_text() == "2"
+
+    def raced(d: Path) -> None:
+        (d / "a").write_text("loser")
+        cliconfig.write_dir_atomically(target, lambda d: (d / "a").write_text("winner"))
+
+    assert not cliconfig.write_dir_atomically(target, raced, replace=False)
+    assert (target / "a").read_text() == "winner"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["entry"]
+    fresh = tmp_path / "deeper" / "fresh"
+    assert cliconfig.write_dir_atomically(fresh, lambda d: (d / "a").write_text("1"),
+                                          replace=False)
+    assert (fresh / "a").read_text() == "1"
+
+
+def test_recover_partial_writes_settles_dead_owners_only(tmp_path):
+    """A dead writer's temp is removed and the directory it had moved aside put back when its
+    replacement never landed (else removed); a live writer's names, and another machine's, are
+    left, unless every owner is known to be gone (under a lock all writers hold)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True).stdout)
+    _, host, ns, _ = cliconfig.owner_tag().split("@")
+    assert host == socket.gethostname()
+    dead_tag, live_tag = f"{dead}@{host}@{ns}@ab12", f"{os.getppid()}@{host}@{ns}@cd34"
+    names = {
+        f".lost.old-{dead_tag}": "put back",  # killed between its two renames
+        f".landed.old-{dead_tag}": "removed",  # killed after the new copy landed
+        "landed": "new",
+        f".landed.tmp-{dead_tag}": "removed",
+        f".landed.tmp-{live_tag}": "kept",
+        f".landed.tmp-{dead}@other-{host}@{ns}@": "kept",
+    }
+    for name, text in names.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "a").write_text(text)
+    (tmp_path / f".f.json.tmp-{dead_tag}").write_text("half")
+    cliconfig.recover_partial_writes(tmp_path)
+    left = {p.name: (p / "a").read_text() for p in tmp_path.iterdir()}
+    assert left == {"lost": "put back", "landed": "new", f".landed.tmp-{live_tag}": "kept",
+                    f".landed.tmp-{dead}@other-{host}@{ns}@": "kept"}
+    cliconfig.recover_partial_writes(tmp_path, every_owner_gone=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["landed", "lost"]
+
+
+def test_write_dir_atomically_syncs_the_tree_before_the_rename(tmp_path, monkeypatch):
+    """Every file and directory of the new copy (nested ones too) reaches the disk before its
+    name does, and the rename itself after (its parent directory)."""
+    import os
+
+    events: list[str] = []
+    fsync, rename = os.fsync, os.rename
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(
+        Path(os.readlink(f"/proc/self/fd/{fd}")).name), fsync(fd))[1])
+    monkeypatch.setattr(os, "rename", lambda a, b: (events.append("rename"), rename(a, b))[1])
+
+    def build(d: Path) -> None:
+        (d / "sub").mkdir()
+        (d / "sub" / "b").write_text("b")
+        (d / "a").write_text("a")
+
+    cliconfig.write_dir_atomically(tmp_path / "out" / "entry", build)
+    tmp = next(e for e in events if e.startswith(".entry.tmp-"))
+    assert sorted(events[:4]) == sorted(["a", "b", "sub", tmp]) and events[3] == tmp
+    assert events[4:] == ["rename", "out"]

@@ -1080,8 +1080,15 @@ def test_a_build_removes_what_dead_builders_of_this_machine_left(tmp_path):
     cache = tmp_path / "cache"
     host, dead = socket.gethostname(), _dead_pid()
     ns = cliconfig.owner_tag().split("@")[2]
-    left = [f"corpus-x.tmp-{dead}@{host}@{ns}@k1l2", f"lm-y.old-{dead}@{host}@{ns}@"]
-    kept = [f"corpus-x.tmp-{os.getpid()}@{host}@{ns}@abcd",  # a build that still runs
+    left = [f".corpus-x.tmp-{dead}@{host}@{ns}@k1l2", f".lm-y.tmp-{dead}@{host}@{ns}@",
+            f".data.json.tmp-{dead}@{host}@{ns}@",  # a file's (cliconfig.write_atomic)
+            # and what earlier versions named them
+            f"corpus-x.tmp-{dead}@{host}@{ns}@k1l2", f"lm-y.old-{dead}@{host}@{ns}@",
+            f".tmp-tokenizer-z-{dead}@{host}@{ns}@"]
+    kept = [f".corpus-x.tmp-{os.getpid()}@{host}@{ns}@abcd",  # a build that still runs
+            f".corpus-x.tmp-{dead}@other-{host}@{ns}@abcd",  # another machine's, on a shared disk
+            f".corpus-x.tmp-{dead}@{host}@{ns}1@abcd",  # another PID namespace's (a container)
+            f"corpus-x.tmp-{os.getpid()}@{host}@{ns}@abcd",
             f"corpus-x.tmp-{dead}@other-{host}@{ns}@abcd",  # another machine's, on a shared disk
             f"corpus-x.tmp-{dead}@{host}@{ns}1@abcd"]  # another PID namespace's (a container)
     for name in left + kept:
@@ -1089,6 +1096,29 @@ def test_a_build_removes_what_dead_builders_of_this_machine_left(tmp_path):
     corpus = dataset.load_corpus(cfg(tmp_path))
     entries = sorted(p.name for p in cache.iterdir())
     assert entries == sorted([*kept, f"corpus-{corpus.key}"])
+
+
+def test_a_published_cache_entry_is_on_disk_before_its_name(tmp_path, monkeypatch):
+    """Cache entries were renamed into place unsynced: after a power loss the name could hold
+    empty files, which every later run would load as the corpus (gigabytes of token files, read
+    as cache hits). Each file and directory of the entry is fsynced before the rename, and the
+    cache directory after it."""
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def record(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    corpus = dataset.load_corpus(cfg(tmp_path))
+    cache = (tmp_path / "cache").resolve()
+    entry = cache / f"corpus-{corpus.key}"
+    [tmp] = {Path(p).parent for p in synced if Path(p).name == "stats.json"}
+    assert tmp.parent == cache and tmp.name.startswith(f".{entry.name}.tmp-")
+    files = sorted(p.name for p in entry.iterdir())
+    assert sorted(Path(p).name for p in synced if Path(p).parent == tmp) == files
+    assert synced[-2:] == [str(tmp), str(cache)]
 
 
 def test_an_interrupted_corpus_write_leaves_no_temp_dir(tmp_path, monkeypatch):
@@ -1129,7 +1159,7 @@ def test_an_interrupted_build_exits_cleanly_and_leaves_nothing(tmp_path, tok, si
     build = subprocess.Popen([sys.executable, "-c", SLOW_BUILD, *argv],
                              cwd=Path(dataset.__file__).parent, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
-    _, err = signal_when(build, lambda: list(cache.glob("lm-*.tmp-*/started")), sig)
+    _, err = signal_when(build, lambda: list(cache.glob(".lm-*.tmp-*/started")), sig)
     assert build.returncode == code, err
     if sig != signal.SIGKILL:
         assert "Traceback" not in err and err.count("\n") == 1, err

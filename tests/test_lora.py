@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 import transformers as tf
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import SafetensorError
 from tiny_hf import save_tiny_hf, tiny_hf_model
 
 import lora
@@ -412,6 +413,42 @@ def test_truncated_adapter_weights_are_an_error_naming_the_file(tmp_path):
         load_adapter(fresh, tmp_path / "a")
     assert str(e.value).startswith(f"{weights}: ")
     assert not list(lora.lora_modules(fresh))
+
+def test_a_failed_save_leaves_the_earlier_adapter_whole(tmp_path):
+    """save_adapter wrote adapter_config.json, then the weights: a full disk mid-save (here a
+    file-size limit) left the new adapter's config (another rank) beside the earlier weights,
+    and neither adapter could be loaded. Both files are now written before either replaces one."""
+    import resource
+    import signal
+
+    _, model, setting = _pair("phi", tmp_path)
+    apply_lora(model, LoRAConfig(**setting))
+    _train(model, steps=2)
+    save_adapter(model, tmp_path / "a")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+    ids = _ids(5)
+    saved = _logits(model, ids)
+    _train(model, steps=2)
+    _, other, _ = _pair("phi", tmp_path / "other")
+    apply_lora(other, LoRAConfig(**{**setting, "r": 2 * setting["r"]}))
+    limit = len(before[lora.ADAPTER_WEIGHTS]) // 2
+    assert limit > len(before[lora.ADAPTER_CONFIG])
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past it fails (EFBIG)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        with pytest.raises((OSError, SafetensorError)):  # safetensors' own type before
+            save_adapter(other, tmp_path / "a")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before  # no temp
+    load_adapter(model, tmp_path / "a")
+    torch.testing.assert_close(_logits(model, ids), saved, atol=0, rtol=0)
+    save_adapter(other, tmp_path / "a")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(before)
+    assert lora._read_config(tmp_path / "a").r == 2 * setting["r"]
+
 
 def test_partial_suffix_target_is_saved_exactly(tmp_path):
     # "attn.c_proj" must not become PEFT's "c_proj", which would also select mlp.c_proj.

@@ -499,11 +499,86 @@ def test_a_stopped_directory_write_removes_its_half_written_copy(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_directory_whose_replacement_failed_to_land_is_put_back(tmp_path, monkeypatch):
+    """The new copy's rename failing (another process wrote the target meanwhile, a full
+    directory) left the old copy moved aside as `.old-...` and no target at all."""
+    target = tmp_path / "best"
+    tm.write_dir_atomically(target, lambda d: (d / "a.txt").write_text("old"))
+    rename = os.rename
+
+    def failing(src, dst):
+        if ".tmp-" in Path(src).name:
+            raise OSError(28, "No space left on device", str(src))
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", failing)
+    with pytest.raises(OSError, match="No space left"):
+        tm.write_dir_atomically(target, lambda d: (d / "a.txt").write_text("new"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+    assert (target / "a.txt").read_text() == "old"
+
+
+def test_a_writer_killed_between_its_renames_leaves_the_old_copy_for_the_next_write(tmp_path):
+    """SIGKILL after the old copy was moved aside but before the new one landed left
+    `.old-best-PID` with no best/: outside a run directory nothing put it back, and the next
+    write of best/ deleted it (a failing one then lost both)."""
+    import multiprocessing
+    import signal
+
+    target = tmp_path / "best"
+    tm.write_dir_atomically(target, lambda d: (d / "a.txt").write_text("old"))
+
+    def killed_writer():
+        rename = os.rename
+
+        def kill_on_landing(src, dst):
+            if Path(dst) == target:
+                os.kill(os.getpid(), signal.SIGKILL)
+            rename(src, dst)
+
+        os.rename = kill_on_landing
+        tm.write_dir_atomically(target, lambda d: (d / "a.txt").write_text("new"))
+
+    child = multiprocessing.get_context("fork").Process(target=killed_writer)
+    child.start()
+    child.join()
+    assert child.exitcode == -signal.SIGKILL
+    assert not target.exists()
+    tm.write_dir_atomically(tmp_path / "step-2", lambda d: (d / "b.txt").write_text("b"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "step-2"]
+    assert (target / "a.txt").read_text() == "old"
+
+
+def test_a_tokenizer_another_run_cached_first_is_kept(assets, tmp_path, monkeypatch):
+    """Two runs training the same tokenizer at once: the second to finish replaced the first's
+    cache entry, which a third run may be loading (a cache entry is published once)."""
+    import dataset
+
+    cfg = tiny_cfg(assets, tmp_path, tokenizer=None,
+                   data_options={"cache_dir": str(tmp_path / "cache"), "progress": False})
+    dcfg = tm.data_config(cfg, cfg.block_size)
+    cached = dataset.tokenizer_cache_dir(dcfg, cfg.tokenizer_min_freq, cfg.tokenizer_max_vocab)
+    train = CodeTokenizer.train
+
+    def train_while_another_run_caches(*args, **kwargs):
+        tok = train(*args, **kwargs)
+        cached.mkdir(parents=True)  # the other run's entry, published meanwhile
+        tok.save(cached)
+        (cached / "first").write_text("")
+        return tok
+
+    monkeypatch.setattr(CodeTokenizer, "train", staticmethod(train_while_another_run_caches))
+    tok = tm.load_or_train_tokenizer(cfg, dcfg)
+    assert (cached / "first").exists()
+    assert sorted(p.name for p in cached.parent.iterdir() if p.name.startswith(".")) == []
+    assert load_tokenizer(cached).vocab_size == tok.vocab_size
+
+
 def test_the_next_tokenizer_cache_write_removes_what_a_killed_one_left(assets, tmp_path):
     """The data cache is shared by runs (no run lock, no clean_partial_writes): a run killed while
-    caching its tokenizer left `.tmp-tokenizer-KEY-PID/` there for good. The next write there
-    removes the temp directories of dead writers, of any entry (a key may never be written
-    again), never one a live run is writing."""
+    caching its tokenizer left its temp directory there for good. The next write there removes
+    the temp directories of dead writers, of any entry (a key may never be written again) and in
+    the names earlier versions gave them, never one a live run is writing."""
     import multiprocessing
     import signal
 
@@ -524,10 +599,13 @@ def test_the_next_tokenizer_cache_write_removes_what_a_killed_one_left(assets, t
     child.start()
     child.join()
     assert child.exitcode == -signal.SIGKILL
-    [partial] = [p.name for p in cache.iterdir() if p.name.startswith(".tmp-tokenizer-")]
+    [partial] = [p.name for p in cache.iterdir() if p.name.startswith(".tokenizer-")]
+    assert f".tmp-{child.pid}@" in partial
     live = cache / partial.replace(f"-{child.pid}@", f"-{os.getppid()}@")  # this test's parent's
     live.mkdir()
-    (cache / partial.replace(".tmp-tokenizer-", ".tmp-tokenizer-other")).mkdir()  # a dead one
+    (cache / partial.replace(".tokenizer-", ".tokenizer-other")).mkdir()  # a dead one
+    tag = partial.split(".tmp-")[1]
+    (cache / f".tmp-tokenizer-old-{tag}").mkdir()  # what an earlier version named it
     tok = tm.load_or_train_tokenizer(cfg, dcfg)  # the re-run
     assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == [live.name]
     [entry] = cache.glob("tokenizer-*")
@@ -653,9 +731,9 @@ def test_resume_after_kill_9_is_bit_exact(assets, tmp_path, mode):
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert [p.name for p in tm.list_checkpoints(run)] == ["step-4"]
     if mode == "write":  # the half-written checkpoint is a temporary directory, never step-8
-        assert any(p.name.startswith(".tmp-step-8") for p in (run / "checkpoints").iterdir())
+        assert any(p.name.startswith(".step-8.tmp-") for p in (run / "checkpoints").iterdir())
     _resume(run)
-    assert not any(p.name.startswith(".tmp") for p in (run / "checkpoints").iterdir())
+    assert not any(p.name.startswith(".") for p in (run / "checkpoints").iterdir())
     assert_bit_equal(final_weights(straight.run_dir, 10), final_weights(run, 10))
     a = torch.load(straight.run_dir / "checkpoints/step-10/state.pt", weights_only=True)
     b = torch.load(run / "checkpoints/step-10/state.pt", weights_only=True)
