@@ -845,12 +845,12 @@ def _weight_files(tensors: dict[str, torch.Tensor],
     """File name -> content of the weights: model.safetensors, or the shards and their index.
     The safetensors contents are writers, which stream the tensors one at a time."""
     if len(shards) == 1:
-        return {"model.safetensors": partial(_write_safetensors, tensors=tensors)}
+        return {"model.safetensors": partial(write_safetensors, tensors=tensors)}
     files: dict[str, cliconfig.FileContent] = {}
     weight_map = {}
     for k, names in enumerate(shards, 1):
         fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        files[fname] = partial(_write_safetensors, tensors={n: tensors[n] for n in names})
+        files[fname] = partial(write_safetensors, tensors={n: tensors[n] for n in names})
         weight_map.update(dict.fromkeys(names, fname))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -869,7 +869,7 @@ def _remove_stale_weights(directory: Path, written: set[str]) -> None:
                 stale.unlink()
 
 
-def _write_safetensors(f: BinaryIO, tensors: dict[str, torch.Tensor]) -> None:
+def write_safetensors(f: BinaryIO, tensors: dict[str, torch.Tensor]) -> None:
     """safetensors layout: 8-byte header length, JSON header (space-padded to 8), raw data. One
     tensor at a time is copied to the CPU and written: the file is never held in memory."""
     header: dict = {"__metadata__": {"format": "pt"}}

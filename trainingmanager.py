@@ -27,6 +27,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 import typing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -2116,9 +2117,16 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
 def _leave_group() -> None:
     """The run's DDP model sits in reference cycles and holds the group: freed by a late garbage
     collection (at interpreter exit), gloo's threads die with the process half torn down and it
-    aborts now and then (SIGABRT, "terminate called without an active exception")."""
+    aborts now and then (SIGABRT, "terminate called without an active exception"). A run that
+    failed is held by its error's traceback too (the frames of execute keep the trainer): their
+    locals are dropped first, the error itself kept."""
     import torch.distributed as td
 
+    error, seen = sys.exc_info()[1], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__
     gc.collect()
     td.destroy_process_group()
 

@@ -888,18 +888,21 @@ sys.exit(tm.main(sys.argv[1:]))
 """
 
 
-def test_ddp_model_is_freed_before_the_group_is_destroyed(assets, tmp_path):
+@pytest.mark.parametrize("failing", [False, True])
+def test_ddp_model_is_freed_before_the_group_is_destroyed(assets, tmp_path, failing):
     """The DDP model sits in reference cycles; left to the collection at interpreter exit, gloo's
     threads died in a half torn-down process: now and then SIGABRT, "terminate called without
-    an active exception", after a run that had finished."""
-    cfg = tiny_cfg(assets, tmp_path, name="freed", max_steps=1, eval_every=1, save_every=1)
+    an active exception", after a run that had finished, or failed (its error's traceback held
+    the trainer)."""
+    cfg = tiny_cfg(assets, tmp_path, name="freed", max_steps=2, eval_every=2, save_every=2,
+                   inject_nan_at_step=2 if failing else None)
     script = tmp_path / "counting.py"
     script.write_text(COUNTING_LIVE_DDP_MODELS)
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          "--tee", "1", str(script), "--config", str(write_config(cfg, tmp_path / "freed.json"))],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (proc.returncode != 0) == failing, proc.stderr[-3000:]
     assert proc.stdout.count("live DDP models at destroy_process_group: 0") == 2, proc.stdout
 
 
