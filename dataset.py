@@ -54,7 +54,7 @@ from tokenizer import (
 
 # Bump when cleaning or task building changes what a cache holds.
 # 6: Git LFS pointers dropped; a document in val_sources and test_sources kept in val only.
-# 7: directories walked by scraping's walker (symlinks skipped, extensions in any case); a
+# 7: directories walked by scraping's walker (links to files read, extensions in any case); a
 #    ``.PY`` document (a JSONL record's path too) is Python.
 PIPELINE_VERSION = 7
 
@@ -262,7 +262,9 @@ def _source_files(source: str, extensions: Sequence[str]) -> tuple[Path, list[Pa
     if source == "stdlib":
         return stdlib_root(), stdlib_files()
     root = Path(source).expanduser()
-    return root, source_files(root, extensions)
+    # The user's own directory: a link to a file is read (a link farm, an HF hub snapshot's
+    # files point into its blobs/); `scraping local` never follows one out of a clone.
+    return root, source_files(root, extensions, follow_symlinks=True)
 
 
 def _check_source(source: str) -> None:

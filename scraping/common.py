@@ -149,23 +149,26 @@ def has_extension(path: str, extensions: Iterable[str]) -> bool:
 
 
 def walk_source_tree(
-    root: Path, extensions: Iterable[str]
+    root: Path, extensions: Iterable[str], follow_symlinks: bool = False
 ) -> Iterator[tuple[str, Path, str | None]]:
     """(relative posix path, path, why it is skipped or None) of every file under ``root``.
 
     The one directory walker of ``scraping local`` and dataset.py's directory sources, so a tree
     gives the same files through either. Sorted by relative path (dataset's splits follow this
     order); EXCLUDED_DIRS are never entered. Skip reasons: ``extension``; ``symlink`` (a link may
-    point anywhere, and a tree must not pull in files from outside itself); ``not_a_file``.
+    point anywhere, and a cloned tree must not pull in files from outside itself: only
+    ``follow_symlinks``, for a user's own directory, reads a link to a file); ``not_a_file``.
     """
     extensions = tuple(extensions)
     for rel, path in _tree_files(root):
-        yield rel, path, _skip_reason(rel, path, extensions)
+        yield rel, path, _skip_reason(rel, path, extensions, follow_symlinks)
 
 
-def source_files(root: Path, extensions: Iterable[str]) -> list[Path]:
+def source_files(root: Path, extensions: Iterable[str], follow_symlinks: bool = False
+                 ) -> list[Path]:
     """The files of ``root`` that ``walk_source_tree`` keeps, in its order."""
-    return [path for _, path, skip in walk_source_tree(root, extensions) if skip is None]
+    return [path for _, path, skip in walk_source_tree(root, extensions, follow_symlinks)
+            if skip is None]
 
 
 def _tree_files(root: Path) -> list[tuple[str, Path]]:
@@ -180,11 +183,12 @@ def _tree_files(root: Path) -> list[tuple[str, Path]]:
     return sorted(found, key=lambda entry: entry[0])
 
 
-def _skip_reason(rel: str, path: Path, extensions: tuple[str, ...]) -> str | None:
+def _skip_reason(rel: str, path: Path, extensions: tuple[str, ...],
+                 follow_symlinks: bool) -> str | None:
     """The extension is checked first: it needs no system call, and most skipped files fail it."""
     if not has_extension(rel, extensions):
         return "extension"
-    if path.is_symlink():
+    if not follow_symlinks and path.is_symlink():
         return "symlink"
     if not path.is_file():  # a FIFO, a socket, a device
         return "not_a_file"

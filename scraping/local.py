@@ -1,8 +1,8 @@
 """Collect source files by extension from local directories or git URLs (seed 002's Kotlin corpus).
 
 A git URL is shallow-cloned into a temporary directory that is removed afterwards. Directories are
-walked by ``scraping.common.walk_source_tree``, dataset.py's walker too: symlinks are skipped, so a
-cloned repository cannot pull files from outside itself into the corpus. Each source's
+walked by ``scraping.common.walk_source_tree``, dataset.py's walker too: symlinks are skipped here
+(dataset.py alone follows a link to a file in the user's own directory), so a cloned repository cannot pull files from outside itself into the corpus. Each source's
 records are committed as it finishes (as the GitHub scraper commits each repo), so a clone that fails
 or a run that is stopped keeps the sources already collected, and a re-run goes on from there.
 """

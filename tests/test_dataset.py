@@ -110,17 +110,23 @@ def test_stdlib_files_skip_site_packages_and_pycache(tmp_path):
     assert len(real) > 1000 and not any("site-packages" in p.parts for p in real)
 
 
-def test_directory_source_skips_symlinks_and_reads_extensions_in_any_case(tmp_path):
-    """A symlink pulled in a file from outside the tree, and ``B.PY`` was left out, though
-    ``scraping local`` (the docs said: the same walk) did the opposite of both."""
-    src = tmp_path / "src"
+def test_directory_source_follows_links_to_files_and_reads_extensions_in_any_case(tmp_path):
+    """``B.PY`` was left out; and a directory of links to files (an HF hub snapshot, whose files
+    point into its blobs/) read as empty once links were skipped: the user's own directory is
+    read through its links."""
+    src = tmp_path / "snapshot"
+    blobs = tmp_path / "blobs"
     src.mkdir()
+    blobs.mkdir()
     (src / "B.PY").write_text('def f():\n    """Say one."""\n    return 1\n')
-    (tmp_path / "secret.py").write_text("token = 'abc'\nx = 1\n")
-    (src / "link.py").symlink_to(tmp_path / "secret.py")
-    corpus = dataset.load_corpus(cfg(tmp_path, sources=[str(src)], strip_docstrings=True))
+    (blobs / "b1").write_text("def g():\n    return 2\n")
+    (src / "link.py").symlink_to(Path("..") / "blobs" / "b1")
+    (src / "dangling.py").symlink_to(tmp_path / "gone.py")
+    corpus = dataset.load_corpus(cfg(tmp_path, sources=[str(src)], strip_docstrings=True,
+                                     min_lines=1))
     docs = {d.id: d.text for d in corpus.train + corpus.val + corpus.test}
-    assert docs == {"src/B.PY": "def f():\n    return 1\n"}  # cleaned as Python
+    assert docs == {"snapshot/B.PY": "def f():\n    return 1\n",  # cleaned as Python
+                    "snapshot/link.py": "def g():\n    return 2\n"}
     assert dataset.Doc("src/B.PY", "x = 1\n").is_python
 
 
