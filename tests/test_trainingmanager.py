@@ -79,6 +79,23 @@ def final_weights(run_dir: Path, step: int, name: str = tm.MODEL_FILE) -> dict:
     return load_file(Path(run_dir) / "checkpoints" / f"step-{step}" / name)
 
 
+def sigterm_at_step(monkeypatch, step: int):
+    """SIGTERM arrives during optimizer step ``step`` (counted from 1 in this process); returns
+    the real train_step."""
+    import signal
+
+    original, calls = tm.Trainer.train_step, [0]
+
+    def train_step(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(tm.Trainer, "train_step", train_step)
+    return original
+
+
 def assert_bit_equal(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for k in a:
@@ -1242,17 +1259,7 @@ def test_cli_range_error_exits_2(capsys):
 def test_a_stop_signal_saves_and_exits_non_zero_with_the_resume_hint(assets, tmp_path, capsys,
                                                                       monkeypatch):
     """SIGTERM: checkpoint, then exit 143 (so `train && eval` stops) and say how to go on."""
-    import signal
-
-    original, calls = tm.Trainer.train_step, [0]
-
-    def train_step(self, *args, **kwargs):
-        calls[0] += 1
-        if calls[0] == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(tm.Trainer, "train_step", train_step)
+    sigterm_at_step(monkeypatch, 2)
     config = _tiny_config_file(assets, tmp_path)
     assert tm.main(["--config", config]) == 143
     run = tmp_path / "runs" / "run"
@@ -1856,21 +1863,11 @@ def test_the_last_step_is_logged_whatever_ends_the_run(assets, tmp_path, monkeyp
     10 lost the loss of steps 11-15, and recipes compared step 1 with itself. The final step,
     and a step a stop signal ends the run at, are logged; the resume adds no second line for
     it and stays bit-exact."""
-    import signal
-
     common = dict(max_steps=9, log_every=5, dropout=0.1)
     straight = tm.train(tiny_cfg(assets, tmp_path, name="straight", **common))
     assert _train_steps(straight.run_dir) == [1, 5, 9]
 
-    original, calls = tm.Trainer.train_step, [0]
-
-    def train_step(self, *args, **kwargs):
-        calls[0] += 1
-        if calls[0] == 6:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(tm.Trainer, "train_step", train_step)
+    original = sigterm_at_step(monkeypatch, 6)
     cfg = tiny_cfg(assets, tmp_path, name="stopped", **common)
     assert tm.train(cfg).interrupted == "SIGTERM"
     run = Path(cfg.out_dir) / "stopped"
