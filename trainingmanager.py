@@ -264,16 +264,17 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
     """Defaults < ``--resume`` run's config.json < ``--config`` file < command-line flags."""
     args = vars(build_parser().parse_args(argv))
+    given: dict = {}
+    config = args.pop("config", None)
+    if config is not None:  # read here, so that an earlier codelm's is upgraded
+        given = load_config_file(config)
     resumed: dict = {}
     if args.get("resume"):
-        check_resume_location(args)
+        check_resume_location(args, given, config)
         saved = Path(args["resume"]) / CONFIG_FILE
         if not saved.is_file():
             raise ValueError(f"--resume {args['resume']}: no {CONFIG_FILE} there (not a run dir)")
         resumed = load_config_file(saved)
-    given: dict = {}
-    if args.get("config") is not None:  # read here, so that an earlier codelm's is upgraded
-        given = load_config_file(args.pop("config"))
     if resumed:  # the paths it gives the run (its own tokenizer.json replaces the tokenizer's)
         check_run_paths(resumed, [k for k in ("init_from", "data", "val_data", "test_data")
                                   if k not in args and k not in given], str(saved))
@@ -281,18 +282,23 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
                                     choices=_CHOICES)
 
 
-def check_resume_location(args: dict) -> None:
-    """A typed ``--name`` / ``--out-dir`` must name the ``--resume`` directory: the resume
-    continues that run, so one naming another run (a new branch, meant) would go unheeded."""
+def check_resume_location(args: dict, given: dict | None = None, config: str | None = None
+                          ) -> None:
+    """A ``--name`` / ``--out-dir`` typed, or set by the ``--config`` file, must name the
+    ``--resume`` directory: the resume continues that run, so one naming another run (a new
+    branch, meant) would go unheeded."""
+    given = given or {}
     resume = Path(args["resume"]).expanduser()
-    typed = [k for k in ("name", "out_dir") if args.get(k) is not None]
-    named = (Path(args.get("out_dir") or resume.parent).expanduser()
-             / (args.get("name") or resume.name))
-    if not typed or named.resolve() == resume.resolve():
+    values = {k: args[k] if args.get(k) is not None else given.get(k) for k in ("name", "out_dir")}
+    named = (Path(values["out_dir"] or resume.parent).expanduser()
+             / (values["name"] or resume.name))
+    set_by = [k for k in ("name", "out_dir") if values[k] is not None]
+    if not set_by or named.resolve() == resume.resolve():
         return
-    flags = " ".join(f"--{k.replace('_', '-')} {args[k]}" for k in typed)
-    raise ValueError(f"--resume {args['resume']} continues that run, but {flags} names another "
-                     f"run ({named}): drop {flags} to continue {args['resume']}, or drop "
+    said = " ".join(f"--{k.replace('_', '-')} {args[k]}" if args.get(k) is not None
+                    else f"{k} {given[k]!r} in --config {config}" for k in set_by)
+    raise ValueError(f"--resume {args['resume']} continues that run, but {said} names another "
+                     f"run ({named}): drop {said} to continue {args['resume']}, or drop "
                      "--resume to start a new run there")
 
 

@@ -1837,9 +1837,15 @@ def test_resume_refuses_a_name_or_out_dir_of_another_run(assets, tmp_path, capsy
     assert f"--out-dir {elsewhere} names another run ({elsewhere / 'run'})" in err
     assert [p.name for p in tm.list_checkpoints(run)] == ["step-2"]
     assert not (run.parent / "other").exists() and not elsewhere.exists()
+    (tmp_path / "b").mkdir()
+    other = Path(_tiny_config_file(assets, tmp_path / "b", max_steps=2, eval_every=2))
+    assert tm.main(["--resume", str(run), "--config", str(other), "--max-steps", "4"]) == 2
+    assert f"out_dir '{tmp_path / 'b' / 'runs'}' in --config {other} names another run" in (
+        capsys.readouterr().err)
     assert tm.main(["--resume", f"{run}/", "--name", "run", "--out-dir",
                     os.path.relpath(run.parent), "--max-steps", "4"]) == 0
     assert tm.list_checkpoints(run)[-1].name == "step-4"
+    assert tm.main(["--resume", str(run), "--config", config, "--max-steps", "5"]) == 0
 
 
 # --------------------------------------------------------------------------------------------
