@@ -44,6 +44,7 @@ _UNSUPPORTED_PEFT_KEYS = {
     "target_parameters": None, "exclude_modules": None, "layer_replication": None,
     "use_qalora": False, "trainable_token_indices": None, "alora_invocation_tokens": None,
     "use_bdlora": None, "kasa_config": None, "monteclora_config": None, "arrow_config": None,
+    "ensure_weight_tying": False,
 }
 # init_lora_weights values under which PEFT rewrites the base weights when it loads the adapter.
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
@@ -615,7 +616,8 @@ def merge_lora(model: nn.Module) -> None:
 
 
 def unmerge_lora(model: nn.Module) -> None:
-    """Undo ``merge_lora`` (in fp32, then cast: exact to the base dtype's rounding). Idempotent."""
+    """Undo ``merge_lora`` (in fp32, then cast): the weights come back to within one rounding of
+    the base dtype (about 1 ulp for some, as with PEFT), not bit for bit. Idempotent."""
     for _, module in lora_modules(model):
         if module.merged:
             module.merge(-1.0)
@@ -695,6 +697,13 @@ def save_adapter(model: nn.Module, out_dir: str | Path,
     return out
 
 
+def _unused(value: object, unused: object) -> bool:
+    """PEFT writes a feature's absence as null, false, {} or []; by value and type, since a
+    ``layers_to_transform`` of 0 is layer 0, not false."""
+    return (value is None or value is False or value in ({}, [])
+            or (type(value) is type(unused) and value == unused))
+
+
 def _read_config(path: Path) -> LoRAConfig:
     file = path / ADAPTER_CONFIG
     if not file.is_file():
@@ -704,7 +713,7 @@ def _read_config(path: Path) -> LoRAConfig:
     if raw.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{file}: peft_type {raw['peft_type']!r} is not LORA")
     for key, unused in _UNSUPPORTED_PEFT_KEYS.items():
-        if raw.get(key, unused) not in (unused, None, False, {}, []):
+        if not _unused(raw.get(key, unused), unused):
             raise ValueError(f"{file}: {key}={raw[key]!r} is not supported by codelm's LoRA")
     init = raw.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):

@@ -341,7 +341,9 @@ def test_adapter_file_errors_name_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"adapter_config.json: use_dora=True is not supported"):
         load_adapter(fresh, tmp_path / "a")
     for key, value in (("use_bdlora", {"target_modules_bd_a": ["o_proj"]}),
-                       ("kasa_config", {"on": True}), ("monteclora_config", {"n_experts": 2})):
+                       ("kasa_config", {"on": True}), ("monteclora_config", {"n_experts": 2}),
+                       ("layers_to_transform", 0),  # layer 0 only: read as "unused" (0 == False)
+                       ("ensure_weight_tying", True)):  # lm_head weights its targets omit
         (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, key: value}))
         with pytest.raises(ValueError, match=rf"adapter_config.json: {key}=.* is not supported"):
             load_adapter(fresh, tmp_path / "a")
