@@ -28,7 +28,6 @@ import tempfile
 import threading
 import tokenize
 import typing
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -56,7 +55,10 @@ from tokenizer import (
 # 6: Git LFS pointers dropped; a document in val_sources and test_sources kept in val only.
 # 7: directories walked by scraping's walker (links to files read, extensions in any case); a
 #    ``.PY`` document (a JSONL record's path too) is Python.
-PIPELINE_VERSION = 7
+# 8: near-dedupe MinHash is a universal hash (it dropped distinct files); fim's
+#    max_completion_tokens cuts FIM middles only; a method prompt too long loses the end of its
+#    docstring, not its signature; a refactor example whose input is cut is skipped.
+PIPELINE_VERSION = 8
 
 TASKS = ("lm", "completion", "method", "docstring", "refactor", "fim")
 SPLITS = ("train", "val", "test")
@@ -141,7 +143,8 @@ class DataConfig:
     max_prompt_tokens: int | None = None  # longer prompts are cut: first the end of the code in
     #   a docstring or refactor template, then from the left (fim: the start of the prefix and
     #   the end of the suffix, never a sentinel; at least 3)
-    max_completion_tokens: int | None = None  # longer completions are cut
+    max_completion_tokens: int | None = None  # longer completions are cut (fim: the middles;
+    #   its plain LM chunks stay whole)
     completion_style: str = "window"  # "window" (seed 002) or "line" (CodeXGLUE line completion)
     window_prompt_tokens: int = 100  # window completion: tokens of context
     window_completion_tokens: int = 35  # window completion: tokens to complete
@@ -581,20 +584,53 @@ def _is_duplicate(doc: Doc | _RawDoc, seen: dict[bytes, str | None], dedupe: boo
 
 _SHINGLE_WORDS = re.compile(r"\w+|[^\w\s]")
 _MERSENNE = (1 << 61) - 1
+_LOW32 = np.uint64((1 << 32) - 1)
+_LOW29 = np.uint64((1 << 29) - 1)
+
+
+def shingles(text: str, shingle: int = 5) -> set[str]:
+    """The word ``shingle``-grams of a text: the sets whose Jaccard MinHash estimates."""
+    words = _SHINGLE_WORDS.findall(text)
+    return {" ".join(words[j : j + shingle]) for j in range(max(1, len(words) - shingle + 1))}
+
+
+def _fold(v: np.ndarray) -> np.ndarray:
+    """``v`` mod p up to one p (2^61 = 1 mod p): below p + 8 for any uint64 ``v``."""
+    return (v & np.uint64(_MERSENNE)) + (v >> np.uint64(61))
+
+
+def _affine_mod_p(x: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Exact (a*x + b) mod p for uint64 values below p = 2^61-1. The product needs 122 bits, so
+    it is split into 32-bit halves, each partial product reduced by 2^61 = 1 mod p: a product
+    that wraps uint64 (or that stays far below p) is no universal hash."""
+    x_lo, x_hi = x & _LOW32, x >> np.uint64(32)
+    a_lo, a_hi = a & _LOW32, a >> np.uint64(32)
+    high = (a_hi * x_hi) << np.uint64(3)  # * 2^64 = * 8 mod p; < 2^61
+    mid = a_hi * x_lo + a_lo * x_hi  # < 2^62, times 2^32 below
+    mid = (mid >> np.uint64(29)) + ((mid & _LOW29) << np.uint64(32))  # < 2^61 + 2^33
+    low = _fold(a_lo * x_lo)  # < 2^61 + 8
+    r = _fold(high + mid + low + b)  # the sum < 2^63 + 2^62
+    return np.where(r >= np.uint64(_MERSENNE), r - np.uint64(_MERSENNE), r)
 
 
 def minhash_signatures(texts: Sequence[str], num_perm: int = 64, shingle: int = 5) -> np.ndarray:
-    """(N, num_perm) MinHash signatures over word shingles; deterministic (crc32, fixed seed)."""
+    """(N, num_perm) MinHash signatures over word shingles; deterministic (blake2b, fixed seed).
+    Each permutation is a universal hash (a*x + b) mod p of a 61-bit shingle hash, with a and b
+    drawn over all of [1, p) and [0, p), so its minimum is a uniform pick of the shingles."""
     rng = np.random.default_rng(1234567)
-    a = rng.integers(1, 1 << 32, size=num_perm, dtype=np.uint64)
-    b = rng.integers(0, 1 << 32, size=num_perm, dtype=np.uint64)
+    a = rng.integers(1, _MERSENNE, size=num_perm, dtype=np.uint64)[None, :]
+    b = rng.integers(0, _MERSENNE, size=num_perm, dtype=np.uint64)[None, :]
     sigs = np.full((len(texts), num_perm), np.iinfo(np.uint64).max, dtype=np.uint64)
     for i, text in enumerate(texts):
-        words = _SHINGLE_WORDS.findall(text)
-        grams = {" ".join(words[j : j + shingle]) for j in range(max(1, len(words) - shingle + 1))}
-        x = np.fromiter((zlib.crc32(g.encode()) for g in grams), dtype=np.uint64, count=len(grams))
-        if len(x):
-            sigs[i] = ((x[:, None] * a[None, :] + b[None, :]) % _MERSENNE).min(axis=0)
+        grams = shingles(text, shingle)
+        x = np.fromiter(
+            (int.from_bytes(hashlib.blake2b(g.encode(), digest_size=8).digest(), "little")
+             & _MERSENNE for g in grams),
+            dtype=np.uint64, count=len(grams),
+        )[:, None]
+        for j in range(0, len(x), 4096):  # bounded temporaries on large files
+            part = _affine_mod_p(x[j : j + 4096], a, b).min(axis=0)
+            sigs[i] = np.minimum(sigs[i], part)
     return sigs
 
 
@@ -1079,9 +1115,13 @@ def _dedent(parsed: _Parsed, first: int, last: int, indent: int) -> list[str]:
     return out
 
 
-def method_examples(doc: Doc, parsed: _Parsed | None = None) -> list[Example]:
+def method_examples(
+    doc: Doc, parsed: _Parsed | None = None, docstring_as_body: bool = False
+) -> list[Example]:
     """CodeXGLUE method generation: signature + docstring -> body. ``parsed``: the document's
-    ``_parse`` result where the caller has it."""
+    ``_parse`` result where the caller has it. ``docstring_as_body``: the docstring is the
+    example's ``body`` (same prompt text), so that a prompt too long loses the end of its
+    docstring rather than its signature, the name and parameters the body needs most."""
     parsed = parsed or _parse(doc)
     if parsed is None:
         return []
@@ -1099,7 +1139,14 @@ def method_examples(doc: Doc, parsed: _Parsed | None = None) -> list[Example]:
         body = _dedent(parsed, ds.end_lineno + 1, node.end_lineno, node.col_offset)
         if not "".join(body).strip():
             continue
-        out.append(Example("\n".join(head) + "\n", "\n".join(body).rstrip()))
+        prompt = "\n".join(head) + "\n"
+        completion = "\n".join(body).rstrip()
+        if docstring_as_body:
+            n_sig = ds.lineno - start  # the decorator and def lines before the docstring
+            sig = "".join(line + "\n" for line in head[:n_sig])
+            out.append(Example(sig, completion, body=prompt[len(sig) :]))
+        else:
+            out.append(Example(prompt, completion))
     return out
 
 
@@ -1285,7 +1332,7 @@ def _examples_for(doc: Doc, cfg: DataConfig, events: Counter) -> list[Example]:
         events["skipped_syntax_error_file"] += 1
         return []
     if cfg.task == "method":
-        return method_examples(doc, parsed)
+        return method_examples(doc, parsed, docstring_as_body=True)
     if cfg.task == "docstring":
         return docstring_examples(
             doc, cfg.docstring_targets, cfg.docstring_prompt, cfg.docstring_code_tokens, parsed
@@ -1431,12 +1478,18 @@ def _build_supervised(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path) -> 
             n_target = len(completion)
             if ends and eos is not None:
                 completion = completion + [eos]
+            # A plain LM chunk of the fim task (no prompt) is no completion to bound: its cut
+            # tokens would appear in no example.
+            limit = cfg.max_completion_tokens if prompt or cfg.task != "fim" else None
             kept_prompt, kept_completion = _truncate_pair(
-                prompt, completion, cfg.block_size, cfg.max_completion_tokens,
-                cfg.max_prompt_tokens, code_span,
+                prompt, completion, cfg.block_size, limit, cfg.max_prompt_tokens, code_span
             )
             if not kept_completion[:n_target]:  # nothing to learn (an EOS alone is no target)
                 events["skipped_empty_completion"] += 1
+                continue
+            if cfg.task == "refactor" and len(kept_prompt) < len(prompt):
+                # The whole refactored code for input partly unseen teaches invention.
+                events["skipped_refactor_input_truncated"] += 1
                 continue
             events["prompt_truncated"] += len(kept_prompt) < len(prompt)
             events["completion_truncated"] += len(kept_completion) < len(completion)
@@ -1508,6 +1561,13 @@ def prepare(
             stats={"corpus": corpus.stats, "cache_hit": corpus.stats["cache_hit"]},
         )
     cfg.validate()
+    # Such a tokenizer rewrites a def whose only statement is its docstring to ``pass``: the
+    # method prompt and the docstring task's code would lose what conditions the target.
+    if cfg.task in ("method", "docstring") and getattr(tokenizer, "strip_comments", False):
+        raise DataError(
+            f"the {cfg.task} task needs the docstrings a tokenizer with strip_comments=True "
+            "deletes from its prompts; use a tokenizer with strip_comments=False"
+        )
     key = _hash_json(
         {
             "corpus": corpus_key(cfg),

@@ -13,6 +13,7 @@ import sys
 import tokenize
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from procs import signal_when
@@ -353,6 +354,40 @@ def test_near_duplicates_found_exact_ones_kept_apart(tmp_path):
     assert dataset.near_duplicates([base, other]) == set()
 
 
+# Real stdlib pairs: two ctypes tests sharing boilerplate, two unrelated files, two code pages.
+MINHASH_PAIRS = (
+    ("ctypes/test/test_pep3118.py", "ctypes/test/test_byteswap.py"),
+    ("ctypes/test/test_bitfields.py", "lib2to3/tests/data/infinite_recursion.py"),
+    ("encodings/cp866.py", "encodings/cp1125.py"),
+)
+
+
+def test_minhash_estimates_the_jaccard_of_real_files():
+    """Each permutation must be a universal hash: a near-linear one lets a few shingles with
+    small hashes decide every minimum, and unrelated files look like near-duplicates."""
+    root = stdlib_root()
+    for a, b in MINHASH_PAIRS:
+        ta, tb = (root / a).read_text("utf-8"), (root / b).read_text("utf-8")
+        sa, sb = dataset.shingles(ta), dataset.shingles(tb)
+        true = len(sa & sb) / len(sa | sb)
+        sigs = dataset.minhash_signatures([ta, tb], num_perm=128)
+        estimate = float((sigs[0] == sigs[1]).mean())
+        assert abs(estimate - true) < 0.1, (a, b, true, estimate)
+    assert dataset.near_duplicates([(root / f).read_text("utf-8") for f in MINHASH_PAIRS[1]]) == set()
+
+
+def test_minhash_permutation_is_exact_mod_the_mersenne_prime():
+    p = (1 << 61) - 1
+    xs = [0, 1, p - 1, 12345678901234567, 1 << 60, (1 << 61) - 2]
+    coef = [(1, 0), (p - 1, p - 1), (2**60 + 3, 2**59), (98765432123456789, 7)]
+    got = dataset._affine_mod_p(
+        np.array(xs, np.uint64)[:, None],
+        np.array([a for a, _ in coef], np.uint64)[None, :],
+        np.array([b for _, b in coef], np.uint64)[None, :],
+    )
+    assert got.tolist() == [[(a * x + b) % p for a, b in coef] for x in xs]
+
+
 def test_cleaning_streams_the_sources(tmp_path, monkeypatch):
     """A file is cleaned before the next is read: memory holds kept documents, never the whole
     raw corpus beside them."""
@@ -666,6 +701,30 @@ def test_method_task_signature_and_docstring_to_body(tmp_path, tok):
         assert fn.body[1].lineno > head.count("\n")  # the body lies in the completion
 
 
+def test_a_method_prompt_too_long_loses_its_docstring_end_not_its_signature(tmp_path, tok):
+    """A prompt cut from the left would train 'docstring fragment -> body', with no name."""
+    doc = dataset.Doc("nested.py", NESTED_STRINGS)
+    [whole] = dataset.method_examples(doc)
+    [split] = dataset.method_examples(doc, docstring_as_body=True)
+    assert split.head + split.body == whole.head and split.head.startswith("def render(")
+    data = prepare(cfg(tmp_path, task="method", block_size=96), tok)
+    assert data.stats["task"]["events"]["train"]["prompt_truncated"] > 20
+    for i in range(len(data.train)):
+        prompt, _ = prompt_and_completion(data.train[i])
+        head = tok.decode(prompt)
+        assert head.lstrip().startswith(("def ", "async def ", "@")), head[:80]
+
+
+def test_docstring_tasks_refuse_a_tokenizer_that_strips_comments(tmp_path, monkeypatch):
+    """Its encode turns 'def f():\n    \"\"\"doc\"\"\"' into 'def f():\n    pass'."""
+    stripping = CodeTokenizer.train([(EMAIL / "errors.py").read_text("utf-8")],
+                                    strip_comments=True)
+    monkeypatch.setattr(dataset, "load_corpus", lambda cfg: pytest.fail("built before refusing"))
+    for task in ("method", "docstring"):
+        with pytest.raises(DataError, match="strip_comments"):
+            prepare(cfg(tmp_path, task=task), stripping)
+
+
 def test_docstring_task_follows_seed_004(tmp_path, tok):
     for style in ("simple", "verbose"):
         data = prepare(
@@ -850,10 +909,17 @@ def test_a_prompt_too_long_loses_code_not_its_instruction(tmp_path, tok):
     header = tok.encode(REFACTOR_TEMPLATE.split("{input}")[0])
     whole_prompt = {text: tok.encode(REFACTOR_TEMPLATE.format(input=text))
                     for text in (long_input, short_input)}
-    assert len(data.train) == 4
-    for i in range(4):
-        prompt, completion = prompt_and_completion(data.train[i])
-        if len(completion) == 40:  # a long pair: code lost from the end, then the tail "\n"
+    # Training drops a pair whose input is cut; eval.py's prompts are cut by the same spans.
+    assert len(data.train) == 1 and prompt_and_completion(data.train[0])[0] == whole_prompt[
+        short_input]
+    assert data.stats["task"]["events"]["train"]["skipped_refactor_input_truncated"] == 3
+    examples = [dataset.refactor_example(dataset.Doc("p", r["input"], target=r["output"]))
+                for r in records]
+    pcfg = cfg(tmp_path, task="refactor", block_size=96)
+    for (prompt, completion, span), r in zip(
+            dataset.tokenize_examples(examples, tok, pcfg, "t"), records):
+        prompt, completion = dataset._truncate_pair(prompt, completion, 96, 40, None, span)
+        if r["input"] == long_input:  # code lost from the end, then the tail "\n"
             reference = whole_prompt[long_input]
             assert prompt[: len(header)] == header and len(prompt) + 40 == 97
             assert prompt == reference[: len(prompt) - 1] + reference[-1:]
@@ -904,6 +970,20 @@ def test_refactor_pairs_use_the_seed_000_template(tmp_path, tok):
     )
 
 
+def test_refactor_examples_whose_input_is_cut_are_skipped_and_counted(tmp_path, tok):
+    """A full target for input the model never saw teaches it to invent code."""
+    long_input = (EMAIL / "encoders.py").read_text("utf-8")
+    records = [{"input": long_input, "output": long_input.replace("    ", "  ")}]
+    records += [{"input": f"x{i} = {i}", "output": f"x{i} = {i}  # ok"} for i in range(20)]
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", records)
+    data = prepare(cfg(tmp_path, task="refactor", sources=[str(pairs)], block_size=128,
+                       split_by="file"), tok)
+    events = {k: v for s in ("train", "val", "test")
+              for k, v in data.stats["task"]["events"][s].items()}
+    assert events == {"skipped_refactor_input_truncated": 1}
+    assert sum(len(getattr(data, s)) for s in ("train", "val", "test")) == 20
+
+
 def test_fim_examples_rebuild_the_file(tmp_path, tok):
     data = prepare(cfg(tmp_path, task="fim", block_size=96, fim_rate=0.5), tok)
     n_fim = 0
@@ -919,6 +999,23 @@ def test_fim_examples_rebuild_the_file(tmp_path, tok):
         original = tok.decode(prefix + completion[:-1] + suffix)
         assert any(original in t for t in texts)
     assert n_fim > 20
+
+
+def test_fim_max_completion_tokens_bounds_middles_not_plain_chunks(tmp_path, tok):
+    """Cutting a plain LM chunk (no prompt) would drop its tokens from every example."""
+    whole = prepare(cfg(tmp_path, task="fim", block_size=64, fim_rate=0.5), tok)
+    cut = prepare(cfg(tmp_path, task="fim", block_size=64, fim_rate=0.5,
+                      max_completion_tokens=8), tok)
+    plain = {True: [], False: []}
+    for data, is_cut in ((whole, False), (cut, True)):
+        for i in range(len(data.train)):
+            prompt, completion = prompt_and_completion(data.train[i])
+            if prompt[0] != tok.fim_prefix_id:  # a plain chunk: every token a target
+                plain[is_cut].append(data.train[i]["labels"].tolist())
+            elif is_cut:
+                assert len(completion) <= 8
+    assert len(plain[True]) > 50 and plain[True] == plain[False]
+    assert max(map(len, plain[True])) > 8
 
 
 def test_fim_prompts_cut_to_max_prompt_tokens_keep_their_sentinels(tmp_path, tok):
