@@ -57,7 +57,8 @@ from tokenizer import (
 #    ``.PY`` document (a JSONL record's path too) is Python.
 # 8: near-dedupe MinHash is a universal hash (it dropped distinct files); fim's
 #    max_completion_tokens cuts FIM middles only; a method prompt too long loses the end of its
-#    docstring, not its signature; a refactor example whose input is cut is skipped.
+#    docstring, not its signature; a refactor example whose input is cut is skipped; a special
+#    token's text in a document is text (a BPE tokenizer read `<|endoftext|>` as EOS).
 PIPELINE_VERSION = 8
 
 TASKS = ("lm", "completion", "method", "docstring", "refactor", "fim")
@@ -1268,7 +1269,8 @@ def _task_options(cfg: DataConfig) -> dict:
 
 
 def _encode(tokenizer, texts: list[str], cfg: DataConfig, desc: str) -> list[list[int]]:
-    """encode_batch in chunks (bounded memory, a live progress bar)."""
+    """encode_batch in chunks (bounded memory, a live progress bar). A special token's text in a
+    document is text: the special ids (EOS, FIM sentinels) are placed by id, never read."""
     out: list[list[int]] = []
     chunk: list[str] = []
     size = 0
@@ -1278,7 +1280,8 @@ def _encode(tokenizer, texts: list[str], cfg: DataConfig, desc: str) -> list[lis
                 chunk.append(t)
                 size += len(t)
             if chunk and (t is None or size >= 16_000_000):
-                out.extend(tokenizer.encode_batch(chunk, num_workers=cfg.num_workers))
+                out.extend(tokenizer.encode_batch(chunk, num_workers=cfg.num_workers,
+                                                  split_special_tokens=True))
                 bar.update(len(chunk))
                 chunk, size = [], 0
     return out

@@ -75,11 +75,12 @@ def _init_worker(tok) -> None:
     _worker_tokenizer = tok
 
 
-def _encode_chunk(args: tuple[list[str], bool]) -> list[bytes]:
-    texts, add_special_tokens = args
+def _encode_chunk(args: tuple[list[str], bool, bool]) -> list[bytes]:
+    texts, add_special_tokens, split_special_tokens = args
     # Arrays pickle as one buffer, far cheaper than lists of Python ints.
     return [
-        array("I", _worker_tokenizer.encode(t, add_special_tokens=add_special_tokens)).tobytes()
+        array("I", _worker_tokenizer.encode(t, add_special_tokens=add_special_tokens,
+                                            split_special_tokens=split_special_tokens)).tobytes()
         for t in texts
     ]
 
@@ -112,8 +113,10 @@ class _BatchEncodeMixin:
         texts: Sequence[str],
         num_workers: int | None = None,
         add_special_tokens: bool = False,
+        split_special_tokens: bool = False,
     ) -> list[list[int]]:
-        """Encode many texts, using ``num_workers`` processes (default: every core)."""
+        """Encode many texts, using ``num_workers`` processes (default: every core);
+        ``split_special_tokens`` as ``encode``."""
         texts = list(texts)
         workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
         if workers < 1:
@@ -124,11 +127,13 @@ class _BatchEncodeMixin:
             or sum(map(len, texts)) < _MIN_PARALLEL_CHARS
             or multiprocessing.current_process().daemon  # e.g. a DataLoader worker: no children
         ):
-            return [self.encode(t, add_special_tokens=add_special_tokens) for t in texts]
+            return [self.encode(t, add_special_tokens=add_special_tokens,
+                                split_special_tokens=split_special_tokens) for t in texts]
         methods = multiprocessing.get_all_start_methods()
         ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
         # A few chunks per worker balance uneven files without paying per-text overhead.
-        jobs = [(c, add_special_tokens) for c in _chunks(texts, workers * 4)]
+        jobs = [(c, add_special_tokens, split_special_tokens)
+                for c in _chunks(texts, workers * 4)]
         with ctx.Pool(workers, initializer=_init_worker, initargs=(self,)) as pool:
             results = pool.map(_encode_chunk, jobs, chunksize=1)
         out = []
@@ -445,9 +450,12 @@ class CodeTokenizer(_BatchEncodeMixin):
                 pos += 1
         return ids
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = False,
+               split_special_tokens: bool = False) -> list[int]:
         """Token ids of ``text``; with ``add_special_tokens``, after bos and before eos (those
-        of the two the tokenizer has: custom ``special_tokens`` may lack them)."""
+        of the two the tokenizer has: custom ``special_tokens`` may lack them). A special
+        token's text is always text here (``<eos>`` in scraped code never ends a document), so
+        ``split_special_tokens`` (BPETokenizer's) changes nothing."""
         if not isinstance(text, str):
             raise TypeError(f"encode() expects a str, got {type(text).__name__}")
         if self.strip_comments:
@@ -1449,8 +1457,10 @@ class BPETokenizer(_BatchEncodeMixin):
     def _encode_ordinary(self, text: str) -> list[int]:
         return list(chain.from_iterable(map(self._cache.__getitem__, self._pretokenize(text))))
 
-    def _split_added(self, text: str, level: int = 0) -> list[tuple[str, int | None]]:
-        """(segment, added-token id or None) covering ``text``, the way HF finds added tokens."""
+    def _split_added(self, text: str, level: int = 0, plain_special: bool = False
+                     ) -> list[tuple[str, int | None]]:
+        """(segment, added-token id or None) covering ``text``, the way HF finds added tokens;
+        ``plain_special``: special ones are left in the text (HF's encode_special_tokens)."""
         if level == len(self._added_res):
             return [(text, None)]
         out: list[tuple[str, int | None]] = []
@@ -1460,6 +1470,8 @@ class BPETokenizer(_BatchEncodeMixin):
             start, stop = m.span()
             content = m.group()
             flags = self._added[content]
+            if plain_special and flags["special"]:
+                continue
             if flags["single_word"]:
                 if (start > 0 and _WORD_CHAR.match(text[start - 1])) or (
                     stop < n and _WORD_CHAR.match(text[stop])
@@ -1478,20 +1490,23 @@ class BPETokenizer(_BatchEncodeMixin):
                 # HF itself panics with "AddedVocabulary bad split").
                 continue
             if start_offset < start:
-                out.extend(self._split_added(text[start_offset:start], level + 1))
+                out.extend(self._split_added(text[start_offset:start], level + 1, plain_special))
             out.append((text[start:stop], self._added_ids[content]))
             start_offset = stop
         if start_offset < n:
-            out.extend(self._split_added(text[start_offset:], level + 1))
+            out.extend(self._split_added(text[start_offset:], level + 1, plain_special))
         return out
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of ``text``, equal to HF ``Tokenizer.encode(text, add_special_tokens).ids``."""
+    def encode(self, text: str, add_special_tokens: bool = False,
+               split_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text``, equal to HF ``Tokenizer.encode(text, add_special_tokens).ids``;
+        ``split_special_tokens``: a special token's text is encoded as text, as HF's with
+        ``encode_special_tokens`` (scraped code quoting ``<|endoftext|>`` ends no document)."""
         if not isinstance(text, str):
             raise TypeError(f"encode() expects a str, got {type(text).__name__}")
         if self._added_res:
             ids = []
-            for segment, token_id in self._split_added(text):
+            for segment, token_id in self._split_added(text, plain_special=split_special_tokens):
                 if token_id is None:
                     ids.extend(self._encode_ordinary(segment))
                 else:

@@ -1068,6 +1068,36 @@ def test_pretrained_bpe_tokenizer_ids_match_hf_tokenizers(tmp_path):
     assert hf.token_to_id("<fim_suffix>") in prompt and completion[-1] == eos
 
 
+def test_special_token_text_in_a_document_is_text(tmp_path):
+    """A BPE tokenizer read ``<|endoftext|>`` quoted in scraped code as EOS (a false document
+    end) and ``<fim_middle>`` as a sentinel; the special ids are placed by id only."""
+    from tiny_hf import train_hf_tokenizer
+
+    from tokenizer import load_tokenizer
+
+    texts = email_texts()
+    hf = train_hf_tokenizer("starcoder", list(texts.values()), tmp_path / "tokenizer.json")
+    tok = load_tokenizer(tmp_path / "tokenizer.json")
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, text in list(texts.items())[:8]:
+        (src / Path(name).name).write_text(
+            text + '\nEOS, FIM = "<|endoftext|>", "<fim_prefix>{p}<fim_suffix>{s}<fim_middle>"\n')
+    options = dict(sources=[str(src)], block_size=64)
+    data = prepare(cfg(tmp_path, task="lm", **options), tok)
+    corpus = dataset.load_corpus(cfg(tmp_path, **options))
+    hf.encode_special_tokens = True
+    reference = [t for text in corpus.texts("train")
+                 for t in hf.encode(text, add_special_tokens=False).ids + [tok.eos_id]]
+    assert data.train.tokens.tolist() == reference
+    assert reference.count(tok.eos_id) == len(corpus.texts("train"))
+    fim = prepare(cfg(tmp_path, task="fim", fim_rate=1.0, **options), tok)
+    sentinels = {tok.fim_prefix_id, tok.fim_suffix_id, tok.fim_middle_id}
+    for i in range(len(fim.train)):
+        prompt, completion = prompt_and_completion(fim.train[i])
+        assert sum(t in sentinels for t in prompt + completion) in (0, 3)
+
+
 # ----------------------------------------------------------------------------- errors, cache
 
 

@@ -430,6 +430,31 @@ def test_trained_here_loads_in_hf_with_identical_ids(style, stdlib_texts, tmp_pa
     assert ours.eos_id == hf.token_to_id("<|endoftext|>")
 
 
+def test_split_special_tokens_encodes_their_text_as_hf_does(references, stdlib_texts, tmp_path):
+    """Scraped code quoting ``<|endoftext|>`` or ``<fim_middle>`` became those special ids in
+    dataset.py's documents (a false document end, a second FIM triple in a middle); with
+    ``split_special_tokens`` their text is text, as HF's ``encode_special_tokens``. A
+    non-special added token is still found."""
+    train = [t for _, t in stdlib_texts[::60]]
+    ours = BPETokenizer.train(train, 1200, special_tokens=STARCODER_SPECIALS)
+    hf = Tokenizer.from_file(str(ours.save(tmp_path)))
+    hf.encode_special_tokens = True
+    texts = ['EOS = "<|endoftext|>"\n', "t = '<fim_prefix>{p}<fim_suffix>{s}<fim_middle>'\n"]
+    assert ours.encode_batch(texts, num_workers=1, split_special_tokens=True) == _hf_ids(hf, texts)
+    assert ours.encode_batch(texts * 400, num_workers=2, split_special_tokens=True) == (
+        _hf_ids(hf, texts) * 400)
+    assert not {ours.eos_id, ours.fim_middle_id} & {i for t in texts for i in
+                                                   ours.encode(t, split_special_tokens=True)}
+    assert ours.eos_id in ours.encode(texts[0])  # the default: HF's own default
+    _, hf, tok = references["llama3"]  # shared: its setting is put back
+    text = "x = '<|eot_id|>'  # 🙂"
+    hf.encode_special_tokens = True
+    try:
+        assert tok.encode(text, split_special_tokens=True) == _hf_ids(hf, [text])[0]
+    finally:
+        hf.encode_special_tokens = False
+
+
 def test_saved_directory_loads_in_transformers_with_roles(references, tmp_path):
     from transformers import AutoTokenizer
 
