@@ -57,8 +57,8 @@ from tokenizer import (
 #    ``.PY`` document (a JSONL record's path too) is Python.
 # 8: near-dedupe MinHash is a universal hash (it dropped distinct files); fim's
 #    max_completion_tokens cuts FIM middles only; a method prompt too long loses the end of its
-#    docstring, not its signature; a refactor example whose input is cut is skipped; a special
-#    token's text in a document is text (a BPE tokenizer read `<|endoftext|>` as EOS).
+#    docstring, not its signature; a special token's text in a document is text (a BPE
+#    tokenizer read `<|endoftext|>` as EOS).
 PIPELINE_VERSION = 8
 
 TASKS = ("lm", "completion", "method", "docstring", "refactor", "fim")
@@ -1489,10 +1489,6 @@ def _build_supervised(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path) -> 
             )
             if not kept_completion[:n_target]:  # nothing to learn (an EOS alone is no target)
                 events["skipped_empty_completion"] += 1
-                continue
-            if cfg.task == "refactor" and len(kept_prompt) < len(prompt):
-                # The whole refactored code for input partly unseen teaches invention.
-                events["skipped_refactor_input_truncated"] += 1
                 continue
             events["prompt_truncated"] += len(kept_prompt) < len(prompt)
             events["completion_truncated"] += len(kept_completion) < len(completion)

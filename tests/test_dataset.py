@@ -909,17 +909,10 @@ def test_a_prompt_too_long_loses_code_not_its_instruction(tmp_path, tok):
     header = tok.encode(REFACTOR_TEMPLATE.split("{input}")[0])
     whole_prompt = {text: tok.encode(REFACTOR_TEMPLATE.format(input=text))
                     for text in (long_input, short_input)}
-    # Training drops a pair whose input is cut; eval.py's prompts are cut by the same spans.
-    assert len(data.train) == 1 and prompt_and_completion(data.train[0])[0] == whole_prompt[
-        short_input]
-    assert data.stats["task"]["events"]["train"]["skipped_refactor_input_truncated"] == 3
-    examples = [dataset.refactor_example(dataset.Doc("p", r["input"], target=r["output"]))
-                for r in records]
-    pcfg = cfg(tmp_path, task="refactor", block_size=96)
-    for (prompt, completion, span), r in zip(
-            dataset.tokenize_examples(examples, tok, pcfg, "t"), records):
-        prompt, completion = dataset._truncate_pair(prompt, completion, 96, 40, None, span)
-        if r["input"] == long_input:  # code lost from the end, then the tail "\n"
+    assert len(data.train) == 4
+    for i in range(4):
+        prompt, completion = prompt_and_completion(data.train[i])
+        if len(completion) == 40:  # a long pair: code lost from the end, then the tail "\n"
             reference = whole_prompt[long_input]
             assert prompt[: len(header)] == header and len(prompt) + 40 == 97
             assert prompt == reference[: len(prompt) - 1] + reference[-1:]
@@ -968,20 +961,6 @@ def test_refactor_pairs_use_the_seed_000_template(tmp_path, tok):
     assert REFACTOR_TEMPLATE.startswith(
         "### Refactor the following Python code to improve quality:\n\n"
     )
-
-
-def test_refactor_examples_whose_input_is_cut_are_skipped_and_counted(tmp_path, tok):
-    """A full target for input the model never saw teaches it to invent code."""
-    long_input = (EMAIL / "encoders.py").read_text("utf-8")
-    records = [{"input": long_input, "output": long_input.replace("    ", "  ")}]
-    records += [{"input": f"x{i} = {i}", "output": f"x{i} = {i}  # ok"} for i in range(20)]
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", records)
-    data = prepare(cfg(tmp_path, task="refactor", sources=[str(pairs)], block_size=128,
-                       split_by="file"), tok)
-    events = {k: v for s in ("train", "val", "test")
-              for k, v in data.stats["task"]["events"][s].items()}
-    assert events == {"skipped_refactor_input_truncated": 1}
-    assert sum(len(getattr(data, s)) for s in ("train", "val", "test")) == 20
 
 
 def test_fim_examples_rebuild_the_file(tmp_path, tok):
