@@ -1050,6 +1050,10 @@ class Example:
     tail: str = ""
     body_budget: int | None = None
 
+    @property
+    def prompt(self) -> str:
+        return self.head + self.body + self.tail
+
 
 _DOCUMENTED = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
@@ -1116,13 +1120,11 @@ def _dedent(parsed: _Parsed, first: int, last: int, indent: int) -> list[str]:
     return out
 
 
-def method_examples(
-    doc: Doc, parsed: _Parsed | None = None, docstring_as_body: bool = False
-) -> list[Example]:
+def method_examples(doc: Doc, parsed: _Parsed | None = None) -> list[Example]:
     """CodeXGLUE method generation: signature + docstring -> body. ``parsed``: the document's
-    ``_parse`` result where the caller has it. ``docstring_as_body``: the docstring is the
-    example's ``body`` (same prompt text), so that a prompt too long loses the end of its
-    docstring rather than its signature, the name and parameters the body needs most."""
+    ``_parse`` result where the caller has it. The docstring is the example's ``body`` (the
+    prompt is ``head + body``), so that a prompt too long, in training and in eval.py alike,
+    loses the end of its docstring rather than its signature, which the body needs most."""
     parsed = parsed or _parse(doc)
     if parsed is None:
         return []
@@ -1141,13 +1143,9 @@ def method_examples(
         if not "".join(body).strip():
             continue
         prompt = "\n".join(head) + "\n"
-        completion = "\n".join(body).rstrip()
-        if docstring_as_body:
-            n_sig = ds.lineno - start  # the decorator and def lines before the docstring
-            sig = "".join(line + "\n" for line in head[:n_sig])
-            out.append(Example(sig, completion, body=prompt[len(sig) :]))
-        else:
-            out.append(Example(prompt, completion))
+        n_sig = ds.lineno - start  # the decorator and def lines before the docstring
+        sig = "".join(line + "\n" for line in head[:n_sig])
+        out.append(Example(sig, "\n".join(body).rstrip(), body=prompt[len(sig) :]))
     return out
 
 
@@ -1335,7 +1333,7 @@ def _examples_for(doc: Doc, cfg: DataConfig, events: Counter) -> list[Example]:
         events["skipped_syntax_error_file"] += 1
         return []
     if cfg.task == "method":
-        return method_examples(doc, parsed, docstring_as_body=True)
+        return method_examples(doc, parsed)
     if cfg.task == "docstring":
         return docstring_examples(
             doc, cfg.docstring_targets, cfg.docstring_prompt, cfg.docstring_code_tokens, parsed

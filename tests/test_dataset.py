@@ -704,9 +704,9 @@ def test_method_task_signature_and_docstring_to_body(tmp_path, tok):
 def test_a_method_prompt_too_long_loses_its_docstring_end_not_its_signature(tmp_path, tok):
     """A prompt cut from the left would train 'docstring fragment -> body', with no name."""
     doc = dataset.Doc("nested.py", NESTED_STRINGS)
-    [whole] = dataset.method_examples(doc)
-    [split] = dataset.method_examples(doc, docstring_as_body=True)
-    assert split.head + split.body == whole.head and split.head.startswith("def render(")
+    [e] = dataset.method_examples(doc)  # eval.py's prompts too: one rule
+    assert e.head.startswith("def render(") and e.body.lstrip().startswith('"""')
+    assert e.prompt == e.head + e.body and e.prompt.rstrip().endswith('"""')
     data = prepare(cfg(tmp_path, task="method", block_size=96), tok)
     assert data.stats["task"]["events"]["train"]["prompt_truncated"] > 20
     for i in range(len(data.train)):
@@ -817,7 +817,7 @@ def test_method_and_docstring_examples_are_the_source_defs():
                     node.body = body
         doc = dataset.Doc(name, text)
         for e in dataset.method_examples(doc):
-            fn = ast.parse(e.head + e.completion).body[0]
+            fn = ast.parse(e.prompt + e.completion).body[0]
             assert cleaned_dump(fn) in whole[fn.name], (name, fn.name)
             n_methods += 1
         for e in dataset.docstring_examples(doc, "both", "simple", 400):
@@ -828,7 +828,7 @@ def test_method_and_docstring_examples_are_the_source_defs():
     assert n_methods > 100 and n_docstrings > 100
     [render] = dataset.method_examples(dataset.Doc("nested.py", NESTED_STRINGS))
     namespace: dict = {}
-    exec(render.head + render.completion, namespace)
+    exec(render.prompt + render.completion, namespace)
     assert namespace["render"](None) == "Title\n  - item one\n\n            SELECT 1\n        "
     lines = dataset.line_completion_examples(dataset.Doc("odd.py", ODD_BREAKS), 100, seed=0)
     assert len(lines) == sum(1 for line in ODD_BREAKS.split("\n")[1:] if line.strip())
@@ -863,9 +863,9 @@ def test_a_docstring_continued_by_a_backslash_keeps_its_value():
     assert source["one"] == "Return one,         always."
     examples = {e.head.split("(")[0]: e for e in dataset.method_examples(doc)}
     for name, docstring in source.items():
-        fn = ast.parse(examples[f"def {name}"].head + examples[f"def {name}"].completion).body[0]
+        fn = ast.parse(examples[f"def {name}"].prompt + examples[f"def {name}"].completion).body[0]
         assert ast.get_docstring(fn) == docstring
-    assert "\n    one.\"\"\"" in examples["def slash"].head  # an escaped backslash joins nothing
+    assert "\n    one.\"\"\"" in examples["def slash"].prompt  # an escaped backslash joins nothing
     [cls] = dataset.docstring_examples(doc, "class", "simple", 400)
     methods = ast.parse(cls.body).body[0].body
     assert {fn.name: ast.get_docstring(fn) for fn in methods} == source

@@ -867,7 +867,7 @@ def test_refactor_and_method_tasks_score_generations(tiny_models, tmp_path, monk
     code_docs = load_corpus(DataConfig(sources=[str(tiny_models["code"])], progress=False)).test
     methods = ev.build_examples("method", code_docs, cfg)
     references.clear()
-    references.update({e.head: e.reference + "\n\nclass Next:\n    pass" for e in methods})
+    references.update({e.prompt(None): e.reference + "\n\nclass Next:\n    pass" for e in methods})
     metrics, _ = ev.run_generation_task(lm, "method", methods, cfg)
     assert metrics == {"BLEU": pytest.approx(100.0), "edit_sim": 100.0}  # cut at top-level code
 
