@@ -47,7 +47,6 @@ import json
 import logging
 import math
 import os
-import pickle
 import shlex
 import signal
 import socket
@@ -619,18 +618,15 @@ def recorded_precision(run: Path) -> str | None:
     """What the checkpoint a resume of ``run`` continues from computed in (its progress record's
     "precision": what "auto" resolved to where it trained), or None (no readable checkpoint, or
     an earlier codelm's, which did not record it). Like the trainer, a checkpoint whose state.pt
-    does not read gives way to the one before it. state.pt is read as the trainer reads it
-    (weights_only), memory-mapped: the optimizer's tensors are not read."""
+    does not read gives way to the one before it; memory-mapped, the optimizer's tensors are not
+    read."""
     for checkpoint in reversed(trainingmanager.list_checkpoints(run)):
         try:
-            state = torch.load(checkpoint / trainingmanager.STATE_FILE, map_location="cpu",
-                               weights_only=True, mmap=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError):
+            precision = trainingmanager.read_state(checkpoint, mmap=True)["progress"].get(
+                "precision")
+        except trainingmanager.CorruptCheckpointError:
             continue
-        progress = state.get("progress") if isinstance(state, dict) else None
-        if isinstance(progress, dict):
-            precision = progress.get("precision")
-            return precision if isinstance(precision, str) else None
+        return precision if isinstance(precision, str) else None
     return None
 
 

@@ -884,17 +884,27 @@ def load_checkpoint(path: Path, model: nn.Module, trainable_only: bool) -> dict:
         tensors = load_file(weights)
     except (SafetensorError, OSError) as e:
         raise broken(f"{weights.name}: {e}") from None
+    state = read_state(path)
+    load_model_tensors(model, tensors, str(weights), trainable_only)
+    return state
+
+
+def read_state(path: Path, mmap: bool = False) -> dict:
+    """A checkpoint's state.pt (trainer state, rng, progress), checked; ``mmap``: its tensors are
+    mapped, not read (for a look at ``progress`` alone). CorruptCheckpointError if it is not."""
+    def broken(why: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{path}: corrupt or incomplete checkpoint ({why})")
+
     if not (path / STATE_FILE).is_file():
         raise broken(f"no {STATE_FILE}")
     try:
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
         # torch's own message suggests an unsafe reload; a torn file is all there is to say
         raise broken(f"{STATE_FILE} is not a readable torch file ({type(e).__name__})") from None
     if not isinstance(state, dict) or any(k not in state for k in _STATE_KEYS) or not isinstance(
             state["progress"], dict) or any(k not in state["progress"] for k in _PROGRESS_KEYS):
         raise broken(f"{STATE_FILE} lacks some of {', '.join(_STATE_KEYS)}")
-    load_model_tensors(model, tensors, str(weights), trainable_only)
     return state
 
 
