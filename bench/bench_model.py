@@ -15,6 +15,7 @@ Figures go to docs/benchmarks.md (## Model).
 from __future__ import annotations
 
 import argparse
+import compileall
 import dataclasses
 import json
 import os
@@ -90,6 +91,10 @@ def bench_load(cfg: BenchConfig) -> dict:
     with open(path / "model.safetensors", "rb") as f:  # same warm page cache for both
         while f.read(1 << 26):
             pass
+    # Bytecode for codelm's modules, as transformers' installed modules have: compiling source
+    # at import (the first run of a fresh clone, or PYTHONDONTWRITEBYTECODE) leaves ~2 MiB of
+    # the compiler's memory in the peak, which no later run of a user's script pays.
+    compileall.compile_dir(ROOT, maxlevels=0, quiet=1)
     runs: dict[str, list[dict]] = {"codelm": [], "transformers": []}
     for _ in range(cfg.load_repeats):
         for lib in runs:
@@ -108,7 +113,7 @@ def bench_load(cfg: BenchConfig) -> dict:
     for lib in runs:
         r = res[lib]
         print(f"  {lib:13s} load {r['load_s']:6.2f} s   peak RSS {r['peak_mib']:7.0f} MiB "
-              f"({r['peak_mib'] / size:.2f}x file; {(r['peak_mib'] - r['base_mib']) / size:.2f}x "
+              f"({r['peak_mib'] / size:.3f}x file; {(r['peak_mib'] - r['base_mib']) / size:.3f}x "
               f"above the {r['base_mib']:.0f} MiB after imports)")
     print(f"  codelm / transformers load time: {c['load_s'] / h['load_s']:.2f}")
     return res
