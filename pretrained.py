@@ -713,7 +713,7 @@ def _tie_as_the_file_says(cfg: ModelConfig, table: FamilyTable, source: TensorSo
     weights = {path: f"{hf}.weight" for hf, (path, _) in table.modules.items()}
     head, embeddings = weights["lm_head"], weights["wte"]
     if not (cfg.tie_embeddings and {head, embeddings} <= source.names()):
-        return cfg  # an absent embedding is reported as missing
+        return cfg  # a head alone is the tied pair (`load`); no tensor at all is missing
     cpu = torch.device("cpu")
     if source.shape(head) == source.shape(embeddings) and torch.equal(
             source.whole(head, dtype, cpu), source.whole(embeddings, dtype, cpu)):
@@ -742,7 +742,11 @@ def load(directory: str | Path, dtype: torch.dtype | str | None = None,
         model = Transformer(cfg)
     plan = _param_plan(model, table)
     if cfg.tie_embeddings:
-        plan.pop("lm_head.weight")
+        head = plan.pop("lm_head.weight")
+        if not set(source.names()) & {name for name, _ in plan["wte.weight"]}:
+            # the tied pair saved under the head's name (safetensors keeps one name of a shared
+            # tensor); transformers loads it into both, and so does codelm
+            plan["wte.weight"] = head
     params = dict(model.named_parameters(remove_duplicate=False))
 
     present = source.names()

@@ -400,6 +400,29 @@ def test_tied_config_over_an_equal_head_stays_tied(tmp_path, capsys):
         assert model.lm_head.weight is model.wte.weight and capsys.readouterr().err == "", d
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt_bigcode"])
+def test_tied_pair_saved_under_the_heads_name_loads_as_transformers_does(family, tmp_path):
+    """safetensors keeps one name of a shared tensor, and some tools keep lm_head's: a tied file
+    with a head and no embeddings. transformers loads it into both; codelm called the embeddings
+    missing."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "m"
+    save_tiny_hf(family, d, tie_word_embeddings=True)
+    state = load_file(d / "model.safetensors")
+    wte = "model.embed_tokens.weight" if family == "llama" else "transformer.wte.weight"
+    state["lm_head.weight"] = state.pop(wte)
+    save_file(state, d / "model.safetensors", metadata={"format": "pt"})
+    hf = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
+    model = Transformer.from_pretrained(d)
+    assert model.lm_head.weight is model.wte.weight
+    assert torch.equal(model.wte.weight, state["lm_head.weight"])
+    idx = _ids(3, 128)
+    with torch.no_grad():
+        assert (model(idx) - hf(idx).logits).abs().max().item() <= 1e-4
+
+
 # family -> (embeddings, residual, attention) dropout p of a transformers model, where it
 # applies them in training.
 HF_DROPOUTS = {
