@@ -144,10 +144,10 @@ def _get(hf: dict, *names: str, kind: type = int, default=_REQUIRED):
     return default
 
 
-def _heads(hf: dict, *names: str) -> int:
+def _heads(hf: dict, *names: str, default=_REQUIRED) -> int:
     """The head count, checked here because the readers divide the width by it (ModelConfig
     checks every other size)."""
-    n = _get(hf, *names)
+    n = _get(hf, *names, default=default)
     if n < 1:
         key = next(k for k in names if hf.get(k) is not None)
         raise ValueError(f"{key}={n}: must be a positive integer")
@@ -239,7 +239,8 @@ def _read_llama(hf: dict) -> ModelConfig:
     bias = _get(hf, "attention_bias", kind=bool, default=False)
     return ModelConfig(
         family="llama", vocab_size=_get(hf, "vocab_size"),
-        block_size=_get(hf, "max_position_embeddings"), n_layer=_get(hf, "num_hidden_layers"),
+        block_size=_get(hf, "max_position_embeddings", default=2048),  # LlamaConfig's
+        n_layer=_get(hf, "num_hidden_layers"),
         n_head=n_head, n_kv_head=_get(hf, "num_key_value_heads", default=n_head), n_embd=n_embd,
         head_dim=_get(hf, "head_dim", default=n_embd // n_head),
         mlp_hidden=_get(hf, "intermediate_size"), norm="rmsnorm",
@@ -260,7 +261,8 @@ def _read_phi(hf: dict) -> ModelConfig:
         raise ValueError("rope scaling cannot be honoured for phi")
     return ModelConfig(
         family="phi", vocab_size=_get(hf, "vocab_size"),
-        block_size=_get(hf, "max_position_embeddings"), n_layer=_get(hf, "num_hidden_layers"),
+        block_size=_get(hf, "max_position_embeddings", default=2048),  # PhiConfig's
+        n_layer=_get(hf, "num_hidden_layers"),
         n_head=n_head, n_kv_head=_get(hf, "num_key_value_heads", default=n_head), n_embd=n_embd,
         mlp_hidden=_get(hf, "intermediate_size"), norm="layernorm",
         norm_eps=_get(hf, "layer_norm_eps", kind=float, default=1e-5),
@@ -273,13 +275,14 @@ def _read_phi(hf: dict) -> ModelConfig:
 
 
 def _read_codegen(hf: dict) -> ModelConfig:
-    n_embd, n_head = _get(hf, "n_embd", "hidden_size"), _heads(hf, "n_head", "num_attention_heads")
+    n_embd = _get(hf, "n_embd", "hidden_size")
+    n_head = _heads(hf, "n_head", "num_attention_heads", default=16)  # CodeGenConfig's
     if n_head % 4:
         raise ValueError(f"n_head={n_head} cannot be honoured: CodeGen's qkv_proj "
                          "is laid out in 4 chunks, so n_head must be a multiple of 4")
     return ModelConfig(
         family="codegen", vocab_size=_get(hf, "vocab_size"),
-        block_size=_get(hf, "n_positions", "max_position_embeddings"),
+        block_size=_get(hf, "n_positions", "max_position_embeddings", default=2048),
         n_layer=_get(hf, "n_layer", "num_hidden_layers"), n_head=n_head, n_embd=n_embd,
         mlp_hidden=_get(hf, "n_inner", default=4 * n_embd), norm="layernorm",
         norm_eps=_get(hf, "layer_norm_epsilon", kind=float, default=1e-5),

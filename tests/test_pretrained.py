@@ -605,6 +605,57 @@ def _edit_config(src, dst, **changes):
     return dst
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_field_absent_from_config_json_means_what_it_means_to_transformers(checkpoints, family,
+                                                                            tmp_path):
+    """Each field of the family's config.json dropped in turn. Where transformers still loads
+    every weight and runs (with its config class's default), codelm gives the same logits; where
+    codelm refuses, transformers cannot run it either. A default of codelm's reader that differs
+    from transformers' (an eps, a rotary fraction) is invisible while the field is written."""
+    import transformers
+
+    path, hf_model, model = checkpoints[family]
+    full = json.loads((path / "config.json").read_text())
+
+    def hf_fields(d):
+        return {k: v for k, v in transformers.AutoConfig.from_pretrained(d).to_dict().items()
+                if k != "_name_or_path"}
+
+    idx = _ids(2, 16)
+    base_hf, base_ours = hf_fields(path), model.cfg
+    checked = 0
+    for key in sorted(full):
+        d = _copy(path, tmp_path / key)
+        (d / "config.json").write_text(json.dumps({k: v for k, v in full.items() if k != key}))
+        try:
+            changed = hf_fields(d) != base_hf
+        except (ValueError, KeyError):  # transformers refuses the config (model_type)
+            continue
+        try:
+            ours = pretrained.read_config(d)[0]
+        except ValueError as e:
+            ours = e
+        if not changed and ours == base_ours:
+            continue
+        checked += 1
+        try:
+            hf, info = transformers.AutoModelForCausalLM.from_pretrained(
+                d, output_loading_info=True)
+            if any(info.values()):  # transformers too ignores or invents weights
+                continue
+            with torch.no_grad():
+                want = hf.eval()(idx).logits
+        except Exception:  # transformers cannot build or run it: codelm must refuse, by name
+            with pytest.raises(ValueError, match=re.escape(str(d))):
+                Transformer.from_pretrained(d)
+            continue
+        assert not isinstance(ours, Exception), f"{key} absent: transformers loads it, {ours}"
+        with torch.no_grad():
+            diff = (Transformer.from_pretrained(d)(idx) - want).abs().max().item()
+        assert diff <= 1e-4, f"{key} absent: logits differ from transformers' by {diff}"
+    assert checked >= 3, checked  # fields whose absence changes something were tried
+
+
 def test_error_unknown_model_type(checkpoints, tmp_path):
     d = _edit_config(checkpoints["llama"][0], tmp_path / "m", model_type="mistral")
     with pytest.raises(ValueError, match=r"config.json: unknown model_type 'mistral'"):
