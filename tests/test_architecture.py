@@ -633,6 +633,11 @@ def test_sampling_filter_equals_transformers_warpers_with_ties():
             assert torch.equal(got, ref), (logits.shape, temperature, top_k, top_p)
     kept = _sampling_logits(torch.ones(1, 4), 1.0, None, 0.5).isfinite()
     assert kept.tolist() == [[False, False, True, True]]
+    logits = 3 * torch.randn(4, 256, generator=g)
+    for top_p in (1e-9, 1e-7):  # below every probability: the likeliest token is still kept
+        kept = _sampling_logits(logits, 1.0, None, top_p).isfinite()
+        assert torch.equal(kept, TopPLogitsWarper(top_p)(None, logits.clone()).isfinite())
+        assert kept.sum(-1).tolist() == [1, 1, 1, 1]
 
 
 @pytest.fixture(scope="module")
@@ -779,7 +784,7 @@ def test_bf16_keeps_rope_frequencies_fp32():
     assert model.rope.inv_freq.dtype == torch.float32
     ref = _model("llama")
     idx = _ids(2, 32)
-    assert (model(idx).float() - ref(idx)).abs().max().item() < 0.1
+    assert (model(idx).float() - ref(idx)).abs().max().item() < 0.02  # bf16 rounding: ~0.004
 
 
 def _rope_reference(x, cos, sin, interleaved):

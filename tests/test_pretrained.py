@@ -47,7 +47,9 @@ def test_logits_match_transformers_full_context(checkpoints, family):
         ref = hf(idx).logits
     got = model(idx)
     assert got.shape == ref.shape == (3, 128, 256)
-    assert (got - ref).abs().max().item() <= 1e-4
+    # 1e-5, not the issue's 1e-4: codelm is within 4e-7 of transformers, and on these logits
+    # (std 0.16) a looser bound let exact GELU pass for the tanh one
+    assert (got - ref).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -92,6 +94,21 @@ def test_beam_search_with_eos_matches_transformers(checkpoints, seed):
     got = model.generate(idx, 12, num_beams=3, eos_id=eos)
     assert (ref == eos).any()
     assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("length_penalty", [0.5, 2.0, -1.0])
+def test_beam_search_length_penalty_matches_transformers(checkpoints, length_penalty):
+    """Finished hypotheses are ranked by score / length ** length_penalty, as in HF; at the
+    default 1.0 a wrong power or a missed normalisation does not show."""
+    _, hf, model = checkpoints["llama"]
+    for seed in range(8):
+        idx = _ids(2, 10, seed=seed)
+        eos = int(model.generate(idx, 3)[0, -1])  # a token the beams do reach
+        ref = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=12,
+                          do_sample=False, num_beams=3, eos_token_id=eos, pad_token_id=eos,
+                          length_penalty=length_penalty)
+        got = model.generate(idx, 12, num_beams=3, eos_id=eos, length_penalty=length_penalty)
+        assert got.shape == ref.shape and torch.equal(got, ref), seed
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -141,6 +158,31 @@ def test_generate_under_autocast_matches_transformers(checkpoints):
     assert torch.equal(beam, ref_beam)
 
 
+@pytest.mark.parametrize("family, overrides", [
+    ("phi", dict(layer_norm_eps=1e-3, num_key_value_heads=2, partial_rotary_factor=0.25)),
+    ("gpt_bigcode", dict(multi_query=False, layer_norm_epsilon=1e-3)),
+    ("codegen", dict(layer_norm_epsilon=1e-3, rotary_dim=4)),
+    ("llama", dict(head_dim=32, mlp_bias=True, attention_bias=True, rms_norm_eps=1e-3,
+                   tie_word_embeddings=False)),
+])
+def test_config_values_other_than_the_tiny_defaults_load_and_export_as_in_transformers(
+        family, overrides, tmp_path):
+    """Values the shared tiny configs leave at a default a reader could ignore unseen (a norm eps
+    equal to LayerNorm's own, a rotary fraction equal to PhiConfig's, head_dim = width / heads,
+    no biases, multi-query): loaded, and exported and read back by transformers."""
+    import transformers
+
+    hf = save_tiny_hf(family, tmp_path / "hf", **overrides)
+    model = Transformer.from_pretrained(tmp_path / "hf")
+    idx = _ids(2, 64)
+    with torch.no_grad():
+        ref = hf(idx).logits
+        assert (model(idx) - ref).abs().max().item() <= 1e-5
+        model.save_pretrained(tmp_path / "out")
+        back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+        assert (back(idx).logits - ref).abs().max().item() <= 1e-5
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_export_loads_in_transformers_with_same_logits(checkpoints, family, tmp_path):
     import transformers
@@ -153,6 +195,27 @@ def test_export_loads_in_transformers_with_same_logits(checkpoints, family, tmp_
         assert (back(idx).logits - model(idx)).abs().max().item() <= 1e-5
     again = Transformer.from_pretrained(tmp_path)
     assert again.cfg == model.cfg
+
+
+@pytest.mark.parametrize("family, overrides", [("llama", {}),
+                                               ("phi", dict(partial_rotary_factor=0.25))])
+def test_export_also_writes_the_rope_fields_older_transformers_read(family, overrides,
+                                                                    tmp_path):
+    """transformers < 5 reads rope_theta, rope_scaling and partial_rotary_factor, not
+    rope_parameters; without them it builds theta 10000, no llama3 scaling, Phi's 0.5. An export
+    with rope_parameters removed (which transformers 5 reads those fields back into) must load
+    with the same logits."""
+    import transformers
+
+    hf = save_tiny_hf(family, tmp_path / "hf", **overrides)
+    Transformer.from_pretrained(tmp_path / "hf").save_pretrained(tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    del config["rope_parameters"]
+    (tmp_path / "out" / "config.json").write_text(json.dumps(config))
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    idx = _ids(2, 64)
+    with torch.no_grad():
+        assert (back(idx).logits - hf(idx).logits).abs().max().item() <= 1e-5
 
 
 def test_sharded_export_round_trip(checkpoints, tmp_path):
@@ -496,7 +559,7 @@ def test_dtype_cast_on_load(checkpoints):
     idx = _ids(2, 32)
     with torch.no_grad():
         ref = hf(idx).logits
-    assert (model(idx).float() - ref).abs().max().item() < 0.1
+    assert (model(idx).float() - ref).abs().max().item() < 0.02  # bf16 rounding: ~0.004
 
 
 @pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16])
