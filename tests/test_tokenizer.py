@@ -1,7 +1,10 @@
 """tokenizer.py against HF `tokenizers`: ids on every stdlib file, edge cases, round trips, errors.
 
 Reference tokenizer.json files are trained at test time by HF's own BpeTrainer (on every 20th
-stdlib file) for the three pre-tokenizer styles, so the reference is independent of our code.
+stdlib file) for the three pre-tokenizer styles, so the reference is independent of our code (the
+llama3 Split regex is tiny_hf's copy of Meta's, not tokenizer.py's). A trainer never writes what
+only hand-written or converted files hold (a vocabulary word the merges do not reach, a Digits
+without its flag): small hand-written tokenizer.json files cover those.
 """
 
 import ast
@@ -16,13 +19,15 @@ import pytest
 import regex
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny_hf import LLAMA3_SPECIALS, STARCODER_SPECIALS, train_hf_tokenizer
+from tiny_hf import LLAMA3_PATTERN, LLAMA3_SPECIALS, STARCODER_SPECIALS, train_hf_tokenizer
 from tokenizers import (
     AddedToken,
+    Regex,
     Tokenizer,
     decoders,
     models,
     pre_tokenizers,
+    processors,
     trainers,
 )
 
@@ -236,6 +241,23 @@ def test_special_role_and_fim_ids(references, tmp_path):
     assert tok.pad_id == hf.token_to_id("<|end_of_text|>")
 
 
+def test_bos_is_the_template_prefix_whatever_its_name(tmp_path):
+    """bos is the token the TemplateProcessing puts first, here a name the fallback list lacks,
+    beside an <|endoftext|> the list would take."""
+    hf = Tokenizer.from_str(json.dumps(_hand_written_spec(["ab"], [("a", "b")])))
+    hf.add_special_tokens(["<|endoftext|>", "<|start|>"])
+    start = hf.token_to_id("<|start|>")
+    hf.post_processor = processors.TemplateProcessing(
+        single="<|start|> $A", special_tokens=[("<|start|>", start)]
+    )
+    hf.save(str(tmp_path / "tokenizer.json"))
+    ours = load_tokenizer(tmp_path / "tokenizer.json")
+    ref = hf.encode("ab x", add_special_tokens=True).ids
+    assert ours.bos_id == ref[0] == start
+    assert ours.encode("ab x", add_special_tokens=True) == ref
+    assert ours.eos_id == hf.token_to_id("<|endoftext|>")
+
+
 def test_merges_as_strings_and_added_token_flags(references, stdlib_texts, tmp_path):
     """Legacy "a b" merges, and lstrip/rstrip/single_word/normalized added tokens."""
     path, _, _ = references["gpt2"]
@@ -307,6 +329,23 @@ def test_added_token_ids_are_derived_as_hf_derives_them(references, tmp_path):
         load_tokenizer(tmp_path / "tokenizer.json")
 
 
+def test_llama3_style_writes_metas_split_regex():
+    """What codelm trains in the llama3 style splits as Meta's Llama-3 file does: its Split regex
+    is tiny_hf's literal (copied from Meta's tokenizer.json), which HF's own Split reads as
+    digits by threes; the ids equal HF's with HF's pre-tokenizer built from that literal."""
+    split = pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated")
+    assert [p for p, _ in split.pre_tokenize_str("x = 12345")] == ["x", " =", " ", "123", "45"]
+    texts = ["n = 12345 + 678 * 9012345\n" * 20, "pi = 3.14159; v2 = 1234567\n" * 5]
+    ours = BPETokenizer.train(texts, 320, pretokenizer="llama3")
+    assert ours.spec["pre_tokenizer"]["pretokenizers"][0]["pattern"] == {"Regex": LLAMA3_PATTERN}
+    hf = Tokenizer.from_str(json.dumps(ours.spec))
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    probe = ["x = 12345", "1234567 89 0", *texts]
+    assert [ours.encode(t) for t in probe] == _hf_ids(hf, probe)
+
+
 def _with_split_regex(references, tmp_path, pattern: str):
     """The Llama-3 reference with its Split regex replaced: (path, HF tokenizer reading it)."""
     spec = json.loads(references["llama3"][0].read_text("utf-8"))
@@ -361,18 +400,68 @@ def test_real_split_regexes_still_read_as_hf_reads_them(pattern, references, std
     assert _first_mismatch(texts, [ours.encode(t) for t in texts], _hf_ids(hf, texts)) is None
 
 
-def _small_hf(pre, texts, alphabet=True, specials=("<|endoftext|>",)) -> Tokenizer:
+def _small_hf(pre, texts, alphabet=True, specials=("<|endoftext|>",), vocab_size=600,
+              min_frequency=0) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=600,
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
         special_tokens=list(specials),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if alphabet else [],
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
     return tok
+
+
+_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+               "use_regex": True}
+
+
+def _hand_written_spec(tokens=(), merges=(), pre_tokenizer=_BYTE_LEVEL, **model) -> dict:
+    """A byte-level tokenizer.json written by hand, not by a trainer: the 256 byte characters,
+    then ``tokens``, with ``merges`` in rank order and ``model`` fields on top."""
+    vocab = {c: i for i, c in enumerate(BYTE_TO_UNICODE.values())}
+    vocab.update({t: len(vocab) + k for k, t in enumerate(tokens)})
+    bpe = {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+           "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+           "ignore_merges": False, "vocab": vocab, "merges": [list(m) for m in merges]}
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
+            "normalizer": None, "pre_tokenizer": pre_tokenizer, "post_processor": None,
+            "decoder": _BYTE_LEVEL, "model": {**bpe, **model}}
+
+
+@pytest.mark.parametrize("ignore_merges", [True, False])
+def test_ignore_merges_takes_a_vocabulary_word_whole_as_hf_does(ignore_merges):
+    """Real Llama-3 files set ignore_merges: a piece found whole in the vocabulary is one token
+    though the merges would split it (b c ranks first, so by merges abc is a|bc). A file HF's
+    trainer wrote reaches every word by merges, so the trained references cannot tell."""
+    spec = _hand_written_spec(["ab", "bc", "abc"], [("b", "c"), ("a", "b")],
+                              ignore_merges=ignore_merges)
+    hf = Tokenizer.from_str(json.dumps(spec))
+    texts = ["abc", "abcd", "ab", "bc", "xabc", "abc abc", "abcabc\nabc"]
+    ref = _hf_ids(hf, texts)
+    assert (ref[0] == [spec["model"]["vocab"]["abc"]]) is ignore_merges  # the flag matters
+    assert [BPETokenizer(spec).encode(t) for t in texts] == ref
+
+
+def test_digits_without_its_flag_keeps_digit_runs_as_hf_default_does():
+    """A hand-written {"type": "Digits"} lacks individual_digits: it is read as HF's default
+    Digits() (false), so a digit run is one piece and merges across its digits. (HF's own JSON
+    reader wants the key, so HF reads the file with the pre-tokenizer built in Python.)"""
+    pre = {"type": "Sequence", "pretokenizers": [{"type": "Digits"}, _BYTE_LEVEL]}
+    spec = _hand_written_spec(["12", "123", "45"], [("1", "2"), ("12", "3"), ("4", "5")],
+                              pre_tokenizer=pre)
+    hf = Tokenizer.from_str(json.dumps({**spec, "pre_tokenizer": _BYTE_LEVEL}))
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    texts = ["x = 12345", "a1b22c333d4545", "12 123 45\n", "x12345y 912"]
+    ref = _hf_ids(hf, texts)
+    assert ref[0][-2:] == [spec["model"]["vocab"]["123"], spec["model"]["vocab"]["45"]]
+    assert [BPETokenizer(spec).encode(t) for t in texts] == ref
 
 
 def test_other_supported_pretokenizer_shapes(stdlib_texts, tmp_path):
@@ -474,6 +563,19 @@ def test_saved_directory_loads_in_transformers_with_roles(references, tmp_path):
     )
 
 
+@pytest.mark.parametrize("min_frequency, merged", [(2, {"ab"}), (3, set())])
+def test_bpe_training_min_frequency_boundary_as_hf(min_frequency, merged):
+    """A pair seen exactly min_frequency times is merged, one seen fewer is not, as HF's
+    BpeTrainer decides (ab twice; a|b after a space, z|q once)."""
+    texts = ["ab ab zq"]
+    ours = BPETokenizer.train(texts, 1000, min_frequency=min_frequency)
+    hf = _small_hf(pre_tokenizers.ByteLevel(add_prefix_space=False), texts, vocab_size=1000,
+                   min_frequency=min_frequency)
+    specials = {"<|endoftext|>"}
+    ref = {t for t in hf.get_vocab() if len(t) > 1} - specials
+    assert {t for t in ours.spec["model"]["vocab"] if len(t) > 1} - specials == ref == merged
+
+
 def test_bpe_training_learns_frequent_words():
     texts = ["def return self " * 50, "import numpy as np\n" * 30]
     tok = BPETokenizer.train(texts, 300, special_tokens=["<|endoftext|>"])
@@ -502,6 +604,16 @@ def test_code_pieces_split_identifiers_and_keep_layout():
     assert sorted(tok.pieces) == sorted(set(pieces))
     assert [tok.id_to_token(i) for i in tok.encode(text)] == pieces
     assert _hf_pieces(Tokenizer.from_str(json.dumps(tok.to_hf())), text) == pieces
+
+
+def test_code_tokenizer_longest_match_reaches_the_longest_piece():
+    """An unknown piece is cut into the longest known sub-pieces, up to and including the
+    longest piece's own length (abcd, 4 characters), as HF reads the export."""
+    tok = CodeTokenizer(["abcd", "ab", "cd", "x"], min_freq=1)
+    hf = Tokenizer.from_str(json.dumps(tok.to_hf()))
+    texts = ["abcdx", "xabcd", "abcdabcd", "abc", "xabcdx"]
+    assert [tok.encode(t) for t in texts] == _hf_ids(hf, texts)
+    assert [tok.id_to_token(i) for i in tok.encode("xabcd")] == ["x", "abcd"]
 
 
 def test_code_tokenizer_vocab_min_freq_and_specials(code_tok, code_tok_hf, stdlib_texts):

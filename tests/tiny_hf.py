@@ -21,7 +21,13 @@ from tokenizers import (
     trainers,
 )
 
-from tokenizer import LLAMA3_PATTERN
+# The Split regex of Meta's Llama-3 tokenizer.json (meta-llama/Meta-Llama-3-8B,
+# pre_tokenizer.pretokenizers[0].pattern.Regex, JSON escapes undone), written out here rather
+# than imported from tokenizer.py so that the llama3 reference is independent of codelm's own.
+LLAMA3_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
+    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 
 FAMILIES = ("gpt_bigcode", "codegen", "phi", "llama")
 
