@@ -133,6 +133,37 @@ def test_left_padded_batch_equals_unpadded_runs(shape):
         assert torch.equal(out[b, width:], model.generate(r[None], 12)[0, len(r):])
 
 
+def _naive_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                enable_gqa=False):
+    """Attention as the formula writes it: a fully masked row is softmax of all -inf, NaN (as
+    in SDPA's CUDA kernels and older torch; this CPU build returns zeros there)."""
+    if enable_gqa:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    scores = q @ k.transpose(-2, -1) * (scale or q.shape[-1] ** -0.5)
+    if is_causal:
+        attn_mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("shape", ["llama", "gpt_bigcode"])
+def test_left_padding_leaks_no_nan_where_a_masked_row_is_nan(shape, monkeypatch):
+    """Padding queries see themselves: with a kernel that gives NaN for a row with no key, their
+    NaN would reach real tokens through the next layer's zero weights (0 * NaN)."""
+    model = _model(shape)
+    rows = [_ids(1, n, seed=n)[0] for n in (12, 5)]
+    idx = torch.zeros(2, 12, dtype=torch.long)
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        idx[b, 12 - len(r):], mask[b, 12 - len(r):] = r, True
+    monkeypatch.setattr(F, "scaled_dot_product_attention", _naive_sdpa)
+    padded = model(idx, attention_mask=mask)
+    for b, r in enumerate(rows):
+        assert (padded[b, 12 - len(r):] - model(r[None])[0]).abs().max().item() < 1e-5
+
+
 def test_right_padding_needs_no_mask():
     model = _model("llama")
     idx = _ids(1, 20)
