@@ -59,9 +59,8 @@ def git_blob_sha(data: bytes) -> str:
 def redact_url(url: str) -> str:
     """The URL without any user:password part, for records and messages."""
     parts = urlsplit(url)
-    if parts.username or parts.password:
-        netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
-        return parts._replace(netloc=netloc).geturl()
+    if parts.username or parts.password:  # the host as written: [::1] keeps its brackets
+        return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
     return url
 
 

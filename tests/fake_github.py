@@ -64,7 +64,9 @@ class FakeGitHub:
     Fault kinds: ``403_reset`` (primary rate limit with x-ratelimit-reset), ``429`` (retry-after),
     ``secondary_403`` (secondary limit with retry-after), ``500``, ``drop`` (connection closed
     before any response), ``drop_body`` (closed half-way through the body), ``remaining_0`` (a
-    normal answer that says the quota is spent until one second from now).
+    normal answer that says the quota is spent until one second from now), ``altered`` (a file's
+    bytes, raw or by blob, with a line added: not the blob its SHA names, as a broken proxy or
+    cache serves it).
 
     ``star_changes`` is a list of (request substring, repo, stars), each applied once, in order,
     when a request whose path and query contain the substring arrives (before it is answered):
@@ -168,10 +170,11 @@ class FakeGitHub:
             time.sleep(self.delay)
         fault = self._take_fault(url.path)
         h.extra_headers = {}
+        h.altered = fault == "altered"  # a handler serves every request of its connection
         if fault == "remaining_0":
             h.extra_headers = {"x-ratelimit-remaining": 0,
                                "x-ratelimit-reset": int(self.clock()) + 1}
-        elif fault:
+        elif fault and fault != "altered":
             return self._inject(h, fault)
         if self.token and h.headers.get("Authorization") != f"Bearer {self.token}":
             return self._json(h, 401, {"message": "Bad credentials"})
@@ -315,6 +318,7 @@ class FakeGitHub:
         data = next((d for d in repo.files.values() if blob_sha(d) == sha), None)
         if data is None:
             return self._json(h, 404, {"message": "Not Found"})
+        data = _served(h, data)
         if "raw" in (h.headers.get("Accept") or ""):
             return self._send(h, 200, data, content_type="application/octet-stream")
         self._json(h, 200, {"sha": sha, "size": len(data), "encoding": "base64",
@@ -326,7 +330,12 @@ class FakeGitHub:
         data = repo.files.get(unquote("/".join(path))) if repo and commit == repo.commit else None
         if data is None:
             return self._send(h, 404, b"404: Not Found", content_type="text/plain")
-        self._send(h, 200, data, content_type="text/plain; charset=utf-8")
+        self._send(h, 200, _served(h, data), content_type="text/plain; charset=utf-8")
+
+
+def _served(h: BaseHTTPRequestHandler, data: bytes) -> bytes:
+    """The bytes a file request gets: the file's, or with the ``altered`` fault one line more."""
+    return data + b"# altered in transit\n" if h.altered else data
 
 
 def _parse_time(text: str, end: bool = False) -> datetime:

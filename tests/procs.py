@@ -2,10 +2,37 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def popen(args, **kwargs) -> subprocess.Popen:
+    """``subprocess.Popen`` whose child starts with SIGINT at its default, as a command started
+    from a terminal does, so that a test's SIGINT is its Ctrl-C. A pytest started with SIGINT
+    ignored (``nohup ... &``, some CI supervisors) passes SIG_IGN on to its children, and Python
+    then installs no KeyboardInterrupt handler: the test's SIGINT would never arrive."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # else exec resets it already
+        kwargs["preexec_fn"] = _default_sigint
+    return subprocess.Popen(args, **kwargs)
+
+
+def ignores(pid: int, sig: int) -> bool:
+    """Whether process ``pid`` ignores ``sig`` (SIG_IGN), as /proc shows it."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:  # gone
+        return False
+    for line in status.splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
 
 
 def signal_when(proc: subprocess.Popen, ready: Callable[[], bool], sig: int,
@@ -17,6 +44,9 @@ def signal_when(proc: subprocess.Popen, ready: Callable[[], bool], sig: int,
         while not ready():
             assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
             time.sleep(0.05)
+        assert not ignores(proc.pid, sig), (
+            f"the child ignores {signal.Signals(sig).name}, as this pytest does: start it with "
+            "procs.popen")
         proc.send_signal(sig)
         return proc.communicate(timeout=60)
     finally:

@@ -62,6 +62,8 @@ def test_file_then_flags_with_recipe_sections(tmp_path):
     ({"stpes": 1}, r"c\.json: unknown key 'stpes'; Demo keys are"),
     ({"train": {"steps": "3"}}, r"c\.json \(train section\): key 'steps' must be an integer"),
     ({"steps": True}, r"key 'steps' must be an integer"),
+    ({"fast": 1}, r"key 'fast' must be true/false, got 1"),
+    ({"train": {"fast": 0}}, r"\(train section\): key 'fast' must be true/false, got 0"),
     ({"ks": [1, "2"]}, r"key 'ks' must be a list of integers"),
     ({"mode": "c"}, r"key 'mode' must be one of \('a', 'b'\)"),
     ({"fast": None}, r"key 'fast' must not be null"),

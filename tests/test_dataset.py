@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from procs import signal_when
+from procs import popen, signal_when
 
 import cliconfig
 import dataset
@@ -187,6 +187,32 @@ def test_a_file_over_max_bytes_is_dropped_unread(tmp_path, monkeypatch):
     assert stats["dropped"] == {"too_large": 3}
 
 
+def test_a_file_of_exactly_max_bytes_is_kept(tmp_path):
+    """max_bytes is the largest size kept, as the reader's ``<=`` reads it."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.py").write_text((EMAIL / "charset.py").read_text("utf-8"))
+    size = (src / "a.py").stat().st_size
+    docs, stats = dataset.clean_corpus(cfg(tmp_path, sources=[str(src)], max_bytes=size))
+    assert [d.id for d in docs] == ["src/a.py"] and stats["dropped"] == {}
+    with pytest.raises(DataError, match="dropped {'too_large': 1}"):
+        dataset.clean_corpus(cfg(tmp_path, sources=[str(src)], max_bytes=size - 1))
+
+
+def test_pairs_with_one_prompt_and_different_targets_are_all_kept(tmp_path):
+    """A pair is its prompt and its target: another answer to the same prompt is new data, the
+    same answer again is a duplicate (reference: the distinct (input, output) tuples)."""
+    records = [{"input": "def add(a, b):\n", "output": "    return a + b\n"},
+               {"input": "def add(a, b):\n", "output": "    return b + a\n"},
+               {"input": "def add(a, b):\n", "output": "    return a + b\n"},  # a copy
+               {"input": "def plus(a, b):\n", "output": "    return a + b\n"}]
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", records)
+    docs, stats = dataset.clean_corpus(cfg(tmp_path, sources=[str(pairs)]))
+    distinct = list(dict.fromkeys((r["input"], r["output"]) for r in records))
+    assert [(d.text, d.target) for d in docs] == distinct
+    assert stats["dropped"] == {"duplicate": len(records) - len(distinct)}
+
+
 # Characters that str.splitlines() ends a line at and Python does not: a page break (^L) line,
 # and the others inside strings and comments, where Python allows them.
 ODD_BREAKS = (
@@ -352,6 +378,29 @@ def test_near_duplicates_found_exact_ones_kept_apart(tmp_path):
     other = (EMAIL / "utils.py").read_text("utf-8")
     assert dataset.near_duplicates([base, other, variant]) == {2}
     assert dataset.near_duplicates([base, other]) == set()
+
+
+def test_near_dedupe_drops_the_near_copy_from_the_corpus(tmp_path):
+    """clean_corpus(near_dedupe=True) removes the later of two near copies, not only counts it;
+    the reference is the exact Jaccard of the shingle sets, which MinHash only estimates."""
+    src = tmp_path / "src"
+    src.mkdir()
+    base = (EMAIL / "charset.py").read_text("utf-8")
+    texts = {"a.py": base, "b.py": base.replace("def get_body_encoding", "def body_encoding_of", 1),
+             "c.py": (EMAIL / "utils.py").read_text("utf-8")}
+    for name, text in texts.items():
+        (src / name).write_text(text)
+
+    def jaccard(x: str, y: str) -> float:
+        sx, sy = dataset.shingles(texts[x]), dataset.shingles(texts[y])
+        return len(sx & sy) / len(sx | sy)
+
+    assert jaccard("a.py", "b.py") > 0.85 > max(jaccard("a.py", "c.py"), jaccard("b.py", "c.py"))
+    docs, stats = dataset.clean_corpus(cfg(tmp_path, sources=[str(src)], near_dedupe=True))
+    assert [d.id for d in docs] == ["src/a.py", "src/c.py"]
+    assert stats["dropped"] == {"near_duplicate": 1} and stats["kept"]["files"] == 2
+    docs, stats = dataset.clean_corpus(cfg(tmp_path, sources=[str(src)]))
+    assert len(docs) == 3 and stats["dropped"] == {}  # off by default
 
 
 # Real stdlib pairs: two ctypes tests sharing boilerplate, two unrelated files, two code pages.
@@ -1268,9 +1317,8 @@ def test_an_interrupted_build_exits_cleanly_and_leaves_nothing(tmp_path, tok, si
     cache = tmp_path / "cache"
     argv = ["--task", "lm", "--sources", str(EMAIL), "--tokenizer", str(tmp_path / "tok"),
             "--cache-dir", str(cache), "--no-progress"]
-    build = subprocess.Popen([sys.executable, "-c", SLOW_BUILD, *argv],
-                             cwd=Path(dataset.__file__).parent, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    build = popen([sys.executable, "-c", SLOW_BUILD, *argv], cwd=Path(dataset.__file__).parent,
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, err = signal_when(build, lambda: list(cache.glob(".lm-*.tmp-*/started")), sig)
     assert build.returncode == code, err
     if sig != signal.SIGKILL:

@@ -583,6 +583,21 @@ def test_truncate_at_stops():
     assert ev.truncate_at_stops("    return x") == "    return x"
 
 
+def test_truncate_at_the_earliest_of_several_stops():
+    """The Codex / bigcode-harness rule: cut where the first of any stop sequence begins,
+    whichever stop it is (reference: one regex split on every stop)."""
+    import re
+
+    texts = ["    return x\nprint(f(1))\n\ndef g():\n    pass",
+             "    y = 1\n# done\n@cache\ndef h():\n    pass\nclass A:\n    pass",
+             "    return [\n        1]\nassert f() == [1]\nif __name__ == '__main__':\n    f()",
+             "    return 0\n"]
+    for text in texts:
+        reference = re.split("|".join(map(re.escape, ev.FUNCTION_STOPS)), text, maxsplit=1)[0]
+        assert ev.truncate_at_stops(text) == reference
+    assert ev.truncate_at_stops(texts[0]) == "    return x"
+
+
 # ---- models side by side ------------------------------------------------------------------
 
 CLASS_SOURCE = '''"""Module {i} for the evaluation tests."""
@@ -786,6 +801,39 @@ def test_passk_task_executes_samples(tiny_models, tmp_path, monkeypatch):
     metrics, records = ev.run_passk(lm, problems, cfg)
     assert metrics == {"pass@1": 50.0}
     assert [r["status"] for r in records] == ["passed", "failed", "passed", "failed"]
+
+
+def test_passk_with_several_samples_per_problem_equals_the_closed_form(tiny_models, monkeypatch):
+    """num_samples > 1: each problem's n samples are judged against that problem, and pass@k
+    for every k is the mean over problems of 1 - C(n-c, k) / C(n, k) (math.comb)."""
+    import torch
+
+    problems = ev.load_problems()[:3]
+    n, passing = 4, [1, 3, 0]  # canonical solutions among each problem's n samples
+    calls = [0] * len(problems)
+
+    def generate(lm, prompts, cfg, stops=(), desc="", **kw):
+        out = []
+        for prompt in prompts:
+            i = [p["prompt"] for p in problems].index(prompt)
+            calls[i] += 1
+            out.append(problems[i]["canonical_solution"] if calls[i] <= passing[i]
+                       else "    return None\n")
+        return out
+
+    monkeypatch.setattr(ev, "generate_texts", generate)
+    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    cfg = ev.EvalConfig(tasks=["passk"], num_samples=n, pass_k=[1, 2], temperature=0.8,
+                        progress=False)
+    metrics, records = ev.run_passk(lm, problems, cfg)
+    assert calls == [n] * len(problems)
+    assert [r["id"] for r in records] == [p["task_id"] for p in problems for _ in range(n)]
+    assert [sum(r["status"] == "passed" for r in records if r["id"] == p["task_id"])
+            for p in problems] == passing
+    assert sorted(metrics) == ["pass@1", "pass@2"]
+    for k in (1, 2):
+        closed = [1 - math.comb(n - c, k) / math.comb(n, k) for c in passing]
+        assert metrics[f"pass@{k}"] == pytest.approx(100 * sum(closed) / len(problems))
 
 
 def test_docstring_prompt_variants_make_rows(tiny_models, tmp_path, monkeypatch, capsys):
@@ -1457,6 +1505,39 @@ def test_reference_loss_scores_the_eos_only_when_training_did(tiny_models):
             logits = lm.model(torch.tensor([prompt + target[:-1]]))[0, len(prompt) - 1:]
         assert got == pytest.approx(float(F.cross_entropy(logits, torch.tensor(target))),
                                     abs=1e-5)
+
+
+def test_reference_loss_of_several_examples_is_a_per_token_mean_as_transformers(tiny_models):
+    """Examples of different lengths in batches of 2 (the last alone): the loss is the summed
+    cross-entropy of every reference token over their count, not a mean of batch means
+    (reference: transformers' model and torch's cross_entropy, one example at a time)."""
+    import torch
+    import torch.nn.functional as F
+    import transformers
+
+    import dataset
+
+    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    tok = lm.tokenizer
+    examples = [ev.TaskExample("a", "return 1", "def f():\n    "),
+                ev.TaskExample("b", "return self.balance + amount", "def deposit(self, amount):\n"
+                                                                      "    "),
+                ev.TaskExample("c", "x", "y = ")]
+    got = ev.score_supervised(lm, examples, ev.EvalConfig(batch_size=2, progress=False),
+                              dataset.DataConfig(add_eos=True))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_models["base"]).eval()
+    sums, counts = [], []
+    with torch.no_grad():
+        for e in examples:
+            prompt, target = tok.encode(e.head), tok.encode(e.reference) + [tok.eos_id]
+            logits = hf(torch.tensor([prompt + target[:-1]])).logits[0, len(prompt) - 1:]
+            sums.append(float(F.cross_entropy(logits, torch.tensor(target), reduction="sum")))
+            counts.append(len(target))
+    assert len(set(counts)) == 3
+    per_token = sum(sums) / sum(counts)
+    assert got == pytest.approx(per_token, abs=1e-5)
+    batch_means = ((sums[0] + sums[1]) / (counts[0] + counts[1]) + sums[2] / counts[2]) / 2
+    assert abs(batch_means - per_token) > 1e-4  # far outside that tolerance
 
 
 def test_reference_loss_runs_without_autograd(tiny_models, monkeypatch):

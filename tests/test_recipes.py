@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from procs import signal_when
+from procs import popen, signal_when
 
 import eval as ev
 import recipes
@@ -186,7 +186,7 @@ def test_interrupted_evaluation_says_the_training_is_saved(tmp_path, sig, code):
                   "eval_examples": 4, "tokenizer_max_vocab": 256, "tokenizer_min_freq": 2,
                   "data": [str(data)], "data_options": {"split_by": "file"}, "name": "tiny"},
         "eval": {"tasks": ["lm"]}}))
-    run = subprocess.Popen(
+    run = popen(
         [sys.executable, "-c", SLOW_EVAL, str(recipe), "--out-dir", str(tmp_path / "runs"),
          "--device", "cpu", "--no-progress"], cwd=ROOT, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, env={**os.environ, "CODELM_CACHE": str(tmp_path)})

@@ -12,10 +12,11 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import pytest
 from fake_github import DEFAULT_FAULTS, FakeGitHub, FakeRepo, blob_sha, fake_corpus
-from procs import signal_when
+from procs import popen, signal_when
 
 import cliconfig
 from scraping import (
@@ -30,7 +31,7 @@ from scraping import (
 )
 from scraping.__main__ import main
 from scraping.client import ServerError
-from scraping.common import ResumableOutput, expand_licenses
+from scraping.common import FileFilter, ResumableOutput, expand_licenses, git_blob_sha, redact_url
 from scraping.github import build_query
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,6 +118,32 @@ def test_blob_api_path_without_raw_host_gives_the_same_output(tmp_path):
     fake, _, _, _ = run_scrape(tmp_path / "blob.jsonl", raw=False)
     assert not any(p.startswith("/raw/") for p in fake.requests)
     assert (tmp_path / "raw.jsonl").read_bytes() == (tmp_path / "blob.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize("raw", [True, False], ids=["raw", "blob"])
+def test_a_file_whose_bytes_are_not_its_blob_is_dropped(tmp_path, raw):
+    """Bytes that do not hash to the SHA the tree names (a broken proxy or cache) are counted as
+    sha_mismatch and never written; every other file is kept as before."""
+    repos, expected = fake_corpus()
+    path = sorted(p for repo, p in expected if repo == "gamma/mailer")[0]
+    data = next(r for r in repos if r.full_name == "gamma/mailer").files[path]
+    needle = f"/{quote(path)}" if raw else f"/git/blobs/{blob_sha(data)}"
+    out = tmp_path / "code.jsonl"
+    fake, summary, _, _ = run_scrape(out, [(needle, "altered")], raw=raw)
+    assert fake.faults == []  # the altered answer was served
+    records = read_jsonl(out)
+    assert {(r["repo"], r["path"]) for r in records} == expected - {("gamma/mailer", path)}
+    assert summary.files["sha_mismatch"] == 1 and summary.files["kept"] == len(expected) - 1
+
+
+def test_git_blob_sha_is_the_id_git_gives_the_content(tmp_path):
+    """Reference: ``git hash-object``, the id GitHub's trees name and local records carry."""
+    contents = [b"", b"x = 1\n", "caf\u00e9 = 1\r\n".encode(), b"\0\x01binary" * 300,
+                (ROOT / "scraping" / "common.py").read_bytes()]
+    for data in contents:
+        git = subprocess.run(["git", "hash-object", "--stdin"], input=data, capture_output=True,
+                             check=True)
+        assert git_blob_sha(data) == git.stdout.decode().strip() == blob_sha(data)
 
 
 def test_search_splits_date_range_past_the_result_cap():
@@ -430,7 +457,7 @@ def test_a_stopped_clone_is_removed_at_once_or_by_the_next_run(tmp_path, monkeyp
     _, host, ns, _ = cliconfig.owner_tag().split("@")
     live = tmp / f"codelm-clone-{os.getppid()}@{host}@{ns}@x1y2"  # this test's parent's
     live.mkdir()
-    proc = subprocess.Popen(
+    proc = popen(
         [sys.executable, "-c", SLOW_CLONE, "local", "file:///some/repo.git", "--out",
          str(tmp_path / "out.jsonl"), "--no-progress"], cwd=tmp_path, text=True,
         env={**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": str(ROOT)},
@@ -448,6 +475,53 @@ def test_a_stopped_clone_is_removed_at_once_or_by_the_next_run(tmp_path, monkeyp
     assert main(["local", str(tmp_path / "src"), "--out", str(tmp_path / "next.jsonl"),
                  "--no-progress"]) == 0
     assert [p.name for p in tmp.iterdir()] == [live.name]
+
+
+@pytest.mark.parametrize("url", [
+    "https://user:secret@example.com/owner/repo.git",
+    "https://secret@example.com:8443/owner/repo.git?ref=main#top",
+    "http://user:secret@[::1]:8080/repo.git",
+    "ssh://git:secret@Git.Example.com/repo.git",
+    "https://u:p%40secret@example.com/repo.git",
+    "https://example.com/owner/repo.git",
+    "file:///srv/repo.git",
+])
+def test_redact_url_removes_the_credentials_and_nothing_else(url):
+    """Reference: urllib.parse's split, with the netloc cut after its last '@'."""
+    parts = urlsplit(url)
+    expected = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    assert redact_url(url) == expected and "secret" not in redact_url(url)
+
+
+def test_a_failing_clone_names_its_url_without_the_credentials(tmp_path, capsys, monkeypatch):
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
+                 "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    out = tmp_path / "out.jsonl"
+    url = "https://user:secret@127.0.0.1:1/repo.git"  # nothing listens on port 1
+    assert main(["local", url, "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "git clone https://127.0.0.1:1/repo.git failed" in err and "secret" not in err
+    assert not [p.name for p in tmp_path.iterdir() if "secret" in p.read_text()]
+
+
+def test_file_size_bounds_are_inclusive(tmp_path):
+    """min_bytes and max_bytes are the smallest and largest sizes kept, in the filter and in a
+    collection through it."""
+    sizes = {"a.py": 9, "b.py": 10, "c.py": 20, "d.py": 21}
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, size in sizes.items():
+        (src / name).write_bytes(b"#" * (size - 1) + b"\n")
+    kept = {name for name, size in sizes.items() if 10 <= size <= 20}
+    file_filter = FileFilter((".py",), min_bytes=10, max_bytes=20)
+    assert {name: file_filter.reject_reason(name, size) for name, size in sizes.items()} == {
+        "a.py": "too_small", "b.py": None, "c.py": None, "d.py": "too_large"}
+    out = tmp_path / "out.jsonl"
+    summary = collect_local(LocalConfig(sources=[str(src)], out=str(out), min_bytes=10,
+                                        max_bytes=20, progress=False))
+    assert {r["path"] for r in read_jsonl(out)} == kept
+    assert (summary.files["too_small"], summary.files["too_large"]) == (1, 1)
 
 
 def test_local_keeps_finished_sources_when_a_later_one_fails_and_resumes(tmp_path, capsys):
