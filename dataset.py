@@ -1210,10 +1210,15 @@ def refactor_example(doc: Doc) -> Example:
 # --------------------------------------------------------------------------------------------
 
 
+_FINGERPRINT_PREFIX = "codelm-tokenizer-"
+
+
 def _tokenizer_fingerprint(tokenizer) -> str:
     """Hash of the tokenizer's saved files and of what its ids depend on besides them
-    (``tokenizer.ENCODING_VERSION``): the cache must change when the ids can."""
-    with tempfile.TemporaryDirectory() as d:
+    (``tokenizer.ENCODING_VERSION``): the cache must change when the ids can. The files go to a
+    temp directory named after this process, so that a later run removes one a SIGKILL left."""
+    cliconfig.remove_dead_owners(tempfile.gettempdir(), _FINGERPRINT_PREFIX)
+    with tempfile.TemporaryDirectory(prefix=_FINGERPRINT_PREFIX + cliconfig.owner_tag()) as d:
         target = Path(d) / "tokenizer"
         target.mkdir()
         tokenizer.save(str(target))

@@ -1259,6 +1259,24 @@ def test_a_build_removes_what_dead_builders_of_this_machine_left(tmp_path):
     assert entries == sorted([*kept, f"corpus-{corpus.key}"])
 
 
+def test_the_tokenizer_fingerprint_removes_what_a_killed_run_left_in_tmp(tmp_path, tok,
+                                                                       monkeypatch):
+    """The fingerprint saves the tokenizer to a temp directory; a SIGKILL inside left an
+    anonymous /tmp/tmpXXXX/tokenizer/ that no run ever removed."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    host, ns = socket.gethostname(), cliconfig.owner_tag().split("@")[2]
+    dead = tmp_path / f"codelm-tokenizer-{_dead_pid()}@{host}@{ns}@x1"
+    live = tmp_path / f"codelm-tokenizer-{os.getpid()}@{host}@{ns}@x2"
+    for d in (dead, live):
+        (d / "tokenizer").mkdir(parents=True)
+        (d / "tokenizer" / "tokenizer.json").write_text("{}")
+    key = dataset._tokenizer_fingerprint(tok)
+    assert sorted(tmp_path.iterdir()) == [live]  # and its own directory is gone
+    assert dataset._tokenizer_fingerprint(tok) == key
+
+
 def test_a_published_cache_entry_is_on_disk_before_its_name(tmp_path, monkeypatch):
     """Cache entries were renamed into place unsynced: after a power loss the name could hold
     empty files, which every later run would load as the corpus (gigabytes of token files, read
