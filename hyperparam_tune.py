@@ -1192,6 +1192,9 @@ def tune(cfg: TuneConfig) -> TuneResult:
               "(--max-steps), so a larger effective batch (batch_size x grad_accum) sees more "
               "data and tends to win for that alone; fix them in the space's base to compare "
               "the other parameters", file=sys.stderr)
+    if swept := sorted(set(base) & set(space.params)):  # e.g. a config.json of an earlier run
+        print(f"note: {cfg.train_config}: {', '.join(swept)}: sampled by {space.source}; each "
+              "trial's sampled value replaces the file's", file=sys.stderr)
     finished = study_progress(study)[0]
     bar = tqdm(total=cfg.n_trials, initial=min(finished, cfg.n_trials), unit="trial",
                desc=cfg.study_name, disable=not cfg.progress)

@@ -19,7 +19,7 @@ import pytest
 import torch
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
-from procs import exited, signal_when
+from procs import exited, popen, signal_when
 from tiny_hf import save_tiny_hf
 
 import hyperparam_tune
@@ -175,8 +175,8 @@ def test_killed_worker_trial_fails_and_is_retried(tmp_path, corpus, storage_kind
     space = tiny_space(tmp_path, corpus)
     argv = tune_args(tmp_path, space, study_name="kill", n_trials=2, workers=2, max_steps=60,
                      eval_every=4, heartbeat_interval=1, grace_period=3, **flags)
-    parent = subprocess.Popen([sys.executable, str(ROOT / "hyperparam_tune.py"), *argv],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    parent = popen([sys.executable, str(ROOT / "hyperparam_tune.py"), *argv],
+                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         victim = _running_trial(storage, "kill")
         os.kill(int(victim.user_attrs[hyperparam_tune.ATTR_WORKER].rpartition(":")[2]),
@@ -245,8 +245,8 @@ def test_interrupted_sweep_reruns_the_interrupted_trial(tmp_path, corpus):
     space = tiny_space(tmp_path, corpus)
     argv = tune_args(tmp_path, space, study_name="int", n_trials=2, max_steps=60, eval_every=4)
     storage = journal(tmp_path, "int")
-    sweep = subprocess.Popen([sys.executable, str(ROOT / "hyperparam_tune.py"), *argv],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sweep = popen([sys.executable, str(ROOT / "hyperparam_tune.py"), *argv],
+                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _running_trial(storage, "int")
         sweep.send_signal(signal.SIGINT)
@@ -284,8 +284,8 @@ def test_a_stopped_or_killed_sweep_stops_its_workers(tmp_path, corpus, sig):
     argv = tune_args(tmp_path, space, study_name="term", n_trials=2, workers=2, max_steps=5000,
                      eval_every=4, pruner="none")
     storage = journal(tmp_path, "term")
-    sweep = subprocess.Popen([sys.executable, str(ROOT / "hyperparam_tune.py"), *argv],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sweep = popen([sys.executable, str(ROOT / "hyperparam_tune.py"), *argv],
+                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     running = []
 
     def both_training() -> bool:
@@ -471,6 +471,45 @@ def test_trial_that_trained_its_whole_budget_is_complete_not_pruned(tmp_path, co
                      max_steps=4, prune_startup_trials=1)
     assert hyperparam_tune.main(argv) == 0
     assert load_study(storage, "last").get_trials()[1].state == TrialState.COMPLETE
+
+
+@pytest.mark.parametrize("warmup", [5, 8])
+def test_prune_warmup_steps_reach_the_median_pruner(tmp_path, corpus, monkeypatch, warmup):
+    """--prune-warmup-steps W spares a hopeless trial until step W, as Optuna's own
+    MedianPruner(n_warmup_steps=W) given the same reports decides: pruned at the first
+    evaluation from W on, or COMPLETE when W covers the budget. test_pruner_flag checks only the
+    pruner's class; without W this trial is pruned at its first evaluation (step 2)."""
+    def hopeless(cfg, on_eval=None, resume_hint=None):
+        for step in range(cfg.eval_every, cfg.max_steps + 1, cfg.eval_every):
+            on_eval(step, {"val_loss": 5.0})
+        return trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=5.0,
+                                           step=cfg.max_steps)
+
+    monkeypatch.setattr(trainingmanager, "train", hopeless)
+    steps = [2, 4, 6, 8]
+    good = optuna.trial.create_trial(
+        params={"lr": 1e-3}, distributions={"lr": optuna.distributions.FloatDistribution(
+            1e-4, 1e-2, log=True)}, value=1.0, intermediate_values=dict.fromkeys(steps, 1.0),
+        user_attrs={hyperparam_tune.ATTR_CONFIG: {"lr": 1e-3}})
+    reference = optuna.create_study(pruner=optuna.pruners.MedianPruner(
+        n_startup_trials=1, n_warmup_steps=warmup))
+    reference.add_trial(good)
+    trial, pruned_at = reference.ask(), None
+    for step in steps[:-1]:  # never at the final evaluation (the sweep's rule, tested above)
+        trial.report(5.0, step)
+        if trial.should_prune():
+            pruned_at = step
+            break
+    assert pruned_at == {5: 6, 8: None}[warmup]
+
+    storage = journal(tmp_path, "warm")
+    optuna.create_study(study_name="warm", storage=storage).add_trial(good)
+    argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="warm", n_trials=2,
+                     max_steps=8, eval_every=2, prune_startup_trials=1, prune_warmup_steps=warmup)
+    assert hyperparam_tune.main(argv) == 0
+    swept = load_study(storage, "warm").get_trials()[1]
+    assert swept.state == (TrialState.PRUNED if pruned_at else TrialState.COMPLETE)
+    assert max(swept.intermediate_values) == (pruned_at or 8)
 
 
 def test_nan_trial_is_failed_with_reason_and_the_study_goes_on(tmp_path, corpus):
@@ -706,6 +745,34 @@ def test_sweep_keys_are_every_key_the_sweep_sets():
     run = hyperparam_tune.trial_run_config(cfg, recipe, 0)
     assert {k for k in run if k not in recipe or run[k] != recipe[k]} <= hyperparam_tune.SWEEP_KEYS
     assert {"max_steps", "epochs", "eval_every"} <= hyperparam_tune.SWEEP_KEYS
+
+
+def test_sampled_values_win_over_the_train_config_which_is_told(tmp_path, corpus, monkeypatch,
+                                                                capsys):
+    """A --train-config that sets a swept key (a config.json copied from an earlier run sets
+    them all) lies under the sampled values: each trial trains with, and records in its recipe,
+    the value Optuna sampled (trial.params), the file's other keys still apply. The other order
+    ran every trial at the file's lr. The sweep says once that the file's value is replaced."""
+    seen = []
+
+    def train(cfg, on_eval=None, resume_hint=None):
+        seen.append((cfg.lr, cfg.weight_decay))
+        return trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=1.0 + cfg.lr,
+                                           step=cfg.max_steps)
+
+    monkeypatch.setattr(trainingmanager, "train", train)
+    train_config = tmp_path / "train.json"
+    train_config.write_text(json.dumps({"lr": 0.5, "weight_decay": 0.2}))
+    space = tiny_space(tmp_path, corpus)
+    argv = tune_args(tmp_path, space, study_name="over", n_trials=2,
+                     train_config=str(train_config))
+    assert hyperparam_tune.main(argv) == 0
+    trials = load_study(journal(tmp_path, "over"), "over").get_trials()
+    assert seen == [(t.params["lr"], 0.2) for t in trials]
+    assert all(t.user_attrs[hyperparam_tune.ATTR_CONFIG]["lr"] == t.params["lr"] for t in trials)
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: {train_config}: lr: sampled by {space}; each trial's sampled value "
+                     "replaces the file's"]
 
 
 def test_config_mistake_stops_before_any_trial(tmp_path, corpus, capsys):

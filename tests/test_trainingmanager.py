@@ -3,8 +3,10 @@ atomic checkpoints, the run directory, and the --overfit ritual (with seed 001's
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -312,6 +314,100 @@ def test_fp16_step_runs_the_head_fused_with_the_unfused_heads_gradients(monkeypa
     with torch.autocast("cpu", torch.float16):
         tm.lm_loss(model(ids, return_hidden=True), labels, model.lm_head, grad_scale=scale)
     assert scales == [pytest.approx(float(scale) / count)]
+
+
+def _shifted_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))
+    labels = ids.roll(-1, 1)
+    labels[:, :3] = tm.IGNORE_INDEX
+    return ids, labels
+
+
+def _plain_backward(model, ids, labels, smoothing=0.0, clip=float("inf")):
+    """The reference step: F.cross_entropy on the full fp32 logits of a copy of ``model`` (no
+    fused head, no scaler, no autocast), its gradient clipped by torch's clip_grad_norm_.
+    Returns the loss, the total gradient norm before the clip and the gradients by name."""
+    ref = copy.deepcopy(model).float()
+    logits = ref.lm_head(ref(ids, return_hidden=True))
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=tm.IGNORE_INDEX,
+                           label_smoothing=smoothing)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), clip)
+    return loss.item(), float(norm), {n: p.grad for n, p in ref.named_parameters()}
+
+
+def _worst_relative_error(trainer: tm.Trainer, grads: dict[str, torch.Tensor]) -> float:
+    """How far the gradient the step applied (Adam's first moment after one step is 0.1 x it)
+    is from ``grads``: the largest |got - ref| / |ref| over the tensors."""
+    state, beta1 = trainer.optimizer.state, trainer.cfg.beta1
+    return max(float((state[p]["exp_avg"] / (1 - beta1) - grads[n]).norm() / grads[n].norm())
+               for n, p in trainer.raw_model.named_parameters())
+
+
+# fp16: the forward's rounding (0.1% here) against the fp32 reference
+@pytest.mark.parametrize("precision, tol", [("fp32", 1e-5), ("fp16", 1e-2)])
+def test_grad_clip_clips_the_unscaled_gradient_as_torch_does(precision, tol):
+    """grad_clip bounds the true gradient: grad_norm is the unclipped total norm of a plain
+    F.cross_entropy backward, and the step applies the gradient torch's clip_grad_norm_ leaves
+    (one factor for every tensor). Under fp16 the scaler unscales before the clip: clipping the
+    scaled gradient would compare a norm 65536x too large with grad_clip, report it, and shrink
+    the step as much. Every other fp16 test runs with grad_clip=0."""
+    clip = 0.05
+    cfg = tm.TrainConfig(preset="tiny", dropout=0.0, block_size=16, grad_clip=clip,
+                         precision=precision)
+    trainer = _trainer(cfg)
+    ids, labels = _shifted_batch()
+    _, norm, clipped = _plain_backward(trainer.raw_model, ids, labels, clip=clip)
+    assert norm > 2 * clip  # the clip acts
+    stats = trainer.train_step([{"input_ids": ids, "labels": labels}])
+    assert not stats.skipped and stats.grad_norm == pytest.approx(norm, rel=tol / 10)
+    assert _worst_relative_error(trainer, clipped) < tol
+
+
+def test_training_loss_and_gradient_use_label_smoothing_as_torch_cross_entropy():
+    """TrainConfig.label_smoothing reaches the training step: its loss and gradient are those of
+    F.cross_entropy(label_smoothing=0.1). lm_loss's own smoothing is tested above; this guards
+    that the Trainer passes the setting on."""
+    cfg = tm.TrainConfig(preset="tiny", dropout=0.0, block_size=16, label_smoothing=0.1,
+                         grad_clip=0.0)
+    trainer = _trainer(cfg)
+    ids, labels = _shifted_batch()
+    loss, _, grads = _plain_backward(trainer.raw_model, ids, labels, smoothing=0.1)
+    assert abs(loss - _plain_backward(trainer.raw_model, ids, labels)[0]) > 1e-3
+    stats = trainer.train_step([{"input_ids": ids, "labels": labels}])
+    assert stats.loss == pytest.approx(loss, rel=1e-6)
+    assert _worst_relative_error(trainer, grads) < 1e-5
+
+
+def test_weight_decay_falls_on_linear_and_embedding_weights_only():
+    """AdamW decays the weight matrices (Linear, Embedding) and nothing else: biases and norm
+    gains sit in a group with weight_decay 0, as in nanoGPT and HF's Trainer. The model has every
+    kind: LayerNorm weights and biases, biased Linears, learned positions."""
+    cfg = tm.TrainConfig(preset="tiny", weight_decay=0.1, model_options={
+        "norm": "layernorm", "positions": "learned", "qkv_bias": True, "attn_proj_bias": True,
+        "mlp_bias": True, "lm_head_bias": True})
+    trainer = _trainer(cfg)
+    decay = {id(p): group["weight_decay"] for group in trainer.optimizer.param_groups
+             for p in group["params"]}
+    expected = {id(p): 0.1 if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))
+                and name == "weight" else 0.0
+                for m in trainer.raw_model.modules()
+                for name, p in m.named_parameters(recurse=False)}
+    assert list(expected.values()).count(0.0) > 10  # norms and biases are there
+    assert decay == expected
+
+
+def test_each_epoch_is_a_new_permutation_of_every_example():
+    """Every epoch visits each example once, in an order of its own: an order seeded without
+    the epoch would repeat epoch 0's batches in every epoch."""
+    order = tm.BatchOrder(10, 5, tm.Dist(), seed=0)
+    epochs: dict[int, list[int]] = {}
+    for _ in range(6):
+        indices, (epoch, _) = order.next()
+        epochs.setdefault(epoch, []).extend(indices)
+    assert list(epochs) == [0, 1, 2]
+    assert all(sorted(indices) == list(range(10)) for indices in epochs.values())
+    assert len({tuple(indices) for indices in epochs.values()}) == 3
 
 
 @pytest.mark.parametrize("capability, half", [((7, 5), "fp16"), ((8, 0), "bf16")])
@@ -1175,6 +1271,38 @@ def test_logged_lr_is_the_lr_the_step_used(assets, tmp_path):
     lrs = [m["lr"] for m in lines if m["kind"] == "train"]
     expected = [cfg.lr * tm.lr_factor(s, 2, 3, cfg.min_lr_ratio) for s in range(3)]
     assert lrs == pytest.approx(expected)
+
+
+def test_an_epochs_run_rounds_its_steps_up_and_its_cosine_ends_there(assets, tmp_path):
+    """With epochs set (max_steps left at its default), the run is ceil(epochs x examples /
+    examples per step) steps: the partial last step trains, as a DataLoader without drop_last
+    does. Its cosine decays over those steps: after warmup each logged lr is that of
+    transformers' cosine-with-min-lr schedule of that length (HF warms up from 0, codelm from
+    1/warmup_steps, so warmup is left out). An epochs run scheduled over max_steps stayed near
+    its peak lr."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    common = dict(task="completion", batch_size=4, grad_accum=2, warmup_steps=2,
+                  max_steps=tm.TrainConfig().max_steps)
+    probe = tm._Run(tiny_cfg(assets, tmp_path, name="probe", **common), tm.Dist())
+    n = len(probe.train_set)  # supervised pairs: an epoch is each of them once
+    probe.release()
+    steps, per_step = 5, 4 * 2  # batch_size x grad_accum
+    epochs = (steps - 0.5) * per_step / n  # 4.5 steps' worth of examples
+    cfg = tiny_cfg(assets, tmp_path, epochs=epochs, eval_every=steps, save_every=steps, **common)
+    result = tm.train(cfg)
+    assert result.step == math.ceil(epochs * n / per_step) == steps
+    lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    lrs = [m["lr"] for m in lines if m["kind"] == "train"]
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    schedule = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, num_warmup_steps=2, num_training_steps=steps, min_lr_rate=cfg.min_lr_ratio)
+    reference = []
+    for _ in range(steps):
+        reference.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs[2:] == pytest.approx(reference[2:], rel=1e-9)
 
 
 def test_resume_without_a_checkpoint_and_a_torn_metrics_line(assets, tmp_path, capsys):
