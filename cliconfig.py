@@ -18,6 +18,7 @@ import re
 import shutil
 import signal
 import socket
+import sys
 import threading
 import tokenize
 import types
@@ -355,6 +356,26 @@ def interrupt_on_sigterm() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def quiet_start_up_stops() -> None:
+    """A script's first statement, before its imports load torch (1-5 s): Ctrl-C or SIGTERM
+    there ends it as later (130 / 143, one line), not with a traceback from inside an import.
+    ``run_main`` gives the signals their usual handling back."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _stopped_while_starting)
+
+
+def _stopped_while_starting(signum, frame) -> None:
+    print("interrupted while starting: nothing was written", file=sys.stderr)
+    raise SystemExit(interrupted_exit_code(signal.Signals(signum).name))
+
+
+def run_main(main: Callable[[], int | None]) -> int | None:
+    """Run a script's ``main`` once its imports are done (see ``quiet_start_up_stops``)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    return main()
 
 
 def stop_signal(stop: KeyboardInterrupt) -> signal.Signals:

@@ -10,6 +10,11 @@ no file's windows can leak into two splits) -> task builder -> cached token arra
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first: the imports below load torch for seconds
+    import cliconfig
+
+    cliconfig.quiet_start_up_stops()
+
 import argparse
 import ast
 import contextlib
@@ -1663,4 +1668,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cliconfig.run_main(main))

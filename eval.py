@@ -34,6 +34,11 @@ latest run under runs/.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first: the imports below load torch for seconds
+    import cliconfig
+
+    cliconfig.quiet_start_up_stops()
+
 import argparse
 import ast
 import contextlib
@@ -1488,4 +1493,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cliconfig.run_main(main))

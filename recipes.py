@@ -15,6 +15,11 @@ adapter, loaded back onto the base, computes what the merged export computes. Se
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first: the imports below load torch for seconds
+    import cliconfig
+
+    cliconfig.quiet_start_up_stops()
+
 import argparse
 import ast
 import dataclasses
@@ -670,4 +675,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cliconfig.run_main(main))

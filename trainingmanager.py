@@ -11,6 +11,11 @@ atomically; ``--overfit`` turns the debugging ritual into a command.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first: the imports below load torch for seconds
+    import cliconfig
+
+    cliconfig.quiet_start_up_stops()
+
 import argparse
 import contextlib
 import dataclasses
@@ -2402,4 +2407,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cliconfig.run_main(main))

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first: the imports below load torch for seconds
+    import cliconfig
+
+    cliconfig.quiet_start_up_stops()
+
 import argparse
 import logging
 import sys
@@ -74,4 +79,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cliconfig.run_main(main))

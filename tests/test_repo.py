@@ -1,11 +1,14 @@
 """The repository keeps its promises to a newcomer: README commands, CI, pins."""
 
 import argparse
+import ast
 import json
 import re
 import runpy
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -154,3 +157,38 @@ def test_docs_point_only_at_what_the_repository_holds():
         for name in re.findall(r"runs/([\w-]+)", text):
             assert name in names | {"smoke"}, f"{doc.name}: runs/{name}"
         assert "../shared" not in text, doc.name
+
+
+SCRIPTS = ["trainingmanager.py", "eval.py", "dataset.py", "hyperparam_tune.py", "recipes.py",
+           "scraping/__main__.py"]
+
+
+def test_every_script_guards_its_start_up_and_runs_main_through_cliconfig():
+    """Each script's first statement quiets Ctrl-C/SIGTERM while its imports load torch, and
+    its main runs through cliconfig.run_main, which gives the signals back."""
+    scripts = {str(p.relative_to(ROOT)) for p in [*ROOT.glob("*.py"), *ROOT.glob("scraping/*.py")]
+               if 'if __name__ == "__main__":' in p.read_text()}
+    assert scripts == set(SCRIPTS)
+    for script in SCRIPTS:
+        body = ast.parse((ROOT / script).read_text()).body
+        body = body[1:] if isinstance(body[0], ast.Expr) else body  # the docstring
+        first, last = ast.unparse(body[1]), ast.unparse(body[-1])
+        assert "cliconfig.quiet_start_up_stops()" in first, script
+        assert last == "if __name__ == '__main__':\n    sys.exit(cliconfig.run_main(main))", script
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stop_while_torch_loads_ends_in_one_line(sig, code):
+    """A Ctrl-C in the first seconds of any command, while torch loads, printed a traceback
+    from inside importlib (SIGTERM: nothing, a bare signal death)."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "trainingmanager.py"), "--help"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    maps = Path(f"/proc/{proc.pid}/maps")
+    deadline = time.monotonic() + 60
+    while "libtorch" not in maps.read_text() and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, out, err) == (code, "", "interrupted while starting: nothing was "
+                                                     "written\n")
