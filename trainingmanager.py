@@ -1841,7 +1841,11 @@ class _Run:
                                 self.trainer.state_dict(), rng, self._progress(),
                                 self.config_dict, self.trainable_only)
                 for old in list_checkpoints(self.run_dir)[:-self.cfg.keep_last]:
-                    shutil.rmtree(old)
+                    # renamed first: a kill mid-removal leaves a partial write, which the next
+                    # start removes, not a step-N without its weights
+                    doomed = cliconfig.partial_path(old, "tmp")
+                    old.rename(doomed)
+                    shutil.rmtree(doomed)
         self.last_saved_step = self.step
 
     def _save_best(self, metrics: dict) -> None:

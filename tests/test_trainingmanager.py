@@ -498,6 +498,26 @@ def test_val_data_files_are_the_validation_split(assets, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
+def test_a_kill_while_old_checkpoints_are_removed_leaves_no_checkpoint_half_gone(
+        assets, tmp_path, monkeypatch):
+    """Pruning removed step-N in place: a kill mid-removal left a visible step-N without its
+    weights. It is renamed out of the checkpoints' names first; the next start removes it."""
+    root, removing, rmtree = tmp_path / "runs" / "run" / tm.CHECKPOINTS_DIR, [], shutil.rmtree
+
+    def kill_in_checkpoints(path, *args, **kwargs):
+        if Path(path).parent != root:
+            return rmtree(path, *args, **kwargs)
+        removing.append(Path(path))  # as if killed before anything was removed
+
+    monkeypatch.setattr(tm.shutil, "rmtree", kill_in_checkpoints)
+    tm.train(tiny_cfg(assets, tmp_path, max_steps=8, keep_last=1))
+    assert [p.name for p in tm.list_checkpoints(root.parent)] == ["step-8"]
+    assert removing and all(p.name.startswith(".step-") for p in removing)
+    monkeypatch.undo()
+    tm.train(tiny_cfg(assets, tmp_path, max_steps=12, keep_last=1, resume=str(root.parent)))
+    assert sorted(p.name for p in root.iterdir()) == ["step-12"]
+
+
 def test_run_directory_best_checkpoint_and_hf_export(assets, tmp_path):
     import transformers
 
