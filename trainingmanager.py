@@ -277,6 +277,10 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
     if args.get("resume"):
         check_resume_location(args, given, config)
         saved = Path(args["resume"]) / CONFIG_FILE
+        if (Path(args["resume"]) / LOCK_FILE).is_file() and not saved.is_file():
+            raise ValueError(f"--resume {args['resume']}: its run was stopped before it wrote "
+                             f"{CONFIG_FILE}: nothing to resume; run the command that started "
+                             "it again (the same --name reuses the directory)")
         if not saved.is_file():
             raise ValueError(f"--resume {args['resume']}: no {CONFIG_FILE} there (not a run dir)")
         resumed = load_config_file(saved)
@@ -736,6 +740,7 @@ STATE_FILE = "state.pt"  # optimizer, scheduler, scaler, RNG of every rank, prog
 CHECKPOINT_PREFIX = "step-"
 EXPORT_RECORD = "codelm_export.json"  # in export/: {"best_step": the step of best/ it holds}
 LOCK_FILE = ".lock"  # held (flock) by the run that runs in the directory
+WRITTEN_BEFORE_CONFIG = ("tokenizer.json", "tokenizer_config.json")  # the run's tokenizer
 
 
 def _unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -1481,14 +1486,17 @@ class _Run:
         return RunInterrupted(stop, self.resume_hint(run_dir) if saved else None)
 
     def _drop_unused_dir(self) -> None:
-        """A run that failed before writing anything (a bad path or setting) leaves no
-        directory behind: only its lock file is there, removed while still held."""
+        """A run that failed or was stopped before its config.json (a bad path or setting, a
+        Ctrl-C while the data is prepared) leaves no directory behind: only its lock file and
+        tokenizer are there, removed while the lock is still held."""
         run_dir = getattr(self, "run_dir", None)
         if self._lock is None or run_dir is None:
             return
         with contextlib.suppress(OSError):
-            if [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:
-                (run_dir / LOCK_FILE).unlink()
+            names = {p.name for p in run_dir.iterdir()}
+            if LOCK_FILE in names and names <= {LOCK_FILE, *WRITTEN_BEFORE_CONFIG}:
+                for name in sorted(names - {LOCK_FILE}) + [LOCK_FILE]:
+                    (run_dir / name).unlink()
                 run_dir.rmdir()
 
     def _build(self) -> None:

@@ -2034,6 +2034,18 @@ def test_the_last_step_is_logged_whatever_ends_the_run(assets, tmp_path, monkeyp
     assert_bit_equal(final_weights(straight.run_dir, 9), final_weights(run, 9))
 
 
+def test_resume_of_a_run_killed_before_its_config_says_to_run_it_again(tmp_path, capsys):
+    """A SIGKILL before config.json leaves the lock and the tokenizer: --resume called codelm's
+    own directory "not a run dir"."""
+    run = tmp_path / "runs" / "run"
+    run.mkdir(parents=True)
+    for name in (tm.LOCK_FILE, *tm.WRITTEN_BEFORE_CONFIG):
+        (run / name).write_text("")
+    assert tm.main(["--resume", str(run)]) == 2
+    assert ("its run was stopped before it wrote config.json: nothing to resume; run the "
+            "command that started it again") in capsys.readouterr().err
+
+
 def test_an_interrupt_outside_the_step_loop_says_what_is_left_to_resume(assets, tmp_path,
                                                                         capsys, monkeypatch):
     """Every interrupt outside the step loop said "checkpoints already written are kept
@@ -2053,6 +2065,12 @@ def test_an_interrupt_outside_the_step_loop_says_what_is_left_to_resume(assets, 
     assert capsys.readouterr().err == nothing + "again\n"
     assert not run.exists()
     monkeypatch.setattr(dataset, "prepare", prepare)
+    build_model = tm.build_model
+    monkeypatch.setattr(tm, "build_model", ctrl_c)  # after the run's tokenizer is written
+    assert tm.main(["--config", config]) == 130
+    assert capsys.readouterr().err == nothing + "again\n"
+    assert not run.exists()  # a default timestamped name would leave one dead directory each
+    monkeypatch.setattr(tm, "build_model", build_model)
     assert tm.main(["--config", config]) == 0
 
     monkeypatch.setattr(dataset, "prepare", ctrl_c)  # a resume's: the run's checkpoints are kept
