@@ -358,23 +358,30 @@ def interrupt_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def quiet_start_up_stops() -> None:
-    """A script's first statement, before its imports load torch (1-5 s): Ctrl-C or SIGTERM
-    there ends it as later (130 / 143, one line), not with a traceback from inside an import.
-    ``run_main`` gives the signals their usual handling back."""
+def quiet_start_up_stops(quiet: bool = False) -> None:
+    """A script's first statement, before its imports (torch loads for seconds): Ctrl-C or
+    SIGTERM there ends it as later (130 / 143, one line; ``quiet``: none, for a process whose
+    parent reports it), not with a traceback from inside an import. A signal the parent set to
+    be ignored (``cmd &`` in a script) stays ignored. ``run_main`` puts the handlers back."""
+    handler = partial(_stopped_while_starting, quiet)
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _stopped_while_starting)
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            _START_UP_REPLACED[sig] = signal.signal(sig, handler)
 
 
-def _stopped_while_starting(signum, frame) -> None:
-    print("interrupted while starting: nothing was written", file=sys.stderr)
+_START_UP_REPLACED: dict[int, Callable | int | None] = {}
+
+
+def _stopped_while_starting(quiet: bool, signum: int, frame) -> None:
+    if not quiet:
+        sys.stderr.write("interrupted while starting: nothing was written\n")
     raise SystemExit(interrupted_exit_code(signal.Signals(signum).name))
 
 
 def run_main(main: Callable[[], int | None]) -> int | None:
     """Run a script's ``main`` once its imports are done (see ``quiet_start_up_stops``)."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    while _START_UP_REPLACED:
+        signal.signal(*_START_UP_REPLACED.popitem())
     return main()
 
 

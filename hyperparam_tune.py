@@ -38,9 +38,11 @@ of ``--workers`` that failed (its error ended it) gives the command its exit sta
 from __future__ import annotations
 
 if __name__ == "__main__":  # first: the imports below load torch for seconds
+    import sys
+
     import cliconfig
 
-    cliconfig.quiet_start_up_stops()
+    cliconfig.quiet_start_up_stops(quiet="--worker" in sys.argv)  # its parent tells a stop
 
 import argparse
 import contextlib
@@ -414,27 +416,23 @@ def check_journal(path: Path) -> None:
         raise _unended_line_error(path, number, problem is None, len(data) - len(last))
 
 
-class _JournalLock:
-    """The journal's lock (what Optuna's file backend calls acquire/release on) as ``flock`` on
-    ``<journal>.flock``, which the kernel releases when its holder dies. Optuna's lock files
-    outlive a SIGKILL (or an OOM kill) of their holder, and the next writer waited out their
-    30 s grace period, warning four times."""
+class _FileLock:
+    """An exclusive ``flock`` on ``path``, which the kernel releases when its holder dies. One
+    open file per lock: flock excludes other open files even in one process, so a lock that
+    opened a new one per acquire could block on itself after an interrupt. Also the journal's
+    lock (Optuna's file backend calls acquire/release on it): Optuna's own lock files outlive a
+    SIGKILL of their holder, and the next writer waited out their 30 s grace period."""
 
-    def __init__(self, journal: str) -> None:
-        self._path = journal + ".flock"
-        self._fd: int | None = None
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
 
     def acquire(self) -> bool:
-        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        self._fd = fd
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
         return True
 
     def release(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+        fcntl.flock(self._fd, fcntl.LOCK_UN)  # a no-op when not held
 
 
 def open_storage(cfg: TuneConfig) -> optuna.storages.BaseStorage:
@@ -443,7 +441,8 @@ def open_storage(cfg: TuneConfig) -> optuna.storages.BaseStorage:
     if "://" not in url:
         check_journal(Path(url))
         Path(url).parent.mkdir(parents=True, exist_ok=True)
-        backend = optuna.storages.journal.JournalFileBackend(url, lock_obj=_JournalLock(url))
+        lock = _FileLock(Path(url + ".flock"))
+        backend = optuna.storages.journal.JournalFileBackend(url, lock_obj=lock)
         return optuna.storages.journal.JournalStorage(backend)
     if url.startswith("sqlite"):
         engine_kwargs = {"connect_args": {"timeout": 60}}  # workers take turns on one file
@@ -561,25 +560,6 @@ def recover_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorag
                         retry(study, storage.get_trial(trial._trial_id))
 
 
-class _ClaimLock:
-    """Serialises 'count the trials, then start one' among this machine's workers, so that
-    together they start exactly ``n_trials``; released as soon as the new trial exists."""
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        self._held = False
-
-    def acquire(self) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        self._held = True
-
-    def release(self) -> None:
-        if self._held:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            self._held = False
-
-
 # --------------------------------------------------------------------------------------------
 # One trial
 # --------------------------------------------------------------------------------------------
@@ -688,7 +668,7 @@ class _Hidden:
     stop: KeyboardInterrupt | None = None
 
 
-def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _ClaimLock,
+def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _FileLock,
                    hidden: _Hidden) -> Callable[[optuna.Trial], float]:
     def objective(trial: optuna.Trial) -> float:
         try:
@@ -776,7 +756,9 @@ def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.Ba
                space: SearchSpace, base: dict, progress: tqdm | None = None) -> None:
     """Start trials until the study holds ``n_trials`` finished ones; while the last ones run
     elsewhere, wait for them where a dead worker's trial can come back to the queue."""
-    lock = _ClaimLock(study_dir(cfg) / "claim.lock")
+    # 'count the trials, then start one' is serialised among this machine's workers, so that
+    # together they start exactly n_trials; released as soon as the new trial exists
+    lock = _FileLock(study_dir(cfg) / "claim.lock")
     hidden = _Hidden()
     objective = make_objective(cfg, space, base, lock, hidden)
     while True:

@@ -300,7 +300,7 @@ def _read_gpt_bigcode(hf: dict) -> ModelConfig:
     n_embd, n_head = _get(hf, "n_embd", "hidden_size"), _heads(hf, "n_head", "num_attention_heads")
     return ModelConfig(
         family="gpt_bigcode", vocab_size=_get(hf, "vocab_size"),
-        block_size=_get(hf, "n_positions", "max_position_embeddings"),
+        block_size=_get(hf, "n_positions", "max_position_embeddings", default=1024),
         n_layer=_get(hf, "n_layer", "num_hidden_layers"), n_head=n_head,
         n_kv_head=1 if _get(hf, "multi_query", kind=bool, default=True) else n_head,
         n_embd=n_embd, mlp_hidden=_get(hf, "n_inner", default=4 * n_embd), norm="layernorm",
@@ -746,7 +746,8 @@ def load(directory: str | Path, dtype: torch.dtype | str | None = None,
     plan = _param_plan(model, table)
     if cfg.tie_embeddings:
         head = plan.pop("lm_head.weight")
-        if not set(source.names()) & {name for name, _ in plan["wte.weight"]}:
+        names = source.names()
+        if not names & {name for name, _ in plan["wte.weight"]} and head[0][0] in names:
             # the tied pair saved under the head's name (safetensors keeps one name of a shared
             # tensor); transformers loads it into both, and so does codelm
             plan["wte.weight"] = head

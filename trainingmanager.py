@@ -278,9 +278,11 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
         check_resume_location(args, given, config)
         saved = Path(args["resume"]) / CONFIG_FILE
         if (Path(args["resume"]) / LOCK_FILE).is_file() and not saved.is_file():
-            raise ValueError(f"--resume {args['resume']}: its run was stopped before it wrote "
-                             f"{CONFIG_FILE}: nothing to resume; run the command that started "
-                             "it again (the same --name reuses the directory)")
+            raise ValueError(f"--resume {args['resume']}: " + (
+                f"its run is still starting (it has not written {CONFIG_FILE}): wait for it"
+                if _lock_is_held(Path(args["resume"]) / LOCK_FILE) else
+                f"its run was stopped before it wrote {CONFIG_FILE}: nothing to resume; run the "
+                "command that started it again (the same --name reuses the directory)"))
         if not saved.is_file():
             raise ValueError(f"--resume {args['resume']}: no {CONFIG_FILE} there (not a run dir)")
         resumed = load_config_file(saved)
@@ -1396,6 +1398,23 @@ class _RunDirTaken(ValueError):
     """The run directory belongs to another run (running now, or holding weights)."""
 
 
+def _lock_is_held(lock: Path) -> bool:
+    """Whether a live run holds ``lock`` (a run directory's LOCK_FILE)."""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:  # a filesystem without locks: nothing to tell
+        return False
+    finally:
+        os.close(fd)
+
+
 def _failed_before_weights(run_dir: Path) -> bool:
     """Whether a directory holds only a codelm run that stopped before writing any weights: its
     config.json reads as a TrainConfig, and there is no weights file anywhere in it."""
@@ -1470,6 +1489,7 @@ class _Run:
         self.main = dist.main
         self._resume_hint = resume_hint
         self._lock: int | None = None
+        self._wrote_tokenizer = False  # WRITTEN_BEFORE_CONFIG are this run's (_drop_unused_dir)
         try:
             self._build()
         except BaseException as e:
@@ -1492,9 +1512,10 @@ class _Run:
         run_dir = getattr(self, "run_dir", None)
         if self._lock is None or run_dir is None:
             return
+        ours = {LOCK_FILE, *(WRITTEN_BEFORE_CONFIG if self._wrote_tokenizer else ())}
         with contextlib.suppress(OSError):
             names = {p.name for p in run_dir.iterdir()}
-            if LOCK_FILE in names and names <= {LOCK_FILE, *WRITTEN_BEFORE_CONFIG}:
+            if LOCK_FILE in names and names <= ours:  # never a user's own files
                 for name in sorted(names - {LOCK_FILE}) + [LOCK_FILE]:
                     (run_dir / name).unlink()
                 run_dir.rmdir()
@@ -1544,6 +1565,7 @@ class _Run:
                 self.tok = load_tokenizer(saved_tok)
             data = prepare(self.dcfg, self.tok)
             if self.main and not own_tok:  # once the data is known good
+                self._wrote_tokenizer = True
                 self.tok.save(self.run_dir)
         self.train_set, self.val_set = data.train, data.val
         if len(self.val_set) == 0:

@@ -92,8 +92,8 @@ def bench_load(cfg: BenchConfig) -> dict:
         while f.read(1 << 26):
             pass
     # Bytecode for codelm's modules, as transformers' installed modules have: compiling source
-    # at import (the first run of a fresh clone, or PYTHONDONTWRITEBYTECODE) leaves ~2 MiB of
-    # the compiler's memory in the peak, which no later run of a user's script pays.
+    # at import leaves ~2 MiB of the compiler's memory in the peak, which a user's script pays
+    # on its first run only (every run under PYTHONDONTWRITEBYTECODE, as on this machine).
     compileall.compile_dir(ROOT, maxlevels=0, quiet=1)
     runs: dict[str, list[dict]] = {"codelm": [], "transformers": []}
     for _ in range(cfg.load_repeats):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # first: the imports below load torch for seconds
+if __name__ == "__main__":  # first, as in every script: the imports below take a while
     import cliconfig
 
     cliconfig.quiet_start_up_stops()

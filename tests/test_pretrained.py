@@ -826,6 +826,30 @@ def test_error_unsupported_tensor_dtype(checkpoints, tmp_path):
         Transformer.from_pretrained(d)
 
 
+def test_gpt_bigcode_without_n_positions_has_transformers_1024(tmp_path):
+    """GPTBigCodeConfig's default; the drop-each-field test cannot see it (its toy has 128)."""
+    hf = save_tiny_hf("gpt_bigcode", tmp_path, n_positions=1024)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["n_positions"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = Transformer.from_pretrained(tmp_path)
+    assert model.cfg.block_size == 1024
+    idx = _ids(2, 16)
+    with torch.no_grad():
+        assert (model(idx) - hf(idx).logits).abs().max().item() <= 1e-5
+
+
+def test_error_tied_checkpoint_without_embeddings_names_them(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_tiny_hf("llama", tmp_path, tie_word_embeddings=True)
+    state = load_file(tmp_path / "model.safetensors")
+    del state["model.embed_tokens.weight"]
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing tensors: model.embed_tokens.weight$"):
+        Transformer.from_pretrained(tmp_path)
+
+
 def test_error_missing_or_malformed_config(tmp_path):
     with pytest.raises(ValueError, match="config.json: not found"):
         Transformer.from_pretrained(tmp_path)

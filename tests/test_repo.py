@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import popen
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -173,22 +174,58 @@ def test_every_script_guards_its_start_up_and_runs_main_through_cliconfig():
         body = ast.parse((ROOT / script).read_text()).body
         body = body[1:] if isinstance(body[0], ast.Expr) else body  # the docstring
         first, last = ast.unparse(body[1]), ast.unparse(body[-1])
-        assert "cliconfig.quiet_start_up_stops()" in first, script
+        assert "cliconfig.quiet_start_up_stops(" in first, script
         assert last == "if __name__ == '__main__':\n    sys.exit(cliconfig.run_main(main))", script
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_stop_while_torch_loads_ends_in_one_line(sig, code):
+STARTING = "interrupted while starting: nothing was written\n"
+
+
+@pytest.mark.parametrize("script, sig, code, told", [
+    ("trainingmanager.py", signal.SIGINT, 130, STARTING),
+    ("trainingmanager.py", signal.SIGTERM, 143, STARTING),
+    ("hyperparam_tune.py --worker 1", signal.SIGINT, 130, ""),  # its sweep tells it, once
+])
+def test_a_stop_while_torch_loads_ends_in_one_line(script, sig, code, told):
     """A Ctrl-C in the first seconds of any command, while torch loads, printed a traceback
     from inside importlib (SIGTERM: nothing, a bare signal death)."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / "trainingmanager.py"), "--help"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    name, *args = script.split()
+    proc = popen([sys.executable, str(ROOT / name), *args, "--help"], stdout=subprocess.PIPE,
+                 stderr=subprocess.PIPE, text=True)
     maps = Path(f"/proc/{proc.pid}/maps")
     deadline = time.monotonic() + 60
     while "libtorch" not in maps.read_text() and time.monotonic() < deadline:
         time.sleep(0.002)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
-    assert (proc.returncode, out, err) == (code, "", "interrupted while starting: nothing was "
-                                                     "written\n")
+    assert (proc.returncode, out, err) == (code, "", told)
+
+
+_HANDLERS_AFTER_MAIN = """
+import runpy, signal, sys
+sys.argv = [sys.argv[1], "--help"]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit:
+    pass
+print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN,
+      signal.getsignal(signal.SIGTERM) is signal.SIG_IGN,
+      signal.getsignal(signal.SIGINT) is signal.default_int_handler,
+      signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+"""
+
+
+@pytest.mark.parametrize("ignored", [False, True])
+def test_main_gets_the_signal_handling_the_script_started_with(ignored):
+    """A job a shell script starts with `&` ignores Ctrl-C: the start-up guard must neither
+    replace that nor leave its own handlers to main."""
+    def start() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN if ignored else signal.SIG_DFL)
+
+    run = subprocess.run([sys.executable, "-c", _HANDLERS_AFTER_MAIN,
+                          str(ROOT / "trainingmanager.py")], preexec_fn=start,
+                         capture_output=True, text=True, timeout=120)
+    flags = run.stdout.split()[-4:]
+    assert flags == (["True", "True", "False", "False"] if ignored else
+                     ["False", "False", "True", "True"]), run.stderr[-2000:]

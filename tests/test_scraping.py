@@ -12,7 +12,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote
 
 import pytest
 from fake_github import DEFAULT_FAULTS, FakeGitHub, FakeRepo, blob_sha, fake_corpus
@@ -477,20 +477,19 @@ def test_a_stopped_clone_is_removed_at_once_or_by_the_next_run(tmp_path, monkeyp
     assert [p.name for p in tmp.iterdir()] == [live.name]
 
 
-@pytest.mark.parametrize("url", [
-    "https://user:secret@example.com/owner/repo.git",
-    "https://secret@example.com:8443/owner/repo.git?ref=main#top",
-    "http://user:secret@[::1]:8080/repo.git",
-    "ssh://git:secret@Git.Example.com/repo.git",
-    "https://u:p%40secret@example.com/repo.git",
-    "https://example.com/owner/repo.git",
-    "file:///srv/repo.git",
+@pytest.mark.parametrize("url, redacted", [
+    ("https://user:secret@example.com/owner/repo.git", "https://example.com/owner/repo.git"),
+    ("https://secret@example.com:8443/owner/repo.git?ref=main#top",
+     "https://example.com:8443/owner/repo.git?ref=main#top"),
+    ("http://user:secret@[::1]:8080/repo.git", "http://[::1]:8080/repo.git"),
+    ("ssh://git:secret@Git.Example.com/repo.git", "ssh://Git.Example.com/repo.git"),
+    ("https://u:p%40secret@example.com/repo.git", "https://example.com/repo.git"),
+    ("https://u:p@secret@example.com/repo.git", "https://example.com/repo.git"),  # a raw @
+    ("https://example.com/owner/repo.git", "https://example.com/owner/repo.git"),
+    ("file:///srv/repo.git", "file:///srv/repo.git"),
 ])
-def test_redact_url_removes_the_credentials_and_nothing_else(url):
-    """Reference: urllib.parse's split, with the netloc cut after its last '@'."""
-    parts = urlsplit(url)
-    expected = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-    assert redact_url(url) == expected and "secret" not in redact_url(url)
+def test_redact_url_removes_the_credentials_and_nothing_else(url, redacted):
+    assert redact_url(url) == redacted
 
 
 def test_a_failing_clone_names_its_url_without_the_credentials(tmp_path, capsys, monkeypatch):

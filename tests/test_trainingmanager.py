@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -2044,6 +2045,33 @@ def test_resume_of_a_run_killed_before_its_config_says_to_run_it_again(tmp_path,
     assert tm.main(["--resume", str(run)]) == 2
     assert ("its run was stopped before it wrote config.json: nothing to resume; run the "
             "command that started it again") in capsys.readouterr().err
+    fd = os.open(run / tm.LOCK_FILE, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a run still preparing its data
+    try:
+        assert tm.main(["--resume", str(run)]) == 2
+        assert ("its run is still starting (it has not written config.json): wait for it"
+                in capsys.readouterr().err)
+    finally:
+        os.close(fd)
+
+
+def test_a_failed_start_in_a_directory_of_the_users_leaves_their_files(assets, tmp_path,
+                                                                       monkeypatch):
+    """A run stopped before its config.json removes the tokenizer files it wrote, never ones
+    that were there before it (a --name naming the user's own tokenizer directory)."""
+    import dataset
+
+    def fails(*args, **kwargs):
+        raise ValueError("bad data")
+
+    run = tmp_path / "runs" / "run"
+    run.mkdir(parents=True)
+    for name in tm.WRITTEN_BEFORE_CONFIG:
+        (run / name).write_text("mine")
+    monkeypatch.setattr(dataset, "prepare", fails)
+    with pytest.raises(ValueError, match="bad data"):
+        tm.train(tiny_cfg(assets, tmp_path))
+    assert all((run / name).read_text() == "mine" for name in tm.WRITTEN_BEFORE_CONFIG)
 
 
 def test_an_interrupt_outside_the_step_loop_says_what_is_left_to_resume(assets, tmp_path,
