@@ -4,6 +4,7 @@ Workers are real processes on real storages: a journal file, SQLite (an RDB stor
 heartbeats) and, where .ci/run could start one, a PostgreSQL server.
 """
 
+import csv
 import json
 import os
 import re
@@ -1211,3 +1212,50 @@ def test_a_space_that_samples_the_batch_is_warned_once(tmp_path, corpus, capfd, 
     warnings = [line for line in capfd.readouterr().err.splitlines() if "warning" in line]
     assert len(warnings) == 1 and warnings[0].startswith(f"warning: {space}: params grad_accum: ")
     assert "larger effective batch" in warnings[0]
+
+
+def test_reports_hold_each_trials_values_and_best_json_is_the_best_recipe(tmp_path, corpus,
+                                                                        monkeypatch):
+    """Two parameters (one left trials.csv's column order untested) and a space that leaves
+    export to the default: trials.csv holds each trial's own values under its column names,
+    best.json is the best recipe as a user runs it (not the trial's run settings: no export,
+    save_every = budget, keep_last 1), and importances.json names both parameters."""
+    def train(cfg, on_eval=None, resume_hint=None):  # the loss depends on lr only
+        return trainingmanager.TrainResult(run_dir=Path(cfg.out_dir) / cfg.name,
+                                           best_val_loss=1.0 + 100 * cfg.lr, step=cfg.max_steps)
+
+    monkeypatch.setattr(trainingmanager, "train", train)
+    space_file = Path(tiny_space(tmp_path, corpus, {
+        "weight_decay": {"type": "float", "low": 0.0, "high": 0.3}}))
+    space = json.loads(space_file.read_text())
+    del space["base"]["export"]
+    space_file.write_text(json.dumps(space))
+    argv = tune_args(tmp_path, str(space_file), study_name="rep", n_trials=6, pruner="none")
+    assert hyperparam_tune.main(argv) == 0
+    out = tmp_path / "runs" / "rep"
+    trials = {t.number: t for t in load_study(journal(tmp_path, "rep"), "rep").get_trials()}
+
+    with open(out / "trials.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6
+    for row in rows:
+        t = trials[int(row["number"])]
+        assert row["state"] == "COMPLETE" and float(row["value"]) == pytest.approx(t.value)
+        assert float(row["lr"]) == pytest.approx(t.params["lr"])
+        assert float(row["weight_decay"]) == pytest.approx(t.params["weight_decay"])
+        assert int(row["steps"]) == 4
+        assert row["run_dir"] == str(out / "trials" / f"trial-{t.number:04d}")
+
+    best_trial = min(trials.values(), key=lambda t: t.value)
+    cfg = trainingmanager.parse_config(["--config", str(out / "best.json")])
+    assert (cfg.lr, cfg.weight_decay) == (best_trial.params["lr"],
+                                          best_trial.params["weight_decay"])
+    assert (cfg.max_steps, cfg.eval_every, cfg.epochs) == (4, 2, None)
+    defaults = trainingmanager.TrainConfig()
+    assert (cfg.export, cfg.progress, cfg.keep_last, cfg.save_every, cfg.resume) == (
+        defaults.export, defaults.progress, defaults.keep_last, defaults.save_every, None)
+    assert cfg.name == "rep-best" and cfg.out_dir == str((tmp_path / "runs").absolute())
+
+    importances = json.loads((out / "importances.json").read_text())  # too few trials to rank
+    assert set(importances) == {"lr", "weight_decay"}
+    assert sum(importances.values()) == pytest.approx(1.0)

@@ -1719,18 +1719,11 @@ def test_early_stopping_keeps_its_reference_until_a_fall_larger_than_min_delta(
     """The validation loss falls 0.006 per evaluation with min_delta 0.01: every two
     evaluations it falls more than min_delta, so patience 3 never runs out (it did after 3
     evaluations, each small fall moving the reference); best/ follows the true minimum."""
-    losses = iter([3.0 - 0.006 * i for i in range(20)])
-
-    def evaluate(self, *args, **kwargs):
-        loss = next(losses)
-        return {"val_loss": loss, "val_ppl": tm.perplexity(loss), "val_accuracy": 0.0,
-                "val_tokens": 1}
-
-    monkeypatch.setattr(tm.Trainer, "evaluate", evaluate)
+    fake_val_losses(monkeypatch, [3.0 - 0.006 * i for i in range(20)])
     result = tm.train(tiny_cfg(assets, tmp_path, max_steps=10, eval_every=1, warmup_steps=0,
                                early_stop_patience=3, early_stop_min_delta=0.01))
     assert not result.early_stopped and result.step == 10 and result.best_step == 10
-    losses = iter([3.0, 2.995, 2.992, 2.991, 2.5])  # three falls of less than min_delta
+    fake_val_losses(monkeypatch, [3.0, 2.995, 2.992, 2.991, 2.5])  # three falls < min_delta
     result = tm.train(tiny_cfg(assets, tmp_path, name="flat", max_steps=10, eval_every=1,
                                warmup_steps=0, early_stop_patience=3, early_stop_min_delta=0.01))
     assert result.early_stopped and result.step == 4 and result.best_step == 4
@@ -2268,3 +2261,293 @@ def test_a_resume_keeps_the_precision_auto_trained_in(assets, tmp_path, monkeypa
     assert json.loads((run / "config.json").read_text())["precision"] == "bf16"
     state = torch.load(run / "checkpoints" / "step-6" / tm.STATE_FILE, weights_only=True)
     assert state["progress"]["precision"] == "bf16"
+
+
+# --------------------------------------------------------------------------------------------
+# Review (rev12 mutation testing): a resume keeps best/early-stopping state, what a resume
+# refuses, --resume with --config, the export of a best that is not the last step, LoRA settings
+# --------------------------------------------------------------------------------------------
+
+
+def fake_val_losses(monkeypatch, losses) -> None:
+    """Trainer.evaluate returns the next of ``losses``, across every train() of the test."""
+    it = iter(losses)
+
+    def evaluate(self, *args, **kwargs):
+        loss = next(it)
+        return {"val_loss": loss, "val_ppl": tm.perplexity(loss), "val_accuracy": 0.0,
+                "val_tokens": 1}
+
+    monkeypatch.setattr(tm.Trainer, "evaluate", evaluate)
+
+
+def _val_steps(run_dir: Path) -> list[int]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [m["step"] for m in map(json.loads, lines) if m["kind"] == "val"]
+
+
+def test_resume_keeps_the_best_validation_loss_so_best_is_not_overwritten(assets, tmp_path,
+                                                                          monkeypatch):
+    """Losses 3.0, 2.0, then 2.5, 2.6 after a resume: best stays step 4. Without the saved
+    best_val_loss the first evaluation after any resume counted as best, replacing best/ and
+    export/ with worse weights and giving a sweep's continued trial a wrong objective."""
+    fake_val_losses(monkeypatch, [3.0, 2.0, 2.5, 2.6])
+    cfg = tiny_cfg(assets, tmp_path, max_steps=4, eval_every=2, warmup_steps=0, save_every=2)
+    first = tm.train(cfg)
+    assert (first.best_step, first.best_val_loss) == (4, 2.0)
+    result = tm.train(dataclasses.replace(cfg, resume=str(first.run_dir), max_steps=8))
+    assert (result.best_step, result.best_val_loss) == (4, 2.0)
+    best = json.loads((first.run_dir / "best" / "metrics.json").read_text())
+    assert (best["step"], best["val_loss"]) == (4, 2.0)
+
+
+def test_resume_keeps_early_stoppings_count(assets, tmp_path, monkeypatch):
+    """Flat losses, patience 3, a resume after two evaluations without improvement: the run
+    stops at the next one (step 4), not three evaluations later; patience restarted at every
+    resume (every sweep continuation). An equal loss is no new best: best/ stays at step 1."""
+    fake_val_losses(monkeypatch, [3.0] * 20)
+    cfg = tiny_cfg(assets, tmp_path, max_steps=3, eval_every=1, warmup_steps=0, save_every=1,
+                   early_stop_patience=3, early_stop_min_delta=0.01)
+    first = tm.train(cfg)
+    assert not first.early_stopped
+    result = tm.train(dataclasses.replace(cfg, resume=str(first.run_dir), max_steps=12))
+    assert result.early_stopped and result.step == 4 and result.best_step == 1
+
+
+def test_resume_keeps_early_stoppings_reference(assets, tmp_path, monkeypatch):
+    """The reference (the last fall larger than min_delta) is 3.0 when the run resumes, not the
+    best loss 2.992: 2.985 is then a counted fall at step 4, and patience 3 runs out at step 7
+    (with the best loss as reference it ran out at step 6)."""
+    fake_val_losses(monkeypatch, [3.0, 2.995, 2.992, 2.985, 2.984, 2.983, 2.982])
+    cfg = tiny_cfg(assets, tmp_path, max_steps=3, eval_every=1, warmup_steps=0, save_every=1,
+                   early_stop_patience=3, early_stop_min_delta=0.01)
+    first = tm.train(cfg)
+    result = tm.train(dataclasses.replace(cfg, resume=str(first.run_dir), max_steps=7))
+    assert result.early_stopped and result.step == 7
+
+
+def test_resuming_a_finished_run_does_not_evaluate_its_last_step_again(assets, tmp_path):
+    """A sweep continuing a trial whose worker died after training resumes a finished run:
+    the last evaluated step is restored, so no second val line and no second on_eval (which
+    the sweep would report to Optuna twice)."""
+    cfg = tiny_cfg(assets, tmp_path, max_steps=4, eval_every=2)
+    first = tm.train(cfg)
+    assert _val_steps(first.run_dir) == [2, 4]
+    seen = []
+    again = tm.train(dataclasses.replace(cfg, resume=str(first.run_dir)),
+                     on_eval=lambda step, metrics: seen.append(step))
+    assert again.step == 4 and seen == [] and _val_steps(first.run_dir) == [2, 4]
+
+
+# Written out independently of RESUME_MAY_CHANGE: each of these shapes the model, the data, its
+# order or the optimisation, so a resume that changed it would silently be another run.
+RESUME_MUST_REFUSE = {
+    "seed": 7, "warmup_steps": 3, "min_lr_ratio": 0.5, "weight_decay": 0.0, "grad_clip": 0.5,
+    "label_smoothing": 0.1, "beta1": 0.8, "beta2": 0.9, "adam_eps": 1e-6, "task": "fim",
+    "grad_accum": 2, "preset": "llama-14m", "tokenizer_max_vocab": 100, "dropout": 0.1,
+    "overfit_batches": 1, "data_options": {"val_frac": 0.2},
+}
+RESUME_MAY_CHANGE = {
+    "max_steps": 99, "epochs": 2.0, "max_time_s": 10.0, "early_stop_patience": 3,
+    "early_stop_min_delta": 0.1, "eval_every": 3, "log_every": 3, "save_every": 3,
+    "keep_last": 3, "progress": True, "export": True, "export_merged": True,
+    "sample_prompt": "x", "sample_tokens": 3, "device": "cpu", "compile": True,
+    "gradient_checkpointing": True, "data_options": {"num_workers": 2},
+}
+
+
+def _saved_run(tmp_path: Path) -> tuple[tm.TrainConfig, Path]:
+    cfg = tm.TrainConfig(preset="tiny", data=["stdlib"], max_steps=12)
+    run = tmp_path / "run"
+    run.mkdir()
+    write_config(cfg, run / tm.CONFIG_FILE)
+    return cfg, run
+
+
+@pytest.mark.parametrize("key", sorted(RESUME_MUST_REFUSE))
+def test_resume_refuses_a_change_of(tmp_path, key):
+    """A changed seed, task, schedule or validation split is refused, naming the key."""
+    cfg, run = _saved_run(tmp_path)
+    with pytest.raises(ValueError, match=rf"\b{key}="):
+        tm.check_resume_config(dataclasses.replace(cfg, **{key: RESUME_MUST_REFUSE[key]}), run,
+                               "hint")
+
+
+@pytest.mark.parametrize("key", sorted(RESUME_MAY_CHANGE))
+def test_resume_accepts_a_change_of(tmp_path, key):
+    """Length, logging, early stopping, export and device settings may change on resume."""
+    cfg, run = _saved_run(tmp_path)
+    tm.check_resume_config(dataclasses.replace(cfg, **{key: RESUME_MAY_CHANGE[key]}), run,
+                           "hint")
+
+
+def test_parse_config_precedence_defaults_resumed_file_flags(tmp_path):
+    """The documented order defaults < the resumed run's config.json < --config < flags: each
+    layer sets its own key, and nothing tested --resume together with --config."""
+    run = tmp_path / "runs" / "run"
+    run.mkdir(parents=True)
+    write_config(tm.TrainConfig(preset="tiny", data=["stdlib"], max_steps=12, eval_every=6,
+                                log_every=3, keep_last=4), run / tm.CONFIG_FILE)
+    file = tmp_path / "more.json"
+    file.write_text(json.dumps({"max_steps": 20, "eval_every": 5}))
+    cfg = tm.parse_config(["--resume", str(run), "--config", str(file), "--max-steps", "30"])
+    assert cfg.max_steps == 30  # the flag beats the file
+    assert cfg.eval_every == 5  # the file beats the resumed run
+    assert cfg.log_every == 3 and cfg.keep_last == 4  # the resumed run beats the defaults
+    assert cfg.save_every is None and cfg.preset == "tiny"
+
+
+def test_export_holds_and_records_the_best_step_not_the_last(assets, tmp_path, monkeypatch):
+    """Losses 2.0 then 3.0: best is step 2, not the last step 4. export/ must hold best/'s
+    weights and record step 2, or eval.py's stale-export check trusts an export of the last
+    weights (every other export test has best == last)."""
+    from architecture import Transformer
+
+    fake_val_losses(monkeypatch, [2.0, 3.0])
+    result = tm.train(tiny_cfg(assets, tmp_path, max_steps=4, eval_every=2, warmup_steps=0,
+                               export=True))
+    run = result.run_dir
+    assert result.best_step == 2 and tm.best_step(run) == 2
+    assert json.loads((run / "export" / tm.EXPORT_RECORD).read_text()) == {"best_step": 2}
+    assert tm.stale_export(run) is None
+    best = load_file(run / "best" / tm.MODEL_FILE)
+    last = final_weights(run, 4)
+    assert any(not torch.equal(best[k], last[k]) for k in best)
+    exported = tm.model_tensors(Transformer.from_pretrained(run / "export"), False)
+    for k, t in exported.items():
+        assert torch.equal(t, best[k]), k
+
+
+def test_lora_settings_reach_the_adapter_and_the_merged_export_has_the_tokenizer(assets,
+                                                                                tmp_path):
+    """lora_alpha, lora_dropout and lora_targets reach the model and PEFT's adapter_config
+    (they were dropped silently for the defaults, and PEFT and codelm read the same wrong
+    config back); quantize_bits quantizes the base; export/merged/, the --init-from target of a
+    LoRA run, is a whole HF directory with the run's tokenizer."""
+    import transformers
+
+    import lora
+
+    cfg = tiny_cfg(assets, tmp_path, init_from=str(tiny_llama(tmp_path)), lora_r=4,
+                   lora_alpha=8.0, lora_dropout=0.2, lora_targets=["v_proj"], max_steps=2,
+                   eval_every=2, export=True, export_merged=True)
+    export = tm.train(cfg).run_dir / "export"
+    config = json.loads((export / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (4, 8.0, 0.2)
+    assert sorted(config["target_modules"]) == ["v_proj"]
+    text = "def add(a, b):\n    return a + b\n"
+    tok = load_tokenizer(assets["tokenizer"])
+    assert load_tokenizer(export / "merged").encode(text) == tok.encode(text)
+    hf = transformers.AutoTokenizer.from_pretrained(export / "merged")
+    assert hf(text)["input_ids"] == tok.encode(text)
+    model = tm.build_model(dataclasses.replace(cfg, quantize_bits=8), tok)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora" in n for n in trainable)
+    assert any(isinstance(m, lora.QuantLinear) for m in model.modules())
+    modules = [m for _, m in lora.lora_modules(model)]
+    assert modules
+    for m in modules:
+        assert m.scale == pytest.approx(8.0 / 4) and m.dropout == pytest.approx(0.2)
+
+
+def test_tensorboard_scalars_are_the_metrics_lines(assets, tmp_path):
+    """Read back with TensorBoard's own reader: the scalars sit under kind/key tags (bare names
+    made train loss and val_loss collide) and equal metrics.jsonl; the train lines carry the
+    documented fields, tokens_seen growing."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tm.train(tiny_cfg(assets, tmp_path, max_steps=4, eval_every=2, log_every=2)).run_dir
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in lines if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 4]
+    for r in train:
+        assert {"loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen", "memory_mb"} <= r.keys()
+    assert [r["tokens_seen"] for r in train] == sorted({r["tokens_seen"] for r in train})
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    assert {"train/loss", "train/lr", "train/grad_norm", "val/val_loss", "val/val_ppl",
+            "val/best_val_loss"} <= set(acc.Tags()["scalars"])
+    got = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert got == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in train]
+    vals = [r for r in lines if r["kind"] == "val"]
+    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in acc.Scalars("val/val_loss")] == [
+        (r["step"], r["val_loss"]) for r in vals]
+
+
+def test_fp16_runs_log_the_loss_scale(assets, tmp_path):
+    """A LoRA run on an fp16 base logs GradScaler's scale: 2**16, its initial one, at step 1."""
+    cfg = tiny_cfg(assets, tmp_path, init_from=str(tiny_llama(tmp_path)), lora_r=4,
+                   base_dtype="fp16", max_steps=2, eval_every=2)
+    run = tm.train(cfg).run_dir
+    train = [m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if m["kind"] == "train"]
+    assert train[0]["step"] == 1 and train[0]["loss_scale"] == 2.0 ** 16
+
+
+def test_overfit_batches_counts_accumulated_micro_batches(assets, tmp_path, capsys):
+    """--overfit-batches K means K global batches: K x batch_size x grad_accum examples (it
+    took K micro-batches), validated on the same examples."""
+    cfg = tiny_cfg(assets, tmp_path, overfit_batches=1, grad_accum=2, batch_size=4, max_steps=2,
+                   eval_every=2, eval_examples=None)
+    result = tm.train(cfg)
+    assert "8 training examples" in capsys.readouterr().out
+    assert result.val_metrics["val_tokens"] == 8 * 32  # every position of the 8 windows
+
+
+def test_overfit_batches_stops_when_memorised(assets, tmp_path):
+    """--overfit-batches stops at the first step whose loss is below OVERFIT_LOSS, and
+    evaluates there, rather than running on to max_steps (a final loss < 0.05 holds either
+    way)."""
+    cfg = tiny_cfg(assets, tmp_path, overfit_batches=1, max_steps=400, eval_every=1000,
+                   lr=1e-2, warmup_steps=10, weight_decay=0.0, log_every=1000)
+    result = tm.train(cfg)
+    assert result.step < 400 and result.train_loss < tm.OVERFIT_LOSS
+    losses = _train_losses(result.run_dir)
+    assert list(losses)[-1] == result.step and list(losses.values())[-2] >= tm.OVERFIT_LOSS
+    assert _val_steps(result.run_dir) == [result.step]
+
+
+def test_a_budget_reached_on_the_last_step_is_a_finished_run(assets, tmp_path, monkeypatch,
+                                                             capsys):
+    """On a fake clock (1 s a step) a 2.5 s budget runs out on step 3 of 3: the run finished,
+    it was not stopped by its budget, and says nothing about being unfinished."""
+    import types
+
+    now = [0.0]
+    monkeypatch.setattr(tm, "time", types.SimpleNamespace(perf_counter=lambda: now[0],
+                                                          strftime=lambda fmt: "x"))
+    original = tm.Trainer.train_step
+
+    def timed(self, *args, **kwargs):
+        now[0] += 1.0
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(tm.Trainer, "train_step", timed)
+    result = tm.train(tiny_cfg(assets, tmp_path, max_steps=3, max_time_s=2.5, eval_every=3))
+    assert result.step == 3 and not result.stopped_by_budget
+    assert "not finished" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"lr": 0.0}, r"TrainConfig\.lr=0\.0: must be > 0"),
+    ({"dropout": 1.0}, r"TrainConfig\.dropout=1\.0: must be in \[0, 1\)"),
+    ({"grad_clip": -1.0}, r"TrainConfig\.grad_clip=-1\.0: must be >= 0"),
+    ({"label_smoothing": 1.0}, r"TrainConfig\.label_smoothing=1\.0: must be in \[0, 1\)"),
+    ({"min_lr_ratio": 1.5}, r"TrainConfig\.min_lr_ratio=1\.5: must be in \[0, 1\]"),
+    ({"quantize_bits": 4}, r"TrainConfig\.quantize_bits=4: a quantized base is frozen"),
+    ({"init_from": "/nonexistent", "n_layer": 2}, r"TrainConfig\.n_layer: the shape .* cannot"),
+    ({"init_from": "/nonexistent", "n_embd": 64}, r"TrainConfig\.n_embd: the shape .* cannot"),
+])
+def test_validate_config_refuses(values, message):
+    """Range bounds and cross-key refusals beyond the five keys above; --init-from with a
+    shape flag would otherwise train the full model, ignoring the flag."""
+    with pytest.raises(ValueError, match=message):
+        tm.validate_config(tm.TrainConfig(**values))
+
+
+@pytest.mark.parametrize("values", [{"min_lr_ratio": 0.0}, {"min_lr_ratio": 1.0},
+                                    {"dropout": 0.0}, {"grad_clip": 0.0},
+                                    {"label_smoothing": 0.0}, {"warmup_steps": 0}])
+def test_validate_config_accepts_the_bounds(values):
+    """The closed ends of each range are legal values."""
+    tm.validate_config(tm.TrainConfig(**values))
