@@ -1502,3 +1502,38 @@ def test_an_empty_codelm_cache_is_unset(monkeypatch):
     monkeypatch.setenv("HOME", "/home/someone")
     monkeypatch.setenv("CODELM_CACHE", "")
     assert DataConfig().cache_dir == "/home/someone/.cache/codelm/data"
+
+
+@pytest.mark.parametrize("task", ["method", "completion", "refactor"])
+def test_a_long_prompt_completion_pair_keeps_the_end_of_its_prompt(tmp_path, tok, task):
+    """A {prompt, completion} pair is used verbatim: a prompt over the context loses its start,
+    never the text right before the completion (what conditions it), as fit_prompt cuts."""
+    body = "".join(f"value_{i} = compute(value_{i - 1}, {i})\n" for i in range(1, 60))
+    records = [{"prompt": f"# file {k}\n" + body + f"def answer_{k}(x):\n",
+                "completion": f"    return x + {k}\n"} for k in range(3)]
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", records)
+    data = prepare(cfg(tmp_path, sources=[str(pairs)], task=task, block_size=64,
+                       train_frac=1.0, val_frac=0.0, test_frac=0.0), tok)
+    by_completion = {tuple(tok.encode(r["completion"]) + [tok.eos_id]): tok.encode(r["prompt"])
+                     for r in records}
+    assert len(data.train) == 3
+    for i in range(3):
+        prompt, completion = prompt_and_completion(data.train[i])
+        whole = by_completion[tuple(completion)]
+        assert len(prompt) < len(whole) and prompt == whole[-len(prompt):]
+
+
+def test_a_decorated_method_prompt_keeps_decorators_and_signature_in_its_head():
+    """method_examples: head = decorators + every def line, body = the docstring (what a
+    too-long prompt loses first), so no signature line can be cut away."""
+    src = ("class A:\n"
+           "    @staticmethod\n"
+           "    @functools.cache\n"
+           "    def f(a,\n"
+           "          b):\n"
+           '        """Add them.\n\n        Long text.\n        """\n'
+           "        return a + b\n")
+    (e,) = dataset.method_examples(dataset.Doc("m.py", src))
+    assert e.head == "@staticmethod\n@functools.cache\ndef f(a,\n      b):\n"
+    assert e.body == '    """Add them.\n\n    Long text.\n    """\n'
+    assert e.completion == "    return a + b"

@@ -1249,11 +1249,13 @@ def test_a_rerun_into_the_same_out_dir_evaluates_only_the_models_not_yet_saved(
     ("edited data", "the examples (the data changed)"),
     ("new metrics", "the metrics' definitions (codelm's version 1 there, 3 now)"),
     ("percent accuracy", "the metrics' definitions (codelm's version 2 there, 3 now)"),
+    (["--max-new-tokens", "9"], "max_new_tokens (6 there, 9 now)"),
+    (["--block-size", "48"], "block_size (64 there, 48 now)"),
     ("old fingerprints", "the models (labels, paths or weights; or only their fingerprints: an "
                          "older codelm took these in the weights' own dtype, and they need not "
                          "match this version's float64 ones)"),
 ], ids=["limit", "seed", "retrained", "relabelled", "edited-data", "metrics-version",
-        "percent-token-accuracy", "fingerprint-version"])
+        "percent-token-accuracy", "max-new-tokens", "block-size", "fingerprint-version"])
 def test_a_rerun_with_other_settings_models_or_data_is_refused_and_keeps_the_results(
         tiny_models, tmp_path, monkeypatch, capsys, change, differs):
     import json
@@ -1645,3 +1647,62 @@ def test_weight_fingerprint_tells_a_retrained_bf16_model_apart():
                                [identity(model, torch.float32, threads=2)])
     finally:
         torch.set_num_threads(threads)
+
+
+def test_two_models_whose_directories_share_a_name_are_both_evaluated(tiny_models, tmp_path,
+                                                                     monkeypatch):
+    """runs/a/best vs runs/b/best: unlabelled models named alike get distinct labels (name,
+    name#2) and both are scored; a shared label would make the second look already saved."""
+    import json
+    import shutil
+
+    monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
+    a, b = tmp_path / "a" / "model", tmp_path / "b" / "model"
+    shutil.copytree(tiny_models["base"], a)
+    shutil.copytree(tiny_models["base"], b)
+    evaluated: list = []
+    monkeypatch.setattr(ev, "generate_texts", _record_models(evaluated))
+    out = tmp_path / "out"
+    assert ev.main(["--models", str(a), str(b), "--data", str(tiny_models["code"]),
+                    "--tasks", "line", "--out-dir", str(out), *FAST_FLAGS]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [row["model"] for row in results["rows"]] == ["model", "model#2"]
+    assert [m["label"] for m in results["models"]] == ["model", "model#2"]
+    assert evaluated == ["model", "model#2"]
+
+
+def test_a_resume_keeps_only_the_predictions_of_the_saved_models(tiny_models, tmp_path,
+                                                                 monkeypatch):
+    """predictions.jsonl is written before results.json: records of a model results.json does
+    not list (a stop between the two writes) are dropped on resume, not duplicated."""
+    import json
+
+    monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
+    base, out = tiny_models["base"], tmp_path / "out"
+    argv = ["--models", f"a={base}", f"b={base}", "--data", str(tiny_models["code"]),
+            "--tasks", "line", "--out-dir", str(out), *FAST_FLAGS]
+    monkeypatch.setattr(ev, "generate_texts", _fail_in_model_b(KeyboardInterrupt()))
+    assert ev.main(argv) == 130
+    preds = out / "predictions.jsonl"
+    stray = json.dumps({"model": "b", "id": "stray", "prediction": "old"}) + "\n"
+    preds.write_text(preds.read_text() + stray)
+    monkeypatch.setattr(ev, "generate_texts", _record_models([]))
+    assert ev.main(argv) == 0
+    records = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert not any(r.get("id") == "stray" for r in records)
+    n = json.loads((out / "results.json").read_text())["examples"]["line"]
+    assert sum(r["model"] == "b" for r in records) == n
+
+
+def test_a_runs_context_is_its_training_block_size_not_its_bases(tiny_models):
+    """shared_context: a codelm run (e.g. LoRA on a long-context base) is compared at the
+    block_size it trained with, not the base's positions (slow, OOM risk); the smallest wins."""
+    import torch
+
+    base = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    n = base.model.cfg.block_size
+    run = ev.LoadedModel("run", "runs/x", base.model, base.tokenizer, {"block_size": n // 4})
+    assert ev.shared_context([base]) == n
+    assert ev.shared_context([base, run]) == n // 4
+    run.run_config = {"block_size": None}  # a run without one trained at the model's
+    assert ev.shared_context([base, run]) == n

@@ -24,6 +24,7 @@ from lora import (
     QuantLinear,
     apply_lora,
     load_adapter,
+    lora_modules,
     merge_and_export,
     merge_lora,
     quantize_base,
@@ -747,3 +748,70 @@ def test_overlapping_adapters_are_refused():
         layer.add_adapter("b", "b", torch.tensor([2, 3]))
     with pytest.raises(ValueError, match="overlaps"):
         layer.add_adapter("c", "c", None)
+
+
+def test_merge_and_export_leaves_the_adapters_merged_in_place_and_unmerge_resumes(tmp_path):
+    """Its docstring: the model is left merged and unmerge_lora resumes training, so the LoRA
+    layers must stay (merged), unmerging must give the adapted logits back, and saving works."""
+    _, model, setting = _pair("codegen", tmp_path)
+    apply_lora(model, LoRAConfig(**setting))
+    _train(model, steps=2)
+    ids = _ids(7)
+    adapted = _logits(model, ids)
+    before = [path for path, _ in lora_modules(model)]
+    merge_and_export(model, tmp_path / "merged")
+    modules = list(lora_modules(model))
+    assert [p for p, _ in modules] == before and all(m.merged for _, m in modules)
+    unmerge_lora(model)
+    assert not any(m.merged for _, m in lora_modules(model))
+    torch.testing.assert_close(_logits(model, ids), adapted, atol=1e-5, rtol=0)
+    save_adapter(model, tmp_path / "adapter")  # still an adapter model
+
+
+@pytest.mark.parametrize("regex", [r"q_proj", r"layers\.0\.self_attn\.q_proj",
+                                   r"model\.layers\.0\.self_attn\.(q|v)",
+                                   r".*\.layers\.1\.self_attn\.[qv]_proj"])
+def test_a_regex_target_selects_what_peft_selects(tmp_path, regex):
+    """A string target_modules must match the WHOLE module name, as PEFT's re.fullmatch does;
+    a search would adapt modules PEFT leaves alone. Reference: PEFT on the HF model."""
+    hf_dir = tmp_path / "hf"
+    save_tiny_hf("llama", hf_dir)
+    hf = tf.AutoModelForCausalLM.from_pretrained(hf_dir)
+    try:
+        peft = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=regex))
+        want = sorted(n.removeprefix("base_model.model.") for n, m in peft.named_modules()
+                      if hasattr(m, "lora_A") and len(m.lora_A))
+    except ValueError:
+        want = None  # PEFT: no module matched
+    model = Transformer.from_pretrained(hf_dir)
+    if want is None:
+        with pytest.raises(ValueError, match="match no module"):
+            apply_lora(model, LoRAConfig(r=4, alpha=8, target_modules=regex))
+        return
+    report = apply_lora(model, LoRAConfig(r=4, alpha=8, target_modules=regex))
+    assert sorted(report.targets[regex]) == want
+
+
+def test_quantizing_a_model_that_already_has_adapters_keeps_the_head_and_names_hf_modules(
+        tmp_path):
+    """quantize_base reaches Linears under LoRA too: skip=("lm_head",) must still keep a
+    LoRA-wrapped head, and the report names the modules, not their .base."""
+    _, model, _ = _pair("phi", tmp_path)
+    apply_lora(model, LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "lm_head"]))
+    report = quantize_base(model, bits=8)
+    assert not any(name.endswith(".base") for name in report.modules)
+    assert "lm_head" not in report.modules
+    assert isinstance(model.lm_head.base, torch.nn.Linear)
+
+
+def test_the_saved_adapter_config_records_the_training_settings(tmp_path):
+    """adapter_config.json carries r, lora_alpha and lora_dropout as trained: PEFT reads
+    lora_dropout when the adapter is trained further (is_trainable=True)."""
+    _, model, setting = _pair("llama", tmp_path)  # dropout 0.05
+    apply_lora(model, LoRAConfig(**setting))
+    save_adapter(model, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (16, 32, 0.05)
+    peft = PeftModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(tmp_path / "hf"),
+                                     tmp_path / "a", is_trainable=True)
+    assert peft.peft_config["default"].lora_dropout == 0.05

@@ -566,3 +566,122 @@ def test_a_budget_stop_and_an_early_interrupt_say_what_is_left(tmp_path, capsys,
     assert recipes.main(flags) == 143
     assert capsys.readouterr().err == (
         "interrupted: continue with the same recipes.py command plus --resume\n")
+
+
+def _tiny_recipe(tmp_path: Path, eval_section: dict, **train) -> Path:
+    """A recipe that trains a toy model for 2 steps on 16 small stdlib files (seconds)."""
+    from dataset import stdlib_files, stdlib_root
+
+    data = tmp_path / "data"
+    for path in [p for p in stdlib_files() if 2_000 < p.stat().st_size < 6_000][:16]:
+        target = data / path.relative_to(stdlib_root())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(path.read_text("utf-8"), "utf-8")
+    recipe = tmp_path / "tiny.json"
+    recipe.write_text(json.dumps({
+        "train": {"preset": "tiny", "block_size": 32, "n_embd": 32, "n_layer": 1,
+                  "batch_size": 4, "max_steps": 2, "eval_every": 2, "warmup_steps": 0,
+                  "eval_examples": 4, "tokenizer_max_vocab": 256, "tokenizer_min_freq": 2,
+                  "data": [str(data)], "data_options": {"split_by": "file"}, "name": "tiny",
+                  **train},
+        "eval": eval_section}))
+    return recipe
+
+
+def _stop_training(trained: list):
+    """A tm.train that records the resolved TrainConfig and stops (exit 2): the plan only."""
+    def train(cfg, resume_hint=None):
+        trained.append(cfg)
+        raise ValueError("stopped before training")
+    return train
+
+
+@pytest.mark.parametrize("rename", [["--set", "train.name=other"], ["--name", "other"]],
+                         ids=["set-name", "name-flag"])
+def test_the_recipes_own_run_in_eval_models_is_the_run_just_trained(tmp_path, monkeypatch,
+                                                                    rename):
+    """eval.models names the recipe's run as runs/<recipe name>: renamed by --name or by
+    --set train.name, it must still be the run this command trained, never an older run of
+    the recipe's name (or a missing one)."""
+    monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
+    recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"], "models": ["tuned=runs/tiny"]})
+    seen = []
+
+    def train(cfg, resume_hint=None):
+        run_dir = Path(cfg.out_dir) / cfg.name
+        run_dir.mkdir(parents=True)
+        (run_dir / tm.METRICS_FILE).write_text("")
+        return tm.TrainResult(run_dir, 1.0, 2)
+
+    def evaluate(cfg, progress=None):
+        seen.append(cfg.models)
+        return {"table": "", "out_dir": cfg.out_dir}
+
+    monkeypatch.setattr(tm, "train", train)
+    monkeypatch.setattr(ev, "evaluate", evaluate)
+    runs = tmp_path / "runs"
+    assert recipes.main([str(recipe), "--out-dir", str(runs), "--no-progress", *rename]) == 0
+    assert seen == [[f"tuned={runs / 'other'}"]]
+
+
+def test_resume_continues_the_run_and_evaluates_it_without_training_again(tmp_path, monkeypatch,
+                                                                          capsys):
+    """Every interrupt and budget message says "the same command plus --resume": it must
+    continue <out-dir>/<name> (a finished run is evaluated, not trained again); --skip-eval
+    trains and exports only. Reference: the run's own metrics.jsonl."""
+    monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
+    recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"], "lm_windows": 2, "limit": 2})
+    flags = [str(recipe), "--out-dir", str(tmp_path / "runs"), "--no-progress", "--device", "cpu"]
+    assert recipes.main([*flags, "--skip-eval"]) == 0
+    run = tmp_path / "runs" / "tiny"
+    steps = (run / tm.METRICS_FILE).read_text().count('"kind": "train"')
+    assert steps == 2 and not (run / tm.EVAL_DIR).exists()
+    capsys.readouterr()
+    assert recipes.main([*flags, "--resume"]) == 0, capsys.readouterr().err
+    assert (run / tm.METRICS_FILE).read_text().count('"kind": "train"') == steps
+    assert (run / tm.EVAL_DIR / "results.json").is_file() and "lm loss" in capsys.readouterr().out
+
+
+def test_data_flag_replaces_the_recipes_validation_files_with_a_split_of_the_data(tmp_path,
+                                                                                   monkeypatch):
+    """RecipeOptions.val_data: "with --data a validation split cut from --data": the recipe's
+    val_data belongs to the recipe's data, so --data alone must drop it."""
+    monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "recipe_val").mkdir()
+    (tmp_path / "recipe_val" / "v.py").write_text("x = 1\n")
+    recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"]}, val_data=[str(tmp_path / "recipe_val")])
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "a.py").write_text("y = 2\n")
+    trained: list = []
+    monkeypatch.setattr(tm, "train", _stop_training(trained))
+    flags = [str(recipe), "--out-dir", str(tmp_path / "runs"), "--no-progress"]
+    assert recipes.main([*flags, "--data", str(mine)]) == 2
+    assert trained[-1].data == [str(mine)] and trained[-1].val_data is None
+    assert recipes.main([*flags, "--data", str(mine), "--val-data", str(mine)]) == 2
+    assert trained[-1].val_data == [str(mine)]
+    assert recipes.main(flags) == 2
+    assert trained[-1].val_data == [str(tmp_path / "recipe_val")]
+
+
+def test_a_smoke_adapter_that_does_not_load_back_fails_the_smoke_run(tmp_path):
+    """--smoke's round-trip check: base + saved adapter differing from the merged export
+    beyond the tolerance is a problem (exit 1); at the tolerance it is not."""
+    report = recipes.RecipeResult(tmp_path, tm.TrainResult(tmp_path, None, 2), None, None,
+                                  [8.0, 7.0], adapter_max_diff=1e-3, smoke=True)
+    (problem,) = recipes.smoke_problems(report)
+    assert "base + saved adapter and the merged export differ by 1.00e-03" in problem
+    report.adapter_max_diff = recipes.ROUND_TRIP_TOLERANCE
+    assert recipes.smoke_problems(report) == []
+
+
+def test_smoke_runs_smoke_steps_even_when_the_recipe_counts_max_steps(tmp_path, monkeypatch):
+    """--smoke sizes the run to --smoke-steps even for a recipe with max_steps (code_completion,
+    kotlin_phi): a smoke run must never train the recipe's full length."""
+    monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
+    recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"]}, max_steps=5000)
+    trained: list = []
+    monkeypatch.setattr(tm, "train", _stop_training(trained))
+    flags = [str(recipe), "--smoke", "--out-dir", str(tmp_path / "runs"), "--no-progress"]
+    assert recipes.main([*flags, "--smoke-steps", "7"]) == 2
+    assert trained[-1].max_steps == 7
