@@ -2138,11 +2138,8 @@ def test_resume_refuses_a_length_below_its_checkpoint(assets, tmp_path, capsys):
     assert _train_steps(run) == list(range(1, 9))
 
 
-def test_a_time_budget_stop_says_the_run_is_not_finished(assets, tmp_path, monkeypatch, capsys):
-    """--max-time-s ended a run like a finished one: exit 0, no word of the steps left, an
-    export as if final. The export of the best weights so far is kept (eval.py can score it;
-    a resume exports again at its end), but the run says it is not finished, and TrainResult
-    records it. On a fake clock each step takes 1 s."""
+def _one_second_a_step(monkeypatch) -> None:
+    """A fake clock for the trainer on which each training step takes 1 s."""
     import types
 
     now = [0.0]
@@ -2155,6 +2152,14 @@ def test_a_time_budget_stop_says_the_run_is_not_finished(assets, tmp_path, monke
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(tm.Trainer, "train_step", timed)
+
+
+def test_a_time_budget_stop_says_the_run_is_not_finished(assets, tmp_path, monkeypatch, capsys):
+    """--max-time-s ended a run like a finished one: exit 0, no word of the steps left, an
+    export as if final. The export of the best weights so far is kept (eval.py can score it;
+    a resume exports again at its end), but the run says it is not finished, and TrainResult
+    records it. On a fake clock each step takes 1 s."""
+    _one_second_a_step(monkeypatch)
     cfg = tiny_cfg(assets, tmp_path, log_every=5, max_time_s=2.5, export=True)
     result = tm.train(cfg)
     run = Path(cfg.out_dir) / "run"
@@ -2511,18 +2516,7 @@ def test_a_budget_reached_on_the_last_step_is_a_finished_run(assets, tmp_path, m
                                                              capsys):
     """On a fake clock (1 s a step) a 2.5 s budget runs out on step 3 of 3: the run finished,
     it was not stopped by its budget, and says nothing about being unfinished."""
-    import types
-
-    now = [0.0]
-    monkeypatch.setattr(tm, "time", types.SimpleNamespace(perf_counter=lambda: now[0],
-                                                          strftime=lambda fmt: "x"))
-    original = tm.Trainer.train_step
-
-    def timed(self, *args, **kwargs):
-        now[0] += 1.0
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(tm.Trainer, "train_step", timed)
+    _one_second_a_step(monkeypatch)
     result = tm.train(tiny_cfg(assets, tmp_path, max_steps=3, max_time_s=2.5, eval_every=3))
     assert result.step == 3 and not result.stopped_by_budget
     assert "not finished" not in capsys.readouterr().out
