@@ -358,6 +358,9 @@ def interrupt_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+_START_UP_REPLACED: dict[int, Callable | int | None] = {}  # what quiet_start_up_stops replaced
+
+
 def quiet_start_up_stops(quiet: bool = False) -> None:
     """A script's first statement, before its imports (torch loads for seconds): Ctrl-C or
     SIGTERM there ends it as later (130 / 143, one line; ``quiet``: none, for a process whose
@@ -367,9 +370,6 @@ def quiet_start_up_stops(quiet: bool = False) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         if signal.getsignal(sig) is not signal.SIG_IGN:
             _START_UP_REPLACED[sig] = signal.signal(sig, handler)
-
-
-_START_UP_REPLACED: dict[int, Callable | int | None] = {}
 
 
 def _stopped_while_starting(quiet: bool, signum: int, frame) -> None:
