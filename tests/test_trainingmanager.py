@@ -2545,3 +2545,24 @@ def test_validate_config_refuses(values, message):
 def test_validate_config_accepts_the_bounds(values):
     """The closed ends of each range are legal values."""
     tm.validate_config(tm.TrainConfig(**values))
+
+
+@pytest.mark.slow
+def test_ddp_ranks_draw_their_own_dropout_and_share_the_validation_out(assets, tmp_path):
+    """Two gloo ranks: the same init but each its own dropout stream (the per-rank torch RNG
+    states a checkpoint records differ), and the validation examples split between them (the
+    val_tokens of an evaluation are those of the whole split, once)."""
+    cfg = tiny_cfg(assets, tmp_path, name="ddp", batch_size=2, max_steps=2, eval_every=2,
+                   save_every=2, dropout=0.1)
+    config = write_config(cfg, tmp_path / "ddp.json")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "trainingmanager.py", "--config", str(config)],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = Path(cfg.out_dir) / "ddp"
+    rng = tm.read_state(run / tm.CHECKPOINTS_DIR / "step-2")["rng"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
+    val = [json.loads(line) for line in (run / tm.METRICS_FILE).read_text().splitlines()
+           if json.loads(line)["kind"] == "val"]
+    assert [v["val_tokens"] for v in val] == [8 * 32]  # 8 windows of 32 labels
