@@ -974,6 +974,13 @@ def test_compiled_training_matches_eager(assets, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
+def _on_two_ranks(*args: str) -> subprocess.CompletedProcess:
+    """``torchrun`` of two gloo ranks on this machine, its output captured."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", *args], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+
+
 def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(assets, tmp_path):
     # adam_eps 1e-6: with 1e-8, Adam turns gradients of ~1e-8 into ~lr-sized updates, so the
     # reduction-order rounding of any two correct summations would show up in the weights.
@@ -981,10 +988,7 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(assets, 
     single = tm.train(tiny_cfg(assets, tmp_path, name="single", batch_size=4, **common))
     cfg = tiny_cfg(assets, tmp_path, name="ddp", batch_size=2, **common)
     config = write_config(cfg, tmp_path / "ddp.json")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "trainingmanager.py", "--config", str(config)],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = _on_two_ranks("trainingmanager.py", "--config", str(config))
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = Path(cfg.out_dir) / "ddp"
     a, b = final_weights(single.run_dir, 6), final_weights(run, 6)
@@ -1032,10 +1036,8 @@ def test_ddp_model_is_freed_before_the_group_is_destroyed(assets, tmp_path, fail
                    inject_nan_at_step=2 if failing else None)
     script = tmp_path / "counting.py"
     script.write_text(COUNTING_LIVE_DDP_MODELS)
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "--tee", "1", str(script), "--config", str(write_config(cfg, tmp_path / "freed.json"))],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = _on_two_ranks("--tee", "1", str(script), "--config",
+                         str(write_config(cfg, tmp_path / "freed.json")))
     assert (proc.returncode != 0) == failing, proc.stderr[-3000:]
     assert proc.stdout.count("live DDP models at destroy_process_group: 0") == 2, proc.stdout
 
@@ -1061,10 +1063,7 @@ def test_ddp_rank_zero_write_error_stops_every_rank_with_its_one_line(assets, tm
     config = write_config(cfg, tmp_path / "full.json")
     script = tmp_path / "failing.py"
     script.write_text(FAILING_SECOND_CHECKPOINT)
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script), "--config", str(config)],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = _on_two_ranks(str(script), "--config", str(config))
     assert proc.returncode != 0
     assert proc.stderr.count("error: ") == 1, proc.stderr[-3000:]
     assert "step-4: No space left on device" in proc.stderr
@@ -1076,10 +1075,7 @@ def test_ddp_rank_zero_setup_error_stops_every_rank_with_its_one_line(assets, tm
     (a gloo traceback) beside rank 0's one-line error."""
     cfg = tiny_cfg(assets, tmp_path, name="badtok", tokenizer=str(tmp_path / "nope.json"))
     config = write_config(cfg, tmp_path / "badtok.json")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "trainingmanager.py", "--config", str(config)],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = _on_two_ranks("trainingmanager.py", "--config", str(config))
     assert proc.returncode != 0
     assert proc.stderr.count("error: ") == 1 and "nope.json" in proc.stderr, proc.stderr[-3000:]
     assert "Connection closed" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
@@ -2555,10 +2551,7 @@ def test_ddp_ranks_draw_their_own_dropout_and_share_the_validation_out(assets, t
     cfg = tiny_cfg(assets, tmp_path, name="ddp", batch_size=2, max_steps=2, eval_every=2,
                    save_every=2, dropout=0.1)
     config = write_config(cfg, tmp_path / "ddp.json")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "trainingmanager.py", "--config", str(config)],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = _on_two_ranks("trainingmanager.py", "--config", str(config))
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = Path(cfg.out_dir) / "ddp"
     rng = tm.read_state(run / tm.CHECKPOINTS_DIR / "step-2")["rng"]
