@@ -19,12 +19,16 @@ is safe for several processes on one machine (``--workers N`` starts them). Any 
 heartbeats then mark a killed worker's trial FAILED and it is queued again with the same
 parameters. A trial queued again (after an interrupted sweep, or a dead worker) continues its
 predecessor's run from its last checkpoint (a stop writes one, and so does its first new best;
-a run without one starts over). Re-running with the same ``--study-name`` continues the study;
-``--n-trials`` is the total the study should reach. Trials compare only under one budget and
-base config: a continuation that changes them (``--max-steps``, ``--eval-every``,
-``--train-config``, the space's base) is refused, naming each key. ``optuna-dashboard
-runs/<study>/journal.log`` (or the URL) shows the study live (``pip install optuna-dashboard``:
-not in the requirements).
+a run without one starts over). Two trainers never share a run: while another process holds it
+(a worker declared dead that was only slow, until its next evaluation, where it leaves its
+trial), the retry waits. A run keeps the precision it trained in: one trained in bf16 that is
+queued again where the GPU has no native bf16 stops the sweep, and runs again wherever the
+command runs next (a GPU with bf16, or the CPU). Re-running with the same ``--study-name``
+continues the study; ``--n-trials`` is the total the study should reach. Trials compare only
+under one budget and base config: a continuation that changes them (``--max-steps``,
+``--eval-every``, ``--train-config``, the space's base) is refused, naming each key.
+``optuna-dashboard runs/<study>/journal.log`` (or the URL) shows the study live (``pip install
+optuna-dashboard``: not in the requirements).
 
 Outputs in ``runs/<study>/``: ``best.json`` (a ready ``trainingmanager.py --config`` file: the
 best trial's config), ``trials.csv`` (every trial, its state, value, steps, parameters, run
@@ -85,6 +89,7 @@ JOURNAL_FILE = "journal.log"
 ATTR_CONFIG, ATTR_REASON, ATTR_WORKER, ATTR_STEP = "train_config", "fail_reason", "worker", "step"
 ATTR_RUN = "run_dir"  # the trial's run directory (a re-run of an interrupted trial continues it)
 ATTR_STOPPED = "stopped_sweep"  # a trial whose error (a configuration error) stopped the sweep
+ATTR_AGAIN = "runs_again"  # a stopped trial that runs again when the sweep does (TrialNotHere)
 # The study's record of the TrainConfig values all its trials share (``study_settings``).
 ATTR_SETTINGS = "trial_settings"
 OWNER_FILE = "study.json"  # which storage's study owns runs/<study>/ (its trial numbers)
@@ -123,7 +128,8 @@ class TuneConfig:
     workers: int = 1  # worker processes on this machine
     heartbeat_interval: int = 30  # seconds between a trial's heartbeats (RDB storages)
     grace_period: int = 120  # seconds without a heartbeat before a trial counts as dead (more
-    #   than --heartbeat-interval)
+    #   than --heartbeat-interval) and is queued again; a worker that was only slow leaves it at
+    #   its next evaluation, and the retry waits for the run until then
     max_retry: int = 2  # times a dead worker's trial is queued again
     worker: int = 0  # internal: i > 0 makes this process worker i of --workers (trials only)
     # output
@@ -153,6 +159,12 @@ class TrialAbandoned(Exception):
 
 class TrialSetupError(ValueError):
     """A trial's configuration cannot run: the sweep stops (exit 2); the trial is not counted."""
+
+
+class TrialNotHere(TrialSetupError):
+    """A trial this machine cannot run, though another can: it continues a run trained in bf16,
+    and this GPU has no native bf16. The sweep stops; run again (elsewhere), it queues the
+    trial again."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -541,8 +553,9 @@ def recover_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorag
         trials = study.get_trials(deepcopy=False)
         retried = _retried_numbers(trials)
         for trial in trials:
-            if (trial.state == TrialState.FAIL and trial.number not in retried
-                    and trial.user_attrs.get(ATTR_REASON) == INTERRUPTED):
+            if trial.state == TrialState.FAIL and trial.number not in retried and (
+                    trial.user_attrs.get(ATTR_REASON) == INTERRUPTED
+                    or trial.user_attrs.get(ATTR_AGAIN)):
                 retry(study, trial)
         if _heartbeats(storage):
             optuna.storages.fail_stale_trials(study)
@@ -608,17 +621,47 @@ def trial_run_config(cfg: TuneConfig, recipe: dict, number: int,
 def interrupted_run(trial: optuna.Trial) -> tuple[Path | None, dict[int, float]]:
     """Where this trial continues: the run directory of the trial it re-runs (queued again after
     an interrupt or a dead worker, same parameters and budget), if that run started; and the
-    validation losses that trial reported up to the checkpoint the run continues from, which
-    this trial reports again so that its record (and the pruner) sees the whole curve."""
+    validation losses the trials of that run reported up to the checkpoint it continues from,
+    which this trial reports again so that its record (and the pruner) sees the whole curve.
+    All of them: a retry stopped before its first evaluation (waiting for the run, say)
+    reported none of its predecessor's."""
     trials = {t.number: t for t in trial.study.get_trials(deepcopy=False)}
     history = trials[trial.number].system_attrs.get("retry_history") or []
     before = trials.get(history[-1]) if history else None
     run = before and before.user_attrs.get(ATTR_RUN)
     if not run or not (Path(run) / trainingmanager.CONFIG_FILE).is_file():
         return None, {}
+    wait_for_run(trial, before, Path(run))
     checkpoints = trainingmanager.list_checkpoints(Path(run))
     step = trainingmanager.checkpoint_step(checkpoints[-1]) if checkpoints else 0
-    return Path(run), {s: v for s, v in before.intermediate_values.items() if s <= step}
+    reported: dict[int, float] = {}
+    for t in (trials[n] for n in history if n in trials):  # oldest first: the latest wins
+        if t.user_attrs.get(ATTR_RUN) == run:
+            reported.update(t.intermediate_values)
+    return Path(run), {s: v for s, v in reported.items() if s <= step}
+
+
+RUN_POLL_S = 2.0  # seconds between looks at a run directory another process holds
+
+
+def wait_for_run(trial: optuna.Trial, before: FrozenTrial, run: Path) -> None:
+    """Wait while a live process holds ``run`` (the trainer's lock): the worker of ``before``,
+    declared dead (its heartbeats stalled) yet still training, lets go at its next evaluation,
+    where it finds its trial failed. Resuming now would be refused (two trainers never share a
+    run directory), and that is no configuration error to stop the sweep for. This trial keeps
+    its heartbeats meanwhile, and names the run first: stopped while it waits, its retry
+    continues the same run."""
+    lock = run / trainingmanager.LOCK_FILE
+    if not trainingmanager.lock_is_held(lock):
+        return
+    trial.set_user_attr(ATTR_RUN, str(run))
+    holder = before.user_attrs.get(ATTR_WORKER, "unknown")
+    tqdm.write(f"trial {trial.number}: waiting for {run}, the run of trial {before.number} that "
+               f"it continues: another process holds it (such as trial {before.number}'s worker "
+               f"{holder}, declared dead yet still training, which lets go at its next "
+               "evaluation)", file=sys.stderr)
+    while trainingmanager.lock_is_held(lock):
+        time.sleep(RUN_POLL_S)
 
 
 def recorded_precision(run: Path) -> str | None:
@@ -644,14 +687,35 @@ def trial_train_config(cfg: TuneConfig, recipe: dict, number: int,
     pins an "auto" run: "auto" resolves per machine (bf16 on an A100, fp16 on a T4, fp32 on the
     CPU), and the trainer refuses a resume whose precision would change, which would stop the
     sweep when a trial is queued again on another kind of machine. Only the run's config is
-    pinned: the recipe (best.json) and the study's settings keep "auto"."""
+    pinned: the recipe (best.json) and the study's settings keep "auto". A bf16 run where the
+    GPU has no native bf16 (the trainer refuses it there) is ``TrialNotHere``."""
     values = trial_run_config(cfg, recipe, number, resume)
     where = f"trial {number}"
     train_cfg = trainingmanager.config_from_dict(values, where)
     if resume is not None and train_cfg.precision == "auto":
         if (trained := recorded_precision(resume)) is not None:
+            if trained == "bf16" and _gpu_without_bf16(train_cfg.device):
+                raise TrialNotHere(
+                    f"trial {number} continues the run {resume}, which trained in bf16 "
+                    "(precision \"auto\" on a GPU with native bf16), and this machine's GPU has "
+                    "none: a run keeps the precision it trained in. Run the same command on a GPU "
+                    "with native bf16 (compute capability 8.0 or later) or on the CPU (\"device\": "
+                    "\"cpu\" in --train-config): the trial is queued again (up to --max-retry "
+                    "times) and continues its run there. Or move that run directory away, and the "
+                    "trial starts over")
             train_cfg = trainingmanager.config_from_dict({**values, "precision": trained}, where)
     return train_cfg
+
+
+def _gpu_without_bf16(device: str) -> bool:
+    """Whether a run on ``device`` (a TrainConfig's; "auto": the GPU where there is one) trains on
+    a GPU without native bf16, where the trainer refuses bf16 (a CPU computes it)."""
+    try:
+        gpu = torch.device("cuda" if device == "auto" else device)
+        return (gpu.type == "cuda" and torch.cuda.is_available()
+                and trainingmanager.cuda_half_dtype(gpu) != torch.bfloat16)
+    except (RuntimeError, AssertionError):  # no such device here: the trainer says so
+        return False
 
 
 def _mark_interrupted(trial: optuna.Trial) -> None:
@@ -662,30 +726,50 @@ def _mark_interrupted(trial: optuna.Trial) -> None:
 
 @dataclass
 class _Hidden:
-    """What Optuna's tell hides from ``run_worker`` when another worker has already failed the
-    trial (its tell raises "Cannot tell a FAIL trial."): the trial left, or the stop met in it."""
-    abandoned: int | None = None
-    stop: KeyboardInterrupt | None = None
+    """What Optuna's tell hides from ``run_worker`` when it fails: the trial the objective ran
+    and what the objective raised (None: it returned a value)."""
+    number: int | None = None
+    error: BaseException | None = None
+
+
+# What the objective may raise and its worker still leave the trial with, when the tell fails
+# because another worker failed the trial first; any other error stops, as it would anyway.
+_LEFT = (optuna.TrialPruned, TrialFailed, TrialAbandoned)
+
+
+def _told_too_late(error: BaseException | None) -> bool:
+    """Whether Optuna's tell failed because another worker had failed the trial first: the tell
+    refuses a trial it reads finished ("Cannot tell a FAIL trial."), and the storage refuses
+    one failed while the tell ran (UpdateFinishedTrialError). Optuna 5.0's ``_run_trial``
+    raises its own AssertionError over either when the objective returned a value."""
+    while error is not None:
+        if isinstance(error, optuna.exceptions.UpdateFinishedTrialError) or (
+                isinstance(error, ValueError) and str(error).startswith("Cannot tell a ")):
+            return True
+        error = error.__context__
+    return False
 
 
 def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _FileLock,
                    hidden: _Hidden) -> Callable[[optuna.Trial], float]:
     def objective(trial: optuna.Trial) -> float:
+        hidden.number = trial.number
         try:
             return run_trial(trial)
         except optuna.exceptions.UpdateFinishedTrialError:
-            hidden.abandoned = trial.number
-            raise TrialAbandoned(f"trial {trial.number}") from None
-        except KeyboardInterrupt as stop:
-            hidden.stop = stop
+            hidden.error = TrialAbandoned(f"trial {trial.number}")
+            raise hidden.error from None
+        except BaseException as e:
+            hidden.error = e
             raise
 
     def run_trial(trial: optuna.Trial) -> float:
         # A retried trial arrives with its predecessor's attributes: make them this run's
         # before other workers (which judge RUNNING trials by their worker) look at it.
         trial.set_user_attr(ATTR_WORKER, _worker_id())
-        if trial.user_attrs.get(ATTR_REASON) is not None:
-            trial.set_user_attr(ATTR_REASON, None)
+        for key in (ATTR_REASON, ATTR_STOPPED, ATTR_AGAIN):  # the predecessor's outcome
+            if trial.user_attrs.get(key) is not None:
+                trial.set_user_attr(key, None)
         lock.release()  # the trial exists: other workers may start theirs
 
         def on_eval(step: int, metrics: dict) -> None:
@@ -730,6 +814,9 @@ def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _FileL
                 # Not the parameters' fault: recorded, not counted, and the sweep stops.
                 trial.set_user_attr(ATTR_STOPPED, True)
                 trial.set_user_attr(ATTR_REASON, f"stopped the sweep: {type(e).__name__}: {e}")
+                if isinstance(e, TrialNotHere):  # in the sweep's terms already
+                    trial.set_user_attr(ATTR_AGAIN, True)
+                    raise
                 if isinstance(e, (ValueError, OSError)):  # the configuration or a path
                     raise TrialSetupError(
                         f"trial {trial.number} {trial.params}: {e} (the trial is not counted "
@@ -759,7 +846,7 @@ def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.Ba
     # 'count the trials, then start one' is serialised among this machine's workers, so that
     # together they start exactly n_trials; released as soon as the new trial exists
     lock = _FileLock(study_dir(cfg) / "claim.lock")
-    hidden = _Hidden()
+    hidden = _Hidden()  # what a failed tell hides (see _told_too_late)
     objective = make_objective(cfg, space, base, lock, hidden)
     while True:
         lock.acquire()
@@ -777,18 +864,19 @@ def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.Ba
                 lock.release()
                 time.sleep(min(cfg.heartbeat_interval, 5) if _heartbeats(storage) else 2)
                 continue
+            hidden.error = None
             try:
                 study.optimize(objective, n_trials=1, catch=(TrialFailed, TrialAbandoned))
-            except ValueError:  # Optuna's "Cannot tell a FAIL trial.": see _Hidden
-                if hidden.stop is not None:
-                    raise hidden.stop from None
-                if hidden.abandoned is None:
-                    raise
-            if hidden.abandoned is not None:
-                tqdm.write(f"trial {hidden.abandoned}: another worker declared it dead (no "
+            except Exception as e:
+                if e is hidden.error or not _told_too_late(e):
+                    raise  # the trial's own error (told), or not a tell that came too late
+                if hidden.error is not None and not isinstance(hidden.error, _LEFT):
+                    raise hidden.error from None  # a stop met in the trial is still a stop
+                hidden.error = TrialAbandoned(f"trial {hidden.number}")
+            if isinstance(hidden.error, TrialAbandoned):
+                tqdm.write(f"trial {hidden.number}: another worker declared it dead (no "
                            "heartbeat within --grace-period); this worker leaves it (queued "
                            "again up to --max-retry times) and goes on", file=sys.stderr)
-                hidden.abandoned = None
         finally:
             lock.release()
 
@@ -1032,7 +1120,8 @@ class _OptunaLog(logging.Handler):
         error = record.exc_info[1] if record.exc_info else None
         message = record.getMessage()
         if isinstance(error, (KeyboardInterrupt, TrialSetupError, TrialAbandoned)) or (
-                message.startswith("Trial ") and message.endswith(" failed with value None.")):
+                message.startswith("Trial ") and message.endswith(" failed with value None.")) or (
+                " because of the following error: TrialPruned(" in message):  # see _told_too_late
             return
         tqdm.write(f"[{record.levelname[0]}] {message}", file=sys.stderr)
 

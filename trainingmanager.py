@@ -280,7 +280,7 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
         if (Path(args["resume"]) / LOCK_FILE).is_file() and not saved.is_file():
             raise ValueError(f"--resume {args['resume']}: " + (
                 f"its run is still starting (it has not written {CONFIG_FILE}): wait for it"
-                if _lock_is_held(Path(args["resume"]) / LOCK_FILE) else
+                if lock_is_held(Path(args["resume"]) / LOCK_FILE) else
                 f"its run was stopped before it wrote {CONFIG_FILE}: nothing to resume; run the "
                 "command that started it again (the same --name reuses the directory)"))
         if not saved.is_file():
@@ -1398,7 +1398,7 @@ class _RunDirTaken(ValueError):
     """The run directory belongs to another run (running now, or holding weights)."""
 
 
-def _lock_is_held(lock: Path) -> bool:
+def lock_is_held(lock: Path) -> bool:
     """Whether a live run holds ``lock`` (a run directory's LOCK_FILE)."""
     try:
         fd = os.open(lock, os.O_RDONLY)

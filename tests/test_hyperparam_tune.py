@@ -5,6 +5,7 @@ heartbeats) and, where .ci/run could start one, a PostgreSQL server.
 """
 
 import csv
+import fcntl
 import json
 import os
 import re
@@ -13,11 +14,13 @@ import subprocess
 import sys
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import optuna
 import pytest
 import torch
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 from procs import exited, popen, signal_when
@@ -241,6 +244,143 @@ def test_a_stop_in_a_trial_declared_dead_elsewhere_is_still_a_stop(tmp_path, cor
     assert "interrupted: run the same command again" in capsys.readouterr().err
 
 
+def _declare_dead(storage, name: str) -> None:
+    """What another worker does to a trial whose heartbeats stopped (Optuna's fail_stale_trials
+    with the sweep's retry callback): fail it and queue it again."""
+    study = load_study(storage, name)
+    (trial,) = study.get_trials(states=(TrialState.RUNNING,))
+    storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=2)
+    retry(study, storage.get_trial(trial._trial_id))
+
+
+@pytest.mark.parametrize("outcome, when, storage_kind", [
+    *((outcome, when, "journal") for outcome in ("value", "pruned", "failed")
+      for when in ("before the tell", "during the tell")),
+    ("value", "before the tell", "sqlite"),  # heartbeats on: how a trial is declared dead
+])
+def test_a_trial_declared_dead_after_its_last_write_is_left_and_nothing_is_lost(
+        tmp_path, corpus, capsys, monkeypatch, outcome, when, storage_kind):
+    """The trial is declared dead after its worker's last write and before Optuna's tell reads
+    it ("Cannot tell a FAIL trial.") or writes it (UpdateFinishedTrialError): Optuna 5.0's
+    ``_run_trial`` then hit its own ``assert False`` (a returned value) or raised that error
+    (exit 2, "stop" of a sweep that had nothing wrong). Its worker leaves it with its one line;
+    the retry continues its run from the checkpoint it left, so its result is not lost."""
+    flags, storage, calls = {}, journal(tmp_path, "late"), []
+    if storage_kind == "sqlite":
+        flags = {"storage": f"sqlite:///{tmp_path / 'study.db'}"}
+        storage = optuna.storages.RDBStorage(flags["storage"])
+
+    def train(cfg, on_eval=None, resume_hint=None):
+        calls.append(cfg)
+        run = Path(cfg.out_dir) / cfg.name
+        if len(calls) == 1:  # trains its whole budget: checkpoint and last evaluation at step 4
+            (run / "checkpoints" / f"{trainingmanager.CHECKPOINT_PREFIX}4").mkdir(parents=True)
+            (run / trainingmanager.CONFIG_FILE).write_text("{}")
+            for step, loss in ((2, 3.0), (4, 2.5)):
+                on_eval(step, {"val_loss": loss})
+            if outcome == "pruned":
+                raise optuna.TrialPruned("pruned")
+            if outcome == "failed":
+                raise trainingmanager.NonFiniteLossError("non-finite loss at step 4", 4)
+        return trainingmanager.TrainResult(run_dir=run, best_val_loss=2.5, step=4)
+
+    if when == "before the tell":
+        tell = optuna.study._optimize._tell_with_warning
+
+        def late_tell(study, trial, **kwargs):
+            if len(calls) == 1:
+                _declare_dead(storage, "late")
+            return tell(study, trial, **kwargs)
+
+        monkeypatch.setattr(optuna.study._optimize, "_tell_with_warning", late_tell)
+    else:  # after the tell read the trial RUNNING, before it writes the state
+        after_trial = optuna.samplers.TPESampler.after_trial
+
+        def late_after_trial(self, study, trial, state, values):
+            if len(calls) == 1:
+                _declare_dead(storage, "late")
+            return after_trial(self, study, trial, state, values)
+
+        monkeypatch.setattr(optuna.samplers.TPESampler, "after_trial", late_after_trial)
+    monkeypatch.setattr(trainingmanager, "train", train)
+    argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="late", n_trials=1,
+                     pruner="none", **flags)
+    assert hyperparam_tune.main(argv) == 0
+    err = capsys.readouterr().err
+    told = ("trial 0: another worker declared it dead (no heartbeat within --grace-period); "
+            "this worker leaves it (queued again up to --max-retry times) and goes on")
+    assert err.splitlines()[-1] == told and err.count(told) == 1 and "Traceback" not in err
+    if outcome != "failed":  # a NaN trial's failure is told as every failure is
+        assert err.splitlines() == [told]
+    first, retry = load_study(storage, "late").get_trials()
+    assert first.state == TrialState.FAIL and retry.system_attrs["failed_trial"] == 0
+    run = tmp_path / "runs" / "late" / "trials" / "trial-0000"
+    assert calls[1].resume == str(run)  # the retry continues the run
+    assert retry.state == TrialState.COMPLETE and retry.value == 2.5
+    assert retry.intermediate_values == {2: 3.0, 4: 2.5}
+
+
+def test_a_retry_waits_while_another_process_still_trains_its_run(tmp_path, corpus, capsys,
+                                                                 monkeypatch):
+    """A trial queued again may find its run directory held by a live process: the worker of a
+    trial declared dead that still trains it (until its next evaluation, where it finds its
+    trial failed). The trainer's lock refused the resume, and the sweep stopped on it as on a
+    configuration error. The retry now waits for the lock (one line), then continues the run;
+    stopped while it waits, its own retry continues the same run. Here the test holds the lock
+    and its stand-in for time.sleep lets go of it (deterministic: no race with a clock)."""
+    real, calls = trainingmanager.train, []
+
+    def train(cfg, on_eval=None, resume_hint=None):
+        calls.append(cfg)
+        result = real(cfg, on_eval=on_eval, resume_hint=resume_hint)
+        if len(calls) == 1:  # trial 0 stops: the next sweep queues it again
+            result.interrupted = "SIGTERM"
+        return result
+
+    monkeypatch.setattr(trainingmanager, "train", train)
+    argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="held", n_trials=1,
+                     pruner="none")
+    assert hyperparam_tune.main(argv) == 143
+    run = tmp_path / "runs" / "held" / "trials" / "trial-0000"
+    held = os.open(run / trainingmanager.LOCK_FILE, os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)  # trial 0's worker, still training
+    capsys.readouterr()
+
+    def stopped(seconds):  # the user stops the waiting sweep
+        raise KeyboardInterrupt("SIGTERM")
+
+    monkeypatch.setattr(hyperparam_tune.time, "sleep", stopped)
+    assert hyperparam_tune.main(argv) == 143
+    told = (f"trial 1: waiting for {run}, the run of trial 0 that it continues: another process "
+            "holds it (such as trial 0's worker")
+    err = capsys.readouterr().err
+    assert err.startswith(told) and err.count("trial 1: waiting") == 1, err
+    assert len(calls) == 1  # no trainer started on the held run
+    trials = load_study(journal(tmp_path, "held"), "held").get_trials()
+    assert trials[1].user_attrs[hyperparam_tune.ATTR_REASON] == hyperparam_tune.INTERRUPTED
+    assert trials[1].user_attrs[hyperparam_tune.ATTR_RUN] == str(run)  # left to its retry
+
+    looks = []
+
+    def let_go_at_the_second_look(seconds):
+        looks.append(seconds)
+        if len(looks) == 2:
+            os.close(held)
+
+    monkeypatch.setattr(hyperparam_tune.time, "sleep", let_go_at_the_second_look)
+    assert hyperparam_tune.main(argv) == 0
+    assert capsys.readouterr().err.count("trial 2: waiting for") == 1  # told once, not per look
+    assert len(looks) >= 2 and [c.resume for c in calls] == [None, str(run)]
+    first, _, retry = load_study(journal(tmp_path, "held"), "held").get_trials()
+    assert retry.state == TrialState.COMPLETE and retry.params == first.params
+    # trial 0 had trained its whole budget: its retry's result is trial 0's
+    assert retry.intermediate_values == first.intermediate_values
+    assert retry.value == min(first.intermediate_values.values())
+
+
 @pytest.mark.slow
 def test_interrupted_sweep_reruns_the_interrupted_trial(tmp_path, corpus):
     space = tiny_space(tmp_path, corpus)
@@ -418,6 +558,63 @@ def test_a_trial_continued_on_another_kind_of_machine_keeps_the_precision_it_tra
     assert study.user_attrs[hyperparam_tune.ATTR_SETTINGS]["precision"] == "auto"
     best = json.loads((tmp_path / "runs" / "prec" / "best.json").read_text())
     assert trainingmanager.config_from_dict(best).precision == "auto"
+
+
+def test_a_bf16_trial_queued_again_where_the_gpu_has_no_bf16_stops_in_the_sweeps_terms(
+        tmp_path, corpus, monkeypatch, capsys):
+    """A trial trained in bf16 ("auto" on an A100), interrupted, and queued again where the GPU
+    has no native bf16 (a T4) cannot continue its run there: the sweep stopped with the
+    trainer's words ("use --precision fp16 or fp32", a flag the sweep lacks, and a change the
+    run refuses). It now stops naming the trial, the run, the precision it recorded and what
+    to do; and the trial runs again (continuing its run) when the command is run where bf16
+    is, here the CPU."""
+    real, calls = trainingmanager.train, []
+
+    def train(cfg, on_eval=None, resume_hint=None):
+        calls.append(cfg)
+        result = real(cfg, on_eval=on_eval, resume_hint=resume_hint)
+        if len(calls) == 1:  # as a worker on an A100 would have checkpointed it, then stopped
+            state_file = trainingmanager.list_checkpoints(result.run_dir)[-1] / \
+                trainingmanager.STATE_FILE
+            state = torch.load(state_file, weights_only=True)
+            state["progress"]["precision"] = "bf16"
+            torch.save(state, state_file)
+            result.interrupted = "SIGTERM"
+        return result
+
+    monkeypatch.setattr(trainingmanager, "train", train)
+    space_file = Path(tiny_space(tmp_path, corpus))
+    space = json.loads(space_file.read_text())
+    space["base"]["device"] = "auto"  # the GPU wherever there is one
+    space_file.write_text(json.dumps(space))
+    argv = tune_args(tmp_path, str(space_file), study_name="t4", n_trials=1, pruner="none")
+    assert hyperparam_tune.main(argv) == 143
+    capsys.readouterr()
+    run = tmp_path / "runs" / "t4" / "trials" / "trial-0000"
+    with monkeypatch.context() as t4:  # a GPU of compute capability 7.5: no native bf16
+        t4.setattr(torch.cuda, "is_available", lambda: True)
+        t4.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+        t4.setattr(trainingmanager, "cuda_half_dtype", lambda device: torch.float16)
+        assert hyperparam_tune.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: trial 1 continues the run {run}, "
+                          "which trained in bf16"), err
+    assert "--precision" not in err and "--name" not in err
+    assert "Run the same command on a GPU with native bf16" in err  # what to do
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert len(calls) == 1  # no trainer started
+    study = load_study(journal(tmp_path, "t4"), "t4")
+    assert hyperparam_tune.study_progress(study)[0] == 0  # not counted
+
+    assert hyperparam_tune.main(argv) == 0  # the CPU computes bf16: the run continues here
+    assert [(c.resume, c.precision) for c in calls[1:]] == [(str(run), "bf16")]
+    trials = load_study(journal(tmp_path, "t4"), "t4").get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL] * 2 + [TrialState.COMPLETE]
+    assert trials[2].system_attrs["retry_history"] == [0, 1]
+    assert trials[2].intermediate_values == trials[0].intermediate_values  # reported again
+    assert trials[1].user_attrs[hyperparam_tune.ATTR_AGAIN]  # what queued it again
+    assert not trials[2].user_attrs[hyperparam_tune.ATTR_AGAIN]  # not inherited by its retry
+    assert not trials[2].user_attrs[hyperparam_tune.ATTR_STOPPED]
 
 
 @pytest.mark.skipif(POSTGRES_URL is None, reason="no PostgreSQL server: CODELM_TEST_POSTGRES_URL "
