@@ -1446,7 +1446,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Evaluate codelm/HF models side by side: perplexity, CodeXGLUE line/method "
         "metrics, docstring chrF/ROUGE-L, refactoring BLEU, pass@k in a sandbox. Without "
-        "--models: the latest run under runs/ on the stdlib test split.",
+        "--models: the latest run under --runs-dir, on the test split of the data it trained on "
+        "(the stdlib for the default run).",
         argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="JSON file of EvalConfig keys, or a recipe "
                         "(configs/*.json) whose 'eval' section is read; flags override it")

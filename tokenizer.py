@@ -646,10 +646,10 @@ class CodeTokenizer(_BatchEncodeMixin):
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``tokenizer.json`` (inside ``path`` when it is a directory) in HF's format, which
-        ``transformers`` loads, with a ``tokenizer_config.json`` beside it naming bos/eos/pad and
-        the other special tokens, and ``split_special_tokens`` (their strings in a text are text,
-        as here); a comment-stripping tokenizer, which HF cannot express, in codelm's own
-        format."""
+        ``transformers`` loads; saved into a directory, with a ``tokenizer_config.json`` beside it
+        naming bos/eos/pad and the other special tokens, and ``split_special_tokens`` (their
+        strings in a text are text, as here). A comment-stripping tokenizer, which HF cannot
+        express, is written in codelm's own format."""
         path = Path(path)
         directory = path if path.is_dir() else None
         if directory is not None:

@@ -132,7 +132,8 @@ class TrainConfig:
     CPUs, as README.md times it)."""
 
     # run directory
-    name: str | None = None  # runs/<name>; default: <preset>-<timestamp>[-2, -3, ... if taken]
+    name: str | None = None  # <out_dir>/<name>; default: <preset, or the --init-from
+    #   directory's name>-<timestamp>[-2, -3, ... if taken]
     out_dir: str = "runs"  # the parent of run directories
     resume: str | None = None  # a run directory to continue from its latest checkpoint
     seed: int = 1337  # model init, data order, dropout (a resumed run restores its RNG)
@@ -145,7 +146,9 @@ class TrainConfig:
     n_head: int | None = None  # n_kv_head follows it unless model_options sets it
     n_embd: int | None = None  # model width
     mlp_hidden: int | None = None  # MLP width
-    block_size: int | None = None  # context length of the model and of training sequences
+    block_size: int | None = None  # length of training sequences; from scratch also the
+    #   model's context (None: the preset's); with --init-from at most the checkpoint's context
+    #   (None: the smaller of that context and 1024)
     dropout: float | None = None  # dropout of the embeddings and residual branches (default:
     #   the model's own, e.g. embd_pdrop, resid_pdrop); attention dropout is the model's own,
     #   or model_options {"attn_dropout": p} from scratch
@@ -208,6 +211,7 @@ class TrainConfig:
     export: bool = True  # write export/: HF model + tokenizer, or the PEFT adapter
     export_merged: bool = False  # under LoRA: also write the merged full model
     sample_prompt: str = "def fibonacci(n):\n"  # completed greedily at the end of the run
+    #   (with --export)
     sample_tokens: int = 48  # tokens of that sample
     # debugging
     overfit: bool = False  # train on the bundled tiny corpus until it is memorised
@@ -1444,8 +1448,12 @@ def is_run_dir(path: str | Path) -> bool:
 
 def no_checkpoint_to_resume(run_dir: Path) -> str:
     """Why ``--resume`` refuses a run that holds weights (best/, export/) but no checkpoint
-    (e.g. checkpoints/ deleted to free disk): starting it again would overwrite them. Names a
-    way on from those weights, or a new run."""
+    (e.g. checkpoints/ deleted to free disk): starting it again would overwrite them."""
+    return f"--resume {run_dir}: it {_holds_no_checkpoint(run_dir)}"
+
+
+def _holds_no_checkpoint(run_dir: Path) -> str:
+    """What such a run holds, and a way on from those weights, or a new run."""
     held = []
     if (run_dir / BEST_DIR).is_dir():
         step = None
@@ -1458,8 +1466,7 @@ def no_checkpoint_to_resume(run_dir: Path) -> str:
                      if (d / HF_CONFIG).is_file()), None)
     how = (f"train on from them with --init-from {loadable} (a new run), or start over under "
            "another --name" if loadable else "start over under another --name")
-    return (f"--resume {run_dir}: it holds {' and '.join(held)} but no checkpoint to continue "
-            f"from; {how}")
+    return f"holds {' and '.join(held)} but no checkpoint to continue from; {how}"
 
 
 def check_lora_export(cfg: TrainConfig, model: nn.Module) -> None:
@@ -1656,11 +1663,15 @@ class _Run:
         before its first weights (a setting that failed at the start): that one it replaces, so
         the corrected command may reuse the name, and only while it holds the lock (the run
         may be live where there is none)."""
-        taken = _RunDirTaken(f"{run_dir} already holds a run: continue it with "
-                             f"{self.resume_hint(run_dir)}, or choose another --name")
+        def taken() -> _RunDirTaken:
+            if _holds_weights(run_dir) and not list_checkpoints(run_dir):
+                return _RunDirTaken(f"{run_dir} already {_holds_no_checkpoint(run_dir)}")
+            return _RunDirTaken(f"{run_dir} already holds a run: continue it with "
+                                f"{self.resume_hint(run_dir)}, or choose another --name")
+
         if (new and (run_dir / CONFIG_FILE).exists() and not (run_dir / LOCK_FILE).exists()
                 and not _failed_before_weights(run_dir)):
-            raise taken  # not a codelm run's directory (or an old one): nothing is added to it
+            raise taken()  # not a codelm run's directory (or an old one): nothing is added to it
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -1688,7 +1699,7 @@ class _Run:
         if new and (run_dir / CONFIG_FILE).exists():
             if self._lock is None or not _failed_before_weights(run_dir):
                 self.release()
-                raise taken
+                raise taken()
             print(f"{run_dir}: its run stopped before its first checkpoint; this run replaces it")
         return run_dir
 

@@ -1368,6 +1368,12 @@ def test_resume_refuses_a_run_with_weights_but_no_checkpoint(assets, tmp_path, c
     step = tm.best_step(run)
     assert f"best/ (step {step}) and export/" in err and f"--init-from {run / 'export'}" in err
     assert all(p.read_bytes() == data for p, data in kept.items())
+    # the same command again (a new run under that name) points the same way, not to --resume
+    assert tm.main(["--config", config]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{run} already holds best/ (step {step}) and export/" in err
+    assert f"--init-from {run / 'export'}" in err and "--resume" not in err
+    assert all(p.read_bytes() == data for p, data in kept.items())
 
     shutil.rmtree(run / "export")  # best/ alone: no model to start from, only a new run
     assert tm.main(["--resume", str(run)]) == 2
