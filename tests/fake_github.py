@@ -62,11 +62,12 @@ class FakeGitHub:
     """Serve ``repos``; ``faults`` is a list of (path substring, kind), each used once, in order.
 
     Fault kinds: ``403_reset`` (primary rate limit with x-ratelimit-reset), ``429`` (retry-after),
-    ``secondary_403`` (secondary limit with retry-after), ``500``, ``drop`` (connection closed
-    before any response), ``drop_body`` (closed half-way through the body), ``remaining_0`` (a
-    normal answer that says the quota is spent until one second from now), ``altered`` (a file's
-    bytes, raw or by blob, with a line added: not the blob its SHA names, as a broken proxy or
-    cache serves it).
+    ``secondary_403`` (secondary limit with retry-after), ``secondary_403_bare`` (a secondary
+    limit with no retry-after and quota left: nothing says how long to wait), ``500``,
+    ``drop`` (connection closed before any response), ``drop_body`` (closed half-way through the
+    body), ``remaining_0`` (a normal answer that says the quota is spent until one second from
+    now), ``altered`` (a file's bytes, raw or by blob, with a line added: not the blob its SHA
+    names, as a broken proxy or cache serves it).
 
     ``star_changes`` is a list of (request substring, repo, stars), each applied once, in order,
     when a request whose path and query contain the substring arrives (before it is answered):
@@ -206,6 +207,8 @@ class FakeGitHub:
         elif kind == "secondary_403":
             self._json(h, 403, {"message": "You have exceeded a secondary rate limit."},
                        {"retry-after": 1})
+        elif kind == "secondary_403_bare":
+            self._json(h, 403, {"message": "You have exceeded a secondary rate limit."})
         elif kind == "500":
             self._json(h, 500, {"message": "Server Error"})
         elif kind == "drop":

@@ -420,6 +420,27 @@ def test_stop_ids_and_strings():
         model.generate(idx, 4, stop=["x"])
 
 
+def test_a_stop_id_sequence_ends_a_row_only_where_the_whole_sequence_is_generated():
+    """stop=[[a, b]] matched on b alone ended the row at an earlier b that followed another
+    token. Reference: the free greedy continuation, cut by hand after the first [a, b], on a
+    prompt whose continuation has such an earlier b."""
+    model = _lively("gpt_bigcode")
+    for seed in range(6, 40):
+        idx = _ids(1, 8, seed=seed)
+        gen = model.generate(idx, 24)[0, 8:].tolist()
+        # k: the first [a, b] = gen[k:k + 2] generated, with b already generated after another id
+        k = next((k for k in range(1, len(gen) - 1)
+                  if gen[k:k + 2] not in [gen[j:j + 2] for j in range(k)]
+                  and any(gen[j] == gen[k + 1] and gen[j - 1] != gen[k]
+                          for j in range(1, k + 1))), None)
+        if k is not None:
+            break
+    else:
+        raise AssertionError("no continuation with a repeated second stop id")
+    out = model.generate(idx, 24, stop=[gen[k:k + 2]], pad_id=0)
+    assert out[0, 8:].tolist() == gen[:k + 2]
+
+
 def test_stream_yields_what_generate_returns():
     model = _model("llama")
     idx = _ids(2, 8)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from pathlib import Path
 from urllib.parse import quote
 
@@ -19,6 +19,7 @@ from fake_github import DEFAULT_FAULTS, FakeGitHub, FakeRepo, blob_sha, fake_cor
 from procs import popen, signal_when
 
 import cliconfig
+import scraping.github
 from scraping import (
     GitHubClient,
     GitHubConfig,
@@ -57,8 +58,9 @@ def make_client(fake: FakeGitHub, sleep=None, token=None, retries=4) -> GitHubCl
 
 
 def config(fake: FakeGitHub, out: Path, **kw) -> GitHubConfig:
+    kw = {"since": RANGE[0], "until": RANGE[1], **kw}
     return GitHubConfig(out=str(out), api_url=fake.api_url, raw_url=fake.raw_url,
-                        since=RANGE[0], until=RANGE[1], progress=False, **kw)
+                        progress=False, **kw)
 
 
 def run_scrape(out: Path, faults=(), max_per_page=3, raw=True, token=None, **kw):
@@ -163,6 +165,20 @@ def test_search_splits_date_range_past_the_result_cap():
         assert len(unsplit) == 4
 
 
+def test_a_split_search_misses_no_second():
+    """A split slice's second half started at mid + 2 s, so repos created in the second right
+    after a split point were silently missed. One repo a second, a cap of 3 (several splits):
+    every repo is found, once."""
+    repos = [FakeRepo(f"o/s{i:02d}", 200 + i, f"2015-01-01T00:00:{i:02d}+00:00")
+             for i in range(11)]
+    start = datetime(2015, 1, 1, tzinfo=timezone.utc)
+    end = datetime(2015, 1, 1, 0, 0, 10, tzinfo=timezone.utc)
+    with FakeGitHub(repos, max_per_page=2, search_cap=3) as fake:
+        names = [r["full_name"] for r in search_repositories(
+            make_client(fake), "stars:>100", "created", start, end, cap=3, per_page=100)]
+    assert sorted(names) == sorted(r.full_name for r in repos)
+
+
 def _ranked_repos(n: int = 9) -> list[FakeRepo]:
     """Repos o/r0..o/r{n-1}, in falling star order, one small file each."""
     return [FakeRepo(f"o/r{i}", 1000 - 10 * i, "2020-01-01",
@@ -210,6 +226,39 @@ def test_license_allow_list(tmp_path):
     assert summary.repos["license"] == 2  # GPL-3.0 and no licence at all
 
 
+def test_the_until_day_is_included(tmp_path):
+    """--until is the "last date, inclusive": ending the search at that day's midnight left
+    out every repo created later that day. One created at noon on it is scraped."""
+    repos = [FakeRepo("o/noon", 500, "2020-01-01T12:00:00+00:00",
+                      files={"m.py": b"x = 1\n" * 100})]
+    with FakeGitHub(repos) as fake:
+        summary = scrape_github(config(fake, tmp_path / "o.jsonl", since="2019-01-01",
+                                       until="2020-01-01", min_bytes=1), make_client(fake))
+    assert summary.repos["scraped"] == 1
+
+
+def test_a_resume_on_a_later_day_keeps_the_first_runs_until(tmp_path, monkeypatch):
+    """Without --until the first run fixes today as the last date; a resume on a later day took
+    the new today and was refused ("until" differs). It continues the first run's scrape."""
+    out = tmp_path / "out.jsonl"
+    today = [date(2024, 5, 1)]
+
+    class FakeDate(date):
+        @classmethod
+        def today(cls):
+            return today[0]
+
+    monkeypatch.setattr(scraping.github, "date", FakeDate)
+    with FakeGitHub(_ranked_repos(3)) as fake:
+        first = scrape_github(config(fake, out, until=None, max_repos=1, min_bytes=1),
+                              make_client(fake))
+        today[0] = date(2024, 5, 2)
+        second = scrape_github(config(fake, out, until=None, min_bytes=1), make_client(fake))
+    assert first.repos["scraped"] == 1
+    assert second.repos["already_done"] == 1 and second.repos["scraped"] == 2
+    assert read_jsonl(out.with_name("out.jsonl.state"))[0]["settings"]["until"] == "2024-05-01"
+
+
 def test_resume_after_a_crash_between_output_and_state(tmp_path):
     reference = tmp_path / "ref.jsonl"
     run_scrape(reference)
@@ -226,6 +275,22 @@ def test_resume_after_a_crash_between_output_and_state(tmp_path):
     assert out.read_bytes() == reference.read_bytes()
     run_scrape(out)  # a finished run re-run adds nothing
     assert out.read_bytes() == reference.read_bytes()
+
+
+def test_a_resume_drops_a_cut_off_state_line_before_appending(tmp_path):
+    """A kill mid-write leaves half a state line. A resume that kept it glued the next repo's
+    line to it, and the run after that forgot that repo. Every finished repo stays known."""
+    out, state = tmp_path / "o.jsonl", tmp_path / "o.jsonl.state"
+    rec = {"repo": "o/a", "path": "a.py", "sha": "1", "license": None, "stars": 1, "text": "x"}
+    with ResumableOutput(out, state, {"k": 1}) as store:
+        store.commit("o/a", [rec])
+    with open(state, "ab") as f:
+        f.write(b'{"repo": "o/b", "end": 9')  # killed mid-line
+    with ResumableOutput(out, state, {"k": 1}) as store:
+        assert store.done == {"o/a"}
+        store.commit("o/c", [{**rec, "repo": "o/c", "sha": "2"}])
+    with ResumableOutput(out, state, {"k": 1}) as store:
+        assert store.done == {"o/a", "o/c"} and store.shas == {"1", "2"}
 
 
 def test_resume_with_other_settings_is_a_clear_error(tmp_path, capsys):
@@ -321,6 +386,41 @@ def test_client_waits_for_the_reset_when_the_quota_runs_out():
         assert len(sleep.calls) == 1 and 1 <= sleep.calls[0] <= 2.5
         client.get("/search/repositories", params={"q": "stars:>1"})  # another quota: no wait
         assert len(sleep.calls) == 1
+
+
+def test_connections_dropped_on_every_retry_are_a_server_error():
+    """ServerError covers "5xx answers or dropped connections": a repo whose requests kept
+    dropping raised a plain GitHubError, which stopped the whole run instead of leaving that
+    repo for the next one."""
+    repo = FakeRepo("a/b", 500, "2020-01-01")
+    with FakeGitHub([repo], faults=[("/branches/", "drop")] * 2) as fake:
+        with pytest.raises(ServerError, match="failed 2 times"):
+            make_client(fake, retries=1).get("/repos/a/b/branches/main")
+        assert fake.faults == []
+
+
+def test_a_secondary_limit_without_headers_waits_at_least_a_minute():
+    """GitHub's rule: after a secondary rate limit with no retry-after, wait at least a minute.
+    Only the backoff (about a second) was waited; the fake's secondary_403 always sent
+    retry-after, so this path never ran."""
+    repo = FakeRepo("a/b", 500, "2020-01-01")
+    with FakeGitHub([repo], faults=[("/branches/", "secondary_403_bare")]) as fake:
+        sleep = RecordingSleep()
+        assert make_client(fake, sleep).get("/repos/a/b/branches/main").status_code == 200
+        assert fake.faults == []
+    assert len(sleep.calls) == 1 and sleep.calls[0] >= 60.0
+
+
+def test_a_wait_of_exactly_max_wait_is_waited():
+    """--max-wait gives up when a rate limit "needs a longer wait": a retry-after equal to it
+    was refused too. Time stands still, so the wait is exactly the retry-after."""
+    repo = FakeRepo("a/b", 500, "2020-01-01")
+    with FakeGitHub([repo], faults=[("/branches/", "429")]) as fake:
+        sleep, now = RecordingSleep(), time.time()
+        client = GitHubClient(fake.api_url, max_wait=1.0, sleep=sleep, clock=lambda: now,
+                              rng=random.Random(0))
+        assert client.get("/repos/a/b/branches/main").status_code == 200
+    assert sleep.calls == [1.0]
 
 
 class ServerTime:
@@ -716,6 +816,17 @@ def test_an_outage_stops_the_run_and_rate_limits_still_do(tmp_path):
         with pytest.raises(GitHubError, match="failed 2 times") as info:
             scrape_github(config(fake, out, min_bytes=1), make_client(fake, retries=1))
     assert not isinstance(info.value, ServerError)
+
+
+def test_failures_apart_from_each_other_are_no_outage(tmp_path):
+    """Only failures in a row are an outage: the counter was never reset by a good repo, so
+    five failing repos with good ones between them stopped the run. They are five repos left
+    for the next run, and the four between them are scraped."""
+    faults = [(f"/repos/o/r{i}/branches/", "500") for i in (0, 2, 4, 6, 8)]
+    with FakeGitHub(_ranked_repos(), faults=faults) as fake:
+        summary = scrape_github(config(fake, tmp_path / "out.jsonl", min_bytes=1),
+                                make_client(fake, retries=0))
+    assert summary.repos["server_error"] == 5 and summary.repos["scraped"] == 4
 
 
 def test_a_second_run_on_the_same_output_is_refused(tmp_path, capsys):
