@@ -41,6 +41,9 @@ def cfg(tmp_path, **kw) -> DataConfig:
     return DataConfig(cache_dir=str(tmp_path / "cache"), progress=False, **kw)
 
 
+WHOLE = dict(train_frac=1.0, val_frac=0.0, test_frac=0.0)  # every document in train
+
+
 def prompt_and_completion(example: dict[str, torch.Tensor]) -> tuple[list[int], list[int]]:
     """A supervised example split back into prompt ids and completion ids (with its EOS), to
     check what the pipeline built."""
@@ -199,6 +202,63 @@ def test_a_file_of_exactly_max_bytes_is_kept(tmp_path):
         dataset.clean_corpus(cfg(tmp_path, sources=[str(src)], max_bytes=size - 1))
 
 
+@pytest.mark.parametrize("limit, size, past", [
+    ("min_bytes", 40, 41),  # "smaller files are dropped"
+    ("max_line_length", 60, 59),  # "files with a longer line are dropped"
+    ("max_literal_length", 30, 29),  # the longest one-line literal
+])
+def test_a_file_exactly_at_a_cleaning_limit_is_kept(tmp_path, limit, size, past):
+    """Each cleaning bound is inclusive like max_bytes: a file exactly at it is kept, and one
+    past it is dropped (a ``<=`` or ``>=`` there dropped the file at the limit). Reference: the
+    sizes computed by hand, and Python's tokenize for the literal."""
+    src = tmp_path / "src"
+    src.mkdir()
+    if limit == "min_bytes":
+        text = "x = 1\ny = 2\n" + "#" * (size - 12)
+        assert len(text.encode()) == size
+    elif limit == "max_line_length":
+        text = "x = 1\ny = '" + "a" * (size - 6) + "'\n"
+        assert max(map(len, text.splitlines())) == size
+    else:
+        text = "x = 1\ny = '" + "a" * (size - 2) + "'\n"
+        tokens = tokenize.generate_tokens(io.StringIO(text).readline)
+        assert max(len(t.string) for t in tokens if t.type == tokenize.STRING) == size
+    (src / "a.py").write_text(text)
+    docs, stats = dataset.clean_corpus(cfg(tmp_path, sources=[str(src)], **{limit: size}))
+    assert [d.id for d in docs] == ["src/a.py"] and stats["dropped"] == {}
+    with pytest.raises(DataError, match="no data left"):
+        dataset.clean_corpus(cfg(tmp_path, sources=[str(src)], **{limit: past}))
+
+
+def test_min_lines_counts_lines_of_code_not_blank_lines(tmp_path):
+    """min_lines drops files with fewer non-blank lines: trailing blank lines do not lift a
+    one-line file over it. Reference: a hand count (one line of code, then two)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "one.py").write_text("x = 1\n\n\n\n")
+    (src / "two.py").write_text("x = 1\n\ny = 2\n")
+    docs, stats = dataset.clean_corpus(cfg(tmp_path, sources=[str(src)], min_lines=2))
+    assert [d.id for d in docs] == ["src/two.py"]
+    assert stats["dropped"] == {"too_few_lines": 1}
+
+
+def test_a_utf8_bom_is_removed_and_the_file_still_parses(tmp_path):
+    """A file saved with a UTF-8 BOM (Windows editors) is the same code: the BOM stayed in the
+    training text, and under strip_docstrings the file was dropped as a syntax error.
+    Reference: Python's utf-8-sig codec."""
+    src = tmp_path / "src"
+    src.mkdir()
+    code = 'def f(x):\n    """Doc."""\n    return x\n'
+    (src / "bom.py").write_bytes(b"\xef\xbb\xbf" + code.encode())
+    (src / "ok.py").write_text("x = 1\ny = 2\n")
+    corpus = dataset.load_corpus(cfg(tmp_path, sources=[str(src)], **WHOLE))
+    expected = (src / "bom.py").read_text(encoding="utf-8-sig")
+    assert {d.id: d.text for d in corpus.train}["src/bom.py"] == expected
+    docs, stats = dataset.clean_corpus(cfg(tmp_path, sources=[str(src)], strip_docstrings=True))
+    assert "syntax_error" not in stats["dropped"]
+    assert ast.parse({d.id: d.text for d in docs}["src/bom.py"])
+
+
 def test_pairs_with_one_prompt_and_different_targets_are_all_kept(tmp_path):
     """A pair is its prompt and its target: another answer to the same prompt is new data, the
     same answer again is a duplicate (reference: the distinct (input, output) tuples)."""
@@ -211,6 +271,40 @@ def test_pairs_with_one_prompt_and_different_targets_are_all_kept(tmp_path):
     distinct = list(dict.fromkeys((r["input"], r["output"]) for r in records))
     assert [(d.text, d.target) for d in docs] == distinct
     assert stats["dropped"] == {"duplicate": len(records) - len(distinct)}
+
+
+def test_near_dedupe_compares_pairs_with_their_targets(tmp_path):
+    """Near-dedupe reads a pair as prompt + target, as exact dedupe does: two unlike answers to
+    one prompt are no near copies (comparing prompts only dropped one). Reference: the exact
+    Jaccard of the two pairs' shingle sets, under the 0.5 threshold."""
+    prompt = "def solve(values):\n    # " + " ".join(f"word{i}" for i in range(15)) + "\n"
+    a = "\n".join(f"    total_{i} = values[{i}] * {i}" for i in range(30))
+    b = "\n".join(f"    acc{i} += other({i}, values)" for i in range(30))
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"input": prompt, "output": t} for t in (a, b)])
+    sa, sb = (dataset.shingles(prompt + "\n" + t) for t in (a, b))
+    assert len(sa & sb) / len(sa | sb) < 0.5
+    docs, stats = dataset.clean_corpus(cfg(tmp_path, sources=[str(pairs)], near_dedupe=True))
+    assert len(docs) == 2 and not any(stats["dropped"].values())
+
+
+def test_blank_lines_in_a_jsonl_source_are_skipped(tmp_path):
+    """Blank lines (a trailing empty line, a hand-edited file) are no records and no "malformed
+    JSON" error."""
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"input": "a", "output": "b"}, "", "  ", {"input": "c", "output": "d"}, ""])
+    docs, stats = dataset.clean_corpus(cfg(tmp_path, sources=[str(pairs)]))
+    assert [(d.text, d.target) for d in docs] == [("a", "b"), ("c", "d")]
+    assert stats["dropped"] == {}
+
+
+def test_scraper_record_ids_are_repo_slash_path(tmp_path):
+    """Doc.id of a scraper record is "repo/path" (the Doc docstring): two repos' setup.py are
+    two documents with their own ids, not one id twice."""
+    scraped = write_jsonl(tmp_path / "scraped.jsonl", [
+        {"repo": "u/a", "path": "setup.py", "text": "x = 1\ny = 2\n"},
+        {"repo": "u/b", "path": "setup.py", "text": "z = 3\nw = 4\n"}])
+    docs, _ = dataset.clean_corpus(cfg(tmp_path, sources=[str(scraped)]))
+    assert sorted(d.id for d in docs) == ["u/a/setup.py", "u/b/setup.py"]
 
 
 # Characters that str.splitlines() ends a line at and Python does not: a page break (^L) line,
@@ -288,6 +382,25 @@ def test_long_literal_counts_real_literals_not_quotes_in_comments(tmp_path):
         assert dataset.longest_literal(files[name], python=True) == longest
 
 
+def test_a_long_docstring_is_no_long_literal(tmp_path):
+    """The literal limit is on one-line literals (minified data): a long multi-line docstring
+    in a file that also has a long line of code is kept, not dropped as long_literal.
+    Reference: tokenize, whose longest one-line literal here is under the 400 default."""
+    src = tmp_path / "src"
+    src.mkdir()
+    doc = '"""' + "\n".join(f"Line {i} of a long explanation." for i in range(40)) + '"""\n'
+    long_code = "TABLE = [" + ", ".join(str(i) for i in range(120)) + "]\n"
+    assert 400 < len(long_code) < 1000
+    text = doc + long_code + "x = 1\n"
+    (src / "a.py").write_text(text)
+    tokens = list(tokenize.generate_tokens(io.StringIO(text).readline))
+    literals = [t for t in tokens if t.type in (tokenize.STRING, tokenize.NUMBER)]
+    assert max(len(t.string) for t in literals if t.start[0] == t.end[0]) <= 400
+    assert max(len(t.string) for t in literals) > 400  # the docstring
+    docs, stats = dataset.clean_corpus(cfg(tmp_path, sources=[str(src)]))
+    assert [d.id for d in docs] == ["src/a.py"] and stats["dropped"] == {}
+
+
 def test_license_header_forms():
     kotlin = (
         "/*\n * Copyright 2010-2024 JetBrains s.r.o.\n * Apache 2.0 license.\n */\n\npackage a\n"
@@ -297,6 +410,15 @@ def test_license_header_forms():
     assert dataset.strip_license_header(slashes) == ("fun f() = 1\n", True)
     plain = "# A helpful comment about the code\nx = 1\n"
     assert dataset.strip_license_header(plain) == (plain, False)
+
+
+def test_a_licence_header_after_shebang_and_coding_line_keeps_both():
+    """PEP 263: the encoding declaration may be on line 1 or 2; after a shebang it is line 2,
+    and it is no part of the licence header (keeping only line 1 removed it)."""
+    text = ("#!/usr/bin/env python\n# -*- coding: utf-8 -*-\n# Copyright 2020 Someone\n"
+            "# Licensed under the MIT License.\n\nimport os\n")
+    assert dataset.strip_license_header(text) == (
+        "#!/usr/bin/env python\n# -*- coding: utf-8 -*-\nimport os\n", True)
 
 
 def test_strip_comments_and_docstrings_on_stdlib_file():
@@ -512,6 +634,16 @@ def test_split_by_file_has_no_file_in_two_splits_and_ignores_order(tmp_path):
     assert a != dataset.assign_splits(keys, seed=7)
 
 
+def test_three_keys_give_one_to_each_split():
+    """assign_splits: "val and test each get at least one key when there are enough keys":
+    three repos give one to each split (a three-repo corpus still has val and test); two
+    stay in train."""
+    out = dataset.assign_splits(["a", "b", "c"], (0.8, 0.1, 0.1), seed=42)
+    assert sorted(out.values()) == ["test", "train", "val"]
+    out = dataset.assign_splits(["a", "b"], (0.8, 0.1, 0.1), seed=42)
+    assert sorted(out.values()) == ["train", "train"]
+
+
 def test_predefined_val_and_test_files_are_those_splits_and_stay_out_of_training(tmp_path):
     """Seed 000's layout, a train file and a validation file: the validation file's records are
     exactly the val split, the train file fills the rest by the fractions, a record in both files
@@ -713,6 +845,19 @@ def test_window_completion_pairs_are_contiguous_file_tokens(tmp_path, tok):
         assert len(prompt) <= 40 and 1 <= len(completion) <= 12 and tok.eos_id not in completion
         seq = prompt + completion
         assert any(_contains(f, seq) for f in files)
+
+
+def test_default_windows_do_not_overlap_and_a_short_file_still_gives_one():
+    """window_stride defaults to prompt + completion tokens ("no overlap"; a stride of the
+    prompt alone overlapped), and a file shorter than P + C still gives one pair, its last C
+    tokens as completion (windows starting at P gave none). Reference: hand-computed
+    positions."""
+    c = DataConfig(window_prompt_tokens=4, window_completion_tokens=2)
+    ids = list(range(20))
+    assert list(dataset.window_pairs(ids, c)) == [
+        (ids[0:4], ids[4:6]), (ids[6:10], ids[10:12]), (ids[12:16], ids[16:18])]
+    short = DataConfig(window_prompt_tokens=100, window_completion_tokens=3)
+    assert list(dataset.window_pairs(ids[:10], short)) == [(ids[:7], ids[7:10])]
 
 
 def _contains(haystack: list[int], needle: list[int]) -> bool:
@@ -1072,6 +1217,17 @@ def test_fim_prompts_cut_to_max_prompt_tokens_keep_their_sentinels(tmp_path, tok
         prepare(cfg(tmp_path, task="fim", max_prompt_tokens=2), tok)
 
 
+def test_fim_decisions_are_drawn_per_document(tok):
+    """fim_rate is a share of the chunks: files of one chunk each get PSM examples at about
+    that rate, not all or none (an rng seeded without the document id drew the same for every
+    file). Reference: binomial(200, 0.5), inside [60, 140] with probability 1 - 1e-8."""
+    c = DataConfig(task="fim", fim_rate=0.5, block_size=64)
+    ids = list(range(10, 30))  # one chunk
+    psm = sum(bool(prompt) for i in range(200)
+              for prompt, _ in dataset._fim_pairs(ids, f"src/file_{i}.py", tok, c))
+    assert 60 <= psm <= 140
+
+
 def test_pretrained_bpe_tokenizer_ids_match_hf_tokenizers(tmp_path):
     """A StarCoder-shaped tokenizer.json (trained by HF): packed lm tokens and FIM ids are HF's."""
     from tiny_hf import train_hf_tokenizer
@@ -1229,6 +1385,37 @@ def test_second_prepare_loads_from_cache_and_keys_cover_options(tmp_path, tok):
         first.cache_path
     )
     assert prepare(cfg(tmp_path, task="lm", block_size=48), tok).cache_path != first.cache_path
+
+
+def test_an_edited_source_file_of_the_same_size_is_read_again(tmp_path):
+    """The corpus cache is keyed by each file's path, size and mtime: an in-place edit that
+    keeps the size (a fixed typo) must not serve the old text from the cache."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.py").write_text("x = 1\ny = 2\n")
+    (src / "b.py").write_text("z = 3\nw = 4\n")
+    first = dataset.load_corpus(cfg(tmp_path, sources=[str(src)], **WHOLE))
+    assert {d.id: d.text for d in first.train}["src/a.py"] == "x = 1\ny = 2\n"
+    st = (src / "a.py").stat()
+    (src / "a.py").write_text("x = 7\ny = 2\n")
+    os.utime(src / "a.py", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    second = dataset.load_corpus(cfg(tmp_path, sources=[str(src)], **WHOLE))
+    assert second.stats["cache_hit"] is False
+    assert {d.id: d.text for d in second.train}["src/a.py"] == "x = 7\ny = 2\n"
+
+
+def test_records_appended_to_a_jsonl_source_are_read(tmp_path):
+    """A scraper's JSONL grows as the scraper resumes: the corpus cache key holds the file's
+    size and mtime, so the appended records are read, not a stale cache."""
+    records = [{"repo": "u/a", "path": "a.py", "text": "x = 1\ny = 2\n"},
+               {"repo": "u/b", "path": "b.py", "text": "z = 3\nw = 4\n"}]
+    scraped = write_jsonl(tmp_path / "scraped.jsonl", records[:1])
+    first = dataset.load_corpus(cfg(tmp_path, sources=[str(scraped)], **WHOLE))
+    assert [d.id for d in first.train] == ["u/a/a.py"]
+    with open(scraped, "a", encoding="utf-8") as f:
+        f.write(json.dumps(records[1]) + "\n")
+    second = dataset.load_corpus(cfg(tmp_path, sources=[str(scraped)], **WHOLE))
+    assert sorted(d.id for d in second.train) == ["u/a/a.py", "u/b/b.py"]
 
 
 def _dead_pid() -> int:

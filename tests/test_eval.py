@@ -725,7 +725,11 @@ def test_results_record_the_context_each_model_was_scored_with(tiny_models, tmp_
     assert "note:" not in capsys.readouterr().err
 
 
-def test_lm_task_loss_equals_transformers(tiny_models, tmp_path, monkeypatch):
+@pytest.mark.parametrize("lm_windows", [3, None])
+def test_lm_task_loss_equals_transformers(tiny_models, lm_windows):
+    """Loss, perplexity and token accuracy per scored token, as transformers gives them; with
+    lm_windows=None the whole stream is scored and its last window is short (accuracy over
+    windows x context, not over tokens, was wrong only then)."""
     import torch
     import torch.nn.functional as F
     import transformers
@@ -733,27 +737,29 @@ def test_lm_task_loss_equals_transformers(tiny_models, tmp_path, monkeypatch):
     m = tiny_models
     lm = ev.load_model(str(m["base"]), torch.device("cpu"))
     texts = [(m["code"] / "module_1.py").read_text(), (m["code"] / "module_2.py").read_text()]
-    cfg = ev.EvalConfig(lm_windows=3, block_size=32, batch_size=2, progress=False)
+    cfg = ev.EvalConfig(lm_windows=lm_windows, block_size=32, batch_size=2, progress=False)
     got = ev.score_lm(lm, texts, cfg)
     # Reference: HF's model on the same packed stream (EOS after each document), own loss.
     tok = m["tok"]
     stream = []
     for text in texts:
         stream += tok.encode(text) + [tok.eos_id]
-    stream = torch.tensor(stream[: 3 * 32 + 1])
+    stream = torch.tensor(stream[: None if lm_windows is None else lm_windows * 32 + 1])
+    count = len(stream) - 1
+    assert lm_windows or count % 32  # the whole stream ends in a short window
     hf = transformers.AutoModelForCausalLM.from_pretrained(m["base"]).eval()
     losses, correct = [], 0
     with torch.no_grad():
-        for s in range(0, 3 * 32, 32):
-            x, y = stream[s : s + 32], stream[s + 1 : s + 33]
-            logits = hf(x[None]).logits[0]
+        for s in range(0, count, 32):
+            y = stream[s + 1 : s + 33]
+            logits = hf(stream[s : s + len(y)][None]).logits[0]
             losses.append(F.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(-1) == y).sum())
-    loss = float(sum(losses)) / 96
-    assert got["tokens"] == 96
+    loss = float(sum(losses)) / count
+    assert got["tokens"] == count
     assert got["loss"] == pytest.approx(loss, abs=1e-4)
     assert got["perplexity"] == pytest.approx(math.exp(loss), rel=1e-4)
-    assert got["token_accuracy"] == pytest.approx(correct / 96)  # 0-1, as val_accuracy
+    assert got["token_accuracy"] == pytest.approx(correct / count)  # 0-1, as val_accuracy
 
 
 def test_token_accuracy_is_a_fraction_in_the_table_as_in_training():
@@ -781,6 +787,51 @@ def test_batched_greedy_generation_equals_transformers(tiny_models):
         if tok.eos_id in out:
             out = out[: out.index(tok.eos_id)]
         assert text == tok.decode(out)
+
+
+def _force_eos_at_call(head, eos_id: int, call: int):
+    """A forward hook on an LM head making EOS the argmax of its `call`-th output (call 1 is
+    the prefill, so EOS is generated token `call`)."""
+    calls = [0]
+
+    def hook(_module, _inputs, out):
+        calls[0] += 1
+        if calls[0] == call:
+            out = out.clone()
+            out[..., -1, eos_id] += 1e4
+        return out
+
+    return head.register_forward_hook(hook)
+
+
+def test_a_generation_that_ends_at_eos_is_cut_there_as_transformers_output_is(tiny_models):
+    """generate_texts: each continuation ends at EOS; nothing from the EOS on (its text
+    "<eos>", the padding after it) reaches the prediction, which lowered BLEU and EM for every
+    early stop. Reference: transformers' generate with EOS forced at the same step, cut at
+    its EOS."""
+    import torch
+    import transformers
+
+    m = tiny_models
+    tok = m["tok"]
+    prompt = "def deposit(self, amount):\n"
+    lm = ev.load_model(str(m["base"]), torch.device("cpu"))
+    handle = _force_eos_at_call(lm.model.lm_head, tok.eos_id, 4)
+    try:
+        (text,) = ev.generate_texts(lm, [prompt], ev.EvalConfig(max_new_tokens=8, batch_size=1,
+                                                                 progress=False))
+    finally:
+        handle.remove()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(m["base"]).eval()
+    ids = torch.tensor([tok.encode(prompt)])
+    handle = _force_eos_at_call(hf.lm_head, tok.eos_id, 4)
+    try:
+        out = hf.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=tok.eos_id,
+                          pad_token_id=tok.eos_id)[0, ids.shape[1]:].tolist()
+    finally:
+        handle.remove()
+    assert out.index(tok.eos_id) == 3
+    assert text == tok.decode(out[:3]) and "<eos>" not in text
 
 
 def test_passk_task_executes_samples(tiny_models, tmp_path, monkeypatch):
