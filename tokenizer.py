@@ -1079,6 +1079,15 @@ def _template_ids(spec: dict, where: str) -> tuple[list[int], list[int]]:
     return before, after
 
 
+def _count_templates(spec) -> int:
+    """The TemplateProcessing steps in a post_processor, nested Sequences included."""
+    if not isinstance(spec, dict):
+        return 0
+    if spec.get("type") == "Sequence":
+        return sum(_count_templates(step) for step in spec.get("processors") or [])
+    return int(spec.get("type") == "TemplateProcessing")
+
+
 def _post_processor_ids(spec: dict | None) -> tuple[list[int], list[int]]:
     where = "post_processor"
     if spec is None:
@@ -1090,8 +1099,15 @@ def _post_processor_ids(spec: dict | None) -> tuple[list[int], list[int]]:
     if kind == "TemplateProcessing":
         return _template_ids(spec, where)
     if kind == "Sequence":
+        # HF tokenizers (0.23) applies only the first of two TemplateProcessing steps in a
+        # Sequence (and panics with some orders), so composing them would not be HF's ids.
+        steps = spec.get("processors") or []
+        templates = _count_templates(spec)
+        if templates > 1:
+            raise _Unsupported(f"unsupported {where}: a Sequence of {templates} TemplateProcessing"
+                               " steps (HF tokenizers applies only the first)")
         before, after = [], []
-        for step in spec.get("processors") or []:
+        for step in steps:
             b, a = _post_processor_ids(step)
             before, after = b + before, after + a
         return before, after

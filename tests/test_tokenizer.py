@@ -8,6 +8,7 @@ without its flag): small hand-written tokenizer.json files cover those.
 """
 
 import ast
+import functools
 import io
 import json
 import pickle
@@ -587,6 +588,68 @@ def test_bpe_training_learns_frequent_words():
         BPETokenizer.train(texts, 300, pretokenizer="bert")
 
 
+def test_bpe_training_takes_no_merges_from_special_token_text():
+    """Special tokens in the training text separate documents (encode splits them out), so
+    their characters are no material for merges (guards against train learning '<|' and the
+    like). Reference: a hand count, every merged token but the special one comes from the code."""
+    texts = ["x = 1<|endoftext|>y = 2<|endoftext|>"] * 5
+    tok = BPETokenizer.train(texts, 1000, min_frequency=2)
+    merged = {t for t in tok.spec["model"]["vocab"] if len(t) > 1}
+    assert merged == {"<|endoftext|>", "Ġ1", "Ġ2", "Ġ="}
+
+
+def _hf_bpe_file(tmp_path, post_processor=None) -> tuple[Tokenizer, object]:
+    """A small byte-level BPE trained by HF's BpeTrainer with specials <|endoftext|>, <a>, <b>
+    and ``post_processor(hf)`` set, saved as tmp_path/tokenizer.json."""
+    hf = _small_hf(pre_tokenizers.ByteLevel(add_prefix_space=False),
+                   ["def f(x):\n    return x + 1\n"] * 20,
+                   specials=("<|endoftext|>", "<a>", "<b>"), vocab_size=400)
+    if post_processor is not None:
+        hf.post_processor = post_processor(hf)
+    path = tmp_path / "tokenizer.json"
+    hf.save(str(path))
+    return hf, path
+
+
+def test_bpe_save_keeps_an_existing_tokenizer_config(tmp_path):
+    """BPETokenizer.save writes tokenizer_config.json "unless one is there already": an HF model
+    directory's config (chat template, model_max_length) must survive a save (guards against
+    replacing it). Reference: transformers' AutoTokenizer reads the kept model_max_length."""
+    from transformers import AutoTokenizer
+
+    _, path = _hf_bpe_file(tmp_path)
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 123,
+              "eos_token": "<|endoftext|>", "chat_template": "{{ messages }}"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    BPETokenizer.from_file(path).save(tmp_path)
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text()) == config
+    assert AutoTokenizer.from_pretrained(str(tmp_path)).model_max_length == 123
+
+
+@pytest.mark.parametrize("order", ["a_first", "b_first"])
+def test_a_post_processor_sequence_of_two_templates_is_refused(order, tmp_path):
+    """HF tokenizers (0.23) applies only the first of two TemplateProcessing steps in a Sequence
+    (and panics, "not yet implemented", with some orders), where codelm would compose both: such
+    a file is refused, naming the file and post_processor, never tokenized differently. A
+    Sequence of ByteLevel and one template (Llama-3's shape) still reads as HF reads it."""
+    def template(hf, single):
+        names = regex.findall(r"<[^ ]+>", single)
+        return processors.TemplateProcessing(
+            single=single, special_tokens=[(t, hf.token_to_id(t)) for t in names])
+
+    singles = ["<a> $A", "<b> $A <|endoftext|>"][:: 1 if order == "a_first" else -1]
+    _, path = _hf_bpe_file(tmp_path, lambda hf: processors.Sequence(
+        [template(hf, s) for s in singles]))
+    with pytest.raises(ValueError, match="post_processor.*Sequence of 2 TemplateProcessing") as e:
+        load_tokenizer(path)
+    assert str(path) in str(e.value)
+
+    hf, path = _hf_bpe_file(tmp_path, lambda hf: processors.Sequence(
+        [processors.ByteLevel(trim_offsets=False), template(hf, singles[0])]))
+    for text in ("def f(x):", "x + 1"):
+        assert load_tokenizer(path).encode(text, add_special_tokens=True) == hf.encode(text).ids
+
+
 # ---------------------------------------------------------------------------------------------
 # CodeTokenizer
 # ---------------------------------------------------------------------------------------------
@@ -800,6 +863,125 @@ def test_byte_tokens_are_read_only_as_written(code_tok):
         assert code_tok.token_to_id(bad) is None, bad
 
 
+def _some_stdlib_texts(stdlib_texts, n: int) -> list[str]:
+    return [t for _, t in stdlib_texts[::60][:n]]
+
+
+@pytest.mark.parametrize("max_vocab", [1, 7, 50])
+def test_max_vocab_keeps_exactly_the_most_frequent_pieces_in_frequency_order(
+        max_vocab, stdlib_texts, code_tok_hf):
+    """max_vocab keeps exactly N pieces, the N most frequent, with ids by descending count (ties
+    by text) as train's docstring says (guards against keeping the rarest, or one too few).
+    Reference: piece counts by HF's own pre-tokenizer on the exported regex."""
+    texts = _some_stdlib_texts(stdlib_texts, 12)
+    tok = CodeTokenizer.train(texts, min_freq=2, max_vocab=max_vocab)
+    counts = Counter(p for t in texts for p in _hf_pieces(code_tok_hf, t))
+    ranked = sorted((p for p, n in counts.items() if n >= 2), key=lambda p: (-counts[p], p))
+    assert tok.pieces == ranked[:max_vocab] and len(tok.pieces) == max_vocab
+    first = tok.vocab_size - max_vocab
+    assert [tok.id_to_token(first + i) for i in range(max_vocab)] == tok.pieces
+
+
+def test_a_comment_stripping_tokenizer_learns_its_vocabulary_from_stripped_code(stdlib_texts):
+    """strip_comments=True encodes stripped text, so train counts pieces on stripped text: a
+    word seen only in comments and docstrings is no piece (guards against train ignoring the
+    option). Reference: the same texts stripped first, trained without the option."""
+    code = ('def f(x):\n    """Zqdocword explains zqdocword."""\n'
+            "    return x  # zqcommentword zqcommentword\n")
+    texts = [code] * 5 + _some_stdlib_texts(stdlib_texts, 4)
+    tok = CodeTokenizer.train(texts, min_freq=2, strip_comments=True)
+    assert "zqcommentword" not in tok.pieces and "Zqdocword" not in tok.pieces
+    ref = CodeTokenizer.train([strip_comments_and_docstrings(t) for t in texts], min_freq=2)
+    assert tok.pieces == ref.pieces
+
+
+def test_training_on_text_with_a_lone_surrogate_still_saves_for_hf(tmp_path):
+    """A lone surrogate (JSON can spell one) is no UTF-8 and so no piece (guards against a
+    surrogate piece, which made save crash): the tokenizer saves, and HF reads the same ids."""
+    tok = CodeTokenizer.train(["s = '\ud83d'\nx = 1\n"] * 3, min_freq=1)
+    assert "\ud83d" not in tok.pieces
+    hf = Tokenizer.from_file(str(tok.save(tmp_path)))
+    assert hf.encode("x = 1\n").ids == tok.encode("x = 1\n")
+
+
+def test_skip_special_tokens_keeps_a_nul_byte_as_transformers_does(tmp_path):
+    """skip_special_tokens drops the special tokens only, not byte token 0x00 (the id right
+    after them; guards against an off-by-one in the special ids). Reference: transformers'
+    AutoTokenizer on the saved tokenizer."""
+    from transformers import AutoTokenizer
+
+    tok = CodeTokenizer.train(["def f(x):\n    return x\n"] * 3, min_freq=1)
+    text = "x = '\x00'\n"
+    ids = [tok.bos_id, *tok.encode(text), tok.eos_id]
+    assert tok.token_to_id("<0x00>") in ids
+    tok.save(tmp_path)
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    assert AutoTokenizer.from_pretrained(str(tmp_path)).decode(
+        ids, skip_special_tokens=True) == text
+
+
+def test_saving_into_a_directory_replaces_an_older_tokenizer_config(tmp_path):
+    """A CodeTokenizer saved where another one was saved (a re-trained tokenizer in the same run
+    directory) names its own roles in tokenizer_config.json (guards against keeping the old
+    one's). Reference: transformers' AutoTokenizer."""
+    from transformers import AutoTokenizer
+
+    CodeTokenizer.train(["x = 1\n"] * 2, min_freq=1, special_tokens=("<pad>",)).save(tmp_path)
+    new = CodeTokenizer.train(["x = 1\n"] * 2, min_freq=1)
+    new.save(tmp_path)
+    auto = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert (auto.bos_token_id, auto.eos_token_id, auto.pad_token_id) == (
+        new.bos_id, new.eos_id, new.pad_id)
+    assert sorted(auto.all_special_ids) == list(range(len(new.special_tokens)))
+
+
+def test_a_nul_piece_survives_the_hf_round_trip(tmp_path):
+    """A piece "\\x00" is written in its ByteLevel spelling, the same character as byte 0x00's,
+    so reading back must take the byte block's start from "<0x00>", not from the piece (guards
+    against a wrong n_specials). Reference: HF tokenizers on the saved file."""
+    tok = CodeTokenizer.train(["x = \x00\ny = 1\n"] * 3, min_freq=1)
+    assert "\x00" in tok.pieces
+    path = tok.save(tmp_path)
+    back = load_tokenizer(tmp_path)
+    assert back.pieces == tok.pieces and back.special_tokens == tok.special_tokens
+    text = "z = \x00 + '\x01'\n"
+    assert back.encode(text) == tok.encode(text) == Tokenizer.from_file(str(path)).encode(text).ids
+
+
+def test_parallel_encode_batch_returns_every_text_in_order(code_tok, stdlib_texts):
+    """encode_batch over worker processes (over 1 MiB, texts of uneven lengths so the chunks do
+    not divide evenly) returns one id list per text, in order, as encode does (guards against
+    losing the last partial chunk)."""
+    base = _some_stdlib_texts(stdlib_texts, 30)
+    texts = [(base[i % len(base)] * 8)[: 5000 + 7919 * i % 60000] for i in range(60)]
+    assert sum(map(len, texts)) > (1 << 20)
+    out = code_tok.encode_batch(texts, num_workers=2)
+    assert out == [code_tok.encode(t) for t in texts]
+
+
+def _encode_in_daemon(tok, texts, queue):
+    try:
+        queue.put(("ok", tok.encode_batch(texts, num_workers=2) == [tok.encode(t) for t in texts]))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        queue.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def test_encode_batch_inside_a_daemon_process_encodes_in_process(code_tok, stdlib_texts):
+    """A DataLoader worker is a daemon process, which may not start children: encode_batch there
+    encodes in-process (guards against "daemonic processes are not allowed to have children")."""
+    import multiprocessing
+
+    texts = [t * 8 for t in _some_stdlib_texts(stdlib_texts, 20)]
+    assert sum(map(len, texts)) > (1 << 20)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_encode_in_daemon, args=(code_tok, texts, queue), daemon=True)
+    proc.start()
+    result = queue.get(timeout=120)
+    proc.join(timeout=30)
+    assert result == ("ok", True)
+
+
 def test_strip_comments_and_docstrings(stdlib_texts):
     source = (
         '"""Module doc."""\n'
@@ -920,7 +1102,36 @@ def test_code_tokenizer_strip_option_round_trips_stripped_text(strip_tok, stdlib
 CODE_ALPHABET = st.sampled_from(
     list("abcXYZ_019 \t\n\r()[]{}:=.,'\"#<>|-+*/\\") + ["é", "中", "🙂", "\u0301", "\x00", "\u2028"]
 )
-TEXTS = st.one_of(st.text(), st.text(alphabet=CODE_ALPHABET, max_size=200))
+
+
+@functools.cache
+def _unicode_table_disagreements() -> str:
+    """The code points whose \\p{..} classes (those the pre-tokenizer regexes use) or \\s differ
+    between the installed `regex` module and HF tokenizers' Oniguruma.
+
+    \\p{..} follows each engine's own Unicode tables (docs/contracts.md): with regex 2026.5.9
+    (Unicode 17) and tokenizers 0.23 about 4,700 code points differ (e.g. U+088F, U+323B0 of CJK
+    Extension J, U+0295), so a text drawn from all of Unicode may tokenize differently in codelm
+    and HF by contract. Found by asking both engines about every code point `regex` sees assigned
+    (an unassigned code point there is unassigned in every older Unicode too, so both read it
+    alike); about 2 s, once, at the first draw.
+    """
+    assigned = "".join(regex.findall(r"[^\p{Cn}\p{Co}\p{Cs}]", "".join(map(chr, range(0x110000)))))
+    differ = set()
+    for cls in (r"\p{Lu}", r"\p{Ll}", r"\p{Lt}", r"\p{Lm}", r"\p{Lo}", r"\p{N}", r"\p{M}", r"\s"):
+        split = pre_tokenizers.Split(Regex(cls), behavior="removed")
+        hf_rest = "".join(piece for piece, _ in split.pre_tokenize_str(assigned))
+        differ |= set(regex.sub(cls, "", assigned)) ^ set(hf_rest)
+    return "".join(sorted(differ))
+
+
+# Any text, in every script and plane, but for the code points where the two engines' Unicode
+# tables disagree (above): there codelm and HF differ by contract, which made the parity
+# round trips fail at random (e.g. '\U000323b0/x' with the llama3 style).
+ANY_TEXT = st.deferred(
+    lambda: st.text(st.characters(codec="utf-8", exclude_characters=_unicode_table_disagreements()))
+)
+TEXTS = st.one_of(ANY_TEXT, st.text(alphabet=CODE_ALPHABET, max_size=200))
 # Code with special-token strings in it, which a CodeTokenizer and its HF export read as text.
 CODE_WITH_SPECIALS = st.lists(st.one_of(CODE_ALPHABET, st.sampled_from(
     ["<pad>", "<eos>", "<fim_middle>", "pad", "eos"])), max_size=100).map("".join)
