@@ -183,6 +183,11 @@ def cuda_half_dtype(device: torch.device) -> torch.dtype:
     return torch.float16
 
 
+def lacks_native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` is a GPU that would only emulate bf16 (see cuda_half_dtype)."""
+    return device.type == "cuda" and cuda_half_dtype(device) != torch.bfloat16
+
+
 def _rms_normalize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x / rms(x) computed in (at least) fp32 and cast back to x's dtype before any weight, as
     Llama does (matters in bf16); also returns 1 / rms."""

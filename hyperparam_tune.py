@@ -130,7 +130,8 @@ class TuneConfig:
     grace_period: int = 120  # seconds without a heartbeat before a trial counts as dead (more
     #   than --heartbeat-interval) and is queued again; a worker that was only slow leaves it at
     #   its next evaluation, and the retry waits for the run until then
-    max_retry: int = 2  # times a dead worker's trial is queued again
+    max_retry: int = 2  # times a trial is queued again (its worker died, was stopped, or
+    #   could not continue its run on this machine)
     worker: int = 0  # internal: i > 0 makes this process worker i of --workers (trials only)
     # output
     progress: bool = True  # a progress bar over the trials
@@ -649,17 +650,14 @@ def wait_for_run(trial: optuna.Trial, before: FrozenTrial, run: Path) -> None:
     declared dead (its heartbeats stalled) yet still training, lets go at its next evaluation,
     where it finds its trial failed. Resuming now would be refused (two trainers never share a
     run directory), and that is no configuration error to stop the sweep for. This trial keeps
-    its heartbeats meanwhile, and names the run first: stopped while it waits, its retry
-    continues the same run."""
+    its heartbeats meanwhile; it inherited ``before``'s run directory (ATTR_RUN), so stopped
+    while it waits, its retry continues the same run."""
     lock = run / trainingmanager.LOCK_FILE
     if not trainingmanager.lock_is_held(lock):
         return
-    trial.set_user_attr(ATTR_RUN, str(run))
-    holder = before.user_attrs.get(ATTR_WORKER, "unknown")
-    tqdm.write(f"trial {trial.number}: waiting for {run}, the run of trial {before.number} that "
-               f"it continues: another process holds it (such as trial {before.number}'s worker "
-               f"{holder}, declared dead yet still training, which lets go at its next "
-               "evaluation)", file=sys.stderr)
+    tqdm.write(f"trial {trial.number}: waiting for {run}, the run it continues: another process "
+               "holds it (such as the worker of an earlier trial of this run, declared dead yet "
+               "still training, which lets go at its next evaluation)", file=sys.stderr)
     while trainingmanager.lock_is_held(lock):
         time.sleep(RUN_POLL_S)
 
@@ -713,7 +711,7 @@ def _gpu_without_bf16(device: str) -> bool:
     try:
         gpu = torch.device("cuda" if device == "auto" else device)
         return (gpu.type == "cuda" and torch.cuda.is_available()
-                and trainingmanager.cuda_half_dtype(gpu) != torch.bfloat16)
+                and trainingmanager.lacks_native_bf16(gpu))
     except (RuntimeError, AssertionError):  # no such device here: the trainer says so
         return False
 
@@ -864,7 +862,6 @@ def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.Ba
                 lock.release()
                 time.sleep(min(cfg.heartbeat_interval, 5) if _heartbeats(storage) else 2)
                 continue
-            hidden.error = None
             try:
                 study.optimize(objective, n_trials=1, catch=(TrialFailed, TrialAbandoned))
             except Exception as e:
@@ -878,6 +875,7 @@ def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.Ba
                            "heartbeat within --grace-period); this worker leaves it (queued "
                            "again up to --max-retry times) and goes on", file=sys.stderr)
         finally:
+            hidden.error = None  # a kept error would keep its trial's model alive
             lock.release()
 
 

@@ -45,7 +45,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import cliconfig
-from architecture import IGNORE_INDEX, SHORT_DTYPES, cuda_half_dtype, head_cross_entropy
+from architecture import (
+    IGNORE_INDEX,
+    SHORT_DTYPES,
+    cuda_half_dtype,
+    head_cross_entropy,
+    lacks_native_bf16,
+)
 
 if typing.TYPE_CHECKING:  # annotations only: dataset and tokenizer load where a run needs them
     from torch.utils.data import Dataset
@@ -563,8 +569,7 @@ class Trainer:
                  dist: Dist | None = None, max_steps: int | None = None):
         self.cfg, self.device, self.dist = cfg, device, dist or Dist()
         self.precision = _resolve_precision(cfg.precision, device)
-        if (self.precision == "bf16" and device.type == "cuda"
-                and cuda_half_dtype(device) != torch.bfloat16):
+        if self.precision == "bf16" and lacks_native_bf16(device):
             major, minor = torch.cuda.get_device_capability(device)
             raise ValueError(f"precision 'bf16' requested but this GPU (compute capability "
                              f"{major}.{minor}) has no native bf16 (torch would emulate it, "
@@ -1464,8 +1469,8 @@ def _holds_no_checkpoint(run_dir: Path) -> str:
         held.append("export/")
     loadable = next((d for d in (run_dir / EXPORT_DIR, run_dir / EXPORT_DIR / MERGED_DIR)
                      if (d / HF_CONFIG).is_file()), None)
-    how = (f"train on from them with --init-from {loadable} (a new run), or start over under "
-           "another --name" if loadable else "start over under another --name")
+    how = (f"train on from them in a new run (another --name, with --init-from {loadable}), or "
+           "start over under another --name" if loadable else "start over under another --name")
     return f"holds {' and '.join(held)} but no checkpoint to continue from; {how}"
 
 
@@ -1802,8 +1807,7 @@ class _Run:
         if trained == now:
             return
         keep = f"Pass --precision {trained} to keep it on {self.device}"
-        if (trained == "bf16" and self.device.type == "cuda"
-                and cuda_half_dtype(self.device) != torch.bfloat16):
+        if trained == "bf16" and lacks_native_bf16(self.device):
             keep = ("This GPU has no native bf16: resume on one that has, or on the CPU with "
                     "--precision bf16")
         raise ValueError(

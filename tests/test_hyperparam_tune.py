@@ -354,8 +354,8 @@ def test_a_retry_waits_while_another_process_still_trains_its_run(tmp_path, corp
 
     monkeypatch.setattr(hyperparam_tune.time, "sleep", stopped)
     assert hyperparam_tune.main(argv) == 143
-    told = (f"trial 1: waiting for {run}, the run of trial 0 that it continues: another process "
-            "holds it (such as trial 0's worker")
+    told = (f"trial 1: waiting for {run}, the run it continues: another process holds it (such "
+            "as the worker of an earlier trial of this run")
     err = capsys.readouterr().err
     assert err.startswith(told) and err.count("trial 1: waiting") == 1, err
     assert len(calls) == 1  # no trainer started on the held run
