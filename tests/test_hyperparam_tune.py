@@ -522,18 +522,15 @@ def test_a_rerun_sweep_continues_the_interrupted_trial_from_its_checkpoint(
     assert rows[0].endswith(",run_dir,reason") and f",{first_run},interrupted" in rows[1]
 
 
-def test_a_trial_continued_on_another_kind_of_machine_keeps_the_precision_it_trained_in(
-        tmp_path, corpus, monkeypatch, capsys):
-    """A trial trained in bf16 ("auto" on an A100) and queued again on a machine where "auto"
-    computes in fp32 continues its run in bf16, as its checkpoint recorded (the trainer refuses
-    a resume whose precision would change, and that stopped the sweep), while the recipe, the
-    study's settings and a fresh trial keep "auto"."""
+def _first_trial_trains_in_bf16_and_stops(monkeypatch) -> list:
+    """The real trainer, except that the first run records bf16 in its checkpoint and stops,
+    as a worker on an A100 ("auto": bf16) would have; returns the TrainConfigs of every run."""
     real, calls = trainingmanager.train, []
 
     def train(cfg, on_eval=None, resume_hint=None):
         calls.append(cfg)
         result = real(cfg, on_eval=on_eval, resume_hint=resume_hint)
-        if len(calls) == 1:  # as a worker on an A100 would have checkpointed it, then stopped
+        if len(calls) == 1:
             state_file = trainingmanager.list_checkpoints(result.run_dir)[-1] / \
                 trainingmanager.STATE_FILE
             state = torch.load(state_file, weights_only=True)
@@ -543,6 +540,16 @@ def test_a_trial_continued_on_another_kind_of_machine_keeps_the_precision_it_tra
         return result
 
     monkeypatch.setattr(trainingmanager, "train", train)
+    return calls
+
+
+def test_a_trial_continued_on_another_kind_of_machine_keeps_the_precision_it_trained_in(
+        tmp_path, corpus, monkeypatch, capsys):
+    """A trial trained in bf16 ("auto" on an A100) and queued again on a machine where "auto"
+    computes in fp32 continues its run in bf16, as its checkpoint recorded (the trainer refuses
+    a resume whose precision would change, and that stopped the sweep), while the recipe, the
+    study's settings and a fresh trial keep "auto"."""
+    calls = _first_trial_trains_in_bf16_and_stops(monkeypatch)
     argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="prec", n_trials=2,
                      max_steps=4, pruner="none")
     assert hyperparam_tune.main(argv) == 143
@@ -568,21 +575,7 @@ def test_a_bf16_trial_queued_again_where_the_gpu_has_no_bf16_stops_in_the_sweeps
     run refuses). It now stops naming the trial, the run, the precision it recorded and what
     to do; and the trial runs again (continuing its run) when the command is run where bf16
     is, here the CPU."""
-    real, calls = trainingmanager.train, []
-
-    def train(cfg, on_eval=None, resume_hint=None):
-        calls.append(cfg)
-        result = real(cfg, on_eval=on_eval, resume_hint=resume_hint)
-        if len(calls) == 1:  # as a worker on an A100 would have checkpointed it, then stopped
-            state_file = trainingmanager.list_checkpoints(result.run_dir)[-1] / \
-                trainingmanager.STATE_FILE
-            state = torch.load(state_file, weights_only=True)
-            state["progress"]["precision"] = "bf16"
-            torch.save(state, state_file)
-            result.interrupted = "SIGTERM"
-        return result
-
-    monkeypatch.setattr(trainingmanager, "train", train)
+    calls = _first_trial_trains_in_bf16_and_stops(monkeypatch)
     space_file = Path(tiny_space(tmp_path, corpus))
     space = json.loads(space_file.read_text())
     space["base"]["device"] = "auto"  # the GPU wherever there is one
