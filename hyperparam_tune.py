@@ -692,7 +692,7 @@ def trial_train_config(cfg: TuneConfig, recipe: dict, number: int,
     train_cfg = trainingmanager.config_from_dict(values, where)
     if resume is not None and train_cfg.precision == "auto":
         if (trained := recorded_precision(resume)) is not None:
-            if trained == "bf16" and _gpu_without_bf16(train_cfg.device):
+            if trained == "bf16" and _gpu_without_bf16(train_cfg):
                 raise TrialNotHere(
                     f"trial {number} continues the run {resume}, which trained in bf16 "
                     "(precision \"auto\" on a GPU with native bf16), and this machine's GPU has "
@@ -705,15 +705,14 @@ def trial_train_config(cfg: TuneConfig, recipe: dict, number: int,
     return train_cfg
 
 
-def _gpu_without_bf16(device: str) -> bool:
-    """Whether a run on ``device`` (a TrainConfig's; "auto": the GPU where there is one) trains on
-    a GPU without native bf16, where the trainer refuses bf16 (a CPU computes it)."""
+def _gpu_without_bf16(train_cfg: TrainConfig) -> bool:
+    """Whether the run trains on a GPU without native bf16, where the trainer refuses bf16 (a
+    CPU computes it)."""
     try:
-        gpu = torch.device("cuda" if device == "auto" else device)
-        return (gpu.type == "cuda" and torch.cuda.is_available()
-                and trainingmanager.lacks_native_bf16(gpu))
-    except (RuntimeError, AssertionError):  # no such device here: the trainer says so
+        device = trainingmanager.resolve_device(train_cfg, trainingmanager.Dist())
+    except ValueError:  # no such device here: the trainer says so
         return False
+    return trainingmanager.lacks_native_bf16(device)
 
 
 def _mark_interrupted(trial: optuna.Trial) -> None:

@@ -362,7 +362,9 @@ def _init_distributed(device_hint: str) -> tuple[Dist, bool]:
     return dist, True
 
 
-def _resolve_device(cfg: TrainConfig, dist: Dist) -> torch.device:
+def resolve_device(cfg: TrainConfig, dist: Dist) -> torch.device:
+    """The device a run trains on ("auto": this rank's GPU where there is one, else the CPU);
+    a device this machine lacks is a ValueError naming --device."""
     if cfg.device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", dist.local_rank)
@@ -1534,7 +1536,7 @@ class _Run:
 
     def _build(self) -> None:
         cfg, dist = self.cfg, self.dist
-        self.device = _resolve_device(cfg, dist)
+        self.device = resolve_device(cfg, dist)
         self.run_dir, self.has_weights = self._claim_run_dir()
         if cfg.resume and self.has_weights and not list_checkpoints(self.run_dir):
             raise ValueError(no_checkpoint_to_resume(self.run_dir))
@@ -2298,7 +2300,7 @@ def run_overfit(cfg: TrainConfig, max_steps: int = 400, lr: float = 3e-3) -> tup
     )
     seed_everything(ocfg.seed)
     model = Transformer(model_config(ocfg, tok.vocab_size, tok.bos_id, tok.eos_id))
-    device = _resolve_device(ocfg, Dist())
+    device = resolve_device(ocfg, Dist())
     trainer = Trainer(model, ocfg, device)
     problem = structure_diagnosis(trainer.raw_model, tok.vocab_size, block)
     if problem:
