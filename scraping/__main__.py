@@ -39,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Collect files by extension from directories, or from git URLs cloned "
                     "shallowly into a temporary directory that is removed afterwards.")
     cliconfig.add_config_flags(local, LocalConfig, positional=("sources",))
-    parser.add_argument("-v", "--verbose", action="store_true", help="also log search-slice splits, re-read slices, truncated-tree walks and resume "
-                        "progress (retries and rate-limit waits are always logged)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also log search-slice splits, re-read slices, truncated-tree walks "
+                        "and resume progress (retries and rate-limit waits are always logged)")
     return parser
 
 
