@@ -65,6 +65,7 @@ import subprocess
 import sys
 import time
 import typing
+import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -89,7 +90,9 @@ JOURNAL_FILE = "journal.log"
 ATTR_CONFIG, ATTR_REASON, ATTR_WORKER, ATTR_STEP = "train_config", "fail_reason", "worker", "step"
 ATTR_RUN = "run_dir"  # the trial's run directory (a re-run of an interrupted trial continues it)
 ATTR_STOPPED = "stopped_sweep"  # a trial whose error (a configuration error) stopped the sweep
-ATTR_AGAIN = "runs_again"  # a stopped trial that runs again when the sweep does (TrialNotHere)
+# A stopped trial that runs again when the sweep does (TrialNotHere); its value is the sweep
+# command that stopped (``sweep_id``), whose other workers would meet the same refusal.
+ATTR_AGAIN = "runs_again"
 # The study's record of the TrainConfig values all its trials share (``study_settings``).
 ATTR_SETTINGS = "trial_settings"
 OWNER_FILE = "study.json"  # which storage's study owns runs/<study>/ (its trial numbers)
@@ -543,11 +546,13 @@ def _local_owner_alive(trial: FrozenTrial) -> bool | None:
 
 
 def recover_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage,
-                        cfg: TuneConfig) -> None:
+                        cfg: TuneConfig, sweep: str) -> None:
     """Queue again the trials of interrupted sweeps, and fail (and queue again) trials whose
     worker died: found by heartbeats where the storage has them, else (journal file) the trials
     of this machine whose worker process is gone, and those whose worker died before it named
-    itself (run under the claim lock)."""
+    itself (run under the claim lock). A trial this sweep command (``sweep``) could not run here
+    (TrialNotHere) waits for another command: its other workers, on the same machine, would
+    each refuse it too, and each refusal spends one of its --max-retry retries."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry)
@@ -556,7 +561,7 @@ def recover_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorag
         for trial in trials:
             if trial.state == TrialState.FAIL and trial.number not in retried and (
                     trial.user_attrs.get(ATTR_REASON) == INTERRUPTED
-                    or trial.user_attrs.get(ATTR_AGAIN)):
+                    or trial.user_attrs.get(ATTR_AGAIN) not in (None, False, sweep)):
                 retry(study, trial)
         if _heartbeats(storage):
             optuna.storages.fail_stale_trials(study)
@@ -643,6 +648,7 @@ def interrupted_run(trial: optuna.Trial) -> tuple[Path | None, dict[int, float]]
 
 
 RUN_POLL_S = 2.0  # seconds between looks at a run directory another process holds
+WAIT_REMINDER_S = 600.0  # seconds between the lines that say a trial still waits for it
 
 
 def wait_for_run(trial: optuna.Trial, before: FrozenTrial, run: Path) -> None:
@@ -651,15 +657,23 @@ def wait_for_run(trial: optuna.Trial, before: FrozenTrial, run: Path) -> None:
     where it finds its trial failed. Resuming now would be refused (two trainers never share a
     run directory), and that is no configuration error to stop the sweep for. This trial keeps
     its heartbeats meanwhile; it inherited ``before``'s run directory (ATTR_RUN), so stopped
-    while it waits, its retry continues the same run."""
+    while it waits, its retry continues the same run. No time limit (a run may hold it for an
+    evaluation's length): every WAIT_REMINDER_S it says it still waits, and for whom."""
     lock = run / trainingmanager.LOCK_FILE
     if not trainingmanager.lock_is_held(lock):
         return
-    tqdm.write(f"trial {trial.number}: waiting for {run}, the run it continues: another process "
-               "holds it (such as the worker of an earlier trial of this run, declared dead yet "
-               "still training, which lets go at its next evaluation)", file=sys.stderr)
+    holder = trainingmanager.lock_holder(lock) or "another process"
+    tqdm.write(f"trial {trial.number}: waiting for {run}, the run it continues: {holder} holds "
+               "it (such as the worker of an earlier trial of this run, declared dead yet still "
+               "training, which lets go at its next evaluation)", file=sys.stderr)
+    start = told = time.monotonic()
     while trainingmanager.lock_is_held(lock):
         time.sleep(RUN_POLL_S)
+        if time.monotonic() - told >= WAIT_REMINDER_S:
+            told = time.monotonic()
+            tqdm.write(f"trial {trial.number}: still waiting for {run} after "
+                       f"{(told - start) / 60:.0f} min; {holder} holds it: if it hangs, stop it, "
+                       "and this trial continues the run", file=sys.stderr)
 
 
 def recorded_precision(run: Path) -> str | None:
@@ -748,7 +762,7 @@ def _told_too_late(error: BaseException | None) -> bool:
 
 
 def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _FileLock,
-                   hidden: _Hidden) -> Callable[[optuna.Trial], float]:
+                   hidden: _Hidden, sweep: str) -> Callable[[optuna.Trial], float]:
     def objective(trial: optuna.Trial) -> float:
         hidden.number = trial.number
         try:
@@ -812,7 +826,7 @@ def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _FileL
                 trial.set_user_attr(ATTR_STOPPED, True)
                 trial.set_user_attr(ATTR_REASON, f"stopped the sweep: {type(e).__name__}: {e}")
                 if isinstance(e, TrialNotHere):  # in the sweep's terms already
-                    trial.set_user_attr(ATTR_AGAIN, True)
+                    trial.set_user_attr(ATTR_AGAIN, sweep)
                     raise
                 if isinstance(e, (ValueError, OSError)):  # the configuration or a path
                     raise TrialSetupError(
@@ -837,18 +851,19 @@ def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _FileL
 
 
 def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.BaseStorage,
-               space: SearchSpace, base: dict, progress: tqdm | None = None) -> None:
+               space: SearchSpace, base: dict, sweep: str, progress: tqdm | None = None) -> None:
     """Start trials until the study holds ``n_trials`` finished ones; while the last ones run
-    elsewhere, wait for them where a dead worker's trial can come back to the queue."""
+    elsewhere, wait for them where a dead worker's trial can come back to the queue. ``sweep``:
+    the sweep command this worker works for (``sweep_id``)."""
     # 'count the trials, then start one' is serialised among this machine's workers, so that
     # together they start exactly n_trials; released as soon as the new trial exists
     lock = _FileLock(study_dir(cfg) / "claim.lock")
     hidden = _Hidden()  # what a failed tell hides (see _told_too_late)
-    objective = make_objective(cfg, space, base, lock, hidden)
+    objective = make_objective(cfg, space, base, lock, hidden, sweep)
     while True:
         lock.acquire()
         try:
-            recover_dead_trials(study, storage, cfg)
+            recover_dead_trials(study, storage, cfg, sweep)
             finished, running, waiting = study_progress(study)
             if progress is not None:
                 progress.update(finished - progress.n)
@@ -1187,11 +1202,11 @@ def parse_config(argv: Sequence[str] | None = None) -> TuneConfig:
 WORKER_COMMAND = (sys.executable, str(ROOT / "hyperparam_tune.py"))
 
 
-def _start_workers(cfg: TuneConfig) -> list[subprocess.Popen]:
+def _start_workers(cfg: TuneConfig, sweep: str) -> list[subprocess.Popen]:
     config_file = study_dir(cfg) / "tune_config.json"
     worker_cfg = {**dataclasses.asdict(cfg), "progress": False}
     cliconfig.write_atomic(config_file, json.dumps(worker_cfg, indent=2) + "\n")
-    env = {**os.environ, PARENT_ENV: str(os.getpid())}
+    env = {**os.environ, PARENT_ENV: str(os.getpid()), SWEEP_ENV: sweep}
     # Their own session: a Ctrl-C (or a SIGTERM) reaches them once, forwarded by this process.
     return [subprocess.Popen([*WORKER_COMMAND, "--config", str(config_file), "--worker", str(i)],
                              start_new_session=True, env=env)
@@ -1199,6 +1214,13 @@ def _start_workers(cfg: TuneConfig) -> list[subprocess.Popen]:
 
 
 PARENT_ENV = "CODELM_SWEEP_PARENT"  # the process id of the sweep that started a worker
+SWEEP_ENV = "CODELM_SWEEP_ID"  # the sweep_id of that sweep
+
+
+def sweep_id(cfg: TuneConfig) -> str:
+    """Who runs trials now: one id per sweep command (per ``tune`` call), shared by its
+    workers, new at every run of the command."""
+    return (cfg.worker and os.environ.get(SWEEP_ENV)) or uuid.uuid4().hex
 
 
 def _stop_with_parent() -> None:
@@ -1216,7 +1238,7 @@ def _stop_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _run_workers(cfg: TuneConfig, study: optuna.Study, bar: tqdm) -> int:
+def _run_workers(cfg: TuneConfig, study: optuna.Study, bar: tqdm, sweep: str) -> int:
     """Run ``cfg.workers`` worker processes to the end; a Ctrl-C or SIGTERM to this process is
     passed on to them (the same signal), and they are waited for. A worker's configuration
     error (exit status 2) stops the others with SIGTERM, as it stops a sweep of one worker:
@@ -1224,7 +1246,7 @@ def _run_workers(cfg: TuneConfig, study: optuna.Study, bar: tqdm) -> int:
     status of the first worker that failed (its error stopped it), else 0. A worker killed by a
     signal is told but is no failure of the sweep: as with a dead worker on another machine,
     the study queues its trial again, and the trial count decides."""
-    procs = _start_workers(cfg)
+    procs = _start_workers(cfg, sweep)
     stopped: list[subprocess.Popen] = []  # the workers another's error stopped
     try:
         # poll() every worker each time: that reaps a dead one, whose process id must vanish
@@ -1280,7 +1302,7 @@ def tune(cfg: TuneConfig) -> TuneResult:
     check_study_settings(cfg, space, base, study)
     if cfg.worker:  # one of --workers N processes: share this machine's cores among them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))
-        run_worker(cfg, study, storage, space, base)
+        run_worker(cfg, study, storage, space, base, sweep_id(cfg))
         return TuneResult(study_dir(cfg), study_progress(study)[0], None, None)
     if sampled := sorted(BATCH_KEYS & set(space.params)):
         print(f"warning: {space.source}: params {', '.join(sampled)}: trials share a step budget "
@@ -1294,11 +1316,12 @@ def tune(cfg: TuneConfig) -> TuneResult:
     bar = tqdm(total=cfg.n_trials, initial=min(finished, cfg.n_trials), unit="trial",
                desc=cfg.study_name, disable=not cfg.progress)
     worker_status = 0
+    sweep = sweep_id(cfg)
     try:
         if cfg.workers == 1:
-            run_worker(cfg, study, storage, space, base, progress=bar)
+            run_worker(cfg, study, storage, space, base, sweep, progress=bar)
         else:
-            worker_status = _run_workers(cfg, study, bar)
+            worker_status = _run_workers(cfg, study, bar, sweep)
     except BaseException:  # interrupted or stopped: what the finished trials found is kept
         if study_progress(study)[0]:
             write_reports(study, cfg)

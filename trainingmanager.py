@@ -29,6 +29,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -752,7 +753,7 @@ ADAPTER_FILE = "adapter.safetensors"  # only the trainable tensors (LoRA on a pr
 STATE_FILE = "state.pt"  # optimizer, scheduler, scaler, RNG of every rank, progress
 CHECKPOINT_PREFIX = "step-"
 EXPORT_RECORD = "codelm_export.json"  # in export/: {"best_step": the step of best/ it holds}
-LOCK_FILE = ".lock"  # held (flock) by the run that runs in the directory
+LOCK_FILE = ".lock"  # held (flock) by the run that runs in the directory; holds "HOST:PID"
 WRITTEN_BEFORE_CONFIG = ("tokenizer.json", "tokenizer_config.json")  # the run's tokenizer
 
 
@@ -1409,6 +1410,15 @@ class _RunDirTaken(ValueError):
     """The run directory belongs to another run (running now, or holding weights)."""
 
 
+def lock_holder(lock: Path) -> str | None:
+    """Who holds (or last held) ``lock``, as its run wrote it: "process PID on HOST"."""
+    try:
+        host, _, pid = lock.read_text().strip().rpartition(":")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return f"process {pid} on {host}" if host and pid.isdigit() else None
+
+
 def lock_is_held(lock: Path) -> bool:
     """Whether a live run holds ``lock`` (a run directory's LOCK_FILE)."""
     try:
@@ -1692,11 +1702,14 @@ class _Run:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             self._lock = fd
+            os.ftruncate(fd, 0)  # who holds it, for whoever waits for it (lock_holder)
+            os.write(fd, f"{socket.gethostname()}:{os.getpid()}\n".encode())
         except BlockingIOError:
             os.close(fd)
-            raise _RunDirTaken(f"{run_dir} is in use by another run (one started in the same "
-                               "second, or with the same --name or --resume): wait for it to end, "
-                               "or choose another --name") from None
+            who = "; ".join(filter(None, [lock_holder(run_dir / LOCK_FILE), "one started in the "
+                                          "same second, or with the same --name or --resume"]))
+            raise _RunDirTaken(f"{run_dir} is in use by another run ({who}): wait for it to "
+                               "end, or choose another --name") from None
         except OSError:  # a filesystem without locks: unguarded, so nothing is replaced
             os.close(fd)
             print(f"warning: {run_dir}: this filesystem cannot lock the run directory; nothing "

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -158,11 +159,34 @@ def test_a_trial_whose_worker_died_before_naming_itself_is_queued_again(tmp_path
     study = optuna.create_study(study_name="orphan", storage=storage)
     orphan = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
     cfg = hyperparam_tune.TuneConfig()
-    hyperparam_tune.recover_dead_trials(study, storage, cfg)
+    hyperparam_tune.recover_dead_trials(study, storage, cfg, "sweep")
     trials = study.get_trials()
     assert trials[orphan.number].state == TrialState.FAIL
     [retry] = [t for t in trials if t.system_attrs.get("failed_trial") == orphan.number]
     assert retry.state == TrialState.WAITING and retry.params == trials[orphan.number].params
+
+
+def test_a_trial_refused_on_this_machine_waits_for_another_sweep_command(tmp_path, monkeypatch):
+    """A trial one sweep command could not run here (TrialNotHere: it continues a bf16 run and
+    this GPU has no native bf16) was queued again by that command's other workers, on the same
+    machine, each refusing it in turn and spending one of its retries. It now waits for the
+    next command, whose workers share a new id."""
+    storage = journal(tmp_path, "here")
+    study = optuna.create_study(study_name="here", storage=storage)
+    refused = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    refused.set_user_attr(hyperparam_tune.ATTR_AGAIN, "sweep-a")
+    study.tell(refused, state=TrialState.FAIL)
+    cfg = hyperparam_tune.TuneConfig()
+    hyperparam_tune.recover_dead_trials(study, storage, cfg, "sweep-a")
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL]
+    hyperparam_tune.recover_dead_trials(study, storage, cfg, "sweep-b")
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.WAITING]
+
+    monkeypatch.setenv(hyperparam_tune.SWEEP_ENV, "sweep-a")
+    worker = hyperparam_tune.TuneConfig(worker=1)
+    assert hyperparam_tune.sweep_id(worker) == "sweep-a"  # the workers of one command
+    command = hyperparam_tune.TuneConfig()
+    assert hyperparam_tune.sweep_id(command) != hyperparam_tune.sweep_id(command) != "sweep-a"
 
 
 @pytest.mark.parametrize("storage_kind", [
@@ -354,7 +378,8 @@ def test_a_retry_waits_while_another_process_still_trains_its_run(tmp_path, corp
 
     monkeypatch.setattr(hyperparam_tune.time, "sleep", stopped)
     assert hyperparam_tune.main(argv) == 143
-    told = (f"trial 1: waiting for {run}, the run it continues: another process holds it (such "
+    holder = f"process {os.getpid()} on {socket.gethostname()}"  # trial 0's trainer wrote it
+    told = (f"trial 1: waiting for {run}, the run it continues: {holder} holds it (such "
             "as the worker of an earlier trial of this run")
     err = capsys.readouterr().err
     assert err.startswith(told) and err.count("trial 1: waiting") == 1, err
@@ -379,6 +404,39 @@ def test_a_retry_waits_while_another_process_still_trains_its_run(tmp_path, corp
     # trial 0 had trained its whole budget: its retry's result is trial 0's
     assert retry.intermediate_values == first.intermediate_values
     assert retry.value == min(first.intermediate_values.values())
+
+
+def test_a_long_wait_for_a_held_run_says_it_still_waits_and_for_whom(tmp_path, monkeypatch,
+                                                                     capsys):
+    """The wait has no time limit (a live trainer lets go at its next evaluation, however far);
+    it said so once, and a sweep whose holder hung looked hung itself. Every WAIT_REMINDER_S it
+    now says it still waits, how long, and which process holds the run."""
+    run = tmp_path / "trial-0000"
+    run.mkdir()
+    lock = run / trainingmanager.LOCK_FILE
+    lock.write_text("gpu-box-3:4242\n")  # as a trainer there wrote it
+    held = os.open(lock, os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    clock = [0.0]
+    looks = []
+
+    def sleep(seconds):  # each look advances the clock by 250 s; the fifth lets go
+        looks.append(seconds)
+        clock[0] += 250.0
+        if len(looks) == 5:
+            os.close(held)
+
+    monkeypatch.setattr(hyperparam_tune.time, "sleep", sleep)
+    monkeypatch.setattr(hyperparam_tune.time, "monotonic", lambda: clock[0])
+    trial = optuna.create_study().ask()
+    hyperparam_tune.wait_for_run(trial, trial, run)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith(f"trial 0: waiting for {run}, the run it continues: process 4242 "
+                             "on gpu-box-3 holds it")
+    # after 750 s (the 3rd look, first past 600 s) and 1250 s is not past 750 + 600
+    assert err[1:] == [f"trial 0: still waiting for {run} after 12 min; process 4242 on "
+                       "gpu-box-3 holds it: if it hangs, stop it, and this trial continues the run"]
+    assert len(looks) == 5 and looks[0] == hyperparam_tune.RUN_POLL_S
 
 
 @pytest.mark.slow

@@ -9,7 +9,9 @@ import fcntl
 import json
 import math
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -1506,7 +1508,9 @@ def test_two_runs_never_share_a_run_directory(assets, tmp_path, monkeypatch):
             return
         started.append(tm.train(tiny_cfg(assets, tmp_path, name=None, max_steps=2,
                                          eval_every=2)).run_dir)
-        with pytest.raises(ValueError, match="is in use by another run"):
+        # named by the process that holds it (this one: the first run trains in it)
+        with pytest.raises(ValueError, match=rf"is in use by another run \(process "
+                                             rf"{os.getpid()} on {re.escape(socket.gethostname())}; "):
             tm.train(tiny_cfg(assets, tmp_path, name=name, max_steps=2))
 
     first = tm.train(tiny_cfg(assets, tmp_path, name=None, max_steps=4), on_eval=start_others)
