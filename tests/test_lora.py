@@ -119,7 +119,6 @@ def test_peft_adapter_loads_in_codelm(case, tmp_path):
     assert report.trainable_params == peft_model.get_nb_trainable_parameters()[0]
 
 
-
 def test_peft_adapter_with_targets_the_model_lacks_loads(tmp_path):
     # PEFT's rule: a target list is fine when one name matches (Llama's MLP names on Phi).
     hf, model, _ = _pair("phi", tmp_path)
@@ -400,7 +399,6 @@ def test_adapter_file_errors_name_the_file(tmp_path):
     assert not list(lora.lora_modules(fresh)) and not hasattr(fresh, "lora_config")
     assert all(p.requires_grad for p in fresh.parameters())
     assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in before.items())
-
 
 
 def _drop_one_lora_B(adapter_dir) -> tuple[Path, str]:
@@ -815,3 +813,148 @@ def test_the_saved_adapter_config_records_the_training_settings(tmp_path):
     peft = PeftModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(tmp_path / "hf"),
                                      tmp_path / "a", is_trainable=True)
     assert peft.peft_config["default"].lora_dropout == 0.05
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    (dict(r=0), r"LoRAConfig\.r must be a positive integer, got 0"),
+    (dict(dropout=1.0), r"LoRAConfig\.dropout must be a number in \[0, 1\), got 1.0"),
+    (dict(dropout=-0.1), r"LoRAConfig\.dropout must be a number in \[0, 1\), got -0.1"),
+    (dict(bias="all"), r"LoRAConfig\.bias='all' is not supported"),
+    (dict(target_modules=[]), r"LoRAConfig\.target_modules is empty"),
+])
+def test_out_of_range_settings_are_value_errors_naming_the_field(setting, message):
+    """Values of the right type that PEFT would train differently (a bias, p = 1) or not at all."""
+    with pytest.raises(ValueError, match=message):
+        LoRAConfig(**setting)
+
+
+def test_a_tuple_of_targets_is_taken_as_a_list():
+    assert LoRAConfig(target_modules=("q_proj", "v_proj")).target_modules == ["q_proj", "v_proj"]
+
+
+def test_each_adapter_of_a_fused_module_draws_its_own_dropout_mask():
+    """As each PEFT module does: one shared mask would correlate the q and v updates."""
+    base = torch.nn.Linear(16, 6)
+    layer = LoRALinear(base, r=2, scale=0.5, dropout=0.5)
+    rows = {"a": torch.arange(0, 3), "b": torch.arange(3, 6)}
+    for key, r in rows.items():
+        layer.add_adapter(key, key, r)
+        with torch.no_grad():
+            layer.lora_B[key].normal_()
+    x = torch.randn(8, 16)
+    layer.train()
+    torch.manual_seed(0)
+    masks = {key: dropout(torch.ones_like(x), 0.5, training=True) for key in rows}
+    assert not torch.equal(masks["a"], masks["b"])
+    expected = base(x)
+    for key, r in rows.items():
+        expected[:, r] += (x * masks[key]) @ layer.lora_A[key].T @ layer.lora_B[key].T * 0.5
+    torch.manual_seed(0)
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_quantized_linear_keeps_the_base_dtype_and_follows_autocast_like_nn_linear():
+    """dequantize() defaults to the dtype quantized from; under autocast an fp32 layer's output
+    (bias added) is in autocast's dtype, as nn.Linear's is, not promoted back to fp32."""
+    torch.manual_seed(0)
+    bf16 = QuantLinear(torch.nn.Linear(64, 16).to(torch.bfloat16), 8)
+    assert bf16.dequantize().dtype == torch.bfloat16
+    linear = torch.nn.Linear(64, 16)
+    q = QuantLinear(linear, 8)
+    x = torch.randn(3, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.linear(x, q.dequantize(), linear.bias)
+        out = q(x)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref)
+
+
+def test_quantize_base_skips_a_dotted_suffix_of_a_module_name(tmp_path):
+    _, model, _ = _pair("llama", tmp_path)
+    report = quantize_base(model, bits=8, skip=("lm_head", "mlp.proj"))
+    assert not any(name.endswith("mlp.proj") for name in report.modules)
+    assert all(type(b.mlp.proj) is torch.nn.Linear for b in model.blocks)
+    assert isinstance(model.blocks[0].mlp.fc, QuantLinear)
+    with pytest.raises(ValueError, match="no nn.Linear to quantize"):
+        quantize_base(model, bits=8, skip=("lm_head", "mlp.proj"))
+
+
+def test_apply_lora_twice_and_save_without_adapters_are_refused(tmp_path):
+    _, model, _ = _pair("llama", tmp_path)
+    with pytest.raises(ValueError, match="the model has no LoRA adapters"):
+        save_adapter(model, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    apply_lora(model, LoRAConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="already has LoRA adapters"):
+        apply_lora(model, LoRAConfig(r=2, target_modules=["v_proj"]))
+    assert [p for p, _ in lora_modules(model)] == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
+    assert list(model.blocks[0].attn.qkv.lora_A) == ["q_proj"]
+
+
+def _saved_adapter(tmp_path):
+    """A llama model with trained q/v adapters saved to tmp_path / "a", and a fresh base."""
+    _, model, _ = _pair("llama", tmp_path)
+    apply_lora(model, LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    _train(model, steps=1)
+    save_adapter(model, tmp_path / "a")
+    _, fresh, _ = _pair("llama", tmp_path / "other")
+    return model, fresh
+
+
+def _edit_adapter(adapter_dir, config=None, tensors=None):
+    if config is not None:
+        file = adapter_dir / lora.ADAPTER_CONFIG
+        file.write_text(json.dumps({**json.loads(file.read_text()), **config}))
+    if tensors is not None:
+        file = adapter_dir / lora.ADAPTER_WEIGHTS
+        save_file(tensors(load_file(file)), file)
+
+
+def test_adapter_of_another_peft_type_or_rank_is_refused(tmp_path):
+    model, fresh = _saved_adapter(tmp_path)
+    _edit_adapter(tmp_path / "a", config={"peft_type": "LOHA"})
+    with pytest.raises(ValueError, match=r"adapter_config.json: peft_type 'LOHA' is not LORA"):
+        load_adapter(fresh, tmp_path / "a")
+    _edit_adapter(tmp_path / "a", config={"peft_type": "LORA", "r": 8})
+    with pytest.raises(ValueError, match=r"adapter_config.json: the adapter differs from the "
+                                         r"model's adapters \(r: file 8, model 4\)"):
+        load_adapter(model, tmp_path / "a")
+    _edit_adapter(tmp_path / "a", config={"r": 4, "lora_alpha": None})
+    with pytest.raises(ValueError, match=r"adapter_config.json: missing key 'lora_alpha'"):
+        load_adapter(fresh, tmp_path / "a")
+    assert not list(lora_modules(fresh))
+
+
+def test_adapter_tensors_of_the_wrong_shape_or_name_are_refused(tmp_path):
+    """A lora_A of one row would broadcast into all r rows; an unknown key or a base_layer tensor
+    of another module or vocabulary must be errors naming the file, not a TypeError or a copy."""
+    _, fresh = _saved_adapter(tmp_path)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    good = load_file(tmp_path / "a" / lora.ADAPTER_WEIGHTS)
+    cases = [
+        ({key: good[key][:1]}, rf"{key}' has shape \(1, 64\), the model expects \(4, 64\)"),
+        ({"base_model.model.model.layers.0.scale": torch.ones(1)},
+         r"unexpected key 'base_model.model.model.layers.0.scale' \(not a LoRA weight\)"),
+        ({"base_model.model.model.extra.base_layer.weight": torch.ones(1)},
+         r"key 'base_model.model.model.extra.base_layer.weight' names no module"),
+        ({"base_model.model.model.embed_tokens.base_layer.weight": torch.zeros(300, 64)},
+         r"has shape \(300, 64\), wte expects \(256, 64\) \(was the vocabulary resized\?\)"),
+    ]
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    for change, message in cases:
+        _edit_adapter(tmp_path / "a", tensors=lambda t, change=change: {**good, **change})
+        with pytest.raises(ValueError, match=rf"adapter_model.safetensors: .*{message}"):
+            load_adapter(fresh, tmp_path / "a")
+        assert not list(lora_modules(fresh))
+        assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in before.items())
+
+
+def test_safetensors_adapter_weights_are_preferred_over_a_pickled_copy(tmp_path):
+    """PEFT reads adapter_model.safetensors when both are present (an old .bin left beside it)."""
+    model, fresh = _saved_adapter(tmp_path)
+    stale = {k: torch.zeros_like(v) for k, v in
+             load_file(tmp_path / "a" / lora.ADAPTER_WEIGHTS).items()}
+    torch.save(stale, tmp_path / "a" / lora.LEGACY_WEIGHTS)
+    load_adapter(fresh, tmp_path / "a")
+    ids = _ids(3)
+    torch.testing.assert_close(_logits(fresh, ids), _logits(model, ids), atol=0, rtol=0)

@@ -16,8 +16,6 @@ from architecture import PRESETS, ModelConfig, Transformer
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """family -> (HF directory, transformers model, codelm model loaded from the directory)."""
@@ -243,7 +241,6 @@ def test_from_scratch_model_exports_as_llama(tmp_path):
     idx = _ids(2, 32)
     with torch.no_grad():
         assert (back(idx).logits - model(idx)).abs().max().item() <= 1e-5
-
 
 
 def test_export_over_an_earlier_one_leaves_no_stale_weights(checkpoints, tmp_path):
@@ -755,7 +752,6 @@ def test_error_config_field_cannot_be_honoured(checkpoints, tmp_path, change, me
         Transformer.from_pretrained(d)
 
 
-
 @pytest.mark.parametrize("family, key, value, message", [
     # A string was truthy: "false" tied an untied model (logits off by ~1.6).
     ("llama", "tie_word_embeddings", "false", "expected true or false"),
@@ -928,3 +924,150 @@ def test_error_no_weights(checkpoints, tmp_path):
     with pytest.raises(ValueError, match="no weights"):
         Transformer.from_pretrained(tmp_path)
 
+
+@pytest.mark.parametrize("value", [1.0, -0.1])
+def test_error_dropout_probability_outside_zero_to_one(checkpoints, tmp_path, value):
+    """p = 1 drops everything and p < 0 is no probability: refused by name, not trained on."""
+    d = _edit_config(checkpoints["llama"][0], tmp_path / "m", attention_dropout=value)
+    with pytest.raises(ValueError, match=rf"config.json: attention_dropout={value!r}: must be in "
+                                         r"\[0, 1\)"):
+        Transformer.from_pretrained(d)
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast"])
+def test_every_supported_activation_name_computes_what_transformers_computes(tmp_path, act):
+    """gelu_fast is the tanh approximation (transformers' FastGELUActivation), not exact GELU;
+    1e-5 because on these logits exact GELU is within 1e-4 of the tanh one."""
+    hf = save_tiny_hf("phi", tmp_path, hidden_act=act)
+    model = Transformer.from_pretrained(tmp_path)
+    idx = _ids(2, 64)
+    with torch.no_grad():
+        assert (model(idx) - hf(idx).logits).abs().max().item() <= 1e-5
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("family, change, message", [
+    # transformers 5's per-layer-type form: one dict per attention kind
+    ("phi", {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e4}}},
+     r"rope parameters .* are not supported \(one dict of rope_type and its fields\)"),
+    # a theta nowhere: 10000 would be a silent guess
+    ("phi", {"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5},
+             "rope_theta": None}, "rope_theta is null"),
+    ("phi", {"rope_parameters": {**LLAMA3_ROPE, "partial_rotary_factor": 0.5}},
+     "rope scaling cannot be honoured for phi"),
+    ("llama", {"partial_rotary_factor": 0.5},
+     "partial_rotary_factor != 1 cannot be honoured for llama"),
+    ("codegen", {"n_head": 2}, "n_head=2 cannot be honoured: CodeGen's qkv_proj is laid out in 4"),
+    ("gpt_bigcode", {"add_cross_attention": True},
+     "add_cross_attention=True cannot be honoured: cross-attention is not implemented"),
+])
+def test_error_config_the_model_cannot_honour_names_the_field(checkpoints, tmp_path, family,
+                                                               change, message):
+    """Fields that would change what the model computes (or a theta nowhere) are refused; loading
+    them while ignoring them gives other logits than transformers'."""
+    d = _edit_config(checkpoints[family][0], tmp_path / "m", **change)
+    with pytest.raises(ValueError, match=rf"config.json: {message}"):
+        Transformer.from_pretrained(d)
+
+
+def test_llama3_rope_without_original_max_positions_takes_max_position_embeddings(checkpoints,
+                                                                                  tmp_path):
+    """transformers' standardize_rope_params fills it from max_position_embeddings (128 here)."""
+    rope = {k: v for k, v in LLAMA3_ROPE.items() if k != "original_max_position_embeddings"}
+    d = _edit_config(checkpoints["llama"][0], tmp_path / "m", rope_parameters=rope)
+    _same_logits_as_transformers(d)
+    assert Transformer.from_pretrained(d).cfg.rope_scaling[
+        "original_max_position_embeddings"] == 128
+
+
+def test_an_empty_eos_list_means_no_eos(checkpoints, tmp_path):
+    d = _edit_config(checkpoints["llama"][0], tmp_path / "m", eos_token_id=[])
+    assert Transformer.from_pretrained(d).cfg.eos_id is None
+
+
+def test_llama_without_num_key_value_heads_has_one_per_attention_head(tmp_path):
+    """LlamaConfig's default: plain multi-head attention, not multi-query."""
+    hf = save_tiny_hf("llama", tmp_path, num_key_value_heads=4)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["num_key_value_heads"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = Transformer.from_pretrained(tmp_path)
+    assert model.cfg.n_kv_head == 4
+    idx = _ids(2, 16)
+    with torch.no_grad():
+        assert (model(idx) - hf(idx).logits).abs().max().item() <= 1e-5
+
+
+def test_error_safetensors_entry_whose_offsets_do_not_fit_its_shape(tmp_path):
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 8]}}).encode()
+    header += b" " * (-len(header) % 8)
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(16))
+    with pytest.raises(ValueError, match=r"model.safetensors: corrupt safetensors entry 'w' "
+                                         r"\(offsets 0..8 for 16 bytes\)"):
+        pretrained.SafetensorsFile(path)
+
+
+def test_weight_files_are_chosen_in_transformers_order(checkpoints, tmp_path):
+    """model.safetensors, then its shard index, then pytorch_model.bin: stale files of another
+    model beside the chosen ones are not read, by codelm as by transformers."""
+    import transformers
+
+    path = checkpoints["llama"][0]
+    tiny_hf_model("llama", seed=1).save_pretrained(tmp_path, max_shard_size="100KB")
+    torch.save(tiny_hf_model("llama", seed=2).state_dict(), tmp_path / "pytorch_model.bin")
+    shutil.copy(path / "model.safetensors", tmp_path)
+    idx = _ids(2, 16)
+    for drop in (None, "model.safetensors", "model.safetensors.index.json"):
+        if drop:
+            (tmp_path / drop).unlink()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+        with torch.no_grad():
+            diff = (Transformer.from_pretrained(tmp_path)(idx) - hf(idx).logits).abs().max()
+        assert diff <= 1e-5, (drop, diff)
+
+
+def test_error_shard_file_missing(checkpoints, tmp_path):
+    checkpoints["llama"][1].save_pretrained(tmp_path, max_shard_size="100KB")
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(ValueError, match=rf"index.json: shard files missing: \['{shard}'\]"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_config_dtype_wins_over_torch_dtype_as_in_transformers(tmp_path):
+    """transformers 5 reads `dtype` first; `torch_dtype` is the older name of the same field."""
+    import transformers
+
+    tiny_hf_model("llama").to(torch.bfloat16).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(dtype="bfloat16", torch_dtype="float32")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype="auto")
+    for dtype in ("auto", None):
+        loaded = Transformer.from_pretrained(tmp_path, dtype=dtype)
+        assert {p.dtype for p in loaded.parameters()} == {p.dtype for p in hf.parameters()} == {
+            torch.bfloat16}, dtype
+
+
+def test_export_with_a_shard_limit_below_every_tensor_writes_no_empty_shard(checkpoints,
+                                                                             tmp_path):
+    """Each tensor alone in its shard; an empty first shard was a file the index never names.
+    The safetensors header is space-padded to 8 bytes, as the format's writers pad it."""
+    import transformers
+
+    _, _, model = checkpoints["phi"]
+    model.save_pretrained(tmp_path, max_shard_bytes=1)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    files = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    assert files == sorted(set(index["weight_map"].values()))
+    assert len(files) == len(index["weight_map"])
+    for f in files:
+        assert int.from_bytes((tmp_path / f).read_bytes()[:8], "little") % 8 == 0, f
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    idx = _ids(2, 16)
+    with torch.no_grad():
+        assert (back(idx).logits - model(idx)).abs().max().item() <= 1e-5
