@@ -293,6 +293,14 @@ def absolute_paths(values: dict, source: str) -> dict:
     return {**values, **{k: getattr(absolute, k) for k in paths}}
 
 
+def _check_no_resume(values: dict, source: str) -> None:
+    """A ``resume`` the trials would ignore, and best.json would carry to the run it names."""
+    if values.get("resume") is not None:
+        raise ValueError(f"{source}: resume={values['resume']!r}: each trial is a new run (the "
+                         "sweep continues an interrupted trial's run itself, and a sweep continues "
+                         "when its command is run again): remove 'resume'")
+
+
 def load_space(space: str) -> SearchSpace:
     """A built-in space name or a JSON file; every key and bound is checked against TrainConfig."""
     path = SPACES_DIR / f"{space}.json"
@@ -319,6 +327,7 @@ def load_space(space: str) -> SearchSpace:
         raise ValueError(f"{source}: 'requires' must be a list of TrainConfig key names, "
                          f"got {json.dumps(requires)}")
     trainingmanager.config_from_dict(base, f"{source}: base")
+    _check_no_resume(base, f"{source}: base")
     base = absolute_paths(base, f"{source}: base")
     for name in sorted(set(data["params"]) & SWEEP_KEYS):  # sampled, then overwritten
         flag = {"max_steps": " (--max-steps)", "eval_every": " (--eval-every)"}.get(name, "")
@@ -935,7 +944,9 @@ def check_before_trials(cfg: TuneConfig) -> tuple[SearchSpace, dict]:
     space = load_space(cfg.space)
     base: dict = {}
     if cfg.train_config:
-        base = absolute_paths(trainingmanager.load_config_file(cfg.train_config), cfg.train_config)
+        base = trainingmanager.load_config_file(cfg.train_config)
+        _check_no_resume(base, cfg.train_config)
+        base = absolute_paths(base, cfg.train_config)
     space.check_base({**space.base, **base}, cfg.train_config or "--train-config")
     check_trial_config(cfg, space, base)
     return space, base

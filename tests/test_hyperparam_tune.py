@@ -879,6 +879,29 @@ def test_bad_space_is_a_clear_error(tmp_path, params, message):
     assert str(path) in str(e.value)
 
 
+@pytest.mark.parametrize("where", ["space base", "train config"])
+def test_a_resume_in_the_base_values_is_refused(tmp_path, corpus, capsys, where):
+    """Trials ignored it, and best.json carried it on: the `--config best.json` command the sweep
+    prints then continued (or was refused by) the unrelated run it named."""
+    space = Path(tiny_space(tmp_path, corpus))
+    source = space
+    if where == "space base":
+        values = json.loads(space.read_text())
+        values["base"]["resume"] = "runs/mine"
+        space.write_text(json.dumps(values))
+        flags = {}
+    else:
+        source = tmp_path / "train.json"
+        source.write_text(json.dumps({"resume": "runs/mine", "lr": 1e-3}))
+        flags = {"train_config": str(source)}
+    argv = tune_args(tmp_path, str(space), study_name="res", **flags)
+    assert hyperparam_tune.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {source}{': base' if where == 'space base' else ''}: "
+                          "resume='runs/mine': each trial is a new run"), err
+    assert err.rstrip().endswith("remove 'resume'") and not (tmp_path / "runs" / "res").exists()
+
+
 def test_bad_space_field_type_exits_2_with_one_line(tmp_path, capsys):
     space = tmp_path / "step.json"
     space.write_text(json.dumps({"params": {"warmup_steps": {
