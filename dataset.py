@@ -18,6 +18,7 @@ if __name__ == "__main__":  # first: the imports below load torch for seconds
 import argparse
 import ast
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -353,12 +354,14 @@ def _sources_by_split(cfg: DataConfig) -> list[tuple[str | None, str]]:
             + [(None, s) for s in cfg.sources])
 
 
-def _iter_sources(cfg: DataConfig, counts: Counter) -> Iterator[_RawDoc]:
+def _iter_sources(cfg: DataConfig, counts: Counter, pairs: list[int]) -> Iterator[_RawDoc]:
     """Every document of every source, at most ``max_docs`` per role (sources, val_sources,
-    test_sources). A file over ``max_bytes`` is left unread (``data`` None): one stray
-    multi-gigabyte file must not decide the memory a build needs."""
+    test_sources), counting the pair records of each source in ``pairs`` (in the order of
+    ``_sources_by_split``). A file over
+    ``max_bytes`` is left unread (``data`` None): one stray multi-gigabyte file must not decide
+    the memory a build needs."""
     taken: Counter = Counter()  # documents yielded per role
-    for split, source in _sources_by_split(cfg):
+    for i, (split, source) in enumerate(_sources_by_split(cfg)):
         _check_source(source)
         path = Path(source).expanduser()
         if source != "stdlib" and path.is_file():
@@ -369,6 +372,8 @@ def _iter_sources(cfg: DataConfig, counts: Counter) -> Iterator[_RawDoc]:
             if cfg.max_docs is not None and taken[split] >= cfg.max_docs:
                 break
             taken[split] += 1
+            if raw.target is not None:
+                pairs[i] += 1
             raw.split = split
             yield raw
 
@@ -685,9 +690,10 @@ def clean_corpus(cfg: DataConfig) -> tuple[list[Doc], dict]:
     read_drops: Counter = Counter()  # drops by reason, before cleaning
     opt = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name in _CLEANING_FIELDS}
     seen_raw: dict[bytes, str | None] = {}
+    pairs = [0] * len(_sources_by_split(cfg))  # pair records read, by source
 
     def to_clean() -> Iterator[tuple[_RawDoc, dict]]:
-        for raw in _iter_sources(cfg, read_drops):
+        for raw in _iter_sources(cfg, read_drops, pairs):
             read["files"] += 1
             # The size as stored (before newline normalization), as a file's stat gives it
             # unread (None: a file dropped unread); prompt/completion pairs are not dropped
@@ -731,6 +737,7 @@ def clean_corpus(cfg: DataConfig) -> tuple[list[Doc], dict]:
         "dropped": dict(sorted(counts.items())),
         "modified": dict(sorted(mods.items())),
         "kept": {"files": len(docs), "bytes": sum(len(d.text.encode("utf-8")) for d in docs)},
+        "pairs": pairs,
     }
     if not docs:
         raise DataError(
@@ -835,9 +842,19 @@ def publish_cache_entry(final: Path, build: Callable[[Path], object],
     the first complete build of the key stays and a concurrent builder's copy is discarded (it
     holds the same data, the key says so). Each build removes the temps of builders that died on
     this machine (on real corpora gigabytes no later build would read), never another machine's
-    or PID namespace's."""
-    cliconfig.remove_dead_owners(final.parent, _EARLIER_PARTIAL)
-    cliconfig.write_dir_atomically(final, build, replace=replace)
+    or PID namespace's.
+
+    A full disk is reported naming the cache directory, which the user may not know of (it is
+    not the run's): write() and fsync() raise an OSError with no file name."""
+    try:
+        cliconfig.remove_dead_owners(final.parent, _EARLIER_PARTIAL)
+        cliconfig.write_dir_atomically(final, build, replace=replace)
+    except OSError as err:
+        if err.filename is not None and err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise OSError(err.errno, f"{err.strerror or err} while writing {final.name} there; "
+                      "nothing half-built was kept: free space, or move the data cache with "
+                      "CODELM_CACHE=DIR (or the cache_dir data option)", str(final.parent)) from None
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:
@@ -857,8 +874,13 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     splits, unit = split_corpus(docs, cfg)
     stats["split"] = {s: len(v) for s, v in splits.items()}
     stats["split_by"] = unit
-    if not splits["train"]:
-        raise DataError(f"the train split is empty ({len(docs)} documents); add data")
+    if not splits["train"]:  # every kept document is a val/test one
+        copies = stats["dropped"].get("duplicate") and (cfg.val_sources or cfg.test_sources)
+        raise DataError(
+            f"sources {cfg.sources} left no train documents (kept: {stats['split']}, dropped: "
+            f"{stats['dropped'] or 'none'}); " + (
+                "a copy of a val/test document is kept out of training, so a val/test source "
+                "must not also be a training source" if copies else "add data"))
     for split, given in (("val", cfg.val_sources), ("test", cfg.test_sources)):
         if given and not splits[split]:
             raise DataError(f"{split}_sources {given} left no {split} documents after cleaning "
@@ -1585,6 +1607,7 @@ def prepare(
     path = Path(cfg.cache_dir) / f"{cfg.task}-{key}"
     if cfg.use_cache and (path / "meta.json").exists():
         meta = json.loads((path / "meta.json").read_text())
+        _note_pairs_as_text(cfg, meta["corpus"])
         return _open_task(path, meta, cfg, tokenizer, cache_hit=True)
     corpus = load_corpus(cfg)
     build = _build_lm if cfg.task == "lm" else _build_supervised
@@ -1595,7 +1618,22 @@ def prepare(
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
     publish_cache_entry(path, write, replace=not cfg.use_cache)
+    _note_pairs_as_text(cfg, corpus.stats)
     return _open_task(path, meta, cfg, tokenizer, cache_hit=False)
+
+
+def _note_pairs_as_text(cfg: DataConfig, corpus_stats: dict) -> None:
+    """One note per pairs source under the lm task, the default: pairs trained as plain text,
+    with no word, looked like a fine-tune on them (a user who forgot ``--task refactor``)."""
+    if cfg.task != "lm":
+        return
+    # By position: the cache key is the same for a source spelled another way, and the note
+    # names it as given now. Caches of earlier codelm versions have no counts.
+    for (_, source), n in zip(_sources_by_split(cfg), corpus_stats.get("pairs", [])):
+        if n:
+            print(f"note: {source} holds {n} input/output pairs; the lm task trains on each as "
+                  "plain text (input, newline, output; the loss on both): another task, e.g. "
+                  "--task refactor, trains on the output only", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------

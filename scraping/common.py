@@ -273,8 +273,12 @@ class ResumableOutput:
         self.done: set[str] = set()
         self.shas: set[str] = set()
         self.end = 0
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = self._lock()
+        try:  # a bad path, as check_output_file's: refused naming the flag (exit status 2)
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = self._lock()
+        except OSError as err:
+            raise ValueError(f"--out {self.out}: cannot create it ({err.strerror or err}); "
+                             "choose a path in a directory you can write") from None
         try:
             if self.state.exists():
                 self._resume(settings)

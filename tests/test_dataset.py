@@ -2,6 +2,7 @@
 caching and errors. Tokenization uses the project's trained CodeTokenizer."""
 
 import ast
+import errno
 import io
 import json
 import os
@@ -1371,6 +1372,49 @@ def test_empty_corpus_and_missing_source_are_clear_errors(tmp_path):
         dataset.load_corpus(cfg(tmp_path, task="translate"))
 
 
+def test_sources_that_only_copy_val_documents_say_why_train_is_empty(tmp_path):
+    """"the train split is empty (3 documents)" hid that every source file was dropped as a copy
+    of a val document (the same files given as a val JSONL)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    texts = {f"m{i}.py": f"def f{i}(x):\n    return x + {i}\n" for i in range(3)}
+    for name, text in texts.items():
+        (src / name).write_text(text)
+    val = write_jsonl(tmp_path / "val.jsonl",
+                      [{"repo": "u/r", "path": n, "text": t} for n, t in texts.items()])
+    with pytest.raises(DataError) as info:
+        dataset.load_corpus(cfg(tmp_path, sources=[str(src)], val_sources=[str(val)]))
+    assert str(info.value) == (
+        f"sources {[str(src)]} left no train documents (kept: {{'train': 0, 'val': 3, 'test': 0}}"
+        ", dropped: {'duplicate': 3}); a copy of a val/test document is kept out of training, so "
+        "a val/test source must not also be a training source")
+    with pytest.raises(DataError, match=r"left no train documents .*dropped: none\); add data$"):
+        dataset.load_corpus(cfg(tmp_path, sources=[str(src)], train_frac=0.0, val_frac=0.5,
+                                test_frac=0.5))
+
+
+def test_pairs_under_the_lm_task_get_one_note_per_source(tmp_path, tok, capsys):
+    """lm, the default task, trains pairs as plain text: a user who forgot --task refactor got a
+    run with no prompt masking and no word about it. The note comes on cache hits too, naming
+    the source as spelled now."""
+    pairs = write_jsonl(tmp_path / "pairs.jsonl",
+                        [{"input": f"def f{i}(x):", "output": f"    return x + {i}"}
+                         for i in range(4)])
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "a.py").write_text("x = 1\ny = 2\n")
+    respelled = os.path.join(tmp_path, ".", "pairs.jsonl")
+    for task, source, hit in (("lm", str(pairs), False), ("lm", respelled, True),
+                              ("completion", str(pairs), False)):
+        data = prepare(cfg(tmp_path, sources=[str(code), source], task=task, block_size=32,
+                           **WHOLE), tok)
+        note = (f"note: {source} holds 4 input/output pairs; the lm task trains on each as plain "
+                "text (input, newline, output; the loss on both): another task, e.g. --task "
+                "refactor, trains on the output only\n")
+        assert data.stats["cache_hit"] == hit, task
+        assert capsys.readouterr().err == (note if task == "lm" else ""), task
+
+
 def test_second_prepare_loads_from_cache_and_keys_cover_options(tmp_path, tok):
     c = cfg(tmp_path, task="lm", block_size=32)
     first = prepare(c, tok)
@@ -1485,6 +1529,22 @@ def test_a_published_cache_entry_is_on_disk_before_its_name(tmp_path, monkeypatc
     files = sorted(p.name for p in entry.iterdir())
     assert sorted(Path(p).name for p in synced if Path(p).parent == tmp) == files
     assert synced[-2:] == [str(tmp), str(cache)]
+
+
+def test_a_full_disk_under_the_cache_names_the_cache_dir_and_codelm_cache(tmp_path, monkeypatch,
+                                                                          capsys):
+    """write() and fsync() on a full disk raise an OSError with no file name: the bare "[Errno
+    28] No space left on device" left the user to guess which disk (the cache is not the run's)."""
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    cache = tmp_path / "cache"
+    assert dataset.main(["--sources", str(EMAIL), "--cache-dir", str(cache), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {cache}: {os.strerror(errno.ENOSPC)} while writing corpus-")
+    assert "nothing half-built was kept" in err and "CODELM_CACHE=DIR" in err
+    assert list(cache.iterdir()) == []
 
 
 def test_an_interrupted_corpus_write_leaves_no_temp_dir(tmp_path, monkeypatch):

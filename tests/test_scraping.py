@@ -753,6 +753,18 @@ def test_an_output_path_that_is_a_directory_is_refused_before_any_work(tmp_path,
     assert not any(outdir.iterdir())
 
 
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_output_path_that_cannot_be_created_is_a_bad_path_naming_out(tmp_path, capsys):
+    """Exit status 2 like the other bad paths, not a raw OSError with 1 (procfs refuses new
+    files even to root, which chmod would not)."""
+    src = tmp_path / "repo"
+    src.mkdir()
+    (src / "ok.py").write_text("x = 1\n")
+    for out in ("/proc/codelm-no-such.jsonl", "/proc/codelm-no-such/x.jsonl"):
+        assert main(["local", str(src), "--out", out, "--no-progress"]) == 2
+        assert f"error: --out {out}: cannot create it (" in capsys.readouterr().err
+
 # --- tokens, failing repos, concurrent runs, licences, excluded dirs, LFS pointers -------------
 def _cli_scrape(fake: FakeGitHub, out: Path, *flags: str) -> int:
     return main(["github", "--out", str(out), "--api-url", fake.api_url, "--raw-url",
