@@ -115,8 +115,8 @@ def read_json_object(path: str | Path, what: str = "file") -> dict:
     """The one JSON object a file holds. Every script reads its JSON files here, so each failure
     names the file (and the line) in one form."""
     path = Path(path)
-    try:
-        value = json.loads(path.read_text("utf-8"))
+    try:  # utf-8-sig: a Windows editor's byte-order mark is not JSON, but no reason to refuse
+        value = json.loads(path.read_text("utf-8-sig"), object_pairs_hook=_unique_keys)
     except FileNotFoundError:
         raise ValueError(f"{path}: {what} not found") from None
     except (OSError, UnicodeDecodeError) as err:
@@ -124,14 +124,41 @@ def read_json_object(path: str | Path, what: str = "file") -> dict:
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: "
                          f"{err.msg}") from None
+    except _RepeatedKey as err:
+        raise ValueError(f"{path}: key {err.args[0]!r} is given twice in one object; keep the "
+                         "one you mean") from None
     if not isinstance(value, dict):
         raise ValueError(f"{path}: the {what} must be one JSON object, not {_json_kind(value)}")
+    return value
+
+
+class _RepeatedKey(Exception):
+    """A key given twice in one JSON object (its name in args[0])."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object whose keys are all different: json keeps the last of a repeated key, so a
+    copy-pasted key would silently replace the value above it."""
+    value = {}
+    for key, item in pairs:
+        if key in value:
+            raise _RepeatedKey(key)
+        value[key] = item
     return value
 
 
 def _json_kind(value: Any) -> str:
     return {list: "an array", str: "a string", bool: "true/false", type(None): "null"}.get(
         type(value), "a number")
+
+
+def check_recipe_keys(recipe: Mapping[str, Any], path: str | Path) -> None:
+    """Refuse a recipe's top-level keys other than its sections and ``_`` notes: a training key
+    put beside the sections (not in ``train``) would be silently ignored."""
+    unknown = [k for k in recipe if not k.startswith("_") and k not in RECIPE_SECTIONS]
+    if unknown:
+        raise ValueError(f"{path}: unknown top-level key(s) {unknown}; a recipe has "
+                         f"{', '.join(map(repr, RECIPE_SECTIONS))} and '_'-prefixed notes")
 
 
 def read_config_file(path: str | Path, section: str) -> tuple[dict, str]:
@@ -141,6 +168,7 @@ def read_config_file(path: str | Path, section: str) -> tuple[dict, str]:
     values = read_json_object(path, "config file")
     source = str(path)
     if section in values:
+        check_recipe_keys(values, path)
         values, source = values[section], f"{path} ({section} section)"
         if not isinstance(values, dict):
             raise ValueError(f"{source}: the section must be a JSON object")

@@ -56,10 +56,7 @@ def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe; errors name the file, the section and the key."""
     path = Path(path)
     raw = cliconfig.read_json_object(path, "recipe")
-    unknown = [k for k in raw if not k.startswith("_") and k not in ("train", "eval")]
-    if unknown:
-        raise ValueError(f"{path}: unknown top-level key(s) {unknown}; a recipe has 'train', "
-                         "'eval' and '_'-prefixed notes")
+    cliconfig.check_recipe_keys(raw, path)
     sections = {}
     for name in ("train", "eval"):
         section = raw.get(name)
@@ -466,10 +463,15 @@ def run_recipe(opts: RecipeOptions) -> RecipeResult:
 
 
 def resume_hint(smoke: bool) -> str:
-    """Completes trainingmanager's "continue it with ...": here --resume is a switch, not a
-    path, and a smoke run is not resumed but run again."""
-    return ("the same recipes.py command again (a --smoke run starts over)" if smoke else
+    """Completes trainingmanager's "continue with ..." (a smoke run's "start it again with
+    ..."): here --resume is a switch, not a path, and a smoke run is not resumed but run again."""
+    return ("the same recipes.py command (a --smoke run is not resumed)" if smoke else
             "the same recipes.py command plus --resume")
+
+
+def what_next(smoke: bool) -> str:
+    """What the user of a stopped run does next, as trainingmanager says it."""
+    return f"{'start it again' if smoke else 'continue'} with {resume_hint(smoke)}"
 
 
 class TrainedRunInterrupted(KeyboardInterrupt):
@@ -497,6 +499,7 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
         ev.config_from_dict(recipe.eval, f"{opts.recipe} (eval section, with --set)")
     values = dict(recipe.train)
     name = opts.name or values.get("name") or Path(opts.recipe).stem
+    tm.check_run_name(name, f"--name {name}" if opts.name else f"{opts.recipe}: train.name {name}")
     out_dir = Path(opts.out_dir or ("runs/smoke" if opts.smoke else values.get("out_dir", "runs")))
     values.update(name=name, out_dir=str(out_dir), device=opts.device, progress=opts.progress,
                   resume=str(out_dir / name) if opts.resume else None)
@@ -506,6 +509,8 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
         raise ValueError(f"--smoke builds its own tiny model and data: drop {', '.join(given)} "
                          "(or drop --smoke to train on them)")
     if opts.smoke:
+        if opts.smoke_steps < 1:
+            raise ValueError(f"--smoke-steps {opts.smoke_steps}: must be >= 1")
         check_smoke_settings(typed)
     if opts.model is not None:
         if values.get("init_from") is None:
@@ -546,7 +551,7 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
                                              opts.progress)
 
     cfg = tm.config_from_dict(values, f"{opts.recipe} (train section)")
-    result = tm.train(cfg, resume_hint=resume_hint(opts.smoke))
+    result = tm.train(cfg, resume_hint=resume_hint(opts.smoke), restarts=opts.smoke)
     losses = train_losses(result.run_dir)
     report = RecipeResult(result.run_dir, result, None, None, losses, smoke=opts.smoke)
     if result.interrupted:
@@ -606,10 +611,10 @@ def summary(report: RecipeResult) -> str:
     lines = [f"run: {report.run_dir}"]
     if report.train.interrupted:
         lines.append(f"interrupted ({report.train.interrupted}) at step {report.train.step}: "
-                     f"continue with {resume_hint(report.smoke)}")
+                     f"{what_next(report.smoke)}")
     if report.train.stopped_by_budget:
         lines.append(f"time budget (train.max_time_s) reached at step {report.train.step}: the "
-                     f"run is not finished; continue with {resume_hint(report.smoke)}")
+                     f"run is not finished; {what_next(report.smoke)}")
     if change := loss_change(report.losses):
         first, last = change
         lines.append(f"training loss (first vs last steps): {first:.4f} -> {last:.4f} "
@@ -656,7 +661,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except tm.RUN_ERRORS as e:
         return tm.report_run_error(e)
     except KeyboardInterrupt as e:  # training stops itself (a checkpoint); this is before or after
-        if isinstance(e, TrainedRunInterrupted):
+        if opts.smoke:  # a smoke run is never continued, whatever it had saved
+            print(f"interrupted: {what_next(True)}", file=sys.stderr)
+        elif isinstance(e, TrainedRunInterrupted):
             print(f"interrupted: training is complete and saved in {e.run_dir}; finish the "
                   f"evaluation with {resume_hint(opts.smoke)}", file=sys.stderr)
         elif isinstance(e, tm.RunInterrupted) and e.resume is not None:

@@ -19,6 +19,7 @@ if __name__ == "__main__":  # first: the imports below load torch for seconds
 import argparse
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import gc
 import json
@@ -795,19 +796,40 @@ def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], sourc
     model.load_state_dict(tensors, strict=False)
 
 
+# Free space (MiB) below which a failed write is put down to a full disk.
+DISK_FULL_MIB = 1.0
+
+
 def write_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
     """``cliconfig.write_dir_atomically`` replacing ``target`` (a checkpoint, best/, export/), with
     any failure of ``write`` reported as one OSError naming ``target``: on a full disk torch and
-    safetensors raise their own types, which would end a run with a traceback. What a killed
-    write leaves in a run directory is settled at the run's start (``clean_partial_writes``)."""
-    try:
-        cliconfig.write_dir_atomically(target, write, replace=True)
-    except Exception as err:
-        if isinstance(err, OSError):
+    safetensors raise their own types, which would end a run with a traceback, and Python's own
+    write() names no file. The free space is measured as ``write`` fails, while its partial copy
+    still fills the disk: with none left the message says first that the disk is full (torch's
+    text, at the end, does not). What a killed write leaves in a run directory is settled at the
+    run's start (``clean_partial_writes``)."""
+    free_mib: list[float] = []
+
+    def build(tmp: Path) -> None:
+        try:
+            write(tmp)
+        except Exception:
+            free_mib.append(shutil.disk_usage(tmp).free / 2**20)
             raise
-        free = shutil.disk_usage(Path(target).parent).free / 2**20
-        raise OSError(f"{target}: could not write it ({type(err).__name__}: {err}; "
-                      f"{free:.0f} MiB free); what was written before is intact") from None
+
+    try:
+        cliconfig.write_dir_atomically(target, build, replace=True)
+    except Exception as err:
+        if isinstance(err, OSError) and err.filename is not None:
+            raise
+        free = free_mib[0] if free_mib else shutil.disk_usage(Path(target).parent).free / 2**20
+        cause = f"{type(err).__name__}: {err}"
+        if free < DISK_FULL_MIB or getattr(err, "errno", None) == errno.ENOSPC:
+            raise OSError(f"{target}: could not write it: the disk is full ({free:.0f} MiB free); "
+                          f"free some space before going on; what was written before is intact "
+                          f"({cause})") from None
+        raise OSError(f"{target}: could not write it ({cause}; {free:.0f} MiB free); what was "
+                      "written before is intact") from None
 
 
 # Partial writes as earlier versions named them (now cliconfig.partial_path's names):
@@ -974,6 +996,14 @@ def check_not_an_adapter(init_from: str) -> None:
                      f"model: {instead}")
 
 
+def check_run_name(name: str | None, what: str) -> None:
+    """A run's name is one directory name in out_dir: a path put the run elsewhere (outside it
+    with '..', or nested where eval.py's ``latest_run`` never looks). ``what`` names the setting."""
+    if name and (Path(name).name != name or name in (".", "..")):
+        raise ValueError(f"{what}: a run name, not a path (no '/', '.' or '..'); --out-dir sets "
+                         "the directory the run goes in")
+
+
 def validate_config(cfg: TrainConfig) -> None:
     """Reject impossible settings before any work, naming the key."""
     def need(ok: bool, key: str, why: str) -> None:
@@ -1025,6 +1055,7 @@ def validate_config(cfg: TrainConfig) -> None:
                          "(full training of every weight): set lora_r > 0, or drop them")
     need(cfg.overfit_batches >= 0, "overfit_batches", "must be >= 0")
     need(0 <= cfg.seed < 2**63, "seed", "must be in [0, 2**63)")
+    check_run_name(cfg.name, f"TrainConfig.name={cfg.name!r}")
     if cfg.init_from is not None:
         for key in ("preset", "n_layer", "n_head", "n_embd", "mlp_hidden"):
             if key != "preset" and getattr(cfg, key) is not None:
@@ -1167,17 +1198,37 @@ def data_config(cfg: TrainConfig, block_size: int) -> DataConfig:
     return dcfg
 
 
+def cache_dir_error(cfg: TrainConfig, cache_dir: str, err: OSError) -> str:
+    """Why the data cache directory cannot be made, naming where it was set: the user may never
+    have typed it (by default it lies under ``CODELM_CACHE``, else ~/.cache/codelm)."""
+    if "cache_dir" in cfg.data_options:
+        return f"data_options.cache_dir {cache_dir}: cannot create it ({err.strerror})"
+    origin = (f"CODELM_CACHE={os.environ['CODELM_CACHE']} puts it there; point CODELM_CACHE"
+              if os.environ.get("CODELM_CACHE") else "set CODELM_CACHE")
+    return (f"{cache_dir}: cannot create the data cache ({err.strerror}); {origin} to a writable "
+            "directory (or set data_options.cache_dir)")
+
+
 def load_or_train_tokenizer(cfg: TrainConfig, dcfg: DataConfig) -> CodeTokenizer | BPETokenizer:
     """The given tokenizer, the pretrained model's, or a CodeTokenizer trained on the train split
     (cached by corpus, tokenizer options and encoding version: ``dataset.tokenizer_cache_dir``,
     so a second run reuses it)."""
     from dataset import prepare, publish_cache_entry, tokenizer_cache_dir
-    from tokenizer import CodeTokenizer, load_tokenizer
+    from tokenizer import TOKENIZER_FILE, CodeTokenizer, load_tokenizer
 
+    own = Path(cfg.init_from) / TOKENIZER_FILE if cfg.init_from is not None else None
     if cfg.tokenizer is not None:
-        return load_tokenizer(cfg.tokenizer)
-    if cfg.init_from is not None:
-        return load_tokenizer(cfg.init_from)
+        tok = load_tokenizer(cfg.tokenizer)
+        if own is not None and own.is_file() and not same_vocabulary(tok, load_tokenizer(own)):
+            print(f"warning: --tokenizer {cfg.tokenizer} differs from {own}, the tokenizer "
+                  f"--init-from {cfg.init_from} was trained with: its ids name other tokens than "
+                  "the ones the pretrained embeddings learned", file=sys.stderr)
+        return tok
+    if own is not None:
+        if not own.is_file():
+            raise ValueError(f"--init-from {cfg.init_from}: no {TOKENIZER_FILE} in it; pass "
+                             "--tokenizer with the tokenizer the checkpoint was trained with")
+        return load_tokenizer(own)
     cached = tokenizer_cache_dir(dcfg, cfg.tokenizer_min_freq, cfg.tokenizer_max_vocab)
     if dcfg.use_cache and (cached / "tokenizer.json").is_file():
         return load_tokenizer(cached)
@@ -1188,6 +1239,12 @@ def load_or_train_tokenizer(cfg: TrainConfig, dcfg: DataConfig) -> CodeTokenizer
         with contextlib.suppress(OSError):  # a read-only cache: the tokenizer is used uncached
             publish_cache_entry(cached, tok.save)
     return tok
+
+
+def same_vocabulary(a: CodeTokenizer | BPETokenizer, b: CodeTokenizer | BPETokenizer) -> bool:
+    """Whether every id of ``a`` and ``b`` names the same token."""
+    return a.vocab_size == b.vocab_size and all(
+        a.id_to_token(i) == b.id_to_token(i) for i in range(a.vocab_size))
 
 
 # ModelConfig keys the tokenizer sets: model_options may not.
@@ -1507,11 +1564,12 @@ class _Run:
     """Everything one call of ``train`` builds and owns. Rank 0 holds a lock on the run directory
     from the start until ``release`` (``train`` calls it), so two runs never share one."""
 
-    def __init__(self, cfg: TrainConfig, dist: Dist, resume_hint: str | None = None):
+    def __init__(self, cfg: TrainConfig, dist: Dist, resume_hint: str | None = None,
+                 restarts: bool = False):
         validate_config(cfg)
         self.cfg, self.dist = cfg, dist
         self.main = dist.main
-        self._resume_hint = resume_hint
+        self._resume_hint, self._restarts = resume_hint, restarts
         self._lock: int | None = None
         self._wrote_tokenizer = False  # WRITTEN_BEFORE_CONFIG are this run's (_drop_unused_dir)
         try:
@@ -1524,10 +1582,12 @@ class _Run:
             raise
 
     def interrupted(self, stop: KeyboardInterrupt) -> RunInterrupted:
-        """``stop`` saying whether a checkpoint of this run is there to continue from."""
+        """``stop`` saying whether a checkpoint of this run is there to continue from (never for
+        a run that ``restarts``)."""
         run_dir = getattr(self, "run_dir", None)
         saved = run_dir is not None and bool(list_checkpoints(run_dir))
-        return RunInterrupted(stop, self.resume_hint(run_dir) if saved else None)
+        return RunInterrupted(stop, self.resume_hint(run_dir) if saved and not self._restarts
+                              else None)
 
     def _drop_unused_dir(self) -> None:
         """A run that failed or was stopped before its config.json (a bad path or setting, a
@@ -1576,8 +1636,7 @@ class _Run:
             try:
                 Path(self.dcfg.cache_dir).mkdir(parents=True, exist_ok=True)
             except OSError as e:
-                raise ValueError(f"data_options.cache_dir {self.dcfg.cache_dir}: cannot create it "
-                                 f"({e.strerror})") from None
+                raise ValueError(cache_dir_error(cfg, self.dcfg.cache_dir, e)) from None
         saved_tok = self.run_dir / "tokenizer.json"
         # Only a run continued from its weights reads the run's tokenizer.json: a new run (or one
         # with no weights yet) uses the tokenizer its config asks for, never a failed attempt's.
@@ -1641,6 +1700,11 @@ class _Run:
     def resume_hint(self, run_dir: Path) -> str:
         """How the caller's command line continues this run ("continue it with ...")."""
         return self._resume_hint or f"--resume {run_dir}"
+
+    def _what_next(self) -> str:
+        """What a stopped run's user does next: continue it, or run it again (``restarts``)."""
+        verb = "start it again with" if self._restarts else "continue with"
+        return f"{verb} {self.resume_hint(self.run_dir)}"
 
     def _claim_run_dir(self) -> tuple[Path, bool]:
         """Rank 0 claims the run directory; every rank learns it and whether it holds weights."""
@@ -2092,15 +2156,17 @@ class _Run:
                 if self.main and result.export_dir is not None:
                     print(f"\n{stop}: the run had finished (checkpoint and export at step "
                           f"{self.step}); stopping with the signal's exit code")
+                elif self.main and self._restarts:
+                    print(f"\n{stop}: stopped at step {self.step}; {self._what_next()}")
                 elif self.main:
-                    print(f"\n{stop}: checkpoint saved at step {self.step}; continue with "
-                          f"{self.resume_hint(self.run_dir)}")
+                    print(f"\n{stop}: checkpoint saved at step {self.step}; {self._what_next()}")
             elif result.stopped_by_budget and self.main:
+                saved = "" if self._restarts else "; checkpoint saved"
                 exported = ("" if result.export_dir is None else
                             f"; export/ holds its best weights so far (step {self.best_step})")
                 print(f"time budget (--max-time-s {cfg.max_time_s:g}) reached at step "
-                      f"{self.step}/{self.max_steps}: the run is not finished; checkpoint saved"
-                      f"{exported}; continue with {self.resume_hint(self.run_dir)}")
+                      f"{self.step}/{self.max_steps}: the run is not finished{saved}{exported}; "
+                      f"{self._what_next()}")
         finally:
             bar.close()
             log.close()
@@ -2176,17 +2242,20 @@ def sample_completion(model: nn.Module, tok: CodeTokenizer | BPETokenizer, promp
 
 
 def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
-          resume_hint: str | None = None) -> TrainResult:
+          resume_hint: str | None = None, restarts: bool = False) -> TrainResult:
     """Run (or continue, with ``cfg.resume``) one training run; see the module docstring.
 
     ``on_eval(step, metrics)`` is called after every evaluation; an exception it raises (e.g.
     ``optuna.TrialPruned``) propagates once the run directory is consistent. Under torchrun this
     joins the process group (gloo on CPU, NCCL on GPU). ``resume_hint`` completes the messages'
-    "continue it with ..." in the caller's own terms (default: ``--resume <run dir>``).
+    "continue it with ..." in the caller's own terms (default: ``--resume <run dir>``);
+    ``restarts``: the caller never continues the run (recipes.py --smoke runs it again from the
+    start), so a stop does not point to its checkpoint and ``resume_hint`` says how to start it
+    again.
     """
     dist, owns_group = _init_distributed(cfg.device)
     try:
-        run = _Run(cfg, dist, resume_hint)
+        run = _Run(cfg, dist, resume_hint, restarts)
         try:
             return run.execute(on_eval)
         except KeyboardInterrupt as stop:  # a second signal: the step loop's checkpoint is skipped

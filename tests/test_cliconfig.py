@@ -94,6 +94,32 @@ def test_unreadable_files_are_named(tmp_path):
         _parse(["--config", str(bad)])
 
 
+def test_a_recipe_shaped_config_refuses_unknown_top_level_keys(tmp_path):
+    """A key beside a recipe's sections was silently ignored by --config (recipes.py refused it)."""
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"_note": "doc", "train": {"steps": 3}, "eval": {}, "lr": 5}))
+    with pytest.raises(ValueError, match=r"r\.json: unknown top-level key\(s\) \['lr'\]; a "
+                                         r"recipe has 'train', 'eval' and '_'-prefixed notes"):
+        _parse(["--config", str(recipe)])
+
+
+def test_a_key_given_twice_is_refused_naming_the_key_and_file(tmp_path):
+    """json keeps the last of a repeated key: a copy-pasted key's first value was silently lost."""
+    config = tmp_path / "c.json"
+    for text in ('{"lr": 1e-3, "steps": 2, "lr": 2e-3}', '{"options": {"a": 1, "a": 2}}'):
+        config.write_text(text)
+        key = "lr" if "lr" in text else "a"
+        with pytest.raises(ValueError, match=rf"c\.json: key '{key}' is given twice"):
+            _parse(["--config", str(config)])
+
+
+def test_a_config_file_with_a_utf8_byte_order_mark_is_read(tmp_path):
+    """Windows editors save UTF-8 with a BOM, which json refuses ("Unexpected UTF-8 BOM")."""
+    config = tmp_path / "c.json"
+    config.write_bytes(b"\xef\xbb\xbf" + json.dumps({"lr": 0.5}).encode())
+    assert _parse(["--config", str(config)]).lr == 0.5
+
+
 def test_bad_flag_values_exit_2(capsys):
     for argv in (["--ks", "1,x"], ["--options", "[1]"], ["--steps", "1.5"], ["--mode", "z"]):
         with pytest.raises(SystemExit) as exit_info:

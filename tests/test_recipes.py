@@ -483,7 +483,7 @@ def test_smoke_trains_with_the_set_values_over_its_toy_sizes(tmp_path, capsys, m
     monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
     trained = []
 
-    def train(cfg, resume_hint=None):
+    def train(cfg, resume_hint=None, restarts=False):
         trained.append(cfg)
         raise ValueError("stopped before training")
 
@@ -503,6 +503,45 @@ def test_smoke_trains_with_the_set_values_over_its_toy_sizes(tmp_path, capsys, m
         err = capsys.readouterr().err
         assert f"drop --set {setting.partition('=')[0]} (or drop --smoke" in err
     assert len(trained) == 1
+
+
+def test_smoke_steps_below_one_names_the_flag(tmp_path, capsys):
+    """--smoke-steps 0 said "TrainConfig.max_steps=0", a key the user never typed."""
+    assert recipes.main([str(CONFIGS / "fastapi_codegen.json"), "--smoke", "--smoke-steps", "0",
+                         "--out-dir", str(tmp_path / "runs")]) == 2
+    assert capsys.readouterr().err == "error: --smoke-steps 0: must be >= 1\n"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_name_with_a_path_is_refused_before_anything_is_written(tmp_path, capsys):
+    """--name ../x put the run (and its smoke inputs, which are deleted first) outside --out-dir."""
+    assert recipes.main([str(CONFIGS / "fastapi_codegen.json"), "--smoke", "--name", "../x",
+                         "--out-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --name ../x: a run name, not a path") and "--out-dir" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_stopped_smoke_run_says_it_starts_again_not_that_it_continues(tmp_path, capsys,
+                                                                         monkeypatch):
+    """A smoke run is never resumed (--smoke --resume is refused), yet a stop said "checkpoint
+    saved ... continue with" and then "(a --smoke run starts over)"."""
+    again = "start it again with the same recipes.py command (a --smoke run is not resumed)"
+    train = tm.TrainResult(tmp_path, 5.0, 13, interrupted="SIGINT")
+    report = recipes.RecipeResult(tmp_path, train, None, None, [9.0, 8.0], smoke=True)
+    assert f"interrupted (SIGINT) at step 13: {again}" in recipes.summary(report)
+    asked = []
+
+    def stopped(cfg, resume_hint=None, restarts=False):
+        asked.append(restarts)
+        raise tm.RunInterrupted(KeyboardInterrupt("SIGTERM"), None)
+
+    monkeypatch.setattr(tm, "train", stopped)
+    recipe = tmp_path / "tiny.json"  # from scratch: no tiny checkpoint to build
+    recipe.write_text(json.dumps({"train": {"preset": "tiny"}, "eval": {"tasks": ["lm"]}}))
+    assert recipes.main([str(recipe), "--smoke", "--out-dir", str(tmp_path / "runs"),
+                         "--no-progress"]) == 143
+    assert capsys.readouterr().err == f"interrupted: {again}\n" and asked == [True]
 
 
 def test_smoke_never_replaces_a_run_it_did_not_write(tmp_path, capsys):
@@ -555,7 +594,7 @@ def test_a_budget_stop_and_an_early_interrupt_say_what_is_left(tmp_path, capsys,
     stops = [KeyboardInterrupt(), tm.RunInterrupted(KeyboardInterrupt("SIGTERM"), None),
              tm.RunInterrupted(KeyboardInterrupt("SIGTERM"), recipes.resume_hint(False))]
 
-    def train(cfg, resume_hint=None):
+    def train(cfg, resume_hint=None, restarts=False):
         raise stops.pop(0)
 
     monkeypatch.setattr(tm, "train", train)
@@ -590,7 +629,7 @@ def _tiny_recipe(tmp_path: Path, eval_section: dict, **train) -> Path:
 
 def _stop_training(trained: list):
     """A tm.train that records the resolved TrainConfig and stops (exit 2): the plan only."""
-    def train(cfg, resume_hint=None):
+    def train(cfg, resume_hint=None, restarts=False):
         trained.append(cfg)
         raise ValueError("stopped before training")
     return train
@@ -607,7 +646,7 @@ def test_the_recipes_own_run_in_eval_models_is_the_run_just_trained(tmp_path, mo
     recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"], "models": ["tuned=runs/tiny"]})
     seen = []
 
-    def train(cfg, resume_hint=None):
+    def train(cfg, resume_hint=None, restarts=False):
         run_dir = Path(cfg.out_dir) / cfg.name
         run_dir.mkdir(parents=True)
         (run_dir / tm.METRICS_FILE).write_text("")
