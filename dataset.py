@@ -1240,7 +1240,7 @@ def refactor_example(doc: Doc) -> Example:
 _FINGERPRINT_PREFIX = "codelm-tokenizer-"
 
 
-def _tokenizer_fingerprint(tokenizer) -> str:
+def tokenizer_fingerprint(tokenizer) -> str:
     """Hash of the tokenizer's saved files and of what its ids depend on besides them
     (``tokenizer.ENCODING_VERSION``): the cache must change when the ids can. The files go to a
     temp directory named after this process, so that a later run removes one a SIGKILL left."""
@@ -1600,7 +1600,7 @@ def prepare(
     key = _hash_json(
         {
             "corpus": corpus_key(cfg),
-            "tokenizer": _tokenizer_fingerprint(tokenizer),
+            "tokenizer": tokenizer_fingerprint(tokenizer),
             "task": _task_options(cfg),
         }
     )

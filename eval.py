@@ -41,12 +41,14 @@ if __name__ == "__main__":  # first: the imports below load torch for seconds
 
 import argparse
 import ast
+import codecs
 import contextlib
 import hashlib
 import json
 import math
 import random
 import re
+import signal
 import sys
 import time
 from collections import Counter
@@ -354,8 +356,8 @@ def load_problems(path: str | Path = PROBLEMS_FILE, sandbox: SandboxConfig | Non
     ``sandbox``, each kept problem's ``canonical_solution`` is also run against its test there
     (``workers`` at once): a broken test that compiles fails its own solution; only the kept
     ones, so a small ``limit`` does not wait on every solution of the file."""
-    try:
-        raw = Path(path).read_bytes()
+    try:  # a UTF-8 BOM (a Windows editor's) is no error, as in dataset.py's JSONL
+        raw = Path(path).read_bytes().removeprefix(codecs.BOM_UTF8)
     except FileNotFoundError:
         raise ValueError(f"{path}: problems file not found") from None
     except OSError as err:  # a directory, no permission
@@ -670,8 +672,8 @@ def _run_tokenizer(run_dir: Path, override: str | None) -> Path:
 def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None
               ) -> tuple[torch.nn.Module, Path, dict]:
     """A codelm run: its export (full model or adapter on ``init_from``) while it holds the
-    run's best weights, else ``best/``; ``tokenizer``: ``--tokenizer``, used where the run
-    holds none."""
+    run's best weights, else ``best/`` (or a checkpoint: ``_run_weights``); ``tokenizer``:
+    ``--tokenizer``, used where the run holds none."""
     import lora
     import trainingmanager as tm
 
@@ -695,14 +697,33 @@ def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None
     cfg = tm.config_from_dict(config, str(run_dir / tm.CONFIG_FILE))
     if cfg.init_from:
         cfg = replace(cfg, init_from=_run_base(run_dir, config))
-    adapter_only = (run_dir / tm.BEST_DIR / tm.ADAPTER_FILE).is_file()
-    weights = run_dir / tm.BEST_DIR / (tm.ADAPTER_FILE if adapter_only else tm.MODEL_FILE)
+    weights_dir = _run_weights(run_dir)
+    adapter_only = (weights_dir / tm.ADAPTER_FILE).is_file()
+    weights = weights_dir / (tm.ADAPTER_FILE if adapter_only else tm.MODEL_FILE)
     # pretrained's checked reader: a truncated file is an error naming it (before any build)
     file = SafetensorsFile(weights)
     tensors = {name: file.view(name) for name in file.entries}
     model = tm.build_model(cfg, load_tokenizer(tok_dir))
     tm.load_model_tensors(model, tensors, str(weights), adapter_only)
     return model.to(device), tok_dir, config
+
+
+def _run_weights(run_dir: Path) -> Path:
+    """The weights of a run whose export is not used: best/, or, while it has none (it stopped,
+    or is still training, before its first evaluation), its latest checkpoint, named in a note:
+    ``is_run_dir`` counts such a run as one, and failing on a best/ it never had helps no one."""
+    import trainingmanager as tm
+
+    if (run_dir / tm.BEST_DIR).is_dir():
+        return run_dir / tm.BEST_DIR
+    checkpoints = tm.list_checkpoints(run_dir)
+    if not checkpoints:  # only an export/ that holds no model
+        raise ValueError(f"{run_dir}: no model in {tm.EXPORT_DIR}/, and no {tm.BEST_DIR}/ or "
+                         "checkpoint to score")
+    print(f"note: {run_dir} has no {tm.BEST_DIR}/ yet (it stopped, or is still training, before "
+          f"its first evaluation): scoring its latest checkpoint, {checkpoints[-1]}",
+          file=sys.stderr)
+    return checkpoints[-1]
 
 
 def load_model(spec: str, device: torch.device, tokenizer: str | None = None) -> LoadedModel:
@@ -1145,10 +1166,29 @@ def _unique_labels(models: list[LoadedModel]) -> None:
 
 
 _FOUR_DIGITS = ("/loss", "/token_accuracy", "/ROUGE-L", "/semantic_sim")
+_PER_TOKEN = ("/loss", "/perplexity", "/token_accuracy")  # figures per token of a tokenizer
 
 
-def markdown_table(rows: Sequence[dict]) -> str:
-    """One row per model (and docstring prompt variant), one column per task metric."""
+def _tokenizer_note(models: Sequence[LoadedModel]) -> str:
+    """A note for the table when the models do not share one tokenizer ("" when they do):
+    their per-token figures count different tokens of the same text, and the table did not say
+    so (the lm tokens column may even agree: ``lm_windows`` caps it)."""
+    from dataset import tokenizer_fingerprint
+
+    groups: dict[str, list[str]] = {}
+    for lm in models:
+        groups.setdefault(tokenizer_fingerprint(lm.tokenizer), []).append(lm.label)
+    if len(groups) == 1:
+        return ""
+    return (f"note: the models use different tokenizers "
+            f"({' | '.join(', '.join(labels) for labels in groups.values())}): loss, perplexity "
+            "and token accuracy are per token of a model's own tokenizer, so they compare only "
+            "between models that share one")
+
+
+def markdown_table(rows: Sequence[dict], note: str = "") -> str:
+    """One row per model (and docstring prompt variant), one column per task metric; ``note``
+    (``_tokenizer_note``) goes under it when a column is per token."""
     columns: list[str] = []
     for row in rows:
         columns += [c for c in row["metrics"] if c not in columns]
@@ -1169,6 +1209,8 @@ def markdown_table(rows: Sequence[dict]) -> str:
         cells = [row["model"]] + ([row["prompt"] or "-"] if variants else [])
         cells += [cell(c, row["metrics"].get(c)) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
+    if note and any(c.endswith(_PER_TOKEN) for c in columns):
+        lines += ["", note]
     return "\n".join(lines)
 
 
@@ -1184,22 +1226,27 @@ class EvalProgress:
     table: str = ""  # the finished models' table
 
     def summary(self) -> str:
-        """Where a stopped evaluation stopped and what it left on disk ("" outside the models)."""
-        if self.running is None:
+        """Where a stopped evaluation stopped and what it left on disk ("" before the models)."""
+        if self.running is None and not self.saved:
             return ""
         if not self.saved:
             return f"stopped at model {self.running}; no model's results were saved"
-        return (f"stopped at model {self.running}; results of {len(self.saved)} of "
-                f"{len(self.models)} models ({', '.join(self.saved)}) saved in {self.out_dir} "
-                f"(results.json marked incomplete; the same command with --out-dir "
-                f"{self.out_dir} evaluates the rest)")
+        if len(self.saved) == len(self.models):
+            return f"results of all {len(self.models)} models saved in {self.out_dir}"
+        stopped = f"stopped at model {self.running}; " if self.running else ""
+        return (f"{stopped}results of {len(self.saved)} of {len(self.models)} models "
+                f"({', '.join(self.saved)}) saved in {self.out_dir} (results.json marked "
+                f"incomplete; the same command with --out-dir {self.out_dir} evaluates the rest)")
 
 
-def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None) -> dict:
+def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
+             remedy: str | None = None) -> dict:
     """Evaluate every model on the same examples; after each model, write the results so far
     (results.json, predictions.jsonl, table.md) to the output directory (made first, so a bad
     one costs no work), so a failure or an interrupt loses only the model it stopped; return
-    the results. ``progress``, if given, is kept up to date for the caller's report."""
+    the results. ``progress``, if given, is kept up to date for the caller's report. ``remedy``:
+    what the refusal of an output directory holding a different evaluation's results tells the
+    user to do (default: eval.py's: another --out-dir, or remove it)."""
     cfg.validate()
     torch.manual_seed(cfg.seed)
     device = _device(cfg.device)
@@ -1215,7 +1262,8 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None) -> dict:
         progress = EvalProgress()
     progress.out_dir = out
     try:
-        results = _evaluate(cfg, device, specs, progress)
+        results = _evaluate(cfg, device, specs, progress,
+                            remedy or f"name another --out-dir, or remove {out} to start over")
     except BaseException:
         if created:
             with contextlib.suppress(OSError):
@@ -1226,7 +1274,7 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None) -> dict:
 
 
 def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
-              progress: EvalProgress) -> dict:
+              progress: EvalProgress, remedy: str) -> dict:
     """The work of ``evaluate``: load, build the examples, then each model in turn, saved."""
     from dataset import load_corpus
 
@@ -1256,13 +1304,14 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
     if problems:
         counts["passk"] = len(problems)
 
+    note = _tokenizer_note(models)
     progress.models = [lm.label for lm in models]
     results = {"complete": False, "pending": progress.models, "config": asdict(cfg),
                "models": [_identity(lm) for lm in models], "examples": counts,
                "examples_digest": _examples_digest(docs, examples, problems),
                "metrics_version": METRICS_VERSION, "fingerprint_version": FINGERPRINT_VERSION,
                "rows": [], "table": ""}
-    rows, records = _finished_models(progress.out_dir, results)
+    rows, records = _finished_models(progress.out_dir, results, remedy)
     progress.saved = list(dict.fromkeys(row["model"] for row in rows))
     if progress.saved:
         print(f"resuming {progress.out_dir}: {len(progress.saved)} of {len(models)} models "
@@ -1276,12 +1325,13 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
         records += model_records
         pending = progress.models[progress.models.index(lm.label) + 1 :]
         results.update(complete=not pending, pending=pending, rows=rows,
-                       table=markdown_table(rows))
-        progress.table = results["table"]
-        _save(progress.out_dir, results, records)
-        progress.saved.append(lm.label)
-        progress.running = None
-    results.update(complete=True, pending=[], rows=rows, table=markdown_table(rows))
+                       table=markdown_table(rows, note))
+        progress.table = results["table"]  # printed on a stop, even one in _save: not lost
+        with _stop_signals_held():  # a stop's report must say what results.json holds
+            _save(progress.out_dir, results, records)
+            progress.saved.append(lm.label)
+            progress.running = None
+    results.update(complete=True, pending=[], rows=rows, table=markdown_table(rows, note))
     return results
 
 
@@ -1334,10 +1384,11 @@ _RESUME_IGNORES = ("models", "runs_dir", "out_dir", "progress", "workers", "batc
 METRICS_VERSION = 3
 
 
-def _finished_models(out: Path, results: dict) -> tuple[list[dict], list[dict]]:
+def _finished_models(out: Path, results: dict, remedy: str) -> tuple[list[dict], list[dict]]:
     """Rows and prediction records of the models that an earlier evaluation of the same models
     on the same examples with the same settings already saved in ``out`` (none if it holds no
-    results); the results of a different evaluation are refused, not overwritten."""
+    results); the results of a different evaluation are refused, not overwritten (the error
+    ends with ``remedy``)."""
     path = out / "results.json"
     if not path.exists():
         return [], []
@@ -1359,8 +1410,7 @@ def _finished_models(out: Path, results: dict) -> tuple[list[dict], list[dict]]:
                    f"there, {METRICS_VERSION} now)"]
     if changed:
         raise ValueError(f"{path}: the results of a different evaluation (differs in "
-                         f"{'; '.join(changed)}); name another --out-dir, or remove {out} to "
-                         "start over")
+                         f"{'; '.join(changed)}); {remedy}")
     rows = old.get("rows") or []
     done = {row["model"] for row in rows}
     records = []
@@ -1427,6 +1477,20 @@ def _evaluate_model(lm: LoadedModel, cfg: EvalConfig, docs: Sequence, examples: 
             row["metrics"].update({f"docstring/{k}": v for k, v in metrics.items()})
         rows.append(row)
     return rows, records
+
+
+@contextlib.contextmanager
+def _stop_signals_held() -> Iterator[None]:
+    """Within: Ctrl-C and SIGTERM wait (blocked, where the OS can block them) and land on
+    leaving, so that what they interrupt is done whole or not begun."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no blocking
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _save(out: Path, results: dict, records: Sequence[dict]) -> None:

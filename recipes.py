@@ -65,8 +65,26 @@ def load_recipe(path: str | Path) -> Recipe:
         sections[name] = {k: v for k, v in section.items() if not k.startswith("_")}
     tm.config_from_dict(sections["train"], f"{path} (train section)")
     ev.config_from_dict(sections["eval"], f"{path} (eval section)")
+    for key in sections["eval"]:
+        check_eval_key(key, f"{path}: the eval section's {key}")
     notes = {k: v for k, v in raw.items() if k.startswith("_")}
     return Recipe(path, sections["train"], sections["eval"], notes)
+
+
+# EvalConfig keys recipes.py sets itself, and how to set them instead: a recipe's or a --set's
+# value would be overwritten unseen.
+OWN_EVAL_KEYS = {
+    "out_dir": f"it evaluates a run into <out-dir>/<name>/{tm.EVAL_DIR} (python eval.py --config "
+               "RECIPE --models RUN --out-dir DIR evaluates it elsewhere)",
+    "device": "use --device (training's too)",
+    "progress": "use --no-progress (training's too)",
+}
+
+
+def check_eval_key(key: str, where: str) -> None:
+    """Refuse an eval key that recipes.py sets itself (``OWN_EVAL_KEYS``)."""
+    if key in OWN_EVAL_KEYS:
+        raise ValueError(f"{where}: recipes.py sets eval.{key} itself: {OWN_EVAL_KEYS[key]}")
 
 
 def apply_setting(recipe: Recipe, setting: str) -> None:
@@ -80,6 +98,8 @@ def apply_setting(recipe: Recipe, setting: str) -> None:
         value = json.loads(text)
     except json.JSONDecodeError:
         value = text
+    if parts[0] == "eval":
+        check_eval_key(parts[1], f"--set {setting}")
     target = recipe.train if parts[0] == "train" else recipe.eval
     for part in parts[1:-1]:
         target = target.setdefault(part, {})
@@ -568,11 +588,13 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
             if own_base and cfg.init_from:
                 placeholders[own_base] = cfg.init_from
             models = ev_values.get("models") or [own_run]
-            ev_values.update(models=resolve_models(models, placeholders),
-                             out_dir=str(result.run_dir / tm.EVAL_DIR), device=opts.device,
-                             progress=opts.progress)
+            eval_dir = result.run_dir / tm.EVAL_DIR
+            ev_values.update(models=resolve_models(models, placeholders), out_dir=str(eval_dir),
+                             device=opts.device, progress=opts.progress)
             report.eval = ev.evaluate(
-                ev.config_from_dict(ev_values, f"{opts.recipe} (eval section)"))
+                ev.config_from_dict(ev_values, f"{opts.recipe} (eval section)"),
+                remedy=f"remove {eval_dir} to evaluate the run again with these settings "
+                f"(recipes.py evaluates a run into its {tm.EVAL_DIR}/)")
             report.table = report.eval["table"]
     except KeyboardInterrupt as e:
         raise TrainedRunInterrupted(e, result.run_dir) from None

@@ -1503,9 +1503,9 @@ def test_the_tokenizer_fingerprint_removes_what_a_killed_run_left_in_tmp(tmp_pat
     for d in (dead, live):
         (d / "tokenizer").mkdir(parents=True)
         (d / "tokenizer" / "tokenizer.json").write_text("{}")
-    key = dataset._tokenizer_fingerprint(tok)
+    key = dataset.tokenizer_fingerprint(tok)
     assert sorted(tmp_path.iterdir()) == [live]  # and its own directory is gone
-    assert dataset._tokenizer_fingerprint(tok) == key
+    assert dataset.tokenizer_fingerprint(tok) == key
 
 
 def test_a_published_cache_entry_is_on_disk_before_its_name(tmp_path, monkeypatch):

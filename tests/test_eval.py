@@ -488,6 +488,20 @@ def test_limit_caps_the_passk_task(tiny_models, tmp_path, monkeypatch):
     assert results["rows"][0]["metrics"] == {"passk/pass@1": 100.0}
 
 
+
+def test_a_problems_file_with_a_utf8_bom_reads_as_without(tmp_path):
+    """A Windows editor saves JSONL with a UTF-8 BOM: the data reader accepts one, and so must
+    --problems (it failed with "not JSON (Unexpected UTF-8 BOM)")."""
+    import codecs
+
+    plain, bom = tmp_path / "plain.jsonl", tmp_path / "bom.jsonl"
+    plain.write_text(_problem_line("A") + _problem_line("B"))
+    bom.write_bytes(codecs.BOM_UTF8 + plain.read_bytes())
+    assert ev.load_problems(bom) == ev.load_problems(plain)
+    bom.write_bytes(plain.read_bytes() + codecs.BOM_UTF8 + _problem_line("C").encode())
+    with pytest.raises(ValueError, match=r"bom.jsonl:3: not JSON"):  # only at the start
+        ev.load_problems(bom)
+
 @pytest.mark.parametrize("make, message", [
     (lambda p: None, r"p.jsonl: problems file not found"),
     (lambda p: p.mkdir(), r"p.jsonl: cannot read the problems file: Is a directory"),
@@ -690,6 +704,37 @@ def test_models_base_and_finetuned_print_one_table(tiny_models, tmp_path, monkey
     ids = {model: [r["id"] for r in records if r["model"] == model] for model in ("base", "tuned")}
     assert ids["base"] == ids["tuned"] and len(ids["base"]) == results["examples"]["line"] >= 1
 
+
+
+def test_models_with_different_tokenizers_get_a_note_under_the_table(tiny_models, tmp_path,
+                                                                      monkeypatch, capsys):
+    """lm loss, perplexity and token accuracy are per token of each model's tokenizer: rows of
+    two tokenizers do not compare, and only the lm tokens column hinted at it."""
+    import shutil
+
+    from tokenizer import CodeTokenizer
+
+    monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
+    other = tmp_path / "other"
+    shutil.copytree(tiny_models["base"], other)
+    texts = [p.read_text() for p in sorted(tiny_models["code"].iterdir())]
+    CodeTokenizer.train(texts, min_freq=11).save(other)  # fewer pieces than the base's
+    base, out = tiny_models["base"], tmp_path / "out"
+    assert ev.main(["--models", f"a={base}", f"b={other}", f"c={base}", "--data",
+                    str(tiny_models["code"]), "--tasks", "lm", "--out-dir", str(out),
+                    *FAST_FLAGS]) == 0
+    printed = capsys.readouterr().out
+    note = ("note: the models use different tokenizers (a, c | b): loss, perplexity and token "
+            "accuracy are per token of a model's own tokenizer, so they compare only between "
+            "models that share one")
+    table = (out / "table.md").read_text().strip()
+    assert table.endswith(f"| c |{table.split('| c |')[1].splitlines()[0]}\n\n{note}")
+    assert table in printed  # printed, and in results.json's table, as table.md
+    # Text metrics compare across tokenizers: no note without a per-token column.
+    rows = [{"model": m, "prompt": None, "metrics": {"line/EM": 1.0}} for m in "abc"]
+    assert ev.markdown_table(rows, note) == ev.markdown_table(rows)
+    rows[0]["metrics"]["refactor/loss"] = 1.0  # --reference-loss: per token too
+    assert ev.markdown_table(rows, note).endswith(f"\n\n{note}")
 
 def test_results_record_the_context_each_model_was_scored_with(tiny_models, tmp_path,
                                                               monkeypatch, capsys):
@@ -1219,6 +1264,45 @@ def test_a_model_that_fails_or_is_interrupted_keeps_the_finished_models(
                                                      "table.md"]
 
 
+
+def test_a_ctrl_c_just_after_a_models_results_are_saved_reports_them_saved(
+        tiny_models, tmp_path, monkeypatch, capsys):
+    """A SIGINT landing between results.json's rename and the bookkeeping said "results of 1 of
+    3 models (a) saved" while results.json held a and b (seen in a review)."""
+    import json
+    import signal
+
+    monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(ev, "generate_texts", _record_models([]))
+    write_atomic = ev.cliconfig.write_atomic
+
+    def then_ctrl_c(path, data):
+        write_atomic(path, data)
+        if path.name == "results.json" and len(json.loads(data)["rows"]) == 2:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(ev.cliconfig, "write_atomic", then_ctrl_c)
+    base, out = tiny_models["base"], tmp_path / "out"
+    assert ev.main(["--models", f"a={base}", f"b={base}", f"c={base}", "--data",
+                    str(tiny_models["code"]), "--tasks", "line", "--out-dir", str(out),
+                    *FAST_FLAGS]) == 130
+    assert [row["model"] for row in json.loads((out / "results.json").read_text())["rows"]] == [
+        "a", "b"]
+    assert capsys.readouterr().err == (
+        f"interrupted; results of 2 of 3 models (a, b) saved in {out} (results.json marked "
+        f"incomplete; the same command with --out-dir {out} evaluates the rest)\n")
+
+
+def test_a_stop_between_models_or_after_the_last_says_what_is_saved():
+    """Between models (or after the last) no model is running: the summary still says what is
+    on disk, and never "marked incomplete" once every model is saved."""
+    progress = ev.EvalProgress(ev.Path("out"), ["a", "b"])
+    assert progress.summary() == ""  # before the models
+    progress.saved = ["a"]
+    assert progress.summary().startswith("results of 1 of 2 models (a) saved in out (")
+    progress.saved = ["a", "b"]
+    assert progress.summary() == "results of all 2 models saved in out"
+
 def test_a_full_disk_while_writing_results_names_the_file_and_keeps_the_old_ones(
         tiny_models, tmp_path, monkeypatch, capsys):
     import errno
@@ -1411,6 +1495,41 @@ def test_a_run_killed_in_its_first_checkpoint_is_no_run_to_load(tmp_path):
         ev.load_model(str(run), torch.device("cpu"))
     (run / tm.CHECKPOINTS_DIR / f"{tm.CHECKPOINT_PREFIX}5").mkdir()
     assert tm.is_run_dir(run)
+
+
+def test_a_run_with_no_best_yet_scores_its_latest_checkpoint(tiny_models, tmp_path, capsys):
+    """A run stopped (or still training) before its first evaluation holds checkpoints but no
+    best/: eval failed with a bare "best/model.safetensors: No such file or directory"."""
+    import dataclasses
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    import trainingmanager as tm
+
+    cfg = tm.TrainConfig(preset="tiny")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / tm.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg)))
+    tiny_models["tok"].save(run)
+    saved = {}
+    for step in (10, 5):  # the latest by step, not by the order written
+        torch.manual_seed(step)
+        saved[step] = tm.build_model(cfg, tiny_models["tok"])
+        checkpoint = run / tm.CHECKPOINTS_DIR / f"{tm.CHECKPOINT_PREFIX}{step}"
+        checkpoint.mkdir(parents=True)
+        save_file(tm.model_tensors(saved[step], False), checkpoint / tm.MODEL_FILE)
+    loaded = ev.load_model(str(run), torch.device("cpu")).model.state_dict()
+    assert all(torch.equal(t, loaded[k]) for k, t in saved[10].state_dict().items())
+    assert capsys.readouterr().err == (
+        f"note: {run} has no best/ yet (it stopped, or is still training, before its first "
+        f"evaluation): scoring its latest checkpoint, {run / 'checkpoints' / 'step-10'}\n")
+    shutil.rmtree(run / tm.CHECKPOINTS_DIR)
+    (run / tm.EXPORT_DIR).mkdir()  # a run dir (is_run_dir) with no weights to load
+    with pytest.raises(ValueError, match="no model in export/, and no best/ or checkpoint"):
+        ev.load_model(str(run), torch.device("cpu"))
 
 def test_a_run_without_its_tokenizer_names_the_missing_file(tiny_models, tmp_path, capsys):
     """A run trained with --no-export has no export/: the error named run/export, not the

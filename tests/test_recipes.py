@@ -159,7 +159,7 @@ from pathlib import Path
 from types import SimpleNamespace
 import eval as ev
 import recipes
-def evaluate(cfg):
+def evaluate(cfg, progress=None, remedy=None):
     Path(cfg.out_dir).mkdir(parents=True)
     (Path(cfg.out_dir) / "started").write_text("")
     time.sleep(60)
@@ -635,6 +635,14 @@ def _stop_training(trained: list):
     return train
 
 
+def _trained_at_once(cfg, resume_hint=None, restarts=False):
+    """A tm.train that makes the run directory (with no weights) and returns it as trained."""
+    run_dir = Path(cfg.out_dir) / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / tm.METRICS_FILE).write_text("")
+    return tm.TrainResult(run_dir, 1.0, 2)
+
+
 @pytest.mark.parametrize("rename", [["--set", "train.name=other"], ["--name", "other"]],
                          ids=["set-name", "name-flag"])
 def test_the_recipes_own_run_in_eval_models_is_the_run_just_trained(tmp_path, monkeypatch,
@@ -646,17 +654,11 @@ def test_the_recipes_own_run_in_eval_models_is_the_run_just_trained(tmp_path, mo
     recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"], "models": ["tuned=runs/tiny"]})
     seen = []
 
-    def train(cfg, resume_hint=None, restarts=False):
-        run_dir = Path(cfg.out_dir) / cfg.name
-        run_dir.mkdir(parents=True)
-        (run_dir / tm.METRICS_FILE).write_text("")
-        return tm.TrainResult(run_dir, 1.0, 2)
-
-    def evaluate(cfg, progress=None):
+    def evaluate(cfg, progress=None, remedy=None):
         seen.append(cfg.models)
         return {"table": "", "out_dir": cfg.out_dir}
 
-    monkeypatch.setattr(tm, "train", train)
+    monkeypatch.setattr(tm, "train", _trained_at_once)
     monkeypatch.setattr(ev, "evaluate", evaluate)
     runs = tmp_path / "runs"
     assert recipes.main([str(recipe), "--out-dir", str(runs), "--no-progress", *rename]) == 0
@@ -679,6 +681,49 @@ def test_resume_continues_the_run_and_evaluates_it_without_training_again(tmp_pa
     assert recipes.main([*flags, "--resume"]) == 0, capsys.readouterr().err
     assert (run / tm.METRICS_FILE).read_text().count('"kind": "train"') == steps
     assert (run / tm.EVAL_DIR / "results.json").is_file() and "lm loss" in capsys.readouterr().out
+
+
+def test_resume_with_other_eval_settings_names_the_runs_eval_dir_as_the_remedy(
+        tiny_starcoder, tmp_path, monkeypatch, capsys):
+    """The eval's refusal said "name another --out-dir": recipes.py's --out-dir is where the
+    runs are (another one trains another run), and the evaluation always goes to <run>/eval."""
+    monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
+    recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"], "lm_windows": 1, "block_size": 16,
+                                     "models": [f"base={tiny_starcoder[0]}"],
+                                     "data": [str(tmp_path / "data")]})
+    monkeypatch.setattr(tm, "train", _trained_at_once)
+    flags = [str(recipe), "--out-dir", str(tmp_path / "runs"), "--no-progress", "--device", "cpu"]
+    assert recipes.main(flags) == 0
+    capsys.readouterr()
+    assert recipes.main([*flags, "--resume", "--set", "eval.lm_windows=2"]) == 2
+    evaluated = tmp_path / "runs" / "tiny" / tm.EVAL_DIR
+    assert capsys.readouterr().err == (
+        f"error: {evaluated / 'results.json'}: the results of a different evaluation (differs "
+        f"in lm_windows (1 there, 2 now)); remove {evaluated} to evaluate the run again with "
+        "these settings (recipes.py evaluates a run into its eval/)\n")
+
+
+@pytest.mark.parametrize("key, value, instead", [
+    ("out_dir", '"elsewhere"', "it evaluates a run into <out-dir>/<name>/eval"),
+    ("device", '"cpu"', "use --device"),
+    ("progress", "false", "use --no-progress"),
+], ids=["out_dir", "device", "progress"])
+def test_eval_keys_recipes_sets_itself_are_refused_not_ignored(tmp_path, monkeypatch, capsys,
+                                                               key, value, instead):
+    """recipes.py overwrote eval.out_dir, eval.device and eval.progress with its own, silently:
+    --set eval.out_dir=../x wrote to <run>/eval all the same."""
+    trained: list = []
+    monkeypatch.setattr(tm, "train", _stop_training(trained))
+    flags = ["--out-dir", str(tmp_path / "runs"), "--no-progress"]
+    recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"]})
+    assert recipes.main([str(recipe), *flags, "--set", f"eval.{key}={value}"]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: --set eval.{key}={value}: recipes.py sets eval.{key} itself: {instead}")
+    recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"], key: json.loads(value)})
+    assert recipes.main([str(recipe), *flags]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: {recipe}: the eval section's {key}: recipes.py sets eval.{key} itself: {instead}")
+    assert trained == []
 
 
 def test_data_flag_replaces_the_recipes_validation_files_with_a_split_of_the_data(tmp_path,

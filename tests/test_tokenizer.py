@@ -829,10 +829,10 @@ def test_encoding_version_names_regex_and_keys_the_dataset_cache(code_tok, monke
     """Ids depend on the installed `regex` too (its Unicode tables: U+0295 is Ll before Unicode
     16, Lo after), so dataset's token-file key includes ENCODING_VERSION."""
     assert regex.__version__ in ENCODING_VERSION
-    before = dataset._tokenizer_fingerprint(code_tok)
-    assert dataset._tokenizer_fingerprint(code_tok) == before
+    before = dataset.tokenizer_fingerprint(code_tok)
+    assert dataset.tokenizer_fingerprint(code_tok) == before
     monkeypatch.setattr(dataset, "ENCODING_VERSION", ENCODING_VERSION + "-other")
-    assert dataset._tokenizer_fingerprint(code_tok) != before
+    assert dataset.tokenizer_fingerprint(code_tok) != before
 
 
 @pytest.mark.parametrize("specials", [("<pad>",), (), ("<|endoftext|>", "<pad>"), ("<eos>",)])
