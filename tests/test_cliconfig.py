@@ -67,6 +67,7 @@ def test_file_then_flags_with_recipe_sections(tmp_path):
     ({"ks": [1, "2"]}, r"key 'ks' must be a list of integers"),
     ({"mode": "c"}, r"key 'mode' must be one of \('a', 'b'\)"),
     ({"fast": None}, r"key 'fast' must not be null"),
+    ({"lr": True}, r"key 'lr' must be a number, got True"),
     ({"eval": {}}, r"c\.json: a recipe without a 'train' section"),
     ({"train": [1]}, r"section must be a JSON object"),
 ])
@@ -406,3 +407,127 @@ def test_write_dir_atomically_syncs_the_tree_before_the_rename(tmp_path, monkeyp
     tmp = next(e for e in events if e.startswith(".entry.tmp-"))
     assert sorted(events[:4]) == sorted(["a", "b", "sub", tmp]) and events[3] == tmp
     assert events[4:] == ["rename", "out"]
+
+
+def test_list_flags_skip_empty_items_and_take_none_as_text_when_not_optional():
+    """``--targets q_proj,`` (a trailing comma) and ``--ks 1,,2`` give no empty item (an int
+    list would fail on ''), and a list field that is not Optional keeps "none" as an item."""
+    cfg = _parse(["--targets", "q_proj,", ",v_proj", "--ks", "1,,2"])
+    assert (cfg.targets, cfg.ks) == (["q_proj", "v_proj"], [1, 2])
+    assert _parse(["--targets", "none"]).targets == ["none"]
+
+
+def test_an_owner_another_user_runs_is_alive(monkeypatch):
+    """os.kill(pid, 0) on another user's live process raises PermissionError: its temp files
+    must be kept, not removed as a dead owner's."""
+    import os
+    import re
+
+    def not_permitted(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "kill", not_permitted)
+    match = re.fullmatch(cliconfig.OWNER_PATTERN, "1@" + cliconfig.owner_tag().split("@", 1)[1])
+    assert match and not cliconfig.owner_is_dead(match)
+
+
+def test_remove_dead_owners_removes_a_dead_owners_directories_and_files_only(tmp_path):
+    """What a killed process left under its owner tag goes, directories too (a killed
+    scraper's clone), through ``remove_dir`` when given; a live owner's entry stays."""
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    _, host, ns, _ = cliconfig.owner_tag().split("@")
+    dead_dir = tmp_path / f"clone-{dead}@{host}@{ns}@a"
+    live_dir = tmp_path / f"clone-{os.getpid()}@{host}@{ns}@b"
+    for d in (dead_dir, live_dir):
+        d.mkdir()
+        (d / "f.py").write_text("x")
+    (tmp_path / f"clone-{dead}@{host}@{ns}@c.txt").write_text("half")
+    other = tmp_path / f"other-{dead}@{host}@{ns}@d"
+    other.mkdir()
+    cliconfig.remove_dead_owners(tmp_path, "clone-")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live_dir.name, other.name])
+    removed = []
+    cliconfig.remove_dead_owners(tmp_path, "other-", remove_dir=removed.append)
+    assert removed == [other]
+
+
+def test_write_atomic_files_renames_in_the_mappings_order(tmp_path, monkeypatch):
+    """The renames go in the mapping's order (the config after the weights it describes), so
+    a kill between two renames leaves new weights under an old config, never the reverse."""
+    import os
+
+    landed: list[str] = []
+    replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (landed.append(Path(b).name), replace(a, b))[1])
+    files = {tmp_path / "z.safetensors": b"w", tmp_path / "a.json": "{}", tmp_path / "m": "m"}
+    cliconfig.write_atomic_files(files)
+    assert landed == ["z.safetensors", "a.json", "m"]
+
+
+def test_replacing_a_directory_syncs_its_parent_after_the_rename(tmp_path, monkeypatch):
+    """Replacing an existing directory: the new copy's rename reaches the disk (its parent
+    directory is fsynced) before the old copy is removed."""
+    import os
+
+    target = tmp_path / "out" / "entry"
+    cliconfig.write_dir_atomically(target, lambda d: (d / "a").write_text("1"))
+    events: list[str] = []
+    fsync, rename = os.fsync, os.rename
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(
+        Path(os.readlink(f"/proc/self/fd/{fd}")).name), fsync(fd))[1])
+    monkeypatch.setattr(os, "rename", lambda a, b: (events.append("rename"), rename(a, b))[1])
+    cliconfig.write_dir_atomically(target, lambda d: (d / "a").write_text("2"))
+    assert events[-3:] == ["rename", "rename", "out"] and (target / "a").read_text() == "2"
+
+
+def test_write_dir_atomically_publishes_a_dangling_symlink_as_a_link(tmp_path):
+    """Links in the new copy are published as they are, not followed (a dangling one, which
+    an fsync through it could not open, included)."""
+    import os
+
+    def build(d: Path) -> None:
+        (d / "a").write_text("a")
+        os.symlink("a", d / "to-a")
+        os.symlink("missing", d / "dangling")
+
+    target = tmp_path / "entry"
+    assert cliconfig.write_dir_atomically(target, build)
+    assert os.readlink(target / "dangling") == "missing" and (target / "to-a").read_text() == "a"
+
+
+def test_start_up_stops_keep_an_ignored_signal_and_run_main_puts_the_handlers_back():
+    """A signal the parent ignores (``cmd &``) stays ignored through start-up; a Ctrl-C while
+    the imports load exits 130; main runs under the handlers the process started with."""
+    import signal
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        cliconfig.quiet_start_up_stops(quiet=True)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        with pytest.raises(SystemExit) as stopped:
+            signal.getsignal(signal.SIGTERM)(signal.SIGINT, None)
+        assert stopped.value.code == 130
+        seen = cliconfig.run_main(lambda: (signal.getsignal(signal.SIGINT),
+                                           signal.getsignal(signal.SIGTERM)))
+        assert seen == (signal.SIG_IGN, signal.SIG_DFL)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def test_write_dir_atomically_replaces_a_dangling_symlink_at_the_target(tmp_path):
+    """A target that is a link to nothing (a removed cache, say) is replaced by the new
+    directory, not renamed onto (which fails: a directory cannot replace a non-directory)."""
+    import os
+
+    target = tmp_path / "entry"
+    os.symlink("gone", target)
+    assert cliconfig.write_dir_atomically(target, lambda d: (d / "a").write_text("1"))
+    assert not target.is_symlink() and (target / "a").read_text() == "1"

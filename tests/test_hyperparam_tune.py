@@ -543,6 +543,36 @@ def test_interrupted_sweep_keeps_the_reports_of_finished_trials(tmp_path, corpus
     assert "continues this trial's run from its checkpoint" in hints[1]
 
 
+def test_a_sweep_that_ends_short_of_n_trials_exits_1_even_with_a_best(tmp_path, corpus,
+                                                                       monkeypatch, capsys):
+    """The last trial runs on another machine (no heartbeats: nobody would see it die): this
+    command stops waiting, says how many finished, and exits 1 although best.json exists, so
+    that `tune && train --config best.json` does not go on with a partial sweep."""
+    monkeypatch.setattr(trainingmanager, "train", lambda cfg, on_eval=None, resume_hint=None:
+                        trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=1.0, step=4))
+    argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="short", n_trials=1)
+    assert hyperparam_tune.main(argv) == 0
+    study = load_study(journal(tmp_path, "short"), "short")
+    elsewhere = study.ask()
+    study._storage.set_trial_user_attr(elsewhere._trial_id, hyperparam_tune.ATTR_WORKER,
+                                       f"{socket.gethostname()}-elsewhere:1")
+    capsys.readouterr()
+    assert hyperparam_tune.main([*argv, "--n-trials", "2"]) == 1
+    assert "study short: 1 of 2 trials finished; run the same command again" in (
+        capsys.readouterr().err)
+    assert (tmp_path / "runs" / "short" / "best.json").is_file()
+
+
+def test_one_completed_trial_ranks_no_parameter(tmp_path, corpus, monkeypatch):
+    """Importances compare completed trials: of one, Optuna would call every parameter equally
+    important (a warning, and 1.0 for a single one); importances.json stays empty."""
+    monkeypatch.setattr(trainingmanager, "train", lambda cfg, on_eval=None, resume_hint=None:
+                        trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=1.0, step=4))
+    argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="one", n_trials=1)
+    assert hyperparam_tune.main(argv) == 0
+    assert json.loads((tmp_path / "runs" / "one" / "importances.json").read_text()) == {}
+
+
 def test_a_rerun_sweep_continues_the_interrupted_trial_from_its_checkpoint(
         tmp_path, corpus, monkeypatch):
     """The trial queued again after an interrupt continues its predecessor's run directory
@@ -849,6 +879,8 @@ def test_readme_example_space_passes_the_checks_before_the_first_trial(tmp_path)
     ({"lr": {"type": "float", "low": "1e-4", "high": 1e-2}},
      "params.lr.low: must be a finite number, got '1e-4'"),
     ({"lr": {"type": "float", "low": 1e-4, "high": True}}, "params.lr.high: must be a finite"),
+    ({"lr": {"type": "float", "low": 1e-4, "high": float("inf")}},  # JSON's Infinity
+     "params.lr.high: must be a finite number, got inf"),
     # Optuna would take the string "false" as true: log-uniform sampling
     ({"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": "false"}},
      "params.lr.log: must be true or false"),
@@ -978,6 +1010,100 @@ def test_pruner_flag(tmp_path, pruner, kind):
     assert isinstance(study.pruner, kind)
 
 
+def test_hyperband_brackets_span_one_evaluation_to_the_whole_budget(tmp_path):
+    """Trials report at every --eval-every steps up to --max-steps: Hyperband's resources are
+    those steps, not Optuna's defaults."""
+    cfg = hyperparam_tune.parse_config(["--pruner", "hyperband", "--out-dir", str(tmp_path),
+                                        "--max-steps", "40", "--eval-every", "5"])
+    pruner = hyperparam_tune.open_study(cfg, hyperparam_tune.open_storage(cfg)).pruner
+    assert (pruner._min_resource, pruner._max_resource) == (5, 40)
+
+
+@pytest.mark.parametrize("key, value, least", [
+    ("n_trials", 0, 1), ("max_steps", 0, 1), ("eval_every", 0, 1), ("workers", 0, 1),
+    ("heartbeat_interval", 0, 1), ("worker", -1, 0), ("max_retry", -1, 0),
+    ("prune_startup_trials", -1, 0), ("prune_warmup_steps", -1, 0)])
+def test_counts_and_intervals_below_their_least_are_refused(key, value, least):
+    with pytest.raises(ValueError, match=f"tune.json: key '{key}' must be at least {least}, "
+                                         f"got {value}"):
+        hyperparam_tune.config_from_dict({key: value}, "tune.json")
+
+
+def test_each_worker_draws_its_own_reproducible_stream(tmp_path):
+    """--sampler-seed: a worker of one seed samples as it did before (a reproducible sweep),
+    and two workers of one seed sample differently (else they would run the same trials)."""
+    lr = optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)
+
+    def first_lr(name: str, worker: int) -> float:
+        cfg = hyperparam_tune.config_from_dict({"out_dir": str(tmp_path), "study_name": name,
+                                                "sampler_seed": 7, "worker": worker})
+        study = hyperparam_tune.open_study(cfg, hyperparam_tune.open_storage(cfg))
+        return study.ask({"lr": lr}).params["lr"]
+
+    assert first_lr("a", 1) == first_lr("b", 1) != first_lr("c", 2)
+
+
+def test_a_live_worker_of_another_user_is_alive(monkeypatch):
+    """kill(pid, 0) refused with EPERM means the process lives (another user's): its trial
+    must not be failed as orphaned. Gone is dead; another machine's worker is not judged."""
+    here = socket.gethostname()
+
+    def owned_by(worker: str):
+        return optuna.trial.create_trial(state=TrialState.RUNNING,
+                                         user_attrs={hyperparam_tune.ATTR_WORKER: worker})
+
+    def kill(error):
+        def refuse(pid, sig):
+            raise error
+        return refuse
+
+    monkeypatch.setattr(hyperparam_tune.os, "kill", kill(PermissionError()))
+    assert hyperparam_tune._local_owner_alive(owned_by(f"{here}:4242")) is True
+    monkeypatch.setattr(hyperparam_tune.os, "kill", kill(ProcessLookupError()))
+    assert hyperparam_tune._local_owner_alive(owned_by(f"{here}:4242")) is False
+    assert hyperparam_tune._local_owner_alive(owned_by(f"{here}-elsewhere:4242")) is None
+
+
+def test_the_storage_is_named_without_its_password(tmp_path):
+    """The label goes into study.json and error messages: never the database password."""
+    cfg = hyperparam_tune.config_from_dict({"out_dir": str(tmp_path),
+                                            "storage": "postgresql://me:s3cret@db.example/optuna"})
+    assert hyperparam_tune._storage_label(cfg) == "postgresql://me:***@db.example/optuna"
+
+
+def test_a_continued_study_may_change_a_sampled_keys_base_value(tmp_path, corpus):
+    """Each trial's sampled value replaces the base's: a --train-config that now sets lr
+    (sampled by the space) changes no trial, and is no change of the study's settings."""
+    cfg = hyperparam_tune.config_from_dict({"out_dir": str(tmp_path)})
+    space = hyperparam_tune.load_space(tiny_space(tmp_path, corpus))
+    study = optuna.create_study()
+    hyperparam_tune.check_study_settings(cfg, space, {"lr": 0.1, "weight_decay": 0.05}, study)
+    hyperparam_tune.check_study_settings(cfg, space, {"lr": 0.2, "weight_decay": 0.05}, study)
+    with pytest.raises(ValueError, match=r"weight_decay=0\.05 \(now 0\.2\)"):
+        hyperparam_tune.check_study_settings(cfg, space, {"lr": 0.2, "weight_decay": 0.2}, study)
+
+
+def test_which_finished_trials_count_toward_n_trials():
+    """A FAIL counts only with a reason of its own: not one interrupted, queued again, that
+    stopped the sweep, or whose worker died without a word (the study runs another instead)."""
+    def trial(state, number=0, **attrs):
+        frozen = optuna.trial.create_trial(state=state, user_attrs=attrs)
+        frozen.number = number
+        return frozen
+
+    reason = hyperparam_tune.ATTR_REASON
+    counts = hyperparam_tune.counts
+    assert counts(trial(TrialState.FAIL, **{reason: "out of memory: x"}), set())
+    assert not counts(trial(TrialState.FAIL, 3, **{reason: "out of memory: x"}), {3})
+    assert not counts(trial(TrialState.FAIL, **{reason: hyperparam_tune.INTERRUPTED}), set())
+    assert not counts(trial(TrialState.FAIL), set())
+    assert not counts(trial(TrialState.FAIL, **{reason: "stopped the sweep: ValueError: x",
+                                                hyperparam_tune.ATTR_STOPPED: True}), set())
+    assert counts(optuna.trial.create_trial(value=1.0), set())
+    assert counts(trial(TrialState.PRUNED), set())
+    assert not counts(trial(TrialState.RUNNING), set())
+
+
 @pytest.mark.slow
 def test_builtin_lora_space_sweeps_a_pretrained_model(tmp_path, corpus):
     """The built-in LoRA space end to end on a tiny HF Llama: rank, alpha, dropout and the target
@@ -1084,6 +1210,22 @@ def test_every_choice_and_bound_is_checked_before_any_trial(tmp_path, corpus, ca
 
     tiny_space(tmp_path, corpus, fixed)
     assert hyperparam_tune.main(argv) == 0  # the same command, once the space is fixed
+
+
+def test_a_stepped_bound_is_checked_where_the_step_lets_a_trial_reach(tmp_path, corpus):
+    """min_lr_ratio in [0, 1.1] by 0.25 never samples past 1.0 (Optuna lowers high to the last
+    step): the space is valid; by 0.25 up to 1.25 it is not, and is refused before any trial."""
+    def check(high: float) -> None:
+        space = tiny_space(tmp_path, corpus, {"min_lr_ratio": {
+            "type": "float", "low": 0.0, "high": high, "step": 0.25}})
+        with warnings.catch_warnings():  # Optuna says it lowered high
+            warnings.simplefilter("ignore", UserWarning)
+            hyperparam_tune.check_before_trials(hyperparam_tune.config_from_dict(
+                {"space": space, "out_dir": str(tmp_path / "runs")}))
+
+    check(1.1)
+    with pytest.raises(ValueError, match=r"params\.min_lr_ratio=1\.25: .*must be in \[0, 1\]"):
+        check(1.25)
 
 
 def test_lora_keys_without_lora_r_are_refused_in_the_sweeps_terms(tmp_path, corpus, capsys):
@@ -1296,6 +1438,10 @@ def journal_of_one_study(tmp_path: Path) -> tuple[hyperparam_tune.TuneConfig, Pa
     (lambda b: b + b"[1]\n", ":3: not an Optuna journal line (a JSON list, not an object)"),
     (lambda b: b + b'{"op_code": "x", "worker_id": "w"}\n', ':3: not an Optuna journal line '
      '(op_code is "x", not an integer)'),
+    # JSON's true is a Python int: Optuna would replay it as operation 1
+    (lambda b: b + b'{"op_code": true, "worker_id": "w"}\n', ':3: not an Optuna journal line '
+     '(op_code is true, not an integer)'),
+    (lambda b: b + b'{"op_code": 1}\n', ":3: not an Optuna journal line (no worker_id string)"),
     (lambda b: b"\n" + b, ":1: not an Optuna journal line (not JSON"),
     (lambda b: b + b"notes", ":3: not an Optuna journal line (not JSON"),
     (lambda b: b[:-1], ":2: the last line has no newline at its end; its record is whole: add "
@@ -1429,6 +1575,19 @@ def test_parent_tells_and_returns_only_worker_failures(tmp_path, corpus, capfd, 
         assert len(told_lines) == 1 and re.fullmatch(told, told_lines[0]), err
     if fault != "error":  # an error stops worker 1 too (see the test below)
         assert (tmp_path / "runs" / "w" / "best.json").is_file()  # worker 1 ran every trial
+
+
+def test_the_first_failed_workers_status_is_the_commands(tmp_path, corpus, capfd, monkeypatch):
+    """Workers 1 and 2 both fail (exit 3 and 4, no configuration error): each is told, and the
+    command exits with worker 1's status, whatever order they ended in."""
+    monkeypatch.setattr(hyperparam_tune, "WORKER_COMMAND",
+                        (sys.executable, "-c", "import sys\nsys.exit(2 + int(sys.argv[-1]))"))
+    argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="ff", n_trials=2,
+                     workers=2)
+    assert hyperparam_tune.main(argv) == 3
+    err = capfd.readouterr().err
+    assert re.search(r"^worker 1 \(pid \d+\) failed: exit status 3$", err, re.M), err
+    assert re.search(r"^worker 2 \(pid \d+\) failed: exit status 4$", err, re.M), err
 
 
 FAKE_STOPPED_WORKER = """

@@ -7,9 +7,11 @@ what the merged export gives in transformers, and that export must give codelm's
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -769,3 +771,163 @@ def test_smoke_runs_smoke_steps_even_when_the_recipe_counts_max_steps(tmp_path, 
     flags = [str(recipe), "--smoke", "--out-dir", str(tmp_path / "runs"), "--no-progress"]
     assert recipes.main([*flags, "--smoke-steps", "7"]) == 2
     assert trained[-1].max_steps == 7
+
+
+def test_a_failed_smoke_check_exits_1_and_says_why(tmp_path, capsys, monkeypatch):
+    """A smoke run whose loss did not fall is a failure of the command (CI runs it), told on
+    stderr; the same run without --smoke checks nothing."""
+    report = recipes.RecipeResult(tmp_path, tm.TrainResult(tmp_path, None, 2), None, None,
+                                  [7.5, 7.5], smoke=True)
+    monkeypatch.setattr(recipes, "run_recipe", lambda opts: report)
+    assert recipes.main([str(CONFIGS / "refactotron.json"), "--smoke"]) == 1
+    assert capsys.readouterr().err == (
+        "smoke check failed: the training loss did not decrease (7.5000 -> 7.5000)\n")
+    assert recipes.main([str(CONFIGS / "refactotron.json")]) == 0
+
+
+def test_smoke_data_leaves_out_the_stdlibs_own_tests():
+    """The stdlib's test/ package (test fixtures, deliberately odd code) is no sample of the
+    recipe's data."""
+    files = recipes._stdlib_texts(6000, 10**6)
+    assert files and not [rel for rel, _ in files if rel.split("/")[0] == "test"]
+
+
+def test_a_recipe_with_an_unknown_top_level_key_is_refused(tmp_path):
+    """A misspelt section ("trian") would be dropped silently, with the defaults trained."""
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"train": {}, "eval": {}, "trian": {"lr": 1.0}, "_note": "ok"}))
+    with pytest.raises(ValueError, match=r"r\.json: unknown top-level key\(s\) \['trian'\]"):
+        recipes.load_recipe(path)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("train=5", "expected train.KEY=VALUE or eval.KEY=VALUE"),
+    ("model.lr=1", "expected train.KEY=VALUE or eval.KEY=VALUE"),
+    ("train.lr", "expected train.KEY=VALUE or eval.KEY=VALUE"),
+    ("train.lr.x=1", "--set train.lr.x=1: lr is not an object"),
+])
+def test_a_malformed_set_is_refused_with_its_form(setting, message):
+    recipe = recipes.load_recipe(CONFIGS / "airflow_docstrings.json")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        recipes.apply_setting(recipe, setting)
+
+
+def test_eval_model_placeholders_match_whole_paths_with_or_without_a_slash():
+    """A path holding "=" (runs/v=1) is a path, not label=path; a trailing slash names the same
+    directory as the recipe's own path."""
+    placeholders = {"runs/v=1": "/r/v", "models/base": "/m/base"}
+    assert recipes.resolve_models(["runs/v=1", "base=models/base/", "models/base/", "x=other"],
+                                  placeholders) == ["/r/v", "base=/m/base", "/m/base", "x=other"]
+
+
+def test_the_recipes_base_in_eval_models_is_the_model_given(tmp_path, monkeypatch):
+    """eval.models names the base as the recipe's train.init_from: with --model, the base row
+    must evaluate that model, not the recipe's placeholder path."""
+    monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
+    recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"], "models": ["base=models/base/",
+                                                                  "tuned=runs/tiny"]},
+                          init_from="models/base")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    seen = []
+
+    def train(cfg, resume_hint=None, restarts=False):
+        run_dir = Path(cfg.out_dir) / cfg.name
+        run_dir.mkdir(parents=True)
+        (run_dir / tm.METRICS_FILE).write_text("")
+        return tm.TrainResult(run_dir, 1.0, 2)
+
+    def evaluate(cfg, progress=None, remedy=None):
+        seen.append(cfg.models)
+        return {"table": "", "out_dir": cfg.out_dir}
+
+    monkeypatch.setattr(tm, "train", train)
+    monkeypatch.setattr(ev, "evaluate", evaluate)
+    runs = tmp_path / "runs"
+    assert recipes.main([str(recipe), "--model", str(mine), "--out-dir", str(runs),
+                         "--no-progress"]) == 0
+    assert seen == [[f"base={mine}", f"tuned={runs / 'tiny'}"]]
+
+
+def test_smoke_refuses_resume_before_touching_the_previous_run(tmp_path, capsys):
+    recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"]})
+    assert recipes.main([str(recipe), "--smoke", "--resume", "--out-dir", str(tmp_path / "runs"),
+                         "--no-progress"]) == 2
+    assert "--smoke runs are not resumed; run it again" in capsys.readouterr().err
+
+
+def test_smoke_of_a_pretrained_recipe_needs_a_known_preset(tmp_path, capsys):
+    """--smoke builds a tiny checkpoint of train.preset's family: a preset it does not know is
+    told in those terms, before anything is built."""
+    recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"]}, init_from="models/x", preset="nope")
+    assert recipes.main([str(recipe), "--smoke", "--out-dir", str(tmp_path / "runs"),
+                         "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--smoke builds a tiny checkpoint of the family of train.preset, which must name one" \
+        in err and err.count("\n") == 1
+    assert not (tmp_path / "runs" / "tiny-smoke-inputs").exists()
+
+
+def test_git_sources_are_collected_once_whatever_the_order_of_extensions(tmp_path, monkeypatch):
+    """The collected file is keyed by the source and the set of extensions."""
+    import scraping.local
+
+    monkeypatch.setattr(scraping.local, "collect_local",
+                        lambda cfg: SimpleNamespace(format=lambda: "0 files"))
+    url = "https://example.com/a/b.git"
+    [one] = recipes.collect_git_sources([url], [".kt", ".kts"], tmp_path, False)
+    [two] = recipes.collect_git_sources([url], [".kts", ".kt"], tmp_path, False)
+    [other] = recipes.collect_git_sources([url], [".kt"], tmp_path, False)
+    assert one == two != other
+
+
+def test_smoke_sizes_only_shrink_the_recipes_batch_and_need_no_cuda(tmp_path):
+    """--smoke caps batch_size at 4 and grad_accum at 2, never raises a smaller one, and trains
+    a half-precision recipe in fp32 where there is no CUDA."""
+    small = recipes.smoke_train_values({"batch_size": 2, "grad_accum": 1, "precision": "bf16"},
+                                       tmp_path / "a", 5)
+    large = recipes.smoke_train_values({"batch_size": 32, "grad_accum": 8, "precision": "fp16"},
+                                       tmp_path / "b", 5)
+    assert (small["batch_size"], small["grad_accum"]) == (2, 1)
+    assert (large["batch_size"], large["grad_accum"]) == (4, 2)
+    if not torch.cuda.is_available():
+        assert small["precision"] == large["precision"] == "fp32"
+
+
+def test_smoke_eval_limits_cap_the_recipes_values_and_keep_smaller_ones():
+    defaults = {f.name: f.default for f in dataclasses.fields(ev.EvalConfig)}
+    values = recipes.smoke_eval_values({"tasks": ["lm"], "limit": 2, "max_new_tokens": 256})
+    expected = {key: cap if defaults[key] is None else min(defaults[key], cap)
+                for key, cap in recipes.SMOKE_EVAL_LIMITS.items()}
+    assert values == {"tasks": ["lm"], **expected, "limit": 2, "max_new_tokens": 16}
+
+
+@pytest.mark.parametrize("preset", ["starcoderbase-1b", "llama-3.2-1b", "phi-1_5"])
+def test_the_tiny_checkpoint_keeps_the_familys_attention_sharing(tmp_path, preset):
+    """Multi-query stays multi-query (one key/value head), grouped-query stays grouped (fewer
+    than the heads), full stays full: the smoke run exercises the family's attention."""
+    from architecture import PRESETS, Transformer
+
+    texts = [t for _, t in recipes._stdlib_texts(6000, 4)]
+    base = PRESETS[preset]
+    cfg = Transformer.from_pretrained(recipes.tiny_checkpoint(preset, texts, tmp_path)).cfg
+    heads = recipes.SMOKE_SHAPE["n_head"]
+    if base.n_kv_head == 1:
+        assert cfg.n_kv_head == 1
+    elif base.n_kv_head < base.n_head:
+        assert 1 < cfg.n_kv_head < heads and heads % cfg.n_kv_head == 0
+    else:
+        assert cfg.n_kv_head == heads
+
+
+def test_the_stdlib_data_source_is_no_missing_path(tmp_path, monkeypatch):
+    """"stdlib" names dataset's built-in corpus, wherever the command runs."""
+    monkeypatch.chdir(tmp_path)
+    recipes.check_paths({"data": ["stdlib"], "val_data": ["stdlib"], "test_data": ["stdlib"]},
+                        "r.json")
+
+
+def test_a_loss_that_stayed_level_is_told_as_not_decreasing(tmp_path):
+    report = recipes.RecipeResult(tmp_path, tm.TrainResult(tmp_path, None, 2), None, None,
+                                  [7.5, 7.5], smoke=True)
+    assert "7.5000 -> 7.5000 (DID NOT DECREASE)" in recipes.summary(report)

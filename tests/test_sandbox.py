@@ -563,3 +563,80 @@ def test_sample_dies_with_its_evaluator_and_a_later_run_removes_its_directory(mo
     monkeypatch.setattr(sandbox, "_swept", False)  # as in a new evaluator process
     assert run_python("pass", FAST).passed
     assert not directory.exists()
+
+
+def test_the_samples_own_limits_are_the_configs():
+    """Closed form of SandboxConfig: CPU seconds one past the wall clock (rounded up), memory_mb
+    and file_mb in MiB, no core dumps, MAX_FDS open files, as the sample's getrlimit reads them."""
+    cfg = SandboxConfig(timeout_s=2.5, memory_mb=200, file_mb=3)
+    program = ("import resource\n"
+               "for name in ('CPU', 'AS', 'FSIZE', 'CORE', 'NOFILE'):\n"
+               "    print(name, *resource.getrlimit(getattr(resource, 'RLIMIT_' + name)))\n")
+    result = run_python(program, cfg)
+    assert result.passed, result.stderr
+    assert result.stdout.splitlines() == [
+        "CPU 4 5", f"AS {200 * 2**20} {200 * 2**20}", f"FSIZE {3 * 2**20} {3 * 2**20}",
+        "CORE 0 0", f"NOFILE {sandbox.MAX_FDS} {sandbox.MAX_FDS}"]
+
+
+def test_a_sample_its_cpu_limit_stops_is_a_timeout():
+    """RLIMIT_CPU ends a run with SIGXCPU (several busy threads pass the wall clock in CPU
+    time): that is its time limit, not a kill from outside."""
+    result = run_python("import signal\nsignal.raise_signal(signal.SIGXCPU)", FAST)
+    assert result.returncode == -signal.SIGXCPU and result.status == "timeout"
+
+
+def test_long_output_keeps_its_last_max_output_chars():
+    """The tail, not the head, of each stream, counted in characters (multi-byte ones too)."""
+    cfg = SandboxConfig(timeout_s=3.0, memory_mb=256, max_output_chars=120)
+    program = ("import sys\n"
+               "for i in range(500):\n"
+               "    print(f'{i} \\u20ac')\n"
+               "    print(f'e{i} \\u00e9', file=sys.stderr)\n")
+    result = run_python(program, cfg)
+    assert result.passed, result.stderr
+    assert result.stdout == "".join(f"{i} \u20ac\n" for i in range(500))[-120:]
+    assert result.stderr.endswith("e499 \u00e9\n") and len(result.stderr) <= 120
+    assert result.stderr in "".join(f"e{i} \u00e9\n" for i in range(500))
+
+
+def test_the_sample_runs_as_main_with_only_its_own_argv():
+    """As under `python program.py`: the `if __name__ == "__main__":` block of generated code
+    runs, __file__ is set, and sys.argv holds the program alone (not the bootstrap's settings)."""
+    program = ("import sys\n"
+               "if __name__ == '__main__':\n"
+               "    print(sys.argv == [__file__], __file__.endswith('.py'))\n")
+    result = run_python(program, FAST)
+    assert result.passed, result.stderr
+    assert result.stdout == "True True\n"
+
+
+def test_a_working_directory_the_evaluator_cannot_list_is_over_budget(monkeypatch):
+    """A sample of a non-root evaluator can make part of its directory unreadable to it: what
+    cannot be measured is not allowed to grow (status disk), rather than escaping the budget."""
+    monkeypatch.setattr(sandbox, "_disk_use", lambda directory, max_files: None)
+    result = run_python("import time\ntime.sleep(30)", FAST)
+    assert result.status == "disk" and result.duration_s < 2.0
+
+
+def test_an_uncaught_memory_error_the_bootstrap_could_not_map_is_memory():
+    """Exit status 1 under a traceback whose last line is MemoryError (as one raised while
+    compiling leaves it) is the memory limit; another exit status under the same text is not."""
+    traceback = 'Traceback (most recent call last):\n  File "program.py"\nMemoryError\n'
+    program = f"import sys\nsys.stderr.write({traceback!r})\nsys.exit(%d)"
+    assert run_python(program % 1, FAST).status == "memory"
+    assert run_python(program % 3, FAST).status == "failed"
+
+
+def test_max_files_is_the_number_of_entries_allowed():
+    """Files and directories together: max_files of them run on, one more is stopped."""
+    budget = SandboxConfig(timeout_s=3.0, memory_mb=256, max_files=40)
+    program = ("import os, time\nos.mkdir('d')\nfor i in range({}):\n"
+               "    open(f'd/{{i}}', 'w').close()\ntime.sleep({})\n")
+    assert run_python(program.format(39, 0.5), budget).passed
+    assert run_python(program.format(40, 30), budget).status == "disk"
+
+
+def test_a_memory_error_the_program_left_uncaught_exits_with_exit_memory():
+    result = run_python("x = bytearray(10 ** 11)", SandboxConfig(timeout_s=10.0, memory_mb=256))
+    assert result.status == "memory" and result.returncode == sandbox.EXIT_MEMORY

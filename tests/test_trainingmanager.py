@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -2656,3 +2657,182 @@ def test_ddp_ranks_draw_their_own_dropout_and_share_the_validation_out(assets, t
     val = [json.loads(line) for line in (run / tm.METRICS_FILE).read_text().splitlines()
            if json.loads(line)["kind"] == "val"]
     assert [v["val_tokens"] for v in val] == [8 * 32]  # 8 windows of 32 labels
+
+
+def test_batch_order_restored_in_a_later_epoch_continues_that_epochs_order():
+    """A checkpoint taken in epoch 1 resumes on epoch 1's permutation, not epoch 0's."""
+    order = tm.BatchOrder(10, 4, tm.Dist(), seed=3)
+    for _ in range(3):
+        order.next()  # the third batch starts epoch 1
+    restored = tm.BatchOrder(10, 4, tm.Dist(), seed=3)
+    restored.load_state_dict(order.state_dict())
+    assert order.state_dict()["epoch"] == 1
+    assert [restored.next() for _ in range(4)] == [order.next() for _ in range(4)]
+
+
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"tokenizer_min_freq": 0}, r"TrainConfig\.tokenizer_min_freq=0: must be >= 1"),
+    ({"adam_eps": 0.0}, r"TrainConfig\.adam_eps=0\.0: must be > 0"),
+    ({"eval_examples": 0}, r"TrainConfig\.eval_examples=0: must be >= 1"),
+    ({"inject_nan_at_step": 0}, r"TrainConfig\.inject_nan_at_step=0: must be >= 1"),
+    ({"overfit_batches": -1}, r"TrainConfig\.overfit_batches=-1: must be >= 0"),
+    ({"resume": "/nonexistent/run"}, r"--resume /nonexistent/run: no such run directory"),
+])
+def test_validate_config_refuses_bounds_no_run_reaches(values, message):
+    """Bounds no other test reached: each would otherwise fail late (eval_examples 0 as "no
+    labelled tokens") or not at all."""
+    with pytest.raises(ValueError, match=message):
+        tm.validate_config(tm.TrainConfig(**values))
+
+
+
+def test_resume_compares_with_the_newest_checkpoints_config(tmp_path):
+    """Of several checkpoints, the newest (by step number, step-10 after step-9) holds the
+    settings the run continues with."""
+    cfg, run = _saved_run(tmp_path)
+    for step, lr in ((9, 0.1), (10, 0.2)):
+        (run / tm.CHECKPOINTS_DIR / f"step-{step}").mkdir(parents=True)
+        write_config(dataclasses.replace(cfg, lr=lr), run / tm.CHECKPOINTS_DIR / f"step-{step}"
+                     / tm.CONFIG_FILE)
+    assert tm.check_resume_config(dataclasses.replace(cfg, lr=0.2), run, "hint")["lr"] == 0.2
+    with pytest.raises(ValueError, match=r"lr=0\.2 \(now 0\.1\)"):
+        tm.check_resume_config(dataclasses.replace(cfg, lr=0.1), run, "hint")
+
+
+@pytest.mark.parametrize("option, value", [("cache_dir", "elsewhere"), ("use_cache", False),
+                                           ("num_workers", 3), ("progress", False)])
+def test_resume_accepts_a_change_of_data_option(tmp_path, option, value):
+    """Where and how fast the data is prepared may change on resume (a moved cache)."""
+    cfg, run = _saved_run(tmp_path)
+    tm.check_resume_config(dataclasses.replace(cfg, data_options={option: value}), run, "hint")
+
+
+def test_data_options_progress_beats_the_runs_progress():
+    assert tm.data_config(tm.TrainConfig(progress=False), 32).progress is False
+    assert tm.data_config(tm.TrainConfig(progress=True), 32).progress is True
+    assert tm.data_config(tm.TrainConfig(progress=True, data_options={"progress": False}),
+                          32).progress is False
+
+
+def test_shape_overrides_rederive_head_dim_and_kv_heads():
+    """--n-embd re-derives head_dim (n_embd // n_head) and --n-head n_kv_head (= n_head),
+    unless model_options sets it: the preset's resolved values would not fit the new shape."""
+    tiny = tm.model_config(tm.TrainConfig(preset="tiny"), 64, None, None)
+    assert (tiny.n_head, tiny.n_kv_head, tiny.head_dim) == (4, 2, 16)
+    wide = tm.model_config(tm.TrainConfig(preset="tiny", n_embd=128), 64, None, None)
+    assert (wide.n_kv_head, wide.head_dim, wide.rotary_dim) == (2, 32, 32)
+    heads = tm.model_config(tm.TrainConfig(preset="tiny", n_head=8), 64, None, None)
+    assert (heads.n_kv_head, heads.head_dim) == (8, 8)
+    gqa = tm.model_config(tm.TrainConfig(preset="tiny", n_head=8, model_options={"n_kv_head": 4}),
+                          64, None, None)
+    assert gqa.n_kv_head == 4
+
+
+@pytest.mark.parametrize("hf_config, expected", [
+    ({"max_position_embeddings": 4096, "n_positions": 64}, 1024), ({"n_positions": 64}, 64),
+    ({"n_ctx": 100}, 100), ({}, 1024), ({"max_position_embeddings": 512}, 512)])
+def test_default_block_size_is_the_init_froms_context_up_to_1024(tmp_path, hf_config, expected):
+    (tmp_path / tm.HF_CONFIG).write_text(json.dumps(hf_config))
+    run = types.SimpleNamespace(cfg=tm.TrainConfig(init_from=str(tmp_path)))
+    assert tm._Run._default_block_size(run) == expected
+
+
+def test_default_block_size_from_scratch_is_the_presets():
+    run = types.SimpleNamespace(cfg=tm.TrainConfig(preset="tiny"))
+    assert tm._Run._default_block_size(run) == 128
+
+
+
+def test_eval_precision_fp32_evaluates_without_autocast_whatever_the_training_precision():
+    """--precision bf16 --eval-precision fp32 (the default) scores in fp32: the validation loss
+    is F.cross_entropy on the fp32 logits; "same" computes in bf16."""
+    ids, labels = _shifted_batch()
+    losses = {}
+    for eval_precision in ("fp32", "same"):
+        trainer = _trainer(tm.TrainConfig(preset="tiny", precision="bf16", dropout=0.0,
+                                          eval_precision=eval_precision))
+        losses[eval_precision] = trainer.evaluate([{"input_ids": ids, "labels": labels}])["val_loss"]
+    model = trainer.raw_model.eval()
+    with torch.no_grad():
+        ref = F.cross_entropy(model.lm_head(model(ids, return_hidden=True)).flatten(0, 1),
+                              labels.flatten(), ignore_index=tm.IGNORE_INDEX).item()
+    assert losses["fp32"] == pytest.approx(ref, rel=1e-6)
+    assert losses["same"] != pytest.approx(ref, rel=1e-6)
+
+
+def test_checkpoint_names_and_their_numeric_order(tmp_path):
+    for name in ("step-10", "step-9", "step-x", "step-", "broken-step-3", "step-2"):
+        (tmp_path / tm.CHECKPOINTS_DIR / name).mkdir(parents=True)
+    (tmp_path / tm.CHECKPOINTS_DIR / "step-11").write_text("a file, not a checkpoint")
+    assert [p.name for p in tm.list_checkpoints(tmp_path)] == ["step-2", "step-9", "step-10"]
+    assert tm.checkpoint_step(Path("step-12")) == 12
+    assert tm.checkpoint_step(Path("step-1e3")) is None and tm.checkpoint_step(Path("x-3")) is None
+
+
+
+def test_eval_batches_upgrade_leaves_an_explicit_eval_examples():
+    values = {"eval_batches": 2, "eval_examples": 5}
+    assert tm.upgraded(values) == {"eval_batches": 2, "eval_examples": 5}
+    assert tm.upgraded({"eval_batches": 2, "batch_size": 3}) == {"batch_size": 3,
+                                                                  "eval_examples": 6}
+
+
+
+
+def test_a_directory_with_config_and_export_only_is_a_run(tmp_path):
+    (tmp_path / tm.CONFIG_FILE).write_text("{}")
+    assert not tm.is_run_dir(tmp_path)
+    (tmp_path / tm.EXPORT_DIR).mkdir()
+    assert tm.is_run_dir(tmp_path)
+
+
+def test_labels_that_count_nothing_are_a_data_bug():
+    ids = torch.arange(6)
+    with pytest.raises(ValueError, match="train example 0: its labels are not the next"):
+        tm.check_next_token_labels([{"input_ids": ids, "labels": torch.full((6,), -100)}],
+                                   "train")
+    tm.check_next_token_labels([{"input_ids": ids, "labels": ids.roll(-1)}], "train")
+
+
+def test_earlier_codelms_partial_writes_are_settled(tmp_path):
+    """Names of writes interrupted under an earlier codelm (`.tmp-NAME-PID`, `.old-NAME-PID`):
+    temps removed, a moved-aside copy put back when its replacement never landed, else
+    removed."""
+    for name in (".tmp-best-123", ".old-best-123", ".old-export-45", "export"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "a").write_text(name)
+    tm.clean_partial_writes(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "export"]
+    assert (tmp_path / "best" / "a").read_text() == ".old-best-123"
+    assert (tmp_path / "export" / "a").read_text() == "export"
+
+
+def test_sample_completion_stays_within_the_models_context(monkeypatch):
+    """The end-of-run sample asks for at most the positions the context has left, and nothing
+    for a prompt that fills it (generate past block_size fails after a whole run)."""
+    from architecture import Transformer
+
+    tok = CodeTokenizer.train(["def f(x):\n    return x\n"] * 2, min_freq=1)
+    model = Transformer(tm.model_config(tm.TrainConfig(preset="tiny", block_size=16),
+                                        tok.vocab_size, tok.bos_id, tok.eos_id))
+    asked = []
+    monkeypatch.setattr(type(model), "generate",
+                        lambda self, idx, n, **kwargs: (asked.append((idx.shape[1], n)), idx)[1])
+    prompt = "def f(x):\n"
+    n_prompt = 1 + len(tok.encode(prompt))  # after the EOS an lm sample starts with
+    tm.sample_completion(model, tok, prompt, 48, "lm")
+    assert n_prompt < 16 and asked == [(n_prompt, 16 - n_prompt)]
+    assert tm.sample_completion(model, tok, prompt * 20, 48, "lm") == "" and len(asked) == 1
+
+
+def test_a_diverged_run_exits_1_and_a_bad_setting_2(capsys):
+    """Scripts tell a diverged run (exit 1: the data or the lr, the run itself was sound) from a
+    refused setting or an unwritable path (exit 2)."""
+    assert tm.report_run_error(tm.NonFiniteLossError("non-finite loss", step=3)) == 1
+    assert tm.report_run_error(ValueError("TrainConfig.lr=0.0: must be > 0")) == 2
+    assert tm.report_run_error(OSError(28, "No space left on device", "runs/x")) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: non-finite loss", "error: TrainConfig.lr=0.0: must be > 0",
+        "error: runs/x: No space left on device"]
