@@ -543,11 +543,19 @@ class SandboxResult:
         return self.status == "passed"
 
 
-def _tail(path: Path, limit: int) -> str:
+def _tail(path: Path, limit: int, skip: int = 0, marker: bytes = b"") -> tuple[str, bool]:
+    """The last ``limit`` characters of a file past its first ``skip`` bytes, and whether
+    ``marker`` was there. The marker (the completion signal) is taken out before the cut, so it
+    takes none of the program's room and is never cut in half (a half would be the program's
+    stderr, and the run not completed)."""
     with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        f.seek(max(f.tell() - limit * 4, 0))
-        return f.read().decode("utf-8", errors="replace")[-limit:]
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(size - limit * 4 - len(marker), skip))
+        data = f.read()
+    at = data.rfind(marker) if marker else -1
+    if at >= 0:
+        data = data[:at] + data[at + len(marker):]
+    return (data.decode("utf-8", errors="replace")[-limit:] if limit > 0 else ""), at >= 0
 
 
 def _raised_memory_error(stderr: str) -> bool:
@@ -746,15 +754,14 @@ def run_python(source: str, config: SandboxConfig | None = None) -> SandboxResul
                 with _RUNNING_LOCK:
                     _RUNNING.discard(proc.pid)
             duration = time.monotonic() - start
-        stdout = _tail(control_dir / "stdout", cfg.max_output_chars)
-        with open(control_dir / "stderr", "rb") as f:
-            header = re.match(rb"sandbox: landlock=(\d+) seccomp=(\d)$", f.readline().strip())
+        stdout, _ = _tail(control_dir / "stdout", cfg.max_output_chars)
+        with open(control_dir / "stderr", "rb") as f:  # the bootstrap's line comes first
+            line = f.readline(200)
+        header = re.fullmatch(rb"sandbox: landlock=(\d+) seccomp=(\d)\n", line)
         landlock, seccomp = (header[1] != b"0", header[2] == b"1") if header else (False, False)
-        stderr = _tail(control_dir / "stderr", cfg.max_output_chars)
-        stderr = re.sub(r"\Asandbox: landlock=\d+ seccomp=\d\n", "", stderr)
-        marker = f"\nsandbox: completed {token}\n"
-        completed = marker in stderr
-        stderr = stderr.replace(marker, "")
+        stderr, completed = _tail(control_dir / "stderr", cfg.max_output_chars,
+                                  skip=len(line) if header else 0,
+                                  marker=f"\nsandbox: completed {token}\n".encode())
     finally:
         _hide_evaluator(-1)
         _remove(control_dir)

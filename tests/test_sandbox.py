@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -598,6 +599,18 @@ def test_long_output_keeps_its_last_max_output_chars():
     assert result.stdout == "".join(f"{i} \u20ac\n" for i in range(500))[-120:]
     assert result.stderr.endswith("e499 \u00e9\n") and len(result.stderr) <= 120
     assert result.stderr in "".join(f"e{i} \u00e9\n" for i in range(500))
+
+
+@pytest.mark.parametrize("limit, written", [(40, 0), (150, 80), (150, 110), (0, 30)])
+def test_the_output_limit_counts_the_programs_own_stderr_only(limit, written):
+    """The tail was cut before the sandbox's own header line and completion marker came out:
+    under 53 characters a run that ended reported completed=False with part of the secret token
+    as its stderr, a piece of the header showed as the program's, and the marker took room."""
+    program = f"import sys\nsys.stderr.write('x' * {written})\nprint(1)\n"
+    result = run_python(program, dataclasses.replace(FAST, max_output_chars=limit))
+    assert result.passed and result.completed, result
+    assert result.stderr == (("x" * written)[-limit:] if limit else "")
+    assert result.stdout == ("1\n"[-limit:] if limit else "")
 
 
 def test_the_sample_runs_as_main_with_only_its_own_argv():
