@@ -567,10 +567,10 @@ def _publish(tmp: Path, target: Path, old: Path | None) -> bool:
             os.rename(tmp, target)
         except BaseException:
             if not _put_back(old, target):
-                shutil.rmtree(old, ignore_errors=True)
+                _discard(old)
             raise
         _fsync(target.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
         return True
     try:
         os.rename(tmp, target)
@@ -580,6 +580,15 @@ def _publish(tmp: Path, target: Path, old: Path | None) -> bool:
         raise
     _fsync(target.parent)
     return True
+
+
+def _discard(old: Path) -> None:
+    """Remove a replaced target: a directory, or a link (which rmtree refuses, unseen)."""
+    if old.is_symlink():
+        with contextlib.suppress(OSError):
+            old.unlink()
+    else:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _fsync_tree(root: Path) -> None:

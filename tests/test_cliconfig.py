@@ -531,3 +531,4 @@ def test_write_dir_atomically_replaces_a_dangling_symlink_at_the_target(tmp_path
     os.symlink("gone", target)
     assert cliconfig.write_dir_atomically(target, lambda d: (d / "a").write_text("1"))
     assert not target.is_symlink() and (target / "a").read_text() == "1"
+    assert os.listdir(tmp_path) == ["entry"]  # the link moved aside is gone too
