@@ -482,7 +482,9 @@ def test_autopep8_formats_and_respects_the_time_limit(tmp_path):
                 tmp_path / str(workers),
                 sources=[str(big)],
                 autopep8=True,
-                autopep8_timeout=0.5,
+                # mod.py takes over 10 s, ugly.py milliseconds: 2 s parts them with room for
+                # a loaded machine (0.5 s timed ugly.py out at a load average of 9 on 2 cores)
+                autopep8_timeout=2.0,
                 num_workers=workers,
                 train_frac=1,
                 val_frac=0,
