@@ -335,7 +335,8 @@ def test_decode_layout_stays_out_of_state_dict(tmp_path):
     for name, p in model.named_parameters():  # the parameters themselves, not copies
         assert p.is_contiguous() and state[name].data_ptr() == p.data_ptr()
     assert state["wte.weight"].data_ptr() == state["lm_head.weight"].data_ptr()  # still tied
-    assert torch.equal(model(_ids(1, 4)), expected)
+    # the same function; a layout may change a matmul's low bits (AVX-512 kernels here: 1.2e-7)
+    torch.testing.assert_close(model(_ids(1, 4)), expected, rtol=0, atol=1e-6)
     state["wte.weight"].view(-1)
     force_column_major()
     save_model(model, tmp_path / "m.safetensors")
