@@ -111,12 +111,16 @@ def config_from_dict(cls: type, values: Mapping[str, Any], source: str = "<dict>
     return cls(**checked)
 
 
-def read_json_object(path: str | Path, what: str = "file") -> dict:
+def read_json_object(path: str | Path, what: str = "file", strict: bool = False) -> dict:
     """The one JSON object a file holds. Every script reads its JSON files here, so each failure
-    names the file (and the line) in one form."""
+    names the file (and the line) in one form. ``strict``, for the files users write (configs,
+    recipes, search spaces): a key given twice in one object is an error; other tools' files
+    (an HF config.json, PEFT's adapter_config.json) load as transformers and PEFT load them,
+    the last value winning."""
     path = Path(path)
     try:  # utf-8-sig: a Windows editor's byte-order mark is not JSON, but no reason to refuse
-        value = json.loads(path.read_text("utf-8-sig"), object_pairs_hook=_unique_keys)
+        value = json.loads(path.read_text("utf-8-sig"),
+                           object_pairs_hook=_unique_keys if strict else None)
     except FileNotFoundError:
         raise ValueError(f"{path}: {what} not found") from None
     except (OSError, UnicodeDecodeError) as err:
@@ -165,7 +169,7 @@ def read_config_file(path: str | Path, section: str) -> tuple[dict, str]:
     """(values, source name) of a JSON config file: the recipe's ``section`` when the file is a
     recipe, else the whole object. ``_``-prefixed keys are documentation and are dropped."""
     path = Path(path)
-    values = read_json_object(path, "config file")
+    values = read_json_object(path, "config file", strict=True)
     source = str(path)
     if section in values:
         check_recipe_keys(values, path)
@@ -384,6 +388,27 @@ def interrupt_on_sigterm() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def stops_deferred() -> Iterator[None]:
+    """Within: a Ctrl-C or SIGTERM waits and lands on leaving, as the handlers in place before
+    would have taken it, so that what it would interrupt is done whole or not begun. Deferred by
+    a handler: Python runs handlers in the main thread whichever thread the OS gave the signal
+    to (one of torch's, often), where a signal mask blocks it for the calling thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if caught:
+            signal.raise_signal(caught[0])
 
 
 _START_UP_REPLACED: dict[int, Callable | int | None] = {}  # what quiet_start_up_stops replaced

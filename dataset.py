@@ -850,11 +850,13 @@ def publish_cache_entry(final: Path, build: Callable[[Path], object],
         cliconfig.remove_dead_owners(final.parent, _EARLIER_PARTIAL)
         cliconfig.write_dir_atomically(final, build, replace=replace)
     except OSError as err:
-        if err.filename is not None and err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+        if err.filename is not None and not full:
             raise
+        advice = (": free space, or move the data cache with CODELM_CACHE=DIR (or the cache_dir "
+                  "data option)") if full else ""
         raise OSError(err.errno, f"{err.strerror or err} while writing {final.name} there; "
-                      "nothing half-built was kept: free space, or move the data cache with "
-                      "CODELM_CACHE=DIR (or the cache_dir data option)", str(final.parent)) from None
+                      f"nothing half-built was kept{advice}", str(final.parent)) from None
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:
@@ -878,9 +880,9 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         copies = stats["dropped"].get("duplicate") and (cfg.val_sources or cfg.test_sources)
         raise DataError(
             f"sources {cfg.sources} left no train documents (kept: {stats['split']}, dropped: "
-            f"{stats['dropped'] or 'none'}); " + (
-                "a copy of a val/test document is kept out of training, so a val/test source "
-                "must not also be a training source" if copies else "add data"))
+            f"{stats['dropped'] or 'none'}); add data" + (
+                " (a training document identical to a val/test one is dropped as a duplicate: "
+                "a val/test source must not also be a training source)" if copies else ""))
     for split, given in (("val", cfg.val_sources), ("test", cfg.test_sources)):
         if given and not splits[split]:
             raise DataError(f"{split}_sources {given} left no {split} documents after cleaning "

@@ -48,7 +48,6 @@ import json
 import math
 import random
 import re
-import signal
 import sys
 import time
 from collections import Counter
@@ -1327,7 +1326,7 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
         results.update(complete=not pending, pending=pending, rows=rows,
                        table=markdown_table(rows, note))
         progress.table = results["table"]  # printed on a stop, even one in _save: not lost
-        with _stop_signals_held():  # a stop's report must say what results.json holds
+        with cliconfig.stops_deferred():  # a stop's report must say what results.json holds
             _save(progress.out_dir, results, records)
             progress.saved.append(lm.label)
             progress.running = None
@@ -1477,20 +1476,6 @@ def _evaluate_model(lm: LoadedModel, cfg: EvalConfig, docs: Sequence, examples: 
             row["metrics"].update({f"docstring/{k}": v for k, v in metrics.items()})
         rows.append(row)
     return rows, records
-
-
-@contextlib.contextmanager
-def _stop_signals_held() -> Iterator[None]:
-    """Within: Ctrl-C and SIGTERM wait (blocked, where the OS can block them) and land on
-    leaving, so that what they interrupt is done whole or not begun."""
-    if not hasattr(signal, "pthread_sigmask"):  # Windows: no blocking
-        yield
-        return
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _save(out: Path, results: dict, records: Sequence[dict]) -> None:

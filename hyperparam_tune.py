@@ -310,7 +310,7 @@ def load_space(space: str) -> SearchSpace:
         builtin = sorted(p.stem for p in SPACES_DIR.glob("*.json"))
         raise ValueError(f"search space {space!r}: not a built-in space {builtin} nor a file")
     source = str(path)
-    data = cliconfig.read_json_object(path, "search space")
+    data = cliconfig.read_json_object(path, "search space", strict=True)
     if not isinstance(data.get("params"), dict) or not data["params"]:
         raise ValueError(f"{source}: a search space is an object with a non-empty 'params' object")
     unknown = set(data) - {"description", "requires", "base", "params"}

@@ -55,7 +55,7 @@ class Recipe:
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe; errors name the file, the section and the key."""
     path = Path(path)
-    raw = cliconfig.read_json_object(path, "recipe")
+    raw = cliconfig.read_json_object(path, "recipe", strict=True)
     cliconfig.check_recipe_keys(raw, path)
     sections = {}
     for name in ("train", "eval"):

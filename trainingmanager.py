@@ -30,7 +30,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import sys
 import threading
 import time
@@ -754,7 +753,7 @@ ADAPTER_FILE = "adapter.safetensors"  # only the trainable tensors (LoRA on a pr
 STATE_FILE = "state.pt"  # optimizer, scheduler, scaler, RNG of every rank, progress
 CHECKPOINT_PREFIX = "step-"
 EXPORT_RECORD = "codelm_export.json"  # in export/: {"best_step": the step of best/ it holds}
-LOCK_FILE = ".lock"  # held (flock) by the run that runs in the directory; holds "HOST:PID"
+LOCK_FILE = ".lock"  # held (flock) by the run that runs in the directory; holds its owner_tag
 WRITTEN_BEFORE_CONFIG = ("tokenizer.json", "tokenizer_config.json")  # the run's tokenizer
 
 
@@ -824,7 +823,7 @@ def write_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
             raise
         free = free_mib[0] if free_mib else shutil.disk_usage(Path(target).parent).free / 2**20
         cause = f"{type(err).__name__}: {err}"
-        if free < DISK_FULL_MIB or getattr(err, "errno", None) == errno.ENOSPC:
+        if free < DISK_FULL_MIB or getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
             raise OSError(f"{target}: could not write it: the disk is full ({free:.0f} MiB free); "
                           f"free some space before going on; what was written before is intact "
                           f"({cause})") from None
@@ -1000,8 +999,8 @@ def check_run_name(name: str | None, what: str) -> None:
     """A run's name is one directory name in out_dir: a path put the run elsewhere (outside it
     with '..', or nested where eval.py's ``latest_run`` never looks). ``what`` names the setting."""
     if name and (Path(name).name != name or name in (".", "..")):
-        raise ValueError(f"{what}: a run name, not a path (no '/', '.' or '..'); --out-dir sets "
-                         "the directory the run goes in")
+        raise ValueError(f"{what}: a run name, not a path (no path separator, and not '.' or "
+                         "'..'); --out-dir sets the directory the run goes in")
 
 
 def validate_config(cfg: TrainConfig) -> None:
@@ -1468,12 +1467,15 @@ class _RunDirTaken(ValueError):
 
 
 def lock_holder(lock: Path) -> str | None:
-    """Who holds (or last held) ``lock``, as its run wrote it: "process PID on HOST"."""
+    """Who holds ``lock``, as its run wrote it (``cliconfig.owner_tag``): "process PID on HOST";
+    None when unknown or ended (the file keeps the last holder's tag)."""
     try:
-        host, _, pid = lock.read_text().strip().rpartition(":")
+        match = re.fullmatch(cliconfig.OWNER_PATTERN, lock.read_text().strip())
     except (OSError, UnicodeDecodeError):
         return None
-    return f"process {pid} on {host}" if host and pid.isdigit() else None
+    if match is None or cliconfig.owner_is_dead(match):
+        return None
+    return f"process {match['pid']} on {match['host']}"
 
 
 def lock_is_held(lock: Path) -> bool:
@@ -1766,8 +1768,6 @@ class _Run:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             self._lock = fd
-            os.ftruncate(fd, 0)  # who holds it, for whoever waits for it (lock_holder)
-            os.write(fd, f"{socket.gethostname()}:{os.getpid()}\n".encode())
         except BlockingIOError:
             os.close(fd)
             who = "; ".join(filter(None, [lock_holder(run_dir / LOCK_FILE), "one started in the "
@@ -1778,6 +1778,10 @@ class _Run:
             os.close(fd)
             print(f"warning: {run_dir}: this filesystem cannot lock the run directory; nothing "
                   "stops a second run under this name", file=sys.stderr)
+        if self._lock is not None:  # who holds it, for whoever waits for it (lock_holder)
+            with contextlib.suppress(OSError):  # a full disk: the lock holds all the same
+                os.ftruncate(self._lock, 0)
+                os.write(self._lock, f"{cliconfig.owner_tag()}\n".encode())
         clean_partial_writes(run_dir)
         clean_partial_writes(run_dir / CHECKPOINTS_DIR)
         if new and (run_dir / CONFIG_FILE).exists():

@@ -112,6 +112,8 @@ def test_a_key_given_twice_is_refused_naming_the_key_and_file(tmp_path):
         key = "lr" if "lr" in text else "a"
         with pytest.raises(ValueError, match=rf"c\.json: key '{key}' is given twice"):
             _parse(["--config", str(config)])
+    # another tool's file (an HF config.json) loads as transformers loads it: the last wins
+    assert cliconfig.read_json_object(config, "model config") == {"options": {"a": 2}}
 
 
 def test_a_config_file_with_a_utf8_byte_order_mark_is_read(tmp_path):
@@ -532,3 +534,20 @@ def test_write_dir_atomically_replaces_a_dangling_symlink_at_the_target(tmp_path
     assert cliconfig.write_dir_atomically(target, lambda d: (d / "a").write_text("1"))
     assert not target.is_symlink() and (target / "a").read_text() == "1"
     assert os.listdir(tmp_path) == ["entry"]  # the link moved aside is gone too
+
+
+def test_a_stop_within_stops_deferred_lands_on_leaving_whole_work_done():
+    """A signal to the process (its kernel may hand it to any thread) waits for the block's end,
+    then lands as the handler in place before takes it: here Ctrl-C's KeyboardInterrupt."""
+    import os
+    import signal
+    import time
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with cliconfig.stops_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler has run by now
+            done.append("saved")
+    assert done == ["saved"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back

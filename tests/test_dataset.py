@@ -1388,8 +1388,8 @@ def test_sources_that_only_copy_val_documents_say_why_train_is_empty(tmp_path):
         dataset.load_corpus(cfg(tmp_path, sources=[str(src)], val_sources=[str(val)]))
     assert str(info.value) == (
         f"sources {[str(src)]} left no train documents (kept: {{'train': 0, 'val': 3, 'test': 0}}"
-        ", dropped: {'duplicate': 3}); a copy of a val/test document is kept out of training, so "
-        "a val/test source must not also be a training source")
+        ", dropped: {'duplicate': 3}); add data (a training document identical to a val/test one "
+        "is dropped as a duplicate: a val/test source must not also be a training source)")
     with pytest.raises(DataError, match=r"left no train documents .*dropped: none\); add data$"):
         dataset.load_corpus(cfg(tmp_path, sources=[str(src)], train_frac=0.0, val_frac=0.5,
                                 test_frac=0.5))
@@ -1595,6 +1595,7 @@ def test_an_interrupted_build_exits_cleanly_and_leaves_nothing(tmp_path, tok, si
     assert len(partial) == (1 if sig == signal.SIGKILL else 0), partial
     prepare(cfg(tmp_path, task="lm", block_size=32), tok)  # the next build
     assert not [p.name for p in cache.iterdir() if ".tmp-" in p.name]
+
 
 def test_every_option_that_changes_the_data_changes_a_cache_key(tmp_path):
     base = cfg(tmp_path)

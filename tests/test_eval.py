@@ -502,6 +502,7 @@ def test_a_problems_file_with_a_utf8_bom_reads_as_without(tmp_path):
     with pytest.raises(ValueError, match=r"bom.jsonl:3: not JSON"):  # only at the start
         ev.load_problems(bom)
 
+
 @pytest.mark.parametrize("make, message", [
     (lambda p: None, r"p.jsonl: problems file not found"),
     (lambda p: p.mkdir(), r"p.jsonl: cannot read the problems file: Is a directory"),
@@ -735,6 +736,7 @@ def test_models_with_different_tokenizers_get_a_note_under_the_table(tiny_models
     assert ev.markdown_table(rows, note) == ev.markdown_table(rows)
     rows[0]["metrics"]["refactor/loss"] = 1.0  # --reference-loss: per token too
     assert ev.markdown_table(rows, note).endswith(f"\n\n{note}")
+
 
 def test_results_record_the_context_each_model_was_scored_with(tiny_models, tmp_path,
                                                               monkeypatch, capsys):
@@ -1270,6 +1272,7 @@ def test_a_ctrl_c_just_after_a_models_results_are_saved_reports_them_saved(
     """A SIGINT landing between results.json's rename and the bookkeeping said "results of 1 of
     3 models (a) saved" while results.json held a and b (seen in a review)."""
     import json
+    import os
     import signal
 
     monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
@@ -1279,7 +1282,7 @@ def test_a_ctrl_c_just_after_a_models_results_are_saved_reports_them_saved(
     def then_ctrl_c(path, data):
         write_atomic(path, data)
         if path.name == "results.json" and len(json.loads(data)["rows"]) == 2:
-            signal.raise_signal(signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)  # to the process: any of its threads
 
     monkeypatch.setattr(ev.cliconfig, "write_atomic", then_ctrl_c)
     base, out = tiny_models["base"], tmp_path / "out"
@@ -1302,6 +1305,7 @@ def test_a_stop_between_models_or_after_the_last_says_what_is_saved():
     assert progress.summary().startswith("results of 1 of 2 models (a) saved in out (")
     progress.saved = ["a", "b"]
     assert progress.summary() == "results of all 2 models saved in out"
+
 
 def test_a_full_disk_while_writing_results_names_the_file_and_keeps_the_old_ones(
         tiny_models, tmp_path, monkeypatch, capsys):
@@ -1530,6 +1534,7 @@ def test_a_run_with_no_best_yet_scores_its_latest_checkpoint(tiny_models, tmp_pa
     (run / tm.EXPORT_DIR).mkdir()  # a run dir (is_run_dir) with no weights to load
     with pytest.raises(ValueError, match="no model in export/, and no best/ or checkpoint"):
         ev.load_model(str(run), torch.device("cpu"))
+
 
 def test_a_run_without_its_tokenizer_names_the_missing_file(tiny_models, tmp_path, capsys):
     """A run trained with --no-export has no export/: the error named run/export, not the

@@ -414,7 +414,7 @@ def test_a_long_wait_for_a_held_run_says_it_still_waits_and_for_whom(tmp_path, m
     run = tmp_path / "trial-0000"
     run.mkdir()
     lock = run / trainingmanager.LOCK_FILE
-    lock.write_text("gpu-box-3:4242\n")  # as a trainer there wrote it
+    lock.write_text("4242@gpu-box-3@1@\n")  # as a trainer there wrote it (owner_tag)
     held = os.open(lock, os.O_RDWR)
     fcntl.flock(held, fcntl.LOCK_EX)
     clock = [0.0]
@@ -693,7 +693,8 @@ def test_a_bf16_trial_queued_again_where_the_gpu_has_no_bf16_stops_in_the_sweeps
     assert [t.state for t in trials] == [TrialState.FAIL] * 2 + [TrialState.COMPLETE]
     assert trials[2].system_attrs["retry_history"] == [0, 1]
     assert trials[2].intermediate_values == trials[0].intermediate_values  # reported again
-    assert trials[1].user_attrs[hyperparam_tune.ATTR_AGAIN]  # what queued it again
+    # what queued it again: the id of the sweep command that stopped (its workers leave it)
+    assert isinstance(trials[1].user_attrs[hyperparam_tune.ATTR_AGAIN], str)
     assert not trials[2].user_attrs[hyperparam_tune.ATTR_AGAIN]  # not inherited by its retry
     assert not trials[2].user_attrs[hyperparam_tune.ATTR_STOPPED]
 

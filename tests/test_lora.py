@@ -512,6 +512,7 @@ def test_truncated_adapter_weights_are_an_error_naming_the_file(tmp_path):
     assert str(e.value).startswith(f"{weights}: ")
     assert not list(lora.lora_modules(fresh))
 
+
 def test_a_failed_save_leaves_the_earlier_adapter_whole(tmp_path):
     """save_adapter wrote adapter_config.json, then the weights: a full disk mid-save (here a
     file-size limit) left the new adapter's config (another rank) beside the earlier weights,

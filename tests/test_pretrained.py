@@ -305,6 +305,7 @@ def test_export_refuses_a_quantized_or_wrapped_model(checkpoints, tmp_path):
         wrapped.save_pretrained(tmp_path / "w")
     assert not (tmp_path / "q").exists() and not (tmp_path / "w").exists()
 
+
 def test_export_refuses_what_the_family_cannot_express(tmp_path):
     cfg = ModelConfig(family="llama", vocab_size=64, n_layer=1, n_head=2, n_embd=32,
                       mlp_hidden=64, norm="layernorm", block_size=32)

@@ -1578,6 +1578,17 @@ def test_a_new_run_uses_its_own_tokenizer_not_a_failed_attempts(assets, tmp_path
     assert weights["wte.weight"].shape[0] == want.vocab_size
 
 
+def test_the_lock_names_a_live_holder_only(tmp_path):
+    """The lock file keeps its last holder's tag after that run ends: a dead one holds nothing."""
+    lock = tmp_path / tm.LOCK_FILE
+    lock.write_text(cliconfig.owner_tag())
+    assert tm.lock_holder(lock) == f"process {os.getpid()} on {socket.gethostname()}"
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    lock.write_text(cliconfig.owner_tag().replace(f"{os.getpid()}@", f"{ended}@", 1))
+    assert tm.lock_holder(lock) is None
+
+
 def test_two_runs_never_share_a_run_directory(assets, tmp_path, monkeypatch):
     """A run started while another holds the directory (both default-named in the same second,
     or given the same --name) used to train into it too. Default names now take a free suffix;
