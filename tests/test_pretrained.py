@@ -823,17 +823,24 @@ def test_error_unsupported_tensor_dtype(checkpoints, tmp_path):
         Transformer.from_pretrained(d)
 
 
-def test_gpt_bigcode_without_n_positions_has_transformers_1024(tmp_path):
-    """GPTBigCodeConfig's default; the drop-each-field test cannot see it (its toy has 128)."""
-    hf = save_tiny_hf("gpt_bigcode", tmp_path, n_positions=1024)
-    config = json.loads((tmp_path / "config.json").read_text())
-    del config["n_positions"]
-    (tmp_path / "config.json").write_text(json.dumps(config))
+def _loaded_without(tmp_path, family: str, field: str, **config) -> Transformer:
+    """codelm's load of a tiny HF checkpoint whose config.json lacks ``field`` (transformers
+    takes its default), checked against transformers' logits."""
+    hf = save_tiny_hf(family, tmp_path, **config)
+    values = json.loads((tmp_path / "config.json").read_text())
+    del values[field]
+    (tmp_path / "config.json").write_text(json.dumps(values))
     model = Transformer.from_pretrained(tmp_path)
-    assert model.cfg.block_size == 1024
     idx = _ids(2, 16)
     with torch.no_grad():
         assert (model(idx) - hf(idx).logits).abs().max().item() <= 1e-5
+    return model
+
+
+def test_gpt_bigcode_without_n_positions_has_transformers_1024(tmp_path):
+    """GPTBigCodeConfig's default; the drop-each-field test cannot see it (its toy has 128)."""
+    model = _loaded_without(tmp_path, "gpt_bigcode", "n_positions", n_positions=1024)
+    assert model.cfg.block_size == 1024
 
 
 def test_error_tied_checkpoint_without_embeddings_names_them(tmp_path):
@@ -991,15 +998,8 @@ def test_an_empty_eos_list_means_no_eos(checkpoints, tmp_path):
 
 def test_llama_without_num_key_value_heads_has_one_per_attention_head(tmp_path):
     """LlamaConfig's default: plain multi-head attention, not multi-query."""
-    hf = save_tiny_hf("llama", tmp_path, num_key_value_heads=4)
-    config = json.loads((tmp_path / "config.json").read_text())
-    del config["num_key_value_heads"]
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    model = Transformer.from_pretrained(tmp_path)
+    model = _loaded_without(tmp_path, "llama", "num_key_value_heads", num_key_value_heads=4)
     assert model.cfg.n_kv_head == 4
-    idx = _ids(2, 16)
-    with torch.no_grad():
-        assert (model(idx) - hf(idx).logits).abs().max().item() <= 1e-5
 
 
 def test_error_safetensors_entry_whose_offsets_do_not_fit_its_shape(tmp_path):

@@ -637,6 +637,20 @@ def _stop_training(trained: list):
     return train
 
 
+def _evaluated_models(monkeypatch) -> list:
+    """Training made instant (``_trained_at_once``) and evaluation stubbed: the returned list
+    gets each evaluation's models."""
+    seen = []
+
+    def evaluate(cfg, progress=None, remedy=None):
+        seen.append(cfg.models)
+        return {"table": "", "out_dir": cfg.out_dir}
+
+    monkeypatch.setattr(tm, "train", _trained_at_once)
+    monkeypatch.setattr(ev, "evaluate", evaluate)
+    return seen
+
+
 def _trained_at_once(cfg, resume_hint=None, restarts=False):
     """A tm.train that makes the run directory (with no weights) and returns it as trained."""
     run_dir = Path(cfg.out_dir) / cfg.name
@@ -654,14 +668,7 @@ def test_the_recipes_own_run_in_eval_models_is_the_run_just_trained(tmp_path, mo
     the recipe's name (or a missing one)."""
     monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
     recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"], "models": ["tuned=runs/tiny"]})
-    seen = []
-
-    def evaluate(cfg, progress=None, remedy=None):
-        seen.append(cfg.models)
-        return {"table": "", "out_dir": cfg.out_dir}
-
-    monkeypatch.setattr(tm, "train", _trained_at_once)
-    monkeypatch.setattr(ev, "evaluate", evaluate)
+    seen = _evaluated_models(monkeypatch)
     runs = tmp_path / "runs"
     assert recipes.main([str(recipe), "--out-dir", str(runs), "--no-progress", *rename]) == 0
     assert seen == [[f"tuned={runs / 'other'}"]]
@@ -829,20 +836,7 @@ def test_the_recipes_base_in_eval_models_is_the_model_given(tmp_path, monkeypatc
                           init_from="models/base")
     mine = tmp_path / "mine"
     mine.mkdir()
-    seen = []
-
-    def train(cfg, resume_hint=None, restarts=False):
-        run_dir = Path(cfg.out_dir) / cfg.name
-        run_dir.mkdir(parents=True)
-        (run_dir / tm.METRICS_FILE).write_text("")
-        return tm.TrainResult(run_dir, 1.0, 2)
-
-    def evaluate(cfg, progress=None, remedy=None):
-        seen.append(cfg.models)
-        return {"table": "", "out_dir": cfg.out_dir}
-
-    monkeypatch.setattr(tm, "train", train)
-    monkeypatch.setattr(ev, "evaluate", evaluate)
+    seen = _evaluated_models(monkeypatch)
     runs = tmp_path / "runs"
     assert recipes.main([str(recipe), "--model", str(mine), "--out-dir", str(runs),
                          "--no-progress"]) == 0
