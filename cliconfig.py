@@ -607,6 +607,11 @@ def _publish(tmp: Path, target: Path, old: Path | None) -> bool:
     return True
 
 
+def is_disk_full(err: BaseException) -> bool:
+    """Whether a failed write ran out of room (the disk, or the user's quota)."""
+    return getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+
+
 def _discard(old: Path) -> None:
     """Remove a replaced target: a directory, or a link (which rmtree refuses, unseen)."""
     if old.is_symlink():

@@ -18,7 +18,6 @@ if __name__ == "__main__":  # first: the imports below load torch for seconds
 import argparse
 import ast
 import contextlib
-import errno
 import hashlib
 import io
 import json
@@ -357,9 +356,8 @@ def _sources_by_split(cfg: DataConfig) -> list[tuple[str | None, str]]:
 def _iter_sources(cfg: DataConfig, counts: Counter, pairs: list[int]) -> Iterator[_RawDoc]:
     """Every document of every source, at most ``max_docs`` per role (sources, val_sources,
     test_sources), counting the pair records of each source in ``pairs`` (in the order of
-    ``_sources_by_split``). A file over
-    ``max_bytes`` is left unread (``data`` None): one stray multi-gigabyte file must not decide
-    the memory a build needs."""
+    ``_sources_by_split``). A file over ``max_bytes`` is left unread (``data`` None): one stray
+    multi-gigabyte file must not decide the memory a build needs."""
     taken: Counter = Counter()  # documents yielded per role
     for i, (split, source) in enumerate(_sources_by_split(cfg)):
         _check_source(source)
@@ -850,7 +848,7 @@ def publish_cache_entry(final: Path, build: Callable[[Path], object],
         cliconfig.remove_dead_owners(final.parent, _EARLIER_PARTIAL)
         cliconfig.write_dir_atomically(final, build, replace=replace)
     except OSError as err:
-        full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+        full = cliconfig.is_disk_full(err)
         if err.filename is not None and not full:
             raise
         advice = (": free space, or move the data cache with CODELM_CACHE=DIR (or the cache_dir "

@@ -490,8 +490,8 @@ def resume_hint(smoke: bool) -> str:
 
 
 def what_next(smoke: bool) -> str:
-    """What the user of a stopped run does next, as trainingmanager says it."""
-    return f"{'start it again' if smoke else 'continue'} with {resume_hint(smoke)}"
+    """What the user of a stopped run does next, in trainingmanager's words."""
+    return tm.what_next(resume_hint(smoke), restarts=smoke)
 
 
 class TrainedRunInterrupted(KeyboardInterrupt):

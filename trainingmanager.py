@@ -19,7 +19,6 @@ if __name__ == "__main__":  # first: the imports below load torch for seconds
 import argparse
 import contextlib
 import dataclasses
-import errno
 import fcntl
 import gc
 import json
@@ -823,7 +822,7 @@ def write_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
             raise
         free = free_mib[0] if free_mib else shutil.disk_usage(Path(target).parent).free / 2**20
         cause = f"{type(err).__name__}: {err}"
-        if free < DISK_FULL_MIB or getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        if free < DISK_FULL_MIB or cliconfig.is_disk_full(err):
             raise OSError(f"{target}: could not write it: the disk is full ({free:.0f} MiB free); "
                           f"free some space before going on; what was written before is intact "
                           f"({cause})") from None
@@ -1466,6 +1465,11 @@ class _RunDirTaken(ValueError):
     """The run directory belongs to another run (running now, or holding weights)."""
 
 
+def what_next(hint: str, restarts: bool = False) -> str:
+    """What a stopped run's user does next: continue it, or run it again (``restarts``)."""
+    return f"{'start it again' if restarts else 'continue'} with {hint}"
+
+
 def lock_holder(lock: Path) -> str | None:
     """Who holds ``lock``, as its run wrote it (``cliconfig.owner_tag``): "process PID on HOST";
     None when unknown or ended (the file keeps the last holder's tag)."""
@@ -1704,9 +1708,7 @@ class _Run:
         return self._resume_hint or f"--resume {run_dir}"
 
     def _what_next(self) -> str:
-        """What a stopped run's user does next: continue it, or run it again (``restarts``)."""
-        verb = "start it again with" if self._restarts else "continue with"
-        return f"{verb} {self.resume_hint(self.run_dir)}"
+        return what_next(self.resume_hint(self.run_dir), self._restarts)
 
     def _claim_run_dir(self) -> tuple[Path, bool]:
         """Rank 0 claims the run directory; every rank learns it and whether it holds weights."""
