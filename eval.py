@@ -1383,6 +1383,34 @@ _RESUME_IGNORES = ("models", "runs_dir", "out_dir", "progress", "workers", "batc
 METRICS_VERSION = 3
 
 
+def _changed_settings(old: dict, config: dict, skip_unset: bool = False) -> list[str]:
+    """The settings of ``config`` (an EvalConfig as a dict) that differ from those of the saved
+    results ``old``; ``skip_unset``: not those left None (resolved once models and data load)."""
+    saved = old.get("config") if isinstance(old.get("config"), dict) else {}
+    return [f"{key} ({saved.get(key)!r} there, {value!r} now)" for key, value in config.items()
+            if key not in _RESUME_IGNORES and not (skip_unset and value is None)
+            and saved.get(key) != value]
+
+
+def _different_evaluation(path: Path, changed: Sequence[str], remedy: str) -> ValueError:
+    return ValueError(f"{path}: the results of a different evaluation (differs in "
+                      f"{'; '.join(changed)}); {remedy}")
+
+
+def check_settings_unchanged(cfg: EvalConfig, remedy: str) -> None:
+    """Refuse now, before a caller's long work (recipes.py's resumed run), an ``out_dir`` that
+    holds the results of an evaluation with other settings, as ``evaluate`` would refuse it
+    after that work. Settings left None are resolved from the models and data, which are not
+    loaded here: ``evaluate``'s own check covers them, and the models and examples."""
+    path = Path(cfg.out_dir or "") / "results.json"
+    if cfg.out_dir is None or not path.is_file():
+        return
+    changed = _changed_settings(cliconfig.read_json_object(path, "evaluation results"),
+                                asdict(cfg), skip_unset=True)
+    if changed:
+        raise _different_evaluation(path, changed, remedy)
+
+
 def _finished_models(out: Path, results: dict, remedy: str) -> tuple[list[dict], list[dict]]:
     """Rows and prediction records of the models that an earlier evaluation of the same models
     on the same examples with the same settings already saved in ``out`` (none if it holds no
@@ -1392,10 +1420,7 @@ def _finished_models(out: Path, results: dict, remedy: str) -> tuple[list[dict],
     if not path.exists():
         return [], []
     old = cliconfig.read_json_object(path, "evaluation results")
-    config = old.get("config") if isinstance(old.get("config"), dict) else {}
-    changed = [f"{key} ({config.get(key)!r} there, {value!r} now)"
-               for key, value in results["config"].items()
-               if key not in _RESUME_IGNORES and config.get(key) != value]
+    changed = _changed_settings(old, results["config"])
     if not changed and not _same_models(old.get("models"), results["models"]):
         changed = ["the models (labels, paths or weights)"]
         if old.get("fingerprint_version", 1) != FINGERPRINT_VERSION:
@@ -1408,8 +1433,7 @@ def _finished_models(out: Path, results: dict, remedy: str) -> tuple[list[dict],
         changed = [f"the metrics' definitions (codelm's version {old.get('metrics_version', 1)} "
                    f"there, {METRICS_VERSION} now)"]
     if changed:
-        raise ValueError(f"{path}: the results of a different evaluation (differs in "
-                         f"{'; '.join(changed)}); {remedy}")
+        raise _different_evaluation(path, changed, remedy)
     rows = old.get("rows") or []
     done = {row["model"] for row in rows}
     records = []

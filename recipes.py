@@ -503,6 +503,21 @@ class TrainedRunInterrupted(KeyboardInterrupt):
         self.run_dir = run_dir
 
 
+def eval_config(recipe: Recipe, opts: RecipeOptions, cfg: tm.TrainConfig, run_dir: Path,
+                own_run: str, own_base: str) -> ev.EvalConfig:
+    """The recipe's eval section for the run ``run_dir`` trained with ``cfg``: the recipe's own
+    run (``own_run``) and base (``own_base``) in its models are this run and its base."""
+    values = dict(recipe.eval)
+    if opts.smoke:
+        values = smoke_eval_values(values)
+    placeholders = {own_run: str(run_dir)}
+    if own_base and cfg.init_from:
+        placeholders[own_base] = cfg.init_from
+    values.update(models=resolve_models(values.get("models") or [own_run], placeholders),
+                  out_dir=str(run_dir / tm.EVAL_DIR), device=opts.device, progress=opts.progress)
+    return ev.config_from_dict(values, f"{opts.recipe} (eval section)")
+
+
 def _run_recipe(opts: RecipeOptions) -> RecipeResult:
     from architecture import PRESETS
 
@@ -571,6 +586,11 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
                                              opts.progress)
 
     cfg = tm.config_from_dict(values, f"{opts.recipe} (train section)")
+    eval_remedy = (f"remove {out_dir / name / tm.EVAL_DIR} to evaluate the run again with these "
+                   f"settings (recipes.py evaluates a run into its {tm.EVAL_DIR}/)")
+    if opts.resume and not opts.skip_eval:  # refused now, not after the run's export again
+        ev.check_settings_unchanged(
+            eval_config(recipe, opts, cfg, out_dir / name, own_run, own_base), eval_remedy)
     result = tm.train(cfg, resume_hint=resume_hint(opts.smoke), restarts=opts.smoke)
     losses = train_losses(result.run_dir)
     report = RecipeResult(result.run_dir, result, None, None, losses, smoke=opts.smoke)
@@ -581,20 +601,9 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
         if opts.smoke and cfg.lora_r > 0:
             report.adapter_max_diff = check_adapter_round_trip(Path(cfg.init_from), export)
         if not opts.skip_eval:
-            ev_values = dict(recipe.eval)
-            if opts.smoke:
-                ev_values = smoke_eval_values(ev_values)
-            placeholders = {own_run: str(result.run_dir)}
-            if own_base and cfg.init_from:
-                placeholders[own_base] = cfg.init_from
-            models = ev_values.get("models") or [own_run]
-            eval_dir = result.run_dir / tm.EVAL_DIR
-            ev_values.update(models=resolve_models(models, placeholders), out_dir=str(eval_dir),
-                             device=opts.device, progress=opts.progress)
             report.eval = ev.evaluate(
-                ev.config_from_dict(ev_values, f"{opts.recipe} (eval section)"),
-                remedy=f"remove {eval_dir} to evaluate the run again with these settings "
-                f"(recipes.py evaluates a run into its {tm.EVAL_DIR}/)")
+                eval_config(recipe, opts, cfg, result.run_dir, own_run, own_base),
+                remedy=eval_remedy)
             report.table = report.eval["table"]
     except KeyboardInterrupt as e:
         raise TrainedRunInterrupted(e, result.run_dir) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -1448,6 +1449,25 @@ def test_a_rerun_with_other_settings_models_or_data_is_refused_and_keeps_the_res
                           f"(differs in {differs}); name another --out-dir, or remove {out} to "
                           "start over")
     assert {p.name: p.read_text() for p in out.iterdir()} == earlier
+
+
+def test_early_settings_check_refuses_what_evaluate_would_and_not_what_it_resolves(tmp_path):
+    """recipes.py checks a resumed run's eval settings before resuming it: a changed setting is
+    refused as evaluate refuses it, but a setting left None (resolved from the models and data,
+    e.g. block_size) is not compared with the resolved value saved."""
+    import json
+
+    out = tmp_path / "eval"
+    out.mkdir()
+    saved = ev.EvalConfig(models=["m"], tasks=["lm"], lm_windows=1, block_size=16, out_dir=str(out))
+    (out / "results.json").write_text(json.dumps({"config": dataclasses.asdict(saved)}))
+    again = dataclasses.replace(saved, block_size=None, batch_size=3)
+    ev.check_settings_unchanged(again, "remedy")
+    ev.check_settings_unchanged(dataclasses.replace(again, out_dir=str(tmp_path / "new")), "x")
+    with pytest.raises(ValueError) as err:
+        ev.check_settings_unchanged(dataclasses.replace(again, lm_windows=2), "do this")
+    assert str(err.value) == (f"{out / 'results.json'}: the results of a different evaluation "
+                              "(differs in lm_windows (1 there, 2 now)); do this")
 
 
 def test_a_truncated_run_checkpoint_is_an_error_naming_it(tiny_models, tmp_path, capsys):

@@ -695,7 +695,8 @@ def test_resume_continues_the_run_and_evaluates_it_without_training_again(tmp_pa
 def test_resume_with_other_eval_settings_names_the_runs_eval_dir_as_the_remedy(
         tiny_starcoder, tmp_path, monkeypatch, capsys):
     """The eval's refusal said "name another --out-dir": recipes.py's --out-dir is where the
-    runs are (another one trains another run), and the evaluation always goes to <run>/eval."""
+    runs are (another one trains another run), and the evaluation always goes to <run>/eval.
+    The refusal comes before the run is resumed (which would export it again), not after."""
     monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
     recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"], "lm_windows": 1, "block_size": 16,
                                      "models": [f"base={tiny_starcoder[0]}"],
@@ -704,7 +705,10 @@ def test_resume_with_other_eval_settings_names_the_runs_eval_dir_as_the_remedy(
     flags = [str(recipe), "--out-dir", str(tmp_path / "runs"), "--no-progress", "--device", "cpu"]
     assert recipes.main(flags) == 0
     capsys.readouterr()
+    resumed = []
+    monkeypatch.setattr(tm, "train", lambda *a, **k: resumed.append(a) or _trained_at_once(*a, **k))
     assert recipes.main([*flags, "--resume", "--set", "eval.lm_windows=2"]) == 2
+    assert resumed == []
     evaluated = tmp_path / "runs" / "tiny" / tm.EVAL_DIR
     assert capsys.readouterr().err == (
         f"error: {evaluated / 'results.json'}: the results of a different evaluation (differs "
