@@ -29,7 +29,8 @@ predictions.jsonl, table.md, written after each model (results.json's ``complete
 the last), so a stopped evaluation keeps the finished models' results, and the same command
 with the same ``--out-dir`` evaluates only the models not yet saved (the results of different
 settings, models or data are refused, never overwritten). ``python eval.py`` alone evaluates the
-latest run under runs/.
+latest run under runs/; ``--prompt TEXT`` instead prints each model's completion of TEXT as it
+is generated (with the generation settings of the tasks), and writes nothing.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -497,6 +498,8 @@ class EvalConfig:
     #   compiled, and the canonical_solution of the first --limit run in the sandbox, before any
     #   model loads
     # generation
+    prompt: str | None = None  # complete this text with each model, printed as it is generated,
+    #   instead of running the tasks (nothing is written); the settings below apply
     max_new_tokens: int = 128  # per generated completion
     temperature: float = 0.0  # 0: greedy; seed 004 sampled with temperature 0.7, top_p 0.9
     top_p: float | None = None  # nucleus sampling (temperature > 0)
@@ -526,6 +529,7 @@ class EvalConfig:
                     "workers"):
             need(getattr(self, key) >= 1, key, "must be >= 1")
         need(self.temperature >= 0, "temperature", "must be >= 0")
+        need(self.prompt != "", "prompt", "is empty: give the text to complete")
         need(self.block_size is None or self.block_size >= 2, "block_size",
              "must be >= 2 (a prompt token and a generated one) or null for the model's")
         need(self.lm_windows is None or self.lm_windows >= 1, "lm_windows",
@@ -930,6 +934,61 @@ def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig,
                 ids = ids[: ids.index(tok.eos_id)]
             outputs[i] = truncate_at_stops(tok.decode(ids), stops)
     return outputs
+
+
+@torch.no_grad()
+def stream_completion(lm: LoadedModel, prompt: str, cfg: EvalConfig,
+                      write: Callable[[str], object]) -> str:
+    """Continue ``prompt`` as ``generate_texts`` does (same prompt format, cut, sampling and
+    end), handing the new text to ``write`` token by token; return the whole completion."""
+    from dataset import fit_prompt
+
+    tok, model = lm.tokenizer, lm.model
+    context = _context(lm, cfg)
+    new_tokens = min(cfg.max_new_tokens, context // 2)
+    start = _prompt_start(lm)
+    ids = start + fit_prompt(tok.encode(prompt), context - new_tokens - len(start), (0, 0))
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    steps = model.stream(torch.tensor([ids], device=device), new_tokens,
+                         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                         eos_id=tok.eos_id, generator=generator)
+    new: list[int] = []
+    shown = ""
+    for step in steps:
+        if int(step[0]) == tok.eos_id:
+            break
+        new.append(int(step[0]))
+        text = tok.decode(new)
+        if text.startswith(shown) and not text.endswith("\ufffd"):  # else a character's bytes
+            write(text[len(shown) :])                                # are still coming
+            shown = text
+    text = tok.decode(new)
+    write(text[len(shown) :] if text.startswith(shown) else f"\n{text}")
+    return text
+
+
+def _write_now(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def complete(cfg: EvalConfig, write: Callable[[str], object] | None = None) -> dict[str, str]:
+    """``--prompt``: each model's completion of it, printed as it comes (under a header naming
+    the model when there are several); return the completions by model label."""
+    write = write or _write_now
+    device = _device(cfg.device)
+    specs = cfg.models or [str(latest_run(cfg.runs_dir))]
+    completions = {}
+    for spec in specs:  # one model in memory at a time
+        lm = load_model(spec, device, cfg.tokenizer)
+        if len(specs) > 1:
+            write(("\n" if completions else "") + f"=== {lm.label} ({lm.source})\n")
+        write(cfg.prompt)
+        completions[lm.label] = stream_completion(lm, cfg.prompt, cfg, write)
+        write("\n")
+        del lm
+    return completions
 
 
 # --------------------------------------------------------------------------------------------
@@ -1520,7 +1579,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate codelm/HF models side by side: perplexity, CodeXGLUE line/method "
         "metrics, docstring chrF/ROUGE-L, refactoring BLEU, pass@k in a sandbox. Without "
         "--models: the latest run under --runs-dir, on the test split of the data it trained on "
-        "(the stdlib for the default run).",
+        "(the stdlib for the default run). With --prompt: each model's completion of one text, "
+        "printed as it is generated.",
         argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="JSON file of EvalConfig keys, or a recipe "
                         "(configs/*.json) whose 'eval' section is read; flags override it")
@@ -1548,6 +1608,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with cliconfig.interrupt_on_sigterm():  # so finished models are saved, samples killed
             cfg = parse_config(argv)
+            if cfg.prompt is not None:
+                complete(cfg)
+                return 0
             results = evaluate(cfg, progress)
     except KeyboardInterrupt as stop:
         return _stopped(progress, "interrupted", cliconfig.interrupted_exit_code(stop))

@@ -683,6 +683,57 @@ FAST_FLAGS = ["--limit", "2", "--max-new-tokens", "6", "--lm-windows", "2", "--b
               "--no-progress"]
 
 
+def test_prompt_prints_each_models_completion_as_transformers_greedy_generates_it(
+        tiny_models, tmp_path, capsys):
+    """--prompt: each model's completion, streamed under a header naming it; the base's is HF
+    transformers' greedy continuation (to EOS or max_new_tokens), the tuned one's what eval's
+    batch generation gives; nothing is written."""
+    import torch
+    import transformers
+
+    m = tiny_models
+    prompt = "class Stack:\n    def push(self, "
+    tuned = f"{m['base']}+{m['adapter']}"
+    assert ev.main(["--models", f"base={m['base']}", f"tuned={tuned}", "--prompt", prompt,
+                    "--max-new-tokens", "12", "--runs-dir", str(tmp_path)]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(m["base"], dtype=torch.float32)
+    ids = torch.tensor([m["tok"].encode(prompt)])
+    new = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=m["tok"].eos_id,
+                      pad_token_id=m["tok"].eos_id)[0, ids.shape[1]:].tolist()
+    if m["tok"].eos_id in new:
+        new = new[: new.index(m["tok"].eos_id)]
+    cfg = ev.EvalConfig(max_new_tokens=12, progress=False)
+    batch = ev.generate_texts(ev.load_model(tuned, torch.device("cpu")), [prompt], cfg)[0]
+    assert capsys.readouterr().out == (
+        f"=== base ({m['base']})\n{prompt}{m['tok'].decode(new)}\n"
+        f"\n=== tuned ({tuned})\n{prompt}{batch}\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_streamed_completion_never_shows_half_a_character(tiny_models):
+    """A character split over several byte tokens is shown once all its bytes have come, not
+    as U+FFFD first; the pieces shown add up to the completion; sampling follows the seed."""
+    import torch
+
+    tok = tiny_models["tok"]
+    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    text = "é€ = 1"
+    pieces = [tok.encode(ch) for ch in text]
+    assert max(len(p) for p in pieces) > 1  # some characters are several byte tokens
+    ids = [i for p in pieces for i in p]
+
+    def stream(idx, max_new_tokens, **kwargs):
+        for i in ids:
+            yield torch.tensor([i])
+
+    lm.model.stream = stream
+    shown: list[str] = []
+    cfg = ev.EvalConfig(max_new_tokens=len(ids))
+    assert ev.stream_completion(lm, "x", cfg, shown.append) == text
+    assert "".join(shown) == text and not any("\ufffd" in piece for piece in shown)
+    assert shown[:3] == ["é", "€", " "]
+
+
 def test_models_base_and_finetuned_print_one_table(tiny_models, tmp_path, monkeypatch, capsys):
     import json
 
