@@ -1736,3 +1736,66 @@ def load_tokenizer(path: str | os.PathLike) -> CodeTokenizer | BPETokenizer:
     raise ValueError(
         f"{path}: neither a HF tokenizer.json (no 'model' key) nor a codelm tokenizer file"
     )
+
+
+def _shown_piece(raw: bytes) -> str:
+    """A token's bytes as a Python literal: its text, or (part of a character) its bytes."""
+    try:
+        return repr(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return repr(raw)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Show how a tokenizer splits a text: what a model is actually fed."""
+    import argparse
+    import sys
+
+    import cliconfig
+
+    parser = argparse.ArgumentParser(
+        description="Show how a tokenizer splits a text: each token's id and text (or bytes, "
+        "for part of a character), then the count. The tokenizer is a tokenizer.json (HF "
+        "byte-level BPE or codelm's), a codelm tokenizer file, or a directory holding one: a "
+        "model's, or a run's (runs/NAME).")
+    parser.add_argument("tokenizer", help="tokenizer file or directory")
+    given = parser.add_mutually_exclusive_group(required=True)
+    given.add_argument("--text", help="the text to split")
+    given.add_argument("--file", help="a UTF-8 file whose text to split")
+    parser.add_argument("--count", action="store_true", help="print only the number of tokens")
+    parser.add_argument("--add-special-tokens", action="store_true",
+                        help="with the tokens the tokenizer's template adds (e.g. Llama-3's BOS)")
+    args = parser.parse_args(argv)
+    try:
+        tok = load_tokenizer(args.tokenizer)
+        text = args.text
+        if args.file is not None:
+            try:
+                text = Path(args.file).read_text(encoding="utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{args.file}: not UTF-8 text ({err.reason} at byte "
+                                 f"{err.start})") from None
+    except OSError as err:
+        print(f"error: {cliconfig.os_error_message(err)}", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        ids = tok.encode(text, add_special_tokens=args.add_special_tokens)
+    except KeyboardInterrupt as stop:  # a long file
+        print("interrupted", file=sys.stderr)
+        return cliconfig.interrupted_exit_code(stop)
+    if args.count:
+        print(len(ids))
+        return 0
+    width = len(str(tok.vocab_size - 1))
+    for i in ids:
+        print(f"{i:>{width}}  {_shown_piece(tok._id_to_bytes[i])}")
+    per_token = f" ({len(text) / len(ids):.2f} characters a token)" if ids else ""
+    print(f"{len(ids)} tokens for {len(text)} characters{per_token}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1407,3 +1407,46 @@ def test_broken_files_name_the_file(tmp_path, references):
         ours.encode(b"bytes")
     with pytest.raises(ValueError, match="num_workers"):
         ours.encode_batch(["x"], num_workers=0)
+
+
+def test_cli_shows_hf_tokenizers_ids_and_each_tokens_text_or_bytes(references, tmp_path, capsys):
+    """`python tokenizer.py TOK --file F`: one line per token, id then its text as a literal
+    (bytes for part of a character), ids as HF tokenizers gives them; then the count."""
+    import ast
+
+    import tokenizer
+
+    path, hf, _ = references["gpt2"]
+    text = 'def f(x):\n    return "héllo €" + x  # ok\n'
+    source = tmp_path / "f.py"
+    source.write_text(text, encoding="utf-8")
+    assert tokenizer.main([str(path.parent), "--file", str(source)]) == 0
+    *lines, summary = capsys.readouterr().out.splitlines()
+    ids = [int(line.split()[0]) for line in lines]
+    assert ids == hf.encode(text).ids
+    shown = [ast.literal_eval(line.split(maxsplit=1)[1]) for line in lines]
+    raw = b"".join(p if isinstance(p, bytes) else p.encode("utf-8") for p in shown)
+    assert raw.decode("utf-8") == text
+    assert any(isinstance(p, bytes) for p in shown) == any(
+        "\ufffd" in hf.decode([i]) for i in ids)
+    assert summary == f"{len(ids)} tokens for {len(text)} characters " \
+                      f"({len(text) / len(ids):.2f} characters a token)"
+    assert tokenizer.main([str(path), "--text", text, "--count"]) == 0
+    assert capsys.readouterr().out == f"{len(ids)}\n"
+
+
+def test_cli_errors_name_the_file(tmp_path, capsys):
+    import tokenizer
+
+    bad = tmp_path / "latin1.py"
+    bad.write_bytes(b"x = '\xe9'\n")
+    assert tokenizer.main([str(tmp_path / "none"), "--text", "x"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'none'}: cannot read")
+    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "WordPiece"}}')
+    assert tokenizer.main([str(tmp_path), "--file", str(bad)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'tokenizer.json'}:")
+    code = tmp_path / "code"
+    CodeTokenizer.train(["x = 1\n"] * 3, min_freq=1).save(code)
+    assert tokenizer.main([str(code), "--file", str(bad)]) == 2
+    assert capsys.readouterr().err == (f"error: {bad}: not UTF-8 text (invalid continuation byte "
+                                       "at byte 5)\n")
