@@ -438,6 +438,24 @@ def run_main(main: Callable[[], int | None]) -> int | None:
     return main()
 
 
+def run_tool(work: Callable[[], int | None], interrupted: str = "interrupted") -> int:
+    """The main of a library module's small command (tokenizer.py, pretrained.py, ...):
+    ``work``'s exit code (None: 0), or one line and 2 for a user's mistake (a ValueError, an
+    OSError naming its path), or ``interrupted`` and 130 / 143 for Ctrl-C or SIGTERM."""
+    try:
+        with interrupt_on_sigterm():
+            return work() or 0
+    except KeyboardInterrupt as stop:
+        print(interrupted, file=sys.stderr)
+        return interrupted_exit_code(stop)
+    except OSError as err:
+        print(f"error: {os_error_message(err)}", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
 def stop_signal(stop: KeyboardInterrupt) -> signal.Signals:
     """The signal behind a KeyboardInterrupt: SIGTERM under ``interrupt_on_sigterm`` (or a name
     passed on in its args), else Ctrl-C's SIGINT."""

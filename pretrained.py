@@ -11,8 +11,14 @@ of Llama and Phi) are read from the file straight into their rows of the fused t
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first: the imports below load torch for seconds
+    import cliconfig
+
+    cliconfig.quiet_start_up_stops()
+
 import json
 import mmap
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
@@ -895,3 +901,64 @@ def write_safetensors(f: BinaryIO, tensors: dict[str, torch.Tensor]) -> None:
         t = t.detach().to("cpu").contiguous()
         if t.numel():
             f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+
+
+# --------------------------------------------------------------------------- new checkpoints
+
+# Besides config.json and the weights, what makes a checkpoint directory usable as it stands.
+COMPANION_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
+
+
+def export_checkpoint(out: str | Path, save_weights: Callable[[Path], object],
+                      companions: str | Path) -> Path:
+    """Write the new checkpoint directory ``out``: ``save_weights`` writes config.json and the
+    weights, and the tokenizer and generation files of ``companions`` are copied beside them.
+    It appears whole or not at all (a failure or a stop leaves no ``out``); an existing ``out``
+    is refused, never replaced."""
+    out = Path(out)
+    if out.exists():
+        raise ValueError(f"{out} already exists: name a new directory")
+
+    def build(tmp: Path) -> None:
+        save_weights(tmp)
+        for name in COMPANION_FILES:
+            if (Path(companions) / name).is_file():
+                shutil.copy2(Path(companions) / name, tmp / name)
+
+    if not cliconfig.write_dir_atomically(out, build, replace=False):
+        raise ValueError(f"{out} was written by another process meanwhile; name a new directory")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Convert a local HF checkpoint that codelm loads (gpt_bigcode, codegen, phi, "
+        "llama; safetensors or pytorch_model.bin, sharded or not) into a new directory of "
+        "safetensors in the family's HF layout, cast to --dtype, with its tokenizer and "
+        "generation files: transformers loads it, and a .bin checkpoint's pickles are read once "
+        "(weights only), not on every load.")
+    parser.add_argument("checkpoint", help="the checkpoint directory")
+    parser.add_argument("out", help="the new directory (must not exist)")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (the checkpoint's own) | bf16 | fp16 | fp32 (default: auto)")
+    parser.add_argument("--max-shard-gb", type=float, default=5.0,
+                        help="weights over this size are split into shards with an index "
+                        "(default: 5.0)")
+    args = parser.parse_args(argv)
+
+    def convert() -> None:
+        if not args.max_shard_gb > 0:
+            raise ValueError(f"--max-shard-gb {args.max_shard_gb}: must be > 0")
+        model = load(args.checkpoint, dtype=args.dtype)
+        shard = max(1, int(args.max_shard_gb * 2**30))
+        export_checkpoint(args.out, partial(save, model, max_shard_bytes=shard), args.checkpoint)
+        print(f"wrote {args.out} ({model.cfg.family}, {model.wte.weight.dtype})")
+
+    return cliconfig.run_tool(convert, "interrupted: nothing written")
+
+
+if __name__ == "__main__":
+    sys.exit(cliconfig.run_main(main))

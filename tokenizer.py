@@ -1749,7 +1749,6 @@ def _shown_piece(raw: bytes) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Show how a tokenizer splits a text: what a model is actually fed."""
     import argparse
-    import sys
 
     import cliconfig
 
@@ -1766,35 +1765,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--add-special-tokens", action="store_true",
                         help="with the tokens the tokenizer's template adds (e.g. Llama-3's BOS)")
     args = parser.parse_args(argv)
-    try:
-        tok = load_tokenizer(args.tokenizer)
-        text = args.text
-        if args.file is not None:
-            try:
-                text = Path(args.file).read_text(encoding="utf-8")
-            except UnicodeDecodeError as err:
-                raise ValueError(f"{args.file}: not UTF-8 text ({err.reason} at byte "
-                                 f"{err.start})") from None
-    except OSError as err:
-        print(f"error: {cliconfig.os_error_message(err)}", file=sys.stderr)
-        return 2
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
-        ids = tok.encode(text, add_special_tokens=args.add_special_tokens)
-    except KeyboardInterrupt as stop:  # a long file
-        print("interrupted", file=sys.stderr)
-        return cliconfig.interrupted_exit_code(stop)
+    return cliconfig.run_tool(lambda: _show_split(args))
+
+
+def _show_split(args) -> None:
+    tok = load_tokenizer(args.tokenizer)
+    text = args.text
+    if args.file is not None:
+        try:
+            text = Path(args.file).read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{args.file}: not UTF-8 text ({err.reason} at byte "
+                             f"{err.start})") from None
+    ids = tok.encode(text, add_special_tokens=args.add_special_tokens)
     if args.count:
         print(len(ids))
-        return 0
+        return
     width = len(str(tok.vocab_size - 1))
     for i in ids:
         print(f"{i:>{width}}  {_shown_piece(tok._id_to_bytes[i])}")
     per_token = f" ({len(text) / len(ids):.2f} characters a token)" if ids else ""
     print(f"{len(ids)} tokens for {len(text)} characters{per_token}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -1072,3 +1072,44 @@ def test_export_with_a_shard_limit_below_every_tensor_writes_no_empty_shard(chec
     idx = _ids(2, 16)
     with torch.no_grad():
         assert (back(idx).logits - model(idx)).abs().max().item() <= 1e-5
+
+
+def test_cli_converts_a_bin_checkpoint_that_transformers_loads_alike(checkpoints, tmp_path,
+                                                                      capsys):
+    """`python pretrained.py SRC OUT`: a pytorch_model.bin CodeGen checkpoint (the Hub's form of
+    CodeGen-350M-mono) becomes sharded safetensors with the tokenizer files beside it; the logits
+    of transformers loading OUT are those of transformers loading SRC, in the dtype asked."""
+    import transformers
+
+    path, hf, _ = checkpoints["codegen"]
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(path / "config.json", src)
+    torch.save(hf.state_dict(), src / "pytorch_model.bin")
+    (src / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>"}')
+    out = tmp_path / "out"
+    assert pretrained.main([str(src), str(out), "--max-shard-gb", str(2**-11)]) == 0
+    assert capsys.readouterr().out == f"wrote {out} (codegen, torch.float32)\n"
+    assert (out / "model.safetensors.index.json").is_file() and not list(out.glob("*.bin"))
+    assert (out / "tokenizer_config.json").read_text() == '{"eos_token": "<|endoftext|>"}'
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    idx = _ids(2, 24)
+    with torch.no_grad():
+        assert torch.equal(back(idx).logits, hf(idx).logits)
+    assert pretrained.main([str(src), str(tmp_path / "bf16"), "--dtype", "bf16"]) == 0
+    half = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto")
+    assert half.dtype == torch.bfloat16
+
+
+def test_cli_refuses_an_existing_out_and_leaves_nothing_behind_a_failure(checkpoints, tmp_path,
+                                                                         capsys):
+    path = checkpoints["llama"][0]
+    (tmp_path / "taken").mkdir()
+    assert pretrained.main([str(path), str(tmp_path / "taken")]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'taken'} already exists: name a new "
+                                       "directory\n")
+    assert pretrained.main([str(path), str(tmp_path / "out"), "--dtype", "int8"]) == 2
+    assert "int8" in capsys.readouterr().err
+    assert pretrained.main([str(tmp_path / "none"), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'none'}: not a directory\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
