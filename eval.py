@@ -627,17 +627,6 @@ def _load_hf(path: Path, device: torch.device) -> torch.nn.Module:
     return Transformer.from_pretrained(path, dtype=dtype, device=device)
 
 
-def _adapter_base(adapter: Path) -> Path:
-    import lora
-
-    config = cliconfig.read_json_object(adapter / lora.ADAPTER_CONFIG, "adapter config")
-    base = config.get("base_model_name_or_path")
-    if not base or not Path(base).is_dir():
-        raise ValueError(f"{adapter / lora.ADAPTER_CONFIG}: base_model_name_or_path {base!r} is "
-                         "not a local directory; name the base as BASE+ADAPTER")
-    return Path(base)
-
-
 def _run_base(run_dir: Path, config: dict) -> str:
     """The ``init_from`` base of a run: the absolute path its export's adapter config records
     (written from the directory the run was started in), else config.json's ``init_from``,
@@ -753,9 +742,10 @@ def load_model(spec: str, device: torch.device, tokenizer: str | None = None) ->
         lora.load_adapter(model, adapter)
         tok_dir = adapter if (adapter / "tokenizer.json").is_file() else path
     elif (path / lora.ADAPTER_CONFIG).is_file():
-        model = _load_hf(_adapter_base(path), device)
+        base = lora.adapter_base(path, "name the base as BASE+ADAPTER")
+        model = _load_hf(base, device)
         lora.load_adapter(model, path)
-        tok_dir = path if (path / "tokenizer.json").is_file() else _adapter_base(path)
+        tok_dir = path if (path / "tokenizer.json").is_file() else base
     elif tm.is_run_dir(path):
         model, tok_dir, run_config = _load_run(path, device, tokenizer)
     else:

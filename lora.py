@@ -14,9 +14,15 @@ dequantizes them on the fly, so LoRA can train on top of a 4-bit base (QLoRA) on
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first: the imports below load torch for seconds
+    import cliconfig
+
+    cliconfig.quiet_start_up_stops()
+
 import json
 import math
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -732,6 +738,17 @@ def _read_config(path: Path) -> LoRAConfig:
         raise ValueError(f"{file}: {e}") from None
 
 
+def adapter_base(adapter_dir: str | Path, remedy: str) -> Path:
+    """The local base model an adapter's config names (``base_model_name_or_path``, which PEFT
+    and ``save_adapter`` record); ``remedy`` ends the error when it names none here."""
+    file = Path(adapter_dir) / ADAPTER_CONFIG
+    base = cliconfig.read_json_object(file, "adapter config").get("base_model_name_or_path")
+    if not base or not Path(base).is_dir():
+        raise ValueError(f"{file}: base_model_name_or_path {base!r} is not a local directory; "
+                         f"{remedy}")
+    return Path(base)
+
+
 def _read_weights(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     """The adapter's weight file and tensors; a truncated or corrupt file (a copy cut short) is
     an error naming it."""
@@ -846,3 +863,42 @@ def _base_tensor_writer(model, names, name, attr, tensor, file, key) -> Callable
     if rows is None:
         return lambda: target.copy_(tensor)
     return lambda: target.index_copy_(0, rows.to(target.device), tensor.to(target))
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from architecture import Transformer
+
+    parser = argparse.ArgumentParser(
+        description="Merge a LoRA adapter (codelm's or PEFT's) into its base model and write the "
+        "merged model as a new HF checkpoint of the base's family (safetensors, with the "
+        "tokenizer files of the adapter directory, else of the base): transformers loads it "
+        "without PEFT, and it computes what the base with the adapter computes.")
+    parser.add_argument("adapter", help="the adapter directory (adapter_config.json + weights)")
+    parser.add_argument("out", help="the new directory (must not exist)")
+    parser.add_argument("--base", help="the base model directory (default: the adapter config's "
+                        "base_model_name_or_path)")
+    parser.add_argument("--dtype", default="auto", help="auto (the base checkpoint's own) | "
+                        "bf16 | fp16 | fp32: the merged weights' dtype; the merge itself is "
+                        "computed in fp32 (default: auto)")
+    args = parser.parse_args(argv)
+
+    def merge() -> None:
+        adapter = Path(args.adapter)
+        _read_config(adapter)  # a bad adapter is named before the base loads
+        base = Path(args.base) if args.base else adapter_base(adapter, "name it with --base")
+        model = Transformer.from_pretrained(base, dtype=args.dtype)
+        report = load_adapter(model, adapter)
+        tokenizer_dir = adapter if (adapter / "tokenizer.json").is_file() else base
+        pretrained.export_checkpoint(args.out, partial(merge_and_export, model), tokenizer_dir)
+        print(f"wrote {args.out}: the LoRA of {adapter} on {len(report.modules)} modules merged "
+              f"into {base} ({model.wte.weight.dtype})")
+
+    return cliconfig.run_tool(merge, "interrupted: nothing written")
+
+
+if __name__ == "__main__":
+    sys.exit(cliconfig.run_main(main))

@@ -959,3 +959,49 @@ def test_safetensors_adapter_weights_are_preferred_over_a_pickled_copy(tmp_path)
     load_adapter(fresh, tmp_path / "a")
     ids = _ids(3)
     torch.testing.assert_close(_logits(fresh, ids), _logits(model, ids), atol=0, rtol=0)
+
+
+def test_cli_merges_a_peft_adapter_into_a_checkpoint_transformers_loads(tmp_path, capsys):
+    """`python lora.py ADAPTER OUT`: the base named by the adapter's config, the adapter merged,
+    written as a plain HF checkpoint with the adapter's tokenizer file: transformers loads it
+    without PEFT and its logits are PEFT's (base + adapter)."""
+    setting = dict(r=4, alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "gate_proj"])
+    save_tiny_hf("llama", tmp_path / "hf")
+    hf = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")  # PEFT records its path
+    peft_model = get_peft_model(hf, _peft_config(setting))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    (adapter / "tokenizer.json").write_text('{"model": {}}')
+    out = tmp_path / "merged"
+    assert lora.main([str(adapter), str(out)]) == 0
+    n_layer = hf.config.num_hidden_layers  # q/v (one fused qkv), o and gate in each layer
+    assert capsys.readouterr().out == (f"wrote {out}: the LoRA of {adapter} on {3 * n_layer} "
+                                       f"modules merged into {tmp_path / 'hf'} (torch.float32)\n")
+    assert (out / "tokenizer.json").read_text() == '{"model": {}}'
+    assert not (out / "adapter_config.json").exists()
+    merged = tf.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = _ids(3)
+    torch.testing.assert_close(_logits(merged, ids), _logits(peft_model.eval(), ids),
+                               atol=1e-5, rtol=0)
+
+
+def test_cli_without_a_local_base_asks_for_base_and_writes_nothing(tmp_path, capsys):
+    hf, model, _ = _pair("phi", tmp_path)
+    apply_lora(model, LoRAConfig(r=2, alpha=4, target_modules=["fc1"]))
+    save_adapter(model, tmp_path / "adapter", base_model_name_or_path="microsoft/phi-1_5")
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert lora.main([str(tmp_path / "adapter"), str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'adapter' / 'adapter_config.json'}: base_model_name_or_path "
+        "'microsoft/phi-1_5' is not a local directory; name it with --base\n")
+    assert lora.main([str(tmp_path / "adapter"), str(out), "--base", str(tmp_path / "hf"),
+                      "--dtype", "bf16"]) == 0
+    assert "(torch.bfloat16)" in capsys.readouterr().out
+    assert lora.main([str(tmp_path / "hf"), str(tmp_path / "o2")]) == 2
+    assert "adapter_config.json: not found" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
