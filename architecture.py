@@ -8,6 +8,11 @@ checkpoints are read and written by `pretrained.py` (imported lazily by `from_pr
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first: the imports below load torch for seconds
+    import cliconfig
+
+    cliconfig.quiet_start_up_stops()
+
 import math
 import numbers
 import operator
@@ -1235,3 +1240,38 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: fl
 
 
 __all__ = ["FAMILIES", "ModelConfig", "PRESETS", "Transformer"]
+
+
+def presets_table() -> str:
+    """The named configurations side by side, parameters counted on the meta device."""
+    rows = ["| preset | family | layers | width | heads (kv) | MLP | context | vocab | parameters |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, c in PRESETS.items():
+        with torch.device("meta"):
+            n = Transformer(c).num_parameters()
+        rows.append(f"| {name} | {c.family} | {c.n_layer} | {c.n_embd} | {c.n_head} "
+                    f"({c.n_kv_head}) | {c.mlp_hidden} ({c.mlp}) | {c.block_size} | "
+                    f"{c.vocab_size} | {n:,} |")
+    return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(
+        description="codelm's named model configurations (architecture.PRESETS): a table of "
+        "them with their parameter counts, or one preset's every ModelConfig field as JSON "
+        "(what trainingmanager.py's --preset and --model-options start from).")
+    parser.add_argument("preset", nargs="?", choices=list(PRESETS),
+                        help="print this preset's fields as JSON")
+    args = parser.parse_args(argv)
+    print(json.dumps(asdict(PRESETS[args.preset]), indent=2) if args.preset else presets_table())
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(cliconfig.run_main(main))
+

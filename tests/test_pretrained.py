@@ -1113,3 +1113,30 @@ def test_cli_refuses_an_existing_out_and_leaves_nothing_behind_a_failure(checkpo
     assert pretrained.main([str(tmp_path / "none"), str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path / 'none'}: not a directory\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow)
+                                  if n == "starcoderbase-1b" else n for n in PRESETS])
+def test_presets_table_counts_parameters_as_transformers_does(name, capsys):
+    """`python architecture.py`: a preset's parameter count is that of the transformers model of
+    its exported config (built on the meta device: no memory), tied weights once. (transformers
+    takes 9 s to build GPTBigCode with its 8192-position mask: slow.)"""
+    import transformers
+
+    import architecture
+
+    assert architecture.main([]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert [row.split(" | ")[0].strip("| ") for row in rows] == list(PRESETS)
+    row = rows[list(PRESETS).index(name)]
+    hf_cfg = transformers.AutoConfig.for_model(**pretrained.hf_config(PRESETS[name], torch.float32))
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(hf_cfg)
+    assert row.split(" | ")[-1].strip("| ") == f"{hf.num_parameters():,}"
+
+
+def test_architecture_cli_prints_a_presets_fields_as_json(capsys):
+    import architecture
+
+    assert architecture.main(["tiny"]) == 0
+    assert ModelConfig(**json.loads(capsys.readouterr().out)) == PRESETS["tiny"]
