@@ -16,6 +16,7 @@ if __name__ == "__main__":  # first: the imports below load torch for seconds
 import math
 import numbers
 import operator
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -1271,7 +1272,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(cliconfig.run_main(main))
 

@@ -85,6 +85,11 @@ looping, memory-hungry or careless, not malicious. Imports of ``subprocess``,
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, as in every script
+    import cliconfig
+
+    cliconfig.quiet_start_up_stops()
+
 import contextlib
 import functools
 import json
@@ -781,3 +786,45 @@ def run_python(source: str, config: SandboxConfig | None = None) -> SandboxResul
     else:
         status = "failed"
     return SandboxResult(status, code, stdout, stderr, duration, landlock, completed, seccomp)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one Python file in the sandbox: what a generated sample does, without risk."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Run a Python file in codelm's sandbox, as pass@k runs generated code: its "
+        "own process and user, limits, no network, writes confined to a temporary directory. "
+        "Its output is printed, then how it ended; exit 0 if it passed, 1 if not.",
+        argument_default=argparse.SUPPRESS)
+    parser.add_argument("program", help="the Python file to run")
+    cliconfig.add_config_flags(parser, SandboxConfig)
+    flags = vars(parser.parse_args(argv))
+    program = flags.pop("program")
+
+    def run() -> int:
+        cfg = cliconfig.config_from_dict(SandboxConfig, flags, "command line")
+        if not 0 < cfg.timeout_s < math.inf:
+            raise ValueError(f"--timeout-s {cfg.timeout_s}: must be a positive number of seconds")
+        if cfg.memory_mb < MIN_MEMORY_MB:
+            raise ValueError(f"--memory-mb {cfg.memory_mb}: must be >= {MIN_MEMORY_MB}: a Python "
+                             "interpreter needs that much")
+        try:
+            source = Path(program).read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{program}: not UTF-8 text ({err.reason})") from None
+        result = run_python(source, cfg)
+        sys.stdout.write(result.stdout)
+        sys.stderr.write(result.stderr)
+        layers = [name for name, on in (("landlock", result.landlock),
+                                        ("seccomp", result.seccomp)) if on]
+        print(f"sandbox: {result.status} (exit code {result.returncode}) in "
+              f"{result.duration_s:.2f} s{'' if result.completed else ', not run to its end'}; "
+              f"{', '.join(layers) or 'rlimits only'}", file=sys.stderr)
+        return 0 if result.passed else 1
+
+    return cliconfig.run_tool(run)
+
+
+if __name__ == "__main__":
+    sys.exit(cliconfig.run_main(main))

@@ -16,6 +16,11 @@ This module imports nothing of the project (ground floor).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, as in every script
+    import cliconfig
+
+    cliconfig.quiet_start_up_stops()
+
 import ast
 import heapq
 import io
@@ -23,6 +28,7 @@ import json
 import multiprocessing
 import operator
 import os
+import sys
 import tokenize
 from array import array
 from collections import Counter, defaultdict
@@ -1789,4 +1795,4 @@ def _show_split(args) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(cliconfig.run_main(main))

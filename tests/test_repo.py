@@ -161,7 +161,8 @@ def test_docs_point_only_at_what_the_repository_holds():
 
 
 SCRIPTS = ["trainingmanager.py", "eval.py", "dataset.py", "hyperparam_tune.py", "recipes.py",
-           "scraping/__main__.py"]
+           "scraping/__main__.py", "tokenizer.py", "architecture.py", "pretrained.py", "lora.py",
+           "sandbox.py"]
 
 
 def test_every_script_guards_its_start_up_and_runs_main_through_cliconfig():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -653,3 +654,25 @@ def test_max_files_is_the_number_of_entries_allowed():
 def test_a_memory_error_the_program_left_uncaught_exits_with_exit_memory():
     result = run_python("x = bytearray(10 ** 11)", SandboxConfig(timeout_s=10.0, memory_mb=256))
     assert result.status == "memory" and result.returncode == sandbox.EXIT_MEMORY
+
+
+def test_cli_runs_a_file_and_says_how_it_ended(tmp_path, capsys):
+    """`python sandbox.py FILE`: the program's output, then one status line; exit 0 only if it
+    passed; a write outside its directory fails it and leaves nothing there."""
+    ok = tmp_path / "ok.py"
+    ok.write_text("print(sum(range(10)))\n")
+    assert sandbox.main([str(ok)]) == 0
+    out, err = capsys.readouterr()
+    assert out == "45\n" and re.fullmatch(r"sandbox: passed \(exit code 0\) in [\d.]+ s; .+\n", err)
+    outside = tmp_path / "outside.txt"
+    bad = tmp_path / "bad.py"
+    bad.write_text(f"open({str(outside)!r}, 'w').write('x')\n")
+    assert sandbox.main([str(bad), "--timeout-s", "10"]) == 1
+    err = capsys.readouterr().err
+    assert "PermissionError" in err and "sandbox: failed (exit code 1)" in err
+    assert re.search(r" s, not run to its end; [a-z, ]+\n\Z", err)
+    assert not outside.exists()
+    assert sandbox.main([str(ok), "--timeout-s", "0"]) == 2
+    assert capsys.readouterr().err == "error: --timeout-s 0.0: must be a positive number of seconds\n"
+    assert sandbox.main([str(tmp_path / "none.py")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'none.py'}: No such file or directory\n"
