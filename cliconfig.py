@@ -435,7 +435,11 @@ def run_main(main: Callable[[], int | None]) -> int | None:
     """Run a script's ``main`` once its imports are done (see ``quiet_start_up_stops``)."""
     while _START_UP_REPLACED:
         signal.signal(*_START_UP_REPLACED.popitem())
-    return main()
+    try:
+        return main()
+    except BrokenPipeError:  # `script | head` stopped reading: no traceback, no second one
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # at exit's flush
+        return 1
 
 
 def run_tool(work: Callable[[], int | None], interrupted: str = "interrupted") -> int:
@@ -448,6 +452,8 @@ def run_tool(work: Callable[[], int | None], interrupted: str = "interrupted") -
     except KeyboardInterrupt as stop:
         print(interrupted, file=sys.stderr)
         return interrupted_exit_code(stop)
+    except BrokenPipeError:  # the reader of stdout went away: run_main's to end quietly
+        raise
     except OSError as err:
         print(f"error: {os_error_message(err)}", file=sys.stderr)
         return 2

@@ -551,3 +551,21 @@ def test_a_stop_within_stops_deferred_lands_on_leaving_whole_work_done():
             done.append("saved")
     assert done == ["saved"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
+def test_a_reader_that_stops_reading_ends_a_script_quietly():
+    """`python tokenizer.py ... | head`: the closed pipe gave a BrokenPipeError traceback, and
+    a second one when Python flushed stdout at exit; now exit 1 and nothing on stderr."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    script = ("import sys, cliconfig\n"
+              "sys.exit(cliconfig.run_main(lambda: cliconfig.run_tool(\n"
+              "    lambda: [print('x' * 100) for _ in range(10**6)])))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=root, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == b"x" * 100 + b"\n"
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 1
+    assert proc.stderr.read() == b""
