@@ -1296,6 +1296,9 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
     what the refusal of an output directory holding a different evaluation's results tells the
     user to do (default: eval.py's: another --out-dir, or remove it)."""
     cfg.validate()
+    if cfg.prompt is not None:
+        raise ValueError("EvalConfig.prompt is set: evaluate runs the tasks, and complete(cfg) "
+                         "completes the prompt")
     torch.manual_seed(cfg.seed)
     device = _device(cfg.device)
     specs = cfg.models or [str(latest_run(cfg.runs_dir))]

@@ -71,20 +71,23 @@ def load_recipe(path: str | Path) -> Recipe:
     return Recipe(path, sections["train"], sections["eval"], notes)
 
 
-# EvalConfig keys recipes.py sets itself, and how to set them instead: a recipe's or a --set's
-# value would be overwritten unseen.
+# EvalConfig keys recipes.py sets itself or does not use, and what to do instead: a recipe's or
+# a --set's value would be overwritten or ignored unseen.
 OWN_EVAL_KEYS = {
-    "out_dir": f"it evaluates a run into <out-dir>/<name>/{tm.EVAL_DIR} (python eval.py --config "
-               "RECIPE --models RUN --out-dir DIR evaluates it elsewhere)",
-    "device": "use --device (training's too)",
-    "progress": "use --no-progress (training's too)",
+    "out_dir": f"sets eval.out_dir itself: it evaluates a run into <out-dir>/<name>/"
+               f"{tm.EVAL_DIR} (python eval.py --config RECIPE --models RUN --out-dir DIR "
+               "evaluates it elsewhere)",
+    "device": "sets eval.device itself: use --device (training's too)",
+    "progress": "sets eval.progress itself: use --no-progress (training's too)",
+    "prompt": "runs the recipe's tasks, not a prompt (python eval.py --config RECIPE --models RUN "
+              "--prompt TEXT completes one with the recipe's generation settings)",
 }
 
 
 def check_eval_key(key: str, where: str) -> None:
-    """Refuse an eval key that recipes.py sets itself (``OWN_EVAL_KEYS``)."""
+    """Refuse an eval key that recipes.py sets itself or does not use (``OWN_EVAL_KEYS``)."""
     if key in OWN_EVAL_KEYS:
-        raise ValueError(f"{where}: recipes.py sets eval.{key} itself: {OWN_EVAL_KEYS[key]}")
+        raise ValueError(f"{where}: recipes.py {OWN_EVAL_KEYS[key]}")
 
 
 def apply_setting(recipe: Recipe, setting: str) -> None:

@@ -710,6 +710,13 @@ def test_prompt_prints_each_models_completion_as_transformers_greedy_generates_i
     assert list(tmp_path.iterdir()) == []
 
 
+def test_evaluate_refuses_a_prompt_it_would_ignore(tmp_path):
+    cfg = ev.EvalConfig(models=[str(tmp_path)], prompt="def f(", out_dir=str(tmp_path / "out"))
+    with pytest.raises(ValueError, match=r"^EvalConfig.prompt is set: evaluate runs the tasks"):
+        ev.evaluate(cfg)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_streamed_completion_never_shows_half_a_character(tiny_models):
     """A character split over several byte tokens is shown once all its bytes have come, not
     as U+FFFD first; the pieces shown add up to the completion; sampling follows the seed."""

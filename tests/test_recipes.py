@@ -717,25 +717,27 @@ def test_resume_with_other_eval_settings_names_the_runs_eval_dir_as_the_remedy(
 
 
 @pytest.mark.parametrize("key, value, instead", [
-    ("out_dir", '"elsewhere"', "it evaluates a run into <out-dir>/<name>/eval"),
-    ("device", '"cpu"', "use --device"),
-    ("progress", "false", "use --no-progress"),
-], ids=["out_dir", "device", "progress"])
+    ("out_dir", '"elsewhere"', "sets eval.out_dir itself: it evaluates a run into "
+                               "<out-dir>/<name>/eval"),
+    ("device", '"cpu"', "sets eval.device itself: use --device"),
+    ("progress", "false", "sets eval.progress itself: use --no-progress"),
+    ("prompt", '"def f("', "runs the recipe's tasks, not a prompt (python eval.py --config"),
+], ids=["out_dir", "device", "progress", "prompt"])
 def test_eval_keys_recipes_sets_itself_are_refused_not_ignored(tmp_path, monkeypatch, capsys,
                                                                key, value, instead):
     """recipes.py overwrote eval.out_dir, eval.device and eval.progress with its own, silently:
-    --set eval.out_dir=../x wrote to <run>/eval all the same."""
+    --set eval.out_dir=../x wrote to <run>/eval all the same (and eval.prompt was ignored)."""
     trained: list = []
     monkeypatch.setattr(tm, "train", _stop_training(trained))
     flags = ["--out-dir", str(tmp_path / "runs"), "--no-progress"]
     recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"]})
     assert recipes.main([str(recipe), *flags, "--set", f"eval.{key}={value}"]) == 2
     assert capsys.readouterr().err.startswith(
-        f"error: --set eval.{key}={value}: recipes.py sets eval.{key} itself: {instead}")
+        f"error: --set eval.{key}={value}: recipes.py {instead}")
     recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"], key: json.loads(value)})
     assert recipes.main([str(recipe), *flags]) == 2
     assert capsys.readouterr().err.startswith(
-        f"error: {recipe}: the eval section's {key}: recipes.py sets eval.{key} itself: {instead}")
+        f"error: {recipe}: the eval section's {key}: recipes.py {instead}")
     assert trained == []
 
 
