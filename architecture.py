@@ -3,7 +3,7 @@ from-scratch models of the research path.
 
 The families differ only in flags of `ModelConfig`; `Transformer` is the one model class. HF
 checkpoints are read and written by `pretrained.py` (imported lazily by `from_pretrained` and
-`save_pretrained`, so this module imports nothing of the project).
+`save_pretrained`, so this module imports nothing of the project but cliconfig).
 """
 
 from __future__ import annotations
@@ -13,10 +13,13 @@ if __name__ == "__main__":  # first: the imports below load torch for seconds
 
     cliconfig.quiet_start_up_stops()
 
+import copy
+import functools
 import math
 import numbers
 import operator
 import sys
+import typing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -25,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+import cliconfig
 
 FAMILIES = ("gpt_bigcode", "codegen", "phi", "llama")
 NORMS = ("layernorm", "rmsnorm")
@@ -78,6 +83,13 @@ class ModelConfig:
         def bad(key: str, why: str) -> ValueError:
             return ValueError(f"ModelConfig.{key}={getattr(self, key)!r}: {why}")
 
+        hints = _config_hints()
+        for f in fields(self):  # as annotated: "false" or 1 is no bool, True or 2.0 no size
+            value = getattr(self, f.name)
+            # (eos_id: an id, or a list of ids, which type_error would read as one id)
+            hint = list[int] if f.name == "eos_id" and isinstance(value, list) else hints[f.name]
+            if problem := cliconfig.type_error(hint, value):
+                raise ValueError(f"ModelConfig.{f.name} {problem}")
         for key, allowed in (("family", FAMILIES), ("norm", NORMS), ("mlp", MLPS),
                              ("positions", POSITIONS), ("init", INITS)):
             if getattr(self, key) not in allowed:
@@ -85,7 +97,7 @@ class ModelConfig:
         sizes = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_hidden")
         derived = ("n_kv_head", "head_dim", "rotary_dim")  # None: resolved from sizes below
         for key in sizes + tuple(k for k in derived if getattr(self, k) is not None):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+            if getattr(self, key) < 1:
                 raise bad(key, "must be a positive integer")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
@@ -108,12 +120,16 @@ class ModelConfig:
             missing = [k for k in LLAMA3_SCALING_KEYS if k not in self.rope_scaling]
             if missing:
                 raise bad("rope_scaling", f"Llama-3 scaling needs keys {missing}")
+            not_numbers = [k for k in LLAMA3_SCALING_KEYS
+                           if not cliconfig.is_number(self.rope_scaling[k])]
+            if not_numbers:
+                raise bad("rope_scaling", f"{not_numbers} must be numbers")
         for key in ("dropout", "embd_dropout", "attn_dropout"):
             if getattr(self, key) is not None and not 0.0 <= getattr(self, key) < 1.0:
                 raise bad(key, "must be in [0, 1)")
-        for key in ("init_std", "norm_eps"):
-            if not getattr(self, key) > 0:
-                raise bad(key, "must be > 0")
+        for key in ("init_std", "norm_eps", "rope_theta"):  # (rope_theta 0: inf frequencies)
+            if not 0 < getattr(self, key) < math.inf:
+                raise bad(key, "must be > 0 and finite")
 
     @property
     def embedding_dropout(self) -> float:
@@ -135,6 +151,12 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"ModelConfig: unknown keys {unknown}")
         return cls(**d)
+
+
+@functools.cache
+def _config_hints() -> dict:
+    """ModelConfig's field types, resolved once (typing.get_type_hints takes ~2 ms)."""
+    return typing.get_type_hints(ModelConfig)
 
 
 def _preset(**kw) -> ModelConfig:
@@ -166,7 +188,7 @@ PRESETS: dict[str, ModelConfig] = {
                       "original_max_position_embeddings": 8192},
         tie_embeddings=True, bos_id=128000, eos_id=128001),
     # From-scratch sizes of the research path (Llama-shaped, so they export as `llama`).
-    # Set vocab_size to the tokenizer's.
+    # Set vocab_size to the tokenizer's on a copy: dataclasses.replace(preset, vocab_size=n).
     "tiny": _preset(vocab_size=512, block_size=128, n_layer=2, n_head=4, n_kv_head=2,
                     n_embd=64, mlp_hidden=176, tie_embeddings=True),
     "llama-14m": _preset(vocab_size=8192, block_size=512, n_layer=6, n_head=6, n_embd=384,
@@ -593,6 +615,16 @@ def head_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Modu
     fp16 (autocast or fp16 tensors) it needs this to form them at the magnitude the loss scaler
     chose, as the unfused head would in its backward (fp16's range is narrow); without it, fp16
     runs unfused. Other dtypes ignore it."""
+    if not isinstance(label_smoothing, numbers.Real) or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    if hidden.shape[-1] != head.in_features:
+        raise ValueError(f"hidden has {hidden.shape[-1]} features, the head takes "
+                         f"{head.in_features} (logits passed as hidden?)")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels shape {tuple(labels.shape)} must equal hidden's leading shape "
+                         f"{tuple(hidden.shape[:-1])}")
+    if labels.dtype != torch.long:  # (the unfused head's F.cross_entropy takes no other)
+        raise ValueError(f"labels must be token ids in a torch.long tensor, got {labels.dtype}")
     hidden, labels = hidden.flatten(0, -2), labels.flatten()
     vocab = head.out_features
     bad = ((labels < 0) & (labels != IGNORE_INDEX)) | (labels >= vocab)
@@ -622,7 +654,9 @@ def head_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Modu
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.cfg = cfg
+        # The model's own copy (rope_scaling too), shared by its modules: `model.cfg.dropout = p`
+        # retunes this model, never the preset or the other models built from the same config.
+        self.cfg = cfg = copy.deepcopy(cfg)
         # _weight: reset_parameters below draws the values (so nn.Embedding's own normal_ is
         # skipped), and on the meta device (pretrained.load) nothing is drawn at all: normal_ on
         # meta imports sympy, 65 MiB of RSS for nothing.
@@ -694,8 +728,7 @@ class Transformer(nn.Module):
         `head_cross_entropy` turns into the loss without forming the logits. attention_mask
         (B, T), True = real token, for left-padded batches (right padding needs none: causal
         attention never looks ahead)."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, time), got shape {tuple(input_ids.shape)}")
+        _check_ids(input_ids, "input_ids", self.cfg.vocab_size)
         B, T = input_ids.shape
         if T > self.cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds the context length "
@@ -703,6 +736,7 @@ class Transformer(nn.Module):
         if attention_mask is None:
             pos = torch.arange(T, device=input_ids.device)[None]
             return self._run(input_ids, pos, None, None, head=not return_hidden)
+        _check_tensor(attention_mask, "attention_mask")
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids "
                              f"shape {tuple(input_ids.shape)}")
@@ -822,11 +856,12 @@ class Transformer(nn.Module):
     def _steps(self, idx, max_new_tokens, temperature, top_k, top_p, eos_id, stop,
                attention_mask, pad_id, decode, generator, compile):
         B, T, max_new_tokens = self._check_prompt(idx, max_new_tokens)
-        _check_sampling(temperature, top_k, top_p)
+        _check_sampling(temperature, top_k, top_p, generator)
         _check_mask(attention_mask, idx)
-        eos_ids, stop_seqs, stop_strs = _parse_stops(eos_id, stop, decode)
+        vocab = self.cfg.vocab_size
+        eos_ids, stop_seqs, stop_strs = _parse_stops(eos_id, stop, decode, vocab)
         if pad_id is not None:
-            fill = _index(pad_id, "pad_id")
+            fill = _pad_id(pad_id, vocab)
         elif eos_ids:
             fill = eos_ids[0]
         elif (stop_seqs or stop_strs) and B > 1:
@@ -885,8 +920,10 @@ class Transformer(nn.Module):
         eos_id: an id or ids ending a row. stop: a string, an id, or a list of strings, ids and
         id sequences (strings need `decode`, e.g. tokenizer.decode) that end a row; the stop
         itself is kept in the output.
-        compile: torch.compile the decode step (static shapes: the cache is preallocated).
-        Under torch.autocast the caches hold autocast's dtype, as forward's keys and values.
+        compile: torch.compile the decode step (static shapes: the cache is preallocated); not
+        with num_beams > 1. Under torch.autocast the caches hold autocast's dtype, as forward's
+        keys and values. In train mode dropout is on, as in transformers: call `model.eval()`
+        first for deterministic output.
 
         On CPU in eval mode, the eager path may leave Linear weights column-major (same values
         and shapes, non-contiguous strides: they stream faster; see `_use_decode_layout`) until
@@ -902,6 +939,13 @@ class Transformer(nn.Module):
                     or _stop_entries(stop)):
                 raise ValueError("beam search is deterministic: leave temperature, top_k, top_p "
                                  "and stop unset with num_beams > 1")
+            if compile:
+                raise ValueError("compile=True compiles the greedy and sampling decode step; "
+                                 "beam search runs eagerly: leave compile unset with "
+                                 "num_beams > 1")
+            if not isinstance(length_penalty, numbers.Real) or not math.isfinite(length_penalty):
+                raise ValueError(f"length_penalty must be a finite number, got "
+                                 f"{length_penalty!r}")
             with torch.inference_mode():
                 out = self._beam_search(idx, max_new_tokens, num_beams, eos_id,
                                         attention_mask, pad_id, length_penalty)
@@ -915,8 +959,7 @@ class Transformer(nn.Module):
 
     def _check_prompt(self, idx: torch.Tensor, max_new_tokens: int) -> tuple[int, int, int]:
         """(B, T, max_new_tokens as an int), once the prompt and the length are checked."""
-        if idx.dim() != 2:
-            raise ValueError(f"idx must be (batch, time), got shape {tuple(idx.shape)}")
+        _check_ids(idx, "idx", self.cfg.vocab_size)
         max_new_tokens = _index(max_new_tokens, "max_new_tokens")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -924,9 +967,6 @@ class Transformer(nn.Module):
         if T == 0:
             raise ValueError("the prompt is empty: generation continues at least one token (for "
                              "an unconditional sample, start from the BOS id)")
-        if idx.numel() and not 0 <= int(idx.min()) <= int(idx.max()) < self.cfg.vocab_size:
-            raise ValueError(f"idx holds token ids outside [0, vocab_size={self.cfg.vocab_size}):"
-                             f" min {int(idx.min())}, max {int(idx.max())} (wrong tokenizer?)")
         # The last new token is never fed back: n new tokens take positions up to T + n - 2, so
         # T + n may reach block_size + 1 (as in transformers).
         block = self.cfg.block_size
@@ -942,9 +982,9 @@ class Transformer(nn.Module):
                      length_penalty):
         B, T, max_new_tokens = self._check_prompt(idx, max_new_tokens)
         _check_mask(attention_mask, idx)  # before the beams expand the shapes it names
-        eos_ids, _, _ = _parse_stops(eos_id, None, None)
+        eos_ids, _, _ = _parse_stops(eos_id, None, None, self.cfg.vocab_size)
         if pad_id is not None:
-            fill = _index(pad_id, "pad_id")
+            fill = _pad_id(pad_id, self.cfg.vocab_size)
         else:  # without EOS no hypothesis ends early, so no fill is ever returned
             fill = eos_ids[0] if eos_ids else 0
         K, dev = num_beams, idx.device
@@ -1106,11 +1146,50 @@ def _decode_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         return compile_fx(gm, example_inputs, decompositions=table)
 
 
+def _check_tensor(value, name: str) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor (batch, time), got a "
+                         f"{type(value).__name__}; use torch.tensor({name})")
+
+
+def _check_ids(ids, name: str, vocab: int) -> None:
+    """ids (batch, time) of integer token ids in [0, vocab): torch's own errors for these name
+    neither the argument nor the cause, and on CUDA an id out of range is a device-side assert
+    that breaks the process's CUDA context. The range costs a min and a max (and on CUDA a
+    sync); torch.compile's graph leaves it out."""
+    _check_tensor(ids, name)
+    if ids.dtype not in (torch.long, torch.int32):
+        raise ValueError(f"{name} must hold integer token ids (torch.long), got {ids.dtype} "
+                         "(torch.Tensor(...) makes floats; torch.tensor(...) keeps ints)")
+    if ids.dim() != 2:
+        raise ValueError(f"{name} must be (batch, time), got shape {tuple(ids.shape)}")
+    if ids.numel() and not torch.compiler.is_compiling():
+        lo, hi = torch.stack(ids.aminmax()).tolist()
+        if not 0 <= lo <= hi < vocab:
+            raise ValueError(f"{name} holds token ids outside [0, vocab_size={vocab}): min {lo}, "
+                             f"max {hi} (wrong tokenizer? -100 labels passed as ids?)")
+
+
+def _in_vocab(ids: list[int], name: str, vocab: int, why: str) -> None:
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise ValueError(f"{name} {bad[0]} is outside the model's vocabulary [0, {vocab}): {why}")
+
+
+def _pad_id(pad_id, vocab: int) -> int:
+    """pad_id, checked before any step: finished rows feed it back to the model."""
+    fill = _index(pad_id, "pad_id")
+    _in_vocab([fill], "pad_id", vocab, "rows that finish are filled with it and fed it; "
+              "pass a token id (e.g. the EOS id)")
+    return fill
+
+
 def _check_mask(attention_mask: torch.Tensor | None, idx: torch.Tensor) -> None:
     """Generation continues every row from its last position, so each row must end with a real
     token: left padding (right padding, as training batches have, would continue the pads)."""
     if attention_mask is None:
         return
+    _check_tensor(attention_mask, "attention_mask")
     if attention_mask.shape != idx.shape:
         raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != idx shape "
                          f"{tuple(idx.shape)}")
@@ -1130,14 +1209,21 @@ def _index(value, name: str) -> int:
         raise ValueError(f"{name} must be an integer, got {value!r}") from None
 
 
-def _check_sampling(temperature, top_k, top_p) -> None:
-    """Checked before any work, also where nothing is sampled (greedy, max_new_tokens=0)."""
+def _check_sampling(temperature, top_k, top_p, generator) -> None:
+    """Checked before any work, also where nothing is sampled (greedy, max_new_tokens=0). A
+    generator is fine at temperature 0 (eval passes one whatever the temperature)."""
     if not isinstance(temperature, numbers.Real) or not temperature >= 0:
         raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
     if top_k is not None and _index(top_k, "top_k") < 1:
         raise ValueError(f"top_k must be >= 1 (or None: no top-k filter), got {top_k!r}")
     if top_p is not None and (not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1] (or None: no nucleus filter), got {top_p!r}")
+    if temperature == 0 and (top_k is not None or top_p is not None):
+        raise ValueError("top_k and top_p filter what is sampled; temperature=0 is greedy (the "
+                         "argmax): pass temperature > 0 to sample")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator, got {generator!r} (for a seed: "
+                         "torch.Generator().manual_seed(seed))")
 
 
 def _token_ids(ids, name: str) -> list[int]:
@@ -1174,8 +1260,12 @@ def _stop_entries(stop) -> list:
                      f"sequences, got {stop!r}")
 
 
-def _parse_stops(eos_id, stop, decode):
+def _parse_stops(eos_id, stop, decode, vocab: int):
+    """(eos ids, stop id sequences, stop strings); ids outside the vocabulary are refused, as
+    no generated token could ever match them."""
+    never = "it can never be generated (another tokenizer's id?)"
     eos_ids = _token_ids(eos_id, "eos_id")
+    _in_vocab(eos_ids, "eos_id", vocab, never)
     stop_seqs: list[list[int]] = []
     stop_strs: list[str] = []
     for s in _stop_entries(stop):
@@ -1187,8 +1277,11 @@ def _parse_stops(eos_id, stop, decode):
             raise ValueError(f"stop: None is no stop, in {stop!r}")
         else:
             stop_seqs.append(_token_ids(s, "stop"))
+            _in_vocab(stop_seqs[-1], "stop id", vocab, never)
     if stop_strs and decode is None:
         raise ValueError(f"stop strings {stop_strs} need decode= (e.g. tokenizer.decode)")
+    if decode is not None and not callable(decode):
+        raise ValueError(f"decode must be a callable such as tokenizer.decode, got {decode!r}")
     if any(not seq for seq in stop_seqs):
         raise ValueError("stop: empty id sequence")
     return eos_ids, stop_seqs, stop_strs

@@ -54,9 +54,9 @@ def _ids(batch, length, seed=0, vocab=96):
     (dict(dropout=1.5), r"dropout=1.5: must be in"),
     (dict(embd_dropout=-0.1), r"embd_dropout=-0.1: must be in"),
     # Sizes that only resolve later failed as a bare TypeError in torch.empty.
-    (dict(head_dim=16.0), r"ModelConfig.head_dim=16.0: must be a positive integer"),
-    (dict(n_kv_head=2.0), r"ModelConfig.n_kv_head=2.0: must be a positive integer"),
-    (dict(rotary_dim=8.0), r"ModelConfig.rotary_dim=8.0: must be a positive integer"),
+    (dict(head_dim=16.0), r"ModelConfig.head_dim must be an integer, got 16.0"),
+    (dict(n_kv_head=2.0), r"ModelConfig.n_kv_head must be an integer, got 2.0"),
+    (dict(rotary_dim=8.0), r"ModelConfig.rotary_dim must be an integer, got 8.0"),
     (dict(rotary_dim=0), r"ModelConfig.rotary_dim=0: must be a positive integer"),
     # A torch traceback from nn.init.normal_ / a silent division by zero in the norm.
     (dict(init_std=-1.0), r"ModelConfig.init_std=-1.0: must be > 0"),
@@ -64,10 +64,42 @@ def _ids(batch, length, seed=0, vocab=96):
     # A head_dim changed under a preset's rotary_dim was reported as a rotary_dim error.
     (dict(head_dim=8, rotary_dim=16), r"ModelConfig.head_dim=8: smaller than rotary_dim=16"),
     (dict(n_embd=42, n_head=6), r"ModelConfig.head_dim=7: must be even"),
+    # Any truthy string turned a feature on ("false" tied the head); True counted as a size 1.
+    (dict(tie_embeddings="false"), r"ModelConfig.tie_embeddings must be true/false, got 'false'"),
+    (dict(qkv_bias=1), r"ModelConfig.qkv_bias must be true/false, got 1"),
+    (dict(n_head=True), r"ModelConfig.n_head must be an integer, got True"),
+    (dict(eos_id=[2, "3"]), r"ModelConfig.eos_id must be a list of integers"),
+    # A bare TypeError naming no key, from a comparison or (rope) from torch while building.
+    (dict(norm_eps="1e-5"), r"ModelConfig.norm_eps must be a number, got '1e-5'"),
+    (dict(dropout="0.1"), r"ModelConfig.dropout must be a number, got '0.1'"),
+    (dict(rope_theta="10000"), r"ModelConfig.rope_theta must be a number, got '10000'"),
+    (dict(rope_scaling={**PRESETS["llama-3.2-1b"].rope_scaling, "factor": "32"}),
+     r"ModelConfig.rope_scaling=.*\['factor'\] must be numbers"),
+    # inf frequencies (or NaN) for every rotated pair but the first, and finite logits.
+    (dict(rope_theta=0.0), r"ModelConfig.rope_theta=0.0: must be > 0 and finite"),
+    (dict(rope_theta=-1e4), r"ModelConfig.rope_theta=-10000.0: must be > 0"),
+    (dict(rope_theta=float("nan")), r"ModelConfig.rope_theta=nan: must be > 0"),
 ])
 def test_config_rejects_bad_values(change, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(**change)
+
+
+def test_config_eos_id_may_be_one_id_or_a_list():
+    assert ModelConfig(eos_id=[5, 2]).eos_id == [5, 2] and ModelConfig(eos_id=5).eos_id == 5
+
+
+def test_model_owns_a_deep_copy_of_its_config():
+    """Transformer(PRESETS[...]) held the preset itself: a change to one model's config (its
+    live dropout) reached the preset and every model built from it."""
+    preset = PRESETS["tiny"]
+    a, b = Transformer(preset), Transformer(preset)
+    a.cfg.dropout = 0.3
+    assert a.blocks[0].cfg is a.cfg and a.rope.cfg is a.cfg  # the modules read it live
+    assert b.cfg.dropout == preset.dropout == 0.0 and b.cfg is not preset
+    llama = Transformer(SHAPES["llama"])
+    llama.cfg.rope_scaling["factor"] = 1.0
+    assert SHAPES["llama"].rope_scaling["factor"] == 32.0
 
 
 def test_odd_head_dim_is_fine_without_rotary_embeddings():
@@ -532,6 +564,19 @@ def test_sampling_and_generation_arguments_checked_up_front():
         (dict(top_k=0), "top_k must be >= 1"),
         (dict(top_k=2.5, temperature=1.0), "top_k must be an integer"),
         (dict(pad_id="0", eos_id=3), "pad_id must be an integer"),
+        # Ignored without a word: the output was greedy (transformers warns).
+        (dict(top_p=0.9), "temperature=0 is greedy .*: pass temperature > 0 to sample"),
+        (dict(top_k=5), "temperature=0 is greedy"),
+        # torch's errors after the prefill / at the first step.
+        (dict(temperature=1.0, generator=42), "generator must be a torch.Generator, got 42"),
+        (dict(stop="\n", decode="tokenizer"), "decode must be a callable such as tokenizer.decode"),
+        # No generated token can equal them: every row ran to max_new_tokens.
+        (dict(eos_id=96), re.escape("eos_id 96 is outside the model's vocabulary [0, 96): it "
+                                    "can never be generated")),
+        (dict(eos_id=[3, -1]), "eos_id -1 is outside"),
+        (dict(stop=[[3, 96]], eos_id=3), "stop id 96 is outside"),
+        # An IndexError from F.embedding once a row finished, the tokens so far lost.
+        (dict(pad_id=-100, eos_id=3), "pad_id -100 is outside the model's vocabulary"),
     ]:
         for n in (0, 2):
             with pytest.raises(ValueError, match=message):
@@ -545,7 +590,64 @@ def test_sampling_and_generation_arguments_checked_up_front():
         model.generate(idx, 5, num_beams=2.0)
     with pytest.raises(ValueError, match="beam search is deterministic"):
         model.generate(idx, 5, num_beams=2, stop=0)  # a bare id 0 is a stop too
-    assert model.generate(idx, np.int64(3), top_k=np.int64(2)).shape == (1, 8)
+    for kw, message in [(dict(eos_id=96), "eos_id 96 is outside"),
+                        (dict(pad_id=-100), "pad_id -100 is outside"),
+                        (dict(length_penalty="1.0"), "length_penalty must be a finite number"),
+                        (dict(compile=True), "beam search runs eagerly")]:  # was ignored
+        with pytest.raises(ValueError, match=message):
+            model.generate(idx, 0, num_beams=2, **kw)
+    assert model.generate(idx, np.int64(3), top_k=np.int64(2), temperature=1.0).shape == (1, 8)
+
+
+def test_a_generator_at_temperature_zero_is_greedy():
+    """eval passes its seeded generator whatever the temperature."""
+    model = _model("llama")
+    idx = _ids(2, 5)
+    assert torch.equal(model.generate(idx, 4, generator=torch.Generator().manual_seed(0)),
+                       model.generate(idx, 4))
+
+
+@pytest.mark.parametrize("ids, message", [
+    ([[3, 4]], "input_ids must be a tensor \\(batch, time\\), got a list"),
+    # F.embedding's "Expected tensor for argument #1 'indices' to have ... Long, Int".
+    (torch.Tensor([[3, 4]]), "input_ids must hold integer token ids .*got torch.float32 "
+                             "\\(torch.Tensor\\(...\\) makes floats"),
+    (torch.tensor([[True, False]]), "input_ids must hold integer token ids .*got torch.bool"),
+    # F.embedding's "index out of range in self" (on CUDA a device-side assert).
+    (torch.tensor([[-100, 3]]), re.escape("input_ids holds token ids outside [0, vocab_size=96):"
+                                          " min -100, max 3")),
+    (torch.tensor([[3, 96]]), "outside .* max 96"),
+])
+def test_forward_refuses_what_are_no_token_ids(ids, message):
+    model = _model("llama")
+    with pytest.raises(ValueError, match=message):
+        model(ids)
+    with pytest.raises(ValueError, match=message.replace("input_ids", "idx")):
+        model.generate(ids, 2)
+    with pytest.raises(ValueError, match=message.replace("input_ids", "idx")):
+        next(model.stream(ids, 2))
+
+
+def test_attention_mask_must_be_a_tensor():
+    model = _model("llama")
+    for beams in (1, 2):
+        with pytest.raises(ValueError, match="attention_mask must be a tensor .*got a list"):
+            model.generate(_ids(1, 3), 2, attention_mask=[[1, 1, 1]], num_beams=beams)
+    with pytest.raises(ValueError, match="attention_mask must be a tensor .*got a list"):
+        model(_ids(1, 3), attention_mask=[[1, 1, 1]])
+
+
+def test_int32_ids_give_the_logits_of_long_ids():
+    model, ids = _model("llama"), _ids(2, 5)
+    assert torch.equal(model(ids.int()), model(ids))
+
+
+@pytest.mark.slow  # dynamo's first trace: ~15 s
+def test_forward_id_range_check_stays_out_of_a_compiled_graph():
+    """Checked in eager mode only: a data-dependent min/max would break a fullgraph compile."""
+    model, ids = _model("llama"), _ids(2, 5)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(ids), model(ids))
 
 
 def test_generation_refuses_right_padded_or_empty_rows():
@@ -1096,6 +1198,23 @@ def test_head_loss_errors():
         head_cross_entropy(torch.randn(3, 8), torch.tensor([1, 20, -100]), head)
     with pytest.raises(ValueError, match="label -5 is outside"):
         head_cross_entropy(torch.randn(3, 8), torch.tensor([1, -5, -100]), head)
+    hidden, labels = torch.randn(2, 4, 8), torch.randint(0, 20, (2, 4))
+    for smoothing in (2.0, -1.0):  # the fused head returned a loss; F.cross_entropy refuses 2.0
+        with pytest.raises(ValueError, match=rf"label_smoothing must be in \[0, 1\], got "
+                                             rf"{smoothing}"):
+            head_cross_entropy(hidden, labels, head, label_smoothing=smoothing)
+    # Transposed labels of the same size were flattened into mismatched pairs, silently.
+    with pytest.raises(ValueError, match=re.escape("labels shape (4, 2) must equal hidden's "
+                                                   "leading shape (2, 4)")):
+        head_cross_entropy(hidden, labels.t(), head)
+    with pytest.raises(ValueError, match="labels shape \\(2, 3\\) must equal"):
+        head_cross_entropy(hidden, labels[:, :3], head)
+    with pytest.raises(ValueError, match="labels must be token ids in a torch.long tensor, got "
+                                         "torch.float32"):
+        head_cross_entropy(hidden, labels.float(), head)
+    with pytest.raises(ValueError, match="hidden has 20 features, the head takes 8 \\(logits "
+                                         "passed as hidden\\?\\)"):
+        head_cross_entropy(head(hidden), labels, head)
     loss = head_cross_entropy(torch.randn(3, 8, requires_grad=True), torch.tensor([1, 2, 3]),
                               head)[0]
     loss.backward(retain_graph=True)
