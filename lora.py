@@ -21,6 +21,7 @@ if __name__ == "__main__":  # first: the imports below load torch for seconds
 
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -36,7 +37,7 @@ from torch import nn
 
 import cliconfig
 import pretrained
-from architecture import dropout
+from architecture import Transformer, dropout
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -375,7 +376,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        if self.merged or not self.lora_A:
+        if _skips_merged(self) or not self.lora_A:
             return out
         keys = list(self.lora_A.keys())
         x = x.to(self.lora_A[keys[0]].dtype)
@@ -444,7 +445,7 @@ class LoRAEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.base(ids)
-        if self.merged:
+        if _skips_merged(self):
             return out
         h = F.embedding(ids, self.lora_embedding_A.t(), padding_idx=self.base.padding_idx)
         return out + (F.linear(h, self.lora_embedding_B) * self.scale).to(out.dtype)
@@ -460,6 +461,18 @@ class LoRAEmbedding(nn.Module):
 
 
 _LORA_TYPES = (LoRALinear, LoRAEmbedding)
+
+
+def _skips_merged(module: LoRALinear | LoRAEmbedding) -> bool:
+    """Whether forward leaves the adapters out, as they are in the base weight (merged). A
+    training forward would give them no gradient (autograd's "does not require grad" at
+    backward, or adapters that silently stop learning), so it is an error naming the cure."""
+    if module.merged and module.training and torch.is_grad_enabled():
+        raise ValueError("the LoRA adapters are merged into the base weights (merge_lora / "
+                         "merge_and_export), so training would not reach them: call "
+                         "lora.unmerge_lora(model) before training (to only evaluate: "
+                         "model.eval() or torch.no_grad())")
+    return module.merged
 
 
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear | LoRAEmbedding]]:
@@ -516,6 +529,12 @@ def _resolve_targets(model: nn.Module, targets: list[str] | str,
             missing.append(target)
     if missing and (not peft_rules or not resolved):
         adaptable = [n for n, (p, _) in names.items() if p in codelm_paths]
+        if isinstance(targets, str):  # PEFT's rule, easily taken for one name
+            example = next((n for n in adaptable if n.endswith("." + targets)), adaptable[0])
+            raise ValueError(f"LoRA target(s) {targets!r} match no module of this "
+                             f"{model.cfg.family} model: one string is a regular expression "
+                             f"that must match a whole module name (e.g. {example}); to match "
+                             f"names by their last part, pass a list: {[targets]}")
         raise ValueError(f"LoRA target(s) {missing} match no module of this {model.cfg.family} "
                          f"model. HF names: {', '.join(_leaf_names(adaptable))}; codelm names: "
                          f"{', '.join(_leaf_names(codelm_paths))} (or any dotted suffix of a full "
@@ -528,9 +547,21 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> LoRAReport:
 
     Every check runs before the model changes, so a bad target leaves it as it was.
     """
+    _check_model(model, "apply_lora")
+    if not isinstance(cfg, LoRAConfig):
+        raise ValueError("apply_lora needs a lora.LoRAConfig (PEFT's LoraConfig fields under plain "
+                         f"names: r, alpha, dropout, target_modules, use_rslora), got "
+                         f"{type(cfg).__name__}")
     if any(True for _ in lora_modules(model)):
         raise ValueError("the model already has LoRA adapters; apply_lora once per model")
     return _attach(model, cfg, _resolve_targets(model, cfg.target_modules))
+
+
+def _check_model(model: nn.Module, caller: str) -> None:
+    """LoRA targets go through a codelm model's config and module names, which others lack."""
+    if not isinstance(model, Transformer):
+        raise ValueError(f"{caller} works on codelm's Transformer (Transformer.from_pretrained(dir) "
+                         f"loads an HF checkpoint as one), got {type(model).__name__}")
 
 
 def _attach(model: nn.Module, cfg: LoRAConfig, resolved: dict[str, list[str]]) -> LoRAReport:
@@ -638,6 +669,7 @@ def merge_and_export(model: nn.Module, out_dir: str | Path) -> Path:
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("merge_and_export needs a full-precision base: build the model with "
                          "Transformer.from_pretrained (not quantized), load_adapter, then export")
+    pretrained.check_output_dir(Path(out_dir), "merge_and_export")
     merge_lora(model)
     wrapped = list(lora_modules(model))
     for path, module in wrapped:
@@ -674,7 +706,7 @@ def _target_spec(model: nn.Module, written: set[str]) -> list[str] | str:
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path,
-                 base_model_name_or_path: str | None = None) -> Path:
+                 base_model_name_or_path: str | Path | None = None) -> Path:
     """Write the adapters in PEFT's layout: adapter_config.json + adapter_model.safetensors, keys
     ``base_model.model.<HF module>.lora_A.weight`` etc., loadable by ``PeftModel.from_pretrained``
     on the transformers model of the family. ``base_model_name_or_path``: the base's directory
@@ -683,18 +715,23 @@ def save_adapter(model: nn.Module, out_dir: str | Path,
     cfg: LoRAConfig | None = getattr(model, "lora_config", None)
     if cfg is None:
         raise ValueError("save_adapter: the model has no LoRA adapters (apply_lora first)")
+    base = base_model_name_or_path
+    if not isinstance(base, (str, os.PathLike, type(None))):
+        raise ValueError(f"save_adapter: base_model_name_or_path must be a directory or hub name "
+                         f"(str or Path), got {type(base).__name__}")
+    out = Path(out_dir)
+    pretrained.check_output_dir(out, "save_adapter")
     tensors = _adapter_tensors(model)
     written = {_KEY_RE.match(k)["module"] for k in tensors}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name_or_path,
+        "base_model_name_or_path": None if base is None else os.fspath(base),
         "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
         "target_modules": _target_spec(model, written), "bias": cfg.bias,
         "use_rslora": cfg.use_rslora, "init_lora_weights": True, "inference_mode": True,
         **_UNSUPPORTED_PEFT_KEYS,
     }
+    out.mkdir(parents=True, exist_ok=True)
     # As a set (config last, as save_pretrained): a failed save leaves the earlier adapter whole.
     cliconfig.write_atomic_files({
         out / ADAPTER_WEIGHTS: partial(pretrained.write_safetensors, tensors=tensors),
@@ -759,8 +796,7 @@ def _read_weights(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
             raise ValueError(f"{path / ADAPTER_WEIGHTS}: truncated or corrupt safetensors file "
                              f"({e})") from None
     if (path / LEGACY_WEIGHTS).is_file():  # older PEFT wrote pickled weights; tensors only
-        return path / LEGACY_WEIGHTS, torch.load(path / LEGACY_WEIGHTS, weights_only=True,
-                                                 map_location="cpu")
+        return path / LEGACY_WEIGHTS, pretrained.read_bin(path / LEGACY_WEIGHTS)
     raise ValueError(f"{path}: no {ADAPTER_WEIGHTS} (or {LEGACY_WEIGHTS}) found")
 
 
@@ -774,6 +810,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAReport:
     every adapter must get its weights. Every check runs before anything is written, and a
     failed load leaves the model as it was.
     """
+    _check_model(model, "load_adapter")
     path = Path(adapter_dir)
     cfg = _read_config(path)
     file, tensors = _read_weights(path)

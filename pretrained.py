@@ -539,6 +539,33 @@ class SafetensorsFile:
                 raise ValueError(f"{self.path}: truncated file while reading {name!r}")
 
 
+def read_bin(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a pickled weights file (pytorch_model.bin, PEFT's adapter_model.bin), read
+    as tensors only; a damaged file or one holding something else is an error naming it, never
+    torch's advice to load it with weights_only=False (which runs any code in the file)."""
+    try:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy format
+    except Exception as e:  # zip/pickle errors of a damaged file come in many types
+        # torch's text for a pickle it refuses opens with that advice: keep only its reason
+        why = (str(e).partition("WeightsUnpickler error:")[2] or str(e)).strip().split("\n")[0]
+        if "weights_only" in why or not why:
+            why = type(e).__name__
+        raise ValueError(f"{path}: truncated or corrupt weights file ({why})") from None
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: expected a state dict (names -> tensors), found "
+                         f"{type(sd).__name__}")
+    if bad := [k for k, v in sd.items()
+               if not isinstance(k, str) or not isinstance(v, torch.Tensor)]:
+        raise ValueError(f"{path}: expected a state dict (names -> tensors), found "
+                         f"{bad[0]!r}: {type(sd[bad[0]]).__name__}")
+    return sd
+
+
 class TensorSource:
     """Name -> tensor over one or several files (safetensors, sharded, or pytorch .bin)."""
 
@@ -584,17 +611,7 @@ class TensorSource:
         self.origin.update(dict.fromkeys(f.entries, path))
 
     def _add_bin(self, path: Path) -> None:
-        try:
-            try:
-                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e):
-                    raise
-                sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy format
-        except Exception as e:  # zip/pickle errors of a damaged file come in many types
-            raise ValueError(f"{path}: truncated or corrupt weights file ({e})") from None
-        if not isinstance(sd, dict):
-            raise ValueError(f"{path}: expected a state dict, found {type(sd).__name__}")
+        sd = read_bin(path)
         self.tensors.update(sd)
         self.origin.update(dict.fromkeys(sd, path))
 
@@ -733,33 +750,21 @@ def _tie_as_the_file_says(cfg: ModelConfig, table: FamilyTable, source: TensorSo
     return replace(cfg, tie_embeddings=False)
 
 
-def load(directory: str | Path, dtype: torch.dtype | str | None = None,
-         device: torch.device | str | None = None) -> Transformer:
-    """Build a `Transformer` from a local HF checkpoint directory; every check runs before the
-    model exists. dtype: see `_requested_dtype`; None: `_auto_dtype`."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise ValueError(f"{directory}: not a directory")
-    cfg, hf = read_config(directory)
-    table = TABLES[cfg.family]
-    device = torch.device(device if device is not None else "cpu")
-    source = TensorSource(directory)
-    dtype = _requested_dtype(dtype, hf, source) or _auto_dtype(hf, device)
-    cfg = _tie_as_the_file_says(cfg, table, source, dtype)
-
+def _checked_plan(directory: Path, cfg: ModelConfig, table: FamilyTable,
+                  source: TensorSource) -> tuple[Transformer, dict]:
+    """The model of ``cfg`` on the meta device and its `_param_plan`, checked against the file's
+    tensor names and shapes."""
     with torch.device("meta"):
         model = Transformer(cfg)
     plan = _param_plan(model, table)
+    present = source.names()
     if cfg.tie_embeddings:
         head = plan.pop("lm_head.weight")
-        names = source.names()
-        if not names & {name for name, _ in plan["wte.weight"]} and head[0][0] in names:
+        if not present & {name for name, _ in plan["wte.weight"]} and head[0][0] in present:
             # the tied pair saved under the head's name (safetensors keeps one name of a shared
             # tensor); transformers loads it into both, and so does codelm
             plan["wte.weight"] = head
     params = dict(model.named_parameters(remove_duplicate=False))
-
-    present = source.names()
     expected = {hf_name for parts in plan.values() for hf_name, _ in parts}
     optional = {"lm_head.weight"} if cfg.tie_embeddings else set()
     missing = expected - present
@@ -777,6 +782,28 @@ def load(directory: str | Path, dtype: torch.dtype | str | None = None,
             if found != want:
                 raise ValueError(f"{directory}: shape mismatch for {hf_name}: expected {want} "
                                  f"(from config.json), found {found}")
+    return model, plan
+
+
+def load(directory: str | Path, dtype: torch.dtype | str | None = None,
+         device: torch.device | str | None = None) -> Transformer:
+    """Build a `Transformer` from a local HF checkpoint directory; every check runs before the
+    model exists. dtype: see `_requested_dtype`; None: `_auto_dtype`."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"{directory}: not a directory")
+    cfg, hf = read_config(directory)
+    table = TABLES[cfg.family]
+    device = torch.device(device if device is not None else "cpu")
+    source = TensorSource(directory)
+    dtype = _requested_dtype(dtype, hf, source) or _auto_dtype(hf, device)
+    # The names first: another family's weights are that error, not a warning about their head.
+    model, plan = _checked_plan(directory, cfg, table, source)
+    untied = _tie_as_the_file_says(cfg, table, source, dtype)
+    if untied is not cfg:
+        cfg = untied
+        model, plan = _checked_plan(directory, cfg, table, source)
+    params = dict(model.named_parameters(remove_duplicate=False))
 
     state = {}
     for name, parts in plan.items():
@@ -825,8 +852,12 @@ def save(model: Transformer, directory: str | Path, max_shard_bytes: int = 5 * 2
     Every file is written in full before any replaces an earlier save's, config.json last, so a
     failed save (a full disk) leaves the earlier one whole and consistent; until then both take
     disk space."""
-    cfg = model.cfg
+    if not cliconfig.is_number(max_shard_bytes, int) or max_shard_bytes <= 0:
+        raise ValueError(f"save_pretrained: max_shard_bytes must be a positive integer (bytes), "
+                         f"got {max_shard_bytes!r}")
     directory = Path(directory)
+    check_output_dir(directory, "save_pretrained")
+    cfg = model.cfg
     dtype = model.wte.weight.dtype
     config = hf_config(cfg, dtype)
     plan = _param_plan(model, TABLES[cfg.family])
@@ -852,6 +883,15 @@ def save(model: Transformer, directory: str | Path, max_shard_bytes: int = 5 * 2
     directory.mkdir(parents=True, exist_ok=True)
     cliconfig.write_atomic_files({directory / name: data for name, data in files.items()})
     _remove_stale_weights(directory, set(files))
+
+
+def check_output_dir(directory: Path, writer: str) -> None:
+    """Refuse, before any work, a ``directory`` to write into that is a file or lies under one
+    (mkdir's "File exists" / "Not a directory" would not say which path is in the way)."""
+    blocker = next((p for p in (directory, *directory.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        under = "" if blocker == directory else f"{directory}: "
+        raise ValueError(f"{under}{blocker} is a file; {writer} writes a directory")
 
 
 def _weight_files(tensors: dict[str, torch.Tensor],

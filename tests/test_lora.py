@@ -1005,3 +1005,119 @@ def test_cli_without_a_local_base_asks_for_base_and_writes_nothing(tmp_path, cap
     assert lora.main([str(tmp_path / "hf"), str(tmp_path / "o2")]) == 2
     assert "adapter_config.json: not found" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
+
+
+def test_apply_lora_and_load_adapter_refuse_a_foreign_config_or_model(tmp_path):
+    """PEFT's LoraConfig (one letter of case away), a dict, or a transformers model: a ValueError
+    naming what is wanted, before anything is frozen (PEFT's config froze every parameter, then
+    failed on a missing attribute)."""
+    _, model, _ = _pair("llama", tmp_path)
+    for cfg, name in ((LoraConfig(r=8, target_modules=["q_proj"]), "LoraConfig"),
+                      ({"r": 8, "target_modules": ["q_proj"]}, "dict")):
+        with pytest.raises(ValueError, match=rf"^apply_lora needs a lora\.LoRAConfig .*got {name}$"):
+            apply_lora(model, cfg)
+    assert all(p.requires_grad for p in model.parameters()) and not list(lora_modules(model))
+    apply_lora(model, LoRAConfig(r=2, target_modules=["q_proj"]))
+    save_adapter(model, tmp_path / "a")
+    hf = tiny_hf_model("llama")
+    for call, arg in ((apply_lora, LoRAConfig(r=2, target_modules=["q_proj"])),
+                      (load_adapter, tmp_path / "a")):
+        with pytest.raises(ValueError, match=rf"^{call.__name__} works on codelm's Transformer "
+                                             r"\(Transformer\.from_pretrained\(dir\) .*got "
+                                             r"LlamaForCausalLM$"):
+            call(hf, arg)
+    assert all(p.requires_grad for p in hf.parameters())
+
+
+@pytest.mark.parametrize(("write", "message"), [
+    (lambda f, good: f.write_bytes(b"not a pickle"),
+     "truncated or corrupt weights file (Unsupported operand 110)"),
+    (lambda f, good: torch.save(list(good.values()), f),
+     "expected a state dict (names -> tensors), found list"),
+    (lambda f, good: torch.save({**good, next(iter(good)): [0.0]}, f),
+     "expected a state dict (names -> tensors), found "
+     "'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight': list"),
+], ids=["not_a_pickle", "a_list", "a_non_tensor_value"])
+def test_damaged_or_non_dict_legacy_adapter_bin_is_an_error_naming_the_file(tmp_path, write,
+                                                                             message):
+    """An old PEFT adapter_model.bin: not torch's text advising weights_only=False (which runs
+    any code in the file), nor a TypeError from matching a tensor as a key name."""
+    _, fresh = _saved_adapter(tmp_path)
+    good = load_file(tmp_path / "a" / lora.ADAPTER_WEIGHTS)
+    (tmp_path / "a" / lora.ADAPTER_WEIGHTS).unlink()
+    write(tmp_path / "a" / lora.LEGACY_WEIGHTS, good)
+    with pytest.raises(ValueError) as e:
+        load_adapter(fresh, tmp_path / "a")
+    assert str(e.value) == f"{tmp_path / 'a' / lora.LEGACY_WEIGHTS}: {message}"
+    assert not list(lora_modules(fresh)) and all(p.requires_grad for p in fresh.parameters())
+
+
+def test_save_adapter_records_a_path_base_as_a_string(tmp_path):
+    """Users hold Paths (from_pretrained takes one); json refused it and left an empty directory."""
+    _, model, _ = _pair("llama", tmp_path)
+    hf_dir = tmp_path / "hf"
+    apply_lora(model, LoRAConfig(r=2, target_modules=["q_proj"]))
+    save_adapter(model, tmp_path / "a", base_model_name_or_path=hf_dir)
+    config = json.loads((tmp_path / "a" / lora.ADAPTER_CONFIG).read_text())
+    assert config["base_model_name_or_path"] == str(hf_dir)
+    assert lora.adapter_base(tmp_path / "a", "") == hf_dir
+    with pytest.raises(ValueError, match=r"^save_adapter: base_model_name_or_path must be a "
+                                         r"directory or hub name \(str or Path\), got int$"):
+        save_adapter(model, tmp_path / "b", base_model_name_or_path=3)
+    assert not (tmp_path / "b").exists()
+
+
+def test_training_through_merged_adapters_says_to_unmerge_first(tmp_path):
+    """Merged adapters are skipped in forward, so a training step got autograd's "does not
+    require grad" (or adapters that stopped learning); evaluating merged still works."""
+    _, model, _ = _pair("phi", tmp_path)  # untied: its embedding can be merged
+    apply_lora(model, LoRAConfig(r=2, target_modules=["q_proj", "embed_tokens"]))
+    merge_lora(model)
+    model.train()
+    message = (r"^the LoRA adapters are merged into the base weights .* call "
+               r"lora\.unmerge_lora\(model\) before training")
+    with pytest.raises(ValueError, match=message):
+        model(_ids())  # the embedding's adapter
+    with pytest.raises(ValueError, match=message):
+        model.blocks[0].attn.qkv(torch.randn(2, 64))  # a Linear's
+    merged = _logits(model, _ids())  # no_grad
+    model.eval()
+    torch.testing.assert_close(model(_ids()).detach(), merged, atol=0, rtol=0)
+    unmerge_lora(model)
+    _train(model, steps=1)
+
+
+def test_one_string_target_explains_that_it_is_a_full_name_regex(tmp_path):
+    """PEFT reads one string as a regex over whole module names, so "q_proj" matches nothing;
+    the error listed q_proj among the valid names without saying why."""
+    model, fresh = _saved_adapter(tmp_path)
+    explained = ("LoRA target(s) 'q_proj' match no module of this llama model: one string is a "
+                 "regular expression that must match a whole module name (e.g. "
+                 "model.layers.0.self_attn.q_proj); to match names by their last part, pass a "
+                 "list: ['q_proj']")
+    with pytest.raises(ValueError) as e:
+        apply_lora(fresh, LoRAConfig(target_modules="q_proj"))
+    assert str(e.value) == explained
+    _edit_adapter(tmp_path / "a", config={"target_modules": "q_proj"})
+    with pytest.raises(ValueError) as e:
+        load_adapter(fresh, tmp_path / "a")
+    assert str(e.value) == f"{tmp_path / 'a' / lora.ADAPTER_CONFIG}: {explained}"
+    assert not list(lora_modules(fresh))
+
+
+def test_saving_into_a_file_is_refused_before_merging(tmp_path):
+    """mkdir's "File exists" did not say the path is a file, and merge_and_export had merged the
+    model before its save failed."""
+    _, model, _ = _pair("llama", tmp_path)
+    apply_lora(model, LoRAConfig(r=2, target_modules=["q_proj"]))
+    file = tmp_path / "taken"
+    file.write_text("mine")
+    for call in (save_adapter, merge_and_export):
+        with pytest.raises(ValueError) as e:
+            call(model, file)
+        assert str(e.value) == f"{file} is a file; {call.__name__} writes a directory"
+        with pytest.raises(ValueError) as e:
+            call(model, file / "out")
+        assert str(e.value) == f"{file / 'out'}: {file} is a file; {call.__name__} writes a directory"
+    assert not any(m.merged for _, m in lora_modules(model))
+    assert file.read_text() == "mine" and sorted(tmp_path.iterdir()) == [tmp_path / "hf", file]

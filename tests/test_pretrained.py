@@ -306,6 +306,32 @@ def test_export_refuses_a_quantized_or_wrapped_model(checkpoints, tmp_path):
     assert not (tmp_path / "q").exists() and not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize("max_shard_bytes", ["1GB", 0, -1, 2.5, True, None])
+def test_save_refuses_a_max_shard_bytes_that_is_not_a_positive_int(checkpoints, tmp_path,
+                                                                   max_shard_bytes):
+    """'1GB' failed as a TypeError inside the sharding loop; 0 or less wrote a file per tensor."""
+    with pytest.raises(ValueError) as e:
+        checkpoints["llama"][2].save_pretrained(tmp_path / "out", max_shard_bytes=max_shard_bytes)
+    assert str(e.value) == ("save_pretrained: max_shard_bytes must be a positive integer (bytes), "
+                            f"got {max_shard_bytes!r}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_save_into_a_path_that_is_a_file_says_so(checkpoints, tmp_path):
+    """Not mkdir's FileExistsError ("File exists") or NotADirectoryError; the file is kept."""
+    file = tmp_path / "model.safetensors"
+    file.write_text("mine")
+    model = checkpoints["llama"][2]
+    with pytest.raises(ValueError) as e:
+        model.save_pretrained(file)
+    assert str(e.value) == f"{file} is a file; save_pretrained writes a directory"
+    with pytest.raises(ValueError) as e:
+        model.save_pretrained(file / "out" / "deeper")
+    assert str(e.value) == (f"{file / 'out' / 'deeper'}: {file} is a file; save_pretrained "
+                            "writes a directory")
+    assert file.read_text() == "mine" and sorted(tmp_path.iterdir()) == [file]
+
+
 def test_export_refuses_what_the_family_cannot_express(tmp_path):
     cfg = ModelConfig(family="llama", vocab_size=64, n_layer=1, n_head=2, n_embd=32,
                       mlp_hidden=64, norm="layernorm", block_size=32)
@@ -925,6 +951,31 @@ def test_error_corrupt_bin(checkpoints, tmp_path):
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(ValueError, match="pytorch_model.bin: truncated or corrupt"):
         Transformer.from_pretrained(tmp_path)
+
+
+def test_error_bin_that_is_no_pickle_gives_no_advice_to_drop_weights_only(checkpoints, tmp_path):
+    """torch's text for a pickle it refuses advises weights_only=False, which runs any code in
+    the file: the error keeps only torch's reason."""
+    shutil.copy(checkpoints["codegen"][0] / "config.json", tmp_path / "config.json")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError) as e:
+        Transformer.from_pretrained(tmp_path)
+    assert str(e.value) == (f"{tmp_path / 'pytorch_model.bin'}: truncated or corrupt weights "
+                            "file (Unsupported operand 110)")
+
+
+def test_error_another_familys_weights_are_missing_tensors_without_a_tie_warning(
+        checkpoints, tmp_path, capsys):
+    """The names are checked before the tie rule compares the file's head with its embeddings:
+    phi's weights under a (tied) llama config are missing tensors, not a llama fine-tune whose
+    head was untied."""
+    d = _copy(checkpoints["llama"][0], tmp_path / "m")
+    assert json.loads((d / "config.json").read_text())["tie_word_embeddings"] is True
+    shutil.copy(checkpoints["phi"][0] / "model.safetensors", d / "model.safetensors")
+    capsys.readouterr()
+    with pytest.raises(ValueError, match=r"m: missing tensors: model.layers.0.mlp.down_proj"):
+        Transformer.from_pretrained(d)
+    assert capsys.readouterr().err == ""
 
 
 def test_error_no_weights(checkpoints, tmp_path):
