@@ -47,6 +47,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import random
 import re
 import sys
@@ -74,6 +75,16 @@ if TYPE_CHECKING:  # annotations only: eval loads dataset and tokenizer where a 
 
 
 def _check_pairs(preds: Sequence[str], refs: Sequence[str]) -> None:
+    """Lists of strings that pair up: a str for either would be scored one character per
+    example, and a None (a failed generation) would fail deep inside a metric."""
+    for name, texts in (("preds", preds), ("refs", refs)):
+        if isinstance(texts, str):
+            raise ValueError(f"{name} must be a list of strings, got a str; score one example "
+                             "as a list of one: exact_match([pred], [ref])")
+        bad = next((i for i, text in enumerate(texts) if not isinstance(text, str)), None)
+        if bad is not None:
+            raise ValueError(f"{name}[{bad}] is {type(texts[bad]).__name__}, not a str: "
+                             "every prediction and reference is a text ('' for an empty one)")
     if len(preds) != len(refs):
         raise ValueError(f"{len(preds)} predictions but {len(refs)} references; they must pair up")
     if not preds:
@@ -540,6 +551,11 @@ class EvalConfig:
         need(_DEVICE.fullmatch(self.device) is not None, "device",
              "must be auto, cpu, cuda, cuda:N or mps")
         need(self.top_p is None or 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        need(self.top_k is None or self.top_k >= 1, "top_k", "must be >= 1")
+        for key in ("top_p", "top_k"):  # generate refuses them too, but only once a model runs
+            need(self.temperature > 0 or getattr(self, key) is None, key,
+                 "samples only at temperature > 0: set temperature (seed 004: 0.7), or leave "
+                 f"{key} unset for greedy decoding")
         need(all(1 <= k <= self.num_samples for k in self.pass_k), "pass_k",
              f"every k must be in [1, num_samples={self.num_samples}]")
         need(self.temperature > 0 or self.num_samples == 1, "num_samples",
@@ -718,13 +734,18 @@ def _run_weights(run_dir: Path) -> Path:
     return checkpoints[-1]
 
 
-def load_model(spec: str, device: torch.device, tokenizer: str | None = None) -> LoadedModel:
+def load_model(spec: str | os.PathLike, device: torch.device | str,
+               tokenizer: str | None = None) -> LoadedModel:
     """Load ``[LABEL=]PATH`` where PATH is an HF dir, a codelm run dir, an adapter dir whose
-    config names a local base, or ``BASE+ADAPTER``."""
+    config names a local base, or ``BASE+ADAPTER``; ``device`` as ``EvalConfig.device`` reads
+    it when a str ("auto", "cpu", "cuda:1")."""
     import lora
     import trainingmanager as tm
     from tokenizer import load_tokenizer
 
+    spec = os.fspath(spec)
+    if isinstance(device, str):
+        device = _device(device)
     label, sep, path_spec = spec.partition("=")
     if not sep or not label or "/" in label:  # no label given: "=" belongs to the path
         label, path_spec = "", spec

@@ -123,6 +123,9 @@ class _BatchEncodeMixin:
     ) -> list[list[int]]:
         """Encode many texts, using ``num_workers`` processes (default: every core);
         ``split_special_tokens`` as ``encode``."""
+        if isinstance(texts, str):  # list() would make each character a text
+            raise ValueError("encode_batch expects a list of texts, got a str; use encode(text) "
+                             "for one text")
         texts = list(texts)
         workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
         if workers < 1:
@@ -155,7 +158,7 @@ class _BatchEncodeMixin:
         ByteLevel decoder. Unlike HF, special tokens are kept by default, so that
         decode(encode(x)) == x."""
         table = self._id_to_bytes
-        ids = _checked_ids(ids, len(table))
+        ids = _checked_ids(_one_sequence(ids), len(table))
         if skip_special_tokens:
             special = self._special_ids
             return _utf8(b"".join(table[i] for i in ids if i not in special))
@@ -706,9 +709,7 @@ class CodeTokenizer(_BatchEncodeMixin):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CodeTokenizer:
-        path = Path(path)
-        if path.is_dir():
-            path = path / TOKENIZER_FILE
+        path = _tokenizer_path(path)
         data = _read_json(path)
         if cls.is_hf_form(data):
             return cls.from_hf(data, str(path))
@@ -1273,6 +1274,8 @@ class BPETokenizer(_BatchEncodeMixin):
                     raise ValueError(
                         f"{self.source}: {role}_token {name!r} is not in the vocabulary"
                     )
+            elif role in roles:  # null in tokenizer_config.json: none, as transformers reads it
+                i = None
             elif role == "bos" and self._prefix_ids:
                 i = self._prefix_ids[0]
             else:
@@ -1364,10 +1367,9 @@ class BPETokenizer(_BatchEncodeMixin):
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, roles: dict | None = None) -> BPETokenizer:
-        """Read a tokenizer.json; roles {"bos"/"eos"/"pad": token} override the guessed ones."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / TOKENIZER_FILE
+        """Read a tokenizer.json; roles {"bos"/"eos"/"pad": token} override the guessed ones
+        (None: no such token)."""
+        path = _tokenizer_path(path)
         spec = _read_json(path)
         if roles is None:
             roles = _roles_from_config(path.parent)
@@ -1587,6 +1589,24 @@ def _is_token_id(i, vocab_size: int) -> bool:
         return False
 
 
+def _one_sequence(ids: object) -> Iterable[int]:
+    """``ids`` if it can be one sequence of ids; a batch (a 2-D tensor or array, a list of
+    lists: generate's output without ``[0]``) or a single id is refused as what it is, not as
+    ids out of range."""
+    shape = getattr(ids, "shape", None)  # a tensor or an array
+    first = ids[0] if isinstance(ids, (list, tuple)) and ids else None
+    if ((shape is not None and len(shape) > 1) or isinstance(first, (list, tuple))
+            or getattr(first, "ndim", 0) > 0):
+        got = (f"shape {tuple(shape)}" if shape is not None
+               else f"a {type(ids).__name__} of {type(first).__name__}s")
+        raise ValueError(f"decode takes one sequence of token ids, got a batch ({got}): decode "
+                         "each row, e.g. tok.decode(ids[0])")
+    if shape == () or not isinstance(ids, Iterable):
+        raise ValueError(f"decode takes one sequence of token ids, got one id ({ids!r}): "
+                         "tok.decode([i])")
+    return ids
+
+
 def _checked_ids(ids: Iterable[int], vocab_size: int) -> list[int]:
     """``ids`` as a list of ints, each naming a token (numpy and torch integers are read too). A
     negative id, e.g. the -100 of ignored labels, is refused: as a list index it would name a
@@ -1712,26 +1732,47 @@ def _learn_merges(
 
 
 def _roles_from_config(directory: Path) -> dict:
-    """bos/eos/pad token names from a tokenizer_config.json beside the tokenizer.json, if any."""
+    """bos/eos/pad token names from a tokenizer_config.json beside the tokenizer.json, if any;
+    a null one is None (no such token, as transformers reads it), an absent one left to guess."""
     config = directory / "tokenizer_config.json"
     if not config.is_file():
         return {}
     data = _read_json(config)
     roles = {}
     for role in ("bos", "eos", "pad"):
-        value = data.get(f"{role}_token")
-        if isinstance(value, dict):  # AddedToken serialized by transformers
-            value = value.get("content")
-        if isinstance(value, str):
-            roles[role] = value
+        key = f"{role}_token"
+        if key not in data:
+            continue
+        value = data[key]
+        if isinstance(value, dict) and isinstance(value.get("content"), str):
+            value = value["content"]  # an AddedToken as transformers writes it
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{config}: {key} must be a token string, an AddedToken object "
+                             f"(its content a string) or null for none, got {_shown_json(value)}")
+        roles[role] = value
     return roles
+
+
+def _tokenizer_path(path: str | os.PathLike) -> Path:
+    """The tokenizer file ``path`` names: a directory's tokenizer.json. A directory in the slow
+    format (vocab.json + merges.txt) is refused saying how transformers converts it."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    if not (path / TOKENIZER_FILE).exists() and all(
+            (path / name).is_file() for name in ("vocab.json", "merges.txt")):
+        raise ValueError(
+            f"{path}: holds vocab.json and merges.txt (the slow tokenizer format) but no "
+            f"{TOKENIZER_FILE}, the file codelm reads; write one with transformers: "
+            f"AutoTokenizer.from_pretrained({str(path)!r}).save_pretrained({str(path)!r}) "
+            "(GPT2TokenizerFast in place of AutoTokenizer where it cannot tell the class)"
+        )
+    return path / TOKENIZER_FILE
 
 
 def load_tokenizer(path: str | os.PathLike) -> CodeTokenizer | BPETokenizer:
     """Load a tokenizer.json (HF byte-level BPE), a codelm tokenizer file, or a dir with one."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / TOKENIZER_FILE
+    path = _tokenizer_path(path)
     data = _read_json(path)
     if data.get("type") == CODE_TOKENIZER_TYPE:
         return CodeTokenizer.from_dict(data, str(path))

@@ -149,6 +149,22 @@ def test_metrics_reject_unpaired_lists():
         ev.chrf([], [])
 
 
+@pytest.mark.parametrize("metric", [ev.exact_match, ev.codexglue_bleu, ev.edit_sim, ev.chrf,
+                                    ev.rouge_l, ev.semantic_similarity])
+def test_metrics_refuse_a_str_or_non_str_items_naming_which(metric):
+    """One example given as two strings was scored one character per example (exact match 83.3
+    for two different lines); a None (a failed generation) failed deep inside."""
+    with pytest.raises(ValueError, match=r"^preds must be a list of strings, got a str; score "
+                                         r"one example as a list of one: exact_match\(\[pred\]"):
+        metric("return a + b", "return b + a")
+    with pytest.raises(ValueError, match="^refs must be a list of strings, got a str"):
+        metric(["x"], "y")
+    with pytest.raises(ValueError, match=r"^preds\[0\] is NoneType, not a str"):
+        metric([None], ["a"])
+    with pytest.raises(ValueError, match=r"^refs\[1\] is int, not a str"):
+        metric(["a", "b"], ["a", 3])
+
+
 # ---- ROUGE-L ------------------------------------------------------------------------------
 
 def test_rouge_l_equals_rouge_score():
@@ -534,11 +550,20 @@ def test_unreadable_problem_files_are_named(tmp_path, capsys, make, message):
     (["--lm-windows", "-1"], "lm_windows"),
     (["--lm-windows", "0"], "lm_windows"),
     (["--device", "tpu"], "device"),
+    (["--top-k", "0", "--temperature", "0.7"], "top_k"),
+    # greedy decoding takes no sampling options: generate refuses them, but only once a model runs
+    (["--top-p", "0.9"], "top_p"),
+    (["--top-k", "50"], "top_k"),
 ])
 def test_bad_settings_are_rejected_before_any_work(flags, key, capsys, monkeypatch):
     monkeypatch.setattr(ev, "load_model", lambda *a: pytest.fail("a model was loaded"))
     assert ev.main(["--models", "m", *flags]) == 2
     assert f"error: EvalConfig.{key}=" in capsys.readouterr().err
+
+
+def test_sampling_options_are_taken_with_a_temperature():
+    cfg = ev.config_from_dict({"temperature": 0.7, "top_p": 0.9, "top_k": 50})  # seed 004's
+    assert (cfg.temperature, cfg.top_p, cfg.top_k) == (0.7, 0.9, 50)
 
 
 def test_a_missing_cuda_device_is_a_clear_error(capsys, monkeypatch):
@@ -591,6 +616,20 @@ def test_corrupt_model_json_files_are_named(tmp_path):
     (adapter / "adapter_config.json").write_text("[4]")
     with pytest.raises(ValueError, match=r"adapter_config.json: the adapter config must be one JSON object, not an array"):
         ev.load_model(str(adapter), torch.device("cpu"))
+
+
+def test_load_model_takes_a_path_spec_and_a_device_string(tiny_models):
+    """Python callers hold Paths and write devices as strings, as EvalConfig.device does."""
+    import torch
+
+    base = tiny_models["base"]
+    expected = ev.load_model(str(base), torch.device("cpu"))
+    for spec, device in ((base, "cpu"), (str(base), "cpu"), (base, torch.device("cpu"))):
+        lm = ev.load_model(spec, device)
+        assert (lm.label, lm.source) == (expected.label, expected.source) == ("base", str(base))
+        weights = lm.model.state_dict()
+        assert all(p.device.type == "cpu" for p in weights.values())
+        assert all(torch.equal(weights[k], v) for k, v in expected.model.state_dict().items())
 
 
 def test_truncate_at_stops():

@@ -626,6 +626,56 @@ def test_bpe_save_keeps_an_existing_tokenizer_config(tmp_path):
     assert AutoTokenizer.from_pretrained(str(tmp_path)).model_max_length == 123
 
 
+@pytest.mark.parametrize("value", [5, ["<|endoftext|>"], {"content": 5}, True])
+def test_a_tokenizer_config_role_neither_a_token_nor_null_is_an_error_naming_it(value, tmp_path):
+    """An id or a list where a token belongs was ignored, and the EOS guessed by name."""
+    _hf_bpe_file(tmp_path)
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text(json.dumps({"pad_token": "<a>", "eos_token": value}))
+    with pytest.raises(ValueError, match=regex.escape(
+            f"{config}: eos_token must be a token string, an AddedToken object (its content a "
+            f"string) or null for none, got {json.dumps(value)}")):
+        load_tokenizer(tmp_path)
+
+
+def test_a_null_role_in_tokenizer_config_is_no_such_token_as_in_transformers(tmp_path):
+    """transformers reads eos_token: null as no EOS; the name guess (<|endoftext|>) is only for
+    a role the file does not name."""
+    from transformers import AutoTokenizer
+
+    hf, path = _hf_bpe_file(tmp_path, lambda hf: processors.TemplateProcessing(
+        single="<b> $A", special_tokens=[("<b>", hf.token_to_id("<b>"))]))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": None, "eos_token": None, "pad_token": "<a>"}))
+    ours, auto = load_tokenizer(tmp_path), AutoTokenizer.from_pretrained(str(tmp_path))
+    assert (ours.bos_id, ours.eos_id, ours.pad_id) == (
+        auto.bos_token_id, auto.eos_token_id, auto.pad_token_id) == (None, None, hf.token_to_id("<a>"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<a>"}))
+    guessed = load_tokenizer(tmp_path)
+    assert (guessed.bos_id, guessed.eos_id) == (hf.token_to_id("<b>"), hf.token_to_id("<|endoftext|>"))
+
+
+def test_a_slow_format_directory_is_refused_saying_how_transformers_converts_it(tmp_path):
+    """vocab.json + merges.txt without tokenizer.json: the error says codelm reads tokenizer.json
+    and how to write one; doing so gives a tokenizer with transformers' ids."""
+    from transformers import GPT2TokenizerFast
+
+    hf, _ = _hf_bpe_file(tmp_path)
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    hf.model.save(str(slow))  # vocab.json and merges.txt, as GPT-2's hub repo holds them
+    for load in (load_tokenizer, BPETokenizer.from_file, CodeTokenizer.load):
+        with pytest.raises(ValueError, match=regex.escape(
+                f"{slow}: holds vocab.json and merges.txt (the slow tokenizer format) but no "
+                f"tokenizer.json, the file codelm reads; write one with transformers: "
+                f"AutoTokenizer.from_pretrained({str(slow)!r}).save_pretrained({str(slow)!r})")):
+            load(slow)
+    fast = GPT2TokenizerFast.from_pretrained(str(slow))  # no config: AutoTokenizer cannot tell
+    fast.save_pretrained(str(slow))
+    text = "def f(x):\n    return x + 1  # éλ"
+    assert load_tokenizer(slow).encode(text) == fast(text)["input_ids"]
+
+
 @pytest.mark.parametrize("order", ["a_first", "b_first"])
 def test_a_post_processor_sequence_of_two_templates_is_refused(order, tmp_path):
     """HF tokenizers (0.23) applies only the first of two TemplateProcessing steps in a Sequence
@@ -776,6 +826,37 @@ def test_decode_refuses_ids_outside_the_vocabulary_negative_ones_too(code_tok, r
         with pytest.raises(ValueError, match=rf"out of range .*\[{i}\]"):
             code_tok.id_to_token(i)
     assert code_tok.id_to_token(code_tok.vocab_size - 1) == code_tok.pieces[-1]
+
+
+def test_decode_refuses_a_batch_or_a_single_id_saying_so(tmp_path):
+    """generate's (1, T) output passed without [0] was refused as ids "out of range", naming a
+    whole row; a single id raised TypeError from iterating an int."""
+    import numpy as np
+    import torch
+
+    hf, path = _hf_bpe_file(tmp_path)
+    tok = load_tokenizer(path)
+    ids = hf.encode("def f(x):\n    return x + 1\n").ids
+    batches = [(torch.tensor([ids]), rf"shape \(1, {len(ids)}\)"),
+               (np.array([ids, ids]), rf"shape \(2, {len(ids)}\)"),
+               ([ids], "a list of lists"), ([torch.tensor(ids)], "a list of Tensors")]
+    for batch, got in batches:
+        with pytest.raises(ValueError, match=rf"^decode takes one sequence of token ids, got a "
+                                             rf"batch \({got}\): decode each row"):
+            tok.decode(batch)
+    for one in (ids[0], torch.tensor(ids[0])):
+        with pytest.raises(ValueError, match=r"got one id \(.*\): tok.decode\(\[i\]\)$"):
+            tok.decode(one)
+    assert tok.decode(torch.tensor(ids)) == tok.decode(tuple(ids)) == hf.decode(ids)
+
+
+def test_encode_batch_refuses_one_str_instead_of_encoding_each_character(tmp_path):
+    hf, path = _hf_bpe_file(tmp_path)
+    tok = load_tokenizer(path)
+    with pytest.raises(ValueError, match=r"^encode_batch expects a list of texts, got a str; "
+                                         r"use encode\(text\) for one text$"):
+        tok.encode_batch("def f(x):", num_workers=1)
+    assert tok.encode_batch(["def f(x):"], num_workers=1) == [hf.encode("def f(x):").ids]
 
 
 def test_code_tokenizer_json_gives_hf_and_transformers_the_same_ids(code_tok, stdlib_texts,
