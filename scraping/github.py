@@ -173,7 +173,7 @@ def search_repositories(
     params = {"q": q, "per_page": per_page, "sort": "stars", "order": "desc"}
     data, resp = client.get_json("/search/repositories", params=params)
     total = data["total_count"]
-    if total > cap and end - start >= timedelta(seconds=2):
+    if total > cap and end > start:  # whole seconds, both ends included: two or more of them
         mid = start + timedelta(seconds=(end - start).total_seconds() // 2)
         log.info("%d results for %s..%s: splitting", total, _stamp(start), _stamp(end))
         yield from search_repositories(client, query, date_field, start, mid,

@@ -32,7 +32,14 @@ from scraping import (
 )
 from scraping.__main__ import main
 from scraping.client import ServerError
-from scraping.common import FileFilter, ResumableOutput, expand_licenses, git_blob_sha, redact_url
+from scraping.common import (
+    FileFilter,
+    ResumableOutput,
+    decode_source,
+    expand_licenses,
+    git_blob_sha,
+    redact_url,
+)
 from scraping.github import build_query
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,6 +172,20 @@ def test_search_splits_date_range_past_the_result_cap():
         assert len(unsplit) == 4
 
 
+def test_a_slice_of_two_seconds_is_split_too(caplog):
+    """A slice's bounds are whole seconds, both included: end - start = 1 s is two seconds,
+    which was never halved, so results past the cap were lost while the log said "within one
+    second". Two repos in each of two seconds, a cap of 3: all four are found."""
+    repos = [FakeRepo(f"o/t{i}", 200 + i, f"2015-01-01T00:00:0{i // 2}+00:00") for i in range(4)]
+    start = datetime(2015, 1, 1, tzinfo=timezone.utc)
+    end = datetime(2015, 1, 1, 0, 0, 1, tzinfo=timezone.utc)
+    with FakeGitHub(repos, max_per_page=2, search_cap=3) as fake:
+        names = [r["full_name"] for r in search_repositories(
+            make_client(fake), "stars:>100", "created", start, end, cap=3, per_page=100)]
+    assert sorted(names) == sorted(r.full_name for r in repos)
+    assert "within one second" not in caplog.text
+
+
 def test_a_split_search_misses_no_second():
     """A split slice's second half started at mid + 2 s, so repos created in the second right
     after a split point were silently missed. One repo a second, a cap of 3 (several splits):
@@ -216,6 +237,34 @@ def test_a_repo_that_gains_stars_mid_scrape_is_scraped_exactly_once(tmp_path, ma
             assert first.repos["scraped"] == 9 and first.repos["repeated_in_search"] == 0
     names = [r["repo"] for r in read_jsonl(out)]
     assert sorted(names) == [r.full_name for r in repos] and len(names) == len(set(names))
+
+
+def test_a_repo_listing_skips_submodules_and_keeps_nested_paths():
+    """A submodule (tree entry of type "commit") is another repository's code, not a file of
+    this one, also when its name has a wanted extension. Reference: the repo's own files."""
+    files = {"a.py": b"x = 1\n", "pkg/sub/b.py": b"y = 2\n", "pkg/c.py": b"z = 3\n"}
+    for truncated in (set(), {""}):
+        repo = FakeRepo("o/sub", 500, "2020-01-01", files=files,
+                        submodules=["vendor/lib.py", "pkg/ext.py"], truncated_dirs=truncated)
+        with FakeGitHub([repo]) as fake:
+            listed = scraping.github.list_repo_files(make_client(fake), repo.full_name,
+                                                     repo.commit)
+        assert [(f.path, f.sha) for f in listed] == [(p, blob_sha(d))
+                                                     for p, d in sorted(files.items())]
+
+
+def test_a_file_repeated_inside_one_repo_is_downloaded_and_kept_once(tmp_path):
+    """Two paths with one blob SHA in the same repo (a vendored copy) are one record: the
+    second is counted as duplicate_sha before any download."""
+    data = b"def f(x):\n    return x + 1\n" * 40
+    repo = FakeRepo("o/dup", 500, "2020-01-01",
+                    files={"a.py": data, "copy/a.py": data, "b.py": b"y = 2\n" * 200})
+    out = tmp_path / "out.jsonl"
+    with FakeGitHub([repo]) as fake:
+        summary = scrape_github(config(fake, out), make_client(fake))
+    assert [r["path"] for r in read_jsonl(out)] == ["a.py", "b.py"]
+    assert summary.files["duplicate_sha"] == 1 and summary.files["kept"] == 2
+    assert not any(p.endswith("/copy/a.py") for p in fake.requests)
 
 
 def test_license_allow_list(tmp_path):
@@ -304,6 +353,21 @@ def test_resume_with_other_settings_is_a_clear_error(tmp_path, capsys):
     assert "error:" in err and "min_stars" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("setting, value", [
+    ("min_bytes", 10), ("max_bytes", 50_000), ("extensions", [".py", ".pyi"]),
+    ("language", "go"), ("since", "2016-01-01"), ("date_field", "pushed"),
+    ("licenses", ["MIT"]), ("extra_query", "archived:false")])
+def test_a_resume_with_any_other_output_setting_is_refused(tmp_path, setting, value):
+    """Every setting that decides which files the output holds must match on resume: one left
+    out of the state (max_bytes was, once) would mix files of two filters in one output."""
+    out = tmp_path / "out.jsonl"
+    run_scrape(out, max_repos=1)
+    before = out.read_bytes()
+    with pytest.raises(ValueError, match=rf"\({setting} differ\)"):
+        run_scrape(out, **{setting: value})
+    assert out.read_bytes() == before
+
+
 def test_output_changed_behind_the_scrapers_back_is_refused(tmp_path):
     out = tmp_path / "out.jsonl"
     out.write_text('{"text": "someone else\'s file"}\n')
@@ -349,6 +413,16 @@ def test_kill_mid_run_then_rerun_matches_an_uninterrupted_run(tmp_path):
 
 
 # --- the client on its own ---------------------------------------------------------------------
+def test_a_token_with_a_space_inside_is_refused_without_showing_it():
+    """A space is no token character (a pasted "token ghp_..." line): refused at once, not
+    sent to fail as bad credentials after the run has started."""
+    for token in ("token " + TOKEN, TOKEN[:10] + " " + TOKEN[10:], TOKEN + "\x7f"):
+        with pytest.raises(ValueError, match="GITHUB_TOKEN holds spaces") as info:
+            GitHubClient("http://127.0.0.1:9", token)
+        assert "ghp_" not in str(info.value)
+    assert GitHubClient("http://127.0.0.1:9", f" {TOKEN}\r\n").has_token
+
+
 def test_client_retries_are_bounded_with_exponential_jittered_backoff():
     repo = FakeRepo("a/b", 500, "2020-01-01")
     with FakeGitHub([repo], faults=[("/branches/", "500")] * 10) as fake:
@@ -984,3 +1058,14 @@ def test_both_collectors_skip_git_lfs_pointers(tmp_path):
                                 make_client(fake))
     assert [r["path"] for r in read_jsonl(tmp_path / "gh.jsonl")] == ["main.py"]
     assert summary.files["lfs_pointer"] == 1
+
+
+def test_only_a_file_under_1024_bytes_can_be_an_lfs_pointer():
+    """Git LFS pointers are under 1,024 bytes (its spec): a larger file that happens to start
+    with the pointer's first line (documentation about LFS, say) is source, kept by both
+    collectors' and dataset.py's one rule."""
+    first = "version https://git-lfs.github.com/spec/v1\n"
+    pointer = first + "oid sha256:" + "4d7a2146" * 8 + "\nsize 12345\n"
+    assert decode_source(pointer.encode()) == (None, "lfs_pointer")
+    doc = first + "# " + "x" * 1100 + "\n"
+    assert decode_source(doc.encode()) == (doc, None) and decode_source(doc) == (doc, None)
