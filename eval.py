@@ -556,8 +556,8 @@ class EvalConfig:
             need(self.temperature > 0 or getattr(self, key) is None, key,
                  "samples only at temperature > 0: set temperature (seed 004: 0.7), or leave "
                  f"{key} unset for greedy decoding")
-        need(all(1 <= k <= self.num_samples for k in self.pass_k), "pass_k",
-             f"every k must be in [1, num_samples={self.num_samples}]")
+        need(bool(self.pass_k) and all(1 <= k <= self.num_samples for k in self.pass_k),
+             "pass_k", f"every k must be in [1, num_samples={self.num_samples}], and one given")
         need(self.temperature > 0 or self.num_samples == 1, "num_samples",
              "greedy decoding gives one distinct sample; set temperature > 0 for n > 1")
         from dataset import DOCSTRING_PROMPTS
@@ -734,6 +734,16 @@ def _run_weights(run_dir: Path) -> Path:
     return checkpoints[-1]
 
 
+def _split_adapter(path_spec: str) -> tuple[str, str]:
+    """(base, adapter) of ``BASE+ADAPTER``, split at the first "+" after which the base is a
+    directory; a directory whose own name holds a "+" (run+lora) is one path, not two."""
+    if not Path(path_spec).is_dir():
+        for plus in (i for i, ch in enumerate(path_spec) if ch == "+"):
+            if Path(path_spec[:plus]).is_dir():
+                return path_spec[:plus], path_spec[plus + 1 :]
+    return path_spec, ""
+
+
 def load_model(spec: str | os.PathLike, device: torch.device | str,
                tokenizer: str | None = None) -> LoadedModel:
     """Load ``[LABEL=]PATH`` where PATH is an HF dir, a codelm run dir, an adapter dir whose
@@ -749,7 +759,7 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
     label, sep, path_spec = spec.partition("=")
     if not sep or not label or "/" in label:  # no label given: "=" belongs to the path
         label, path_spec = "", spec
-    base_spec, _, adapter_spec = path_spec.partition("+")
+    base_spec, adapter_spec = _split_adapter(path_spec)
     path = Path(base_spec)
     if not path.is_dir():
         raise ValueError(f"EvalConfig.models {spec!r}: {path} is not a directory")

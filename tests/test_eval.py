@@ -105,6 +105,8 @@ def test_exact_match_compares_whitespace_token_lists():
 def test_codexglue_literal_post_processing():
     code = 'print(<STR_LIT:hello>, <NUM_LIT>, <STR_LIT>, <CHAR_LIT>, <NUM_LIT:42>)'
     assert ev.codexglue_post_process(code) == "print(hello, 0, , , 42)"
+    # CodeXGLUE's pattern is re.S: a literal spanning lines (a triple-quoted string) is undone too
+    assert ev.codexglue_post_process('s = <STR_LIT:"""a\nb""">') == 's = """a\nb"""'
 
 
 # ---- BLEU ---------------------------------------------------------------------------------
@@ -121,6 +123,9 @@ def test_codexglue_bleu_hand_computed_example():
 def test_codexglue_bleu_perfect_and_empty():
     assert ev.codexglue_bleu(["x = f(a, b)"], ["x = f(a, b)"]) == pytest.approx(100.0)
     assert ev.codexglue_bleu([""], ["x = 1"]) == 0.0
+    # Empty references: the original divides by zero; nothing can match, so 0 (not an error).
+    assert ev.codexglue_bleu(["x = 1"], [""]) == 0.0
+    assert ev.codexglue_bleu(["x = 1", "y"], ["  ", "\n"]) == 0.0
 
 
 def test_codexglue_bleu_matches_sacrebleu_where_smoothing_coincides():
@@ -202,6 +207,10 @@ def test_pass_at_k_rejects_impossible_counts():
         ev.pass_at_k(3, 4, 1)
     with pytest.raises(ValueError, match="k=5"):
         ev.pass_at_k(3, 1, 5)
+    with pytest.raises(ValueError, match="k=0"):  # pass@0 is no estimate (it read 0.0)
+        ev.pass_at_k(3, 1, 0)
+    with pytest.raises(ValueError, match="c=-1"):
+        ev.pass_at_k(3, -1, 1)
 
 
 # ---- semantic similarity ------------------------------------------------------------------
@@ -380,6 +389,10 @@ def test_duplicate_task_id_is_an_error_before_any_generation(tiny_models, tmp_pa
      r"test does not compile \('\(' was never closed, line 2\)"),
     ({"test": "x = 1\n"}, r"test does not define check\(candidate\)"),
     ({"test": "def check():\n    pass\n"}, r"test does not define check\(candidate\)"),
+    ({"test": "def check(candidate, expected):\n    pass\n"},
+     r"test does not define check\(candidate\)"),
+    ({"test": "def check(candidate, *, strict):\n    pass\n"},
+     r"test does not define check\(candidate\)"),
     ({"entry_point": "nope"}, r"entry_point 'nope' is not defined in the prompt"),
     ({"prompt": "def c(:\n"}, r"prompt does not compile \(invalid syntax, line 1\)"),
 ])
@@ -407,7 +420,12 @@ def test_problems_are_checked_by_compiling_only_and_accept_humaneval_prompts(tmp
     shapes = [{"prompt": "def c():\n"},
               {"prompt": "class C:\n    def m(self):\n", "entry_point": "C"},
               {"prompt": "import functools\n\n@functools.cache\nasync def c():\n"},
-              {"test": "raise SystemExit(3)\ndef check(f, *rest):\n    pass\n"}]
+              {"test": "raise SystemExit(3)\ndef check(f, *rest):\n    pass\n"},
+              {"test": "def check(*args):\n    pass\n"},
+              {"test": "def check(candidate, strict=True, *, k=1):\n    pass\n"},
+              # an expression entry point is not looked up in the prompt's definitions
+              {"prompt": "class Solution:\n    def two(self):\n",
+               "entry_point": "Solution().two"}]
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps({**FORTY_TWO, "task_id": str(i), **shape}) + "\n"
                             for i, shape in enumerate(shapes)))
@@ -520,6 +538,19 @@ def test_a_problems_file_with_a_utf8_bom_reads_as_without(tmp_path):
         ev.load_problems(bom)
 
 
+def test_blank_lines_in_a_problems_file_are_skipped(tmp_path):
+    """Blank and whitespace-only lines (an editor's trailing newlines) are no problems, as in
+    dataset.py's JSONL; the line numbers of errors still count them."""
+    plain, spaced = tmp_path / "plain.jsonl", tmp_path / "spaced.jsonl"
+    plain.write_text(_problem_line("A") + _problem_line("B"))
+    spaced.write_text("\n" + _problem_line("A") + "  \n\n" + _problem_line("B") + "\t\n")
+    assert ev.load_problems(spaced) == ev.load_problems(plain)
+    spaced.write_text("\n" + _problem_line("A") + "  \n" + _problem_line("A"))
+    with pytest.raises(ValueError, match=r"spaced.jsonl:4: duplicate task_id 'A' \(first "
+                                         r"on line 2\)"):
+        ev.load_problems(spaced)
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda p: None, r"p.jsonl: problems file not found"),
     (lambda p: p.mkdir(), r"p.jsonl: cannot read the problems file: Is a directory"),
@@ -527,6 +558,7 @@ def test_a_problems_file_with_a_utf8_bom_reads_as_without(tmp_path):
      r"p.jsonl:2: a problem is a JSON object, got list"),
     (lambda p: p.write_bytes(_problem_line("A").encode() + b'{"task_id": "\xff"}\n'),
      r"p.jsonl:2: not UTF-8 text"),
+    (lambda p: p.write_text("\n  \n"), r"p.jsonl: no problems"),
 ])
 def test_unreadable_problem_files_are_named(tmp_path, capsys, make, message):
     path = tmp_path / "p.jsonl"
@@ -554,11 +586,37 @@ def test_unreadable_problem_files_are_named(tmp_path, capsys, make, message):
     # greedy decoding takes no sampling options: generate refuses them, but only once a model runs
     (["--top-p", "0.9"], "top_p"),
     (["--top-k", "50"], "top_k"),
+    (["--top-p", "0", "--temperature", "0.7"], "top_p"),
+    (["--pass-k", "0"], "pass_k"),
+    (["--num-samples", "2"], "num_samples"),  # greedy: n identical samples
+    (["--docstring-targets", "method"], "docstring_targets"),
+    (["--workers", "0"], "workers"),
+    (["--data-options", '{"no_such_option": 1}'], "data_options"),
+    (["--prompt", ""], "prompt"),
 ])
 def test_bad_settings_are_rejected_before_any_work(flags, key, capsys, monkeypatch):
     monkeypatch.setattr(ev, "load_model", lambda *a: pytest.fail("a model was loaded"))
     assert ev.main(["--models", "m", *flags]) == 2
     assert f"error: EvalConfig.{key}=" in capsys.readouterr().err
+
+
+def test_an_empty_pass_k_is_refused_not_run_to_report_nothing():
+    """pass_k [] passed: the passk task generated and ran every sample, then reported no metric."""
+    with pytest.raises(ValueError, match=r"^EvalConfig.pass_k=\[\]: .*and one given"):
+        ev.config_from_dict({"tasks": ["passk"], "pass_k": []})
+
+
+def test_a_model_directory_whose_name_holds_a_plus_is_one_path(tiny_models, tmp_path):
+    """load_model split every path at "+" (BASE+ADAPTER): runs/run+lora could not be loaded."""
+    import shutil
+
+    import torch
+
+    plus = tmp_path / "run+lora"
+    shutil.copytree(tiny_models["base"], plus)
+    assert ev.load_model(f"m={plus}", torch.device("cpu")).source == str(plus)
+    tuned = ev.load_model(f"{plus}+{tiny_models['adapter']}", torch.device("cpu"))
+    assert tuned.label == "adapter" and any("lora" in n for n, _ in tuned.model.named_modules())
 
 
 def test_sampling_options_are_taken_with_a_temperature():
@@ -636,6 +694,8 @@ def test_truncate_at_stops():
     text = "    return x\n\ndef other():\n    pass"
     assert ev.truncate_at_stops(text) == "    return x\n"
     assert ev.truncate_at_stops("    return x") == "    return x"
+    # a completion that starts a new top-level definition at once has no body at all
+    assert ev.truncate_at_stops("\ndef other():\n    pass") == ""
 
 
 def test_truncate_at_the_earliest_of_several_stops():
@@ -749,6 +809,21 @@ def test_prompt_prints_each_models_completion_as_transformers_greedy_generates_i
     assert list(tmp_path.iterdir()) == []
 
 
+def test_prompt_with_one_model_prints_its_completion_without_a_header(tiny_models, tmp_path,
+                                                                     capsys):
+    """The "=== LABEL (SOURCE)" header tells several models' completions apart; one model's
+    is printed bare, the prompt then its completion (greedy: what the tasks generate)."""
+    import torch
+
+    base = str(tiny_models["base"])
+    prompt = "def deposit(self, amount):\n"
+    assert ev.main(["--models", base, "--prompt", prompt, "--max-new-tokens", "6",
+                    "--runs-dir", str(tmp_path)]) == 0
+    cfg = ev.EvalConfig(max_new_tokens=6, progress=False)
+    (completion,) = ev.generate_texts(ev.load_model(base, torch.device("cpu")), [prompt], cfg)
+    assert capsys.readouterr().out == f"{prompt}{completion}\n"
+
+
 def test_evaluate_refuses_a_prompt_it_would_ignore(tmp_path):
     cfg = ev.EvalConfig(models=[str(tmp_path)], prompt="def f(", out_dir=str(tmp_path / "out"))
     with pytest.raises(ValueError, match=r"^EvalConfig.prompt is set: evaluate runs the tasks"):
@@ -778,6 +853,26 @@ def test_a_streamed_completion_never_shows_half_a_character(tiny_models):
     assert ev.stream_completion(lm, "x", cfg, shown.append) == text
     assert "".join(shown) == text and not any("\ufffd" in piece for piece in shown)
     assert shown[:3] == ["é", "€", " "]
+
+
+def test_a_streamed_completion_ends_at_eos(tiny_models):
+    """--prompt stops where the model writes EOS, as generate_texts does: the EOS's own text
+    ("<eos>") is neither shown nor returned."""
+    import torch
+
+    tok = tiny_models["tok"]
+    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    ids = tok.encode("return 1")
+
+    def stream(idx, max_new_tokens, **kwargs):
+        for i in [*ids, tok.eos_id]:
+            yield torch.tensor([i])
+
+    lm.model.stream = stream
+    shown: list[str] = []
+    assert ev.stream_completion(lm, "x", ev.EvalConfig(max_new_tokens=20), shown.append) == (
+        "return 1")
+    assert "".join(shown) == "return 1"
 
 
 def test_models_base_and_finetuned_print_one_table(tiny_models, tmp_path, monkeypatch, capsys):
@@ -907,11 +1002,36 @@ def test_lm_task_loss_equals_transformers(tiny_models, lm_windows):
     assert got["token_accuracy"] == pytest.approx(correct / count)  # 0-1, as val_accuracy
 
 
+def test_lm_task_scores_a_pair_document_with_its_target(tiny_models, monkeypatch):
+    """A prompt/completion record is scored as the corpus gives its text (prompt, newline,
+    completion: dataset.Corpus.texts), not its prompt alone."""
+    import torch
+
+    import dataset as ds
+
+    docs = [ds.Doc("a.py", "x = 1\n"), ds.Doc("p.jsonl:1", "Refactor: y=2", target="y = 2")]
+    seen = []
+    monkeypatch.setattr(ev, "score_lm", lambda lm, texts, cfg: seen.append(list(texts)) or {})
+    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    ev._evaluate_model(lm, ev.EvalConfig(tasks=["lm"], progress=False), docs, {}, [])
+    assert seen == [ds.Corpus([], [], docs, {}, "").texts("test")]
+    assert seen[0][1] == "Refactor: y=2\ny = 2"
+
+
 def test_token_accuracy_is_a_fraction_in_the_table_as_in_training():
     """Training logs val_accuracy 0.3169; eval's table showed the same metric as 31.69."""
     row = {"model": "m", "prompt": None, "metrics": {"lm/token_accuracy": 0.31689453125,
                                                      "line/EM": 50.0}}
     assert ev.markdown_table([row]).splitlines()[-1] == "| m | 0.3169 | 50.00 |"
+
+
+def test_table_prints_counts_as_integers_and_a_metric_a_row_lacks_as_n_a():
+    rows = [{"model": "a", "prompt": None,
+             "metrics": {"lm/tokens": 128, "refactor/semantic_sim": 0.91234}},
+            {"model": "b", "prompt": None, "metrics": {"lm/tokens": 64}}]
+    assert ev.markdown_table(rows).splitlines() == [
+        "| model | lm tokens | refactor semantic_sim |", "|---|---|---|",
+        "| a | 128 | 0.9123 |", "| b | 64 | n/a |"]
 
 
 def test_batched_greedy_generation_equals_transformers(tiny_models):
@@ -932,6 +1052,49 @@ def test_batched_greedy_generation_equals_transformers(tiny_models):
         if tok.eos_id in out:
             out = out[: out.index(tok.eos_id)]
         assert text == tok.decode(out)
+
+
+def test_generation_gets_at_most_half_the_context_and_the_prompt_the_rest(tiny_models):
+    """max_new_tokens past half the context is capped there, in the tasks and with --prompt
+    alike: a prompt still keeps half (it lost every token, and generation ran past the
+    model's context)."""
+    import torch
+
+    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    seen = []
+
+    def generate(idx, new_tokens, *args, **kwargs):
+        seen.append((idx.shape[1], new_tokens))
+        return idx
+
+    def stream(idx, new_tokens, **kwargs):
+        seen.append((idx.shape[1], new_tokens))
+        return iter(())
+
+    lm.model.generate, lm.model.stream = generate, stream
+    prompt = "total = 1\n" * 40
+    capped = ev.EvalConfig(block_size=32, max_new_tokens=100, progress=False)
+    ev.generate_texts(lm, [prompt], capped)
+    ev.stream_completion(lm, prompt, capped, lambda text: None)
+    assert seen == [(16, 16), (16, 16)]
+    ev.generate_texts(lm, [prompt], ev.EvalConfig(block_size=32, max_new_tokens=4,
+                                                  progress=False))
+    assert seen[2] == (28, 4)
+
+
+def test_sampled_generation_is_reproducible_by_seed(tiny_models):
+    """With temperature > 0 the samples follow --seed: the same seed repeats them, another
+    draws others (a fixed generator made every seed's samples the same)."""
+    from dataclasses import replace
+
+    import torch
+
+    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    prompts = ["def deposit(self, amount):\n", "class Account"]
+    cfg = ev.EvalConfig(temperature=1.0, max_new_tokens=8, batch_size=2, progress=False)
+    first = ev.generate_texts(lm, prompts, cfg)
+    assert ev.generate_texts(lm, prompts, cfg) == first
+    assert ev.generate_texts(lm, prompts, replace(cfg, seed=1)) != first
 
 
 def _force_eos_at_call(head, eos_id: int, call: int):
@@ -1116,6 +1279,71 @@ def test_refactor_and_method_tasks_score_generations(tiny_models, tmp_path, monk
     assert metrics == {"BLEU": pytest.approx(100.0), "edit_sim": 100.0}  # cut at top-level code
 
 
+def test_generation_tasks_take_exactly_limit_examples_from_python_files(tiny_models):
+    """--limit caps the examples even where one file gives several; line, method and docstring
+    examples come from Python files only (a Kotlin file is no source of Python methods)."""
+    import dataset as ds
+
+    text = CLASS_SOURCE.format(i=0)
+    docs = [ds.Doc("Account.kt", text), ds.Doc("account.py", text), ds.Doc("more.py", text)]
+    for task in ("line", "method"):
+        for limit in (1, 3):
+            cfg = ev.EvalConfig(limit=limit, lines_per_file=2)
+            examples = ev.build_examples(task, docs, cfg)
+            assert len(examples) == limit
+            assert {e.id.split("#")[0] for e in examples} <= {"account.py", "more.py"}
+    with pytest.raises(ValueError, match="task 'line': no examples in the test split"):
+        ev.build_examples("line", docs[:1], ev.EvalConfig())
+
+
+def test_completion_examples_are_windows_of_the_file_as_training_cuts_them(tiny_models):
+    """Seed 002's pairs: a window of window_prompt_tokens tokens is the prompt, the next
+    window_completion_tokens the reference; --lines-per-file of them per file."""
+    import dataset as ds
+    from tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_models["base"])
+    doc = ds.Doc("account.py", CLASS_SOURCE.format(i=0))
+    data_cfg = ds.DataConfig(window_prompt_tokens=20, window_completion_tokens=8)
+    cfg = ev.EvalConfig(lines_per_file=3, limit=10)
+    examples = ev.build_examples("completion", [doc], cfg, tok=tok, data_cfg=data_cfg)
+    assert len(examples) == 3
+    ids = tok.encode(doc.text)
+    starts = []
+    for e in examples:
+        starts += [s for s in range(20, len(ids) - 8) if tok.decode(ids[s - 20 : s]) == e.head
+                   and tok.decode(ids[s : s + 8]) == e.reference]
+    assert len(set(starts)) == 3
+    assert ev.build_examples("completion", [doc], cfg, tok=tok, data_cfg=data_cfg) == examples
+
+
+def test_a_method_body_generated_without_its_first_indent_keeps_its_first_line():
+    """A method prompt may end inside the body's indentation, so the first generated line has
+    none: only a later unindented line ends the body."""
+    clean = ev._GENERATION["method"][1]
+    assert clean("return self.balance\n\nx = 1") == "return self.balance"
+    assert clean("\n    return 1\n  \ndef g():\n    pass") == "\n    return 1"
+
+
+def test_method_records_and_reference_loss_are_scored_as_the_table(tiny_models, monkeypatch):
+    """A record's edit_sim is its pair's share of the table's (whitespace collapsed, as
+    CodeXGLUE's method evaluator); --reference-loss adds the references' loss, first."""
+    import torch
+
+    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    reference = "    if x:\n        return 1\n    return 2"
+    example = ev.TaskExample("m", reference, "def f(x):\n")
+    monkeypatch.setattr(ev, "generate_texts", lambda lm, prompts, cfg, stops=(), desc="", **kw:
+                        [reference.replace("    ", "\t")] * len(prompts))
+    cfg = ev.EvalConfig(reference_loss=True, progress=False)
+    metrics, records = ev.run_generation_task(lm, "method", [example], cfg)
+    assert records[0]["edit_sim"] == metrics["edit_sim"] == 100
+    assert list(metrics) == ["loss", "BLEU", "edit_sim"]
+    assert metrics["loss"] == pytest.approx(ev.score_supervised(lm, [example], cfg))
+    metrics, _ = ev.run_generation_task(lm, "method", [example], ev.EvalConfig(progress=False))
+    assert "loss" not in metrics
+
+
 def test_default_run_evaluates_the_latest_run(tiny_models, tmp_path, monkeypatch, capsys):
     import json
     import os
@@ -1136,6 +1364,77 @@ def test_default_run_evaluates_the_latest_run(tiny_models, tmp_path, monkeypatch
     assert "line EM" in table[0] and "line edit_sim" in table[0] and "line BLEU" in table[0]
     assert len(table) == 3 and table[2].startswith("| newer |")
     assert list(runs.glob("eval-*/results.json"))
+
+
+def test_the_latest_run_is_the_newest_that_holds_a_model(tmp_path):
+    """A newer run with only a checkpoint (still training, before its first evaluation) is not
+    the default: the latest run with an export/ or best/ is."""
+    import json
+    import os
+
+    import trainingmanager as tm
+
+    runs = tmp_path / "runs"
+    older, newer = runs / "older", runs / "newer"
+    (older / tm.EXPORT_DIR).mkdir(parents=True)
+    (newer / tm.CHECKPOINTS_DIR / f"{tm.CHECKPOINT_PREFIX}5").mkdir(parents=True)
+    for run in (older, newer):
+        (run / tm.CONFIG_FILE).write_text(json.dumps({}))
+    os.utime(older / tm.EXPORT_DIR, (1_000_000, 1_000_000))
+    assert tm.is_run_dir(newer)
+    assert ev.latest_run(runs) == older
+
+
+def test_model_specs_name_models_as_documented(tiny_models, tmp_path):
+    """An unlabelled BASE+ADAPTER is named after its adapter; an "=" inside a path (a run
+    named lr=1e-3) is no LABEL=."""
+    import shutil
+
+    import torch
+
+    cpu, m = torch.device("cpu"), tiny_models
+    named = ev.load_model(f"{m['base']}+{m['adapter']}", cpu)
+    assert (named.label, named.source) == (m["adapter"].name, f"{m['base']}+{m['adapter']}")
+    odd = tmp_path / "lr=1e-3" / "model"
+    shutil.copytree(m["base"], odd)
+    assert (ev.load_model(str(odd), cpu).label, ev.load_model(str(odd), cpu).source) == (
+        "model", str(odd))
+    assert ev.load_model(f"x={odd}", cpu).label == "x"
+
+
+def test_which_tokenizer_a_model_spec_loads(tiny_models, tmp_path):
+    """An adapter's own tokenizer.json wins over its base's; --tokenizer over a model's own; a
+    tokenizer with more tokens than the model has embeddings is refused."""
+    import shutil
+
+    import torch
+
+    from tokenizer import CodeTokenizer
+
+    cpu, m = torch.device("cpu"), tiny_models
+    texts = [p.read_text() for p in sorted(m["code"].iterdir())]
+    small = CodeTokenizer.train(texts, min_freq=11)
+    assert small.vocab_size < m["tok"].vocab_size
+    adapter = tmp_path / "adapter"
+    shutil.copytree(m["adapter"], adapter)
+    assert ev.load_model(f"{m['base']}+{adapter}", cpu).tokenizer.vocab_size == m[
+        "tok"].vocab_size  # none of its own: the base's
+    small.save(adapter)
+    assert ev.load_model(f"{m['base']}+{adapter}", cpu).tokenizer.vocab_size == small.vocab_size
+    small_dir = tmp_path / "small"
+    small_dir.mkdir()
+    small.save(small_dir)
+    given = ev.load_model(str(m["base"]), cpu, str(small_dir))
+    assert given.tokenizer.vocab_size == small.vocab_size
+    big = CodeTokenizer.train(texts + [t.upper() for t in texts], min_freq=1)
+    vocab = m["tok"].vocab_size
+    assert big.vocab_size > vocab
+    big_dir = tmp_path / "big"
+    big_dir.mkdir()
+    big.save(big_dir)
+    with pytest.raises(ValueError, match=f"the tokenizer has {big.vocab_size} tokens, the model "
+                                         f"only {vocab} embeddings"):
+        ev.load_model(str(m["base"]), cpu, str(big_dir))
 
 
 def test_lora_run_directory_loads_base_plus_adapter(tiny_models, tmp_path):
@@ -1322,6 +1621,24 @@ def test_eval_splits_a_run_with_predefined_files_as_its_training_did(tmp_path):
     assert ev.corpus_config(ev.EvalConfig(data=[str(dirs["test"])]), [model, reseeded]) == other
 
 
+def test_data_options_given_to_eval_override_the_runs_own(tmp_path):
+    """--data-options is applied over a run's data options (the help says so); the run's hold
+    where it gives none."""
+    import dataclasses
+
+    import torch
+
+    import trainingmanager as tm
+
+    (tmp_path / "code").mkdir()
+    run = ev.LoadedModel("r", "runs/r", torch.nn.Linear(1, 1), None, run_config={
+        **dataclasses.asdict(tm.TrainConfig(data=[str(tmp_path / "code")])),
+        "data_options": {"seed": 7, "split_by": "file"}})
+    given = ev.corpus_config(ev.EvalConfig(data_options={"seed": 3}), [run])
+    assert (given.seed, given.split_by) == (3, "file")
+    assert ev.corpus_config(ev.EvalConfig(), [run]).seed == 7
+
+
 # ---- a stopped evaluation keeps what finished ---------------------------------------------
 
 def _fail_in_model_b(error: BaseException):
@@ -1456,7 +1773,8 @@ def test_a_rerun_into_the_same_out_dir_evaluates_only_the_models_not_yet_saved(
 
     evaluated: list = []
     monkeypatch.setattr(ev, "generate_texts", _record_models(evaluated))
-    assert ev.main([*argv, "--batch-size", "2"]) == 0  # smaller batches: the remedy for memory
+    # smaller batches (the remedy for memory) and fewer sandbox workers change no result
+    assert ev.main([*argv, "--batch-size", "2", "--workers", "1"]) == 0
     captured = capsys.readouterr()
     assert evaluated == ["b", "c"]
     assert captured.err == f"resuming {out}: 1 of 3 models already evaluated (a)\n"
@@ -1483,6 +1801,7 @@ def test_a_rerun_into_the_same_out_dir_evaluates_only_the_models_not_yet_saved(
     (["--seed", "3"], "seed (0 there, 3 now)"),
     ("retrained", "the models (labels, paths or weights)"),
     ("relabelled", "the models (labels, paths or weights)"),
+    ("moved", "the models (labels, paths or weights)"),
     ("edited data", "the examples (the data changed)"),
     ("new metrics", "the metrics' definitions (codelm's version 1 there, 3 now)"),
     ("percent accuracy", "the metrics' definitions (codelm's version 2 there, 3 now)"),
@@ -1491,7 +1810,7 @@ def test_a_rerun_into_the_same_out_dir_evaluates_only_the_models_not_yet_saved(
     ("old fingerprints", "the models (labels, paths or weights; or only their fingerprints: an "
                          "older codelm took these in the weights' own dtype, and they need not "
                          "match this version's float64 ones)"),
-], ids=["limit", "seed", "retrained", "relabelled", "edited-data", "metrics-version",
+], ids=["limit", "seed", "retrained", "relabelled", "moved", "edited-data", "metrics-version",
         "percent-token-accuracy", "max-new-tokens", "block-size", "fingerprint-version"])
 def test_a_rerun_with_other_settings_models_or_data_is_refused_and_keeps_the_results(
         tiny_models, tmp_path, monkeypatch, capsys, change, differs):
@@ -1518,6 +1837,9 @@ def test_a_rerun_with_other_settings_models_or_data_is_refused_and_keeps_the_res
         save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
     elif change == "relabelled":
         labels = ["a2", "b"]
+    elif change == "moved":  # the same label and weights, loaded from another directory
+        base = tmp_path / "moved"
+        shutil.copytree(tiny_models["base"], base)
     elif change == "edited data":
         for file in code.iterdir():  # whichever of them the split holds
             file.write_text(file.read_text().replace("return", "return  "))
@@ -1565,6 +1887,29 @@ def test_early_settings_check_refuses_what_evaluate_would_and_not_what_it_resolv
         ev.check_settings_unchanged(dataclasses.replace(again, lm_windows=2), "do this")
     assert str(err.value) == (f"{out / 'results.json'}: the results of a different evaluation "
                               "(differs in lm_windows (1 there, 2 now)); do this")
+
+
+def test_a_rerun_with_edited_passk_problems_is_refused(tiny_models, tmp_path, monkeypatch,
+                                                       capsys):
+    """The examples' digest covers the pass@k problems: a resumed evaluation never puts rows
+    scored on two versions of a problems file in one table."""
+    import json
+
+    problems, out = tmp_path / "p.jsonl", tmp_path / "out"
+    problems.write_text(_problem_line("A"))
+    argv = ["--models", f"a={tiny_models['base']}", f"b={tiny_models['base']}", "--tasks",
+            "passk", "--problems", str(problems), "--out-dir", str(out), "--no-progress",
+            "--workers", "1"]
+    monkeypatch.setattr(ev, "generate_texts", _fail_in_model_b(KeyboardInterrupt()))
+    assert ev.main(argv) == 130
+    earlier = {p.name: p.read_text() for p in out.iterdir()}
+    capsys.readouterr()
+    problems.write_text(json.dumps({**json.loads(_problem_line("A")),
+                                    "test": "def check(candidate):\n    assert candidate()\n"}))
+    monkeypatch.setattr(ev, "generate_texts", _record_models([]))
+    assert ev.main(argv) == 2
+    assert "(differs in the examples (the data changed))" in capsys.readouterr().err
+    assert {p.name: p.read_text() for p in out.iterdir()} == earlier
 
 
 def test_a_truncated_run_checkpoint_is_an_error_naming_it(tiny_models, tmp_path, capsys):
