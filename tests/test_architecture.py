@@ -694,6 +694,66 @@ def test_stop_without_eos_on_a_batch_needs_pad_id():
     assert alone[0, 8:].tolist() == free[0][:2]
 
 
+def test_pad_id_fills_finished_rows_also_when_an_eos_id_is_given():
+    """pad_id, when given, fills the rows that finished, not the EOS id (which fills only
+    without pad_id). Reference: the free greedy continuation, cut by hand after the EOS."""
+    model = _lively("codegen")
+    idx = _ids(2, 8, seed=5)
+    free = model.generate(idx, 10)
+    row0, row1 = free[0, 8:].tolist(), free[1, 8:].tolist()
+    step = next(i for i, t in enumerate(row0) if t not in row0[:i] and t not in row1)
+    eos, pad = row0[step], next(t for t in (95, 94) if t != row0[step])
+    out = model.generate(idx, 10, eos_id=eos, pad_id=pad)
+    assert out[0, 8:].tolist() == row0[:step + 1] + [pad] * (9 - step)
+    assert torch.equal(out[1], free[1])
+    assert torch.equal(torch.stack(list(model.stream(idx, 10, eos_id=eos, pad_id=pad)), 1),
+                       out[:, 8:])
+
+
+def test_a_stop_string_ending_inside_the_last_token_ends_the_row():
+    """A stop string counts once the text contains it, also where the last token's text runs
+    past it (a stop spanning two tokens, as tokenizers cut text), not only where the text ends
+    with it. Reference: the free greedy continuation, cut by hand after the stop's token."""
+    model = _lively("gpt_bigcode")
+    idx = _ids(1, 8, seed=6)
+    gen = model.generate(idx, 12)[0, 8:].tolist()
+
+    def decode(ids):  # two characters a token, so a stop can end inside one
+        return "".join(chr(65 + i % 26) + chr(97 + i % 26) for i in ids)
+
+    text = decode(gen)
+    # a stop from the second character of token k to the first of token k + 1, first seen there
+    k = next(k for k in range(1, 10) if text[2 * k + 1:2 * k + 3] not in text[:2 * k + 2])
+    stop = text[2 * k + 1:2 * k + 3]
+    out = model.generate(idx, 12, stop=stop, decode=decode)
+    assert out[0, 8:].tolist() == gen[:k + 2]
+    assert not decode(gen[:k + 2]).endswith(stop)
+
+
+def test_stop_strings_without_eos_on_a_batch_need_pad_id_as_stop_ids_do():
+    """A row ended by a stop string is filled like one ended by a stop id: without eos_id or
+    pad_id there is no id to fill it with, for strings too."""
+    model = _model("llama")
+    for stop in (["AB"], "AB", [[5, 6], "AB"]):
+        with pytest.raises(ValueError, match="stop without eos_id on a batch needs pad_id"):
+            model.generate(_ids(2, 5), 3, stop=stop, decode=lambda ids: "x")
+    assert model.generate(_ids(1, 5), 3, stop="AB", decode=lambda ids: "x").shape == (1, 8)
+
+
+def test_a_negative_max_new_tokens_or_a_nan_temperature_is_refused():
+    """A negative max_new_tokens is refused, not read as no new tokens; a NaN temperature
+    (which `temperature < 0` lets through) is no number >= 0."""
+    model = _model("llama")
+    for beams in (1, 2):
+        with pytest.raises(ValueError, match="max_new_tokens must be >= 0, got -1"):
+            model.generate(_ids(1, 5), -1, num_beams=beams)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0, got -1"):
+        next(model.stream(_ids(1, 5), -1))
+    for bad in (float("nan"), float("-inf")):
+        with pytest.raises(ValueError, match="temperature must be a number >= 0"):
+            model.generate(_ids(1, 5), 2, temperature=bad)
+
+
 # ------------------------------------------------------- generation options vs transformers
 
 @pytest.fixture(scope="module")
@@ -736,6 +796,61 @@ def test_seeded_sampling_matches_transformers_from_the_first_call(hf_dirs):
         model.generate(idx, 4, num_beams=2)
         list(model.stream(idx, 4))
         assert torch.equal(torch.get_rng_state(), state), "greedy decoding drew random numbers"
+
+
+def test_any_of_several_eos_ids_ends_a_row_and_the_first_one_fills_as_in_transformers(hf_dirs):
+    """eos_id=[a, b]: b ends a row as a does, and a row that finished is filled with the first
+    id a (transformers' pad default), whichever id ended it. The row that ends first ends with
+    b, so taking only a, or filling with b, shows."""
+    path, hf = hf_dirs["llama"]
+    model = Transformer.from_pretrained(path).eval()
+    idx = _ids(2, 10, vocab=256)
+    free = model.generate(idx, 16)[:, 10:].tolist()
+
+    def first_made(row):  # (step, token): the row makes the token there for the first time
+        return [(s, t) for s, t in enumerate(free[row]) if t not in free[row][:s]]
+
+    # t0 ends row 0 at s0 and t1 row 1 at s1: neither row makes the other's id before it ends
+    (s0, t0), (s1, t1) = next((a, b) for a in first_made(0) for b in first_made(1)
+                              if a[0] != b[0] and a[1] not in free[1][:b[0] + 1]
+                              and b[1] not in free[0][:a[0] + 1])
+    eos = [t1, t0] if s0 < s1 else [t0, t1]  # the row that ends first ends with eos[1]
+    ref = _hf_generate(hf, idx, 16, eos_token_id=eos, pad_token_id=None)
+    assert ref.shape[1] == 10 + max(s0, s1) + 1 and (ref[:, 10:] == eos[0]).any()
+    assert torch.equal(model.generate(idx, 16, eos_id=eos), ref)
+
+
+def test_left_padded_beam_search_matches_transformers_with_an_even_beam_count(hf_dirs):
+    """Each row's beams take that row's mask. With 2 rows and 3 beams a mask tiled row after
+    row (instead of repeated per row) still gives each row's first beam, the one every beam
+    grows from, its own mask; with 2 beams it gives row 1 row 0's mask."""
+    path, hf = hf_dirs["llama"]
+    model = Transformer.from_pretrained(path).eval()
+    idx = _ids(2, 10, seed=3, vocab=256)
+    mask = torch.ones_like(idx, dtype=torch.bool)
+    mask[1, :4] = False
+    ref = hf.generate(idx, attention_mask=mask.long(), max_new_tokens=8, do_sample=False,
+                      num_beams=2, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(model.generate(idx, 8, num_beams=2, attention_mask=mask), ref)
+
+
+def test_beam_search_fills_with_the_first_of_several_eos_ids_as_transformers_pads(hf_dirs):
+    """Without pad_id a row whose best hypothesis ended early is filled with the first EOS id,
+    transformers' pad default, also when another EOS id ended it."""
+    path, hf = hf_dirs["llama"]
+    model = Transformer.from_pretrained(path).eval()
+    for seed in range(20):
+        idx = _ids(2, 10, seed=seed, vocab=256)
+        free = model.generate(idx, 8, num_beams=2)[:, 10:]
+        first = next(t for t in range(3, 256) if t not in free)  # an id no row makes freely
+        eos = [first, int(free[0, 1])]  # row 0's second token ends it
+        ref = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=8,
+                          do_sample=False, num_beams=2, eos_token_id=eos, pad_token_id=eos[0])
+        if (ref[:, -1] == eos[0]).any():  # a row was filled
+            break
+    else:
+        raise AssertionError("no prompt whose beam search fills a row")
+    assert torch.equal(model.generate(idx, 8, num_beams=2, eos_id=eos), ref)
 
 
 @pytest.mark.parametrize("family", ["gpt_bigcode", "llama"])

@@ -448,6 +448,17 @@ def test_ignore_merges_takes_a_vocabulary_word_whole_as_hf_does(ignore_merges):
     assert [BPETokenizer(spec).encode(t) for t in texts] == ref
 
 
+def test_a_merge_whose_result_is_no_vocabulary_token_is_refused_as_hf_refuses_it():
+    """Both parts of merge #1 are tokens but "bc" is not: HF refuses the file, and codelm too
+    (loaded, the merge would make a token with no id, a KeyError at encode)."""
+    spec = _hand_written_spec(["ab"], [("a", "b"), ("b", "c")])
+    with pytest.raises(Exception, match="`bc` out of vocabulary"):
+        Tokenizer.from_str(json.dumps(spec))
+    with pytest.raises(ValueError, match=r"merge #1 \['b', 'c'\] is not two vocabulary tokens "
+                                         "whose concatenation is in the vocabulary"):
+        BPETokenizer(spec)
+
+
 def test_digits_without_its_flag_keeps_digit_runs_as_hf_default_does():
     """A hand-written {"type": "Digits"} lacks individual_digits: it is read as HF's default
     Digits() (false), so a digit run is one piece and merges across its digits. (HF's own JSON
@@ -462,6 +473,20 @@ def test_digits_without_its_flag_keeps_digit_runs_as_hf_default_does():
     texts = ["x = 12345", "a1b22c333d4545", "12 123 45\n", "x12345y 912"]
     ref = _hf_ids(hf, texts)
     assert ref[0][-2:] == [spec["model"]["vocab"]["123"], spec["model"]["vocab"]["45"]]
+    assert [BPETokenizer(spec).encode(t) for t in texts] == ref
+
+
+def test_a_string_split_pattern_is_literal_text_as_hf_reads_it():
+    """A Split {"String": "."} splits at dots only: the string is text, not a regex (as a regex
+    the dot would cut every character apart). Reference: HF on the same hand-written file."""
+    split = {"type": "Split", "pattern": {"String": "."}, "behavior": "Isolated", "invert": False}
+    pre = {"type": "Sequence", "pretokenizers": [split, {**_BYTE_LEVEL, "use_regex": False}]}
+    spec = _hand_written_spec(["ab", "ab.", ".a"], [("a", "b"), ("ab", "."), (".", "a")],
+                              pre_tokenizer=pre)
+    hf = Tokenizer.from_str(json.dumps(spec))
+    texts = ["ab.ab", "a.b", "x.y(z)*", "..ab"]
+    ref = _hf_ids(hf, texts)
+    assert ref[0] == [spec["model"]["vocab"][t] for t in ("ab", ".", "ab")]
     assert [BPETokenizer(spec).encode(t) for t in texts] == ref
 
 
@@ -596,6 +621,30 @@ def test_bpe_training_takes_no_merges_from_special_token_text():
     tok = BPETokenizer.train(texts, 1000, min_frequency=2)
     merged = {t for t in tok.spec["model"]["vocab"] if len(t) > 1}
     assert merged == {"<|endoftext|>", "Ġ1", "Ġ2", "Ġ="}
+
+
+def test_bpe_training_cuts_out_the_longest_special_token_where_one_starts_another():
+    """"<e>" starts "<e>zq": the text of "<e>zq" is one special token, as encode reads it (HF
+    matches the longest), so its "zq" is no material for merges either. Reference: a hand
+    count, every merged token but the special ones comes from "ab"."""
+    tok = BPETokenizer.train(["ab<e>zq ab<e>zq"] * 3, 1000, special_tokens=["<e>", "<e>zq"],
+                             min_frequency=2)
+    merged = {t for t in tok.spec["model"]["vocab"] if len(t) > 1}
+    assert merged == {"<e>", "<e>zq", "ab", "Ġab"}
+    assert tok.encode("<e>zq") == [tok.token_to_id("<e>zq")]
+
+
+def test_bpe_training_with_a_repeated_special_token_gives_dense_ids_hf_reads_alike(tmp_path):
+    """A special token listed twice is one token: ids stay 0..vocab_size-1 (a repeat took two
+    ids and left a hole), and HF reads the saved file with the same ids."""
+    texts = ["def f(x):\n    return x<|endoftext|>"] * 5
+    tok = BPETokenizer.train(texts, 300, special_tokens=["<|endoftext|>", "<pad>", "<|endoftext|>"])
+    vocab = tok.spec["model"]["vocab"]
+    assert sorted(vocab.values()) == list(range(len(vocab)))
+    assert (tok.token_to_id("<|endoftext|>"), tok.token_to_id("<pad>")) == (0, 1)
+    hf = Tokenizer.from_file(str(tok.save(tmp_path)))
+    assert hf.encode(texts[0]).ids == tok.encode(texts[0])
+    assert hf.get_vocab_size(with_added_tokens=True) == tok.vocab_size
 
 
 def _hf_bpe_file(tmp_path, post_processor=None) -> tuple[Tokenizer, object]:
@@ -808,6 +857,18 @@ def test_special_token_strings_in_code_are_text_in_hf_and_transformers_too(code_
         CodeTokenizer(["x"], special_tokens=["PAD", "<eos>", "<<"]).to_hf()
 
 
+def test_a_special_token_spelled_in_byte_level_characters_has_no_hf_form():
+    """A non-ASCII special token may be the ByteLevel spelling of code: "ĠĠ" is how the export
+    writes the two-space piece, so HF would read two spaces in code as that special token.
+    Such tokens are refused; the reason is shown on an export with "<eos>" renamed by hand."""
+    with pytest.raises(ValueError, match=r"special tokens \['ĠĠ'\] could be read inside"):
+        CodeTokenizer(["x", "  "], min_freq=1, special_tokens=["<eos>", "ĠĠ"]).to_hf()
+    spec = CodeTokenizer(["x"], min_freq=1, special_tokens=["<eos>", "<x>"]).to_hf()
+    vocab = spec["model"]["vocab"]
+    vocab["ĠĠ"] = vocab.pop("<x>")
+    assert Tokenizer.from_str(json.dumps(spec)).encode("x  x").ids == [2 + 256, 1, 2 + 256]
+
+
 def test_decode_refuses_ids_outside_the_vocabulary_negative_ones_too(code_tok, references):
     """-100 (ignored labels) or -1 would index the vocabulary from its end: refused, named."""
     import numpy as np
@@ -944,6 +1005,31 @@ def test_byte_tokens_are_read_only_as_written(code_tok):
         assert code_tok.token_to_id(bad) is None, bad
 
 
+def test_training_makes_no_piece_of_a_special_tokens_text():
+    """Custom special tokens may be spelled as a code piece ("PAD"): train keeps such a piece
+    out of the vocabulary, so every token string names one id, as in an HF vocabulary."""
+    tok = CodeTokenizer.train(["PAD = 1\nPAD = 2\n"] * 3, min_freq=1, special_tokens=("PAD",))
+    assert "PAD" not in tok.pieces and tok.token_to_id("PAD") == 0
+    tokens = [tok.id_to_token(i) for i in range(tok.vocab_size)]
+    assert len(set(tokens)) == len(tokens)
+    assert tok.decode(tok.encode("PAD = 3\n")) == "PAD = 3\n"
+
+
+def test_a_code_tokenizer_file_of_another_version_is_refused(tmp_path):
+    """A codelm-format file (what a comment-stripping tokenizer saves) of a later version may
+    mean other ids: refused by name, never read as version 1."""
+    tok = CodeTokenizer.train(["def f(x):  # c\n    return x\n"] * 2, min_freq=1,
+                              strip_comments=True)
+    path = tok.save(tmp_path / "tok.json")
+    assert CodeTokenizer.load(path).pieces == tok.pieces
+    for version in (2, "1", None):
+        path.write_text(json.dumps({**tok.to_dict(), "version": version}), "utf-8")
+        for load in (load_tokenizer, CodeTokenizer.load):
+            with pytest.raises(ValueError, match=rf"tok.json: unsupported CodeTokenizer version "
+                                                 rf"{regex.escape(repr(version))}"):
+                load(path)
+
+
 def _some_stdlib_texts(stdlib_texts, n: int) -> list[str]:
     return [t for _, t in stdlib_texts[::60][:n]]
 
@@ -1038,6 +1124,17 @@ def test_parallel_encode_batch_returns_every_text_in_order(code_tok, stdlib_text
     assert sum(map(len, texts)) > (1 << 20)
     out = code_tok.encode_batch(texts, num_workers=2)
     assert out == [code_tok.encode(t) for t in texts]
+
+
+def test_parallel_encode_batch_adds_special_tokens_in_the_workers_too():
+    """Over 1 MiB the workers encode, with the caller's add_special_tokens (each option reaching
+    the workers as itself, not as the other). Reference: encode one text at a time."""
+    tok = CodeTokenizer.train(["def f(x):\n    return x + 1\n"] * 3, min_freq=1)
+    texts = ["def f(x):\n    return x + 1\n" * 40000, "x = 1\n" * 1000]
+    assert sum(map(len, texts)) > (1 << 20)
+    out = tok.encode_batch(texts, num_workers=2, add_special_tokens=True)
+    assert out == [tok.encode(t, add_special_tokens=True) for t in texts]
+    assert out[1][0] == tok.bos_id and out[1][-1] == tok.eos_id
 
 
 def _encode_in_daemon(tok, texts, queue):
@@ -1311,6 +1408,37 @@ def test_unsupported_or_malformed_tokenizer_json(edit, message, references, tmp_
         load_tokenizer(path)
     assert str(path) in str(info.value)
     assert not isinstance(info.value, KeyError)
+
+
+def _split_step(s):
+    return s["pre_tokenizer"]["pretokenizers"][0]
+
+
+def _byte_level_step(s):
+    return s["pre_tokenizer"]["pretokenizers"][1]
+
+
+@pytest.mark.parametrize("style, edit, message", [
+    ("llama3", lambda s: _split_step(s).update(behavior="Removed"), r"Split behavior 'Removed'"),
+    ("llama3", lambda s: _byte_level_step(s).update(add_prefix_space=True), "add_prefix_space"),
+    ("llama3", lambda s: _byte_level_step(s).update(use_regex=True),
+     r"Split then ByteLevel\(use_regex=true\)"),
+    ("starcoder", lambda s: _byte_level_step(s).update(use_regex=False),
+     r"Digits then ByteLevel\(use_regex=false\)"),
+])
+def test_pre_tokenizer_settings_hf_reads_otherwise_are_refused(style, edit, message, references,
+                                                                 tmp_path):
+    """Each edit makes HF split the text otherwise (other ids than the unedited file's), which
+    codelm would not notice: refused, naming the setting and the file."""
+    path, hf, _ = references[style]
+    spec = json.loads(path.read_text("utf-8"))
+    edit(spec)
+    out = tmp_path / "tokenizer.json"
+    out.write_text(json.dumps(spec), "utf-8")
+    text = "def f(x):\n    return x+12345  # é ok\n"
+    assert Tokenizer.from_file(str(out)).encode(text).ids != hf.encode(text).ids
+    with pytest.raises(ValueError, match=rf"tokenizer\.json: unsupported pre_tokenizer: .*{message}"):
+        load_tokenizer(out)
 
 
 def _code_vocab_edits():
