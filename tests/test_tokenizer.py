@@ -106,15 +106,21 @@ def _first_mismatch(names, ours, ref) -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("style", PRETOKENIZER_STYLES)
-def test_parity_on_every_stdlib_file(style, references, stdlib_texts):
+@pytest.mark.parametrize("style, every", [
+    ("gpt2", 1),  # every file in the quick suite for one style, every 4th for the others
+    *[(style, 4) for style in PRETOKENIZER_STYLES if style != "gpt2"],
+    *[pytest.param(style, 1, marks=pytest.mark.slow)
+      for style in PRETOKENIZER_STYLES if style != "gpt2"],
+])
+def test_parity_on_every_stdlib_file(style, every, references, stdlib_texts):
     _, hf, ours = references[style]
-    names = [n for n, _ in stdlib_texts]
-    texts = [t for _, t in stdlib_texts]
+    sample = stdlib_texts[::every]
+    names = [n for n, _ in sample]
+    texts = [t for _, t in sample]
     got = ours.encode_batch(texts, num_workers=2)
     mismatch = _first_mismatch(names, got, _hf_ids(hf, texts))
     assert mismatch is None, mismatch
-    assert len(texts) > 1000  # the whole standard library, not a sample
+    assert len(texts) > 1000 // every  # the whole standard library (or every 4th file of it)
 
 
 @pytest.mark.parametrize("style", PRETOKENIZER_STYLES)
