@@ -1235,18 +1235,25 @@ def sweep_id(cfg: TuneConfig) -> str:
 
 
 def _stop_with_parent() -> None:
-    """A worker gets SIGTERM when its sweep process dies (kill -9, the OOM killer), and stops
-    its trial as at a Ctrl-C, instead of sweeping on unseen beside the workers of a re-run.
-    Linux only (prctl); elsewhere a worker outlives a killed sweep."""
+    """A worker stops its trial as at a SIGTERM when its sweep process dies (kill -9, the OOM
+    killer), instead of sweeping on unseen beside the workers of a re-run. Linux only (prctl);
+    elsewhere a worker outlives a killed sweep."""
     parent = os.environ.get(PARENT_ENV)
     if parent is None or not sys.platform.startswith("linux"):
         return
     import ctypes
 
+    def parent_died(signum, frame):
+        # Once: the kernel sends the death signal again as each of the sweep's threads exits,
+        # and a second SIGTERM would interrupt the trial's checkpoint and its report at once.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.raise_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGHUP, parent_died)
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, ctypes.c_ulong(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    libc.prctl(1, ctypes.c_ulong(signal.SIGHUP), 0, 0, 0)  # PR_SET_PDEATHSIG
     if os.getppid() != int(parent):  # it died before the line above
-        os.kill(os.getpid(), signal.SIGTERM)
+        signal.raise_signal(signal.SIGHUP)
 
 
 def _run_workers(cfg: TuneConfig, study: optuna.Study, bar: tqdm, sweep: str) -> int:

@@ -53,32 +53,27 @@ def main(argv: list[str] | None = None) -> int:
     command, verbose = args.pop("command"), args.pop("verbose")
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(message)s")
-    try:
-        with cliconfig.interrupt_on_sigterm():  # a kill ends it as Ctrl-C does: clones removed
+
+    def work() -> int:
+        try:
             if command == "github":
                 summary = scrape_github(GitHubConfig(**args))
             else:
                 summary = collect_local(LocalConfig(**args))
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except GitHubError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:  # the output cannot be written: disk full, permissions, ...
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as stop:
-        print("interrupted; finished repos are saved, re-run to continue", file=sys.stderr)
-        return cliconfig.interrupted_exit_code(stop)
-    print(summary.format(), file=sys.stderr)
-    print(f"wrote {args['out']}", file=sys.stderr)
-    if summary.repos[SERVER_ERROR]:
-        print(f"error: GitHub kept failing on {summary.repos[SERVER_ERROR]} repos, which are not "
-              f"in {args['out']}; re-run the same command to retry them", file=sys.stderr)
-        return 1
-    return 0
+        except GitHubError as exc:  # GitHub's failure, not the user's mistake (exit 2)
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(summary.format(), file=sys.stderr)
+        print(f"wrote {args['out']}", file=sys.stderr)
+        if summary.repos[SERVER_ERROR]:
+            print(f"error: GitHub kept failing on {summary.repos[SERVER_ERROR]} repos, which "
+                  f"are not in {args['out']}; re-run the same command to retry them",
+                  file=sys.stderr)
+            return 1
+        return 0
 
+    # A kill ends it as Ctrl-C does: clones removed, finished repos kept.
+    return cliconfig.run_tool(work, "interrupted; finished repos are saved, re-run to continue")
 
 if __name__ == "__main__":
     sys.exit(cliconfig.run_main(main))

@@ -522,6 +522,53 @@ def test_a_stopped_or_killed_sweep_stops_its_workers(tmp_path, corpus, sig):
                for t in trials)
 
 
+_COUNT_STOPS = """
+import os, signal, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import hyperparam_tune
+stops = []
+signal.signal(signal.SIGTERM, lambda signum, frame: stops.append(signum))
+hyperparam_tune._stop_with_parent()
+print("ready", flush=True)
+sweep, deadline = os.getppid(), time.monotonic() + 60
+while os.getppid() == sweep and time.monotonic() < deadline:  # until every thread has exited
+    time.sleep(0.01)
+time.sleep(0.5)
+Path(sys.argv[2]).write_text(str(len(stops)))
+"""
+
+_THREADED_PARENT = """
+import ctypes, os, subprocess, sys, threading, time
+worker = subprocess.Popen([sys.executable, "-c", *sys.argv[1:4]], stdout=subprocess.PIPE,
+                          env={**os.environ, sys.argv[4]: str(os.getpid())}, text=True)
+assert worker.stdout.readline() == "ready\\n"
+threading.Thread(target=time.sleep, args=(600,)).start()
+print("ready", flush=True)
+ctypes.CDLL(None).pthread_exit(None)  # the thread that started the worker exits first
+"""
+
+
+def test_a_worker_whose_sweep_dies_stops_once(tmp_path):
+    """The kernel sends the parent-death signal each time the thread the worker hangs from
+    exits: the thread that started it, then each of the dying sweep's other threads (torch's,
+    optuna's) that takes it over. The worker must see one SIGTERM: a second interrupts its
+    checkpoint and the report of its trial."""
+    report = tmp_path / "stops"
+    parent = popen([sys.executable, "-c", _THREADED_PARENT, _COUNT_STOPS, str(ROOT), str(report),
+                    hyperparam_tune.PARENT_ENV], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout.readline() == "ready\n"
+        time.sleep(0.5)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 30
+    while not report.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert report.read_text() == "1"
+
+
 def test_interrupted_sweep_keeps_the_reports_of_finished_trials(tmp_path, corpus, monkeypatch):
     """The trainer stops on SIGTERM after a checkpoint and returns; the sweep exits 143, writes
     the reports of the trials that finished, and tells the trainer what a re-run does."""
