@@ -8,6 +8,7 @@ names the file (or the command line) and the key in its errors. It imports nothi
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import errno
@@ -426,6 +427,7 @@ def quiet_start_up_stops(quiet: bool = False) -> None:
 
 
 def _stopped_while_starting(quiet: bool, signum: int, frame) -> None:
+    _stops_end_at_once()
     if not quiet:
         sys.stderr.write("interrupted while starting: nothing was written\n")
     raise SystemExit(interrupted_exit_code(signal.Signals(signum).name))
@@ -440,6 +442,18 @@ def run_main(main: Callable[[], int | None]) -> int | None:
     except BrokenPipeError:  # `script | head` stopped reading: no traceback, no second one
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # at exit's flush
         return 1
+    finally:  # the first exit handler to run: they run in the reverse order of registration
+        atexit.register(_stops_end_at_once)
+
+
+def _stops_end_at_once() -> None:
+    """The script is on its way out (its stop told, or its work done): a further Ctrl-C or
+    SIGTERM ends it at once, as the signal's default does, not with an "Exception ignored in
+    atexit callback" traceback from inside torch's exit handlers (Ctrl-C pressed twice). An
+    ignored signal stays ignored."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, signal.SIG_DFL)
 
 
 def run_tool(work: Callable[[], int | None], interrupted: str = "interrupted") -> int:
@@ -686,9 +700,10 @@ def write_atomic_files(files: Mapping[str | Path, FileContent]) -> None:
     try:
         for path, data in files.items():
             temps.append((Path(path), _write_temp(Path(path), data)))
-        for path, tmp in temps:
-            with _naming(path, tmp):
-                os.replace(tmp, path)
+        with stops_deferred():  # a Ctrl-C between two renames would leave a mixed set
+            for path, tmp in temps:
+                with _naming(path, tmp):
+                    os.replace(tmp, path)
     except BaseException:
         for _, tmp in temps:
             with contextlib.suppress(OSError):

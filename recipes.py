@@ -687,15 +687,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    opts = RecipeOptions(**vars(args))
+    opts = None  # a stop while the flags are read is told too, not a traceback
     try:
         with cliconfig.interrupt_on_sigterm():
+            opts = RecipeOptions(**vars(build_parser().parse_args(argv)))
             report = run_recipe(opts)
     except tm.RUN_ERRORS as e:
         return tm.report_run_error(e)
     except KeyboardInterrupt as e:  # training stops itself (a checkpoint); this is before or after
-        if opts.smoke:  # a smoke run is never continued, whatever it had saved
+        if opts is not None and opts.smoke:  # never continued, whatever it had saved
             print(f"interrupted: {what_next(True)}", file=sys.stderr)
         elif isinstance(e, TrainedRunInterrupted):
             print(f"interrupted: training is complete and saved in {e.run_dir}; finish the "

@@ -1355,16 +1355,23 @@ class _StopSignals:
         self._previous: dict = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
+                if signal.getsignal(sig) is not signal.SIG_IGN:  # `cmd &` in a script: ignored
+                    self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
         if self.reason is not None:
             raise KeyboardInterrupt(signal.Signals(signum).name)  # its exit code: 130 or 143
         self.reason = signal.Signals(signum).name
 
-    def restore(self) -> None:
+    def restore(self, taken: bool = True) -> None:
+        """Put the previous handlers back. A stop the loop did not act on (``taken`` False: it
+        came after the loop's last look, or an error left the loop, a sweep's pruned trial) is
+        passed on to them, as they would have taken it: else the caller went on (a sweep to its
+        next trial, recipes.py to its evaluation) as if it had never come."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if self.reason is not None and not taken:
+            signal.raise_signal(signal.Signals[self.reason])
 
 
 def _trim_metrics(path: Path, step: int) -> None:
@@ -2176,7 +2183,9 @@ class _Run:
         finally:
             bar.close()
             log.close()
-            signals.restore()
+            # (a KeyboardInterrupt on its way out is a second signal's: that stop is under way)
+            signals.restore(taken=result.interrupted is not None
+                            or isinstance(sys.exc_info()[1], KeyboardInterrupt))
         result.step, result.best_val_loss, result.best_step, result.train_loss = (
             self.step, self.best_val_loss, self.best_step, self.train_loss)
         result.val_metrics = metrics

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -569,3 +570,61 @@ def test_a_reader_that_stops_reading_ends_a_script_quietly():
     proc.stdout.close()
     assert proc.wait(timeout=60) == 1
     assert proc.stderr.read() == b""
+
+
+_SLOW_EXIT = """
+import atexit, os, signal, sys, time
+import cliconfig
+if sys.argv[1] == "start-up":
+    cliconfig.quiet_start_up_stops()
+def slow_exit():  # torch's exit handlers, say
+    open(sys.argv[2], "w").close()
+    time.sleep(60)
+atexit.register(slow_exit)
+stop = lambda: os.kill(os.getpid(), signal.SIGINT)
+if sys.argv[1] == "start-up":
+    stop()
+sys.exit(cliconfig.run_main(lambda: cliconfig.run_tool(stop)))
+"""
+
+
+@pytest.mark.parametrize("phase", ["start-up", "main"])
+def test_a_second_ctrl_c_while_the_script_exits_ends_it_without_a_traceback(tmp_path, phase):
+    """Ctrl-C twice: the first is told ("interrupted"), the second landed in an atexit handler
+    and printed "Exception ignored in atexit callback" with a traceback (and, at start-up, the
+    line again). Now it ends the process at once, as SIGINT's default does."""
+    import signal
+    import sys
+
+    from procs import popen, signal_when
+
+    root = Path(__file__).resolve().parents[1]
+    exiting = tmp_path / "exiting"
+    proc = popen([sys.executable, "-c", _SLOW_EXIT, phase, str(exiting)], cwd=root,
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, err = signal_when(proc, exiting.exists, signal.SIGINT)
+    told = "interrupted while starting: nothing was written" if phase == "start-up" else (
+        "interrupted")
+    assert err == told + "\n"
+    assert proc.returncode == -signal.SIGINT
+
+
+def test_a_ctrl_c_between_the_renames_of_a_set_lands_after_the_last(tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM under interrupt_on_sigterm) right after the weights' rename left them
+    under the previous config: the set is renamed whole, then the stop lands."""
+    import os
+    import signal
+
+    weights, config = tmp_path / "model.safetensors", tmp_path / "config.json"
+    cliconfig.write_atomic_files({weights: b"old weights", config: "old config"})
+    replace = os.replace
+
+    def replace_then_ctrl_c(src, dst):
+        replace(src, dst)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(os, "replace", replace_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        cliconfig.write_atomic_files({weights: b"new weights", config: "new config"})
+    assert (weights.read_bytes(), config.read_text()) == (b"new weights", "new config")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]

@@ -931,3 +931,19 @@ def test_a_loss_that_stayed_level_is_told_as_not_decreasing(tmp_path):
     report = recipes.RecipeResult(tmp_path, tm.TrainResult(tmp_path, None, 2), None, None,
                                   [7.5, 7.5], smoke=True)
     assert "7.5000 -> 7.5000 (DID NOT DECREASE)" in recipes.summary(report)
+
+
+def test_a_stop_while_the_flags_are_read_is_told_not_a_traceback(monkeypatch, capsys):
+    """The flags were read outside main's handling of stops: a Ctrl-C there (the parser reads
+    the options' comments from the source, a fraction of a second) gave a traceback."""
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipes, "build_parser", ctrl_c)
+    try:
+        code = recipes.main(["configs/code_completion.json"])
+    except KeyboardInterrupt:  # not left to end the test session
+        pytest.fail("the Ctrl-C went through main: a traceback")
+    assert code == 130
+    assert capsys.readouterr().err == ("interrupted before the first checkpoint: nothing to "
+                                       "resume; run the same command again\n")

@@ -85,9 +85,9 @@ def final_weights(run_dir: Path, step: int, name: str = tm.MODEL_FILE) -> dict:
     return load_file(Path(run_dir) / "checkpoints" / f"step-{step}" / name)
 
 
-def sigterm_at_step(monkeypatch, step: int):
-    """SIGTERM arrives during optimizer step ``step`` (counted from 1 in this process); returns
-    the real train_step."""
+def sigterm_at_step(monkeypatch, step: int, *sigs: int):
+    """SIGTERM (or ``sigs``, one after the other) arrives during optimizer step ``step``
+    (counted from 1 in this process); returns the real train_step."""
     import signal
 
     original, calls = tm.Trainer.train_step, [0]
@@ -95,7 +95,8 @@ def sigterm_at_step(monkeypatch, step: int):
     def train_step(self, *args, **kwargs):
         calls[0] += 1
         if calls[0] == step:
-            os.kill(os.getpid(), signal.SIGTERM)
+            for sig in sigs or (signal.SIGTERM,):
+                os.kill(os.getpid(), sig)
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(tm.Trainer, "train_step", train_step)
@@ -2847,3 +2848,65 @@ def test_a_diverged_run_exits_1_and_a_bad_setting_2(capsys):
     assert capsys.readouterr().err.splitlines() == [
         "error: non-finite loss", "error: TrainConfig.lr=0.0: must be > 0",
         "error: runs/x: No space left on device"]
+
+
+class _Pruned(Exception):
+    """What a sweep's on_eval raises to prune its trial."""
+
+
+@pytest.mark.parametrize("where", ["error", "late"])
+def test_a_stop_the_loop_did_not_act_on_is_passed_on_not_lost(assets, tmp_path, monkeypatch,
+                                                              where):
+    """SIGTERM during a step, then on_eval pruning the trial ("error"), or SIGTERM after the
+    loop's last look ("late", as its log closes): train left with the error, or returned a
+    finished run, and the stop was lost: a sweep went on to its next trial, recipes.py to its
+    evaluation. The stop now reaches the caller's handler (here interrupt_on_sigterm's)."""
+    import signal
+
+    def prune(step, metrics):
+        raise _Pruned
+
+    on_eval = None
+    if where == "error":
+        sigterm_at_step(monkeypatch, 2)
+        on_eval = prune
+    else:
+        close = tm._RunLog.close
+
+        def close_with_a_stop(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            close(self)
+
+        monkeypatch.setattr(tm._RunLog, "close", close_with_a_stop)
+    cfg = tiny_cfg(assets, tmp_path, max_steps=4, eval_every=2)
+    with pytest.raises(tm.RunInterrupted) as stop, cliconfig.interrupt_on_sigterm():
+        tm.train(cfg, on_eval=on_eval)
+    assert cliconfig.interrupted_exit_code(stop.value) == 143
+    assert stop.value.resume == f"--resume {tmp_path / 'runs' / 'run'}"
+
+
+def test_a_second_signal_mid_step_stops_with_its_own_code_not_the_first_ones(
+        assets, tmp_path, monkeypatch):
+    """Ctrl-C, then SIGTERM within the same step: the SIGTERM stops at once (143); the Ctrl-C
+    it overtook is not passed on again over it."""
+    import signal
+
+    sigterm_at_step(monkeypatch, 2, signal.SIGINT, signal.SIGTERM)
+    with pytest.raises(tm.RunInterrupted) as stop, cliconfig.interrupt_on_sigterm():
+        tm.train(tiny_cfg(assets, tmp_path, max_steps=4))
+    assert cliconfig.interrupted_exit_code(stop.value) == 143
+
+
+def test_the_step_loop_keeps_a_signal_its_process_ignores(assets, tmp_path, monkeypatch):
+    """A run a script starts with `&` ignores Ctrl-C (the start-up guard keeps that), but the
+    step loop's handler took it: the script's Ctrl-C stopped the background run."""
+    import signal
+
+    sigterm_at_step(monkeypatch, 2, signal.SIGINT)
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        result = tm.train(tiny_cfg(assets, tmp_path, max_steps=4))
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert (result.interrupted, result.step) == (None, 4)
