@@ -1822,6 +1822,11 @@ class _Run:
         self.train_set = Subset(self.train_set, chosen)
         self.val_set = self.train_set
 
+    def _train_size(self) -> str:
+        if getattr(self.train_set, "stride", None) == 1:  # a window at every token: not examples
+            return f"{self.train_set.n_tokens} training tokens"
+        return f"{len(self.train_set)} training examples"
+
     def _max_steps(self) -> int:
         cfg = self.cfg
         if cfg.epochs is None:
@@ -2110,9 +2115,13 @@ class _Run:
                 n_params = sum(p.numel() for p in trainer.raw_model.parameters())
                 n_train = sum(p.numel() for p in trainer.params)
                 print(f"run {self.run_dir}: {n_params / 1e6:.2f}M parameters "
-                      f"({n_train / 1e6:.2f}M trainable), {len(self.train_set)} training "
-                      f"examples, {self.max_steps} steps, {trainer.precision} on {self.device}"
+                      f"({n_train / 1e6:.2f}M trainable), {self._train_size()}, "
+                      f"{self.max_steps} steps, {trainer.precision} on {self.device}"
                       + (f" x {self.dist.world} processes" if self.dist.enabled else ""))
+                if trainer.precision == "fp16" and self.device.type == "cpu":
+                    print("warning: precision fp16 on cpu: most CPUs have no fast fp16 kernels, "
+                          "so torch computes it many times slower than fp32; precision auto "
+                          "trains in fp32 on cpu (and in fp16 or bf16 on a GPU)", file=sys.stderr)
             while self.step < self.max_steps:
                 micro, where = self._next_micro_batches()
                 stats = trainer.train_step(micro, inject_nan=cfg.inject_nan_at_step == self.step + 1)

@@ -2605,6 +2605,24 @@ def test_overfit_batches_counts_accumulated_micro_batches(assets, tmp_path, caps
     assert result.val_metrics["val_tokens"] == 8 * 32  # every position of the 8 windows
 
 
+def test_an_lm_run_counts_its_training_tokens_not_windows(assets, tmp_path, capsys):
+    """A window starts at every token of an lm split: the header counts the tokens (those of the
+    packed train.bin), not millions of overlapping 'examples'."""
+    tm.train(tiny_cfg(assets, tmp_path, max_steps=1, eval_every=1))
+    out, err = capsys.readouterr()
+    n = int(re.search(r"(\d+) training tokens", out).group(1))
+    packed = {p.stat().st_size // 2 for p in Path(assets["cache"]).rglob("train.bin")}
+    assert n in packed and "training examples" not in out
+    assert "fp16 on cpu" not in err
+
+
+def test_fp16_on_cpu_is_warned_of(assets, tmp_path, capsys):
+    """A recipe written for a T4 (precision fp16) run on a CPU: torch has no fast fp16 kernels
+    there (tens of times slower than fp32), which the run says at its start."""
+    tm.train(tiny_cfg(assets, tmp_path, max_steps=1, eval_every=1, precision="fp16"))
+    assert "warning: precision fp16 on cpu" in capsys.readouterr().err
+
+
 def test_overfit_batches_stops_when_memorised(assets, tmp_path):
     """--overfit-batches stops at the first step whose loss is below OVERFIT_LOSS, and
     evaluates there, rather than running on to max_steps (a final loss < 0.05 holds either
