@@ -79,6 +79,10 @@ def _ids(batch, length, seed=0, vocab=96):
     (dict(rope_theta=0.0), r"ModelConfig.rope_theta=0.0: must be > 0 and finite"),
     (dict(rope_theta=-1e4), r"ModelConfig.rope_theta=-10000.0: must be > 0"),
     (dict(rope_theta=float("nan")), r"ModelConfig.rope_theta=nan: must be > 0"),
+    # inf: every rotated pair but the first never turns (positions silently ignored); an inf
+    # norm_eps zeroes every normalized activation.
+    (dict(rope_theta=float("inf")), r"ModelConfig.rope_theta=inf: must be > 0 and finite"),
+    (dict(norm_eps=float("inf")), r"ModelConfig.norm_eps=inf: must be > 0 and finite"),
 ])
 def test_config_rejects_bad_values(change, message):
     with pytest.raises(ValueError, match=message):
@@ -1411,3 +1415,39 @@ def test_overfits_one_batch(preset):
     assert loss.item() < 0.05
     model.eval()
     assert torch.equal(model.generate(x[:, :1], 32), data[:, :33])
+
+
+def test_head_loss_takes_full_label_smoothing_as_torch_and_refuses_a_string():
+    """label_smoothing is in [0, 1] as F.cross_entropy takes it (1.0 included); a string is the
+    ValueError naming it, not a TypeError from the comparison."""
+    from architecture import head_cross_entropy
+
+    head = torch.nn.Linear(8, 20)
+    hidden, labels = torch.randn(2, 4, 8), torch.randint(0, 20, (2, 4))
+    labels[0, 1] = -100
+    loss = head_cross_entropy(hidden, labels, head, label_smoothing=1.0)[0]
+    ref = F.cross_entropy(head(hidden).flatten(0, 1), labels.flatten(), label_smoothing=1.0,
+                          reduction="sum")  # (the head's loss is the sum)
+    torch.testing.assert_close(loss, ref)
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\], got '0.1'"):
+        head_cross_entropy(hidden, labels, head, label_smoothing="0.1")
+
+
+def test_presets_table_rows_show_each_presets_sizes(capsys):
+    """`python architecture.py`: each row's columns are its preset's fields, heads beside KV
+    heads and the MLP width beside its kind; an unknown preset name is argparse's usage error."""
+    import architecture
+
+    assert architecture.main([]) == 0
+    header, _, *rows = capsys.readouterr().out.splitlines()
+    assert [c.strip() for c in header.strip("|").split("|")] == [
+        "preset", "family", "layers", "width", "heads (kv)", "MLP", "context", "vocab",
+        "parameters"]
+    for row, (name, c) in zip(rows, PRESETS.items(), strict=True):
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert cells[:-1] == [name, c.family, str(c.n_layer), str(c.n_embd),
+                              f"{c.n_head} ({c.n_kv_head})", f"{c.mlp_hidden} ({c.mlp})",
+                              str(c.block_size), str(c.vocab_size)]
+    with pytest.raises(SystemExit) as e:
+        architecture.main(["llama-3.2-1B"])
+    assert e.value.code == 2 and "invalid choice: 'llama-3.2-1B'" in capsys.readouterr().err

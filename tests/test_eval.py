@@ -2343,3 +2343,30 @@ def test_a_runs_context_is_its_training_block_size_not_its_bases(tiny_models):
     assert ev.shared_context([base, run]) == n // 4
     run.run_config = {"block_size": None}  # a run without one trained at the model's
     assert ev.shared_context([base, run]) == n
+
+
+def test_a_streamed_completion_samples_as_generate_texts_does(tiny_models):
+    """--prompt promises the tasks' prompt format and sampling: for a run's lm-task model (EOS
+    first), seeded top-k/top-p sampling streams the text that eval's batch generation draws,
+    and another seed draws another (the tests so far were greedy on a bare base)."""
+    from dataclasses import replace
+
+    import torch
+
+    lm = replace(ev.load_model(str(tiny_models["base"]), torch.device("cpu")),
+                 run_config={"task": "lm"})
+    prompt = "class Account:\n    def deposit(self, amount):\n"
+    cfg = ev.EvalConfig(temperature=1.0, top_k=40, top_p=0.95, seed=3, max_new_tokens=16,
+                        progress=False)
+    shown: list[str] = []
+    streamed = ev.stream_completion(lm, prompt, cfg, shown.append)
+    assert streamed == ev.generate_texts(lm, [prompt], cfg)[0] == "".join(shown)
+    assert ev.stream_completion(lm, prompt, replace(cfg, seed=4), [].append) != streamed
+
+
+def test_prompt_without_models_completes_with_the_latest_run(tmp_path, capsys):
+    """`python eval.py --prompt TEXT` alone uses the latest run, as evaluation does: with no
+    run under --runs-dir that is the error saying so, not an empty success."""
+    assert ev.main(["--prompt", "def f(", "--runs-dir", str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and f"error: no trained model under {tmp_path}/" in err

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from tiny_hf import save_tiny_hf, tiny_hf_model
 
 import lora
+import pretrained
 from architecture import PRESETS, Transformer, dropout
 from lora import (
     LoRAConfig,
@@ -1121,3 +1122,40 @@ def test_saving_into_a_file_is_refused_before_merging(tmp_path):
         assert str(e.value) == f"{file / 'out'}: {file} is a file; {call.__name__} writes a directory"
     assert not any(m.merged for _, m in lora_modules(model))
     assert file.read_text() == "mine" and sorted(tmp_path.iterdir()) == [tmp_path / "hf", file]
+
+
+def test_cli_takes_the_bases_tokenizer_files_when_the_adapter_has_none(tmp_path, capsys):
+    """The merged checkpoint is usable as it stands: an adapter saved without tokenizer files
+    gets its base's; an adapter saved with no base named (save_adapter's default) is a one-line
+    error asking for --base, not a TypeError."""
+    _, model, _ = _pair("phi", tmp_path)
+    (tmp_path / "hf" / "tokenizer.json").write_text('{"model": "the base\'s"}')
+    (tmp_path / "hf" / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>"}')
+    apply_lora(model, LoRAConfig(r=2, alpha=4, target_modules=["fc1"]))
+    save_adapter(model, tmp_path / "named", base_model_name_or_path=tmp_path / "hf")
+    assert lora.main([str(tmp_path / "named"), str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == '{"model": "the base\'s"}'
+    assert (tmp_path / "out" / "tokenizer_config.json").is_file()
+    save_adapter(model, tmp_path / "unnamed")
+    capsys.readouterr()
+    assert lora.main([str(tmp_path / "unnamed"), str(tmp_path / "out2")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'unnamed' / 'adapter_config.json'}: base_model_name_or_path None is "
+        "not a local directory; name it with --base\n")
+
+
+def test_cli_stopped_by_sigterm_while_writing_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """A scheduler's SIGTERM mid-write: exit 143, one line, and no half-merged OUT."""
+    _, model, _ = _pair("llama", tmp_path)
+    apply_lora(model, LoRAConfig(r=2, target_modules=["q_proj"]))
+    save_adapter(model, tmp_path / "a", base_model_name_or_path=tmp_path / "hf")
+
+    def stop(f, tensors):
+        f.write(b"partial")
+        raise KeyboardInterrupt("SIGTERM")
+
+    monkeypatch.setattr(pretrained, "write_safetensors", stop)
+    capsys.readouterr()
+    assert lora.main([str(tmp_path / "a"), str(tmp_path / "out")]) == 143
+    assert capsys.readouterr().err == "interrupted: nothing written\n"
+    assert not (tmp_path / "out").exists()

@@ -1191,3 +1191,60 @@ def test_architecture_cli_prints_a_presets_fields_as_json(capsys):
 
     assert architecture.main(["tiny"]) == 0
     assert ModelConfig(**json.loads(capsys.readouterr().out)) == PRESETS["tiny"]
+
+
+@pytest.mark.parametrize("limit", ["0", "-1", "nan"])
+def test_cli_refuses_a_shard_limit_that_is_not_positive(checkpoints, tmp_path, capsys, limit):
+    """0 or less would put every tensor in a shard of its own; refused before the model loads."""
+    assert pretrained.main([str(checkpoints["llama"][0]), str(tmp_path / "out"),
+                            "--max-shard-gb", limit]) == 2
+    assert capsys.readouterr().err == f"error: --max-shard-gb {float(limit)}: must be > 0\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_copies_every_tokenizer_and_generation_file_and_nothing_else(checkpoints, tmp_path):
+    """The new directory is usable as it stands: the tokenizer files transformers reads (fast
+    and slow) and generation_config.json come along; a README or training state do not."""
+    src = _copy(checkpoints["llama"][0], tmp_path / "src")
+    companions = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                  "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json"]
+    for name in companions:
+        (src / name).write_text(f"the {name} of src")
+    for name in ("README.md", "trainer_state.json"):
+        (src / name).write_text("not part of the model")
+    out = tmp_path / "out"
+    assert pretrained.main([str(src), str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["config.json", "model.safetensors", *companions])
+    assert all((out / name).read_text() == f"the {name} of src" for name in companions)
+
+
+def test_cli_stopped_while_writing_leaves_no_output_directory(checkpoints, tmp_path, capsys,
+                                                              monkeypatch):
+    """Ctrl-C in the middle of the weights: exit 130 and no half-written OUT (which a rerun
+    would refuse as existing)."""
+    def stop(f, tensors):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrained, "write_safetensors", stop)
+    out = tmp_path / "out"
+    assert pretrained.main([str(checkpoints["llama"][0]), str(out)]) == 130
+    assert capsys.readouterr().err == "interrupted: nothing written\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("write", "message"), [
+    (lambda f: f.write_bytes(b""), "truncated or corrupt weights file (EOFError)"),
+    (lambda f: torch.save({0: torch.zeros(2)}, f),
+     "expected a state dict (names -> tensors), found 0: Tensor"),
+], ids=["empty_file", "an_int_key"])
+def test_error_empty_bin_or_one_keyed_by_non_names_says_what_it_holds(checkpoints, tmp_path,
+                                                                      write, message):
+    """A 0-byte download names its error (torch's EOFError has no text of its own), and a state
+    dict keyed by ints is refused as no state dict, not reported as missing tensors."""
+    shutil.copy(checkpoints["codegen"][0] / "config.json", tmp_path / "config.json")
+    write(tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError) as e:
+        Transformer.from_pretrained(tmp_path)
+    assert str(e.value) == f"{tmp_path / 'pytorch_model.bin'}: {message}"

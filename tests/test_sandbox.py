@@ -676,3 +676,20 @@ def test_cli_runs_a_file_and_says_how_it_ended(tmp_path, capsys):
     assert capsys.readouterr().err == "error: --timeout-s 0.0: must be a positive number of seconds\n"
     assert sandbox.main([str(tmp_path / "none.py")]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path / 'none.py'}: No such file or directory\n"
+
+
+def test_cli_refuses_limits_no_program_could_run_under_and_a_non_utf8_file(tmp_path, capsys):
+    """A memory limit below an interpreter's needs failed every program (exit 1, as if the
+    program were wrong), an infinite timeout is no limit, and a Latin-1 file is named."""
+    ok = tmp_path / "ok.py"
+    ok.write_text("print(1)\n")
+    latin1 = tmp_path / "latin1.py"
+    latin1.write_bytes(b"x = '\xe9'\n")
+    for args, error in [
+        ([str(ok), "--memory-mb", "8"], f"--memory-mb 8: must be >= {sandbox.MIN_MEMORY_MB}: a "
+                                         "Python interpreter needs that much"),
+        ([str(ok), "--timeout-s", "inf"], "--timeout-s inf: must be a positive number of seconds"),
+        ([str(latin1)], f"{latin1}: not UTF-8 text (invalid continuation byte)"),
+    ]:
+        assert sandbox.main(args) == 2
+        assert capsys.readouterr() == ("", f"error: {error}\n")

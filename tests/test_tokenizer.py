@@ -1665,3 +1665,29 @@ def test_cli_errors_name_the_file(tmp_path, capsys):
     assert tokenizer.main([str(code), "--file", str(bad)]) == 2
     assert capsys.readouterr().err == (f"error: {bad}: not UTF-8 text (invalid continuation byte "
                                        "at byte 5)\n")
+
+
+def test_cli_add_special_tokens_shows_the_ids_hf_adds_with_its_template(references, capsys):
+    """--add-special-tokens: the ids of HF tokenizers' encode with the template (Llama-3's BOS
+    first); without it, the text's ids alone (the flag was accepted and ignored)."""
+    import tokenizer
+
+    path, hf, _ = references["llama3"]
+    text = "x = 1\n"
+    assert hf.encode(text).ids != hf.encode(text, add_special_tokens=False).ids
+    for flags, special in (([], False), (["--add-special-tokens"], True)):
+        assert tokenizer.main([str(path), "--text", text, *flags]) == 0
+        *lines, _ = capsys.readouterr().out.splitlines()
+        assert [int(line.split()[0]) for line in lines] == hf.encode(
+            text, add_special_tokens=special).ids
+
+
+def test_cli_on_an_empty_text_counts_zero_tokens(references, capsys):
+    """An empty --text (or file) has no tokens: a count of 0, not a ZeroDivisionError."""
+    import tokenizer
+
+    path = references["gpt2"][0]
+    assert tokenizer.main([str(path), "--text", ""]) == 0
+    assert capsys.readouterr().out == "0 tokens for 0 characters\n"
+    assert tokenizer.main([str(path), "--text", "", "--count"]) == 0
+    assert capsys.readouterr().out == "0\n"
