@@ -986,14 +986,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="auto (the checkpoint's own) | bf16 | fp16 | fp32 (default: auto)")
     parser.add_argument("--max-shard-gb", type=float, default=5.0,
                         help="weights over this size are split into shards with an index "
-                        "(default: 5.0)")
+                        "(default: 5.0; inf: one file)")
     args = parser.parse_args(argv)
 
     def convert() -> None:
         if not args.max_shard_gb > 0:
             raise ValueError(f"--max-shard-gb {args.max_shard_gb}: must be > 0")
         model = load(args.checkpoint, dtype=args.dtype)
-        shard = max(1, int(args.max_shard_gb * 2**30))
+        shard = sys.maxsize if args.max_shard_gb == float("inf") else max(
+            1, int(args.max_shard_gb * 2**30))
         export_checkpoint(args.out, partial(save, model, max_shard_bytes=shard), args.checkpoint)
         print(f"wrote {args.out} ({model.cfg.family}, {model.wte.weight.dtype})")
 

@@ -1193,6 +1193,14 @@ def test_architecture_cli_prints_a_presets_fields_as_json(capsys):
     assert ModelConfig(**json.loads(capsys.readouterr().out)) == PRESETS["tiny"]
 
 
+def test_cli_shard_limit_inf_writes_one_file(checkpoints, tmp_path):
+    """--max-shard-gb inf: no limit, one model.safetensors (not an overflow after the load)."""
+    out = tmp_path / "out"
+    assert pretrained.main([str(checkpoints["llama"][0]), str(out), "--max-shard-gb", "inf"]) == 0
+    assert (out / "model.safetensors").is_file()
+    assert not (out / "model.safetensors.index.json").exists()
+
+
 @pytest.mark.parametrize("limit", ["0", "-1", "nan"])
 def test_cli_refuses_a_shard_limit_that_is_not_positive(checkpoints, tmp_path, capsys, limit):
     """0 or less would put every tensor in a shard of its own; refused before the model loads."""
