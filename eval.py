@@ -1319,13 +1319,16 @@ class EvalProgress:
 
 
 def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
-             remedy: str | None = None) -> dict:
+             remedy: str | None = None, replace_other_weights: bool = False) -> dict:
     """Evaluate every model on the same examples; after each model, write the results so far
     (results.json, predictions.jsonl, table.md) to the output directory (made first, so a bad
     one costs no work), so a failure or an interrupt loses only the model it stopped; return
     the results. ``progress``, if given, is kept up to date for the caller's report. ``remedy``:
     what the refusal of an output directory holding a different evaluation's results tells the
-    user to do (default: eval.py's: another --out-dir, or remove it)."""
+    user to do (default: eval.py's: another --out-dir, or remove it). ``replace_other_weights``:
+    the output directory is the caller's own (recipes.py's ``<run>/eval``), and results there of
+    the same settings but other weights (the run trained on since) are set aside beside it, not
+    refused."""
     cfg.validate()
     if cfg.prompt is not None:
         raise ValueError("EvalConfig.prompt is set: evaluate runs the tasks, and complete(cfg) "
@@ -1345,7 +1348,8 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
     progress.out_dir = out
     try:
         results = _evaluate(cfg, device, specs, progress,
-                            remedy or f"name another --out-dir, or remove {out} to start over")
+                            remedy or f"name another --out-dir, or remove {out} to start over",
+                            replace_other_weights)
     except BaseException:
         if created:
             with contextlib.suppress(OSError):
@@ -1356,7 +1360,7 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
 
 
 def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
-              progress: EvalProgress, remedy: str) -> dict:
+              progress: EvalProgress, remedy: str, replace_other_weights: bool) -> dict:
     """The work of ``evaluate``: load, build the examples, then each model in turn, saved."""
     from dataset import load_corpus
 
@@ -1393,7 +1397,7 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
                "examples_digest": _examples_digest(docs, examples, problems),
                "metrics_version": METRICS_VERSION, "fingerprint_version": FINGERPRINT_VERSION,
                "rows": [], "table": ""}
-    rows, records = _finished_models(progress.out_dir, results, remedy)
+    rows, records = _finished_models(progress.out_dir, results, remedy, replace_other_weights)
     progress.saved = list(dict.fromkeys(row["model"] for row in rows))
     if progress.saved:
         print(f"resuming {progress.out_dir}: {len(progress.saved)} of {len(models)} models "
@@ -1494,17 +1498,26 @@ def check_settings_unchanged(cfg: EvalConfig, remedy: str) -> None:
         raise _different_evaluation(path, changed, remedy)
 
 
-def _finished_models(out: Path, results: dict, remedy: str) -> tuple[list[dict], list[dict]]:
+def _finished_models(out: Path, results: dict, remedy: str,
+                     replace_other_weights: bool = False) -> tuple[list[dict], list[dict]]:
     """Rows and prediction records of the models that an earlier evaluation of the same models
     on the same examples with the same settings already saved in ``out`` (none if it holds no
     results); the results of a different evaluation are refused, not overwritten (the error
-    ends with ``remedy``)."""
+    ends with ``remedy``), except those of other weights under ``replace_other_weights``: moved
+    to ``<out>-<time>``."""
     path = out / "results.json"
     if not path.exists():
         return [], []
     old = cliconfig.read_json_object(path, "evaluation results")
     changed = _changed_settings(old, results["config"])
     if not changed and not _same_models(old.get("models"), results["models"]):
+        if replace_other_weights:
+            aside = out.with_name(f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+            out.rename(aside)
+            out.mkdir()
+            print(f"note: {out} held an evaluation of other weights (the run has trained on "
+                  f"since): kept as {aside}; evaluating again", file=sys.stderr)
+            return [], []
         changed = ["the models (labels, paths or weights)"]
         if old.get("fingerprint_version", 1) != FINGERPRINT_VERSION:
             changed = ["the models (labels, paths or weights; or only their fingerprints: "

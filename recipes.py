@@ -589,8 +589,9 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
                                              opts.progress)
 
     cfg = tm.config_from_dict(values, f"{opts.recipe} (train section)")
-    eval_remedy = (f"remove {out_dir / name / tm.EVAL_DIR} to evaluate the run again with these "
-                   f"settings (recipes.py evaluates a run into its {tm.EVAL_DIR}/)")
+    eval_remedy = (f"remove {out_dir / name / tm.EVAL_DIR}, then run the same command with "
+                   f"--resume to evaluate the run again with these settings (recipes.py "
+                   f"evaluates a run into its {tm.EVAL_DIR}/)")
     if opts.resume and not opts.skip_eval:  # refused now, not after the run's export again
         ev.check_settings_unchanged(
             eval_config(recipe, opts, cfg, out_dir / name, own_run, own_base), eval_remedy)
@@ -606,7 +607,7 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
         if not opts.skip_eval:
             report.eval = ev.evaluate(
                 eval_config(recipe, opts, cfg, result.run_dir, own_run, own_base),
-                remedy=eval_remedy)
+                remedy=eval_remedy, replace_other_weights=True)
             report.table = report.eval["table"]
     except KeyboardInterrupt as e:
         raise TrainedRunInterrupted(e, result.run_dir) from None

@@ -692,6 +692,29 @@ def test_resume_continues_the_run_and_evaluates_it_without_training_again(tmp_pa
     assert (run / tm.EVAL_DIR / "results.json").is_file() and "lm loss" in capsys.readouterr().out
 
 
+def test_resume_that_trains_on_evaluates_again_and_keeps_the_earlier_evaluation(
+        tmp_path, monkeypatch, capsys):
+    """A --resume with a larger max_steps trains on, so <run>/eval holds the evaluation of
+    earlier weights: it is set aside (kept) and the run evaluated again, not refused after
+    the training (which every further --resume would repeat)."""
+    monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
+    recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"], "lm_windows": 2, "limit": 2})
+    flags = [str(recipe), "--out-dir", str(tmp_path / "runs"), "--no-progress", "--device", "cpu"]
+    assert recipes.main(flags) == 0
+    run = tmp_path / "runs" / "tiny"
+    first = json.loads((run / tm.EVAL_DIR / "results.json").read_text())
+    capsys.readouterr()
+    assert recipes.main([*flags, "--resume", "--set", "train.max_steps=4"]) == 0, \
+        capsys.readouterr().err
+    records = map(json.loads, (run / tm.METRICS_FILE).read_text().splitlines())
+    assert max(r["step"] for r in records if r["kind"] == "train") == 4
+    [aside] = run.glob(f"{tm.EVAL_DIR}-*")
+    assert json.loads((aside / "results.json").read_text()) == first
+    again = json.loads((run / tm.EVAL_DIR / "results.json").read_text())
+    assert again["complete"] and again["models"] != first["models"]
+    assert f"kept as {aside}" in capsys.readouterr().err
+
+
 def test_resume_with_other_eval_settings_names_the_runs_eval_dir_as_the_remedy(
         tiny_starcoder, tmp_path, monkeypatch, capsys):
     """The eval's refusal said "name another --out-dir": recipes.py's --out-dir is where the
@@ -712,8 +735,9 @@ def test_resume_with_other_eval_settings_names_the_runs_eval_dir_as_the_remedy(
     evaluated = tmp_path / "runs" / "tiny" / tm.EVAL_DIR
     assert capsys.readouterr().err == (
         f"error: {evaluated / 'results.json'}: the results of a different evaluation (differs "
-        f"in lm_windows (1 there, 2 now)); remove {evaluated} to evaluate the run again with "
-        "these settings (recipes.py evaluates a run into its eval/)\n")
+        f"in lm_windows (1 there, 2 now)); remove {evaluated}, then run the same command with "
+        "--resume to evaluate the run again with these settings (recipes.py evaluates a run into "
+        "its eval/)\n")
 
 
 @pytest.mark.parametrize("key, value, instead", [
