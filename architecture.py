@@ -657,6 +657,9 @@ class Transformer(nn.Module):
         # The model's own copy (rope_scaling too), shared by its modules: `model.cfg.dropout = p`
         # retunes this model, never the preset or the other models built from the same config.
         self.cfg = cfg = copy.deepcopy(cfg)
+        # The checkpoint directory from_pretrained read (as transformers' name_or_path):
+        # lora.save_adapter records it as the adapter's base unless told another.
+        self.name_or_path: str | None = None
         # _weight: reset_parameters below draws the values (so nn.Embedding's own normal_ is
         # skipped), and on the meta device (pretrained.load) nothing is drawn at all: normal_ on
         # meta imports sympy, 65 MiB of RSS for nothing.

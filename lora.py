@@ -710,12 +710,15 @@ def save_adapter(model: nn.Module, out_dir: str | Path,
     """Write the adapters in PEFT's layout: adapter_config.json + adapter_model.safetensors, keys
     ``base_model.model.<HF module>.lora_A.weight`` etc., loadable by ``PeftModel.from_pretrained``
     on the transformers model of the family. ``base_model_name_or_path``: the base's directory
-    (or hub name), recorded as PEFT records it, so that ``AutoPeftModelForCausalLM`` and
-    transformers load the adapter directory on its own."""
+    (or hub name; default: the directory the model was loaded from, ``model.name_or_path``),
+    recorded as PEFT records it, so that ``AutoPeftModelForCausalLM``, transformers and
+    ``python lora.py`` load the adapter directory on its own."""
     cfg: LoRAConfig | None = getattr(model, "lora_config", None)
     if cfg is None:
         raise ValueError("save_adapter: the model has no LoRA adapters (apply_lora first)")
     base = base_model_name_or_path
+    if base is None:
+        base = getattr(model, "name_or_path", None)
     if not isinstance(base, (str, os.PathLike, type(None))):
         raise ValueError(f"save_adapter: base_model_name_or_path must be a directory or hub name "
                          f"(str or Path), got {type(base).__name__}")

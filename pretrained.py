@@ -826,6 +826,7 @@ def load(directory: str | Path, dtype: torch.dtype | str | None = None,
     if model.rope is not None:
         # computed, not moved: to_empty on a meta buffer imports sympy (+65 MiB RSS)
         model.rope.inv_freq = rope_inv_freq(cfg, device=device)
+    model.name_or_path = str(directory)
     return model.eval()
 
 

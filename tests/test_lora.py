@@ -1126,17 +1126,21 @@ def test_saving_into_a_file_is_refused_before_merging(tmp_path):
 
 def test_cli_takes_the_bases_tokenizer_files_when_the_adapter_has_none(tmp_path, capsys):
     """The merged checkpoint is usable as it stands: an adapter saved without tokenizer files
-    gets its base's; an adapter saved with no base named (save_adapter's default) is a one-line
-    error asking for --base, not a TypeError."""
+    gets its base's (by default the directory from_pretrained read, as transformers' PEFT
+    records name_or_path); an adapter saved with no base known (a model built, not loaded) is a
+    one-line error asking for --base, not a TypeError."""
     _, model, _ = _pair("phi", tmp_path)
     (tmp_path / "hf" / "tokenizer.json").write_text('{"model": "the base\'s"}')
     (tmp_path / "hf" / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>"}')
     apply_lora(model, LoRAConfig(r=2, alpha=4, target_modules=["fc1"]))
-    save_adapter(model, tmp_path / "named", base_model_name_or_path=tmp_path / "hf")
+    save_adapter(model, tmp_path / "named")
+    assert lora.adapter_base(tmp_path / "named", "") == tmp_path / "hf"
     assert lora.main([str(tmp_path / "named"), str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "tokenizer.json").read_text() == '{"model": "the base\'s"}'
     assert (tmp_path / "out" / "tokenizer_config.json").is_file()
-    save_adapter(model, tmp_path / "unnamed")
+    built = Transformer(model.cfg)
+    apply_lora(built, LoRAConfig(r=2, alpha=4, target_modules=["fc1"]))
+    save_adapter(built, tmp_path / "unnamed")
     capsys.readouterr()
     assert lora.main([str(tmp_path / "unnamed"), str(tmp_path / "out2")]) == 2
     assert capsys.readouterr().err == (
