@@ -1351,8 +1351,8 @@ def _examples_for(doc: Doc, cfg: DataConfig, events: Counter) -> list[Example]:
     if cfg.task == "refactor":
         if doc.target is None:
             raise DataError(
-                f"the refactor task needs pair records ({{'input','output'}}); {doc.id} is a file"
-            )
+                f"the refactor task needs JSONL pair records {{'input', 'output'}}; the data holds "
+                f"code files (e.g. {doc.id}: a directory's file or a scraper's {{'text'}} record)")
         return [refactor_example(doc)]
     if doc.target is not None:  # pairs in any other task: used as given
         return [Example(doc.text, doc.target)]

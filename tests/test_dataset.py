@@ -2014,6 +2014,17 @@ def test_an_empty_codelm_cache_is_unset(monkeypatch):
     assert DataConfig().cache_dir == "/home/someone/.cache/codelm/data"
 
 
+def test_refactor_on_code_files_says_it_needs_pairs(tmp_path, tok):
+    """Scraper records or a directory given to the refactor task: the error says what the data
+    holds and what the task needs, naming a file of it."""
+    text = "".join(f"value_{i} = compute({i})\n" for i in range(12))
+    records = [{"repo": "o/r", "path": f"m{i}.py", "text": f"# {i}\n{text}"} for i in range(5)]
+    scraped = write_jsonl(tmp_path / "scraped.jsonl", records)
+    with pytest.raises(DataError, match=r"^the refactor task needs JSONL pair records "
+                       r"\{'input', 'output'\}; the data holds code files \(e\.g\. o/r/m\d\.py: "):
+        prepare(cfg(tmp_path, task="refactor", sources=[str(scraped)]), tok)
+
+
 @pytest.mark.parametrize("task", ["method", "completion", "refactor"])
 def test_a_long_prompt_completion_pair_keeps_the_end_of_its_prompt(tmp_path, tok, task):
     """A {prompt, completion} pair is used verbatim: a prompt over the context loses its start,
