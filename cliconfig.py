@@ -11,6 +11,7 @@ import argparse
 import atexit
 import contextlib
 import dataclasses
+import difflib
 import errno
 import inspect
 import json
@@ -94,6 +95,11 @@ def config_from_dict(cls: type, values: Mapping[str, Any], source: str = "<dict>
     known = [f.name for f in dataclasses.fields(cls)]
     for key in values:
         if key not in hints or key not in known:
+            if "model_type" in values and "model_type" not in known:
+                raise ValueError(f"{source}: a model's config.json (model_type "
+                                 f"{values['model_type']!r}), not a {cls.__name__} file")
+            if close := difflib.get_close_matches(key, known, n=1, cutoff=0.75):
+                raise ValueError(f"{source}: unknown key {key!r}; did you mean {close[0]!r}?")
             raise ValueError(f"{source}: unknown key {key!r}; {cls.__name__} keys are: "
                              f"{', '.join(sorted(known))}")
     checked = {}

@@ -60,7 +60,10 @@ def test_file_then_flags_with_recipe_sections(tmp_path):
 
 
 @pytest.mark.parametrize(("content", "message"), [
-    ({"stpes": 1}, r"c\.json: unknown key 'stpes'; Demo keys are"),
+    ({"stpes": 1}, r"c\.json: unknown key 'stpes'; did you mean 'steps'\?$"),
+    ({"velocity": 1}, r"c\.json: unknown key 'velocity'; Demo keys are: extra, fast, "),
+    ({"model_type": "llama", "vocab_size": 8},
+     r"c\.json: a model's config\.json \(model_type 'llama'\), not a Demo file$"),
     ({"train": {"steps": "3"}}, r"c\.json \(train section\): key 'steps' must be an integer"),
     ({"steps": True}, r"key 'steps' must be an integer"),
     ({"fast": 1}, r"key 'fast' must be true/false, got 1"),
