@@ -621,6 +621,16 @@ def _device(name: str) -> torch.device:
     return device
 
 
+def model_specs(cfg: EvalConfig) -> list[str]:
+    """``cfg.models``, or else the latest run, named on stderr: with many runs about (a sweep's,
+    smoke runs) which one answers must not be a guess."""
+    if cfg.models:
+        return list(cfg.models)
+    run = latest_run(cfg.runs_dir)
+    print(f"latest run: {run} (name others with --models)", file=sys.stderr)
+    return [str(run)]
+
+
 def latest_run(runs_dir: str | Path) -> Path:
     """The most recently written run directory that holds a usable model."""
     import trainingmanager as tm
@@ -999,7 +1009,7 @@ def complete(cfg: EvalConfig, write: Callable[[str], object] | None = None) -> d
     the model when there are several); return the completions by model label."""
     write = write or _write_now
     device = _device(cfg.device)
-    specs = cfg.models or [str(latest_run(cfg.runs_dir))]
+    specs = model_specs(cfg)
     completions = {}
     for spec in specs:  # one model in memory at a time
         lm = load_model(spec, device, cfg.tokenizer)
@@ -1335,7 +1345,7 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
                          "completes the prompt")
     torch.manual_seed(cfg.seed)
     device = _device(cfg.device)
-    specs = cfg.models or [str(latest_run(cfg.runs_dir))]
+    specs = model_specs(cfg)
     out = Path(cfg.out_dir or Path(cfg.runs_dir) / time.strftime("eval-%Y%m%d-%H%M%S"))
     created = not out.exists()
     try:  # before any model runs: a bad --out-dir must not cost the evaluation's results

@@ -1359,7 +1359,9 @@ def test_default_run_evaluates_the_latest_run(tiny_models, tmp_path, monkeypatch
         os.utime(run / "export", (1_000_000 + i, 1_000_000 + i))
     code = ev.main(["--runs-dir", str(runs), *FAST_FLAGS])
     assert code == 0
-    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    out, err = capsys.readouterr()
+    assert f"latest run: {runs / 'newer'} (name others with --models)\n" in err
+    table = [line for line in out.splitlines() if line.startswith("|")]
     assert table[0].startswith("| model | lm loss | lm perplexity | lm token_accuracy")
     assert "line EM" in table[0] and "line edit_sim" in table[0] and "line BLEU" in table[0]
     assert len(table) == 3 and table[2].startswith("| newer |")
