@@ -1887,6 +1887,11 @@ class _Run:
         self._check_length()
         if self.main:
             print(f"resumed {self.run_dir} from {path.name} (step {self.step})")
+            planned = progress.get("max_steps")  # absent from older checkpoints
+            if planned is not None and planned != self.max_steps:
+                print(f"note: the run planned {planned} steps and now runs {self.max_steps}: "
+                      f"its learning-rate schedule is planned anew over {self.max_steps} steps "
+                      f"from step {self.step} on")
 
     def _check_precision(self, path: Path, progress: dict) -> None:
         """A resume computes in the precision its run trained in (precision is not one of
@@ -1970,6 +1975,7 @@ class _Run:
             "train_loss": self.train_loss,
             "stop_ref": self.stop_ref,
             "precision": self.trainer.precision,  # what "auto" resolved to (_check_precision)
+            "max_steps": self.max_steps,  # the schedule's length, for a resume that changes it
         }
 
     def save(self) -> None:

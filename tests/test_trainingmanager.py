@@ -2398,7 +2398,7 @@ def _val_steps(run_dir: Path) -> list[int]:
 
 
 def test_resume_keeps_the_best_validation_loss_so_best_is_not_overwritten(assets, tmp_path,
-                                                                          monkeypatch):
+                                                                          monkeypatch, capsys):
     """Losses 3.0, 2.0, then 2.5, 2.6 after a resume: best stays step 4. Without the saved
     best_val_loss the first evaluation after any resume counted as best, replacing best/ and
     export/ with worse weights and giving a sweep's continued trial a wrong objective."""
@@ -2406,8 +2406,11 @@ def test_resume_keeps_the_best_validation_loss_so_best_is_not_overwritten(assets
     cfg = tiny_cfg(assets, tmp_path, max_steps=4, eval_every=2, warmup_steps=0, save_every=2)
     first = tm.train(cfg)
     assert (first.best_step, first.best_val_loss) == (4, 2.0)
+    capsys.readouterr()
     result = tm.train(dataclasses.replace(cfg, resume=str(first.run_dir), max_steps=8))
     assert (result.best_step, result.best_val_loss) == (4, 2.0)
+    assert ("note: the run planned 4 steps and now runs 8: its learning-rate schedule is "
+            "planned anew over 8 steps from step 4 on\n") in capsys.readouterr().out
     best = json.loads((first.run_dir / "best" / "metrics.json").read_text())
     assert (best["step"], best["val_loss"]) == (4, 2.0)
 
