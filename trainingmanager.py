@@ -1230,9 +1230,12 @@ def load_or_train_tokenizer(cfg: TrainConfig, dcfg: DataConfig) -> CodeTokenizer
     cached = tokenizer_cache_dir(dcfg, cfg.tokenizer_min_freq, cfg.tokenizer_max_vocab)
     if dcfg.use_cache and (cached / "tokenizer.json").is_file():
         return load_tokenizer(cached)
+    from tqdm import tqdm
+
     texts = prepare(dcfg, None).train
-    tok = CodeTokenizer.train(texts, min_freq=cfg.tokenizer_min_freq,
-                              max_vocab=cfg.tokenizer_max_vocab)
+    tok = CodeTokenizer.train(tqdm(texts, desc="train tokenizer", unit="text",
+                                   disable=not dcfg.progress),
+                              min_freq=cfg.tokenizer_min_freq, max_vocab=cfg.tokenizer_max_vocab)
     if dcfg.use_cache:  # the first complete entry stays: another run may be loading it
         with contextlib.suppress(OSError):  # a read-only cache: the tokenizer is used uncached
             publish_cache_entry(cached, tok.save)
