@@ -753,8 +753,10 @@ def _unused(value: object, unused: object) -> bool:
 def _read_config(path: Path) -> LoRAConfig:
     file = path / ADAPTER_CONFIG
     if not file.is_file():
+        inside = sorted(p.parent for p in path.glob(f"*/{ADAPTER_CONFIG}"))  # a run's export/
+        hint = f" ({', '.join(map(str, inside))} holds one)" if inside else ""
         raise ValueError(f"{file}: not found; an adapter directory holds {ADAPTER_CONFIG} and "
-                         f"{ADAPTER_WEIGHTS}")
+                         f"{ADAPTER_WEIGHTS}{hint}")
     raw = cliconfig.read_json_object(file, "adapter config")
     if raw.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{file}: peft_type {raw['peft_type']!r} is not LORA")

@@ -1006,6 +1006,10 @@ def test_cli_without_a_local_base_asks_for_base_and_writes_nothing(tmp_path, cap
     assert lora.main([str(tmp_path / "hf"), str(tmp_path / "o2")]) == 2
     assert "adapter_config.json: not found" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
+    assert lora.main([str(tmp_path), str(tmp_path / "o3")]) == 2  # a run dir, not its export/
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'adapter_config.json'}: not found; an adapter directory holds "
+        f"adapter_config.json and adapter_model.safetensors ({tmp_path / 'adapter'} holds one)\n")
 
 
 def test_apply_lora_and_load_adapter_refuse_a_foreign_config_or_model(tmp_path):
