@@ -1114,7 +1114,9 @@ def print_summary(study: optuna.Study, cfg: TuneConfig, best: dict | None) -> No
         print("  ".join(_short(v).ljust(w) for v, w in zip(row, widths)).rstrip())
     importances = json.loads((out / "importances.json").read_text("utf-8"))
     if importances:
-        print("parameter importances:", ", ".join(
+        n = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        print(f"parameter importances (fANOVA over {n} complete trials"
+              + ("; with so few, a rough guide at best" if n < 10 else "") + "):", ", ".join(
             f"{k} {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in importances.items()))
     if best is None:
         print(f"study {cfg.study_name}: no trial completed yet")
