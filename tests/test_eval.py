@@ -1534,7 +1534,8 @@ def test_an_older_runs_relative_paths_use_its_export_or_name_its_config(tiny_mod
     monkeypatch.chdir(m["code"].parent)  # from its own directory, as before
     assert ev.corpus_config(ev.EvalConfig(), [from_run]).sources == ["code"]
     monkeypatch.chdir(tmp_path)
-    adapter_config.write_text(json.dumps(recorded))  # no base recorded: config.json's init_from
+    # no base recorded: config.json's init_from
+    adapter_config.write_text(json.dumps({**recorded, "base_model_name_or_path": None}))
     with pytest.raises(ValueError, match=f"^{run / 'config.json'}: init_from 'base' not found "):
         ev.load_model(str(run), cpu)
 

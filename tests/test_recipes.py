@@ -161,7 +161,7 @@ from pathlib import Path
 from types import SimpleNamespace
 import eval as ev
 import recipes
-def evaluate(cfg, progress=None, remedy=None):
+def evaluate(cfg, progress=None, remedy=None, replace_other_weights=False):
     Path(cfg.out_dir).mkdir(parents=True)
     (Path(cfg.out_dir) / "started").write_text("")
     time.sleep(60)
@@ -642,7 +642,7 @@ def _evaluated_models(monkeypatch) -> list:
     gets each evaluation's models."""
     seen = []
 
-    def evaluate(cfg, progress=None, remedy=None):
+    def evaluate(cfg, progress=None, remedy=None, replace_other_weights=False):
         seen.append(cfg.models)
         return {"table": "", "out_dir": cfg.out_dir}
 
