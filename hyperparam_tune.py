@@ -1329,6 +1329,12 @@ def tune(cfg: TuneConfig) -> TuneResult:
               "(--max-steps), so a larger effective batch (batch_size x grad_accum) sees more "
               "data and tends to win for that alone; fix them in the space's base to compare "
               "the other parameters", file=sys.stderr)
+    warmups = [v for name, v in space.extremes() if name == "warmup_steps"]
+    if warmups and max(warmups) >= cfg.max_steps // 2:
+        print(f"warning: {space.source}: params warmup_steps reaches {max(warmups)} of the "
+              f"{cfg.max_steps}-step budget (--max-steps): such trials spend half their steps "
+              "or more warming up, which ranks the warmup more than the other parameters; lower "
+              "its range or raise --max-steps", file=sys.stderr)
     if swept := sorted(set(base) & set(space.params)):  # e.g. a config.json of an earlier run
         print(f"note: {cfg.train_config}: {', '.join(swept)}: sampled by {space.source}; each "
               "trial's sampled value replaces the file's", file=sys.stderr)

@@ -1694,6 +1694,22 @@ def test_a_space_that_samples_the_batch_is_warned_once(tmp_path, corpus, capfd, 
     assert "larger effective batch" in warnings[0]
 
 
+@pytest.mark.parametrize("high, warned", [(2, True), (1, False)])
+def test_a_warmup_range_that_eats_the_budget_is_warned_of(tmp_path, corpus, capsys, monkeypatch,
+                                                           high, warned):
+    """The built-in spaces sample warmup_steps up to 30: under --max-steps 20 such a trial never
+    reaches its peak learning rate, and the warmup's effect swamps the others'."""
+    monkeypatch.setattr(trainingmanager, "train", lambda cfg, on_eval=None, resume_hint=None:
+                        trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=cfg.lr,
+                                                    step=cfg.max_steps))
+    space = tiny_space(tmp_path, corpus, {
+        "warmup_steps": {"type": "int", "low": 0, "high": high}})
+    assert hyperparam_tune.main(tune_args(tmp_path, space, study_name="w", n_trials=1)) == 0
+    message = (f"warning: {space}: params warmup_steps reaches 2 of the 4-step budget "
+               "(--max-steps): such trials spend half their steps or more warming up")
+    assert (message in capsys.readouterr().err) == warned
+
+
 def test_reports_hold_each_trials_values_and_best_json_is_the_best_recipe(tmp_path, corpus,
                                                                         monkeypatch):
     """Two parameters (one left trials.csv's column order untested) and a space that leaves
