@@ -607,7 +607,7 @@ class Trainer:
             # Every buffer (rotary frequencies, LoRA row maps, a quantized base) is computed from
             # the config and the weights, alike on every rank and never trained: re-broadcasting
             # them before each forward (DDP's default) would send the whole QLoRA base each time.
-            model = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+            model = DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
         self.model = model
 
     def _to_device(self, batch: dict) -> dict:
@@ -1377,6 +1377,11 @@ class _StopSignals:
             signal.raise_signal(signal.Signals[self.reason])
 
 
+def _millions(n: int) -> str:
+    """0.46M, but 3,072 rather than "0.00M" (a LoRA's trainable count on a small model)."""
+    return f"{n / 1e6:.2f}M" if n >= 10_000 else f"{n:,}"
+
+
 def _trim_metrics(path: Path, step: int) -> None:
     """Drop what an interrupted run logged past the step its resume continues from. Atomic: a
     kill mid-write would drop the history up to the checkpoint for good."""
@@ -2123,10 +2128,17 @@ class _Run:
             if self.main:
                 n_params = sum(p.numel() for p in trainer.raw_model.parameters())
                 n_train = sum(p.numel() for p in trainer.params)
-                print(f"run {self.run_dir}: {n_params / 1e6:.2f}M parameters "
-                      f"({n_train / 1e6:.2f}M trainable), {self._train_size()}, "
+                print(f"run {self.run_dir}: {_millions(n_params)} parameters "
+                      f"({_millions(n_train)} trainable), {self._train_size()}, "
                       f"{self.max_steps} steps, {trainer.precision} on {self.device}"
                       + (f" x {self.dist.world} processes" if self.dist.enabled else ""))
+                if cfg.warmup_steps >= self.max_steps:
+                    print(f"warning: warmup_steps {cfg.warmup_steps} >= {self.max_steps} steps: "
+                          f"the learning rate never reaches lr {cfg.lr:g} (nor decays); lower "
+                          "--warmup-steps", file=sys.stderr)
+                if cfg.compile:
+                    print("compiling the model: the first steps (and evaluations) take a while",
+                          file=sys.stderr)
                 if trainer.precision == "fp16" and self.device.type == "cpu":
                     print("warning: precision fp16 on cpu: most CPUs have no fast fp16 kernels, "
                           "so torch computes it many times slower than fp32; precision auto "
@@ -2160,6 +2172,11 @@ class _Run:
                     metrics = self._evaluate(log, on_eval)
                     if cfg.early_stop_patience and self.evals_since_best >= cfg.early_stop_patience:
                         result.early_stopped = True
+                        if self.main:
+                            tqdm.write(f"stopped early at step {self.step} of {self.max_steps}: "
+                                       f"{cfg.early_stop_patience} evaluation(s) without a fall "
+                                       f"of more than {cfg.early_stop_min_delta:g} "
+                                       "(--early-stop-patience, --early-stop-min-delta)")
                 stop = self._stop_requested(signals, started)
                 ends = bool(stop or result.early_stopped or memorised)
                 if ends and not logged:  # after its evaluation's line, if it had one

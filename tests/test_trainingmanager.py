@@ -1022,6 +1022,7 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(assets, 
     config = write_config(cfg, tmp_path / "ddp.json")
     proc = _on_two_ranks("trainingmanager.py", "--config", str(config))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Warning" not in proc.stderr, proc.stderr  # torch 2.13: broadcast_buffers deprecated
     run = Path(cfg.out_dir) / "ddp"
     a, b = final_weights(single.run_dir, 6), final_weights(run, 6)
     assert a.keys() == b.keys()
@@ -1821,7 +1822,7 @@ def test_dropout_flag_sets_residual_dropout_and_model_options_attention_dropout(
 
 
 def test_early_stopping_keeps_its_reference_until_a_fall_larger_than_min_delta(
-        assets, tmp_path, monkeypatch):
+        assets, tmp_path, monkeypatch, capsys):
     """The validation loss falls 0.006 per evaluation with min_delta 0.01: every two
     evaluations it falls more than min_delta, so patience 3 never runs out (it did after 3
     evaluations, each small fall moving the reference); best/ follows the true minimum."""
@@ -1833,6 +1834,8 @@ def test_early_stopping_keeps_its_reference_until_a_fall_larger_than_min_delta(
     result = tm.train(tiny_cfg(assets, tmp_path, name="flat", max_steps=10, eval_every=1,
                                warmup_steps=0, early_stop_patience=3, early_stop_min_delta=0.01))
     assert result.early_stopped and result.step == 4 and result.best_step == 4
+    assert ("stopped early at step 4 of 10: 3 evaluation(s) without a fall of more than 0.01 "
+            "(--early-stop-patience, --early-stop-min-delta)\n") in capsys.readouterr().out
 
 
 def test_max_steps_that_epochs_overrides_is_refused(assets, tmp_path, capsys):
@@ -2062,6 +2065,8 @@ def test_lora_without_a_pretrained_base_is_refused(assets, tmp_path, capsys):
     assert not (tmp_path / "runs" / "run").exists()
     base = tiny_llama(tmp_path)
     assert tm.main(["--config", config, "--lora-r", "4", "--init-from", str(base)]) == 0
+    trainable = re.search(r"\((\S+) trainable\)", capsys.readouterr().out).group(1)
+    assert re.fullmatch(r"\d{1,3}(,\d{3})*", trainable), trainable  # not "0.00M"
     run = tmp_path / "runs" / "run"
     assert tm.main(["--resume", str(run), "--max-steps", "3"]) == 0
     assert tm.list_checkpoints(run)[-1].name == "step-3"
@@ -2617,6 +2622,15 @@ def test_an_lm_run_counts_its_training_tokens_not_windows(assets, tmp_path, caps
     packed = {p.stat().st_size // 2 for p in Path(assets["cache"]).rglob("train.bin")}
     assert n in packed and "training examples" not in out
     assert "fp16 on cpu" not in err
+
+
+@pytest.mark.parametrize("warmup, warned", [(2, True), (1, False)])
+def test_a_warmup_as_long_as_the_run_is_warned_of(assets, tmp_path, capsys, warmup, warned):
+    """A short fine-tune under the default warmup of 50 steps ended at a fraction of --lr with
+    no word of it."""
+    tm.train(tiny_cfg(assets, tmp_path, max_steps=2, eval_every=2, warmup_steps=warmup))
+    assert ("warning: warmup_steps 2 >= 2 steps: the learning rate never reaches lr 0.003"
+            in capsys.readouterr().err) == warned
 
 
 def test_fp16_on_cpu_is_warned_of(assets, tmp_path, capsys):
