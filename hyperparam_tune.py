@@ -1039,7 +1039,7 @@ def claim_study_dir(cfg: TuneConfig, study: optuna.Study) -> None:
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{owner_file}: unreadable ({e}); it names the storage of this "
                              "directory's study: fix or delete it") from None
-        if owner != mine:
+        if owner != mine and absolute_sqlite(owner) != mine:  # (earlier studies: as typed)
             hint = "without --storage" if owner == JOURNAL_FILE else f"with --storage {owner}"
             raise ValueError(
                 f"{study_dir(cfg)} holds study {cfg.study_name!r} of storage {owner}, not of "
@@ -1208,7 +1208,21 @@ def parse_config(argv: Sequence[str] | None = None) -> TuneConfig:
     """Defaults < ``--config`` file < command-line flags."""
     args = vars(build_parser().parse_args(argv))
     cfg = cliconfig.resolve_config(TuneConfig, args, section="tune", choices=_CHOICES)
+    cfg = dataclasses.replace(cfg, storage=absolute_sqlite(cfg.storage))
     return _check_ranges(cfg, args.get("config", "command line"))
+
+
+def absolute_sqlite(url: str | None) -> str | None:
+    """``sqlite:///x.db`` names a file relative to the current directory: made absolute, as the
+    journal file's path is, so that study.json, the workers and the advice to continue name the
+    same database from any directory."""
+    if url is None or not url.startswith("sqlite"):
+        return url
+    parsed = sqlalchemy.engine.make_url(url)
+    if not parsed.database or parsed.database == ":memory:" or os.path.isabs(parsed.database):
+        return url
+    return parsed.set(database=os.path.abspath(parsed.database)).render_as_string(
+        hide_password=False)
 
 
 # What runs one worker (its arguments follow); tests put a stand-in trainer in front of main.

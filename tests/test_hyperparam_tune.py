@@ -1710,6 +1710,27 @@ def test_a_warmup_range_that_eats_the_budget_is_warned_of(tmp_path, corpus, caps
     assert (message in capsys.readouterr().err) == warned
 
 
+def test_a_relative_sqlite_url_is_recorded_absolute(tmp_path, corpus, monkeypatch, capsys):
+    """sqlite:///sq.db is relative to the directory the sweep ran in: recorded as typed, the
+    study could not be continued from elsewhere, and the advice to pass the recorded URL
+    created an empty database there."""
+    monkeypatch.setattr(trainingmanager, "train", lambda cfg, on_eval=None, resume_hint=None:
+                        trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=cfg.lr,
+                                                    step=cfg.max_steps))
+    space = tiny_space(tmp_path, corpus)
+    monkeypatch.chdir(tmp_path)
+    argv = tune_args(tmp_path, space, study_name="sq", n_trials=1, storage="sqlite:///sq.db")
+    assert hyperparam_tune.main(argv) == 0
+    owner = json.loads((tmp_path / "runs" / "sq" / hyperparam_tune.OWNER_FILE).read_text())
+    assert owner["storage"] == f"sqlite:///{tmp_path / 'sq.db'}"
+    (tmp_path / "other").mkdir()
+    monkeypatch.chdir(tmp_path / "other")
+    argv = tune_args(tmp_path, space, study_name="sq", n_trials=2, storage=owner["storage"])
+    assert hyperparam_tune.main(argv) == 0, capsys.readouterr().err
+    assert len(load_study(owner["storage"], "sq").get_trials()) == 2
+    assert list((tmp_path / "other").iterdir()) == []
+
+
 def test_reports_hold_each_trials_values_and_best_json_is_the_best_recipe(tmp_path, corpus,
                                                                         monkeypatch):
     """Two parameters (one left trials.csv's column order untested) and a space that leaves
