@@ -1677,6 +1677,12 @@ class _Run:
                              "raise data_options.val_frac")
         for split, examples in (("train", self.train_set), ("val", self.val_set)):
             check_next_token_labels(examples, split)
+        if self.main and cfg.val_data and not cfg.test_data and len(data.test):
+            whole = round(self.dcfg.train_frac + self.dcfg.test_frac, 6)
+            print(f"note: --val-data validates, and --data still holds out test_frac "
+                  f"{self.dcfg.test_frac:g} of itself as the test split (eval.py's default), "
+                  f"untrained; --data-options '{{\"train_frac\": {whole:g}, \"test_frac\": 0}}' "
+                  "trains on all of it", file=sys.stderr)
         if cfg.overfit_batches:
             self._restrict_to_overfit_batches()
 

@@ -2624,6 +2624,24 @@ def test_an_lm_run_counts_its_training_tokens_not_windows(assets, tmp_path, caps
     assert "fp16 on cpu" not in err
 
 
+@pytest.mark.parametrize("test_frac, noted", [(0.1, True), (0.0, False)])
+def test_val_data_alone_says_that_data_still_holds_out_a_test_split(assets, tmp_path, capsys,
+                                                                    test_frac, noted):
+    """`--data train --val-data val` (README's "your splits") kept 10% of train out as a test
+    split with no word; said now, with the option that trains on all of it."""
+    val = tmp_path / "val"
+    val.mkdir()
+    for f in sorted(Path(assets["corpus"]).iterdir())[:3]:
+        shutil.copy(f, val / f.name)
+    options = {"cache_dir": assets["cache"], "progress": False, "train_frac": 0.9 - test_frac,
+               "val_frac": 0.1, "test_frac": test_frac}
+    tm.train(tiny_cfg(assets, tmp_path, max_steps=1, eval_every=1, warmup_steps=0,
+                      val_data=[str(val)], data_options=options))
+    assert ("note: --val-data validates, and --data still holds out test_frac 0.1 of itself as "
+            "the test split (eval.py's default), untrained; --data-options '{\"train_frac\": 0.9, "
+            "\"test_frac\": 0}' trains on all of it" in capsys.readouterr().err) == noted
+
+
 @pytest.mark.parametrize("warmup, warned", [(2, True), (1, False)])
 def test_a_warmup_as_long_as_the_run_is_warned_of(assets, tmp_path, capsys, warmup, warned):
     """A short fine-tune under the default warmup of 50 steps ended at a fraction of --lr with
