@@ -936,8 +936,11 @@ def main(argv: list[str] | None = None) -> int:
         report = load_adapter(model, adapter)
         tokenizer_dir = adapter if (adapter / "tokenizer.json").is_file() else base
         pretrained.export_checkpoint(args.out, partial(merge_and_export, model), tokenizer_dir)
-        print(f"wrote {args.out}: the LoRA of {adapter} on {len(report.modules)} modules merged "
-              f"into {base} ({model.wte.weight.dtype})")
+        # The adapter's own count (PEFT's q_proj, k_proj, v_proj are one fused qkv here).
+        adapted = {_KEY_RE.match(k)["module"] for k in _read_weights(adapter)[1]}
+        print(f"wrote {args.out}: the LoRA of {adapter} on {len(adapted)} modules "
+              f"({len(report.modules)} codelm modules) merged into {base} "
+              f"({model.wte.weight.dtype})")
 
     return cliconfig.run_tool(merge, "interrupted: nothing written")
 

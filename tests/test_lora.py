@@ -979,9 +979,10 @@ def test_cli_merges_a_peft_adapter_into_a_checkpoint_transformers_loads(tmp_path
     (adapter / "tokenizer.json").write_text('{"model": {}}')
     out = tmp_path / "merged"
     assert lora.main([str(adapter), str(out)]) == 0
-    n_layer = hf.config.num_hidden_layers  # q/v (one fused qkv), o and gate in each layer
-    assert capsys.readouterr().out == (f"wrote {out}: the LoRA of {adapter} on {3 * n_layer} "
-                                       f"modules merged into {tmp_path / 'hf'} (torch.float32)\n")
+    n_layer = hf.config.num_hidden_layers  # PEFT's 4 per layer; q/v are one fused qkv here
+    assert capsys.readouterr().out == (
+        f"wrote {out}: the LoRA of {adapter} on {4 * n_layer} modules ({3 * n_layer} codelm "
+        f"modules) merged into {tmp_path / 'hf'} (torch.float32)\n")
     assert (out / "tokenizer.json").read_text() == '{"model": {}}'
     assert not (out / "adapter_config.json").exists()
     merged = tf.AutoModelForCausalLM.from_pretrained(out).eval()
