@@ -2252,6 +2252,7 @@ class _Run:
 
         def write(tmp: Path) -> None:
             import lora
+            from architecture import Transformer
 
             cfg = self.cfg
             if cfg.lora_r == 0:
@@ -2259,13 +2260,12 @@ class _Run:
             else:  # on init_from (validate_config): the adapter, naming that base
                 base = str(Path(cfg.init_from).resolve())  # as PEFT records it: loadable alone
                 lora.save_adapter(model, tmp, base_model_name_or_path=base)
-                if cfg.export_merged:
-                    merged = model
-                    if cfg.quantize_bits or cfg.base_dtype != "fp32":
-                        # merge into the full-precision base on disk instead
-                        merged = build_model(dataclasses.replace(
-                            cfg, lora_r=0, quantize_bits=0, base_dtype="fp32"), self.tok)
-                        lora.load_adapter(merged, tmp)
+                if cfg.export_merged:  # as `python lora.py` merges: into the base on disk,
+                    # in the checkpoint's own dtype (a bf16 base: bf16, not the fp32 training
+                    # copy at twice the size; a quantized one: its full precision)
+                    merged = Transformer.from_pretrained(cfg.init_from, dtype="auto",
+                                                         device="cpu")
+                    lora.load_adapter(merged, tmp)
                     lora.merge_and_export(merged, tmp / MERGED_DIR)
                     self.tok.save(tmp / MERGED_DIR)
             self.tok.save(tmp)

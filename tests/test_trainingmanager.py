@@ -976,6 +976,25 @@ def test_lora_on_a_bf16_base_trains_like_the_fp32_base(assets, tmp_path):
         tm.validate_config(tm.TrainConfig(base_dtype="bf16"))
 
 
+def test_merged_export_of_a_bf16_checkpoint_is_bf16_as_lora_py_merges(assets, tmp_path):
+    """export_merged wrote the fp32 training copy (twice the bf16 base's size) where
+    `python lora.py` wrote the checkpoint's own bf16: both now merge alike, bit for bit."""
+    from tiny_hf import tiny_hf_model
+
+    import lora
+
+    base = tmp_path / "base"
+    tiny_hf_model("llama", vocab_size=512).to(torch.bfloat16).save_pretrained(base)
+    cfg = tiny_cfg(assets, tmp_path, preset="tiny", init_from=str(base), lora_r=4,
+                   lora_targets=["q_proj", "v_proj"], max_steps=2, eval_every=2,
+                   export=True, export_merged=True)
+    export = tm.train(cfg).run_dir / "export"
+    merged = load_file(export / "merged" / "model.safetensors")
+    assert {t.dtype for t in merged.values()} == {torch.bfloat16}
+    assert lora.main([str(export), str(tmp_path / "cli")]) == 0
+    assert_bit_equal(merged, load_file(tmp_path / "cli" / "model.safetensors"))
+
+
 def test_gradient_checkpointing_trains_like_the_plain_run(assets, tmp_path):
     """Recomputing each block in the backward (dropout masks replayed) gives the plain run's
     weights, with LoRA on a dropout-carrying model too."""
