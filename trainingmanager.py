@@ -157,7 +157,7 @@ class TrainConfig:
     #   (None: the smaller of that context and 1024)
     dropout: float | None = None  # dropout of the embeddings and residual branches (default:
     #   the model's own, e.g. embd_pdrop, resid_pdrop); attention dropout is the model's own,
-    #   or model_options {"attn_dropout": p} from scratch
+    #   or model_options {"attn_dropout": p} (with --init-from only the dropouts can be set)
     model_options: dict = field(default_factory=dict)  # any other ModelConfig field, e.g. init
     # tokenizer: a file/dir, else the model dir's, else a CodeTokenizer trained on the train split
     tokenizer: str | None = None  # a tokenizer.json / codelm tokenizer file or directory
@@ -1059,6 +1059,13 @@ def validate_config(cfg: TrainConfig) -> None:
             if key != "preset" and getattr(cfg, key) is not None:
                 raise ValueError(f"TrainConfig.{key}: the shape of a model loaded with "
                                  f"--init-from {cfg.init_from} cannot be changed")
+        if fixed := sorted(set(cfg.model_options) - set(LOADED_MODEL_OPTIONS)):
+            raise ValueError(f"TrainConfig.model_options: {', '.join(fixed)}: the checkpoint of "
+                             f"--init-from {cfg.init_from} fixes these; a loaded model takes "
+                             f"only {', '.join(LOADED_MODEL_OPTIONS)}")
+        for key, value in cfg.model_options.items():
+            need(cliconfig.is_number(value) and 0 <= value < 1, "model_options",
+                 f"{key} must be a probability in [0, 1), got {value!r}")
         if not Path(cfg.init_from).is_dir():
             raise ValueError(f"--init-from {cfg.init_from}: not a directory")
         check_not_an_adapter(cfg.init_from)
@@ -1248,6 +1255,9 @@ def same_vocabulary(a: CodeTokenizer | BPETokenizer, b: CodeTokenizer | BPEToken
         a.id_to_token(i) == b.id_to_token(i) for i in range(a.vocab_size))
 
 
+# The model_options a model loaded with --init-from takes (its config.json fixes the others).
+LOADED_MODEL_OPTIONS = ("attn_dropout", "dropout", "embd_dropout")
+
 # ModelConfig keys the tokenizer sets: model_options may not.
 TOKENIZER_MODEL_KEYS = ("vocab_size", "bos_id", "eos_id")
 
@@ -1299,6 +1309,8 @@ def build_model(cfg: TrainConfig, tok: CodeTokenizer | BPETokenizer) -> nn.Modul
                              f"{cfg.init_from} only {model.cfg.vocab_size} embeddings")
         if cfg.dropout is not None:  # embeddings and residual branches, as from scratch
             model.cfg.dropout = model.cfg.embd_dropout = cfg.dropout
+        for key, value in cfg.model_options.items():  # LOADED_MODEL_OPTIONS: read live
+            setattr(model.cfg, key, value)
     else:
         model = Transformer(model_config(cfg, tok.vocab_size, tok.bos_id, tok.eos_id))
         model.to(base_dtype)

@@ -976,6 +976,24 @@ def test_lora_on_a_bf16_base_trains_like_the_fp32_base(assets, tmp_path):
         tm.validate_config(tm.TrainConfig(base_dtype="bf16"))
 
 
+def test_model_options_on_a_loaded_model_set_its_dropouts_or_are_refused(assets, tmp_path):
+    """--model-options was ignored under --init-from, bogus keys and shape keys too: a
+    fine-tune asking for attn_dropout 0 (StarCoder's config has 0.1) kept 0.1."""
+    base = tiny_llama(tmp_path)
+    cfg = tiny_cfg(assets, tmp_path, init_from=str(base), lora_r=4,
+                   model_options={"attn_dropout": 0.25, "embd_dropout": 0.0})
+    tm.validate_config(cfg)
+    model = tm.build_model(cfg, load_tokenizer(assets["tokenizer"]))
+    assert (model.cfg.attn_dropout, model.cfg.embd_dropout) == (0.25, 0.0)
+    for options, message in (
+            ({"n_layer": 7, "bogus": 1}, "TrainConfig.model_options: bogus, n_layer: the "
+             f"checkpoint of --init-from {base} fixes these; a loaded model takes only "
+             "attn_dropout, dropout, embd_dropout"),
+            ({"attn_dropout": 1.5}, "attn_dropout must be a probability in [0, 1), got 1.5")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            tm.validate_config(dataclasses.replace(cfg, model_options=options))
+
+
 def test_merged_export_of_a_bf16_checkpoint_is_bf16_as_lora_py_merges(assets, tmp_path):
     """export_merged wrote the fp32 training copy (twice the bf16 base's size) where
     `python lora.py` wrote the checkpoint's own bf16: both now merge alike, bit for bit."""
