@@ -778,7 +778,7 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
         adapter = Path(adapter_spec)
         if not (adapter / lora.ADAPTER_CONFIG).is_file():
             raise ValueError(f"EvalConfig.models {spec!r}: {adapter} holds no "
-                             f"{lora.ADAPTER_CONFIG}")
+                             f"{lora.ADAPTER_CONFIG}{lora.adapters_below(adapter)}")
         model = _load_hf(path, device)
         lora.load_adapter(model, adapter)
         tok_dir = adapter if (adapter / "tokenizer.json").is_file() else path

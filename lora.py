@@ -750,13 +750,17 @@ def _unused(value: object, unused: object) -> bool:
             or (type(value) is type(unused) and value == unused))
 
 
+def adapters_below(path: Path) -> str:
+    """" (RUN/export holds one)": for a directory given where an adapter's is wanted."""
+    inside = sorted(p.parent for p in path.glob(f"*/{ADAPTER_CONFIG}"))
+    return f" ({', '.join(map(str, inside))} holds one)" if inside else ""
+
+
 def _read_config(path: Path) -> LoRAConfig:
     file = path / ADAPTER_CONFIG
     if not file.is_file():
-        inside = sorted(p.parent for p in path.glob(f"*/{ADAPTER_CONFIG}"))  # a run's export/
-        hint = f" ({', '.join(map(str, inside))} holds one)" if inside else ""
         raise ValueError(f"{file}: not found; an adapter directory holds {ADAPTER_CONFIG} and "
-                         f"{ADAPTER_WEIGHTS}{hint}")
+                         f"{ADAPTER_WEIGHTS}{adapters_below(path)}")
     raw = cliconfig.read_json_object(file, "adapter config")
     if raw.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{file}: peft_type {raw['peft_type']!r} is not LORA")

@@ -184,7 +184,7 @@ class TrainConfig:
     batch_size: int = 4  # sequences per micro-batch (per process)
     grad_accum: int = 1  # micro-batches per optimizer step, weighted by their tokens
     max_steps: int = 700  # optimizer steps
-    epochs: float | None = None  # if set, overrides max_steps
+    epochs: float | None = None  # if set, the run's length instead of max_steps (not both)
     lr: float = 1e-3  # peak learning rate (AdamW)
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 50  # linear warmup, then cosine decay

@@ -75,8 +75,9 @@ class GitHubConfig:
                           "MIT, Apache-2.0, BSD, ...; an id GitHub does not know is refused); "
                           "default: any, including none"})
     max_repos: int | None = field(
-        default=None, metadata={"help": "stop after this many repos are finished (all runs; "
-                                        "default: no limit)"})
+        default=None, metadata={"help": "stop after this many repos are finished: scraped, "
+                                        "or skipped as empty or by licence (all runs; default: "
+                                        "no limit)"})
     api_url: str = field(
         default=DEFAULT_API_URL, metadata={"help": "REST API root (GitHub Enterprise: "
                                                    "https://HOST/api/v3)"})

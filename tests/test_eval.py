@@ -1542,6 +1542,7 @@ def test_an_older_runs_relative_paths_use_its_export_or_name_its_config(tiny_mod
 
 def test_config_file_and_user_errors(tiny_models, tmp_path, monkeypatch, capsys):
     import json
+    import shutil
 
     monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
     recipe = tmp_path / "recipe.json"
@@ -1565,6 +1566,13 @@ def test_config_file_and_user_errors(tiny_models, tmp_path, monkeypatch, capsys)
     assert "EvalConfig.tasks" in capsys.readouterr().err
     assert ev.main(["--runs-dir", str(tmp_path / "empty")]) == 2
     assert "python trainingmanager.py" in capsys.readouterr().err
+    run = tmp_path / "run"  # BASE+RUN: the run's adapter is in its export/
+    shutil.copytree(tiny_models["adapter"], run / "export")
+    spec = f"{tiny_models['base']}+{run}"
+    assert ev.main(["--models", spec, "--prompt", "x"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: EvalConfig.models {spec!r}: {run} holds no adapter_config.json "
+        f"({run / 'export'} holds one)\n")
 
 
 @pytest.mark.slow
