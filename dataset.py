@@ -737,6 +737,10 @@ def clean_corpus(cfg: DataConfig) -> tuple[list[Doc], dict]:
         "kept": {"files": len(docs), "bytes": sum(len(d.text.encode("utf-8")) for d in docs)},
         "pairs": pairs,
     }
+    if not docs and not read_files:
+        raise DataError(
+            f"sources {cfg.sources} hold no files with extensions {cfg.extensions} and no JSONL "
+            "records (an empty .jsonl: a scrape that kept nothing?)")
     if not docs:
         raise DataError(
             f"no data left after cleaning sources {cfg.sources}: read {read_files} files/records, "

@@ -2014,6 +2014,16 @@ def test_an_empty_codelm_cache_is_unset(monkeypatch):
     assert DataConfig().cache_dir == "/home/someone/.cache/codelm/data"
 
 
+def test_an_empty_jsonl_source_is_named_as_holding_nothing(tmp_path, tok):
+    """A scrape that kept nothing leaves an empty .jsonl: the error said to check the extensions
+    (which apply to directories only) and the cleaning limits."""
+    empty = tmp_path / "kt.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match=r"^sources \[.*kt\.jsonl'\] hold no files with "
+                       r"extensions \['\.py'\] and no JSONL records \(an empty \.jsonl"):
+        prepare(cfg(tmp_path, sources=[str(empty)]), tok)
+
+
 def test_refactor_on_code_files_says_it_needs_pairs(tmp_path, tok):
     """Scraper records or a directory given to the refactor task: the error says what the data
     holds and what the task needs, naming a file of it."""
