@@ -668,12 +668,16 @@ def read_config(directory: str | Path) -> tuple[ModelConfig, dict]:
     hf = cliconfig.read_json_object(path, "model config")
     model_type = hf.get("model_type")
     if model_type is None and {"preset", "lr", "max_steps"} <= hf.keys():
-        export = Path(directory) / "export"
-        raise ValueError(f"{directory}: a codelm run directory, not an HF checkpoint; its export "
-                         f"is {export} (written unless --no-export): the model, or for a LoRA "
-                         f"run the adapter (lora.load_adapter on its base), and the merged model "
-                         f"in {export / 'merged'} (with --export-merged); or continue the run "
-                         "with --resume")
+        run = Path(directory)  # or its best/ or one of its checkpoints: the run's weight files
+        if any((run / f).is_file() for f in ("model.safetensors", "adapter.safetensors")):
+            run = run.parent.parent if run.parent.name == "checkpoints" else run.parent
+        export = run / "export"
+        what = "a codelm run directory" if run == Path(directory) else f"weights of run {run}"
+        raise ValueError(f"{directory}: {what}, not an HF checkpoint; its export is {export} "
+                         "(written unless --no-export): the model, or for a LoRA run the adapter "
+                         "(lora.load_adapter on its base), and the merged model in "
+                         f"{export / 'merged'} (with --export-merged); or continue the run with "
+                         f"--resume {run}")
     if model_type not in TABLES:
         raise ValueError(f"{path}: unknown model_type {model_type!r}; supported: "
                          f"{', '.join(FAMILIES)}")

@@ -1079,6 +1079,15 @@ def validate_config(cfg: TrainConfig) -> None:
         model_config(cfg, 1, None, None)
     if cfg.resume is not None and not Path(cfg.resume).is_dir():
         raise ValueError(f"--resume {cfg.resume}: no such run directory")
+    if cfg.resume is not None and any((Path(cfg.resume) / f).is_file()
+                                      for f in (MODEL_FILE, ADAPTER_FILE)):
+        # a checkpoint's, best/'s or export/'s config.json made it look like a run with no
+        # checkpoint yet: a whole new run started inside it
+        weights = Path(cfg.resume)
+        run = weights.parent.parent if weights.parent.name == CHECKPOINTS_DIR else weights.parent
+        raise ValueError(f"--resume {cfg.resume}: weights (a checkpoint, best/ or export/), not "
+                         f"a run directory: --resume {run} continues that run from its newest "
+                         "checkpoint")
 
 
 # What a resumed run may change (besides name, out_dir and resume, which only locate it): how it

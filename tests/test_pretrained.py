@@ -765,6 +765,15 @@ def test_error_codelm_run_directory_names_its_export(tmp_path):
                     r"LoRA run the adapter \(lora.load_adapter on its base\), and the merged "
                     rf"model in {tmp_path}/export/merged \(with --export-merged\)",
                     str(err.value)), str(err.value)
+    best = tmp_path / "best"  # the run's best/ (or a checkpoint): the run's export, not best/'s
+    best.mkdir()
+    shutil.copy(tmp_path / "config.json", best)
+    (best / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError) as err:
+        Transformer.from_pretrained(best)
+    assert str(err.value).startswith(f"{best}: weights of run {tmp_path}, not an HF checkpoint; "
+                                     f"its export is {tmp_path}/export ")
+    assert str(err.value).endswith(f"continue the run with --resume {tmp_path}")
 
 
 @pytest.mark.parametrize("change, message", [

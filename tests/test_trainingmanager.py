@@ -2109,6 +2109,22 @@ def test_lora_without_a_pretrained_base_is_refused(assets, tmp_path, capsys):
     assert tm.list_checkpoints(run)[-1].name == "step-3"
 
 
+def test_resume_of_a_checkpoint_or_best_dir_is_refused_naming_the_run(assets, tmp_path, capsys):
+    """--resume RUN/checkpoints/step-N (or RUN/best) read that directory's config.json, found no
+    checkpoints/ in it and trained a whole new run inside it."""
+    config = _tiny_config_file(assets, tmp_path, max_steps=2, eval_every=2)
+    assert tm.main(["--config", config]) == 0
+    run = tmp_path / "runs" / "run"
+    for weights in (tm.list_checkpoints(run)[-1], run / tm.BEST_DIR):
+        before = sorted(p.name for p in weights.iterdir())
+        capsys.readouterr()
+        assert tm.main(["--resume", str(weights), "--max-steps", "4"]) == 2
+        assert capsys.readouterr().err == (
+            f"error: --resume {weights}: weights (a checkpoint, best/ or export/), not a run "
+            f"directory: --resume {run} continues that run from its newest checkpoint\n")
+        assert sorted(p.name for p in weights.iterdir()) == before
+
+
 def test_resume_refuses_a_name_or_out_dir_of_another_run(assets, tmp_path, capsys):
     """--resume RUN --name other continued RUN and ignored --name: one who meant to branch
     into a new run got the original extended. The run's own name and parent are accepted."""
