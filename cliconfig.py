@@ -87,6 +87,13 @@ def type_error(hint: Any, value: Any) -> str | None:
     return None if _matches(base, value) else f"must be {_describe(base)}, got {value!r}"
 
 
+def key_hint(key: str, known: Collection[str], kind: str) -> str:
+    """What to say of an unknown ``key``: the close match of a typo, else every known key."""
+    if close := difflib.get_close_matches(key, list(known), n=1, cutoff=0.75):
+        return f"did you mean {close[0]!r}?"
+    return f"{kind} keys are: {', '.join(sorted(known))}"
+
+
 def config_from_dict(cls: type, values: Mapping[str, Any], source: str = "<dict>",
                      choices: Mapping[str, Sequence] | None = None) -> Any:
     """An instance of the dataclass ``cls`` from JSON-like values, type-checked key by key
@@ -98,10 +105,8 @@ def config_from_dict(cls: type, values: Mapping[str, Any], source: str = "<dict>
             if "model_type" in values and "model_type" not in known:
                 raise ValueError(f"{source}: a model's config.json (model_type "
                                  f"{values['model_type']!r}), not a {cls.__name__} file")
-            if close := difflib.get_close_matches(key, known, n=1, cutoff=0.75):
-                raise ValueError(f"{source}: unknown key {key!r}; did you mean {close[0]!r}?")
-            raise ValueError(f"{source}: unknown key {key!r}; {cls.__name__} keys are: "
-                             f"{', '.join(sorted(known))}")
+            raise ValueError(f"{source}: unknown key {key!r}; "
+                             f"{key_hint(key, known, cls.__name__)}")
     checked = {}
     for key, value in values.items():
         base, _ = _field_type(hints[key])

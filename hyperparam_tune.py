@@ -337,7 +337,8 @@ def load_space(space: str) -> SearchSpace:
     for name, spec in data["params"].items():
         where = f"{source}: params.{name}"
         if name not in known:
-            raise ValueError(f"{where}: not a TrainConfig key; keys are: {', '.join(sorted(known))}")
+            raise ValueError(f"{where}: not a TrainConfig key; "
+                             f"{cliconfig.key_hint(name, known, 'TrainConfig')}")
         _check_spec_types(spec, where)
         if spec["type"] == "categorical":
             for choice in spec["choices"]:

@@ -1012,6 +1012,18 @@ def test_space_of_wrong_top_level_types_is_a_clear_error(tmp_path, top, message)
     assert str(e.value).startswith(f"{path}: {message}")
 
 
+@pytest.mark.parametrize("name, hint", [
+    ("lrr", "did you mean 'lr'?"),
+    ("velocity", "TrainConfig keys are: adam_eps, base_dtype, "),
+])
+def test_a_misspelled_space_param_gets_the_close_key(tmp_path, name, hint):
+    path = tmp_path / "space.json"
+    path.write_text(json.dumps({"params": {name: {"type": "float", "low": 1e-4, "high": 1e-2}}}))
+    with pytest.raises(ValueError) as e:
+        hyperparam_tune.load_space(str(path))
+    assert str(e.value).startswith(f"{path}: params.{name}: not a TrainConfig key; {hint}")
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--heartbeat-interval", "10", "--grace-period", "1"],
      "--grace-period (1 s) must be greater than --heartbeat-interval (10 s)"),
