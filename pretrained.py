@@ -979,6 +979,8 @@ def export_checkpoint(out: str | Path, save_weights: Callable[[Path], object],
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
+    from tokenizer import tokenizer_path
+
     parser = argparse.ArgumentParser(
         description="Convert a local HF checkpoint that codelm loads (gpt_bigcode, codegen, phi, "
         "llama; safetensors or pytorch_model.bin, sharded or not) into a new directory of "
@@ -1002,6 +1004,10 @@ def main(argv: list[str] | None = None) -> int:
             1, int(args.max_shard_gb * 2**30))
         export_checkpoint(args.out, partial(save, model, max_shard_bytes=shard), args.checkpoint)
         print(f"wrote {args.out} ({model.cfg.family}, {model.wte.weight.dtype})")
+        try:  # a slow-format tokenizer is copied as it is: say what codelm needs of it
+            tokenizer_path(args.out)
+        except ValueError as e:
+            print(f"note: {e}", file=sys.stderr)
 
     return cliconfig.run_tool(convert, "interrupted: nothing written")
 

@@ -709,7 +709,7 @@ class CodeTokenizer(_BatchEncodeMixin):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CodeTokenizer:
-        path = _tokenizer_path(path)
+        path = tokenizer_path(path)
         data = _read_json(path)
         if cls.is_hf_form(data):
             return cls.from_hf(data, str(path))
@@ -1369,7 +1369,7 @@ class BPETokenizer(_BatchEncodeMixin):
     def from_file(cls, path: str | os.PathLike, roles: dict | None = None) -> BPETokenizer:
         """Read a tokenizer.json; roles {"bos"/"eos"/"pad": token} override the guessed ones
         (None: no such token)."""
-        path = _tokenizer_path(path)
+        path = tokenizer_path(path)
         spec = _read_json(path)
         if roles is None:
             roles = _roles_from_config(path.parent)
@@ -1753,7 +1753,7 @@ def _roles_from_config(directory: Path) -> dict:
     return roles
 
 
-def _tokenizer_path(path: str | os.PathLike) -> Path:
+def tokenizer_path(path: str | os.PathLike) -> Path:
     """The tokenizer file ``path`` names: a directory's tokenizer.json. A directory in the slow
     format (vocab.json + merges.txt) is refused saying how transformers converts it."""
     path = Path(path)
@@ -1772,7 +1772,7 @@ def _tokenizer_path(path: str | os.PathLike) -> Path:
 
 def load_tokenizer(path: str | os.PathLike) -> CodeTokenizer | BPETokenizer:
     """Load a tokenizer.json (HF byte-level BPE), a codelm tokenizer file, or a dir with one."""
-    path = _tokenizer_path(path)
+    path = tokenizer_path(path)
     data = _read_json(path)
     if data.get("type") == CODE_TOKENIZER_TYPE:
         return CodeTokenizer.from_dict(data, str(path))

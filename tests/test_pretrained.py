@@ -1202,6 +1202,25 @@ def test_architecture_cli_prints_a_presets_fields_as_json(capsys):
     assert ModelConfig(**json.loads(capsys.readouterr().out)) == PRESETS["tiny"]
 
 
+def test_cli_says_a_slow_format_tokenizer_needs_its_tokenizer_json(checkpoints, tmp_path,
+                                                                    capsys):
+    """A checkpoint with vocab.json + merges.txt only (the Hub's CodeGen layout) converts, and
+    the command says, with the fix, that codelm reads neither: eval and training then asked
+    only for --tokenizer."""
+    src = tmp_path / "src"
+    shutil.copytree(checkpoints["codegen"][0], src)
+    for name in ("vocab.json", "merges.txt"):
+        (src / name).write_text("{}" if name.endswith(".json") else "#version: 0.2\n")
+    out = tmp_path / "out"
+    assert pretrained.main([str(src), str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"note: {out}: holds vocab.json and merges.txt (the slow tokenizer "
+                          "format) but no tokenizer.json, the file codelm reads; write one with "
+                          "transformers: ")
+    assert pretrained.main([str(checkpoints["codegen"][0]), str(tmp_path / "plain")]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_cli_shard_limit_inf_writes_one_file(checkpoints, tmp_path):
     """--max-shard-gb inf: no limit, one model.safetensors (not an overflow after the load)."""
     out = tmp_path / "out"
