@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(summary.format(), file=sys.stderr)
         print(f"wrote {args['out']}", file=sys.stderr)
+        if not summary.files["kept"] and (skipped := sum(summary.files.values())):
+            print(f"warning: no file kept ({skipped} skipped: reasons above); do the filters "
+                  "(--extensions, --language, size limits) match the code you want?",
+                  file=sys.stderr)
         if summary.repos[SERVER_ERROR]:
             print(f"error: GitHub kept failing on {summary.repos[SERVER_ERROR]} repos, which "
                   f"are not in {args['out']}; re-run the same command to retry them",

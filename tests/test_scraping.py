@@ -846,6 +846,16 @@ def _cli_scrape(fake: FakeGitHub, out: Path, *flags: str) -> int:
                  "--backoff", "0", "--no-progress", *flags])
 
 
+def test_a_scrape_that_keeps_no_file_warns(tmp_path, capsys):
+    """--extensions .kt on Python repos: exit 0, an empty output and every repo recorded done
+    (the API quota spent), with no word of it."""
+    with FakeGitHub(_ranked_repos(2)) as fake:
+        assert _cli_scrape(fake, tmp_path / "kt.jsonl", "--extensions", ".kt") == 0
+        assert "warning: no file kept (" in capsys.readouterr().err
+        assert _cli_scrape(fake, tmp_path / "py.jsonl") == 0
+        assert "warning" not in capsys.readouterr().err
+
+
 def test_a_token_with_a_line_end_works_and_a_malformed_one_is_never_shown(tmp_path, capsys,
                                                                           monkeypatch):
     """A token file saved with CRLF gave requests' InvalidHeader, whose message (printed as the
