@@ -293,6 +293,8 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
                 if lock_is_held(Path(args["resume"]) / LOCK_FILE) else
                 f"its run was stopped before it wrote {CONFIG_FILE}: nothing to resume; run the "
                 "command that started it again (the same --name reuses the directory)"))
+        if not Path(args["resume"]).is_dir():
+            raise ValueError(f"--resume {args['resume']}: no such run directory")
         if not saved.is_file():
             raise ValueError(f"--resume {args['resume']}: no {CONFIG_FILE} there (not a run dir)")
         resumed = load_config_file(saved)
@@ -1802,6 +1804,9 @@ class _Run:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
+            if run_dir.is_file():
+                raise ValueError(f"{run_dir}: a file, where the run directory goes: choose "
+                                 "another --name, or move the file") from None
             raise ValueError(f"{run_dir}: cannot create the run directory ({e.strerror}); "
                              "check --out-dir") from None
         try:

@@ -1308,8 +1308,12 @@ def test_recipe_resume_refuses_a_lora_rank_change_and_hints_its_own_flag(assets,
 
 def test_bad_paths_and_devices_are_clear_errors(assets, tmp_path, capsys, monkeypatch):
     config = _tiny_config_file(assets, tmp_path)
+    (tmp_path / "a_file").write_text("mine")
     cases = [
         (["--out-dir", "/proc/nope"], "error: /proc/nope/run: cannot create the run directory"),
+        (["--out-dir", str(tmp_path), "--name", "a_file"],
+         f"error: {tmp_path / 'a_file'}: a file, where the run directory goes: choose another "
+         "--name, or move the file"),
         (["--data-options", '{"cache_dir": "/proc/nope"}'],
          "error: data_options.cache_dir /proc/nope: cannot create it"),
         (["--device", "foo"], "error: --device foo: not a device"),
@@ -1321,6 +1325,8 @@ def test_bad_paths_and_devices_are_clear_errors(assets, tmp_path, capsys, monkey
         assert tm.main(["--config", config, *flags]) == 2, flags
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
+    assert tm.main(["--resume", str(tmp_path / "nope")]) == 2  # a typo: not "not a run dir"
+    assert capsys.readouterr().err == f"error: --resume {tmp_path / 'nope'}: no such run directory\n"
 
     def full_disk(cfg, on_eval=None):
         raise OSError(28, "No space left on device", "/runs/x/checkpoints/.tmp-step-8")
