@@ -608,7 +608,8 @@ class Trainer:
             ids = [device.index] if device.type == "cuda" else None
             # Every buffer (rotary frequencies, LoRA row maps, a quantized base) is computed from
             # the config and the weights, alike on every rank and never trained: re-broadcasting
-            # them before each forward (DDP's default) would send the whole QLoRA base each time.
+            # them before each forward (DDP's default) would send the whole QLoRA base each time
+            # (they are still synced once, at the start).
             model = DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
         self.model = model
 

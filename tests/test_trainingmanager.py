@@ -2382,7 +2382,8 @@ def test_ddp_broadcasts_no_buffers_which_every_rank_computes_alike(tmp_path, mon
     """DDP's default broadcast_buffers=True sent every buffer before each forward: under QLoRA
     the whole quantized base. Every buffer (rotary frequencies, LoRA row maps, the quantized
     base) is computed from the config and the weights, so each rank's copy is the same and
-    training never changes it: the broadcast is turned off."""
+    training never changes it: the broadcast before each forward is turned off (torch 2.13's
+    forward_sync_buffers; the deprecated broadcast_buffers warned on every rank)."""
     import types
 
     import torch.nn.parallel
@@ -2405,7 +2406,7 @@ def test_ddp_broadcasts_no_buffers_which_every_rank_computes_alike(tmp_path, mon
     assert_bit_equal(buffers[0], buffers[1])  # two ranks build the same buffers
     before = {n: b.clone() for n, b in buffers[0].items()}
     trainer = tm.Trainer(models[0], cfg, torch.device("cpu"), tm.Dist(rank=0, world=2))
-    assert isinstance(trainer.model, Recorded) and built["broadcast_buffers"] is False
+    assert isinstance(trainer.model, Recorded) and built["forward_sync_buffers"] is False
     ids = torch.randint(0, 64, (2, 16))
     trainer.raw_model(ids).float().mean().backward()
     trainer.optimizer.step()
