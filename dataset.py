@@ -1674,6 +1674,21 @@ def _print_stats(stats: dict, out=None) -> None:
     print(f"cache     {'hit' if stats.get('cache_hit') else 'built'}", file=out)
 
 
+def make_cache_dir(cache_dir: str, option: str | None) -> None:
+    """Create the data cache directory, or say why not naming where it was set: ``option`` (the
+    flag or key the user set it with), else ``CODELM_CACHE`` or its default, which the user may
+    never have typed."""
+    try:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        if option is not None:
+            raise ValueError(f"{option} {cache_dir}: cannot create it ({err.strerror})") from None
+        origin = (f"CODELM_CACHE={os.environ['CODELM_CACHE']} puts it there; point CODELM_CACHE"
+                  if os.environ.get("CODELM_CACHE") else "set CODELM_CACHE")
+        raise ValueError(f"{cache_dir}: cannot create the data cache ({err.strerror}); {origin} "
+                         "to a writable directory (or set data_options.cache_dir)") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Prepare a codelm dataset: read sources, clean, split, build a task, cache "
@@ -1689,6 +1704,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with cliconfig.interrupt_on_sigterm():
             cfg = cliconfig.config_from_dict(DataConfig, flags, "command line", _CHOICES)
+            if cfg.use_cache:
+                make_cache_dir(cfg.cache_dir, "--cache-dir" if "cache_dir" in flags else None)
             tokenizer = None
             if tokenizer_path:
                 from tokenizer import load_tokenizer

@@ -1215,17 +1215,6 @@ def data_config(cfg: TrainConfig, block_size: int) -> DataConfig:
     return dcfg
 
 
-def cache_dir_error(cfg: TrainConfig, cache_dir: str, err: OSError) -> str:
-    """Why the data cache directory cannot be made, naming where it was set: the user may never
-    have typed it (by default it lies under ``CODELM_CACHE``, else ~/.cache/codelm)."""
-    if "cache_dir" in cfg.data_options:
-        return f"data_options.cache_dir {cache_dir}: cannot create it ({err.strerror})"
-    origin = (f"CODELM_CACHE={os.environ['CODELM_CACHE']} puts it there; point CODELM_CACHE"
-              if os.environ.get("CODELM_CACHE") else "set CODELM_CACHE")
-    return (f"{cache_dir}: cannot create the data cache ({err.strerror}); {origin} to a writable "
-            "directory (or set data_options.cache_dir)")
-
-
 def load_or_train_tokenizer(cfg: TrainConfig, dcfg: DataConfig) -> CodeTokenizer | BPETokenizer:
     """The given tokenizer, the pretrained model's, or a CodeTokenizer trained on the train split
     (cached by corpus, tokenizer options and encoding version: ``dataset.tokenizer_cache_dir``,
@@ -1678,10 +1667,10 @@ class _Run:
         block = cfg.block_size or self._default_block_size()
         self.dcfg = data_config(cfg, block)
         if self.dcfg.use_cache:
-            try:
-                Path(self.dcfg.cache_dir).mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise ValueError(cache_dir_error(cfg, self.dcfg.cache_dir, e)) from None
+            from dataset import make_cache_dir
+
+            make_cache_dir(self.dcfg.cache_dir, "data_options.cache_dir"
+                           if "cache_dir" in cfg.data_options else None)
         saved_tok = self.run_dir / "tokenizer.json"
         # Only a run continued from its weights reads the run's tokenizer.json: a new run (or one
         # with no weights yet) uses the tokenizer its config asks for, never a failed attempt's.

@@ -2014,6 +2014,23 @@ def test_an_empty_codelm_cache_is_unset(monkeypatch):
     assert DataConfig().cache_dir == "/home/someone/.cache/codelm/data"
 
 
+def test_a_cache_dir_that_cannot_be_made_names_its_setting(tmp_path, monkeypatch, capsys):
+    """`CODELM_CACHE=cachefile python dataset.py` said "cachefile/data: Not a directory": the
+    variable the user set (or the --cache-dir flag) is what to fix."""
+    blocker = tmp_path / "cachefile"
+    blocker.write_text("")
+    monkeypatch.setenv("CODELM_CACHE", str(blocker))
+    assert dataset.main(["--sources", str(EMAIL), "--no-progress"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {blocker / 'data'}: cannot create the data cache (Not a directory); "
+        f"CODELM_CACHE={blocker} puts it there; point CODELM_CACHE to a writable directory (or "
+        "set data_options.cache_dir)\n")
+    assert dataset.main(["--sources", str(EMAIL), "--cache-dir", str(blocker / "c"),
+                         "--no-progress"]) == 2
+    assert capsys.readouterr().err == (f"error: --cache-dir {blocker / 'c'}: cannot create it "
+                                       "(Not a directory)\n")
+
+
 def test_an_empty_jsonl_source_is_named_as_holding_nothing(tmp_path, tok):
     """A scrape that kept nothing leaves an empty .jsonl: the error said to check the extensions
     (which apply to directories only) and the cleaning limits."""
