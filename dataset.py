@@ -981,14 +981,16 @@ def supervised_example(
     max_completion_tokens: int | None = None,
     max_prompt_tokens: int | None = None,
     code: tuple[int, int] = (0, 0),
+    start: Sequence[int] = (),
 ) -> dict[str, torch.Tensor]:
     """One causal-LM training example from a prompt and its completion: the completion is kept
     (its start, when it alone is too long), the prompt loses the end of its ``code`` span first
-    (see ``tokenize_examples``), then its left end. ``max_length`` is the model's context (input
-    length T); labels are shifted and -100 on every prompt target."""
-    prompt, completion = _truncate_pair(
-        prompt_ids, completion_ids, max_length, max_completion_tokens, max_prompt_tokens, code
-    )
+    (see ``tokenize_examples``), then its left end; ``start`` (``prompt_prefix``) goes before it,
+    never cut. ``max_length`` is the model's context (input length T); labels are shifted and
+    -100 on every prompt target."""
+    prompt, completion = _truncate_pair(prompt_ids, completion_ids, max_length - len(start),
+                                        max_completion_tokens, max_prompt_tokens, code)
+    prompt = [*start, *prompt]
     seq = torch.tensor(prompt + completion, dtype=torch.long)
     labels = seq[1:].clone()
     labels[: max(0, len(prompt) - 1)] = -100
@@ -1326,14 +1328,23 @@ def _token_dtype(tokenizer) -> str:
 
 
 def prompt_prefix(tokenizer: CodeTokenizer | BPETokenizer, task: str | None) -> list[int]:
-    """The ids before a prompt, as the model saw text in training: the lm task packs files after
-    an EOS; supervised examples (and base checkpoints, ``task`` None) start bare."""
-    return [tokenizer.eos_id] if task == "lm" and tokenizer.eos_id is not None else []
+    """The ids before a prompt, as the model saw text in training: the tokenizer's template start
+    (``template_prefix``, e.g. Llama-3's BOS; none for most code tokenizers), after an EOS for
+    the lm task, which packs each file after one (``packed_document``). Supervised examples, and
+    base checkpoints (``task`` None), as HF's tokenizer encodes a text."""
+    eos = [tokenizer.eos_id] if task == "lm" and tokenizer.eos_id is not None else []
+    return eos + tokenizer.template_prefix
+
+
+def packed_document(tokenizer: CodeTokenizer | BPETokenizer, ids: Sequence[int]) -> list[int]:
+    """A file's ids as the lm task packs them: the tokenizer's template start, the file, EOS.
+    eval.py's lm score packs its texts by this one rule."""
+    eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]  # eval.py scores without one
+    return [*tokenizer.template_prefix, *ids, *eos]
 
 
 def _build_lm(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path) -> dict:
-    eos = tokenizer.eos_id
-    if eos is None:
+    if tokenizer.eos_id is None:
         raise DataError(
             "the lm task packs files with EOS between them; the tokenizer has no eos_id"
         )
@@ -1344,7 +1355,7 @@ def _build_lm(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path) -> dict:
         with open(out / f"{s}.bin", "wb") as f:
             texts = corpus.texts(s)
             for ids in _encode(tokenizer, texts, cfg, f"tokenize {s}"):
-                arr = np.asarray(ids + [eos], dtype=dtype)
+                arr = np.asarray(packed_document(tokenizer, ids), dtype=dtype)
                 f.write(arr.tobytes())
                 n += len(arr)
         meta["n_tokens"][s] = n
@@ -1477,6 +1488,7 @@ def _build_supervised(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path) -> 
     ):
         raise DataError("the fim task needs a tokenizer with FIM tokens (fim_prefix/middle/suffix)")
     eos = tokenizer.eos_id if cfg.add_eos else None
+    start = prompt_prefix(tokenizer, cfg.task)
     dtype = _token_dtype(tokenizer)
     meta: dict = {"dtype": dtype, "examples": {}, "tokens": {}, "events": {}}
     in_train: set[bytes] = set()  # hashes of the train examples
@@ -1519,14 +1531,15 @@ def _build_supervised(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path) -> 
             # tokens would appear in no example.
             limit = cfg.max_completion_tokens if prompt or cfg.task != "fim" else None
             kept_prompt, kept_completion = _truncate_pair(
-                prompt, completion, cfg.block_size, limit, cfg.max_prompt_tokens, code_span
+                prompt, completion, cfg.block_size - len(start), limit, cfg.max_prompt_tokens,
+                code_span,
             )
             if not kept_completion[:n_target]:  # nothing to learn (an EOS alone is no target)
                 events["skipped_empty_completion"] += 1
                 continue
             events["prompt_truncated"] += len(kept_prompt) < len(prompt)
             events["completion_truncated"] += len(kept_completion) < len(completion)
-            prompt, completion = kept_prompt, kept_completion
+            prompt, completion = start + kept_prompt, kept_completion
             # Different files can hold the same code: such an example stays in train only.
             ids = np.asarray([len(prompt)] + prompt + completion, np.int64)
             key = hashlib.blake2b(ids, digest_size=16).digest()

@@ -820,11 +820,6 @@ def shared_context(models: Sequence[LoadedModel]) -> int:
                    lm.model.cfg.block_size) for lm in models)
 
 
-def _doc_start(tok) -> list[int]:
-    """Documents start after an EOS in codelm's packed training stream (as in the trainer)."""
-    return [tok.eos_id] if tok.eos_id is not None else []
-
-
 def _prompt_start(lm: LoadedModel) -> list[int]:
     """A prompt is formatted as the model saw text in training (a base checkpoint: bare)."""
     from dataset import prompt_prefix
@@ -835,10 +830,10 @@ def _prompt_start(lm: LoadedModel) -> list[int]:
 @torch.no_grad()
 def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: EvalConfig) -> dict:
     """Loss (the training loss, ``trainingmanager.lm_loss``), perplexity and next-token accuracy
-    over consecutive block-size windows of the texts, each followed by EOS, as dataset.py packs
-    the trainer's split: on a run's val split this is its val_loss, and the accuracy its
+    over consecutive block-size windows of the texts, packed as dataset.py packs the trainer's
+    split (``packed_document``): on a run's val split this is its val_loss, and the accuracy its
     val_accuracy, on the same 0-1 scale, so the training log and the eval table compare."""
-    from dataset import collate
+    from dataset import collate, packed_document
     from trainingmanager import lm_loss_and_correct
 
     tok, model = lm.tokenizer, lm.model
@@ -846,7 +841,7 @@ def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: EvalConfig) -> dict:
     want = None if cfg.lm_windows is None else cfg.lm_windows * context + 1
     stream: list[int] = []
     for text in texts:
-        stream += tok.encode(text) + _doc_start(tok)
+        stream += packed_document(tok, tok.encode(text))
         if want is not None and len(stream) >= want:
             break
     if want is not None:
@@ -902,8 +897,9 @@ def score_supervised(lm: LoadedModel, examples: Sequence[TaskExample], cfg: Eval
     context = _context(lm, cfg)
     data_cfg = data_cfg or ds.DataConfig()
     eos = [tok.eos_id] if tok.eos_id is not None and data_cfg.add_eos else []
+    start = _prompt_start(lm)
     examples = [ds.supervised_example(p, c + eos, context, data_cfg.max_completion_tokens,
-                                      data_cfg.max_prompt_tokens, span)
+                                      data_cfg.max_prompt_tokens, span, start)
                 for p, c, span in _training_ids(lm, examples, cfg, data_cfg)]
     device = next(model.parameters()).device
     total = count = 0.0

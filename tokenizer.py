@@ -42,9 +42,10 @@ TOKENIZER_FILE = "tokenizer.json"
 CODE_TOKENIZER_TYPE = "codelm-code-tokenizer"
 # What ids depend on besides a tokenizer's files, for caches of encoded text (dataset's key): the
 # encoding rules of this module, bumped when a file starts to encode differently (2: CodeTokenizer
-# pieces capped at MAX_PIECE_CHARS), and the installed `regex`, whose Unicode tables put characters
+# pieces capped at MAX_PIECE_CHARS; 3: documents and prompts start with ``template_prefix``, e.g.
+# Llama-3's <|begin_of_text|>), and the installed `regex`, whose Unicode tables put characters
 # in the \p{..} classes the pre-tokenizers split by (categories change between Unicode versions).
-ENCODING_VERSION = f"2+regex-{regex.__version__}"
+ENCODING_VERSION = f"3+regex-{regex.__version__}"
 # Texts shorter than this in total are encoded in-process: starting workers would cost more.
 _MIN_PARALLEL_CHARS = 1 << 20
 # Distinct pieces remembered per tokenizer; code repeats its words, so this is rarely reached.
@@ -474,6 +475,12 @@ class CodeTokenizer(_BatchEncodeMixin):
             bos, eos = self.bos_id, self.eos_id
             ids = ([] if bos is None else [bos]) + ids + ([] if eos is None else [eos])
         return ids
+
+    @property
+    def template_prefix(self) -> list[int]:
+        """Ids put before every text, as HF's tokenizer puts its template's: none (the HF export
+        has no template)."""
+        return []
 
     @property
     def _special_ids(self) -> range:
@@ -1540,6 +1547,14 @@ class BPETokenizer(_BatchEncodeMixin):
         if add_special_tokens and (self._prefix_ids or self._suffix_ids):
             ids = [*self._prefix_ids, *ids, *self._suffix_ids]
         return ids
+
+    @property
+    def template_prefix(self) -> list[int]:
+        """Ids HF's tokenizer puts before every text it encodes (its post_processor's template, e.g.
+        Llama-3's <|begin_of_text|>): codelm starts each document and prompt with them, so that a
+        pretrained model sees text as it was pretrained on it and as HF users feed it. The
+        template's suffix is left to callers, which place EOS (``add_eos``)."""
+        return list(self._prefix_ids)
 
     # -- vocabulary ------------------------------------------------------------------------------
 

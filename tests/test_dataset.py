@@ -1466,6 +1466,47 @@ def test_pretrained_bpe_tokenizer_ids_match_hf_tokenizers(tmp_path):
     assert hf.token_to_id("<fim_suffix>") in prompt and completion[-1] == eos
 
 
+def test_llama3_text_starts_with_its_bos_as_transformers_encodes_it(tmp_path):
+    """Llama-3's tokenizer.json template puts <|begin_of_text|> before every text, so
+    transformers' tokenizer(text) (what the model was pretrained on, and what HF fine-tuning
+    feeds it) starts with it. Each packed file and each supervised example starts so too, also
+    when its prompt is cut, and prompt_prefix (eval.py's prompts) agrees."""
+    from tiny_hf import train_hf_tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from tokenizer import load_tokenizer
+
+    train_hf_tokenizer("llama3", list(email_texts().values()), tmp_path / "tokenizer.json")
+    tok = load_tokenizer(tmp_path / "tokenizer.json")
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    bos, eos = hf.convert_tokens_to_ids(["<|begin_of_text|>", "<|end_of_text|>"])
+    assert tok.template_prefix == [bos] and tok.eos_id == eos
+    assert dataset.prompt_prefix(tok, "lm") == [eos, bos]
+    assert dataset.prompt_prefix(tok, "completion") == dataset.prompt_prefix(tok, None) == [bos]
+
+    data = prepare(cfg(tmp_path, task="lm", block_size=64), tok)
+    corpus = dataset.load_corpus(cfg(tmp_path))
+    reference = [t for text in corpus.texts("val") for t in hf(text)["input_ids"] + [eos]]
+    assert reference[0] == bos and data.val.tokens.tolist() == reference
+
+    records = [{"prompt": f"def scale_{i}(x):\n    # times {i}\n", "completion": f"    return x * {i}\n"}
+               for i in range(6)]
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", records)
+    sft = prepare(cfg(tmp_path, sources=[str(pairs)], task="completion", block_size=64, **WHOLE),
+                  tok)
+    built = sorted(prompt_and_completion(sft.train[i]) for i in range(len(sft.train)))
+    want = sorted((hf(r["prompt"])["input_ids"],
+                   hf(r["completion"], add_special_tokens=False)["input_ids"] + [eos])
+                  for r in records)
+    assert built == want
+    cut = prepare(cfg(tmp_path, sources=[str(pairs)], task="completion", block_size=8, **WHOLE),
+                  tok)
+    for i in range(len(cut.train)):
+        prompt, completion = prompt_and_completion(cut.train[i])
+        assert prompt[0] == bos and bos not in prompt[1:] + completion
+        assert len(prompt) + len(completion) == 9  # the context (8 inputs) filled, BOS included
+
+
 def test_special_token_text_in_a_document_is_text(tmp_path):
     """A BPE tokenizer read ``<|endoftext|>`` quoted in scraped code as EOS (a false document
     end) and ``<fim_middle>`` as a sentinel; the special ids are placed by id only."""

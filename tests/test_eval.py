@@ -809,6 +809,61 @@ def test_prompt_prints_each_models_completion_as_transformers_greedy_generates_i
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_llama3_base_is_prompted_with_its_bos_as_transformers_tokenizes_it(tmp_path, capsys,
+                                                                            monkeypatch):
+    """A Llama-3 tokenizer's template starts every text with <|begin_of_text|>: eval.py's prompt
+    (streamed and batched) and its reference scoring give the base [bos, ...], as transformers'
+    tokenizer(prompt) does, so --prompt prints HF's greedy continuation of exactly that."""
+    import torch
+    import transformers
+    from tiny_hf import save_tiny_hf, train_hf_tokenizer
+
+    from architecture import Transformer
+    from tokenizer import load_tokenizer
+
+    base = tmp_path / "base"
+    base.mkdir()
+    train_hf_tokenizer("llama3", [CLASS_SOURCE.format(i=i) for i in range(10)],
+                       tmp_path / "tokenizer.json")
+    tok = load_tokenizer(tmp_path / "tokenizer.json")
+    tok.save(base)
+    save_tiny_hf("llama", base, vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
+                 eos_token_id=tok.eos_id)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(base)
+    prompt = "class Stack:\n    def push(self, "
+    ids = hf_tok(prompt, return_tensors="pt")["input_ids"]
+    assert ids[0, 0] == tok.bos_id and ids.shape[1] == len(tok.encode(prompt)) + 1
+
+    streamed = []
+    stream = Transformer.stream
+    monkeypatch.setattr(Transformer, "stream",
+                        lambda self, idx, *a, **k: streamed.append(idx) or stream(self, idx, *a, **k))
+    assert ev.main(["--models", str(base), "--prompt", prompt, "--max-new-tokens", "12",
+                    "--runs-dir", str(tmp_path / "runs")]) == 0
+    assert streamed[0].tolist() == ids.tolist()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    new = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_id,
+                      pad_token_id=tok.eos_id)[0, ids.shape[1]:].tolist()
+    if tok.eos_id in new:
+        new = new[: new.index(tok.eos_id)]
+    assert capsys.readouterr().out == f"{prompt}{tok.decode(new)}\n"
+
+    seen = []
+    monkeypatch.setattr(Transformer, "generate", lambda self, idx, *a, **k: seen.append(idx) or idx)
+    cfg = ev.EvalConfig(max_new_tokens=4, progress=False)
+    lm = ev.load_model(base, torch.device("cpu"))
+    ev.generate_texts(lm, [prompt], cfg)
+    assert seen[0].tolist() == ids.tolist()
+    example = ev.TaskExample("e", "x = 1\n", prompt)
+    loss = ev.score_supervised(lm, [example], cfg)
+    full = torch.cat([ids, hf_tok("x = 1\n", add_special_tokens=False, return_tensors="pt")[
+        "input_ids"], torch.tensor([[tok.eos_id]])], dim=1)
+    with torch.no_grad():
+        logits = hf(full).logits[0, ids.shape[1] - 1 : -1]
+    reference = torch.nn.functional.cross_entropy(logits, full[0, ids.shape[1]:])
+    assert loss == pytest.approx(float(reference), abs=1e-4)
+
+
 def test_prompt_with_one_model_prints_its_completion_without_a_header(tiny_models, tmp_path,
                                                                      capsys):
     """The "=== LABEL (SOURCE)" header tells several models' completions apart; one model's
