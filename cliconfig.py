@@ -332,12 +332,15 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type,
     A field without a default is a required flag, or, named in ``positional``, a required
     operand (a list one takes its values as given: file names may hold commas). A list field
     with ``metadata={"repeat": True}`` is given once per item (``--set a=1 --set b=2``), and
-    ``metadata["metavar"]`` / ``metadata["choices"]`` name a flag's value / allowed values."""
+    ``metadata["metavar"]`` / ``metadata["choices"]`` name a flag's value / allowed values.
+    ``metadata={"none_is_a_value": True}``: the flag reads ``none`` as text, a value of the field's
+    own (``scraping github --licenses none``: repos without a licence, not "any licence")."""
     hints = typing.get_type_hints(cls)
     helps, sections = field_docs(cls)
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(cls):
         base, optional = _field_type(hints[f.name])
+        optional = optional and not f.metadata.get("none_is_a_value")
         default = _field_default(f)
         help_text = _help_text(helps.get(f.name, ""), default, optional and base is not bool)
         title = sections.get(f.name)

@@ -813,9 +813,39 @@ def split_corpus(docs: Sequence[Doc], cfg: DataConfig) -> tuple[dict[str, list[D
         if n_keys < sum(f > 0 for f in fracs) or not any(d.repo for d in rest):
             unit = "file"
     which = assign_splits((split_key(d, unit) for d in rest), fracs, cfg.seed)
+    sizes: Counter = Counter()
     for d in rest:
         out[which[split_key(d, unit)]].append(d)
+        sizes[which[split_key(d, unit)]] += len(d.text) + len(d.target or "")
+    if unit == "repo" and (note := _uneven_split(sizes, fracs, {d.repo for d in rest})):
+        print(note, file=sys.stderr)
     return out, unit
+
+
+# A split by repo is uneven when a split's share of the text is under 1/N or over N times the
+# share asked for.
+UNEVEN_SPLIT_FACTOR = 2.0
+
+
+def _uneven_split(sizes: Counter, fracs: tuple[float, ...], repos: set) -> str | None:
+    """The warning for a split by repo far from its fractions (``sizes``: characters by split),
+    or None: whole repos of very different sizes cannot be cut at the fractions (a scrape of a
+    few repos gave val 39% and test 1% of the text, with no word)."""
+    total = sum(sizes.values())
+    asked = {"val": fracs[1], "test": fracs[2]}
+    asked["train"] = 1 - asked["val"] - asked["test"]  # assign_splits gives train the rest
+    shares = {s: sizes[s] / total for s in SPLITS} if total else {}
+    off = [s for s in SPLITS if total and asked[s] > 0
+           and not asked[s] / UNEVEN_SPLIT_FACTOR <= shares[s] <= asked[s] * UNEVEN_SPLIT_FACTOR]
+    if not off:
+        return None
+    told = ", ".join(f"{s} {shares[s]:.1%} (asked {asked[s] * 100:g}%)"
+                     for s in SPLITS if asked[s] > 0)
+    return (f"warning: the split by repo is uneven ({', '.join(off)} off by more than "
+            f"{UNEVEN_SPLIT_FACTOR:g}x): of the text, {told}; each of the "
+            f"{len(repos - {None})} repos sits whole in one split. Add repos, or split by file "
+            "(--split-by file; in training --data-options '{\"split_by\": \"file\"}'), "
+            "which lets a repo's files sit in several splits")
 
 
 def _hash_json(obj) -> str:

@@ -1261,8 +1261,9 @@ def _stop_with_parent() -> None:
     import ctypes
 
     def parent_died(signum, frame):
-        # Once: the kernel sends the death signal again as each of the sweep's threads exits,
-        # and a second SIGTERM would interrupt the trial's checkpoint and its report at once.
+        # Once: the kernel sends the death signal again as each of the sweep's threads exits;
+        # the trainer takes a repeated SIGTERM as the same stop, but one after its step loop
+        # would interrupt the trial's report.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.raise_signal(signal.SIGTERM)
 

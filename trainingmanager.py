@@ -1364,7 +1364,10 @@ class RunInterrupted(KeyboardInterrupt):
 
 
 class _StopSignals:
-    """SIGINT/SIGTERM ask the loop to checkpoint and end; a second signal interrupts at once."""
+    """SIGINT/SIGTERM ask the loop to checkpoint and end; a Ctrl-C after either interrupts at
+    once. A SIGTERM never does: a scheduler's stop (Slurm's scancel, ``pkill -f``) reaches a
+    sweep's worker (or a torchrun rank) directly and again forwarded by its parent, and its
+    SIGKILL follows anyway; the second one skipped the checkpoint the first asked for."""
 
     def __init__(self) -> None:
         self.reason: str | None = None
@@ -1375,9 +1378,10 @@ class _StopSignals:
                     self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        if self.reason is not None:
-            raise KeyboardInterrupt(signal.Signals(signum).name)  # its exit code: 130 or 143
-        self.reason = signal.Signals(signum).name
+        if self.reason is None:
+            self.reason = signal.Signals(signum).name
+        elif signum == signal.SIGINT:  # stop now: exit code 130, whatever the first one was
+            raise KeyboardInterrupt(signal.Signals(signum).name)
 
     def restore(self, taken: bool = True) -> None:
         """Put the previous handlers back. A stop the loop did not act on (``taken`` False: it
@@ -2240,7 +2244,7 @@ class _Run:
         finally:
             bar.close()
             log.close()
-            # (a KeyboardInterrupt on its way out is a second signal's: that stop is under way)
+            # (a KeyboardInterrupt on its way out is a second Ctrl-C's: that stop is under way)
             signals.restore(taken=result.interrupted is not None
                             or isinstance(sys.exc_info()[1], KeyboardInterrupt))
         result.step, result.best_val_loss, result.best_step, result.train_loss = (
@@ -2330,7 +2334,7 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
         run = _Run(cfg, dist, resume_hint, restarts)
         try:
             return run.execute(on_eval)
-        except KeyboardInterrupt as stop:  # a second signal: the step loop's checkpoint is skipped
+        except KeyboardInterrupt as stop:  # a second Ctrl-C: the step loop's checkpoint is skipped
             raise run.interrupted(stop) from None
         finally:
             run.release()

@@ -34,6 +34,11 @@ KNOWN_LICENSES = PERMISSIVE_LICENSES | frozenset(
      "OSL-3.0", "PostgreSQL", "UPL-1.0", "Vim", "WTFPL", "NOASSERTION"}
 )
 
+# ``--licenses none``: the repositories GitHub detects no licence in (``license`` null in their
+# records, as ``scraping local --license none`` writes them), alone or beside ids. Not
+# NOASSERTION, a licence file GitHub does not recognise.
+NO_LICENSE = "none"
+
 RECORD_KEYS = ("repo", "path", "sha", "license", "stars", "text")
 
 # Directories no collector descends into (walk_source_tree, dataset.py's reader too): version
@@ -82,19 +87,21 @@ def _license_id(name: str, flag: str, known: dict[str, str], give: str) -> str:
 
 
 def expand_licenses(licenses: Iterable[str] | None) -> frozenset[str] | None:
-    """SPDX ids to accept, spelled as GitHub does (so a re-run typed in another case resumes).
-    An id GitHub never reports, or none at all, is refused: it would skip every repository."""
+    """SPDX ids to accept, spelled as GitHub does (so a re-run typed in another case resumes),
+    with ``NO_LICENSE`` for repositories without one; None (the flag left out): any licence, or
+    none. An id GitHub never reports, or none at all, is refused: it would skip every repository."""
     if licenses is None:
         return None
     licenses = list(licenses)
     if not licenses:
         raise ValueError("--licenses: give at least one licence id, or leave the flag out to "
                          "accept any licence")
-    known = {k.lower(): k for k in (*KNOWN_LICENSES, "permissive")}
+    known = {k.lower(): k for k in (*KNOWN_LICENSES, "permissive", NO_LICENSE)}
     out: set[str] = set()
     for name in licenses:
-        name = _license_id(name, "--licenses", known, "Give 'permissive' or SPDX ids such as "
-                                                      "MIT, Apache-2.0, GPL-3.0")
+        name = _license_id(name, "--licenses", known, "Give 'permissive', 'none' (no licence) "
+                                                      "or SPDX ids such as MIT, Apache-2.0, "
+                                                      "GPL-3.0")
         out |= PERMISSIVE_LICENSES if name == "permissive" else {name}
     return frozenset(out)
 
@@ -110,9 +117,13 @@ def canonical_license(name: str | None) -> str | None:
 
 
 def license_allowed(license_id: str | None, allowed: frozenset[str] | None) -> bool:
+    """Whether a repository whose licence is ``license_id`` (None: GitHub detects none) passes
+    ``expand_licenses``'s ``allowed``."""
     if allowed is None:
         return True
-    return license_id is not None and license_id.lower() in {a.lower() for a in allowed}
+    if license_id is None:
+        return NO_LICENSE in allowed
+    return license_id.lower() in {a.lower() for a in allowed}
 
 
 @dataclass

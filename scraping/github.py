@@ -72,8 +72,10 @@ class GitHubConfig:
     licenses: list[str] | None = field(
         default=None,
         metadata={"help": "SPDX licence ids to accept, as GitHub reports them ('permissive' = "
-                          "MIT, Apache-2.0, BSD, ...; an id GitHub does not know is refused); "
-                          "default: any, including none"})
+                          "MIT, Apache-2.0, BSD, ...; 'none' = repos GitHub detects no licence "
+                          "in; an id GitHub does not know is refused); default: any licence, or "
+                          "none (leave the flag out)",
+                  "none_is_a_value": True})
     max_repos: int | None = field(
         default=None, metadata={"help": "stop after this many repos are finished: scraped, "
                                         "or skipped as empty or by licence (all runs; default: "

@@ -746,6 +746,44 @@ def test_three_repos_are_split_by_repo_one_each():
     assert dataset.split_corpus(two, DataConfig())[1] == "file"
 
 
+def _repo_docs(files_per_repo: dict[str, int]) -> list[dataset.Doc]:
+    """Documents of equal size, ``files_per_repo[repo]`` of each repo, distinct texts."""
+    return [dataset.Doc(f"{repo}/m{i}.py", f"def f{i}():\n    return {i!r}\n" * 20 + f"# {repo}\n",
+                        repo=repo)
+            for repo, n in files_per_repo.items() for i in range(n)]
+
+
+def test_an_uneven_split_by_repo_warns_once_naming_the_shares_and_the_fix(tmp_path, capsys):
+    """A small scrape of a few repos of very different sizes left val or test far from its
+    fraction (val 39%, test 1% of the text), with no word. One warning now, when the corpus is
+    built (a cache hit says nothing again), with each split's share and the fixes."""
+    docs = _repo_docs({"u/big": 40, "u/mid": 10, "u/small": 1})
+    out, unit = dataset.split_corpus(docs, DataConfig())
+    err = capsys.readouterr().err
+    assert unit == "repo" and err.count("warning:") == 1 and err.count("\n") == 1
+    total = sum(len(d.text) for d in docs)
+    for s, asked in (("train", 80), ("val", 10), ("test", 10)):
+        share = sum(len(d.text) for d in out[s]) / total
+        assert f"{s} {share:.1%} (asked {asked}%)" in err
+    assert "split by repo is uneven" in err and "Add repos" in err and "--split-by file" in err
+
+    records = [{"repo": d.repo, "path": d.id, "text": d.text} for d in docs]
+    scraped = write_jsonl(tmp_path / "scraped.jsonl", records)
+    corpus = dataset.load_corpus(cfg(tmp_path, sources=[str(scraped)]))
+    assert corpus.stats["split_by"] == "repo" and capsys.readouterr().err == err
+    dataset.load_corpus(cfg(tmp_path, sources=[str(scraped)]))  # a cache hit
+    assert capsys.readouterr().err == ""
+    dataset.load_corpus(cfg(tmp_path, sources=[str(scraped)], split_by="file"))
+    assert capsys.readouterr().err == ""
+
+
+def test_a_split_by_repo_near_its_fractions_does_not_warn(capsys):
+    """Twenty repos of one size: 16 / 2 / 2 repos are the 80 / 10 / 10 asked, no warning."""
+    out, unit = dataset.split_corpus(_repo_docs({f"u/r{r}": 3 for r in range(20)}), DataConfig())
+    assert unit == "repo" and [len(out[s]) for s in ("train", "val", "test")] == [48, 6, 6]
+    assert capsys.readouterr().err == ""
+
+
 def test_negative_split_fractions_are_refused_even_when_they_sum_to_one(tmp_path):
     with pytest.raises(DataError, match=r"split fractions must be >= 0 and sum to 1"):
         dataset.load_corpus(cfg(tmp_path, train_frac=1.2, val_frac=-0.1, test_frac=-0.1))

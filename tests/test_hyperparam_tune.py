@@ -571,6 +571,31 @@ def test_a_worker_whose_sweep_dies_stops_once(tmp_path):
     assert report.read_text() == "1"
 
 
+def test_a_trial_stopped_by_two_sigterms_still_writes_its_checkpoint(tmp_path, corpus,
+                                                                     monkeypatch):
+    """Slurm's scancel (or `pkill -f`) signals every process of a job: a worker gets SIGTERM
+    directly and again forwarded by its sweep. The second was taken as "stop now" and skipped
+    the trial's checkpoint, so the re-run continued from the one before (here: none at all)."""
+    real_step, calls = trainingmanager.Trainer.train_step, [0]
+
+    def step_with_two_sigterms(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 1:  # the run's first step: nothing is saved before the stop's own
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainingmanager.Trainer, "train_step", step_with_two_sigterms)
+    argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="twice", n_trials=1)
+    assert hyperparam_tune.main(argv) == 143
+    (trial,) = load_study(journal(tmp_path, "twice"), "twice").get_trials()
+    assert trial.user_attrs[hyperparam_tune.ATTR_REASON] == hyperparam_tune.INTERRUPTED
+    run = Path(trial.user_attrs[hyperparam_tune.ATTR_RUN])
+    checkpoints = trainingmanager.list_checkpoints(run)
+    assert [trainingmanager.checkpoint_step(c) for c in checkpoints] == [1]
+    assert trial.user_attrs[hyperparam_tune.ATTR_STEP] == 1
+
+
 def test_interrupted_sweep_keeps_the_reports_of_finished_trials(tmp_path, corpus, monkeypatch):
     """The trainer stops on SIGTERM after a checkpoint and returns; the sweep exits 143, writes
     the reports of the trials that finished, and tells the trainer what a re-run does."""

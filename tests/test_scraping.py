@@ -275,6 +275,34 @@ def test_license_allow_list(tmp_path):
     assert summary.repos["license"] == 2  # GPL-3.0 and no licence at all
 
 
+def test_licenses_none_is_the_repos_without_a_licence_not_any_licence(tmp_path):
+    """`--licenses none` was cliconfig's word for None, the default: any licence, the opposite
+    of what it reads as. It is now the repos GitHub detects no licence in (`license` null),
+    alone or beside ids, and --help says so."""
+    from scraping.__main__ import build_parser
+
+    github = build_parser()._subparsers._group_actions[0].choices["github"]
+    flag = next(a for a in github._actions if a.dest == "licenses")
+    assert "'none' = repos GitHub detects no licence in" in flag.help
+    assert "'none' for None" not in flag.help
+    licenses = vars(github.parse_args(["--out", "x", "--licenses", "none"]))["licenses"]
+    assert licenses == ["none"]
+
+    repos, expected = fake_corpus()
+    unlicensed = {r.full_name for r in repos if r.license is None}
+    out = tmp_path / "none.jsonl"
+    _, summary, _, _ = run_scrape(out, licenses=licenses)
+    records = read_jsonl(out)
+    assert {(r["repo"], r["path"]) for r in records} == {
+        (repo, path) for repo, path in expected if repo in unlicensed}
+    assert records and {r["license"] for r in records} == {None}
+    assert summary.repos["license"] > 0  # the licensed ones, skipped as outside --licenses
+
+    out = tmp_path / "gpl_or_none.jsonl"
+    run_scrape(out, licenses=["GPL-3.0", "None"])
+    assert {r["repo"] for r in read_jsonl(out)} == {"gamma/mailer", *unlicensed}
+
+
 def test_the_until_day_is_included(tmp_path):
     """--until is the "last date, inclusive": ending the search at that day's midnight left
     out every repo created later that day. One created at noon on it is scraped."""

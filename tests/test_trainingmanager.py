@@ -1584,18 +1584,24 @@ def test_evaluation_has_its_own_progress_bar(capsys):
     assert "eval" not in capsys.readouterr().err
 
 
-def test_a_second_stop_signal_interrupts_with_its_own_exit_code():
+@pytest.mark.parametrize("first", ["SIGTERM", "SIGINT"])
+def test_a_ctrl_c_after_a_stop_interrupts_with_its_own_code_a_repeated_sigterm_never(first):
+    """A scheduler's SIGTERM reaches a sweep's worker twice (directly and forwarded): the
+    second skipped the checkpoint the first asked for. A SIGTERM now changes nothing once a
+    stop is under way (its SIGKILL follows anyway); a Ctrl-C after it stops at once, 130."""
     import signal
 
     signals = tm._StopSignals()
     try:
-        signals._handle(signal.SIGTERM, None)  # the first asks for a checkpoint
-        assert signals.reason == "SIGTERM"
+        signals._handle(signal.Signals[first], None)  # the first asks for a checkpoint
+        signals._handle(signal.SIGTERM, None)
+        signals._handle(signal.SIGTERM, None)
+        assert signals.reason == first
         with pytest.raises(KeyboardInterrupt) as stop:
-            signals._handle(signal.SIGTERM, None)  # the second stops at once
+            signals._handle(signal.SIGINT, None)  # Ctrl-C: stop now
     finally:
         signals.restore()
-    assert cliconfig.interrupted_exit_code(stop.value) == 143  # was 130: a bare interrupt
+    assert cliconfig.interrupted_exit_code(stop.value) == 130
 
 
 # --------------------------------------------------------------------------------------------
@@ -2272,14 +2278,14 @@ def test_an_interrupt_outside_the_step_loop_says_what_is_left_to_resume(assets, 
 
     original, calls = tm.Trainer.train_step, [0]
 
-    def second_signal(self, *args, **kwargs):  # a second SIGTERM stops at once, mid-step
+    def second_signal(self, *args, **kwargs):  # a second Ctrl-C stops at once, mid-step
         calls[0] += 1
         if calls[0] == 2:
-            raise KeyboardInterrupt("SIGTERM")
+            raise KeyboardInterrupt("SIGINT")
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(tm.Trainer, "train_step", second_signal)
-    assert tm.main(["--resume", str(run), "--max-steps", "8"]) == 143
+    assert tm.main(["--resume", str(run), "--max-steps", "8"]) == 130
     assert capsys.readouterr().err == kept
     monkeypatch.setattr(tm, "run_overfit", ctrl_c)
     assert tm.main(["--overfit", "--no-progress"]) == 130
@@ -2998,16 +3004,29 @@ def test_a_stop_the_loop_did_not_act_on_is_passed_on_not_lost(assets, tmp_path, 
     assert stop.value.resume == f"--resume {tmp_path / 'runs' / 'run'}"
 
 
-def test_a_second_signal_mid_step_stops_with_its_own_code_not_the_first_ones(
+def test_a_ctrl_c_after_a_sigterm_mid_step_stops_with_its_own_code_not_the_first_ones(
         assets, tmp_path, monkeypatch):
-    """Ctrl-C, then SIGTERM within the same step: the SIGTERM stops at once (143); the Ctrl-C
+    """SIGTERM, then Ctrl-C within the same step: the Ctrl-C stops at once (130); the SIGTERM
     it overtook is not passed on again over it."""
     import signal
 
-    sigterm_at_step(monkeypatch, 2, signal.SIGINT, signal.SIGTERM)
+    sigterm_at_step(monkeypatch, 2, signal.SIGTERM, signal.SIGINT)
     with pytest.raises(tm.RunInterrupted) as stop, cliconfig.interrupt_on_sigterm():
         tm.train(tiny_cfg(assets, tmp_path, max_steps=4))
-    assert cliconfig.interrupted_exit_code(stop.value) == 143
+    assert cliconfig.interrupted_exit_code(stop.value) == 130
+
+
+def test_a_sigterm_after_a_ctrl_c_mid_step_still_saves_the_checkpoint(assets, tmp_path,
+                                                                      monkeypatch):
+    """Ctrl-C, then SIGTERM within the same step (a scheduler's stop meeting the user's): the
+    SIGTERM stopped at once, without the checkpoint the Ctrl-C asked for. It changes nothing."""
+    import signal
+
+    sigterm_at_step(monkeypatch, 2, signal.SIGINT, signal.SIGTERM)
+    with cliconfig.interrupt_on_sigterm():
+        result = tm.train(tiny_cfg(assets, tmp_path, max_steps=4))
+    assert (result.interrupted, result.step) == ("SIGINT", 2)
+    assert [p.name for p in tm.list_checkpoints(result.run_dir)] == ["step-2"]
 
 
 def test_the_step_loop_keeps_a_signal_its_process_ignores(assets, tmp_path, monkeypatch):
