@@ -761,7 +761,7 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
     it when a str ("auto", "cpu", "cuda:1")."""
     import lora
     import trainingmanager as tm
-    from tokenizer import load_tokenizer
+    from tokenizer import check_model_tokenizer, load_tokenizer, tokenizer_path, where_tokenizer_is
 
     spec = os.fspath(spec)
     if isinstance(device, str):
@@ -793,12 +793,16 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
         model = _load_hf(path, device)
         tok_dir = path
     if tokenizer is None and not (Path(tok_dir) / "tokenizer.json").is_file():
-        raise ValueError(f"EvalConfig.models {spec!r}: no tokenizer.json in {tok_dir}; pass "
-                         "--tokenizer")
+        raise ValueError(f"EvalConfig.models {spec!r}: no tokenizer.json in {tok_dir}"
+                         f"{where_tokenizer_is(tok_dir)}; pass --tokenizer")
     tok = load_tokenizer(tokenizer or tok_dir)
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"EvalConfig.models {spec!r}: the tokenizer has {tok.vocab_size} "
                          f"tokens, the model only {model.cfg.vocab_size} embeddings")
+    # A checkpoint (a base, under an adapter) with a tokenizer from elsewhere; a run's own
+    # tokenizer is the one it trained with, whatever its init_from's config says.
+    if model.name_or_path is not None and (run_config is None or tokenizer is not None):
+        check_model_tokenizer(tok, tokenizer_path(tokenizer or tok_dir), model.name_or_path)
     name = label or (Path(adapter_spec).name if adapter_spec else path.name)
     return LoadedModel(name, path_spec, model.eval(), tok, run_config)
 

@@ -756,7 +756,11 @@ def adapters_below(path: Path) -> str:
     return f" ({', '.join(map(str, inside))} holds one)" if inside else ""
 
 
-def _read_config(path: Path) -> LoRAConfig:
+def read_adapter_config(path: str | Path) -> LoRAConfig:
+    """The LoRAConfig of an adapter directory (PEFT's or ``save_adapter``'s), refusing what
+    codelm's LoRA cannot honour (``_UNSUPPORTED_PEFT_KEYS``, a base-rewriting init): the one
+    check of ``load_adapter``, ``python lora.py`` and a run's ``--init-adapter``."""
+    path = Path(path)
     file = path / ADAPTER_CONFIG
     if not file.is_file():
         raise ValueError(f"{file}: not found; an adapter directory holds {ADAPTER_CONFIG} and "
@@ -821,7 +825,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAReport:
     """
     _check_model(model, "load_adapter")
     path = Path(adapter_dir)
-    cfg = _read_config(path)
+    cfg = read_adapter_config(path)
     file, tensors = _read_weights(path)
     if bad := [k for k in tensors if _KEY_RE.match(k) is None]:
         raise ValueError(f"{file}: unexpected key {bad[0]!r} (not a LoRA weight)")
@@ -913,6 +917,22 @@ def _base_tensor_writer(model, names, name, attr, tensor, file, key) -> Callable
 
 # ----------------------------------------------------------------------------- command line
 
+def _check_adapter_tokenizer(adapter: Path, base: Path) -> None:
+    """Refuse an adapter's own tokenizer that is not its base's (tokenizer's
+    ``check_model_tokenizer``): the merge would ship it with the base's config. The merge only
+    copies tokenizer files, so one codelm cannot read (a SentencePiece model) is not checked."""
+    from tokenizer import check_model_tokenizer, load_tokenizer
+
+    try:
+        tok = load_tokenizer(adapter)
+    except ValueError:
+        return
+    instead = (f"remove it, and the merge copies {base}'s own" if (base / "tokenizer.json").is_file()
+               else f"put the tokenizer {base} was trained with in its place")
+    check_model_tokenizer(tok, adapter / "tokenizer.json", base,
+                          f"the merge would write it beside {base}'s weights: {instead}")
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -934,11 +954,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def merge() -> None:
         adapter = Path(args.adapter)
-        _read_config(adapter)  # a bad adapter is named before the base loads
+        read_adapter_config(adapter)  # a bad adapter is named before the base loads
         base = Path(args.base) if args.base else adapter_base(adapter, "name it with --base")
         model = Transformer.from_pretrained(base, dtype=args.dtype)
         report = load_adapter(model, adapter)
         tokenizer_dir = adapter if (adapter / "tokenizer.json").is_file() else base
+        if tokenizer_dir == adapter:  # the merged model pairs the base's config with it
+            _check_adapter_tokenizer(adapter, base)
         pretrained.export_checkpoint(args.out, partial(merge_and_export, model), tokenizer_dir)
         # The adapter's own count (PEFT's q_proj, k_proj, v_proj are one fused qkv here).
         adapted = {_KEY_RE.match(k)["module"] for k in _read_weights(adapter)[1]}

@@ -374,7 +374,7 @@ def check_train_values(values: dict, source: str) -> None:
     --smoke run deletes its previous run only after this)."""
     from tokenizer import load_tokenizer
 
-    cfg = tm.config_from_dict(values, source)
+    cfg = tm.with_init_adapter(tm.config_from_dict(values, source))
     tm.validate_config(cfg)
     tm.data_config(cfg, cfg.block_size or SMOKE_BLOCK)
     if cfg.init_from is not None:

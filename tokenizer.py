@@ -1787,7 +1787,10 @@ def tokenizer_path(path: str | os.PathLike) -> Path:
 
 def load_tokenizer(path: str | os.PathLike) -> CodeTokenizer | BPETokenizer:
     """Load a tokenizer.json (HF byte-level BPE), a codelm tokenizer file, or a dir with one."""
+    directory = Path(path) if Path(path).is_dir() else None
     path = tokenizer_path(path)
+    if directory is not None and not path.exists():
+        raise ValueError(f"{path}: not found{where_tokenizer_is(directory)}")
     data = _read_json(path)
     if data.get("type") == CODE_TOKENIZER_TYPE:
         return CodeTokenizer.from_dict(data, str(path))
@@ -1798,6 +1801,114 @@ def load_tokenizer(path: str | os.PathLike) -> CodeTokenizer | BPETokenizer:
     raise ValueError(
         f"{path}: neither a HF tokenizer.json (no 'model' key) nor a codelm tokenizer file"
     )
+
+
+# PEFT's adapter config (lora.ADAPTER_CONFIG: this floor imports nothing else of codelm).
+_ADAPTER_CONFIG = "adapter_config.json"
+
+
+def where_tokenizer_is(directory: str | os.PathLike) -> str:
+    """For a directory that holds no tokenizer.json, where the tokenizer is, as text ending an
+    error ("; ..."; "" if nowhere near): a LoRA adapter's base (``base_model_name_or_path``),
+    the directory above that holds one (a run, for its best/, checkpoints/step-N/), or those
+    below that do (a runs directory). eval.py, trainingmanager.py and ``load_tokenizer`` end
+    their "no tokenizer.json" errors with it."""
+    directory = Path(directory)
+    if (directory / _ADAPTER_CONFIG).is_file():
+        try:
+            base = json.loads((directory / _ADAPTER_CONFIG).read_text("utf-8-sig")).get(
+                "base_model_name_or_path")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            base = None
+        adapter = (f"; {directory} is a LoRA adapter directory ({_ADAPTER_CONFIG}), whose "
+                   "tokenizer is its base model's")
+        if not isinstance(base, str) or not base:
+            return f"{adapter}, and its config names no base_model_name_or_path"
+        if (Path(base) / TOKENIZER_FILE).is_file():
+            return f"{adapter}: {base}"
+        return f"{adapter}, {base}, and that is no local directory holding a {TOKENIZER_FILE}"
+    for above in list(directory.resolve().parents)[:2]:
+        if (above / TOKENIZER_FILE).is_file():
+            return f"; {above} above it holds one"
+    below = sorted(p.parent for p in directory.glob(f"*/{TOKENIZER_FILE}"))
+    if below:
+        hold = "holds" if len(below) == 1 else "hold"
+        return f"; {', '.join(map(str, below))} below it {hold} one"
+    return ""
+
+
+def _config_ids(value: object, n_embeddings: object) -> list[int]:
+    """A config.json bos/eos entry as ids: none for null, a list's ids (a chat model's eos list);
+    an id past the model's own embeddings names nothing (a class default left in the file)."""
+    ids = value if isinstance(value, list) else [value]
+    return [i for i in ids if type(i) is int and i >= 0
+            and not (type(n_embeddings) is int and i >= n_embeddings)]
+
+
+def _shown_id(tok: CodeTokenizer | BPETokenizer, i: int) -> str:
+    """An id with the token it names in ``tok`` (and the role it has there)."""
+    if i >= tok.vocab_size:
+        return f"{i} (past the tokenizer's {tok.vocab_size} tokens)"
+    role = "".join(f", its {r}" for r, own in (("bos", tok.bos_id), ("eos", tok.eos_id))
+                   if own == i)
+    return f"{i} ({tok.id_to_token(i)!r} in the tokenizer{role})"
+
+
+def check_model_tokenizer(tok: CodeTokenizer | BPETokenizer, tokenizer_file: str | os.PathLike,
+                          model_dir: str | os.PathLike, remedy: str | None = None) -> None:
+    """Refuse a tokenizer that is not the model's, as far as the bos/eos ids of the model's
+    config.json tell: the one place codelm pairs a model with a tokenizer (eval.py, --init-from,
+    ``python lora.py``). A vocabulary of the right size says nothing; the roles do, with care:
+
+    - a role the config leaves null, or the tokenizer has none of, is not compared, nor an id
+      past the model's embeddings; a list (Llama-3-Instruct's eos ids) agrees if it holds the
+      tokenizer's id. One role agreeing (CodeGen: eos 50256; its bos 1 is a stale '"'; a chat
+      model's end-of-turn eos beside a guessed <|endoftext|>) passes.
+    - An error where the tokenizer cannot be the model's: a config id is the tokenizer's token
+      for the other role (its bos given as the eos), or the tokenizer is a CodeTokenizer, whose
+      roles are fixed (never guessed) and which codelm writes into every config it exports.
+    - A warning where no role agrees and the config's ids name ordinary tokens of an HF
+      tokenizer: a stale config.json (class defaults such as bos 1, eos 2) reads the same.
+    ``remedy`` ends the message (default: which --tokenizer to pass)."""
+    config = Path(model_dir) / "config.json"
+    try:
+        hf = _read_json(config)
+    except ValueError:  # none (a model built from the tokenizer), or one the model loader names
+        return
+    mine = {"bos": tok.bos_id, "eos": tok.eos_id}
+    agree, differ = False, {}
+    for role, own in mine.items():
+        ids = _config_ids(hf.get(f"{role}_token_id"), hf.get("vocab_size"))
+        if not ids or own is None:
+            continue
+        if own in ids:
+            agree = True
+        else:
+            differ[role] = ids
+    if not differ:
+        return
+    crossed = any(own is not None and own != mine[role] and own in ids
+                  for role, ids in differ.items() for other, own in mine.items() if other != role)
+    fixed = isinstance(tok, CodeTokenizer)
+    if not (crossed or fixed) and (agree or any(
+            i < tok.vocab_size and i in tok._special_ids for ids in differ.values() for i in ids)):
+        return
+    given = " and ".join(f"{role}_token_id {', '.join(_shown_id(tok, i) for i in ids)}"
+                         for role, ids in differ.items())
+    has = " and ".join(f"the tokenizer's {role} is {mine[role]} ({tok.id_to_token(mine[role])!r})"
+                       for role in differ)
+    if remedy is None:
+        own_file = Path(model_dir) / TOKENIZER_FILE
+        if own_file.is_file() and own_file.resolve() != Path(tokenizer_file).resolve():
+            remedy = f"pass --tokenizer {model_dir}, the model's own"
+        else:
+            remedy = f"pass --tokenizer with the tokenizer {model_dir} was trained with"
+    if crossed or fixed:
+        raise ValueError(f"{tokenizer_file} is not the tokenizer of the model in {model_dir}: "
+                         f"{config} has {given}, but {has}; {remedy}")
+    print(f"warning: {tokenizer_file} may not be the tokenizer of the model in {model_dir}: "
+          f"{config} has {given}, none a special token there, but {has}: a stale config.json or "
+          f"another model's tokenizer; if the latter, {remedy}", file=sys.stderr)
 
 
 def _shown_piece(raw: bytes) -> str:

@@ -170,6 +170,10 @@ class TrainConfig:
     lora_dropout: float = 0.0  # dropout on the adapters' input
     lora_targets: list[str] | None = None  # module names, HF (q_proj) or codelm (qkv);
     #   default: the attention projections (qkv, attn.proj)
+    init_adapter: str | None = None  # a LoRA adapter directory in PEFT's layout (PEFT's own,
+    #   or a LoRA run's export/) to train on as an adapter, on --init-from (default: the base
+    #   its adapter_config.json names); lora_r, lora_alpha, lora_dropout and lora_targets come
+    #   from that file (a --lora-* flag that differs from it is an error)
     quantize_bits: int = 0  # 0, 8 (int8) or 4 (NF4); needs lora_r > 0
     base_dtype: str = "fp32"  # fp32 | bf16 | fp16: dtype of the frozen base under LoRA (the
     #   adapters stay fp32); bf16 halves the base's memory, fp16 is for GPUs without bf16 (and
@@ -299,7 +303,8 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
             raise ValueError(f"--resume {args['resume']}: no {CONFIG_FILE} there (not a run dir)")
         resumed = load_config_file(saved)
     if resumed:  # the paths it gives the run (its own tokenizer.json replaces the tokenizer's)
-        check_run_paths(resumed, [k for k in ("init_from", "data", "val_data", "test_data")
+        check_run_paths(resumed, [k for k in ("init_from", "init_adapter", "data", "val_data",
+                                              "test_data")
                                   if k not in args and k not in given], str(saved))
     return cliconfig.resolve_config(TrainConfig, args, "train", base={**resumed, **given},
                                     choices=_CHOICES)
@@ -976,6 +981,45 @@ def check_next_token_labels(examples: Dataset, split: str, n: int = 8) -> None:
 
 # Keys that mean something only under LoRA (lora_r > 0): set without it, they are refused.
 LORA_ONLY_KEYS = ("lora_alpha", "lora_dropout", "lora_targets", "export_merged")
+# init_adapter's adapter_config.json -> the TrainConfig keys it sets (LoRAConfig's names).
+ADAPTER_KEYS = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
+                "target_modules": "lora_targets"}
+
+
+def with_init_adapter(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the LoRA settings of its ``init_adapter`` (``ADAPTER_KEYS``) and, without
+    ``init_from``, the base the adapter's config names. The adapter's weights fix its rank and
+    targets, so a setting given (other than the default) that differs from the file's is an
+    error, not overridden; what codelm's LoRA cannot honour is refused as ``load_adapter``
+    refuses it. Idempotent: a run's config.json holds the settings it filled in."""
+    if cfg.init_adapter is None:
+        return cfg
+    import lora
+
+    path = Path(cfg.init_adapter).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"--init-adapter {cfg.init_adapter}: not a directory")
+    adapter = lora.read_adapter_config(path)
+    theirs = {key: getattr(adapter, name) for name, key in ADAPTER_KEYS.items()}
+
+    def agrees(key: str, mine) -> bool:  # targets: the same names, in any order
+        if key == "lora_targets":
+            return isinstance(theirs[key], list) and set(mine) == set(theirs[key])
+        return mine == theirs[key]
+
+    if differ := [f"{key}={getattr(cfg, key)!r} (the adapter's: {theirs[key]!r})"
+                  for key in theirs if getattr(cfg, key) != getattr(TrainConfig, key)
+                  and not agrees(key, getattr(cfg, key))]:
+        raise ValueError(f"TrainConfig.{'; '.join(differ)}: --init-adapter {cfg.init_adapter} "
+                         f"fixes these ({path / lora.ADAPTER_CONFIG}): drop those settings to "
+                         "train the adapter on as it is")
+    targets = theirs["lora_targets"]  # one regular expression: the file keeps it (lora_targets
+    #   lists names), and build_model's load_adapter reads it there
+    return dataclasses.replace(
+        cfg, lora_r=theirs["lora_r"], lora_alpha=float(theirs["lora_alpha"]),
+        lora_dropout=float(theirs["lora_dropout"]),
+        lora_targets=cfg.lora_targets or (targets if isinstance(targets, list) else None),
+        init_from=cfg.init_from or str(lora.adapter_base(path, "name the base with --init-from")))
 
 
 def check_not_an_adapter(init_from: str) -> None:
@@ -994,7 +1038,7 @@ def check_not_an_adapter(init_from: str) -> None:
         instead = (f"use the base it names, {base}" if base else "use the base it was trained on")
         instead += " (a run with --export-merged also writes the merged model to export/merged)"
     raise ValueError(f"--init-from {init_from}: a LoRA adapter ({lora.ADAPTER_CONFIG}), not a "
-                     f"model: {instead}")
+                     f"model: {instead}; --init-adapter {init_from} trains that adapter on")
 
 
 def check_run_name(name: str | None, what: str) -> None:
@@ -1006,7 +1050,10 @@ def check_run_name(name: str | None, what: str) -> None:
 
 
 def validate_config(cfg: TrainConfig) -> None:
-    """Reject impossible settings before any work, naming the key."""
+    """Reject impossible settings before any work, naming the key (an ``init_adapter``'s
+    settings as ``with_init_adapter`` fills them in)."""
+    cfg = with_init_adapter(cfg)
+
     def need(ok: bool, key: str, why: str) -> None:
         if not ok:
             raise ValueError(f"TrainConfig.{key}={getattr(cfg, key)!r}: {why}")
@@ -1114,7 +1161,7 @@ RESUME_DATA_OPTIONS_MAY_CHANGE = ("cache_dir", "use_cache", "num_workers", "prog
 # TrainConfig keys that hold paths. A new run's config.json holds them absolute, so that eval.py
 # and --resume find them from any directory; an older run's, as typed (relative to the directory
 # it was started in). "stdlib" is a data source's name, not a path.
-PATH_KEYS = ("init_from", "tokenizer", "data", "val_data", "test_data")
+PATH_KEYS = ("init_from", "init_adapter", "tokenizer", "data", "val_data", "test_data")
 
 
 def _is_path(key: str, item) -> bool:
@@ -1220,7 +1267,14 @@ def load_or_train_tokenizer(cfg: TrainConfig, dcfg: DataConfig) -> CodeTokenizer
     (cached by corpus, tokenizer options and encoding version: ``dataset.tokenizer_cache_dir``,
     so a second run reuses it)."""
     from dataset import prepare, publish_cache_entry, tokenizer_cache_dir
-    from tokenizer import TOKENIZER_FILE, CodeTokenizer, load_tokenizer
+    from tokenizer import (
+        TOKENIZER_FILE,
+        CodeTokenizer,
+        check_model_tokenizer,
+        load_tokenizer,
+        tokenizer_path,
+        where_tokenizer_is,
+    )
 
     own = Path(cfg.init_from) / TOKENIZER_FILE if cfg.init_from is not None else None
     if cfg.tokenizer is not None:
@@ -1229,12 +1283,17 @@ def load_or_train_tokenizer(cfg: TrainConfig, dcfg: DataConfig) -> CodeTokenizer
             print(f"warning: --tokenizer {cfg.tokenizer} differs from {own}, the tokenizer "
                   f"--init-from {cfg.init_from} was trained with: its ids name other tokens than "
                   "the ones the pretrained embeddings learned", file=sys.stderr)
+        if cfg.init_from is not None:
+            check_model_tokenizer(tok, tokenizer_path(cfg.tokenizer), cfg.init_from)
         return tok
     if own is not None:
         if not own.is_file():
-            raise ValueError(f"--init-from {cfg.init_from}: no {TOKENIZER_FILE} in it; pass "
-                             "--tokenizer with the tokenizer the checkpoint was trained with")
-        return load_tokenizer(own)
+            raise ValueError(f"--init-from {cfg.init_from}: no {TOKENIZER_FILE} in it"
+                             f"{where_tokenizer_is(cfg.init_from)}; pass --tokenizer with the "
+                             "tokenizer the checkpoint was trained with")
+        tok = load_tokenizer(own)
+        check_model_tokenizer(tok, own, cfg.init_from)
+        return tok
     cached = tokenizer_cache_dir(dcfg, cfg.tokenizer_min_freq, cfg.tokenizer_max_vocab)
     if dcfg.use_cache and (cached / "tokenizer.json").is_file():
         return load_tokenizer(cached)
@@ -1299,7 +1358,8 @@ def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int | None,
 
 
 def build_model(cfg: TrainConfig, tok: CodeTokenizer | BPETokenizer) -> nn.Module:
-    """From scratch or from ``init_from``; then the quantized base and LoRA if asked for."""
+    """From scratch or from ``init_from``; then the quantized base and LoRA if asked for (new
+    adapters, or ``init_adapter``'s: ``cfg`` as ``with_init_adapter`` fills it in)."""
     from architecture import Transformer
 
     base_dtype = SHORT_DTYPES[cfg.base_dtype]
@@ -1320,9 +1380,12 @@ def build_model(cfg: TrainConfig, tok: CodeTokenizer | BPETokenizer) -> nn.Modul
 
         if cfg.quantize_bits:
             lora.quantize_base(model, bits=cfg.quantize_bits)
-        options = {"target_modules": cfg.lora_targets} if cfg.lora_targets else {}
-        lora.apply_lora(model, lora.LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha,
-                                               dropout=cfg.lora_dropout, **options))
+        if cfg.init_adapter is not None:  # its own config (with_init_adapter: cfg agrees)
+            lora.load_adapter(model, cfg.init_adapter)
+        else:
+            options = {"target_modules": cfg.lora_targets} if cfg.lora_targets else {}
+            lora.apply_lora(model, lora.LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha,
+                                                   dropout=cfg.lora_dropout, **options))
     model.gradient_checkpointing = cfg.gradient_checkpointing
     return model
 
@@ -1604,6 +1667,7 @@ class _Run:
 
     def __init__(self, cfg: TrainConfig, dist: Dist, resume_hint: str | None = None,
                  restarts: bool = False):
+        cfg = with_init_adapter(cfg)
         validate_config(cfg)
         self.cfg, self.dist = cfg, dist
         self.main = dist.main

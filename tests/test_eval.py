@@ -1494,6 +1494,53 @@ def test_which_tokenizer_a_model_spec_loads(tiny_models, tmp_path):
         ev.load_model(str(m["base"]), cpu, str(big_dir))
 
 
+def test_a_tokenizer_that_is_not_the_models_is_refused(tiny_models, tmp_path):
+    """--tokenizer, or an adapter's own tokenizer.json, of as many tokens but other special
+    ids than the base's config.json names: refused, pointing at the model's own."""
+    import shutil
+
+    import torch
+
+    from tokenizer import CodeTokenizer
+
+    cpu, m = torch.device("cpu"), tiny_models
+    texts = [p.read_text() for p in sorted(m["code"].iterdir())]
+    other = tmp_path / "other"
+    other.mkdir()
+    CodeTokenizer.train(texts, min_freq=2, special_tokens=("<bos>", "<eos>", "<pad>")).save(other)
+    refused = (f"{other / 'tokenizer.json'} is not the tokenizer of the model in {m['base']}: "
+               f"{m['base'] / 'config.json'} has bos_token_id 1 ('<eos>' in the tokenizer, its "
+               "eos) and eos_token_id 2 ('<pad>' in the tokenizer), but the tokenizer's bos is 0 "
+               "('<bos>') and the tokenizer's eos is 1 ('<eos>'); pass --tokenizer "
+               f"{m['base']}, the model's own")
+    with pytest.raises(ValueError) as err:
+        ev.load_model(str(m["base"]), cpu, str(other))
+    assert str(err.value) == refused
+    adapter = tmp_path / "adapter"
+    shutil.copytree(m["adapter"], adapter)
+    shutil.copy(other / "tokenizer.json", adapter / "tokenizer.json")
+    with pytest.raises(ValueError, match=f"^{adapter / 'tokenizer.json'} is not the tokenizer of "
+                                         f"the model in {m['base']}: "):
+        ev.load_model(str(adapter), cpu)
+
+
+def test_a_runs_export_without_its_tokenizer_names_the_run(tiny_models, tmp_path):
+    """eval.py on a run's export/ that holds no tokenizer.json names the run above it, as
+    tokenizer.py does."""
+    import shutil
+
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_models["base"], run / "export")
+    shutil.move(run / "export" / "tokenizer.json", run / "tokenizer.json")
+    export = run / "export"
+    with pytest.raises(ValueError, match=f"^EvalConfig.models '{export}': no tokenizer.json in "
+                                         f"{export}; {run.resolve()} above it holds one; pass "
+                                         "--tokenizer$"):
+        ev.load_model(str(export), torch.device("cpu"))
+
+
 def test_lora_run_directory_loads_base_plus_adapter(tiny_models, tmp_path):
     import json
     import shutil

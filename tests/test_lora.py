@@ -185,6 +185,15 @@ def test_adapters_peft_reads_differently_are_refused(tmp_path, key, value):
     with pytest.raises(ValueError, match=rf"adapter_config.json: {key}=.* not supported"):
         load_adapter(fresh, tmp_path / "a")
 
+
+def test_contracts_list_exactly_the_adapter_options_codelm_refuses():
+    """docs/contracts.md's list of refused adapter_config.json keys had drifted from lora.py's
+    (it named four of them): every key read_adapter_config refuses, and no other."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "contracts.md").read_text("utf-8")
+    listed = text.split("leave one unset): ", 1)[1].split("\nmerge_lora(", 1)[0]
+    assert {key.strip(" #\n") for key in listed.split(",")} == set(lora._UNSUPPORTED_PEFT_KEYS)
+    assert all(f" {init}" in text for init in lora._BASE_REWRITING_INITS)
+
 # Real shapes, built on the meta device (no memory): transformers configs typed from the
 # published checkpoints' config.json, codelm's from its presets.
 REAL = {
@@ -547,7 +556,7 @@ def test_a_failed_save_leaves_the_earlier_adapter_whole(tmp_path):
     torch.testing.assert_close(_logits(model, ids), saved, atol=0, rtol=0)
     save_adapter(other, tmp_path / "a")
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(before)
-    assert lora._read_config(tmp_path / "a").r == 2 * setting["r"]
+    assert lora.read_adapter_config(tmp_path / "a").r == 2 * setting["r"]
 
 
 def test_partial_suffix_target_is_saved_exactly(tmp_path):
@@ -989,6 +998,30 @@ def test_cli_merges_a_peft_adapter_into_a_checkpoint_transformers_loads(tmp_path
     ids = _ids(3)
     torch.testing.assert_close(_logits(merged, ids), _logits(peft_model.eval(), ids),
                                atol=1e-5, rtol=0)
+
+
+def test_cli_refuses_an_adapter_tokenizer_that_is_not_the_bases(tmp_path, capsys):
+    """The merge writes the adapter's tokenizer.json beside the base's config.json: one whose
+    roles that config contradicts is refused, and nothing is written."""
+    from tokenizer import CodeTokenizer
+
+    _, model, _ = _pair("llama", tmp_path)  # config bos 1, eos 2: the default CodeTokenizer's
+    apply_lora(model, LoRAConfig(r=2, alpha=4))
+    adapter = tmp_path / "adapter"
+    save_adapter(model, adapter, base_model_name_or_path=str(tmp_path / "hf"))
+    CodeTokenizer.train(["x = 1\n"] * 3, min_freq=1,
+                        special_tokens=("<bos>", "<eos>", "<pad>")).save(adapter)
+    out = tmp_path / "merged"
+    capsys.readouterr()
+    assert lora.main([str(adapter), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {adapter / 'tokenizer.json'} is not the tokenizer of the "
+                          f"model in {tmp_path / 'hf'}: ")
+    assert err.endswith(f"; the merge would write it beside {tmp_path / 'hf'}'s weights: put the "
+                        f"tokenizer {tmp_path / 'hf'} was trained with in its place\n")
+    assert not out.exists()
+    CodeTokenizer.train(["x = 1\n"] * 3, min_freq=1).save(adapter)  # bos 1, eos 2: passes
+    assert lora.main([str(adapter), str(out)]) == 0
 
 
 def test_cli_without_a_local_base_asks_for_base_and_writes_nothing(tmp_path, capsys):

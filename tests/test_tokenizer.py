@@ -41,6 +41,7 @@ from tokenizer import (
     PYTHON_PARSE_ERRORS,
     BPETokenizer,
     CodeTokenizer,
+    check_model_tokenizer,
     load_tokenizer,
     strip_comments_and_docstrings,
 )
@@ -1691,3 +1692,182 @@ def test_cli_on_an_empty_text_counts_zero_tokens(references, capsys):
     assert capsys.readouterr().out == "0 tokens for 0 characters\n"
     assert tokenizer.main([str(path), "--text", "", "--count"]) == 0
     assert capsys.readouterr().out == "0\n"
+
+
+# ------------------------------------------------------------------ a model's tokenizer, by roles
+
+ROLE_TEXTS = ["def f(x):\n    return x + 1\n", "class A:\n    pass\n", "import os\n"] * 4
+
+
+@pytest.fixture(scope="module")
+def role_tokenizers(tmp_path_factory) -> dict:
+    """style -> directory of a small HF tokenizer.json + the tokenizer_config.json naming its
+    roles (as the real models ship them); the roles are transformers' AutoTokenizer's."""
+    import transformers
+
+    out = {}
+    for style in ("gpt2", "starcoder", "llama3"):
+        directory = tmp_path_factory.mktemp(f"roles_{style}")
+        train_hf_tokenizer(style, ROLE_TEXTS, directory / "tokenizer.json")
+        load_tokenizer(directory).save(directory)
+        tok, hf = load_tokenizer(directory), transformers.AutoTokenizer.from_pretrained(directory)
+        assert (tok.bos_id, tok.eos_id) == (hf.bos_token_id, hf.eos_token_id)
+        out[style] = directory
+    return out
+
+
+def _model_dir(path, **ids):
+    """A model directory whose config.json (a tiny Llama's) has these ids; written here, as
+    importing transformers' Llama config costs seconds, and the check reads only these keys."""
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 512,
+                                                  **ids}))
+    return path
+
+
+def test_a_tokenizer_whose_roles_cross_the_models_config_is_refused(role_tokenizers, tmp_path):
+    """A model trained with StarCoder's tokenizer (bos = eos = <|endoftext|>, id 0) given a
+    Llama-3 one of no more tokens: its id 0 is <|begin_of_text|>, the config's eos."""
+    import shutil
+
+    star, llama3 = role_tokenizers["starcoder"], role_tokenizers["llama3"]
+    tok = load_tokenizer(star)
+    model = _model_dir(tmp_path / "model", bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    shutil.copy(star / "tokenizer.json", model / "tokenizer.json")
+    check_model_tokenizer(tok, star / "tokenizer.json", model)  # its own: passes
+    wrong = load_tokenizer(llama3)
+    assert wrong.vocab_size <= 512 and (wrong.bos_id, wrong.eos_id) == (0, 1)
+    with pytest.raises(ValueError) as err:
+        check_model_tokenizer(wrong, llama3 / "tokenizer.json", model)
+    assert str(err.value) == (
+        f"{llama3 / 'tokenizer.json'} is not the tokenizer of the model in {model}: "
+        f"{model / 'config.json'} has eos_token_id 0 ('<|begin_of_text|>' in the tokenizer, its "
+        "bos), but the tokenizer's eos is 1 ('<|end_of_text|>'); pass --tokenizer "
+        f"{model}, the model's own")
+
+
+def test_a_codelm_tokenizer_the_config_does_not_name_is_refused(tmp_path):
+    """A CodeTokenizer's roles are fixed, never guessed: another layout of special tokens, or an
+    HF model's ids past its vocabulary, cannot be the model's."""
+    texts = ROLE_TEXTS
+    trained = CodeTokenizer.train(texts, min_freq=1)
+    model = _model_dir(tmp_path / "model", bos_token_id=trained.bos_id,
+                       eos_token_id=trained.eos_id)
+    check_model_tokenizer(trained, tmp_path / "t.json", model)
+    other = CodeTokenizer.train(texts, min_freq=1,
+                                special_tokens=("<pad>", "<sep>", "<cls>", "<bos>", "<eos>"))
+    with pytest.raises(ValueError, match=r"has bos_token_id 1 \('<sep>' in the tokenizer\) and "
+                                         r"eos_token_id 2 \('<cls>' in the tokenizer\), but the "
+                                         r"tokenizer's bos is 3 \('<bos>'\) and the tokenizer's "
+                                         r"eos is 4 \('<eos>'\); pass --tokenizer with the "
+                                         "tokenizer"):
+        check_model_tokenizer(other, tmp_path / "t.json", model)
+    hf_ids = _model_dir(tmp_path / "hf", bos_token_id=510, eos_token_id=[509, 511])
+    past = f"past the tokenizer's {trained.vocab_size} tokens"
+    with pytest.raises(ValueError, match=rf"eos_token_id 509 \({past}\), 511 \({past}\)"):
+        check_model_tokenizer(trained, tmp_path / "t.json", hf_ids)
+
+
+def test_legitimate_model_and_tokenizer_pairs_pass_silently(role_tokenizers, tmp_path, capsys):
+    """What real checkpoints ship: an eos list (Llama-3-Instruct), a chat eos beside a guessed
+    one, a stale bos beside the right eos (CodeGen), null ids (Phi-1.5), a class default past
+    the embeddings, no config at all (a from-scratch run) and codelm's own exports."""
+    import dataclasses
+    import shutil
+
+    from architecture import PRESETS, Transformer
+
+    llama3, gpt2 = role_tokenizers["llama3"], role_tokenizers["gpt2"]
+    guessed = tmp_path / "guessed"  # no tokenizer_config.json: eos guessed as <|end_of_text|>
+    guessed.mkdir()
+    shutil.copy(llama3 / "tokenizer.json", guessed / "tokenizer.json")
+    cases = [
+        (llama3, dict(bos_token_id=0, eos_token_id=[1, 2])),  # <|end_of_text|>, <|eot_id|>
+        (guessed, dict(bos_token_id=0, eos_token_id=2)),
+        (guessed, dict(bos_token_id=None, eos_token_id=2)),  # Qwen-style: no bos, chat eos
+        (gpt2, dict(bos_token_id=1, eos_token_id=0)),  # CodeGen-350M: bos 1 is '"' there
+        (gpt2, dict(bos_token_id=None, eos_token_id=None)),  # Phi-1.5
+        (gpt2, dict(bos_token_id=50256, eos_token_id=50256)),  # GPT-2's, past 512 embeddings
+    ]
+    for i, (directory, ids) in enumerate(cases):
+        tok = load_tokenizer(directory)
+        assert tok.vocab_size <= 512
+        model = _model_dir(tmp_path / str(i), **ids)
+        check_model_tokenizer(tok, directory / "tokenizer.json", model)
+    assert load_tokenizer(guessed).eos_id == 1
+    check_model_tokenizer(load_tokenizer(gpt2), gpt2 / "tokenizer.json", tmp_path / "none")
+    for tok in (CodeTokenizer.train(ROLE_TEXTS, min_freq=1), load_tokenizer(llama3)):
+        cfg = dataclasses.replace(PRESETS["tiny"], vocab_size=tok.vocab_size, bos_id=tok.bos_id,
+                                  eos_id=tok.eos_id)  # as trainingmanager.model_config sets them
+        export = tmp_path / f"export_{type(tok).__name__}"
+        Transformer(cfg).save_pretrained(export)
+        tok.save(export)
+        check_model_tokenizer(load_tokenizer(export), export / "tokenizer.json", export)
+    assert capsys.readouterr().err == ""
+
+
+def test_a_stale_config_or_another_models_tokenizer_is_a_warning(role_tokenizers, tmp_path,
+                                                                 capsys):
+    """Config ids that name ordinary tokens (LlamaConfig's defaults bos 1, eos 2, in a GPT-2
+    vocabulary) cannot be told from another model's tokenizer: warned about, not refused."""
+    gpt2 = role_tokenizers["gpt2"]
+    model = _model_dir(tmp_path / "model", bos_token_id=1, eos_token_id=2)
+    tok = load_tokenizer(gpt2)
+    check_model_tokenizer(tok, gpt2 / "tokenizer.json", model)
+    first, second = tok.id_to_token(1), tok.id_to_token(2)
+    assert capsys.readouterr().err == (
+        f"warning: {gpt2 / 'tokenizer.json'} may not be the tokenizer of the model in {model}: "
+        f"{model / 'config.json'} has bos_token_id 1 ({first!r} in the tokenizer) and "
+        f"eos_token_id 2 ({second!r} in the tokenizer), none a special token there, but the "
+        "tokenizer's bos is 0 ('<|endoftext|>') and the tokenizer's eos is 0 ('<|endoftext|>'): "
+        "a stale config.json or another model's tokenizer; if the latter, pass --tokenizer with "
+        f"the tokenizer {model} was trained with\n")
+
+
+# ------------------------------------------------------------- where a missing tokenizer.json is
+
+def test_cli_on_an_adapter_directory_names_its_base(tmp_path, capsys):
+    """A LoRA adapter directory holds no tokenizer: the error says so and names the base its
+    adapter_config.json records, where that holds one."""
+    import json
+
+    import tokenizer
+
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+
+    def run(base_name) -> str:
+        (adapter / "adapter_config.json").write_text(
+            json.dumps({"peft_type": "LORA", "base_model_name_or_path": base_name}))
+        assert tokenizer.main([str(adapter), "--text", "x"]) == 2
+        return capsys.readouterr().err
+
+    missing = f"error: {adapter / 'tokenizer.json'}: not found; {adapter} is a LoRA adapter " \
+              "directory (adapter_config.json), whose tokenizer is its base model's"
+    assert run(None) == f"{missing}, and its config names no base_model_name_or_path\n"
+    assert run(str(base)) == (f"{missing}, {base}, and that is no local directory holding a "
+                              "tokenizer.json\n")
+    base.mkdir()
+    CodeTokenizer.train(["x = 1\n"] * 3, min_freq=1).save(base)
+    assert run(str(base)) == f"{missing}: {base}\n"
+    assert tokenizer.main([str(base), "--text", "x", "--count"]) == 0  # which loads
+
+
+def test_a_runs_directories_without_tokenizer_name_the_one_that_holds_it(tmp_path):
+    """A run keeps its tokenizer at its top: its best/ or checkpoints/step-N/ name the run, and
+    the runs directory the runs below it."""
+    run = tmp_path / "runs" / "a"
+    step = run / "checkpoints" / "step-4"
+    step.mkdir(parents=True)
+    (run / "best").mkdir()
+    CodeTokenizer.train(["x = 1\n"] * 3, min_freq=1).save(run)
+    for inside in (run / "best", step):
+        with pytest.raises(ValueError, match=f"^{inside / 'tokenizer.json'}: not found; "
+                                             f"{run.resolve()} above it holds one$"):
+            load_tokenizer(inside)
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'runs' / 'tokenizer.json'}: not found; "
+                                         f"{run} below it holds one$"):
+        load_tokenizer(tmp_path / "runs")
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'tokenizer.json'}: not found$"):
+        load_tokenizer(tmp_path)

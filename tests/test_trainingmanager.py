@@ -1508,6 +1508,41 @@ def test_init_from_without_a_tokenizer_asks_for_tokenizer(assets, tmp_path):
         tm.load_or_train_tokenizer(cfg, tm.data_config(cfg, 32))
 
 
+def test_init_from_a_runs_export_without_a_tokenizer_names_the_run(assets, tmp_path):
+    """An export/ that lost its tokenizer.json: the run above it holds one, as load_tokenizer
+    and eval.py say."""
+    run = tmp_path / "run"
+    export = run / "export"
+    shutil.copytree(tiny_llama(tmp_path), export)
+    shutil.copy(assets["tokenizer"], run / "tokenizer.json")
+    cfg = tiny_cfg(assets, tmp_path, init_from=str(export), tokenizer=None)
+    with pytest.raises(ValueError, match=rf"--init-from {re.escape(str(export))}: no "
+                                         rf"tokenizer\.json in it; {re.escape(str(run.resolve()))} "
+                                         r"above it holds one; pass --tokenizer"):
+        tm.load_or_train_tokenizer(cfg, tm.data_config(cfg, 32))
+
+
+def test_init_from_with_a_tokenizer_that_is_not_the_models_is_refused(assets, tmp_path):
+    """--tokenizer, or the checkpoint's own tokenizer.json, whose roles the checkpoint's
+    config.json contradicts (here a CodeTokenizer of another special-token layout, with no more
+    tokens than the embeddings, which the vocabulary check let through)."""
+    base = tiny_llama(tmp_path)  # bos 1, eos 2: the default CodeTokenizer's
+    texts = [Path(p).read_text("utf-8") for p in sorted(Path(assets["corpus"]).iterdir())]
+    other = tmp_path / "other"
+    other.mkdir()
+    CodeTokenizer.train(texts, min_freq=2, max_vocab=150,
+                        special_tokens=("<bos>", "<eos>", "<pad>")).save(other)
+    cfg = tiny_cfg(assets, tmp_path, init_from=str(base), tokenizer=str(other))
+    refused = (rf"^{re.escape(str(other / 'tokenizer.json'))} is not the tokenizer of the model "
+               rf"in {re.escape(str(base))}: .* but the tokenizer's bos is 0 \('<bos>'\)")
+    with pytest.raises(ValueError, match=refused + r".*; pass --tokenizer with the tokenizer"):
+        tm.load_or_train_tokenizer(cfg, tm.data_config(cfg, 32))
+    shutil.copy(other / "tokenizer.json", base / "tokenizer.json")  # now the checkpoint's own
+    own = dataclasses.replace(cfg, tokenizer=None)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(base / 'tokenizer.json'))} is not "):
+        tm.load_or_train_tokenizer(own, tm.data_config(own, 32))
+
+
 def test_a_tokenizer_other_than_the_checkpoints_own_is_warned_about(assets, tmp_path, capsys):
     """Another model's tokenizer with no more tokens than the embeddings trained silently on ids
     that name other tokens."""
@@ -2018,15 +2053,130 @@ def test_init_from_a_lora_adapter_says_what_to_load_instead(tmp_path):
     assert str(refused.value) == (
         f"--init-from {export}: a LoRA adapter (adapter_config.json), not a model: use the base "
         f"it names, {base} (a run with --export-merged also writes the merged model to "
-        "export/merged)")
+        f"export/merged); --init-adapter {export} trains that adapter on")
     shutil.copytree(base, export / "merged")
     with pytest.raises(ValueError) as refused:
         tm.validate_config(cfg)
     assert str(refused.value) == (f"--init-from {export}: a LoRA adapter (adapter_config.json), "
                                   f"not a model: use {export / 'merged'}, the merged model "
-                                  "beside it")
+                                  f"beside it; --init-adapter {export} trains that adapter on")
     tm.validate_config(dataclasses.replace(cfg, init_from=str(export / "merged")))
     assert "its export/merged/" in " ".join(tm.build_parser().format_help().split())
+
+
+def _peft_adapter(base: Path, out: Path):
+    """An adapter made by PEFT on the HF checkpoint ``base`` (B random too, so that it changes
+    the logits), saved to ``out`` naming ``base``; returns the PEFT model in eval mode."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(
+        transformers.AutoModelForCausalLM.from_pretrained(base),
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=["q_proj", "v_proj"],
+                   task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+    peft_model.save_pretrained(out)
+    return peft_model.eval()
+
+
+def test_init_adapter_starts_from_a_peft_adapter_as_peft_computes_it(assets, tmp_path):
+    """--init-adapter takes rank, alpha, dropout, targets and base from adapter_config.json, and
+    the model before any step computes what PEFT's model computes."""
+    base = tiny_llama(tmp_path)
+    peft_model = _peft_adapter(base, tmp_path / "peft")
+    cfg = tm.with_init_adapter(tiny_cfg(assets, tmp_path, init_adapter=str(tmp_path / "peft")))
+    assert (cfg.init_from, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+            sorted(cfg.lora_targets)) == (str(base), 4, 8.0, 0.05, ["q_proj", "v_proj"])
+    model = tm.build_model(cfg, load_tokenizer(assets["tokenizer"])).eval()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == peft_model.get_nb_trainable_parameters()[0]
+    ids = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), peft_model(ids).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_init_adapter_trains_on_and_exports_an_adapter_peft_loads_on_the_same_base(
+        assets, tmp_path):
+    """A few steps move the PEFT adapter's weights (by AdamW's few lr-sized steps: on from
+    them, not from new adapters); the export names the same base, and PEFT reads it as the
+    run's best weights (what eval.py scores) compute."""
+    import transformers
+    from peft import PeftModel
+
+    base = tiny_llama(tmp_path)
+    _peft_adapter(base, tmp_path / "peft")
+    cfg = tiny_cfg(assets, tmp_path, init_adapter=str(tmp_path / "peft"), lr=1e-3, max_steps=3,
+                   eval_every=3, save_every=3, export=True)
+    run = tm.train(cfg).run_dir
+    config = json.loads((run / "export" / "adapter_config.json").read_text())
+    assert (config["base_model_name_or_path"], config["r"], config["lora_alpha"],
+            sorted(config["target_modules"])) == (str(base.resolve()), 4, 8.0,
+                                                  ["q_proj", "v_proj"])
+    start = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    end = load_file(run / "export" / "adapter_model.safetensors")
+    assert start.keys() == end.keys()
+    assert all(0 < (start[k] - end[k]).abs().max() < 0.01 for k in start if "lora_B" in k)
+    assert all((start[k] - end[k]).abs().max() < 0.01 for k in start)
+    run_cfg = tm.config_from_dict(json.loads((run / tm.CONFIG_FILE).read_text()))
+    ours = tm.build_model(run_cfg, load_tokenizer(run))
+    tm.load_model_tensors(ours, load_file(run / tm.BEST_DIR / tm.ADAPTER_FILE), "best", True)
+    peft_model = PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(base), run / "export").eval()
+    ids = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(ids), peft_model(ids).logits, atol=1e-5,
+                                   rtol=1e-4)
+
+
+def test_init_adapter_refuses_a_lora_setting_that_differs_from_the_adapter(tmp_path, capsys):
+    """The adapter's weights fix its rank and targets: a --lora-* flag that differs is an error,
+    not silently overridden; the adapter's own values (targets in any order) are accepted."""
+    base = tiny_llama(tmp_path)
+    _peft_adapter(base, tmp_path / "peft")
+    adapter = str(tmp_path / "peft")
+    tm.validate_config(tm.TrainConfig(init_adapter=adapter, lora_r=4, lora_alpha=8,
+                                      lora_targets=["v_proj", "q_proj"]))
+    for key, value in [("lora_r", 8), ("lora_alpha", 32.0), ("lora_dropout", 0.1),
+                       ("lora_targets", ["q_proj"])]:
+        with pytest.raises(ValueError, match=rf"^TrainConfig\.{key}=.* \(the adapter's: "):
+            tm.validate_config(tm.TrainConfig(init_adapter=adapter, **{key: value}))
+    assert tm.main(["--init-adapter", adapter, "--lora-r", "8"]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"error: TrainConfig.lora_r=8 (the adapter's: 4): --init-adapter {adapter} fixes these "
+        f"({adapter}/adapter_config.json): drop those settings to train the adapter on as it "
+        "is\n")
+
+
+def test_init_adapter_that_cannot_be_honoured_is_an_error_naming_the_path(tmp_path):
+    """A missing directory, a run directory instead of its export/, an option codelm's LoRA
+    refuses (the check load_adapter makes), and a base that is no local directory."""
+    def refused(**values) -> str:
+        with pytest.raises(ValueError) as e:
+            tm.validate_config(tm.TrainConfig(**values))
+        return str(e.value)
+
+    missing = tmp_path / "nowhere"
+    assert refused(init_adapter=str(missing)) == f"--init-adapter {missing}: not a directory"
+    run = tmp_path / "run"
+    _peft_adapter(tiny_llama(tmp_path), run / "export")
+    assert refused(init_adapter=str(run)) == (
+        f"{run / 'adapter_config.json'}: not found; an adapter directory holds "
+        f"adapter_config.json and adapter_model.safetensors ({run / 'export'} holds one)")
+    file = run / "export" / "adapter_config.json"
+    config = json.loads(file.read_text())
+    file.write_text(json.dumps({**config, "rank_pattern": {"q_proj": 2}}))
+    assert refused(init_adapter=str(run / "export")) == (
+        f"{file}: rank_pattern={{'q_proj': 2}} is not supported by codelm's LoRA")
+    file.write_text(json.dumps({**config, "base_model_name_or_path": "org/model"}))
+    assert refused(init_adapter=str(run / "export")) == (
+        f"{file}: base_model_name_or_path 'org/model' is not a local directory; name the base "
+        "with --init-from")
+    tm.validate_config(tm.TrainConfig(init_adapter=str(run / "export"),
+                                      init_from=str(tmp_path / "base")))
 
 
 def test_eval_scores_best_when_a_resume_trained_past_the_export(assets, tmp_path, capsys):
