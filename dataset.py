@@ -1522,9 +1522,15 @@ def _build_supervised(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path) -> 
     dtype = _token_dtype(tokenizer)
     meta: dict = {"dtype": dtype, "examples": {}, "tokens": {}, "events": {}}
     in_train: set[bytes] = set()  # hashes of the train examples
+    specials = tokenizer.matched_special_tokens
+    special_text = re.compile("|".join(map(re.escape, specials))) if specials else None
     for s in SPLITS:
         docs = getattr(corpus, s)
         events: Counter = Counter()  # examples skipped or truncated, by reason
+        if special_text is not None:
+            events["pair_holds_special_token_text"] = sum(
+                bool(special_text.search(d.text) or special_text.search(d.target))
+                for d in docs if d.target is not None)
         # (prompt ids, completion ids, whether the completion ends the text: EOS follows it,
         # the span of the prompt that truncation cuts first)
         pairs: list[tuple[list[int], list[int], bool, tuple[int, int]]] = []
@@ -1655,6 +1661,7 @@ def prepare(
     if cfg.use_cache and (path / "meta.json").exists():
         meta = json.loads((path / "meta.json").read_text())
         _note_pairs_as_text(cfg, meta["corpus"])
+        _note_special_token_text(meta["task"])
         return _open_task(path, meta, cfg, tokenizer, cache_hit=True)
     corpus = load_corpus(cfg)
     build = _build_lm if cfg.task == "lm" else _build_supervised
@@ -1666,7 +1673,21 @@ def prepare(
 
     publish_cache_entry(path, write, replace=not cfg.use_cache)
     _note_pairs_as_text(cfg, corpus.stats)
+    _note_special_token_text(meta["task"])
     return _open_task(path, meta, cfg, tokenizer, cache_hit=False)
+
+
+def _note_special_token_text(task_meta: dict) -> None:
+    """A note where pair records hold a special token's text (a chat template's <|eot_id|>,
+    <|begin_of_text|>): dataset.py encodes it as text, where transformers' tokenizer(text) makes
+    it the special id, so a chat-formatted record does not train the chat format."""
+    n = sum(events.get("pair_holds_special_token_text", 0)
+            for events in task_meta.get("events", {}).values())
+    if n:
+        print(f"note: {n} input/output pair(s) hold the text of a special token of the "
+              "tokenizer (e.g. a chat template's <|eot_id|>); codelm encodes it as text, not as "
+              "that token (transformers' tokenizer(text) would give its id): records formatted "
+              "with a chat template do not train the model on its chat format", file=sys.stderr)
 
 
 def _note_pairs_as_text(cfg: DataConfig, corpus_stats: dict) -> None:

@@ -925,13 +925,17 @@ def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig,
                    prompt_ids: Sequence[tuple[list[int], tuple[int, int]]] | None = None,
                    max_prompt_tokens: int | None = None) -> list[str]:
     """Continue each prompt (greedy, or sampled with temperature/top-p/top-k), in left-padded
-    batches; each continuation ends at EOS or the first stop string (which is cut off).
+    batches; each continuation ends at EOS (the tokenizer's, and each special token the
+    model's config.json lists as eos: ``tokenizer.generation_eos_ids``) or the first stop
+    string (which is cut off).
     ``prompt_ids``: each prompt's ids and code span as training tokenized them
     (dataset.tokenize_examples), so that a long prompt is cut as training cut it, code first;
     ``max_prompt_tokens``: the run's own prompt limit (its data options), if it had one."""
     from dataset import fit_prompt
+    from tokenizer import generation_eos_ids
 
     tok, model = lm.tokenizer, lm.model
+    eos = generation_eos_ids(tok, model.cfg.eos_id, model.name_or_path)
     context = _context(lm, cfg)
     new_tokens = min(cfg.max_new_tokens, context // 2)
     start = _prompt_start(lm)
@@ -943,7 +947,7 @@ def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig,
     encoded = [start + fit_prompt(ids, room, span) for ids, span in prompt_ids]
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    pad = tok.pad_id if tok.pad_id is not None else (eos[0] if eos else 0)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     outputs: list[str] = [""] * len(encoded)
     batches = range(0, len(order), cfg.batch_size)
@@ -956,13 +960,12 @@ def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig,
             idx[b, width - len(encoded[i]) :] = torch.tensor(encoded[i])
             mask[b, width - len(encoded[i]) :] = True
         out = model.generate(idx.to(device), new_tokens, temperature=cfg.temperature,
-                             top_k=cfg.top_k, top_p=cfg.top_p, eos_id=tok.eos_id,
+                             top_k=cfg.top_k, top_p=cfg.top_p, eos_id=eos or None,
                              stop=list(stops) or None, attention_mask=mask.to(device),
                              pad_id=pad, decode=tok.decode, generator=generator)
         for b, i in enumerate(rows):
             ids = out[b, width:].tolist()
-            if tok.eos_id is not None and tok.eos_id in ids:
-                ids = ids[: ids.index(tok.eos_id)]
+            ids = ids[: next((j for j, t in enumerate(ids) if t in eos), len(ids))]
             outputs[i] = truncate_at_stops(tok.decode(ids), stops)
     return outputs
 
@@ -973,8 +976,10 @@ def stream_completion(lm: LoadedModel, prompt: str, cfg: EvalConfig,
     """Continue ``prompt`` as ``generate_texts`` does (same prompt format, cut, sampling and
     end), handing the new text to ``write`` token by token; return the whole completion."""
     from dataset import fit_prompt
+    from tokenizer import generation_eos_ids
 
     tok, model = lm.tokenizer, lm.model
+    eos = generation_eos_ids(tok, model.cfg.eos_id, model.name_or_path)
     context = _context(lm, cfg)
     new_tokens = min(cfg.max_new_tokens, context // 2)
     start = _prompt_start(lm)
@@ -983,11 +988,11 @@ def stream_completion(lm: LoadedModel, prompt: str, cfg: EvalConfig,
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     steps = model.stream(torch.tensor([ids], device=device), new_tokens,
                          temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                         eos_id=tok.eos_id, generator=generator)
+                         eos_id=eos or None, generator=generator)
     new: list[int] = []
     shown = ""
     for step in steps:
-        if int(step[0]) == tok.eos_id:
+        if int(step[0]) in eos:
             break
         new.append(int(step[0]))
         text = tok.decode(new)

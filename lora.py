@@ -961,7 +961,8 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer_dir = adapter if (adapter / "tokenizer.json").is_file() else base
         if tokenizer_dir == adapter:  # the merged model pairs the base's config with it
             _check_adapter_tokenizer(adapter, base)
-        pretrained.export_checkpoint(args.out, partial(merge_and_export, model), tokenizer_dir)
+        pretrained.export_checkpoint(args.out, partial(merge_and_export, model), tokenizer_dir,
+                                     generation_from=base)
         # The adapter's own count (PEFT's q_proj, k_proj, v_proj are one fused qkv here).
         adapted = {_KEY_RE.match(k)["module"] for k in _read_weights(adapter)[1]}
         print(f"wrote {args.out}: the LoRA of {adapter} on {len(adapted)} modules "

@@ -956,9 +956,11 @@ COMPANION_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def export_checkpoint(out: str | Path, save_weights: Callable[[Path], object],
-                      companions: str | Path) -> Path:
+                      companions: str | Path, generation_from: str | Path | None = None) -> Path:
     """Write the new checkpoint directory ``out``: ``save_weights`` writes config.json and the
-    weights, and the tokenizer and generation files of ``companions`` are copied beside them.
+    weights, and the tokenizer and generation files of ``companions`` are copied beside them
+    (generation_config.json from ``generation_from`` when given: the weights' own checkpoint,
+    where the tokenizer comes from elsewhere).
     It appears whole or not at all (a failure or a stop leaves no ``out``); an existing ``out``
     is refused, never replaced."""
     out = Path(out)
@@ -968,8 +970,11 @@ def export_checkpoint(out: str | Path, save_weights: Callable[[Path], object],
     def build(tmp: Path) -> None:
         save_weights(tmp)
         for name in COMPANION_FILES:
-            if (Path(companions) / name).is_file():
-                shutil.copy2(Path(companions) / name, tmp / name)
+            source = Path(companions)
+            if name == "generation_config.json" and generation_from is not None:
+                source = Path(generation_from)
+            if (source / name).is_file():
+                shutil.copy2(source / name, tmp / name)
 
     if not cliconfig.write_dir_atomically(out, build, replace=False):
         raise ValueError(f"{out} was written by another process meanwhile; name a new directory")

@@ -483,6 +483,12 @@ class CodeTokenizer(_BatchEncodeMixin):
         return []
 
     @property
+    def matched_special_tokens(self) -> list[str]:
+        """Special tokens whose text HF's tokenizer(text) reads as the token: none (the HF export
+        reads them as text, as codelm does)."""
+        return []
+
+    @property
     def _special_ids(self) -> range:
         """The special tokens come first; ``in`` on a range is O(1)."""
         return range(self._byte_offset)
@@ -1556,6 +1562,12 @@ class BPETokenizer(_BatchEncodeMixin):
         template's suffix is left to callers, which place EOS (``add_eos``)."""
         return list(self._prefix_ids)
 
+    @property
+    def matched_special_tokens(self) -> list[str]:
+        """Special tokens whose text HF's tokenizer(text) reads as the token (a chat template's
+        <|eot_id|>), where dataset.py's documents and pairs keep it text."""
+        return [content for content, flags in self._added.items() if flags["special"]]
+
     # -- vocabulary ------------------------------------------------------------------------------
 
     @property
@@ -1843,6 +1855,30 @@ def _config_ids(value: object, n_embeddings: object) -> list[int]:
     ids = value if isinstance(value, list) else [value]
     return [i for i in ids if type(i) is int and i >= 0
             and not (type(n_embeddings) is int and i >= n_embeddings)]
+
+
+def generation_eos_ids(tok: CodeTokenizer | BPETokenizer, model_eos: object,
+                       model_dir: str | os.PathLike | None = None) -> list[int]:
+    """The ids that end a generated text: the tokenizer's eos, then each id of the model's
+    config.json ``eos_token_id`` (``ModelConfig.eos_id``; Llama-3.2-Instruct's list [128001,
+    128008, 128009]) and of the generation_config.json in ``model_dir`` (the checkpoint's
+    directory, ``Transformer.name_or_path``; Meta-Llama-3-8B-Instruct lists <|eot_id|> there
+    only) that is a special token of the tokenizer, as transformers' generate stops at each of
+    them. An id naming an ordinary token (a class default left in a file, e.g. eos 2 in a GPT-2
+    vocabulary, '#') or past the tokenizer ends nothing; an unreadable generation_config.json
+    adds nothing."""
+    listed = _config_ids(model_eos, tok.vocab_size)
+    generation = Path(model_dir) / "generation_config.json" if model_dir is not None else None
+    if generation is not None and generation.is_file():
+        try:
+            listed += _config_ids(_read_json(generation).get("eos_token_id"), tok.vocab_size)
+        except (ValueError, AttributeError):
+            pass
+    ids = [] if tok.eos_id is None else [tok.eos_id]
+    for i in listed:
+        if i in tok._special_ids and i not in ids:
+            ids.append(i)
+    return ids
 
 
 def _shown_id(tok: CodeTokenizer | BPETokenizer, i: int) -> str:

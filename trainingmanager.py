@@ -2352,7 +2352,9 @@ class _Run:
                     lora.load_adapter(merged, tmp)
                     lora.merge_and_export(merged, tmp / MERGED_DIR)
                     self.tok.save(tmp / MERGED_DIR)
+                    copy_hf_companions(cfg, self.tok, tmp / MERGED_DIR, weights=True)
             self.tok.save(tmp)
+            copy_hf_companions(cfg, self.tok, tmp, weights=cfg.lora_r == 0)
             # Which best/ it holds: eval.py scores best/ instead once a resume trains past it.
             (tmp / EXPORT_RECORD).write_text(json.dumps({"best_step": exported_step}))
 
@@ -2362,12 +2364,55 @@ class _Run:
         return export, sample
 
 
+# The files of a checkpoint that transformers reads beside tokenizer.json (a chat_template,
+# model_max_length, added_tokens_decoder) and beside its weights (generation defaults, eos lists).
+HF_TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+GENERATION_CONFIG = "generation_config.json"
+
+
+def copy_hf_companions(cfg: TrainConfig, tok: object, out: Path, weights: bool) -> None:
+    """Give an export what transformers finds beside the checkpoint it came from: the HF
+    tokenizer files of the directory the run's tokenizer was read from (``--tokenizer``, else
+    ``--init-from``) in place of the roles-only tokenizer_config.json that ``tok.save`` writes,
+    when that directory's tokenizer.json is the run's; and, beside full weights (``weights``),
+    ``--init-from``'s generation_config.json. The tokenizer_class stays ``tok.save``'s
+    PreTrainedTokenizerFast: in a directory without config.json (an adapter) transformers
+    builds the class named there, and StarCoder's GPT2Tokenizer then splits digits otherwise
+    than its tokenizer.json; a bos/eos/pad role the file leaves out, and codelm guessed, is
+    added, as ``tok.save`` writes it."""
+    from tokenizer import BPETokenizer, tokenizer_path
+
+    source = cfg.tokenizer if cfg.tokenizer is not None else cfg.init_from
+    if isinstance(tok, BPETokenizer) and source is not None:
+        path = tokenizer_path(source)
+        try:
+            same = json.loads(path.read_text("utf-8")) == tok.spec
+        except (OSError, ValueError):
+            same = False
+        for name in HF_TOKENIZER_FILES if same else ():
+            if (path.parent / name).is_file():
+                shutil.copyfile(path.parent / name, out / name)
+        config = out / HF_TOKENIZER_FILES[0]
+        if same and (path.parent / config.name).is_file():
+            written = json.loads(config.read_text("utf-8"))
+            written["tokenizer_class"] = "PreTrainedTokenizerFast"  # tok.save's
+            for role in ("bos", "eos", "pad"):  # a role codelm guessed (the run trained with it)
+                i = getattr(tok, f"{role}_id")
+                if f"{role}_token" not in written and i is not None:
+                    written[f"{role}_token"] = tok.id_to_token(i)
+            config.write_text(json.dumps(written, ensure_ascii=False, indent=2), "utf-8")
+    if weights and cfg.init_from is not None and (Path(cfg.init_from) / GENERATION_CONFIG).is_file():
+        shutil.copyfile(Path(cfg.init_from) / GENERATION_CONFIG, out / GENERATION_CONFIG)
+
+
 @torch.no_grad()
 def sample_completion(model: nn.Module, tok: CodeTokenizer | BPETokenizer, prompt: str,
                       max_new_tokens: int, task: str) -> str:
     """Greedy continuation of ``prompt``, formatted as the run's ``task`` trained on it."""
     from dataset import prompt_prefix
+    from tokenizer import generation_eos_ids
 
+    eos = generation_eos_ids(tok, model.cfg.eos_id, model.name_or_path)
     ids = prompt_prefix(tok, task) + tok.encode(prompt)
     max_new_tokens = min(max_new_tokens, model.cfg.block_size - len(ids))
     if max_new_tokens <= 0:
@@ -2376,9 +2421,9 @@ def sample_completion(model: nn.Module, tok: CodeTokenizer | BPETokenizer, promp
     was_training = model.training
     model.eval()
     out = model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature=0.0,
-                         eos_id=tok.eos_id)
+                         eos_id=eos or None)
     model.train(was_training)
-    return tok.decode([i for i in out[0, len(ids):].tolist() if i != tok.eos_id])
+    return tok.decode([i for i in out[0, len(ids):].tolist() if i not in eos])
 
 
 def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,

@@ -1575,6 +1575,34 @@ def test_special_token_text_in_a_document_is_text(tmp_path):
         assert sum(t in sentinels for t in prompt + completion) in (0, 3)
 
 
+def test_chat_formatted_pairs_are_encoded_as_text_and_a_note_says_so(tmp_path, capsys):
+    """A pair record written with Llama-3-Instruct's chat template holds <|eot_id|> as text:
+    transformers' tokenizer(prompt) makes it the special id, dataset.py keeps it text (its rule
+    for every record), so the model would never see its chat format; a note says so, on a cache
+    hit too, and plain records get none."""
+    from tiny_hf import train_hf_tokenizer
+
+    from tokenizer import load_tokenizer
+
+    hf = train_hf_tokenizer("llama3", list(email_texts().values()), tmp_path / "tokenizer.json")
+    tok = load_tokenizer(tmp_path / "tokenizer.json")
+    eot = hf.token_to_id("<|eot_id|>")
+    chat = [{"prompt": f"<|begin_of_text|>user\n\nscale by {i}<|eot_id|>assistant\n\n",
+             "completion": f"return x * {i}"} for i in range(4)]
+    plain = [{"prompt": f"def scale_{i}(x):\n", "completion": f"    return x * {i}\n"}
+             for i in range(4)]
+    note = "note: 4 input/output pair(s) hold the text of a special token of the tokenizer"
+    for records, noted in ((chat, True), (plain, False)):
+        pairs = write_jsonl(tmp_path / f"{noted}.jsonl", records)
+        for _ in range(2):  # built, then read from the cache
+            data = prepare(cfg(tmp_path, sources=[str(pairs)], task="completion", **WHOLE), tok)
+            assert (note in capsys.readouterr().err) == noted
+    assert eot in hf.encode(chat[0]["prompt"]).ids
+    data = prepare(cfg(tmp_path, sources=[str(tmp_path / "True.jsonl")], task="completion",
+                   **WHOLE), tok)
+    assert all(eot not in prompt_and_completion(data.train[i])[0] for i in range(len(data.train)))
+
+
 # ----------------------------------------------------------------------------- errors, cache
 
 

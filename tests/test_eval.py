@@ -864,6 +864,66 @@ def test_a_llama3_base_is_prompted_with_its_bos_as_transformers_tokenizes_it(tmp
     assert loss == pytest.approx(float(reference), abs=1e-4)
 
 
+@pytest.mark.parametrize("listed_in", ["config.json", "generation_config.json"])
+def test_generation_stops_at_every_eos_of_a_llama3_instruct_checkpoint_as_transformers_does(
+        tmp_path, capsys, listed_in):
+    """Llama-3.2-Instruct's tokenizer eos is <|eot_id|>, but its config.json lists
+    <|end_of_text|> too; Meta-Llama-3-8B-Instruct's first files named <|end_of_text|> in the
+    tokenizer and config.json and <|eot_id|> in generation_config.json only. transformers'
+    generate stops at each, and so do eval.py's batched and streamed generation (they ended only
+    at the tokenizer's, and printed the other token on and on)."""
+    import json
+
+    import torch
+    import transformers
+    from tiny_hf import save_tiny_llama3_instruct
+
+    from tokenizer import load_tokenizer
+
+    base = tmp_path / "instruct"
+    model, _, eos = save_tiny_llama3_instruct(base, [CLASS_SOURCE.format(i=i) for i in range(10)])
+    generation = transformers.GenerationConfig.from_pretrained(base)
+    forced = eos[0]  # <|end_of_text|>: in config.json's list, not the tokenizer's eos
+    if listed_in == "generation_config.json":
+        config = json.loads((base / "tokenizer_config.json").read_text())
+        (base / "tokenizer_config.json").write_text(
+            json.dumps({**config, "eos_token": "<|end_of_text|>"}))
+        model.config.eos_token_id, forced = eos[0], eos[1]  # <|eot_id|>: generation_config only
+    tok = load_tokenizer(base)
+    prompt = "class Stack:\n    def push(self, "
+    ids = torch.tensor([tok.template_prefix + tok.encode(prompt)])
+    with torch.no_grad():  # the forced token's (tied) embedding made the greedy next token
+        last = model(ids, output_hidden_states=True).hidden_states[-1][0, -1]
+        model.model.embed_tokens.weight[forced] = 1e3 * last / last.norm() ** 2
+    model.save_pretrained(base)
+    generation.save_pretrained(base)  # save_pretrained wrote the model's own over it
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    assert hf.generation_config.eos_token_id == eos and tok.eos_id != forced
+    new = hf.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.eos_id)
+    assert new[0, ids.shape[1]:].tolist() == [forced]  # stopped there
+
+    cfg = ev.EvalConfig(max_new_tokens=6, progress=False)
+    lm = ev.load_model(base, torch.device("cpu"))
+    assert ev.generate_texts(lm, [prompt, "x"], cfg)[0] == ""
+    assert ev.main(["--models", str(base), "--prompt", prompt, "--max-new-tokens", "6",
+                    "--runs-dir", str(tmp_path / "runs")]) == 0
+    assert capsys.readouterr().out == f"{prompt}\n"
+
+
+def test_generation_eos_ids_keep_special_config_ids_only():
+    """A config.json eos id naming an ordinary token (a class default such as Phi's 2, '#' in
+    GPT-2's vocabulary) must not end generated code; one past the tokenizer names nothing."""
+    from tokenizer import BPETokenizer, generation_eos_ids
+
+    tok = BPETokenizer.train(["def f(x):\n    return x  # one\n"] * 4, 300,
+                             special_tokens=["<|endoftext|>", "<|im_end|>"])
+    end, im_end = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>")
+    assert tok.eos_id == end
+    assert generation_eos_ids(tok, None) == [end]
+    assert generation_eos_ids(tok, [im_end, end, 2, tok.vocab_size + 5]) == [end, im_end]
+    assert generation_eos_ids(tok, 2) == [end]
+
+
 def test_prompt_with_one_model_prints_its_completion_without_a_header(tiny_models, tmp_path,
                                                                      capsys):
     """The "=== LABEL (SOURCE)" header tells several models' completions apart; one model's

@@ -2785,6 +2785,67 @@ def test_lora_settings_reach_the_adapter_and_the_merged_export_has_the_tokenizer
         assert m.scale == pytest.approx(8.0 / 4) and m.dropout == pytest.approx(0.2)
 
 
+def _starcoder_base(path: Path, texts: list[str]) -> None:
+    """A StarCoder-shaped checkpoint with the Hub's tokenizer_config.json (GPT2Tokenizer) and a
+    generation_config.json of its own."""
+    import transformers
+    from tiny_hf import save_tiny_hf, train_hf_tokenizer
+
+    path.mkdir()
+    tok = train_hf_tokenizer("starcoder", texts, path / "tokenizer.json")
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "model_max_length": 8192,
+         "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "add_prefix_space": False}))
+    end = tok.token_to_id("<|endoftext|>")
+    save_tiny_hf("gpt_bigcode", path, vocab_size=tok.get_vocab_size(), bos_token_id=end,
+                 eos_token_id=end)
+    transformers.GenerationConfig(bos_token_id=end, eos_token_id=end, do_sample=True,
+                                  temperature=0.2).save_pretrained(path)
+
+
+@pytest.mark.parametrize("family", ["llama3-instruct", "starcoder"])
+def test_a_lora_export_gives_transformers_the_bases_tokenizer_and_generation_config(
+        assets, tmp_path, family):
+    """transformers reads a chat_template and model_max_length from tokenizer_config.json, and
+    the sampling defaults and eos list from generation_config.json: the export, its merged model
+    and lora.py's merge of it give AutoTokenizer and generate what the base gives them (the
+    export had a roles-only tokenizer_config.json, the merged models no generation_config.json),
+    with the base's ids (in an adapter directory, which has no config.json, the StarCoder file's
+    tokenizer_class GPT2Tokenizer would split spaces before digits otherwise)."""
+    import transformers
+    from tiny_hf import save_tiny_llama3_instruct
+
+    import lora
+
+    base, corpus = tmp_path / "base", tmp_path / "corpus"
+    corpus.mkdir()
+    for f in sorted(Path(assets["corpus"]).iterdir())[:6]:
+        shutil.copy(f, corpus / f.name)
+    texts = [f.read_text("utf-8") for f in corpus.iterdir()]
+    if family == "starcoder":
+        _starcoder_base(base, texts)
+    else:
+        save_tiny_llama3_instruct(base, texts)
+    cfg = tiny_cfg(assets, tmp_path, init_from=str(base), tokenizer=None, data=[str(corpus)],
+                   lora_r=4, max_steps=1, eval_every=1, eval_examples=2, export=True,
+                   export_merged=True)
+    export = tm.train(cfg).run_dir / "export"
+    assert lora.main([str(export), str(tmp_path / "merged")]) == 0
+    messages = [{"role": "user", "content": "def add(a, b):"}]
+    text = "def f(x,  1):\n    return  42 + x\n"
+    want = transformers.AutoTokenizer.from_pretrained(base)
+    gen = transformers.GenerationConfig.from_pretrained(base).to_diff_dict()
+    for directory in (export, export / "merged", tmp_path / "merged"):
+        hf = transformers.AutoTokenizer.from_pretrained(directory)
+        assert hf.model_max_length == want.model_max_length < 10**6
+        assert hf(text)["input_ids"] == want(text)["input_ids"]
+        if want.chat_template is not None:
+            assert hf.apply_chat_template(messages) == want.apply_chat_template(messages)
+        if directory != export:  # full weights: an adapter's come from its base's directory
+            got = transformers.GenerationConfig.from_pretrained(directory).to_diff_dict()
+            assert {k: got.get(k) for k in gen} == gen
+
+
 def test_tensorboard_scalars_are_the_metrics_lines(assets, tmp_path):
     """Read back with TensorBoard's own reader: the scalars sit under kind/key tags (bare names
     made train loss and val_loss collide) and equal metrics.jsonl; the train lines carry the

@@ -134,3 +134,32 @@ def train_hf_tokenizer(style: str, texts: list[str], path) -> Tokenizer:
         )
     tok.save(str(path))
     return tok
+
+
+LLAMA3_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}"
+                        "\n\n{{ m['content'] }}<|eot_id|>{% endfor %}")
+
+
+def save_tiny_llama3_instruct(path: Path, texts: list[str], seed: int = 0):
+    """A Llama-3.2-1B-Instruct-shaped checkpoint in ``path``: tokenizer_config.json as the Hub's
+    (bos <|begin_of_text|>, eos <|eot_id|>, a chat_template, model_max_length 131072), config.json
+    and generation_config.json with eos_token_id [<|end_of_text|>, <|eot_id|>] (the real list adds
+    <|eom_id|>) and the sampling defaults; return (model, HF tokenizer, that eos list)."""
+    import json
+
+    from transformers import GenerationConfig
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = train_hf_tokenizer("llama3", texts, path / "tokenizer.json")
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "model_max_length": 131072,
+         "chat_template": LLAMA3_CHAT_TEMPLATE, "clean_up_tokenization_spaces": True,
+         "tokenizer_class": "PreTrainedTokenizerFast"}))
+    bos = tok.token_to_id("<|begin_of_text|>")
+    eos = [tok.token_to_id("<|end_of_text|>"), tok.token_to_id("<|eot_id|>")]
+    model = save_tiny_hf("llama", path, seed=seed, vocab_size=tok.get_vocab_size(),
+                         bos_token_id=bos, eos_token_id=eos)
+    GenerationConfig(bos_token_id=bos, eos_token_id=eos, do_sample=True, temperature=0.6,
+                     top_p=0.9).save_pretrained(path)
+    return model, tok, eos
