@@ -784,6 +784,52 @@ def test_a_split_by_repo_near_its_fractions_does_not_warn(capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_uneven_split_bounds_are_within_a_factor_of_two_either_way():
+    """A share exactly half or twice the asked one is even (closed form: 80/10/10 asked); past
+    either bound it is named, and a split asked 0% is neither judged nor shown."""
+    from collections import Counter
+
+    fracs = (0.8, 0.1, 0.1)
+    even = Counter(train=70, val=20, test=10), Counter(train=85, val=10, test=5)
+    assert [dataset._uneven_split(c, fracs, {"a", "b"}) for c in even] == [None, None]
+    high = dataset._uneven_split(Counter(train=70, val=25, test=5), fracs, {"a", "b", "c", None})
+    assert "(val off by more than 2x): of the text, train 70.0% (asked 80%), val 25.0% (asked " \
+           "10%), test 5.0% (asked 10%); each of the 3 repos sits whole in one split" in high
+    low = dataset._uneven_split(Counter(train=86, val=10, test=4), fracs, {"a"})
+    assert "(test off by more than 2x)" in low
+    zero = dataset._uneven_split(Counter(train=50, val=50), (0.9, 0.1, 0.0), {"a", "b"})
+    assert "(val off by more than 2x): of the text, train 50.0% (asked 90%), val 50.0% (asked " \
+           "10%); each of the 2 repos" in zero
+
+
+def test_an_uneven_split_is_judged_by_characters_not_files(capsys):
+    """One repo of a few long files beside many repos of short ones: even by file count, but
+    the long repo's split holds most of the text (a pair's completion counted), which the
+    warning is about."""
+    docs = [dataset.Doc(f"u/r{r}/m{i}.py", f"x{r}_{i} = 1\n", repo=f"u/r{r}")
+            for r in range(20) for i in range(3)]
+    docs += [dataset.Doc(f"u/big/m{i}.py", f"y{i} = 2\n" * 500, repo="u/big") for i in range(3)]
+    out, unit = dataset.split_corpus(docs, DataConfig())
+    assert unit == "repo"
+    big = next(s for s in ("train", "val", "test") if any(d.repo == "u/big" for d in out[s]))
+    share = sum(len(d.text) for d in out[big]) / sum(len(d.text) for d in docs)
+    err = capsys.readouterr().err
+    assert f"{big} {share:.1%}" in err and "split by repo is uneven" in err
+    pairs = [dataclasses.replace(d, text="# f\n", target=d.text) for d in docs]  # completions
+    assert dataset.split_corpus(pairs, DataConfig())[0] == {
+        s: [dataclasses.replace(d, text="# f\n", target=d.text) for d in out[s]] for s in out}
+    assert "split by repo is uneven" in capsys.readouterr().err
+
+
+def test_a_split_by_file_is_not_warned_of_as_uneven(capsys):
+    """The warning's remedy is --split-by file: a split by file far from its fractions (few,
+    uneven files) says nothing of repos."""
+    docs = [dataset.Doc(f"u/r/m{i}.py", f"z{i} = 3\n" * (1 + 200 * (i == 0)), repo="u/r")
+            for i in range(10)]
+    out, unit = dataset.split_corpus(docs, DataConfig(split_by="file"))
+    assert unit == "file" and capsys.readouterr().err == ""
+
+
 def test_negative_split_fractions_are_refused_even_when_they_sum_to_one(tmp_path):
     with pytest.raises(DataError, match=r"split fractions must be >= 0 and sum to 1"):
         dataset.load_corpus(cfg(tmp_path, train_frac=1.2, val_frac=-0.1, test_frac=-0.1))
@@ -926,6 +972,19 @@ def test_supervised_example_masks_prompt_and_cuts_it_from_the_left():
     # max_completion_tokens caps the completion first (seed 004: 256 label tokens).
     ex = supervised_example(prompt, list(range(50, 70)), max_length=8, max_completion_tokens=2)
     assert ex["labels"].tolist() == [-100] * 6 + [50, 51]
+
+
+def test_supervised_example_start_is_kept_within_the_context():
+    """``start`` (a template's BOS, eval.py's prompt prefix) goes before the prompt, uncut,
+    inside max_length: the prompt's left end gives way, and start's target is masked too."""
+    prompt, completion = list(range(10, 20)), [31, 32]
+    ex = supervised_example(prompt, completion, max_length=8, start=[1])
+    assert ex["input_ids"].tolist() == [1, 14, 15, 16, 17, 18, 19, 31]
+    assert ex["labels"].tolist() == [-100] * 6 + [31, 32]
+    long = supervised_example(prompt, list(range(50, 70)), max_length=8, start=[1])
+    bare = supervised_example(prompt, list(range(50, 70)), max_length=7)
+    assert long["input_ids"].tolist() == [1, *bare["input_ids"].tolist()]
+    assert long["labels"].tolist() == [-100, *bare["labels"].tolist()]
 
 
 def test_fit_prompt_cuts_only_what_does_not_fit():

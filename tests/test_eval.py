@@ -863,6 +863,16 @@ def test_a_llama3_base_is_prompted_with_its_bos_as_transformers_tokenizes_it(tmp
     reference = torch.nn.functional.cross_entropy(logits, full[0, ids.shape[1]:])
     assert loss == pytest.approx(float(reference), abs=1e-4)
 
+    # The lm score packs each text as the trainer does: <|begin_of_text|> text <|end_of_text|>.
+    texts = ["x = 1\n", prompt]
+    stream = [i for t in texts for i in hf_tok(t)["input_ids"] + [tok.eos_id]]
+    scored = ev.score_lm(lm, texts, cfg)
+    with torch.no_grad():
+        logits = hf(torch.tensor([stream[:-1]])).logits[0]
+    reference = torch.nn.functional.cross_entropy(logits, torch.tensor(stream[1:]))
+    assert scored["tokens"] == len(stream) - 1
+    assert scored["loss"] == pytest.approx(float(reference), abs=1e-4)
+
 
 @pytest.mark.parametrize("listed_in", ["config.json", "generation_config.json"])
 def test_generation_stops_at_every_eos_of_a_llama3_instruct_checkpoint_as_transformers_does(
@@ -1557,6 +1567,7 @@ def test_which_tokenizer_a_model_spec_loads(tiny_models, tmp_path):
 def test_a_tokenizer_that_is_not_the_models_is_refused(tiny_models, tmp_path):
     """--tokenizer, or an adapter's own tokenizer.json, of as many tokens but other special
     ids than the base's config.json names: refused, pointing at the model's own."""
+    import json
     import shutil
 
     import torch
@@ -1582,6 +1593,14 @@ def test_a_tokenizer_that_is_not_the_models_is_refused(tiny_models, tmp_path):
     with pytest.raises(ValueError, match=f"^{adapter / 'tokenizer.json'} is not the tokenizer of "
                                          f"the model in {m['base']}: "):
         ev.load_model(str(adapter), cpu)
+    run = tmp_path / "lora-run"  # a run's own tokenizer is not checked; a --tokenizer is
+    shutil.copytree(m["adapter"], run / "export")
+    shutil.copy(m["base"] / "tokenizer.json", run / "tokenizer.json")
+    (run / "config.json").write_text(json.dumps({"init_from": str(m["base"]), "lora_r": 4}))
+    ev.load_model(str(run), cpu)
+    with pytest.raises(ValueError, match=f"^{other / 'tokenizer.json'} is not the tokenizer of "
+                                         f"the model in {m['base']}: "):
+        ev.load_model(str(run), cpu, str(other))
 
 
 def test_a_runs_export_without_its_tokenizer_names_the_run(tiny_models, tmp_path):

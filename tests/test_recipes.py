@@ -971,3 +971,28 @@ def test_a_stop_while_the_flags_are_read_is_told_not_a_traceback(monkeypatch, ca
     assert code == 130
     assert capsys.readouterr().err == ("interrupted before the first checkpoint: nothing to "
                                        "resume; run the same command again\n")
+
+
+def test_a_recipes_init_adapter_is_loaded_on_its_base_by_the_train_check(tmp_path):
+    """check_train_values (before a smoke run deletes its previous run) takes --init-adapter's
+    base and settings as training does, so an adapter made on another model size is refused
+    there, naming its weights, not found out mid-run."""
+    import lora
+    from architecture import PRESETS, Transformer
+    from tokenizer import CodeTokenizer
+
+    tok = CodeTokenizer.train(["x = 1\n"] * 3, min_freq=1)
+    cfg = dataclasses.replace(PRESETS["tiny"], vocab_size=tok.vocab_size, bos_id=tok.bos_id,
+                              eos_id=tok.eos_id)
+    base, adapter, wider = tmp_path / "base", tmp_path / "adapter", tmp_path / "wider"
+    model = Transformer(cfg)
+    model.save_pretrained(base)
+    tok.save(base)
+    for made_on, where in ((model, adapter), (Transformer(dataclasses.replace(
+            cfg, n_embd=2 * cfg.n_embd)), wider)):
+        lora.apply_lora(made_on, lora.LoRAConfig(r=2, alpha=4))
+        lora.save_adapter(made_on, where, base_model_name_or_path=str(base))
+    recipes.check_train_values({"init_adapter": str(adapter)}, "recipe.json")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(wider / 'adapter_model.safetensors'))}"
+                                         r": .* has shape \(2, 128\), the model expects \(2, 64\)"):
+        recipes.check_train_values({"init_adapter": str(wider)}, "recipe.json")

@@ -1824,6 +1824,76 @@ def test_a_stale_config_or_another_models_tokenizer_is_a_warning(role_tokenizers
         f"the tokenizer {model} was trained with\n")
 
 
+def test_one_crossed_role_is_refused_beside_an_ordinary_one_with_the_models_own_remedy(
+        role_tokenizers, tmp_path):
+    """The config's eos is the tokenizer's bos (transformers' AutoTokenizer says which id is
+    which), its bos an ordinary token: one crossed role suffices. The checked file is the
+    model's own tokenizer.json, so the remedy cannot be to pass that same file."""
+    import shutil
+
+    import transformers
+
+    llama3 = role_tokenizers["llama3"]
+    hf = transformers.AutoTokenizer.from_pretrained(llama3)
+    ordinary = hf.convert_tokens_to_ids("a")
+    assert ordinary not in hf.all_special_ids
+    model = _model_dir(tmp_path / "model", bos_token_id=ordinary, eos_token_id=hf.bos_token_id)
+    shutil.copy(llama3 / "tokenizer.json", model / "tokenizer.json")
+    tok = load_tokenizer(llama3)
+    with pytest.raises(ValueError) as err:
+        check_model_tokenizer(tok, model / "tokenizer.json", model)
+    assert str(err.value) == (
+        f"{model / 'tokenizer.json'} is not the tokenizer of the model in {model}: "
+        f"{model / 'config.json'} has bos_token_id {ordinary} ('a' in the tokenizer) and "
+        f"eos_token_id {hf.bos_token_id} ({hf.bos_token!r} in the tokenizer, its bos), but the "
+        f"tokenizer's bos is {hf.bos_token_id} ({hf.bos_token!r}) and the tokenizer's eos is "
+        f"{hf.eos_token_id} ({hf.eos_token!r}); pass --tokenizer with the tokenizer {model} was "
+        "trained with")
+
+
+def test_config_ids_at_the_edge_of_the_embeddings_and_the_tokenizer(tmp_path):
+    """An id equal to the config's vocab_size is past the embeddings (names nothing, skipped);
+    one equal to the tokenizer's size is past the tokenizer (shown so, not looked up); a config
+    without a top-level vocab_size (a multimodal model's) still has its ids compared."""
+    tok = CodeTokenizer.train(ROLE_TEXTS, min_freq=1)
+    edge = _model_dir(tmp_path / "edge", bos_token_id=tok.bos_id, eos_token_id=512)
+    check_model_tokenizer(tok, tmp_path / "t.json", edge)
+    past = _model_dir(tmp_path / "past", bos_token_id=tok.bos_id, eos_token_id=tok.vocab_size)
+    with pytest.raises(ValueError, match=rf"has eos_token_id {tok.vocab_size} \(past the "
+                                         rf"tokenizer's {tok.vocab_size} tokens\), but "):
+        check_model_tokenizer(tok, tmp_path / "t.json", past)
+    nested = _model_dir(tmp_path / "nested", vocab_size=None, bos_token_id=tok.bos_id,
+                        eos_token_id=tok.eos_id)
+    check_model_tokenizer(tok, tmp_path / "t.json", nested)
+    wrong = _model_dir(tmp_path / "wrong", vocab_size=None, bos_token_id=tok.bos_id,
+                       eos_token_id=tok.bos_id)
+    with pytest.raises(ValueError, match=r"is not the tokenizer of the model"):
+        check_model_tokenizer(tok, tmp_path / "t.json", wrong)
+
+
+def test_a_role_the_tokenizer_has_none_of_is_not_compared(role_tokenizers, tmp_path, capsys):
+    """A tokenizer_config.json with a null bos (transformers: no bos token) against a config
+    whose bos names an ordinary token and whose eos is null: nothing to compare, no word."""
+    import shutil
+
+    import transformers
+
+    directory = tmp_path / "no_bos"
+    directory.mkdir()
+    shutil.copy(role_tokenizers["gpt2"] / "tokenizer.json", directory / "tokenizer.json")
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None,
+         "eos_token": "<|endoftext|>"}))
+    hf = transformers.AutoTokenizer.from_pretrained(directory)
+    tok = load_tokenizer(directory)
+    assert hf.bos_token_id is None and (tok.bos_id, tok.eos_id) == (None, hf.eos_token_id)
+    ordinary = hf.convert_tokens_to_ids("a")
+    assert isinstance(ordinary, int) and ordinary not in hf.all_special_ids
+    model = _model_dir(tmp_path / "model", bos_token_id=ordinary, eos_token_id=None)
+    check_model_tokenizer(tok, directory / "tokenizer.json", model)
+    assert capsys.readouterr().err == ""
+
+
 # ------------------------------------------------------------- where a missing tokenizer.json is
 
 def test_cli_on_an_adapter_directory_names_its_base(tmp_path, capsys):
@@ -1871,3 +1941,32 @@ def test_a_runs_directories_without_tokenizer_name_the_one_that_holds_it(tmp_pat
         load_tokenizer(tmp_path / "runs")
     with pytest.raises(ValueError, match=f"^{tmp_path / 'tokenizer.json'}: not found$"):
         load_tokenizer(tmp_path)
+
+
+def test_an_adapters_base_without_a_tokenizer_json_is_not_named_as_its_tokenizer(tmp_path):
+    """A base directory that exists but holds no tokenizer.json (a SentencePiece-only model),
+    and an empty base_model_name_or_path, are said to be what they are."""
+    import tokenizer
+
+    adapter, base = tmp_path / "adapter", tmp_path / "base"
+    adapter.mkdir()
+    base.mkdir()
+    (base / "tokenizer.model").write_bytes(b"")
+    lead = (f"; {adapter} is a LoRA adapter directory (adapter_config.json), whose tokenizer is "
+            "its base model's")
+    for name, told in ((str(base), f"{lead}, {base}, and that is no local directory holding a "
+                                   "tokenizer.json"),
+                       ("", f"{lead}, and its config names no base_model_name_or_path")):
+        (adapter / "adapter_config.json").write_text(json.dumps(
+            {"peft_type": "LORA", "base_model_name_or_path": name}))
+        assert tokenizer.where_tokenizer_is(adapter) == told
+
+
+def test_a_runs_directory_names_every_run_below_that_holds_a_tokenizer(tmp_path):
+    import tokenizer
+
+    runs = tmp_path / "runs"
+    for name in ("b", "a"):
+        (runs / name).mkdir(parents=True)
+        CodeTokenizer.train(["x = 1\n"] * 3, min_freq=1).save(runs / name)
+    assert tokenizer.where_tokenizer_is(runs) == f"; {runs / 'a'}, {runs / 'b'} below it hold one"

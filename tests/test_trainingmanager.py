@@ -2179,6 +2179,57 @@ def test_init_adapter_that_cannot_be_honoured_is_an_error_naming_the_path(tmp_pa
                                       init_from=str(tmp_path / "base")))
 
 
+def _adapter_config(path: Path, base: Path, target_modules) -> str:
+    """A PEFT-style adapter directory holding only its adapter_config.json (all that
+    with_init_adapter reads), on the local directory ``base``."""
+    path.mkdir()
+    base.mkdir(exist_ok=True)
+    (path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
+         "target_modules": target_modules, "base_model_name_or_path": str(base)}))
+    return str(path)
+
+
+def test_init_adapter_targets_agree_in_any_order_and_a_regex_is_left_to_the_file(tmp_path):
+    """PEFT writes target_modules from a set, so its order is arbitrary: the same names in
+    another order agree. A regular expression (PEFT's other form) is no list of names: the run
+    keeps lora_targets unset and load_adapter reads the file's."""
+    base = tmp_path / "base"
+    listed = _adapter_config(tmp_path / "listed", base, ["q_proj", "v_proj"])
+    cfg = tm.with_init_adapter(tm.TrainConfig(init_adapter=listed,
+                                              lora_targets=["v_proj", "q_proj"]))
+    assert (cfg.init_from, cfg.lora_r, cfg.lora_alpha, sorted(cfg.lora_targets)) == (
+        str(base), 4, 8.0, ["q_proj", "v_proj"])
+    regex = _adapter_config(tmp_path / "regex", base, r".*\.(q_proj|v_proj)$")
+    cfg = tm.with_init_adapter(tm.TrainConfig(init_adapter=regex))
+    assert (cfg.lora_r, cfg.lora_targets) == (4, None)
+    tm.validate_config(cfg)
+
+
+def test_init_adapter_given_a_file_is_refused_as_not_a_directory(tmp_path):
+    """An adapter is a directory: a file (its adapter_config.json, say) is named as such."""
+    file = tmp_path / "adapter_config.json"
+    file.write_text("{}")
+    with pytest.raises(ValueError, match=rf"^--init-adapter {re.escape(str(file))}: not a "
+                                         "directory$"):
+        tm.validate_config(tm.TrainConfig(init_adapter=str(file)))
+
+
+def test_init_adapter_is_a_run_path_saved_absolute_and_checked_on_resume(tmp_path, monkeypatch):
+    """Like --init-from, --init-adapter is kept absolute in config.json (eval.py and --resume
+    from elsewhere find it), and a resume whose adapter has gone names it at once."""
+    monkeypatch.chdir(tmp_path)
+    cfg = tm.with_absolute_paths(tm.TrainConfig(init_adapter="peft"))
+    assert Path(cfg.init_adapter) == tmp_path / "peft"
+    run = tmp_path / "run"
+    run.mkdir()
+    gone = tmp_path / "gone"
+    (run / tm.CONFIG_FILE).write_text(json.dumps({"init_adapter": str(gone)}))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(run / tm.CONFIG_FILE))}: "
+                                         rf"init_adapter {re.escape(repr(str(gone)))} not found$"):
+        tm.parse_config(["--resume", str(run)])
+
+
 def test_eval_scores_best_when_a_resume_trained_past_the_export(assets, tmp_path, capsys):
     """A resume with --no-export that found a new best left export/ at the old best, and eval.py
     scored that stale export: export/ now records which best/ step it holds."""
