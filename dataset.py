@@ -35,7 +35,7 @@ import tokenize
 import typing
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -1330,7 +1330,10 @@ def _task_options(cfg: DataConfig) -> dict:
     if cfg.task == "refactor":
         opts.update(template=REFACTOR_TEMPLATE)
     if cfg.task == "fim":
-        opts.update(fim_rate=cfg.fim_rate)
+        # fim_cut, bumped when the PSM cut changes the ids (only the fim entries are rebuilt:
+        # ENCODING_VERSION or PIPELINE_VERSION would also retrain tokenizers and re-clean):
+        # 2: cut at characters, each part encoded alone (1: cut among the file's ids).
+        opts.update(fim_rate=cfg.fim_rate, fim_cut=2)
     return opts
 
 
@@ -1472,24 +1475,91 @@ def window_pairs(ids: list[int], cfg: DataConfig) -> Iterator[tuple[list[int], l
             yield prompt, completion
 
 
-def _fim_pairs(
-    ids: list[int], doc_id: str, tokenizer, cfg: DataConfig
-) -> Iterator[tuple[list[int], list[int]]]:
-    """Chunks of a file; a ``fim_rate`` share become prefix-suffix-middle (PSM) examples with the
-    loss on the middle, the rest stay plain LM chunks with the loss on every token. The chunk
-    size fits ``block_size``; a PSM prompt over ``max_prompt_tokens`` is cut here, inside its
-    code, so that it keeps its three sentinels (a cut from the left would take the first)."""
-    pre, mid, suf = tokenizer.fim_prefix_id, tokenizer.fim_middle_id, tokenizer.fim_suffix_id
+def _char_start(raw: bytes, x: int) -> int:
+    """``x`` moved back to the start of the UTF-8 character holding byte ``x`` (a byte-level
+    token can end inside a character); at most 3 steps, as a character has at most 4 bytes."""
+    for _ in range(3):
+        if 0 < x < len(raw) and raw[x] & 0xC0 == 0x80:
+            x -= 1
+    return x
+
+
+def _fim_plan(
+    ids: list[int], doc_id: str, tokenizer, cfg: DataConfig, byte_lengths: np.ndarray
+) -> list[list[int] | tuple[str, str, str]]:
+    """A file's chunks of ``block_size + 1 - 4`` tokens, each a plain LM chunk (its ids) or, for
+    a seeded ``fim_rate`` share, the texts of its prefix, middle and suffix: two cut points drawn
+    among the chunk's token positions, moved back to the start of the character they fall in.
+    ``byte_lengths``: the number of bytes of each id."""
     rng = random.Random(f"{cfg.seed}\0fim\0{doc_id}")
     size = max(2, cfg.block_size + 1 - 4)
+    table = tokenizer._id_to_bytes
+    offsets = None
+    plan: list[list[int] | tuple[str, str, str]] = []
     for s in range(0, len(ids), size):
         chunk = ids[s : s + size]
         if len(chunk) >= 3 and rng.random() < cfg.fim_rate:
             a, b = sorted(rng.sample(range(1, len(chunk)), 2))
-            prefix, suffix = _fit_fim_context(chunk[:a], chunk[b:], cfg.max_prompt_tokens)
-            yield [pre] + prefix + [suf] + suffix + [mid], chunk[a:b]
+            if offsets is None:  # where each token of the file starts, in bytes
+                offsets = np.concatenate([[0], np.cumsum(byte_lengths[ids])]).tolist()
+            # The chunk's bytes and those of 3 tokens either side (at least 3 bytes: enough to
+            # tell where the characters at its ends start).
+            first = max(0, s - 3)
+            raw = b"".join(map(table.__getitem__, ids[first : s + len(chunk) + 3]))
+            start, x, y, end = (_char_start(raw, offsets[s + k] - offsets[first])
+                                for k in (0, a, b, len(chunk)))
+            while y <= x < end or (y < end and raw[y] & 0xC0 == 0x80):
+                y += 1  # both cuts in one character: the middle takes that character
+            plan.append(tuple(raw[i:j].decode("utf-8", "replace")
+                              for i, j in ((start, x), (x, y), (y, end))))
         elif len(chunk) >= 2:
-            yield [], chunk
+            plan.append(chunk)
+    return plan
+
+
+def _fim_pairs_of(
+    docs: list[tuple[list[int], str]], tokenizer, cfg: DataConfig, desc: str = "fim parts"
+) -> list[list[tuple[list[int], list[int]]]]:
+    """(prompt, completion) pairs of each file ``(ids, doc id)``: see ``_fim_pairs``. The parts'
+    texts of all files are encoded in one batch (``_encode``, in parallel)."""
+    byte_lengths = np.fromiter(map(len, tokenizer._id_to_bytes), np.int64)
+    plans = [_fim_plan(ids, doc_id, tokenizer, cfg, byte_lengths) for ids, doc_id in docs]
+    texts = [t for plan in plans for item in plan if isinstance(item, tuple) for t in item]
+    parts = iter(_encode(tokenizer, texts, cfg, desc))
+    pre, mid, suf = tokenizer.fim_prefix_id, tokenizer.fim_middle_id, tokenizer.fim_suffix_id
+    size = max(2, cfg.block_size + 1 - 4)
+    out = []
+    for plan in plans:
+        pairs = []
+        for item in plan:
+            if not isinstance(item, tuple):
+                pairs.append(([], item))
+                continue
+            prefix, middle, suffix = next(parts), next(parts), next(parts)
+            # Re-encoded apart, the parts can hold a token or two more than the chunk: the
+            # prompt gets what the middle leaves of the chunk's room, as max_prompt_tokens.
+            limit = max(_FIM_SENTINELS, size + _FIM_SENTINELS - len(middle))
+            if cfg.max_prompt_tokens is not None:
+                limit = min(limit, cfg.max_prompt_tokens)
+            prefix, suffix = _fit_fim_context(prefix, suffix, limit)
+            pairs.append(([pre] + prefix + [suf] + suffix + [mid], middle))
+        out.append(pairs)
+    return out
+
+
+def _fim_pairs(
+    ids: list[int], doc_id: str, tokenizer, cfg: DataConfig
+) -> list[tuple[list[int], list[int]]]:
+    """Chunks of a file (``ids``, the file tokenized whole); a ``fim_rate`` share become
+    prefix-suffix-middle (PSM) examples with the loss on the middle, the rest stay plain LM
+    chunks (the file's ids) with the loss on every token. A PSM chunk is cut at characters and
+    each part is the tokenizer's encoding of its text alone, as bigcode's StarCoder pipeline
+    builds FIM and as a user's prefix, suffix and middle are tokenized at inference (a cut
+    among the file's ids could fall inside a whitespace run or a word). The chunk size fits
+    ``block_size``; a PSM prompt longer than the room its middle leaves there, or than
+    ``max_prompt_tokens``, is cut here, inside its code, so that it keeps its three sentinels
+    (a cut from the left would take the first)."""
+    return _fim_pairs_of([(ids, doc_id)], tokenizer, replace(cfg, progress=False))[0]
 
 
 _FIM_SENTINELS = 3
@@ -1537,11 +1607,12 @@ def _build_supervised(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path) -> 
         if cfg.task == "fim" or (cfg.task == "completion" and cfg.completion_style == "window"):
             code = [d for d in docs if d.target is None]
             encoded = _encode(tokenizer, [d.text for d in code], cfg, f"tokenize {s}")
-            for d, ids in zip(code, encoded):
-                if cfg.task == "fim":
-                    pairs.extend((p, c, bool(p), (0, 0))
-                                 for p, c in _fim_pairs(ids, d.id, tokenizer, cfg))
-                else:
+            if cfg.task == "fim":
+                docs_ids = [(ids, d.id) for d, ids in zip(code, encoded)]
+                for file_pairs in _fim_pairs_of(docs_ids, tokenizer, cfg, f"fim parts {s}"):
+                    pairs.extend((p, c, bool(p), (0, 0)) for p, c in file_pairs)
+            else:
+                for ids in encoded:
                     pairs.extend((p, c, False, (0, 0)) for p, c in window_pairs(ids, cfg))
             examples = [Example(d.text, d.target) for d in docs if d.target is not None]
         else:

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tokenize
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -1458,6 +1459,110 @@ def test_fim_decisions_are_drawn_per_document(tok):
     psm = sum(bool(prompt) for i in range(200)
               for prompt, _ in dataset._fim_pairs(ids, f"src/file_{i}.py", tok, c))
     assert 60 <= psm <= 140
+
+
+@pytest.fixture(scope="module")
+def starcoder_tok(tmp_path_factory):
+    """A StarCoder-shaped tokenizer.json trained by HF on the email package: (HF's Tokenizer,
+    reading special-token text as text as dataset.py does, and codelm's load of the file)."""
+    from tiny_hf import train_hf_tokenizer
+
+    from tokenizer import load_tokenizer
+
+    path = tmp_path_factory.mktemp("starcoder") / "tokenizer.json"
+    hf = train_hf_tokenizer("starcoder", list(email_texts().values()), path)
+    hf.encode_special_tokens = True
+    return hf, load_tokenizer(path)
+
+
+def check_fim_pairs_against_hf(hf, tok, text: str, doc_id: str, block_size: int,
+                               fim_rate: float = 1.0) -> Counter:
+    """Checks dataset._fim_pairs of one file against HF: chunks of block_size + 1 - 4 of HF's
+    ids of the whole file; a plain chunk is those ids; a PSM chunk's text (from HF's character
+    offsets, so a cut inside a character takes all of it) is prefix + middle + suffix, each of
+    them HF's encoding of its text alone, the prompt cut by ids only so that the example fits
+    block_size. Returns counts of the kinds of chunk seen."""
+    c = DataConfig(task="fim", fim_rate=fim_rate, block_size=block_size)
+    pre, suf, mid = (hf.token_to_id(t) for t in ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"))
+    enc = hf.encode(text, add_special_tokens=False)
+    ids, starts = enc.ids, [o[0] for o in enc.offsets] + [len(text)]
+    size = block_size + 1 - 4
+    chunks = [s for s in range(0, len(ids), size) if len(ids[s : s + size]) >= 2]
+    pairs = list(dataset._fim_pairs(ids, doc_id, tok, c))
+    assert len(pairs) == len(chunks)
+    seen = Counter()
+    for s, (prompt, middle) in zip(chunks, pairs):
+        chunk = ids[s : s + size]
+        if not prompt:
+            assert middle == chunk
+            seen["plain"] += 1
+            continue
+        assert prompt[0] == pre and prompt[-1] == mid and prompt.count(suf) == 1
+        k = prompt.index(suf)
+        prefix, suffix = prompt[1:k], prompt[k + 1 : -1]
+        assert len(prompt) + len(middle) <= block_size  # + EOS: block_size + 1 tokens
+        chunk_text = text[starts[s] : starts[s + len(chunk)]]
+        middle_text = hf.decode(middle)
+        assert "\ufffd" not in middle_text
+        assert hf.encode(middle_text, add_special_tokens=False).ids == middle
+        cuts = []  # where the middle can start: its prefix and suffix texts give the ids seen
+        for x in range(len(chunk_text) + 1):
+            if not chunk_text.startswith(middle_text, x):
+                continue
+            whole_prefix = hf.encode(chunk_text[:x], add_special_tokens=False).ids
+            whole_suffix = hf.encode(chunk_text[x + len(middle_text) :],
+                                     add_special_tokens=False).ids
+            if (whole_prefix[len(whole_prefix) - len(prefix) :] == prefix
+                    and whole_suffix[: len(suffix)] == suffix):
+                cuts.append(len(whole_prefix) + len(whole_suffix) - len(prefix) - len(suffix))
+        assert cuts, (doc_id, s)
+        # Ids are cut from the prompt only where the parts overflow the chunk's room.
+        kept = len(prefix) + len(middle) + len(suffix)
+        assert min(cuts) == 0 or kept == size, (doc_id, s, cuts)
+        seen["psm_cut_to_fit" if min(cuts) else "psm"] += 1
+    return seen
+
+
+def test_fim_parts_are_each_encoded_alone_as_starcoder_cuts_them(starcoder_tok):
+    """A PSM example's prefix, middle and suffix are the ids HF's tokenizer gives each part's
+    text alone, as bigcode's StarCoder pipeline builds them and as a user's parts are tokenized
+    at inference: a cut among the file's ids fell inside a whitespace run or a word split over
+    two tokens. Reference: HF tokenizers' encodings of the parts and its character offsets."""
+    hf, tok = starcoder_tok
+    seen = Counter()
+    for name, text in email_texts().items():
+        seen += check_fim_pairs_against_hf(hf, tok, text, name, block_size=64, fim_rate=0.5)
+    assert seen["psm"] > 600 and seen["plain"] > 600
+
+
+def test_fim_cuts_inside_multibyte_characters_keep_the_text_whole(starcoder_tok):
+    """Byte-level tokens hold parts of a multi-byte character (this vocabulary, trained on ASCII
+    code, spells each non-ASCII character in bytes): a cut between them made U+FFFD of the
+    parts. Short chunks put many cuts there."""
+    hf, tok = starcoder_tok
+    text = "".join(f'def größe_{i}(maß="naïve café {i}", 名前="日本語 😀 Ωμέγα"):\n'
+                   f'    return maß * {i}  # «{i}» ≠ ∞\n' for i in range(40))
+    seen = Counter()
+    for i in range(4):
+        seen += check_fim_pairs_against_hf(hf, tok, text, f"unicode_{i}.py", block_size=12)
+    assert seen["psm"] > 400 and seen["psm_cut_to_fit"] > 10
+
+
+def test_built_fim_middles_are_each_encoded_alone(tmp_path, starcoder_tok):
+    """prepare's fim examples (encoded in one batch for all files) have middles that are HF's
+    encoding of their text, followed by EOS, within block_size."""
+    hf, tok = starcoder_tok
+    data = prepare(cfg(tmp_path, task="fim", block_size=48, fim_rate=1.0), tok)
+    n = 0
+    for i in range(len(data.train)):
+        prompt, completion = prompt_and_completion(data.train[i])
+        assert len(prompt) + len(completion) <= 49
+        if prompt:
+            middle = completion[:-1]
+            assert completion[-1] == tok.eos_id
+            assert hf.encode(hf.decode(middle), add_special_tokens=False).ids == middle
+            n += 1
+    assert n > 1000
 
 
 def test_line_completion_targets_are_drawn_per_document():
