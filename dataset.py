@@ -161,6 +161,10 @@ class DataConfig:
     docstring_code_tokens: int = 400  # the code shown with a docstring target, at most
     docstring_prompt: str = "simple"  # key of DOCSTRING_PROMPTS
     fim_rate: float = 0.5  # fraction of fim chunks turned into prefix-suffix-middle examples
+    pair_special_tokens: bool = False  # pair records ({"prompt","completion"},
+    #   {"input","output"}) read a special token's text (a chat template's <|eot_id|>) as that
+    #   token, as transformers' tokenizer(text) does (chat-formatted SFT data); documents always
+    #   keep it text. No effect under the lm task (pairs packed as text) or on a CodeTokenizer
     # runtime (not part of the cache key)
     cache_dir: str = field(default_factory=_default_cache_dir)  # where prepared datasets are kept
     use_cache: bool = True  # False: rebuild, replacing what the cache holds
@@ -1112,6 +1116,7 @@ class Example:
     body: str = ""
     tail: str = ""
     body_budget: int | None = None
+    pair: bool = False  # from a pair record: ``pair_special_tokens`` reads its special tokens
 
     @property
     def prompt(self) -> str:
@@ -1263,9 +1268,9 @@ def refactor_example(doc: Doc) -> Example:
     """Seed 000: {"input","output"} through the refactoring template, the input apart as the body
     (a long prompt loses code, not the instruction); prompt/completion pairs are used verbatim."""
     if doc.raw_pair:
-        return Example(doc.text, doc.target)
+        return Example(doc.text, doc.target, pair=True)
     head, tail = REFACTOR_TEMPLATE.split("{input}")
-    return Example(head, doc.target, body=doc.text, tail=tail)
+    return Example(head, doc.target, body=doc.text, tail=tail, pair=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1334,12 +1339,30 @@ def _task_options(cfg: DataConfig) -> dict:
         # ENCODING_VERSION or PIPELINE_VERSION would also retrain tokenizers and re-clean):
         # 2: cut at characters, each part encoded alone (1: cut among the file's ids).
         opts.update(fim_rate=cfg.fim_rate, fim_cut=2)
+    if cfg.task != "lm" and cfg.pair_special_tokens:  # absent when off: earlier keys stay valid
+        opts.update(pair_special_tokens=True)
     return opts
 
 
-def _encode(tokenizer, texts: list[str], cfg: DataConfig, desc: str) -> list[list[int]]:
+def _encode(tokenizer, texts: list[str], cfg: DataConfig, desc: str,
+            specials: Sequence[bool] | None = None) -> list[list[int]]:
     """encode_batch in chunks (bounded memory, a live progress bar). A special token's text in a
-    document is text: the special ids (EOS, FIM sentinels) are placed by id, never read."""
+    document is text: the special ids (EOS, FIM sentinels) are placed by id, never read.
+    ``specials``: per text, True where its special-token text is read as the token (the pair
+    records of ``pair_special_tokens``); those are encoded as a batch of their own."""
+    if specials is not None and any(specials):
+        out: list[list[int]] = [[] for _ in texts]
+        for read in (False, True):
+            which = [i for i, r in enumerate(specials) if r == read]
+            encoded = _encode_batches(tokenizer, [texts[i] for i in which], cfg, desc, not read)
+            for i, ids in zip(which, encoded):
+                out[i] = ids
+        return out
+    return _encode_batches(tokenizer, texts, cfg, desc, True)
+
+
+def _encode_batches(tokenizer, texts: list[str], cfg: DataConfig, desc: str,
+                    split_special_tokens: bool) -> list[list[int]]:
     out: list[list[int]] = []
     chunk: list[str] = []
     size = 0
@@ -1350,7 +1373,7 @@ def _encode(tokenizer, texts: list[str], cfg: DataConfig, desc: str) -> list[lis
                 size += len(t)
             if chunk and (t is None or size >= 16_000_000):
                 out.extend(tokenizer.encode_batch(chunk, num_workers=cfg.num_workers,
-                                                  split_special_tokens=True))
+                                                  split_special_tokens=split_special_tokens))
                 bar.update(len(chunk))
                 chunk, size = [], 0
     return out
@@ -1403,7 +1426,7 @@ def _examples_for(doc: Doc, cfg: DataConfig, events: Counter) -> list[Example]:
                 f"code files (e.g. {doc.id}: a directory's file or a scraper's {{'text'}} record)")
         return [refactor_example(doc)]
     if doc.target is not None:  # pairs in any other task: used as given
-        return [Example(doc.text, doc.target)]
+        return [Example(doc.text, doc.target, pair=True)]
     if cfg.task == "completion":
         return line_completion_examples(doc, cfg.lines_per_file, cfg.seed)
     if not doc.is_python:  # method and docstring targets come from Python files only
@@ -1438,10 +1461,16 @@ def tokenize_examples(
     with a token budget (docstring code) is tokenized apart, to be cut; a prompt whose body has
     none (refactor) is tokenized whole, as eval.py and seed 000 tokenize it, and its head and tail
     apart only to find the body: what the whole shares with their ids at its start and end is
-    theirs."""
+    theirs.
+
+    With ``cfg.pair_special_tokens``, a pair's (``Example.pair``) prompt and completion read a
+    special token's text as the token, as transformers' ``tokenizer(text)`` does; a prompt that
+    then starts with the tokenizer's ``template_prefix`` (a chat template's <|begin_of_text|>)
+    loses it here, since every prompt gets it placed before it (``prompt_prefix``): one BOS."""
     # Text far beyond what can survive truncation is cut before tokenizing (a token is rarely
     # longer than 32 characters): line-completion prompts are whole file prefixes.
     chars = _CHARS_PER_TOKEN_BOUND * (cfg.block_size + 1)
+    reads = [cfg.pair_special_tokens and e.pair for e in examples]
     parts = []
     for e in examples:
         head, completion = e.head[-chars:], e.completion[:chars]
@@ -1451,13 +1480,17 @@ def tokenize_examples(
         else:
             parts += [head, e.body[: _CHARS_PER_TOKEN_BOUND * e.body_budget], e.tail]
         parts.append(completion)
-    ids = _encode(tokenizer, parts, cfg, desc)
+    ids = _encode(tokenizer, parts, cfg, desc, [r for r in reads for _ in range(4)])
+    prefix = tokenizer.template_prefix
     out = []
     for i, e in enumerate(examples):
         a, b, c, completion = ids[4 * i : 4 * i + 4]
         if e.body_budget is None:  # a: the whole prompt, b: its head, c: its tail
             start = _common_prefix(a, b)
             end = max(start, len(a) - _common_prefix(a[::-1], c[::-1])) if e.body else start
+            if reads[i] and prefix and a[: len(prefix)] == prefix:  # the text's own BOS
+                a, n = a[len(prefix) :], len(prefix)
+                start, end = max(0, start - n), max(0, end - n)
             out.append((a, completion, (start, end)))
         else:  # a: the head, b: the body, c: the tail
             b = b[: e.body_budget]
@@ -1614,7 +1647,7 @@ def _build_supervised(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path) -> 
             else:
                 for ids in encoded:
                     pairs.extend((p, c, False, (0, 0)) for p, c in window_pairs(ids, cfg))
-            examples = [Example(d.text, d.target) for d in docs if d.target is not None]
+            examples = [Example(d.text, d.target, pair=True) for d in docs if d.target is not None]
         else:
             examples = [
                 e
@@ -1732,7 +1765,7 @@ def prepare(
     if cfg.use_cache and (path / "meta.json").exists():
         meta = json.loads((path / "meta.json").read_text())
         _note_pairs_as_text(cfg, meta["corpus"])
-        _note_special_token_text(meta["task"])
+        _note_special_token_text(cfg, meta["task"])
         return _open_task(path, meta, cfg, tokenizer, cache_hit=True)
     corpus = load_corpus(cfg)
     build = _build_lm if cfg.task == "lm" else _build_supervised
@@ -1744,21 +1777,26 @@ def prepare(
 
     publish_cache_entry(path, write, replace=not cfg.use_cache)
     _note_pairs_as_text(cfg, corpus.stats)
-    _note_special_token_text(meta["task"])
+    _note_special_token_text(cfg, meta["task"])
     return _open_task(path, meta, cfg, tokenizer, cache_hit=False)
 
 
-def _note_special_token_text(task_meta: dict) -> None:
+def _note_special_token_text(cfg: DataConfig, task_meta: dict) -> None:
     """A note where pair records hold a special token's text (a chat template's <|eot_id|>,
-    <|begin_of_text|>): dataset.py encodes it as text, where transformers' tokenizer(text) makes
-    it the special id, so a chat-formatted record does not train the chat format."""
+    <|begin_of_text|>) and ``pair_special_tokens`` is off: dataset.py then encodes it as text,
+    where transformers' tokenizer(text) makes it the special id, so a chat-formatted record does
+    not train the chat format. The note says how to read it as the token."""
+    if cfg.pair_special_tokens:
+        return
     n = sum(events.get("pair_holds_special_token_text", 0)
             for events in task_meta.get("events", {}).values())
     if n:
         print(f"note: {n} input/output pair(s) hold the text of a special token of the "
               "tokenizer (e.g. a chat template's <|eot_id|>); codelm encodes it as text, not as "
               "that token (transformers' tokenizer(text) would give its id): records formatted "
-              "with a chat template do not train the model on its chat format", file=sys.stderr)
+              "with a chat template do not train the model on its chat format. To read it as "
+              "the token: dataset.py --pair-special-tokens, or --data-options "
+              "'{\"pair_special_tokens\": true}' in trainingmanager.py", file=sys.stderr)
 
 
 def _note_pairs_as_text(cfg: DataConfig, corpus_stats: dict) -> None:

@@ -878,11 +878,19 @@ def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: EvalConfig) -> dict:
 def _training_ids(lm: LoadedModel, examples: Sequence[TaskExample], cfg: EvalConfig,
                   data_cfg=None) -> list[tuple[list[int], list[int], tuple[int, int]]]:
     """(prompt ids, completion ids, code span) of each example, tokenized as dataset.py tokenizes
-    the training example (an instruction's code apart, so that cuts take code first)."""
+    the training example (an instruction's code apart, so that cuts take code first). A pair
+    record's special-token text is read as the run of ``lm`` read it (its data option
+    ``pair_special_tokens``, which an lm run ignores) unless ``cfg.data_options`` names the
+    option; a model without a run follows ``data_cfg``."""
     import dataset as ds
 
     data_cfg = replace(data_cfg or ds.DataConfig(), block_size=_context(lm, cfg), progress=False)
-    pairs = [ds.Example(e.head, e.reference, e.body, e.tail, e.body_tokens) for e in examples]
+    if lm.run_config and "pair_special_tokens" not in cfg.data_options:
+        run_options = lm.run_config.get("data_options") or {}
+        data_cfg = replace(data_cfg, pair_special_tokens=bool(
+            run_options.get("pair_special_tokens")) and lm.run_config.get("task", "lm") != "lm")
+    pairs = [ds.Example(e.head, e.reference, e.body, e.tail, e.body_tokens, pair=e.pair)
+             for e in examples]
     return ds.tokenize_examples(pairs, lm.tokenizer, data_cfg, "tokenize")
 
 
@@ -1040,6 +1048,7 @@ class TaskExample:
     body: str = ""
     tail: str = ""
     body_tokens: int | None = None
+    pair: bool = False  # a pair record's: its special-token text read as dataset.py read it
 
     def prompt(self, tok: CodeTokenizer | BPETokenizer) -> str:
         body = self.body
@@ -1117,7 +1126,7 @@ def build_examples(task: str, docs: Sequence[Doc], cfg: EvalConfig, variant: str
             if doc.target is None:
                 continue
             e = ds.refactor_example(doc)
-            out.append(TaskExample(doc.id, e.completion, e.head, e.body, e.tail))
+            out.append(TaskExample(doc.id, e.completion, e.head, e.body, e.tail, pair=e.pair))
         elif doc.target is None and doc.is_python:
             if task == "line":
                 built = ds.line_completion_examples(doc, cfg.lines_per_file, cfg.seed)

@@ -1767,6 +1767,102 @@ def test_chat_formatted_pairs_are_encoded_as_text_and_a_note_says_so(tmp_path, c
     assert all(eot not in prompt_and_completion(data.train[i])[0] for i in range(len(data.train)))
 
 
+def _instruct_tokenizers(tmp_path):
+    """A Llama-3-Instruct-shaped tokenizer directory (tokenizer.json, and tokenizer_config.json
+    with bos <|begin_of_text|>, eos <|eot_id|>, a chat template) read by codelm and by
+    transformers' AutoTokenizer (the reference)."""
+    import transformers
+    from tiny_hf import LLAMA3_CHAT_TEMPLATE, train_hf_tokenizer
+
+    from tokenizer import load_tokenizer
+
+    path = tmp_path / "instruct"
+    path.mkdir()
+    train_hf_tokenizer("llama3", list(email_texts().values()), path / "tokenizer.json")
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+         "chat_template": LLAMA3_CHAT_TEMPLATE, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return load_tokenizer(path), transformers.AutoTokenizer.from_pretrained(path)
+
+
+def _example_ids(data) -> list[list[int]]:
+    """Every train example's whole id sequence (prompt, completion, EOS)."""
+    out = []
+    for i in range(len(data.train)):
+        example = data.train[i]
+        out.append(example["input_ids"].tolist() + example["labels"].tolist()[-1:])
+    return out
+
+
+def test_pair_special_tokens_encodes_chat_records_as_transformers_tokenizer_does(tmp_path,
+                                                                                capsys):
+    """The SFT recipe's records (prompt: apply_chat_template(..., tokenize=False), completion:
+    answer + <|eot_id|>) train on the special ids with pair_special_tokens, as transformers'
+    tokenizer(prompt) + tokenizer(completion) + eos: a prompt holding the template's
+    <|begin_of_text|> gets no second BOS, one without gets the BOS. Without the option the
+    records are encoded as before (special-token text as text, the BOS placed once); the two
+    builds are different cache entries, and only the one without the option notes the text."""
+    tok, hf = _instruct_tokenizers(tmp_path)
+    records = [{"prompt": hf.apply_chat_template([{"role": "user", "content": f"scale by {i}"}],
+                                                 tokenize=False),
+                "completion": f"return x * {i}<|eot_id|>"} for i in range(3)]
+    assert all(r["prompt"].startswith("<|begin_of_text|>") for r in records)
+    records += [{"input": "no template<|eot_id|>here", "output": "ok<|end_of_text|>"}]
+    pairs = write_jsonl(tmp_path / "chat.jsonl", records)
+    options = dict(sources=[str(pairs)], task="completion", **WHOLE)
+
+    def reference(prompt: str, completion: str, **kw) -> list[int]:
+        bos = not prompt.startswith(hf.bos_token) and not kw
+        return (hf(prompt, add_special_tokens=bos, **kw)["input_ids"]
+                + hf(completion, add_special_tokens=False, **kw)["input_ids"] + [hf.eos_token_id])
+
+    texts = [(r.get("prompt", r.get("input")), r.get("completion", r.get("output")))
+             for r in records]
+    on = prepare(cfg(tmp_path, pair_special_tokens=True, **options), tok)
+    assert "hold the text of a special token" not in capsys.readouterr().err
+    expected = [reference(p, c) for p, c in texts]
+    assert sorted(_example_ids(on)) == sorted(expected)
+    assert all(ids.count(hf.bos_token_id) == 1 for ids in expected)
+    assert all(hf.convert_tokens_to_ids("<|eot_id|>") in ids[:-1] for ids in expected)
+
+    off = prepare(cfg(tmp_path, **options), tok)
+    note = capsys.readouterr().err
+    assert "4 input/output pair(s) hold the text of a special token" in note
+    assert "--pair-special-tokens" in note and '{"pair_special_tokens": true}' in note
+    as_text = [[hf.bos_token_id] + reference(p, c, split_special_tokens=True) for p, c in texts]
+    assert sorted(_example_ids(off)) == sorted(as_text)
+    assert off.cache_path != on.cache_path
+    again = prepare(cfg(tmp_path, pair_special_tokens=True, **options), tok)
+    assert again.stats["cache_hit"] and again.cache_path == on.cache_path
+    argv = ["--tokenizer", str(tmp_path / "instruct"), "--sources", str(pairs), "--task",
+            "completion", "--train-frac", "1", "--val-frac", "0", "--test-frac", "0",
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    for flag, entry in (("--pair-special-tokens", on), ("--no-pair-special-tokens", off)):
+        assert dataset.main([*argv, flag]) == 0
+        assert f"cached at {entry.cache_path}" in capsys.readouterr().out
+
+
+def test_pair_special_tokens_leaves_documents_text_and_lm_keys_alone(tmp_path):
+    """The option is for pair records: a scraped document quoting <|eot_id|> still holds no
+    special id in its windows, and the lm task (pairs packed as text) keeps its cache key."""
+    tok, hf = _instruct_tokenizers(tmp_path)
+    code = "\n".join(f"END_{i} = '<|eot_id|>'  # a literal, not an end" for i in range(30))
+    source = write_jsonl(tmp_path / "mixed.jsonl", [
+        {"repo": "r", "path": "end.py", "text": code},
+        {"prompt": "<|begin_of_text|>q<|eot_id|>", "completion": "a<|eot_id|>"}])
+    data = prepare(cfg(tmp_path, sources=[str(source)], task="completion", window_prompt_tokens=8,
+                       window_completion_tokens=8, pair_special_tokens=True, **WHOLE), tok)
+    eot = hf.convert_tokens_to_ids("<|eot_id|>")
+    examples = _example_ids(data)
+    with_eot = [ids for ids in examples if eot in ids[:-1]]
+    assert len(examples) > 2 and len(with_eot) == 1  # the pair's only
+    assert with_eot[0] == (hf("<|begin_of_text|>q<|eot_id|>", add_special_tokens=False)[
+        "input_ids"] + hf("a<|eot_id|>", add_special_tokens=False)["input_ids"] + [eot])
+    lm = cfg(tmp_path, sources=[str(source)], task="lm")
+    assert dataset._task_options(lm) == dataset._task_options(
+        dataclasses.replace(lm, pair_special_tokens=True))
+
+
 # ----------------------------------------------------------------------------- errors, cache
 
 
@@ -2143,6 +2239,7 @@ def test_every_option_that_changes_the_data_changes_a_cache_key(tmp_path):
         "add_eos": "method",
         "max_prompt_tokens": "method",
         "max_completion_tokens": "method",
+        "pair_special_tokens": "refactor",
     }
     changed = {
         "sources": [str(EMAIL), "stdlib"],

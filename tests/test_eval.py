@@ -920,6 +920,56 @@ def test_generation_stops_at_every_eos_of_a_llama3_instruct_checkpoint_as_transf
     assert capsys.readouterr().out == f"{prompt}\n"
 
 
+def test_a_pair_special_tokens_run_is_prompted_and_scored_with_the_special_ids(tmp_path,
+                                                                              monkeypatch):
+    """A run trained with the data option pair_special_tokens read its chat-formatted records'
+    <|begin_of_text|> and <|eot_id|> as the tokens: eval's generation prompt and reference loss
+    do too (the run's config decides, over eval's data_cfg), as transformers' tokenizer(prompt)
+    and the HF model score them, with one BOS; a run without it, an lm run (which ignores it),
+    or --data-options turning it off, keeps the text."""
+    import torch
+    import transformers
+    from tiny_hf import save_tiny_llama3_instruct
+
+    import dataset
+
+    base = tmp_path / "instruct"
+    save_tiny_llama3_instruct(base, [CLASS_SOURCE.format(i=i) for i in range(10)])
+    hf_tok = transformers.AutoTokenizer.from_pretrained(base)
+    prompt = hf_tok.apply_chat_template([{"role": "user", "content": "class Stack:"}],
+                                        tokenize=False)
+    doc = dataset.Doc("chat.jsonl:1", prompt, target="pass<|eot_id|>", raw_pair=True)
+    examples = ev.build_examples("refactor", [doc], ev.EvalConfig(limit=1))
+    monkeypatch.setattr(ev, "semantic_similarity", lambda preds, refs, progress=True: 0.0)
+    lm = ev.load_model(base, torch.device("cpu"))
+    seen = []
+    lm.model.generate = lambda idx, *a, **k: seen.append(idx[0].tolist()) or idx
+    cfg = ev.EvalConfig(max_new_tokens=4, progress=False, reference_loss=True)
+    options = {"pair_special_tokens": True}
+    run = dataclasses.replace(lm, run_config={"task": "refactor", "data_options": options})
+    metrics, _ = ev.run_generation_task(run, "refactor", examples, cfg, dataset.DataConfig())
+
+    ids = hf_tok(prompt, add_special_tokens=False)["input_ids"]
+    assert seen[0] == ids and ids.count(hf_tok.bos_token_id) == 1
+    assert hf_tok.convert_tokens_to_ids("<|eot_id|>") in ids
+    full = torch.tensor([ids + hf_tok("pass<|eot_id|>", add_special_tokens=False)["input_ids"]
+                         + [hf_tok.eos_token_id]])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    with torch.no_grad():
+        logits = hf(full).logits[0, len(ids) - 1 : -1]
+    reference = torch.nn.functional.cross_entropy(logits, full[0, len(ids):])
+    assert metrics["loss"] == pytest.approx(float(reference), abs=1e-4)
+
+    as_text = hf_tok(prompt, split_special_tokens=True)["input_ids"]  # BOS, then text
+    ev.run_generation_task(lm, "refactor", examples, cfg, dataset.DataConfig())
+    off = dataclasses.replace(cfg, data_options={"pair_special_tokens": False})
+    ev.run_generation_task(run, "refactor", examples, off, dataset.DataConfig())
+    assert seen[1] == seen[2] == as_text != ids
+    lm_run = dataclasses.replace(lm, run_config={"task": "lm", "data_options": options})
+    ev.run_generation_task(lm_run, "refactor", examples, cfg, dataset.DataConfig(**options))
+    assert seen[3] == [hf_tok.eos_token_id] + as_text  # an lm run packed its pairs as text
+
+
 def test_generation_eos_ids_keep_special_config_ids_only():
     """A config.json eos id naming an ordinary token (a class default such as Phi's 2, '#' in
     GPT-2's vocabulary) must not end generated code; one past the tokenizer names nothing."""
