@@ -18,6 +18,7 @@ if __name__ == "__main__":  # first: the imports below load torch for seconds
 import argparse
 import ast
 import contextlib
+import copy
 import hashlib
 import io
 import json
@@ -1337,8 +1338,10 @@ def _task_options(cfg: DataConfig) -> dict:
     if cfg.task == "fim":
         # fim_cut, bumped when the PSM cut changes the ids (only the fim entries are rebuilt:
         # ENCODING_VERSION or PIPELINE_VERSION would also retrain tokenizers and re-clean):
-        # 2: cut at characters, each part encoded alone (1: cut among the file's ids).
-        opts.update(fim_rate=cfg.fim_rate, fim_cut=2)
+        # 2: cut at characters, each part encoded alone (1: cut among the file's ids); 3: a
+        # comment-stripping tokenizer no longer strips the parts again (_without_stripping),
+        # and chunks leave room for the template prefix (_fim_chunk_size).
+        opts.update(fim_rate=cfg.fim_rate, fim_cut=3)
     if cfg.task != "lm" and cfg.pair_special_tokens:  # absent when off: earlier keys stay valid
         opts.update(pair_special_tokens=True)
     return opts
@@ -1517,15 +1520,23 @@ def _char_start(raw: bytes, x: int) -> int:
     return x
 
 
+def _fim_chunk_size(tokenizer, cfg: DataConfig) -> int:
+    """Tokens of a file per fim chunk: a PSM example (three sentinels, the chunk, EOS) after the
+    tokenizer's ``template_prefix`` (``prompt_prefix``'s start) fills ``block_size + 1``. A
+    chunk that ignored the prefix overflowed by its length, and the cut that made it fit took
+    the prompt's first token, <fim_prefix>."""
+    return max(2, cfg.block_size + 1 - 4 - len(tokenizer.template_prefix))
+
+
 def _fim_plan(
     ids: list[int], doc_id: str, tokenizer, cfg: DataConfig, byte_lengths: np.ndarray
 ) -> list[list[int] | tuple[str, str, str]]:
-    """A file's chunks of ``block_size + 1 - 4`` tokens, each a plain LM chunk (its ids) or, for
+    """A file's chunks of ``_fim_chunk_size`` tokens, each a plain LM chunk (its ids) or, for
     a seeded ``fim_rate`` share, the texts of its prefix, middle and suffix: two cut points drawn
     among the chunk's token positions, moved back to the start of the character they fall in.
     ``byte_lengths``: the number of bytes of each id."""
     rng = random.Random(f"{cfg.seed}\0fim\0{doc_id}")
-    size = max(2, cfg.block_size + 1 - 4)
+    size = _fim_chunk_size(tokenizer, cfg)
     table = tokenizer._id_to_bytes
     offsets = None
     plan: list[list[int] | tuple[str, str, str]] = []
@@ -1558,9 +1569,9 @@ def _fim_pairs_of(
     byte_lengths = np.fromiter(map(len, tokenizer._id_to_bytes), np.int64)
     plans = [_fim_plan(ids, doc_id, tokenizer, cfg, byte_lengths) for ids, doc_id in docs]
     texts = [t for plan in plans for item in plan if isinstance(item, tuple) for t in item]
-    parts = iter(_encode(tokenizer, texts, cfg, desc))
+    parts = iter(_encode(_without_stripping(tokenizer), texts, cfg, desc))
     pre, mid, suf = tokenizer.fim_prefix_id, tokenizer.fim_middle_id, tokenizer.fim_suffix_id
-    size = max(2, cfg.block_size + 1 - 4)
+    size = _fim_chunk_size(tokenizer, cfg)
     out = []
     for plan in plans:
         pairs = []
@@ -1578,6 +1589,18 @@ def _fim_pairs_of(
             pairs.append(([pre] + prefix + [suf] + suffix + [mid], middle))
         out.append(pairs)
     return out
+
+
+def _without_stripping(tokenizer):
+    """``tokenizer`` encoding a text as it is. The parts of a PSM chunk are text the tokenizer
+    already stripped (the file's ids); a CodeTokenizer with ``strip_comments`` strips again
+    any part that parses alone, and drops text: a string's tail (``# b"``) read as a comment,
+    a string read as a docstring."""
+    if not getattr(tokenizer, "strip_comments", False):
+        return tokenizer
+    plain = copy.copy(tokenizer)
+    plain.strip_comments = False
+    return plain
 
 
 def _fim_pairs(

@@ -2453,3 +2453,53 @@ def test_a_decorated_method_prompt_keeps_decorators_and_signature_in_its_head():
     assert e.head == "@staticmethod\n@functools.cache\ndef f(a,\n      b):\n"
     assert e.body == '    """Add them.\n\n    Long text.\n    """\n'
     assert e.completion == "    return a + b"
+
+
+def test_fim_parts_of_a_comment_stripping_tokenizer_keep_their_text():
+    """A CodeTokenizer with strip_comments strips a whole file; a PSM part that parses alone
+    (the tail of a string holding ' # ', a string literal) was stripped again and lost its
+    text. Files of one chunk with room to spare: nothing is cut to fit, so prefix + middle +
+    suffix is the file. Reference: the file's text."""
+    texts = [f's{i} = "a # b{i}"\nd{i} = """doc {i}"""\n' for i in range(60)]
+    tok = CodeTokenizer.train(texts, min_freq=1, strip_comments=True)
+    c = DataConfig(task="fim", fim_rate=1.0, block_size=64)
+    for i, text in enumerate(texts):
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text and len(ids) < 40  # nothing stripped, one chunk
+        ((prompt, middle),) = dataset._fim_pairs(ids, f"strip_{i}.py", tok, c)
+        k = prompt.index(tok.fim_suffix_id)
+        parts = (tok.decode(prompt[1:k]), tok.decode(middle), tok.decode(prompt[k + 1 : -1]))
+        assert "".join(parts) == text, parts
+
+
+def test_fim_examples_after_a_template_prefix_keep_their_first_sentinel(tmp_path):
+    """A tokenizer with FIM tokens and a BOS template (Llama-3's post-processor): every example
+    starts with the BOS, and chunks sized without it overflowed block_size by one, so the cut
+    that made them fit took the prompt's first token, <fim_prefix>."""
+    from tiny_hf import train_hf_tokenizer
+
+    from tokenizer import load_tokenizer
+
+    texts = [f"def f{i}(x):\n    return x * {i} + {i * i}\n" for i in range(200)]
+    hf = train_hf_tokenizer("llama3", texts, tmp_path / "tokenizer.json")
+    hf.add_special_tokens(["<fim_prefix>", "<fim_middle>", "<fim_suffix>"])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer(tmp_path)
+    assert tok.template_prefix == [hf.token_to_id("<|begin_of_text|>")]
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(20):
+        (src / f"m{i}.py").write_text("".join(texts[i * 10 : (i + 1) * 10]))
+    data = prepare(cfg(tmp_path, sources=[str(src)], task="fim", block_size=32, fim_rate=1.0,
+                       **WHOLE), tok)
+    sentinels = [tok.fim_prefix_id, tok.fim_suffix_id, tok.fim_middle_id]
+    n = 0
+    for i in range(len(data.train)):
+        prompt, completion = prompt_and_completion(data.train[i])
+        assert len(prompt) + len(completion) <= 33
+        if tok.fim_middle_id in prompt:
+            assert prompt[:2] == [*tok.template_prefix, tok.fim_prefix_id]
+            assert [t for t in prompt if t in sentinels] == sentinels
+            n += 1
+    assert n > 30
+    assert "prompt_truncated" not in data.stats["task"]["events"]["train"]
