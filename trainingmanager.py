@@ -1753,6 +1753,9 @@ class _Run:
                 self._wrote_tokenizer = True
                 self.tok.save(self.run_dir)
         self.train_set, self.val_set = data.train, data.val
+        # What the checkpoints record of the data, so that a resume can say it changed.
+        self.data_id = {"entry": data.cache_path.name if data.cache_path else None,
+                        "train_examples": len(self.train_set)}
         if len(self.val_set) == 0:
             raise ValueError(f"the validation split of {self.dcfg.sources} is empty: add data or "
                              "raise data_options.val_frac")
@@ -1990,6 +1993,22 @@ class _Run:
                 print(f"note: the run planned {planned} steps and now runs {self.max_steps}: "
                       f"its learning-rate schedule is planned anew over {self.max_steps} steps "
                       f"from step {self.step} on")
+            self._note_other_data(progress.get("data"))  # absent from older checkpoints
+
+    def _note_other_data(self, trained: dict | None) -> None:
+        """Say so when the data was built anew, other than the checkpoint's: the sources' files
+        changed, or codelm's encoding did (``tokenizer.ENCODING_VERSION``, a task's cut rule),
+        which the run's settings cannot show. It continues on the new data, not bit-exactly."""
+        if trained is None:
+            return
+        now = self.data_id
+        differ = [f"{key} {trained.get(key)} -> {now[key]}" for key in now
+                  if None not in (trained.get(key), now[key]) and trained.get(key) != now[key]]
+        if differ:
+            print(f"warning: the training data is not the one {self.run_dir.name} trained on "
+                  f"({'; '.join(differ)}): its files, or codelm's encoding of them, changed since. "
+                  "The run continues on the new data, so this resume is not bit-exact; start a "
+                  "new run to compare runs exactly", file=sys.stderr)
 
     def _check_precision(self, path: Path, progress: dict) -> None:
         """A resume computes in the precision its run trained in (precision is not one of
@@ -2074,6 +2093,7 @@ class _Run:
             "stop_ref": self.stop_ref,
             "precision": self.trainer.precision,  # what "auto" resolved to (_check_precision)
             "max_steps": self.max_steps,  # the schedule's length, for a resume that changes it
+            "data": self.data_id,  # the data it trained on, for a resume on other data
         }
 
     def save(self) -> None:

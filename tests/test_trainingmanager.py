@@ -795,6 +795,25 @@ def test_a_new_encoding_version_trains_a_new_tokenizer(assets, tmp_path, monkeyp
     assert len(list(cache.glob("tokenizer-*"))) == 2
 
 
+def test_a_resume_on_data_built_anew_says_it_is_not_the_runs(assets, tmp_path, monkeypatch,
+                                                             capsys):
+    """codelm's encoding changed between a run and its resume (an upgrade: ENCODING_VERSION, a
+    task's cut rule): the data was rebuilt and the run went on with other examples, no word.
+    A resume on the same data says nothing."""
+    import dataset
+
+    cfg = tiny_cfg(assets, tmp_path, max_steps=4, data_options={
+        "cache_dir": str(tmp_path / "cache"), "progress": False})
+    run = tm.train(cfg).run_dir
+    tm.train(dataclasses.replace(cfg, resume=str(run), max_steps=6))
+    assert "training data" not in capsys.readouterr().err
+    monkeypatch.setattr(dataset, "ENCODING_VERSION", dataset.ENCODING_VERSION + "-other")
+    tm.train(dataclasses.replace(cfg, resume=str(run), max_steps=8))
+    err = capsys.readouterr().err
+    assert "warning: the training data is not the one run trained on (entry " in err
+    assert "this resume is not bit-exact" in err and err.count("warning: the training") == 1
+
+
 def test_best_is_never_written_before_a_checkpoint(assets, tmp_path, monkeypatch):
     """A kill between the first best/ and the first checkpoint left a run that --resume and the
     same command both refused: the first best/ now follows a checkpoint of its step."""
