@@ -951,8 +951,12 @@ def write_safetensors(f: BinaryIO, tensors: dict[str, torch.Tensor]) -> None:
 # --------------------------------------------------------------------------- new checkpoints
 
 # Besides config.json and the weights, what makes a checkpoint directory usable as it stands.
-COMPANION_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
+# What transformers reads beside tokenizer.json (a chat_template, model_max_length, the roles) and
+# beside the weights (generation defaults, eos lists): the files that travel with a checkpoint.
+HF_TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+GENERATION_CONFIG = "generation_config.json"
+COMPANION_FILES = ("tokenizer.json", *HF_TOKENIZER_FILES, "vocab.json", "merges.txt",
+                   "added_tokens.json", GENERATION_CONFIG)
 
 
 def export_checkpoint(out: str | Path, save_weights: Callable[[Path], object],
@@ -971,7 +975,7 @@ def export_checkpoint(out: str | Path, save_weights: Callable[[Path], object],
         save_weights(tmp)
         for name in COMPANION_FILES:
             source = Path(companions)
-            if name == "generation_config.json" and generation_from is not None:
+            if name == GENERATION_CONFIG and generation_from is not None:
                 source = Path(generation_from)
             if (source / name).is_file():
                 shutil.copy2(source / name, tmp / name)

@@ -1381,6 +1381,11 @@ def build_model(cfg: TrainConfig, tok: CodeTokenizer | BPETokenizer) -> nn.Modul
         if cfg.quantize_bits:
             lora.quantize_base(model, bits=cfg.quantize_bits)
         if cfg.init_adapter is not None:  # its own config (with_init_adapter: cfg agrees)
+            if not (Path(cfg.init_adapter) / lora.ADAPTER_CONFIG).is_file():
+                raise ValueError(
+                    f"TrainConfig.init_adapter {cfg.init_adapter}: no {lora.ADAPTER_CONFIG} there; "
+                    "the run's LoRA layout (targets, rank, scaling) is read from the adapter it "
+                    "started from: put that adapter back at this path")
             lora.load_adapter(model, cfg.init_adapter)
         else:
             options = {"target_modules": cfg.lora_targets} if cfg.lora_targets else {}
@@ -2384,12 +2389,6 @@ class _Run:
         return export, sample
 
 
-# The files of a checkpoint that transformers reads beside tokenizer.json (a chat_template,
-# model_max_length, added_tokens_decoder) and beside its weights (generation defaults, eos lists).
-HF_TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json")
-GENERATION_CONFIG = "generation_config.json"
-
-
 def copy_hf_companions(cfg: TrainConfig, tok: object, out: Path, weights: bool) -> None:
     """Give an export what transformers finds beside the checkpoint it came from: the HF
     tokenizer files of the directory the run's tokenizer was read from (``--tokenizer``, else
@@ -2400,6 +2399,7 @@ def copy_hf_companions(cfg: TrainConfig, tok: object, out: Path, weights: bool) 
     builds the class named there, and StarCoder's GPT2Tokenizer then splits digits otherwise
     than its tokenizer.json; a bos/eos/pad role the file leaves out, and codelm guessed, is
     added, as ``tok.save`` writes it."""
+    from pretrained import GENERATION_CONFIG, HF_TOKENIZER_FILES
     from tokenizer import BPETokenizer, tokenizer_path
 
     source = cfg.tokenizer if cfg.tokenizer is not None else cfg.init_from

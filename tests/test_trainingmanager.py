@@ -2151,6 +2151,20 @@ def test_init_adapter_trains_on_and_exports_an_adapter_peft_loads_on_the_same_ba
                                    rtol=1e-4)
 
 
+def test_a_run_whose_init_adapter_is_gone_says_which_adapter_it_needs(assets, tmp_path):
+    """eval.py scoring the run's best/ (or a resume) rebuilds its LoRA layout from the adapter it
+    started from: gone, that is named as the run's init_adapter, not as a bare missing file."""
+    import shutil
+
+    base = tiny_llama(tmp_path)
+    _peft_adapter(base, tmp_path / "peft")
+    cfg = tm.with_init_adapter(tiny_cfg(assets, tmp_path, init_adapter=str(tmp_path / "peft")))
+    shutil.rmtree(tmp_path / "peft")
+    with pytest.raises(ValueError, match=r"TrainConfig\.init_adapter .*peft: no "
+                                         r"adapter_config\.json there; the run's LoRA layout"):
+        tm.build_model(cfg, load_tokenizer(assets["tokenizer"]))
+
+
 def test_init_adapter_refuses_a_lora_setting_that_differs_from_the_adapter(tmp_path, capsys):
     """The adapter's weights fix its rank and targets: a --lora-* flag that differs is an error,
     not silently overridden; the adapter's own values (targets in any order) are accepted."""
