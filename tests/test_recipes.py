@@ -207,6 +207,7 @@ def _trainingmanager_reads_sections() -> bool:
     return True
 
 
+@pytest.mark.slow  # a training subprocess (~20 s); the same recipe trains in-process above
 @pytest.mark.skipif(not _trainingmanager_reads_sections(),
                     reason="trainingmanager.py --config does not read recipe sections yet")
 def test_trainingmanager_cli_runs_the_recipe_on_the_scrape(tmp_path):
