@@ -2389,31 +2389,40 @@ class _Run:
         return export, sample
 
 
+def _holds_runs_tokenizer(directory: str | None, tok: object) -> bool:
+    """Whether ``directory``'s tokenizer.json is the run's tokenizer (a BPETokenizer)."""
+    from tokenizer import BPETokenizer, tokenizer_path
+
+    if directory is None or not isinstance(tok, BPETokenizer):
+        return False
+    try:
+        return json.loads(tokenizer_path(directory).read_text("utf-8")) == tok.spec
+    except (OSError, ValueError):
+        return False
+
+
 def copy_hf_companions(cfg: TrainConfig, tok: object, out: Path, weights: bool) -> None:
     """Give an export what transformers finds beside the checkpoint it came from: the HF
     tokenizer files of the directory the run's tokenizer was read from (``--tokenizer``, else
     ``--init-from``) in place of the roles-only tokenizer_config.json that ``tok.save`` writes,
     when that directory's tokenizer.json is the run's; and, beside full weights (``weights``),
-    ``--init-from``'s generation_config.json. The tokenizer_class stays ``tok.save``'s
+    ``--init-from``'s generation_config.json, when the run kept that checkpoint's tokenizer
+    (the file's bos/eos/pad ids are its). The tokenizer_class stays ``tok.save``'s
     PreTrainedTokenizerFast: in a directory without config.json (an adapter) transformers
     builds the class named there, and StarCoder's GPT2Tokenizer then splits digits otherwise
     than its tokenizer.json; a bos/eos/pad role the file leaves out, and codelm guessed, is
     added, as ``tok.save`` writes it."""
     from pretrained import GENERATION_CONFIG, HF_TOKENIZER_FILES
-    from tokenizer import BPETokenizer, tokenizer_path
+    from tokenizer import tokenizer_path
 
     source = cfg.tokenizer if cfg.tokenizer is not None else cfg.init_from
-    if isinstance(tok, BPETokenizer) and source is not None:
-        path = tokenizer_path(source)
-        try:
-            same = json.loads(path.read_text("utf-8")) == tok.spec
-        except (OSError, ValueError):
-            same = False
-        for name in HF_TOKENIZER_FILES if same else ():
-            if (path.parent / name).is_file():
-                shutil.copyfile(path.parent / name, out / name)
+    if _holds_runs_tokenizer(source, tok):
+        where = tokenizer_path(source).parent
+        for name in HF_TOKENIZER_FILES:
+            if (where / name).is_file():
+                shutil.copyfile(where / name, out / name)
         config = out / HF_TOKENIZER_FILES[0]
-        if same and (path.parent / config.name).is_file():
+        if (where / config.name).is_file():
             written = json.loads(config.read_text("utf-8"))
             written["tokenizer_class"] = "PreTrainedTokenizerFast"  # tok.save's
             for role in ("bos", "eos", "pad"):  # a role codelm guessed (the run trained with it)
@@ -2421,8 +2430,10 @@ def copy_hf_companions(cfg: TrainConfig, tok: object, out: Path, weights: bool) 
                 if f"{role}_token" not in written and i is not None:
                     written[f"{role}_token"] = tok.id_to_token(i)
             config.write_text(json.dumps(written, ensure_ascii=False, indent=2), "utf-8")
-    if weights and cfg.init_from is not None and (Path(cfg.init_from) / GENERATION_CONFIG).is_file():
-        shutil.copyfile(Path(cfg.init_from) / GENERATION_CONFIG, out / GENERATION_CONFIG)
+    generation = Path(cfg.init_from) / GENERATION_CONFIG if cfg.init_from is not None else None
+    if (weights and generation is not None and generation.is_file()
+            and (cfg.tokenizer is None or _holds_runs_tokenizer(cfg.init_from, tok))):
+        shutil.copyfile(generation, out / GENERATION_CONFIG)
 
 
 @torch.no_grad()

@@ -2869,6 +2869,21 @@ def test_lora_settings_reach_the_adapter_and_the_merged_export_has_the_tokenizer
         assert m.scale == pytest.approx(8.0 / 4) and m.dropout == pytest.approx(0.2)
 
 
+def test_a_full_fine_tune_on_another_tokenizer_exports_no_generation_config_of_the_base(
+        assets, tmp_path):
+    """generation_config.json's bos/eos/pad ids are the base tokenizer's: a run on another
+    tokenizer (--tokenizer) copied them into its export, where transformers' generate would
+    stop at the base's eos. With the base's own tokenizer the file is copied (see below)."""
+    import transformers
+
+    base = tiny_llama(tmp_path)
+    transformers.GenerationConfig(bos_token_id=7, eos_token_id=[8, 9]).save_pretrained(base)
+    cfg = tiny_cfg(assets, tmp_path, init_from=str(base), max_steps=2, eval_every=2,
+                   save_every=2, export=True)
+    export = tm.train(cfg).run_dir / "export"
+    assert (export / "config.json").is_file() and not (export / "generation_config.json").exists()
+
+
 def _starcoder_base(path: Path, texts: list[str]) -> None:
     """A StarCoder-shaped checkpoint with the Hub's tokenizer_config.json (GPT2Tokenizer) and a
     generation_config.json of its own."""
