@@ -36,7 +36,7 @@ import tokenize
 import typing
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -1561,11 +1561,19 @@ def _fim_plan(
     return plan
 
 
-def _fim_pairs_of(
+def _fim_pairs(
     docs: list[tuple[list[int], str]], tokenizer, cfg: DataConfig, desc: str = "fim parts"
 ) -> list[list[tuple[list[int], list[int]]]]:
-    """(prompt, completion) pairs of each file ``(ids, doc id)``: see ``_fim_pairs``. The parts'
-    texts of all files are encoded in one batch (``_encode``, in parallel)."""
+    """(prompt, completion) pairs of each file ``(ids, doc id)``, ``ids`` the file tokenized
+    whole: its chunks, of which a ``fim_rate`` share become prefix-suffix-middle (PSM) examples
+    with the loss on the middle, the rest stay plain LM chunks (the file's ids) with the loss on
+    every token. A PSM chunk is cut at characters and each part is the tokenizer's encoding of
+    its text alone, as bigcode's StarCoder pipeline builds FIM and as a user's prefix, suffix and
+    middle are tokenized at inference (a cut among the file's ids could fall inside a whitespace
+    run or a word); the parts' texts of all files are encoded in one batch (``_encode``, in
+    parallel). The chunk size fits ``block_size``; a PSM prompt longer than the room its middle
+    leaves there, or than ``max_prompt_tokens``, is cut here, inside its code, so that it keeps
+    its three sentinels (a cut from the left would take the first)."""
     byte_lengths = np.fromiter(map(len, tokenizer._id_to_bytes), np.int64)
     plans = [_fim_plan(ids, doc_id, tokenizer, cfg, byte_lengths) for ids, doc_id in docs]
     texts = [t for plan in plans for item in plan if isinstance(item, tuple) for t in item]
@@ -1601,21 +1609,6 @@ def _without_stripping(tokenizer):
     plain = copy.copy(tokenizer)
     plain.strip_comments = False
     return plain
-
-
-def _fim_pairs(
-    ids: list[int], doc_id: str, tokenizer, cfg: DataConfig
-) -> list[tuple[list[int], list[int]]]:
-    """Chunks of a file (``ids``, the file tokenized whole); a ``fim_rate`` share become
-    prefix-suffix-middle (PSM) examples with the loss on the middle, the rest stay plain LM
-    chunks (the file's ids) with the loss on every token. A PSM chunk is cut at characters and
-    each part is the tokenizer's encoding of its text alone, as bigcode's StarCoder pipeline
-    builds FIM and as a user's prefix, suffix and middle are tokenized at inference (a cut
-    among the file's ids could fall inside a whitespace run or a word). The chunk size fits
-    ``block_size``; a PSM prompt longer than the room its middle leaves there, or than
-    ``max_prompt_tokens``, is cut here, inside its code, so that it keeps its three sentinels
-    (a cut from the left would take the first)."""
-    return _fim_pairs_of([(ids, doc_id)], tokenizer, replace(cfg, progress=False))[0]
 
 
 _FIM_SENTINELS = 3
@@ -1665,7 +1658,7 @@ def _build_supervised(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path) -> 
             encoded = _encode(tokenizer, [d.text for d in code], cfg, f"tokenize {s}")
             if cfg.task == "fim":
                 docs_ids = [(ids, d.id) for d, ids in zip(code, encoded)]
-                for file_pairs in _fim_pairs_of(docs_ids, tokenizer, cfg, f"fim parts {s}"):
+                for file_pairs in _fim_pairs(docs_ids, tokenizer, cfg, f"fim parts {s}"):
                     pairs.extend((p, c, bool(p), (0, 0)) for p, c in file_pairs)
             else:
                 for ids in encoded:

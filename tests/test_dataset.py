@@ -1457,7 +1457,7 @@ def test_fim_decisions_are_drawn_per_document(tok):
     c = DataConfig(task="fim", fim_rate=0.5, block_size=64)
     ids = list(range(10, 30))  # one chunk
     psm = sum(bool(prompt) for i in range(200)
-              for prompt, _ in dataset._fim_pairs(ids, f"src/file_{i}.py", tok, c))
+              for prompt, _ in dataset._fim_pairs([(ids, f"src/file_{i}.py")], tok, c)[0])
     assert 60 <= psm <= 140
 
 
@@ -1488,7 +1488,7 @@ def check_fim_pairs_against_hf(hf, tok, text: str, doc_id: str, block_size: int,
     ids, starts = enc.ids, [o[0] for o in enc.offsets] + [len(text)]
     size = block_size + 1 - 4
     chunks = [s for s in range(0, len(ids), size) if len(ids[s : s + size]) >= 2]
-    pairs = list(dataset._fim_pairs(ids, doc_id, tok, c))
+    pairs = dataset._fim_pairs([(ids, doc_id)], tok, c)[0]
     assert len(pairs) == len(chunks)
     seen = Counter()
     for s, (prompt, middle) in zip(chunks, pairs):
@@ -2466,7 +2466,7 @@ def test_fim_parts_of_a_comment_stripping_tokenizer_keep_their_text():
     for i, text in enumerate(texts):
         ids = tok.encode(text)
         assert tok.decode(ids) == text and len(ids) < 40  # nothing stripped, one chunk
-        ((prompt, middle),) = dataset._fim_pairs(ids, f"strip_{i}.py", tok, c)
+        ((prompt, middle),) = dataset._fim_pairs([(ids, f"strip_{i}.py")], tok, c)[0]
         k = prompt.index(tok.fim_suffix_id)
         parts = (tok.decode(prompt[1:k]), tok.decode(middle), tok.decode(prompt[k + 1 : -1]))
         assert "".join(parts) == text, parts
