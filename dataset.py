@@ -1395,6 +1395,51 @@ def prompt_prefix(tokenizer: CodeTokenizer | BPETokenizer, task: str | None) -> 
     return eos + tokenizer.template_prefix
 
 
+def _special_token_text(tokenizer: CodeTokenizer | BPETokenizer) -> re.Pattern | None:
+    """What finds the text of the tokenizer's ``matched_special_tokens``; None: it has none."""
+    specials = tokenizer.matched_special_tokens
+    return re.compile("|".join(map(re.escape, specials))) if specials else None
+
+
+def _without_text_template_prefix(ids: list[int], prefix: Sequence[int]) -> list[int]:
+    """``ids`` less a start equal to the template prefix: a text that read its own
+    <|begin_of_text|> (a chat template's), which ``prompt_prefix`` already places: one BOS."""
+    return ids[len(prefix) :] if prefix and ids[: len(prefix)] == list(prefix) else ids
+
+
+def encode_prompts(tokenizer: CodeTokenizer | BPETokenizer, prompts: Sequence[str],
+                   pair_special_tokens: bool | None = None, remedy: str = "") -> list[list[int]]:
+    """The ids of user prompts (eval.py's ``--prompt`` and pass@k problems, a run's sample
+    prompt), each to follow ``prompt_prefix``, reading a special token's text (a chat template's
+    <|eot_id|>) as the model learned it, by one rule:
+
+    - ``pair_special_tokens`` None (a base checkpoint): as transformers' ``tokenizer(text)``,
+      which reads it as the token: ``prompt_prefix`` + ids are its ids (a prompt's own
+      <|begin_of_text|> after the template's too: HF gives two);
+    - True (a run whose pair records read it: ``DataConfig.pair_special_tokens``, not the lm
+      task): as ``tokenize_examples`` reads them: as the token, and a prompt that starts with
+      the template prefix's text loses it, so there is one BOS;
+    - False (a run that did not, every lm run): text, as the run's data; a note on stderr
+      (once) names the special tokens the prompts hold and says so, then ``remedy`` (how to
+      read them as the tokens there)."""
+    if pair_special_tokens is None:
+        return [tokenizer.encode(p) for p in prompts]
+    if pair_special_tokens:
+        prefix = tokenizer.template_prefix
+        return [_without_text_template_prefix(tokenizer.encode(p), prefix) for p in prompts]
+    found = _special_token_text(tokenizer)
+    held = {m for p in prompts for m in found.findall(p)} if found else set()
+    if held:
+        n = sum(bool(found.search(p)) for p in prompts)
+        names = [t for t in tokenizer.matched_special_tokens if t in held]
+        print(f"note: {n} prompt(s) hold the text of special token(s) of the tokenizer "
+              f"({', '.join(names)}); the run trained on such text as "
+              "text (pair records without pair_special_tokens, or the lm task), so the prompt "
+              "is encoded as text, not as those tokens (as transformers' tokenizer(text) would "
+              f"read them){remedy}", file=sys.stderr)
+    return [tokenizer.encode(p, split_special_tokens=True) for p in prompts]
+
+
 def packed_document(tokenizer: CodeTokenizer | BPETokenizer, ids: Sequence[int]) -> list[int]:
     """A file's ids as the lm task packs them: the tokenizer's template start, the file, EOS.
     eval.py's lm score packs its texts by this one rule."""
@@ -1491,8 +1536,10 @@ def tokenize_examples(
         if e.body_budget is None:  # a: the whole prompt, b: its head, c: its tail
             start = _common_prefix(a, b)
             end = max(start, len(a) - _common_prefix(a[::-1], c[::-1])) if e.body else start
-            if reads[i] and prefix and a[: len(prefix)] == prefix:  # the text's own BOS
-                a, n = a[len(prefix) :], len(prefix)
+            if reads[i]:  # the text's own BOS goes
+                n = len(a)
+                a = _without_text_template_prefix(a, prefix)
+                n -= len(a)
                 start, end = max(0, start - n), max(0, end - n)
             out.append((a, completion, (start, end)))
         else:  # a: the head, b: the body, c: the tail
@@ -1641,8 +1688,7 @@ def _build_supervised(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path) -> 
     dtype = _token_dtype(tokenizer)
     meta: dict = {"dtype": dtype, "examples": {}, "tokens": {}, "events": {}}
     in_train: set[bytes] = set()  # hashes of the train examples
-    specials = tokenizer.matched_special_tokens
-    special_text = re.compile("|".join(map(re.escape, specials))) if specials else None
+    special_text = _special_token_text(tokenizer)
     for s in SPLITS:
         docs = getattr(corpus, s)
         events: Counter = Counter()  # examples skipped or truncated, by reason

@@ -30,7 +30,10 @@ the last), so a stopped evaluation keeps the finished models' results, and the s
 with the same ``--out-dir`` evaluates only the models not yet saved (the results of different
 settings, models or data are refused, never overwritten). ``python eval.py`` alone evaluates the
 latest run under runs/; ``--prompt TEXT`` instead prints each model's completion of TEXT as it
-is generated (with the generation settings of the tasks), and writes nothing.
+is generated (with the generation settings of the tasks), and writes nothing. A special token's
+text in a prompt (``--prompt``, a pass@k problem) is read as the model learned it
+(``dataset.encode_prompts``): as transformers' ``tokenizer(text)`` for a base checkpoint, as a
+run's pair records were (``pair_special_tokens``; else as text, with a note).
 """
 
 from __future__ import annotations
@@ -510,7 +513,9 @@ class EvalConfig:
     #   model loads
     # generation
     prompt: str | None = None  # complete this text with each model, printed as it is generated,
-    #   instead of running the tasks (nothing is written); the settings below apply
+    #   instead of running the tasks (nothing is written); the settings below apply. A special
+    #   token's text in it (<|eot_id|>) is read as transformers' tokenizer(text) reads it for a
+    #   base, as a run's pair records were (pair_special_tokens; else text, with a note)
     max_new_tokens: int = 128  # per generated completion
     temperature: float = 0.0  # 0: greedy; seed 004 sampled with temperature 0.7, top_p 0.9
     top_p: float | None = None  # nucleus sampling (temperature > 0)
@@ -831,6 +836,29 @@ def _prompt_start(lm: LoadedModel) -> list[int]:
     return prompt_prefix(lm.tokenizer, lm.run_config.get("task", "lm") if lm.run_config else None)
 
 
+def _pair_special_tokens(lm: LoadedModel, cfg: EvalConfig) -> bool | None:
+    """Whether ``lm``'s pair records and prompts read special-token text as the tokens: as
+    ``cfg.data_options`` says where it names ``pair_special_tokens``, else as its run's data did
+    (that option, which an lm run ignores); None for a model without a run."""
+    if "pair_special_tokens" in cfg.data_options:
+        return bool(cfg.data_options["pair_special_tokens"])
+    if not lm.run_config:
+        return None
+    run_options = lm.run_config.get("data_options") or {}
+    return bool(run_options.get("pair_special_tokens")) and lm.run_config.get("task", "lm") != "lm"
+
+
+def _prompt_ids(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig) -> list[list[int]]:
+    """Each prompt's ids after ``_prompt_start`` (``dataset.encode_prompts``): special-token text
+    read as transformers' tokenizer(text) reads it for a base checkpoint, as its pair records
+    were read for a run (``_pair_special_tokens``)."""
+    from dataset import encode_prompts
+
+    return encode_prompts(lm.tokenizer, prompts, _pair_special_tokens(lm, cfg),
+                          " (eval.py --data-options '{\"pair_special_tokens\": true}' reads them "
+                          "as the tokens)")
+
+
 @torch.no_grad()
 def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: EvalConfig) -> dict:
     """Loss (the training loss, ``trainingmanager.lm_loss``), perplexity and next-token accuracy
@@ -885,10 +913,8 @@ def _training_ids(lm: LoadedModel, examples: Sequence[TaskExample], cfg: EvalCon
     import dataset as ds
 
     data_cfg = replace(data_cfg or ds.DataConfig(), block_size=_context(lm, cfg), progress=False)
-    if lm.run_config and "pair_special_tokens" not in cfg.data_options:
-        run_options = lm.run_config.get("data_options") or {}
-        data_cfg = replace(data_cfg, pair_special_tokens=bool(
-            run_options.get("pair_special_tokens")) and lm.run_config.get("task", "lm") != "lm")
+    if (reads := _pair_special_tokens(lm, cfg)) is not None:
+        data_cfg = replace(data_cfg, pair_special_tokens=reads)
     pairs = [ds.Example(e.head, e.reference, e.body, e.tail, e.body_tokens, pair=e.pair)
              for e in examples]
     return ds.tokenize_examples(pairs, lm.tokenizer, data_cfg, "tokenize")
@@ -951,7 +977,7 @@ def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig,
     if max_prompt_tokens is not None:
         room = min(room, max_prompt_tokens)
     if prompt_ids is None:
-        prompt_ids = [(tok.encode(p), (0, 0)) for p in prompts]
+        prompt_ids = [(ids, (0, 0)) for ids in _prompt_ids(lm, prompts, cfg)]
     encoded = [start + fit_prompt(ids, room, span) for ids, span in prompt_ids]
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -991,7 +1017,8 @@ def stream_completion(lm: LoadedModel, prompt: str, cfg: EvalConfig,
     context = _context(lm, cfg)
     new_tokens = min(cfg.max_new_tokens, context // 2)
     start = _prompt_start(lm)
-    ids = start + fit_prompt(tok.encode(prompt), context - new_tokens - len(start), (0, 0))
+    (prompt_ids,) = _prompt_ids(lm, [prompt], cfg)
+    ids = start + fit_prompt(prompt_ids, context - new_tokens - len(start), (0, 0))
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     steps = model.stream(torch.tensor([ids], device=device), new_tokens,

@@ -221,7 +221,7 @@ class TrainConfig:
     export: bool = True  # write export/: HF model + tokenizer, or the PEFT adapter
     export_merged: bool = False  # under LoRA: also write the merged full model
     sample_prompt: str = "def fibonacci(n):\n"  # completed greedily at the end of the run
-    #   (with --export)
+    #   (with --export); a special token's text in it is read as the run's pair records were
     sample_tokens: int = 48  # tokens of that sample
     # debugging
     overfit: bool = False  # train on the bundled tiny corpus until it is memorised
@@ -2354,7 +2354,7 @@ class _Run:
         if not self.main:
             return None, None
         sample = sample_completion(model, self.tok, self.cfg.sample_prompt, self.cfg.sample_tokens,
-                                   self.cfg.task)
+                                   self.cfg.task, self.dcfg.pair_special_tokens)
         print(f"sample completion (greedy, best checkpoint at step {self.best_step}):\n"
               f"{self.cfg.sample_prompt}{sample}")
         export = self.run_dir / EXPORT_DIR
@@ -2438,13 +2438,16 @@ def copy_hf_companions(cfg: TrainConfig, tok: object, out: Path, weights: bool) 
 
 @torch.no_grad()
 def sample_completion(model: nn.Module, tok: CodeTokenizer | BPETokenizer, prompt: str,
-                      max_new_tokens: int, task: str) -> str:
-    """Greedy continuation of ``prompt``, formatted as the run's ``task`` trained on it."""
-    from dataset import prompt_prefix
+                      max_new_tokens: int, task: str, pair_special_tokens: bool = False) -> str:
+    """Greedy continuation of ``prompt``, formatted as the run's ``task`` trained on it, its
+    special-token text read as the run's pair records read it (``dataset.encode_prompts``; the
+    data option ``pair_special_tokens``, which the lm task ignores)."""
+    from dataset import encode_prompts, prompt_prefix
     from tokenizer import generation_eos_ids
 
     eos = generation_eos_ids(tok, model.cfg.eos_id, model.name_or_path)
-    ids = prompt_prefix(tok, task) + tok.encode(prompt)
+    (prompt_ids,) = encode_prompts(tok, [prompt], pair_special_tokens and task != "lm")
+    ids = prompt_prefix(tok, task) + prompt_ids
     max_new_tokens = min(max_new_tokens, model.cfg.block_size - len(ids))
     if max_new_tokens <= 0:
         return ""

@@ -1863,6 +1863,42 @@ def test_pair_special_tokens_leaves_documents_text_and_lm_keys_alone(tmp_path):
         dataclasses.replace(lm, pair_special_tokens=True))
 
 
+def test_user_prompts_read_special_token_text_as_their_model_learned_it(tmp_path, capsys):
+    """A user's prompt (eval.py --prompt, a pass@k problem, a run's sample prompt) holding a chat
+    template's text: a base checkpoint reads it as transformers' tokenizer(text) does (a second
+    BOS included); a pair_special_tokens run as tokenize_examples read its pairs (one BOS); a
+    run without the option keeps it text, as its data, with one note naming the tokens."""
+    tok, hf = _instruct_tokenizers(tmp_path)
+    chat = hf.apply_chat_template([{"role": "user", "content": "scale by 2"}], tokenize=False)
+    code = "def f(x):\n    return x\n"
+    prompts = [chat, "no template<|eot_id|>here", code]
+    start = dataset.prompt_prefix(tok, None)
+    assert start == [hf.bos_token_id] and chat.startswith(hf.bos_token)
+
+    base = [start + ids for ids in dataset.encode_prompts(tok, prompts)]
+    assert base == [hf(p)["input_ids"] for p in prompts]
+    assert base[0][:2] == [hf.bos_token_id] * 2  # transformers gives two
+
+    read = dataset.encode_prompts(tok, prompts, True)
+    assert [start + ids for ids in read] == [
+        hf(p, add_special_tokens=not p.startswith(hf.bos_token))["input_ids"] for p in prompts]
+    pairs = [dataset.Example(p, "x", pair=True) for p in prompts]
+    trained = dataset.tokenize_examples(
+        pairs, tok, cfg(tmp_path, task="refactor", pair_special_tokens=True), "tokenize")
+    assert read == [ids for ids, _, _ in trained]
+    assert capsys.readouterr().err == ""
+
+    text = dataset.encode_prompts(tok, prompts, False, " (REMEDY)")
+    assert [start + ids for ids in text] == [
+        hf(p, split_special_tokens=True)["input_ids"] for p in prompts]
+    err = capsys.readouterr().err
+    assert err.count("note:") == 1 and err.endswith(" (REMEDY)\n")
+    assert "2 prompt(s) hold the text of special token(s) of the tokenizer " \
+           "(<|begin_of_text|>, <|eot_id|>)" in err
+    assert dataset.encode_prompts(tok, [code], False) == [text[2]]
+    assert capsys.readouterr().err == ""
+
+
 # ----------------------------------------------------------------------------- errors, cache
 
 

@@ -970,6 +970,71 @@ def test_a_pair_special_tokens_run_is_prompted_and_scored_with_the_special_ids(t
     assert seen[3] == [hf_tok.eos_token_id] + as_text  # an lm run packed its pairs as text
 
 
+@pytest.mark.parametrize("trained", ["base", "pair_special_tokens", "text", "lm"])
+def test_prompt_reads_chat_template_text_as_the_model_learned_it(tmp_path, capsys, monkeypatch,
+                                                                 trained):
+    """eval.py --prompt (streamed) and batched generation (pass@k problems) with a chat-formatted
+    prompt: a base gets transformers' tokenizer(prompt) ids, a second BOS too; a run trained
+    with pair_special_tokens its pair records' ids (one BOS); a run without it (or an lm run,
+    after its EOS) the text, as its data, with a note saying so (it read the special ids)."""
+    import json
+    import shutil
+
+    import torch
+    import transformers
+    from tiny_hf import save_tiny_llama3_instruct
+
+    from architecture import Transformer
+
+    base = tmp_path / "instruct"
+    save_tiny_llama3_instruct(base, [CLASS_SOURCE.format(i=i) for i in range(10)])
+    hf_tok = transformers.AutoTokenizer.from_pretrained(base)
+    prompt = hf_tok.apply_chat_template([{"role": "user", "content": "class Stack:"}],
+                                        tokenize=False, add_generation_prompt=True)
+    eot, bos = hf_tok.convert_tokens_to_ids("<|eot_id|>"), hf_tok.bos_token_id
+    model = base
+    if trained != "base":
+        model = tmp_path / "run"
+        shutil.copytree(base, model / "export")
+        config = {"task": "lm" if trained == "lm" else "refactor",
+                  "data_options": {"pair_special_tokens": trained != "text"}}
+        (model / "config.json").write_text(json.dumps(config))
+    want = {"base": hf_tok(prompt)["input_ids"],
+            "pair_special_tokens": hf_tok(prompt, add_special_tokens=False)["input_ids"],
+            "text": hf_tok(prompt, split_special_tokens=True)["input_ids"],
+            "lm": [hf_tok.eos_token_id] + hf_tok(prompt, split_special_tokens=True)["input_ids"]
+            }[trained]
+    read = want[1:] if trained == "lm" else want  # after the EOS an lm run's files follow
+    assert (eot in read) == (trained in ("base", "pair_special_tokens"))
+    assert read.count(bos) == (2 if trained == "base" else 1)
+
+    streamed = []
+    stream = Transformer.stream
+    monkeypatch.setattr(Transformer, "stream",
+                        lambda self, idx, *a, **k: streamed.append(idx) or stream(self, idx, *a, **k))
+    assert ev.main(["--models", str(model), "--prompt", prompt, "--max-new-tokens", "4",
+                    "--runs-dir", str(tmp_path / "runs")]) == 0
+    assert streamed[0].tolist() == [want]
+    err = capsys.readouterr().err
+    noted = "note: 1 prompt(s) hold the text of special token(s) of the tokenizer " \
+            "(<|begin_of_text|>, <|eot_id|>)"
+    assert (noted in err) == (trained in ("text", "lm"))
+    if noted in err:  # and what the note offers does read them
+        assert """eval.py --data-options '{"pair_special_tokens": true}'""" in err
+        assert ev.main(["--models", str(model), "--prompt", prompt, "--max-new-tokens", "4",
+                        "--runs-dir", str(tmp_path / "runs"), "--data-options",
+                        '{"pair_special_tokens": true}']) == 0
+        lm_eos = want[: len(want) - len(read)]
+        assert streamed[1].tolist() == [lm_eos + hf_tok(prompt, add_special_tokens=False)[
+            "input_ids"]]
+
+    seen = []
+    monkeypatch.setattr(Transformer, "generate", lambda self, idx, *a, **k: seen.append(idx) or idx)
+    lm = ev.load_model(model, torch.device("cpu"))
+    ev.generate_texts(lm, [prompt], ev.EvalConfig(max_new_tokens=4, progress=False))
+    assert seen[0].tolist() == [want]
+
+
 def test_generation_eos_ids_keep_special_config_ids_only():
     """A config.json eos id naming an ordinary token (a class default such as Phi's 2, '#' in
     GPT-2's vocabulary) must not end generated code; one past the tokenizer names nothing."""

@@ -1294,6 +1294,49 @@ def test_sample_prompt_is_formatted_as_the_task_trained(assets, tmp_path, monkey
     assert seen == [[tok.eos_id, *body], body]  # supervised examples do not start after an EOS
 
 
+def test_sample_prompt_reads_special_token_text_as_the_runs_pairs_did(tmp_path, monkeypatch,
+                                                                     capsys):
+    """The end-of-run sample of a chat-formatted prompt: a run trained with pair_special_tokens
+    gets its pairs' ids (transformers' tokenizer(prompt), one BOS); a run without it, and an lm
+    run, the text, as their data, with a note saying so."""
+    from tiny_hf import train_hf_tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from architecture import Transformer
+
+    texts = [f"def f{i}(x):\n    return x * {i}\n" for i in range(20)]
+    train_hf_tokenizer("llama3", texts, tmp_path / "tokenizer.json")
+    tok = load_tokenizer(tmp_path / "tokenizer.json")
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    model = Transformer(tm.model_config(tm.TrainConfig(preset="tiny", block_size=64),
+                                        tok.vocab_size, tok.bos_id, tok.eos_id))
+    seen = []
+    monkeypatch.setattr(type(model), "generate",
+                        lambda self, idx, *a, **k: seen.append(idx[0].tolist()) or idx)
+    prompt = "<|begin_of_text|>def f(x):<|eot_id|>"
+    as_text = hf(prompt, split_special_tokens=True)["input_ids"]
+    tm.sample_completion(model, tok, prompt, 4, "refactor", True)
+    assert seen[-1] == hf(prompt, add_special_tokens=False)["input_ids"] != as_text[1:]
+    assert capsys.readouterr().err == ""
+    for task, start in (("refactor", []), ("lm", [tok.eos_id])):
+        tm.sample_completion(model, tok, prompt, 4, task, task == "lm")
+        assert seen[-1] == start + as_text
+        assert "note: 1 prompt(s) hold the text of special token(s) of the tokenizer " \
+               "(<|begin_of_text|>, <|eot_id|>)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("reads", [True, False])
+def test_the_end_of_run_sample_follows_the_runs_pair_special_tokens(assets, tmp_path,
+                                                                    monkeypatch, reads):
+    """The run's data option reaches its end-of-run sample (sample_completion's reading rule)."""
+    asked = []
+    monkeypatch.setattr(tm, "sample_completion", lambda *a: asked.append(a) or "")
+    options = {"cache_dir": assets["cache"], "progress": False, "pair_special_tokens": reads}
+    tm.train(tiny_cfg(assets, tmp_path, task="method", max_steps=1, eval_every=1,
+                      warmup_steps=0, export=True, data_options=options))
+    assert [a[2:] for a in asked] == [("def fibonacci(n):\n", 8, "method", reads)]
+
+
 def test_loading_tensors_of_another_shape_names_the_tensor(assets, tmp_path):
     tok = load_tokenizer(assets["tokenizer"])
     small = tm.build_model(tiny_cfg(assets, tmp_path), tok)
