@@ -726,7 +726,8 @@ def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None
     # pretrained's checked reader: a truncated file is an error naming it (before any build)
     file = SafetensorsFile(weights)
     tensors = {name: file.view(name) for name in file.entries}
-    model = tm.build_model(cfg, load_tokenizer(tok_dir))
+    model = tm.build_model(cfg, load_tokenizer(tok_dir), run_dir)  # an init_adapter run's
+    #   LoRA layout from the run's own copy: the adapter directory may be gone
     tm.load_model_tensors(model, tensors, str(weights), adapter_only)
     return model.to(device), tok_dir, config
 

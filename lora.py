@@ -542,6 +542,16 @@ def _resolve_targets(model: nn.Module, targets: list[str] | str,
     return resolved
 
 
+def targeted_modules(model: nn.Module, targets: list[str] | str,
+                     peft_rules: bool = False) -> set[str]:
+    """The adapter-file module names (HF names of the model's family) that ``targets`` selects on
+    ``model``: as ``apply_lora`` selects them, or under ``peft_rules`` as ``load_adapter`` reads
+    an adapter file's ``target_modules``. Two spellings (HF names, codelm names, a regular
+    expression) adapt the same modules exactly when these sets are equal; the model may be on
+    the meta device. Targets ``apply_lora`` (``load_adapter``) refuses are its ValueError."""
+    return {n for hits in _resolve_targets(model, targets, peft_rules).values() for n in hits}
+
+
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> LoRAReport:
     """Freeze the whole model and add LoRA adapters on the modules ``cfg.target_modules`` names.
 
@@ -756,12 +766,14 @@ def adapters_below(path: Path) -> str:
     return f" ({', '.join(map(str, inside))} holds one)" if inside else ""
 
 
-def read_adapter_config(path: str | Path) -> LoRAConfig:
+def read_adapter_config(path: str | Path, config_name: str = ADAPTER_CONFIG) -> LoRAConfig:
     """The LoRAConfig of an adapter directory (PEFT's or ``save_adapter``'s), refusing what
     codelm's LoRA cannot honour (``_UNSUPPORTED_PEFT_KEYS``, a base-rewriting init): the one
-    check of ``load_adapter``, ``python lora.py`` and a run's ``--init-adapter``."""
+    check of ``load_adapter``, ``python lora.py`` and a run's ``--init-adapter``.
+    ``config_name``: the file's name in ``path`` (a run's copy of its adapter's config has its
+    own, trainingmanager's ``INIT_ADAPTER_COPY``)."""
     path = Path(path)
-    file = path / ADAPTER_CONFIG
+    file = path / config_name
     if not file.is_file():
         raise ValueError(f"{file}: not found; an adapter directory holds {ADAPTER_CONFIG} and "
                          f"{ADAPTER_WEIGHTS}{adapters_below(path)}")
@@ -788,10 +800,12 @@ def read_adapter_config(path: str | Path) -> LoRAConfig:
         raise ValueError(f"{file}: {e}") from None
 
 
-def adapter_base(adapter_dir: str | Path, remedy: str) -> Path:
+def adapter_base(adapter_dir: str | Path, remedy: str, config_name: str = ADAPTER_CONFIG
+                 ) -> Path:
     """The local base model an adapter's config names (``base_model_name_or_path``, which PEFT
-    and ``save_adapter`` record); ``remedy`` ends the error when it names none here."""
-    file = Path(adapter_dir) / ADAPTER_CONFIG
+    and ``save_adapter`` record); ``remedy`` ends the error when it names none here;
+    ``config_name`` as ``read_adapter_config`` takes it."""
+    file = Path(adapter_dir) / config_name
     base = cliconfig.read_json_object(file, "adapter config").get("base_model_name_or_path")
     if not base or not Path(base).is_dir():
         raise ValueError(f"{file}: base_model_name_or_path {base!r} is not a local directory; "
@@ -836,17 +850,39 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAReport:
         _copy_adapter(model, tensors, file)
         return _report(model, {})
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
-    try:
-        resolved = _resolve_targets(model, cfg.target_modules, peft_rules=True)
-        _attach(model, cfg, resolved)
-    except ValueError as e:
-        raise ValueError(f"{path / ADAPTER_CONFIG}: {e}") from None
+    resolved = _attach_as_file_says(model, cfg, path / ADAPTER_CONFIG)
     try:
         _copy_adapter(model, tensors, file)
     except ValueError:
         _detach(model, trainable)
         raise
     return _report(model, resolved)
+
+
+def _attach_as_file_says(model: nn.Module, cfg: LoRAConfig, file: Path) -> dict[str, list[str]]:
+    """New adapters where the adapter file ``file`` (of config ``cfg``) puts them: PEFT's target
+    rules; an error names the file."""
+    try:
+        resolved = _resolve_targets(model, cfg.target_modules, peft_rules=True)
+        _attach(model, cfg, resolved)
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from None
+    return resolved
+
+
+def apply_adapter_layout(model: nn.Module, adapter_dir: str | Path,
+                         config_name: str = ADAPTER_CONFIG) -> LoRAReport:
+    """Freeze the model and add new adapters where ``load_adapter`` would put the adapter's
+    (its config's rank, scale and targets under PEFT's rules), without reading its weights:
+    for weights that come from elsewhere (a run's checkpoint of that adapter trained on), so
+    only the config file is needed (``config_name`` as ``read_adapter_config`` takes it)."""
+    _check_model(model, "apply_adapter_layout")
+    if any(True for _ in lora_modules(model)):
+        raise ValueError("the model already has LoRA adapters; apply_adapter_layout once per "
+                         "model")
+    path = Path(adapter_dir)
+    cfg = read_adapter_config(path, config_name)
+    return _report(model, _attach_as_file_says(model, cfg, path / config_name))
 
 
 def _check_same_adapters(have: LoRAConfig | None, new: LoRAConfig, file: Path) -> None:

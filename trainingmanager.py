@@ -173,7 +173,9 @@ class TrainConfig:
     init_adapter: str | None = None  # a LoRA adapter directory in PEFT's layout (PEFT's own,
     #   or a LoRA run's export/) to train on as an adapter, on --init-from (default: the base
     #   its adapter_config.json names); lora_r, lora_alpha, lora_dropout and lora_targets come
-    #   from that file (a --lora-* flag that differs from it is an error)
+    #   from that file (a --lora-* flag that differs from it is an error; targets, HF or codelm
+    #   names, differ when they select other modules). The run keeps a copy of that file: the
+    #   directory is needed only at the start (not to resume or evaluate the run)
     quantize_bits: int = 0  # 0, 8 (int8) or 4 (NF4); needs lora_r > 0
     base_dtype: str = "fp32"  # fp32 | bf16 | fp16: dtype of the frozen base under LoRA (the
     #   adapters stay fp32); bf16 halves the base's memory, fp16 is for GPUs without bf16 (and
@@ -302,10 +304,13 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
         if not saved.is_file():
             raise ValueError(f"--resume {args['resume']}: no {CONFIG_FILE} there (not a run dir)")
         resumed = load_config_file(saved)
-    if resumed:  # the paths it gives the run (its own tokenizer.json replaces the tokenizer's)
+    if resumed:  # the paths it gives the run (its own tokenizer.json replaces the tokenizer's,
+        #   its copy of the adapter's config the adapter directory: run_adapter_copy)
+        owned = ("init_adapter",) if run_adapter_copy(args["resume"]) else ()
         check_run_paths(resumed, [k for k in ("init_from", "init_adapter", "data", "val_data",
                                               "test_data")
-                                  if k not in args and k not in given], str(saved))
+                                  if k not in args and k not in given and k not in owned],
+                        str(saved))
     return cliconfig.resolve_config(TrainConfig, args, "train", base={**resumed, **given},
                                     choices=_CHOICES)
 
@@ -740,9 +745,13 @@ class Trainer:
 
 # The run directory's layout, its one home: eval, recipes and hyperparam_tune name its parts from
 # here. runs/<name>/ holds CONFIG_FILE, METRICS_FILE, tokenizer.json, LOCK_FILE, TB_DIR/,
-# CHECKPOINTS_DIR/<CHECKPOINT_PREFIX>N/, BEST_DIR/, EXPORT_DIR/ and EVAL_DIR/; is_run_dir tells
-# one from any other directory.
+# CHECKPOINTS_DIR/<CHECKPOINT_PREFIX>N/, BEST_DIR/, EXPORT_DIR/ and EVAL_DIR/ (and
+# INIT_ADAPTER_COPY); is_run_dir tells one from any other directory.
 CONFIG_FILE = "config.json"  # the resolved TrainConfig; each checkpoint and best/ hold a copy
+# An init_adapter run's copy of the adapter's adapter_config.json, written with its CONFIG_FILE:
+# continued from its weights (a resume, eval.py) it takes its LoRA layout there, not from the
+# adapter directory, which it needs only at its start (run_adapter_copy).
+INIT_ADAPTER_COPY = "init_adapter_config.json"
 METRICS_FILE = "metrics.jsonl"  # one line per log step and per evaluation (_RunLog)
 TB_DIR = "tb"  # TensorBoard events
 CHECKPOINTS_DIR = "checkpoints"  # one CHECKPOINT_PREFIX<step> directory per checkpoint
@@ -986,40 +995,79 @@ ADAPTER_KEYS = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
                 "target_modules": "lora_targets"}
 
 
+def run_adapter_copy(run_dir: str | Path) -> Path | None:
+    """A run's INIT_ADAPTER_COPY when the run continues from its weights (it holds some): the
+    LoRA layout of an init_adapter run that a resume or eval.py rebuilds. None: a run with no
+    weights yet (it starts again from the adapter directory), or one of an earlier codelm, which
+    wrote no copy (it reads the adapter directory)."""
+    copy = Path(run_dir).expanduser() / INIT_ADAPTER_COPY
+    return copy if copy.is_file() and _holds_weights(copy.parent) else None
+
+
 def with_init_adapter(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with the LoRA settings of its ``init_adapter`` (``ADAPTER_KEYS``) and, without
     ``init_from``, the base the adapter's config names. The adapter's weights fix its rank and
     targets, so a setting given (other than the default) that differs from the file's is an
-    error, not overridden; what codelm's LoRA cannot honour is refused as ``load_adapter``
-    refuses it. Idempotent: a run's config.json holds the settings it filled in."""
+    error, not overridden: targets agree when they select the same modules of the base (HF or
+    codelm names, as lora.targeted_modules resolves them; the given spelling is kept). What
+    codelm's LoRA cannot honour is refused as ``load_adapter`` refuses it. A resume of a run
+    with weights reads the run's copy of the file (``run_adapter_copy``): the adapter directory
+    may be gone. Idempotent: a run's config.json holds the settings it filled in."""
     if cfg.init_adapter is None:
         return cfg
     import lora
 
-    path = Path(cfg.init_adapter).expanduser()
+    copy = run_adapter_copy(cfg.resume) if cfg.resume else None
+    path, config_name = (copy.parent, copy.name) if copy else (
+        Path(cfg.init_adapter).expanduser(), lora.ADAPTER_CONFIG)
     if not path.is_dir():
         raise ValueError(f"--init-adapter {cfg.init_adapter}: not a directory")
-    adapter = lora.read_adapter_config(path)
+    adapter = lora.read_adapter_config(path, config_name)
     theirs = {key: getattr(adapter, name) for name, key in ADAPTER_KEYS.items()}
+    base = cfg.init_from or str(lora.adapter_base(path, "name the base with --init-from",
+                                                  config_name))
 
-    def agrees(key: str, mine) -> bool:  # targets: the same names, in any order
-        if key == "lora_targets":
-            return isinstance(theirs[key], list) and set(mine) == set(theirs[key])
-        return mine == theirs[key]
+    def agrees(key: str, mine) -> bool:
+        if key != "lora_targets":
+            return mine == theirs[key]
+        if isinstance(theirs[key], list) and set(mine) == set(theirs[key]):
+            return True  # the same names, in any order: no need to look at the base
+        return _select_the_same(base, mine, theirs[key], path / config_name)
 
     if differ := [f"{key}={getattr(cfg, key)!r} (the adapter's: {theirs[key]!r})"
                   for key in theirs if getattr(cfg, key) != getattr(TrainConfig, key)
                   and not agrees(key, getattr(cfg, key))]:
         raise ValueError(f"TrainConfig.{'; '.join(differ)}: --init-adapter {cfg.init_adapter} "
-                         f"fixes these ({path / lora.ADAPTER_CONFIG}): drop those settings to "
-                         "train the adapter on as it is")
+                         f"fixes these ({path / config_name}): drop those settings to train the "
+                         "adapter on as it is")
     targets = theirs["lora_targets"]  # one regular expression: the file keeps it (lora_targets
     #   lists names), and build_model's load_adapter reads it there
     return dataclasses.replace(
         cfg, lora_r=theirs["lora_r"], lora_alpha=float(theirs["lora_alpha"]),
         lora_dropout=float(theirs["lora_dropout"]),
         lora_targets=cfg.lora_targets or (targets if isinstance(targets, list) else None),
-        init_from=cfg.init_from or str(lora.adapter_base(path, "name the base with --init-from")))
+        init_from=base)
+
+
+def _select_the_same(base: str, mine: list[str], theirs: list[str] | str, file: Path) -> bool:
+    """Whether the targets ``mine`` (lora_targets: apply_lora's rules) select the modules the
+    adapter file's ``theirs`` selects (load_adapter's rules) on the model at ``base``, built from
+    its config.json on the meta device (no weights are read). Targets of ``mine`` that select
+    nothing select differently; a file whose targets select nothing is load_adapter's error."""
+    import lora
+    import pretrained
+    from architecture import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(pretrained.read_config(base)[0])
+    try:
+        wanted = lora.targeted_modules(model, theirs, peft_rules=True)
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from None
+    try:
+        return lora.targeted_modules(model, mine) == wanted
+    except ValueError:
+        return False
 
 
 def check_not_an_adapter(init_from: str) -> None:
@@ -1357,9 +1405,13 @@ def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int | None,
         raise ValueError(f"model_options {json.dumps(cfg.model_options)}: {e}") from None
 
 
-def build_model(cfg: TrainConfig, tok: CodeTokenizer | BPETokenizer) -> nn.Module:
+def build_model(cfg: TrainConfig, tok: CodeTokenizer | BPETokenizer,
+                run_dir: Path | None = None) -> nn.Module:
     """From scratch or from ``init_from``; then the quantized base and LoRA if asked for (new
-    adapters, or ``init_adapter``'s: ``cfg`` as ``with_init_adapter`` fills it in)."""
+    adapters, or ``init_adapter``'s: ``cfg`` as ``with_init_adapter`` fills it in). ``run_dir``:
+    the run whose own weights will be loaded into the model (a resume from its checkpoint,
+    eval.py's best/): an init_adapter run's LoRA layout then comes from the run's copy of the
+    adapter's config (``run_adapter_copy``), with no weights read from the adapter directory."""
     from architecture import Transformer
 
     base_dtype = SHORT_DTYPES[cfg.base_dtype]
@@ -1380,12 +1432,18 @@ def build_model(cfg: TrainConfig, tok: CodeTokenizer | BPETokenizer) -> nn.Modul
 
         if cfg.quantize_bits:
             lora.quantize_base(model, bits=cfg.quantize_bits)
-        if cfg.init_adapter is not None:  # its own config (with_init_adapter: cfg agrees)
+        copy = run_adapter_copy(run_dir) if run_dir is not None else None
+        if cfg.init_adapter is not None and copy is not None:  # the weights: the run's own
+            lora.apply_adapter_layout(model, copy.parent, copy.name)
+        elif cfg.init_adapter is not None:  # its own config (with_init_adapter: cfg agrees)
             if not (Path(cfg.init_adapter) / lora.ADAPTER_CONFIG).is_file():
+                where = ("a run starts from the adapter's weights" if run_dir is None else
+                         f"{run_dir} holds no copy of it ({INIT_ADAPTER_COPY}: a run of an "
+                         "earlier codelm reads the adapter it started from)")
                 raise ValueError(
                     f"TrainConfig.init_adapter {cfg.init_adapter}: no {lora.ADAPTER_CONFIG} there; "
-                    "the run's LoRA layout (targets, rank, scaling) is read from the adapter it "
-                    "started from: put that adapter back at this path")
+                    f"the run's LoRA layout (targets, rank, scaling) is read from there ({where}): "
+                    "put that adapter back at this path")
             lora.load_adapter(model, cfg.init_adapter)
         else:
             options = {"target_modules": cfg.lora_targets} if cfg.lora_targets else {}
@@ -1776,7 +1834,17 @@ class _Run:
             self._restrict_to_overfit_batches()
 
         seed_everything(cfg.seed)
-        model = build_model(cfg, self.tok)
+        # Continued from a checkpoint, an init_adapter run rebuilds its LoRA layout from its own
+        # copy of the adapter's config (when it has one); else from the adapter directory, whose
+        # config the run then keeps beside its config.json.
+        rebuilt = self.run_dir if checkpoints else None
+        model = build_model(cfg, self.tok, rebuilt)
+        adapter_config = None
+        if cfg.init_adapter is not None and self.main and not (
+                rebuilt and run_adapter_copy(rebuilt)):
+            import lora
+
+            adapter_config = (Path(cfg.init_adapter) / lora.ADAPTER_CONFIG).read_bytes()
         check_lora_export(cfg, model)
         if dist.enabled:  # same init everywhere, but each rank its own dropout stream
             seed_everything(cfg.seed + dist.rank)
@@ -1801,9 +1869,12 @@ class _Run:
             if self.main:
                 if cfg.resume:  # first: a damaged log refuses the resume before any rewrite
                     _trim_metrics(self.run_dir / METRICS_FILE, self.step)
-                # Atomic: a kill mid-write must not leave a run that no command can continue.
-                cliconfig.write_atomic(self.run_dir / CONFIG_FILE,
-                                       json.dumps(self.config_dict, indent=1))
+                # Atomic: a kill mid-write must not leave a run that no command can continue;
+                # the adapter's config first, so that a config.json naming it finds it there.
+                files = {} if adapter_config is None else {
+                    self.run_dir / INIT_ADAPTER_COPY: adapter_config}
+                cliconfig.write_atomic_files({**files, self.run_dir / CONFIG_FILE:
+                                              json.dumps(self.config_dict, indent=1)})
 
     def release(self) -> None:
         """Give up the run directory's lock (the process's end does too)."""

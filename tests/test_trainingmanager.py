@@ -2126,7 +2126,7 @@ def test_init_from_a_lora_adapter_says_what_to_load_instead(tmp_path):
     assert "its export/merged/" in " ".join(tm.build_parser().format_help().split())
 
 
-def _peft_adapter(base: Path, out: Path):
+def _peft_adapter(base: Path, out: Path, target_modules=("q_proj", "v_proj")):
     """An adapter made by PEFT on the HF checkpoint ``base`` (B random too, so that it changes
     the logits), saved to ``out`` naming ``base``; returns the PEFT model in eval mode."""
     import transformers
@@ -2135,7 +2135,7 @@ def _peft_adapter(base: Path, out: Path):
     torch.manual_seed(0)
     peft_model = get_peft_model(
         transformers.AutoModelForCausalLM.from_pretrained(base),
-        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=["q_proj", "v_proj"],
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=list(target_modules),
                    task_type="CAUSAL_LM"))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -2195,17 +2195,60 @@ def test_init_adapter_trains_on_and_exports_an_adapter_peft_loads_on_the_same_ba
 
 
 def test_a_run_whose_init_adapter_is_gone_says_which_adapter_it_needs(assets, tmp_path):
-    """eval.py scoring the run's best/ (or a resume) rebuilds its LoRA layout from the adapter it
-    started from: gone, that is named as the run's init_adapter, not as a bare missing file."""
-    import shutil
-
+    """A run starting from the adapter, or one of an earlier codelm (no copy of the adapter's
+    config) rebuilt for a resume or eval.py, reads the adapter directory: gone, that is named
+    as the run's init_adapter, not as a bare missing file."""
     base = tiny_llama(tmp_path)
     _peft_adapter(base, tmp_path / "peft")
     cfg = tm.with_init_adapter(tiny_cfg(assets, tmp_path, init_adapter=str(tmp_path / "peft")))
     shutil.rmtree(tmp_path / "peft")
+    tok = load_tokenizer(assets["tokenizer"])
     with pytest.raises(ValueError, match=r"TrainConfig\.init_adapter .*peft: no "
-                                         r"adapter_config\.json there; the run's LoRA layout"):
-        tm.build_model(cfg, load_tokenizer(assets["tokenizer"]))
+                                         r"adapter_config\.json there; the run's LoRA layout "
+                                         r".*\(a run starts from the adapter's weights\)"):
+        tm.build_model(cfg, tok)
+    old_run = tmp_path / "old_run"
+    old_run.mkdir()
+    with pytest.raises(ValueError, match=rf"\({re.escape(str(old_run))} holds no copy of it "
+                                         r"\(init_adapter_config\.json: a run of an earlier"):
+        tm.build_model(cfg, tok, old_run)
+
+
+def test_an_init_adapter_run_resumes_and_evaluates_after_its_adapter_dir_is_gone(
+        assets, tmp_path):
+    """The run keeps its own copy of the adapter's config: once it has weights, deleting the
+    adapter directory changes nothing: a resume (--resume, as the command line reads it) trains
+    on as the same resume rebuilt from the adapter directory (a run without the copy, as an
+    earlier codelm's, which gets one) does, and eval.py's model of its best/ computes the same
+    logits."""
+    import eval as ev
+
+    base = tiny_llama(tmp_path)
+    _peft_adapter(base, tmp_path / "peft")
+    cfg = tiny_cfg(assets, tmp_path, init_adapter=str(tmp_path / "peft"), max_steps=2,
+                   eval_every=2, save_every=1)
+    run = tm.train(cfg).run_dir
+    adapter_config = (tmp_path / "peft" / "adapter_config.json").read_bytes()
+    assert (run / tm.INIT_ADAPTER_COPY).read_bytes() == adapter_config
+    reference = tmp_path / "reference"
+    shutil.copytree(run, reference)
+    (reference / tm.INIT_ADAPTER_COPY).unlink()
+    ids = torch.randint(0, 256, (2, 16))
+
+    def resumed_and_scored(run_dir: Path) -> tuple[tm.TrainResult, torch.Tensor]:
+        result = tm.train(tm.parse_config(["--resume", str(run_dir), "--max-steps", "3"]))
+        model, _, _ = ev._load_run(run_dir, torch.device("cpu"))
+        with torch.no_grad():
+            return result, model.eval()(ids)
+
+    expected, expected_logits = resumed_and_scored(reference)
+    assert (reference / tm.INIT_ADAPTER_COPY).read_bytes() == adapter_config
+    shutil.rmtree(tmp_path / "peft")
+    result, logits = resumed_and_scored(run)
+    assert result.step == expected.step == 3 and expected.train_loss is not None
+    assert (result.train_loss, result.best_val_loss) == (expected.train_loss,
+                                                         expected.best_val_loss)
+    torch.testing.assert_close(logits, expected_logits, rtol=0, atol=0)
 
 
 def test_init_adapter_refuses_a_lora_setting_that_differs_from_the_adapter(tmp_path, capsys):
@@ -2225,6 +2268,43 @@ def test_init_adapter_refuses_a_lora_setting_that_differs_from_the_adapter(tmp_p
         f"error: TrainConfig.lora_r=8 (the adapter's: 4): --init-adapter {adapter} fixes these "
         f"({adapter}/adapter_config.json): drop those settings to train the adapter on as it "
         "is\n")
+
+
+def test_init_adapter_agrees_with_codelm_target_names_that_select_the_adapters_modules(
+        assets, tmp_path):
+    """--lora-targets in codelm's names (qkv attn.proj) agree with an adapter that lists the same
+    modules by HF names (q/k/v/o_proj): the modules PEFT saved weights for are the reference
+    for what apply_lora adapts. A selection that differs (qkv: no o_proj; one more module; a
+    name that selects nothing) is still refused."""
+    import lora
+    from architecture import Transformer
+
+    base = tiny_llama(tmp_path)
+    adapter = tmp_path / "peft"
+    _peft_adapter(base, adapter, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    peft_modules = {k.removeprefix(lora.PEFT_PREFIX).rsplit(".lora_", 1)[0]
+                    for k in load_file(adapter / "adapter_model.safetensors")}
+
+    def adapted(model) -> set[str]:
+        return {name for _, m in lora.lora_modules(model) for name in m.names.values()}
+
+    def selected(targets) -> set[str]:  # what apply_lora adapts on the base for these targets
+        model = Transformer.from_pretrained(base)
+        lora.apply_lora(model, lora.LoRAConfig(r=4, target_modules=targets))
+        return adapted(model)
+
+    assert selected(["qkv", "attn.proj"]) == peft_modules
+    cfg = tm.with_init_adapter(tiny_cfg(assets, tmp_path, init_adapter=str(adapter),
+                                        lora_targets=["qkv", "attn.proj"]))
+    assert cfg.lora_targets == ["qkv", "attn.proj"]  # as given: a resume compares them so
+    assert adapted(tm.build_model(cfg, load_tokenizer(assets["tokenizer"]))) == peft_modules
+    tm.validate_config(tm.TrainConfig(init_adapter=str(adapter), lora_targets=["attn.proj", "qkv"]))
+    assert selected(["qkv"]) != peft_modules != selected(["qkv", "attn.proj", "fc"])
+    for targets in (["qkv"], ["qkv", "attn.proj", "fc"], ["nowhere"]):
+        with pytest.raises(ValueError, match=re.escape(
+                f"TrainConfig.lora_targets={targets!r} (the adapter's: ") + r".*\): --init-"
+                rf"adapter {re.escape(str(adapter))} fixes these"):
+            tm.validate_config(tm.TrainConfig(init_adapter=str(adapter), lora_targets=targets))
 
 
 def test_init_adapter_that_cannot_be_honoured_is_an_error_naming_the_path(tmp_path):
