@@ -1437,7 +1437,14 @@ def encode_prompts(tokenizer: CodeTokenizer | BPETokenizer, prompts: Sequence[st
               "text (pair records without pair_special_tokens, or the lm task), so the prompt "
               "is encoded as text, not as those tokens (as transformers' tokenizer(text) would "
               f"read them){remedy}", file=sys.stderr)
-    return [tokenizer.encode(p, split_special_tokens=True) for p in prompts]
+    return [encode_text(tokenizer, p) for p in prompts]
+
+
+def encode_text(tokenizer: CodeTokenizer | BPETokenizer, text: str) -> list[int]:
+    """A text's ids as data building encodes a document (``_encode``): a special token's text
+    in it is text. eval.py scores, cuts and counts documents by this rule, so its figures are
+    those of the run's own data."""
+    return tokenizer.encode(text, split_special_tokens=True)
 
 
 def packed_document(tokenizer: CodeTokenizer | BPETokenizer, ids: Sequence[int]) -> list[int]:

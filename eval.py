@@ -866,7 +866,7 @@ def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: EvalConfig) -> dict:
     over consecutive block-size windows of the texts, packed as dataset.py packs the trainer's
     split (``packed_document``): on a run's val split this is its val_loss, and the accuracy its
     val_accuracy, on the same 0-1 scale, so the training log and the eval table compare."""
-    from dataset import collate, packed_document
+    from dataset import collate, encode_text, packed_document
     from trainingmanager import lm_loss_and_correct
 
     tok, model = lm.tokenizer, lm.model
@@ -874,7 +874,7 @@ def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: EvalConfig) -> dict:
     want = None if cfg.lm_windows is None else cfg.lm_windows * context + 1
     stream: list[int] = []
     for text in texts:
-        stream += packed_document(tok, tok.encode(text))
+        stream += packed_document(tok, encode_text(tok, text))
         if want is not None and len(stream) >= want:
             break
     if want is not None:
@@ -1079,9 +1079,11 @@ class TaskExample:
     pair: bool = False  # a pair record's: its special-token text read as dataset.py read it
 
     def prompt(self, tok: CodeTokenizer | BPETokenizer) -> str:
+        from dataset import encode_text
+
         body = self.body
         if self.body_tokens is not None:
-            body = tok.decode(tok.encode(body)[: self.body_tokens])
+            body = tok.decode(encode_text(tok, body)[: self.body_tokens])
         return self.head + body + self.tail
 
 
@@ -1163,7 +1165,8 @@ def build_examples(task: str, docs: Sequence[Doc], cfg: EvalConfig, variant: str
             else:
                 built = ds.docstring_examples(doc, targets, variant, code_tokens)
                 if min_tokens and tok is not None:
-                    built = [e for e in built if len(tok.encode(e.completion)) >= min_tokens]
+                    built = [e for e in built
+                             if len(ds.encode_text(tok, e.completion)) >= min_tokens]
             out += [TaskExample(f"{doc.id}#{j}", e.completion, e.head, e.body, e.tail,
                                 e.body_budget) for j, e in enumerate(built)]
         if len(out) >= cfg.limit:
@@ -1184,7 +1187,7 @@ def completion_examples(doc: Doc, tok: CodeTokenizer | BPETokenizer | None, data
 
     if tok is None:
         raise ValueError("the completion task cuts token windows: it needs a tokenizer")
-    pairs = list(ds.window_pairs(tok.encode(doc.text), data_cfg))  # the training windows
+    pairs = list(ds.window_pairs(ds.encode_text(tok, doc.text), data_cfg))  # the training windows
     rng = random.Random(f"{cfg.seed}\0{doc.id}")
     chosen = sorted(rng.sample(range(len(pairs)), min(cfg.lines_per_file, len(pairs))))
     return [TaskExample(f"{doc.id}#{j}", tok.decode(pairs[j][1]), tok.decode(pairs[j][0]))

@@ -1242,6 +1242,37 @@ def test_lm_task_loss_equals_transformers(tiny_models, lm_windows):
     assert got["token_accuracy"] == pytest.approx(correct / count)  # 0-1, as val_accuracy
 
 
+def test_lm_score_and_completion_windows_read_special_token_text_as_text(tmp_path):
+    """A document quoting <|eot_id|> holds text to dataset.py's data build (the run's val_loss
+    and its completion windows): eval's lm score packs, and its completion task cuts windows
+    from, those ids (transformers' with split_special_tokens), not the special token's."""
+    import torch
+    import transformers
+    from tiny_hf import save_tiny_llama3_instruct
+
+    import dataset as ds
+
+    base = tmp_path / "instruct"
+    save_tiny_llama3_instruct(base, [CLASS_SOURCE.format(i=i) for i in range(10)])
+    hf_tok = transformers.AutoTokenizer.from_pretrained(base)
+    text = 'END = "<|eot_id|>"  # the chat turn\'s end\n' + CLASS_SOURCE.format(i=0)[:200]
+    lm = ev.load_model(base, torch.device("cpu"))
+    seen = []
+    forward = lm.model.forward
+    lm.model.forward = lambda idx, **kw: seen.append(idx[0].tolist()) or forward(idx, **kw)
+    ev.score_lm(lm, [text], ev.EvalConfig(block_size=lm.model.cfg.block_size, progress=False))
+    as_text = hf_tok(text, split_special_tokens=True)["input_ids"]
+    assert seen == [as_text] and hf_tok.convert_tokens_to_ids("<|eot_id|>") not in as_text
+
+    data_cfg = ds.DataConfig(window_prompt_tokens=6, window_completion_tokens=3)
+    examples = ev.build_examples("completion", [ds.Doc("end.py", text)],
+                                 ev.EvalConfig(lines_per_file=1000, limit=1000),
+                                 tok=lm.tokenizer, data_cfg=data_cfg)
+    ids = hf_tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert [(e.head, e.reference) for e in examples] == [
+        (hf_tok.decode(p), hf_tok.decode(c)) for p, c in ds.window_pairs(ids, data_cfg)]
+
+
 def test_lm_task_scores_a_pair_document_with_its_target(tiny_models, monkeypatch):
     """A prompt/completion record is scored as the corpus gives its text (prompt, newline,
     completion: dataset.Corpus.texts), not its prompt alone."""
