@@ -34,7 +34,7 @@ import threading
 import time
 import traceback
 import typing
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -311,8 +311,11 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
                                               "test_data")
                                   if k not in args and k not in given and k not in owned],
                         str(saved))
-    return cliconfig.resolve_config(TrainConfig, args, "train", base={**resumed, **given},
-                                    choices=_CHOICES)
+    cfg = cliconfig.resolve_config(TrainConfig, args, "train", base={**resumed, **given},
+                                   choices=_CHOICES)
+    if cfg.init_adapter is not None:  # a --lora-* flag typed at its default value differs too
+        with_init_adapter(cfg, typed={*args, *given})
+    return cfg
 
 
 def check_resume_location(args: dict, given: dict | None = None, config: str | None = None
@@ -1004,10 +1007,11 @@ def run_adapter_copy(run_dir: str | Path) -> Path | None:
     return copy if copy.is_file() and _holds_weights(copy.parent) else None
 
 
-def with_init_adapter(cfg: TrainConfig) -> TrainConfig:
+def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = ()) -> TrainConfig:
     """``cfg`` with the LoRA settings of its ``init_adapter`` (``ADAPTER_KEYS``) and, without
     ``init_from``, the base the adapter's config names. The adapter's weights fix its rank and
-    targets, so a setting given (other than the default) that differs from the file's is an
+    targets, so a setting given (other than the default, or named in ``typed``: a flag typed at
+    its default value) that differs from the file's is an
     error, not overridden: targets agree when they select the same modules of the base (HF or
     codelm names, as lora.targeted_modules resolves them; the given spelling is kept). What
     codelm's LoRA cannot honour is refused as ``load_adapter`` refuses it. A resume of a run
@@ -1035,8 +1039,8 @@ def with_init_adapter(cfg: TrainConfig) -> TrainConfig:
         return _select_the_same(base, mine, theirs[key], path / config_name)
 
     if differ := [f"{key}={getattr(cfg, key)!r} (the adapter's: {theirs[key]!r})"
-                  for key in theirs if getattr(cfg, key) != getattr(TrainConfig, key)
-                  and not agrees(key, getattr(cfg, key))]:
+                  for key in theirs if (getattr(cfg, key) != getattr(TrainConfig, key)
+                                        or key in typed) and not agrees(key, getattr(cfg, key))]:
         raise ValueError(f"TrainConfig.{'; '.join(differ)}: --init-adapter {cfg.init_adapter} "
                          f"fixes these ({path / config_name}): drop those settings to train the "
                          "adapter on as it is")

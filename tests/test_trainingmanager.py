@@ -2268,6 +2268,12 @@ def test_init_adapter_refuses_a_lora_setting_that_differs_from_the_adapter(tmp_p
         f"error: TrainConfig.lora_r=8 (the adapter's: 4): --init-adapter {adapter} fixes these "
         f"({adapter}/adapter_config.json): drop those settings to train the adapter on as it "
         "is\n")
+    # Typed at its default value, a flag still says what the user wants: an error too.
+    for flag, value, key in [("--lora-alpha", "16", "lora_alpha"),
+                             ("--lora-dropout", "0", "lora_dropout")]:
+        with pytest.raises(ValueError, match=rf"^TrainConfig\.{key}=.* \(the adapter's: "):
+            tm.parse_config(["--init-adapter", adapter, flag, value])
+    assert tm.parse_config(["--init-adapter", adapter, "--lora-alpha", "8"]).lora_alpha == 8
 
 
 def test_init_adapter_agrees_with_codelm_target_names_that_select_the_adapters_modules(
