@@ -1430,7 +1430,7 @@ def encode_prompts(tokenizer: CodeTokenizer | BPETokenizer, prompts: Sequence[st
     found = _special_token_text(tokenizer)
     held = {m for p in prompts for m in found.findall(p)} if found else set()
     if held:
-        n = sum(bool(found.search(p)) for p in prompts)
+        n = len({p for p in prompts if found.search(p)})  # pass@k repeats each problem
         names = [t for t in tokenizer.matched_special_tokens if t in held]
         print(f"note: {n} prompt(s) hold the text of special token(s) of the tokenizer "
               f"({', '.join(names)}); the run trained on such text as "

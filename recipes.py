@@ -583,6 +583,10 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
         shutil.rmtree(run_dir, ignore_errors=True)  # only once the new run can start
     else:
         check_paths(values, opts.recipe)
+        if values.get("init_adapter") is not None:  # its lora_* keys as trainingmanager.py
+            #   --config reads the recipe's: one given at its default value differs too
+            tm.with_init_adapter(tm.config_from_dict(values, f"{opts.recipe} (train section)"),
+                                 typed=set(recipe.train))
     if values.get("data"):
         extensions = values.get("data_options", {}).get("extensions", [".py"])
         values["data"] = collect_git_sources(values["data"], extensions, out_dir / f"{name}-data",

@@ -1034,6 +1034,8 @@ def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = ()) -> TrainCon
     def agrees(key: str, mine) -> bool:
         if key != "lora_targets":
             return mine == theirs[key]
+        if mine is None:  # 'none', a config file's null (every run's config.json holds one):
+            return True   # no choice of targets, so the adapter's
         if isinstance(theirs[key], list) and set(mine) == set(theirs[key]):
             return True  # the same names, in any order: no need to look at the base
         return _select_the_same(base, mine, theirs[key], path / config_name)

@@ -1899,6 +1899,16 @@ def test_user_prompts_read_special_token_text_as_their_model_learned_it(tmp_path
     assert capsys.readouterr().err == ""
 
 
+def test_the_prompts_note_counts_a_repeated_prompt_once(tmp_path, capsys):
+    """eval's pass@k encodes each problem once per sample: the note counted one problem with
+    special-token text as num_samples prompts."""
+    tok, _ = _instruct_tokenizers(tmp_path)
+    prompts = ["a<|eot_id|>"] * 20 + ["def f(x):\n", "b<|eot_id|>"]
+    dataset.encode_prompts(tok, prompts, False)
+    assert "note: 2 prompt(s) hold the text of special token(s) of the tokenizer (<|eot_id|>)" \
+        in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- errors, cache
 
 

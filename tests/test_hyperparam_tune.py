@@ -5,6 +5,7 @@ heartbeats) and, where .ci/run could start one, a PostgreSQL server.
 """
 
 import csv
+import dataclasses
 import fcntl
 import json
 import os
@@ -1325,6 +1326,43 @@ def test_lora_keys_without_lora_r_are_refused_in_the_sweeps_terms(tmp_path, corp
     assert "lora_alpha=8.0: LoRA settings, but lora_r=0" in err
     assert "set lora_r > 0, or drop them" in err and "--lora-r" not in err
     assert err.count("\n") == 1
+
+
+def test_a_swept_lora_value_at_its_default_that_differs_from_the_init_adapter_is_refused(
+        tmp_path, corpus):
+    """lora_alpha choices [4, 16] with an --init-adapter of alpha 4: the trials of 16 (the
+    default) trained with 4 and the study recorded them as 16; refused before any trial, as
+    trainingmanager.py --lora-alpha 16 is."""
+    import lora
+    from architecture import PRESETS, Transformer
+
+    tok = CodeTokenizer.train(["x = 1\n"] * 3, min_freq=1)
+    model = Transformer(dataclasses.replace(PRESETS["tiny"], vocab_size=tok.vocab_size,
+                                            bos_id=tok.bos_id, eos_id=tok.eos_id))
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    model.save_pretrained(base)
+    lora.apply_lora(model, lora.LoRAConfig(r=2, alpha=4))
+    lora.save_adapter(model, adapter, base_model_name_or_path=str(base))
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps({"init_adapter": str(adapter)}), "utf-8")
+    with pytest.raises(ValueError) as typed:
+        trainingmanager.parse_config(["--config", str(train), "--lora-alpha", "16"])
+
+    def check(choices: list) -> None:
+        space = tiny_space(tmp_path, corpus, {"lora_alpha": {"type": "categorical",
+                                                              "choices": choices}})
+        values = json.loads(Path(space).read_text("utf-8"))  # the adapter's base: its shape
+        values["base"] = {k: v for k, v in values["base"].items() if k not in ("n_embd",
+                                                                                "n_layer")}
+        Path(space).write_text(json.dumps(values), "utf-8")
+        hyperparam_tune.check_before_trials(hyperparam_tune.config_from_dict(
+            {"space": space, "train_config": str(train), "out_dir": str(tmp_path / "runs")}))
+
+    check([4])
+    with pytest.raises(ValueError) as refused:
+        check([4, 16])
+    assert str(refused.value).endswith(f"params.lora_alpha=16: {typed.value}")
+    assert not (tmp_path / "runs").exists()
 
 
 def test_config_error_in_a_trial_stops_the_sweep_and_is_not_counted(tmp_path, corpus, capsys,

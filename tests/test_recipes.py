@@ -997,3 +997,33 @@ def test_a_recipes_init_adapter_is_loaded_on_its_base_by_the_train_check(tmp_pat
     with pytest.raises(ValueError, match=rf"^{re.escape(str(wider / 'adapter_model.safetensors'))}"
                                          r": .* has shape \(2, 128\), the model expects \(2, 64\)"):
         recipes.check_train_values({"init_adapter": str(wider)}, "recipe.json")
+
+
+def test_a_recipes_lora_key_at_its_default_that_differs_from_its_init_adapter_is_refused(
+        tmp_path, capsys, monkeypatch):
+    """--set train.lora_alpha=16 (the default) beside an init_adapter of alpha 4 trained
+    silently with 4, while trainingmanager.py --config on the same recipe refuses it: recipes.py
+    reads the recipe's keys and --set as given too, before training."""
+    import lora
+    from architecture import PRESETS, Transformer
+    from tokenizer import CodeTokenizer
+
+    tok = CodeTokenizer.train(["x = 1\n"] * 3, min_freq=1)
+    model = Transformer(dataclasses.replace(PRESETS["tiny"], vocab_size=tok.vocab_size,
+                                            bos_id=tok.bos_id, eos_id=tok.eos_id))
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    model.save_pretrained(base)
+    lora.apply_lora(model, lora.LoRAConfig(r=2, alpha=4))
+    lora.save_adapter(model, adapter, base_model_name_or_path=str(base))
+    recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"]}, init_adapter=str(adapter))
+    with pytest.raises(ValueError) as refused:
+        tm.parse_config(["--config", str(recipe), "--lora-alpha", "16"])
+    assert str(refused.value).startswith("TrainConfig.lora_alpha=16.0 (the adapter's: 4)")
+    trained = []
+    monkeypatch.setattr(tm, "train", _stop_training(trained))
+    flags = [str(recipe), "--out-dir", str(tmp_path / "runs"), "--no-progress", "--skip-eval"]
+    assert recipes.main([*flags, "--set", "train.lora_alpha=16"]) == 2
+    assert capsys.readouterr().err == f"error: {refused.value}\n" and not trained
+    assert recipes.main([*flags, "--set", "train.lora_alpha=4"]) == 2  # the adapter's: trains
+    assert "stopped before training" in capsys.readouterr().err
+    assert [cfg.lora_alpha for cfg in trained] == [4]

@@ -2276,6 +2276,23 @@ def test_init_adapter_refuses_a_lora_setting_that_differs_from_the_adapter(tmp_p
     assert tm.parse_config(["--init-adapter", adapter, "--lora-alpha", "8"]).lora_alpha == 8
 
 
+def test_init_adapter_reads_lora_targets_none_as_the_adapters_targets(tmp_path):
+    """--lora-targets none (a config file's "lora_targets": null, as every run's config.json
+    holds) with --init-adapter crashed with a TypeError (set(None)): it chooses no targets, so
+    the adapter's stand, whatever they are."""
+    base = tiny_llama(tmp_path)
+    narrow, attention = tmp_path / "qv", tmp_path / "qkvo"
+    _peft_adapter(base, narrow)
+    _peft_adapter(base, attention, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"lora_targets": None}))
+    for typed in (["--lora-targets", "none"], ["--config", str(config)]):
+        for adapter in (narrow, attention):
+            cfg = tm.parse_config(["--init-adapter", str(adapter), *typed])
+            assert tm.with_init_adapter(cfg).lora_targets == json.loads(
+                (adapter / "adapter_config.json").read_text())["target_modules"]
+
+
 def test_init_adapter_agrees_with_codelm_target_names_that_select_the_adapters_modules(
         assets, tmp_path):
     """--lora-targets in codelm's names (qkv attn.proj) agree with an adapter that lists the same
