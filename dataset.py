@@ -1342,9 +1342,17 @@ def _task_options(cfg: DataConfig) -> dict:
         # comment-stripping tokenizer no longer strips the parts again (_without_stripping),
         # and chunks leave room for the template prefix (_fim_chunk_size).
         opts.update(fim_rate=cfg.fim_rate, fim_cut=3)
-    if cfg.task != "lm" and cfg.pair_special_tokens:  # absent when off: earlier keys stay valid
+    if reads_special_tokens(cfg.task, cfg.pair_special_tokens):  # absent when off: earlier keys
+        #   stay valid
         opts.update(pair_special_tokens=True)
     return opts
+
+
+def reads_special_tokens(task: str | None, pair_special_tokens: object) -> bool:
+    """Whether a run's pair records (and so its users' prompts) read special-token text as the
+    tokens: the data option ``pair_special_tokens``, which the lm task ignores (it packs pairs
+    as text)."""
+    return bool(pair_special_tokens) and task != "lm"
 
 
 def _encode(tokenizer, texts: list[str], cfg: DataConfig, desc: str,

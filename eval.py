@@ -845,8 +845,11 @@ def _pair_special_tokens(lm: LoadedModel, cfg: EvalConfig) -> bool | None:
         return bool(cfg.data_options["pair_special_tokens"])
     if not lm.run_config:
         return None
+    from dataset import reads_special_tokens
+
     run_options = lm.run_config.get("data_options") or {}
-    return bool(run_options.get("pair_special_tokens")) and lm.run_config.get("task", "lm") != "lm"
+    return reads_special_tokens(lm.run_config.get("task", "lm"),
+                                run_options.get("pair_special_tokens"))
 
 
 def _prompt_ids(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig) -> list[list[int]]:

@@ -2519,11 +2519,11 @@ def sample_completion(model: nn.Module, tok: CodeTokenizer | BPETokenizer, promp
     """Greedy continuation of ``prompt``, formatted as the run's ``task`` trained on it, its
     special-token text read as the run's pair records read it (``dataset.encode_prompts``; the
     data option ``pair_special_tokens``, which the lm task ignores)."""
-    from dataset import encode_prompts, prompt_prefix
+    from dataset import encode_prompts, prompt_prefix, reads_special_tokens
     from tokenizer import generation_eos_ids
 
     eos = generation_eos_ids(tok, model.cfg.eos_id, model.name_or_path)
-    (prompt_ids,) = encode_prompts(tok, [prompt], pair_special_tokens and task != "lm")
+    (prompt_ids,) = encode_prompts(tok, [prompt], reads_special_tokens(task, pair_special_tokens))
     ids = prompt_prefix(tok, task) + prompt_ids
     max_new_tokens = min(max_new_tokens, model.cfg.block_size - len(ids))
     if max_new_tokens <= 0:
