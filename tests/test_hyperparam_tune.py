@@ -5,7 +5,6 @@ heartbeats) and, where .ci/run could start one, a PostgreSQL server.
 """
 
 import csv
-import dataclasses
 import fcntl
 import json
 import os
@@ -1333,16 +1332,9 @@ def test_a_swept_lora_value_at_its_default_that_differs_from_the_init_adapter_is
     """lora_alpha choices [4, 16] with an --init-adapter of alpha 4: the trials of 16 (the
     default) trained with 4 and the study recorded them as 16; refused before any trial, as
     trainingmanager.py --lora-alpha 16 is."""
-    import lora
-    from architecture import PRESETS, Transformer
+    from tiny_hf import save_tiny_adapter
 
-    tok = CodeTokenizer.train(["x = 1\n"] * 3, min_freq=1)
-    model = Transformer(dataclasses.replace(PRESETS["tiny"], vocab_size=tok.vocab_size,
-                                            bos_id=tok.bos_id, eos_id=tok.eos_id))
-    base, adapter = tmp_path / "base", tmp_path / "adapter"
-    model.save_pretrained(base)
-    lora.apply_lora(model, lora.LoRAConfig(r=2, alpha=4))
-    lora.save_adapter(model, adapter, base_model_name_or_path=str(base))
+    _, adapter = save_tiny_adapter(tmp_path)
     train = tmp_path / "train.json"
     train.write_text(json.dumps({"init_adapter": str(adapter)}), "utf-8")
     with pytest.raises(ValueError) as typed:

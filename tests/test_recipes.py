@@ -1006,17 +1006,9 @@ def test_a_recipes_lora_key_at_its_default_that_differs_from_its_init_adapter_is
     """--set train.lora_alpha=16 (the default) beside an init_adapter of alpha 4 trained
     silently with 4, while trainingmanager.py --config on the same recipe refuses it: recipes.py
     reads the recipe's keys and --set as given too, before training."""
-    import lora
-    from architecture import PRESETS, Transformer
-    from tokenizer import CodeTokenizer
+    from tiny_hf import save_tiny_adapter
 
-    tok = CodeTokenizer.train(["x = 1\n"] * 3, min_freq=1)
-    model = Transformer(dataclasses.replace(PRESETS["tiny"], vocab_size=tok.vocab_size,
-                                            bos_id=tok.bos_id, eos_id=tok.eos_id))
-    base, adapter = tmp_path / "base", tmp_path / "adapter"
-    model.save_pretrained(base)
-    lora.apply_lora(model, lora.LoRAConfig(r=2, alpha=4))
-    lora.save_adapter(model, adapter, base_model_name_or_path=str(base))
+    _, adapter = save_tiny_adapter(tmp_path)
     recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"]}, init_adapter=str(adapter))
     with pytest.raises(ValueError) as refused:
         tm.parse_config(["--config", str(recipe), "--lora-alpha", "16"])

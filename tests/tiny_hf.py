@@ -163,3 +163,22 @@ def save_tiny_llama3_instruct(path: Path, texts: list[str], seed: int = 0):
     GenerationConfig(bos_token_id=bos, eos_token_id=eos, do_sample=True, temperature=0.6,
                      top_p=0.9).save_pretrained(path)
     return model, tok, eos
+
+
+def save_tiny_adapter(root: Path, alpha: float = 4) -> tuple[Path, Path]:
+    """A tiny codelm model saved in HF's layout as ``root``/base and a LoRA adapter of rank 2
+    and ``alpha`` on it as ``root``/adapter (naming that base): an --init-adapter to start from."""
+    import dataclasses
+
+    import lora
+    from architecture import PRESETS, Transformer
+    from tokenizer import CodeTokenizer
+
+    tok = CodeTokenizer.train(["x = 1\n"] * 3, min_freq=1)
+    model = Transformer(dataclasses.replace(PRESETS["tiny"], vocab_size=tok.vocab_size,
+                                            bos_id=tok.bos_id, eos_id=tok.eos_id))
+    base, adapter = Path(root) / "base", Path(root) / "adapter"
+    model.save_pretrained(base)
+    lora.apply_lora(model, lora.LoRAConfig(r=2, alpha=alpha))
+    lora.save_adapter(model, adapter, base_model_name_or_path=str(base))
+    return base, adapter
