@@ -926,9 +926,10 @@ def check_trial_config(cfg: TuneConfig, space: SearchSpace, base: dict) -> None:
         train_cfg = trainingmanager.config_from_dict(values, where)
         try:
             trainingmanager.validate_config(train_cfg)
-            if train_cfg.init_adapter is not None:  # a swept (or --train-config) lora_* value
-                #   at its default that differs from the adapter's would train as the adapter's
-                trainingmanager.with_init_adapter(train_cfg, typed={*base, *params})
+            if train_cfg.init_adapter is not None:  # a swept (or --train-config, or the
+                #   space's base) lora_* value at its default that differs from the adapter's
+                #   would train as the adapter's
+                trainingmanager.with_init_adapter(train_cfg, typed={*space.base, *base, *params})
             trainingmanager.data_config(train_cfg, train_cfg.block_size or 256)
             if train_cfg.init_from is None:  # the vocabulary size (the tokenizer's) checks nothing
                 trainingmanager.model_config(train_cfg, 1, None, None)

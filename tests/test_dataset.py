@@ -1901,12 +1901,61 @@ def test_user_prompts_read_special_token_text_as_their_model_learned_it(tmp_path
 
 def test_the_prompts_note_counts_a_repeated_prompt_once(tmp_path, capsys):
     """eval's pass@k encodes each problem once per sample: the note counted one problem with
-    special-token text as num_samples prompts."""
+    special-token text as num_samples prompts. The first prompt holds none: every prompt counts."""
     tok, _ = _instruct_tokenizers(tmp_path)
-    prompts = ["a<|eot_id|>"] * 20 + ["def f(x):\n", "b<|eot_id|>"]
+    prompts = ["def f(x):\n"] + ["a<|eot_id|>"] * 20 + ["b<|eot_id|>"]
     dataset.encode_prompts(tok, prompts, False)
     assert "note: 2 prompt(s) hold the text of special token(s) of the tokenizer (<|eot_id|>)" \
         in capsys.readouterr().err
+
+
+def test_a_pair_prompts_read_bos_moves_its_body_span_with_it(tmp_path):
+    """A refactor pair whose head starts with the template's <|begin_of_text|> text loses that
+    BOS under pair_special_tokens: the body's span (what a too-long prompt cuts) moves back by
+    it, to the ids transformers gives the head and body."""
+    tok, hf = _instruct_tokenizers(tmp_path)
+    head = hf.apply_chat_template([{"role": "user", "content": "refactor:"}],
+                                  tokenize=False)[: -len("<|eot_id|>")] + "\n"
+    body, tail = "def f(x):\n    return x\n", "<|eot_id|>"
+    assert head.startswith(hf.bos_token)
+    [(ids, _, (start, end))] = dataset.tokenize_examples(
+        [dataset.Example(head, "y", body, tail, pair=True)], tok,
+        cfg(tmp_path, task="refactor", pair_special_tokens=True), "tokenize")
+    head_ids = hf(head, add_special_tokens=False)["input_ids"][1:]  # less its BOS
+    body_ids = hf(body, add_special_tokens=False)["input_ids"]
+    assert ids[:start] == head_ids and ids[start:end] == body_ids
+    assert (start, end) == (len(head_ids), len(head_ids) + len(body_ids))
+
+
+def test_a_prompt_loses_a_two_token_template_prefix_only_whole(tmp_path):
+    """A tokenizer whose template puts two tokens before each text: a pair_special_tokens prompt
+    (a user's, a pair record's) drops them only when it starts with both, as transformers'
+    tokenizer(text) reads it with the template's tokens placed once."""
+    import transformers
+    from tokenizers import Tokenizer, processors
+
+    from tokenizer import load_tokenizer
+
+    _instruct_tokenizers(tmp_path)
+    path = tmp_path / "instruct"
+    hf_tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    pair = ["<|begin_of_text|>", "<|end_of_text|>"]
+    hf_tok.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{pair[0]} {pair[1]} $A",
+                                      special_tokens=[(t, hf_tok.token_to_id(t)) for t in pair])])
+    hf_tok.save(str(path / "tokenizer.json"))
+    tok, hf = load_tokenizer(path), transformers.AutoTokenizer.from_pretrained(path)
+    start = dataset.prompt_prefix(tok, None)
+    assert start == tok.template_prefix == hf.convert_tokens_to_ids(pair)
+    prompts = [pair[0] + "x = 1", "".join(pair) + "x = 1", pair[1] + "x", "x = 1"]
+    read = dataset.encode_prompts(tok, prompts, True)
+    assert [start + ids for ids in read] == [
+        hf(p, add_special_tokens=not p.startswith("".join(pair)))["input_ids"] for p in prompts]
+    trained = dataset.tokenize_examples([dataset.Example(p, "x", pair=True) for p in prompts],
+                                        tok, cfg(tmp_path, task="refactor",
+                                                 pair_special_tokens=True), "tokenize")
+    assert [ids for ids, _, _ in trained] == read
 
 
 # ----------------------------------------------------------------------------- errors, cache

@@ -947,7 +947,8 @@ def test_a_pair_special_tokens_run_is_prompted_and_scored_with_the_special_ids(t
     cfg = ev.EvalConfig(max_new_tokens=4, progress=False, reference_loss=True)
     options = {"pair_special_tokens": True}
     run = dataclasses.replace(lm, run_config={"task": "refactor", "data_options": options})
-    metrics, _ = ev.run_generation_task(run, "refactor", examples, cfg, dataset.DataConfig())
+    metrics, _ = ev.run_generation_task(run, "refactor", examples, cfg,
+                                        data_cfg=dataset.DataConfig())
 
     ids = hf_tok(prompt, add_special_tokens=False)["input_ids"]
     assert seen[0] == ids and ids.count(hf_tok.bos_token_id) == 1
@@ -961,12 +962,13 @@ def test_a_pair_special_tokens_run_is_prompted_and_scored_with_the_special_ids(t
     assert metrics["loss"] == pytest.approx(float(reference), abs=1e-4)
 
     as_text = hf_tok(prompt, split_special_tokens=True)["input_ids"]  # BOS, then text
-    ev.run_generation_task(lm, "refactor", examples, cfg, dataset.DataConfig())
+    ev.run_generation_task(lm, "refactor", examples, cfg, data_cfg=dataset.DataConfig())
     off = dataclasses.replace(cfg, data_options={"pair_special_tokens": False})
-    ev.run_generation_task(run, "refactor", examples, off, dataset.DataConfig())
+    ev.run_generation_task(run, "refactor", examples, off, data_cfg=dataset.DataConfig())
     assert seen[1] == seen[2] == as_text != ids
     lm_run = dataclasses.replace(lm, run_config={"task": "lm", "data_options": options})
-    ev.run_generation_task(lm_run, "refactor", examples, cfg, dataset.DataConfig(**options))
+    ev.run_generation_task(lm_run, "refactor", examples, cfg,  # eval's data_cfg reads them
+                           data_cfg=dataset.DataConfig(**options))
     assert seen[3] == [hf_tok.eos_token_id] + as_text  # an lm run packed its pairs as text
 
 
@@ -1271,6 +1273,42 @@ def test_lm_score_and_completion_windows_read_special_token_text_as_text(tmp_pat
     ids = hf_tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     assert [(e.head, e.reference) for e in examples] == [
         (hf_tok.decode(p), hf_tok.decode(c)) for p, c in ds.window_pairs(ids, data_cfg)]
+
+
+def test_docstring_min_tokens_and_body_cut_read_special_token_text_as_text(tmp_path):
+    """A docstring quoting <|eot_id|> is text to the data build: docstring_min_tokens counts its
+    ids as transformers' split_special_tokens encoding does, and a prompt's body cut to
+    body_tokens keeps that many of those ids, not of the special token's."""
+    import transformers
+    from tiny_hf import save_tiny_llama3_instruct
+
+    import dataset as ds
+    from tokenizer import load_tokenizer
+
+    base = tmp_path / "instruct"
+    save_tiny_llama3_instruct(base, [CLASS_SOURCE.format(i=i) for i in range(10)])
+    hf_tok, tok = transformers.AutoTokenizer.from_pretrained(base), load_tokenizer(base)
+
+    def as_text(text: str) -> list[int]:
+        return hf_tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    doc = ds.Doc("turns.py", 'def end(turn):\n    """Close a turn with <|eot_id|><|eot_id|>."""\n'
+                             "    return turn\n")
+
+    def docstrings(min_tokens: int) -> list[str]:
+        cfg = ev.EvalConfig(docstring_targets="function", docstring_min_tokens=min_tokens)
+        return [e.reference for e in ev.build_examples("docstring", [doc], cfg, tok=tok)]
+
+    [reference] = docstrings(0)
+    assert "<|eot_id|>" in reference
+    assert docstrings(len(as_text(reference))) == [reference]
+    with pytest.raises(ValueError, match="no examples"):
+        docstrings(len(as_text(reference)) + 1)
+
+    body = 'END = "<|eot_id|>"\nx = 1\n'
+    for n in (8, 12):  # within and past the special token's text
+        example = ev.TaskExample("x", "", "head\n", body, "\ntail", body_tokens=n)
+        assert example.prompt(tok) == f"head\n{hf_tok.decode(as_text(body)[:n])}\ntail"
 
 
 def test_lm_task_scores_a_pair_document_with_its_target(tiny_models, monkeypatch):

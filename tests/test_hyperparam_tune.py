@@ -1331,7 +1331,8 @@ def test_a_swept_lora_value_at_its_default_that_differs_from_the_init_adapter_is
         tmp_path, corpus):
     """lora_alpha choices [4, 16] with an --init-adapter of alpha 4: the trials of 16 (the
     default) trained with 4 and the study recorded them as 16; refused before any trial, as
-    trainingmanager.py --lora-alpha 16 is."""
+    trainingmanager.py --lora-alpha 16 is. So is a lora_alpha 16 in the space's base or in
+    --train-config."""
     from tiny_hf import save_tiny_adapter
 
     _, adapter = save_tiny_adapter(tmp_path)
@@ -1340,12 +1341,14 @@ def test_a_swept_lora_value_at_its_default_that_differs_from_the_init_adapter_is
     with pytest.raises(ValueError) as typed:
         trainingmanager.parse_config(["--config", str(train), "--lora-alpha", "16"])
 
-    def check(choices: list) -> None:
+    def check(choices: list, **space_base) -> None:
         space = tiny_space(tmp_path, corpus, {"lora_alpha": {"type": "categorical",
-                                                              "choices": choices}})
+                                                              "choices": choices}} if choices
+                           else None)
         values = json.loads(Path(space).read_text("utf-8"))  # the adapter's base: its shape
         values["base"] = {k: v for k, v in values["base"].items() if k not in ("n_embd",
                                                                                 "n_layer")}
+        values["base"].update(space_base)
         Path(space).write_text(json.dumps(values), "utf-8")
         hyperparam_tune.check_before_trials(hyperparam_tune.config_from_dict(
             {"space": space, "train_config": str(train), "out_dir": str(tmp_path / "runs")}))
@@ -1354,6 +1357,14 @@ def test_a_swept_lora_value_at_its_default_that_differs_from_the_init_adapter_is
     with pytest.raises(ValueError) as refused:
         check([4, 16])
     assert str(refused.value).endswith(f"params.lora_alpha=16: {typed.value}")
+    check([], lora_alpha=4)
+    with pytest.raises(ValueError) as refused:
+        check([], lora_alpha=16)
+    assert str(refused.value).endswith(str(typed.value))
+    train.write_text(json.dumps({"init_adapter": str(adapter), "lora_alpha": 16}), "utf-8")
+    with pytest.raises(ValueError) as refused:  # in --train-config
+        check([])
+    assert str(refused.value).endswith(str(typed.value))
     assert not (tmp_path / "runs").exists()
 
 

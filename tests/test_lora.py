@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,71 @@ def test_peft_adapter_targets_match_hf_names_only(tmp_path, family, targets):
     load_adapter(model, tmp_path / "peft")
     torch.testing.assert_close(_logits(model, _ids(2)), _logits(peft_model.eval(), _ids(2)),
                                atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family,peft_targets,codelm_targets", [
+    ("llama", ["q_proj", "v_proj", "wte", "fc1"], ["qkv", "attn.proj"]),
+    ("gpt_bigcode", r".*\.(c_attn|c_fc)$", ["qkv", "fc"]),
+])
+def test_targeted_modules_are_the_modules_peft_and_apply_lora_adapt(tmp_path, family,
+                                                                     peft_targets, codelm_targets):
+    """On a meta-device model: under peft_rules the modules PEFT adapts for an adapter file's
+    target_modules (HF names only; a name the model lacks is skipped), else the modules
+    apply_lora adapts (codelm names too); targets that select nothing are an error."""
+    hf, model, _ = _pair(family, tmp_path)
+    with torch.device("meta"):
+        meta = Transformer(pretrained.read_config(tmp_path / "hf")[0])
+    peft_model = get_peft_model(copy.deepcopy(hf), _peft_config(dict(
+        r=4, alpha=8, target_modules=peft_targets)))
+    peft_adapted = {n.removeprefix(lora.PEFT_PREFIX) for n, m in peft_model.named_modules()
+                    if hasattr(m, "lora_A")}
+    assert lora.targeted_modules(meta, peft_targets, peft_rules=True) == peft_adapted
+    apply_lora(model, LoRAConfig(r=4, target_modules=codelm_targets))
+    adapted = {n for _, m in lora_modules(model) for n in m.names.values()}
+    assert lora.targeted_modules(meta, codelm_targets) == adapted
+    for targets, peft_rules in ((["qkv"], True), (["nowhere"], False), ([*codelm_targets, "x"],
+                                                                        False)):
+        with pytest.raises(ValueError, match="match no module"):
+            lora.targeted_modules(meta, targets, peft_rules)
+
+
+def test_apply_adapter_layout_from_a_renamed_config_is_where_peft_puts_the_adapter(tmp_path):
+    """A run's copy of an adapter's config (another file name, no weights beside it) gives the
+    layout load_adapter gives: the same adapted modules, rank and scale, so the adapter's
+    weights copied in compute PEFT's logits. Once per model, on a codelm Transformer only."""
+    hf, model, _ = _pair("llama", tmp_path)
+    peft_model = get_peft_model(copy.deepcopy(hf), _peft_config(dict(
+        r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "nowhere"])))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+    peft_model.save_pretrained(tmp_path / "peft")
+    run = tmp_path / "run"
+    run.mkdir()
+    config = json.loads((tmp_path / "peft" / lora.ADAPTER_CONFIG).read_text())
+    (run / "copy.json").write_text(json.dumps({**config,
+                                               "base_model_name_or_path": str(tmp_path / "hf")}))
+    assert lora.adapter_base(run, "", "copy.json") == tmp_path / "hf"
+    loaded = Transformer.from_pretrained(tmp_path / "hf")
+    expected = load_adapter(loaded, tmp_path / "peft")
+    report = lora.apply_adapter_layout(model, run, "copy.json")
+    assert (report.targets, report.modules, report.trainable_params) == (
+        expected.targets, expected.modules, expected.trainable_params)
+    assert not any(p.detach().any() for n, p in model.named_parameters() if "lora_B" in n)
+    model.load_state_dict(loaded.state_dict())
+    torch.testing.assert_close(_logits(model, _ids(2)), _logits(peft_model.eval(), _ids(2)),
+                               atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="already has LoRA adapters; apply_adapter_layout once"):
+        lora.apply_adapter_layout(model, run, "copy.json")
+    with pytest.raises(ValueError, match=r"^apply_adapter_layout works on codelm's Transformer"):
+        lora.apply_adapter_layout(hf, run, "copy.json")
+    fresh = Transformer.from_pretrained(tmp_path / "hf")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(run / lora.ADAPTER_CONFIG))}: not "):
+        lora.apply_adapter_layout(fresh, run)
+    (run / "none.json").write_text(json.dumps({**config, "target_modules": ["nowhere"]}))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(run / 'none.json'))}: LoRA target"):
+        lora.apply_adapter_layout(fresh, run, "none.json")
 
 
 def test_loading_into_existing_adapters_needs_the_same_scale(tmp_path):

@@ -1325,6 +1325,8 @@ def test_sample_prompt_reads_special_token_text_as_the_runs_pairs_did(tmp_path, 
         assert seen[-1] == start + as_text
         assert "note: 1 prompt(s) hold the text of special token(s) of the tokenizer " \
                "(<|begin_of_text|>, <|eot_id|>)" in capsys.readouterr().err
+    tm.sample_completion(model, tok, prompt, 4, "refactor")  # a caller that names no option
+    assert seen[-1] == as_text
 
 
 @pytest.mark.parametrize("reads", [True, False])
@@ -2332,6 +2334,20 @@ def test_init_adapter_agrees_with_codelm_target_names_that_select_the_adapters_m
             tm.validate_config(tm.TrainConfig(init_adapter=str(adapter), lora_targets=targets))
 
 
+def test_init_adapter_targets_compare_by_peft_rules_on_the_adapters_side(tmp_path):
+    """The adapter file's targets select modules as PEFT reads them: a name the base lacks is
+    skipped (codelm's qkv then agrees with q/k/v_proj), and a file whose targets select nothing
+    is an error naming that file, not a lora_targets that differs."""
+    base = tiny_llama(tmp_path)
+    lacking = _adapter_config(tmp_path / "lacking", base, ["q_proj", "k_proj", "v_proj", "fc1"])
+    cfg = tm.with_init_adapter(tm.TrainConfig(init_adapter=lacking, lora_targets=["qkv"]))
+    assert cfg.lora_targets == ["qkv"]
+    nothing = _adapter_config(tmp_path / "nothing", base, ["fc1"])
+    with pytest.raises(ValueError, match=rf"^{re.escape(nothing)}/adapter_config\.json: LoRA "
+                                         r"target\(s\) \['fc1'\] match no module"):
+        tm.with_init_adapter(tm.TrainConfig(init_adapter=nothing, lora_targets=["qkv"]))
+
+
 def test_init_adapter_that_cannot_be_honoured_is_an_error_naming_the_path(tmp_path):
     """A missing directory, a run directory instead of its export/, an option codelm's LoRA
     refuses (the check load_adapter makes), and a base that is no local directory."""
@@ -2387,6 +2403,19 @@ def test_init_adapter_targets_agree_in_any_order_and_a_regex_is_left_to_the_file
     tm.validate_config(cfg)
 
 
+def test_a_config_files_lora_key_at_its_default_that_differs_from_the_init_adapter_is_refused(
+        tmp_path):
+    """--config's lora_alpha 16 (the default) beside an adapter of alpha 8 says what the user
+    wants as a typed --lora-alpha 16 does: an error, not the adapter's value; its own agrees."""
+    adapter = _adapter_config(tmp_path / "adapter", tmp_path / "base", ["q_proj", "v_proj"])
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps({"lora_alpha": 16.0}))
+    with pytest.raises(ValueError, match=r"^TrainConfig\.lora_alpha=16\.0 \(the adapter's: 8\)"):
+        tm.parse_config(["--init-adapter", adapter, "--config", str(config)])
+    config.write_text(json.dumps({"lora_alpha": 8}))
+    assert tm.parse_config(["--init-adapter", adapter, "--config", str(config)]).lora_alpha == 8
+
+
 def test_init_adapter_given_a_file_is_refused_as_not_a_directory(tmp_path):
     """An adapter is a directory: a file (its adapter_config.json, say) is named as such."""
     file = tmp_path / "adapter_config.json"
@@ -2409,6 +2438,42 @@ def test_init_adapter_is_a_run_path_saved_absolute_and_checked_on_resume(tmp_pat
     with pytest.raises(ValueError, match=rf"^{re.escape(str(run / tm.CONFIG_FILE))}: "
                                          rf"init_adapter {re.escape(repr(str(gone)))} not found$"):
         tm.parse_config(["--resume", str(run)])
+
+
+def test_a_run_without_weights_needs_its_adapter_directory_not_its_copy(tmp_path):
+    """A run stopped before its first weights starts again from the adapter, so its copy of the
+    adapter's config (INIT_ADAPTER_COPY) counts only once the run holds weights: before, a
+    resume whose adapter has gone names it at once, as a run without the copy does."""
+    adapter = Path(_adapter_config(tmp_path / "adapter", tmp_path / "base", ["q_proj"]))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / tm.CONFIG_FILE).write_text(json.dumps({"init_adapter": str(adapter)}))
+    shutil.copy(adapter / "adapter_config.json", run / tm.INIT_ADAPTER_COPY)
+    shutil.rmtree(adapter)
+    assert tm.run_adapter_copy(run) is None
+    with pytest.raises(ValueError, match=rf"init_adapter {re.escape(repr(str(adapter)))} not "
+                                         "found$"):
+        tm.parse_config(["--resume", str(run)])
+    (run / tm.BEST_DIR).mkdir()
+    assert tm.run_adapter_copy(run) == run / tm.INIT_ADAPTER_COPY
+
+
+def test_a_resume_of_a_run_with_weights_takes_the_adapter_settings_from_its_copy(tmp_path):
+    """Resumed once it holds weights, an init_adapter run reads its own copy of the adapter's
+    config for the LoRA settings and (without init_from) the base, and an error names that
+    copy: the adapter directory may be gone."""
+    adapter = Path(_adapter_config(tmp_path / "adapter", tmp_path / "base", ["q_proj", "v_proj"]))
+    run = tmp_path / "run"
+    (run / tm.BEST_DIR).mkdir(parents=True)
+    shutil.copy(adapter / "adapter_config.json", run / tm.INIT_ADAPTER_COPY)
+    shutil.rmtree(adapter)
+    cfg = tm.with_init_adapter(tm.TrainConfig(init_adapter=str(adapter), resume=str(run)))
+    assert (cfg.init_from, cfg.lora_r, cfg.lora_alpha, sorted(cfg.lora_targets)) == (
+        str(tmp_path / "base"), 4, 8.0, ["q_proj", "v_proj"])
+    with pytest.raises(ValueError, match=r"^TrainConfig\.lora_r=8 \(the adapter's: 4\): "
+                                         rf".*fixes these \({re.escape(str(run))}/"
+                                         r"init_adapter_config\.json\)"):
+        tm.with_init_adapter(tm.TrainConfig(init_adapter=str(adapter), resume=str(run), lora_r=8))
 
 
 def test_eval_scores_best_when_a_resume_trained_past_the_export(assets, tmp_path, capsys):
