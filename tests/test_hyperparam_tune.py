@@ -475,7 +475,8 @@ def test_interrupted_sweep_reruns_the_interrupted_trial(tmp_path, corpus):
         s: v for s, v in first.intermediate_values.items() if s <= stopped_at}
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGTERM, marks=pytest.mark.slow),
+                                 signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_a_stopped_or_killed_sweep_stops_its_workers(tmp_path, corpus, sig):
     """SIGTERM (a scheduler's stop, ``kill``) to the command is passed on to the workers, which
     run in their own sessions: each ends its trial as interrupted, and the command exits 143.
@@ -1649,7 +1650,8 @@ sys.exit(hyperparam_tune.main(sys.argv[1:]))
     ("trainingmanager.NonFiniteLossError('non-finite gradient at step 2')", 1,
      "Trial 0 failed with parameters"),  # exit 1: the sweep's only trial failed, no best.json
     ("KeyboardInterrupt()", 130, "interrupted: run the same command again"),
-    ("KeyboardInterrupt('SIGTERM')", 143, "interrupted: run the same command again"),
+    pytest.param("KeyboardInterrupt('SIGTERM')", 143, "interrupted: run the same command again",
+                 marks=pytest.mark.slow),
 ])
 def test_failed_or_interrupted_trial_prints_one_line(tmp_path, corpus, error, code, line):
     """What the command prints (Optuna logs failures with their traceback by default)."""
@@ -1680,7 +1682,8 @@ sys.exit(hyperparam_tune.main(sys.argv[1:]))
 
 
 @pytest.mark.parametrize("fault, code, told", [
-    (None, 0, None),  # every worker ran its trials: nothing to tell, exit 0
+    pytest.param(None, 0, None, marks=pytest.mark.slow),  # every worker ran its trials:
+    #   nothing to tell, exit 0 (the other sweep tests pass through it too)
     ("error", 2, r"worker 2 \(pid \d+\) failed: exit status 2"),
     # as a dead worker elsewhere: told, its trials run by the others, the trial count decides
     ("kill", 0, r"worker 2 \(pid \d+\) was killed by SIGKILL"),

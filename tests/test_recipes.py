@@ -172,8 +172,8 @@ sys.exit(recipes.main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
-                         ids=["INT", "TERM"])
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), pytest.param(
+    signal.SIGTERM, 143, marks=pytest.mark.slow)], ids=["INT", "TERM"])
 def test_interrupted_evaluation_says_the_training_is_saved(tmp_path, sig, code):
     """Ctrl-C or SIGTERM once training is done: one line saying how to finish the evaluation
     (--resume does not train again), and 130 / 143."""

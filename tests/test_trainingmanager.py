@@ -1117,7 +1117,7 @@ sys.exit(tm.main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("failing", [False, True])
+@pytest.mark.parametrize("failing", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_ddp_model_is_freed_before_the_group_is_destroyed(assets, tmp_path, failing):
     """The DDP model sits in reference cycles; left to the collection at interpreter exit, gloo's
     threads died in a half torn-down process: now and then SIGABRT, "terminate called without
@@ -1147,6 +1147,7 @@ sys.exit(tm.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow  # the quick suite has its setup-error twin
 def test_ddp_rank_zero_write_error_stops_every_rank_with_its_one_line(assets, tmp_path):
     """Only rank 0 writes checkpoints: its full disk left rank 1 on a lost connection (a gloo
     traceback), and an error every rank met was printed once per rank."""
