@@ -747,6 +747,17 @@ def total(accounts):
 '''
 
 
+def _record_streamed_ids(monkeypatch) -> list:
+    """The ids each Transformer.stream call starts from (eval.py --prompt's first forward)."""
+    from architecture import Transformer
+
+    streamed = []
+    stream = Transformer.stream
+    monkeypatch.setattr(Transformer, "stream",
+                        lambda self, idx, *a, **k: streamed.append(idx) or stream(self, idx, *a, **k))
+    return streamed
+
+
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     """A code directory, a tokenizer trained on it, a tiny llama base and a LoRA adapter."""
@@ -834,10 +845,7 @@ def test_a_llama3_base_is_prompted_with_its_bos_as_transformers_tokenizes_it(tmp
     ids = hf_tok(prompt, return_tensors="pt")["input_ids"]
     assert ids[0, 0] == tok.bos_id and ids.shape[1] == len(tok.encode(prompt)) + 1
 
-    streamed = []
-    stream = Transformer.stream
-    monkeypatch.setattr(Transformer, "stream",
-                        lambda self, idx, *a, **k: streamed.append(idx) or stream(self, idx, *a, **k))
+    streamed = _record_streamed_ids(monkeypatch)
     assert ev.main(["--models", str(base), "--prompt", prompt, "--max-new-tokens", "12",
                     "--runs-dir", str(tmp_path / "runs")]) == 0
     assert streamed[0].tolist() == ids.tolist()
@@ -1010,10 +1018,7 @@ def test_prompt_reads_chat_template_text_as_the_model_learned_it(tmp_path, capsy
     assert (eot in read) == (trained in ("base", "pair_special_tokens"))
     assert read.count(bos) == (2 if trained == "base" else 1)
 
-    streamed = []
-    stream = Transformer.stream
-    monkeypatch.setattr(Transformer, "stream",
-                        lambda self, idx, *a, **k: streamed.append(idx) or stream(self, idx, *a, **k))
+    streamed = _record_streamed_ids(monkeypatch)
     assert ev.main(["--models", str(model), "--prompt", prompt, "--max-new-tokens", "4",
                     "--runs-dir", str(tmp_path / "runs")]) == 0
     assert streamed[0].tolist() == [want]
