@@ -1415,8 +1415,13 @@ def _without_text_template_prefix(ids: list[int], prefix: Sequence[int]) -> list
     return ids[len(prefix) :] if prefix and ids[: len(prefix)] == list(prefix) else ids
 
 
+RUN_READ_TEXT = "the run trained on such text as text (pair records without pair_special_tokens, " \
+                "or the lm task)"
+
+
 def encode_prompts(tokenizer: CodeTokenizer | BPETokenizer, prompts: Sequence[str],
-                   pair_special_tokens: bool | None = None, remedy: str = "") -> list[list[int]]:
+                   pair_special_tokens: bool | None = None, remedy: str = "",
+                   why: str = RUN_READ_TEXT) -> list[list[int]]:
     """The ids of user prompts (eval.py's ``--prompt`` and pass@k problems, a run's sample
     prompt), each to follow ``prompt_prefix``, reading a special token's text (a chat template's
     <|eot_id|>) as the model learned it, by one rule:
@@ -1428,8 +1433,8 @@ def encode_prompts(tokenizer: CodeTokenizer | BPETokenizer, prompts: Sequence[st
       task): as ``tokenize_examples`` reads them: as the token, and a prompt that starts with
       the template prefix's text loses it, so there is one BOS;
     - False (a run that did not, every lm run): text, as the run's data; a note on stderr
-      (once) names the special tokens the prompts hold and says so, then ``remedy`` (how to
-      read them as the tokens there)."""
+      (once) names the special tokens the prompts hold and says so, ``why`` (the run's data, by
+      default), then ``remedy`` (how to read them as the tokens there)."""
     if pair_special_tokens is None:
         return [tokenizer.encode(p) for p in prompts]
     if pair_special_tokens:
@@ -1441,10 +1446,9 @@ def encode_prompts(tokenizer: CodeTokenizer | BPETokenizer, prompts: Sequence[st
         n = len({p for p in prompts if found.search(p)})  # pass@k repeats each problem
         names = [t for t in tokenizer.matched_special_tokens if t in held]
         print(f"note: {n} prompt(s) hold the text of special token(s) of the tokenizer "
-              f"({', '.join(names)}); the run trained on such text as "
-              "text (pair records without pair_special_tokens, or the lm task), so the prompt "
-              "is encoded as text, not as those tokens (as transformers' tokenizer(text) would "
-              f"read them){remedy}", file=sys.stderr)
+              f"({', '.join(names)}); {why}, so the prompt is encoded as text, not as those "
+              f"tokens (as transformers' tokenizer(text) would read them){remedy}",
+              file=sys.stderr)
     return [encode_text(tokenizer, p) for p in prompts]
 
 

@@ -856,11 +856,14 @@ def _prompt_ids(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig) -> lis
     """Each prompt's ids after ``_prompt_start`` (``dataset.encode_prompts``): special-token text
     read as transformers' tokenizer(text) reads it for a base checkpoint, as its pair records
     were read for a run (``_pair_special_tokens``)."""
-    from dataset import encode_prompts
+    from dataset import RUN_READ_TEXT, encode_prompts
 
+    why = RUN_READ_TEXT
+    if "pair_special_tokens" in cfg.data_options:  # the user's choice, for a base too
+        why = "--data-options sets pair_special_tokens false"
     return encode_prompts(lm.tokenizer, prompts, _pair_special_tokens(lm, cfg),
                           " (eval.py --data-options '{\"pair_special_tokens\": true}' reads them "
-                          "as the tokens)")
+                          "as the tokens)", why)
 
 
 @torch.no_grad()

@@ -980,13 +980,14 @@ def test_a_pair_special_tokens_run_is_prompted_and_scored_with_the_special_ids(t
     assert seen[3] == [hf_tok.eos_token_id] + as_text  # an lm run packed its pairs as text
 
 
-@pytest.mark.parametrize("trained", ["base", "pair_special_tokens", "text", "lm"])
+@pytest.mark.parametrize("trained", ["base", "base as text", "pair_special_tokens", "text", "lm"])
 def test_prompt_reads_chat_template_text_as_the_model_learned_it(tmp_path, capsys, monkeypatch,
                                                                  trained):
     """eval.py --prompt (streamed) and batched generation (pass@k problems) with a chat-formatted
     prompt: a base gets transformers' tokenizer(prompt) ids, a second BOS too; a run trained
     with pair_special_tokens its pair records' ids (one BOS); a run without it (or an lm run,
-    after its EOS) the text, as its data, with a note saying so (it read the special ids)."""
+    after its EOS) the text, as its data, with a note saying so (it read the special ids); a
+    base told to read them as text (--data-options) the text, with a note naming that option."""
     import json
     import shutil
 
@@ -1003,7 +1004,9 @@ def test_prompt_reads_chat_template_text_as_the_model_learned_it(tmp_path, capsy
                                         tokenize=False, add_generation_prompt=True)
     eot, bos = hf_tok.convert_tokens_to_ids("<|eot_id|>"), hf_tok.bos_token_id
     model = base
-    if trained != "base":
+    options = ["--data-options", '{"pair_special_tokens": false}'] if trained == "base as text" \
+        else []
+    if not trained.startswith("base"):
         model = tmp_path / "run"
         shutil.copytree(base, model / "export")
         config = {"task": "lm" if trained == "lm" else "refactor",
@@ -1012,20 +1015,25 @@ def test_prompt_reads_chat_template_text_as_the_model_learned_it(tmp_path, capsy
     want = {"base": hf_tok(prompt)["input_ids"],
             "pair_special_tokens": hf_tok(prompt, add_special_tokens=False)["input_ids"],
             "text": hf_tok(prompt, split_special_tokens=True)["input_ids"],
+            "base as text": hf_tok(prompt, split_special_tokens=True)["input_ids"],
             "lm": [hf_tok.eos_token_id] + hf_tok(prompt, split_special_tokens=True)["input_ids"]
             }[trained]
     read = want[1:] if trained == "lm" else want  # after the EOS an lm run's files follow
     assert (eot in read) == (trained in ("base", "pair_special_tokens"))
     assert read.count(bos) == (2 if trained == "base" else 1)
+    as_text = trained in ("text", "lm", "base as text")
 
     streamed = _record_streamed_ids(monkeypatch)
     assert ev.main(["--models", str(model), "--prompt", prompt, "--max-new-tokens", "4",
-                    "--runs-dir", str(tmp_path / "runs")]) == 0
+                    "--runs-dir", str(tmp_path / "runs"), *options]) == 0
     assert streamed[0].tolist() == [want]
     err = capsys.readouterr().err
     noted = "note: 1 prompt(s) hold the text of special token(s) of the tokenizer " \
             "(<|begin_of_text|>, <|eot_id|>)"
-    assert (noted in err) == (trained in ("text", "lm"))
+    assert (noted in err) == as_text
+    assert ("; --data-options sets pair_special_tokens false, so" in err) == (
+        trained == "base as text")
+    assert ("the run trained" in err) == (trained in ("text", "lm"))
     if noted in err:  # and what the note offers does read them
         assert """eval.py --data-options '{"pair_special_tokens": true}'""" in err
         assert ev.main(["--models", str(model), "--prompt", prompt, "--max-new-tokens", "4",
@@ -1038,7 +1046,9 @@ def test_prompt_reads_chat_template_text_as_the_model_learned_it(tmp_path, capsy
     seen = []
     monkeypatch.setattr(Transformer, "generate", lambda self, idx, *a, **k: seen.append(idx) or idx)
     lm = ev.load_model(model, torch.device("cpu"))
-    ev.generate_texts(lm, [prompt], ev.EvalConfig(max_new_tokens=4, progress=False))
+    data_options = {"pair_special_tokens": False} if options else {}
+    ev.generate_texts(lm, [prompt], ev.EvalConfig(max_new_tokens=4, progress=False,
+                                                  data_options=data_options))
     assert seen[0].tolist() == [want]
 
 
