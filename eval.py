@@ -1527,8 +1527,10 @@ _RESUME_IGNORES = ("models", "runs_dir", "out_dir", "progress", "workers", "batc
 # Raised when a metric's definition changes, so that a resumed evaluation never puts rows of two
 # definitions in one table. 2: edit_sim rounds per pair, and collapses whitespace for method and
 # completion, as CodeXGLUE's evaluators do. 3: lm token_accuracy is a 0-1 fraction, as training's
-# val_accuracy, not a percentage.
-METRICS_VERSION = 3
+# val_accuracy, not a percentage. 4: a document's special-token text is scored, cut and counted
+# as text, as the data build reads it (``dataset.encode_text``), and prompts read it as the model
+# learned it (``dataset.encode_prompts``).
+METRICS_VERSION = 4
 
 
 def _changed_settings(old: dict, config: dict, skip_unset: bool = False) -> list[str]:

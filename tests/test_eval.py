@@ -2194,8 +2194,8 @@ def test_a_rerun_into_the_same_out_dir_evaluates_only_the_models_not_yet_saved(
     ("relabelled", "the models (labels, paths or weights)"),
     ("moved", "the models (labels, paths or weights)"),
     ("edited data", "the examples (the data changed)"),
-    ("new metrics", "the metrics' definitions (codelm's version 1 there, 3 now)"),
-    ("percent accuracy", "the metrics' definitions (codelm's version 2 there, 3 now)"),
+    ("new metrics", "the metrics' definitions (codelm's version 1 there, 4 now)"),
+    ("percent accuracy", "the metrics' definitions (codelm's version 2 there, 4 now)"),
     (["--max-new-tokens", "9"], "max_new_tokens (6 there, 9 now)"),
     (["--block-size", "48"], "block_size (64 there, 48 now)"),
     ("old fingerprints", "the models (labels, paths or weights; or only their fingerprints: an "
