@@ -58,7 +58,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -520,11 +520,16 @@ class EvalConfig:
     temperature: float = 0.0  # 0: greedy; seed 004 sampled with temperature 0.7, top_p 0.9
     top_p: float | None = None  # nucleus sampling (temperature > 0)
     top_k: int | None = None  # sample from the k likeliest tokens (temperature > 0)
+    num_beams: int = 1  # > 1: beam search (greedy, temperature 0; seed 001's next step); the
+    #   stop strings of line/method then cut each finished beam's text, not the search
     num_samples: int = 1  # pass@k: samples per problem (n)
     pass_k: list[int] = field(default_factory=lambda: [1])  # the k of pass@k, each <= num_samples
     batch_size: int = 8  # prompts generated or windows scored at once
     seed: int = 0  # sampling and the choice of completion targets
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str | None = None  # the weights' dtype: fp32 | bf16 | fp16 (None: bf16 on CUDA, fp16
+    #   where it lacks bf16 such as the T4, fp32 on CPU; a run's best/ as it trained); seed 000
+    #   evaluated in fp32 (its fp16 validation loss was NaN)
     # sandbox
     timeout_s: float = 5.0  # wall-clock limit of one sandboxed run
     memory_mb: int = 1024  # memory limit of one sandboxed run
@@ -542,7 +547,7 @@ class EvalConfig:
         need(not unknown and bool(self.tasks), "tasks", f"choose from {', '.join(TASKS)}")
         need(self.split in ("train", "val", "test"), "split", "must be train, val or test")
         for key in ("limit", "lines_per_file", "max_new_tokens", "num_samples", "batch_size",
-                    "workers"):
+                    "workers", "num_beams"):
             need(getattr(self, key) >= 1, key, "must be >= 1")
         need(self.temperature >= 0, "temperature", "must be >= 0")
         need(self.prompt != "", "prompt", "is empty: give the text to complete")
@@ -555,6 +560,8 @@ class EvalConfig:
              f"must be >= {MIN_MEMORY_MB}: a Python interpreter running a test needs that much")
         need(_DEVICE.fullmatch(self.device) is not None, "device",
              "must be auto, cpu, cuda, cuda:N or mps")
+        need(self.dtype in (None, "fp32", "bf16", "fp16"), "dtype",
+             "must be fp32, bf16 or fp16 (or null: bf16/fp16 on CUDA, fp32 on CPU)")
         need(self.top_p is None or 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         need(self.top_k is None or self.top_k >= 1, "top_k", "must be >= 1")
         for key in ("top_p", "top_k"):  # generate refuses them too, but only once a model runs
@@ -563,6 +570,8 @@ class EvalConfig:
                  f"{key} unset for greedy decoding")
         need(bool(self.pass_k) and all(1 <= k <= self.num_samples for k in self.pass_k),
              "pass_k", f"every k must be in [1, num_samples={self.num_samples}], and one given")
+        need(self.num_beams == 1 or self.temperature == 0, "num_beams",
+             "beam search is deterministic: leave temperature at 0 with num_beams > 1")
         need(self.temperature > 0 or self.num_samples == 1, "num_samples",
              "greedy decoding gives one distinct sample; set temperature > 0 for n > 1")
         from dataset import DOCSTRING_PROMPTS
@@ -651,10 +660,10 @@ def latest_run(runs_dir: str | Path) -> Path:
                                        if (p / d).exists()))
 
 
-def _load_hf(path: Path, device: torch.device) -> torch.nn.Module:
+def _load_hf(path: Path, device: torch.device, dtype: str | None = None) -> torch.nn.Module:
     from architecture import Transformer
 
-    dtype = torch.float32 if device.type == "cpu" else None
+    dtype = dtype or (torch.float32 if device.type == "cpu" else None)
     return Transformer.from_pretrained(path, dtype=dtype, device=device)
 
 
@@ -692,8 +701,8 @@ def _run_tokenizer(run_dir: Path, override: str | None) -> Path:
                      "tokenizer the run trained with")
 
 
-def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None
-              ) -> tuple[torch.nn.Module, Path, dict]:
+def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
+              dtype: str | None = None) -> tuple[torch.nn.Module, Path, dict]:
     """A codelm run: its export (full model or adapter on ``init_from``) while it holds the
     run's best weights, else ``best/`` (or a checkpoint: ``_run_weights``); ``tokenizer``:
     ``--tokenizer``, used where the run holds none."""
@@ -709,11 +718,11 @@ def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None
     elif (export / lora.ADAPTER_CONFIG).is_file():
         if not config.get("init_from"):
             raise ValueError(f"{run_dir / tm.CONFIG_FILE}: a LoRA run without init_from")
-        model = _load_hf(Path(_run_base(run_dir, config)), device)
+        model = _load_hf(Path(_run_base(run_dir, config)), device, dtype)
         lora.load_adapter(model, export)
         return model, tok_dir, config
     elif (export / tm.HF_CONFIG).is_file():
-        return _load_hf(export, device), tok_dir, config
+        return _load_hf(export, device, dtype), tok_dir, config
     from pretrained import SafetensorsFile
     from tokenizer import load_tokenizer
 
@@ -729,6 +738,10 @@ def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None
     model = tm.build_model(cfg, load_tokenizer(tok_dir), run_dir)  # an init_adapter run's
     #   LoRA layout from the run's own copy: the adapter directory may be gone
     tm.load_model_tensors(model, tensors, str(weights), adapter_only)
+    if dtype is not None:  # else as it trained (fp32 weights; a LoRA base in its base_dtype)
+        from architecture import SHORT_DTYPES
+
+        model = model.to(SHORT_DTYPES[dtype])
     return model.to(device), tok_dir, config
 
 
@@ -761,10 +774,10 @@ def _split_adapter(path_spec: str) -> tuple[str, str]:
 
 
 def load_model(spec: str | os.PathLike, device: torch.device | str,
-               tokenizer: str | None = None) -> LoadedModel:
+               tokenizer: str | None = None, dtype: str | None = None) -> LoadedModel:
     """Load ``[LABEL=]PATH`` where PATH is an HF dir, a codelm run dir, an adapter dir whose
     config names a local base, or ``BASE+ADAPTER``; ``device`` as ``EvalConfig.device`` reads
-    it when a str ("auto", "cpu", "cuda:1")."""
+    it when a str ("auto", "cpu", "cuda:1"); ``dtype`` as ``EvalConfig.dtype``."""
     import lora
     import trainingmanager as tm
     from tokenizer import check_model_tokenizer, load_tokenizer, tokenizer_path, where_tokenizer_is
@@ -785,18 +798,18 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
         if not (adapter / lora.ADAPTER_CONFIG).is_file():
             raise ValueError(f"EvalConfig.models {spec!r}: {adapter} holds no "
                              f"{lora.ADAPTER_CONFIG}{lora.adapters_below(adapter)}")
-        model = _load_hf(path, device)
+        model = _load_hf(path, device, dtype)
         lora.load_adapter(model, adapter)
         tok_dir = adapter if (adapter / "tokenizer.json").is_file() else path
     elif (path / lora.ADAPTER_CONFIG).is_file():
         base = lora.adapter_base(path, "name the base as BASE+ADAPTER")
-        model = _load_hf(base, device)
+        model = _load_hf(base, device, dtype)
         lora.load_adapter(model, path)
         tok_dir = path if (path / "tokenizer.json").is_file() else base
     elif tm.is_run_dir(path):
-        model, tok_dir, run_config = _load_run(path, device, tokenizer)
+        model, tok_dir, run_config = _load_run(path, device, tokenizer, dtype)
     else:
-        model = _load_hf(path, device)
+        model = _load_hf(path, device, dtype)
         tok_dir = path
     if tokenizer is None and not (Path(tok_dir) / "tokenizer.json").is_file():
         raise ValueError(f"EvalConfig.models {spec!r}: no tokenizer.json in {tok_dir}"
@@ -965,9 +978,9 @@ def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig,
                    stops: Sequence[str] = (), desc: str = "generate",
                    prompt_ids: Sequence[tuple[list[int], tuple[int, int]]] | None = None,
                    max_prompt_tokens: int | None = None) -> list[str]:
-    """Continue each prompt (greedy, or sampled with temperature/top-p/top-k), in left-padded
-    batches; each continuation ends at EOS (the tokenizer's, and each special token the
-    model's config.json lists as eos: ``tokenizer.generation_eos_ids``) or the first stop
+    """Continue each prompt (greedy, beam search, or sampled with temperature/top-p/top-k), in
+    left-padded batches; each continuation ends at EOS (the tokenizer's, and each special token
+    the model's config.json lists as eos: ``tokenizer.generation_eos_ids``) or the first stop
     string (which is cut off).
     ``prompt_ids``: each prompt's ids and code span as training tokenized them
     (dataset.tokenize_examples), so that a long prompt is cut as training cut it, code first;
@@ -1002,7 +1015,8 @@ def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig,
             mask[b, width - len(encoded[i]) :] = True
         out = model.generate(idx.to(device), new_tokens, temperature=cfg.temperature,
                              top_k=cfg.top_k, top_p=cfg.top_p, eos_id=eos or None,
-                             stop=list(stops) or None, attention_mask=mask.to(device),
+                             stop=(list(stops) or None) if cfg.num_beams == 1 else None,
+                             num_beams=cfg.num_beams, attention_mask=mask.to(device),
                              pad_id=pad, decode=tok.decode, generator=generator)
         for b, i in enumerate(rows):
             ids = out[b, width:].tolist()
@@ -1019,6 +1033,10 @@ def stream_completion(lm: LoadedModel, prompt: str, cfg: EvalConfig,
     from dataset import fit_prompt
     from tokenizer import generation_eos_ids
 
+    if cfg.num_beams > 1:  # a beam's text is known only once the search ends
+        (text,) = generate_texts(lm, [prompt], replace(cfg, progress=False))
+        write(text)
+        return text
     tok, model = lm.tokenizer, lm.model
     eos = generation_eos_ids(tok, model.cfg.eos_id, model.name_or_path)
     context = _context(lm, cfg)
@@ -1059,7 +1077,7 @@ def complete(cfg: EvalConfig, write: Callable[[str], object] | None = None) -> d
     specs = model_specs(cfg)
     completions = {}
     for spec in specs:  # one model in memory at a time
-        lm = load_model(spec, device, cfg.tokenizer)
+        lm = load_model(spec, device, cfg.tokenizer, cfg.dtype)
         if len(specs) > 1:
             write(("\n" if completions else "") + f"=== {lm.label} ({lm.source})\n")
         write(cfg.prompt)
@@ -1429,7 +1447,7 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
     if "passk" in cfg.tasks:
         problems = load_problems(cfg.problems or PROBLEMS_FILE, sandbox_config(cfg), cfg.workers,
                                  cfg.limit)
-    models = [load_model(spec, device, cfg.tokenizer) for spec in specs]
+    models = [load_model(spec, device, cfg.tokenizer, cfg.dtype) for spec in specs]
     _unique_labels(models)
     if cfg.block_size is None:  # results.json records the context used
         cfg = replace(cfg, block_size=shared_context(models))
@@ -1537,6 +1555,8 @@ def _changed_settings(old: dict, config: dict, skip_unset: bool = False) -> list
     """The settings of ``config`` (an EvalConfig as a dict) that differ from those of the saved
     results ``old``; ``skip_unset``: not those left None (resolved once models and data load)."""
     saved = old.get("config") if isinstance(old.get("config"), dict) else {}
+    # a setting newer than the saved results was at its default there
+    saved = {f.name: f.default for f in fields(EvalConfig) if f.default is not MISSING} | saved
     return [f"{key} ({saved.get(key)!r} there, {value!r} now)" for key, value in config.items()
             if key not in _RESUME_IGNORES and not (skip_unset and value is None)
             and saved.get(key) != value]

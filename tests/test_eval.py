@@ -1877,6 +1877,9 @@ def test_a_run_dir_scores_best_when_its_export_holds_an_older_best(tiny_models, 
     assert capsys.readouterr().err == (
         f"note: {run / 'export'} is not used: it holds the best weights of step 10, best/ those "
         "of step 30 (the run trained on after its export); scoring best/\n")
+    half = ev.load_model(str(run), torch.device("cpu"), dtype="bf16").model.state_dict()
+    assert all(half[k].dtype == torch.bfloat16 and torch.equal(t.to(torch.bfloat16), half[k])
+               for k, t in new.state_dict().items() if t.is_floating_point())  # --dtype: best/
 
 
 def test_an_older_runs_relative_paths_use_its_export_or_name_its_config(tiny_models, tmp_path,
@@ -2761,3 +2764,60 @@ def test_prompt_without_models_completes_with_the_latest_run(tmp_path, capsys):
     assert ev.main(["--prompt", "def f(", "--runs-dir", str(tmp_path)]) == 2
     out, err = capsys.readouterr()
     assert out == "" and f"error: no trained model under {tmp_path}/" in err
+
+
+def test_eval_loads_models_in_the_dtype_asked_for(tiny_models):
+    """EvalConfig.dtype: eval.py had no way to ask for one and loaded bf16/fp16 on every CUDA
+    device, while seed 000 needed fp32 evaluation (its fp16 validation loss was NaN)."""
+    import torch
+
+    base, adapter = tiny_models["base"], tiny_models["adapter"]
+    for spec in (str(base), f"{base}+{adapter}"):
+        fp32 = ev.load_model(spec, "cpu").model.state_dict()
+        for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+            weights = ev.load_model(spec, "cpu", dtype=name).model.state_dict()
+            floats = {k: v for k, v in fp32.items() if v.is_floating_point()}
+            assert floats and all(torch.equal(weights[k], v.to(dtype)) for k, v in floats.items()
+                                  if "lora_" not in k)
+    assert ev.config_from_dict({"dtype": "fp32"}).dtype == "fp32"
+    with pytest.raises(ValueError, match=r"^EvalConfig.dtype='half': must be fp32, bf16 or fp16"):
+        ev.config_from_dict({"dtype": "half"})
+
+
+def test_eval_generates_with_beam_search_as_transformers_does(tiny_models, tmp_path, capsys):
+    """Seed 001's next step, beam search: generate had it, but no EvalConfig key reached it."""
+    import torch
+    import transformers
+
+    m = tiny_models
+    prompts = ["class Stack:\n    def push(self, ", "class Queue:\n"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(m["base"], dtype=torch.float32)
+    want = []
+    for prompt in prompts:
+        ids = torch.tensor([m["tok"].encode(prompt)])
+        new = hf.generate(ids, max_new_tokens=10, num_beams=3, do_sample=False,
+                          eos_token_id=m["tok"].eos_id, pad_token_id=m["tok"].eos_id
+                          )[0, ids.shape[1]:].tolist()
+        want.append(m["tok"].decode(new[: new.index(m["tok"].eos_id)] if m["tok"].eos_id in new
+                                    else new))
+    cfg = ev.EvalConfig(max_new_tokens=10, num_beams=3, progress=False)
+    assert ev.generate_texts(ev.load_model(m["base"], "cpu"), prompts, cfg) == want
+    assert ev.main(["--models", str(m["base"]), "--prompt", prompts[0], "--max-new-tokens", "10",
+                    "--num-beams", "3", "--runs-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == f"{prompts[0]}{want[0]}\n"
+    with pytest.raises(ValueError, match=r"^EvalConfig.num_beams=3: beam search is determ"):
+        ev.config_from_dict({"num_beams": 3, "temperature": 0.7})
+
+
+def test_results_saved_before_a_setting_existed_count_it_at_its_default(tmp_path):
+    """Results saved before num_beams existed: resuming them was refused as another evaluation
+    (None there, 1 now)."""
+    import json
+
+    saved = dataclasses.asdict(ev.EvalConfig(models=["m"], out_dir=str(tmp_path)))
+    del saved["num_beams"]
+    (tmp_path / "results.json").write_text(json.dumps({"config": saved}))
+    ev.check_settings_unchanged(ev.EvalConfig(models=["m"], out_dir=str(tmp_path)), "x")
+    with pytest.raises(ValueError, match=r"differs in num_beams \(1 there, 2 now\)"):
+        ev.check_settings_unchanged(ev.EvalConfig(models=["m"], num_beams=2,
+                                                  out_dir=str(tmp_path)), "x")

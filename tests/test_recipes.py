@@ -153,7 +153,8 @@ def test_code_completion_trains_on_the_fake_github_scrape(tmp_path, monkeypatch)
     assert stats["read"]["files"] == len(scrape.read_text().splitlines())
     assert stats["modified"]["autopep8_changed"] > 0  # the recipe's cleaning ran
     assert stats["modified"]["comments_or_docstrings_stripped"] == stats["read"]["files"]
-    assert json.loads((result.run_dir / "config.json").read_text())["tokenizer_min_freq"] == 10
+    # seed 001 kept the tokens seen more than ten times
+    assert json.loads((result.run_dir / "config.json").read_text())["tokenizer_min_freq"] == 11
 
 
 # The evaluation waits once it has started, so that a signal lands after training returned.
@@ -1021,3 +1022,27 @@ def test_a_recipes_lora_key_at_its_default_that_differs_from_its_init_adapter_is
     assert recipes.main([*flags, "--set", "train.lora_alpha=4"]) == 2  # the adapter's: trains
     assert "stopped before training" in capsys.readouterr().err
     assert [cfg.lora_alpha for cfg in trained] == [4]
+
+
+def test_refactotron_evaluates_in_fp32_on_cuda_as_its_seed_did(monkeypatch, tmp_path):
+    """Seed 000's fix 3 (fp32 evaluation: fp16 gave a NaN validation loss): eval.py loaded the
+    models in bf16/fp16 on CUDA (fp16 on the seed's T4) whatever the recipe or the run said."""
+    from architecture import Transformer
+
+    cfg = ev.config_from_dict(json.loads((CONFIGS / "refactotron.json").read_text())["eval"])
+    asked = []
+    monkeypatch.setattr(Transformer, "from_pretrained", classmethod(
+        lambda cls, path, dtype=None, device=None: asked.append(dtype)))
+    ev._load_hf(tmp_path, torch.device("cuda"), cfg.dtype)
+    assert asked == ["fp32"]
+
+
+def test_code_completion_keeps_the_pieces_seen_more_than_ten_times_as_its_seed_did():
+    """Seed 001 kept the tokens that "appeared more than ten times"; the recipe's min_freq 10
+    kept those seen exactly ten times too."""
+    from tokenizer import CodeTokenizer
+
+    train = json.loads((CONFIGS / "code_completion.json").read_text())["train"]
+    tok = CodeTokenizer.train(["alpha\n"] * 10 + ["beta\n"] * 11,
+                              min_freq=train["tokenizer_min_freq"])
+    assert "beta" in tok.pieces and "alpha" not in tok.pieces
