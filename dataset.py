@@ -113,8 +113,8 @@ class DataConfig:
     # task and sources
     task: str = "lm"  # lm | completion | method | docstring | refactor | fim
     sources: list[str] = field(default_factory=lambda: ["stdlib"])  # "stdlib", a directory, a
-    #   scraper JSONL ({repo, path, text, ...}) or a pairs JSONL ({"input","output"} or
-    #   {"prompt","completion"})
+    #   scraper JSONL ({repo, path, text, ...}; {"file_text"} as seed 002's corpus names it) or a
+    #   pairs JSONL ({"input","output"} or {"prompt","completion"})
     val_sources: list[str] = field(default_factory=list)  # predefined split (e.g. a dataset's
     #   own validation file): its documents are exactly the val split, `sources` fill the others
     #   by their fractions, and an exact duplicate of one of them in `sources` leaves training
@@ -327,10 +327,15 @@ def _read_jsonl(path: Path, skip_bad: bool, counts: Counter) -> Iterator[_RawDoc
 def _check_utf8(rec: dict, where: str) -> None:
     """Every string a record contributes must be valid UTF-8: JSON can spell lone surrogates
     (``"\\ud83d"``), which no file, cache or tokenizer can hold."""
-    for key in ("text", "repo", "path", "input", "output", "prompt", "completion"):
+    for key in (*TEXT_KEYS, "repo", "path", "input", "output", "prompt", "completion"):
         value = rec.get(key)
         if isinstance(value, str) and not is_utf8(value):
             raise DataError(f"{where}: key {key!r} holds a lone surrogate (not valid UTF-8)")
+
+
+# A code record's text: the scrapers' key, then the one of published corpora such as seed 002's
+# ({"file_text": ...} a line).
+TEXT_KEYS = ("text", "file_text")
 
 
 def _record_to_doc(rec: dict, path: Path, lineno: int, where: str) -> _RawDoc:
@@ -340,15 +345,15 @@ def _record_to_doc(rec: dict, path: Path, lineno: int, where: str) -> _RawDoc:
             if not (isinstance(rec.get(a), str) and isinstance(rec.get(b), str)):
                 raise DataError(f"{where}: a pair needs string keys {a!r} and {b!r}")
             return _RawDoc(f"{path.name}:{lineno}", rec[a], target=rec[b], raw_pair=a == "prompt")
-    if "text" in rec:
-        if not isinstance(rec["text"], str):
-            raise DataError(f"{where}: key 'text' must be a string")
+    key = next((k for k in TEXT_KEYS if k in rec), None)
+    if key is not None:
+        if not isinstance(rec[key], str):
+            raise DataError(f"{where}: key {key!r} must be a string")
         repo = rec.get("repo") if isinstance(rec.get("repo"), str) else None
         rel = rec.get("path") if isinstance(rec.get("path"), str) else f"{path.name}:{lineno}"
-        return _RawDoc(f"{repo}/{rel}" if repo else rel, rec["text"], repo=repo)
-    raise DataError(
-        f"{where}: record has none of the keys 'text', 'input'/'output', 'prompt'/'completion'"
-    )
+        return _RawDoc(f"{repo}/{rel}" if repo else rel, rec[key], repo=repo)
+    raise DataError(f"{where}: record has none of the keys 'text' (or 'file_text'), "
+                    "'input'/'output', 'prompt'/'completion'")
 
 
 def _sources_by_split(cfg: DataConfig) -> list[tuple[str | None, str]]:

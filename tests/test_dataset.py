@@ -356,6 +356,15 @@ def test_scraper_record_ids_are_repo_slash_path(tmp_path):
     assert sorted(d.id for d in docs) == ["u/a/setup.py", "u/b/setup.py"]
 
 
+def test_seed_002s_file_text_records_are_code_documents(tmp_path):
+    """Seed 002 published its corpus as {"file_text": str} lines: read as a scraper's text."""
+    code = "def f(x):\n    return x + 1\n"
+    raw = write_jsonl(tmp_path / "raw.jsonl", [{"file_text": code}, {"file_text": code + "#\n"}])
+    docs, _ = dataset.clean_corpus(cfg(tmp_path, sources=[str(raw)]))
+    assert sorted((d.id, d.text) for d in docs) == [("raw.jsonl:1", code),
+                                                    ("raw.jsonl:2", code + "#\n")]
+
+
 # Characters that str.splitlines() ends a line at and Python does not: a page break (^L) line,
 # and the others inside strings and comments, where Python allows them.
 ODD_BREAKS = (
@@ -1972,6 +1981,9 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, workers):
         dataset.load_corpus(cfg(tmp_path, sources=[str(bad)], num_workers=workers))
     wrong = write_jsonl(tmp_path / "keys.jsonl", [{"code": "x"}])
     with pytest.raises(DataError, match=r"keys\.jsonl:1: record has none of the keys"):
+        dataset.load_corpus(cfg(tmp_path, sources=[str(wrong)], num_workers=workers))
+    wrong = write_jsonl(tmp_path / "file_text.jsonl", [{"file_text": 3}])
+    with pytest.raises(DataError, match=r"file_text\.jsonl:1: key 'file_text' must be a string"):
         dataset.load_corpus(cfg(tmp_path, sources=[str(wrong)], num_workers=workers))
     recs = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(10)] + ["[1, 2]", "{bad"]
     mixed = write_jsonl(tmp_path / "mixed.jsonl", recs)
