@@ -66,6 +66,7 @@ import torch
 from tqdm import tqdm
 
 import cliconfig
+import rundir
 from sandbox import MIN_MEMORY_MB, SandboxConfig, SandboxResult, kill_running, run_python
 
 if TYPE_CHECKING:  # annotations only: eval loads dataset and tokenizer where a task needs them
@@ -650,7 +651,7 @@ def latest_run(runs_dir: str | Path) -> Path:
     import trainingmanager as tm
 
     root = Path(runs_dir)
-    models = (tm.EXPORT_DIR, tm.BEST_DIR)
+    models = (rundir.EXPORT_DIR, rundir.BEST_DIR)
     runs = [p for p in root.iterdir() if p.is_dir() and tm.is_run_dir(p)] if root.is_dir() else []
     runs = [p for p in runs if any((p / d).is_dir() for d in models)]
     if not runs:
@@ -674,13 +675,13 @@ def _run_base(run_dir: Path, config: dict) -> str:
     import lora
     import trainingmanager as tm
 
-    adapter_config = run_dir / tm.EXPORT_DIR / lora.ADAPTER_CONFIG
+    adapter_config = run_dir / rundir.EXPORT_DIR / lora.ADAPTER_CONFIG
     if adapter_config.is_file():
         base = cliconfig.read_json_object(adapter_config, "adapter config").get(
             "base_model_name_or_path")
         if isinstance(base, str) and Path(base).is_absolute() and Path(base).is_dir():
             return base
-    tm.check_run_paths(config, ["init_from"], str(run_dir / tm.CONFIG_FILE))
+    tm.check_run_paths(config, ["init_from"], str(run_dir / rundir.CONFIG_FILE))
     return config["init_from"]
 
 
@@ -688,9 +689,8 @@ def _run_tokenizer(run_dir: Path, override: str | None) -> Path:
     """The tokenizer a run trained with: the run dir's (the trainer writes it there), else its
     export's copy, else ``override`` (``--tokenizer``). Without any, the error names the file
     the run lacks, not an export/ it may never have had (a run trained with --no-export)."""
-    import trainingmanager as tm
 
-    export = run_dir / tm.EXPORT_DIR
+    export = run_dir / rundir.EXPORT_DIR
     for directory in (run_dir, export):
         if (directory / "tokenizer.json").is_file():
             return directory
@@ -709,29 +709,29 @@ def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
     import lora
     import trainingmanager as tm
 
-    config = cliconfig.read_json_object(run_dir / tm.CONFIG_FILE, "run config")
-    export = run_dir / tm.EXPORT_DIR
+    config = cliconfig.read_json_object(run_dir / rundir.CONFIG_FILE, "run config")
+    export = run_dir / rundir.EXPORT_DIR
     tok_dir = _run_tokenizer(run_dir, tokenizer)
     stale = tm.stale_export(run_dir)
     if stale:
         print(f"note: {export} is not used: {stale}; scoring best/", file=sys.stderr)
     elif (export / lora.ADAPTER_CONFIG).is_file():
         if not config.get("init_from"):
-            raise ValueError(f"{run_dir / tm.CONFIG_FILE}: a LoRA run without init_from")
+            raise ValueError(f"{run_dir / rundir.CONFIG_FILE}: a LoRA run without init_from")
         model = _load_hf(Path(_run_base(run_dir, config)), device, dtype)
         lora.load_adapter(model, export)
         return model, tok_dir, config
-    elif (export / tm.HF_CONFIG).is_file():
+    elif (export / rundir.HF_CONFIG).is_file():
         return _load_hf(export, device, dtype), tok_dir, config
     from pretrained import SafetensorsFile
     from tokenizer import load_tokenizer
 
-    cfg = tm.config_from_dict(config, str(run_dir / tm.CONFIG_FILE))
+    cfg = tm.config_from_dict(config, str(run_dir / rundir.CONFIG_FILE))
     if cfg.init_from:
         cfg = replace(cfg, init_from=_run_base(run_dir, config))
     weights_dir = _run_weights(run_dir)
-    adapter_only = (weights_dir / tm.ADAPTER_FILE).is_file()
-    weights = weights_dir / (tm.ADAPTER_FILE if adapter_only else tm.MODEL_FILE)
+    adapter_only = (weights_dir / rundir.ADAPTER_FILE).is_file()
+    weights = weights_dir / (rundir.ADAPTER_FILE if adapter_only else rundir.MODEL_FILE)
     # pretrained's checked reader: a truncated file is an error naming it (before any build)
     file = SafetensorsFile(weights)
     tensors = {name: file.view(name) for name in file.entries}
@@ -751,13 +751,13 @@ def _run_weights(run_dir: Path) -> Path:
     ``is_run_dir`` counts such a run as one, and failing on a best/ it never had helps no one."""
     import trainingmanager as tm
 
-    if (run_dir / tm.BEST_DIR).is_dir():
-        return run_dir / tm.BEST_DIR
+    if (run_dir / rundir.BEST_DIR).is_dir():
+        return run_dir / rundir.BEST_DIR
     checkpoints = tm.list_checkpoints(run_dir)
     if not checkpoints:  # only an export/ that holds no model
-        raise ValueError(f"{run_dir}: no model in {tm.EXPORT_DIR}/, and no {tm.BEST_DIR}/ or "
+        raise ValueError(f"{run_dir}: no model in {rundir.EXPORT_DIR}/, and no {rundir.BEST_DIR}/ or "
                          "checkpoint to score")
-    print(f"note: {run_dir} has no {tm.BEST_DIR}/ yet (it stopped, or is still training, before "
+    print(f"note: {run_dir} has no {rundir.BEST_DIR}/ yet (it stopped, or is still training, before "
           f"its first evaluation): scoring its latest checkpoint, {checkpoints[-1]}",
           file=sys.stderr)
     return checkpoints[-1]
@@ -1115,11 +1115,10 @@ def corpus_config(cfg: EvalConfig, models: Sequence[LoadedModel]) -> DataConfig:
     """The dataset config whose split is evaluated: the codelm runs' own sources, cleaning and
     split options (so a run's test split is the one it never trained on), unless ``data`` is
     given. Runs whose corpora or splits differ have no common held-out split: refused."""
-    import trainingmanager as tm
     from dataset import corpus_key
 
     runs = [m for m in models if m.run_config]
-    configs = {m.label: _corpus_config(cfg, m.run_config, str(Path(m.source) / tm.CONFIG_FILE))
+    configs = {m.label: _corpus_config(cfg, m.run_config, str(Path(m.source) / rundir.CONFIG_FILE))
                for m in runs}
     if cfg.data is None and len({corpus_key(c) for c in configs.values()}) > 1:
         raise ValueError(f"the runs {', '.join(configs)} were trained on different corpora or "

@@ -79,6 +79,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
 import cliconfig
+import rundir
 import trainingmanager
 from trainingmanager import NonFiniteLossError, TrainConfig
 
@@ -645,7 +646,7 @@ def interrupted_run(trial: optuna.Trial) -> tuple[Path | None, dict[int, float]]
     history = trials[trial.number].system_attrs.get("retry_history") or []
     before = trials.get(history[-1]) if history else None
     run = before and before.user_attrs.get(ATTR_RUN)
-    if not run or not (Path(run) / trainingmanager.CONFIG_FILE).is_file():
+    if not run or not (Path(run) / rundir.CONFIG_FILE).is_file():
         return None, {}
     wait_for_run(trial, before, Path(run))
     checkpoints = trainingmanager.list_checkpoints(Path(run))
@@ -669,7 +670,7 @@ def wait_for_run(trial: optuna.Trial, before: FrozenTrial, run: Path) -> None:
     its heartbeats meanwhile; it inherited ``before``'s run directory (ATTR_RUN), so stopped
     while it waits, its retry continues the same run. No time limit (a run may hold it for an
     evaluation's length): every WAIT_REMINDER_S it says it still waits, and for whom."""
-    lock = run / trainingmanager.LOCK_FILE
+    lock = run / rundir.LOCK_FILE
     if not trainingmanager.lock_is_held(lock):
         return
     holder = trainingmanager.lock_holder(lock) or "another process"
@@ -810,7 +811,7 @@ def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _FileL
             train_cfg = trial_train_config(cfg, recipe, trial.number, resume)
             run_dir = Path(train_cfg.out_dir) / train_cfg.name
             # a run there that this trial does not resume: not this study's
-            if resume is None and (run_dir / trainingmanager.CONFIG_FILE).exists():
+            if resume is None and (run_dir / rundir.CONFIG_FILE).exists():
                 raise ValueError(f"{run_dir} holds a trial of another study: move it away, or "
                                  "give this study its own --out-dir or --study-name")
             trial.set_user_attr(ATTR_RUN, str(run_dir))

@@ -29,6 +29,7 @@ from typing import BinaryIO
 import torch
 
 import cliconfig
+import rundir
 from architecture import (
     FAMILIES,
     LLAMA3_SCALING_KEYS,
@@ -669,14 +670,14 @@ def read_config(directory: str | Path) -> tuple[ModelConfig, dict]:
     model_type = hf.get("model_type")
     if model_type is None and {"preset", "lr", "max_steps"} <= hf.keys():
         run = Path(directory)  # or its best/ or one of its checkpoints: the run's weight files
-        if any((run / f).is_file() for f in ("model.safetensors", "adapter.safetensors")):
-            run = run.parent.parent if run.parent.name == "checkpoints" else run.parent
-        export = run / "export"
+        if any((run / f).is_file() for f in (rundir.MODEL_FILE, rundir.ADAPTER_FILE)):
+            run = run.parent.parent if run.parent.name == rundir.CHECKPOINTS_DIR else run.parent
+        export = run / rundir.EXPORT_DIR
         what = "a codelm run directory" if run == Path(directory) else f"weights of run {run}"
         raise ValueError(f"{directory}: {what}, not an HF checkpoint; its export is {export} "
                          "(written unless --no-export): the model, or for a LoRA run the adapter "
                          "(lora.load_adapter on its base), and the merged model in "
-                         f"{export / 'merged'} (with --export-merged); or continue the run with "
+                         f"{export / rundir.MERGED_DIR} (with --export-merged); or continue the run with "
                          f"--resume {run}")
     if model_type not in TABLES:
         raise ValueError(f"{path}: unknown model_type {model_type!r}; supported: "

@@ -36,6 +36,7 @@ import torch
 
 import cliconfig
 import eval as ev
+import rundir
 import trainingmanager as tm
 from scraping import is_git_source
 
@@ -75,7 +76,7 @@ def load_recipe(path: str | Path) -> Recipe:
 # a --set's value would be overwritten or ignored unseen.
 OWN_EVAL_KEYS = {
     "out_dir": f"sets eval.out_dir itself: it evaluates a run into <out-dir>/<name>/"
-               f"{tm.EVAL_DIR} (python eval.py --config RECIPE --models RUN --out-dir DIR "
+               f"{rundir.EVAL_DIR} (python eval.py --config RECIPE --models RUN --out-dir DIR "
                "evaluates it elsewhere)",
     "device": "sets eval.device itself: use --device (training's too)",
     "progress": "sets eval.progress itself: use --no-progress (training's too)",
@@ -142,7 +143,7 @@ def check_family(model_dir: str, preset: str | None) -> None:
     from architecture import PRESETS
     from pretrained import read_config
 
-    config = Path(model_dir) / tm.HF_CONFIG
+    config = Path(model_dir) / rundir.HF_CONFIG
     if preset not in PRESETS or not config.is_file():
         return  # trainingmanager reports a missing or malformed checkpoint itself
     found = cliconfig.read_json_object(config, "model config").get("model_type")
@@ -314,7 +315,7 @@ def _is_smoke_run(run_dir: Path, work: Path) -> bool:
     """Whether run_dir is what an earlier --smoke wrote (its data cache in the smoke inputs),
     the only run a smoke run may replace."""
     try:
-        saved = json.loads((run_dir / tm.CONFIG_FILE).read_text())
+        saved = json.loads((run_dir / rundir.CONFIG_FILE).read_text())
         cache = saved["data_options"]["cache_dir"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
@@ -407,14 +408,14 @@ def check_adapter_round_trip(base_dir: Path, export: Path) -> float:
 
     model = Transformer.from_pretrained(base_dir, dtype=torch.float32)
     lora.load_adapter(model, export)
-    merged = Transformer.from_pretrained(export / tm.MERGED_DIR, dtype=torch.float32)
+    merged = Transformer.from_pretrained(export / rundir.MERGED_DIR, dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.cfg.vocab_size, (2, 24), generator=g)
     return float((model.eval()(ids) - merged.eval()(ids)).abs().max())
 
 
 def train_losses(run_dir: Path) -> list[float]:
-    lines = (Path(run_dir) / tm.METRICS_FILE).read_text().splitlines()
+    lines = (Path(run_dir) / rundir.METRICS_FILE).read_text().splitlines()
     return [r["loss"] for r in map(json.loads, lines) if r.get("kind") == "train"]
 
 
@@ -517,7 +518,7 @@ def eval_config(recipe: Recipe, opts: RecipeOptions, cfg: tm.TrainConfig, run_di
     if own_base and cfg.init_from:
         placeholders[own_base] = cfg.init_from
     values.update(models=resolve_models(values.get("models") or [own_run], placeholders),
-                  out_dir=str(run_dir / tm.EVAL_DIR), device=opts.device, progress=opts.progress)
+                  out_dir=str(run_dir / rundir.EVAL_DIR), device=opts.device, progress=opts.progress)
     return ev.config_from_dict(values, f"{opts.recipe} (eval section)")
 
 
@@ -593,9 +594,9 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
                                              opts.progress)
 
     cfg = tm.config_from_dict(values, f"{opts.recipe} (train section)")
-    eval_remedy = (f"remove {out_dir / name / tm.EVAL_DIR}, then run the same command with "
+    eval_remedy = (f"remove {out_dir / name / rundir.EVAL_DIR}, then run the same command with "
                    f"--resume to evaluate the run again with these settings (recipes.py "
-                   f"evaluates a run into its {tm.EVAL_DIR}/)")
+                   f"evaluates a run into its {rundir.EVAL_DIR}/)")
     if opts.resume and not opts.skip_eval:  # refused now, not after the run's export again
         ev.check_settings_unchanged(
             eval_config(recipe, opts, cfg, out_dir / name, own_run, own_base), eval_remedy)
@@ -605,7 +606,7 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
     if result.interrupted:
         return report
     try:
-        export = result.run_dir / tm.EXPORT_DIR
+        export = result.run_dir / rundir.EXPORT_DIR
         if opts.smoke and cfg.lora_r > 0:
             report.adapter_max_diff = check_adapter_round_trip(Path(cfg.init_from), export)
         if not opts.skip_eval:
@@ -646,7 +647,7 @@ def smoke_problems(report: RecipeResult) -> list[str]:
 
 
 def summary(report: RecipeResult) -> str:
-    export = report.run_dir / tm.EXPORT_DIR
+    export = report.run_dir / rundir.EXPORT_DIR
     lines = [f"run: {report.run_dir}"]
     if report.train.interrupted:
         lines.append(f"interrupted ({report.train.interrupted}) at step {report.train.step}: "
@@ -666,9 +667,9 @@ def summary(report: RecipeResult) -> str:
                      f"{report.train.best_step}")
     if (export / "adapter_config.json").is_file():
         lines.append(f"adapter (PEFT layout): {export}")
-    if (export / tm.MERGED_DIR).is_dir():
-        lines.append(f"merged model (HF layout): {export / tm.MERGED_DIR}")
-    elif (export / tm.HF_CONFIG).is_file():
+    if (export / rundir.MERGED_DIR).is_dir():
+        lines.append(f"merged model (HF layout): {export / rundir.MERGED_DIR}")
+    elif (export / rundir.HF_CONFIG).is_file():
         lines.append(f"model (HF layout): {export}")
     if report.adapter_max_diff is not None:
         lines.append(f"adapter loaded back onto the base vs merged export: max |logit diff| "

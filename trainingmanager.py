@@ -52,6 +52,25 @@ from architecture import (
     head_cross_entropy,
     lacks_native_bf16,
 )
+from rundir import (  # the run directory's layout
+    ADAPTER_FILE,
+    BEST_DIR,
+    BEST_METRICS,
+    CHECKPOINT_PREFIX,
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    EXPORT_DIR,
+    EXPORT_RECORD,
+    HF_CONFIG,
+    INIT_ADAPTER_COPY,
+    LOCK_FILE,
+    MERGED_DIR,
+    METRICS_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    TB_DIR,
+    WRITTEN_BEFORE_CONFIG,
+)
 
 if typing.TYPE_CHECKING:  # annotations only: dataset and tokenizer load where a run needs them
     from torch.utils.data import Dataset
@@ -143,7 +162,7 @@ class TrainConfig:
     out_dir: str = "runs"  # the parent of run directories
     resume: str | None = None  # a run directory to continue from its latest checkpoint
     seed: int = 1337  # model init, data order, dropout (a resumed run restores its RNG)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto (a GPU where there is one, else the CPU; not mps) | cpu | cuda | cuda:N
     # model: from scratch (preset + overrides) or from a local HF checkpoint
     preset: str = "llama-14m"  # architecture.PRESETS name (vocab_size follows the tokenizer)
     init_from: str | None = None  # a local HF checkpoint directory: a run's export/ too, or
@@ -383,6 +402,9 @@ def resolve_device(cfg: TrainConfig, dist: Dist) -> torch.device:
     if cfg.device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", dist.local_rank)
+        if torch.backends.mps.is_available():  # a Mac: say so, a 1B model in fp32 takes days
+            print("note: training on the CPU: codelm trains on cpu or cuda, not on this Mac's mps "
+                  "device (eval.py --device mps runs on it)", file=sys.stderr)
         return torch.device("cpu")
     try:
         device = torch.device(cfg.device)
@@ -746,34 +768,6 @@ class Trainer:
 # Checkpoints: one directory each, written to a temporary name and renamed into place
 # --------------------------------------------------------------------------------------------
 
-# The run directory's layout, its one home: eval, recipes and hyperparam_tune name its parts from
-# here. runs/<name>/ holds CONFIG_FILE, METRICS_FILE, tokenizer.json, LOCK_FILE, TB_DIR/,
-# CHECKPOINTS_DIR/<CHECKPOINT_PREFIX>N/, BEST_DIR/, EXPORT_DIR/ and EVAL_DIR/ (and
-# INIT_ADAPTER_COPY); is_run_dir tells one from any other directory.
-CONFIG_FILE = "config.json"  # the resolved TrainConfig; each checkpoint and best/ hold a copy
-# An init_adapter run's copy of the adapter's adapter_config.json, written with its CONFIG_FILE:
-# continued from its weights (a resume, eval.py) it takes its LoRA layout there, not from the
-# adapter directory, which it needs only at its start (run_adapter_copy).
-INIT_ADAPTER_COPY = "init_adapter_config.json"
-METRICS_FILE = "metrics.jsonl"  # one line per log step and per evaluation (_RunLog)
-TB_DIR = "tb"  # TensorBoard events
-CHECKPOINTS_DIR = "checkpoints"  # one CHECKPOINT_PREFIX<step> directory per checkpoint
-BEST_DIR = "best"  # the best-by-validation weights, their BEST_METRICS and CONFIG_FILE
-BEST_METRICS = "metrics.json"  # in best/: {"step": the step of its weights, **val metrics}
-EXPORT_DIR = "export"  # HF model + tokenizer, or a LoRA run's adapter (PEFT layout)
-MERGED_DIR = "merged"  # in export/: a LoRA run's merged model (export_merged)
-EVAL_DIR = "eval"  # recipes.py's evaluation of the run
-# An HF model directory's config (export/, export/merged/, an init_from): HF's name, which stays
-# when the run's CONFIG_FILE is renamed.
-HF_CONFIG = "config.json"
-
-MODEL_FILE = "model.safetensors"  # the full model's tensors
-ADAPTER_FILE = "adapter.safetensors"  # only the trainable tensors (LoRA on a pretrained base)
-STATE_FILE = "state.pt"  # optimizer, scheduler, scaler, RNG of every rank, progress
-CHECKPOINT_PREFIX = "step-"
-EXPORT_RECORD = "codelm_export.json"  # in export/: {"best_step": the step of best/ it holds}
-LOCK_FILE = ".lock"  # held (flock) by the run that runs in the directory; holds its owner_tag
-WRITTEN_BEFORE_CONFIG = ("tokenizer.json", "tokenizer_config.json")  # the run's tokenizer
 
 
 def _unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

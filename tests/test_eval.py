@@ -11,6 +11,7 @@ import sacrebleu
 from rapidfuzz import fuzz
 
 import eval as ev
+import rundir
 
 WORDS = ["def", "f(x):", "return", "x", "+", "1", "self", "if", "else:", "for", "i", "in",
          "range(n):", "print(i)", "'s'", "None", "==", "(", ")", "a_b", "Foo", "éλ", "\t", "\n"]
@@ -1702,11 +1703,11 @@ def test_the_latest_run_is_the_newest_that_holds_a_model(tmp_path):
 
     runs = tmp_path / "runs"
     older, newer = runs / "older", runs / "newer"
-    (older / tm.EXPORT_DIR).mkdir(parents=True)
-    (newer / tm.CHECKPOINTS_DIR / f"{tm.CHECKPOINT_PREFIX}5").mkdir(parents=True)
+    (older / rundir.EXPORT_DIR).mkdir(parents=True)
+    (newer / rundir.CHECKPOINTS_DIR / f"{rundir.CHECKPOINT_PREFIX}5").mkdir(parents=True)
     for run in (older, newer):
-        (run / tm.CONFIG_FILE).write_text(json.dumps({}))
-    os.utime(older / tm.EXPORT_DIR, (1_000_000, 1_000_000))
+        (run / rundir.CONFIG_FILE).write_text(json.dumps({}))
+    os.utime(older / rundir.EXPORT_DIR, (1_000_000, 1_000_000))
     assert tm.is_run_dir(newer)
     assert ev.latest_run(runs) == older
 
@@ -1861,7 +1862,7 @@ def test_a_run_dir_scores_best_when_its_export_holds_an_older_best(tiny_models, 
     (run / "best").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
     tiny_models["tok"].save(run)
-    save_file(tm.model_tensors(new, False), run / "best" / tm.MODEL_FILE)
+    save_file(tm.model_tensors(new, False), run / "best" / rundir.MODEL_FILE)
     (run / "best" / "metrics.json").write_text(json.dumps({"step": 30, "val_loss": 2.0}))
     old.save_pretrained(run / "export")
 
@@ -1870,9 +1871,9 @@ def test_a_run_dir_scores_best_when_its_export_holds_an_older_best(tiny_models, 
         return all(torch.equal(t, loaded[k]) for k, t in model.state_dict().items())
 
     assert scored_is(old)  # no record
-    (run / "export" / tm.EXPORT_RECORD).write_text(json.dumps({"best_step": 30}))
+    (run / "export" / rundir.EXPORT_RECORD).write_text(json.dumps({"best_step": 30}))
     assert scored_is(old) and capsys.readouterr().err == ""
-    (run / "export" / tm.EXPORT_RECORD).write_text(json.dumps({"best_step": 10}))
+    (run / "export" / rundir.EXPORT_RECORD).write_text(json.dumps({"best_step": 10}))
     assert scored_is(new)
     assert capsys.readouterr().err == (
         f"note: {run / 'export'} is not used: it holds the best weights of step 10, best/ those "
@@ -2321,7 +2322,7 @@ def test_a_truncated_run_checkpoint_is_an_error_naming_it(tiny_models, tmp_path,
     (run / "best").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
     tiny_models["tok"].save(run)
-    weights = run / "best" / tm.MODEL_FILE
+    weights = run / "best" / rundir.MODEL_FILE
     save_file(tm.model_tensors(model, False), weights)
     loaded = ev.load_model(str(run), torch.device("cpu")).model
     assert all(torch.equal(p, q) for p, q in zip(loaded.state_dict().values(),
@@ -2348,12 +2349,12 @@ def test_a_run_killed_in_its_first_checkpoint_is_no_run_to_load(tmp_path):
     import trainingmanager as tm
 
     run = tmp_path / "run"
-    (run / tm.CHECKPOINTS_DIR / f".tmp-{tm.CHECKPOINT_PREFIX}5-x").mkdir(parents=True)
-    (run / tm.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(tm.TrainConfig())))
+    (run / rundir.CHECKPOINTS_DIR / f".tmp-{rundir.CHECKPOINT_PREFIX}5-x").mkdir(parents=True)
+    (run / rundir.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(tm.TrainConfig())))
     assert not tm.is_run_dir(run)
     with pytest.raises(ValueError, match="a codelm run directory, not an HF checkpoint"):
         ev.load_model(str(run), torch.device("cpu"))
-    (run / tm.CHECKPOINTS_DIR / f"{tm.CHECKPOINT_PREFIX}5").mkdir()
+    (run / rundir.CHECKPOINTS_DIR / f"{rundir.CHECKPOINT_PREFIX}5").mkdir()
     assert tm.is_run_dir(run)
 
 
@@ -2372,22 +2373,22 @@ def test_a_run_with_no_best_yet_scores_its_latest_checkpoint(tiny_models, tmp_pa
     cfg = tm.TrainConfig(preset="tiny")
     run = tmp_path / "run"
     run.mkdir()
-    (run / tm.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg)))
+    (run / rundir.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg)))
     tiny_models["tok"].save(run)
     saved = {}
     for step in (10, 5):  # the latest by step, not by the order written
         torch.manual_seed(step)
         saved[step] = tm.build_model(cfg, tiny_models["tok"])
-        checkpoint = run / tm.CHECKPOINTS_DIR / f"{tm.CHECKPOINT_PREFIX}{step}"
+        checkpoint = run / rundir.CHECKPOINTS_DIR / f"{rundir.CHECKPOINT_PREFIX}{step}"
         checkpoint.mkdir(parents=True)
-        save_file(tm.model_tensors(saved[step], False), checkpoint / tm.MODEL_FILE)
+        save_file(tm.model_tensors(saved[step], False), checkpoint / rundir.MODEL_FILE)
     loaded = ev.load_model(str(run), torch.device("cpu")).model.state_dict()
     assert all(torch.equal(t, loaded[k]) for k, t in saved[10].state_dict().items())
     assert capsys.readouterr().err == (
         f"note: {run} has no best/ yet (it stopped, or is still training, before its first "
         f"evaluation): scoring its latest checkpoint, {run / 'checkpoints' / 'step-10'}\n")
-    shutil.rmtree(run / tm.CHECKPOINTS_DIR)
-    (run / tm.EXPORT_DIR).mkdir()  # a run dir (is_run_dir) with no weights to load
+    shutil.rmtree(run / rundir.CHECKPOINTS_DIR)
+    (run / rundir.EXPORT_DIR).mkdir()  # a run dir (is_run_dir) with no weights to load
     with pytest.raises(ValueError, match="no model in export/, and no best/ or checkpoint"):
         ev.load_model(str(run), torch.device("cpu"))
 
@@ -2409,7 +2410,7 @@ def test_a_run_without_its_tokenizer_names_the_missing_file(tiny_models, tmp_pat
     (run / "best").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
     save_file(tm.model_tensors(tm.build_model(cfg, tiny_models["tok"]), False),
-              run / "best" / tm.MODEL_FILE)
+              run / "best" / rundir.MODEL_FILE)
     cpu = torch.device("cpu")
     missing = f"{run / 'tokenizer.json'}: not found; pass --tokenizer"
     with pytest.raises(ValueError, match=f"^{missing}"):

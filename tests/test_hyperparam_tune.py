@@ -28,6 +28,7 @@ from procs import exited, popen, signal_when
 from tiny_hf import save_tiny_hf
 
 import hyperparam_tune
+import rundir
 import trainingmanager
 from dataset import DataError, stdlib_files, stdlib_root
 from tokenizer import CodeTokenizer
@@ -303,8 +304,8 @@ def test_a_trial_declared_dead_after_its_last_write_is_left_and_nothing_is_lost(
         calls.append(cfg)
         run = Path(cfg.out_dir) / cfg.name
         if len(calls) == 1:  # trains its whole budget: checkpoint and last evaluation at step 4
-            (run / "checkpoints" / f"{trainingmanager.CHECKPOINT_PREFIX}4").mkdir(parents=True)
-            (run / trainingmanager.CONFIG_FILE).write_text("{}")
+            (run / "checkpoints" / f"{rundir.CHECKPOINT_PREFIX}4").mkdir(parents=True)
+            (run / rundir.CONFIG_FILE).write_text("{}")
             for step, loss in ((2, 3.0), (4, 2.5)):
                 on_eval(step, {"val_loss": loss})
             if outcome == "pruned":
@@ -371,7 +372,7 @@ def test_a_retry_waits_while_another_process_still_trains_its_run(tmp_path, corp
                      pruner="none")
     assert hyperparam_tune.main(argv) == 143
     run = tmp_path / "runs" / "held" / "trials" / "trial-0000"
-    held = os.open(run / trainingmanager.LOCK_FILE, os.O_RDWR)
+    held = os.open(run / rundir.LOCK_FILE, os.O_RDWR)
     fcntl.flock(held, fcntl.LOCK_EX)  # trial 0's worker, still training
     capsys.readouterr()
 
@@ -415,7 +416,7 @@ def test_a_long_wait_for_a_held_run_says_it_still_waits_and_for_whom(tmp_path, m
     now says it still waits, how long, and which process holds the run."""
     run = tmp_path / "trial-0000"
     run.mkdir()
-    lock = run / trainingmanager.LOCK_FILE
+    lock = run / rundir.LOCK_FILE
     lock.write_text("4242@gpu-box-3@1@\n")  # as a trainer there wrote it (owner_tag)
     held = os.open(lock, os.O_RDWR)
     fcntl.flock(held, fcntl.LOCK_EX)
@@ -661,7 +662,7 @@ def test_a_rerun_sweep_continues_the_interrupted_trial_from_its_checkpoint(
         if len(calls) == 1:  # evaluates at steps 2, 4 and 6, checkpoints at 4, then is stopped
             run.mkdir(parents=True)
             (run / "config.json").write_text("{}")
-            (run / "checkpoints" / f"{trainingmanager.CHECKPOINT_PREFIX}4").mkdir(parents=True)
+            (run / "checkpoints" / f"{rundir.CHECKPOINT_PREFIX}4").mkdir(parents=True)
             for step, loss in ((2, 3.0), (4, 2.5), (6, 2.4)):
                 on_eval(step, {"val_loss": loss})
             return trainingmanager.TrainResult(run_dir=run, best_val_loss=2.4, step=6,
@@ -695,7 +696,7 @@ def _first_trial_trains_in_bf16_and_stops(monkeypatch) -> list:
         result = real(cfg, on_eval=on_eval, resume_hint=resume_hint)
         if len(calls) == 1:
             state_file = trainingmanager.list_checkpoints(result.run_dir)[-1] / \
-                trainingmanager.STATE_FILE
+                rundir.STATE_FILE
             state = torch.load(state_file, weights_only=True)
             state["progress"]["precision"] = "bf16"
             torch.save(state, state_file)
@@ -720,7 +721,7 @@ def test_a_trial_continued_on_another_kind_of_machine_keeps_the_precision_it_tra
     run = tmp_path / "runs" / "prec" / "trials" / "trial-0000"
     assert [(c.resume, c.precision) for c in calls] == [
         (None, "auto"), (str(run), "bf16"), (None, "auto")]
-    checkpoint = trainingmanager.list_checkpoints(run)[-1] / trainingmanager.STATE_FILE
+    checkpoint = trainingmanager.list_checkpoints(run)[-1] / rundir.STATE_FILE
     assert torch.load(checkpoint, weights_only=True)["progress"]["precision"] == "bf16"
     study = load_study(journal(tmp_path, "prec"), "prec")
     assert [t.state for t in study.get_trials()] == [

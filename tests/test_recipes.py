@@ -24,6 +24,7 @@ from procs import popen, signal_when
 
 import eval as ev
 import recipes
+import rundir
 import trainingmanager as tm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -659,7 +660,7 @@ def _trained_at_once(cfg, resume_hint=None, restarts=False):
     """A tm.train that makes the run directory (with no weights) and returns it as trained."""
     run_dir = Path(cfg.out_dir) / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / tm.METRICS_FILE).write_text("")
+    (run_dir / rundir.METRICS_FILE).write_text("")
     return tm.TrainResult(run_dir, 1.0, 2)
 
 
@@ -688,12 +689,12 @@ def test_resume_continues_the_run_and_evaluates_it_without_training_again(tmp_pa
     flags = [str(recipe), "--out-dir", str(tmp_path / "runs"), "--no-progress", "--device", "cpu"]
     assert recipes.main([*flags, "--skip-eval"]) == 0
     run = tmp_path / "runs" / "tiny"
-    steps = (run / tm.METRICS_FILE).read_text().count('"kind": "train"')
-    assert steps == 2 and not (run / tm.EVAL_DIR).exists()
+    steps = (run / rundir.METRICS_FILE).read_text().count('"kind": "train"')
+    assert steps == 2 and not (run / rundir.EVAL_DIR).exists()
     capsys.readouterr()
     assert recipes.main([*flags, "--resume"]) == 0, capsys.readouterr().err
-    assert (run / tm.METRICS_FILE).read_text().count('"kind": "train"') == steps
-    assert (run / tm.EVAL_DIR / "results.json").is_file() and "lm loss" in capsys.readouterr().out
+    assert (run / rundir.METRICS_FILE).read_text().count('"kind": "train"') == steps
+    assert (run / rundir.EVAL_DIR / "results.json").is_file() and "lm loss" in capsys.readouterr().out
 
 
 def test_resume_that_trains_on_evaluates_again_and_keeps_the_earlier_evaluation(
@@ -706,15 +707,15 @@ def test_resume_that_trains_on_evaluates_again_and_keeps_the_earlier_evaluation(
     flags = [str(recipe), "--out-dir", str(tmp_path / "runs"), "--no-progress", "--device", "cpu"]
     assert recipes.main(flags) == 0
     run = tmp_path / "runs" / "tiny"
-    first = json.loads((run / tm.EVAL_DIR / "results.json").read_text())
+    first = json.loads((run / rundir.EVAL_DIR / "results.json").read_text())
     capsys.readouterr()
     assert recipes.main([*flags, "--resume", "--set", "train.max_steps=4"]) == 0, \
         capsys.readouterr().err
-    records = map(json.loads, (run / tm.METRICS_FILE).read_text().splitlines())
+    records = map(json.loads, (run / rundir.METRICS_FILE).read_text().splitlines())
     assert max(r["step"] for r in records if r["kind"] == "train") == 4
-    [aside] = run.glob(f"{tm.EVAL_DIR}-*")
+    [aside] = run.glob(f"{rundir.EVAL_DIR}-*")
     assert json.loads((aside / "results.json").read_text()) == first
-    again = json.loads((run / tm.EVAL_DIR / "results.json").read_text())
+    again = json.loads((run / rundir.EVAL_DIR / "results.json").read_text())
     assert again["complete"] and again["models"] != first["models"]
     assert f"kept as {aside}" in capsys.readouterr().err
 
@@ -736,7 +737,7 @@ def test_resume_with_other_eval_settings_names_the_runs_eval_dir_as_the_remedy(
     monkeypatch.setattr(tm, "train", lambda *a, **k: resumed.append(a) or _trained_at_once(*a, **k))
     assert recipes.main([*flags, "--resume", "--set", "eval.lm_windows=2"]) == 2
     assert resumed == []
-    evaluated = tmp_path / "runs" / "tiny" / tm.EVAL_DIR
+    evaluated = tmp_path / "runs" / "tiny" / rundir.EVAL_DIR
     assert capsys.readouterr().err == (
         f"error: {evaluated / 'results.json'}: the results of a different evaluation (differs "
         f"in lm_windows (1 there, 2 now)); remove {evaluated}, then run the same command with "

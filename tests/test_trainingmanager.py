@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import cliconfig
+import rundir
 import trainingmanager as tm
 from dataset import collate, stdlib_files, supervised_example
 from tokenizer import CodeTokenizer, load_tokenizer
@@ -81,7 +82,7 @@ def write_config(cfg: tm.TrainConfig, path: Path) -> Path:
     return path
 
 
-def final_weights(run_dir: Path, step: int, name: str = tm.MODEL_FILE) -> dict:
+def final_weights(run_dir: Path, step: int, name: str = rundir.MODEL_FILE) -> dict:
     return load_file(Path(run_dir) / "checkpoints" / f"step-{step}" / name)
 
 
@@ -512,7 +513,7 @@ def test_a_kill_while_old_checkpoints_are_removed_leaves_no_checkpoint_half_gone
         assets, tmp_path, monkeypatch):
     """Pruning removed step-N in place: a kill mid-removal left a visible step-N without its
     weights. It is renamed out of the checkpoints' names first; the next start removes it."""
-    root, removing, rmtree = tmp_path / "runs" / "run" / tm.CHECKPOINTS_DIR, [], shutil.rmtree
+    root, removing, rmtree = tmp_path / "runs" / "run" / rundir.CHECKPOINTS_DIR, [], shutil.rmtree
 
     def kill_in_checkpoints(path, *args, **kwargs):
         if Path(path).parent != root:
@@ -546,7 +547,7 @@ def test_run_directory_best_checkpoint_and_hf_export(assets, tmp_path):
     assert any((run / "tb").iterdir())
     # The export is the best checkpoint, in HF format, with the tokenizer; transformers agrees.
     ours = Transformer.from_pretrained(run / "export").eval()
-    best = load_file(run / "best" / tm.MODEL_FILE)
+    best = load_file(run / "best" / rundir.MODEL_FILE)
     for name, t in tm.model_tensors(ours, False).items():
         assert torch.equal(t, best[name]), name
     hf = transformers.AutoModelForCausalLM.from_pretrained(run / "export").eval()
@@ -595,7 +596,7 @@ def test_on_eval_exception_propagates_and_early_stopping(assets, tmp_path):
         tm.train(cfg, on_eval=on_eval)
     assert seen == [4, 8]
     run = Path(cfg.out_dir) / "run"
-    assert (run / "best" / tm.MODEL_FILE).is_file() and (run / "config.json").is_file()
+    assert (run / "best" / rundir.MODEL_FILE).is_file() and (run / "config.json").is_file()
 
     # lr ~0: validation never improves by min_delta after the first evaluation -> early stop
     # after 2 more; the best checkpoint still follows the lowest loss.
@@ -956,9 +957,9 @@ def test_lora_resume_is_bit_exact_and_saves_only_the_adapter(assets, tmp_path):
     proc, run = _interrupted_then_resumed(cfg, tmp_path, "step", 7)
     assert proc.returncode == -9, proc.stderr[-2000:]
     _resume(run)
-    a = final_weights(straight.run_dir, 10, tm.ADAPTER_FILE)
+    a = final_weights(straight.run_dir, 10, rundir.ADAPTER_FILE)
     assert a and all("lora" in k for k in a)
-    assert_bit_equal(a, final_weights(run, 10, tm.ADAPTER_FILE))
+    assert_bit_equal(a, final_weights(run, 10, rundir.ADAPTER_FILE))
     assert (run / "export" / "adapter_config.json").is_file()
 
 
@@ -986,7 +987,7 @@ def test_lora_on_a_bf16_base_trains_like_the_fp32_base(assets, tmp_path):
     for a, b in zip(losses["fp32"], losses["bf16"]):
         assert abs(a - b) < 0.01 * a
     # The adapters learn the same update (B starts at zero, so B is all that was learned).
-    adapters = {k: final_weights(r.run_dir, 6, tm.ADAPTER_FILE) for k, r in runs.items()}
+    adapters = {k: final_weights(r.run_dir, 6, rundir.ADAPTER_FILE) for k, r in runs.items()}
     for name, b32 in adapters["fp32"].items():
         if "lora_B" in name:
             cos = F.cosine_similarity(b32.flatten(), adapters["bf16"][name].flatten(), dim=0)
@@ -1043,7 +1044,7 @@ def test_gradient_checkpointing_trains_like_the_plain_run(assets, tmp_path):
         plain = tm.train(tiny_cfg(assets, tmp_path, name=f"plain{len(extra)}", **common))
         ckpt = tm.train(tiny_cfg(assets, tmp_path, name=f"ckpt{len(extra)}",
                                  gradient_checkpointing=True, **common))
-        file = tm.ADAPTER_FILE if extra else tm.MODEL_FILE  # a LoRA run on a base: adapters
+        file = rundir.ADAPTER_FILE if extra else rundir.MODEL_FILE  # a LoRA run on a base: adapters
         a, b = final_weights(plain.run_dir, 3, file), final_weights(ckpt.run_dir, 3, file)
         assert a and a.keys() == b.keys()
         for k in a:
@@ -1087,7 +1088,7 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(assets, 
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
     assert not torch.equal(a["wte.weight"], load_file(
-        single.run_dir / "checkpoints/step-3" / tm.MODEL_FILE)["wte.weight"])
+        single.run_dir / "checkpoints/step-3" / rundir.MODEL_FILE)["wte.weight"])
     val = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()
            if '"val"' in x]
     ref = [json.loads(x) for x in (single.run_dir / "metrics.jsonl").read_text().splitlines()
@@ -1231,7 +1232,7 @@ def test_broken_checkpoint_falls_back_to_the_one_before_and_then_fails_clearly(a
     assert tm.main(["--config", config]) == 0
     run = tmp_path / "runs" / "run"
     straight = {k: t.clone() for k, t in final_weights(run, 8).items()}  # not the mmap
-    weights = run / "checkpoints" / "step-8" / tm.MODEL_FILE
+    weights = run / "checkpoints" / "step-8" / rundir.MODEL_FILE
     weights.write_bytes(weights.read_bytes()[:1000])
     capsys.readouterr()
     assert tm.main(["--resume", str(run)]) == 0
@@ -1241,8 +1242,8 @@ def test_broken_checkpoint_falls_back_to_the_one_before_and_then_fails_clearly(a
         True) == 1
     assert_bit_equal(straight, final_weights(run, 8))  # trained again from step 4
 
-    (run / "checkpoints" / "step-8" / tm.STATE_FILE).write_bytes(b"garbage, not a pickle")
-    (run / "checkpoints" / "step-4" / tm.STATE_FILE).unlink()
+    (run / "checkpoints" / "step-8" / rundir.STATE_FILE).write_bytes(b"garbage, not a pickle")
+    (run / "checkpoints" / "step-4" / rundir.STATE_FILE).unlink()
     assert tm.main(["--resume", str(run)]) == 2
     err = capsys.readouterr().err
     assert "step-8: corrupt or incomplete checkpoint (state.pt is not a readable torch file" in err
@@ -1399,10 +1400,10 @@ def test_bad_paths_and_devices_are_clear_errors(assets, tmp_path, capsys, monkey
         raise OSError(28, "No space left on device", "/runs/x/checkpoints/.tmp-step-8")
 
     stuck = tmp_path / "stuck"  # a lock that cannot be opened names itself, not --out-dir
-    (stuck / tm.LOCK_FILE).mkdir(parents=True)
+    (stuck / rundir.LOCK_FILE).mkdir(parents=True)
     assert tm.main(["--config", config, "--out-dir", str(tmp_path), "--name", "stuck"]) == 2
     err = capsys.readouterr().err
-    assert f"error: {stuck / tm.LOCK_FILE}: cannot lock the run directory (Is a directory)" in err
+    assert f"error: {stuck / rundir.LOCK_FILE}: cannot lock the run directory (Is a directory)" in err
     assert "--out-dir" not in err
 
     monkeypatch.setattr(tm, "train", full_disk)
@@ -1733,7 +1734,7 @@ def test_a_new_run_uses_its_own_tokenizer_not_a_failed_attempts(assets, tmp_path
 
 def test_the_lock_names_a_live_holder_only(tmp_path):
     """The lock file keeps its last holder's tag after that run ends: a dead one holds nothing."""
-    lock = tmp_path / tm.LOCK_FILE
+    lock = tmp_path / rundir.LOCK_FILE
     lock.write_text(cliconfig.owner_tag())
     assert tm.lock_holder(lock) == f"process {os.getpid()} on {socket.gethostname()}"
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
@@ -2188,9 +2189,9 @@ def test_init_adapter_trains_on_and_exports_an_adapter_peft_loads_on_the_same_ba
     assert start.keys() == end.keys()
     assert all(0 < (start[k] - end[k]).abs().max() < 0.01 for k in start if "lora_B" in k)
     assert all((start[k] - end[k]).abs().max() < 0.01 for k in start)
-    run_cfg = tm.config_from_dict(json.loads((run / tm.CONFIG_FILE).read_text()))
+    run_cfg = tm.config_from_dict(json.loads((run / rundir.CONFIG_FILE).read_text()))
     ours = tm.build_model(run_cfg, load_tokenizer(run))
-    tm.load_model_tensors(ours, load_file(run / tm.BEST_DIR / tm.ADAPTER_FILE), "best", True)
+    tm.load_model_tensors(ours, load_file(run / rundir.BEST_DIR / rundir.ADAPTER_FILE), "best", True)
     peft_model = PeftModel.from_pretrained(
         transformers.AutoModelForCausalLM.from_pretrained(base), run / "export").eval()
     ids = torch.randint(0, 512, (2, 16))
@@ -2234,10 +2235,10 @@ def test_an_init_adapter_run_resumes_and_evaluates_after_its_adapter_dir_is_gone
                    eval_every=2, save_every=1)
     run = tm.train(cfg).run_dir
     adapter_config = (tmp_path / "peft" / "adapter_config.json").read_bytes()
-    assert (run / tm.INIT_ADAPTER_COPY).read_bytes() == adapter_config
+    assert (run / rundir.INIT_ADAPTER_COPY).read_bytes() == adapter_config
     reference = tmp_path / "reference"
     shutil.copytree(run, reference)
-    (reference / tm.INIT_ADAPTER_COPY).unlink()
+    (reference / rundir.INIT_ADAPTER_COPY).unlink()
     ids = torch.randint(0, 256, (2, 16))
 
     def resumed_and_scored(run_dir: Path) -> tuple[tm.TrainResult, torch.Tensor]:
@@ -2247,7 +2248,7 @@ def test_an_init_adapter_run_resumes_and_evaluates_after_its_adapter_dir_is_gone
             return result, model.eval()(ids)
 
     expected, expected_logits = resumed_and_scored(reference)
-    assert (reference / tm.INIT_ADAPTER_COPY).read_bytes() == adapter_config
+    assert (reference / rundir.INIT_ADAPTER_COPY).read_bytes() == adapter_config
     shutil.rmtree(tmp_path / "peft")
     result, logits = resumed_and_scored(run)
     assert result.step == expected.step == 3 and expected.train_loss is not None
@@ -2435,8 +2436,8 @@ def test_init_adapter_is_a_run_path_saved_absolute_and_checked_on_resume(tmp_pat
     run = tmp_path / "run"
     run.mkdir()
     gone = tmp_path / "gone"
-    (run / tm.CONFIG_FILE).write_text(json.dumps({"init_adapter": str(gone)}))
-    with pytest.raises(ValueError, match=rf"^{re.escape(str(run / tm.CONFIG_FILE))}: "
+    (run / rundir.CONFIG_FILE).write_text(json.dumps({"init_adapter": str(gone)}))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(run / rundir.CONFIG_FILE))}: "
                                          rf"init_adapter {re.escape(repr(str(gone)))} not found$"):
         tm.parse_config(["--resume", str(run)])
 
@@ -2448,15 +2449,15 @@ def test_a_run_without_weights_needs_its_adapter_directory_not_its_copy(tmp_path
     adapter = Path(_adapter_config(tmp_path / "adapter", tmp_path / "base", ["q_proj"]))
     run = tmp_path / "run"
     run.mkdir()
-    (run / tm.CONFIG_FILE).write_text(json.dumps({"init_adapter": str(adapter)}))
-    shutil.copy(adapter / "adapter_config.json", run / tm.INIT_ADAPTER_COPY)
+    (run / rundir.CONFIG_FILE).write_text(json.dumps({"init_adapter": str(adapter)}))
+    shutil.copy(adapter / "adapter_config.json", run / rundir.INIT_ADAPTER_COPY)
     shutil.rmtree(adapter)
     assert tm.run_adapter_copy(run) is None
     with pytest.raises(ValueError, match=rf"init_adapter {re.escape(repr(str(adapter)))} not "
                                          "found$"):
         tm.parse_config(["--resume", str(run)])
-    (run / tm.BEST_DIR).mkdir()
-    assert tm.run_adapter_copy(run) == run / tm.INIT_ADAPTER_COPY
+    (run / rundir.BEST_DIR).mkdir()
+    assert tm.run_adapter_copy(run) == run / rundir.INIT_ADAPTER_COPY
 
 
 def test_a_resume_of_a_run_with_weights_takes_the_adapter_settings_from_its_copy(tmp_path):
@@ -2465,8 +2466,8 @@ def test_a_resume_of_a_run_with_weights_takes_the_adapter_settings_from_its_copy
     copy: the adapter directory may be gone."""
     adapter = Path(_adapter_config(tmp_path / "adapter", tmp_path / "base", ["q_proj", "v_proj"]))
     run = tmp_path / "run"
-    (run / tm.BEST_DIR).mkdir(parents=True)
-    shutil.copy(adapter / "adapter_config.json", run / tm.INIT_ADAPTER_COPY)
+    (run / rundir.BEST_DIR).mkdir(parents=True)
+    shutil.copy(adapter / "adapter_config.json", run / rundir.INIT_ADAPTER_COPY)
     shutil.rmtree(adapter)
     cfg = tm.with_init_adapter(tm.TrainConfig(init_adapter=str(adapter), resume=str(run)))
     assert (cfg.init_from, cfg.lora_r, cfg.lora_alpha, sorted(cfg.lora_targets)) == (
@@ -2485,7 +2486,7 @@ def test_eval_scores_best_when_a_resume_trained_past_the_export(assets, tmp_path
     cfg = tiny_cfg(assets, tmp_path, max_steps=4, eval_every=2, export=True)
     run = tm.train(cfg).run_dir
     exported = tm.best_step(run)
-    assert json.loads((run / "export" / tm.EXPORT_RECORD).read_text()) == {"best_step": exported}
+    assert json.loads((run / "export" / rundir.EXPORT_RECORD).read_text()) == {"best_step": exported}
     assert tm.stale_export(run) is None
     tm.train(dataclasses.replace(cfg, resume=str(run), max_steps=12, export=False))
     best = json.loads((run / "best" / "metrics.json").read_text())["step"]
@@ -2495,7 +2496,7 @@ def test_eval_scores_best_when_a_resume_trained_past_the_export(assets, tmp_path
     assert capsys.readouterr().err == (
         f"note: {run / 'export'} is not used: it holds the best weights of step {exported}, "
         f"best/ those of step {best} (the run trained on after its export); scoring best/\n")
-    assert_bit_equal(tm.model_tensors(loaded, False), load_file(run / "best" / tm.MODEL_FILE))
+    assert_bit_equal(tm.model_tensors(loaded, False), load_file(run / "best" / rundir.MODEL_FILE))
 
 
 def test_resume_compares_with_the_settings_the_checkpoint_was_trained_with(assets, tmp_path,
@@ -2575,7 +2576,7 @@ def test_resume_of_a_checkpoint_or_best_dir_is_refused_naming_the_run(assets, tm
     config = _tiny_config_file(assets, tmp_path, max_steps=2, eval_every=2)
     assert tm.main(["--config", config]) == 0
     run = tmp_path / "runs" / "run"
-    for weights in (tm.list_checkpoints(run)[-1], run / tm.BEST_DIR):
+    for weights in (tm.list_checkpoints(run)[-1], run / rundir.BEST_DIR):
         before = sorted(p.name for p in weights.iterdir())
         capsys.readouterr()
         assert tm.main(["--resume", str(weights), "--max-steps", "4"]) == 2
@@ -2657,12 +2658,12 @@ def test_resume_of_a_run_killed_before_its_config_says_to_run_it_again(tmp_path,
     own directory "not a run dir"."""
     run = tmp_path / "runs" / "run"
     run.mkdir(parents=True)
-    for name in (tm.LOCK_FILE, *tm.WRITTEN_BEFORE_CONFIG):
+    for name in (rundir.LOCK_FILE, *rundir.WRITTEN_BEFORE_CONFIG):
         (run / name).write_text("")
     assert tm.main(["--resume", str(run)]) == 2
     assert ("its run was stopped before it wrote config.json: nothing to resume; run the "
             "command that started it again") in capsys.readouterr().err
-    fd = os.open(run / tm.LOCK_FILE, os.O_RDWR)
+    fd = os.open(run / rundir.LOCK_FILE, os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX)  # a run still preparing its data
     try:
         assert tm.main(["--resume", str(run)]) == 2
@@ -2683,12 +2684,12 @@ def test_a_failed_start_in_a_directory_of_the_users_leaves_their_files(assets, t
 
     run = tmp_path / "runs" / "run"
     run.mkdir(parents=True)
-    for name in tm.WRITTEN_BEFORE_CONFIG:
+    for name in rundir.WRITTEN_BEFORE_CONFIG:
         (run / name).write_text("mine")
     monkeypatch.setattr(dataset, "prepare", fails)
     with pytest.raises(ValueError, match="bad data"):
         tm.train(tiny_cfg(assets, tmp_path))
-    assert all((run / name).read_text() == "mine" for name in tm.WRITTEN_BEFORE_CONFIG)
+    assert all((run / name).read_text() == "mine" for name in rundir.WRITTEN_BEFORE_CONFIG)
 
 
 def test_an_interrupt_outside_the_step_loop_says_what_is_left_to_resume(assets, tmp_path,
@@ -2889,7 +2890,7 @@ def test_a_resume_keeps_the_precision_auto_trained_in(assets, tmp_path, monkeypa
     assert (run / "config.json").read_bytes() == saved
     assert tm.main(["--resume", str(run), "--max-steps", "6", "--precision", "bf16"]) == 0
     assert json.loads((run / "config.json").read_text())["precision"] == "bf16"
-    state = torch.load(run / "checkpoints" / "step-6" / tm.STATE_FILE, weights_only=True)
+    state = torch.load(run / "checkpoints" / "step-6" / rundir.STATE_FILE, weights_only=True)
     assert state["progress"]["precision"] == "bf16"
 
 
@@ -2993,7 +2994,7 @@ def _saved_run(tmp_path: Path) -> tuple[tm.TrainConfig, Path]:
     cfg = tm.TrainConfig(preset="tiny", data=["stdlib"], max_steps=12)
     run = tmp_path / "run"
     run.mkdir()
-    write_config(cfg, run / tm.CONFIG_FILE)
+    write_config(cfg, run / rundir.CONFIG_FILE)
     return cfg, run
 
 
@@ -3020,7 +3021,7 @@ def test_parse_config_precedence_defaults_resumed_file_flags(tmp_path):
     run = tmp_path / "runs" / "run"
     run.mkdir(parents=True)
     write_config(tm.TrainConfig(preset="tiny", data=["stdlib"], max_steps=12, eval_every=6,
-                                log_every=3, keep_last=4), run / tm.CONFIG_FILE)
+                                log_every=3, keep_last=4), run / rundir.CONFIG_FILE)
     file = tmp_path / "more.json"
     file.write_text(json.dumps({"max_steps": 20, "eval_every": 5}))
     cfg = tm.parse_config(["--resume", str(run), "--config", str(file), "--max-steps", "30"])
@@ -3041,9 +3042,9 @@ def test_export_holds_and_records_the_best_step_not_the_last(assets, tmp_path, m
                                export=True))
     run = result.run_dir
     assert result.best_step == 2 and tm.best_step(run) == 2
-    assert json.loads((run / "export" / tm.EXPORT_RECORD).read_text()) == {"best_step": 2}
+    assert json.loads((run / "export" / rundir.EXPORT_RECORD).read_text()) == {"best_step": 2}
     assert tm.stale_export(run) is None
-    best = load_file(run / "best" / tm.MODEL_FILE)
+    best = load_file(run / "best" / rundir.MODEL_FILE)
     last = final_weights(run, 4)
     assert any(not torch.equal(best[k], last[k]) for k in best)
     exported = tm.model_tensors(Transformer.from_pretrained(run / "export"), False)
@@ -3307,9 +3308,9 @@ def test_ddp_ranks_draw_their_own_dropout_and_share_the_validation_out(assets, t
     proc = _on_two_ranks("trainingmanager.py", "--config", str(config))
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = Path(cfg.out_dir) / "ddp"
-    rng = tm.read_state(run / tm.CHECKPOINTS_DIR / "step-2")["rng"]
+    rng = tm.read_state(run / rundir.CHECKPOINTS_DIR / "step-2")["rng"]
     assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
-    val = [json.loads(line) for line in (run / tm.METRICS_FILE).read_text().splitlines()
+    val = [json.loads(line) for line in (run / rundir.METRICS_FILE).read_text().splitlines()
            if json.loads(line)["kind"] == "val"]
     assert [v["val_tokens"] for v in val] == [8 * 32]  # 8 windows of 32 labels
 
@@ -3348,9 +3349,9 @@ def test_resume_compares_with_the_newest_checkpoints_config(tmp_path):
     settings the run continues with."""
     cfg, run = _saved_run(tmp_path)
     for step, lr in ((9, 0.1), (10, 0.2)):
-        (run / tm.CHECKPOINTS_DIR / f"step-{step}").mkdir(parents=True)
-        write_config(dataclasses.replace(cfg, lr=lr), run / tm.CHECKPOINTS_DIR / f"step-{step}"
-                     / tm.CONFIG_FILE)
+        (run / rundir.CHECKPOINTS_DIR / f"step-{step}").mkdir(parents=True)
+        write_config(dataclasses.replace(cfg, lr=lr), run / rundir.CHECKPOINTS_DIR / f"step-{step}"
+                     / rundir.CONFIG_FILE)
     assert tm.check_resume_config(dataclasses.replace(cfg, lr=0.2), run, "hint")["lr"] == 0.2
     with pytest.raises(ValueError, match=r"lr=0\.2 \(now 0\.1\)"):
         tm.check_resume_config(dataclasses.replace(cfg, lr=0.1), run, "hint")
@@ -3389,7 +3390,7 @@ def test_shape_overrides_rederive_head_dim_and_kv_heads():
     ({"max_position_embeddings": 4096, "n_positions": 64}, 1024), ({"n_positions": 64}, 64),
     ({"n_ctx": 100}, 100), ({}, 1024), ({"max_position_embeddings": 512}, 512)])
 def test_default_block_size_is_the_init_froms_context_up_to_1024(tmp_path, hf_config, expected):
-    (tmp_path / tm.HF_CONFIG).write_text(json.dumps(hf_config))
+    (tmp_path / rundir.HF_CONFIG).write_text(json.dumps(hf_config))
     run = types.SimpleNamespace(cfg=tm.TrainConfig(init_from=str(tmp_path)))
     assert tm._Run._default_block_size(run) == expected
 
@@ -3419,8 +3420,8 @@ def test_eval_precision_fp32_evaluates_without_autocast_whatever_the_training_pr
 
 def test_checkpoint_names_and_their_numeric_order(tmp_path):
     for name in ("step-10", "step-9", "step-x", "step-", "broken-step-3", "step-2"):
-        (tmp_path / tm.CHECKPOINTS_DIR / name).mkdir(parents=True)
-    (tmp_path / tm.CHECKPOINTS_DIR / "step-11").write_text("a file, not a checkpoint")
+        (tmp_path / rundir.CHECKPOINTS_DIR / name).mkdir(parents=True)
+    (tmp_path / rundir.CHECKPOINTS_DIR / "step-11").write_text("a file, not a checkpoint")
     assert [p.name for p in tm.list_checkpoints(tmp_path)] == ["step-2", "step-9", "step-10"]
     assert tm.checkpoint_step(Path("step-12")) == 12
     assert tm.checkpoint_step(Path("step-1e3")) is None and tm.checkpoint_step(Path("x-3")) is None
@@ -3437,9 +3438,9 @@ def test_eval_batches_upgrade_leaves_an_explicit_eval_examples():
 
 
 def test_a_directory_with_config_and_export_only_is_a_run(tmp_path):
-    (tmp_path / tm.CONFIG_FILE).write_text("{}")
+    (tmp_path / rundir.CONFIG_FILE).write_text("{}")
     assert not tm.is_run_dir(tmp_path)
-    (tmp_path / tm.EXPORT_DIR).mkdir()
+    (tmp_path / rundir.EXPORT_DIR).mkdir()
     assert tm.is_run_dir(tmp_path)
 
 
@@ -3566,3 +3567,17 @@ def test_the_step_loop_keeps_a_signal_its_process_ignores(assets, tmp_path, monk
     finally:
         signal.signal(signal.SIGINT, before)
     assert (result.interrupted, result.step) == (None, 4)
+
+
+def test_auto_on_a_mac_says_it_trains_on_the_cpu(monkeypatch, capsys):
+    """Seed 004 trained on Apple MPS; codelm does not, and "auto" there chose the CPU silently."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert tm.resolve_device(tm.TrainConfig(), tm.Dist()) == torch.device("cpu")
+    assert "note: training on the CPU: codelm trains on cpu or cuda, not on this Mac's mps" \
+        in capsys.readouterr().err
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert tm.resolve_device(tm.TrainConfig(), tm.Dist()) == torch.device("cpu")
+    assert capsys.readouterr().err == ""
