@@ -1993,26 +1993,53 @@ class _Run:
         from torch.utils.data import Subset
 
         cfg = self.cfg
-        n = cfg.overfit_batches * cfg.batch_size * cfg.grad_accum * self.dist.world
+        n = cfg.overfit_batches * self._examples_per_step()
         g = torch.Generator().manual_seed(cfg.seed)
         chosen = torch.randperm(len(self.train_set), generator=g)[:n].tolist()
         self.train_set = Subset(self.train_set, chosen)
         self.val_set = self.train_set
 
+    def _window_at_every_token(self) -> bool:
+        """lm windows at every start position (stride 1): its items are not examples."""
+        return getattr(self.train_set, "stride", None) == 1
+
     def _train_size(self) -> str:
-        if getattr(self.train_set, "stride", None) == 1:  # a window at every token: not examples
+        if self._window_at_every_token():
             return f"{self.train_set.n_tokens} training tokens"
         return f"{len(self.train_set)} training examples"
+
+    def _epoch_size(self) -> str:
+        """One epoch in words (_examples_per_epoch), for the run's first line."""
+        n = self._examples_per_epoch()
+        if self._window_at_every_token():
+            return f"{n} windows of {self.dcfg.block_size} tokens"
+        return f"{n} examples"
+
+    def _examples_per_step(self) -> int:
+        """Training examples one optimizer step takes, all processes together."""
+        return self.cfg.batch_size * self.cfg.grad_accum * self.dist.world
+
+    def _examples_per_epoch(self) -> int:
+        """What one epoch counts, the one home of that count: ``epochs`` sizes the run by it and
+        the logged ``epoch`` divides the examples seen by it. Each training example once; lm
+        windows at every start position (stride 1) count n // block_size windows, as many tokens
+        as the split holds, not one per start position."""
+        n = len(self.train_set)
+        if self._window_at_every_token():  # every start position: n / T windows
+            n = max(1, n // self.dcfg.block_size)
+        return n
+
+    def _epoch(self, step: int) -> float:
+        """Epochs trained by the end of optimizer step ``step`` (examples seen over
+        _examples_per_epoch), whatever sized the run: a resume continues the same values."""
+        return step * self._examples_per_step() / self._examples_per_epoch()
 
     def _max_steps(self) -> int:
         cfg = self.cfg
         if cfg.epochs is None:
             return cfg.max_steps
-        n = len(self.train_set)
-        if getattr(self.train_set, "stride", None) == 1:  # every start position: n / T windows
-            n = max(1, n // self.dcfg.block_size)
-        per_step = cfg.batch_size * cfg.grad_accum * self.dist.world
-        return max(1, math.ceil(cfg.epochs * n / per_step))
+        return max(1, math.ceil(cfg.epochs * self._examples_per_epoch()
+                                / self._examples_per_step()))
 
     def _restore_latest(self, checkpoints: list[Path]) -> None:
         """Continue from the newest checkpoint that reads back. A broken one (a full disk, a lost
@@ -2211,9 +2238,9 @@ class _Run:
     def _nonfinite(self, stats: StepStats, where: tuple[int, int], log: _RunLog) -> None:
         cfg = self.cfg
         step = self.step + 1
-        epoch, pos = where
+        shuffle, pos = where  # BatchOrder's pass: for lm windows at every token, not the epoch
         value = stats.loss if stats.nonfinite == "loss" else stats.grad_norm
-        span = cfg.batch_size * self.dist.world * cfg.grad_accum
+        span = self._examples_per_step()
         causes = [
             f"the learning rate is too high (lr at this step {stats.lr:.3g}, peak "
             f"{cfg.lr:.3g}): lower lr or lengthen warmup_steps",
@@ -2240,8 +2267,9 @@ class _Run:
             kept = ("no checkpoint had been written yet: run the command again with the changes "
                     "(the same --name starts the run anew)")
         diagnosis = (
-            f"non-finite {stats.nonfinite} ({value}) at step {step}: epoch {epoch}, training "
-            f"examples {pos}..{pos + span - 1} of that epoch's shuffled order ({cfg.grad_accum} "
+            f"non-finite {stats.nonfinite} ({value}) at step {step}: epoch "
+            f"{self._epoch(step):.3g}, training examples {pos}..{pos + span - 1} of shuffled "
+            f"pass {shuffle} of the training data ({cfg.grad_accum} "
             f"micro-batch(es) of {cfg.batch_size} x {self.dist.world} process(es)); the update was "
             f"not applied and the run stopped. Likely causes: " + "; ".join(causes) + "."
         )
@@ -2262,7 +2290,8 @@ class _Run:
         improved = self.best_val_loss is None or loss < self.best_val_loss
         if improved:
             self.best_val_loss, self.best_step = loss, self.step
-        log.write(self.step, "val", {**metrics, "best_val_loss": self.best_val_loss})
+        log.write(self.step, "val", {**metrics, "best_val_loss": self.best_val_loss,
+                                     "epoch": self._epoch(self.step)})
         if improved:
             # Never best/ without a checkpoint: a kill between them would leave a run that
             # holds weights but nothing to resume from, which no command continues.
@@ -2288,14 +2317,15 @@ class _Run:
 
     def _log_step(self, log: _RunLog, bar, stats: StepStats, tok_s: float) -> None:
         """The train line of this step (metrics.jsonl, TensorBoard) and the progress bar's."""
+        epoch = self._epoch(self.step)
         values = {"loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
                   "tokens_per_s": tok_s, "tokens_seen": self.tokens_seen,
-                  "memory_mb": _memory_mb(self.device)}
+                  "memory_mb": _memory_mb(self.device), "epoch": epoch}
         if self.trainer.scaler.is_enabled():
             values["loss_scale"] = self.trainer.scaler.get_scale()
         log.write(self.step, "train", values)
-        bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}", tok_s=f"{tok_s:.0f}",
-                        refresh=False)
+        bar.set_postfix(epoch=f"{epoch:.2f}", loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}",
+                        tok_s=f"{tok_s:.0f}", refresh=False)
 
     def execute(self, on_eval) -> TrainResult:
         cfg, trainer = self.cfg, self.trainer
@@ -2316,7 +2346,9 @@ class _Run:
                 n_train = sum(p.numel() for p in trainer.params)
                 print(f"run {self.run_dir}: {_millions(n_params)} parameters "
                       f"({_millions(n_train)} trainable), {self._train_size()}, "
-                      f"{self.max_steps} steps, {trainer.precision} on {self.device}"
+                      f"{self.max_steps} steps ({self._epoch(self.max_steps):.3g} epochs of "
+                      f"{self._epoch_size()}), "
+                      f"{trainer.precision} on {self.device}"
                       + (f" x {self.dist.world} processes" if self.dist.enabled else ""))
                 if cfg.warmup_steps >= self.max_steps:
                     print(f"warning: warmup_steps {cfg.warmup_steps} >= {self.max_steps} steps: "

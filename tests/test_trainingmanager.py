@@ -110,6 +110,12 @@ def assert_bit_equal(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), f"{k} differs (max {(a[k] - b[k]).abs().max()})"
 
 
+def logged_epochs(run_dir: Path) -> list[tuple[int, str, float]]:
+    """(step, kind, epoch) of each line of a run's metrics.jsonl."""
+    lines = (Path(run_dir) / rundir.METRICS_FILE).read_text().splitlines()
+    return [(m["step"], m["kind"], m["epoch"]) for m in map(json.loads, lines)]
+
+
 # --------------------------------------------------------------------------------------------
 # The one loss
 # --------------------------------------------------------------------------------------------
@@ -568,6 +574,9 @@ def test_injected_nan_stops_loudly_and_keeps_the_last_good_checkpoint(assets, tm
         tm.train(cfg)
     message = str(info.value)
     assert "non-finite loss (nan) at step 7" in message
+    # the logged epoch, not the data order's pass (for lm windows: about block_size epochs)
+    assert re.search(r"at step 7: epoch 0\.0\d+, training examples \d+\.\.\d+ of shuffled pass 0",
+                     message)
     assert "Likely causes" in message and "learning rate" in message
     assert "checkpoints/step-4" in message
     run = Path(cfg.out_dir) / "run"
@@ -911,7 +920,8 @@ def _resume(run: Path) -> None:
 
 @pytest.mark.parametrize("mode", ["step", "write"])
 def test_resume_after_kill_9_is_bit_exact(assets, tmp_path, mode):
-    """Dropout and accumulation on, so RNG state and data position must both come back."""
+    """Dropout and accumulation on, so RNG state and data position must both come back; the
+    resumed run's metrics lines go on with the epochs the uninterrupted run logged."""
     common = dict(dropout=0.1, grad_accum=2, max_steps=10)
     straight = tm.train(tiny_cfg(assets, tmp_path, name="straight", **common))
     cfg = tiny_cfg(assets, tmp_path, name="killed", **common)
@@ -928,6 +938,8 @@ def test_resume_after_kill_9_is_bit_exact(assets, tmp_path, mode):
     for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(pa["exp_avg_sq"], pb["exp_avg_sq"])
     assert a["progress"] == b["progress"]
+    assert logged_epochs(run) == logged_epochs(straight.run_dir)
+    assert logged_epochs(run)[-1][2] > 0
 
 
 @pytest.mark.slow
@@ -1095,6 +1107,8 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(assets, 
            if '"val"' in x]
     assert [v["val_loss"] for v in val] == pytest.approx([v["val_loss"] for v in ref], rel=1e-5)
     assert proc.stdout.count("best validation loss") == 1  # rank 0 reports for all
+    # epoch counts the examples of both processes: the same as one process's global batch
+    assert logged_epochs(run) == logged_epochs(single.run_dir)
 
     # One process would halve the global batch (and reseed every stream): refused.
     with pytest.raises(ValueError, match=r"written by 2 process\(es\), this run has 1: its "
@@ -1464,6 +1478,38 @@ def test_an_epochs_run_rounds_its_steps_up_and_its_cosine_ends_there(assets, tmp
         optimizer.step()
         schedule.step()
     assert lrs[2:] == pytest.approx(reference[2:], rel=1e-9)
+    train = [m for m in lines if m["kind"] == "train"]
+    assert [m["epoch"] for m in train] == [m["step"] * per_step / n for m in train]
+    assert train[-1]["epoch"] == pytest.approx(epochs + 0.5 * per_step / n)  # the rounded-up step
+
+
+def test_an_lm_epoch_is_n_over_block_size_windows_in_the_logged_epoch_too(assets, tmp_path,
+                                                                          capsys):
+    """lm windows start at every token, so an epoch is n // block_size of them (the n - T start
+    positions would be T epochs): an epochs=1 run's train lines carry examples seen (batch_size
+    x grad_accum a step) over that count, rising by the same amount each step, the last one
+    step's worth at most past 1.0 (the run rounds its steps up). Users could not work it out."""
+    train, val = tmp_path / "train", tmp_path / "val"
+    smallest = sorted(Path(assets["corpus"]).iterdir(), key=lambda f: f.stat().st_size)
+    for directory, f in ((train, smallest[0]), (val, smallest[1])):
+        directory.mkdir()
+        shutil.copy(f, directory / f.name)
+    options = {"cache_dir": assets["cache"], "progress": False, "train_frac": 1.0,
+               "val_frac": 0.0, "test_frac": 0.0}
+    cfg = tiny_cfg(assets, tmp_path, data=[str(train)], val_data=[str(val)], data_options=options,
+                   epochs=1, batch_size=2, grad_accum=2, max_steps=tm.TrainConfig().max_steps,
+                   warmup_steps=0, eval_every=100, save_every=100)
+    result = tm.train(cfg)
+    n_tokens = int(re.search(r"(\d+) training tokens", capsys.readouterr().out).group(1))
+    per_epoch, per_step = (n_tokens - 32) // 32, 2 * 2  # windows: n_tokens - block_size
+    assert result.step == math.ceil(per_epoch / per_step) > 2
+    lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_epochs = [m["epoch"] for m in lines if m["kind"] == "train"]
+    assert len(train_epochs) == result.step  # log_every 1
+    assert train_epochs == pytest.approx([s * per_step / per_epoch
+                                          for s in range(1, result.step + 1)], rel=1e-12)
+    assert 1.0 <= train_epochs[-1] < 1.0 + per_step / per_epoch
+    assert [m["epoch"] for m in lines if m["kind"] == "val"] == [train_epochs[-1]]
 
 
 def test_resume_without_a_checkpoint_and_a_torn_metrics_line(assets, tmp_path, capsys):
@@ -3171,14 +3217,16 @@ def test_tensorboard_scalars_are_the_metrics_lines(assets, tmp_path):
     train = [r for r in lines if r["kind"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 4]
     for r in train:
-        assert {"loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen", "memory_mb"} <= r.keys()
+        assert {"loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen", "memory_mb",
+                "epoch"} <= r.keys()
     assert [r["tokens_seen"] for r in train] == sorted({r["tokens_seen"] for r in train})
     acc = EventAccumulator(str(run / "tb"))
     acc.Reload()
-    assert {"train/loss", "train/lr", "train/grad_norm", "val/val_loss", "val/val_ppl",
-            "val/best_val_loss"} <= set(acc.Tags()["scalars"])
-    got = [(e.step, e.value) for e in acc.Scalars("train/loss")]
-    assert got == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in train]
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/epoch", "val/val_loss",
+            "val/val_ppl", "val/best_val_loss"} <= set(acc.Tags()["scalars"])
+    for tag, key in (("train/loss", "loss"), ("train/epoch", "epoch")):
+        got = [(e.step, e.value) for e in acc.Scalars(tag)]
+        assert got == [(r["step"], pytest.approx(r[key], rel=1e-6)) for r in train]
     vals = [r for r in lines if r["kind"] == "val"]
     assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in acc.Scalars("val/val_loss")] == [
         (r["step"], r["val_loss"]) for r in vals]
