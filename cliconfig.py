@@ -21,6 +21,7 @@ import shutil
 import signal
 import socket
 import sys
+import termios
 import threading
 import tokenize
 import types
@@ -377,14 +378,57 @@ def resolve_config(cls: type, args: Mapping[str, Any], section: str,
 
 
 # --------------------------------------------------------------------------------------------
-# Stopping: Ctrl-C and SIGTERM end every script the same way
+# Stopping: Ctrl-C, SIGTERM and SIGHUP end every script the same way
 # --------------------------------------------------------------------------------------------
+
+# The signals that stop a script, each with the shell's exit code 128 + its number: Ctrl-C's
+# SIGINT (130); SIGTERM (143), ``kill``'s and a scheduler's; SIGHUP (129), the hangup of the
+# terminal the script runs in (a dropped SSH session, a closed terminal window).
+# The one home of that set: every handler below, the trainer's step loop and a sweep's take it
+# from here. (nohup, tmux or screen keep a run going past a hangup: nohup's ignored SIGHUP
+# stays ignored, as every ignored signal does.)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+REQUESTED_STOPS = (signal.SIGTERM, signal.SIGHUP)  # not Ctrl-C's: interrupt_on_sigterm's
+
+
+def _is_terminal(fd: int) -> bool:
+    """Whether ``fd`` is a terminal, or was one that hung up: ``os.isatty`` says False for
+    that, since the kernel answers EIO for a hung-up terminal (and ENOTTY for no terminal)."""
+    try:
+        termios.tcgetattr(fd)
+    except termios.error as err:
+        return err.args[0] == errno.EIO
+    except (OSError, ValueError):  # a closed descriptor
+        return False
+    return True
+
+
+def leave_terminal_on_hangup(signum: int) -> None:
+    """On a hangup (``signum`` SIGHUP; any other signal: nothing) stdout and stderr, where they
+    are a terminal, are pointed at /dev/null before the stop's work: a write to a hung-up
+    terminal fails (EIO), so the next progress bar or message would end the process before
+    its checkpoint or cleanup. What the stop says then goes nowhere; its work is done whole."""
+    if signum != signal.SIGHUP:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            fd = stream.fileno()
+        except (AttributeError, OSError, ValueError):  # replaced (pytest's capture) or closed
+            continue
+        if _is_terminal(fd):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, fd)
+            os.close(null)
+
 
 @contextlib.contextmanager
 def interrupt_on_sigterm() -> Iterator[None]:
-    """Within: SIGTERM (``kill``, a scheduler's stop) raises ``KeyboardInterrupt("SIGTERM")`` as
-    Ctrl-C raises KeyboardInterrupt, so ``finally`` blocks run (partial files removed, sandboxed
-    children killed, finished work saved) instead of the process dying on the spot."""
+    """Within: SIGTERM (``kill``, a scheduler's stop) or SIGHUP (a hangup) raises
+    ``KeyboardInterrupt("SIGTERM")`` / ``KeyboardInterrupt("SIGHUP")`` as Ctrl-C raises
+    KeyboardInterrupt, so ``finally`` blocks run (partial files removed, sandboxed children
+    killed, finished work saved) instead of the process dying on the spot. A SIGHUP first
+    leaves the terminal (``leave_terminal_on_hangup``). A signal the parent set to be ignored
+    (nohup's SIGHUP) stays ignored."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -392,31 +436,39 @@ def interrupt_on_sigterm() -> Iterator[None]:
     owner = os.getpid()
 
     def handle(signum, frame):
-        if os.getpid() != owner:  # a forked pool worker, which its pool ends with SIGTERM: die
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
+        if os.getpid() != owner:  # a forked pool worker (its pool ends it with SIGTERM): die
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
             return
-        raise KeyboardInterrupt("SIGTERM")
+        leave_terminal_on_hangup(signum)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    previous = signal.signal(signal.SIGTERM, handle)
+    previous = {sig: signal.signal(sig, handle) for sig in REQUESTED_STOPS
+                if sig == signal.SIGTERM or signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
 def stops_deferred() -> Iterator[None]:
-    """Within: a Ctrl-C or SIGTERM waits and lands on leaving, as the handlers in place before
-    would have taken it, so that what it would interrupt is done whole or not begun. Deferred by
-    a handler: Python runs handlers in the main thread whichever thread the OS gave the signal
-    to (one of torch's, often), where a signal mask blocks it for the calling thread only."""
+    """Within: a Ctrl-C, SIGTERM or SIGHUP waits and lands on leaving, as the handlers in place
+    before would have taken it, so that what it would interrupt is done whole or not begun. Deferred
+    by a handler: Python runs handlers in the main thread whichever thread the OS gave the signal to
+    (one of torch's, often), where a signal mask blocks it for the calling thread only."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def defer(signum, frame):
+        leave_terminal_on_hangup(signum)  # now: what it would interrupt may write
+        caught.append(signum)
+
+    previous = {sig: signal.signal(sig, defer) for sig in STOP_SIGNALS
+                if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield
     finally:
@@ -430,18 +482,20 @@ _START_UP_REPLACED: dict[int, Callable | int | None] = {}  # what quiet_start_up
 
 
 def quiet_start_up_stops(quiet: bool = False) -> None:
-    """A script's first statement, before its imports (torch loads for seconds): Ctrl-C or
-    SIGTERM there ends it as later (130 / 143, one line; ``quiet``: none, for a process whose
-    parent reports it), not with a traceback from inside an import. A signal the parent set to
-    be ignored (``cmd &`` in a script) stays ignored. ``run_main`` puts the handlers back."""
+    """A script's first statement, before its imports (torch loads for seconds): Ctrl-C, SIGTERM or
+    SIGHUP there ends it as later (130 / 143 / 129, one line; ``quiet``: none, for a process whose
+    parent reports it), not with a traceback from inside an import. A signal the parent set to be
+    ignored (``cmd &`` in a script, nohup's SIGHUP) stays ignored. ``run_main`` puts the handlers
+    back."""
     handler = partial(_stopped_while_starting, quiet)
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         if signal.getsignal(sig) is not signal.SIG_IGN:
             _START_UP_REPLACED[sig] = signal.signal(sig, handler)
 
 
 def _stopped_while_starting(quiet: bool, signum: int, frame) -> None:
     _stops_end_at_once()
+    leave_terminal_on_hangup(signum)
     if not quiet:
         sys.stderr.write("interrupted while starting: nothing was written\n")
     raise SystemExit(interrupted_exit_code(signal.Signals(signum).name))
@@ -461,11 +515,11 @@ def run_main(main: Callable[[], int | None]) -> int | None:
 
 
 def _stops_end_at_once() -> None:
-    """The script is on its way out (its stop told, or its work done): a further Ctrl-C or
-    SIGTERM ends it at once, as the signal's default does, not with an "Exception ignored in
-    atexit callback" traceback from inside torch's exit handlers (Ctrl-C pressed twice). An
-    ignored signal stays ignored."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    """The script is on its way out (its stop told, or its work done): a further Ctrl-C, SIGTERM or
+    SIGHUP ends it at once, as the signal's default does, not with an "Exception ignored in atexit
+    callback" traceback from inside torch's exit handlers (Ctrl-C pressed twice). An ignored signal
+    stays ignored."""
+    for sig in STOP_SIGNALS:
         if signal.getsignal(sig) is not signal.SIG_IGN:
             signal.signal(sig, signal.SIG_DFL)
 
@@ -473,7 +527,8 @@ def _stops_end_at_once() -> None:
 def run_tool(work: Callable[[], int | None], interrupted: str = "interrupted") -> int:
     """The main of a library module's small command (tokenizer.py, pretrained.py, ...):
     ``work``'s exit code (None: 0), or one line and 2 for a user's mistake (a ValueError, an
-    OSError naming its path), or ``interrupted`` and 130 / 143 for Ctrl-C or SIGTERM."""
+    OSError naming its path), or ``interrupted`` and 130 / 143 / 129 for Ctrl-C, SIGTERM or
+    SIGHUP."""
     try:
         with interrupt_on_sigterm():
             return work() or 0
@@ -491,15 +546,17 @@ def run_tool(work: Callable[[], int | None], interrupted: str = "interrupted") -
 
 
 def stop_signal(stop: KeyboardInterrupt) -> signal.Signals:
-    """The signal behind a KeyboardInterrupt: SIGTERM under ``interrupt_on_sigterm`` (or a name
-    passed on in its args), else Ctrl-C's SIGINT."""
-    named = stop.args[0] if stop.args and stop.args[0] in ("SIGINT", "SIGTERM") else "SIGINT"
+    """The signal behind a KeyboardInterrupt: SIGTERM or SIGHUP under ``interrupt_on_sigterm``
+    (or a name passed on in its args), else Ctrl-C's SIGINT."""
+    names = [sig.name for sig in STOP_SIGNALS]
+    named = stop.args[0] if stop.args and stop.args[0] in names else "SIGINT"
     return signal.Signals[named]
 
 
 def interrupted_exit_code(stop: str | KeyboardInterrupt) -> int:
-    """The shell's code for a script stopped by SIGINT (130) or SIGTERM (143), given the signal's
-    name or the KeyboardInterrupt it raised: non-zero, so ``train && eval`` does not go on."""
+    """The shell's code for a script stopped by SIGINT (130), SIGTERM (143) or SIGHUP (129),
+    given the signal's name or the KeyboardInterrupt it raised: non-zero, so ``train && eval``
+    does not go on."""
     sig = stop_signal(stop) if isinstance(stop, KeyboardInterrupt) else signal.Signals[stop]
     return 128 + sig.value
 

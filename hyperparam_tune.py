@@ -98,7 +98,9 @@ ATTR_AGAIN = "runs_again"
 ATTR_SETTINGS = "trial_settings"
 OWNER_FILE = "study.json"  # which storage's study owns runs/<study>/ (its trial numbers)
 _DONE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-INTERRUPTED = "interrupted (SIGINT/SIGTERM)"  # such trials run again when the sweep is re-run
+# Such trials run again when the sweep is re-run. Any stop signal (SIGHUP too): the text is
+# stored in studies and compared, so it stays as older sweeps wrote it.
+INTERRUPTED = "interrupted (SIGINT/SIGTERM)"
 # Completes the trainer's "checkpoint saved at step N; continue with ...": a re-run sweep queues
 # an interrupted trial again, and the new trial continues the run from that checkpoint. (A NaN
 # trial is never continued: its reason leaves the trainer's resume advice out.)
@@ -849,7 +851,7 @@ def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _FileL
             reason = f"out of memory: {e}"
         else:
             trial.set_user_attr(ATTR_STEP, result.step)
-            if result.interrupted:  # the trainer checkpointed and returned on SIGINT/SIGTERM
+            if result.interrupted:  # the trainer checkpointed and returned on a stop signal
                 _mark_interrupted(trial)
                 raise KeyboardInterrupt(result.interrupted)
             if result.best_val_loss is not None and math.isfinite(result.best_val_loss):
@@ -1240,7 +1242,8 @@ def _start_workers(cfg: TuneConfig, sweep: str) -> list[subprocess.Popen]:
     worker_cfg = {**dataclasses.asdict(cfg), "progress": False}
     cliconfig.write_atomic(config_file, json.dumps(worker_cfg, indent=2) + "\n")
     env = {**os.environ, PARENT_ENV: str(os.getpid()), SWEEP_ENV: sweep}
-    # Their own session: a Ctrl-C (or a SIGTERM) reaches them once, forwarded by this process.
+    # Their own session: a Ctrl-C (or a SIGTERM, a hangup's SIGHUP) reaches them once,
+    # forwarded by this process.
     return [subprocess.Popen([*WORKER_COMMAND, "--config", str(config_file), "--worker", str(i)],
                              start_new_session=True, env=env)
             for i in range(1, cfg.workers + 1)]
@@ -1256,6 +1259,13 @@ def sweep_id(cfg: TuneConfig) -> str:
     return (cfg.worker and os.environ.get(SWEEP_ENV)) or uuid.uuid4().hex
 
 
+# The signal the kernel sends a worker when its sweep dies (PR_SET_PDEATHSIG). Not SIGHUP, the
+# hangup that every script takes as a stop of its own (cliconfig.STOP_SIGNALS): the sweep passes
+# its hangup on to its workers as one (they run in their own sessions), and nohup's ignored
+# SIGHUP, which a worker inherits, must not blind it to its sweep's death.
+PARENT_DEATH_SIGNAL = signal.SIGUSR2
+
+
 def _stop_with_parent() -> None:
     """A worker stops its trial as at a SIGTERM when its sweep process dies (kill -9, the OOM
     killer), instead of sweeping on unseen beside the workers of a re-run. Linux only (prctl);
@@ -1269,24 +1279,24 @@ def _stop_with_parent() -> None:
         # Once: the kernel sends the death signal again as each of the sweep's threads exits;
         # the trainer takes a repeated SIGTERM as the same stop, but one after its step loop
         # would interrupt the trial's report.
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(PARENT_DEATH_SIGNAL, signal.SIG_IGN)
         signal.raise_signal(signal.SIGTERM)
 
-    signal.signal(signal.SIGHUP, parent_died)
+    signal.signal(PARENT_DEATH_SIGNAL, parent_died)
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, ctypes.c_ulong(signal.SIGHUP), 0, 0, 0)  # PR_SET_PDEATHSIG
+    libc.prctl(1, ctypes.c_ulong(PARENT_DEATH_SIGNAL), 0, 0, 0)  # PR_SET_PDEATHSIG
     if os.getppid() != int(parent):  # it died before the line above
-        signal.raise_signal(signal.SIGHUP)
+        signal.raise_signal(PARENT_DEATH_SIGNAL)
 
 
 def _run_workers(cfg: TuneConfig, study: optuna.Study, bar: tqdm, sweep: str) -> int:
-    """Run ``cfg.workers`` worker processes to the end; a Ctrl-C or SIGTERM to this process is
-    passed on to them (the same signal), and they are waited for. A worker's configuration
-    error (exit status 2) stops the others with SIGTERM, as it stops a sweep of one worker:
-    their trials end as interrupted and run again when the fixed command is. Returns the exit
-    status of the first worker that failed (its error stopped it), else 0. A worker killed by a
-    signal is told but is no failure of the sweep: as with a dead worker on another machine,
-    the study queues its trial again, and the trial count decides."""
+    """Run ``cfg.workers`` worker processes to the end; a Ctrl-C, SIGTERM or SIGHUP to this process
+    is passed on to them (the same signal), and they are waited for. A worker's configuration error
+    (exit status 2) stops the others with SIGTERM, as it stops a sweep of one worker: their trials
+    end as interrupted and run again when the fixed command is. Returns the exit status of the first
+    worker that failed (its error stopped it), else 0. A worker killed by a signal is told but is no
+    failure of the sweep: as with a dead worker on another machine, the study queues its trial
+    again, and the trial count decides."""
     procs = _start_workers(cfg, sweep)
     stopped: list[subprocess.Popen] = []  # the workers another's error stopped
     try:

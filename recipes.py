@@ -499,8 +499,8 @@ def what_next(smoke: bool) -> str:
 
 
 class TrainedRunInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM after training returned (export check, evaluation): the run is complete
-    and saved, and ``--resume`` evaluates it without training again."""
+    """Ctrl-C, SIGTERM or SIGHUP after training returned (export check, evaluation): the run is
+    complete and saved, and ``--resume`` evaluates it without training again."""
 
     def __init__(self, stop: KeyboardInterrupt, run_dir: Path):
         super().__init__(*stop.args)  # the signal's name, for cliconfig.interrupted_exit_code

@@ -1476,12 +1476,12 @@ class TrainResult:
     sample: str | None = None
 
 
-STOP_SIGNALS = ("SIGINT", "SIGTERM")
+STOP_SIGNALS = tuple(sig.name for sig in cliconfig.STOP_SIGNALS)  # SIGINT, SIGTERM, SIGHUP
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM raised out of ``train`` (a signal outside the step loop, or a second
-    one), saying what is left: ``resume`` is how to continue the run from its checkpoint, or
+    """Ctrl-C, SIGTERM or SIGHUP raised out of ``train`` (a signal outside the step loop, or a
+    second one), saying what is left: ``resume`` is how to continue the run from its checkpoint, or
     None when it had written none (nothing to resume: the same command starts it again)."""
 
     def __init__(self, stop: KeyboardInterrupt, resume: str | None):
@@ -1490,20 +1490,25 @@ class RunInterrupted(KeyboardInterrupt):
 
 
 class _StopSignals:
-    """SIGINT/SIGTERM ask the loop to checkpoint and end; a Ctrl-C after either interrupts at
-    once. A SIGTERM never does: a scheduler's stop (Slurm's scancel, ``pkill -f``) reaches a
-    sweep's worker (or a torchrun rank) directly and again forwarded by its parent, and its
-    SIGKILL follows anyway; the second one skipped the checkpoint the first asked for."""
+    """SIGINT/SIGTERM/SIGHUP (``cliconfig.STOP_SIGNALS``) ask the loop to checkpoint and end; a
+    Ctrl-C after any of them interrupts at once. A SIGTERM or SIGHUP never does: a scheduler's
+    stop (Slurm's scancel, ``pkill -f``) reaches a sweep's worker (or a torchrun rank) directly
+    and again forwarded by its parent, and its SIGKILL follows anyway; the second one skipped
+    the checkpoint the first asked for. A hangup too comes more than once (the kernel's to the
+    terminal's foreground processes, the shell's to its jobs), and leaves a terminal that fails
+    every write: stdout and stderr leave it first (``cliconfig.leave_terminal_on_hangup``), so
+    that no print (an evaluation's line, the stop's message) ends the run before its checkpoint."""
 
     def __init__(self) -> None:
         self.reason: str | None = None
         self._previous: dict = {}
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                if signal.getsignal(sig) is not signal.SIG_IGN:  # `cmd &` in a script: ignored
+            for sig in cliconfig.STOP_SIGNALS:
+                if signal.getsignal(sig) is not signal.SIG_IGN:  # `cmd &` in a script, nohup
                     self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        cliconfig.leave_terminal_on_hangup(signum)
         if self.reason is None:
             self.reason = signal.Signals(signum).name
         elif signum == signal.SIGINT:  # stop now: exit code 130, whatever the first one was

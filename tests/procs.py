@@ -8,18 +8,22 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+_TERMINALS_DEFAULTS = (signal.SIGINT, signal.SIGHUP)
 
-def _default_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+def _terminals_defaults() -> None:
+    for sig in _TERMINALS_DEFAULTS:
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def popen(args, **kwargs) -> subprocess.Popen:
-    """``subprocess.Popen`` whose child starts with SIGINT at its default, as a command started
-    from a terminal does, so that a test's SIGINT is its Ctrl-C. A pytest started with SIGINT
-    ignored (``nohup ... &``, some CI supervisors) passes SIG_IGN on to its children, and Python
-    then installs no KeyboardInterrupt handler: the test's SIGINT would never arrive."""
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # else exec resets it already
-        kwargs["preexec_fn"] = _default_sigint
+    """``subprocess.Popen`` whose child starts with SIGINT and SIGHUP at their defaults, as a
+    command started from a terminal does, so that a test's SIGINT is its Ctrl-C and its SIGHUP
+    its hangup. A pytest started with them ignored (``nohup ... &``, some CI supervisors) passes
+    SIG_IGN on to its children, and Python then installs no KeyboardInterrupt handler: the
+    test's signal would never arrive."""
+    if any(signal.getsignal(sig) is signal.SIG_IGN for sig in _TERMINALS_DEFAULTS):
+        kwargs["preexec_fn"] = _terminals_defaults  # else exec resets them already
     return subprocess.Popen(args, **kwargs)
 
 

@@ -227,19 +227,69 @@ def test_operands_required_flags_and_repeated_flags():
             parser.parse_args(argv)
 
 
-def test_sigterm_is_an_interrupt_with_its_own_exit_code():
+@pytest.mark.parametrize("name, code", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_sigterm_is_an_interrupt_with_its_own_exit_code(name, code, capsys):
+    """So is SIGHUP, a dropped SSH session's or closed terminal's (capsys: a hangup would point
+    a terminal running pytest -s at /dev/null)."""
     import os
     import signal
     import time
 
-    before = signal.getsignal(signal.SIGTERM)
+    sig = signal.Signals[name]
+    before = signal.getsignal(sig)
     with pytest.raises(KeyboardInterrupt) as stopped:
         with cliconfig.interrupt_on_sigterm():
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), sig)
             time.sleep(5)  # not reached: the handler raises first
-    assert cliconfig.interrupted_exit_code(stopped.value) == 143
+    assert cliconfig.interrupted_exit_code(stopped.value) == code
+    assert cliconfig.stop_signal(stopped.value) == sig
     assert cliconfig.interrupted_exit_code(KeyboardInterrupt()) == 130  # Ctrl-C
-    assert signal.getsignal(signal.SIGTERM) is before
+    assert signal.getsignal(sig) is before
+
+
+def test_a_hangup_ignored_by_nohup_stays_ignored_under_interrupt_on_sigterm():
+    import os
+    import signal
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with cliconfig.interrupt_on_sigterm():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGHUP)  # nothing happens
+        with cliconfig.stops_deferred():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
+def test_a_hangup_points_a_terminal_at_dev_null_and_leaves_files_alone(tmp_path, monkeypatch):
+    """A hung-up terminal fails every write (EIO), and os.isatty says False of it: the next
+    print after a hangup ended a run before its checkpoint. Other output is left as it is."""
+    import os
+    import signal
+
+    hung_up_side, hung_up = os.openpty()
+    live_side, live = os.openpty()
+    stdout, stderr = os.fdopen(hung_up, "w"), os.fdopen(live, "w")
+    monkeypatch.setattr("sys.stdout", stdout)
+    monkeypatch.setattr("sys.stderr", stderr)
+    os.close(hung_up_side)  # the terminal's other end goes away: the kernel hangs this one up
+    with pytest.raises(OSError):
+        os.write(hung_up, b"x")
+    null = os.stat(os.devnull).st_rdev
+    cliconfig.leave_terminal_on_hangup(signal.SIGTERM)  # no hangup: left as it is
+    assert os.fstat(live).st_rdev != null and os.isatty(live)
+    cliconfig.leave_terminal_on_hangup(signal.SIGHUP)
+    assert os.fstat(hung_up).st_rdev == null and os.fstat(live).st_rdev == null
+    print("the stop's message", file=stdout, flush=True)  # goes nowhere, and raises nothing
+    log = open(tmp_path / "log", "w")  # noqa: SIM115 (closed below)
+    monkeypatch.setattr("sys.stdout", log)
+    cliconfig.leave_terminal_on_hangup(signal.SIGHUP)
+    assert os.path.sameopenfile(log.fileno(), os.open(tmp_path / "log", os.O_RDONLY))
+    for f in (stdout, stderr, log):
+        f.close()
+    os.close(live_side)
 
 
 def test_a_forked_worker_ends_on_sigterm_without_a_traceback(capfd):
@@ -511,18 +561,21 @@ def test_start_up_stops_keep_an_ignored_signal_and_run_main_puts_the_handlers_ba
     the imports load exits 130; main runs under the handlers the process started with."""
     import signal
 
-    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    before = {sig: signal.getsignal(sig) for sig in cliconfig.STOP_SIGNALS}
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nohup's
         cliconfig.quiet_start_up_stops(quiet=True)
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
         with pytest.raises(SystemExit) as stopped:
             signal.getsignal(signal.SIGTERM)(signal.SIGINT, None)
         assert stopped.value.code == 130
         seen = cliconfig.run_main(lambda: (signal.getsignal(signal.SIGINT),
-                                           signal.getsignal(signal.SIGTERM)))
-        assert seen == (signal.SIG_IGN, signal.SIG_DFL)
+                                           signal.getsignal(signal.SIGTERM),
+                                           signal.getsignal(signal.SIGHUP)))
+        assert seen == (signal.SIG_IGN, signal.SIG_DFL, signal.SIG_IGN)
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)

@@ -2309,11 +2309,13 @@ sys.exit(dataset.main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143),
-                                       (signal.SIGKILL, -9)], ids=["INT", "TERM", "KILL"])
+@pytest.mark.parametrize("sig, code", [
+    (signal.SIGINT, 130), (signal.SIGTERM, 143),
+    pytest.param(signal.SIGHUP, 129, marks=pytest.mark.slow),  # SIGTERM's path: cliconfig's
+    (signal.SIGKILL, -9)], ids=["INT", "TERM", "HUP", "KILL"])
 def test_an_interrupted_build_exits_cleanly_and_leaves_nothing(tmp_path, tok, sig, code):
-    """Ctrl-C and SIGTERM remove the half-built entry and exit 130/143 with one line; what a
-    SIGKILL leaves is removed by the next build."""
+    """Ctrl-C, SIGTERM and a hangup's SIGHUP remove the half-built entry and exit 130/143/129
+    with one line; what a SIGKILL leaves is removed by the next build."""
     tok.save(tmp_path / "tok")
     cache = tmp_path / "cache"
     argv = ["--task", "lm", "--sources", str(EMAIL), "--tokenizer", str(tmp_path / "tok"),

@@ -477,10 +477,13 @@ def test_interrupted_sweep_reruns_the_interrupted_trial(tmp_path, corpus):
 
 
 @pytest.mark.parametrize("sig", [pytest.param(signal.SIGTERM, marks=pytest.mark.slow),
-                                 signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+                                 pytest.param(signal.SIGHUP, marks=pytest.mark.slow),
+                                 signal.SIGKILL], ids=["SIGTERM", "SIGHUP", "SIGKILL"])
 def test_a_stopped_or_killed_sweep_stops_its_workers(tmp_path, corpus, sig):
     """SIGTERM (a scheduler's stop, ``kill``) to the command is passed on to the workers, which
-    run in their own sessions: each ends its trial as interrupted, and the command exits 143.
+    run in their own sessions: each ends its trial as interrupted, and the command exits 143
+    (SIGHUP, its terminal's hangup: 129; it killed the sweep at once, leaving the workers to
+    notice that it died).
     SIGKILL (the OOM killer) leaves nothing to pass it on: the workers see their parent die
     and stop the same way, instead of sweeping on beside a re-run's workers."""
     space = tiny_space(tmp_path, corpus)
@@ -514,8 +517,8 @@ def test_a_stopped_or_killed_sweep_stops_its_workers(tmp_path, corpus, sig):
             for pid in alive:
                 os.kill(pid, signal.SIGKILL)
             assert not alive, "the workers outlived their killed sweep"
-    if sig == signal.SIGTERM:
-        assert sweep.returncode == 143, output[-3000:]
+    if sig != signal.SIGKILL:
+        assert sweep.returncode == 128 + sig, output[-3000:]
         assert "Traceback" not in output and "run the same command again" in output
         for pid in workers():
             with pytest.raises(ProcessLookupError):  # it has ended (and was waited for)
@@ -573,23 +576,26 @@ def test_a_worker_whose_sweep_dies_stops_once(tmp_path):
     assert report.read_text() == "1"
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_a_trial_stopped_by_two_sigterms_still_writes_its_checkpoint(tmp_path, corpus,
-                                                                     monkeypatch):
+                                                                     monkeypatch, capsys, sig):
     """Slurm's scancel (or `pkill -f`) signals every process of a job: a worker gets SIGTERM
     directly and again forwarded by its sweep. The second was taken as "stop now" and skipped
-    the trial's checkpoint, so the re-run continued from the one before (here: none at all)."""
+    the trial's checkpoint, so the re-run continued from the one before (here: none at all).
+    A hangup's SIGHUP comes twice too (the kernel's, the shell's); it stops the trial the same
+    way, 129 (capsys: it would point a terminal running pytest -s at /dev/null)."""
     real_step, calls = trainingmanager.Trainer.train_step, [0]
 
     def step_with_two_sigterms(self, *args, **kwargs):
         calls[0] += 1
         if calls[0] == 1:  # the run's first step: nothing is saved before the stop's own
-            os.kill(os.getpid(), signal.SIGTERM)
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), sig)
+            os.kill(os.getpid(), sig)
         return real_step(self, *args, **kwargs)
 
     monkeypatch.setattr(trainingmanager.Trainer, "train_step", step_with_two_sigterms)
     argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="twice", n_trials=1)
-    assert hyperparam_tune.main(argv) == 143
+    assert hyperparam_tune.main(argv) == 128 + sig
     (trial,) = load_study(journal(tmp_path, "twice"), "twice").get_trials()
     assert trial.user_attrs[hyperparam_tune.ATTR_REASON] == hyperparam_tune.INTERRUPTED
     run = Path(trial.user_attrs[hyperparam_tune.ATTR_RUN])

@@ -186,6 +186,7 @@ STARTING = "interrupted while starting: nothing was written\n"
 @pytest.mark.parametrize("script, sig, code, told", [
     ("trainingmanager.py", signal.SIGINT, 130, STARTING),
     ("trainingmanager.py", signal.SIGTERM, 143, STARTING),
+    ("trainingmanager.py", signal.SIGHUP, 129, STARTING),  # a hangup (not a terminal here)
     ("hyperparam_tune.py --worker 1", signal.SIGINT, 130, ""),  # its sweep tells it, once
 ])
 def test_a_stop_while_torch_loads_ends_in_one_line(script, sig, code, told):
@@ -212,22 +213,24 @@ except SystemExit:
     pass
 print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN,
       signal.getsignal(signal.SIGTERM) is signal.SIG_IGN,
+      signal.getsignal(signal.SIGHUP) is signal.SIG_IGN,
       signal.getsignal(signal.SIGINT) is signal.default_int_handler,
-      signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+      signal.getsignal(signal.SIGTERM) is signal.SIG_DFL,
+      signal.getsignal(signal.SIGHUP) is signal.SIG_DFL)
 """
 
 
 @pytest.mark.parametrize("ignored", [False, True])
 def test_main_gets_the_signal_handling_the_script_started_with(ignored):
-    """A job a shell script starts with `&` ignores Ctrl-C: the start-up guard must neither
-    replace that nor leave its own handlers to main."""
+    """A job a shell script starts with `&` ignores Ctrl-C, one under nohup SIGHUP: the
+    start-up guard must neither replace that nor leave its own handlers to main."""
     def start() -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN if ignored else signal.SIG_DFL)
 
     run = subprocess.run([sys.executable, "-c", _HANDLERS_AFTER_MAIN,
                           str(ROOT / "trainingmanager.py")], preexec_fn=start,
                          capture_output=True, text=True, timeout=120)
-    flags = run.stdout.split()[-4:]
-    assert flags == (["True", "True", "False", "False"] if ignored else
-                     ["False", "False", "True", "True"]), run.stderr[-2000:]
+    flags = run.stdout.split()[-6:]
+    assert flags == (["True"] * 3 + ["False"] * 3 if ignored else
+                     ["False"] * 3 + ["True"] * 3), run.stderr[-2000:]

@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -942,6 +943,50 @@ def test_resume_after_kill_9_is_bit_exact(assets, tmp_path, mode):
     assert logged_epochs(run)[-1][2] > 0
 
 
+_HUNG_UP_AT_STEP = 3  # metrics.jsonl's train lines (log_every 1) before the terminal goes away
+
+
+@pytest.mark.slow
+def test_a_closed_terminal_saves_a_checkpoint_and_exits_129(assets, tmp_path):
+    """A real hangup: the trainer runs on a pseudo-terminal as its session leader (as a login
+    shell's job on an SSH session), its progress bar on; the terminal's other end closes, the
+    kernel sends SIGHUP and fails every later write to the terminal (EIO). The run died of the
+    signal (exit 129 by a signal, no checkpoint since the last one); then of its stop message."""
+    import fcntl
+    import select
+    import termios
+
+    cfg = tiny_cfg(assets, tmp_path, name="hung", max_steps=100_000, save_every=100_000,
+                   eval_every=100_000, progress=True)
+    config = write_config(cfg, tmp_path / "hung.json")
+    run = Path(cfg.out_dir) / cfg.name
+    terminal, side = os.openpty()
+
+    def session_of_its_own() -> None:  # ``side`` becomes the child's controlling terminal
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen([sys.executable, str(ROOT / "trainingmanager.py"), "--config",
+                             str(config)], stdin=side, stdout=side, stderr=side, cwd=ROOT,
+                            env=ENV, preexec_fn=session_of_its_own)
+    os.close(side)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if select.select([terminal], [], [], 0.05)[0]:
+                os.read(terminal, 1 << 16)  # as the terminal shows it
+            metrics = run / tm.METRICS_FILE
+            if metrics.is_file() and metrics.read_text().count('"train"') >= _HUNG_UP_AT_STEP:
+                break
+        os.close(terminal)  # the SSH session drops
+        code = proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    assert code == 129, code
+    (checkpoint,) = tm.list_checkpoints(run)
+    assert tm.checkpoint_step(checkpoint) >= _HUNG_UP_AT_STEP
+
+
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_bit_exact(assets, tmp_path):
     common = dict(dropout=0.1, max_steps=10)
@@ -1680,14 +1725,20 @@ def test_cli_range_error_exits_2(capsys):
     assert "TrainConfig.epochs=inf: must be finite" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("sigs, code", [(("SIGTERM",), 143), (("SIGHUP", "SIGHUP"), 129)],
+                         ids=["SIGTERM", "SIGHUP-twice"])
 def test_a_stop_signal_saves_and_exits_non_zero_with_the_resume_hint(assets, tmp_path, capsys,
-                                                                      monkeypatch):
-    """SIGTERM: checkpoint, then exit 143 (so `train && eval` stops) and say how to go on."""
-    sigterm_at_step(monkeypatch, 2)
+                                                                      monkeypatch, sigs, code):
+    """SIGTERM: checkpoint, then exit 143 (so `train && eval` stops) and say how to go on. A
+    hangup (a dropped SSH session; its SIGHUP comes from the kernel and again from the shell)
+    the same, 129."""
+    import signal
+
+    sigterm_at_step(monkeypatch, 2, *(signal.Signals[name] for name in sigs))
     config = _tiny_config_file(assets, tmp_path)
-    assert tm.main(["--config", config]) == 143
+    assert tm.main(["--config", config]) == code
     run = tmp_path / "runs" / "run"
-    assert f"SIGTERM: checkpoint saved at step 2; continue with --resume {run}" in (
+    assert f"{sigs[0]}: checkpoint saved at step 2; continue with --resume {run}" in (
         capsys.readouterr().out)
     assert [p.name for p in tm.list_checkpoints(run)] == ["step-2"]
     assert cliconfig.interrupted_exit_code("SIGINT") == 130
@@ -3602,18 +3653,22 @@ def test_a_sigterm_after_a_ctrl_c_mid_step_still_saves_the_checkpoint(assets, tm
     assert [p.name for p in tm.list_checkpoints(result.run_dir)] == ["step-2"]
 
 
-def test_the_step_loop_keeps_a_signal_its_process_ignores(assets, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["SIGINT", "SIGHUP"])
+def test_the_step_loop_keeps_a_signal_its_process_ignores(assets, tmp_path, monkeypatch, name):
     """A run a script starts with `&` ignores Ctrl-C (the start-up guard keeps that), but the
-    step loop's handler took it: the script's Ctrl-C stopped the background run."""
+    step loop's handler took it: the script's Ctrl-C stopped the background run. A run under
+    nohup ignores SIGHUP: a hangup must not stop it."""
     import signal
 
-    sigterm_at_step(monkeypatch, 2, signal.SIGINT)
-    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sig = signal.Signals[name]
+    sigterm_at_step(monkeypatch, 2, sig)
+    before = signal.signal(sig, signal.SIG_IGN)
     try:
-        result = tm.train(tiny_cfg(assets, tmp_path, max_steps=4))
-        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        with cliconfig.interrupt_on_sigterm():  # as main runs it
+            result = tm.train(tiny_cfg(assets, tmp_path, max_steps=4))
+        assert signal.getsignal(sig) is signal.SIG_IGN
     finally:
-        signal.signal(signal.SIGINT, before)
+        signal.signal(sig, before)
     assert (result.interrupted, result.step) == (None, 4)
 
 
