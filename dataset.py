@@ -300,6 +300,7 @@ def _read_jsonl(path: Path, skip_bad: bool, counts: Counter) -> Iterator[_RawDoc
             if not raw.strip():
                 continue
             where = f"{path}:{lineno}"
+            raw = raw.rstrip(b"\r\n")  # else an error at the line's end is json's "line 2"
             try:
                 try:
                     rec = json.loads(raw)
@@ -313,11 +314,14 @@ def _read_jsonl(path: Path, skip_bad: bool, counts: Counter) -> Iterator[_RawDoc
                     msg = (
                         str(exc)
                         if isinstance(exc, DataError)
+                        else f"{where}: malformed JSON at column {exc.pos + 1}"
+                        f"{' (the end of the line)' if exc.pos >= len(exc.doc) else ''}: {exc.msg}"
+                        if isinstance(exc, json.JSONDecodeError)
                         else f"{where}: malformed JSON ({exc})"
                     )
                     raise DataError(
                         msg + " (skip such lines with skip_bad: dataset.py --skip-bad, or "
-                        "--data-options '{\"skip_bad\": true}' in trainingmanager.py)"
+                        "--data-options '{\"skip_bad\": true}' in trainingmanager.py or eval.py)"
                     ) from None
                 counts["bad_jsonl_line"] += 1
                 continue

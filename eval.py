@@ -808,6 +808,8 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
         tok_dir = path if (path / "tokenizer.json").is_file() else base
     elif tm.is_run_dir(path):
         model, tok_dir, run_config = _load_run(path, device, tokenizer, dtype)
+    elif (no_weights := tm.no_weights_yet(path)) is not None:
+        raise ValueError(f"EvalConfig.models {spec!r}: {no_weights}")
     else:
         model = _load_hf(path, device, dtype)
         tok_dir = path

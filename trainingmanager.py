@@ -1300,8 +1300,8 @@ def data_config(cfg: TrainConfig, block_size: int) -> DataConfig:
             raise ValueError(f"data_options: set {key!r} with the TrainConfig key "
                              f"{own[key]!r} instead")
         if key not in known:
-            raise ValueError(f"data_options: unknown DataConfig key {key!r}; known keys: "
-                             f"{', '.join(sorted(known - set(own)))}")
+            raise ValueError(f"data_options: unknown DataConfig key {key!r}; "
+                             + cliconfig.key_hint(key, known - set(own), "DataConfig"))
     options = {"progress": cfg.progress, **cfg.data_options}
     dcfg = DataConfig(task=cfg.task, sources=list(cfg.data or ["stdlib"]),
                       val_sources=list(cfg.val_data or []), test_sources=list(cfg.test_data or []),
@@ -1388,8 +1388,8 @@ def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int | None,
     hints = typing.get_type_hints(ModelConfig)
     for key, value in cfg.model_options.items():
         if key not in hints:
-            raise ValueError(f"model_options: unknown ModelConfig key {key!r}; known keys: "
-                             f"{', '.join(sorted(hints))}")
+            raise ValueError(f"model_options: unknown ModelConfig key {key!r}; "
+                             + cliconfig.key_hint(key, hints, "ModelConfig"))
         if key in TOKENIZER_MODEL_KEYS:
             raise ValueError(f"model_options: {key!r} comes from the tokenizer (its vocabulary "
                              "and special tokens); choose the tokenizer instead (--tokenizer, "
@@ -1693,6 +1693,20 @@ def no_checkpoint_to_resume(run_dir: Path) -> str:
     """Why ``--resume`` refuses a run that holds weights (best/, export/) but no checkpoint
     (e.g. checkpoints/ deleted to free disk): starting it again would overwrite them."""
     return f"--resume {run_dir}: it {_holds_no_checkpoint(run_dir)}"
+
+
+def no_weights_yet(run_dir: Path) -> str | None:
+    """Why a run directory holding no weights (no checkpoint, best/ or export/) has no model to
+    load: its run is still training towards its first checkpoint, or stopped before one (eval
+    read its config.json as an HF checkpoint's); None for any other directory."""
+    if not (run_dir / CONFIG_FILE).is_file() or not _failed_before_weights(run_dir):
+        return None
+    lock = run_dir / LOCK_FILE
+    if lock_is_held(lock):
+        return (f"{run_dir}: a run still training ({lock_holder(lock) or 'another process'}) "
+                "that has saved no checkpoint yet: nothing to score before its first one")
+    return (f"{run_dir}: a run that stopped before its first checkpoint: no weights to score; "
+            f"--resume {run_dir} starts it again")
 
 
 def _holds_no_checkpoint(run_dir: Path) -> str:

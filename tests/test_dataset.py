@@ -1977,7 +1977,8 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, workers):
         tmp_path / "data.jsonl",
         [{"input": "a = 1", "output": "a = 2"}, {"input": "b", "output": "c"}, '{"input": oops'],
     )
-    with pytest.raises(DataError, match=r"data\.jsonl:3: malformed JSON"):
+    with pytest.raises(DataError, match=r"data\.jsonl:3: malformed JSON at column 11: "
+                                        r"Expecting value"):
         dataset.load_corpus(cfg(tmp_path, sources=[str(bad)], num_workers=workers))
     wrong = write_jsonl(tmp_path / "keys.jsonl", [{"code": "x"}])
     with pytest.raises(DataError, match=r"keys\.jsonl:1: record has none of the keys"):
@@ -1991,6 +1992,16 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, workers):
                                      num_workers=workers))
     assert corpus.stats["dropped"]["bad_jsonl_line"] == 2
     assert corpus.stats["kept"]["files"] == 10
+
+
+def test_a_jsonl_line_cut_short_is_named_at_its_end_not_on_a_second_line(tmp_path):
+    """A truncated record (the end of a line lost) read as json's "line 2 column 1 (char 48)":
+    each record is one line, so the error names its column, and that it is the line's end."""
+    cut = '{"input": "def f(x):\\n    return x", "output": '
+    bad = write_jsonl(tmp_path / "cut.jsonl", [{"input": "a", "output": "b"}, cut])
+    with pytest.raises(DataError, match=rf"cut\.jsonl:2: malformed JSON at column {len(cut) + 1} "
+                                        r"\(the end of the line\): Expecting value \(skip"):
+        dataset.load_corpus(cfg(tmp_path, sources=[str(bad)]))
 
 
 def test_jsonl_nested_too_deeply_for_json_is_a_malformed_line(tmp_path, capsys):

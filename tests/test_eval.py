@@ -2352,10 +2352,40 @@ def test_a_run_killed_in_its_first_checkpoint_is_no_run_to_load(tmp_path):
     (run / rundir.CHECKPOINTS_DIR / f".tmp-{rundir.CHECKPOINT_PREFIX}5-x").mkdir(parents=True)
     (run / rundir.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(tm.TrainConfig())))
     assert not tm.is_run_dir(run)
-    with pytest.raises(ValueError, match="a codelm run directory, not an HF checkpoint"):
+    with pytest.raises(ValueError, match="a run that stopped before its first checkpoint: no "
+                                         f"weights to score; --resume {run} starts it again"):
         ev.load_model(str(run), torch.device("cpu"))
     (run / rundir.CHECKPOINTS_DIR / f"{rundir.CHECKPOINT_PREFIX}5").mkdir()
     assert tm.is_run_dir(run)
+
+
+def test_a_run_still_training_before_its_first_checkpoint_is_named_so(tmp_path):
+    """eval.py on a run that has not saved a checkpoint yet said "a codelm run directory, not an
+    HF checkpoint; its export is run/export ...; or continue the run with --resume run": an
+    export that does not exist and a --resume that the running run refuses."""
+    import dataclasses
+    import fcntl
+    import json
+    import os
+
+    import torch
+
+    import trainingmanager as tm
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / rundir.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(tm.TrainConfig())))
+    (run / rundir.LOCK_FILE).write_text("")
+    fd = os.open(run / rundir.LOCK_FILE, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # the run, training towards its first checkpoint
+    try:
+        with pytest.raises(ValueError) as err:
+            ev.load_model(str(run), torch.device("cpu"))
+    finally:
+        os.close(fd)
+    assert "a run still training" in str(err.value)
+    assert "nothing to score before its first one" in str(err.value)
+    assert "--resume" not in str(err.value) and "export" not in str(err.value)
 
 
 def test_a_run_with_no_best_yet_scores_its_latest_checkpoint(tiny_models, tmp_path, capsys):

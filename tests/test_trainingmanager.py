@@ -487,6 +487,17 @@ def test_unknown_data_and_model_options_are_named(assets, tmp_path):
         tm.model_config(tm.TrainConfig(preset="tiny", model_options={"width": 3}), 64, None, None)
 
 
+def test_a_typo_in_data_or_model_options_suggests_the_key(tmp_path):
+    """A misspelt top-level config key gets "did you mean"; one inside data_options or
+    model_options got a list of all 40 DataConfig keys to search instead."""
+    with pytest.raises(ValueError, match="unknown DataConfig key 'train_fracc'; did you mean "
+                                         "'train_frac'"):
+        tm.data_config(tm.TrainConfig(data_options={"train_fracc": 0.5}), 64)
+    with pytest.raises(ValueError, match="unknown ModelConfig key 'inti'; did you mean 'init'"):
+        tm.model_config(tm.TrainConfig(preset="tiny", model_options={"inti": "xavier"}), 64,
+                        None, None)
+
+
 def test_val_data_files_are_the_validation_split(assets, tmp_path):
     """--val-data: the run validates on exactly those files (their tokens, packed as the trainer
     packs them), not on a fraction of --data; DataConfig's own key is refused in data_options."""
@@ -975,7 +986,7 @@ def test_a_closed_terminal_saves_a_checkpoint_and_exits_129(assets, tmp_path):
         while time.monotonic() < deadline and proc.poll() is None:
             if select.select([terminal], [], [], 0.05)[0]:
                 os.read(terminal, 1 << 16)  # as the terminal shows it
-            metrics = run / tm.METRICS_FILE
+            metrics = run / rundir.METRICS_FILE
             if metrics.is_file() and metrics.read_text().count('"train"') >= _HUNG_UP_AT_STEP:
                 break
         os.close(terminal)  # the SSH session drops
