@@ -17,9 +17,11 @@ import inspect
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
+import stat
 import sys
 import termios
 import threading
@@ -403,11 +405,32 @@ def _is_terminal(fd: int) -> bool:
     return True
 
 
+# How long a hangup waits for the reader of a pipe on stdout/stderr to go (``_reader_gone``).
+HANGUP_PIPE_WAIT_S = 0.1
+
+
+def _reader_gone(fd: int, wait_s: float = HANGUP_PIPE_WAIT_S) -> bool:
+    """Whether ``fd`` is a pipe whose reader has gone, or goes within ``wait_s``: ``cmd 2>&1 |
+    tee log``'s tee, which the same hangup ends (the whole job gets it), maybe a moment after
+    this process. Every later write to such a pipe fails (EPIPE). A live reader's (a
+    supervisor's) costs the wait and keeps the output."""
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return False
+    except OSError:
+        return False
+    poller = select.poll()
+    poller.register(fd, 0)  # no event asked for: POLLERR alone, once no reader is left
+    return any(event & select.POLLERR for _, event in poller.poll(wait_s * 1000))
+
+
 def leave_terminal_on_hangup(signum: int) -> None:
     """On a hangup (``signum`` SIGHUP; any other signal: nothing) stdout and stderr, where they
-    are a terminal, are pointed at /dev/null before the stop's work: a write to a hung-up
-    terminal fails (EIO), so the next progress bar or message would end the process before
-    its checkpoint or cleanup. What the stop says then goes nowhere; its work is done whole."""
+    are a terminal, or a pipe whose reader the hangup ended (``_reader_gone``: ``| tee log``),
+    are pointed at /dev/null before the stop's work: a write to a hung-up terminal fails (EIO),
+    one to a pipe without a reader too (EPIPE), so the next progress bar or message would end
+    the process before its checkpoint or cleanup. What the stop says then goes nowhere; its
+    work is done whole."""
     if signum != signal.SIGHUP:
         return
     for stream in (sys.stdout, sys.stderr):
@@ -415,7 +438,7 @@ def leave_terminal_on_hangup(signum: int) -> None:
             fd = stream.fileno()
         except (AttributeError, OSError, ValueError):  # replaced (pytest's capture) or closed
             continue
-        if _is_terminal(fd):
+        if _is_terminal(fd) or _reader_gone(fd):
             null = os.open(os.devnull, os.O_WRONLY)
             os.dup2(null, fd)
             os.close(null)

@@ -529,8 +529,9 @@ class EvalConfig:
     seed: int = 0  # sampling and the choice of completion targets
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str | None = None  # the weights' dtype: fp32 | bf16 | fp16 (None: bf16 on CUDA, fp16
-    #   where it lacks bf16 such as the T4, fp32 on CPU; a run's best/ as it trained); seed 000
-    #   evaluated in fp32 (its fp16 validation loss was NaN)
+    #   where it lacks bf16 such as the T4, fp32 on CPU; a run's best/ as it trained); LoRA
+    #   adapters stay fp32, a quantized base dequantizes to it; seed 000 evaluated in fp32 (its
+    #   fp16 validation loss was NaN)
     # sandbox
     timeout_s: float = 5.0  # wall-clock limit of one sandboxed run
     memory_mb: int = 1024  # memory limit of one sandboxed run
@@ -741,7 +742,7 @@ def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
     if dtype is not None:  # else as it trained (fp32 weights; a LoRA base in its base_dtype)
         from architecture import SHORT_DTYPES
 
-        model = model.to(SHORT_DTYPES[dtype])
+        model = lora.cast_model(model, SHORT_DTYPES[dtype])  # as export/'s base+adapter
     return model.to(device), tok_dir, config
 
 

@@ -249,6 +249,26 @@ class QuantReport:
                 f"({self.ratio:.3f}x); whole model {self.model_ratio:.3f}x of bf16")
 
 
+def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model.to(dtype)`` for its base weights, as a model built in that dtype holds them:
+    LoRA adapters stay in their fp32 (as ``add_adapter`` makes them, and ``load_adapter`` on a
+    base of any dtype leaves them), and a quantized base (``QuantLinear``) keeps its scales and
+    NF4 levels as ``quantize_base`` computed them and dequantizes to ``dtype``; cast too, they
+    would change the weights themselves (each block's by up to 2**-9 of its size in bf16)."""
+    base = {id(p) for _, m in lora_modules(model) for p in m.base.parameters()}
+    adapters = [(p, p.data) for _, m in lora_modules(model) for p in m.parameters()
+                if id(p) not in base]
+    quantized = [(q, dict(q.named_buffers(recurse=False))) for q in model.modules()
+                 if isinstance(q, QuantLinear)]
+    model.to(dtype)
+    for p, data in adapters:
+        p.data = data
+    for q, buffers in quantized:
+        for name, buffer in buffers.items():
+            setattr(q, name, buffer)
+        q.weight_dtype = dtype
+    return model
+
 def quantize_base(model: nn.Module, bits: int = 4, skip: tuple[str, ...] = ("lm_head",)) -> QuantReport:
     """Replace every frozen-base ``nn.Linear`` (also those under LoRA) by a ``QuantLinear``.
 

@@ -292,6 +292,31 @@ def test_a_hangup_points_a_terminal_at_dev_null_and_leaves_files_alone(tmp_path,
     os.close(live_side)
 
 
+
+def test_a_hangup_leaves_a_pipe_whose_reader_it_ended_and_keeps_a_live_one(monkeypatch):
+    """``cmd 2>&1 | tee log`` over SSH: the hangup ends tee with the run, and every later write
+    to the pipe failed (BrokenPipeError: the progress bar's next refresh), so the stop died
+    before its checkpoint, exit 1. A pipe whose reader lives on (a supervisor's) keeps its
+    output."""
+    import os
+    import signal
+
+    gone_r, gone_w = os.pipe()
+    live_r, live_w = os.pipe()
+    stdout, stderr = os.fdopen(gone_w, "w"), os.fdopen(live_w, "w")
+    monkeypatch.setattr("sys.stdout", stdout)
+    monkeypatch.setattr("sys.stderr", stderr)
+    os.close(gone_r)  # tee, ended by the same hangup
+    cliconfig.leave_terminal_on_hangup(signal.SIGHUP)
+    null = os.stat(os.devnull).st_rdev
+    assert os.fstat(gone_w).st_rdev == null
+    print("the stop's message", file=stdout, flush=True)  # goes nowhere, and raises nothing
+    print("still read", file=stderr, flush=True)
+    assert os.read(live_r, 100) == b"still read\n"
+    for f in (stdout, stderr):
+        f.close()
+    os.close(live_r)
+
 def test_a_forked_worker_ends_on_sigterm_without_a_traceback(capfd):
     # multiprocessing ends a fork pool's workers with SIGTERM: a worker must die of it, not raise
     # the parent's KeyboardInterrupt (a traceback per worker).

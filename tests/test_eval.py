@@ -2852,3 +2852,40 @@ def test_results_saved_before_a_setting_existed_count_it_at_its_default(tmp_path
     with pytest.raises(ValueError, match=r"differs in num_beams \(1 there, 2 now\)"):
         ev.check_settings_unchanged(ev.EvalConfig(models=["m"], num_beams=2,
                                                   out_dir=str(tmp_path)), "x")
+
+
+@pytest.mark.parametrize("bits", [4, 8], ids=["nf4", "int8"])
+def test_dtype_on_a_quantized_runs_best_keeps_the_base_it_trained_on(tiny_models, tmp_path,
+                                                                     bits):
+    """--dtype bf16 on a QLoRA run's best/ cast the quantized base's scales (and NF4's level
+    table) to bf16 with the rest, so eval scored a base other than the one trained (each block's
+    weights moved by up to 2**-9 of their size), and its adapters, which training and the run's
+    export/ (load_adapter) hold in fp32. The weights the run trained with, the base in bf16."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    import lora
+    import trainingmanager as tm
+
+    m = tiny_models
+    cfg = tm.TrainConfig(init_from=str(m["base"]), lora_r=4, quantize_bits=bits)
+    torch.manual_seed(0)
+    trained = tm.build_model(cfg, m["tok"])
+    run = tmp_path / "qlora"
+    (run / rundir.BEST_DIR).mkdir(parents=True)
+    (run / rundir.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg)))
+    shutil.copy(m["base"] / "tokenizer.json", run / "tokenizer.json")
+    save_file(tm.model_tensors(trained, True), run / rundir.BEST_DIR / rundir.ADAPTER_FILE)
+    (run / rundir.BEST_DIR / rundir.BEST_METRICS).write_text(json.dumps({"step": 1}))
+    loaded = ev.load_model(str(run), "cpu", dtype="bf16").model
+    want = {n: q.dequantize(torch.float32).to(torch.bfloat16)
+            for n, q in trained.named_modules() if isinstance(q, lora.QuantLinear)}
+    got = {n: q.dequantize(torch.bfloat16) for n, q in loaded.named_modules()  # as forward
+           if isinstance(q, lora.QuantLinear)}
+    assert want and got.keys() == want.keys()
+    assert all(torch.equal(got[n], w) for n, w in want.items())
+    for name, p in loaded.named_parameters():  # adapters in fp32, as trained and as export/'s
+        assert p.dtype == (torch.float32 if "lora_" in name else torch.bfloat16), name
