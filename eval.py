@@ -616,6 +616,7 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     run_config: dict | None = None  # the TrainConfig of a codelm run
+    run_weights: dict | None = None  # which of a codelm run's weights were loaded (_load_run)
 
 
 def _device(name: str) -> torch.device:
@@ -702,11 +703,38 @@ def _run_tokenizer(run_dir: Path, override: str | None) -> Path:
                      "tokenizer the run trained with")
 
 
+def _loaded_weights(run_dir: Path, weights: Path) -> dict:
+    """What results.json records of the weights of ``run_dir`` that were scored (``weights``:
+    export/, best/ or a checkpoint): where they are in the run, the training step they hold
+    and whether the run was still training (its lock held: later weights may replace them),
+    said in a note then."""
+    import trainingmanager as tm
+
+    if weights.name == rundir.EXPORT_DIR:  # an export without its record (an earlier
+        #   codelm's) counts as holding best/ (``stale_export``)
+        record = weights / rundir.EXPORT_RECORD
+        step = (cliconfig.read_json_object(record, "export record").get("best_step")
+                if record.is_file() else tm.best_step(run_dir))
+    elif weights.name == rundir.BEST_DIR:
+        step = tm.best_step(run_dir)
+    else:
+        step = tm.checkpoint_step(weights)
+    lock = run_dir / rundir.LOCK_FILE
+    training = tm.lock_is_held(lock)
+    where = f"{weights.relative_to(run_dir).as_posix()}/"
+    if training:
+        print(f"note: {run_dir} is still training ({tm.lock_holder(lock) or 'another process'}): "
+              f"scoring {where}, its weights of step {step} (results.json records the step)",
+              file=sys.stderr)
+    return {"weights": where, "step": step, "still_training": training}
+
+
 def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
-              dtype: str | None = None) -> tuple[torch.nn.Module, Path, dict]:
+              dtype: str | None = None) -> tuple[torch.nn.Module, Path, dict, dict]:
     """A codelm run: its export (full model or adapter on ``init_from``) while it holds the
     run's best weights, else ``best/`` (or a checkpoint: ``_run_weights``); ``tokenizer``:
-    ``--tokenizer``, used where the run holds none."""
+    ``--tokenizer``, used where the run holds none. Returns the model, its tokenizer's
+    directory, the run's config and which weights were loaded (``_loaded_weights``)."""
     import lora
     import trainingmanager as tm
 
@@ -721,9 +749,10 @@ def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
             raise ValueError(f"{run_dir / rundir.CONFIG_FILE}: a LoRA run without init_from")
         model = _load_hf(Path(_run_base(run_dir, config)), device, dtype)
         lora.load_adapter(model, export)
-        return model, tok_dir, config
+        return model, tok_dir, config, _loaded_weights(run_dir, export)
     elif (export / rundir.HF_CONFIG).is_file():
-        return _load_hf(export, device, dtype), tok_dir, config
+        return (_load_hf(export, device, dtype), tok_dir, config,
+                _loaded_weights(run_dir, export))
     from pretrained import SafetensorsFile
     from tokenizer import load_tokenizer
 
@@ -743,7 +772,7 @@ def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
         from architecture import SHORT_DTYPES
 
         model = lora.cast_model(model, SHORT_DTYPES[dtype])  # as export/'s base+adapter
-    return model.to(device), tok_dir, config
+    return model.to(device), tok_dir, config, _loaded_weights(run_dir, weights_dir)
 
 
 def _run_weights(run_dir: Path) -> Path:
@@ -793,7 +822,7 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
     path = Path(base_spec)
     if not path.is_dir():
         raise ValueError(f"EvalConfig.models {spec!r}: {path} is not a directory")
-    run_config = None
+    run_config = run_weights = None
     if adapter_spec:
         adapter = Path(adapter_spec)
         if not (adapter / lora.ADAPTER_CONFIG).is_file():
@@ -808,7 +837,7 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
         lora.load_adapter(model, path)
         tok_dir = path if (path / "tokenizer.json").is_file() else base
     elif tm.is_run_dir(path):
-        model, tok_dir, run_config = _load_run(path, device, tokenizer, dtype)
+        model, tok_dir, run_config, run_weights = _load_run(path, device, tokenizer, dtype)
     elif (no_weights := tm.no_weights_yet(path)) is not None:
         raise ValueError(f"EvalConfig.models {spec!r}: {no_weights}")
     else:
@@ -826,7 +855,7 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
     if model.name_or_path is not None and (run_config is None or tokenizer is not None):
         check_model_tokenizer(tok, tokenizer_path(tokenizer or tok_dir), model.name_or_path)
     name = label or (Path(adapter_spec).name if adapter_spec else path.name)
-    return LoadedModel(name, path_spec, model.eval(), tok, run_config)
+    return LoadedModel(name, path_spec, model.eval(), tok, run_config, run_weights)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1514,7 +1543,9 @@ def _identity(lm: LoadedModel) -> dict:
     """What makes a model's saved results its own: its label, where it was loaded from, and a
     fingerprint of its weights (so a run retrained in place is not mistaken for the old one): the
     sums of the parameters' L1 and L2 norms. They are taken in float64 whatever the load dtype:
-    a bf16 norm is rounded to 0.4%, while retraining moves a weight's norm far less than that."""
+    a bf16 norm is rounded to 0.4%, while retraining moves a weight's norm far less than that.
+    A codelm run's entry also says which of its weights were scored and their step
+    (``_loaded_weights``): told, not compared (``_same_models``)."""
     per_tensor: list[torch.Tensor] = []
     for p in lm.model.parameters():
         parts = p.detach().flatten().split(_NORM_SLICE)
@@ -1524,7 +1555,8 @@ def _identity(lm: LoadedModel) -> dict:
         per_tensor += [l1, l2]
     norms = torch.stack(per_tensor).tolist()  # one device sync
     return {"label": lm.label, "source": lm.source,
-            "weight_norms": [math.fsum(norms[0::2]), math.fsum(norms[1::2])]}
+            "weight_norms": [math.fsum(norms[0::2]), math.fsum(norms[1::2])],
+            **(lm.run_weights or {})}
 
 
 def _examples_digest(docs: Sequence, examples: dict, problems: Sequence[dict]) -> str:
@@ -1633,7 +1665,9 @@ def _finished_models(out: Path, results: dict, remedy: str,
 
 def _same_models(old: object, new: list[dict]) -> bool:
     """Same labels and sources in the same order, and weights whose norms agree to float
-    rounding (the sums' order may differ between runs)."""
+    rounding (the sums' order may differ between runs). A run's weights, step and
+    still_training are not compared: the norms tell other weights, and results.json written
+    before they were recorded still resumes."""
     if not isinstance(old, list) or len(old) != len(new):
         return False
     return all(isinstance(a, dict) and a.get("label") == b["label"]

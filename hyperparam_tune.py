@@ -631,6 +631,29 @@ def trial_recipe(cfg: TuneConfig, space: SearchSpace, base: dict, trial: optuna.
     return {**space.base, **base, **space.suggest(trial), **_budget(cfg)}
 
 
+def where_set(cfg: TuneConfig, space: SearchSpace, base: dict) -> Callable[[str], str]:
+    """Where a sweep's user sets a trial's TrainConfig ``key``, for the trainer's advice (its
+    flags, ``--warmup-steps``, are none of theirs): the space's range of a sampled key, the
+    sweep's own flag of a budget key, the --train-config file or the space's base that sets
+    it, else a --train-config file, with TrainConfig's default."""
+    def where(key: str) -> str:
+        if key in space.params:
+            spec = space.params[key]
+            values = (f"choices {spec['choices']}" if spec["type"] == "categorical" else
+                      f"{spec['low']} to {spec['high']}")
+            return f"the range of params.{key} in {space.source} (now {values})"
+        if key in ("max_steps", "eval_every"):  # the sweep's flags of the same name
+            return trainingmanager.flag_of(key)
+        if key in base:
+            return f"{key} in {cfg.train_config}"
+        if key in space.base:
+            return f"{key} in the base of {space.source}"
+        default = getattr(TrainConfig(), key, None)
+        return f"{key} (TrainConfig's default, {default!r}) in a --train-config file"
+
+    return where
+
+
 def trial_run_config(cfg: TuneConfig, recipe: dict, number: int,
                      resume: Path | None = None) -> dict:
     """The recipe run as trial ``number`` (see ``_trial_run``)."""
@@ -819,7 +842,8 @@ def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _FileL
             trial.set_user_attr(ATTR_RUN, str(run_dir))
             for step, value in sorted(reported.items()):
                 trial.report(value, step)
-            result = trainingmanager.train(train_cfg, on_eval=on_eval, resume_hint=RESUME_HINT)
+            result = trainingmanager.train(train_cfg, on_eval=on_eval, resume_hint=RESUME_HINT,
+                                           where_set=where_set(cfg, space, base))
         except KeyboardInterrupt:
             _mark_interrupted(trial)
             raise

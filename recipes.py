@@ -65,6 +65,7 @@ def load_recipe(path: str | Path) -> Recipe:
             raise ValueError(f"{path}: the '{name}' section is missing or not an object")
         sections[name] = {k: v for k, v in section.items() if not k.startswith("_")}
     tm.config_from_dict(sections["train"], f"{path} (train section)")
+    tm.check_options(sections["train"], f"{path} (train section)")
     ev.config_from_dict(sections["eval"], f"{path} (eval section)")
     for key in sections["eval"]:
         check_eval_key(key, f"{path}: the eval section's {key}")
@@ -533,6 +534,7 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
     typed = set_train_keys(opts.set)
     if opts.set:  # an overridden value is checked now, not after hours of training
         cfg = tm.config_from_dict(recipe.train, f"{opts.recipe} (train section, with --set)")
+        tm.check_options(recipe.train, f"{opts.recipe} (train section, with --set)")
         if not opts.smoke:  # else on the smoke-sized values, whose epochs is the user's only
             tm.check_max_steps_flag(cfg, typed, opts.recipe, set_prefix="train.")
         ev.config_from_dict(recipe.eval, f"{opts.recipe} (eval section, with --set)")

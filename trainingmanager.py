@@ -285,7 +285,13 @@ def load_config_file(path: str | os.PathLike) -> dict:
         print(f"note: {source}: eval_batches={values['eval_batches']} (an earlier codelm's) read "
               f"as eval_examples={new['eval_examples']}", file=sys.stderr)
     config_from_dict(new, source)
+    check_options(new, source)
     return new
+
+
+def flag_of(key: str) -> str:
+    """How a trainingmanager.py user sets TrainConfig ``key``: its flag (``--warmup-steps``)."""
+    return "--" + key.replace("_", "-")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -304,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
     """Defaults < ``--resume`` run's config.json < ``--config`` file < command-line flags."""
     args = vars(build_parser().parse_args(argv))
+    if "data_options" in args:  # a JSON object, as the flag's type reads it
+        _check_data_options(args["data_options"], "--data-options")
+    if "model_options" in args:
+        _check_model_options(args["model_options"], "--model-options")
     given: dict = {}
     config = args.pop("config", None)
     if config is not None:  # read here, so that an earlier codelm's is upgraded
@@ -1288,20 +1298,54 @@ def check_resume_config(cfg: TrainConfig, run_dir: Path, resume_hint: str) -> di
     return saved
 
 
+# DataConfig keys that TrainConfig keys set (DataConfig -> TrainConfig): data_options may not.
+_DATA_KEYS_OF_TRAIN = {"task": "task", "sources": "data", "val_sources": "val_data",
+                       "test_sources": "test_data", "block_size": "block_size"}
+
+
+def _check_data_option_keys(options: dict, where: str) -> None:
+    """Each key a DataConfig key that no TrainConfig key sets."""
+    from dataset import DataConfig
+
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    for key in options:
+        if key in _DATA_KEYS_OF_TRAIN:
+            raise ValueError(f"{where}: set {key!r} with the TrainConfig key "
+                             f"{_DATA_KEYS_OF_TRAIN[key]!r} instead")
+        if key not in known:
+            raise ValueError(f"{where}: unknown DataConfig key {key!r}; "
+                             + cliconfig.key_hint(key, known - set(_DATA_KEYS_OF_TRAIN),
+                                                  "DataConfig"))
+
+
+def check_options(values: dict, source: str) -> None:
+    """The data_options and model_options of ``values`` (TrainConfig values from one source: a
+    --config file, the --data-options / --model-options flags) checked on their own, so that
+    errors name ``source``, as ``config_from_dict``'s name it for the top-level keys: each key,
+    each value's type, and the data options' ranges (the split fractions' sum). What depends on
+    the other keys (the task, init_from) is checked where the run is set up."""
+    for key, check in (("data_options", _check_data_options),
+                       ("model_options", _check_model_options)):
+        if isinstance(values.get(key), dict):  # else config_from_dict names the type
+            check(values[key], f"{source}: {key}")
+
+
+def _check_data_options(options: dict, where: str) -> None:
+    """The keys, and the values as a DataConfig of the other keys' defaults validates them."""
+    from dataset import DataConfig
+
+    _check_data_option_keys(options, where)
+    try:
+        DataConfig(**options).validate()  # its task and sources at their defaults
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
 def data_config(cfg: TrainConfig, block_size: int) -> DataConfig:
     """The dataset.DataConfig of this run: task, sources and sequence length come from cfg."""
     from dataset import DataConfig
 
-    own = {"task": "task", "sources": "data", "val_sources": "val_data",
-           "test_sources": "test_data", "block_size": "block_size"}  # DataConfig -> TrainConfig
-    known = {f.name for f in dataclasses.fields(DataConfig)}
-    for key in cfg.data_options:
-        if key in own:
-            raise ValueError(f"data_options: set {key!r} with the TrainConfig key "
-                             f"{own[key]!r} instead")
-        if key not in known:
-            raise ValueError(f"data_options: unknown DataConfig key {key!r}; "
-                             + cliconfig.key_hint(key, known - set(own), "DataConfig"))
+    _check_data_option_keys(cfg.data_options, "data_options")
     options = {"progress": cfg.progress, **cfg.data_options}
     dcfg = DataConfig(task=cfg.task, sources=list(cfg.data or ["stdlib"]),
                       val_sources=list(cfg.val_data or []), test_sources=list(cfg.test_data or []),
@@ -1370,6 +1414,23 @@ LOADED_MODEL_OPTIONS = ("attn_dropout", "dropout", "embd_dropout")
 TOKENIZER_MODEL_KEYS = ("vocab_size", "bos_id", "eos_id")
 
 
+def _check_model_options(options: dict, where: str) -> None:
+    """Each key a ModelConfig key the tokenizer does not set, each value of its type."""
+    from architecture import ModelConfig
+
+    hints = typing.get_type_hints(ModelConfig)
+    for key, value in options.items():
+        if key not in hints:
+            raise ValueError(f"{where}: unknown ModelConfig key {key!r}; "
+                             + cliconfig.key_hint(key, hints, "ModelConfig"))
+        if key in TOKENIZER_MODEL_KEYS:
+            raise ValueError(f"{where}: {key!r} comes from the tokenizer (its vocabulary "
+                             "and special tokens); choose the tokenizer instead (--tokenizer, "
+                             "--tokenizer-max-vocab)")
+        if problem := cliconfig.type_error(hints[key], value):
+            raise ValueError(f"{where}: key {key!r} {problem}")
+
+
 def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int | None,
                  eos_id: int | None) -> ModelConfig:
     """Preset + overrides for a from-scratch model (derived sizes re-derived from the new ones)."""
@@ -1385,17 +1446,7 @@ def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int | None,
         values.update(head_dim=None, rotary_dim=None)
     if "n_head" in shape:
         values["n_kv_head"] = None
-    hints = typing.get_type_hints(ModelConfig)
-    for key, value in cfg.model_options.items():
-        if key not in hints:
-            raise ValueError(f"model_options: unknown ModelConfig key {key!r}; "
-                             + cliconfig.key_hint(key, hints, "ModelConfig"))
-        if key in TOKENIZER_MODEL_KEYS:
-            raise ValueError(f"model_options: {key!r} comes from the tokenizer (its vocabulary "
-                             "and special tokens); choose the tokenizer instead (--tokenizer, "
-                             "--tokenizer-max-vocab)")
-        if problem := cliconfig.type_error(hints[key], value):
-            raise ValueError(f"model_options: key {key!r} {problem}")
+    _check_model_options(cfg.model_options, "model_options")
     values.update(shape)
     values.update(cfg.model_options)
     values.update(vocab_size=vocab_size, bos_id=bos_id, eos_id=eos_id)
@@ -1748,12 +1799,13 @@ class _Run:
     from the start until ``release`` (``train`` calls it), so two runs never share one."""
 
     def __init__(self, cfg: TrainConfig, dist: Dist, resume_hint: str | None = None,
-                 restarts: bool = False):
+                 restarts: bool = False, where_set: Callable[[str], str] = flag_of):
         cfg = with_init_adapter(cfg)
         validate_config(cfg)
         self.cfg, self.dist = cfg, dist
         self.main = dist.main
         self._resume_hint, self._restarts = resume_hint, restarts
+        self._where_set = where_set
         self._lock: int | None = None
         self._wrote_tokenizer = False  # WRITTEN_BEFORE_CONFIG are this run's (_drop_unused_dir)
         try:
@@ -2372,7 +2424,7 @@ class _Run:
                 if cfg.warmup_steps >= self.max_steps:
                     print(f"warning: warmup_steps {cfg.warmup_steps} >= {self.max_steps} steps: "
                           f"the learning rate never reaches lr {cfg.lr:g} (nor decays); lower "
-                          "--warmup-steps", file=sys.stderr)
+                          f"{self._where_set('warmup_steps')}", file=sys.stderr)
                 if cfg.compile:
                     print("compiling the model: the first steps (and evaluations) take a while",
                           file=sys.stderr)
@@ -2583,7 +2635,8 @@ def sample_completion(model: nn.Module, tok: CodeTokenizer | BPETokenizer, promp
 
 
 def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
-          resume_hint: str | None = None, restarts: bool = False) -> TrainResult:
+          resume_hint: str | None = None, restarts: bool = False,
+          where_set: Callable[[str], str] = flag_of) -> TrainResult:
     """Run (or continue, with ``cfg.resume``) one training run; see the module docstring.
 
     ``on_eval(step, metrics)`` is called after every evaluation; an exception it raises (e.g.
@@ -2592,11 +2645,12 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
     "continue it with ..." in the caller's own terms (default: ``--resume <run dir>``);
     ``restarts``: the caller never continues the run (recipes.py --smoke runs it again from the
     start), so a stop does not point to its checkpoint and ``resume_hint`` says how to start it
-    again.
+    again. ``where_set(key)`` names where the caller's user sets TrainConfig ``key``, for the
+    run's advice (default: its flag; a sweep trial's comes from the search space).
     """
     dist, owns_group = _init_distributed(cfg.device)
     try:
-        run = _Run(cfg, dist, resume_hint, restarts)
+        run = _Run(cfg, dist, resume_hint, restarts, where_set)
         try:
             return run.execute(on_eval)
         except KeyboardInterrupt as stop:  # a second Ctrl-C: the step loop's checkpoint is skipped

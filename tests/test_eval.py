@@ -2423,6 +2423,75 @@ def test_a_run_with_no_best_yet_scores_its_latest_checkpoint(tiny_models, tmp_pa
         ev.load_model(str(run), torch.device("cpu"))
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_results_name_the_step_of_a_runs_scored_weights_and_whether_it_still_trains(
+        tiny_models, tmp_path, monkeypatch, capsys, training):
+    """eval.py on a run (one still training, its lock held) recorded its weights' fingerprint
+    but not which of them it scored: best/'s step, now in the model's entry and, while the run
+    trains on, in a note. An older results.json without them still resumes."""
+    import dataclasses
+    import fcntl
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    import cliconfig
+    import trainingmanager as tm
+
+    monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
+    cfg = tm.TrainConfig(preset="tiny", n_layer=1, n_embd=32, n_head=2)
+    run, out = tmp_path / "run", tmp_path / "out"
+    (run / rundir.BEST_DIR).mkdir(parents=True)
+    (run / rundir.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg)))
+    tiny_models["tok"].save(run)
+    model = tm.build_model(cfg, tiny_models["tok"])
+    save_file(tm.model_tensors(model, False), run / rundir.BEST_DIR / rundir.MODEL_FILE)
+    (run / rundir.BEST_DIR / rundir.BEST_METRICS).write_text(json.dumps({"step": 7}))
+    (run / rundir.LOCK_FILE).write_text(cliconfig.owner_tag() + "\n")
+    argv = ["--models", str(run), "--data", str(tiny_models["code"]), "--tasks", "lm",
+            "--out-dir", str(out), *FAST_FLAGS]
+    fd = os.open(run / rundir.LOCK_FILE, os.O_RDWR)
+    try:
+        if training:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # the run, training on
+        assert ev.main(argv) == 0
+    finally:
+        os.close(fd)
+    (entry,) = json.loads((out / "results.json").read_text())["models"]
+    assert {k: entry[k] for k in ("weights", "step", "still_training")} == {
+        "weights": "best/", "step": 7, "still_training": training}
+    err = capsys.readouterr().err
+    assert (f"note: {run} is still training (process {os.getpid()} on " in err) == training
+    assert ("scoring best/, its weights of step 7" in err) == training
+
+    saved = json.loads((out / "results.json").read_text())
+    for key in ("weights", "step", "still_training"):  # as an earlier codelm wrote it
+        del saved["models"][0][key]
+    saved.update(complete=False, pending=[])
+    (out / "results.json").write_text(json.dumps(saved))
+    assert ev.main(argv) == 0
+    assert "1 of 1 models already evaluated" in capsys.readouterr().err
+
+
+def test_a_runs_export_and_checkpoint_are_recorded_with_the_step_they_hold(tmp_path):
+    """export/ holds the best/ weights of the step its record names (an earlier codelm's export,
+    with no record, counts as holding best/'s); a checkpoint, the step of its name."""
+    import json
+
+    run = tmp_path / "run"
+    (run / rundir.BEST_DIR).mkdir(parents=True)
+    (run / rundir.EXPORT_DIR).mkdir()
+    (run / rundir.BEST_DIR / rundir.BEST_METRICS).write_text(json.dumps({"step": 9}))
+    assert ev._loaded_weights(run, run / rundir.EXPORT_DIR)["step"] == 9
+    (run / rundir.EXPORT_DIR / rundir.EXPORT_RECORD).write_text(json.dumps({"best_step": 6}))
+    assert ev._loaded_weights(run, run / rundir.EXPORT_DIR) == {
+        "weights": "export/", "step": 6, "still_training": False}
+    checkpoint = run / rundir.CHECKPOINTS_DIR / f"{rundir.CHECKPOINT_PREFIX}12"
+    assert ev._loaded_weights(run, checkpoint) == {
+        "weights": "checkpoints/step-12/", "step": 12, "still_training": False}
+
+
 def test_a_run_without_its_tokenizer_names_the_missing_file(tiny_models, tmp_path, capsys):
     """A run trained with --no-export has no export/: the error named run/export, not the
     run/tokenizer.json it lacks."""

@@ -235,7 +235,7 @@ def test_a_trial_declared_dead_elsewhere_is_left_and_the_worker_goes_on(tmp_path
     tell a FAIL trial."."""
     storage = journal(tmp_path, "dead")
 
-    def train(cfg, on_eval=None, resume_hint=None):
+    def train(cfg, on_eval=None, resume_hint=None, **_):
         if cfg.name == "trial-0000":  # failed as fail_stale_trials fails it, then evaluated
             (mine,) = load_study(storage, "dead").get_trials(states=(TrialState.RUNNING,))
             storage.set_trial_state_values(mine._trial_id, TrialState.FAIL)
@@ -260,7 +260,7 @@ def test_a_stop_in_a_trial_declared_dead_elsewhere_is_still_a_stop(tmp_path, cor
     of several workers reads as a configuration error."""
     storage = journal(tmp_path, "dead")
 
-    def train(cfg, on_eval=None, resume_hint=None):
+    def train(cfg, on_eval=None, resume_hint=None, **_):
         (mine,) = load_study(storage, "dead").get_trials(states=(TrialState.RUNNING,))
         storage.set_trial_state_values(mine._trial_id, TrialState.FAIL)  # another worker
         raise KeyboardInterrupt("SIGTERM")  # then the sweep is stopped
@@ -300,7 +300,7 @@ def test_a_trial_declared_dead_after_its_last_write_is_left_and_nothing_is_lost(
         flags = {"storage": f"sqlite:///{tmp_path / 'study.db'}"}
         storage = optuna.storages.RDBStorage(flags["storage"])
 
-    def train(cfg, on_eval=None, resume_hint=None):
+    def train(cfg, on_eval=None, resume_hint=None, **_):
         calls.append(cfg)
         run = Path(cfg.out_dir) / cfg.name
         if len(calls) == 1:  # trains its whole budget: checkpoint and last evaluation at step 4
@@ -360,7 +360,7 @@ def test_a_retry_waits_while_another_process_still_trains_its_run(tmp_path, corp
     and its stand-in for time.sleep lets go of it (deterministic: no race with a clock)."""
     real, calls = trainingmanager.train, []
 
-    def train(cfg, on_eval=None, resume_hint=None):
+    def train(cfg, on_eval=None, resume_hint=None, **_):
         calls.append(cfg)
         result = real(cfg, on_eval=on_eval, resume_hint=resume_hint)
         if len(calls) == 1:  # trial 0 stops: the next sweep queues it again
@@ -609,7 +609,7 @@ def test_interrupted_sweep_keeps_the_reports_of_finished_trials(tmp_path, corpus
     the reports of the trials that finished, and tells the trainer what a re-run does."""
     hints = []
 
-    def train(cfg, on_eval=None, resume_hint=None):
+    def train(cfg, on_eval=None, resume_hint=None, **_):
         hints.append(resume_hint)
         interrupted = "SIGTERM" if len(hints) == 2 else None
         return trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=1.0, step=4,
@@ -630,7 +630,7 @@ def test_a_sweep_that_ends_short_of_n_trials_exits_1_even_with_a_best(tmp_path, 
     """The last trial runs on another machine (no heartbeats: nobody would see it die): this
     command stops waiting, says how many finished, and exits 1 although best.json exists, so
     that `tune && train --config best.json` does not go on with a partial sweep."""
-    monkeypatch.setattr(trainingmanager, "train", lambda cfg, on_eval=None, resume_hint=None:
+    monkeypatch.setattr(trainingmanager, "train", lambda cfg, on_eval=None, resume_hint=None, **_:
                         trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=1.0, step=4))
     argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="short", n_trials=1)
     assert hyperparam_tune.main(argv) == 0
@@ -648,7 +648,7 @@ def test_a_sweep_that_ends_short_of_n_trials_exits_1_even_with_a_best(tmp_path, 
 def test_one_completed_trial_ranks_no_parameter(tmp_path, corpus, monkeypatch):
     """Importances compare completed trials: of one, Optuna would call every parameter equally
     important (a warning, and 1.0 for a single one); importances.json stays empty."""
-    monkeypatch.setattr(trainingmanager, "train", lambda cfg, on_eval=None, resume_hint=None:
+    monkeypatch.setattr(trainingmanager, "train", lambda cfg, on_eval=None, resume_hint=None, **_:
                         trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=1.0, step=4))
     argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="one", n_trials=1)
     assert hyperparam_tune.main(argv) == 0
@@ -662,7 +662,7 @@ def test_a_rerun_sweep_continues_the_interrupted_trial_from_its_checkpoint(
     checkpoint it continues from."""
     calls = []
 
-    def train(cfg, on_eval=None, resume_hint=None):
+    def train(cfg, on_eval=None, resume_hint=None, **_):
         calls.append(cfg)
         run = Path(cfg.out_dir) / cfg.name
         if len(calls) == 1:  # evaluates at steps 2, 4 and 6, checkpoints at 4, then is stopped
@@ -697,7 +697,7 @@ def _first_trial_trains_in_bf16_and_stops(monkeypatch) -> list:
     as a worker on an A100 ("auto": bf16) would have; returns the TrainConfigs of every run."""
     real, calls = trainingmanager.train, []
 
-    def train(cfg, on_eval=None, resume_hint=None):
+    def train(cfg, on_eval=None, resume_hint=None, **_):
         calls.append(cfg)
         result = real(cfg, on_eval=on_eval, resume_hint=resume_hint)
         if len(calls) == 1:
@@ -817,7 +817,7 @@ def test_hopeless_trial_is_pruned_early(tmp_path, corpus):
 def test_trial_that_trained_its_whole_budget_is_complete_not_pruned(tmp_path, corpus,
                                                                     monkeypatch):
     """At the final evaluation pruning saves nothing: a worse trial still completes."""
-    def trained(cfg, on_eval=None, resume_hint=None):
+    def trained(cfg, on_eval=None, resume_hint=None, **_):
         on_eval(cfg.max_steps, {"val_loss": 5.0})
         return trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=5.0,
                                            step=cfg.max_steps)
@@ -841,7 +841,7 @@ def test_prune_warmup_steps_reach_the_median_pruner(tmp_path, corpus, monkeypatc
     MedianPruner(n_warmup_steps=W) given the same reports decides: pruned at the first
     evaluation from W on, or COMPLETE when W covers the budget. test_pruner_flag checks only the
     pruner's class; without W this trial is pruned at its first evaluation (step 2)."""
-    def hopeless(cfg, on_eval=None, resume_hint=None):
+    def hopeless(cfg, on_eval=None, resume_hint=None, **_):
         for step in range(cfg.eval_every, cfg.max_steps + 1, cfg.eval_every):
             on_eval(step, {"val_loss": 5.0})
         return trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=5.0,
@@ -898,7 +898,7 @@ def test_nan_trial_is_failed_with_reason_and_the_study_goes_on(tmp_path, corpus)
 
 def test_out_of_memory_trial_is_failed_with_reason(tmp_path, corpus, monkeypatch, capsys):
     """An OOM cannot be provoked on a CPU test machine; the trainer raising it is simulated."""
-    def out_of_memory(cfg, on_eval=None, resume_hint=None):
+    def out_of_memory(cfg, on_eval=None, resume_hint=None, **_):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1TB")
 
     monkeypatch.setattr(trainingmanager, "train", out_of_memory)
@@ -1248,7 +1248,7 @@ def test_sampled_values_win_over_the_train_config_which_is_told(tmp_path, corpus
     ran every trial at the file's lr. The sweep says once that the file's value is replaced."""
     seen = []
 
-    def train(cfg, on_eval=None, resume_hint=None):
+    def train(cfg, on_eval=None, resume_hint=None, **_):
         seen.append((cfg.lr, cfg.weight_decay))
         return trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=1.0 + cfg.lr,
                                            step=cfg.max_steps)
@@ -1378,7 +1378,7 @@ def test_a_swept_lora_value_at_its_default_that_differs_from_the_init_adapter_is
 
 def test_config_error_in_a_trial_stops_the_sweep_and_is_not_counted(tmp_path, corpus, capsys,
                                                                     monkeypatch):
-    def missing_data(cfg, on_eval=None, resume_hint=None):
+    def missing_data(cfg, on_eval=None, resume_hint=None, **_):
         raise DataError("data source not found: /gone")
 
     monkeypatch.setattr(trainingmanager, "train", missing_data)
@@ -1399,7 +1399,7 @@ def test_config_error_in_a_trial_stops_the_sweep_and_is_not_counted(tmp_path, co
     study.tell(failed_without_reason, state=TrialState.FAIL)
     assert hyperparam_tune.study_progress(study)[0] == 0
 
-    def trained(cfg, on_eval=None, resume_hint=None):
+    def trained(cfg, on_eval=None, resume_hint=None, **_):
         return trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=1.0, step=4)
 
     monkeypatch.setattr(trainingmanager, "train", trained)
@@ -1431,7 +1431,7 @@ def test_continuing_with_another_budget_or_base_is_refused(tmp_path, corpus, cap
     """Trials of one study are ranked against each other, so a continuation that changes what
     they share (budget, base config) is refused, naming each key; a study from before that was
     recorded continues and records it."""
-    def trained(cfg, on_eval=None, resume_hint=None):
+    def trained(cfg, on_eval=None, resume_hint=None, **_):
         return trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=1.0, step=cfg.max_steps)
 
     monkeypatch.setattr(trainingmanager, "train", trained)
@@ -1465,7 +1465,7 @@ def test_relative_paths_name_the_files_they_name_from_any_directory(tmp_path, co
     continued from another directory is refused when they name other files, and best.json
     names the files themselves. A study recorded with relative paths (an earlier codelm)
     continues from the directory it was started in, and is recorded absolute from then on."""
-    def trained(cfg, on_eval=None, resume_hint=None):
+    def trained(cfg, on_eval=None, resume_hint=None, **_):
         return trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=1.0, step=cfg.max_steps)
 
     monkeypatch.setattr(trainingmanager, "train", trained)
@@ -1646,7 +1646,7 @@ def test_storage_that_is_another_file_is_refused_untouched(tmp_path, corpus, cap
 FAKE_TRAIN = """
 import sys
 import hyperparam_tune, trainingmanager
-def train(cfg, on_eval=None, resume_hint=None):
+def train(cfg, on_eval=None, resume_hint=None, **_):
     raise {error}
 trainingmanager.train = train
 sys.exit(hyperparam_tune.main(sys.argv[1:]))
@@ -1680,7 +1680,7 @@ if sys.argv[-1] == "2" and {fault!r} == "error":
     sys.exit(2)
 if sys.argv[-1] == "2" and {fault!r} == "kill":
     os.kill(os.getpid(), signal.SIGKILL)
-def train(cfg, on_eval=None, resume_hint=None):
+def train(cfg, on_eval=None, resume_hint=None, **_):
     run_dir = Path(cfg.out_dir) / cfg.name
     return trainingmanager.TrainResult(run_dir=run_dir, best_val_loss=cfg.lr, step=cfg.max_steps)
 trainingmanager.train = train
@@ -1740,7 +1740,7 @@ if sys.argv[-1] == "2":  # a configuration error, met while worker 1 trains
         time.sleep(0.05)
     print("error: worker 2 cannot run", file=sys.stderr)
     sys.exit(2)
-def train(cfg, on_eval=None, resume_hint=None):
+def train(cfg, on_eval=None, resume_hint=None, **_):
     started.touch()
     time.sleep(20)
     return trainingmanager.TrainResult(run_dir=Path(cfg.out_dir) / cfg.name, best_val_loss=1.0,
@@ -1787,7 +1787,7 @@ def test_a_warmup_range_that_eats_the_budget_is_warned_of(tmp_path, corpus, caps
                                                            high, warned):
     """The built-in spaces sample warmup_steps up to 30: under --max-steps 20 such a trial never
     reaches its peak learning rate, and the warmup's effect swamps the others'."""
-    monkeypatch.setattr(trainingmanager, "train", lambda cfg, on_eval=None, resume_hint=None:
+    monkeypatch.setattr(trainingmanager, "train", lambda cfg, on_eval=None, resume_hint=None, **_:
                         trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=cfg.lr,
                                                     step=cfg.max_steps))
     space = tiny_space(tmp_path, corpus, {
@@ -1798,11 +1798,42 @@ def test_a_warmup_range_that_eats_the_budget_is_warned_of(tmp_path, corpus, caps
     assert (message in capsys.readouterr().err) == warned
 
 
+def test_a_trials_settings_are_named_where_the_sweeps_user_sets_them(tmp_path, corpus,
+                                                                       monkeypatch):
+    """Each trial's trainer said "lower --warmup-steps" (its warmup as long as the run), a flag
+    no sweep user can pass: its advice names the search space's range of a sampled key, the
+    sweep's own flag, the --train-config file or the space's base that sets a key, else a
+    --train-config file."""
+    told = []
+    monkeypatch.setattr(trainingmanager, "train", lambda cfg, on_eval=None, resume_hint=None,
+                        where_set=None: told.append(where_set) or trainingmanager.TrainResult(
+                            run_dir=tmp_path, best_val_loss=cfg.lr, step=cfg.max_steps))
+    space_file = tiny_space(tmp_path, corpus, {
+        "warmup_steps": {"type": "int", "low": 4, "high": 5},
+        "dropout": {"type": "categorical", "choices": [0.0, 0.1]}})
+    train_config = tmp_path / "mine.json"
+    train_config.write_text(json.dumps({"grad_clip": 0.5}))
+    argv = tune_args(tmp_path, space_file, study_name="wt", n_trials=1,
+                     train_config=train_config)
+    assert hyperparam_tune.main(argv) == 0
+    (where,) = told
+    space = hyperparam_tune.load_space(space_file)
+    assert where("warmup_steps") == (f"the range of params.warmup_steps in {space.source} "
+                                     "(now 4 to 5)")
+    assert where("dropout") == (f"the range of params.dropout in {space.source} "
+                                "(now choices [0.0, 0.1])")
+    assert where("max_steps") == "--max-steps"
+    assert where("grad_clip") == f"grad_clip in {train_config}"
+    assert where("batch_size") == f"batch_size in the base of {space.source}"
+    assert where("weight_decay") == ("weight_decay (TrainConfig's default, 0.1) in a "
+                                     "--train-config file")
+
+
 def test_a_relative_sqlite_url_is_recorded_absolute(tmp_path, corpus, monkeypatch, capsys):
     """sqlite:///sq.db is relative to the directory the sweep ran in: recorded as typed, the
     study could not be continued from elsewhere, and the advice to pass the recorded URL
     created an empty database there."""
-    monkeypatch.setattr(trainingmanager, "train", lambda cfg, on_eval=None, resume_hint=None:
+    monkeypatch.setattr(trainingmanager, "train", lambda cfg, on_eval=None, resume_hint=None, **_:
                         trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=cfg.lr,
                                                     step=cfg.max_steps))
     space = tiny_space(tmp_path, corpus)
@@ -1825,7 +1856,7 @@ def test_reports_hold_each_trials_values_and_best_json_is_the_best_recipe(tmp_pa
     export to the default: trials.csv holds each trial's own values under its column names,
     best.json is the best recipe as a user runs it (not the trial's run settings: no export,
     save_every = budget, keep_last 1), and importances.json names both parameters."""
-    def train(cfg, on_eval=None, resume_hint=None):  # the loss depends on lr only
+    def train(cfg, on_eval=None, resume_hint=None, **_):  # the loss depends on lr only
         return trainingmanager.TrainResult(run_dir=Path(cfg.out_dir) / cfg.name,
                                            best_val_loss=1.0 + 100 * cfg.lr, step=cfg.max_steps)
 

@@ -480,6 +480,30 @@ def test_config_file_with_cli_overrides_and_clear_errors(tmp_path, capsys):
         tm.parse_config(["--config", str(path)])
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"data_options": {"train_frac": "0.5"}},
+     "data_options: DataConfig.train_frac must be a number, got '0.5'"),
+    ({"data_options": {"train_frac": 0.5}},
+     "data_options: DataConfig split fractions must be >= 0 and sum to 1, got (0.5, 0.1, 0.1)"),
+    ({"data_options": {"trian_frac": 0.5}},
+     "data_options: unknown DataConfig key 'trian_frac'; did you mean 'train_frac'?"),
+    ({"model_options": {"n_layer": "2"}}, "model_options: key 'n_layer' must be an integer"),
+])
+def test_a_nested_option_mistake_names_the_config_file_or_the_flag(tmp_path, options, message):
+    """A mistake inside data_options / model_options of a --config file did not name the file
+    (a top-level key's does): the file, or the flag that gave them, is named now."""
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(options))
+    with pytest.raises(ValueError) as err:
+        tm.parse_config(["--config", str(path)])
+    assert str(err.value).startswith(f"{path}: {message}")
+    ((key, value),) = options.items()
+    flag = "--" + key.replace("_", "-")
+    with pytest.raises(ValueError) as err:
+        tm.parse_config([flag, json.dumps(value)])
+    assert str(err.value).startswith(f"{flag}: {message.removeprefix(key + ': ')}")
+
+
 def test_unknown_data_and_model_options_are_named(assets, tmp_path):
     with pytest.raises(ValueError, match="unknown DataConfig key 'blocksize'"):
         tm.train(tiny_cfg(assets, tmp_path, data_options={"blocksize": 3}))
@@ -2117,9 +2141,9 @@ def test_max_steps_that_epochs_overrides_is_refused(assets, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("options, message", [
-    ('{"vocab_size": 100}', "model_options: 'vocab_size' comes from the tokenizer"),
-    ('{"eos_id": 3}', "model_options: 'eos_id' comes from the tokenizer"),
-    ('{"rope_scaling": 5}', "model_options: key 'rope_scaling' must be"),
+    ('{"vocab_size": 100}', "--model-options: 'vocab_size' comes from the tokenizer"),
+    ('{"eos_id": 3}', "--model-options: 'eos_id' comes from the tokenizer"),
+    ('{"rope_scaling": 5}', "--model-options: key 'rope_scaling' must be"),
 ])
 def test_model_options_mistakes_are_one_line_errors(assets, tmp_path, capsys, options, message):
     config = _tiny_config_file(assets, tmp_path)
@@ -2351,7 +2375,7 @@ def test_an_init_adapter_run_resumes_and_evaluates_after_its_adapter_dir_is_gone
 
     def resumed_and_scored(run_dir: Path) -> tuple[tm.TrainResult, torch.Tensor]:
         result = tm.train(tm.parse_config(["--resume", str(run_dir), "--max-steps", "3"]))
-        model, _, _ = ev._load_run(run_dir, torch.device("cpu"))
+        model = ev._load_run(run_dir, torch.device("cpu"))[0]
         with torch.no_grad():
             return result, model.eval()(ids)
 
@@ -3343,13 +3367,19 @@ def test_val_data_alone_says_that_data_still_holds_out_a_test_split(assets, tmp_
             "\"test_frac\": 0}' trains on all of it" in capsys.readouterr().err) == noted
 
 
-@pytest.mark.parametrize("warmup, warned", [(2, True), (1, False)])
-def test_a_warmup_as_long_as_the_run_is_warned_of(assets, tmp_path, capsys, warmup, warned):
+@pytest.mark.parametrize("warmup, where_set, advice", [
+    (2, tm.flag_of, "--warmup-steps"), (1, tm.flag_of, None),
+    (2, lambda key: f"params.{key} in space.json", "params.warmup_steps in space.json")])
+def test_a_warmup_as_long_as_the_run_is_warned_of(assets, tmp_path, capsys, warmup, where_set,
+                                                  advice):
     """A short fine-tune under the default warmup of 50 steps ended at a fraction of --lr with
-    no word of it."""
-    tm.train(tiny_cfg(assets, tmp_path, max_steps=2, eval_every=2, warmup_steps=warmup))
-    assert ("warning: warmup_steps 2 >= 2 steps: the learning rate never reaches lr 0.003"
-            in capsys.readouterr().err) == warned
+    no word of it. The advice names where the caller's user sets it (a sweep's trial: its
+    search space, not a trainer flag)."""
+    tm.train(tiny_cfg(assets, tmp_path, max_steps=2, eval_every=2, warmup_steps=warmup),
+             where_set=where_set)
+    err = capsys.readouterr().err
+    assert ("warning: warmup_steps 2 >= 2 steps: the learning rate never reaches lr 0.003 (nor "
+            f"decays); lower {advice}\n" in err) == (advice is not None)
 
 
 def test_fp16_on_cpu_is_warned_of(assets, tmp_path, capsys):
