@@ -450,8 +450,9 @@ def interrupt_on_sigterm() -> Iterator[None]:
     ``KeyboardInterrupt("SIGTERM")`` / ``KeyboardInterrupt("SIGHUP")`` as Ctrl-C raises
     KeyboardInterrupt, so ``finally`` blocks run (partial files removed, sandboxed children
     killed, finished work saved) instead of the process dying on the spot. A SIGHUP first
-    leaves the terminal (``leave_terminal_on_hangup``). A signal the parent set to be ignored
-    (nohup's SIGHUP) stays ignored."""
+    leaves the terminal (``leave_terminal_on_hangup``). A SIGHUP the parent set to be ignored
+    (nohup's) stays ignored; SIGTERM is taken whatever its disposition was, as it always was
+    here (the other handlers keep any ignored signal ignored)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -236,15 +236,18 @@ def test_sigterm_is_an_interrupt_with_its_own_exit_code(name, code, capsys):
     import time
 
     sig = signal.Signals[name]
-    before = signal.getsignal(sig)
-    with pytest.raises(KeyboardInterrupt) as stopped:
-        with cliconfig.interrupt_on_sigterm():
-            os.kill(os.getpid(), sig)
-            time.sleep(5)  # not reached: the handler raises first
+    inherited = signal.signal(sig, signal.SIG_DFL)  # pytest under nohup ignores SIGHUP
+    try:
+        with pytest.raises(KeyboardInterrupt) as stopped:
+            with cliconfig.interrupt_on_sigterm():
+                os.kill(os.getpid(), sig)
+                time.sleep(5)  # not reached: the handler raises first
+        assert signal.getsignal(sig) is signal.SIG_DFL  # put back
+    finally:
+        signal.signal(sig, inherited)
     assert cliconfig.interrupted_exit_code(stopped.value) == code
     assert cliconfig.stop_signal(stopped.value) == sig
     assert cliconfig.interrupted_exit_code(KeyboardInterrupt()) == 130  # Ctrl-C
-    assert signal.getsignal(sig) is before
 
 
 def test_a_hangup_ignored_by_nohup_stays_ignored_under_interrupt_on_sigterm():
@@ -292,7 +295,6 @@ def test_a_hangup_points_a_terminal_at_dev_null_and_leaves_files_alone(tmp_path,
     os.close(live_side)
 
 
-
 def test_a_hangup_leaves_a_pipe_whose_reader_it_ended_and_keeps_a_live_one(monkeypatch):
     """``cmd 2>&1 | tee log`` over SSH: the hangup ends tee with the run, and every later write
     to the pipe failed (BrokenPipeError: the progress bar's next refresh), so the stop died
@@ -317,23 +319,76 @@ def test_a_hangup_leaves_a_pipe_whose_reader_it_ended_and_keeps_a_live_one(monke
         f.close()
     os.close(live_r)
 
-def test_a_forked_worker_ends_on_sigterm_without_a_traceback(capfd):
+
+def test_each_stop_handler_leaves_a_hung_up_terminal_before_its_stop(monkeypatch):
+    """interrupt_on_sigterm, stops_deferred and the start-up guard each take a hangup: each points
+    a hung-up stdout at /dev/null at once, before the stop's message or save writes to it."""
+    import os
+    import signal
+    import time
+
+    null = os.stat(os.devnull).st_rdev
+
+    def hung_up_stdout():
+        side, fd = os.openpty()
+        stream = os.fdopen(fd, "w")
+        monkeypatch.setattr("sys.stdout", stream)
+        os.close(side)  # the terminal's other end goes away
+        return stream
+
+    before = {sig: signal.getsignal(sig) for sig in cliconfig.STOP_SIGNALS}
+    streams = []
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # pytest under nohup: not ignored here
+        streams.append(hung_up_stdout())
+        with pytest.raises(KeyboardInterrupt, match="SIGHUP"):
+            with cliconfig.interrupt_on_sigterm():
+                os.kill(os.getpid(), signal.SIGHUP)
+                time.sleep(5)  # not reached: the handler raises first
+        assert os.fstat(streams[-1].fileno()).st_rdev == null
+        taken = []
+        signal.signal(signal.SIGHUP, lambda signum, frame: taken.append(signum))
+        streams.append(hung_up_stdout())
+        with cliconfig.stops_deferred():
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.05)  # the handler has run by now
+            assert os.fstat(streams[-1].fileno()).st_rdev == null and taken == []
+        assert taken == [signal.SIGHUP]  # landed on leaving
+        streams.append(hung_up_stdout())
+        with pytest.raises(SystemExit) as stopped:
+            cliconfig._stopped_while_starting(True, signal.SIGHUP, None)
+        assert stopped.value.code == 129 and os.fstat(streams[-1].fileno()).st_rdev == null
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+        for stream in streams:
+            stream.close()
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+def test_a_forked_worker_ends_on_sigterm_without_a_traceback(capfd, name):
     # multiprocessing ends a fork pool's workers with SIGTERM: a worker must die of it, not raise
-    # the parent's KeyboardInterrupt (a traceback per worker).
+    # the parent's KeyboardInterrupt (a traceback per worker). A hangup's SIGHUP: dies of that.
     import multiprocessing
     import os
     import signal
     import time
 
+    sig = signal.Signals[name]
+
     def worker():
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), sig)
         time.sleep(5)
 
-    with cliconfig.interrupt_on_sigterm():
-        child = multiprocessing.get_context("fork").Process(target=worker)
-        child.start()
-        child.join()
-    assert child.exitcode == -signal.SIGTERM
+    inherited = signal.signal(sig, signal.SIG_DFL)  # pytest under nohup ignores SIGHUP
+    try:
+        with cliconfig.interrupt_on_sigterm():
+            child = multiprocessing.get_context("fork").Process(target=worker)
+            child.start()
+            child.join()
+    finally:
+        signal.signal(sig, inherited)
+    assert child.exitcode == -sig
     assert "Traceback" not in capfd.readouterr().err
 
 

@@ -359,10 +359,12 @@ def test_scraper_record_ids_are_repo_slash_path(tmp_path):
 def test_seed_002s_file_text_records_are_code_documents(tmp_path):
     """Seed 002 published its corpus as {"file_text": str} lines: read as a scraper's text."""
     code = "def f(x):\n    return x + 1\n"
-    raw = write_jsonl(tmp_path / "raw.jsonl", [{"file_text": code}, {"file_text": code + "#\n"}])
+    raw = write_jsonl(tmp_path / "raw.jsonl", [{"file_text": code}, {"file_text": code + "#\n"},
+                                               {"text": code + "##\n", "file_text": "x = 1\n"}])
     docs, _ = dataset.clean_corpus(cfg(tmp_path, sources=[str(raw)]))
     assert sorted((d.id, d.text) for d in docs) == [("raw.jsonl:1", code),
-                                                    ("raw.jsonl:2", code + "#\n")]
+                                                    ("raw.jsonl:2", code + "#\n"),
+                                                    ("raw.jsonl:3", code + "##\n")]  # text first
 
 
 # Characters that str.splitlines() ends a line at and Python does not: a page break (^L) line,
@@ -2035,6 +2037,9 @@ def test_names_and_strings_that_are_not_utf8_are_skipped_or_named(tmp_path):
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"input": "a\ud800", "output": "b"}])
     with pytest.raises(DataError, match=r"pairs\.jsonl:1: key 'input'"):
         dataset.load_corpus(cfg(tmp_path, sources=[str(pairs)]))
+    seed_002 = write_jsonl(tmp_path / "seed_002.jsonl", [{"file_text": 'y = "\ud83d"\n'}])
+    with pytest.raises(DataError, match=r"seed_002\.jsonl:1: key 'file_text' holds a lone"):
+        dataset.load_corpus(cfg(tmp_path, sources=[str(seed_002)]))
 
 
 def test_config_values_of_the_wrong_type_or_range_name_the_key(tmp_path):

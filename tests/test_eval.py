@@ -592,6 +592,9 @@ def test_unreadable_problem_files_are_named(tmp_path, capsys, make, message):
     (["--num-samples", "2"], "num_samples"),  # greedy: n identical samples
     (["--docstring-targets", "method"], "docstring_targets"),
     (["--workers", "0"], "workers"),
+    (["--num-beams", "0"], "num_beams"),  # generate refuses it too, but only once a model runs
+    (["--num-beams", "2", "--temperature", "0.7"], "num_beams"),
+    (["--dtype", "fp64"], "dtype"),
     (["--data-options", '{"no_such_option": 1}'], "data_options"),
     (["--prompt", ""], "prompt"),
 ])
@@ -2866,20 +2869,31 @@ def test_prompt_without_models_completes_with_the_latest_run(tmp_path, capsys):
     assert out == "" and f"error: no trained model under {tmp_path}/" in err
 
 
-def test_eval_loads_models_in_the_dtype_asked_for(tiny_models):
+def test_eval_loads_models_in_the_dtype_asked_for(tiny_models, tmp_path):
     """EvalConfig.dtype: eval.py had no way to ask for one and loaded bf16/fp16 on every CUDA
     device, while seed 000 needed fp32 evaluation (its fp16 validation loss was NaN)."""
+    import json
+    import shutil
+
     import torch
 
     base, adapter = tiny_models["base"], tiny_models["adapter"]
-    for spec in (str(base), f"{base}+{adapter}"):
+    full_run, lora_run = tmp_path / "run", tmp_path / "lora-run"  # run dirs by their export/
+    shutil.copytree(base, full_run / "export")
+    (full_run / "config.json").write_text(json.dumps({"lora_r": 0}))
+    shutil.copytree(adapter, lora_run / "export")
+    shutil.copy(base / "tokenizer.json", lora_run)
+    (lora_run / "config.json").write_text(json.dumps({"init_from": str(base), "lora_r": 4}))
+    for spec in (str(base), f"{base}+{adapter}", str(adapter), str(full_run), str(lora_run)):
         fp32 = ev.load_model(spec, "cpu").model.state_dict()
         for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
             weights = ev.load_model(spec, "cpu", dtype=name).model.state_dict()
             floats = {k: v for k, v in fp32.items() if v.is_floating_point()}
             assert floats and all(torch.equal(weights[k], v.to(dtype)) for k, v in floats.items()
                                   if "lora_" not in k)
-    assert ev.config_from_dict({"dtype": "fp32"}).dtype == "fp32"
+    assert all(ev.config_from_dict({"dtype": name}).dtype == name
+               for name in ("fp32", "bf16", "fp16"))
+    assert ev.EvalConfig().dtype is None  # unset: bf16 (fp16) on CUDA as before, fp32 on CPU
     with pytest.raises(ValueError, match=r"^EvalConfig.dtype='half': must be fp32, bf16 or fp16"):
         ev.config_from_dict({"dtype": "half"})
 
@@ -2901,7 +2915,12 @@ def test_eval_generates_with_beam_search_as_transformers_does(tiny_models, tmp_p
         want.append(m["tok"].decode(new[: new.index(m["tok"].eos_id)] if m["tok"].eos_id in new
                                     else new))
     cfg = ev.EvalConfig(max_new_tokens=10, num_beams=3, progress=False)
-    assert ev.generate_texts(ev.load_model(m["base"], "cpu"), prompts, cfg) == want
+    lm = ev.load_model(m["base"], "cpu")
+    assert ev.generate_texts(lm, prompts, cfg) == want
+    # line/method's stop strings cut each finished beam's text (generate takes none with beams)
+    stop = want[0][len(want[0]) // 2]
+    assert stop and ev.generate_texts(lm, prompts, cfg, stops=[stop]) == [
+        text[: text.index(stop)] if stop in text else text for text in want]
     assert ev.main(["--models", str(m["base"]), "--prompt", prompts[0], "--max-new-tokens", "10",
                     "--num-beams", "3", "--runs-dir", str(tmp_path)]) == 0
     assert capsys.readouterr().out == f"{prompts[0]}{want[0]}\n"
@@ -2958,3 +2977,24 @@ def test_dtype_on_a_quantized_runs_best_keeps_the_base_it_trained_on(tiny_models
     assert all(torch.equal(got[n], w) for n, w in want.items())
     for name, p in loaded.named_parameters():  # adapters in fp32, as trained and as export/'s
         assert p.dtype == (torch.float32 if "lora_" in name else torch.bfloat16), name
+
+
+def test_eval_py_loads_each_model_in_the_dtype_its_flag_names(tiny_models, tmp_path, monkeypatch):
+    """--dtype reaches every load: --prompt's models and an evaluation's."""
+    import torch
+
+    real, loaded = ev.load_model, []
+
+    def load_model(*args, **kwargs):
+        lm = real(*args, **kwargs)
+        loaded.append({p.dtype for p in lm.model.parameters()})
+        return lm
+
+    monkeypatch.setattr(ev, "load_model", load_model)
+    monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
+    base = str(tiny_models["base"])
+    assert ev.main(["--models", base, "--prompt", "def f(", "--max-new-tokens", "2", "--dtype",
+                    "bf16", "--runs-dir", str(tmp_path)]) == 0
+    assert ev.main(["--models", base, "--data", str(tiny_models["code"]), "--tasks", "lm",
+                    "--dtype", "bf16", "--out-dir", str(tmp_path / "o"), *FAST_FLAGS]) == 0
+    assert loaded == [{torch.bfloat16}] * 2

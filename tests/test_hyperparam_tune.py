@@ -576,6 +576,38 @@ def test_a_worker_whose_sweep_dies_stops_once(tmp_path):
     assert report.read_text() == "1"
 
 
+_WORKER_SIGNALS = """
+import os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+signal.signal(signal.SIGHUP, signal.SIG_DFL)  # a worker not under nohup
+import cliconfig, hyperparam_tune
+stops = []
+signal.signal(signal.SIGTERM, lambda signum, frame: stops.append(signum))
+os.environ[hyperparam_tune.PARENT_ENV] = sys.argv[2]
+hyperparam_tune._stop_with_parent()
+print(len(stops))
+os.environ[hyperparam_tune.PARENT_ENV] = str(os.getppid())
+try:
+    with cliconfig.interrupt_on_sigterm():  # as a worker's main runs its sweep
+        hyperparam_tune._stop_with_parent()
+        os.kill(os.getpid(), signal.SIGHUP)  # its sweep's hangup, passed on
+        time.sleep(5)
+except KeyboardInterrupt as stop:
+    print(cliconfig.interrupted_exit_code(stop))
+"""
+
+
+def test_a_worker_tells_its_sweeps_death_from_its_sweeps_hangup():
+    """A worker whose sweep died before it asked for the parent-death signal stops at once (one
+    SIGTERM). A hangup its sweep passes on is a hangup, 129: with SIGHUP as the parent-death
+    signal it was taken as the sweep's death, a SIGTERM (143), and every later one ignored."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a sweep that died before the worker's prctl
+    out = subprocess.run([sys.executable, "-c", _WORKER_SIGNALS, str(ROOT), str(gone.pid)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout == "1\n129\n", out.stderr
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_a_trial_stopped_by_two_sigterms_still_writes_its_checkpoint(tmp_path, corpus,
                                                                      monkeypatch, capsys, sig):

@@ -774,6 +774,15 @@ def test_error_codelm_run_directory_names_its_export(tmp_path):
     assert str(err.value).startswith(f"{best}: weights of run {tmp_path}, not an HF checkpoint; "
                                      f"its export is {tmp_path}/export ")
     assert str(err.value).endswith(f"continue the run with --resume {tmp_path}")
+    # a checkpoint of the run (checkpoints/step-N/), a LoRA run's adapter-only weights: the same
+    checkpoint = tmp_path / "checkpoints" / "step-4"
+    checkpoint.mkdir(parents=True)
+    shutil.copy(tmp_path / "config.json", checkpoint)
+    (checkpoint / "adapter.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError) as err:
+        Transformer.from_pretrained(checkpoint)
+    assert str(err.value).startswith(f"{checkpoint}: weights of run {tmp_path}, not an HF "
+                                     f"checkpoint; its export is {tmp_path}/export ")
 
 
 @pytest.mark.parametrize("change, message", [

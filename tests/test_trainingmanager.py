@@ -517,6 +517,10 @@ def test_a_typo_in_data_or_model_options_suggests_the_key(tmp_path):
     with pytest.raises(ValueError, match="unknown DataConfig key 'train_fracc'; did you mean "
                                          "'train_frac'"):
         tm.data_config(tm.TrainConfig(data_options={"train_fracc": 0.5}), 64)
+    with pytest.raises(ValueError) as listed:  # no close match: the keys data_options may set
+        tm.data_config(tm.TrainConfig(data_options={"zzz": 1}), 64)
+    keys = str(listed.value).split("; DataConfig keys are: ")[1].split(", ")
+    assert "train_frac" in keys and not {"task", "sources", "val_sources"} & set(keys)
     with pytest.raises(ValueError, match="unknown ModelConfig key 'inti'; did you mean 'init'"):
         tm.model_config(tm.TrainConfig(preset="tiny", model_options={"inti": "xavier"}), 64,
                         None, None)
@@ -605,14 +609,20 @@ def test_run_directory_best_checkpoint_and_hf_export(assets, tmp_path):
 
 
 def test_injected_nan_stops_loudly_and_keeps_the_last_good_checkpoint(assets, tmp_path):
-    cfg = tiny_cfg(assets, tmp_path, inject_nan_at_step=7)
+    cfg = tiny_cfg(assets, tmp_path, inject_nan_at_step=7, batch_size=2, grad_accum=2)
     with pytest.raises(tm.NonFiniteLossError) as info:
         tm.train(cfg)
     message = str(info.value)
     assert "non-finite loss (nan) at step 7" in message
     # the logged epoch, not the data order's pass (for lm windows: about block_size epochs)
-    assert re.search(r"at step 7: epoch 0\.0\d+, training examples \d+\.\.\d+ of shuffled pass 0",
-                     message)
+    found = re.search(r"at step 7: epoch (0\.0\d+), training examples (\d+)\.\.(\d+) of "
+                      r"shuffled pass 0 ", message)
+    assert found, message
+    logged = [json.loads(x) for x in (Path(cfg.out_dir) / "run" / "metrics.jsonl").read_text()
+              .splitlines()]
+    at_6 = next(m["epoch"] for m in logged if m["kind"] == "train" and m["step"] == 6)
+    assert found[1] == f"{at_6 * 7 / 6:.3g}"  # by the end of step 7, as the log counts it
+    assert int(found[3]) - int(found[2]) + 1 == 2 * 2  # the step's examples: both micro-batches
     assert "Likely causes" in message and "learning rate" in message
     assert "checkpoints/step-4" in message
     run = Path(cfg.out_dir) / "run"
@@ -1528,7 +1538,7 @@ def test_logged_lr_is_the_lr_the_step_used(assets, tmp_path):
     assert lrs == pytest.approx(expected)
 
 
-def test_an_epochs_run_rounds_its_steps_up_and_its_cosine_ends_there(assets, tmp_path):
+def test_an_epochs_run_rounds_its_steps_up_and_its_cosine_ends_there(assets, tmp_path, capsys):
     """With epochs set (max_steps left at its default), the run is ceil(epochs x examples /
     examples per step) steps: the partial last step trains, as a DataLoader without drop_last
     does. Its cosine decays over those steps: after warmup each logged lr is that of
@@ -1547,6 +1557,8 @@ def test_an_epochs_run_rounds_its_steps_up_and_its_cosine_ends_there(assets, tmp
     cfg = tiny_cfg(assets, tmp_path, epochs=epochs, eval_every=steps, save_every=steps, **common)
     result = tm.train(cfg)
     assert result.step == math.ceil(epochs * n / per_step) == steps
+    assert f"{steps} steps ({steps * per_step / n:.3g} epochs of {n} examples)" \
+        in capsys.readouterr().out  # the run's first line
     lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     lrs = [m["lr"] for m in lines if m["kind"] == "train"]
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
@@ -1580,9 +1592,12 @@ def test_an_lm_epoch_is_n_over_block_size_windows_in_the_logged_epoch_too(assets
                    epochs=1, batch_size=2, grad_accum=2, max_steps=tm.TrainConfig().max_steps,
                    warmup_steps=0, eval_every=100, save_every=100)
     result = tm.train(cfg)
-    n_tokens = int(re.search(r"(\d+) training tokens", capsys.readouterr().out).group(1))
+    out = capsys.readouterr().out
+    n_tokens = int(re.search(r"(\d+) training tokens", out).group(1))
     per_epoch, per_step = (n_tokens - 32) // 32, 2 * 2  # windows: n_tokens - block_size
     assert result.step == math.ceil(per_epoch / per_step) > 2
+    assert (f"{result.step} steps ({result.step * per_step / per_epoch:.3g} epochs of "
+            f"{per_epoch} windows of 32 tokens)") in out  # the run's first line
     lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     train_epochs = [m["epoch"] for m in lines if m["kind"] == "train"]
     assert len(train_epochs) == result.step  # log_every 1
@@ -1590,6 +1605,43 @@ def test_an_lm_epoch_is_n_over_block_size_windows_in_the_logged_epoch_too(assets
                                           for s in range(1, result.step + 1)], rel=1e-12)
     assert 1.0 <= train_epochs[-1] < 1.0 + per_step / per_epoch
     assert [m["epoch"] for m in lines if m["kind"] == "val"] == [train_epochs[-1]]
+
+
+def test_an_lm_split_of_fewer_windows_than_block_size_is_one_epoch_not_zero():
+    """Stride-1 windows count n // block_size to an epoch, at least 1: a tiny corpus's 0 divided
+    the logged epoch by zero. The closed form on a run's parts, no training."""
+
+    class Windows:  # a stride-1 lm split of n windows, as dataset builds it
+        stride = 1
+
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def __len__(self) -> int:
+            return self.n
+
+    run = object.__new__(tm._Run)
+    run.cfg, run.dist = tm.TrainConfig(batch_size=2, grad_accum=3), tm.Dist()
+    run.dcfg = types.SimpleNamespace(block_size=32)
+    for n, per_epoch in ((1, 1), (31, 1), (63, 1), (64, 2), (100, 3)):
+        run.train_set = Windows(n)
+        assert run._examples_per_epoch() == per_epoch == max(1, n // 32)
+        assert run._epoch(5) == 5 * 2 * 3 / per_epoch
+
+
+def test_the_progress_bar_shows_the_epoch_its_metrics_line_logs():
+    """The bar's postfix carries the epoch (examples seen over one epoch) as the train line."""
+    run = object.__new__(tm._Run)
+    run.cfg, run.dist = tm.TrainConfig(batch_size=2, grad_accum=3), tm.Dist()
+    run.train_set, run.step, run.tokens_seen = list(range(40)), 5, 0  # 40 examples an epoch
+    run.device = torch.device("cpu")
+    run.trainer = types.SimpleNamespace(scaler=torch.amp.GradScaler("cpu", enabled=False))
+    lines, postfix = [], {}
+    log = types.SimpleNamespace(write=lambda step, kind, values: lines.append(values))
+    bar = types.SimpleNamespace(set_postfix=lambda **kw: postfix.update(kw))
+    stats = tm.StepStats(loss=1.5, grad_norm=1.0, tokens=64, lr=1e-3)
+    run._log_step(log, bar, stats, tok_s=100.0)
+    assert lines[0]["epoch"] == 5 * 2 * 3 / 40 and postfix["epoch"] == "0.75"
 
 
 def test_resume_without_a_checkpoint_and_a_torn_metrics_line(assets, tmp_path, capsys):
