@@ -765,24 +765,17 @@ def test_error_codelm_run_directory_names_its_export(tmp_path):
                     r"LoRA run the adapter \(lora.load_adapter on its base\), and the merged "
                     rf"model in {tmp_path}/export/merged \(with --export-merged\)",
                     str(err.value)), str(err.value)
-    best = tmp_path / "best"  # the run's best/ (or a checkpoint): the run's export, not best/'s
-    best.mkdir()
-    shutil.copy(tmp_path / "config.json", best)
-    (best / "model.safetensors").write_bytes(b"")
-    with pytest.raises(ValueError) as err:
-        Transformer.from_pretrained(best)
-    assert str(err.value).startswith(f"{best}: weights of run {tmp_path}, not an HF checkpoint; "
-                                     f"its export is {tmp_path}/export ")
-    assert str(err.value).endswith(f"continue the run with --resume {tmp_path}")
-    # a checkpoint of the run (checkpoints/step-N/), a LoRA run's adapter-only weights: the same
-    checkpoint = tmp_path / "checkpoints" / "step-4"
-    checkpoint.mkdir(parents=True)
-    shutil.copy(tmp_path / "config.json", checkpoint)
-    (checkpoint / "adapter.safetensors").write_bytes(b"")
-    with pytest.raises(ValueError) as err:
-        Transformer.from_pretrained(checkpoint)
-    assert str(err.value).startswith(f"{checkpoint}: weights of run {tmp_path}, not an HF "
-                                     f"checkpoint; its export is {tmp_path}/export ")
+    # the run's best/ or a checkpoint (a LoRA run's adapter-only weights too): the run's export
+    for weights in (tmp_path / "best" / "model.safetensors",
+                    tmp_path / "checkpoints" / "step-4" / "adapter.safetensors"):
+        weights.parent.mkdir(parents=True)
+        shutil.copy(tmp_path / "config.json", weights.parent)
+        weights.write_bytes(b"")
+        with pytest.raises(ValueError) as err:
+            Transformer.from_pretrained(weights.parent)
+        assert str(err.value).startswith(f"{weights.parent}: weights of run {tmp_path}, not an "
+                                         f"HF checkpoint; its export is {tmp_path}/export ")
+        assert str(err.value).endswith(f"continue the run with --resume {tmp_path}")
 
 
 @pytest.mark.parametrize("change, message", [
