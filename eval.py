@@ -787,9 +787,9 @@ def _run_weights(run_dir: Path) -> Path:
     if not checkpoints:  # only an export/ that holds no model
         raise ValueError(f"{run_dir}: no model in {rundir.EXPORT_DIR}/, and no {rundir.BEST_DIR}/ or "
                          "checkpoint to score")
-    print(f"note: {run_dir} has no {rundir.BEST_DIR}/ yet (it stopped, or is still training, before "
-          f"its first evaluation): scoring its latest checkpoint, {checkpoints[-1]}",
-          file=sys.stderr)
+    if not tm.lock_is_held(run_dir / rundir.LOCK_FILE):  # else _loaded_weights' note says it
+        print(f"note: {run_dir} has no {rundir.BEST_DIR}/ yet (it stopped before its first "
+              f"evaluation): scoring its latest checkpoint, {checkpoints[-1]}", file=sys.stderr)
     return checkpoints[-1]
 
 

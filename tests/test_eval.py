@@ -2395,7 +2395,9 @@ def test_a_run_with_no_best_yet_scores_its_latest_checkpoint(tiny_models, tmp_pa
     """A run stopped (or still training) before its first evaluation holds checkpoints but no
     best/: eval failed with a bare "best/model.safetensors: No such file or directory"."""
     import dataclasses
+    import fcntl
     import json
+    import os
     import shutil
 
     import torch
@@ -2418,8 +2420,18 @@ def test_a_run_with_no_best_yet_scores_its_latest_checkpoint(tiny_models, tmp_pa
     loaded = ev.load_model(str(run), torch.device("cpu")).model.state_dict()
     assert all(torch.equal(t, loaded[k]) for k, t in saved[10].state_dict().items())
     assert capsys.readouterr().err == (
-        f"note: {run} has no best/ yet (it stopped, or is still training, before its first "
-        f"evaluation): scoring its latest checkpoint, {run / 'checkpoints' / 'step-10'}\n")
+        f"note: {run} has no best/ yet (it stopped before its first evaluation): scoring its "
+        f"latest checkpoint, {run / 'checkpoints' / 'step-10'}\n")
+    (run / rundir.LOCK_FILE).write_text("")
+    fd = os.open(run / rundir.LOCK_FILE, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # still training: one note, naming the step
+    try:
+        ev.load_model(str(run), torch.device("cpu"))
+    finally:
+        os.close(fd)
+    err = capsys.readouterr().err
+    assert err.count("note:") == 1 and f"note: {run} is still training (" in err
+    assert "scoring checkpoints/step-10/, its weights of step 10" in err
     shutil.rmtree(run / rundir.CHECKPOINTS_DIR)
     (run / rundir.EXPORT_DIR).mkdir()  # a run dir (is_run_dir) with no weights to load
     with pytest.raises(ValueError, match="no model in export/, and no best/ or checkpoint"):
