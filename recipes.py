@@ -29,6 +29,7 @@ import shutil
 import sys
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -487,6 +488,12 @@ def run_recipe(opts: RecipeOptions) -> RecipeResult:
         torch.set_num_threads(threads)
 
 
+def train_key_flag(recipe: str | Path, key: str) -> str:
+    """How a recipe's user sets TrainConfig ``key``, for the trainer's advice: its train section
+    or ``--set`` (a trainingmanager.py flag is none of theirs)."""
+    return f"train.{key} in {recipe} (or --set train.{key}=VALUE)"
+
+
 def resume_hint(smoke: bool) -> str:
     """Completes trainingmanager's "continue with ..." (a smoke run's "start it again with
     ..."): here --resume is a switch, not a path, and a smoke run is not resumed but run again."""
@@ -602,7 +609,8 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
     if opts.resume and not opts.skip_eval:  # refused now, not after the run's export again
         ev.check_settings_unchanged(
             eval_config(recipe, opts, cfg, out_dir / name, own_run, own_base), eval_remedy)
-    result = tm.train(cfg, resume_hint=resume_hint(opts.smoke), restarts=opts.smoke)
+    result = tm.train(cfg, resume_hint=resume_hint(opts.smoke), restarts=opts.smoke,
+                      where_set=partial(train_key_flag, opts.recipe))
     losses = train_losses(result.run_dir)
     report = RecipeResult(result.run_dir, result, None, None, losses, smoke=opts.smoke)
     if result.interrupted:

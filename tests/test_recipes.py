@@ -490,7 +490,7 @@ def test_smoke_trains_with_the_set_values_over_its_toy_sizes(tmp_path, capsys, m
     monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
     trained = []
 
-    def train(cfg, resume_hint=None, restarts=False):
+    def train(cfg, resume_hint=None, restarts=False, **_):
         trained.append(cfg)
         raise ValueError("stopped before training")
 
@@ -539,7 +539,7 @@ def test_a_stopped_smoke_run_says_it_starts_again_not_that_it_continues(tmp_path
     assert f"interrupted (SIGINT) at step 13: {again}" in recipes.summary(report)
     asked = []
 
-    def stopped(cfg, resume_hint=None, restarts=False):
+    def stopped(cfg, resume_hint=None, restarts=False, **_):
         asked.append(restarts)
         raise tm.RunInterrupted(KeyboardInterrupt("SIGTERM"), None)
 
@@ -601,7 +601,7 @@ def test_a_budget_stop_and_an_early_interrupt_say_what_is_left(tmp_path, capsys,
     stops = [KeyboardInterrupt(), tm.RunInterrupted(KeyboardInterrupt("SIGTERM"), None),
              tm.RunInterrupted(KeyboardInterrupt("SIGTERM"), recipes.resume_hint(False))]
 
-    def train(cfg, resume_hint=None, restarts=False):
+    def train(cfg, resume_hint=None, restarts=False, **_):
         raise stops.pop(0)
 
     monkeypatch.setattr(tm, "train", train)
@@ -636,7 +636,7 @@ def _tiny_recipe(tmp_path: Path, eval_section: dict, **train) -> Path:
 
 def _stop_training(trained: list):
     """A tm.train that records the resolved TrainConfig and stops (exit 2): the plan only."""
-    def train(cfg, resume_hint=None, restarts=False):
+    def train(cfg, resume_hint=None, restarts=False, **_):
         trained.append(cfg)
         raise ValueError("stopped before training")
     return train
@@ -656,7 +656,7 @@ def _evaluated_models(monkeypatch) -> list:
     return seen
 
 
-def _trained_at_once(cfg, resume_hint=None, restarts=False):
+def _trained_at_once(cfg, resume_hint=None, restarts=False, **_):
     """A tm.train that makes the run directory (with no weights) and returns it as trained."""
     run_dir = Path(cfg.out_dir) / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -1047,3 +1047,21 @@ def test_code_completion_keeps_the_pieces_seen_more_than_ten_times_as_its_seed_d
     tok = CodeTokenizer.train(["alpha\n"] * 10 + ["beta\n"] * 11,
                               min_freq=train["tokenizer_min_freq"])
     assert "beta" in tok.pieces and "alpha" not in tok.pieces
+
+
+def test_a_recipes_training_advice_names_its_train_section_not_a_trainer_flag(tmp_path,
+                                                                             monkeypatch):
+    """The trainer's advice ("... lower --warmup-steps") named a trainingmanager.py flag, which a
+    recipe's user has none of: they set the recipe's train section, or --set."""
+    monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
+    advice = []
+
+    def train(cfg, resume_hint=None, restarts=False, where_set=tm.flag_of):
+        advice.append(where_set("warmup_steps"))
+        raise ValueError("stopped before training")
+
+    monkeypatch.setattr(tm, "train", train)
+    recipe = CONFIGS / "refactotron.json"
+    assert recipes.main([str(recipe), "--smoke", "--out-dir", str(tmp_path / "runs"),
+                         "--no-progress"]) == 2
+    assert advice == [f"train.warmup_steps in {recipe} (or --set train.warmup_steps=VALUE)"]
