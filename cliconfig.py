@@ -325,6 +325,12 @@ def _flag_kwargs(f: dataclasses.Field, base: Any, optional: bool,
     return {"type": origin, "choices": allowed}
 
 
+def flag_of(key: str) -> str:
+    """The flag of a config dataclass's field ``key`` (``--warmup-steps`` for warmup_steps): how
+    a script's user sets it."""
+    return "--" + key.replace("_", "-")
+
+
 def add_config_flags(parser: argparse.ArgumentParser, cls: type,
                      choices: Mapping[str, Sequence] | None = None,
                      positional: Collection[str] = ()) -> argparse.ArgumentParser:
@@ -359,7 +365,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type,
         kwargs = _flag_kwargs(f, base, optional, allowed)
         if "metavar" in f.metadata:
             kwargs["metavar"] = f.metadata["metavar"]
-        target.add_argument("--" + f.name.replace("_", "-"), help=help_text,
+        target.add_argument(flag_of(f.name), help=help_text,
                             required=default is dataclasses.MISSING, **kwargs)
     return parser
 

@@ -643,7 +643,7 @@ def where_set(cfg: TuneConfig, space: SearchSpace, base: dict) -> Callable[[str]
                       f"{spec['low']} to {spec['high']}")
             return f"the range of params.{key} in {space.source} (now {values})"
         if key in ("max_steps", "eval_every"):  # the sweep's flags of the same name
-            return trainingmanager.flag_of(key)
+            return cliconfig.flag_of(key)
         if key in base:
             return f"{key} in {cfg.train_config}"
         if key in space.base:

@@ -289,11 +289,6 @@ def load_config_file(path: str | os.PathLike) -> dict:
     return new
 
 
-def flag_of(key: str) -> str:
-    """How a trainingmanager.py user sets TrainConfig ``key``: its flag (``--warmup-steps``)."""
-    return "--" + key.replace("_", "-")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """argparse flags mirroring TrainConfig (``--lora-r``), plus ``--config FILE.json``."""
     parser = argparse.ArgumentParser(
@@ -1799,7 +1794,7 @@ class _Run:
     from the start until ``release`` (``train`` calls it), so two runs never share one."""
 
     def __init__(self, cfg: TrainConfig, dist: Dist, resume_hint: str | None = None,
-                 restarts: bool = False, where_set: Callable[[str], str] = flag_of):
+                 restarts: bool = False, where_set: Callable[[str], str] = cliconfig.flag_of):
         cfg = with_init_adapter(cfg)
         validate_config(cfg)
         self.cfg, self.dist = cfg, dist
@@ -2636,7 +2631,7 @@ def sample_completion(model: nn.Module, tok: CodeTokenizer | BPETokenizer, promp
 
 def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
           resume_hint: str | None = None, restarts: bool = False,
-          where_set: Callable[[str], str] = flag_of) -> TrainResult:
+          where_set: Callable[[str], str] = cliconfig.flag_of) -> TrainResult:
     """Run (or continue, with ``cfg.resume``) one training run; see the module docstring.
 
     ``on_eval(step, metrics)`` is called after every evaluation; an exception it raises (e.g.

@@ -22,6 +22,7 @@ import pytest
 import torch
 from procs import popen, signal_when
 
+import cliconfig
 import eval as ev
 import recipes
 import rundir
@@ -1056,7 +1057,7 @@ def test_a_recipes_training_advice_names_its_train_section_not_a_trainer_flag(tm
     monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
     advice = []
 
-    def train(cfg, resume_hint=None, restarts=False, where_set=tm.flag_of):
+    def train(cfg, resume_hint=None, restarts=False, where_set=cliconfig.flag_of):
         advice.append(where_set("warmup_steps"))
         raise ValueError("stopped before training")
 

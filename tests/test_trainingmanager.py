@@ -3420,7 +3420,7 @@ def test_val_data_alone_says_that_data_still_holds_out_a_test_split(assets, tmp_
 
 
 @pytest.mark.parametrize("warmup, where_set, advice", [
-    (2, tm.flag_of, "--warmup-steps"), (1, tm.flag_of, None),
+    (2, cliconfig.flag_of, "--warmup-steps"), (1, cliconfig.flag_of, None),
     (2, lambda key: f"params.{key} in space.json", "params.warmup_steps in space.json")])
 def test_a_warmup_as_long_as_the_run_is_warned_of(assets, tmp_path, capsys, warmup, where_set,
                                                   advice):
