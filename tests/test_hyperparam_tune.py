@@ -192,8 +192,8 @@ def test_a_trial_refused_on_this_machine_waits_for_another_sweep_command(tmp_pat
     assert hyperparam_tune.sweep_id(command) != hyperparam_tune.sweep_id(command) != "sweep-a"
 
 
-@pytest.mark.parametrize("storage_kind", [
-    "sqlite", pytest.param("journal", marks=pytest.mark.slow)])
+@pytest.mark.slow  # ~20 s: three processes train; recover_dead_trials is tested in-process above
+@pytest.mark.parametrize("storage_kind", ["sqlite", "journal"])
 def test_killed_worker_trial_fails_and_is_retried(tmp_path, corpus, storage_kind):
     """SIGKILL one worker mid-trial: its trial ends FAILED, is queued again with the same
     parameters, and the study still reaches its trial count. SQLite is an RDB storage: heartbeats

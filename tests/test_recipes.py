@@ -129,6 +129,7 @@ def test_recipe_smoke_end_to_end(name, tmp_path, monkeypatch, capsys):
             p.numel() for p in seed_peft.parameters() if p.requires_grad)
 
 
+@pytest.mark.slow  # ~15 s: autopep8 over the scrape
 def test_code_completion_trains_on_the_fake_github_scrape(tmp_path, monkeypatch):
     """Issue 9: the from-scratch recipe's train section on the scraper's output (shrunk model)."""
     from fake_github import write_fake_scrape

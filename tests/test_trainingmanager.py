@@ -1222,7 +1222,8 @@ sys.exit(tm.main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("failing", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.slow  # ~15 s: two ranks; every quick DDP test also exits through the same teardown
+@pytest.mark.parametrize("failing", [False, True])
 def test_ddp_model_is_freed_before_the_group_is_destroyed(assets, tmp_path, failing):
     """The DDP model sits in reference cycles; left to the collection at interpreter exit, gloo's
     threads died in a half torn-down process: now and then SIGABRT, "terminate called without
