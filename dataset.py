@@ -709,9 +709,9 @@ def clean_corpus(cfg: DataConfig) -> tuple[list[Doc], dict]:
             read["files"] += 1
             # The size as stored (before newline normalization), as a file's stat gives it
             # unread (None: a file dropped unread); prompt/completion pairs are not dropped
-            # for size.
+            # for size, and their bytes are the prompt's and the completion's.
             size = None if raw.data is None else _stored_size(raw.data)
-            read["bytes"] += size or 0
+            read["bytes"] += (size or 0) + (0 if raw.target is None else _stored_size(raw.target))
             if raw.target is None and (size is None or size > cfg.max_bytes):
                 read_drops["too_large"] += 1
             elif _is_duplicate(raw, seen_raw, cfg.dedupe):  # identical files are cleaned once
@@ -748,7 +748,8 @@ def clean_corpus(cfg: DataConfig) -> tuple[list[Doc], dict]:
         "read": read,
         "dropped": dict(sorted(counts.items())),
         "modified": dict(sorted(mods.items())),
-        "kept": {"files": len(docs), "bytes": sum(len(d.text.encode("utf-8")) for d in docs)},
+        "kept": {"files": len(docs),
+                 "bytes": sum(len((d.text + (d.target or "")).encode("utf-8")) for d in docs)},
         "pairs": pairs,
     }
     if not docs and not read_files:

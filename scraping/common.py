@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import subprocess
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -165,13 +166,37 @@ def walk_source_tree(
 
     The one directory walker of ``scraping local`` and dataset.py's directory sources, so a tree
     gives the same files through either. Sorted by relative path (dataset's splits follow this
-    order); EXCLUDED_DIRS are never entered. Skip reasons: ``extension``; ``symlink`` (a link may
-    point anywhere, and a cloned tree must not pull in files from outside itself: only
-    ``follow_symlinks``, for a user's own directory, reads a link to a file); ``not_a_file``.
+    order); EXCLUDED_DIRS are never entered. Skip reasons: ``extension``; ``gitignored`` (``root``
+    is a git work tree and git ignores the file: build output, local settings, secrets, which a
+    clone of the repository never holds); ``symlink`` (a link may point anywhere, and a cloned
+    tree must not pull in files from outside itself: only ``follow_symlinks``, for a user's own
+    directory, reads a link to a file); ``not_a_file``.
     """
     extensions = tuple(extensions)
+    ignored = git_ignored_files(root)
     for rel, path in _tree_files(root):
-        yield rel, path, _skip_reason(rel, path, extensions, follow_symlinks)
+        reason = _skip_reason(rel, path, extensions, follow_symlinks)
+        yield rel, path, "gitignored" if reason is None and rel in ignored else reason
+
+
+def git_ignored_files(root: Path) -> frozenset[str]:
+    """Relative paths of the untracked files git ignores in ``root`` when ``root`` is the top of
+    a git work tree (its ``.gitignore`` files, ``.git/info/exclude``, the user's excludes); empty
+    when it is none, or git is missing or refuses it. A directory walked as a repository then
+    gives the files a clone of it gives (tracked ones, and new ones not ignored): a checkout's
+    ``build/lib`` copies (kept under those paths, the sources being duplicates) and its ignored
+    ``.env``-style settings were collected."""
+    if not (Path(root) / ".git").exists():
+        return frozenset()
+    cmd = ["git", "-c", "core.fsmonitor=false", "-C", str(root), "ls-files", "-z", "--others",
+           "--ignored", "--exclude-standard"]  # no fsmonitor: a repo's config runs no command
+    try:
+        result = subprocess.run(cmd, capture_output=True, timeout=600)
+    except (OSError, subprocess.SubprocessError):
+        return frozenset()
+    if result.returncode != 0:
+        return frozenset()
+    return frozenset(os.fsdecode(rel) for rel in result.stdout.split(b"\0") if rel)
 
 
 def source_files(root: Path, extensions: Iterable[str], follow_symlinks: bool = False

@@ -322,6 +322,16 @@ def test_pairs_with_one_prompt_and_different_targets_are_all_kept(tmp_path):
     assert stats["dropped"] == {"duplicate": len(records) - len(distinct)}
 
 
+def test_the_bytes_read_and_kept_of_pairs_count_their_targets(tmp_path):
+    """A refactor corpus printed half its size: only the inputs' bytes were counted."""
+    records = [{"input": "x = 1\n", "output": "y = 2  # \u00e9\n" * 50},
+               {"prompt": "def f():\n", "completion": "    return 1\n"}]
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", records)
+    docs, stats = dataset.clean_corpus(cfg(tmp_path, sources=[str(pairs)]))
+    size = sum(len("".join(r.values()).encode("utf-8")) for r in records)
+    assert len(docs) == 2 and stats["read"]["bytes"] == stats["kept"]["bytes"] == size
+
+
 def test_near_dedupe_compares_pairs_with_their_targets(tmp_path):
     """Near-dedupe reads a pair as prompt + target, as exact dedupe does: two unlike answers to
     one prompt are no near copies (comparing prompts only dropped one). Reference: the exact

@@ -1066,6 +1066,27 @@ def test_local_and_dataset_walk_a_tree_alike(tmp_path):
     assert summary.files["symlink"] == 1 and summary.files["extension"] == 1
 
 
+def test_a_git_work_tree_gives_what_its_clone_gives(tmp_path):
+    """A checkout walked as a directory gave its ignored files too: build/lib copies (kept under
+    those paths, the sources dropped as their duplicates) and a local_settings.py of secrets."""
+    import dataset
+
+    src = tmp_path / "proj"
+    for rel in ("pkg/a.py", "build/lib/pkg/b.py", "local_settings.py", "new.py", ".gitignore"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(f"# {rel}\nx = 1\n" if rel != ".gitignore"
+                               else "build/\nlocal_settings.py\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    for args in (["init", "-q"], ["add", "pkg", ".gitignore"], ["commit", "-q", "-m", "one"]):
+        subprocess.run(git + args, cwd=src, check=True, capture_output=True)
+    out = tmp_path / "out.jsonl"
+    summary = collect_local(LocalConfig(sources=[str(src)], out=str(out), progress=False))
+    assert [r["path"] for r in read_jsonl(out)] == ["new.py", "pkg/a.py"]  # new work stays
+    assert summary.files["gitignored"] == 2
+    root, files = dataset._source_files(str(src), [".py"])
+    assert [p.relative_to(root).as_posix() for p in files] == ["new.py", "pkg/a.py"]
+
+
 def test_is_git_source_is_public_api(tmp_path):
     """One rule for what is cloned, for callers outside scraping (recipes' --data)."""
     bare = tmp_path / "x.git"
