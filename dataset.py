@@ -137,6 +137,9 @@ class DataConfig:
     strip_license: bool = True  # drop license header comments
     strip_comments: bool = False  # drop comments
     strip_docstrings: bool = False  # drop docstrings
+    redact_secrets: bool = True  # credentials (private keys, AWS/GitHub/Slack tokens, a URL's
+    #   password) become placeholders such as <GITHUB_TOKEN>: a model must not learn live keys
+    redact_emails: bool = False  # e-mail addresses become <EMAIL>
     min_bytes: int = 1  # smaller files are dropped
     max_bytes: int = 1_000_000  # larger files (as stored) are dropped, unread
     min_lines: int = 2  # files with fewer lines are dropped
@@ -234,7 +237,7 @@ _SPLIT_FIELDS = frozenset({"train_frac", "val_frac", "test_frac", "seed", "split
 _CLEANING_FIELDS = frozenset(
     {
         "sources", "val_sources", "test_sources", "extensions", "dedupe", "near_dedupe", "near_dedupe_threshold", "autopep8",
-        "autopep8_timeout", "strip_license", "strip_comments", "strip_docstrings", "min_bytes",
+        "autopep8_timeout", "strip_license", "strip_comments", "strip_docstrings", "redact_secrets", "redact_emails", "min_bytes",
         "max_bytes", "min_lines", "max_line_length", "max_literal_length", "skip_bad", "max_docs",
     }
 )  # fmt: skip
@@ -469,6 +472,37 @@ def strip_license_header(text: str) -> tuple[str, bool]:
     return "".join(keep + lines[i:]), True
 
 
+# Credential shapes specific enough to redact in code without false hits (the stdlib's only
+# ones are test URLs' passwords), each with its placeholder. A private key's body may sit in a
+# string literal, its lines joined by \n escapes; code that builds one from parts has quotes in
+# between and is left alone.
+SECRET_PATTERNS: tuple[tuple[re.Pattern, str], ...] = (
+    (re.compile(r"(-----BEGIN ((?:[A-Z0-9]+ )*PRIVATE KEY)-----)"
+                r"(?:[A-Za-z0-9+/=\s:,.-]|\\[nr]){16,}?(-----END \2-----)"),
+     r"\1<PRIVATE_KEY>\3"),
+    (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), "<AWS_ACCESS_KEY_ID>"),
+    (re.compile(r"(?i)(aws_?secret_?(?:access_?)?key\W{1,6})[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+])"),
+     r"\1<AWS_SECRET_ACCESS_KEY>"),
+    (re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{36,251}|github_pat_[A-Za-z0-9_]{80,})\b"),
+     "<GITHUB_TOKEN>"),
+    (re.compile(r"\bxox[abposr]-[A-Za-z0-9-]{10,}|\bhttps://hooks\.slack\.com/services/"
+                r"[A-Za-z0-9/]+"), "<SLACK_TOKEN>"),
+    (re.compile(r"(\b[a-z][a-z0-9+.-]*://[^\s:@/\"'{}<>]+:)(?![%$])[^\s:@/\"'{}<>]+@"),
+     r"\1<PASSWORD>@"),  # not a %s or $VAR a template fills in
+)
+EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
+
+
+def redact_secrets(text: str) -> tuple[str, int]:
+    """Replace each credential SECRET_PATTERNS finds with its placeholder (a private key keeps its
+    BEGIN/END lines, a URL its user). Returns (text, credentials replaced)."""
+    total = 0
+    for pattern, placeholder in SECRET_PATTERNS:
+        text, n = pattern.subn(placeholder, text)
+        total += n
+    return text, total
+
+
 def _shares_line(lines: Sequence[str], node: ast.AST) -> bool:
     """Whether code stands before or after ``node`` on its first/last line (ast columns count
     UTF-8 bytes)."""
@@ -549,6 +583,14 @@ def _clean_one(args: tuple[_RawDoc, dict]) -> tuple[Doc | None, str | None, list
         text, removed = strip_license_header(text)
         if removed:
             mods.append("license_header_removed")
+    if opt["redact_secrets"]:
+        text, n = redact_secrets(text)
+        if n:
+            mods.append("secrets_redacted")
+    if opt["redact_emails"]:
+        text, n = EMAIL.subn("<EMAIL>", text)
+        if n:
+            mods.append("emails_redacted")
     is_python = has_extension(raw.id, (".py",))
     if is_python and (opt["strip_comments"] or opt["strip_docstrings"]):
         try:

@@ -2638,3 +2638,49 @@ def test_fim_examples_after_a_template_prefix_keep_their_first_sentinel(tmp_path
             n += 1
     assert n > 30
     assert "prompt_truncated" not in data.stats["task"]["events"]["train"]
+
+
+def test_credentials_become_placeholders_and_templates_stay_code():
+    """A scrape's settings files carry live keys; a model trained on them repeats them."""
+    key_body = "MIIEpAIBAAKCAQEA7" + "x" * 60
+    text = (f'KEY = """-----BEGIN RSA PRIVATE KEY-----\n{key_body}\n-----END RSA PRIVATE KEY-----"""\n'
+            f'ONE_LINE = "-----BEGIN PRIVATE KEY-----\\n{key_body}\\n-----END PRIVATE KEY-----"\n'
+            'aws_access_key_id = "AKIAIOSFODNN7EXAMPLE"\n'
+            'aws_secret_access_key = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"\n'
+            f'TOKEN = "ghp_{"a1B2" * 9}"\n'
+            'HOOK = "https://hooks.slack.com/services/T000/B000/XXXXXXXX"  # xoxb-1234-5678-abcdef\n'
+            'DB = "postgres://admin:hunter2@db.internal:5432/app"\n')
+    redacted, n = dataset.redact_secrets(text)
+    assert n == 8
+    assert redacted == (
+        'KEY = """-----BEGIN RSA PRIVATE KEY-----<PRIVATE_KEY>-----END RSA PRIVATE KEY-----"""\n'
+        'ONE_LINE = "-----BEGIN PRIVATE KEY-----<PRIVATE_KEY>-----END PRIVATE KEY-----"\n'
+        'aws_access_key_id = "<AWS_ACCESS_KEY_ID>"\n'
+        'aws_secret_access_key = "<AWS_SECRET_ACCESS_KEY>"\n'
+        'TOKEN = "<GITHUB_TOKEN>"\n'
+        'HOOK = "<SLACK_TOKEN>"  # <SLACK_TOKEN>\n'
+        'DB = "postgres://admin:<PASSWORD>@db.internal:5432/app"\n')
+    assert dataset.redact_secrets(redacted) == (redacted, 0)
+    # code that builds a key or a URL from parts is left as it is
+    code = ('pem = "-----BEGIN PRIVATE KEY-----\\n" + body + "\\n-----END PRIVATE KEY-----"\n'
+            'url = "postgres://%s:%s@%s" % (user, pw, host)\n'
+            'url = f"postgres://{user}:{pw}@{host}"\nurl = "redis://user:$PASSWORD@host"\n')
+    assert dataset.redact_secrets(code) == (code, 0)
+
+
+def test_cleaning_redacts_credentials_by_default_and_emails_when_asked(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "settings.py").write_text('# by ann@example.com\nTOKEN = "ghp_' + "z" * 36 + '"\n')
+    (src / "plain.py").write_text("x = 1\ny = 2\n")
+    texts = {}
+    for name, options in {"default": {}, "off": {"redact_secrets": False},
+                          "emails": {"redact_emails": True}}.items():
+        docs, stats = dataset.clean_corpus(cfg(tmp_path, sources=[str(src)], **options))
+        texts[name] = next(d.text for d in docs if d.id.endswith("settings.py"))
+        texts[name, "modified"] = stats["modified"]
+    assert texts["default"] == '# by ann@example.com\nTOKEN = "<GITHUB_TOKEN>"\n'
+    assert texts["default", "modified"] == {"secrets_redacted": 1}
+    assert texts["off"] == (src / "settings.py").read_text()
+    assert texts["emails"] == '# by <EMAIL>\nTOKEN = "<GITHUB_TOKEN>"\n'
+    assert texts["emails", "modified"] == {"emails_redacted": 1, "secrets_redacted": 1}
