@@ -331,6 +331,30 @@ def flag_of(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
+def setting(cfg, key: str, where_set: Callable[[str], str] = flag_of) -> str:
+    """Config field ``key`` of ``cfg`` as an error names it: its value and where the user set
+    it (``where_set``: a flag, the --config file, a recipe's section, a sweep's range):
+    "warmup_steps (200, --config run.json)"."""
+    return f"{key} ({getattr(cfg, key)!r}, {where_set(key)})"
+
+
+def where_set_by(typed: Collection[str], config: str | Path | None = None,
+                 in_file: Collection[str] = (), rest: str | None = None
+                 ) -> Callable[[str], str]:
+    """Where a script's user set a config field ``key``, for its errors (``flag_of`` is the
+    default of those who take one): its flag when typed (``typed``), the ``--config`` file
+    when that sets it (``in_file``), else ``rest`` (where the other values come from, such
+    as a resumed run's config.json), else its flag (the field is at its default)."""
+    def where(key: str) -> str:
+        if key in typed:
+            return flag_of(key)
+        if key in in_file:
+            return f"--config {config}"
+        return rest or flag_of(key)
+
+    return where
+
+
 def add_config_flags(parser: argparse.ArgumentParser, cls: type,
                      choices: Mapping[str, Sequence] | None = None,
                      positional: Collection[str] = ()) -> argparse.ArgumentParser:

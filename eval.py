@@ -540,10 +540,15 @@ class EvalConfig:
     out_dir: str | None = None  # default: <runs_dir>/eval-<timestamp>
     progress: bool = True  # progress bars
 
-    def validate(self) -> None:
+    def validate(self, where_set: Callable[[str], str] = cliconfig.flag_of) -> None:
+        """Refuse impossible settings, naming each key, its value and where the user set it
+        (``where_set``: its flag, the --config file, the recipe's eval section)."""
+        def named(key: str) -> str:
+            return cliconfig.setting(self, key, where_set)
+
         def need(ok: bool, key: str, why: str) -> None:
             if not ok:
-                raise ValueError(f"EvalConfig.{key}={getattr(self, key)!r}: {why}")
+                raise ValueError(f"{named(key)}: {why}")
 
         unknown = [t for t in self.tasks if t not in TASKS]
         need(not unknown and bool(self.tasks), "tasks", f"choose from {', '.join(TASKS)}")
@@ -568,14 +573,16 @@ class EvalConfig:
         need(self.top_k is None or self.top_k >= 1, "top_k", "must be >= 1")
         for key in ("top_p", "top_k"):  # generate refuses them too, but only once a model runs
             need(self.temperature > 0 or getattr(self, key) is None, key,
-                 "samples only at temperature > 0: set temperature (seed 004: 0.7), or leave "
-                 f"{key} unset for greedy decoding")
+                 f"samples only at temperature > 0, and {named('temperature')} decodes "
+                 f"greedily: set temperature (seed 004: 0.7), or leave {key} unset")
         need(bool(self.pass_k) and all(1 <= k <= self.num_samples for k in self.pass_k),
-             "pass_k", f"every k must be in [1, num_samples={self.num_samples}], and one given")
+             "pass_k", f"every k must be in [1, {named('num_samples')}], and one given")
         need(self.num_beams == 1 or self.temperature == 0, "num_beams",
-             "beam search is deterministic: leave temperature at 0 with num_beams > 1")
+             f"beam search is deterministic: {named('temperature')} must be 0 with "
+             "num_beams > 1")
         need(self.temperature > 0 or self.num_samples == 1, "num_samples",
-             "greedy decoding gives one distinct sample; set temperature > 0 for n > 1")
+             f"greedy decoding, {named('temperature')}, gives one distinct sample; set "
+             "temperature > 0 for n > 1")
         from dataset import DOCSTRING_PROMPTS
 
         bad = [p for p in self.docstring_prompts if p not in DOCSTRING_PROMPTS]
@@ -597,10 +604,12 @@ def sandbox_config(cfg: EvalConfig) -> SandboxConfig:
     return SandboxConfig(timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb)
 
 
-def config_from_dict(values: dict, source: str = "<dict>") -> EvalConfig:
-    """An EvalConfig from JSON-like values; errors name the source and the key."""
+def config_from_dict(values: dict, source: str = "<dict>",
+                     where_set: Callable[[str], str] = cliconfig.flag_of) -> EvalConfig:
+    """An EvalConfig from JSON-like values; errors name the source and the key (a range error:
+    where the user set it, ``where_set``, as ``EvalConfig.validate`` takes it)."""
     cfg = cliconfig.config_from_dict(EvalConfig, values, source)
-    cfg.validate()
+    cfg.validate(where_set)
     return cfg
 
 
@@ -1745,8 +1754,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
     """Defaults < ``--config`` file (a recipe's ``eval`` section) < command-line flags."""
-    cfg = cliconfig.resolve_config(EvalConfig, vars(build_parser().parse_args(argv)), "eval")
-    cfg.validate()
+    args = vars(build_parser().parse_args(argv))
+    cfg = cliconfig.resolve_config(EvalConfig, args, "eval")
+    config = args.pop("config", None)
+    in_file = cliconfig.read_config_file(config, "eval")[0] if config is not None else {}
+    cfg.validate(cliconfig.where_set_by(args, config, in_file))
     return cfg
 
 

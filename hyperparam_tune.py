@@ -632,10 +632,10 @@ def trial_recipe(cfg: TuneConfig, space: SearchSpace, base: dict, trial: optuna.
 
 
 def where_set(cfg: TuneConfig, space: SearchSpace, base: dict) -> Callable[[str], str]:
-    """Where a sweep's user sets a trial's TrainConfig ``key``, for the trainer's advice (its
-    flags, ``--warmup-steps``, are none of theirs): the space's range of a sampled key, the
-    sweep's own flag of a budget key, the --train-config file or the space's base that sets
-    it, else a --train-config file, with TrainConfig's default."""
+    """Where a sweep's user sets a trial's TrainConfig ``key``, for the trainer's errors and
+    advice (its flags, ``--warmup-steps``, are none of theirs): the space's range of a sampled
+    key, the sweep's own flag of a budget key, the --train-config file or the space's base that
+    sets it, else TrainConfig's default (a --train-config file sets it)."""
     def where(key: str) -> str:
         if key in space.params:
             spec = space.params[key]
@@ -645,11 +645,10 @@ def where_set(cfg: TuneConfig, space: SearchSpace, base: dict) -> Callable[[str]
         if key in ("max_steps", "eval_every"):  # the sweep's flags of the same name
             return cliconfig.flag_of(key)
         if key in base:
-            return f"{key} in {cfg.train_config}"
+            return f"--train-config {cfg.train_config}"
         if key in space.base:
-            return f"{key} in the base of {space.source}"
-        default = getattr(TrainConfig(), key, None)
-        return f"{key} (TrainConfig's default, {default!r}) in a --train-config file"
+            return f"the base of {space.source}"
+        return "TrainConfig's default; a --train-config file sets it"
 
     return where
 
@@ -948,15 +947,17 @@ def check_trial_config(cfg: TuneConfig, space: SearchSpace, base: dict) -> None:
     example = space.example()
     trials = [("", example), *((f"params.{name}={value!r}: ", {**example, name: value})
                                for name, value in space.extremes())]
+    where_is = where_set(cfg, space, base)
     for label, params in trials:
         values = trial_run_config(cfg, {**space.base, **base, **params, **_budget(cfg)}, 0)
         train_cfg = trainingmanager.config_from_dict(values, where)
         try:
-            trainingmanager.validate_config(train_cfg)
+            trainingmanager.validate_config(train_cfg, where_is)
             if train_cfg.init_adapter is not None:  # a swept (or --train-config, or the
                 #   space's base) lora_* value at its default that differs from the adapter's
                 #   would train as the adapter's
-                trainingmanager.with_init_adapter(train_cfg, typed={*space.base, *base, *params})
+                trainingmanager.with_init_adapter(train_cfg, typed={*space.base, *base, *params},
+                                                  where_set=where_is)
             trainingmanager.data_config(train_cfg, train_cfg.block_size or 256)
             if train_cfg.init_from is None:  # the vocabulary size (the tokenizer's) checks nothing
                 trainingmanager.model_config(train_cfg, 1, None, None)
@@ -1196,33 +1197,38 @@ def _quiet_optuna() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_ranges(cfg: TuneConfig, source: str) -> TuneConfig:
-    """Value checks the types alone do not make; the study name is one directory of --out-dir
-    (its files go to <out_dir>/<study_name>/: "" or "../x" would put them elsewhere)."""
+def _check_ranges(cfg: TuneConfig, where_set: Callable[[str], str]) -> TuneConfig:
+    """Value checks the types alone do not make, each naming the key, its value and where the
+    user set it (``where_set``); the study name is one directory of --out-dir (its files go to
+    <out_dir>/<study_name>/: "" or "../x" would put them elsewhere)."""
+    def named(key: str) -> str:
+        return cliconfig.setting(cfg, key, where_set)
+
     name = cfg.study_name
     if name in ("", ".", "..") or any(sep in name for sep in {"/", os.sep, os.altsep or "/"}):
-        raise ValueError(f"{source}: --study-name (key 'study_name') must be a non-empty name "
-                         f"of one directory under --out-dir: no '/', not '.' or '..', got {name!r}")
+        raise ValueError(f"{named('study_name')}: must be a non-empty name of one directory "
+                         "under --out-dir: no '/', not '.' or '..'")
     for key in ("n_trials", "max_steps", "eval_every", "workers", "heartbeat_interval"):
         if getattr(cfg, key) < 1:
-            raise ValueError(f"{source}: key {key!r} must be at least 1, got {getattr(cfg, key)}")
+            raise ValueError(f"{named(key)}: must be at least 1")
     for key in ("worker", "max_retry", "prune_startup_trials", "prune_warmup_steps"):
         if getattr(cfg, key) < 0:
-            raise ValueError(f"{source}: key {key!r} must be at least 0, got {getattr(cfg, key)}")
+            raise ValueError(f"{named(key)}: must be at least 0")
     if cfg.sampler_seed is not None and not 0 <= cfg.sampler_seed < 2**32:
-        raise ValueError(f"{source}: --sampler-seed (key 'sampler_seed') must be in [0, 2**32), "
-                         f"got {cfg.sampler_seed}")
+        raise ValueError(f"{named('sampler_seed')}: must be in [0, 2**32)")
     # A grace period within one heartbeat interval declares live trials dead: other workers
     # would fail them and queue them again while they still train.
     if cfg.grace_period <= cfg.heartbeat_interval:
-        raise ValueError(f"{source}: --grace-period ({cfg.grace_period} s) must be greater than "
-                         f"--heartbeat-interval ({cfg.heartbeat_interval} s)")
+        raise ValueError(f"{named('grace_period')}: must be more seconds than "
+                         f"{named('heartbeat_interval')}")
     return cfg
 
 
 def config_from_dict(values: dict, source: str = "<dict>") -> TuneConfig:
-    """A TuneConfig from JSON-like values; errors name the source and the key."""
-    return _check_ranges(cliconfig.config_from_dict(TuneConfig, values, source, _CHOICES), source)
+    """A TuneConfig from JSON-like values; errors name the source and the key (a key the
+    values do not set: its flag)."""
+    cfg = cliconfig.config_from_dict(TuneConfig, values, source, _CHOICES)
+    return _check_ranges(cfg, lambda key: source if key in values else cliconfig.flag_of(key))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1241,7 +1247,9 @@ def parse_config(argv: Sequence[str] | None = None) -> TuneConfig:
     args = vars(build_parser().parse_args(argv))
     cfg = cliconfig.resolve_config(TuneConfig, args, section="tune", choices=_CHOICES)
     cfg = dataclasses.replace(cfg, storage=absolute_sqlite(cfg.storage))
-    return _check_ranges(cfg, args.get("config", "command line"))
+    config = args.pop("config", None)
+    in_file = cliconfig.read_config_file(config, "tune")[0] if config is not None else {}
+    return _check_ranges(cfg, cliconfig.where_set_by(args, config, in_file))
 
 
 def absolute_sqlite(url: str | None) -> str | None:

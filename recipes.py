@@ -27,7 +27,7 @@ import hashlib
 import json
 import shutil
 import sys
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -67,7 +67,8 @@ def load_recipe(path: str | Path) -> Recipe:
         sections[name] = {k: v for k, v in section.items() if not k.startswith("_")}
     tm.config_from_dict(sections["train"], f"{path} (train section)")
     tm.check_options(sections["train"], f"{path} (train section)")
-    ev.config_from_dict(sections["eval"], f"{path} (eval section)")
+    ev.config_from_dict(sections["eval"], f"{path} (eval section)",
+                        partial(where_in_recipe, path, section="eval"))
     for key in sections["eval"]:
         check_eval_key(key, f"{path}: the eval section's {key}")
     notes = {k: v for k, v in raw.items() if k.startswith("_")}
@@ -329,10 +330,10 @@ def _is_smoke_run(run_dir: Path, work: Path) -> bool:
 SMOKE_OWN_KEYS = ("init_from", "data", "val_data", "test_data", "data_options.cache_dir")
 
 
-def set_train_keys(settings: Sequence[str]) -> set[str]:
-    """The train keys that ``--set`` gives, dotted below the section ("data_options.x")."""
+def set_train_keys(settings: Sequence[str], section: str = "train") -> set[str]:
+    """The keys of ``section`` that ``--set`` gives, dotted below it ("data_options.x")."""
     keys = (s.partition("=")[0] for s in settings)
-    return {k.removeprefix("train.") for k in keys if k.startswith("train.")}
+    return {k.removeprefix(f"{section}.") for k in keys if k.startswith(f"{section}.")}
 
 
 def check_smoke_settings(typed: set[str]) -> None:
@@ -371,20 +372,23 @@ def smoke_train_values(values: dict, work: Path, steps: int, typed: Collection[s
     return values
 
 
-def check_train_values(values: dict, source: str) -> None:
+def check_train_values(values: dict, source: str,
+                       where_set: Callable[[str], str] | None = None) -> None:
     """What training would check before its first step, checked now: every key and range,
     the nested data_options and model_options, and the LoRA targets on the model itself (a
-    --smoke run deletes its previous run only after this)."""
+    --smoke run deletes its previous run only after this). ``where_set`` names where each key
+    was set (``where_in_recipe``)."""
     from tokenizer import load_tokenizer
 
-    cfg = tm.with_init_adapter(tm.config_from_dict(values, source))
-    tm.validate_config(cfg)
+    where_set = where_set or cliconfig.flag_of
+    cfg = tm.with_init_adapter(tm.config_from_dict(values, source), where_set=where_set)
+    tm.validate_config(cfg, where_set)
     tm.data_config(cfg, cfg.block_size or SMOKE_BLOCK)
     if cfg.init_from is not None:
         tok = load_tokenizer(cfg.init_from)
     else:  # the run trains its tokenizer on the data: any vocabulary shapes the same modules
         tok = SimpleNamespace(vocab_size=SMOKE_VOCAB, bos_id=None, eos_id=None)
-    tm.check_lora_export(cfg, tm.build_model(cfg, tok))
+    tm.check_lora_export(cfg, tm.build_model(cfg, tok), where_set)
 
 
 SMOKE_EVAL_LIMITS = {"limit": 4, "max_new_tokens": 16, "lm_windows": 4, "lines_per_file": 2,
@@ -488,10 +492,22 @@ def run_recipe(opts: RecipeOptions) -> RecipeResult:
         torch.set_num_threads(threads)
 
 
-def train_key_flag(recipe: str | Path, key: str) -> str:
-    """How a recipe's user sets TrainConfig ``key``, for the trainer's advice: its train section
-    or ``--set`` (a trainingmanager.py flag is none of theirs)."""
-    return f"train.{key} in {recipe} (or --set train.{key}=VALUE)"
+def where_in_recipe(recipe: str | Path, key: str, typed: Collection[str] = (),
+                   own: Mapping[str, str] | None = None, section: str = "train") -> str:
+    """Where a recipe's user set ``key`` of its ``section`` (TrainConfig's, or EvalConfig's),
+    for the trainer's and eval's errors and advice (their flags are none of theirs):
+    ``own[key]``, a recipes.py flag that set it (--model, --smoke, ...); ``--set`` when
+    ``typed`` holds it; else the section, or ``--set``."""
+    if own and key in own:
+        return own[key]
+    if key in typed:
+        return f"--set {section}.{key}"
+    return f"{section}.{key} in {recipe} (or --set {section}.{key}=VALUE)"
+
+
+# The train keys recipes.py's own flags set (RecipeOptions field -> TrainConfig key).
+OWN_FLAGS = {"model": "init_from", "data": "data", "val_data": "val_data", "name": "name",
+             "out_dir": "out_dir"}
 
 
 def resume_hint(smoke: bool) -> str:
@@ -527,7 +543,11 @@ def eval_config(recipe: Recipe, opts: RecipeOptions, cfg: tm.TrainConfig, run_di
         placeholders[own_base] = cfg.init_from
     values.update(models=resolve_models(values.get("models") or [own_run], placeholders),
                   out_dir=str(run_dir / rundir.EVAL_DIR), device=opts.device, progress=opts.progress)
-    return ev.config_from_dict(values, f"{opts.recipe} (eval section)")
+    own = {"device": "--device", **({k: "--smoke" for k in SMOKE_EVAL_LIMITS} if opts.smoke
+                                     else {})}
+    return ev.config_from_dict(values, f"{opts.recipe} (eval section)",
+                               partial(where_in_recipe, opts.recipe, section="eval",
+                                       typed=set_train_keys(opts.set, "eval"), own=own))
 
 
 def _run_recipe(opts: RecipeOptions) -> RecipeResult:
@@ -544,7 +564,9 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
         tm.check_options(recipe.train, f"{opts.recipe} (train section, with --set)")
         if not opts.smoke:  # else on the smoke-sized values, whose epochs is the user's only
             tm.check_max_steps_flag(cfg, typed, opts.recipe, set_prefix="train.")
-        ev.config_from_dict(recipe.eval, f"{opts.recipe} (eval section, with --set)")
+        ev.config_from_dict(recipe.eval, f"{opts.recipe} (eval section, with --set)",
+                            partial(where_in_recipe, opts.recipe, section="eval",
+                                    typed=set_train_keys(opts.set, "eval")))
     values = dict(recipe.train)
     name = opts.name or values.get("name") or Path(opts.recipe).stem
     tm.check_run_name(name, f"--name {name}" if opts.name else f"{opts.recipe}: train.name {name}")
@@ -569,6 +591,10 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
         values["val_data"] = None
     if opts.val_data:
         values["val_data"] = list(opts.val_data)
+    own = {key: cliconfig.flag_of(flag) for flag, key in OWN_FLAGS.items()
+           if getattr(opts, flag)}
+    own["device"] = "--device"
+    where_set = partial(where_in_recipe, opts.recipe, typed=typed, own=own)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -586,8 +612,12 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
             raise ValueError(f"{run_dir} holds a run that --smoke did not write; choose another "
                              "--out-dir or --name (a smoke run replaces only its own)")
         shutil.rmtree(work, ignore_errors=True)
-        values = smoke_train_values(values, work, opts.smoke_steps, typed)
-        check_train_values(values, f"{opts.recipe} (train section, smoke-sized)")
+        sized = smoke_train_values(values, work, opts.smoke_steps, typed)
+        own.update({k: "--smoke-steps" if k in ("max_steps", "eval_every", "save_every") else
+                    "--smoke" for k in sized if k not in typed and sized[k] != values.get(k)
+                    and k != "data_options"})  # of which --smoke sets only the cache_dir
+        values = sized
+        check_train_values(values, f"{opts.recipe} (train section, smoke-sized)", where_set)
         tm.check_max_steps_flag(tm.config_from_dict(values), typed, opts.recipe,
                                 set_prefix="train.")
         shutil.rmtree(run_dir, ignore_errors=True)  # only once the new run can start
@@ -596,7 +626,7 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
         if values.get("init_adapter") is not None:  # its lora_* keys as trainingmanager.py
             #   --config reads the recipe's: one given at its default value differs too
             tm.with_init_adapter(tm.config_from_dict(values, f"{opts.recipe} (train section)"),
-                                 typed=set(recipe.train))
+                                 typed=set(recipe.train), where_set=where_set)
     if values.get("data"):
         extensions = values.get("data_options", {}).get("extensions", [".py"])
         values["data"] = collect_git_sources(values["data"], extensions, out_dir / f"{name}-data",
@@ -610,7 +640,7 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
         ev.check_settings_unchanged(
             eval_config(recipe, opts, cfg, out_dir / name, own_run, own_base), eval_remedy)
     result = tm.train(cfg, resume_hint=resume_hint(opts.smoke), restarts=opts.smoke,
-                      where_set=partial(train_key_flag, opts.recipe))
+                      where_set=where_set)
     losses = train_losses(result.run_dir)
     report = RecipeResult(result.run_dir, result, None, None, losses, smoke=opts.smoke)
     if result.interrupted:

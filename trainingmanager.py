@@ -52,6 +52,7 @@ from architecture import (
     head_cross_entropy,
     lacks_native_bf16,
 )
+from cliconfig import setting
 from rundir import (  # the run directory's layout
     ADAPTER_FILE,
     BEST_DIR,
@@ -338,8 +339,25 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
     cfg = cliconfig.resolve_config(TrainConfig, args, "train", base={**resumed, **given},
                                    choices=_CHOICES)
     if cfg.init_adapter is not None:  # a --lora-* flag typed at its default value differs too
-        with_init_adapter(cfg, typed={*args, *given})
+        with_init_adapter(cfg, typed={*args, *given},
+                          where_set=where_set_by(args, config, given, args.get("resume")))
     return cfg
+
+
+def where_set_by(typed: Collection[str], config: str | None, in_file: Collection[str],
+                 resume: str | None) -> Callable[[str], str]:
+    """Where a trainingmanager.py user set TrainConfig ``key`` (``train``'s ``where_set``):
+    ``cliconfig.where_set_by``, the keys of a ``--resume`` run read from its config.json."""
+    return cliconfig.where_set_by(typed, config, in_file,
+                                  resume and f"{Path(resume) / CONFIG_FILE} (--resume)")
+
+
+def where_set_of(argv: Sequence[str] | None) -> Callable[[str], str]:
+    """``where_set_by`` of a trainingmanager.py command line."""
+    args = vars(build_parser().parse_args(argv))
+    config = args.pop("config", None)
+    in_file = upgraded(cliconfig.read_config_file(config, "train")[0]) if config else {}
+    return where_set_by(args, config, in_file, args.get("resume"))
 
 
 def check_resume_location(args: dict, given: dict | None = None, config: str | None = None
@@ -543,12 +561,14 @@ class BatchOrder:
     checkpoint needs to continue with the very same batches.
     """
 
-    def __init__(self, n_examples: int, micro_batch: int, dist: Dist, seed: int):
+    def __init__(self, n_examples: int, micro_batch: int, dist: Dist, seed: int,
+                 batch_size_set: str = "batch_size"):
+        """``batch_size_set`` names the setting ``micro_batch`` comes from, for the error."""
         self.global_batch = micro_batch * dist.world
         if n_examples < self.global_batch:
             raise ValueError(
                 f"the training split has {n_examples} examples, fewer than one global batch "
-                f"({micro_batch} x {dist.world} processes); lower batch_size or add data"
+                f"({micro_batch} x {dist.world} processes); lower {batch_size_set} or add data"
             )
         self.n, self.micro_batch, self.dist, self.seed = n_examples, micro_batch, dist, seed
         self.epoch, self.pos = 0, 0
@@ -610,14 +630,16 @@ class Trainer:
     """Model, optimizer, schedule and loss scaler: one training step, one evaluation."""
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device,
-                 dist: Dist | None = None, max_steps: int | None = None):
+                 dist: Dist | None = None, max_steps: int | None = None,
+                 where_set: Callable[[str], str] = cliconfig.flag_of):
+        """``where_set`` names where the user set a key, for the errors (as ``train``)."""
         self.cfg, self.device, self.dist = cfg, device, dist or Dist()
         self.precision = _resolve_precision(cfg.precision, device)
         if self.precision == "bf16" and lacks_native_bf16(device):
             major, minor = torch.cuda.get_device_capability(device)
-            raise ValueError(f"precision 'bf16' requested but this GPU (compute capability "
-                             f"{major}.{minor}) has no native bf16 (torch would emulate it, "
-                             "slowly): use --precision fp16 or fp32")
+            raise ValueError(f"{setting(cfg, 'precision', where_set)}: this GPU (compute "
+                             f"capability {major}.{minor}) has no native bf16 (torch would "
+                             "emulate it, slowly): set precision fp16 or fp32")
         self.raw_model = model.to(device)
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
         if not self.params:
@@ -1006,7 +1028,8 @@ def run_adapter_copy(run_dir: str | Path) -> Path | None:
     return copy if copy.is_file() and _holds_weights(copy.parent) else None
 
 
-def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = ()) -> TrainConfig:
+def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = (),
+                      where_set: Callable[[str], str] = cliconfig.flag_of) -> TrainConfig:
     """``cfg`` with the LoRA settings of its ``init_adapter`` (``ADAPTER_KEYS``) and, without
     ``init_from``, the base the adapter's config names. The adapter's weights fix its rank and
     targets, so a setting given (other than the default, or named in ``typed``: a flag typed at
@@ -1015,7 +1038,8 @@ def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = ()) -> TrainCon
     codelm names, as lora.targeted_modules resolves them; the given spelling is kept). What
     codelm's LoRA cannot honour is refused as ``load_adapter`` refuses it. A resume of a run
     with weights reads the run's copy of the file (``run_adapter_copy``): the adapter directory
-    may be gone. Idempotent: a run's config.json holds the settings it filled in."""
+    may be gone. Idempotent: a run's config.json holds the settings it filled in. Errors name
+    where each setting was set (``where_set``, as ``train`` takes it)."""
     if cfg.init_adapter is None:
         return cfg
     import lora
@@ -1024,7 +1048,7 @@ def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = ()) -> TrainCon
     path, config_name = (copy.parent, copy.name) if copy else (
         Path(cfg.init_adapter).expanduser(), lora.ADAPTER_CONFIG)
     if not path.is_dir():
-        raise ValueError(f"--init-adapter {cfg.init_adapter}: not a directory")
+        raise ValueError(f"{setting(cfg, 'init_adapter', where_set)}: not a directory")
     adapter = lora.read_adapter_config(path, config_name)
     theirs = {key: getattr(adapter, name) for name, key in ADAPTER_KEYS.items()}
     base = cfg.init_from or str(lora.adapter_base(path, "name the base with --init-from",
@@ -1039,10 +1063,10 @@ def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = ()) -> TrainCon
             return True  # the same names, in any order: no need to look at the base
         return _select_the_same(base, mine, theirs[key], path / config_name)
 
-    if differ := [f"{key}={getattr(cfg, key)!r} (the adapter's: {theirs[key]!r})"
+    if differ := [f"{setting(cfg, key, where_set)} (the adapter's: {theirs[key]!r})"
                   for key in theirs if (getattr(cfg, key) != getattr(TrainConfig, key)
                                         or key in typed) and not agrees(key, getattr(cfg, key))]:
-        raise ValueError(f"TrainConfig.{'; '.join(differ)}: --init-adapter {cfg.init_adapter} "
+        raise ValueError(f"{'; '.join(differ)}: {setting(cfg, 'init_adapter', where_set)} "
                          f"fixes these ({path / config_name}): drop those settings to train the "
                          "adapter on as it is")
     targets = theirs["lora_targets"]  # one regular expression: the file keeps it (lora_targets
@@ -1075,9 +1099,11 @@ def _select_the_same(base: str, mine: list[str], theirs: list[str] | str, file: 
         return False
 
 
-def check_not_an_adapter(init_from: str) -> None:
+def check_not_an_adapter(init_from: str, where_set: Callable[[str], str] = cliconfig.flag_of
+                         ) -> None:
     """Refuse a LoRA adapter directory (a LoRA run's export/) as ``init_from``, naming what to
-    load instead: it holds no model, and "config.json not found" would not say why."""
+    load instead: it holds no model, and "config.json not found" would not say why. The error
+    names where init_from was set (``where_set``, as ``train`` takes it)."""
     import lora
 
     path = Path(init_from)
@@ -1090,8 +1116,9 @@ def check_not_an_adapter(init_from: str) -> None:
             "base_model_name_or_path")
         instead = (f"use the base it names, {base}" if base else "use the base it was trained on")
         instead += " (a run with --export-merged also writes the merged model to export/merged)"
-    raise ValueError(f"--init-from {init_from}: a LoRA adapter ({lora.ADAPTER_CONFIG}), not a "
-                     f"model: {instead}; --init-adapter {init_from} trains that adapter on")
+    raise ValueError(f"init_from ({init_from!r}, {where_set('init_from')}): a LoRA adapter "
+                     f"({lora.ADAPTER_CONFIG}), not a model: {instead}; to train that adapter "
+                     f"on, set init_adapter ({where_set('init_adapter')}) to {init_from}")
 
 
 def check_run_name(name: str | None, what: str) -> None:
@@ -1102,14 +1129,19 @@ def check_run_name(name: str | None, what: str) -> None:
                          "'..'); --out-dir sets the directory the run goes in")
 
 
-def validate_config(cfg: TrainConfig) -> None:
-    """Reject impossible settings before any work, naming the key (an ``init_adapter``'s
-    settings as ``with_init_adapter`` fills them in)."""
-    cfg = with_init_adapter(cfg)
+def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = cliconfig.flag_of
+                    ) -> None:
+    """Reject impossible settings before any work, naming each key, its value and where it was
+    set (``where_set``, as ``train`` takes it; an ``init_adapter``'s settings as
+    ``with_init_adapter`` fills them in)."""
+    cfg = with_init_adapter(cfg, where_set=where_set)
+
+    def named(key: str) -> str:
+        return setting(cfg, key, where_set)
 
     def need(ok: bool, key: str, why: str) -> None:
         if not ok:
-            raise ValueError(f"TrainConfig.{key}={getattr(cfg, key)!r}: {why}")
+            raise ValueError(f"{named(key)}: {why}")
 
     for key in ("batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "keep_last",
                 "tokenizer_min_freq"):
@@ -1141,45 +1173,50 @@ def validate_config(cfg: TrainConfig) -> None:
     need(cfg.eval_examples is None or cfg.eval_examples >= 1, "eval_examples", "must be >= 1")
     need(cfg.lora_r >= 0, "lora_r", "must be >= 0 (0: no LoRA)")
     need(cfg.lora_r == 0 or cfg.init_from is not None, "lora_r",
-         "LoRA needs a pretrained base (init_from): a from-scratch model has nothing frozen "
-         "worth keeping, so only the adapters of a random model would train; set init_from, or "
-         "lora_r=0 to train every weight")
+         f"LoRA needs a pretrained base (init_from, {where_set('init_from')}): a from-scratch "
+         "model has nothing frozen worth keeping, so only the adapters of a random model would "
+         "train; set init_from, or lora_r 0 to train every weight")
     need(cfg.quantize_bits == 0 or cfg.lora_r > 0, "quantize_bits",
-         "a quantized base is frozen: it needs LoRA (--lora-r > 0)")
+         f"a quantized base is frozen: it needs LoRA, but {named('lora_r')} trains every "
+         "weight: set lora_r > 0")
     need(cfg.base_dtype == "fp32" or cfg.lora_r > 0, "base_dtype",
-         "only a frozen base (LoRA, --lora-r > 0) can be held in 16 bits; full training keeps "
-         "fp32 weights (use --precision bf16 for 16-bit compute)")
-    lora_only = [f"{k}={getattr(cfg, k)!r}" for k in LORA_ONLY_KEYS
-                 if getattr(cfg, k) != getattr(TrainConfig, k)]
+         f"only a frozen base can be held in 16 bits, and {named('lora_r')} trains every "
+         "weight (in fp32): set lora_r > 0 for LoRA, or precision bf16 for 16-bit compute")
+    lora_only = [named(k) for k in LORA_ONLY_KEYS if getattr(cfg, k) != getattr(TrainConfig, k)]
     if lora_only and cfg.lora_r == 0:  # else a full fine-tune would run, ignoring them
-        raise ValueError(f"TrainConfig.{', '.join(lora_only)}: LoRA settings, but lora_r=0 "
-                         "(full training of every weight): set lora_r > 0, or drop them")
+        raise ValueError(f"{', '.join(lora_only)}: LoRA settings, but {named('lora_r')} trains "
+                         "every weight: set lora_r > 0, or drop them")
     need(cfg.overfit_batches >= 0, "overfit_batches", "must be >= 0")
     need(0 <= cfg.seed < 2**63, "seed", "must be in [0, 2**63)")
-    check_run_name(cfg.name, f"TrainConfig.name={cfg.name!r}")
+    check_run_name(cfg.name, named("name"))
     if cfg.init_from is not None:
         for key in ("preset", "n_layer", "n_head", "n_embd", "mlp_hidden"):
             if key != "preset" and getattr(cfg, key) is not None:
-                raise ValueError(f"TrainConfig.{key}: the shape of a model loaded with "
-                                 f"--init-from {cfg.init_from} cannot be changed")
+                raise ValueError(f"{named(key)}: the shape of a model loaded from "
+                                 f"{named('init_from')} cannot be changed")
         if fixed := sorted(set(cfg.model_options) - set(LOADED_MODEL_OPTIONS)):
-            raise ValueError(f"TrainConfig.model_options: {', '.join(fixed)}: the checkpoint of "
-                             f"--init-from {cfg.init_from} fixes these; a loaded model takes "
-                             f"only {', '.join(LOADED_MODEL_OPTIONS)}")
+            raise ValueError(f"model_options ({where_set('model_options')}): "
+                             f"{', '.join(fixed)}: the checkpoint of {named('init_from')} fixes "
+                             f"these; a loaded model takes only {', '.join(LOADED_MODEL_OPTIONS)}")
         for key, value in cfg.model_options.items():
             need(cliconfig.is_number(value) and 0 <= value < 1, "model_options",
                  f"{key} must be a probability in [0, 1), got {value!r}")
         if not Path(cfg.init_from).is_dir():
-            raise ValueError(f"--init-from {cfg.init_from}: not a directory")
-        check_not_an_adapter(cfg.init_from)
+            raise ValueError(f"{named('init_from')}: not a directory")
+        check_not_an_adapter(cfg.init_from, where_set)
         if cfg.block_size is not None:  # else the first forward pass finds it, after the data
             from pretrained import read_config
 
             context = read_config(cfg.init_from)[0].block_size
             need(cfg.block_size <= context, "block_size",
-                 f"longer than the context of --init-from {cfg.init_from} ({context} positions)")
+                 f"longer than the context of {named('init_from')}, {context} positions")
     else:  # the preset, the shape and model_options, checked before the data is prepared
-        model_config(cfg, 1, None, None)
+        try:
+            model_config(cfg, 1, None, None)
+        except ValueError as e:  # name the settings the model was made of, and where
+            made_of = [named(k) for k in ("preset", *MODEL_SHAPE_KEYS, "model_options")
+                       if k == "preset" or getattr(cfg, k) not in (None, {})]
+            raise ValueError(f"{', '.join(made_of)}: {e}") from None
     if cfg.resume is not None and not Path(cfg.resume).is_dir():
         raise ValueError(f"--resume {cfg.resume}: no such run directory")
     if cfg.resume is not None and any((Path(cfg.resume) / f).is_file()
@@ -1426,17 +1463,19 @@ def _check_model_options(options: dict, where: str) -> None:
             raise ValueError(f"{where}: key {key!r} {problem}")
 
 
+# TrainConfig keys that override a preset's ModelConfig (from-scratch models).
+MODEL_SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "mlp_hidden", "block_size", "dropout")
+
+
 def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int | None,
                  eos_id: int | None) -> ModelConfig:
     """Preset + overrides for a from-scratch model (derived sizes re-derived from the new ones)."""
     from architecture import PRESETS, ModelConfig
 
     if cfg.preset not in PRESETS:
-        raise ValueError(f"TrainConfig.preset: unknown preset {cfg.preset!r}; "
-                         f"choose from {sorted(PRESETS)}")
+        raise ValueError(f"unknown preset {cfg.preset!r}; choose from {sorted(PRESETS)}")
     values = dataclasses.asdict(PRESETS[cfg.preset])
-    shape = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "mlp_hidden",
-                                          "block_size", "dropout") if getattr(cfg, k) is not None}
+    shape = {k: getattr(cfg, k) for k in MODEL_SHAPE_KEYS if getattr(cfg, k) is not None}
     if "n_head" in shape or "n_embd" in shape:
         values.update(head_dim=None, rotary_dim=None)
     if "n_head" in shape:
@@ -1772,9 +1811,11 @@ def _holds_no_checkpoint(run_dir: Path) -> str:
     return f"holds {' and '.join(held)} but no checkpoint to continue from; {how}"
 
 
-def check_lora_export(cfg: TrainConfig, model: nn.Module) -> None:
+def check_lora_export(cfg: TrainConfig, model: nn.Module,
+                      where_set: Callable[[str], str] = cliconfig.flag_of) -> None:
     """Refuse, before training, an export that would merge a LoRA into a tied weight (the
-    merge would change the head too, so it fails at the end of the run and loses the export)."""
+    merge would change the head too, so it fails at the end of the run and loses the export);
+    the error names where each setting was set (``where_set``, as ``train`` takes it)."""
     merges = cfg.export and cfg.lora_r > 0 and cfg.export_merged
     import lora
 
@@ -1783,10 +1824,10 @@ def check_lora_export(cfg: TrainConfig, model: nn.Module) -> None:
         return
     path, names = next(iter(tied.items()))
     raise ValueError(
-        "TrainConfig.export_merged=True writes the merged model, but the LoRA target "
-        f"{path} (lora_targets={cfg.lora_targets!r}) cannot be merged: its weight is tied to "
-        f"{names}, so merging would change both. Drop it from --lora-targets, or train with "
-        "--no-export-merged.")
+        f"{setting(cfg, 'export_merged', where_set)} writes the merged model, but the LoRA "
+        f"target {path} ({setting(cfg, 'lora_targets', where_set)}) cannot be merged: its "
+        f"weight is tied to {names}, so merging would change both. Drop it from lora_targets, "
+        "or set export_merged false.")
 
 
 class _Run:
@@ -1795,8 +1836,8 @@ class _Run:
 
     def __init__(self, cfg: TrainConfig, dist: Dist, resume_hint: str | None = None,
                  restarts: bool = False, where_set: Callable[[str], str] = cliconfig.flag_of):
-        cfg = with_init_adapter(cfg)
-        validate_config(cfg)
+        cfg = with_init_adapter(cfg, where_set=where_set)
+        validate_config(cfg, where_set)
         self.cfg, self.dist = cfg, dist
         self.main = dist.main
         self._resume_hint, self._restarts = resume_hint, restarts
@@ -1887,7 +1928,7 @@ class _Run:
                         "train_examples": len(self.train_set)}
         if len(self.val_set) == 0:
             raise ValueError(f"the validation split of {self.dcfg.sources} is empty: add data or "
-                             "raise data_options.val_frac")
+                             f"raise val_frac of data_options ({self._where_set('data_options')})")
         for split, examples in (("train", self.train_set), ("val", self.val_set)):
             check_next_token_labels(examples, split)
         if self.main and cfg.val_data and not cfg.test_data and len(data.test):
@@ -1911,14 +1952,16 @@ class _Run:
             import lora
 
             adapter_config = (Path(cfg.init_adapter) / lora.ADAPTER_CONFIG).read_bytes()
-        check_lora_export(cfg, model)
+        check_lora_export(cfg, model, self._where_set)
         if dist.enabled:  # same init everywhere, but each rank its own dropout stream
             seed_everything(cfg.seed + dist.rank)
         # Under LoRA on a pretrained base, checkpoints hold only the adapter (the base is on disk).
         self.trainable_only = cfg.lora_r > 0 and cfg.init_from is not None
         self.max_steps = self._max_steps()
-        self.trainer = Trainer(model, cfg, self.device, dist, self.max_steps)
-        self.order = BatchOrder(len(self.train_set), cfg.batch_size, dist, cfg.seed)
+        self.trainer = Trainer(model, cfg, self.device, dist, self.max_steps,
+                               self._where_set)
+        self.order = BatchOrder(len(self.train_set), cfg.batch_size, dist, cfg.seed,
+                                setting(cfg, "batch_size", self._where_set))
         self.step = 0
         self.tokens_seen = 0
         self.train_loss: float | None = None  # of the last step
@@ -2212,12 +2255,12 @@ class _Run:
         if self.step <= self.max_steps:
             return
         if cfg.epochs is None:
-            raise ValueError(f"TrainConfig.max_steps={cfg.max_steps}: below the step of the "
-                             f"checkpoint it resumes from ({self.step}); a resume can only extend "
-                             f"its run: pass --max-steps {self.step} or more")
-        raise ValueError(f"TrainConfig.epochs={cfg.epochs:g}: {self.max_steps} step(s), below the "
-                         f"step of the checkpoint it resumes from ({self.step}); a resume can "
-                         "only extend its run: pass a larger --epochs")
+            raise ValueError(f"{setting(cfg, 'max_steps', self._where_set)}: below the step of "
+                             f"the checkpoint it resumes from ({self.step}); a resume can only "
+                             f"extend its run: set max_steps to {self.step} or more")
+        raise ValueError(f"{setting(cfg, 'epochs', self._where_set)}: {self.max_steps} step(s), "
+                         f"below the step of the checkpoint it resumes from ({self.step}); a "
+                         "resume can only extend its run: set a larger epochs")
 
     # -- data --------------------------------------------------------------------------------
 
@@ -2417,9 +2460,12 @@ class _Run:
                       f"{trainer.precision} on {self.device}"
                       + (f" x {self.dist.world} processes" if self.dist.enabled else ""))
                 if cfg.warmup_steps >= self.max_steps:
-                    print(f"warning: warmup_steps {cfg.warmup_steps} >= {self.max_steps} steps: "
-                          f"the learning rate never reaches lr {cfg.lr:g} (nor decays); lower "
-                          f"{self._where_set('warmup_steps')}", file=sys.stderr)
+                    length = setting(cfg, "max_steps" if cfg.epochs is None else "epochs",
+                                     self._where_set)
+                    print(f"warning: {setting(cfg, 'warmup_steps', self._where_set)} >= the "
+                          f"run's {self.max_steps} steps ({length}): the learning rate never "
+                          f"reaches lr {cfg.lr:g} (nor decays); lower warmup_steps",
+                          file=sys.stderr)
                 if cfg.compile:
                     print("compiling the model: the first steps (and evaluations) take a while",
                           file=sys.stderr)
@@ -2901,7 +2947,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 0 if passed else 1
             check_max_steps_flag(cfg, typed, "the --config file" if "epochs" in in_file
                                  else "the resumed run's config")
-            result = train(cfg)
+            result = train(cfg, where_set=where_set_of(argv))
     except RankZeroFailed:
         return 2
     except RUN_ERRORS as e:

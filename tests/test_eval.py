@@ -601,12 +601,13 @@ def test_unreadable_problem_files_are_named(tmp_path, capsys, make, message):
 def test_bad_settings_are_rejected_before_any_work(flags, key, capsys, monkeypatch):
     monkeypatch.setattr(ev, "load_model", lambda *a: pytest.fail("a model was loaded"))
     assert ev.main(["--models", "m", *flags]) == 2
-    assert f"error: EvalConfig.{key}=" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {key} (") and f", --{key.replace('_', '-')}): " in err
 
 
 def test_an_empty_pass_k_is_refused_not_run_to_report_nothing():
     """pass_k [] passed: the passk task generated and ran every sample, then reported no metric."""
-    with pytest.raises(ValueError, match=r"^EvalConfig.pass_k=\[\]: .*and one given"):
+    with pytest.raises(ValueError, match=r"^pass_k \(\[\], --pass-k\): .*and one given"):
         ev.config_from_dict({"tasks": ["passk"], "pass_k": []})
 
 
@@ -1950,7 +1951,7 @@ def test_config_file_and_user_errors(tiny_models, tmp_path, monkeypatch, capsys)
     assert f"EvalConfig.models 'base={tmp_path / 'gone'}': {tmp_path / 'gone'} is not a " \
         "directory" in capsys.readouterr().err
     assert ev.main(["--tasks", "translate"]) == 2
-    assert "EvalConfig.tasks" in capsys.readouterr().err
+    assert "tasks (['translate'], --tasks)" in capsys.readouterr().err
     assert ev.main(["--runs-dir", str(tmp_path / "empty")]) == 2
     assert "python trainingmanager.py" in capsys.readouterr().err
     run = tmp_path / "run"  # BASE+RUN: the run's adapter is in its export/
@@ -2906,7 +2907,7 @@ def test_eval_loads_models_in_the_dtype_asked_for(tiny_models, tmp_path):
     assert all(ev.config_from_dict({"dtype": name}).dtype == name
                for name in ("fp32", "bf16", "fp16"))
     assert ev.EvalConfig().dtype is None  # unset: bf16 (fp16) on CUDA as before, fp32 on CPU
-    with pytest.raises(ValueError, match=r"^EvalConfig.dtype='half': must be fp32, bf16 or fp16"):
+    with pytest.raises(ValueError, match=r"^dtype \('half', --dtype\): must be fp32, bf16 or fp16"):
         ev.config_from_dict({"dtype": "half"})
 
 
@@ -2936,7 +2937,7 @@ def test_eval_generates_with_beam_search_as_transformers_does(tiny_models, tmp_p
     assert ev.main(["--models", str(m["base"]), "--prompt", prompts[0], "--max-new-tokens", "10",
                     "--num-beams", "3", "--runs-dir", str(tmp_path)]) == 0
     assert capsys.readouterr().out == f"{prompts[0]}{want[0]}\n"
-    with pytest.raises(ValueError, match=r"^EvalConfig.num_beams=3: beam search is determ"):
+    with pytest.raises(ValueError, match=r"^num_beams \(3, --num-beams\): beam search is determ"):
         ev.config_from_dict({"num_beams": 3, "temperature": 0.7})
 
 
@@ -3010,3 +3011,14 @@ def test_eval_py_loads_each_model_in_the_dtype_its_flag_names(tiny_models, tmp_p
     assert ev.main(["--models", base, "--data", str(tiny_models["code"]), "--tasks", "lm",
                     "--dtype", "bf16", "--out-dir", str(tmp_path / "o"), *FAST_FLAGS]) == 0
     assert loaded == [{torch.bfloat16}] * 2
+
+
+def test_an_error_of_two_settings_names_where_each_was_set(tmp_path, capsys):
+    """--num-beams 4 under a --config file's temperature 0.7 said "leave temperature at 0",
+    naming no source of either key: each is named with its value and where it was set."""
+    config = tmp_path / "eval.json"
+    config.write_text('{"temperature": 0.7}')
+    assert ev.main(["--config", str(config), "--num-beams", "4"]) == 2
+    assert capsys.readouterr().err == (
+        "error: num_beams (4, --num-beams): beam search is deterministic: temperature (0.7, "
+        f"--config {config}) must be 0 with num_beams > 1\n")

@@ -1091,12 +1091,14 @@ def test_a_misspelled_space_param_gets_the_close_key(tmp_path, name, hint):
 
 @pytest.mark.parametrize("flags, message", [
     (["--heartbeat-interval", "10", "--grace-period", "1"],
-     "--grace-period (1 s) must be greater than --heartbeat-interval (10 s)"),
+     "grace_period (1, --grace-period): must be more seconds than heartbeat_interval (10, "
+     "--heartbeat-interval)"),
     (["--heartbeat-interval", "10", "--grace-period", "10"],
-     "--grace-period (10 s) must be greater than --heartbeat-interval (10 s)"),
-    (["--grace-period", "-1"], "--grace-period (-1 s) must be greater than"),
-    (["--sampler-seed", "-1"], "--sampler-seed (key 'sampler_seed') must be in [0, 2**32)"),
-    (["--sampler-seed", str(2**32)], "--sampler-seed (key 'sampler_seed') must be in"),
+     "grace_period (10, --grace-period): must be more seconds than heartbeat_interval (10, "
+     "--heartbeat-interval)"),
+    (["--grace-period", "-1"], "grace_period (-1, --grace-period): must be more seconds than"),
+    (["--sampler-seed", "-1"], "sampler_seed (-1, --sampler-seed): must be in [0, 2**32)"),
+    (["--sampler-seed", str(2**32)], f"sampler_seed ({2**32}, --sampler-seed): must be in"),
 ])
 def test_heartbeat_and_seed_flags_are_checked(tmp_path, capsys, flags, message):
     """A grace period within one heartbeat interval let workers fail each other's live trials;
@@ -1104,7 +1106,7 @@ def test_heartbeat_and_seed_flags_are_checked(tmp_path, capsys, flags, message):
     argv = ["--space", str(tmp_path / "no-space.json"), "--out-dir", str(tmp_path), *flags]
     assert hyperparam_tune.main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: command line: {message}") and err.count("\n") == 1
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("name", ["", ".", "..", "../escape", "a/b", "/abs"])
@@ -1114,7 +1116,7 @@ def test_study_name_is_one_directory_under_out_dir(tmp_path, capsys, name):
     argv = tune_args(tmp_path / "out", "from-scratch", study_name=name, n_trials=1)
     assert hyperparam_tune.main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: command line: --study-name") and err.count("\n") == 1
+    assert err.startswith(f"error: study_name ({name!r}, --study-name)") and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []  # nothing written, inside --out-dir or beside it
     with pytest.raises(ValueError, match="study_name"):
         hyperparam_tune.config_from_dict({"study_name": name}, "tune.json")
@@ -1151,8 +1153,8 @@ def test_hyperband_brackets_span_one_evaluation_to_the_whole_budget(tmp_path):
     ("heartbeat_interval", 0, 1), ("worker", -1, 0), ("max_retry", -1, 0),
     ("prune_startup_trials", -1, 0), ("prune_warmup_steps", -1, 0)])
 def test_counts_and_intervals_below_their_least_are_refused(key, value, least):
-    with pytest.raises(ValueError, match=f"tune.json: key '{key}' must be at least {least}, "
-                                         f"got {value}"):
+    with pytest.raises(ValueError, match=rf"{key} \({value}, tune.json\): must be at least "
+                                         f"{least}$"):
         hyperparam_tune.config_from_dict({key: value}, "tune.json")
 
 
@@ -1320,10 +1322,12 @@ def test_config_mistake_stops_before_any_trial(tmp_path, corpus, capsys):
 @pytest.mark.parametrize("params, fixed, message", [
     ({"n_embd": {"type": "categorical", "choices": [32, 30]}},  # the tiny preset: n_head 4
      {"n_embd": {"type": "categorical", "choices": [32, 64]}},
-     "params.n_embd=30: ModelConfig.n_embd=30: not divisible by n_head=4"),
+     ["params.n_embd=30: preset ('tiny', the base of ", "n_embd (30, the range of params.n_embd",
+      "): ModelConfig.n_embd=30: not divisible by n_head=4"]),
     ({"label_smoothing": {"type": "float", "low": 0.0, "high": 1.0}},
      {"label_smoothing": {"type": "float", "low": 0.0, "high": 0.5}},
-     "params.label_smoothing=1.0: TrainConfig.label_smoothing=1.0: must be in [0, 1)"),
+     ["params.label_smoothing=1.0: label_smoothing (1.0, the range of params.label_smoothing "
+      "in ", "(now 0.0 to 1.0)): must be in [0, 1)"]),
 ])
 def test_every_choice_and_bound_is_checked_before_any_trial(tmp_path, corpus, capsys, params,
                                                             fixed, message):
@@ -1332,7 +1336,7 @@ def test_every_choice_and_bound_is_checked_before_any_trial(tmp_path, corpus, ca
     argv = tune_args(tmp_path, tiny_space(tmp_path, corpus, params), study_name="ch", n_trials=1)
     assert hyperparam_tune.main(argv) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert err.count("\n") == 1 and all(m in err for m in message) and "Traceback" not in err
     assert not (tmp_path / "runs" / "ch" / hyperparam_tune.JOURNAL_FILE).exists()
 
     tiny_space(tmp_path, corpus, fixed)
@@ -1362,7 +1366,8 @@ def test_lora_keys_without_lora_r_are_refused_in_the_sweeps_terms(tmp_path, corp
     argv = tune_args(tmp_path, tiny_space(tmp_path, corpus, params), study_name="lo", n_trials=1)
     assert hyperparam_tune.main(argv) == 2
     err = capsys.readouterr().err
-    assert "lora_alpha=8.0: LoRA settings, but lora_r=0" in err
+    assert "lora_alpha (8.0, the range of params.lora_alpha in " in err
+    assert "LoRA settings, but lora_r (0, the range of params.lora_r in " in err
     assert "set lora_r > 0, or drop them" in err and "--lora-r" not in err
     assert err.count("\n") == 1
 
@@ -1378,8 +1383,8 @@ def test_a_swept_lora_value_at_its_default_that_differs_from_the_init_adapter_is
     _, adapter = save_tiny_adapter(tmp_path)
     train = tmp_path / "train.json"
     train.write_text(json.dumps({"init_adapter": str(adapter)}), "utf-8")
-    with pytest.raises(ValueError) as typed:
-        trainingmanager.parse_config(["--config", str(train), "--lora-alpha", "16"])
+    fixes = (f"(the adapter's: 4): init_adapter ({str(adapter)!r}, --train-config {train}) fixes "
+             "these")
 
     def check(choices: list, **space_base) -> None:
         space = tiny_space(tmp_path, corpus, {"lora_alpha": {"type": "categorical",
@@ -1396,15 +1401,17 @@ def test_a_swept_lora_value_at_its_default_that_differs_from_the_init_adapter_is
     check([4])
     with pytest.raises(ValueError) as refused:
         check([4, 16])
-    assert str(refused.value).endswith(f"params.lora_alpha=16: {typed.value}")
+    assert (f"params.lora_alpha=16: lora_alpha (16.0, the range of params.lora_alpha in "
+            f"{tmp_path / 'space.json'} (now choices [4, 16])) {fixes}") in str(refused.value)
     check([], lora_alpha=4)
     with pytest.raises(ValueError) as refused:
         check([], lora_alpha=16)
-    assert str(refused.value).endswith(str(typed.value))
+    assert (f"lora_alpha (16.0, the base of {tmp_path / 'space.json'}) {fixes}"
+            in str(refused.value))
     train.write_text(json.dumps({"init_adapter": str(adapter), "lora_alpha": 16}), "utf-8")
     with pytest.raises(ValueError) as refused:  # in --train-config
         check([])
-    assert str(refused.value).endswith(str(typed.value))
+    assert f"lora_alpha (16.0, --train-config {train}) {fixes}" in str(refused.value)
     assert not (tmp_path / "runs").exists()
 
 
@@ -1855,10 +1862,9 @@ def test_a_trials_settings_are_named_where_the_sweeps_user_sets_them(tmp_path, c
     assert where("dropout") == (f"the range of params.dropout in {space.source} "
                                 "(now choices [0.0, 0.1])")
     assert where("max_steps") == "--max-steps"
-    assert where("grad_clip") == f"grad_clip in {train_config}"
-    assert where("batch_size") == f"batch_size in the base of {space.source}"
-    assert where("weight_decay") == ("weight_decay (TrainConfig's default, 0.1) in a "
-                                     "--train-config file")
+    assert where("grad_clip") == f"--train-config {train_config}"
+    assert where("batch_size") == f"the base of {space.source}"
+    assert where("weight_decay") == "TrainConfig's default; a --train-config file sets it"
 
 
 def test_a_relative_sqlite_url_is_recorded_absolute(tmp_path, corpus, monkeypatch, capsys):
@@ -1927,3 +1933,18 @@ def test_reports_hold_each_trials_values_and_best_json_is_the_best_recipe(tmp_pa
     importances = json.loads((out / "importances.json").read_text())  # too few trials to rank
     assert set(importances) == {"lr", "weight_decay"}
     assert sum(importances.values()) == pytest.approx(1.0)
+
+
+def test_a_sweep_setting_is_named_where_it_was_set(tmp_path, capsys):
+    """With --config, every range error named the file, a flag typed beside it too; the grace
+    period's named two flags where the file set one. Each key names its own source now."""
+    config = tmp_path / "tune.json"
+    config.write_text(json.dumps({"heartbeat_interval": 10}))
+    argv = ["--config", str(config), "--out-dir", str(tmp_path / "runs")]
+    assert hyperparam_tune.main([*argv, "--grace-period", "8"]) == 2
+    assert capsys.readouterr().err == (
+        "error: grace_period (8, --grace-period): must be more seconds than heartbeat_interval "
+        f"(10, --config {config})\n")
+    assert hyperparam_tune.main([*argv, "--eval-every", "0"]) == 2
+    assert capsys.readouterr().err == "error: eval_every (0, --eval-every): must be at least 1\n"
+    assert not (tmp_path / "runs").exists()

@@ -432,7 +432,7 @@ def test_completion_eval_of_a_base_model_on_kotlin_files(tiny_starcoder, tmp_pat
     results = json.loads((tmp_path / "o" / "results.json").read_text())
     assert results["examples"]["completion"] == 2
     assert ev.main([*flags, "--data-options", '{"extension": [".kt"]}']) == 2
-    assert "EvalConfig.data_options" in capsys.readouterr().err
+    assert "data_options ({'extension': ['.kt']}, --data-options)" in capsys.readouterr().err
 
 
 def test_trainingmanager_config_reads_the_train_section_and_names_bad_keys(tmp_path):
@@ -464,8 +464,8 @@ def test_smoke_refuses_the_users_model_and_data(tmp_path, capsys, flag):
     ("train.data_options.extensionz=5", "unknown DataConfig key 'extensionz'"),
     ("train.model_options.n_layerz=1", "unknown ModelConfig key 'n_layerz'"),
     ('train.lora_targets=["nope"]', "nope"),
-    ("train.weight_decay=-1", "TrainConfig.weight_decay=-1"),
-    ("train.lr=-1", "TrainConfig.lr=-1"),  # a key --smoke sizes down: replaced, so never checked
+    ("train.weight_decay=-1", "weight_decay (-1.0, --set train.weight_decay): must be >= 0"),
+    ("train.lr=-1", "lr (-1.0, --set train.lr): must be > 0"),  # a key --smoke sizes down
 ])
 def test_a_bad_smoke_setting_keeps_the_previous_smoke_run(tmp_path, capsys, monkeypatch, setting,
                                                           message):
@@ -1016,12 +1016,17 @@ def test_a_recipes_lora_key_at_its_default_that_differs_from_its_init_adapter_is
     recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"]}, init_adapter=str(adapter))
     with pytest.raises(ValueError) as refused:
         tm.parse_config(["--config", str(recipe), "--lora-alpha", "16"])
-    assert str(refused.value).startswith("TrainConfig.lora_alpha=16.0 (the adapter's: 4)")
+    assert str(refused.value).startswith(
+        f"lora_alpha (16.0, --lora-alpha) (the adapter's: 4): init_adapter ({str(adapter)!r}, "
+        f"--config {recipe}) fixes these")
     trained = []
     monkeypatch.setattr(tm, "train", _stop_training(trained))
     flags = [str(recipe), "--out-dir", str(tmp_path / "runs"), "--no-progress", "--skip-eval"]
     assert recipes.main([*flags, "--set", "train.lora_alpha=16"]) == 2
-    assert capsys.readouterr().err == f"error: {refused.value}\n" and not trained
+    assert capsys.readouterr().err.startswith(
+        f"error: lora_alpha (16.0, --set train.lora_alpha) (the adapter's: 4): init_adapter "
+        f"({str(adapter)!r}, train.init_adapter in {recipe} (or --set train.init_adapter=VALUE)) "
+        "fixes these") and not trained
     assert recipes.main([*flags, "--set", "train.lora_alpha=4"]) == 2  # the adapter's: trains
     assert "stopped before training" in capsys.readouterr().err
     assert [cfg.lora_alpha for cfg in trained] == [4]
@@ -1054,16 +1059,35 @@ def test_code_completion_keeps_the_pieces_seen_more_than_ten_times_as_its_seed_d
 def test_a_recipes_training_advice_names_its_train_section_not_a_trainer_flag(tmp_path,
                                                                              monkeypatch):
     """The trainer's advice ("... lower --warmup-steps") named a trainingmanager.py flag, which a
-    recipe's user has none of: they set the recipe's train section, or --set."""
+    recipe's user has none of: they set the recipe's train section, or --set; --smoke and
+    --smoke-steps set the keys it sizes down."""
     monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
     advice = []
 
     def train(cfg, resume_hint=None, restarts=False, where_set=cliconfig.flag_of):
-        advice.append(where_set("warmup_steps"))
+        advice.append([where_set(k) for k in ("weight_decay", "lora_r", "warmup_steps",
+                                                "max_steps")])
         raise ValueError("stopped before training")
 
     monkeypatch.setattr(tm, "train", train)
     recipe = CONFIGS / "refactotron.json"
     assert recipes.main([str(recipe), "--smoke", "--out-dir", str(tmp_path / "runs"),
-                         "--no-progress"]) == 2
-    assert advice == [f"train.warmup_steps in {recipe} (or --set train.warmup_steps=VALUE)"]
+                         "--no-progress", "--set", "train.lora_r=4"]) == 2
+    assert advice == [[f"train.weight_decay in {recipe} (or --set train.weight_decay=VALUE)",
+                       "--set train.lora_r", "--smoke", "--smoke-steps"]]
+
+
+def test_a_recipes_eval_error_names_its_eval_section_or_set(tmp_path, capsys):
+    """An eval section's num_samples 4 under greedy decoding said "EvalConfig.num_samples=4",
+    naming neither the recipe nor where temperature came from: its section or --set."""
+    recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"], "num_samples": 4})
+    flags = ["--out-dir", str(tmp_path / "runs"), "--no-progress", "--skip-eval"]
+    assert recipes.main([str(recipe), *flags]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: num_samples (4, eval.num_samples in {recipe} (or --set eval.num_samples=VALUE)):"
+        f" greedy decoding, temperature (0.0, eval.temperature in {recipe} (or --set "
+        "eval.temperature=VALUE)), gives one distinct sample")
+    recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"]})
+    assert recipes.main([str(recipe), *flags, "--set", "eval.num_samples=3"]) == 2
+    assert capsys.readouterr().err.startswith("error: num_samples (3, --set eval.num_samples): ")
+    assert not (tmp_path / "runs").exists()

@@ -444,9 +444,12 @@ def test_auto_precision_takes_the_gpus_native_half(monkeypatch, capability, half
     cfg = tm.TrainConfig(preset="tiny", precision="bf16")
     model = torch.nn.Linear(2, 2)
     if half == "fp16":
-        with pytest.raises(ValueError, match=r"compute capability 7\.5\) has no native bf16.*"
-                                             r"--precision fp16"):
+        with pytest.raises(ValueError, match=r"^precision \('bf16', --precision\): this GPU "
+                                             r"\(compute capability 7\.5\) has no native bf16.*"
+                                             r"set precision fp16"):
             tm.Trainer(model, cfg, cuda)
+        with pytest.raises(ValueError, match=r"^precision \('bf16', train\.precision in r\.json\)"):
+            tm.Trainer(model, cfg, cuda, where_set=lambda key: f"train.{key} in r.json")
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
@@ -1096,7 +1099,7 @@ def test_lora_on_a_bf16_base_trains_like_the_fp32_base(assets, tmp_path):
             assert b32.abs().max() > 0 and cos > 0.99, (name, float(cos))
     merged = load_file(runs["bf16"].run_dir / "export" / "merged" / "model.safetensors")
     assert {t.dtype for t in merged.values()} == {torch.float32}
-    with pytest.raises(ValueError, match="TrainConfig.base_dtype='bf16': only a frozen base"):
+    with pytest.raises(ValueError, match=r"base_dtype \('bf16', --base-dtype\): only a frozen base"):
         tm.validate_config(tm.TrainConfig(base_dtype="bf16"))
 
 
@@ -1110,8 +1113,9 @@ def test_model_options_on_a_loaded_model_set_its_dropouts_or_are_refused(assets,
     model = tm.build_model(cfg, load_tokenizer(assets["tokenizer"]))
     assert (model.cfg.attn_dropout, model.cfg.embd_dropout) == (0.25, 0.0)
     for options, message in (
-            ({"n_layer": 7, "bogus": 1}, "TrainConfig.model_options: bogus, n_layer: the "
-             f"checkpoint of --init-from {base} fixes these; a loaded model takes only "
+            ({"n_layer": 7, "bogus": 1}, "model_options (--model-options): bogus, n_layer: the "
+             f"checkpoint of init_from ({str(base)!r}, --init-from) fixes these; a loaded model "
+             "takes only "
              "attn_dropout, dropout, embd_dropout"),
             ({"attn_dropout": 1.5}, "attn_dropout must be a probability in [0, 1), got 1.5")):
         with pytest.raises(ValueError, match=re.escape(message)):
@@ -1368,7 +1372,7 @@ def test_resume_refuses_settings_that_would_change_the_run(assets, tmp_path, cap
     err = capsys.readouterr().err
     assert "n_embd=None (now 96)" in err and "Traceback" not in err
     assert tm.main(["--resume", str(run), "--lora-r", "4"]) == 2
-    assert "TrainConfig.lora_r=4: LoRA needs a pretrained base" in capsys.readouterr().err
+    assert "lora_r (4, --lora-r): LoRA needs a pretrained base" in capsys.readouterr().err
     assert tm.main(["--resume", str(run), "--batch-size", "2", "--block-size", "16",
                     "--lr", "1"]) == 2
     err = capsys.readouterr().err
@@ -1474,7 +1478,8 @@ def test_recipe_resume_refuses_a_lora_rank_change_and_hints_its_own_flag(assets,
         capsys.readouterr().err)
     assert recipes.main([*flags, "--resume", "--set", "train.lora_r=4"]) == 2
     err = capsys.readouterr().err
-    assert "TrainConfig.lora_r=4: LoRA needs a pretrained base" in err and "Traceback" not in err
+    assert "lora_r (4, --set train.lora_r): LoRA needs a pretrained base" in err
+    assert "Traceback" not in err
     assert recipes.main([*flags, "--smoke", "--out-dir", "/proc/nope"]) == 2
     assert "error: /proc/nope: cannot create the output directory" in capsys.readouterr().err
 
@@ -1492,7 +1497,7 @@ def test_bad_paths_and_devices_are_clear_errors(assets, tmp_path, capsys, monkey
         (["--device", "foo"], "error: --device foo: not a device"),
         (["--device", "cuda:abc"], "error: --device cuda:abc: not a device"),
         (["--device", "mps"], "error: --device mps: training runs on cpu or cuda"),
-        (["--seed", str(10**20)], "error: TrainConfig.seed=100000000000000000000: must be in"),
+        (["--seed", str(10**20)], "error: seed (100000000000000000000, --seed): must be in"),
     ]
     for flags, message in cases:
         assert tm.main(["--config", config, *flags]) == 2, flags
@@ -1501,7 +1506,7 @@ def test_bad_paths_and_devices_are_clear_errors(assets, tmp_path, capsys, monkey
     assert tm.main(["--resume", str(tmp_path / "nope")]) == 2  # a typo: not "not a run dir"
     assert capsys.readouterr().err == f"error: --resume {tmp_path / 'nope'}: no such run directory\n"
 
-    def full_disk(cfg, on_eval=None):
+    def full_disk(cfg, on_eval=None, where_set=None):
         raise OSError(28, "No space left on device", "/runs/x/checkpoints/.tmp-step-8")
 
     stuck = tmp_path / "stuck"  # a lock that cannot be opened names itself, not --out-dir
@@ -1721,7 +1726,7 @@ def test_resuming_a_finished_overfit_batches_run_reports_its_loss(assets, tmp_pa
     ("beta2", 1.0, r"must be in \[0, 1\)"),
 ])
 def test_validate_config_range_checks_name_the_key(key, value, message):
-    with pytest.raises(ValueError, match=rf"TrainConfig\.{key}=.*{message}"):
+    with pytest.raises(ValueError, match=rf"{key} \(.*{message}"):
         tm.validate_config(tm.TrainConfig(**{key: value}))
 
 
@@ -1729,7 +1734,7 @@ def test_validate_config_range_checks_name_the_key(key, value, message):
 def test_a_run_name_is_one_directory_name_not_a_path(name):
     """--name ../x wrote the run outside --out-dir, and a/b nested it where eval.py's
     latest_run never looks."""
-    with pytest.raises(ValueError, match=rf"TrainConfig\.name={re.escape(repr(name))}: a run "
+    with pytest.raises(ValueError, match=rf"name \({re.escape(repr(name))}, --name\): a run "
                                          r"name, not a path .*--out-dir sets the directory"):
         tm.validate_config(tm.TrainConfig(name=name))
     tm.validate_config(tm.TrainConfig(name="v1.2_run-3"))
@@ -1810,7 +1815,7 @@ def test_a_tokenizer_other_than_the_checkpoints_own_is_warned_about(assets, tmp_
 
 def test_cli_range_error_exits_2(capsys):
     assert tm.main(["--epochs", "inf"]) == 2
-    assert "TrainConfig.epochs=inf: must be finite" in capsys.readouterr().err
+    assert "epochs (inf, --epochs): must be finite" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("sigs, code", [(("SIGTERM",), 143), (("SIGHUP", "SIGHUP"), 129)],
@@ -2034,8 +2039,8 @@ def test_block_size_beyond_the_init_from_context_is_refused_before_any_work(asse
 
     base = tmp_path / "base"
     save_tiny_hf("llama", base, vocab_size=512)  # 128 positions
-    with pytest.raises(ValueError, match=r"TrainConfig\.block_size=256: longer than the context "
-                                         r"of --init-from .* \(128 positions\)"):
+    with pytest.raises(ValueError, match=r"block_size \(256, --block-size\): longer than the context "
+                                         r"of init_from \('.*', --init-from\), 128 positions"):
         tm.validate_config(tm.TrainConfig(init_from=str(base), block_size=256))
     tm.validate_config(tm.TrainConfig(init_from=str(base), block_size=128))
 
@@ -2076,7 +2081,8 @@ def test_a_merge_into_a_tied_embedding_is_refused_before_training(assets, tmp_pa
     common = dict(lora_r=4, lora_targets=["q_proj", "embed_tokens"], max_steps=2,
                   eval_every=2, export=True)
     cfg = tiny_cfg(assets, tmp_path, init_from=str(base), export_merged=True, **common)
-    with pytest.raises(ValueError, match=r"export_merged=True .* LoRA target wte .* tied"):
+    with pytest.raises(ValueError, match=r"export_merged \(True, --export-merged\) .* LoRA "
+                                         r"target wte \(lora_targets \(.*\)\) .* tied"):
         tm.train(cfg)
     assert not tm.list_checkpoints(Path(cfg.out_dir) / "run")
     assert tm.train(dataclasses.replace(cfg, export_merged=False)).export_dir is not None
@@ -2276,14 +2282,15 @@ def test_lora_settings_without_lora_r_are_refused(capsys, tmp_path):
     capsys.readouterr()  # transformers' progress bar
     for key, value in [("lora_alpha", 32.0), ("lora_dropout", 0.1), ("lora_targets", ["q_proj"]),
                        ("export_merged", True)]:
-        with pytest.raises(ValueError, match=rf"^TrainConfig\.{key}=.*: LoRA settings, but "
-                                             r"lora_r=0 .*: set lora_r > 0, or drop them$"):
+        with pytest.raises(ValueError, match=rf"^{key} \(.*: LoRA settings, but "
+                                             r"lora_r \(0, --lora-r\) .*: set lora_r > 0, or drop them$"):
             tm.validate_config(tm.TrainConfig(**{key: value}))
         tm.validate_config(tm.TrainConfig(lora_r=4, init_from=str(base), **{key: value}))
     assert tm.main(["--lora-alpha", "32", "--lora-dropout", "0.1", "--export-merged"]) == 2
     assert capsys.readouterr().err == (
-        "error: TrainConfig.lora_alpha=32.0, lora_dropout=0.1, export_merged=True: LoRA settings, "
-        "but lora_r=0 (full training of every weight): set lora_r > 0, or drop them\n")
+        "error: lora_alpha (32.0, --lora-alpha), lora_dropout (0.1, --lora-dropout), "
+        "export_merged (True, --export-merged): LoRA settings, but lora_r (0, --lora-r) trains "
+        "every weight: set lora_r > 0, or drop them\n")
     for recipe in sorted((ROOT / "configs").glob("*.json")):  # their bases are not here
         cfg = tm.config_from_dict(tm.load_config_file(recipe), str(recipe))
         tm.validate_config(dataclasses.replace(cfg, init_from=cfg.init_from and str(base)))
@@ -2304,15 +2311,17 @@ def test_init_from_a_lora_adapter_says_what_to_load_instead(tmp_path):
     with pytest.raises(ValueError) as refused:
         tm.validate_config(cfg)
     assert str(refused.value) == (
-        f"--init-from {export}: a LoRA adapter (adapter_config.json), not a model: use the base "
-        f"it names, {base} (a run with --export-merged also writes the merged model to "
-        f"export/merged); --init-adapter {export} trains that adapter on")
+        f"init_from ({str(export)!r}, --init-from): a LoRA adapter (adapter_config.json), not a "
+        f"model: use the base it names, {base} (a run with --export-merged also writes the "
+        f"merged model to export/merged); to train that adapter on, set init_adapter "
+        f"(--init-adapter) to {export}")
     shutil.copytree(base, export / "merged")
     with pytest.raises(ValueError) as refused:
         tm.validate_config(cfg)
-    assert str(refused.value) == (f"--init-from {export}: a LoRA adapter (adapter_config.json), "
-                                  f"not a model: use {export / 'merged'}, the merged model "
-                                  f"beside it; --init-adapter {export} trains that adapter on")
+    assert str(refused.value) == (f"init_from ({str(export)!r}, --init-from): a LoRA adapter "
+                                  f"(adapter_config.json), not a model: use {export / 'merged'}, "
+                                  "the merged model beside it; to train that adapter on, set "
+                                  f"init_adapter (--init-adapter) to {export}")
     tm.validate_config(dataclasses.replace(cfg, init_from=str(export / "merged")))
     assert "its export/merged/" in " ".join(tm.build_parser().format_help().split())
 
@@ -2452,17 +2461,18 @@ def test_init_adapter_refuses_a_lora_setting_that_differs_from_the_adapter(tmp_p
                                       lora_targets=["v_proj", "q_proj"]))
     for key, value in [("lora_r", 8), ("lora_alpha", 32.0), ("lora_dropout", 0.1),
                        ("lora_targets", ["q_proj"])]:
-        with pytest.raises(ValueError, match=rf"^TrainConfig\.{key}=.* \(the adapter's: "):
+        with pytest.raises(ValueError, match=rf"^{key} \(.*\) \(the adapter's: "):
             tm.validate_config(tm.TrainConfig(init_adapter=adapter, **{key: value}))
     assert tm.main(["--init-adapter", adapter, "--lora-r", "8"]) == 2
     assert capsys.readouterr().err.endswith(
-        f"error: TrainConfig.lora_r=8 (the adapter's: 4): --init-adapter {adapter} fixes these "
+        f"error: lora_r (8, --lora-r) (the adapter's: 4): init_adapter ({adapter!r}, "
+        f"--init-adapter) fixes these "
         f"({adapter}/adapter_config.json): drop those settings to train the adapter on as it "
         "is\n")
     # Typed at its default value, a flag still says what the user wants: an error too.
     for flag, value, key in [("--lora-alpha", "16", "lora_alpha"),
                              ("--lora-dropout", "0", "lora_dropout")]:
-        with pytest.raises(ValueError, match=rf"^TrainConfig\.{key}=.* \(the adapter's: "):
+        with pytest.raises(ValueError, match=rf"^{key} \(.*\) \(the adapter's: "):
             tm.parse_config(["--init-adapter", adapter, flag, value])
     assert tm.parse_config(["--init-adapter", adapter, "--lora-alpha", "8"]).lora_alpha == 8
 
@@ -2516,8 +2526,8 @@ def test_init_adapter_agrees_with_codelm_target_names_that_select_the_adapters_m
     assert selected(["qkv"]) != peft_modules != selected(["qkv", "attn.proj", "fc"])
     for targets in (["qkv"], ["qkv", "attn.proj", "fc"], ["nowhere"]):
         with pytest.raises(ValueError, match=re.escape(
-                f"TrainConfig.lora_targets={targets!r} (the adapter's: ") + r".*\): --init-"
-                rf"adapter {re.escape(str(adapter))} fixes these"):
+                f"lora_targets ({targets!r}, --lora-targets) (the adapter's: ") + r".*\): "
+                rf"init_adapter \('{re.escape(str(adapter))}', --init-adapter\) fixes these"):
             tm.validate_config(tm.TrainConfig(init_adapter=str(adapter), lora_targets=targets))
 
 
@@ -2544,7 +2554,8 @@ def test_init_adapter_that_cannot_be_honoured_is_an_error_naming_the_path(tmp_pa
         return str(e.value)
 
     missing = tmp_path / "nowhere"
-    assert refused(init_adapter=str(missing)) == f"--init-adapter {missing}: not a directory"
+    assert refused(init_adapter=str(missing)) == (
+        f"init_adapter ({str(missing)!r}, --init-adapter): not a directory")
     run = tmp_path / "run"
     _peft_adapter(tiny_llama(tmp_path), run / "export")
     assert refused(init_adapter=str(run)) == (
@@ -2597,7 +2608,9 @@ def test_a_config_files_lora_key_at_its_default_that_differs_from_the_init_adapt
     adapter = _adapter_config(tmp_path / "adapter", tmp_path / "base", ["q_proj", "v_proj"])
     config = tmp_path / "train.json"
     config.write_text(json.dumps({"lora_alpha": 16.0}))
-    with pytest.raises(ValueError, match=r"^TrainConfig\.lora_alpha=16\.0 \(the adapter's: 8\)"):
+    with pytest.raises(ValueError, match=rf"^lora_alpha \(16\.0, --config {re.escape(str(config))}"
+                                         r"\) \(the adapter's: 8\): init_adapter \(.*, "
+                                         r"--init-adapter\) fixes these"):
         tm.parse_config(["--init-adapter", adapter, "--config", str(config)])
     config.write_text(json.dumps({"lora_alpha": 8}))
     assert tm.parse_config(["--init-adapter", adapter, "--config", str(config)]).lora_alpha == 8
@@ -2607,8 +2620,8 @@ def test_init_adapter_given_a_file_is_refused_as_not_a_directory(tmp_path):
     """An adapter is a directory: a file (its adapter_config.json, say) is named as such."""
     file = tmp_path / "adapter_config.json"
     file.write_text("{}")
-    with pytest.raises(ValueError, match=rf"^--init-adapter {re.escape(str(file))}: not a "
-                                         "directory$"):
+    with pytest.raises(ValueError, match=rf"^init_adapter \({re.escape(repr(str(file)))}, "
+                                         r"--init-adapter\): not a directory$"):
         tm.validate_config(tm.TrainConfig(init_adapter=str(file)))
 
 
@@ -2657,7 +2670,7 @@ def test_a_resume_of_a_run_with_weights_takes_the_adapter_settings_from_its_copy
     cfg = tm.with_init_adapter(tm.TrainConfig(init_adapter=str(adapter), resume=str(run)))
     assert (cfg.init_from, cfg.lora_r, cfg.lora_alpha, sorted(cfg.lora_targets)) == (
         str(tmp_path / "base"), 4, 8.0, ["q_proj", "v_proj"])
-    with pytest.raises(ValueError, match=r"^TrainConfig\.lora_r=8 \(the adapter's: 4\): "
+    with pytest.raises(ValueError, match=r"^lora_r \(8, --lora-r\) \(the adapter's: 4\): "
                                          rf".*fixes these \({re.escape(str(run))}/"
                                          r"init_adapter_config\.json\)"):
         tm.with_init_adapter(tm.TrainConfig(init_adapter=str(adapter), resume=str(run), lora_r=8))
@@ -2742,9 +2755,10 @@ def test_lora_without_a_pretrained_base_is_refused(assets, tmp_path, capsys):
     config = _tiny_config_file(assets, tmp_path, max_steps=2, eval_every=2)
     assert tm.main(["--config", config, "--lora-r", "4"]) == 2
     assert capsys.readouterr().err == (
-        "error: TrainConfig.lora_r=4: LoRA needs a pretrained base (init_from): a from-scratch "
-        "model has nothing frozen worth keeping, so only the adapters of a random model would "
-        "train; set init_from, or lora_r=0 to train every weight\n")
+        f"error: lora_r (4, --lora-r): LoRA needs a pretrained base (init_from, --config "
+        f"{config}): a from-scratch model has nothing frozen worth keeping, so only the "
+        "adapters of a random model would train; set init_from, or lora_r 0 to train every "
+        "weight\n")
     assert not (tmp_path / "runs" / "run").exists()
     base = tiny_llama(tmp_path)
     assert tm.main(["--config", config, "--lora-r", "4", "--init-from", str(base)]) == 0
@@ -2937,12 +2951,12 @@ def test_resume_refuses_a_length_below_its_checkpoint(assets, tmp_path, capsys):
     capsys.readouterr()
     assert tm.main(["--resume", str(run), "--max-steps", "5"]) == 2
     assert capsys.readouterr().err == (
-        "error: TrainConfig.max_steps=5: below the step of the checkpoint it resumes from (8); "
-        "a resume can only extend its run: pass --max-steps 8 or more\n")
+        "error: max_steps (5, --max-steps): below the step of the checkpoint it resumes from "
+        "(8); a resume can only extend its run: set max_steps to 8 or more\n")
     assert tm.main(["--resume", str(run), "--epochs", "0.001"]) == 2
     err = capsys.readouterr().err
-    assert "TrainConfig.epochs=0.001: " in err and "below the step of the checkpoint it " in err
-    assert "pass a larger --epochs" in err
+    assert "epochs (0.001, --epochs): " in err and "below the step of the checkpoint it " in err
+    assert "set a larger epochs" in err
     assert all(p.read_bytes() == data for p, data in kept.items())
     assert tm.main(["--resume", str(run), "--max-steps", "8"]) == 0
     assert _train_steps(run) == list(range(1, 9))
@@ -3420,19 +3434,22 @@ def test_val_data_alone_says_that_data_still_holds_out_a_test_split(assets, tmp_
             "\"test_frac\": 0}' trains on all of it" in capsys.readouterr().err) == noted
 
 
-@pytest.mark.parametrize("warmup, where_set, advice", [
-    (2, cliconfig.flag_of, "--warmup-steps"), (1, cliconfig.flag_of, None),
-    (2, lambda key: f"params.{key} in space.json", "params.warmup_steps in space.json")])
+@pytest.mark.parametrize("warmup, where_set, warned", [
+    (2, cliconfig.flag_of, "warmup_steps (2, --warmup-steps) >= the run's 2 steps (max_steps "
+     "(2, --max-steps))"),
+    (1, cliconfig.flag_of, None),
+    (2, lambda key: f"params.{key} in space.json", "warmup_steps (2, params.warmup_steps in "
+     "space.json) >= the run's 2 steps (max_steps (2, params.max_steps in space.json))")])
 def test_a_warmup_as_long_as_the_run_is_warned_of(assets, tmp_path, capsys, warmup, where_set,
-                                                  advice):
+                                                  warned):
     """A short fine-tune under the default warmup of 50 steps ended at a fraction of --lr with
-    no word of it. The advice names where the caller's user sets it (a sweep's trial: its
-    search space, not a trainer flag)."""
+    no word of it. The warning names where the caller's user set both keys (a sweep's trial:
+    its search space, not a trainer flag)."""
     tm.train(tiny_cfg(assets, tmp_path, max_steps=2, eval_every=2, warmup_steps=warmup),
              where_set=where_set)
     err = capsys.readouterr().err
-    assert ("warning: warmup_steps 2 >= 2 steps: the learning rate never reaches lr 0.003 (nor "
-            f"decays); lower {advice}\n" in err) == (advice is not None)
+    assert (f"warning: {warned}: the learning rate never reaches lr 0.003 (nor decays); lower "
+            "warmup_steps\n" in err) == (warned is not None)
 
 
 def test_fp16_on_cpu_is_warned_of(assets, tmp_path, capsys):
@@ -3466,14 +3483,14 @@ def test_a_budget_reached_on_the_last_step_is_a_finished_run(assets, tmp_path, m
 
 
 @pytest.mark.parametrize("values, message", [
-    ({"lr": 0.0}, r"TrainConfig\.lr=0\.0: must be > 0"),
-    ({"dropout": 1.0}, r"TrainConfig\.dropout=1\.0: must be in \[0, 1\)"),
-    ({"grad_clip": -1.0}, r"TrainConfig\.grad_clip=-1\.0: must be >= 0"),
-    ({"label_smoothing": 1.0}, r"TrainConfig\.label_smoothing=1\.0: must be in \[0, 1\)"),
-    ({"min_lr_ratio": 1.5}, r"TrainConfig\.min_lr_ratio=1\.5: must be in \[0, 1\]"),
-    ({"quantize_bits": 4}, r"TrainConfig\.quantize_bits=4: a quantized base is frozen"),
-    ({"init_from": "/nonexistent", "n_layer": 2}, r"TrainConfig\.n_layer: the shape .* cannot"),
-    ({"init_from": "/nonexistent", "n_embd": 64}, r"TrainConfig\.n_embd: the shape .* cannot"),
+    ({"lr": 0.0}, r"lr \(0\.0, --lr\): must be > 0"),
+    ({"dropout": 1.0}, r"dropout \(1\.0, --dropout\): must be in \[0, 1\)"),
+    ({"grad_clip": -1.0}, r"grad_clip \(-1\.0, --grad-clip\): must be >= 0"),
+    ({"label_smoothing": 1.0}, r"label_smoothing \(1\.0, --label-smoothing\): must be in \[0, 1\)"),
+    ({"min_lr_ratio": 1.5}, r"min_lr_ratio \(1\.5, --min-lr-ratio\): must be in \[0, 1\]"),
+    ({"quantize_bits": 4}, r"quantize_bits \(4, --quantize-bits\): a quantized base is frozen"),
+    ({"init_from": "/nonexistent", "n_layer": 2}, r"n_layer \(.*\): the shape .* cannot"),
+    ({"init_from": "/nonexistent", "n_embd": 64}, r"n_embd \(.*\): the shape .* cannot"),
 ])
 def test_validate_config_refuses(values, message):
     """Range bounds and cross-key refusals beyond the five keys above; --init-from with a
@@ -3522,11 +3539,11 @@ def test_batch_order_restored_in_a_later_epoch_continues_that_epochs_order():
 
 
 @pytest.mark.parametrize("values, message", [
-    ({"tokenizer_min_freq": 0}, r"TrainConfig\.tokenizer_min_freq=0: must be >= 1"),
-    ({"adam_eps": 0.0}, r"TrainConfig\.adam_eps=0\.0: must be > 0"),
-    ({"eval_examples": 0}, r"TrainConfig\.eval_examples=0: must be >= 1"),
-    ({"inject_nan_at_step": 0}, r"TrainConfig\.inject_nan_at_step=0: must be >= 1"),
-    ({"overfit_batches": -1}, r"TrainConfig\.overfit_batches=-1: must be >= 0"),
+    ({"tokenizer_min_freq": 0}, r"tokenizer_min_freq \(0, --tokenizer-min-freq\): must be >= 1"),
+    ({"adam_eps": 0.0}, r"adam_eps \(0\.0, --adam-eps\): must be > 0"),
+    ({"eval_examples": 0}, r"eval_examples \(0, --eval-examples\): must be >= 1"),
+    ({"inject_nan_at_step": 0}, r"inject_nan_at_step \(0, --inject-nan-at-step\): must be >= 1"),
+    ({"overfit_batches": -1}, r"overfit_batches \(-1, --overfit-batches\): must be >= 0"),
     ({"resume": "/nonexistent/run"}, r"--resume /nonexistent/run: no such run directory"),
 ])
 def test_validate_config_refuses_bounds_no_run_reaches(values, message):
@@ -3680,10 +3697,10 @@ def test_a_diverged_run_exits_1_and_a_bad_setting_2(capsys):
     """Scripts tell a diverged run (exit 1: the data or the lr, the run itself was sound) from a
     refused setting or an unwritable path (exit 2)."""
     assert tm.report_run_error(tm.NonFiniteLossError("non-finite loss", step=3)) == 1
-    assert tm.report_run_error(ValueError("TrainConfig.lr=0.0: must be > 0")) == 2
+    assert tm.report_run_error(ValueError("lr (0.0, --lr): must be > 0")) == 2
     assert tm.report_run_error(OSError(28, "No space left on device", "runs/x")) == 2
     assert capsys.readouterr().err.splitlines() == [
-        "error: non-finite loss", "error: TrainConfig.lr=0.0: must be > 0",
+        "error: non-finite loss", "error: lr (0.0, --lr): must be > 0",
         "error: runs/x: No space left on device"]
 
 
@@ -3778,3 +3795,58 @@ def test_auto_on_a_mac_says_it_trains_on_the_cpu(monkeypatch, capsys):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert tm.resolve_device(tm.TrainConfig(), tm.Dist()) == torch.device("cpu")
     assert capsys.readouterr().err == ""
+
+
+def test_an_error_of_two_settings_names_where_each_was_set(tmp_path, capsys):
+    """quantize_bits in a --config file without lora_r said "it needs LoRA (--lora-r > 0)" and
+    named no source of quantize_bits; --n-layer on a --config file's init_from named
+    --init-from, a flag never typed. Each key now names its own source."""
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"quantize_bits": 4}))
+    assert tm.main(["--config", str(config), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: quantize_bits (4, --config {config}): a quantized base is frozen: it needs LoRA, "
+        "but lora_r (0, --lora-r) trains every weight")
+    config.write_text(json.dumps({"init_from": "/nonexistent"}))
+    assert tm.main(["--config", str(config), "--n-layer", "2", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == (
+        "error: n_layer (2, --n-layer): the shape of a model loaded from init_from "
+        f"('/nonexistent', --config {config}) cannot be changed\n")
+
+
+def test_where_set_of_a_command_line_names_the_flag_the_config_file_or_the_resumed_run(
+        tmp_path):
+    """trainingmanager.py's errors name a key's flag only where it was typed: a --config file's
+    key names the file, a resumed run's its config.json; a key at its default, its flag."""
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"warmup_steps": 200, "lr": 0.1}))
+    where = tm.where_set_of(["--config", str(config), "--lr", "0.2", "--max-steps", "100"])
+    assert [where(k) for k in ("warmup_steps", "lr", "max_steps", "seed")] == [
+        f"--config {config}", "--lr", "--max-steps", "--seed"]
+    run = tmp_path / "runs" / "r"
+    where = tm.where_set_of(["--resume", str(run), "--max-steps", "5"])
+    assert (where("max_steps"), where("batch_size")) == ("--max-steps",
+                                                         f"{run / 'config.json'} (--resume)")
+
+
+def test_too_few_training_examples_for_a_batch_names_where_batch_size_was_set():
+    """"lower batch_size" named no source: the run's error says where the user set it."""
+    with pytest.raises(ValueError, match=r"fewer than one global batch \(20 x 1 processes\); "
+                                         r"lower batch_size \(20, --config r\.json\) or add data"):
+        tm.BatchOrder(10, 20, tm.Dist(), seed=0, batch_size_set="batch_size (20, --config r.json)")
+
+
+def test_a_model_shape_error_names_the_settings_it_was_made_of(tmp_path, capsys):
+    """An n_embd that a --config file's n_head does not divide said only "ModelConfig.n_embd=30:
+    not divisible by n_head=4", and an unknown preset "TrainConfig.preset": neither said where
+    the user set them."""
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"n_head": 4}))
+    assert tm.main(["--config", str(config), "--n-embd", "30", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: preset ('llama-14m', --preset), n_head (4, --config {config}), n_embd (30, "
+        "--n-embd): ModelConfig.n_embd=30: not divisible by n_head=4; set head_dim\n")
+    config.write_text(json.dumps({"preset": "nope"}))
+    assert tm.main(["--config", str(config), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: preset ('nope', --config {config}): unknown preset 'nope'; choose from [")
