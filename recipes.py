@@ -131,7 +131,9 @@ def collect_git_sources(sources: Sequence[str], extensions: Sequence[str], out_d
         if not is_git_source(source):
             out.append(source)
             continue
-        key = json.dumps([source, sorted(extensions)]).encode()
+        # "licence files": collections of an earlier codelm, every record's licence null, are
+        # not reused (collect_local refuses to resume them) but collected again
+        key = json.dumps([source, sorted(extensions), "licence files"]).encode()
         target = out_dir / f"source-{hashlib.sha256(key).hexdigest()[:16]}.jsonl"
         summary = collect_local(LocalConfig(sources=[source], out=str(target),
                                             extensions=list(extensions), progress=progress))

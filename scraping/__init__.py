@@ -13,6 +13,7 @@ _API = {
     "git_blob_sha": "common",
     "GitHubConfig": "github", "scrape_github": "github", "search_repositories": "github",
     "LocalConfig": "local", "collect_local": "local", "is_git_source": "local",
+    "detect_license": "license_file",
 }
 __all__ = list(_API)
 

@@ -36,8 +36,8 @@ KNOWN_LICENSES = PERMISSIVE_LICENSES | frozenset(
 )
 
 # ``--licenses none``: the repositories GitHub detects no licence in (``license`` null in their
-# records, as ``scraping local --license none`` writes them), alone or beside ids. Not
-# NOASSERTION, a licence file GitHub does not recognise.
+# records, as ``scraping local`` writes a source without a licence file), alone or beside ids.
+# Not NOASSERTION, a licence file GitHub (or scraping.license_file) does not recognise.
 NO_LICENSE = "none"
 
 RECORD_KEYS = ("repo", "path", "sha", "license", "stars", "text")

@@ -5,6 +5,8 @@ walked by ``scraping.common.walk_source_tree``, dataset.py's walker too: symlink
 (dataset.py alone follows a link to a file in the user's own directory), so a cloned repository cannot pull files from outside itself into the corpus. Each source's
 records are committed as it finishes (as the GitHub scraper commits each repo), so a clone that fails
 or a run that is stopped keeps the sources already collected, and a re-run goes on from there.
+Each source's licence is read from its top-level licence file (``scraping.license_file``), as
+GitHub reports a repository's, unless ``--license`` names one for every source.
 """
 
 from __future__ import annotations
@@ -26,19 +28,25 @@ from scraping.common import (
     canonical_license,
     check_output_file,
     decode_source,
+    expand_licenses,
     git_blob_sha,
     is_utf8,
+    license_allowed,
     make_record,
     normalize_extensions,
     redact_url,
     walk_source_tree,
 )
+from scraping.license_file import detect_license
 
 _SCP_LIKE = re.compile(r"^[\w.-]+@[\w.-]+:")  # git@github.com:owner/repo.git
 
 # Clones are named ``codelm-clone-<cliconfig.owner_tag()>...`` in $TMPDIR: a run removes those of
 # runs killed on this machine (SIGKILL, the OOM killer), possibly gigabytes each, never a live one's.
 CLONE_PREFIX = "codelm-clone-"
+
+# The ``license`` a run's settings hold when each source's licence file names it (no --license).
+LICENSE_FROM_FILES = "from each source's licence file"
 
 
 @dataclass
@@ -53,9 +61,19 @@ class LocalConfig:
     branch: str | None = field(
         default=None, metadata={"help": "branch or tag to clone (default: the remote's HEAD)"})
     license: str | None = field(
-        default=None, metadata={"help": "SPDX licence id recorded on every file, one GitHub "
-                                        "reports (scraping.common.KNOWN_LICENSES; default: "
-                                        "none, recorded as null)"})
+        default=None, metadata={"help": "SPDX licence id recorded on every file of every "
+                                        "source, one GitHub reports (scraping.common."
+                                        "KNOWN_LICENSES); default: each source's own, read "
+                                        "from its top-level LICENSE/COPYING file as GitHub "
+                                        "reads it (NOASSERTION: a licence not recognised; "
+                                        "null: no licence file)"})
+    licenses: list[str] | None = field(
+        default=None,
+        metadata={"help": "SPDX licence ids to accept, as --licenses of 'scraping github' "
+                          "('permissive' = MIT, Apache-2.0, BSD, ...; 'none' = sources without "
+                          "a licence file); a source whose licence is another is skipped; "
+                          "default: any licence, or none (leave the flag out)",
+                  "none_is_a_value": True})
     state: str | None = field(
         default=None, metadata={"help": "resume state file (default: OUT.state)"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
@@ -139,16 +157,37 @@ def collect_local(cfg: LocalConfig) -> Summary:
         raise ValueError("give at least one directory or git URL to collect from")
     file_filter = FileFilter(normalize_extensions(cfg.extensions), cfg.min_bytes, cfg.max_bytes)
     license_id = canonical_license(cfg.license)
+    allowed = expand_licenses(cfg.licenses)
+    if license_id is not None and not license_allowed(license_id, allowed):
+        raise ValueError(f"--license {license_id} is not one of --licenses: every source "
+                         "would be skipped")
     out = Path(cfg.out)
     state = Path(cfg.state) if cfg.state else out.with_name(out.name + ".state")
     check_output_file(out, "--out")
     check_output_file(state, "--state")
+    previous = ResumableOutput.read_settings(state) or {}
+    if license_id is None and "license" in previous and previous["license"] is None:
+        raise ValueError(f"{state} was started by an earlier codelm, which recorded licence "
+                         "null for every source; licences are now read from each source's "
+                         "licence file: use a new --out to collect them")
     sources = [(source, *_source_key(source)) for source in cfg.sources]  # all checked up front
     settings = {"extensions": list(file_filter.extensions), "min_bytes": cfg.min_bytes,
-                "max_bytes": cfg.max_bytes, "branch": cfg.branch, "license": license_id}
+                "max_bytes": cfg.max_bytes, "branch": cfg.branch,
+                "license": license_id or LICENSE_FROM_FILES,
+                "licenses": sorted(allowed) if allowed is not None else None}
     summary = Summary()
     cliconfig.remove_dead_owners(tempfile.gettempdir(), CLONE_PREFIX)
     with ResumableOutput(out, state, settings) as store:
+
+        def read_source(root: Path, repo: str) -> tuple[str, list[dict]]:
+            """(how the source ends, its records), as a GitHub repo's: ``license`` when its
+            licence (--license wins over its licence file's) is outside --licenses."""
+            source_license = license_id or detect_license(root)
+            if not license_allowed(source_license, allowed):
+                return "license", []
+            return "collected", collect_directory(root, repo, file_filter, source_license,
+                                                  summary, store.shas, cfg.progress)
+
         for source, key, root in sources:
             if key in store.done:
                 summary.repos["already_done"] += 1
@@ -159,11 +198,9 @@ def collect_local(cfg: LocalConfig) -> Summary:
                 with tempfile.TemporaryDirectory(prefix=CLONE_PREFIX + cliconfig.owner_tag(),
                                                  ignore_cleanup_errors=True) as tmp:
                     shallow_clone(source, Path(tmp) / "repo", cfg.branch)
-                    records = collect_directory(Path(tmp) / "repo", key, file_filter,
-                                                license_id, summary, store.shas, cfg.progress)
+                    how, records = read_source(Path(tmp) / "repo", key)
             else:
-                records = collect_directory(root, root.name, file_filter, license_id, summary,
-                                            store.shas, cfg.progress)
+                how, records = read_source(root, root.name)
             store.commit(key, records)
-            summary.repos["collected"] += 1
+            summary.repos[how] += 1
     return summary

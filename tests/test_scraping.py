@@ -26,6 +26,7 @@ from scraping import (
     GitHubError,
     LocalConfig,
     collect_local,
+    detect_license,
     is_git_source,
     scrape_github,
     search_repositories,
@@ -33,6 +34,7 @@ from scraping import (
 from scraping.__main__ import main
 from scraping.client import ServerError
 from scraping.common import (
+    KNOWN_LICENSES,
     FileFilter,
     ResumableOutput,
     decode_source,
@@ -41,6 +43,7 @@ from scraping.common import (
     redact_url,
 )
 from scraping.github import build_query
+from scraping.license_file import LICENSE_PHRASES, license_of_text
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "ghp_fakeSecretTokenForTests0123456789"
@@ -1013,6 +1016,200 @@ def test_local_license_is_one_id_of_the_github_table(tmp_path, capsys):
     assert "--license 'permissive'" in err and err.count("\n") == 2
     assert main([*local, "apache-2.0", "--out", str(tmp_path / "l3.jsonl")]) == 0
     assert [r["license"] for r in read_jsonl(tmp_path / "l3.jsonl")] == ["Apache-2.0"]
+
+
+# Short excerpts of licence texts, each holding the phrases that tell its licence apart (the
+# whole texts are the licences' own; the test below reads the copies this machine has).
+LICENCE_EXCERPTS = {
+    "MIT": "MIT License\n\nCopyright (c) 2026 A. Author\n\nPermission is hereby granted, free "
+           "of charge, to any person\nobtaining a copy of this software [...]\n\nThe above "
+           "copyright notice and this permission notice\nshall be included in all copies.\n",
+    "MIT-0": "Permission is hereby granted, free of charge, to any person obtaining a copy "
+             "[...] to do so.\n",
+    "ISC": "ISC License\n\nPermission to use, copy, modify, and/or distribute this software "
+           "for any purpose\nwith or without fee is hereby granted, provided that the above "
+           "copyright notice\nand this permission notice appear in all copies.\n",
+    "0BSD": "Permission to use, copy, modify, and/or distribute this software for any purpose "
+            "with or without fee is hereby granted.\n",
+    "BSD-2-Clause": "Redistribution and use in source and binary forms, with or without\n"
+                    "modification, are permitted provided that [...]\n",
+    "BSD-3-Clause": "Redistribution and use in source and binary forms [...]\n3. Neither the "
+                    "name of the copyright holder nor [...]\nThis file's vendored code may "
+                    "be used under the GNU General Public License, version 3.\n",
+    "BSD-4-Clause": "Redistribution and use in source and binary forms [...]\n3. All "
+                    "advertising materials mentioning features or use of this software\n"
+                    "[...]\n4. Neither the name of the copyright holder [...]\n",
+    "Apache-2.0": "                                 Apache License\n                           "
+                  "Version 2.0, January 2004\n\n   TERMS AND CONDITIONS FOR USE, "
+                  "REPRODUCTION, AND DISTRIBUTION\n",
+    "GPL-2.0": "GNU GENERAL PUBLIC LICENSE\nVersion 2, June 1991\n[...] use the GNU Lesser "
+               "General Public License instead of this License.\n",
+    "GPL-3.0": "                    GNU GENERAL PUBLIC LICENSE\n                       Version 3, "
+               "29 June 2007\n[...] 13. Use with the GNU Affero General Public License. "
+               "[...] version 3 of the GNU Affero General Public License [...] use the GNU "
+               "Lesser General Public License instead of this License.\n",
+    "LGPL-2.1": "GNU LESSER GENERAL PUBLIC LICENSE\nVersion 2.1, February 1999\n[...] the "
+                "GNU General Public License [...]\n",
+    "LGPL-3.0": "GNU LESSER GENERAL PUBLIC LICENSE\nVersion 3, 29 June 2007\n[...] version 3 "
+                "of the GNU General Public License [...]\n",
+    "AGPL-3.0": "GNU AFFERO GENERAL PUBLIC LICENSE\nVersion 3, 19 November 2007\n[...] 13. "
+                "Remote Network Interaction; Use with the GNU General Public License.\n",
+    "MPL-2.0": "Mozilla Public License Version 2.0\n1.1. \"Contributor\" means each "
+               "individual or legal entity [...]\n1.12. \"Secondary License\" means either "
+               "the GNU General Public License, Version 2.0, the GNU Lesser General Public "
+               "License, Version 2.1, the GNU Affero General Public License, Version 3.0\n",
+    "Unlicense": "This is free and unencumbered software released into the public domain.\n",
+    "NOASSERTION": "Copyright 2026 A. Author. All rights reserved; ask before you use it.\n",
+}
+
+
+@pytest.mark.parametrize("expected", list(LICENCE_EXCERPTS))
+def test_a_licence_text_is_named_by_its_distinctive_phrases(expected):
+    """Texts quote each other (the GPL-3.0 names the AGPL and LGPL, the MPL-2.0 every GNU
+    licence, BSD-3 holds BSD-2's words): each is named as itself, never as one it quotes."""
+    assert license_of_text(LICENCE_EXCERPTS[expected]) == expected
+
+
+# Debian's base-files copies of licence texts (file name -> id), read when the machine has them.
+COMMON_LICENSES = Path("/usr/share/common-licenses")
+DEBIAN_TEXTS = {"Apache-2.0": "Apache-2.0", "BSD": "BSD-3-Clause", "CC0-1.0": "CC0-1.0",
+                "GFDL-1.3": "GFDL-1.3", "GPL-2": "GPL-2.0", "GPL-3": "GPL-3.0",
+                "LGPL-2.1": "LGPL-2.1", "LGPL-3": "LGPL-3.0", "MPL-2.0": "MPL-2.0",
+                "GPL-1": "NOASSERTION", "LGPL-2": "NOASSERTION", "MPL-1.1": "NOASSERTION",
+                "GFDL-1.2": "NOASSERTION", "Artistic": "NOASSERTION"}
+
+
+@pytest.mark.skipif(not COMMON_LICENSES.is_dir(), reason="no /usr/share/common-licenses")
+def test_whole_licence_texts_from_the_system_are_named_as_their_files_say():
+    """The excerpts above are ours; these are the licences' full texts (independent of this
+    code): the GPL-3.0 quotes the AGPL and LGPL, the MPL-2.0 every GNU licence, the GPL-1 and
+    LGPL-2.0 (which GitHub does not list) read like their successors."""
+    texts = {name: COMMON_LICENSES / name for name in DEBIAN_TEXTS
+             if (COMMON_LICENSES / name).is_file()}
+    assert len(texts) >= 5, sorted(p.name for p in COMMON_LICENSES.iterdir())
+    got = {name: license_of_text(path.read_text(errors="replace"))
+           for name, path in texts.items()}
+    assert got == {name: DEBIAN_TEXTS[name] for name in texts}
+
+
+def test_every_licence_row_is_an_id_github_reports_and_reachable():
+    """An id spelled otherwise than GitHub spells it would never match ``--licenses``; a row
+    whose phrases an earlier row also matches would never be reached."""
+    for license_id, phrases in LICENSE_PHRASES:
+        assert license_id in KNOWN_LICENSES
+        assert license_of_text(" ".join(phrases)) == license_id, phrases
+
+
+def _tree(root: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
+@pytest.mark.parametrize("files, expected", [
+    ({"LICENSE": LICENCE_EXCERPTS["MIT"]}, "MIT"),
+    ({"licence.txt": LICENCE_EXCERPTS["ISC"]}, "ISC"),
+    ({"LICENSE.md": LICENCE_EXCERPTS["Apache-2.0"]}, "Apache-2.0"),
+    ({"copying": LICENCE_EXCERPTS["GPL-3.0"]}, "GPL-3.0"),
+    ({"UNLICENSE": LICENCE_EXCERPTS["Unlicense"]}, "Unlicense"),
+    ({"MIT-LICENSE": LICENCE_EXCERPTS["MIT"]}, "MIT"),
+    ({"LICENSE.BSD": LICENCE_EXCERPTS["BSD-2-Clause"]}, "BSD-2-Clause"),
+    ({"LICENSE": "Do as you please, but call me.\n"}, "NOASSERTION"),
+    ({"COPYING": LICENCE_EXCERPTS["GPL-3.0"], "COPYING.LESSER": LICENCE_EXCERPTS["LGPL-3.0"]},
+     "LGPL-3.0"),
+    ({"LICENSE-MIT": LICENCE_EXCERPTS["MIT"],
+      "LICENSE-APACHE-2.0.txt": LICENCE_EXCERPTS["Apache-2.0"]}, "NOASSERTION"),
+    ({"LICENSE": LICENCE_EXCERPTS["MIT"], "COPYING": LICENCE_EXCERPTS["MIT"]}, "MIT"),
+    ({"a.py": "x = 1\n", "license.py": LICENCE_EXCERPTS["MIT"],
+      "license_check.py": "x = 1\n", "docs/LICENSE": LICENCE_EXCERPTS["MIT"],
+      "LICENSES/MIT.txt": LICENCE_EXCERPTS["MIT"], "README.md": LICENCE_EXCERPTS["MIT"]}, None),
+], ids=["LICENSE", "licence.txt", "LICENSE.md", "copying", "UNLICENSE", "MIT-LICENSE",
+        "LICENSE.BSD", "unknown", "GPL+LESSER", "dual", "agree", "none-at-top"])
+def test_a_trees_licence_is_read_from_its_top_level_licence_files(tmp_path, files, expected):
+    assert detect_license(_tree(tmp_path / "src", files)) == expected
+
+
+def test_a_licence_file_linking_out_of_its_tree_is_not_read(tmp_path):
+    """A cloned repository's LICENSE may be a link to anywhere on the machine."""
+    src = _tree(tmp_path / "src", {"docs/LICENSE.txt": LICENCE_EXCERPTS["MIT"]})
+    (tmp_path / "outside").write_text(LICENCE_EXCERPTS["GPL-3.0"])
+    (src / "LICENSE").symlink_to(tmp_path / "outside")
+    assert detect_license(src) is None
+    (src / "LICENSE").unlink()
+    (src / "LICENSE").symlink_to("docs/LICENSE.txt")
+    assert detect_license(src) == "MIT"
+
+
+def test_local_records_each_sources_own_licence(tmp_path, capsys):
+    """Every local record said ``license: null`` although each repo had its LICENSE; one
+    --license for a run mislabelled one of an MIT and a GPL repo collected together."""
+    sources = {
+        "mit": {"LICENSE": LICENCE_EXCERPTS["MIT"], "a.py": "a = 1\n"},
+        "gpl": {"COPYING": LICENCE_EXCERPTS["GPL-3.0"], "b.py": "b = 1\n"},
+        "odd": {"LICENSE.md": "Free for good uses only.\n", "c.py": "c = 1\n"},
+        "bare": {"d.py": "d = 1\n"},
+    }
+    roots = [str(_tree(tmp_path / name, files)) for name, files in sources.items()]
+    out = tmp_path / "out.jsonl"
+    assert main(["local", *roots, "--out", str(out), "--no-progress"]) == 0
+    assert {r["repo"]: r["license"] for r in read_jsonl(out)} == {
+        "mit": "MIT", "gpl": "GPL-3.0", "odd": "NOASSERTION", "bare": None}
+    assert "repos collected" in capsys.readouterr().err
+    stamped = tmp_path / "stamped.jsonl"
+    assert main(["local", *roots[:2], "--out", str(stamped), "--license", "apache-2.0",
+                 "--no-progress"]) == 0  # the user's word wins over the licence files
+    assert {r["repo"]: r["license"] for r in read_jsonl(stamped)} == {
+        "mit": "Apache-2.0", "gpl": "Apache-2.0"}
+    assert main(["local", *roots, "--out", str(stamped), "--no-progress"]) == 2
+    assert "license differ" in capsys.readouterr().err  # a resume keeps its licence rule
+
+
+def test_local_licenses_filters_sources_as_github_does(tmp_path, capsys):
+    """``--licenses`` of ``scraping github`` for local sources, git URLs included: a source
+    outside it is counted under `license` and recorded done; `none` is no licence file."""
+    work = _tree(tmp_path / "work", {"COPYING": LICENCE_EXCERPTS["GPL-3.0"], "g.py": "g = 1\n"})
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    for args in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "one"]):
+        subprocess.run(git + args, cwd=work, check=True, capture_output=True)
+    subprocess.run(git + ["clone", "-q", "--bare", str(work), str(tmp_path / "gpl.git")],
+                   check=True)
+    sources = [str(_tree(tmp_path / "mit", {"LICENSE": LICENCE_EXCERPTS["MIT"],
+                                            "a.py": "a = 1\n"})),
+               (tmp_path / "gpl.git").as_uri(),
+               str(_tree(tmp_path / "bare", {"b.py": "b = 1\n"}))]
+    out = tmp_path / "out.jsonl"
+    argv = ["local", *sources, "--out", str(out), "--no-progress", "--licenses"]
+    assert main([*argv, "permissive", "none"]) == 0
+    assert {r["repo"]: r["license"] for r in read_jsonl(out)} == {"mit": "MIT", "bare": None}
+    err = capsys.readouterr().err
+    assert re.search(r"repos license +1\n", err) and re.search(r"repos collected +2\n", err)
+    assert main([*argv, "PERMISSIVE", "None"]) == 0  # the same filter resumes, skipping all
+    assert re.search(r"repos already_done +3\n", capsys.readouterr().err)
+    assert main([*argv, "GPL-3.0"]) == 2
+    assert "licenses differ" in capsys.readouterr().err
+    assert main([*argv, "GPL-3.0", "--out", str(tmp_path / "gpl.jsonl")]) == 0
+    assert {r["repo"] for r in read_jsonl(tmp_path / "gpl.jsonl")} == {sources[1]}
+    assert main([*argv, "MIT", "--license", "GPL-3.0", "--out", str(tmp_path / "x.jsonl")]) == 2
+    assert "--license GPL-3.0 is not one of --licenses" in capsys.readouterr().err
+
+
+def test_an_output_of_local_records_with_null_licences_is_not_resumed_with_detected_ones(
+        tmp_path, capsys):
+    """An earlier codelm recorded null for every local source; going on would add detected
+    licences beside those nulls in one file."""
+    src = _tree(tmp_path / "src", {"LICENSE": LICENCE_EXCERPTS["MIT"], "a.py": "a = 1\n"})
+    out = tmp_path / "out.jsonl"
+    out.write_text("")
+    settings = {"extensions": [".py"], "min_bytes": 1, "max_bytes": 1_000_000, "branch": None,
+                "license": None}
+    (tmp_path / "out.jsonl.state").write_text(json.dumps({"settings": settings}) + "\n")
+    assert main(["local", str(src), "--out", str(out), "--no-progress"]) == 2
+    assert "recorded licence null for every source" in capsys.readouterr().err
+    assert main(["local", str(src), "--out", str(out), "--no-progress", "--license",
+                 "MIT"]) == 2  # stamping MIT is not that run's rule either
+    assert "license differ" in capsys.readouterr().err
+    assert out.read_text() == ""
 
 
 def test_a_multi_word_language_is_one_search_term(tmp_path):
