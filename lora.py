@@ -597,14 +597,12 @@ def _check_model(model: nn.Module, caller: str) -> None:
 def _attach(model: nn.Module, cfg: LoRAConfig, resolved: dict[str, list[str]]) -> LoRAReport:
     names = _module_names(model)
     chosen = list(dict.fromkeys(n for hits in resolved.values() for n in hits))
-    for name in chosen:
-        path, rows = names[name]
+    for name in chosen:  # (an embedding's slot is always its whole table: no rows to check)
+        path, _ = names[name]
         module = model.get_submodule(path)
         if not isinstance(module, (nn.Linear, QuantLinear, nn.Embedding)):
             raise ValueError(f"LoRA target {name} ({path}) is a {type(module).__name__}; LoRA "
                              "adapts Linear and Embedding modules only")
-        if isinstance(module, nn.Embedding) and rows is not None:
-            raise ValueError(f"{name}: an embedding LoRA must cover the whole table ({path})")
     for p in model.parameters():
         p.requires_grad_(False)
     for name in chosen:
@@ -637,7 +635,11 @@ def _report(model: nn.Module, resolved: dict[str, list[str]]) -> LoRAReport:
         targets=resolved,
         modules=[path for path, _ in lora_modules(model)],
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
-        total_params=sum(p.numel() for p in model.parameters()),
+        # a quantized weight is a buffer; counted as the weights it stands for, as PEFT counts
+        # a bitsandbytes base
+        total_params=sum(p.numel() for p in model.parameters())
+        + sum(q.in_features * q.out_features for q in model.modules()
+              if isinstance(q, QuantLinear)),
     )
 
 

@@ -45,7 +45,8 @@ from architecture import (
 # part: which rows of the codelm module an HF module's output fills.
 #   None: all, same order; q/k/v: that block of the fused [Q | K | V];
 #   qkv_codegen: CodeGen's 4 chunks of [q | v | k] per chunk;
-#   qkv_per_head: GPTBigCode without multi-query, [q | k | v] per head.
+#   qkv_bigcode: GPTBigCode's c_attn, [q | k | v] per head without multi-query (with it, as
+#   codelm's [Q | K | V]: all rows, same order).
 LLAMA_MODULES = {
     "model.embed_tokens": ("wte", None),
     "model.layers.{i}.input_layernorm": ("blocks.{i}.norm_1", None),
@@ -319,6 +320,8 @@ def _read_gpt_bigcode(hf: dict) -> ModelConfig:
         eos_id=_eos(hf))
 
 
+# (SwiGLU has no name here: a null reads back as the family's default, and hf_config's check
+# names the mlp it cannot express)
 _HF_ACT_NAME = {"gpt_bigcode": {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"},
                 "codegen": {"gelu": "gelu", "gelu_tanh": "gelu_new"},
                 "phi": {"gelu": "gelu", "gelu_tanh": "gelu_new"}}
@@ -347,7 +350,7 @@ def _write_phi(c: ModelConfig) -> dict:
     return {"vocab_size": c.vocab_size, "max_position_embeddings": c.block_size,
             "hidden_size": c.n_embd, "intermediate_size": c.mlp_hidden,
             "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
-            "num_key_value_heads": c.n_kv_head, "hidden_act": _HF_ACT_NAME["phi"][c.mlp],
+            "num_key_value_heads": c.n_kv_head, "hidden_act": _HF_ACT_NAME["phi"].get(c.mlp),
             "layer_norm_eps": c.norm_eps,
             "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta,
                                 "partial_rotary_factor": c.rotary_dim / c.head_dim},
@@ -359,7 +362,7 @@ def _write_codegen(c: ModelConfig) -> dict:
     return {"vocab_size": c.vocab_size, "n_positions": c.block_size, "n_ctx": c.block_size,
             "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
             "n_inner": c.mlp_hidden, "rotary_dim": c.rotary_dim,
-            "activation_function": _HF_ACT_NAME["codegen"][c.mlp],
+            "activation_function": _HF_ACT_NAME["codegen"].get(c.mlp),
             "layer_norm_epsilon": c.norm_eps, **_write_dropouts(c),
             "tie_word_embeddings": c.tie_embeddings}
 
@@ -368,7 +371,7 @@ def _write_gpt_bigcode(c: ModelConfig) -> dict:
     return {"vocab_size": c.vocab_size, "n_positions": c.block_size, "n_embd": c.n_embd,
             "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": c.mlp_hidden,
             "multi_query": c.n_kv_head == 1,
-            "activation_function": _HF_ACT_NAME["gpt_bigcode"][c.mlp],
+            "activation_function": _HF_ACT_NAME["gpt_bigcode"].get(c.mlp),
             "layer_norm_epsilon": c.norm_eps, **_write_dropouts(c), "scale_attn_weights": True,
             "tie_word_embeddings": c.tie_embeddings}
 
@@ -492,6 +495,9 @@ class SafetensorsFile:
                 header = json.loads(f.read(n))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+            if not isinstance(header, dict):
+                raise ValueError(f"{path}: corrupt safetensors header (a JSON "
+                                 f"{type(header).__name__}, not an object)")
         self.data_start = 8 + n
         header.pop("__metadata__", None)
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}

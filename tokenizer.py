@@ -651,10 +651,8 @@ class CodeTokenizer(_BatchEncodeMixin):
                                  "ByteLevel spelling of UTF-8 text") from None
         specials = [by_id[i] for i in range(n_specials)]
         _check_code_added_tokens(spec.get("added_tokens", []), specials, source)
-        try:
-            return cls(pieces, special_tokens=specials)
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
+        # (distinct: the vocab's keys are, and the ByteLevel spelling maps them one to one)
+        return cls(pieces, special_tokens=specials)
 
     @staticmethod
     def is_hf_form(spec: dict) -> bool:

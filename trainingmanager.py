@@ -1212,7 +1212,15 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = cliconfi
                  f"longer than the context of {named('init_from')}, {context} positions")
     else:  # the preset, the shape and model_options, checked before the data is prepared
         try:
-            model_config(cfg, 1, None, None)
+            shape = model_config(cfg, 1, None, None)
+            if cfg.export:  # else it trains to the end and fails writing export/
+                from pretrained import hf_config
+
+                try:
+                    hf_config(shape, torch.float32)
+                except ValueError as e:
+                    raise ValueError(f"{e}; set export false ({where_set('export')}) to train "
+                                     "it without an HF export") from None
         except ValueError as e:  # name the settings the model was made of, and where
             made_of = [named(k) for k in ("preset", *MODEL_SHAPE_KEYS, "model_options")
                        if k == "preset" or getattr(cfg, k) not in (None, {})]

@@ -1451,3 +1451,54 @@ def test_presets_table_rows_show_each_presets_sizes(capsys):
     with pytest.raises(SystemExit) as e:
         architecture.main(["llama-3.2-1B"])
     assert e.value.code == 2 and "invalid choice: 'llama-3.2-1B'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------- paths the tests above left unrun
+
+@pytest.mark.parametrize("family", ["gpt_bigcode", "phi", "llama"])  # wpe + tied; untied; tied
+def test_num_parameters_counts_as_transformers_does(tmp_path, family):
+    """num_parameters(exclude_embeddings=True) leaves out wte (a tied head with it) and wpe, as
+    transformers' num_parameters leaves out its embedding modules."""
+    from tiny_hf import save_tiny_hf
+
+    hf = save_tiny_hf(family, tmp_path)
+    model = Transformer.from_pretrained(tmp_path)
+    for exclude in (False, True):
+        assert model.num_parameters(exclude) == hf.num_parameters(exclude_embeddings=exclude)
+
+
+def test_a_head_that_is_no_plain_linear_counts_correct_tokens_as_the_logits_say():
+    """A LoRA or quantized lm_head takes the unfused path: its loss and correct count are the
+    whole logits' (count_correct there was never run)."""
+    import architecture
+
+    class Wrapped(torch.nn.Linear):  # not type nn.Linear: unfused, as lora's LoRALinear
+        pass
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(12, 50).double()
+    head = Wrapped(12, 50).double()
+    head.load_state_dict(linear.state_dict())
+    hidden = torch.randn(3, 10, 12, dtype=torch.float64)
+    labels = torch.randint(0, 50, (3, 10))
+    labels[0, :4] = -100
+    labels[1] = linear(hidden[1]).argmax(-1)  # some rows right, so the count is not 0
+    loss, correct = architecture.head_cross_entropy(hidden, labels, head, 0.0, True)
+    ref_loss, ref_correct = _unfused(hidden, labels, linear, 0.0)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-6, atol=0)  # fp32 logits
+    assert int(correct) == int(ref_correct) >= 10
+    assert architecture.head_cross_entropy(hidden, labels, head)[1] is None
+
+
+def test_zero_new_tokens_return_the_prompt_and_bad_beams_or_masks_are_refused():
+    model = _model("llama")
+    idx = _ids(2, 5)
+    for beams in (1, 3):
+        assert torch.equal(model.generate(idx, 0, num_beams=beams), idx)
+        assert torch.equal(model.generate(idx, 0, num_beams=beams, eos_id=4), idx)
+    for beams in (0, -1):
+        with pytest.raises(ValueError, match=f"num_beams must be >= 1, got {beams}"):
+            model.generate(idx, 3, num_beams=beams)
+    with pytest.raises(ValueError, match=r"attention_mask shape \(2, 4\) != input_ids shape "
+                                         r"\(2, 5\)"):
+        model(idx, attention_mask=torch.ones(2, 4, dtype=torch.bool))

@@ -489,6 +489,30 @@ def test_write_dir_atomically_replaces_or_lets_the_first_publisher_win(tmp_path)
     assert (fresh / "a").read_text() == "1"
 
 
+def test_replacing_a_directory_whose_new_copy_fails_to_land_puts_the_old_one_back(tmp_path,
+                                                                                 monkeypatch):
+    """The old copy is moved aside, then the new one's rename fails (an I/O error, a Ctrl-C):
+    the old copy is back under its name and nothing else is left beside it."""
+    import errno
+    import os
+
+    target = tmp_path / "entry"
+    cliconfig.write_dir_atomically(target, lambda d: (d / "a").write_text("old"))
+    rename = os.rename
+
+    def failing(src, dst):
+        if ".entry.tmp-" in Path(src).name:  # the new copy's rename, after the move aside
+            raise OSError(errno.EIO, "Input/output error")
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", failing)
+    for _ in range(2):  # the second sees a clean directory: nothing was left to settle
+        with pytest.raises(OSError, match="Input/output error"):
+            cliconfig.write_dir_atomically(target, lambda d: (d / "a").write_text("new"))
+        assert (target / "a").read_text() == "old"
+        assert [p.name for p in tmp_path.iterdir()] == ["entry"]
+
+
 def test_recover_partial_writes_settles_dead_owners_only(tmp_path):
     """A dead writer's temp is removed and the directory it had moved aside put back when its
     replacement never landed (else removed); a live writer's names, and another machine's, are
@@ -673,7 +697,19 @@ def test_write_dir_atomically_replaces_a_dangling_symlink_at_the_target(tmp_path
     assert os.listdir(tmp_path) == ["entry"]  # the link moved aside is gone too
 
 
-def test_a_stop_within_stops_deferred_lands_on_leaving_whole_work_done():
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT at Python's own handler (KeyboardInterrupt) whatever pytest inherited: started with
+    SIGINT ignored (`nohup pytest ... &` in a script), Python installs none, and a test's Ctrl-C
+    is ignored, as cliconfig keeps an ignored signal ignored; both tests below then failed."""
+    import signal
+
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, inherited)
+
+
+def test_a_stop_within_stops_deferred_lands_on_leaving_whole_work_done(ctrl_c_raises):
     """A signal to the process (its kernel may hand it to any thread) waits for the block's end,
     then lands as the handler in place before takes it: here Ctrl-C's KeyboardInterrupt."""
     import os
@@ -745,7 +781,8 @@ def test_a_second_ctrl_c_while_the_script_exits_ends_it_without_a_traceback(tmp_
     assert proc.returncode == -signal.SIGINT
 
 
-def test_a_ctrl_c_between_the_renames_of_a_set_lands_after_the_last(tmp_path, monkeypatch):
+def test_a_ctrl_c_between_the_renames_of_a_set_lands_after_the_last(tmp_path, monkeypatch,
+                                                                  ctrl_c_raises):
     """Ctrl-C (or SIGTERM under interrupt_on_sigterm) right after the weights' rename left them
     under the previous config: the set is renamed whole, then the stop lands."""
     import os

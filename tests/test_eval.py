@@ -396,6 +396,9 @@ def test_duplicate_task_id_is_an_error_before_any_generation(tiny_models, tmp_pa
      r"test does not define check\(candidate\)"),
     ({"entry_point": "nope"}, r"entry_point 'nope' is not defined in the prompt"),
     ({"prompt": "def c(:\n"}, r"prompt does not compile \(invalid syntax, line 1\)"),
+    # a ValueError from compile() before Python 3.12, a SyntaxError since
+    ({"test": "def check(candidate):\n    pass\n\0"},
+     r"test does not compile \(source code string cannot contain null bytes(, line \d+)?\)"),
 ])
 def test_a_problem_no_sample_can_pass_is_an_error_before_any_generation(
         tiny_models, tmp_path, monkeypatch, capsys, change, message):
@@ -2839,6 +2842,29 @@ def test_a_resume_keeps_only_the_predictions_of_the_saved_models(tiny_models, tm
     assert not any(r.get("id") == "stray" for r in records)
     n = json.loads((out / "results.json").read_text())["examples"]["line"]
     assert sum(r["model"] == "b" for r in records) == n
+
+
+def test_a_resume_over_a_damaged_predictions_file_names_its_line_and_the_remedy(
+        tiny_models, tmp_path, monkeypatch, capsys):
+    """A line of predictions.jsonl that is no JSON (a hand edit, a damaged copy) is an error
+    naming the file, its line and what to do; results.json and the file are left as they are."""
+    monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
+    base, out = tiny_models["base"], tmp_path / "out"
+    argv = ["--models", f"a={base}", f"b={base}", "--data", str(tiny_models["code"]),
+            "--tasks", "line", "--out-dir", str(out), *FAST_FLAGS]
+    monkeypatch.setattr(ev, "generate_texts", _fail_in_model_b(KeyboardInterrupt()))
+    assert ev.main(argv) == 130
+    preds = out / "predictions.jsonl"
+    lines = preds.read_text().splitlines(keepends=True)
+    damaged = "".join(lines[:1] + ['{"model": "a", "id": \n'] + lines[1:])
+    preds.write_text(damaged)
+    results = (out / "results.json").read_text()
+    capsys.readouterr()
+    monkeypatch.setattr(ev, "generate_texts", _record_models([]))
+    assert ev.main(argv) == 2
+    assert (f"error: {preds}:2: not a JSON record (Expecting value); remove {out} to start "
+            "over") in capsys.readouterr().err
+    assert preds.read_text() == damaged and (out / "results.json").read_text() == results
 
 
 def test_a_runs_context_is_its_training_block_size_not_its_bases(tiny_models):

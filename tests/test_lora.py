@@ -15,7 +15,7 @@ import transformers as tf
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from tiny_hf import save_tiny_hf, tiny_hf_model
+from tiny_hf import save_tiny_hf, tiny_hf_config, tiny_hf_model
 
 import lora
 import pretrained
@@ -758,8 +758,9 @@ def test_quantize_then_lora_matches_peft_count(tmp_path):
     quantize_base(model, bits=4)
     setting = REAL["002-phi-1_5"][2]
     report = apply_lora(model, LoRAConfig(**setting))
-    assert report.trainable_params == get_peft_model(
-        hf, _peft_config(setting)).get_nb_trainable_parameters()[0]
+    # all params as PEFT counts them: the quantized weights too (they were left out, buffers)
+    assert (report.trainable_params, report.total_params) == get_peft_model(
+        hf, _peft_config(setting)).get_nb_trainable_parameters()
 
 
 @pytest.mark.parametrize("layout", ["slices_with_gap", "permuted", "scattered"])
@@ -823,6 +824,9 @@ def test_overlapping_adapters_are_refused():
         layer.add_adapter("b", "b", torch.tensor([2, 3]))
     with pytest.raises(ValueError, match="overlaps"):
         layer.add_adapter("c", "c", None)
+    with pytest.raises(ValueError, match=r"two LoRA adapters named 'a' on one module \(x\)"):
+        layer.add_adapter("a", "x", torch.tensor([5, 6]))  # rows free: the name alone clashes
+    assert list(layer.lora_A) == ["a"] and layer.lora_A["a"].shape[0] == layer.r
 
 
 def test_merge_and_export_leaves_the_adapters_merged_in_place_and_unmerge_resumes(tmp_path):
@@ -1267,3 +1271,59 @@ def test_cli_stopped_by_sigterm_while_writing_leaves_nothing(tmp_path, capsys, m
     assert lora.main([str(tmp_path / "a"), str(tmp_path / "out")]) == 143
     assert capsys.readouterr().err == "interrupted: nothing written\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_a_base_layer_tensor_of_a_fused_modules_rows_loads_where_peft_puts_it(tmp_path):
+    """A base_layer tensor of an HF module that is rows of codelm's fused qkv (v_proj) is written
+    to those rows only: PEFT loads the same file into q_proj, and the logits agree."""
+    hf, model, _ = _pair("llama", tmp_path)
+    peft_model = get_peft_model(copy.deepcopy(hf), _peft_config(
+        dict(r=4, alpha=8, target_modules=["q_proj", "v_proj"])))
+    peft_model.save_pretrained(tmp_path / "peft")
+    key = "base_model.model.model.layers.0.self_attn.v_proj.base_layer.weight"
+    _edit_adapter(tmp_path / "peft", tensors=lambda t: {**t, key: torch.randn(32, 64)})
+    reference = PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "peft").eval()
+    q_and_k = model.blocks[0].attn.qkv.weight[:96].clone()  # v: the last 32 rows
+    load_adapter(model, tmp_path / "peft")
+    ids = _ids(4)
+    torch.testing.assert_close(_logits(model, ids), _logits(reference, ids), atol=1e-5, rtol=0)
+    assert torch.equal(model.blocks[0].attn.qkv.weight[:96], q_and_k)
+    # On a quantized base there is no full-precision weight to write: an error naming the file.
+    _, quantized, _ = _pair("llama", tmp_path / "q")
+    quantize_base(quantized, bits=8)
+    with pytest.raises(ValueError, match=rf"adapter_model.safetensors: cannot load '{key}': "
+                                         r"blocks.0.attn.qkv has no full-precision weight"):
+        load_adapter(quantized, tmp_path / "peft")
+    assert not list(lora_modules(quantized))
+
+
+def test_an_adapter_directory_without_weights_is_an_error_naming_it(tmp_path):
+    _, fresh = _saved_adapter(tmp_path)
+    (tmp_path / "a" / lora.ADAPTER_WEIGHTS).unlink()
+    with pytest.raises(ValueError, match=r"a: no adapter_model.safetensors \(or adapter_model.bin\) "
+                                         "found"):
+        load_adapter(fresh, tmp_path / "a")
+    assert not list(lora_modules(fresh))
+
+
+@pytest.mark.parametrize("bits", [0, 2, 16])
+def test_quantization_to_other_bit_widths_or_of_a_meta_model_is_refused(bits):
+    with pytest.raises(ValueError, match=rf"bits must be 8 \(int8\) or 4 \(NF4\), got {bits}"):
+        quantize_base(Transformer(PRESETS["tiny"]), bits=bits)
+    with pytest.raises(ValueError, match=rf"bits must be 8 \(int8\) or 4 \(NF4\), got {bits}"):
+        QuantLinear(torch.nn.Linear(8, 4), bits)
+    with pytest.raises(ValueError, match="cannot quantize a model on the meta device"):
+        QuantLinear(torch.nn.Linear(8, 4, device="meta"), 4)
+
+
+def test_every_embedding_slot_covers_its_whole_table():
+    """_attach adapts an Embedding as a whole (LoRAEmbedding has no rows): it relies on no family
+    mapping an HF embedding to part of one (the check for that was unreachable and is gone)."""
+    for family in pretrained.TABLES:
+        for overrides in ({}, {"multi_query": False}) if family == "gpt_bigcode" else ({},):
+            hf = tiny_hf_config(family, **overrides).to_dict()
+            cfg = pretrained.TABLES[family].read_config(hf)
+            model = Transformer(cfg)
+            slots = {name: slot for name, slot in pretrained.hf_module_slots(cfg).items()
+                     if isinstance(model.get_submodule(slot.path), torch.nn.Embedding)}
+            assert slots and all(slot.rows is None for slot in slots.values()), family

@@ -337,6 +337,14 @@ def test_export_refuses_what_the_family_cannot_express(tmp_path):
                       mlp_hidden=64, norm="layernorm", block_size=32)
     with pytest.raises(ValueError, match="cannot export as 'llama'.*norm"):
         Transformer(cfg).save_pretrained(tmp_path)
+    # SwiGLU (the from-scratch presets' MLP) under another family: was a bare KeyError 'swiglu'
+    for family in ("phi", "codegen", "gpt_bigcode"):
+        cfg = ModelConfig(family=family, vocab_size=64, n_layer=1, n_head=4, n_embd=32,
+                          mlp_hidden=64, mlp="swiglu", block_size=32)
+        with pytest.raises(ValueError, match=rf"cannot export as '{family}': the HF layout "
+                                             r"cannot express ModelConfig fields \[.*'mlp'"):
+            Transformer(cfg).save_pretrained(tmp_path / family)
+        assert not (tmp_path / family).exists()
 
 
 def test_sharded_safetensors_input(checkpoints, tmp_path):
@@ -841,6 +849,10 @@ def test_error_shard_index_without_a_file_name(checkpoints, tmp_path):
     with pytest.raises(ValueError, match=r"model.safetensors.index.json: corrupt shard index "
                                          r"\(weight_map\['model.norm.weight'\] is None"):
         Transformer.from_pretrained(tmp_path)
+    index.write_text(json.dumps({"metadata": {}, "weights": data["weight_map"]}))
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json: corrupt shard index "
+                                         r"\(no 'weight_map' object\)"):
+        Transformer.from_pretrained(tmp_path)
 
 
 def test_error_quantized_checkpoint(checkpoints, tmp_path):
@@ -1072,6 +1084,92 @@ def test_error_safetensors_entry_whose_offsets_do_not_fit_its_shape(tmp_path):
     with pytest.raises(ValueError, match=r"model.safetensors: corrupt safetensors entry 'w' "
                                          r"\(offsets 0..8 for 16 bytes\)"):
         pretrained.SafetensorsFile(path)
+
+
+def _safetensors_with_header(path, raw: bytes):
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(8))
+    return path
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", r"truncated or corrupt safetensors file \(header length -1, file size 0\)"),
+    (bytes(4), r"truncated or corrupt safetensors file \(header length -1, file size 4\)"),
+    ((99).to_bytes(8, "little") + b"{}",
+     r"truncated or corrupt safetensors file \(header length 99, file size 10\)"),
+])
+def test_error_safetensors_file_too_short_for_its_header(tmp_path, content, message):
+    """An empty or cut-short file (a copy onto a full disk) is an error naming it."""
+    (tmp_path / "model.safetensors").write_bytes(content)
+    with pytest.raises(ValueError, match=rf"model.safetensors: {message}"):
+        pretrained.SafetensorsFile(tmp_path / "model.safetensors")
+
+
+@pytest.mark.parametrize("raw,message", [
+    (b"[1, 2]", r"corrupt safetensors header \(a JSON list, not an object\)"),
+    (b"null", r"corrupt safetensors header \(a JSON NoneType, not an object\)"),
+    (b'{"w": {"dtype": "F32", "shape": [2]}}', r"corrupt safetensors header entry 'w': "),
+    (b'{"w": {"dtype": "F32", "shape": ["a"], "data_offsets": [0, 4]}}',
+     r"corrupt safetensors header entry 'w': "),
+    (b'{"w": [0, 4]}', r"corrupt safetensors header entry 'w': \[0, 4\]"),
+])
+def test_error_safetensors_header_of_the_wrong_shape(tmp_path, raw, message):
+    """Valid JSON that is no safetensors header: a ValueError naming the file, not a TypeError or
+    AttributeError (a header that is no object was one)."""
+    path = _safetensors_with_header(tmp_path / "model.safetensors", raw)
+    with pytest.raises(ValueError, match=rf"model.safetensors: {message}"):
+        pretrained.SafetensorsFile(path)
+
+
+def test_empty_tensors_read_as_the_safetensors_library_reads_them(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_file({"empty": torch.zeros(0, 3, dtype=torch.bfloat16), "w": torch.arange(4.0)},
+              tmp_path / "t.safetensors")
+    f = pretrained.SafetensorsFile(tmp_path / "t.safetensors")
+    for name, ref in load_file(tmp_path / "t.safetensors").items():
+        assert f.view(name).dtype == ref.dtype and torch.equal(f.view(name), ref), name
+        out = torch.full_like(ref, 7)
+        f.read_into(name, out)
+        assert torch.equal(out, ref), name
+
+
+def test_auto_dtype_of_a_bin_checkpoint_without_a_config_dtype_is_its_weights(tmp_path):
+    """dtype="auto" on a pytorch_model.bin checkpoint whose config.json names no dtype: the
+    weights' dtype, as transformers resolves it."""
+    import transformers
+
+    hf = tiny_hf_model("llama").to(torch.bfloat16)
+    hf.config.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key in ("dtype", "torch_dtype"):
+        config.pop(key, None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype="auto")
+    loaded = Transformer.from_pretrained(tmp_path, dtype="auto")
+    assert {p.dtype for p in loaded.parameters()} == {p.dtype for p in ref.parameters()} == {
+        torch.bfloat16}
+
+
+def test_export_checkpoint_loses_to_another_writer_of_the_same_directory(checkpoints, tmp_path):
+    """Two conversions into one new directory: the one that lands first stays whole, the other
+    is an error and leaves no copy of its own beside it."""
+    path, _, model = checkpoints["llama"]
+    out = tmp_path / "out"
+
+    def save_while_another_lands(directory):
+        model.save_pretrained(directory)
+        out.mkdir()
+        (out / "theirs").write_text("the other writer's")
+
+    with pytest.raises(ValueError, match=r"out was written by another process meanwhile; name a "
+                                         "new directory"):
+        pretrained.export_checkpoint(out, save_while_another_lands, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert [p.name for p in out.iterdir()] == ["theirs"]
+    with pytest.raises(ValueError, match="out already exists: name a new directory"):
+        pretrained.export_checkpoint(out, model.save_pretrained, path)
 
 
 def test_weight_files_are_chosen_in_transformers_order(checkpoints, tmp_path):

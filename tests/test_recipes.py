@@ -271,6 +271,7 @@ def test_recipe_refuses_a_checkpoint_of_another_family(tmp_path, capsys):
                          "--out-dir", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err
     assert "a 'llama' checkpoint, but this recipe is written for phi-1_5 ('phi')" in err
+    recipes.check_family(str(model), "llama-3.2-1b")  # its own family passes
     assert recipes.main([str(CONFIGS / "code_completion.json"), "--model", str(model)]) == 2
     assert "trains from scratch" in capsys.readouterr().err
     run = tmp_path / "run"  # a codelm run directory was "a None checkpoint"
@@ -834,6 +835,26 @@ def test_smoke_data_leaves_out_the_stdlibs_own_tests():
     recipe's data."""
     files = recipes._stdlib_texts(6000, 10**6)
     assert files and not [rel for rel, _ in files if rel.split("/")[0] == "test"]
+
+
+@pytest.mark.parametrize("sections", [{"train": {}}, {"train": {}, "eval": []},
+                                      {"train": None, "eval": {}}])
+def test_a_recipe_without_a_train_or_eval_object_is_refused_naming_it(tmp_path, sections):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(sections))
+    missing = "train" if sections["train"] is None else "eval"
+    with pytest.raises(ValueError, match=rf"r\.json: the '{missing}' section is missing or not "
+                                         "an object"):
+        recipes.load_recipe(path)
+
+
+def test_an_out_dir_that_cannot_be_created_is_an_error_naming_the_flag(tmp_path, capsys):
+    (tmp_path / "file").write_text("in the way")
+    assert recipes.main([str(CONFIGS / "code_completion.json"), "--out-dir",
+                         str(tmp_path / "file" / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'file' / 'runs'}: cannot create the output "
+                          "directory (Not a directory); check --out-dir"), err
 
 
 def test_a_recipe_with_an_unknown_top_level_key_is_refused(tmp_path):

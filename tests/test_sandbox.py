@@ -451,6 +451,42 @@ def test_evaluators_environment_is_out_of_reach_when_the_hook_is_fooled(landlock
     assert evaluator.stdout.endswith("dumpable 1\n")  # as it was, once no run is in flight
 
 
+@pytest.mark.parametrize("was_dumpable", [1, 0])
+def test_a_non_root_evaluator_is_undumpable_while_any_run_is_in_flight(monkeypatch, was_dumpable):
+    """The non-root path (a suite run as root never takes it): the first run in flight makes the
+    evaluator undumpable, the last one to end puts back what it was (an evaluator already
+    undumpable stays so), overlapping runs change nothing in between; root changes nothing."""
+    calls = []
+
+    def prctl(option, *args):
+        calls.append((option, args[0]))
+        return was_dumpable if option == 3 else 0  # 3: PR_GET_DUMPABLE, 4: PR_SET_DUMPABLE
+
+    monkeypatch.setattr(sandbox, "_prctl", lambda: prctl)
+    monkeypatch.setattr(sandbox, "_undumpable_runs", 0)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    sandbox._hide_evaluator(+1)
+    assert calls == [(3, 0), (4, 0)]
+    sandbox._hide_evaluator(+1)
+    sandbox._hide_evaluator(-1)
+    assert calls == [(3, 0), (4, 0)]  # one run still in flight
+    sandbox._hide_evaluator(-1)
+    assert calls == [(3, 0), (4, 0)] + ([(4, 1)] if was_dumpable else [])
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    calls.clear()
+    sandbox._hide_evaluator(+1)
+    sandbox._hide_evaluator(-1)
+    assert calls == [] and sandbox._undumpable_runs == 0
+
+
+def test_disk_use_of_a_directory_removed_meanwhile_is_nothing(tmp_path):
+    """A sample may remove a directory while it is measured: that part holds nothing, no error."""
+    (tmp_path / "kept").write_bytes(bytes(5000))
+    assert sandbox._disk_use(tmp_path / "gone", 10) == (0, 0)
+    used, entries = sandbox._disk_use(tmp_path, 10)
+    assert entries == 1 and used >= 5000
+
+
 def test_disk_use_in_total_is_bounded():
     """The budget is disk_mb (and max_files): 6 MiB under a 4 MiB budget is stopped at once,
     3 MiB runs to its end."""

@@ -695,6 +695,32 @@ def test_a_tokenizer_config_role_neither_a_token_nor_null_is_an_error_naming_it(
         load_tokenizer(tmp_path)
 
 
+def test_a_tokenizer_config_role_naming_no_token_of_the_vocabulary_is_an_error_naming_it(
+        tmp_path):
+    """transformers would add such a token past the model's embeddings; codelm refuses it."""
+    _hf_bpe_file(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>"}))
+    with pytest.raises(ValueError, match=r"tokenizer.json: bos_token '<s>' is not in the "
+                                         "vocabulary"):
+        load_tokenizer(tmp_path)
+
+
+def test_an_added_token_with_empty_content_takes_no_id_as_in_hf():
+    """HF skips an added token whose content is empty: the next one gets the id it would have
+    had, and no empty match splits the text."""
+    spec = _hand_written_spec(["ab"], [("a", "b")])
+    n = len(spec["model"]["vocab"])
+    flags = dict(single_word=False, lstrip=False, rstrip=False, normalized=False)
+    spec["added_tokens"] = [{"id": n, "content": "", **flags, "special": True},
+                            {"id": n + 1, "content": "<x>", **flags, "special": True}]
+    hf = Tokenizer.from_str(json.dumps(spec))
+    ours = BPETokenizer(spec)
+    assert ours.vocab_size == hf.get_vocab_size(with_added_tokens=True)
+    assert ours.token_to_id("<x>") == hf.token_to_id("<x>") == n
+    texts = ["ab<x>", "<x>a b", ""]
+    assert [ours.encode(t) for t in texts] == _hf_ids(hf, texts)
+
+
 def test_a_null_role_in_tokenizer_config_is_no_such_token_as_in_transformers(tmp_path):
     """transformers reads eos_token: null as no EOS; the name guess (<|endoftext|>) is only for
     a role the file does not name."""
@@ -1624,6 +1650,24 @@ def test_broken_files_name_the_file(tmp_path, references):
         ours.encode(b"bytes")
     with pytest.raises(ValueError, match="num_workers"):
         ours.encode_batch(["x"], num_workers=0)
+
+
+def test_a_codelm_form_file_repeating_a_piece_or_special_token_is_an_error_naming_it(tmp_path):
+    """A comment-stripping tokenizer's own format lists pieces and special tokens: a repeat
+    (a hand edit, a merge of two files) would give one text two ids."""
+    tok = CodeTokenizer.train(["def f(x):\n    return x  # c\n"] * 3, min_freq=1,
+                              strip_comments=True)
+    path = tok.save(tmp_path / "code.json")
+    data = json.loads(path.read_text("utf-8"))
+    for key, message in (("pieces", "CodeTokenizer vocabulary pieces must be distinct"),
+                         ("special_tokens", r"special tokens must be distinct: \[.*'<pad>'\]")):
+        path.write_text(json.dumps({**data, key: data[key] + data[key][:1]}), "utf-8")
+        with pytest.raises(ValueError, match=rf"code.json: {message}"):
+            load_tokenizer(path)
+    with pytest.raises(TypeError, match="encode\\(\\) expects a str, got NoneType"):
+        tok.encode(None)
+    with pytest.raises(ValueError, match="min_freq must be >= 1, got 0"):
+        CodeTokenizer.train(["x = 1"], min_freq=0)
 
 
 def test_cli_shows_hf_tokenizers_ids_and_each_tokens_text_or_bytes(references, tmp_path, capsys):

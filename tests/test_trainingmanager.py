@@ -1360,6 +1360,34 @@ def test_broken_checkpoint_falls_back_to_the_one_before_and_then_fails_clearly(a
     assert "Traceback" not in err and "weights_only" not in err
 
 
+def test_a_checkpoint_without_its_weights_or_with_a_state_short_of_keys_is_corrupt(tmp_path):
+    """A torch-readable state.pt that lacks a key (a hand-made or older file) and a checkpoint
+    whose weights file is gone are CorruptCheckpointError (resume then tries the one before),
+    not a KeyError mid-resume; the model is left as it was."""
+    from architecture import PRESETS, Transformer
+
+    ckpt = tmp_path / "step-4"
+    ckpt.mkdir()
+    progress = dict.fromkeys(tm._PROGRESS_KEYS, 0)
+    whole = {"optimizer": {}, "scheduler": {}, "scaler": None, "rng": {}, "progress": progress}
+    for state in ({k: v for k, v in whole.items() if k != "rng"},
+                  {**whole, "progress": {k: 0 for k in tm._PROGRESS_KEYS if k != "order"}},
+                  {**whole, "progress": [0]}, [whole]):
+        torch.save(state, ckpt / rundir.STATE_FILE)
+        with pytest.raises(tm.CorruptCheckpointError, match=r"step-4: corrupt or incomplete "
+                           r"checkpoint \(state.pt lacks some of optimizer, scheduler, scaler, "
+                           r"rng, progress\)"):
+            tm.read_state(ckpt)
+    torch.save(whole, ckpt / rundir.STATE_FILE)
+    assert tm.read_state(ckpt)["progress"] == progress
+    model = Transformer(PRESETS["tiny"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(tm.CorruptCheckpointError, match=r"step-4: corrupt or incomplete "
+                                                        r"checkpoint \(no model.safetensors\)"):
+        tm.load_checkpoint(ckpt, model, trainable_only=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
 def test_resume_refuses_settings_that_would_change_the_run(assets, tmp_path, capsys):
     """Model shape, LoRA, batch, sequence length, lr: refused with every key named and the
     run's config.json untouched; the run's length may change."""
@@ -3850,3 +3878,12 @@ def test_a_model_shape_error_names_the_settings_it_was_made_of(tmp_path, capsys)
     assert tm.main(["--config", str(config), "--device", "cpu"]) == 2
     assert capsys.readouterr().err.startswith(
         f"error: preset ('nope', --config {config}): unknown preset 'nope'; choose from [")
+
+
+def test_a_from_scratch_model_the_hf_layout_cannot_hold_is_refused_before_training(tmp_path):
+    """It trained to the end, then failed writing export/; without an export it may train."""
+    values = {"preset": "tiny", "model_options": {"family": "phi"}, "data": ["x"]}
+    with pytest.raises(ValueError, match=r"^preset \('tiny', --preset\), model_options .*"
+                       r"cannot export as 'phi'.*set export false \(--export\)"):
+        tm.validate_config(tm.config_from_dict(values, "t"))
+    tm.validate_config(tm.config_from_dict({**values, "export": False}, "t"))
