@@ -338,6 +338,14 @@ def setting(cfg, key: str, where_set: Callable[[str], str] = flag_of) -> str:
     return f"{key} ({getattr(cfg, key)!r}, {where_set(key)})"
 
 
+def off_switch(key: str, where_set: Callable[[str], str] = flag_of) -> str:
+    """How the user turns boolean config field ``key`` off, for advice: ``--no-KEY`` where
+    ``where_set`` names its flag (``--KEY`` typed or left at its default: typing that keeps it
+    on), else "KEY false" where they set it (the --config file, a recipe's section)."""
+    where = where_set(key)
+    return f"--no-{flag_of(key)[2:]}" if where == flag_of(key) else f"{key} false ({where})"
+
+
 def where_set_by(typed: Collection[str], config: str | Path | None = None,
                  in_file: Collection[str] = (), rest: str | None = None
                  ) -> Callable[[str], str]:

@@ -473,25 +473,32 @@ def strip_license_header(text: str) -> tuple[str, bool]:
 
 
 # Credential shapes specific enough to redact in code without false hits (the stdlib's only
-# ones are test URLs' passwords): (pattern, placeholder, strings one of which any hit holds: a
-# text without them is not searched, which keeps the scan to a fraction of a second on the
-# stdlib). A private key's body may sit in a string literal, its lines joined by \n escapes;
-# code that builds one from parts has quotes in between and is left alone.
+# ones are test keys and a test URL's password; placeholders and masks are left as written):
+# (pattern, placeholder, strings one of which any hit holds: a text without them is not
+# searched, which keeps the scan to a fraction of a second on the stdlib). A private key's body
+# may sit in a string literal, its lines joined by \n escapes; code that builds one from parts
+# has quotes in between and is left alone.
 SECRET_PATTERNS: tuple[tuple[re.Pattern, str, tuple[str, ...]], ...] = (
     (re.compile(r"(-----BEGIN ((?:[A-Z0-9]+ )*PRIVATE KEY)-----)"
                 r"(?:[A-Za-z0-9+/=\s:,.-]|\\[nr]){16,}?(-----END \2-----)"),
      r"\1<PRIVATE_KEY>\3", ("PRIVATE KEY-----",)),
-    (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), "<AWS_ACCESS_KEY_ID>", ("AKIA", "ASIA")),
+    (re.compile(r"\b(?:AKIA|ASIA)(?![0-9A-Z]{0,9}EXAMPLE)[0-9A-Z]{16}\b"), "<AWS_ACCESS_KEY_ID>",
+     ("AKIA", "ASIA")),  # not AWS's documentation ones (AKIAIOSFODNN7EXAMPLE): no one's key
     (re.compile(r"(?i)(aws_?secret_?(?:access_?)?key\W{1,6})[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+])"),
      r"\1<AWS_SECRET_ACCESS_KEY>", ("secret", "SECRET", "Secret")),
     (re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{36,251}|github_pat_[A-Za-z0-9_]{80,})\b"),
      "<GITHUB_TOKEN>", ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_")),
     (re.compile(r"\bxox[abposr]-[A-Za-z0-9-]{10,}|\bhttps://hooks\.slack\.com/services/"
                 r"[A-Za-z0-9/]+"), "<SLACK_TOKEN>", ("xox", "hooks.slack.com")),
-    (re.compile(r"(://(?<=[A-Za-z0-9+.-]://)[^\s:@/\"'{}<>]+:)(?![%$])[^\s:@/\"'{}<>]+@"),
-     r"\1<PASSWORD>@", ("://",)),  # not a %s or $VAR a template fills in
+    (re.compile(r"(://(?<=[A-Za-z0-9+.-]://)[^\s:@/\"'{}<>\[\]]+:)"
+                r"(?![%$]|(?i:\*+|x+|p|pass|passwd|password|pwd|secret|token|tiger)@)"
+                r"[^\s:@/\"'{}<>\[\]]+@"),
+     r"\1<PASSWORD>@", ("://",)),  # not a %s or $VAR a template fills in, a mask (***) or a
+    #   documentation's placeholder (user:pass, scott:tiger); no [ ] (a syntax's "[user:pw@]")
 )
-EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
+# Not a matrix product calling a method (q@k.transpose(-2, -1)) nor git's user@host:path.
+EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"
+                   r"(?!\(|:[\w~/])")
 
 
 def redact_secrets(text: str) -> tuple[str, int]:

@@ -499,11 +499,14 @@ def where_in_recipe(recipe: str | Path, key: str, typed: Collection[str] = (),
     """Where a recipe's user set ``key`` of its ``section`` (TrainConfig's, or EvalConfig's),
     for the trainer's and eval's errors and advice (their flags are none of theirs):
     ``own[key]``, a recipes.py flag that set it (--model, --smoke, ...); ``--set`` when
-    ``typed`` holds it; else the section, or ``--set``."""
+    ``typed`` holds it, or keys inside it (``data_options.val_frac``); else the section, or
+    ``--set``."""
     if own and key in own:
         return own[key]
     if key in typed:
         return f"--set {section}.{key}"
+    if inside := sorted(k for k in typed if k.startswith(f"{key}.")):
+        return " and ".join(f"--set {section}.{k}" for k in inside)
     return f"{section}.{key} in {recipe} (or --set {section}.{key}=VALUE)"
 
 

@@ -1181,7 +1181,8 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = cliconfi
          "weight: set lora_r > 0")
     need(cfg.base_dtype == "fp32" or cfg.lora_r > 0, "base_dtype",
          f"only a frozen base can be held in 16 bits, and {named('lora_r')} trains every "
-         "weight (in fp32): set lora_r > 0 for LoRA, or precision bf16 for 16-bit compute")
+         f"weight (in fp32): set lora_r > 0 for LoRA, or precision bf16 "
+         f"({where_set('precision')}) for 16-bit compute")
     lora_only = [named(k) for k in LORA_ONLY_KEYS if getattr(cfg, k) != getattr(TrainConfig, k)]
     if lora_only and cfg.lora_r == 0:  # else a full fine-tune would run, ignoring them
         raise ValueError(f"{', '.join(lora_only)}: LoRA settings, but {named('lora_r')} trains "
@@ -1219,8 +1220,8 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = cliconfi
                 try:
                     hf_config(shape, torch.float32)
                 except ValueError as e:
-                    raise ValueError(f"{e}; set export false ({where_set('export')}) to train "
-                                     "it without an HF export") from None
+                    raise ValueError(f"{e}; to train it without an HF export: "
+                                     f"{cliconfig.off_switch('export', where_set)}") from None
         except ValueError as e:  # name the settings the model was made of, and where
             made_of = [named(k) for k in ("preset", *MODEL_SHAPE_KEYS, "model_options")
                        if k == "preset" or getattr(cfg, k) not in (None, {})]
@@ -1835,7 +1836,7 @@ def check_lora_export(cfg: TrainConfig, model: nn.Module,
         f"{setting(cfg, 'export_merged', where_set)} writes the merged model, but the LoRA "
         f"target {path} ({setting(cfg, 'lora_targets', where_set)}) cannot be merged: its "
         f"weight is tied to {names}, so merging would change both. Drop it from lora_targets, "
-        "or set export_merged false.")
+        f"or train with {cliconfig.off_switch('export_merged', where_set)}.")
 
 
 class _Run:

@@ -166,15 +166,18 @@ def walk_source_tree(
 
     The one directory walker of ``scraping local`` and dataset.py's directory sources, so a tree
     gives the same files through either. Sorted by relative path (dataset's splits follow this
-    order); EXCLUDED_DIRS are never entered. Skip reasons: ``extension``; ``gitignored`` (``root``
-    is a git work tree and git ignores the file: build output, local settings, secrets, which a
-    clone of the repository never holds); ``symlink`` (a link may point anywhere, and a cloned
-    tree must not pull in files from outside itself: only ``follow_symlinks``, for a user's own
-    directory, reads a link to a file); ``not_a_file``.
+    order); EXCLUDED_DIRS are never entered. Skip reasons: ``extension``; ``gitignored`` (``root``,
+    or a submodule or repository inside it, is a git work tree and git ignores the file: build
+    output, local settings, secrets, which a clone of the repository never holds); ``symlink``
+    (a link may point anywhere, and a cloned tree must not pull in files from outside itself:
+    only ``follow_symlinks``, for a user's own directory, reads a link to a file);
+    ``not_a_file``.
     """
     extensions = tuple(extensions)
-    ignored = git_ignored_files(root)
-    for rel, path in _tree_files(root):
+    files, work_trees = _tree_files(root)
+    ignored = {f"{top}/{rel}" if top else rel
+               for top in work_trees for rel in git_ignored_files(Path(root, top))}
+    for rel, path in files:
         reason = _skip_reason(rel, path, extensions, follow_symlinks)
         yield rel, path, "gitignored" if reason is None and rel in ignored else reason
 
@@ -182,19 +185,23 @@ def walk_source_tree(
 def git_ignored_files(root: Path) -> frozenset[str]:
     """Relative paths of the untracked files git ignores in ``root`` when ``root`` is the top of
     a git work tree (its ``.gitignore`` files, ``.git/info/exclude``, the user's excludes); empty
-    when it is none, or git is missing or refuses it. A directory walked as a repository then
-    gives the files a clone of it gives (tracked ones, and new ones not ignored): a checkout's
-    ``build/lib`` copies (kept under those paths, the sources being duplicates) and its ignored
-    ``.env``-style settings were collected."""
+    when it is none, when git is missing, or when it fails (with a warning). A directory walked
+    as a repository then gives the files a clone of it gives (tracked ones, and new ones not
+    ignored): a checkout's ``build/lib`` copies (kept under those paths, the sources being
+    duplicates) and its ignored ``.env``-style settings were collected."""
     if not (Path(root) / ".git").exists():
         return frozenset()
-    cmd = ["git", "-c", "core.fsmonitor=false", "-C", str(root), "ls-files", "-z", "--others",
-           "--ignored", "--exclude-standard"]  # no fsmonitor: a repo's config runs no command
+    # No fsmonitor: the repo's config runs no command, so a checkout another user owns (a
+    # mounted volume, a container's root on a user's tree) is read too, not refused as dubious.
+    cmd = ["git", "-c", "core.fsmonitor=false", "-c", f"safe.directory={Path(root).resolve()}",
+           "-C", str(root), "ls-files", "-z", "--others", "--ignored", "--exclude-standard"]
     try:
         result = subprocess.run(cmd, capture_output=True, timeout=600)
     except (OSError, subprocess.SubprocessError):
         return frozenset()
-    if result.returncode != 0:
+    if result.returncode != 0:  # its ignored files are read as any other's: say so
+        log.warning("%s: git could not list the files it ignores (%s); they are read too", root,
+                    os.fsdecode(result.stderr).strip().partition("\n")[0])
         return frozenset()
     return frozenset(os.fsdecode(rel) for rel in result.stdout.split(b"\0") if rel)
 
@@ -206,16 +213,20 @@ def source_files(root: Path, extensions: Iterable[str], follow_symlinks: bool = 
             if skip is None]
 
 
-def _tree_files(root: Path) -> list[tuple[str, Path]]:
+def _tree_files(root: Path) -> tuple[list[tuple[str, Path]], list[str]]:
     """Every non-directory entry under root, sorted by relative path (not os.walk's order, which
-    lists a directory's files before its sub-directories' whatever their names)."""
-    found = []
+    lists a directory's files before its sub-directories' whatever their names), and the
+    relative paths of the git work trees met ("" for root; a submodule's ``.git`` is a file)."""
+    found, work_trees = [], []
     for dirpath, dirnames, filenames in os.walk(root):
+        if ".git" in dirnames or ".git" in filenames:
+            top = Path(dirpath).relative_to(root).as_posix()
+            work_trees.append("" if top == "." else top)
         dirnames[:] = [d for d in dirnames if d not in EXCLUDED_DIRS]
         for name in filenames:
             path = Path(dirpath, name)
             found.append((path.relative_to(root).as_posix(), path))
-    return sorted(found, key=lambda entry: entry[0])
+    return sorted(found, key=lambda entry: entry[0]), work_trees
 
 
 def _skip_reason(rel: str, path: Path, extensions: tuple[str, ...],

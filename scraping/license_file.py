@@ -23,8 +23,11 @@ _NOT_LICENSE_SUFFIXES = frozenset(
 # Licence texts are read up to this many bytes: the longest common ones (the GPLs) are ~35 KB.
 _MAX_BYTES = 256_000
 
-# (SPDX id as KNOWN_LICENSES spells it, phrases that must all be in the text), tried in order:
-# the first whose phrases are all found names the licence. Texts are matched lower-cased,
+# (SPDX id as KNOWN_LICENSES spells it, phrases that must all be in the text): of the rows whose
+# phrases are all found, the one whose text starts first names the licence (a project's licence
+# followed by its bundled code's: grpc's Apache-2.0 then MPL-2.0, scipy's BSD-3-Clause then the
+# GPL-3.0 of a runtime it ships), and of rows starting at the same place, the first in this
+# order. Texts are matched lower-cased,
 # every run of punctuation and white space one space ("Version 2.0," reads "version 2 0"), so
 # line breaks, quotes and Markdown do not matter. Texts quote each other: the GNU titles carry
 # their dates, which only the licence's own text has (the MPL-2.0 names every GNU licence, the
@@ -73,12 +76,15 @@ LICENSE_PHRASES: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 
 def license_of_text(text: str) -> str:
-    """The SPDX id of a licence file's text (``LICENSE_PHRASES``), or ``NOASSERTION``."""
+    """The SPDX id of a licence file's text (``LICENSE_PHRASES``; of several licences' texts,
+    the first), or ``NOASSERTION``."""
     words = " ".join(re.findall(r"[a-z0-9]+", text.lower()))
-    for license_id, phrases in LICENSE_PHRASES:
-        if all(phrase in words for phrase in phrases):
-            return license_id
-    return "NOASSERTION"
+    found = []  # (where the licence's text starts, its row, its id)
+    for row, (license_id, phrases) in enumerate(LICENSE_PHRASES):
+        starts = [words.find(phrase) for phrase in phrases]
+        if min(starts) >= 0:
+            found.append((min(starts), row, license_id))
+    return min(found)[2] if found else "NOASSERTION"
 
 
 def license_files(root: Path) -> list[Path]:

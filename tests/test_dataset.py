@@ -2645,7 +2645,7 @@ def test_credentials_become_placeholders_and_templates_stay_code():
     key_body = "MIIEpAIBAAKCAQEA7" + "x" * 60
     text = (f'KEY = """-----BEGIN RSA PRIVATE KEY-----\n{key_body}\n-----END RSA PRIVATE KEY-----"""\n'
             f'ONE_LINE = "-----BEGIN PRIVATE KEY-----\\n{key_body}\\n-----END PRIVATE KEY-----"\n'
-            'aws_access_key_id = "AKIAIOSFODNN7EXAMPLE"\n'
+            'aws_access_key_id = "AKIAQ7RSTUVWXYZ23456"\n'
             'aws_secret_access_key = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"\n'
             f'TOKEN = "ghp_{"a1B2" * 9}"\n'
             'HOOK = "https://hooks.slack.com/services/T000/B000/XXXXXXXX"  # xoxb-1234-5678-abcdef\n'
@@ -2666,6 +2666,31 @@ def test_credentials_become_placeholders_and_templates_stay_code():
             'url = "postgres://%s:%s@%s" % (user, pw, host)\n'
             'url = f"postgres://{user}:{pw}@{host}"\nurl = "redis://user:$PASSWORD@host"\n')
     assert dataset.redact_secrets(code) == (code, 0)
+
+
+@pytest.mark.parametrize("code", [
+    "sub_fun = partial(m.sub, '\\\\1://***:***@')\n",  # pytest-benchmark masks hosts so
+    '"""URLs of the form "git://[path-to-repo[:]][ref@]path/to/file"."""\n',  # fsspec's git
+    "pip install --index-url https://[user:passwd@]host/simple\n",
+    'engine = create_engine("postgresql://scott:tiger@localhost/test")\n',
+    'url = "http://User:Pass@www.python.org:080/doc/"\nassert p.password == "Pass"\n',
+    'client("s3", aws_access_key_id="AKIAIOSFODNN7EXAMPLE")\n',  # AWS's documentation keys
+    'key_id = "AKIAEXAMPLE123456789"\n',
+], ids=["mask", "syntax", "syntax-in-brackets", "scott-tiger", "test-url", "aws-doc", "aws-doc-2"])
+def test_masks_placeholders_and_url_syntax_are_not_credentials(code):
+    """Seen over site-packages and the stdlib: a mask string that code substitutes, a URL
+    syntax's brackets and documentation's placeholder passwords and AWS example keys were
+    rewritten (the mask into '***:<PASSWORD>@', a test's URL away from its assertion)."""
+    assert dataset.redact_secrets(code) == (code, 0)
+
+
+def test_email_redaction_leaves_matrix_products_and_git_remotes_alone():
+    """redact_emails turned scipy's L@D@L.conjugate().T and a q@k.transpose(-2, -1) into
+    '<EMAIL>()' calls, and a git@github.com:owner/repo remote into '<EMAIL>:owner/repo'."""
+    code = ("scores = q@k.transpose(-2, -1)\nassert_allclose(A, L@D@L.conjugate().T)\n"
+            "REMOTE = 'git@github.com:owner/repo.git'\n")
+    assert dataset.EMAIL.sub("<EMAIL>", code) == code
+    assert dataset.EMAIL.sub("<EMAIL>", "# by ann@example.com.\n") == "# by <EMAIL>.\n"
 
 
 def test_cleaning_redacts_credentials_by_default_and_emails_when_asked(tmp_path):

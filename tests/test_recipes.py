@@ -1098,6 +1098,18 @@ def test_a_recipes_training_advice_names_its_train_section_not_a_trainer_flag(tm
                        "--set train.lora_r", "--smoke", "--smoke-steps"]]
 
 
+def test_a_nested_set_is_named_as_where_its_option_was_set():
+    """--set train.data_options.val_frac=0 left an empty validation split whose error said
+    "raise val_frac of data_options (train.data_options in RECIPE ...)", which the user had not
+    changed: the --set they typed is where it was set."""
+    typed = recipes.set_train_keys(["train.data_options.val_frac=0", "train.lr=1e-3",
+                                    "train.data_options.seed=3"])
+    assert recipes.where_in_recipe("r.json", "data_options", typed) == (
+        "--set train.data_options.seed and --set train.data_options.val_frac")
+    assert recipes.where_in_recipe("r.json", "data", typed) == (
+        "train.data in r.json (or --set train.data=VALUE)")  # a prefix of the name is not it
+
+
 def test_a_recipes_eval_error_names_its_eval_section_or_set(tmp_path, capsys):
     """An eval section's num_samples 4 under greedy decoding said "EvalConfig.num_samples=4",
     naming neither the recipe nor where temperature came from: its section or --set."""

@@ -41,6 +41,7 @@ from scraping.common import (
     expand_licenses,
     git_blob_sha,
     redact_url,
+    walk_source_tree,
 )
 from scraping.github import build_query
 from scraping.license_file import LICENSE_PHRASES, license_of_text
@@ -1070,6 +1071,15 @@ def test_a_licence_text_is_named_by_its_distinctive_phrases(expected):
     assert license_of_text(LICENCE_EXCERPTS[expected]) == expected
 
 
+@pytest.mark.parametrize("first, then", [("Apache-2.0", "MPL-2.0"), ("BSD-3-Clause", "GPL-3.0"),
+                                         ("MIT", "LGPL-2.1"), ("BSD-2-Clause", "Apache-2.0")])
+def test_a_licence_followed_by_its_bundled_codes_licences_is_the_first(first, then):
+    """grpc's LICENSE is Apache-2.0 then MPL-2.0, scipy's and numpy's BSD-3-Clause then a
+    runtime's GPL-3.0: they read as the MPL and the GPL, the row earlier in the table."""
+    text = LICENCE_EXCERPTS[first] + "\n\nBundled code:\n\n" + LICENCE_EXCERPTS[then]
+    assert license_of_text(text) == first
+
+
 # Debian's base-files copies of licence texts (file name -> id), read when the machine has them.
 COMMON_LICENSES = Path("/usr/share/common-licenses")
 DEBIAN_TEXTS = {"Apache-2.0": "Apache-2.0", "BSD": "BSD-3-Clause", "CC0-1.0": "CC0-1.0",
@@ -1282,6 +1292,34 @@ def test_a_git_work_tree_gives_what_its_clone_gives(tmp_path):
     assert summary.files["gitignored"] == 2
     root, files = dataset._source_files(str(src), [".py"])
     assert [p.relative_to(root).as_posix() for p in files] == ["new.py", "pkg/a.py"]
+
+
+def _git_repo(root: Path, files: dict[str, str], commit: tuple[str, ...]) -> Path:
+    _tree(root, files)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    for args in (["init", "-q"], ["add", *commit], ["commit", "-q", "-m", "one"]):
+        subprocess.run(git + args, cwd=root, check=True, capture_output=True)
+    return root
+
+
+def test_a_repository_inside_the_tree_has_its_own_ignored_files_skipped(tmp_path):
+    """A submodule (or a repository cloned inside another) is its own work tree: the outer
+    repository's git does not list what the inner one ignores, and it was collected."""
+    src = _git_repo(tmp_path / "proj", {"a.py": "x = 1\n", ".gitignore": "*.log\n"},
+                    ("a.py", ".gitignore"))
+    _git_repo(src / "vendor" / "lib", {"lib.py": "y = 1\n", ".gitignore": "gen/\n",
+                                       "gen/secrets.py": "KEY = 1\n"}, ("lib.py", ".gitignore"))
+    kept = [rel for rel, _, skip in walk_source_tree(src, [".py"]) if skip is None]
+    assert kept == ["a.py", "vendor/lib/lib.py"]
+
+
+def test_a_checkout_another_user_owns_still_has_its_ignored_files_skipped(tmp_path, monkeypatch):
+    """git refuses a repository of another owner ('dubious ownership'): a mounted checkout, or
+    root's container over a user's tree, gave its ignored build copies and secrets."""
+    src = _git_repo(tmp_path / "proj", {"a.py": "x = 1\n", ".gitignore": "local_settings.py\n",
+                                        "local_settings.py": "KEY = 1\n"}, ("a.py", ".gitignore"))
+    monkeypatch.setenv("GIT_TEST_ASSUME_DIFFERENT_OWNER", "1")  # git's own switch for this
+    assert [rel for rel, _, skip in walk_source_tree(src, [".py"]) if skip is None] == ["a.py"]
 
 
 def test_is_git_source_is_public_api(tmp_path):

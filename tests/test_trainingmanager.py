@@ -1103,6 +1103,13 @@ def test_lora_on_a_bf16_base_trains_like_the_fp32_base(assets, tmp_path):
         tm.validate_config(tm.TrainConfig(base_dtype="bf16"))
 
 
+def test_full_training_with_a_16_bit_base_names_the_precision_flag_to_use():
+    """The advice said "use --precision bf16"; naming where each setting was set dropped the
+    flag, leaving "or precision bf16" to a trainingmanager.py user."""
+    with pytest.raises(ValueError, match=r"or precision bf16 \(--precision\) for 16-bit compute$"):
+        tm.validate_config(tm.TrainConfig(base_dtype="bf16"))
+
+
 def test_model_options_on_a_loaded_model_set_its_dropouts_or_are_refused(assets, tmp_path):
     """--model-options was ignored under --init-from, bogus keys and shape keys too: a
     fine-tune asking for attn_dropout 0 (StarCoder's config has 0.1) kept 0.1."""
@@ -2110,7 +2117,8 @@ def test_a_merge_into_a_tied_embedding_is_refused_before_training(assets, tmp_pa
                   eval_every=2, export=True)
     cfg = tiny_cfg(assets, tmp_path, init_from=str(base), export_merged=True, **common)
     with pytest.raises(ValueError, match=r"export_merged \(True, --export-merged\) .* LoRA "
-                                         r"target wte \(lora_targets \(.*\)\) .* tied"):
+                                         r"target wte \(lora_targets \(.*\)\) .* tied.* or "
+                                         r"train with --no-export-merged\.$"):
         tm.train(cfg)
     assert not tm.list_checkpoints(Path(cfg.out_dir) / "run")
     assert tm.train(dataclasses.replace(cfg, export_merged=False)).export_dir is not None
@@ -3884,6 +3892,17 @@ def test_a_from_scratch_model_the_hf_layout_cannot_hold_is_refused_before_traini
     """It trained to the end, then failed writing export/; without an export it may train."""
     values = {"preset": "tiny", "model_options": {"family": "phi"}, "data": ["x"]}
     with pytest.raises(ValueError, match=r"^preset \('tiny', --preset\), model_options .*"
-                       r"cannot export as 'phi'.*set export false \(--export\)"):
+                       r"cannot export as 'phi'.*to train it without an HF export"):
         tm.validate_config(tm.config_from_dict(values, "t"))
     tm.validate_config(tm.config_from_dict({**values, "export": False}, "t"))
+
+
+def test_the_advice_to_turn_export_off_names_what_turns_it_off():
+    """It said "set export false (--export)": typing --export keeps it on; the flag is
+    --no-export, and a --config file's export is turned off in that file."""
+    values = {"preset": "tiny", "model_options": {"family": "phi"}, "data": ["x"]}
+    cfg = tm.config_from_dict(values, "t")
+    with pytest.raises(ValueError, match=r"HF export: --no-export$"):
+        tm.validate_config(cfg)
+    with pytest.raises(ValueError, match=r"HF export: export false \(--config run.json\)$"):
+        tm.validate_config(cfg, cliconfig.where_set_by((), "run.json", ("export",)))
