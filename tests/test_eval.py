@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+from pathlib import Path
 
 import pytest
 import sacrebleu
@@ -2821,19 +2822,26 @@ def test_two_models_whose_directories_share_a_name_are_both_evaluated(tiny_model
     assert evaluated == ["model", "model#2"]
 
 
-def test_a_resume_keeps_only_the_predictions_of_the_saved_models(tiny_models, tmp_path,
-                                                                 monkeypatch):
-    """predictions.jsonl is written before results.json: records of a model results.json does
-    not list (a stop between the two writes) are dropped on resume, not duplicated."""
-    import json
-
+def _stopped_in_model_b(tiny_models, tmp_path, monkeypatch) -> tuple[list[str], Path]:
+    """An evaluation of models a and b stopped (Ctrl-C) in b's generation: (argv, its
+    predictions.jsonl)."""
     monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
     base, out = tiny_models["base"], tmp_path / "out"
     argv = ["--models", f"a={base}", f"b={base}", "--data", str(tiny_models["code"]),
             "--tasks", "line", "--out-dir", str(out), *FAST_FLAGS]
     monkeypatch.setattr(ev, "generate_texts", _fail_in_model_b(KeyboardInterrupt()))
     assert ev.main(argv) == 130
-    preds = out / "predictions.jsonl"
+    return argv, out / "predictions.jsonl"
+
+
+def test_a_resume_keeps_only_the_predictions_of_the_saved_models(tiny_models, tmp_path,
+                                                                 monkeypatch):
+    """predictions.jsonl is written before results.json: records of a model results.json does
+    not list (a stop between the two writes) are dropped on resume, not duplicated."""
+    import json
+
+    argv, preds = _stopped_in_model_b(tiny_models, tmp_path, monkeypatch)
+    out = preds.parent
     stray = json.dumps({"model": "b", "id": "stray", "prediction": "old"}) + "\n"
     preds.write_text(preds.read_text() + stray)
     monkeypatch.setattr(ev, "generate_texts", _record_models([]))
@@ -2848,13 +2856,8 @@ def test_a_resume_over_a_damaged_predictions_file_names_its_line_and_the_remedy(
         tiny_models, tmp_path, monkeypatch, capsys):
     """A line of predictions.jsonl that is no JSON (a hand edit, a damaged copy) is an error
     naming the file, its line and what to do; results.json and the file are left as they are."""
-    monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
-    base, out = tiny_models["base"], tmp_path / "out"
-    argv = ["--models", f"a={base}", f"b={base}", "--data", str(tiny_models["code"]),
-            "--tasks", "line", "--out-dir", str(out), *FAST_FLAGS]
-    monkeypatch.setattr(ev, "generate_texts", _fail_in_model_b(KeyboardInterrupt()))
-    assert ev.main(argv) == 130
-    preds = out / "predictions.jsonl"
+    argv, preds = _stopped_in_model_b(tiny_models, tmp_path, monkeypatch)
+    out = preds.parent
     lines = preds.read_text().splitlines(keepends=True)
     damaged = "".join(lines[:1] + ['{"model": "a", "id": \n'] + lines[1:])
     preds.write_text(damaged)
