@@ -363,6 +363,15 @@ def where_set_by(typed: Collection[str], config: str | Path | None = None,
     return where
 
 
+def where_set_in(args: Mapping[str, Any], section: str) -> Callable[[str], str]:
+    """``where_set_by`` of a script's parsed command line (``args``: its flags as typed, and
+    ``config``, the --config file, whose ``section`` is read)."""
+    typed = {k: v for k, v in args.items() if k != "config"}
+    config = args.get("config")
+    in_file = read_config_file(config, section)[0] if config is not None else {}
+    return where_set_by(typed, config, in_file)
+
+
 def add_config_flags(parser: argparse.ArgumentParser, cls: type,
                      choices: Mapping[str, Sequence] | None = None,
                      positional: Collection[str] = ()) -> argparse.ArgumentParser:

@@ -1756,9 +1756,7 @@ def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
     """Defaults < ``--config`` file (a recipe's ``eval`` section) < command-line flags."""
     args = vars(build_parser().parse_args(argv))
     cfg = cliconfig.resolve_config(EvalConfig, args, "eval")
-    config = args.pop("config", None)
-    in_file = cliconfig.read_config_file(config, "eval")[0] if config is not None else {}
-    cfg.validate(cliconfig.where_set_by(args, config, in_file))
+    cfg.validate(cliconfig.where_set_in(args, "eval"))
     return cfg
 
 

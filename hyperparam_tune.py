@@ -1247,9 +1247,7 @@ def parse_config(argv: Sequence[str] | None = None) -> TuneConfig:
     args = vars(build_parser().parse_args(argv))
     cfg = cliconfig.resolve_config(TuneConfig, args, section="tune", choices=_CHOICES)
     cfg = dataclasses.replace(cfg, storage=absolute_sqlite(cfg.storage))
-    config = args.pop("config", None)
-    in_file = cliconfig.read_config_file(config, "tune")[0] if config is not None else {}
-    return _check_ranges(cfg, cliconfig.where_set_by(args, config, in_file))
+    return _check_ranges(cfg, cliconfig.where_set_in(args, "tune"))
 
 
 def absolute_sqlite(url: str | None) -> str | None:

@@ -340,12 +340,12 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
                                    choices=_CHOICES)
     if cfg.init_adapter is not None:  # a --lora-* flag typed at its default value differs too
         with_init_adapter(cfg, typed={*args, *given},
-                          where_set=where_set_by(args, config, given, args.get("resume")))
+                          where_set=_where_set_in_run(args, config, given, args.get("resume")))
     return cfg
 
 
-def where_set_by(typed: Collection[str], config: str | None, in_file: Collection[str],
-                 resume: str | None) -> Callable[[str], str]:
+def _where_set_in_run(typed: Collection[str], config: str | None, in_file: Collection[str],
+                      resume: str | None) -> Callable[[str], str]:
     """Where a trainingmanager.py user set TrainConfig ``key`` (``train``'s ``where_set``):
     ``cliconfig.where_set_by``, the keys of a ``--resume`` run read from its config.json."""
     return cliconfig.where_set_by(typed, config, in_file,
@@ -353,11 +353,11 @@ def where_set_by(typed: Collection[str], config: str | None, in_file: Collection
 
 
 def where_set_of(argv: Sequence[str] | None) -> Callable[[str], str]:
-    """``where_set_by`` of a trainingmanager.py command line."""
+    """``_where_set_in_run`` of a trainingmanager.py command line."""
     args = vars(build_parser().parse_args(argv))
     config = args.pop("config", None)
     in_file = upgraded(cliconfig.read_config_file(config, "train")[0]) if config else {}
-    return where_set_by(args, config, in_file, args.get("resume"))
+    return _where_set_in_run(args, config, in_file, args.get("resume"))
 
 
 def check_resume_location(args: dict, given: dict | None = None, config: str | None = None
