@@ -2709,3 +2709,66 @@ def test_cleaning_redacts_credentials_by_default_and_emails_when_asked(tmp_path)
     assert texts["off"] == (src / "settings.py").read_text()
     assert texts["emails"] == '# by <EMAIL>\nTOKEN = "<GITHUB_TOKEN>"\n'
     assert texts["emails", "modified"] == {"emails_redacted": 1, "secrets_redacted": 1}
+
+
+@pytest.mark.parametrize("secret, placeholder", [
+    ("ASIAIOSFODNN7QWERTYU", "<AWS_ACCESS_KEY_ID>"),  # a temporary (STS) key id
+    ("gho_" + "a1B2" * 9, "<GITHUB_TOKEN>"),  # OAuth, user-to-server, server-to-server,
+    ("ghu_" + "a1B2" * 9, "<GITHUB_TOKEN>"),  # refresh tokens besides ghp_ personal ones
+    ("ghs_" + "a1B2" * 9, "<GITHUB_TOKEN>"),
+    ("ghr_" + "a1B2" * 9, "<GITHUB_TOKEN>"),
+    ("github_pat_" + "A1b2C3d4E5f6G7h8I9j0K1" + "_" + "z9" * 29 + "Q", "<GITHUB_TOKEN>"),
+    ("xoxa-2-1234567890-abcdef", "<SLACK_TOKEN>"),
+    ("xoxp-1234567890-abcdef", "<SLACK_TOKEN>"),
+    ("xoxr-1234567890-abcdef", "<SLACK_TOKEN>"),
+    ("xoxs-1234567890-abcdef", "<SLACK_TOKEN>"),
+], ids=["asia", "gho", "ghu", "ghs", "ghr", "github_pat", "xoxa", "xoxp", "xoxr", "xoxs"])
+def test_each_token_kind_is_redacted_alone_in_a_text(secret, placeholder):
+    """Each kind in a text that holds no other (a text is searched only for the patterns
+    whose marker strings it holds): the token's documented prefix is that marker."""
+    assert dataset.redact_secrets(f'TOKEN = "{secret}"\n') == (f'TOKEN = "{placeholder}"\n', 1)
+
+
+def test_an_env_file_aws_secret_in_capitals_is_redacted():
+    """.env and shell files spell it AWS_SECRET_ACCESS_KEY, in capitals."""
+    text = "AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\n"
+    assert dataset.redact_secrets(text) == (
+        "AWS_SECRET_ACCESS_KEY=<AWS_SECRET_ACCESS_KEY>\n", 1)
+
+
+def test_near_miss_credentials_are_not_redacted():
+    """A key id one character long, a 41-character 'secret', an elided key in documentation:
+    none is the credential's shape, and code is not to be changed for them."""
+    text = ('ID = "AKIAIOSFODNN7QWERTYUX"\n'
+            'aws_secret_access_key = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEYX"\n'
+            '"""-----BEGIN PRIVATE KEY-----\n...\n-----END PRIVATE KEY-----"""\n')
+    assert dataset.redact_secrets(text) == (text, 0)
+
+
+def test_each_key_of_a_pem_chain_is_redacted_on_its_own():
+    """Two keys one after the other (a PEM bundle) stay two keys, each kept between its lines."""
+    text = "".join(f"-----BEGIN PRIVATE KEY-----\n{body * 64}\n-----END PRIVATE KEY-----\n"
+                   for body in "AB")
+    key = "-----BEGIN PRIVATE KEY-----<PRIVATE_KEY>-----END PRIVATE KEY-----\n"
+    assert dataset.redact_secrets(text) == (key * 2, 2)
+
+
+def test_a_private_keys_body_of_sixteen_characters_is_redacted_and_shorter_is_not():
+    begin, end = "-----BEGIN EC PRIVATE KEY-----", "-----END EC PRIVATE KEY-----"
+    assert dataset.redact_secrets(begin + "A" * 16 + end) == (begin + "<PRIVATE_KEY>" + end, 1)
+    assert dataset.redact_secrets(begin + "A" * 15 + end) == (begin + "A" * 15 + end, 0)
+
+
+def test_a_private_key_with_a_quote_inside_is_not_redacted():
+    """The body stops at a quote: code joining a key's parts is code, not a credential."""
+    text = '-----BEGIN PRIVATE KEY-----' + "A" * 20 + "'" + "B" * 20 + '-----END PRIVATE KEY-----'
+    assert dataset.redact_secrets(text) == (text, 0)
+    assert dataset.redact_secrets(text.replace("'", '"')) == (text.replace("'", '"'), 0)
+
+
+def test_an_email_address_on_a_subdomain_is_redacted_whole(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.py").write_text('# ann.lee@mail.example.co.uk\nx = 1\n')
+    docs, _ = dataset.clean_corpus(cfg(tmp_path, sources=[str(src)], redact_emails=True))
+    assert [d.text for d in docs] == ["# <EMAIL>\nx = 1\n"]

@@ -1851,7 +1851,8 @@ def test_a_trials_settings_are_named_where_the_sweeps_user_sets_them(tmp_path, c
         "warmup_steps": {"type": "int", "low": 4, "high": 5},
         "dropout": {"type": "categorical", "choices": [0.0, 0.1]}})
     train_config = tmp_path / "mine.json"
-    train_config.write_text(json.dumps({"grad_clip": 0.5}))
+    train_config.write_text(json.dumps({"grad_clip": 0.5, "block_size": 32}))  # the file's
+    #   block_size overrides the space's base: the file is where the user set it
     argv = tune_args(tmp_path, space_file, study_name="wt", n_trials=1,
                      train_config=train_config)
     assert hyperparam_tune.main(argv) == 0
@@ -1861,8 +1862,8 @@ def test_a_trials_settings_are_named_where_the_sweeps_user_sets_them(tmp_path, c
                                      "(now 4 to 5)")
     assert where("dropout") == (f"the range of params.dropout in {space.source} "
                                 "(now choices [0.0, 0.1])")
-    assert where("max_steps") == "--max-steps"
-    assert where("grad_clip") == f"--train-config {train_config}"
+    assert (where("max_steps"), where("eval_every")) == ("--max-steps", "--eval-every")
+    assert where("grad_clip") == where("block_size") == f"--train-config {train_config}"
     assert where("batch_size") == f"the base of {space.source}"
     assert where("weight_decay") == "TrainConfig's default; a --train-config file sets it"
 

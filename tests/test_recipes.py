@@ -1124,3 +1124,15 @@ def test_a_recipes_eval_error_names_its_eval_section_or_set(tmp_path, capsys):
     assert recipes.main([str(recipe), *flags, "--set", "eval.num_samples=3"]) == 2
     assert capsys.readouterr().err.startswith("error: num_samples (3, --set eval.num_samples): ")
     assert not (tmp_path / "runs").exists()
+
+
+def test_check_train_values_names_each_setting_where_the_recipes_user_set_it(tmp_path):
+    """--smoke checks its sized values before it deletes the previous run: each error names
+    the recipe's section or --set (where_set), not a trainingmanager.py flag."""
+    where = "<{}>".format
+    for values, message in [
+        ({"lr": -1.0}, r"^lr \(-1\.0, <lr>\): must be > 0$"),
+        ({"init_adapter": str(tmp_path / "gone")}, r"^init_adapter \(.*, <init_adapter>\): "),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            recipes.check_train_values({"data": [str(tmp_path)], **values}, "r.json", where)

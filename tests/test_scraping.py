@@ -40,6 +40,7 @@ from scraping.common import (
     decode_source,
     expand_licenses,
     git_blob_sha,
+    git_ignored_files,
     redact_url,
     walk_source_tree,
 )
@@ -1131,11 +1132,15 @@ def _tree(root: Path, files: dict[str, str]) -> Path:
     ({"LICENSE-MIT": LICENCE_EXCERPTS["MIT"],
       "LICENSE-APACHE-2.0.txt": LICENCE_EXCERPTS["Apache-2.0"]}, "NOASSERTION"),
     ({"LICENSE": LICENCE_EXCERPTS["MIT"], "COPYING": LICENCE_EXCERPTS["MIT"]}, "MIT"),
+    ({"LICENSE": LICENCE_EXCERPTS["MIT"], "licenseheader.txt": "/* (c) ACME */\n",
+      "LICENSES.md": "Third-party: see below.\n"}, "MIT"),
     ({"a.py": "x = 1\n", "license.py": LICENCE_EXCERPTS["MIT"],
-      "license_check.py": "x = 1\n", "docs/LICENSE": LICENCE_EXCERPTS["MIT"],
+      "license_check.py": "x = 1\n", "LICENSE.JSON": LICENCE_EXCERPTS["MIT"],
+      "docs/LICENSE": LICENCE_EXCERPTS["MIT"],
       "LICENSES/MIT.txt": LICENCE_EXCERPTS["MIT"], "README.md": LICENCE_EXCERPTS["MIT"]}, None),
 ], ids=["LICENSE", "licence.txt", "LICENSE.md", "copying", "UNLICENSE", "MIT-LICENSE",
-        "LICENSE.BSD", "unknown", "GPL+LESSER", "dual", "agree", "none-at-top"])
+        "LICENSE.BSD", "unknown", "GPL+LESSER", "dual", "agree", "not-a-licence-name",
+        "none-at-top"])
 def test_a_trees_licence_is_read_from_its_top_level_licence_files(tmp_path, files, expected):
     assert detect_license(_tree(tmp_path / "src", files)) == expected
 
@@ -1363,3 +1368,80 @@ def test_only_a_file_under_1024_bytes_can_be_an_lfs_pointer():
     assert decode_source(pointer.encode()) == (None, "lfs_pointer")
     doc = first + "# " + "x" * 1100 + "\n"
     assert decode_source(doc.encode()) == (doc, None) and decode_source(doc) == (doc, None)
+
+
+def test_an_lgpl_2_1_licence_beside_the_gpl_2_0_it_extends_is_the_lgpl(tmp_path):
+    """COPYING (GPL-2.0) and COPYING.LIB (LGPL-2.1): the older pair, named as the newer one."""
+    src = _tree(tmp_path / "src", {"COPYING": LICENCE_EXCERPTS["GPL-2.0"],
+                                   "COPYING.LIB": LICENCE_EXCERPTS["LGPL-2.1"]})
+    assert detect_license(src) == "LGPL-2.1"
+
+
+def test_a_licence_directory_beside_the_licence_file_is_not_read(tmp_path):
+    """A top-level license/ folder (of third-party texts) is no licence file."""
+    src = _tree(tmp_path / "src", {"LICENSE.txt": LICENCE_EXCERPTS["MIT"],
+                                   "license/README.md": LICENCE_EXCERPTS["GPL-3.0"]})
+    assert detect_license(src) == "MIT"
+
+
+def test_a_tree_given_through_a_link_reads_its_own_licence(tmp_path):
+    """The root given as a link (a checkout under a symlinked home): its files are its own."""
+    src = _tree(tmp_path / "src", {"LICENSE": LICENCE_EXCERPTS["MIT"]})
+    (tmp_path / "link").symlink_to(src)
+    assert detect_license(tmp_path / "link") == "MIT"
+
+
+def test_a_licence_file_in_latin_1_is_read(tmp_path):
+    """Old licence files name their authors in Latin-1: one byte is no reason to fail."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "LICENSE").write_bytes("Copyright 1999 Jürgen Müller\n\n".encode("latin-1")
+                                  + LICENCE_EXCERPTS["MIT"].encode())
+    assert detect_license(src) == "MIT"
+
+
+def test_a_licence_text_is_read_up_to_256_kb(tmp_path):
+    """A licence after long notes is read; one past 256 KB (a generated file) is not."""
+    notes = "Notes on this project's history.\n" * 6000  # about 200 KB
+    src = _tree(tmp_path / "src", {"LICENSE": notes + LICENCE_EXCERPTS["MIT"]})
+    assert detect_license(src) == "MIT"
+    _tree(src, {"LICENSE": notes * 2 + LICENCE_EXCERPTS["MIT"]})
+    assert detect_license(src) == "NOASSERTION"
+
+
+def test_a_gitignored_file_of_another_extension_is_counted_as_its_extension(tmp_path):
+    """``gitignored`` counts only the files the walk would otherwise have kept."""
+    src = _tree(tmp_path / "src", {".gitignore": "*.log\nsecret.py\n", "a.py": "a = 1\n",
+                                   "run.log": "x\n", "secret.py": "k = 1\n"})
+    subprocess.run(["git", "init", "-q"], cwd=src, check=True)
+    reasons = {rel: reason for rel, _, reason in walk_source_tree(src, [".py"])}
+    assert reasons == {".gitignore": "extension", "a.py": None, "run.log": "extension",
+                       "secret.py": "gitignored"}
+
+
+def test_listing_a_trees_ignored_files_runs_none_of_its_git_hooks(tmp_path):
+    """A cloned repository's config may name an fsmonitor hook: listing its ignored files must
+    not run a command the repository chose."""
+    src = _tree(tmp_path / "src", {".gitignore": "b.py\n", "a.py": "a = 1\n", "b.py": "b = 1\n"})
+    hook = tmp_path / "hook.sh"
+    hook.write_text(f"#!/bin/sh\ntouch {tmp_path / 'ran'}\n")
+    hook.chmod(0o755)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    for args in (["init", "-q"], ["add", "a.py", ".gitignore"], ["commit", "-q", "-m", "one"],
+                 ["config", "core.fsmonitor", str(hook)]):
+        subprocess.run(git + args, cwd=src, check=True, capture_output=True)
+    assert git_ignored_files(src) == {"b.py"}
+    assert not (tmp_path / "ran").exists()
+
+
+def test_local_records_its_licence_filter_sorted(tmp_path):
+    """The state file keeps --licenses in one order: a set's order changes with each process's
+    hash seed, and a resume would be refused as 'licenses differ'."""
+    src = _tree(tmp_path / "mit", {"LICENSE": LICENCE_EXCERPTS["MIT"], "a.py": "a = 1\n"})
+    out = tmp_path / "out.jsonl"
+    assert main(["local", str(src), "--out", str(out), "--no-progress", "--licenses",
+                 "Zlib", "MIT", "ISC", "Apache-2.0", "GPL-3.0", "BSD-2-Clause", "0BSD"]) == 0
+    with open(tmp_path / "out.jsonl.state") as f:
+        settings = json.loads(f.readline())["settings"]
+    assert settings["licenses"] == ["0BSD", "Apache-2.0", "BSD-2-Clause", "GPL-3.0", "ISC",
+                                    "MIT", "Zlib"]

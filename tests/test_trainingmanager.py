@@ -2120,6 +2120,9 @@ def test_a_merge_into_a_tied_embedding_is_refused_before_training(assets, tmp_pa
                                          r"target wte \(lora_targets \(.*\)\) .* tied.* or "
                                          r"train with --no-export-merged\.$"):
         tm.train(cfg)
+    with pytest.raises(ValueError, match=r"^export_merged \(True, <export_merged>\) .* "
+                                         r"\(lora_targets \(.*, <lora_targets>\)\)"):
+        tm.train(cfg, where_set="<{}>".format)  # a sweep's or a recipe's source
     assert not tm.list_checkpoints(Path(cfg.out_dir) / "run")
     assert tm.train(dataclasses.replace(cfg, export_merged=False)).export_dir is not None
 
@@ -2993,6 +2996,12 @@ def test_resume_refuses_a_length_below_its_checkpoint(assets, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "epochs (0.001, --epochs): " in err and "below the step of the checkpoint it " in err
     assert "set a larger epochs" in err
+    low = tmp_path / "low.json"  # set in a --config file beside --resume: named as that file
+    for key, value in (("max_steps", 5), ("epochs", 0.001)):
+        low.write_text(json.dumps({key: value}))
+        assert tm.main(["--resume", str(run), "--config", str(low)]) == 2
+        assert capsys.readouterr().err.startswith(
+            f"error: {key} ({value}, --config {low}): ")
     assert all(p.read_bytes() == data for p, data in kept.items())
     assert tm.main(["--resume", str(run), "--max-steps", "8"]) == 0
     assert _train_steps(run) == list(range(1, 9))
@@ -3906,3 +3915,52 @@ def test_the_advice_to_turn_export_off_names_what_turns_it_off():
         tm.validate_config(cfg)
     with pytest.raises(ValueError, match=r"HF export: export false \(--config run.json\)$"):
         tm.validate_config(cfg, cliconfig.where_set_by((), "run.json", ("export",)))
+
+
+def test_validate_config_names_each_setting_where_the_callers_user_set_it(tmp_path):
+    """A sweep or a recipe passes its own where_set: each check names a key there, not by a
+    trainingmanager.py flag its user has none of."""
+    where = "<{}>".format
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    gone = str(tmp_path / "gone")
+    for values, message in [
+        ({"init_adapter": gone}, rf"^init_adapter \('{re.escape(gone)}', <init_adapter>\): "
+                                 "not a directory"),
+        ({"init_from": str(adapter)}, r"^init_from \('.*', <init_from>\): a LoRA adapter .* "
+                                      r"set init_adapter \(<init_adapter>\)"),
+        ({"init_from": str(adapter), "model_options": {"family": "phi"}},
+         r"^model_options \(<model_options>\): family"),
+        ({"preset": "tiny", "model_options": {"family": "phi"}},
+         r"without an HF export: export false \(<export>\)$"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            tm.validate_config(tm.config_from_dict({"data": ["x"], **values}, "t"), where)
+
+
+def test_a_runs_start_names_each_setting_where_the_callers_user_set_it(assets, tmp_path):
+    """As validate_config: the checks train makes as its run starts name the caller's source."""
+    where = "<{}>".format
+    gone = str(tmp_path / "gone")
+    for overrides, message in [
+            ({"lr": -1.0}, r"^lr \(-1\.0, <lr>\): must be > 0$"),
+            ({"init_adapter": gone}, r"^init_adapter \(.*, <init_adapter>\)"),
+            ({"batch_size": 100_000}, r"lower batch_size \(100000, <batch_size>\)"),
+            ({"data_options": {"cache_dir": str(tmp_path / "cache"), "progress": False,
+                               "train_frac": 0.9, "val_frac": 0.0, "test_frac": 0.1}},
+             r"raise val_frac of data_options \(<data_options>\)$")]:
+        with pytest.raises(ValueError, match=message):
+            tm.train(tiny_cfg(assets, tmp_path, **overrides), where_set=where)
+
+
+def test_a_run_on_a_gpu_without_bf16_names_where_precision_was_set(assets, tmp_path,
+                                                                   monkeypatch):
+    """train passes its caller's where_set to the Trainer: a sweep's or recipe's bf16 on a T4
+    names its own source, not --precision."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    with pytest.raises(ValueError, match=r"^precision \('bf16', <precision>\): this GPU "):
+        tm.train(tiny_cfg(assets, tmp_path, device="cuda", precision="bf16"),
+                 where_set="<{}>".format)
