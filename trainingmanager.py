@@ -352,14 +352,6 @@ def _where_set_in_run(typed: Collection[str], config: str | None, in_file: Colle
                                   resume and f"{Path(resume) / CONFIG_FILE} (--resume)")
 
 
-def where_set_of(argv: Sequence[str] | None) -> Callable[[str], str]:
-    """``_where_set_in_run`` of a trainingmanager.py command line."""
-    args = vars(build_parser().parse_args(argv))
-    config = args.pop("config", None)
-    in_file = upgraded(cliconfig.read_config_file(config, "train")[0]) if config else {}
-    return _where_set_in_run(args, config, in_file, args.get("resume"))
-
-
 def check_resume_location(args: dict, given: dict | None = None, config: str | None = None
                           ) -> None:
     """A ``--name`` / ``--out-dir`` typed, or set by the ``--config`` file, must name the
@@ -2911,11 +2903,15 @@ def report_run_error(e: Exception) -> int:
     return 1 if isinstance(e, NonFiniteLossError) else 2
 
 
-def given_keys(argv: Sequence[str] | None) -> tuple[set[str], set[str]]:
-    """The TrainConfig keys typed on the command line, and those its ``--config`` file sets."""
+def command_line_sources(argv: Sequence[str] | None
+                         ) -> tuple[set[str], set[str], Callable[[str], str]]:
+    """The TrainConfig keys typed on the command line, those its ``--config`` file sets (as
+    read by parse_config, which checked it), and ``train``'s ``where_set`` of that command line
+    (``_where_set_in_run``)."""
     args = vars(build_parser().parse_args(argv))
-    typed = set(args) - {"config"}
-    return typed, set(load_config_file(args["config"])) if args.get("config") else set()
+    config = args.pop("config", None)
+    in_file = set(upgraded(cliconfig.read_config_file(config, "train")[0])) if config else set()
+    return set(args), in_file, _where_set_in_run(args, config, in_file, args.get("resume"))
 
 
 def check_max_steps_flag(cfg: TrainConfig, typed: set[str], source: str,
@@ -2949,14 +2945,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with cliconfig.interrupt_on_sigterm():  # outside the step loop: data, tokenizer, export
             cfg = parse_config(argv)
-            typed, in_file = given_keys(argv)
+            typed, in_file, where_set = command_line_sources(argv)
             if cfg.overfit:
                 passed, report = run_overfit(cfg, **overfit_settings(cfg, typed | in_file))
                 print(report)
                 return 0 if passed else 1
             check_max_steps_flag(cfg, typed, "the --config file" if "epochs" in in_file
                                  else "the resumed run's config")
-            result = train(cfg, where_set=where_set_of(argv))
+            result = train(cfg, where_set=where_set)
     except RankZeroFailed:
         return 2
     except RUN_ERRORS as e:

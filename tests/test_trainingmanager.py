@@ -3865,11 +3865,12 @@ def test_where_set_of_a_command_line_names_the_flag_the_config_file_or_the_resum
     key names the file, a resumed run's its config.json; a key at its default, its flag."""
     config = tmp_path / "run.json"
     config.write_text(json.dumps({"warmup_steps": 200, "lr": 0.1}))
-    where = tm.where_set_of(["--config", str(config), "--lr", "0.2", "--max-steps", "100"])
+    where = tm.command_line_sources(["--config", str(config), "--lr", "0.2",
+                                     "--max-steps", "100"])[2]
     assert [where(k) for k in ("warmup_steps", "lr", "max_steps", "seed")] == [
         f"--config {config}", "--lr", "--max-steps", "--seed"]
     run = tmp_path / "runs" / "r"
-    where = tm.where_set_of(["--resume", str(run), "--max-steps", "5"])
+    where = tm.command_line_sources(["--resume", str(run), "--max-steps", "5"])[2]
     assert (where("max_steps"), where("batch_size")) == ("--max-steps",
                                                          f"{run / 'config.json'} (--resume)")
 
