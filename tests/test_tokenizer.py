@@ -122,7 +122,9 @@ def test_parity_on_every_stdlib_file(style, start, every, references, stdlib_tex
     got = ours.encode_batch(texts, num_workers=2)
     mismatch = _first_mismatch(names, got, _hf_ids(hf, texts))
     assert mismatch is None, mismatch
-    assert len(texts) > 1000 // every  # the whole standard library (or every 4th file of it)
+    # The whole standard library (or every 4th file of it): Debian's python3.12, which ships
+    # test/ (over half of CPython's files) apart, has ~570 files.
+    assert len(texts) > 400 // every
 
 
 @pytest.mark.parametrize("style", PRETOKENIZER_STYLES)
@@ -1246,9 +1248,10 @@ def test_strip_options_strict_mode_and_pathological_nesting():
     assert strip_comments_and_docstrings(source, comments=False) == (
         "def f():\n    return 1  # one\n# alone\n")
     assert strip_comments_and_docstrings(source, False, False) == source
-    # Nesting deep enough to exhaust the parser raises RecursionError: unchanged, or with strict
-    # one of the errors every caller catches.
-    deep = "x = (\n" + '    "abc" +\n' * 6000 + '    "b")\n'
+    # Nesting past the parser's fixed stack (6000 levels in CPython 3.11-3.13; a chain of 6000
+    # `+` exhausted 3.11's recursion limit but parses on 3.12.3+): unchanged, or with strict one
+    # of the errors every caller catches.
+    deep = "x = (\n" + "    not\n" * 10000 + "    True)\n"
     assert strip_comments_and_docstrings(deep) == deep
     for bad in (deep, "def broken(:\n"):
         with pytest.raises(PYTHON_PARSE_ERRORS):
