@@ -406,6 +406,15 @@ def _init_distributed(device_hint: str) -> tuple[Dist, bool]:
         return dist, False
     use_cuda = torch.cuda.is_available() and device_hint != "cpu"
     if use_cuda:
+        # Every rank checks, before joining: a rank without a GPU of its own would crash in
+        # set_device while the others waited for it in init_process_group.
+        gpus = torch.cuda.device_count()
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist.local_rank + 1))
+        if local_world > gpus:
+            raise ValueError(
+                f"torchrun started {local_world} processes on this machine, which has {gpus} "
+                f"CUDA device(s): start one per GPU (--nproc_per_node {gpus}), or train every "
+                "process on the CPU with --device cpu")
         torch.cuda.set_device(dist.local_rank)
     td.init_process_group(backend="nccl" if use_cuda else "gloo")
     return dist, True

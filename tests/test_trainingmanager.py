@@ -1179,16 +1179,19 @@ def test_compiled_training_matches_eager(assets, tmp_path):
 
 
 def _on_two_ranks(*args: str) -> subprocess.CompletedProcess:
-    """``torchrun`` of two gloo ranks on this machine, its output captured."""
+    """``torchrun`` of two gloo ranks on this machine's CPU (its GPUs hidden), its output
+    captured."""
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node=2", *args], cwd=ROOT, env=ENV,
+                           "--nproc_per_node=2", *args], cwd=ROOT,
+                          env={**ENV, "CUDA_VISIBLE_DEVICES": ""},
                           capture_output=True, text=True, timeout=300)
 
 
 def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(assets, tmp_path):
     # adam_eps 1e-6: with 1e-8, Adam turns gradients of ~1e-8 into ~lr-sized updates, so the
     # reduction-order rounding of any two correct summations would show up in the weights.
-    common = dict(max_steps=6, grad_accum=2, eval_every=3, save_every=3, adam_eps=1e-6)
+    common = dict(max_steps=6, grad_accum=2, eval_every=3, save_every=3, adam_eps=1e-6,
+                  device="cpu")  # as the two gloo ranks
     single = tm.train(tiny_cfg(assets, tmp_path, name="single", batch_size=4, **common))
     cfg = tiny_cfg(assets, tmp_path, name="ddp", batch_size=2, **common)
     config = write_config(cfg, tmp_path / "ddp.json")
@@ -1561,7 +1564,7 @@ def test_a_diverged_finite_run_ends_with_a_capped_perplexity(assets, tmp_path, c
     """lr 30 without warmup diverges to a finite validation loss past exp's range: the end of
     the run (export message, summary) reports a capped perplexity instead of crashing."""
     config = _tiny_config_file(assets, tmp_path, lr=30.0, warmup_steps=0, max_steps=8,
-                               export=True)
+                               export=True, device="cpu")  # fp32: bf16 goes NaN first
     assert tm.main(["--config", config]) == 0
     out = capsys.readouterr().out
     best = json.loads((tmp_path / "runs" / "run" / "best" / "metrics.json").read_text())
@@ -3120,7 +3123,8 @@ def test_a_resume_keeps_the_precision_auto_trained_in(assets, tmp_path, monkeypa
     monkeypatch.setattr(tm, "_resolve_precision",  # "auto" on a GPU with native bf16
                         lambda precision, device: "bf16" if precision == "auto"
                         else resolve(precision, device))
-    assert tm.main(["--config", _tiny_config_file(assets, tmp_path, max_steps=4)]) == 0
+    assert tm.main(["--config", _tiny_config_file(assets, tmp_path, max_steps=4,
+                                                  device="cpu")]) == 0
     run = tmp_path / "runs" / "run"
     monkeypatch.setattr(tm, "_resolve_precision", resolve)  # resumed on the CPU: fp32
     saved = (run / "config.json").read_bytes()
@@ -3500,7 +3504,8 @@ def test_a_warmup_as_long_as_the_run_is_warned_of(assets, tmp_path, capsys, warm
 def test_fp16_on_cpu_is_warned_of(assets, tmp_path, capsys):
     """A recipe written for a T4 (precision fp16) run on a CPU: torch has no fast fp16 kernels
     there (tens of times slower than fp32), which the run says at its start."""
-    tm.train(tiny_cfg(assets, tmp_path, max_steps=1, eval_every=1, precision="fp16"))
+    tm.train(tiny_cfg(assets, tmp_path, max_steps=1, eval_every=1, precision="fp16",
+                      device="cpu"))
     assert "warning: precision fp16 on cpu" in capsys.readouterr().err
 
 
@@ -3550,6 +3555,52 @@ def test_validate_config_refuses(values, message):
 def test_validate_config_accepts_the_bounds(values):
     """The closed ends of each range are legal values."""
     tm.validate_config(tm.TrainConfig(**values))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_torchrun_on_one_gpu_trains_with_nccl_in_bf16(assets, tmp_path):
+    """The GPU path end to end under torchrun: NCCL, DDP on cuda:0, precision auto -> bf16,
+    a checkpoint and an export that transformers loads."""
+    cfg = tiny_cfg(assets, tmp_path, name="nccl", max_steps=4, export=True)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=1", "trainingmanager.py", "--config",
+                           str(write_config(cfg, tmp_path / "nccl.json"))], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "bf16 on cuda:0" in proc.stdout, proc.stdout
+    run = Path(cfg.out_dir) / "nccl"
+    assert tm.read_state(run / rundir.CHECKPOINTS_DIR / "step-4")["progress"]["precision"] == "bf16"
+    import transformers
+
+    assert transformers.AutoModelForCausalLM.from_pretrained(run / "export") is not None
+
+
+def test_torchrun_with_more_processes_than_gpus_is_refused_on_every_rank(monkeypatch):
+    """Two processes on a one-GPU machine: the second crashed in torch.cuda.set_device (a CUDA
+    traceback) while the first waited for it in init_process_group. Every rank now refuses the
+    launch, before joining, naming --nproc_per_node and --device cpu."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    joined = []
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **k: joined.append(k))
+    for rank in (0, 1):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        with pytest.raises(ValueError, match=r"started 2 processes on this machine, which has 1 "
+                           r"CUDA device\(s\): start one per GPU \(--nproc_per_node 1\), or "
+                           r"train every process on the CPU with --device cpu"):
+            tm._init_distributed("auto")
+    assert joined == []
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process per GPU: joins with NCCL
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: None)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert tm._init_distributed("auto")[1] and joined == [{"backend": "nccl"}]
+    joined.clear()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # --device cpu: gloo, GPUs not counted
+    assert tm._init_distributed("cpu")[1] and joined == [{"backend": "gloo"}]
 
 
 @pytest.mark.slow
