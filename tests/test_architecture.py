@@ -1502,3 +1502,27 @@ def test_zero_new_tokens_return_the_prompt_and_bad_beams_or_masks_are_refused():
     with pytest.raises(ValueError, match=r"attention_mask shape \(2, 4\) != input_ids shape "
                                          r"\(2, 5\)"):
         model(idx, attention_mask=torch.ones(2, 4, dtype=torch.bool))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shape", ["llama", "gpt_bigcode"])
+def test_cuda_graph_decode_equals_eager_and_keeps_its_caches(shape):
+    """On CUDA the compiled decode step is a CUDA graph over caches kept between calls: its
+    tokens equal eager decoding for prompts of several lengths, a left-padded batch and EOS
+    stops, and a second call of the same cache length reuses the caches (no new recording)."""
+    model = _model(shape).cuda()
+    for batch, length, new in ((1, 9, 20), (1, 30, 12), (2, 17, 24)):
+        idx = _ids(batch, length, seed=length).cuda()
+        mask = torch.ones_like(idx)
+        mask[0, :batch * 3] = 0  # row 0 left-padded in the batch of two
+        eager = model.generate(idx, new, attention_mask=mask, eos_id=5)
+        graphed = model.generate(idx, new, attention_mask=mask, eos_id=5, compile=True)
+        assert torch.equal(graphed, eager), (batch, length)
+        held = model._held_caches
+        assert held[0][0].shape[2] % 256 == 0
+        assert torch.equal(model.generate(idx, new, attention_mask=mask, eos_id=5,
+                                          compile=True), eager)
+        assert model._held_caches is held
+    import copy
+
+    assert "_held_caches" not in copy.deepcopy(model).__dict__  # a copy decodes with its own
