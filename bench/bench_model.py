@@ -258,12 +258,9 @@ def bench_train(cfg: BenchConfig) -> dict:
 
 # --------------------------------------------------------------------------- generate
 
-def bench_generate(cfg: BenchConfig) -> dict:
-    c = BENCH_CFG
-    torch.manual_seed(0)
-    ours = Transformer(c).eval()
-    hf = _hf_llama(c).eval()
-    with torch.no_grad():  # same weights, so both produce the same tokens
+def copy_hf_llama_weights(ours: Transformer, hf: nn.Module) -> None:
+    """Give codelm's model the weights of a tied LlamaForCausalLM of the same shape."""
+    with torch.no_grad():
         for block, layer in zip(ours.blocks, hf.model.layers):
             a = layer.self_attn
             block.attn.qkv.weight.copy_(torch.cat((a.q_proj.weight, a.k_proj.weight,
@@ -274,6 +271,14 @@ def bench_generate(cfg: BenchConfig) -> dict:
             block.mlp.fc.weight.copy_(m.up_proj.weight)
             block.mlp.proj.weight.copy_(m.down_proj.weight)
         ours.wte.weight.copy_(hf.model.embed_tokens.weight)
+
+
+def bench_generate(cfg: BenchConfig) -> dict:
+    c = BENCH_CFG
+    torch.manual_seed(0)
+    ours = Transformer(c).eval()
+    hf = _hf_llama(c).eval()
+    copy_hf_llama_weights(ours, hf)  # same weights, so both produce the same tokens
     prompt = torch.randint(3, c.vocab_size, (1, 64))
     new = 128
 

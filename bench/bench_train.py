@@ -41,8 +41,9 @@ class BareLoop:
     overhead is measured on equal model work; the HF model takes F.cross_entropy of its logits."""
 
     def __init__(self, model: torch.nn.Module, tokens: torch.Tensor, cfg: tm.TrainConfig,
-                 hf: bool):
-        self.model, self.tokens, self.cfg, self.hf = model.train(), tokens, cfg, hf
+                 hf: bool, trainer: tm.Trainer):
+        self.device, self.precision = trainer.device, trainer.precision  # the manager's
+        self.model, self.tokens, self.cfg, self.hf = model.to(self.device).train(), tokens, cfg, hf
         self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                      weight_decay=cfg.weight_decay, fused=True)
         self.gen = torch.Generator().manual_seed(0)
@@ -52,14 +53,18 @@ class BareLoop:
         ix = torch.randint(len(self.tokens) - T - 1, (B,), generator=self.gen)
         x = torch.stack([self.tokens[i:i + T] for i in ix])
         y = torch.stack([self.tokens[i + 1:i + T + 1] for i in ix])
-        if self.hf:
-            loss = F.cross_entropy(self.model(x).logits.flatten(0, 1), y.flatten())
-        else:
-            loss = tm.lm_loss(self.model(x, return_hidden=True), y, self.model.lm_head)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        with tm._autocast(self.device, self.precision):
+            if self.hf:
+                loss = F.cross_entropy(self.model(x).logits.flatten(0, 1).float(), y.flatten())
+            else:
+                loss = tm.lm_loss(self.model(x, return_hidden=True), y, self.model.lm_head)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":  # (the manager's step waits for its loss too)
+            torch.cuda.synchronize(self.device)
 
 
 def hf_twin(model_cfg):
@@ -98,12 +103,14 @@ def main(argv=None) -> int:
         model_cfg = run.trainer.raw_model.cfg
         tokens = torch.from_numpy(run.train_set.tokens[:4_000_000].astype("int64"))
         torch.manual_seed(0)
-        bare = BareLoop(Transformer(model_cfg), tokens, cfg, hf=False)
+        bare = BareLoop(Transformer(model_cfg), tokens, cfg, hf=False, trainer=run.trainer)
         torch.manual_seed(0)
-        hf = BareLoop(hf_twin(dataclasses.replace(model_cfg)), tokens, cfg, hf=True)
+        hf = BareLoop(hf_twin(dataclasses.replace(model_cfg)), tokens, cfg, hf=True,
+                      trainer=run.trainer)
         tokens_per_step = cfg.batch_size * cfg.block_size
         print(f"{args.preset}: {run.trainer.raw_model.num_parameters() / 1e6:.1f}M parameters, "
-              f"{tokens_per_step} tokens/step, {torch.get_num_threads()} threads")
+              f"{tokens_per_step} tokens/step, {run.trainer.precision} on {run.trainer.device}, "
+              f"{torch.get_num_threads()} threads")
 
         times: dict[str, list[float]] = {"bare": [], "hf": [], "manager": []}
         data_time: list[float] = []
