@@ -963,9 +963,10 @@ class Transformer(nn.Module):
         compile: torch.compile the decode step (static shapes: the cache is preallocated); not
         with num_beams > 1. On CUDA the step runs as a CUDA graph (~12x the eager step for a
         124M model on an H100); its caches (cache lengths rounded up to GRAPH_CACHE_STEP) stay
-        allocated on the model between calls, so same-shaped calls replay the recorded graphs. Under torch.autocast the caches hold autocast's dtype, as forward's
-        keys and values. In train mode dropout is on, as in transformers: call `model.eval()`
-        first for deterministic output.
+        allocated on the model between calls, so same-shaped calls replay the recorded graphs,
+        and one such generation (or `stream`) runs at a time per model. Under torch.autocast
+        the caches hold autocast's dtype, as forward's keys and values. In train mode dropout
+        is on, as in transformers: call `model.eval()` first for deterministic output.
 
         On CPU in eval mode, the eager path may leave Linear weights column-major (same values
         and shapes, non-contiguous strides: they stream faster; see `_use_decode_layout`) until
