@@ -255,6 +255,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            if x.is_cuda and x.dtype == self.weight.dtype == torch.float32:
+                # The fp32 residual stream of mixed-precision training: torch's fused kernels
+                # (one each way) run a 110M model's bf16 step 13% faster on an H100 than the
+                # hand-written backward, which is for the CPU (same maths in fp32).
+                return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
             return _RMSNormFunction.apply(x, self.weight, self.eps)
         # Without autograd, plain ops: Function.apply costs ~8 us a call, 1.5% of a decode step.
         return self.weight * _rms_normalize(x, self.eps)[0]
