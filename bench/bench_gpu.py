@@ -9,6 +9,8 @@
             vs transformers' LlamaForCausalLM, and peak GPU memory.
   generate  greedy, batch 1, 64-token prompt, 128 new tokens, bf16: codelm eager and compiled
             decode vs transformers' generate (eager, and its static cache).
+  ablate    the eager step with each CPU-tuned piece of codelm (fused chunked head, RMSNorm's
+            hand-written backward) swapped for the plain alternative.
   load      Llama-3.2-1B-shaped bf16 checkpoint (random weights) straight to the GPU: load time
             and peak GPU memory, codelm vs transformers.
   checks    the open CUDA questions: TF32 (fp32 step time with and without), the fused head's
@@ -43,7 +45,7 @@ from bench_model import NanoLlama, _hf_llama, copy_hf_llama_weights  # noqa: E40
 import architecture  # noqa: E402
 from architecture import PRESETS, Transformer  # noqa: E402
 
-SECTIONS = ("parity", "kernels", "train", "generate", "load", "checks")
+SECTIONS = ("parity", "kernels", "train", "ablate", "generate", "load", "checks")
 # Dense bf16 tensor-core peaks (TFLOP/s), from the vendors' data sheets (SXM parts).
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L4": 121.0, "A10": 125.0}
 # ~124M Llama-shaped: GPT-2 small's depth and width with SwiGLU and rotary.
@@ -328,6 +330,56 @@ print(json.dumps({"load_s": t, "peak_gib": torch.cuda.max_memory_allocated() / 2
 
 # ---------------------------------------------------------------------------- checks
 
+def bench_ablate(args) -> dict:
+    """Which of codelm's CPU-tuned pieces cost time on the GPU: the eager bf16 step with each
+    swapped for the plain alternative, in one run (the eager step varies ~15% between runs)."""
+    from trainingmanager import lm_loss
+
+    c = args.cfg
+    x = torch.randint(0, c.vocab_size, (args.batch, c.block_size), device=DEV)
+    fused = lambda m: lm_loss(m(x, return_hidden=True), x, m.lm_head)  # noqa: E731
+    unfused = lambda m: F.cross_entropy(m(x).flatten(0, 1).float(), x.flatten())  # noqa: E731
+    hand_written = lambda self, h: architecture._RMSNormFunction.apply(  # noqa: E731
+        h, self.weight, self.eps)
+    variants = {  # name: (build, loss, {(owner, attribute): replacement})
+        "nanoGPT-style": (lambda: NanoLlama(c), unfused, {}),
+        "codelm": (lambda: Transformer(c), fused, {}),
+        "codelm, unfused head": (lambda: Transformer(c), unfused, {}),
+        "codelm, head in one chunk": (lambda: Transformer(c), fused,
+                                      {(architecture, "_loss_chunk_rows"): lambda v, d: 1 << 30}),
+        "codelm, hand-written RMSNorm backward": (
+            lambda: Transformer(c), fused, {(architecture.RMSNorm, "forward"): hand_written}),
+    }
+    res = {}
+    print(f"\nablate  eager bf16 step, batch {args.batch}x{c.block_size} (median of "
+          f"{args.rounds} rounds of {args.steps})")
+    for name, (build, loss_fn, patches) in variants.items():
+        saved = {key: getattr(*key) for key in patches}
+        for (owner, attr), value in patches.items():
+            setattr(owner, attr, value)
+        try:
+            torch.manual_seed(0)
+            m = build().to(DEV).train()
+            opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
+            times = []
+            for r in range(args.rounds + 1):  # round 0 warms up
+                t0 = sync_time()
+                for _ in range(args.steps):
+                    with torch.autocast(DEV, torch.bfloat16):
+                        loss = loss_fn(m)
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                if r:
+                    times.append((sync_time() - t0) / args.steps)
+        finally:
+            for (owner, attr), value in saved.items():
+                setattr(owner, attr, value)
+        res[name] = statistics.median(times)
+        print(f"  {name:40s} {res[name] * 1e3:7.1f} ms")
+    return res
+
+
 def bench_checks(args) -> dict:
     from trainingmanager import lm_loss
 
@@ -453,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         args.head_shape = (128256, 2048, 8192)
     print(f"torch {torch.__version__}, {args.device_name}")
     sections = {"parity": bench_parity, "kernels": bench_kernels, "train": bench_train,
+                "ablate": bench_ablate,
                 "generate": bench_generate, "load": bench_load, "checks": bench_checks}
     results, failed = {}, []
     for name in only:
