@@ -1,8 +1,9 @@
 """Training-manager overhead and throughput, in one run (figures go to docs/benchmarks.md).
 
-Three loops over the same prepared stdlib ``lm`` data, batch x block tokens per step, fp32 AdamW,
-gradient clipping, all in one process and interleaved step by step (so load from other processes
-hits them alike):
+Three loops over the same prepared stdlib ``lm`` data, batch x block tokens per step, AdamW,
+gradient clipping, on the trainer's device in its precision (fp32 on a CPU; on a GPU bf16
+autocast, each step waited for), all in one process and interleaved step by step (so load from
+other processes hits them alike):
 - ``bare``: a nanoGPT-style step on codelm's model (random windows straight from the token file);
 - ``hf``: the same bare step on ``transformers``' LlamaForCausalLM of the same shape;
 - ``manager``: one iteration of ``trainingmanager.train``'s loop on its own codelm model: fetch
