@@ -74,6 +74,18 @@ def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else float("nan")
 
 
+def timed_steps(model, opt, loss_fn, steps: int, bf16: bool = True) -> float:
+    """Mean seconds of ``steps`` optimizer steps on ``loss_fn(model)``, the GPU waited for."""
+    t0 = sync_time()
+    for _ in range(steps):
+        with torch.autocast(DEV, torch.bfloat16, enabled=bf16):
+            loss = loss_fn(model)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return (sync_time() - t0) / steps
+
+
 def peak_tflops(name: str, override: float | None) -> float | None:
     if override:
         return override
@@ -186,20 +198,10 @@ def _time_training(compiled: bool, builders: dict, losses: dict, m_raw: dict, re
         models[name] = torch.compile(m_raw[name]) if compiled else m_raw[name]
         opts[name] = torch.optim.AdamW(m_raw[name].parameters(), lr=1e-4, fused=True)
 
-    def step(name):
-        with torch.autocast(DEV, torch.bfloat16):
-            loss = losses[name](models[name])
-        loss.backward()
-        opts[name].step()
-        opts[name].zero_grad(set_to_none=True)
-
     mem = {}
     for name in models:  # warm-up (and compilation)
         reset_peak()
-        t0 = sync_time()
-        for _ in range(3):
-            step(name)
-        first = sync_time() - t0
+        first = 3 * timed_steps(models[name], opts[name], losses[name], 3)
         mem[name] = peak_gib()
         if compiled:
             print(f"  (compile + 3 warm-up steps of {name}: {first:.0f} s)")
@@ -207,10 +209,8 @@ def _time_training(compiled: bool, builders: dict, losses: dict, m_raw: dict, re
     names = list(models)
     for r in range(args.rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            t0 = sync_time()
-            for _ in range(args.steps):
-                step(name)
-            times[name].append((sync_time() - t0) / args.steps)
+            times[name].append(timed_steps(models[name], opts[name], losses[name],
+                                           args.steps))
     flops_per_token = 6 * n_params + 12 * c.n_layer * c.n_head * c.head_dim * T
     tag = " compiled" if compiled else ""
     for name, ts in times.items():
@@ -361,17 +361,8 @@ def bench_ablate(args) -> dict:
             torch.manual_seed(0)
             m = build().to(DEV).train()
             opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
-            times = []
-            for r in range(args.rounds + 1):  # round 0 warms up
-                t0 = sync_time()
-                for _ in range(args.steps):
-                    with torch.autocast(DEV, torch.bfloat16):
-                        loss = loss_fn(m)
-                    loss.backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                if r:
-                    times.append((sync_time() - t0) / args.steps)
+            # round 0 warms up
+            times = [timed_steps(m, opt, loss_fn, args.steps) for _ in range(args.rounds + 1)][1:]
         finally:
             for (owner, attr), value in saved.items():
                 setattr(owner, attr, value)
@@ -390,20 +381,13 @@ def bench_checks(args) -> dict:
     torch.manual_seed(0)
     model = Transformer(c).to(DEV)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-
-    def step():
-        lm_loss(model(x, return_hidden=True), x, model.lm_head).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    loss_fn = lambda m: lm_loss(m(x, return_hidden=True), x, m.lm_head)  # noqa: E731
 
     print("\nchecks")
     for tf32 in (False, True):  # G-06
         torch.backends.cuda.matmul.allow_tf32 = tf32
-        step()
-        t0 = sync_time()
-        for _ in range(args.steps):
-            step()
-        res[f"fp32_step_s_tf32_{tf32}"] = (sync_time() - t0) / args.steps
+        timed_steps(model, opt, loss_fn, 1, bf16=False)  # warm-up
+        res[f"fp32_step_s_tf32_{tf32}"] = timed_steps(model, opt, loss_fn, args.steps, bf16=False)
     torch.backends.cuda.matmul.allow_tf32 = False
     print(f"  G-06 fp32 step, batch {B}x{T}: TF32 off {res['fp32_step_s_tf32_False'] * 1e3:.0f} "
           f"ms, on {res['fp32_step_s_tf32_True'] * 1e3:.0f} ms")

@@ -1178,13 +1178,16 @@ def test_compiled_training_matches_eager(assets, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def _on_two_ranks(*args: str) -> subprocess.CompletedProcess:
-    """``torchrun`` of two gloo ranks on this machine's CPU (its GPUs hidden), its output
-    captured."""
+def _torchrun(nproc: int, *args: str, env: dict = ENV) -> subprocess.CompletedProcess:
+    """``torchrun`` of ``nproc`` processes on this machine, its output captured."""
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node=2", *args], cwd=ROOT,
-                          env={**ENV, "CUDA_VISIBLE_DEVICES": ""},
+                           f"--nproc_per_node={nproc}", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
+
+
+def _on_two_ranks(*args: str) -> subprocess.CompletedProcess:
+    """Two gloo ranks on this machine's CPU (its GPUs hidden)."""
+    return _torchrun(2, *args, env={**ENV, "CUDA_VISIBLE_DEVICES": ""})
 
 
 def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(assets, tmp_path):
@@ -3562,10 +3565,8 @@ def test_torchrun_on_one_gpu_trains_with_nccl_in_bf16(assets, tmp_path):
     """The GPU path end to end under torchrun: NCCL, DDP on cuda:0, precision auto -> bf16,
     a checkpoint and an export that transformers loads."""
     cfg = tiny_cfg(assets, tmp_path, name="nccl", max_steps=4, export=True)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node=1", "trainingmanager.py", "--config",
-                           str(write_config(cfg, tmp_path / "nccl.json"))], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    proc = _torchrun(1, "trainingmanager.py", "--config",
+                     str(write_config(cfg, tmp_path / "nccl.json")))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "bf16 on cuda:0" in proc.stdout, proc.stdout
     run = Path(cfg.out_dir) / "nccl"
