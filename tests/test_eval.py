@@ -2940,6 +2940,40 @@ def test_eval_loads_models_in_the_dtype_asked_for(tiny_models, tmp_path):
         ev.config_from_dict({"dtype": "half"})
 
 
+def test_compile_decodes_as_the_eager_step_does(tiny_models, tmp_path, capsys, monkeypatch):
+    """--compile reaches generate and stream (on CUDA: the CUDA-graph decode): a LoRA-tuned
+    model's batch of prompts of different lengths and its streamed --prompt give the eager
+    texts; refused with beam search; a resumed evaluation does not count it as a new one."""
+    import json
+
+    import torch
+
+    from architecture import Transformer
+
+    m = tiny_models
+    tuned = f"{m['base']}+{m['adapter']}"
+    prompts = ["class Stack:\n    def push(self, ", "class Queue:\n", "def f("]
+    cfg = ev.EvalConfig(max_new_tokens=10, batch_size=2, progress=False)
+    lm = ev.load_model(tuned, torch.device("cpu"))
+    want = ev.generate_texts(lm, prompts, cfg)
+    compiled = []
+    for name in ("generate", "stream"):
+        real = getattr(Transformer, name)
+        monkeypatch.setattr(Transformer, name, lambda self, *a, _real=real, **k: compiled.append(
+            k["compile"]) or _real(self, *a, **k))
+    assert ev.generate_texts(lm, prompts, dataclasses.replace(cfg, compile=True)) == want
+    assert ev.main(["--models", tuned, "--prompt", prompts[0], "--max-new-tokens", "10",
+                    "--compile", "--runs-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == f"{prompts[0]}{want[0]}\n"
+    assert compiled == [True, True, True]  # two batches, one stream
+    with pytest.raises(ValueError, match=r"^compile \(True, --compile\): compiles the greedy"):
+        ev.config_from_dict({"compile": True, "num_beams": 2})
+    saved = {"config": dataclasses.asdict(ev.EvalConfig(models=["m"]))}
+    (tmp_path / "results.json").write_text(json.dumps(saved))
+    ev.check_settings_unchanged(ev.EvalConfig(models=["m"], compile=True, out_dir=str(tmp_path)),
+                                "remedy")
+
+
 def test_eval_generates_with_beam_search_as_transformers_does(tiny_models, tmp_path, capsys):
     """Seed 001's next step, beam search: generate had it, but no EvalConfig key reached it."""
     import torch
