@@ -776,22 +776,27 @@ class Transformer(nn.Module):
     def _graph_caches(self, batch: int, length: int) -> list[LayerCache]:
         """The caches of the CUDA-graph decode step. A graph replays fixed addresses: the last
         call's caches are kept (zeroed) for the next call of the same shape, where new ones would
-        make each call record its graphs anew, and marked static for torch.compile."""
+        make each call record its graphs anew, and marked static for torch.compile. So one
+        such generation runs at a time: a second would overwrite the first one's caches."""
+        if self.__dict__.get("_graph_caches_busy"):
+            raise RuntimeError("a compiled CUDA generation is already running on this model (an "
+                               "unfinished stream?): exhaust or close it first, or pass "
+                               "compile=False")
         held = self.__dict__.get("_held_caches")
-        if held is not None:
-            k = held[0][0]
-            if (k.shape[0], k.shape[2], k.dtype, k.device) == (
-                    batch, length, self._cache_dtype(), self.wte.weight.device):
-                for pair in held:
-                    for t in pair:
-                        t.zero_()
-                return held
-        caches = self._new_caches(batch, length)
-        for pair in caches:
-            for t in pair:
-                torch._dynamo.mark_static_address(t)
-        self._held_caches = caches
-        return caches
+        k = held[0][0] if held is not None else None
+        if k is not None and (k.shape[0], k.shape[2], k.dtype, k.device) == (
+                batch, length, self._cache_dtype(), self.wte.weight.device):
+            for pair in held:
+                for t in pair:
+                    t.zero_()
+        else:
+            held = self._new_caches(batch, length)
+            for pair in held:
+                for t in pair:
+                    torch._dynamo.mark_static_address(t)
+            self._held_caches = held
+        self._graph_caches_busy = True  # (cleared by _steps when the generation ends)
+        return held
 
     def _end_decode(self) -> None:
         if self.training:  # training wants row-major weights back (see _use_decode_layout)
@@ -875,6 +880,7 @@ class Transformer(nn.Module):
         state = super().__getstate__()
         state.pop("_compiled_steps", None)
         state.pop("_held_caches", None)
+        state.pop("_graph_caches_busy", None)
         return state
 
     # ------------------------------------------------------------- generate
@@ -920,8 +926,8 @@ class Transformer(nn.Module):
         graphs = compile and idx.device.type == "cuda"
         if graphs:  # few cache lengths, so few graphs for prompts of many lengths
             length = -(-length // GRAPH_CACHE_STEP) * GRAPH_CACHE_STEP
-        caches = self._graph_caches(B, length) if graphs else self._new_caches(B, length)
         slot = torch.tensor([T], device=idx.device)  # advanced on the device: no copy a step
+        caches = self._graph_caches(B, length) if graphs else self._new_caches(B, length)
         try:
             logits, key_valid, pos = self._prefill(idx, attention_mask, length, caches)
             for i in range(max_new_tokens):
@@ -942,6 +948,8 @@ class Transformer(nn.Module):
                 logits = step_fn(tok[:, None], pos, slot, key_valid, caches)
                 pos, slot = pos + 1, slot + 1
         finally:
+            if graphs:
+                self._graph_caches_busy = False
             self._end_decode()
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
@@ -969,7 +977,8 @@ class Transformer(nn.Module):
         with num_beams > 1. On CUDA the step runs as a CUDA graph (~12x the eager step for a
         124M model on an H100); its caches (cache lengths rounded up to GRAPH_CACHE_STEP) stay
         allocated on the model between calls, so same-shaped calls replay the recorded graphs,
-        and one such generation (or `stream`) runs at a time per model. Under torch.autocast
+        and one such generation (or `stream`) runs at a time per model (a second raises
+        RuntimeError until the first ends: exhaust or close a stream). Under torch.autocast
         the caches hold autocast's dtype, as forward's keys and values. In train mode dropout
         is on, as in transformers: call `model.eval()` first for deterministic output.
 

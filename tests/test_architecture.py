@@ -1526,6 +1526,26 @@ def test_cuda_graph_decode_equals_eager_and_keeps_its_caches(shape):
     import copy
 
     assert "_held_caches" not in copy.deepcopy(model).__dict__  # a copy decodes with its own
+    idx = _ids(1, 9).cuda()
+    stream = model.stream(idx, 8, compile=True)
+    next(stream)  # an unfinished stream holds the caches: a second generation is refused
+    with pytest.raises(RuntimeError, match="already running on this model"):
+        model.generate(idx, 8, compile=True)
+    stream.close()
+    assert torch.equal(model.generate(idx, 8, compile=True), model.generate(idx, 8))
+
+
+def test_a_second_graph_decode_on_one_model_is_refused_until_the_first_ends():
+    """The CUDA-graph caches are the model's, one set: while a compiled generation holds them a
+    second one is refused (it would overwrite the first's keys and values); a copy is free."""
+    import copy
+
+    model = _model("llama")
+    model._graph_caches(1, 256)
+    with pytest.raises(RuntimeError, match=r"already running on this model \(an unfinished "
+                                           r"stream\?\): exhaust or close it first"):
+        model._graph_caches(1, 256)
+    copy.deepcopy(model)._graph_caches(1, 256)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
