@@ -59,6 +59,7 @@ from collections import Counter
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -560,6 +561,8 @@ class EvalConfig:
                     "workers", "num_beams"):
             need(getattr(self, key) >= 1, key, "must be >= 1")
         need(self.temperature >= 0, "temperature", "must be >= 0")
+        need(-2**63 <= self.seed < 2**64, "seed",  # else torch's overflow, naming no flag
+             "must be in [-2**63, 2**64), the seeds torch takes")
         need(self.prompt != "", "prompt", "is empty: give the text to complete")
         need(self.block_size is None or self.block_size >= 2, "block_size",
              "must be >= 2 (a prompt token and a generated one) or null for the model's")
@@ -1033,7 +1036,7 @@ def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig,
     (dataset.tokenize_examples), so that a long prompt is cut as training cut it, code first;
     ``max_prompt_tokens``: the run's own prompt limit (its data options), if it had one."""
     from dataset import fit_prompt
-    from tokenizer import generation_eos_ids
+    from tokenizer import decode_generated, generation_eos_ids
 
     tok, model = lm.tokenizer, lm.model
     eos = generation_eos_ids(tok, model.cfg.eos_id, model.name_or_path)
@@ -1064,12 +1067,12 @@ def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig,
                              top_k=cfg.top_k, top_p=cfg.top_p, eos_id=eos or None,
                              stop=(list(stops) or None) if cfg.num_beams == 1 else None,
                              num_beams=cfg.num_beams, attention_mask=mask.to(device),
-                             pad_id=pad, decode=tok.decode, generator=generator,
+                             pad_id=pad, decode=partial(decode_generated, tok), generator=generator,
                              compile=cfg.compile)
         for b, i in enumerate(rows):
             ids = out[b, width:].tolist()
             ids = ids[: next((j for j, t in enumerate(ids) if t in eos), len(ids))]
-            outputs[i] = truncate_at_stops(tok.decode(ids), stops)
+            outputs[i] = truncate_at_stops(decode_generated(tok, ids), stops)
     return outputs
 
 
@@ -1079,7 +1082,7 @@ def stream_completion(lm: LoadedModel, prompt: str, cfg: EvalConfig,
     """Continue ``prompt`` as ``generate_texts`` does (same prompt format, cut, sampling and
     end), handing the new text to ``write`` token by token; return the whole completion."""
     from dataset import fit_prompt
-    from tokenizer import generation_eos_ids
+    from tokenizer import decode_generated, generation_eos_ids
 
     if cfg.num_beams > 1:  # a beam's text is known only once the search ends
         (text,) = generate_texts(lm, [prompt], replace(cfg, progress=False))
@@ -1103,11 +1106,11 @@ def stream_completion(lm: LoadedModel, prompt: str, cfg: EvalConfig,
         if int(step[0]) in eos:
             break
         new.append(int(step[0]))
-        text = tok.decode(new)
+        text = decode_generated(tok, new)
         if text.startswith(shown) and not text.endswith("\ufffd"):  # else a character's bytes
             write(text[len(shown) :])                                # are still coming
             shown = text
-    text = tok.decode(new)
+    text = decode_generated(tok, new)
     write(text[len(shown) :] if text.startswith(shown) else f"\n{text}")
     return text
 
@@ -1124,8 +1127,12 @@ def complete(cfg: EvalConfig, write: Callable[[str], object] | None = None) -> d
     device = _device(cfg.device)
     specs = model_specs(cfg)
     completions = {}
+    seen: Counter = Counter()
     for spec in specs:  # one model in memory at a time
         lm = load_model(spec, device, cfg.tokenizer, cfg.dtype)
+        seen[lm.label] += 1
+        if seen[lm.label] > 1:  # named as _unique_labels names it: no completion overwritten
+            lm.label = f"{lm.label}#{seen[lm.label]}"
         if len(specs) > 1:
             write(("\n" if completions else "") + f"=== {lm.label} ({lm.source})\n")
         write(cfg.prompt)

@@ -2668,7 +2668,7 @@ def sample_completion(model: nn.Module, tok: CodeTokenizer | BPETokenizer, promp
     special-token text read as the run's pair records read it (``dataset.encode_prompts``; the
     data option ``pair_special_tokens``, which the lm task ignores)."""
     from dataset import encode_prompts, prompt_prefix, reads_special_tokens
-    from tokenizer import generation_eos_ids
+    from tokenizer import decode_generated, generation_eos_ids
 
     eos = generation_eos_ids(tok, model.cfg.eos_id, model.name_or_path)
     (prompt_ids,) = encode_prompts(tok, [prompt], reads_special_tokens(task, pair_special_tokens))
@@ -2682,7 +2682,7 @@ def sample_completion(model: nn.Module, tok: CodeTokenizer | BPETokenizer, promp
     out = model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature=0.0,
                          eos_id=eos or None)
     model.train(was_training)
-    return tok.decode([i for i in out[0, len(ids):].tolist() if i not in eos])
+    return decode_generated(tok, [i for i in out[0, len(ids):].tolist() if i not in eos])
 
 
 def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
@@ -2804,7 +2804,7 @@ def run_overfit(cfg: TrainConfig, max_steps: int = 400, lr: float = 3e-3) -> tup
     completion of each file's first line must reproduce the file. Returns (passed, report)."""
     from architecture import Transformer
     from dataset import collate
-    from tokenizer import CodeTokenizer
+    from tokenizer import CodeTokenizer, decode_generated
 
     started = time.perf_counter()
     files = sorted(OVERFIT_CORPUS.glob("*.py"))
@@ -2872,7 +2872,7 @@ def run_overfit(cfg: TrainConfig, max_steps: int = 400, lr: float = 3e-3) -> tup
         out = model.generate(torch.tensor([prompt], device=device), len(seq) - len(prompt),
                              temperature=0.0, eos_id=tok.eos_id)
         generated = [i for i in out[0, len(prompt):].tolist() if i != tok.eos_id]
-        completion = first_line + tok.decode(generated)
+        completion = first_line + decode_generated(tok, generated)
         if completion != text:
             at = next((i for i, (a, b) in enumerate(zip(completion, text)) if a != b),
                       min(len(completion), len(text)))

@@ -601,6 +601,7 @@ def test_unreadable_problem_files_are_named(tmp_path, capsys, make, message):
     (["--dtype", "fp64"], "dtype"),
     (["--data-options", '{"no_such_option": 1}'], "data_options"),
     (["--prompt", ""], "prompt"),
+    (["--seed", str(2**64)], "seed"),  # torch's overflow error, after the model loaded
 ])
 def test_bad_settings_are_rejected_before_any_work(flags, key, capsys, monkeypatch):
     monkeypatch.setattr(ev, "load_model", lambda *a: pytest.fail("a model was loaded"))
@@ -1090,6 +1091,22 @@ def test_prompt_with_one_model_prints_its_completion_without_a_header(tiny_model
     assert capsys.readouterr().out == f"{prompt}{completion}\n"
 
 
+def test_prompt_keeps_the_completions_of_models_with_one_label(tiny_models, tmp_path):
+    """Two models whose directories share a name (runs/a/export, runs/b/export) are both
+    returned, the second as "export#2" as in the task table; the first was overwritten."""
+    import shutil
+
+    for run in ("a", "b"):
+        shutil.copytree(tiny_models["base"], tmp_path / run / "export")
+    cfg = ev.EvalConfig(models=[str(tmp_path / r / "export") for r in "ab"], prompt="def f(",
+                        max_new_tokens=4, progress=False)
+    shown = []
+    completions = ev.complete(cfg, shown.append)
+    assert list(completions) == ["export", "export#2"]
+    assert completions["export"] == completions["export#2"] != ""
+    assert "=== export#2 (" in "".join(shown)
+
+
 def test_evaluate_refuses_a_prompt_it_would_ignore(tmp_path):
     cfg = ev.EvalConfig(models=[str(tmp_path)], prompt="def f(", out_dir=str(tmp_path / "out"))
     with pytest.raises(ValueError, match=r"^EvalConfig.prompt is set: evaluate runs the tasks"):
@@ -1473,6 +1490,54 @@ def test_a_generation_that_ends_at_eos_is_cut_there_as_transformers_output_is(ti
         handle.remove()
     assert out.index(tok.eos_id) == 3
     assert text == tok.decode(out[:3]) and "<eos>" not in text
+
+
+def test_a_generated_id_past_the_tokenizer_decodes_to_nothing_as_transformers(tiny_models,
+                                                                              tmp_path):
+    """A checkpoint may have more embeddings than its tokenizer has tokens (CodeGen-350M-mono,
+    Phi-1.5: 51200 rows, 50295 tokens), and generation may pick such an id. It decodes to
+    nothing, as HF tokenizers' decode skips it: it failed the model's evaluation ("token ids out
+    of range"), the stop-string check inside generate first, and --prompt too."""
+    import torch
+    import transformers
+    from tiny_hf import save_tiny_hf
+    from tokenizers import Tokenizer
+
+    m = tiny_models
+    tok = m["tok"]
+    padded = tmp_path / "padded"
+    save_tiny_hf("llama", padded, vocab_size=tok.vocab_size + 8, bos_token_id=tok.bos_id,
+                 eos_token_id=tok.eos_id)
+    tok.save(padded)
+    unused = tok.vocab_size + 3
+    prompts = ["def deposit(self, amount):\n", "class Account:\n"]
+    cfg = ev.EvalConfig(max_new_tokens=6, batch_size=2, progress=False)
+    lm = ev.load_model(str(padded), "cpu")
+    handle = _force_eos_at_call(lm.model.lm_head, unused, 2)
+    try:
+        texts = ev.generate_texts(lm, prompts, cfg, stops=("\n",))
+    finally:
+        handle.remove()
+    handle = _force_eos_at_call(lm.model.lm_head, unused, 2)
+    try:
+        streamed = ev.stream_completion(lm, prompts[0], cfg, lambda text: None)
+    finally:
+        handle.remove()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(padded).eval()
+    hf_tok = Tokenizer.from_file(str(padded / "tokenizer.json"))
+    for prompt, text in zip(prompts, texts):
+        ids = torch.tensor([tok.encode(prompt)])
+        handle = _force_eos_at_call(hf.lm_head, unused, 2)
+        try:
+            out = hf.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=tok.eos_id,
+                              pad_token_id=tok.eos_id)[0, ids.shape[1]:].tolist()
+        finally:
+            handle.remove()
+        assert out[1] == unused
+        out = out[: out.index(tok.eos_id)] if tok.eos_id in out else out
+        assert text == ev.truncate_at_stops(hf_tok.decode(out), ("\n",))
+        if prompt == prompts[0]:
+            assert streamed == hf_tok.decode(out)
 
 
 def test_passk_task_executes_samples(tiny_models, tmp_path, monkeypatch):

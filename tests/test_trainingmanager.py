@@ -3790,6 +3790,23 @@ def test_sample_completion_stays_within_the_models_context(monkeypatch):
     assert tm.sample_completion(model, tok, prompt * 20, 48, "lm") == "" and len(asked) == 1
 
 
+def test_sample_completion_decodes_an_id_past_the_tokenizer_to_nothing(monkeypatch):
+    """A model with more embeddings than tokens (a CodeGen or Phi-1.5 --init-from) may sample
+    such an id: it decodes to nothing, as in transformers, rather than failing the run's end
+    (before its export) with "token ids out of range"."""
+    import torch
+
+    from architecture import Transformer
+
+    tok = CodeTokenizer.train(["def f(x):\n    return x\n"] * 2, min_freq=1)
+    model = Transformer(tm.model_config(tm.TrainConfig(preset="tiny", block_size=16),
+                                        tok.vocab_size + 8, tok.bos_id, tok.eos_id))
+    new = [*tok.encode("return"), tok.vocab_size + 3, *tok.encode(" x")]
+    monkeypatch.setattr(type(model), "generate",
+                        lambda self, idx, n, **kwargs: torch.cat((idx, torch.tensor([new])), 1))
+    assert tm.sample_completion(model, tok, "def f(x):\n", 8, "lm") == "return x"
+
+
 def test_a_diverged_run_exits_1_and_a_bad_setting_2(capsys):
     """Scripts tell a diverged run (exit 1: the data or the lr, the run itself was sound) from a
     refused setting or an unwritable path (exit 2)."""
