@@ -500,6 +500,9 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
 # The CUDA-graph decode step's cache lengths are multiples of this (masked beyond the prompt
 # and its new tokens): one graph serves prompts of many lengths.
 GRAPH_CACHE_STEP = 256
+# Below it, fp32 logits / temperature overflow to inf and the softmax is NaN (transformers fails
+# there too, inside multinomial); above, such a temperature samples the argmax anyway.
+MIN_TEMPERATURE = 1e-10
 IGNORE_INDEX = -100  # the label of positions no loss counts: prompt tokens, padding
 
 
@@ -1269,8 +1272,11 @@ def _index(value, name: str) -> int:
 def _check_sampling(temperature, top_k, top_p, generator) -> None:
     """Checked before any work, also where nothing is sampled (greedy, max_new_tokens=0). A
     generator is fine at temperature 0 (eval passes one whatever the temperature)."""
-    if not isinstance(temperature, numbers.Real) or not temperature >= 0:
-        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+    if (not isinstance(temperature, numbers.Real) or not math.isfinite(temperature)
+            or not (temperature == 0 or temperature >= MIN_TEMPERATURE)):
+        raise ValueError(f"temperature must be 0 (greedy) or a finite number >= "
+                         f"{MIN_TEMPERATURE:g} (smaller ones overflow the logits), got "
+                         f"{temperature!r}")
     if top_k is not None and _index(top_k, "top_k") < 1:
         raise ValueError(f"top_k must be >= 1 (or None: no top-k filter), got {top_k!r}")
     if top_p is not None and (not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1):

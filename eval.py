@@ -68,6 +68,7 @@ from tqdm import tqdm
 
 import cliconfig
 import rundir
+from architecture import MIN_TEMPERATURE
 from sandbox import MIN_MEMORY_MB, SandboxConfig, SandboxResult, kill_running, run_python
 
 if TYPE_CHECKING:  # annotations only: eval loads dataset and tokenizer where a task needs them
@@ -560,7 +561,10 @@ class EvalConfig:
         for key in ("limit", "lines_per_file", "max_new_tokens", "num_samples", "batch_size",
                     "workers", "num_beams"):
             need(getattr(self, key) >= 1, key, "must be >= 1")
-        need(self.temperature >= 0, "temperature", "must be >= 0")
+        need(math.isfinite(self.temperature) and (self.temperature == 0
+                                                  or self.temperature >= MIN_TEMPERATURE),
+             "temperature", f"must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g} "
+             "(smaller ones overflow the logits)")
         need(-2**63 <= self.seed < 2**64, "seed",  # else torch's overflow, naming no flag
              "must be in [-2**63, 2**64), the seeds torch takes")
         need(self.prompt != "", "prompt", "is empty: give the text to complete")

@@ -563,8 +563,12 @@ def test_sampling_and_generation_arguments_checked_up_front():
         (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
         (dict(top_p=0.0, temperature=1.0), r"top_p must be in \(0, 1\]"),
         (dict(top_p=float("nan"), temperature=1.0), r"top_p must be in \(0, 1\]"),
-        (dict(temperature=-1.0), "temperature must be a number >= 0"),
-        (dict(temperature="0.7"), "temperature must be a number >= 0"),
+        (dict(temperature=-1.0), r"temperature must be 0 \(greedy\) or a finite number >= "
+                                 r"1e-10 \(smaller ones overflow the logits\), got -1.0"),
+        (dict(temperature="0.7"), "temperature must be 0 .* got '0.7'"),
+        # logits / temperature would be inf (a NaN softmax, failing deep in multinomial) or 0
+        (dict(temperature=1e-300), "temperature must be 0 .* got 1e-300"),
+        (dict(temperature=float("inf")), "temperature must be 0 .* got inf"),
         (dict(top_k=0), "top_k must be >= 1"),
         (dict(top_k=2.5, temperature=1.0), "top_k must be an integer"),
         (dict(pad_id="0", eos_id=3), "pad_id must be an integer"),
@@ -754,7 +758,7 @@ def test_a_negative_max_new_tokens_or_a_nan_temperature_is_refused():
     with pytest.raises(ValueError, match="max_new_tokens must be >= 0, got -1"):
         next(model.stream(_ids(1, 5), -1))
     for bad in (float("nan"), float("-inf")):
-        with pytest.raises(ValueError, match="temperature must be a number >= 0"):
+        with pytest.raises(ValueError, match="temperature must be 0 "):
             model.generate(_ids(1, 5), 2, temperature=bad)
 
 

@@ -601,7 +601,8 @@ def test_unreadable_problem_files_are_named(tmp_path, capsys, make, message):
     (["--dtype", "fp64"], "dtype"),
     (["--data-options", '{"no_such_option": 1}'], "data_options"),
     (["--prompt", ""], "prompt"),
-    (["--seed", str(2**64)], "seed"),  # torch's overflow error, after the model loaded
+    (["--seed", str(2**64)], "seed"),
+    (["--temperature", "1e-300"], "temperature"),  # torch's multinomial error, mid-evaluation  # torch's overflow error, after the model loaded
 ])
 def test_bad_settings_are_rejected_before_any_work(flags, key, capsys, monkeypatch):
     monkeypatch.setattr(ev, "load_model", lambda *a: pytest.fail("a model was loaded"))
