@@ -83,6 +83,9 @@ class LoRAConfig:
             raise ValueError(f"LoRAConfig.r must be a positive integer, got {self.r!r}")
         if not cliconfig.is_number(self.alpha) or not math.isfinite(self.alpha):
             raise ValueError(f"LoRAConfig.alpha must be a finite number, got {self.alpha!r}")
+        if self.alpha == 0:  # the update and its gradients are scaled to zero: nothing trains
+            raise ValueError("LoRAConfig.alpha must not be 0: it scales the adapters' update and "
+                             "their gradients to zero, so they would never train")
         if not cliconfig.is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRAConfig.dropout must be a number in [0, 1), got "
                              f"{self.dropout!r}")
@@ -954,6 +957,27 @@ def _copy_adapter(model: nn.Module, tensors: dict[str, torch.Tensor], file: Path
         raise ValueError(f"{file}: no weights for {len(missing)} adapter tensor(s), e.g. {missing[0]}")
     for write in writes:
         write()
+
+
+def changed_base_tensors(model: nn.Module, adapter_dir: str | Path) -> list[str]:
+    """The base-layer keys of an adapter file (PEFT saves an adapted embedding's and head's)
+    whose values are not the model's: the base weights ``load_adapter`` would change. A run
+    keeps only its adapters, so such a change would be lost on resume and export."""
+    names = _module_names(model)
+    changed = []
+    for key, tensor in _read_weights(Path(adapter_dir))[1].items():
+        m = _KEY_RE.match(key)
+        if m is None or not m["kind"].startswith("base_layer.") or m["module"] not in names:
+            continue  # (what load_adapter refuses, it names)
+        path, rows = names[m["module"]]
+        target = getattr(model.get_submodule(path), m["kind"].split(".")[1], None)
+        if not isinstance(target, torch.Tensor):
+            continue
+        if rows is not None:
+            target = target.index_select(0, rows.to(target.device))
+        if target.shape == tensor.shape and not torch.equal(target, tensor.to(target)):
+            changed.append(key)
+    return changed
 
 
 def _base_tensor_writer(model, names, name, attr, tensor, file, key) -> Callable[[], object]:

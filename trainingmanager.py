@@ -1166,6 +1166,8 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = cliconfi
     need(cfg.max_time_s is None or cfg.max_time_s > 0, "max_time_s", "must be > 0")
     need(cfg.dropout is None or 0.0 <= cfg.dropout < 1.0, "dropout", "must be in [0, 1)")
     need(0.0 <= cfg.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)")
+    need(cfg.lora_alpha != 0, "lora_alpha", "must not be 0: it scales the adapters' update and "
+         "their gradients to zero, so they would never train")
     need(cfg.tokenizer_max_vocab is None or cfg.tokenizer_max_vocab >= 1, "tokenizer_max_vocab",
          "must be >= 1")
     need(cfg.inject_nan_at_step is None or cfg.inject_nan_at_step >= 1, "inject_nan_at_step",
@@ -1539,6 +1541,13 @@ def build_model(cfg: TrainConfig, tok: CodeTokenizer | BPETokenizer,
                     f"TrainConfig.init_adapter {cfg.init_adapter}: no {lora.ADAPTER_CONFIG} there; "
                     f"the run's LoRA layout (targets, rank, scaling) is read from there ({where}): "
                     "put that adapter back at this path")
+            if changed := lora.changed_base_tensors(model, cfg.init_adapter):
+                raise ValueError(
+                    f"TrainConfig.init_adapter {cfg.init_adapter}: its {changed[0]} (of "
+                    f"{len(changed)} base tensor(s)) differs from the base's, {cfg.init_from}; "
+                    "a run keeps only the adapters, so a resume and the export would lose it: "
+                    "save the base as the adapter holds it (PEFT: PeftModel.from_pretrained("
+                    "base, adapter).unload().save_pretrained(NEW)) and name it with --init-from")
             lora.load_adapter(model, cfg.init_adapter)
         else:
             options = {"target_modules": cfg.lora_targets} if cfg.lora_targets else {}

@@ -901,6 +901,7 @@ def test_the_saved_adapter_config_records_the_training_settings(tmp_path):
     (dict(dropout=1.0), r"LoRAConfig\.dropout must be a number in \[0, 1\), got 1.0"),
     (dict(dropout=-0.1), r"LoRAConfig\.dropout must be a number in \[0, 1\), got -0.1"),
     (dict(bias="all"), r"LoRAConfig\.bias='all' is not supported"),
+    (dict(alpha=0), r"LoRAConfig\.alpha must not be 0: .* would never train"),
     (dict(target_modules=[]), r"LoRAConfig\.target_modules is empty"),
 ])
 def test_out_of_range_settings_are_value_errors_naming_the_field(setting, message):

@@ -1765,6 +1765,7 @@ def test_resuming_a_finished_overfit_batches_run_reports_its_loss(assets, tmp_pa
     ("weight_decay", -1.0, "must be >= 0"),
     ("lr", float("nan"), "must be finite"),
     ("beta2", 1.0, r"must be in \[0, 1\)"),
+    ("lora_alpha", 0.0, "must not be 0: .* would never train"),  # a run that trained nothing
 ])
 def test_validate_config_range_checks_name_the_key(key, value, message):
     with pytest.raises(ValueError, match=rf"{key} \(.*{message}"):
@@ -2437,6 +2438,29 @@ def test_init_adapter_trains_on_and_exports_an_adapter_peft_loads_on_the_same_ba
     with torch.no_grad():
         torch.testing.assert_close(ours.eval()(ids), peft_model(ids).logits, atol=1e-5,
                                    rtol=1e-4)
+
+
+def test_init_adapter_whose_base_layer_differs_from_the_base_is_refused(assets, tmp_path):
+    """PEFT saves an adapted embedding's base layer; one that is not the base's (rows of new
+    tokens set before training) was loaded, trained on, then lost: the export (adapters only)
+    on that base computed something else (logits 1.09 apart after 2 steps at lr 1e-9)."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_llama(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base)
+    _peft_adapter(base, tmp_path / "same", target_modules=("embed_tokens", "q_proj"))
+    with torch.no_grad():
+        hf.model.embed_tokens.weight[-4:] = torch.randn(4, hf.config.hidden_size)
+    get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])
+                   ).save_pretrained(tmp_path / "changed")
+    tok = load_tokenizer(assets["tokenizer"])
+    cfg = tm.with_init_adapter(tiny_cfg(assets, tmp_path, init_adapter=str(tmp_path / "same")))
+    tm.build_model(cfg, tok)  # the base's own embedding, as PEFT saves it by default: taken
+    cfg = tm.with_init_adapter(tiny_cfg(assets, tmp_path, init_adapter=str(tmp_path / "changed")))
+    with pytest.raises(ValueError, match=r"its base_model\.model\.model\.embed_tokens\.base_layer"
+                       r"\.weight .* differs from the base's.*resume and the export would lose"):
+        tm.build_model(cfg, tok)
 
 
 def test_a_run_whose_init_adapter_is_gone_says_which_adapter_it_needs(assets, tmp_path):
