@@ -304,6 +304,17 @@ def _check_no_resume(values: dict, source: str) -> None:
                          "when its command is run again): remove 'resume'")
 
 
+def _check_no_time_budget(values: dict, source: str) -> None:
+    """A ``max_time_s`` ends each trial wherever its machine got to: trials of different step
+    counts ranked as if they shared --max-steps, each recorded finished while the trainer's
+    advice says the same command continues it."""
+    if values.get("max_time_s") is not None:
+        raise ValueError(f"{source}: max_time_s: every trial trains the same --max-steps; a time "
+                         "budget would stop trials at different steps, as fast as the machine "
+                         "ran them, and rank them by that: remove 'max_time_s' (a lower "
+                         "--max-steps shortens every trial alike)")
+
+
 def load_space(space: str) -> SearchSpace:
     """A built-in space name or a JSON file; every key and bound is checked against TrainConfig."""
     path = SPACES_DIR / f"{space}.json"
@@ -331,6 +342,8 @@ def load_space(space: str) -> SearchSpace:
                          f"got {json.dumps(requires)}")
     trainingmanager.config_from_dict(base, f"{source}: base")
     _check_no_resume(base, f"{source}: base")
+    _check_no_time_budget(base, f"{source}: base")
+    _check_no_time_budget(data["params"], f"{source}: params")
     base = absolute_paths(base, f"{source}: base")
     for name in sorted(set(data["params"]) & SWEEP_KEYS):  # sampled, then overwritten
         flag = {"max_steps": " (--max-steps)", "eval_every": " (--eval-every)"}.get(name, "")
@@ -979,6 +992,7 @@ def check_before_trials(cfg: TuneConfig) -> tuple[SearchSpace, dict]:
     if cfg.train_config:
         base = trainingmanager.load_config_file(cfg.train_config)
         _check_no_resume(base, cfg.train_config)
+        _check_no_time_budget(base, cfg.train_config)
         base = absolute_paths(base, cfg.train_config)
     space.check_base({**space.base, **base}, cfg.train_config or "--train-config")
     check_trial_config(cfg, space, base)

@@ -1049,6 +1049,32 @@ def test_a_resume_in_the_base_values_is_refused(tmp_path, corpus, capsys, where)
     assert err.rstrip().endswith("remove 'resume'") and not (tmp_path / "runs" / "res").exists()
 
 
+@pytest.mark.parametrize("where", ["space base", "space params", "train config"])
+def test_a_time_budget_is_refused(tmp_path, corpus, capsys, where):
+    """Trials stopped by max_time_s at whatever step their machine reached were recorded
+    COMPLETE and ranked against each other, while the trainer told the user that the same
+    command would continue them (it finished the study instead)."""
+    space = Path(tiny_space(tmp_path, corpus))
+    values = json.loads(space.read_text())
+    source, flags = f"{space}: base", {}
+    if where == "space base":
+        values["base"]["max_time_s"] = 1
+    elif where == "space params":
+        values["params"]["max_time_s"] = {"type": "float", "low": 1, "high": 2}
+        source = f"{space}: params"
+    else:
+        train = tmp_path / "train.json"
+        train.write_text(json.dumps({"max_time_s": 1}))
+        source, flags = str(train), {"train_config": str(train)}
+    space.write_text(json.dumps(values))
+    argv = tune_args(tmp_path, str(space), study_name="time", **flags)
+    assert hyperparam_tune.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {source}: max_time_s: every trial trains the same "
+                          "--max-steps"), err
+    assert not (tmp_path / "runs" / "time").exists()
+
+
 def test_bad_space_field_type_exits_2_with_one_line(tmp_path, capsys):
     space = tmp_path / "step.json"
     space.write_text(json.dumps({"params": {"warmup_steps": {
