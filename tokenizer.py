@@ -43,9 +43,10 @@ CODE_TOKENIZER_TYPE = "codelm-code-tokenizer"
 # What ids depend on besides a tokenizer's files, for caches of encoded text (dataset's key): the
 # encoding rules of this module, bumped when a file starts to encode differently (2: CodeTokenizer
 # pieces capped at MAX_PIECE_CHARS; 3: documents and prompts start with ``template_prefix``, e.g.
-# Llama-3's <|begin_of_text|>), and the installed `regex`, whose Unicode tables put characters
+# Llama-3's <|begin_of_text|>; 4: a BPE without unk_token merges across the characters missing
+# from its vocabulary, as HF does), and the installed `regex`, whose Unicode tables put characters
 # in the \p{..} classes the pre-tokenizers split by (categories change between Unicode versions).
-ENCODING_VERSION = f"3+regex-{regex.__version__}"
+ENCODING_VERSION = f"4+regex-{regex.__version__}"
 # Texts shorter than this in total are encoded in-process: starting workers would cost more.
 _MIN_PARALLEL_CHARS = 1 << 20
 # Distinct pieces remembered per tokenizer; code repeats its words, so this is rarely reached.
@@ -1473,20 +1474,22 @@ class BPETokenizer(_BatchEncodeMixin):
         return [vocab[s] for s in self._bpe(word)]
 
     def _encode_with_unknown(self, word: str) -> list[int]:
-        """HF drops characters missing from the vocabulary, or maps them to unk_token."""
+        """HF drops characters missing from the vocabulary, merging their neighbours as one
+        word, or maps them to unk_token."""
+        vocab = self._vocab
+        if self._unk_id is None:
+            return [vocab[s] for s in self._bpe("".join(c for c in word if c in vocab))]
         ids: list[int] = []
         run: list[str] = []
         for c in word:
-            if c in self._vocab:
+            if c in vocab:
                 run.append(c)
                 continue
-            ids.extend(self._vocab[s] for s in self._bpe("".join(run)))
+            ids.extend(vocab[s] for s in self._bpe("".join(run)))
             run = []
-            if self._unk_id is not None and not (
-                self._fuse_unk and ids and ids[-1] == self._unk_id
-            ):
+            if not (self._fuse_unk and ids and ids[-1] == self._unk_id):
                 ids.append(self._unk_id)
-        ids.extend(self._vocab[s] for s in self._bpe("".join(run)) if s)
+        ids.extend(vocab[s] for s in self._bpe("".join(run)) if s)
         return ids
 
     def _encode_ordinary(self, text: str) -> list[int]:
@@ -1676,7 +1679,9 @@ class _Pretokenizer:
 
     def __init__(self, pattern: str, isolated: bool):
         compiled = regex.compile(pattern)
-        self._findall = compiled.findall
+        # findall gives a pattern's groups, not its matches, where it has any (a Split regex may)
+        self._findall = (compiled.findall if not compiled.groups
+                         else lambda text: [m.group() for m in compiled.finditer(text)])
         self._finditer = compiled.finditer
         self._isolated = isolated
 

@@ -411,6 +411,16 @@ def test_real_split_regexes_still_read_as_hf_reads_them(pattern, references, std
     assert _first_mismatch(texts, [ours.encode(t) for t in texts], _hf_ids(hf, texts)) is None
 
 
+def test_a_split_regex_with_groups_splits_at_its_matches_as_hf_does(references, tmp_path):
+    """Groups in a Split regex change nothing in HF; Python's findall returns the groups, which
+    failed inside encode where their count matched the text's length ("ab": two)."""
+    path, hf = _with_split_regex(references, tmp_path,
+                                 r"( ?)(\p{L}+)|\p{N}{1,3}|\s+|(?<p>[^\s\p{L}\p{N}])+")
+    ours = load_tokenizer(path)
+    texts = ["ab", "ab cd", "a1", "+-", *EDGE_CASES]
+    assert _first_mismatch(texts, [ours.encode(t) for t in texts], _hf_ids(hf, texts)) is None
+
+
 def _small_hf(pre, texts, alphabet=True, specials=("<|endoftext|>",), vocab_size=600,
               min_frequency=0) -> Tokenizer:
     tok = Tokenizer(models.BPE())
@@ -538,6 +548,21 @@ def test_characters_missing_from_vocab_follow_hf(stdlib_texts, tmp_path):
         hf = Tokenizer.from_file(str(path))
         ours = load_tokenizer(path)
         assert [ours.encode(t) for t in texts] == _hf_ids(hf, texts), (unk, fuse)
+
+
+@pytest.mark.parametrize("unk", [None, "<unk>"])
+def test_characters_missing_from_vocab_leave_their_neighbours_one_word_as_in_hf(unk):
+    """Without unk_token HF drops a character missing from the vocabulary and merges across
+    the gap: "aéb" is the one token "ab" where é's bytes have none (an HF trainer's default
+    leaves out the bytes its corpus lacks)."""
+    spec = _hand_written_spec(["ab", "<unk>"], [("a", "b")], unk_token=unk)
+    for b in "é".encode():
+        del spec["model"]["vocab"][BYTE_TO_UNICODE[b]]
+    hf = Tokenizer.from_str(json.dumps(spec))
+    texts = ["aéb", "aééb", "a éb", "éab", "aé", "é"]
+    ref = _hf_ids(hf, texts)
+    assert (ref[0] == [spec["model"]["vocab"]["ab"]]) is (unk is None)
+    assert [BPETokenizer(spec).encode(t) for t in texts] == ref
 
 
 @pytest.mark.parametrize("style", PRETOKENIZER_STYLES)
