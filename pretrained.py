@@ -667,6 +667,11 @@ def _listing(names) -> str:
     return ", ".join(names[:20]) + more
 
 
+def _is_run_config(hf: dict) -> bool:
+    """Whether a config.json is a codelm run's TrainConfig (the run's, best/'s, a checkpoint's)."""
+    return hf.get("model_type") is None and {"preset", "lr", "max_steps"} <= hf.keys()
+
+
 def read_config(directory: str | Path) -> tuple[ModelConfig, dict]:
     """(ModelConfig, raw HF config) from a checkpoint directory's config.json."""
     path = Path(directory) / "config.json"
@@ -674,7 +679,7 @@ def read_config(directory: str | Path) -> tuple[ModelConfig, dict]:
         raise ValueError(f"{path}: not found (is {directory} an HF checkpoint directory?)")
     hf = cliconfig.read_json_object(path, "model config")
     model_type = hf.get("model_type")
-    if model_type is None and {"preset", "lr", "max_steps"} <= hf.keys():
+    if _is_run_config(hf):
         run = Path(directory)  # or its best/ or one of its checkpoints: the run's weight files
         if any((run / f).is_file() for f in (rundir.MODEL_FILE, rundir.ADAPTER_FILE)):
             run = run.parent.parent if run.parent.name == rundir.CHECKPOINTS_DIR else run.parent
@@ -869,6 +874,7 @@ def save(model: Transformer, directory: str | Path, max_shard_bytes: int = 5 * 2
                          f"got {max_shard_bytes!r}")
     directory = Path(directory)
     check_output_dir(directory, "save_pretrained")
+    _check_nothing_else_there(directory)
     cfg = model.cfg
     dtype = model.wte.weight.dtype
     config = hf_config(cfg, dtype)
@@ -904,6 +910,25 @@ def check_output_dir(directory: Path, writer: str) -> None:
     if blocker is not None and not blocker.is_dir():
         under = "" if blocker == directory else f"{directory}: "
         raise ValueError(f"{under}{blocker} is a file; {writer} writes a directory")
+
+
+def _check_nothing_else_there(directory: Path) -> None:
+    """Refuse a directory that holds what a save would destroy or be hidden by: a codelm run's
+    TrainConfig (its config.json, which --resume and eval read, would be replaced) or a PEFT
+    adapter (transformers and eval load adapter_config.json's base and adapter, not these
+    weights)."""
+    config = directory / "config.json"
+    try:
+        is_run = config.is_file() and _is_run_config(cliconfig.read_json_object(config))
+    except ValueError:  # an unreadable config.json is replaced, as any earlier save's
+        is_run = False
+    if is_run:
+        raise ValueError(f"save_pretrained: {config} is a codelm run's TrainConfig, which the "
+                         "HF config.json would replace; save into another directory")
+    if (directory / "adapter_config.json").is_file():
+        raise ValueError(f"save_pretrained: {directory} holds a LoRA adapter (adapter_config."
+                         "json), which transformers would load on its base instead of these "
+                         "weights; save into another directory")
 
 
 def _weight_files(tensors: dict[str, torch.Tensor],

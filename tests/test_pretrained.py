@@ -332,6 +332,44 @@ def test_save_into_a_path_that_is_a_file_says_so(checkpoints, tmp_path):
     assert file.read_text() == "mine" and sorted(tmp_path.iterdir()) == [file]
 
 
+def test_save_refuses_a_run_directory_or_an_adapter_directory(checkpoints, tmp_path):
+    """Saved into a run (or its best/, a checkpoint), the HF config.json replaced the run's
+    TrainConfig (--resume then failed); saved beside a PEFT adapter, transformers loaded the
+    adapter on its base, not these weights. Both are refused, nothing written."""
+    import dataclasses
+
+    import lora
+    import trainingmanager
+
+    model = checkpoints["llama"][2]
+    run = tmp_path / "run"
+    run.mkdir()
+    train_config = json.dumps(dataclasses.asdict(trainingmanager.TrainConfig()))
+    (run / "config.json").write_text(train_config)
+    with pytest.raises(ValueError) as e:
+        model.save_pretrained(run)
+    assert str(e.value) == (f"save_pretrained: {run / 'config.json'} is a codelm run's "
+                            "TrainConfig, which the HF config.json would replace; save into "
+                            "another directory")
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]
+    assert (run / "config.json").read_text() == train_config
+    adapter = tmp_path / "adapter"
+    wrapped = Transformer.from_pretrained(checkpoints["llama"][0])
+    lora.apply_lora(wrapped, lora.LoRAConfig(r=2))
+    lora.save_adapter(wrapped, adapter)
+    with pytest.raises(ValueError) as e:
+        model.save_pretrained(adapter)
+    assert str(e.value) == (f"save_pretrained: {adapter} holds a LoRA adapter (adapter_config."
+                            "json), which transformers would load on its base instead of these "
+                            "weights; save into another directory")
+    assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json",
+                                                         "adapter_model.safetensors"]
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{")  # an unreadable config is replaced
+    model.save_pretrained(tmp_path / "broken")
+    assert Transformer.from_pretrained(tmp_path / "broken").cfg == model.cfg
+
+
 def test_export_refuses_what_the_family_cannot_express(tmp_path):
     cfg = ModelConfig(family="llama", vocab_size=64, n_layer=1, n_head=2, n_embd=32,
                       mlp_hidden=64, norm="layernorm", block_size=32)
