@@ -1,6 +1,8 @@
+import signal
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 # Tests import the top-level modules (tokenizer, architecture, ...) and their helpers directly.
@@ -12,3 +14,12 @@ for p in (ROOT, ROOT / "tests"):
 # The suite's models are toys: one thread avoids oversubscribing the 2-core CI machine, where
 # a second thread made a tiny generate 30-100x slower under load. Tests that need more set it.
 torch.set_num_threads(1)
+
+
+@pytest.fixture
+def hangup_at_default():
+    """SIGHUP at its default for a test that hangs up its own process: a pytest started with it
+    ignored (``nohup``) passes that on, and the scripts rightly keep an ignored SIGHUP ignored."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGHUP, previous)

@@ -610,7 +610,8 @@ def test_a_worker_tells_its_sweeps_death_from_its_sweeps_hangup():
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_a_trial_stopped_by_two_sigterms_still_writes_its_checkpoint(tmp_path, corpus,
-                                                                     monkeypatch, capsys, sig):
+                                                                     monkeypatch, capsys, sig,
+                                                                     hangup_at_default):
     """Slurm's scancel (or `pkill -f`) signals every process of a job: a worker gets SIGTERM
     directly and again forwarded by its sweep. The second was taken as "stop now" and skipped
     the trial's checkpoint, so the re-run continued from the one before (here: none at all).

@@ -1863,7 +1863,8 @@ def test_cli_range_error_exits_2(capsys):
 @pytest.mark.parametrize("sigs, code", [(("SIGTERM",), 143), (("SIGHUP", "SIGHUP"), 129)],
                          ids=["SIGTERM", "SIGHUP-twice"])
 def test_a_stop_signal_saves_and_exits_non_zero_with_the_resume_hint(assets, tmp_path, capsys,
-                                                                      monkeypatch, sigs, code):
+                                                                      monkeypatch, sigs, code,
+                                                                      hangup_at_default):
     """SIGTERM: checkpoint, then exit 143 (so `train && eval` stops) and say how to go on. A
     hangup (a dropped SSH session; its SIGHUP comes from the kernel and again from the shell)
     the same, 129."""
