@@ -65,7 +65,8 @@ from tokenizer import (
 #    max_completion_tokens cuts FIM middles only; a method prompt too long loses the end of its
 #    docstring, not its signature; a special token's text in a document is text (a BPE
 #    tokenizer read `<|endoftext|>` as EOS).
-PIPELINE_VERSION = 8
+#    9: code after a licence comment's closing */ on its line is kept (it was dropped with it).
+PIPELINE_VERSION = 9
 
 TASKS = ("lm", "completion", "method", "docstring", "refactor", "fim")
 SPLITS = ("train", "val", "test")
@@ -456,9 +457,12 @@ def strip_license_header(text: str) -> tuple[str, bool]:
     while i < len(lines) and not lines[i].strip():
         i += 1
     start = i
+    rest = []  # code after the closing */ on its line (`/* (c) X, MIT */ package a`): kept
     if i < len(lines) and lines[i].lstrip().startswith("/*"):
         while i < len(lines) and "*/" not in lines[i]:
             i += 1
+        if i < len(lines) and (after := lines[i].partition("*/")[2].lstrip(" \t")).strip():
+            rest = [after]
         i += 1
     else:
         marker = "#" if lines[i : i + 1] and lines[i].lstrip().startswith("#") else "//"
@@ -467,9 +471,9 @@ def strip_license_header(text: str) -> tuple[str, bool]:
     block = "".join(lines[start:i])
     if i == start or not _LICENSE_WORDS.search(block):
         return text, False
-    while i < len(lines) and not lines[i].strip():
+    while not rest and i < len(lines) and not lines[i].strip():
         i += 1
-    return "".join(keep + lines[i:]), True
+    return "".join(keep + rest + lines[i:]), True
 
 
 # Credential shapes specific enough to redact in code without false hits (the stdlib's only

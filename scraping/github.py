@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from scraping.client import GitHubClient, GitHubError, ServerError
 from scraping.common import (
+    EXCLUDED_DIRS,
     FileFilter,
     ResumableOutput,
     Summary,
@@ -236,9 +237,17 @@ def _get_tree(client: GitHubClient, repo: str, sha: str, recursive: bool) -> dic
 
 
 def _tree_files(entries: list[dict], prefix: str) -> list[TreeFile]:
-    # Submodules (type "commit") are skipped: their files belong to another repository.
+    # Submodules (type "commit") are skipped: their files belong to another repository. So are
+    # files under EXCLUDED_DIRS, as the local walker never enters them: a committed virtualenv's
+    # site-packages or node_modules is third-party code, not the repo's under its licence.
     return [TreeFile(prefix + e["path"], e["sha"], int(e.get("size", 0)), e.get("mode", ""))
-            for e in entries if e.get("type") == "blob"]
+            for e in entries if e.get("type") == "blob"
+            and not _in_excluded_dir(prefix + e["path"])]
+
+
+def _in_excluded_dir(path: str) -> bool:
+    """Whether a directory of ``path`` is one of EXCLUDED_DIRS."""
+    return not EXCLUDED_DIRS.isdisjoint(path.split("/")[:-1])
 
 
 def list_repo_files(client: GitHubClient, repo: str, commit: str) -> list[TreeFile] | None:
@@ -260,7 +269,7 @@ def _walk_tree(client: GitHubClient, repo: str, tree_sha: str, prefix: str) -> l
                     "some files are missed", prefix, tree_sha, repo)
     files = _tree_files(level["tree"], prefix)
     for entry in level["tree"]:
-        if entry.get("type") != "tree":
+        if entry.get("type") != "tree" or entry["path"] in EXCLUDED_DIRS:
             continue
         sub_prefix = f"{prefix}{entry['path']}/"
         sub = _get_tree(client, repo, entry["sha"], recursive=True)

@@ -491,6 +491,16 @@ def test_license_header_forms():
     assert dataset.strip_license_header(plain) == (plain, False)
 
 
+def test_code_after_a_licence_comments_closing_on_its_line_is_kept():
+    """The whole line holding a licence comment's closing */ was removed with the comment, and
+    the code after it on that line (a package declaration, a minified file's code) with it."""
+    one_line = "/* Copyright 2020 Foo, MIT license */ package com.foo\n\nfun main() {}\n"
+    assert dataset.strip_license_header(one_line) == (
+        "package com.foo\n\nfun main() {}\n", True)
+    block = "/*\n * Copyright 2020 Foo\n * SPDX-License-Identifier: MIT\n */ package a\nx\n"
+    assert dataset.strip_license_header(block) == ("package a\nx\n", True)
+
+
 def test_a_licence_header_after_shebang_and_coding_line_keeps_both():
     """PEP 263: the encoding declaration may be on line 1 or 2; after a shebang it is line 2,
     and it is no part of the licence header (keeping only line 1 removed it)."""

@@ -258,6 +258,24 @@ def test_a_repo_listing_skips_submodules_and_keeps_nested_paths():
                                                      for p, d in sorted(files.items())]
 
 
+def test_a_repo_listing_skips_the_directories_the_local_walker_skips():
+    """A committed virtualenv's site-packages, node_modules, .tox and __pycache__ were scraped
+    from GitHub (third-party code under the repo's licence), though `scraping local` of the same
+    repo never enters them; a truncated tree's walk does not even list them."""
+    files = {rel: f"# {rel}\nx = 1\n".encode() for rel in (
+        "app/main.py", ".venv/lib/python3.11/site-packages/req/api.py", "node_modules/p/s.py",
+        "app/__pycache__/m.py", "lib/site-packages/x.py", ".tox/py311/y.py", "app/venv.py")}
+    for truncated in (set(), {""}):
+        repo = FakeRepo("o/venv", 500, "2020-01-01", files=files, truncated_dirs=truncated)
+        with FakeGitHub([repo]) as fake:
+            listed = scraping.github.list_repo_files(make_client(fake), repo.full_name,
+                                                     repo.commit)
+        assert [f.path for f in listed] == ["app/main.py", "app/venv.py"]
+        if truncated:
+            assert not any(repo.tree_sha(d) in p for p in fake.requests
+                           for d in (".venv", "node_modules", ".tox"))
+
+
 def test_a_file_repeated_inside_one_repo_is_downloaded_and_kept_once(tmp_path):
     """Two paths with one blob SHA in the same repo (a vendored copy) are one record: the
     second is counted as duplicate_sha before any download."""
