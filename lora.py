@@ -759,6 +759,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path,
                          f"(str or Path), got {type(base).__name__}")
     out = Path(out_dir)
     pretrained.check_output_dir(out, "save_adapter")
+    pretrained.check_nothing_else_there(out, "save_adapter")
     tensors = _adapter_tensors(model)
     written = {_KEY_RE.match(k)["module"] for k in tensors}
     config = {

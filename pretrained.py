@@ -874,7 +874,7 @@ def save(model: Transformer, directory: str | Path, max_shard_bytes: int = 5 * 2
                          f"got {max_shard_bytes!r}")
     directory = Path(directory)
     check_output_dir(directory, "save_pretrained")
-    _check_nothing_else_there(directory)
+    check_nothing_else_there(directory, "save_pretrained")
     cfg = model.cfg
     dtype = model.wte.weight.dtype
     config = hf_config(cfg, dtype)
@@ -912,21 +912,32 @@ def check_output_dir(directory: Path, writer: str) -> None:
         raise ValueError(f"{under}{blocker} is a file; {writer} writes a directory")
 
 
-def _check_nothing_else_there(directory: Path) -> None:
+MODEL_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                      "pytorch_model.bin.index.json")
+
+
+def check_nothing_else_there(directory: Path, writer: str) -> None:
     """Refuse a directory that holds what a save would destroy or be hidden by: a codelm run's
-    TrainConfig (its config.json, which --resume and eval read, would be replaced) or a PEFT
-    adapter (transformers and eval load adapter_config.json's base and adapter, not these
-    weights)."""
+    TrainConfig (its config.json, which --resume and eval read, would be replaced), or beside
+    a model a PEFT adapter, or beside an adapter a model (transformers and eval load an
+    adapter_config.json's base and adapter, not the model's weights next to it)."""
     config = directory / "config.json"
     try:
         is_run = config.is_file() and _is_run_config(cliconfig.read_json_object(config))
     except ValueError:  # an unreadable config.json is replaced, as any earlier save's
         is_run = False
     if is_run:
-        raise ValueError(f"save_pretrained: {config} is a codelm run's TrainConfig, which the "
+        raise ValueError(f"{writer}: {config} is a codelm run's TrainConfig, which the "
                          "HF config.json would replace; save into another directory")
-    if (directory / "adapter_config.json").is_file():
-        raise ValueError(f"save_pretrained: {directory} holds a LoRA adapter (adapter_config."
+    if writer == "save_adapter":
+        model = next((f for f in MODEL_WEIGHT_FILES if (directory / f).is_file()), None)
+        if model is not None:
+            raise ValueError(f"{writer}: {directory} holds a model ({model}), which "
+                             "transformers would no longer load: beside adapter_config.json "
+                             "it loads the adapter on its base instead; save into another "
+                             "directory")
+    elif (directory / "adapter_config.json").is_file():
+        raise ValueError(f"{writer}: {directory} holds a LoRA adapter (adapter_config."
                          "json), which transformers would load on its base instead of these "
                          "weights; save into another directory")
 

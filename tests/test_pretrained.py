@@ -335,7 +335,8 @@ def test_save_into_a_path_that_is_a_file_says_so(checkpoints, tmp_path):
 def test_save_refuses_a_run_directory_or_an_adapter_directory(checkpoints, tmp_path):
     """Saved into a run (or its best/, a checkpoint), the HF config.json replaced the run's
     TrainConfig (--resume then failed); saved beside a PEFT adapter, transformers loaded the
-    adapter on its base, not these weights. Both are refused, nothing written."""
+    adapter on its base, not these weights; an adapter saved beside a model hid the model.
+    All are refused, nothing written."""
     import dataclasses
 
     import lora
@@ -364,6 +365,18 @@ def test_save_refuses_a_run_directory_or_an_adapter_directory(checkpoints, tmp_p
                             "weights; save into another directory")
     assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json",
                                                          "adapter_model.safetensors"]
+    with pytest.raises(ValueError, match=r"^save_adapter: .*run/config\.json is a codelm run's "
+                                         r"TrainConfig"):
+        lora.save_adapter(wrapped, run)
+    # The mirror case: an adapter beside a model hides the model from transformers.
+    model.save_pretrained(tmp_path / "model")
+    with pytest.raises(ValueError) as e:
+        lora.save_adapter(wrapped, tmp_path / "model")
+    assert str(e.value) == (f"save_adapter: {tmp_path / 'model'} holds a model (model."
+                            "safetensors), which transformers would no longer load: beside "
+                            "adapter_config.json it loads the adapter on its base instead; save "
+                            "into another directory")
+    assert not (tmp_path / "model" / "adapter_config.json").exists()
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{")  # an unreadable config is replaced
     model.save_pretrained(tmp_path / "broken")
