@@ -1670,8 +1670,9 @@ class _RunLog:
     def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None):
         """``resume_step``: the step a resumed run continues from (0 when it had no checkpoint
         yet; None: a new run). What the interrupted run logged past it is dropped."""
-        self.enabled = enabled
+        self.enabled, self.run_dir = enabled, run_dir
         self.file = self.tb = None
+        self._failed = False  # a write failed (a full disk): its error said so, close stays quiet
         if not enabled:
             return
         path = run_dir / METRICS_FILE  # a resumed run's is trimmed (_trim_metrics)
@@ -1687,17 +1688,30 @@ class _RunLog:
     def write(self, step: int, kind: str, values: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
-        self.file.flush()
-        for k, v in values.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                self.tb.add_scalar(f"{kind}/{k}", v, step)
+        target = self.run_dir / METRICS_FILE
+        try:
+            self.file.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
+            self.file.flush()
+            target = self.run_dir / TB_DIR
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+        except OSError as e:  # a full disk: write() and TensorBoard name no file
+            self._failed = True
+            raise OSError(e.errno, e.strerror, str(target)) from None
 
     def close(self) -> None:
         if self.file is not None:
-            self.file.close()
-            self.tb.close()
-            self.file = self.tb = None
+            file, tb, self.file, self.tb = self.file, self.tb, None, None
+            # both; after a failed write, without raising its error again (it would replace
+            # the one on its way out, and skip what the caller does after closing)
+            quiet = contextlib.suppress(OSError) if self._failed else contextlib.nullcontext()
+            try:
+                with quiet:
+                    file.close()
+            finally:
+                with quiet:
+                    tb.close()
 
 
 def _memory_mb(device: torch.device) -> float:
@@ -2455,6 +2469,11 @@ class _Run:
         bar.set_postfix(epoch=f"{epoch:.2f}", loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}",
                         tok_s=f"{tok_s:.0f}", refresh=False)
 
+    def _out_of_patience(self) -> bool:
+        """Whether early stopping ends the run: patience evaluations without a counted fall."""
+        patience = self.cfg.early_stop_patience
+        return bool(patience) and self.evals_since_best >= patience
+
     def execute(self, on_eval) -> TrainResult:
         cfg, trainer = self.cfg, self.trainer
         log = _RunLog(self.run_dir, self.main, self.step if cfg.resume else None)
@@ -2492,7 +2511,14 @@ class _Run:
                     print("warning: precision fp16 on cpu: most CPUs have no fast fp16 kernels, "
                           "so torch computes it many times slower than fp32; precision auto "
                           "trains in fp32 on cpu (and in fp16 or bf16 on a GPU)", file=sys.stderr)
-            while self.step < self.max_steps:
+            # A resume of a run that had stopped early (then was stopped, or killed, before its
+            # export) ends there as the run did, not training on until its next evaluation.
+            result.early_stopped = self._out_of_patience()
+            if result.early_stopped and self.main:
+                print(f"the run stopped early at step {self.step} ({self.evals_since_best} "
+                      "evaluation(s) without a fall): not trained on; a larger "
+                      "--early-stop-patience trains on")
+            while self.step < self.max_steps and not result.early_stopped:
                 micro, where = self._next_micro_batches()
                 stats = trainer.train_step(micro, inject_nan=cfg.inject_nan_at_step == self.step + 1)
                 if stats.nonfinite:
@@ -2519,7 +2545,7 @@ class _Run:
                 if (self.step % cfg.eval_every == 0 and self.step >= cfg.warmup_steps) or (
                         memorised):
                     metrics = self._evaluate(log, on_eval)
-                    if cfg.early_stop_patience and self.evals_since_best >= cfg.early_stop_patience:
+                    if self._out_of_patience():
                         result.early_stopped = True
                         if self.main:
                             tqdm.write(f"stopped early at step {self.step} of {self.max_steps}: "
@@ -2540,7 +2566,11 @@ class _Run:
             result.stopped_by_budget = stop == "time budget" and self.step < self.max_steps
             if stop not in STOP_SIGNALS:
                 if self.last_eval_step != self.step:
+                    checkpointed = self.last_saved_step == self.step
                     metrics = self._evaluate(log, on_eval)
+                    if checkpointed:  # written before this evaluation: again, holding it (its
+                        # best, its patience), or a resume evaluates again and forgets its best
+                        self.save()
                 if self.last_saved_step != self.step:
                     self.save()
                 # A stop signal during that evaluation: the checkpoint is saved, skip the export.
@@ -2866,6 +2896,10 @@ def run_overfit(cfg: TrainConfig, max_steps: int = 400, lr: float = 3e-3) -> tup
         if last > 0.9 * first:
             why = ("the loss barely moved: gradients do not reach the weights (frozen parameters, "
                    "a detached graph, an optimizer over the wrong parameters, lr 0)")
+        elif last < 0.98 * losses[-1 - min(steps - 1, max(2, steps // 4))]:
+            # falling over the last quarter: too few steps (max_steps), not a stalled loss
+            why = (f"the loss was still falling when its {steps} steps ran out: raise "
+                   "--max-steps (--overfit's own is 400)")
         else:
             why = ("the loss fell but stalled above the target: inputs and targets disagree "
                    "(labels shifted twice or not at all, a batch transposed before the loss, "

@@ -714,6 +714,41 @@ def test_a_write_that_fills_the_disk_says_so_first(tmp_path, monkeypatch):
     assert seen == [["model.safetensors"]] * 2 and not list(tmp_path.iterdir())
 
 
+def test_a_full_disk_while_logging_names_the_file_and_is_not_raised_again(assets, tmp_path,
+                                                                          monkeypatch, capsys):
+    """metrics.jsonl's write fails on a full disk at step 3: one line naming the file (Python's
+    own ENOSPC names none), not raised again by closing the log, which replaced it (naming
+    nothing either) and skipped putting the signal handlers back."""
+    import signal
+
+    real_open = open
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f, self.lines = f, 0
+
+        def write(self, text):
+            self.lines += 1
+            return self.f.write(text)
+
+        def flush(self):
+            if self.lines >= 3:
+                raise OSError(28, "No space left on device")
+            self.f.flush()
+
+        def close(self):
+            self.flush()
+            self.f.close()
+
+    monkeypatch.setattr(tm, "open", lambda *a, **k: FullDisk(real_open(*a, **k)), raising=False)
+    handler = signal.getsignal(signal.SIGTERM)
+    cfg = tiny_cfg(assets, tmp_path)
+    assert tm.main(["--config", str(write_config(cfg, tmp_path / "c.json"))]) == 2
+    run = Path(cfg.out_dir) / cfg.name
+    assert capsys.readouterr().err == f"error: {run / 'metrics.jsonl'}: No space left on device\n"
+    assert signal.getsignal(signal.SIGTERM) is handler
+
+
 def test_a_stopped_directory_write_removes_its_half_written_copy(tmp_path):
     """Ctrl-C, or SIGTERM under interrupt_on_sigterm, mid-write left the temp directory behind
     (only an Exception removed it): in the tokenizer cache, which no run start cleans, for good."""
@@ -2272,6 +2307,21 @@ def test_overfit_honours_max_steps_and_lr_and_refuses_what_it_cannot(capsys):
     assert "cannot honour init_from='x', lora_r=4" in err and "--overfit-batches" in err
 
 
+def test_overfit_cut_short_by_max_steps_says_so_a_stalled_loss_does_not(monkeypatch, capsys):
+    """A sound model given 30 steps was diagnosed "stalled above the target: inputs and targets
+    disagree", sending its user after a bug it does not have; a loss that stalls still is."""
+    assert tm.main(["--overfit", "--max-steps", "30", "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert "the loss was still falling when its 30 steps ran out: raise --max-steps" in out
+    assert "disagree" not in out
+    losses = iter([6.0, 5.0, 4.0, *[3.0] * 37])
+    monkeypatch.setattr(tm.Trainer, "train_step",
+                        lambda self, batches: tm.StepStats(next(losses), 1.0, 1, 1e-3))
+    assert tm.main(["--overfit", "--max-steps", "40", "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert "stalled above the target" in out and "still falling" not in out
+
+
 def test_the_validation_examples_do_not_depend_on_batch_size_or_accumulation(assets, tmp_path):
     """Runs that split the same batch differently (a sweep over batch_size) are scored on the
     same validation examples, and the same weights give the same val_loss."""
@@ -3224,6 +3274,24 @@ def test_resume_keeps_early_stoppings_count(assets, tmp_path, monkeypatch):
     assert result.early_stopped and result.step == 4 and result.best_step == 1
 
 
+def test_resuming_a_run_that_stopped_early_ends_there_as_it_did(assets, tmp_path, monkeypatch,
+                                                                capsys):
+    """A run that stopped early and was killed before its export (or a sweep's trial whose
+    worker died then): --resume exports it at the step it stopped at. It trained on until its
+    next evaluation, another run than the uninterrupted one; a larger patience trains on."""
+    fake_val_losses(monkeypatch, [3.0, 3.0, 2.0, 2.0, 2.0])
+    cfg = tiny_cfg(assets, tmp_path, max_steps=12, eval_every=2, warmup_steps=0, save_every=2,
+                   early_stop_patience=1, early_stop_min_delta=0.01)
+    first = tm.train(cfg)
+    assert first.early_stopped and first.step == 4
+    again = tm.train(dataclasses.replace(cfg, resume=str(first.run_dir), export=True))
+    assert again.early_stopped and again.step == 4 and again.best_step == 2
+    assert again.export_dir is not None and _val_steps(first.run_dir) == [2, 4]
+    assert "the run stopped early at step 4" in capsys.readouterr().out
+    more = tm.train(dataclasses.replace(cfg, resume=str(first.run_dir), early_stop_patience=2))
+    assert more.early_stopped and (more.step, more.best_step) == (10, 6)
+
+
 def test_resume_keeps_early_stoppings_reference(assets, tmp_path, monkeypatch):
     """The reference (the last fall larger than min_delta) is 3.0 when the run resumes, not the
     best loss 2.992: 2.985 is then a counted fall at step 4, and patience 3 runs out at step 7
@@ -3248,6 +3316,33 @@ def test_resuming_a_finished_run_does_not_evaluate_its_last_step_again(assets, t
                      on_eval=lambda step, metrics: seen.append(step))
     assert again.step == 4 and seen == [] and _val_steps(first.run_dir) == [2, 4]
 
+
+
+def test_the_final_evaluation_after_its_steps_checkpoint_is_in_the_checkpoint(assets, tmp_path):
+    """Step 6 is saved (save_every 3), then evaluated as the run's last step: the checkpoint
+    was written again with that evaluation, so a resume (a worker killed during the export)
+    neither evaluates step 6 again (a second val line, a second on_eval) nor forgets it."""
+    cfg = tiny_cfg(assets, tmp_path, max_steps=6, eval_every=4, save_every=3, warmup_steps=0)
+    first = tm.train(cfg)
+    assert _val_steps(first.run_dir) == [4, 6]
+    seen = []
+    again = tm.train(dataclasses.replace(cfg, resume=str(first.run_dir)),
+                     on_eval=lambda step, metrics: seen.append(step))
+    assert again.step == 6 and seen == [] and _val_steps(first.run_dir) == [4, 6]
+
+
+def test_a_budget_stops_best_is_kept_by_the_resume(assets, tmp_path, monkeypatch):
+    """The budget ends the run at step 3 (saved), whose evaluation (2.0) is best/: the resumed
+    run's worse evaluations (2.5 at step 4) leave best/ at step 3. Its checkpoint, written before
+    that evaluation, knew no best, and step 4 replaced best/ and export/ with worse weights."""
+    _one_second_a_step(monkeypatch)
+    fake_val_losses(monkeypatch, [2.0, 2.5, 2.6, 2.7])
+    cfg = tiny_cfg(assets, tmp_path, max_time_s=2.5)
+    first = tm.train(cfg)
+    assert first.stopped_by_budget and (first.step, first.best_step) == (3, 3)
+    result = tm.train(dataclasses.replace(cfg, resume=str(first.run_dir), max_time_s=None))
+    assert (result.step, result.best_step, result.best_val_loss) == (12, 3, 2.0)
+    assert json.loads((first.run_dir / "best" / "metrics.json").read_text())["step"] == 3
 
 # Written out independently of RESUME_MAY_CHANGE: each of these shapes the model, the data, its
 # order or the optimisation, so a resume that changed it would silently be another run.
