@@ -971,11 +971,14 @@ class Transformer(nn.Module):
         (the last new token is never fed back).
 
         temperature 0: greedy; > 0: sampling, optionally restricted by top_k / top_p (filtered
-        as transformers filters, so a seed samples what its do_sample=True would).
+        as transformers filters, so a seed samples what its do_sample=True would with the same
+        filters; top_k=None is no filter, transformers' top_k=0, where its generate defaults to
+        top_k=50).
         num_beams > 1: beam search (scores are summed log-probs / length ** length_penalty).
         eos_id: an id or ids ending a row. stop: a string, an id, or a list of strings, ids and
         id sequences (strings need `decode`, e.g. tokenizer.decode) that end a row; the stop
-        itself is kept in the output.
+        itself is kept in the output. Stops are matched in the generated tokens only, never
+        across the prompt's end (transformers' stop_strings match there too).
         compile: torch.compile the decode step (static shapes: the cache is preallocated); not
         with num_beams > 1. On CUDA the step runs as a CUDA graph (~12x the eager step for a
         124M model on an H100); its caches (cache lengths rounded up to GRAPH_CACHE_STEP) stay

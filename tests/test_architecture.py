@@ -806,6 +806,20 @@ def test_seeded_sampling_matches_transformers_from_the_first_call(hf_dirs):
         assert torch.equal(torch.get_rng_state(), state), "greedy decoding drew random numbers"
 
 
+def test_sampling_without_top_k_is_transformers_top_k_zero_not_its_default(hf_dirs):
+    """top_k=None filters nothing: a seed samples what HF's do_sample=True samples with top_k=0,
+    not with its generate's default top_k=50 (the contract said only "do_sample=True")."""
+    path, hf = hf_dirs["llama"]
+    model = Transformer.from_pretrained(path).eval()
+    idx = _ids(2, 10, vocab=256)
+    torch.manual_seed(7)
+    got = model.generate(idx, 16, temperature=1.0)
+    torch.manual_seed(7)
+    assert torch.equal(got, _hf_generate(hf, idx, 16, do_sample=True, temperature=1.0, top_k=0))
+    torch.manual_seed(7)
+    assert not torch.equal(got, _hf_generate(hf, idx, 16, do_sample=True, temperature=1.0))
+
+
 def test_any_of_several_eos_ids_ends_a_row_and_the_first_one_fills_as_in_transformers(hf_dirs):
     """eos_id=[a, b]: b ends a row as a does, and a row that finished is filled with the first
     id a (transformers' pad default), whichever id ended it. The row that ends first ends with
@@ -961,6 +975,27 @@ def test_stop_given_alone_is_one_stop_as_in_transformers(hf_tokenizer, tmp_path)
                          ([2.5], "stop must be a token id or a sequence of ids")]:
         with pytest.raises(ValueError, match=message):
             model.generate(idx, 4, stop=bad, decode=hft.decode)
+
+
+def test_a_stop_string_is_matched_in_the_generated_text_only(hf_tokenizer, tmp_path):
+    """A stop made of the prompt's last character and the first new one ends no row (HF's
+    stop_strings end it after one token): the documented difference, pinned."""
+    from tiny_hf import save_tiny_hf
+
+    hft = hf_tokenizer
+    hf = save_tiny_hf("llama", tmp_path, vocab_size=len(hft), initializer_range=0.2)
+    model = Transformer.from_pretrained(tmp_path).eval()
+    for seed in range(40):
+        idx = _ids(1, 8, seed=seed, vocab=len(hft))
+        text = hft.decode(model.generate(idx, 12)[0, 8:].tolist())
+        stop = hft.decode(idx[0].tolist())[-1:] + text[:1]
+        if stop not in text and "\ufffd" not in stop:
+            break
+    else:
+        raise AssertionError("no prompt whose end and continuation spell a new stop")
+    ref = _hf_generate(hf, idx, 12, stop_strings=stop, tokenizer=hft)
+    assert ref.shape[1] == 9
+    assert model.generate(idx, 12, stop=stop, decode=hft.decode).shape[1] == 20
 
 
 @pytest.mark.slow
