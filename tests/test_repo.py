@@ -161,6 +161,16 @@ def test_docs_point_only_at_what_the_repository_holds():
         assert "../shared" not in text, doc.name
 
 
+def test_readme_layout_names_every_module():
+    """README's Layout table left out rundir.py, the run directory's layout."""
+    table = (ROOT / "README.md").read_text().split("## Layout\n", 1)[1]
+    named = set(re.findall(r"^\| `([^`]+)`(?:, `([^`]+)`)?", table, re.M))
+    named = {name.rstrip("/") for pair in named for name in pair if name}
+    modules = ({p.name for p in ROOT.glob("*.py")}
+               | {p.parent.name for p in ROOT.glob("*/__init__.py")})
+    assert modules <= named, sorted(modules - named)
+
+
 SCRIPTS = ["trainingmanager.py", "eval.py", "dataset.py", "hyperparam_tune.py", "recipes.py",
            "scraping/__main__.py", "tokenizer.py", "architecture.py", "pretrained.py", "lora.py",
            "sandbox.py"]
