@@ -3304,31 +3304,25 @@ def test_resume_keeps_early_stoppings_reference(assets, tmp_path, monkeypatch):
     assert result.early_stopped and result.step == 7
 
 
-def test_resuming_a_finished_run_does_not_evaluate_its_last_step_again(assets, tmp_path):
+@pytest.mark.parametrize("settings", [dict(max_steps=4, eval_every=2),
+                                      dict(max_steps=6, eval_every=4, save_every=3,
+                                           warmup_steps=0)],
+                         ids=["finished", "saved-then-evaluated"])
+def test_resuming_a_finished_run_does_not_evaluate_its_last_step_again(assets, tmp_path,
+                                                                       settings):
     """A sweep continuing a trial whose worker died after training resumes a finished run:
     the last evaluated step is restored, so no second val line and no second on_eval (which
-    the sweep would report to Optuna twice)."""
-    cfg = tiny_cfg(assets, tmp_path, max_steps=4, eval_every=2)
+    the sweep would report to Optuna twice). Also where the last step was saved (save_every)
+    before its evaluation: the checkpoint is written again with it, or a resume evaluated it
+    again and forgot it."""
+    cfg = tiny_cfg(assets, tmp_path, **settings)
     first = tm.train(cfg)
-    assert _val_steps(first.run_dir) == [2, 4]
+    steps = [settings["eval_every"], settings["max_steps"]]
+    assert _val_steps(first.run_dir) == steps
     seen = []
     again = tm.train(dataclasses.replace(cfg, resume=str(first.run_dir)),
                      on_eval=lambda step, metrics: seen.append(step))
-    assert again.step == 4 and seen == [] and _val_steps(first.run_dir) == [2, 4]
-
-
-
-def test_the_final_evaluation_after_its_steps_checkpoint_is_in_the_checkpoint(assets, tmp_path):
-    """Step 6 is saved (save_every 3), then evaluated as the run's last step: the checkpoint
-    was written again with that evaluation, so a resume (a worker killed during the export)
-    neither evaluates step 6 again (a second val line, a second on_eval) nor forgets it."""
-    cfg = tiny_cfg(assets, tmp_path, max_steps=6, eval_every=4, save_every=3, warmup_steps=0)
-    first = tm.train(cfg)
-    assert _val_steps(first.run_dir) == [4, 6]
-    seen = []
-    again = tm.train(dataclasses.replace(cfg, resume=str(first.run_dir)),
-                     on_eval=lambda step, metrics: seen.append(step))
-    assert again.step == 6 and seen == [] and _val_steps(first.run_dir) == [4, 6]
+    assert again.step == steps[-1] and seen == [] and _val_steps(first.run_dir) == steps
 
 
 def test_a_budget_stops_best_is_kept_by_the_resume(assets, tmp_path, monkeypatch):
