@@ -1134,9 +1134,7 @@ def complete(cfg: EvalConfig, write: Callable[[str], object] | None = None) -> d
     seen: Counter = Counter()
     for spec in specs:  # one model in memory at a time
         lm = load_model(spec, device, cfg.tokenizer, cfg.dtype)
-        seen[lm.label] += 1
-        if seen[lm.label] > 1:  # named as _unique_labels names it: no completion overwritten
-            lm.label = f"{lm.label}#{seen[lm.label]}"
+        lm.label = _unique_label(lm.label, seen)  # no completion overwritten
         if len(specs) > 1:
             write(("\n" if completions else "") + f"=== {lm.label} ({lm.source})\n")
         write(cfg.prompt)
@@ -1373,12 +1371,16 @@ def run_passk(lm: LoadedModel, problems: Sequence[dict], cfg: EvalConfig
 # --------------------------------------------------------------------------------------------
 
 
+def _unique_label(label: str, seen: Counter) -> str:
+    """label, or label#N for its Nth use (runs/a/export and runs/b/export are both "export")."""
+    seen[label] += 1
+    return label if seen[label] == 1 else f"{label}#{seen[label]}"
+
+
 def _unique_labels(models: list[LoadedModel]) -> None:
     seen: Counter = Counter()
     for m in models:
-        seen[m.label] += 1
-        if seen[m.label] > 1:
-            m.label = f"{m.label}#{seen[m.label]}"
+        m.label = _unique_label(m.label, seen)
 
 
 _FOUR_DIGITS = ("/loss", "/token_accuracy", "/ROUGE-L", "/semantic_sim")
