@@ -14,7 +14,8 @@ What each run gets, and what it guarantees:
 - **Not root**: a root evaluator's sample runs as ``nobody`` (uid/gid 65534, no groups, no
   capabilities), owning its working directory; where the interpreter's files are out of that
   user's reach (e.g. under ``/root``) it keeps CAP_DAC_READ_SEARCH alone, so that it reads as
-  before. The kernel's own checks then keep it from the evaluator's and every other user's
+  before; root that cannot be ``nobody`` (a user namespace mapping root alone) keeps no
+  capability. The kernel's own checks then keep it from the evaluator's and every other user's
   ``/proc/<pid>/environ`` and memory, signals, and raising a limit. A non-root evaluator's
   samples run as its own user: while any is in flight the evaluator is not dumpable
   (``PR_SET_DUMPABLE``), so its ``/proc/<pid>/environ`` (tokens) and memory need
@@ -167,8 +168,14 @@ def _drop_root(cfg, workdir, ctypes=None, libc=None):
     /proc/<pid>/environ and mem of the evaluator and of every other user's process, their
     signals, and raising a limit are then refused by the kernel's own permission checks. If the
     interpreter's files are out of that user's reach (e.g. under /root), CAP_DAC_READ_SEARCH
-    alone is kept so that reads work as before; without ctypes the sample then stays root."""
+    alone is kept so that reads work as before; without ctypes the sample then stays root.
+    Root that cannot be that user (a user namespace mapping root alone) keeps no capability:
+    the kernel's capability checks then refuse the evaluator's environ and memory."""
     if cfg["user"] is None:
+        if os.geteuid() == 0 and libc is not None:
+            header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, self
+            if libc.capset(header, (ctypes.c_uint32 * 6)()) != 0:
+                raise OSError(ctypes.get_errno(), "capset")
         return
     uid, gid = cfg["user"]
     keep_reads = not all(_reachable(p, uid, gid) for p in (*sys.path, workdir) if os.path.isdir(p))
@@ -809,6 +816,13 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.memory_mb < MIN_MEMORY_MB:
             raise ValueError(f"--memory-mb {cfg.memory_mb}: must be >= {MIN_MEMORY_MB}: a Python "
                              "interpreter needs that much")
+        if cfg.file_mb < 1:  # the bootstrap's own stderr line is past a limit of 0 (-1: not one)
+            raise ValueError(f"--file-mb {cfg.file_mb}: must be >= 1: stderr is a file too, every "
+                             "program failed with no output")
+        for flag, value in (("max-output-chars", cfg.max_output_chars),
+                            ("disk-mb", cfg.disk_mb), ("max-files", cfg.max_files)):
+            if value < 0:  # the completion signal went unread, every run was over its budget
+                raise ValueError(f"--{flag} {value}: must be >= 0")
         try:
             source = Path(program).read_text(encoding="utf-8")
         except UnicodeDecodeError as err:

@@ -426,9 +426,15 @@ def test_a_root_evaluators_sample_runs_unprivileged():
 
 
 @pytest.mark.parametrize("landlock_cap", [None, 0])
-def test_evaluators_environment_is_out_of_reach_when_the_hook_is_fooled(landlock_cap):
+@pytest.mark.parametrize("userns", [False, True])
+def test_evaluators_environment_is_out_of_reach_when_the_hook_is_fooled(landlock_cap, userns):
     # /proc/<pid>/environ shows a process's environment as it started: a separate evaluator,
     # started with the secret. Landlock alone does not refuse it everywhere (a root sample).
+    # userns: root in a user namespace that maps root alone, where the sample cannot be nobody
+    # (it stayed root with every capability, and read the secret without Landlock).
+    prefix = ["unshare", "-r"] if userns else []
+    if userns and subprocess.run([*prefix, "true"], capture_output=True).returncode != 0:
+        pytest.skip("no unprivileged user namespaces here")
     sample = (
         "import os, posixpath\n"
         "posixpath._joinrealpath = lambda *a: (os.getcwd() + '/x', True)\n"
@@ -443,7 +449,7 @@ def test_evaluators_environment_is_out_of_reach_when_the_hook_is_fooled(landlock
         "print('dumpable', ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))\n"  # PR_GET_DUMPABLE
     )
     env = dict(os.environ, CODELM_TEST_SECRET="s3cr3t-value")
-    evaluator = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
+    evaluator = subprocess.run([*prefix, sys.executable, "-c", script], cwd=ROOT, env=env,
                                capture_output=True, text=True, timeout=60)
     assert evaluator.returncode == 0, evaluator.stderr
     assert evaluator.stdout.startswith("failed ") and "s3cr3t-value" not in evaluator.stdout
@@ -716,7 +722,9 @@ def test_cli_runs_a_file_and_says_how_it_ended(tmp_path, capsys):
 
 def test_cli_refuses_limits_no_program_could_run_under_and_a_non_utf8_file(tmp_path, capsys):
     """A memory limit below an interpreter's needs failed every program (exit 1, as if the
-    program were wrong), an infinite timeout is no limit, and a Latin-1 file is named."""
+    program were wrong), an infinite timeout is no limit, and a Latin-1 file is named. A file
+    limit below 1 MB failed every program with no output (exit 120), a negative output limit
+    called a passing run not completed, negative budgets killed every run (status disk)."""
     ok = tmp_path / "ok.py"
     ok.write_text("print(1)\n")
     latin1 = tmp_path / "latin1.py"
@@ -725,6 +733,11 @@ def test_cli_refuses_limits_no_program_could_run_under_and_a_non_utf8_file(tmp_p
         ([str(ok), "--memory-mb", "8"], f"--memory-mb 8: must be >= {sandbox.MIN_MEMORY_MB}: a "
                                          "Python interpreter needs that much"),
         ([str(ok), "--timeout-s", "inf"], "--timeout-s inf: must be a positive number of seconds"),
+        ([str(ok), "--file-mb", "0"], "--file-mb 0: must be >= 1: stderr is a file too, every "
+                                       "program failed with no output"),
+        ([str(ok), "--max-output-chars", "-1"], "--max-output-chars -1: must be >= 0"),
+        ([str(ok), "--disk-mb", "-1"], "--disk-mb -1: must be >= 0"),
+        ([str(ok), "--max-files", "-1"], "--max-files -1: must be >= 0"),
         ([str(latin1)], f"{latin1}: not UTF-8 text (invalid continuation byte)"),
     ]:
         assert sandbox.main(args) == 2
