@@ -1426,8 +1426,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("preset", nargs="?", choices=list(PRESETS),
                         help="print this preset's fields as JSON")
     args = parser.parse_args(argv)
-    print(json.dumps(asdict(PRESETS[args.preset]), indent=2) if args.preset else presets_table())
-    return 0
+    return cliconfig.run_tool(lambda: print(
+        json.dumps(asdict(PRESETS[args.preset]), indent=2) if args.preset else presets_table()))
 
 
 if __name__ == "__main__":

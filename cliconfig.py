@@ -565,11 +565,15 @@ def quiet_start_up_stops(quiet: bool = False) -> None:
 
 
 def _stopped_while_starting(quiet: bool, signum: int, frame) -> None:
-    _stops_end_at_once()
+    """Ends the process on the spot (``os._exit``): a SystemExit raised into the import under
+    way was swallowed by an extension's init (torch's of numpy clears any error: the script ran
+    on after its line) or aborted it from C++ (pybind11's terminate). Nothing is written yet."""
     leave_terminal_on_hangup(signum)
     if not quiet:
-        sys.stderr.write("interrupted while starting: nothing was written\n")
-    raise SystemExit(interrupted_exit_code(signal.Signals(signum).name))
+        with contextlib.suppress(OSError, ValueError):  # a closed stderr: the exit still comes
+            sys.stderr.write("interrupted while starting: nothing was written\n")
+            sys.stderr.flush()
+    os._exit(interrupted_exit_code(signal.Signals(signum).name))
 
 
 def run_main(main: Callable[[], int | None]) -> int | None:

@@ -217,7 +217,7 @@ class DataConfig:
 # Lower bounds of numeric options (fractions and rates are checked against [0, 1] apart).
 _MINIMUMS = {
     "block_size": 2, "num_workers": 1, "min_bytes": 0, "max_bytes": 0, "min_lines": 0,
-    "max_line_length": 1, "max_literal_length": 1, "autopep8_timeout": 0, "max_docs": 0,
+    "max_line_length": 1, "max_literal_length": 1, "autopep8_timeout": 0, "max_docs": 1,
     "max_prompt_tokens": 0, "max_completion_tokens": 1, "window_prompt_tokens": 1,
     "window_completion_tokens": 1, "window_stride": 0, "lines_per_file": 0,
     "docstring_min_tokens": 0, "docstring_code_tokens": 0,

@@ -608,8 +608,10 @@ class EvalConfig:
         from dataset import DataConfig
 
         known = {f.name for f in fields(DataConfig)} - {"task", "sources", "block_size", "progress"}
-        need(isinstance(self.data_options, dict) and set(self.data_options) <= known,
-             "data_options", f"keys must be DataConfig fields: {', '.join(sorted(known))}")
+        need(isinstance(self.data_options, dict), "data_options", "must be a JSON object")
+        if unknown := [k for k in self.data_options if k not in known]:  # a typo's close match
+            need(False, "data_options", f"unknown DataConfig key {unknown[0]!r}; "
+                 + cliconfig.key_hint(unknown[0], known, "DataConfig"))
 
 
 def sandbox_config(cfg: EvalConfig) -> SandboxConfig:

@@ -1492,6 +1492,19 @@ def test_presets_table_rows_show_each_presets_sizes(capsys):
     assert e.value.code == 2 and "invalid choice: 'llama-3.2-1B'" in capsys.readouterr().err
 
 
+def test_a_ctrl_c_while_the_presets_table_is_built_is_one_line(capsys, monkeypatch):
+    """`python architecture.py` builds every preset for its count: a Ctrl-C there was a
+    KeyboardInterrupt traceback from inside torch, not run_tool's line and 130 (contracts)."""
+    import architecture
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(architecture, "presets_table", interrupted)
+    assert architecture.main([]) == 130
+    assert capsys.readouterr() == ("", "interrupted\n")
+
+
 # ------------------------------------------------------- paths the tests above left unrun
 
 @pytest.mark.parametrize("family", ["gpt_bigcode", "phi", "llama"])  # wpe + tied; untied; tied

@@ -2093,6 +2093,7 @@ def test_config_values_of_the_wrong_type_or_range_name_the_key(tmp_path):
         ("block_size", 1, "must be >= 2"),
         ("max_completion_tokens", 0, "must be >= 1"),  # no example would have a target
         ("window_prompt_tokens", 0, "must be >= 1"),  # no window would have a prompt
+        ("max_docs", 0, "must be >= 1"),  # read nothing: "sources hold no files", untrue
     ):
         with pytest.raises(DataError) as info:
             dataset.load_corpus(cfg(tmp_path, **{key: value}))

@@ -611,6 +611,14 @@ def test_bad_settings_are_rejected_before_any_work(flags, key, capsys, monkeypat
     assert err.startswith(f"error: {key} (") and f", --{key.replace('_', '-')}): " in err
 
 
+def test_a_data_options_typo_is_named_with_its_close_match():
+    """eval.py listed every DataConfig key for {"extension": ...}; trainingmanager.py's
+    --data-options names the close match, as every other unknown key does."""
+    with pytest.raises(ValueError, match=r"^data_options \(.*, --data-options\): unknown "
+                       r"DataConfig key 'extension'; did you mean 'extensions'\?$"):
+        ev.config_from_dict({"data_options": {"extension": [".kt"]}})
+
+
 def test_an_empty_pass_k_is_refused_not_run_to_report_nothing():
     """pass_k [] passed: the passk task generated and ran every sample, then reported no metric."""
     with pytest.raises(ValueError, match=r"^pass_k \(\[\], --pass-k\): .*and one given"):
