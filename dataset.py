@@ -65,8 +65,9 @@ from tokenizer import (
 #    max_completion_tokens cuts FIM middles only; a method prompt too long loses the end of its
 #    docstring, not its signature; a special token's text in a document is text (a BPE
 #    tokenizer read `<|endoftext|>` as EOS).
-#    9: code after a licence comment's closing */ on its line is kept (it was dropped with it).
-PIPELINE_VERSION = 9
+# 9: code after a licence comment's closing */ on its line is kept (it was dropped with it).
+# 10: pair records are redacted as documents are (redact_secrets, redact_emails).
+PIPELINE_VERSION = 10
 
 TASKS = ("lm", "completion", "method", "docstring", "refactor", "fim")
 SPLITS = ("train", "val", "test")
@@ -576,14 +577,31 @@ def _autopep8(text: str, timeout: float) -> tuple[str, bool]:
             signal.signal(signal.SIGALRM, old)
 
 
+def _redact(texts: list[str], opt: dict) -> tuple[list[str], list[str]]:
+    """``texts`` (a document, or a pair's prompt and completion: a model trained on either must
+    not learn a live key) with credentials and, if asked, e-mail addresses replaced; and the
+    modifications, each counted once per document."""
+    mods = []
+    if opt["redact_secrets"]:
+        texts, counts = zip(*map(redact_secrets, texts))
+        if any(counts):
+            mods.append("secrets_redacted")
+    if opt["redact_emails"] and any("@" in t for t in texts):
+        texts, counts = zip(*(EMAIL.subn("<EMAIL>", t) for t in texts))
+        if any(counts):
+            mods.append("emails_redacted")
+    return list(texts), mods
+
+
 def _clean_one(args: tuple[_RawDoc, dict]) -> tuple[Doc | None, str | None, list[str]]:
     """Clean one document. Returns (doc or None, drop reason, list of modifications)."""
     raw, opt = args
     mods: list[str] = []
-    if raw.target is not None:  # a pair: only checked, never rewritten
+    if raw.target is not None:  # a pair: checked and redacted, never otherwise rewritten
         if not raw.data.strip() or not raw.target.strip():
             return None, "empty_pair", mods
-        return Doc(raw.id, raw.data, raw.repo, raw.target, raw.raw_pair, raw.split), None, mods
+        (prompt, target), mods = _redact([raw.data, raw.target], opt)
+        return Doc(raw.id, prompt, raw.repo, target, raw.raw_pair, raw.split), None, mods
     # Already within max_bytes (clean_corpus drops larger documents); binary, not UTF-8 or a Git
     # LFS pointer: the collectors' own rule.
     text, reason = decode_source(raw.data)
@@ -596,14 +614,8 @@ def _clean_one(args: tuple[_RawDoc, dict]) -> tuple[Doc | None, str | None, list
         text, removed = strip_license_header(text)
         if removed:
             mods.append("license_header_removed")
-    if opt["redact_secrets"]:
-        text, n = redact_secrets(text)
-        if n:
-            mods.append("secrets_redacted")
-    if opt["redact_emails"] and "@" in text:
-        text, n = EMAIL.subn("<EMAIL>", text)
-        if n:
-            mods.append("emails_redacted")
+    (text,), redacted = _redact([text], opt)
+    mods += redacted
     is_python = has_extension(raw.id, (".py",))
     if is_python and (opt["strip_comments"] or opt["strip_docstrings"]):
         try:

@@ -2741,6 +2741,22 @@ def test_cleaning_redacts_credentials_by_default_and_emails_when_asked(tmp_path)
     assert texts["emails", "modified"] == {"emails_redacted": 1, "secrets_redacted": 1}
 
 
+def test_pair_records_are_redacted_as_documents_are(tmp_path):
+    """A model trained on pairs (refactor, SFT records, or pairs packed by the lm task) must not
+    learn a live key either: the prompt and the completion get the same placeholders."""
+    key = "ghp_" + "z" * 36
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"input": f'token = "{key}"  # ann@example.com\n', "output": f'TOKEN = "{key}"\n'},
+        {"prompt": "x = 1\n", "completion": "y = 2\n"}])
+    docs, stats = dataset.clean_corpus(cfg(tmp_path, sources=[str(pairs)], redact_emails=True))
+    assert [(d.text, d.target) for d in docs] == [
+        ('token = "<GITHUB_TOKEN>"  # <EMAIL>\n', 'TOKEN = "<GITHUB_TOKEN>"\n'),
+        ("x = 1\n", "y = 2\n")]
+    assert stats["modified"] == {"emails_redacted": 1, "secrets_redacted": 1}
+    docs, stats = dataset.clean_corpus(cfg(tmp_path, sources=[str(pairs)], redact_secrets=False))
+    assert key in docs[0].text and key in docs[0].target and stats["modified"] == {}
+
+
 @pytest.mark.parametrize("secret, placeholder", [
     ("ASIAIOSFODNN7QWERTYU", "<AWS_ACCESS_KEY_ID>"),  # a temporary (STS) key id
     ("gho_" + "a1B2" * 9, "<GITHUB_TOKEN>"),  # OAuth, user-to-server, server-to-server,
