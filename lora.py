@@ -759,7 +759,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path,
                          f"(str or Path), got {type(base).__name__}")
     out = Path(out_dir)
     pretrained.check_output_dir(out, "save_adapter")
-    pretrained.check_nothing_else_there(out, "save_adapter")
+    pretrained.check_nothing_else_there(out, "save_adapter", adapter=True)
     tensors = _adapter_tensors(model)
     written = {_KEY_RE.match(k)["module"] for k in tensors}
     config = {
@@ -963,36 +963,41 @@ def _copy_adapter(model: nn.Module, tensors: dict[str, torch.Tensor], file: Path
 def changed_base_tensors(model: nn.Module, adapter_dir: str | Path) -> list[str]:
     """The base-layer keys of an adapter file (PEFT saves an adapted embedding's and head's)
     whose values are not the model's: the base weights ``load_adapter`` would change. A run
-    keeps only its adapters, so such a change would be lost on resume and export."""
+    keeps only its adapters, so such a change would be lost on resume and export. Keys that do
+    not fit the model are load_adapter's errors."""
+    file, tensors = _read_weights(Path(adapter_dir))
     names = _module_names(model)
     changed = []
-    for key, tensor in _read_weights(Path(adapter_dir))[1].items():
+    for key, tensor in tensors.items():
         m = _KEY_RE.match(key)
-        if m is None or not m["kind"].startswith("base_layer.") or m["module"] not in names:
-            continue  # (what load_adapter refuses, it names)
-        path, rows = names[m["module"]]
-        target = getattr(model.get_submodule(path), m["kind"].split(".")[1], None)
-        if not isinstance(target, torch.Tensor):
-            continue
-        if rows is not None:
-            target = target.index_select(0, rows.to(target.device))
-        if target.shape == tensor.shape and not torch.equal(target, tensor.to(target)):
-            changed.append(key)
+        if m is not None and m["kind"].startswith("base_layer."):
+            target, rows = _base_tensor(model, names, m["module"], m["kind"].split(".")[1], file,
+                                        key)
+            if rows is not None:
+                target = target.index_select(0, rows.to(target.device))
+            if target.shape == tensor.shape and not torch.equal(target, tensor.to(target)):
+                changed.append(key)
     return changed
 
 
-def _base_tensor_writer(model, names, name, attr, tensor, file, key) -> Callable[[], object]:
-    """Check a base-layer tensor of the file against the model; return the write that loads it."""
+def _base_tensor(model, names, name, attr, file, key) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The model tensor a base-layer key of the file names, and its rows (None: all of it)."""
     if name not in names:
         raise ValueError(f"{file}: key {key!r} names no module of this model")
     path, rows = names[name]
     target = getattr(model.get_submodule(path), attr, None)
     if not isinstance(target, torch.Tensor):
         raise ValueError(f"{file}: cannot load {key!r}: {path} has no full-precision {attr}")
+    return target, rows
+
+
+def _base_tensor_writer(model, names, name, attr, tensor, file, key) -> Callable[[], object]:
+    """Check a base-layer tensor of the file against the model; return the write that loads it."""
+    target, rows = _base_tensor(model, names, name, attr, file, key)
     shape = tuple(target.shape) if rows is None else (len(rows),) + tuple(target.shape[1:])
     if shape != tuple(tensor.shape):
-        raise ValueError(f"{file}: {key!r} has shape {tuple(tensor.shape)}, {path} expects "
-                         f"{shape} (was the vocabulary resized?)")
+        raise ValueError(f"{file}: {key!r} has shape {tuple(tensor.shape)}, "
+                         f"{names[name][0]} expects {shape} (was the vocabulary resized?)")
     if rows is None:
         return lambda: target.copy_(tensor)
     return lambda: target.index_copy_(0, rows.to(target.device), tensor.to(target))

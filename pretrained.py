@@ -573,6 +573,11 @@ def read_bin(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+# A checkpoint's weights, in the order the loader looks for them.
+MODEL_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                      "pytorch_model.bin.index.json")
+
+
 class TensorSource:
     """Name -> tensor over one or several files (safetensors, sharded, or pytorch .bin)."""
 
@@ -580,8 +585,7 @@ class TensorSource:
         self.files: dict[str, SafetensorsFile] = {}
         self.tensors: dict[str, torch.Tensor] = {}  # from .bin files
         self.origin: dict[str, Path] = {}  # the file each tensor is in (for messages)
-        st, st_index = directory / "model.safetensors", directory / "model.safetensors.index.json"
-        bin_, bin_index = directory / "pytorch_model.bin", directory / "pytorch_model.bin.index.json"
+        st, st_index, bin_, bin_index = (directory / name for name in MODEL_WEIGHT_FILES)
         if st.exists():
             self._add_safetensors(st)
         elif st_index.exists():
@@ -912,24 +916,22 @@ def check_output_dir(directory: Path, writer: str) -> None:
         raise ValueError(f"{under}{blocker} is a file; {writer} writes a directory")
 
 
-MODEL_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                      "pytorch_model.bin.index.json")
-
-
-def check_nothing_else_there(directory: Path, writer: str) -> None:
+def check_nothing_else_there(directory: Path, writer: str, adapter: bool = False) -> None:
     """Refuse a directory that holds what a save would destroy or be hidden by: a codelm run's
-    TrainConfig (its config.json, which --resume and eval read, would be replaced), or beside
-    a model a PEFT adapter, or beside an adapter a model (transformers and eval load an
-    adapter_config.json's base and adapter, not the model's weights next to it)."""
+    TrainConfig (its config.json, which --resume and eval read), or beside a model a PEFT
+    adapter (``adapter``: the save writes one), or beside an adapter a model (transformers and
+    eval load an adapter_config.json's base and adapter, not the model's weights next to it)."""
     config = directory / "config.json"
     try:
         is_run = config.is_file() and _is_run_config(cliconfig.read_json_object(config))
     except ValueError:  # an unreadable config.json is replaced, as any earlier save's
         is_run = False
     if is_run:
-        raise ValueError(f"{writer}: {config} is a codelm run's TrainConfig, which the "
-                         "HF config.json would replace; save into another directory")
-    if writer == "save_adapter":
+        harm = "a run directory is the trainer's" if adapter else (
+            "which the HF config.json would replace")
+        raise ValueError(f"{writer}: {config} is a codelm run's TrainConfig, {harm}; save into "
+                         "another directory")
+    if adapter:
         model = next((f for f in MODEL_WEIGHT_FILES if (directory / f).is_file()), None)
         if model is not None:
             raise ValueError(f"{writer}: {directory} holds a model ({model}), which "

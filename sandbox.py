@@ -163,6 +163,13 @@ def _reachable(path, uid, gid):
             return True
         path, need = os.path.dirname(path), 0o1
 
+def _capset(ctypes, libc, caps):
+    """This process's effective and permitted capabilities: ``caps`` (bits of the first 32),
+    nothing else."""
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, self
+    if libc.capset(header, (ctypes.c_uint32 * 6)(caps, caps, 0, 0, 0, 0)) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+
 def _drop_root(cfg, workdir, ctypes=None, libc=None):
     """A root evaluator's sample runs as the unprivileged user it chose (cfg["user"]): the
     /proc/<pid>/environ and mem of the evaluator and of every other user's process, their
@@ -173,9 +180,7 @@ def _drop_root(cfg, workdir, ctypes=None, libc=None):
     the kernel's capability checks then refuse the evaluator's environ and memory."""
     if cfg["user"] is None:
         if os.geteuid() == 0 and libc is not None:
-            header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, self
-            if libc.capset(header, (ctypes.c_uint32 * 6)()) != 0:
-                raise OSError(ctypes.get_errno(), "capset")
+            _capset(ctypes, libc, 0)
         return
     uid, gid = cfg["user"]
     keep_reads = not all(_reachable(p, uid, gid) for p in (*sys.path, workdir) if os.path.isdir(p))
@@ -187,11 +192,7 @@ def _drop_root(cfg, workdir, ctypes=None, libc=None):
     os.setgid(gid)
     os.setuid(uid)
     if keep_reads:
-        read_search = 1 << 2  # CAP_DAC_READ_SEARCH: effective and permitted, nothing else
-        header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, self
-        caps = (ctypes.c_uint32 * 6)(read_search, read_search, 0, 0, 0, 0)
-        if libc.capset(header, caps) != 0:
-            raise OSError(ctypes.get_errno(), "capset")
+        _capset(ctypes, libc, 1 << 2)  # CAP_DAC_READ_SEARCH
         libc.prctl(8, 0, 0, 0, 0)
     if libc is not None:  # a uid change made /proc/self root's; it is the sample's again
         libc.prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE

@@ -2565,13 +2565,12 @@ class _Run:
             # weights so far, which eval.py can score now), but says that it is not finished.
             result.stopped_by_budget = stop == "time budget" and self.step < self.max_steps
             if stop not in STOP_SIGNALS:
-                if self.last_eval_step != self.step:
-                    checkpointed = self.last_saved_step == self.step
+                evaluated = self.last_eval_step != self.step
+                if evaluated:
                     metrics = self._evaluate(log, on_eval)
-                    if checkpointed:  # written before this evaluation: again, holding it (its
-                        # best, its patience), or a resume evaluates again and forgets its best
-                        self.save()
-                if self.last_saved_step != self.step:
+                # A checkpoint of this step written before its evaluation is written again,
+                # holding it (its best, its patience): a resume would evaluate again and forget it.
+                if evaluated or self.last_saved_step != self.step:
                     self.save()
                 # A stop signal during that evaluation: the checkpoint is saved, skip the export.
                 stop = self._stop_requested(signals)
