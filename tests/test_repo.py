@@ -162,7 +162,7 @@ def test_docs_point_only_at_what_the_repository_holds():
 
 
 def test_readme_layout_names_every_module():
-    """README's Layout table left out rundir.py, the run directory's layout."""
+    """README's Layout table names every top-level module and package."""
     table = (ROOT / "README.md").read_text().split("## Layout\n", 1)[1]
     named = set(re.findall(r"^\| `([^`]+)`(?:, `([^`]+)`)?", table, re.M))
     named = {name.rstrip("/") for pair in named for name in pair if name}
