@@ -506,27 +506,24 @@ class LoadedModel:
 
 
 def _device(name: str) -> torch.device:
-    """The torch device for ``EvalConfig.device`` (spelling checked by ``validate``); one this
-    machine lacks is a user error here, not an assertion from deep inside torch later."""
+    """The torch device of ``EvalConfig.device``; one this machine lacks is a user error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"EvalConfig.device={name!r}: CUDA is not available on this machine "
-                             "(use cpu or auto)")
-        if (device.index or 0) >= count:
-            raise ValueError(f"EvalConfig.device={name!r}: this machine has {count} CUDA "
-                             f"device(s), cuda:0 to cuda:{count - 1}")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and count == 0:
+        raise ValueError(f"EvalConfig.device={name!r}: CUDA is not available on this machine "
+                         "(use cpu or auto)")
+    if device.type == "cuda" and (device.index or 0) >= count:
+        raise ValueError(f"EvalConfig.device={name!r}: this machine has {count} CUDA "
+                         f"device(s), cuda:0 to cuda:{count - 1}")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"EvalConfig.device={name!r}: MPS is not available on this machine")
     return device
 
 
 def model_specs(cfg: EvalConfig) -> list[str]:
-    """``cfg.models``, or else the latest run, named on stderr: with many runs about (a sweep's,
-    smoke runs) which one answers must not be a guess."""
+    """``cfg.models``, or else the latest run, named on stderr so that it is no guess."""
     if cfg.models:
         return list(cfg.models)
     run = latest_run(cfg.runs_dir)
@@ -557,9 +554,8 @@ def _load_hf(path: Path, device: torch.device, dtype: str | None = None) -> torc
 
 
 def _run_base(run_dir: Path, config: dict) -> str:
-    """The ``init_from`` base of a run: the absolute path its export's adapter config records
-    (written from the directory the run was started in), else config.json's ``init_from``,
-    which an older run holds relative to that directory (checked: an error names its source)."""
+    """A run's ``init_from`` base: the absolute path its export's adapter config records, else
+    config.json's (checked: an error names its source)."""
     import lora
     import trainingmanager as tm
 
@@ -574,10 +570,7 @@ def _run_base(run_dir: Path, config: dict) -> str:
 
 
 def _run_tokenizer(run_dir: Path, override: str | None) -> Path:
-    """The tokenizer a run trained with: the run dir's (the trainer writes it there), else its
-    export's copy, else ``override`` (``--tokenizer``). Without any, the error names the file
-    the run lacks, not an export/ it may never have had (a run trained with --no-export)."""
-
+    """The run dir's tokenizer, else its export's, else ``--tokenizer``'s."""
     export = run_dir / rundir.EXPORT_DIR
     for directory in (run_dir, export):
         if (directory / "tokenizer.json").is_file():
@@ -590,18 +583,14 @@ def _run_tokenizer(run_dir: Path, override: str | None) -> Path:
 
 
 def _loaded_weights(run_dir: Path, weights: Path) -> dict:
-    """What results.json records of the weights of ``run_dir`` that were scored (``weights``:
-    export/, best/ or a checkpoint): where they are in the run, the training step they hold
-    and whether the run was still training (its lock held: later weights may replace them),
-    said in a note then."""
+    """What results.json records of a run's scored weights: where, their step, and whether the
+    run is still training (a note says so: later weights may replace them)."""
     import trainingmanager as tm
 
-    if weights.name == rundir.EXPORT_DIR:  # an export without its record (an earlier
-        #   codelm's) counts as holding best/ (``stale_export``)
-        record = weights / rundir.EXPORT_RECORD
-        step = (cliconfig.read_json_object(record, "export record").get("best_step")
-                if record.is_file() else tm.best_step(run_dir))
-    elif weights.name == rundir.BEST_DIR:
+    record = weights / rundir.EXPORT_RECORD
+    if weights.name == rundir.EXPORT_DIR and record.is_file():
+        step = cliconfig.read_json_object(record, "export record").get("best_step")
+    elif weights.name in (rundir.EXPORT_DIR, rundir.BEST_DIR):
         step = tm.best_step(run_dir)
     else:
         step = tm.checkpoint_step(weights)
@@ -617,10 +606,9 @@ def _loaded_weights(run_dir: Path, weights: Path) -> dict:
 
 def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
               dtype: str | None = None) -> tuple[torch.nn.Module, Path, dict, dict]:
-    """A codelm run: its export (full model or adapter on ``init_from``) while it holds the
-    run's best weights, else ``best/`` (or a checkpoint: ``_run_weights``); ``tokenizer``:
-    ``--tokenizer``, used where the run holds none. Returns the model, its tokenizer's
-    directory, the run's config and which weights were loaded (``_loaded_weights``)."""
+    """A codelm run's model: its export while that holds the best weights, else best/ (or the
+    latest checkpoint); returns the model, its tokenizer's directory, the run's config and
+    ``_loaded_weights``."""
     import lora
     import trainingmanager as tm
 
@@ -648,29 +636,27 @@ def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
     weights_dir = _run_weights(run_dir)
     adapter_only = (weights_dir / rundir.ADAPTER_FILE).is_file()
     weights = weights_dir / (rundir.ADAPTER_FILE if adapter_only else rundir.MODEL_FILE)
-    # pretrained's checked reader: a truncated file is an error naming it (before any build)
-    file = SafetensorsFile(weights)
+    file = SafetensorsFile(weights)  # a truncated file is an error naming it
     tensors = {name: file.view(name) for name in file.entries}
-    model = tm.build_model(cfg, load_tokenizer(tok_dir), run_dir)  # an init_adapter run's
-    #   LoRA layout from the run's own copy: the adapter directory may be gone
+    # an init_adapter run's LoRA layout comes from the run's own copy
+    model = tm.build_model(cfg, load_tokenizer(tok_dir), run_dir)
     tm.load_model_tensors(model, tensors, str(weights), adapter_only)
-    if dtype is not None:  # else as it trained (fp32 weights; a LoRA base in its base_dtype)
+    if dtype is not None:  # else as it trained (a LoRA base in its base_dtype)
         from architecture import SHORT_DTYPES
 
-        model = lora.cast_model(model, SHORT_DTYPES[dtype])  # as export/'s base+adapter
+        model = lora.cast_model(model, SHORT_DTYPES[dtype])
     return model.to(device), tok_dir, config, _loaded_weights(run_dir, weights_dir)
 
 
 def _run_weights(run_dir: Path) -> Path:
-    """The weights of a run whose export is not used: best/, or, while it has none (it stopped,
-    or is still training, before its first evaluation), its latest checkpoint, named in a note:
-    ``is_run_dir`` counts such a run as one, and failing on a best/ it never had helps no one."""
+    """best/, or while a run has none (stopped before its first evaluation) its latest
+    checkpoint, named in a note."""
     import trainingmanager as tm
 
     if (run_dir / rundir.BEST_DIR).is_dir():
         return run_dir / rundir.BEST_DIR
     checkpoints = tm.list_checkpoints(run_dir)
-    if not checkpoints:  # only an export/ that holds no model
+    if not checkpoints:
         raise ValueError(f"{run_dir}: no model in {rundir.EXPORT_DIR}/, and no {rundir.BEST_DIR}/ or "
                          "checkpoint to score")
     if not tm.lock_is_held(run_dir / rundir.LOCK_FILE):  # else _loaded_weights' note says it
@@ -681,7 +667,7 @@ def _run_weights(run_dir: Path) -> Path:
 
 def _split_adapter(path_spec: str) -> tuple[str, str]:
     """(base, adapter) of ``BASE+ADAPTER``, split at the first "+" after which the base is a
-    directory; a directory whose own name holds a "+" (run+lora) is one path, not two."""
+    directory (a directory named run+lora is one path)."""
     if not Path(path_spec).is_dir():
         for plus in (i for i, ch in enumerate(path_spec) if ch == "+"):
             if Path(path_spec[:plus]).is_dir():
@@ -691,9 +677,8 @@ def _split_adapter(path_spec: str) -> tuple[str, str]:
 
 def load_model(spec: str | os.PathLike, device: torch.device | str,
                tokenizer: str | None = None, dtype: str | None = None) -> LoadedModel:
-    """Load ``[LABEL=]PATH`` where PATH is an HF dir, a codelm run dir, an adapter dir whose
-    config names a local base, or ``BASE+ADAPTER``; ``device`` as ``EvalConfig.device`` reads
-    it when a str ("auto", "cpu", "cuda:1"); ``dtype`` as ``EvalConfig.dtype``."""
+    """Load ``[LABEL=]PATH``: an HF dir, a codelm run dir, an adapter dir whose config names a
+    local base, or ``BASE+ADAPTER``; ``device`` and ``dtype`` as EvalConfig's."""
     import lora
     import trainingmanager as tm
     from tokenizer import check_model_tokenizer, load_tokenizer, tokenizer_path, where_tokenizer_is
@@ -736,8 +721,7 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"EvalConfig.models {spec!r}: the tokenizer has {tok.vocab_size} "
                          f"tokens, the model only {model.cfg.vocab_size} embeddings")
-    # A checkpoint (a base, under an adapter) with a tokenizer from elsewhere; a run's own
-    # tokenizer is the one it trained with, whatever its init_from's config says.
+    # a checkpoint with a tokenizer from elsewhere; a run's own is the one it trained with
     if model.name_or_path is not None and (run_config is None or tokenizer is not None):
         check_model_tokenizer(tok, tokenizer_path(tokenizer or tok_dir), model.name_or_path)
     name = label or (Path(adapter_spec).name if adapter_spec else path.name)
@@ -755,8 +739,7 @@ def _context(lm: LoadedModel, cfg: EvalConfig) -> int:
 
 
 def shared_context(models: Sequence[LoadedModel]) -> int:
-    """One context for every compared model: the smallest, where a codelm run's is its training
-    ``block_size`` (not the base model's, which may be far longer)."""
+    """One context for every compared model: the smallest, a run's being its training one."""
     return min(min(lm.model.cfg.block_size, (lm.run_config or {}).get("block_size") or
                    lm.model.cfg.block_size) for lm in models)
 
@@ -769,9 +752,8 @@ def _prompt_start(lm: LoadedModel) -> list[int]:
 
 
 def _pair_special_tokens(lm: LoadedModel, cfg: EvalConfig) -> bool | None:
-    """Whether ``lm``'s pair records and prompts read special-token text as the tokens: as
-    ``cfg.data_options`` says where it names ``pair_special_tokens``, else as its run's data did
-    (that option, which an lm run ignores); None for a model without a run."""
+    """Whether special-token text in prompts reads as the tokens: ``--data-options``' choice,
+    else as the run's data read it; None for a model without a run."""
     if "pair_special_tokens" in cfg.data_options:
         return bool(cfg.data_options["pair_special_tokens"])
     if not lm.run_config:
@@ -784,9 +766,8 @@ def _pair_special_tokens(lm: LoadedModel, cfg: EvalConfig) -> bool | None:
 
 
 def _prompt_ids(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig) -> list[list[int]]:
-    """Each prompt's ids after ``_prompt_start`` (``dataset.encode_prompts``): special-token text
-    read as transformers' tokenizer(text) reads it for a base checkpoint, as its pair records
-    were read for a run (``_pair_special_tokens``)."""
+    """Each prompt's ids after ``_prompt_start``, special-token text read as the model learned
+    it (``dataset.encode_prompts``)."""
     from dataset import RUN_READ_TEXT, encode_prompts
 
     why = RUN_READ_TEXT
