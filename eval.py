@@ -1014,9 +1014,8 @@ class TaskExample:
 
 
 def corpus_config(cfg: EvalConfig, models: Sequence[LoadedModel]) -> DataConfig:
-    """The dataset config whose split is evaluated: the codelm runs' own sources, cleaning and
-    split options (so a run's test split is the one it never trained on), unless ``data`` is
-    given. Runs whose corpora or splits differ have no common held-out split: refused."""
+    """The data whose split is evaluated: the runs' own (their held-out split) unless ``data``
+    is given; runs of different corpora or splits share no held-out split: refused."""
     from dataset import corpus_key
 
     runs = [m for m in models if m.run_config]
@@ -1031,7 +1030,6 @@ def corpus_config(cfg: EvalConfig, models: Sequence[LoadedModel]) -> DataConfig:
 
 def _corpus_config(cfg: EvalConfig, run: dict | None, run_source: str = "run config"
                    ) -> DataConfig:
-    """``run_source``: the run's config.json, which errors about its data paths name."""
     from dataset import DataConfig
     from trainingmanager import check_run_paths
 
@@ -1050,8 +1048,7 @@ def _corpus_config(cfg: EvalConfig, run: dict | None, run_source: str = "run con
 
 
 def with_docstring_options(cfg: EvalConfig, data_cfg: DataConfig) -> EvalConfig:
-    """``cfg`` with the docstring options it leaves None taken from the corpus's
-    dataset.DataConfig ``data_cfg``: examples chosen as training chose them."""
+    """``cfg``'s docstring options left None taken from the corpus's, as training chose."""
     return replace(cfg, docstring_targets=cfg.docstring_targets or data_cfg.docstring_targets,
                    docstring_min_tokens=data_cfg.docstring_min_tokens
                    if cfg.docstring_min_tokens is None else cfg.docstring_min_tokens)
@@ -1060,13 +1057,8 @@ def with_docstring_options(cfg: EvalConfig, data_cfg: DataConfig) -> EvalConfig:
 def build_examples(task: str, docs: Sequence[Doc], cfg: EvalConfig, variant: str = "simple",
                    code_tokens: int = 400, tok: CodeTokenizer | BPETokenizer | None = None,
                    data_cfg: DataConfig | None = None) -> list[TaskExample]:
-    """The first ``cfg.limit`` examples of a generation task, built by dataset.py's builders.
-
-    ``completion`` cuts token windows, so it needs the tokenizer ``tok`` (models compared side by
-    side share one family) and the window sizes of ``data_cfg`` (a dataset.DataConfig); ``tok``
-    also measures docstrings for ``cfg.docstring_min_tokens``; docstring options left None are
-    ``data_cfg``'s.
-    """
+    """The first ``cfg.limit`` examples of a generation task, built by dataset.py's builders;
+    ``tok`` cuts completion windows and measures docstrings."""
     import dataset as ds
 
     data_cfg = data_cfg or ds.DataConfig()
@@ -1105,9 +1097,8 @@ def build_examples(task: str, docs: Sequence[Doc], cfg: EvalConfig, variant: str
 
 def completion_examples(doc: Doc, tok: CodeTokenizer | BPETokenizer | None, data_cfg: DataConfig,
                         cfg: EvalConfig) -> list[TaskExample]:
-    """Seed 002's test pairs: windows of ``window_prompt_tokens`` tokens of code -> the next
-    ``window_completion_tokens`` tokens (dataset.py's training windows), ``cfg.lines_per_file``
-    of them per file, chosen by a seeded draw."""
+    """``cfg.lines_per_file`` of dataset.py's training windows (prompt tokens -> the next
+    tokens) per file, chosen by a seeded draw."""
     import dataset as ds
 
     if tok is None:
@@ -1144,9 +1135,7 @@ _GENERATION = {
 
 
 def _edit_form(task: str, text: str) -> str:
-    """What edit similarity compares: CodeXGLUE method generation's post-processing collapses
-    whitespace runs to one space (seed 002's completion follows it); line completion compares
-    the stripped line as it is."""
+    """CodeXGLUE method generation collapses whitespace runs before edit similarity."""
     return " ".join(text.split()) if task in ("method", "completion") else text
 
 
@@ -1158,7 +1147,7 @@ def _generation_metrics(task: str, preds: list[str], refs: list[str],
                 "BLEU": codexglue_bleu(preds, refs)}
     if task == "method":
         return {"BLEU": codexglue_bleu(preds, refs), "edit_sim": edit}
-    if task == "completion":  # seed 002's table: edit similarity, then BLEU
+    if task == "completion":
         return {"edit_sim": edit, "BLEU": codexglue_bleu(preds, refs)}
     if task == "docstring":
         return {"chrF": chrf(preds, refs), "ROUGE-L": rouge_l(preds, refs),
@@ -1186,14 +1175,14 @@ def run_generation_task(lm: LoadedModel, task: str, examples: Sequence[TaskExamp
                 "edit_sim": _fuzz_ratio(_edit_form(task, y), _edit_form(task, r))}
                for e, p, r, y in zip(examples, prompts, refs, preds)]
     metrics = {}
-    if cfg.reference_loss:  # seed 000 reports the validation loss beside BLEU
+    if cfg.reference_loss:
         metrics["loss"] = score_supervised(lm, examples, cfg, data_cfg)
     return {**metrics, **_generation_metrics(task, preds, refs, cfg.progress)}, records
 
 
 def run_passk(lm: LoadedModel, problems: Sequence[dict], cfg: EvalConfig
               ) -> tuple[dict, list[dict]]:
-    """n samples per problem, each executed in its own sandboxed subprocess; unbiased pass@k."""
+    """n samples per problem, each run in the sandbox; unbiased pass@k."""
     prompts = [p["prompt"] for p in problems for _ in range(cfg.num_samples)]
     completions = generate_texts(lm, prompts, cfg, FUNCTION_STOPS, desc="passk")
     jobs = [(problems[i // cfg.num_samples], c) for i, c in enumerate(completions)]
@@ -1222,20 +1211,13 @@ def _unique_label(label: str, seen: Counter) -> str:
     return label if seen[label] == 1 else f"{label}#{seen[label]}"
 
 
-def _unique_labels(models: list[LoadedModel]) -> None:
-    seen: Counter = Counter()
-    for m in models:
-        m.label = _unique_label(m.label, seen)
-
-
-_FOUR_DIGITS = ("/loss", "/token_accuracy", "/ROUGE-L", "/semantic_sim")
+_FOUR_DIGITS = ("/loss", "/token_accuracy", "/ROUGE-L", "/semantic_sim")  # 0-1 scores, losses
 _PER_TOKEN = ("/loss", "/perplexity", "/token_accuracy")  # figures per token of a tokenizer
 
 
 def _tokenizer_note(models: Sequence[LoadedModel]) -> str:
-    """A note for the table when the models do not share one tokenizer ("" when they do):
-    their per-token figures count different tokens of the same text, and the table did not say
-    so (the lm tokens column may even agree: ``lm_windows`` caps it)."""
+    """A note for the table when the models' tokenizers differ: per-token figures then do not
+    compare ("" when they share one)."""
     from dataset import tokenizer_fingerprint
 
     groups: dict[str, list[str]] = {}
@@ -1251,20 +1233,18 @@ def _tokenizer_note(models: Sequence[LoadedModel]) -> str:
 
 def markdown_table(rows: Sequence[dict], note: str = "") -> str:
     """One row per model (and docstring prompt variant), one column per task metric; ``note``
-    (``_tokenizer_note``) goes under it when a column is per token."""
+    goes under it when a column is per token."""
     columns: list[str] = []
     for row in rows:
         columns += [c for c in row["metrics"] if c not in columns]
     variants = any(row["prompt"] is not None for row in rows)
     head = ["model"] + (["prompt"] if variants else []) + [c.replace("/", " ") for c in columns]
 
-    def cell(column: str, value) -> str:
+    def cell(column: str, value: object) -> str:
         if value is None:
             return "n/a"
         if isinstance(value, int):
             return str(value)
-        # losses and 0-1 scores (token accuracy, ROUGE-L, cosine) need more digits than 0-100
-        # scores
         return f"{value:.4f}" if column.endswith(_FOUR_DIGITS) else f"{value:.2f}"
 
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -1279,8 +1259,7 @@ def markdown_table(rows: Sequence[dict], note: str = "") -> str:
 
 @dataclass
 class EvalProgress:
-    """How far ``evaluate`` got, kept up to date as it runs: what a caller reports when the
-    evaluation stops early (interrupted, out of memory, a full disk)."""
+    """How far ``evaluate`` got: what a caller reports when the evaluation stops early."""
 
     out_dir: Path | None = None
     models: list[str] = field(default_factory=list)  # labels, in evaluation order
@@ -1304,16 +1283,10 @@ class EvalProgress:
 
 def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
              remedy: str | None = None, replace_other_weights: bool = False) -> dict:
-    """Evaluate every model on the same examples; after each model, write the results so far
-    (results.json, predictions.jsonl, table.md) to the output directory (made first, so a bad
-    one costs no work), so a failure or an interrupt loses only the model it stopped; return
-    the results. ``progress``, if given, is kept up to date for the caller's report. ``remedy``:
-    what the refusal of an output directory holding a different evaluation's results tells the
-    user to do (default: eval.py's: another --out-dir, or remove it). ``replace_other_weights``:
-    the output directory is the caller's own (recipes.py's ``<run>/eval``), and results there of
-    the same settings but other weights (the run trained on since) are set aside beside it, not
-    refused."""
-    cfg.validate()
+    """Evaluate every model of a validated ``cfg`` on the same examples, writing the results
+    after each model so a stop loses only the model it stopped. ``remedy`` ends the refusal of
+    an out_dir holding another evaluation; ``replace_other_weights`` sets aside, not refuses,
+    results there of the same settings but other weights (recipes.py's ``<run>/eval``)."""
     if cfg.prompt is not None:
         raise ValueError("EvalConfig.prompt is set: evaluate runs the tasks, and complete(cfg) "
                          "completes the prompt")
@@ -1327,8 +1300,7 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
     except OSError as err:
         raise ValueError(f"EvalConfig.out_dir={str(out)!r}: cannot create the output directory "
                          f"({err.strerror})") from None
-    if progress is None:
-        progress = EvalProgress()
+    progress = progress or EvalProgress()
     progress.out_dir = out
     try:
         results = _evaluate(cfg, device, specs, progress,
@@ -1353,16 +1325,17 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
         problems = load_problems(cfg.problems or PROBLEMS_FILE, sandbox_config(cfg), cfg.workers,
                                  cfg.limit)
     models = [load_model(spec, device, cfg.tokenizer, cfg.dtype) for spec in specs]
-    _unique_labels(models)
+    seen: Counter = Counter()
+    for lm in models:
+        lm.label = _unique_label(lm.label, seen)
     if cfg.block_size is None:  # results.json records the context used
         cfg = replace(cfg, block_size=shared_context(models))
     text_tasks = [t for t in cfg.tasks if t != "passk"]
-    docs = []
+    docs, data_cfg = [], None
     if text_tasks:
-        docs = getattr(load_corpus(corpus_config(cfg, models)), cfg.split)
-    data_cfg = corpus_config(cfg, models) if text_tasks else None
-    if data_cfg is not None:  # results.json records the docstring options used
-        cfg = with_docstring_options(cfg, data_cfg)
+        data_cfg = corpus_config(cfg, models)
+        docs = getattr(load_corpus(data_cfg), cfg.split)
+        cfg = with_docstring_options(cfg, data_cfg)  # recorded as used
     tok = models[0].tokenizer
     examples = {(t, None): build_examples(t, docs, cfg, tok=tok, data_cfg=data_cfg)
                 for t in text_tasks if t not in ("lm", "docstring")}
@@ -1376,10 +1349,9 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
 
     note = _tokenizer_note(models)
     progress.models = [lm.label for lm in models]
-    results = {"complete": False, "pending": progress.models, "config": asdict(cfg),
-               "models": [_identity(lm) for lm in models], "examples": counts,
-               "examples_digest": _examples_digest(docs, examples, problems),
-               "metrics_version": METRICS_VERSION, "fingerprint_version": FINGERPRINT_VERSION,
+    results = {"format_version": FORMAT_VERSION, "complete": False, "pending": progress.models,
+               "config": asdict(cfg), "models": [_identity(lm) for lm in models],
+               "examples": counts, "examples_digest": _examples_digest(docs, examples, problems),
                "rows": [], "table": ""}
     rows, records = _finished_models(progress.out_dir, results, remedy, replace_other_weights)
     progress.saved = list(dict.fromkeys(row["model"] for row in rows))
@@ -1405,21 +1377,14 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
     return results
 
 
-# How `_identity` fingerprints weights, saved in results.json. 2: the norms are taken in float64.
-# 1 took them in the dtype the weights loaded in: bf16 on GPUs, too coarse to see a retrained
-# model, and fp32 sums that moved by 1e-3 with the thread count, so a version-1 directory whose
-# fingerprints differ is refused (with a note saying why), never resumed.
-FINGERPRINT_VERSION = 2
+# results.json's format, and the definitions of the metrics in it: another is never resumed.
+FORMAT_VERSION = 1
 _NORM_SLICE = 1 << 24  # values per float64 copy in `_identity` (128 MiB, however big the tensor)
 
 
 def _identity(lm: LoadedModel) -> dict:
-    """What makes a model's saved results its own: its label, where it was loaded from, and a
-    fingerprint of its weights (so a run retrained in place is not mistaken for the old one): the
-    sums of the parameters' L1 and L2 norms. They are taken in float64 whatever the load dtype:
-    a bf16 norm is rounded to 0.4%, while retraining moves a weight's norm far less than that.
-    A codelm run's entry also says which of its weights were scored and their step
-    (``_loaded_weights``): told, not compared (``_same_models``)."""
+    """A model's label, source and weight fingerprint (the sums of its parameters' L1 and L2
+    norms, in float64: a bf16 norm is too coarse to see a retrain), plus ``run_weights``."""
     per_tensor: list[torch.Tensor] = []
     for p in lm.model.parameters():
         parts = p.detach().flatten().split(_NORM_SLICE)
@@ -1444,29 +1409,17 @@ def _examples_digest(docs: Sequence, examples: dict, problems: Sequence[dict]) -
     return digest.hexdigest()
 
 
-# Keys that say where results go or how they are computed, not what they are (batches of
-# left-padded prompts give each prompt's result; a smaller batch is the remedy for memory; the
-# compiled decode step computes what the eager one does). Not the device: HF checkpoints load in
-# another dtype on GPUs.
+# Settings that say where results go or how they are computed, not what they are.
 _RESUME_IGNORES = ("models", "runs_dir", "out_dir", "progress", "workers", "batch_size",
                    "compile")
 
 
-# Raised when a metric's definition changes, so that a resumed evaluation never puts rows of two
-# definitions in one table. 2: edit_sim rounds per pair, and collapses whitespace for method and
-# completion, as CodeXGLUE's evaluators do. 3: lm token_accuracy is a 0-1 fraction, as training's
-# val_accuracy, not a percentage. 4: a document's special-token text is scored, cut and counted
-# as text, as the data build reads it (``dataset.encode_text``), and prompts read it as the model
-# learned it (``dataset.encode_prompts``).
-METRICS_VERSION = 4
-
-
 def _changed_settings(old: dict, config: dict, skip_unset: bool = False) -> list[str]:
-    """The settings of ``config`` (an EvalConfig as a dict) that differ from those of the saved
-    results ``old``; ``skip_unset``: not those left None (resolved once models and data load)."""
-    saved = old.get("config") if isinstance(old.get("config"), dict) else {}
-    # a setting newer than the saved results was at its default there
-    saved = {f.name: f.default for f in fields(EvalConfig) if f.default is not MISSING} | saved
+    """The settings of ``config`` that differ from the saved results ``old``'s; ``skip_unset``:
+    not those left None (resolved once models and data load)."""
+    if old.get("format_version") != FORMAT_VERSION:
+        return [f"format_version ({old.get('format_version')!r} there, {FORMAT_VERSION} now)"]
+    saved = old["config"]
     return [f"{key} ({saved.get(key)!r} there, {value!r} now)" for key, value in config.items()
             if key not in _RESUME_IGNORES and not (skip_unset and value is None)
             and saved.get(key) != value]
@@ -1478,10 +1431,8 @@ def _different_evaluation(path: Path, changed: Sequence[str], remedy: str) -> Va
 
 
 def check_settings_unchanged(cfg: EvalConfig, remedy: str) -> None:
-    """Refuse now, before a caller's long work (recipes.py's resumed run), an ``out_dir`` that
-    holds the results of an evaluation with other settings, as ``evaluate`` would refuse it
-    after that work. Settings left None are resolved from the models and data, which are not
-    loaded here: ``evaluate``'s own check covers them, and the models and examples."""
+    """Refuse now, before a caller's long work, an ``out_dir`` holding results of other
+    settings, as ``evaluate`` would (settings left None are checked there)."""
     path = Path(cfg.out_dir or "") / "results.json"
     if cfg.out_dir is None or not path.is_file():
         return
@@ -1493,17 +1444,14 @@ def check_settings_unchanged(cfg: EvalConfig, remedy: str) -> None:
 
 def _finished_models(out: Path, results: dict, remedy: str,
                      replace_other_weights: bool = False) -> tuple[list[dict], list[dict]]:
-    """Rows and prediction records of the models that an earlier evaluation of the same models
-    on the same examples with the same settings already saved in ``out`` (none if it holds no
-    results); the results of a different evaluation are refused, not overwritten (the error
-    ends with ``remedy``), except those of other weights under ``replace_other_weights``: moved
-    to ``<out>-<time>``."""
+    """Rows and prediction records already saved in ``out`` by the same evaluation; another
+    evaluation's are refused (other weights' set aside under ``replace_other_weights``)."""
     path = out / "results.json"
     if not path.exists():
         return [], []
     old = cliconfig.read_json_object(path, "evaluation results")
     changed = _changed_settings(old, results["config"])
-    if not changed and not _same_models(old.get("models"), results["models"]):
+    if not changed and not _same_models(old["models"], results["models"]):
         if replace_other_weights:
             aside = out.with_name(f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}")
             out.rename(aside)
@@ -1512,18 +1460,11 @@ def _finished_models(out: Path, results: dict, remedy: str,
                   f"since): kept as {aside}; evaluating again", file=sys.stderr)
             return [], []
         changed = ["the models (labels, paths or weights)"]
-        if old.get("fingerprint_version", 1) != FINGERPRINT_VERSION:
-            changed = ["the models (labels, paths or weights; or only their fingerprints: "
-                       "an older codelm took these in the weights' own dtype, and they need not "
-                       "match this version's float64 ones)"]
-    if not changed and old.get("examples_digest") != results["examples_digest"]:
+    if not changed and old["examples_digest"] != results["examples_digest"]:
         changed = ["the examples (the data changed)"]
-    if not changed and old.get("metrics_version", 1) != METRICS_VERSION:
-        changed = [f"the metrics' definitions (codelm's version {old.get('metrics_version', 1)} "
-                   f"there, {METRICS_VERSION} now)"]
     if changed:
         raise _different_evaluation(path, changed, remedy)
-    rows = old.get("rows") or []
+    rows = old["rows"]
     done = {row["model"] for row in rows}
     records = []
     preds = out / "predictions.jsonl"
@@ -1539,19 +1480,12 @@ def _finished_models(out: Path, results: dict, remedy: str,
     return rows, records
 
 
-def _same_models(old: object, new: list[dict]) -> bool:
-    """Same labels and sources in the same order, and weights whose norms agree to float
-    rounding (the sums' order may differ between runs). A run's weights, step and
-    still_training are not compared: the norms tell other weights, and results.json written
-    before they were recorded still resumes."""
-    if not isinstance(old, list) or len(old) != len(new):
-        return False
-    return all(isinstance(a, dict) and a.get("label") == b["label"]
-               and a.get("source") == b["source"]
-               and len(a.get("weight_norms") or []) == 2
-               and all(math.isclose(x, y, rel_tol=1e-5)
-                       for x, y in zip(a["weight_norms"], b["weight_norms"]))
-               for a, b in zip(old, new))
+def _same_models(old: list[dict], new: list[dict]) -> bool:
+    """Same labels and sources in order, and weight norms equal to float rounding."""
+    return len(old) == len(new) and all(
+        a["label"] == b["label"] and a["source"] == b["source"]
+        and all(math.isclose(x, y, rel_tol=1e-5) for x, y in zip(a["weight_norms"], b["weight_norms"]))
+        for a, b in zip(old, new))
 
 
 def _evaluate_model(lm: LoadedModel, cfg: EvalConfig, docs: Sequence, examples: dict,

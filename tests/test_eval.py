@@ -44,18 +44,26 @@ def _random_pairs(seed: int, count: int = 200) -> tuple[list[str], list[str]]:
 
 # ---- chrF ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_chrf_equals_sacrebleu_on_200_random_pairs(seed):
-    preds, refs = _random_pairs(seed)
-    expected = sacrebleu.metrics.CHRF().corpus_score(preds, [refs]).score
-    assert ev.chrf(preds, refs) == pytest.approx(expected, abs=1e-6)
+@pytest.mark.parametrize("preds, refs, expected", [
+    # "abc" vs "abd": 1-grams 2/3 match, 2-grams 1/2, 3-grams 0/1, no 4- to 6-grams (left out of
+    # the mean); precision = recall = (2/3 + 1/2 + 0) / 3, so F-beta is that too.
+    (["abc"], ["abd"], 100 * 7 / 18),
+    (["a b\tc"], ["abc"], 100.0),  # whitespace is removed before counting
+    (["xyz"], ["abc"], 0.0),
+    # corpus chrF sums the statistics over pairs (1-grams 4/5, 2-grams 2/3, 3-grams 0/1), which
+    # is not the mean of the sentence scores (38.9 and 100)
+    (["abc", "xy"], ["abd", "xy"], 100 * 22 / 45),
+], ids=["hand-computed", "whitespace", "nothing", "corpus-statistics"])
+def test_chrf_equals_hand_computed_chrf2(preds, refs, expected):
+    assert ev.chrf(preds, refs) == pytest.approx(expected, abs=1e-9)
 
 
-def test_chrf_sentence_level_equals_sacrebleu():
+def test_chrf_of_a_set_is_sacrebleus_corpus_figure_not_a_mean_of_sentences():
     preds, refs = _random_pairs(3, count=50)
-    for p, r in zip(preds, refs):
-        expected = sacrebleu.metrics.CHRF().sentence_score(p, [r]).score
-        assert ev.chrf([p], [r]) == pytest.approx(expected, abs=1e-6)
+    corpus = sacrebleu.metrics.CHRF().corpus_score(preds, [refs]).score
+    sentences = [sacrebleu.metrics.CHRF().sentence_score(p, [r]).score for p, r in zip(preds, refs)]
+    assert ev.chrf(preds, refs) == pytest.approx(corpus, abs=1e-9)
+    assert abs(corpus - sum(sentences) / len(sentences)) > 0.1
 
 
 # ---- edit similarity, exact match ---------------------------------------------------------
@@ -2280,15 +2288,12 @@ def test_a_rerun_into_the_same_out_dir_evaluates_only_the_models_not_yet_saved(
     ("relabelled", "the models (labels, paths or weights)"),
     ("moved", "the models (labels, paths or weights)"),
     ("edited data", "the examples (the data changed)"),
-    ("new metrics", "the metrics' definitions (codelm's version 1 there, 4 now)"),
-    ("percent accuracy", "the metrics' definitions (codelm's version 2 there, 4 now)"),
+    ("other format", f"format_version (0 there, {ev.FORMAT_VERSION} now)"),
+    ("no format", f"format_version (None there, {ev.FORMAT_VERSION} now)"),
     (["--max-new-tokens", "9"], "max_new_tokens (6 there, 9 now)"),
     (["--block-size", "48"], "block_size (64 there, 48 now)"),
-    ("old fingerprints", "the models (labels, paths or weights; or only their fingerprints: an "
-                         "older codelm took these in the weights' own dtype, and they need not "
-                         "match this version's float64 ones)"),
-], ids=["limit", "seed", "retrained", "relabelled", "moved", "edited-data", "metrics-version",
-        "percent-token-accuracy", "max-new-tokens", "block-size", "fingerprint-version"])
+], ids=["limit", "seed", "retrained", "relabelled", "moved", "edited-data", "other-format",
+        "no-format", "max-new-tokens", "block-size"])
 def test_a_rerun_with_other_settings_models_or_data_is_refused_and_keeps_the_results(
         tiny_models, tmp_path, monkeypatch, capsys, change, differs):
     import json
@@ -2320,21 +2325,12 @@ def test_a_rerun_with_other_settings_models_or_data_is_refused_and_keeps_the_res
     elif change == "edited data":
         for file in code.iterdir():  # whichever of them the split holds
             file.write_text(file.read_text().replace("return", "return  "))
-    elif change == "new metrics":  # results an earlier codelm wrote (no metrics_version)
+    elif change in ("other format", "no format"):  # another results.json format: not resumed
         saved = json.loads(earlier["results.json"])
-        del saved["metrics_version"]
-        earlier["results.json"] = json.dumps(saved)
-        (out / "results.json").write_text(earlier["results.json"])
-    elif change == "percent accuracy":  # lm token_accuracy 0-100: not mixed with 0-1 rows
-        saved = json.loads(earlier["results.json"])
-        saved["metrics_version"] = 2
-        earlier["results.json"] = json.dumps(saved)
-        (out / "results.json").write_text(earlier["results.json"])
-    elif change == "old fingerprints":  # an earlier codelm's, taken in bf16 (off by ~0.4%)
-        saved = json.loads(earlier["results.json"])
-        del saved["fingerprint_version"]
-        for model in saved["models"]:
-            model["weight_norms"] = [x * 1.004 for x in model["weight_norms"]]
+        if change == "other format":
+            saved["format_version"] = 0
+        else:
+            del saved["format_version"]
         earlier["results.json"] = json.dumps(saved)
         (out / "results.json").write_text(earlier["results.json"])
     extra = change if isinstance(change, list) else []
@@ -2356,7 +2352,8 @@ def test_early_settings_check_refuses_what_evaluate_would_and_not_what_it_resolv
     out = tmp_path / "eval"
     out.mkdir()
     saved = ev.EvalConfig(models=["m"], tasks=["lm"], lm_windows=1, block_size=16, out_dir=str(out))
-    (out / "results.json").write_text(json.dumps({"config": dataclasses.asdict(saved)}))
+    (out / "results.json").write_text(json.dumps({"format_version": ev.FORMAT_VERSION,
+                                                  "config": dataclasses.asdict(saved)}))
     again = dataclasses.replace(saved, block_size=None, batch_size=3)
     ev.check_settings_unchanged(again, "remedy")
     ev.check_settings_unchanged(dataclasses.replace(again, out_dir=str(tmp_path / "new")), "x")
@@ -3076,20 +3073,6 @@ def test_eval_generates_with_beam_search_as_transformers_does(tiny_models, tmp_p
     assert capsys.readouterr().out == f"{prompts[0]}{want[0]}\n"
     with pytest.raises(ValueError, match=r"^num_beams \(3, --num-beams\): beam search is determ"):
         ev.config_from_dict({"num_beams": 3, "temperature": 0.7})
-
-
-def test_results_saved_before_a_setting_existed_count_it_at_its_default(tmp_path):
-    """Results saved before num_beams existed: resuming them was refused as another evaluation
-    (None there, 1 now)."""
-    import json
-
-    saved = dataclasses.asdict(ev.EvalConfig(models=["m"], out_dir=str(tmp_path)))
-    del saved["num_beams"]
-    (tmp_path / "results.json").write_text(json.dumps({"config": saved}))
-    ev.check_settings_unchanged(ev.EvalConfig(models=["m"], out_dir=str(tmp_path)), "x")
-    with pytest.raises(ValueError, match=r"differs in num_beams \(1 there, 2 now\)"):
-        ev.check_settings_unchanged(ev.EvalConfig(models=["m"], num_beams=2,
-                                                  out_dir=str(tmp_path)), "x")
 
 
 @pytest.mark.parametrize("bits", [4, 8], ids=["nf4", "int8"])
