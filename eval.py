@@ -50,9 +50,7 @@ if TYPE_CHECKING:  # annotations only: eval loads dataset and tokenizer where a 
     from dataset import DataConfig, Doc
     from tokenizer import BPETokenizer, CodeTokenizer
 
-# --------------------------------------------------------------------------------------------
-# Metrics
-# --------------------------------------------------------------------------------------------
+# ---- Metrics ------------------------------------------------------------------------------
 
 
 def _check_pairs(preds: Sequence[str], refs: Sequence[str]) -> None:
@@ -197,9 +195,7 @@ def semantic_similarity(preds: Sequence[str], refs: Sequence[str], progress: boo
     return float((pred_emb * ref_emb).sum(dim=-1).mean())
 
 
-# --------------------------------------------------------------------------------------------
-# Functional correctness: the bundled problems, executed in the sandbox
-# --------------------------------------------------------------------------------------------
+# ---- Functional correctness: the bundled problems, executed in the sandbox ----------------
 
 PROBLEMS_FILE = Path(__file__).resolve().parent / "data" / "passk_problems.jsonl"
 PROBLEM_KEYS = ("task_id", "prompt", "entry_point", "test")
@@ -352,9 +348,7 @@ def truncate_at_stops(text: str, stops: Sequence[str] = FUNCTION_STOPS) -> str:
     return text[:cut]
 
 
-# --------------------------------------------------------------------------------------------
-# Configuration
-# --------------------------------------------------------------------------------------------
+# ---- Configuration ------------------------------------------------------------------------
 
 TASKS = ("lm", "line", "completion", "method", "docstring", "refactor", "passk")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
@@ -490,9 +484,7 @@ def config_from_dict(values: dict, source: str = "<dict>",
     return cfg
 
 
-# --------------------------------------------------------------------------------------------
-# Models: HF dirs, codelm run dirs, base + LoRA adapter
-# --------------------------------------------------------------------------------------------
+# ---- Models: HF dirs, codelm run dirs, base + LoRA adapter --------------------------------
 
 
 @dataclass
@@ -728,9 +720,7 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
     return LoadedModel(name, path_spec, model.eval(), tok, run_config, run_weights)
 
 
-# --------------------------------------------------------------------------------------------
-# Scoring and generation
-# --------------------------------------------------------------------------------------------
+# ---- Scoring and generation ---------------------------------------------------------------
 
 
 def _context(lm: LoadedModel, cfg: EvalConfig) -> int:
@@ -964,15 +954,9 @@ def stream_completion(lm: LoadedModel, prompt: str, cfg: EvalConfig,
     return text
 
 
-def _write_now(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()
-
-
 def complete(cfg: EvalConfig, write: Callable[[str], object] | None = None) -> dict[str, str]:
-    """``--prompt``: each model's completion of it, printed as it comes (under a header naming
-    the model when there are several); return the completions by model label."""
-    write = write or _write_now
+    """``--prompt``: each model's completion of it, printed as it comes; returned by label."""
+    write = write or partial(print, end="", flush=True)
     device = _device(cfg.device)
     specs = model_specs(cfg)
     completions = {}
@@ -989,9 +973,7 @@ def complete(cfg: EvalConfig, write: Callable[[str], object] | None = None) -> d
     return completions
 
 
-# --------------------------------------------------------------------------------------------
-# Tasks
-# --------------------------------------------------------------------------------------------
+# ---- Tasks --------------------------------------------------------------------------------
 
 
 @dataclass
@@ -1200,9 +1182,7 @@ def run_passk(lm: LoadedModel, problems: Sequence[dict], cfg: EvalConfig
     return metrics, records
 
 
-# --------------------------------------------------------------------------------------------
-# Running a comparison: the table, the JSON, the predictions
-# --------------------------------------------------------------------------------------------
+# ---- Running a comparison: the table, the JSON, the predictions ---------------------------
 
 
 def _unique_label(label: str, seen: Counter) -> str:
@@ -1536,9 +1516,7 @@ def _save(out: Path, results: dict, records: Sequence[dict]) -> None:
     cliconfig.write_atomic(out / "results.json", json.dumps(results, indent=1))
 
 
-# --------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------
+# ---- CLI ----------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
