@@ -546,17 +546,9 @@ def _load_hf(path: Path, device: torch.device, dtype: str | None = None) -> torc
 
 
 def _run_base(run_dir: Path, config: dict) -> str:
-    """A run's ``init_from`` base: the absolute path its export's adapter config records, else
-    config.json's (checked: an error names its source)."""
-    import lora
+    """A run's ``init_from`` base (checked: a path not found names config.json and the key)."""
     import trainingmanager as tm
 
-    adapter_config = run_dir / rundir.EXPORT_DIR / lora.ADAPTER_CONFIG
-    if adapter_config.is_file():
-        base = cliconfig.read_json_object(adapter_config, "adapter config").get(
-            "base_model_name_or_path")
-        if isinstance(base, str) and Path(base).is_absolute() and Path(base).is_dir():
-            return base
     tm.check_run_paths(config, ["init_from"], str(run_dir / rundir.CONFIG_FILE))
     return config["init_from"]
 
