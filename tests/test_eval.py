@@ -3029,7 +3029,8 @@ def test_compile_decodes_as_the_eager_step_does(tiny_models, tmp_path, capsys, m
     assert compiled == [True, True, True]  # two batches, one stream
     with pytest.raises(ValueError, match=r"^compile \(True, --compile\): compiles the greedy"):
         ev.config_from_dict({"compile": True, "num_beams": 2})
-    saved = {"config": dataclasses.asdict(ev.EvalConfig(models=["m"]))}
+    saved = {"format_version": ev.FORMAT_VERSION,
+             "config": dataclasses.asdict(ev.EvalConfig(models=["m"]))}
     (tmp_path / "results.json").write_text(json.dumps(saved))
     ev.check_settings_unchanged(ev.EvalConfig(models=["m"], compile=True, out_dir=str(tmp_path)),
                                 "remedy")
