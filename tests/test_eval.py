@@ -1932,9 +1932,8 @@ def test_lora_run_directory_loads_base_plus_adapter(tiny_models, tmp_path):
 
 def test_a_run_dir_scores_best_when_its_export_holds_an_older_best(tiny_models, tmp_path,
                                                                    capsys):
-    """export/ records the best/ step it holds: a resume that trained past it without exporting
-    left eval.py scoring the stale export. An export without the record (an older codelm's) is
-    used as before."""
+    """export/ records the best/ step it holds: after a resume that trained past it without
+    exporting, eval.py scores best/, not the stale export (an export without a record is used)."""
     import dataclasses
     import json
 
@@ -2207,7 +2206,7 @@ def test_a_full_disk_while_writing_results_names_the_file_and_keeps_the_old_ones
     argv = ["--models", f"a={tiny_models['base']}", f"b={tiny_models['base']}", "--data",
             str(tiny_models["code"]), "--tasks", "line", "--out-dir", str(out), *FAST_FLAGS]
     monkeypatch.setattr(ev, "generate_texts", _fail_in_model_b(KeyboardInterrupt()))
-    assert ev.main(argv) == 130  # an earlier evaluation saved model a
+    assert ev.main(argv) == 130  # the first evaluation saved model a
     earlier = {p.name: p.read_text() for p in out.iterdir()}
     capsys.readouterr()
 
@@ -2405,11 +2404,9 @@ def test_a_truncated_run_checkpoint_is_an_error_naming_it(tiny_models, tmp_path,
 
 
 def test_a_run_killed_in_its_first_checkpoint_is_no_run_to_load(tmp_path):
-    """eval's "is this a run directory" is training's (trainingmanager.is_run_dir). They used to
-    disagree on a run killed while writing its first checkpoint (checkpoints/ holds only the
-    temporary copy): eval loaded it as a run and failed on a best/ file it never had (an
-    OSError); training counts it as holding no weights. Now it is refused as one that stopped
-    before checkpoints/ existed is."""
+    """eval's "is this a run directory" is training's (trainingmanager.is_run_dir): a run killed
+    while writing its first checkpoint holds no weights, refused as one that stopped before
+    checkpoints/ existed."""
     import dataclasses
     import json
 
@@ -2546,18 +2543,11 @@ def test_results_name_the_step_of_a_runs_scored_weights_and_whether_it_still_tra
     assert (f"note: {run} is still training (process {os.getpid()} on " in err) == training
     assert ("scoring best/, its weights of step 7" in err) == training
 
-    saved = json.loads((out / "results.json").read_text())
-    for key in ("weights", "step", "still_training"):  # as an earlier codelm wrote it
-        del saved["models"][0][key]
-    saved.update(complete=False, pending=[])
-    (out / "results.json").write_text(json.dumps(saved))
-    assert ev.main(argv) == 0
-    assert "1 of 1 models already evaluated" in capsys.readouterr().err
 
 
 def test_a_runs_export_and_checkpoint_are_recorded_with_the_step_they_hold(tmp_path):
-    """export/ holds the best/ weights of the step its record names (an earlier codelm's export,
-    with no record, counts as holding best/'s); a checkpoint, the step of its name."""
+    """export/ holds the best/ weights of the step its record names (without a record, best/'s);
+    a checkpoint, the step of its name."""
     import json
 
     run = tmp_path / "run"
@@ -2826,10 +2816,8 @@ def test_right_padded_scoring_passes_no_mask_and_scores_as_with_one(tiny_models,
 
 
 def test_weight_fingerprint_tells_a_retrained_bf16_model_apart():
-    """GPUs load HF checkpoints in bf16: the fingerprint's norms rounded to bf16 (0.4% steps)
-    could not see a retrain in place (1% relative updates move a norm ~5e-5), so the old
-    model's results were reused. In float64 they differ, and they no longer depend on how the
-    fp32 sums were split between threads."""
+    """GPUs load HF checkpoints in bf16, whose norms (0.4% steps) cannot see a retrain in place
+    (1% relative updates move a norm ~5e-5); in float64 they differ, whatever the threads."""
     import copy
 
     import torch
