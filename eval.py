@@ -1074,8 +1074,7 @@ def completion_examples(doc: Doc, tok: CodeTokenizer | BPETokenizer | None, data
     tokens) per file, chosen by a seeded draw."""
     import dataset as ds
 
-    if tok is None:
-        raise ValueError("the completion task cuts token windows: it needs a tokenizer")
+    assert tok is not None, "the completion task cuts token windows"
     pairs = list(ds.window_pairs(ds.encode_text(tok, doc.text), data_cfg))  # the training windows
     rng = random.Random(f"{cfg.seed}\0{doc.id}")
     chosen = sorted(rng.sample(range(len(pairs)), min(cfg.lines_per_file, len(pairs))))
