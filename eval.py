@@ -464,7 +464,6 @@ class EvalConfig:
         need(self.docstring_min_tokens is None or self.docstring_min_tokens >= 0,
              "docstring_min_tokens", "must be >= 0 (or null for the corpus's)")
         known = {f.name for f in fields(DataConfig)} - {"task", "sources", "block_size", "progress"}
-        need(isinstance(self.data_options, dict), "data_options", "must be a JSON object")
         if unknown := [k for k in self.data_options if k not in known]:
             need(False, "data_options", f"unknown DataConfig key {unknown[0]!r}; "
                  + cliconfig.key_hint(unknown[0], known, "DataConfig"))
