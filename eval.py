@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from rapidfuzz import fuzz
+from rapidfuzz.distance import Indel
 from tqdm import tqdm
 
 import cliconfig
@@ -109,8 +109,10 @@ def codexglue_post_process(code: str) -> str:
 
 
 def _fuzz_ratio(a: str, b: str) -> int:
-    """fuzzywuzzy's ``fuzz.ratio`` as CodeXGLUE's evaluators get it: rounded to an integer."""
-    return round(fuzz.ratio(a, b))
+    """fuzzywuzzy's ``fuzz.ratio`` as CodeXGLUE gets it: round(100 * (len - InDel) / len), formed
+    as python-Levenshtein forms it (rapidfuzz's 100 * (1 - InDel / len) rounds .5 otherwise)."""
+    total = len(a) + len(b)
+    return round(100 * ((total - Indel.distance(a, b)) / total)) if total else 100
 
 
 def edit_sim(preds: Sequence[str], refs: Sequence[str]) -> float:

@@ -85,6 +85,14 @@ def test_edit_sim_equals_codexglue_fuzz_ratio_rounded_per_pair():
     assert ev.edit_sim(preds, refs) == pytest.approx(mean, abs=1e-12)
 
 
+def test_edit_sim_rounds_an_exact_half_as_fuzzywuzzy_does():
+    # one common character in 400: python-Levenshtein's ratio (400 - 398) / 400 = 0.005, x100 =
+    # 0.5, which round() takes to 0; rapidfuzz's 100 * (1 - 398 / 400) is 0.5000000000000004
+    pred, ref = "a" + "b" * 199, "a" + "c" * 199
+    assert ev.edit_sim([pred], [ref]) == 0
+    assert round(fuzz.ratio(pred, ref)) == 1
+
+
 def test_edit_sim_long_strings_equal_rapidfuzz():
     rng = random.Random(5)
     a = "".join(rng.choice("ab(): \n") for _ in range(3000))
