@@ -946,9 +946,14 @@ def stream_completion(lm: LoadedModel, prompt: str, cfg: EvalConfig,
     return text
 
 
+def _write_now(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 def complete(cfg: EvalConfig, write: Callable[[str], object] | None = None) -> dict[str, str]:
     """``--prompt``: each model's completion of it, printed as it comes; returned by label."""
-    write = write or partial(print, end="", flush=True)
+    write = write or _write_now
     device = _device(cfg.device)
     specs = model_specs(cfg)
     completions = {}
