@@ -213,6 +213,13 @@ def _eos(hf: dict) -> int | list[int] | None:
     return (ids if len(ids) > 1 else ids[0]) if ids else None
 
 
+def _shared(hf: dict, family: str, tie_default: bool = False) -> dict:
+    """The ModelConfig fields every family reads alike."""
+    return dict(family=family, vocab_size=_get(hf, "vocab_size"), **_dropouts(hf, family),
+                tie_embeddings=_get(hf, "tie_word_embeddings", kind=bool, default=tie_default),
+                bos_id=_get(hf, "bos_token_id", default=None), eos_id=_eos(hf))
+
+
 def _read_llama(hf: dict) -> ModelConfig:
     _require(hf, "hidden_act", "silu", "codelm's SwiGLU uses silu")
     n_embd, n_head = _get(hf, "hidden_size"), _heads(hf, "num_attention_heads")
@@ -221,7 +228,7 @@ def _read_llama(hf: dict) -> ModelConfig:
         raise ValueError("partial_rotary_factor != 1 cannot be honoured for llama")
     bias = _get(hf, "attention_bias", kind=bool, default=False)
     return ModelConfig(
-        family="llama", vocab_size=_get(hf, "vocab_size"),
+        **_shared(hf, "llama"),
         block_size=_get(hf, "max_position_embeddings", default=2048),  # LlamaConfig's
         n_layer=_get(hf, "num_hidden_layers"),
         n_head=n_head, n_kv_head=_get(hf, "num_key_value_heads", default=n_head), n_embd=n_embd,
@@ -230,9 +237,7 @@ def _read_llama(hf: dict) -> ModelConfig:
         norm_eps=_get(hf, "rms_norm_eps", kind=float, default=1e-6), mlp="swiglu",
         positions="rope", rope_theta=rope["rope_theta"], rope_scaling=rope["rope_scaling"],
         qkv_bias=bias, attn_proj_bias=bias,
-        mlp_bias=_get(hf, "mlp_bias", kind=bool, default=False),
-        tie_embeddings=_get(hf, "tie_word_embeddings", kind=bool, default=False),
-        **_dropouts(hf, "llama"), bos_id=_get(hf, "bos_token_id", default=None), eos_id=_eos(hf))
+        mlp_bias=_get(hf, "mlp_bias", kind=bool, default=False))
 
 
 def _read_phi(hf: dict) -> ModelConfig:
@@ -243,7 +248,7 @@ def _read_phi(hf: dict) -> ModelConfig:
     if rope["rope_scaling"] is not None:
         raise ValueError("rope scaling cannot be honoured for phi")
     return ModelConfig(
-        family="phi", vocab_size=_get(hf, "vocab_size"),
+        **_shared(hf, "phi"),
         block_size=_get(hf, "max_position_embeddings", default=2048),  # PhiConfig's
         n_layer=_get(hf, "num_hidden_layers"),
         n_head=n_head, n_kv_head=_get(hf, "num_key_value_heads", default=n_head), n_embd=n_embd,
@@ -252,9 +257,7 @@ def _read_phi(hf: dict) -> ModelConfig:
         mlp=_act(hf, "hidden_act", "gelu_new"), positions="rope",
         rotary_dim=int(head_dim * rope["partial"]), rope_theta=rope["rope_theta"],
         parallel_residual=True, qkv_bias=True, attn_proj_bias=True, mlp_bias=True,
-        lm_head_bias=True,
-        tie_embeddings=_get(hf, "tie_word_embeddings", kind=bool, default=False),
-        **_dropouts(hf, "phi"), bos_id=_get(hf, "bos_token_id", default=None), eos_id=_eos(hf))
+        lm_head_bias=True)
 
 
 def _read_codegen(hf: dict) -> ModelConfig:
@@ -264,17 +267,14 @@ def _read_codegen(hf: dict) -> ModelConfig:
         raise ValueError(f"n_head={n_head} cannot be honoured: CodeGen's qkv_proj "
                          "is laid out in 4 chunks, so n_head must be a multiple of 4")
     return ModelConfig(
-        family="codegen", vocab_size=_get(hf, "vocab_size"),
+        **_shared(hf, "codegen"),
         block_size=_get(hf, "n_positions", "max_position_embeddings", default=2048),
         n_layer=_get(hf, "n_layer", "num_hidden_layers"), n_head=n_head, n_embd=n_embd,
         mlp_hidden=_get(hf, "n_inner", default=4 * n_embd), norm="layernorm",
         norm_eps=_get(hf, "layer_norm_epsilon", kind=float, default=1e-5),
         mlp=_act(hf, "activation_function", "gelu_new"), positions="rope",
         rotary_dim=_get(hf, "rotary_dim", default=64), rope_interleaved=True,  # CodeGenConfig's
-        parallel_residual=True, mlp_bias=True, lm_head_bias=True,
-        tie_embeddings=_get(hf, "tie_word_embeddings", kind=bool, default=False),
-        **_dropouts(hf, "codegen"), bos_id=_get(hf, "bos_token_id", default=None),
-        eos_id=_eos(hf))
+        parallel_residual=True, mlp_bias=True, lm_head_bias=True)
 
 
 def _read_gpt_bigcode(hf: dict) -> ModelConfig:
@@ -282,17 +282,14 @@ def _read_gpt_bigcode(hf: dict) -> ModelConfig:
     _require(hf, "add_cross_attention", False, "cross-attention is not implemented")
     n_embd, n_head = _get(hf, "n_embd", "hidden_size"), _heads(hf, "n_head", "num_attention_heads")
     return ModelConfig(
-        family="gpt_bigcode", vocab_size=_get(hf, "vocab_size"),
+        **_shared(hf, "gpt_bigcode", tie_default=True),
         block_size=_get(hf, "n_positions", "max_position_embeddings", default=1024),
         n_layer=_get(hf, "n_layer", "num_hidden_layers"), n_head=n_head,
         n_kv_head=1 if _get(hf, "multi_query", kind=bool, default=True) else n_head,
         n_embd=n_embd, mlp_hidden=_get(hf, "n_inner", default=4 * n_embd), norm="layernorm",
         norm_eps=_get(hf, "layer_norm_epsilon", kind=float, default=1e-5),
         mlp=_act(hf, "activation_function", "gelu_pytorch_tanh"), positions="learned",
-        qkv_bias=True, attn_proj_bias=True, mlp_bias=True,
-        tie_embeddings=_get(hf, "tie_word_embeddings", kind=bool, default=True),
-        **_dropouts(hf, "gpt_bigcode"), bos_id=_get(hf, "bos_token_id", default=None),
-        eos_id=_eos(hf))
+        qkv_bias=True, attn_proj_bias=True, mlp_bias=True)
 
 
 # (no SwiGLU: hf_config's round-trip check names the mlp a family cannot express)
@@ -846,24 +843,18 @@ def check_nothing_else_there(directory: Path, writer: str, adapter: bool = False
     config = directory / "config.json"
     try:
         is_run = config.is_file() and _is_run_config(cliconfig.read_json_object(config))
-    except ValueError:  # an unreadable config.json is replaced, as any earlier save's
+    except ValueError:  # an unreadable config.json is replaced, as any other
         is_run = False
+    model = next((f for f in MODEL_WEIGHT_FILES if (directory / f).is_file()), None)
     if is_run:
-        harm = "a run directory is the trainer's" if adapter else (
-            "which the HF config.json would replace")
-        raise ValueError(f"{writer}: {config} is a codelm run's TrainConfig, {harm}; save into "
-                         "another directory")
-    if adapter:
-        model = next((f for f in MODEL_WEIGHT_FILES if (directory / f).is_file()), None)
-        if model is not None:
-            raise ValueError(f"{writer}: {directory} holds a model ({model}), which "
-                             "transformers would no longer load: beside adapter_config.json "
-                             "it loads the adapter on its base instead; save into another "
-                             "directory")
-    elif (directory / "adapter_config.json").is_file():
-        raise ValueError(f"{writer}: {directory} holds a LoRA adapter (adapter_config."
-                         "json), which transformers would load on its base instead of these "
-                         "weights; save into another directory")
+        held = f"{config} is a codelm run's TrainConfig"
+    elif adapter and model is not None:
+        held = f"{directory} holds a model ({model}), which transformers would load no longer"
+    elif not adapter and (directory / "adapter_config.json").is_file():
+        held = f"{directory} holds a LoRA adapter, which transformers would load instead"
+    else:
+        return
+    raise ValueError(f"{writer}: {held}; save into another directory")
 
 
 def _weight_files(tensors: dict[str, torch.Tensor],
