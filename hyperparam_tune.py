@@ -342,52 +342,39 @@ def _journal_line_problem(line: bytes) -> str | None:
     return None
 
 
-def _read_settled(path: Path, data: bytes) -> bytes:
-    """The file's bytes once its last line is ended or has stayed unended for a while."""
-    for wait in _TORN_LINE_WAITS:
-        if not data or data.endswith(b"\n"):
-            break
-        time.sleep(wait)
-        data = path.read_bytes()
-    return data
-
-
-def _not_a_journal_line(path: Path, number: int, problem: str) -> ValueError:
-    return ValueError(f"{path}:{number}: not an Optuna journal line ({problem}); is this the "
-                      "study's journal file?")
-
-
-def _unended_line_error(path: Path, number: int, whole: bool, offset: int) -> ValueError:
-    """Optuna would append its next record to an unended last line: both would be unreadable."""
-    where = f"{path}:{number}: the last line has no newline at its end"
-    quoted = shlex.quote(str(path))
-    if whole:  # only the newline is missing: the record is kept
-        return ValueError(f"{where}; its record is whole: add the newline (echo >> {quoted}) "
-                          "to continue the study")
-    return ValueError(f"{where}: its record is incomplete (a write cut off by a kill or a full "
-                      f"disk leaves one). Remove that line (truncate -s {offset} {quoted}) to "
-                      "continue the study without that one record")
-
-
 def check_journal(path: Path) -> None:
     """Refuse, before anything is appended, a file Optuna's journal would misread (a torn
-    record, another file, an SQLite database)."""
+    record, another file, an SQLite database): Optuna appends after a bad last line."""
     if not path.is_file():  # none yet: Optuna creates it (a directory is an OSError later)
         return
     data = path.read_bytes()
     if data.startswith(SQLITE_MAGIC):
         raise ValueError(f"{path}: an SQLite database, not an Optuna journal file: use "
                          f"--storage sqlite:///{path}")
-    data = _read_settled(path, data)
+    for wait in _TORN_LINE_WAITS:  # an unended last line may be another worker's append
+        if not data or data.endswith(b"\n"):
+            break
+        time.sleep(wait)
+        data = path.read_bytes()
     *lines, last = data.split(b"\n")
-    for number, line in enumerate(lines, start=1):
-        if problem := _journal_line_problem(line):
-            raise _not_a_journal_line(path, number, problem)
-    if last:
-        number, problem = len(lines) + 1, _journal_line_problem(last)
-        if problem and not last.startswith(b"{"):  # not even the start of a record
-            raise _not_a_journal_line(path, number, problem)
-        raise _unended_line_error(path, number, problem is None, len(data) - len(last))
+    for number, line in enumerate([*lines, last] if last else lines, start=1):
+        problem = _journal_line_problem(line)
+        if number > len(lines) and (problem is None or line.startswith(b"{")):
+            raise _unended_line_error(path, number, problem is None, len(data) - len(last))
+        if problem:
+            raise ValueError(f"{path}:{number}: not an Optuna journal line ({problem}); is this "
+                             "the study's journal file?")
+
+
+def _unended_line_error(path: Path, number: int, whole: bool, offset: int) -> ValueError:
+    """A whole record lacks only its newline; a torn one is removed with truncate."""
+    where, quoted = f"{path}:{number}: the last line has no newline at its end", shlex.quote(str(path))
+    if whole:
+        return ValueError(f"{where}; its record is whole: add the newline (echo >> {quoted}) "
+                          "to continue the study")
+    return ValueError(f"{where}: its record is incomplete (a write cut off by a kill or a full "
+                      f"disk leaves one). Remove that line (truncate -s {offset} {quoted}) to "
+                      "continue the study without that one record")
 
 
 class _FileLock:
