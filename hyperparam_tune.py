@@ -173,18 +173,13 @@ class SearchSpace:
         """TrainConfig values for one trial; non-scalar choices travel as JSON strings."""
         values = {}
         for name, spec in self.params.items():
-            kind = spec["type"]
-            if kind == "float":
-                values[name] = trial.suggest_float(
-                    name, spec["low"], spec["high"], log=spec.get("log", False),
-                    step=spec.get("step"))
-            elif kind == "int":
-                values[name] = trial.suggest_int(
-                    name, spec["low"], spec["high"], log=spec.get("log", False),
-                    step=spec.get("step", 1))
-            else:
+            if spec["type"] == "categorical":
                 by_label = {_choice_label(c): c for c in spec["choices"]}
                 values[name] = by_label[trial.suggest_categorical(name, list(by_label))]
+            else:
+                d = _distribution(spec)
+                suggest = trial.suggest_int if spec["type"] == "int" else trial.suggest_float
+                values[name] = suggest(name, d.low, d.high, log=d.log, step=d.step)
         return values
 
 
@@ -481,8 +476,8 @@ def _local_owner_alive(trial: FrozenTrial) -> bool | None:
         os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # another user's process: alive
+        pass
     return True
 
 
@@ -567,12 +562,6 @@ def where_set(cfg: TuneConfig, space: SearchSpace, base: dict) -> Callable[[str]
     return where
 
 
-def trial_run_config(cfg: TuneConfig, recipe: dict, number: int,
-                     resume: Path | None = None) -> dict:
-    """The recipe run as trial ``number`` (see ``_trial_run``)."""
-    return {**recipe, **_trial_run(cfg, number, resume)}
-
-
 def interrupted_run(trial: optuna.Trial) -> tuple[Path | None, dict[int, float]]:
     """The run directory of the trial this one re-runs (if it started), and the validation
     losses its trials reported up to the checkpoint it continues from (reported again, so the
@@ -635,7 +624,7 @@ def trial_train_config(cfg: TuneConfig, recipe: dict, number: int,
     """The TrainConfig trial ``number`` runs. A continued "auto" run keeps the precision its
     checkpoint recorded ("auto" resolves per machine; the trainer refuses a change); a bf16 run
     where the GPU has no bf16 is ``TrialNotHere``."""
-    values = trial_run_config(cfg, recipe, number, resume)
+    values = {**recipe, **_trial_run(cfg, number, resume)}
     where = f"trial {number}"
     train_cfg = trainingmanager.config_from_dict(values, where)
     if resume is not None and train_cfg.precision == "auto":
@@ -842,7 +831,7 @@ def check_trial_config(cfg: TuneConfig, space: SearchSpace, base: dict) -> None:
                                for name, value in space.extremes())]
     where_is = where_set(cfg, space, base)
     for label, params in trials:
-        values = trial_run_config(cfg, {**space.base, **base, **params, **_budget(cfg)}, 0)
+        values = {**space.base, **base, **params, **_budget(cfg), **_trial_run(cfg, 0)}
         train_cfg = trainingmanager.config_from_dict(values, where)
         try:
             trainingmanager.validate_config(train_cfg, where_is)
