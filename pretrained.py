@@ -308,43 +308,38 @@ def _legacy_rope(rope: dict) -> dict:
 def _write_llama(c: ModelConfig) -> dict:
     rope = {"rope_type": "llama3" if c.rope_scaling else "default", "rope_theta": c.rope_theta,
             **(c.rope_scaling or {})}
-    return {"vocab_size": c.vocab_size, "max_position_embeddings": c.block_size,
+    return {"max_position_embeddings": c.block_size,
             "hidden_size": c.n_embd, "intermediate_size": c.mlp_hidden,
             "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
             "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim, "hidden_act": "silu",
             "rms_norm_eps": c.norm_eps, "rope_parameters": rope, **_legacy_rope(rope),
-            "attention_bias": c.qkv_bias, "mlp_bias": c.mlp_bias, **_write_dropouts(c),
-            "tie_word_embeddings": c.tie_embeddings}
+            "attention_bias": c.qkv_bias, "mlp_bias": c.mlp_bias}
 
 
 def _write_phi(c: ModelConfig) -> dict:
-    return {"vocab_size": c.vocab_size, "max_position_embeddings": c.block_size,
+    rope = {"rope_theta": c.rope_theta, "partial_rotary_factor": c.rotary_dim / c.head_dim}
+    return {"max_position_embeddings": c.block_size,
             "hidden_size": c.n_embd, "intermediate_size": c.mlp_hidden,
             "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
             "num_key_value_heads": c.n_kv_head, "hidden_act": _HF_ACT_NAME["phi"].get(c.mlp),
-            "layer_norm_eps": c.norm_eps,
-            "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta,
-                                "partial_rotary_factor": c.rotary_dim / c.head_dim},
-            "rope_theta": c.rope_theta, "partial_rotary_factor": c.rotary_dim / c.head_dim,
-            **_write_dropouts(c), "qk_layernorm": False, "tie_word_embeddings": c.tie_embeddings}
+            "layer_norm_eps": c.norm_eps, "rope_parameters": {"rope_type": "default", **rope},
+            **rope, "qk_layernorm": False}
 
 
 def _write_codegen(c: ModelConfig) -> dict:
-    return {"vocab_size": c.vocab_size, "n_positions": c.block_size, "n_ctx": c.block_size,
+    return {"n_positions": c.block_size, "n_ctx": c.block_size,
             "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
             "n_inner": c.mlp_hidden, "rotary_dim": c.rotary_dim,
             "activation_function": _HF_ACT_NAME["codegen"].get(c.mlp),
-            "layer_norm_epsilon": c.norm_eps, **_write_dropouts(c),
-            "tie_word_embeddings": c.tie_embeddings}
+            "layer_norm_epsilon": c.norm_eps}
 
 
 def _write_gpt_bigcode(c: ModelConfig) -> dict:
-    return {"vocab_size": c.vocab_size, "n_positions": c.block_size, "n_embd": c.n_embd,
+    return {"n_positions": c.block_size, "n_embd": c.n_embd,
             "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": c.mlp_hidden,
             "multi_query": c.n_kv_head == 1,
             "activation_function": _HF_ACT_NAME["gpt_bigcode"].get(c.mlp),
-            "layer_norm_epsilon": c.norm_eps, **_write_dropouts(c), "scale_attn_weights": True,
-            "tie_word_embeddings": c.tie_embeddings}
+            "layer_norm_epsilon": c.norm_eps, "scale_attn_weights": True}
 
 
 @dataclass(frozen=True)
@@ -782,7 +777,9 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     """The HF config.json of cfg; refuses a config the family cannot express."""
     table = TABLES[cfg.family]
     out = {"architectures": [table.architecture], "model_type": cfg.family,
-           **table.write_config(cfg), "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id,
+           "vocab_size": cfg.vocab_size, **table.write_config(cfg), **_write_dropouts(cfg),
+           "tie_word_embeddings": cfg.tie_embeddings,
+           "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id,
            "dtype": str(dtype).removeprefix("torch."),
            "torch_dtype": str(dtype).removeprefix("torch.")}  # the name transformers < 5 reads
     back = table.read_config(out)
