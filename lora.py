@@ -718,7 +718,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path,
         **_UNSUPPORTED_PEFT_KEYS,
     }
     out.mkdir(parents=True, exist_ok=True)
-    # As a set (config last, as save_pretrained): a failed save leaves the earlier adapter whole.
+    # As a set (config last, as save_pretrained): a failed save leaves the last adapter whole.
     cliconfig.write_atomic_files({
         out / ADAPTER_WEIGHTS: partial(pretrained.write_safetensors, tensors=tensors),
         out / ADAPTER_CONFIG: json.dumps(config, indent=2, sort_keys=True) + "\n",
