@@ -820,11 +820,6 @@ def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.Ba
 def check_trial_config(cfg: TuneConfig, space: SearchSpace, base: dict) -> None:
     """The example trial, then each choice and range bound, pass the trainer's checks, make a
     model config and find their files."""
-    def origin(key: str) -> str:
-        if key in base:
-            return cfg.train_config or "--train-config"
-        return space.source if key in space.base or key in space.params else "TrainConfig"
-
     where = " with ".join(filter(None, (space.source, cfg.train_config)))
     example = space.example()
     trials = [("", example), *((f"params.{name}={value!r}: ", {**example, name: value})
@@ -847,7 +842,7 @@ def check_trial_config(cfg: TuneConfig, space: SearchSpace, base: dict) -> None:
             value = getattr(train_cfg, key)
             for path in [value] if isinstance(value, str) else value or []:
                 if path != "stdlib" and not Path(path).expanduser().exists():
-                    raise ValueError(f"{origin(key)}: {label}{key}: {path} not found")
+                    raise ValueError(f"{where_is(key)}: {label}{key}: {path} not found")
 
 
 def check_before_trials(cfg: TuneConfig) -> tuple[SearchSpace, dict]:
