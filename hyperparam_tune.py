@@ -241,9 +241,9 @@ def absolute_paths(values: dict, source: str) -> dict:
     return {**values, **{k: getattr(absolute, k) for k in paths}}
 
 
-def _check_no_resume_or_time_budget(values: dict, source: str, time_only: bool = False) -> None:
+def _check_no_resume_or_time_budget(values: dict, source: str) -> None:
     """Each trial is a new run of the same --max-steps: no ``resume``, no ``max_time_s``."""
-    if values.get("resume") is not None and not time_only:
+    if values.get("resume") is not None:
         raise ValueError(f"{source}: resume={values['resume']!r}: each trial is a new run (the "
                          "sweep continues its own interrupted trials): remove 'resume'")
     if values.get("max_time_s") is not None:
@@ -279,7 +279,7 @@ def load_space(space: str) -> SearchSpace:
                          f"got {json.dumps(requires)}")
     trainingmanager.config_from_dict(base, f"{source}: base")
     _check_no_resume_or_time_budget(base, f"{source}: base")
-    _check_no_resume_or_time_budget(data["params"], f"{source}: params", time_only=True)
+    _check_no_resume_or_time_budget(data["params"], f"{source}: params")
     base = absolute_paths(base, f"{source}: base")
     for name in sorted(set(data["params"]) & SWEEP_KEYS):  # sampled, then overwritten
         flag = {"max_steps": " (--max-steps)", "eval_every": " (--eval-every)"}.get(name, "")
