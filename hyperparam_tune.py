@@ -878,14 +878,15 @@ def study_settings(cfg: TuneConfig, space: SearchSpace, base: dict) -> dict:
 
 def check_study_settings(cfg: TuneConfig, space: SearchSpace, base: dict,
                          study: optuna.Study) -> None:
-    """Record the shared settings with a new study, and refuse a continuation that changed them
-    (its trials would be ranked against each other), naming each key with both values."""
+    """Record the shared settings with a study that has none (a new one, or one of trials
+    enqueued by hand), and refuse a continuation that changed them (its trials would be ranked
+    against each other), naming each key with both values."""
     now = {"format_version": FORMAT_VERSION, **study_settings(cfg, space, base)}
     recorded = study.user_attrs.get(ATTR_SETTINGS)
-    if recorded is None and not study.get_trials(deepcopy=False):
+    if recorded is None:
         study.set_user_attr(ATTR_SETTINGS, now)
         return
-    version = (recorded or {}).get("format_version")
+    version = recorded.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(f"study {cfg.study_name!r} of storage {_storage_label(cfg)}: recorded "
                          f"by format_version {version}, not {FORMAT_VERSION}: start a new study "

@@ -1495,12 +1495,17 @@ def test_space_that_does_not_fit_the_study_is_refused_before_a_trial(tmp_path, c
 def test_continuing_with_another_budget_or_base_is_refused(tmp_path, corpus, capsys,
                                                           monkeypatch):
     """Trials of one study are ranked against each other, so a continuation that changes what
-    they share (budget, base config) is refused, naming each key."""
+    they share (budget, base config) is refused, naming each key; a study of trials added by
+    hand records them at its first sweep."""
     def trained(cfg, on_eval=None, resume_hint=None, **_):
         return trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=1.0, step=cfg.max_steps)
 
     monkeypatch.setattr(trainingmanager, "train", trained)
     storage = journal(tmp_path, "budget")
+    by_hand = optuna.create_study(study_name="budget", storage=storage)  # nothing recorded
+    by_hand.add_trial(optuna.trial.create_trial(
+        params={"lr": 1e-3}, distributions={"lr": optuna.distributions.FloatDistribution(
+            1e-4, 1e-2, log=True)}, value=2.0))
     space = tiny_space(tmp_path, corpus)
     assert hyperparam_tune.main(tune_args(tmp_path, space, study_name="budget", n_trials=2)) == 0
     capsys.readouterr()
@@ -1556,11 +1561,9 @@ def test_relative_paths_name_the_files_they_name_from_any_directory(tmp_path, co
     assert "val_data=" in err and err.count("\n") == 1
 
 
-def _study_without_recorded_settings(tmp_path):
+def _study_settings_of_another_version(tmp_path):
     study = optuna.create_study(study_name="fmt", storage=journal(tmp_path, "fmt"))
-    study.add_trial(optuna.trial.create_trial(
-        params={"lr": 1e-3}, distributions={"lr": optuna.distributions.FloatDistribution(
-            1e-4, 1e-2, log=True)}, value=2.0))
+    study.set_user_attr(hyperparam_tune.ATTR_SETTINGS, {"seed": 1337})
 
 
 def _study_json_of_another_version(tmp_path):
@@ -1570,7 +1573,7 @@ def _study_json_of_another_version(tmp_path):
 
 
 @pytest.mark.parametrize("write, words", [
-    (_study_without_recorded_settings, ("study 'fmt'", "format_version None", "--study-name")),
+    (_study_settings_of_another_version, ("study 'fmt'", "format_version None", "--study-name")),
     (_study_json_of_another_version, ("study.json", "format_version 1", "delete it")),
 ])
 def test_a_study_of_another_format_version_is_refused(tmp_path, corpus, capsys, write, words):
