@@ -694,7 +694,7 @@ def _prepare_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
     return train_cfg
 
 
-def _stop_sweep(trial: optuna.Trial, e: Exception, sweep: str) -> None:
+def _stop_sweep(trial: optuna.Trial, e: Exception, sweep: str) -> typing.NoReturn:
     """Record an error that is not the parameters' fault and raise it: the sweep stops."""
     trial.set_user_attr(ATTR_STOPPED, True)
     trial.set_user_attr(ATTR_REASON, f"stopped the sweep: {type(e).__name__}: {e}")
@@ -1216,6 +1216,24 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
+def _warn_of_space(cfg: TuneConfig, space: SearchSpace, base: dict) -> None:
+    """Warn of a space that ranks trials by something else than its parameters."""
+    if sampled := sorted(BATCH_KEYS & set(space.params)):
+        print(f"warning: {space.source}: params {', '.join(sampled)}: trials share a step budget "
+              "(--max-steps), so a larger effective batch (batch_size x grad_accum) sees more "
+              "data and tends to win for that alone; fix them in the space's base to compare "
+              "the other parameters", file=sys.stderr)
+    warmups = [v for name, v in space.extremes() if name == "warmup_steps"]
+    if warmups and max(warmups) >= cfg.max_steps // 2:
+        print(f"warning: {space.source}: params warmup_steps reaches {max(warmups)} of the "
+              f"{cfg.max_steps}-step budget (--max-steps): such trials spend half their steps "
+              "or more warming up, which ranks the warmup more than the other parameters; lower "
+              "its range or raise --max-steps", file=sys.stderr)
+    if swept := sorted(set(base) & set(space.params)):  # e.g. a config.json of another run
+        print(f"note: {cfg.train_config}: {', '.join(swept)}: sampled by {space.source}; each "
+              "trial's sampled value replaces the file's", file=sys.stderr)
+
+
 def tune(cfg: TuneConfig) -> TuneResult:
     """Run (or continue) the sweep until the study holds ``cfg.n_trials`` finished trials."""
     if cfg.worker:
@@ -1233,20 +1251,7 @@ def tune(cfg: TuneConfig) -> TuneResult:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))
         run_worker(cfg, study, storage, space, base, sweep_id(cfg))
         return TuneResult(study_dir(cfg), study_progress(study)[0], None, None)
-    if sampled := sorted(BATCH_KEYS & set(space.params)):
-        print(f"warning: {space.source}: params {', '.join(sampled)}: trials share a step budget "
-              "(--max-steps), so a larger effective batch (batch_size x grad_accum) sees more "
-              "data and tends to win for that alone; fix them in the space's base to compare "
-              "the other parameters", file=sys.stderr)
-    warmups = [v for name, v in space.extremes() if name == "warmup_steps"]
-    if warmups and max(warmups) >= cfg.max_steps // 2:
-        print(f"warning: {space.source}: params warmup_steps reaches {max(warmups)} of the "
-              f"{cfg.max_steps}-step budget (--max-steps): such trials spend half their steps "
-              "or more warming up, which ranks the warmup more than the other parameters; lower "
-              "its range or raise --max-steps", file=sys.stderr)
-    if swept := sorted(set(base) & set(space.params)):  # e.g. a config.json of another run
-        print(f"note: {cfg.train_config}: {', '.join(swept)}: sampled by {space.source}; each "
-              "trial's sampled value replaces the file's", file=sys.stderr)
+    _warn_of_space(cfg, space, base)
     finished = study_progress(study)[0]
     bar = tqdm(total=cfg.n_trials, initial=min(finished, cfg.n_trials), unit="trial",
                desc=cfg.study_name, disable=not cfg.progress)
