@@ -21,8 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 import cliconfig
@@ -33,6 +32,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 LEGACY_WEIGHTS = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
+# The version of the adapter files codelm writes, in the weights' safetensors metadata (PEFT
+# ignores it; PEFT's own files have none).
+FORMAT_KEY, FORMAT_VERSION = "codelm_format_version", "1"
 
 # PEFT adapter_config.json keys codelm cannot honour, with the value that means "feature unused".
 _UNSUPPORTED_PEFT_KEYS = {
@@ -720,7 +722,8 @@ def save_adapter(model: nn.Module, out_dir: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     # As a set (config last, as save_pretrained): a failed save leaves the last adapter whole.
     cliconfig.write_atomic_files({
-        out / ADAPTER_WEIGHTS: partial(pretrained.write_safetensors, tensors=tensors),
+        out / ADAPTER_WEIGHTS: partial(pretrained.write_safetensors, tensors=tensors,
+                                       metadata={FORMAT_KEY: FORMAT_VERSION}),
         out / ADAPTER_CONFIG: json.dumps(config, indent=2, sort_keys=True) + "\n",
     })
     return out
@@ -782,12 +785,18 @@ def adapter_base(adapter_dir: str | Path, remedy: str, config_name: str = ADAPTE
 
 def _read_weights(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     """The adapter's weight file and tensors; a corrupt file is an error naming it."""
-    if (path / ADAPTER_WEIGHTS).is_file():
+    file = path / ADAPTER_WEIGHTS
+    if file.is_file():
         try:
-            return path / ADAPTER_WEIGHTS, load_file(str(path / ADAPTER_WEIGHTS))
+            with safe_open(str(file), "pt") as f:
+                version = (f.metadata() or {}).get(FORMAT_KEY, FORMAT_VERSION)
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
         except SafetensorError as e:
-            raise ValueError(f"{path / ADAPTER_WEIGHTS}: truncated or corrupt safetensors file "
-                             f"({e})") from None
+            raise ValueError(f"{file}: truncated or corrupt safetensors file ({e})") from None
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{file}: a codelm adapter of format_version {version}, not "
+                             f"{FORMAT_VERSION}: load it with the codelm that wrote it")
+        return file, tensors
     if (path / LEGACY_WEIGHTS).is_file():  # older PEFT wrote pickled weights; tensors only
         return path / LEGACY_WEIGHTS, pretrained.read_bin(path / LEGACY_WEIGHTS)
     raise ValueError(f"{path}: no {ADAPTER_WEIGHTS} (or {LEGACY_WEIGHTS}) found")

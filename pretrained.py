@@ -882,10 +882,11 @@ def _remove_stale_weights(directory: Path, written: set[str]) -> None:
                 stale.unlink()
 
 
-def write_safetensors(f: BinaryIO, tensors: dict[str, torch.Tensor]) -> None:
+def write_safetensors(f: BinaryIO, tensors: dict[str, torch.Tensor],
+                      metadata: dict[str, str] | None = None) -> None:
     """safetensors layout: 8-byte header length, JSON header (space-padded to 8), raw data, one
     tensor at a time."""
-    header: dict = {"__metadata__": {"format": "pt"}}
+    header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
     offset = 0
     for name, t in tensors.items():
         n = t.numel() * t.element_size()
