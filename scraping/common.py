@@ -327,7 +327,7 @@ class ResumableOutput:
             os.close(fd)
             raise ValueError(f"{self.out} is being written by another run (same --out); wait "
                              "for it to end, or choose another --out") from None
-        except OSError:  # a filesystem without locks (some NFS): unguarded, as before
+        except OSError:  # a filesystem without locks (some NFS): unguarded, with a warning
             log.warning("%s: this filesystem cannot lock the output; nothing stops a second "
                         "run on it", self.out)
         return fd
