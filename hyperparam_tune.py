@@ -1,42 +1,13 @@
-"""Hyperparameter sweeps for codelm: Optuna studies over ``trainingmanager`` runs.
+"""Hyperparameter sweeps: an Optuna study whose trials are ``trainingmanager`` runs.
 
-Each trial is one ``trainingmanager.train`` run with a step budget; its objective is the best
-validation loss. Validation losses reach the pruner at every evaluation, so hopeless trials stop
-early. A trial that hits a non-finite loss or runs out of memory is recorded FAILED with its
-reason and the sweep goes on; a configuration mistake is found before the first trial (or, if
-only a trial meets it, stops the sweep, every worker of it, without counting that trial). The
-search space is data (``configs/search_spaces/*.json``). Every trial has the same step budget,
-so a space that samples ``batch_size`` or ``grad_accum`` lets the trials with larger effective
-batches see more data, and those tend to win for that reason alone. The built-in spaces fix both
-in their base, and a space that samples either gets a warning when the sweep starts. Paths in the
-space's base and in ``--train-config`` are read from the current directory and recorded absolute,
-as a run's ``config.json`` holds them, so the study and ``best.json`` name the same files from
-any directory.
-
-Storage decides how far a sweep spreads. The default, a journal file under ``runs/<study>/``,
-is safe for several processes on one machine (``--workers N`` starts them). Any SQLAlchemy URL
-(``--storage postgresql://...``) lets every machine run the same command against one study;
-heartbeats then mark a killed worker's trial FAILED and it is queued again with the same
-parameters. A trial queued again (after an interrupted sweep, or a dead worker) continues its
-predecessor's run from its last checkpoint (a stop writes one, and so does its first new best;
-a run without one starts over). Two trainers never share a run: while another process holds it
-(a worker declared dead that was only slow, until its next evaluation, where it leaves its
-trial), the retry waits. A run keeps the precision it trained in: one trained in bf16 that is
-queued again where the GPU has no native bf16 stops the sweep, and runs again wherever the
-command runs next (a GPU with bf16, or the CPU). Re-running with the same ``--study-name``
-continues the study; ``--n-trials`` is the total the study should reach. Trials compare only
-under one budget and base config: a continuation that changes them (``--max-steps``,
-``--eval-every``, ``--train-config``, the space's base) is refused, naming each key.
-``optuna-dashboard runs/<study>/journal.log`` (or the URL) shows the study live (``pip install
-optuna-dashboard``: not in the requirements).
-
-Outputs in ``runs/<study>/``: ``best.json`` (a ready ``trainingmanager.py --config`` file: the
-best trial's config), ``trials.csv`` (every trial, its state, value, steps, parameters, run
-directory and the reason a trial failed or was pruned), ``importances.json`` (fANOVA parameter
-importances) and ``trials/trial-NNNN/``, each trial's run directory (``study.json`` names the
-storage whose study owns them). The command exits 0 once the study holds ``--n-trials``
-finished trials and one of them completed (so there is a ``best.json``), else 1; a worker
-of ``--workers`` that failed (its error ended it) gives the command its exit status.
+Each trial trains a step budget and reports its validation losses to the pruner; its objective
+is the best one. A NaN or out-of-memory trial is recorded FAILED and the sweep goes on; a
+configuration error is found before the first trial (or stops the sweep, uncounted). Storage:
+a journal file under ``runs/<study>/`` (``--workers N`` on one machine) or any SQLAlchemy URL
+(every machine runs the same command; heartbeats requeue a dead worker's trial, which continues
+its run from its last checkpoint). Re-running the command continues the study; ``--n-trials``
+is the total. Outputs in ``runs/<study>/``: best.json (a ready ``--config`` file), trials.csv,
+importances.json and trials/trial-NNNN/ (each trial's run directory).
 """
 
 from __future__ import annotations
@@ -86,24 +57,18 @@ from trainingmanager import NonFiniteLossError, TrainConfig
 ROOT = Path(__file__).resolve().parent
 SPACES_DIR = ROOT / "configs" / "search_spaces"
 JOURNAL_FILE = "journal.log"
-# Where trial records keep what the reports need (ATTR_CONFIG: the trial's recipe), so that any
-# process can write the reports.
+# Trial attributes: what the reports need, so that any process can write them.
 ATTR_CONFIG, ATTR_REASON, ATTR_WORKER, ATTR_STEP = "train_config", "fail_reason", "worker", "step"
 ATTR_RUN = "run_dir"  # the trial's run directory (a re-run of an interrupted trial continues it)
 ATTR_STOPPED = "stopped_sweep"  # a trial whose error (a configuration error) stopped the sweep
-# A stopped trial that runs again when the sweep does (TrialNotHere); its value is the sweep
-# command that stopped (``sweep_id``), whose other workers would meet the same refusal.
-ATTR_AGAIN = "runs_again"
-# The study's record of the TrainConfig values all its trials share (``study_settings``).
-ATTR_SETTINGS = "trial_settings"
+ATTR_AGAIN = "runs_again"  # TrialNotHere: the sweep_id that could not run it (others may)
+ATTR_SETTINGS = "trial_settings"  # study attribute: the TrainConfig values all trials share
 OWNER_FILE = "study.json"  # which storage's study owns runs/<study>/ (its trial numbers)
+# The version of what a sweep writes: study.json and the study's recorded settings.
+FORMAT_VERSION = 1
 _DONE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-# Such trials run again when the sweep is re-run. Any stop signal (SIGHUP too): the text is
-# stored in studies and compared, so it stays as older sweeps wrote it.
-INTERRUPTED = "interrupted (SIGINT/SIGTERM)"
-# Completes the trainer's "checkpoint saved at step N; continue with ...": a re-run sweep queues
-# an interrupted trial again, and the new trial continues the run from that checkpoint. (A NaN
-# trial is never continued: its reason leaves the trainer's resume advice out.)
+INTERRUPTED = "interrupted (SIGINT/SIGTERM)"  # the reason of a trial that runs again
+# Completes the trainer's "checkpoint saved at step N; continue with ...".
 RESUME_HINT = ("the same hyperparam_tune.py command, which continues this trial's run from its "
                "checkpoint")
 
@@ -117,9 +82,7 @@ class TuneConfig:
     space: str = "from-scratch"  # a built-in space name or a JSON file
     train_config: str | None = None  # trainingmanager JSON config under the space's base values
     n_trials: int = 12  # total finished trials the study should hold (shared by all workers)
-    sampler_seed: int | None = None  # an integer in [0, 2**32): a reproducible sweep (the
-    #   TPE sampler's seed; each worker and each continuation draws its own stream from it);
-    #   None: fresh random streams
+    sampler_seed: int | None = None  # in [0, 2**32): a reproducible sweep; None: fresh streams
     # budget of each trial (a study's trials share it)
     max_steps: int = 150  # step budget of one trial
     eval_every: int = 25  # evaluation (and pruning) interval in steps
@@ -129,15 +92,11 @@ class TuneConfig:
     prune_warmup_steps: int = 0  # median pruner: steps of a trial never pruned
     # storage and workers
     out_dir: str = "runs"  # the study's files go to <out_dir>/<study_name>/
-    storage: str | None = None  # SQLAlchemy URL or journal file (default:
-    #   <out_dir>/<study>/journal.log)
+    storage: str | None = None  # SQLAlchemy URL or journal file (default: its journal.log)
     workers: int = 1  # worker processes on this machine
     heartbeat_interval: int = 30  # seconds between a trial's heartbeats (RDB storages)
-    grace_period: int = 120  # seconds without a heartbeat before a trial counts as dead (more
-    #   than --heartbeat-interval) and is queued again; a worker that was only slow leaves it at
-    #   its next evaluation, and the retry waits for the run until then
-    max_retry: int = 2  # times a trial is queued again (its worker died, was stopped, or
-    #   could not continue its run on this machine)
+    grace_period: int = 120  # seconds without a heartbeat before a trial is dead and requeued
+    max_retry: int = 2  # times a trial is queued again
     worker: int = 0  # internal: i > 0 makes this process worker i of --workers (trials only)
     # output
     progress: bool = True  # a progress bar over the trials
@@ -160,8 +119,7 @@ class TrialFailed(Exception):
 
 
 class TrialAbandoned(Exception):
-    """Another worker declared this trial dead and failed it (Optuna's heartbeats): its worker
-    leaves it (the study queues it again, up to --max-retry times) and goes on."""
+    """Another worker declared this trial dead (heartbeats): its worker leaves it and goes on."""
 
 
 class TrialSetupError(ValueError):
@@ -169,14 +127,10 @@ class TrialSetupError(ValueError):
 
 
 class TrialNotHere(TrialSetupError):
-    """A trial this machine cannot run, though another can: it continues a run trained in bf16,
-    and this GPU has no native bf16. The sweep stops; run again (elsewhere), it queues the
-    trial again."""
+    """A trial another machine can run, this one not (a bf16 run on a GPU without bf16)."""
 
 
-# --------------------------------------------------------------------------------------------
-# Search space: JSON data -> trial suggestions -> TrainConfig values
-# --------------------------------------------------------------------------------------------
+# ---------------------------------------------- search space: JSON -> suggestions -> TrainConfig
 
 
 @dataclass
@@ -205,8 +159,7 @@ class SearchSpace:
                 for name, spec in self.params.items()}
 
     def extremes(self) -> list[tuple[str, typing.Any]]:
-        """(name, value) for each categorical choice and each range's lowest and highest value:
-        the values checked before any trial, since a study fixes the choices at its first trial."""
+        """(name, value) for each choice and each range's ends: checked before any trial."""
         values = []
         for name, spec in self.params.items():
             if spec["type"] == "categorical":
@@ -220,18 +173,13 @@ class SearchSpace:
         """TrainConfig values for one trial; non-scalar choices travel as JSON strings."""
         values = {}
         for name, spec in self.params.items():
-            kind = spec["type"]
-            if kind == "float":
-                values[name] = trial.suggest_float(
-                    name, spec["low"], spec["high"], log=spec.get("log", False),
-                    step=spec.get("step"))
-            elif kind == "int":
-                values[name] = trial.suggest_int(
-                    name, spec["low"], spec["high"], log=spec.get("log", False),
-                    step=spec.get("step", 1))
-            else:
+            if spec["type"] == "categorical":
                 by_label = {_choice_label(c): c for c in spec["choices"]}
                 values[name] = by_label[trial.suggest_categorical(name, list(by_label))]
+            else:
+                d = _distribution(spec)
+                suggest = trial.suggest_int if spec["type"] == "int" else trial.suggest_float
+                values[name] = suggest(name, d.low, d.high, log=d.log, step=d.step)
         return values
 
 
@@ -259,8 +207,7 @@ _SPEC_KEYS = {
 
 
 def _check_spec_types(spec: typing.Any, where: str) -> None:
-    """Each field of one parameter's spec has its JSON type: Optuna takes ``"log": "false"`` as
-    true and fails on a string ``step`` with a TypeError, so neither may reach it."""
+    """Each field of one parameter's spec has its JSON type (Optuna reads "false" as true)."""
     if not isinstance(spec, dict):
         raise ValueError(f"{where}: must be an object with a 'type', got {spec!r}")
     kind = spec.get("type")
@@ -288,31 +235,21 @@ def _check_spec_types(spec: typing.Any, where: str) -> None:
 
 
 def absolute_paths(values: dict, source: str) -> dict:
-    """``values`` (TrainConfig values) with their paths absolute, read from the current
-    directory as a run's config.json reads them (``trainingmanager.with_absolute_paths``): a
-    study compares, and best.json names, the files themselves, from whatever directory."""
+    """TrainConfig ``values`` with their paths absolute, as a run's config.json holds them."""
     paths = {k: values[k] for k in trainingmanager.PATH_KEYS if k in values}
     absolute = trainingmanager.with_absolute_paths(trainingmanager.config_from_dict(paths, source))
     return {**values, **{k: getattr(absolute, k) for k in paths}}
 
 
-def _check_no_resume(values: dict, source: str) -> None:
-    """A ``resume`` the trials would ignore, and best.json would carry to the run it names."""
+def _check_no_resume_or_time_budget(values: dict, source: str) -> None:
+    """Each trial is a new run of the same --max-steps: no ``resume``, no ``max_time_s``."""
     if values.get("resume") is not None:
         raise ValueError(f"{source}: resume={values['resume']!r}: each trial is a new run (the "
-                         "sweep continues an interrupted trial's run itself, and a sweep continues "
-                         "when its command is run again): remove 'resume'")
-
-
-def _check_no_time_budget(values: dict, source: str) -> None:
-    """A ``max_time_s`` ends each trial wherever its machine got to: trials of different step
-    counts ranked as if they shared --max-steps, each recorded finished while the trainer's
-    advice says the same command continues it."""
+                         "sweep continues its own interrupted trials): remove 'resume'")
     if values.get("max_time_s") is not None:
         raise ValueError(f"{source}: max_time_s: every trial trains the same --max-steps; a time "
-                         "budget would stop trials at different steps, as fast as the machine "
-                         "ran them, and rank them by that: remove 'max_time_s' (a lower "
-                         "--max-steps shortens every trial alike)")
+                         "budget would rank trials by their machine's speed: remove 'max_time_s' "
+                         "(a lower --max-steps shortens every trial alike)")
 
 
 def load_space(space: str) -> SearchSpace:
@@ -341,9 +278,8 @@ def load_space(space: str) -> SearchSpace:
         raise ValueError(f"{source}: 'requires' must be a list of TrainConfig key names, "
                          f"got {json.dumps(requires)}")
     trainingmanager.config_from_dict(base, f"{source}: base")
-    _check_no_resume(base, f"{source}: base")
-    _check_no_time_budget(base, f"{source}: base")
-    _check_no_time_budget(data["params"], f"{source}: params")
+    _check_no_resume_or_time_budget(base, f"{source}: base")
+    _check_no_resume_or_time_budget(data["params"], f"{source}: params")
     base = absolute_paths(base, f"{source}: base")
     for name in sorted(set(data["params"]) & SWEEP_KEYS):  # sampled, then overwritten
         flag = {"max_steps": " (--max-steps)", "eval_every": " (--eval-every)"}.get(name, "")
@@ -371,9 +307,7 @@ def load_space(space: str) -> SearchSpace:
     return SearchSpace(base=base, params=data["params"], source=source, requires=requires)
 
 
-# --------------------------------------------------------------------------------------------
-# Storage, study and the trial count shared by every worker
-# --------------------------------------------------------------------------------------------
+# ----------------------------------------------- storage, study, the trial count of all workers
 
 
 def study_dir(cfg: TuneConfig) -> Path:
@@ -381,14 +315,12 @@ def study_dir(cfg: TuneConfig) -> Path:
 
 
 SQLITE_MAGIC = b"SQLite format 3\0"  # the first bytes of every SQLite database file
-# Seconds to wait, then again, for a last line without a newline to be ended: another worker
-# may be appending a record at the moment the file is read.
+# Seconds to wait for an unended last line to end (another worker may be appending to it).
 _TORN_LINE_WAITS = (0.05, 0.2, 0.5)
 
 
 def _journal_line_problem(line: bytes) -> str | None:
-    """Why Optuna's journal could not replay ``line`` (one record: a JSON object with an int
-    ``op_code`` and a ``worker_id``), or None."""
+    """Why Optuna's journal could not replay ``line``, or None."""
     try:
         record = json.loads(line.decode("utf-8"))
     except UnicodeDecodeError:
@@ -405,29 +337,34 @@ def _journal_line_problem(line: bytes) -> str | None:
     return None
 
 
-def _read_settled(path: Path, data: bytes) -> bytes:
-    """The file's bytes (``data`` as first read), once its last line is ended or has stayed
-    unended for a while: a worker's append in progress ends it within moments; a write cut off
-    by a kill never does."""
-    for wait in _TORN_LINE_WAITS:
+def check_journal(path: Path) -> None:
+    """Refuse, before anything is appended, a file Optuna's journal would misread (a torn
+    record, another file, an SQLite database): Optuna appends after a bad last line."""
+    if not path.is_file():  # none yet: Optuna creates it (a directory is an OSError later)
+        return
+    data = path.read_bytes()
+    if data.startswith(SQLITE_MAGIC):
+        raise ValueError(f"{path}: an SQLite database, not an Optuna journal file: use "
+                         f"--storage sqlite:///{path}")
+    for wait in _TORN_LINE_WAITS:  # an unended last line may be another worker's append
         if not data or data.endswith(b"\n"):
             break
         time.sleep(wait)
         data = path.read_bytes()
-    return data
-
-
-def _not_a_journal_line(path: Path, number: int, problem: str) -> ValueError:
-    return ValueError(f"{path}:{number}: not an Optuna journal line ({problem}); is this the "
-                      "study's journal file?")
+    *lines, last = data.split(b"\n")
+    for number, line in enumerate([*lines, last] if last else lines, start=1):
+        problem = _journal_line_problem(line)
+        if number > len(lines) and (problem is None or line.startswith(b"{")):
+            raise _unended_line_error(path, number, problem is None, len(data) - len(last))
+        if problem:
+            raise ValueError(f"{path}:{number}: not an Optuna journal line ({problem}); is this "
+                             "the study's journal file?")
 
 
 def _unended_line_error(path: Path, number: int, whole: bool, offset: int) -> ValueError:
-    """The last line has no newline: Optuna skips such a line and then appends its next record
-    to it, which turns both into one unreadable line in the middle of the journal."""
-    where = f"{path}:{number}: the last line has no newline at its end"
-    quoted = shlex.quote(str(path))
-    if whole:  # only the newline is missing: the record is kept
+    """A whole record lacks only its newline; a torn one is removed with truncate."""
+    where, quoted = f"{path}:{number}: the last line has no newline at its end", shlex.quote(str(path))
+    if whole:
         return ValueError(f"{where}; its record is whole: add the newline (echo >> {quoted}) "
                           "to continue the study")
     return ValueError(f"{where}: its record is incomplete (a write cut off by a kill or a full "
@@ -435,35 +372,9 @@ def _unended_line_error(path: Path, number: int, whole: bool, offset: int) -> Va
                       "continue the study without that one record")
 
 
-def check_journal(path: Path) -> None:
-    """Refuse a file Optuna's journal would misread, before anything is written to it: Optuna
-    skips a bad last line and appends after it, so a torn record, a user's other file or an
-    SQLite database would get JSON lines appended and fail later (or at once, obscurely).
-    Checked without the journal's lock: writers only append whole lines under it."""
-    if not path.is_file():  # none yet: Optuna creates it (a directory is an OSError later)
-        return
-    data = path.read_bytes()
-    if data.startswith(SQLITE_MAGIC):
-        raise ValueError(f"{path}: an SQLite database, not an Optuna journal file: use "
-                         f"--storage sqlite:///{path}")
-    data = _read_settled(path, data)
-    *lines, last = data.split(b"\n")
-    for number, line in enumerate(lines, start=1):
-        if problem := _journal_line_problem(line):
-            raise _not_a_journal_line(path, number, problem)
-    if last:
-        number, problem = len(lines) + 1, _journal_line_problem(last)
-        if problem and not last.startswith(b"{"):  # not even the start of a record
-            raise _not_a_journal_line(path, number, problem)
-        raise _unended_line_error(path, number, problem is None, len(data) - len(last))
-
-
 class _FileLock:
-    """An exclusive ``flock`` on ``path``, which the kernel releases when its holder dies. One
-    open file per lock: flock excludes other open files even in one process, so a lock that
-    opened a new one per acquire could block on itself after an interrupt. Also the journal's
-    lock (Optuna's file backend calls acquire/release on it): Optuna's own lock files outlive a
-    SIGKILL of their holder, and the next writer waited out their 30 s grace period."""
+    """An exclusive ``flock`` the kernel releases when its holder dies (Optuna's own journal
+    lock outlives a killed holder); one open file per lock, so it never blocks on itself."""
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -529,9 +440,8 @@ def _retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
 
 
 def counts(trial: FrozenTrial, retried: set[int]) -> bool:
-    """Whether a finished trial counts toward n_trials. Not counted: a FAIL that was queued again,
-    was interrupted, stopped the sweep (a configuration error) or has no recorded reason (its
-    worker died, or an older sweep stopped on it): the study runs another trial instead."""
+    """Whether a finished trial counts toward n_trials: not a FAIL that was queued again, was
+    interrupted, stopped the sweep or has no recorded reason (its worker died)."""
     if trial.state != TrialState.FAIL:
         return trial.state in _DONE
     reason = trial.user_attrs.get(ATTR_REASON)
@@ -566,19 +476,16 @@ def _local_owner_alive(trial: FrozenTrial) -> bool | None:
         os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # another user's process: alive
+        pass
     return True
 
 
 def recover_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage,
                         cfg: TuneConfig, sweep: str) -> None:
-    """Queue again the trials of interrupted sweeps, and fail (and queue again) trials whose
-    worker died: found by heartbeats where the storage has them, else (journal file) the trials
-    of this machine whose worker process is gone, and those whose worker died before it named
-    itself (run under the claim lock). A trial this sweep command (``sweep``) could not run here
-    (TrialNotHere) waits for another command: its other workers, on the same machine, would
-    each refuse it too, and each refusal spends one of its --max-retry retries."""
+    """Queue again interrupted trials, and fail and queue again those whose worker died (by
+    heartbeats, else this machine's dead processes; called under the claim lock). A trial this
+    sweep command could not run here (TrialNotHere) waits for another command."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry)
@@ -592,22 +499,17 @@ def recover_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorag
         if _heartbeats(storage):
             optuna.storages.fail_stale_trials(study)
             return
-        # Called under the claim lock, which a worker holds from creating its trial to naming
-        # itself its owner: a running trial with no owner here lost its worker in between.
+        # The claim lock is held from creating a trial to naming its owner: no owner, no worker.
         for trial in trials:
             if trial.state == TrialState.RUNNING and (
                     ATTR_WORKER not in trial.user_attrs or _local_owner_alive(trial) is False):
                 with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-                    storage.set_trial_user_attr(
-                        trial._trial_id, ATTR_REASON,
-                        "worker process died")
+                    storage.set_trial_user_attr(trial._trial_id, ATTR_REASON, "worker process died")
                     if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
                         retry(study, storage.get_trial(trial._trial_id))
 
 
-# --------------------------------------------------------------------------------------------
-# One trial
-# --------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------ one trial
 
 
 def _is_out_of_memory(e: BaseException) -> bool:
@@ -622,17 +524,14 @@ def _budget(cfg: TuneConfig) -> dict:
 
 
 def _trial_run(cfg: TuneConfig, number: int, resume: Path | None = None) -> dict:
-    """A trial's own run directory (``resume``: the run of the interrupted trial it re-runs,
-    continued), no bars, no export, and one checkpoint at the end (or where a stop left it);
-    its best/ checkpoint is kept."""
-    # Absolute, as the trial's recorded run: a continuation from another directory finds it.
+    """A trial's own run directory (absolute; ``resume``: the interrupted trial's, continued),
+    no bars, no export, one checkpoint at the end."""
     run = resume or (study_dir(cfg) / "trials" / f"trial-{number:04d}").absolute()
     return {"name": run.name, "out_dir": str(run.parent), "resume": resume and str(resume),
             "progress": False, "export": False, "save_every": cfg.max_steps, "keep_last": 1}
 
 
-# TrainConfig keys that set how much data an optimizer step sees: under one step budget, a
-# space that samples them ranks trials by the data they saw (the sweep warns).
+# Keys that set the data one step sees: sampled under one step budget, they rank trials by it.
 BATCH_KEYS = frozenset({"batch_size", "grad_accum"})
 # TrainConfig keys the sweep sets on every trial: a search space may not set them.
 SWEEP_KEYS = frozenset(_budget(TuneConfig())) | frozenset(_trial_run(TuneConfig(), 0))
@@ -645,10 +544,7 @@ def trial_recipe(cfg: TuneConfig, space: SearchSpace, base: dict, trial: optuna.
 
 
 def where_set(cfg: TuneConfig, space: SearchSpace, base: dict) -> Callable[[str], str]:
-    """Where a sweep's user sets a trial's TrainConfig ``key``, for the trainer's errors and
-    advice (its flags, ``--warmup-steps``, are none of theirs): the space's range of a sampled
-    key, the sweep's own flag of a budget key, the --train-config file or the space's base that
-    sets it, else TrainConfig's default (a --train-config file sets it)."""
+    """Where a sweep's user sets a trial's TrainConfig ``key``, for the trainer's messages."""
     def where(key: str) -> str:
         if key in space.params:
             spec = space.params[key]
@@ -666,19 +562,10 @@ def where_set(cfg: TuneConfig, space: SearchSpace, base: dict) -> Callable[[str]
     return where
 
 
-def trial_run_config(cfg: TuneConfig, recipe: dict, number: int,
-                     resume: Path | None = None) -> dict:
-    """The recipe run as trial ``number`` (see ``_trial_run``)."""
-    return {**recipe, **_trial_run(cfg, number, resume)}
-
-
 def interrupted_run(trial: optuna.Trial) -> tuple[Path | None, dict[int, float]]:
-    """Where this trial continues: the run directory of the trial it re-runs (queued again after
-    an interrupt or a dead worker, same parameters and budget), if that run started; and the
-    validation losses the trials of that run reported up to the checkpoint it continues from,
-    which this trial reports again so that its record (and the pruner) sees the whole curve.
-    All of them: a retry stopped before its first evaluation (waiting for the run, say)
-    reported none of its predecessor's."""
+    """The run directory of the trial this one re-runs (if it started), and the validation
+    losses its trials reported up to the checkpoint it continues from (reported again, so the
+    pruner sees the whole curve)."""
     trials = {t.number: t for t in trial.study.get_trials(deepcopy=False)}
     history = trials[trial.number].system_attrs.get("retry_history") or []
     before = trials.get(history[-1]) if history else None
@@ -700,13 +587,8 @@ WAIT_REMINDER_S = 600.0  # seconds between the lines that say a trial still wait
 
 
 def wait_for_run(trial: optuna.Trial, before: FrozenTrial, run: Path) -> None:
-    """Wait while a live process holds ``run`` (the trainer's lock): the worker of ``before``,
-    declared dead (its heartbeats stalled) yet still training, lets go at its next evaluation,
-    where it finds its trial failed. Resuming now would be refused (two trainers never share a
-    run directory), and that is no configuration error to stop the sweep for. This trial keeps
-    its heartbeats meanwhile; it inherited ``before``'s run directory (ATTR_RUN), so stopped
-    while it waits, its retry continues the same run. No time limit (a run may hold it for an
-    evaluation's length): every WAIT_REMINDER_S it says it still waits, and for whom."""
+    """Wait while a live process holds ``run`` (a worker declared dead yet still training lets
+    go at its next evaluation); say every WAIT_REMINDER_S that it still waits, and for whom."""
     lock = run / rundir.LOCK_FILE
     if not trainingmanager.lock_is_held(lock):
         return
@@ -725,11 +607,8 @@ def wait_for_run(trial: optuna.Trial, before: FrozenTrial, run: Path) -> None:
 
 
 def recorded_precision(run: Path) -> str | None:
-    """What the checkpoint a resume of ``run`` continues from computed in (its progress record's
-    "precision": what "auto" resolved to where it trained), or None (no readable checkpoint, or
-    an earlier codelm's, which did not record it). Like the trainer, a checkpoint whose state.pt
-    does not read gives way to the one before it; memory-mapped, the optimizer's tensors are not
-    read."""
+    """The precision the checkpoint a resume of ``run`` continues from trained in (what "auto"
+    resolved to there), or None without a readable checkpoint."""
     for checkpoint in reversed(trainingmanager.list_checkpoints(run)):
         try:
             precision = trainingmanager.read_state(checkpoint, mmap=True)["progress"].get(
@@ -742,34 +621,26 @@ def recorded_precision(run: Path) -> str | None:
 
 def trial_train_config(cfg: TuneConfig, recipe: dict, number: int,
                        resume: Path | None = None) -> TrainConfig:
-    """The TrainConfig trial ``number`` runs. A trial that continues a run (``resume``) under
-    precision "auto" computes in the precision its checkpoint recorded, as ``--precision X``
-    pins an "auto" run: "auto" resolves per machine (bf16 on an A100, fp16 on a T4, fp32 on the
-    CPU), and the trainer refuses a resume whose precision would change, which would stop the
-    sweep when a trial is queued again on another kind of machine. Only the run's config is
-    pinned: the recipe (best.json) and the study's settings keep "auto". A bf16 run where the
-    GPU has no native bf16 (the trainer refuses it there) is ``TrialNotHere``."""
-    values = trial_run_config(cfg, recipe, number, resume)
+    """The TrainConfig trial ``number`` runs. A continued "auto" run keeps the precision its
+    checkpoint recorded ("auto" resolves per machine; the trainer refuses a change); a bf16 run
+    where the GPU has no bf16 is ``TrialNotHere``."""
+    values = {**recipe, **_trial_run(cfg, number, resume)}
     where = f"trial {number}"
     train_cfg = trainingmanager.config_from_dict(values, where)
     if resume is not None and train_cfg.precision == "auto":
         if (trained := recorded_precision(resume)) is not None:
             if trained == "bf16" and _gpu_without_bf16(train_cfg):
                 raise TrialNotHere(
-                    f"trial {number} continues the run {resume}, which trained in bf16 "
-                    "(precision \"auto\" on a GPU with native bf16), and this machine's GPU has "
-                    "none: a run keeps the precision it trained in. Run the same command on a GPU "
-                    "with native bf16 (compute capability 8.0 or later) or on the CPU (\"device\": "
-                    "\"cpu\" in --train-config): the trial is queued again (up to --max-retry "
-                    "times) and continues its run there. Or move that run directory away, and the "
-                    "trial starts over")
+                    f"trial {number} continues the run {resume}, which trained in bf16, and this "
+                    "machine's GPU has no native bf16: run the same command on a GPU with bf16 "
+                    "(compute capability 8.0+) or on the CPU (\"device\": \"cpu\" in "
+                    "--train-config), where the trial is queued again; or move that run away")
             train_cfg = trainingmanager.config_from_dict({**values, "precision": trained}, where)
     return train_cfg
 
 
 def _gpu_without_bf16(train_cfg: TrainConfig) -> bool:
-    """Whether the run trains on a GPU without native bf16, where the trainer refuses bf16 (a
-    CPU computes it)."""
+    """Whether the run trains on a GPU without native bf16 (a CPU computes it)."""
     try:
         device = trainingmanager.resolve_device(train_cfg, trainingmanager.Dist())
     except ValueError:  # no such device here: the trainer says so
@@ -785,28 +656,57 @@ def _mark_interrupted(trial: optuna.Trial) -> None:
 
 @dataclass
 class _Hidden:
-    """What Optuna's tell hides from ``run_worker`` when it fails: the trial the objective ran
-    and what the objective raised (None: it returned a value)."""
+    """What a failed tell hides from ``run_worker``: the trial and what the objective raised."""
     number: int | None = None
     error: BaseException | None = None
 
 
-# What the objective may raise and its worker still leave the trial with, when the tell fails
-# because another worker failed the trial first; any other error stops, as it would anyway.
+# What a worker may leave a trial with when another worker failed it first; others stop.
 _LEFT = (optuna.TrialPruned, TrialFailed, TrialAbandoned)
 
 
 def _told_too_late(error: BaseException | None) -> bool:
-    """Whether Optuna's tell failed because another worker had failed the trial first: the tell
-    refuses a trial it reads finished ("Cannot tell a FAIL trial."), and the storage refuses
-    one failed while the tell ran (UpdateFinishedTrialError). Optuna 5.0's ``_run_trial``
-    raises its own AssertionError over either when the objective returned a value."""
+    """Whether Optuna's tell failed because another worker had failed the trial first (in the
+    chain under Optuna's own AssertionError)."""
     while error is not None:
         if isinstance(error, optuna.exceptions.UpdateFinishedTrialError) or (
                 isinstance(error, ValueError) and str(error).startswith("Cannot tell a ")):
             return True
         error = error.__context__
     return False
+
+
+def _prepare_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
+                   trial: optuna.Trial) -> TrainConfig:
+    """The trial's TrainConfig, with its recipe and run recorded and the losses it continues
+    from reported again."""
+    recipe = trial_recipe(cfg, space, base, trial)
+    trial.set_user_attr(ATTR_CONFIG, recipe)
+    resume, reported = interrupted_run(trial)
+    train_cfg = trial_train_config(cfg, recipe, trial.number, resume)
+    run_dir = Path(train_cfg.out_dir) / train_cfg.name
+    if resume is None and (run_dir / rundir.CONFIG_FILE).exists():  # not this study's
+        raise ValueError(f"{run_dir} holds a trial of another study: move it away, or "
+                         "give this study its own --out-dir or --study-name")
+    trial.set_user_attr(ATTR_RUN, str(run_dir))
+    for step, value in sorted(reported.items()):
+        trial.report(value, step)
+    return train_cfg
+
+
+def _stop_sweep(trial: optuna.Trial, e: Exception, sweep: str) -> typing.NoReturn:
+    """Record an error that is not the parameters' fault and raise it: the sweep stops."""
+    trial.set_user_attr(ATTR_STOPPED, True)
+    trial.set_user_attr(ATTR_REASON, f"stopped the sweep: {type(e).__name__}: {e}")
+    if isinstance(e, TrialNotHere):
+        trial.set_user_attr(ATTR_AGAIN, sweep)
+        raise e
+    if isinstance(e, (ValueError, OSError)):  # the configuration or a path
+        raise TrialSetupError(
+            f"trial {trial.number} {trial.params}: {e} (the trial is not counted toward "
+            "n_trials: fix this and run the same command again; a change to a parameter's "
+            "type, log scale or choices needs another --study-name)") from None
+    raise e
 
 
 def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _FileLock,
@@ -826,7 +726,7 @@ def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _FileL
         # A retried trial arrives with its predecessor's attributes: make them this run's
         # before other workers (which judge RUNNING trials by their worker) look at it.
         trial.set_user_attr(ATTR_WORKER, _worker_id())
-        for key in (ATTR_REASON, ATTR_STOPPED, ATTR_AGAIN):  # the predecessor's outcome
+        for key in (ATTR_REASON, ATTR_STOPPED, ATTR_AGAIN):
             if trial.user_attrs.get(key) is not None:
                 trial.set_user_attr(key, None)
         lock.release()  # the trial exists: other workers may start theirs
@@ -834,26 +734,14 @@ def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _FileL
         def on_eval(step: int, metrics: dict) -> None:
             trial.set_user_attr(ATTR_STEP, step)
             trial.report(metrics["val_loss"], step)
-            # Not at the final evaluation: stopping there saves nothing, and the trial trained
-            # its whole budget (COMPLETE, with its best value).
+            # Not at the final evaluation: the trial trained its whole budget (COMPLETE).
             if step < cfg.max_steps and trial.should_prune():
                 raise optuna.TrialPruned(
                     f"val loss {metrics['val_loss']:.4f} at step {step} is worse than the pruner's "
                     "threshold")
 
         try:
-            recipe = trial_recipe(cfg, space, base, trial)
-            trial.set_user_attr(ATTR_CONFIG, recipe)
-            resume, reported = interrupted_run(trial)
-            train_cfg = trial_train_config(cfg, recipe, trial.number, resume)
-            run_dir = Path(train_cfg.out_dir) / train_cfg.name
-            # a run there that this trial does not resume: not this study's
-            if resume is None and (run_dir / rundir.CONFIG_FILE).exists():
-                raise ValueError(f"{run_dir} holds a trial of another study: move it away, or "
-                                 "give this study its own --out-dir or --study-name")
-            trial.set_user_attr(ATTR_RUN, str(run_dir))
-            for step, value in sorted(reported.items()):
-                trial.report(value, step)
+            train_cfg = _prepare_trial(cfg, space, base, trial)
             result = trainingmanager.train(train_cfg, on_eval=on_eval, resume_hint=RESUME_HINT,
                                            where_set=where_set(cfg, space, base))
         except KeyboardInterrupt:
@@ -861,9 +749,7 @@ def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _FileL
             raise
         except (optuna.TrialPruned, optuna.exceptions.UpdateFinishedTrialError):
             raise
-        except NonFiniteLossError as e:  # the step, the batch and likely causes
-            # Without the trainer's advice on continuing: the sweep counts a FAILED trial and
-            # never continues it.
+        except NonFiniteLossError as e:  # never continued: no resume advice in its reason
             reason = e.diagnosis
             if not reason.startswith("non-finite"):
                 reason = f"non-finite loss: {reason}"
@@ -871,19 +757,7 @@ def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _FileL
                 trial.set_user_attr(ATTR_STEP, e.step)
         except Exception as e:
             if not _is_out_of_memory(e):
-                # Not the parameters' fault: recorded, not counted, and the sweep stops.
-                trial.set_user_attr(ATTR_STOPPED, True)
-                trial.set_user_attr(ATTR_REASON, f"stopped the sweep: {type(e).__name__}: {e}")
-                if isinstance(e, TrialNotHere):  # in the sweep's terms already
-                    trial.set_user_attr(ATTR_AGAIN, sweep)
-                    raise
-                if isinstance(e, (ValueError, OSError)):  # the configuration or a path
-                    raise TrialSetupError(
-                        f"trial {trial.number} {trial.params}: {e} (the trial is not counted "
-                        "toward n_trials: fix this and run the same command again; a change to a "
-                        "parameter's type, log scale or choices needs another --study-name)"
-                    ) from None
-                raise
+                _stop_sweep(trial, e, sweep)
             reason = f"out of memory: {e}"
         else:
             trial.set_user_attr(ATTR_STEP, result.step)
@@ -901,11 +775,9 @@ def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _FileL
 
 def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.BaseStorage,
                space: SearchSpace, base: dict, sweep: str, progress: tqdm | None = None) -> None:
-    """Start trials until the study holds ``n_trials`` finished ones; while the last ones run
-    elsewhere, wait for them where a dead worker's trial can come back to the queue. ``sweep``:
-    the sweep command this worker works for (``sweep_id``)."""
-    # 'count the trials, then start one' is serialised among this machine's workers, so that
-    # together they start exactly n_trials; released as soon as the new trial exists
+    """Start trials until the study holds ``n_trials`` finished ones; wait while the last ones
+    run elsewhere (a dead worker's trial may come back to the queue)."""
+    # 'count the trials, then start one' is serialised among this machine's workers
     lock = _FileLock(study_dir(cfg) / "claim.lock")
     hidden = _Hidden()  # what a failed tell hides (see _told_too_late)
     objective = make_objective(cfg, space, base, lock, hidden, sweep)
@@ -942,33 +814,23 @@ def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.Ba
             lock.release()
 
 
-# --------------------------------------------------------------------------------------------
-# Checks before the first trial: a configuration mistake stops the sweep before it costs a trial
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------- checks before the first trial costs anything
 
 
 def check_trial_config(cfg: TuneConfig, space: SearchSpace, base: dict) -> None:
-    """The example trial, then each categorical choice and range bound (the other parameters at
-    their example values), pass the trainer's checks, make a model config and find their files.
-    A bad choice met only by a trial would stop the sweep after the study had recorded it."""
-    def origin(key: str) -> str:
-        if key in base:
-            return cfg.train_config or "--train-config"
-        return space.source if key in space.base or key in space.params else "TrainConfig"
-
+    """The example trial, then each choice and range bound, pass the trainer's checks, make a
+    model config and find their files."""
     where = " with ".join(filter(None, (space.source, cfg.train_config)))
     example = space.example()
     trials = [("", example), *((f"params.{name}={value!r}: ", {**example, name: value})
                                for name, value in space.extremes())]
     where_is = where_set(cfg, space, base)
     for label, params in trials:
-        values = trial_run_config(cfg, {**space.base, **base, **params, **_budget(cfg)}, 0)
+        values = {**space.base, **base, **params, **_budget(cfg), **_trial_run(cfg, 0)}
         train_cfg = trainingmanager.config_from_dict(values, where)
         try:
             trainingmanager.validate_config(train_cfg, where_is)
-            if train_cfg.init_adapter is not None:  # a swept (or --train-config, or the
-                #   space's base) lora_* value at its default that differs from the adapter's
-                #   would train as the adapter's
+            if train_cfg.init_adapter is not None:  # lora_* values that differ from the adapter's
                 trainingmanager.with_init_adapter(train_cfg, typed={*space.base, *base, *params},
                                                   where_set=where_is)
             trainingmanager.data_config(train_cfg, train_cfg.block_size or 256)
@@ -980,35 +842,31 @@ def check_trial_config(cfg: TuneConfig, space: SearchSpace, base: dict) -> None:
             value = getattr(train_cfg, key)
             for path in [value] if isinstance(value, str) else value or []:
                 if path != "stdlib" and not Path(path).expanduser().exists():
-                    raise ValueError(f"{origin(key)}: {label}{key}: {path} not found")
+                    raise ValueError(f"{where_is(key)}: {label}{key}: {path} not found")
 
 
 def check_before_trials(cfg: TuneConfig) -> tuple[SearchSpace, dict]:
     """The space and the ``--train-config`` values (paths absolute), once every check that needs
-    no storage has passed: what ``tune`` runs before it writes anything, and what a space file
-    (the worked example in configs/search_spaces/README.md too) must pass to be usable."""
+    no storage has passed."""
     space = load_space(cfg.space)
     base: dict = {}
     if cfg.train_config:
         base = trainingmanager.load_config_file(cfg.train_config)
-        _check_no_resume(base, cfg.train_config)
-        _check_no_time_budget(base, cfg.train_config)
+        _check_no_resume_or_time_budget(base, cfg.train_config)
         base = absolute_paths(base, cfg.train_config)
     space.check_base({**space.base, **base}, cfg.train_config or "--train-config")
     check_trial_config(cfg, space, base)
     return space, base
 
 
-# TrainConfig keys that change how a trial is computed or reported, not its result: a continued
-# study may change them (as a resumed run may, trainingmanager.RESUME_MAY_CHANGE). The keys the
-# sweep sets per trial (``_trial_run``) are never the user's.
+# TrainConfig keys that change how a trial is computed, not its result: a continued study may
+# change them.
 STUDY_MAY_CHANGE = ("device", "compile", "gradient_checkpointing", "log_every",
                     "export_merged", "sample_prompt", "sample_tokens")
 
 
 def study_settings(cfg: TuneConfig, space: SearchSpace, base: dict) -> dict:
-    """What a trial's result depends on besides its sampled parameters: the TrainConfig values
-    every trial shares (space base < --train-config < the sweep's budget), as JSON holds them."""
+    """The TrainConfig values every trial's result depends on besides its sampled parameters."""
     shared = trainingmanager.config_from_dict({**space.base, **base, **_budget(cfg)},
                                               space.source)
     settings = dataclasses.asdict(shared)
@@ -1020,20 +878,21 @@ def study_settings(cfg: TuneConfig, space: SearchSpace, base: dict) -> dict:
 
 def check_study_settings(cfg: TuneConfig, space: SearchSpace, base: dict,
                          study: optuna.Study) -> None:
-    """Record the shared settings with a new study (or one from before they were recorded), and
-    refuse a continuation that changed them, naming each key with both values: trials run on
-    another budget or base would be ranked (best.json, importances) against each other.
-    Paths compare as absolute paths. An earlier codelm recorded them as typed: those are read
-    from the current directory (continue such a study from the one it was started in), and
-    recorded absolute once they match."""
-    now = study_settings(cfg, space, base)
+    """Record the shared settings with a study that has none (a new one, or one of trials
+    enqueued by hand), and refuse a continuation that changed them (its trials would be ranked
+    against each other), naming each key with both values."""
+    now = {"format_version": FORMAT_VERSION, **study_settings(cfg, space, base)}
     recorded = study.user_attrs.get(ATTR_SETTINGS)
     if recorded is None:
         study.set_user_attr(ATTR_SETTINGS, now)
         return
-    absolute = absolute_paths(recorded, f"study {cfg.study_name!r}: its recorded settings")
+    version = recorded.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"study {cfg.study_name!r} of storage {_storage_label(cfg)}: recorded "
+                         f"by format_version {version}, not {FORMAT_VERSION}: start a new study "
+                         "with another --study-name")
     changed = [f"{k}={recorded[k]!r} (now {now[k]!r})" for k in now
-               if k in recorded and absolute[k] != now[k]]
+               if k in recorded and recorded[k] != now[k]]
     if changed:
         raise ValueError(
             f"study {cfg.study_name!r} of storage {_storage_label(cfg)}: its trials ran with "
@@ -1042,13 +901,10 @@ def check_study_settings(cfg: TuneConfig, space: SearchSpace, base: dict,
             "--train-config): drop those changes to continue it, or start a new study with "
             "another --study-name. The TrainConfig keys a continued study may change: "
             f"{', '.join(STUDY_MAY_CHANGE)}")
-    if absolute != recorded:
-        study.set_user_attr(ATTR_SETTINGS, absolute)
 
 
 def check_space_fits_study(cfg: TuneConfig, space: SearchSpace, study: optuna.Study) -> None:
-    """A study fixes each parameter's kind, log scale and categorical choices at its first trial;
-    Optuna would refuse (and fail) every trial of a space that changed them."""
+    """A study fixes each parameter's kind, log scale and choices at its first trial."""
     recorded: dict[str, optuna.distributions.BaseDistribution] = {}
     for trial in study.get_trials(deepcopy=False):
         for name, dist in trial.distributions.items():
@@ -1081,28 +937,28 @@ def claim_study_dir(cfg: TuneConfig, study: optuna.Study) -> None:
     owner_file = study_dir(cfg) / OWNER_FILE
     mine = _storage_label(cfg)
     if owner_file.is_file():
-        try:
-            owner = json.loads(owner_file.read_text("utf-8"))["storage"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{owner_file}: unreadable ({e}); it names the storage of this "
-                             "directory's study: fix or delete it") from None
-        if owner != mine and absolute_sqlite(owner) != mine:  # (earlier studies: as typed)
-            hint = "without --storage" if owner == JOURNAL_FILE else f"with --storage {owner}"
+        owner = cliconfig.read_json_object(owner_file, "study owner")
+        if owner.get("format_version") != FORMAT_VERSION or not isinstance(
+                owner.get("storage"), str):
+            raise ValueError(f"{owner_file}: not a study.json of format_version "
+                             f"{FORMAT_VERSION}: delete it, or give this study another --out-dir")
+        if owner["storage"] != mine:
+            hint = ("without --storage" if owner["storage"] == JOURNAL_FILE
+                    else f"with --storage {owner['storage']}")
             raise ValueError(
-                f"{study_dir(cfg)} holds study {cfg.study_name!r} of storage {owner}, not of "
-                f"{mine}: run {hint} to continue that study, or give this one another "
+                f"{study_dir(cfg)} holds study {cfg.study_name!r} of storage {owner['storage']}, "
+                f"not of {mine}: run {hint} to continue that study, or give this one another "
                 "--out-dir or --study-name")
     trials_dir = study_dir(cfg) / "trials"
     if not study.get_trials(deepcopy=False) and trials_dir.is_dir() and any(trials_dir.iterdir()):
         raise ValueError(f"{trials_dir} holds the trials of a study that storage {mine} does not "
                          "have: move them away, or choose another --out-dir or --study-name")
     if not owner_file.is_file():
-        cliconfig.write_atomic(owner_file, json.dumps({"storage": mine}) + "\n")
+        cliconfig.write_atomic(owner_file, json.dumps(
+            {"format_version": FORMAT_VERSION, "storage": mine}) + "\n")
 
 
-# --------------------------------------------------------------------------------------------
-# Reports: best config, trials table, importances
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------- reports: best config, trials, importances
 
 
 def trial_reason(trial: FrozenTrial, retried_by: dict[int, int]) -> str:
@@ -1185,8 +1041,7 @@ def _short(value: str) -> str:
 
 
 class _OptunaLog(logging.Handler):
-    """Optuna's messages, one line each: a failed trial's reason is recorded (trials.csv), so its
-    traceback is noise; a stopping error or an interruption is told once by ``main``."""
+    """Optuna's messages, one line each, without what trials.csv or ``main`` already tell."""
 
     def emit(self, record: logging.LogRecord) -> None:
         error = record.exc_info[1] if record.exc_info else None
@@ -1206,15 +1061,11 @@ def _quiet_optuna() -> None:
         logger.addHandler(_OptunaLog())
 
 
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------- command line
 
 
 def _check_ranges(cfg: TuneConfig, where_set: Callable[[str], str]) -> TuneConfig:
-    """Value checks the types alone do not make, each naming the key, its value and where the
-    user set it (``where_set``); the study name is one directory of --out-dir (its files go to
-    <out_dir>/<study_name>/: "" or "../x" would put them elsewhere)."""
+    """Value checks the types alone do not make, each naming where the user set the key."""
     def named(key: str) -> str:
         return cliconfig.setting(cfg, key, where_set)
 
@@ -1230,8 +1081,6 @@ def _check_ranges(cfg: TuneConfig, where_set: Callable[[str], str]) -> TuneConfi
             raise ValueError(f"{named(key)}: must be at least 0")
     if cfg.sampler_seed is not None and not 0 <= cfg.sampler_seed < 2**32:
         raise ValueError(f"{named('sampler_seed')}: must be in [0, 2**32)")
-    # A grace period within one heartbeat interval declares live trials dead: other workers
-    # would fail them and queue them again while they still train.
     if cfg.grace_period <= cfg.heartbeat_interval:
         raise ValueError(f"{named('grace_period')}: must be more seconds than "
                          f"{named('heartbeat_interval')}")
@@ -1239,8 +1088,7 @@ def _check_ranges(cfg: TuneConfig, where_set: Callable[[str], str]) -> TuneConfi
 
 
 def config_from_dict(values: dict, source: str = "<dict>") -> TuneConfig:
-    """A TuneConfig from JSON-like values; errors name the source and the key (a key the
-    values do not set: its flag)."""
+    """A TuneConfig from JSON-like values; errors name the source and the key."""
     cfg = cliconfig.config_from_dict(TuneConfig, values, source, _CHOICES)
     return _check_ranges(cfg, lambda key: source if key in values else cliconfig.flag_of(key))
 
@@ -1265,9 +1113,7 @@ def parse_config(argv: Sequence[str] | None = None) -> TuneConfig:
 
 
 def absolute_sqlite(url: str | None) -> str | None:
-    """``sqlite:///x.db`` names a file relative to the current directory: made absolute, as the
-    journal file's path is, so that study.json, the workers and the advice to continue name the
-    same database from any directory."""
+    """``sqlite:///x.db`` made absolute, so that every directory names the same database."""
     if url is None or not url.startswith("sqlite"):
         return url
     parsed = sqlalchemy.engine.make_url(url)
@@ -1286,8 +1132,7 @@ def _start_workers(cfg: TuneConfig, sweep: str) -> list[subprocess.Popen]:
     worker_cfg = {**dataclasses.asdict(cfg), "progress": False}
     cliconfig.write_atomic(config_file, json.dumps(worker_cfg, indent=2) + "\n")
     env = {**os.environ, PARENT_ENV: str(os.getpid()), SWEEP_ENV: sweep}
-    # Their own session: a Ctrl-C (or a SIGTERM, a hangup's SIGHUP) reaches them once,
-    # forwarded by this process.
+    # Their own session: a stop signal reaches them once, forwarded by this process.
     return [subprocess.Popen([*WORKER_COMMAND, "--config", str(config_file), "--worker", str(i)],
                              start_new_session=True, env=env)
             for i in range(1, cfg.workers + 1)]
@@ -1298,31 +1143,25 @@ SWEEP_ENV = "CODELM_SWEEP_ID"  # the sweep_id of that sweep
 
 
 def sweep_id(cfg: TuneConfig) -> str:
-    """Who runs trials now: one id per sweep command (per ``tune`` call), shared by its
-    workers, new at every run of the command."""
+    """One id per run of the sweep command, shared by its workers."""
     return (cfg.worker and os.environ.get(SWEEP_ENV)) or uuid.uuid4().hex
 
 
-# The signal the kernel sends a worker when its sweep dies (PR_SET_PDEATHSIG). Not SIGHUP, the
-# hangup that every script takes as a stop of its own (cliconfig.STOP_SIGNALS): the sweep passes
-# its hangup on to its workers as one (they run in their own sessions), and nohup's ignored
-# SIGHUP, which a worker inherits, must not blind it to its sweep's death.
+# The signal a worker gets when its sweep dies (PR_SET_PDEATHSIG); not SIGHUP, which nohup
+# ignores and a sweep forwards as a stop of its own.
 PARENT_DEATH_SIGNAL = signal.SIGUSR2
 
 
 def _stop_with_parent() -> None:
     """A worker stops its trial as at a SIGTERM when its sweep process dies (kill -9, the OOM
-    killer), instead of sweeping on unseen beside the workers of a re-run. Linux only (prctl);
-    elsewhere a worker outlives a killed sweep."""
+    killer). Linux only (prctl)."""
     parent = os.environ.get(PARENT_ENV)
     if parent is None or not sys.platform.startswith("linux"):
         return
     import ctypes
 
     def parent_died(signum, frame):
-        # Once: the kernel sends the death signal again as each of the sweep's threads exits;
-        # the trainer takes a repeated SIGTERM as the same stop, but one after its step loop
-        # would interrupt the trial's report.
+        # Once: the kernel sends it again as each of the sweep's threads exits.
         signal.signal(PARENT_DEATH_SIGNAL, signal.SIG_IGN)
         signal.raise_signal(signal.SIGTERM)
 
@@ -1334,18 +1173,13 @@ def _stop_with_parent() -> None:
 
 
 def _run_workers(cfg: TuneConfig, study: optuna.Study, bar: tqdm, sweep: str) -> int:
-    """Run ``cfg.workers`` worker processes to the end; a Ctrl-C, SIGTERM or SIGHUP to this process
-    is passed on to them (the same signal), and they are waited for. A worker's configuration error
-    (exit status 2) stops the others with SIGTERM, as it stops a sweep of one worker: their trials
-    end as interrupted and run again when the fixed command is. Returns the exit status of the first
-    worker that failed (its error stopped it), else 0. A worker killed by a signal is told but is no
-    failure of the sweep: as with a dead worker on another machine, the study queues its trial
-    again, and the trial count decides."""
+    """Run ``cfg.workers`` worker processes to the end, passing a stop signal on. A worker's
+    configuration error (exit 2) stops the others. Returns the first failed worker's exit
+    status, else 0 (a worker killed by a signal is told; its trial is queued again)."""
     procs = _start_workers(cfg, sweep)
     stopped: list[subprocess.Popen] = []  # the workers another's error stopped
     try:
-        # poll() every worker each time: that reaps a dead one, whose process id must vanish
-        # for the others to see that its trial is orphaned.
+        # poll() every worker: a dead one's process id must vanish for its trial to be orphaned
         while None in [p.poll() for p in procs]:
             if not stopped and any(p.returncode == 2 for p in procs):
                 stopped = [p for p in procs if p.returncode is None]
@@ -1382,6 +1216,24 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
+def _warn_of_space(cfg: TuneConfig, space: SearchSpace, base: dict) -> None:
+    """Warn of a space that ranks trials by something else than its parameters."""
+    if sampled := sorted(BATCH_KEYS & set(space.params)):
+        print(f"warning: {space.source}: params {', '.join(sampled)}: trials share a step budget "
+              "(--max-steps), so a larger effective batch (batch_size x grad_accum) sees more "
+              "data and tends to win for that alone; fix them in the space's base to compare "
+              "the other parameters", file=sys.stderr)
+    warmups = [v for name, v in space.extremes() if name == "warmup_steps"]
+    if warmups and max(warmups) >= cfg.max_steps // 2:
+        print(f"warning: {space.source}: params warmup_steps reaches {max(warmups)} of the "
+              f"{cfg.max_steps}-step budget (--max-steps): such trials spend half their steps "
+              "or more warming up, which ranks the warmup more than the other parameters; lower "
+              "its range or raise --max-steps", file=sys.stderr)
+    if swept := sorted(set(base) & set(space.params)):  # e.g. a config.json of another run
+        print(f"note: {cfg.train_config}: {', '.join(swept)}: sampled by {space.source}; each "
+              "trial's sampled value replaces the file's", file=sys.stderr)
+
+
 def tune(cfg: TuneConfig) -> TuneResult:
     """Run (or continue) the sweep until the study holds ``cfg.n_trials`` finished trials."""
     if cfg.worker:
@@ -1399,20 +1251,7 @@ def tune(cfg: TuneConfig) -> TuneResult:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))
         run_worker(cfg, study, storage, space, base, sweep_id(cfg))
         return TuneResult(study_dir(cfg), study_progress(study)[0], None, None)
-    if sampled := sorted(BATCH_KEYS & set(space.params)):
-        print(f"warning: {space.source}: params {', '.join(sampled)}: trials share a step budget "
-              "(--max-steps), so a larger effective batch (batch_size x grad_accum) sees more "
-              "data and tends to win for that alone; fix them in the space's base to compare "
-              "the other parameters", file=sys.stderr)
-    warmups = [v for name, v in space.extremes() if name == "warmup_steps"]
-    if warmups and max(warmups) >= cfg.max_steps // 2:
-        print(f"warning: {space.source}: params warmup_steps reaches {max(warmups)} of the "
-              f"{cfg.max_steps}-step budget (--max-steps): such trials spend half their steps "
-              "or more warming up, which ranks the warmup more than the other parameters; lower "
-              "its range or raise --max-steps", file=sys.stderr)
-    if swept := sorted(set(base) & set(space.params)):  # e.g. a config.json of an earlier run
-        print(f"note: {cfg.train_config}: {', '.join(swept)}: sampled by {space.source}; each "
-              "trial's sampled value replaces the file's", file=sys.stderr)
+    _warn_of_space(cfg, space, base)
     finished = study_progress(study)[0]
     bar = tqdm(total=cfg.n_trials, initial=min(finished, cfg.n_trials), unit="trial",
                desc=cfg.study_name, disable=not cfg.progress)

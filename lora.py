@@ -1,16 +1,6 @@
-"""LoRA for codelm: exact, strict about target names, and file-compatible with PEFT.
-
-codelm fuses q/k/v into one Linear. A LoRA target given in the loaded family's HF names
-(``q_proj``, ``c_attn``, ``qkv_proj``, ...) therefore becomes one adapter on the fused module that
-owns exactly the output rows ``pretrained.hf_module_slots`` assigns to that HF module.
-Each adapter has its own A and B, shaped as PEFT shapes them on the transformers model, so the
-model computes what PEFT computes, the parameter count is PEFT's, and the adapter file uses PEFT's
-key names. codelm's own names (``qkv``, ``attn.proj``, ``fc``, ...) select the HF modules that live
-inside the named codelm modules (every codelm model has a family: the HF layout it exports to).
-
-``quantize_base`` stores frozen Linear weights as int8 (per-row absmax) or NF4 (blocks of 64) and
-dequantizes them on the fly, so LoRA can train on top of a 4-bit base (QLoRA) on CPU or CUDA.
-"""
+"""LoRA for codelm, file-compatible with PEFT: adapters on the HF modules of the model's family
+(``pretrained.hf_module_slots``; q/k/v are rows of one fused module), merge, and a quantized
+base (int8 or NF4) for QLoRA."""
 
 from __future__ import annotations
 
@@ -31,8 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 import cliconfig
@@ -43,6 +32,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 LEGACY_WEIGHTS = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
+# The version of the adapter files codelm writes, in the weights' safetensors metadata (PEFT
+# ignores it; PEFT's own files have none).
+FORMAT_KEY, FORMAT_VERSION = "codelm_format_version", "1"
 
 # PEFT adapter_config.json keys codelm cannot honour, with the value that means "feature unused".
 _UNSUPPORTED_PEFT_KEYS = {
@@ -63,11 +55,8 @@ _KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\."
 @dataclass
 class LoRAConfig:
     """Rank, scale and targets of a LoRA run (PEFT's LoraConfig fields under plain names).
-
-    ``target_modules``: a list of module names, each matching a module whose full name equals it or
-    ends with ``"." + name`` (PEFT's rule), or one string used as a regular expression that must
-    match a full module name (PEFT's rule for a string).
-    """
+    ``target_modules``: names, each matching a module name or its dotted suffix, or one string,
+    a regular expression that must match a whole module name (PEFT's rules)."""
 
     r: int = 8
     alpha: float = 16.0
@@ -77,28 +66,26 @@ class LoRAConfig:
     use_rslora: bool = False
 
     def __post_init__(self):
-        # Types first: a hand-edited adapter_config.json ("lora_alpha": "16") must fail here as a
-        # ValueError naming the field, not later as a TypeError deep in apply_lora.
-        if not cliconfig.is_number(self.r, int) or self.r <= 0:
-            raise ValueError(f"LoRAConfig.r must be a positive integer, got {self.r!r}")
-        if not cliconfig.is_number(self.alpha) or not math.isfinite(self.alpha):
-            raise ValueError(f"LoRAConfig.alpha must be a finite number, got {self.alpha!r}")
+        # Types first: a hand-edited adapter_config.json fails here, naming the field.
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        number = cliconfig.is_number
+        for name, ok, want in (
+                ("r", number(self.r, int) and self.r > 0, "a positive integer"),
+                ("alpha", number(self.alpha) and math.isfinite(self.alpha), "a finite number"),
+                ("dropout", number(self.dropout) and 0.0 <= self.dropout < 1.0,
+                 "a number in [0, 1)"),
+                ("use_rslora", isinstance(self.use_rslora, bool), "true/false"),
+                ("target_modules", isinstance(self.target_modules, (list, str)),
+                 "a list of module names or one regular expression")):
+            if not ok:
+                raise ValueError(f"LoRAConfig.{name} must be {want}, got {getattr(self, name)!r}")
         if self.alpha == 0:  # the update and its gradients are scaled to zero: nothing trains
             raise ValueError("LoRAConfig.alpha must not be 0: it scales the adapters' update and "
                              "their gradients to zero, so they would never train")
-        if not cliconfig.is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRAConfig.dropout must be a number in [0, 1), got "
-                             f"{self.dropout!r}")
         if self.bias != "none":
             raise ValueError(f"LoRAConfig.bias={self.bias!r} is not supported: codelm's LoRA trains "
                              "only the low-rank matrices (bias='none')")
-        if not isinstance(self.use_rslora, bool):
-            raise ValueError(f"LoRAConfig.use_rslora must be true/false, got {self.use_rslora!r}")
-        if isinstance(self.target_modules, tuple):
-            self.target_modules = list(self.target_modules)
-        if not isinstance(self.target_modules, (list, str)):
-            raise ValueError("LoRAConfig.target_modules must be a list of module names or one "
-                             f"regular expression, got {self.target_modules!r}")
         if not self.target_modules:
             raise ValueError("LoRAConfig.target_modules is empty; name the modules to adapt, "
                              "e.g. ['q_proj', 'v_proj'] or codelm's ['qkv', 'attn.proj']")
@@ -139,11 +126,8 @@ class LoRAReport:
 # ----------------------------------------------------------------------------- quantized base
 
 def nf4_levels() -> torch.Tensor:
-    """The 16 NormalFloat4 levels of QLoRA: normal quantiles, exact 0 and +-1, scaled to [-1, 1].
-
-    Built from the paper's recipe (8 positive and 7 negative quantiles of N(0, 1) between the
-    offset 0.9677 and the median, plus zero) rather than typed in.
-    """
+    """The 16 NormalFloat4 levels of QLoRA, built by the paper's recipe: 8 positive and 7
+    negative quantiles of N(0, 1), and zero, scaled to [-1, 1]."""
     normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64),
                                         torch.tensor(1.0, dtype=torch.float64))
     offset = 0.9677083
@@ -157,8 +141,7 @@ NF4_BLOCK = 64
 
 
 class _DequantLinear(torch.autograd.Function):
-    """x @ W.T with W dequantized in forward and again in backward, so no full-precision copy of
-    W is kept alive between them (that would undo the memory saving while training)."""
+    """x @ W.T with W dequantized in forward and again in backward: no full-precision W is kept."""
 
     @staticmethod
     def forward(ctx, x, module):
@@ -253,11 +236,8 @@ class QuantReport:
 
 
 def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """``model.to(dtype)`` for its base weights, as a model built in that dtype holds them:
-    LoRA adapters stay in their fp32 (as ``add_adapter`` makes them, and ``load_adapter`` on a
-    base of any dtype leaves them), and a quantized base (``QuantLinear``) keeps its scales and
-    NF4 levels as ``quantize_base`` computed them and dequantizes to ``dtype``; cast too, they
-    would change the weights themselves (each block's by up to 2**-9 of its size in bf16)."""
+    """``model.to(dtype)`` for its base weights only: adapters stay fp32, and a quantized base
+    keeps its scales and levels (cast, they would change the weights) and dequantizes to dtype."""
     base = {id(p) for _, m in lora_modules(model) for p in m.base.parameters()}
     adapters = [(p, p.data) for _, m in lora_modules(model) for p in m.parameters()
                 if id(p) not in base]
@@ -272,15 +252,10 @@ def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
         q.weight_dtype = dtype
     return model
 
-def quantize_base(model: nn.Module, bits: int = 4, skip: tuple[str, ...] = ("lm_head",)) -> QuantReport:
-    """Replace every frozen-base ``nn.Linear`` (also those under LoRA) by a ``QuantLinear``.
 
-    ``skip``: module names left in full precision (like bitsandbytes, the output head by default:
-    it shapes every logit). A weight tied to another module (lm_head = wte) always stays: a
-    quantized copy would add memory, not save it.
-    """
-    if bits not in (4, 8):
-        raise ValueError(f"quantize_base: bits must be 8 (int8) or 4 (NF4), got {bits!r}")
+def quantize_base(model: nn.Module, bits: int = 4, skip: tuple[str, ...] = ("lm_head",)) -> QuantReport:
+    """Replace every frozen-base ``nn.Linear`` (also those under LoRA) by a ``QuantLinear``,
+    except ``skip`` (as bitsandbytes, the head) and weights tied to another module."""
     bf16_total = 2 * sum(p.numel() for p in model.parameters())
     tied = _shared_parameters(model)
     names, quant_bytes, bf16_bytes = [], 0, 0
@@ -304,13 +279,9 @@ def quantize_base(model: nn.Module, bits: int = 4, skip: tuple[str, ...] = ("lm_
 # ----------------------------------------------------------------------------- LoRA layers
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer (``nn.Linear`` or ``QuantLinear``) plus low-rank updates.
-
-    Each adapter ``key`` owns a set of output rows (all of them, or the rows of one HF module inside
-    a fused codelm module) and computes ``B @ A @ dropout(x) * scale`` on them, exactly PEFT's
-    ``lora_B(lora_A(dropout(x))) * scaling``. All adapters share one matmul for A when no dropout
-    is drawn; with dropout in training each draws its own mask, as each PEFT module does.
-    """
+    """A frozen linear layer plus low-rank updates. Each adapter ``key`` owns output rows (all,
+    or one HF module's inside a fused module) and adds PEFT's ``lora_B(lora_A(dropout(x))) *
+    scaling`` to them; the A matmuls are one when no dropout mask is drawn."""
 
     def __init__(self, base: nn.Module, r: int, scale: float, dropout: float):
         super().__init__()
@@ -357,8 +328,7 @@ class LoRALinear(nn.Module):
         self.lora_A[key] = nn.Parameter(A)
         self.lora_B[key] = nn.Parameter(torch.zeros(n_out, self.r, device=device))
         self.names[key] = name
-        # Where the adapter's rows go: one contiguous slice (permuted within it when the HF order
-        # differs; then B is reordered, which is cheap) or, in general, a scatter.
+        # Where the adapter's rows go: a contiguous slice (B reordered if permuted), or a scatter.
         lo, hi, reorder, scatter = 0, self.out_features, False, False
         if rows is not None:
             rows = rows.to(torch.long).cpu()
@@ -374,9 +344,8 @@ class LoRALinear(nn.Module):
         self._segments = self._plan_segments()
 
     def _plan_segments(self) -> list[str | int] | None:
-        """The output rows in order as adapter keys and widths of rows no adapter owns, so that the
-        update is one concatenation (cheaper to differentiate than in-place slice updates);
-        None when some adapter's rows are scattered."""
+        """The output rows as adapter keys and widths of unowned rows, so the update is one
+        concatenation; None when some adapter's rows are scattered."""
         if any(scatter for *_, scatter in self._place.values()):
             return None
         segments, pos = [], 0
@@ -439,9 +408,7 @@ class LoRALinear(nn.Module):
 
 
 class LoRAEmbedding(nn.Module):
-    """A frozen embedding plus a low-rank update, laid out as PEFT lays it out: ``lora_embedding_A``
-    (r, vocab) starts at zero and ``lora_embedding_B`` (dim, r) is normal, so the update starts at
-    zero; like PEFT, no dropout (the input is token ids)."""
+    """A frozen embedding plus a low-rank update in PEFT's layout (A zero, B normal, no dropout)."""
 
     def __init__(self, base: nn.Embedding, r: int, scale: float, name: str):
         super().__init__()
@@ -487,9 +454,8 @@ _LORA_TYPES = (LoRALinear, LoRAEmbedding)
 
 
 def _skips_merged(module: LoRALinear | LoRAEmbedding) -> bool:
-    """Whether forward leaves the adapters out, as they are in the base weight (merged). A
-    training forward would give them no gradient (autograd's "does not require grad" at
-    backward, or adapters that silently stop learning), so it is an error naming the cure."""
+    """Whether forward leaves the adapters out (merged); training through merged adapters, which
+    would get no gradient, is an error naming the cure."""
     if module.merged and module.training and torch.is_grad_enabled():
         raise ValueError("the LoRA adapters are merged into the base weights (merge_lora / "
                          "merge_and_export), so training would not reach them: call "
@@ -513,8 +479,7 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def _module_names(model: nn.Module) -> dict[str, tuple[str, torch.Tensor | None]]:
-    """HF module name of the model's family -> (codelm path, output rows); the names adapter
-    files use (``pretrained.hf_module_slots``)."""
+    """HF module name of the model's family (the adapter file's names) -> (codelm path, rows)."""
     return {name: (slot.path, slot.rows)
             for name, slot in pretrained.hf_module_slots(model.cfg).items()}
 
@@ -531,9 +496,8 @@ def _leaf_names(names) -> list[str]:
 
 def _resolve_targets(model: nn.Module, targets: list[str] | str,
                      peft_rules: bool = False) -> dict[str, list[str]]:
-    """target -> the adapter-file module names it selects. Each target must select something, HF
-    name or codelm name. Under ``peft_rules``, as PEFT reads an adapter file, targets match HF
-    names only and at least one of them must select something."""
+    """target -> the adapter-file module names it selects (HF names, else codelm names); each
+    must select something, or under ``peft_rules`` (HF names only) at least one."""
     names = _module_names(model)
     codelm_paths = [p for p, m in model.named_modules()
                     if isinstance(m, (nn.Linear, nn.Embedding, QuantLinear))]
@@ -567,19 +531,13 @@ def _resolve_targets(model: nn.Module, targets: list[str] | str,
 
 def targeted_modules(model: nn.Module, targets: list[str] | str,
                      peft_rules: bool = False) -> set[str]:
-    """The adapter-file module names (HF names of the model's family) that ``targets`` selects on
-    ``model``: as ``apply_lora`` selects them, or under ``peft_rules`` as ``load_adapter`` reads
-    an adapter file's ``target_modules``. Two spellings (HF names, codelm names, a regular
-    expression) adapt the same modules exactly when these sets are equal; the model may be on
-    the meta device. Targets ``apply_lora`` (``load_adapter``) refuses are its ValueError."""
+    """The adapter-file module names ``targets`` selects, as ``apply_lora`` (or under
+    ``peft_rules``, ``load_adapter``) would: two spellings adapt the same modules when equal."""
     return {n for hits in _resolve_targets(model, targets, peft_rules).values() for n in hits}
 
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> LoRAReport:
-    """Freeze the whole model and add LoRA adapters on the modules ``cfg.target_modules`` names.
-
-    Every check runs before the model changes, so a bad target leaves it as it was.
-    """
+    """Freeze the model and add LoRA adapters on ``cfg.target_modules`` (checked first)."""
     _check_model(model, "apply_lora")
     if not isinstance(cfg, LoRAConfig):
         raise ValueError("apply_lora needs a lora.LoRAConfig (PEFT's LoraConfig fields under plain "
@@ -659,8 +617,7 @@ def _shared_parameters(model: nn.Module) -> dict[int, list[str]]:
 def tied_targets(model: nn.Module,
                  modules: Iterable[tuple[str, LoRALinear | LoRAEmbedding]] | None = None
                  ) -> dict[str, list[str]]:
-    """The LoRA modules (of ``modules``, default all) whose base weight another module shares
-    (a tied lm_head/wte), with every name of that weight: a merge into one changes both."""
+    """LoRA modules (default all) whose base weight another module shares -> that weight's names."""
     tied = _shared_parameters(model)
     weights = ((path, getattr(module.base, "weight", None))  # a QuantLinear base: never tied
                for path, module in (lora_modules(model) if modules is None else modules))
@@ -688,8 +645,7 @@ def merge_lora(model: nn.Module) -> None:
 
 
 def unmerge_lora(model: nn.Module) -> None:
-    """Undo ``merge_lora`` (in fp32, then cast): the weights come back to within one rounding of
-    the base dtype (about 1 ulp for some, as with PEFT), not bit for bit. Idempotent."""
+    """Undo ``merge_lora`` (in fp32, then cast: to within one rounding, as PEFT). Idempotent."""
     for _, module in lora_modules(model):
         if module.merged:
             module.merge(-1.0)
@@ -697,10 +653,7 @@ def unmerge_lora(model: nn.Module) -> None:
 
 
 def merge_and_export(model: nn.Module, out_dir: str | Path) -> Path:
-    """Merge the adapters and write a full HF checkpoint of the family via ``save_pretrained``.
-
-    The model is left merged (its outputs unchanged); ``unmerge_lora`` resumes training.
-    """
+    """Merge the adapters and write a full HF checkpoint (the model is left merged)."""
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("merge_and_export needs a full-precision base: build the model with "
                          "Transformer.from_pretrained (not quantized), load_adapter, then export")
@@ -742,12 +695,8 @@ def _target_spec(model: nn.Module, written: set[str]) -> list[str] | str:
 
 def save_adapter(model: nn.Module, out_dir: str | Path,
                  base_model_name_or_path: str | Path | None = None) -> Path:
-    """Write the adapters in PEFT's layout: adapter_config.json + adapter_model.safetensors, keys
-    ``base_model.model.<HF module>.lora_A.weight`` etc., loadable by ``PeftModel.from_pretrained``
-    on the transformers model of the family. ``base_model_name_or_path``: the base's directory
-    (or hub name; default: the directory the model was loaded from, ``model.name_or_path``),
-    recorded as PEFT records it, so that ``AutoPeftModelForCausalLM``, transformers and
-    ``python lora.py`` load the adapter directory on its own."""
+    """Write the adapters in PEFT's layout (adapter_config.json + adapter_model.safetensors),
+    recording the base (default: ``model.name_or_path``) as PEFT does."""
     cfg: LoRAConfig | None = getattr(model, "lora_config", None)
     if cfg is None:
         raise ValueError("save_adapter: the model has no LoRA adapters (apply_lora first)")
@@ -771,17 +720,17 @@ def save_adapter(model: nn.Module, out_dir: str | Path,
         **_UNSUPPORTED_PEFT_KEYS,
     }
     out.mkdir(parents=True, exist_ok=True)
-    # As a set (config last, as save_pretrained): a failed save leaves the earlier adapter whole.
+    # As a set (config last, as save_pretrained): a failed save leaves the last adapter whole.
     cliconfig.write_atomic_files({
-        out / ADAPTER_WEIGHTS: partial(pretrained.write_safetensors, tensors=tensors),
+        out / ADAPTER_WEIGHTS: partial(pretrained.write_safetensors, tensors=tensors,
+                                       metadata={FORMAT_KEY: FORMAT_VERSION}),
         out / ADAPTER_CONFIG: json.dumps(config, indent=2, sort_keys=True) + "\n",
     })
     return out
 
 
 def _unused(value: object, unused: object) -> bool:
-    """PEFT writes a feature's absence as null, false, {} or []; by value and type, since a
-    ``layers_to_transform`` of 0 is layer 0, not false."""
+    """PEFT writes a feature's absence as null, false, {} or [] (by type: 0 is layer 0)."""
     return (value is None or value is False or value in ({}, [])
             or (type(value) is type(unused) and value == unused))
 
@@ -793,11 +742,8 @@ def adapters_below(path: Path) -> str:
 
 
 def read_adapter_config(path: str | Path, config_name: str = ADAPTER_CONFIG) -> LoRAConfig:
-    """The LoRAConfig of an adapter directory (PEFT's or ``save_adapter``'s), refusing what
-    codelm's LoRA cannot honour (``_UNSUPPORTED_PEFT_KEYS``, a base-rewriting init): the one
-    check of ``load_adapter``, ``python lora.py`` and a run's ``--init-adapter``.
-    ``config_name``: the file's name in ``path`` (a run's copy of its adapter's config has its
-    own, trainingmanager's ``INIT_ADAPTER_COPY``)."""
+    """The LoRAConfig of an adapter directory, refusing what codelm cannot honour: the one check
+    of every adapter_config.json read (``config_name``: a run's copy has its own name)."""
     path = Path(path)
     file = path / config_name
     if not file.is_file():
@@ -828,9 +774,7 @@ def read_adapter_config(path: str | Path, config_name: str = ADAPTER_CONFIG) -> 
 
 def adapter_base(adapter_dir: str | Path, remedy: str, config_name: str = ADAPTER_CONFIG
                  ) -> Path:
-    """The local base model an adapter's config names (``base_model_name_or_path``, which PEFT
-    and ``save_adapter`` record); ``remedy`` ends the error when it names none here;
-    ``config_name`` as ``read_adapter_config`` takes it."""
+    """The local base model an adapter's config names; ``remedy`` ends the error otherwise."""
     file = Path(adapter_dir) / config_name
     base = cliconfig.read_json_object(file, "adapter config").get("base_model_name_or_path")
     if not base or not Path(base).is_dir():
@@ -840,14 +784,19 @@ def adapter_base(adapter_dir: str | Path, remedy: str, config_name: str = ADAPTE
 
 
 def _read_weights(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
-    """The adapter's weight file and tensors; a truncated or corrupt file (a copy cut short) is
-    an error naming it."""
-    if (path / ADAPTER_WEIGHTS).is_file():
+    """The adapter's weight file and tensors; a corrupt file is an error naming it."""
+    file = path / ADAPTER_WEIGHTS
+    if file.is_file():
         try:
-            return path / ADAPTER_WEIGHTS, load_file(str(path / ADAPTER_WEIGHTS))
+            with safe_open(str(file), "pt") as f:
+                version = (f.metadata() or {}).get(FORMAT_KEY, FORMAT_VERSION)
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
         except SafetensorError as e:
-            raise ValueError(f"{path / ADAPTER_WEIGHTS}: truncated or corrupt safetensors file "
-                             f"({e})") from None
+            raise ValueError(f"{file}: truncated or corrupt safetensors file ({e})") from None
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{file}: a codelm adapter of format_version {version}, not "
+                             f"{FORMAT_VERSION}: load it with the codelm that wrote it")
+        return file, tensors
     if (path / LEGACY_WEIGHTS).is_file():  # older PEFT wrote pickled weights; tensors only
         return path / LEGACY_WEIGHTS, pretrained.read_bin(path / LEGACY_WEIGHTS)
     raise ValueError(f"{path}: no {ADAPTER_WEIGHTS} (or {LEGACY_WEIGHTS}) found")
@@ -855,14 +804,9 @@ def _read_weights(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
 
 @torch.no_grad()
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAReport:
-    """Load an adapter written by ``save_adapter`` or by PEFT.
-
-    On a plain model the adapter's config is applied first (PEFT's rule: targets the model lacks
-    are skipped as long as one matches); on a model that already carries the same adapters
-    (resuming), only the weights are replaced. Every key of the file must land on an adapter and
-    every adapter must get its weights. Every check runs before anything is written, and a
-    failed load leaves the model as it was.
-    """
+    """Load an adapter written by ``save_adapter`` or by PEFT: attached as its config says, or
+    into the model's same adapters. Every key must land and every adapter get weights; a
+    failed load leaves the model as it was."""
     _check_model(model, "load_adapter")
     path = Path(adapter_dir)
     cfg = read_adapter_config(path)
@@ -886,8 +830,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAReport:
 
 
 def _attach_as_file_says(model: nn.Module, cfg: LoRAConfig, file: Path) -> dict[str, list[str]]:
-    """New adapters where the adapter file ``file`` (of config ``cfg``) puts them: PEFT's target
-    rules; an error names the file."""
+    """New adapters where the adapter file puts them (PEFT's rules); an error names the file."""
     try:
         resolved = _resolve_targets(model, cfg.target_modules, peft_rules=True)
         _attach(model, cfg, resolved)
@@ -898,10 +841,8 @@ def _attach_as_file_says(model: nn.Module, cfg: LoRAConfig, file: Path) -> dict[
 
 def apply_adapter_layout(model: nn.Module, adapter_dir: str | Path,
                          config_name: str = ADAPTER_CONFIG) -> LoRAReport:
-    """Freeze the model and add new adapters where ``load_adapter`` would put the adapter's
-    (its config's rank, scale and targets under PEFT's rules), without reading its weights:
-    for weights that come from elsewhere (a run's checkpoint of that adapter trained on), so
-    only the config file is needed (``config_name`` as ``read_adapter_config`` takes it)."""
+    """Freeze the model and add the adapters ``load_adapter`` would, without their weights (a
+    run's checkpoint holds them)."""
     _check_model(model, "apply_adapter_layout")
     if any(True for _ in lora_modules(model)):
         raise ValueError("the model already has LoRA adapters; apply_adapter_layout once per "
@@ -961,10 +902,8 @@ def _copy_adapter(model: nn.Module, tensors: dict[str, torch.Tensor], file: Path
 
 
 def changed_base_tensors(model: nn.Module, adapter_dir: str | Path) -> list[str]:
-    """The base-layer keys of an adapter file (PEFT saves an adapted embedding's and head's)
-    whose values are not the model's: the base weights ``load_adapter`` would change. A run
-    keeps only its adapters, so such a change would be lost on resume and export. Keys that do
-    not fit the model are load_adapter's errors."""
+    """The adapter file's base-layer keys (PEFT saves an adapted embedding's) whose values
+    differ from the model's: changes a run, keeping only adapters, would lose."""
     file, tensors = _read_weights(Path(adapter_dir))
     names = _module_names(model)
     changed = []
@@ -1006,9 +945,8 @@ def _base_tensor_writer(model, names, name, attr, tensor, file, key) -> Callable
 # ----------------------------------------------------------------------------- command line
 
 def _check_adapter_tokenizer(adapter: Path, base: Path) -> None:
-    """Refuse an adapter's own tokenizer that is not its base's (tokenizer's
-    ``check_model_tokenizer``): the merge would ship it with the base's config. The merge only
-    copies tokenizer files, so one codelm cannot read (a SentencePiece model) is not checked."""
+    """Refuse an adapter's own tokenizer that is not its base's (the merge ships it with the
+    base's config); one codelm cannot read is only copied."""
     from tokenizer import check_model_tokenizer, load_tokenizer
 
     try:
@@ -1027,10 +965,8 @@ def main(argv: list[str] | None = None) -> int:
     from architecture import Transformer
 
     parser = argparse.ArgumentParser(
-        description="Merge a LoRA adapter (codelm's or PEFT's) into its base model and write the "
-        "merged model as a new HF checkpoint of the base's family (safetensors, with the "
-        "tokenizer files of the adapter directory, else of the base): transformers loads it "
-        "without PEFT, and it computes what the base with the adapter computes.")
+        description="Merge a LoRA adapter (codelm's or PEFT's) into its base model and write a "
+        "new HF checkpoint of the base's family, which transformers loads without PEFT.")
     parser.add_argument("adapter", help="the adapter directory (adapter_config.json + weights)")
     parser.add_argument("out", help="the new directory (must not exist)")
     parser.add_argument("--base", help="the base model directory (default: the adapter config's "

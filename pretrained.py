@@ -1,13 +1,5 @@
-"""HF checkpoints <-> codelm `Transformer`: one name table per family, load and export.
-
-A family table maps each HF module (e.g. `model.layers.{i}.self_attn.q_proj`) onto a codelm
-module and the rows of that module's output it fills (`part`). Loading, exporting and LoRA
-targeting (`hf_module_slots`) all read these tables; nothing else knows HF names.
-
-Loading never holds two copies: the model is built on the meta device, safetensors files are
-memory-mapped and unfused tensors assigned as views of the map; tensors that codelm fuses (q/k/v
-of Llama and Phi) are read from the file straight into their rows of the fused tensor.
-"""
+"""HF checkpoints <-> codelm `Transformer`: one name table per family (read by loading,
+exporting and LoRA targeting), and load/save that never hold two copies of the weights."""
 
 from __future__ import annotations
 
@@ -20,6 +12,7 @@ import json
 import mmap
 import shutil
 import sys
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from functools import partial
@@ -96,17 +89,6 @@ GPT_BIGCODE_MODULES = {
     "lm_head": ("lm_head", None),
 }
 
-# Tensors old checkpoints carry that are buffers, not weights (masks, rotary caches).
-IGNORED_SUFFIXES = {
-    "llama": (".rotary_emb.inv_freq",),
-    "phi": (".rotary_emb.inv_freq",),
-    "codegen": (".attn.causal_mask", ".attn.masked_bias", ".attn.bias"),
-    "gpt_bigcode": (".attn.masked_bias", ".attn.bias", "transformer.bias"),
-}
-
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "phi": "PhiForCausalLM",
-                 "codegen": "CodeGenForCausalLM", "gpt_bigcode": "GPTBigCodeForCausalLM"}
-
 HF_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
           "gelu_fast": "gelu_tanh"}
 
@@ -130,9 +112,7 @@ _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a s
 
 
 def _typed(key: str, value, kind: type):
-    """value checked as a JSON value of kind, as transformers 5 checks it, else a ValueError
-    naming key (Python reads "false" as true, and 16.5 fails later as a tensor size). An
-    integral float (64.0) is taken as its int."""
+    """value checked as a JSON value of kind, as transformers 5 checks it (64.0 reads as 64)."""
     if kind is int and isinstance(value, float) and value.is_integer():
         value = int(value)
     if (isinstance(value, bool) != (kind is bool)  # a JSON true is no number, 1 no boolean
@@ -142,8 +122,7 @@ def _typed(key: str, value, kind: type):
 
 
 def _get(hf: dict, *names: str, kind: type = int, default=_REQUIRED):
-    """The first of names that is set, checked by `_typed`. A null counts as absent (transformers'
-    optional numbers), except for a boolean: transformers 5 refuses a null one."""
+    """The first of names that is set (a null counts as absent, except for a boolean)."""
     for n in names:
         if hf.get(n) is not None or (kind is bool and n in hf):
             return _typed(n, hf[n], kind)
@@ -153,8 +132,7 @@ def _get(hf: dict, *names: str, kind: type = int, default=_REQUIRED):
 
 
 def _heads(hf: dict, *names: str, default=_REQUIRED) -> int:
-    """The head count, checked here because the readers divide the width by it (ModelConfig
-    checks every other size)."""
+    """The head count, checked here because the readers divide the width by it."""
     n = _get(hf, *names, default=default)
     if n < 1:
         key = next(k for k in names if hf.get(k) is not None)
@@ -193,11 +171,8 @@ def _act(hf: dict, key: str, default: str) -> str:
 
 
 def _rope(hf: dict, default_partial: float = 1.0) -> dict:
-    """Rope fields as transformers resolves them: the Hub's older `rope_scaling` dict, when given,
-    replaces transformers 5's `rope_parameters`; rope_theta and partial_rotary_factor are read
-    from that dict, else from the top level (a null counts as absent). For llama3 scaling a
-    top-level original_max_position_embeddings (Phi-3 style) overrides the dict's, as in
-    transformers' `standardize_rope_params`."""
+    """Rope fields as transformers' `standardize_rope_params` resolves them (`rope_scaling`
+    before `rope_parameters`, then the top level)."""
     params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     if not isinstance(params, dict) or (params and all(isinstance(v, dict)
                                                        for v in params.values())):
@@ -238,6 +213,13 @@ def _eos(hf: dict) -> int | list[int] | None:
     return (ids if len(ids) > 1 else ids[0]) if ids else None
 
 
+def _shared(hf: dict, family: str, tie_default: bool = False) -> dict:
+    """The ModelConfig fields every family reads alike."""
+    return dict(family=family, vocab_size=_get(hf, "vocab_size"), **_dropouts(hf, family),
+                tie_embeddings=_get(hf, "tie_word_embeddings", kind=bool, default=tie_default),
+                bos_id=_get(hf, "bos_token_id", default=None), eos_id=_eos(hf))
+
+
 def _read_llama(hf: dict) -> ModelConfig:
     _require(hf, "hidden_act", "silu", "codelm's SwiGLU uses silu")
     n_embd, n_head = _get(hf, "hidden_size"), _heads(hf, "num_attention_heads")
@@ -246,7 +228,7 @@ def _read_llama(hf: dict) -> ModelConfig:
         raise ValueError("partial_rotary_factor != 1 cannot be honoured for llama")
     bias = _get(hf, "attention_bias", kind=bool, default=False)
     return ModelConfig(
-        family="llama", vocab_size=_get(hf, "vocab_size"),
+        **_shared(hf, "llama"),
         block_size=_get(hf, "max_position_embeddings", default=2048),  # LlamaConfig's
         n_layer=_get(hf, "num_hidden_layers"),
         n_head=n_head, n_kv_head=_get(hf, "num_key_value_heads", default=n_head), n_embd=n_embd,
@@ -255,9 +237,7 @@ def _read_llama(hf: dict) -> ModelConfig:
         norm_eps=_get(hf, "rms_norm_eps", kind=float, default=1e-6), mlp="swiglu",
         positions="rope", rope_theta=rope["rope_theta"], rope_scaling=rope["rope_scaling"],
         qkv_bias=bias, attn_proj_bias=bias,
-        mlp_bias=_get(hf, "mlp_bias", kind=bool, default=False),
-        tie_embeddings=_get(hf, "tie_word_embeddings", kind=bool, default=False),
-        **_dropouts(hf, "llama"), bos_id=_get(hf, "bos_token_id", default=None), eos_id=_eos(hf))
+        mlp_bias=_get(hf, "mlp_bias", kind=bool, default=False))
 
 
 def _read_phi(hf: dict) -> ModelConfig:
@@ -268,7 +248,7 @@ def _read_phi(hf: dict) -> ModelConfig:
     if rope["rope_scaling"] is not None:
         raise ValueError("rope scaling cannot be honoured for phi")
     return ModelConfig(
-        family="phi", vocab_size=_get(hf, "vocab_size"),
+        **_shared(hf, "phi"),
         block_size=_get(hf, "max_position_embeddings", default=2048),  # PhiConfig's
         n_layer=_get(hf, "num_hidden_layers"),
         n_head=n_head, n_kv_head=_get(hf, "num_key_value_heads", default=n_head), n_embd=n_embd,
@@ -277,9 +257,7 @@ def _read_phi(hf: dict) -> ModelConfig:
         mlp=_act(hf, "hidden_act", "gelu_new"), positions="rope",
         rotary_dim=int(head_dim * rope["partial"]), rope_theta=rope["rope_theta"],
         parallel_residual=True, qkv_bias=True, attn_proj_bias=True, mlp_bias=True,
-        lm_head_bias=True,
-        tie_embeddings=_get(hf, "tie_word_embeddings", kind=bool, default=False),
-        **_dropouts(hf, "phi"), bos_id=_get(hf, "bos_token_id", default=None), eos_id=_eos(hf))
+        lm_head_bias=True)
 
 
 def _read_codegen(hf: dict) -> ModelConfig:
@@ -289,17 +267,14 @@ def _read_codegen(hf: dict) -> ModelConfig:
         raise ValueError(f"n_head={n_head} cannot be honoured: CodeGen's qkv_proj "
                          "is laid out in 4 chunks, so n_head must be a multiple of 4")
     return ModelConfig(
-        family="codegen", vocab_size=_get(hf, "vocab_size"),
+        **_shared(hf, "codegen"),
         block_size=_get(hf, "n_positions", "max_position_embeddings", default=2048),
         n_layer=_get(hf, "n_layer", "num_hidden_layers"), n_head=n_head, n_embd=n_embd,
         mlp_hidden=_get(hf, "n_inner", default=4 * n_embd), norm="layernorm",
         norm_eps=_get(hf, "layer_norm_epsilon", kind=float, default=1e-5),
         mlp=_act(hf, "activation_function", "gelu_new"), positions="rope",
         rotary_dim=_get(hf, "rotary_dim", default=64), rope_interleaved=True,  # CodeGenConfig's
-        parallel_residual=True, mlp_bias=True, lm_head_bias=True,
-        tie_embeddings=_get(hf, "tie_word_embeddings", kind=bool, default=False),
-        **_dropouts(hf, "codegen"), bos_id=_get(hf, "bos_token_id", default=None),
-        eos_id=_eos(hf))
+        parallel_residual=True, mlp_bias=True, lm_head_bias=True)
 
 
 def _read_gpt_bigcode(hf: dict) -> ModelConfig:
@@ -307,28 +282,24 @@ def _read_gpt_bigcode(hf: dict) -> ModelConfig:
     _require(hf, "add_cross_attention", False, "cross-attention is not implemented")
     n_embd, n_head = _get(hf, "n_embd", "hidden_size"), _heads(hf, "n_head", "num_attention_heads")
     return ModelConfig(
-        family="gpt_bigcode", vocab_size=_get(hf, "vocab_size"),
+        **_shared(hf, "gpt_bigcode", tie_default=True),
         block_size=_get(hf, "n_positions", "max_position_embeddings", default=1024),
         n_layer=_get(hf, "n_layer", "num_hidden_layers"), n_head=n_head,
         n_kv_head=1 if _get(hf, "multi_query", kind=bool, default=True) else n_head,
         n_embd=n_embd, mlp_hidden=_get(hf, "n_inner", default=4 * n_embd), norm="layernorm",
         norm_eps=_get(hf, "layer_norm_epsilon", kind=float, default=1e-5),
         mlp=_act(hf, "activation_function", "gelu_pytorch_tanh"), positions="learned",
-        qkv_bias=True, attn_proj_bias=True, mlp_bias=True,
-        tie_embeddings=_get(hf, "tie_word_embeddings", kind=bool, default=True),
-        **_dropouts(hf, "gpt_bigcode"), bos_id=_get(hf, "bos_token_id", default=None),
-        eos_id=_eos(hf))
+        qkv_bias=True, attn_proj_bias=True, mlp_bias=True)
 
 
-# (SwiGLU has no name here: a null reads back as the family's default, and hf_config's check
-# names the mlp it cannot express)
+# (no SwiGLU: hf_config's round-trip check names the mlp a family cannot express)
 _HF_ACT_NAME = {"gpt_bigcode": {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"},
                 "codegen": {"gelu": "gelu", "gelu_tanh": "gelu_new"},
                 "phi": {"gelu": "gelu", "gelu_tanh": "gelu_new"}}
 
 
 def _legacy_rope(rope: dict) -> dict:
-    """transformers < 5 reads rope_theta / rope_scaling (and would silently default theta)."""
+    """The rope keys transformers < 5 reads."""
     scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
     return {"rope_theta": rope["rope_theta"],
             "rope_scaling": scaling if rope["rope_type"] != "default" else None}
@@ -337,64 +308,59 @@ def _legacy_rope(rope: dict) -> dict:
 def _write_llama(c: ModelConfig) -> dict:
     rope = {"rope_type": "llama3" if c.rope_scaling else "default", "rope_theta": c.rope_theta,
             **(c.rope_scaling or {})}
-    return {"vocab_size": c.vocab_size, "max_position_embeddings": c.block_size,
+    return {"max_position_embeddings": c.block_size,
             "hidden_size": c.n_embd, "intermediate_size": c.mlp_hidden,
             "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
             "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim, "hidden_act": "silu",
             "rms_norm_eps": c.norm_eps, "rope_parameters": rope, **_legacy_rope(rope),
-            "attention_bias": c.qkv_bias, "mlp_bias": c.mlp_bias, **_write_dropouts(c),
-            "tie_word_embeddings": c.tie_embeddings}
+            "attention_bias": c.qkv_bias, "mlp_bias": c.mlp_bias}
 
 
 def _write_phi(c: ModelConfig) -> dict:
-    return {"vocab_size": c.vocab_size, "max_position_embeddings": c.block_size,
+    rope = {"rope_theta": c.rope_theta, "partial_rotary_factor": c.rotary_dim / c.head_dim}
+    return {"max_position_embeddings": c.block_size,
             "hidden_size": c.n_embd, "intermediate_size": c.mlp_hidden,
             "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
             "num_key_value_heads": c.n_kv_head, "hidden_act": _HF_ACT_NAME["phi"].get(c.mlp),
-            "layer_norm_eps": c.norm_eps,
-            "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta,
-                                "partial_rotary_factor": c.rotary_dim / c.head_dim},
-            "rope_theta": c.rope_theta, "partial_rotary_factor": c.rotary_dim / c.head_dim,
-            **_write_dropouts(c), "qk_layernorm": False, "tie_word_embeddings": c.tie_embeddings}
+            "layer_norm_eps": c.norm_eps, "rope_parameters": {"rope_type": "default", **rope},
+            **rope, "qk_layernorm": False}
 
 
 def _write_codegen(c: ModelConfig) -> dict:
-    return {"vocab_size": c.vocab_size, "n_positions": c.block_size, "n_ctx": c.block_size,
+    return {"n_positions": c.block_size, "n_ctx": c.block_size,
             "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
             "n_inner": c.mlp_hidden, "rotary_dim": c.rotary_dim,
             "activation_function": _HF_ACT_NAME["codegen"].get(c.mlp),
-            "layer_norm_epsilon": c.norm_eps, **_write_dropouts(c),
-            "tie_word_embeddings": c.tie_embeddings}
+            "layer_norm_epsilon": c.norm_eps}
 
 
 def _write_gpt_bigcode(c: ModelConfig) -> dict:
-    return {"vocab_size": c.vocab_size, "n_positions": c.block_size, "n_embd": c.n_embd,
+    return {"n_positions": c.block_size, "n_embd": c.n_embd,
             "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": c.mlp_hidden,
             "multi_query": c.n_kv_head == 1,
             "activation_function": _HF_ACT_NAME["gpt_bigcode"].get(c.mlp),
-            "layer_norm_epsilon": c.norm_eps, **_write_dropouts(c), "scale_attn_weights": True,
-            "tie_word_embeddings": c.tie_embeddings}
+            "layer_norm_epsilon": c.norm_eps, "scale_attn_weights": True}
 
 
 @dataclass(frozen=True)
 class FamilyTable:
     modules: dict[str, tuple[str, str | None]]
-    ignored_suffixes: tuple[str, ...]
+    ignored_suffixes: tuple[str, ...]  # buffers some checkpoints carry (masks, rotary caches)
     architecture: str
     read_config: Callable[[dict], ModelConfig]
     write_config: Callable[[ModelConfig], dict]
 
 
 TABLES: dict[str, FamilyTable] = {
-    "llama": FamilyTable(LLAMA_MODULES, IGNORED_SUFFIXES["llama"], ARCHITECTURES["llama"],
+    "llama": FamilyTable(LLAMA_MODULES, (".rotary_emb.inv_freq",), "LlamaForCausalLM",
                          _read_llama, _write_llama),
-    "phi": FamilyTable(PHI_MODULES, IGNORED_SUFFIXES["phi"], ARCHITECTURES["phi"],
+    "phi": FamilyTable(PHI_MODULES, (".rotary_emb.inv_freq",), "PhiForCausalLM",
                        _read_phi, _write_phi),
-    "codegen": FamilyTable(CODEGEN_MODULES, IGNORED_SUFFIXES["codegen"],
-                           ARCHITECTURES["codegen"], _read_codegen, _write_codegen),
-    "gpt_bigcode": FamilyTable(GPT_BIGCODE_MODULES, IGNORED_SUFFIXES["gpt_bigcode"],
-                               ARCHITECTURES["gpt_bigcode"], _read_gpt_bigcode,
-                               _write_gpt_bigcode),
+    "codegen": FamilyTable(CODEGEN_MODULES, (".attn.causal_mask", ".attn.masked_bias",
+                           ".attn.bias"), "CodeGenForCausalLM", _read_codegen, _write_codegen),
+    "gpt_bigcode": FamilyTable(GPT_BIGCODE_MODULES, (".attn.masked_bias", ".attn.bias",
+                               "transformer.bias"), "GPTBigCodeForCausalLM",
+                               _read_gpt_bigcode, _write_gpt_bigcode),
 }
 assert set(TABLES) == set(FAMILIES)
 
@@ -415,11 +381,10 @@ def part_rows(cfg: ModelConfig, part: str | None) -> torch.Tensor | None:
         # 4 chunks (CodeGen's TPU shards), each [q | v | k] for nh / 4 heads.
         chunk = heads.view(4, nh // 4 * hd)
         return torch.cat([torch.cat((chunk[c], chunk[c] + 2 * q, chunk[c] + q)) for c in range(4)])
-    if part == "qkv_bigcode":
-        if nkv == 1:  # multi-query: already [Q all heads | K | V]
-            return None
-        return torch.stack((heads, heads + q, heads + 2 * q), dim=1).reshape(-1)
-    raise ValueError(f"unknown part {part!r}")
+    assert part == "qkv_bigcode", part
+    if nkv == 1:  # multi-query: already [Q all heads | K | V]
+        return None
+    return torch.stack((heads, heads + q, heads + 2 * q), dim=1).reshape(-1)
 
 
 @dataclass(frozen=True)
@@ -463,10 +428,7 @@ def _param_plan(model: Transformer, table: FamilyTable):
             name = f"{path}.{suffix}"
             if name in params:
                 plan.setdefault(name, []).append((f"{hf}.{suffix}", rows))
-    unmapped = sorted(set(params) - set(plan))
-    if unmapped:  # a config flag the family layout cannot hold
-        raise ValueError(f"family {cfg.family!r} has no HF tensor for codelm parameters "
-                         f"{unmapped}")
+    assert set(plan) == set(params), set(params) - set(plan)  # hf_config checked the layout
     return plan
 
 
@@ -483,8 +445,7 @@ class SafetensorsFile:
     """A safetensors file, header checked against the file size, data memory-mapped lazily."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        size = path.stat().st_size
+        self.path, size, self._map = path, path.stat().st_size, None
         with open(path, "rb") as f:
             head = f.read(8)
             n = int.from_bytes(head, "little") if len(head) == 8 else -1
@@ -495,9 +456,9 @@ class SafetensorsFile:
                 header = json.loads(f.read(n))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
-            if not isinstance(header, dict):
-                raise ValueError(f"{path}: corrupt safetensors header (a JSON "
-                                 f"{type(header).__name__}, not an object)")
+        if not isinstance(header, dict):
+            raise ValueError(f"{path}: corrupt safetensors header (a JSON "
+                             f"{type(header).__name__}, not an object)")
         self.data_start = 8 + n
         header.pop("__metadata__", None)
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
@@ -519,7 +480,6 @@ class SafetensorsFile:
                 raise ValueError(f"{path}: truncated file: tensor {name!r} ends at byte "
                                  f"{self.data_start + end} but the file has {size} bytes")
             self.entries[name] = (dtype, shape, self.data_start + start, nbytes)
-        self._map = None
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][1]
@@ -536,8 +496,8 @@ class SafetensorsFile:
                                 offset=offset).view(shape)
 
     def read_into(self, name: str, out: torch.Tensor) -> None:
-        """Read the tensor's bytes from the file into a contiguous CPU tensor of its dtype (the
-        page cache is not charged to this process, unlike touched pages of a map)."""
+        """Read the tensor into a contiguous CPU tensor of its dtype (page cache, not this
+        process's memory)."""
         dtype, shape, offset, nbytes = self.entries[name]
         buf = memoryview(out.view(-1).view(torch.uint8).numpy())
         with open(self.path, "rb") as f:
@@ -547,29 +507,21 @@ class SafetensorsFile:
 
 
 def read_bin(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a pickled weights file (pytorch_model.bin, PEFT's adapter_model.bin), read
-    as tensors only; a damaged file or one holding something else is an error naming it, never
-    torch's advice to load it with weights_only=False (which runs any code in the file)."""
+    """The tensors of a pickled weights file, read as tensors only (weights_only: a pickle runs
+    code); a damaged file is an error naming it, never torch's advice to drop weights_only."""
     try:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy format
+        sd = torch.load(path, map_location="cpu", weights_only=True,
+                        mmap=zipfile.is_zipfile(path))  # the pre-zip format cannot be mapped
     except Exception as e:  # zip/pickle errors of a damaged file come in many types
-        # torch's text for a pickle it refuses opens with that advice: keep only its reason
         why = (str(e).partition("WeightsUnpickler error:")[2] or str(e)).strip().split("\n")[0]
         if "weights_only" in why or not why:
             why = type(e).__name__
         raise ValueError(f"{path}: truncated or corrupt weights file ({why})") from None
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path}: expected a state dict (names -> tensors), found "
-                         f"{type(sd).__name__}")
-    if bad := [k for k, v in sd.items()
-               if not isinstance(k, str) or not isinstance(v, torch.Tensor)]:
-        raise ValueError(f"{path}: expected a state dict (names -> tensors), found "
-                         f"{bad[0]!r}: {type(sd[bad[0]]).__name__}")
+    bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)
+           ] if isinstance(sd, dict) else None
+    if bad != []:
+        found = type(sd).__name__ if bad is None else f"{bad[0]!r}: {type(sd[bad[0]]).__name__}"
+        raise ValueError(f"{path}: expected a state dict (names -> tensors), found {found}")
     return sd
 
 
@@ -585,20 +537,19 @@ class TensorSource:
         self.files: dict[str, SafetensorsFile] = {}
         self.tensors: dict[str, torch.Tensor] = {}  # from .bin files
         self.origin: dict[str, Path] = {}  # the file each tensor is in (for messages)
-        st, st_index, bin_, bin_index = (directory / name for name in MODEL_WEIGHT_FILES)
-        if st.exists():
-            self._add_safetensors(st)
-        elif st_index.exists():
-            for shard in self._shards(st_index):
-                self._add_safetensors(shard)
-        elif bin_.exists():
-            self._add_bin(bin_)
-        elif bin_index.exists():
-            for shard in self._shards(bin_index):
-                self._add_bin(shard)
-        else:
+        found = next((directory / f for f in MODEL_WEIGHT_FILES if (directory / f).exists()), None)
+        if found is None:
             raise ValueError(f"{directory}: no weights (model.safetensors, "
                              "model.safetensors.index.json, pytorch_model.bin or its index)")
+        for path in self._shards(found) if found.name.endswith(".index.json") else [found]:
+            if path.suffix == ".safetensors":
+                f = SafetensorsFile(path)
+                self.files.update(dict.fromkeys(f.entries, f))
+                names = f.entries
+            else:
+                names = read_bin(path)
+                self.tensors.update(names)
+            self.origin.update(dict.fromkeys(names, path))
 
     @staticmethod
     def _shards(index: Path) -> list[Path]:
@@ -610,41 +561,24 @@ class TensorSource:
             raise ValueError(f"{index}: corrupt shard index (weight_map[{bad!r}] is "
                              f"{weight_map[bad]!r}, not a file name)")
         shards = [index.parent / f for f in dict.fromkeys(weight_map.values())]
-        missing = [str(s) for s in shards if not s.exists()]
-        if missing:
+        if missing := [str(s) for s in shards if not s.exists()]:
             raise ValueError(f"{index}: shard files missing: {missing}")
         return shards
-
-    def _add_safetensors(self, path: Path) -> None:
-        f = SafetensorsFile(path)
-        for name in f.entries:
-            self.files[name] = f
-        self.origin.update(dict.fromkeys(f.entries, path))
-
-    def _add_bin(self, path: Path) -> None:
-        sd = read_bin(path)
-        self.tensors.update(sd)
-        self.origin.update(dict.fromkeys(sd, path))
 
     def names(self) -> set[str]:
         return set(self.files) | set(self.tensors)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        if name in self.files:
-            return self.files[name].shape(name)
-        return tuple(self.tensors[name].shape)
+        return self.files[name].shape(name) if name in self.files else tuple(self.tensors[name].shape)
 
     def dtype(self, name: str) -> torch.dtype:
-        if name in self.files:
-            return self.files[name].entries[name][0]
-        return self.tensors[name].dtype
+        return self.files[name].entries[name][0] if name in self.files else self.tensors[name].dtype
 
     def whole(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """The tensor in dtype on device; a view of the file map when nothing changes."""
         if name in self.tensors:
             return self.tensors[name].to(device=device, dtype=dtype)
-        f = self.files[name]
-        file_dtype = f.entries[name][0]
+        f, file_dtype = self.files[name], self.dtype(name)
         if file_dtype == dtype and device.type == "cpu":
             return f.view(name)
         tmp = torch.empty(f.shape(name), dtype=file_dtype)
@@ -653,14 +587,10 @@ class TensorSource:
 
     def fill(self, name: str, out: torch.Tensor) -> None:
         """Copy the tensor into `out` (a contiguous slice of a fused parameter)."""
-        if name in self.tensors:
-            out.copy_(self.tensors[name])
-            return
-        f = self.files[name]
-        if f.entries[name][0] == out.dtype and out.device.type == "cpu" and out.is_contiguous():
-            f.read_into(name, out)
+        if name in self.files and self.dtype(name) == out.dtype and out.device.type == "cpu":
+            self.files[name].read_into(name, out)
         else:
-            out.copy_(self.whole(name, f.entries[name][0], torch.device("cpu")))
+            out.copy_(self.whole(name, self.dtype(name), torch.device("cpu")))
 
 
 # --------------------------------------------------------------------------- load
@@ -687,13 +617,10 @@ def read_config(directory: str | Path) -> tuple[ModelConfig, dict]:
         run = Path(directory)  # or its best/ or one of its checkpoints: the run's weight files
         if any((run / f).is_file() for f in (rundir.MODEL_FILE, rundir.ADAPTER_FILE)):
             run = run.parent.parent if run.parent.name == rundir.CHECKPOINTS_DIR else run.parent
-        export = run / rundir.EXPORT_DIR
         what = "a codelm run directory" if run == Path(directory) else f"weights of run {run}"
-        raise ValueError(f"{directory}: {what}, not an HF checkpoint; its export is {export} "
-                         "(written unless --no-export): the model, or for a LoRA run the adapter "
-                         "(lora.load_adapter on its base), and the merged model in "
-                         f"{export / rundir.MERGED_DIR} (with --export-merged); or continue the run with "
-                         f"--resume {run}")
+        raise ValueError(f"{directory}: {what}, not an HF checkpoint; load its export "
+                         f"{run / rundir.EXPORT_DIR} (or {rundir.MERGED_DIR}/ in it for a LoRA "
+                         f"run's merged model), or continue it with --resume {run}")
     if model_type not in TABLES:
         raise ValueError(f"{path}: unknown model_type {model_type!r}; supported: "
                          f"{', '.join(FAMILIES)}")
@@ -727,10 +654,8 @@ def _auto_dtype(hf: dict, device: torch.device) -> torch.dtype:
 
 def _requested_dtype(dtype: torch.dtype | str | None, hf: dict,
                      source: TensorSource) -> torch.dtype | None:
-    """The `dtype` argument as a torch dtype (None stays None: codelm's default). Strings as
-    transformers reads them, plus codelm's short names: a torch dtype name ("bfloat16",
-    "float16", "float32", "bf16", "fp16", "fp32"), or "auto": config.json's `dtype` /
-    `torch_dtype`, else the first floating-point tensor's own dtype."""
+    """The `dtype` argument as a torch dtype: a name (also bf16/fp16/fp32), or "auto": the
+    config's, else the first floating-point tensor's. None stays None."""
     if dtype is None or isinstance(dtype, torch.dtype):
         resolved = dtype
     elif not isinstance(dtype, str):
@@ -752,10 +677,8 @@ def _requested_dtype(dtype: torch.dtype | str | None, hf: dict,
 
 def _tie_as_the_file_says(cfg: ModelConfig, table: FamilyTable, source: TensorSource,
                            dtype: torch.dtype) -> ModelConfig:
-    """transformers' rule for a config that ties the head: tie when the file has no head or
-    one equal to the embeddings (in the dtype loaded); a different head is a fine-tune's own,
-    left behind in config.json, so it loads untied, with a warning. Only such a file's two
-    tensors are read here."""
+    """transformers' rule: a tied config whose file holds a head different from the embeddings
+    (a fine-tune's) loads untied, with a warning."""
     weights = {path: f"{hf}.weight" for hf, (path, _) in table.modules.items()}
     head, embeddings = weights["lm_head"], weights["wte"]
     if not (cfg.tie_embeddings and {head, embeddings} <= source.names()):
@@ -772,8 +695,8 @@ def _tie_as_the_file_says(cfg: ModelConfig, table: FamilyTable, source: TensorSo
 
 def _checked_plan(directory: Path, cfg: ModelConfig, table: FamilyTable,
                   source: TensorSource) -> tuple[Transformer, dict]:
-    """The model of ``cfg`` on the meta device and its `_param_plan`, checked against the file's
-    tensor names and shapes."""
+    """The meta-device model of cfg and its `_param_plan`, checked against the file's names and
+    shapes."""
     with torch.device("meta"):
         model = Transformer(cfg)
     plan = _param_plan(model, table)
@@ -781,8 +704,7 @@ def _checked_plan(directory: Path, cfg: ModelConfig, table: FamilyTable,
     if cfg.tie_embeddings:
         head = plan.pop("lm_head.weight")
         if not present & {name for name, _ in plan["wte.weight"]} and head[0][0] in present:
-            # the tied pair saved under the head's name (safetensors keeps one name of a shared
-            # tensor); transformers loads it into both, and so does codelm
+            # the tied pair saved under the head's name: transformers loads it into both
             plan["wte.weight"] = head
     params = dict(model.named_parameters(remove_duplicate=False))
     expected = {hf_name for parts in plan.values() for hf_name, _ in parts}
@@ -808,7 +730,7 @@ def _checked_plan(directory: Path, cfg: ModelConfig, table: FamilyTable,
 def load(directory: str | Path, dtype: torch.dtype | str | None = None,
          device: torch.device | str | None = None) -> Transformer:
     """Build a `Transformer` from a local HF checkpoint directory; every check runs before the
-    model exists. dtype: see `_requested_dtype`; None: `_auto_dtype`."""
+    model exists."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"{directory}: not a directory")
@@ -817,7 +739,6 @@ def load(directory: str | Path, dtype: torch.dtype | str | None = None,
     device = torch.device(device if device is not None else "cpu")
     source = TensorSource(directory)
     dtype = _requested_dtype(dtype, hf, source) or _auto_dtype(hf, device)
-    # The names first: another family's weights are that error, not a warning about their head.
     model, plan = _checked_plan(directory, cfg, table, source)
     untied = _tie_as_the_file_says(cfg, table, source, dtype)
     if untied is not cfg:
@@ -856,7 +777,9 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     """The HF config.json of cfg; refuses a config the family cannot express."""
     table = TABLES[cfg.family]
     out = {"architectures": [table.architecture], "model_type": cfg.family,
-           **table.write_config(cfg), "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id,
+           "vocab_size": cfg.vocab_size, **table.write_config(cfg), **_write_dropouts(cfg),
+           "tie_word_embeddings": cfg.tie_embeddings,
+           "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id,
            "dtype": str(dtype).removeprefix("torch."),
            "torch_dtype": str(dtype).removeprefix("torch.")}  # the name transformers < 5 reads
     back = table.read_config(out)
@@ -869,10 +792,8 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
 
 
 def save(model: Transformer, directory: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write config.json + model.safetensors (or shards + index) in the family's HF layout.
-    Every file is written in full before any replaces an earlier save's, config.json last, so a
-    failed save (a full disk) leaves the earlier one whole and consistent; until then both take
-    disk space."""
+    """Write config.json + model.safetensors (or shards + index) in the family's HF layout, all
+    files in full before any replaces the last save's (config.json last)."""
     if not cliconfig.is_number(max_shard_bytes, int) or max_shard_bytes <= 0:
         raise ValueError(f"save_pretrained: max_shard_bytes must be a positive integer (bytes), "
                          f"got {max_shard_bytes!r}")
@@ -880,8 +801,7 @@ def save(model: Transformer, directory: str | Path, max_shard_bytes: int = 5 * 2
     check_output_dir(directory, "save_pretrained")
     check_nothing_else_there(directory, "save_pretrained")
     cfg = model.cfg
-    dtype = model.wte.weight.dtype
-    config = hf_config(cfg, dtype)
+    config = hf_config(cfg, model.wte.weight.dtype)
     plan = _param_plan(model, TABLES[cfg.family])
     if cfg.tie_embeddings:
         plan.pop("lm_head.weight")
@@ -896,8 +816,7 @@ def save(model: Transformer, directory: str | Path, max_shard_bytes: int = 5 * 2
     for name, t in tensors.items():
         n = t.numel() * t.element_size()
         if shards[-1] and size + n > max_shard_bytes:
-            shards.append([])
-            size = 0
+            shards, size = shards + [[]], 0
         shards[-1].append(name)
         size += n
     files = _weight_files(tensors, shards)
@@ -908,8 +827,7 @@ def save(model: Transformer, directory: str | Path, max_shard_bytes: int = 5 * 2
 
 
 def check_output_dir(directory: Path, writer: str) -> None:
-    """Refuse, before any work, a ``directory`` to write into that is a file or lies under one
-    (mkdir's "File exists" / "Not a directory" would not say which path is in the way)."""
+    """Refuse, before any work, a directory that is a file or lies under one (naming which)."""
     blocker = next((p for p in (directory, *directory.parents) if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
         under = "" if blocker == directory else f"{directory}: "
@@ -917,37 +835,29 @@ def check_output_dir(directory: Path, writer: str) -> None:
 
 
 def check_nothing_else_there(directory: Path, writer: str, adapter: bool = False) -> None:
-    """Refuse a directory that holds what a save would destroy or be hidden by: a codelm run's
-    TrainConfig (its config.json, which --resume and eval read), or beside a model a PEFT
-    adapter (``adapter``: the save writes one), or beside an adapter a model (transformers and
-    eval load an adapter_config.json's base and adapter, not the model's weights next to it)."""
+    """Refuse a directory holding what the save would destroy or be hidden by: a run's
+    TrainConfig, or a model beside the adapter (``adapter``) or an adapter beside the model."""
     config = directory / "config.json"
     try:
         is_run = config.is_file() and _is_run_config(cliconfig.read_json_object(config))
-    except ValueError:  # an unreadable config.json is replaced, as any earlier save's
+    except ValueError:  # an unreadable config.json is replaced, as any other
         is_run = False
+    model = next((f for f in MODEL_WEIGHT_FILES if (directory / f).is_file()), None)
     if is_run:
-        harm = "a run directory is the trainer's" if adapter else (
-            "which the HF config.json would replace")
-        raise ValueError(f"{writer}: {config} is a codelm run's TrainConfig, {harm}; save into "
-                         "another directory")
-    if adapter:
-        model = next((f for f in MODEL_WEIGHT_FILES if (directory / f).is_file()), None)
-        if model is not None:
-            raise ValueError(f"{writer}: {directory} holds a model ({model}), which "
-                             "transformers would no longer load: beside adapter_config.json "
-                             "it loads the adapter on its base instead; save into another "
-                             "directory")
-    elif (directory / "adapter_config.json").is_file():
-        raise ValueError(f"{writer}: {directory} holds a LoRA adapter (adapter_config."
-                         "json), which transformers would load on its base instead of these "
-                         "weights; save into another directory")
+        held = f"{config} is a codelm run's TrainConfig"
+    elif adapter and model is not None:
+        held = f"{directory} holds a model ({model}), which transformers would load no longer"
+    elif not adapter and (directory / "adapter_config.json").is_file():
+        held = f"{directory} holds a LoRA adapter, which transformers would load instead"
+    else:
+        return
+    raise ValueError(f"{writer}: {held}; save into another directory")
 
 
 def _weight_files(tensors: dict[str, torch.Tensor],
                   shards: list[list[str]]) -> dict[str, cliconfig.FileContent]:
-    """File name -> content of the weights: model.safetensors, or the shards and their index.
-    The safetensors contents are writers, which stream the tensors one at a time."""
+    """File name -> content (a streaming writer) of model.safetensors, or of the shards and
+    their index."""
     if len(shards) == 1:
         return {"model.safetensors": partial(write_safetensors, tensors=tensors)}
     files: dict[str, cliconfig.FileContent] = {}
@@ -963,8 +873,7 @@ def _weight_files(tensors: dict[str, torch.Tensor],
 
 
 def _remove_stale_weights(directory: Path, written: set[str]) -> None:
-    """Delete weight files an earlier save left in the directory (a single file beside new shards
-    would be loaded instead of them, by codelm and by transformers alike)."""
+    """Delete weight files of the last save (a single file beside new shards loads instead)."""
     for pattern in ("model.safetensors", "model-*-of-*.safetensors",
                     "model.safetensors.index.json", "pytorch_model*.bin",
                     "pytorch_model.bin.index.json"):
@@ -973,10 +882,11 @@ def _remove_stale_weights(directory: Path, written: set[str]) -> None:
                 stale.unlink()
 
 
-def write_safetensors(f: BinaryIO, tensors: dict[str, torch.Tensor]) -> None:
-    """safetensors layout: 8-byte header length, JSON header (space-padded to 8), raw data. One
-    tensor at a time is copied to the CPU and written: the file is never held in memory."""
-    header: dict = {"__metadata__": {"format": "pt"}}
+def write_safetensors(f: BinaryIO, tensors: dict[str, torch.Tensor],
+                      metadata: dict[str, str] | None = None) -> None:
+    """safetensors layout: 8-byte header length, JSON header (space-padded to 8), raw data, one
+    tensor at a time."""
+    header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
     offset = 0
     for name, t in tensors.items():
         n = t.numel() * t.element_size()
@@ -995,9 +905,7 @@ def write_safetensors(f: BinaryIO, tensors: dict[str, torch.Tensor]) -> None:
 
 # --------------------------------------------------------------------------- new checkpoints
 
-# Besides config.json and the weights, what makes a checkpoint directory usable as it stands.
-# What transformers reads beside tokenizer.json (a chat_template, model_max_length, the roles) and
-# beside the weights (generation defaults, eos lists): the files that travel with a checkpoint.
+# The tokenizer and generation files that travel with a checkpoint's weights.
 HF_TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 GENERATION_CONFIG = "generation_config.json"
 COMPANION_FILES = ("tokenizer.json", *HF_TOKENIZER_FILES, "vocab.json", "merges.txt",
@@ -1006,12 +914,9 @@ COMPANION_FILES = ("tokenizer.json", *HF_TOKENIZER_FILES, "vocab.json", "merges.
 
 def export_checkpoint(out: str | Path, save_weights: Callable[[Path], object],
                       companions: str | Path, generation_from: str | Path | None = None) -> Path:
-    """Write the new checkpoint directory ``out``: ``save_weights`` writes config.json and the
-    weights, and the tokenizer and generation files of ``companions`` are copied beside them
-    (generation_config.json from ``generation_from`` when given: the weights' own checkpoint,
-    where the tokenizer comes from elsewhere).
-    It appears whole or not at all (a failure or a stop leaves no ``out``); an existing ``out``
-    is refused, never replaced."""
+    """Write the new directory ``out`` whole or not at all: ``save_weights`` writes the model,
+    and the COMPANION_FILES of ``companions`` (generation_config.json of ``generation_from``
+    when given) are copied beside it."""
     out = Path(out)
     if out.exists():
         raise ValueError(f"{out} already exists: name a new directory")
@@ -1036,11 +941,8 @@ def main(argv: list[str] | None = None) -> int:
     from tokenizer import tokenizer_path
 
     parser = argparse.ArgumentParser(
-        description="Convert a local HF checkpoint that codelm loads (gpt_bigcode, codegen, phi, "
-        "llama; safetensors or pytorch_model.bin, sharded or not) into a new directory of "
-        "safetensors in the family's HF layout, cast to --dtype, with its tokenizer and "
-        "generation files: transformers loads it, and a .bin checkpoint's pickles are read once "
-        "(weights only), not on every load.")
+        description="Convert a local HF checkpoint codelm loads (safetensors or .bin, sharded or "
+        "not) into a new safetensors directory in the family's HF layout, cast to --dtype.")
     parser.add_argument("checkpoint", help="the checkpoint directory")
     parser.add_argument("out", help="the new directory (must not exist)")
     parser.add_argument("--dtype", default="auto",

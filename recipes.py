@@ -1,17 +1,7 @@
-"""Run a seed project's recipe (``configs/*.json``) end to end with one command.
-
-A recipe holds a ``train`` section (TrainConfig keys) and an ``eval`` section (EvalConfig keys).
-``python recipes.py configs/X.json`` trains it (trainingmanager), writes the adapter and the
-merged model, then evaluates it the seed's way (eval.py: the seed's metrics, base vs fine-tuned
-where the seed compares them) and prints the table.
-
-``--smoke`` runs the very same recipe (task, data cleaning, LoRA targets, quantization, metrics)
-against a tiny random checkpoint of the recipe's family, written here with codelm's own
-``Transformer.save_pretrained`` plus a small BPE tokenizer, and a small sample of the standard
-library shaped like the recipe's data; only the scale knobs (model size, steps, learning rate,
-sequence length, evaluation size) shrink. It then checks that the loss fell and that the saved
-adapter, loaded back onto the base, computes what the merged export computes. Seconds per recipe.
-"""
+"""Run a seed project's recipe (``configs/*.json``: a ``train`` and an ``eval`` section) end to
+end: train, export the adapter and merged model, evaluate, print the table. ``--smoke`` runs the
+same recipe on a tiny random checkpoint of its family and a small stdlib sample, then checks that
+the loss fell and the saved adapter computes what the merged export computes."""
 
 from __future__ import annotations
 
@@ -41,9 +31,7 @@ import rundir
 import trainingmanager as tm
 from scraping import is_git_source
 
-# --------------------------------------------------------------------------------------------
-# Recipes
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------- recipes
 
 
 @dataclass
@@ -75,8 +63,7 @@ def load_recipe(path: str | Path) -> Recipe:
     return Recipe(path, sections["train"], sections["eval"], notes)
 
 
-# EvalConfig keys recipes.py sets itself or does not use, and what to do instead: a recipe's or
-# a --set's value would be overwritten or ignored unseen.
+# EvalConfig keys recipes.py sets itself or does not use, and what to do instead.
 OWN_EVAL_KEYS = {
     "out_dir": f"sets eval.out_dir itself: it evaluates a run into <out-dir>/<name>/"
                f"{rundir.EVAL_DIR} (python eval.py --config RECIPE --models RUN --out-dir DIR "
@@ -115,15 +102,12 @@ def apply_setting(recipe: Recipe, setting: str) -> None:
     target[parts[-1]] = value
 
 
-# --------------------------------------------------------------------------------------------
-# Data sources that need collecting first
-# --------------------------------------------------------------------------------------------
+# ------------------------------------------------------- data sources that need collecting first
 
 def collect_git_sources(sources: Sequence[str], extensions: Sequence[str], out_dir: Path,
                         progress: bool) -> list[str]:
-    """Git sources (``scraping.is_git_source``: URLs, ``user@host:path``, bare repositories)
-    become scraper JSONL (``python -m scraping local``); other sources pass through. Each source
-    and extension list has its own file, which a re-run reuses instead of cloning again."""
+    """Git sources become scraper JSONL (``python -m scraping local``), one file per source and
+    extension list, which a re-run reuses; other sources pass through."""
     from scraping import LocalConfig, collect_local
 
     out = []
@@ -131,9 +115,7 @@ def collect_git_sources(sources: Sequence[str], extensions: Sequence[str], out_d
         if not is_git_source(source):
             out.append(source)
             continue
-        # "licence files": collections of an earlier codelm, every record's licence null, are
-        # not reused (collect_local refuses to resume them) but collected again
-        key = json.dumps([source, sorted(extensions), "licence files"]).encode()
+        key = json.dumps([source, sorted(extensions)]).encode()
         target = out_dir / f"source-{hashlib.sha256(key).hexdigest()[:16]}.jsonl"
         summary = collect_local(LocalConfig(sources=[source], out=str(target),
                                             extensions=list(extensions), progress=progress))
@@ -143,8 +125,7 @@ def collect_git_sources(sources: Sequence[str], extensions: Sequence[str], out_d
 
 
 def check_family(model_dir: str, preset: str | None) -> None:
-    """A recipe's ``preset`` names the architecture its settings were written for (LoRA target
-    names, context); a checkpoint of another family is refused before any work."""
+    """Refuse a checkpoint of another family than the recipe's ``preset`` (its LoRA targets)."""
     from architecture import PRESETS
     from pretrained import read_config
 
@@ -177,9 +158,7 @@ def check_paths(values: dict, recipe: str) -> None:
                                  f"(see docs/recipes.md; {recipe}: train.{key})")
 
 
-# --------------------------------------------------------------------------------------------
-# Smoke: a tiny checkpoint of the family and a small data sample of the task
-# --------------------------------------------------------------------------------------------
+# ------------------------------------------------ smoke: a tiny checkpoint and data sample
 
 # The family's pre-tokenizer and special tokens, so the tiny tokenizer is shaped like the real one.
 SMOKE_TOKENIZERS = {
@@ -191,8 +170,7 @@ SMOKE_TOKENIZERS = {
 SMOKE_VOCAB = 512
 SMOKE_SHAPE = {"n_layer": 2, "n_head": 4, "n_embd": 64, "mlp_hidden": 128}
 SMOKE_BLOCK = 192
-# Wider than GPT-2's 0.02: at width 64 that would keep every logit near 0, and a frozen random base
-# would leave LoRA nothing to move in a few steps.
+# Wider than GPT-2's 0.02, which at width 64 leaves LoRA on a random base nothing to move.
 SMOKE_INIT_STD = 0.2
 SMOKE_LICENSE = ("// Copyright 2010-2024 JetBrains s.r.o. Use of this source code is governed\n"
                  "// by the Apache 2.0 license that can be found in the LICENSE.txt file.\n\n")
@@ -293,8 +271,7 @@ def write_smoke_data(task: str, scratch: bool, out: Path) -> tuple[list[str], li
 
 
 def tiny_checkpoint(preset: str, texts: Sequence[str], out: Path, seed: int = 0) -> Path:
-    """A random checkpoint of the preset's family at toy size, in the family's HF layout, with a
-    BPE tokenizer trained on ``texts``: what ``from_pretrained`` and ``transformers`` read."""
+    """A random toy-size HF checkpoint of the preset's family, with a BPE tokenizer of ``texts``."""
     from architecture import PRESETS, Transformer
     from tokenizer import BPETokenizer
 
@@ -317,8 +294,8 @@ def tiny_checkpoint(preset: str, texts: Sequence[str], out: Path, seed: int = 0)
 
 
 def _is_smoke_run(run_dir: Path, work: Path) -> bool:
-    """Whether run_dir is what an earlier --smoke wrote (its data cache in the smoke inputs),
-    the only run a smoke run may replace."""
+    """Whether run_dir is a --smoke run (its data cache in the smoke inputs): the only run a
+    smoke run may replace."""
     try:
         saved = json.loads((run_dir / rundir.CONFIG_FILE).read_text())
         cache = saved["data_options"]["cache_dir"]
@@ -327,8 +304,7 @@ def _is_smoke_run(run_dir: Path, work: Path) -> bool:
     return Path(cache).resolve() == (work / "cache").resolve()
 
 
-# What --smoke replaces with its own tiny model and data: a --set of these is refused, as
-# --model and --data are ("data_options.cache_dir" marks the inputs a smoke run may replace).
+# What --smoke replaces with its own tiny model and data: a --set of these is refused.
 SMOKE_OWN_KEYS = ("init_from", "data", "val_data", "test_data", "data_options.cache_dir")
 
 
@@ -349,9 +325,8 @@ def check_smoke_settings(typed: set[str]) -> None:
 
 def smoke_train_values(values: dict, work: Path, steps: int, typed: Collection[str] = ()
                        ) -> dict:
-    """The recipe's train section at toy scale: same task, cleaning, LoRA and quantization.
-    ``typed``: the keys the user set with --set, whose values stay over the toy sizes (a
-    smoke run is how one tries an override out)."""
+    """The recipe's train section at toy scale: same task, cleaning, LoRA and quantization; the
+    ``typed`` (--set) keys keep their values."""
     task, scratch = values.get("task", "lm"), values.get("init_from") is None
     sources, texts = write_smoke_data(task, scratch, work / "data")
     steps = values["max_steps"] if "max_steps" in typed else steps
@@ -376,10 +351,8 @@ def smoke_train_values(values: dict, work: Path, steps: int, typed: Collection[s
 
 def check_train_values(values: dict, source: str,
                        where_set: Callable[[str], str] | None = None) -> None:
-    """What training would check before its first step, checked now: every key and range,
-    the nested data_options and model_options, and the LoRA targets on the model itself (a
-    --smoke run deletes its previous run only after this). ``where_set`` names where each key
-    was set (``where_in_recipe``)."""
+    """What training would check before its first step (keys, ranges, options, LoRA targets on
+    the model), checked now."""
     from tokenizer import load_tokenizer
 
     where_set = where_set or cliconfig.flag_of
@@ -409,8 +382,8 @@ def smoke_eval_values(values: dict) -> dict:
 
 @torch.no_grad()
 def check_adapter_round_trip(base_dir: Path, export: Path) -> float:
-    """Load the saved adapter onto a fresh base and the merged export; return the largest logit
-    difference between them (the adapter file and the merge must agree)."""
+    """The largest logit difference between the saved adapter on a fresh base and the merged
+    export."""
     import lora
     from architecture import Transformer
 
@@ -427,9 +400,7 @@ def train_losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in map(json.loads, lines) if r.get("kind") == "train"]
 
 
-# --------------------------------------------------------------------------------------------
-# The run
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------- the run
 
 
 # --set is given once per override, its values never split at commas (JSON lists hold them).
@@ -442,16 +413,13 @@ class RecipeOptions:
 
     recipe: str  # a recipe file, e.g. configs/refactotron.json
     smoke: bool = False  # tiny random checkpoint of the family + small stdlib sample
-    model: str | None = None  # local HF directory of the base model, not with --smoke; default:
-    #   the recipe's train.init_from
-    data: list[str] | None = None  # data sources: JSONL files, directories or git URLs, not with
-    #   --smoke; default: the recipe's train.data
-    val_data: list[str] | None = None  # validation files or directories, not with --smoke;
-    #   default: the recipe's train.val_data, or with --data a validation split cut from --data
+    model: str | None = None  # local HF base model directory; default: train.init_from
+    data: list[str] | None = None  # JSONL files, directories or git URLs; default: train.data
+    val_data: list[str] | None = None  # default: train.val_data, or with --data a split of it
     out_dir: str | None = None  # where runs go; default: runs/ (smoke: runs/smoke/)
     name: str | None = None  # run name; default: the recipe's
     set: list[str] = field(default_factory=list, metadata=_SET_FLAG)  # override a recipe value,
-    #   e.g. --set train.lr=1e-4 (a JSON value, else a string); repeatable; default: none
+    #   e.g. --set train.lr=1e-4 (a JSON value, else a string); repeatable
     smoke_steps: int = 30  # training steps of --smoke
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     skip_eval: bool = False  # train and export only
@@ -471,8 +439,7 @@ class RecipeResult:
 
 
 def resolve_models(specs: Sequence[str], placeholders: dict[str, str]) -> list[str]:
-    """The eval section names the recipe's own paths (``runs/<name>``, the train ``init_from``);
-    point them at this run's. ``placeholders`` maps such a path to the real one."""
+    """The eval section's models with the recipe's own paths (``placeholders``) made this run's."""
     out = []
     for spec in specs:
         label, sep, path = spec.partition("=")
@@ -496,11 +463,8 @@ def run_recipe(opts: RecipeOptions) -> RecipeResult:
 
 def where_in_recipe(recipe: str | Path, key: str, typed: Collection[str] = (),
                    own: Mapping[str, str] | None = None, section: str = "train") -> str:
-    """Where a recipe's user set ``key`` of its ``section`` (TrainConfig's, or EvalConfig's),
-    for the trainer's and eval's errors and advice (their flags are none of theirs):
-    ``own[key]``, a recipes.py flag that set it (--model, --smoke, ...); ``--set`` when
-    ``typed`` holds it, or keys inside it (``data_options.val_frac``); else the section, or
-    ``--set``."""
+    """Where a recipe's user set ``key`` of its ``section``, for the trainer's and eval's
+    messages: a recipes.py flag (``own``), ``--set`` (``typed``), else the recipe."""
     if own and key in own:
         return own[key]
     if key in typed:
@@ -516,8 +480,7 @@ OWN_FLAGS = {"model": "init_from", "data": "data", "val_data": "val_data", "name
 
 
 def resume_hint(smoke: bool) -> str:
-    """Completes trainingmanager's "continue with ..." (a smoke run's "start it again with
-    ..."): here --resume is a switch, not a path, and a smoke run is not resumed but run again."""
+    """Completes trainingmanager's "continue with ...": a smoke run is run again, not resumed."""
     return ("the same recipes.py command (a --smoke run is not resumed)" if smoke else
             "the same recipes.py command plus --resume")
 
@@ -528,8 +491,7 @@ def what_next(smoke: bool) -> str:
 
 
 class TrainedRunInterrupted(KeyboardInterrupt):
-    """Ctrl-C, SIGTERM or SIGHUP after training returned (export check, evaluation): the run is
-    complete and saved, and ``--resume`` evaluates it without training again."""
+    """A stop after training returned: the run is saved, and ``--resume`` evaluates it."""
 
     def __init__(self, stop: KeyboardInterrupt, run_dir: Path):
         super().__init__(*stop.args)  # the signal's name, for cliconfig.interrupted_exit_code
@@ -538,8 +500,7 @@ class TrainedRunInterrupted(KeyboardInterrupt):
 
 def eval_config(recipe: Recipe, opts: RecipeOptions, cfg: tm.TrainConfig, run_dir: Path,
                 own_run: str, own_base: str) -> ev.EvalConfig:
-    """The recipe's eval section for the run ``run_dir`` trained with ``cfg``: the recipe's own
-    run (``own_run``) and base (``own_base``) in its models are this run and its base."""
+    """The recipe's eval section for ``run_dir``: its own run and base named are this run's."""
     values = dict(recipe.eval)
     if opts.smoke:
         values = smoke_eval_values(values)
@@ -555,38 +516,29 @@ def eval_config(recipe: Recipe, opts: RecipeOptions, cfg: tm.TrainConfig, run_di
                                        typed=set_train_keys(opts.set, "eval"), own=own))
 
 
-def _run_recipe(opts: RecipeOptions) -> RecipeResult:
-    from architecture import PRESETS
+def _check_overrides(recipe: Recipe, opts: RecipeOptions, typed: set[str]) -> None:
+    """Values overridden by --set, checked now, not after hours of training."""
+    where = f"{opts.recipe} (train section, with --set)"
+    cfg = tm.config_from_dict(recipe.train, where)
+    tm.check_options(recipe.train, where)
+    if not opts.smoke:  # else on the smoke-sized values
+        tm.check_max_steps_flag(cfg, typed, opts.recipe, set_prefix="train.")
+    ev.config_from_dict(recipe.eval, f"{opts.recipe} (eval section, with --set)",
+                        partial(where_in_recipe, opts.recipe, section="eval",
+                                typed=set_train_keys(opts.set, "eval")))
 
-    recipe = load_recipe(opts.recipe)
-    own_run = f"{recipe.train.get('out_dir', 'runs')}/{recipe.train.get('name')}".rstrip("/")
-    own_base = str(recipe.train.get("init_from") or "").rstrip("/")
-    for setting in opts.set:
-        apply_setting(recipe, setting)
-    typed = set_train_keys(opts.set)
-    if opts.set:  # an overridden value is checked now, not after hours of training
-        cfg = tm.config_from_dict(recipe.train, f"{opts.recipe} (train section, with --set)")
-        tm.check_options(recipe.train, f"{opts.recipe} (train section, with --set)")
-        if not opts.smoke:  # else on the smoke-sized values, whose epochs is the user's only
-            tm.check_max_steps_flag(cfg, typed, opts.recipe, set_prefix="train.")
-        ev.config_from_dict(recipe.eval, f"{opts.recipe} (eval section, with --set)",
-                            partial(where_in_recipe, opts.recipe, section="eval",
-                                    typed=set_train_keys(opts.set, "eval")))
-    values = dict(recipe.train)
-    name = opts.name or values.get("name") or Path(opts.recipe).stem
-    tm.check_run_name(name, f"--name {name}" if opts.name else f"{opts.recipe}: train.name {name}")
-    out_dir = Path(opts.out_dir or ("runs/smoke" if opts.smoke else values.get("out_dir", "runs")))
-    values.update(name=name, out_dir=str(out_dir), device=opts.device, progress=opts.progress,
-                  resume=str(out_dir / name) if opts.resume else None)
+
+def _with_flags(values: dict, opts: RecipeOptions) -> dict:
+    """The train values with recipes.py's own flags applied."""
     if opts.smoke and (given := [flag for flag, value in (
             ("--model", opts.model), ("--data", opts.data), ("--val-data", opts.val_data))
             if value is not None]):
         raise ValueError(f"--smoke builds its own tiny model and data: drop {', '.join(given)} "
                          "(or drop --smoke to train on them)")
+    if opts.smoke and opts.smoke_steps < 1:
+        raise ValueError(f"--smoke-steps {opts.smoke_steps}: must be >= 1")
     if opts.smoke:
-        if opts.smoke_steps < 1:
-            raise ValueError(f"--smoke-steps {opts.smoke_steps}: must be >= 1")
-        check_smoke_settings(typed)
+        check_smoke_settings(set_train_keys(opts.set))
     if opts.model is not None:
         if values.get("init_from") is None:
             raise ValueError(f"--model: {opts.recipe} trains from scratch (no init_from)")
@@ -596,6 +548,50 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
         values["val_data"] = None
     if opts.val_data:
         values["val_data"] = list(opts.val_data)
+    return values
+
+
+def _smoke_sized(values: dict, opts: RecipeOptions, run_dir: Path, typed: set[str],
+                 own: dict[str, str], where_set: Callable[[str], str]) -> dict:
+    """The smoke-sized train values, checked; the previous smoke run is removed."""
+    from architecture import PRESETS
+
+    if values.get("init_from") and values.get("preset") not in PRESETS:
+        raise ValueError(f"{opts.recipe}: --smoke builds a tiny checkpoint of the family of "
+                         f"train.preset, which must name one of {sorted(PRESETS)}")
+    if opts.resume:
+        raise ValueError("--smoke runs are not resumed; run it again")
+    work = run_dir.parent / f"{run_dir.name}-smoke-inputs"  # rebuilt alike each time
+    if run_dir.exists() and not _is_smoke_run(run_dir, work):
+        raise ValueError(f"{run_dir} holds a run that --smoke did not write; choose another "
+                         "--out-dir or --name (a smoke run replaces only its own)")
+    shutil.rmtree(work, ignore_errors=True)
+    sized = smoke_train_values(values, work, opts.smoke_steps, typed)
+    own.update({k: "--smoke-steps" if k in ("max_steps", "eval_every", "save_every") else
+                "--smoke" for k in sized if k not in typed and sized[k] != values.get(k)
+                and k != "data_options"})  # of which --smoke sets only the cache_dir
+    check_train_values(sized, f"{opts.recipe} (train section, smoke-sized)", where_set)
+    tm.check_max_steps_flag(tm.config_from_dict(sized), typed, opts.recipe, set_prefix="train.")
+    shutil.rmtree(run_dir, ignore_errors=True)  # only once the new run can start
+    return sized
+
+
+def _run_recipe(opts: RecipeOptions) -> RecipeResult:
+    recipe = load_recipe(opts.recipe)
+    own_run = f"{recipe.train.get('out_dir', 'runs')}/{recipe.train.get('name')}".rstrip("/")
+    own_base = str(recipe.train.get("init_from") or "").rstrip("/")
+    for setting in opts.set:
+        apply_setting(recipe, setting)
+    typed = set_train_keys(opts.set)
+    if opts.set:
+        _check_overrides(recipe, opts, typed)
+    values = dict(recipe.train)
+    name = opts.name or values.get("name") or Path(opts.recipe).stem
+    tm.check_run_name(name, f"--name {name}" if opts.name else f"{opts.recipe}: train.name {name}")
+    out_dir = Path(opts.out_dir or ("runs/smoke" if opts.smoke else values.get("out_dir", "runs")))
+    values.update(name=name, out_dir=str(out_dir), device=opts.device, progress=opts.progress,
+                  resume=str(out_dir / name) if opts.resume else None)
+    values = _with_flags(values, opts)
     own = {key: cliconfig.flag_of(flag) for flag, key in OWN_FLAGS.items()
            if getattr(opts, flag)}
     own["device"] = "--device"
@@ -606,30 +602,10 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
         raise ValueError(f"{out_dir}: cannot create the output directory ({e.strerror}); check "
                          "--out-dir") from None
     if opts.smoke:  # a smoke run replaces the previous one of the same name
-        if values.get("init_from") and values.get("preset") not in PRESETS:
-            raise ValueError(f"{opts.recipe}: --smoke builds a tiny checkpoint of the family of "
-                             f"train.preset, which must name one of {sorted(PRESETS)}")
-        if opts.resume:
-            raise ValueError("--smoke runs are not resumed; run it again")
-        work = out_dir / f"{name}-smoke-inputs"  # rebuilt alike each time
-        run_dir = out_dir / name
-        if run_dir.exists() and not _is_smoke_run(run_dir, work):
-            raise ValueError(f"{run_dir} holds a run that --smoke did not write; choose another "
-                             "--out-dir or --name (a smoke run replaces only its own)")
-        shutil.rmtree(work, ignore_errors=True)
-        sized = smoke_train_values(values, work, opts.smoke_steps, typed)
-        own.update({k: "--smoke-steps" if k in ("max_steps", "eval_every", "save_every") else
-                    "--smoke" for k in sized if k not in typed and sized[k] != values.get(k)
-                    and k != "data_options"})  # of which --smoke sets only the cache_dir
-        values = sized
-        check_train_values(values, f"{opts.recipe} (train section, smoke-sized)", where_set)
-        tm.check_max_steps_flag(tm.config_from_dict(values), typed, opts.recipe,
-                                set_prefix="train.")
-        shutil.rmtree(run_dir, ignore_errors=True)  # only once the new run can start
+        values = _smoke_sized(values, opts, out_dir / name, typed, own, where_set)
     else:
         check_paths(values, opts.recipe)
-        if values.get("init_adapter") is not None:  # its lora_* keys as trainingmanager.py
-            #   --config reads the recipe's: one given at its default value differs too
+        if values.get("init_adapter") is not None:  # its lora_* keys as --config reads them
             tm.with_init_adapter(tm.config_from_dict(values, f"{opts.recipe} (train section)"),
                                  typed=set(recipe.train), where_set=where_set)
     if values.get("data"):
@@ -646,8 +622,8 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
             eval_config(recipe, opts, cfg, out_dir / name, own_run, own_base), eval_remedy)
     result = tm.train(cfg, resume_hint=resume_hint(opts.smoke), restarts=opts.smoke,
                       where_set=where_set)
-    losses = train_losses(result.run_dir)
-    report = RecipeResult(result.run_dir, result, None, None, losses, smoke=opts.smoke)
+    report = RecipeResult(result.run_dir, result, None, None, train_losses(result.run_dir),
+                          smoke=opts.smoke)
     if result.interrupted:
         return report
     try:
@@ -665,9 +641,8 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
 
 
 def loss_change(losses: Sequence[float]) -> tuple[float, float] | None:
-    """Mean training loss of the first and of the last (up to) three logged steps, windows that
-    never share a step (overlapping ones compare a loss with itself); None: fewer than two
-    logged steps, nothing to compare."""
+    """Mean loss of the first and of the last (up to) three logged steps, never overlapping;
+    None with fewer than two."""
     k = min(3, len(losses) // 2)
     if k == 0:
         return None
@@ -678,8 +653,7 @@ ROUND_TRIP_TOLERANCE = 1e-4
 
 
 def smoke_problems(report: RecipeResult) -> list[str]:
-    """What makes a smoke run fail: a loss that did not fall, an adapter that does not load back
-    to what the merged export computes."""
+    """A smoke run fails on a loss that did not fall or an adapter that disagrees with the merge."""
     problems = []
     change = loss_change(report.losses)  # None (one logged step): not checked, said by summary
     if change is not None and not change[1] < change[0]:
@@ -724,9 +698,7 @@ def summary(report: RecipeResult) -> str:
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------- command line
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,8 +1,5 @@
 """An HTTP client for the GitHub REST API that honours rate limits and retries transient failures.
-
-The token travels only in the ``Authorization`` header: it is never part of a URL, a log line,
-an error message or ``repr``.
-"""
+The token travels only in the ``Authorization`` header, never in a URL, log line or message."""
 
 from __future__ import annotations
 
@@ -31,14 +28,12 @@ class GitHubError(RuntimeError):
 
 
 class ServerError(GitHubError):
-    """Retries spent on 5xx answers or dropped connections: GitHub failed this request, which
-    says nothing about the next one (unlike a rate limit or bad credentials)."""
+    """Retries spent on 5xx answers or dropped connections: this request failed, not the next."""
 
 
 def _check_token(token: str | None) -> str | None:
-    """The token without surrounding whitespace (a token file saved with CRLF); one that still
-    holds anything but visible ASCII is refused without showing it: requests would quote the
-    whole header in its error."""
+    """The token stripped; one holding anything but visible ASCII is refused without showing it
+    (requests would quote the whole header)."""
     token = (token or "").strip()
     if any(not 33 <= ord(c) <= 126 for c in token):
         raise ValueError("GITHUB_TOKEN holds spaces, control or non-ASCII characters inside it "
@@ -47,10 +42,8 @@ def _check_token(token: str | None) -> str | None:
 
 
 class GitHubClient:
-    """GET with rate-limit waits, exponential backoff with jitter, and bounded retries.
-
-    ``sleep``, ``clock`` and ``rng`` are injectable so tests run without real waiting.
-    """
+    """GET with rate-limit waits, exponential backoff with jitter, and bounded retries
+    (``sleep``, ``clock`` and ``rng`` injectable)."""
 
     def __init__(
         self,
@@ -127,11 +120,8 @@ class GitHubClient:
             self._blocked_until[resource] = max(self._blocked_until.get(resource, 0.0), until)
 
     def _reset_at(self, reset: float, resp: requests.Response) -> float:
-        """GitHub's reset time (on GitHub's clock) as a time on ``self._clock``.
-
-        The response's ``Date`` says how far the clocks disagree: without this, a local clock
-        running ahead makes a reset look past, and every retry is spent at once.
-        """
+        """GitHub's reset time as a time on ``self._clock`` (the response's ``Date`` says how
+        far the clocks disagree)."""
         try:
             server_now = parsedate_to_datetime(resp.headers["date"]).timestamp()
         except (KeyError, TypeError, ValueError, IndexError):

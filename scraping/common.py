@@ -23,9 +23,8 @@ PERMISSIVE_LICENSES = frozenset(
      "MIT-0", "BSL-1.0", "PSF-2.0", "CC0-1.0"}
 )
 
-# Every id GitHub reports as a repository's ``license.spdx_id`` (the licences it detects, as
-# choosealicense.com lists them; NOASSERTION: a licence file it does not recognise), with ours:
-# what ``--licenses`` may name. Any other id matches no repository, so it is a typo.
+# Every id GitHub reports as a repository's ``license.spdx_id`` (NOASSERTION: a licence file it
+# does not recognise): what ``--licenses`` may name; any other id is a typo.
 KNOWN_LICENSES = PERMISSIVE_LICENSES | frozenset(
     {"AFL-3.0", "AGPL-3.0", "Artistic-2.0", "BlueOak-1.0.0", "BSD-2-Clause-Patent",
      "BSD-3-Clause-Clear", "BSD-4-Clause", "CC-BY-4.0", "CC-BY-SA-4.0", "CECILL-2.1",
@@ -35,23 +34,18 @@ KNOWN_LICENSES = PERMISSIVE_LICENSES | frozenset(
      "OSL-3.0", "PostgreSQL", "UPL-1.0", "Vim", "WTFPL", "NOASSERTION"}
 )
 
-# ``--licenses none``: the repositories GitHub detects no licence in (``license`` null in their
-# records, as ``scraping local`` writes a source without a licence file), alone or beside ids.
-# Not NOASSERTION, a licence file GitHub (or scraping.license_file) does not recognise.
+# ``--licenses none``: repositories without a licence file (``license`` null in their records).
 NO_LICENSE = "none"
 
 RECORD_KEYS = ("repo", "path", "sha", "license", "stars", "text")
 
-# Directories no collector descends into (walk_source_tree, dataset.py's reader too): version
-# control, caches, and installed third-party code (virtualenvs, node_modules, site-packages),
-# which is not the project's own code and does not carry its licence.
+# Directories no collector descends into: version control, caches, installed third-party code.
 EXCLUDED_DIRS = frozenset(
     {".git", ".hg", ".svn", "__pycache__", "node_modules", ".venv", ".tox", ".nox",
      "site-packages", "dist-packages"}
 )
 
-# The first line of a Git LFS pointer, the small text file a checkout without git-lfs (and
-# GitHub's raw host) holds in place of the real file; pointers are under 1,024 bytes.
+# The first line of a Git LFS pointer (under 1,024 bytes), held in place of the real file.
 _LFS_POINTER = "version https://git-lfs.github.com/spec/"
 
 log = logging.getLogger("scraping")
@@ -88,9 +82,8 @@ def _license_id(name: str, flag: str, known: dict[str, str], give: str) -> str:
 
 
 def expand_licenses(licenses: Iterable[str] | None) -> frozenset[str] | None:
-    """SPDX ids to accept, spelled as GitHub does (so a re-run typed in another case resumes),
-    with ``NO_LICENSE`` for repositories without one; None (the flag left out): any licence, or
-    none. An id GitHub never reports, or none at all, is refused: it would skip every repository."""
+    """SPDX ids to accept, spelled as GitHub does (``NO_LICENSE``: none); None: any licence. An
+    id GitHub never reports, or none at all, is refused: it would skip every repository."""
     if licenses is None:
         return None
     licenses = list(licenses)
@@ -108,8 +101,7 @@ def expand_licenses(licenses: Iterable[str] | None) -> frozenset[str] | None:
 
 
 def canonical_license(name: str | None) -> str | None:
-    """``scraping local --license``: one id of the table ``--licenses`` checks, spelled as
-    GitHub does, so local and GitHub records name a licence the same way."""
+    """``scraping local --license``: one id of ``KNOWN_LICENSES``, spelled as GitHub does."""
     if name is None:
         return None
     return _license_id(name, "--license", {k.lower(): k for k in KNOWN_LICENSES},
@@ -118,8 +110,7 @@ def canonical_license(name: str | None) -> str | None:
 
 
 def license_allowed(license_id: str | None, allowed: frozenset[str] | None) -> bool:
-    """Whether a repository whose licence is ``license_id`` (None: GitHub detects none) passes
-    ``expand_licenses``'s ``allowed``."""
+    """Whether a licence (None: none detected) passes ``expand_licenses``'s ``allowed``."""
     if allowed is None:
         return True
     if license_id is None:
@@ -154,25 +145,17 @@ class FileFilter:
 
 
 def has_extension(path: str, extensions: Iterable[str]) -> bool:
-    """Whether ``path`` ends in one of ``extensions``, in any case: ``B.PY`` (as Windows and old
-    checkouts spell it) is Python source as much as ``b.py``, in every collector and dataset.py."""
+    """Whether ``path`` ends in one of ``extensions``, in any case (``B.PY`` is Python too)."""
     return path.lower().endswith(tuple(e.lower() for e in extensions))
 
 
 def walk_source_tree(
     root: Path, extensions: Iterable[str], follow_symlinks: bool = False
 ) -> Iterator[tuple[str, Path, str | None]]:
-    """(relative posix path, path, why it is skipped or None) of every file under ``root``.
-
-    The one directory walker of ``scraping local`` and dataset.py's directory sources, so a tree
-    gives the same files through either. Sorted by relative path (dataset's splits follow this
-    order); EXCLUDED_DIRS are never entered. Skip reasons: ``extension``; ``gitignored`` (``root``,
-    or a submodule or repository inside it, is a git work tree and git ignores the file: build
-    output, local settings, secrets, which a clone of the repository never holds); ``symlink``
-    (a link may point anywhere, and a cloned tree must not pull in files from outside itself:
-    only ``follow_symlinks``, for a user's own directory, reads a link to a file);
-    ``not_a_file``.
-    """
+    """(relative posix path, path, why it is skipped or None) of every file under ``root``,
+    sorted: the one walker of ``scraping local`` and dataset.py. Skipped: ``extension``,
+    ``gitignored`` (what a clone never holds), ``symlink`` (unless ``follow_symlinks``: a
+    cloned tree must not pull in outside files), ``not_a_file``."""
     extensions = tuple(extensions)
     files, work_trees = _tree_files(root)
     ignored = {f"{top}/{rel}" if top else rel
@@ -183,16 +166,11 @@ def walk_source_tree(
 
 
 def git_ignored_files(root: Path) -> frozenset[str]:
-    """Relative paths of the untracked files git ignores in ``root`` when ``root`` is the top of
-    a git work tree (its ``.gitignore`` files, ``.git/info/exclude``, the user's excludes); empty
-    when it is none, when git is missing, or when it fails (with a warning). A directory walked
-    as a repository then gives the files a clone of it gives (tracked ones, and new ones not
-    ignored): a checkout's ``build/lib`` copies (kept under those paths, the sources being
-    duplicates) and its ignored ``.env``-style settings were collected."""
+    """Relative paths of the untracked files git ignores in the work tree ``root`` (empty when
+    it is none or git fails): a walked checkout gives the files a clone gives."""
     if not (Path(root) / ".git").exists():
         return frozenset()
-    # No fsmonitor: the repo's config runs no command, so a checkout another user owns (a
-    # mounted volume, a container's root on a user's tree) is read too, not refused as dubious.
+    # No fsmonitor, and safe.directory: a checkout another user owns runs no command and is read.
     cmd = ["git", "-c", "core.fsmonitor=false", "-c", f"safe.directory={Path(root).resolve()}",
            "-C", str(root), "ls-files", "-z", "--others", "--ignored", "--exclude-standard"]
     try:
@@ -214,9 +192,8 @@ def source_files(root: Path, extensions: Iterable[str], follow_symlinks: bool = 
 
 
 def _tree_files(root: Path) -> tuple[list[tuple[str, Path]], list[str]]:
-    """Every non-directory entry under root, sorted by relative path (not os.walk's order, which
-    lists a directory's files before its sub-directories' whatever their names), and the
-    relative paths of the git work trees met ("" for root; a submodule's ``.git`` is a file)."""
+    """Every non-directory entry under root, sorted by relative path, and the relative paths of
+    the git work trees met ("" for root; a submodule's ``.git`` is a file)."""
     found, work_trees = [], []
     for dirpath, dirnames, filenames in os.walk(root):
         if ".git" in dirnames or ".git" in filenames:
@@ -242,9 +219,8 @@ def _skip_reason(rel: str, path: Path, extensions: tuple[str, ...],
 
 
 def decode_source(data: bytes | str) -> tuple[str | None, str | None]:
-    """(text, None) for source code, or (None, reason): ``binary`` (NUL bytes), ``not_utf8``,
-    or ``lfs_pointer`` (a Git LFS pointer stands where the file's content should be). The one
-    rule for the collectors and dataset.py's cleaning."""
+    """(text, None) for source code, or (None, reason): ``binary``, ``not_utf8`` or
+    ``lfs_pointer``; the one rule of the collectors and dataset.py."""
     if (b"\0" if isinstance(data, bytes) else "\0") in data:
         return None, "binary"
     if isinstance(data, bytes):
@@ -258,8 +234,7 @@ def decode_source(data: bytes | str) -> tuple[str | None, str | None]:
 
 
 def is_utf8(text: str) -> bool:
-    """Whether ``text`` encodes as UTF-8: False for a file name whose bytes are not UTF-8
-    (``os`` spells them as lone surrogates, which no JSON reader downstream accepts)."""
+    """Whether ``text`` encodes as UTF-8 (a non-UTF-8 file name holds lone surrogates)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -305,14 +280,16 @@ class Summary:
         return "\n".join(lines)
 
 
-class ResumableOutput:
-    """Output JSONL plus an append-only state log of finished repos, held by one run at a time.
+# The version of the scraper's state file (its first line: format_version and settings).
+STATE_FORMAT_VERSION = 1
 
-    A repo's records are appended to the output and fsynced, then one state line records the repo,
-    the output's new length and the blob SHAs it added. On open, the output is cut back to the
-    last recorded length, so a run killed at any point resumes with no partial or duplicate record.
-    The output stays locked (flock) until ``close``: a second run on it would append duplicates,
-    and its resume would cut the file under the first run's appends.
+
+class ResumableOutput:
+    """Output JSONL plus an append-only state log of finished repos, locked by one run.
+
+    A repo's records are appended and fsynced, then one state line records the repo, the
+    output's new length and its blob SHAs; on open the output is cut back to the last recorded
+    length, so a run killed at any point resumes with no partial or duplicate record.
     """
 
     def __init__(self, out: Path, state: Path, settings: dict):
@@ -335,14 +312,14 @@ class ResumableOutput:
                         f"{self.out} exists but its state file {self.state} does not; "
                         "choose another --out or remove the file"
                     )
-                cliconfig.write_atomic(self.state, json.dumps({"settings": settings}) + "\n")
+                cliconfig.write_atomic(self.state, json.dumps(
+                    {"format_version": STATE_FORMAT_VERSION, "settings": settings}) + "\n")
         except BaseException:
             self.close()
             raise
 
     def _lock(self) -> int:
-        """Open (creating it empty) and lock the output; the file is never replaced, only cut
-        and appended to, so the lock holds for the whole run."""
+        """Open (creating it empty) and lock the output, which is only ever cut and appended to."""
         fd = os.open(self.out, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -350,7 +327,7 @@ class ResumableOutput:
             os.close(fd)
             raise ValueError(f"{self.out} is being written by another run (same --out); wait "
                              "for it to end, or choose another --out") from None
-        except OSError:  # a filesystem without locks (some NFS): unguarded, as before
+        except OSError:  # a filesystem without locks (some NFS): unguarded, with a warning
             log.warning("%s: this filesystem cannot lock the output; nothing stops a second "
                         "run on it", self.out)
         return fd
@@ -368,32 +345,24 @@ class ResumableOutput:
         self.close()
 
     @staticmethod
-    def read_settings(state: Path) -> dict | None:
-        """The settings a state file was started with, or None when there is no state yet."""
-        state = Path(state)
-        if not state.exists():
-            return None
+    def read_settings(state: Path) -> dict:
+        """The settings a state file was started with, its format_version checked."""
         with open(state, "rb") as f:
             first = f.readline()
         try:
-            return json.loads(first)["settings"]
-        except (ValueError, KeyError, TypeError):
+            head = json.loads(first)
+            settings, version = head["settings"], head.get("format_version")
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise ValueError(f"{state}:1: not a scraper state file") from None
-
-    @staticmethod
-    def _comparable(settings: dict) -> dict:
-        """Licence ids compare in any case, as they match: runs of an earlier codelm stored
-        them as typed (``mit``), runs now as GitHub spells them (``MIT``)."""
-        out = dict(settings)
-        if out.get("licenses"):  # scraping github --licenses
-            out["licenses"] = sorted(name.lower() for name in out["licenses"])
-        if out.get("license"):  # scraping local --license
-            out["license"] = out["license"].lower()
-        return out
+        if version != STATE_FORMAT_VERSION:
+            raise ValueError(f"{state}: a scraper state of format_version {version}, not "
+                             f"{STATE_FORMAT_VERSION}: use a new --out to start over")
+        return settings
 
     def _resume(self, settings: dict) -> None:
-        previous, now = (self._comparable(s) for s in (self.read_settings(self.state), settings))
-        changed = sorted(k for k in now.keys() | previous.keys() if now.get(k) != previous.get(k))
+        previous = self.read_settings(self.state)
+        changed = sorted(k for k in settings.keys() | previous.keys()
+                         if settings.get(k) != previous.get(k))
         if changed:
             raise ValueError(
                 f"{self.state} was started with other settings ({', '.join(changed)} differ); "

@@ -1,8 +1,6 @@
 """Scrape source files from GitHub: search repositories, list their trees, download the files.
-
-Defaults follow seed 001: Python repositories with more than 100 stars created since 2015, ``.py``
-files of 1-100 KB. Output is JSONL, one ``{repo, path, sha, license, stars, text}`` per file.
-"""
+Defaults: Python repositories with more than 100 stars created since 2015, ``.py`` files of
+1-100 KB."""
 
 from __future__ import annotations
 
@@ -41,9 +39,8 @@ log = logging.getLogger("scraping")
 SEARCH_CAP = 1000
 # How often one search slice is read when a read comes back short (star counts shifted pages).
 _SLICE_READS = 3
-# A repo GitHub fails to serve (5xx, dropped connections, after every retry) is counted under
-# this reason and not saved, so the next run retries it; this many in a row is an outage, which
-# stops the run instead of marking every repo after it.
+# A repo GitHub fails to serve after every retry is not saved (the next run retries it); this
+# many in a row is an outage, which stops the run.
 SERVER_ERROR = "server_error"
 _FAILED_IN_A_ROW = 5
 DEFAULT_API_URL = "https://api.github.com"
@@ -73,14 +70,11 @@ class GitHubConfig:
     licenses: list[str] | None = field(
         default=None,
         metadata={"help": "SPDX licence ids to accept, as GitHub reports them ('permissive' = "
-                          "MIT, Apache-2.0, BSD, ...; 'none' = repos GitHub detects no licence "
-                          "in; an id GitHub does not know is refused); default: any licence, or "
-                          "none (leave the flag out)",
+                          "MIT, Apache-2.0, BSD, ...; 'none' = repos GitHub detects no licence in); default: any",
                   "none_is_a_value": True})
     max_repos: int | None = field(
-        default=None, metadata={"help": "stop after this many repos are finished: scraped, "
-                                        "or skipped as empty or by licence (all runs; default: "
-                                        "no limit)"})
+        default=None, metadata={"help": "stop after this many repos are finished, over all "
+                                        "runs (default: no limit)"})
     api_url: str = field(
         default=DEFAULT_API_URL, metadata={"help": "REST API root (GitHub Enterprise: "
                                                    "https://HOST/api/v3)"})
@@ -124,8 +118,7 @@ def _is_http_url(url: str) -> bool:
 
 
 def _check_url(url: str, flag: str, example: str) -> None:
-    """Anything but an http(s) URL failed at the first request, in requests' words (no flag
-    named), after an empty output was written."""
+    """Refuse anything but an http(s) URL before an output is written."""
     if not _is_http_url(url):
         raise ValueError(f"{flag} {url!r}: expected an http(s) URL with a host, e.g. {example}")
 
@@ -167,12 +160,8 @@ def search_repositories(
     cap: int = SEARCH_CAP,
     per_page: int = 100,
 ) -> Iterator[dict]:
-    """Every repository matching ``query`` with ``date_field`` in [start, end] (whole seconds).
-
-    A slice whose total exceeds the search cap is halved until each half fits, so results past
-    the first 1,000 of a query are reached too. Each slice is read whole before any of it is
-    yielded (see ``_read_slice``), so slow consumers do not make results go missing.
-    """
+    """Every repository matching ``query`` with ``date_field`` in [start, end] (whole seconds):
+    a slice over the search cap is halved until each half fits; each is read whole first."""
     q = f"{query} {date_field}:{_stamp(start)}..{_stamp(end)}"
     params = {"q": q, "per_page": per_page, "sort": "stars", "order": "desc"}
     data, resp = client.get_json("/search/repositories", params=params)
@@ -195,14 +184,8 @@ def search_repositories(
 
 def _read_slice(client: GitHubClient, params: dict, data: dict, resp: requests.Response,
                 cap: int) -> list[dict]:
-    """Every repository of one search slice (at most ``cap``), deduplicated by full name.
-
-    The results are sorted by stars, which change while a scrape runs: a repo that moves to a
-    page already read shifts the pages after it, so it is never returned and another is
-    returned twice. Reading every page before scraping any repo (at most 10 requests) shrinks
-    that window from the hours a slice takes to scrape to seconds; a read that still comes back
-    short of the total is repeated, keeping what earlier reads found.
-    """
+    """Every repository of one search slice (at most ``cap``), deduplicated: all pages are read
+    at once (star counts shift pages while a scrape runs), and a short read is repeated."""
     found: dict[str, dict] = {}
     for attempt in range(_SLICE_READS):
         if attempt:
@@ -237,9 +220,7 @@ def _get_tree(client: GitHubClient, repo: str, sha: str, recursive: bool) -> dic
 
 
 def _tree_files(entries: list[dict], prefix: str) -> list[TreeFile]:
-    # Submodules (type "commit") are skipped: their files belong to another repository. So are
-    # files under EXCLUDED_DIRS, as the local walker never enters them: a committed virtualenv's
-    # site-packages or node_modules is third-party code, not the repo's under its licence.
+    # Not submodules (type "commit": another repository's) nor EXCLUDED_DIRS (third-party code).
     return [TreeFile(prefix + e["path"], e["sha"], int(e.get("size", 0)), e.get("mode", ""))
             for e in entries if e.get("type") == "blob"
             and not _in_excluded_dir(prefix + e["path"])]
@@ -251,8 +232,8 @@ def _in_excluded_dir(path: str) -> bool:
 
 
 def list_repo_files(client: GitHubClient, repo: str, commit: str) -> list[TreeFile] | None:
-    """Every blob in the repo at ``commit``; walks sub-trees when the recursive listing is
-    truncated (GitHub caps it at 100,000 entries / 7 MB). None when the repo has no tree."""
+    """Every blob in the repo at ``commit`` (sub-trees walked when GitHub truncates the
+    listing); None when the repo has no tree."""
     tree = _get_tree(client, repo, commit, recursive=True)
     if tree is None:
         return None
@@ -325,8 +306,8 @@ class GitHubScraper:
         state = Path(cfg.state) if cfg.state else out.with_name(out.name + ".state")
         check_output_file(out, "--out")
         check_output_file(state, "--state")
-        previous = ResumableOutput.read_settings(state)
-        until = cfg.until or (previous or {}).get("until") or date.today().isoformat()
+        previous = ResumableOutput.read_settings(state) if state.exists() else {}
+        until = cfg.until or previous.get("until") or date.today().isoformat()
         start = datetime.combine(_parse_day(cfg.since, "since"), datetime.min.time(),
                                  tzinfo=timezone.utc)
         end = datetime.combine(_parse_day(until, "until"), datetime.max.time(),
@@ -365,8 +346,7 @@ class GitHubScraper:
         return self.summary
 
     def _scrape_repo(self, item: dict, store: ResumableOutput, pool: ThreadPoolExecutor) -> None:
-        """Read one repo and commit it whole, or, when GitHub keeps failing on any of its
-        requests, count it under SERVER_ERROR and leave it for the next run."""
+        """Read one repo and commit it whole, or count it under SERVER_ERROR for the next run."""
         name = item["full_name"]
         files: Counter = Counter()
         try:

@@ -1,19 +1,13 @@
-"""A local source's licence, read from its top-level licence file as GitHub reports a repo's.
-
-GitHub records ``license.spdx_id`` per repository: the licence its top-level licence file holds,
-``NOASSERTION`` for a licence file it does not recognise, null when there is none.
-``scraping local`` gives its sources the same answer from the same files, by the phrases that set
-each common licence's text apart from the others (``LICENSE_PHRASES``).
-"""
+"""A local source's licence, read from its top-level licence file as GitHub reports a repo's
+(``NOASSERTION``: a licence file not recognised; None: no licence file)."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-# Top-level names of licence files, in any case: LICENSE, LICENCE, COPYING, UNLICENSE, alone or
-# with qualifiers and a text extension (LICENSE.md, LICENSE-MIT, LICENSE.APACHE2, MIT-LICENSE,
-# COPYING.LESSER, LICENSE-APACHE-2.0.txt); not code or data such as license.py or license.json.
+# Top-level licence file names in any case (LICENSE.md, LICENSE-MIT, MIT-LICENSE, COPYING.LESSER,
+# ...); not code or data such as license.py.
 _LICENSE_FILE = re.compile(r"(?:[a-z0-9]+[-_])?(?:(?:un)?licen[cs]e|copying)(?:[-_.][a-z0-9-]+)*",
                            re.IGNORECASE)
 _NOT_LICENSE_SUFFIXES = frozenset(
@@ -23,18 +17,11 @@ _NOT_LICENSE_SUFFIXES = frozenset(
 # Licence texts are read up to this many bytes: the longest common ones (the GPLs) are ~35 KB.
 _MAX_BYTES = 256_000
 
-# (SPDX id as KNOWN_LICENSES spells it, phrases that must all be in the text): of the rows whose
-# phrases are all found, the one whose text starts first names the licence (a project's licence
-# followed by its bundled code's: grpc's Apache-2.0 then MPL-2.0, scipy's BSD-3-Clause then the
-# GPL-3.0 of a runtime it ships), and of rows starting at the same place, the first in this
-# order. Texts are matched lower-cased,
-# every run of punctuation and white space one space ("Version 2.0," reads "version 2 0"), so
-# line breaks, quotes and Markdown do not matter. Texts quote each other: the GNU titles carry
-# their dates, which only the licence's own text has (the MPL-2.0 names every GNU licence, the
-# GPL-3.0 the AGPL and LGPL, a BSD file's note "the GNU General Public License, version 3"), and
-# a text that holds another's phrases plus its own comes first: BSD-4 and BSD-3 are BSD-2 plus
-# a clause, MIT and ISC are MIT-0 and 0BSD plus a condition. NOASSERTION rows are licences
-# GitHub does not list whose texts would otherwise read as one it does.
+# (SPDX id, phrases that must all be in the text), matched lower-cased with punctuation and
+# white space runs as one space. Of the rows found, the one whose text starts first wins (a
+# project's licence before its bundled code's), then the first in this order: a text holding
+# another's phrases plus its own comes first (BSD-3 is BSD-2 plus a clause), and GNU titles
+# carry their dates (licences quote each other's titles).
 LICENSE_PHRASES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("MPL-2.0", ("mozilla public license version 2 0",
                  "contributor means each individual or legal entity")),

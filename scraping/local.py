@@ -1,13 +1,6 @@
-"""Collect source files by extension from local directories or git URLs (seed 002's Kotlin corpus).
-
-A git URL is shallow-cloned into a temporary directory that is removed afterwards. Directories are
-walked by ``scraping.common.walk_source_tree``, dataset.py's walker too: symlinks are skipped here
-(dataset.py alone follows a link to a file in the user's own directory), so a cloned repository cannot pull files from outside itself into the corpus. Each source's
-records are committed as it finishes (as the GitHub scraper commits each repo), so a clone that fails
-or a run that is stopped keeps the sources already collected, and a re-run goes on from there.
-Each source's licence is read from its top-level licence file (``scraping.license_file``), as
-GitHub reports a repository's, unless ``--license`` names one for every source.
-"""
+"""Collect source files by extension from local directories or git URLs (shallow-cloned into a
+temporary directory). Each source is committed as it finishes, so a stopped run resumes; its
+licence is read from its top-level licence file, unless ``--license`` names one."""
 
 from __future__ import annotations
 
@@ -41,8 +34,7 @@ from scraping.license_file import detect_license
 
 _SCP_LIKE = re.compile(r"^[\w.-]+@[\w.-]+:")  # git@github.com:owner/repo.git
 
-# Clones are named ``codelm-clone-<cliconfig.owner_tag()>...`` in $TMPDIR: a run removes those of
-# runs killed on this machine (SIGKILL, the OOM killer), possibly gigabytes each, never a live one's.
+# Clones in $TMPDIR carry their owner's tag: a run removes those of killed runs, never a live one's.
 CLONE_PREFIX = "codelm-clone-"
 
 # The ``license`` a run's settings hold when each source's licence file names it (no --license).
@@ -61,18 +53,13 @@ class LocalConfig:
     branch: str | None = field(
         default=None, metadata={"help": "branch or tag to clone (default: the remote's HEAD)"})
     license: str | None = field(
-        default=None, metadata={"help": "SPDX licence id recorded on every file of every "
-                                        "source, one GitHub reports (scraping.common."
-                                        "KNOWN_LICENSES); default: each source's own, read "
-                                        "from its top-level LICENSE/COPYING file as GitHub "
-                                        "reads it (NOASSERTION: a licence not recognised; "
-                                        "null: no licence file)"})
+        default=None, metadata={"help": "SPDX licence id recorded for every source; default: "
+                                        "each source's own, read from its LICENSE/COPYING "
+                                        "file as GitHub reads it"})
     licenses: list[str] | None = field(
         default=None,
-        metadata={"help": "SPDX licence ids to accept, as --licenses of 'scraping github' "
-                          "('permissive' = MIT, Apache-2.0, BSD, ...; 'none' = sources without "
-                          "a licence file); a source whose licence is another is skipped; "
-                          "default: any licence, or none (leave the flag out)",
+        metadata={"help": "SPDX licence ids to accept, as 'scraping github --licenses' "
+                          "('permissive', 'none' = no licence file); default: any",
                   "none_is_a_value": True})
     state: str | None = field(
         default=None, metadata={"help": "resume state file (default: OUT.state)"})
@@ -80,9 +67,8 @@ class LocalConfig:
 
 
 def is_git_source(source: str) -> bool:
-    """Whether ``source`` is cloned rather than walked: a URL (any scheme, any case), the SCP form
-    ``user@host:path``, or a bare repository on disk. Public so that every caller sorting
-    sources into git and directories uses this one rule."""
+    """Whether ``source`` is cloned rather than walked: a URL, ``user@host:path``, or a bare
+    repository on disk (the one rule of every caller)."""
     if "://" in source or _SCP_LIKE.match(source):
         return True
     p = Path(source)  # a bare repository on disk is cloned, not walked
@@ -151,8 +137,8 @@ def _source_key(source: str) -> tuple[str, Path | None]:
 
 
 def collect_local(cfg: LocalConfig) -> Summary:
-    """Append every wanted file of every source to ``cfg.out``, one source at a time (resumable:
-    sources finished by an earlier run with the same filters are skipped); returns the counts."""
+    """Append every wanted file of every source to ``cfg.out``, one source at a time (sources a
+    stopped run with the same filters finished are skipped); returns the counts."""
     if not cfg.sources:
         raise ValueError("give at least one directory or git URL to collect from")
     file_filter = FileFilter(normalize_extensions(cfg.extensions), cfg.min_bytes, cfg.max_bytes)
@@ -165,11 +151,6 @@ def collect_local(cfg: LocalConfig) -> Summary:
     state = Path(cfg.state) if cfg.state else out.with_name(out.name + ".state")
     check_output_file(out, "--out")
     check_output_file(state, "--state")
-    previous = ResumableOutput.read_settings(state) or {}
-    if license_id is None and "license" in previous and previous["license"] is None:
-        raise ValueError(f"{state} was started by an earlier codelm, which recorded licence "
-                         "null for every source; licences are now read from each source's "
-                         "licence file: use a new --out to collect them")
     sources = [(source, *_source_key(source)) for source in cfg.sources]  # all checked up front
     settings = {"extensions": list(file_filter.extensions), "min_bytes": cfg.min_bytes,
                 "max_bytes": cfg.max_bytes, "branch": cfg.branch,
@@ -180,8 +161,7 @@ def collect_local(cfg: LocalConfig) -> Summary:
     with ResumableOutput(out, state, settings) as store:
 
         def read_source(root: Path, repo: str) -> tuple[str, list[dict]]:
-            """(how the source ends, its records), as a GitHub repo's: ``license`` when its
-            licence (--license wins over its licence file's) is outside --licenses."""
+            """(how the source ends, its records): ``license`` when outside --licenses."""
             source_license = license_id or detect_license(root)
             if not license_allowed(source_license, allowed):
                 return "license", []
@@ -193,8 +173,7 @@ def collect_local(cfg: LocalConfig) -> Summary:
                 summary.repos["already_done"] += 1
                 continue
             if root is None:
-                # cleanup errors: git's own children may still be writing after an interrupt
-                # (what is left is removed by the next run, once this process is gone)
+                # cleanup errors ignored: git's children may still write after an interrupt
                 with tempfile.TemporaryDirectory(prefix=CLONE_PREFIX + cliconfig.owner_tag(),
                                                  ignore_cleanup_errors=True) as tmp:
                     shallow_clone(source, Path(tmp) / "repo", cfg.branch)

@@ -796,7 +796,7 @@ def test_a_bf16_trial_queued_again_where_the_gpu_has_no_bf16_stops_in_the_sweeps
     assert err.startswith(f"error: trial 1 continues the run {run}, "
                           "which trained in bf16"), err
     assert "--precision" not in err and "--name" not in err
-    assert "Run the same command on a GPU with native bf16" in err  # what to do
+    assert "run the same command on a GPU with bf16" in err and "CPU" in err  # what to do
     assert err.count("\n") == 1 and "Traceback" not in err
     assert len(calls) == 1  # no trainer started
     study = load_study(journal(tmp_path, "t4"), "t4")
@@ -1296,7 +1296,7 @@ def test_sweep_keys_are_every_key_the_sweep_sets():
     cfg = hyperparam_tune.TuneConfig()
     recipe = hyperparam_tune.trial_recipe(cfg, hyperparam_tune.load_space("from-scratch"), {},
                                           optuna.create_study().ask())
-    run = hyperparam_tune.trial_run_config(cfg, recipe, 0)
+    run = {**recipe, **hyperparam_tune._trial_run(cfg, 0)}
     assert {k for k in run if k not in recipe or run[k] != recipe[k]} <= hyperparam_tune.SWEEP_KEYS
     assert {"max_steps", "epochs", "eval_every"} <= hyperparam_tune.SWEEP_KEYS
 
@@ -1495,15 +1495,15 @@ def test_space_that_does_not_fit_the_study_is_refused_before_a_trial(tmp_path, c
 def test_continuing_with_another_budget_or_base_is_refused(tmp_path, corpus, capsys,
                                                           monkeypatch):
     """Trials of one study are ranked against each other, so a continuation that changes what
-    they share (budget, base config) is refused, naming each key; a study from before that was
-    recorded continues and records it."""
+    they share (budget, base config) is refused, naming each key; a study of trials added by
+    hand records them at its first sweep."""
     def trained(cfg, on_eval=None, resume_hint=None, **_):
         return trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=1.0, step=cfg.max_steps)
 
     monkeypatch.setattr(trainingmanager, "train", trained)
     storage = journal(tmp_path, "budget")
-    older = optuna.create_study(study_name="budget", storage=storage)  # nothing recorded
-    older.add_trial(optuna.trial.create_trial(
+    by_hand = optuna.create_study(study_name="budget", storage=storage)  # nothing recorded
+    by_hand.add_trial(optuna.trial.create_trial(
         params={"lr": 1e-3}, distributions={"lr": optuna.distributions.FloatDistribution(
             1e-4, 1e-2, log=True)}, value=2.0))
     space = tiny_space(tmp_path, corpus)
@@ -1529,8 +1529,7 @@ def test_relative_paths_name_the_files_they_name_from_any_directory(tmp_path, co
                                                                    monkeypatch):
     """Relative paths of the space's base and of --train-config are recorded absolute: a study
     continued from another directory is refused when they name other files, and best.json
-    names the files themselves. A study recorded with relative paths (an earlier codelm)
-    continues from the directory it was started in, and is recorded absolute from then on."""
+    names the files themselves."""
     def trained(cfg, on_eval=None, resume_hint=None, **_):
         return trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=1.0, step=cfg.max_steps)
 
@@ -1561,15 +1560,28 @@ def test_relative_paths_name_the_files_they_name_from_any_directory(tmp_path, co
     assert f"data=['{tmp_path / 'a' / 'corpus'}'] (now ['{tmp_path / 'b' / 'corpus'}'])" in err
     assert "val_data=" in err and err.count("\n") == 1
 
-    storage = journal(tmp_path, "rel")
-    study = load_study(storage, "rel")
-    older = {**study.user_attrs[hyperparam_tune.ATTR_SETTINGS], "data": ["corpus"],
-             "val_data": ["val"]}
-    study.set_user_attr(hyperparam_tune.ATTR_SETTINGS, older)
-    monkeypatch.chdir(tmp_path / "a")
-    assert hyperparam_tune.main([*argv, "--n-trials", "2"]) == 0
-    recorded = load_study(storage, "rel").user_attrs[hyperparam_tune.ATTR_SETTINGS]
-    assert recorded["data"] == [str(tmp_path / "a" / "corpus")]
+
+def _study_settings_of_another_version(tmp_path):
+    study = optuna.create_study(study_name="fmt", storage=journal(tmp_path, "fmt"))
+    study.set_user_attr(hyperparam_tune.ATTR_SETTINGS, {"seed": 1337})
+
+
+def _study_json_of_another_version(tmp_path):
+    (tmp_path / "runs" / "fmt").mkdir(parents=True)
+    (tmp_path / "runs" / "fmt" / hyperparam_tune.OWNER_FILE).write_text(
+        json.dumps({"format_version": 0, "storage": hyperparam_tune.JOURNAL_FILE}))
+
+
+@pytest.mark.parametrize("write, words", [
+    (_study_settings_of_another_version, ("study 'fmt'", "format_version None", "--study-name")),
+    (_study_json_of_another_version, ("study.json", "format_version 1", "delete it")),
+])
+def test_a_study_of_another_format_version_is_refused(tmp_path, corpus, capsys, write, words):
+    write(tmp_path)
+    argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="fmt", n_trials=2)
+    assert hyperparam_tune.main(argv) == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words) and err.count("\n") == 1, err
 
 
 def test_study_dir_belongs_to_one_storage(tmp_path, corpus, capsys):

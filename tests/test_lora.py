@@ -1328,3 +1328,24 @@ def test_every_embedding_slot_covers_its_whole_table():
             slots = {name: slot for name, slot in pretrained.hf_module_slots(cfg).items()
                      if isinstance(model.get_submodule(slot.path), torch.nn.Embedding)}
             assert slots and all(slot.rows is None for slot in slots.values()), family
+
+
+@pytest.mark.parametrize("metadata, refused", [
+    ({lora.FORMAT_KEY: lora.FORMAT_VERSION}, False),
+    ({}, False),  # PEFT's own files carry no codelm version
+    ({lora.FORMAT_KEY: "2"}, True),
+])
+def test_an_adapter_of_another_format_version_is_refused(tmp_path, metadata, refused):
+    _, fresh = _saved_adapter(tmp_path)
+    weights = tmp_path / "a" / lora.ADAPTER_WEIGHTS
+    with open(weights, "rb") as f:
+        assert json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"][
+            lora.FORMAT_KEY] == lora.FORMAT_VERSION  # what save_adapter writes
+    save_file(load_file(weights), weights, metadata={"format": "pt", **metadata})
+    if not refused:
+        load_adapter(fresh, tmp_path / "a")
+        return
+    with pytest.raises(ValueError) as e:
+        load_adapter(fresh, tmp_path / "a")
+    assert all(w in str(e.value) for w in (str(weights), "format_version 2", "not 1"))
+    assert not list(lora_modules(fresh))

@@ -350,8 +350,7 @@ def test_save_refuses_a_run_directory_or_an_adapter_directory(checkpoints, tmp_p
     with pytest.raises(ValueError) as e:
         model.save_pretrained(run)
     assert str(e.value) == (f"save_pretrained: {run / 'config.json'} is a codelm run's "
-                            "TrainConfig, which the HF config.json would replace; save into "
-                            "another directory")
+                            "TrainConfig; save into another directory")
     assert sorted(p.name for p in run.iterdir()) == ["config.json"]
     assert (run / "config.json").read_text() == train_config
     adapter = tmp_path / "adapter"
@@ -360,9 +359,8 @@ def test_save_refuses_a_run_directory_or_an_adapter_directory(checkpoints, tmp_p
     lora.save_adapter(wrapped, adapter)
     with pytest.raises(ValueError) as e:
         model.save_pretrained(adapter)
-    assert str(e.value) == (f"save_pretrained: {adapter} holds a LoRA adapter (adapter_config."
-                            "json), which transformers would load on its base instead of these "
-                            "weights; save into another directory")
+    assert str(e.value).startswith(f"save_pretrained: {adapter} holds a LoRA adapter")
+    assert str(e.value).endswith("save into another directory")
     assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json",
                                                          "adapter_model.safetensors"]
     with pytest.raises(ValueError, match=r"^save_adapter: .*run/config\.json is a codelm run's "
@@ -372,10 +370,9 @@ def test_save_refuses_a_run_directory_or_an_adapter_directory(checkpoints, tmp_p
     model.save_pretrained(tmp_path / "model")
     with pytest.raises(ValueError) as e:
         lora.save_adapter(wrapped, tmp_path / "model")
-    assert str(e.value) == (f"save_adapter: {tmp_path / 'model'} holds a model (model."
-                            "safetensors), which transformers would no longer load: beside "
-                            "adapter_config.json it loads the adapter on its base instead; save "
-                            "into another directory")
+    assert str(e.value).startswith(f"save_adapter: {tmp_path / 'model'} holds a model "
+                                   "(model.safetensors)")
+    assert str(e.value).endswith("save into another directory")
     assert not (tmp_path / "model" / "adapter_config.json").exists()
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{")  # an unreadable config is replaced
@@ -819,11 +816,10 @@ def test_error_codelm_run_directory_names_its_export(tmp_path):
         trainingmanager.TrainConfig())))
     with pytest.raises(ValueError) as err:
         Transformer.from_pretrained(tmp_path)
-    assert re.match(rf"{tmp_path}: a codelm run directory, not an HF checkpoint; its export is "
-                    rf"{tmp_path}/export \(written unless --no-export\): the model, or for a "
-                    r"LoRA run the adapter \(lora.load_adapter on its base\), and the merged "
-                    rf"model in {tmp_path}/export/merged \(with --export-merged\)",
-                    str(err.value)), str(err.value)
+    message = str(err.value)
+    for words in (f"{tmp_path}: a codelm run directory, not an HF checkpoint",
+                  f"{tmp_path}/export", "merged", f"--resume {tmp_path}"):
+        assert words in message, message
     # the run's best/ or a checkpoint (a LoRA run's adapter-only weights too): the run's export
     for weights in (tmp_path / "best" / "model.safetensors",
                     tmp_path / "checkpoints" / "step-4" / "adapter.safetensors"):
@@ -833,8 +829,8 @@ def test_error_codelm_run_directory_names_its_export(tmp_path):
         with pytest.raises(ValueError) as err:
             Transformer.from_pretrained(weights.parent)
         assert str(err.value).startswith(f"{weights.parent}: weights of run {tmp_path}, not an "
-                                         f"HF checkpoint; its export is {tmp_path}/export ")
-        assert str(err.value).endswith(f"continue the run with --resume {tmp_path}")
+                                         f"HF checkpoint; load its export {tmp_path}/export ")
+        assert str(err.value).endswith(f"--resume {tmp_path}")
 
 
 @pytest.mark.parametrize("change, message", [

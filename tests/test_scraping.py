@@ -1014,14 +1014,6 @@ def test_licences_are_stored_as_github_spells_them_so_a_rerun_in_another_case_re
     run_scrape(out, licenses=["MIT", "Apache-2.0"], max_repos=1)
     run_scrape(out, licenses=["mit", "apache-2.0"])  # was "licenses differ"
 
-    # A state an earlier codelm wrote kept the ids as typed: it resumes too.
-    state = next(p for p in tmp_path.iterdir() if p.suffix == ".state")
-    head, _, rest = state.read_text().partition("\n")
-    settings = json.loads(head)
-    settings["settings"]["licenses"] = ["apache-2.0", "mit"]
-    state.write_text(json.dumps(settings) + "\n" + rest)
-    run_scrape(out, licenses=["MIT", "Apache-2.0"])
-
 
 def test_local_license_is_one_id_of_the_github_table(tmp_path, capsys):
     """``scraping local --license`` recorded any string, typos and 'permissive' included."""
@@ -1227,21 +1219,19 @@ def test_local_licenses_filters_sources_as_github_does(tmp_path, capsys):
     assert "--license GPL-3.0 is not one of --licenses" in capsys.readouterr().err
 
 
-def test_an_output_of_local_records_with_null_licences_is_not_resumed_with_detected_ones(
-        tmp_path, capsys):
-    """An earlier codelm recorded null for every local source; going on would add detected
-    licences beside those nulls in one file."""
-    src = _tree(tmp_path / "src", {"LICENSE": LICENCE_EXCERPTS["MIT"], "a.py": "a = 1\n"})
+@pytest.mark.parametrize("head, words", [
+    ({"settings": {}}, ("out.jsonl.state", "format_version None", "new --out")),
+    ({"format_version": 2, "settings": {}}, ("format_version 2", "new --out")),
+    ({"format_version": 1}, ("out.jsonl.state:1", "not a scraper state file")),
+])
+def test_a_state_file_of_another_format_is_refused(tmp_path, capsys, head, words):
+    src = _tree(tmp_path / "src", {"a.py": "a = 1\n"})
     out = tmp_path / "out.jsonl"
     out.write_text("")
-    settings = {"extensions": [".py"], "min_bytes": 1, "max_bytes": 1_000_000, "branch": None,
-                "license": None}
-    (tmp_path / "out.jsonl.state").write_text(json.dumps({"settings": settings}) + "\n")
+    (tmp_path / "out.jsonl.state").write_text(json.dumps(head) + "\n")
     assert main(["local", str(src), "--out", str(out), "--no-progress"]) == 2
-    assert "recorded licence null for every source" in capsys.readouterr().err
-    assert main(["local", str(src), "--out", str(out), "--no-progress", "--license",
-                 "MIT"]) == 2  # stamping MIT is not that run's rule either
-    assert "license differ" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert all(w in err for w in words), err
     assert out.read_text() == ""
 
 
