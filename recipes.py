@@ -7,7 +7,7 @@ where the seed compares them) and prints the table.
 
 ``--smoke`` runs the very same recipe (task, data cleaning, LoRA targets, quantization, metrics)
 against a tiny random checkpoint of the recipe's family, written here with codelm's own
-``Transformer.save_pretrained`` plus a small BPE tokenizer, and a small sample of the standard
+``pretrained.save`` plus a small BPE tokenizer, and a small sample of the standard
 library shaped like the recipe's data; only the scale knobs (model size, steps, learning rate,
 sequence length, evaluation size) shrink. It then checks that the loss fell and that the saved
 adapter, loaded back onto the base, computes what the merged export computes. Seconds per recipe.
@@ -294,7 +294,8 @@ def write_smoke_data(task: str, scratch: bool, out: Path) -> tuple[list[str], li
 
 def tiny_checkpoint(preset: str, texts: Sequence[str], out: Path, seed: int = 0) -> Path:
     """A random checkpoint of the preset's family at toy size, in the family's HF layout, with a
-    BPE tokenizer trained on ``texts``: what ``from_pretrained`` and ``transformers`` read."""
+    BPE tokenizer trained on ``texts``: what ``pretrained.load`` and ``transformers`` read."""
+    import pretrained
     from architecture import PRESETS, Transformer
     from tokenizer import BPETokenizer
 
@@ -311,7 +312,7 @@ def tiny_checkpoint(preset: str, texts: Sequence[str], out: Path, seed: int = 0)
                               init_std=SMOKE_INIT_STD)
     torch.manual_seed(seed)
     model = Transformer(cfg)
-    model.save_pretrained(out)
+    pretrained.save(model, out)
     tok.save(out)
     return out
 
@@ -412,11 +413,11 @@ def check_adapter_round_trip(base_dir: Path, export: Path) -> float:
     """Load the saved adapter onto a fresh base and the merged export; return the largest logit
     difference between them (the adapter file and the merge must agree)."""
     import lora
-    from architecture import Transformer
+    import pretrained
 
-    model = Transformer.from_pretrained(base_dir, dtype=torch.float32)
+    model = pretrained.load(base_dir, dtype=torch.float32)
     lora.load_adapter(model, export)
-    merged = Transformer.from_pretrained(export / rundir.MERGED_DIR, dtype=torch.float32)
+    merged = pretrained.load(export / rundir.MERGED_DIR, dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.cfg.vocab_size, (2, 24), generator=g)
     return float((model.eval()(ids) - merged.eval()(ids)).abs().max())

@@ -784,7 +784,7 @@ def tiny_models(tmp_path_factory):
     from tiny_hf import save_tiny_hf
 
     import lora
-    from architecture import Transformer
+    import pretrained
     from tokenizer import CodeTokenizer
 
     root = tmp_path_factory.mktemp("tiny_models")
@@ -798,7 +798,7 @@ def tiny_models(tmp_path_factory):
     save_tiny_hf("llama", base, vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
                  eos_token_id=tok.eos_id)
     tok.save(base)
-    model = Transformer.from_pretrained(base, dtype=torch.float32)
+    model = pretrained.load(base, dtype=torch.float32)
     lora.apply_lora(model, lora.LoRAConfig(r=4, alpha=8))
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -1933,6 +1933,7 @@ def test_a_run_dir_scores_best_when_its_export_holds_an_older_best(tiny_models, 
     import torch
     from safetensors.torch import save_file
 
+    import pretrained
     import trainingmanager as tm
 
     cfg = tm.TrainConfig(preset="tiny")
@@ -1946,7 +1947,7 @@ def test_a_run_dir_scores_best_when_its_export_holds_an_older_best(tiny_models, 
     tiny_models["tok"].save(run)
     save_file(tm.model_tensors(new, False), run / "best" / rundir.MODEL_FILE)
     (run / "best" / "metrics.json").write_text(json.dumps({"step": 30, "val_loss": 2.0}))
-    old.save_pretrained(run / "export")
+    pretrained.save(old, run / "export")
 
     def scored_is(model) -> bool:
         loaded = ev.load_model(str(run), torch.device("cpu")).model.state_dict()
@@ -2771,17 +2772,15 @@ def test_reference_loss_runs_without_autograd(tiny_models, monkeypatch):
     """Scoring keeps no activations for a backward that never comes."""
     import torch
 
-    import trainingmanager
-
     grad_enabled = []
-    real_loss = trainingmanager.lm_loss
+    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    real_forward = lm.model.forward
 
     def spy(*args, **kwargs):
         grad_enabled.append(torch.is_grad_enabled())
-        return real_loss(*args, **kwargs)
+        return real_forward(*args, **kwargs)
 
-    monkeypatch.setattr(trainingmanager, "lm_loss", spy)
-    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    monkeypatch.setattr(lm.model, "forward", spy)
     example = ev.TaskExample("r", "return 1", "def f():\n    ")
     ev.score_supervised(lm, [example], ev.EvalConfig(progress=False))
     assert grad_enabled == [False]
