@@ -299,7 +299,6 @@ class _HeadCrossEntropyFunction(torch.autograd.Function):
         return *out, None, None, None, None
 
 
-@torch.compiler.disable  # a compiled model's loss runs eagerly (chunk loop, custom backward)
 def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
                        label_smoothing: float = 0.0, count_correct: bool = False,
                        grad_scale: torch.Tensor | float | None = None):
@@ -307,6 +306,13 @@ def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, labels: torch.Tens
     nn.Linear head (a LoRA or quantized head runs the plain op), and in fp16 training only with
     grad_scale: the fused loss forms its gradients in the forward, at the magnitude the fp16
     loss scaler chose (fp16's range is narrow)."""
+    args = (hidden, head, labels, label_smoothing, count_correct, grad_scale)
+    if torch.compiler.is_compiling():  # a compiled model's loss runs eagerly, outside the graph
+        return torch.compiler.disable(_fused_head_loss)(*args)
+    return _fused_head_loss(*args)
+
+
+def _fused_head_loss(hidden, head, labels, label_smoothing, count_correct, grad_scale):
     fp16 = _matmul_dtype(hidden) == torch.float16
     wants_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (hidden, *head.parameters()))

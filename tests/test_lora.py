@@ -1130,7 +1130,7 @@ def test_apply_lora_and_load_adapter_refuse_a_foreign_config_or_model(tmp_path):
     for call, arg in ((apply_lora, LoRAConfig(r=2, target_modules=["q_proj"])),
                       (load_adapter, tmp_path / "a")):
         with pytest.raises(ValueError, match=rf"^{call.__name__} works on codelm's Transformer "
-                                             r"\(Transformer\.from_pretrained\(dir\) .*got "
+                                             r"\(pretrained\.load\(dir\) .*got "
                                              r"LlamaForCausalLM$"):
             call(hf, arg)
     assert all(p.requires_grad for p in hf.parameters())

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_architecture import gen, gen_stream
 from tiny_hf import FAMILIES, save_tiny_hf, tiny_hf_model
 
 import pretrained
@@ -56,7 +57,7 @@ def test_greedy_generate_matches_transformers(checkpoints, family):
     idx = _ids(2, 16, seed=1)
     ref = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=32,
                       do_sample=False)
-    got = model.generate(idx, 32, eos_id=hf.config.eos_token_id)
+    got = gen(model, idx, 32, eos_id=hf.config.eos_token_id)
     assert torch.equal(got, ref)
 
 
@@ -68,7 +69,7 @@ def test_left_padded_generate_matches_transformers(checkpoints, family):
     mask[1, :5] = False
     idx[1, :5] = 0
     ref = hf.generate(idx, attention_mask=mask.long(), max_new_tokens=16, do_sample=False)
-    got = model.generate(idx, 16, eos_id=hf.config.eos_token_id, attention_mask=mask)
+    got = gen(model, idx, 16, eos_id=hf.config.eos_token_id, attention_mask=mask)
     assert torch.equal(got, ref)
 
 
@@ -78,7 +79,7 @@ def test_beam_search_matches_transformers(checkpoints, family):
     idx = _ids(2, 12, seed=3)
     ref = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=10,
                       do_sample=False, num_beams=3, eos_token_id=None, pad_token_id=0)
-    got = model.generate(idx, 10, num_beams=3)
+    got = gen(model, idx, 10, num_beams=3)
     assert torch.equal(got, ref)
 
 
@@ -86,10 +87,10 @@ def test_beam_search_matches_transformers(checkpoints, family):
 def test_beam_search_with_eos_matches_transformers(checkpoints, seed):
     _, hf, model = checkpoints["llama"]
     idx = _ids(2, 10, seed=seed)
-    eos = int(model.generate(idx, 3)[0, -1])  # a token the beams do reach
+    eos = int(gen(model, idx, 3)[0, -1])  # a token the beams do reach
     ref = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=12,
                       do_sample=False, num_beams=3, eos_token_id=eos, pad_token_id=eos)
-    got = model.generate(idx, 12, num_beams=3, eos_id=eos)
+    got = gen(model, idx, 12, num_beams=3, eos_id=eos)
     assert (ref == eos).any()
     assert torch.equal(got, ref)
 
@@ -101,11 +102,11 @@ def test_beam_search_length_penalty_matches_transformers(checkpoints, length_pen
     _, hf, model = checkpoints["llama"]
     for seed in range(8):
         idx = _ids(2, 10, seed=seed)
-        eos = int(model.generate(idx, 3)[0, -1])  # a token the beams do reach
+        eos = int(gen(model, idx, 3)[0, -1])  # a token the beams do reach
         ref = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=12,
                           do_sample=False, num_beams=3, eos_token_id=eos, pad_token_id=eos,
                           length_penalty=length_penalty)
-        got = model.generate(idx, 12, num_beams=3, eos_id=eos, length_penalty=length_penalty)
+        got = gen(model, idx, 12, num_beams=3, eos_id=eos, length_penalty=length_penalty)
         assert got.shape == ref.shape and torch.equal(got, ref), seed
 
 
@@ -119,7 +120,7 @@ def test_beam_search_with_several_eos_ids_matches_transformers(checkpoints, seed
         eos = model(idx)[0, -1].topk(5).indices[1:].tolist()  # all but the best end a row
     ref = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=8,
                       do_sample=False, num_beams=2, eos_token_id=eos, pad_token_id=eos[0])
-    got = model.generate(idx, 8, num_beams=2, eos_id=eos)
+    got = gen(model, idx, 8, num_beams=2, eos_id=eos)
     assert torch.equal(got, ref)
 
 
@@ -129,10 +130,10 @@ def test_beam_search_output_is_as_wide_as_the_longest_hypothesis(checkpoints, se
     crop the output to the longest returned row, with no all-padding columns after it."""
     _, hf, model = checkpoints["llama"]
     idx = _ids(1, 10, seed=seed)
-    eos = int(model.generate(idx, 1)[0, -1])  # the greedy first token ends the row
+    eos = int(gen(model, idx, 1)[0, -1])  # the greedy first token ends the row
     ref = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=12,
                       do_sample=False, num_beams=3, eos_token_id=eos, pad_token_id=eos)
-    got = model.generate(idx, 12, num_beams=3, eos_id=eos)
+    got = gen(model, idx, 12, num_beams=3, eos_id=eos)
     assert ref.shape[1] < 22
     assert torch.equal(got, ref)
 
@@ -147,11 +148,11 @@ def test_generate_under_autocast_matches_transformers(checkpoints):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = hf.generate(idx, attention_mask=mask.long(), max_new_tokens=12, do_sample=False,
                           eos_token_id=None, pad_token_id=0)
-        got = model.generate(idx, 12, attention_mask=mask)
-        streamed = torch.stack(list(model.stream(idx, 12, attention_mask=mask)), dim=1)
+        got = gen(model, idx, 12, attention_mask=mask)
+        streamed = torch.stack(list(gen_stream(model, idx, 12, attention_mask=mask)), dim=1)
         ref_beam = hf.generate(idx, attention_mask=mask.long(), max_new_tokens=12,
                                do_sample=False, num_beams=3, eos_token_id=None, pad_token_id=0)
-        beam = model.generate(idx, 12, num_beams=3, attention_mask=mask)
+        beam = gen(model, idx, 12, num_beams=3, attention_mask=mask)
     assert torch.equal(got, ref) and torch.equal(streamed, got[:, 10:])
     assert torch.equal(beam, ref_beam)
 
@@ -680,7 +681,7 @@ def test_load_imports_no_symbolic_machinery(checkpoints, family):
     import sys
 
     path = checkpoints[family][0]
-    code = ("import sys, torch; from architecture import Transformer; "
+    code = ("import sys, torch; import pretrained; "
             f"m = pretrained.load({str(path)!r}); m(torch.tensor([[3, 4]])); "
             "print('sympy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -1220,7 +1221,7 @@ def test_export_checkpoint_loses_to_another_writer_of_the_same_directory(checkpo
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert [p.name for p in out.iterdir()] == ["theirs"]
     with pytest.raises(ValueError, match="out already exists: name a new directory"):
-        pretrained.export_checkpoint(out, model.save_pretrained, path)
+        pretrained.export_checkpoint(out, lambda d: pretrained.save(model, d), path)
 
 
 def test_weight_files_are_chosen_in_transformers_order(checkpoints, tmp_path):
