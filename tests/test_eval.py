@@ -767,13 +767,11 @@ def total(accounts):
 
 
 def _record_streamed_ids(monkeypatch) -> list:
-    """The ids each Transformer.stream call starts from (eval.py --prompt's first forward)."""
-    from architecture import Transformer
-
+    """The ids each generation.stream call starts from (eval.py --prompt's first forward)."""
     streamed = []
-    stream = Transformer.stream
-    monkeypatch.setattr(Transformer, "stream",
-                        lambda self, idx, *a, **k: streamed.append(idx) or stream(self, idx, *a, **k))
+    stream = ev.stream
+    monkeypatch.setattr(ev, "stream",
+                        lambda model, idx, *a, **k: streamed.append(idx) or stream(model, idx, *a, **k))
     return streamed
 
 
@@ -848,7 +846,6 @@ def test_a_llama3_base_is_prompted_with_its_bos_as_transformers_tokenizes_it(tmp
     import transformers
     from tiny_hf import save_tiny_hf, train_hf_tokenizer
 
-    from architecture import Transformer
     from tokenizer import load_tokenizer
 
     base = tmp_path / "base"
@@ -876,7 +873,7 @@ def test_a_llama3_base_is_prompted_with_its_bos_as_transformers_tokenizes_it(tmp
     assert capsys.readouterr().out == f"{prompt}{tok.decode(new)}\n"
 
     seen = []
-    monkeypatch.setattr(Transformer, "generate", lambda self, idx, *a, **k: seen.append(idx) or idx)
+    monkeypatch.setattr(ev, "generate", lambda model, idx, *a, **k: seen.append(idx) or idx)
     cfg = ev.EvalConfig(max_new_tokens=4, progress=False)
     lm = ev.load_model(base, torch.device("cpu"))
     ev.generate_texts(lm, [prompt], cfg)
@@ -970,7 +967,8 @@ def test_a_pair_special_tokens_run_is_prompted_and_scored_with_the_special_ids(t
     monkeypatch.setattr(ev, "semantic_similarity", lambda preds, refs, progress=True: 0.0)
     lm = ev.load_model(base, torch.device("cpu"))
     seen = []
-    lm.model.generate = lambda idx, *a, **k: seen.append(idx[0].tolist()) or idx
+    monkeypatch.setattr(ev, "generate", lambda model, idx, *a, **k: seen.append(idx[0].tolist())
+                        or idx)
     cfg = ev.EvalConfig(max_new_tokens=4, progress=False, reference_loss=True)
     options = {"pair_special_tokens": True}
     run = dataclasses.replace(lm, run_config={"task": "refactor", "data_options": options})
@@ -1014,7 +1012,6 @@ def test_prompt_reads_chat_template_text_as_the_model_learned_it(tmp_path, capsy
     import transformers
     from tiny_hf import save_tiny_llama3_instruct
 
-    from architecture import Transformer
 
     base = tmp_path / "instruct"
     save_tiny_llama3_instruct(base, [CLASS_SOURCE.format(i=i) for i in range(10)])
@@ -1063,7 +1060,7 @@ def test_prompt_reads_chat_template_text_as_the_model_learned_it(tmp_path, capsy
             "input_ids"]]
 
     seen = []
-    monkeypatch.setattr(Transformer, "generate", lambda self, idx, *a, **k: seen.append(idx) or idx)
+    monkeypatch.setattr(ev, "generate", lambda model, idx, *a, **k: seen.append(idx) or idx)
     lm = ev.load_model(model, torch.device("cpu"))
     data_options = {"pair_special_tokens": False} if options else {}
     ev.generate_texts(lm, [prompt], ev.EvalConfig(max_new_tokens=4, progress=False,
@@ -1123,7 +1120,7 @@ def test_evaluate_refuses_a_prompt_it_would_ignore(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_streamed_completion_never_shows_half_a_character(tiny_models):
+def test_a_streamed_completion_never_shows_half_a_character(tiny_models, monkeypatch):
     """A character split over several byte tokens is shown once all its bytes have come, not
     as U+FFFD first; the pieces shown add up to the completion; sampling follows the seed."""
     import torch
@@ -1135,11 +1132,11 @@ def test_a_streamed_completion_never_shows_half_a_character(tiny_models):
     assert max(len(p) for p in pieces) > 1  # some characters are several byte tokens
     ids = [i for p in pieces for i in p]
 
-    def stream(idx, max_new_tokens, **kwargs):
+    def stream(model, idx, cfg, attention_mask=None):
         for i in ids:
             yield torch.tensor([i])
 
-    lm.model.stream = stream
+    monkeypatch.setattr(ev, "stream", stream)
     shown: list[str] = []
     cfg = ev.EvalConfig(max_new_tokens=len(ids))
     assert ev.stream_completion(lm, "x", cfg, shown.append) == text
@@ -1147,7 +1144,7 @@ def test_a_streamed_completion_never_shows_half_a_character(tiny_models):
     assert shown[:3] == ["é", "€", " "]
 
 
-def test_a_streamed_completion_ends_at_eos(tiny_models):
+def test_a_streamed_completion_ends_at_eos(tiny_models, monkeypatch):
     """--prompt stops where the model writes EOS, as generate_texts does: the EOS's own text
     ("<eos>") is neither shown nor returned."""
     import torch
@@ -1156,11 +1153,11 @@ def test_a_streamed_completion_ends_at_eos(tiny_models):
     lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
     ids = tok.encode("return 1")
 
-    def stream(idx, max_new_tokens, **kwargs):
+    def stream(model, idx, cfg, attention_mask=None):
         for i in [*ids, tok.eos_id]:
             yield torch.tensor([i])
 
-    lm.model.stream = stream
+    monkeypatch.setattr(ev, "stream", stream)
     shown: list[str] = []
     assert ev.stream_completion(lm, "x", ev.EvalConfig(max_new_tokens=20), shown.append) == (
         "return 1")
@@ -3021,7 +3018,6 @@ def test_compile_decodes_as_the_eager_step_does(tiny_models, tmp_path, capsys, m
 
     import torch
 
-    from architecture import Transformer
 
     m = tiny_models
     tuned = f"{m['base']}+{m['adapter']}"
@@ -3031,9 +3027,9 @@ def test_compile_decodes_as_the_eager_step_does(tiny_models, tmp_path, capsys, m
     want = ev.generate_texts(lm, prompts, cfg)
     compiled = []
     for name in ("generate", "stream"):
-        real = getattr(Transformer, name)
-        monkeypatch.setattr(Transformer, name, lambda self, *a, _real=real, **k: compiled.append(
-            k["compile"]) or _real(self, *a, **k))
+        real = getattr(ev, name)
+        monkeypatch.setattr(ev, name, lambda model, idx, cfg, *a, _real=real: compiled.append(
+            cfg.compile) or _real(model, idx, cfg, *a))
     assert ev.generate_texts(lm, prompts, dataclasses.replace(cfg, compile=True)) == want
     assert ev.main(["--models", tuned, "--prompt", prompts[0], "--max-new-tokens", "10",
                     "--compile", "--runs-dir", str(tmp_path)]) == 0

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import cliconfig
+import generation
 import rundir
 import trainingmanager as tm
 from dataset import collate, stdlib_files, supervised_example
@@ -1415,11 +1416,11 @@ def test_sample_prompt_is_formatted_as_the_task_trained(assets, tmp_path, monkey
     model = tm.build_model(tiny_cfg(assets, tmp_path), tok)
     seen = []
 
-    def generate(self, idx, max_new_tokens, **kwargs):
+    def generate(model, idx, cfg, attention_mask=None):
         seen.append(idx[0].tolist())
         return idx
 
-    monkeypatch.setattr(type(model), "generate", generate)
+    monkeypatch.setattr(generation, "generate", generate)
     for task in ("lm", "refactor"):
         tm.sample_completion(model, tok, "def f(", 4, task)
     body = tok.encode("def f(")
@@ -1443,8 +1444,8 @@ def test_sample_prompt_reads_special_token_text_as_the_runs_pairs_did(tmp_path, 
     model = Transformer(tm.model_config(tm.TrainConfig(preset="tiny", block_size=64),
                                         tok.vocab_size, tok.bos_id, tok.eos_id))
     seen = []
-    monkeypatch.setattr(type(model), "generate",
-                        lambda self, idx, *a, **k: seen.append(idx[0].tolist()) or idx)
+    monkeypatch.setattr(generation, "generate",
+                        lambda model, idx, *a, **k: seen.append(idx[0].tolist()) or idx)
     prompt = "<|begin_of_text|>def f(x):<|eot_id|>"
     as_text = hf(prompt, split_special_tokens=True)["input_ids"]
     tm.sample_completion(model, tok, prompt, 4, "refactor", True)
@@ -3838,8 +3839,8 @@ def test_sample_completion_stays_within_the_models_context(monkeypatch):
     model = Transformer(tm.model_config(tm.TrainConfig(preset="tiny", block_size=16),
                                         tok.vocab_size, tok.bos_id, tok.eos_id))
     asked = []
-    monkeypatch.setattr(type(model), "generate",
-                        lambda self, idx, n, **kwargs: (asked.append((idx.shape[1], n)), idx)[1])
+    monkeypatch.setattr(generation, "generate", lambda model, idx, cfg: (
+        asked.append((idx.shape[1], cfg.max_new_tokens)), idx)[1])
     prompt = "def f(x):\n"
     n_prompt = 1 + len(tok.encode(prompt))  # after the EOS an lm sample starts with
     tm.sample_completion(model, tok, prompt, 48, "lm")
@@ -3859,8 +3860,8 @@ def test_sample_completion_decodes_an_id_past_the_tokenizer_to_nothing(monkeypat
     model = Transformer(tm.model_config(tm.TrainConfig(preset="tiny", block_size=16),
                                         tok.vocab_size + 8, tok.bos_id, tok.eos_id))
     new = [*tok.encode("return"), tok.vocab_size + 3, *tok.encode(" x")]
-    monkeypatch.setattr(type(model), "generate",
-                        lambda self, idx, n, **kwargs: torch.cat((idx, torch.tensor([new])), 1))
+    monkeypatch.setattr(generation, "generate",
+                        lambda model, idx, cfg: torch.cat((idx, torch.tensor([new])), 1))
     assert tm.sample_completion(model, tok, "def f(x):\n", 8, "lm") == "return x"
 
 
