@@ -1410,7 +1410,8 @@ def test_batched_greedy_generation_equals_transformers(tiny_models):
         assert text == tok.decode(out)
 
 
-def test_generation_gets_at_most_half_the_context_and_the_prompt_the_rest(tiny_models):
+def test_generation_gets_at_most_half_the_context_and_the_prompt_the_rest(tiny_models,
+                                                                          monkeypatch):
     """max_new_tokens past half the context is capped there, in the tasks and with --prompt
     alike: a prompt still keeps half (it lost every token, and generation ran past the
     model's context)."""
@@ -1419,15 +1420,16 @@ def test_generation_gets_at_most_half_the_context_and_the_prompt_the_rest(tiny_m
     lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
     seen = []
 
-    def generate(idx, new_tokens, *args, **kwargs):
-        seen.append((idx.shape[1], new_tokens))
+    def generate(model, idx, cfg, attention_mask=None):
+        seen.append((idx.shape[1], cfg.max_new_tokens))
         return idx
 
-    def stream(idx, new_tokens, **kwargs):
-        seen.append((idx.shape[1], new_tokens))
+    def stream(model, idx, cfg, attention_mask=None):
+        seen.append((idx.shape[1], cfg.max_new_tokens))
         return iter(())
 
-    lm.model.generate, lm.model.stream = generate, stream
+    monkeypatch.setattr(ev, "generate", generate)
+    monkeypatch.setattr(ev, "stream", stream)
     prompt = "total = 1\n" * 40
     capped = ev.EvalConfig(block_size=32, max_new_tokens=100, progress=False)
     ev.generate_texts(lm, [prompt], capped)
@@ -2680,7 +2682,7 @@ def test_sigterm_during_passk_kills_the_sandboxed_samples(tiny_models, tmp_path)
             shutil.rmtree(directory, ignore_errors=True)
 
 
-def test_a_long_generation_prompt_loses_code_not_its_instruction(tiny_models):
+def test_a_long_generation_prompt_loses_code_not_its_instruction(tiny_models, monkeypatch):
     """Cut as training cuts it (dataset.fit_prompt): it lost its left end, the instruction."""
     import torch
 
@@ -2691,11 +2693,11 @@ def test_a_long_generation_prompt_loses_code_not_its_instruction(tiny_models):
     code = "".join(f"x = {i}\n" for i in range(300))
     seen = []
 
-    def generate(idx, *args, **kwargs):
+    def generate(model, idx, *args, **kwargs):
         seen.append(idx[0].tolist())
         return idx
 
-    lm.model.generate = generate
+    monkeypatch.setattr(ev, "generate", generate)
     cfg = ev.EvalConfig(block_size=128, max_new_tokens=8, progress=False)
     ev.run_generation_task(lm, "refactor", [ev.TaskExample("r", "x = 1", head, code, tail)], cfg)
     prompt = lm.tokenizer.decode(seen[0])
@@ -3028,8 +3030,8 @@ def test_compile_decodes_as_the_eager_step_does(tiny_models, tmp_path, capsys, m
     compiled = []
     for name in ("generate", "stream"):
         real = getattr(ev, name)
-        monkeypatch.setattr(ev, name, lambda model, idx, cfg, *a, _real=real: compiled.append(
-            cfg.compile) or _real(model, idx, cfg, *a))
+        monkeypatch.setattr(ev, name, lambda model, idx, cfg, attention_mask=None, _real=real: (
+            compiled.append(cfg.compile) or _real(model, idx, cfg, attention_mask)))
     assert ev.generate_texts(lm, prompts, dataclasses.replace(cfg, compile=True)) == want
     assert ev.main(["--models", tuned, "--prompt", prompts[0], "--max-new-tokens", "10",
                     "--compile", "--runs-dir", str(tmp_path)]) == 0
