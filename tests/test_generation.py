@@ -729,14 +729,14 @@ def test_cuda_graph_decode_equals_eager_and_keeps_its_caches(shape):
         eager = gen(model, idx, new, attention_mask=mask, eos_id=5)
         graphed = gen(model, idx, new, attention_mask=mask, eos_id=5, compile=True)
         assert torch.equal(graphed, eager), (batch, length)
-        held = model._held_caches
+        held = generation._HELD[model]
         assert held[0][0].shape[2] % 256 == 0
-        assert torch.equal(gen(model, idx, new, attention_mask=mask, eos_id=5,
-                                          compile=True), eager)
-        assert model._held_caches is held
+        assert torch.equal(gen(model, idx, new, attention_mask=mask, eos_id=5, compile=True),
+                           eager)
+        assert generation._HELD[model] is held
     import copy
 
-    assert "_held_caches" not in copy.deepcopy(model).__dict__  # a copy decodes with its own
+    assert copy.deepcopy(model) not in generation._HELD  # a copy decodes with its own
     idx = _ids(1, 9).cuda()
     stream = gen_stream(model, idx, 8, compile=True)
     next(stream)  # an unfinished stream holds the caches: a second generation is refused

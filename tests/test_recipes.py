@@ -1058,12 +1058,12 @@ def test_a_recipes_lora_key_at_its_default_that_differs_from_its_init_adapter_is
 def test_refactotron_evaluates_in_fp32_on_cuda_as_its_seed_did(monkeypatch, tmp_path):
     """Seed 000's fix 3 (fp32 evaluation: fp16 gave a NaN validation loss): eval.py loaded the
     models in bf16/fp16 on CUDA (fp16 on the seed's T4) whatever the recipe or the run said."""
-    from architecture import Transformer
+    import pretrained
 
     cfg = ev.config_from_dict(json.loads((CONFIGS / "refactotron.json").read_text())["eval"])
     asked = []
-    monkeypatch.setattr(Transformer, "from_pretrained", classmethod(
-        lambda cls, path, dtype=None, device=None: asked.append(dtype)))
+    monkeypatch.setattr(pretrained, "load",
+                        lambda path, dtype=None, device=None: asked.append(dtype))
     ev._load_hf(tmp_path, torch.device("cuda"), cfg.dtype)
     assert asked == ["fp32"]
 
