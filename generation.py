@@ -250,15 +250,16 @@ def _step(model: Transformer, tok, pos, slot, key_valid, caches) -> torch.Tensor
     return model.lm_head(model.norm_f(x[:, -1]))
 
 
-_COMPILED: dict[str, Callable] = {}  # device type -> compiled _step
+_COMPILED: dict[tuple, Callable] = {}  # (device type, kernels on) -> compiled _step
 
 
 def _decoder(compile: bool, device: torch.device) -> Callable:
     if not compile:
         return _step
-    if device.type not in _COMPILED:
-        _COMPILED[device.type] = kernels.compile_decode_step(_step, device)
-    return _COMPILED[device.type]
+    key = (device.type, kernels.ENABLED)
+    if key not in _COMPILED:
+        _COMPILED[key] = kernels.compile_decode_step(_step, device)
+    return _COMPILED[key]
 
 
 def _steps(model: Transformer, idx, cfg: GenerationConfig, attention_mask):
