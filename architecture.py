@@ -492,7 +492,9 @@ class Transformer(nn.Module):
         (loss, how many counted tokens are the top logit). grad_scale: what the backward will
         multiply this loss by (the fp16 loss scale times any weighting); fp16 training needs it
         to run the head fused with the loss."""
-        _check_ids(idx, "idx", self.cfg.vocab_size)
+        check_ids(idx, "idx", self.cfg.vocab_size)
+        if targets is not None:
+            _check_targets(targets, idx, self.cfg.vocab_size, reduction)
         B, T = idx.shape
         if T > self.cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds the context length "
@@ -500,16 +502,13 @@ class Transformer(nn.Module):
         if attention_mask is None:
             x = self.run_blocks(idx, torch.arange(T, device=idx.device)[None], None)
         else:
-            _check_mask(attention_mask, idx)
+            check_mask(attention_mask, idx)
             attention_mask = attention_mask.bool()
             mask = padded_mask(attention_mask, torch.arange(T, device=idx.device), T)
             x = self.run_blocks(idx, positions(attention_mask), mask)
         x = self.norm_f(x)
         if targets is None:
             return self.lm_head(x)
-        _check_targets(targets, idx, self.cfg.vocab_size)
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         count = (targets != IGNORE_INDEX).sum() if reduction == "mean" else None
         if count is not None and grad_scale is not None:  # the mean's gradient: the sum's / count
             grad_scale = grad_scale / count.clamp(min=1)
@@ -520,7 +519,7 @@ class Transformer(nn.Module):
         return (loss, correct) if count_correct else loss
 
 
-def _check_ids(ids, name: str, vocab: int) -> None:
+def check_ids(ids, name: str, vocab: int) -> None:
     """ids (batch, time) of integer token ids in [0, vocab): torch's own errors for these name
     neither the argument nor the cause, and on CUDA an id out of range is a device-side assert
     that breaks the process's CUDA context. torch.compile's graph leaves the range out."""
@@ -539,7 +538,7 @@ def _check_ids(ids, name: str, vocab: int) -> None:
                              f"max {hi} (wrong tokenizer? -100 labels passed as ids?)")
 
 
-def _check_mask(attention_mask, idx: torch.Tensor) -> None:
+def check_mask(attention_mask, idx: torch.Tensor) -> None:
     if not isinstance(attention_mask, torch.Tensor):
         raise ValueError(f"attention_mask must be a tensor (batch, time), got a "
                          f"{type(attention_mask).__name__}; use torch.tensor(attention_mask)")
@@ -548,8 +547,10 @@ def _check_mask(attention_mask, idx: torch.Tensor) -> None:
                          f"{tuple(idx.shape)}")
 
 
-def _check_targets(targets, idx: torch.Tensor, vocab: int) -> None:
+def _check_targets(targets, idx: torch.Tensor, vocab: int, reduction: str) -> None:
     """A transposed (T, B) batch is a loud error, never a silently wrong loss."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if not isinstance(targets, torch.Tensor) or targets.shape != idx.shape:
         raise ValueError(f"targets {tuple(getattr(targets, 'shape', ()))} must have the shape "
                          f"of idx {tuple(idx.shape)} (labels aligned with the ids, already "

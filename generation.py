@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 import kernels
-from architecture import LayerCache, Transformer, _check_ids, _check_mask, padded_mask, positions
+from architecture import LayerCache, Transformer, check_ids, check_mask, padded_mask, positions
 
 # The CUDA-graph decode step's cache lengths are multiples of this (masked beyond the prompt
 # and its new tokens): one graph serves prompts of many lengths.
@@ -137,7 +137,7 @@ def stream(model: Transformer, idx: torch.Tensor, cfg: GenerationConfig,
 def _prepare(model: Transformer, idx: torch.Tensor, cfg: GenerationConfig,
              attention_mask: torch.Tensor | None) -> int:
     """Check the prompt against the model; return the fill id of finished rows."""
-    _check_ids(idx, "idx", model.cfg.vocab_size)
+    check_ids(idx, "idx", model.cfg.vocab_size)
     B, T = idx.shape
     if T == 0:
         raise ValueError("the prompt is empty: generation continues at least one token (for "
@@ -173,7 +173,7 @@ def _check_left_padded(attention_mask: torch.Tensor | None, idx: torch.Tensor) -
     token: left padding (right padding, as training batches have, would continue the pads)."""
     if attention_mask is None:
         return
-    _check_mask(attention_mask, idx)
+    check_mask(attention_mask, idx)
     last = attention_mask[:, -1].bool()
     if not bool(last.all()):
         b = int((~last).nonzero()[0, 0])

@@ -395,9 +395,9 @@ def bench_checks(args) -> dict:
     # launch overhead dominates.
     small = Transformer(args.small_cfg).to(DEV).eval()
     ids = torch.randint(0, args.small_cfg.vocab_size, (1, 1), device=DEV)
-    check = architecture._check_ids
+    check = architecture.check_ids
     for label, fn in (("with the check", check), ("without", lambda *a: None)):
-        architecture._check_ids = fn
+        architecture.check_ids = fn
         with torch.no_grad():
             for _ in range(5):
                 small(ids)
@@ -405,7 +405,7 @@ def bench_checks(args) -> dict:
             for _ in range(50):
                 small(ids)
             res[f"forward_ms_{label}"] = (sync_time() - t0) / 50 * 1e3
-    architecture._check_ids = check
+    architecture.check_ids = check
     print(f"  id check: 1-token forward of llama-14m {res['forward_ms_with the check']:.2f} ms "
           f"with the check, {res['forward_ms_without']:.2f} ms without")
     return res
