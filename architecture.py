@@ -289,10 +289,11 @@ def split_heads(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | Non
 
 @kernels.faster(kernels.attention)
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-              dropout_p: float) -> torch.Tensor:
-    """Causal attention (mask None), or with SDPA's boolean mask; k and v may have fewer heads."""
+              dropout_p: float, grouped: bool) -> torch.Tensor:
+    """Causal attention (mask None), or with SDPA's boolean mask; grouped: k and v have fewer
+    heads than q."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                          dropout_p=dropout_p, enable_gqa=k.shape[1] != q.shape[1])
+                                          dropout_p=dropout_p, enable_gqa=grouped)
 
 
 # One layer's preallocated (keys, values), each (B, n_kv_head, length, head_dim), written in place
@@ -321,7 +322,8 @@ class Attention(nn.Module):
             cache[1].index_copy_(2, slots, v)
             if mask is not None:  # no mask: a prompt without padding, which needs only its
                 k, v = cache      # own keys, causally
-        y = attention(q, k, v, mask, cfg.attn_dropout if self.training else 0.0)
+        y = attention(q, k, v, mask, cfg.attn_dropout if self.training else 0.0,
+                      cfg.n_kv_head != cfg.n_head)
         return self.proj(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))
 
 

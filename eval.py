@@ -1055,9 +1055,10 @@ def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig,
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     pad = tok.pad_id if tok.pad_id is not None else (eos[0] if eos else 0)
-    gen = GenerationConfig(new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, eos or None,
-                           (list(stops) or None) if cfg.num_beams == 1 else None, pad,
-                           cfg.num_beams, decode=partial(decode_generated, tok),
+    gen = GenerationConfig(new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                           top_p=cfg.top_p, eos_id=eos or None, pad_id=pad,
+                           stop=(list(stops) or None) if cfg.num_beams == 1 else None,
+                           num_beams=cfg.num_beams, decode=partial(decode_generated, tok),
                            generator=generator, compile=cfg.compile)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     outputs: list[str] = [""] * len(encoded)
@@ -1100,8 +1101,9 @@ def stream_completion(lm: LoadedModel, prompt: str, cfg: EvalConfig,
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     steps = stream(model, torch.tensor([ids], device=device),
-                   GenerationConfig(new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                                    eos or None, generator=generator, compile=cfg.compile))
+                   GenerationConfig(new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                                    top_p=cfg.top_p, eos_id=eos or None, generator=generator,
+                                    compile=cfg.compile))
     new: list[int] = []
     shown = ""
     for step in steps:

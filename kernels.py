@@ -183,9 +183,9 @@ def _sdpa_takes_gqa(device: torch.device, dtype: torch.dtype, masked: bool) -> b
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-              dropout_p: float) -> torch.Tensor:
+              dropout_p: float, grouped: bool) -> torch.Tensor:
     """Keys and values repeated to the query heads where CUDA's fused kernels need it."""
-    if k.shape[1] == q.shape[1] or _sdpa_takes_gqa(q.device, q.dtype, mask is not None):
+    if not grouped or _sdpa_takes_gqa(q.device, q.dtype, mask is not None):
         return NotImplemented
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
