@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 import cliconfig
 import rundir
-from architecture import MIN_TEMPERATURE
+from generation import MIN_TEMPERATURE, GenerationConfig, generate, stream
 from sandbox import MIN_MEMORY_MB, SandboxConfig, SandboxResult, kill_running, run_python
 
 if TYPE_CHECKING:  # annotations only: eval loads dataset and tokenizer where a task needs them
@@ -539,10 +539,10 @@ def latest_run(runs_dir: str | Path) -> Path:
 
 
 def _load_hf(path: Path, device: torch.device, dtype: str | None = None) -> torch.nn.Module:
-    from architecture import Transformer
+    import pretrained
 
     dtype = dtype or (torch.float32 if device.type == "cpu" else None)
-    return Transformer.from_pretrained(path, dtype=dtype, device=device)
+    return pretrained.load(path, dtype=dtype, device=device)
 
 
 def _run_base(run_dir: Path, config: dict) -> str:
@@ -762,12 +762,11 @@ def _prompt_ids(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig) -> lis
 
 @torch.no_grad()
 def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: EvalConfig) -> dict:
-    """Loss (the training loss, ``trainingmanager.lm_loss``), perplexity and next-token accuracy
+    """Loss (the training loss, the model's own), perplexity and next-token accuracy
     over consecutive block-size windows of the texts, packed as dataset.py packs the trainer's
     split (``packed_document``): on a run's val split this is its val_loss, and the accuracy its
     val_accuracy, on the same 0-1 scale, so the training log and the eval table compare."""
     from dataset import collate, encode_text, packed_document
-    from trainingmanager import lm_loss_and_correct
 
     tok, model = lm.tokenizer, lm.model
     context = _context(lm, cfg)
@@ -793,9 +792,9 @@ def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: EvalConfig) -> dict:
         batch = {k: v.to(device) for k, v in batch.items()}
         # Right padding needs no mask (causal attention never looks ahead, and its labels are
         # -100); without one, SDPA may use its fused causal kernels (flash on CUDA).
-        hidden = model(batch["input_ids"], return_hidden=True)
         labels = batch["labels"]
-        loss, right = lm_loss_and_correct(hidden, labels, model.lm_head)
+        loss, right = model(batch["input_ids"], targets=labels, reduction="sum",
+                            count_correct=True)
         total += float(loss)
         correct += float(right)
         count += float((labels != -100).sum())
@@ -824,13 +823,12 @@ def _training_ids(lm: LoadedModel, examples: Sequence[TaskExample], cfg: EvalCon
 @torch.no_grad()
 def score_supervised(lm: LoadedModel, examples: Sequence[TaskExample], cfg: EvalConfig,
                      data_cfg: DataConfig | None = None) -> float:
-    """Mean loss (``trainingmanager.lm_loss``) of each reference completion, EOS included, given
+    """Mean loss (the model's training loss) of each reference completion, EOS included, given
     its prompt: dataset.py's training example of the pair (tokenized, and cut to the context, as
     the run's data options cut it), so it is the validation loss a supervised run logs on these
     examples. These are the examples whose BLEU is reported beside it: the val split's copies of
     train examples, which dataset.py leaves out (``skipped_same_as_train``), are scored here."""
     import dataset as ds
-    from trainingmanager import lm_loss
 
     tok, model = lm.tokenizer, lm.model
     context = _context(lm, cfg)
@@ -845,9 +843,8 @@ def score_supervised(lm: LoadedModel, examples: Sequence[TaskExample], cfg: Eval
     for i in range(0, len(examples), cfg.batch_size):
         batch = ds.collate(examples[i : i + cfg.batch_size], tok.pad_id)
         # right-padded, padding labelled -100: no mask needed (see score_lm)
-        hidden = model(batch["input_ids"].to(device), return_hidden=True)
         labels = batch["labels"].to(device)
-        total += float(lm_loss(hidden, labels, model.lm_head, reduction="sum"))
+        total += float(model(batch["input_ids"].to(device), targets=labels, reduction="sum"))
         count += float((labels != -100).sum())
     if count == 0:
         raise ValueError("no reference tokens to score")
@@ -883,6 +880,11 @@ def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig,
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     pad = tok.pad_id if tok.pad_id is not None else (eos[0] if eos else 0)
+    gen = GenerationConfig(new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                           top_p=cfg.top_p, eos_id=eos or None, pad_id=pad,
+                           stop=(list(stops) or None) if cfg.num_beams == 1 else None,
+                           num_beams=cfg.num_beams, decode=partial(decode_generated, tok),
+                           generator=generator, compile=cfg.compile)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     outputs: list[str] = [""] * len(encoded)
     batches = range(0, len(order), cfg.batch_size)
@@ -894,12 +896,7 @@ def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig,
         for b, i in enumerate(rows):
             idx[b, width - len(encoded[i]) :] = torch.tensor(encoded[i])
             mask[b, width - len(encoded[i]) :] = True
-        out = model.generate(idx.to(device), new_tokens, temperature=cfg.temperature,
-                             top_k=cfg.top_k, top_p=cfg.top_p, eos_id=eos or None,
-                             stop=(list(stops) or None) if cfg.num_beams == 1 else None,
-                             num_beams=cfg.num_beams, attention_mask=mask.to(device),
-                             pad_id=pad, decode=partial(decode_generated, tok), generator=generator,
-                             compile=cfg.compile)
+        out = generate(model, idx.to(device), gen, attention_mask=mask.to(device))
         for b, i in enumerate(rows):
             ids = out[b, width:].tolist()
             ids = ids[: next((j for j, t in enumerate(ids) if t in eos), len(ids))]
@@ -928,9 +925,10 @@ def stream_completion(lm: LoadedModel, prompt: str, cfg: EvalConfig,
     ids = start + fit_prompt(prompt_ids, context - new_tokens - len(start), (0, 0))
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    steps = model.stream(torch.tensor([ids], device=device), new_tokens,
-                         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                         eos_id=eos or None, generator=generator, compile=cfg.compile)
+    steps = stream(model, torch.tensor([ids], device=device),
+                   GenerationConfig(new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                                    top_p=cfg.top_p, eos_id=eos or None, generator=generator,
+                                    compile=cfg.compile))
     new: list[int] = []
     shown = ""
     for step in steps:

@@ -551,7 +551,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> LoRAReport:
 def _check_model(model: nn.Module, caller: str) -> None:
     """LoRA targets go through a codelm model's config and module names, which others lack."""
     if not isinstance(model, Transformer):
-        raise ValueError(f"{caller} works on codelm's Transformer (Transformer.from_pretrained(dir) "
+        raise ValueError(f"{caller} works on codelm's Transformer (pretrained.load(dir) "
                          f"loads an HF checkpoint as one), got {type(model).__name__}")
 
 
@@ -637,7 +637,7 @@ def merge_lora(model: nn.Module) -> None:
     todo = [(p, m) for p, m in lora_modules(model) if not m.merged]
     if any(isinstance(m.base, QuantLinear) for _, m in todo):
         raise ValueError("cannot merge LoRA into a quantized base: load the base unquantized "
-                         "(Transformer.from_pretrained), load_adapter, then merge")
+                         "(pretrained.load), load_adapter, then merge")
     _check_not_tied(model, todo)
     for _, module in todo:
         module.merge(+1.0)
@@ -656,14 +656,14 @@ def merge_and_export(model: nn.Module, out_dir: str | Path) -> Path:
     """Merge the adapters and write a full HF checkpoint (the model is left merged)."""
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("merge_and_export needs a full-precision base: build the model with "
-                         "Transformer.from_pretrained (not quantized), load_adapter, then export")
+                         "pretrained.load (not quantized), load_adapter, then export")
     pretrained.check_output_dir(Path(out_dir), "merge_and_export")
     merge_lora(model)
     wrapped = list(lora_modules(model))
     for path, module in wrapped:
         _set_submodule(model, path, module.base)
     try:
-        model.save_pretrained(out_dir)
+        pretrained.save(model, out_dir)
     finally:
         for path, module in wrapped:
             _set_submodule(model, path, module)
@@ -962,8 +962,6 @@ def _check_adapter_tokenizer(adapter: Path, base: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from architecture import Transformer
-
     parser = argparse.ArgumentParser(
         description="Merge a LoRA adapter (codelm's or PEFT's) into its base model and write a "
         "new HF checkpoint of the base's family, which transformers loads without PEFT.")
@@ -980,7 +978,7 @@ def main(argv: list[str] | None = None) -> int:
         adapter = Path(args.adapter)
         read_adapter_config(adapter)  # a bad adapter is named before the base loads
         base = Path(args.base) if args.base else adapter_base(adapter, "name it with --base")
-        model = Transformer.from_pretrained(base, dtype=args.dtype)
+        model = pretrained.load(base, dtype=args.dtype)
         report = load_adapter(model, adapter)
         tokenizer_dir = adapter if (adapter / "tokenizer.json").is_file() else base
         if tokenizer_dir == adapter:  # the merged model pairs the base's config with it

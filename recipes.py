@@ -272,6 +272,7 @@ def write_smoke_data(task: str, scratch: bool, out: Path) -> tuple[list[str], li
 
 def tiny_checkpoint(preset: str, texts: Sequence[str], out: Path, seed: int = 0) -> Path:
     """A random toy-size HF checkpoint of the preset's family, with a BPE tokenizer of ``texts``."""
+    import pretrained
     from architecture import PRESETS, Transformer
     from tokenizer import BPETokenizer
 
@@ -288,7 +289,7 @@ def tiny_checkpoint(preset: str, texts: Sequence[str], out: Path, seed: int = 0)
                               init_std=SMOKE_INIT_STD)
     torch.manual_seed(seed)
     model = Transformer(cfg)
-    model.save_pretrained(out)
+    pretrained.save(model, out)
     tok.save(out)
     return out
 
@@ -385,11 +386,11 @@ def check_adapter_round_trip(base_dir: Path, export: Path) -> float:
     """The largest logit difference between the saved adapter on a fresh base and the merged
     export."""
     import lora
-    from architecture import Transformer
+    import pretrained
 
-    model = Transformer.from_pretrained(base_dir, dtype=torch.float32)
+    model = pretrained.load(base_dir, dtype=torch.float32)
     lora.load_adapter(model, export)
-    merged = Transformer.from_pretrained(export / rundir.MERGED_DIR, dtype=torch.float32)
+    merged = pretrained.load(export / rundir.MERGED_DIR, dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.cfg.vocab_size, (2, 24), generator=g)
     return float((model.eval()(ids) - merged.eval()(ids)).abs().max())

@@ -1,8 +1,8 @@
 """Training manager for codelm: one loop for from-scratch, fine-tuning and LoRA runs.
 
 The training loop users should never have to debug (seed 001 lost weeks to one): training and
-validation share one loss (``lm_loss``; validation's ``lm_loss_and_correct`` is the same function
-of the head, plus the accuracy count); gradient accumulation weights every micro-batch by its token count,
+validation share one loss (the model's own: ``model(ids, labels)``; validation adds the accuracy
+count); gradient accumulation weights every micro-batch by its token count,
 so accumulation equals one big batch (and DDP equals one process); a non-finite loss stops the
 run loudly with the last good checkpoint intact; checkpoints hold everything needed to continue
 bit-exactly (weights, optimizer, scheduler, scaler, every RNG, the data position) and are written
@@ -49,7 +49,6 @@ from architecture import (
     IGNORE_INDEX,
     SHORT_DTYPES,
     cuda_half_dtype,
-    head_cross_entropy,
     lacks_native_bf16,
 )
 from cliconfig import setting
@@ -82,60 +81,6 @@ if typing.TYPE_CHECKING:  # annotations only: dataset and tokenizer load where a
 
 ROOT = Path(__file__).resolve().parent
 OVERFIT_CORPUS = ROOT / "data" / "overfit"
-
-
-# --------------------------------------------------------------------------------------------
-# The one loss
-# --------------------------------------------------------------------------------------------
-
-
-def lm_loss(
-    hidden: torch.Tensor,
-    labels: torch.Tensor,
-    head: nn.Module,
-    label_smoothing: float = 0.0,
-    reduction: str = "mean",
-    grad_scale: torch.Tensor | float | None = None,
-) -> torch.Tensor:
-    """Next-token cross-entropy of ``head(hidden)`` over positions whose label is not -100
-    (labels already shifted); ``hidden`` (B, T, C) is ``model(ids, return_hidden=True)``.
-
-    ``"mean"`` averages over the counted tokens, ``"sum"`` totals them (evaluation and token-
-    weighted accumulation). Label smoothing is spread over counted tokens only. For a plain
-    ``nn.Linear`` head the logits are formed chunk by chunk with the loss
-    (``architecture.head_cross_entropy``), never whole; a LoRA-wrapped or quantized head (and
-    fp16 autocast without ``grad_scale``) runs unfused, holding the whole logits. The shape
-    check makes a transposed (T, B) batch, seed 001's silent bug, a loud error.
-    ``grad_scale``: what the backward will multiply this loss by (the fp16 loss scale, times any
-    weighting); fp16 autocast needs it to run the head fused.
-    """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"lm_loss: reduction must be 'mean' or 'sum', got {reduction!r}")
-    _check_loss_shapes(hidden, labels)
-    if reduction == "sum":
-        return head_cross_entropy(hidden, labels, head, label_smoothing, grad_scale=grad_scale)[0]
-    count = (labels != IGNORE_INDEX).sum()
-    if grad_scale is not None:  # the sum's gradient is the mean's divided by the count
-        grad_scale = grad_scale / count.clamp(min=1)
-    return head_cross_entropy(hidden, labels, head, label_smoothing, grad_scale=grad_scale)[0] / count
-
-
-def lm_loss_and_correct(
-    hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The validation figures: ``lm_loss(..., reduction="sum")`` (no smoothing: perplexity is a
-    true NLL) and how many counted positions have their label as the top logit."""
-    _check_loss_shapes(hidden, labels)
-    return head_cross_entropy(hidden, labels, head, count_correct=True)
-
-
-def _check_loss_shapes(hidden: torch.Tensor, labels: torch.Tensor) -> None:
-    if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
-        raise ValueError(
-            f"lm_loss: hidden states {tuple(hidden.shape)} and labels {tuple(labels.shape)} "
-            "must be (B, T, C) and (B, T); mismatched leading dims usually mean a transposed "
-            "batch"
-        )
 
 
 class NonFiniteLossError(RuntimeError):
@@ -701,10 +646,9 @@ class Trainer:
             with sync:
                 with _autocast(self.device, self.precision):
                     # Right-padded batches need no mask: causal attention never sees the padding.
-                    hidden = self.model(batch["input_ids"], return_hidden=True)
-                    loss = lm_loss(hidden, batch["labels"], self.raw_model.lm_head,
-                                   self.cfg.label_smoothing, "sum",
-                                   grad_scale=self.scaler.scale(weight))
+                    loss = self.model(batch["input_ids"], batch["labels"], reduction="sum",
+                                      label_smoothing=self.cfg.label_smoothing,
+                                      grad_scale=self.scaler.scale(weight))
                 if inject_nan:
                     loss = loss * float("nan")
                 self.scaler.scale(loss * weight).backward()
@@ -751,8 +695,8 @@ class Trainer:
             batch = self._to_device(batch)
             labels = batch["labels"]
             with _autocast(self.device, precision):
-                hidden = model(batch["input_ids"], return_hidden=True)
-                loss, correct = lm_loss_and_correct(hidden, labels, self.raw_model.lm_head)
+                loss, correct = model(batch["input_ids"], labels, reduction="sum",
+                                      count_correct=True)
             totals[0] += loss.double()
             totals[1] += (labels != IGNORE_INDEX).sum()
             totals[2] += correct
@@ -1509,11 +1453,12 @@ def build_model(cfg: TrainConfig, tok: CodeTokenizer | BPETokenizer,
     the run whose own weights will be loaded into the model (a resume from its checkpoint,
     eval.py's best/): an init_adapter run's LoRA layout then comes from the run's copy of the
     adapter's config (``run_adapter_copy``), with no weights read from the adapter directory."""
+    import pretrained
     from architecture import Transformer
 
     base_dtype = SHORT_DTYPES[cfg.base_dtype]
     if cfg.init_from is not None:
-        model = Transformer.from_pretrained(cfg.init_from, dtype=base_dtype, device="cpu")
+        model = pretrained.load(cfg.init_from, dtype=base_dtype, device="cpu")
         if tok.vocab_size > model.cfg.vocab_size:
             raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model at "
                              f"{cfg.init_from} only {model.cfg.vocab_size} embeddings")
@@ -2624,19 +2569,18 @@ class _Run:
 
         def write(tmp: Path) -> None:
             import lora
-            from architecture import Transformer
+            import pretrained
 
             cfg = self.cfg
             if cfg.lora_r == 0:
-                model.save_pretrained(tmp)
+                pretrained.save(model, tmp)
             else:  # on init_from (validate_config): the adapter, naming that base
                 base = str(Path(cfg.init_from).resolve())  # as PEFT records it: loadable alone
                 lora.save_adapter(model, tmp, base_model_name_or_path=base)
                 if cfg.export_merged:  # as `python lora.py` merges: into the base on disk,
                     # in the checkpoint's own dtype (a bf16 base: bf16, not the fp32 training
                     # copy at twice the size; a quantized one: its full precision)
-                    merged = Transformer.from_pretrained(cfg.init_from, dtype="auto",
-                                                         device="cpu")
+                    merged = pretrained.load(cfg.init_from, dtype="auto", device="cpu")
                     lora.load_adapter(merged, tmp)
                     lora.merge_and_export(merged, tmp / MERGED_DIR)
                     self.tok.save(tmp / MERGED_DIR)
@@ -2706,6 +2650,7 @@ def sample_completion(model: nn.Module, tok: CodeTokenizer | BPETokenizer, promp
     special-token text read as the run's pair records read it (``dataset.encode_prompts``; the
     data option ``pair_special_tokens``, which the lm task ignores)."""
     from dataset import encode_prompts, prompt_prefix, reads_special_tokens
+    from generation import GenerationConfig, generate
     from tokenizer import decode_generated, generation_eos_ids
 
     eos = generation_eos_ids(tok, model.cfg.eos_id, model.name_or_path)
@@ -2717,8 +2662,8 @@ def sample_completion(model: nn.Module, tok: CodeTokenizer | BPETokenizer, promp
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out = model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature=0.0,
-                         eos_id=eos or None)
+    out = generate(model, torch.tensor([ids], device=device),
+                   GenerationConfig(max_new_tokens, eos_id=eos or None))
     model.train(was_training)
     return decode_generated(tok, [i for i in out[0, len(ids):].tolist() if i not in eos])
 
@@ -2842,6 +2787,7 @@ def run_overfit(cfg: TrainConfig, max_steps: int = 400, lr: float = 3e-3) -> tup
     completion of each file's first line must reproduce the file. Returns (passed, report)."""
     from architecture import Transformer
     from dataset import collate
+    from generation import GenerationConfig, generate
     from tokenizer import CodeTokenizer, decode_generated
 
     started = time.perf_counter()
@@ -2911,8 +2857,8 @@ def run_overfit(cfg: TrainConfig, max_steps: int = 400, lr: float = 3e-3) -> tup
     for f, text, seq in zip(files, texts, seqs):
         first_line = text.split("\n", 1)[0] + "\n"
         prompt = [tok.eos_id, *tok.encode(first_line)]
-        out = model.generate(torch.tensor([prompt], device=device), len(seq) - len(prompt),
-                             temperature=0.0, eos_id=tok.eos_id)
+        out = generate(model, torch.tensor([prompt], device=device),
+                       GenerationConfig(len(seq) - len(prompt), eos_id=tok.eos_id))
         generated = [i for i in out[0, len(prompt):].tolist() if i != tok.eos_id]
         completion = first_line + decode_generated(tok, generated)
         if completion != text:

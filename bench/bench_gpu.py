@@ -43,7 +43,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 from bench_model import NanoLlama, _hf_llama, copy_hf_llama_weights  # noqa: E402
 
 import architecture  # noqa: E402
+import kernels  # noqa: E402
+import pretrained  # noqa: E402
 from architecture import PRESETS, Transformer  # noqa: E402
+from generation import GenerationConfig, generate  # noqa: E402
 
 SECTIONS = ("parity", "kernels", "train", "ablate", "generate", "load", "checks")
 # Dense bf16 tensor-core peaks (TFLOP/s), from the vendors' data sheets (SXM parts).
@@ -104,7 +107,7 @@ def bench_parity(args) -> dict:
     for family in FAMILIES:
         with tempfile.TemporaryDirectory() as d:
             hf = save_tiny_hf(family, Path(d)).to(DEV)
-            ours = Transformer.from_pretrained(d, dtype=torch.float32, device=DEV).eval()
+            ours = pretrained.load(d, dtype=torch.float32, device=DEV).eval()
         T = ours.cfg.block_size
         idx = torch.randint(3, ours.cfg.vocab_size, (2, T), device=DEV)
         with torch.no_grad():
@@ -117,7 +120,8 @@ def bench_parity(args) -> dict:
         mask = torch.ones_like(prompt)
         prompt[0, :5], mask[0, :5] = 0, 0  # row 0 left-padded
         hf_out = hf.generate(prompt, attention_mask=mask, max_new_tokens=32, do_sample=False)
-        ours_out = ours.generate(prompt, 32, eos_id=hf.config.eos_token_id, attention_mask=mask)
+        ours_out = generate(ours, prompt, GenerationConfig(32, eos_id=hf.config.eos_token_id),
+                            attention_mask=mask)
         same = bool(torch.equal(hf_out, ours_out))
         res[family] = {"fp32_max_abs": fp32, "bf16_max_abs": ours_bf16,
                        "hf_bf16_max_abs": hf_bf16, "generate_equal": same}
@@ -131,14 +135,12 @@ def bench_parity(args) -> dict:
 def bench_kernels(args) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    from trainingmanager import lm_loss
-
     model = Transformer(args.cfg).to(DEV)
     x = torch.randint(0, args.cfg.vocab_size, (2, args.cfg.block_size), device=DEV)
     res = {}
     for name, fn in (
-        ("train step", lambda: lm_loss(model(x, return_hidden=True), x, model.lm_head).backward()),
-        ("prefill", lambda: model.eval().generate(x[:1, :64], 2)),
+        ("train step", lambda: model(x, x).backward()),
+        ("prefill", lambda: generate(model.eval(), x[:1, :64], GenerationConfig(2))),
     ):
         with torch.autocast(DEV, torch.bfloat16):
             fn()
@@ -157,8 +159,6 @@ def bench_kernels(args) -> dict:
 # ----------------------------------------------------------------------------- train
 
 def bench_train(args) -> dict:
-    from trainingmanager import lm_loss
-
     c = args.cfg
     B, T = args.batch, c.block_size
     torch.manual_seed(0)
@@ -167,7 +167,7 @@ def bench_train(args) -> dict:
     x = torch.randint(0, c.vocab_size, (B, T), device=DEV)
     y = torch.randint(0, c.vocab_size, (B, T), device=DEV)
     losses = {
-        "codelm": lambda m: lm_loss(m(x, return_hidden=True), y, m_raw["codelm"].lm_head),
+        "codelm": lambda m: m(x, y),
         "nanoGPT-style": lambda m: F.cross_entropy(m(x).flatten(0, 1).float(), y.flatten()),
         "HF Llama": lambda m: F.cross_entropy(m(x).logits.flatten(0, 1).float(), y.flatten()),
     }
@@ -248,8 +248,9 @@ def _time_generation(label: str, c, args) -> dict:
 
     runners = {"HF generate (eager)": hf_gen(),
                "HF generate (static cache)": hf_gen(cache_implementation="static"),
-               "codelm eager": lambda: ours.generate(prompt, new),
-               "codelm compiled step": lambda: ours.generate(prompt, new, compile=True)}
+               "codelm eager": lambda: generate(ours, prompt, GenerationConfig(new)),
+               "codelm compiled step": lambda: generate(ours, prompt,
+                                                        GenerationConfig(new, compile=True))}
     outs, times = {}, {n: [] for n in runners}
     for name, fn in runners.items():  # warm-up (and compilation)
         try:
@@ -296,7 +297,7 @@ sys.path.insert(0, sys.argv[3])
 t0 = time.perf_counter()
 if lib == "codelm":
     from architecture import Transformer
-    m = Transformer.from_pretrained(path, dtype=torch.bfloat16, device="cuda")
+    m = pretrained.load(path, dtype=torch.bfloat16, device="cuda")
 else:
     import transformers
     transformers.logging.set_verbosity_error()
@@ -333,20 +334,18 @@ print(json.dumps({"load_s": t, "peak_gib": torch.cuda.max_memory_allocated() / 2
 def bench_ablate(args) -> dict:
     """Which of codelm's CPU-tuned pieces cost time on the GPU: the eager bf16 step with each
     swapped for the plain alternative, in one run (the eager step varies ~15% between runs)."""
-    from trainingmanager import lm_loss
-
     c = args.cfg
     x = torch.randint(0, c.vocab_size, (args.batch, c.block_size), device=DEV)
-    fused = lambda m: lm_loss(m(x, return_hidden=True), x, m.lm_head)  # noqa: E731
+    fused = lambda m: m(x, x)  # noqa: E731
     unfused = lambda m: F.cross_entropy(m(x).flatten(0, 1).float(), x.flatten())  # noqa: E731
-    hand_written = lambda self, h: architecture._RMSNormFunction.apply(  # noqa: E731
+    hand_written = lambda self, h: kernels._RMSNormFunction.apply(  # noqa: E731
         h, self.weight, self.eps)
     variants = {  # name: (build, loss, {(owner, attribute): replacement})
         "nanoGPT-style": (lambda: NanoLlama(c), unfused, {}),
         "codelm": (lambda: Transformer(c), fused, {}),
         "codelm, unfused head": (lambda: Transformer(c), unfused, {}),
         "codelm, head in one chunk": (lambda: Transformer(c), fused,
-                                      {(architecture, "_loss_chunk_rows"): lambda v, d: 1 << 30}),
+                                      {(kernels, "_loss_chunk_rows"): lambda v, d: 1 << 30}),
         "codelm, hand-written RMSNorm backward": (
             lambda: Transformer(c), fused, {(architecture.RMSNorm, "forward"): hand_written}),
     }
@@ -372,8 +371,6 @@ def bench_ablate(args) -> dict:
 
 
 def bench_checks(args) -> dict:
-    from trainingmanager import lm_loss
-
     res = {}
     c = args.cfg
     B, T = 8, c.block_size
@@ -381,7 +378,7 @@ def bench_checks(args) -> dict:
     torch.manual_seed(0)
     model = Transformer(c).to(DEV)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    loss_fn = lambda m: lm_loss(m(x, return_hidden=True), x, m.lm_head)  # noqa: E731
+    loss_fn = lambda m: m(x, x)  # noqa: E731
 
     print("\nchecks")
     for tf32 in (False, True):  # G-06
@@ -398,9 +395,9 @@ def bench_checks(args) -> dict:
     # launch overhead dominates.
     small = Transformer(args.small_cfg).to(DEV).eval()
     ids = torch.randint(0, args.small_cfg.vocab_size, (1, 1), device=DEV)
-    check = architecture._check_ids
+    check = architecture.check_ids
     for label, fn in (("with the check", check), ("without", lambda *a: None)):
-        architecture._check_ids = fn
+        architecture.check_ids = fn
         with torch.no_grad():
             for _ in range(5):
                 small(ids)
@@ -408,7 +405,7 @@ def bench_checks(args) -> dict:
             for _ in range(50):
                 small(ids)
             res[f"forward_ms_{label}"] = (sync_time() - t0) / 50 * 1e3
-    architecture._check_ids = check
+    architecture.check_ids = check
     print(f"  id check: 1-token forward of llama-14m {res['forward_ms_with the check']:.2f} ms "
           f"with the check, {res['forward_ms_without']:.2f} ms without")
     return res
@@ -428,7 +425,7 @@ def _head_grad_error(args) -> dict:
         head.weight.grad = None
         with torch.autocast(DEV, torch.bfloat16, enabled=bf16):
             if fused:
-                loss = architecture.head_cross_entropy(hidden[None], labels[None], head)[0]
+                loss = kernels.head_cross_entropy(hidden, head, labels)[0]
             else:
                 loss = F.cross_entropy(head(hidden).float(), labels, reduction="sum")
         (loss / N).backward()

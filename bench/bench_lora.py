@@ -33,9 +33,9 @@ import torch.nn.functional as F  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from tiny_hf import tiny_hf_model  # noqa: E402
 
+import pretrained  # noqa: E402
 from architecture import PRESETS, Transformer  # noqa: E402
 from lora import LoRAConfig, apply_lora, quantize_base  # noqa: E402
-from trainingmanager import lm_loss  # noqa: E402
 
 # Each family with the LoRA setting of the seed project built on it (seed 002's Phi recipe is
 # QLoRA; its speed is measured here on a full-precision base, which PEFT can also run on CPU).
@@ -64,14 +64,14 @@ def bench_config(family: str, layers: int, width: int, vocab: int) -> dict:
 
 
 def make_step(model, params, ids):
-    """A step with each library's own loss: codelm's Trainer runs lm_loss (the head fused with
+    """A step with each library's own loss: codelm's model takes its own loss (the head fused with
     the cross-entropy); PEFT's model gives logits, and transformers takes their cross-entropy."""
     opt = torch.optim.AdamW(params, lr=1e-4)
     x, y = ids[:, :-1], ids[:, 1:]
 
     def loss_of() -> torch.Tensor:
         if isinstance(model, Transformer):
-            return lm_loss(model(x, return_hidden=True), y, model.lm_head)
+            return model(x, y)
         return F.cross_entropy(model(x).logits.flatten(0, 1).float(), y.flatten())
 
     def step():
@@ -95,7 +95,7 @@ def bench_speed(family: str, args, tmp: Path) -> tuple[list[float], list[float],
     """[wall, CPU] tokens/s of codelm and of PEFT, and both trainable-parameter counts."""
     hf = tiny_hf_model(family, **bench_config(family, args.layers, args.width, args.vocab))
     hf.save_pretrained(tmp / family)
-    ours = Transformer.from_pretrained(tmp / family).train()
+    ours = pretrained.load(tmp / family).train()
     setting = SEEDS[family]
     report = apply_lora(ours, LoRAConfig(**setting))
     peft = get_peft_model(copy.deepcopy(hf), LoraConfig(
@@ -149,7 +149,7 @@ def bench_memory(args) -> None:
                         generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
-        models = {bits: Transformer.from_pretrained(tmp) for bits in (0, 8, 4)}
+        models = {bits: pretrained.load(tmp) for bits in (0, 8, 4)}
         with torch.no_grad():
             ref = models[0](ids)
             w_ref = models[0].blocks[0].attn.qkv.weight.flatten()

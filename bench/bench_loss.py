@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from load_child import _status_mib  # noqa: E402  (bench/, the script folder, is on sys.path)
 
-from architecture import head_cross_entropy  # noqa: E402
+from kernels import head_cross_entropy  # noqa: E402
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOSS_SCALE = 1024.0  # fp16's: what a GradScaler multiplies the loss by
@@ -51,7 +51,7 @@ def child(mode: str, head_mode: str, tokens: int, width: int, vocab: int, thread
     t0 = time.perf_counter()
     with torch.autocast("cpu", dtype or torch.bfloat16, enabled=dtype is not None):
         if mode == "fused":
-            loss = head_cross_entropy(hidden, labels, head, grad_scale=scale)[0]
+            loss = head_cross_entropy(hidden, head, labels, grad_scale=scale)[0]
         else:
             loss = F.cross_entropy(head(hidden).float(), labels, reduction="sum")
     (loss * scale).backward()

@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from architecture import PRESETS, Transformer  # noqa: E402
+from generation import GenerationConfig, generate  # noqa: E402
 
 
 @dataclass
@@ -75,13 +76,15 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 def make_checkpoint(path: Path) -> None:
     """A Llama-3.2-1B-shaped checkpoint of random bf16 weights, written by codelm in HF layout."""
+    import pretrained
+
     if (path / "config.json").exists():
         return
     print(f"writing random Llama-3.2-1B-shaped bf16 checkpoint to {path} ...", flush=True)
     torch.set_default_dtype(torch.bfloat16)
     model = Transformer(PRESETS["llama-3.2-1b"])
     torch.set_default_dtype(torch.float32)
-    model.save_pretrained(path)
+    pretrained.save(model, path)
 
 
 def bench_load(cfg: BenchConfig) -> dict:
@@ -192,8 +195,6 @@ def _hf_llama(c, **kw):
 
 
 def bench_train(cfg: BenchConfig) -> dict:
-    from trainingmanager import lm_loss  # here, not above: the load child imports no more than
-                                         # loading needs (its RSS is measured)
     c = BENCH_CFG
     torch.manual_seed(0)
     models = {"codelm": Transformer(c), "nanoGPT-style": NanoLlama(c), "HF Llama": _hf_llama(c)}
@@ -208,10 +209,10 @@ def bench_train(cfg: BenchConfig) -> dict:
     y = torch.randint(0, c.vocab_size, (B, T))
     # Fused AdamW for all three: what codelm's Trainer and transformers' Trainer both use.
     opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for n, m in models.items()}
-    # Each library's own loss: codelm's Trainer runs lm_loss (the head fused with the loss);
+    # Each library's own loss: codelm's model takes its own (the head fused with the loss);
     # nanoGPT and transformers' LlamaForCausalLM take F.cross_entropy of the whole logits.
     losses = {
-        "codelm": lambda m: lm_loss(m(x, return_hidden=True), y, m.lm_head),
+        "codelm": lambda m: m(x, y),
         "nanoGPT-style": lambda m: F.cross_entropy(m(x).flatten(0, 1), y.flatten()),
         "HF Llama": lambda m: F.cross_entropy(m(x).logits.flatten(0, 1), y.flatten()),
     }
@@ -287,9 +288,10 @@ def bench_generate(cfg: BenchConfig) -> dict:
                            min_new_tokens=new, do_sample=False)
 
     runners = {"HF generate (eager)": run_hf,
-               "codelm eager": lambda: ours.generate(prompt, new)}
+               "codelm eager": lambda: generate(ours, prompt, GenerationConfig(new))}
     if cfg.compile:
-        runners["codelm compiled step"] = lambda: ours.generate(prompt, new, compile=True)
+        runners["codelm compiled step"] = lambda: generate(ours, prompt,
+                                                           GenerationConfig(new, compile=True))
     outs = {name: fn() for name, fn in runners.items()}  # warm-up (and compilation)
     ref = outs["HF generate (eager)"]
     times: dict[str, list[float]] = {n: [] for n in runners}

@@ -38,7 +38,7 @@ WARMUP = 2
 
 class BareLoop:
     """The plainest correct training step: random windows, the loss, clip, fused AdamW. codelm's
-    model takes its Trainer's loss (``lm_loss``, the head fused with it), so the manager's
+    model takes its own loss (the head fused with it, as the Trainer's), so the manager's
     overhead is measured on equal model work; the HF model takes F.cross_entropy of its logits."""
 
     def __init__(self, model: torch.nn.Module, tokens: torch.Tensor, cfg: tm.TrainConfig,
@@ -59,7 +59,7 @@ class BareLoop:
             if self.hf:
                 loss = F.cross_entropy(self.model(x).logits.flatten(0, 1).float(), y.flatten())
             else:
-                loss = tm.lm_loss(self.model(x, return_hidden=True), y, self.model.lm_head)
+                loss = self.model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()

@@ -27,9 +27,9 @@ def main() -> None:
     torch.set_num_threads(threads)
     if lib == "codelm":
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from architecture import Transformer
+        import pretrained
 
-        load = Transformer.from_pretrained
+        load = pretrained.load
     else:
         import transformers
 

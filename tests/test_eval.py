@@ -783,13 +783,11 @@ def total(accounts):
 
 
 def _record_streamed_ids(monkeypatch) -> list:
-    """The ids each Transformer.stream call starts from (eval.py --prompt's first forward)."""
-    from architecture import Transformer
-
+    """The ids each generation.stream call starts from (eval.py --prompt's first forward)."""
     streamed = []
-    stream = Transformer.stream
-    monkeypatch.setattr(Transformer, "stream",
-                        lambda self, idx, *a, **k: streamed.append(idx) or stream(self, idx, *a, **k))
+    stream = ev.stream
+    monkeypatch.setattr(ev, "stream",
+                        lambda model, idx, *a, **k: streamed.append(idx) or stream(model, idx, *a, **k))
     return streamed
 
 
@@ -800,7 +798,7 @@ def tiny_models(tmp_path_factory):
     from tiny_hf import save_tiny_hf
 
     import lora
-    from architecture import Transformer
+    import pretrained
     from tokenizer import CodeTokenizer
 
     root = tmp_path_factory.mktemp("tiny_models")
@@ -814,7 +812,7 @@ def tiny_models(tmp_path_factory):
     save_tiny_hf("llama", base, vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
                  eos_token_id=tok.eos_id)
     tok.save(base)
-    model = Transformer.from_pretrained(base, dtype=torch.float32)
+    model = pretrained.load(base, dtype=torch.float32)
     lora.apply_lora(model, lora.LoRAConfig(r=4, alpha=8))
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -864,7 +862,6 @@ def test_a_llama3_base_is_prompted_with_its_bos_as_transformers_tokenizes_it(tmp
     import transformers
     from tiny_hf import save_tiny_hf, train_hf_tokenizer
 
-    from architecture import Transformer
     from tokenizer import load_tokenizer
 
     base = tmp_path / "base"
@@ -892,7 +889,7 @@ def test_a_llama3_base_is_prompted_with_its_bos_as_transformers_tokenizes_it(tmp
     assert capsys.readouterr().out == f"{prompt}{tok.decode(new)}\n"
 
     seen = []
-    monkeypatch.setattr(Transformer, "generate", lambda self, idx, *a, **k: seen.append(idx) or idx)
+    monkeypatch.setattr(ev, "generate", lambda model, idx, *a, **k: seen.append(idx) or idx)
     cfg = ev.EvalConfig(max_new_tokens=4, progress=False)
     lm = ev.load_model(base, torch.device("cpu"))
     ev.generate_texts(lm, [prompt], cfg)
@@ -986,7 +983,8 @@ def test_a_pair_special_tokens_run_is_prompted_and_scored_with_the_special_ids(t
     monkeypatch.setattr(ev, "semantic_similarity", lambda preds, refs, progress=True: 0.0)
     lm = ev.load_model(base, torch.device("cpu"))
     seen = []
-    lm.model.generate = lambda idx, *a, **k: seen.append(idx[0].tolist()) or idx
+    monkeypatch.setattr(ev, "generate", lambda model, idx, *a, **k: seen.append(idx[0].tolist())
+                        or idx)
     cfg = ev.EvalConfig(max_new_tokens=4, progress=False, reference_loss=True)
     options = {"pair_special_tokens": True}
     run = dataclasses.replace(lm, run_config={"task": "refactor", "data_options": options})
@@ -1030,7 +1028,6 @@ def test_prompt_reads_chat_template_text_as_the_model_learned_it(tmp_path, capsy
     import transformers
     from tiny_hf import save_tiny_llama3_instruct
 
-    from architecture import Transformer
 
     base = tmp_path / "instruct"
     save_tiny_llama3_instruct(base, [CLASS_SOURCE.format(i=i) for i in range(10)])
@@ -1079,7 +1076,7 @@ def test_prompt_reads_chat_template_text_as_the_model_learned_it(tmp_path, capsy
             "input_ids"]]
 
     seen = []
-    monkeypatch.setattr(Transformer, "generate", lambda self, idx, *a, **k: seen.append(idx) or idx)
+    monkeypatch.setattr(ev, "generate", lambda model, idx, *a, **k: seen.append(idx) or idx)
     lm = ev.load_model(model, torch.device("cpu"))
     data_options = {"pair_special_tokens": False} if options else {}
     ev.generate_texts(lm, [prompt], ev.EvalConfig(max_new_tokens=4, progress=False,
@@ -1139,7 +1136,7 @@ def test_evaluate_refuses_a_prompt_it_would_ignore(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_streamed_completion_never_shows_half_a_character(tiny_models):
+def test_a_streamed_completion_never_shows_half_a_character(tiny_models, monkeypatch):
     """A character split over several byte tokens is shown once all its bytes have come, not
     as U+FFFD first; the pieces shown add up to the completion; sampling follows the seed."""
     import torch
@@ -1151,11 +1148,11 @@ def test_a_streamed_completion_never_shows_half_a_character(tiny_models):
     assert max(len(p) for p in pieces) > 1  # some characters are several byte tokens
     ids = [i for p in pieces for i in p]
 
-    def stream(idx, max_new_tokens, **kwargs):
+    def stream(model, idx, cfg, attention_mask=None):
         for i in ids:
             yield torch.tensor([i])
 
-    lm.model.stream = stream
+    monkeypatch.setattr(ev, "stream", stream)
     shown: list[str] = []
     cfg = ev.EvalConfig(max_new_tokens=len(ids))
     assert ev.stream_completion(lm, "x", cfg, shown.append) == text
@@ -1163,7 +1160,7 @@ def test_a_streamed_completion_never_shows_half_a_character(tiny_models):
     assert shown[:3] == ["é", "€", " "]
 
 
-def test_a_streamed_completion_ends_at_eos(tiny_models):
+def test_a_streamed_completion_ends_at_eos(tiny_models, monkeypatch):
     """--prompt stops where the model writes EOS, as generate_texts does: the EOS's own text
     ("<eos>") is neither shown nor returned."""
     import torch
@@ -1172,11 +1169,11 @@ def test_a_streamed_completion_ends_at_eos(tiny_models):
     lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
     ids = tok.encode("return 1")
 
-    def stream(idx, max_new_tokens, **kwargs):
+    def stream(model, idx, cfg, attention_mask=None):
         for i in [*ids, tok.eos_id]:
             yield torch.tensor([i])
 
-    lm.model.stream = stream
+    monkeypatch.setattr(ev, "stream", stream)
     shown: list[str] = []
     assert ev.stream_completion(lm, "x", ev.EvalConfig(max_new_tokens=20), shown.append) == (
         "return 1")
@@ -1429,7 +1426,8 @@ def test_batched_greedy_generation_equals_transformers(tiny_models):
         assert text == tok.decode(out)
 
 
-def test_generation_gets_at_most_half_the_context_and_the_prompt_the_rest(tiny_models):
+def test_generation_gets_at_most_half_the_context_and_the_prompt_the_rest(tiny_models,
+                                                                          monkeypatch):
     """max_new_tokens past half the context is capped there, in the tasks and with --prompt
     alike: a prompt still keeps half (it lost every token, and generation ran past the
     model's context)."""
@@ -1438,15 +1436,16 @@ def test_generation_gets_at_most_half_the_context_and_the_prompt_the_rest(tiny_m
     lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
     seen = []
 
-    def generate(idx, new_tokens, *args, **kwargs):
-        seen.append((idx.shape[1], new_tokens))
+    def generate(model, idx, cfg, attention_mask=None):
+        seen.append((idx.shape[1], cfg.max_new_tokens))
         return idx
 
-    def stream(idx, new_tokens, **kwargs):
-        seen.append((idx.shape[1], new_tokens))
+    def stream(model, idx, cfg, attention_mask=None):
+        seen.append((idx.shape[1], cfg.max_new_tokens))
         return iter(())
 
-    lm.model.generate, lm.model.stream = generate, stream
+    monkeypatch.setattr(ev, "generate", generate)
+    monkeypatch.setattr(ev, "stream", stream)
     prompt = "total = 1\n" * 40
     capped = ev.EvalConfig(block_size=32, max_new_tokens=100, progress=False)
     ev.generate_texts(lm, [prompt], capped)
@@ -1948,6 +1947,7 @@ def test_a_run_dir_scores_best_when_its_export_holds_an_older_best(tiny_models, 
     import torch
     from safetensors.torch import save_file
 
+    import pretrained
     import trainingmanager as tm
 
     cfg = tm.TrainConfig(preset="tiny")
@@ -1961,7 +1961,7 @@ def test_a_run_dir_scores_best_when_its_export_holds_an_older_best(tiny_models, 
     tiny_models["tok"].save(run)
     save_file(tm.model_tensors(new, False), run / "best" / rundir.MODEL_FILE)
     (run / "best" / "metrics.json").write_text(json.dumps({"step": 30, "val_loss": 2.0}))
-    old.save_pretrained(run / "export")
+    pretrained.save(old, run / "export")
 
     def scored_is(model) -> bool:
         loaded = ev.load_model(str(run), torch.device("cpu")).model.state_dict()
@@ -2667,7 +2667,7 @@ def test_sigterm_during_passk_kills_the_sandboxed_samples(tiny_models, tmp_path)
             shutil.rmtree(directory, ignore_errors=True)
 
 
-def test_a_long_generation_prompt_loses_code_not_its_instruction(tiny_models):
+def test_a_long_generation_prompt_loses_code_not_its_instruction(tiny_models, monkeypatch):
     """Cut as training cuts it (dataset.fit_prompt): it lost its left end, the instruction."""
     import torch
 
@@ -2678,11 +2678,11 @@ def test_a_long_generation_prompt_loses_code_not_its_instruction(tiny_models):
     code = "".join(f"x = {i}\n" for i in range(300))
     seen = []
 
-    def generate(idx, *args, **kwargs):
+    def generate(model, idx, *args, **kwargs):
         seen.append(idx[0].tolist())
         return idx
 
-    lm.model.generate = generate
+    monkeypatch.setattr(ev, "generate", generate)
     cfg = ev.EvalConfig(block_size=128, max_new_tokens=8, progress=False)
     ev.run_generation_task(lm, "refactor", [ev.TaskExample("r", "x = 1", head, code, tail)], cfg)
     prompt = lm.tokenizer.decode(seen[0])
@@ -2756,17 +2756,15 @@ def test_reference_loss_runs_without_autograd(tiny_models, monkeypatch):
     """Scoring keeps no activations for a backward that never comes."""
     import torch
 
-    import trainingmanager
-
     grad_enabled = []
-    real_loss = trainingmanager.lm_loss
+    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    real_forward = lm.model.forward
 
     def spy(*args, **kwargs):
         grad_enabled.append(torch.is_grad_enabled())
-        return real_loss(*args, **kwargs)
+        return real_forward(*args, **kwargs)
 
-    monkeypatch.setattr(trainingmanager, "lm_loss", spy)
-    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    monkeypatch.setattr(lm.model, "forward", spy)
     example = ev.TaskExample("r", "return 1", "def f():\n    ")
     ev.score_supervised(lm, [example], ev.EvalConfig(progress=False))
     assert grad_enabled == [False]
@@ -3005,7 +3003,6 @@ def test_compile_decodes_as_the_eager_step_does(tiny_models, tmp_path, capsys, m
 
     import torch
 
-    from architecture import Transformer
 
     m = tiny_models
     tuned = f"{m['base']}+{m['adapter']}"
@@ -3015,9 +3012,9 @@ def test_compile_decodes_as_the_eager_step_does(tiny_models, tmp_path, capsys, m
     want = ev.generate_texts(lm, prompts, cfg)
     compiled = []
     for name in ("generate", "stream"):
-        real = getattr(Transformer, name)
-        monkeypatch.setattr(Transformer, name, lambda self, *a, _real=real, **k: compiled.append(
-            k["compile"]) or _real(self, *a, **k))
+        real = getattr(ev, name)
+        monkeypatch.setattr(ev, name, lambda model, idx, cfg, attention_mask=None, _real=real: (
+            compiled.append(cfg.compile) or _real(model, idx, cfg, attention_mask)))
     assert ev.generate_texts(lm, prompts, dataclasses.replace(cfg, compile=True)) == want
     assert ev.main(["--models", tuned, "--prompt", prompts[0], "--max-new-tokens", "10",
                     "--compile", "--runs-dir", str(tmp_path)]) == 0

@@ -61,7 +61,7 @@ def _peft_config(setting: dict) -> LoraConfig:
 def _pair(case: str, tmp_path):
     family, overrides, setting = CASES[case]
     hf = save_tiny_hf(family, tmp_path / "hf", **overrides)
-    return hf, Transformer.from_pretrained(tmp_path / "hf"), setting
+    return hf, pretrained.load(tmp_path / "hf"), setting
 
 
 def _ids(seed: int = 0, batch: int = 2, T: int = 24) -> torch.Tensor:
@@ -200,7 +200,7 @@ def test_apply_adapter_layout_from_a_renamed_config_is_where_peft_puts_the_adapt
     (run / "copy.json").write_text(json.dumps({**config,
                                                "base_model_name_or_path": str(tmp_path / "hf")}))
     assert lora.adapter_base(run, "", "copy.json") == tmp_path / "hf"
-    loaded = Transformer.from_pretrained(tmp_path / "hf")
+    loaded = pretrained.load(tmp_path / "hf")
     expected = load_adapter(loaded, tmp_path / "peft")
     report = lora.apply_adapter_layout(model, run, "copy.json")
     assert (report.targets, report.modules, report.trainable_params) == (
@@ -213,7 +213,7 @@ def test_apply_adapter_layout_from_a_renamed_config_is_where_peft_puts_the_adapt
         lora.apply_adapter_layout(model, run, "copy.json")
     with pytest.raises(ValueError, match=r"^apply_adapter_layout works on codelm's Transformer"):
         lora.apply_adapter_layout(hf, run, "copy.json")
-    fresh = Transformer.from_pretrained(tmp_path / "hf")
+    fresh = pretrained.load(tmp_path / "hf")
     with pytest.raises(ValueError, match=rf"^{re.escape(str(run / lora.ADAPTER_CONFIG))}: not "):
         lora.apply_adapter_layout(fresh, run)
     (run / "none.json").write_text(json.dumps({**config, "target_modules": ["nowhere"]}))
@@ -361,7 +361,7 @@ def test_merge_unmerge_exact_and_idempotent(tmp_path):
 
 def test_merge_of_bf16_base_is_done_in_fp32(tmp_path):
     save_tiny_hf("llama", tmp_path / "hf")
-    model = Transformer.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16)
+    model = pretrained.load(tmp_path / "hf", dtype=torch.bfloat16)
     apply_lora(model, LoRAConfig(r=4, alpha=8, target_modules=["k_proj"]))
     layer = model.blocks[0].attn.qkv
     with torch.no_grad():
@@ -383,7 +383,7 @@ def test_lora_on_a_bf16_base_without_autocast_trains_in_fp32(tmp_path):
     ids = _ids(7)
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
-        model = Transformer.from_pretrained(tmp_path / "hf", dtype=dtype)
+        model = pretrained.load(tmp_path / "hf", dtype=dtype)
         apply_lora(model, LoRAConfig(r=4, alpha=8, target_modules=[
             "q_proj", "v_proj", "o_proj", "down_proj"]))  # a fused qkv and two plain Linears
         torch.manual_seed(0)
@@ -754,7 +754,7 @@ def test_qlora_on_cuda_bf16_autocast(tmp_path):
 def test_quantize_then_lora_matches_peft_count(tmp_path):
     hf = tiny_hf_model("phi")
     save_tiny_hf("phi", tmp_path / "hf")
-    model = Transformer.from_pretrained(tmp_path / "hf")
+    model = pretrained.load(tmp_path / "hf")
     quantize_base(model, bits=4)
     setting = REAL["002-phi-1_5"][2]
     report = apply_lora(model, LoRAConfig(**setting))
@@ -806,15 +806,12 @@ def test_quantize_base_keeps_tied_head_and_can_take_an_untied_one(tmp_path):
     assert "lm_head" in quantize_base(phi, bits=4, skip=()).modules
     assert isinstance(phi.lm_head, QuantLinear)
     # The one loss takes such a head (unfused: it has no plain weight), LoRA-wrapped or not.
-    from trainingmanager import lm_loss
-
     ids = torch.randint(0, phi.cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     for wrap in (False, True):
         if wrap:
             apply_lora(phi, LoRAConfig(r=2, target_modules=["lm_head"]))
-        hidden = phi(ids, return_hidden=True)
-        ref = F.cross_entropy(phi.lm_head(hidden).flatten(0, 1).float(), ids.flatten())
-        torch.testing.assert_close(lm_loss(hidden, ids, phi.lm_head), ref)
+        ref = F.cross_entropy(phi(ids).flatten(0, 1).float(), ids.flatten())
+        torch.testing.assert_close(phi(ids, ids), ref)
 
 
 def test_overlapping_adapters_are_refused():
@@ -862,7 +859,7 @@ def test_a_regex_target_selects_what_peft_selects(tmp_path, regex):
                       if hasattr(m, "lora_A") and len(m.lora_A))
     except ValueError:
         want = None  # PEFT: no module matched
-    model = Transformer.from_pretrained(hf_dir)
+    model = pretrained.load(hf_dir)
     if want is None:
         with pytest.raises(ValueError, match="match no module"):
             apply_lora(model, LoRAConfig(r=4, alpha=8, target_modules=regex))
@@ -1133,7 +1130,7 @@ def test_apply_lora_and_load_adapter_refuse_a_foreign_config_or_model(tmp_path):
     for call, arg in ((apply_lora, LoRAConfig(r=2, target_modules=["q_proj"])),
                       (load_adapter, tmp_path / "a")):
         with pytest.raises(ValueError, match=rf"^{call.__name__} works on codelm's Transformer "
-                                             r"\(Transformer\.from_pretrained\(dir\) .*got "
+                                             r"\(pretrained\.load\(dir\) .*got "
                                              r"LlamaForCausalLM$"):
             call(hf, arg)
     assert all(p.requires_grad for p in hf.parameters())

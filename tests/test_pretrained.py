@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_architecture import gen, gen_stream
 from tiny_hf import FAMILIES, save_tiny_hf, tiny_hf_model
 
 import pretrained
@@ -23,7 +24,7 @@ def checkpoints(tmp_path_factory):
     for family in FAMILIES:
         path = tmp_path_factory.mktemp(family)
         hf = save_tiny_hf(family, path)
-        out[family] = (path, hf, Transformer.from_pretrained(path))
+        out[family] = (path, hf, pretrained.load(path))
     return out
 
 
@@ -56,7 +57,7 @@ def test_greedy_generate_matches_transformers(checkpoints, family):
     idx = _ids(2, 16, seed=1)
     ref = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=32,
                       do_sample=False)
-    got = model.generate(idx, 32, eos_id=hf.config.eos_token_id)
+    got = gen(model, idx, 32, eos_id=hf.config.eos_token_id)
     assert torch.equal(got, ref)
 
 
@@ -68,7 +69,7 @@ def test_left_padded_generate_matches_transformers(checkpoints, family):
     mask[1, :5] = False
     idx[1, :5] = 0
     ref = hf.generate(idx, attention_mask=mask.long(), max_new_tokens=16, do_sample=False)
-    got = model.generate(idx, 16, eos_id=hf.config.eos_token_id, attention_mask=mask)
+    got = gen(model, idx, 16, eos_id=hf.config.eos_token_id, attention_mask=mask)
     assert torch.equal(got, ref)
 
 
@@ -78,7 +79,7 @@ def test_beam_search_matches_transformers(checkpoints, family):
     idx = _ids(2, 12, seed=3)
     ref = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=10,
                       do_sample=False, num_beams=3, eos_token_id=None, pad_token_id=0)
-    got = model.generate(idx, 10, num_beams=3)
+    got = gen(model, idx, 10, num_beams=3)
     assert torch.equal(got, ref)
 
 
@@ -86,10 +87,10 @@ def test_beam_search_matches_transformers(checkpoints, family):
 def test_beam_search_with_eos_matches_transformers(checkpoints, seed):
     _, hf, model = checkpoints["llama"]
     idx = _ids(2, 10, seed=seed)
-    eos = int(model.generate(idx, 3)[0, -1])  # a token the beams do reach
+    eos = int(gen(model, idx, 3)[0, -1])  # a token the beams do reach
     ref = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=12,
                       do_sample=False, num_beams=3, eos_token_id=eos, pad_token_id=eos)
-    got = model.generate(idx, 12, num_beams=3, eos_id=eos)
+    got = gen(model, idx, 12, num_beams=3, eos_id=eos)
     assert (ref == eos).any()
     assert torch.equal(got, ref)
 
@@ -101,11 +102,11 @@ def test_beam_search_length_penalty_matches_transformers(checkpoints, length_pen
     _, hf, model = checkpoints["llama"]
     for seed in range(8):
         idx = _ids(2, 10, seed=seed)
-        eos = int(model.generate(idx, 3)[0, -1])  # a token the beams do reach
+        eos = int(gen(model, idx, 3)[0, -1])  # a token the beams do reach
         ref = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=12,
                           do_sample=False, num_beams=3, eos_token_id=eos, pad_token_id=eos,
                           length_penalty=length_penalty)
-        got = model.generate(idx, 12, num_beams=3, eos_id=eos, length_penalty=length_penalty)
+        got = gen(model, idx, 12, num_beams=3, eos_id=eos, length_penalty=length_penalty)
         assert got.shape == ref.shape and torch.equal(got, ref), seed
 
 
@@ -119,7 +120,7 @@ def test_beam_search_with_several_eos_ids_matches_transformers(checkpoints, seed
         eos = model(idx)[0, -1].topk(5).indices[1:].tolist()  # all but the best end a row
     ref = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=8,
                       do_sample=False, num_beams=2, eos_token_id=eos, pad_token_id=eos[0])
-    got = model.generate(idx, 8, num_beams=2, eos_id=eos)
+    got = gen(model, idx, 8, num_beams=2, eos_id=eos)
     assert torch.equal(got, ref)
 
 
@@ -129,10 +130,10 @@ def test_beam_search_output_is_as_wide_as_the_longest_hypothesis(checkpoints, se
     crop the output to the longest returned row, with no all-padding columns after it."""
     _, hf, model = checkpoints["llama"]
     idx = _ids(1, 10, seed=seed)
-    eos = int(model.generate(idx, 1)[0, -1])  # the greedy first token ends the row
+    eos = int(gen(model, idx, 1)[0, -1])  # the greedy first token ends the row
     ref = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=12,
                       do_sample=False, num_beams=3, eos_token_id=eos, pad_token_id=eos)
-    got = model.generate(idx, 12, num_beams=3, eos_id=eos)
+    got = gen(model, idx, 12, num_beams=3, eos_id=eos)
     assert ref.shape[1] < 22
     assert torch.equal(got, ref)
 
@@ -147,11 +148,11 @@ def test_generate_under_autocast_matches_transformers(checkpoints):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = hf.generate(idx, attention_mask=mask.long(), max_new_tokens=12, do_sample=False,
                           eos_token_id=None, pad_token_id=0)
-        got = model.generate(idx, 12, attention_mask=mask)
-        streamed = torch.stack(list(model.stream(idx, 12, attention_mask=mask)), dim=1)
+        got = gen(model, idx, 12, attention_mask=mask)
+        streamed = torch.stack(list(gen_stream(model, idx, 12, attention_mask=mask)), dim=1)
         ref_beam = hf.generate(idx, attention_mask=mask.long(), max_new_tokens=12,
                                do_sample=False, num_beams=3, eos_token_id=None, pad_token_id=0)
-        beam = model.generate(idx, 12, num_beams=3, attention_mask=mask)
+        beam = gen(model, idx, 12, num_beams=3, attention_mask=mask)
     assert torch.equal(got, ref) and torch.equal(streamed, got[:, 10:])
     assert torch.equal(beam, ref_beam)
 
@@ -171,12 +172,12 @@ def test_config_values_other_than_the_tiny_defaults_load_and_export_as_in_transf
     import transformers
 
     hf = save_tiny_hf(family, tmp_path / "hf", **overrides)
-    model = Transformer.from_pretrained(tmp_path / "hf")
+    model = pretrained.load(tmp_path / "hf")
     idx = _ids(2, 64)
     with torch.no_grad():
         ref = hf(idx).logits
         assert (model(idx) - ref).abs().max().item() <= 1e-5
-        model.save_pretrained(tmp_path / "out")
+        pretrained.save(model, tmp_path / "out")
         back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
         assert (back(idx).logits - ref).abs().max().item() <= 1e-5
 
@@ -186,12 +187,12 @@ def test_export_loads_in_transformers_with_same_logits(checkpoints, family, tmp_
     import transformers
 
     _, _, model = checkpoints[family]
-    model.save_pretrained(tmp_path)
+    pretrained.save(model, tmp_path)
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     idx = _ids(2, 64, seed=4)
     with torch.no_grad():
         assert (back(idx).logits - model(idx)).abs().max().item() <= 1e-5
-    again = Transformer.from_pretrained(tmp_path)
+    again = pretrained.load(tmp_path)
     assert again.cfg == model.cfg
 
 
@@ -206,7 +207,7 @@ def test_export_also_writes_the_rope_fields_older_transformers_read(family, over
     import transformers
 
     hf = save_tiny_hf(family, tmp_path / "hf", **overrides)
-    Transformer.from_pretrained(tmp_path / "hf").save_pretrained(tmp_path / "out")
+    pretrained.save(pretrained.load(tmp_path / "hf"), tmp_path / "out")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     del config["rope_parameters"]
     (tmp_path / "out" / "config.json").write_text(json.dumps(config))
@@ -220,14 +221,14 @@ def test_sharded_export_round_trip(checkpoints, tmp_path):
     import transformers
 
     _, _, model = checkpoints["phi"]
-    model.save_pretrained(tmp_path, max_shard_bytes=64 * 1024)
+    pretrained.save(model, tmp_path, max_shard_bytes=64 * 1024)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     idx = _ids(2, 32)
     with torch.no_grad():
         assert (back(idx).logits - model(idx)).abs().max().item() <= 1e-5
-    assert torch.equal(Transformer.from_pretrained(tmp_path)(idx), model(idx))
+    assert torch.equal(pretrained.load(tmp_path)(idx), model(idx))
 
 
 def test_from_scratch_model_exports_as_llama(tmp_path):
@@ -235,7 +236,7 @@ def test_from_scratch_model_exports_as_llama(tmp_path):
 
     torch.manual_seed(0)
     model = Transformer(PRESETS["tiny"]).eval()
-    model.save_pretrained(tmp_path)
+    pretrained.save(model, tmp_path)
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(back).__name__ == "LlamaForCausalLM"
     idx = _ids(2, 32)
@@ -245,15 +246,15 @@ def test_from_scratch_model_exports_as_llama(tmp_path):
 
 def test_export_over_an_earlier_one_leaves_no_stale_weights(checkpoints, tmp_path):
     _, _, model = checkpoints["phi"]
-    model.save_pretrained(tmp_path)  # one file...
+    pretrained.save(model, tmp_path)  # one file...
     (tmp_path / "pytorch_model.bin").write_bytes(b"stale")
     other = Transformer(model.cfg).eval()
-    other.save_pretrained(tmp_path, max_shard_bytes=64 * 1024)  # ...then shards of other weights
+    pretrained.save(other, tmp_path, max_shard_bytes=64 * 1024)  # ...then shards of other weights
     assert not (tmp_path / "model.safetensors").exists()
     assert not (tmp_path / "pytorch_model.bin").exists()
     idx = _ids(1, 16)
-    assert torch.equal(Transformer.from_pretrained(tmp_path)(idx), other(idx))
-    model.save_pretrained(tmp_path)  # and back to one file: the shards and index go
+    assert torch.equal(pretrained.load(tmp_path)(idx), other(idx))
+    pretrained.save(model, tmp_path)  # and back to one file: the shards and index go
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
 
 
@@ -266,7 +267,7 @@ def test_failed_export_leaves_the_earlier_one_whole_and_no_temp(checkpoints, tmp
     import dataclasses
 
     _, _, model = checkpoints["phi"]
-    model.save_pretrained(tmp_path, max_shard_bytes=max_shard_bytes)
+    pretrained.save(model, tmp_path, max_shard_bytes=max_shard_bytes)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     other = Transformer(dataclasses.replace(model.cfg, n_layer=1))
     last = list(pretrained._param_plan(other, pretrained.TABLES["phi"]))[-1]
@@ -274,35 +275,35 @@ def test_failed_export_leaves_the_earlier_one_whole_and_no_temp(checkpoints, tmp
     meta = torch.empty_like(other.get_parameter(last), device="meta")
     setattr(other.get_submodule(module), attr, torch.nn.Parameter(meta))
     with pytest.raises(NotImplementedError, match="meta tensor"):
-        other.save_pretrained(tmp_path, max_shard_bytes=max_shard_bytes)
+        pretrained.save(other, tmp_path, max_shard_bytes=max_shard_bytes)
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     assert sorted(after) == sorted(before)  # no temp left
     assert [name for name in before if after[name] != before[name]] == []
     idx = _ids(1, 16)
-    assert torch.equal(Transformer.from_pretrained(tmp_path)(idx), model(idx))
+    assert torch.equal(pretrained.load(tmp_path)(idx), model(idx))
 
 
 def test_export_keeps_every_eos_id(checkpoints, tmp_path):
     # Llama-3 chat checkpoints end on any of several ids; the export must keep them all.
     d = _edit_config(checkpoints["llama"][0], tmp_path / "m", eos_token_id=[5, 2])
-    model = Transformer.from_pretrained(d)
+    model = pretrained.load(d)
     assert model.cfg.eos_id == [5, 2]
-    model.save_pretrained(tmp_path / "out")
+    pretrained.save(model, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "config.json").read_text())["eos_token_id"] == [5, 2]
 
 
 def test_export_refuses_a_quantized_or_wrapped_model(checkpoints, tmp_path):
     import lora
 
-    quantized = Transformer.from_pretrained(checkpoints["llama"][0])
+    quantized = pretrained.load(checkpoints["llama"][0])
     lora.quantize_base(quantized, 8)
     with pytest.raises(ValueError, match=r"blocks.0.attn.qkv is a QuantLinear without a "
                                          r"full-precision weight"):
-        quantized.save_pretrained(tmp_path / "q")
-    wrapped = Transformer.from_pretrained(checkpoints["llama"][0])
+        pretrained.save(quantized, tmp_path / "q")
+    wrapped = pretrained.load(checkpoints["llama"][0])
     lora.apply_lora(wrapped, lora.LoRAConfig(target_modules=["o_proj"]))
     with pytest.raises(ValueError, match=r"blocks.0.attn.proj is a LoRALinear.*merge_and_export"):
-        wrapped.save_pretrained(tmp_path / "w")
+        pretrained.save(wrapped, tmp_path / "w")
     assert not (tmp_path / "q").exists() and not (tmp_path / "w").exists()
 
 
@@ -311,7 +312,7 @@ def test_save_refuses_a_max_shard_bytes_that_is_not_a_positive_int(checkpoints, 
                                                                    max_shard_bytes):
     """'1GB' failed as a TypeError inside the sharding loop; 0 or less wrote a file per tensor."""
     with pytest.raises(ValueError) as e:
-        checkpoints["llama"][2].save_pretrained(tmp_path / "out", max_shard_bytes=max_shard_bytes)
+        pretrained.save(checkpoints["llama"][2], tmp_path / "out", max_shard_bytes=max_shard_bytes)
     assert str(e.value) == ("save_pretrained: max_shard_bytes must be a positive integer (bytes), "
                             f"got {max_shard_bytes!r}")
     assert not (tmp_path / "out").exists()
@@ -323,10 +324,10 @@ def test_save_into_a_path_that_is_a_file_says_so(checkpoints, tmp_path):
     file.write_text("mine")
     model = checkpoints["llama"][2]
     with pytest.raises(ValueError) as e:
-        model.save_pretrained(file)
+        pretrained.save(model, file)
     assert str(e.value) == f"{file} is a file; save_pretrained writes a directory"
     with pytest.raises(ValueError) as e:
-        model.save_pretrained(file / "out" / "deeper")
+        pretrained.save(model, file / "out" / "deeper")
     assert str(e.value) == (f"{file / 'out' / 'deeper'}: {file} is a file; save_pretrained "
                             "writes a directory")
     assert file.read_text() == "mine" and sorted(tmp_path.iterdir()) == [file]
@@ -348,17 +349,17 @@ def test_save_refuses_a_run_directory_or_an_adapter_directory(checkpoints, tmp_p
     train_config = json.dumps(dataclasses.asdict(trainingmanager.TrainConfig()))
     (run / "config.json").write_text(train_config)
     with pytest.raises(ValueError) as e:
-        model.save_pretrained(run)
+        pretrained.save(model, run)
     assert str(e.value) == (f"save_pretrained: {run / 'config.json'} is a codelm run's "
                             "TrainConfig; save into another directory")
     assert sorted(p.name for p in run.iterdir()) == ["config.json"]
     assert (run / "config.json").read_text() == train_config
     adapter = tmp_path / "adapter"
-    wrapped = Transformer.from_pretrained(checkpoints["llama"][0])
+    wrapped = pretrained.load(checkpoints["llama"][0])
     lora.apply_lora(wrapped, lora.LoRAConfig(r=2))
     lora.save_adapter(wrapped, adapter)
     with pytest.raises(ValueError) as e:
-        model.save_pretrained(adapter)
+        pretrained.save(model, adapter)
     assert str(e.value).startswith(f"save_pretrained: {adapter} holds a LoRA adapter")
     assert str(e.value).endswith("save into another directory")
     assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json",
@@ -367,7 +368,7 @@ def test_save_refuses_a_run_directory_or_an_adapter_directory(checkpoints, tmp_p
                                          r"TrainConfig"):
         lora.save_adapter(wrapped, run)
     # The mirror case: an adapter beside a model hides the model from transformers.
-    model.save_pretrained(tmp_path / "model")
+    pretrained.save(model, tmp_path / "model")
     with pytest.raises(ValueError) as e:
         lora.save_adapter(wrapped, tmp_path / "model")
     assert str(e.value).startswith(f"save_adapter: {tmp_path / 'model'} holds a model "
@@ -376,22 +377,22 @@ def test_save_refuses_a_run_directory_or_an_adapter_directory(checkpoints, tmp_p
     assert not (tmp_path / "model" / "adapter_config.json").exists()
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{")  # an unreadable config is replaced
-    model.save_pretrained(tmp_path / "broken")
-    assert Transformer.from_pretrained(tmp_path / "broken").cfg == model.cfg
+    pretrained.save(model, tmp_path / "broken")
+    assert pretrained.load(tmp_path / "broken").cfg == model.cfg
 
 
 def test_export_refuses_what_the_family_cannot_express(tmp_path):
     cfg = ModelConfig(family="llama", vocab_size=64, n_layer=1, n_head=2, n_embd=32,
                       mlp_hidden=64, norm="layernorm", block_size=32)
     with pytest.raises(ValueError, match="cannot export as 'llama'.*norm"):
-        Transformer(cfg).save_pretrained(tmp_path)
+        pretrained.save(Transformer(cfg), tmp_path)
     # SwiGLU (the from-scratch presets' MLP) under another family: was a bare KeyError 'swiglu'
     for family in ("phi", "codegen", "gpt_bigcode"):
         cfg = ModelConfig(family=family, vocab_size=64, n_layer=1, n_head=4, n_embd=32,
                           mlp_hidden=64, mlp="swiglu", block_size=32)
         with pytest.raises(ValueError, match=rf"cannot export as '{family}': the HF layout "
                                              r"cannot express ModelConfig fields \[.*'mlp'"):
-            Transformer(cfg).save_pretrained(tmp_path / family)
+            pretrained.save(Transformer(cfg), tmp_path / family)
         assert not (tmp_path / family).exists()
 
 
@@ -400,7 +401,7 @@ def test_sharded_safetensors_input(checkpoints, tmp_path):
     hf.save_pretrained(tmp_path, max_shard_size="100KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
     idx = _ids(2, 32)
-    assert torch.equal(Transformer.from_pretrained(tmp_path)(idx), model(idx))
+    assert torch.equal(pretrained.load(tmp_path)(idx), model(idx))
 
 
 @pytest.mark.parametrize("sharded", [False, True])
@@ -421,7 +422,7 @@ def test_pytorch_bin_input(checkpoints, tmp_path, sharded):
     else:
         torch.save(state, tmp_path / "pytorch_model.bin")
     idx = _ids(2, 32)
-    assert torch.equal(Transformer.from_pretrained(tmp_path)(idx), model(idx))
+    assert torch.equal(pretrained.load(tmp_path)(idx), model(idx))
 
 
 def test_older_config_field_names(checkpoints, tmp_path):
@@ -435,7 +436,7 @@ def test_older_config_field_names(checkpoints, tmp_path):
     hf["rope_scaling"] = {**rope, "rope_type": "llama3"}
     hf["torch_dtype"] = hf.pop("dtype", "float32")
     cfg_path.write_text(json.dumps(hf))
-    loaded = Transformer.from_pretrained(tmp_path / "m")
+    loaded = pretrained.load(tmp_path / "m")
     assert loaded.cfg == model.cfg
     assert loaded.cfg.rope_scaling["factor"] == 32.0
 
@@ -446,7 +447,7 @@ def _same_logits_as_transformers(directory):
     hf = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
     idx = _ids(2, 100)
     with torch.no_grad():
-        diff = (Transformer.from_pretrained(directory)(idx) - hf(idx).logits).abs().max()
+        diff = (pretrained.load(directory)(idx) - hf(idx).logits).abs().max()
     assert diff <= 1e-4, diff
 
 
@@ -460,7 +461,7 @@ def test_rope_fields_resolve_as_transformers_resolves_them(checkpoints, tmp_path
     _same_logits_as_transformers(_edit_config(path, tmp_path / "null",
                                               partial_rotary_factor=None))
     with pytest.raises(ValueError, match="rope_type 'linear' is not supported"):
-        Transformer.from_pretrained(_edit_config(path, tmp_path / "linear", rope_scaling={
+        pretrained.load(_edit_config(path, tmp_path / "linear", rope_scaling={
             "type": "linear", "factor": 4.0}))
     # CodeGen without rotary_dim: CodeGenConfig's 64, not the head dim (80 here).
     save_tiny_hf("codegen", tmp_path / "codegen", n_embd=320, rotary_dim=64)
@@ -478,11 +479,11 @@ def test_top_level_original_max_position_embeddings_overrides_the_rope_dict(chec
     path = checkpoints["llama"][0]
     _same_logits_as_transformers(_edit_config(path, tmp_path / "top",
                                               original_max_position_embeddings=16))
-    assert Transformer.from_pretrained(tmp_path / "top").cfg.rope_scaling[
+    assert pretrained.load(tmp_path / "top").cfg.rope_scaling[
         "original_max_position_embeddings"] == 16
     with pytest.raises(ValueError, match=r"config.json: llama3 rope scaling lacks "
                                          r"\['original_max_position_embeddings'\]"):
-        Transformer.from_pretrained(_edit_config(path, tmp_path / "null",
+        pretrained.load(_edit_config(path, tmp_path / "null",
                                                  original_max_position_embeddings=None))
 
 
@@ -514,14 +515,14 @@ def test_tied_config_over_a_different_head_loads_untied_as_transformers_does(fam
         (d / "config.json").write_text(json.dumps(config))
     hf = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
     capsys.readouterr()
-    model = Transformer.from_pretrained(d)
+    model = pretrained.load(d)
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "model.safetensors: lm_head.weight differs" in err[0], err
     assert not model.cfg.tie_embeddings and model.lm_head.weight is not model.wte.weight
     idx = _ids(3, 128)
     with torch.no_grad():
         assert (model(idx) - hf(idx).logits).abs().max().item() <= 1e-4
-    model.save_pretrained(tmp_path / "out")
+    pretrained.save(model, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "config.json").read_text())[
         "tie_word_embeddings"] is False
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
@@ -539,7 +540,7 @@ def test_tied_config_over_an_equal_head_stays_tied(tmp_path, capsys):
     assert "lm_head.weight" in hf.state_dict()
     capsys.readouterr()
     for d in ("st", "bin"):
-        model = Transformer.from_pretrained(tmp_path / d)
+        model = pretrained.load(tmp_path / d)
         assert model.lm_head.weight is model.wte.weight and capsys.readouterr().err == "", d
 
 
@@ -558,7 +559,7 @@ def test_tied_pair_saved_under_the_heads_name_loads_as_transformers_does(family,
     state["lm_head.weight"] = state.pop(wte)
     save_file(state, d / "model.safetensors", metadata={"format": "pt"})
     hf = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
-    model = Transformer.from_pretrained(d)
+    model = pretrained.load(d)
     assert model.lm_head.weight is model.wte.weight
     assert torch.equal(model.wte.weight, state["lm_head.weight"])
     idx = _ids(3, 128)
@@ -599,8 +600,8 @@ def test_dropout_where_and_as_transformers_applies_it(family, keys, tmp_path, mo
     for k in [k for k, v in keys.items() if v is None]:
         config.pop(k, None)
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
-    model = Transformer.from_pretrained(tmp_path / "m")
-    model.save_pretrained(tmp_path / "out")
+    model = pretrained.load(tmp_path / "m")
+    pretrained.save(model, tmp_path / "out")
     calls = []
     monkeypatch.setattr(architecture, "dropout", lambda x, p, training: calls.append(p) or x)
     model.train()(_ids(1, 8))
@@ -628,12 +629,12 @@ def test_old_checkpoint_buffers_are_ignored(checkpoints, tmp_path, family, buffe
         state[name] = torch.ones(1, 1, 8, 8, dtype=torch.bool)
     torch.save(state, tmp_path / "pytorch_model.bin")
     idx = _ids(2, 32)
-    assert torch.equal(Transformer.from_pretrained(tmp_path)(idx), model(idx))
+    assert torch.equal(pretrained.load(tmp_path)(idx), model(idx))
 
 
 def test_dtype_cast_on_load(checkpoints):
     path, hf, _ = checkpoints["phi"]
-    model = Transformer.from_pretrained(path, dtype=torch.bfloat16)
+    model = pretrained.load(path, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.rope.inv_freq.dtype == torch.float32
     idx = _ids(2, 32)
@@ -651,7 +652,7 @@ def test_dtype_names_as_transformers_reads_them(tmp_path, stored):
     tiny_hf_model("llama").to(stored).save_pretrained(tmp_path)
 
     def dtypes(**kw):
-        return {p.dtype for p in Transformer.from_pretrained(tmp_path, **kw).parameters()}
+        return {p.dtype for p in pretrained.load(tmp_path, **kw).parameters()}
 
     for name in ("bfloat16", "float16", "float32", "auto"):
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=name)
@@ -666,7 +667,7 @@ def test_dtype_names_as_transformers_reads_them(tmp_path, stored):
     assert dtypes(dtype="auto") == {stored}  # from the weights
     for bad in ("int8", "bfloat", "cuda", 16):
         with pytest.raises(ValueError, match=f"dtype={bad!r}: expected a floating-point"):
-            Transformer.from_pretrained(tmp_path, dtype=bad)
+            pretrained.load(tmp_path, dtype=bad)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_bigcode"])  # rotary; learned positions
@@ -677,8 +678,8 @@ def test_load_imports_no_symbolic_machinery(checkpoints, family):
     import sys
 
     path = checkpoints[family][0]
-    code = ("import sys, torch; from architecture import Transformer; "
-            f"m = Transformer.from_pretrained({str(path)!r}); m(torch.tensor([[3, 4]])); "
+    code = ("import sys, torch; import pretrained; "
+            f"m = pretrained.load({str(path)!r}); m(torch.tensor([[3, 4]])); "
             "print('sympy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=Path(__file__).resolve().parents[1])
@@ -690,7 +691,7 @@ def test_load_imports_no_symbolic_machinery(checkpoints, family):
                                             (torch.float64, torch.float32)])
 def test_default_dtype_follows_the_checkpoint(tmp_path, stored, loaded):
     tiny_hf_model("llama").to(stored).save_pretrained(tmp_path)
-    model = Transformer.from_pretrained(tmp_path)
+    model = pretrained.load(tmp_path)
     assert {p.dtype for p in model.parameters()} == {loaded}
 
 
@@ -790,11 +791,11 @@ def test_a_field_absent_from_config_json_means_what_it_means_to_transformers(che
                 want = hf.eval()(idx).logits
         except Exception:  # transformers cannot build or run it: codelm must refuse, by name
             with pytest.raises(ValueError, match=re.escape(str(d))):
-                Transformer.from_pretrained(d)
+                pretrained.load(d)
             continue
         assert not isinstance(ours, Exception), f"{key} absent: transformers loads it, {ours}"
         with torch.no_grad():
-            diff = (Transformer.from_pretrained(d)(idx) - want).abs().max().item()
+            diff = (pretrained.load(d)(idx) - want).abs().max().item()
         assert diff <= 1e-4, f"{key} absent: logits differ from transformers' by {diff}"
     assert checked >= 3, checked  # fields whose absence changes something were tried
 
@@ -802,7 +803,7 @@ def test_a_field_absent_from_config_json_means_what_it_means_to_transformers(che
 def test_error_unknown_model_type(checkpoints, tmp_path):
     d = _edit_config(checkpoints["llama"][0], tmp_path / "m", model_type="mistral")
     with pytest.raises(ValueError, match=r"config.json: unknown model_type 'mistral'"):
-        Transformer.from_pretrained(d)
+        pretrained.load(d)
 
 
 def test_error_codelm_run_directory_names_its_export(tmp_path):
@@ -815,7 +816,7 @@ def test_error_codelm_run_directory_names_its_export(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(
         trainingmanager.TrainConfig())))
     with pytest.raises(ValueError) as err:
-        Transformer.from_pretrained(tmp_path)
+        pretrained.load(tmp_path)
     message = str(err.value)
     for words in (f"{tmp_path}: a codelm run directory, not an HF checkpoint",
                   f"{tmp_path}/export", "merged", f"--resume {tmp_path}"):
@@ -827,7 +828,7 @@ def test_error_codelm_run_directory_names_its_export(tmp_path):
         shutil.copy(tmp_path / "config.json", weights.parent)
         weights.write_bytes(b"")
         with pytest.raises(ValueError) as err:
-            Transformer.from_pretrained(weights.parent)
+            pretrained.load(weights.parent)
         assert str(err.value).startswith(f"{weights.parent}: weights of run {tmp_path}, not an "
                                          f"HF checkpoint; load its export {tmp_path}/export ")
         assert str(err.value).endswith(f"--resume {tmp_path}")
@@ -842,7 +843,7 @@ def test_error_codelm_run_directory_names_its_export(tmp_path):
 def test_error_config_field_cannot_be_honoured(checkpoints, tmp_path, change, message):
     d = _edit_config(checkpoints["phi"][0], tmp_path / "m", **change)
     with pytest.raises(ValueError, match=message):
-        Transformer.from_pretrained(d)
+        pretrained.load(d)
 
 
 @pytest.mark.parametrize("family, key, value, message", [
@@ -872,7 +873,7 @@ def test_error_config_value_of_the_wrong_type(checkpoints, tmp_path, family, key
     d = _edit_config(checkpoints[family][0], tmp_path / "m", **{key: value})
     with pytest.raises(ValueError, match=rf"config.json: {key}={re.escape(repr(value))}: "
                                          rf"{message}"):
-        Transformer.from_pretrained(d)
+        pretrained.load(d)
 
 
 @pytest.mark.parametrize("family, key, value", [("llama", "head_dim", 16.0),
@@ -880,7 +881,7 @@ def test_error_config_value_of_the_wrong_type(checkpoints, tmp_path, family, key
                                                 ("codegen", "rotary_dim", 8.0)])
 def test_integral_float_sizes_are_read_as_integers(checkpoints, tmp_path, family, key, value):
     _, _, model = checkpoints[family]
-    loaded = Transformer.from_pretrained(_edit_config(checkpoints[family][0], tmp_path / "m",
+    loaded = pretrained.load(_edit_config(checkpoints[family][0], tmp_path / "m",
                                                       **{key: value}))
     assert loaded.cfg == model.cfg
     idx = _ids(2, 16)
@@ -895,11 +896,11 @@ def test_error_shard_index_without_a_file_name(checkpoints, tmp_path):
     index.write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r"model.safetensors.index.json: corrupt shard index "
                                          r"\(weight_map\['model.norm.weight'\] is None"):
-        Transformer.from_pretrained(tmp_path)
+        pretrained.load(tmp_path)
     index.write_text(json.dumps({"metadata": {}, "weights": data["weight_map"]}))
     with pytest.raises(ValueError, match=r"model.safetensors.index.json: corrupt shard index "
                                          r"\(no 'weight_map' object\)"):
-        Transformer.from_pretrained(tmp_path)
+        pretrained.load(tmp_path)
 
 
 def test_error_quantized_checkpoint(checkpoints, tmp_path):
@@ -907,7 +908,7 @@ def test_error_quantized_checkpoint(checkpoints, tmp_path):
                      quantization_config={"quant_method": "fp8", "fmt": "e4m3"})
     with pytest.raises(ValueError, match=r"config.json: a quantized checkpoint \(quant_method "
                                          r"'fp8'\) cannot be loaded"):
-        Transformer.from_pretrained(d)
+        pretrained.load(d)
 
 
 def test_error_unsupported_tensor_dtype(checkpoints, tmp_path):
@@ -916,7 +917,7 @@ def test_error_unsupported_tensor_dtype(checkpoints, tmp_path):
     d = _rewrite_weights(checkpoints, "llama", tmp_path, to_fp8)
     with pytest.raises(ValueError, match=r"model.safetensors: tensor 'model.norm.weight' has "
                                          r"dtype F8_E4M3, which codelm does not load"):
-        Transformer.from_pretrained(d)
+        pretrained.load(d)
 
 
 def _loaded_without(tmp_path, family: str, field: str, **config) -> Transformer:
@@ -926,7 +927,7 @@ def _loaded_without(tmp_path, family: str, field: str, **config) -> Transformer:
     values = json.loads((tmp_path / "config.json").read_text())
     del values[field]
     (tmp_path / "config.json").write_text(json.dumps(values))
-    model = Transformer.from_pretrained(tmp_path)
+    model = pretrained.load(tmp_path)
     idx = _ids(2, 16)
     with torch.no_grad():
         assert (model(idx) - hf(idx).logits).abs().max().item() <= 1e-5
@@ -947,15 +948,15 @@ def test_error_tied_checkpoint_without_embeddings_names_them(tmp_path):
     del state["model.embed_tokens.weight"]
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"missing tensors: model.embed_tokens.weight$"):
-        Transformer.from_pretrained(tmp_path)
+        pretrained.load(tmp_path)
 
 
 def test_error_missing_or_malformed_config(tmp_path):
     with pytest.raises(ValueError, match="config.json: not found"):
-        Transformer.from_pretrained(tmp_path)
+        pretrained.load(tmp_path)
     (tmp_path / "config.json").write_text('["llama"]')  # was: AttributeError from dict.get
     with pytest.raises(ValueError, match="config.json: the model config must be one JSON object"):
-        Transformer.from_pretrained(tmp_path)
+        pretrained.load(tmp_path)
 
 
 def _rewrite_weights(checkpoints, family, tmp_path, edit):
@@ -976,7 +977,7 @@ def test_error_missing_tensors_listed(checkpoints, tmp_path):
     d = _rewrite_weights(checkpoints, "llama", tmp_path, drop)
     with pytest.raises(ValueError, match=r"missing tensors: model.layers.1.mlp.up_proj.weight, "
                                          r"model.norm.weight"):
-        Transformer.from_pretrained(d)
+        pretrained.load(d)
 
 
 def test_error_unexpected_tensors_listed(checkpoints, tmp_path):
@@ -984,7 +985,7 @@ def test_error_unexpected_tensors_listed(checkpoints, tmp_path):
         state["model.layers.2.mlp.up_proj.weight"] = torch.zeros(128, 64)
     d = _rewrite_weights(checkpoints, "llama", tmp_path, add)
     with pytest.raises(ValueError, match=r"unexpected tensors: model.layers.2.mlp.up_proj.weight"):
-        Transformer.from_pretrained(d)
+        pretrained.load(d)
 
 
 def test_error_shape_mismatch(checkpoints, tmp_path):
@@ -993,7 +994,7 @@ def test_error_shape_mismatch(checkpoints, tmp_path):
     d = _rewrite_weights(checkpoints, "llama", tmp_path, shrink)
     with pytest.raises(ValueError, match=r"shape mismatch for model.layers.0.self_attn.k_proj."
                                          r"weight: expected \(32, 64\).*found \(16, 64\)"):
-        Transformer.from_pretrained(d)
+        pretrained.load(d)
 
 
 def test_error_truncated_safetensors(checkpoints, tmp_path):
@@ -1001,7 +1002,7 @@ def test_error_truncated_safetensors(checkpoints, tmp_path):
     f = d / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-1000])
     with pytest.raises(ValueError, match="model.safetensors: truncated file"):
-        Transformer.from_pretrained(d)
+        pretrained.load(d)
 
 
 def test_error_corrupt_safetensors_header(checkpoints, tmp_path):
@@ -1011,7 +1012,7 @@ def test_error_corrupt_safetensors_header(checkpoints, tmp_path):
     data[10:20] = b"\xff" * 10
     f.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="model.safetensors: corrupt safetensors header"):
-        Transformer.from_pretrained(d)
+        pretrained.load(d)
 
 
 def test_error_corrupt_bin(checkpoints, tmp_path):
@@ -1020,7 +1021,7 @@ def test_error_corrupt_bin(checkpoints, tmp_path):
     f = tmp_path / "pytorch_model.bin"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(ValueError, match="pytorch_model.bin: truncated or corrupt"):
-        Transformer.from_pretrained(tmp_path)
+        pretrained.load(tmp_path)
 
 
 def test_error_bin_that_is_no_pickle_gives_no_advice_to_drop_weights_only(checkpoints, tmp_path):
@@ -1029,7 +1030,7 @@ def test_error_bin_that_is_no_pickle_gives_no_advice_to_drop_weights_only(checkp
     shutil.copy(checkpoints["codegen"][0] / "config.json", tmp_path / "config.json")
     (tmp_path / "pytorch_model.bin").write_bytes(b"not a pickle")
     with pytest.raises(ValueError) as e:
-        Transformer.from_pretrained(tmp_path)
+        pretrained.load(tmp_path)
     assert str(e.value) == (f"{tmp_path / 'pytorch_model.bin'}: truncated or corrupt weights "
                             "file (Unsupported operand 110)")
 
@@ -1044,14 +1045,14 @@ def test_error_another_familys_weights_are_missing_tensors_without_a_tie_warning
     shutil.copy(checkpoints["phi"][0] / "model.safetensors", d / "model.safetensors")
     capsys.readouterr()
     with pytest.raises(ValueError, match=r"m: missing tensors: model.layers.0.mlp.down_proj"):
-        Transformer.from_pretrained(d)
+        pretrained.load(d)
     assert capsys.readouterr().err == ""
 
 
 def test_error_no_weights(checkpoints, tmp_path):
     shutil.copy(checkpoints["codegen"][0] / "config.json", tmp_path / "config.json")
     with pytest.raises(ValueError, match="no weights"):
-        Transformer.from_pretrained(tmp_path)
+        pretrained.load(tmp_path)
 
 
 @pytest.mark.parametrize("value", [1.0, -0.1])
@@ -1060,7 +1061,7 @@ def test_error_dropout_probability_outside_zero_to_one(checkpoints, tmp_path, va
     d = _edit_config(checkpoints["llama"][0], tmp_path / "m", attention_dropout=value)
     with pytest.raises(ValueError, match=rf"config.json: attention_dropout={value!r}: must be in "
                                          r"\[0, 1\)"):
-        Transformer.from_pretrained(d)
+        pretrained.load(d)
 
 
 @pytest.mark.parametrize("act", ["gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast"])
@@ -1068,7 +1069,7 @@ def test_every_supported_activation_name_computes_what_transformers_computes(tmp
     """gelu_fast is the tanh approximation (transformers' FastGELUActivation), not exact GELU;
     1e-5 because on these logits exact GELU is within 1e-4 of the tanh one."""
     hf = save_tiny_hf("phi", tmp_path, hidden_act=act)
-    model = Transformer.from_pretrained(tmp_path)
+    model = pretrained.load(tmp_path)
     idx = _ids(2, 64)
     with torch.no_grad():
         assert (model(idx) - hf(idx).logits).abs().max().item() <= 1e-5
@@ -1099,7 +1100,7 @@ def test_error_config_the_model_cannot_honour_names_the_field(checkpoints, tmp_p
     them while ignoring them gives other logits than transformers'."""
     d = _edit_config(checkpoints[family][0], tmp_path / "m", **change)
     with pytest.raises(ValueError, match=rf"config.json: {message}"):
-        Transformer.from_pretrained(d)
+        pretrained.load(d)
 
 
 def test_llama3_rope_without_original_max_positions_takes_max_position_embeddings(checkpoints,
@@ -1108,13 +1109,13 @@ def test_llama3_rope_without_original_max_positions_takes_max_position_embedding
     rope = {k: v for k, v in LLAMA3_ROPE.items() if k != "original_max_position_embeddings"}
     d = _edit_config(checkpoints["llama"][0], tmp_path / "m", rope_parameters=rope)
     _same_logits_as_transformers(d)
-    assert Transformer.from_pretrained(d).cfg.rope_scaling[
+    assert pretrained.load(d).cfg.rope_scaling[
         "original_max_position_embeddings"] == 128
 
 
 def test_an_empty_eos_list_means_no_eos(checkpoints, tmp_path):
     d = _edit_config(checkpoints["llama"][0], tmp_path / "m", eos_token_id=[])
-    assert Transformer.from_pretrained(d).cfg.eos_id is None
+    assert pretrained.load(d).cfg.eos_id is None
 
 
 def test_llama_without_num_key_value_heads_has_one_per_attention_head(tmp_path):
@@ -1194,7 +1195,7 @@ def test_auto_dtype_of_a_bin_checkpoint_without_a_config_dtype_is_its_weights(tm
     (tmp_path / "config.json").write_text(json.dumps(config))
     torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype="auto")
-    loaded = Transformer.from_pretrained(tmp_path, dtype="auto")
+    loaded = pretrained.load(tmp_path, dtype="auto")
     assert {p.dtype for p in loaded.parameters()} == {p.dtype for p in ref.parameters()} == {
         torch.bfloat16}
 
@@ -1206,7 +1207,7 @@ def test_export_checkpoint_loses_to_another_writer_of_the_same_directory(checkpo
     out = tmp_path / "out"
 
     def save_while_another_lands(directory):
-        model.save_pretrained(directory)
+        pretrained.save(model, directory)
         out.mkdir()
         (out / "theirs").write_text("the other writer's")
 
@@ -1216,7 +1217,7 @@ def test_export_checkpoint_loses_to_another_writer_of_the_same_directory(checkpo
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert [p.name for p in out.iterdir()] == ["theirs"]
     with pytest.raises(ValueError, match="out already exists: name a new directory"):
-        pretrained.export_checkpoint(out, model.save_pretrained, path)
+        pretrained.export_checkpoint(out, lambda d: pretrained.save(model, d), path)
 
 
 def test_weight_files_are_chosen_in_transformers_order(checkpoints, tmp_path):
@@ -1234,7 +1235,7 @@ def test_weight_files_are_chosen_in_transformers_order(checkpoints, tmp_path):
             (tmp_path / drop).unlink()
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
         with torch.no_grad():
-            diff = (Transformer.from_pretrained(tmp_path)(idx) - hf(idx).logits).abs().max()
+            diff = (pretrained.load(tmp_path)(idx) - hf(idx).logits).abs().max()
         assert diff <= 1e-5, (drop, diff)
 
 
@@ -1243,7 +1244,7 @@ def test_error_shard_file_missing(checkpoints, tmp_path):
     shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
     shard.unlink()
     with pytest.raises(ValueError, match=rf"index.json: shard files missing: \['{shard}'\]"):
-        Transformer.from_pretrained(tmp_path)
+        pretrained.load(tmp_path)
 
 
 def test_config_dtype_wins_over_torch_dtype_as_in_transformers(tmp_path):
@@ -1256,7 +1257,7 @@ def test_config_dtype_wins_over_torch_dtype_as_in_transformers(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype="auto")
     for dtype in ("auto", None):
-        loaded = Transformer.from_pretrained(tmp_path, dtype=dtype)
+        loaded = pretrained.load(tmp_path, dtype=dtype)
         assert {p.dtype for p in loaded.parameters()} == {p.dtype for p in hf.parameters()} == {
             torch.bfloat16}, dtype
 
@@ -1268,7 +1269,7 @@ def test_export_with_a_shard_limit_below_every_tensor_writes_no_empty_shard(chec
     import transformers
 
     _, _, model = checkpoints["phi"]
-    model.save_pretrained(tmp_path, max_shard_bytes=1)
+    pretrained.save(model, tmp_path, max_shard_bytes=1)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     files = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
     assert files == sorted(set(index["weight_map"].values()))
@@ -1429,5 +1430,5 @@ def test_error_empty_bin_or_one_keyed_by_non_names_says_what_it_holds(checkpoint
     shutil.copy(checkpoints["codegen"][0] / "config.json", tmp_path / "config.json")
     write(tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError) as e:
-        Transformer.from_pretrained(tmp_path)
+        pretrained.load(tmp_path)
     assert str(e.value) == f"{tmp_path / 'pytorch_model.bin'}: {message}"

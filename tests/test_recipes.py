@@ -60,7 +60,7 @@ def _ids(vocab_size: int) -> torch.Tensor:
 def test_recipe_smoke_end_to_end(name, tmp_path, monkeypatch, capsys):
     import transformers
 
-    from architecture import Transformer
+    import pretrained
 
     monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
     code = recipes.main([str(CONFIGS / f"{name}.json"), "--smoke", "--out-dir", str(tmp_path),
@@ -98,7 +98,7 @@ def test_recipe_smoke_end_to_end(name, tmp_path, monkeypatch, capsys):
     export = run / "export"
     merged_dir = export / "merged" if recipe["train"].get("lora_r") else export
     hf_merged = transformers.AutoModelForCausalLM.from_pretrained(merged_dir).eval()
-    ours = Transformer.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    ours = pretrained.load(merged_dir, dtype=torch.float32).eval()
     ids = _ids(ours.cfg.vocab_size)
     with torch.no_grad():
         expected = hf_merged(ids).logits
@@ -958,11 +958,12 @@ def test_smoke_eval_limits_cap_the_recipes_values_and_keep_smaller_ones():
 def test_the_tiny_checkpoint_keeps_the_familys_attention_sharing(tmp_path, preset):
     """Multi-query stays multi-query (one key/value head), grouped-query stays grouped (fewer
     than the heads), full stays full: the smoke run exercises the family's attention."""
-    from architecture import PRESETS, Transformer
+    import pretrained
+    from architecture import PRESETS
 
     texts = [t for _, t in recipes._stdlib_texts(6000, 4)]
     base = PRESETS[preset]
-    cfg = Transformer.from_pretrained(recipes.tiny_checkpoint(preset, texts, tmp_path)).cfg
+    cfg = pretrained.load(recipes.tiny_checkpoint(preset, texts, tmp_path)).cfg
     heads = recipes.SMOKE_SHAPE["n_head"]
     if base.n_kv_head == 1:
         assert cfg.n_kv_head == 1
@@ -1006,6 +1007,7 @@ def test_a_recipes_init_adapter_is_loaded_on_its_base_by_the_train_check(tmp_pat
     base and settings as training does, so an adapter made on another model size is refused
     there, naming its weights, not found out mid-run."""
     import lora
+    import pretrained
     from architecture import PRESETS, Transformer
     from tokenizer import CodeTokenizer
 
@@ -1014,7 +1016,7 @@ def test_a_recipes_init_adapter_is_loaded_on_its_base_by_the_train_check(tmp_pat
                               eos_id=tok.eos_id)
     base, adapter, wider = tmp_path / "base", tmp_path / "adapter", tmp_path / "wider"
     model = Transformer(cfg)
-    model.save_pretrained(base)
+    pretrained.save(model, base)
     tok.save(base)
     for made_on, where in ((model, adapter), (Transformer(dataclasses.replace(
             cfg, n_embd=2 * cfg.n_embd)), wider)):
@@ -1056,12 +1058,12 @@ def test_a_recipes_lora_key_at_its_default_that_differs_from_its_init_adapter_is
 def test_refactotron_evaluates_in_fp32_on_cuda_as_its_seed_did(monkeypatch, tmp_path):
     """Seed 000's fix 3 (fp32 evaluation: fp16 gave a NaN validation loss): eval.py loaded the
     models in bf16/fp16 on CUDA (fp16 on the seed's T4) whatever the recipe or the run said."""
-    from architecture import Transformer
+    import pretrained
 
     cfg = ev.config_from_dict(json.loads((CONFIGS / "refactotron.json").read_text())["eval"])
     asked = []
-    monkeypatch.setattr(Transformer, "from_pretrained", classmethod(
-        lambda cls, path, dtype=None, device=None: asked.append(dtype)))
+    monkeypatch.setattr(pretrained, "load",
+                        lambda path, dtype=None, device=None: asked.append(dtype))
     ev._load_hf(tmp_path, torch.device("cuda"), cfg.dtype)
     assert asked == ["fp32"]
 

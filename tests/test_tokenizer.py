@@ -1848,6 +1848,7 @@ def test_legitimate_model_and_tokenizer_pairs_pass_silently(role_tokenizers, tmp
     import dataclasses
     import shutil
 
+    import pretrained
     from architecture import PRESETS, Transformer
 
     llama3, gpt2 = role_tokenizers["llama3"], role_tokenizers["gpt2"]
@@ -1873,7 +1874,7 @@ def test_legitimate_model_and_tokenizer_pairs_pass_silently(role_tokenizers, tmp
         cfg = dataclasses.replace(PRESETS["tiny"], vocab_size=tok.vocab_size, bos_id=tok.bos_id,
                                   eos_id=tok.eos_id)  # as trainingmanager.model_config sets them
         export = tmp_path / f"export_{type(tok).__name__}"
-        Transformer(cfg).save_pretrained(export)
+        pretrained.save(Transformer(cfg), export)
         tok.save(export)
         check_model_tokenizer(load_tokenizer(export), export / "tokenizer.json", export)
     assert capsys.readouterr().err == ""

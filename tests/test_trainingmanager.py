@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import cliconfig
+import generation
 import rundir
 import trainingmanager as tm
 from dataset import collate, stdlib_files, supervised_example
@@ -118,63 +119,6 @@ def logged_epochs(run_dir: Path) -> list[tuple[int, str, float]]:
 
 
 # --------------------------------------------------------------------------------------------
-# The one loss
-# --------------------------------------------------------------------------------------------
-
-
-def test_lm_loss_matches_a_hand_written_reference_with_smoothing_and_masks():
-    torch.manual_seed(0)
-    head = torch.nn.Linear(6, 11)
-    hidden = torch.randn(2, 5, 6)
-    logits = head(hidden).detach()
-    labels = torch.randint(0, 11, (2, 5))
-    labels[0, :3] = -100
-    labels[1, 4] = -100
-    eps = 0.1
-    keep = labels != -100
-    logp = logits.log_softmax(-1)[keep]
-    target = labels[keep]
-    per_token = -((1 - eps) * logp.gather(1, target[:, None])[:, 0] + eps * logp.mean(-1))
-    assert torch.allclose(tm.lm_loss(hidden, labels, head, eps, "sum"), per_token.sum(), atol=1e-5)
-    assert torch.allclose(tm.lm_loss(hidden, labels, head, eps), per_token.mean(), atol=1e-6)
-    assert torch.allclose(tm.lm_loss(hidden, labels, head), F.cross_entropy(logits[keep], target))
-    loss, correct = tm.lm_loss_and_correct(hidden, labels, head)
-    assert torch.allclose(loss, tm.lm_loss(hidden, labels, head, reduction="sum"))
-    assert int(correct) == int((logits.argmax(-1)[keep] == target).sum())
-
-
-def test_loss_ignores_prompt_tokens():
-    """Masked (prompt) positions cannot move the loss or receive gradient, smoothing included;
-    a training step on a prompt/completion pair sees only the completion."""
-    torch.manual_seed(0)
-    prompt, completion = list(range(20, 32)), list(range(40, 46))
-    example = supervised_example(prompt, completion, max_length=32)
-    batch = collate([example], pad_id=0)
-    labels = batch["labels"]
-    assert int((labels != -100).sum()) == len(completion)
-    head = torch.nn.Linear(8, 64)
-    hidden = torch.randn(1, labels.shape[1], 8, requires_grad=True)
-    changed = hidden.detach().clone()
-    changed[labels == -100] += 5 * torch.randn_like(changed[labels == -100])
-    for eps in (0.0, 0.1):
-        assert torch.equal(tm.lm_loss(hidden, labels, head, eps),
-                           tm.lm_loss(changed, labels, head, eps))
-    tm.lm_loss(hidden, labels, head, 0.1).backward()
-    assert hidden.grad[labels == -100].abs().max() == 0
-    assert hidden.grad[labels != -100].abs().max() > 0
-    # The same input with the prompt's targets counted gives another loss: the mask matters.
-    unmasked = batch["input_ids"][:, 1:]
-    full = torch.cat([unmasked, labels[:, -1:]], dim=1)
-    assert not torch.equal(tm.lm_loss(hidden, labels, head), tm.lm_loss(hidden, full, head))
-
-
-def test_lm_loss_rejects_a_transposed_batch():
-    with pytest.raises(ValueError, match="transposed"):
-        tm.lm_loss(torch.randn(7, 3, 10), torch.zeros(3, 7, dtype=torch.long),
-                   torch.nn.Linear(10, 5))
-
-
-# --------------------------------------------------------------------------------------------
 # Accumulation, parity
 # --------------------------------------------------------------------------------------------
 
@@ -218,8 +162,7 @@ def test_accumulation_equals_one_big_batch_and_validation_equals_training_loss(t
     # Averaging per-micro-batch means (the usual bug) would give a different loss here.
     with torch.no_grad():
         model = one.raw_model
-        naive = sum(tm.lm_loss(model(m["input_ids"], return_hidden=True), m["labels"],
-                               model.lm_head) for m in micro) / 2
+        naive = sum(model(m["input_ids"], m["labels"]) for m in micro) / 2
     assert abs(float(naive) - stats_one.loss) > 1e-3
 
 
@@ -294,7 +237,7 @@ def test_fp16_step_runs_the_head_fused_with_the_unfused_heads_gradients(monkeypa
     """Under fp16 the Trainer hands the loss scale times the token weight to the fused head
     loss, which then forms the gradients the unfused fp16 head would (Adam's first moment after
     one step is 0.1 x the gradient)."""
-    import architecture
+    import kernels
 
     cfg = tm.TrainConfig(preset="tiny", dropout=0.0, block_size=16, precision="fp16",
                          grad_clip=0.0)
@@ -305,7 +248,7 @@ def test_fp16_step_runs_the_head_fused_with_the_unfused_heads_gradients(monkeypa
     labels[:, :3] = tm.IGNORE_INDEX
     scale = trainer.scaler.scale(torch.ones(()))
     with torch.autocast("cpu", torch.float16):
-        logits = model.lm_head(model(ids, return_hidden=True)).float()
+        logits = model(ids).float()
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
                                              reduction="sum")
     count = int((labels != tm.IGNORE_INDEX).sum())
@@ -314,14 +257,14 @@ def test_fp16_step_runs_the_head_fused_with_the_unfused_heads_gradients(monkeypa
     model.zero_grad(set_to_none=True)
 
     scales = []  # the grad_scale of each fused call that forms gradients
-    real = architecture._head_cross_entropy
+    real = kernels._head_cross_entropy
 
     def spy(*args):
         if any(args[5]):
             scales.append(float(args[7]))
         return real(*args)
 
-    monkeypatch.setattr(architecture, "_head_cross_entropy", spy)
+    monkeypatch.setattr(kernels, "_head_cross_entropy", spy)
     stats = trainer.train_step([{"input_ids": ids, "labels": labels}])
     assert scales == [pytest.approx(float(scale) / count)] and not stats.skipped
     assert stats.loss == pytest.approx(loss.item() / count, rel=1e-4)
@@ -330,7 +273,7 @@ def test_fp16_step_runs_the_head_fused_with_the_unfused_heads_gradients(monkeypa
                                    ref[n], rtol=2e-3, atol=1e-6, msg=n)
     scales.clear()  # a mean's scale reaches the head as the summed loss's: divided by the count
     with torch.autocast("cpu", torch.float16):
-        tm.lm_loss(model(ids, return_hidden=True), labels, model.lm_head, grad_scale=scale)
+        model(ids, labels, grad_scale=scale)
     assert scales == [pytest.approx(float(scale) / count)]
 
 
@@ -346,7 +289,7 @@ def _plain_backward(model, ids, labels, smoothing=0.0, clip=float("inf")):
     fused head, no scaler, no autocast), its gradient clipped by torch's clip_grad_norm_.
     Returns the loss, the total gradient norm before the clip and the gradients by name."""
     ref = copy.deepcopy(model).float()
-    logits = ref.lm_head(ref(ids, return_hidden=True))
+    logits = ref(ids)
     loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=tm.IGNORE_INDEX,
                            label_smoothing=smoothing)
     loss.backward()
@@ -384,7 +327,8 @@ def test_grad_clip_clips_the_unscaled_gradient_as_torch_does(precision, tol):
 
 def test_training_loss_and_gradient_use_label_smoothing_as_torch_cross_entropy():
     """TrainConfig.label_smoothing reaches the training step: its loss and gradient are those of
-    F.cross_entropy(label_smoothing=0.1). lm_loss's own smoothing is tested above; this guards
+    F.cross_entropy(label_smoothing=0.1). The model's own smoothing is tested in
+    test_architecture.py; this guards
     that the Trainer passes the setting on."""
     cfg = tm.TrainConfig(preset="tiny", dropout=0.0, block_size=16, label_smoothing=0.1,
                          grad_clip=0.0)
@@ -581,7 +525,7 @@ def test_a_kill_while_old_checkpoints_are_removed_leaves_no_checkpoint_half_gone
 def test_run_directory_best_checkpoint_and_hf_export(assets, tmp_path):
     import transformers
 
-    from architecture import Transformer
+    import pretrained
 
     result = tm.train(tiny_cfg(assets, tmp_path, export=True, max_steps=8, keep_last=1))
     run = result.run_dir
@@ -595,7 +539,7 @@ def test_run_directory_best_checkpoint_and_hf_export(assets, tmp_path):
     assert json.loads((run / "best" / "metrics.json").read_text())["step"] == result.best_step
     assert any((run / "tb").iterdir())
     # The export is the best checkpoint, in HF format, with the tokenizer; transformers agrees.
-    ours = Transformer.from_pretrained(run / "export").eval()
+    ours = pretrained.load(run / "export").eval()
     best = load_file(run / "best" / rundir.MODEL_FILE)
     for name, t in tm.model_tensors(ours, False).items():
         assert torch.equal(t, best[name]), name
@@ -1472,11 +1416,11 @@ def test_sample_prompt_is_formatted_as_the_task_trained(assets, tmp_path, monkey
     model = tm.build_model(tiny_cfg(assets, tmp_path), tok)
     seen = []
 
-    def generate(self, idx, max_new_tokens, **kwargs):
+    def generate(model, idx, cfg, attention_mask=None):
         seen.append(idx[0].tolist())
         return idx
 
-    monkeypatch.setattr(type(model), "generate", generate)
+    monkeypatch.setattr(generation, "generate", generate)
     for task in ("lm", "refactor"):
         tm.sample_completion(model, tok, "def f(", 4, task)
     body = tok.encode("def f(")
@@ -1500,8 +1444,8 @@ def test_sample_prompt_reads_special_token_text_as_the_runs_pairs_did(tmp_path, 
     model = Transformer(tm.model_config(tm.TrainConfig(preset="tiny", block_size=64),
                                         tok.vocab_size, tok.bos_id, tok.eos_id))
     seen = []
-    monkeypatch.setattr(type(model), "generate",
-                        lambda self, idx, *a, **k: seen.append(idx[0].tolist()) or idx)
+    monkeypatch.setattr(generation, "generate",
+                        lambda model, idx, *a, **k: seen.append(idx[0].tolist()) or idx)
     prompt = "<|begin_of_text|>def f(x):<|eot_id|>"
     as_text = hf(prompt, split_special_tokens=True)["input_ids"]
     tm.sample_completion(model, tok, prompt, 4, "refactor", True)
@@ -2621,7 +2565,7 @@ def test_init_adapter_agrees_with_codelm_target_names_that_select_the_adapters_m
     for what apply_lora adapts. A selection that differs (qkv: no o_proj; one more module; a
     name that selects nothing) is still refused."""
     import lora
-    from architecture import Transformer
+    import pretrained
 
     base = tiny_llama(tmp_path)
     adapter = tmp_path / "peft"
@@ -2633,7 +2577,7 @@ def test_init_adapter_agrees_with_codelm_target_names_that_select_the_adapters_m
         return {name for _, m in lora.lora_modules(model) for name in m.names.values()}
 
     def selected(targets) -> set[str]:  # what apply_lora adapts on the base for these targets
-        model = Transformer.from_pretrained(base)
+        model = pretrained.load(base)
         lora.apply_lora(model, lora.LoRAConfig(r=4, target_modules=targets))
         return adapted(model)
 
@@ -3400,7 +3344,7 @@ def test_export_holds_and_records_the_best_step_not_the_last(assets, tmp_path, m
     """Losses 2.0 then 3.0: best is step 2, not the last step 4. export/ must hold best/'s
     weights and record step 2, or eval.py's stale-export check trusts an export of the last
     weights (every other export test has best == last)."""
-    from architecture import Transformer
+    import pretrained
 
     fake_val_losses(monkeypatch, [2.0, 3.0])
     result = tm.train(tiny_cfg(assets, tmp_path, max_steps=4, eval_every=2, warmup_steps=0,
@@ -3412,7 +3356,7 @@ def test_export_holds_and_records_the_best_step_not_the_last(assets, tmp_path, m
     best = load_file(run / "best" / rundir.MODEL_FILE)
     last = final_weights(run, 4)
     assert any(not torch.equal(best[k], last[k]) for k in best)
-    exported = tm.model_tensors(Transformer.from_pretrained(run / "export"), False)
+    exported = tm.model_tensors(pretrained.load(run / "export"), False)
     for k, t in exported.items():
         assert torch.equal(t, best[k]), k
 
@@ -3833,7 +3777,7 @@ def test_eval_precision_fp32_evaluates_without_autocast_whatever_the_training_pr
         losses[eval_precision] = trainer.evaluate([{"input_ids": ids, "labels": labels}])["val_loss"]
     model = trainer.raw_model.eval()
     with torch.no_grad():
-        ref = F.cross_entropy(model.lm_head(model(ids, return_hidden=True)).flatten(0, 1),
+        ref = F.cross_entropy(model(ids).flatten(0, 1),
                               labels.flatten(), ignore_index=tm.IGNORE_INDEX).item()
     assert losses["fp32"] == pytest.approx(ref, rel=1e-6)
     assert losses["same"] != pytest.approx(ref, rel=1e-6)
@@ -3895,8 +3839,8 @@ def test_sample_completion_stays_within_the_models_context(monkeypatch):
     model = Transformer(tm.model_config(tm.TrainConfig(preset="tiny", block_size=16),
                                         tok.vocab_size, tok.bos_id, tok.eos_id))
     asked = []
-    monkeypatch.setattr(type(model), "generate",
-                        lambda self, idx, n, **kwargs: (asked.append((idx.shape[1], n)), idx)[1])
+    monkeypatch.setattr(generation, "generate", lambda model, idx, cfg: (
+        asked.append((idx.shape[1], cfg.max_new_tokens)), idx)[1])
     prompt = "def f(x):\n"
     n_prompt = 1 + len(tok.encode(prompt))  # after the EOS an lm sample starts with
     tm.sample_completion(model, tok, prompt, 48, "lm")
@@ -3916,8 +3860,8 @@ def test_sample_completion_decodes_an_id_past_the_tokenizer_to_nothing(monkeypat
     model = Transformer(tm.model_config(tm.TrainConfig(preset="tiny", block_size=16),
                                         tok.vocab_size + 8, tok.bos_id, tok.eos_id))
     new = [*tok.encode("return"), tok.vocab_size + 3, *tok.encode(" x")]
-    monkeypatch.setattr(type(model), "generate",
-                        lambda self, idx, n, **kwargs: torch.cat((idx, torch.tensor([new])), 1))
+    monkeypatch.setattr(generation, "generate",
+                        lambda model, idx, cfg: torch.cat((idx, torch.tensor([new])), 1))
     assert tm.sample_completion(model, tok, "def f(x):\n", 8, "lm") == "return x"
 
 

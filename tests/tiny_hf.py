@@ -171,6 +171,7 @@ def save_tiny_adapter(root: Path, alpha: float = 4) -> tuple[Path, Path]:
     import dataclasses
 
     import lora
+    import pretrained
     from architecture import PRESETS, Transformer
     from tokenizer import CodeTokenizer
 
@@ -178,7 +179,7 @@ def save_tiny_adapter(root: Path, alpha: float = 4) -> tuple[Path, Path]:
     model = Transformer(dataclasses.replace(PRESETS["tiny"], vocab_size=tok.vocab_size,
                                             bos_id=tok.bos_id, eos_id=tok.eos_id))
     base, adapter = Path(root) / "base", Path(root) / "adapter"
-    model.save_pretrained(base)
+    pretrained.save(model, base)
     lora.apply_lora(model, lora.LoRAConfig(r=2, alpha=alpha))
     lora.save_adapter(model, adapter, base_model_name_or_path=str(base))
     return base, adapter

@@ -1,0 +1,501 @@
+"""Each kernel against the plain PyTorch op it replaces (kernels.py), and the one switch."""
+
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_architecture import SHAPES, _ids, _model, _spy_sdpa, gen
+
+import kernels
+from architecture import Transformer, head_loss, split_heads
+
+
+def _hidden(model: Transformer, idx: torch.Tensor) -> torch.Tensor:
+    """The final normed hidden states, which the head turns into logits."""
+    return model.norm_f(model.run_blocks(idx, torch.arange(idx.shape[1])[None], None))
+
+
+@pytest.mark.parametrize("device, dtype, masked, major, grouped", [
+    ("cpu", torch.float32, True, None, True),  # CPU: as it always was
+    ("cpu", torch.bfloat16, False, None, True),
+    ("cuda", torch.bfloat16, False, 8, True),  # flash takes it
+    ("cuda", torch.float16, False, 9, True),
+    ("cuda", torch.bfloat16, True, 9, False),  # a mask: flash cannot
+    ("cuda", torch.float32, False, 9, False),  # fp32: flash cannot
+    ("cuda", torch.bfloat16, False, 7, False),  # pre-Ampere: no flash
+])
+def test_sdpa_gets_grouped_keys_only_where_a_fused_kernel_takes_them(monkeypatch, device, dtype,
+                                                                      masked, major, grouped):
+    """On CUDA only the flash kernel takes enable_gqa: any other grouped call fell silently to
+    the math kernel (every score in memory) in generation, masked or fp32 scoring, and all
+    pre-Ampere training."""
+    from types import SimpleNamespace
+
+
+    def properties(device):
+        assert major is not None, "asked a CUDA question about a CPU tensor"
+        return SimpleNamespace(major=major)
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    assert kernels._sdpa_takes_gqa(torch.device(device), dtype, masked) is grouped
+
+
+@pytest.mark.parametrize("shape", ["llama", "gpt_bigcode"])  # grouped-query; multi-query
+def test_keys_repeated_to_the_query_heads_equal_grouped_attention(monkeypatch, shape):
+    """The path CUDA takes where flash cannot (keys and values repeated, no enable_gqa) gives what
+    grouped attention gives, masked and unmasked, and in the KV-cache decode."""
+
+    model = _model(shape)
+    n_head = model.cfg.n_head
+    assert model.cfg.n_kv_head < n_head
+    idx = _ids(2, 20)
+    mask = torch.ones_like(idx, dtype=torch.bool)
+    mask[1, :6] = False  # left padding
+    with torch.no_grad():
+        grouped = [model(idx), model(idx, attention_mask=mask)]
+    grouped_out = gen(model, idx, 8, attention_mask=mask)
+    calls = _spy_sdpa(monkeypatch)
+    monkeypatch.setattr(kernels, "_sdpa_takes_gqa", lambda *args: False)
+    with torch.no_grad():
+        repeated = [model(idx), model(idx, attention_mask=mask)]
+    assert torch.equal(gen(model, idx, 8, attention_mask=mask), grouped_out)
+    assert calls and all(c["kv_heads"] == n_head and not c["gqa"] for c in calls)
+    for a, b in zip(grouped, repeated):
+        assert a.dtype == torch.float32 and (a - b).abs().max().item() < 1e-6
+
+
+def test_decode_layout_keeps_values_and_training_gets_row_major_back():
+    """generate may re-lay out weights column-major for decoding (CPU); values, outputs, saved
+    files and training must not notice."""
+    model = _model("llama")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    idx = _ids(2, 10)
+    logits = model(idx)
+    out = gen(model, idx, 8)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, state[name]), name
+    torch.testing.assert_close(model(idx), logits, rtol=0, atol=1e-5)
+    assert torch.equal(gen(model, idx, 8), out)  # the layout stays in eval mode
+    kernels.decode_layout(model, True)
+    forced = [p for p in model.parameters() if p.dim() == 2]
+    for p in forced:  # force the column-major case whatever this machine measured
+        p.data = p.data.t().contiguous().t()
+    assert torch.equal(gen(model, idx, 8), out)
+    model.train()
+    assert all(p.is_contiguous() for p in model.parameters())
+    F.cross_entropy(model(idx).flatten(0, 1), idx.flatten()).backward()
+    assert all(p.grad.is_contiguous() for p in model.parameters())
+    gen(model, idx, 4)  # in train mode the weights go back to row-major at the end
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
+def test_decode_layout_is_a_fixed_rule_not_a_timing_race(monkeypatch):
+    """The layout changes the low bits of batch-1 logits, and a timing race chose it, so which
+    weights were re-laid out varied from run to run with the machine's load. Now a rule: fp32
+    weights with more outputs than inputs go column-major, whatever the clock says."""
+    import time
+
+    ticks = iter(range(10**9))  # a clock by which every layout times the same
+    monkeypatch.setattr(time, "perf_counter", lambda: next(ticks))
+    model = _model("llama")  # qkv (128, 64), fc and gate (96, 64), tied head (96, 64)
+    gen(model, _ids(1, 4), 2)
+    column_major = {n for n, p in model.named_parameters() if not p.is_contiguous()}
+    assert column_major == {"wte.weight"} | {f"blocks.{i}.{name}.weight" for i in range(2)
+                                             for name in ("attn.qkv", "mlp.fc", "mlp.gate")}
+    model = _model("llama").to(torch.bfloat16)  # bf16 reads row-major as fast
+    gen(model, _ids(1, 4), 2)
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
+def test_decode_layout_stays_out_of_state_dict(tmp_path):
+    """Tools that save or flatten a state dict (safetensors' save_model, .view(-1)) get
+    row-major tensors after generate, without a copy of the model; the next generate lays the
+    weights out again."""
+    from safetensors.torch import load_file, save_model
+
+    model = _model("llama")
+    gen(model, _ids(1, 4), 2)
+
+    def force_column_major():  # whatever this machine measured
+        kernels.decode_layout(model, True)
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.data = p.data.t().contiguous().t()
+
+    force_column_major()
+    expected = model(_ids(1, 4))
+    state = model.state_dict()
+    assert all(t.is_contiguous() for t in state.values())
+    for name, p in model.named_parameters():  # the parameters themselves, not copies
+        assert p.is_contiguous() and state[name].data_ptr() == p.data_ptr()
+    assert state["wte.weight"].data_ptr() == state["lm_head.weight"].data_ptr()  # still tied
+    # the same function; a layout may change a matmul's low bits (AVX-512 kernels here: 1.2e-7)
+    torch.testing.assert_close(model(_ids(1, 4)), expected, rtol=0, atol=1e-6)
+    state["wte.weight"].view(-1)
+    force_column_major()
+    save_model(model, tmp_path / "m.safetensors")
+    back = load_file(tmp_path / "m.safetensors")
+    assert all(torch.equal(back[k], state[k]) for k in back)
+    gen(model, _ids(1, 4), 2)  # lays the weights out again (if faster here)
+    assert model._decode_layout
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2),
+                                        (torch.float64, 1e-12)])
+def test_one_row_matmul_rewrite_equals_linear(dtype, tol):
+    from kernels import _addmm_one_row, _mm_one_row
+
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*s, generator=g).to(dtype) for s in ((1, 96), (40, 96), (40,)))
+    torch.testing.assert_close(_mm_one_row(x, w.t()), F.linear(x, w), atol=tol, rtol=tol)
+    torch.testing.assert_close(_addmm_one_row(b, x, w.t()), F.linear(x, w, b), atol=tol, rtol=tol)
+    assert _mm_one_row(torch.cat((x, x)), w.t()) is NotImplemented  # only batch-1 rows
+    assert _addmm_one_row(b, x, w.t(), beta=2) is NotImplemented
+
+
+def _rope_reference(x, cos, sin, interleaved):
+    """Rotary embedding as HF writes it: x * cos + rotate_half(x) * sin on the rotated dims."""
+    r = 2 * cos.shape[-1]
+    rot, rest = x[..., :r], x[..., r:]
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        c, s = cos.repeat_interleave(2, -1), sin.repeat_interleave(2, -1)
+        half = torch.stack((-x2, x1), dim=-1).flatten(-2)
+    else:
+        x1, x2 = rot.chunk(2, dim=-1)
+        c, s = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
+        half = torch.cat((-x2, x1), dim=-1)
+    return torch.cat((rot * c + half * s, rest), dim=-1)
+
+
+@pytest.mark.parametrize("n_head, n_kv, head_dim, rotary, interleaved", [
+    (4, 2, 8, 8, False),  # Llama: grouped-query, full half-split rotary
+    (4, 4, 8, 4, False),  # Phi: partial rotary
+    (4, 4, 8, 4, True),   # CodeGen: partial interleaved rotary
+    (4, 1, 8, 8, False),  # multi-query
+])
+def test_split_rotated_backward_equals_autograd_of_the_composite(n_head, n_kv, head_dim, rotary,
+                                                                 interleaved):
+    """The qkv split + rotary Function with its hand-written backward, against gradcheck and
+    against autograd through HF's formula (rotate_half) with a plain split."""
+    from kernels import _split_rotated, _SplitRotatedFunction
+
+    g = torch.Generator().manual_seed(0)
+    B, T = 2, 5
+    qkv = torch.randn(B, T, n_head + 2 * n_kv, head_dim, dtype=torch.float64, generator=g)
+    angle = torch.randn(B, T, 1, rotary // 2, dtype=torch.float64, generator=g)
+    cos, sin = angle.cos(), angle.sin()
+    fn = lambda t: _SplitRotatedFunction.apply(t, cos, sin, n_head, n_kv, interleaved)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (qkv.clone().requires_grad_(),))
+
+    ours_in, ref_in = qkv.clone().requires_grad_(), qkv.clone().requires_grad_()
+    q, k, v = fn(ours_in)
+    rq, rk, rv = ref_in.split((n_head, n_kv, n_kv), dim=2)
+    ref = [_rope_reference(rq, cos, sin, interleaved).transpose(1, 2),
+           _rope_reference(rk, cos, sin, interleaved).transpose(1, 2), rv.transpose(1, 2)]
+    grads = [torch.randn(t.shape, dtype=torch.float64, generator=g) for t in ref]
+    for a, b in zip((q, k, v), ref):
+        torch.testing.assert_close(a, b)
+    torch.autograd.backward((q, k, v), grads)
+    torch.autograd.backward(ref, grads)
+    torch.testing.assert_close(ours_in.grad, ref_in.grad)
+    for a, b in zip(_split_rotated(qkv, (cos, sin), n_head, n_kv, interleaved), ref):
+        torch.testing.assert_close(a, b)  # the autograd-free path
+    for a, b in zip(split_heads.plain(qkv, (cos, sin), n_head, n_kv, interleaved), ref):
+        torch.testing.assert_close(a, b)  # the plain op the kernel replaces
+
+
+def test_rmsnorm_backward_equals_autograd_of_the_composite():
+    """The hand-written RMSNorm backward against torch's gradcheck and against autograd through
+    F.rms_norm, with and without a trainable weight, and bf16 activations on fp32 weights."""
+    from architecture import RMSNorm
+    from kernels import _RMSNormFunction
+
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(8, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: _RMSNormFunction.apply(a, b, 1e-5), (x, w))
+    norm = RMSNorm(8, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(w)
+    for dtype, train_weight, tol in ((torch.float32, True, 1e-5), (torch.float32, False, 1e-5),
+                                     (torch.bfloat16, True, 2e-2)):
+        norm.weight.requires_grad_(train_weight)
+        xs = x.detach().to(dtype).requires_grad_()
+        g = torch.randn(2, 5, 8)
+        norm(xs).backward(g)
+        ref_x = xs.detach().float().requires_grad_()
+        ref_w = norm.weight.detach().clone().requires_grad_(train_weight)
+        (ref_w * F.rms_norm(ref_x, (8,), eps=1e-5).to(dtype)).backward(g)
+        assert xs.grad.dtype == dtype
+        assert (xs.grad.float() - ref_x.grad).abs().max().item() < tol
+        if train_weight:
+            assert (norm.weight.grad - ref_w.grad).abs().max().item() < tol * 10
+            norm.weight.grad = None
+        else:
+            assert norm.weight.grad is None
+        with torch.no_grad():  # the autograd-free path computes the same forward
+            assert torch.equal(norm(xs), _RMSNormFunction.apply(xs, norm.weight, 1e-5))
+
+
+def _unfused(hidden, labels, head, smoothing=0.0):
+    logits = head(hidden.flatten(0, -2))
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    labels = labels.flatten()
+    loss = F.cross_entropy(logits, labels, ignore_index=-100, label_smoothing=smoothing,
+                           reduction="sum")
+    return loss, ((logits.argmax(-1) == labels) & (labels != -100)).sum()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_fused_head_loss_equals_cross_entropy_of_the_logits(bias, smoothing, monkeypatch):
+    """Loss, correct count and the gradients of hidden, weight and bias against F.cross_entropy
+    of the whole logits, in fp64, over chunks that do not divide the rows, with ignored rows."""
+
+    monkeypatch.setattr(kernels, "_loss_chunk_rows", lambda vocab, device: 7)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(12, 50, bias=bias).double()
+    hidden = torch.randn(3, 10, 12, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 10))
+    labels[0, :4] = -100
+    labels[2, 9] = -100
+    loss, correct = head_loss(hidden, head, labels, smoothing, True)
+    loss.backward(torch.tensor(0.3, dtype=torch.float64))
+    params = [hidden, head.weight] + ([head.bias] if bias else [])
+    fused = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    ref_loss, ref_correct = _unfused(hidden, labels, head, smoothing)
+    (0.3 * ref_loss).backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+    assert int(correct) == int(ref_correct) and not correct.requires_grad
+    for got, p in zip(fused, params):
+        torch.testing.assert_close(got, p.grad, rtol=1e-10, atol=1e-14)
+    with torch.no_grad():  # the autograd-free path
+        torch.testing.assert_close(head_loss(hidden, head, labels,
+                                                                   smoothing)[0],
+                                   ref_loss, rtol=1e-12, atol=0)
+
+
+def test_fused_head_loss_never_forms_the_whole_logits():
+    """The point of fusing: no op in the training step's loss outputs an (N, V) tensor."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    Largest.numel = max(Largest.numel, t.numel())
+            return out
+
+    head = torch.nn.Linear(16, 8192)
+    hidden = torch.randn(4, 512, 16, requires_grad=True)  # 2048 rows: 4 chunks of 512
+    labels = torch.randint(0, 8192, (4, 512))
+    with Largest():
+        head_loss(hidden, head, labels)[0].backward()
+    assert 0 < Largest.numel <= 2048 * 8192 // 4
+    assert hidden.grad is not None and head.weight.grad is not None
+
+
+def test_fused_head_loss_trains_a_tied_model_like_the_logits_loss():
+    """Whole-model gradients (tied embedding + head, bias-free and biased heads) equal those of
+    F.cross_entropy on the logits; a frozen head gets no gradient and costs no weight matmul."""
+
+    for shape in ("llama", "phi"):
+        model = _model(shape).train()
+        idx, labels = _ids(2, 24), _ids(2, 24, seed=1)
+        labels[:, :5] = -100
+        head_loss(_hidden(model, idx), model.lm_head, labels)[0].backward()
+        fused = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        _unfused(_hidden(model, idx), labels, model.lm_head)[0].backward()
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(fused[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    model.zero_grad()
+    model.lm_head.requires_grad_(False)
+    head_loss(_hidden(model, idx), model.lm_head, labels)[0].backward()
+    assert model.lm_head.weight.grad is None and model.norm_f.weight.grad is not None
+
+
+def test_head_loss_under_bf16_autocast_and_other_heads(monkeypatch):
+    """bf16 autocast runs the matmuls in bf16 with fp32 gradients out, as accurate as the
+    unfused head's over four chunks; a head that is not a plain nn.Linear (a LoRA-wrapped one)
+    is called as a module, unfused."""
+
+    monkeypatch.setattr(kernels, "_loss_chunk_rows", lambda vocab, device: 16)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 300)
+    hidden = torch.randn(64, 32, requires_grad=True)
+    labels = torch.randint(0, 300, (64,))
+    with torch.autocast("cpu", torch.bfloat16):
+        loss = head_loss(hidden, head, labels)[0]
+        ref = _unfused(hidden, labels, head)[0]
+    torch.testing.assert_close(loss, ref, rtol=2e-3, atol=0)
+    loss.backward()
+    assert hidden.grad.dtype == head.weight.grad.dtype == torch.float32
+    exact = torch.nn.Linear(32, 300).double()
+    exact.load_state_dict(head.state_dict())
+    hidden64 = hidden.detach().double().requires_grad_()
+    _unfused(hidden64, labels, exact)[0].backward()
+    for got, want in ((hidden.grad, hidden64.grad), (head.weight.grad, exact.weight.grad),
+                      (head.bias.grad, exact.bias.grad)):
+        assert float((got.double() - want).norm() / want.norm()) < 5e-3  # bf16's eps: 3.9e-3
+
+    class Doubled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    doubled = Doubled(32, 300)
+    doubled.load_state_dict(head.state_dict())
+    torch.testing.assert_close(head_loss(hidden, doubled, labels)[0],
+                               _unfused(hidden, labels, lambda h: 2 * head(h))[0])
+
+
+def test_head_loss_under_fp16_autocast_forms_gradients_at_the_loss_scale():
+    """fp16 autocast: given the scale its backward will see (the loss scaler's), the fused head
+    forms the gradients the unfused fp16 head forms, overflows where that overflows (so the
+    scaler's backoff works the same), and without the scale runs unfused."""
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 300)
+    hidden = torch.randn(64, 32, requires_grad=True)
+    labels = torch.randint(0, 300, (64,))
+    labels[:5] = -100
+    params = (hidden, head.weight, head.bias)
+
+    def run(fused: bool, scale: float):
+        for t in params:
+            t.grad = None
+        with torch.autocast("cpu", torch.float16):
+            if fused:
+                loss = head_loss(hidden, head, labels, grad_scale=torch.tensor(scale))[0]
+                assert type(loss.grad_fn).__name__ == "_HeadCrossEntropyFunctionBackward"
+            else:
+                loss = _unfused(hidden, labels, head)[0]
+        (loss * scale).backward()
+        return loss.detach(), [t.grad / scale for t in params]
+
+    for scale in (1.0, 2.0**12):
+        (loss, got), (ref_loss, ref) = run(True, scale), run(False, scale)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=0)
+        for name, a, b in zip(("hidden", "weight", "bias"), got, ref):
+            torch.testing.assert_close(a, b, rtol=2e-3, atol=1e-3, msg=f"{name} at {scale}")
+    for fused in (True, False):
+        assert not all(bool(g.isfinite().all()) for g in run(fused, 2.0**40)[1])
+    with torch.autocast("cpu", torch.float16):
+        loss = head_loss(hidden, head, labels)[0]
+        assert type(loss.grad_fn).__name__ != "_HeadCrossEntropyFunctionBackward"
+        with torch.no_grad():  # no gradients, no scale needed: fused
+            torch.testing.assert_close(head_loss(hidden, head, labels)[0], loss)
+    fused = "_HeadCrossEntropyFunctionBackward"  # fp16 tensors without autocast: the same rule
+    half, hidden16 = head.half(), hidden.detach().half().requires_grad_()
+    assert type(head_loss(hidden16, half, labels)[0].grad_fn).__name__ != fused
+    assert type(head_loss(hidden16, half, labels, grad_scale=8.0)[0].grad_fn).__name__ \
+        == fused
+
+
+def test_the_fused_head_loss_takes_one_backward_per_forward():
+    head = torch.nn.Linear(8, 20)
+    loss = head_loss(torch.randn(3, 8, requires_grad=True), head, torch.tensor([1, 2, 3]))[0]
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss.backward()
+
+
+def test_head_loss_takes_full_label_smoothing_as_torch():
+    """label_smoothing is in [0, 1] as F.cross_entropy takes it (1.0 included)."""
+    head = torch.nn.Linear(8, 20)
+    hidden, labels = torch.randn(2, 4, 8), torch.randint(0, 20, (2, 4))
+    labels[0, 1] = -100
+    loss = head_loss(hidden, head, labels, label_smoothing=1.0)[0]
+    ref = F.cross_entropy(head(hidden).flatten(0, 1), labels.flatten(), label_smoothing=1.0,
+                          reduction="sum")  # (the head's loss is the sum)
+    torch.testing.assert_close(loss, ref)
+
+
+def test_a_head_that_is_no_plain_linear_counts_correct_tokens_as_the_logits_say():
+    """A LoRA or quantized lm_head takes the unfused path: its loss and correct count are the
+    whole logits' (count_correct there was never run)."""
+
+    class Wrapped(torch.nn.Linear):  # not type nn.Linear: unfused, as lora's LoRALinear
+        pass
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(12, 50).double()
+    head = Wrapped(12, 50).double()
+    head.load_state_dict(linear.state_dict())
+    hidden = torch.randn(3, 10, 12, dtype=torch.float64)
+    labels = torch.randint(0, 50, (3, 10))
+    labels[0, :4] = -100
+    labels[1] = linear(hidden[1]).argmax(-1)  # some rows right, so the count is not 0
+    loss, correct = head_loss(hidden, head, labels, 0.0, True)
+    ref_loss, ref_correct = _unfused(hidden, labels, linear, 0.0)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-6, atol=0)  # fp32 logits
+    assert int(correct) == int(ref_correct) >= 10
+    assert head_loss(hidden, head, labels)[1] is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_training_rmsnorm_is_the_hand_written_one_in_torchs_kernels():
+    """On CUDA an fp32 RMSNorm under autograd runs torch's fused F.rms_norm (13% faster a bf16
+    training step): its output and gradients are the CPU path's hand-written function's."""
+    from architecture import RMSNorm
+    from kernels import _RMSNormFunction
+
+    torch.manual_seed(0)
+    norm = RMSNorm(96, 1e-5).cuda()
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(3, 17, 96, device="cuda", requires_grad=True)
+    for autocast in (False, True):
+        with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+            got, want = norm(x), _RMSNormFunction.apply(x, norm.weight, norm.eps)
+        assert got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        g = torch.randn_like(got)
+        for a, b in zip(torch.autograd.grad(got, (x, norm.weight), g),
+                        torch.autograd.grad(want, (x, norm.weight), g)):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_with_the_kernels_off_the_plain_ops_compute_the_same(shape):
+    """kernels.disabled(): the model's plain PyTorch path gives the logits, loss, gradients and
+    greedy tokens of the kernels (on by default)."""
+    model = _model(shape)
+    idx, labels = _ids(2, 16), _ids(2, 16, seed=1)
+    labels[:, :4] = -100
+
+    def run():
+        model.train().zero_grad()
+        loss = model(idx, labels, label_smoothing=0.1)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.eval()
+        return model(idx).detach(), loss.detach(), grads, gen(model, idx[:, :6], 6)
+
+    fast = run()
+    with kernels.disabled():
+        assert not kernels.ENABLED
+        plain = run()
+    assert kernels.ENABLED
+    torch.testing.assert_close(plain[0], fast[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain[1], fast[1], rtol=1e-5, atol=1e-6)
+    for n, g in fast[2].items():
+        torch.testing.assert_close(plain[2][n], g, rtol=1e-4, atol=1e-6, msg=n)
+    assert torch.equal(plain[3], fast[3])
+
+
+def test_cpu_dropout_drops_p_and_scales_the_rest_as_torch():
+    x = torch.ones(200_000, requires_grad=True)
+    out = kernels.dropout(x, 0.25, True)
+    kept = out != 0
+    assert abs(1 - float(kept.float().mean()) - 0.25) < 0.01
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / 0.75))
+    out.sum().backward()
+    assert torch.equal(x.grad, out.detach())  # the gradient takes the same mask and scale
+    assert kernels.dropout(x, 0.25, False) is x and kernels.dropout(x, 0.0, True) is x
