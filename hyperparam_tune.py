@@ -732,8 +732,7 @@ def recorded_precision(run: Path) -> str | None:
     read."""
     for checkpoint in reversed(trainingmanager.list_checkpoints(run)):
         try:
-            precision = trainingmanager.read_state(checkpoint, mmap=True)["progress"].get(
-                "precision")
+            precision = trainingmanager.read_state(checkpoint, mmap=True).precision
         except trainingmanager.CorruptCheckpointError:
             continue
         return precision if isinstance(precision, str) else None
@@ -854,8 +853,7 @@ def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _FileL
             trial.set_user_attr(ATTR_RUN, str(run_dir))
             for step, value in sorted(reported.items()):
                 trial.report(value, step)
-            result = trainingmanager.train(train_cfg, on_eval=on_eval, resume_hint=RESUME_HINT,
-                                           where_set=where_set(cfg, space, base))
+            result = trainingmanager.train(train_cfg, on_eval=on_eval, resume_hint=RESUME_HINT)
         except KeyboardInterrupt:
             _mark_interrupted(trial)
             raise

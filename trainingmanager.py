@@ -19,14 +19,10 @@ if __name__ == "__main__":  # first: the imports below load torch for seconds
 import argparse
 import contextlib
 import dataclasses
-import fcntl
 import gc
 import json
 import math
 import os
-import pickle
-import random
-import re
 import shutil
 import signal
 import sys
@@ -36,15 +32,16 @@ import traceback
 import typing
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+import checkpoint
 import cliconfig
+import rundir
 from architecture import (
     IGNORE_INDEX,
     SHORT_DTYPES,
@@ -52,8 +49,34 @@ from architecture import (
     head_cross_entropy,
     lacks_native_bf16,
 )
+from checkpoint import (  # X as X: read here by eval.py, recipes.py and hyperparam_tune.py
+    PATH_KEYS,
+    RunState,
+    load_model_tensors,
+    model_tensors,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    with_absolute_paths,
+    write_dir_atomically,
+)
+from checkpoint import (
+    RESUME_DATA_OPTIONS_MAY_CHANGE as RESUME_DATA_OPTIONS_MAY_CHANGE,
+)
+from checkpoint import (
+    RESUME_MAY_CHANGE as RESUME_MAY_CHANGE,
+)
+from checkpoint import (
+    CorruptCheckpointError as CorruptCheckpointError,
+)
+from checkpoint import (
+    check_run_paths as check_run_paths,
+)
+from checkpoint import (
+    read_state as read_state,
+)
 from cliconfig import setting
-from rundir import (  # the run directory's layout
+from rundir import (
     ADAPTER_FILE,
     BEST_DIR,
     BEST_METRICS,
@@ -68,9 +91,30 @@ from rundir import (  # the run directory's layout
     MERGED_DIR,
     METRICS_FILE,
     MODEL_FILE,
-    STATE_FILE,
     TB_DIR,
-    WRITTEN_BEFORE_CONFIG,
+    best_step,
+    list_checkpoints,
+)
+from rundir import (
+    checkpoint_step as checkpoint_step,
+)
+from rundir import (
+    is_run_dir as is_run_dir,
+)
+from rundir import (
+    lock_holder as lock_holder,
+)
+from rundir import (
+    lock_is_held as lock_is_held,
+)
+from rundir import (
+    no_weights_yet as no_weights_yet,
+)
+from rundir import (
+    stale_export as stale_export,
+)
+from rundir import (
+    what_next as what_next,
 )
 
 if typing.TYPE_CHECKING:  # annotations only: dataset and tokenizer load where a run needs them
@@ -261,33 +305,16 @@ _CHOICES = {
 
 def config_from_dict(values: dict, source: str = "<dict>") -> TrainConfig:
     """Build a TrainConfig from a dict, with errors that name the source and the key."""
-    return cliconfig.config_from_dict(TrainConfig, upgraded(values), source, _CHOICES)
-
-
-def upgraded(values: dict) -> dict:
-    """Values written before validation was counted in examples (a run's config.json, a sweep's
-    best.json): ``eval_batches`` micro-batches of ``batch_size`` became ``eval_examples``, so
-    such runs still resume on the same validation examples (one process assumed)."""
-    if "eval_batches" not in values or "eval_examples" in values:
-        return values
-    values = dict(values)
-    batches = values.pop("eval_batches")
-    per_batch = values.get("batch_size", TrainConfig.batch_size)
-    ok = all(cliconfig.is_number(v, int) for v in (batches, per_batch))
-    values["eval_examples"] = batches * per_batch if ok else batches
-    return values
+    return cliconfig.config_from_dict(TrainConfig, values, source, _CHOICES)
 
 
 def load_config_file(path: str | os.PathLike) -> dict:
     """The checked TrainConfig values of a JSON file (a recipe's ``train`` section when the file
     is a recipe); errors name the file and the key."""
     values, source = cliconfig.read_config_file(path, "train")
-    if (new := upgraded(values)) is not values:
-        print(f"note: {source}: eval_batches={values['eval_batches']} (an earlier codelm's) read "
-              f"as eval_examples={new['eval_examples']}", file=sys.stderr)
-    config_from_dict(new, source)
-    check_options(new, source)
-    return new
+    config_from_dict(values, source)
+    check_options(values, source)
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -312,7 +339,7 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
         _check_model_options(args["model_options"], "--model-options")
     given: dict = {}
     config = args.pop("config", None)
-    if config is not None:  # read here, so that an earlier codelm's is upgraded
+    if config is not None:
         given = load_config_file(config)
     resumed: dict = {}
     if args.get("resume"):
@@ -321,7 +348,7 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
         if (Path(args["resume"]) / LOCK_FILE).is_file() and not saved.is_file():
             raise ValueError(f"--resume {args['resume']}: " + (
                 f"its run is still starting (it has not written {CONFIG_FILE}): wait for it"
-                if lock_is_held(Path(args["resume"]) / LOCK_FILE) else
+                if rundir.lock_is_held(Path(args["resume"]) / LOCK_FILE) else
                 f"its run was stopped before it wrote {CONFIG_FILE}: nothing to resume; run the "
                 "command that started it again (the same --name reuses the directory)"))
         if not Path(args["resume"]).is_dir():
@@ -338,9 +365,11 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
                         str(saved))
     cfg = cliconfig.resolve_config(TrainConfig, args, "train", base={**resumed, **given},
                                    choices=_CHOICES)
+    where_set = _where_set_in_run(args, config, given, args.get("resume"))
     if cfg.init_adapter is not None:  # a --lora-* flag typed at its default value differs too
-        with_init_adapter(cfg, typed={*args, *given},
-                          where_set=_where_set_in_run(args, config, given, args.get("resume")))
+        with_init_adapter(cfg, typed={*args, *given}, where_set=where_set)
+    if not cfg.overfit:  # --overfit takes what it honours (overfit_settings)
+        validate_config(cfg, where_set)
     return cfg
 
 
@@ -503,54 +532,6 @@ class RankZeroFailed(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------
-# RNG state (all of it, so a resumed run draws the same numbers)
-# --------------------------------------------------------------------------------------------
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state(device: torch.device | None = None) -> dict:
-    """This process's RNG state; on a CUDA ``device``, that GPU's generator only (the one its
-    dropout draws from): the state of every visible GPU would not restore where fewer are."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-        "torch": torch.get_rng_state(),
-    }
-    if device is not None and device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device | None = None) -> None:
-    """Restore ``rng_state``; the CUDA generator only on a CUDA ``device``. An older
-    checkpoint's list (one state per GPU the saving process saw) gives the device's entry."""
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    cuda = state.get("cuda")
-    if cuda is None or device is None or device.type != "cuda":
-        return
-    if isinstance(cuda, (list, tuple)):
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        cuda = cuda[index] if index < len(cuda) else None
-    if cuda is not None:
-        torch.cuda.set_rng_state(cuda, device)
-
-
-def _python_state_to_tuple(state: dict) -> dict:
-    """``weights_only`` loading turns tuples into lists; random.setstate wants tuples."""
-    version, internal, gauss = state["python"]
-    return {**state, "python": (version, tuple(internal), gauss)}
-
-
-# --------------------------------------------------------------------------------------------
 # Data order: a deterministic shuffle per epoch, the position is part of the checkpoint
 # --------------------------------------------------------------------------------------------
 
@@ -562,14 +543,12 @@ class BatchOrder:
     checkpoint needs to continue with the very same batches.
     """
 
-    def __init__(self, n_examples: int, micro_batch: int, dist: Dist, seed: int,
-                 batch_size_set: str = "batch_size"):
-        """``batch_size_set`` names the setting ``micro_batch`` comes from, for the error."""
+    def __init__(self, n_examples: int, micro_batch: int, dist: Dist, seed: int):
         self.global_batch = micro_batch * dist.world
         if n_examples < self.global_batch:
             raise ValueError(
                 f"the training split has {n_examples} examples, fewer than one global batch "
-                f"({micro_batch} x {dist.world} processes); lower {batch_size_set} or add data"
+                f"({micro_batch} x {dist.world} processes); lower batch_size (--batch-size) or add data"
             )
         self.n, self.micro_batch, self.dist, self.seed = n_examples, micro_batch, dist, seed
         self.epoch, self.pos = 0, 0
@@ -631,14 +610,12 @@ class Trainer:
     """Model, optimizer, schedule and loss scaler: one training step, one evaluation."""
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device,
-                 dist: Dist | None = None, max_steps: int | None = None,
-                 where_set: Callable[[str], str] = cliconfig.flag_of):
-        """``where_set`` names where the user set a key, for the errors (as ``train``)."""
+                 dist: Dist | None = None, max_steps: int | None = None):
         self.cfg, self.device, self.dist = cfg, device, dist or Dist()
         self.precision = _resolve_precision(cfg.precision, device)
         if self.precision == "bf16" and lacks_native_bf16(device):
             major, minor = torch.cuda.get_device_capability(device)
-            raise ValueError(f"{setting(cfg, 'precision', where_set)}: this GPU (compute "
+            raise ValueError(f"{setting(cfg, 'precision')}: this GPU (compute "
                              f"capability {major}.{minor}) has no native bf16 (torch would "
                              "emulate it, slowly): set precision fp16 or fp32")
         self.raw_model = model.to(device)
@@ -779,219 +756,17 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+    def load_state_dict(self, state: RunState) -> None:
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
         # The saved lr is the saved schedule's; a resume may change its length (max_steps, epochs).
         step = self.scheduler.last_epoch
         for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
                                        self.scheduler.lr_lambdas):
             group["lr"] = base * factor(step)
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
-        if state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints: one directory each, written to a temporary name and renamed into place
-# --------------------------------------------------------------------------------------------
-
-
-
-def _unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop aliases (tied embeddings): safetensors stores each storage once."""
-    seen: set[tuple[int, tuple, tuple]] = set()
-    out = {}
-    for name, t in state.items():
-        key = (t.untyped_storage().data_ptr(), tuple(t.shape), t.stride())
-        if key not in seen:
-            seen.add(key)
-            out[name] = t.detach().contiguous().cpu()
-    return out
-
-
-def model_tensors(model: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
-    if trainable_only:
-        return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    return _unique_tensors(model.state_dict())
-
-
-def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: str,
-                       trainable_only: bool) -> None:
-    """Load tensors saved by ``model_tensors``; every expected name must be there, no other."""
-    expected = set(model_tensors(model, trainable_only))
-    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-    if missing or unexpected:
-        raise ValueError(
-            f"{source}: checkpoint does not match the model (missing {missing[:8]}, "
-            f"unexpected {unexpected[:8]}); was it written by a run with another config, or by "
-            "an earlier codelm (its export/ still loads)?"
-        )
-    own = model.state_dict()
-    for name, t in tensors.items():  # before load_state_dict, whose error names no source
-        if t.shape != own[name].shape:
-            raise ValueError(f"{source}: tensor {name} has shape {tuple(t.shape)}, the model's "
-                             f"{tuple(own[name].shape)}; was it written by a run with another "
-                             "config, or by an earlier codelm (its export/ still loads)?")
-    model.load_state_dict(tensors, strict=False)
-
-
-# Free space (MiB) below which a failed write is put down to a full disk.
-DISK_FULL_MIB = 1.0
-
-
-def write_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
-    """``cliconfig.write_dir_atomically`` replacing ``target`` (a checkpoint, best/, export/), with
-    any failure of ``write`` reported as one OSError naming ``target``: on a full disk torch and
-    safetensors raise their own types, which would end a run with a traceback, and Python's own
-    write() names no file. The free space is measured as ``write`` fails, while its partial copy
-    still fills the disk: with none left the message says first that the disk is full (torch's
-    text, at the end, does not). What a killed write leaves in a run directory is settled at the
-    run's start (``clean_partial_writes``)."""
-    free_mib: list[float] = []
-
-    def build(tmp: Path) -> None:
-        try:
-            write(tmp)
-        except Exception:
-            free_mib.append(shutil.disk_usage(tmp).free / 2**20)
-            raise
-
-    try:
-        cliconfig.write_dir_atomically(target, build, replace=True)
-    except Exception as err:
-        if isinstance(err, OSError) and err.filename is not None:
-            raise
-        free = free_mib[0] if free_mib else shutil.disk_usage(Path(target).parent).free / 2**20
-        cause = f"{type(err).__name__}: {err}"
-        if free < DISK_FULL_MIB or cliconfig.is_disk_full(err):
-            raise OSError(f"{target}: could not write it: the disk is full ({free:.0f} MiB free); "
-                          f"free some space before going on; what was written before is intact "
-                          f"({cause})") from None
-        raise OSError(f"{target}: could not write it ({cause}; {free:.0f} MiB free); what was "
-                      "written before is intact") from None
-
-
-# Partial writes as earlier versions named them (now cliconfig.partial_path's names):
-# ``.tmp-<name>-...`` and ``.old-<name>-`` with an owner tag, or ``-<pid>`` before owner tags.
-_EARLIER_OLD = re.compile(r"\.old-(?P<name>.+)-(?:" + cliconfig.OWNER_PATTERN + r"|\d+)")
-
-
-def clean_partial_writes(directory: Path) -> None:
-    """Remove interrupted writes; restore a ``target`` whose replacement never landed. Run under
-    the run's lock, so every owner of these names is gone: no owner tags need judging."""
-    if not directory.is_dir():
-        return
-    cliconfig.recover_partial_writes(directory, every_owner_gone=True)
-    for p in directory.iterdir():
-        if p.name.startswith(".tmp-"):
-            shutil.rmtree(p, ignore_errors=True)
-        elif match := _EARLIER_OLD.fullmatch(p.name):
-            original = directory / match["name"]
-            if original.exists():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                os.rename(p, original)
-
-
-def best_step(run_dir: Path) -> int | None:
-    """The step whose weights a run's best/ holds (None: no best/ yet)."""
-    path = Path(run_dir) / BEST_DIR / BEST_METRICS
-    return cliconfig.read_json_object(path, "best metrics").get("step") if path.is_file() else None
-
-
-def stale_export(run_dir: Path) -> str | None:
-    """Why a run's export/ does not hold its best/ weights (a resume trained on without
-    exporting), or None. An export without EXPORT_RECORD (an older codelm's) counts as current."""
-    record = Path(run_dir) / EXPORT_DIR / EXPORT_RECORD
-    if not record.is_file():
-        return None
-    exported = cliconfig.read_json_object(record, "export record").get("best_step")
-    best = best_step(run_dir)
-    if best is None or exported == best:
-        return None
-    held = f"the best weights of step {exported}" if exported is not None else "no best/ weights"
-    return f"it holds {held}, best/ those of step {best} (the run trained on after its export)"
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
-    root = Path(run_dir) / CHECKPOINTS_DIR
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir()
-             if p.is_dir() and checkpoint_step(p) is not None]
-    return sorted(found, key=checkpoint_step)
-
-
-def checkpoint_step(path: Path) -> int | None:
-    """The step a checkpoint directory ``step-N`` holds (None: not a checkpoint's name)."""
-    number = path.name.removeprefix(CHECKPOINT_PREFIX)
-    return int(number) if path.name.startswith(CHECKPOINT_PREFIX) and number.isdigit() else None
-
-
-def save_checkpoint(path: Path, model: nn.Module, trainer_state: dict, rng: list[dict],
-                    progress: dict, config: dict, trainable_only: bool) -> None:
-    tensors = model_tensors(model, trainable_only)
-
-    def write(tmp: Path) -> None:
-        save_file(tensors, tmp / (ADAPTER_FILE if trainable_only else MODEL_FILE),
-                  metadata={"step": str(progress["step"])})
-        torch.save({**trainer_state, "rng": rng, "progress": progress}, tmp / STATE_FILE)
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1))
-
-    write_dir_atomically(path, write)
-
-
-class CorruptCheckpointError(ValueError):
-    """A checkpoint that cannot be read back (a disk that filled up, a file edited or lost)."""
-
-
-_STATE_KEYS = ("optimizer", "scheduler", "scaler", "rng", "progress")
-_PROGRESS_KEYS = ("step", "order", "tokens_seen", "best_val_loss", "best_step",
-                  "evals_since_best", "last_eval_step")
-
-
-def load_checkpoint(path: Path, model: nn.Module, trainable_only: bool) -> dict:
-    """Load the weights into ``model``; return the rest (trainer state, rng, progress).
-
-    Both files are read and checked before the model is touched, so a broken checkpoint
-    (CorruptCheckpointError) leaves the model as it was and an earlier one can be tried.
-    """
-    path = Path(path)
-    weights = path / (ADAPTER_FILE if trainable_only else MODEL_FILE)
-
-    def broken(why: str) -> CorruptCheckpointError:
-        return CorruptCheckpointError(f"{path}: corrupt or incomplete checkpoint ({why})")
-
-    if not weights.is_file():
-        raise broken(f"no {weights.name}")
-    try:
-        tensors = load_file(weights)
-    except (SafetensorError, OSError) as e:
-        raise broken(f"{weights.name}: {e}") from None
-    state = read_state(path)
-    load_model_tensors(model, tensors, str(weights), trainable_only)
-    return state
-
-
-def read_state(path: Path, mmap: bool = False) -> dict:
-    """A checkpoint's state.pt (trainer state, rng, progress), checked; ``mmap``: its tensors are
-    mapped, not read (for a look at ``progress`` alone). CorruptCheckpointError if it is not."""
-    def broken(why: str) -> CorruptCheckpointError:
-        return CorruptCheckpointError(f"{path}: corrupt or incomplete checkpoint ({why})")
-
-    if not (path / STATE_FILE).is_file():
-        raise broken(f"no {STATE_FILE}")
-    try:
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True, mmap=mmap)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        # torch's own message suggests an unsafe reload; a torn file is all there is to say
-        raise broken(f"{STATE_FILE} is not a readable torch file ({type(e).__name__})") from None
-    if not isinstance(state, dict) or any(k not in state for k in _STATE_KEYS) or not isinstance(
-            state["progress"], dict) or any(k not in state["progress"] for k in _PROGRESS_KEYS):
-        raise broken(f"{STATE_FILE} lacks some of {', '.join(_STATE_KEYS)}")
-    return state
+        if state.scaler:
+            self.scaler.load_state_dict(state.scaler)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1026,7 +801,7 @@ def run_adapter_copy(run_dir: str | Path) -> Path | None:
     weights yet (it starts again from the adapter directory), or one of an earlier codelm, which
     wrote no copy (it reads the adapter directory)."""
     copy = Path(run_dir).expanduser() / INIT_ADAPTER_COPY
-    return copy if copy.is_file() and _holds_weights(copy.parent) else None
+    return copy if copy.is_file() and rundir.holds_weights(copy.parent) else None
 
 
 def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = (),
@@ -1240,106 +1015,10 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = cliconfi
         raise ValueError(f"--resume {cfg.resume}: weights (a checkpoint, best/ or export/), not "
                          f"a run directory: --resume {run} continues that run from its newest "
                          "checkpoint")
-
-
-# What a resumed run may change (besides name, out_dir and resume, which only locate it): how it
-# computes (the same maths; bit-exact only with the same device and settings), how far it goes,
-# what it reports and keeps, and how it ends. Every other key shapes the model, the data or its
-# order, the optimizer state or the steps already taken: with another value the checkpoint would
-# not load, or would load and silently override it (AdamW's lr, betas and decay come back from
-# the checkpoint), or the run would go on as another run than the one on disk. Those are refused.
-RESUME_MAY_CHANGE = (
-    "device", "compile", "gradient_checkpointing",  # how the same maths is computed
-    "max_steps", "epochs", "max_time_s",  # how far it goes (the cosine follows the new length)
-    "early_stop_patience", "early_stop_min_delta",  # when it may stop early
-    "eval_every", "log_every", "save_every", "keep_last", "progress",  # reporting and keeping
-    "export", "export_merged", "sample_prompt", "sample_tokens",  # the end of the run
-    "inject_nan_at_step",  # fault injection (tests)
-)
-# data_options that change where and how fast the data is prepared, not what it is.
-RESUME_DATA_OPTIONS_MAY_CHANGE = ("cache_dir", "use_cache", "num_workers", "progress")
-
-
-# TrainConfig keys that hold paths. A new run's config.json holds them absolute, so that eval.py
-# and --resume find them from any directory; an older run's, as typed (relative to the directory
-# it was started in). "stdlib" is a data source's name, not a path.
-PATH_KEYS = ("init_from", "init_adapter", "tokenizer", "data", "val_data", "test_data")
-
-
-def _is_path(key: str, item) -> bool:
-    """Whether an item of a PATH_KEYS value names a file ("stdlib" as a data source does not)."""
-    return isinstance(item, str) and not (key.endswith("data") and item == "stdlib")
-
-
-def _map_paths(key: str, value, fn: Callable[[Path], Path]):
-    """``fn`` applied to each path of a PATH_KEYS value (a path, a list of them, or None)."""
-    def one(path):
-        return str(fn(Path(path))) if _is_path(key, path) else path
-
-    if isinstance(value, str):
-        return one(value)
-    return [one(v) for v in value] if isinstance(value, list) else value
-
-
-def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with its PATH_KEYS absolute (as read from the current directory). Not resolved:
-    a symlink keeps its name, which a data source's document ids start with."""
-    return dataclasses.replace(cfg, **{
-        k: _map_paths(k, getattr(cfg, k), lambda p: p.expanduser().absolute()) for k in PATH_KEYS})
-
-
-def check_run_paths(values: dict, keys: Sequence[str], source: str) -> None:
-    """Each path that ``values`` (a run's config.json, read from ``source``) holds under ``keys``
-    must exist: a missing one is an error naming the file and the key, and saying where an
-    older run's relative path was relative to."""
-    for key in keys:
-        value = values.get(key)
-        for path in [value] if isinstance(value, str) else value or []:
-            if not _is_path(key, path) or Path(path).expanduser().exists():
-                continue
-            where = "" if Path(path).expanduser().is_absolute() else (
-                f" from {Path.cwd()} (the run holds it relative to the directory it was started "
-                "in: run from there)")
-            raise ValueError(f"{source}: {key} {path!r} not found{where}")
-
-
-def check_resume_config(cfg: TrainConfig, run_dir: Path, resume_hint: str) -> dict | None:
-    """Refuse a resumed run whose settings differ from those its newest checkpoint was trained
-    with (else the run's config.json) in a key outside RESUME_MAY_CHANGE, naming each key with
-    both values; return the saved values (None: no config.json). The checkpoint's copy, not the
-    run's config.json, which a resume reads its settings from and a hand can edit. PATH_KEYS
-    compare as the files they name, typed relative or absolute."""
-    saved_path = next((c / CONFIG_FILE for c in reversed(list_checkpoints(run_dir))
-                       if (c / CONFIG_FILE).is_file()), Path(run_dir) / CONFIG_FILE)
-    if not saved_path.is_file():
-        return None  # nothing was written yet: the run starts from the beginning anyway
-    saved, source = cliconfig.read_config_file(saved_path, "train")
-    saved = upgraded(saved)
-    now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # JSON's view, as config.json holds it
-    compared = []
-    for values in (saved, now):
-        values = dict(values)
-        if isinstance(values.get("data_options"), dict):
-            values["data_options"] = {k: v for k, v in values["data_options"].items()
-                                      if k not in RESUME_DATA_OPTIONS_MAY_CHANGE}
-        for key in PATH_KEYS:
-            values[key] = _map_paths(key, values.get(key), lambda p: p.expanduser().resolve())
-        compared.append(values)
-    fixed = [k for k in now if k not in ("name", "out_dir", "resume", *RESUME_MAY_CHANGE)]
-    # precision "auto" names a precision only with a device: what it computes in is checked
-    # against the checkpoint's record instead (_Run._check_precision), so that --precision X
-    # may pin the precision an "auto" run trained in.
-    changed = [f"{k}={saved[k]!r} (now {now[k]!r})" for k in fixed
-               if k in saved and compared[0][k] != compared[1][k]
-               and not (k == "precision" and "auto" in (saved[k], now[k]))]
-    if changed:
-        raise ValueError(
-            f"{source}: the run was trained with other settings: {'; '.join(changed)}. A "
-            "resumed run keeps every setting of its model, data, optimizer and schedule: drop "
-            f"those changes ({resume_hint} alone continues it, once {Path(run_dir) / 'config.json'}"
-            " holds them as trained), or start a new run with another --name. A resume may "
-            f"change only: {', '.join(RESUME_MAY_CHANGE)}")
-    return saved
+    if cfg.resume is not None and cfg.epochs is None:  # epochs: checked once the data is known
+        step = max(map(checkpoint_step, list_checkpoints(Path(cfg.resume))), default=0)
+        need(step <= cfg.max_steps, "max_steps", f"below the step of the checkpoint it resumes "
+             f"from ({step}); a resume can only extend its run: set max_steps to {step} or more")
 
 
 # DataConfig keys that TrainConfig keys set (DataConfig -> TrainConfig): data_options may not.
@@ -1534,13 +1213,10 @@ def build_model(cfg: TrainConfig, tok: CodeTokenizer | BPETokenizer,
             lora.apply_adapter_layout(model, copy.parent, copy.name)
         elif cfg.init_adapter is not None:  # its own config (with_init_adapter: cfg agrees)
             if not (Path(cfg.init_adapter) / lora.ADAPTER_CONFIG).is_file():
-                where = ("a run starts from the adapter's weights" if run_dir is None else
-                         f"{run_dir} holds no copy of it ({INIT_ADAPTER_COPY}: a run of an "
-                         "earlier codelm reads the adapter it started from)")
                 raise ValueError(
                     f"TrainConfig.init_adapter {cfg.init_adapter}: no {lora.ADAPTER_CONFIG} there; "
-                    f"the run's LoRA layout (targets, rank, scaling) is read from there ({where}): "
-                    "put that adapter back at this path")
+                    "the run's LoRA layout (targets, rank, scaling) is read from there (a run "
+                    "starts from the adapter's weights): put that adapter back at this path")
             if changed := lora.changed_base_tensors(model, cfg.init_adapter):
                 raise ValueError(
                     f"TrainConfig.init_adapter {cfg.init_adapter}: its {changed[0]} (of "
@@ -1664,7 +1340,7 @@ def _metrics_up_to(path: Path, step: int) -> list[str]:
     return kept
 
 
-class _RunLog:
+class RunLog:
     """metrics.jsonl (one line per log step and per evaluation) and TensorBoard; rank 0 only."""
 
     def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None):
@@ -1742,108 +1418,6 @@ def _gather(value, dist: Dist) -> list:
     return out
 
 
-class _RunDirTaken(ValueError):
-    """The run directory belongs to another run (running now, or holding weights)."""
-
-
-def what_next(hint: str, restarts: bool = False) -> str:
-    """What a stopped run's user does next: continue it, or run it again (``restarts``)."""
-    return f"{'start it again' if restarts else 'continue'} with {hint}"
-
-
-def lock_holder(lock: Path) -> str | None:
-    """Who holds ``lock``, as its run wrote it (``cliconfig.owner_tag``): "process PID on HOST";
-    None when unknown or ended (the file keeps the last holder's tag)."""
-    try:
-        match = re.fullmatch(cliconfig.OWNER_PATTERN, lock.read_text().strip())
-    except (OSError, UnicodeDecodeError):
-        return None
-    if match is None or cliconfig.owner_is_dead(match):
-        return None
-    return f"process {match['pid']} on {match['host']}"
-
-
-def lock_is_held(lock: Path) -> bool:
-    """Whether a live run holds ``lock`` (a run directory's LOCK_FILE)."""
-    try:
-        fd = os.open(lock, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    except OSError:  # a filesystem without locks: nothing to tell
-        return False
-    finally:
-        os.close(fd)
-
-
-def _failed_before_weights(run_dir: Path) -> bool:
-    """Whether a directory holds only a codelm run that stopped before writing any weights: its
-    config.json reads as a TrainConfig, and there is no weights file anywhere in it."""
-    try:
-        config_from_dict(cliconfig.read_json_object(run_dir / CONFIG_FILE, "run config"))
-    except (ValueError, OSError):
-        return False
-    weights = (p for p in run_dir.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt"))
-    return not _holds_weights(run_dir) and next(weights, None) is None
-
-
-def _holds_weights(run_dir: Path) -> bool:
-    """Whether a run directory holds trained weights (a checkpoint, best/ or export/): a new
-    run may replace one without them, and a resumed one without them starts from scratch (one
-    with weights but no checkpoint is refused: ``no_checkpoint_to_resume``)."""
-    return bool(list_checkpoints(run_dir)) or any((run_dir / d).is_dir()
-                                                  for d in (BEST_DIR, EXPORT_DIR))
-
-
-def is_run_dir(path: str | Path) -> bool:
-    """Whether ``path`` is a codelm run directory that got as far as weights (its CONFIG_FILE,
-    and a checkpoint, best/ or export/): eval loads such a directory as a run, and training
-    reads the same weights rule (``_holds_weights``) to decide what a new run may replace."""
-    path = Path(path)
-    return (path / CONFIG_FILE).is_file() and _holds_weights(path)
-
-
-def no_checkpoint_to_resume(run_dir: Path) -> str:
-    """Why ``--resume`` refuses a run that holds weights (best/, export/) but no checkpoint
-    (e.g. checkpoints/ deleted to free disk): starting it again would overwrite them."""
-    return f"--resume {run_dir}: it {_holds_no_checkpoint(run_dir)}"
-
-
-def no_weights_yet(run_dir: Path) -> str | None:
-    """Why a run directory holding no weights (no checkpoint, best/ or export/) has no model to
-    load: its run is still training towards its first checkpoint, or stopped before one (eval
-    read its config.json as an HF checkpoint's); None for any other directory."""
-    if not (run_dir / CONFIG_FILE).is_file() or not _failed_before_weights(run_dir):
-        return None
-    lock = run_dir / LOCK_FILE
-    if lock_is_held(lock):
-        return (f"{run_dir}: a run still training ({lock_holder(lock) or 'another process'}) "
-                "that has saved no checkpoint yet: nothing to score before its first one")
-    return (f"{run_dir}: a run that stopped before its first checkpoint: no weights to score; "
-            f"--resume {run_dir} starts it again")
-
-
-def _holds_no_checkpoint(run_dir: Path) -> str:
-    """What such a run holds, and a way on from those weights, or a new run."""
-    held = []
-    if (run_dir / BEST_DIR).is_dir():
-        step = None
-        with contextlib.suppress(ValueError, OSError):
-            step = best_step(run_dir)
-        held.append("best/" + (f" (step {step})" if step is not None else ""))
-    if (run_dir / EXPORT_DIR).is_dir():
-        held.append("export/")
-    loadable = next((d for d in (run_dir / EXPORT_DIR, run_dir / EXPORT_DIR / MERGED_DIR)
-                     if (d / HF_CONFIG).is_file()), None)
-    how = (f"train on from them in a new run (another --name, with --init-from {loadable}), or "
-           "start over under another --name" if loadable else "start over under another --name")
-    return f"holds {' and '.join(held)} but no checkpoint to continue from; {how}"
-
-
 def check_lora_export(cfg: TrainConfig, model: nn.Module,
                       where_set: Callable[[str], str] = cliconfig.flag_of) -> None:
     """Refuse, before training, an export that would merge a LoRA into a tied weight (the
@@ -1863,793 +1437,648 @@ def check_lora_export(cfg: TrainConfig, model: nn.Module,
         f"or train with {cliconfig.off_switch('export_merged', where_set)}.")
 
 
-class _Run:
-    """Everything one call of ``train`` builds and owns. Rank 0 holds a lock on the run directory
-    from the start until ``release`` (``train`` calls it), so two runs never share one."""
+# --------------------------------------------------------------------------------------------
+# The run: set up, then the step loop in ``train``, then the end
+# --------------------------------------------------------------------------------------------
 
-    def __init__(self, cfg: TrainConfig, dist: Dist, resume_hint: str | None = None,
-                 restarts: bool = False, where_set: Callable[[str], str] = cliconfig.flag_of):
-        cfg = with_init_adapter(cfg, where_set=where_set)
-        validate_config(cfg, where_set)
-        self.cfg, self.dist = cfg, dist
-        self.main = dist.main
-        self._resume_hint, self._restarts = resume_hint, restarts
-        self._where_set = where_set
-        self._lock: int | None = None
-        self._wrote_tokenizer = False  # WRITTEN_BEFORE_CONFIG are this run's (_drop_unused_dir)
+
+@dataclass
+class Run:
+    """What setting up one call of ``train`` builds; ``state`` is the checkpoint payload the
+    step loop moves on. Rank 0 holds the run directory's lock (``claimed``) until ``train``
+    ends, so two runs never share one."""
+
+    cfg: TrainConfig
+    dist: Dist
+    device: torch.device
+    claimed: rundir.ClaimedDir
+    hint: str  # how the caller continues the run ("--resume DIR"), for messages
+    restarts: bool  # the caller never continues the run: it starts it again
+    tok: CodeTokenizer | BPETokenizer | None = None
+    dcfg: DataConfig | None = None
+    train_set: Dataset | None = None
+    val_set: Dataset | None = None
+    data_id: dict | None = None  # what the checkpoints record of the data
+    trainer: Trainer | None = None
+    order: BatchOrder | None = None
+    max_steps: int = 0
+    trainable_only: bool = False  # checkpoints hold only the adapter (LoRA on a pretrained base)
+    config_dict: dict = field(default_factory=dict)  # the run's config.json
+    state: RunState = field(default_factory=RunState)
+    last_saved_step: int = -1
+
+    @property
+    def run_dir(self) -> Path:
+        return self.claimed.path
+
+    @property
+    def main(self) -> bool:
+        return self.dist.main
+
+    def what_next(self) -> str:
+        return rundir.what_next(self.hint, self.restarts)
+
+
+def _interrupted(stop: KeyboardInterrupt, run_dir: Path | None, hint: str | None,
+                 restarts: bool) -> RunInterrupted:
+    """``stop`` saying whether a checkpoint of the run is there to continue from (never for a
+    run that ``restarts``)."""
+    saved = run_dir is not None and bool(list_checkpoints(run_dir)) and not restarts
+    return RunInterrupted(stop, (hint or f"--resume {run_dir}") if saved else None)
+
+
+def setup_run(cfg: TrainConfig, dist: Dist, hint: str | None, restarts: bool) -> Run:
+    """Claim the run directory, prepare tokenizer and data, build the model and trainer, and
+    restore the newest checkpoint of a resumed run. A failure leaves no directory behind."""
+    cfg = with_init_adapter(cfg)
+    device = resolve_device(cfg, dist)
+    claimed, has_weights = _claim_run_dir(cfg, dist, hint)
+    run = Run(cfg, dist, device, claimed, hint or f"--resume {claimed.path}", restarts)
+    try:
+        _build(run, has_weights)
+    except BaseException as e:
+        claimed.drop_if_unused()
+        claimed.release()
+        if isinstance(e, KeyboardInterrupt) and not isinstance(e, RunInterrupted):
+            raise _interrupted(e, claimed.path, hint, restarts) from None
+        raise
+    return run
+
+
+def _claim_run_dir(cfg: TrainConfig, dist: Dist, hint: str | None
+                   ) -> tuple[rundir.ClaimedDir, bool]:
+    """Rank 0 claims the run directory; every rank learns it and whether it holds weights."""
+    claimed, answer = None, ("", False, None)
+    if dist.main:
+        stem = Path(cfg.init_from).name if cfg.init_from else cfg.preset
         try:
-            self._build()
-        except BaseException as e:
-            self._drop_unused_dir()
-            self.release()
-            if isinstance(e, KeyboardInterrupt) and not isinstance(e, RunInterrupted):
-                raise self.interrupted(e) from None
-            raise
+            claimed = rundir.claim(cfg.resume, cfg.out_dir, cfg.name, stem, hint)
+            answer = (str(claimed.path), rundir.holds_weights(claimed.path), None)
+        except ValueError as e:
+            answer = ("", False, str(e))
+    path, has_weights, error = _broadcast(answer, dist)
+    if error is not None:
+        raise ValueError(error)
+    return claimed or rundir.ClaimedDir(Path(path)), has_weights
 
-    def interrupted(self, stop: KeyboardInterrupt) -> RunInterrupted:
-        """``stop`` saying whether a checkpoint of this run is there to continue from (never for
-        a run that ``restarts``)."""
-        run_dir = getattr(self, "run_dir", None)
-        saved = run_dir is not None and bool(list_checkpoints(run_dir))
-        return RunInterrupted(stop, self.resume_hint(run_dir) if saved and not self._restarts
-                              else None)
 
-    def _drop_unused_dir(self) -> None:
-        """A run that failed or was stopped before its config.json (a bad path or setting, a
-        Ctrl-C while the data is prepared) leaves no directory behind: only its lock file and
-        tokenizer are there, removed while the lock is still held."""
-        run_dir = getattr(self, "run_dir", None)
-        if self._lock is None or run_dir is None:
-            return
-        ours = {LOCK_FILE, *(WRITTEN_BEFORE_CONFIG if self._wrote_tokenizer else ())}
-        with contextlib.suppress(OSError):
-            names = {p.name for p in run_dir.iterdir()}
-            if LOCK_FILE in names and names <= ours:  # never a user's own files
-                for name in sorted(names - {LOCK_FILE}) + [LOCK_FILE]:
-                    (run_dir / name).unlink()
-                run_dir.rmdir()
+def _build(run: Run, has_weights: bool) -> None:
+    cfg = run.cfg
+    if cfg.resume and has_weights and not list_checkpoints(run.run_dir):
+        raise ValueError(rundir.no_checkpoint_to_resume(run.run_dir))
+    # A run with weights continues them in its own settings (its paths as it saved them); one
+    # without starts from the beginning anyway, so it may change any. New runs save paths absolute.
+    saved = checkpoint.check_resume_config(cfg, run.run_dir, run.hint) if (
+        cfg.resume and has_weights) else None
+    if saved is None:
+        cfg = with_absolute_paths(cfg)
+    else:
+        cfg = dataclasses.replace(cfg, **{k: saved[k] for k in PATH_KEYS if k in saved})
+    run.cfg = cfg
+    checkpoints = list_checkpoints(run.run_dir) if cfg.resume else []
+    if cfg.resume and not checkpoints and run.main:
+        print(f"{run.run_dir}: no checkpoint yet; starting the run from the beginning")
+    _prepare_data(run, own_tok=bool(cfg.resume) and has_weights)
 
-    def _build(self) -> None:
-        cfg, dist = self.cfg, self.dist
-        self.device = resolve_device(cfg, dist)
-        self.run_dir, self.has_weights = self._claim_run_dir()
-        if cfg.resume and self.has_weights and not list_checkpoints(self.run_dir):
-            raise ValueError(no_checkpoint_to_resume(self.run_dir))
-        # A run with weights continues them in its own settings (its paths as it saved them, the
-        # same files); one without (it stopped before its first checkpoint) starts from the
-        # beginning anyway, so it may change any of them. A new run saves its paths absolute.
-        saved = None
-        if cfg.resume and self.has_weights:
-            saved = check_resume_config(cfg, self.run_dir, self.resume_hint(self.run_dir))
-        self._trained_precision = saved.get("precision") if saved else None  # the setting
-        if saved is None:
-            cfg = with_absolute_paths(cfg)
-        else:
-            cfg = dataclasses.replace(cfg, **{k: saved[k] for k in PATH_KEYS if k in saved})
-        self.cfg = cfg
-        checkpoints = list_checkpoints(self.run_dir) if cfg.resume else []
-        if cfg.resume and not checkpoints and self.main:
-            print(f"{self.run_dir}: no checkpoint yet; starting the run from the beginning")
+    seed_everything(cfg.seed)
+    # Continued from a checkpoint, an init_adapter run rebuilds its LoRA layout from its own
+    # copy of the adapter's config; else from the adapter directory, whose config it keeps.
+    rebuilt = run.run_dir if checkpoints else None
+    model = build_model(cfg, run.tok, rebuilt)
+    adapter_config = None
+    if cfg.init_adapter is not None and run.main and not (rebuilt and run_adapter_copy(rebuilt)):
+        import lora
 
-        # Tokenizer and data: rank 0 fills the caches, the others read them.
-        from dataset import prepare
-        from tokenizer import load_tokenizer
+        adapter_config = (Path(cfg.init_adapter) / lora.ADAPTER_CONFIG).read_bytes()
+    check_lora_export(cfg, model)
+    if run.dist.enabled:  # same init everywhere, but each rank its own dropout stream
+        seed_everything(cfg.seed + run.dist.rank)
+    run.trainable_only = cfg.lora_r > 0 and cfg.init_from is not None
+    run.max_steps = _max_steps(run)
+    run.trainer = Trainer(model, cfg, run.device, run.dist, run.max_steps)
+    run.order = BatchOrder(len(run.train_set), cfg.batch_size, run.dist, cfg.seed)
+    run.state = RunState(precision=run.trainer.precision, max_steps=run.max_steps,
+                         data=run.data_id)
+    if checkpoints:
+        broken = checkpoint.restore_latest(checkpoints, partial(_restore, run), run.main)
+        _barrier(run.dist)  # every rank has read its checkpoint before the broken are moved
+        if run.main:
+            checkpoint.set_aside(broken)
+    run.config_dict = {**dataclasses.asdict(cfg), "name": run.run_dir.name, "resume": None}
+    with _main_first(run.dist):
+        if run.main:
+            if cfg.resume:  # first: a damaged log refuses the resume before any rewrite
+                _trim_metrics(run.run_dir / METRICS_FILE, run.state.step)
+            # Atomic: a kill mid-write must not leave a run that no command can continue;
+            # the adapter's config first, so that a config.json naming it finds it there.
+            files = {} if adapter_config is None else {
+                run.run_dir / INIT_ADAPTER_COPY: adapter_config}
+            cliconfig.write_atomic_files({**files, run.run_dir / CONFIG_FILE:
+                                          json.dumps(run.config_dict, indent=1)})
 
-        block = cfg.block_size or self._default_block_size()
-        self.dcfg = data_config(cfg, block)
-        if self.dcfg.use_cache:
-            from dataset import make_cache_dir
 
-            make_cache_dir(self.dcfg.cache_dir, "data_options.cache_dir"
-                           if "cache_dir" in cfg.data_options else None)
-        saved_tok = self.run_dir / "tokenizer.json"
-        # Only a run continued from its weights reads the run's tokenizer.json: a new run (or one
-        # with no weights yet) uses the tokenizer its config asks for, never a failed attempt's.
-        own_tok = bool(cfg.resume) and self.has_weights and saved_tok.is_file()
-        with _main_first(dist):
-            if self.main and not own_tok:
-                self.tok = load_or_train_tokenizer(cfg, self.dcfg)
-            else:  # the run's own, or rank 0's just written
-                self.tok = load_tokenizer(saved_tok)
-            data = prepare(self.dcfg, self.tok)
-            if self.main and not own_tok:  # once the data is known good
-                self._wrote_tokenizer = True
-                self.tok.save(self.run_dir)
-        self.train_set, self.val_set = data.train, data.val
-        # What the checkpoints record of the data, so that a resume can say it changed.
-        self.data_id = {"entry": data.cache_path.name if data.cache_path else None,
-                        "train_examples": len(self.train_set)}
-        if len(self.val_set) == 0:
-            raise ValueError(f"the validation split of {self.dcfg.sources} is empty: add data or "
-                             f"raise val_frac of data_options ({self._where_set('data_options')})")
-        for split, examples in (("train", self.train_set), ("val", self.val_set)):
-            check_next_token_labels(examples, split)
-        if self.main and cfg.val_data and not cfg.test_data and len(data.test):
-            whole = round(self.dcfg.train_frac + self.dcfg.test_frac, 6)
-            print(f"note: --val-data validates, and --data still holds out test_frac "
-                  f"{self.dcfg.test_frac:g} of itself as the test split (eval.py's default), "
-                  f"untrained; --data-options '{{\"train_frac\": {whole:g}, \"test_frac\": 0}}' "
-                  "trains on all of it", file=sys.stderr)
-        if cfg.overfit_batches:
-            self._restrict_to_overfit_batches()
+def _prepare_data(run: Run, own_tok: bool) -> None:
+    """Tokenizer and data splits: rank 0 fills the caches, the others read them. Only a run
+    continued from its weights reads the run's tokenizer.json (``own_tok``)."""
+    from dataset import make_cache_dir, prepare
+    from tokenizer import load_tokenizer
 
-        seed_everything(cfg.seed)
-        # Continued from a checkpoint, an init_adapter run rebuilds its LoRA layout from its own
-        # copy of the adapter's config (when it has one); else from the adapter directory, whose
-        # config the run then keeps beside its config.json.
-        rebuilt = self.run_dir if checkpoints else None
-        model = build_model(cfg, self.tok, rebuilt)
-        adapter_config = None
-        if cfg.init_adapter is not None and self.main and not (
-                rebuilt and run_adapter_copy(rebuilt)):
-            import lora
-
-            adapter_config = (Path(cfg.init_adapter) / lora.ADAPTER_CONFIG).read_bytes()
-        check_lora_export(cfg, model, self._where_set)
-        if dist.enabled:  # same init everywhere, but each rank its own dropout stream
-            seed_everything(cfg.seed + dist.rank)
-        # Under LoRA on a pretrained base, checkpoints hold only the adapter (the base is on disk).
-        self.trainable_only = cfg.lora_r > 0 and cfg.init_from is not None
-        self.max_steps = self._max_steps()
-        self.trainer = Trainer(model, cfg, self.device, dist, self.max_steps,
-                               self._where_set)
-        self.order = BatchOrder(len(self.train_set), cfg.batch_size, dist, cfg.seed,
-                                setting(cfg, "batch_size", self._where_set))
-        self.step = 0
-        self.tokens_seen = 0
-        self.train_loss: float | None = None  # of the last step
-        self.best_val_loss: float | None = None
-        self.best_step: int | None = None
-        self.stop_ref: float | None = None  # early stopping's reference: the last counted fall
-        self.evals_since_best = 0  # evaluations since stop_ref was set
-        self.last_eval_step = -1
-        self.last_saved_step = -1
-        if checkpoints:
-            self._restore_latest(checkpoints)
-        self.config_dict = {**dataclasses.asdict(cfg), "name": self.run_dir.name, "resume": None}
-        with _main_first(self.dist):
-            if self.main:
-                if cfg.resume:  # first: a damaged log refuses the resume before any rewrite
-                    _trim_metrics(self.run_dir / METRICS_FILE, self.step)
-                # Atomic: a kill mid-write must not leave a run that no command can continue;
-                # the adapter's config first, so that a config.json naming it finds it there.
-                files = {} if adapter_config is None else {
-                    self.run_dir / INIT_ADAPTER_COPY: adapter_config}
-                cliconfig.write_atomic_files({**files, self.run_dir / CONFIG_FILE:
-                                              json.dumps(self.config_dict, indent=1)})
-
-    def release(self) -> None:
-        """Give up the run directory's lock (the process's end does too)."""
-        if self._lock is not None:
-            os.close(self._lock)
-            self._lock = None
-
-    # -- set-up helpers ---------------------------------------------------------------------
-
-    def resume_hint(self, run_dir: Path) -> str:
-        """How the caller's command line continues this run ("continue it with ...")."""
-        return self._resume_hint or f"--resume {run_dir}"
-
-    def _what_next(self) -> str:
-        return what_next(self.resume_hint(self.run_dir), self._restarts)
-
-    def _claim_run_dir(self) -> tuple[Path, bool]:
-        """Rank 0 claims the run directory; every rank learns it and whether it holds weights."""
-        claimed: tuple[str, bool, str | None] = ("", False, None)
-        if self.main:
-            try:
-                run_dir = self._claim()
-                claimed = (str(run_dir), _holds_weights(run_dir), None)
-            except ValueError as e:
-                claimed = ("", False, str(e))
-        path, has_weights, error = _broadcast(claimed, self.dist)
-        if error is not None:
-            raise ValueError(error)
-        return Path(path), has_weights
-
-    def _claim(self) -> Path:
-        """The locked run directory: ``--resume``'s, ``--name``'s, or a new default name (a
-        suffix -2, -3, ... when runs started in the same second took the first ones)."""
-        cfg = self.cfg
-        if cfg.resume:
-            return self._lock_dir(Path(cfg.resume), new=False)
-        if cfg.name:
-            return self._lock_dir(Path(cfg.out_dir) / cfg.name, new=True)
-        stem = (f"{Path(cfg.init_from).name if cfg.init_from else cfg.preset}-"
-                f"{time.strftime('%Y%m%d-%H%M%S')}")
-        for n in range(1, 1000):
-            try:
-                return self._lock_dir(Path(cfg.out_dir) / (f"{stem}-{n}" if n > 1 else stem),
-                                      new=True)
-            except _RunDirTaken:
-                continue
-        raise ValueError(f"{cfg.out_dir}: no free run name {stem}-N; choose one with --name")
-
-    def _lock_dir(self, run_dir: Path, new: bool) -> Path:
-        """Create ``run_dir`` and take its exclusive lock (on a file: flock on a directory fails
-        on NFS). A new run refuses a directory that holds anything but a codelm run that stopped
-        before its first weights (a setting that failed at the start): that one it replaces, so
-        the corrected command may reuse the name, and only while it holds the lock (the run
-        may be live where there is none)."""
-        def taken() -> _RunDirTaken:
-            if _holds_weights(run_dir) and not list_checkpoints(run_dir):
-                return _RunDirTaken(f"{run_dir} already {_holds_no_checkpoint(run_dir)}")
-            return _RunDirTaken(f"{run_dir} already holds a run: continue it with "
-                                f"{self.resume_hint(run_dir)}, or choose another --name")
-
-        if (new and (run_dir / CONFIG_FILE).exists() and not (run_dir / LOCK_FILE).exists()
-                and not _failed_before_weights(run_dir)):
-            raise taken()  # not a codelm run's directory (or an old one): nothing is added to it
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            if run_dir.is_file():
-                raise ValueError(f"{run_dir}: a file, where the run directory goes: choose "
-                                 "another --name, or move the file") from None
-            raise ValueError(f"{run_dir}: cannot create the run directory ({e.strerror}); "
-                             "check --out-dir") from None
-        try:
-            fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise ValueError(f"{run_dir / LOCK_FILE}: cannot lock the run directory "
-                             f"({e.strerror})") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            self._lock = fd
-        except BlockingIOError:
-            os.close(fd)
-            who = "; ".join(filter(None, [lock_holder(run_dir / LOCK_FILE), "one started in the "
-                                          "same second, or with the same --name or --resume"]))
-            raise _RunDirTaken(f"{run_dir} is in use by another run ({who}): wait for it to "
-                               "end, or choose another --name") from None
-        except OSError:  # a filesystem without locks: unguarded, so nothing is replaced
-            os.close(fd)
-            print(f"warning: {run_dir}: this filesystem cannot lock the run directory; nothing "
-                  "stops a second run under this name", file=sys.stderr)
-        if self._lock is not None:  # who holds it, for whoever waits for it (lock_holder)
-            with contextlib.suppress(OSError):  # a full disk: the lock holds all the same
-                os.ftruncate(self._lock, 0)
-                os.write(self._lock, f"{cliconfig.owner_tag()}\n".encode())
-        clean_partial_writes(run_dir)
-        clean_partial_writes(run_dir / CHECKPOINTS_DIR)
-        if new and (run_dir / CONFIG_FILE).exists():
-            if self._lock is None or not _failed_before_weights(run_dir):
-                self.release()
-                raise taken()
-            print(f"{run_dir}: its run stopped before its first checkpoint; this run replaces it")
-        return run_dir
-
-    def _default_block_size(self) -> int:
-        if self.cfg.init_from is None:
-            from architecture import PRESETS
-
-            preset = PRESETS.get(self.cfg.preset)
-            return preset.block_size if preset is not None else 256
-        config = cliconfig.read_json_object(Path(self.cfg.init_from) / HF_CONFIG, "model config")
-        context = next((config[k] for k in ("max_position_embeddings", "n_positions", "n_ctx")
-                        if k in config), 1024)
-        return min(int(context), 1024)
-
-    def _restrict_to_overfit_batches(self) -> None:
-        """K fixed global batches of the real training data; validation is the same examples."""
+    cfg = run.cfg
+    run.dcfg = data_config(cfg, cfg.block_size or default_block_size(cfg))
+    if run.dcfg.use_cache:
+        make_cache_dir(run.dcfg.cache_dir, "data_options.cache_dir"
+                       if "cache_dir" in cfg.data_options else None)
+    saved_tok = run.run_dir / "tokenizer.json"
+    own_tok = own_tok and saved_tok.is_file()
+    with _main_first(run.dist):
+        if run.main and not own_tok:
+            run.tok = load_or_train_tokenizer(cfg, run.dcfg)
+        else:  # the run's own, or rank 0's just written
+            run.tok = load_tokenizer(saved_tok)
+        data = prepare(run.dcfg, run.tok)
+        if run.main and not own_tok:  # once the data is known good
+            run.claimed.wrote_tokenizer = True
+            run.tok.save(run.run_dir)
+    run.train_set, run.val_set = data.train, data.val
+    run.data_id = {"entry": data.cache_path.name if data.cache_path else None,
+                   "train_examples": len(run.train_set)}
+    if len(run.val_set) == 0:
+        raise ValueError(f"the validation split of {run.dcfg.sources} is empty: add data or "
+                         "raise val_frac of data_options (--data-options)")
+    for split, examples in (("train", run.train_set), ("val", run.val_set)):
+        check_next_token_labels(examples, split)
+    if run.main and cfg.val_data and not cfg.test_data and len(data.test):
+        whole = round(run.dcfg.train_frac + run.dcfg.test_frac, 6)
+        print(f"note: --val-data validates, and --data still holds out test_frac "
+              f"{run.dcfg.test_frac:g} of itself as the test split (eval.py's default), "
+              f"untrained; --data-options '{{\"train_frac\": {whole:g}, \"test_frac\": 0}}' "
+              "trains on all of it", file=sys.stderr)
+    if cfg.overfit_batches:  # K fixed global batches; validation is the same examples
         from torch.utils.data import Subset
 
-        cfg = self.cfg
-        n = cfg.overfit_batches * self._examples_per_step()
         g = torch.Generator().manual_seed(cfg.seed)
-        chosen = torch.randperm(len(self.train_set), generator=g)[:n].tolist()
-        self.train_set = Subset(self.train_set, chosen)
-        self.val_set = self.train_set
+        n = cfg.overfit_batches * _examples_per_step(run)
+        chosen = torch.randperm(len(run.train_set), generator=g)[:n].tolist()
+        run.train_set = run.val_set = Subset(run.train_set, chosen)
 
-    def _window_at_every_token(self) -> bool:
-        """lm windows at every start position (stride 1): its items are not examples."""
-        return getattr(self.train_set, "stride", None) == 1
 
-    def _train_size(self) -> str:
-        if self._window_at_every_token():
-            return f"{self.train_set.n_tokens} training tokens"
-        return f"{len(self.train_set)} training examples"
+def default_block_size(cfg: TrainConfig) -> int:
+    """The preset's context from scratch; with init_from its context, at most 1024."""
+    if cfg.init_from is None:
+        from architecture import PRESETS
 
-    def _epoch_size(self) -> str:
-        """One epoch in words (_examples_per_epoch), for the run's first line."""
-        n = self._examples_per_epoch()
-        if self._window_at_every_token():
-            return f"{n} windows of {self.dcfg.block_size} tokens"
-        return f"{n} examples"
+        preset = PRESETS.get(cfg.preset)
+        return preset.block_size if preset is not None else 256
+    config = cliconfig.read_json_object(Path(cfg.init_from) / HF_CONFIG, "model config")
+    context = next((config[k] for k in ("max_position_embeddings", "n_positions", "n_ctx")
+                    if k in config), 1024)
+    return min(int(context), 1024)
 
-    def _examples_per_step(self) -> int:
-        """Training examples one optimizer step takes, all processes together."""
-        return self.cfg.batch_size * self.cfg.grad_accum * self.dist.world
 
-    def _examples_per_epoch(self) -> int:
-        """What one epoch counts, the one home of that count: ``epochs`` sizes the run by it and
-        the logged ``epoch`` divides the examples seen by it. Each training example once; lm
-        windows at every start position (stride 1) count n // block_size windows, as many tokens
-        as the split holds, not one per start position."""
-        n = len(self.train_set)
-        if self._window_at_every_token():  # every start position: n / T windows
-            n = max(1, n // self.dcfg.block_size)
-        return n
+def _restore(run: Run, path: Path) -> None:
+    """Continue from checkpoint ``path``: weights, optimizer, RNG, data position, progress."""
+    cfg, trainer = run.cfg, run.trainer
+    state = checkpoint.load(path, trainer.raw_model, run.trainable_only)
+    checkpoint.check_writers(path, len(state.rng), run.dist.world,
+                             cfg.batch_size * cfg.grad_accum)
+    checkpoint.check_precision(path, state.precision, trainer.precision, cfg.precision,
+                               run.device, lacks_native_bf16(run.device))
+    trainer.load_state_dict(state)
+    run.order.load_state_dict(state.order)
+    set_rng_state(state.rng[run.dist.rank], run.device)
+    planned, trained_on = state.max_steps, state.data
+    run.state = dataclasses.replace(state, max_steps=run.max_steps, data=run.data_id,
+                                    optimizer={}, scheduler={}, scaler={}, rng=[], weights={})
+    run.last_saved_step = state.step
+    _check_length(run)
+    if run.main:
+        print(f"resumed {run.run_dir} from {path.name} (step {state.step})")
+        if planned != run.max_steps:
+            print(f"note: the run planned {planned} steps and now runs {run.max_steps}: "
+                  f"its learning-rate schedule is planned anew over {run.max_steps} steps "
+                  f"from step {state.step} on")
+        checkpoint.note_other_data(run.run_dir.name, trained_on, run.data_id)
 
-    def _epoch(self, step: int) -> float:
-        """Epochs trained by the end of optimizer step ``step`` (examples seen over
-        _examples_per_epoch), whatever sized the run: a resume continues the same values."""
-        return step * self._examples_per_step() / self._examples_per_epoch()
 
-    def _max_steps(self) -> int:
-        cfg = self.cfg
-        if cfg.epochs is None:
-            return cfg.max_steps
-        return max(1, math.ceil(cfg.epochs * self._examples_per_epoch()
-                                / self._examples_per_step()))
+def _check_length(run: Run) -> None:
+    """A resume can only extend its run: a length below the checkpoint's step trained
+    nothing, yet config.json recorded it as the run's (refused before any write)."""
+    cfg, step = run.cfg, run.state.step
+    if step <= run.max_steps:
+        return
+    assert cfg.epochs is not None, "validate_config checks max_steps"
+    raise ValueError(f"{setting(cfg, 'epochs')}: {run.max_steps} step(s), below the step of "
+                     f"the checkpoint it resumes from ({step}); a resume can only extend its "
+                     "run: set a larger epochs")
 
-    def _restore_latest(self, checkpoints: list[Path]) -> None:
-        """Continue from the newest checkpoint that reads back. A broken one (a full disk, a lost
-        file) is renamed broken-step-N, kept for inspection, with a warning; none: an error."""
-        errors: list[CorruptCheckpointError] = []
-        for path in reversed(checkpoints):
-            try:
-                self._restore(path)
-                break
-            except CorruptCheckpointError as e:
-                errors.append(e)
-                if self.main and path != checkpoints[0]:
-                    print(f"warning: {e}; trying the checkpoint before it", file=sys.stderr)
-        else:
-            raise CorruptCheckpointError("; ".join(map(str, errors)) + ": no intact checkpoint "
-                                         "to resume from")
-        _barrier(self.dist)  # every rank has read its checkpoint before the broken are moved
-        if self.main:
-            for path in checkpoints[len(checkpoints) - len(errors):]:
-                aside = path.with_name(f"broken-{path.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-                os.rename(path, aside)
-                print(f"warning: {path} set aside as {aside.name}", file=sys.stderr)
 
-    def _restore(self, path: Path) -> None:
-        state = load_checkpoint(path, self.trainer.raw_model, self.trainable_only)
-        writers, cfg = len(state["rng"]), self.cfg
-        if writers != self.dist.world:  # one RNG state per process
-            per_process = cfg.batch_size * cfg.grad_accum
-            raise ValueError(
-                f"{path} was written by {writers} process(es), this run has {self.dist.world}: "
-                f"its global batch (batch_size x grad_accum x processes) would change from "
-                f"{per_process * writers} to {per_process * self.dist.world} examples a step, "
-                f"and its random streams could not continue; resume it on {writers} "
-                "process(es)")
-        self._check_precision(path, state["progress"])
-        self.trainer.load_state_dict(state)
-        progress = state["progress"]
-        self.order.load_state_dict(progress["order"])
-        self.step = progress["step"]
-        self.tokens_seen = progress["tokens_seen"]
-        self.best_val_loss = progress["best_val_loss"]
-        self.best_step = progress["best_step"]
-        self.evals_since_best = progress["evals_since_best"]
-        self.last_eval_step = progress["last_eval_step"]
-        self.train_loss = progress.get("train_loss")  # absent from older checkpoints
-        self.stop_ref = progress.get("stop_ref", self.best_val_loss)  # likewise
-        self.last_saved_step = self.step
-        set_rng_state(_python_state_to_tuple(state["rng"][self.dist.rank]), self.device)
-        self._check_length()
-        if self.main:
-            print(f"resumed {self.run_dir} from {path.name} (step {self.step})")
-            planned = progress.get("max_steps")  # absent from older checkpoints
-            if planned is not None and planned != self.max_steps:
-                print(f"note: the run planned {planned} steps and now runs {self.max_steps}: "
-                      f"its learning-rate schedule is planned anew over {self.max_steps} steps "
-                      f"from step {self.step} on")
-            self._note_other_data(progress.get("data"))  # absent from older checkpoints
+# -- epochs: one home for what an epoch counts -----------------------------------------------
 
-    def _note_other_data(self, trained: dict | None) -> None:
-        """Say so when the data was built anew, other than the checkpoint's: the sources' files
-        changed, or codelm's encoding did (``tokenizer.ENCODING_VERSION``, a task's cut rule),
-        which the run's settings cannot show. It continues on the new data, not bit-exactly."""
-        if trained is None:
-            return
-        now = self.data_id
-        differ = [f"{key} {trained.get(key)} -> {now[key]}" for key in now
-                  if None not in (trained.get(key), now[key]) and trained.get(key) != now[key]]
-        if differ:
-            print(f"warning: the training data is not the one {self.run_dir.name} trained on "
-                  f"({'; '.join(differ)}): its files, or codelm's encoding of them, changed since. "
-                  "The run continues on the new data, so this resume is not bit-exact; start a "
-                  "new run to compare runs exactly", file=sys.stderr)
 
-    def _check_precision(self, path: Path, progress: dict) -> None:
-        """A resume computes in the precision its run trained in (precision is not one of
-        RESUME_MAY_CHANGE): "auto" resolved on another device (a bf16 run resumed on a T4 or on
-        the CPU) would switch it silently. --precision X may pin the precision "auto" gave."""
-        cfg, now = self.cfg, self.trainer.precision
-        trained = progress.get("precision")
-        if trained is None:  # an earlier codelm's checkpoint: only its setting is known
-            if self._trained_precision in (None, cfg.precision):
-                return
-            raise ValueError(f"{path}: the run was trained with precision="
-                             f"{self._trained_precision!r} (now {cfg.precision!r}) and its "
-                             "checkpoint does not record what that computed in: a resume keeps "
-                             f"the run's precision; drop --precision {cfg.precision}")
-        if trained == now:
-            return
-        keep = f"Pass --precision {trained} to keep it on {self.device}"
-        if trained == "bf16" and lacks_native_bf16(self.device):
-            keep = ("This GPU has no native bf16: resume on one that has, or on the CPU with "
-                    "--precision bf16")
-        raise ValueError(
-            f"{path}: the run trained in {trained}, but --precision {cfg.precision} computes in "
-            f"{now} on {self.device}: a resume keeps the precision its run trained in. {keep}, "
-            f"or resume where --precision auto gives {trained} (bf16 on GPUs with native bf16, "
-            "fp16 on older ones, fp32 on the CPU); a change of precision needs a new run "
-            "(another --name)")
+def _window_at_every_token(run: Run) -> bool:
+    """lm windows at every start position (stride 1): its items are not examples."""
+    return getattr(run.train_set, "stride", None) == 1
 
-    def _check_length(self) -> None:
-        """A resume can only extend its run: a length below the checkpoint's step trained
-        nothing, yet config.json recorded it as the run's (refused before any write)."""
-        cfg = self.cfg
-        if self.step <= self.max_steps:
-            return
-        if cfg.epochs is None:
-            raise ValueError(f"{setting(cfg, 'max_steps', self._where_set)}: below the step of "
-                             f"the checkpoint it resumes from ({self.step}); a resume can only "
-                             f"extend its run: set max_steps to {self.step} or more")
-        raise ValueError(f"{setting(cfg, 'epochs', self._where_set)}: {self.max_steps} step(s), "
-                         f"below the step of the checkpoint it resumes from ({self.step}); a "
-                         "resume can only extend its run: set a larger epochs")
 
-    # -- data --------------------------------------------------------------------------------
+def _examples_per_step(run: Run) -> int:
+    """Training examples one optimizer step takes, all processes together."""
+    return run.cfg.batch_size * run.cfg.grad_accum * run.dist.world
 
-    def _collate(self, examples: list[dict]) -> dict:
-        from dataset import collate
 
-        return collate(examples, self.tok.pad_id)
+def _examples_per_epoch(run: Run) -> int:
+    """Each training example once; lm windows at every start position count n // block_size
+    windows, as many tokens as the split holds. ``epochs`` sizes the run by it and the logged
+    ``epoch`` divides the examples seen by it."""
+    n = len(run.train_set)
+    return max(1, n // run.dcfg.block_size) if _window_at_every_token(run) else n
 
-    def _next_micro_batches(self) -> tuple[list[dict], tuple[int, int]]:
-        micro, where = [], None
-        for _ in range(self.cfg.grad_accum):
-            indices, position = self.order.next()
-            where = where or position
-            micro.append(self._collate([self.train_set[i] for i in indices]))
-        return micro, where
 
-    def _val_batches(self) -> tuple[Iterator[dict], int]:
-        """This rank's share of the validation batches (the same examples at every evaluation),
-        and how many there are."""
-        cfg, world = self.cfg, self.dist.world
-        n = len(self.val_set)
-        if cfg.eval_examples is not None:
-            n = min(n, cfg.eval_examples)
-        step = cfg.batch_size
-        starts = range(0, n, step)[self.dist.rank::world]
-        batches = (self._collate([self.val_set[i] for i in range(start, min(start + step, n))])
-                   for start in starts)
-        return batches, len(starts)
+def _epoch(run: Run, step: int) -> float:
+    """Epochs trained by the end of optimizer step ``step``."""
+    return step * _examples_per_step(run) / _examples_per_epoch(run)
 
-    # -- checkpoints -------------------------------------------------------------------------
 
-    def _progress(self) -> dict:
-        return {
-            "step": self.step,
-            "order": self.order.state_dict(),
-            "tokens_seen": self.tokens_seen,
-            "best_val_loss": self.best_val_loss,
-            "best_step": self.best_step,
-            "evals_since_best": self.evals_since_best,
-            "last_eval_step": self.last_eval_step,
-            "train_loss": self.train_loss,
-            "stop_ref": self.stop_ref,
-            "precision": self.trainer.precision,  # what "auto" resolved to (_check_precision)
-            "max_steps": self.max_steps,  # the schedule's length, for a resume that changes it
-            "data": self.data_id,  # the data it trained on, for a resume on other data
-        }
+def _max_steps(run: Run) -> int:
+    if run.cfg.epochs is None:
+        return run.cfg.max_steps
+    return max(1, math.ceil(run.cfg.epochs * _examples_per_epoch(run) / _examples_per_step(run)))
 
-    def save(self) -> None:
-        """Checkpoint this step (collective: every rank contributes its RNG state)."""
-        rng = _gather(rng_state(self.device), self.dist)
-        with _main_first(self.dist):  # the others wait for the write, and stop if it fails
-            if self.main:
-                root = self.run_dir / CHECKPOINTS_DIR
-                root.mkdir(exist_ok=True)
-                save_checkpoint(root / f"{CHECKPOINT_PREFIX}{self.step}", self.trainer.raw_model,
-                                self.trainer.state_dict(), rng, self._progress(),
-                                self.config_dict, self.trainable_only)
-                for old in list_checkpoints(self.run_dir)[:-self.cfg.keep_last]:
-                    # renamed first: a kill mid-removal leaves a partial write, which the next
-                    # start removes, not a step-N without its weights
-                    doomed = cliconfig.partial_path(old, "tmp")
-                    old.rename(doomed)
-                    shutil.rmtree(doomed)
-        self.last_saved_step = self.step
 
-    def _save_best(self, metrics: dict) -> None:
-        with _main_first(self.dist):
-            if self.main:
-                self._write_best(metrics)
+# -- data -------------------------------------------------------------------------------------
 
-    def _write_best(self, metrics: dict) -> None:
-        tensors = model_tensors(self.trainer.raw_model, self.trainable_only)
-        name = ADAPTER_FILE if self.trainable_only else MODEL_FILE
 
-        def write(tmp: Path) -> None:
-            save_file(tensors, tmp / name, metadata={"step": str(self.step)})
-            (tmp / BEST_METRICS).write_text(json.dumps({"step": self.step, **metrics}))
-            (tmp / CONFIG_FILE).write_text(json.dumps(self.config_dict, indent=1))
+def _collate(run: Run, examples: list[dict]) -> dict:
+    from dataset import collate
 
-        write_dir_atomically(self.run_dir / BEST_DIR, write)
+    return collate(examples, run.tok.pad_id)
 
-    # -- the loop ----------------------------------------------------------------------------
 
-    def _nonfinite(self, stats: StepStats, where: tuple[int, int], log: _RunLog) -> None:
-        cfg = self.cfg
-        step = self.step + 1
-        shuffle, pos = where  # BatchOrder's pass: for lm windows at every token, not the epoch
-        value = stats.loss if stats.nonfinite == "loss" else stats.grad_norm
-        span = self._examples_per_step()
-        causes = [
-            f"the learning rate is too high (lr at this step {stats.lr:.3g}, peak "
-            f"{cfg.lr:.3g}): lower lr or lengthen warmup_steps",
-            "fp16 overflow: train with precision bf16 or fp32"
-            if self.trainer.precision == "fp16" else
-            "exploding activations or gradients: keep grad_clip > 0, check the init",
-            "non-finite weights: a checkpoint (init_from, resume) holding inf/NaN",
-            "a model bug producing inf/NaN (attention mask, dtype casts, division by zero)",
-        ]
-        if cfg.inject_nan_at_step == step:
-            causes.insert(0, "injected on purpose: inject_nan_at_step is set")
-        last = list_checkpoints(self.run_dir)
-        # A resume replays the same steps bit-exactly and keeps lr, warmup and precision: say so.
-        # (--resume, not a caller's resume hint: a sweep continues interrupted trials only.)
-        if last:
-            kept = (f"the last good checkpoint is {last[-1]}: --resume {self.run_dir} "
-                    "replays the same steps from there, so it helps only once the cause is gone "
-                    "(bad data fixed, a NaN injected on purpose); a change of --lr, "
-                    "--warmup-steps or --precision needs a new run (another --name)")
-        elif _holds_weights(self.run_dir):
-            kept = ("no checkpoint had been written yet: start a new run with the changes "
-                    "(another --name)")
-        else:
-            kept = ("no checkpoint had been written yet: run the command again with the changes "
-                    "(the same --name starts the run anew)")
-        diagnosis = (
-            f"non-finite {stats.nonfinite} ({value}) at step {step}: epoch "
-            f"{self._epoch(step):.3g}, training examples {pos}..{pos + span - 1} of shuffled "
-            f"pass {shuffle} of the training data ({cfg.grad_accum} "
-            f"micro-batch(es) of {cfg.batch_size} x {self.dist.world} process(es)); the update was "
-            f"not applied and the run stopped. Likely causes: " + "; ".join(causes) + "."
-        )
-        message = f"{diagnosis} {kept}."
-        log.write(step, "error", {"message": message})
-        raise NonFiniteLossError(message, step, diagnosis)
+def _next_micro_batches(run: Run) -> tuple[list[dict], tuple[int, int]]:
+    micro, where = [], None
+    for _ in range(run.cfg.grad_accum):
+        indices, position = run.order.next()
+        where = where or position
+        micro.append(_collate(run, [run.train_set[i] for i in indices]))
+    return micro, where
 
-    def _evaluate(self, log: _RunLog, on_eval) -> dict:
-        metrics = self.trainer.evaluate(*self._val_batches())
-        self.last_eval_step = self.step
-        loss = metrics["val_loss"]
-        # Early stopping counts from the last fall larger than min_delta (as Keras and Lightning
-        # do), so falls each smaller than min_delta still add up; best/ follows every new minimum.
-        if self.stop_ref is None or loss < self.stop_ref - self.cfg.early_stop_min_delta:
-            self.stop_ref, self.evals_since_best = loss, 0
-        else:
-            self.evals_since_best += 1
-        improved = self.best_val_loss is None or loss < self.best_val_loss
-        if improved:
-            self.best_val_loss, self.best_step = loss, self.step
-        log.write(self.step, "val", {**metrics, "best_val_loss": self.best_val_loss,
-                                     "epoch": self._epoch(self.step)})
-        if improved:
-            # Never best/ without a checkpoint: a kill between them would leave a run that
-            # holds weights but nothing to resume from, which no command continues.
-            if self.last_saved_step < 0:
-                self.save()
-            self._save_best(metrics)
-        if on_eval is not None:
-            on_eval(self.step, dict(metrics))
-        return metrics
 
-    def _stop_requested(self, signals: _StopSignals, started: float | None = None) -> str | None:
-        """Why every rank stops now (a collective call): a signal any rank received, or the
-        time budget counted from ``started`` (None: signals only), else None."""
-        cfg = self.cfg
-        over_time = (started is not None and cfg.max_time_s is not None
-                     and time.perf_counter() - started > cfg.max_time_s)
-        flags = torch.tensor([signals.reason is not None, over_time], dtype=torch.float32,
-                             device=self.device)
-        flags = _all_reduce_sum(flags, self.dist).tolist()
-        if flags[0]:
-            return signals.reason or "SIGTERM"
-        return "time budget" if flags[1] else None
+def _val_batches(run: Run) -> tuple[Iterator[dict], int]:
+    """This rank's share of the validation batches (the same examples at every evaluation),
+    and how many there are."""
+    cfg = run.cfg
+    n = len(run.val_set) if cfg.eval_examples is None else min(len(run.val_set),
+                                                                cfg.eval_examples)
+    starts = range(0, n, cfg.batch_size)[run.dist.rank::run.dist.world]
+    batches = (_collate(run, [run.val_set[i] for i in range(s, min(s + cfg.batch_size, n))])
+               for s in starts)
+    return batches, len(starts)
 
-    def _log_step(self, log: _RunLog, bar, stats: StepStats, tok_s: float) -> None:
-        """The train line of this step (metrics.jsonl, TensorBoard) and the progress bar's."""
-        epoch = self._epoch(self.step)
-        values = {"loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
-                  "tokens_per_s": tok_s, "tokens_seen": self.tokens_seen,
-                  "memory_mb": _memory_mb(self.device), "epoch": epoch}
-        if self.trainer.scaler.is_enabled():
-            values["loss_scale"] = self.trainer.scaler.get_scale()
-        log.write(self.step, "train", values)
-        bar.set_postfix(epoch=f"{epoch:.2f}", loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}",
-                        tok_s=f"{tok_s:.0f}", refresh=False)
 
-    def _out_of_patience(self) -> bool:
-        """Whether early stopping ends the run: patience evaluations without a counted fall."""
-        patience = self.cfg.early_stop_patience
-        return bool(patience) and self.evals_since_best >= patience
+# -- checkpoints, best/ ----------------------------------------------------------------------
 
-    def execute(self, on_eval) -> TrainResult:
-        cfg, trainer = self.cfg, self.trainer
-        log = _RunLog(self.run_dir, self.main, self.step if cfg.resume else None)
-        signals = _StopSignals()
-        result = TrainResult(self.run_dir, self.best_val_loss, self.step)
+
+def save_checkpoint(run: Run) -> None:
+    """Checkpoint this step (collective: every rank contributes its RNG state)."""
+    rng = _gather(rng_state(run.device), run.dist)
+    with _main_first(run.dist):  # the others wait for the write, and stop if it fails
+        if run.main:
+            state = dataclasses.replace(
+                run.state, rng=rng, order=run.order.state_dict(), **run.trainer.state_dict(),
+                weights=model_tensors(run.trainer.raw_model, run.trainable_only))
+            checkpoint.save(run.run_dir / CHECKPOINTS_DIR / f"{CHECKPOINT_PREFIX}{state.step}",
+                            state, run.config_dict, run.trainable_only)
+            checkpoint.drop_old(run.run_dir, run.cfg.keep_last)
+    run.last_saved_step = run.state.step
+
+
+def _save_best(run: Run, metrics: dict) -> None:
+    with _main_first(run.dist):
+        if run.main:
+            step = run.state.step
+            tensors = model_tensors(run.trainer.raw_model, run.trainable_only)
+
+            def write(tmp: Path) -> None:
+                save_file(tensors, tmp / checkpoint.weights_file(run.trainable_only),
+                          metadata={"step": str(step)})
+                (tmp / BEST_METRICS).write_text(json.dumps({"step": step, **metrics}))
+                (tmp / CONFIG_FILE).write_text(json.dumps(run.config_dict, indent=1))
+
+            write_dir_atomically(run.run_dir / BEST_DIR, write)
+
+
+# -- the step loop's parts -------------------------------------------------------------------
+
+
+def _announce(run: Run) -> None:
+    """The run's first line, and the warnings about its settings."""
+    cfg, trainer = run.cfg, run.trainer
+    n_params = sum(p.numel() for p in trainer.raw_model.parameters())
+    n_train = sum(p.numel() for p in trainer.params)
+    n = _examples_per_epoch(run)
+    if _window_at_every_token(run):
+        size, epoch = f"{run.train_set.n_tokens} training tokens", (
+            f"{n} windows of {run.dcfg.block_size} tokens")
+    else:
+        size, epoch = f"{len(run.train_set)} training examples", f"{n} examples"
+    print(f"run {run.run_dir}: {_millions(n_params)} parameters ({_millions(n_train)} "
+          f"trainable), {size}, {run.max_steps} steps ({_epoch(run, run.max_steps):.3g} epochs "
+          f"of {epoch}), {trainer.precision} on {run.device}"
+          + (f" x {run.dist.world} processes" if run.dist.enabled else ""))
+    if cfg.warmup_steps >= run.max_steps:
+        length = setting(cfg, "max_steps" if cfg.epochs is None else "epochs")
+        print(f"warning: {setting(cfg, 'warmup_steps')} >= the run's {run.max_steps} steps "
+              f"({length}): the learning rate never reaches lr {cfg.lr:g} (nor decays); lower "
+              "warmup_steps", file=sys.stderr)
+    if cfg.compile:
+        print("compiling the model: the first steps (and evaluations) take a while",
+              file=sys.stderr)
+    if trainer.precision == "fp16" and run.device.type == "cpu":
+        print("warning: precision fp16 on cpu: most CPUs have no fast fp16 kernels, so torch "
+              "computes it many times slower than fp32; precision auto trains in fp32 on cpu "
+              "(and in fp16 or bf16 on a GPU)", file=sys.stderr)
+    if _out_of_patience(run):  # a resume of a run that had stopped early ends there
+        print(f"the run stopped early at step {run.state.step} ({run.state.evals_since_best} "
+              "evaluation(s) without a fall): not trained on; a larger --early-stop-patience "
+              "trains on")
+
+
+def _log_step(run: Run, log: RunLog, bar, stats: StepStats, tok_s: float) -> None:
+    """The train line of this step (metrics.jsonl, TensorBoard) and the progress bar's."""
+    epoch = _epoch(run, run.state.step)
+    values = {"loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
+              "tokens_per_s": tok_s, "tokens_seen": run.state.tokens_seen,
+              "memory_mb": _memory_mb(run.device), "epoch": epoch}
+    if run.trainer.scaler.is_enabled():
+        values["loss_scale"] = run.trainer.scaler.get_scale()
+    log.write(run.state.step, "train", values)
+    bar.set_postfix(epoch=f"{epoch:.2f}", loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}",
+                    tok_s=f"{tok_s:.0f}", refresh=False)
+
+
+def _evaluate(run: Run, log: RunLog, on_eval) -> dict:
+    """Evaluate, count towards early stopping, keep best/, call ``on_eval``."""
+    s = run.state
+    metrics = run.trainer.evaluate(*_val_batches(run))
+    s.last_eval_step = s.step
+    loss = metrics["val_loss"]
+    # Early stopping counts from the last fall larger than min_delta (as Keras and Lightning
+    # do), so falls each smaller than min_delta still add up; best/ follows every new minimum.
+    if s.stop_ref is None or loss < s.stop_ref - run.cfg.early_stop_min_delta:
+        s.stop_ref, s.evals_since_best = loss, 0
+    else:
+        s.evals_since_best += 1
+    improved = s.best_val_loss is None or loss < s.best_val_loss
+    if improved:
+        s.best_val_loss, s.best_step = loss, s.step
+    log.write(s.step, "val", {**metrics, "best_val_loss": s.best_val_loss,
+                              "epoch": _epoch(run, s.step)})
+    if improved:
+        # Never best/ without a checkpoint: a kill between them would leave a run that holds
+        # weights but nothing to resume from.
+        if run.last_saved_step < 0:
+            save_checkpoint(run)
+        _save_best(run, metrics)
+    if on_eval is not None:
+        on_eval(s.step, dict(metrics))
+    return metrics
+
+
+def _out_of_patience(run: Run) -> bool:
+    """Whether early stopping ends the run: patience evaluations without a counted fall."""
+    patience = run.cfg.early_stop_patience
+    return bool(patience) and run.state.evals_since_best >= patience
+
+
+def _stops_early(run: Run) -> bool:
+    if not _out_of_patience(run):
+        return False
+    if run.main:
         from tqdm import tqdm
 
-        bar = tqdm(total=self.max_steps, initial=self.step, desc="train", unit="step",
-                   disable=not (self.main and cfg.progress), dynamic_ncols=True)
+        cfg = run.cfg
+        tqdm.write(f"stopped early at step {run.state.step} of {run.max_steps}: "
+                   f"{cfg.early_stop_patience} evaluation(s) without a fall of more than "
+                   f"{cfg.early_stop_min_delta:g} (--early-stop-patience, --early-stop-min-delta)")
+    return True
+
+
+def _stop_requested(run: Run, signals: _StopSignals, started: float | None = None) -> str | None:
+    """Why every rank stops now (a collective call): a signal any rank received, or the
+    time budget counted from ``started`` (None: signals only), else None."""
+    budget = run.cfg.max_time_s
+    over_time = (started is not None and budget is not None
+                 and time.perf_counter() - started > budget)
+    flags = torch.tensor([signals.reason is not None, over_time], dtype=torch.float32,
+                         device=run.device)
+    flags = _all_reduce_sum(flags, run.dist).tolist()
+    if flags[0]:
+        return signals.reason or "SIGTERM"
+    return "time budget" if flags[1] else None
+
+
+def _nonfinite(run: Run, stats: StepStats, where: tuple[int, int], log: RunLog) -> None:
+    """Stop the run on a non-finite loss or gradient, saying where in the data it came, its
+    likely causes, and how to go on from the last good checkpoint."""
+    cfg, step = run.cfg, run.state.step + 1
+    shuffle, pos = where  # BatchOrder's pass: for lm windows at every token, not the epoch
+    value = stats.loss if stats.nonfinite == "loss" else stats.grad_norm
+    causes = [
+        f"the learning rate is too high (lr at this step {stats.lr:.3g}, peak "
+        f"{cfg.lr:.3g}): lower lr or lengthen warmup_steps",
+        "fp16 overflow: train with precision bf16 or fp32" if run.trainer.precision == "fp16"
+        else "exploding activations or gradients: keep grad_clip > 0, check the init",
+        "non-finite weights: a checkpoint (init_from, resume) holding inf/NaN",
+        "a model bug producing inf/NaN (attention mask, dtype casts, division by zero)",
+    ]
+    if cfg.inject_nan_at_step == step:
+        causes.insert(0, "injected on purpose: inject_nan_at_step is set")
+    last = list_checkpoints(run.run_dir)
+    # A resume replays the same steps bit-exactly and keeps lr, warmup and precision: say so.
+    if last:
+        kept = (f"the last good checkpoint is {last[-1]}: --resume {run.run_dir} replays the "
+                "same steps from there, so it helps only once the cause is gone (bad data "
+                "fixed, a NaN injected on purpose); a change of --lr, --warmup-steps or "
+                "--precision needs a new run (another --name)")
+    elif rundir.holds_weights(run.run_dir):
+        kept = ("no checkpoint had been written yet: start a new run with the changes "
+                "(another --name)")
+    else:
+        kept = ("no checkpoint had been written yet: run the command again with the changes "
+                "(the same --name starts the run anew)")
+    span = _examples_per_step(run)
+    diagnosis = (
+        f"non-finite {stats.nonfinite} ({value}) at step {step}: epoch {_epoch(run, step):.3g}, "
+        f"training examples {pos}..{pos + span - 1} of shuffled pass {shuffle} of the training "
+        f"data ({cfg.grad_accum} micro-batch(es) of {cfg.batch_size} x {run.dist.world} "
+        "process(es)); the update was not applied and the run stopped. Likely causes: "
+        + "; ".join(causes) + ".")
+    message = f"{diagnosis} {kept}."
+    log.write(step, "error", {"message": message})
+    raise NonFiniteLossError(message, step, diagnosis)
+
+
+def _end(run: Run, result: TrainResult, log: RunLog, signals: _StopSignals, stop: str | None,
+         on_eval) -> None:
+    """After the loop: the last evaluation and checkpoint, the export, and what is left."""
+    cfg, s = run.cfg, run.state
+    # The budget ends the run as it would end (evaluation, checkpoint, export of the best
+    # weights so far, which eval.py can score now), but says that it is not finished.
+    result.stopped_by_budget = stop == "time budget" and s.step < run.max_steps
+    if stop not in STOP_SIGNALS:
+        evaluate = s.last_eval_step != s.step
+        if evaluate:
+            result.val_metrics = _evaluate(run, log, on_eval)
+        # A checkpoint of this step written before its evaluation is written again, holding
+        # it (its best, its patience): a resume would evaluate again and forget it.
+        if evaluate or run.last_saved_step != s.step:
+            save_checkpoint(run)
+        stop = _stop_requested(run, signals)  # one during that evaluation: skip the export
+        if cfg.export and stop is None:
+            result.export_dir, result.sample = _export(run)
+            stop = _stop_requested(run, signals)
+    if stop in STOP_SIGNALS:
+        result.interrupted = stop
+        if run.main and result.export_dir is not None:
+            print(f"\n{stop}: the run had finished (checkpoint and export at step {s.step}); "
+                  "stopping with the signal's exit code")
+        elif run.main:
+            saved = "stopped" if run.restarts else "checkpoint saved"
+            print(f"\n{stop}: {saved} at step {s.step}; {run.what_next()}")
+    elif result.stopped_by_budget and run.main:
+        saved = "" if run.restarts else "; checkpoint saved"
+        exported = ("" if result.export_dir is None else
+                    f"; export/ holds its best weights so far (step {s.best_step})")
+        print(f"time budget (--max-time-s {cfg.max_time_s:g}) reached at step "
+              f"{s.step}/{run.max_steps}: the run is not finished{saved}{exported}; "
+              f"{run.what_next()}")
+    result.step, result.best_val_loss, result.best_step, result.train_loss = (
+        s.step, s.best_val_loss, s.best_step, s.train_loss)
+
+
+def _export(run: Run) -> tuple[Path | None, str | None]:
+    """Best weights back in the model, a sample completion, the HF export (rank 0)."""
+    cfg, model, tok = run.cfg, run.trainer.raw_model, run.tok
+    best = run.run_dir / BEST_DIR / checkpoint.weights_file(run.trainable_only)
+    exported_step = None
+    if best.is_file():
+        load_model_tensors(model, load_file(best), str(best), run.trainable_only)
+        exported_step = best_step(run.run_dir)
+    if not run.main:
+        return None, None
+    sample = sample_completion(model, tok, cfg.sample_prompt, cfg.sample_tokens, cfg.task,
+                               run.dcfg.pair_special_tokens)
+    print(f"sample completion (greedy, best checkpoint at step {run.state.best_step}):\n"
+          f"{cfg.sample_prompt}{sample}")
+    export = run.run_dir / EXPORT_DIR
+
+    def write(tmp: Path) -> None:
+        import lora
+        from architecture import Transformer
+
+        if cfg.lora_r == 0:
+            model.save_pretrained(tmp)
+        else:  # on init_from (validate_config): the adapter, naming that base
+            base = str(Path(cfg.init_from).resolve())  # as PEFT records it: loadable alone
+            lora.save_adapter(model, tmp, base_model_name_or_path=base)
+            if cfg.export_merged:  # as `python lora.py` merges: into the base on disk, in the
+                # checkpoint's own dtype (a bf16 base: bf16, not the fp32 training copy)
+                merged = Transformer.from_pretrained(cfg.init_from, dtype="auto", device="cpu")
+                lora.load_adapter(merged, tmp)
+                lora.merge_and_export(merged, tmp / MERGED_DIR)
+                tok.save(tmp / MERGED_DIR)
+                copy_hf_companions(cfg, tok, tmp / MERGED_DIR, weights=True)
+        tok.save(tmp)
+        copy_hf_companions(cfg, tok, tmp, weights=cfg.lora_r == 0)
+        # Which best/ it holds: eval.py scores best/ instead once a resume trains past it.
+        (tmp / EXPORT_RECORD).write_text(json.dumps({"best_step": exported_step}))
+
+    write_dir_atomically(export, write)
+    best_loss = run.state.best_val_loss
+    print(f"exported to {export} (best validation loss {best_loss:.4f}, perplexity "
+          f"{perplexity(best_loss):.2f})")
+    return export, sample
+
+
+def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
+          resume_hint: str | None = None, restarts: bool = False) -> TrainResult:
+    """Run (or continue, with ``cfg.resume``) one training run of a valid ``cfg``.
+
+    ``on_eval(step, metrics)`` is called after every evaluation; an exception it raises (e.g.
+    ``optuna.TrialPruned``) propagates once the run directory is consistent. Under torchrun this
+    joins the process group. ``resume_hint`` completes the messages' "continue it with ..." in
+    the caller's own terms; ``restarts``: the caller runs it again from the start instead.
+    """
+    dist, owns_group = _init_distributed(cfg.device)
+    run = None
+    try:
+        run = setup_run(cfg, dist, resume_hint, restarts)
+        cfg, s, trainer = run.cfg, run.state, run.trainer
+        log = RunLog(run.run_dir, run.main, s.step if cfg.resume else None)
+        signals, bar = _StopSignals(), _progress_bar(run)
+        result = TrainResult(run.run_dir, s.best_val_loss, s.step)
         save_every = cfg.save_every or cfg.eval_every
         started = window_start = time.perf_counter()
         window_tokens, skipped_in_a_row, stop = 0, 0, None
-        metrics: dict | None = None
         try:
-            if self.main:
-                n_params = sum(p.numel() for p in trainer.raw_model.parameters())
-                n_train = sum(p.numel() for p in trainer.params)
-                print(f"run {self.run_dir}: {_millions(n_params)} parameters "
-                      f"({_millions(n_train)} trainable), {self._train_size()}, "
-                      f"{self.max_steps} steps ({self._epoch(self.max_steps):.3g} epochs of "
-                      f"{self._epoch_size()}), "
-                      f"{trainer.precision} on {self.device}"
-                      + (f" x {self.dist.world} processes" if self.dist.enabled else ""))
-                if cfg.warmup_steps >= self.max_steps:
-                    length = setting(cfg, "max_steps" if cfg.epochs is None else "epochs",
-                                     self._where_set)
-                    print(f"warning: {setting(cfg, 'warmup_steps', self._where_set)} >= the "
-                          f"run's {self.max_steps} steps ({length}): the learning rate never "
-                          f"reaches lr {cfg.lr:g} (nor decays); lower warmup_steps",
-                          file=sys.stderr)
-                if cfg.compile:
-                    print("compiling the model: the first steps (and evaluations) take a while",
-                          file=sys.stderr)
-                if trainer.precision == "fp16" and self.device.type == "cpu":
-                    print("warning: precision fp16 on cpu: most CPUs have no fast fp16 kernels, "
-                          "so torch computes it many times slower than fp32; precision auto "
-                          "trains in fp32 on cpu (and in fp16 or bf16 on a GPU)", file=sys.stderr)
-            # A resume of a run that had stopped early (then was stopped, or killed, before its
-            # export) ends there as the run did, not training on until its next evaluation.
-            result.early_stopped = self._out_of_patience()
-            if result.early_stopped and self.main:
-                print(f"the run stopped early at step {self.step} ({self.evals_since_best} "
-                      "evaluation(s) without a fall): not trained on; a larger "
-                      "--early-stop-patience trains on")
-            while self.step < self.max_steps and not result.early_stopped:
-                micro, where = self._next_micro_batches()
-                stats = trainer.train_step(micro, inject_nan=cfg.inject_nan_at_step == self.step + 1)
-                if stats.nonfinite:
-                    self._nonfinite(stats, where, log)
+            if run.main:
+                _announce(run)
+            result.early_stopped = _out_of_patience(run)
+            while s.step < run.max_steps and not result.early_stopped:
+                micro, where = _next_micro_batches(run)
+                stats = trainer.train_step(micro, inject_nan=cfg.inject_nan_at_step == s.step + 1)
                 skipped_in_a_row = skipped_in_a_row + 1 if stats.skipped else 0
-                if skipped_in_a_row > MAX_SKIPPED_STEPS:
+                if skipped_in_a_row > MAX_SKIPPED_STEPS:  # fp16 overflow every step: diverged
                     stats.nonfinite = "gradient"
-                    self._nonfinite(stats, where, log)
-                self.step += 1
-                self.tokens_seen += stats.tokens
+                if stats.nonfinite:
+                    _nonfinite(run, stats, where, log)
+                s.step, s.tokens_seen, s.train_loss = s.step + 1, s.tokens_seen + stats.tokens, stats.loss
                 window_tokens += stats.tokens
-                self.train_loss = stats.loss
                 bar.update(1)
                 now = time.perf_counter()
                 tok_s = window_tokens / max(now - window_start, 1e-9)
-                # The run's last step is always logged, as its last point: the final one here,
-                # one that stops the run early below.
-                logged = self.step % cfg.log_every == 0 or self.step in (1, self.max_steps)
+                logged = s.step % cfg.log_every == 0 or s.step in (1, run.max_steps)
                 if logged:
-                    self._log_step(log, bar, stats, tok_s)
+                    _log_step(run, log, bar, stats, tok_s)
                     window_start, window_tokens = now, 0
                 memorised = cfg.overfit_batches > 0 and stats.loss < OVERFIT_LOSS
                 paused = time.perf_counter()  # evaluation and saving are not training time
-                if (self.step % cfg.eval_every == 0 and self.step >= cfg.warmup_steps) or (
-                        memorised):
-                    metrics = self._evaluate(log, on_eval)
-                    if self._out_of_patience():
-                        result.early_stopped = True
-                        if self.main:
-                            tqdm.write(f"stopped early at step {self.step} of {self.max_steps}: "
-                                       f"{cfg.early_stop_patience} evaluation(s) without a fall "
-                                       f"of more than {cfg.early_stop_min_delta:g} "
-                                       "(--early-stop-patience, --early-stop-min-delta)")
-                stop = self._stop_requested(signals, started)
+                if memorised or (s.step % cfg.eval_every == 0 and s.step >= cfg.warmup_steps):
+                    result.val_metrics = _evaluate(run, log, on_eval)
+                    result.early_stopped = _stops_early(run)
+                stop = _stop_requested(run, signals, started)
                 ends = bool(stop or result.early_stopped or memorised)
-                if ends and not logged:  # after its evaluation's line, if it had one
-                    self._log_step(log, bar, stats, tok_s)
-                if (self.step % save_every == 0 or ends) and self.last_saved_step != self.step:
-                    self.save()
+                if ends and not logged:  # the run's last step is always logged
+                    _log_step(run, log, bar, stats, tok_s)
+                if (s.step % save_every == 0 or ends) and run.last_saved_step != s.step:
+                    save_checkpoint(run)
                 if ends:
                     break
                 window_start += time.perf_counter() - paused
-            # The budget ends the run as it would end (evaluation, checkpoint, export of the best
-            # weights so far, which eval.py can score now), but says that it is not finished.
-            result.stopped_by_budget = stop == "time budget" and self.step < self.max_steps
-            if stop not in STOP_SIGNALS:
-                evaluated = self.last_eval_step != self.step
-                if evaluated:
-                    metrics = self._evaluate(log, on_eval)
-                # A checkpoint of this step written before its evaluation is written again,
-                # holding it (its best, its patience): a resume would evaluate again and forget it.
-                if evaluated or self.last_saved_step != self.step:
-                    self.save()
-                # A stop signal during that evaluation: the checkpoint is saved, skip the export.
-                stop = self._stop_requested(signals)
-                if cfg.export and stop is None:
-                    result.export_dir, result.sample = self._finish()
-                    stop = self._stop_requested(signals)
-            if stop in STOP_SIGNALS:
-                result.interrupted = stop
-                if self.main and result.export_dir is not None:
-                    print(f"\n{stop}: the run had finished (checkpoint and export at step "
-                          f"{self.step}); stopping with the signal's exit code")
-                elif self.main and self._restarts:
-                    print(f"\n{stop}: stopped at step {self.step}; {self._what_next()}")
-                elif self.main:
-                    print(f"\n{stop}: checkpoint saved at step {self.step}; {self._what_next()}")
-            elif result.stopped_by_budget and self.main:
-                saved = "" if self._restarts else "; checkpoint saved"
-                exported = ("" if result.export_dir is None else
-                            f"; export/ holds its best weights so far (step {self.best_step})")
-                print(f"time budget (--max-time-s {cfg.max_time_s:g}) reached at step "
-                      f"{self.step}/{self.max_steps}: the run is not finished{saved}{exported}; "
-                      f"{self._what_next()}")
+            _end(run, result, log, signals, stop, on_eval)
         finally:
             bar.close()
             log.close()
             # (a KeyboardInterrupt on its way out is a second Ctrl-C's: that stop is under way)
             signals.restore(taken=result.interrupted is not None
                             or isinstance(sys.exc_info()[1], KeyboardInterrupt))
-        result.step, result.best_val_loss, result.best_step, result.train_loss = (
-            self.step, self.best_val_loss, self.best_step, self.train_loss)
-        result.val_metrics = metrics
         return result
+    except KeyboardInterrupt as stop:  # a second Ctrl-C: the step loop's checkpoint is skipped
+        if isinstance(stop, RunInterrupted) or run is None:
+            raise
+        raise _interrupted(stop, run.run_dir, resume_hint, restarts) from None
+    finally:
+        if run is not None:
+            run.claimed.release()
+        del run
+        if owns_group:
+            _leave_group()
 
-    # -- end of run --------------------------------------------------------------------------
 
-    def _finish(self) -> tuple[Path | None, str | None]:
-        """Best weights back in the model, a sample completion, the HF export (rank 0)."""
-        model = self.trainer.raw_model
-        best = self.run_dir / BEST_DIR / (ADAPTER_FILE if self.trainable_only else MODEL_FILE)
-        exported_step = None
-        if best.is_file():
-            load_model_tensors(model, load_file(best), str(best), self.trainable_only)
-            exported_step = best_step(self.run_dir)
-        if not self.main:
-            return None, None
-        sample = sample_completion(model, self.tok, self.cfg.sample_prompt, self.cfg.sample_tokens,
-                                   self.cfg.task, self.dcfg.pair_special_tokens)
-        print(f"sample completion (greedy, best checkpoint at step {self.best_step}):\n"
-              f"{self.cfg.sample_prompt}{sample}")
-        export = self.run_dir / EXPORT_DIR
+def _progress_bar(run: Run):
+    from tqdm import tqdm
 
-        def write(tmp: Path) -> None:
-            import lora
-            from architecture import Transformer
-
-            cfg = self.cfg
-            if cfg.lora_r == 0:
-                model.save_pretrained(tmp)
-            else:  # on init_from (validate_config): the adapter, naming that base
-                base = str(Path(cfg.init_from).resolve())  # as PEFT records it: loadable alone
-                lora.save_adapter(model, tmp, base_model_name_or_path=base)
-                if cfg.export_merged:  # as `python lora.py` merges: into the base on disk,
-                    # in the checkpoint's own dtype (a bf16 base: bf16, not the fp32 training
-                    # copy at twice the size; a quantized one: its full precision)
-                    merged = Transformer.from_pretrained(cfg.init_from, dtype="auto",
-                                                         device="cpu")
-                    lora.load_adapter(merged, tmp)
-                    lora.merge_and_export(merged, tmp / MERGED_DIR)
-                    self.tok.save(tmp / MERGED_DIR)
-                    copy_hf_companions(cfg, self.tok, tmp / MERGED_DIR, weights=True)
-            self.tok.save(tmp)
-            copy_hf_companions(cfg, self.tok, tmp, weights=cfg.lora_r == 0)
-            # Which best/ it holds: eval.py scores best/ instead once a resume trains past it.
-            (tmp / EXPORT_RECORD).write_text(json.dumps({"best_step": exported_step}))
-
-        write_dir_atomically(export, write)
-        print(f"exported to {export} (best validation loss {self.best_val_loss:.4f}, "
-              f"perplexity {perplexity(self.best_val_loss):.2f})")
-        return export, sample
+    return tqdm(total=run.max_steps, initial=run.state.step, desc="train", unit="step",
+                disable=not (run.main and run.cfg.progress), dynamic_ncols=True)
 
 
 def _holds_runs_tokenizer(directory: str | None, tok: object) -> bool:
@@ -2721,35 +2150,6 @@ def sample_completion(model: nn.Module, tok: CodeTokenizer | BPETokenizer, promp
                          eos_id=eos or None)
     model.train(was_training)
     return decode_generated(tok, [i for i in out[0, len(ids):].tolist() if i not in eos])
-
-
-def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
-          resume_hint: str | None = None, restarts: bool = False,
-          where_set: Callable[[str], str] = cliconfig.flag_of) -> TrainResult:
-    """Run (or continue, with ``cfg.resume``) one training run; see the module docstring.
-
-    ``on_eval(step, metrics)`` is called after every evaluation; an exception it raises (e.g.
-    ``optuna.TrialPruned``) propagates once the run directory is consistent. Under torchrun this
-    joins the process group (gloo on CPU, NCCL on GPU). ``resume_hint`` completes the messages'
-    "continue it with ..." in the caller's own terms (default: ``--resume <run dir>``);
-    ``restarts``: the caller never continues the run (recipes.py --smoke runs it again from the
-    start), so a stop does not point to its checkpoint and ``resume_hint`` says how to start it
-    again. ``where_set(key)`` names where the caller's user sets TrainConfig ``key``, for the
-    run's advice (default: its flag; a sweep trial's comes from the search space).
-    """
-    dist, owns_group = _init_distributed(cfg.device)
-    try:
-        run = _Run(cfg, dist, resume_hint, restarts, where_set)
-        try:
-            return run.execute(on_eval)
-        except KeyboardInterrupt as stop:  # a second Ctrl-C: the step loop's checkpoint is skipped
-            raise run.interrupted(stop) from None
-        finally:
-            run.release()
-            del run
-    finally:
-        if owns_group:
-            _leave_group()
 
 
 def _leave_group() -> None:
@@ -2957,11 +2357,10 @@ def report_run_error(e: Exception) -> int:
 def command_line_sources(argv: Sequence[str] | None
                          ) -> tuple[set[str], set[str], Callable[[str], str]]:
     """The TrainConfig keys typed on the command line, those its ``--config`` file sets (as
-    read by parse_config, which checked it), and ``train``'s ``where_set`` of that command line
-    (``_where_set_in_run``)."""
+    read by parse_config, which checked it), and where the user set each key, for errors."""
     args = vars(build_parser().parse_args(argv))
     config = args.pop("config", None)
-    in_file = set(upgraded(cliconfig.read_config_file(config, "train")[0])) if config else set()
+    in_file = set(cliconfig.read_config_file(config, "train")[0]) if config else set()
     return set(args), in_file, _where_set_in_run(args, config, in_file, args.get("resume"))
 
 
@@ -2996,14 +2395,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with cliconfig.interrupt_on_sigterm():  # outside the step loop: data, tokenizer, export
             cfg = parse_config(argv)
-            typed, in_file, where_set = command_line_sources(argv)
+            typed, in_file, _ = command_line_sources(argv)
             if cfg.overfit:
                 passed, report = run_overfit(cfg, **overfit_settings(cfg, typed | in_file))
                 print(report)
                 return 0 if passed else 1
             check_max_steps_flag(cfg, typed, "the --config file" if "epochs" in in_file
                                  else "the resumed run's config")
-            result = train(cfg, where_set=where_set)
+            result = train(cfg)
     except RankZeroFailed:
         return 2
     except RUN_ERRORS as e:
