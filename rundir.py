@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
+import math
 import os
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -299,3 +302,88 @@ def _lock_dir(run_dir: Path, new: bool, hint: str | None) -> ClaimedDir:
             raise taken()
         print(f"{run_dir}: its run stopped before its first checkpoint; this run replaces it")
     return claimed
+
+
+# --------------------------------------------------------------------------------------------
+# metrics.jsonl and TensorBoard
+# --------------------------------------------------------------------------------------------
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop what an interrupted run logged past the step its resume continues from. Atomic: a
+    kill mid-write would drop the history up to the checkpoint for good."""
+    if path.exists():
+        cliconfig.write_atomic(path, "".join(line + "\n" for line in _metrics_up_to(path, step)))
+
+
+def _metrics_up_to(path: Path, step: int) -> list[str]:
+    """The lines of metrics.jsonl up to ``step``. A torn last line (a crash or a full disk
+    mid-write) is dropped with a warning; any other unreadable line is an error naming it."""
+    lines = path.read_bytes().split(b"\n")
+    kept = []
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            if number == len(lines):  # no newline after it: the write never finished
+                print(f"warning: {path}:{number}: dropping a torn last line", file=sys.stderr)
+                continue
+            raise ValueError(f"{path}:{number}: not a metrics line ({e}); fix or remove it "
+                             "to resume") from None
+        if record.get("step", 0) <= step:
+            kept.append(raw.decode("utf-8"))
+    return kept
+
+
+class RunLog:
+    """metrics.jsonl (one line per log step and per evaluation) and TensorBoard; rank 0 only."""
+
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None):
+        """``resume_step``: the step a resumed run continues from (0 when it had no checkpoint
+        yet; None: a new run). What the interrupted run logged past it is dropped."""
+        self.enabled, self.run_dir = enabled, run_dir
+        self.file = self.tb = None
+        self._failed = False  # a write failed (a full disk): its error said so, close stays quiet
+        if not enabled:
+            return
+        path = run_dir / METRICS_FILE  # a resumed run's is trimmed (_trim_metrics)
+        if resume_step is None:  # a new run: nothing of an attempt it replaces (_lock_dir)
+            path.unlink(missing_ok=True)
+            shutil.rmtree(run_dir / TB_DIR, ignore_errors=True)
+        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(run_dir / TB_DIR),
+                                purge_step=None if resume_step is None else resume_step + 1)
+
+    def write(self, step: int, kind: str, values: dict) -> None:
+        if not self.enabled:
+            return
+        target = self.run_dir / METRICS_FILE
+        try:
+            self.file.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
+            self.file.flush()
+            target = self.run_dir / TB_DIR
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+        except OSError as e:  # a full disk: write() and TensorBoard name no file
+            self._failed = True
+            raise OSError(e.errno, e.strerror, str(target)) from None
+
+    def close(self) -> None:
+        if self.file is not None:
+            file, tb, self.file, self.tb = self.file, self.tb, None, None
+            # both; after a failed write, without raising its error again (it would replace
+            # the one on its way out, and skip what the caller does after closing)
+            quiet = contextlib.suppress(OSError) if self._failed else contextlib.nullcontext()
+            try:
+                with quiet:
+                    file.close()
+            finally:
+                with quiet:
+                    tb.close()

@@ -83,7 +83,7 @@ def test_bench_lora_refuses_a_width_its_heads_do_not_divide(capsys, monkeypatch)
 # load; the lazy imports inside functions (Transformer.from_pretrained -> pretrained) are not
 # import-time imports.
 BELOW_FLOOR_3 = {"cliconfig", "rundir", "checkpoint", "tokenizer", "architecture", "scraping",
-                 "pretrained", "lora", "dataset", "sandbox"}
+                 "pretrained", "lora", "dataset", "trainconfig", "sandbox"}
 MAY_IMPORT = {
     "cliconfig": set(),
     "rundir": {"cliconfig"},
@@ -94,6 +94,8 @@ MAY_IMPORT = {
     "pretrained": {"cliconfig", "rundir", "architecture"},
     "lora": {"cliconfig", "architecture", "pretrained"},
     "dataset": {"cliconfig", "tokenizer", "scraping"},
+    "trainconfig": {"cliconfig", "rundir", "checkpoint", "architecture", "pretrained", "lora",
+                    "dataset"},
     "sandbox": {"cliconfig"},
     "trainingmanager": BELOW_FLOOR_3,
     "eval": BELOW_FLOOR_3 | {"trainingmanager"},

@@ -467,7 +467,8 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 def test_config_file_with_cli_overrides_and_clear_errors(tmp_path, capsys):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"lr": 0.002, "lora_targets": ["q_proj"], "batch_size": 3}))
-    cfg = tm.parse_config(["--config", str(path), "--lr", "0.5", "--lora-targets", "a,b"])
+    cfg = tm.parse_config(["--config", str(path), "--lr", "0.5", "--lora-targets", "a,b",
+                           "--init-from", str(tiny_llama(tmp_path)), "--lora-r", "4"])
     assert (cfg.lr, cfg.batch_size, cfg.lora_targets) == (0.5, 3, ["a", "b"])
 
     path.write_text(json.dumps({"lr": 0.002, "learning_rate": 1}))
@@ -739,7 +740,7 @@ def test_a_full_disk_while_logging_names_the_file_and_is_not_raised_again(assets
             self.flush()
             self.f.close()
 
-    monkeypatch.setattr(tm, "open", lambda *a, **k: FullDisk(real_open(*a, **k)), raising=False)
+    monkeypatch.setattr(rundir, "open", lambda *a, **k: FullDisk(real_open(*a, **k)), raising=False)
     handler = signal.getsignal(signal.SIGTERM)
     cfg = tiny_cfg(assets, tmp_path)
     assert tm.main(["--config", str(write_config(cfg, tmp_path / "c.json"))]) == 2
@@ -2020,7 +2021,7 @@ def test_two_runs_never_share_a_run_directory(assets, tmp_path, monkeypatch):
     import types
 
     stamp = "20260101-000000"
-    monkeypatch.setattr(tm, "time", types.SimpleNamespace(perf_counter=real_time.perf_counter,
+    monkeypatch.setattr(rundir, "time", types.SimpleNamespace(perf_counter=real_time.perf_counter,
                                                           strftime=lambda fmt: stamp))
     name = f"tiny-{stamp}"
     started = []
