@@ -1,15 +1,18 @@
 """What a training run is asked to do: ``TrainConfig``, read from flags, a ``--config`` file or a
 resumed run's config.json, and checked once there, where the user's input enters
 (``parse_config``, ``validate_config``): errors name each key, its value and where it was set.
-trainingmanager's library functions take a valid TrainConfig."""
+trainingmanager's library functions take a valid TrainConfig. Also what the settings build:
+the tokenizer and the model (from scratch, from ``init_from``, with LoRA)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import sys
 import typing
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +42,7 @@ from rundir import (
 if typing.TYPE_CHECKING:
     from architecture import ModelConfig
     from dataset import DataConfig
+    from tokenizer import BPETokenizer, CodeTokenizer
 
 
 @dataclass
@@ -365,6 +369,53 @@ def check_run_name(name: str | None, what: str) -> None:
                          "'..'); --out-dir sets the directory the run goes in")
 
 
+def _check_model_settings(cfg: TrainConfig, where_set: Callable[[str], str]) -> None:
+    """validate_config's checks of the model: a loaded one's settings, or the preset's shape."""
+    def named(key: str) -> str:
+        return setting(cfg, key, where_set)
+
+    def need(ok: bool, key: str, why: str) -> None:
+        if not ok:
+            raise ValueError(f"{named(key)}: {why}")
+
+    if cfg.init_from is not None:
+        for key in ("preset", "n_layer", "n_head", "n_embd", "mlp_hidden"):
+            if key != "preset" and getattr(cfg, key) is not None:
+                raise ValueError(f"{named(key)}: the shape of a model loaded from "
+                                 f"{named('init_from')} cannot be changed")
+        if fixed := sorted(set(cfg.model_options) - set(LOADED_MODEL_OPTIONS)):
+            raise ValueError(f"model_options ({where_set('model_options')}): "
+                             f"{', '.join(fixed)}: the checkpoint of {named('init_from')} fixes "
+                             f"these; a loaded model takes only {', '.join(LOADED_MODEL_OPTIONS)}")
+        for key, value in cfg.model_options.items():
+            need(cliconfig.is_number(value) and 0 <= value < 1, "model_options",
+                 f"{key} must be a probability in [0, 1), got {value!r}")
+        if not Path(cfg.init_from).is_dir():
+            raise ValueError(f"{named('init_from')}: not a directory")
+        check_not_an_adapter(cfg.init_from, where_set)
+        if cfg.block_size is not None:  # else the first forward pass finds it, after the data
+            from pretrained import read_config
+
+            context = read_config(cfg.init_from)[0].block_size
+            need(cfg.block_size <= context, "block_size",
+                 f"longer than the context of {named('init_from')}, {context} positions")
+    else:  # the preset, the shape and model_options, checked before the data is prepared
+        try:
+            shape = model_config(cfg, 1, None, None)
+            if cfg.export:  # else it trains to the end and fails writing export/
+                from pretrained import hf_config
+
+                try:
+                    hf_config(shape, torch.float32)
+                except ValueError as e:
+                    raise ValueError(f"{e}; to train it without an HF export: "
+                                     f"{cliconfig.off_switch('export', where_set)}") from None
+        except ValueError as e:  # name the settings the model was made of, and where
+            made_of = [named(k) for k in ("preset", *MODEL_SHAPE_KEYS, "model_options")
+                       if k == "preset" or getattr(cfg, k) not in (None, {})]
+            raise ValueError(f"{', '.join(made_of)}: {e}") from None
+
+
 def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = cliconfig.flag_of
                     ) -> None:
     """Reject impossible settings before any work, naming each key, its value and where it was
@@ -428,42 +479,7 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = cliconfi
     need(cfg.overfit_batches >= 0, "overfit_batches", "must be >= 0")
     need(0 <= cfg.seed < 2**63, "seed", "must be in [0, 2**63)")
     check_run_name(cfg.name, named("name"))
-    if cfg.init_from is not None:
-        for key in ("preset", "n_layer", "n_head", "n_embd", "mlp_hidden"):
-            if key != "preset" and getattr(cfg, key) is not None:
-                raise ValueError(f"{named(key)}: the shape of a model loaded from "
-                                 f"{named('init_from')} cannot be changed")
-        if fixed := sorted(set(cfg.model_options) - set(LOADED_MODEL_OPTIONS)):
-            raise ValueError(f"model_options ({where_set('model_options')}): "
-                             f"{', '.join(fixed)}: the checkpoint of {named('init_from')} fixes "
-                             f"these; a loaded model takes only {', '.join(LOADED_MODEL_OPTIONS)}")
-        for key, value in cfg.model_options.items():
-            need(cliconfig.is_number(value) and 0 <= value < 1, "model_options",
-                 f"{key} must be a probability in [0, 1), got {value!r}")
-        if not Path(cfg.init_from).is_dir():
-            raise ValueError(f"{named('init_from')}: not a directory")
-        check_not_an_adapter(cfg.init_from, where_set)
-        if cfg.block_size is not None:  # else the first forward pass finds it, after the data
-            from pretrained import read_config
-
-            context = read_config(cfg.init_from)[0].block_size
-            need(cfg.block_size <= context, "block_size",
-                 f"longer than the context of {named('init_from')}, {context} positions")
-    else:  # the preset, the shape and model_options, checked before the data is prepared
-        try:
-            shape = model_config(cfg, 1, None, None)
-            if cfg.export:  # else it trains to the end and fails writing export/
-                from pretrained import hf_config
-
-                try:
-                    hf_config(shape, torch.float32)
-                except ValueError as e:
-                    raise ValueError(f"{e}; to train it without an HF export: "
-                                     f"{cliconfig.off_switch('export', where_set)}") from None
-        except ValueError as e:  # name the settings the model was made of, and where
-            made_of = [named(k) for k in ("preset", *MODEL_SHAPE_KEYS, "model_options")
-                       if k == "preset" or getattr(cfg, k) not in (None, {})]
-            raise ValueError(f"{', '.join(made_of)}: {e}") from None
+    _check_model_settings(cfg, where_set)
     if cfg.resume is not None and not Path(cfg.resume).is_dir():
         raise ValueError(f"--resume {cfg.resume}: no such run directory")
     if cfg.resume is not None and any((Path(cfg.resume) / f).is_file()
@@ -522,6 +538,19 @@ def _check_data_options(options: dict, where: str) -> None:
         DataConfig(**options).validate()  # its task and sources at their defaults
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
+
+
+def default_block_size(cfg: TrainConfig) -> int:
+    """The preset's context from scratch; with init_from its context, at most 1024."""
+    if cfg.init_from is None:
+        from architecture import PRESETS
+
+        preset = PRESETS.get(cfg.preset)
+        return preset.block_size if preset is not None else 256
+    config = cliconfig.read_json_object(Path(cfg.init_from) / HF_CONFIG, "model config")
+    context = next((config[k] for k in ("max_position_embeddings", "n_positions", "n_ctx")
+                    if k in config), 1024)
+    return min(int(context), 1024)
 
 
 def data_config(cfg: TrainConfig, block_size: int) -> DataConfig:
@@ -665,3 +694,113 @@ def check_max_steps_flag(cfg: TrainConfig, typed: set[str], source: str,
     raise ValueError(f"{max_steps}{cfg.max_steps} has no effect: epochs={cfg.epochs:g}{where} "
                      f"sets the run's length. Change it with {epochs} instead (a resume may "
                      f"change it), or drop it with {clear} to count max_steps")
+
+
+# --------------------------------------------------------------------------------------------
+# What the settings build: the tokenizer and the model
+# --------------------------------------------------------------------------------------------
+
+
+def load_or_train_tokenizer(cfg: TrainConfig, dcfg: DataConfig) -> CodeTokenizer | BPETokenizer:
+    """The given tokenizer, the pretrained model's, or a CodeTokenizer trained on the train split
+    (cached by corpus, tokenizer options and encoding version: ``dataset.tokenizer_cache_dir``,
+    so a second run reuses it)."""
+    from dataset import prepare, publish_cache_entry, tokenizer_cache_dir
+    from tokenizer import (
+        TOKENIZER_FILE,
+        CodeTokenizer,
+        check_model_tokenizer,
+        load_tokenizer,
+        tokenizer_path,
+        where_tokenizer_is,
+    )
+
+    own = Path(cfg.init_from) / TOKENIZER_FILE if cfg.init_from is not None else None
+    if cfg.tokenizer is not None:
+        tok = load_tokenizer(cfg.tokenizer)
+        if own is not None and own.is_file() and not same_vocabulary(tok, load_tokenizer(own)):
+            print(f"warning: --tokenizer {cfg.tokenizer} differs from {own}, the tokenizer "
+                  f"--init-from {cfg.init_from} was trained with: its ids name other tokens than "
+                  "the ones the pretrained embeddings learned", file=sys.stderr)
+        if cfg.init_from is not None:
+            check_model_tokenizer(tok, tokenizer_path(cfg.tokenizer), cfg.init_from)
+        return tok
+    if own is not None:
+        if not own.is_file():
+            raise ValueError(f"--init-from {cfg.init_from}: no {TOKENIZER_FILE} in it"
+                             f"{where_tokenizer_is(cfg.init_from)}; pass --tokenizer with the "
+                             "tokenizer the checkpoint was trained with")
+        tok = load_tokenizer(own)
+        check_model_tokenizer(tok, own, cfg.init_from)
+        return tok
+    cached = tokenizer_cache_dir(dcfg, cfg.tokenizer_min_freq, cfg.tokenizer_max_vocab)
+    if dcfg.use_cache and (cached / "tokenizer.json").is_file():
+        return load_tokenizer(cached)
+    from tqdm import tqdm
+
+    texts = prepare(dcfg, None).train
+    tok = CodeTokenizer.train(tqdm(texts, desc="train tokenizer", unit="text",
+                                   disable=not dcfg.progress),
+                              min_freq=cfg.tokenizer_min_freq, max_vocab=cfg.tokenizer_max_vocab)
+    if dcfg.use_cache:  # the first complete entry stays: another run may be loading it
+        with contextlib.suppress(OSError):  # a read-only cache: the tokenizer is used uncached
+            publish_cache_entry(cached, tok.save)
+    return tok
+
+
+def same_vocabulary(a: CodeTokenizer | BPETokenizer, b: CodeTokenizer | BPETokenizer) -> bool:
+    """Whether every id of ``a`` and ``b`` names the same token."""
+    return a.vocab_size == b.vocab_size and all(
+        a.id_to_token(i) == b.id_to_token(i) for i in range(a.vocab_size))
+
+
+def build_model(cfg: TrainConfig, tok: CodeTokenizer | BPETokenizer,
+                run_dir: Path | None = None) -> nn.Module:
+    """From scratch or from ``init_from``; then the quantized base and LoRA if asked for (new
+    adapters, or ``init_adapter``'s: ``cfg`` as ``with_init_adapter`` fills it in). ``run_dir``:
+    the run whose own weights will be loaded into the model (a resume from its checkpoint,
+    eval.py's best/): an init_adapter run's LoRA layout then comes from the run's copy of the
+    adapter's config (``run_adapter_copy``), with no weights read from the adapter directory."""
+    from architecture import Transformer
+
+    base_dtype = SHORT_DTYPES[cfg.base_dtype]
+    if cfg.init_from is not None:
+        model = Transformer.from_pretrained(cfg.init_from, dtype=base_dtype, device="cpu")
+        if tok.vocab_size > model.cfg.vocab_size:
+            raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model at "
+                             f"{cfg.init_from} only {model.cfg.vocab_size} embeddings")
+        if cfg.dropout is not None:  # embeddings and residual branches, as from scratch
+            model.cfg.dropout = model.cfg.embd_dropout = cfg.dropout
+        for key, value in cfg.model_options.items():  # LOADED_MODEL_OPTIONS: read live
+            setattr(model.cfg, key, value)
+    else:
+        model = Transformer(model_config(cfg, tok.vocab_size, tok.bos_id, tok.eos_id))
+        model.to(base_dtype)
+    if cfg.lora_r > 0:
+        import lora
+
+        if cfg.quantize_bits:
+            lora.quantize_base(model, bits=cfg.quantize_bits)
+        copy = run_adapter_copy(run_dir) if run_dir is not None else None
+        if cfg.init_adapter is not None and copy is not None:  # the weights: the run's own
+            lora.apply_adapter_layout(model, copy.parent, copy.name)
+        elif cfg.init_adapter is not None:  # its own config (with_init_adapter: cfg agrees)
+            if not (Path(cfg.init_adapter) / lora.ADAPTER_CONFIG).is_file():
+                raise ValueError(
+                    f"TrainConfig.init_adapter {cfg.init_adapter}: no {lora.ADAPTER_CONFIG} there; "
+                    "the run's LoRA layout (targets, rank, scaling) is read from there (a run "
+                    "starts from the adapter's weights): put that adapter back at this path")
+            if changed := lora.changed_base_tensors(model, cfg.init_adapter):
+                raise ValueError(
+                    f"TrainConfig.init_adapter {cfg.init_adapter}: its {changed[0]} (of "
+                    f"{len(changed)} base tensor(s)) differs from the base's, {cfg.init_from}; "
+                    "a run keeps only the adapters, so a resume and the export would lose it: "
+                    "save the base as the adapter holds it (PEFT: PeftModel.from_pretrained("
+                    "base, adapter).unload().save_pretrained(NEW)) and name it with --init-from")
+            lora.load_adapter(model, cfg.init_adapter)
+        else:
+            options = {"target_modules": cfg.lora_targets} if cfg.lora_targets else {}
+            lora.apply_lora(model, lora.LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha,
+                                                   dropout=cfg.lora_dropout, **options))
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    return model

@@ -1,13 +1,9 @@
-"""Training manager for codelm: one loop for from-scratch, fine-tuning and LoRA runs.
+"""Training for codelm: one loop (``train``) for from-scratch, fine-tuning and LoRA runs.
 
-The training loop users should never have to debug (seed 001 lost weeks to one): training and
-validation share one loss (``lm_loss``; validation's ``lm_loss_and_correct`` is the same function
-of the head, plus the accuracy count); gradient accumulation weights every micro-batch by its token count,
-so accumulation equals one big batch (and DDP equals one process); a non-finite loss stops the
-run loudly with the last good checkpoint intact; checkpoints hold everything needed to continue
-bit-exactly (weights, optimizer, scheduler, scaler, every RNG, the data position) and are written
-atomically; ``--overfit`` turns the debugging ritual into a command.
-"""
+Training and validation share one loss; accumulation weights every micro-batch by its tokens, so
+it equals one big batch (and DDP one process); a non-finite loss stops the run naming the last
+good checkpoint; checkpoints (checkpoint.py) continue bit-exactly; ``--overfit`` is the debugging
+ritual as a command."""
 
 from __future__ import annotations
 
@@ -35,15 +31,16 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as td
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 import checkpoint
 import cliconfig
 import rundir
 from architecture import (
     IGNORE_INDEX,
-    SHORT_DTYPES,
     cuda_half_dtype,
     head_cross_entropy,
     lacks_native_bf16,
@@ -68,7 +65,6 @@ from rundir import (
     CONFIG_FILE,
     EXPORT_DIR,
     EXPORT_RECORD,
-    HF_CONFIG,
     INIT_ADAPTER_COPY,
     MERGED_DIR,
     METRICS_FILE,
@@ -78,10 +74,13 @@ from rundir import (
 )
 from trainconfig import (
     TrainConfig,
+    build_model,
     check_lora_export,
     check_max_steps_flag,
     command_line_sources,
     data_config,
+    default_block_size,
+    load_or_train_tokenizer,
     model_config,
     overfit_settings,
     parse_config,
@@ -197,8 +196,6 @@ def _init_distributed(device_hint: str) -> tuple[Dist, bool]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist(), False
-    import torch.distributed as td
-
     dist = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     if td.is_initialized():
         return dist, False
@@ -264,24 +261,19 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
 
 def _all_reduce_sum(t: torch.Tensor, dist: Dist) -> torch.Tensor:
     if dist.enabled:
-        import torch.distributed as td
-
         td.all_reduce(t, op=td.ReduceOp.SUM)
     return t
 
 
 def _barrier(dist: Dist) -> None:
     if dist.enabled:
-        import torch.distributed as td
-
         td.barrier()
 
 
 @contextlib.contextmanager
 def _main_first(dist: Dist) -> Iterator[None]:
-    """Rank 0 does what only it does (building shared caches before the others read them,
-    writing checkpoints); if it fails (a bad --tokenizer or data path, a full disk), the others
-    stop too, quietly, not on a lost connection."""
+    """Rank 0 does what only it does (shared caches, checkpoints); if it fails, the others stop
+    too, quietly, not on a lost connection."""
     if not dist.main:
         if _broadcast(None, dist) is not None:
             raise RankZeroFailed("rank 0 failed (its error says why)")
@@ -296,21 +288,12 @@ def _main_first(dist: Dist) -> Iterator[None]:
 
 
 class RankZeroFailed(RuntimeError):
-    """Raised on the other ranks when rank 0 fails in what only it does (``_main_first``): rank 0
-    reports the error, the others exit with code 2 and nothing more."""
-
-
-# --------------------------------------------------------------------------------------------
-# Data order: a deterministic shuffle per epoch, the position is part of the checkpoint
-# --------------------------------------------------------------------------------------------
+    """Raised on the other ranks when rank 0 fails in ``_main_first`` (rank 0 reports it)."""
 
 
 class BatchOrder:
-    """Global micro-batches of example indices; rank r takes its contiguous slice of each.
-
-    The order of epoch e is a permutation seeded by (seed, e), so (epoch, position) is all a
-    checkpoint needs to continue with the very same batches.
-    """
+    """Global micro-batches of example indices; rank r takes its contiguous slice of each. Epoch
+    e's order is a permutation seeded by (seed, e): (epoch, position) is all a checkpoint keeps."""
 
     def __init__(self, n_examples: int, micro_batch: int, dist: Dist, seed: int):
         self.global_batch = micro_batch * dist.world
@@ -426,12 +409,9 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def train_step(self, micro_batches: Sequence[dict], inject_nan: bool = False) -> StepStats:
-        """One optimizer step over ``micro_batches`` (this rank's share of the global batch).
-
-        Each micro-batch's summed loss is divided by the token count of the whole global step, so
-        accumulation (and DDP's gradient average, undone by the world-size factor) gives exactly
-        the gradient of one big batch, whatever the padding of each micro-batch.
-        """
+        """One optimizer step over ``micro_batches`` (this rank's share of the global batch). Each
+        summed loss is divided by the whole global step's token count, so accumulation (and DDP's
+        average, undone by the world-size factor) gives exactly one big batch's gradient."""
         self.model.train()
         count = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
         positions = sum(b["input_ids"].numel() for b in micro_batches)
@@ -477,15 +457,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, batches: Iterator[dict] | Sequence[dict], total: int | None = None) -> dict:
-        """Validation loss, perplexity and token accuracy with the training loss function.
-
-        Totals are summed over tokens (and processes) before dividing, so the result does not
-        depend on how the split is batched. Label smoothing is left out: perplexity is a true NLL.
-        A whole validation split can take minutes: it gets its own (transient) progress bar of
-        ``total`` batches.
-        """
-        from tqdm import tqdm
-
+        """Validation loss, perplexity and token accuracy with the training loss function, summed
+        over tokens (and processes) before dividing, without label smoothing (a true NLL)."""
         batches = tqdm(batches, total=total, desc="eval", unit="batch", leave=False,
                        disable=not (self.dist.main and self.cfg.progress), dynamic_ncols=True)
         model = self.eval_model
@@ -538,15 +511,9 @@ class Trainer:
             self.scaler.load_state_dict(state.scaler)
 
 
-# --------------------------------------------------------------------------------------------
-# Building a run: tokenizer, data, model
-# --------------------------------------------------------------------------------------------
-
-
 def check_next_token_labels(examples: Dataset, split: str, n: int = 8) -> None:
-    """The contract the loss relies on, checked on a split's first examples: every counted label
-    is the next input token, and some label counts. A data bug that breaks it (labels not
-    shifted) makes the task trivially easy: the loss falls and even --overfit-batches passes."""
+    """The contract the loss relies on, on a split's first examples: every counted label is the
+    next input token, and some label counts (unshifted labels make the task trivially easy)."""
     for i in range(min(n, len(examples))):
         ids, labels = examples[i]["input_ids"], examples[i]["labels"]
         counted = labels[:-1] != IGNORE_INDEX
@@ -556,115 +523,6 @@ def check_next_token_labels(examples: Dataset, split: str, n: int = 8) -> None:
                              "(each counted labels[t] must equal input_ids[t + 1], and some "
                              "label must count): a data bug; the training would be meaningless")
 
-
-def load_or_train_tokenizer(cfg: TrainConfig, dcfg: DataConfig) -> CodeTokenizer | BPETokenizer:
-    """The given tokenizer, the pretrained model's, or a CodeTokenizer trained on the train split
-    (cached by corpus, tokenizer options and encoding version: ``dataset.tokenizer_cache_dir``,
-    so a second run reuses it)."""
-    from dataset import prepare, publish_cache_entry, tokenizer_cache_dir
-    from tokenizer import (
-        TOKENIZER_FILE,
-        CodeTokenizer,
-        check_model_tokenizer,
-        load_tokenizer,
-        tokenizer_path,
-        where_tokenizer_is,
-    )
-
-    own = Path(cfg.init_from) / TOKENIZER_FILE if cfg.init_from is not None else None
-    if cfg.tokenizer is not None:
-        tok = load_tokenizer(cfg.tokenizer)
-        if own is not None and own.is_file() and not same_vocabulary(tok, load_tokenizer(own)):
-            print(f"warning: --tokenizer {cfg.tokenizer} differs from {own}, the tokenizer "
-                  f"--init-from {cfg.init_from} was trained with: its ids name other tokens than "
-                  "the ones the pretrained embeddings learned", file=sys.stderr)
-        if cfg.init_from is not None:
-            check_model_tokenizer(tok, tokenizer_path(cfg.tokenizer), cfg.init_from)
-        return tok
-    if own is not None:
-        if not own.is_file():
-            raise ValueError(f"--init-from {cfg.init_from}: no {TOKENIZER_FILE} in it"
-                             f"{where_tokenizer_is(cfg.init_from)}; pass --tokenizer with the "
-                             "tokenizer the checkpoint was trained with")
-        tok = load_tokenizer(own)
-        check_model_tokenizer(tok, own, cfg.init_from)
-        return tok
-    cached = tokenizer_cache_dir(dcfg, cfg.tokenizer_min_freq, cfg.tokenizer_max_vocab)
-    if dcfg.use_cache and (cached / "tokenizer.json").is_file():
-        return load_tokenizer(cached)
-    from tqdm import tqdm
-
-    texts = prepare(dcfg, None).train
-    tok = CodeTokenizer.train(tqdm(texts, desc="train tokenizer", unit="text",
-                                   disable=not dcfg.progress),
-                              min_freq=cfg.tokenizer_min_freq, max_vocab=cfg.tokenizer_max_vocab)
-    if dcfg.use_cache:  # the first complete entry stays: another run may be loading it
-        with contextlib.suppress(OSError):  # a read-only cache: the tokenizer is used uncached
-            publish_cache_entry(cached, tok.save)
-    return tok
-
-
-def same_vocabulary(a: CodeTokenizer | BPETokenizer, b: CodeTokenizer | BPETokenizer) -> bool:
-    """Whether every id of ``a`` and ``b`` names the same token."""
-    return a.vocab_size == b.vocab_size and all(
-        a.id_to_token(i) == b.id_to_token(i) for i in range(a.vocab_size))
-
-
-def build_model(cfg: TrainConfig, tok: CodeTokenizer | BPETokenizer,
-                run_dir: Path | None = None) -> nn.Module:
-    """From scratch or from ``init_from``; then the quantized base and LoRA if asked for (new
-    adapters, or ``init_adapter``'s: ``cfg`` as ``with_init_adapter`` fills it in). ``run_dir``:
-    the run whose own weights will be loaded into the model (a resume from its checkpoint,
-    eval.py's best/): an init_adapter run's LoRA layout then comes from the run's copy of the
-    adapter's config (``run_adapter_copy``), with no weights read from the adapter directory."""
-    from architecture import Transformer
-
-    base_dtype = SHORT_DTYPES[cfg.base_dtype]
-    if cfg.init_from is not None:
-        model = Transformer.from_pretrained(cfg.init_from, dtype=base_dtype, device="cpu")
-        if tok.vocab_size > model.cfg.vocab_size:
-            raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model at "
-                             f"{cfg.init_from} only {model.cfg.vocab_size} embeddings")
-        if cfg.dropout is not None:  # embeddings and residual branches, as from scratch
-            model.cfg.dropout = model.cfg.embd_dropout = cfg.dropout
-        for key, value in cfg.model_options.items():  # LOADED_MODEL_OPTIONS: read live
-            setattr(model.cfg, key, value)
-    else:
-        model = Transformer(model_config(cfg, tok.vocab_size, tok.bos_id, tok.eos_id))
-        model.to(base_dtype)
-    if cfg.lora_r > 0:
-        import lora
-
-        if cfg.quantize_bits:
-            lora.quantize_base(model, bits=cfg.quantize_bits)
-        copy = run_adapter_copy(run_dir) if run_dir is not None else None
-        if cfg.init_adapter is not None and copy is not None:  # the weights: the run's own
-            lora.apply_adapter_layout(model, copy.parent, copy.name)
-        elif cfg.init_adapter is not None:  # its own config (with_init_adapter: cfg agrees)
-            if not (Path(cfg.init_adapter) / lora.ADAPTER_CONFIG).is_file():
-                raise ValueError(
-                    f"TrainConfig.init_adapter {cfg.init_adapter}: no {lora.ADAPTER_CONFIG} there; "
-                    "the run's LoRA layout (targets, rank, scaling) is read from there (a run "
-                    "starts from the adapter's weights): put that adapter back at this path")
-            if changed := lora.changed_base_tensors(model, cfg.init_adapter):
-                raise ValueError(
-                    f"TrainConfig.init_adapter {cfg.init_adapter}: its {changed[0]} (of "
-                    f"{len(changed)} base tensor(s)) differs from the base's, {cfg.init_from}; "
-                    "a run keeps only the adapters, so a resume and the export would lose it: "
-                    "save the base as the adapter holds it (PEFT: PeftModel.from_pretrained("
-                    "base, adapter).unload().save_pretrained(NEW)) and name it with --init-from")
-            lora.load_adapter(model, cfg.init_adapter)
-        else:
-            options = {"target_modules": cfg.lora_targets} if cfg.lora_targets else {}
-            lora.apply_lora(model, lora.LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha,
-                                                   dropout=cfg.lora_dropout, **options))
-    model.gradient_checkpointing = cfg.gradient_checkpointing
-    return model
-
-
-# --------------------------------------------------------------------------------------------
-# The run
-# --------------------------------------------------------------------------------------------
 
 OVERFIT_LOSS = 0.05  # "memorised": the --overfit and --overfit-batches target
 MAX_SKIPPED_STEPS = 25  # consecutive fp16 overflow skips before the run is declared diverged
@@ -689,9 +547,8 @@ STOP_SIGNALS = tuple(sig.name for sig in cliconfig.STOP_SIGNALS)  # SIGINT, SIGT
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C, SIGTERM or SIGHUP raised out of ``train`` (a signal outside the step loop, or a
-    second one), saying what is left: ``resume`` is how to continue the run from its checkpoint, or
-    None when it had written none (nothing to resume: the same command starts it again)."""
+    """A stop signal raised out of ``train``; ``resume``: how to continue the run from its
+    checkpoint (None: it wrote none, the same command starts it again)."""
 
     def __init__(self, stop: KeyboardInterrupt, resume: str | None):
         super().__init__(*stop.args)  # the signal's name, for cliconfig.interrupted_exit_code
@@ -699,14 +556,10 @@ class RunInterrupted(KeyboardInterrupt):
 
 
 class _StopSignals:
-    """SIGINT/SIGTERM/SIGHUP (``cliconfig.STOP_SIGNALS``) ask the loop to checkpoint and end; a
-    Ctrl-C after any of them interrupts at once. A SIGTERM or SIGHUP never does: a scheduler's
-    stop (Slurm's scancel, ``pkill -f``) reaches a sweep's worker (or a torchrun rank) directly
-    and again forwarded by its parent, and its SIGKILL follows anyway; the second one skipped
-    the checkpoint the first asked for. A hangup too comes more than once (the kernel's to the
-    terminal's foreground processes, the shell's to its jobs), and leaves a terminal that fails
-    every write: stdout and stderr leave it first (``cliconfig.leave_terminal_on_hangup``), so
-    that no print (an evaluation's line, the stop's message) ends the run before its checkpoint."""
+    """SIGINT/SIGTERM/SIGHUP ask the loop to checkpoint and end; a second Ctrl-C interrupts at
+    once, a second SIGTERM or SIGHUP does not (a scheduler's stop arrives twice, directly and
+    forwarded). A hangup moves stdout and stderr off the dead terminal first, so that no print
+    ends the run before its checkpoint."""
 
     def __init__(self) -> None:
         self.reason: str | None = None
@@ -724,18 +577,15 @@ class _StopSignals:
             raise KeyboardInterrupt(signal.Signals(signum).name)
 
     def restore(self, taken: bool = True) -> None:
-        """Put the previous handlers back. A stop the loop did not act on (``taken`` False: it
-        came after the loop's last look, or an error left the loop, a sweep's pruned trial) is
-        passed on to them, as they would have taken it: else the caller went on (a sweep to its
-        next trial, recipes.py to its evaluation) as if it had never come."""
+        """Put the previous handlers back; a stop the loop did not act on (``taken`` False) is
+        passed on to them, else the caller would go on as if it had never come."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         if self.reason is not None and not taken:
             signal.raise_signal(signal.Signals[self.reason])
 
 
-def _millions(n: int) -> str:
-    """0.46M, but 3,072 rather than "0.00M" (a LoRA's trainable count on a small model)."""
+def _millions(n: int) -> str:  # 0.46M, but 3,072 rather than "0.00M"
     return f"{n / 1e6:.2f}M" if n >= 10_000 else f"{n:,}"
 
 
@@ -748,22 +598,16 @@ def _memory_mb(device: torch.device) -> float:
 
 
 def _broadcast(value, dist: Dist):
-    if not dist.enabled:
-        return value
-    import torch.distributed as td
-
     box = [value]
-    td.broadcast_object_list(box, src=0)
+    if dist.enabled:
+        td.broadcast_object_list(box, src=0)
     return box[0]
 
 
 def _gather(value, dist: Dist) -> list:
-    if not dist.enabled:
-        return [value]
-    import torch.distributed as td
-
-    out = [None] * dist.world
-    td.all_gather_object(out, value)
+    out = [value] * dist.world
+    if dist.enabled:
+        td.all_gather_object(out, value)
     return out
 
 
@@ -811,8 +655,7 @@ class Run:
 
 def _interrupted(stop: KeyboardInterrupt, run_dir: Path | None, hint: str | None,
                  restarts: bool) -> RunInterrupted:
-    """``stop`` saying whether a checkpoint of the run is there to continue from (never for a
-    run that ``restarts``)."""
+    """``stop``, saying how to continue the run if it has a checkpoint (and is continued)."""
     saved = run_dir is not None and bool(list_checkpoints(run_dir)) and not restarts
     return RunInterrupted(stop, (hint or f"--resume {run_dir}") if saved else None)
 
@@ -952,19 +795,6 @@ def _prepare_data(run: Run, own_tok: bool) -> None:
         run.train_set = run.val_set = Subset(run.train_set, chosen)
 
 
-def default_block_size(cfg: TrainConfig) -> int:
-    """The preset's context from scratch; with init_from its context, at most 1024."""
-    if cfg.init_from is None:
-        from architecture import PRESETS
-
-        preset = PRESETS.get(cfg.preset)
-        return preset.block_size if preset is not None else 256
-    config = cliconfig.read_json_object(Path(cfg.init_from) / HF_CONFIG, "model config")
-    context = next((config[k] for k in ("max_position_embeddings", "n_positions", "n_ctx")
-                    if k in config), 1024)
-    return min(int(context), 1024)
-
-
 def _restore(run: Run, path: Path) -> None:
     """Continue from checkpoint ``path``: weights, optimizer, RNG, data position, progress."""
     cfg, trainer = run.cfg, run.trainer
@@ -1002,9 +832,6 @@ def _check_length(run: Run) -> None:
                      "run: set a larger epochs")
 
 
-# -- epochs: one home for what an epoch counts -----------------------------------------------
-
-
 def _window_at_every_token(run: Run) -> bool:
     """lm windows at every start position (stride 1): its items are not examples."""
     return getattr(run.train_set, "stride", None) == 1
@@ -1034,9 +861,6 @@ def _max_steps(run: Run) -> int:
     return max(1, math.ceil(run.cfg.epochs * _examples_per_epoch(run) / _examples_per_step(run)))
 
 
-# -- data -------------------------------------------------------------------------------------
-
-
 def _collate(run: Run, examples: list[dict]) -> dict:
     from dataset import collate
 
@@ -1062,9 +886,6 @@ def _val_batches(run: Run) -> tuple[Iterator[dict], int]:
     batches = (_collate(run, [run.val_set[i] for i in range(s, min(s + cfg.batch_size, n))])
                for s in starts)
     return batches, len(starts)
-
-
-# -- checkpoints, best/ ----------------------------------------------------------------------
 
 
 def save_checkpoint(run: Run) -> None:
@@ -1094,9 +915,6 @@ def _save_best(run: Run, metrics: dict) -> None:
                 (tmp / CONFIG_FILE).write_text(json.dumps(run.config_dict, indent=1))
 
             write_dir_atomically(run.run_dir / BEST_DIR, write)
-
-
-# -- the step loop's parts -------------------------------------------------------------------
 
 
 def _announce(run: Run) -> None:
@@ -1174,7 +992,6 @@ def _evaluate(run: Run, log: RunLog, on_eval) -> dict:
 
 
 def _out_of_patience(run: Run) -> bool:
-    """Whether early stopping ends the run: patience evaluations without a counted fall."""
     patience = run.cfg.early_stop_patience
     return bool(patience) and run.state.evals_since_best >= patience
 
@@ -1183,8 +1000,6 @@ def _stops_early(run: Run) -> bool:
     if not _out_of_patience(run):
         return False
     if run.main:
-        from tqdm import tqdm
-
         cfg = run.cfg
         tqdm.write(f"stopped early at step {run.state.step} of {run.max_steps}: "
                    f"{cfg.early_stop_patience} evaluation(s) without a fall of more than "
@@ -1331,20 +1146,19 @@ def _export(run: Run) -> tuple[Path | None, str | None]:
 
 def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
           resume_hint: str | None = None, restarts: bool = False) -> TrainResult:
-    """Run (or continue, with ``cfg.resume``) one training run of a valid ``cfg``.
-
-    ``on_eval(step, metrics)`` is called after every evaluation; an exception it raises (e.g.
-    ``optuna.TrialPruned``) propagates once the run directory is consistent. Under torchrun this
-    joins the process group. ``resume_hint`` completes the messages' "continue it with ..." in
-    the caller's own terms; ``restarts``: the caller runs it again from the start instead.
-    """
+    """Run (or continue, with ``cfg.resume``) one training run of a valid ``cfg``. ``on_eval(step,
+    metrics)`` follows each evaluation (what it raises, e.g. optuna.TrialPruned, propagates once
+    the run directory is consistent); ``resume_hint`` says "continue it with ..." in the caller's
+    terms; ``restarts``: the caller runs it again from the start instead."""
     dist, owns_group = _init_distributed(cfg.device)
     run = None
     try:
         run = setup_run(cfg, dist, resume_hint, restarts)
         cfg, s, trainer = run.cfg, run.state, run.trainer
         log = RunLog(run.run_dir, run.main, s.step if cfg.resume else None)
-        signals, bar = _StopSignals(), _progress_bar(run)
+        signals = _StopSignals()
+        bar = tqdm(total=run.max_steps, initial=s.step, desc="train", unit="step",
+                   disable=not (run.main and cfg.progress), dynamic_ncols=True)
         result = TrainResult(run.run_dir, s.best_val_loss, s.step)
         save_every = cfg.save_every or cfg.eval_every
         started = window_start = time.perf_counter()
@@ -1404,13 +1218,6 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
             _leave_group()
 
 
-def _progress_bar(run: Run):
-    from tqdm import tqdm
-
-    return tqdm(total=run.max_steps, initial=run.state.step, desc="train", unit="step",
-                disable=not (run.main and run.cfg.progress), dynamic_ncols=True)
-
-
 def _holds_runs_tokenizer(directory: str | None, tok: object) -> bool:
     """Whether ``directory``'s tokenizer.json is the run's tokenizer (a BPETokenizer)."""
     from tokenizer import BPETokenizer, tokenizer_path
@@ -1425,15 +1232,10 @@ def _holds_runs_tokenizer(directory: str | None, tok: object) -> bool:
 
 def copy_hf_companions(cfg: TrainConfig, tok: object, out: Path, weights: bool) -> None:
     """Give an export what transformers finds beside the checkpoint it came from: the HF
-    tokenizer files of the directory the run's tokenizer was read from (``--tokenizer``, else
-    ``--init-from``) in place of the roles-only tokenizer_config.json that ``tok.save`` writes,
-    when that directory's tokenizer.json is the run's; and, beside full weights (``weights``),
-    ``--init-from``'s generation_config.json, when the run kept that checkpoint's tokenizer
-    (the file's bos/eos/pad ids are its). The tokenizer_class stays ``tok.save``'s
-    PreTrainedTokenizerFast: in a directory without config.json (an adapter) transformers
-    builds the class named there, and StarCoder's GPT2Tokenizer then splits digits otherwise
-    than its tokenizer.json; a bos/eos/pad role the file leaves out, and codelm guessed, is
-    added, as ``tok.save`` writes it."""
+    tokenizer files of the directory the run's tokenizer came from (when its tokenizer.json is
+    the run's), with ``tok.save``'s PreTrainedTokenizerFast class (StarCoder's GPT2Tokenizer
+    splits digits otherwise) and any bos/eos/pad role codelm guessed; beside full weights,
+    ``--init-from``'s generation_config.json when the run kept that checkpoint's tokenizer."""
     from pretrained import GENERATION_CONFIG, HF_TOKENIZER_FILES
     from tokenizer import tokenizer_path
 
@@ -1483,13 +1285,8 @@ def sample_completion(model: nn.Module, tok: CodeTokenizer | BPETokenizer, promp
 
 
 def _leave_group() -> None:
-    """The run's DDP model sits in reference cycles and holds the group: freed by a late garbage
-    collection (at interpreter exit), gloo's threads die with the process half torn down and it
-    aborts now and then (SIGABRT, "terminate called without an active exception"). A run that
-    failed is held by its error's traceback too (the frames of execute keep the trainer): their
-    locals are dropped first, the error itself kept."""
-    import torch.distributed as td
-
+    """Free the run's DDP model (held in reference cycles and by an error's traceback frames)
+    before leaving the group: freed at interpreter exit instead, gloo aborts now and then."""
     error, seen = sys.exc_info()[1], set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
@@ -1506,12 +1303,9 @@ def _leave_group() -> None:
 
 @torch.no_grad()
 def structure_diagnosis(model: nn.Module, vocab_size: int, length: int) -> str | None:
-    """Two properties every causal LM has, checked on random ids before any training.
-
-    A model that mixes the samples of a batch (seed 001's transposed batch: (T, B) read as
-    (B, T)) or lets later tokens change earlier logits can still drive the training loss down,
-    yet it learns nothing usable; both are caught here in milliseconds.
-    """
+    """Two properties every causal LM has, checked on random ids before any training: a model
+    that mixes the samples of a batch or lets later tokens change earlier logits can still drive
+    the training loss down, yet learns nothing usable."""
     was_training = model.training
     model.eval()
     try:
@@ -1524,8 +1318,8 @@ def structure_diagnosis(model: nn.Module, vocab_size: int, length: int) -> str |
         other[0] = torch.randint(0, vocab_size, (t,), generator=g).to(device)
         if not torch.allclose(model(other)[1:], base[1:], atol=1e-5):
             return ("changing one sample of a batch changed the logits of the other samples: the "
-                    "model mixes the batch dimension. This is the transposed-batch bug of seed "
-                    "001: a (time, batch) tensor read as (batch, time), or attention/normalisation "
+                    "model mixes the batch dimension. This is the transposed-batch bug: a "
+                    "(time, batch) tensor read as (batch, time), or attention/normalisation "
                     "over the wrong axis. Check every reshape/transpose between the data and the "
                     "attention.")
         later = x.clone()
@@ -1573,8 +1367,6 @@ def run_overfit(cfg: TrainConfig, max_steps: int = 400, lr: float = 3e-3) -> tup
     problem = structure_diagnosis(trainer.raw_model, tok.vocab_size, block)
     if problem:
         return False, f"FAIL before training: diagnosis: {problem}"
-
-    from tqdm import tqdm
 
     losses: list[float] = []
     with tqdm(total=max_steps, desc="overfit", unit="step", disable=not cfg.progress) as bar:
@@ -1627,7 +1419,7 @@ def run_overfit(cfg: TrainConfig, max_steps: int = 400, lr: float = 3e-3) -> tup
             f"FAIL: {head}; the training loss says memorised but greedy completion does not "
             "reproduce the files:\n" + "\n".join(lines) + "\nDiagnosis: training and generation "
             "disagree: the positions or KV cache used by generate differ from the training "
-            "forward, the batch layout differs between them (seed 001's transposed batch), or "
+            "forward, the batch layout differs between them (a transposed batch), or "
             "the tokenizer decodes differently than it encodes.")
     return True, (f"PASS: {head}; greedy completion of each file's first line reproduces all "
                   f"{len(files)} files exactly.")
@@ -1638,8 +1430,7 @@ def run_overfit(cfg: TrainConfig, max_steps: int = 400, lr: float = 3e-3) -> tup
 # --------------------------------------------------------------------------------------------
 
 
-# What a user's mistake or a failing run raises: reported as one line, never a traceback.
-RUN_ERRORS = (NonFiniteLossError, ValueError, OSError)
+RUN_ERRORS = (NonFiniteLossError, ValueError, OSError)  # reported as one line, no traceback
 
 
 def _is_rank_zero() -> bool:
