@@ -115,7 +115,7 @@ class TrainConfig:
     label_smoothing: float = 0.0  # training only; validation reports the true NLL
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 on GPUs with native bf16, fp16
     #   on older ones such as the T4, fp32 on CPU)
-    eval_precision: str = "fp32"  # fp32 | same (as training); seed 000 needed fp32. fp32 means
+    eval_precision: str = "fp32"  # fp32 | same (as training). fp32 means
     #   no autocast: a bf16/fp16 or quantized frozen base (base_dtype) computes in its own dtype
     compile: bool = False  # torch.compile the model
     gradient_checkpointing: bool = False  # recompute each block in backward: less memory
@@ -262,8 +262,7 @@ ADAPTER_KEYS = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
 def run_adapter_copy(run_dir: str | Path) -> Path | None:
     """A run's INIT_ADAPTER_COPY when the run continues from its weights (it holds some): the
     LoRA layout of an init_adapter run that a resume or eval.py rebuilds. None: a run with no
-    weights yet (it starts again from the adapter directory), or one of an earlier codelm, which
-    wrote no copy (it reads the adapter directory)."""
+    weights yet (it starts again from the adapter directory)."""
     copy = Path(run_dir).expanduser() / INIT_ADAPTER_COPY
     return copy if copy.is_file() and rundir.holds_weights(copy.parent) else None
 

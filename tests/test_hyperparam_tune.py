@@ -737,7 +737,7 @@ def _first_trial_trains_in_bf16_and_stops(monkeypatch) -> list:
             state_file = trainingmanager.list_checkpoints(result.run_dir)[-1] / \
                 rundir.STATE_FILE
             state = torch.load(state_file, weights_only=True)
-            state["progress"]["precision"] = "bf16"
+            state["precision"] = "bf16"
             torch.save(state, state_file)
             result.interrupted = "SIGTERM"
         return result
@@ -761,7 +761,7 @@ def test_a_trial_continued_on_another_kind_of_machine_keeps_the_precision_it_tra
     assert [(c.resume, c.precision) for c in calls] == [
         (None, "auto"), (str(run), "bf16"), (None, "auto")]
     checkpoint = trainingmanager.list_checkpoints(run)[-1] / rundir.STATE_FILE
-    assert torch.load(checkpoint, weights_only=True)["progress"]["precision"] == "bf16"
+    assert torch.load(checkpoint, weights_only=True)["precision"] == "bf16"
     study = load_study(journal(tmp_path, "prec"), "prec")
     assert [t.state for t in study.get_trials()] == [
         TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]

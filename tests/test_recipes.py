@@ -1079,18 +1079,18 @@ def test_code_completion_keeps_the_pieces_seen_more_than_ten_times_as_its_seed_d
 
 def test_a_recipes_training_advice_names_its_train_section_not_a_trainer_flag(tmp_path,
                                                                              monkeypatch):
-    """The trainer's advice ("... lower --warmup-steps") named a trainingmanager.py flag, which a
-    recipe's user has none of: they set the recipe's train section, or --set; --smoke and
-    --smoke-steps set the keys it sizes down."""
+    """The checks of a recipe's train settings name no trainingmanager.py flag, which a recipe's
+    user has none of: they set the recipe's train section, or --set; --smoke and --smoke-steps
+    set the keys it sizes down."""
     monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
     advice = []
 
-    def train(cfg, resume_hint=None, restarts=False, where_set=cliconfig.flag_of):
+    def validate_config(cfg, where_set=cliconfig.flag_of):
         advice.append([where_set(k) for k in ("weight_decay", "lora_r", "warmup_steps",
                                                 "max_steps")])
         raise ValueError("stopped before training")
 
-    monkeypatch.setattr(tm, "train", train)
+    monkeypatch.setattr(tm, "validate_config", validate_config)
     recipe = CONFIGS / "refactotron.json"
     assert recipes.main([str(recipe), "--smoke", "--out-dir", str(tmp_path / "runs"),
                          "--no-progress", "--set", "train.lora_r=4"]) == 2
