@@ -271,14 +271,9 @@ def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = (),
                       where_set: Callable[[str], str] = cliconfig.flag_of) -> TrainConfig:
     """``cfg`` with the LoRA settings of its ``init_adapter`` (``ADAPTER_KEYS``) and, without
     ``init_from``, the base the adapter's config names. The adapter's weights fix its rank and
-    targets, so a setting given (other than the default, or named in ``typed``: a flag typed at
-    its default value) that differs from the file's is an
-    error, not overridden: targets agree when they select the same modules of the base (HF or
-    codelm names, as lora.targeted_modules resolves them; the given spelling is kept). What
-    codelm's LoRA cannot honour is refused as ``load_adapter`` refuses it. A resume of a run
-    with weights reads the run's copy of the file (``run_adapter_copy``): the adapter directory
-    may be gone. Idempotent: a run's config.json holds the settings it filled in. Errors name
-    where each setting was set (``where_set``, as ``train`` takes it)."""
+    targets: a setting given (not the default, or in ``typed``) that differs from the file's is
+    an error (targets agree when they select the same modules of the base). A resume of a run
+    with weights reads the run's copy of the file (``run_adapter_copy``). Idempotent."""
     if cfg.init_adapter is None:
         return cfg
     import lora
@@ -341,8 +336,7 @@ def _select_the_same(base: str, mine: list[str], theirs: list[str] | str, file: 
 def check_not_an_adapter(init_from: str, where_set: Callable[[str], str] = cliconfig.flag_of
                          ) -> None:
     """Refuse a LoRA adapter directory (a LoRA run's export/) as ``init_from``, naming what to
-    load instead: it holds no model, and "config.json not found" would not say why. The error
-    names where init_from was set (``where_set``, as ``train`` takes it)."""
+    load instead."""
     import lora
 
     path = Path(init_from)
@@ -517,11 +511,9 @@ def _check_data_option_keys(options: dict, where: str) -> None:
 
 
 def check_options(values: dict, source: str) -> None:
-    """The data_options and model_options of ``values`` (TrainConfig values from one source: a
-    --config file, the --data-options / --model-options flags) checked on their own, so that
-    errors name ``source``, as ``config_from_dict``'s name it for the top-level keys: each key,
-    each value's type, and the data options' ranges (the split fractions' sum). What depends on
-    the other keys (the task, init_from) is checked where the run is set up."""
+    """The data_options and model_options of ``values`` (from one source: a --config file, the
+    flags) checked on their own, so that errors name ``source``: each key, each value's type,
+    the data options' ranges. What depends on the other keys is checked by validate_config."""
     for key, check in (("data_options", _check_data_options),
                        ("model_options", _check_model_options)):
         if isinstance(values.get(key), dict):  # else config_from_dict names the type
