@@ -1151,7 +1151,7 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
     the run directory is consistent); ``resume_hint`` says "continue it with ..." in the caller's
     terms; ``restarts``: the caller runs it again from the start instead."""
     dist, owns_group = _init_distributed(cfg.device)
-    run = None
+    run = trainer = None
     try:
         run = setup_run(cfg, dist, resume_hint, restarts)
         cfg, s, trainer = run.cfg, run.state, run.trainer
@@ -1213,7 +1213,7 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
     finally:
         if run is not None:
             run.claimed.release()
-        del run
+        del run, trainer  # the DDP model goes before the group (_leave_group)
         if owns_group:
             _leave_group()
 

@@ -265,14 +265,15 @@ def test_ddp_model_is_freed_before_the_group_is_destroyed(assets, tmp_path, fail
 
 FAILING_SECOND_CHECKPOINT = """
 import errno, sys
+import checkpoint
 import trainingmanager as tm
-save, calls = tm.save_checkpoint, []
+save, calls = checkpoint.save, []
 def failing(*args, **kwargs):
     calls.append(1)
     if len(calls) == 2:
         raise OSError(errno.ENOSPC, "No space left on device", str(args[0]))
     return save(*args, **kwargs)
-tm.save_checkpoint = failing
+checkpoint.save = failing
 sys.exit(tm.main(sys.argv[1:]))
 """
 
