@@ -151,9 +151,7 @@ DISK_FULL_MIB = 1.0
 
 def write_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
     """``cliconfig.write_dir_atomically`` replacing ``target`` (a checkpoint, best/, export/), any
-    failure of ``write`` reported as one OSError naming ``target`` (torch and safetensors raise
-    their own types on a full disk, and Python's write() names no file). The free space is
-    measured as ``write`` fails, while its partial copy still fills the disk."""
+    failure of ``write`` one OSError naming ``target`` (and a full disk, measured as it fails)."""
     free_mib: list[float] = []
 
     def build(tmp: Path) -> None:
@@ -281,12 +279,10 @@ def drop_old(run_dir: Path, keep_last: int) -> None:
 # Whether a resume may continue a checkpoint
 # --------------------------------------------------------------------------------------------
 
-# What a resumed run may change (besides name, out_dir and resume, which only locate it): how it
-# computes (the same maths; bit-exact only with the same device and settings), how far it goes,
-# what it reports and keeps, and how it ends. Every other key shapes the model, the data or its
-# order, the optimizer state or the steps already taken: with another value the checkpoint would
-# not load, or would load and silently override it (AdamW's lr, betas and decay come back from
-# the checkpoint), or the run would go on as another run than the one on disk.
+# What a resumed run may change (besides name, out_dir and resume, which locate it): how it
+# computes, how far it goes, what it reports and keeps, how it ends. Every other key shapes the
+# model, the data, the optimizer state or the steps taken: the checkpoint would not load, or would
+# silently override it (AdamW's lr and betas come back from it).
 RESUME_MAY_CHANGE = (
     "device", "compile", "gradient_checkpointing",  # how the same maths is computed
     "max_steps", "epochs", "max_time_s",  # how far it goes (the cosine follows the new length)

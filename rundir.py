@@ -1,7 +1,5 @@
-"""The run directory's layout, its one home: trainingmanager writes it; eval.py, recipes.py,
-hyperparam_tune.py (through trainingmanager) and pretrained.py's advice on a run given as a
-checkpoint name its parts from here; it also claims and locks a run's directory (one run per
-directory) and tells a run directory from any other."""
+"""The run directory: its layout (the one home of its names), claiming and locking it (one run
+per directory), telling it from any other directory, and its metrics.jsonl and TensorBoard log."""
 
 from __future__ import annotations
 
@@ -27,7 +25,7 @@ CONFIG_FILE = "config.json"  # the resolved TrainConfig; each checkpoint and bes
 # continued from its weights (a resume, eval.py) it takes its LoRA layout there, not from the
 # adapter directory, which it needs only at its start (run_adapter_copy).
 INIT_ADAPTER_COPY = "init_adapter_config.json"
-METRICS_FILE = "metrics.jsonl"  # one line per log step and per evaluation (_RunLog)
+METRICS_FILE = "metrics.jsonl"  # one line per log step and per evaluation (RunLog)
 TB_DIR = "tb"  # TensorBoard events
 CHECKPOINTS_DIR = "checkpoints"  # one CHECKPOINT_PREFIX<step> directory per checkpoint
 BEST_DIR = "best"  # the best-by-validation weights, their BEST_METRICS and CONFIG_FILE
@@ -41,7 +39,7 @@ HF_CONFIG = "config.json"
 
 MODEL_FILE = "model.safetensors"  # the full model's tensors
 ADAPTER_FILE = "adapter.safetensors"  # only the trainable tensors (LoRA on a pretrained base)
-STATE_FILE = "state.pt"  # optimizer, scheduler, scaler, RNG of every rank, progress
+STATE_FILE = "state.pt"  # a checkpoint's RunState but its weights (checkpoint.py)
 CHECKPOINT_PREFIX = "step-"
 EXPORT_RECORD = "codelm_export.json"  # in export/: {"best_step": the step of best/ it holds}
 LOCK_FILE = ".lock"  # held (flock) by the run that runs in the directory; holds its owner_tag
