@@ -611,8 +611,7 @@ def recorded_precision(run: Path) -> str | None:
     resolved to there), or None without a readable checkpoint."""
     for checkpoint in reversed(trainingmanager.list_checkpoints(run)):
         try:
-            precision = trainingmanager.read_state(checkpoint, mmap=True)["progress"].get(
-                "precision")
+            precision = trainingmanager.read_state(checkpoint, mmap=True).precision
         except trainingmanager.CorruptCheckpointError:
             continue
         return precision if isinstance(precision, str) else None
@@ -742,8 +741,7 @@ def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _FileL
 
         try:
             train_cfg = _prepare_trial(cfg, space, base, trial)
-            result = trainingmanager.train(train_cfg, on_eval=on_eval, resume_hint=RESUME_HINT,
-                                           where_set=where_set(cfg, space, base))
+            result = trainingmanager.train(train_cfg, on_eval=on_eval, resume_hint=RESUME_HINT)
         except KeyboardInterrupt:
             _mark_interrupted(trial)
             raise

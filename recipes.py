@@ -615,14 +615,14 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
                                              opts.progress)
 
     cfg = tm.config_from_dict(values, f"{opts.recipe} (train section)")
+    tm.validate_config(cfg, where_set)
     eval_remedy = (f"remove {out_dir / name / rundir.EVAL_DIR}, then run the same command with "
                    f"--resume to evaluate the run again with these settings (recipes.py "
                    f"evaluates a run into its {rundir.EVAL_DIR}/)")
     if opts.resume and not opts.skip_eval:  # refused now, not after the run's export again
         ev.check_settings_unchanged(
             eval_config(recipe, opts, cfg, out_dir / name, own_run, own_base), eval_remedy)
-    result = tm.train(cfg, resume_hint=resume_hint(opts.smoke), restarts=opts.smoke,
-                      where_set=where_set)
+    result = tm.train(cfg, resume_hint=resume_hint(opts.smoke), restarts=opts.smoke)
     report = RecipeResult(result.run_dir, result, None, None, train_losses(result.run_dir),
                           smoke=opts.smoke)
     if result.interrupted:

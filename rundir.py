@@ -1,6 +1,21 @@
-"""The run directory's layout, its one home: trainingmanager writes it; eval.py, recipes.py,
-hyperparam_tune.py (through trainingmanager) and pretrained.py's advice on a run given as a
-checkpoint name its parts from here. A ground-floor module, so every floor may import it."""
+"""The run directory: its layout (the one home of its names), claiming and locking it (one run
+per directory), telling it from any other directory, and its metrics.jsonl and TensorBoard log."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cliconfig
 
 # runs/<name>/ holds CONFIG_FILE, METRICS_FILE, tokenizer.json, LOCK_FILE, TB_DIR/,
 # CHECKPOINTS_DIR/<CHECKPOINT_PREFIX>N/, BEST_DIR/, EXPORT_DIR/ and EVAL_DIR/ (and
@@ -10,7 +25,7 @@ CONFIG_FILE = "config.json"  # the resolved TrainConfig; each checkpoint and bes
 # continued from its weights (a resume, eval.py) it takes its LoRA layout there, not from the
 # adapter directory, which it needs only at its start (run_adapter_copy).
 INIT_ADAPTER_COPY = "init_adapter_config.json"
-METRICS_FILE = "metrics.jsonl"  # one line per log step and per evaluation (_RunLog)
+METRICS_FILE = "metrics.jsonl"  # one line per log step and per evaluation (RunLog)
 TB_DIR = "tb"  # TensorBoard events
 CHECKPOINTS_DIR = "checkpoints"  # one CHECKPOINT_PREFIX<step> directory per checkpoint
 BEST_DIR = "best"  # the best-by-validation weights, their BEST_METRICS and CONFIG_FILE
@@ -24,8 +39,349 @@ HF_CONFIG = "config.json"
 
 MODEL_FILE = "model.safetensors"  # the full model's tensors
 ADAPTER_FILE = "adapter.safetensors"  # only the trainable tensors (LoRA on a pretrained base)
-STATE_FILE = "state.pt"  # optimizer, scheduler, scaler, RNG of every rank, progress
+STATE_FILE = "state.pt"  # a checkpoint's RunState but its weights (checkpoint.py)
 CHECKPOINT_PREFIX = "step-"
 EXPORT_RECORD = "codelm_export.json"  # in export/: {"best_step": the step of best/ it holds}
 LOCK_FILE = ".lock"  # held (flock) by the run that runs in the directory; holds its owner_tag
 WRITTEN_BEFORE_CONFIG = ("tokenizer.json", "tokenizer_config.json")  # the run's tokenizer
+
+
+# --------------------------------------------------------------------------------------------
+# What a run directory holds
+# --------------------------------------------------------------------------------------------
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step a checkpoint directory ``step-N`` holds (None: not a checkpoint's name)."""
+    number = path.name.removeprefix(CHECKPOINT_PREFIX)
+    return int(number) if path.name.startswith(CHECKPOINT_PREFIX) and number.isdigit() else None
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None),
+                  key=checkpoint_step)
+
+
+def best_step(run_dir: Path) -> int | None:
+    """The step whose weights a run's best/ holds (None: no best/ yet)."""
+    path = Path(run_dir) / BEST_DIR / BEST_METRICS
+    return cliconfig.read_json_object(path, "best metrics").get("step") if path.is_file() else None
+
+
+def stale_export(run_dir: Path) -> str | None:
+    """Why a run's export/ does not hold its best/ weights (a resume trained on without
+    exporting), or None."""
+    record = Path(run_dir) / EXPORT_DIR / EXPORT_RECORD
+    if not record.is_file():
+        return None
+    exported = cliconfig.read_json_object(record, "export record").get("best_step")
+    best = best_step(run_dir)
+    if best is None or exported == best:
+        return None
+    held = f"the best weights of step {exported}" if exported is not None else "no best/ weights"
+    return f"it holds {held}, best/ those of step {best} (the run trained on after its export)"
+
+
+def holds_weights(run_dir: Path) -> bool:
+    """Whether a run directory holds trained weights (a checkpoint, best/ or export/): a new
+    run may replace one without them, and a resumed one without them starts from scratch."""
+    return bool(list_checkpoints(run_dir)) or any((run_dir / d).is_dir()
+                                                  for d in (BEST_DIR, EXPORT_DIR))
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a codelm run directory that got as far as weights: eval loads such a
+    directory as a run."""
+    path = Path(path)
+    return (path / CONFIG_FILE).is_file() and holds_weights(path)
+
+
+def failed_before_weights(run_dir: Path) -> bool:
+    """Whether a directory holds only a codelm run that stopped before writing any weights: its
+    config.json reads as a run's, and there is no weights file anywhere in it."""
+    try:
+        config = cliconfig.read_json_object(run_dir / CONFIG_FILE, "run config")
+    except (ValueError, OSError):
+        return False
+    if not RUN_CONFIG_KEYS <= set(config):
+        return False
+    weights = (p for p in run_dir.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt"))
+    return not holds_weights(run_dir) and next(weights, None) is None
+
+
+RUN_CONFIG_KEYS = {"preset", "lora_r", "max_steps", "out_dir"}  # a run's config.json has these
+
+
+def holds_no_checkpoint(run_dir: Path) -> str:
+    """What a run holding weights but no checkpoint holds, and a way on from those weights."""
+    held = []
+    if (run_dir / BEST_DIR).is_dir():
+        step = None
+        with contextlib.suppress(ValueError, OSError):
+            step = best_step(run_dir)
+        held.append("best/" + (f" (step {step})" if step is not None else ""))
+    if (run_dir / EXPORT_DIR).is_dir():
+        held.append("export/")
+    loadable = next((d for d in (run_dir / EXPORT_DIR, run_dir / EXPORT_DIR / MERGED_DIR)
+                     if (d / HF_CONFIG).is_file()), None)
+    how = (f"train on from them in a new run (another --name, with --init-from {loadable}), or "
+           "start over under another --name" if loadable else "start over under another --name")
+    return f"holds {' and '.join(held)} but no checkpoint to continue from; {how}"
+
+
+def no_checkpoint_to_resume(run_dir: Path) -> str:
+    """Why ``--resume`` refuses a run that holds weights (best/, export/) but no checkpoint:
+    starting it again would overwrite them."""
+    return f"--resume {run_dir}: it {holds_no_checkpoint(run_dir)}"
+
+
+def no_weights_yet(run_dir: Path) -> str | None:
+    """Why a run directory holding no weights has no model to load (still training towards its
+    first checkpoint, or stopped before one); None for any other directory."""
+    if not (run_dir / CONFIG_FILE).is_file() or not failed_before_weights(run_dir):
+        return None
+    lock = run_dir / LOCK_FILE
+    if lock_is_held(lock):
+        return (f"{run_dir}: a run still training ({lock_holder(lock) or 'another process'}) "
+                "that has saved no checkpoint yet: nothing to score before its first one")
+    return (f"{run_dir}: a run that stopped before its first checkpoint: no weights to score; "
+            f"--resume {run_dir} starts it again")
+
+
+def what_next(hint: str, restarts: bool = False) -> str:
+    """What a stopped run's user does next: continue it, or run it again (``restarts``)."""
+    return f"{'start it again' if restarts else 'continue'} with {hint}"
+
+
+# --------------------------------------------------------------------------------------------
+# Claiming and locking: one run per directory
+# --------------------------------------------------------------------------------------------
+
+
+def lock_holder(lock: Path) -> str | None:
+    """Who holds ``lock``, as its run wrote it (``cliconfig.owner_tag``): "process PID on HOST";
+    None when unknown or ended (the file keeps the last holder's tag)."""
+    try:
+        match = re.fullmatch(cliconfig.OWNER_PATTERN, lock.read_text().strip())
+    except (OSError, UnicodeDecodeError):
+        return None
+    if match is None or cliconfig.owner_is_dead(match):
+        return None
+    return f"process {match['pid']} on {match['host']}"
+
+
+def lock_is_held(lock: Path) -> bool:
+    """Whether a live run holds ``lock`` (a run directory's LOCK_FILE)."""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:  # a filesystem without locks: nothing to tell
+        return False
+    finally:
+        os.close(fd)
+
+
+def clean_partial_writes(directory: Path) -> None:
+    """Remove interrupted writes; restore a target whose replacement never landed. Run under
+    the run's lock, so every owner of these names is gone."""
+    if directory.is_dir():
+        cliconfig.recover_partial_writes(directory, every_owner_gone=True)
+
+
+class RunDirTaken(ValueError):
+    """The run directory belongs to another run (running now, or holding weights)."""
+
+
+@dataclass
+class ClaimedDir:
+    """A run directory this process holds the lock of (``lock`` None: a filesystem without
+    locks). ``wrote_tokenizer``: WRITTEN_BEFORE_CONFIG are this run's (``drop_if_unused``)."""
+
+    path: Path
+    lock: int | None = None
+    wrote_tokenizer: bool = False
+
+    def release(self) -> None:
+        """Give up the lock (the process's end does too)."""
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
+
+    def drop_if_unused(self) -> None:
+        """A run that failed or was stopped before its config.json leaves no directory behind:
+        only its lock file and tokenizer are there, removed while the lock is still held."""
+        if self.lock is None:
+            return
+        ours = {LOCK_FILE, *(WRITTEN_BEFORE_CONFIG if self.wrote_tokenizer else ())}
+        with contextlib.suppress(OSError):
+            names = {p.name for p in self.path.iterdir()}
+            if LOCK_FILE in names and names <= ours:  # never a user's own files
+                for name in sorted(names - {LOCK_FILE}) + [LOCK_FILE]:
+                    (self.path / name).unlink()
+                self.path.rmdir()
+
+
+def claim(resume: str | None, out_dir: str, name: str | None, stem: str, hint: str | None
+          ) -> ClaimedDir:
+    """The locked run directory: ``resume``'s, ``name``'s, or ``stem`` with a timestamp (a
+    suffix -2, -3, ... when runs started in the same second took the first ones). ``hint``: how
+    the caller continues a run (default ``--resume <dir>``)."""
+    if resume:
+        return _lock_dir(Path(resume), False, hint)
+    if name:
+        return _lock_dir(Path(out_dir) / name, True, hint)
+    stem = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in range(1, 1000):
+        with contextlib.suppress(RunDirTaken):
+            return _lock_dir(Path(out_dir) / (f"{stem}-{n}" if n > 1 else stem), True, hint)
+    raise ValueError(f"{out_dir}: no free run name {stem}-N; choose one with --name")
+
+
+def _lock_dir(run_dir: Path, new: bool, hint: str | None) -> ClaimedDir:
+    """Create ``run_dir`` and take its exclusive lock (on a file: flock on a directory fails
+    on NFS). A new run refuses a directory that holds anything but a codelm run that stopped
+    before its first weights: that one it replaces (so the corrected command may reuse the
+    name), and only while it holds the lock."""
+    def taken() -> RunDirTaken:
+        if holds_weights(run_dir) and not list_checkpoints(run_dir):
+            return RunDirTaken(f"{run_dir} already {holds_no_checkpoint(run_dir)}")
+        return RunDirTaken(f"{run_dir} already holds a run: continue it with "
+                           f"{hint or f'--resume {run_dir}'}, or choose another --name")
+
+    if (new and (run_dir / CONFIG_FILE).exists() and not (run_dir / LOCK_FILE).exists()
+            and not failed_before_weights(run_dir)):
+        raise taken()  # not a codelm run's directory: nothing is added to it
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if run_dir.is_file():
+            raise ValueError(f"{run_dir}: a file, where the run directory goes: choose "
+                             "another --name, or move the file") from None
+        raise ValueError(f"{run_dir}: cannot create the run directory ({e.strerror}); "
+                         "check --out-dir") from None
+    try:
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ValueError(f"{run_dir / LOCK_FILE}: cannot lock the run directory "
+                         f"({e.strerror})") from None
+    claimed = ClaimedDir(run_dir)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        claimed.lock = fd
+    except BlockingIOError:
+        os.close(fd)
+        who = "; ".join(filter(None, [lock_holder(run_dir / LOCK_FILE), "one started in the "
+                                      "same second, or with the same --name or --resume"]))
+        raise RunDirTaken(f"{run_dir} is in use by another run ({who}): wait for it to "
+                          "end, or choose another --name") from None
+    except OSError:  # a filesystem without locks: unguarded, so nothing is replaced
+        os.close(fd)
+        print(f"warning: {run_dir}: this filesystem cannot lock the run directory; nothing "
+              "stops a second run under this name", file=sys.stderr)
+    if claimed.lock is not None:  # who holds it, for whoever waits for it (lock_holder)
+        with contextlib.suppress(OSError):  # a full disk: the lock holds all the same
+            os.ftruncate(claimed.lock, 0)
+            os.write(claimed.lock, f"{cliconfig.owner_tag()}\n".encode())
+    clean_partial_writes(run_dir)
+    clean_partial_writes(run_dir / CHECKPOINTS_DIR)
+    if new and (run_dir / CONFIG_FILE).exists():
+        if claimed.lock is None or not failed_before_weights(run_dir):
+            claimed.release()
+            raise taken()
+        print(f"{run_dir}: its run stopped before its first checkpoint; this run replaces it")
+    return claimed
+
+
+# --------------------------------------------------------------------------------------------
+# metrics.jsonl and TensorBoard
+# --------------------------------------------------------------------------------------------
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop what an interrupted run logged past the step its resume continues from. Atomic: a
+    kill mid-write would drop the history up to the checkpoint for good."""
+    if path.exists():
+        cliconfig.write_atomic(path, "".join(line + "\n" for line in _metrics_up_to(path, step)))
+
+
+def _metrics_up_to(path: Path, step: int) -> list[str]:
+    """The lines of metrics.jsonl up to ``step``. A torn last line (a crash or a full disk
+    mid-write) is dropped with a warning; any other unreadable line is an error naming it."""
+    lines = path.read_bytes().split(b"\n")
+    kept = []
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            if number == len(lines):  # no newline after it: the write never finished
+                print(f"warning: {path}:{number}: dropping a torn last line", file=sys.stderr)
+                continue
+            raise ValueError(f"{path}:{number}: not a metrics line ({e}); fix or remove it "
+                             "to resume") from None
+        if record.get("step", 0) <= step:
+            kept.append(raw.decode("utf-8"))
+    return kept
+
+
+class RunLog:
+    """metrics.jsonl (one line per log step and per evaluation) and TensorBoard; rank 0 only."""
+
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None):
+        """``resume_step``: the step a resumed run continues from (0 when it had no checkpoint
+        yet; None: a new run). What the interrupted run logged past it is dropped."""
+        self.enabled, self.run_dir = enabled, run_dir
+        self.file = self.tb = None
+        self._failed = False  # a write failed (a full disk): its error said so, close stays quiet
+        if not enabled:
+            return
+        path = run_dir / METRICS_FILE  # a resumed run's is trimmed (_trim_metrics)
+        if resume_step is None:  # a new run: nothing of an attempt it replaces (_lock_dir)
+            path.unlink(missing_ok=True)
+            shutil.rmtree(run_dir / TB_DIR, ignore_errors=True)
+        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(run_dir / TB_DIR),
+                                purge_step=None if resume_step is None else resume_step + 1)
+
+    def write(self, step: int, kind: str, values: dict) -> None:
+        if not self.enabled:
+            return
+        target = self.run_dir / METRICS_FILE
+        try:
+            self.file.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
+            self.file.flush()
+            target = self.run_dir / TB_DIR
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+        except OSError as e:  # a full disk: write() and TensorBoard name no file
+            self._failed = True
+            raise OSError(e.errno, e.strerror, str(target)) from None
+
+    def close(self) -> None:
+        if self.file is not None:
+            file, tb, self.file, self.tb = self.file, self.tb, None, None
+            # both; after a failed write, without raising its error again (it would replace
+            # the one on its way out, and skip what the caller does after closing)
+            quiet = contextlib.suppress(OSError) if self._failed else contextlib.nullcontext()
+            try:
+                with quiet:
+                    file.close()
+            finally:
+                with quiet:
+                    tb.close()

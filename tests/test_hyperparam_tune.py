@@ -737,7 +737,7 @@ def _first_trial_trains_in_bf16_and_stops(monkeypatch) -> list:
             state_file = trainingmanager.list_checkpoints(result.run_dir)[-1] / \
                 rundir.STATE_FILE
             state = torch.load(state_file, weights_only=True)
-            state["progress"]["precision"] = "bf16"
+            state["precision"] = "bf16"
             torch.save(state, state_file)
             result.interrupted = "SIGTERM"
         return result
@@ -761,7 +761,7 @@ def test_a_trial_continued_on_another_kind_of_machine_keeps_the_precision_it_tra
     assert [(c.resume, c.precision) for c in calls] == [
         (None, "auto"), (str(run), "bf16"), (None, "auto")]
     checkpoint = trainingmanager.list_checkpoints(run)[-1] / rundir.STATE_FILE
-    assert torch.load(checkpoint, weights_only=True)["progress"]["precision"] == "bf16"
+    assert torch.load(checkpoint, weights_only=True)["precision"] == "bf16"
     study = load_study(journal(tmp_path, "prec"), "prec")
     assert [t.state for t in study.get_trials()] == [
         TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
@@ -1878,14 +1878,15 @@ def test_a_warmup_range_that_eats_the_budget_is_warned_of(tmp_path, corpus, caps
 
 def test_a_trials_settings_are_named_where_the_sweeps_user_sets_them(tmp_path, corpus,
                                                                        monkeypatch):
-    """Each trial's trainer said "lower --warmup-steps" (its warmup as long as the run), a flag
-    no sweep user can pass: its advice names the search space's range of a sampled key, the
-    sweep's own flag, the --train-config file or the space's base that sets a key, else a
-    --train-config file."""
-    told = []
-    monkeypatch.setattr(trainingmanager, "train", lambda cfg, on_eval=None, resume_hint=None,
-                        where_set=None: told.append(where_set) or trainingmanager.TrainResult(
-                            run_dir=tmp_path, best_val_loss=cfg.lr, step=cfg.max_steps))
+    """A trial's settings are checked naming no trainer flag a sweep user cannot pass: the
+    search space's range of a sampled key, the sweep's own flag, the --train-config file or the
+    space's base that sets a key, else a --train-config file."""
+    told, validate = [], trainingmanager.validate_config
+    monkeypatch.setattr(trainingmanager, "validate_config",
+                        lambda cfg, where_set: told.append(where_set) or validate(cfg, where_set))
+    monkeypatch.setattr(trainingmanager, "train", lambda cfg, on_eval=None, resume_hint=None:
+                        trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=cfg.lr,
+                                                    step=cfg.max_steps))
     space_file = tiny_space(tmp_path, corpus, {
         "warmup_steps": {"type": "int", "low": 4, "high": 5},
         "dropout": {"type": "categorical", "choices": [0.0, 0.1]}})
@@ -1895,7 +1896,8 @@ def test_a_trials_settings_are_named_where_the_sweeps_user_sets_them(tmp_path, c
     argv = tune_args(tmp_path, space_file, study_name="wt", n_trials=1,
                      train_config=train_config)
     assert hyperparam_tune.main(argv) == 0
-    (where,) = told
+    where = told[0]
+    assert all(w is where for w in told)
     space = hyperparam_tune.load_space(space_file)
     assert where("warmup_steps") == (f"the range of params.warmup_steps in {space.source} "
                                      "(now 4 to 5)")

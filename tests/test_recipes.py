@@ -895,6 +895,7 @@ def test_the_recipes_base_in_eval_models_is_the_model_given(tmp_path, monkeypatc
     mine = tmp_path / "mine"
     mine.mkdir()
     seen = _evaluated_models(monkeypatch)
+    monkeypatch.setattr(tm, "validate_config", lambda cfg, where_set=None: None)  # a toy base
     runs = tmp_path / "runs"
     assert recipes.main([str(recipe), "--model", str(mine), "--out-dir", str(runs),
                          "--no-progress"]) == 0
@@ -1050,6 +1051,7 @@ def test_a_recipes_lora_key_at_its_default_that_differs_from_its_init_adapter_is
         f"error: lora_alpha (16.0, --set train.lora_alpha) (the adapter's: 4): init_adapter "
         f"({str(adapter)!r}, train.init_adapter in {recipe} (or --set train.init_adapter=VALUE)) "
         "fixes these") and not trained
+    monkeypatch.setattr(tm, "validate_config", lambda cfg, where_set=None: None)  # a toy base
     assert recipes.main([*flags, "--set", "train.lora_alpha=4"]) == 2  # the adapter's: trains
     assert "stopped before training" in capsys.readouterr().err
     assert [cfg.lora_alpha for cfg in trained] == [4]
@@ -1081,18 +1083,18 @@ def test_code_completion_keeps_the_pieces_seen_more_than_ten_times_as_its_seed_d
 
 def test_a_recipes_training_advice_names_its_train_section_not_a_trainer_flag(tmp_path,
                                                                              monkeypatch):
-    """The trainer's advice ("... lower --warmup-steps") named a trainingmanager.py flag, which a
-    recipe's user has none of: they set the recipe's train section, or --set; --smoke and
-    --smoke-steps set the keys it sizes down."""
+    """The checks of a recipe's train settings name no trainingmanager.py flag, which a recipe's
+    user has none of: they set the recipe's train section, or --set; --smoke and --smoke-steps
+    set the keys it sizes down."""
     monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
     advice = []
 
-    def train(cfg, resume_hint=None, restarts=False, where_set=cliconfig.flag_of):
+    def validate_config(cfg, where_set=cliconfig.flag_of):
         advice.append([where_set(k) for k in ("weight_decay", "lora_r", "warmup_steps",
                                                 "max_steps")])
         raise ValueError("stopped before training")
 
-    monkeypatch.setattr(tm, "train", train)
+    monkeypatch.setattr(tm, "validate_config", validate_config)
     recipe = CONFIGS / "refactotron.json"
     assert recipes.main([str(recipe), "--smoke", "--out-dir", str(tmp_path / "runs"),
                          "--no-progress", "--set", "train.lora_r=4"]) == 2

@@ -81,11 +81,13 @@ def test_bench_lora_refuses_a_width_its_heads_do_not_divide(capsys, monkeypatch)
 # docs/contracts.md's import floors: what each project module may import directly at import
 # time (cliconfig, the ground-floor utility, is open to all). A module may also load what those
 # load.
-BELOW_FLOOR_3 = {"cliconfig", "rundir", "tokenizer", "kernels", "architecture", "generation",
-                 "scraping", "pretrained", "lora", "dataset", "sandbox"}
+BELOW_FLOOR_3 = {"cliconfig", "rundir", "checkpoint", "tokenizer", "kernels", "architecture",
+                 "generation", "scraping", "pretrained", "lora", "dataset", "trainconfig",
+                 "sandbox"}
 MAY_IMPORT = {
     "cliconfig": set(),
-    "rundir": set(),
+    "rundir": {"cliconfig"},
+    "checkpoint": {"cliconfig", "rundir"},
     "tokenizer": {"cliconfig"},
     "kernels": set(),
     "architecture": {"kernels"},
@@ -94,6 +96,8 @@ MAY_IMPORT = {
     "pretrained": {"cliconfig", "rundir", "architecture"},
     "lora": {"cliconfig", "architecture", "pretrained"},
     "dataset": {"cliconfig", "tokenizer", "scraping"},
+    "trainconfig": {"cliconfig", "rundir", "checkpoint", "tokenizer", "architecture",
+                    "pretrained", "lora", "dataset"},
     "sandbox": {"cliconfig"},
     "trainingmanager": BELOW_FLOOR_3,
     "eval": BELOW_FLOOR_3 | {"trainingmanager"},

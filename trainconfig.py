@@ -1,0 +1,798 @@
+"""What a training run is asked to do: ``TrainConfig``, read from flags, a ``--config`` file or a
+resumed run's config.json, and checked once there, where the user's input enters
+(``parse_config``, ``validate_config``): errors name each key, its value and where it was set.
+trainingmanager's library functions take a valid TrainConfig. Also what the settings build:
+the tokenizer and the model (from scratch, from ``init_from``, with LoRA)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import typing
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import cliconfig
+import rundir
+from architecture import SHORT_DTYPES
+from checkpoint import check_run_paths
+from cliconfig import setting
+from rundir import (
+    ADAPTER_FILE,
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    HF_CONFIG,
+    INIT_ADAPTER_COPY,
+    LOCK_FILE,
+    MERGED_DIR,
+    MODEL_FILE,
+    checkpoint_step,
+    list_checkpoints,
+)
+
+if typing.TYPE_CHECKING:
+    from architecture import ModelConfig
+    from dataset import DataConfig
+    from tokenizer import BPETokenizer, CodeTokenizer
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; the defaults are the default run (stdlib corpus, ~18 min on 2
+    CPUs, as README.md times it)."""
+
+    # run directory
+    name: str | None = None  # <out_dir>/<name>; default: <preset, or the --init-from
+    #   directory's name>-<timestamp>[-2, -3, ... if taken]
+    out_dir: str = "runs"  # the parent of run directories
+    resume: str | None = None  # a run directory to continue from its latest checkpoint
+    seed: int = 1337  # model init, data order, dropout (a resumed run restores its RNG)
+    device: str = "auto"  # auto (a GPU where there is one, else the CPU; not mps) | cpu | cuda | cuda:N
+    # model: from scratch (preset + overrides) or from a local HF checkpoint
+    preset: str = "llama-14m"  # architecture.PRESETS name (vocab_size follows the tokenizer)
+    init_from: str | None = None  # a local HF checkpoint directory: a run's export/ too, or
+    #   for a LoRA run on --init-from (whose export/ is the adapter) its export/merged/
+    n_layer: int | None = None  # overrides the preset (from-scratch models only)
+    n_head: int | None = None  # n_kv_head follows it unless model_options sets it
+    n_embd: int | None = None  # model width
+    mlp_hidden: int | None = None  # MLP width
+    block_size: int | None = None  # length of training sequences; from scratch also the
+    #   model's context (None: the preset's); with --init-from at most the checkpoint's context
+    #   (None: the smaller of that context and 1024)
+    dropout: float | None = None  # dropout of the embeddings and residual branches (default:
+    #   the model's own, e.g. embd_pdrop, resid_pdrop); attention dropout is the model's own,
+    #   or model_options {"attn_dropout": p} (with --init-from only the dropouts can be set)
+    model_options: dict = field(default_factory=dict)  # any other ModelConfig field, e.g. init
+    # tokenizer: a file/dir, else the model dir's, else a CodeTokenizer trained on the train split
+    tokenizer: str | None = None  # a tokenizer.json / codelm tokenizer file or directory
+    tokenizer_min_freq: int = 10  # a trained tokenizer keeps pieces seen this often
+    tokenizer_max_vocab: int | None = 8000  # a trained tokenizer's cap on learned pieces; its
+    #   256 byte tokens and its special tokens come on top (the default run: 8,262 tokens)
+    # LoRA (r = 0: full training) and a quantized frozen base (QLoRA)
+    lora_r: int = 0  # adapter rank; needs init_from (a random base is not worth freezing)
+    lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_r
+    lora_dropout: float = 0.0  # dropout on the adapters' input
+    lora_targets: list[str] | None = None  # module names, HF (q_proj) or codelm (qkv);
+    #   default: the attention projections (qkv, attn.proj)
+    init_adapter: str | None = None  # a LoRA adapter directory in PEFT's layout (PEFT's own,
+    #   or a LoRA run's export/) to train on as an adapter, on --init-from (default: the base
+    #   its adapter_config.json names); lora_r, lora_alpha, lora_dropout and lora_targets come
+    #   from that file (a --lora-* flag that differs from it is an error; targets, HF or codelm
+    #   names, differ when they select other modules). The run keeps a copy of that file: the
+    #   directory is needed only at the start (not to resume or evaluate the run)
+    quantize_bits: int = 0  # 0, 8 (int8) or 4 (NF4); needs lora_r > 0
+    base_dtype: str = "fp32"  # fp32 | bf16 | fp16: dtype of the frozen base under LoRA (the
+    #   adapters stay fp32); bf16 halves the base's memory, fp16 is for GPUs without bf16 (and
+    #   turns on loss scaling, as --precision fp16 does)
+    # data (dataset.py): task and sources (None: the Python standard library)
+    task: str = "lm"  # lm | completion | method | docstring | refactor | fim (dataset.TASKS)
+    data: list[str] | None = None  # "stdlib", directories, scraper JSONL or pairs JSONL
+    val_data: list[str] | None = None  # predefined validation files (None: split from data)
+    test_data: list[str] | None = None  # predefined test files (None: split from data)
+    data_options: dict = field(default_factory=dict)  # further DataConfig fields for the task
+    # optimisation
+    batch_size: int = 4  # sequences per micro-batch (per process)
+    grad_accum: int = 1  # micro-batches per optimizer step, weighted by their tokens
+    max_steps: int = 700  # optimizer steps
+    epochs: float | None = None  # if set, the run's length instead of max_steps (not both)
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50  # linear warmup, then cosine decay
+    weight_decay: float = 0.1  # decoupled; matrices only (not norms, biases)
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.95  # AdamW's second-moment decay
+    adam_eps: float = 1e-8  # AdamW's epsilon
+    grad_clip: float = 1.0  # 0: no clipping (the norm is still logged)
+    label_smoothing: float = 0.0  # training only; validation reports the true NLL
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 on GPUs with native bf16, fp16
+    #   on older ones such as the T4, fp32 on CPU)
+    eval_precision: str = "fp32"  # fp32 | same (as training). fp32 means
+    #   no autocast: a bf16/fp16 or quantized frozen base (base_dtype) computes in its own dtype
+    compile: bool = False  # torch.compile the model
+    gradient_checkpointing: bool = False  # recompute each block in backward: less memory
+    # evaluation, logging, checkpoints
+    eval_every: int = 175  # steps between evaluations (and best/ checkpoints); none before
+    #   warmup_steps (a loss not yet comparable), and always one at the end
+    eval_examples: int | None = 80  # validation examples (windows or pairs) scored at each
+    #   evaluation: the split's first ones, whatever the batch size, accumulation or processes,
+    #   so runs that differ in those compare on the same examples; None: the whole split
+    early_stop_patience: int = 0  # evaluations without improvement before stopping; 0: never
+    early_stop_min_delta: float = 0.0  # a smaller fall of the validation loss is no improvement
+    log_every: int = 10  # steps between metrics.jsonl / TensorBoard lines
+    save_every: int | None = None  # default: eval_every
+    keep_last: int = 2  # step checkpoints kept (best/ is kept apart)
+    max_time_s: float | None = None  # wall-clock budget; the run checkpoints and ends cleanly
+    progress: bool = True  # a progress bar
+    # end of run
+    export: bool = True  # write export/: HF model + tokenizer, or the PEFT adapter
+    export_merged: bool = False  # under LoRA: also write the merged full model
+    sample_prompt: str = "def fibonacci(n):\n"  # completed greedily at the end of the run
+    #   (with --export); a special token's text in it is read as the run's pair records were
+    sample_tokens: int = 48  # tokens of that sample
+    # debugging
+    overfit: bool = False  # train on the bundled tiny corpus until it is memorised
+    overfit_batches: int = 0  # overfit K batches of the real training data
+    inject_nan_at_step: int | None = None  # fault injection: make this step's loss NaN
+
+
+_CHOICES = {
+    "precision": ("auto", "fp32", "bf16", "fp16"),
+    "eval_precision": ("fp32", "same"),
+    "quantize_bits": (0, 4, 8),
+    "base_dtype": tuple(SHORT_DTYPES),
+}
+
+
+def config_from_dict(values: dict, source: str = "<dict>") -> TrainConfig:
+    """Build a TrainConfig from a dict, with errors that name the source and the key."""
+    return cliconfig.config_from_dict(TrainConfig, values, source, _CHOICES)
+
+
+def load_config_file(path: str | os.PathLike) -> dict:
+    """The checked TrainConfig values of a JSON file (a recipe's ``train`` section when the file
+    is a recipe); errors name the file and the key."""
+    values, source = cliconfig.read_config_file(path, "train")
+    config_from_dict(values, source)
+    check_options(values, source)
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """argparse flags mirroring TrainConfig (``--lora-r``), plus ``--config FILE.json``."""
+    parser = argparse.ArgumentParser(
+        prog="trainingmanager.py",
+        description="Train a codelm model: from scratch, fine-tuning or LoRA. Flags override "
+        "--config; with no flags, trains the from-scratch code model on the stdlib corpus.",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", help="JSON file of TrainConfig keys, or a recipe "
+                        "(configs/*.json) whose 'train' section is read; flags override it")
+    return cliconfig.add_config_flags(parser, TrainConfig, _CHOICES)
+
+
+def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
+    """Defaults < ``--resume`` run's config.json < ``--config`` file < command-line flags."""
+    args = vars(build_parser().parse_args(argv))
+    if "data_options" in args:  # a JSON object, as the flag's type reads it
+        _check_data_options(args["data_options"], "--data-options")
+    if "model_options" in args:
+        _check_model_options(args["model_options"], "--model-options")
+    given: dict = {}
+    config = args.pop("config", None)
+    if config is not None:
+        given = load_config_file(config)
+    resumed: dict = {}
+    if args.get("resume"):
+        check_resume_location(args, given, config)
+        saved = Path(args["resume"]) / CONFIG_FILE
+        if (Path(args["resume"]) / LOCK_FILE).is_file() and not saved.is_file():
+            raise ValueError(f"--resume {args['resume']}: " + (
+                f"its run is still starting (it has not written {CONFIG_FILE}): wait for it"
+                if rundir.lock_is_held(Path(args["resume"]) / LOCK_FILE) else
+                f"its run was stopped before it wrote {CONFIG_FILE}: nothing to resume; run the "
+                "command that started it again (the same --name reuses the directory)"))
+        if not Path(args["resume"]).is_dir():
+            raise ValueError(f"--resume {args['resume']}: no such run directory")
+        if not saved.is_file():
+            raise ValueError(f"--resume {args['resume']}: no {CONFIG_FILE} there (not a run dir)")
+        resumed = load_config_file(saved)
+    if resumed:  # the paths it gives the run (its own tokenizer.json replaces the tokenizer's,
+        #   its copy of the adapter's config the adapter directory: run_adapter_copy)
+        owned = ("init_adapter",) if run_adapter_copy(args["resume"]) else ()
+        check_run_paths(resumed, [k for k in ("init_from", "init_adapter", "data", "val_data",
+                                              "test_data")
+                                  if k not in args and k not in given and k not in owned],
+                        str(saved))
+    cfg = cliconfig.resolve_config(TrainConfig, args, "train", base={**resumed, **given},
+                                   choices=_CHOICES)
+    where_set = _where_set_in_run(args, config, given, args.get("resume"))
+    if cfg.init_adapter is not None:  # a --lora-* flag typed at its default value differs too
+        with_init_adapter(cfg, typed={*args, *given}, where_set=where_set)
+    if not cfg.overfit:  # --overfit takes what it honours (overfit_settings)
+        validate_config(cfg, where_set)
+    return cfg
+
+
+def _where_set_in_run(typed: Collection[str], config: str | None, in_file: Collection[str],
+                      resume: str | None) -> Callable[[str], str]:
+    """Where a trainingmanager.py user set TrainConfig ``key`` (``train``'s ``where_set``):
+    ``cliconfig.where_set_by``, the keys of a ``--resume`` run read from its config.json."""
+    return cliconfig.where_set_by(typed, config, in_file,
+                                  resume and f"{Path(resume) / CONFIG_FILE} (--resume)")
+
+
+def check_resume_location(args: dict, given: dict | None = None, config: str | None = None
+                          ) -> None:
+    """A ``--name`` / ``--out-dir`` typed, or set by the ``--config`` file, must name the
+    ``--resume`` directory: the resume continues that run, so one naming another run (a new
+    branch, meant) would go unheeded."""
+    given = given or {}
+    resume = Path(args["resume"]).expanduser()
+    values = {k: args[k] if args.get(k) is not None else given.get(k) for k in ("name", "out_dir")}
+    named = (Path(values["out_dir"] or resume.parent).expanduser()
+             / (values["name"] or resume.name))
+    set_by = [k for k in ("name", "out_dir") if values[k] is not None]
+    if not set_by or named.resolve() == resume.resolve():
+        return
+    said = " ".join(f"--{k.replace('_', '-')} {args[k]}" if args.get(k) is not None
+                    else f"{k} {given[k]!r} in --config {config}" for k in set_by)
+    raise ValueError(f"--resume {args['resume']} continues that run, but {said} names another "
+                     f"run ({named}): drop {said} to continue {args['resume']}, or drop "
+                     "--resume to start a new run there")
+
+
+# Keys that mean something only under LoRA (lora_r > 0): set without it, they are refused.
+LORA_ONLY_KEYS = ("lora_alpha", "lora_dropout", "lora_targets", "export_merged")
+
+
+# init_adapter's adapter_config.json -> the TrainConfig keys it sets (LoRAConfig's names).
+ADAPTER_KEYS = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
+                "target_modules": "lora_targets"}
+
+
+def run_adapter_copy(run_dir: str | Path) -> Path | None:
+    """A run's INIT_ADAPTER_COPY when the run continues from its weights (it holds some): the
+    LoRA layout of an init_adapter run that a resume or eval.py rebuilds. None: a run with no
+    weights yet (it starts again from the adapter directory)."""
+    copy = Path(run_dir).expanduser() / INIT_ADAPTER_COPY
+    return copy if copy.is_file() and rundir.holds_weights(copy.parent) else None
+
+
+def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = (),
+                      where_set: Callable[[str], str] = cliconfig.flag_of) -> TrainConfig:
+    """``cfg`` with the LoRA settings of its ``init_adapter`` (``ADAPTER_KEYS``) and, without
+    ``init_from``, the base the adapter's config names. The adapter's weights fix its rank and
+    targets: a setting given (not the default, or in ``typed``) that differs from the file's is
+    an error (targets agree when they select the same modules of the base). A resume of a run
+    with weights reads the run's copy of the file (``run_adapter_copy``). Idempotent."""
+    if cfg.init_adapter is None:
+        return cfg
+    import lora
+
+    copy = run_adapter_copy(cfg.resume) if cfg.resume else None
+    path, config_name = (copy.parent, copy.name) if copy else (
+        Path(cfg.init_adapter).expanduser(), lora.ADAPTER_CONFIG)
+    if not path.is_dir():
+        raise ValueError(f"{setting(cfg, 'init_adapter', where_set)}: not a directory")
+    adapter = lora.read_adapter_config(path, config_name)
+    theirs = {key: getattr(adapter, name) for name, key in ADAPTER_KEYS.items()}
+    base = cfg.init_from or str(lora.adapter_base(path, "name the base with --init-from",
+                                                  config_name))
+
+    def agrees(key: str, mine) -> bool:
+        if key != "lora_targets":
+            return mine == theirs[key]
+        if mine is None:  # 'none', a config file's null (every run's config.json holds one):
+            return True   # no choice of targets, so the adapter's
+        if isinstance(theirs[key], list) and set(mine) == set(theirs[key]):
+            return True  # the same names, in any order: no need to look at the base
+        return _select_the_same(base, mine, theirs[key], path / config_name)
+
+    if differ := [f"{setting(cfg, key, where_set)} (the adapter's: {theirs[key]!r})"
+                  for key in theirs if (getattr(cfg, key) != getattr(TrainConfig, key)
+                                        or key in typed) and not agrees(key, getattr(cfg, key))]:
+        raise ValueError(f"{'; '.join(differ)}: {setting(cfg, 'init_adapter', where_set)} "
+                         f"fixes these ({path / config_name}): drop those settings to train the "
+                         "adapter on as it is")
+    targets = theirs["lora_targets"]  # one regular expression: the file keeps it (lora_targets
+    #   lists names), and build_model's load_adapter reads it there
+    return dataclasses.replace(
+        cfg, lora_r=theirs["lora_r"], lora_alpha=float(theirs["lora_alpha"]),
+        lora_dropout=float(theirs["lora_dropout"]),
+        lora_targets=cfg.lora_targets or (targets if isinstance(targets, list) else None),
+        init_from=base)
+
+
+def _select_the_same(base: str, mine: list[str], theirs: list[str] | str, file: Path) -> bool:
+    """Whether the targets ``mine`` (lora_targets: apply_lora's rules) select the modules the
+    adapter file's ``theirs`` selects (load_adapter's rules) on the model at ``base``, built from
+    its config.json on the meta device (no weights are read). Targets of ``mine`` that select
+    nothing select differently; a file whose targets select nothing is load_adapter's error."""
+    import lora
+    import pretrained
+    from architecture import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(pretrained.read_config(base)[0])
+    try:
+        wanted = lora.targeted_modules(model, theirs, peft_rules=True)
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from None
+    try:
+        return lora.targeted_modules(model, mine) == wanted
+    except ValueError:
+        return False
+
+
+def check_not_an_adapter(init_from: str, where_set: Callable[[str], str] = cliconfig.flag_of
+                         ) -> None:
+    """Refuse a LoRA adapter directory (a LoRA run's export/) as ``init_from``, naming what to
+    load instead."""
+    import lora
+
+    path = Path(init_from)
+    if not (path / lora.ADAPTER_CONFIG).is_file() or (path / HF_CONFIG).is_file():
+        return
+    if (path / MERGED_DIR / HF_CONFIG).is_file():
+        instead = f"use {path / MERGED_DIR}, the merged model beside it"
+    else:
+        base = cliconfig.read_json_object(path / lora.ADAPTER_CONFIG, "adapter config").get(
+            "base_model_name_or_path")
+        instead = (f"use the base it names, {base}" if base else "use the base it was trained on")
+        instead += " (a run with --export-merged also writes the merged model to export/merged)"
+    raise ValueError(f"init_from ({init_from!r}, {where_set('init_from')}): a LoRA adapter "
+                     f"({lora.ADAPTER_CONFIG}), not a model: {instead}; to train that adapter "
+                     f"on, set init_adapter ({where_set('init_adapter')}) to {init_from}")
+
+
+def check_run_name(name: str | None, what: str) -> None:
+    """A run's name is one directory name in out_dir: a path put the run elsewhere (outside it
+    with '..', or nested where eval.py's ``latest_run`` never looks). ``what`` names the setting."""
+    if name and (Path(name).name != name or name in (".", "..")):
+        raise ValueError(f"{what}: a run name, not a path (no path separator, and not '.' or "
+                         "'..'); --out-dir sets the directory the run goes in")
+
+
+def _check_model_settings(cfg: TrainConfig, where_set: Callable[[str], str]) -> None:
+    """validate_config's checks of the model: a loaded one's settings, or the preset's shape."""
+    def named(key: str) -> str:
+        return setting(cfg, key, where_set)
+
+    def need(ok: bool, key: str, why: str) -> None:
+        if not ok:
+            raise ValueError(f"{named(key)}: {why}")
+
+    if cfg.init_from is not None:
+        for key in ("preset", "n_layer", "n_head", "n_embd", "mlp_hidden"):
+            if key != "preset" and getattr(cfg, key) is not None:
+                raise ValueError(f"{named(key)}: the shape of a model loaded from "
+                                 f"{named('init_from')} cannot be changed")
+        if fixed := sorted(set(cfg.model_options) - set(LOADED_MODEL_OPTIONS)):
+            raise ValueError(f"model_options ({where_set('model_options')}): "
+                             f"{', '.join(fixed)}: the checkpoint of {named('init_from')} fixes "
+                             f"these; a loaded model takes only {', '.join(LOADED_MODEL_OPTIONS)}")
+        for key, value in cfg.model_options.items():
+            need(cliconfig.is_number(value) and 0 <= value < 1, "model_options",
+                 f"{key} must be a probability in [0, 1), got {value!r}")
+        if not Path(cfg.init_from).is_dir():
+            raise ValueError(f"{named('init_from')}: not a directory")
+        check_not_an_adapter(cfg.init_from, where_set)
+        if cfg.block_size is not None:  # else the first forward pass finds it, after the data
+            from pretrained import read_config
+
+            context = read_config(cfg.init_from)[0].block_size
+            need(cfg.block_size <= context, "block_size",
+                 f"longer than the context of {named('init_from')}, {context} positions")
+    else:  # the preset, the shape and model_options, checked before the data is prepared
+        try:
+            shape = model_config(cfg, 1, None, None)
+            if cfg.export:  # else it trains to the end and fails writing export/
+                from pretrained import hf_config
+
+                try:
+                    hf_config(shape, torch.float32)
+                except ValueError as e:
+                    raise ValueError(f"{e}; to train it without an HF export: "
+                                     f"{cliconfig.off_switch('export', where_set)}") from None
+        except ValueError as e:  # name the settings the model was made of, and where
+            made_of = [named(k) for k in ("preset", *MODEL_SHAPE_KEYS, "model_options")
+                       if k == "preset" or getattr(cfg, k) not in (None, {})]
+            raise ValueError(f"{', '.join(made_of)}: {e}") from None
+
+
+def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = cliconfig.flag_of
+                    ) -> None:
+    """Reject impossible settings before any work, naming each key, its value and where it was
+    set (``where_set``, as ``train`` takes it; an ``init_adapter``'s settings as
+    ``with_init_adapter`` fills them in)."""
+    cfg = with_init_adapter(cfg, where_set=where_set)
+
+    def named(key: str) -> str:
+        return setting(cfg, key, where_set)
+
+    def need(ok: bool, key: str, why: str) -> None:
+        if not ok:
+            raise ValueError(f"{named(key)}: {why}")
+
+    for key in ("batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "keep_last",
+                "tokenizer_min_freq"):
+        need(getattr(cfg, key) >= 1, key, "must be >= 1")
+    for key in ("warmup_steps", "early_stop_patience", "sample_tokens"):
+        need(getattr(cfg, key) >= 0, key, "must be >= 0")
+    # "inf" and "nan" parse as floats: every float must be finite (nan fails every comparison).
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        need(not isinstance(value, float) or math.isfinite(value), f.name, "must be finite")
+    need(cfg.lr > 0, "lr", "must be > 0")
+    need(0.0 <= cfg.min_lr_ratio <= 1.0, "min_lr_ratio", "must be in [0, 1]")
+    need(cfg.weight_decay >= 0, "weight_decay", "must be >= 0")
+    for key in ("beta1", "beta2"):
+        need(0.0 <= getattr(cfg, key) < 1.0, key, "must be in [0, 1)")
+    need(cfg.adam_eps > 0, "adam_eps", "must be > 0")
+    need(0.0 <= cfg.label_smoothing < 1.0, "label_smoothing", "must be in [0, 1)")
+    need(cfg.grad_clip >= 0, "grad_clip", "must be >= 0 (0: no clipping)")
+    need(cfg.early_stop_min_delta >= 0, "early_stop_min_delta", "must be >= 0")
+    need(cfg.epochs is None or cfg.epochs > 0, "epochs", "must be > 0")
+    need(cfg.max_time_s is None or cfg.max_time_s > 0, "max_time_s", "must be > 0")
+    need(cfg.dropout is None or 0.0 <= cfg.dropout < 1.0, "dropout", "must be in [0, 1)")
+    need(0.0 <= cfg.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)")
+    need(cfg.lora_alpha != 0, "lora_alpha", "must not be 0: it scales the adapters' update and "
+         "their gradients to zero, so they would never train")
+    need(cfg.tokenizer_max_vocab is None or cfg.tokenizer_max_vocab >= 1, "tokenizer_max_vocab",
+         "must be >= 1")
+    need(cfg.inject_nan_at_step is None or cfg.inject_nan_at_step >= 1, "inject_nan_at_step",
+         "must be >= 1 (steps count from 1)")
+    need(cfg.save_every is None or cfg.save_every >= 1, "save_every", "must be >= 1")
+    need(cfg.eval_examples is None or cfg.eval_examples >= 1, "eval_examples", "must be >= 1")
+    need(cfg.lora_r >= 0, "lora_r", "must be >= 0 (0: no LoRA)")
+    need(cfg.lora_r == 0 or cfg.init_from is not None, "lora_r",
+         f"LoRA needs a pretrained base (init_from, {where_set('init_from')}): a from-scratch "
+         "model has nothing frozen worth keeping, so only the adapters of a random model would "
+         "train; set init_from, or lora_r 0 to train every weight")
+    need(cfg.quantize_bits == 0 or cfg.lora_r > 0, "quantize_bits",
+         f"a quantized base is frozen: it needs LoRA, but {named('lora_r')} trains every "
+         "weight: set lora_r > 0")
+    need(cfg.base_dtype == "fp32" or cfg.lora_r > 0, "base_dtype",
+         f"only a frozen base can be held in 16 bits, and {named('lora_r')} trains every "
+         f"weight (in fp32): set lora_r > 0 for LoRA, or precision bf16 "
+         f"({where_set('precision')}) for 16-bit compute")
+    lora_only = [named(k) for k in LORA_ONLY_KEYS if getattr(cfg, k) != getattr(TrainConfig, k)]
+    if lora_only and cfg.lora_r == 0:  # else a full fine-tune would run, ignoring them
+        raise ValueError(f"{', '.join(lora_only)}: LoRA settings, but {named('lora_r')} trains "
+                         "every weight: set lora_r > 0, or drop them")
+    need(cfg.overfit_batches >= 0, "overfit_batches", "must be >= 0")
+    need(0 <= cfg.seed < 2**63, "seed", "must be in [0, 2**63)")
+    check_run_name(cfg.name, named("name"))
+    _check_model_settings(cfg, where_set)
+    if cfg.resume is not None and not Path(cfg.resume).is_dir():
+        raise ValueError(f"--resume {cfg.resume}: no such run directory")
+    if cfg.resume is not None and any((Path(cfg.resume) / f).is_file()
+                                      for f in (MODEL_FILE, ADAPTER_FILE)):
+        # a checkpoint's, best/'s or export/'s config.json made it look like a run with no
+        # checkpoint yet: a whole new run started inside it
+        weights = Path(cfg.resume)
+        run = weights.parent.parent if weights.parent.name == CHECKPOINTS_DIR else weights.parent
+        raise ValueError(f"--resume {cfg.resume}: weights (a checkpoint, best/ or export/), not "
+                         f"a run directory: --resume {run} continues that run from its newest "
+                         "checkpoint")
+    if cfg.resume is not None and cfg.epochs is None:  # epochs: checked once the data is known
+        step = max(map(checkpoint_step, list_checkpoints(Path(cfg.resume))), default=0)
+        need(step <= cfg.max_steps, "max_steps", f"below the step of the checkpoint it resumes "
+             f"from ({step}); a resume can only extend its run: set max_steps to {step} or more")
+
+
+# DataConfig keys that TrainConfig keys set (DataConfig -> TrainConfig): data_options may not.
+_DATA_KEYS_OF_TRAIN = {"task": "task", "sources": "data", "val_sources": "val_data",
+                       "test_sources": "test_data", "block_size": "block_size"}
+
+
+def _check_data_option_keys(options: dict, where: str) -> None:
+    """Each key a DataConfig key that no TrainConfig key sets."""
+    from dataset import DataConfig
+
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    for key in options:
+        if key in _DATA_KEYS_OF_TRAIN:
+            raise ValueError(f"{where}: set {key!r} with the TrainConfig key "
+                             f"{_DATA_KEYS_OF_TRAIN[key]!r} instead")
+        if key not in known:
+            raise ValueError(f"{where}: unknown DataConfig key {key!r}; "
+                             + cliconfig.key_hint(key, known - set(_DATA_KEYS_OF_TRAIN),
+                                                  "DataConfig"))
+
+
+def check_options(values: dict, source: str) -> None:
+    """The data_options and model_options of ``values`` (from one source: a --config file, the
+    flags) checked on their own, so that errors name ``source``: each key, each value's type,
+    the data options' ranges. What depends on the other keys is checked by validate_config."""
+    for key, check in (("data_options", _check_data_options),
+                       ("model_options", _check_model_options)):
+        if isinstance(values.get(key), dict):  # else config_from_dict names the type
+            check(values[key], f"{source}: {key}")
+
+
+def _check_data_options(options: dict, where: str) -> None:
+    """The keys, and the values as a DataConfig of the other keys' defaults validates them."""
+    from dataset import DataConfig
+
+    _check_data_option_keys(options, where)
+    try:
+        DataConfig(**options).validate()  # its task and sources at their defaults
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def default_block_size(cfg: TrainConfig) -> int:
+    """The preset's context from scratch; with init_from its context, at most 1024."""
+    if cfg.init_from is None:
+        from architecture import PRESETS
+
+        preset = PRESETS.get(cfg.preset)
+        return preset.block_size if preset is not None else 256
+    config = cliconfig.read_json_object(Path(cfg.init_from) / HF_CONFIG, "model config")
+    context = next((config[k] for k in ("max_position_embeddings", "n_positions", "n_ctx")
+                    if k in config), 1024)
+    return min(int(context), 1024)
+
+
+def data_config(cfg: TrainConfig, block_size: int) -> DataConfig:
+    """The dataset.DataConfig of this run: task, sources and sequence length come from cfg."""
+    from dataset import DataConfig
+
+    _check_data_option_keys(cfg.data_options, "data_options")
+    options = {"progress": cfg.progress, **cfg.data_options}
+    dcfg = DataConfig(task=cfg.task, sources=list(cfg.data or ["stdlib"]),
+                      val_sources=list(cfg.val_data or []), test_sources=list(cfg.test_data or []),
+                      block_size=block_size, **options)
+    dcfg.validate()
+    return dcfg
+
+
+# The model_options a model loaded with --init-from takes (its config.json fixes the others).
+LOADED_MODEL_OPTIONS = ("attn_dropout", "dropout", "embd_dropout")
+
+
+# ModelConfig keys the tokenizer sets: model_options may not.
+TOKENIZER_MODEL_KEYS = ("vocab_size", "bos_id", "eos_id")
+
+
+def _check_model_options(options: dict, where: str) -> None:
+    """Each key a ModelConfig key the tokenizer does not set, each value of its type."""
+    from architecture import ModelConfig
+
+    hints = typing.get_type_hints(ModelConfig)
+    for key, value in options.items():
+        if key not in hints:
+            raise ValueError(f"{where}: unknown ModelConfig key {key!r}; "
+                             + cliconfig.key_hint(key, hints, "ModelConfig"))
+        if key in TOKENIZER_MODEL_KEYS:
+            raise ValueError(f"{where}: {key!r} comes from the tokenizer (its vocabulary "
+                             "and special tokens); choose the tokenizer instead (--tokenizer, "
+                             "--tokenizer-max-vocab)")
+        if problem := cliconfig.type_error(hints[key], value):
+            raise ValueError(f"{where}: key {key!r} {problem}")
+
+
+# TrainConfig keys that override a preset's ModelConfig (from-scratch models).
+MODEL_SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "mlp_hidden", "block_size", "dropout")
+
+
+def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int | None,
+                 eos_id: int | None) -> ModelConfig:
+    """Preset + overrides for a from-scratch model (derived sizes re-derived from the new ones)."""
+    from architecture import PRESETS, ModelConfig
+
+    if cfg.preset not in PRESETS:
+        raise ValueError(f"unknown preset {cfg.preset!r}; choose from {sorted(PRESETS)}")
+    values = dataclasses.asdict(PRESETS[cfg.preset])
+    shape = {k: getattr(cfg, k) for k in MODEL_SHAPE_KEYS if getattr(cfg, k) is not None}
+    if "n_head" in shape or "n_embd" in shape:
+        values.update(head_dim=None, rotary_dim=None)
+    if "n_head" in shape:
+        values["n_kv_head"] = None
+    _check_model_options(cfg.model_options, "model_options")
+    values.update(shape)
+    values.update(cfg.model_options)
+    values.update(vocab_size=vocab_size, bos_id=bos_id, eos_id=eos_id)
+    try:
+        return ModelConfig(**values)
+    except (TypeError, AttributeError, KeyError) as e:  # a malformed value the types let through
+        raise ValueError(f"model_options {json.dumps(cfg.model_options)}: {e}") from None
+
+
+def check_lora_export(cfg: TrainConfig, model: nn.Module,
+                      where_set: Callable[[str], str] = cliconfig.flag_of) -> None:
+    """Refuse, before training, an export that would merge a LoRA into a tied weight (the
+    merge would change the head too, so it fails at the end of the run and loses the export);
+    the error names where each setting was set (``where_set``, as ``train`` takes it)."""
+    merges = cfg.export and cfg.lora_r > 0 and cfg.export_merged
+    import lora
+
+    tied = lora.tied_targets(model) if merges else {}
+    if not tied:
+        return
+    path, names = next(iter(tied.items()))
+    raise ValueError(
+        f"{setting(cfg, 'export_merged', where_set)} writes the merged model, but the LoRA "
+        f"target {path} ({setting(cfg, 'lora_targets', where_set)}) cannot be merged: its "
+        f"weight is tied to {names}, so merging would change both. Drop it from lora_targets, "
+        f"or train with {cliconfig.off_switch('export_merged', where_set)}.")
+
+
+# What --overfit (a small from-scratch model memorising the bundled corpus) makes of each key:
+# these it honours (max_steps and lr only when given: its own are 400 and 3e-3), these mean
+# nothing without a run directory or validation; any other setting is refused, not dropped.
+OVERFIT_HONOURS = ("overfit", "max_steps", "lr", "preset", "n_layer", "n_head", "n_embd",
+                   "mlp_hidden", "model_options", "seed", "device", "precision", "progress",
+                   "min_lr_ratio", "beta1", "beta2", "adam_eps", "grad_clip")
+
+
+OVERFIT_IGNORES = ("name", "out_dir", "eval_every", "eval_examples", "eval_precision",
+                   "early_stop_patience", "early_stop_min_delta", "log_every", "save_every",
+                   "keep_last", "max_time_s", "export", "export_merged", "sample_prompt",
+                   "sample_tokens")
+
+
+def overfit_settings(cfg: TrainConfig, given: set[str]) -> dict:
+    """``run_overfit``'s max_steps and lr (the given ones, else its own); a ValueError naming
+    every other setting it cannot honour."""
+    defaults = TrainConfig()
+    refused = [f"{f.name}={getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
+               if f.name not in OVERFIT_HONOURS + OVERFIT_IGNORES
+               and getattr(cfg, f.name) != getattr(defaults, f.name)]
+    if refused:
+        raise ValueError(f"--overfit trains a small model from scratch on the bundled corpus, so "
+                         f"it cannot honour {', '.join(refused)}. To check that setup, memorise a "
+                         "few batches of its own data with --overfit-batches K (without "
+                         "--overfit)")
+    return {"max_steps": cfg.max_steps if "max_steps" in given else 400,
+            "lr": cfg.lr if "lr" in given else 3e-3}
+
+
+def command_line_sources(argv: Sequence[str] | None
+                         ) -> tuple[set[str], set[str], Callable[[str], str]]:
+    """The TrainConfig keys typed on the command line, those its ``--config`` file sets (as
+    read by parse_config, which checked it), and where the user set each key, for errors."""
+    args = vars(build_parser().parse_args(argv))
+    config = args.pop("config", None)
+    in_file = set(cliconfig.read_config_file(config, "train")[0]) if config else set()
+    return set(args), in_file, _where_set_in_run(args, config, in_file, args.get("resume"))
+
+
+def check_max_steps_flag(cfg: TrainConfig, typed: set[str], source: str,
+                         set_prefix: str | None = None) -> None:
+    """A typed --max-steps that ``epochs`` overrides would end the run silently elsewhere (a
+    resumed epochs run would train nothing and exit 0): refuse it, saying what to do. ``source``
+    names where ``epochs`` came from when it was not typed; ``set_prefix`` ("train."): the
+    values were typed as recipes.py's ``--set``."""
+    if "max_steps" not in typed or cfg.epochs is None:
+        return
+    if set_prefix is None:
+        max_steps, epochs, clear = "--max-steps ", "--epochs", "--epochs none"
+    else:
+        max_steps = f"--set {set_prefix}max_steps="
+        epochs, clear = f"--set {set_prefix}epochs=N", f"--set {set_prefix}epochs=null"
+    where = "" if "epochs" in typed else f" (from {source})"
+    raise ValueError(f"{max_steps}{cfg.max_steps} has no effect: epochs={cfg.epochs:g}{where} "
+                     f"sets the run's length. Change it with {epochs} instead (a resume may "
+                     f"change it), or drop it with {clear} to count max_steps")
+
+
+# --------------------------------------------------------------------------------------------
+# What the settings build: the tokenizer and the model
+# --------------------------------------------------------------------------------------------
+
+
+def load_or_train_tokenizer(cfg: TrainConfig, dcfg: DataConfig) -> CodeTokenizer | BPETokenizer:
+    """The given tokenizer, the pretrained model's, or a CodeTokenizer trained on the train split
+    (cached by corpus, tokenizer options and encoding version: ``dataset.tokenizer_cache_dir``,
+    so a second run reuses it)."""
+    from dataset import prepare, publish_cache_entry, tokenizer_cache_dir
+    from tokenizer import (
+        TOKENIZER_FILE,
+        CodeTokenizer,
+        check_model_tokenizer,
+        load_tokenizer,
+        tokenizer_path,
+        where_tokenizer_is,
+    )
+
+    own = Path(cfg.init_from) / TOKENIZER_FILE if cfg.init_from is not None else None
+    if cfg.tokenizer is not None:
+        tok = load_tokenizer(cfg.tokenizer)
+        if own is not None and own.is_file() and not same_vocabulary(tok, load_tokenizer(own)):
+            print(f"warning: --tokenizer {cfg.tokenizer} differs from {own}, the tokenizer "
+                  f"--init-from {cfg.init_from} was trained with: its ids name other tokens than "
+                  "the ones the pretrained embeddings learned", file=sys.stderr)
+        if cfg.init_from is not None:
+            check_model_tokenizer(tok, tokenizer_path(cfg.tokenizer), cfg.init_from)
+        return tok
+    if own is not None:
+        if not own.is_file():
+            raise ValueError(f"--init-from {cfg.init_from}: no {TOKENIZER_FILE} in it"
+                             f"{where_tokenizer_is(cfg.init_from)}; pass --tokenizer with the "
+                             "tokenizer the checkpoint was trained with")
+        tok = load_tokenizer(own)
+        check_model_tokenizer(tok, own, cfg.init_from)
+        return tok
+    cached = tokenizer_cache_dir(dcfg, cfg.tokenizer_min_freq, cfg.tokenizer_max_vocab)
+    if dcfg.use_cache and (cached / "tokenizer.json").is_file():
+        return load_tokenizer(cached)
+    from tqdm import tqdm
+
+    texts = prepare(dcfg, None).train
+    tok = CodeTokenizer.train(tqdm(texts, desc="train tokenizer", unit="text",
+                                   disable=not dcfg.progress),
+                              min_freq=cfg.tokenizer_min_freq, max_vocab=cfg.tokenizer_max_vocab)
+    if dcfg.use_cache:  # the first complete entry stays: another run may be loading it
+        with contextlib.suppress(OSError):  # a read-only cache: the tokenizer is used uncached
+            publish_cache_entry(cached, tok.save)
+    return tok
+
+
+def same_vocabulary(a: CodeTokenizer | BPETokenizer, b: CodeTokenizer | BPETokenizer) -> bool:
+    """Whether every id of ``a`` and ``b`` names the same token."""
+    return a.vocab_size == b.vocab_size and all(
+        a.id_to_token(i) == b.id_to_token(i) for i in range(a.vocab_size))
+
+
+def build_model(cfg: TrainConfig, tok: CodeTokenizer | BPETokenizer,
+                run_dir: Path | None = None) -> nn.Module:
+    """From scratch or from ``init_from``; then the quantized base and LoRA if asked for (new
+    adapters, or ``init_adapter``'s: ``cfg`` as ``with_init_adapter`` fills it in). ``run_dir``:
+    the run whose own weights will be loaded into the model (a resume from its checkpoint,
+    eval.py's best/): an init_adapter run's LoRA layout then comes from the run's copy of the
+    adapter's config (``run_adapter_copy``), with no weights read from the adapter directory."""
+    import pretrained
+    from architecture import Transformer
+
+    base_dtype = SHORT_DTYPES[cfg.base_dtype]
+    if cfg.init_from is not None:
+        model = pretrained.load(cfg.init_from, dtype=base_dtype, device="cpu")
+        if tok.vocab_size > model.cfg.vocab_size:
+            raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model at "
+                             f"{cfg.init_from} only {model.cfg.vocab_size} embeddings")
+        if cfg.dropout is not None:  # embeddings and residual branches, as from scratch
+            model.cfg.dropout = model.cfg.embd_dropout = cfg.dropout
+        for key, value in cfg.model_options.items():  # LOADED_MODEL_OPTIONS: read live
+            setattr(model.cfg, key, value)
+    else:
+        model = Transformer(model_config(cfg, tok.vocab_size, tok.bos_id, tok.eos_id))
+        model.to(base_dtype)
+    if cfg.lora_r > 0:
+        import lora
+
+        if cfg.quantize_bits:
+            lora.quantize_base(model, bits=cfg.quantize_bits)
+        copy = run_adapter_copy(run_dir) if run_dir is not None else None
+        if cfg.init_adapter is not None and copy is not None:  # the weights: the run's own
+            lora.apply_adapter_layout(model, copy.parent, copy.name)
+        elif cfg.init_adapter is not None:  # its own config (with_init_adapter: cfg agrees)
+            if not (Path(cfg.init_adapter) / lora.ADAPTER_CONFIG).is_file():
+                raise ValueError(
+                    f"TrainConfig.init_adapter {cfg.init_adapter}: no {lora.ADAPTER_CONFIG} there; "
+                    "the run's LoRA layout (targets, rank, scaling) is read from there (a run "
+                    "starts from the adapter's weights): put that adapter back at this path")
+            if changed := lora.changed_base_tensors(model, cfg.init_adapter):
+                raise ValueError(
+                    f"TrainConfig.init_adapter {cfg.init_adapter}: its {changed[0]} (of "
+                    f"{len(changed)} base tensor(s)) differs from the base's, {cfg.init_from}; "
+                    "a run keeps only the adapters, so a resume and the export would lose it: "
+                    "save the base as the adapter holds it (PEFT: PeftModel.from_pretrained("
+                    "base, adapter).unload().save_pretrained(NEW)) and name it with --init-from")
+            lora.load_adapter(model, cfg.init_adapter)
+        else:
+            options = {"target_modules": cfg.lora_targets} if cfg.lora_targets else {}
+            lora.apply_lora(model, lora.LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha,
+                                                   dropout=cfg.lora_dropout, **options))
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    return model
