@@ -458,34 +458,15 @@ class CodeTokenizer(_BatchEncodeMixin):
         return len(self._id_to_bytes)
 
     def _special_id(self, token: str) -> int | None:
-        try:
-            return self.special_tokens.index(token)
-        except ValueError:
-            return None
+        return self.special_tokens.index(token) if token in self.special_tokens else None
 
-    @property
-    def pad_id(self) -> int | None:
-        return self._special_id("<pad>")
-
-    @property
-    def bos_id(self) -> int | None:
-        return self._special_id("<bos>")
-
-    @property
-    def eos_id(self) -> int | None:
-        return self._special_id("<eos>")
-
-    @property
-    def fim_prefix_id(self) -> int | None:
-        return self._special_id("<fim_prefix>")
-
-    @property
-    def fim_middle_id(self) -> int | None:
-        return self._special_id("<fim_middle>")
-
-    @property
-    def fim_suffix_id(self) -> int | None:
-        return self._special_id("<fim_suffix>")
+    # The role ids (None where custom special_tokens lack the token).
+    pad_id = property(lambda self: self._special_id("<pad>"))
+    bos_id = property(lambda self: self._special_id("<bos>"))
+    eos_id = property(lambda self: self._special_id("<eos>"))
+    fim_prefix_id = property(lambda self: self._special_id("<fim_prefix>"))
+    fim_middle_id = property(lambda self: self._special_id("<fim_middle>"))
+    fim_suffix_id = property(lambda self: self._special_id("<fim_suffix>"))
 
     def token_to_id(self, token: str) -> int | None:
         """Id of a special token, a vocabulary piece, or a byte token written ``<0xNN>``."""
@@ -626,33 +607,22 @@ class CodeTokenizer(_BatchEncodeMixin):
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "<dict>") -> CodeTokenizer:
+        """Read codelm's own format (``to_dict``; one version, another is refused)."""
         if data.get("type") != CODE_TOKENIZER_TYPE:
-            raise ValueError(
-                f"{source}: not a codelm CodeTokenizer file (type={data.get('type')!r})"
-            )
+            raise ValueError(f"{source}: not a codelm CodeTokenizer file (type={data.get('type')!r})")
         if data.get("version") != 1 or data.get("n_byte_tokens") != _N_BYTES:
-            raise ValueError(
-                f"{source}: unsupported CodeTokenizer version {data.get('version')!r} "
-                f"(n_byte_tokens={data.get('n_byte_tokens')!r}); this code reads version 1"
-            )
-        for key, kind in (
-            ("pieces", list),
-            ("special_tokens", list),
-            ("min_freq", int),
-            ("strip_comments", bool),
-        ):
+            raise ValueError(f"{source}: unsupported CodeTokenizer version {data.get('version')!r} "
+                             f"(n_byte_tokens={data.get('n_byte_tokens')!r}); this code reads "
+                             "version 1")
+        for key, kind in (("pieces", list), ("special_tokens", list), ("min_freq", int),
+                          ("strip_comments", bool)):
             if not isinstance(data.get(key), kind):
                 raise ValueError(f"{source}: key {key!r} missing or not a {kind.__name__}")
-        for key in ("pieces", "special_tokens"):
-            if not all(isinstance(p, str) and p for p in data[key]):
+            if kind is list and not all(isinstance(p, str) and p for p in data[key]):
                 raise ValueError(f"{source}: key {key!r} must hold non-empty strings")
         try:
-            return cls(
-                data["pieces"],
-                min_freq=data["min_freq"],
-                strip_comments=data["strip_comments"],
-                special_tokens=data["special_tokens"],
-            )
+            return cls(data["pieces"], min_freq=data["min_freq"],
+                       strip_comments=data["strip_comments"], special_tokens=data["special_tokens"])
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
 
@@ -1388,29 +1358,12 @@ class BPETokenizer(_BatchEncodeMixin):
     def vocab_size(self) -> int:
         return len(self._id_to_bytes)
 
-    @property
-    def bos_id(self) -> int | None:
-        return self._roles["bos"]
-
-    @property
-    def eos_id(self) -> int | None:
-        return self._roles["eos"]
-
-    @property
-    def pad_id(self) -> int | None:
-        return self._roles["pad"]
-
-    @property
-    def fim_prefix_id(self) -> int | None:
-        return self._added_ids.get("<fim_prefix>")
-
-    @property
-    def fim_middle_id(self) -> int | None:
-        return self._added_ids.get("<fim_middle>")
-
-    @property
-    def fim_suffix_id(self) -> int | None:
-        return self._added_ids.get("<fim_suffix>")
+    bos_id = property(lambda self: self._roles["bos"])
+    eos_id = property(lambda self: self._roles["eos"])
+    pad_id = property(lambda self: self._roles["pad"])
+    fim_prefix_id = property(lambda self: self._added_ids.get("<fim_prefix>"))
+    fim_middle_id = property(lambda self: self._added_ids.get("<fim_middle>"))
+    fim_suffix_id = property(lambda self: self._added_ids.get("<fim_suffix>"))
 
     def token_to_id(self, token: str) -> int | None:
         i = self._added_ids.get(token)
