@@ -222,10 +222,7 @@ _CLEANING_FIELDS = frozenset(
 )  # fmt: skip
 
 
-# --------------------------------------------------------------------------------------------
-# Sources
-# --------------------------------------------------------------------------------------------
-
+# --- Sources ---
 
 @dataclass
 class Doc:
@@ -392,17 +389,13 @@ def _sources_fingerprint(sources: Sequence[str], extensions: Sequence[str]) -> l
         listing = hashlib.sha256()
         for p in files:
             st = p.stat()
-            listing.update(
-                f"{p.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode(
-                    "utf-8", "surrogateescape")  # a name that is not UTF-8: its own bytes
-            )
+            entry = f"{p.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n"
+            listing.update(entry.encode("utf-8", "surrogateescape"))  # a non-UTF-8 name: its bytes
         out.append([source if source == "stdlib" else str(root.resolve()), listing.hexdigest()])
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# Cleaning
-# --------------------------------------------------------------------------------------------
+# --- Cleaning ---
 
 _LICENSE_WORDS = re.compile(r"copyright|licen[cs]e|spdx-license|all rights reserved", re.I)
 _ENCODING_LINE = re.compile(r"^[ \t\f]*#.*?coding[:=]")
@@ -419,11 +412,8 @@ def strip_license_header(text: str) -> tuple[str, bool]:
     lines = source_lines(text, keepends=True)
     keep: list[str] = []
     i = 0
-    while (
-        i < len(lines)
-        and i < 2
-        and ((i == 0 and lines[i].startswith("#!")) or _ENCODING_LINE.match(lines[i]))
-    ):
+    while i < min(2, len(lines)) and ((i == 0 and lines[i].startswith("#!"))
+                                      or _ENCODING_LINE.match(lines[i])):
         keep.append(lines[i])
         i += 1
     while i < len(lines) and not lines[i].strip():
@@ -755,10 +745,8 @@ def clean_corpus(cfg: DataConfig) -> tuple[list[Doc], dict]:
             else:
                 docs.append(doc)
     counts.update(read_drops)
-    read_files = read["files"]
     if cfg.near_dedupe and docs:
-        texts = [d.text if d.target is None else d.text + "\n" + d.target for d in docs]
-        dupes = near_duplicates(texts, cfg.near_dedupe_threshold)
+        dupes = near_duplicates(list(map(_plain_text, docs)), cfg.near_dedupe_threshold)
         counts["near_duplicate"] += len(dupes)
         docs = [d for i, d in enumerate(docs) if i not in dupes]
     stats = {
@@ -769,23 +757,17 @@ def clean_corpus(cfg: DataConfig) -> tuple[list[Doc], dict]:
                  "bytes": sum(len((d.text + (d.target or "")).encode("utf-8")) for d in docs)},
         "pairs": pairs,
     }
-    if not docs and not read_files:
-        raise DataError(
-            f"sources {cfg.sources} hold no files with extensions {cfg.extensions} and no JSONL "
-            "records (an empty .jsonl: a scrape that kept nothing?)")
+    if not docs and not read["files"]:
+        raise DataError(f"sources {cfg.sources} hold no files with extensions {cfg.extensions} "
+                        "and no JSONL records (an empty .jsonl: a scrape that kept nothing?)")
     if not docs:
-        raise DataError(
-            f"no data left after cleaning sources {cfg.sources}: read {read_files} files/records, "
-            f"dropped {dict(counts) or 'none'}; check the sources, extensions {cfg.extensions} "
-            "and the size/line/literal limits"
-        )
+        raise DataError(f"no data left after cleaning sources {cfg.sources}: read {read['files']} "
+                        f"files/records, dropped {dict(counts) or 'none'}; check the sources, "
+                        f"extensions {cfg.extensions} and the size/line/literal limits")
     return docs, stats
 
 
-# --------------------------------------------------------------------------------------------
-# Splits
-# --------------------------------------------------------------------------------------------
-
+# --- Splits ---
 
 def split_key(doc: Doc, split_by: str) -> str:
     """The unit that never crosses splits: the repo where known (and asked for), else the file."""
@@ -823,9 +805,11 @@ class Corpus:
 
     def texts(self, split: str = "train") -> list[str]:
         """Plain texts of one split (pairs as prompt + completion): what a tokenizer trains on."""
-        return [
-            d.text if d.target is None else d.text + "\n" + d.target for d in getattr(self, split)
-        ]
+        return [_plain_text(d) for d in getattr(self, split)]
+
+
+def _plain_text(doc: Doc) -> str:
+    return doc.text if doc.target is None else doc.text + "\n" + doc.target
 
 
 def split_corpus(docs: Sequence[Doc], cfg: DataConfig) -> tuple[dict[str, list[Doc]], str]:
@@ -945,10 +929,7 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     return Corpus(**splits, stats=stats, key=key)
 
 
-# --------------------------------------------------------------------------------------------
-# Datasets
-# --------------------------------------------------------------------------------------------
-
+# --- Datasets ---
 
 class LMWindows(Dataset):
     """Windows of a packed, memory-mapped token file: input tokens[s : s+T], labels shifted by
@@ -1100,10 +1081,7 @@ class PreparedData:
     eos_id: int | None = None
 
 
-# --------------------------------------------------------------------------------------------
-# Task builders (text level): each yields Example(head, body, tail, completion)
-# --------------------------------------------------------------------------------------------
-
+# --- Task builders (text level): each yields Example(head, body, tail, completion) ---
 
 @dataclass
 class Example:
@@ -1265,10 +1243,7 @@ def refactor_example(doc: Doc) -> Example:
     return Example(head, doc.target, body=doc.text, tail=tail, pair=True)
 
 
-# --------------------------------------------------------------------------------------------
-# Tokenization, building and caching
-# --------------------------------------------------------------------------------------------
-
+# --- Tokenization, building and caching ---
 
 _FINGERPRINT_PREFIX = "codelm-tokenizer-"
 
@@ -1300,28 +1275,22 @@ def tokenizer_cache_dir(cfg: DataConfig, min_freq: int, max_vocab: int | None) -
 
 
 def _task_options(cfg: DataConfig) -> dict:
+    """The options of ``cfg.task`` (a part of its cache key)."""
     opts = {"task": cfg.task, "block_size": cfg.block_size, "seed": cfg.seed}
     if cfg.task != "lm":
-        opts.update(
-            add_eos=cfg.add_eos,
-            max_prompt_tokens=cfg.max_prompt_tokens,
-            max_completion_tokens=cfg.max_completion_tokens,
-        )
+        opts.update(add_eos=cfg.add_eos, max_prompt_tokens=cfg.max_prompt_tokens,
+                    max_completion_tokens=cfg.max_completion_tokens)
     if cfg.task == "completion":
         opts.update(style=cfg.completion_style)
         if cfg.completion_style == "window":
-            opts.update(
-                p=cfg.window_prompt_tokens, c=cfg.window_completion_tokens, s=cfg.window_stride
-            )
+            opts.update(p=cfg.window_prompt_tokens, c=cfg.window_completion_tokens,
+                        s=cfg.window_stride)
         else:
             opts.update(lines_per_file=cfg.lines_per_file)
     if cfg.task == "docstring":
-        opts.update(
-            targets=cfg.docstring_targets,
-            min_tokens=cfg.docstring_min_tokens,
-            code_tokens=cfg.docstring_code_tokens,
-            prompt=DOCSTRING_PROMPTS[cfg.docstring_prompt],
-        )
+        opts.update(targets=cfg.docstring_targets, min_tokens=cfg.docstring_min_tokens,
+                    code_tokens=cfg.docstring_code_tokens,
+                    prompt=DOCSTRING_PROMPTS[cfg.docstring_prompt])
     if cfg.task == "refactor":
         opts.update(template=REFACTOR_TEMPLATE)
     if cfg.task == "fim":
@@ -1795,10 +1764,7 @@ def _note_pairs_as_text(cfg: DataConfig, corpus_stats: dict) -> None:
                   "--task refactor, trains on the output only", file=sys.stderr)
 
 
-# --------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------
-
+# --- CLI ---
 
 def _print_stats(stats: dict, out=None) -> None:
     out = out or sys.stdout

@@ -58,9 +58,7 @@ class _PieceCache(dict):
         return ids
 
 
-# ---------------------------------------------------------------------------------------------
-# Parallel batch encoding shared by both tokenizers
-# ---------------------------------------------------------------------------------------------
+# --- Parallel batch encoding shared by both tokenizers ---
 
 _worker_tokenizer = None
 
@@ -73,11 +71,9 @@ def _init_worker(tok) -> None:
 def _encode_chunk(args: tuple[list[str], bool, bool]) -> list[bytes]:
     texts, add_special_tokens, split_special_tokens = args
     # Arrays pickle as one buffer, far cheaper than lists of Python ints.
-    return [
-        array("I", _worker_tokenizer.encode(t, add_special_tokens=add_special_tokens,
-                                            split_special_tokens=split_special_tokens)).tobytes()
-        for t in texts
-    ]
+    return [array("I", _worker_tokenizer.encode(t, add_special_tokens=add_special_tokens,
+                                                split_special_tokens=split_special_tokens)).tobytes()
+            for t in texts]
 
 
 def _chunks(texts: list[str], n_chunks: int) -> list[list[str]]:
@@ -117,12 +113,9 @@ class _BatchEncodeMixin:
         workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
         if workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-        if (
-            workers == 1
-            or len(texts) < 2
-            or sum(map(len, texts)) < _MIN_PARALLEL_CHARS
-            or multiprocessing.current_process().daemon  # e.g. a DataLoader worker: no children
-        ):
+        # A daemon process (a DataLoader worker) can have no children.
+        if (workers == 1 or len(texts) < 2 or sum(map(len, texts)) < _MIN_PARALLEL_CHARS
+                or multiprocessing.current_process().daemon):
             return [self.encode(t, add_special_tokens=add_special_tokens,
                                 split_special_tokens=split_special_tokens) for t in texts]
         methods = multiprocessing.get_all_start_methods()
@@ -132,13 +125,7 @@ class _BatchEncodeMixin:
                 for c in _chunks(texts, workers * 4)]
         with ctx.Pool(workers, initializer=_init_worker, initargs=(self,)) as pool:
             results = pool.map(_encode_chunk, jobs, chunksize=1)
-        out = []
-        for chunk in results:
-            for buf in chunk:
-                a = array("I")
-                a.frombytes(buf)
-                out.append(a.tolist())
-        return out
+        return [array("I", buf).tolist() for chunk in results for buf in chunk]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids`` (invalid UTF-8 becomes U+FFFD, as in HF); special tokens are kept by
@@ -170,17 +157,13 @@ def _read_json(path: Path) -> dict:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(
-            f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}"
-        ) from None
+        raise ValueError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object at the top level")
     return data
 
 
-# ---------------------------------------------------------------------------------------------
-# Comment and docstring stripping (Python's own tokenize/ast, never regexes)
-# ---------------------------------------------------------------------------------------------
+# --- Comment and docstring stripping (Python's own tokenize/ast, never regexes) ---
 
 # What parsing or tokenizing untrusted Python text can raise.
 PYTHON_PARSE_ERRORS = (SyntaxError, ValueError, tokenize.TokenError, RecursionError, MemoryError)
@@ -272,9 +255,7 @@ def strip_comments_and_docstrings(
     return stripped
 
 
-# ---------------------------------------------------------------------------------------------
-# CodeTokenizer
-# ---------------------------------------------------------------------------------------------
+# --- CodeTokenizer ---
 
 # Pieces of code. Every character is matched by some branch (the last one takes anything), so the
 # pieces of a text always concatenate back to it.
@@ -757,9 +738,7 @@ def is_utf8(text: str) -> bool:
     return True
 
 
-# ---------------------------------------------------------------------------------------------
-# Byte-level BPE (HF tokenizer.json)
-# ---------------------------------------------------------------------------------------------
+# --- Byte-level BPE (HF tokenizer.json) ---
 
 # The pre-tokenizer regexes of the supported tokenizer.json styles (HF writes the first as its
 # ByteLevel default and ships the last inside Llama-3's Split).
