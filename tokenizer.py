@@ -570,13 +570,8 @@ class CodeTokenizer(_BatchEncodeMixin):
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``tokenizer.json`` (into a directory: with a tokenizer_config.json naming the
         special tokens for transformers); one that strips comments in codelm's own format."""
-        path = Path(path)
-        directory = path if path.is_dir() else None
-        if directory is not None:
-            path = directory / TOKENIZER_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
         data = self.to_dict() if self.strip_comments else self.to_hf()
-        path.write_text(json.dumps(data, ensure_ascii=False, indent=0), "utf-8")
+        path, directory = _write_tokenizer_json(path, data, indent=0)
         if directory is not None and not self.strip_comments:
             roles = {role: token for role, token in
                      (("bos", "<bos>"), ("eos", "<eos>"), ("pad", "<pad>"))
@@ -620,6 +615,18 @@ class CodeTokenizer(_BatchEncodeMixin):
             f"CodeTokenizer(vocab_size={self.vocab_size}, min_freq={self.min_freq}, "
             f"strip_comments={self.strip_comments})"
         )
+
+
+def _write_tokenizer_json(path: str | os.PathLike, data: dict, indent: int
+                          ) -> tuple[Path, Path | None]:
+    """Write ``data`` to ``path`` or a directory's tokenizer.json: (the file, the directory)."""
+    path = Path(path)
+    directory = path if path.is_dir() else None
+    if directory is not None:
+        path = directory / TOKENIZER_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, ensure_ascii=False, indent=indent), "utf-8")
+    return path, directory
 
 
 def _write_roles_config(directory: Path, roles: dict[str, str], replace: bool,
@@ -1164,12 +1171,7 @@ class BPETokenizer(_BatchEncodeMixin):
     def save(self, path: str | os.PathLike) -> Path:
         """Write the tokenizer.json; into a directory, with a tokenizer_config.json naming the
         bos/eos/pad tokens (unless one is there) for transformers' AutoTokenizer."""
-        path = Path(path)
-        directory = path if path.is_dir() else None
-        if directory is not None:
-            path = directory / TOKENIZER_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.spec, ensure_ascii=False, indent=2), "utf-8")
+        path, directory = _write_tokenizer_json(path, self.spec, indent=2)
         if directory is not None:
             _write_roles_config(directory, {role: self.id_to_token(i)
                                             for role, i in self._roles.items() if i is not None},
