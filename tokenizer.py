@@ -31,6 +31,7 @@ import regex
 
 TOKENIZER_FILE = "tokenizer.json"
 CODE_TOKENIZER_TYPE = "codelm-code-tokenizer"
+CODE_TOKENIZER_FORMAT_VERSION = 1  # of the file ``CodeTokenizer.to_dict`` writes
 # What ids depend on besides a tokenizer's files (a key of dataset's caches): these encoding rules
 # (bump when a file starts to encode differently) and `regex`'s Unicode tables.
 ENCODING_VERSION = f"4+regex-{regex.__version__}"
@@ -474,15 +475,10 @@ class CodeTokenizer(_BatchEncodeMixin):
     # -- persistence --------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
-        return {
-            "type": CODE_TOKENIZER_TYPE,
-            "version": 1,
-            "min_freq": self.min_freq,
-            "strip_comments": self.strip_comments,
-            "special_tokens": self.special_tokens,
-            "n_byte_tokens": _N_BYTES,
-            "pieces": self.pieces,
-        }
+        """codelm's own format, for what HF cannot express (comment stripping)."""
+        return {"type": CODE_TOKENIZER_TYPE, "format_version": CODE_TOKENIZER_FORMAT_VERSION,
+                "min_freq": self.min_freq, "strip_comments": self.strip_comments,
+                "special_tokens": self.special_tokens, "pieces": self.pieces}
 
     def to_hf(self) -> dict:
         """The same tokenizer as an HF ``tokenizer.json`` with the same ids: Split by the piece
@@ -586,10 +582,9 @@ class CodeTokenizer(_BatchEncodeMixin):
         """Read codelm's own format (``to_dict``; one version, another is refused)."""
         if data.get("type") != CODE_TOKENIZER_TYPE:
             raise ValueError(f"{source}: not a codelm CodeTokenizer file (type={data.get('type')!r})")
-        if data.get("version") != 1 or data.get("n_byte_tokens") != _N_BYTES:
-            raise ValueError(f"{source}: unsupported CodeTokenizer version {data.get('version')!r} "
-                             f"(n_byte_tokens={data.get('n_byte_tokens')!r}); this code reads "
-                             "version 1")
+        if (version := data.get("format_version")) != CODE_TOKENIZER_FORMAT_VERSION:
+            raise ValueError(f"{source}: CodeTokenizer format_version {version!r}; codelm reads "
+                             f"format_version {CODE_TOKENIZER_FORMAT_VERSION} (train it again)")
         for key, kind in (("pieces", list), ("special_tokens", list), ("min_freq", int),
                           ("strip_comments", bool)):
             if not isinstance(data.get(key), kind):
