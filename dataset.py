@@ -51,6 +51,7 @@ from tokenizer import (
     CodeTokenizer,
     docstring_statement,
     is_utf8,
+    load_tokenizer,
     source_lines,
     strip_comments_and_docstrings,
 )
@@ -163,10 +164,8 @@ class DataConfig:
             if f.name in _MINIMUMS and value is not None and value < _MINIMUMS[f.name]:
                 raise DataError(f"DataConfig.{f.name} must be >= {_MINIMUMS[f.name]}, got {value}")
         for name, allowed in _CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise DataError(
-                    f"DataConfig.{name}: {getattr(self, name)!r} is not one of {list(allowed)}"
-                )
+            if (value := getattr(self, name)) not in allowed:
+                raise DataError(f"DataConfig.{name}: {value!r} is not one of {list(allowed)}")
         fracs = (self.train_frac, self.val_frac, self.test_frac)
         if min(fracs) < 0 or abs(sum(fracs) - 1.0) > 1e-6:
             raise DataError(f"DataConfig split fractions must be >= 0 and sum to 1, got {fracs}")
@@ -569,9 +568,8 @@ def _clean_one(args: tuple[_RawDoc, dict]) -> tuple[Doc | None, str | None, list
     is_python = has_extension(raw.id, (".py",))
     if is_python and (opt["strip_comments"] or opt["strip_docstrings"]):
         try:
-            text = strip_comments_and_docstrings(
-                text, opt["strip_comments"], opt["strip_docstrings"], strict=True
-            )
+            text = strip_comments_and_docstrings(text, opt["strip_comments"],
+                                                 opt["strip_docstrings"], strict=True)
             mods.append("comments_or_docstrings_stripped")
         except PYTHON_PARSE_ERRORS:
             return None, "syntax_error", mods
@@ -1437,9 +1435,8 @@ def _examples_for(doc: Doc, cfg: DataConfig, events: Counter) -> list[Example]:
     if cfg.task == "method":
         return method_examples(doc, parsed)
     if cfg.task == "docstring":
-        return docstring_examples(
-            doc, cfg.docstring_targets, cfg.docstring_prompt, cfg.docstring_code_tokens, parsed
-        )
+        return docstring_examples(doc, cfg.docstring_targets, cfg.docstring_prompt,
+                                  cfg.docstring_code_tokens, parsed)
     raise AssertionError(cfg.task)
 
 
@@ -1807,12 +1804,9 @@ def make_cache_dir(cache_dir: str, option: str | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Prepare a codelm dataset: read sources, clean, split, build a task, cache "
-        "it, and print counts per stage.",
-        argument_default=argparse.SUPPRESS,
-    )
-    parser.add_argument(
-        "--tokenizer", help="tokenizer file/dir; without one only the cleaned corpus is built"
-    )
+        "it, and print counts per stage.", argument_default=argparse.SUPPRESS)
+    parser.add_argument("--tokenizer",
+                        help="tokenizer file/dir; without one only the cleaned corpus is built")
     cliconfig.add_config_flags(parser, DataConfig, _CHOICES)
     flags = vars(parser.parse_args(argv))
     tokenizer_path = flags.pop("tokenizer", None)
@@ -1821,11 +1815,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = cliconfig.config_from_dict(DataConfig, flags, "command line", _CHOICES)
             if cfg.use_cache:
                 make_cache_dir(cfg.cache_dir, "--cache-dir" if "cache_dir" in flags else None)
-            tokenizer = None
-            if tokenizer_path:
-                from tokenizer import load_tokenizer
-
-                tokenizer = load_tokenizer(tokenizer_path)
+            tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
             data = prepare(cfg, tokenizer)
     except (ValueError, OSError) as exc:
         message = cliconfig.os_error_message(exc) if isinstance(exc, OSError) else exc
