@@ -772,9 +772,8 @@ def split_key(doc: Doc, split_by: str) -> str:
     return doc.repo if split_by == "repo" and doc.repo else doc.id
 
 
-def assign_splits(
-    keys: Iterable[str], fracs: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 42
-) -> dict[str, str]:
+def assign_splits(keys: Iterable[str], fracs: tuple[float, float, float] = (0.8, 0.1, 0.1),
+                  seed: int = 42) -> dict[str, str]:
     """key -> "train"/"val"/"test": keys ordered by a seeded SHA-256 and cut at the fractions
     (val and test get at least one key each when there are 3 keys and their fraction is > 0)."""
     unique = sorted(set(keys), key=lambda k: hashlib.sha256(f"{seed}\0{k}".encode()).digest())
@@ -995,15 +994,10 @@ class SupervisedExamples(Dataset):
         return {"input_ids": seq[:-1], "labels": labels}
 
 
-def supervised_example(
-    prompt_ids: Sequence[int],
-    completion_ids: Sequence[int],
-    max_length: int,
-    max_completion_tokens: int | None = None,
-    max_prompt_tokens: int | None = None,
-    code: tuple[int, int] = (0, 0),
-    start: Sequence[int] = (),
-) -> dict[str, torch.Tensor]:
+def supervised_example(prompt_ids: Sequence[int], completion_ids: Sequence[int], max_length: int,
+                       max_completion_tokens: int | None = None,
+                       max_prompt_tokens: int | None = None, code: tuple[int, int] = (0, 0),
+                       start: Sequence[int] = ()) -> dict[str, torch.Tensor]:
     """One causal-LM example (input length at most ``max_length``): ``start`` + prompt +
     completion, cut by ``_truncate_pair``; labels are -100 on every prompt target."""
     prompt, completion = _truncate_pair(prompt_ids, completion_ids, max_length - len(start),
@@ -1015,14 +1009,9 @@ def supervised_example(
     return {"input_ids": seq[:-1], "labels": labels}
 
 
-def _truncate_pair(
-    prompt_ids: Sequence[int],
-    completion_ids: Sequence[int],
-    max_length: int,
-    max_completion_tokens: int | None,
-    max_prompt_tokens: int | None = None,
-    code: tuple[int, int] = (0, 0),
-) -> tuple[list[int], list[int]]:
+def _truncate_pair(prompt_ids: Sequence[int], completion_ids: Sequence[int], max_length: int,
+                   max_completion_tokens: int | None, max_prompt_tokens: int | None = None,
+                   code: tuple[int, int] = (0, 0)) -> tuple[list[int], list[int]]:
     """Fit prompt + completion into ``max_length + 1`` tokens and the prompt into
     ``max_prompt_tokens``; when both are long the prompt keeps half (``fit_prompt`` cuts it) and
     the completion its start."""
@@ -1045,9 +1034,8 @@ def fit_prompt(prompt_ids: Sequence[int], room: int, code: tuple[int, int] = (0,
     return prompt[len(prompt) - room :]
 
 
-def collate(
-    examples: Sequence[dict[str, torch.Tensor]], pad_id: int | None
-) -> dict[str, torch.Tensor]:
+def collate(examples: Sequence[dict[str, torch.Tensor]], pad_id: int | None
+            ) -> dict[str, torch.Tensor]:
     """Right-pad examples into a batch: ``pad_id`` (or 0) on inputs, -100 on padded labels."""
     assert examples
     pad = 0 if pad_id is None else int(pad_id)
@@ -1186,9 +1174,8 @@ def method_examples(doc: Doc, parsed: _Parsed | None = None) -> list[Example]:
     return out
 
 
-def docstring_examples(
-    doc: Doc, targets: str, prompt: str, code_tokens: int, parsed: _Parsed | None = None
-) -> list[Example]:
+def docstring_examples(doc: Doc, targets: str, prompt: str, code_tokens: int,
+                       parsed: _Parsed | None = None) -> list[Example]:
     """A class (or function) with its docstring removed -> the docstring."""
     parsed = parsed or _parse(doc)
     if parsed is None:
@@ -1447,12 +1434,9 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def tokenize_examples(
-    examples: list[Example],
-    tokenizer: CodeTokenizer | BPETokenizer,
-    cfg: DataConfig,
-    desc: str,
-) -> list[tuple[list[int], list[int], tuple[int, int]]]:
+def tokenize_examples(examples: list[Example], tokenizer: CodeTokenizer | BPETokenizer,
+                      cfg: DataConfig, desc: str
+                      ) -> list[tuple[list[int], list[int], tuple[int, int]]]:
     """(prompt ids, completion ids, the body's span in the prompt) of each example. A body with a
     budget is tokenized apart, to be cut; otherwise the prompt is tokenized whole (as eval.py
     does), its head and tail apart only to find the body's span. With ``pair_special_tokens`` a
@@ -1513,9 +1497,8 @@ def _fim_chunk_size(tokenizer, cfg: DataConfig) -> int:
     return max(2, cfg.block_size + 1 - 4 - len(tokenizer.template_prefix))
 
 
-def _fim_plan(
-    ids: list[int], doc_id: str, tokenizer, cfg: DataConfig, byte_lengths: np.ndarray
-) -> list[list[int] | tuple[str, str, str]]:
+def _fim_plan(ids: list[int], doc_id: str, tokenizer, cfg: DataConfig, byte_lengths: np.ndarray
+              ) -> list[list[int] | tuple[str, str, str]]:
     """A file's chunks, each a plain LM chunk (its ids) or, for a seeded ``fim_rate`` share, the
     texts of its prefix, middle and suffix, cut at two token positions moved to character starts."""
     rng = random.Random(f"{cfg.seed}\0fim\0{doc_id}")
@@ -1543,9 +1526,8 @@ def _fim_plan(
     return plan
 
 
-def _fim_pairs(
-    docs: list[tuple[list[int], str]], tokenizer, cfg: DataConfig, desc: str = "fim parts"
-) -> list[list[tuple[list[int], list[int]]]]:
+def _fim_pairs(docs: list[tuple[list[int], str]], tokenizer, cfg: DataConfig,
+               desc: str = "fim parts") -> list[list[tuple[list[int], list[int]]]]:
     """(prompt, completion) pairs of each file ``(ids, doc id)``: plain LM chunks, and a
     ``fim_rate`` share of prefix-suffix-middle (PSM) examples whose parts are cut at characters
     and encoded alone, as at inference (StarCoder's FIM); a PSM prompt is cut inside its code,
@@ -1587,9 +1569,8 @@ def _without_stripping(tokenizer):
 _FIM_SENTINELS = 3
 
 
-def _fit_fim_context(
-    prefix: list[int], suffix: list[int], max_prompt_tokens: int | None
-) -> tuple[list[int], list[int]]:
+def _fit_fim_context(prefix: list[int], suffix: list[int], max_prompt_tokens: int | None
+                     ) -> tuple[list[int], list[int]]:
     """Prefix and suffix cut to fit a PSM prompt into ``max_prompt_tokens``, keeping the code
     next to the middle (each keeps half the room where both are long)."""
     if max_prompt_tokens is None:
@@ -1697,9 +1678,8 @@ def _open_task(path: Path, meta: dict, cfg: DataConfig, tokenizer, cache_hit: bo
                         cache_path=path, pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id)
 
 
-def prepare(
-    cfg: DataConfig, tokenizer: CodeTokenizer | BPETokenizer | None = None
-) -> PreparedData:
+def prepare(cfg: DataConfig, tokenizer: CodeTokenizer | BPETokenizer | None = None
+            ) -> PreparedData:
     """Build (or load from cache) the three splits of ``cfg.task``; ``tokenizer=None`` returns
     the cleaned split texts (to train a tokenizer on ``.train``)."""
     if tokenizer is None:

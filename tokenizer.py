@@ -99,13 +99,9 @@ class _BatchEncodeMixin:
     _id_to_bytes: list[bytes]
     _special_ids: Container[int]  # the ids that skip_special_tokens drops
 
-    def encode_batch(
-        self,
-        texts: Sequence[str],
-        num_workers: int | None = None,
-        add_special_tokens: bool = False,
-        split_special_tokens: bool = False,
-    ) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], num_workers: int | None = None,
+                     add_special_tokens: bool = False, split_special_tokens: bool = False
+                     ) -> list[list[int]]:
         """Encode many texts with ``num_workers`` processes (default: every core)."""
         if isinstance(texts, str):  # list() would make each character a text
             raise ValueError("encode_batch expects a list of texts, got a str; use encode(text) "
@@ -315,13 +311,8 @@ class CodeTokenizer(_BatchEncodeMixin):
     text inside a text is text: ``"<eos>"`` in scraped code never ends a document.
     """
 
-    def __init__(
-        self,
-        pieces: Sequence[str],
-        min_freq: int = 10,
-        strip_comments: bool = False,
-        special_tokens: Sequence[str] = CODE_SPECIAL_TOKENS,
-    ):
+    def __init__(self, pieces: Sequence[str], min_freq: int = 10, strip_comments: bool = False,
+                 special_tokens: Sequence[str] = CODE_SPECIAL_TOKENS):
         self.special_tokens = list(special_tokens)
         if len(set(self.special_tokens)) != len(self.special_tokens):
             raise ValueError(f"special tokens must be distinct: {self.special_tokens}")
@@ -334,24 +325,17 @@ class CodeTokenizer(_BatchEncodeMixin):
         if len(self._piece_to_id) != len(self.pieces):
             raise ValueError("CodeTokenizer vocabulary pieces must be distinct")
         self._max_piece_len = max(map(len, self.pieces), default=1)
-        self._id_to_bytes = (
-            [s.encode("utf-8") for s in self.special_tokens]
-            + [bytes([b]) for b in range(_N_BYTES)]
-            + [p.encode("utf-8", "surrogatepass") for p in self.pieces]
-        )
+        self._id_to_bytes = ([s.encode("utf-8") for s in self.special_tokens]
+                             + [bytes([b]) for b in range(_N_BYTES)]
+                             + [p.encode("utf-8", "surrogatepass") for p in self.pieces])
         self._cache = _PieceCache(self._encode_piece)
 
     # -- training ---------------------------------------------------------------------------
 
     @classmethod
-    def train(
-        cls,
-        texts: Iterable[str],
-        min_freq: int = 10,
-        max_vocab: int | None = None,
-        strip_comments: bool = False,
-        special_tokens: Sequence[str] = CODE_SPECIAL_TOKENS,
-    ) -> CodeTokenizer:
+    def train(cls, texts: Iterable[str], min_freq: int = 10, max_vocab: int | None = None,
+              strip_comments: bool = False, special_tokens: Sequence[str] = CODE_SPECIAL_TOKENS
+              ) -> CodeTokenizer:
         """Keep every piece seen ``min_freq`` times, at most ``max_vocab`` (specials and bytes
         come on top)."""
         if min_freq < 1:
@@ -365,20 +349,13 @@ class CodeTokenizer(_BatchEncodeMixin):
             n = counts.pop(match)
             for piece in _cut(match):
                 counts[piece] += n
-        kept = [
-            (piece, n)
-            for piece, n in counts.items()
-            if n >= min_freq and is_utf8(piece) and piece not in special_tokens
-        ]
+        kept = [(piece, n) for piece, n in counts.items()
+                if n >= min_freq and is_utf8(piece) and piece not in special_tokens]
         kept.sort(key=lambda pn: (-pn[1], pn[0]))
         if max_vocab is not None:
             kept = kept[:max_vocab]
-        return cls(
-            [p for p, _ in kept],
-            min_freq=min_freq,
-            strip_comments=strip_comments,
-            special_tokens=special_tokens,
-        )
+        return cls([p for p, _ in kept], min_freq=min_freq, strip_comments=strip_comments,
+                   special_tokens=special_tokens)
 
     # -- encoding ---------------------------------------------------------------------------
 
@@ -606,10 +583,8 @@ class CodeTokenizer(_BatchEncodeMixin):
         return cls.from_dict(data, str(path))
 
     def __repr__(self) -> str:
-        return (
-            f"CodeTokenizer(vocab_size={self.vocab_size}, min_freq={self.min_freq}, "
-            f"strip_comments={self.strip_comments})"
-        )
+        return (f"CodeTokenizer(vocab_size={self.vocab_size}, min_freq={self.min_freq}, "
+                f"strip_comments={self.strip_comments})")
 
 
 def _write_tokenizer_json(path: str | os.PathLike, data: dict, indent: int
@@ -1110,14 +1085,9 @@ class BPETokenizer(_BatchEncodeMixin):
     # -- training ------------------------------------------------------------------------------
 
     @classmethod
-    def train(
-        cls,
-        texts: Iterable[str],
-        vocab_size: int,
-        pretokenizer: str = "gpt2",
-        special_tokens: Sequence[str] = ("<|endoftext|>",),
-        min_frequency: int = 2,
-    ) -> BPETokenizer:
+    def train(cls, texts: Iterable[str], vocab_size: int, pretokenizer: str = "gpt2",
+              special_tokens: Sequence[str] = ("<|endoftext|>",), min_frequency: int = 2
+              ) -> BPETokenizer:
         """Learn a byte-level BPE (ids: specials, 256 bytes, then one per merge, the most frequent
         pair first, ties by text); ``save()`` writes a tokenizer.json HF loads as is."""
         pre_tokenizer = _pretokenizer_json(pretokenizer)
@@ -1452,9 +1422,8 @@ def _merge_pair(word: list[str], first: str, second: str) -> list[str]:
     return out
 
 
-def _learn_merges(
-    words: list[str], freqs: list[int], vocab: dict[str, int], vocab_size: int, min_frequency: int
-) -> list[tuple[str, str]]:
+def _learn_merges(words: list[str], freqs: list[int], vocab: dict[str, int], vocab_size: int,
+                  min_frequency: int) -> list[tuple[str, str]]:
     """Greedy BPE: repeatedly merge the most frequent adjacent pair, updating counts in place."""
     symbols = [list(w) for w in words]
     pair_counts: dict[tuple[str, str], int] = defaultdict(int)
