@@ -1,11 +1,9 @@
-"""Corpora, cleaning, splits and task builders for codelm.
+"""Data for codelm: sources -> cleaning -> split -> task examples -> cached token files.
 
-The embedded default corpus is the Python standard library's own source: real code that is
-present on every machine, so nothing has to be downloaded to train or test.
-
-Flow: sources -> cleaning (every drop counted by reason) -> split by file or repo (hash-based, so
-no file's windows can leak into two splits) -> task builder -> cached token arrays. A second
-``prepare`` with the same sources, cleaning options, tokenizer and task options loads the cache.
+Main path: ``prepare(DataConfig(...), tokenizer)`` (at the end of the file) loads the cleaned,
+split corpus (``load_corpus``), builds the task's token files (``_build_lm`` or
+``_build_supervised``) and returns torch Datasets; both steps are cached by what decides them.
+The default corpus is the Python standard library's source: present on every machine.
 """
 
 from __future__ import annotations
@@ -53,29 +51,20 @@ from tokenizer import (
     CodeTokenizer,
     docstring_statement,
     is_utf8,
+    load_tokenizer,
     source_lines,
     strip_comments_and_docstrings,
 )
 
-# Bump when cleaning or task building changes what a cache holds.
-# 6: Git LFS pointers dropped; a document in val_sources and test_sources kept in val only.
-# 7: directories walked by scraping's walker (links to files read, extensions in any case); a
-#    ``.PY`` document (a JSONL record's path too) is Python.
-# 8: near-dedupe MinHash is a universal hash (it dropped distinct files); fim's
-#    max_completion_tokens cuts FIM middles only; a method prompt too long loses the end of its
-#    docstring, not its signature; a special token's text in a document is text (a BPE
-#    tokenizer read `<|endoftext|>` as EOS).
-# 9: code after a licence comment's closing */ on its line is kept (it was dropped with it).
-# 10: pair records are redacted as documents are (redact_secrets, redact_emails).
+# The data cache's format version, a part of every cache key: bump it when cleaning or task
+# building changes what a cache holds.
 PIPELINE_VERSION = 10
 
 TASKS = ("lm", "completion", "method", "docstring", "refactor", "fim")
 SPLITS = ("train", "val", "test")
 
-# Seed 000 (Refactotron): the instruction header, two newlines, the code, a newline.
 REFACTOR_TEMPLATE = "### Refactor the following Python code to improve quality:\n\n{input}\n"
-# Seed 004 (class docstring summarization): the simple prompt scored best, the verbose one is the
-# prompt it was fine-tuned with first. ``{source_code}`` is the class with its docstring removed.
+# ``{source_code}`` is the class with its docstring removed.
 DOCSTRING_PROMPTS = {
     "simple": "Class {source_code}\n\nDocstring:",
     "verbose": (
@@ -95,9 +84,7 @@ def stdlib_root() -> Path:
 
 
 def stdlib_files(root: Path | None = None) -> list[Path]:
-    """Every ``.py`` file of the standard library, sorted by relative path (deterministic), walked
-    as every directory source is (scraping.common.walk_source_tree): site-packages, which some
-    installs keep inside the stdlib directory and can be larger than it, is not the stdlib."""
+    """Every ``.py`` file of the standard library (not site-packages), sorted by relative path."""
     root = Path(root) if root is not None else stdlib_root()
     return source_files(root, (".py",))
 
@@ -109,17 +96,15 @@ def _default_cache_dir() -> str:
 
 @dataclass
 class DataConfig:
-    """Everything that decides what ``prepare`` builds; all of it (but the knobs that cannot
-    change the result) goes into the cache key."""
+    """Everything that decides what ``prepare`` builds; all but the runtime knobs key the cache."""
 
     # task and sources
     task: str = "lm"  # lm | completion | method | docstring | refactor | fim
     sources: list[str] = field(default_factory=lambda: ["stdlib"])  # "stdlib", a directory, a
-    #   scraper JSONL ({repo, path, text, ...}; {"file_text"} as seed 002's corpus names it) or a
-    #   pairs JSONL ({"input","output"} or {"prompt","completion"})
-    val_sources: list[str] = field(default_factory=list)  # predefined split (e.g. a dataset's
-    #   own validation file): its documents are exactly the val split, `sources` fill the others
-    #   by their fractions, and an exact duplicate of one of them in `sources` leaves training
+    #   JSONL of code ({repo, path, text} or {"file_text"}) or of pairs ({input, output} or
+    #   {prompt, completion})
+    val_sources: list[str] = field(default_factory=list)  # exactly the val split; `sources`
+    #   fill the others, and a copy of one of its documents in `sources` leaves training
     test_sources: list[str] = field(default_factory=list)  # the same for the test split
     extensions: list[str] = field(default_factory=lambda: [".py"])  # files read from directories
     block_size: int = 256  # tokens per training sequence (supervised: prompt + completion)
@@ -130,8 +115,7 @@ class DataConfig:
     seed: int = 42  # the split and the sampled task targets
     split_by: str = "repo"  # "repo" (where the source knows the repo, else file) or "file"
     # cleaning
-    dedupe: bool = True  # drop exact duplicate files (a later copy in another role, e.g. a
-    #   val document in test_sources or `sources`, is dropped even without it)
+    dedupe: bool = True  # drop exact duplicates (a copy in another split always goes)
     near_dedupe: bool = False  # also drop near duplicates (MinHash)
     near_dedupe_threshold: float = 0.85  # Jaccard similarity above which files are duplicates
     autopep8: bool = False  # reformat each file with autopep8 (in a subprocess)
@@ -139,25 +123,21 @@ class DataConfig:
     strip_license: bool = True  # drop license header comments
     strip_comments: bool = False  # drop comments
     strip_docstrings: bool = False  # drop docstrings
-    redact_secrets: bool = True  # credentials (private keys, AWS/GitHub/Slack tokens, a URL's
-    #   password) become placeholders such as <GITHUB_TOKEN>: a model must not learn live keys
+    redact_secrets: bool = True  # credentials become placeholders such as <GITHUB_TOKEN>
     redact_emails: bool = False  # e-mail addresses become <EMAIL>
     min_bytes: int = 1  # smaller files are dropped
     max_bytes: int = 1_000_000  # larger files (as stored) are dropped, unread
     min_lines: int = 2  # files with fewer lines are dropped
     max_line_length: int = 1000  # files with a longer line (minified, generated) are dropped
-    max_literal_length: int = 400  # longest one-line string/number literal (seed 002's case)
+    max_literal_length: int = 400  # longest one-line string/number literal
     skip_bad: bool = False  # skip (and count) malformed JSONL lines instead of failing
-    max_docs: int | None = None  # read only the first N files/records of each role: of
-    #   sources, of val_sources and of test_sources (smoke runs, samples)
+    max_docs: int | None = None  # read only the first N of sources, val_sources, test_sources
     # task options
     add_eos: bool = True  # EOS after each supervised completion
-    max_prompt_tokens: int | None = None  # longer prompts are cut: first the end of the code in
-    #   a docstring or refactor template, then from the left (fim: the start of the prefix and
-    #   the end of the suffix, never a sentinel; at least 3)
-    max_completion_tokens: int | None = None  # longer completions are cut (fim: the middles;
-    #   its plain LM chunks stay whole)
-    completion_style: str = "window"  # "window" (seed 002) or "line" (CodeXGLUE line completion)
+    max_prompt_tokens: int | None = None  # longer prompts lose the end of their code, then
+    #   their left end (fim: keeps the three sentinels)
+    max_completion_tokens: int | None = None  # longer completions are cut (fim: the middles)
+    completion_style: str = "window"  # "window" or "line" (CodeXGLUE line completion)
     window_prompt_tokens: int = 100  # window completion: tokens of context
     window_completion_tokens: int = 35  # window completion: tokens to complete
     window_stride: int | None = None  # default: prompt + completion tokens (no overlap)
@@ -167,10 +147,8 @@ class DataConfig:
     docstring_code_tokens: int = 400  # the code shown with a docstring target, at most
     docstring_prompt: str = "simple"  # key of DOCSTRING_PROMPTS
     fim_rate: float = 0.5  # fraction of fim chunks turned into prefix-suffix-middle examples
-    pair_special_tokens: bool = False  # pair records ({"prompt","completion"},
-    #   {"input","output"}) read a special token's text (a chat template's <|eot_id|>) as that
-    #   token, as transformers' tokenizer(text) does (chat-formatted SFT data); documents always
-    #   keep it text. No effect under the lm task (pairs packed as text) or on a CodeTokenizer
+    pair_special_tokens: bool = False  # pair records read a special token's text (<|eot_id|>)
+    #   as the token, as transformers' tokenizer(text) does; documents keep it text; not in lm
     # runtime (not part of the cache key)
     cache_dir: str = field(default_factory=_default_cache_dir)  # where prepared datasets are kept
     use_cache: bool = True  # False: rebuild, replacing what the cache holds
@@ -186,10 +164,8 @@ class DataConfig:
             if f.name in _MINIMUMS and value is not None and value < _MINIMUMS[f.name]:
                 raise DataError(f"DataConfig.{f.name} must be >= {_MINIMUMS[f.name]}, got {value}")
         for name, allowed in _CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise DataError(
-                    f"DataConfig.{name}: {getattr(self, name)!r} is not one of {list(allowed)}"
-                )
+            if (value := getattr(self, name)) not in allowed:
+                raise DataError(f"DataConfig.{name}: {value!r} is not one of {list(allowed)}")
         fracs = (self.train_frac, self.val_frac, self.test_frac)
         if min(fracs) < 0 or abs(sum(fracs) - 1.0) > 1e-6:
             raise DataError(f"DataConfig split fractions must be >= 0 and sum to 1, got {fracs}")
@@ -245,10 +221,7 @@ _CLEANING_FIELDS = frozenset(
 )  # fmt: skip
 
 
-# --------------------------------------------------------------------------------------------
-# Sources
-# --------------------------------------------------------------------------------------------
-
+# --- Sources ---
 
 @dataclass
 class Doc:
@@ -281,8 +254,7 @@ def _source_files(source: str, extensions: Sequence[str]) -> tuple[Path, list[Pa
     if source == "stdlib":
         return stdlib_root(), stdlib_files()
     root = Path(source).expanduser()
-    # The user's own directory: a link to a file is read (a link farm, an HF hub snapshot's
-    # files point into its blobs/); `scraping local` never follows one out of a clone.
+    # The user's own directory: links to files are read (an HF hub snapshot's point into blobs/).
     return root, source_files(root, extensions, follow_symlinks=True)
 
 
@@ -307,43 +279,42 @@ def _read_jsonl(path: Path, skip_bad: bool, counts: Counter) -> Iterator[_RawDoc
             where = f"{path}:{lineno}"
             raw = raw.rstrip(b"\r\n")  # else an error at the line's end is json's "line 2"
             try:
-                try:
-                    rec = json.loads(raw)
-                except RecursionError:  # json's decoder recurses once per nesting level
-                    raise DataError(f"{where}: malformed JSON (nested too deeply)") from None
-                if not isinstance(rec, dict):
-                    raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-                doc = _record_to_doc(rec, path, lineno, where)
-            except (json.JSONDecodeError, UnicodeDecodeError, DataError) as exc:
+                doc = _record_to_doc(_json_line(raw, where), path, lineno, where)
+            except DataError as exc:
                 if not skip_bad:
-                    msg = (
-                        str(exc)
-                        if isinstance(exc, DataError)
-                        else f"{where}: malformed JSON at column {exc.pos + 1}"
-                        f"{' (the end of the line)' if exc.pos >= len(exc.doc) else ''}: {exc.msg}"
-                        if isinstance(exc, json.JSONDecodeError)
-                        else f"{where}: malformed JSON ({exc})"
-                    )
-                    raise DataError(
-                        msg + " (skip such lines with skip_bad: dataset.py --skip-bad, or "
-                        "--data-options '{\"skip_bad\": true}' in trainingmanager.py or eval.py)"
-                    ) from None
+                    raise DataError(f"{exc} (skip such lines with skip_bad: dataset.py --skip-bad, "
+                                    "or --data-options '{\"skip_bad\": true}' in "
+                                    "trainingmanager.py or eval.py)") from None
                 counts["bad_jsonl_line"] += 1
                 continue
             yield doc
 
 
+def _json_line(raw: bytes, where: str) -> dict:
+    """One JSONL line's object; a DataError names ``where`` (file:line) and the column."""
+    try:
+        rec = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        end = " (the end of the line)" if exc.pos >= len(exc.doc) else ""
+        raise DataError(f"{where}: malformed JSON at column {exc.pos + 1}{end}: {exc.msg}") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{where}: malformed JSON ({exc})") from None
+    except RecursionError:  # json's decoder recurses once per nesting level
+        raise DataError(f"{where}: malformed JSON (nested too deeply)") from None
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    return rec
+
+
 def _check_utf8(rec: dict, where: str) -> None:
-    """Every string a record contributes must be valid UTF-8: JSON can spell lone surrogates
-    (``"\\ud83d"``), which no file, cache or tokenizer can hold."""
+    """Every string a record contributes must be valid UTF-8 (JSON can spell lone surrogates)."""
     for key in (*TEXT_KEYS, "repo", "path", "input", "output", "prompt", "completion"):
         value = rec.get(key)
         if isinstance(value, str) and not is_utf8(value):
             raise DataError(f"{where}: key {key!r} holds a lone surrogate (not valid UTF-8)")
 
 
-# A code record's text: the scrapers' key, then the one of published corpora such as seed 002's
-# ({"file_text": ...} a line).
+# A code record's text: the scrapers' key, then that of some published corpora.
 TEXT_KEYS = ("text", "file_text")
 
 
@@ -373,13 +344,10 @@ def _sources_by_split(cfg: DataConfig) -> list[tuple[str | None, str]]:
 
 
 def _iter_sources(cfg: DataConfig, counts: Counter, pairs: list[int]) -> Iterator[_RawDoc]:
-    """Every document of every source, at most ``max_docs`` per role (sources, val_sources,
-    test_sources), counting the pair records of each source in ``pairs`` (in the order of
-    ``_sources_by_split``). A file over ``max_bytes`` is left unread (``data`` None): one stray
-    multi-gigabyte file must not decide the memory a build needs."""
+    """Every document of every source, at most ``max_docs`` per role, counting each source's
+    pair records in ``pairs``. A file over ``max_bytes`` is left unread (``data`` None)."""
     taken: Counter = Counter()  # documents yielded per role
     for i, (split, source) in enumerate(_sources_by_split(cfg)):
-        _check_source(source)
         path = Path(source).expanduser()
         if source != "stdlib" and path.is_file():
             docs = _read_jsonl(path, cfg.skip_bad, counts)
@@ -410,7 +378,7 @@ def _sources_fingerprint(sources: Sequence[str], extensions: Sequence[str]) -> l
     """What the cache key knows of the sources: every file's path, size and mtime."""
     out = []
     for source in sources:
-        _check_source(source)
+        _check_source(source)  # every build computes its key first: sources are checked here
         path = Path(source).expanduser()
         if source != "stdlib" and path.is_file():
             st = path.stat()
@@ -420,22 +388,17 @@ def _sources_fingerprint(sources: Sequence[str], extensions: Sequence[str]) -> l
         listing = hashlib.sha256()
         for p in files:
             st = p.stat()
-            listing.update(
-                f"{p.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode(
-                    "utf-8", "surrogateescape")  # a name that is not UTF-8: its own bytes
-            )
+            entry = f"{p.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n"
+            listing.update(entry.encode("utf-8", "surrogateescape"))  # a non-UTF-8 name: its bytes
         out.append([source if source == "stdlib" else str(root.resolve()), listing.hexdigest()])
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# Cleaning
-# --------------------------------------------------------------------------------------------
+# --- Cleaning ---
 
 _LICENSE_WORDS = re.compile(r"copyright|licen[cs]e|spdx-license|all rights reserved", re.I)
 _ENCODING_LINE = re.compile(r"^[ \t\f]*#.*?coding[:=]")
-# A quoted literal (no newline inside) or, outside one, a `//` or `#` comment start; a run of
-# digits. A literal longer than the limit -> drop.
+# A quoted one-line literal or, outside one, a `//` or `#` comment start; a number.
 _STRING_OR_COMMENT = re.compile(r"\"(?:[^\"\\\n]|\\.)*\"|'(?:[^'\\\n]|\\.)*'|//|#")
 _NUMBER_LITERAL = re.compile(r"(?<![\w.])\d[\w.]*")
 # Python tokens that are literals (Python 3.12 splits f-strings: their text is FSTRING_MIDDLE).
@@ -448,11 +411,8 @@ def strip_license_header(text: str) -> tuple[str, bool]:
     lines = source_lines(text, keepends=True)
     keep: list[str] = []
     i = 0
-    while (
-        i < len(lines)
-        and i < 2
-        and ((i == 0 and lines[i].startswith("#!")) or _ENCODING_LINE.match(lines[i]))
-    ):
+    while i < min(2, len(lines)) and ((i == 0 and lines[i].startswith("#!"))
+                                      or _ENCODING_LINE.match(lines[i])):
         keep.append(lines[i])
         i += 1
     while i < len(lines) and not lines[i].strip():
@@ -477,12 +437,8 @@ def strip_license_header(text: str) -> tuple[str, bool]:
     return "".join(keep + rest + lines[i:]), True
 
 
-# Credential shapes specific enough to redact in code without false hits (the stdlib's only
-# ones are test keys and a test URL's password; placeholders and masks are left as written):
-# (pattern, placeholder, strings one of which any hit holds: a text without them is not
-# searched, which keeps the scan to a fraction of a second on the stdlib). A private key's body
-# may sit in a string literal, its lines joined by \n escapes; code that builds one from parts
-# has quotes in between and is left alone.
+# Credential shapes specific enough to redact in code without false hits: (pattern, placeholder,
+# markers; a text holding none of the markers is not searched, which keeps the scan fast).
 SECRET_PATTERNS: tuple[tuple[re.Pattern, str, tuple[str, ...]], ...] = (
     (re.compile(r"(-----BEGIN ((?:[A-Z0-9]+ )*PRIVATE KEY)-----)"
                 r"(?:[A-Za-z0-9+/=\s:,.-]|\\[nr]){16,}?(-----END \2-----)"),
@@ -526,11 +482,8 @@ def _shares_line(lines: Sequence[str], node: ast.AST) -> bool:
 
 
 def longest_literal(text: str, at_least: int = 0, python: bool = False) -> int:
-    """Length of the longest one-line string literal or number, exact when it is longer than
-    ``at_least`` (only lines longer than that are looked at: a literal cannot be longer than its
-    line). Python is read with ``tokenize``, so that quotes in a comment are no literal; other
-    languages, and Python that tokenize rejects, with a pattern that stops at a ``//`` or ``#``
-    comment start outside quotes."""
+    """Length of the longest one-line string literal or number (exact above ``at_least``); Python
+    through ``tokenize``, other text by a pattern that stops at a comment."""
     lines = [line for line in source_lines(text) if len(line) > at_least]
     if lines and python:
         with contextlib.suppress(*PYTHON_PARSE_ERRORS):
@@ -564,8 +517,7 @@ def _autopep8(text: str, timeout: float) -> tuple[str, bool]:
     use_alarm = timeout > 0 and threading.current_thread() is threading.main_thread()
     if use_alarm:
         old = signal.signal(signal.SIGALRM, _raise_timeout)
-        # Repeating every 50 ms: a raise that lands in a weakref callback or __del__ (garbage
-        # collection during autopep8) is printed and dropped by Python; the next one lands.
+        # Repeating: a raise inside a __del__ or weakref callback is dropped; the next one lands.
         signal.setitimer(signal.ITIMER_REAL, timeout, 0.05)
     try:
         return autopep8.fix_code(text), False
@@ -578,9 +530,8 @@ def _autopep8(text: str, timeout: float) -> tuple[str, bool]:
 
 
 def _redact(texts: list[str], opt: dict) -> tuple[list[str], list[str]]:
-    """``texts`` (a document, or a pair's prompt and completion: a model trained on either must
-    not learn a live key) with credentials and, if asked, e-mail addresses replaced; and the
-    modifications, each counted once per document."""
+    """``texts`` (a document, or a pair's prompt and completion) with credentials and, if asked,
+    e-mail addresses replaced; and the modifications made."""
     mods = []
     if opt["redact_secrets"]:
         texts, counts = zip(*map(redact_secrets, texts))
@@ -602,8 +553,6 @@ def _clean_one(args: tuple[_RawDoc, dict]) -> tuple[Doc | None, str | None, list
             return None, "empty_pair", mods
         (prompt, target), mods = _redact([raw.data, raw.target], opt)
         return Doc(raw.id, prompt, raw.repo, target, raw.raw_pair, raw.split), None, mods
-    # Already within max_bytes (clean_corpus drops larger documents); binary, not UTF-8 or a Git
-    # LFS pointer: the collectors' own rule.
     text, reason = decode_source(raw.data)
     if text is None:
         return None, reason, mods
@@ -619,9 +568,8 @@ def _clean_one(args: tuple[_RawDoc, dict]) -> tuple[Doc | None, str | None, list
     is_python = has_extension(raw.id, (".py",))
     if is_python and (opt["strip_comments"] or opt["strip_docstrings"]):
         try:
-            text = strip_comments_and_docstrings(
-                text, opt["strip_comments"], opt["strip_docstrings"], strict=True
-            )
+            text = strip_comments_and_docstrings(text, opt["strip_comments"],
+                                                 opt["strip_docstrings"], strict=True)
             mods.append("comments_or_docstrings_stripped")
         except PYTHON_PARSE_ERRORS:
             return None, "syntax_error", mods
@@ -661,10 +609,8 @@ def _content_hash(doc: Doc | _RawDoc) -> bytes:
 
 
 def _is_duplicate(doc: Doc | _RawDoc, seen: dict[bytes, str | None], dedupe: bool) -> bool:
-    """Whether ``doc`` repeats an earlier document; ``seen`` maps the content hashes so far to
-    the role of their first copy ("val", "test", or None for `sources`; val and test come
-    first). A copy in another role always repeats one, so that no document sits in two splits
-    (a val document in training or in test); ``dedupe`` decides copies within one role."""
+    """Whether ``doc`` repeats an earlier document (``seen``: hash -> split of the first copy).
+    A copy in another split always does, so no document sits in two; ``dedupe`` decides the rest."""
     key = _content_hash(doc)
     if key not in seen:
         seen[key] = doc.split
@@ -690,9 +636,8 @@ def _fold(v: np.ndarray) -> np.ndarray:
 
 
 def _affine_mod_p(x: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Exact (a*x + b) mod p for uint64 values below p = 2^61-1. The product needs 122 bits, so
-    it is split into 32-bit halves, each partial product reduced by 2^61 = 1 mod p: a product
-    that wraps uint64 (or that stays far below p) is no universal hash."""
+    """Exact (a*x + b) mod p for uint64 values below p = 2^61-1, through 32-bit halves (a
+    product that wraps uint64 is no universal hash)."""
     x_lo, x_hi = x & _LOW32, x >> np.uint64(32)
     a_lo, a_hi = a & _LOW32, a >> np.uint64(32)
     high = (a_hi * x_hi) << np.uint64(3)  # * 2^64 = * 8 mod p; < 2^61
@@ -704,9 +649,8 @@ def _affine_mod_p(x: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def minhash_signatures(texts: Sequence[str], num_perm: int = 64, shingle: int = 5) -> np.ndarray:
-    """(N, num_perm) MinHash signatures over word shingles; deterministic (blake2b, fixed seed).
-    Each permutation is a universal hash (a*x + b) mod p of a 61-bit shingle hash, with a and b
-    drawn over all of [1, p) and [0, p), so its minimum is a uniform pick of the shingles."""
+    """(N, num_perm) MinHash signatures over word shingles; deterministic (blake2b, fixed seed),
+    each permutation a universal hash (a*x + b) mod p."""
     rng = np.random.default_rng(1234567)
     a = rng.integers(1, _MERSENNE, size=num_perm, dtype=np.uint64)[None, :]
     b = rng.integers(0, _MERSENNE, size=num_perm, dtype=np.uint64)[None, :]
@@ -746,8 +690,7 @@ def near_duplicates(texts: Sequence[str], threshold: float = 0.85, num_perm: int
 
 
 def _pool_worker_signals() -> None:
-    """A worker leaves Ctrl-C to its parent, which ends the pool: the terminal sends SIGINT to
-    every process of the group, and each worker would print a traceback."""
+    """A worker leaves Ctrl-C to its parent, which ends the pool."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
@@ -757,14 +700,11 @@ def _pool(num_workers: int):
 
 
 def clean_corpus(cfg: DataConfig) -> tuple[list[Doc], dict]:
-    """Read every source and clean it. Returns (kept docs in source order, stats).
-
-    One streaming pass: a file is read, cleaned (by the worker pool) and kept or dropped before
-    files far behind it are read, so memory holds the kept documents, not the raw corpus too."""
+    """Read and clean every source in one streaming pass (memory holds the kept documents only).
+    Returns (kept docs in source order, stats)."""
     counts: Counter = Counter()  # drops by reason, in cleaning
     mods: Counter = Counter()
-    # What the reader counts is kept apart: under a pool it runs in the pool's task thread, and
-    # its counts are complete once the last result has been taken (imap ends after its input).
+    # The reader's counts (it runs in the pool's task thread) are complete after the last result.
     read = {"files": 0, "bytes": 0}
     read_drops: Counter = Counter()  # drops by reason, before cleaning
     opt = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name in _CLEANING_FIELDS}
@@ -774,9 +714,7 @@ def clean_corpus(cfg: DataConfig) -> tuple[list[Doc], dict]:
     def to_clean() -> Iterator[tuple[_RawDoc, dict]]:
         for raw in _iter_sources(cfg, read_drops, pairs):
             read["files"] += 1
-            # The size as stored (before newline normalization), as a file's stat gives it
-            # unread (None: a file dropped unread); prompt/completion pairs are not dropped
-            # for size, and their bytes are the prompt's and the completion's.
+            # The size as stored (None: a file left unread); pairs are not dropped for size.
             size = None if raw.data is None else _stored_size(raw.data)
             read["bytes"] += (size or 0) + (0 if raw.target is None else _stored_size(raw.target))
             if raw.target is None and (size is None or size > cfg.max_bytes):
@@ -805,10 +743,8 @@ def clean_corpus(cfg: DataConfig) -> tuple[list[Doc], dict]:
             else:
                 docs.append(doc)
     counts.update(read_drops)
-    read_files = read["files"]
     if cfg.near_dedupe and docs:
-        texts = [d.text if d.target is None else d.text + "\n" + d.target for d in docs]
-        dupes = near_duplicates(texts, cfg.near_dedupe_threshold)
+        dupes = near_duplicates(list(map(_plain_text, docs)), cfg.near_dedupe_threshold)
         counts["near_duplicate"] += len(dupes)
         docs = [d for i, d in enumerate(docs) if i not in dupes]
     stats = {
@@ -819,35 +755,27 @@ def clean_corpus(cfg: DataConfig) -> tuple[list[Doc], dict]:
                  "bytes": sum(len((d.text + (d.target or "")).encode("utf-8")) for d in docs)},
         "pairs": pairs,
     }
-    if not docs and not read_files:
-        raise DataError(
-            f"sources {cfg.sources} hold no files with extensions {cfg.extensions} and no JSONL "
-            "records (an empty .jsonl: a scrape that kept nothing?)")
+    if not docs and not read["files"]:
+        raise DataError(f"sources {cfg.sources} hold no files with extensions {cfg.extensions} "
+                        "and no JSONL records (an empty .jsonl: a scrape that kept nothing?)")
     if not docs:
-        raise DataError(
-            f"no data left after cleaning sources {cfg.sources}: read {read_files} files/records, "
-            f"dropped {dict(counts) or 'none'}; check the sources, extensions {cfg.extensions} "
-            "and the size/line/literal limits"
-        )
+        raise DataError(f"no data left after cleaning sources {cfg.sources}: read {read['files']} "
+                        f"files/records, dropped {dict(counts) or 'none'}; check the sources, "
+                        f"extensions {cfg.extensions} and the size/line/literal limits")
     return docs, stats
 
 
-# --------------------------------------------------------------------------------------------
-# Splits
-# --------------------------------------------------------------------------------------------
-
+# --- Splits ---
 
 def split_key(doc: Doc, split_by: str) -> str:
     """The unit that never crosses splits: the repo where known (and asked for), else the file."""
     return doc.repo if split_by == "repo" and doc.repo else doc.id
 
 
-def assign_splits(
-    keys: Iterable[str], fracs: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 42
-) -> dict[str, str]:
-    """key -> "train"/"val"/"test". Keys are ordered by a seeded SHA-256 (the same on every run
-    and machine, independent of input order) and cut at the fractions; val and test each get at
-    least one key when there are enough keys and their fraction is positive."""
+def assign_splits(keys: Iterable[str], fracs: tuple[float, float, float] = (0.8, 0.1, 0.1),
+                  seed: int = 42) -> dict[str, str]:
+    """key -> "train"/"val"/"test": keys ordered by a seeded SHA-256 and cut at the fractions
+    (val and test get at least one key each when there are 3 keys and their fraction is > 0)."""
     unique = sorted(set(keys), key=lambda k: hashlib.sha256(f"{seed}\0{k}".encode()).digest())
     n = len(unique)
     n_val = round(n * fracs[1])
@@ -874,14 +802,15 @@ class Corpus:
 
     def texts(self, split: str = "train") -> list[str]:
         """Plain texts of one split (pairs as prompt + completion): what a tokenizer trains on."""
-        return [
-            d.text if d.target is None else d.text + "\n" + d.target for d in getattr(self, split)
-        ]
+        return [_plain_text(d) for d in getattr(self, split)]
+
+
+def _plain_text(doc: Doc) -> str:
+    return doc.text if doc.target is None else doc.text + "\n" + doc.target
 
 
 def split_corpus(docs: Sequence[Doc], cfg: DataConfig) -> tuple[dict[str, list[Doc]], str]:
-    """Docs by split, and the unit actually used. Splitting by repo needs at least one repo per
-    split: a corpus of one repo (seed 002's Kotlin clone) is split by file instead."""
+    """Docs by split, and the unit used: a corpus of too few repos is split by file."""
     given = {"val": bool(cfg.val_sources), "test": bool(cfg.test_sources)}
     fracs = tuple(0.0 if given.get(s) else f
                   for s, f in zip(SPLITS, (cfg.train_frac, cfg.val_frac, cfg.test_frac)))
@@ -904,15 +833,12 @@ def split_corpus(docs: Sequence[Doc], cfg: DataConfig) -> tuple[dict[str, list[D
     return out, unit
 
 
-# A split by repo is uneven when a split's share of the text is under 1/N or over N times the
-# share asked for.
+# A split by repo is uneven when a split's share of the text is off by more than this factor.
 UNEVEN_SPLIT_FACTOR = 2.0
 
 
 def _uneven_split(sizes: Counter, fracs: tuple[float, ...], repos: set) -> str | None:
-    """The warning for a split by repo far from its fractions (``sizes``: characters by split),
-    or None: whole repos of very different sizes cannot be cut at the fractions (a scrape of a
-    few repos gave val 39% and test 1% of the text, with no word)."""
+    """The warning for a split by repo far from its fractions (``sizes``: characters by split)."""
     total = sum(sizes.values())
     asked = {"val": fracs[1], "test": fracs[2]}
     asked["train"] = 1 - asked["val"] - asked["test"]  # assign_splits gives train the rest
@@ -941,27 +867,13 @@ def corpus_key(cfg: DataConfig) -> str:
     return _hash_json({"v": PIPELINE_VERSION, "corpus": opts})
 
 
-# What builds of earlier versions, killed mid-build, left in a cache dir (now named by
-# cliconfig.partial_path, which cliconfig.write_dir_atomically settles): ``ENTRY.tmp-<owner
-# tag>...`` and ``ENTRY.old-<owner tag>`` of a build, ``.tmp-ENTRY-<owner tag>`` and
-# ``.old-ENTRY-<owner tag>`` of a tokenizer.
-_EARLIER_PARTIAL = r"(?:[^.].*\.(?:tmp|old)|\.(?:tmp|old)-.+)-"
-
-
 def publish_cache_entry(final: Path, build: Callable[[Path], object],
                         replace: bool = False) -> None:
-    """Build the cache entry ``final`` (a corpus, a task's token files, a tokenizer) in a
-    temporary directory and rename it into place (``cliconfig.write_dir_atomically``: fsynced,
-    readers never see half an entry; an interrupted build leaves nothing). Without ``replace``
-    the first complete build of the key stays and a concurrent builder's copy is discarded (it
-    holds the same data, the key says so). Each build removes the temps of builders that died on
-    this machine (on real corpora gigabytes no later build would read), never another machine's
-    or PID namespace's.
-
-    A full disk is reported naming the cache directory, which the user may not know of (it is
-    not the run's): write() and fsync() raise an OSError with no file name."""
+    """Build the cache entry ``final`` (a corpus, a task's token files, a tokenizer) in a temporary
+    directory and rename it into place (``cliconfig.write_dir_atomically``, which also removes
+    what dead builders left). Without ``replace`` the first complete build of the key stays. A
+    full disk is reported naming the cache directory, which the user may not know of."""
     try:
-        cliconfig.remove_dead_owners(final.parent, _EARLIER_PARTIAL)
         cliconfig.write_dir_atomically(final, build, replace=replace)
     except OSError as err:
         full = cliconfig.is_disk_full(err)
@@ -1014,15 +926,11 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     return Corpus(**splits, stats=stats, key=key)
 
 
-# --------------------------------------------------------------------------------------------
-# Datasets
-# --------------------------------------------------------------------------------------------
-
+# --- Datasets ---
 
 class LMWindows(Dataset):
-    """Windows of a packed, memory-mapped token file. ``stride=1`` makes every start position an
-    index (a sampler the trainer owns draws random windows); ``stride=block_size`` reads the split
-    sequentially once. Item i: input = tokens[s : s+T], labels = tokens[s+1 : s+T+1]."""
+    """Windows of a packed, memory-mapped token file: input tokens[s : s+T], labels shifted by
+    one. ``stride=1``: every start is an index (training samples them); ``block_size``: one pass."""
 
     def __init__(self, path: str | Path, dtype: str, n_tokens: int, block_size: int, stride: int):
         self.path, self.dtype, self.n_tokens = str(path), dtype, n_tokens
@@ -1086,20 +994,12 @@ class SupervisedExamples(Dataset):
         return {"input_ids": seq[:-1], "labels": labels}
 
 
-def supervised_example(
-    prompt_ids: Sequence[int],
-    completion_ids: Sequence[int],
-    max_length: int,
-    max_completion_tokens: int | None = None,
-    max_prompt_tokens: int | None = None,
-    code: tuple[int, int] = (0, 0),
-    start: Sequence[int] = (),
-) -> dict[str, torch.Tensor]:
-    """One causal-LM training example from a prompt and its completion: the completion is kept
-    (its start, when it alone is too long), the prompt loses the end of its ``code`` span first
-    (see ``tokenize_examples``), then its left end; ``start`` (``prompt_prefix``) goes before it,
-    never cut. ``max_length`` is the model's context (input length T); labels are shifted and
-    -100 on every prompt target."""
+def supervised_example(prompt_ids: Sequence[int], completion_ids: Sequence[int], max_length: int,
+                       max_completion_tokens: int | None = None,
+                       max_prompt_tokens: int | None = None, code: tuple[int, int] = (0, 0),
+                       start: Sequence[int] = ()) -> dict[str, torch.Tensor]:
+    """One causal-LM example (input length at most ``max_length``): ``start`` + prompt +
+    completion, cut by ``_truncate_pair``; labels are -100 on every prompt target."""
     prompt, completion = _truncate_pair(prompt_ids, completion_ids, max_length - len(start),
                                         max_completion_tokens, max_prompt_tokens, code)
     prompt = [*start, *prompt]
@@ -1109,19 +1009,12 @@ def supervised_example(
     return {"input_ids": seq[:-1], "labels": labels}
 
 
-def _truncate_pair(
-    prompt_ids: Sequence[int],
-    completion_ids: Sequence[int],
-    max_length: int,
-    max_completion_tokens: int | None,
-    max_prompt_tokens: int | None = None,
-    code: tuple[int, int] = (0, 0),
-) -> tuple[list[int], list[int]]:
-    """Fit prompt + completion into ``max_length + 1`` tokens (input and labels are the sequence
-    shifted by one) and the prompt into ``max_prompt_tokens``. When they overflow together, the
-    prompt keeps at least half of it (all of itself if shorter) and the completion the rest, from
-    its start. The prompt first loses the end of its ``code`` span (start, end), so that an
-    instruction around the code survives, then its left end."""
+def _truncate_pair(prompt_ids: Sequence[int], completion_ids: Sequence[int], max_length: int,
+                   max_completion_tokens: int | None, max_prompt_tokens: int | None = None,
+                   code: tuple[int, int] = (0, 0)) -> tuple[list[int], list[int]]:
+    """Fit prompt + completion into ``max_length + 1`` tokens and the prompt into
+    ``max_prompt_tokens``; when both are long the prompt keeps half (``fit_prompt`` cuts it) and
+    the completion its start."""
     completion = list(completion_ids)[:max_completion_tokens]
     room = len(prompt_ids) if max_prompt_tokens is None else min(len(prompt_ids), max_prompt_tokens)
     budget = max_length + 1
@@ -1133,8 +1026,7 @@ def _truncate_pair(
 
 def fit_prompt(prompt_ids: Sequence[int], room: int, code: tuple[int, int] = (0, 0)) -> list[int]:
     """The prompt cut to ``room`` tokens: the end of its ``code`` span (start, end) goes first, so
-    that an instruction around the code survives, then its left end. Training and eval.py's
-    generation prompts are cut by this one rule."""
+    that the instruction around the code survives, then its left end (training and eval.py)."""
     prompt = list(prompt_ids)
     room = min(room, len(prompt))
     start, end = code
@@ -1142,13 +1034,10 @@ def fit_prompt(prompt_ids: Sequence[int], room: int, code: tuple[int, int] = (0,
     return prompt[len(prompt) - room :]
 
 
-def collate(
-    examples: Sequence[dict[str, torch.Tensor]], pad_id: int | None
-) -> dict[str, torch.Tensor]:
-    """Right-pad a list of examples into a batch: ``pad_id`` on inputs (0 when the tokenizer has no
-    pad token; the mask and -100 labels make the value irrelevant), -100 on padded labels."""
-    if not examples:
-        raise ValueError("collate: empty list of examples")
+def collate(examples: Sequence[dict[str, torch.Tensor]], pad_id: int | None
+            ) -> dict[str, torch.Tensor]:
+    """Right-pad examples into a batch: ``pad_id`` (or 0) on inputs, -100 on padded labels."""
+    assert examples
     pad = 0 if pad_id is None else int(pad_id)
     length = max(len(e["input_ids"]) for e in examples)
     batch = len(examples)
@@ -1165,8 +1054,8 @@ def collate(
 
 @dataclass
 class PreparedData:
-    """The three splits of one task. With a tokenizer they are torch Datasets of
-    {"input_ids", "labels"}; without one (the from-scratch tokenizer pass) lists of texts."""
+    """The three splits of one task: Datasets of {"input_ids", "labels"}, or without a tokenizer
+    lists of texts (to train one on)."""
 
     train: Dataset | list[str]
     val: Dataset | list[str]
@@ -1178,16 +1067,12 @@ class PreparedData:
     eos_id: int | None = None
 
 
-# --------------------------------------------------------------------------------------------
-# Task builders (text level): each yields Example(head, body, tail, completion)
-# --------------------------------------------------------------------------------------------
-
+# --- Task builders (text level): each yields Example(head, body, tail, completion) ---
 
 @dataclass
 class Example:
-    """A supervised example before tokenization. The prompt is head + body + tail, where ``body``
-    (the code inside an instruction) is cut to ``body_budget`` tokens, and is what a prompt too
-    long for its limits loses first (from its end), so that the instruction around it survives."""
+    """A supervised example before tokenization: prompt = head + body + tail; ``body`` (the code
+    inside an instruction, at most ``body_budget`` tokens) is what a long prompt loses first."""
 
     head: str
     completion: str
@@ -1211,8 +1096,7 @@ class _Parsed(typing.NamedTuple):
 
 
 def _parse(doc: Doc) -> _Parsed | None:
-    """A Python document parsed, or None when it does not parse (counted by the caller as
-    ``skipped_syntax_error_file``)."""
+    """A Python document parsed, or None when it does not parse."""
     lines = source_lines(doc.text, keepends=True)
     try:
         tree = ast.parse(doc.text)
@@ -1229,10 +1113,8 @@ def _parse(doc: Doc) -> _Parsed | None:
 
 
 def _docstring_can_move(ds: ast.Expr, lines: list[str]) -> bool:
-    """Whether a docstring keeps its value, which is read cleaned (inspect.cleandoc, trailing
-    whitespace aside), when its lines lose up to its statement's indentation: they are indented
-    at least that far, and no backslash joins one to the next (that takes the next line's
-    indentation into the value mid-line, where cleandoc leaves it)."""
+    """Whether a docstring's cleaned value survives dedenting its lines by its statement's
+    indentation: they are indented that far, and no backslash joins two."""
     inside = lines[ds.lineno : ds.end_lineno]
     indented = all(len(line) - len(line.lstrip(" \t")) >= ds.col_offset or not line.strip()
                    for line in inside)
@@ -1254,9 +1136,8 @@ def line_completion_examples(doc: Doc, n: int, seed: int) -> list[Example]:
 
 
 def _dedent(parsed: _Parsed, first: int, last: int, indent: int) -> list[str]:
-    """Lines ``first``..``last`` (numbered from 1) moved ``indent`` columns left, as the def would
-    stand at the top level: a line loses at most the whitespace it starts with, and a line inside
-    a multi-line string (``in_string``) keeps all of it, so that the string's value is kept."""
+    """Lines ``first``..``last`` moved ``indent`` columns left (at most their own whitespace);
+    lines inside a multi-line string keep theirs, so its value is kept."""
     out = []
     for row in range(first, last + 1):
         line = parsed.lines[row - 1]
@@ -1267,10 +1148,8 @@ def _dedent(parsed: _Parsed, first: int, last: int, indent: int) -> list[str]:
 
 
 def method_examples(doc: Doc, parsed: _Parsed | None = None) -> list[Example]:
-    """CodeXGLUE method generation: signature + docstring -> body. ``parsed``: the document's
-    ``_parse`` result where the caller has it. The docstring is the example's ``body`` (the
-    prompt is ``head + body``), so that a prompt too long, in training and in eval.py alike,
-    loses the end of its docstring rather than its signature, which the body needs most."""
+    """CodeXGLUE method generation: signature + docstring -> body; the docstring is the
+    example's ``body``, so a long prompt loses the end of its docstring, not its signature."""
     parsed = parsed or _parse(doc)
     if parsed is None:
         return []
@@ -1295,11 +1174,9 @@ def method_examples(doc: Doc, parsed: _Parsed | None = None) -> list[Example]:
     return out
 
 
-def docstring_examples(
-    doc: Doc, targets: str, prompt: str, code_tokens: int, parsed: _Parsed | None = None
-) -> list[Example]:
-    """Seed 004: a class (or function) with its docstring removed -> the docstring.
-    ``parsed``: the document's ``_parse`` result where the caller has it."""
+def docstring_examples(doc: Doc, targets: str, prompt: str, code_tokens: int,
+                       parsed: _Parsed | None = None) -> list[Example]:
+    """A class (or function) with its docstring removed -> the docstring."""
     parsed = parsed or _parse(doc)
     if parsed is None:
         return []
@@ -1335,7 +1212,7 @@ def docstring_examples(
 
 
 def docstring_template(prompt: str, node: ast.AST) -> str:
-    """Seed 004's prompt (DOCSTRING_PROMPTS) names a class; for a function it names a function."""
+    """The DOCSTRING_PROMPTS template, naming a function for a function."""
     template = DOCSTRING_PROMPTS[prompt]
     if isinstance(node, ast.ClassDef):
         return template
@@ -1343,26 +1220,22 @@ def docstring_template(prompt: str, node: ast.AST) -> str:
 
 
 def refactor_example(doc: Doc) -> Example:
-    """Seed 000: {"input","output"} through the refactoring template, the input apart as the body
-    (a long prompt loses code, not the instruction); prompt/completion pairs are used verbatim."""
+    """{"input","output"} through REFACTOR_TEMPLATE, the input as the body; prompt/completion
+    pairs are used verbatim."""
     if doc.raw_pair:
         return Example(doc.text, doc.target, pair=True)
     head, tail = REFACTOR_TEMPLATE.split("{input}")
     return Example(head, doc.target, body=doc.text, tail=tail, pair=True)
 
 
-# --------------------------------------------------------------------------------------------
-# Tokenization, building and caching
-# --------------------------------------------------------------------------------------------
-
+# --- Tokenization, building and caching ---
 
 _FINGERPRINT_PREFIX = "codelm-tokenizer-"
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """Hash of the tokenizer's saved files and of what its ids depend on besides them
-    (``tokenizer.ENCODING_VERSION``): the cache must change when the ids can. The files go to a
-    temp directory named after this process, so that a later run removes one a SIGKILL left."""
+    """Hash of the tokenizer's saved files, role ids and ``ENCODING_VERSION``: the cache changes
+    when the ids can. The temp directory is named after this process, for a later run to remove."""
     cliconfig.remove_dead_owners(tempfile.gettempdir(), _FINGERPRINT_PREFIX)
     with tempfile.TemporaryDirectory(prefix=_FINGERPRINT_PREFIX + cliconfig.owner_tag()) as d:
         target = Path(d) / "tokenizer"
@@ -1379,65 +1252,49 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def tokenizer_cache_dir(cfg: DataConfig, min_freq: int, max_vocab: int | None) -> Path:
-    """Where a CodeTokenizer trained on ``cfg``'s train split is cached, keyed beside the other
-    cache entries: by corpus, training options and ``tokenizer.ENCODING_VERSION`` (training
-    counts pieces with the encoding's regex and cut), so an upgrade trains a new vocabulary."""
+    """Where a CodeTokenizer trained on ``cfg``'s train split is cached (keyed by corpus,
+    training options and ``ENCODING_VERSION``)."""
     key = _hash_json({"v": ENCODING_VERSION, "corpus": corpus_key(cfg),
                       "min_freq": min_freq, "max_vocab": max_vocab})
     return Path(cfg.cache_dir) / f"tokenizer-{key}"
 
 
 def _task_options(cfg: DataConfig) -> dict:
+    """The options of ``cfg.task`` (a part of its cache key)."""
     opts = {"task": cfg.task, "block_size": cfg.block_size, "seed": cfg.seed}
     if cfg.task != "lm":
-        opts.update(
-            add_eos=cfg.add_eos,
-            max_prompt_tokens=cfg.max_prompt_tokens,
-            max_completion_tokens=cfg.max_completion_tokens,
-        )
+        opts.update(add_eos=cfg.add_eos, max_prompt_tokens=cfg.max_prompt_tokens,
+                    max_completion_tokens=cfg.max_completion_tokens)
     if cfg.task == "completion":
         opts.update(style=cfg.completion_style)
         if cfg.completion_style == "window":
-            opts.update(
-                p=cfg.window_prompt_tokens, c=cfg.window_completion_tokens, s=cfg.window_stride
-            )
+            opts.update(p=cfg.window_prompt_tokens, c=cfg.window_completion_tokens,
+                        s=cfg.window_stride)
         else:
             opts.update(lines_per_file=cfg.lines_per_file)
     if cfg.task == "docstring":
-        opts.update(
-            targets=cfg.docstring_targets,
-            min_tokens=cfg.docstring_min_tokens,
-            code_tokens=cfg.docstring_code_tokens,
-            prompt=DOCSTRING_PROMPTS[cfg.docstring_prompt],
-        )
+        opts.update(targets=cfg.docstring_targets, min_tokens=cfg.docstring_min_tokens,
+                    code_tokens=cfg.docstring_code_tokens,
+                    prompt=DOCSTRING_PROMPTS[cfg.docstring_prompt])
     if cfg.task == "refactor":
         opts.update(template=REFACTOR_TEMPLATE)
     if cfg.task == "fim":
-        # fim_cut, bumped when the PSM cut changes the ids (only the fim entries are rebuilt:
-        # ENCODING_VERSION or PIPELINE_VERSION would also retrain tokenizers and re-clean):
-        # 2: cut at characters, each part encoded alone (1: cut among the file's ids); 3: a
-        # comment-stripping tokenizer no longer strips the parts again (_without_stripping),
-        # and chunks leave room for the template prefix (_fim_chunk_size).
+        # fim_cut: bump when the PSM cut changes the ids (rebuilds the fim entries only)
         opts.update(fim_rate=cfg.fim_rate, fim_cut=3)
-    if reads_special_tokens(cfg.task, cfg.pair_special_tokens):  # absent when off: earlier keys
-        #   stay valid
+    if reads_special_tokens(cfg.task, cfg.pair_special_tokens):
         opts.update(pair_special_tokens=True)
     return opts
 
 
 def reads_special_tokens(task: str | None, pair_special_tokens: object) -> bool:
-    """Whether a run's pair records (and so its users' prompts) read special-token text as the
-    tokens: the data option ``pair_special_tokens``, which the lm task ignores (it packs pairs
-    as text)."""
+    """Whether a run's pair records (and its prompts) read special-token text as the tokens."""
     return bool(pair_special_tokens) and task != "lm"
 
 
 def _encode(tokenizer, texts: list[str], cfg: DataConfig, desc: str,
             specials: Sequence[bool] | None = None) -> list[list[int]]:
-    """encode_batch in chunks (bounded memory, a live progress bar). A special token's text in a
-    document is text: the special ids (EOS, FIM sentinels) are placed by id, never read.
-    ``specials``: per text, True where its special-token text is read as the token (the pair
-    records of ``pair_special_tokens``); those are encoded as a batch of their own."""
+    """encode_batch in chunks (bounded memory, a progress bar); a special token's text is text,
+    except in the texts ``specials`` marks (``pair_special_tokens``)."""
     if specials is not None and any(specials):
         out: list[list[int]] = [[] for _ in texts]
         for read in (False, True):
@@ -1472,10 +1329,8 @@ def _token_dtype(tokenizer) -> str:
 
 
 def prompt_prefix(tokenizer: CodeTokenizer | BPETokenizer, task: str | None) -> list[int]:
-    """The ids before a prompt, as the model saw text in training: the tokenizer's template start
-    (``template_prefix``, e.g. Llama-3's BOS; none for most code tokenizers), after an EOS for
-    the lm task, which packs each file after one (``packed_document``). Supervised examples, and
-    base checkpoints (``task`` None), as HF's tokenizer encodes a text."""
+    """The ids before a prompt, as the model saw text in training: the template start (Llama-3's
+    BOS), after an EOS for the lm task, which packs each file after one."""
     eos = [tokenizer.eos_id] if task == "lm" and tokenizer.eos_id is not None else []
     return eos + tokenizer.template_prefix
 
@@ -1487,8 +1342,7 @@ def _special_token_text(tokenizer: CodeTokenizer | BPETokenizer) -> re.Pattern |
 
 
 def _without_text_template_prefix(ids: list[int], prefix: Sequence[int]) -> list[int]:
-    """``ids`` less a start equal to the template prefix: a text that read its own
-    <|begin_of_text|> (a chat template's), which ``prompt_prefix`` already places: one BOS."""
+    """``ids`` less a start equal to the template prefix (``prompt_prefix`` places it): one BOS."""
     return ids[len(prefix) :] if prefix and ids[: len(prefix)] == list(prefix) else ids
 
 
@@ -1499,19 +1353,10 @@ RUN_READ_TEXT = "the run trained on such text as text (pair records without pair
 def encode_prompts(tokenizer: CodeTokenizer | BPETokenizer, prompts: Sequence[str],
                    pair_special_tokens: bool | None = None, remedy: str = "",
                    why: str = RUN_READ_TEXT) -> list[list[int]]:
-    """The ids of user prompts (eval.py's ``--prompt`` and pass@k problems, a run's sample
-    prompt), each to follow ``prompt_prefix``, reading a special token's text (a chat template's
-    <|eot_id|>) as the model learned it, by one rule:
-
-    - ``pair_special_tokens`` None (a base checkpoint): as transformers' ``tokenizer(text)``,
-      which reads it as the token: ``prompt_prefix`` + ids are its ids (a prompt's own
-      <|begin_of_text|> after the template's too: HF gives two);
-    - True (a run whose pair records read it: ``DataConfig.pair_special_tokens``, not the lm
-      task): as ``tokenize_examples`` reads them: as the token, and a prompt that starts with
-      the template prefix's text loses it, so there is one BOS;
-    - False (a run that did not, every lm run): text, as the run's data; a note on stderr
-      (once) names the special tokens the prompts hold and says so, ``why`` (the run's data, by
-      default), then ``remedy`` (how to read them as the tokens there)."""
+    """The ids of user prompts (each to follow ``prompt_prefix``), reading a special token's text
+    as the model learned it: ``pair_special_tokens`` None (a base checkpoint) as transformers'
+    tokenizer(text); True as ``tokenize_examples`` (one BOS); False as text, with a note naming
+    the tokens, ``why`` and ``remedy``."""
     if pair_special_tokens is None:
         return [tokenizer.encode(p) for p in prompts]
     if pair_special_tokens:
@@ -1530,24 +1375,19 @@ def encode_prompts(tokenizer: CodeTokenizer | BPETokenizer, prompts: Sequence[st
 
 
 def encode_text(tokenizer: CodeTokenizer | BPETokenizer, text: str) -> list[int]:
-    """A text's ids as data building encodes a document (``_encode``): a special token's text
-    in it is text. eval.py scores, cuts and counts documents by this rule, so its figures are
-    those of the run's own data."""
+    """A text's ids as data building encodes a document (special tokens' text is text)."""
     return tokenizer.encode(text, split_special_tokens=True)
 
 
 def packed_document(tokenizer: CodeTokenizer | BPETokenizer, ids: Sequence[int]) -> list[int]:
-    """A file's ids as the lm task packs them: the tokenizer's template start, the file, EOS.
-    eval.py's lm score packs its texts by this one rule."""
+    """A file's ids as the lm task packs them: the template start, the file, EOS."""
     eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]  # eval.py scores without one
     return [*tokenizer.template_prefix, *ids, *eos]
 
 
 def _build_lm(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path) -> dict:
     if tokenizer.eos_id is None:
-        raise DataError(
-            "the lm task packs files with EOS between them; the tokenizer has no eos_id"
-        )
+        raise DataError("the lm task packs files with EOS between them; the tokenizer has no eos_id")
     dtype = _token_dtype(tokenizer)
     meta = {"dtype": dtype, "n_tokens": {}}
     for s in SPLITS:
@@ -1582,9 +1422,8 @@ def _examples_for(doc: Doc, cfg: DataConfig, events: Counter) -> list[Example]:
     if cfg.task == "method":
         return method_examples(doc, parsed)
     if cfg.task == "docstring":
-        return docstring_examples(
-            doc, cfg.docstring_targets, cfg.docstring_prompt, cfg.docstring_code_tokens, parsed
-        )
+        return docstring_examples(doc, cfg.docstring_targets, cfg.docstring_prompt,
+                                  cfg.docstring_code_tokens, parsed)
     raise AssertionError(cfg.task)
 
 
@@ -1595,24 +1434,14 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def tokenize_examples(
-    examples: list[Example],
-    tokenizer: CodeTokenizer | BPETokenizer,
-    cfg: DataConfig,
-    desc: str,
-) -> list[tuple[list[int], list[int], tuple[int, int]]]:
-    """(prompt ids, completion ids, the span of the body in the prompt) of each example. A body
-    with a token budget (docstring code) is tokenized apart, to be cut; a prompt whose body has
-    none (refactor) is tokenized whole, as eval.py and seed 000 tokenize it, and its head and tail
-    apart only to find the body: what the whole shares with their ids at its start and end is
-    theirs.
-
-    With ``cfg.pair_special_tokens``, a pair's (``Example.pair``) prompt and completion read a
-    special token's text as the token, as transformers' ``tokenizer(text)`` does; a prompt that
-    then starts with the tokenizer's ``template_prefix`` (a chat template's <|begin_of_text|>)
-    loses it here, since every prompt gets it placed before it (``prompt_prefix``): one BOS."""
-    # Text far beyond what can survive truncation is cut before tokenizing (a token is rarely
-    # longer than 32 characters): line-completion prompts are whole file prefixes.
+def tokenize_examples(examples: list[Example], tokenizer: CodeTokenizer | BPETokenizer,
+                      cfg: DataConfig, desc: str
+                      ) -> list[tuple[list[int], list[int], tuple[int, int]]]:
+    """(prompt ids, completion ids, the body's span in the prompt) of each example. A body with a
+    budget is tokenized apart, to be cut; otherwise the prompt is tokenized whole (as eval.py
+    does), its head and tail apart only to find the body's span. With ``pair_special_tokens`` a
+    pair reads special tokens' text as the tokens, and loses its own template prefix (one BOS)."""
+    # Text far beyond what can survive truncation is cut before tokenizing.
     chars = _CHARS_PER_TOKEN_BOUND * (cfg.block_size + 1)
     reads = [cfg.pair_special_tokens and e.pair for e in examples]
     parts = []
@@ -1645,7 +1474,7 @@ def tokenize_examples(
 
 
 def window_pairs(ids: list[int], cfg: DataConfig) -> Iterator[tuple[list[int], list[int]]]:
-    """Seed 002's sliding window: up to P tokens of context -> the next C tokens."""
+    """A sliding window: up to P tokens of context -> the next C tokens."""
     p, c = cfg.window_prompt_tokens, cfg.window_completion_tokens
     stride = cfg.window_stride or (p + c)
     for s in range(min(p, max(1, len(ids) - c)), len(ids) - 1, stride):
@@ -1655,8 +1484,7 @@ def window_pairs(ids: list[int], cfg: DataConfig) -> Iterator[tuple[list[int], l
 
 
 def _char_start(raw: bytes, x: int) -> int:
-    """``x`` moved back to the start of the UTF-8 character holding byte ``x`` (a byte-level
-    token can end inside a character); at most 3 steps, as a character has at most 4 bytes."""
+    """``x`` moved back to the start of the UTF-8 character holding byte ``x``."""
     for _ in range(3):
         if 0 < x < len(raw) and raw[x] & 0xC0 == 0x80:
             x -= 1
@@ -1664,20 +1492,15 @@ def _char_start(raw: bytes, x: int) -> int:
 
 
 def _fim_chunk_size(tokenizer, cfg: DataConfig) -> int:
-    """Tokens of a file per fim chunk: a PSM example (three sentinels, the chunk, EOS) after the
-    tokenizer's ``template_prefix`` (``prompt_prefix``'s start) fills ``block_size + 1``. A
-    chunk that ignored the prefix overflowed by its length, and the cut that made it fit took
-    the prompt's first token, <fim_prefix>."""
+    """Tokens of a file per fim chunk: the template prefix, three sentinels, the chunk and EOS
+    fill ``block_size + 1``."""
     return max(2, cfg.block_size + 1 - 4 - len(tokenizer.template_prefix))
 
 
-def _fim_plan(
-    ids: list[int], doc_id: str, tokenizer, cfg: DataConfig, byte_lengths: np.ndarray
-) -> list[list[int] | tuple[str, str, str]]:
-    """A file's chunks of ``_fim_chunk_size`` tokens, each a plain LM chunk (its ids) or, for
-    a seeded ``fim_rate`` share, the texts of its prefix, middle and suffix: two cut points drawn
-    among the chunk's token positions, moved back to the start of the character they fall in.
-    ``byte_lengths``: the number of bytes of each id."""
+def _fim_plan(ids: list[int], doc_id: str, tokenizer, cfg: DataConfig, byte_lengths: np.ndarray
+              ) -> list[list[int] | tuple[str, str, str]]:
+    """A file's chunks, each a plain LM chunk (its ids) or, for a seeded ``fim_rate`` share, the
+    texts of its prefix, middle and suffix, cut at two token positions moved to character starts."""
     rng = random.Random(f"{cfg.seed}\0fim\0{doc_id}")
     size = _fim_chunk_size(tokenizer, cfg)
     table = tokenizer._id_to_bytes
@@ -1689,8 +1512,7 @@ def _fim_plan(
             a, b = sorted(rng.sample(range(1, len(chunk)), 2))
             if offsets is None:  # where each token of the file starts, in bytes
                 offsets = np.concatenate([[0], np.cumsum(byte_lengths[ids])]).tolist()
-            # The chunk's bytes and those of 3 tokens either side (at least 3 bytes: enough to
-            # tell where the characters at its ends start).
+            # The chunk's bytes and 3 tokens either side, to find where its end characters start.
             first = max(0, s - 3)
             raw = b"".join(map(table.__getitem__, ids[first : s + len(chunk) + 3]))
             start, x, y, end = (_char_start(raw, offsets[s + k] - offsets[first])
@@ -1704,19 +1526,12 @@ def _fim_plan(
     return plan
 
 
-def _fim_pairs(
-    docs: list[tuple[list[int], str]], tokenizer, cfg: DataConfig, desc: str = "fim parts"
-) -> list[list[tuple[list[int], list[int]]]]:
-    """(prompt, completion) pairs of each file ``(ids, doc id)``, ``ids`` the file tokenized
-    whole: its chunks, of which a ``fim_rate`` share become prefix-suffix-middle (PSM) examples
-    with the loss on the middle, the rest stay plain LM chunks (the file's ids) with the loss on
-    every token. A PSM chunk is cut at characters and each part is the tokenizer's encoding of
-    its text alone, as bigcode's StarCoder pipeline builds FIM and as a user's prefix, suffix and
-    middle are tokenized at inference (a cut among the file's ids could fall inside a whitespace
-    run or a word); the parts' texts of all files are encoded in one batch (``_encode``, in
-    parallel). The chunk size fits ``block_size``; a PSM prompt longer than the room its middle
-    leaves there, or than ``max_prompt_tokens``, is cut here, inside its code, so that it keeps
-    its three sentinels (a cut from the left would take the first)."""
+def _fim_pairs(docs: list[tuple[list[int], str]], tokenizer, cfg: DataConfig,
+               desc: str = "fim parts") -> list[list[tuple[list[int], list[int]]]]:
+    """(prompt, completion) pairs of each file ``(ids, doc id)``: plain LM chunks, and a
+    ``fim_rate`` share of prefix-suffix-middle (PSM) examples whose parts are cut at characters
+    and encoded alone, as at inference (StarCoder's FIM); a PSM prompt is cut inside its code,
+    keeping its three sentinels."""
     byte_lengths = np.fromiter(map(len, tokenizer._id_to_bytes), np.int64)
     plans = [_fim_plan(ids, doc_id, tokenizer, cfg, byte_lengths) for ids, doc_id in docs]
     texts = [t for plan in plans for item in plan if isinstance(item, tuple) for t in item]
@@ -1731,8 +1546,7 @@ def _fim_pairs(
                 pairs.append(([], item))
                 continue
             prefix, middle, suffix = next(parts), next(parts), next(parts)
-            # Re-encoded apart, the parts can hold a token or two more than the chunk: the
-            # prompt gets what the middle leaves of the chunk's room, as max_prompt_tokens.
+            # Encoded apart, the parts can outgrow the chunk: the prompt gets what the middle leaves.
             limit = max(_FIM_SENTINELS, size + _FIM_SENTINELS - len(middle))
             if cfg.max_prompt_tokens is not None:
                 limit = min(limit, cfg.max_prompt_tokens)
@@ -1743,10 +1557,8 @@ def _fim_pairs(
 
 
 def _without_stripping(tokenizer):
-    """``tokenizer`` encoding a text as it is. The parts of a PSM chunk are text the tokenizer
-    already stripped (the file's ids); a CodeTokenizer with ``strip_comments`` strips again
-    any part that parses alone, and drops text: a string's tail (``# b"``) read as a comment,
-    a string read as a docstring."""
+    """``tokenizer`` without comment stripping: PSM parts are already stripped text, and a part
+    stripped alone can lose code (a string's tail read as a comment)."""
     if not getattr(tokenizer, "strip_comments", False):
         return tokenizer
     plain = copy.copy(tokenizer)
@@ -1757,12 +1569,10 @@ def _without_stripping(tokenizer):
 _FIM_SENTINELS = 3
 
 
-def _fit_fim_context(
-    prefix: list[int], suffix: list[int], max_prompt_tokens: int | None
-) -> tuple[list[int], list[int]]:
+def _fit_fim_context(prefix: list[int], suffix: list[int], max_prompt_tokens: int | None
+                     ) -> tuple[list[int], list[int]]:
     """Prefix and suffix cut to fit a PSM prompt into ``max_prompt_tokens``, keeping the code
-    next to the middle: the prefix loses its start, the suffix its end, each keeping at least
-    half the room where both are long."""
+    next to the middle (each keeps half the room where both are long)."""
     if max_prompt_tokens is None:
         return prefix, suffix
     room = max_prompt_tokens - _FIM_SENTINELS
@@ -1773,11 +1583,8 @@ def _fit_fim_context(
 
 
 def _build_supervised(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path) -> dict:
-    if cfg.task == "fim" and None in (
-        tokenizer.fim_prefix_id,
-        tokenizer.fim_middle_id,
-        tokenizer.fim_suffix_id,
-    ):
+    if cfg.task == "fim" and None in (tokenizer.fim_prefix_id, tokenizer.fim_middle_id,
+                                      tokenizer.fim_suffix_id):
         raise DataError("the fim task needs a tokenizer with FIM tokens (fim_prefix/middle/suffix)")
     eos = tokenizer.eos_id if cfg.add_eos else None
     start = prompt_prefix(tokenizer, cfg.task)
@@ -1792,8 +1599,7 @@ def _build_supervised(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path) -> 
             events["pair_holds_special_token_text"] = sum(
                 bool(special_text.search(d.text) or special_text.search(d.target))
                 for d in docs if d.target is not None)
-        # (prompt ids, completion ids, whether the completion ends the text: EOS follows it,
-        # the span of the prompt that truncation cuts first)
+        # (prompt ids, completion ids, EOS follows it, the prompt's span truncation cuts first)
         pairs: list[tuple[list[int], list[int], bool, tuple[int, int]]] = []
         if cfg.task == "fim" or (cfg.task == "completion" and cfg.completion_style == "window"):
             code = [d for d in docs if d.target is None]
@@ -1825,8 +1631,7 @@ def _build_supervised(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path) -> 
             n_target = len(completion)
             if ends and eos is not None:
                 completion = completion + [eos]
-            # A plain LM chunk of the fim task (no prompt) is no completion to bound: its cut
-            # tokens would appear in no example.
+            # A plain LM chunk of the fim task is not cut: its cut tokens would be in no example.
             limit = cfg.max_completion_tokens if prompt or cfg.task != "fim" else None
             kept_prompt, kept_completion = _truncate_pair(
                 prompt, completion, cfg.block_size - len(start), limit, cfg.max_prompt_tokens,
@@ -1856,69 +1661,38 @@ def _build_supervised(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path) -> 
         meta["tokens"][s] = len(ids_out)
         meta["events"][s] = {k: v for k, v in sorted(events.items()) if v}
     if meta["examples"]["train"] == 0:
-        raise DataError(
-            f"task {cfg.task!r} built no training examples from {len(corpus.train)} train "
-            "documents; check the sources and task options"
-        )
+        raise DataError(f"task {cfg.task!r} built no training examples from {len(corpus.train)} "
+                        "train documents; check the sources and task options")
     return meta
 
 
 def _open_task(path: Path, meta: dict, cfg: DataConfig, tokenizer, cache_hit: bool) -> PreparedData:
     task = meta["task"]
     if cfg.task == "lm":
-        splits = {
-            s: LMWindows(
-                path / f"{s}.bin",
-                task["dtype"],
-                task["n_tokens"][s],
-                cfg.block_size,
-                1 if s == "train" else cfg.block_size,
-            )
-            for s in SPLITS
-        }
+        splits = {s: LMWindows(path / f"{s}.bin", task["dtype"], task["n_tokens"][s],
+                               cfg.block_size, 1 if s == "train" else cfg.block_size)
+                  for s in SPLITS}
     else:
         splits = {s: SupervisedExamples(path, s) for s in SPLITS}
-    return PreparedData(
-        **splits,
-        task=cfg.task,
-        stats={**meta, "cache_hit": cache_hit},
-        cache_path=path,
-        pad_id=tokenizer.pad_id,
-        eos_id=tokenizer.eos_id,
-    )
+    return PreparedData(**splits, task=cfg.task, stats={**meta, "cache_hit": cache_hit},
+                        cache_path=path, pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id)
 
 
-def prepare(
-    cfg: DataConfig, tokenizer: CodeTokenizer | BPETokenizer | None = None
-) -> PreparedData:
-    """Build (or load from cache) the three splits of ``cfg.task``.
-
-    ``tokenizer=None`` returns the cleaned split texts (train a from-scratch tokenizer on
-    ``.train``, then call again with it)."""
+def prepare(cfg: DataConfig, tokenizer: CodeTokenizer | BPETokenizer | None = None
+            ) -> PreparedData:
+    """Build (or load from cache) the three splits of ``cfg.task``; ``tokenizer=None`` returns
+    the cleaned split texts (to train a tokenizer on ``.train``)."""
     if tokenizer is None:
         corpus = load_corpus(cfg)
-        return PreparedData(
-            train=corpus.texts("train"),
-            val=corpus.texts("val"),
-            test=corpus.texts("test"),
-            task=cfg.task,
-            stats={"corpus": corpus.stats, "cache_hit": corpus.stats["cache_hit"]},
-        )
+        return PreparedData(*map(corpus.texts, SPLITS), task=cfg.task,
+                            stats={"corpus": corpus.stats, "cache_hit": corpus.stats["cache_hit"]})
     cfg.validate()
-    # Such a tokenizer rewrites a def whose only statement is its docstring to ``pass``: the
-    # method prompt and the docstring task's code would lose what conditions the target.
     if cfg.task in ("method", "docstring") and getattr(tokenizer, "strip_comments", False):
-        raise DataError(
-            f"the {cfg.task} task needs the docstrings a tokenizer with strip_comments=True "
-            "deletes from its prompts; use a tokenizer with strip_comments=False"
-        )
-    key = _hash_json(
-        {
-            "corpus": corpus_key(cfg),
-            "tokenizer": tokenizer_fingerprint(tokenizer),
-            "task": _task_options(cfg),
-        }
-    )
+        raise DataError(f"the {cfg.task} task needs the docstrings a tokenizer with "
+                        "strip_comments=True deletes from its prompts; use a tokenizer with "
+                        "strip_comments=False")
+    key = _hash_json({"corpus": corpus_key(cfg), "tokenizer": tokenizer_fingerprint(tokenizer),
+                      "task": _task_options(cfg)})
     path = Path(cfg.cache_dir) / f"{cfg.task}-{key}"
     if cfg.use_cache and (path / "meta.json").exists():
         meta = json.loads((path / "meta.json").read_text())
@@ -1940,10 +1714,8 @@ def prepare(
 
 
 def _note_special_token_text(cfg: DataConfig, task_meta: dict) -> None:
-    """A note where pair records hold a special token's text (a chat template's <|eot_id|>,
-    <|begin_of_text|>) and ``pair_special_tokens`` is off: dataset.py then encodes it as text,
-    where transformers' tokenizer(text) makes it the special id, so a chat-formatted record does
-    not train the chat format. The note says how to read it as the token."""
+    """A note where pair records hold a special token's text and ``pair_special_tokens`` is off:
+    chat-formatted records then do not train the chat format."""
     if cfg.pair_special_tokens:
         return
     n = sum(events.get("pair_holds_special_token_text", 0)
@@ -1958,40 +1730,30 @@ def _note_special_token_text(cfg: DataConfig, task_meta: dict) -> None:
 
 
 def _note_pairs_as_text(cfg: DataConfig, corpus_stats: dict) -> None:
-    """One note per pairs source under the lm task, the default: pairs trained as plain text,
-    with no word, looked like a fine-tune on them (a user who forgot ``--task refactor``)."""
+    """One note per pairs source under the lm task, which trains on pairs as plain text."""
     if cfg.task != "lm":
         return
-    # By position: the cache key is the same for a source spelled another way, and the note
-    # names it as given now. Caches of earlier codelm versions have no counts.
-    for (_, source), n in zip(_sources_by_split(cfg), corpus_stats.get("pairs", [])):
+    # By position: the note names each source as given now, however the cache spelled it.
+    for (_, source), n in zip(_sources_by_split(cfg), corpus_stats["pairs"]):
         if n:
             print(f"note: {source} holds {n} input/output pairs; the lm task trains on each as "
                   "plain text (input, newline, output; the loss on both): another task, e.g. "
                   "--task refactor, trains on the output only", file=sys.stderr)
 
 
-# --------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------
-
+# --- CLI ---
 
 def _print_stats(stats: dict, out=None) -> None:
     out = out or sys.stdout
     corpus = stats["corpus"]
     mb = 1024 * 1024
-    print(
-        f"read      {corpus['read']['files']:>8} files  {corpus['read']['bytes'] / mb:8.2f} MB",
-        file=out,
-    )
-    for reason, n in corpus["dropped"].items():
-        print(f"dropped   {n:>8} {reason}", file=out)
-    for what, n in corpus["modified"].items():
-        print(f"modified  {n:>8} {what}", file=out)
-    print(
-        f"kept      {corpus['kept']['files']:>8} files  {corpus['kept']['bytes'] / mb:8.2f} MB",
-        file=out,
-    )
+    for what in ("read", "dropped", "modified", "kept"):
+        if what in ("read", "kept"):
+            files, size = corpus[what]["files"], corpus[what]["bytes"] / mb
+            print(f"{what:<9} {files:>8} files  {size:8.2f} MB", file=out)
+        else:
+            for reason, n in corpus[what].items():
+                print(f"{what:<9} {n:>8} {reason}", file=out)
     counts = "  ".join(f"{s} {corpus['split'][s]}" for s in SPLITS)
     print(f"split     {counts}  (by {corpus['split_by']})", file=out)
     task = stats.get("task")
@@ -2006,9 +1768,8 @@ def _print_stats(stats: dict, out=None) -> None:
 
 
 def make_cache_dir(cache_dir: str, option: str | None) -> None:
-    """Create the data cache directory, or say why not naming where it was set: ``option`` (the
-    flag or key the user set it with), else ``CODELM_CACHE`` or its default, which the user may
-    never have typed."""
+    """Create the data cache directory, or say why naming where it was set: ``option`` (the flag
+    or key), else ``CODELM_CACHE`` or its default."""
     try:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -2023,12 +1784,9 @@ def make_cache_dir(cache_dir: str, option: str | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Prepare a codelm dataset: read sources, clean, split, build a task, cache "
-        "it, and print counts per stage.",
-        argument_default=argparse.SUPPRESS,
-    )
-    parser.add_argument(
-        "--tokenizer", help="tokenizer file/dir; without one only the cleaned corpus is built"
-    )
+        "it, and print counts per stage.", argument_default=argparse.SUPPRESS)
+    parser.add_argument("--tokenizer",
+                        help="tokenizer file/dir; without one only the cleaned corpus is built")
     cliconfig.add_config_flags(parser, DataConfig, _CHOICES)
     flags = vars(parser.parse_args(argv))
     tokenizer_path = flags.pop("tokenizer", None)
@@ -2037,11 +1795,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = cliconfig.config_from_dict(DataConfig, flags, "command line", _CHOICES)
             if cfg.use_cache:
                 make_cache_dir(cfg.cache_dir, "--cache-dir" if "cache_dir" in flags else None)
-            tokenizer = None
-            if tokenizer_path:
-                from tokenizer import load_tokenizer
-
-                tokenizer = load_tokenizer(tokenizer_path)
+            tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
             data = prepare(cfg, tokenizer)
     except (ValueError, OSError) as exc:
         message = cliconfig.os_error_message(exc) if isinstance(exc, OSError) else exc

@@ -1,17 +1,8 @@
-"""Tokenizers for codelm: a code-aware tokenizer trained here, and byte-level BPE reading HF files.
+"""Tokenizers: ``CodeTokenizer`` (trained here, lossless through byte fallback, saved as an HF
+tokenizer.json) and ``BPETokenizer`` (the ids of HF ``tokenizers`` for byte-level BPE files;
+anything else is refused naming the component). Ground floor: imports nothing of the project.
 
-``CodeTokenizer`` is the from-scratch path (seed 001): code is split at camelCase boundaries,
-underscores and spaces, newlines and indentation stay tokens, and pieces seen at least
-``min_freq`` times become the vocabulary. Unlike the seed it is lossless: a piece outside the
-vocabulary is covered by its longest known sub-pieces and, where none fits, by UTF-8 byte tokens.
-It saves as an HF ``tokenizer.json`` that HF ``tokenizers`` and ``transformers`` read with the same
-ids, so a from-scratch export runs without codelm.
-
-``BPETokenizer`` reproduces the ids of HF ``tokenizers`` for the byte-level BPE ``tokenizer.json``
-files that StarCoder, CodeGen, Phi-1.5 and Llama-3 ship; anything outside that set is refused
-with a ValueError naming the component, never silently tokenized differently.
-
-This module imports nothing of the project (ground floor).
+Main path: ``load_tokenizer(path)`` -> ``.encode(text)`` / ``.decode(ids)``.
 """
 
 from __future__ import annotations
@@ -40,12 +31,9 @@ import regex
 
 TOKENIZER_FILE = "tokenizer.json"
 CODE_TOKENIZER_TYPE = "codelm-code-tokenizer"
-# What ids depend on besides a tokenizer's files, for caches of encoded text (dataset's key): the
-# encoding rules of this module, bumped when a file starts to encode differently (2: CodeTokenizer
-# pieces capped at MAX_PIECE_CHARS; 3: documents and prompts start with ``template_prefix``, e.g.
-# Llama-3's <|begin_of_text|>; 4: a BPE without unk_token merges across the characters missing
-# from its vocabulary, as HF does), and the installed `regex`, whose Unicode tables put characters
-# in the \p{..} classes the pre-tokenizers split by (categories change between Unicode versions).
+CODE_TOKENIZER_FORMAT_VERSION = 1  # of the file ``CodeTokenizer.to_dict`` writes
+# What ids depend on besides a tokenizer's files (a key of dataset's caches): these encoding rules
+# (bump when a file starts to encode differently) and `regex`'s Unicode tables.
 ENCODING_VERSION = f"4+regex-{regex.__version__}"
 # Texts shorter than this in total are encoded in-process: starting workers would cost more.
 _MIN_PARALLEL_CHARS = 1 << 20
@@ -71,9 +59,7 @@ class _PieceCache(dict):
         return ids
 
 
-# ---------------------------------------------------------------------------------------------
-# Parallel batch encoding shared by both tokenizers
-# ---------------------------------------------------------------------------------------------
+# --- Parallel batch encoding shared by both tokenizers ---
 
 _worker_tokenizer = None
 
@@ -86,11 +72,9 @@ def _init_worker(tok) -> None:
 def _encode_chunk(args: tuple[list[str], bool, bool]) -> list[bytes]:
     texts, add_special_tokens, split_special_tokens = args
     # Arrays pickle as one buffer, far cheaper than lists of Python ints.
-    return [
-        array("I", _worker_tokenizer.encode(t, add_special_tokens=add_special_tokens,
-                                            split_special_tokens=split_special_tokens)).tobytes()
-        for t in texts
-    ]
+    return [array("I", _worker_tokenizer.encode(t, add_special_tokens=add_special_tokens,
+                                                split_special_tokens=split_special_tokens)).tobytes()
+            for t in texts]
 
 
 def _chunks(texts: list[str], n_chunks: int) -> list[list[str]]:
@@ -110,21 +94,15 @@ def _chunks(texts: list[str], n_chunks: int) -> list[list[str]]:
 
 
 class _BatchEncodeMixin:
-    """encode_batch over processes, decode, and pickling without the piece cache (for spawn
-    workers). A tokenizer provides ``_id_to_bytes`` (bytes of each id) and ``_special_ids``."""
+    """encode_batch over processes, decode, and pickling without the piece cache."""
 
     _id_to_bytes: list[bytes]
     _special_ids: Container[int]  # the ids that skip_special_tokens drops
 
-    def encode_batch(
-        self,
-        texts: Sequence[str],
-        num_workers: int | None = None,
-        add_special_tokens: bool = False,
-        split_special_tokens: bool = False,
-    ) -> list[list[int]]:
-        """Encode many texts, using ``num_workers`` processes (default: every core);
-        ``split_special_tokens`` as ``encode``."""
+    def encode_batch(self, texts: Sequence[str], num_workers: int | None = None,
+                     add_special_tokens: bool = False, split_special_tokens: bool = False
+                     ) -> list[list[int]]:
+        """Encode many texts with ``num_workers`` processes (default: every core)."""
         if isinstance(texts, str):  # list() would make each character a text
             raise ValueError("encode_batch expects a list of texts, got a str; use encode(text) "
                              "for one text")
@@ -132,12 +110,9 @@ class _BatchEncodeMixin:
         workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
         if workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-        if (
-            workers == 1
-            or len(texts) < 2
-            or sum(map(len, texts)) < _MIN_PARALLEL_CHARS
-            or multiprocessing.current_process().daemon  # e.g. a DataLoader worker: no children
-        ):
+        # A daemon process (a DataLoader worker) can have no children.
+        if (workers == 1 or len(texts) < 2 or sum(map(len, texts)) < _MIN_PARALLEL_CHARS
+                or multiprocessing.current_process().daemon):
             return [self.encode(t, add_special_tokens=add_special_tokens,
                                 split_special_tokens=split_special_tokens) for t in texts]
         methods = multiprocessing.get_all_start_methods()
@@ -147,18 +122,11 @@ class _BatchEncodeMixin:
                 for c in _chunks(texts, workers * 4)]
         with ctx.Pool(workers, initializer=_init_worker, initargs=(self,)) as pool:
             results = pool.map(_encode_chunk, jobs, chunksize=1)
-        out = []
-        for chunk in results:
-            for buf in chunk:
-                a = array("I")
-                a.frombytes(buf)
-                out.append(a.tolist())
-        return out
+        return [array("I", buf).tolist() for chunk in results for buf in chunk]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        """Text of ``ids``; bytes that do not form valid UTF-8 become U+FFFD, as with HF's
-        ByteLevel decoder. Unlike HF, special tokens are kept by default, so that
-        decode(encode(x)) == x."""
+        """Text of ``ids`` (invalid UTF-8 becomes U+FFFD, as in HF); special tokens are kept by
+        default, so that decode(encode(x)) == x."""
         table = self._id_to_bytes
         ids = _checked_ids(_one_sequence(ids), len(table))
         if skip_special_tokens:
@@ -186,36 +154,26 @@ def _read_json(path: Path) -> dict:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(
-            f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}"
-        ) from None
+        raise ValueError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object at the top level")
     return data
 
 
-# ---------------------------------------------------------------------------------------------
-# Comment and docstring stripping (Python's own tokenize/ast, never regexes)
-# ---------------------------------------------------------------------------------------------
+# --- Comment and docstring stripping (Python's own tokenize/ast, never regexes) ---
 
-
-# What parsing or tokenizing Python text can raise on bad or pathological input: a syntax error,
-# a NUL byte, an unterminated string, or nesting deep enough to exhaust the parser's recursion or
-# memory. Every caller that parses untrusted text catches exactly these.
+# What parsing or tokenizing untrusted Python text can raise.
 PYTHON_PARSE_ERRORS = (SyntaxError, ValueError, tokenize.TokenError, RecursionError, MemoryError)
 
 
 def source_lines(text: str, keepends: bool = False) -> list[str]:
-    """Lines as Python's parser numbers them: only ``\\n``, ``\\r\\n`` and ``\\r`` end one.
-    ``str.splitlines`` also breaks at ``\\f``, ``\\v``, ``\\x1c``-``\\x1e``, U+0085, U+2028 and
-    U+2029, which would shift every ``ast`` line number after such a character."""
+    """Lines as Python's parser numbers them (``str.splitlines`` also breaks at \\f, U+2028...)."""
     lines = io.StringIO(text, newline="").readlines()
     return lines if keepends else [line.rstrip("\r\n") for line in lines]
 
 
 def docstring_statement(node: ast.AST) -> ast.Expr | None:
-    """The docstring statement of a module, class or function node (its first statement, a
-    string constant), or None."""
+    """The docstring statement of a module, class or function node, or None."""
     body = getattr(node, "body", None)
     first = body[0] if isinstance(body, list) and body else None
     if (
@@ -241,14 +199,9 @@ def _docstring_nodes(tree: ast.AST) -> list[tuple[ast.Expr, bool]]:
 def strip_comments_and_docstrings(
     source: str, comments: bool = True, docstrings: bool = True, strict: bool = False
 ) -> str:
-    """Remove ``#`` comments and/or docstrings from Python source, keeping it valid Python.
-
-    A docstring that is the only statement of a function or class becomes ``pass``. Lines left
-    blank by a removal disappear; other blank lines stay. Text that is not valid Python is
-    returned unchanged (stripping is a best effort on code, never a reason to fail), or with
-    ``strict`` raises one of ``PYTHON_PARSE_ERRORS`` (the dataset cleaner drops such files), as it
-    does when the stripped text does not parse.
-    """
+    """Remove ``#`` comments and/or docstrings from Python source, keeping it valid Python (a
+    lone docstring becomes ``pass``). Invalid Python is returned unchanged, or with ``strict``
+    raises one of ``PYTHON_PARSE_ERRORS``, as does a stripped text that does not parse."""
     lines = source_lines(source, keepends=True)
     try:
         tree = ast.parse(source)
@@ -299,9 +252,7 @@ def strip_comments_and_docstrings(
     return stripped
 
 
-# ---------------------------------------------------------------------------------------------
-# CodeTokenizer
-# ---------------------------------------------------------------------------------------------
+# --- CodeTokenizer ---
 
 # Pieces of code. Every character is matched by some branch (the last one takes anything), so the
 # pieces of a text always concatenate back to it.
@@ -323,11 +274,8 @@ _CODE_PIECE_HF_REGEX = regex.sub(
     r"\s+", "", regex.sub(r"#.*", "", _CODE_PIECE_PATTERN)
 ).replace("(?s:.)", r"[\s\S]")
 
-# Longest code piece, in characters: a longer match (a blob, a row of '=', 10k spaces) is cut into
-# runs of this length, here and in the HF export, whose WordPiece is about cubic in a piece's
-# length (one run of 16k 4-byte CJK characters: 1.4 s in HF cut at 128, 4.3 s at 256; 16k 'q'
-# uncut: 77 s). Above any useful vocabulary piece: the stdlib's longest is under 100 characters,
-# and its only longer matches are data blobs.
+# Longest code piece: longer matches (blobs, rows of '=') are cut, here and in the HF export, whose
+# WordPiece is about cubic in a piece's length.
 MAX_PIECE_CHARS = 128
 _CAP_PIECE_HF_REGEX = rf"[\s\S]{{1,{MAX_PIECE_CHARS}}}"
 # Byte tokens as codelm writes them (HF's byte-fallback spelling): upper-case hex.
@@ -338,9 +286,7 @@ _N_BYTES = 256
 
 
 def _cut(match: str) -> list[str]:
-    """A piece-pattern match as code pieces: runs of at most ``MAX_PIECE_CHARS`` characters.
-    The split into code pieces is ``_CODE_PIECE_RE.findall`` then this, per match; ``train`` and
-    ``encode`` cut after counting and on cache misses, where checking every match costs 4-5%."""
+    """A piece-pattern match cut into runs of at most ``MAX_PIECE_CHARS`` characters."""
     k = MAX_PIECE_CHARS
     return [match[i : i + k] for i in range(0, len(match), k)]
 
@@ -351,30 +297,22 @@ _PIECE_CLASS_RES = [regex.compile(p) for p in
 
 
 def _can_be_in_a_piece(token: str) -> bool:
-    """Whether some code piece could contain ``token``, where HF's WordPiece would find it: yes
-    unless the token is printable ASCII (which the byte-level spelling of a piece keeps as is) of
-    two character classes or more (a piece longer than one character has one)."""
+    """Whether HF's WordPiece could find ``token`` inside a code piece: unless it is printable
+    ASCII mixing two character classes (a longer piece has one)."""
     if not all("!" <= c <= "~" for c in token):
         return True
     return sum(any(r.match(c) for c in token) for r in _PIECE_CLASS_RES) < 2
 
 
 class CodeTokenizer(_BatchEncodeMixin):
-    """Code-aware tokenizer trained on a corpus; lossless through byte fallback.
+    """Code pieces (camelCase, underscores, indentation) seen ``min_freq`` times; byte fallback.
 
-    Ids: the special tokens first, then the 256 byte tokens, then the vocabulary pieces by
-    descending corpus frequency. Special-token strings inside a text are ordinary text here (and
-    in the HF export, see ``to_hf``): only callers place special ids (by ``bos_id``, ``eos_id``,
-    ``fim_*_id``), so ``"<eos>"`` in scraped code never ends a document.
+    Ids: special tokens, the 256 bytes, then pieces by descending frequency. A special token's
+    text inside a text is text: ``"<eos>"`` in scraped code never ends a document.
     """
 
-    def __init__(
-        self,
-        pieces: Sequence[str],
-        min_freq: int = 10,
-        strip_comments: bool = False,
-        special_tokens: Sequence[str] = CODE_SPECIAL_TOKENS,
-    ):
+    def __init__(self, pieces: Sequence[str], min_freq: int = 10, strip_comments: bool = False,
+                 special_tokens: Sequence[str] = CODE_SPECIAL_TOKENS):
         self.special_tokens = list(special_tokens)
         if len(set(self.special_tokens)) != len(self.special_tokens):
             raise ValueError(f"special tokens must be distinct: {self.special_tokens}")
@@ -387,28 +325,19 @@ class CodeTokenizer(_BatchEncodeMixin):
         if len(self._piece_to_id) != len(self.pieces):
             raise ValueError("CodeTokenizer vocabulary pieces must be distinct")
         self._max_piece_len = max(map(len, self.pieces), default=1)
-        self._id_to_bytes = (
-            [s.encode("utf-8") for s in self.special_tokens]
-            + [bytes([b]) for b in range(_N_BYTES)]
-            + [p.encode("utf-8", "surrogatepass") for p in self.pieces]
-        )
+        self._id_to_bytes = ([s.encode("utf-8") for s in self.special_tokens]
+                             + [bytes([b]) for b in range(_N_BYTES)]
+                             + [p.encode("utf-8", "surrogatepass") for p in self.pieces])
         self._cache = _PieceCache(self._encode_piece)
 
     # -- training ---------------------------------------------------------------------------
 
     @classmethod
-    def train(
-        cls,
-        texts: Iterable[str],
-        min_freq: int = 10,
-        max_vocab: int | None = None,
-        strip_comments: bool = False,
-        special_tokens: Sequence[str] = CODE_SPECIAL_TOKENS,
-    ) -> CodeTokenizer:
-        """Keep every piece seen at least ``min_freq`` times, the most frequent first.
-
-        ``max_vocab`` caps the number of pieces; the special and byte tokens come on top.
-        """
+    def train(cls, texts: Iterable[str], min_freq: int = 10, max_vocab: int | None = None,
+              strip_comments: bool = False, special_tokens: Sequence[str] = CODE_SPECIAL_TOKENS
+              ) -> CodeTokenizer:
+        """Keep every piece seen ``min_freq`` times, at most ``max_vocab`` (specials and bytes
+        come on top)."""
         if min_freq < 1:
             raise ValueError(f"min_freq must be >= 1, got {min_freq}")
         counts: Counter[str] = Counter()
@@ -420,26 +349,18 @@ class CodeTokenizer(_BatchEncodeMixin):
             n = counts.pop(match)
             for piece in _cut(match):
                 counts[piece] += n
-        kept = [
-            (piece, n)
-            for piece, n in counts.items()
-            if n >= min_freq and is_utf8(piece) and piece not in special_tokens
-        ]
+        kept = [(piece, n) for piece, n in counts.items()
+                if n >= min_freq and is_utf8(piece) and piece not in special_tokens]
         kept.sort(key=lambda pn: (-pn[1], pn[0]))
         if max_vocab is not None:
             kept = kept[:max_vocab]
-        return cls(
-            [p for p, _ in kept],
-            min_freq=min_freq,
-            strip_comments=strip_comments,
-            special_tokens=special_tokens,
-        )
+        return cls([p for p, _ in kept], min_freq=min_freq, strip_comments=strip_comments,
+                   special_tokens=special_tokens)
 
     # -- encoding ---------------------------------------------------------------------------
 
     def _encode_piece(self, piece: str) -> list[int]:
-        """Longest known sub-pieces from the left; bytes of a character no piece covers. Takes
-        a piece-pattern match and cuts it if long (on cache misses: free for ``encode``)."""
+        """Longest known sub-pieces from the left; bytes of a character no piece covers."""
         if len(piece) > MAX_PIECE_CHARS:
             return [i for part in _cut(piece) for i in self._cache[part]]
         vocab = self._piece_to_id
@@ -463,10 +384,8 @@ class CodeTokenizer(_BatchEncodeMixin):
 
     def encode(self, text: str, add_special_tokens: bool = False,
                split_special_tokens: bool = False) -> list[int]:
-        """Token ids of ``text``; with ``add_special_tokens``, after bos and before eos (those
-        of the two the tokenizer has: custom ``special_tokens`` may lack them). A special
-        token's text is always text here (``<eos>`` in scraped code never ends a document), so
-        ``split_special_tokens`` (BPETokenizer's) changes nothing."""
+        """Token ids of ``text`` (with ``add_special_tokens``, between bos and eos); special
+        tokens' text is always text, so ``split_special_tokens`` changes nothing."""
         if not isinstance(text, str):
             raise TypeError(f"encode() expects a str, got {type(text).__name__}")
         if self.strip_comments:
@@ -479,19 +398,16 @@ class CodeTokenizer(_BatchEncodeMixin):
 
     @property
     def template_prefix(self) -> list[int]:
-        """Ids put before every text, as HF's tokenizer puts its template's: none (the HF export
-        has no template)."""
+        """Ids before every text: none (the HF export has no template)."""
         return []
 
     @property
     def matched_special_tokens(self) -> list[str]:
-        """Special tokens whose text HF's tokenizer(text) reads as the token: none (the HF export
-        reads them as text, as codelm does)."""
+        """Special tokens whose text HF reads as the token: none."""
         return []
 
     @property
     def _special_ids(self) -> range:
-        """The special tokens come first; ``in`` on a range is O(1)."""
         return range(self._byte_offset)
 
     # -- vocabulary ---------------------------------------------------------------------------
@@ -501,34 +417,15 @@ class CodeTokenizer(_BatchEncodeMixin):
         return len(self._id_to_bytes)
 
     def _special_id(self, token: str) -> int | None:
-        try:
-            return self.special_tokens.index(token)
-        except ValueError:
-            return None
+        return self.special_tokens.index(token) if token in self.special_tokens else None
 
-    @property
-    def pad_id(self) -> int | None:
-        return self._special_id("<pad>")
-
-    @property
-    def bos_id(self) -> int | None:
-        return self._special_id("<bos>")
-
-    @property
-    def eos_id(self) -> int | None:
-        return self._special_id("<eos>")
-
-    @property
-    def fim_prefix_id(self) -> int | None:
-        return self._special_id("<fim_prefix>")
-
-    @property
-    def fim_middle_id(self) -> int | None:
-        return self._special_id("<fim_middle>")
-
-    @property
-    def fim_suffix_id(self) -> int | None:
-        return self._special_id("<fim_suffix>")
+    # The role ids (None where custom special_tokens lack the token).
+    pad_id = property(lambda self: self._special_id("<pad>"))
+    bos_id = property(lambda self: self._special_id("<bos>"))
+    eos_id = property(lambda self: self._special_id("<eos>"))
+    fim_prefix_id = property(lambda self: self._special_id("<fim_prefix>"))
+    fim_middle_id = property(lambda self: self._special_id("<fim_middle>"))
+    fim_suffix_id = property(lambda self: self._special_id("<fim_suffix>"))
 
     def token_to_id(self, token: str) -> int | None:
         """Id of a special token, a vocabulary piece, or a byte token written ``<0xNN>``."""
@@ -555,33 +452,18 @@ class CodeTokenizer(_BatchEncodeMixin):
     # -- persistence --------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
-        return {
-            "type": CODE_TOKENIZER_TYPE,
-            "version": 1,
-            "min_freq": self.min_freq,
-            "strip_comments": self.strip_comments,
-            "special_tokens": self.special_tokens,
-            "n_byte_tokens": _N_BYTES,
-            "pieces": self.pieces,
-        }
+        """codelm's own format, for what HF cannot express (comment stripping)."""
+        return {"type": CODE_TOKENIZER_TYPE, "format_version": CODE_TOKENIZER_FORMAT_VERSION,
+                "min_freq": self.min_freq, "strip_comments": self.strip_comments,
+                "special_tokens": self.special_tokens, "pieces": self.pieces}
 
     def to_hf(self) -> dict:
-        """The same tokenizer as an HF ``tokenizer.json`` (``tokenizers`` gives the same ids):
-        the piece regex as a Split pre-tokenizer, a second Split cutting pieces at
-        ``MAX_PIECE_CHARS`` (which also bounds WordPiece's cubic cost), then ByteLevel
-        characters, then WordPiece with no continuation prefix, whose greedy longest-match from
-        the left is this class's sub-piece rule; every byte is in the vocabulary, so WordPiece's
-        unknown token (it needs one: id 0's) is never used and the byte fallback is exact. A
-        byte whose character is also a one-character piece (the piece always wins) is written
-        ``<0xNN>``, which the ByteFallback decoder turns back into the byte. Comment stripping
-        has no HF form.
-
-        Special tokens are plain vocabulary entries, not HF added tokens: HF finds added tokens
-        inside a text, and no tokenizer.json setting turns that off (``encode_special_tokens`` is
-        not saved), while here ``"<eos>"`` in scraped code is text. A vocabulary entry is only
-        found inside one pre-tokenizer piece, and no piece can hold a special token that mixes
-        character classes (``_can_be_in_a_piece``). ``save`` names the special tokens for
-        ``transformers`` in tokenizer_config.json, with ``split_special_tokens``."""
+        """The same tokenizer as an HF ``tokenizer.json`` with the same ids: Split by the piece
+        regex, Split at ``MAX_PIECE_CHARS``, ByteLevel, then WordPiece with no continuation
+        prefix (greedy longest match, as ``_encode_piece``); every byte is in the vocabulary
+        (``<0xNN>`` where a piece has its character), so the unknown token is never used.
+        Special tokens are plain vocabulary entries, not HF added tokens, which HF would find
+        inside a text."""
         if self.strip_comments:
             raise ValueError("a CodeTokenizer that strips comments has no HF tokenizer.json form")
         if inside := [t for t in self.special_tokens if _can_be_in_a_piece(t)]:
@@ -607,13 +489,9 @@ class CodeTokenizer(_BatchEncodeMixin):
 
     @classmethod
     def from_hf(cls, spec: dict, source: str = "<tokenizer.json>") -> CodeTokenizer:
-        """Read back what ``to_hf`` writes: the special tokens are the entries before the byte
-        tokens (files written before codelm stopped exporting them also list them as added
-        tokens, as does a ``transformers`` save of the tokenizer). A file written before pieces
-        were capped (no second Split) reads back capped: re-save it so HF caps them too.
-
-        Every other part must be as ``to_hf`` writes it, as HF tokenizers would otherwise give
-        other ids or decode them to other text; a difference is named."""
+        """Read back what ``to_hf`` writes (or a transformers save of it): the special tokens
+        are the entries before the byte tokens. Any other difference is named, as HF would give
+        other ids."""
         model = spec.get("model")
         vocab = model.get("vocab") if isinstance(model, dict) else None
         if not isinstance(vocab, dict):
@@ -657,27 +535,16 @@ class CodeTokenizer(_BatchEncodeMixin):
 
     @staticmethod
     def is_hf_form(spec: dict) -> bool:
-        """Whether an HF tokenizer.json is meant as a CodeTokenizer's (``to_hf``): a WordPiece
-        model with no continuation prefix, which no BPE reader takes. Only the model decides, so
-        that ``from_hf`` names any other part that is not codelm's (a hand edit) instead of the
-        BPE reader refusing the model type."""
+        """Whether an HF tokenizer.json is a CodeTokenizer's: WordPiece, no continuation prefix."""
         model = spec.get("model")
         return (isinstance(model, dict) and model.get("type") == "WordPiece"
                 and model.get("continuing_subword_prefix") == "")
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``tokenizer.json`` (inside ``path`` when it is a directory) in HF's format, which
-        ``transformers`` loads; saved into a directory, with a ``tokenizer_config.json`` beside it
-        naming bos/eos/pad and the other special tokens, and ``split_special_tokens`` (their
-        strings in a text are text, as here). A comment-stripping tokenizer, which HF cannot
-        express, is written in codelm's own format."""
-        path = Path(path)
-        directory = path if path.is_dir() else None
-        if directory is not None:
-            path = directory / TOKENIZER_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Write ``tokenizer.json`` (into a directory: with a tokenizer_config.json naming the
+        special tokens for transformers); one that strips comments in codelm's own format."""
         data = self.to_dict() if self.strip_comments else self.to_hf()
-        path.write_text(json.dumps(data, ensure_ascii=False, indent=0), "utf-8")
+        path, directory = _write_tokenizer_json(path, data, indent=0)
         if directory is not None and not self.strip_comments:
             roles = {role: token for role, token in
                      (("bos", "<bos>"), ("eos", "<eos>"), ("pad", "<pad>"))
@@ -689,33 +556,21 @@ class CodeTokenizer(_BatchEncodeMixin):
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "<dict>") -> CodeTokenizer:
+        """Read codelm's own format (``to_dict``; one version, another is refused)."""
         if data.get("type") != CODE_TOKENIZER_TYPE:
-            raise ValueError(
-                f"{source}: not a codelm CodeTokenizer file (type={data.get('type')!r})"
-            )
-        if data.get("version") != 1 or data.get("n_byte_tokens") != _N_BYTES:
-            raise ValueError(
-                f"{source}: unsupported CodeTokenizer version {data.get('version')!r} "
-                f"(n_byte_tokens={data.get('n_byte_tokens')!r}); this code reads version 1"
-            )
-        for key, kind in (
-            ("pieces", list),
-            ("special_tokens", list),
-            ("min_freq", int),
-            ("strip_comments", bool),
-        ):
+            raise ValueError(f"{source}: not a codelm CodeTokenizer file (type={data.get('type')!r})")
+        if (version := data.get("format_version")) != CODE_TOKENIZER_FORMAT_VERSION:
+            raise ValueError(f"{source}: CodeTokenizer format_version {version!r}; codelm reads "
+                             f"format_version {CODE_TOKENIZER_FORMAT_VERSION} (train it again)")
+        for key, kind in (("pieces", list), ("special_tokens", list), ("min_freq", int),
+                          ("strip_comments", bool)):
             if not isinstance(data.get(key), kind):
                 raise ValueError(f"{source}: key {key!r} missing or not a {kind.__name__}")
-        for key in ("pieces", "special_tokens"):
-            if not all(isinstance(p, str) and p for p in data[key]):
+            if kind is list and not all(isinstance(p, str) and p for p in data[key]):
                 raise ValueError(f"{source}: key {key!r} must hold non-empty strings")
         try:
-            return cls(
-                data["pieces"],
-                min_freq=data["min_freq"],
-                strip_comments=data["strip_comments"],
-                special_tokens=data["special_tokens"],
-            )
+            return cls(data["pieces"], min_freq=data["min_freq"],
+                       strip_comments=data["strip_comments"], special_tokens=data["special_tokens"])
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
 
@@ -728,17 +583,26 @@ class CodeTokenizer(_BatchEncodeMixin):
         return cls.from_dict(data, str(path))
 
     def __repr__(self) -> str:
-        return (
-            f"CodeTokenizer(vocab_size={self.vocab_size}, min_freq={self.min_freq}, "
-            f"strip_comments={self.strip_comments})"
-        )
+        return (f"CodeTokenizer(vocab_size={self.vocab_size}, min_freq={self.min_freq}, "
+                f"strip_comments={self.strip_comments})")
+
+
+def _write_tokenizer_json(path: str | os.PathLike, data: dict, indent: int
+                          ) -> tuple[Path, Path | None]:
+    """Write ``data`` to ``path`` or a directory's tokenizer.json: (the file, the directory)."""
+    path = Path(path)
+    directory = path if path.is_dir() else None
+    if directory is not None:
+        path = directory / TOKENIZER_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, ensure_ascii=False, indent=indent), "utf-8")
+    return path, directory
 
 
 def _write_roles_config(directory: Path, roles: dict[str, str], replace: bool,
                         extra: dict | None = None) -> None:
-    """tokenizer_config.json naming the bos/eos/pad tokens, which transformers' AutoTokenizer
-    reads (the roles are not part of tokenizer.json), and ``extra`` settings; kept as is unless
-    ``replace``."""
+    """tokenizer_config.json naming the bos/eos/pad tokens for transformers (kept unless
+    ``replace``)."""
     config = directory / "tokenizer_config.json"
     if replace or not config.exists():
         data = {"tokenizer_class": "PreTrainedTokenizerFast"}
@@ -747,19 +611,16 @@ def _write_roles_config(directory: Path, roles: dict[str, str], replace: bool,
         config.write_text(json.dumps(data, ensure_ascii=False, indent=2), "utf-8")
 
 
-# The WordPiece settings of ``to_hf`` besides its vocabulary and unknown token (never used: every
-# byte has a token); HF's default max_input_chars_per_word (100) would make long pieces unknown.
+# ``to_hf``'s WordPiece settings; HF's default max_input_chars_per_word would make long pieces unknown.
 _CODE_HF_MODEL = {"continuing_subword_prefix": "", "max_input_chars_per_word": 1 << 40}
 
 
-def _code_hf_sections(capped: bool = True) -> dict:
-    """The parts of ``to_hf``'s tokenizer.json but the model, added tokens and post-processor;
-    ``capped=False`` gives the pre-tokenizer of files written before pieces were capped."""
+def _code_hf_sections() -> dict:
+    """The parts of ``to_hf``'s tokenizer.json but the model, added tokens and post-processor."""
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
                   "use_regex": False}
     splits = [{"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated",
-               "invert": False}
-              for pattern in (_CODE_PIECE_HF_REGEX, _CAP_PIECE_HF_REGEX)[: 2 if capped else 1]]
+               "invert": False} for pattern in (_CODE_PIECE_HF_REGEX, _CAP_PIECE_HF_REGEX)]
     return {
         "truncation": None, "padding": None, "normalizer": None,
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [*splits, byte_level]},
@@ -774,9 +635,7 @@ def _shown_json(value: object, limit: int = 60) -> str:
 
 
 def _first_difference(actual: object, expected: object, path: str) -> str | None:
-    """Where ``actual`` first differs from ``expected``, as ``path... differs: ...``. Keys
-    ``expected`` lacks are passed over: to_hf writes every field of its components, so HF
-    ignores any other."""
+    """Where ``actual`` first differs from ``expected``; keys ``expected`` lacks are passed over."""
     if isinstance(expected, dict) and isinstance(actual, dict):
         for key, value in expected.items():
             if key not in actual:
@@ -807,25 +666,21 @@ def _post_processor_difference(processor: object) -> str | None:
 
 
 def _code_hf_difference(spec: dict) -> tuple[str, str] | None:
-    """(part, where it differs) for the first part of a WordPiece tokenizer.json that is not as
-    ``to_hf`` writes it (the legacy uncapped pre-tokenizer is accepted); None if all are."""
+    """(part, where it differs) for the first part not as ``to_hf`` writes it, or None."""
     where = _first_difference(spec["model"], _CODE_HF_MODEL, "model")
     if where is not None:
         return "model", where
     if (where := _post_processor_difference(spec.get("post_processor"))) is not None:
         return "post_processor", where
-    legacy = _code_hf_sections(capped=False)
     for part, expected in _code_hf_sections().items():
-        actual = spec.get(part)  # HF reads a part left out as null
-        where = _first_difference(actual, expected, part)
-        if where is not None and _first_difference(actual, legacy[part], part) is not None:
+        # HF reads a part left out as null
+        if (where := _first_difference(spec.get(part), expected, part)) is not None:
             return part, where
     return None
 
 
 def _check_code_hf_sections(spec: dict, source: str) -> None:
-    """Refuse a CodeTokenizer tokenizer.json whose pre-tokenizer, decoder or other part was
-    edited: codelm would read it as the tokenizer it was, HF as another."""
+    """Refuse an edited CodeTokenizer tokenizer.json: HF would read it as another tokenizer."""
     if (found := _code_hf_difference(spec)) is not None:
         part, where = found
         whose = "that is" if part == "model" else f"whose {part} is"
@@ -837,8 +692,7 @@ def _check_code_hf_sections(spec: dict, source: str) -> None:
 
 
 def _check_code_added_tokens(added: object, specials: list[str], source: str) -> None:
-    """Added tokens may only repeat the special tokens (older codelm files and transformers
-    saves list them); HF would find any other inside a text as a token of its own."""
+    """Added tokens may only repeat the special tokens (as a transformers save lists them)."""
     if not isinstance(added, list):
         raise ValueError(f"{source}: added_tokens is {_shown_json(added)}, not a list")
     for k, entry in enumerate(added):
@@ -861,9 +715,7 @@ def is_utf8(text: str) -> bool:
     return True
 
 
-# ---------------------------------------------------------------------------------------------
-# Byte-level BPE (HF tokenizer.json)
-# ---------------------------------------------------------------------------------------------
+# --- Byte-level BPE (HF tokenizer.json) ---
 
 # The pre-tokenizer regexes of the supported tokenizer.json styles (HF writes the first as its
 # ByteLevel default and ships the last inside Llama-3's Split).
@@ -885,19 +737,10 @@ PRETOKENIZER_STYLES = ("gpt2", "starcoder", "llama3")
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map used by every ByteLevel component."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    mapping, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            mapping[b] = chr(b)
-        else:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    others = (chr(256 + k) for k in range(256))
+    return {b: chr(b) if b in printable else next(others) for b in range(256)}
 
 
 BYTE_TO_UNICODE = _bytes_to_unicode()
@@ -911,26 +754,12 @@ def _pretokenizer_json(style: str) -> dict:
     if style == "gpt2":
         return {**byte_level, "use_regex": True}
     if style == "starcoder":
-        return {
-            "type": "Sequence",
-            "pretokenizers": [
-                {"type": "Digits", "individual_digits": True},
-                {**byte_level, "use_regex": True},
-            ],
-        }
+        steps = [{"type": "Digits", "individual_digits": True}, {**byte_level, "use_regex": True}]
+        return {"type": "Sequence", "pretokenizers": steps}
     if style == "llama3":
-        return {
-            "type": "Sequence",
-            "pretokenizers": [
-                {
-                    "type": "Split",
-                    "pattern": {"Regex": LLAMA3_PATTERN},
-                    "behavior": "Isolated",
-                    "invert": False,
-                },
-                {**byte_level, "use_regex": False},
-            ],
-        }
+        split = {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated",
+                 "invert": False}
+        return {"type": "Sequence", "pretokenizers": [split, {**byte_level, "use_regex": False}]}
     raise ValueError(f"unknown pre-tokenizer style {style!r}; choose one of {PRETOKENIZER_STYLES}")
 
 
@@ -944,11 +773,8 @@ def _expect(cond: bool, where: str, what: str) -> None:
 
 
 def _check_byte_level(spec: dict, where: str) -> None:
-    _expect(
-        not spec.get("add_prefix_space", False),
-        where,
-        "ByteLevel with add_prefix_space=true (codelm reads add_prefix_space=false only)",
-    )
+    _expect(not spec.get("add_prefix_space", False), where,
+            "ByteLevel with add_prefix_space=true (codelm reads add_prefix_space=false only)")
 
 
 def _pretokenizer_pattern(spec: dict | None) -> tuple[str, bool]:
@@ -975,19 +801,14 @@ def _pretokenizer_pattern(spec: dict | None) -> tuple[str, bool]:
     if kinds == ["Split", "ByteLevel"]:
         split, byte_level = steps
         _check_byte_level(byte_level, where)
-        _expect(
-            not byte_level.get("use_regex", True),
-            where,
-            "Split then ByteLevel(use_regex=true) (Llama-3 style has use_regex=false)",
-        )
-        _expect(
-            split.get("behavior") == "Isolated", where, f"Split behavior {split.get('behavior')!r}"
-        )
+        _expect(not byte_level.get("use_regex", True), where,
+                "Split then ByteLevel(use_regex=true) (Llama-3 style has use_regex=false)")
+        _expect(split.get("behavior") == "Isolated", where,
+                f"Split behavior {split.get('behavior')!r}")
         _expect(not split.get("invert", False), where, "Split with invert=true")
         pattern = split.get("pattern")
-        _expect(
-            isinstance(pattern, dict) and len(pattern) == 1, where, f"Split pattern {pattern!r}"
-        )
+        _expect(isinstance(pattern, dict) and len(pattern) == 1, where,
+                f"Split pattern {pattern!r}")
         if isinstance(pattern.get("Regex"), str):
             _check_split_regex(pattern["Regex"])
             return pattern["Regex"], True
@@ -997,14 +818,8 @@ def _pretokenizer_pattern(spec: dict | None) -> tuple[str, bool]:
     raise _Unsupported(f"unsupported {where}: Sequence of {kinds}")
 
 
-# Split regexes are written for Oniguruma (HF) but run here by Python ``regex``. Only syntax both
-# read alike passes (checked against HF over every code point or a fuzz): escapes of these letters
-# (\p{..} and \P{..} of a general category only), of digits and of punctuation; plain character
-# classes; groups (?: (?= (?! (?<= (?<! (?> (?<name> (?#; and (?i: over ASCII literals with no
-# multi-letter case fold. Refused, for example: \h (hex digit in Oniguruma), \w \b \p{Word}
-# (Oniguruma leaves out ZWJ/ZWNJ), \Z \G \K, ^ and $ (line anchors in Oniguruma), (?m) (dot-all
-# there), other inline options, {n}? and {n,m}+ (a repeat there), [ or && inside a class (nested
-# sets there). Both engines still follow their own Unicode version for the properties.
+# Split regexes are written for Oniguruma (HF) but run here by Python ``regex``: only syntax both
+# read alike passes (e.g. \h, \w, ^, $, (?m), {n}?, nested classes are refused).
 _SAME_ESCAPES = frozenset("pPsSdDnrtfvauxAzRX")
 _SAME_CLASS_ESCAPES = frozenset("pPsSdDnrtfvaux")
 _GENERAL_CATEGORY = regex.compile(r"\\[pP]\{\^?(?:L[ultmo]?|M[nce]?|N[dlo]?|P[cdseifo]?|S[mcko]?"
@@ -1118,8 +933,7 @@ def _post_processor_ids(spec: dict | None) -> tuple[list[int], list[int]]:
     if kind == "TemplateProcessing":
         return _template_ids(spec, where)
     if kind == "Sequence":
-        # HF tokenizers (0.23) applies only the first of two TemplateProcessing steps in a
-        # Sequence (and panics with some orders), so composing them would not be HF's ids.
+        # HF applies only the first of two TemplateProcessing steps in a Sequence.
         steps = spec.get("processors") or []
         templates = _count_templates(spec)
         if templates > 1:
@@ -1152,9 +966,7 @@ class BPETokenizer(_BatchEncodeMixin):
         except _Unsupported as e:
             raise ValueError(f"{source}: {e}") from None
         except (KeyError, TypeError, AttributeError) as e:
-            raise ValueError(
-                f"{source}: malformed tokenizer.json ({type(e).__name__}: {e})"
-            ) from None
+            raise ValueError(f"{source}: malformed tokenizer.json ({type(e).__name__}: {e})") from None
         self.spec = spec
         self._roles = self._resolve_roles(roles or {})
         self._cache = _PieceCache(self._encode_piece)
@@ -1171,33 +983,20 @@ class BPETokenizer(_BatchEncodeMixin):
         for key in ("continuing_subword_prefix", "end_of_word_suffix"):
             _expect(model.get(key) in (None, ""), "model", f"BPE {key}={model.get(key)!r}")
         vocab = model.get("vocab")
-        _expect(
-            isinstance(vocab, dict)
-            and all(isinstance(k, str) and isinstance(v, int) and v >= 0 for k, v in vocab.items()),
-            "model",
-            "vocab must map token strings to non-negative integer ids",
-        )
+        _expect(isinstance(vocab, dict) and all(isinstance(k, str) and isinstance(v, int) and v >= 0
+                                                for k, v in vocab.items()),
+                "model", "vocab must map token strings to non-negative integer ids")
         self._vocab: dict[str, int] = vocab
         self._ranks: dict[tuple[str, str], int] = {}
         merges = model.get("merges", [])
         _expect(isinstance(merges, list), "model", "merges must be a list")
         for rank, merge in enumerate(merges):
-            if isinstance(merge, str):
-                parts = merge.split(" ")
-            elif isinstance(merge, list):
-                parts = merge
-            else:
-                parts = None
-            if not (
-                isinstance(parts, list)
-                and len(parts) == 2
-                and all(isinstance(p, str) and p in vocab for p in parts)
-                and parts[0] + parts[1] in vocab
-            ):
-                raise _Unsupported(
-                    f"model: merge #{rank} {merge!r} is not two vocabulary tokens whose "
-                    "concatenation is in the vocabulary"
-                )
+            parts = merge.split(" ") if isinstance(merge, str) else merge
+            if not (isinstance(parts, list) and len(parts) == 2
+                    and all(isinstance(p, str) and p in vocab for p in parts)
+                    and parts[0] + parts[1] in vocab):
+                raise _Unsupported(f"model: merge #{rank} {merge!r} is not two vocabulary tokens "
+                                   "whose concatenation is in the vocabulary")
             self._ranks[(parts[0], parts[1])] = rank
         self._ignore_merges = bool(model.get("ignore_merges", False))
         unk = model.get("unk_token")
@@ -1213,20 +1012,15 @@ class BPETokenizer(_BatchEncodeMixin):
             raise _Unsupported(f"pre_tokenizer: Split regex does not compile: {e}") from None
         self._prefix_ids, self._suffix_ids = _post_processor_ids(spec.get("post_processor"))
         decoder = spec.get("decoder")
-        _expect(
-            isinstance(decoder, dict) and decoder.get("type") == "ByteLevel",
-            "decoder",
-            f"{decoder.get('type') if isinstance(decoder, dict) else decoder!r} "
-            "(codelm decodes with the ByteLevel decoder only)",
-        )
+        _expect(isinstance(decoder, dict) and decoder.get("type") == "ByteLevel", "decoder",
+                f"{decoder.get('type') if isinstance(decoder, dict) else decoder!r} "
+                "(codelm decodes with the ByteLevel decoder only)")
         self._build_added(spec.get("added_tokens") or [])
 
         size = max(max(vocab.values(), default=-1), max(self._added_ids.values(), default=-1)) + 1
-        _expect(
-            size <= 2 * (len(vocab) + len(self._added_ids)) + 1024,
-            "model",
-            f"ids up to {size - 1} for {len(vocab) + len(self._added_ids)} tokens (not dense)",
-        )
+        n_tokens = len(vocab) + len(self._added_ids)
+        _expect(size <= 2 * n_tokens + 1024, "model",
+                f"ids up to {size - 1} for {n_tokens} tokens (not dense)")
         self._id_to_token: list[str | None] = [None] * size
         self._id_to_bytes: list[bytes] = [b""] * size
         for token, i in chain(vocab.items(), self._added_ids.items()):
@@ -1234,22 +1028,17 @@ class BPETokenizer(_BatchEncodeMixin):
             self._id_to_bytes[i] = _byte_level_bytes(token)
 
     def _build_added(self, added: list) -> None:
-        """Added tokens with the ids HF gives them on loading; HF ignores the JSON ``id``: in list
-        order, a content already in the vocabulary keeps its id, any other gets one past the
-        largest added id, or the vocabulary size if that is larger."""
+        """Added tokens with the ids HF gives them (it ignores the JSON ``id``): a vocabulary
+        token keeps its id, any other gets the next one past the vocabulary and added ids."""
         _expect(isinstance(added, list), "added_tokens", "must be a list")
         self._added_ids: dict[str, int] = {}
         self._added: dict[str, dict] = {}
         self._special_ids: set[int] = set()
         flags = ("single_word", "lstrip", "rstrip", "normalized", "special")
         for entry in added:
-            _expect(
-                isinstance(entry, dict)
-                and isinstance(entry.get("content"), str)
-                and isinstance(entry.get("id"), int),
-                "added_tokens",
-                f"entry {entry!r} needs a string 'content' and an integer 'id'",
-            )
+            _expect(isinstance(entry, dict) and isinstance(entry.get("content"), str)
+                    and isinstance(entry.get("id"), int),
+                    "added_tokens", f"entry {entry!r} needs a string 'content' and an integer 'id'")
             content = entry["content"]
             if not content:
                 continue
@@ -1283,9 +1072,7 @@ class BPETokenizer(_BatchEncodeMixin):
             if name is not None:
                 i = self.token_to_id(name)
                 if i is None:
-                    raise ValueError(
-                        f"{self.source}: {role}_token {name!r} is not in the vocabulary"
-                    )
+                    raise ValueError(f"{self.source}: {role}_token {name!r} is not in the vocabulary")
             elif role in roles:  # null in tokenizer_config.json: none, as transformers reads it
                 i = None
             elif role == "bos" and self._prefix_ids:
@@ -1298,33 +1085,20 @@ class BPETokenizer(_BatchEncodeMixin):
     # -- training ------------------------------------------------------------------------------
 
     @classmethod
-    def train(
-        cls,
-        texts: Iterable[str],
-        vocab_size: int,
-        pretokenizer: str = "gpt2",
-        special_tokens: Sequence[str] = ("<|endoftext|>",),
-        min_frequency: int = 2,
-    ) -> BPETokenizer:
-        """Learn a byte-level BPE here; ``save()`` writes a tokenizer.json HF loads as is.
-
-        Ids: the special tokens, then the 256 byte characters, then one token per merge, the
-        most frequent pair first (ties broken by the pair's text, so training is deterministic).
-        """
+    def train(cls, texts: Iterable[str], vocab_size: int, pretokenizer: str = "gpt2",
+              special_tokens: Sequence[str] = ("<|endoftext|>",), min_frequency: int = 2
+              ) -> BPETokenizer:
+        """Learn a byte-level BPE (ids: specials, 256 bytes, then one per merge, the most frequent
+        pair first, ties by text); ``save()`` writes a tokenizer.json HF loads as is."""
         pre_tokenizer = _pretokenizer_json(pretokenizer)
         special_tokens = list(dict.fromkeys(special_tokens))
         if vocab_size < len(special_tokens) + len(BYTE_TO_UNICODE):
-            raise ValueError(
-                f"vocab_size={vocab_size} leaves no room for {len(special_tokens)} special tokens "
-                f"and the {len(BYTE_TO_UNICODE)} byte tokens"
-            )
-        pattern, isolated = _pretokenizer_pattern(pre_tokenizer)
-        pieces = _Pretokenizer(pattern, isolated)
-        specials_re = (
-            regex.compile("|".join(regex.escape(t) for t in sorted(special_tokens, key=len)[::-1]))
-            if special_tokens
-            else None
-        )
+            raise ValueError(f"vocab_size={vocab_size} leaves no room for {len(special_tokens)} "
+                             f"special tokens and the {len(BYTE_TO_UNICODE)} byte tokens")
+        pieces = _Pretokenizer(*_pretokenizer_pattern(pre_tokenizer))
+        longest_first = sorted(special_tokens, key=len)[::-1]
+        specials_re = (regex.compile("|".join(map(regex.escape, longest_first)))
+                       if special_tokens else None)
         counts: Counter[str] = Counter()
         for text in texts:
             for segment in specials_re.split(text) if specials_re else (text,):
@@ -1332,47 +1106,19 @@ class BPETokenizer(_BatchEncodeMixin):
         vocab = {t: i for i, t in enumerate(special_tokens)}
         for c in sorted(BYTE_TO_UNICODE.values()):
             vocab.setdefault(c, len(vocab))
-        merges = _learn_merges(
-            [_byte_level(p) for p in counts],
-            list(counts.values()),
-            vocab,
-            vocab_size,
-            min_frequency,
-        )
-        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True}
-        spec = {
-            "version": "1.0",
-            "truncation": None,
-            "padding": None,
-            "added_tokens": [
-                {
-                    "id": vocab[t],
-                    "content": t,
-                    "single_word": False,
-                    "lstrip": False,
-                    "rstrip": False,
-                    "normalized": False,
-                    "special": True,
-                }
-                for t in special_tokens
-            ],
-            "normalizer": None,
-            "pre_tokenizer": pre_tokenizer,
-            "post_processor": {**byte_level, "use_regex": True},
-            "decoder": {**byte_level, "use_regex": True},
-            "model": {
-                "type": "BPE",
-                "dropout": None,
-                "unk_token": None,
-                "continuing_subword_prefix": None,
-                "end_of_word_suffix": None,
-                "fuse_unk": False,
-                "byte_fallback": False,
-                "ignore_merges": False,
-                "vocab": vocab,
-                "merges": [list(m) for m in merges],
-            },
-        }
+        merges = _learn_merges([_byte_level(p) for p in counts], list(counts.values()), vocab,
+                               vocab_size, min_frequency)
+        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                      "use_regex": True}
+        added = [{"id": vocab[t], "content": t, "single_word": False, "lstrip": False,
+                  "rstrip": False, "normalized": False, "special": True} for t in special_tokens]
+        model = {"type": "BPE", "dropout": None, "unk_token": None,
+                 "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": False,
+                 "byte_fallback": False, "ignore_merges": False, "vocab": vocab,
+                 "merges": [list(m) for m in merges]}
+        spec = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+                "normalizer": None, "pre_tokenizer": pre_tokenizer, "post_processor": byte_level,
+                "decoder": byte_level, "model": model}
         return cls(spec, f"<BPETokenizer.train {pretokenizer}>")
 
     # -- loading -------------------------------------------------------------------------------
@@ -1388,18 +1134,9 @@ class BPETokenizer(_BatchEncodeMixin):
         return cls(spec, str(path), roles)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the tokenizer.json, HF-readable as is.
-
-        Into a directory, a ``tokenizer_config.json`` naming the bos/eos/pad tokens is written
-        too (unless one is there already), so the roles survive and ``transformers`` loads the
-        directory with ``AutoTokenizer``.
-        """
-        path = Path(path)
-        directory = path if path.is_dir() else None
-        if directory is not None:
-            path = directory / TOKENIZER_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.spec, ensure_ascii=False, indent=2), "utf-8")
+        """Write the tokenizer.json; into a directory, with a tokenizer_config.json naming the
+        bos/eos/pad tokens (unless one is there) for transformers' AutoTokenizer."""
+        path, directory = _write_tokenizer_json(path, self.spec, indent=2)
         if directory is not None:
             _write_roles_config(directory, {role: self.id_to_token(i)
                                             for role, i in self._roles.items() if i is not None},
@@ -1409,10 +1146,8 @@ class BPETokenizer(_BatchEncodeMixin):
     # -- encoding ------------------------------------------------------------------------------
 
     def _bpe(self, word: str) -> list[str]:
-        """Merge the lowest-ranked adjacent pair, leftmost first, until none is left (HF's order).
-
-        Short words keep a list of pair ranks (min/index run in C); long ones use a heap.
-        """
+        """Merge the lowest-ranked adjacent pair, leftmost first, until none is left (HF's order);
+        short words keep a list of pair ranks (min/index run in C), long ones use a heap."""
         if len(word) > _LONG_WORD:
             return self._bpe_long(word)
         get = self._ranks.get
@@ -1474,8 +1209,8 @@ class BPETokenizer(_BatchEncodeMixin):
         return [vocab[s] for s in self._bpe(word)]
 
     def _encode_with_unknown(self, word: str) -> list[int]:
-        """HF drops characters missing from the vocabulary, merging their neighbours as one
-        word, or maps them to unk_token."""
+        """As HF: characters missing from the vocabulary are dropped (their neighbours merge as
+        one word), or become unk_token."""
         vocab = self._vocab
         if self._unk_id is None:
             return [vocab[s] for s in self._bpe("".join(c for c in word if c in vocab))]
@@ -1523,9 +1258,7 @@ class BPETokenizer(_BatchEncodeMixin):
             if flags["rstrip"]:
                 while stop < n and _SPACE_CHAR.match(text[stop]):
                     stop += 1
-            if start >= stop:
-                # The previous rstrip token took this whole match: HF drops it (on start > stop
-                # HF itself panics with "AddedVocabulary bad split").
+            if start >= stop:  # the previous rstrip token took this match: HF drops it
                 continue
             if start_offset < start:
                 out.extend(self._split_added(text[start_offset:start], level + 1, plain_special))
@@ -1537,9 +1270,8 @@ class BPETokenizer(_BatchEncodeMixin):
 
     def encode(self, text: str, add_special_tokens: bool = False,
                split_special_tokens: bool = False) -> list[int]:
-        """Token ids of ``text``, equal to HF ``Tokenizer.encode(text, add_special_tokens).ids``;
-        ``split_special_tokens``: a special token's text is encoded as text, as HF's with
-        ``encode_special_tokens`` (scraped code quoting ``<|endoftext|>`` ends no document)."""
+        """HF ``Tokenizer.encode(text, add_special_tokens).ids``; ``split_special_tokens``: a
+        special token's text is text (HF's ``encode_special_tokens``)."""
         if not isinstance(text, str):
             raise TypeError(f"encode() expects a str, got {type(text).__name__}")
         if self._added_res:
@@ -1557,16 +1289,13 @@ class BPETokenizer(_BatchEncodeMixin):
 
     @property
     def template_prefix(self) -> list[int]:
-        """Ids HF's tokenizer puts before every text it encodes (its post_processor's template, e.g.
-        Llama-3's <|begin_of_text|>): codelm starts each document and prompt with them, so that a
-        pretrained model sees text as it was pretrained on it and as HF users feed it. The
-        template's suffix is left to callers, which place EOS (``add_eos``)."""
+        """Ids HF's template puts before every text (Llama-3's <|begin_of_text|>): documents and
+        prompts start with them, as the model was pretrained."""
         return list(self._prefix_ids)
 
     @property
     def matched_special_tokens(self) -> list[str]:
-        """Special tokens whose text HF's tokenizer(text) reads as the token (a chat template's
-        <|eot_id|>), where dataset.py's documents and pairs keep it text."""
+        """Special tokens whose text HF's tokenizer(text) reads as the token (<|eot_id|>)."""
         return [content for content, flags in self._added.items() if flags["special"]]
 
     # -- vocabulary ------------------------------------------------------------------------------
@@ -1575,29 +1304,12 @@ class BPETokenizer(_BatchEncodeMixin):
     def vocab_size(self) -> int:
         return len(self._id_to_bytes)
 
-    @property
-    def bos_id(self) -> int | None:
-        return self._roles["bos"]
-
-    @property
-    def eos_id(self) -> int | None:
-        return self._roles["eos"]
-
-    @property
-    def pad_id(self) -> int | None:
-        return self._roles["pad"]
-
-    @property
-    def fim_prefix_id(self) -> int | None:
-        return self._added_ids.get("<fim_prefix>")
-
-    @property
-    def fim_middle_id(self) -> int | None:
-        return self._added_ids.get("<fim_middle>")
-
-    @property
-    def fim_suffix_id(self) -> int | None:
-        return self._added_ids.get("<fim_suffix>")
+    bos_id = property(lambda self: self._roles["bos"])
+    eos_id = property(lambda self: self._roles["eos"])
+    pad_id = property(lambda self: self._roles["pad"])
+    fim_prefix_id = property(lambda self: self._added_ids.get("<fim_prefix>"))
+    fim_middle_id = property(lambda self: self._added_ids.get("<fim_middle>"))
+    fim_suffix_id = property(lambda self: self._added_ids.get("<fim_suffix>"))
 
     def token_to_id(self, token: str) -> int | None:
         i = self._added_ids.get(token)
@@ -1618,9 +1330,7 @@ def _is_token_id(i, vocab_size: int) -> bool:
 
 
 def _one_sequence(ids: object) -> Iterable[int]:
-    """``ids`` if it can be one sequence of ids; a batch (a 2-D tensor or array, a list of
-    lists: generate's output without ``[0]``) or a single id is refused as what it is, not as
-    ids out of range."""
+    """``ids`` if it is one sequence; a batch or a single id is refused as what it is."""
     shape = getattr(ids, "shape", None)  # a tensor or an array
     first = ids[0] if isinstance(ids, (list, tuple)) and ids else None
     if ((shape is not None and len(shape) > 1) or isinstance(first, (list, tuple))
@@ -1636,9 +1346,7 @@ def _one_sequence(ids: object) -> Iterable[int]:
 
 
 def _checked_ids(ids: Iterable[int], vocab_size: int) -> list[int]:
-    """``ids`` as a list of ints, each naming a token (numpy and torch integers are read too). A
-    negative id, e.g. the -100 of ignored labels, is refused: as a list index it would name a
-    token counted from the end of the vocabulary."""
+    """``ids`` as a list of ints in [0, vocab_size) (a -100 label would index from the end)."""
     if not isinstance(ids, Sequence):
         ids = list(ids)  # a generator could not be read again for the error below
     try:
@@ -1652,8 +1360,7 @@ def _checked_ids(ids: Iterable[int], vocab_size: int) -> list[int]:
 
 
 def _utf8(raw: bytes) -> str:
-    """Text of token bytes; invalid UTF-8 becomes U+FFFD as in HF, bytes spelling a surrogate
-    (ED A0 80..ED BF BF) included, so the text can always be written as UTF-8."""
+    """Text of token bytes; invalid UTF-8 (surrogates too) becomes U+FFFD, as in HF."""
     return raw.decode("utf-8", "replace")
 
 
@@ -1715,9 +1422,8 @@ def _merge_pair(word: list[str], first: str, second: str) -> list[str]:
     return out
 
 
-def _learn_merges(
-    words: list[str], freqs: list[int], vocab: dict[str, int], vocab_size: int, min_frequency: int
-) -> list[tuple[str, str]]:
+def _learn_merges(words: list[str], freqs: list[int], vocab: dict[str, int], vocab_size: int,
+                  min_frequency: int) -> list[tuple[str, str]]:
     """Greedy BPE: repeatedly merge the most frequent adjacent pair, updating counts in place."""
     symbols = [list(w) for w in words]
     pair_counts: dict[tuple[str, str], int] = defaultdict(int)
@@ -1762,8 +1468,7 @@ def _learn_merges(
 
 
 def _roles_from_config(directory: Path) -> dict:
-    """bos/eos/pad token names from a tokenizer_config.json beside the tokenizer.json, if any;
-    a null one is None (no such token, as transformers reads it), an absent one left to guess."""
+    """bos/eos/pad names from a tokenizer_config.json beside the file (null: none; absent: guess)."""
     config = directory / "tokenizer_config.json"
     if not config.is_file():
         return {}
@@ -1784,8 +1489,7 @@ def _roles_from_config(directory: Path) -> dict:
 
 
 def tokenizer_path(path: str | os.PathLike) -> Path:
-    """The tokenizer file ``path`` names: a directory's tokenizer.json. A directory in the slow
-    format (vocab.json + merges.txt) is refused saying how transformers converts it."""
+    """The tokenizer file ``path`` names (a directory's tokenizer.json)."""
     path = Path(path)
     if not path.is_dir():
         return path
@@ -1823,11 +1527,8 @@ _ADAPTER_CONFIG = "adapter_config.json"
 
 
 def where_tokenizer_is(directory: str | os.PathLike) -> str:
-    """For a directory that holds no tokenizer.json, where the tokenizer is, as text ending an
-    error ("; ..."; "" if nowhere near): a LoRA adapter's base (``base_model_name_or_path``),
-    the directory above that holds one (a run, for its best/, checkpoints/step-N/), or those
-    below that do (a runs directory). eval.py, trainingmanager.py and ``load_tokenizer`` end
-    their "no tokenizer.json" errors with it."""
+    """Where the tokenizer of a directory without one is, as the end of an error ("; ..." or
+    ""): an adapter's base model, a run above (for best/, checkpoints/step-N/), or runs below."""
     directory = Path(directory)
     if (directory / _ADAPTER_CONFIG).is_file():
         try:
@@ -1853,8 +1554,7 @@ def where_tokenizer_is(directory: str | os.PathLike) -> str:
 
 
 def _config_ids(value: object, n_embeddings: object) -> list[int]:
-    """A config.json bos/eos entry as ids: none for null, a list's ids (a chat model's eos list);
-    an id past the model's own embeddings names nothing (a class default left in the file)."""
+    """A config.json bos/eos entry (null, an id or a list) as ids within the embeddings."""
     ids = value if isinstance(value, list) else [value]
     return [i for i in ids if type(i) is int and i >= 0
             and not (type(n_embeddings) is int and i >= n_embeddings)]
@@ -1862,14 +1562,9 @@ def _config_ids(value: object, n_embeddings: object) -> list[int]:
 
 def generation_eos_ids(tok: CodeTokenizer | BPETokenizer, model_eos: object,
                        model_dir: str | os.PathLike | None = None) -> list[int]:
-    """The ids that end a generated text: the tokenizer's eos, then each id of the model's
-    config.json ``eos_token_id`` (``ModelConfig.eos_id``; Llama-3.2-Instruct's list [128001,
-    128008, 128009]) and of the generation_config.json in ``model_dir`` (the checkpoint's
-    directory, ``Transformer.name_or_path``; Meta-Llama-3-8B-Instruct lists <|eot_id|> there
-    only) that is a special token of the tokenizer, as transformers' generate stops at each of
-    them. An id naming an ordinary token (a class default left in a file, e.g. eos 2 in a GPT-2
-    vocabulary, '#') or past the tokenizer ends nothing; an unreadable generation_config.json
-    adds nothing."""
+    """The ids that end a generated text, as transformers' generate: the tokenizer's eos, then
+    each special-token id of the model's ``eos_token_id`` and of ``model_dir``'s
+    generation_config.json (an ordinary token there is a stale class default)."""
     listed = _config_ids(model_eos, tok.vocab_size)
     generation = Path(model_dir) / "generation_config.json" if model_dir is not None else None
     if generation is not None and generation.is_file():
@@ -1885,9 +1580,8 @@ def generation_eos_ids(tok: CodeTokenizer | BPETokenizer, model_eos: object,
 
 
 def decode_generated(tok: CodeTokenizer | BPETokenizer, ids: Iterable[int]) -> str:
-    """The text of generated ``ids``: an id past the tokenizer, which a model whose embeddings
-    outnumber its tokens may pick (CodeGen-350M-mono and Phi-1.5: 51200 rows, 50295 tokens),
-    decodes to nothing, as transformers' decode skips it, instead of failing the generation."""
+    """The text of generated ``ids``; an id past the tokenizer (embeddings can outnumber tokens)
+    decodes to nothing, as in transformers."""
     n = tok.vocab_size
     return tok.decode([i for i in ids if i < n])
 
@@ -1903,20 +1597,11 @@ def _shown_id(tok: CodeTokenizer | BPETokenizer, i: int) -> str:
 
 def check_model_tokenizer(tok: CodeTokenizer | BPETokenizer, tokenizer_file: str | os.PathLike,
                           model_dir: str | os.PathLike, remedy: str | None = None) -> None:
-    """Refuse a tokenizer that is not the model's, as far as the bos/eos ids of the model's
-    config.json tell: the one place codelm pairs a model with a tokenizer (eval.py, --init-from,
-    ``python lora.py``). A vocabulary of the right size says nothing; the roles do, with care:
+    """Refuse a tokenizer that is not the model's, as the bos/eos ids of its config.json tell.
 
-    - a role the config leaves null, or the tokenizer has none of, is not compared, nor an id
-      past the model's embeddings; a list (Llama-3-Instruct's eos ids) agrees if it holds the
-      tokenizer's id. One role agreeing (CodeGen: eos 50256; its bos 1 is a stale '"'; a chat
-      model's end-of-turn eos beside a guessed <|endoftext|>) passes.
-    - An error where the tokenizer cannot be the model's: a config id is the tokenizer's token
-      for the other role (its bos given as the eos), or the tokenizer is a CodeTokenizer, whose
-      roles are fixed (never guessed) and which codelm writes into every config it exports.
-    - A warning where no role agrees and the config's ids name ordinary tokens of an HF
-      tokenizer: a stale config.json (class defaults such as bos 1, eos 2) reads the same.
-    ``remedy`` ends the message (default: which --tokenizer to pass)."""
+    Roles the config or tokenizer lack are not compared; one role agreeing passes. An error when
+    a config id is the tokenizer's other role, or for a CodeTokenizer (fixed roles); a warning
+    when none agrees and the ids are ordinary tokens (a stale config.json reads the same)."""
     config = Path(model_dir) / "config.json"
     try:
         hf = _read_json(config)

@@ -376,7 +376,7 @@ def test_scraper_record_ids_are_repo_slash_path(tmp_path):
 
 
 def test_seed_002s_file_text_records_are_code_documents(tmp_path):
-    """Seed 002 published its corpus as {"file_text": str} lines: read as a scraper's text."""
+    """A corpus published as {"file_text": str} lines is read as a scraper's text."""
     code = "def f(x):\n    return x + 1\n"
     raw = write_jsonl(tmp_path / "raw.jsonl", [{"file_text": code}, {"file_text": code + "#\n"},
                                                {"text": code + "##\n", "file_text": "x = 1\n"}])
@@ -883,7 +883,7 @@ def test_negative_split_fractions_are_refused_even_when_they_sum_to_one(tmp_path
 
 
 def test_predefined_val_and_test_files_are_those_splits_and_stay_out_of_training(tmp_path):
-    """Seed 000's layout, a train file and a validation file: the validation file's records are
+    """A train file and a validation file: the validation file's records are
     exactly the val split, the train file fills the rest by the fractions, a record in both files
     never reaches training, and a file in two roles or a val file left empty is an error."""
     pairs = [{"input": f"def f{i}(x):\n    return x + {i}\n",
@@ -1016,7 +1016,7 @@ def test_supervised_example_masks_prompt_and_cuts_it_from_the_left():
     assert ex["labels"].tolist() == [-100] * 3 + list(range(50, 55))
     short = supervised_example([7, 8], list(range(50, 70)), max_length=8)  # all of a short one
     assert short["input_ids"].tolist() == [7, 8] + list(range(50, 56))
-    # max_completion_tokens caps the completion first (seed 004: 256 label tokens).
+    # max_completion_tokens caps the completion first.
     ex = supervised_example(prompt, list(range(50, 70)), max_length=8, max_completion_tokens=2)
     assert ex["labels"].tolist() == [-100] * 6 + [50, 51]
 
@@ -1258,7 +1258,7 @@ def cleaned_dump(node: ast.AST) -> str:
 
 def test_docstring_targets_end_in_text_and_prompts_name_the_kind():
     """No target ends in the indentation of its closing quotes (Python < 3.13's cleandoc keeps
-    it), and a function target's prompt names a function, not seed 004's class."""
+    it), and a function target's prompt names a function, not a class."""
     text = ('class Outer:\n    """Summary of a class.\n    """\n\n'
             '    def add(self, a, b):\n        """Add two numbers.\n        """\n'
             '        return a + b\n')
@@ -1346,7 +1346,7 @@ def test_a_docstring_continued_by_a_backslash_keeps_its_value():
 
 def test_a_prompt_too_long_loses_code_not_its_instruction(tmp_path, tok):
     """Docstring and refactor prompts over block_size or max_prompt_tokens keep their template
-    and lose the end of the code inside it (seed 004 cut the code to make room)."""
+    and lose the end of the code inside it (the code is cut to make room)."""
     src = tmp_path / "src"
     src.mkdir()
     methods = "".join(f"    def method_{i}(self, value):\n        return value * {i}\n\n"
@@ -2265,16 +2265,10 @@ def test_a_build_removes_what_dead_builders_of_this_machine_left(tmp_path):
     host, dead = socket.gethostname(), _dead_pid()
     ns = cliconfig.owner_tag().split("@")[2]
     left = [f".corpus-x.tmp-{dead}@{host}@{ns}@k1l2", f".lm-y.tmp-{dead}@{host}@{ns}@",
-            f".data.json.tmp-{dead}@{host}@{ns}@",  # a file's (cliconfig.write_atomic)
-            # and what earlier versions named them
-            f"corpus-x.tmp-{dead}@{host}@{ns}@k1l2", f"lm-y.old-{dead}@{host}@{ns}@",
-            f".tmp-tokenizer-z-{dead}@{host}@{ns}@"]
+            f".data.json.tmp-{dead}@{host}@{ns}@"]  # a file's (cliconfig.write_atomic)
     kept = [f".corpus-x.tmp-{os.getpid()}@{host}@{ns}@abcd",  # a build that still runs
             f".corpus-x.tmp-{dead}@other-{host}@{ns}@abcd",  # another machine's, on a shared disk
-            f".corpus-x.tmp-{dead}@{host}@{ns}1@abcd",  # another PID namespace's (a container)
-            f"corpus-x.tmp-{os.getpid()}@{host}@{ns}@abcd",
-            f"corpus-x.tmp-{dead}@other-{host}@{ns}@abcd",  # another machine's, on a shared disk
-            f"corpus-x.tmp-{dead}@{host}@{ns}1@abcd"]  # another PID namespace's (a container)
+            f".corpus-x.tmp-{dead}@{host}@{ns}1@abcd"]  # another PID namespace's (a container)
     for name in left + kept:
         (cache / name).mkdir(parents=True)
     corpus = dataset.load_corpus(cfg(tmp_path))

@@ -908,7 +908,7 @@ def test_special_token_strings_in_code_are_text_in_hf_and_transformers_too(code_
     assert auto.decode(mixed) == raw.decode(mixed, skip_special_tokens=False) == code_tok.decode(
         mixed)
     assert load_tokenizer(tmp_path).special_tokens == code_tok.special_tokens
-    # A file that still lists them as added tokens (older codelm, a transformers save) reads back.
+    # A file that lists them as added tokens (a transformers save) reads back.
     spec = code_tok.to_hf()
     spec["added_tokens"] = [{"id": i, "content": t, "special": True}
                             for i, t in enumerate(code_tok.special_tokens)]
@@ -1084,10 +1084,11 @@ def test_a_code_tokenizer_file_of_another_version_is_refused(tmp_path):
     path = tok.save(tmp_path / "tok.json")
     assert CodeTokenizer.load(path).pieces == tok.pieces
     for version in (2, "1", None):
-        path.write_text(json.dumps({**tok.to_dict(), "version": version}), "utf-8")
+        path.write_text(json.dumps({**tok.to_dict(), "format_version": version}), "utf-8")
         for load in (load_tokenizer, CodeTokenizer.load):
-            with pytest.raises(ValueError, match=rf"tok.json: unsupported CodeTokenizer version "
-                                                 rf"{regex.escape(repr(version))}"):
+            with pytest.raises(ValueError, match=rf"tok.json: .*format_version "
+                                                 rf"{regex.escape(repr(version))}.*reads "
+                                                 "format_version 1"):
                 load(path)
 
 
@@ -1616,10 +1617,10 @@ def test_what_the_edited_parts_change_in_hf(code_tok, code_tok_hf, tmp_path):
         hf(lambda s: s.update(added_tokens=[{**_SPECIAL_ENTRY, "content": 5}]))
 
 
-def test_hf_rewrites_and_older_forms_of_a_code_tokenizer_json_still_load(code_tok, tmp_path):
-    """What the checks of an edited file let through: HF's and transformers' saves of the file,
-    older codelm files (special tokens also as added tokens, pieces not capped), parts left out
-    that HF reads as null, and fields HF does not know."""
+def test_hf_rewrites_of_a_code_tokenizer_json_load(code_tok, tmp_path):
+    """What the checks of an edited file let through: HF's and transformers' saves of the file
+    (special tokens also as added tokens), parts left out that HF reads as null, and fields HF
+    does not know."""
     from transformers import AutoTokenizer
 
     text = "class HTTPServer:\n    x_y = fooBar(1)  # <eos> é\n"
@@ -1634,7 +1635,6 @@ def test_hf_rewrites_and_older_forms_of_a_code_tokenizer_json_still_load(code_to
         lambda s: s.update(saved),
         lambda s: s.update(json.loads(hf_saved)),
         lambda s: s.update(added_tokens=[_SPECIAL_ENTRY]),
-        lambda s: s["pre_tokenizer"]["pretokenizers"].pop(1),
         lambda s: [s.pop(k) for k in ("truncation", "padding", "normalizer", "post_processor",
                                       "added_tokens", "version")],
         lambda s: s["decoder"]["decoders"][0].update(note="hand-written"),
@@ -1661,11 +1661,11 @@ def test_broken_files_name_the_file(tmp_path, references):
         load_tokenizer(tmp_path / "empty_dir")
     code = tmp_path / "code.json"
     code.write_text(json.dumps({"type": "codelm-code-tokenizer", "version": 1}), "utf-8")
-    with pytest.raises(ValueError, match="code.json.*n_byte_tokens|code.json.*version"):
+    with pytest.raises(ValueError, match="code.json.*format_version None"):
         load_tokenizer(code)
     code.write_text(
         json.dumps(
-            {"type": "codelm-code-tokenizer", "version": 1, "n_byte_tokens": 256, "pieces": "x"}
+            {"type": "codelm-code-tokenizer", "format_version": 1, "pieces": "x"}
         ),
         "utf-8",
     )

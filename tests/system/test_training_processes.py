@@ -69,8 +69,8 @@ def test_a_kill_while_old_checkpoints_are_removed_leaves_no_checkpoint_half_gone
 def test_the_next_tokenizer_cache_write_removes_what_a_killed_one_left(assets, tmp_path):
     """The data cache is shared by runs (no run lock, no clean_partial_writes): a run killed while
     caching its tokenizer left its temp directory there for good. The next write there removes
-    the temp directories of dead writers, of any entry (a key may never be written again) and in
-    the names earlier versions gave them, never one a live run is writing."""
+    the temp directories of dead writers, of any entry (a key may never be written again), never
+    one a live run is writing."""
     import multiprocessing
 
     cache = tmp_path / "cache"
@@ -95,8 +95,6 @@ def test_the_next_tokenizer_cache_write_removes_what_a_killed_one_left(assets, t
     live = cache / partial.replace(f"-{child.pid}@", f"-{os.getppid()}@")  # this test's parent's
     live.mkdir()
     (cache / partial.replace(".tokenizer-", ".tokenizer-other")).mkdir()  # a dead one
-    tag = partial.split(".tmp-")[1]
-    (cache / f".tmp-tokenizer-old-{tag}").mkdir()  # what an earlier version named it
     tok = tm.load_or_train_tokenizer(cfg, dcfg)  # the re-run
     assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == [live.name]
     [entry] = cache.glob("tokenizer-*")
