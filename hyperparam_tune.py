@@ -332,20 +332,16 @@ def check_journal(path: Path) -> None:
     for number, line in enumerate([*lines, last] if last else lines, start=1):
         problem = _journal_line_problem(line)
         if number > len(lines) and (problem is None or line.startswith(b"{")):
-            raise _unended_line_error(path, number, problem is None, len(data) - len(last))
+            where = f"{path}:{number}: the last line has no newline at its end"
+            quoted, offset = shlex.quote(str(path)), len(data) - len(last)
+            if problem is None:
+                raise ValueError(f"{where}; its record is whole: add the newline (echo >> "
+                                 f"{quoted}) to continue the study")
+            raise ValueError(f"{where}: its record is incomplete: remove that line (truncate -s "
+                             f"{offset} {quoted}) to continue the study without it")
         if problem:
             raise ValueError(f"{path}:{number}: not an Optuna journal line ({problem}); is this "
                              "the study's journal file?")
-
-
-def _unended_line_error(path: Path, number: int, whole: bool, offset: int) -> ValueError:
-    where, quoted = f"{path}:{number}: the last line has no newline at its end", shlex.quote(str(path))
-    if whole:
-        return ValueError(f"{where}; its record is whole: add the newline (echo >> {quoted}) "
-                          "to continue the study")
-    return ValueError(f"{where}: its record is incomplete (a write cut off by a kill or a full "
-                      f"disk leaves one). Remove that line (truncate -s {offset} {quoted}) to "
-                      "continue the study without that one record")
 
 
 class _FileLock:

@@ -1644,7 +1644,7 @@ def journal_of_one_study(tmp_path: Path) -> tuple[hyperparam_tune.TuneConfig, Pa
 
 @pytest.mark.parametrize("damage, told", [
     (lambda b: b + b"garbage\n", ":3: not an Optuna journal line (not JSON: Expecting value"),
-    (lambda b: b + b"\xfb\n", ":3: not an Optuna journal line (not UTF-8 text)"),
+    (lambda b: b + b"\xfb\n", ":3: not an Optuna journal line (not JSON: 'utf-8' codec can't decode"),
     (lambda b: b + b"[1]\n", ":3: not an Optuna journal line (a JSON list, not an object)"),
     (lambda b: b + b'{"op_code": "x", "worker_id": "w"}\n', ':3: not an Optuna journal line '
      '(op_code is "x", not an integer)'),
@@ -1681,9 +1681,8 @@ def test_journal_with_a_torn_last_record_is_refused_with_its_fix(tmp_path):
         hyperparam_tune.open_storage(cfg)
     offset = whole.rindex(b"\n", 0, len(whole) - 1) + 1
     assert str(e.value) == (
-        f"{path}:2: the last line has no newline at its end: its record is incomplete (a write "
-        "cut off by a kill or a full disk leaves one). Remove that line "
-        f"(truncate -s {offset} {path}) to continue the study without that one record")
+        f"{path}:2: the last line has no newline at its end: its record is incomplete: remove "
+        f"that line (truncate -s {offset} {path}) to continue the study without it")
     assert path.read_bytes() == whole[:-20]
     os.truncate(path, offset)  # the fix it names
     study = hyperparam_tune.open_study(cfg, hyperparam_tune.open_storage(cfg))
