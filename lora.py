@@ -218,14 +218,11 @@ class QuantReport:
     def ratio(self) -> float:
         return self.quantized_bytes / max(self.bf16_bytes, 1)
 
-    @property
-    def model_ratio(self) -> float:
-        return self.model_bytes / max(self.model_bf16_bytes, 1)
-
     def __str__(self) -> str:
         return (f"{'int8' if self.bits == 8 else 'nf4'} base: {len(self.modules)} Linear weights "
                 f"{self.quantized_bytes / 2**20:.1f} MiB vs {self.bf16_bytes / 2**20:.1f} MiB bf16 "
-                f"({self.ratio:.3f}x); whole model {self.model_ratio:.3f}x of bf16")
+                f"({self.ratio:.3f}x); whole model "
+                f"{self.model_bytes / max(self.model_bf16_bytes, 1):.3f}x of bf16")
 
 
 def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -417,14 +414,6 @@ class LoRAEmbedding(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         return self.base.weight
-
-    @property
-    def num_embeddings(self) -> int:
-        return self.base.num_embeddings
-
-    @property
-    def embedding_dim(self) -> int:
-        return self.base.embedding_dim
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.base(ids)
