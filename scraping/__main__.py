@@ -22,8 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m scraping",
         description="Collect source files into JSONL records {repo, path, sha, license, stars, "
-                    "text}.",
-    )
+                    "text}.")
     sub = parser.add_subparsers(dest="command", required=True)
     gh = sub.add_parser(
         "github", help="search GitHub and download matching files (resumable)",
