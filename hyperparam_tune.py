@@ -254,7 +254,10 @@ def load_space(space: str) -> SearchSpace:
         raise ValueError(f"{source}: unknown top-level key(s) {sorted(unknown)}")
     base = data.get("base", {})
     if not isinstance(base, dict):
-        raise ValueError(f"{source}: 'base' must be a JSON object of TrainConfig values")
+        raise ValueError(f"{source}: 'base' must be a JSON object of TrainConfig values, "
+                         f"got {json.dumps(base)}")
+    if not isinstance(data.get("description", ""), str):
+        raise ValueError(f"{source}: 'description' must be a string")
     requires = data.get("requires", [])
     if not isinstance(requires, list) or not all(isinstance(k, str) for k in requires):
         raise ValueError(f"{source}: 'requires' must be a list of TrainConfig key names")
