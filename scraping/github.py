@@ -39,8 +39,7 @@ log = logging.getLogger("scraping")
 SEARCH_CAP = 1000
 # How often one search slice is read when a read comes back short (star counts shifted pages).
 _SLICE_READS = 3
-# A repo GitHub fails to serve after every retry is not saved (the next run retries it); this
-# many in a row is an outage, which stops the run.
+# A repo GitHub fails to serve is not saved (the next run retries it); this many in a row stop.
 SERVER_ERROR = "server_error"
 _FAILED_IN_A_ROW = 5
 DEFAULT_API_URL = "https://api.github.com"
@@ -73,8 +72,7 @@ class GitHubConfig:
                           "MIT, Apache-2.0, BSD, ...; 'none' = repos GitHub detects no licence in); default: any",
                   "none_is_a_value": True})
     max_repos: int | None = field(
-        default=None, metadata={"help": "stop after this many repos are finished, over all "
-                                        "runs (default: no limit)"})
+        default=None, metadata={"help": "stop after this many finished repos, over all runs"})
     api_url: str = field(
         default=DEFAULT_API_URL, metadata={"help": "REST API root (GitHub Enterprise: "
                                                    "https://HOST/api/v3)"})
@@ -86,8 +84,7 @@ class GitHubConfig:
     backoff: float = field(
         default=1.0, metadata={"help": "first backoff pause in seconds (doubles, with jitter)"})
     max_wait: float = field(
-        default=3600.0, metadata={"help": "give up (resumably) when a rate limit needs a longer "
-                                          "wait, in seconds"})
+        default=3600.0, metadata={"help": "longest rate-limit wait in seconds (then stop, resumably)"})
     timeout: float = field(default=30.0, metadata={"help": "HTTP timeout in seconds"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
