@@ -860,7 +860,7 @@ def check_space_fits_study(cfg: TuneConfig, space: SearchSpace, study: optuna.St
     for trial in study.get_trials(deepcopy=False):
         for name, dist in trial.distributions.items():
             recorded.setdefault(name, dist)
-    for name in set(space.params) & set(recorded):
+    for name in [n for n in space.params if n in recorded]:  # in the space's order
         try:
             optuna.distributions.check_distribution_compatibility(
                 recorded[name], _distribution(space.params[name]))
