@@ -1,13 +1,9 @@
 """Hyperparameter sweeps: an Optuna study whose trials are ``trainingmanager`` runs.
 
-Each trial trains a step budget and reports its validation losses to the pruner; its objective
-is the best one. A NaN or out-of-memory trial is recorded FAILED and the sweep goes on; a
-configuration error is found before the first trial (or stops the sweep, uncounted). Storage:
-a journal file under ``runs/<study>/`` (``--workers N`` on one machine) or any SQLAlchemy URL
-(every machine runs the same command; heartbeats requeue a dead worker's trial, which continues
-its run from its last checkpoint). Re-running the command continues the study; ``--n-trials``
-is the total. Outputs in ``runs/<study>/``: best.json (a ready ``--config`` file), trials.csv,
-importances.json and trials/trial-NNNN/ (each trial's run directory).
+Each trial trains a step budget and reports its validation losses to the pruner. Storage: a
+journal file under ``runs/<study>/`` or any SQLAlchemy URL (several machines; heartbeats requeue
+a dead worker's trial). Re-running the command continues the study. Outputs in
+``runs/<study>/``: best.json (a ready ``--config``), trials.csv, importances.json, trials/.
 """
 
 from __future__ import annotations
@@ -77,20 +73,16 @@ RESUME_HINT = ("the same hyperparam_tune.py command, which continues this trial'
 class TuneConfig:
     """A sweep; the defaults are the default sweep (from-scratch model, stdlib corpus, 2 CPUs)."""
 
-    # study and sampling
     study_name: str = "codelm-from-scratch"  # the Optuna study; rerunning one continues it
     space: str = "from-scratch"  # a built-in space name or a JSON file
     train_config: str | None = None  # trainingmanager JSON config under the space's base values
     n_trials: int = 12  # total finished trials the study should hold (shared by all workers)
     sampler_seed: int | None = None  # in [0, 2**32): a reproducible sweep; None: fresh streams
-    # budget of each trial (a study's trials share it)
     max_steps: int = 150  # step budget of one trial
     eval_every: int = 25  # evaluation (and pruning) interval in steps
-    # pruning (hopeless trials stop early)
     pruner: str = "median"  # median | hyperband | none
     prune_startup_trials: int = 3  # median pruner: trials finished before any pruning
     prune_warmup_steps: int = 0  # median pruner: steps of a trial never pruned
-    # storage and workers
     out_dir: str = "runs"  # the study's files go to <out_dir>/<study_name>/
     storage: str | None = None  # SQLAlchemy URL or journal file (default: its journal.log)
     workers: int = 1  # worker processes on this machine
@@ -98,7 +90,6 @@ class TuneConfig:
     grace_period: int = 120  # seconds without a heartbeat before a trial is dead and requeued
     max_retry: int = 2  # times a trial is queued again
     worker: int = 0  # internal: i > 0 makes this process worker i of --workers (trials only)
-    # output
     progress: bool = True  # a progress bar over the trials
 
 
@@ -148,10 +139,6 @@ class SearchSpace:
             if base.get(key) is None:
                 raise ValueError(f"search space {self.source} needs {key!r} set in {source} "
                                  f"(e.g. --train-config FILE.json with \"{key}\": ...)")
-
-    def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
-        """What Optuna records for each parameter (a study's trials must agree on it)."""
-        return {name: _distribution(spec) for name, spec in self.params.items()}
 
     def example(self) -> dict:
         """One value per parameter (low bound, first choice): a trial to check before any runs."""
@@ -244,12 +231,10 @@ def absolute_paths(values: dict, source: str) -> dict:
 def _check_no_resume_or_time_budget(values: dict, source: str) -> None:
     """Each trial is a new run of the same --max-steps: no ``resume``, no ``max_time_s``."""
     if values.get("resume") is not None:
-        raise ValueError(f"{source}: resume={values['resume']!r}: each trial is a new run (the "
-                         "sweep continues its own interrupted trials): remove 'resume'")
+        raise ValueError(f"{source}: resume: each trial is a new run: remove 'resume'")
     if values.get("max_time_s") is not None:
-        raise ValueError(f"{source}: max_time_s: every trial trains the same --max-steps; a time "
-                         "budget would rank trials by their machine's speed: remove 'max_time_s' "
-                         "(a lower --max-steps shortens every trial alike)")
+        raise ValueError(f"{source}: max_time_s: trials share --max-steps, not a time budget: "
+                         "remove 'max_time_s'")
 
 
 def load_space(space: str) -> SearchSpace:
@@ -275,16 +260,13 @@ def load_space(space: str) -> SearchSpace:
         raise ValueError(f"{source}: 'description' must be a string")
     requires = data.get("requires", [])
     if not isinstance(requires, list) or not all(isinstance(k, str) for k in requires):
-        raise ValueError(f"{source}: 'requires' must be a list of TrainConfig key names, "
-                         f"got {json.dumps(requires)}")
+        raise ValueError(f"{source}: 'requires' must be a list of TrainConfig key names")
     trainingmanager.config_from_dict(base, f"{source}: base")
     _check_no_resume_or_time_budget(base, f"{source}: base")
     _check_no_resume_or_time_budget(data["params"], f"{source}: params")
     base = absolute_paths(base, f"{source}: base")
     for name in sorted(set(data["params"]) & SWEEP_KEYS):  # sampled, then overwritten
-        flag = {"max_steps": " (--max-steps)", "eval_every": " (--eval-every)"}.get(name, "")
-        raise ValueError(f"{source}: params.{name}: the sweep sets {name!r} for every "
-                         f"trial{flag}: a sampled value would be ignored")
+        raise ValueError(f"{source}: params.{name}: the sweep sets it for every trial: remove it")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     for name, spec in data["params"].items():
         where = f"{source}: params.{name}"
@@ -322,11 +304,9 @@ _TORN_LINE_WAITS = (0.05, 0.2, 0.5)
 def _journal_line_problem(line: bytes) -> str | None:
     """Why Optuna's journal could not replay ``line``, or None."""
     try:
-        record = json.loads(line.decode("utf-8"))
-    except UnicodeDecodeError:
-        return "not UTF-8 text"
-    except json.JSONDecodeError as e:
-        return f"not JSON: {e.msg} at column {e.colno}"
+        record = json.loads(line)
+    except ValueError as e:  # UnicodeDecodeError too
+        return f"not JSON: {e}"
     if not isinstance(record, dict):
         return f"a JSON {type(record).__name__}, not an object"
     op_code = record.get("op_code")
@@ -355,21 +335,16 @@ def check_journal(path: Path) -> None:
     for number, line in enumerate([*lines, last] if last else lines, start=1):
         problem = _journal_line_problem(line)
         if number > len(lines) and (problem is None or line.startswith(b"{")):
-            raise _unended_line_error(path, number, problem is None, len(data) - len(last))
+            where = f"{path}:{number}: the last line has no newline at its end"
+            quoted, offset = shlex.quote(str(path)), len(data) - len(last)
+            if problem is None:
+                raise ValueError(f"{where}; its record is whole: add the newline (echo >> "
+                                 f"{quoted}) to continue the study")
+            raise ValueError(f"{where}: its record is incomplete: remove that line (truncate -s "
+                             f"{offset} {quoted}) to continue the study without it")
         if problem:
             raise ValueError(f"{path}:{number}: not an Optuna journal line ({problem}); is this "
                              "the study's journal file?")
-
-
-def _unended_line_error(path: Path, number: int, whole: bool, offset: int) -> ValueError:
-    """A whole record lacks only its newline; a torn one is removed with truncate."""
-    where, quoted = f"{path}:{number}: the last line has no newline at its end", shlex.quote(str(path))
-    if whole:
-        return ValueError(f"{where}; its record is whole: add the newline (echo >> {quoted}) "
-                          "to continue the study")
-    return ValueError(f"{where}: its record is incomplete (a write cut off by a kill or a full "
-                      f"disk leaves one). Remove that line (truncate -s {offset} {quoted}) to "
-                      "continue the study without that one record")
 
 
 class _FileLock:
@@ -463,10 +438,6 @@ def _heartbeats(storage: optuna.storages.BaseStorage) -> bool:
     return isinstance(storage, optuna.storages.RDBStorage)  # open_storage enables them there
 
 
-def _worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
 def _local_owner_alive(trial: FrozenTrial) -> bool | None:
     """Whether this trial's worker runs on this machine and lives; None: another machine's."""
     host, _, pid = str(trial.user_attrs.get(ATTR_WORKER, "")).rpartition(":")
@@ -483,9 +454,8 @@ def _local_owner_alive(trial: FrozenTrial) -> bool | None:
 
 def recover_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage,
                         cfg: TuneConfig, sweep: str) -> None:
-    """Queue again interrupted trials, and fail and queue again those whose worker died (by
-    heartbeats, else this machine's dead processes; called under the claim lock). A trial this
-    sweep command could not run here (TrialNotHere) waits for another command."""
+    """Queue again interrupted trials; fail and queue again those whose worker died (called
+    under the claim lock)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry)
@@ -564,8 +534,7 @@ def where_set(cfg: TuneConfig, space: SearchSpace, base: dict) -> Callable[[str]
 
 def interrupted_run(trial: optuna.Trial) -> tuple[Path | None, dict[int, float]]:
     """The run directory of the trial this one re-runs (if it started), and the validation
-    losses its trials reported up to the checkpoint it continues from (reported again, so the
-    pruner sees the whole curve)."""
+    losses reported up to the checkpoint it continues from (the pruner sees the whole curve)."""
     trials = {t.number: t for t in trial.study.get_trials(deepcopy=False)}
     history = trials[trial.number].system_attrs.get("retry_history") or []
     before = trials.get(history[-1]) if history else None
@@ -594,16 +563,14 @@ def wait_for_run(trial: optuna.Trial, before: FrozenTrial, run: Path) -> None:
         return
     holder = trainingmanager.lock_holder(lock) or "another process"
     tqdm.write(f"trial {trial.number}: waiting for {run}, the run it continues: {holder} holds "
-               "it (such as the worker of an earlier trial of this run, declared dead yet still "
-               "training, which lets go at its next evaluation)", file=sys.stderr)
+               "it", file=sys.stderr)
     start = told = time.monotonic()
     while trainingmanager.lock_is_held(lock):
         time.sleep(RUN_POLL_S)
         if time.monotonic() - told >= WAIT_REMINDER_S:
             told = time.monotonic()
             tqdm.write(f"trial {trial.number}: still waiting for {run} after "
-                       f"{(told - start) / 60:.0f} min; {holder} holds it: if it hangs, stop it, "
-                       "and this trial continues the run", file=sys.stderr)
+                       f"{(told - start) / 60:.0f} min; {holder} holds it", file=sys.stderr)
 
 
 def recorded_precision(run: Path) -> str | None:
@@ -620,20 +587,16 @@ def recorded_precision(run: Path) -> str | None:
 
 def trial_train_config(cfg: TuneConfig, recipe: dict, number: int,
                        resume: Path | None = None) -> TrainConfig:
-    """The TrainConfig trial ``number`` runs. A continued "auto" run keeps the precision its
-    checkpoint recorded ("auto" resolves per machine; the trainer refuses a change); a bf16 run
-    where the GPU has no bf16 is ``TrialNotHere``."""
+    """The TrainConfig trial ``number`` runs; a continued "auto" run keeps its checkpoint's
+    precision (the trainer refuses a change)."""
     values = {**recipe, **_trial_run(cfg, number, resume)}
     where = f"trial {number}"
     train_cfg = trainingmanager.config_from_dict(values, where)
     if resume is not None and train_cfg.precision == "auto":
         if (trained := recorded_precision(resume)) is not None:
             if trained == "bf16" and _gpu_without_bf16(train_cfg):
-                raise TrialNotHere(
-                    f"trial {number} continues the run {resume}, which trained in bf16, and this "
-                    "machine's GPU has no native bf16: run the same command on a GPU with bf16 "
-                    "(compute capability 8.0+) or on the CPU (\"device\": \"cpu\" in "
-                    "--train-config), where the trial is queued again; or move that run away")
+                raise TrialNotHere(f"trial {number} continues {resume}, trained in bf16: run the "
+                                   "same command on a GPU with bf16 or on the CPU")
             train_cfg = trainingmanager.config_from_dict({**values, "precision": trained}, where)
     return train_cfg
 
@@ -665,8 +628,7 @@ _LEFT = (optuna.TrialPruned, TrialFailed, TrialAbandoned)
 
 
 def _told_too_late(error: BaseException | None) -> bool:
-    """Whether Optuna's tell failed because another worker had failed the trial first (in the
-    chain under Optuna's own AssertionError)."""
+    """Whether Optuna's tell failed because another worker had failed the trial first."""
     while error is not None:
         if isinstance(error, optuna.exceptions.UpdateFinishedTrialError) or (
                 isinstance(error, ValueError) and str(error).startswith("Cannot tell a ")):
@@ -677,8 +639,7 @@ def _told_too_late(error: BaseException | None) -> bool:
 
 def _prepare_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
                    trial: optuna.Trial) -> TrainConfig:
-    """The trial's TrainConfig, with its recipe and run recorded and the losses it continues
-    from reported again."""
+    """The trial's TrainConfig; its recipe and run recorded, the losses it continues re-reported."""
     recipe = trial_recipe(cfg, space, base, trial)
     trial.set_user_attr(ATTR_CONFIG, recipe)
     resume, reported = interrupted_run(trial)
@@ -701,10 +662,8 @@ def _stop_sweep(trial: optuna.Trial, e: Exception, sweep: str) -> typing.NoRetur
         trial.set_user_attr(ATTR_AGAIN, sweep)
         raise e
     if isinstance(e, (ValueError, OSError)):  # the configuration or a path
-        raise TrialSetupError(
-            f"trial {trial.number} {trial.params}: {e} (the trial is not counted toward "
-            "n_trials: fix this and run the same command again; a change to a parameter's "
-            "type, log scale or choices needs another --study-name)") from None
+        raise TrialSetupError(f"trial {trial.number} {trial.params}: {e} (not counted; a change "
+                              "to a parameter's type or choices needs another --study-name)") from None
     raise e
 
 
@@ -724,7 +683,7 @@ def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _FileL
     def run_trial(trial: optuna.Trial) -> float:
         # A retried trial arrives with its predecessor's attributes: make them this run's
         # before other workers (which judge RUNNING trials by their worker) look at it.
-        trial.set_user_attr(ATTR_WORKER, _worker_id())
+        trial.set_user_attr(ATTR_WORKER, f"{socket.gethostname()}:{os.getpid()}")
         for key in (ATTR_REASON, ATTR_STOPPED, ATTR_AGAIN):
             if trial.user_attrs.get(key) is not None:
                 trial.set_user_attr(key, None)
@@ -805,8 +764,7 @@ def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.Ba
                 hidden.error = TrialAbandoned(f"trial {hidden.number}")
             if isinstance(hidden.error, TrialAbandoned):
                 tqdm.write(f"trial {hidden.number}: another worker declared it dead (no "
-                           "heartbeat within --grace-period); this worker leaves it (queued "
-                           "again up to --max-retry times) and goes on", file=sys.stderr)
+                           "heartbeat within --grace-period); this worker goes on", file=sys.stderr)
         finally:
             hidden.error = None  # a kept error would keep its trial's model alive
             lock.release()
@@ -816,8 +774,7 @@ def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.Ba
 
 
 def check_trial_config(cfg: TuneConfig, space: SearchSpace, base: dict) -> None:
-    """The example trial, then each choice and range bound, pass the trainer's checks, make a
-    model config and find their files."""
+    """The example trial and each choice and range bound pass the trainer's checks."""
     where = " with ".join(filter(None, (space.source, cfg.train_config)))
     example = space.example()
     trials = [("", example), *((f"params.{name}={value!r}: ", {**example, name: value})
@@ -844,8 +801,7 @@ def check_trial_config(cfg: TuneConfig, space: SearchSpace, base: dict) -> None:
 
 
 def check_before_trials(cfg: TuneConfig) -> tuple[SearchSpace, dict]:
-    """The space and the ``--train-config`` values (paths absolute), once every check that needs
-    no storage has passed."""
+    """The space and the ``--train-config`` values (paths absolute), checked."""
     space = load_space(cfg.space)
     base: dict = {}
     if cfg.train_config:
@@ -876,9 +832,8 @@ def study_settings(cfg: TuneConfig, space: SearchSpace, base: dict) -> dict:
 
 def check_study_settings(cfg: TuneConfig, space: SearchSpace, base: dict,
                          study: optuna.Study) -> None:
-    """Record the shared settings with a study that has none (a new one, or one of trials
-    enqueued by hand), and refuse a continuation that changed them (its trials would be ranked
-    against each other), naming each key with both values."""
+    """Record the shared settings with a study that has none; refuse a continuation that changed
+    them (its trials would be ranked against each other)."""
     now = {"format_version": FORMAT_VERSION, **study_settings(cfg, space, base)}
     recorded = study.user_attrs.get(ATTR_SETTINGS)
     if recorded is None:
@@ -892,13 +847,9 @@ def check_study_settings(cfg: TuneConfig, space: SearchSpace, base: dict,
     changed = [f"{k}={recorded[k]!r} (now {now[k]!r})" for k in now
                if k in recorded and recorded[k] != now[k]]
     if changed:
-        raise ValueError(
-            f"study {cfg.study_name!r} of storage {_storage_label(cfg)}: its trials ran with "
-            f"other settings: {'; '.join(changed)}. Every trial of a study shares the budget "
-            "(--max-steps, --eval-every) and the base config (the space's base, "
-            "--train-config): drop those changes to continue it, or start a new study with "
-            "another --study-name. The TrainConfig keys a continued study may change: "
-            f"{', '.join(STUDY_MAY_CHANGE)}")
+        raise ValueError(f"study {cfg.study_name!r} of storage {_storage_label(cfg)}: its trials "
+                         f"ran with other settings: {'; '.join(changed)}. Drop those changes, or "
+                         "use another --study-name")
 
 
 def check_space_fits_study(cfg: TuneConfig, space: SearchSpace, study: optuna.Study) -> None:
@@ -907,16 +858,13 @@ def check_space_fits_study(cfg: TuneConfig, space: SearchSpace, study: optuna.St
     for trial in study.get_trials(deepcopy=False):
         for name, dist in trial.distributions.items():
             recorded.setdefault(name, dist)
-    for name, new in space.distributions().items():
-        if name not in recorded:
-            continue
+    for name in [n for n in space.params if n in recorded]:  # in the space's order
         try:
-            optuna.distributions.check_distribution_compatibility(recorded[name], new)
+            optuna.distributions.check_distribution_compatibility(
+                recorded[name], _distribution(space.params[name]))
         except ValueError as e:
-            raise ValueError(
-                f"{space.source}: params.{name} does not fit study {cfg.study_name!r}, whose "
-                f"trials sampled {name!r} from {recorded[name]} ({e}): keep its type, log scale "
-                "and choices, or start a new study with another --study-name") from None
+            raise ValueError(f"{space.source}: params.{name} does not fit study "
+                             f"{cfg.study_name!r} ({e}): use another --study-name") from None
 
 
 def _storage_label(cfg: TuneConfig) -> str:
@@ -930,8 +878,7 @@ def _storage_label(cfg: TuneConfig) -> str:
 
 
 def claim_study_dir(cfg: TuneConfig, study: optuna.Study) -> None:
-    """``<out_dir>/<study>/`` belongs to one storage's study: trial N of another study of the
-    same name (another --storage) would find trial N's run directory taken."""
+    """``<out_dir>/<study>/`` belongs to one storage's study (its trial numbers name the runs)."""
     owner_file = study_dir(cfg) / OWNER_FILE
     mine = _storage_label(cfg)
     if owner_file.is_file():
@@ -943,14 +890,12 @@ def claim_study_dir(cfg: TuneConfig, study: optuna.Study) -> None:
         if owner["storage"] != mine:
             hint = ("without --storage" if owner["storage"] == JOURNAL_FILE
                     else f"with --storage {owner['storage']}")
-            raise ValueError(
-                f"{study_dir(cfg)} holds study {cfg.study_name!r} of storage {owner['storage']}, "
-                f"not of {mine}: run {hint} to continue that study, or give this one another "
-                "--out-dir or --study-name")
+            raise ValueError(f"{study_dir(cfg)} holds the study of storage {owner['storage']}: "
+                             f"run {hint} to continue it, or use another --out-dir")
     trials_dir = study_dir(cfg) / "trials"
     if not study.get_trials(deepcopy=False) and trials_dir.is_dir() and any(trials_dir.iterdir()):
         raise ValueError(f"{trials_dir} holds the trials of a study that storage {mine} does not "
-                         "have: move them away, or choose another --out-dir or --study-name")
+                         "have: move them away, or use another --out-dir")
     if not owner_file.is_file():
         cliconfig.write_atomic(owner_file, json.dumps(
             {"format_version": FORMAT_VERSION, "storage": mine}) + "\n")
@@ -1145,14 +1090,12 @@ def sweep_id(cfg: TuneConfig) -> str:
     return (cfg.worker and os.environ.get(SWEEP_ENV)) or uuid.uuid4().hex
 
 
-# The signal a worker gets when its sweep dies (PR_SET_PDEATHSIG); not SIGHUP, which nohup
-# ignores and a sweep forwards as a stop of its own.
+# The signal a worker gets when its sweep dies (PR_SET_PDEATHSIG); nohup ignores SIGHUP.
 PARENT_DEATH_SIGNAL = signal.SIGUSR2
 
 
 def _stop_with_parent() -> None:
-    """A worker stops its trial as at a SIGTERM when its sweep process dies (kill -9, the OOM
-    killer). Linux only (prctl)."""
+    """A worker stops its trial as at a SIGTERM when its sweep process dies. Linux only."""
     parent = os.environ.get(PARENT_ENV)
     if parent is None or not sys.platform.startswith("linux"):
         return
@@ -1199,34 +1142,24 @@ def _run_workers(cfg: TuneConfig, study: optuna.Study, bar: tqdm, sweep: str) ->
             print(f"worker {i} (pid {p.pid}) stopped with the sweep: its trial runs again when "
                   "the command is run again", file=sys.stderr)
         elif p.returncode < 0:
-            print(f"worker {i} (pid {p.pid}) was killed by {_signal_name(-p.returncode)}",
-                  file=sys.stderr)
+            print(f"worker {i} (pid {p.pid}) was killed by "
+                  f"{signal.Signals(-p.returncode).name}", file=sys.stderr)
         elif p.returncode > 0:
             print(f"worker {i} (pid {p.pid}) failed: exit status {p.returncode}", file=sys.stderr)
             failed = failed or p.returncode
     return failed
 
 
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
-
-
 def _warn_of_space(cfg: TuneConfig, space: SearchSpace, base: dict) -> None:
     """Warn of a space that ranks trials by something else than its parameters."""
     if sampled := sorted(BATCH_KEYS & set(space.params)):
-        print(f"warning: {space.source}: params {', '.join(sampled)}: trials share a step budget "
-              "(--max-steps), so a larger effective batch (batch_size x grad_accum) sees more "
-              "data and tends to win for that alone; fix them in the space's base to compare "
-              "the other parameters", file=sys.stderr)
+        print(f"warning: {space.source}: params {', '.join(sampled)}: under one step budget a "
+              "larger effective batch wins for that alone: fix it in the base", file=sys.stderr)
     warmups = [v for name, v in space.extremes() if name == "warmup_steps"]
     if warmups and max(warmups) >= cfg.max_steps // 2:
-        print(f"warning: {space.source}: params warmup_steps reaches {max(warmups)} of the "
-              f"{cfg.max_steps}-step budget (--max-steps): such trials spend half their steps "
-              "or more warming up, which ranks the warmup more than the other parameters; lower "
-              "its range or raise --max-steps", file=sys.stderr)
+        print(f"warning: {space.source}: params warmup_steps reaches {max(warmups)} of "
+              f"--max-steps {cfg.max_steps}: lower its range or raise --max-steps",
+              file=sys.stderr)
     if swept := sorted(set(base) & set(space.params)):  # e.g. a config.json of another run
         print(f"note: {cfg.train_config}: {', '.join(swept)}: sampled by {space.source}; each "
               "trial's sampled value replaces the file's", file=sys.stderr)

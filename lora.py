@@ -1,6 +1,5 @@
-"""LoRA for codelm, file-compatible with PEFT: adapters on the HF modules of the model's family
-(``pretrained.hf_module_slots``; q/k/v are rows of one fused module), merge, and a quantized
-base (int8 or NF4) for QLoRA."""
+"""LoRA for codelm, file-compatible with PEFT (q/k/v are rows of one fused module), merge, and
+a quantized base (int8 or NF4) for QLoRA."""
 
 from __future__ import annotations
 
@@ -32,8 +31,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 LEGACY_WEIGHTS = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
-# The version of the adapter files codelm writes, in the weights' safetensors metadata (PEFT
-# ignores it; PEFT's own files have none).
+# The version of codelm's adapter files, in the weights' safetensors metadata (PEFT's have none).
 FORMAT_KEY, FORMAT_VERSION = "codelm_format_version", "1"
 
 # PEFT adapter_config.json keys codelm cannot honour, with the value that means "feature unused".
@@ -54,9 +52,8 @@ _KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\."
 
 @dataclass
 class LoRAConfig:
-    """Rank, scale and targets of a LoRA run (PEFT's LoraConfig fields under plain names).
-    ``target_modules``: names, each matching a module name or its dotted suffix, or one string,
-    a regular expression that must match a whole module name (PEFT's rules)."""
+    """PEFT's LoraConfig fields under plain names. ``target_modules``: names matching a module
+    name or its dotted suffix, or one regular expression matching whole names (PEFT's rules)."""
 
     r: int = 8
     alpha: float = 16.0
@@ -80,15 +77,12 @@ class LoRAConfig:
                  "a list of module names or one regular expression")):
             if not ok:
                 raise ValueError(f"LoRAConfig.{name} must be {want}, got {getattr(self, name)!r}")
-        if self.alpha == 0:  # the update and its gradients are scaled to zero: nothing trains
-            raise ValueError("LoRAConfig.alpha must not be 0: it scales the adapters' update and "
-                             "their gradients to zero, so they would never train")
+        if self.alpha == 0:
+            raise ValueError("LoRAConfig.alpha must not be 0: the adapters would never train")
         if self.bias != "none":
-            raise ValueError(f"LoRAConfig.bias={self.bias!r} is not supported: codelm's LoRA trains "
-                             "only the low-rank matrices (bias='none')")
+            raise ValueError(f"LoRAConfig.bias={self.bias!r} is not supported: use 'none'")
         if not self.target_modules:
-            raise ValueError("LoRAConfig.target_modules is empty; name the modules to adapt, "
-                             "e.g. ['q_proj', 'v_proj'] or codelm's ['qkv', 'attn.proj']")
+            raise ValueError("LoRAConfig.target_modules is empty: name the modules to adapt")
         if isinstance(self.target_modules, str):
             try:
                 re.compile(self.target_modules)
@@ -159,8 +153,7 @@ class QuantLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, bits: int):
         super().__init__()
-        if bits not in (4, 8):
-            raise ValueError(f"quantization bits must be 8 (int8) or 4 (NF4), got {bits!r}")
+        assert bits in (4, 8), bits
         if linear.weight.is_meta:
             raise ValueError("cannot quantize a model on the meta device; load its weights first")
         self.bits, self.in_features, self.out_features = bits, linear.in_features, linear.out_features
@@ -225,14 +218,11 @@ class QuantReport:
     def ratio(self) -> float:
         return self.quantized_bytes / max(self.bf16_bytes, 1)
 
-    @property
-    def model_ratio(self) -> float:
-        return self.model_bytes / max(self.model_bf16_bytes, 1)
-
     def __str__(self) -> str:
         return (f"{'int8' if self.bits == 8 else 'nf4'} base: {len(self.modules)} Linear weights "
                 f"{self.quantized_bytes / 2**20:.1f} MiB vs {self.bf16_bytes / 2**20:.1f} MiB bf16 "
-                f"({self.ratio:.3f}x); whole model {self.model_ratio:.3f}x of bf16")
+                f"({self.ratio:.3f}x); whole model "
+                f"{self.model_bytes / max(self.model_bf16_bytes, 1):.3f}x of bf16")
 
 
 def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -425,14 +415,6 @@ class LoRAEmbedding(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.base.weight
 
-    @property
-    def num_embeddings(self) -> int:
-        return self.base.num_embeddings
-
-    @property
-    def embedding_dim(self) -> int:
-        return self.base.embedding_dim
-
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.base(ids)
         if _skips_merged(self):
@@ -457,10 +439,8 @@ def _skips_merged(module: LoRALinear | LoRAEmbedding) -> bool:
     """Whether forward leaves the adapters out (merged); training through merged adapters, which
     would get no gradient, is an error naming the cure."""
     if module.merged and module.training and torch.is_grad_enabled():
-        raise ValueError("the LoRA adapters are merged into the base weights (merge_lora / "
-                         "merge_and_export), so training would not reach them: call "
-                         "lora.unmerge_lora(model) before training (to only evaluate: "
-                         "model.eval() or torch.no_grad())")
+        raise ValueError("the LoRA adapters are merged into the base weights: call "
+                         "lora.unmerge_lora(model) before training (or model.eval() to evaluate)")
     return module.merged
 
 
@@ -539,10 +519,6 @@ def targeted_modules(model: nn.Module, targets: list[str] | str,
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> LoRAReport:
     """Freeze the model and add LoRA adapters on ``cfg.target_modules`` (checked first)."""
     _check_model(model, "apply_lora")
-    if not isinstance(cfg, LoRAConfig):
-        raise ValueError("apply_lora needs a lora.LoRAConfig (PEFT's LoraConfig fields under plain "
-                         f"names: r, alpha, dropout, target_modules, use_rslora), got "
-                         f"{type(cfg).__name__}")
     if any(True for _ in lora_modules(model)):
         raise ValueError("the model already has LoRA adapters; apply_lora once per model")
     return _attach(model, cfg, _resolve_targets(model, cfg.target_modules))
@@ -596,8 +572,7 @@ def _report(model: nn.Module, resolved: dict[str, list[str]]) -> LoRAReport:
         targets=resolved,
         modules=[path for path, _ in lora_modules(model)],
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
-        # a quantized weight is a buffer; counted as the weights it stands for, as PEFT counts
-        # a bitsandbytes base
+        # a quantized weight (a buffer) counts as the weights it stands for, as in PEFT
         total_params=sum(p.numel() for p in model.parameters())
         + sum(q.in_features * q.out_features for q in model.modules()
               if isinstance(q, QuantLinear)),
@@ -672,18 +647,18 @@ def merge_and_export(model: nn.Module, out_dir: str | Path) -> Path:
 
 # ----------------------------------------------------------------------------- adapter files
 
-def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    tensors = {}
+def _adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Adapter-file key (without PEFT's prefix) -> the model's parameter."""
+    params = {}
     for _, module in lora_modules(model):
         if isinstance(module, LoRAEmbedding):
-            prefix = PEFT_PREFIX + module.name
-            tensors[prefix + ".lora_embedding_A"] = module.lora_embedding_A
-            tensors[prefix + ".lora_embedding_B"] = module.lora_embedding_B
+            params[f"{module.name}.lora_embedding_A"] = module.lora_embedding_A
+            params[f"{module.name}.lora_embedding_B"] = module.lora_embedding_B
             continue
         for key, name in module.names.items():
-            tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = module.lora_A[key]
-            tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = module.lora_B[key]
-    return {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
+            params[f"{name}.lora_A.weight"] = module.lora_A[key]
+            params[f"{name}.lora_B.weight"] = module.lora_B[key]
+    return params
 
 
 def _target_spec(model: nn.Module, written: set[str]) -> list[str] | str:
@@ -700,16 +675,12 @@ def save_adapter(model: nn.Module, out_dir: str | Path,
     cfg: LoRAConfig | None = getattr(model, "lora_config", None)
     if cfg is None:
         raise ValueError("save_adapter: the model has no LoRA adapters (apply_lora first)")
-    base = base_model_name_or_path
-    if base is None:
-        base = getattr(model, "name_or_path", None)
-    if not isinstance(base, (str, os.PathLike, type(None))):
-        raise ValueError(f"save_adapter: base_model_name_or_path must be a directory or hub name "
-                         f"(str or Path), got {type(base).__name__}")
+    base = base_model_name_or_path or getattr(model, "name_or_path", None)
     out = Path(out_dir)
     pretrained.check_output_dir(out, "save_adapter")
     pretrained.check_nothing_else_there(out, "save_adapter", adapter=True)
-    tensors = _adapter_tensors(model)
+    tensors = {PEFT_PREFIX + k: p.detach().float().cpu().contiguous()
+               for k, p in _adapter_parameters(model).items()}
     written = {_KEY_RE.match(k)["module"] for k in tensors}
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM",
@@ -757,10 +728,8 @@ def read_adapter_config(path: str | Path, config_name: str = ADAPTER_CONFIG) -> 
             raise ValueError(f"{file}: {key}={raw[key]!r} is not supported by codelm's LoRA")
     init = raw.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
-        raise ValueError(f"{file}: init_lora_weights={init!r} is not supported: PEFT subtracts "
-                         "this adapter's initial value from the base weights when it loads it, "
-                         "which codelm does not (convert it to a plain LoRA adapter with PEFT's "
-                         "path_initial_model_for_weight_conversion)")
+        raise ValueError(f"{file}: init_lora_weights={init!r} is not supported: convert it to a "
+                         "plain LoRA adapter with PEFT's path_initial_model_for_weight_conversion")
     for key in ("r", "lora_alpha", "target_modules"):
         if raw.get(key) is None:
             raise ValueError(f"{file}: missing key {key!r}")
@@ -804,9 +773,8 @@ def _read_weights(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
 
 @torch.no_grad()
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAReport:
-    """Load an adapter written by ``save_adapter`` or by PEFT: attached as its config says, or
-    into the model's same adapters. Every key must land and every adapter get weights; a
-    failed load leaves the model as it was."""
+    """Load an adapter written by ``save_adapter`` or by PEFT, attached as its config says or into
+    the model's same adapters; a failed load leaves the model as it was."""
     _check_model(model, "load_adapter")
     path = Path(adapter_dir)
     cfg = read_adapter_config(path)
@@ -816,7 +784,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAReport:
     if any(m.merged for _, m in lora_modules(model)):
         raise ValueError("load_adapter: the model's adapters are merged; unmerge_lora first")
     if any(True for _ in lora_modules(model)):
-        _check_same_adapters(getattr(model, "lora_config", None), cfg, path / ADAPTER_CONFIG)
+        _check_same_adapters(model.lora_config, cfg, path / ADAPTER_CONFIG)
         _copy_adapter(model, tensors, file)
         return _report(model, {})
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -852,10 +820,8 @@ def apply_adapter_layout(model: nn.Module, adapter_dir: str | Path,
     return _report(model, _attach_as_file_says(model, cfg, path / config_name))
 
 
-def _check_same_adapters(have: LoRAConfig | None, new: LoRAConfig, file: Path) -> None:
+def _check_same_adapters(have: LoRAConfig, new: LoRAConfig, file: Path) -> None:
     """Weights loaded into existing adapters keep those adapters' scale, so it must agree."""
-    if have is None:
-        return
     differ = [f"{key}: file {a!r}, model {b!r}" for key, a, b in (
         ("r", new.r, have.r), ("lora_alpha", new.alpha, have.alpha),
         ("use_rslora", new.use_rslora, have.use_rslora)) if a != b]
@@ -866,15 +832,7 @@ def _check_same_adapters(have: LoRAConfig | None, new: LoRAConfig, file: Path) -
 
 def _copy_adapter(model: nn.Module, tensors: dict[str, torch.Tensor], file: Path) -> None:
     """Check every key and shape of the file against the model's adapters, then copy."""
-    slots: dict[str, tuple[str, str]] = {}  # file key -> (codelm path, attribute)
-    for mpath, module in lora_modules(model):
-        if isinstance(module, LoRAEmbedding):
-            slots[f"{module.name}.lora_embedding_A"] = (mpath, "lora_embedding_A")
-            slots[f"{module.name}.lora_embedding_B"] = (mpath, "lora_embedding_B")
-        else:
-            for key, name in module.names.items():
-                slots[f"{name}.lora_A.weight"] = (mpath, f"lora_A.{key}")
-                slots[f"{name}.lora_B.weight"] = (mpath, f"lora_B.{key}")
+    slots = _adapter_parameters(model)
     names = _module_names(model)
     writes: list[Callable[[], object]] = []
     loaded = set()
@@ -888,8 +846,7 @@ def _copy_adapter(model: nn.Module, tensors: dict[str, torch.Tensor], file: Path
         if short not in slots:
             raise ValueError(f"{file}: key {key!r} matches no adapter of this model "
                              f"(adapters: {sorted(slots)[:6]}...)")
-        mpath, attr = slots[short]
-        param = model.get_submodule(mpath).get_parameter(attr)
+        param = slots[short]
         if param.shape != tensor.shape:
             raise ValueError(f"{file}: {key!r} has shape {tuple(tensor.shape)}, the model expects "
                              f"{tuple(param.shape)}")
@@ -945,8 +902,7 @@ def _base_tensor_writer(model, names, name, attr, tensor, file, key) -> Callable
 # ----------------------------------------------------------------------------- command line
 
 def _check_adapter_tokenizer(adapter: Path, base: Path) -> None:
-    """Refuse an adapter's own tokenizer that is not its base's (the merge ships it with the
-    base's config); one codelm cannot read is only copied."""
+    """Refuse an adapter's own tokenizer that is not its base's; one codelm cannot read is copied."""
     from tokenizer import check_model_tokenizer, load_tokenizer
 
     try:
@@ -969,9 +925,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="the new directory (must not exist)")
     parser.add_argument("--base", help="the base model directory (default: the adapter config's "
                         "base_model_name_or_path)")
-    parser.add_argument("--dtype", default="auto", help="auto (the base checkpoint's own) | "
-                        "bf16 | fp16 | fp32: the merged weights' dtype; the merge itself is "
-                        "computed in fp32 (default: auto)")
+    parser.add_argument("--dtype", default="auto", help="auto (the base's own) | bf16 | fp16 | "
+                        "fp32: the merged weights' dtype (merged in fp32)")
     args = parser.parse_args(argv)
 
     def merge() -> None:

@@ -35,11 +35,8 @@ from architecture import (
 
 # --------------------------------------------------------------------------- tables
 
-# part: which rows of the codelm module an HF module's output fills.
-#   None: all, same order; q/k/v: that block of the fused [Q | K | V];
-#   qkv_codegen: CodeGen's 4 chunks of [q | v | k] per chunk;
-#   qkv_bigcode: GPTBigCode's c_attn, [q | k | v] per head without multi-query (with it, as
-#   codelm's [Q | K | V]: all rows, same order).
+# HF module -> (codelm module, part): which rows of the codelm module its output fills
+# (None: all; q/k/v: that block of the fused [Q | K | V]; qkv_*: see part_rows).
 LLAMA_MODULES = {
     "model.embed_tokens": ("wte", None),
     "model.layers.{i}.input_layernorm": ("blocks.{i}.norm_1", None),
@@ -419,10 +416,8 @@ def _param_plan(model: Transformer, table: FamilyTable):
     plan: dict[str, list[tuple[str, torch.Tensor | None]]] = {}
     for hf, (path, part) in _expand(table, cfg).items():
         if path in modules and f"{path}.weight" not in params:
-            raise ValueError(f"{path} is a {type(modules[path]).__name__} without a "
-                             "full-precision weight: HF checkpoints hold plain weights (a LoRA "
-                             "model exports through lora.merge_and_export or save_adapter; a "
-                             "quantized base cannot be exported)")
+            raise ValueError(f"{path} is a {type(modules[path]).__name__} without a full-precision "
+                             "weight: export LoRA with lora.merge_and_export or save_adapter")
         rows = part_rows(cfg, part)
         for suffix in ("weight", "bias"):
             name = f"{path}.{suffix}"
@@ -507,8 +502,7 @@ class SafetensorsFile:
 
 
 def read_bin(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a pickled weights file, read as tensors only (weights_only: a pickle runs
-    code); a damaged file is an error naming it, never torch's advice to drop weights_only."""
+    """The tensors of a pickled weights file, read with weights_only (a pickle runs code)."""
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True,
                         mmap=zipfile.is_zipfile(path))  # the pre-zip format cannot be mapped
@@ -628,8 +622,7 @@ def read_config(directory: str | Path) -> tuple[ModelConfig, dict]:
         qc = hf["quantization_config"]
         method = qc.get("quant_method", "unknown") if isinstance(qc, dict) else qc
         raise ValueError(f"{path}: a quantized checkpoint (quant_method {method!r}) cannot be "
-                         "loaded; use the full-precision one (lora.quantize_base quantizes a "
-                         "loaded base for QLoRA)")
+                         "loaded; use the full-precision one")
     try:
         return TABLES[model_type].read_config(hf), hf
     except ValueError as e:
@@ -654,18 +647,13 @@ def _auto_dtype(hf: dict, device: torch.device) -> torch.dtype:
 
 def _requested_dtype(dtype: torch.dtype | str | None, hf: dict,
                      source: TensorSource) -> torch.dtype | None:
-    """The `dtype` argument as a torch dtype: a name (also bf16/fp16/fp32), or "auto": the
-    config's, else the first floating-point tensor's. None stays None."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        resolved = dtype
-    elif not isinstance(dtype, str):
-        resolved = None
-    elif dtype == "auto":
-        resolved = _config_dtype(hf)
-        if resolved is None:
-            found = (source.dtype(n) for n in [*source.files, *source.tensors])
-            resolved = next((d for d in found if d.is_floating_point), torch.float32)
-    else:
+    """The `dtype` argument as a torch dtype; "auto": the config's, else the first float tensor's."""
+    resolved = dtype
+    if dtype == "auto":
+        found = (source.dtype(n) for n in [*source.files, *source.tensors])
+        resolved = _config_dtype(hf) or next((d for d in found if d.is_floating_point),
+                                             torch.float32)
+    elif isinstance(dtype, str):
         resolved = SHORT_DTYPES.get(dtype, getattr(torch, dtype, None))
     if dtype is not None and not (isinstance(resolved, torch.dtype)
                                   and resolved.is_floating_point):
@@ -677,8 +665,7 @@ def _requested_dtype(dtype: torch.dtype | str | None, hf: dict,
 
 def _tie_as_the_file_says(cfg: ModelConfig, table: FamilyTable, source: TensorSource,
                            dtype: torch.dtype) -> ModelConfig:
-    """transformers' rule: a tied config whose file holds a head different from the embeddings
-    (a fine-tune's) loads untied, with a warning."""
+    """transformers' rule: a tied config whose head differs from the embeddings loads untied."""
     weights = {path: f"{hf}.weight" for hf, (path, _) in table.modules.items()}
     head, embeddings = weights["lm_head"], weights["wte"]
     if not (cfg.tie_embeddings and {head, embeddings} <= source.names()):
@@ -688,15 +675,13 @@ def _tie_as_the_file_says(cfg: ModelConfig, table: FamilyTable, source: TensorSo
             source.whole(head, dtype, cpu), source.whole(embeddings, dtype, cpu)):
         return cfg
     print(f"warning: {source.origin[head]}: {head} differs from {embeddings}, but the config "
-          "ties them (tie_word_embeddings true, or absent for gpt_bigcode); loading them untied, "
-          "as transformers does", file=sys.stderr)
+          "ties them; loading them untied, as transformers does", file=sys.stderr)
     return replace(cfg, tie_embeddings=False)
 
 
 def _checked_plan(directory: Path, cfg: ModelConfig, table: FamilyTable,
                   source: TensorSource) -> tuple[Transformer, dict]:
-    """The meta-device model of cfg and its `_param_plan`, checked against the file's names and
-    shapes."""
+    """The meta-device model of cfg and its `_param_plan`, checked against the file's tensors."""
     with torch.device("meta"):
         model = Transformer(cfg)
     plan = _param_plan(model, table)
@@ -729,8 +714,7 @@ def _checked_plan(directory: Path, cfg: ModelConfig, table: FamilyTable,
 
 def load(directory: str | Path, dtype: torch.dtype | str | None = None,
          device: torch.device | str | None = None) -> Transformer:
-    """Build a `Transformer` from a local HF checkpoint directory; every check runs before the
-    model exists."""
+    """A `Transformer` from a local HF checkpoint directory, checked before the model exists."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"{directory}: not a directory")
@@ -794,9 +778,6 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
 def save(model: Transformer, directory: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
     """Write config.json + model.safetensors (or shards + index) in the family's HF layout, all
     files in full before any replaces the last save's (config.json last)."""
-    if not cliconfig.is_number(max_shard_bytes, int) or max_shard_bytes <= 0:
-        raise ValueError(f"save_pretrained: max_shard_bytes must be a positive integer (bytes), "
-                         f"got {max_shard_bytes!r}")
     directory = Path(directory)
     check_output_dir(directory, "save_pretrained")
     check_nothing_else_there(directory, "save_pretrained")
@@ -835,8 +816,7 @@ def check_output_dir(directory: Path, writer: str) -> None:
 
 
 def check_nothing_else_there(directory: Path, writer: str, adapter: bool = False) -> None:
-    """Refuse a directory holding what the save would destroy or be hidden by: a run's
-    TrainConfig, or a model beside the adapter (``adapter``) or an adapter beside the model."""
+    """Refuse a directory holding a run's TrainConfig, or a model beside an adapter (or back)."""
     config = directory / "config.json"
     try:
         is_run = config.is_file() and _is_run_config(cliconfig.read_json_object(config))
@@ -856,8 +836,7 @@ def check_nothing_else_there(directory: Path, writer: str, adapter: bool = False
 
 def _weight_files(tensors: dict[str, torch.Tensor],
                   shards: list[list[str]]) -> dict[str, cliconfig.FileContent]:
-    """File name -> content (a streaming writer) of model.safetensors, or of the shards and
-    their index."""
+    """File name -> content (a streaming writer): model.safetensors, or the shards and index."""
     if len(shards) == 1:
         return {"model.safetensors": partial(write_safetensors, tensors=tensors)}
     files: dict[str, cliconfig.FileContent] = {}
@@ -884,8 +863,7 @@ def _remove_stale_weights(directory: Path, written: set[str]) -> None:
 
 def write_safetensors(f: BinaryIO, tensors: dict[str, torch.Tensor],
                       metadata: dict[str, str] | None = None) -> None:
-    """safetensors layout: 8-byte header length, JSON header (space-padded to 8), raw data, one
-    tensor at a time."""
+    """safetensors layout (8-byte header length, JSON header padded to 8, raw data), streamed."""
     header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
     offset = 0
     for name, t in tensors.items():
@@ -914,9 +892,8 @@ COMPANION_FILES = ("tokenizer.json", *HF_TOKENIZER_FILES, "vocab.json", "merges.
 
 def export_checkpoint(out: str | Path, save_weights: Callable[[Path], object],
                       companions: str | Path, generation_from: str | Path | None = None) -> Path:
-    """Write the new directory ``out`` whole or not at all: ``save_weights`` writes the model,
-    and the COMPANION_FILES of ``companions`` (generation_config.json of ``generation_from``
-    when given) are copied beside it."""
+    """Write the new directory ``out`` whole or not at all: the model (``save_weights``) and the
+    COMPANION_FILES of ``companions`` (generation_config.json of ``generation_from`` if given)."""
     out = Path(out)
     if out.exists():
         raise ValueError(f"{out} already exists: name a new directory")
@@ -948,8 +925,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto",
                         help="auto (the checkpoint's own) | bf16 | fp16 | fp32 (default: auto)")
     parser.add_argument("--max-shard-gb", type=float, default=5.0,
-                        help="weights over this size are split into shards with an index "
-                        "(default: 5.0; inf: one file)")
+                        help="shard size limit (default: 5.0; inf: one file)")
     args = parser.parse_args(argv)
 
     def convert() -> None:

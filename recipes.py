@@ -66,12 +66,10 @@ def load_recipe(path: str | Path) -> Recipe:
 # EvalConfig keys recipes.py sets itself or does not use, and what to do instead.
 OWN_EVAL_KEYS = {
     "out_dir": f"sets eval.out_dir itself: it evaluates a run into <out-dir>/<name>/"
-               f"{rundir.EVAL_DIR} (python eval.py --config RECIPE --models RUN --out-dir DIR "
-               "evaluates it elsewhere)",
+               f"{rundir.EVAL_DIR} (eval.py --out-dir DIR evaluates it elsewhere)",
     "device": "sets eval.device itself: use --device (training's too)",
     "progress": "sets eval.progress itself: use --no-progress (training's too)",
-    "prompt": "runs the recipe's tasks, not a prompt (python eval.py --config RECIPE --models RUN "
-              "--prompt TEXT completes one with the recipe's generation settings)",
+    "prompt": "runs the recipe's tasks, not a prompt (python eval.py --config RECIPE --prompt TEXT)",
 }
 
 
@@ -82,8 +80,7 @@ def check_eval_key(key: str, where: str) -> None:
 
 
 def apply_setting(recipe: Recipe, setting: str) -> None:
-    """``--set train.lr=3e-4`` / ``--set train.data_options.docstring_prompt=verbose``: the value
-    is read as JSON when it parses, else taken as a string."""
+    """``--set train.lr=3e-4``: the value is read as JSON when it parses, else as a string."""
     key, sep, text = setting.partition("=")
     parts = key.split(".")
     if not sep or len(parts) < 2 or parts[0] not in ("train", "eval"):
@@ -106,8 +103,7 @@ def apply_setting(recipe: Recipe, setting: str) -> None:
 
 def collect_git_sources(sources: Sequence[str], extensions: Sequence[str], out_dir: Path,
                         progress: bool) -> list[str]:
-    """Git sources become scraper JSONL (``python -m scraping local``), one file per source and
-    extension list, which a re-run reuses; other sources pass through."""
+    """Git sources become scraper JSONL (one file per source, reused by a re-run); others pass."""
     from scraping import LocalConfig, collect_local
 
     out = []
@@ -295,8 +291,7 @@ def tiny_checkpoint(preset: str, texts: Sequence[str], out: Path, seed: int = 0)
 
 
 def _is_smoke_run(run_dir: Path, work: Path) -> bool:
-    """Whether run_dir is a --smoke run (its data cache in the smoke inputs): the only run a
-    smoke run may replace."""
+    """Whether run_dir is a --smoke run (the only run a smoke run may replace)."""
     try:
         saved = json.loads((run_dir / rundir.CONFIG_FILE).read_text())
         cache = saved["data_options"]["cache_dir"]
@@ -326,8 +321,7 @@ def check_smoke_settings(typed: set[str]) -> None:
 
 def smoke_train_values(values: dict, work: Path, steps: int, typed: Collection[str] = ()
                        ) -> dict:
-    """The recipe's train section at toy scale: same task, cleaning, LoRA and quantization; the
-    ``typed`` (--set) keys keep their values."""
+    """The recipe's train section at toy scale (same task, LoRA, quantization); --set keys kept."""
     task, scratch = values.get("task", "lm"), values.get("init_from") is None
     sources, texts = write_smoke_data(task, scratch, work / "data")
     steps = values["max_steps"] if "max_steps" in typed else steps
@@ -352,8 +346,7 @@ def smoke_train_values(values: dict, work: Path, steps: int, typed: Collection[s
 
 def check_train_values(values: dict, source: str,
                        where_set: Callable[[str], str] | None = None) -> None:
-    """What training would check before its first step (keys, ranges, options, LoRA targets on
-    the model), checked now."""
+    """What training would check before its first step, checked before the last run is replaced."""
     from tokenizer import load_tokenizer
 
     where_set = where_set or cliconfig.flag_of
@@ -383,8 +376,7 @@ def smoke_eval_values(values: dict) -> dict:
 
 @torch.no_grad()
 def check_adapter_round_trip(base_dir: Path, export: Path) -> float:
-    """The largest logit difference between the saved adapter on a fresh base and the merged
-    export."""
+    """The largest logit difference between the saved adapter on a fresh base and the merge."""
     import lora
     import pretrained
 
@@ -419,8 +411,7 @@ class RecipeOptions:
     val_data: list[str] | None = None  # default: train.val_data, or with --data a split of it
     out_dir: str | None = None  # where runs go; default: runs/ (smoke: runs/smoke/)
     name: str | None = None  # run name; default: the recipe's
-    set: list[str] = field(default_factory=list, metadata=_SET_FLAG)  # override a recipe value,
-    #   e.g. --set train.lr=1e-4 (a JSON value, else a string); repeatable
+    set: list[str] = field(default_factory=list, metadata=_SET_FLAG)  # e.g. train.lr=1e-4
     smoke_steps: int = 30  # training steps of --smoke
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     skip_eval: bool = False  # train and export only
@@ -464,8 +455,7 @@ def run_recipe(opts: RecipeOptions) -> RecipeResult:
 
 def where_in_recipe(recipe: str | Path, key: str, typed: Collection[str] = (),
                    own: Mapping[str, str] | None = None, section: str = "train") -> str:
-    """Where a recipe's user set ``key`` of its ``section``, for the trainer's and eval's
-    messages: a recipes.py flag (``own``), ``--set`` (``typed``), else the recipe."""
+    """Where the user set ``key`` of ``section``: a recipes.py flag, ``--set``, else the recipe."""
     if own and key in own:
         return own[key]
     if key in typed:
@@ -617,8 +607,7 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
     cfg = tm.config_from_dict(values, f"{opts.recipe} (train section)")
     tm.validate_config(cfg, where_set)
     eval_remedy = (f"remove {out_dir / name / rundir.EVAL_DIR}, then run the same command with "
-                   f"--resume to evaluate the run again with these settings (recipes.py "
-                   f"evaluates a run into its {rundir.EVAL_DIR}/)")
+                   "--resume to evaluate the run again")
     if opts.resume and not opts.skip_eval:  # refused now, not after the run's export again
         ev.check_settings_unchanged(
             eval_config(recipe, opts, cfg, out_dir / name, own_run, own_base), eval_remedy)
@@ -642,8 +631,7 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
 
 
 def loss_change(losses: Sequence[float]) -> tuple[float, float] | None:
-    """Mean loss of the first and of the last (up to) three logged steps, never overlapping;
-    None with fewer than two."""
+    """Mean loss of the first and of the last (up to) three logged steps; None with fewer than two."""
     k = min(3, len(losses) // 2)
     if k == 0:
         return None

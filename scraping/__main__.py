@@ -18,13 +18,11 @@ from scraping.local import LocalConfig, collect_local
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Flags from the configs' fields by ``cliconfig.add_config_flags``, as every script's: a
-    subcommand's parser leaves out what the user did not type, so the config's default holds."""
+    """Flags from the configs' fields; what the user did not type is left out (its default holds)."""
     parser = argparse.ArgumentParser(
         prog="python -m scraping",
         description="Collect source files into JSONL records {repo, path, sha, license, stars, "
-                    "text}.",
-    )
+                    "text}.")
     sub = parser.add_subparsers(dest="command", required=True)
     gh = sub.add_parser(
         "github", help="search GitHub and download matching files (resumable)",
@@ -40,8 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "shallowly into a temporary directory that is removed afterwards.")
     cliconfig.add_config_flags(local, LocalConfig, positional=("sources",))
     parser.add_argument("-v", "--verbose", action="store_true",
-                        help="also log search-slice splits, re-read slices, truncated-tree walks "
-                        "and resume progress (retries and rate-limit waits are always logged)")
+                        help="also log search splits, tree walks and resume progress")
     return parser
 
 

@@ -110,8 +110,7 @@ class GitHubClient:
         if delay > self.max_wait:
             raise GitHubError(
                 f"rate limit for '{resource}' resets in {delay:.0f} s, more than --max-wait "
-                f"{self.max_wait:.0f} s; progress is saved, re-run later to continue"
-            )
+                f"{self.max_wait:.0f} s; progress is saved, re-run later to continue")
         log.warning("rate limited (%s): waiting %.0f s", resource, delay)
         self._sleep(delay)
 
@@ -166,8 +165,7 @@ class GitHubClient:
         if status == 401:
             raise GitHubError(
                 f"GitHub refused the credentials (HTTP 401) for {resp.url}: "
-                "check that GITHUB_TOKEN is valid"
-            )
+                "check that GITHUB_TOKEN is valid")
         if status == 429 or status in _RETRY_STATUSES:
             return self._backoff_delay(attempt)
         if status == 403 and "rate limit" in resp.text.lower():
@@ -177,11 +175,8 @@ class GitHubClient:
     def get(
         self, url: str, *, params: dict | None = None, accept: str = "application/vnd.github+json"
     ) -> requests.Response:
-        """GET ``url`` (absolute, or a path under the API URL); returns the final response.
-
-        Statuses other than rate limits, 401 and transient errors (e.g. 404, 409, 422) are
-        returned for the caller to judge. Raises GitHubError once retries are spent.
-        """
+        """GET ``url`` (absolute, or a path under the API URL): the final response (404, 409, 422
+        are the caller's to judge), or GitHubError once retries are spent."""
         if url.startswith("/"):
             url = self.api_url + url
         resource = self._resource(url)
@@ -191,8 +186,7 @@ class GitHubClient:
             try:
                 # Not streamed: the body is read here, so a connection dropped mid-body retries.
                 resp = self._session().get(
-                    url, params=params, headers={"Accept": accept}, timeout=self.timeout
-                )
+                    url, params=params, headers={"Accept": accept}, timeout=self.timeout)
             except (requests.exceptions.InvalidHeader, UnicodeEncodeError):
                 # Their messages quote the header (or part of it), which may be the token.
                 raise ValueError(f"GET {redact_url(url)}: a request header holds characters "
@@ -214,8 +208,7 @@ class GitHubClient:
                 self._sleep(delay)
         raise (ServerError if server_failed else GitHubError)(
             f"GET {redact_url(url)} failed {self.retries + 1} times (last: {problem}); "
-            "progress is saved, re-run to continue"
-        )
+            "progress is saved, re-run to continue")
 
     def get_json(self, url: str, *, params: dict | None = None) -> tuple[object, requests.Response]:
         """GET expecting 200 with a JSON body; anything else is a GitHubError naming the URL."""

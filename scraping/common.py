@@ -130,8 +130,7 @@ class FileFilter:
         if self.min_bytes < 0 or self.max_bytes < self.min_bytes:
             raise ValueError(
                 f"--min-bytes {self.min_bytes} / --max-bytes {self.max_bytes}: "
-                "need 0 <= min-bytes <= max-bytes"
-            )
+                "need 0 <= min-bytes <= max-bytes")
 
     def reject_reason(self, path: str, size: int) -> str | None:
         """Why a file is skipped before reading it, or None when it is wanted."""
@@ -310,8 +309,7 @@ class ResumableOutput:
                 if self.out.stat().st_size > 0:
                     raise ValueError(
                         f"{self.out} exists but its state file {self.state} does not; "
-                        "choose another --out or remove the file"
-                    )
+                        "choose another --out or remove the file")
                 cliconfig.write_atomic(self.state, json.dumps(
                     {"format_version": STATE_FORMAT_VERSION, "settings": settings}) + "\n")
         except BaseException:
@@ -366,8 +364,7 @@ class ResumableOutput:
         if changed:
             raise ValueError(
                 f"{self.state} was started with other settings ({', '.join(changed)} differ); "
-                "use the same flags to resume, or a new --out to start over"
-            )
+                "use the same flags to resume, or a new --out to start over")
         with open(self.state, "rb") as f:
             lines = f.read().split(b"\n")
         good = len(lines[0]) + 1
@@ -385,8 +382,7 @@ class ResumableOutput:
         if size < self.end:
             raise ValueError(
                 f"{self.out} is shorter than {self.state} records ({size} < {self.end} "
-                "bytes); it was changed outside the scraper. Use a new --out to start over"
-            )
+                "bytes); it was changed outside the scraper. Use a new --out to start over")
         os.truncate(self.state, good)
         os.truncate(self.out, self.end)
 

@@ -39,8 +39,7 @@ log = logging.getLogger("scraping")
 SEARCH_CAP = 1000
 # How often one search slice is read when a read comes back short (star counts shifted pages).
 _SLICE_READS = 3
-# A repo GitHub fails to serve after every retry is not saved (the next run retries it); this
-# many in a row is an outage, which stops the run.
+# A repo GitHub fails to serve is not saved (the next run retries it); this many in a row stop.
 SERVER_ERROR = "server_error"
 _FAILED_IN_A_ROW = 5
 DEFAULT_API_URL = "https://api.github.com"
@@ -73,8 +72,7 @@ class GitHubConfig:
                           "MIT, Apache-2.0, BSD, ...; 'none' = repos GitHub detects no licence in); default: any",
                   "none_is_a_value": True})
     max_repos: int | None = field(
-        default=None, metadata={"help": "stop after this many repos are finished, over all "
-                                        "runs (default: no limit)"})
+        default=None, metadata={"help": "stop after this many finished repos, over all runs"})
     api_url: str = field(
         default=DEFAULT_API_URL, metadata={"help": "REST API root (GitHub Enterprise: "
                                                    "https://HOST/api/v3)"})
@@ -86,8 +84,7 @@ class GitHubConfig:
     backoff: float = field(
         default=1.0, metadata={"help": "first backoff pause in seconds (doubles, with jitter)"})
     max_wait: float = field(
-        default=3600.0, metadata={"help": "give up (resumably) when a rate limit needs a longer "
-                                          "wait, in seconds"})
+        default=3600.0, metadata={"help": "longest rate-limit wait in seconds (then stop, resumably)"})
     timeout: float = field(default=30.0, metadata={"help": "HTTP timeout in seconds"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
@@ -107,19 +104,15 @@ def _parse_day(text: str, flag: str) -> date:
         raise ValueError(f"--{flag} {text!r}: expected a date like 2015-01-01") from None
 
 
-def _is_http_url(url: str) -> bool:
-    """Whether ``url`` is http(s) with a host (and a numeric port, if any)."""
+def _check_url(url: str, flag: str, example: str) -> None:
+    """Refuse anything but an http(s) URL with a host (and a numeric port) before any output."""
     try:
         parts = urlsplit(url)
-        return (parts.scheme in ("http", "https") and bool(parts.hostname)
-                and (parts.port is None or parts.port > 0))
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and (
+            parts.port is None or parts.port > 0)
     except ValueError:  # e.g. a port that is not a number, an unclosed [IPv6 address
-        return False
-
-
-def _check_url(url: str, flag: str, example: str) -> None:
-    """Refuse anything but an http(s) URL before an output is written."""
-    if not _is_http_url(url):
+        ok = False
+    if not ok:
         raise ValueError(f"{flag} {url!r}: expected an http(s) URL with a host, e.g. {example}")
 
 
@@ -128,8 +121,7 @@ def _check_request_flags(cfg: GitHubConfig) -> None:
     if not (math.isfinite(cfg.timeout) and cfg.timeout > 0):
         raise ValueError(f"--timeout {cfg.timeout}: need a finite number of seconds > 0")
     if cfg.max_repos is not None and cfg.max_repos < 1:
-        raise ValueError(f"--max-repos {cfg.max_repos}: need at least 1 (leave it out for no "
-                         "limit)")
+        raise ValueError(f"--max-repos {cfg.max_repos}: need at least 1")
     _check_url(cfg.api_url, "--api-url", DEFAULT_API_URL)
     if cfg.raw_url:  # empty: the blob API, as when left out
         _check_url(cfg.raw_url, "--raw-url", DEFAULT_RAW_URL)
@@ -223,12 +215,7 @@ def _tree_files(entries: list[dict], prefix: str) -> list[TreeFile]:
     # Not submodules (type "commit": another repository's) nor EXCLUDED_DIRS (third-party code).
     return [TreeFile(prefix + e["path"], e["sha"], int(e.get("size", 0)), e.get("mode", ""))
             for e in entries if e.get("type") == "blob"
-            and not _in_excluded_dir(prefix + e["path"])]
-
-
-def _in_excluded_dir(path: str) -> bool:
-    """Whether a directory of ``path`` is one of EXCLUDED_DIRS."""
-    return not EXCLUDED_DIRS.isdisjoint(path.split("/")[:-1])
+            and EXCLUDED_DIRS.isdisjoint((prefix + e["path"]).split("/")[:-1])]
 
 
 def list_repo_files(client: GitHubClient, repo: str, commit: str) -> list[TreeFile] | None:
@@ -278,8 +265,6 @@ class GitHubScraper:
         self.allowed = expand_licenses(cfg.licenses)
         if cfg.workers < 1:
             raise ValueError(f"--workers {cfg.workers}: need at least 1")
-        if cfg.date_field not in ("created", "pushed"):
-            raise ValueError(f"--date-field {cfg.date_field!r}: choose created or pushed")
         _check_request_flags(cfg)
         self.client = client or GitHubClient(
             cfg.api_url, os.environ.get("GITHUB_TOKEN") or None, retries=cfg.retries,
@@ -383,7 +368,7 @@ class GitHubScraper:
             return "empty", []
         wanted, new_shas = [], set()
         for f in tree:
-            reason = self._reject_reason(f)
+            reason = "symlink" if f.mode == "120000" else self.filter.reject_reason(f.path, f.size)
             if reason is None and (f.sha in store.shas or f.sha in new_shas):
                 reason = "duplicate_sha"
             if reason:
@@ -403,11 +388,6 @@ class GitHubScraper:
             records.append(make_record(name, f.path, f.sha, license_id, stars, text))
         files["kept"] += len(records)
         return "scraped", records
-
-    def _reject_reason(self, f: TreeFile) -> str | None:
-        if f.mode == "120000":
-            return "symlink"
-        return self.filter.reject_reason(f.path, f.size)
 
     def _download(self, repo: str, commit: str, f: TreeFile) -> tuple[bytes | None, str | None]:
         """(the file's bytes, None), or (None, why) when GitHub will not serve it."""

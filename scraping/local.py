@@ -44,8 +44,7 @@ LICENSE_FROM_FILES = "from each source's licence file"
 @dataclass
 class LocalConfig:
     sources: list[str] = field(metadata={"help": "directories or git URLs to collect from"})
-    out: str = field(metadata={"help": "output JSONL file (appended one source at a time; a "
-                                       "stopped run resumes through OUT.state)"})
+    out: str = field(metadata={"help": "output JSONL file (a stopped run resumes via OUT.state)"})
     extensions: list[str] = field(
         default_factory=lambda: [".py"], metadata={"help": "file extensions to keep"})
     min_bytes: int = field(default=1, metadata={"help": "smallest file kept, in bytes"})
@@ -53,9 +52,8 @@ class LocalConfig:
     branch: str | None = field(
         default=None, metadata={"help": "branch or tag to clone (default: the remote's HEAD)"})
     license: str | None = field(
-        default=None, metadata={"help": "SPDX licence id recorded for every source; default: "
-                                        "each source's own, read from its LICENSE/COPYING "
-                                        "file as GitHub reads it"})
+        default=None, metadata={"help": "SPDX licence id of every source (default: each "
+                                        "source's LICENSE/COPYING file)"})
     licenses: list[str] | None = field(
         default=None,
         metadata={"help": "SPDX licence ids to accept, as 'scraping github --licenses' "

@@ -248,8 +248,7 @@ def test_a_trial_declared_dead_elsewhere_is_left_and_the_worker_goes_on(tmp_path
     assert hyperparam_tune.main(argv) == 0
     err = capsys.readouterr().err
     assert err.splitlines() == ["trial 0: another worker declared it dead (no heartbeat within "
-                                "--grace-period); this worker leaves it (queued again up to "
-                                "--max-retry times) and goes on"]
+                                "--grace-period); this worker goes on"]
     states = [t.state for t in load_study(storage, "dead").get_trials()]
     assert states == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
 
@@ -338,7 +337,7 @@ def test_a_trial_declared_dead_after_its_last_write_is_left_and_nothing_is_lost(
     assert hyperparam_tune.main(argv) == 0
     err = capsys.readouterr().err
     told = ("trial 0: another worker declared it dead (no heartbeat within --grace-period); "
-            "this worker leaves it (queued again up to --max-retry times) and goes on")
+            "this worker goes on")
     assert err.splitlines()[-1] == told and err.count(told) == 1 and "Traceback" not in err
     if outcome != "failed":  # a NaN trial's failure is told as every failure is
         assert err.splitlines() == [told]
@@ -382,8 +381,7 @@ def test_a_retry_waits_while_another_process_still_trains_its_run(tmp_path, corp
     monkeypatch.setattr(hyperparam_tune.time, "sleep", stopped)
     assert hyperparam_tune.main(argv) == 143
     holder = f"process {os.getpid()} on {socket.gethostname()}"  # trial 0's trainer wrote it
-    told = (f"trial 1: waiting for {run}, the run it continues: {holder} holds it (such "
-            "as the worker of an earlier trial of this run")
+    told = f"trial 1: waiting for {run}, the run it continues: {holder} holds it"
     err = capsys.readouterr().err
     assert err.startswith(told) and err.count("trial 1: waiting") == 1, err
     assert len(calls) == 1  # no trainer started on the held run
@@ -438,7 +436,7 @@ def test_a_long_wait_for_a_held_run_says_it_still_waits_and_for_whom(tmp_path, m
                              "on gpu-box-3 holds it")
     # after 750 s (the 3rd look, first past 600 s) and 1250 s is not past 750 + 600
     assert err[1:] == [f"trial 0: still waiting for {run} after 12 min; process 4242 on "
-                       "gpu-box-3 holds it: if it hangs, stop it, and this trial continues the run"]
+                       "gpu-box-3 holds it"]
     assert len(looks) == 5 and looks[0] == hyperparam_tune.RUN_POLL_S
 
 
@@ -793,8 +791,7 @@ def test_a_bf16_trial_queued_again_where_the_gpu_has_no_bf16_stops_in_the_sweeps
         t4.setattr(trainingmanager, "cuda_half_dtype", lambda device: torch.float16)
         assert hyperparam_tune.main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: trial 1 continues the run {run}, "
-                          "which trained in bf16"), err
+    assert err.startswith(f"error: trial 1 continues {run}, trained in bf16"), err
     assert "--precision" not in err and "--name" not in err
     assert "run the same command on a GPU with bf16" in err and "CPU" in err  # what to do
     assert err.count("\n") == 1 and "Traceback" not in err
@@ -1046,7 +1043,7 @@ def test_a_resume_in_the_base_values_is_refused(tmp_path, corpus, capsys, where)
     assert hyperparam_tune.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {source}{': base' if where == 'space base' else ''}: "
-                          "resume='runs/mine': each trial is a new run"), err
+                          "resume: each trial is a new run"), err
     assert err.rstrip().endswith("remove 'resume'") and not (tmp_path / "runs" / "res").exists()
 
 
@@ -1071,8 +1068,7 @@ def test_a_time_budget_is_refused(tmp_path, corpus, capsys, where):
     argv = tune_args(tmp_path, str(space), study_name="time", **flags)
     assert hyperparam_tune.main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {source}: max_time_s: every trial trains the same "
-                          "--max-steps"), err
+    assert err.startswith(f"error: {source}: max_time_s: trials share --max-steps"), err
     assert not (tmp_path / "runs" / "time").exists()
 
 
@@ -1648,7 +1644,7 @@ def journal_of_one_study(tmp_path: Path) -> tuple[hyperparam_tune.TuneConfig, Pa
 
 @pytest.mark.parametrize("damage, told", [
     (lambda b: b + b"garbage\n", ":3: not an Optuna journal line (not JSON: Expecting value"),
-    (lambda b: b + b"\xfb\n", ":3: not an Optuna journal line (not UTF-8 text)"),
+    (lambda b: b + b"\xfb\n", ":3: not an Optuna journal line (not JSON: 'utf-8' codec can't decode"),
     (lambda b: b + b"[1]\n", ":3: not an Optuna journal line (a JSON list, not an object)"),
     (lambda b: b + b'{"op_code": "x", "worker_id": "w"}\n', ':3: not an Optuna journal line '
      '(op_code is "x", not an integer)'),
@@ -1685,9 +1681,8 @@ def test_journal_with_a_torn_last_record_is_refused_with_its_fix(tmp_path):
         hyperparam_tune.open_storage(cfg)
     offset = whole.rindex(b"\n", 0, len(whole) - 1) + 1
     assert str(e.value) == (
-        f"{path}:2: the last line has no newline at its end: its record is incomplete (a write "
-        "cut off by a kill or a full disk leaves one). Remove that line "
-        f"(truncate -s {offset} {path}) to continue the study without that one record")
+        f"{path}:2: the last line has no newline at its end: its record is incomplete: remove "
+        f"that line (truncate -s {offset} {path}) to continue the study without it")
     assert path.read_bytes() == whole[:-20]
     os.truncate(path, offset)  # the fix it names
     study = hyperparam_tune.open_study(cfg, hyperparam_tune.open_storage(cfg))
@@ -1871,8 +1866,7 @@ def test_a_warmup_range_that_eats_the_budget_is_warned_of(tmp_path, corpus, caps
     space = tiny_space(tmp_path, corpus, {
         "warmup_steps": {"type": "int", "low": 0, "high": high}})
     assert hyperparam_tune.main(tune_args(tmp_path, space, study_name="w", n_trials=1)) == 0
-    message = (f"warning: {space}: params warmup_steps reaches 2 of the 4-step budget "
-               "(--max-steps): such trials spend half their steps or more warming up")
+    message = f"warning: {space}: params warmup_steps reaches 2 of --max-steps 4"
     assert (message in capsys.readouterr().err) == warned
 
 

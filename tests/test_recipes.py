@@ -744,8 +744,7 @@ def test_resume_with_other_eval_settings_names_the_runs_eval_dir_as_the_remedy(
     assert capsys.readouterr().err == (
         f"error: {evaluated / 'results.json'}: the results of a different evaluation (differs "
         f"in lm_windows (1 there, 2 now)); remove {evaluated}, then run the same command with "
-        "--resume to evaluate the run again with these settings (recipes.py evaluates a run into "
-        "its eval/)\n")
+        "--resume to evaluate the run again\n")
 
 
 @pytest.mark.parametrize("key, value, instead", [
