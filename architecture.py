@@ -10,9 +10,9 @@ pretrained.py.
 from __future__ import annotations
 
 if __name__ == "__main__":  # first: the imports below load torch for seconds
-    import cliconfig
+    import process
 
-    cliconfig.quiet_start_up_stops()
+    process.quiet_start_up_stops()
 
 import copy
 import math
@@ -586,7 +586,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
     import json
 
-    import cliconfig
+    import process
 
     parser = argparse.ArgumentParser(
         description="codelm's named model configurations (architecture.PRESETS): a table of "
@@ -595,9 +595,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("preset", nargs="?", choices=list(PRESETS),
                         help="print this preset's fields as JSON")
     args = parser.parse_args(argv)
-    return cliconfig.run_tool(lambda: print(
+    return process.run_tool(lambda: print(
         json.dumps(asdict(PRESETS[args.preset]), indent=2) if args.preset else presets_table()))
 
 
 if __name__ == "__main__":
-    sys.exit(cliconfig.run_main(main))
+    sys.exit(process.run_main(main))

@@ -22,7 +22,8 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-import cliconfig
+import process
+import settings
 from rundir import (
     ADAPTER_FILE,
     CONFIG_FILE,
@@ -150,7 +151,7 @@ DISK_FULL_MIB = 1.0
 
 
 def write_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
-    """``cliconfig.write_dir_atomically`` replacing ``target`` (a checkpoint, best/, export/), any
+    """``process.write_dir_atomically`` replacing ``target`` (a checkpoint, best/, export/), any
     failure of ``write`` one OSError naming ``target`` (and a full disk, measured as it fails)."""
     free_mib: list[float] = []
 
@@ -162,13 +163,13 @@ def write_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
             raise
 
     try:
-        cliconfig.write_dir_atomically(target, build, replace=True)
+        process.write_dir_atomically(target, build, replace=True)
     except Exception as err:
         if isinstance(err, OSError) and err.filename is not None:
             raise
         free = free_mib[0] if free_mib else shutil.disk_usage(Path(target).parent).free / 2**20
         cause = f"{type(err).__name__}: {err}"
-        if free < DISK_FULL_MIB or cliconfig.is_disk_full(err):
+        if free < DISK_FULL_MIB or process.is_disk_full(err):
             raise OSError(f"{target}: could not write it: the disk is full ({free:.0f} MiB free); "
                           f"free some space before going on; what was written before is intact "
                           f"({cause})") from None
@@ -270,7 +271,7 @@ def drop_old(run_dir: Path, keep_last: int) -> None:
     mid-removal leaves a partial write (removed at the next start), not a step-N without its
     weights."""
     for old in list_checkpoints(run_dir)[:-keep_last]:
-        doomed = cliconfig.partial_path(old, "tmp")
+        doomed = process.partial_path(old, "tmp")
         old.rename(doomed)
         shutil.rmtree(doomed)
 
@@ -345,7 +346,7 @@ def check_resume_config(cfg, run_dir: Path, resume_hint: str) -> dict | None:
                        if (c / CONFIG_FILE).is_file()), Path(run_dir) / CONFIG_FILE)
     if not saved_path.is_file():
         return None
-    saved, source = cliconfig.read_config_file(saved_path, "train")
+    saved, source = settings.read_config_file(saved_path, "train")
     now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # JSON's view, as config.json holds it
     compared = []
     for values in (saved, now):

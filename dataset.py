@@ -9,9 +9,9 @@ The default corpus is the Python standard library's source: present on every mac
 from __future__ import annotations
 
 if __name__ == "__main__":  # first: the imports below load torch for seconds
-    import cliconfig
+    import process
 
-    cliconfig.quiet_start_up_stops()
+    process.quiet_start_up_stops()
 
 import argparse
 import ast
@@ -42,7 +42,8 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-import cliconfig
+import process
+import settings
 from scraping.common import decode_source, has_extension, source_files
 from tokenizer import (
     ENCODING_VERSION,
@@ -159,7 +160,7 @@ class DataConfig:
         hints = typing.get_type_hints(DataConfig)
         for f in fields(self):
             value, hint = getattr(self, f.name), hints[f.name]
-            if problem := cliconfig.type_error(hint, value):
+            if problem := settings.type_error(hint, value):
                 raise DataError(f"DataConfig.{f.name} {problem}")
             if f.name in _MINIMUMS and value is not None and value < _MINIMUMS[f.name]:
                 raise DataError(f"DataConfig.{f.name} must be >= {_MINIMUMS[f.name]}, got {value}")
@@ -870,13 +871,13 @@ def corpus_key(cfg: DataConfig) -> str:
 def publish_cache_entry(final: Path, build: Callable[[Path], object],
                         replace: bool = False) -> None:
     """Build the cache entry ``final`` (a corpus, a task's token files, a tokenizer) in a temporary
-    directory and rename it into place (``cliconfig.write_dir_atomically``, which also removes
+    directory and rename it into place (``process.write_dir_atomically``, which also removes
     what dead builders left). Without ``replace`` the first complete build of the key stays. A
     full disk is reported naming the cache directory, which the user may not know of."""
     try:
-        cliconfig.write_dir_atomically(final, build, replace=replace)
+        process.write_dir_atomically(final, build, replace=replace)
     except OSError as err:
-        full = cliconfig.is_disk_full(err)
+        full = process.is_disk_full(err)
         if err.filename is not None and not full:
             raise
         advice = (": free space, or move the data cache with CODELM_CACHE=DIR (or the cache_dir "
@@ -1236,8 +1237,8 @@ _FINGERPRINT_PREFIX = "codelm-tokenizer-"
 def tokenizer_fingerprint(tokenizer) -> str:
     """Hash of the tokenizer's saved files, role ids and ``ENCODING_VERSION``: the cache changes
     when the ids can. The temp directory is named after this process, for a later run to remove."""
-    cliconfig.remove_dead_owners(tempfile.gettempdir(), _FINGERPRINT_PREFIX)
-    with tempfile.TemporaryDirectory(prefix=_FINGERPRINT_PREFIX + cliconfig.owner_tag()) as d:
+    process.remove_dead_owners(tempfile.gettempdir(), _FINGERPRINT_PREFIX)
+    with tempfile.TemporaryDirectory(prefix=_FINGERPRINT_PREFIX + process.owner_tag()) as d:
         target = Path(d) / "tokenizer"
         target.mkdir()
         tokenizer.save(str(target))
@@ -1787,24 +1788,24 @@ def main(argv: list[str] | None = None) -> int:
         "it, and print counts per stage.", argument_default=argparse.SUPPRESS)
     parser.add_argument("--tokenizer",
                         help="tokenizer file/dir; without one only the cleaned corpus is built")
-    cliconfig.add_config_flags(parser, DataConfig, _CHOICES)
+    settings.add_config_flags(parser, DataConfig, _CHOICES)
     flags = vars(parser.parse_args(argv))
     tokenizer_path = flags.pop("tokenizer", None)
     try:
-        with cliconfig.interrupt_on_sigterm():
-            cfg = cliconfig.config_from_dict(DataConfig, flags, "command line", _CHOICES)
+        with process.interrupt_on_sigterm():
+            cfg = settings.config_from_dict(DataConfig, flags, "command line", _CHOICES)
             if cfg.use_cache:
                 make_cache_dir(cfg.cache_dir, "--cache-dir" if "cache_dir" in flags else None)
             tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
             data = prepare(cfg, tokenizer)
     except (ValueError, OSError) as exc:
-        message = cliconfig.os_error_message(exc) if isinstance(exc, OSError) else exc
+        message = process.os_error_message(exc) if isinstance(exc, OSError) else exc
         print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         print("interrupted: no half-built cache entry is kept; the same command builds it",
               file=sys.stderr)
-        return cliconfig.interrupted_exit_code(exc)
+        return process.interrupted_exit_code(exc)
     _print_stats(data.stats)
     if data.cache_path is not None:
         print(f"cached at {data.cache_path}")
@@ -1812,4 +1813,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cliconfig.run_main(main))
+    sys.exit(process.run_main(main))

@@ -13,9 +13,9 @@ completion of TEXT instead.
 from __future__ import annotations
 
 if __name__ == "__main__":  # first: the imports below load torch for seconds
-    import cliconfig
+    import process
 
-    cliconfig.quiet_start_up_stops()
+    process.quiet_start_up_stops()
 
 import argparse
 import ast
@@ -41,8 +41,9 @@ import torch
 from rapidfuzz.distance import Indel
 from tqdm import tqdm
 
-import cliconfig
+import process
 import rundir
+import settings
 from generation import MIN_TEMPERATURE, GenerationConfig, generate, stream
 from sandbox import MIN_MEMORY_MB, SandboxConfig, SandboxResult, kill_running, run_python
 
@@ -407,10 +408,10 @@ class EvalConfig:
     out_dir: str | None = None  # default: <runs_dir>/eval-<timestamp>
     progress: bool = True  # progress bars
 
-    def validate(self, where_set: Callable[[str], str] = cliconfig.flag_of) -> None:
+    def validate(self, where_set: Callable[[str], str] = settings.flag_of) -> None:
         """Refuse impossible settings, naming each key, its value and where the user set it."""
         def named(key: str) -> str:
-            return cliconfig.setting(self, key, where_set)
+            return settings.setting(self, key, where_set)
 
         def need(ok: bool, key: str, why: str) -> None:
             if not ok:
@@ -468,7 +469,7 @@ class EvalConfig:
         known = {f.name for f in fields(DataConfig)} - {"task", "sources", "block_size", "progress"}
         if unknown := [k for k in self.data_options if k not in known]:
             need(False, "data_options", f"unknown DataConfig key {unknown[0]!r}; "
-                 + cliconfig.key_hint(unknown[0], known, "DataConfig"))
+                 + settings.key_hint(unknown[0], known, "DataConfig"))
 
 
 def sandbox_config(cfg: EvalConfig) -> SandboxConfig:
@@ -477,9 +478,9 @@ def sandbox_config(cfg: EvalConfig) -> SandboxConfig:
 
 
 def config_from_dict(values: dict, source: str = "<dict>",
-                     where_set: Callable[[str], str] = cliconfig.flag_of) -> EvalConfig:
+                     where_set: Callable[[str], str] = settings.flag_of) -> EvalConfig:
     """A validated EvalConfig from JSON-like values; errors name the source and the key."""
-    cfg = cliconfig.config_from_dict(EvalConfig, values, source)
+    cfg = settings.config_from_dict(EvalConfig, values, source)
     cfg.validate(where_set)
     return cfg
 
@@ -573,7 +574,7 @@ def _loaded_weights(run_dir: Path, weights: Path) -> dict:
 
     record = weights / rundir.EXPORT_RECORD
     if weights.name == rundir.EXPORT_DIR and record.is_file():
-        step = cliconfig.read_json_object(record, "export record").get("best_step")
+        step = settings.read_json_object(record, "export record").get("best_step")
     elif weights.name in (rundir.EXPORT_DIR, rundir.BEST_DIR):
         step = tm.best_step(run_dir)
     else:
@@ -596,7 +597,7 @@ def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
     import lora
     import trainingmanager as tm
 
-    config = cliconfig.read_json_object(run_dir / rundir.CONFIG_FILE, "run config")
+    config = settings.read_json_object(run_dir / rundir.CONFIG_FILE, "run config")
     export = run_dir / rundir.EXPORT_DIR
     tok_dir = _run_tokenizer(run_dir, tokenizer)
     stale = tm.stale_export(run_dir)
@@ -1343,7 +1344,7 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
         results.update(complete=not pending, pending=pending, rows=rows,
                        table=markdown_table(rows, note))
         progress.table = results["table"]  # printed on a stop, even one in _save: not lost
-        with cliconfig.stops_deferred():  # a stop's report must say what results.json holds
+        with process.stops_deferred():  # a stop's report must say what results.json holds
             _save(progress.out_dir, results, records)
             progress.saved.append(lm.label)
             progress.running = None
@@ -1410,7 +1411,7 @@ def check_settings_unchanged(cfg: EvalConfig, remedy: str) -> None:
     path = Path(cfg.out_dir or "") / "results.json"
     if cfg.out_dir is None or not path.is_file():
         return
-    changed = _changed_settings(cliconfig.read_json_object(path, "evaluation results"),
+    changed = _changed_settings(settings.read_json_object(path, "evaluation results"),
                                 asdict(cfg), skip_unset=True)
     if changed:
         raise _different_evaluation(path, changed, remedy)
@@ -1423,7 +1424,7 @@ def _finished_models(out: Path, results: dict, remedy: str,
     path = out / "results.json"
     if not path.exists():
         return [], []
-    old = cliconfig.read_json_object(path, "evaluation results")
+    old = settings.read_json_object(path, "evaluation results")
     changed = _changed_settings(old, results["config"])
     if not changed and not _same_models(old["models"], results["models"]):
         if replace_other_weights:
@@ -1504,10 +1505,10 @@ def _evaluate_model(lm: LoadedModel, cfg: EvalConfig, docs: Sequence, examples: 
 def _save(out: Path, results: dict, records: Sequence[dict]) -> None:
     """The results so far; results.json last, so it never lists a model whose predictions are
     not on disk."""
-    cliconfig.write_atomic(out / "predictions.jsonl",
+    process.write_atomic(out / "predictions.jsonl",
                   "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    cliconfig.write_atomic(out / "table.md", results["table"] + "\n")
-    cliconfig.write_atomic(out / "results.json", json.dumps(results, indent=1))
+    process.write_atomic(out / "table.md", results["table"] + "\n")
+    process.write_atomic(out / "results.json", json.dumps(results, indent=1))
 
 
 # ---- CLI ----------------------------------------------------------------------------------
@@ -1522,14 +1523,14 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="JSON file of EvalConfig keys, or a recipe "
                         "(configs/*.json) whose 'eval' section is read; flags override it")
-    return cliconfig.add_config_flags(parser, EvalConfig)
+    return settings.add_config_flags(parser, EvalConfig)
 
 
 def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
     """Defaults < ``--config`` file (a recipe's ``eval`` section) < command-line flags."""
     args = vars(build_parser().parse_args(argv))
-    cfg = cliconfig.resolve_config(EvalConfig, args, "eval")
-    cfg.validate(cliconfig.where_set_in(args, "eval"))
+    cfg = settings.resolve_config(EvalConfig, args, "eval")
+    cfg.validate(settings.where_set_in(args, "eval"))
     return cfg
 
 
@@ -1545,18 +1546,18 @@ def _stopped(progress: EvalProgress, message: str, code: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     progress = EvalProgress()
     try:
-        with cliconfig.interrupt_on_sigterm():  # so finished models are saved, samples killed
+        with process.interrupt_on_sigterm():  # so finished models are saved, samples killed
             cfg = parse_config(argv)
             if cfg.prompt is not None:
                 complete(cfg)
                 return 0
             results = evaluate(cfg, progress)
     except KeyboardInterrupt as stop:
-        return _stopped(progress, "interrupted", cliconfig.interrupted_exit_code(stop))
+        return _stopped(progress, "interrupted", process.interrupted_exit_code(stop))
     except ValueError as err:
         return _stopped(progress, f"error: {err}", 2)
     except OSError as err:  # an unreadable model file, a full disk
-        return _stopped(progress, f"error: {cliconfig.os_error_message(err)}", 2)
+        return _stopped(progress, f"error: {process.os_error_message(err)}", 2)
     except (torch.OutOfMemoryError, MemoryError) as err:  # the run failed, not the settings
         return _stopped(progress, f"error: out of memory ({err}); a smaller --batch-size "
                         "needs less (a smaller --max-new-tokens too, in a new --out-dir)", 1)
@@ -1569,4 +1570,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cliconfig.run_main(main))
+    sys.exit(process.run_main(main))

@@ -11,9 +11,9 @@ from __future__ import annotations
 if __name__ == "__main__":  # first: the imports below load torch for seconds
     import sys
 
-    import cliconfig
+    import process
 
-    cliconfig.quiet_start_up_stops(quiet="--worker" in sys.argv)  # its parent tells a stop
+    process.quiet_start_up_stops(quiet="--worker" in sys.argv)  # its parent tells a stop
 
 import argparse
 import contextlib
@@ -45,8 +45,9 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
-import cliconfig
+import process
 import rundir
+import settings
 import trainingmanager
 from trainingmanager import NonFiniteLossError, TrainConfig
 
@@ -212,7 +213,7 @@ def _check_spec_types(spec: typing.Any, where: str) -> None:
     number = int if kind == "int" else float
     for field in ("low", "high", "step"):
         value = spec.get(field, 0)  # JSON's true/false are Python ints: refused too
-        if (not cliconfig.is_number(value, number)
+        if (not settings.is_number(value, number)
                 or isinstance(value, float) and not math.isfinite(value)):
             what = "an integer" if kind == "int" else "a finite number"
             raise ValueError(f"{where}.{field}: must be {what}, got {value!r}")
@@ -246,7 +247,7 @@ def load_space(space: str) -> SearchSpace:
         builtin = sorted(p.stem for p in SPACES_DIR.glob("*.json"))
         raise ValueError(f"search space {space!r}: not a built-in space {builtin} nor a file")
     source = str(path)
-    data = cliconfig.read_json_object(path, "search space", strict=True)
+    data = settings.read_json_object(path, "search space", strict=True)
     if not isinstance(data.get("params"), dict) or not data["params"]:
         raise ValueError(f"{source}: a search space is an object with a non-empty 'params' object")
     unknown = set(data) - {"description", "requires", "base", "params"}
@@ -272,7 +273,7 @@ def load_space(space: str) -> SearchSpace:
         where = f"{source}: params.{name}"
         if name not in known:
             raise ValueError(f"{where}: not a TrainConfig key; "
-                             f"{cliconfig.key_hint(name, known, 'TrainConfig')}")
+                             f"{settings.key_hint(name, known, 'TrainConfig')}")
         _check_spec_types(spec, where)
         if spec["type"] == "categorical":
             for choice in spec["choices"]:
@@ -522,7 +523,7 @@ def where_set(cfg: TuneConfig, space: SearchSpace, base: dict) -> Callable[[str]
                       f"{spec['low']} to {spec['high']}")
             return f"the range of params.{key} in {space.source} (now {values})"
         if key in ("max_steps", "eval_every"):  # the sweep's flags of the same name
-            return cliconfig.flag_of(key)
+            return settings.flag_of(key)
         if key in base:
             return f"--train-config {cfg.train_config}"
         if key in space.base:
@@ -882,7 +883,7 @@ def claim_study_dir(cfg: TuneConfig, study: optuna.Study) -> None:
     owner_file = study_dir(cfg) / OWNER_FILE
     mine = _storage_label(cfg)
     if owner_file.is_file():
-        owner = cliconfig.read_json_object(owner_file, "study owner")
+        owner = settings.read_json_object(owner_file, "study owner")
         if owner.get("format_version") != FORMAT_VERSION or not isinstance(
                 owner.get("storage"), str):
             raise ValueError(f"{owner_file}: not a study.json of format_version "
@@ -897,7 +898,7 @@ def claim_study_dir(cfg: TuneConfig, study: optuna.Study) -> None:
         raise ValueError(f"{trials_dir} holds the trials of a study that storage {mine} does not "
                          "have: move them away, or use another --out-dir")
     if not owner_file.is_file():
-        cliconfig.write_atomic(owner_file, json.dumps(
+        process.write_atomic(owner_file, json.dumps(
             {"format_version": FORMAT_VERSION, "storage": mine}) + "\n")
 
 
@@ -932,7 +933,7 @@ def write_reports(study: optuna.Study, cfg: TuneConfig) -> dict | None:
                      trial_reason(t, retried_by)])
     table = io.StringIO(newline="")
     csv.writer(table).writerows(rows)
-    cliconfig.write_atomic(out / "trials.csv", table.getvalue())
+    process.write_atomic(out / "trials.csv", table.getvalue())
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = None
     if complete:
@@ -940,14 +941,14 @@ def write_reports(study: optuna.Study, cfg: TuneConfig) -> dict | None:
         best = {**absolute_paths(best_trial.user_attrs[ATTR_CONFIG], "best trial"),
                 "name": f"{cfg.study_name}-best", "out_dir": str(Path(cfg.out_dir).absolute())}
         trainingmanager.config_from_dict(best, "best trial")
-        cliconfig.write_atomic(out / "best.json", json.dumps(best, indent=2) + "\n")
+        process.write_atomic(out / "best.json", json.dumps(best, indent=2) + "\n")
     importances = {}
     if len(complete) >= 2:
         try:
             importances = optuna.importance.get_param_importances(study)
         except (RuntimeError, ValueError) as e:  # e.g. no parameter varied among complete trials
             importances = {"unavailable": str(e)}
-    cliconfig.write_atomic(out / "importances.json", json.dumps(importances, indent=2) + "\n")
+    process.write_atomic(out / "importances.json", json.dumps(importances, indent=2) + "\n")
     return best
 
 
@@ -1010,7 +1011,7 @@ def _quiet_optuna() -> None:
 def _check_ranges(cfg: TuneConfig, where_set: Callable[[str], str]) -> TuneConfig:
     """Value checks the types alone do not make, each naming where the user set the key."""
     def named(key: str) -> str:
-        return cliconfig.setting(cfg, key, where_set)
+        return settings.setting(cfg, key, where_set)
 
     name = cfg.study_name
     if name in ("", ".", "..") or any(sep in name for sep in {"/", os.sep, os.altsep or "/"}):
@@ -1032,8 +1033,8 @@ def _check_ranges(cfg: TuneConfig, where_set: Callable[[str], str]) -> TuneConfi
 
 def config_from_dict(values: dict, source: str = "<dict>") -> TuneConfig:
     """A TuneConfig from JSON-like values; errors name the source and the key."""
-    cfg = cliconfig.config_from_dict(TuneConfig, values, source, _CHOICES)
-    return _check_ranges(cfg, lambda key: source if key in values else cliconfig.flag_of(key))
+    cfg = settings.config_from_dict(TuneConfig, values, source, _CHOICES)
+    return _check_ranges(cfg, lambda key: source if key in values else settings.flag_of(key))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1044,15 +1045,15 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("--config", help="JSON file of TuneConfig keys; flags override it")
-    return cliconfig.add_config_flags(parser, TuneConfig, _CHOICES)
+    return settings.add_config_flags(parser, TuneConfig, _CHOICES)
 
 
 def parse_config(argv: Sequence[str] | None = None) -> TuneConfig:
     """Defaults < ``--config`` file < command-line flags."""
     args = vars(build_parser().parse_args(argv))
-    cfg = cliconfig.resolve_config(TuneConfig, args, section="tune", choices=_CHOICES)
+    cfg = settings.resolve_config(TuneConfig, args, section="tune", choices=_CHOICES)
     cfg = dataclasses.replace(cfg, storage=absolute_sqlite(cfg.storage))
-    return _check_ranges(cfg, cliconfig.where_set_in(args, "tune"))
+    return _check_ranges(cfg, settings.where_set_in(args, "tune"))
 
 
 def absolute_sqlite(url: str | None) -> str | None:
@@ -1073,7 +1074,7 @@ WORKER_COMMAND = (sys.executable, str(ROOT / "hyperparam_tune.py"))
 def _start_workers(cfg: TuneConfig, sweep: str) -> list[subprocess.Popen]:
     config_file = study_dir(cfg) / "tune_config.json"
     worker_cfg = {**dataclasses.asdict(cfg), "progress": False}
-    cliconfig.write_atomic(config_file, json.dumps(worker_cfg, indent=2) + "\n")
+    process.write_atomic(config_file, json.dumps(worker_cfg, indent=2) + "\n")
     env = {**os.environ, PARENT_ENV: str(os.getpid()), SWEEP_ENV: sweep}
     # Their own session: a stop signal reaches them once, forwarded by this process.
     return [subprocess.Popen([*WORKER_COMMAND, "--config", str(config_file), "--worker", str(i)],
@@ -1129,7 +1130,7 @@ def _run_workers(cfg: TuneConfig, study: optuna.Study, bar: tqdm, sweep: str) ->
             bar.update(min(study_progress(study)[0], cfg.n_trials) - bar.n)
             time.sleep(1)
     except KeyboardInterrupt as e:
-        stop = cliconfig.stop_signal(e)
+        stop = process.stop_signal(e)
         for p in procs:
             if p.poll() is None:
                 p.send_signal(stop)
@@ -1212,20 +1213,20 @@ def tune(cfg: TuneConfig) -> TuneResult:
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = None
     try:
-        with cliconfig.interrupt_on_sigterm():
+        with process.interrupt_on_sigterm():
             cfg = parse_config(argv)
             result = tune(cfg)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # e.g. --out-dir or --storage where no directory can be made
-        print(f"error: {cliconfig.os_error_message(e)}", file=sys.stderr)
+        print(f"error: {process.os_error_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         if cfg is None or not cfg.worker:  # a worker's parent says it, once
             print("interrupted: run the same command again to continue the study",
                   file=sys.stderr)
-        return cliconfig.interrupted_exit_code(e)
+        return process.interrupted_exit_code(e)
     if cfg.worker:  # it ran its trials; the parent judges the study (and writes best.json)
         return 0
     if result.worker_status:  # its error was told by the worker, and its status by the parent
@@ -1235,4 +1236,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cliconfig.run_main(main))
+    sys.exit(process.run_main(main))

@@ -4,9 +4,9 @@ a quantized base (int8 or NF4) for QLoRA."""
 from __future__ import annotations
 
 if __name__ == "__main__":  # first: the imports below load torch for seconds
-    import cliconfig
+    import process
 
-    cliconfig.quiet_start_up_stops()
+    process.quiet_start_up_stops()
 
 import json
 import math
@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-import cliconfig
 import pretrained
+import process
+import settings
 from architecture import Transformer, dropout
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -66,7 +67,7 @@ class LoRAConfig:
         # Types first: a hand-edited adapter_config.json fails here, naming the field.
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
-        number = cliconfig.is_number
+        number = settings.is_number
         for name, ok, want in (
                 ("r", number(self.r, int) and self.r > 0, "a positive integer"),
                 ("alpha", number(self.alpha) and math.isfinite(self.alpha), "a finite number"),
@@ -692,7 +693,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path,
     }
     out.mkdir(parents=True, exist_ok=True)
     # As a set (config last, as save_pretrained): a failed save leaves the last adapter whole.
-    cliconfig.write_atomic_files({
+    process.write_atomic_files({
         out / ADAPTER_WEIGHTS: partial(pretrained.write_safetensors, tensors=tensors,
                                        metadata={FORMAT_KEY: FORMAT_VERSION}),
         out / ADAPTER_CONFIG: json.dumps(config, indent=2, sort_keys=True) + "\n",
@@ -720,7 +721,7 @@ def read_adapter_config(path: str | Path, config_name: str = ADAPTER_CONFIG) -> 
     if not file.is_file():
         raise ValueError(f"{file}: not found; an adapter directory holds {ADAPTER_CONFIG} and "
                          f"{ADAPTER_WEIGHTS}{adapters_below(path)}")
-    raw = cliconfig.read_json_object(file, "adapter config")
+    raw = settings.read_json_object(file, "adapter config")
     if raw.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{file}: peft_type {raw['peft_type']!r} is not LORA")
     for key, unused in _UNSUPPORTED_PEFT_KEYS.items():
@@ -745,7 +746,7 @@ def adapter_base(adapter_dir: str | Path, remedy: str, config_name: str = ADAPTE
                  ) -> Path:
     """The local base model an adapter's config names; ``remedy`` ends the error otherwise."""
     file = Path(adapter_dir) / config_name
-    base = cliconfig.read_json_object(file, "adapter config").get("base_model_name_or_path")
+    base = settings.read_json_object(file, "adapter config").get("base_model_name_or_path")
     if not base or not Path(base).is_dir():
         raise ValueError(f"{file}: base_model_name_or_path {base!r} is not a local directory; "
                          f"{remedy}")
@@ -946,8 +947,8 @@ def main(argv: list[str] | None = None) -> int:
               f"({len(report.modules)} codelm modules) merged into {base} "
               f"({model.wte.weight.dtype})")
 
-    return cliconfig.run_tool(merge, "interrupted: nothing written")
+    return process.run_tool(merge, "interrupted: nothing written")
 
 
 if __name__ == "__main__":
-    sys.exit(cliconfig.run_main(main))
+    sys.exit(process.run_main(main))

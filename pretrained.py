@@ -4,9 +4,9 @@ exporting and LoRA targeting), and load/save that never hold two copies of the w
 from __future__ import annotations
 
 if __name__ == "__main__":  # first: the imports below load torch for seconds
-    import cliconfig
+    import process
 
-    cliconfig.quiet_start_up_stops()
+    process.quiet_start_up_stops()
 
 import json
 import mmap
@@ -21,8 +21,9 @@ from typing import BinaryIO
 
 import torch
 
-import cliconfig
+import process
 import rundir
+import settings
 from architecture import (
     FAMILIES,
     LLAMA3_SCALING_KEYS,
@@ -547,7 +548,7 @@ class TensorSource:
 
     @staticmethod
     def _shards(index: Path) -> list[Path]:
-        weight_map = cliconfig.read_json_object(index, "shard index").get("weight_map")
+        weight_map = settings.read_json_object(index, "shard index").get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: corrupt shard index (no 'weight_map' object)")
         bad = next((k for k, f in weight_map.items() if not isinstance(f, str) or not f), None)
@@ -605,7 +606,7 @@ def read_config(directory: str | Path) -> tuple[ModelConfig, dict]:
     path = Path(directory) / "config.json"
     if not path.exists():
         raise ValueError(f"{path}: not found (is {directory} an HF checkpoint directory?)")
-    hf = cliconfig.read_json_object(path, "model config")
+    hf = settings.read_json_object(path, "model config")
     model_type = hf.get("model_type")
     if _is_run_config(hf):
         run = Path(directory)  # or its best/ or one of its checkpoints: the run's weight files
@@ -803,7 +804,7 @@ def save(model: Transformer, directory: str | Path, max_shard_bytes: int = 5 * 2
     files = _weight_files(tensors, shards)
     files["config.json"] = json.dumps(config, indent=2) + "\n"
     directory.mkdir(parents=True, exist_ok=True)
-    cliconfig.write_atomic_files({directory / name: data for name, data in files.items()})
+    process.write_atomic_files({directory / name: data for name, data in files.items()})
     _remove_stale_weights(directory, set(files))
 
 
@@ -819,7 +820,7 @@ def check_nothing_else_there(directory: Path, writer: str, adapter: bool = False
     """Refuse a directory holding a run's TrainConfig, or a model beside an adapter (or back)."""
     config = directory / "config.json"
     try:
-        is_run = config.is_file() and _is_run_config(cliconfig.read_json_object(config))
+        is_run = config.is_file() and _is_run_config(settings.read_json_object(config))
     except ValueError:  # an unreadable config.json is replaced, as any other
         is_run = False
     model = next((f for f in MODEL_WEIGHT_FILES if (directory / f).is_file()), None)
@@ -835,11 +836,11 @@ def check_nothing_else_there(directory: Path, writer: str, adapter: bool = False
 
 
 def _weight_files(tensors: dict[str, torch.Tensor],
-                  shards: list[list[str]]) -> dict[str, cliconfig.FileContent]:
+                  shards: list[list[str]]) -> dict[str, process.FileContent]:
     """File name -> content (a streaming writer): model.safetensors, or the shards and index."""
     if len(shards) == 1:
         return {"model.safetensors": partial(write_safetensors, tensors=tensors)}
-    files: dict[str, cliconfig.FileContent] = {}
+    files: dict[str, process.FileContent] = {}
     weight_map = {}
     for k, names in enumerate(shards, 1):
         fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
@@ -907,7 +908,7 @@ def export_checkpoint(out: str | Path, save_weights: Callable[[Path], object],
             if (source / name).is_file():
                 shutil.copy2(source / name, tmp / name)
 
-    if not cliconfig.write_dir_atomically(out, build, replace=False):
+    if not process.write_dir_atomically(out, build, replace=False):
         raise ValueError(f"{out} was written by another process meanwhile; name a new directory")
     return out
 
@@ -941,8 +942,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             print(f"note: {e}", file=sys.stderr)
 
-    return cliconfig.run_tool(convert, "interrupted: nothing written")
+    return process.run_tool(convert, "interrupted: nothing written")
 
 
 if __name__ == "__main__":
-    sys.exit(cliconfig.run_main(main))
+    sys.exit(process.run_main(main))

@@ -6,9 +6,9 @@ the loss fell and the saved adapter computes what the merged export computes."""
 from __future__ import annotations
 
 if __name__ == "__main__":  # first: the imports below load torch for seconds
-    import cliconfig
+    import process
 
-    cliconfig.quiet_start_up_stops()
+    process.quiet_start_up_stops()
 
 import argparse
 import ast
@@ -25,9 +25,10 @@ from types import SimpleNamespace
 
 import torch
 
-import cliconfig
 import eval as ev
+import process
 import rundir
+import settings
 import trainingmanager as tm
 from scraping import is_git_source
 
@@ -45,8 +46,8 @@ class Recipe:
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe; errors name the file, the section and the key."""
     path = Path(path)
-    raw = cliconfig.read_json_object(path, "recipe", strict=True)
-    cliconfig.check_recipe_keys(raw, path)
+    raw = settings.read_json_object(path, "recipe", strict=True)
+    settings.check_recipe_keys(raw, path)
     sections = {}
     for name in ("train", "eval"):
         section = raw.get(name)
@@ -128,7 +129,7 @@ def check_family(model_dir: str, preset: str | None) -> None:
     config = Path(model_dir) / rundir.HF_CONFIG
     if preset not in PRESETS or not config.is_file():
         return  # trainingmanager reports a missing or malformed checkpoint itself
-    found = cliconfig.read_json_object(config, "model config").get("model_type")
+    found = settings.read_json_object(config, "model config").get("model_type")
     if found is None:
         read_config(model_dir)  # says what it is instead (a codelm run directory, ...)
     want = PRESETS[preset].family
@@ -349,7 +350,7 @@ def check_train_values(values: dict, source: str,
     """What training would check before its first step, checked before the last run is replaced."""
     from tokenizer import load_tokenizer
 
-    where_set = where_set or cliconfig.flag_of
+    where_set = where_set or settings.flag_of
     cfg = tm.with_init_adapter(tm.config_from_dict(values, source), where_set=where_set)
     tm.validate_config(cfg, where_set)
     tm.data_config(cfg, cfg.block_size or SMOKE_BLOCK)
@@ -402,7 +403,7 @@ _SET_FLAG = {"repeat": True, "metavar": "SECTION.KEY=VALUE"}
 
 @dataclass
 class RecipeOptions:
-    """Flags of ``python recipes.py`` (``cliconfig.add_config_flags``; ``recipe`` positional)."""
+    """Flags of ``python recipes.py`` (``settings.add_config_flags``; ``recipe`` positional)."""
 
     recipe: str  # a recipe file, e.g. configs/refactotron.json
     smoke: bool = False  # tiny random checkpoint of the family + small stdlib sample
@@ -485,7 +486,7 @@ class TrainedRunInterrupted(KeyboardInterrupt):
     """A stop after training returned: the run is saved, and ``--resume`` evaluates it."""
 
     def __init__(self, stop: KeyboardInterrupt, run_dir: Path):
-        super().__init__(*stop.args)  # the signal's name, for cliconfig.interrupted_exit_code
+        super().__init__(*stop.args)  # the signal's name, for process.interrupted_exit_code
         self.run_dir = run_dir
 
 
@@ -583,7 +584,7 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
     values.update(name=name, out_dir=str(out_dir), device=opts.device, progress=opts.progress,
                   resume=str(out_dir / name) if opts.resume else None)
     values = _with_flags(values, opts)
-    own = {key: cliconfig.flag_of(flag) for flag, key in OWN_FLAGS.items()
+    own = {key: settings.flag_of(flag) for flag, key in OWN_FLAGS.items()
            if getattr(opts, flag)}
     own["device"] = "--device"
     where_set = partial(where_in_recipe, opts.recipe, typed=typed, own=own)
@@ -695,13 +696,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="recipes.py", argument_default=argparse.SUPPRESS,  # RecipeOptions' defaults hold
         description="Train and evaluate one seed project's recipe (configs/*.json) with one "
         "command; --smoke runs it on a tiny random checkpoint of the same family in seconds.")
-    return cliconfig.add_config_flags(parser, RecipeOptions, positional=("recipe",))
+    return settings.add_config_flags(parser, RecipeOptions, positional=("recipe",))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     opts = None  # a stop while the flags are read is told too, not a traceback
     try:
-        with cliconfig.interrupt_on_sigterm():
+        with process.interrupt_on_sigterm():
             opts = RecipeOptions(**vars(build_parser().parse_args(argv)))
             report = run_recipe(opts)
     except tm.RUN_ERRORS as e:
@@ -717,10 +718,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:  # before training, or before its first checkpoint: no run to resume
             print("interrupted before the first checkpoint: nothing to resume; run the same "
                   "command again", file=sys.stderr)
-        return cliconfig.interrupted_exit_code(e)
+        return process.interrupted_exit_code(e)
     print(summary(report))
     if report.train.interrupted:
-        return cliconfig.interrupted_exit_code(report.train.interrupted)
+        return process.interrupted_exit_code(report.train.interrupted)
     problems = smoke_problems(report) if opts.smoke else []
     for problem in problems:
         print(f"smoke check failed: {problem}", file=sys.stderr)
@@ -728,4 +729,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cliconfig.run_main(main))
+    sys.exit(process.run_main(main))

@@ -15,7 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import cliconfig
+import process
+import settings
 
 # runs/<name>/ holds CONFIG_FILE, METRICS_FILE, tokenizer.json, LOCK_FILE, TB_DIR/,
 # CHECKPOINTS_DIR/<CHECKPOINT_PREFIX>N/, BEST_DIR/, EXPORT_DIR/ and EVAL_DIR/ (and
@@ -69,7 +70,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def best_step(run_dir: Path) -> int | None:
     """The step whose weights a run's best/ holds (None: no best/ yet)."""
     path = Path(run_dir) / BEST_DIR / BEST_METRICS
-    return cliconfig.read_json_object(path, "best metrics").get("step") if path.is_file() else None
+    return settings.read_json_object(path, "best metrics").get("step") if path.is_file() else None
 
 
 def stale_export(run_dir: Path) -> str | None:
@@ -78,7 +79,7 @@ def stale_export(run_dir: Path) -> str | None:
     record = Path(run_dir) / EXPORT_DIR / EXPORT_RECORD
     if not record.is_file():
         return None
-    exported = cliconfig.read_json_object(record, "export record").get("best_step")
+    exported = settings.read_json_object(record, "export record").get("best_step")
     best = best_step(run_dir)
     if best is None or exported == best:
         return None
@@ -104,7 +105,7 @@ def failed_before_weights(run_dir: Path) -> bool:
     """Whether a directory holds only a codelm run that stopped before writing any weights: its
     config.json reads as a run's, and there is no weights file anywhere in it."""
     try:
-        config = cliconfig.read_json_object(run_dir / CONFIG_FILE, "run config")
+        config = settings.read_json_object(run_dir / CONFIG_FILE, "run config")
     except (ValueError, OSError):
         return False
     if not RUN_CONFIG_KEYS <= set(config):
@@ -163,13 +164,13 @@ def what_next(hint: str, restarts: bool = False) -> str:
 
 
 def lock_holder(lock: Path) -> str | None:
-    """Who holds ``lock``, as its run wrote it (``cliconfig.owner_tag``): "process PID on HOST";
+    """Who holds ``lock``, as its run wrote it (``process.owner_tag``): "process PID on HOST";
     None when unknown or ended (the file keeps the last holder's tag)."""
     try:
-        match = re.fullmatch(cliconfig.OWNER_PATTERN, lock.read_text().strip())
+        match = re.fullmatch(process.OWNER_PATTERN, lock.read_text().strip())
     except (OSError, UnicodeDecodeError):
         return None
-    if match is None or cliconfig.owner_is_dead(match):
+    if match is None or process.owner_is_dead(match):
         return None
     return f"process {match['pid']} on {match['host']}"
 
@@ -195,7 +196,7 @@ def clean_partial_writes(directory: Path) -> None:
     """Remove interrupted writes; restore a target whose replacement never landed. Run under
     the run's lock, so every owner of these names is gone."""
     if directory.is_dir():
-        cliconfig.recover_partial_writes(directory, every_owner_gone=True)
+        process.recover_partial_writes(directory, every_owner_gone=True)
 
 
 class RunDirTaken(ValueError):
@@ -291,7 +292,7 @@ def _lock_dir(run_dir: Path, new: bool, hint: str | None) -> ClaimedDir:
     if claimed.lock is not None:  # who holds it, for whoever waits for it (lock_holder)
         with contextlib.suppress(OSError):  # a full disk: the lock holds all the same
             os.ftruncate(claimed.lock, 0)
-            os.write(claimed.lock, f"{cliconfig.owner_tag()}\n".encode())
+            os.write(claimed.lock, f"{process.owner_tag()}\n".encode())
     clean_partial_writes(run_dir)
     clean_partial_writes(run_dir / CHECKPOINTS_DIR)
     if new and (run_dir / CONFIG_FILE).exists():
@@ -311,7 +312,7 @@ def trim_metrics(path: Path, step: int) -> None:
     """Drop what an interrupted run logged past the step its resume continues from. Atomic: a
     kill mid-write would drop the history up to the checkpoint for good."""
     if path.exists():
-        cliconfig.write_atomic(path, "".join(line + "\n" for line in _metrics_up_to(path, step)))
+        process.write_atomic(path, "".join(line + "\n" for line in _metrics_up_to(path, step)))
 
 
 def _metrics_up_to(path: Path, step: int) -> list[str]:

@@ -16,9 +16,9 @@ confined; disk use may pass its budget for 0.1 s; a sample may lower the evaluat
 from __future__ import annotations
 
 if __name__ == "__main__":  # first, as in every script
-    import cliconfig
+    import process
 
-    cliconfig.quiet_start_up_stops()
+    process.quiet_start_up_stops()
 
 import contextlib
 import functools
@@ -39,7 +39,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import cliconfig
+import process
+import settings
 
 EXIT_MEMORY = 113  # the bootstrap's exit status when the sample ran out of memory
 MIN_MEMORY_MB = 64  # the interpreter alone maps about 15 MB before any test
@@ -530,7 +531,7 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-# A run's directory is named after its evaluator (cliconfig.owner_tag), so a later one can
+# A run's directory is named after its evaluator (process.owner_tag), so a later one can
 # remove those of evaluators that died on this machine.
 _PREFIX = "codelm-sandbox-"
 _swept = False  # this process has removed the dead evaluators' directories
@@ -557,7 +558,7 @@ def _remove_dead_runs() -> None:
     if _swept:
         return
     _swept = True
-    cliconfig.remove_dead_owners(tempfile.gettempdir(), _PREFIX, remove_dir=_remove)
+    process.remove_dead_owners(tempfile.gettempdir(), _PREFIX, remove_dir=_remove)
 
 
 _RUNNING: set[int] = set()  # process groups of the runs in flight, in any thread
@@ -579,7 +580,7 @@ def run_python(source: str, config: SandboxConfig | None = None) -> SandboxResul
                 "parent_pid": os.getpid()}  # the sample dies with this process
     token = secrets.token_hex(16)  # only the bootstrap learns it, through stdin
     _remove_dead_runs()
-    control_dir = Path(tempfile.mkdtemp(prefix=_PREFIX + cliconfig.owner_tag()))
+    control_dir = Path(tempfile.mkdtemp(prefix=_PREFIX + process.owner_tag()))
     _hide_evaluator(+1)
     try:
         workdir = control_dir / "work"
@@ -661,12 +662,12 @@ def main(argv: list[str] | None = None) -> int:
         "Its output is printed, then how it ended; exit 0 if it passed, 1 if not.",
         argument_default=argparse.SUPPRESS)
     parser.add_argument("program", help="the Python file to run")
-    cliconfig.add_config_flags(parser, SandboxConfig)
+    settings.add_config_flags(parser, SandboxConfig)
     flags = vars(parser.parse_args(argv))
     program = flags.pop("program")
 
     def run() -> int:
-        cfg = cliconfig.config_from_dict(SandboxConfig, flags, "command line")
+        cfg = settings.config_from_dict(SandboxConfig, flags, "command line")
         for flag, ok, why in (
                 ("timeout-s", 0 < cfg.timeout_s < math.inf, "a positive number of seconds"),
                 ("memory-mb", cfg.memory_mb >= MIN_MEMORY_MB,
@@ -692,8 +693,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{', '.join(layers) or 'rlimits only'}", file=sys.stderr)
         return 0 if result.passed else 1
 
-    return cliconfig.run_tool(run)
+    return process.run_tool(run)
 
 
 if __name__ == "__main__":
-    sys.exit(cliconfig.run_main(main))
+    sys.exit(process.run_main(main))

@@ -8,9 +8,9 @@ Main path: ``load_tokenizer(path)`` -> ``.encode(text)`` / ``.decode(ids)``.
 from __future__ import annotations
 
 if __name__ == "__main__":  # first, as in every script
-    import cliconfig
+    import process
 
-    cliconfig.quiet_start_up_stops()
+    process.quiet_start_up_stops()
 
 import ast
 import heapq
@@ -1655,7 +1655,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Show how a tokenizer splits a text: what a model is actually fed."""
     import argparse
 
-    import cliconfig
+    import process
 
     parser = argparse.ArgumentParser(
         description="Show how a tokenizer splits a text: each token's id and text (or bytes, "
@@ -1670,7 +1670,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--add-special-tokens", action="store_true",
                         help="with the tokens the tokenizer's template adds (e.g. Llama-3's BOS)")
     args = parser.parse_args(argv)
-    return cliconfig.run_tool(lambda: _show_split(args))
+    return process.run_tool(lambda: _show_split(args))
 
 
 def _show_split(args) -> None:
@@ -1694,4 +1694,4 @@ def _show_split(args) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(cliconfig.run_main(main))
+    sys.exit(process.run_main(main))

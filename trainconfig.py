@@ -21,11 +21,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-import cliconfig
 import rundir
+import settings
 from architecture import SHORT_DTYPES
 from checkpoint import check_run_paths
-from cliconfig import setting
 from rundir import (
     ADAPTER_FILE,
     CHECKPOINTS_DIR,
@@ -38,6 +37,7 @@ from rundir import (
     checkpoint_step,
     list_checkpoints,
 )
+from settings import setting
 
 if typing.TYPE_CHECKING:
     from architecture import ModelConfig
@@ -154,13 +154,13 @@ _CHOICES = {
 
 def config_from_dict(values: dict, source: str = "<dict>") -> TrainConfig:
     """Build a TrainConfig from a dict, with errors that name the source and the key."""
-    return cliconfig.config_from_dict(TrainConfig, values, source, _CHOICES)
+    return settings.config_from_dict(TrainConfig, values, source, _CHOICES)
 
 
 def load_config_file(path: str | os.PathLike) -> dict:
     """The checked TrainConfig values of a JSON file (a recipe's ``train`` section when the file
     is a recipe); errors name the file and the key."""
-    values, source = cliconfig.read_config_file(path, "train")
+    values, source = settings.read_config_file(path, "train")
     config_from_dict(values, source)
     check_options(values, source)
     return values
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="JSON file of TrainConfig keys, or a recipe "
                         "(configs/*.json) whose 'train' section is read; flags override it")
-    return cliconfig.add_config_flags(parser, TrainConfig, _CHOICES)
+    return settings.add_config_flags(parser, TrainConfig, _CHOICES)
 
 
 def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
@@ -212,7 +212,7 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
                                               "test_data")
                                   if k not in args and k not in given and k not in owned],
                         str(saved))
-    cfg = cliconfig.resolve_config(TrainConfig, args, "train", base={**resumed, **given},
+    cfg = settings.resolve_config(TrainConfig, args, "train", base={**resumed, **given},
                                    choices=_CHOICES)
     where_set = _where_set_in_run(args, config, given, args.get("resume"))
     if cfg.init_adapter is not None:  # a --lora-* flag typed at its default value differs too
@@ -225,8 +225,8 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
 def _where_set_in_run(typed: Collection[str], config: str | None, in_file: Collection[str],
                       resume: str | None) -> Callable[[str], str]:
     """Where a trainingmanager.py user set TrainConfig ``key`` (``train``'s ``where_set``):
-    ``cliconfig.where_set_by``, the keys of a ``--resume`` run read from its config.json."""
-    return cliconfig.where_set_by(typed, config, in_file,
+    ``settings.where_set_by``, the keys of a ``--resume`` run read from its config.json."""
+    return settings.where_set_by(typed, config, in_file,
                                   resume and f"{Path(resume) / CONFIG_FILE} (--resume)")
 
 
@@ -268,7 +268,7 @@ def run_adapter_copy(run_dir: str | Path) -> Path | None:
 
 
 def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = (),
-                      where_set: Callable[[str], str] = cliconfig.flag_of) -> TrainConfig:
+                      where_set: Callable[[str], str] = settings.flag_of) -> TrainConfig:
     """``cfg`` with the LoRA settings of its ``init_adapter`` (``ADAPTER_KEYS``) and, without
     ``init_from``, the base the adapter's config names. The adapter's weights fix its rank and
     targets: a setting given (not the default, or in ``typed``) that differs from the file's is
@@ -333,7 +333,7 @@ def _select_the_same(base: str, mine: list[str], theirs: list[str] | str, file: 
         return False
 
 
-def check_not_an_adapter(init_from: str, where_set: Callable[[str], str] = cliconfig.flag_of
+def check_not_an_adapter(init_from: str, where_set: Callable[[str], str] = settings.flag_of
                          ) -> None:
     """Refuse a LoRA adapter directory (a LoRA run's export/) as ``init_from``, naming what to
     load instead."""
@@ -345,7 +345,7 @@ def check_not_an_adapter(init_from: str, where_set: Callable[[str], str] = clico
     if (path / MERGED_DIR / HF_CONFIG).is_file():
         instead = f"use {path / MERGED_DIR}, the merged model beside it"
     else:
-        base = cliconfig.read_json_object(path / lora.ADAPTER_CONFIG, "adapter config").get(
+        base = settings.read_json_object(path / lora.ADAPTER_CONFIG, "adapter config").get(
             "base_model_name_or_path")
         instead = (f"use the base it names, {base}" if base else "use the base it was trained on")
         instead += " (a run with --export-merged also writes the merged model to export/merged)"
@@ -381,7 +381,7 @@ def _check_model_settings(cfg: TrainConfig, where_set: Callable[[str], str]) -> 
                              f"{', '.join(fixed)}: the checkpoint of {named('init_from')} fixes "
                              f"these; a loaded model takes only {', '.join(LOADED_MODEL_OPTIONS)}")
         for key, value in cfg.model_options.items():
-            need(cliconfig.is_number(value) and 0 <= value < 1, "model_options",
+            need(settings.is_number(value) and 0 <= value < 1, "model_options",
                  f"{key} must be a probability in [0, 1), got {value!r}")
         if not Path(cfg.init_from).is_dir():
             raise ValueError(f"{named('init_from')}: not a directory")
@@ -402,14 +402,14 @@ def _check_model_settings(cfg: TrainConfig, where_set: Callable[[str], str]) -> 
                     hf_config(shape, torch.float32)
                 except ValueError as e:
                     raise ValueError(f"{e}; to train it without an HF export: "
-                                     f"{cliconfig.off_switch('export', where_set)}") from None
+                                     f"{settings.off_switch('export', where_set)}") from None
         except ValueError as e:  # name the settings the model was made of, and where
             made_of = [named(k) for k in ("preset", *MODEL_SHAPE_KEYS, "model_options")
                        if k == "preset" or getattr(cfg, k) not in (None, {})]
             raise ValueError(f"{', '.join(made_of)}: {e}") from None
 
 
-def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = cliconfig.flag_of
+def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings.flag_of
                     ) -> None:
     """Reject impossible settings before any work, naming each key, its value and where it was
     set (``where_set``, as ``train`` takes it; an ``init_adapter``'s settings as
@@ -506,7 +506,7 @@ def _check_data_option_keys(options: dict, where: str) -> None:
                              f"{_DATA_KEYS_OF_TRAIN[key]!r} instead")
         if key not in known:
             raise ValueError(f"{where}: unknown DataConfig key {key!r}; "
-                             + cliconfig.key_hint(key, known - set(_DATA_KEYS_OF_TRAIN),
+                             + settings.key_hint(key, known - set(_DATA_KEYS_OF_TRAIN),
                                                   "DataConfig"))
 
 
@@ -538,7 +538,7 @@ def default_block_size(cfg: TrainConfig) -> int:
 
         preset = PRESETS.get(cfg.preset)
         return preset.block_size if preset is not None else 256
-    config = cliconfig.read_json_object(Path(cfg.init_from) / HF_CONFIG, "model config")
+    config = settings.read_json_object(Path(cfg.init_from) / HF_CONFIG, "model config")
     context = next((config[k] for k in ("max_position_embeddings", "n_positions", "n_ctx")
                     if k in config), 1024)
     return min(int(context), 1024)
@@ -573,12 +573,12 @@ def _check_model_options(options: dict, where: str) -> None:
     for key, value in options.items():
         if key not in hints:
             raise ValueError(f"{where}: unknown ModelConfig key {key!r}; "
-                             + cliconfig.key_hint(key, hints, "ModelConfig"))
+                             + settings.key_hint(key, hints, "ModelConfig"))
         if key in TOKENIZER_MODEL_KEYS:
             raise ValueError(f"{where}: {key!r} comes from the tokenizer (its vocabulary "
                              "and special tokens); choose the tokenizer instead (--tokenizer, "
                              "--tokenizer-max-vocab)")
-        if problem := cliconfig.type_error(hints[key], value):
+        if problem := settings.type_error(hints[key], value):
             raise ValueError(f"{where}: key {key!r} {problem}")
 
 
@@ -610,7 +610,7 @@ def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int | None,
 
 
 def check_lora_export(cfg: TrainConfig, model: nn.Module,
-                      where_set: Callable[[str], str] = cliconfig.flag_of) -> None:
+                      where_set: Callable[[str], str] = settings.flag_of) -> None:
     """Refuse, before training, an export that would merge a LoRA into a tied weight (the
     merge would change the head too, so it fails at the end of the run and loses the export);
     the error names where each setting was set (``where_set``, as ``train`` takes it)."""
@@ -625,7 +625,7 @@ def check_lora_export(cfg: TrainConfig, model: nn.Module,
         f"{setting(cfg, 'export_merged', where_set)} writes the merged model, but the LoRA "
         f"target {path} ({setting(cfg, 'lora_targets', where_set)}) cannot be merged: its "
         f"weight is tied to {names}, so merging would change both. Drop it from lora_targets, "
-        f"or train with {cliconfig.off_switch('export_merged', where_set)}.")
+        f"or train with {settings.off_switch('export_merged', where_set)}.")
 
 
 # What --overfit (a small from-scratch model memorising the bundled corpus) makes of each key:
@@ -664,7 +664,7 @@ def command_line_sources(argv: Sequence[str] | None
     read by parse_config, which checked it), and where the user set each key, for errors."""
     args = vars(build_parser().parse_args(argv))
     config = args.pop("config", None)
-    in_file = set(cliconfig.read_config_file(config, "train")[0]) if config else set()
+    in_file = set(settings.read_config_file(config, "train")[0]) if config else set()
     return set(args), in_file, _where_set_in_run(args, config, in_file, args.get("resume"))
 
 

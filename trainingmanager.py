@@ -8,9 +8,9 @@ ritual as a command."""
 from __future__ import annotations
 
 if __name__ == "__main__":  # first: the imports below load torch for seconds
-    import cliconfig
+    import process
 
-    cliconfig.quiet_start_up_stops()
+    process.quiet_start_up_stops()
 
 import contextlib
 import dataclasses
@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import checkpoint
-import cliconfig
+import process
 import rundir
 from architecture import (
     IGNORE_INDEX,
@@ -55,7 +55,6 @@ from checkpoint import (
     with_absolute_paths,
     write_dir_atomically,
 )
-from cliconfig import setting
 from rundir import (
     BEST_DIR,
     BEST_METRICS,
@@ -71,6 +70,7 @@ from rundir import (
     best_step,
     list_checkpoints,
 )
+from settings import setting
 from trainconfig import (
     TrainConfig,
     build_model,
@@ -487,7 +487,7 @@ class TrainResult:
     sample: str | None = None
 
 
-STOP_SIGNALS = tuple(sig.name for sig in cliconfig.STOP_SIGNALS)  # SIGINT, SIGTERM, SIGHUP
+STOP_SIGNALS = tuple(sig.name for sig in process.STOP_SIGNALS)  # SIGINT, SIGTERM, SIGHUP
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -495,7 +495,7 @@ class RunInterrupted(KeyboardInterrupt):
     checkpoint (None: it wrote none, the same command starts it again)."""
 
     def __init__(self, stop: KeyboardInterrupt, resume: str | None):
-        super().__init__(*stop.args)  # the signal's name, for cliconfig.interrupted_exit_code
+        super().__init__(*stop.args)  # the signal's name, for process.interrupted_exit_code
         self.resume = resume
 
 
@@ -509,12 +509,12 @@ class _StopSignals:
         self.reason: str | None = None
         self._previous: dict = {}
         if threading.current_thread() is threading.main_thread():
-            for sig in cliconfig.STOP_SIGNALS:
+            for sig in process.STOP_SIGNALS:
                 if signal.getsignal(sig) is not signal.SIG_IGN:  # `cmd &` in a script, nohup
                     self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        cliconfig.leave_terminal_on_hangup(signum)
+        process.leave_terminal_on_hangup(signum)
         if self.reason is None:
             self.reason = signal.Signals(signum).name
         elif signum == signal.SIGINT:  # stop now: exit code 130, whatever the first one was
@@ -690,7 +690,7 @@ def _build(run: Run, has_weights: bool) -> None:
             # the adapter's config first, so that a config.json naming it finds it there.
             files = {} if adapter_config is None else {
                 run.run_dir / INIT_ADAPTER_COPY: adapter_config}
-            cliconfig.write_atomic_files({**files, run.run_dir / CONFIG_FILE:
+            process.write_atomic_files({**files, run.run_dir / CONFIG_FILE:
                                           json.dumps(run.config_dict, indent=1)})
 
 
@@ -1388,7 +1388,7 @@ def report_run_error(e: Exception) -> int:
     says it for all) and return the exit code: 1 for a diverged run, 2 for a bad setting or an
     unwritable path."""
     if _is_rank_zero():
-        print(f"error: {cliconfig.os_error_message(e) if isinstance(e, OSError) else e}",
+        print(f"error: {process.os_error_message(e) if isinstance(e, OSError) else e}",
               file=sys.stderr)
     return 1 if isinstance(e, NonFiniteLossError) else 2
 
@@ -1403,7 +1403,7 @@ def interrupted_message(stop: KeyboardInterrupt) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        with cliconfig.interrupt_on_sigterm():  # outside the step loop: data, tokenizer, export
+        with process.interrupt_on_sigterm():  # outside the step loop: data, tokenizer, export
             cfg = parse_config(argv)
             typed, in_file, _ = command_line_sources(argv)
             if cfg.overfit:
@@ -1420,9 +1420,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as stop:
         if _is_rank_zero():
             print(interrupted_message(stop), file=sys.stderr)
-        return cliconfig.interrupted_exit_code(stop)
+        return process.interrupted_exit_code(stop)
     if result.interrupted:
-        return cliconfig.interrupted_exit_code(result.interrupted)
+        return process.interrupted_exit_code(result.interrupted)
     if not _is_rank_zero():  # under torchrun rank 0 reports for all
         return 0
     if cfg.overfit_batches:
@@ -1441,4 +1441,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cliconfig.run_main(main))
+    sys.exit(process.run_main(main))

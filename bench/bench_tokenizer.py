@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import cliconfig  # noqa: E402
 import dataset  # noqa: E402
+import settings  # noqa: E402
 from tokenizer import PRETOKENIZER_STYLES, CodeTokenizer, load_tokenizer  # noqa: E402
 
 
@@ -129,7 +129,7 @@ def bench_code_tokenizer(cfg: BenchConfig, texts: list[str]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      argument_default=argparse.SUPPRESS)
-    cliconfig.add_config_flags(parser, BenchConfig)
+    settings.add_config_flags(parser, BenchConfig)
     cfg = BenchConfig(**vars(parser.parse_args(argv)))
     unknown = set(cfg.styles.split(",")) - set(PRETOKENIZER_STYLES)
     if unknown:

@@ -1,6 +1,6 @@
 """Collect source code for codelm: GitHub search scraping and local directories / git URLs.
 
-Ground floor: imports nothing of the project but ``cliconfig``, the utility under every floor
+Ground floor: imports nothing of the project but ``settings`` and ``process``, the utilities under every floor
 (for stopping and temp names). Output is JSONL, one record per file:
 ``{"repo", "path", "sha", "license", "stars", "text"}`` (``sha`` is the git blob SHA-1).
 """

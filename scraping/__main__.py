@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 if __name__ == "__main__":  # first, as in every script: the imports below take a while
-    import cliconfig
+    import process
 
-    cliconfig.quiet_start_up_stops()
+    process.quiet_start_up_stops()
 
 import argparse
 import logging
 import sys
 
-import cliconfig
+import process
+import settings
 from scraping.client import GitHubError
 from scraping.github import SERVER_ERROR, GitHubConfig, scrape_github
 from scraping.local import LocalConfig, collect_local
@@ -30,13 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Search GitHub repositories and download matching files. Reads the token "
                     "from GITHUB_TOKEN. Re-running with the same flags resumes where a run "
                     "stopped; nothing is written twice.")
-    cliconfig.add_config_flags(gh, GitHubConfig)
+    settings.add_config_flags(gh, GitHubConfig)
     local = sub.add_parser(
         "local", help="collect files from local directories or git URLs",
         argument_default=argparse.SUPPRESS,
         description="Collect files by extension from directories, or from git URLs cloned "
                     "shallowly into a temporary directory that is removed afterwards.")
-    cliconfig.add_config_flags(local, LocalConfig, positional=("sources",))
+    settings.add_config_flags(local, LocalConfig, positional=("sources",))
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="also log search splits, tree walks and resume progress")
     return parser
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     # A kill ends it as Ctrl-C does: clones removed, finished repos kept.
-    return cliconfig.run_tool(work, "interrupted; finished repos are saved, re-run to continue")
+    return process.run_tool(work, "interrupted; finished repos are saved, re-run to continue")
 
 if __name__ == "__main__":
-    sys.exit(cliconfig.run_main(main))
+    sys.exit(process.run_main(main))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import cliconfig
+import process
 
 # Licences that allow reuse with attribution only; ``--licenses permissive`` expands to these.
 PERMISSIVE_LICENSES = frozenset(
@@ -310,7 +310,7 @@ class ResumableOutput:
                     raise ValueError(
                         f"{self.out} exists but its state file {self.state} does not; "
                         "choose another --out or remove the file")
-                cliconfig.write_atomic(self.state, json.dumps(
+                process.write_atomic(self.state, json.dumps(
                     {"format_version": STATE_FORMAT_VERSION, "settings": settings}) + "\n")
         except BaseException:
             self.close()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-import cliconfig
+import process
 from scraping.common import (
     FileFilter,
     ResumableOutput,
@@ -155,7 +155,7 @@ def collect_local(cfg: LocalConfig) -> Summary:
                 "license": license_id or LICENSE_FROM_FILES,
                 "licenses": sorted(allowed) if allowed is not None else None}
     summary = Summary()
-    cliconfig.remove_dead_owners(tempfile.gettempdir(), CLONE_PREFIX)
+    process.remove_dead_owners(tempfile.gettempdir(), CLONE_PREFIX)
     with ResumableOutput(out, state, settings) as store:
 
         def read_source(root: Path, repo: str) -> tuple[str, list[dict]]:
@@ -172,7 +172,7 @@ def collect_local(cfg: LocalConfig) -> Summary:
                 continue
             if root is None:
                 # cleanup errors ignored: git's children may still write after an interrupt
-                with tempfile.TemporaryDirectory(prefix=CLONE_PREFIX + cliconfig.owner_tag(),
+                with tempfile.TemporaryDirectory(prefix=CLONE_PREFIX + process.owner_tag(),
                                                  ignore_cleanup_errors=True) as tmp:
                     shallow_clone(source, Path(tmp) / "repo", cfg.branch)
                     how, records = read_source(Path(tmp) / "repo", key)

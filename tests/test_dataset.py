@@ -21,8 +21,8 @@ import pytest
 import torch
 from procs import popen, signal_when
 
-import cliconfig
 import dataset
+import process
 from dataset import (
     DOCSTRING_PROMPTS,
     REFACTOR_TEMPLATE,
@@ -2263,9 +2263,9 @@ def _dead_pid() -> int:
 def test_a_build_removes_what_dead_builders_of_this_machine_left(tmp_path):
     cache = tmp_path / "cache"
     host, dead = socket.gethostname(), _dead_pid()
-    ns = cliconfig.owner_tag().split("@")[2]
+    ns = process.owner_tag().split("@")[2]
     left = [f".corpus-x.tmp-{dead}@{host}@{ns}@k1l2", f".lm-y.tmp-{dead}@{host}@{ns}@",
-            f".data.json.tmp-{dead}@{host}@{ns}@"]  # a file's (cliconfig.write_atomic)
+            f".data.json.tmp-{dead}@{host}@{ns}@"]  # a file's (process.write_atomic)
     kept = [f".corpus-x.tmp-{os.getpid()}@{host}@{ns}@abcd",  # a build that still runs
             f".corpus-x.tmp-{dead}@other-{host}@{ns}@abcd",  # another machine's, on a shared disk
             f".corpus-x.tmp-{dead}@{host}@{ns}1@abcd"]  # another PID namespace's (a container)
@@ -2283,7 +2283,7 @@ def test_the_tokenizer_fingerprint_removes_what_a_killed_run_left_in_tmp(tmp_pat
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    host, ns = socket.gethostname(), cliconfig.owner_tag().split("@")[2]
+    host, ns = socket.gethostname(), process.owner_tag().split("@")[2]
     dead = tmp_path / f"codelm-tokenizer-{_dead_pid()}@{host}@{ns}@x1"
     live = tmp_path / f"codelm-tokenizer-{os.getpid()}@{host}@{ns}@x2"
     for d in (dead, live):
@@ -2361,7 +2361,7 @@ sys.exit(dataset.main(sys.argv[1:]))
 
 @pytest.mark.parametrize("sig, code", [
     (signal.SIGINT, 130), (signal.SIGTERM, 143),
-    pytest.param(signal.SIGHUP, 129, marks=pytest.mark.slow),  # SIGTERM's path: cliconfig's
+    pytest.param(signal.SIGHUP, 129, marks=pytest.mark.slow),  # SIGTERM's path: the process module's
     (signal.SIGKILL, -9)], ids=["INT", "TERM", "HUP", "KILL"])
 def test_an_interrupted_build_exits_cleanly_and_leaves_nothing(tmp_path, tok, sig, code):
     """Ctrl-C, SIGTERM and a hangup's SIGHUP remove the half-built entry and exit 130/143/129

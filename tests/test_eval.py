@@ -2174,14 +2174,14 @@ def test_a_ctrl_c_just_after_a_models_results_are_saved_reports_them_saved(
 
     monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(ev, "generate_texts", _record_models([]))
-    write_atomic = ev.cliconfig.write_atomic
+    write_atomic = ev.process.write_atomic
 
     def then_ctrl_c(path, data):
         write_atomic(path, data)
         if path.name == "results.json" and len(json.loads(data)["rows"]) == 2:
             os.kill(os.getpid(), signal.SIGINT)  # to the process: any of its threads
 
-    monkeypatch.setattr(ev.cliconfig, "write_atomic", then_ctrl_c)
+    monkeypatch.setattr(ev.process, "write_atomic", then_ctrl_c)
     base, out = tiny_models["base"], tmp_path / "out"
     assert ev.main(["--models", f"a={base}", f"b={base}", f"c={base}", "--data",
                     str(tiny_models["code"]), "--tasks", "line", "--out-dir", str(out),
@@ -2522,7 +2522,7 @@ def test_results_name_the_step_of_a_runs_scored_weights_and_whether_it_still_tra
 
     from safetensors.torch import save_file
 
-    import cliconfig
+    import process
     import trainingmanager as tm
 
     monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
@@ -2534,7 +2534,7 @@ def test_results_name_the_step_of_a_runs_scored_weights_and_whether_it_still_tra
     model = tm.build_model(cfg, tiny_models["tok"])
     save_file(tm.model_tensors(model, False), run / rundir.BEST_DIR / rundir.MODEL_FILE)
     (run / rundir.BEST_DIR / rundir.BEST_METRICS).write_text(json.dumps({"step": 7}))
-    (run / rundir.LOCK_FILE).write_text(cliconfig.owner_tag() + "\n")
+    (run / rundir.LOCK_FILE).write_text(process.owner_tag() + "\n")
     argv = ["--models", str(run), "--data", str(tiny_models["code"]), "--tasks", "lm",
             "--out-dir", str(out), *FAST_FLAGS]
     fd = os.open(run / rundir.LOCK_FILE, os.O_RDWR)

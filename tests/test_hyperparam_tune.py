@@ -578,7 +578,7 @@ _WORKER_SIGNALS = """
 import os, signal, sys, time
 sys.path.insert(0, sys.argv[1])
 signal.signal(signal.SIGHUP, signal.SIG_DFL)  # a worker not under nohup
-import cliconfig, hyperparam_tune
+import hyperparam_tune, process
 stops = []
 signal.signal(signal.SIGTERM, lambda signum, frame: stops.append(signum))
 os.environ[hyperparam_tune.PARENT_ENV] = sys.argv[2]
@@ -586,12 +586,12 @@ hyperparam_tune._stop_with_parent()
 print(len(stops))
 os.environ[hyperparam_tune.PARENT_ENV] = str(os.getppid())
 try:
-    with cliconfig.interrupt_on_sigterm():  # as a worker's main runs its sweep
+    with process.interrupt_on_sigterm():  # as a worker's main runs its sweep
         hyperparam_tune._stop_with_parent()
         os.kill(os.getpid(), signal.SIGHUP)  # its sweep's hangup, passed on
         time.sleep(5)
 except KeyboardInterrupt as stop:
-    print(cliconfig.interrupted_exit_code(stop))
+    print(process.interrupted_exit_code(stop))
 """
 
 

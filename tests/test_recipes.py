@@ -22,10 +22,10 @@ import pytest
 import torch
 from procs import popen, signal_when
 
-import cliconfig
 import eval as ev
 import recipes
 import rundir
+import settings
 import trainingmanager as tm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -378,7 +378,7 @@ def test_git_url_data_is_collected_into_scraper_jsonl(tmp_path):
 
 def test_flags_mirror_recipe_options_as_every_scripts_do():
     """The parser was a hand copy of RecipeOptions whose help had drifted from the fields; it is
-    cliconfig.add_config_flags's now, reading lists and None as trainingmanager's flags do."""
+    settings.add_config_flags's now, reading lists and None as trainingmanager's flags do."""
     def parse(*argv: str) -> recipes.RecipeOptions:
         return recipes.RecipeOptions(**vars(recipes.build_parser().parse_args(argv)))
 
@@ -1088,7 +1088,7 @@ def test_a_recipes_training_advice_names_its_train_section_not_a_trainer_flag(tm
     monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
     advice = []
 
-    def validate_config(cfg, where_set=cliconfig.flag_of):
+    def validate_config(cfg, where_set=settings.flag_of):
         advice.append([where_set(k) for k in ("weight_decay", "lora_r", "warmup_steps",
                                                 "max_steps")])
         raise ValueError("stopped before training")

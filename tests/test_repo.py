@@ -79,29 +79,30 @@ def test_bench_lora_refuses_a_width_its_heads_do_not_divide(capsys, monkeypatch)
 
 
 # docs/contracts.md's import floors: what each project module may import directly at import
-# time (cliconfig, the ground-floor utility, is open to all). A module may also load what those
+# time (settings and process, the ground-floor utilities, are open to all). A module may also load what those
 # load.
-BELOW_FLOOR_3 = {"cliconfig", "rundir", "checkpoint", "tokenizer", "kernels", "architecture",
-                 "generation", "scraping", "pretrained", "lora", "dataset", "trainconfig",
-                 "sandbox"}
+BELOW_FLOOR_3 = {"process", "settings", "rundir", "checkpoint", "tokenizer", "kernels",
+                 "architecture", "generation", "scraping", "pretrained", "lora", "dataset",
+                 "trainconfig", "sandbox"}
 MAY_IMPORT = {
-    "cliconfig": set(),
-    "rundir": {"cliconfig"},
-    "checkpoint": {"cliconfig", "rundir"},
-    "tokenizer": {"cliconfig"},
+    "process": set(),
+    "settings": set(),
+    "rundir": {"process", "settings"},
+    "checkpoint": {"process", "settings", "rundir"},
+    "tokenizer": {"process", "settings"},
     "kernels": set(),
     "architecture": {"kernels"},
     "generation": {"architecture", "kernels"},
-    "scraping": {"cliconfig"},
-    "pretrained": {"cliconfig", "rundir", "architecture"},
-    "lora": {"cliconfig", "architecture", "pretrained"},
-    "dataset": {"cliconfig", "tokenizer", "scraping"},
-    "trainconfig": {"cliconfig", "rundir", "checkpoint", "tokenizer", "architecture",
+    "scraping": {"process", "settings"},
+    "pretrained": {"process", "settings", "rundir", "architecture"},
+    "lora": {"process", "settings", "architecture", "pretrained"},
+    "dataset": {"process", "settings", "tokenizer", "scraping"},
+    "trainconfig": {"process", "settings", "rundir", "checkpoint", "tokenizer", "architecture",
                     "pretrained", "lora", "dataset"},
-    "sandbox": {"cliconfig"},
+    "sandbox": {"process", "settings"},
     "trainingmanager": BELOW_FLOOR_3,
     "eval": BELOW_FLOOR_3 | {"trainingmanager"},
-    "hyperparam_tune": {"cliconfig", "rundir", "trainingmanager"},
+    "hyperparam_tune": {"process", "settings", "rundir", "trainingmanager"},
     "recipes": BELOW_FLOOR_3 | {"trainingmanager", "eval"},
 }
 
@@ -122,7 +123,7 @@ print(json.dumps(loaded))
 
 def test_every_module_imports_only_what_its_floor_allows():
     """docs/contracts.md's import floors, as a fresh `import MODULE` really loads them: no import
-    runs upward (dataset never loads trainingmanager, the ground floor nothing but cliconfig),
+    runs upward (dataset never loads trainingmanager, the ground floor nothing but settings and process),
     so no two modules import each other; a new module must be given its floor here."""
     project = {p.stem for p in ROOT.glob("*.py")} | {"scraping"}
     assert project == set(MAY_IMPORT), "place each module on a floor (docs/contracts.md)"
@@ -181,9 +182,9 @@ SCRIPTS = ["trainingmanager.py", "eval.py", "dataset.py", "hyperparam_tune.py", 
            "sandbox.py"]
 
 
-def test_every_script_guards_its_start_up_and_runs_main_through_cliconfig():
+def test_every_script_guards_its_start_up_and_runs_main_through_process():
     """Each script's first statement quiets Ctrl-C/SIGTERM while its imports load torch, and
-    its main runs through cliconfig.run_main, which gives the signals back."""
+    its main runs through process.run_main, which gives the signals back."""
     scripts = {str(p.relative_to(ROOT)) for p in [*ROOT.glob("*.py"), *ROOT.glob("scraping/*.py")]
                if 'if __name__ == "__main__":' in p.read_text()}
     assert scripts == set(SCRIPTS)
@@ -191,8 +192,8 @@ def test_every_script_guards_its_start_up_and_runs_main_through_cliconfig():
         body = ast.parse((ROOT / script).read_text()).body
         body = body[1:] if isinstance(body[0], ast.Expr) else body  # the docstring
         first, last = ast.unparse(body[1]), ast.unparse(body[-1])
-        assert "cliconfig.quiet_start_up_stops(" in first, script
-        assert last == "if __name__ == '__main__':\n    sys.exit(cliconfig.run_main(main))", script
+        assert "process.quiet_start_up_stops(" in first, script
+        assert last == "if __name__ == '__main__':\n    sys.exit(process.run_main(main))", script
 
 
 STARTING = "interrupted while starting: nothing was written\n"

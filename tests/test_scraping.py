@@ -18,7 +18,7 @@ import pytest
 from fake_github import DEFAULT_FAULTS, FakeGitHub, FakeRepo, blob_sha, fake_corpus
 from procs import popen, signal_when
 
-import cliconfig
+import process
 import scraping.github
 from scraping import (
     GitHubClient,
@@ -299,7 +299,7 @@ def test_license_allow_list(tmp_path):
 
 
 def test_licenses_none_is_the_repos_without_a_licence_not_any_licence(tmp_path):
-    """`--licenses none` was cliconfig's word for None, the default: any licence, the opposite
+    """`--licenses none` was the settings module's word for None, the default: any licence, the opposite
     of what it reads as. It is now the repos GitHub detects no licence in (`license` null),
     alone or beside ids, and --help says so."""
     from scraping.__main__ import build_parser
@@ -679,7 +679,7 @@ def test_a_stopped_clone_is_removed_at_once_or_by_the_next_run(tmp_path, monkeyp
     never the clone of a run still going."""
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    _, host, ns, _ = cliconfig.owner_tag().split("@")
+    _, host, ns, _ = process.owner_tag().split("@")
     live = tmp / f"codelm-clone-{os.getppid()}@{host}@{ns}@x1y2"  # this test's parent's
     live.mkdir()
     proc = popen(
@@ -832,7 +832,7 @@ def test_help_gives_every_flags_default():
 
 def test_flags_read_lists_and_none_as_every_scripts_do():
     """A private copy of the dataclass-to-flags rule read `--extensions .kt,.kts` as one
-    extension and `--until none` as a date; the flags are cliconfig.add_config_flags's now."""
+    extension and `--until none` as a date; the flags are settings.add_config_flags's now."""
     from scraping.__main__ import build_parser
 
     def parse(*argv: str) -> dict:
@@ -997,7 +997,7 @@ def test_a_second_run_on_the_same_output_is_refused(tmp_path, capsys):
 
 def test_an_empty_licence_list_is_refused(tmp_path, capsys):
     """``--licenses`` with no id skipped every repo and locked the output to that. The flag,
-    a list flag of cliconfig's, needs one id (as every list flag does); the config, an empty
+    a list flag of the settings module's, needs one id (as every list flag does); the config, an empty
     list."""
     assert main(["github", "--out", str(tmp_path / "x.jsonl"), "--licenses", "--api-url",
                  "http://127.0.0.1:9", "--retries", "0", "--no-progress"]) == 2

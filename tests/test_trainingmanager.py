@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import checkpoint
-import cliconfig
 import generation
 import rundir
+import settings
 import trainingmanager as tm
 from architecture import SHORT_DTYPES
 from dataset import collate, stdlib_files, supervised_example
@@ -3321,7 +3321,7 @@ def test_the_advice_to_turn_export_off_names_what_turns_it_off():
     with pytest.raises(ValueError, match=r"HF export: --no-export$"):
         tm.validate_config(cfg)
     with pytest.raises(ValueError, match=r"HF export: export false \(--config run.json\)$"):
-        tm.validate_config(cfg, cliconfig.where_set_by((), "run.json", ("export",)))
+        tm.validate_config(cfg, settings.where_set_by((), "run.json", ("export",)))
 
 
 def test_validate_config_names_each_setting_where_the_callers_user_set_it(tmp_path):

@@ -34,7 +34,7 @@ from test_trainingmanager import (
     write_config,
 )
 
-import cliconfig
+import process
 import rundir
 import trainingmanager as tm
 from tokenizer import CodeTokenizer, load_tokenizer
@@ -318,7 +318,7 @@ def test_a_stop_signal_saves_and_exits_non_zero_with_the_resume_hint(assets, tmp
     assert f"{sigs[0]}: checkpoint saved at step 2; continue with --resume {run}" in (
         capsys.readouterr().out)
     assert [p.name for p in tm.list_checkpoints(run)] == ["step-2"]
-    assert cliconfig.interrupted_exit_code("SIGINT") == 130
+    assert process.interrupted_exit_code("SIGINT") == 130
 
 
 def test_a_run_its_caller_restarts_says_so_on_a_stop_not_that_a_checkpoint_waits(
@@ -367,17 +367,17 @@ def test_a_ctrl_c_after_a_stop_interrupts_with_its_own_code_a_repeated_sigterm_n
             signals._handle(signal.SIGINT, None)  # Ctrl-C: stop now
     finally:
         signals.restore()
-    assert cliconfig.interrupted_exit_code(stop.value) == 130
+    assert process.interrupted_exit_code(stop.value) == 130
 
 
 def test_the_lock_names_a_live_holder_only(tmp_path):
     """The lock file keeps its last holder's tag after that run ends: a dead one holds nothing."""
     lock = tmp_path / rundir.LOCK_FILE
-    lock.write_text(cliconfig.owner_tag())
+    lock.write_text(process.owner_tag())
     assert tm.lock_holder(lock) == f"process {os.getpid()} on {socket.gethostname()}"
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                            capture_output=True, text=True, check=True).stdout.strip()
-    lock.write_text(cliconfig.owner_tag().replace(f"{os.getpid()}@", f"{ended}@", 1))
+    lock.write_text(process.owner_tag().replace(f"{os.getpid()}@", f"{ended}@", 1))
     assert tm.lock_holder(lock) is None
 
 
@@ -631,9 +631,9 @@ def test_a_stop_the_loop_did_not_act_on_is_passed_on_not_lost(assets, tmp_path, 
 
         monkeypatch.setattr(tm.RunLog, "close", close_with_a_stop)
     cfg = tiny_cfg(assets, tmp_path, max_steps=4, eval_every=2)
-    with pytest.raises(tm.RunInterrupted) as stop, cliconfig.interrupt_on_sigterm():
+    with pytest.raises(tm.RunInterrupted) as stop, process.interrupt_on_sigterm():
         tm.train(cfg, on_eval=on_eval)
-    assert cliconfig.interrupted_exit_code(stop.value) == 143
+    assert process.interrupted_exit_code(stop.value) == 143
     assert stop.value.resume == f"--resume {tmp_path / 'runs' / 'run'}"
 
 
@@ -643,9 +643,9 @@ def test_a_ctrl_c_after_a_sigterm_mid_step_stops_with_its_own_code_not_the_first
     it overtook is not passed on again over it."""
 
     sigterm_at_step(monkeypatch, 2, signal.SIGTERM, signal.SIGINT)
-    with pytest.raises(tm.RunInterrupted) as stop, cliconfig.interrupt_on_sigterm():
+    with pytest.raises(tm.RunInterrupted) as stop, process.interrupt_on_sigterm():
         tm.train(tiny_cfg(assets, tmp_path, max_steps=4))
-    assert cliconfig.interrupted_exit_code(stop.value) == 130
+    assert process.interrupted_exit_code(stop.value) == 130
 
 
 def test_a_sigterm_after_a_ctrl_c_mid_step_still_saves_the_checkpoint(assets, tmp_path,
@@ -654,7 +654,7 @@ def test_a_sigterm_after_a_ctrl_c_mid_step_still_saves_the_checkpoint(assets, tm
     SIGTERM stopped at once, without the checkpoint the Ctrl-C asked for. It changes nothing."""
 
     sigterm_at_step(monkeypatch, 2, signal.SIGINT, signal.SIGTERM)
-    with cliconfig.interrupt_on_sigterm():
+    with process.interrupt_on_sigterm():
         result = tm.train(tiny_cfg(assets, tmp_path, max_steps=4))
     assert (result.interrupted, result.step) == ("SIGINT", 2)
     assert [p.name for p in tm.list_checkpoints(result.run_dir)] == ["step-2"]
@@ -670,7 +670,7 @@ def test_the_step_loop_keeps_a_signal_its_process_ignores(assets, tmp_path, monk
     sigterm_at_step(monkeypatch, 2, sig)
     before = signal.signal(sig, signal.SIG_IGN)
     try:
-        with cliconfig.interrupt_on_sigterm():  # as main runs it
+        with process.interrupt_on_sigterm():  # as main runs it
             result = tm.train(tiny_cfg(assets, tmp_path, max_steps=4))
         assert signal.getsignal(sig) is signal.SIG_IGN
     finally:

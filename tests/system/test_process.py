@@ -1,231 +1,13 @@
-"""cliconfig: the one implementation of 'flags mirror a config dataclass'."""
+"""process: how scripts stop (Ctrl-C, SIGTERM, SIGHUP) and write files whole."""
 
-import argparse
-import json
 import subprocess
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-import cliconfig
+import process
 
-
-@dataclass
-class Demo:
-    # optimisation
-    lr: float = 1e-3  # peak rate: 100% at the end of warmup
-    steps: int = 10  # optimizer steps; a step is
-    #   one update
-    name: str | None = None  # runs/<name>; default: a timestamp
-    # switches: the second section
-    fast: bool = False
-    targets: list[str] = field(default_factory=lambda: ["q"])
-    ks: list[int] = field(default_factory=lambda: [1])
-    options: dict = field(default_factory=dict)
-    mode: str = "a"
-    tag: str = "x"  # a plain str: "none" is text here
-    limit: int | None = 5  # None: no limit
-    share: float | None = None
-    kind: str | None = None
-    paths: list[str] | None = None
-    extra: dict | None = None
-
-
-CHOICES = {"mode": ("a", "b"), "kind": ("x", "y")}
-
-
-def _parse(argv, tmp_path=None):
-    parser = argparse.ArgumentParser(argument_default=argparse.SUPPRESS)
-    parser.add_argument("--config")
-    cliconfig.add_config_flags(parser, Demo, CHOICES)
-    return cliconfig.resolve_config(Demo, vars(parser.parse_args(argv)), "train", choices=CHOICES)
-
-
-def test_flags_mirror_fields_and_lists_take_both_forms():
-    cfg = _parse(["--lr", "0.5", "--fast", "--targets", "q_proj,k_proj", "v_proj",
-                  "--ks", "1,10", "--options", '{"a": 1}', "--name", "x"])
-    assert cfg == Demo(lr=0.5, fast=True, targets=["q_proj", "k_proj", "v_proj"], ks=[1, 10],
-                       options={"a": 1}, name="x")
-    assert _parse([]) == Demo()
-
-
-def test_file_then_flags_with_recipe_sections(tmp_path):
-    recipe = tmp_path / "r.json"
-    recipe.write_text(json.dumps({"_seed": "doc", "train": {"steps": 3, "lr": 2, "_why": "x"},
-                                  "eval": {"anything": 1}}))
-    cfg = _parse(["--config", str(recipe), "--lr", "0.25"])
-    assert (cfg.steps, cfg.lr) == (3, 0.25) and isinstance(_parse(["--config", str(recipe)]).lr,
-                                                           float)
-
-
-@pytest.mark.parametrize(("content", "message"), [
-    ({"stpes": 1}, r"c\.json: unknown key 'stpes'; did you mean 'steps'\?$"),
-    ({"velocity": 1}, r"c\.json: unknown key 'velocity'; Demo keys are: extra, fast, "),
-    ({"model_type": "llama", "vocab_size": 8},
-     r"c\.json: a model's config\.json \(model_type 'llama'\), not a Demo file$"),
-    ({"train": {"steps": "3"}}, r"c\.json \(train section\): key 'steps' must be an integer"),
-    ({"steps": True}, r"key 'steps' must be an integer"),
-    ({"fast": 1}, r"key 'fast' must be true/false, got 1"),
-    ({"train": {"fast": 0}}, r"\(train section\): key 'fast' must be true/false, got 0"),
-    ({"ks": [1, "2"]}, r"key 'ks' must be a list of integers"),
-    ({"mode": "c"}, r"key 'mode' must be one of \('a', 'b'\)"),
-    ({"fast": None}, r"key 'fast' must not be null"),
-    ({"lr": True}, r"key 'lr' must be a number, got True"),
-    ({"eval": {}}, r"c\.json: a recipe without a 'train' section"),
-    ({"train": [1]}, r"section must be a JSON object"),
-])
-def test_errors_name_the_file_and_the_key(tmp_path, content, message):
-    path = tmp_path / "c.json"
-    path.write_text(json.dumps(content))
-    with pytest.raises(ValueError, match=message):
-        _parse(["--config", str(path)])
-
-
-def test_unreadable_files_are_named(tmp_path):
-    with pytest.raises(ValueError, match="missing.json: config file not found"):
-        _parse(["--config", str(tmp_path / "missing.json")])
-    bad = tmp_path / "bad.json"
-    bad.write_text('{\n  "lr": 1,\n  oops\n}')
-    with pytest.raises(ValueError, match=r"bad\.json: invalid JSON at line 3, column 3"):
-        _parse(["--config", str(bad)])
-    for content, kind in ((b"[1]", "an array"), (b"null", "null"), (b"3", "a number")):
-        bad.write_bytes(content)
-        with pytest.raises(ValueError, match=f"bad.json: the config file must be one JSON object, "
-                                             f"not {kind}"):
-            _parse(["--config", str(bad)])
-    bad.write_bytes(b'{"lr": "\xff"}')
-    with pytest.raises(ValueError, match="bad.json: cannot read the config file: .*utf-8"):
-        _parse(["--config", str(bad)])
-
-
-def test_a_recipe_shaped_config_refuses_unknown_top_level_keys(tmp_path):
-    """A key beside a recipe's sections was silently ignored by --config (recipes.py refused it)."""
-    recipe = tmp_path / "r.json"
-    recipe.write_text(json.dumps({"_note": "doc", "train": {"steps": 3}, "eval": {}, "lr": 5}))
-    with pytest.raises(ValueError, match=r"r\.json: unknown top-level key\(s\) \['lr'\]; a "
-                                         r"recipe has 'train', 'eval' and '_'-prefixed notes"):
-        _parse(["--config", str(recipe)])
-
-
-def test_a_key_given_twice_is_refused_naming_the_key_and_file(tmp_path):
-    """json keeps the last of a repeated key: a copy-pasted key's first value was silently lost."""
-    config = tmp_path / "c.json"
-    for text in ('{"lr": 1e-3, "steps": 2, "lr": 2e-3}', '{"options": {"a": 1, "a": 2}}'):
-        config.write_text(text)
-        key = "lr" if "lr" in text else "a"
-        with pytest.raises(ValueError, match=rf"c\.json: key '{key}' is given twice"):
-            _parse(["--config", str(config)])
-    # another tool's file (an HF config.json) loads as transformers loads it: the last wins
-    assert cliconfig.read_json_object(config, "model config") == {"options": {"a": 2}}
-
-
-def test_a_config_file_with_a_utf8_byte_order_mark_is_read(tmp_path):
-    """Windows editors save UTF-8 with a BOM, which json refuses ("Unexpected UTF-8 BOM")."""
-    config = tmp_path / "c.json"
-    config.write_bytes(b"\xef\xbb\xbf" + json.dumps({"lr": 0.5}).encode())
-    assert _parse(["--config", str(config)]).lr == 0.5
-
-
-def test_bad_flag_values_exit_2(capsys):
-    for argv in (["--ks", "1,x"], ["--options", "[1]"], ["--steps", "1.5"], ["--mode", "z"]):
-        with pytest.raises(SystemExit) as exit_info:
-            _parse(argv)
-        assert exit_info.value.code == 2
-
-
-@pytest.mark.parametrize("word", ["none", "None", "NULL"])
-def test_optional_fields_take_none_on_the_command_line(word):
-    """A field documented as "None: no limit" must be settable to None from the command line."""
-    cfg = _parse(["--limit", word, "--share", word, "--kind", word, "--paths", word,
-                  "--extra", word, "--name", word, "--tag", word])
-    assert (cfg.limit, cfg.share, cfg.kind, cfg.paths, cfg.extra, cfg.name) == (None,) * 6
-    assert cfg.tag == word  # not Optional: the word is the value
-
-
-def test_optional_fields_still_take_values_and_refuse_bad_ones(capsys):
-    cfg = _parse(["--limit", "3", "--share", "0.5", "--kind", "y", "--paths", "none,b",
-                  "--extra", '{"a": 1}'])
-    assert (cfg.limit, cfg.share, cfg.kind, cfg.paths, cfg.extra) == (3, 0.5, "y", ["none", "b"],
-                                                                       {"a": 1})
-    for argv in (["--limit", "x"], ["--kind", "z"], ["--mode", "none"], ["--steps", "none"]):
-        with pytest.raises(SystemExit) as exit_info:
-            _parse(argv)
-        assert exit_info.value.code == 2
-    assert "invalid int value: 'none'" in capsys.readouterr().err
-
-
-def test_help_says_which_flags_take_none():
-    parser = argparse.ArgumentParser(argument_default=argparse.SUPPRESS)
-    text = " ".join(cliconfig.add_config_flags(parser, Demo, CHOICES).format_help().split())
-    assert "--limit LIMIT None: no limit (default: 5; 'none' for None)" in text
-    assert "--kind {x,y,none} default: None; 'none' for None" in text
-    assert "--tag TAG a plain str: \"none\" is text here (default: 'x') " in text
-
-
-def test_trainingmanager_eval_examples_none_is_the_whole_split():
-    import trainingmanager
-
-    assert trainingmanager.parse_config([]).eval_examples == 80
-    assert trainingmanager.parse_config(["--eval-examples", "none"]).eval_examples is None
-
-
-def test_help_comes_from_the_field_comments_grouped_by_section():
-    """A field's trailing comment (continued on "#   " lines) is its --help text, with its
-    default unless it states one; other comment lines title groups; '%' is printed as is."""
-    helps, sections = cliconfig.field_docs(Demo)
-    assert helps["steps"] == "optimizer steps; a step is one update"
-    assert helps["fast"] == "" and sections["mode"] == "switches: the second section"
-    assert sections["lr"] == sections["name"] == "optimisation"
-    assert sections["fast"] == "switches: the second section"
-    parser = argparse.ArgumentParser(argument_default=argparse.SUPPRESS)
-    text = " ".join(cliconfig.add_config_flags(parser, Demo, CHOICES).format_help().split())
-    assert "optimisation: --lr LR peak rate: 100% at the end of warmup (default: 0.001)" in text
-    assert ("--name NAME runs/<name>; default: a timestamp ('none' for None) switches: the "
-            "second section: "
-            "--fast, --no-fast default: False") in text
-
-
-def test_every_flag_of_the_scripts_explains_itself():
-    import hyperparam_tune
-    import trainingmanager
-    from dataset import DataConfig
-    from eval import EvalConfig
-    from recipes import RecipeOptions
-    from scraping import GitHubConfig, LocalConfig
-
-    for cls in (trainingmanager.TrainConfig, EvalConfig, hyperparam_tune.TuneConfig, DataConfig,
-                RecipeOptions, GitHubConfig, LocalConfig):
-        helps, _ = cliconfig.field_docs(cls)
-        assert not [f for f in cls.__dataclass_fields__ if not helps.get(f)], cls.__name__
-
-
-@dataclass
-class Operands:
-    files: list[str]  # input files
-    out: str = field(metadata={"help": "output file"})
-    overrides: list[str] = field(default_factory=list, metadata={"repeat": True,
-                                                                 "metavar": "KEY=VALUE"})
-    mode: str = field(default="a", metadata={"help": "how", "choices": ("a", "b")})
-
-
-def test_operands_required_flags_and_repeated_flags():
-    """recipes.py (positional recipe, repeatable --set) and python -m scraping (positional
-    sources, required --out, help and choices in field metadata) each had their own copy of
-    this function; they now use it."""
-    parser = argparse.ArgumentParser(argument_default=argparse.SUPPRESS)
-    cliconfig.add_config_flags(parser, Operands, positional=("files",))
-    args = parser.parse_args(["a,b.py", "c.py", "--out", "o", "--overrides", 'k=["x","y"]',
-                              "--overrides", "j=1"])
-    assert Operands(**vars(args)) == Operands(["a,b.py", "c.py"], "o", ['k=["x","y"]', "j=1"])
-    assert Operands(**vars(parser.parse_args(["f", "--out", "o"]))).overrides == []
-    text = " ".join(parser.format_help().split())
-    assert "files input files" in text and "--out OUT output file --overrides KEY=VALUE" in text
-    assert "--mode {a,b} how (default: 'a')" in text
-    for argv in (["f"], ["--out", "o"], ["f", "--out", "o", "--mode", "c"]):
-        with pytest.raises(SystemExit):
-            parser.parse_args(argv)
-
+ROOT = Path(__file__).resolve().parents[2]  # the repository: scripts import process from it
 
 @pytest.mark.parametrize("name, code", [("SIGTERM", 143), ("SIGHUP", 129)])
 def test_sigterm_is_an_interrupt_with_its_own_exit_code(name, code, capsys):
@@ -239,15 +21,15 @@ def test_sigterm_is_an_interrupt_with_its_own_exit_code(name, code, capsys):
     inherited = signal.signal(sig, signal.SIG_DFL)  # pytest under nohup ignores SIGHUP
     try:
         with pytest.raises(KeyboardInterrupt) as stopped:
-            with cliconfig.interrupt_on_sigterm():
+            with process.interrupt_on_sigterm():
                 os.kill(os.getpid(), sig)
                 time.sleep(5)  # not reached: the handler raises first
         assert signal.getsignal(sig) is signal.SIG_DFL  # put back
     finally:
         signal.signal(sig, inherited)
-    assert cliconfig.interrupted_exit_code(stopped.value) == code
-    assert cliconfig.stop_signal(stopped.value) == sig
-    assert cliconfig.interrupted_exit_code(KeyboardInterrupt()) == 130  # Ctrl-C
+    assert process.interrupted_exit_code(stopped.value) == code
+    assert process.stop_signal(stopped.value) == sig
+    assert process.interrupted_exit_code(KeyboardInterrupt()) == 130  # Ctrl-C
 
 
 def test_a_hangup_ignored_by_nohup_stays_ignored_under_interrupt_on_sigterm():
@@ -256,10 +38,10 @@ def test_a_hangup_ignored_by_nohup_stays_ignored_under_interrupt_on_sigterm():
 
     before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        with cliconfig.interrupt_on_sigterm():
+        with process.interrupt_on_sigterm():
             assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
             os.kill(os.getpid(), signal.SIGHUP)  # nothing happens
-        with cliconfig.stops_deferred():
+        with process.stops_deferred():
             assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
     finally:
@@ -268,7 +50,7 @@ def test_a_hangup_ignored_by_nohup_stays_ignored_under_interrupt_on_sigterm():
 
 def test_a_hangup_points_a_terminal_at_dev_null_and_leaves_files_alone(tmp_path, monkeypatch):
     """A hung-up terminal fails every write (EIO), and os.isatty says False of it: the next
-    print after a hangup ended a run before its checkpoint. Other output is left as it is."""
+    print after a hangup would end a run before its checkpoint. Other output is left as it is."""
     import os
     import signal
 
@@ -281,14 +63,14 @@ def test_a_hangup_points_a_terminal_at_dev_null_and_leaves_files_alone(tmp_path,
     with pytest.raises(OSError):
         os.write(hung_up, b"x")
     null = os.stat(os.devnull).st_rdev
-    cliconfig.leave_terminal_on_hangup(signal.SIGTERM)  # no hangup: left as it is
+    process.leave_terminal_on_hangup(signal.SIGTERM)  # no hangup: left as it is
     assert os.fstat(live).st_rdev != null and os.isatty(live)
-    cliconfig.leave_terminal_on_hangup(signal.SIGHUP)
+    process.leave_terminal_on_hangup(signal.SIGHUP)
     assert os.fstat(hung_up).st_rdev == null and os.fstat(live).st_rdev == null
     print("the stop's message", file=stdout, flush=True)  # goes nowhere, and raises nothing
     log = open(tmp_path / "log", "w")  # noqa: SIM115 (closed below)
     monkeypatch.setattr("sys.stdout", log)
-    cliconfig.leave_terminal_on_hangup(signal.SIGHUP)
+    process.leave_terminal_on_hangup(signal.SIGHUP)
     assert os.path.sameopenfile(log.fileno(), os.open(tmp_path / "log", os.O_RDONLY))
     for f in (stdout, stderr, log):
         f.close()
@@ -297,9 +79,8 @@ def test_a_hangup_points_a_terminal_at_dev_null_and_leaves_files_alone(tmp_path,
 
 def test_a_hangup_leaves_a_pipe_whose_reader_it_ended_and_keeps_a_live_one(monkeypatch):
     """``cmd 2>&1 | tee log`` over SSH: the hangup ends tee with the run, and every later write
-    to the pipe failed (BrokenPipeError: the progress bar's next refresh), so the stop died
-    before its checkpoint, exit 1. A pipe whose reader lives on (a supervisor's) keeps its
-    output."""
+    to the pipe fails (BrokenPipeError: the progress bar's next refresh), which would end the
+    stop before its checkpoint. A pipe whose reader lives on (a supervisor's) keeps its output."""
     import os
     import signal
 
@@ -309,7 +90,7 @@ def test_a_hangup_leaves_a_pipe_whose_reader_it_ended_and_keeps_a_live_one(monke
     monkeypatch.setattr("sys.stdout", stdout)
     monkeypatch.setattr("sys.stderr", stderr)
     os.close(gone_r)  # tee, ended by the same hangup
-    cliconfig.leave_terminal_on_hangup(signal.SIGHUP)
+    process.leave_terminal_on_hangup(signal.SIGHUP)
     null = os.stat(os.devnull).st_rdev
     assert os.fstat(gone_w).st_rdev == null
     print("the stop's message", file=stdout, flush=True)  # goes nowhere, and raises nothing
@@ -336,20 +117,20 @@ def test_each_stop_handler_leaves_a_hung_up_terminal_before_its_stop(monkeypatch
         os.close(side)  # the terminal's other end goes away
         return stream
 
-    before = {sig: signal.getsignal(sig) for sig in cliconfig.STOP_SIGNALS}
+    before = {sig: signal.getsignal(sig) for sig in process.STOP_SIGNALS}
     streams = []
     try:
         signal.signal(signal.SIGHUP, signal.SIG_DFL)  # pytest under nohup: not ignored here
         streams.append(hung_up_stdout())
         with pytest.raises(KeyboardInterrupt, match="SIGHUP"):
-            with cliconfig.interrupt_on_sigterm():
+            with process.interrupt_on_sigterm():
                 os.kill(os.getpid(), signal.SIGHUP)
                 time.sleep(5)  # not reached: the handler raises first
         assert os.fstat(streams[-1].fileno()).st_rdev == null
         taken = []
         signal.signal(signal.SIGHUP, lambda signum, frame: taken.append(signum))
         streams.append(hung_up_stdout())
-        with cliconfig.stops_deferred():
+        with process.stops_deferred():
             os.kill(os.getpid(), signal.SIGHUP)
             time.sleep(0.05)  # the handler has run by now
             assert os.fstat(streams[-1].fileno()).st_rdev == null and taken == []
@@ -357,7 +138,7 @@ def test_each_stop_handler_leaves_a_hung_up_terminal_before_its_stop(monkeypatch
         streams.append(hung_up_stdout())
         monkeypatch.setattr(os, "_exit", _raise_system_exit)
         with pytest.raises(SystemExit) as stopped:
-            cliconfig._stopped_while_starting(True, signal.SIGHUP, None)
+            process._stopped_while_starting(True, signal.SIGHUP, None)
         assert stopped.value.code == 129 and os.fstat(streams[-1].fileno()).st_rdev == null
     finally:
         for sig, handler in before.items():
@@ -383,7 +164,7 @@ def test_a_forked_worker_ends_on_sigterm_without_a_traceback(capfd, name):
 
     inherited = signal.signal(sig, signal.SIG_DFL)  # pytest under nohup ignores SIGHUP
     try:
-        with cliconfig.interrupt_on_sigterm():
+        with process.interrupt_on_sigterm():
             child = multiprocessing.get_context("fork").Process(target=worker)
             child.start()
             child.join()
@@ -402,13 +183,13 @@ def test_only_dead_processes_of_this_machine_and_pid_namespace_are_dead_owners()
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()
-    pattern = re.compile(cliconfig.OWNER_PATTERN)
-    tag = cliconfig.owner_tag()
+    pattern = re.compile(process.OWNER_PATTERN)
+    tag = process.owner_tag()
     pid, host, ns, _ = tag.split("@")
     assert int(pid) == os.getpid() and host == socket.gethostname()
 
     def dead_owner(name: str) -> bool:
-        return cliconfig.owner_is_dead(pattern.fullmatch(name))
+        return process.owner_is_dead(pattern.fullmatch(name))
 
     assert dead_owner(f"{dead}@{host}@{ns}@")
     assert not dead_owner(tag)  # this process
@@ -417,8 +198,8 @@ def test_only_dead_processes_of_this_machine_and_pid_namespace_are_dead_owners()
 
 
 def test_write_atomic_removes_what_killed_writers_left_never_a_live_writers_temp(tmp_path):
-    # SIGKILL runs no cleanup: a writer killed mid-write left `.NAME.tmp-PID` for good. Temp names
-    # now carry the owner tag, and the next write of the file removes dead owners' temps only.
+    # SIGKILL runs no cleanup: a writer killed mid-write leaves its temp. Temp names carry the
+    # owner tag, and the next write of the file removes dead owners' temps only.
     import multiprocessing
     import os
     import signal
@@ -427,7 +208,7 @@ def test_write_atomic_removes_what_killed_writers_left_never_a_live_writers_temp
 
     def killed_writer():
         os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)  # written, not yet renamed
-        cliconfig.write_atomic(target, "half")
+        process.write_atomic(target, "half")
 
     child = multiprocessing.get_context("fork").Process(target=killed_writer)
     child.start()
@@ -435,10 +216,10 @@ def test_write_atomic_removes_what_killed_writers_left_never_a_live_writers_temp
     assert child.exitcode == -signal.SIGKILL
     [left] = tmp_path.iterdir()
     assert left.name.startswith(f".results.json.tmp-{child.pid}@")
-    _, host, ns, _ = cliconfig.owner_tag().split("@")
+    _, host, ns, _ = process.owner_tag().split("@")
     live = tmp_path / f".results.json.tmp-{os.getppid()}@{host}@{ns}@"  # this test's parent's
     live.write_text("another worker is writing")
-    cliconfig.write_atomic(target, "whole")
+    process.write_atomic(target, "whole")
     assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "results.json"]
     assert target.read_text() == "whole"
 
@@ -458,12 +239,12 @@ def test_write_atomic_files_replace_none_of_a_set_when_one_write_fails(tmp_path)
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with pytest.raises(OSError) as err:
-        cliconfig.write_atomic_files({weights: lambda f: f.write(b"new weights"),
+        process.write_atomic_files({weights: lambda f: f.write(b"new weights"),
                                       config: disk_full})
     assert (err.value.errno, err.value.filename) == (errno.ENOSPC, str(config))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
     assert (weights.read_bytes(), config.read_text()) == (b"old weights", "old config")
-    cliconfig.write_atomic_files({weights: lambda f: f.write(b"new weights"),
+    process.write_atomic_files({weights: lambda f: f.write(b"new weights"),
                                   config: "new config"})
     assert (weights.read_bytes(), config.read_text()) == (b"new weights", "new config")
 
@@ -473,19 +254,19 @@ def test_write_dir_atomically_replaces_or_lets_the_first_publisher_win(tmp_path)
     export/; a cache entry (dataset, the tokenizer cache) is published once, and a concurrent
     builder's copy of the same key is discarded."""
     target = tmp_path / "entry"
-    assert cliconfig.write_dir_atomically(target, lambda d: (d / "a").write_text("1"))
-    assert cliconfig.write_dir_atomically(target, lambda d: (d / "a").write_text("2"))
+    assert process.write_dir_atomically(target, lambda d: (d / "a").write_text("1"))
+    assert process.write_dir_atomically(target, lambda d: (d / "a").write_text("2"))
     assert (target / "a").read_text() == "2"
 
     def raced(d: Path) -> None:
         (d / "a").write_text("loser")
-        cliconfig.write_dir_atomically(target, lambda d: (d / "a").write_text("winner"))
+        process.write_dir_atomically(target, lambda d: (d / "a").write_text("winner"))
 
-    assert not cliconfig.write_dir_atomically(target, raced, replace=False)
+    assert not process.write_dir_atomically(target, raced, replace=False)
     assert (target / "a").read_text() == "winner"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["entry"]
     fresh = tmp_path / "deeper" / "fresh"
-    assert cliconfig.write_dir_atomically(fresh, lambda d: (d / "a").write_text("1"),
+    assert process.write_dir_atomically(fresh, lambda d: (d / "a").write_text("1"),
                                           replace=False)
     assert (fresh / "a").read_text() == "1"
 
@@ -498,7 +279,7 @@ def test_replacing_a_directory_whose_new_copy_fails_to_land_puts_the_old_one_bac
     import os
 
     target = tmp_path / "entry"
-    cliconfig.write_dir_atomically(target, lambda d: (d / "a").write_text("old"))
+    process.write_dir_atomically(target, lambda d: (d / "a").write_text("old"))
     rename = os.rename
 
     def failing(src, dst):
@@ -509,7 +290,7 @@ def test_replacing_a_directory_whose_new_copy_fails_to_land_puts_the_old_one_bac
     monkeypatch.setattr(os, "rename", failing)
     for _ in range(2):  # the second sees a clean directory: nothing was left to settle
         with pytest.raises(OSError, match="Input/output error"):
-            cliconfig.write_dir_atomically(target, lambda d: (d / "a").write_text("new"))
+            process.write_dir_atomically(target, lambda d: (d / "a").write_text("new"))
         assert (target / "a").read_text() == "old"
         assert [p.name for p in tmp_path.iterdir()] == ["entry"]
 
@@ -525,7 +306,7 @@ def test_recover_partial_writes_settles_dead_owners_only(tmp_path):
 
     dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                               capture_output=True, text=True, check=True).stdout)
-    _, host, ns, _ = cliconfig.owner_tag().split("@")
+    _, host, ns, _ = process.owner_tag().split("@")
     assert host == socket.gethostname()
     dead_tag, live_tag = f"{dead}@{host}@{ns}@ab12", f"{os.getppid()}@{host}@{ns}@cd34"
     names = {
@@ -540,11 +321,11 @@ def test_recover_partial_writes_settles_dead_owners_only(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "a").write_text(text)
     (tmp_path / f".f.json.tmp-{dead_tag}").write_text("half")
-    cliconfig.recover_partial_writes(tmp_path)
+    process.recover_partial_writes(tmp_path)
     left = {p.name: (p / "a").read_text() for p in tmp_path.iterdir()}
     assert left == {"lost": "put back", "landed": "new", f".landed.tmp-{live_tag}": "kept",
                     f".landed.tmp-{dead}@other-{host}@{ns}@": "kept"}
-    cliconfig.recover_partial_writes(tmp_path, every_owner_gone=True)
+    process.recover_partial_writes(tmp_path, every_owner_gone=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["landed", "lost"]
 
 
@@ -564,18 +345,10 @@ def test_write_dir_atomically_syncs_the_tree_before_the_rename(tmp_path, monkeyp
         (d / "sub" / "b").write_text("b")
         (d / "a").write_text("a")
 
-    cliconfig.write_dir_atomically(tmp_path / "out" / "entry", build)
+    process.write_dir_atomically(tmp_path / "out" / "entry", build)
     tmp = next(e for e in events if e.startswith(".entry.tmp-"))
     assert sorted(events[:4]) == sorted(["a", "b", "sub", tmp]) and events[3] == tmp
     assert events[4:] == ["rename", "out"]
-
-
-def test_list_flags_skip_empty_items_and_take_none_as_text_when_not_optional():
-    """``--targets q_proj,`` (a trailing comma) and ``--ks 1,,2`` give no empty item (an int
-    list would fail on ''), and a list field that is not Optional keeps "none" as an item."""
-    cfg = _parse(["--targets", "q_proj,", ",v_proj", "--ks", "1,,2"])
-    assert (cfg.targets, cfg.ks) == (["q_proj", "v_proj"], [1, 2])
-    assert _parse(["--targets", "none"]).targets == ["none"]
 
 
 def test_an_owner_another_user_runs_is_alive(monkeypatch):
@@ -588,8 +361,8 @@ def test_an_owner_another_user_runs_is_alive(monkeypatch):
         raise PermissionError(1, "Operation not permitted")
 
     monkeypatch.setattr(os, "kill", not_permitted)
-    match = re.fullmatch(cliconfig.OWNER_PATTERN, "1@" + cliconfig.owner_tag().split("@", 1)[1])
-    assert match and not cliconfig.owner_is_dead(match)
+    match = re.fullmatch(process.OWNER_PATTERN, "1@" + process.owner_tag().split("@", 1)[1])
+    assert match and not process.owner_is_dead(match)
 
 
 def test_remove_dead_owners_removes_a_dead_owners_directories_and_files_only(tmp_path):
@@ -601,7 +374,7 @@ def test_remove_dead_owners_removes_a_dead_owners_directories_and_files_only(tmp
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()
-    _, host, ns, _ = cliconfig.owner_tag().split("@")
+    _, host, ns, _ = process.owner_tag().split("@")
     dead_dir = tmp_path / f"clone-{dead}@{host}@{ns}@a"
     live_dir = tmp_path / f"clone-{os.getpid()}@{host}@{ns}@b"
     for d in (dead_dir, live_dir):
@@ -610,10 +383,10 @@ def test_remove_dead_owners_removes_a_dead_owners_directories_and_files_only(tmp
     (tmp_path / f"clone-{dead}@{host}@{ns}@c.txt").write_text("half")
     other = tmp_path / f"other-{dead}@{host}@{ns}@d"
     other.mkdir()
-    cliconfig.remove_dead_owners(tmp_path, "clone-")
+    process.remove_dead_owners(tmp_path, "clone-")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live_dir.name, other.name])
     removed = []
-    cliconfig.remove_dead_owners(tmp_path, "other-", remove_dir=removed.append)
+    process.remove_dead_owners(tmp_path, "other-", remove_dir=removed.append)
     assert removed == [other]
 
 
@@ -626,7 +399,7 @@ def test_write_atomic_files_renames_in_the_mappings_order(tmp_path, monkeypatch)
     replace = os.replace
     monkeypatch.setattr(os, "replace", lambda a, b: (landed.append(Path(b).name), replace(a, b))[1])
     files = {tmp_path / "z.safetensors": b"w", tmp_path / "a.json": "{}", tmp_path / "m": "m"}
-    cliconfig.write_atomic_files(files)
+    process.write_atomic_files(files)
     assert landed == ["z.safetensors", "a.json", "m"]
 
 
@@ -636,13 +409,13 @@ def test_replacing_a_directory_syncs_its_parent_after_the_rename(tmp_path, monke
     import os
 
     target = tmp_path / "out" / "entry"
-    cliconfig.write_dir_atomically(target, lambda d: (d / "a").write_text("1"))
+    process.write_dir_atomically(target, lambda d: (d / "a").write_text("1"))
     events: list[str] = []
     fsync, rename = os.fsync, os.rename
     monkeypatch.setattr(os, "fsync", lambda fd: (events.append(
         Path(os.readlink(f"/proc/self/fd/{fd}")).name), fsync(fd))[1])
     monkeypatch.setattr(os, "rename", lambda a, b: (events.append("rename"), rename(a, b))[1])
-    cliconfig.write_dir_atomically(target, lambda d: (d / "a").write_text("2"))
+    process.write_dir_atomically(target, lambda d: (d / "a").write_text("2"))
     assert events[-3:] == ["rename", "rename", "out"] and (target / "a").read_text() == "2"
 
 
@@ -657,7 +430,7 @@ def test_write_dir_atomically_publishes_a_dangling_symlink_as_a_link(tmp_path):
         os.symlink("missing", d / "dangling")
 
     target = tmp_path / "entry"
-    assert cliconfig.write_dir_atomically(target, build)
+    assert process.write_dir_atomically(target, build)
     assert os.readlink(target / "dangling") == "missing" and (target / "to-a").read_text() == "a"
 
 
@@ -672,19 +445,19 @@ def test_start_up_stops_keep_an_ignored_signal_and_run_main_puts_the_handlers_ba
     import os
     import signal
 
-    before = {sig: signal.getsignal(sig) for sig in cliconfig.STOP_SIGNALS}
+    before = {sig: signal.getsignal(sig) for sig in process.STOP_SIGNALS}
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nohup's
-        cliconfig.quiet_start_up_stops(quiet=True)
+        process.quiet_start_up_stops(quiet=True)
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
         monkeypatch.setattr(os, "_exit", _raise_system_exit)
         with pytest.raises(SystemExit) as stopped:
             signal.getsignal(signal.SIGTERM)(signal.SIGINT, None)
         assert stopped.value.code == 130
-        seen = cliconfig.run_main(lambda: (signal.getsignal(signal.SIGINT),
+        seen = process.run_main(lambda: (signal.getsignal(signal.SIGINT),
                                            signal.getsignal(signal.SIGTERM),
                                            signal.getsignal(signal.SIGHUP)))
         assert seen == (signal.SIG_IGN, signal.SIG_DFL, signal.SIG_IGN)
@@ -700,7 +473,7 @@ def test_write_dir_atomically_replaces_a_dangling_symlink_at_the_target(tmp_path
 
     target = tmp_path / "entry"
     os.symlink("gone", target)
-    assert cliconfig.write_dir_atomically(target, lambda d: (d / "a").write_text("1"))
+    assert process.write_dir_atomically(target, lambda d: (d / "a").write_text("1"))
     assert not target.is_symlink() and (target / "a").read_text() == "1"
     assert os.listdir(tmp_path) == ["entry"]  # the link moved aside is gone too
 
@@ -709,7 +482,7 @@ def test_write_dir_atomically_replaces_a_dangling_symlink_at_the_target(tmp_path
 def ctrl_c_raises():
     """SIGINT at Python's own handler (KeyboardInterrupt) whatever pytest inherited: started with
     SIGINT ignored (`nohup pytest ... &` in a script), Python installs none, and a test's Ctrl-C
-    is ignored, as cliconfig keeps an ignored signal ignored; both tests below then failed."""
+    is ignored, as process keeps an ignored signal ignored."""
     import signal
 
     inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -726,7 +499,7 @@ def test_a_stop_within_stops_deferred_lands_on_leaving_whole_work_done(ctrl_c_ra
 
     done = []
     with pytest.raises(KeyboardInterrupt):
-        with cliconfig.stops_deferred():
+        with process.stops_deferred():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)  # the handler has run by now
             done.append("saved")
@@ -735,16 +508,15 @@ def test_a_stop_within_stops_deferred_lands_on_leaving_whole_work_done(ctrl_c_ra
 
 
 def test_a_reader_that_stops_reading_ends_a_script_quietly():
-    """`python tokenizer.py ... | head`: the closed pipe gave a BrokenPipeError traceback, and
-    a second one when Python flushed stdout at exit; now exit 1 and nothing on stderr."""
+    """`python tokenizer.py ... | head`: exit 1 and nothing on stderr, not a BrokenPipeError
+    traceback (and a second one when Python flushes stdout at exit)."""
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parents[1]
-    script = ("import sys, cliconfig\n"
-              "sys.exit(cliconfig.run_main(lambda: cliconfig.run_tool(\n"
+    script = ("import process, sys\n"
+              "sys.exit(process.run_main(lambda: process.run_tool(\n"
               "    lambda: [print('x' * 100) for _ in range(10**6)])))\n")
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=root, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     assert proc.stdout.readline() == b"x" * 100 + b"\n"
     proc.stdout.close()
@@ -754,28 +526,27 @@ def test_a_reader_that_stops_reading_ends_a_script_quietly():
 
 _SLOW_EXIT = """
 import atexit, os, signal, sys, time
-import cliconfig
+import process
 def slow_exit():  # torch's exit handlers, say
     open(sys.argv[1], "w").close()
     time.sleep(60)
 atexit.register(slow_exit)
 stop = lambda: os.kill(os.getpid(), signal.SIGINT)
-sys.exit(cliconfig.run_main(lambda: cliconfig.run_tool(stop)))
+sys.exit(process.run_main(lambda: process.run_tool(stop)))
 """
 
 
 def test_a_second_ctrl_c_while_the_script_exits_ends_it_without_a_traceback(tmp_path):
-    """Ctrl-C twice: the first is told ("interrupted"), the second landed in an atexit handler
-    and printed "Exception ignored in atexit callback" with a traceback. Now it ends the
-    process at once, as SIGINT's default does."""
+    """Ctrl-C twice: the first is told ("interrupted"); the second, landing in an atexit handler,
+    ends the process at once as SIGINT's default does, not with an "Exception ignored in atexit
+    callback" traceback."""
     import signal
     import sys
 
     from procs import popen, signal_when
 
-    root = Path(__file__).resolve().parents[1]
     exiting = tmp_path / "exiting"
-    proc = popen([sys.executable, "-c", _SLOW_EXIT, str(exiting)], cwd=root,
+    proc = popen([sys.executable, "-c", _SLOW_EXIT, str(exiting)], cwd=ROOT,
                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, err = signal_when(proc, exiting.exists, signal.SIGINT)
     assert err == "interrupted\n"
@@ -784,27 +555,26 @@ def test_a_second_ctrl_c_while_the_script_exits_ends_it_without_a_traceback(tmp_
 
 _SWALLOWING_IMPORT = """
 import atexit, os, signal, sys
-import cliconfig
-cliconfig.quiet_start_up_stops()
+import process
+process.quiet_start_up_stops()
 atexit.register(lambda: print("exit handler ran"))
 try:  # an extension's init that clears any error, as torch's of numpy does
     os.kill(os.getpid(), signal.SIGINT)
 except BaseException:
     pass
-sys.exit(cliconfig.run_main(lambda: print("main ran")))
+sys.exit(process.run_main(lambda: print("main ran")))
 """
 
 
 def test_a_stop_at_start_up_ends_the_script_even_where_the_import_swallows_errors():
-    """A Ctrl-C while torch loads raised SystemExit into the import under way: torch's numpy
-    init cleared it and the script ran on after "interrupted while starting" (1 in 4 Ctrl-Cs
-    of `python eval.py`), or pybind11 aborted with a C++ dump. Now the process ends there."""
+    """A Ctrl-C while torch loads ends the process there, although a SystemExit raised into the
+    import under way would be cleared by torch's numpy init (the script running on) or abort
+    pybind11 with a C++ dump."""
     import sys
 
     from procs import popen
 
-    root = Path(__file__).resolve().parents[1]
-    proc = popen([sys.executable, "-c", _SWALLOWING_IMPORT], cwd=root, stdout=subprocess.PIPE,
+    proc = popen([sys.executable, "-c", _SWALLOWING_IMPORT], cwd=ROOT, stdout=subprocess.PIPE,
                  stderr=subprocess.PIPE, text=True)
     out, err = proc.communicate(timeout=60)
     assert (proc.returncode, out, err) == (130, "", "interrupted while starting: nothing was "
@@ -813,13 +583,13 @@ def test_a_stop_at_start_up_ends_the_script_even_where_the_import_swallows_error
 
 def test_a_ctrl_c_between_the_renames_of_a_set_lands_after_the_last(tmp_path, monkeypatch,
                                                                   ctrl_c_raises):
-    """Ctrl-C (or SIGTERM under interrupt_on_sigterm) right after the weights' rename left them
-    under the previous config: the set is renamed whole, then the stop lands."""
+    """Ctrl-C (or SIGTERM under interrupt_on_sigterm) right after the weights' rename must not
+    leave them under the previous config: the set is renamed whole, then the stop lands."""
     import os
     import signal
 
     weights, config = tmp_path / "model.safetensors", tmp_path / "config.json"
-    cliconfig.write_atomic_files({weights: b"old weights", config: "old config"})
+    process.write_atomic_files({weights: b"old weights", config: "old config"})
     replace = os.replace
 
     def replace_then_ctrl_c(src, dst):
@@ -828,6 +598,6 @@ def test_a_ctrl_c_between_the_renames_of_a_set_lands_after_the_last(tmp_path, mo
 
     monkeypatch.setattr(os, "replace", replace_then_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
-        cliconfig.write_atomic_files({weights: b"new weights", config: "new config"})
+        process.write_atomic_files({weights: b"new weights", config: "new config"})
     assert (weights.read_bytes(), config.read_text()) == (b"new weights", "new config")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]

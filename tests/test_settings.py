@@ -1,0 +1,232 @@
+"""settings: config dataclasses <-> flags and JSON files."""
+
+import argparse
+import json
+from dataclasses import dataclass, field
+
+import pytest
+
+import settings
+
+
+@dataclass
+class Demo:
+    # optimisation
+    lr: float = 1e-3  # peak rate: 100% at the end of warmup
+    steps: int = 10  # optimizer steps; a step is
+    #   one update
+    name: str | None = None  # runs/<name>; default: a timestamp
+    # switches: the second section
+    fast: bool = False
+    targets: list[str] = field(default_factory=lambda: ["q"])
+    ks: list[int] = field(default_factory=lambda: [1])
+    options: dict = field(default_factory=dict)
+    mode: str = "a"
+    tag: str = "x"  # a plain str: "none" is text here
+    limit: int | None = 5  # None: no limit
+    share: float | None = None
+    kind: str | None = None
+    paths: list[str] | None = None
+    extra: dict | None = None
+
+
+CHOICES = {"mode": ("a", "b"), "kind": ("x", "y")}
+
+
+def _parse(argv, tmp_path=None):
+    parser = argparse.ArgumentParser(argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config")
+    settings.add_config_flags(parser, Demo, CHOICES)
+    return settings.resolve_config(Demo, vars(parser.parse_args(argv)), "train", choices=CHOICES)
+
+
+def test_flags_mirror_fields_and_lists_take_both_forms():
+    cfg = _parse(["--lr", "0.5", "--fast", "--targets", "q_proj,k_proj", "v_proj",
+                  "--ks", "1,10", "--options", '{"a": 1}', "--name", "x"])
+    assert cfg == Demo(lr=0.5, fast=True, targets=["q_proj", "k_proj", "v_proj"], ks=[1, 10],
+                       options={"a": 1}, name="x")
+    assert _parse([]) == Demo()
+
+
+def test_file_then_flags_with_recipe_sections(tmp_path):
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"_seed": "doc", "train": {"steps": 3, "lr": 2, "_why": "x"},
+                                  "eval": {"anything": 1}}))
+    cfg = _parse(["--config", str(recipe), "--lr", "0.25"])
+    assert (cfg.steps, cfg.lr) == (3, 0.25) and isinstance(_parse(["--config", str(recipe)]).lr,
+                                                           float)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ({"stpes": 1}, r"c\.json: unknown key 'stpes'; did you mean 'steps'\?$"),
+    ({"velocity": 1}, r"c\.json: unknown key 'velocity'; Demo keys are: extra, fast, "),
+    ({"model_type": "llama", "vocab_size": 8},
+     r"c\.json: a model's config\.json \(model_type 'llama'\), not a Demo file$"),
+    ({"train": {"steps": "3"}}, r"c\.json \(train section\): key 'steps' must be an integer"),
+    ({"steps": True}, r"key 'steps' must be an integer"),
+    ({"fast": 1}, r"key 'fast' must be true/false, got 1"),
+    ({"train": {"fast": 0}}, r"\(train section\): key 'fast' must be true/false, got 0"),
+    ({"ks": [1, "2"]}, r"key 'ks' must be a list of integers"),
+    ({"mode": "c"}, r"key 'mode' must be one of \('a', 'b'\)"),
+    ({"fast": None}, r"key 'fast' must not be null"),
+    ({"lr": True}, r"key 'lr' must be a number, got True"),
+    ({"eval": {}}, r"c\.json: a recipe without a 'train' section"),
+    ({"train": [1]}, r"section must be a JSON object"),
+])
+def test_errors_name_the_file_and_the_key(tmp_path, content, message):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=message):
+        _parse(["--config", str(path)])
+
+
+def test_unreadable_files_are_named(tmp_path):
+    with pytest.raises(ValueError, match="missing.json: config file not found"):
+        _parse(["--config", str(tmp_path / "missing.json")])
+    bad = tmp_path / "bad.json"
+    bad.write_text('{\n  "lr": 1,\n  oops\n}')
+    with pytest.raises(ValueError, match=r"bad\.json: invalid JSON at line 3, column 3"):
+        _parse(["--config", str(bad)])
+    for content, kind in ((b"[1]", "an array"), (b"null", "null"), (b"3", "a number")):
+        bad.write_bytes(content)
+        with pytest.raises(ValueError, match=f"bad.json: the config file must be one JSON object, "
+                                             f"not {kind}"):
+            _parse(["--config", str(bad)])
+    bad.write_bytes(b'{"lr": "\xff"}')
+    with pytest.raises(ValueError, match="bad.json: cannot read the config file: .*utf-8"):
+        _parse(["--config", str(bad)])
+
+
+def test_a_recipe_shaped_config_refuses_unknown_top_level_keys(tmp_path):
+    """A key beside a recipe's sections would be ignored by --config: it is refused."""
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"_note": "doc", "train": {"steps": 3}, "eval": {}, "lr": 5}))
+    with pytest.raises(ValueError, match=r"r\.json: unknown top-level key\(s\) \['lr'\]; a "
+                                         r"recipe has 'train', 'eval' and '_'-prefixed notes"):
+        _parse(["--config", str(recipe)])
+
+
+def test_a_key_given_twice_is_refused_naming_the_key_and_file(tmp_path):
+    """json keeps the last of a repeated key: a copy-pasted key would silently win."""
+    config = tmp_path / "c.json"
+    for text in ('{"lr": 1e-3, "steps": 2, "lr": 2e-3}', '{"options": {"a": 1, "a": 2}}'):
+        config.write_text(text)
+        key = "lr" if "lr" in text else "a"
+        with pytest.raises(ValueError, match=rf"c\.json: key '{key}' is given twice"):
+            _parse(["--config", str(config)])
+    # another tool's file (an HF config.json) loads as transformers loads it: the last wins
+    assert settings.read_json_object(config, "model config") == {"options": {"a": 2}}
+
+
+def test_a_config_file_with_a_utf8_byte_order_mark_is_read(tmp_path):
+    """Windows editors save UTF-8 with a BOM, which json refuses ("Unexpected UTF-8 BOM")."""
+    config = tmp_path / "c.json"
+    config.write_bytes(b"\xef\xbb\xbf" + json.dumps({"lr": 0.5}).encode())
+    assert _parse(["--config", str(config)]).lr == 0.5
+
+
+def test_bad_flag_values_exit_2(capsys):
+    for argv in (["--ks", "1,x"], ["--options", "[1]"], ["--steps", "1.5"], ["--mode", "z"]):
+        with pytest.raises(SystemExit) as exit_info:
+            _parse(argv)
+        assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("word", ["none", "None", "NULL"])
+def test_optional_fields_take_none_on_the_command_line(word):
+    """A field documented as "None: no limit" must be settable to None from the command line."""
+    cfg = _parse(["--limit", word, "--share", word, "--kind", word, "--paths", word,
+                  "--extra", word, "--name", word, "--tag", word])
+    assert (cfg.limit, cfg.share, cfg.kind, cfg.paths, cfg.extra, cfg.name) == (None,) * 6
+    assert cfg.tag == word  # not Optional: the word is the value
+
+
+def test_optional_fields_still_take_values_and_refuse_bad_ones(capsys):
+    cfg = _parse(["--limit", "3", "--share", "0.5", "--kind", "y", "--paths", "none,b",
+                  "--extra", '{"a": 1}'])
+    assert (cfg.limit, cfg.share, cfg.kind, cfg.paths, cfg.extra) == (3, 0.5, "y", ["none", "b"],
+                                                                       {"a": 1})
+    for argv in (["--limit", "x"], ["--kind", "z"], ["--mode", "none"], ["--steps", "none"]):
+        with pytest.raises(SystemExit) as exit_info:
+            _parse(argv)
+        assert exit_info.value.code == 2
+    assert "invalid int value: 'none'" in capsys.readouterr().err
+
+
+def test_help_says_which_flags_take_none():
+    parser = argparse.ArgumentParser(argument_default=argparse.SUPPRESS)
+    text = " ".join(settings.add_config_flags(parser, Demo, CHOICES).format_help().split())
+    assert "--limit LIMIT None: no limit (default: 5; 'none' for None)" in text
+    assert "--kind {x,y,none} default: None; 'none' for None" in text
+    assert "--tag TAG a plain str: \"none\" is text here (default: 'x') " in text
+
+
+def test_trainingmanager_eval_examples_none_is_the_whole_split():
+    import trainingmanager
+
+    assert trainingmanager.parse_config([]).eval_examples == 80
+    assert trainingmanager.parse_config(["--eval-examples", "none"]).eval_examples is None
+
+
+def test_help_comes_from_the_field_comments_grouped_by_section():
+    """A field's trailing comment (continued on "#   " lines) is its --help text, with its
+    default unless it states one; other comment lines title groups; '%' is printed as is."""
+    helps, sections = settings.field_docs(Demo)
+    assert helps["steps"] == "optimizer steps; a step is one update"
+    assert helps["fast"] == "" and sections["mode"] == "switches: the second section"
+    assert sections["lr"] == sections["name"] == "optimisation"
+    assert sections["fast"] == "switches: the second section"
+    parser = argparse.ArgumentParser(argument_default=argparse.SUPPRESS)
+    text = " ".join(settings.add_config_flags(parser, Demo, CHOICES).format_help().split())
+    assert "optimisation: --lr LR peak rate: 100% at the end of warmup (default: 0.001)" in text
+    assert ("--name NAME runs/<name>; default: a timestamp ('none' for None) switches: the "
+            "second section: "
+            "--fast, --no-fast default: False") in text
+
+
+def test_every_flag_of_the_scripts_explains_itself():
+    import hyperparam_tune
+    import trainingmanager
+    from dataset import DataConfig
+    from eval import EvalConfig
+    from recipes import RecipeOptions
+    from scraping import GitHubConfig, LocalConfig
+
+    for cls in (trainingmanager.TrainConfig, EvalConfig, hyperparam_tune.TuneConfig, DataConfig,
+                RecipeOptions, GitHubConfig, LocalConfig):
+        helps, _ = settings.field_docs(cls)
+        assert not [f for f in cls.__dataclass_fields__ if not helps.get(f)], cls.__name__
+
+
+@dataclass
+class Operands:
+    files: list[str]  # input files
+    out: str = field(metadata={"help": "output file"})
+    overrides: list[str] = field(default_factory=list, metadata={"repeat": True,
+                                                                 "metavar": "KEY=VALUE"})
+    mode: str = field(default="a", metadata={"help": "how", "choices": ("a", "b")})
+
+
+def test_operands_required_flags_and_repeated_flags():
+    """What recipes.py (positional recipe, repeatable --set) and python -m scraping (positional
+    sources, required --out, help and choices in field metadata) read their flags with."""
+    parser = argparse.ArgumentParser(argument_default=argparse.SUPPRESS)
+    settings.add_config_flags(parser, Operands, positional=("files",))
+    args = parser.parse_args(["a,b.py", "c.py", "--out", "o", "--overrides", 'k=["x","y"]',
+                              "--overrides", "j=1"])
+    assert Operands(**vars(args)) == Operands(["a,b.py", "c.py"], "o", ['k=["x","y"]', "j=1"])
+    assert Operands(**vars(parser.parse_args(["f", "--out", "o"]))).overrides == []
+    text = " ".join(parser.format_help().split())
+    assert "files input files" in text and "--out OUT output file --overrides KEY=VALUE" in text
+    assert "--mode {a,b} how (default: 'a')" in text
+    for argv in (["f"], ["--out", "o"], ["f", "--out", "o", "--mode", "c"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+
+
+def test_list_flags_skip_empty_items_and_take_none_as_text_when_not_optional():
+    """``--targets q_proj,`` (a trailing comma) and ``--ks 1,,2`` give no empty item (an int
+    list would fail on ''), and a list field that is not Optional keeps "none" as an item."""
+    cfg = _parse(["--targets", "q_proj,", ",v_proj", "--ks", "1,,2"])
+    assert (cfg.targets, cfg.ks) == (["q_proj", "v_proj"], [1, 2])
+    assert _parse(["--targets", "none"]).targets == ["none"]
