@@ -74,16 +74,20 @@ RESUME_HINT = ("the same hyperparam_tune.py command, which continues this trial'
 class TuneConfig:
     """A sweep; the defaults are the default sweep (from-scratch model, stdlib corpus, 2 CPUs)."""
 
+    # study and sampling
     study_name: str = "codelm-from-scratch"  # the Optuna study; rerunning one continues it
     space: str = "from-scratch"  # a built-in space name or a JSON file
     train_config: str | None = None  # trainingmanager JSON config under the space's base values
     n_trials: int = 12  # total finished trials the study should hold (shared by all workers)
     sampler_seed: int | None = None  # in [0, 2**32): a reproducible sweep; None: fresh streams
+    # budget of each trial (a study's trials share it)
     max_steps: int = 150  # step budget of one trial
     eval_every: int = 25  # evaluation (and pruning) interval in steps
+    # pruning (hopeless trials stop early)
     pruner: str = "median"  # median | hyperband | none
     prune_startup_trials: int = 3  # median pruner: trials finished before any pruning
     prune_warmup_steps: int = 0  # median pruner: steps of a trial never pruned
+    # storage and workers
     out_dir: str = "runs"  # the study's files go to <out_dir>/<study_name>/
     storage: str | None = None  # SQLAlchemy URL or journal file (default: its journal.log)
     workers: int = 1  # worker processes on this machine
@@ -91,6 +95,7 @@ class TuneConfig:
     grace_period: int = 120  # seconds without a heartbeat before a trial is dead and requeued
     max_retry: int = 2  # times a trial is queued again
     worker: int = 0  # internal: i > 0 makes this process worker i of --workers (trials only)
+    # output
     progress: bool = True  # a progress bar over the trials
 
 
