@@ -13,13 +13,13 @@ import math
 import numbers
 import operator
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 import kernels
-from architecture import LayerCache, Transformer, check_ids, check_mask, padded_mask, positions
+from architecture import LayerCache, Transformer, padded_mask, positions
 
 # The CUDA-graph decode step's cache lengths are multiples of this (masked beyond the prompt
 # and its new tokens): one graph serves prompts of many lengths.
@@ -59,49 +59,37 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         self.max_new_tokens = _index(self.max_new_tokens, "max_new_tokens")
-        if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        t = self.temperature
-        if not isinstance(t, numbers.Real) or not (t == 0 or MIN_TEMPERATURE <= t < math.inf):
-            raise ValueError(f"temperature must be 0 (greedy) or a finite number >= "
-                             f"{MIN_TEMPERATURE:g} (smaller ones overflow the logits), got {t!r}")
-        if self.top_k is not None and _index(self.top_k, "top_k") < 1:
-            raise ValueError(f"top_k must be >= 1 (or None: no top-k filter), got {self.top_k!r}")
-        if self.top_p is not None and (not isinstance(self.top_p, numbers.Real)
-                                       or not 0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1] (or None: no nucleus filter), got "
-                             f"{self.top_p!r}")
-        if t == 0 and (self.top_k is not None or self.top_p is not None):
-            raise ValueError("top_k and top_p filter what is sampled; temperature=0 is greedy "
-                             "(the argmax): pass temperature > 0 to sample")
-        if self.generator is not None and not isinstance(self.generator, torch.Generator):
-            raise ValueError(f"generator must be a torch.Generator, got {self.generator!r} (for "
-                             "a seed: torch.Generator().manual_seed(seed))")
-        self.eos_id = _token_ids(self.eos_id, "eos_id")
+        self.num_beams = _index(self.num_beams, "num_beams")
+        t, top_k, top_p = self.temperature, self.top_k, self.top_p
+        _need(self.max_new_tokens >= 0, f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        _need(isinstance(t, numbers.Real) and (t == 0 or MIN_TEMPERATURE <= t < math.inf),
+              f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g} "
+              f"(smaller ones overflow the logits), got {t!r}")
+        _need(top_k is None or _index(top_k, "top_k") >= 1, f"top_k must be >= 1, got {top_k!r}")
+        _need(top_p is None or isinstance(top_p, numbers.Real) and 0 < top_p <= 1,
+              f"top_p must be in (0, 1], got {top_p!r}")
+        _need(t != 0 or top_k is None and top_p is None,
+              "top_k and top_p filter what is sampled; temperature=0 is greedy (the argmax): "
+              "pass temperature > 0 to sample")
+        _need(self.generator is None or isinstance(self.generator, torch.Generator),
+              f"generator must be a torch.Generator, got {self.generator!r}")
+        self.eos_id = [] if self.eos_id is None else _token_ids(self.eos_id, "eos_id")
         self.stop = _parse_stop(self.stop)
         if self.pad_id is not None:
             self.pad_id = _index(self.pad_id, "pad_id")
-        if self.decode is not None and not callable(self.decode):
-            raise ValueError(f"decode must be a callable such as tokenizer.decode, got "
-                             f"{self.decode!r}")
-        if any(isinstance(s, str) for s in self.stop) and self.decode is None:
-            raise ValueError(f"stop strings {[s for s in self.stop if isinstance(s, str)]} need "
-                             "decode= (e.g. tokenizer.decode)")
-        self.num_beams = _index(self.num_beams, "num_beams")
-        if self.num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        _need(self.decode is None or callable(self.decode),
+              f"decode must be a callable such as tokenizer.decode, got {self.decode!r}")
+        strings = [s for s in self.stop if isinstance(s, str)]
+        _need(not strings or self.decode is not None,
+              f"stop strings {strings} need decode= (e.g. tokenizer.decode)")
+        _need(self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams}")
         if self.num_beams > 1:
-            if t != 0.0 or self.top_k is not None or self.top_p is not None or self.stop:
-                raise ValueError("beam search is deterministic: leave temperature, top_k, top_p "
-                                 "and stop unset with num_beams > 1")
-            if self.compile:
-                raise ValueError("compile=True compiles the greedy and sampling decode step; "
-                                 "beam search runs eagerly: leave compile unset with "
-                                 "num_beams > 1")
-            if not isinstance(self.length_penalty, numbers.Real) or not math.isfinite(
-                    self.length_penalty):
-                raise ValueError(f"length_penalty must be a finite number, got "
-                                 f"{self.length_penalty!r}")
+            _need(t == 0 and top_k is None and top_p is None and not self.stop,
+                  "beam search is deterministic: leave temperature, top_k, top_p and stop unset")
+            _need(not self.compile, "compile=True: beam search runs eagerly, leave compile unset")
+            _need(isinstance(self.length_penalty, numbers.Real)
+                  and math.isfinite(self.length_penalty),
+                  f"length_penalty must be a finite number, got {self.length_penalty!r}")
 
 
 def generate(model: Transformer, idx: torch.Tensor, cfg: GenerationConfig,
@@ -137,49 +125,46 @@ def stream(model: Transformer, idx: torch.Tensor, cfg: GenerationConfig,
 def _prepare(model: Transformer, idx: torch.Tensor, cfg: GenerationConfig,
              attention_mask: torch.Tensor | None) -> int:
     """Check the prompt against the model; return the fill id of finished rows."""
-    check_ids(idx, "idx", model.cfg.vocab_size)
+    _need(isinstance(idx, torch.Tensor), f"idx must be a tensor (batch, time), got a "
+          f"{type(idx).__name__}; use torch.tensor(idx)")
+    _need(idx.dtype in (torch.long, torch.int32), f"idx must hold integer token ids (torch.long), "
+          f"got {idx.dtype} (torch.Tensor(...) makes floats; torch.tensor(...) keeps ints)")
+    _need(idx.dim() == 2, f"idx must be (batch, time), got shape {tuple(idx.shape)}")
     B, T = idx.shape
-    if T == 0:
-        raise ValueError("the prompt is empty: generation continues at least one token (for "
-                         "an unconditional sample, start from the BOS id)")
-    block = model.cfg.block_size
-    if T > block:
-        raise ValueError(f"prompt length {T} exceeds the context length block_size={block}")
-    if T + cfg.max_new_tokens > block + 1:
-        raise ValueError(f"prompt length {T} + max_new_tokens {cfg.max_new_tokens} exceeds the "
-                         f"context length block_size={block} + 1 (the last new token is never "
-                         "fed back)")
-    _check_left_padded(attention_mask, idx)
-    vocab = model.cfg.vocab_size
-    never = "it can never be generated (another tokenizer's id?)"
-    _in_vocab(cfg.eos_id, "eos_id", vocab, never)
-    for s in cfg.stop:
-        if not isinstance(s, str):
-            _in_vocab(s, "stop id", vocab, never)
+    vocab, block = model.cfg.vocab_size, model.cfg.block_size
+    _need(T > 0, "the prompt is empty: generation continues at least one token (for an "
+          "unconditional sample, start from the BOS id)")
+    lo, hi = torch.stack(idx.aminmax()).tolist()
+    _need(0 <= lo <= hi < vocab, f"idx holds token ids outside [0, vocab_size={vocab}): min "
+          f"{lo}, max {hi} (wrong tokenizer? -100 labels passed as ids?)")
+    _need(T <= block, f"prompt length {T} exceeds the context length block_size={block}")
+    _need(T + cfg.max_new_tokens <= block + 1, f"prompt length {T} + max_new_tokens "
+          f"{cfg.max_new_tokens} exceeds the context length block_size={block} + 1 (the last "
+          "new token is never fed back)")
+    if attention_mask is not None:
+        _need(isinstance(attention_mask, torch.Tensor), f"attention_mask must be a tensor (batch, "
+              f"time), got a {type(attention_mask).__name__}; use torch.tensor(attention_mask)")
+        _need(attention_mask.shape == idx.shape, f"attention_mask shape "
+              f"{tuple(attention_mask.shape)} != idx shape {tuple(idx.shape)}")
+        # each row continues from its last position, so must end with a real token
+        last = attention_mask[:, -1].bool()
+        if not bool(last.all()):
+            b = int((~last).nonzero()[0, 0])
+            what = "is all padding" if not bool(attention_mask[b].any()) else "ends with padding"
+            raise ValueError(f"attention_mask row {b} {what}: generation needs left-padded "
+                             "prompts, each ending with a real token")
+    ids = [("eos_id", i) for i in cfg.eos_id] + [("pad_id", p) for p in [cfg.pad_id] if p is not None]
+    ids += [("stop id", i) for s in cfg.stop if not isinstance(s, str) for i in s]
+    for name, i in ids:
+        _need(0 <= i < vocab, f"{name} {i} is outside the model's vocabulary [0, {vocab})")
     if cfg.pad_id is not None:
-        _in_vocab([cfg.pad_id], "pad_id", vocab, "rows that finish are filled with it and fed "
-                  "it; pass a token id (e.g. the EOS id)")
         return cfg.pad_id
     if cfg.eos_id:
         return cfg.eos_id[0]
-    if cfg.stop and B > 1:  # any filler would be a real token id (0 is "!" in GPT-2's vocabulary)
-        raise ValueError("stop without eos_id on a batch needs pad_id: the id that fills the "
-                         "rows that stop first")
+    # any filler would be a real token id (0 is "!" in GPT-2's vocabulary)
+    _need(not cfg.stop or B == 1, "stop without eos_id on a batch needs pad_id: the id that "
+          "fills the rows that stop first")
     return 0  # never emitted: a lone row ends generation when it stops, and beams need EOS to end
-
-
-def _check_left_padded(attention_mask: torch.Tensor | None, idx: torch.Tensor) -> None:
-    """Generation continues every row from its last position, so each row must end with a real
-    token: left padding (right padding, as training batches have, would continue the pads)."""
-    if attention_mask is None:
-        return
-    check_mask(attention_mask, idx)
-    last = attention_mask[:, -1].bool()
-    if not bool(last.all()):
-        b = int((~last).nonzero()[0, 0])
-        what = "is all padding" if not bool(attention_mask[b].any()) else "ends with padding"
-        raise ValueError(f"attention_mask row {b} {what}: generation needs left-padded "
-                         "prompts, each ending with a real token")
 
 
 def _cache_dtype(model: Transformer) -> torch.dtype:
@@ -441,6 +426,11 @@ def _hit_stop(generated, stop_seqs, stop_strs, decode, finished) -> torch.Tensor
 
 
 # ------------------------------------------------------------------------ argument parsing
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
 def _index(value, name: str) -> int:
     """value as an int: ints and int-likes (numpy integers, 0-d integer tensors)."""
     try:
@@ -449,17 +439,8 @@ def _index(value, name: str) -> int:
         raise ValueError(f"{name} must be an integer, got {value!r}") from None
 
 
-def _in_vocab(ids: list[int], name: str, vocab: int, why: str) -> None:
-    bad = [i for i in ids if not 0 <= i < vocab]
-    if bad:
-        raise ValueError(f"{name} {bad[0]} is outside the model's vocabulary [0, {vocab}): {why}")
-
-
 def _token_ids(ids, name: str) -> list[int]:
-    """ids as a list of ints: one int-like (numpy integer, 0-d tensor) or a sequence of them
-    (list, 1-d array or tensor)."""
-    if ids is None:
-        return []
+    """One int-like or a sequence of them (list, 1-d array or tensor) as a list of ints."""
     try:
         return [operator.index(ids)]
     except TypeError:
@@ -471,35 +452,17 @@ def _token_ids(ids, name: str) -> list[int]:
 
 
 def _parse_stop(stop) -> list[str | list[int]]:
-    """stop as a list of stop strings and id sequences: a bare string or id is one stop (not one
-    per character)."""
+    """A list of stop strings and id sequences; a bare string or id is one stop."""
     if stop is None:
         return []
-    entries = None
     if isinstance(stop, str):
-        entries = [stop]
-    else:
-        try:
-            entries = [operator.index(stop)]
-        except TypeError:
-            if not isinstance(stop, (bytes, bytearray, dict)):  # (bytes would iterate as ids)
-                try:
-                    entries = list(stop)
-                except TypeError:
-                    pass
-    if entries is None:
-        raise ValueError(f"stop must be a string, an id, or a list of strings, ids and id "
-                         f"sequences, got {stop!r}")
-    out: list[str | list[int]] = []
-    for s in entries:
-        if isinstance(s, str):
-            if not s:
-                raise ValueError("stop: empty string (it would end every row at once)")
-            out.append(s)
-        elif s is None:
-            raise ValueError(f"stop: None is no stop, in {stop!r}")
-        else:
-            out.append(_token_ids(s, "stop"))
-            if not out[-1]:
-                raise ValueError("stop: empty id sequence")
+        stop = [stop]
+    try:
+        stop = [operator.index(stop)]
+    except TypeError:
+        pass
+    _need(isinstance(stop, Iterable) and not isinstance(stop, (bytes, bytearray, dict)),
+          f"stop must be a string, an id, or a list of strings, ids and id sequences, got {stop!r}")
+    out = [s if isinstance(s, str) else _token_ids(s, "stop") for s in stop]
+    _need(all(out), "stop: an empty string or id sequence would end every row at once")
     return out
