@@ -153,7 +153,8 @@ def _prepare(model: Transformer, idx: torch.Tensor, cfg: GenerationConfig,
             what = "is all padding" if not bool(attention_mask[b].any()) else "ends with padding"
             raise ValueError(f"attention_mask row {b} {what}: generation needs left-padded "
                              "prompts, each ending with a real token")
-    ids = [("eos_id", i) for i in cfg.eos_id] + [("pad_id", p) for p in [cfg.pad_id] if p is not None]
+    ids = [("eos_id", i) for i in cfg.eos_id]
+    ids += [("pad_id", p) for p in [cfg.pad_id] if p is not None]
     ids += [("stop id", i) for s in cfg.stop if not isinstance(s, str) for i in s]
     for name, i in ids:
         _need(0 <= i < vocab, f"{name} {i} is outside the model's vocabulary [0, {vocab})")
@@ -292,92 +293,75 @@ def _steps(model: Transformer, idx, cfg: GenerationConfig, attention_mask):
 
 
 def _beam_search(model: Transformer, idx, cfg: GenerationConfig, attention_mask):
+    """Beam search as transformers runs it: of each row's top candidates, those ending in EOS
+    (among the top K) are finished hypotheses, the best K others live on; a row closes once no
+    live beam can beat its K best finished ones. Scores: summed log-probs / length ** lp."""
     fill = _prepare(model, idx, cfg, attention_mask)  # before the beams expand the shapes
     B, T = idx.shape
-    K, dev, eos_ids, lp = cfg.num_beams, idx.device, cfg.eos_id, cfg.length_penalty
-    # As HF: (1 + #EOS) * K candidates a step, so K live beams remain whichever EOS ids
-    # the top ones end with (each beam contributes at most #EOS finished candidates).
+    K, n, dev, lp = cfg.num_beams, cfg.max_new_tokens, idx.device, cfg.length_penalty
+    eos_ids = cfg.eos_id
+    # (1 + #EOS) * K candidates a step: K live beams remain whichever EOS ids the top ones end with
     pool = max(2, 1 + len(eos_ids)) * K
     flat = idx.repeat_interleave(K, dim=0)
     mask = None if attention_mask is None else attention_mask.repeat_interleave(K, dim=0)
-    # Every beam starts as beam 0, so the first step draws K distinct tokens from it.
     scores = torch.full((B, K), -1e9, device=dev)
-    scores[:, 0] = 0.0
+    scores[:, 0] = 0.0  # every beam starts as beam 0, so the first step draws K distinct tokens
     seqs = torch.empty(B * K, 0, dtype=torch.long, device=dev)
     done: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(B)]
     closed = [False] * B
     base = (torch.arange(B, device=dev) * K)[:, None]
     kernels.decode_layout(model, True)
-    caches = _new_caches(model, B * K, T + cfg.max_new_tokens)
+    caches = _new_caches(model, B * K, T + n)
     try:
-        logits, key_valid, pos = _prefill(model, flat, mask, T + cfg.max_new_tokens, caches)
-        for i in range(cfg.max_new_tokens):
+        logits, key_valid, pos = _prefill(model, flat, mask, T + n, caches)
+        for i in range(n):
             logp = torch.log_softmax(logits.float(), dim=-1)
             V = logp.shape[-1]
             cand = (scores[..., None] + logp.view(B, K, V)).view(B, K * V)
-            top, ids = cand.topk(min(pool, K * V), dim=1)
-            new = _beam_step(ids, top, V, seqs, done, closed, eos_ids, fill, K, i, lp)
-            new_scores, new_beam, new_tok = (torch.tensor(t, device=dev) for t in new)
-            rows = (base + new_beam).view(-1)
-            seqs = torch.cat((seqs[rows], new_tok.view(-1, 1)), dim=1)
-            scores = new_scores
-            if all(closed) or i == cfg.max_new_tokens - 1:
+            top, ids = (t.tolist() for t in cand.topk(min(pool, K * V), dim=1))
+            new_scores, new_beam, new_tok = [[-1e9] * K for _ in range(B)], [], []
+            for b in range(B):
+                new_beam.append([0] * K)
+                new_tok.append([fill] * K)
+                live = 0
+                for r, (c, s) in enumerate(zip(ids[b], top[b])):
+                    if closed[b] or live == K:
+                        break
+                    src, t = divmod(c, V)
+                    if t not in eos_ids:
+                        new_scores[b][live], new_beam[b][live], new_tok[b][live] = s, src, t
+                        live += 1
+                    elif r < K:
+                        hyp = torch.cat((seqs[b * K + src], seqs.new_tensor([t])))
+                        done[b].append((s / (i + 1) ** lp, hyp))
+                done[b] = sorted(done[b], key=lambda h: -h[0])[:K]
+                best_live = max(new_scores[b]) / (i + 1) ** lp
+                closed[b] = closed[b] or len(done[b]) == K and done[b][-1][0] >= best_live
+            rows = (base + torch.tensor(new_beam, device=dev)).view(-1)
+            tok = torch.tensor(new_tok, device=dev).view(-1, 1)
+            seqs, scores = torch.cat((seqs[rows], tok), dim=1), torch.tensor(new_scores, device=dev)
+            if all(closed) or i == n - 1:
                 break
             for k, v in caches:
                 k.copy_(k.index_select(0, rows))
                 v.copy_(v.index_select(0, rows))
             key_valid, pos = key_valid[rows], pos[rows]
-            slot = torch.tensor([T + i], device=dev)
-            logits = _step(model, new_tok.view(-1, 1), pos, slot, key_valid, caches)
+            logits = _step(model, tok, pos, torch.tensor([T + i], device=dev), key_valid, caches)
             pos = pos + 1
     finally:
         if model.training:
             kernels.decode_layout(model, False)
-    n_gen = seqs.shape[1]
-    best = []
-    for b in range(B):
+    for b in range(B):  # a row still open: its live beams count as finished
         if not closed[b]:
-            for k in range(K):
-                s = float(scores[b, k]) / max(n_gen, 1) ** lp
-                done[b].append((s, seqs[b * K + k]))
-        best.append(max(done[b], key=lambda h: h[0])[1])
-    # As HF and the greedy path: as wide as the longest returned hypothesis
+            done[b] += [(float(scores[b, k]) / max(seqs.shape[1], 1) ** lp, seqs[b * K + k])
+                        for k in range(K)]
+    best = [max(hyps, key=lambda h: h[0])[1] for hyps in done]
+    # as wide as the longest returned hypothesis, as HF and the greedy path
     out = torch.full((B, T + max(h.numel() for h in best)), fill, dtype=torch.long, device=dev)
     out[:, :T] = idx
     for b, hyp in enumerate(best):
         out[b, T:T + hyp.numel()] = hyp
     return out
-
-
-def _beam_step(ids, top, V, seqs, done, closed, eos_ids, fill, K, i, lp):
-    """The K live beams of each row from its top candidates; hypotheses ending in EOS go to
-    `done` (the best K kept), and a row closes once no live beam can beat them."""
-    B = len(done)
-    beams_l, toks_l, top_l = (ids // V).tolist(), (ids % V).tolist(), top.tolist()
-    new_scores = [[-1e9] * K for _ in range(B)]
-    new_beam = [[0] * K for _ in range(B)]
-    new_tok = [[fill] * K for _ in range(B)]
-    for b in range(B):
-        if closed[b]:
-            continue
-        n = 0
-        for r in range(ids.shape[1]):
-            t, src, s = toks_l[b][r], beams_l[b][r], top_l[b][r]
-            if t in eos_ids:
-                if r < K:
-                    hyp = torch.cat((seqs[b * K + src], seqs.new_tensor([t])))
-                    done[b].append((s / (i + 1) ** lp, hyp))
-                continue
-            new_scores[b][n], new_beam[b][n], new_tok[b][n] = s, src, t
-            n += 1
-            if n == K:
-                break
-        done[b].sort(key=lambda h: -h[0])
-        del done[b][K:]
-        best_running = max(new_scores[b]) / (i + 1) ** lp
-        if len(done[b]) == K and done[b][-1][0] >= best_running:
-            closed[b] = True
-    return new_scores, new_beam, new_tok
 
 
 # ---------------------------------------------------------------------------------- sampling
