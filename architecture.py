@@ -29,10 +29,6 @@ import kernels
 from kernels import IGNORE_INDEX
 
 FAMILIES = ("gpt_bigcode", "codegen", "phi", "llama")
-NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "gelu_tanh", "swiglu")
-POSITIONS = ("learned", "rope")
-INITS = ("normal", "xavier")
 LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
                        "original_max_position_embeddings")
 
@@ -80,8 +76,9 @@ class ModelConfig:
         def bad(key: str, why: str) -> ValueError:
             return ValueError(f"ModelConfig.{key}={getattr(self, key)!r}: {why}")
 
-        for key, allowed in (("family", FAMILIES), ("norm", NORMS), ("mlp", MLPS),
-                             ("positions", POSITIONS), ("init", INITS)):
+        for key, allowed in (("family", FAMILIES), ("norm", ("layernorm", "rmsnorm")),
+                             ("mlp", ("gelu", "gelu_tanh", "swiglu")),
+                             ("positions", ("learned", "rope")), ("init", ("normal", "xavier"))):
             if getattr(self, key) not in allowed:
                 raise bad(key, f"expected one of {allowed}")
         sizes = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_hidden")

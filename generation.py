@@ -31,18 +31,12 @@ MIN_TEMPERATURE = 1e-10
 
 @dataclass
 class GenerationConfig:
-    """How to continue a prompt.
-
-    temperature 0: greedy; > 0: sampling, optionally restricted by top_k / top_p (filtered as
-    transformers filters, so a seeded generator samples what its do_sample=True would; top_k
-    None is no filter, transformers' top_k=0). num_beams > 1: beam search (scores are summed
-    log-probs / length ** length_penalty). eos_id: an id or ids ending a row. stop: a string, an
-    id, or a list of strings, ids and id sequences that end a row (strings need `decode`, e.g.
-    tokenizer.decode); the stop itself is kept, and stops are matched in the generated tokens
-    only. pad_id fills the rows that finished (default: the first EOS id; a batch with stops
-    but no eos_id needs one). compile: torch.compile the decode step (not with beams); on CUDA
-    it runs as a CUDA graph whose caches stay on the model between calls, so one compiled
-    generation runs at a time per model."""
+    """How to continue a prompt. temperature 0: greedy; > 0: sampling, filtered by top_k / top_p
+    as transformers filters (top_k None: transformers' top_k=0). num_beams > 1: beam search.
+    eos_id: an id or ids ending a row. stop: a string, an id, or a list of strings, ids and id
+    sequences ending a row, matched in the generated tokens only (strings need `decode`, e.g.
+    tokenizer.decode). pad_id fills finished rows (default: the first EOS id). compile: the
+    decode step compiled (on CUDA a CUDA graph, one such generation at a time per model)."""
 
     max_new_tokens: int
     temperature: float = 0.0
@@ -199,15 +193,11 @@ def _graph_caches(model: Transformer, batch: int, length: int) -> list[LayerCach
     k = held[0][0] if held is not None else None
     if k is not None and (k.shape[0], k.shape[2], k.dtype, k.device) == (
             batch, length, _cache_dtype(model), model.wte.weight.device):
-        for pair in held:
-            for t in pair:
-                t.zero_()
+        torch._foreach_zero_([t for pair in held for t in pair])
     else:
-        held = _new_caches(model, batch, length)
-        for pair in held:
-            for t in pair:
-                torch._dynamo.mark_static_address(t)
-        _HELD[model] = held
+        _HELD[model] = held = _new_caches(model, batch, length)
+        for t in (t for pair in held for t in pair):
+            torch._dynamo.mark_static_address(t)
     _BUSY.add(model)
     return held
 
