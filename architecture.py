@@ -18,7 +18,7 @@ import copy
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -29,10 +29,6 @@ import kernels
 from kernels import IGNORE_INDEX
 
 FAMILIES = ("gpt_bigcode", "codegen", "phi", "llama")
-NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "gelu_tanh", "swiglu")
-POSITIONS = ("learned", "rope")
-INITS = ("normal", "xavier")
 LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
                        "original_max_position_embeddings")
 
@@ -80,8 +76,9 @@ class ModelConfig:
         def bad(key: str, why: str) -> ValueError:
             return ValueError(f"ModelConfig.{key}={getattr(self, key)!r}: {why}")
 
-        for key, allowed in (("family", FAMILIES), ("norm", NORMS), ("mlp", MLPS),
-                             ("positions", POSITIONS), ("init", INITS)):
+        for key, allowed in (("family", FAMILIES), ("norm", ("layernorm", "rmsnorm")),
+                             ("mlp", ("gelu", "gelu_tanh", "swiglu")),
+                             ("positions", ("learned", "rope")), ("init", ("normal", "xavier"))):
             if getattr(self, key) not in allowed:
                 raise bad(key, f"expected one of {allowed}")
         sizes = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_hidden")
@@ -127,17 +124,6 @@ class ModelConfig:
     def qkv_size(self) -> int:
         return (self.n_head + 2 * self.n_kv_head) * self.head_dim
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"ModelConfig: unknown keys {unknown}")
-        return cls(**d)
-
 
 # Named configs as data. The four real shapes carry their published hyperparameters.
 PRESETS: dict[str, ModelConfig] = {
@@ -179,9 +165,8 @@ SHORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 
 
 def cuda_half_dtype(device: torch.device) -> torch.dtype:
-    """The 16-bit dtype a GPU computes natively: bf16 from compute capability 8 (Ampere) on, and
-    on ROCm; fp16 before (T4, V100), where torch.cuda.is_bf16_supported() also says yes, as it
-    can emulate bf16, slowly."""
+    """The 16-bit dtype a GPU computes natively: bf16 from Ampere (sm80) on and on ROCm, else fp16
+    (torch.cuda.is_bf16_supported() says yes there too: it emulates bf16, slowly)."""
     if torch.version.hip or torch.cuda.get_device_capability(device)[0] >= 8:
         return torch.bfloat16
     return torch.float16
@@ -190,7 +175,6 @@ def cuda_half_dtype(device: torch.device) -> torch.dtype:
 def lacks_native_bf16(device: torch.device) -> bool:
     """Whether ``device`` is a GPU that would only emulate bf16 (see cuda_half_dtype)."""
     return device.type == "cuda" and cuda_half_dtype(device) != torch.bfloat16
-
 
 
 # ------------------------------------------------------------------------- the ops of the model
@@ -361,7 +345,6 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 mask: torch.Tensor | None, slots: torch.Tensor | None = None,
                 cache: LayerCache | None = None) -> torch.Tensor:
-        """The arguments are ``Attention.forward``'s."""
         h = self.norm_1(x)
         a = self.drop(self.attn(h, rope, mask, slots, cache))
         if self.norm_2 is None:
@@ -409,12 +392,9 @@ class Transformer(nn.Module):
         # The model's own copy (rope_scaling too), shared by its modules: `model.cfg.dropout = p`
         # retunes this model, never the preset or the other models built from the same config.
         self.cfg = cfg = copy.deepcopy(cfg)
-        # The checkpoint directory pretrained.load read (as transformers' name_or_path):
-        # lora.save_adapter records it as the adapter's base unless told another.
+        # The directory pretrained.load read: lora.save_adapter records it as the adapter's base.
         self.name_or_path: str | None = None
-        # _weight: reset_parameters below draws the values (so nn.Embedding's own normal_ is
-        # skipped), and on the meta device (pretrained.load) nothing is drawn at all: normal_ on
-        # meta imports sympy, 65 MiB of RSS for nothing.
+        # _weight: nn.Embedding draws nothing (on meta, normal_ would import sympy: 65 MiB RSS).
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd,
                                 _weight=torch.empty(cfg.vocab_size, cfg.n_embd))
         self.wpe = (nn.Embedding(cfg.block_size, cfg.n_embd,
@@ -426,9 +406,8 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=cfg.lm_head_bias)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        # Activation (gradient) checkpointing in training: a block's activations are recomputed
-        # in the backward instead of stored: ~n_layer times less activation memory for a 1.24x
-        # slower step. A run setting, not in ModelConfig.
+        # Recompute each block's activations in the backward: ~n_layer times less activation
+        # memory for a slower step. A run setting, not in ModelConfig.
         self.gradient_checkpointing = False
         if not self.wte.weight.is_meta:
             self.reset_parameters()
@@ -485,32 +464,25 @@ class Transformer(nn.Module):
                 label_smoothing: float = 0.0, grad_scale: torch.Tensor | float | None = None,
                 count_correct: bool = False):
         """Logits (B, T, V) of the token ids idx (B, T); attention_mask (B, T), True = real
-        token, for left-padded batches (right padding needs none: causal attention never looks
-        ahead).
+        token, for left-padded batches (right padding needs none: attention is causal).
 
-        With targets (B, T) (the next token of each position, IGNORE_INDEX where nothing is
-        counted), the next-token cross-entropy instead, without ever forming the whole logits:
-        the mean over counted tokens, or with reduction="sum" their total; with count_correct,
-        (loss, how many counted tokens are the top logit). grad_scale: what the backward will
-        multiply this loss by (the fp16 loss scale times any weighting); fp16 training needs it
-        to run the head fused with the loss."""
-        check_ids(idx, "idx", self.cfg.vocab_size)
-        if targets is not None:
-            _check_targets(targets, idx, self.cfg.vocab_size, reduction)
+        With targets (B, T) (IGNORE_INDEX where nothing is counted), the next-token cross-entropy
+        instead, never forming the whole logits: the mean over counted tokens, or their sum; with
+        count_correct, (loss, how many are the top logit). grad_scale: what the backward will
+        multiply this loss by (fp16 training needs it to fuse the head with the loss)."""
         B, T = idx.shape
-        if T > self.cfg.block_size:
-            raise ValueError(f"sequence length {T} exceeds the context length "
-                             f"block_size={self.cfg.block_size}")
+        assert T <= self.cfg.block_size, f"sequence length {T} > block_size {self.cfg.block_size}"
         if attention_mask is None:
             x = self.run_blocks(idx, torch.arange(T, device=idx.device)[None], None)
         else:
-            check_mask(attention_mask, idx)
             attention_mask = attention_mask.bool()
             mask = padded_mask(attention_mask, torch.arange(T, device=idx.device), T)
             x = self.run_blocks(idx, positions(attention_mask), mask)
         x = self.norm_f(x)
         if targets is None:
             return self.lm_head(x)
+        # a (time, batch) batch of the same size would be a silently wrong loss
+        assert targets.shape == idx.shape and reduction in ("mean", "sum")
         count = (targets != IGNORE_INDEX).sum() if reduction == "mean" else None
         if count is not None and grad_scale is not None:  # the mean's gradient: the sum's / count
             grad_scale = grad_scale / count.clamp(min=1)
@@ -519,51 +491,6 @@ class Transformer(nn.Module):
         if count is not None:
             loss = loss / count
         return (loss, correct) if count_correct else loss
-
-
-def check_ids(ids, name: str, vocab: int) -> None:
-    """ids (batch, time) of integer token ids in [0, vocab): torch's own errors for these name
-    neither the argument nor the cause, and on CUDA an id out of range is a device-side assert
-    that breaks the process's CUDA context. torch.compile's graph leaves the range out."""
-    if not isinstance(ids, torch.Tensor):
-        raise ValueError(f"{name} must be a tensor (batch, time), got a {type(ids).__name__}; "
-                         f"use torch.tensor({name})")
-    if ids.dtype not in (torch.long, torch.int32):
-        raise ValueError(f"{name} must hold integer token ids (torch.long), got {ids.dtype} "
-                         "(torch.Tensor(...) makes floats; torch.tensor(...) keeps ints)")
-    if ids.dim() != 2:
-        raise ValueError(f"{name} must be (batch, time), got shape {tuple(ids.shape)}")
-    if ids.numel() and not torch.compiler.is_compiling():
-        lo, hi = torch.stack(ids.aminmax()).tolist()
-        if not 0 <= lo <= hi < vocab:
-            raise ValueError(f"{name} holds token ids outside [0, vocab_size={vocab}): min {lo}, "
-                             f"max {hi} (wrong tokenizer? -100 labels passed as ids?)")
-
-
-def check_mask(attention_mask, idx: torch.Tensor) -> None:
-    if not isinstance(attention_mask, torch.Tensor):
-        raise ValueError(f"attention_mask must be a tensor (batch, time), got a "
-                         f"{type(attention_mask).__name__}; use torch.tensor(attention_mask)")
-    if attention_mask.shape != idx.shape:
-        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != idx shape "
-                         f"{tuple(idx.shape)}")
-
-
-def _check_targets(targets, idx: torch.Tensor, vocab: int, reduction: str) -> None:
-    """A transposed (T, B) batch is a loud error, never a silently wrong loss."""
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    if not isinstance(targets, torch.Tensor) or targets.shape != idx.shape:
-        raise ValueError(f"targets {tuple(getattr(targets, 'shape', ()))} must have the shape "
-                         f"of idx {tuple(idx.shape)} (labels aligned with the ids, already "
-                         "shifted; a (time, batch) batch?)")
-    if targets.dtype != torch.long:  # (F.cross_entropy takes no other)
-        raise ValueError(f"targets must be token ids in a torch.long tensor, got {targets.dtype}")
-    if not torch.compiler.is_compiling():
-        bad = ((targets < 0) & (targets != IGNORE_INDEX)) | (targets >= vocab)
-        if bool(bad.any()):
-            raise ValueError(f"label {int(targets[bad][0])} is outside the vocabulary (size "
-                             f"{vocab}); labels must be token ids or {IGNORE_INDEX} (ignored)")
 
 
 __all__ = ["FAMILIES", "IGNORE_INDEX", "ModelConfig", "PRESETS", "Transformer"]

@@ -13,13 +13,13 @@ import math
 import numbers
 import operator
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 import kernels
-from architecture import LayerCache, Transformer, check_ids, check_mask, padded_mask, positions
+from architecture import LayerCache, Transformer, padded_mask, positions
 
 # The CUDA-graph decode step's cache lengths are multiples of this (masked beyond the prompt
 # and its new tokens): one graph serves prompts of many lengths.
@@ -31,18 +31,12 @@ MIN_TEMPERATURE = 1e-10
 
 @dataclass
 class GenerationConfig:
-    """How to continue a prompt.
-
-    temperature 0: greedy; > 0: sampling, optionally restricted by top_k / top_p (filtered as
-    transformers filters, so a seeded generator samples what its do_sample=True would; top_k
-    None is no filter, transformers' top_k=0). num_beams > 1: beam search (scores are summed
-    log-probs / length ** length_penalty). eos_id: an id or ids ending a row. stop: a string, an
-    id, or a list of strings, ids and id sequences that end a row (strings need `decode`, e.g.
-    tokenizer.decode); the stop itself is kept, and stops are matched in the generated tokens
-    only. pad_id fills the rows that finished (default: the first EOS id; a batch with stops
-    but no eos_id needs one). compile: torch.compile the decode step (not with beams); on CUDA
-    it runs as a CUDA graph whose caches stay on the model between calls, so one compiled
-    generation runs at a time per model."""
+    """How to continue a prompt. temperature 0: greedy; > 0: sampling, filtered by top_k / top_p
+    as transformers filters (top_k None: transformers' top_k=0). num_beams > 1: beam search.
+    eos_id: an id or ids ending a row. stop: a string, an id, or a list of strings, ids and id
+    sequences ending a row, matched in the generated tokens only (strings need `decode`, e.g.
+    tokenizer.decode). pad_id fills finished rows (default: the first EOS id). compile: the
+    decode step compiled (on CUDA a CUDA graph, one such generation at a time per model)."""
 
     max_new_tokens: int
     temperature: float = 0.0
@@ -59,49 +53,37 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         self.max_new_tokens = _index(self.max_new_tokens, "max_new_tokens")
-        if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        t = self.temperature
-        if not isinstance(t, numbers.Real) or not (t == 0 or MIN_TEMPERATURE <= t < math.inf):
-            raise ValueError(f"temperature must be 0 (greedy) or a finite number >= "
-                             f"{MIN_TEMPERATURE:g} (smaller ones overflow the logits), got {t!r}")
-        if self.top_k is not None and _index(self.top_k, "top_k") < 1:
-            raise ValueError(f"top_k must be >= 1 (or None: no top-k filter), got {self.top_k!r}")
-        if self.top_p is not None and (not isinstance(self.top_p, numbers.Real)
-                                       or not 0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1] (or None: no nucleus filter), got "
-                             f"{self.top_p!r}")
-        if t == 0 and (self.top_k is not None or self.top_p is not None):
-            raise ValueError("top_k and top_p filter what is sampled; temperature=0 is greedy "
-                             "(the argmax): pass temperature > 0 to sample")
-        if self.generator is not None and not isinstance(self.generator, torch.Generator):
-            raise ValueError(f"generator must be a torch.Generator, got {self.generator!r} (for "
-                             "a seed: torch.Generator().manual_seed(seed))")
-        self.eos_id = _token_ids(self.eos_id, "eos_id")
+        self.num_beams = _index(self.num_beams, "num_beams")
+        t, top_k, top_p = self.temperature, self.top_k, self.top_p
+        _need(self.max_new_tokens >= 0, f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        _need(isinstance(t, numbers.Real) and (t == 0 or MIN_TEMPERATURE <= t < math.inf),
+              f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g} "
+              f"(smaller ones overflow the logits), got {t!r}")
+        _need(top_k is None or _index(top_k, "top_k") >= 1, f"top_k must be >= 1, got {top_k!r}")
+        _need(top_p is None or isinstance(top_p, numbers.Real) and 0 < top_p <= 1,
+              f"top_p must be in (0, 1], got {top_p!r}")
+        _need(t != 0 or top_k is None and top_p is None,
+              "top_k and top_p filter what is sampled; temperature=0 is greedy (the argmax): "
+              "pass temperature > 0 to sample")
+        _need(self.generator is None or isinstance(self.generator, torch.Generator),
+              f"generator must be a torch.Generator, got {self.generator!r}")
+        self.eos_id = [] if self.eos_id is None else _token_ids(self.eos_id, "eos_id")
         self.stop = _parse_stop(self.stop)
         if self.pad_id is not None:
             self.pad_id = _index(self.pad_id, "pad_id")
-        if self.decode is not None and not callable(self.decode):
-            raise ValueError(f"decode must be a callable such as tokenizer.decode, got "
-                             f"{self.decode!r}")
-        if any(isinstance(s, str) for s in self.stop) and self.decode is None:
-            raise ValueError(f"stop strings {[s for s in self.stop if isinstance(s, str)]} need "
-                             "decode= (e.g. tokenizer.decode)")
-        self.num_beams = _index(self.num_beams, "num_beams")
-        if self.num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        _need(self.decode is None or callable(self.decode),
+              f"decode must be a callable such as tokenizer.decode, got {self.decode!r}")
+        strings = [s for s in self.stop if isinstance(s, str)]
+        _need(not strings or self.decode is not None,
+              f"stop strings {strings} need decode= (e.g. tokenizer.decode)")
+        _need(self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams}")
         if self.num_beams > 1:
-            if t != 0.0 or self.top_k is not None or self.top_p is not None or self.stop:
-                raise ValueError("beam search is deterministic: leave temperature, top_k, top_p "
-                                 "and stop unset with num_beams > 1")
-            if self.compile:
-                raise ValueError("compile=True compiles the greedy and sampling decode step; "
-                                 "beam search runs eagerly: leave compile unset with "
-                                 "num_beams > 1")
-            if not isinstance(self.length_penalty, numbers.Real) or not math.isfinite(
-                    self.length_penalty):
-                raise ValueError(f"length_penalty must be a finite number, got "
-                                 f"{self.length_penalty!r}")
+            _need(t == 0 and top_k is None and top_p is None and not self.stop,
+                  "beam search is deterministic: leave temperature, top_k, top_p and stop unset")
+            _need(not self.compile, "compile=True: beam search runs eagerly, leave compile unset")
+            _need(isinstance(self.length_penalty, numbers.Real)
+                  and math.isfinite(self.length_penalty),
+                  f"length_penalty must be a finite number, got {self.length_penalty!r}")
 
 
 def generate(model: Transformer, idx: torch.Tensor, cfg: GenerationConfig,
@@ -137,49 +119,47 @@ def stream(model: Transformer, idx: torch.Tensor, cfg: GenerationConfig,
 def _prepare(model: Transformer, idx: torch.Tensor, cfg: GenerationConfig,
              attention_mask: torch.Tensor | None) -> int:
     """Check the prompt against the model; return the fill id of finished rows."""
-    check_ids(idx, "idx", model.cfg.vocab_size)
+    _need(isinstance(idx, torch.Tensor), f"idx must be a tensor (batch, time), got a "
+          f"{type(idx).__name__}; use torch.tensor(idx)")
+    _need(idx.dtype in (torch.long, torch.int32), f"idx must hold integer token ids (torch.long), "
+          f"got {idx.dtype} (torch.Tensor(...) makes floats; torch.tensor(...) keeps ints)")
+    _need(idx.dim() == 2, f"idx must be (batch, time), got shape {tuple(idx.shape)}")
     B, T = idx.shape
-    if T == 0:
-        raise ValueError("the prompt is empty: generation continues at least one token (for "
-                         "an unconditional sample, start from the BOS id)")
-    block = model.cfg.block_size
-    if T > block:
-        raise ValueError(f"prompt length {T} exceeds the context length block_size={block}")
-    if T + cfg.max_new_tokens > block + 1:
-        raise ValueError(f"prompt length {T} + max_new_tokens {cfg.max_new_tokens} exceeds the "
-                         f"context length block_size={block} + 1 (the last new token is never "
-                         "fed back)")
-    _check_left_padded(attention_mask, idx)
-    vocab = model.cfg.vocab_size
-    never = "it can never be generated (another tokenizer's id?)"
-    _in_vocab(cfg.eos_id, "eos_id", vocab, never)
-    for s in cfg.stop:
-        if not isinstance(s, str):
-            _in_vocab(s, "stop id", vocab, never)
+    vocab, block = model.cfg.vocab_size, model.cfg.block_size
+    _need(T > 0, "the prompt is empty: generation continues at least one token (for an "
+          "unconditional sample, start from the BOS id)")
+    lo, hi = torch.stack(idx.aminmax()).tolist()
+    _need(0 <= lo <= hi < vocab, f"idx holds token ids outside [0, vocab_size={vocab}): min "
+          f"{lo}, max {hi} (wrong tokenizer? -100 labels passed as ids?)")
+    _need(T <= block, f"prompt length {T} exceeds the context length block_size={block}")
+    _need(T + cfg.max_new_tokens <= block + 1, f"prompt length {T} + max_new_tokens "
+          f"{cfg.max_new_tokens} exceeds the context length block_size={block} + 1 (the last "
+          "new token is never fed back)")
+    if attention_mask is not None:
+        _need(isinstance(attention_mask, torch.Tensor), f"attention_mask must be a tensor (batch, "
+              f"time), got a {type(attention_mask).__name__}; use torch.tensor(attention_mask)")
+        _need(attention_mask.shape == idx.shape, f"attention_mask shape "
+              f"{tuple(attention_mask.shape)} != idx shape {tuple(idx.shape)}")
+        # each row continues from its last position, so must end with a real token
+        last = attention_mask[:, -1].bool()
+        if not bool(last.all()):
+            b = int((~last).nonzero()[0, 0])
+            what = "is all padding" if not bool(attention_mask[b].any()) else "ends with padding"
+            raise ValueError(f"attention_mask row {b} {what}: generation needs left-padded "
+                             "prompts, each ending with a real token")
+    ids = [("eos_id", i) for i in cfg.eos_id]
+    ids += [("pad_id", p) for p in [cfg.pad_id] if p is not None]
+    ids += [("stop id", i) for s in cfg.stop if not isinstance(s, str) for i in s]
+    for name, i in ids:
+        _need(0 <= i < vocab, f"{name} {i} is outside the model's vocabulary [0, {vocab})")
     if cfg.pad_id is not None:
-        _in_vocab([cfg.pad_id], "pad_id", vocab, "rows that finish are filled with it and fed "
-                  "it; pass a token id (e.g. the EOS id)")
         return cfg.pad_id
     if cfg.eos_id:
         return cfg.eos_id[0]
-    if cfg.stop and B > 1:  # any filler would be a real token id (0 is "!" in GPT-2's vocabulary)
-        raise ValueError("stop without eos_id on a batch needs pad_id: the id that fills the "
-                         "rows that stop first")
+    # any filler would be a real token id (0 is "!" in GPT-2's vocabulary)
+    _need(not cfg.stop or B == 1, "stop without eos_id on a batch needs pad_id: the id that "
+          "fills the rows that stop first")
     return 0  # never emitted: a lone row ends generation when it stops, and beams need EOS to end
-
-
-def _check_left_padded(attention_mask: torch.Tensor | None, idx: torch.Tensor) -> None:
-    """Generation continues every row from its last position, so each row must end with a real
-    token: left padding (right padding, as training batches have, would continue the pads)."""
-    if attention_mask is None:
-        return
-    check_mask(attention_mask, idx)
-    last = attention_mask[:, -1].bool()
-    if not bool(last.all()):
-        b = int((~last).nonzero()[0, 0])
-        what = "is all padding" if not bool(attention_mask[b].any()) else "ends with padding"
-        raise ValueError(f"attention_mask row {b} {what}: generation needs left-padded "
-                         "prompts, each ending with a real token")
 
 
 def _cache_dtype(model: Transformer) -> torch.dtype:
@@ -213,15 +193,11 @@ def _graph_caches(model: Transformer, batch: int, length: int) -> list[LayerCach
     k = held[0][0] if held is not None else None
     if k is not None and (k.shape[0], k.shape[2], k.dtype, k.device) == (
             batch, length, _cache_dtype(model), model.wte.weight.device):
-        for pair in held:
-            for t in pair:
-                t.zero_()
+        torch._foreach_zero_([t for pair in held for t in pair])
     else:
-        held = _new_caches(model, batch, length)
-        for pair in held:
-            for t in pair:
-                torch._dynamo.mark_static_address(t)
-        _HELD[model] = held
+        _HELD[model] = held = _new_caches(model, batch, length)
+        for t in (t for pair in held for t in pair):
+            torch._dynamo.mark_static_address(t)
     _BUSY.add(model)
     return held
 
@@ -307,92 +283,75 @@ def _steps(model: Transformer, idx, cfg: GenerationConfig, attention_mask):
 
 
 def _beam_search(model: Transformer, idx, cfg: GenerationConfig, attention_mask):
+    """Beam search as transformers runs it: of each row's top candidates, those ending in EOS
+    (among the top K) are finished hypotheses, the best K others live on; a row closes once no
+    live beam can beat its K best finished ones. Scores: summed log-probs / length ** lp."""
     fill = _prepare(model, idx, cfg, attention_mask)  # before the beams expand the shapes
     B, T = idx.shape
-    K, dev, eos_ids, lp = cfg.num_beams, idx.device, cfg.eos_id, cfg.length_penalty
-    # As HF: (1 + #EOS) * K candidates a step, so K live beams remain whichever EOS ids
-    # the top ones end with (each beam contributes at most #EOS finished candidates).
+    K, n, dev, lp = cfg.num_beams, cfg.max_new_tokens, idx.device, cfg.length_penalty
+    eos_ids = cfg.eos_id
+    # (1 + #EOS) * K candidates a step: K live beams remain whichever EOS ids the top ones end with
     pool = max(2, 1 + len(eos_ids)) * K
     flat = idx.repeat_interleave(K, dim=0)
     mask = None if attention_mask is None else attention_mask.repeat_interleave(K, dim=0)
-    # Every beam starts as beam 0, so the first step draws K distinct tokens from it.
     scores = torch.full((B, K), -1e9, device=dev)
-    scores[:, 0] = 0.0
+    scores[:, 0] = 0.0  # every beam starts as beam 0, so the first step draws K distinct tokens
     seqs = torch.empty(B * K, 0, dtype=torch.long, device=dev)
     done: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(B)]
     closed = [False] * B
     base = (torch.arange(B, device=dev) * K)[:, None]
     kernels.decode_layout(model, True)
-    caches = _new_caches(model, B * K, T + cfg.max_new_tokens)
+    caches = _new_caches(model, B * K, T + n)
     try:
-        logits, key_valid, pos = _prefill(model, flat, mask, T + cfg.max_new_tokens, caches)
-        for i in range(cfg.max_new_tokens):
+        logits, key_valid, pos = _prefill(model, flat, mask, T + n, caches)
+        for i in range(n):
             logp = torch.log_softmax(logits.float(), dim=-1)
             V = logp.shape[-1]
             cand = (scores[..., None] + logp.view(B, K, V)).view(B, K * V)
-            top, ids = cand.topk(min(pool, K * V), dim=1)
-            new = _beam_step(ids, top, V, seqs, done, closed, eos_ids, fill, K, i, lp)
-            new_scores, new_beam, new_tok = (torch.tensor(t, device=dev) for t in new)
-            rows = (base + new_beam).view(-1)
-            seqs = torch.cat((seqs[rows], new_tok.view(-1, 1)), dim=1)
-            scores = new_scores
-            if all(closed) or i == cfg.max_new_tokens - 1:
+            top, ids = (t.tolist() for t in cand.topk(min(pool, K * V), dim=1))
+            new_scores, new_beam, new_tok = [[-1e9] * K for _ in range(B)], [], []
+            for b in range(B):
+                new_beam.append([0] * K)
+                new_tok.append([fill] * K)
+                live = 0
+                for r, (c, s) in enumerate(zip(ids[b], top[b])):
+                    if closed[b] or live == K:
+                        break
+                    src, t = divmod(c, V)
+                    if t not in eos_ids:
+                        new_scores[b][live], new_beam[b][live], new_tok[b][live] = s, src, t
+                        live += 1
+                    elif r < K:
+                        hyp = torch.cat((seqs[b * K + src], seqs.new_tensor([t])))
+                        done[b].append((s / (i + 1) ** lp, hyp))
+                done[b] = sorted(done[b], key=lambda h: -h[0])[:K]
+                best_live = max(new_scores[b]) / (i + 1) ** lp
+                closed[b] = closed[b] or len(done[b]) == K and done[b][-1][0] >= best_live
+            rows = (base + torch.tensor(new_beam, device=dev)).view(-1)
+            tok = torch.tensor(new_tok, device=dev).view(-1, 1)
+            seqs, scores = torch.cat((seqs[rows], tok), dim=1), torch.tensor(new_scores, device=dev)
+            if all(closed) or i == n - 1:
                 break
             for k, v in caches:
                 k.copy_(k.index_select(0, rows))
                 v.copy_(v.index_select(0, rows))
             key_valid, pos = key_valid[rows], pos[rows]
-            slot = torch.tensor([T + i], device=dev)
-            logits = _step(model, new_tok.view(-1, 1), pos, slot, key_valid, caches)
+            logits = _step(model, tok, pos, torch.tensor([T + i], device=dev), key_valid, caches)
             pos = pos + 1
     finally:
         if model.training:
             kernels.decode_layout(model, False)
-    n_gen = seqs.shape[1]
-    best = []
-    for b in range(B):
+    for b in range(B):  # a row still open: its live beams count as finished
         if not closed[b]:
-            for k in range(K):
-                s = float(scores[b, k]) / max(n_gen, 1) ** lp
-                done[b].append((s, seqs[b * K + k]))
-        best.append(max(done[b], key=lambda h: h[0])[1])
-    # As HF and the greedy path: as wide as the longest returned hypothesis
+            done[b] += [(float(scores[b, k]) / max(seqs.shape[1], 1) ** lp, seqs[b * K + k])
+                        for k in range(K)]
+    best = [max(hyps, key=lambda h: h[0])[1] for hyps in done]
+    # as wide as the longest returned hypothesis, as HF and the greedy path
     out = torch.full((B, T + max(h.numel() for h in best)), fill, dtype=torch.long, device=dev)
     out[:, :T] = idx
     for b, hyp in enumerate(best):
         out[b, T:T + hyp.numel()] = hyp
     return out
-
-
-def _beam_step(ids, top, V, seqs, done, closed, eos_ids, fill, K, i, lp):
-    """The K live beams of each row from its top candidates; hypotheses ending in EOS go to
-    `done` (the best K kept), and a row closes once no live beam can beat them."""
-    B = len(done)
-    beams_l, toks_l, top_l = (ids // V).tolist(), (ids % V).tolist(), top.tolist()
-    new_scores = [[-1e9] * K for _ in range(B)]
-    new_beam = [[0] * K for _ in range(B)]
-    new_tok = [[fill] * K for _ in range(B)]
-    for b in range(B):
-        if closed[b]:
-            continue
-        n = 0
-        for r in range(ids.shape[1]):
-            t, src, s = toks_l[b][r], beams_l[b][r], top_l[b][r]
-            if t in eos_ids:
-                if r < K:
-                    hyp = torch.cat((seqs[b * K + src], seqs.new_tensor([t])))
-                    done[b].append((s / (i + 1) ** lp, hyp))
-                continue
-            new_scores[b][n], new_beam[b][n], new_tok[b][n] = s, src, t
-            n += 1
-            if n == K:
-                break
-        done[b].sort(key=lambda h: -h[0])
-        del done[b][K:]
-        best_running = max(new_scores[b]) / (i + 1) ** lp
-        if len(done[b]) == K and done[b][-1][0] >= best_running:
-            closed[b] = True
-    return new_scores, new_beam, new_tok
 
 
 # ---------------------------------------------------------------------------------- sampling
@@ -441,6 +400,11 @@ def _hit_stop(generated, stop_seqs, stop_strs, decode, finished) -> torch.Tensor
 
 
 # ------------------------------------------------------------------------ argument parsing
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
 def _index(value, name: str) -> int:
     """value as an int: ints and int-likes (numpy integers, 0-d integer tensors)."""
     try:
@@ -449,17 +413,8 @@ def _index(value, name: str) -> int:
         raise ValueError(f"{name} must be an integer, got {value!r}") from None
 
 
-def _in_vocab(ids: list[int], name: str, vocab: int, why: str) -> None:
-    bad = [i for i in ids if not 0 <= i < vocab]
-    if bad:
-        raise ValueError(f"{name} {bad[0]} is outside the model's vocabulary [0, {vocab}): {why}")
-
-
 def _token_ids(ids, name: str) -> list[int]:
-    """ids as a list of ints: one int-like (numpy integer, 0-d tensor) or a sequence of them
-    (list, 1-d array or tensor)."""
-    if ids is None:
-        return []
+    """One int-like or a sequence of them (list, 1-d array or tensor) as a list of ints."""
     try:
         return [operator.index(ids)]
     except TypeError:
@@ -471,35 +426,17 @@ def _token_ids(ids, name: str) -> list[int]:
 
 
 def _parse_stop(stop) -> list[str | list[int]]:
-    """stop as a list of stop strings and id sequences: a bare string or id is one stop (not one
-    per character)."""
+    """A list of stop strings and id sequences; a bare string or id is one stop."""
     if stop is None:
         return []
-    entries = None
     if isinstance(stop, str):
-        entries = [stop]
-    else:
-        try:
-            entries = [operator.index(stop)]
-        except TypeError:
-            if not isinstance(stop, (bytes, bytearray, dict)):  # (bytes would iterate as ids)
-                try:
-                    entries = list(stop)
-                except TypeError:
-                    pass
-    if entries is None:
-        raise ValueError(f"stop must be a string, an id, or a list of strings, ids and id "
-                         f"sequences, got {stop!r}")
-    out: list[str | list[int]] = []
-    for s in entries:
-        if isinstance(s, str):
-            if not s:
-                raise ValueError("stop: empty string (it would end every row at once)")
-            out.append(s)
-        elif s is None:
-            raise ValueError(f"stop: None is no stop, in {stop!r}")
-        else:
-            out.append(_token_ids(s, "stop"))
-            if not out[-1]:
-                raise ValueError("stop: empty id sequence")
+        stop = [stop]
+    try:
+        stop = [operator.index(stop)]
+    except TypeError:
+        pass
+    _need(isinstance(stop, Iterable) and not isinstance(stop, (bytes, bytearray, dict)),
+          f"stop must be a string, an id, or a list of strings, ids and id sequences, got {stop!r}")
+    out = [s if isinstance(s, str) else _token_ids(s, "stop") for s in stop]
+    _need(all(out), "stop: an empty string or id sequence would end every row at once")
     return out

@@ -107,8 +107,7 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
             out: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """Write x (B, T, H, D) into out with its first 2 * cos.shape[-1] dims rotated (by minus the
-    angle if inverse: the backward); cos, sin (B, T, 1, r / 2). Each half is written in place
-    (a mul and an addcmul), so no cat, and the backward has no cat either."""
+    angle if inverse: the backward), each half in place: no cat."""
     r = 2 * cos.shape[-1]
     if interleaved:  # pairs (0, 1), (2, 3), ... as in CodeGen / GPT-J
         x1, x2, o1, o2 = x[..., 0:r:2], x[..., 1:r:2], out[..., 0:r:2], out[..., 1:r:2]
@@ -138,9 +137,8 @@ def _split_rotated(qkv, rope, n_head: int, n_kv: int, interleaved: bool):
 
 
 class _SplitRotatedFunction(torch.autograd.Function):
-    """`_split_rotated` whose backward writes the gradients of q, k and v straight into one
-    tensor of qkv's shape: autograd through the split and the rotation would cat them three
-    times a layer (and zero-fill for the slices)."""
+    """`_split_rotated` whose backward writes the gradients of q, k and v into one tensor of
+    qkv's shape, where autograd would cat them three times a layer."""
 
     @staticmethod
     def forward(ctx, qkv, cos, sin, n_head, n_kv, interleaved):
@@ -170,11 +168,9 @@ def split_rotated(qkv: torch.Tensor, rope, n_head: int, n_kv: int, interleaved: 
 
 # ----------------------------------------------------------------------------------- attention
 def _sdpa_takes_gqa(device: torch.device, dtype: torch.dtype, masked: bool) -> bool:
-    """Whether SDPA should get the grouped keys and values as they are (enable_gqa) rather than
-    repeated to the query heads. On CUDA only the flash kernel takes enable_gqa (fp16/bf16, no
-    mask, sm80+); any other grouped call falls silently to the math kernel, which materialises
-    every score, while repeated k/v let the memory-efficient kernel run. Other devices' kernels
-    take the groups as they are, and repeating would only cost memory."""
+    """Whether SDPA takes the grouped keys and values as they are (enable_gqa). On CUDA only
+    flash does (fp16/bf16, no mask, sm80+): other grouped calls fall to the math kernel, which
+    holds every score, where repeated k/v run the memory-efficient one."""
     if device.type != "cuda":
         return True
     return (not masked and dtype in (torch.float16, torch.bfloat16)
@@ -195,10 +191,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 # ----------------------------------------------------------------------- fused LM-head loss
 def _loss_chunk_rows(vocab: int, device: torch.device) -> int:
-    """Rows of logits formed at a time. On CPU ~16 MiB of fp32 (at least 512 rows, so the
-    matmuls stay efficient): a chunk's softmax passes run in cache and its buffers come back from
-    the heap each step, where a whole (N, V) tensor is mapped and page-faulted afresh every step.
-    ~1 GiB on GPUs."""
+    """Rows of logits formed at a time: on CPU ~16 MiB of fp32 (at least 512 rows), so a chunk
+    stays in cache and its buffers are reused, not page-faulted afresh each step; ~1 GiB on GPUs."""
     budget = 2**28 if device.type == "cuda" else 2**22
     return max(512, budget // vocab)
 
@@ -268,10 +262,9 @@ def _head_cross_entropy(hidden, weight, bias, labels, smoothing: float, want: tu
 
 
 class _HeadCrossEntropyFunction(torch.autograd.Function):
-    """The LM head and its cross-entropy as one op. The (N, V) logits are never held whole: each
-    chunk's gradient is finished, through both matmuls, while the chunk is in cache, so the
-    backward only scales. Saves the logits' memory (N * V * 4 bytes: 1 GiB per 2048 tokens of
-    Llama-3's vocabulary) and, on CPU, ~5% of a small model's training step."""
+    """The LM head and its cross-entropy as one op: each chunk's gradient is finished in the
+    forward while the chunk is in cache, so the (N, V) logits are never held whole (1 GiB per 2048
+    tokens of Llama-3's vocabulary) and the backward only scales."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, smoothing, count_correct, grad_scale):
@@ -302,10 +295,9 @@ class _HeadCrossEntropyFunction(torch.autograd.Function):
 def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
                        label_smoothing: float = 0.0, count_correct: bool = False,
                        grad_scale: torch.Tensor | float | None = None):
-    """The LM head fused with its loss: the logits are never materialized. Only for a plain
-    nn.Linear head (a LoRA or quantized head runs the plain op), and in fp16 training only with
-    grad_scale: the fused loss forms its gradients in the forward, at the magnitude the fp16
-    loss scaler chose (fp16's range is narrow)."""
+    """The LM head fused with its loss. Only for a plain nn.Linear head (a LoRA or quantized head
+    runs the plain op), and in fp16 training only with grad_scale: the gradients are formed in the
+    forward, at the magnitude the fp16 loss scaler chose."""
     args = (hidden, head, labels, label_smoothing, count_correct, grad_scale)
     if torch.compiler.is_compiling():  # a compiled model's loss runs eagerly, outside the graph
         return torch.compiler.disable(_fused_head_loss)(*args)
@@ -329,14 +321,6 @@ def _fused_head_loss(hidden, head, labels, label_smoothing, count_correct, grad_
 
 
 # ---------------------------------------------------------------------- CPU decode layout
-def _reads_faster_column_major(w: torch.Tensor) -> bool:
-    """Whether a batch-1 CPU matmul reads the (out, in) weight w faster column-major: fp32 with
-    more outputs than inputs. Row-major, the product is `out` dot products of length `in`, and
-    short ones pay a reduction each; column-major, `in` multiply-adds of length-`out` columns.
-    A fixed rule, not a timing race: the layout changes the low bits of batch-1 logits."""
-    return w.dtype == torch.float32 and w.shape[0] > w.shape[1]
-
-
 def _row_major_state(module: nn.Module, prefix: str, keep_vars: bool) -> None:
     """State-dict pre-hook: tools get ordinary tensors (safetensors' save_model, `.view(-1)`)
     without a copy of the model; the next generation lays them out again."""
@@ -346,10 +330,9 @@ def _row_major_state(module: nn.Module, prefix: str, keep_vars: bool) -> None:
 @torch.inference_mode(False)  # generation calls this in inference mode; training needs
 @torch.no_grad()                # ordinary weight tensors afterwards
 def decode_layout(model: nn.Module, on: bool) -> None:
-    """Decoding multiplies one row by every weight matrix: memory-bound, and on CPU tall fp32
-    weights stream at about twice the speed column-major. On: those Linear weights are re-laid
-    out in place (same values and shape, swapped strides); they stay so in eval mode and go back
-    to row-major when training resumes or `state_dict()` is read. CUDA: left as is."""
+    """On CPU, decoding streams tall fp32 weights about twice as fast column-major. On: those
+    Linear weights are re-laid out in place (same values and shape, swapped strides) until
+    training resumes or `state_dict()` is read. CUDA: left as is."""
     if on == model.__dict__.get("_decode_layout", False) or (on and not ENABLED):
         return
     if on and next(model.parameters()).device.type != "cpu":
@@ -363,9 +346,12 @@ def decode_layout(model: nn.Module, on: bool) -> None:
     if not model.__dict__.get("_row_major_hook"):
         model.register_state_dict_pre_hook(_row_major_state)
         model._row_major_hook = True
+    # A fixed rule, not a timing race (the layout changes the low bits of batch-1 logits): fp32
+    # with more outputs than inputs, whose row-major rows are short dot products.
     for module in model.modules():
         w = module.weight if isinstance(module, nn.Linear) else None
-        if w is not None and w.is_contiguous() and _reads_faster_column_major(w):
+        tall = w is not None and w.dtype == torch.float32 and w.shape[0] > w.shape[1]
+        if tall and w.is_contiguous():
             w.data = w.data.t().contiguous().t()  # (a tied weight: once, then strided)
 
 
@@ -396,10 +382,8 @@ def _addmm_one_row(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta
 
 
 def _decode_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-    """Inductor, with batch-1 matmuls on CPU written as multiply-and-sum. A decode step streams
-    every weight once, and inductor fuses that into one reduction kernel per Linear that reads
-    row-major weights faster than aten's gemv (and fuses with its neighbours): the step runs
-    about 2x faster."""
+    """Inductor, with batch-1 CPU matmuls as multiply-and-sum: one fused reduction kernel per
+    Linear, which reads row-major weights faster than aten's gemv (about 2x a decode step)."""
     from torch._functorch import config as functorch_config
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.decomposition import select_decomp_table
@@ -413,9 +397,8 @@ def _decode_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
 
 
 def compile_decode_step(step: Callable, device: torch.device) -> Callable:
-    """torch.compile of a decode step (static shapes). On CUDA a CUDA graph: one replay instead
-    of ~15 kernel launches a layer, which bound a small model's decoding; on CPU inductor with
-    the one-row matmul rewrite while ENABLED."""
+    """torch.compile of a decode step: on CUDA a CUDA graph (one replay, not ~15 launches a
+    layer); on CPU inductor with the one-row matmul rewrite while ENABLED."""
     if device.type == "cuda":
         return torch.compile(step, fullgraph=True, mode="reduce-overhead")
     return torch.compile(step, fullgraph=True, backend=_decode_backend if ENABLED else "inductor")

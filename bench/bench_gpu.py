@@ -391,23 +391,6 @@ def bench_checks(args) -> dict:
 
     res.update(_head_grad_error(args))
 
-    # The forward's id range check syncs the host once; timed on a decode-sized forward, where
-    # launch overhead dominates.
-    small = Transformer(args.small_cfg).to(DEV).eval()
-    ids = torch.randint(0, args.small_cfg.vocab_size, (1, 1), device=DEV)
-    check = architecture.check_ids
-    for label, fn in (("with the check", check), ("without", lambda *a: None)):
-        architecture.check_ids = fn
-        with torch.no_grad():
-            for _ in range(5):
-                small(ids)
-            t0 = sync_time()
-            for _ in range(50):
-                small(ids)
-            res[f"forward_ms_{label}"] = (sync_time() - t0) / 50 * 1e3
-    architecture.check_ids = check
-    print(f"  id check: 1-token forward of llama-14m {res['forward_ms_with the check']:.2f} ms "
-          f"with the check, {res['forward_ms_without']:.2f} ms without")
     return res
 
 

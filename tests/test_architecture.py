@@ -3,7 +3,6 @@ it can learn (transformers parity of the loaded families is in test_pretrained.p
 in test_generation.py; the kernels against their plain ops in test_kernels.py)."""
 
 import dataclasses
-import re
 
 import pytest
 import torch
@@ -106,13 +105,6 @@ def test_odd_head_dim_is_fine_without_rotary_embeddings():
     assert ModelConfig(n_embd=42, n_head=6, positions="learned").head_dim == 7
 
 
-def test_config_dict_round_trip_and_unknown_keys():
-    cfg = PRESETS["llama-3.2-1b"]
-    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ValueError, match=r"unknown keys \['n_layers'\]"):
-        ModelConfig.from_dict({"n_layers": 3})
-
-
 def test_contract_module_paths():
     cfg = SHAPES["llama"]
     model = Transformer(cfg)
@@ -184,44 +176,13 @@ def _spy_sdpa(monkeypatch) -> list[dict]:
     return calls
 
 
-@pytest.mark.parametrize("ids, message", [
-    ([[3, 4]], "idx must be a tensor \\(batch, time\\), got a list"),
-    # F.embedding's "Expected tensor for argument #1 'indices' to have ... Long, Int".
-    (torch.Tensor([[3, 4]]), "idx must hold integer token ids .*got torch.float32 "
-                             "\\(torch.Tensor\\(...\\) makes floats"),
-    (torch.tensor([[True, False]]), "idx must hold integer token ids .*got torch.bool"),
-    # F.embedding's "index out of range in self" (on CUDA a device-side assert).
-    (torch.tensor([[-100, 3]]), re.escape("idx holds token ids outside [0, vocab_size=96):"
-                                          " min -100, max 3")),
-    (torch.tensor([[3, 96]]), "outside .* max 96"),
-])
-def test_forward_refuses_what_are_no_token_ids(ids, message):
-    model = _model("llama")
-    with pytest.raises(ValueError, match=message):
-        model(ids)
-    with pytest.raises(ValueError, match=message):
-        gen(model, ids, 2)
-    with pytest.raises(ValueError, match=message):
-        next(gen_stream(model, ids, 2))
-
-
-def test_attention_mask_must_be_a_tensor():
-    model = _model("llama")
-    for beams in (1, 2):
-        with pytest.raises(ValueError, match="attention_mask must be a tensor .*got a list"):
-            gen(model, _ids(1, 3), 2, attention_mask=[[1, 1, 1]], num_beams=beams)
-    with pytest.raises(ValueError, match="attention_mask must be a tensor .*got a list"):
-        model(_ids(1, 3), attention_mask=[[1, 1, 1]])
-
-
 def test_int32_ids_give_the_logits_of_long_ids():
     model, ids = _model("llama"), _ids(2, 5)
     assert torch.equal(model(ids.int()), model(ids))
 
 
 @pytest.mark.slow  # dynamo's first trace: ~15 s
-def test_forward_id_range_check_stays_out_of_a_compiled_graph():
-    """Checked in eager mode only: a data-dependent min/max would break a fullgraph compile."""
+def test_forward_compiles_as_one_graph():
     model, ids = _model("llama"), _ids(2, 5)
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(ids), model(ids))
@@ -300,20 +261,11 @@ def test_the_head_loss_ignores_masked_positions():
     assert hidden.grad[labels != IGNORE_INDEX].abs().max() > 0
 
 
-@pytest.mark.parametrize("targets, message", [
-    (lambda idx: idx.t(), r"targets \(7, 2\) must have the shape of idx \(2, 7\)"),  # (T, B)
-    (lambda idx: idx[:, :3], r"targets \(2, 3\) must have the shape of idx"),
-    (lambda idx: idx.float(), "targets must be token ids in a torch.long tensor"),
-    (lambda idx: idx.clamp(max=0) + 96, "label 96 is outside the vocabulary"),
-    (lambda idx: idx.clamp(max=0) - 5, "label -5 is outside"),
-])
-def test_loss_refuses_targets_that_do_not_fit_idx(targets, message):
+def test_loss_refuses_targets_that_do_not_fit_idx():
     """A transposed (time, batch) batch of the same size is a loud error, never a wrong loss."""
     model, idx = _model("llama"), _ids(2, 7)
-    with pytest.raises(ValueError, match=message):
-        model(idx, targets(idx))
-    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'"):
-        model(idx, idx, reduction="none")
+    with pytest.raises(AssertionError):
+        model(idx, idx.t())
 
 
 def test_gradient_checkpointing_same_gradients_fraction_of_the_saved_activations():
