@@ -110,8 +110,7 @@ def codexglue_post_process(code: str) -> str:
 
 
 def _fuzz_ratio(a: str, b: str) -> int:
-    """fuzzywuzzy's ``fuzz.ratio`` as CodeXGLUE gets it: round(100 * (len - InDel) / len), formed
-    as python-Levenshtein forms it (rapidfuzz's 100 * (1 - InDel / len) rounds .5 otherwise)."""
+    """fuzzywuzzy's ``fuzz.ratio`` as CodeXGLUE gets it (python-Levenshtein's rounding of .5)."""
     total = len(a) + len(b)
     return round(100 * ((total - Indel.distance(a, b)) / total)) if total else 100
 
@@ -402,66 +401,62 @@ class EvalConfig:
 
     def validate(self, where_set: Callable[[str], str] = cliconfig.flag_of) -> None:
         """Refuse impossible settings, naming each key, its value and where the user set it."""
+        from dataset import DOCSTRING_PROMPTS, DataConfig
+
         def named(key: str) -> str:
             return cliconfig.setting(self, key, where_set)
 
-        def need(ok: bool, key: str, why: str) -> None:
+        greedy = self.temperature == 0
+        known = {f.name for f in fields(DataConfig)} - {"task", "sources", "block_size", "progress"}
+        option = next((k for k in self.data_options if k not in known), None)
+        checks = [
+            ("tasks", bool(self.tasks) and set(self.tasks) <= set(TASKS),
+             f"choose from {', '.join(TASKS)}"),
+            ("split", self.split in ("train", "val", "test"), "must be train, val or test"),
+            *((key, getattr(self, key) >= 1, "must be >= 1") for key in (
+                "limit", "lines_per_file", "max_new_tokens", "num_samples", "batch_size",
+                "workers", "num_beams")),
+            ("temperature", greedy or MIN_TEMPERATURE <= self.temperature < math.inf,
+             f"must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}"),
+            ("seed", -2**63 <= self.seed < 2**64, "must be in [-2**63, 2**64), the seeds torch takes"),
+            ("prompt", self.prompt != "", "is empty: give the text to complete"),
+            ("block_size", self.block_size is None or self.block_size >= 2,
+             "must be >= 2 (a prompt token and a generated one) or null for the model's"),
+            ("lm_windows", self.lm_windows is None or self.lm_windows >= 1,
+             "must be >= 1, or null for the whole split"),
+            ("timeout_s", 0 < self.timeout_s < math.inf, "must be a positive number of seconds"),
+            ("memory_mb", self.memory_mb >= MIN_MEMORY_MB,
+             f"must be >= {MIN_MEMORY_MB}: a Python interpreter running a test needs that much"),
+            ("device", _DEVICE.fullmatch(self.device) is not None,
+             "must be auto, cpu, cuda, cuda:N or mps"),
+            ("dtype", self.dtype in (None, "fp32", "bf16", "fp16"),
+             "must be fp32, bf16 or fp16 (or null: bf16/fp16 on CUDA, fp32 on CPU)"),
+            ("top_p", self.top_p is None or 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("top_k", self.top_k is None or self.top_k >= 1, "must be >= 1"),
+            *((key, not greedy or getattr(self, key) is None,
+               f"samples only at temperature > 0: set {named('temperature')} or leave {key} unset")
+              for key in ("top_p", "top_k")),
+            ("pass_k", bool(self.pass_k) and all(1 <= k <= self.num_samples for k in self.pass_k),
+             f"every k must be in [1, {named('num_samples')}], and one given"),
+            ("num_beams", self.num_beams == 1 or greedy,
+             f"beam search is deterministic: {named('temperature')} must be 0 with num_beams > 1"),
+            ("compile", self.num_beams == 1 or not self.compile,
+             "compiles the greedy and sampling decode step, not beam search: leave it off"),
+            ("num_samples", not greedy or self.num_samples == 1,
+             f"greedy decoding ({named('temperature')}) gives one sample; set temperature > 0"),
+            ("docstring_prompts", bool(self.docstring_prompts)
+             and set(self.docstring_prompts) <= set(DOCSTRING_PROMPTS),
+             f"choose from {sorted(DOCSTRING_PROMPTS)}"),
+            ("docstring_targets", self.docstring_targets in (None, "class", "function", "both"),
+             "must be class, function or both (or null for the corpus's)"),
+            ("docstring_min_tokens", (self.docstring_min_tokens or 0) >= 0,
+             "must be >= 0 (or null for the corpus's)"),
+            ("data_options", option is None, f"unknown DataConfig key {option!r}; "
+             + cliconfig.key_hint(option or "", known, "DataConfig")),
+        ]
+        for key, ok, why in checks:
             if not ok:
                 raise ValueError(f"{named(key)}: {why}")
-
-        unknown = [t for t in self.tasks if t not in TASKS]
-        need(not unknown and bool(self.tasks), "tasks", f"choose from {', '.join(TASKS)}")
-        need(self.split in ("train", "val", "test"), "split", "must be train, val or test")
-        for key in ("limit", "lines_per_file", "max_new_tokens", "num_samples", "batch_size",
-                    "workers", "num_beams"):
-            need(getattr(self, key) >= 1, key, "must be >= 1")
-        need(math.isfinite(self.temperature) and (self.temperature == 0
-                                                  or self.temperature >= MIN_TEMPERATURE),
-             "temperature", f"must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g} "
-             "(smaller ones overflow the logits)")
-        need(-2**63 <= self.seed < 2**64, "seed", "must be in [-2**63, 2**64), the seeds torch takes")
-        need(self.prompt != "", "prompt", "is empty: give the text to complete")
-        need(self.block_size is None or self.block_size >= 2, "block_size",
-             "must be >= 2 (a prompt token and a generated one) or null for the model's")
-        need(self.lm_windows is None or self.lm_windows >= 1, "lm_windows",
-             "must be >= 1, or null for the whole split")
-        need(0 < self.timeout_s < math.inf, "timeout_s", "must be a positive number of seconds")
-        need(self.memory_mb >= MIN_MEMORY_MB, "memory_mb",
-             f"must be >= {MIN_MEMORY_MB}: a Python interpreter running a test needs that much")
-        need(_DEVICE.fullmatch(self.device) is not None, "device",
-             "must be auto, cpu, cuda, cuda:N or mps")
-        need(self.dtype in (None, "fp32", "bf16", "fp16"), "dtype",
-             "must be fp32, bf16 or fp16 (or null: bf16/fp16 on CUDA, fp32 on CPU)")
-        need(self.top_p is None or 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
-        need(self.top_k is None or self.top_k >= 1, "top_k", "must be >= 1")
-        for key in ("top_p", "top_k"):
-            need(self.temperature > 0 or getattr(self, key) is None, key,
-                 f"samples only at temperature > 0, and {named('temperature')} decodes "
-                 f"greedily: set temperature, or leave {key} unset")
-        need(bool(self.pass_k) and all(1 <= k <= self.num_samples for k in self.pass_k),
-             "pass_k", f"every k must be in [1, {named('num_samples')}], and one given")
-        need(self.num_beams == 1 or self.temperature == 0, "num_beams",
-             f"beam search is deterministic: {named('temperature')} must be 0 with "
-             "num_beams > 1")
-        need(self.num_beams == 1 or not self.compile, "compile",
-             f"compiles the greedy and sampling decode step; beam search, {named('num_beams')}, "
-             "runs eagerly: leave compile off with num_beams > 1")
-        need(self.temperature > 0 or self.num_samples == 1, "num_samples",
-             f"greedy decoding, {named('temperature')}, gives one distinct sample; set "
-             "temperature > 0 for n > 1")
-        from dataset import DOCSTRING_PROMPTS, DataConfig
-
-        bad = [p for p in self.docstring_prompts if p not in DOCSTRING_PROMPTS]
-        need(not bad and bool(self.docstring_prompts), "docstring_prompts",
-             f"choose from {sorted(DOCSTRING_PROMPTS)}")
-        need(self.docstring_targets in (None, "class", "function", "both"), "docstring_targets",
-             "must be class, function or both (or null for the corpus's)")
-        need(self.docstring_min_tokens is None or self.docstring_min_tokens >= 0,
-             "docstring_min_tokens", "must be >= 0 (or null for the corpus's)")
-        known = {f.name for f in fields(DataConfig)} - {"task", "sources", "block_size", "progress"}
-        if unknown := [k for k in self.data_options if k not in known]:
-            need(False, "data_options", f"unknown DataConfig key {unknown[0]!r}; "
-                 + cliconfig.key_hint(unknown[0], known, "DataConfig"))
 
 
 def sandbox_config(cfg: EvalConfig) -> SandboxConfig:
@@ -562,8 +557,7 @@ def _run_tokenizer(run_dir: Path, override: str | None) -> Path:
 
 
 def _run_weights(run_dir: Path, weights: Path) -> dict:
-    """What results.json records of a run's scored weights: where, their step, and whether the
-    run is still training (a note says so: later weights may replace them)."""
+    """What results.json records of a run's scored weights: where, their step, still training."""
     record = weights / rundir.EXPORT_RECORD
     if weights.name == rundir.EXPORT_DIR and record.is_file():
         step = cliconfig.read_json_object(record, "export record").get("best_step")
@@ -586,8 +580,8 @@ def _run_weights(run_dir: Path, weights: Path) -> dict:
 
 def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
               dtype: str | None = None) -> tuple[torch.nn.Module, Path, dict, dict]:
-    """A codelm run's model: its export while that holds the best weights, else best/ (or the
-    latest checkpoint); returns the model, its tokenizer's directory, config and ``_run_weights``."""
+    """A run's model (its export while that holds best/, else best/ or the latest checkpoint),
+    its tokenizer's directory, config and ``_run_weights``."""
     import lora
     from pretrained import SafetensorsFile
     from tokenizer import load_tokenizer
@@ -626,8 +620,7 @@ def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
 
 
 def _split_adapter(path_spec: str) -> tuple[str, str]:
-    """(base, adapter) of ``BASE+ADAPTER``, split at the first "+" after which the base is a
-    directory (a directory named run+lora is one path)."""
+    """(base, adapter) of ``BASE+ADAPTER``, split at the first "+" after a directory's name."""
     if not Path(path_spec).is_dir():
         for plus in (i for i, ch in enumerate(path_spec) if ch == "+"):
             if Path(path_spec[:plus]).is_dir():
@@ -707,8 +700,7 @@ def _prompt_start(lm: LoadedModel) -> list[int]:
 
 
 def _pair_special_tokens(lm: LoadedModel, cfg: EvalConfig) -> bool | None:
-    """Whether special-token text in prompts reads as the tokens: ``--data-options``' choice,
-    else as the run's data read it; None for a model without a run."""
+    """Whether prompts' special-token text reads as the tokens (None: a model without a run)."""
     if "pair_special_tokens" in cfg.data_options:
         return bool(cfg.data_options["pair_special_tokens"])
     if not lm.run_config:
@@ -721,8 +713,7 @@ def _pair_special_tokens(lm: LoadedModel, cfg: EvalConfig) -> bool | None:
 
 
 def _prompt_ids(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig) -> list[list[int]]:
-    """Each prompt's ids after ``_prompt_start``, special-token text read as the model learned
-    it (``dataset.encode_prompts``)."""
+    """Each prompt's ids, special-token text read as the model learned it."""
     from dataset import RUN_READ_TEXT, encode_prompts
 
     why = RUN_READ_TEXT
@@ -946,8 +937,7 @@ class TaskExample:
 
 
 def corpus_config(cfg: EvalConfig, models: Sequence[LoadedModel]) -> DataConfig:
-    """The data whose split is evaluated: the runs' own (their held-out split) unless ``data``
-    is given; runs of different corpora or splits share no held-out split: refused."""
+    """The data whose split is evaluated: the runs' own (held-out) unless ``data`` is given."""
     from dataset import corpus_key
 
     runs = [m for m in models if m.run_config]
@@ -988,8 +978,7 @@ def with_docstring_options(cfg: EvalConfig, data_cfg: DataConfig) -> EvalConfig:
 def build_examples(task: str, docs: Sequence[Doc], cfg: EvalConfig, variant: str = "simple",
                    code_tokens: int = 400, tok: CodeTokenizer | BPETokenizer | None = None,
                    data_cfg: DataConfig | None = None) -> list[TaskExample]:
-    """The first ``cfg.limit`` examples of a generation task, built by dataset.py's builders;
-    ``tok`` cuts completion windows and measures docstrings."""
+    """The first ``cfg.limit`` examples of a generation task, built by dataset.py's builders."""
     import dataset as ds
 
     data_cfg = data_cfg or ds.DataConfig()
@@ -1028,8 +1017,7 @@ def build_examples(task: str, docs: Sequence[Doc], cfg: EvalConfig, variant: str
 
 def completion_examples(doc: Doc, tok: CodeTokenizer | BPETokenizer | None, data_cfg: DataConfig,
                         cfg: EvalConfig) -> list[TaskExample]:
-    """``cfg.lines_per_file`` of dataset.py's training windows (prompt tokens -> the next
-    tokens) per file, chosen by a seeded draw."""
+    """``cfg.lines_per_file`` of a file's training windows, chosen by a seeded draw."""
     import dataset as ds
 
     assert tok is not None, "the completion task cuts token windows"
@@ -1072,21 +1060,19 @@ def _edit_form(task: str, text: str) -> str:
 def _generation_metrics(task: str, preds: list[str], refs: list[str],
                         progress: bool = True) -> dict:
     edit = edit_sim([_edit_form(task, p) for p in preds], [_edit_form(task, r) for r in refs])
+    bleu = codexglue_bleu(preds, refs)
     if task == "line":
-        return {"EM": exact_match(preds, refs), "edit_sim": edit,
-                "BLEU": codexglue_bleu(preds, refs)}
-    if task == "method":
-        return {"BLEU": codexglue_bleu(preds, refs), "edit_sim": edit}
+        return {"EM": exact_match(preds, refs), "edit_sim": edit, "BLEU": bleu}
     if task == "completion":
-        return {"edit_sim": edit, "BLEU": codexglue_bleu(preds, refs)}
+        return {"edit_sim": edit, "BLEU": bleu}
     if task == "docstring":
-        return {"chrF": chrf(preds, refs), "ROUGE-L": rouge_l(preds, refs),
-                "BLEU": codexglue_bleu(preds, refs)}
-    metrics = {"BLEU": codexglue_bleu(preds, refs), "edit_sim": edit}
-    try:
-        metrics["semantic_sim"] = semantic_similarity(preds, refs, progress)
-    except ImportError as err:
-        print(f"note: refactor semantic similarity skipped: {err}", file=sys.stderr)
+        return {"chrF": chrf(preds, refs), "ROUGE-L": rouge_l(preds, refs), "BLEU": bleu}
+    metrics = {"BLEU": bleu, "edit_sim": edit}
+    if task == "refactor":
+        try:
+            metrics["semantic_sim"] = semantic_similarity(preds, refs, progress)
+        except ImportError as err:
+            print(f"note: refactor semantic similarity skipped: {err}", file=sys.stderr)
     return metrics
 
 
@@ -1144,8 +1130,7 @@ _PER_TOKEN = ("/loss", "/perplexity", "/token_accuracy")  # figures per token of
 
 
 def _tokenizer_note(models: Sequence[LoadedModel]) -> str:
-    """A note for the table when the models' tokenizers differ: per-token figures then do not
-    compare ("" when they share one)."""
+    """A note for the table when the models' tokenizers differ ("" when they share one)."""
     from dataset import tokenizer_fingerprint
 
     groups: dict[str, list[str]] = {}
@@ -1160,8 +1145,7 @@ def _tokenizer_note(models: Sequence[LoadedModel]) -> str:
 
 
 def markdown_table(rows: Sequence[dict], note: str = "") -> str:
-    """One row per model (and docstring prompt variant), one column per task metric; ``note``
-    goes under it when a column is per token."""
+    """One row per model (and docstring prompt variant), one column per task metric."""
     columns: list[str] = []
     for row in rows:
         columns += [c for c in row["metrics"] if c not in columns]
@@ -1211,10 +1195,9 @@ class EvalProgress:
 
 def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
              remedy: str | None = None, replace_other_weights: bool = False) -> dict:
-    """Evaluate every model of a validated ``cfg`` on the same examples, writing the results
-    after each model so a stop loses only the model it stopped. ``remedy`` ends the refusal of
-    an out_dir holding another evaluation; ``replace_other_weights`` sets aside, not refuses,
-    results there of the same settings but other weights (recipes.py's ``<run>/eval``)."""
+    """Evaluate every model of ``cfg`` on the same examples, saving after each model. ``remedy``
+    ends the refusal of an out_dir holding another evaluation; ``replace_other_weights`` sets
+    aside results there of the same settings but other weights (recipes.py's ``<run>/eval``)."""
     if cfg.prompt is not None:
         raise ValueError("EvalConfig.prompt is set: evaluate runs the tasks, and complete(cfg) "
                          "completes the prompt")
@@ -1311,8 +1294,8 @@ _NORM_SLICE = 1 << 24  # values per float64 copy in `_identity` (128 MiB, howeve
 
 
 def _identity(lm: LoadedModel) -> dict:
-    """A model's label, source and weight fingerprint (the sums of its parameters' L1 and L2
-    norms, in float64: a bf16 norm is too coarse to see a retrain), plus ``run_weights``."""
+    """A model's label, source, ``run_weights`` and weight fingerprint (float64 L1 and L2 norms:
+    a bf16 norm is too coarse to see a retrain)."""
     per_tensor: list[torch.Tensor] = []
     for p in lm.model.parameters():
         parts = p.detach().flatten().split(_NORM_SLICE)
@@ -1343,8 +1326,8 @@ _RESUME_IGNORES = ("models", "runs_dir", "out_dir", "progress", "workers", "batc
 
 
 def _changed_settings(old: dict, config: dict, skip_unset: bool = False) -> list[str]:
-    """The settings of ``config`` that differ from the saved results ``old``'s; ``skip_unset``:
-    not those left None (resolved once models and data load)."""
+    """The settings of ``config`` that differ from saved results ``old``'s (``skip_unset``: not
+    those left None)."""
     if old.get("format_version") != FORMAT_VERSION:
         return [f"format_version ({old.get('format_version')!r} there, {FORMAT_VERSION} now)"]
     saved = old["config"]
@@ -1359,8 +1342,7 @@ def _different_evaluation(path: Path, changed: Sequence[str], remedy: str) -> Va
 
 
 def check_settings_unchanged(cfg: EvalConfig, remedy: str) -> None:
-    """Refuse now, before a caller's long work, an ``out_dir`` holding results of other
-    settings, as ``evaluate`` would (settings left None are checked there)."""
+    """Refuse, before a caller's long work, an ``out_dir`` holding results of other settings."""
     path = Path(cfg.out_dir or "") / "results.json"
     if cfg.out_dir is None or not path.is_file():
         return
@@ -1372,8 +1354,7 @@ def check_settings_unchanged(cfg: EvalConfig, remedy: str) -> None:
 
 def _finished_models(out: Path, results: dict, remedy: str,
                      replace_other_weights: bool = False) -> tuple[list[dict], list[dict]]:
-    """Rows and prediction records already saved in ``out`` by the same evaluation; another
-    evaluation's are refused (other weights' set aside under ``replace_other_weights``)."""
+    """Rows and records already saved in ``out`` by the same evaluation; another's are refused."""
     path = out / "results.json"
     if not path.exists():
         return [], []
@@ -1418,8 +1399,7 @@ def _same_models(old: list[dict], new: list[dict]) -> bool:
 
 def _evaluate_model(lm: LoadedModel, cfg: EvalConfig, docs: Sequence, examples: dict,
                     problems: Sequence[dict], data_cfg=None) -> tuple[list[dict], list[dict]]:
-    """One model's table rows (one per docstring prompt variant) and prediction records;
-    ``data_cfg`` (the corpus's dataset.DataConfig) cuts reference-loss examples as training did."""
+    """One model's table rows (one per docstring prompt variant) and prediction records."""
     rows, records = [], []
     shared: dict = {}
     context = _context(lm, cfg)
@@ -1456,8 +1436,7 @@ def _evaluate_model(lm: LoadedModel, cfg: EvalConfig, docs: Sequence, examples: 
 
 
 def _save(out: Path, results: dict, records: Sequence[dict]) -> None:
-    """The results so far; results.json last, so it never lists a model whose predictions are
-    not on disk."""
+    """The results so far; results.json last, never listing predictions not on disk."""
     cliconfig.write_atomic(out / "predictions.jsonl",
                   "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     cliconfig.write_atomic(out / "table.md", results["table"] + "\n")
@@ -1488,8 +1467,7 @@ def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
 
 
 def _stopped(progress: EvalProgress, message: str, code: int) -> int:
-    """Report an evaluation that stopped early: the finished models' table, then one line
-    saying why and what was saved where."""
+    """Report an evaluation that stopped early: the finished models' table, then why."""
     if progress.table:
         print(progress.table)
     print("; ".join(filter(None, [message, progress.summary()])), file=sys.stderr)
