@@ -360,8 +360,7 @@ class EvalConfig:
     tasks: list[str] = field(default_factory=lambda: ["lm", "line"])  # lm | line |
     #   completion | method | docstring | refactor | passk
     data: list[str] | None = None  # dataset.DataConfig sources; None: a run's own, else the stdlib
-    data_options: dict = field(default_factory=dict)  # DataConfig fields over the run's, e.g.
-    #   {"extensions": [".kt"], "split_by": "file"}
+    data_options: dict = field(default_factory=dict)  # DataConfig fields over the run's
     split: str = "test"  # train | val | test
     limit: int = 100  # examples per generation task; pass@k: the first problems of the file
     lines_per_file: int = 1  # line / window completion targets sampled per file
@@ -370,13 +369,11 @@ class EvalConfig:
     #   the models', a run's being its training block_size); a shorter model uses its own
     docstring_prompts: list[str] = field(default_factory=lambda: ["simple"])  # prompt variants
     docstring_targets: str | None = None  # class | function | both (None: the corpus's)
-    docstring_min_tokens: int | None = None  # skip shorter reference docstrings (None: the
-    #   corpus's)
+    docstring_min_tokens: int | None = None  # skip shorter reference docstrings (None: corpus's)
     reference_loss: bool = False  # generation tasks: also the loss of the reference
     problems: str | None = None  # pass@k problems JSONL (default: the bundled set)
     # generation
-    prompt: str | None = None  # print each model's completion of this text as it is generated,
-    #   instead of running the tasks (nothing is written)
+    prompt: str | None = None  # stream each model's completion of this text instead of the tasks
     max_new_tokens: int = 128  # per generated completion
     temperature: float = 0.0  # 0: greedy
     top_p: float | None = None  # nucleus sampling (temperature > 0)
@@ -385,8 +382,7 @@ class EvalConfig:
     num_samples: int = 1  # pass@k: samples per problem (n)
     pass_k: list[int] = field(default_factory=lambda: [1])  # the k of pass@k, each <= num_samples
     batch_size: int = 8  # prompts generated or windows scored at once
-    compile: bool = False  # torch.compile the decode step (a CUDA graph on CUDA); not with
-    #   num_beams > 1
+    compile: bool = False  # torch.compile the decode step (a CUDA graph on CUDA); not with beams
     seed: int = 0  # sampling and the choice of completion targets
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str | None = None  # fp32 | bf16 | fp16 (None: bf16 on CUDA, fp16 without bf16, fp32
@@ -418,7 +414,7 @@ class EvalConfig:
                 "workers", "num_beams")),
             ("temperature", greedy or MIN_TEMPERATURE <= self.temperature < math.inf,
              f"must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}"),
-            ("seed", -2**63 <= self.seed < 2**64, "must be in [-2**63, 2**64), the seeds torch takes"),
+            ("seed", -2**63 <= self.seed < 2**64, "must be in [-2**63, 2**64) as torch's seeds"),
             ("prompt", self.prompt != "", "is empty: give the text to complete"),
             ("block_size", self.block_size is None or self.block_size >= 2,
              "must be >= 2 (a prompt token and a generated one) or null for the model's"),
@@ -457,11 +453,6 @@ class EvalConfig:
         for key, ok, why in checks:
             if not ok:
                 raise ValueError(f"{named(key)}: {why}")
-
-
-def sandbox_config(cfg: EvalConfig) -> SandboxConfig:
-    """The limits of each sandboxed run: the samples' and the canonical solutions' alike."""
-    return SandboxConfig(timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb)
 
 
 def config_from_dict(values: dict, source: str = "<dict>",
@@ -1102,8 +1093,8 @@ def run_passk(lm: LoadedModel, problems: Sequence[dict], cfg: EvalConfig
     prompts = [p["prompt"] for p in problems for _ in range(cfg.num_samples)]
     completions = generate_texts(lm, prompts, cfg, FUNCTION_STOPS, desc="passk")
     jobs = [(problems[i // cfg.num_samples], c) for i, c in enumerate(completions)]
-    results = run_checks(jobs, sandbox_config(cfg), cfg.workers, f"{lm.label} execute",
-                         cfg.progress)
+    sandbox = SandboxConfig(cfg.timeout_s, cfg.memory_mb)
+    results = run_checks(jobs, sandbox, cfg.workers, f"{lm.label} execute", cfg.progress)
     records, passed = [], Counter()
     for (problem, completion), result in zip(jobs, results):
         passed[problem["task_id"]] += result.passed
@@ -1233,8 +1224,8 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
 
     problems: list[dict] = []
     if "passk" in cfg.tasks:
-        problems = load_problems(cfg.problems or PROBLEMS_FILE, sandbox_config(cfg), cfg.workers,
-                                 cfg.limit)
+        sandbox = SandboxConfig(cfg.timeout_s, cfg.memory_mb)
+        problems = load_problems(cfg.problems or PROBLEMS_FILE, sandbox, cfg.workers, cfg.limit)
     models = [load_model(spec, device, cfg.tokenizer, cfg.dtype) for spec in specs]
     seen: Counter = Counter()
     for lm in models:
