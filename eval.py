@@ -1,13 +1,9 @@
 """Evaluation for codelm: the field's code metrics as published, and models compared side by side.
 
-Metrics take lists of strings (predictions, references): ``codexglue_bleu`` (CodeXGLUE's smoothed
-corpus BLEU-4), ``edit_sim`` (CodeXGLUE's per-pair ``fuzz.ratio``), ``exact_match``, ``chrf``
-(sacrebleu), ``rouge_l`` (rouge-score), ``pass_at_k`` (the Codex paper's unbiased estimator) and
-``semantic_similarity`` (MiniLM cosine). Tasks (``--tasks``): lm, line, completion, method,
-docstring, refactor, passk (samples run in ``sandbox.py``). Every model of ``--models`` is scored
-on the same examples; results.json, predictions.jsonl and table.md are written after each model,
-so the same command with the same ``--out-dir`` resumes. ``--prompt TEXT`` streams each model's
-completion of TEXT instead.
+Metrics take lists of strings (predictions, references). Tasks (``--tasks``): lm, line,
+completion, method, docstring, refactor, passk (samples run in ``sandbox.py``). Every model of
+``--models`` is scored on the same examples; results are written after each model, so the same
+command with the same ``--out-dir`` resumes. ``--prompt TEXT`` streams each model's completion.
 """
 
 from __future__ import annotations
@@ -1327,20 +1323,18 @@ def _changed_settings(old: dict, config: dict, skip_unset: bool = False) -> list
             and saved.get(key) != value]
 
 
-def _different_evaluation(path: Path, changed: Sequence[str], remedy: str) -> ValueError:
-    return ValueError(f"{path}: the results of a different evaluation (differs in "
-                      f"{'; '.join(changed)}); {remedy}")
+def _refuse_changed(path: Path, changed: Sequence[str], remedy: str) -> None:
+    if changed:
+        raise ValueError(f"{path}: the results of a different evaluation (differs in "
+                         f"{'; '.join(changed)}); {remedy}")
 
 
 def check_settings_unchanged(cfg: EvalConfig, remedy: str) -> None:
     """Refuse, before a caller's long work, an ``out_dir`` holding results of other settings."""
     path = Path(cfg.out_dir or "") / "results.json"
-    if cfg.out_dir is None or not path.is_file():
-        return
-    changed = _changed_settings(cliconfig.read_json_object(path, "evaluation results"),
-                                asdict(cfg), skip_unset=True)
-    if changed:
-        raise _different_evaluation(path, changed, remedy)
+    if cfg.out_dir is not None and path.is_file():
+        old = cliconfig.read_json_object(path, "evaluation results")
+        _refuse_changed(path, _changed_settings(old, asdict(cfg), skip_unset=True), remedy)
 
 
 def _finished_models(out: Path, results: dict, remedy: str,
@@ -1362,10 +1356,8 @@ def _finished_models(out: Path, results: dict, remedy: str,
         changed = ["the models (labels, paths or weights)"]
     if not changed and old["examples_digest"] != results["examples_digest"]:
         changed = ["the examples (the data changed)"]
-    if changed:
-        raise _different_evaluation(path, changed, remedy)
-    rows = old["rows"]
-    done = {row["model"] for row in rows}
+    _refuse_changed(path, changed, remedy)
+    done = {row["model"] for row in old["rows"]}
     records = []
     preds = out / "predictions.jsonl"
     with preds.open(encoding="utf-8") as f:
@@ -1377,7 +1369,7 @@ def _finished_models(out: Path, results: dict, remedy: str,
                                  "start over") from None
             if record.get("model") in done:
                 records.append(record)
-    return rows, records
+    return old["rows"], records
 
 
 def _same_models(old: list[dict], new: list[dict]) -> bool:
