@@ -435,7 +435,8 @@ class EvalConfig:
             ("compile", self.num_beams == 1 or not self.compile,
              "compiles the greedy and sampling decode step, not beam search: leave it off"),
             ("num_samples", not greedy or self.num_samples == 1,
-             f"greedy decoding ({named('temperature')}) gives one sample; set temperature > 0"),
+             f"greedy decoding, {named('temperature')}, gives one distinct sample; set "
+             "temperature > 0 for n > 1"),
             ("docstring_prompts", bool(self.docstring_prompts)
              and set(self.docstring_prompts) <= set(DOCSTRING_PROMPTS),
              f"choose from {sorted(DOCSTRING_PROMPTS)}"),
