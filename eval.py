@@ -503,8 +503,8 @@ def latest_run(runs_dir: str | Path) -> Path:
     """The most recently written run directory that holds a usable model."""
     root = Path(runs_dir)
     models = (rundir.EXPORT_DIR, rundir.BEST_DIR)
-    runs = [p for p in root.iterdir() if rundir.is_run_dir(p)] if root.is_dir() else []
-    runs = [p for p in runs if any((p / d).is_dir() for d in models)]
+    runs = [p for p in (root.iterdir() if root.is_dir() else [])
+            if rundir.is_run_dir(p) and any((p / d).is_dir() for d in models)]
     if not runs:
         raise ValueError(f"no trained model under {root}/: run `python trainingmanager.py` first, "
                          "or name models with --models")
@@ -1124,9 +1124,7 @@ def _tokenizer_note(models: Sequence[LoadedModel]) -> str:
     groups: dict[str, list[str]] = {}
     for lm in models:
         groups.setdefault(tokenizer_fingerprint(lm.tokenizer), []).append(lm.label)
-    if len(groups) == 1:
-        return ""
-    return (f"note: the models use different tokenizers "
+    return "" if len(groups) == 1 else (f"note: the models use different tokenizers "
             f"({' | '.join(', '.join(labels) for labels in groups.values())}): loss, perplexity "
             "and token accuracy are per token of a model's own tokenizer, so they compare only "
             "between models that share one")
