@@ -628,17 +628,14 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
     if not path.is_dir():
         raise ValueError(f"EvalConfig.models {spec!r}: {path} is not a directory")
     run_config = run_weights = None
-    if adapter_spec:
-        adapter = Path(adapter_spec)
+    if adapter_spec or (path / lora.ADAPTER_CONFIG).is_file():
+        adapter = Path(adapter_spec) if adapter_spec else path
         if not (adapter / lora.ADAPTER_CONFIG).is_file():
             raise ValueError(f"EvalConfig.models {spec!r}: {adapter} holds no "
                              f"{lora.ADAPTER_CONFIG}{lora.adapters_below(adapter)}")
-        model = _load_hf(path, device, dtype, adapter)
-        tok_dir = adapter if (adapter / "tokenizer.json").is_file() else path
-    elif (path / lora.ADAPTER_CONFIG).is_file():
-        base = lora.adapter_base(path, "name the base as BASE+ADAPTER")
-        model = _load_hf(base, device, dtype, path)
-        tok_dir = path if (path / "tokenizer.json").is_file() else base
+        base = path if adapter_spec else lora.adapter_base(path, "name the base as BASE+ADAPTER")
+        model = _load_hf(base, device, dtype, adapter)
+        tok_dir = adapter if (adapter / "tokenizer.json").is_file() else base
     elif rundir.is_run_dir(path):
         model, tok_dir, run_config, run_weights = _load_run(path, device, tokenizer, dtype)
     elif (no_weights := rundir.no_weights_yet(path)) is not None:
