@@ -287,10 +287,10 @@ def load_problems(path: str | Path = PROBLEMS_FILE, sandbox: SandboxConfig | Non
               "(--limit)", file=sys.stderr)
         problems = problems[:limit]
     if sandbox is not None:
-        solved = [p for p in problems if isinstance(p.get("canonical_solution"), str)]
-        jobs = [(p, p["canonical_solution"]) for p in solved]
-        for problem, result in zip(solved, run_checks(jobs, sandbox, workers, "check problems",
-                                                      progress=False)):
+        jobs = [(p, p["canonical_solution"]) for p in problems
+                if isinstance(p.get("canonical_solution"), str)]
+        for (problem, _), result in zip(jobs, run_checks(jobs, sandbox, workers, "check problems",
+                                                         progress=False)):
             if not result.passed:
                 tail = [line for line in result.stderr.splitlines() if line.strip()][-1:]
                 raise ValueError(f"{path}:{first_line[problem['task_id']]}: the canonical "
@@ -695,9 +695,8 @@ def _prompt_ids(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig) -> lis
     """Each prompt's ids, special-token text read as the model learned it."""
     from dataset import RUN_READ_TEXT, encode_prompts
 
-    why = RUN_READ_TEXT
-    if "pair_special_tokens" in cfg.data_options:  # the user's choice, for a base too
-        why = "--data-options sets pair_special_tokens false"
+    why = ("--data-options sets pair_special_tokens false"  # the user's choice, for a base too
+           if "pair_special_tokens" in cfg.data_options else RUN_READ_TEXT)
     return encode_prompts(lm.tokenizer, prompts, _pair_special_tokens(lm, cfg),
                           " (eval.py --data-options '{\"pair_special_tokens\": true}' reads them "
                           "as the tokens)", why)
