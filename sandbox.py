@@ -1,16 +1,11 @@
 """Run untrusted Python (model-generated code and its tests) in a separate, limited subprocess.
 
-Built for code from our own models (buggy, looping, memory-hungry, careless), not an adversary's:
-no substitute for a container or VM. Each run gets its own process group (``python -I -S -B``),
-killed at the wall-clock limit and dying with the evaluator; rlimits (CPU, memory, file size, 64
-files) and a polled disk budget; a fresh working directory and a minimal environment; ``nobody``
-as its user under a root evaluator (an undumpable evaluator otherwise, so its environ stays
-closed); a completion token on stdin, written back only if the program ran to its end
-(``SandboxResult.completed``). Writes are confined to the working directory, and processes,
-exec, sockets and signals to others refused, by Landlock (Linux >= 5.13), a seccomp filter
-(x86_64, aarch64) and a Python audit hook (always; defeatable by hostile code, the only guard
-where the kernel offers neither: ``SandboxResult.landlock`` / ``.seccomp`` say). Reads are not
-confined; disk use may pass its budget for 0.1 s; a sample may lower the evaluator's priority.
+Built for our own models' careless code, not an adversary's: no substitute for a container or VM.
+A run gets its own process group, killed at the wall-clock limit and with the evaluator; rlimits,
+a polled disk budget, a fresh working directory, ``nobody`` as its user under root; a completion
+token proves it ran to its end. Writes are confined to the working directory, and processes,
+exec, sockets and signals refused, by Landlock, a seccomp filter and a Python audit hook (the
+only guard where the kernel offers neither: ``SandboxResult.landlock`` / ``.seccomp`` say).
 """
 
 from __future__ import annotations
@@ -53,7 +48,7 @@ _BOOTSTRAP = r'''
 import builtins, json, os, resource, sys, types
 
 def _read_token():
-    """The completion token, from the pipe on stdin; stdin is /dev/null again afterwards."""
+    """The completion token, from the pipe on stdin; then stdin is /dev/null."""
     token = b""
     while chunk := os.read(0, 64):
         token += chunk
@@ -89,9 +84,8 @@ def _capset(ctypes, libc, caps):
         raise OSError(ctypes.get_errno(), "capset")
 
 def _drop_root(cfg, workdir, ctypes=None, libc=None):
-    """Become cfg["user"], so the kernel keeps other processes' environ, memory and signals out
-    of reach (CAP_DAC_READ_SEARCH kept where the interpreter is out of that user's reach); root
-    that cannot be that user drops every capability instead."""
+    """Become cfg["user"] (keeping CAP_DAC_READ_SEARCH where the interpreter is out of its
+    reach); root that cannot be that user drops every capability instead."""
     if cfg["user"] is None:
         if os.geteuid() == 0 and libc is not None:
             _capset(ctypes, libc, 0)
@@ -488,23 +482,20 @@ def _disk_use(directory: Path, max_files: int) -> tuple[int, int] | None:
 
 def _sample_user(workdir: Path) -> list[int] | None:
     """As root, the (uid, gid) the sample runs as, owning its directory; None if not root or none."""
-    if os.geteuid() != 0:
-        return None
-    try:
-        os.chown(workdir, SAMPLE_UID, SAMPLE_GID)
-    except OSError:
-        return None
-    return [SAMPLE_UID, SAMPLE_GID]
+    if os.geteuid() == 0:
+        with contextlib.suppress(OSError):
+            os.chown(workdir, SAMPLE_UID, SAMPLE_GID)
+            return [SAMPLE_UID, SAMPLE_GID]
+    return None
 
 
 @functools.cache
 def _prctl() -> Callable[..., int] | None:
-    try:
+    with contextlib.suppress(ImportError, OSError, AttributeError):
         import ctypes
 
         return ctypes.CDLL(None, use_errno=True).prctl
-    except (ImportError, OSError, AttributeError):
-        return None
+    return None
 
 
 _undumpable_runs = 0  # runs in flight while this process is kept from being dumpable
@@ -534,15 +525,12 @@ def _kill_group(pgid: int) -> None:
 # A run's directory is named after its evaluator (process.owner_tag), so a later one can
 # remove those of evaluators that died on this machine.
 _PREFIX = "codelm-sandbox-"
-_swept = False  # this process has removed the dead evaluators' directories
 
 
 def _remove(directory: Path) -> None:
     """Remove a run's directory, read-only files and directories included."""
-    try:
+    with contextlib.suppress(OSError):
         os.chmod(directory, 0o700)
-    except OSError:
-        return
     for root, dirs, files in os.walk(directory):
         for name in dirs + files:
             path = os.path.join(root, name)
@@ -552,12 +540,9 @@ def _remove(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
+@functools.cache
 def _remove_dead_runs() -> None:
     """Once per process: remove the directories of evaluators killed on this machine."""
-    global _swept
-    if _swept:
-        return
-    _swept = True
     process.remove_dead_owners(tempfile.gettempdir(), _PREFIX, remove_dir=_remove)
 
 
@@ -570,6 +555,21 @@ def kill_running() -> None:
     with _RUNNING_LOCK:
         for pgid in _RUNNING:
             _kill_group(pgid)
+
+
+def _wait(proc: subprocess.Popen, deadline: float, workdir: Path, cfg: SandboxConfig
+          ) -> str | None:
+    """Wait for the run to end by itself (None), or say why it is to be stopped."""
+    while True:
+        try:
+            proc.wait(timeout=max(0.0, min(_DISK_POLL_S, deadline - time.monotonic())))
+            return None
+        except subprocess.TimeoutExpired:
+            if time.monotonic() >= deadline:
+                return "timeout"
+        use = _disk_use(workdir, cfg.max_files)
+        if use is None or use[0] > cfg.disk_mb * 2**20 or use[1] > cfg.max_files:
+            return "disk"
 
 
 def run_python(source: str, config: SandboxConfig | None = None) -> SandboxResult:
@@ -610,23 +610,11 @@ def run_python(source: str, config: SandboxConfig | None = None) -> SandboxResul
                                     stdout=out, stderr=err, start_new_session=True)
             with _RUNNING_LOCK:
                 _RUNNING.add(proc.pid)
-            timed_out = over_disk = False
             try:
-                try:  # a few bytes into an empty pipe: never blocks
-                    proc.stdin.write(token.encode() + b"\n")
+                with contextlib.suppress(OSError):  # an interpreter dead at startup: its status
+                    proc.stdin.write(token.encode() + b"\n")  # into an empty pipe: no blocking
                     proc.stdin.close()
-                except OSError:  # the interpreter died at startup; its status says so
-                    pass
-                deadline = start + cfg.timeout_s
-                while not timed_out and not over_disk:
-                    try:
-                        proc.wait(timeout=max(0.0, min(_DISK_POLL_S, deadline - time.monotonic())))
-                        break
-                    except subprocess.TimeoutExpired:
-                        timed_out = time.monotonic() >= deadline
-                    use = None if timed_out else _disk_use(workdir, cfg.max_files)
-                    over_disk = not timed_out and (use is None or use[0] > cfg.disk_mb * 2**20
-                                                   or use[1] > cfg.max_files)
+                stopped = _wait(proc, start + cfg.timeout_s, workdir, cfg)
             finally:  # at the timeout, on an interrupt, and whatever it left running
                 _kill_group(proc.pid)
                 proc.wait()
@@ -646,9 +634,9 @@ def run_python(source: str, config: SandboxConfig | None = None) -> SandboxResul
         _remove(control_dir)
     code = proc.returncode
     memory = code == EXIT_MEMORY or (code == 1 and _raised_memory_error(stderr))
-    status = ("timeout" if timed_out else "disk" if over_disk else "passed" if code == 0
-              else "memory" if memory else "timeout" if code == -signal.SIGXCPU
-              else "killed" if code < 0 else "failed")
+    status = stopped or ("passed" if code == 0 else "memory" if memory
+                         else "timeout" if code == -signal.SIGXCPU
+                         else "killed" if code < 0 else "failed")
     return SandboxResult(status, code, stdout, stderr, duration, landlock, completed, seccomp)
 
 

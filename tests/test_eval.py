@@ -2562,12 +2562,12 @@ def test_a_runs_export_and_checkpoint_are_recorded_with_the_step_they_hold(tmp_p
     (run / rundir.BEST_DIR).mkdir(parents=True)
     (run / rundir.EXPORT_DIR).mkdir()
     (run / rundir.BEST_DIR / rundir.BEST_METRICS).write_text(json.dumps({"step": 9}))
-    assert ev._loaded_weights(run, run / rundir.EXPORT_DIR)["step"] == 9
+    assert ev._run_weights(run, run / rundir.EXPORT_DIR)["step"] == 9
     (run / rundir.EXPORT_DIR / rundir.EXPORT_RECORD).write_text(json.dumps({"best_step": 6}))
-    assert ev._loaded_weights(run, run / rundir.EXPORT_DIR) == {
+    assert ev._run_weights(run, run / rundir.EXPORT_DIR) == {
         "weights": "export/", "step": 6, "still_training": False}
     checkpoint = run / rundir.CHECKPOINTS_DIR / f"{rundir.CHECKPOINT_PREFIX}12"
-    assert ev._loaded_weights(run, checkpoint) == {
+    assert ev._run_weights(run, checkpoint) == {
         "weights": "checkpoints/step-12/", "step": 12, "still_training": False}
 
 

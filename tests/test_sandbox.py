@@ -604,7 +604,7 @@ def test_sample_dies_with_its_evaluator_and_a_later_run_removes_its_directory(mo
         if sample is not None and not exited(sample):
             os.kill(sample, signal.SIGKILL)
     assert directory.exists()
-    monkeypatch.setattr(sandbox, "_swept", False)  # as in a new evaluator process
+    sandbox._remove_dead_runs.cache_clear()  # as in a new evaluator process
     assert run_python("pass", FAST).passed
     assert not directory.exists()
 
