@@ -497,30 +497,15 @@ class CodeTokenizer(_BatchEncodeMixin):
         if not isinstance(vocab, dict):
             raise ValueError(f"{source}: model.vocab is missing or not an object")
         _check_code_hf_sections(spec, source)
-        by_id: dict[int, str] = {}
-        for token, i in vocab.items():
-            if type(i) is not int or i < 0:
-                raise ValueError(f"{source}: model.vocab[{token!r}] = {i!r} is not an id (an "
-                                 "integer >= 0)")
-            if i in by_id:
-                raise ValueError(f"{source}: model.vocab gives id {i} to both {by_id[i]!r} and "
-                                 f"{token!r}")
-            by_id[i] = token
-        n_specials = vocab.get("<0x00>", vocab.get(BYTE_TO_UNICODE[0]))
-        if n_specials is None:
-            raise ValueError(f"{source}: model.vocab has no token for byte 0x00 "
-                             f"({BYTE_TO_UNICODE[0]!r} or '<0x00>')")
+        by_id = {i: token for token, i in vocab.items()}
         n = len(vocab)
-        if (hole := next((i for i in range(n) if i not in by_id), None)) is not None:
-            raise ValueError(f"{source}: model.vocab has no token with id {hole} (its {n} ids "
-                             f"must be 0..{n - 1})")
-        for b in range(_N_BYTES):
-            i, spellings = n_specials + b, (BYTE_TO_UNICODE[b], f"<0x{b:02X}>")
-            if by_id.get(i) not in spellings:
-                raise ValueError(f"{source}: model.vocab id {i} is {by_id.get(i)!r}, not byte "
-                                 f"0x{b:02X} ({' or '.join(map(repr, spellings))}); a "
-                                 "CodeTokenizer lists its special tokens, the 256 bytes in "
-                                 "order, then its pieces")
+        if set(by_id) != set(range(n)):
+            raise ValueError(f"{source}: model.vocab ids must be 0..{n - 1}, each once")
+        n_specials = vocab.get("<0x00>", vocab.get(BYTE_TO_UNICODE[0], n))
+        if any(by_id.get(n_specials + b) not in (BYTE_TO_UNICODE[b], f"<0x{b:02X}>")
+               for b in range(_N_BYTES)):
+            raise ValueError(f"{source}: model.vocab must list the special tokens, the 256 bytes "
+                             "in order, then the pieces")
         pieces = []
         for i in range(n_specials + _N_BYTES, n):
             try:
@@ -653,27 +638,19 @@ def _first_difference(actual: object, expected: object, path: str) -> str | None
     return f"{path} differs: {_shown_json(actual)} where codelm writes {_shown_json(expected)}"
 
 
-def _post_processor_difference(processor: object) -> str | None:
-    """How a post-processor differs from codelm's null, unless it adds no ids (a transformers
-    save writes a TemplateProcessing of the sequence alone)."""
-    try:
-        if _post_processor_ids(processor) == ([], []):
-            return None
-    except (ValueError, KeyError, TypeError, AttributeError):
-        pass  # not one HF would read alike: named below
-    return (f"post_processor differs: {_shown_json(processor)} where codelm writes null (or "
-            "one that adds no ids)")
-
-
 def _code_hf_difference(spec: dict) -> tuple[str, str] | None:
-    """(part, where it differs) for the first part not as ``to_hf`` writes it, or None."""
-    where = _first_difference(spec["model"], _CODE_HF_MODEL, "model")
-    if where is not None:
+    """(part, where it differs) for the first part not as ``to_hf`` writes it, or None; a
+    post-processor may add no ids (a transformers save writes a TemplateProcessing of $A)."""
+    if (where := _first_difference(spec["model"], _CODE_HF_MODEL, "model")) is not None:
         return "model", where
-    if (where := _post_processor_difference(spec.get("post_processor"))) is not None:
-        return "post_processor", where
-    for part, expected in _code_hf_sections().items():
-        # HF reads a part left out as null
+    try:
+        adds_ids = _post_processor_ids(spec.get("post_processor")) != ([], [])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        adds_ids = True  # not one HF would read alike
+    if adds_ids:
+        return "post_processor", (f"post_processor differs: {_shown_json(spec['post_processor'])}"
+                                  " where codelm writes null (or one that adds no ids)")
+    for part, expected in _code_hf_sections().items():  # HF reads a part left out as null
         if (where := _first_difference(spec.get(part), expected, part)) is not None:
             return part, where
     return None
@@ -686,24 +663,17 @@ def _check_code_hf_sections(spec: dict, source: str) -> None:
         whose = "that is" if part == "model" else f"whose {part} is"
         hint = ("; a transformers save after a padded or truncated call writes them: set "
                 "truncation and padding to null" if part in ("truncation", "padding") else "")
-        raise ValueError(f"{source}: a WordPiece model {whose} not codelm's ({where}); "
-                         "codelm reads only the WordPiece form it writes, so that HF tokenizers "
-                         f"give the same ids and text{hint}")
+        raise ValueError(f"{source}: a WordPiece model {whose} not codelm's ({where}); HF "
+                         f"would give other ids or text{hint}")
 
 
 def _check_code_added_tokens(added: object, specials: list[str], source: str) -> None:
     """Added tokens may only repeat the special tokens (as a transformers save lists them)."""
-    if not isinstance(added, list):
-        raise ValueError(f"{source}: added_tokens is {_shown_json(added)}, not a list")
-    for k, entry in enumerate(added):
-        content = entry.get("content") if isinstance(entry, dict) else None
-        if not isinstance(content, str):
-            raise ValueError(f"{source}: added_tokens[{k}] {_shown_json(entry)} has no string "
-                             "'content'")
-        if content not in specials:
-            raise ValueError(f"{source}: added_tokens[{k}] {content!r} is not one of the special "
-                             f"tokens {specials}: HF would read it inside a text as a token of "
-                             "its own, codelm as text")
+    bad = [e for e in (added if isinstance(added, list) else [added])
+           if not (isinstance(e, dict) and e.get("content") in specials)]
+    if bad:
+        raise ValueError(f"{source}: added_tokens entry {_shown_json(bad[0])} is not one of the "
+                         f"special tokens {specials}: HF would read it inside a text")
 
 
 def is_utf8(text: str) -> bool:
