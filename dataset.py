@@ -886,8 +886,7 @@ def publish_cache_entry(final: Path, build: Callable[[Path], object],
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:
-    """Cleaned, split corpus (cached by sources + cleaning + split options)."""
-    cfg.validate()
+    """Cleaned, split corpus (cached by sources + cleaning + split options); ``cfg`` validated."""
     key = corpus_key(cfg)
     path = Path(cfg.cache_dir) / f"corpus-{key}"
     if cfg.use_cache and (path / "stats.json").exists():
@@ -1682,11 +1681,11 @@ def prepare(cfg: DataConfig, tokenizer: CodeTokenizer | BPETokenizer | None = No
             ) -> PreparedData:
     """Build (or load from cache) the three splits of ``cfg.task``; ``tokenizer=None`` returns
     the cleaned split texts (to train a tokenizer on ``.train``)."""
+    cfg.validate()
     if tokenizer is None:
         corpus = load_corpus(cfg)
         return PreparedData(*map(corpus.texts, SPLITS), task=cfg.task,
                             stats={"corpus": corpus.stats, "cache_hit": corpus.stats["cache_hit"]})
-    cfg.validate()
     if cfg.task in ("method", "docstring") and getattr(tokenizer, "strip_comments", False):
         raise DataError(f"the {cfg.task} task needs the docstrings a tokenizer with "
                         "strip_comments=True deletes from its prompts; use a tokenizer with "
@@ -1721,12 +1720,10 @@ def _note_special_token_text(cfg: DataConfig, task_meta: dict) -> None:
     n = sum(events.get("pair_holds_special_token_text", 0)
             for events in task_meta.get("events", {}).values())
     if n:
-        print(f"note: {n} input/output pair(s) hold the text of a special token of the "
-              "tokenizer (e.g. a chat template's <|eot_id|>); codelm encodes it as text, not as "
-              "that token (transformers' tokenizer(text) would give its id): records formatted "
-              "with a chat template do not train the model on its chat format. To read it as "
-              "the token: dataset.py --pair-special-tokens, or --data-options "
-              "'{\"pair_special_tokens\": true}' in trainingmanager.py", file=sys.stderr)
+        print(f"note: {n} input/output pair(s) hold the text of a special token of the tokenizer "
+              "(e.g. <|eot_id|>), encoded as text: to read it as the token, as transformers' "
+              "tokenizer(text) does, use --pair-special-tokens or --data-options "
+              "'{\"pair_special_tokens\": true}'", file=sys.stderr)
 
 
 def _note_pairs_as_text(cfg: DataConfig, corpus_stats: dict) -> None:

@@ -879,7 +879,7 @@ def test_a_split_by_file_is_not_warned_of_as_uneven(capsys):
 
 def test_negative_split_fractions_are_refused_even_when_they_sum_to_one(tmp_path):
     with pytest.raises(DataError, match=r"split fractions must be >= 0 and sum to 1"):
-        dataset.load_corpus(cfg(tmp_path, train_frac=1.2, val_frac=-0.1, test_frac=-0.1))
+        cfg(tmp_path, train_frac=1.2, val_frac=-0.1, test_frac=-0.1).validate()
 
 
 def test_predefined_val_and_test_files_are_those_splits_and_stay_out_of_training(tmp_path):
@@ -913,8 +913,8 @@ def test_predefined_val_and_test_files_are_those_splits_and_stay_out_of_training
     assert len(both.train) == 25 and len(both.val) == 10
     # The same file as train and validation data, and a validation file cleaning empties.
     with pytest.raises(DataError, match="is in both val_sources and sources"):
-        dataset.load_corpus(cfg(tmp_path, task="refactor", sources=[str(train)],
-                                val_sources=[str(tmp_path / "." / "train.jsonl")]))
+        cfg(tmp_path, task="refactor", sources=[str(train)],
+            val_sources=[str(tmp_path / "." / "train.jsonl")]).validate()
     empty = write_jsonl(tmp_path / "empty.jsonl", [{"input": " ", "output": "x"}])
     with pytest.raises(DataError, match=r"val_sources .* left no val documents .*empty_pair"):
         dataset.load_corpus(cfg(tmp_path, task="refactor", sources=[str(train)],
@@ -2096,7 +2096,7 @@ def test_config_values_of_the_wrong_type_or_range_name_the_key(tmp_path):
         ("max_docs", 0, "must be >= 1"),  # read nothing: "sources hold no files", untrue
     ):
         with pytest.raises(DataError) as info:
-            dataset.load_corpus(cfg(tmp_path, **{key: value}))
+            cfg(tmp_path, **{key: value}).validate()
         assert f"DataConfig.{key}" in str(info.value) and message in str(info.value)
     assert dataset.main(["--near-dedupe", "--near-dedupe-threshold", "5", "--no-progress",
                          "--cache-dir", str(tmp_path)]) == 2
@@ -2112,7 +2112,7 @@ def test_empty_corpus_and_missing_source_are_clear_errors(tmp_path):
     with pytest.raises(DataError, match="data source not found: .*nowhere"):
         dataset.load_corpus(cfg(tmp_path, sources=[str(tmp_path / "nowhere")]))
     with pytest.raises(DataError, match="DataConfig.task"):
-        dataset.load_corpus(cfg(tmp_path, task="translate"))
+        cfg(tmp_path, task="translate").validate()
 
 
 def test_sources_that_only_copy_val_documents_say_why_train_is_empty(tmp_path):
