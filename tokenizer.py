@@ -638,28 +638,23 @@ def _first_difference(actual: object, expected: object, path: str) -> str | None
     return f"{path} differs: {_shown_json(actual)} where codelm writes {_shown_json(expected)}"
 
 
-def _code_hf_difference(spec: dict) -> tuple[str, str] | None:
-    """(part, where it differs) for the first part not as ``to_hf`` writes it, or None; a
+def _check_code_hf_sections(spec: dict, source: str) -> None:
+    """Refuse an edited CodeTokenizer tokenizer.json: HF would read it as another tokenizer. A
     post-processor may add no ids (a transformers save writes a TemplateProcessing of $A)."""
-    if (where := _first_difference(spec["model"], _CODE_HF_MODEL, "model")) is not None:
-        return "model", where
+    processor = spec.get("post_processor")
     try:
-        adds_ids = _post_processor_ids(spec.get("post_processor")) != ([], [])
+        adds_ids = _post_processor_ids(processor) != ([], [])
     except (ValueError, KeyError, TypeError, AttributeError):
         adds_ids = True  # not one HF would read alike
-    if adds_ids:
-        return "post_processor", (f"post_processor differs: {_shown_json(spec['post_processor'])}"
-                                  " where codelm writes null (or one that adds no ids)")
-    for part, expected in _code_hf_sections().items():  # HF reads a part left out as null
-        if (where := _first_difference(spec.get(part), expected, part)) is not None:
-            return part, where
-    return None
-
-
-def _check_code_hf_sections(spec: dict, source: str) -> None:
-    """Refuse an edited CodeTokenizer tokenizer.json: HF would read it as another tokenizer."""
-    if (found := _code_hf_difference(spec)) is not None:
-        part, where = found
+    differences = (
+        ("model", _first_difference(spec["model"], _CODE_HF_MODEL, "model")),
+        ("post_processor", adds_ids and (f"post_processor differs: {_shown_json(processor)} "
+                                         "where codelm writes null (or one that adds no ids)")),
+        *((part, _first_difference(spec.get(part), expected, part))  # left out: HF reads null
+          for part, expected in _code_hf_sections().items()),
+    )
+    part, where = next(((part, where) for part, where in differences if where), (None, None))
+    if where:
         whose = "that is" if part == "model" else f"whose {part} is"
         hint = ("; a transformers save after a padded or truncated call writes them: set "
                 "truncation and padding to null" if part in ("truncation", "padding") else "")
