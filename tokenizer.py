@@ -29,6 +29,8 @@ from pathlib import Path
 
 import regex
 
+import cliconfig
+
 TOKENIZER_FILE = "tokenizer.json"
 CODE_TOKENIZER_TYPE = "codelm-code-tokenizer"
 CODE_TOKENIZER_FORMAT_VERSION = 1  # of the file ``CodeTokenizer.to_dict`` writes
@@ -145,19 +147,7 @@ class _BatchEncodeMixin:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read tokenizer file ({e.strerror or e})") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: tokenizer file is not UTF-8 ({e.reason})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object at the top level")
-    return data
+    return cliconfig.read_json_object(path, "tokenizer file")
 
 
 # --- Comment and docstring stripping (Python's own tokenize/ast, never regexes) ---
