@@ -110,8 +110,7 @@ class _BatchEncodeMixin:
                              "for one text")
         texts = list(texts)
         workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
-        if workers < 1:
-            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        assert workers >= 1, num_workers
         # A daemon process (a DataLoader worker) can have no children.
         if (workers == 1 or len(texts) < 2 or sum(map(len, texts)) < _MIN_PARALLEL_CHARS
                 or multiprocessing.current_process().daemon):
@@ -166,13 +165,8 @@ def docstring_statement(node: ast.AST) -> ast.Expr | None:
     """The docstring statement of a module, class or function node, or None."""
     body = getattr(node, "body", None)
     first = body[0] if isinstance(body, list) and body else None
-    if (
-        isinstance(first, ast.Expr)
-        and isinstance(first.value, ast.Constant)
-        and isinstance(first.value.value, str)
-    ):
-        return first
-    return None
+    is_string = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+    return first if is_string and isinstance(first.value.value, str) else None
 
 
 def _docstring_nodes(tree: ast.AST) -> list[tuple[ast.Expr, bool]]:
@@ -186,9 +180,8 @@ def _docstring_nodes(tree: ast.AST) -> list[tuple[ast.Expr, bool]]:
     return found
 
 
-def strip_comments_and_docstrings(
-    source: str, comments: bool = True, docstrings: bool = True, strict: bool = False
-) -> str:
+def strip_comments_and_docstrings(source: str, comments: bool = True, docstrings: bool = True,
+                                  strict: bool = False) -> str:
     """Remove ``#`` comments and/or docstrings from Python source, keeping it valid Python (a
     lone docstring becomes ``pass``). Invalid Python is returned unchanged, or with ``strict``
     raises one of ``PYTHON_PARSE_ERRORS``, as does a stripped text that does not parse."""
@@ -232,11 +225,8 @@ def strip_comments_and_docstrings(
         # Rows after the edit shift up; only the edited row itself is remembered.
         edited_rows = {r - (end_row - row) if r > end_row else r for r in edited_rows}
         edited_rows.add(row)
-    stripped = "".join(
-        line
-        for row, line in enumerate(lines, start=1)
-        if row not in edited_rows or line.strip() != ""
-    )
+    stripped = "".join(line for row, line in enumerate(lines, start=1)
+                       if row not in edited_rows or line.strip())
     if strict:  # what a dataset keeps must parse, whatever this function got wrong
         ast.parse(stripped)
     return stripped
@@ -260,9 +250,8 @@ _CODE_PIECE_PATTERN = r"""
 """
 _CODE_PIECE_RE = regex.compile(_CODE_PIECE_PATTERN, regex.VERBOSE)
 # The same pattern for HF tokenizers' Oniguruma: no verbose layout, and [\s\S] for (?s:.).
-_CODE_PIECE_HF_REGEX = regex.sub(
-    r"\s+", "", regex.sub(r"#.*", "", _CODE_PIECE_PATTERN)
-).replace("(?s:.)", r"[\s\S]")
+_CODE_PIECE_HF_REGEX = regex.sub(r"\s+", "", regex.sub(r"#.*", "", _CODE_PIECE_PATTERN)
+                                 ).replace("(?s:.)", r"[\s\S]")
 
 # Longest code piece: longer matches (blobs, rows of '=') are cut, here and in the HF export, whose
 # WordPiece is about cubic in a piece's length.
@@ -1610,8 +1599,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Show how a tokenizer splits a text: what a model is actually fed."""
     import argparse
 
-    import cliconfig
-
     parser = argparse.ArgumentParser(
         description="Show how a tokenizer splits a text: each token's id and text (or bytes, "
         "for part of a character), then the count. The tokenizer is a tokenizer.json (HF "
@@ -1635,8 +1622,7 @@ def _show_split(args) -> None:
         try:
             text = Path(args.file).read_text(encoding="utf-8")
         except UnicodeDecodeError as err:
-            raise ValueError(f"{args.file}: not UTF-8 text ({err.reason} at byte "
-                             f"{err.start})") from None
+            raise ValueError(f"{args.file}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     ids = tok.encode(text, add_special_tokens=args.add_special_tokens)
     if args.count:
         print(len(ids))
