@@ -156,13 +156,10 @@ class DataConfig:
     progress: bool = True  # progress bars
 
     def validate(self) -> None:
-        hints = typing.get_type_hints(DataConfig)
-        for f in fields(self):
-            value, hint = getattr(self, f.name), hints[f.name]
-            if problem := cliconfig.type_error(hint, value):
-                raise DataError(f"DataConfig.{f.name} {problem}")
-            if f.name in _MINIMUMS and value is not None and value < _MINIMUMS[f.name]:
-                raise DataError(f"DataConfig.{f.name} must be >= {_MINIMUMS[f.name]}, got {value}")
+        """What the field types cannot say (``cliconfig.config_from_dict`` checks the types)."""
+        for name, minimum in _MINIMUMS.items():
+            if (value := getattr(self, name)) is not None and value < minimum:
+                raise DataError(f"DataConfig.{name} must be >= {minimum}, got {value}")
         for name, allowed in _CHOICES.items():
             if (value := getattr(self, name)) not in allowed:
                 raise DataError(f"DataConfig.{name}: {value!r} is not one of {list(allowed)}")

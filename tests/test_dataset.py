@@ -7,6 +7,7 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -2083,12 +2084,8 @@ def test_names_and_strings_that_are_not_utf8_are_skipped_or_named(tmp_path):
 
 def test_config_values_of_the_wrong_type_or_range_name_the_key(tmp_path):
     for key, value, message in (
-        ("extensions", ".kt", "must be a list of strings, got '.kt'"),
         ("extensions", [".py", "kt"], "['kt'] must each be a suffix with its dot"),
-        ("sources", [str(EMAIL), 3], "must be a list of strings"),
         ("near_dedupe_threshold", 5.0, "must be in [0, 1], got 5.0"),
-        ("val_frac", "0.1", "must be a number"),
-        ("max_docs", True, "must be an integer"),
         ("min_lines", -1, "must be >= 0"),
         ("block_size", 1, "must be >= 2"),
         ("max_completion_tokens", 0, "must be >= 1"),  # no example would have a target
@@ -2098,6 +2095,14 @@ def test_config_values_of_the_wrong_type_or_range_name_the_key(tmp_path):
         with pytest.raises(DataError) as info:
             cfg(tmp_path, **{key: value}).validate()
         assert f"DataConfig.{key}" in str(info.value) and message in str(info.value)
+    for key, value, message in (  # types: checked where a file or flag gives the value
+        ("extensions", ".kt", "must be a list of strings, got '.kt'"),
+        ("sources", [str(EMAIL), 3], "must be a list of strings"),
+        ("val_frac", "0.1", "must be a number"),
+        ("max_docs", True, "must be an integer"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(f"c.json: key {key!r} {message}")):
+            cliconfig.config_from_dict(DataConfig, {key: value}, "c.json")
     assert dataset.main(["--near-dedupe", "--near-dedupe-threshold", "5", "--no-progress",
                          "--cache-dir", str(tmp_path)]) == 2
     cfg(tmp_path, max_docs=None, val_frac=0.1, near_dedupe_threshold=1).validate()
