@@ -171,21 +171,18 @@ class DataConfig:
         roles: dict[str, str] = {}
         for split, source in _sources_by_split(self):
             key = source if source == "stdlib" else str(Path(source).expanduser().resolve())
-            role = {"val": "val_sources", "test": "test_sources"}.get(split, "sources")
+            role = f"{split}_sources" if split else "sources"
             if roles.setdefault(key, role) != role:
-                raise DataError(f"data source {source} is in both {roles[key]} and {role}: a "
-                                "document can belong to one split only")
+                raise DataError(f"data source {source} is in both {roles[key]} and {role}")
         if bad := [e for e in self.extensions if not (e.startswith(".") and len(e) > 1)]:
-            raise DataError(f"DataConfig.extensions: {bad} must each be a suffix with its dot, "
-                            "e.g. '.kt' ('kt' would also match a file named 'fookt')")
+            raise DataError(f"DataConfig.extensions: {bad} must each be a suffix with its dot: '.kt'")
         for name in ("fim_rate", "near_dedupe_threshold"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise DataError(f"DataConfig.{name} must be in [0, 1], got {getattr(self, name)}")
         if (self.task == "fim" and self.fim_rate > 0 and self.max_prompt_tokens is not None
                 and self.max_prompt_tokens < _FIM_SENTINELS):
             raise DataError(f"DataConfig.max_prompt_tokens={self.max_prompt_tokens} leaves no room "
-                            f"for the {_FIM_SENTINELS} sentinels of a fim prompt; use >= "
-                            f"{_FIM_SENTINELS} (or fim_rate=0)")
+                            f"for the {_FIM_SENTINELS} sentinels of a fim prompt (or fim_rate=0)")
 
 
 # Lower bounds of numeric options (fractions and rates are checked against [0, 1] apart).
@@ -781,10 +778,8 @@ def assign_splits(keys: Iterable[str], fracs: tuple[float, float, float] = (0.8,
         n_val = max(n_val, 1 if fracs[1] > 0 else 0)
         n_test = max(n_test, 1 if fracs[2] > 0 else 0)
     n_train = max(0, n - n_val - n_test)
-    out = {}
-    for i, k in enumerate(unique):
-        out[k] = "train" if i < n_train else "val" if i < n_train + n_val else "test"
-    return out
+    return {k: "train" if i < n_train else "val" if i < n_train + n_val else "test"
+            for i, k in enumerate(unique)}
 
 
 @dataclass
@@ -866,10 +861,8 @@ def corpus_key(cfg: DataConfig) -> str:
 
 def publish_cache_entry(final: Path, build: Callable[[Path], object],
                         replace: bool = False) -> None:
-    """Build the cache entry ``final`` (a corpus, a task's token files, a tokenizer) in a temporary
-    directory and rename it into place (``cliconfig.write_dir_atomically``, which also removes
-    what dead builders left). Without ``replace`` the first complete build of the key stays. A
-    full disk is reported naming the cache directory, which the user may not know of."""
+    """Build the cache entry ``final`` with ``cliconfig.write_dir_atomically`` (without
+    ``replace`` the first complete build stays); a full disk names the cache directory."""
     try:
         cliconfig.write_dir_atomically(final, build, replace=replace)
     except OSError as err:
@@ -1154,9 +1147,8 @@ def method_examples(doc: Doc, parsed: _Parsed | None = None) -> list[Example]:
         if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
             continue
         ds = docstring_statement(node)
-        if ds is None or len(node.body) < 2 or ds.lineno == node.lineno:
-            continue
-        if node.body[1].lineno <= ds.end_lineno:
+        if (ds is None or len(node.body) < 2 or ds.lineno == node.lineno
+                or node.body[1].lineno <= ds.end_lineno):
             continue
         start = min([node.lineno] + [d.lineno for d in node.decorator_list])
         head = _dedent(parsed, start, ds.end_lineno, node.col_offset)
@@ -1176,19 +1168,13 @@ def docstring_examples(doc: Doc, targets: str, prompt: str, code_tokens: int,
     parsed = parsed or _parse(doc)
     if parsed is None:
         return []
-    kinds: tuple = ()
-    if targets in ("class", "both"):
-        kinds += (ast.ClassDef,)
-    if targets in ("function", "both"):
-        kinds += (ast.FunctionDef, ast.AsyncFunctionDef)
+    kinds = {"class": ast.ClassDef, "function": _DOCUMENTED[1:], "both": _DOCUMENTED}[targets]
     out = []
     for node in ast.walk(parsed.tree):
         if not isinstance(node, kinds):
             continue
         ds = docstring_statement(node)
-        if ds is None or ds.lineno == node.lineno:
-            continue
-        if _shares_line(parsed.lines, ds):
+        if ds is None or ds.lineno == node.lineno or _shares_line(parsed.lines, ds):
             continue
         # strip: Python < 3.13 keeps a last line of indentation before the closing quotes
         docstring = (ast.get_docstring(node, clean=True) or "").strip()
@@ -1237,8 +1223,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
         target = Path(d) / "tokenizer"
         target.mkdir()
         tokenizer.save(str(target))
-        roles = ("vocab_size", "bos_id", "eos_id", "pad_id", "fim_prefix_id", "fim_middle_id")
-        roles += ("fim_suffix_id",)  # role ids can come from files beside tokenizer.json
+        roles = ("vocab_size", "bos_id", "eos_id", "pad_id",  # can come from files beside it
+                 "fim_prefix_id", "fim_middle_id", "fim_suffix_id")
         key = [ENCODING_VERSION, *(getattr(tokenizer, r) for r in roles)]
         h = hashlib.sha256(json.dumps(key).encode())
         for p in sorted(Path(d).rglob("*")):
