@@ -276,9 +276,8 @@ def _read_jsonl(path: Path, skip_bad: bool, counts: Counter) -> Iterator[_RawDoc
                 doc = _record_to_doc(_json_line(raw, where), path, lineno, where)
             except DataError as exc:
                 if not skip_bad:
-                    raise DataError(f"{exc} (skip such lines with skip_bad: dataset.py --skip-bad, "
-                                    "or --data-options '{\"skip_bad\": true}' in "
-                                    "trainingmanager.py or eval.py)") from None
+                    raise DataError(f"{exc} (skip such lines with --skip-bad, or the data "
+                                    "option skip_bad)") from None
                 counts["bad_jsonl_line"] += 1
                 continue
             yield doc
@@ -843,9 +842,8 @@ def _uneven_split(sizes: Counter, fracs: tuple[float, ...], repos: set) -> str |
                      for s in SPLITS if asked[s] > 0)
     return (f"warning: the split by repo is uneven ({', '.join(off)} off by more than "
             f"{UNEVEN_SPLIT_FACTOR:g}x): of the text, {told}; each of the "
-            f"{len(repos - {None})} repos sits whole in one split. Add repos, or split by file "
-            "(--split-by file; in training --data-options '{\"split_by\": \"file\"}'), "
-            "which lets a repo's files sit in several splits")
+            f"{len(repos - {None})} repos sits whole in one split. Add repos, or use --split-by "
+            "file (data option split_by), which lets a repo's files sit in several splits")
 
 
 def _hash_json(obj) -> str:
@@ -1530,8 +1528,7 @@ def _fim_pairs(docs: list[tuple[list[int], str]], tokenizer, cfg: DataConfig,
             prefix, middle, suffix = next(parts), next(parts), next(parts)
             # Encoded apart, the parts can outgrow the chunk: the prompt gets what the middle leaves.
             limit = max(_FIM_SENTINELS, size + _FIM_SENTINELS - len(middle))
-            if cfg.max_prompt_tokens is not None:
-                limit = min(limit, cfg.max_prompt_tokens)
+            limit = min(limit, cfg.max_prompt_tokens or limit)
             prefix, suffix = _fit_fim_context(prefix, suffix, limit)
             pairs.append(([pre] + prefix + [suf] + suffix + [mid], middle))
         out.append(pairs)
@@ -1551,12 +1548,10 @@ def _without_stripping(tokenizer):
 _FIM_SENTINELS = 3
 
 
-def _fit_fim_context(prefix: list[int], suffix: list[int], max_prompt_tokens: int | None
+def _fit_fim_context(prefix: list[int], suffix: list[int], max_prompt_tokens: int
                      ) -> tuple[list[int], list[int]]:
     """Prefix and suffix cut to fit a PSM prompt into ``max_prompt_tokens``, keeping the code
     next to the middle (each keeps half the room where both are long)."""
-    if max_prompt_tokens is None:
-        return prefix, suffix
     room = max_prompt_tokens - _FIM_SENTINELS
     if len(prefix) + len(suffix) <= room:
         return prefix, suffix
