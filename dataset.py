@@ -1000,8 +1000,7 @@ def _truncate_pair(prompt_ids: Sequence[int], completion_ids: Sequence[int], max
                    max_completion_tokens: int | None, max_prompt_tokens: int | None = None,
                    code: tuple[int, int] = (0, 0)) -> tuple[list[int], list[int]]:
     """Fit prompt + completion into ``max_length + 1`` tokens and the prompt into
-    ``max_prompt_tokens``; when both are long the prompt keeps half (``fit_prompt`` cuts it) and
-    the completion its start."""
+    ``max_prompt_tokens`` (``fit_prompt`` cuts it); the completion keeps its start."""
     completion = list(completion_ids)[:max_completion_tokens]
     room = len(prompt_ids) if max_prompt_tokens is None else min(len(prompt_ids), max_prompt_tokens)
     budget = max_length + 1
@@ -1333,10 +1332,8 @@ RUN_READ_TEXT = "the run trained on such text as text (pair records without pair
 def encode_prompts(tokenizer: CodeTokenizer | BPETokenizer, prompts: Sequence[str],
                    pair_special_tokens: bool | None = None, remedy: str = "",
                    why: str = RUN_READ_TEXT) -> list[list[int]]:
-    """The ids of user prompts (each to follow ``prompt_prefix``), reading a special token's text
-    as the model learned it: ``pair_special_tokens`` None (a base checkpoint) as transformers'
-    tokenizer(text); True as ``tokenize_examples`` (one BOS); False as text, with a note naming
-    the tokens, ``why`` and ``remedy``."""
+    """The ids of user prompts (after ``prompt_prefix``), a special token's text read as the model
+    learned it: None (a base model) as transformers does, True as pairs, False as text (a note)."""
     if pair_special_tokens is None:
         return [tokenizer.encode(p) for p in prompts]
     if pair_special_tokens:

@@ -1,6 +1,6 @@
 """Tokenizers: ``CodeTokenizer`` (trained here, lossless through byte fallback, saved as an HF
 tokenizer.json) and ``BPETokenizer`` (the ids of HF ``tokenizers`` for byte-level BPE files;
-anything else is refused naming the component). Ground floor: imports nothing of the project.
+anything else is refused naming the component). Ground floor: imports only cliconfig.
 
 Main path: ``load_tokenizer(path)`` -> ``.encode(text)`` / ``.decode(ids)``.
 """
@@ -285,10 +285,7 @@ def _can_be_in_a_piece(token: str) -> bool:
 
 class CodeTokenizer(_BatchEncodeMixin):
     """Code pieces (camelCase, underscores, indentation) seen ``min_freq`` times; byte fallback.
-
-    Ids: special tokens, the 256 bytes, then pieces by descending frequency. A special token's
-    text inside a text is text: ``"<eos>"`` in scraped code never ends a document.
-    """
+    Ids: specials, the 256 bytes, pieces by frequency; "<eos>" inside a text is text."""
 
     def __init__(self, pieces: Sequence[str], min_freq: int = 10, strip_comments: bool = False,
                  special_tokens: Sequence[str] = CODE_SPECIAL_TOKENS):
@@ -437,12 +434,8 @@ class CodeTokenizer(_BatchEncodeMixin):
                 "special_tokens": self.special_tokens, "pieces": self.pieces}
 
     def to_hf(self) -> dict:
-        """The same tokenizer as an HF ``tokenizer.json`` with the same ids: Split by the piece
-        regex, Split at ``MAX_PIECE_CHARS``, ByteLevel, then WordPiece with no continuation
-        prefix (greedy longest match, as ``_encode_piece``); every byte is in the vocabulary
-        (``<0xNN>`` where a piece has its character), so the unknown token is never used.
-        Special tokens are plain vocabulary entries, not HF added tokens, which HF would find
-        inside a text."""
+        """The same tokenizer as an HF tokenizer.json: piece Splits, ByteLevel, then WordPiece
+        (greedy longest match, as ``_encode_piece``) over every byte; specials are plain entries."""
         if self.strip_comments:
             raise ValueError("a CodeTokenizer that strips comments has no HF tokenizer.json form")
         if inside := [t for t in self.special_tokens if _can_be_in_a_piece(t)]:
@@ -469,8 +462,7 @@ class CodeTokenizer(_BatchEncodeMixin):
     @classmethod
     def from_hf(cls, spec: dict, source: str = "<tokenizer.json>") -> CodeTokenizer:
         """Read back what ``to_hf`` writes (or a transformers save of it): the special tokens
-        are the entries before the byte tokens. Any other difference is named, as HF would give
-        other ids."""
+        are the entries before the byte tokens; any other difference is refused."""
         model = spec.get("model")
         vocab = model.get("vocab") if isinstance(model, dict) else None
         if not isinstance(vocab, dict):
@@ -689,8 +681,6 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 BYTE_TO_UNICODE = _bytes_to_unicode()
 UNICODE_TO_BYTE = {c: b for b, c in BYTE_TO_UNICODE.items()}
-# str.translate table taking a latin-1 decoded byte string to its ByteLevel characters.
-_BYTE_LEVEL_TABLE = {b: c for b, c in BYTE_TO_UNICODE.items()}
 
 
 def _pretokenizer_json(style: str) -> dict:
@@ -897,11 +887,8 @@ _PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
 
 
 class BPETokenizer(_BatchEncodeMixin):
-    """Byte-level BPE with the ids of HF ``tokenizers`` for the tokenizer.json files it accepts.
-
-    Special-role ids (bos/eos/pad) are not part of tokenizer.json; they come from the template
-    post-processor, a ``tokenizer_config.json`` beside the file, or the usual token names.
-    """
+    """Byte-level BPE with the ids of HF ``tokenizers`` for the tokenizer.json files it accepts;
+    bos/eos/pad from the template, a tokenizer_config.json beside the file, or the usual names."""
 
     def __init__(self, spec: dict, source: str = "<tokenizer.json>", roles: dict | None = None):
         self.source = source
@@ -1322,7 +1309,7 @@ _SPACE_CHAR = regex.compile(r"\s")
 
 
 def _byte_level(piece: str) -> str:
-    return piece.encode("utf-8", "surrogatepass").decode("latin-1").translate(_BYTE_LEVEL_TABLE)
+    return piece.encode("utf-8", "surrogatepass").decode("latin-1").translate(BYTE_TO_UNICODE)
 
 
 class _Pretokenizer:
@@ -1541,11 +1528,8 @@ def _shown_id(tok: CodeTokenizer | BPETokenizer, i: int) -> str:
 
 def check_model_tokenizer(tok: CodeTokenizer | BPETokenizer, tokenizer_file: str | os.PathLike,
                           model_dir: str | os.PathLike, remedy: str | None = None) -> None:
-    """Refuse a tokenizer that is not the model's, as the bos/eos ids of its config.json tell.
-
-    Roles the config or tokenizer lack are not compared; one role agreeing passes. An error when
-    a config id is the tokenizer's other role, or for a CodeTokenizer (fixed roles); a warning
-    when none agrees and the ids are ordinary tokens (a stale config.json reads the same)."""
+    """Refuse a tokenizer that is not the model's, as the bos/eos ids of its config.json tell:
+    an error for crossed roles or a CodeTokenizer, a warning where none agrees (a stale config)."""
     config = Path(model_dir) / "config.json"
     try:
         hf = _read_json(config)
