@@ -1430,8 +1430,7 @@ def tokenizer_path(path: str | os.PathLike) -> Path:
             f"{path}: holds vocab.json and merges.txt (the slow tokenizer format) but no "
             f"{TOKENIZER_FILE}, the file codelm reads; write one with transformers: "
             f"AutoTokenizer.from_pretrained({str(path)!r}).save_pretrained({str(path)!r}) "
-            "(GPT2TokenizerFast in place of AutoTokenizer where it cannot tell the class)"
-        )
+            "(GPT2TokenizerFast in place of AutoTokenizer where it cannot tell the class)")
     return path / TOKENIZER_FILE
 
 
@@ -1448,9 +1447,7 @@ def load_tokenizer(path: str | os.PathLike) -> CodeTokenizer | BPETokenizer:
         return CodeTokenizer.from_hf(data, str(path))
     if "model" in data:
         return BPETokenizer(data, str(path), _roles_from_config(path.parent))
-    raise ValueError(
-        f"{path}: neither a HF tokenizer.json (no 'model' key) nor a codelm tokenizer file"
-    )
+    raise ValueError(f"{path}: neither a HF tokenizer.json (no 'model' key) nor a codelm tokenizer file")
 
 
 # PEFT's adapter config (lora.ADAPTER_CONFIG: this floor imports nothing else of codelm).

@@ -2091,6 +2091,7 @@ def test_config_values_of_the_wrong_type_or_range_name_the_key(tmp_path):
         ("max_completion_tokens", 0, "must be >= 1"),  # no example would have a target
         ("window_prompt_tokens", 0, "must be >= 1"),  # no window would have a prompt
         ("max_docs", 0, "must be >= 1"),  # read nothing: "sources hold no files", untrue
+        ("num_workers", 0, "must be >= 1"),
     ):
         with pytest.raises(DataError) as info:
             cfg(tmp_path, **{key: value}).validate()

@@ -1673,8 +1673,6 @@ def test_broken_files_name_the_file(tmp_path, references):
         ours.decode([ours.vocab_size])
     with pytest.raises(TypeError, match="expects a str"):
         ours.encode(b"bytes")
-    with pytest.raises(ValueError, match="num_workers"):
-        ours.encode_batch(["x"], num_workers=0)
 
 
 def test_a_codelm_form_file_repeating_a_piece_or_special_token_is_an_error_naming_it(tmp_path):
@@ -1727,7 +1725,8 @@ def test_cli_errors_name_the_file(tmp_path, capsys):
     bad = tmp_path / "latin1.py"
     bad.write_bytes(b"x = '\xe9'\n")
     assert tokenizer.main([str(tmp_path / "none"), "--text", "x"]) == 2
-    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'none'}: cannot read")
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'none'}: tokenizer file "
+                                              "not found")
     (tmp_path / "tokenizer.json").write_text('{"model": {"type": "WordPiece"}}')
     assert tokenizer.main([str(tmp_path), "--file", str(bad)]) == 2
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'tokenizer.json'}:")
