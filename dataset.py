@@ -157,13 +157,10 @@ class DataConfig:
     progress: bool = True  # progress bars
 
     def validate(self) -> None:
-        hints = typing.get_type_hints(DataConfig)
-        for f in fields(self):
-            value, hint = getattr(self, f.name), hints[f.name]
-            if problem := settings.type_error(hint, value):
-                raise DataError(f"DataConfig.{f.name} {problem}")
-            if f.name in _MINIMUMS and value is not None and value < _MINIMUMS[f.name]:
-                raise DataError(f"DataConfig.{f.name} must be >= {_MINIMUMS[f.name]}, got {value}")
+        """What the field types cannot say (``settings.config_from_dict`` checks the types)."""
+        for name, minimum in _MINIMUMS.items():
+            if (value := getattr(self, name)) is not None and value < minimum:
+                raise DataError(f"DataConfig.{name} must be >= {minimum}, got {value}")
         for name, allowed in _CHOICES.items():
             if (value := getattr(self, name)) not in allowed:
                 raise DataError(f"DataConfig.{name}: {value!r} is not one of {list(allowed)}")
@@ -175,21 +172,18 @@ class DataConfig:
         roles: dict[str, str] = {}
         for split, source in _sources_by_split(self):
             key = source if source == "stdlib" else str(Path(source).expanduser().resolve())
-            role = {"val": "val_sources", "test": "test_sources"}.get(split, "sources")
+            role = f"{split}_sources" if split else "sources"
             if roles.setdefault(key, role) != role:
-                raise DataError(f"data source {source} is in both {roles[key]} and {role}: a "
-                                "document can belong to one split only")
+                raise DataError(f"data source {source} is in both {roles[key]} and {role}")
         if bad := [e for e in self.extensions if not (e.startswith(".") and len(e) > 1)]:
-            raise DataError(f"DataConfig.extensions: {bad} must each be a suffix with its dot, "
-                            "e.g. '.kt' ('kt' would also match a file named 'fookt')")
+            raise DataError(f"DataConfig.extensions: {bad} must each be a suffix with its dot: '.kt'")
         for name in ("fim_rate", "near_dedupe_threshold"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise DataError(f"DataConfig.{name} must be in [0, 1], got {getattr(self, name)}")
         if (self.task == "fim" and self.fim_rate > 0 and self.max_prompt_tokens is not None
                 and self.max_prompt_tokens < _FIM_SENTINELS):
             raise DataError(f"DataConfig.max_prompt_tokens={self.max_prompt_tokens} leaves no room "
-                            f"for the {_FIM_SENTINELS} sentinels of a fim prompt; use >= "
-                            f"{_FIM_SENTINELS} (or fim_rate=0)")
+                            f"for the {_FIM_SENTINELS} sentinels of a fim prompt (or fim_rate=0)")
 
 
 # Lower bounds of numeric options (fractions and rates are checked against [0, 1] apart).
@@ -283,9 +277,8 @@ def _read_jsonl(path: Path, skip_bad: bool, counts: Counter) -> Iterator[_RawDoc
                 doc = _record_to_doc(_json_line(raw, where), path, lineno, where)
             except DataError as exc:
                 if not skip_bad:
-                    raise DataError(f"{exc} (skip such lines with skip_bad: dataset.py --skip-bad, "
-                                    "or --data-options '{\"skip_bad\": true}' in "
-                                    "trainingmanager.py or eval.py)") from None
+                    raise DataError(f"{exc} (skip such lines with --skip-bad, or the data "
+                                    "option skip_bad)") from None
                 counts["bad_jsonl_line"] += 1
                 continue
             yield doc
@@ -785,10 +778,8 @@ def assign_splits(keys: Iterable[str], fracs: tuple[float, float, float] = (0.8,
         n_val = max(n_val, 1 if fracs[1] > 0 else 0)
         n_test = max(n_test, 1 if fracs[2] > 0 else 0)
     n_train = max(0, n - n_val - n_test)
-    out = {}
-    for i, k in enumerate(unique):
-        out[k] = "train" if i < n_train else "val" if i < n_train + n_val else "test"
-    return out
+    return {k: "train" if i < n_train else "val" if i < n_train + n_val else "test"
+            for i, k in enumerate(unique)}
 
 
 @dataclass
@@ -852,9 +843,8 @@ def _uneven_split(sizes: Counter, fracs: tuple[float, ...], repos: set) -> str |
                      for s in SPLITS if asked[s] > 0)
     return (f"warning: the split by repo is uneven ({', '.join(off)} off by more than "
             f"{UNEVEN_SPLIT_FACTOR:g}x): of the text, {told}; each of the "
-            f"{len(repos - {None})} repos sits whole in one split. Add repos, or split by file "
-            "(--split-by file; in training --data-options '{\"split_by\": \"file\"}'), "
-            "which lets a repo's files sit in several splits")
+            f"{len(repos - {None})} repos sits whole in one split. Add repos, or use --split-by "
+            "file (data option split_by), which lets a repo's files sit in several splits")
 
 
 def _hash_json(obj) -> str:
@@ -870,10 +860,8 @@ def corpus_key(cfg: DataConfig) -> str:
 
 def publish_cache_entry(final: Path, build: Callable[[Path], object],
                         replace: bool = False) -> None:
-    """Build the cache entry ``final`` (a corpus, a task's token files, a tokenizer) in a temporary
-    directory and rename it into place (``process.write_dir_atomically``, which also removes
-    what dead builders left). Without ``replace`` the first complete build of the key stays. A
-    full disk is reported naming the cache directory, which the user may not know of."""
+    """Build the cache entry ``final`` with ``process.write_dir_atomically`` (without
+    ``replace`` the first complete build stays); a full disk names the cache directory."""
     try:
         process.write_dir_atomically(final, build, replace=replace)
     except OSError as err:
@@ -887,8 +875,7 @@ def publish_cache_entry(final: Path, build: Callable[[Path], object],
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:
-    """Cleaned, split corpus (cached by sources + cleaning + split options)."""
-    cfg.validate()
+    """Cleaned, split corpus (cached by sources + cleaning + split options); ``cfg`` validated."""
     key = corpus_key(cfg)
     path = Path(cfg.cache_dir) / f"corpus-{key}"
     if cfg.use_cache and (path / "stats.json").exists():
@@ -1014,8 +1001,7 @@ def _truncate_pair(prompt_ids: Sequence[int], completion_ids: Sequence[int], max
                    max_completion_tokens: int | None, max_prompt_tokens: int | None = None,
                    code: tuple[int, int] = (0, 0)) -> tuple[list[int], list[int]]:
     """Fit prompt + completion into ``max_length + 1`` tokens and the prompt into
-    ``max_prompt_tokens``; when both are long the prompt keeps half (``fit_prompt`` cuts it) and
-    the completion its start."""
+    ``max_prompt_tokens`` (``fit_prompt`` cuts it); the completion keeps its start."""
     completion = list(completion_ids)[:max_completion_tokens]
     room = len(prompt_ids) if max_prompt_tokens is None else min(len(prompt_ids), max_prompt_tokens)
     budget = max_length + 1
@@ -1159,9 +1145,8 @@ def method_examples(doc: Doc, parsed: _Parsed | None = None) -> list[Example]:
         if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
             continue
         ds = docstring_statement(node)
-        if ds is None or len(node.body) < 2 or ds.lineno == node.lineno:
-            continue
-        if node.body[1].lineno <= ds.end_lineno:
+        if (ds is None or len(node.body) < 2 or ds.lineno == node.lineno
+                or node.body[1].lineno <= ds.end_lineno):
             continue
         start = min([node.lineno] + [d.lineno for d in node.decorator_list])
         head = _dedent(parsed, start, ds.end_lineno, node.col_offset)
@@ -1181,19 +1166,13 @@ def docstring_examples(doc: Doc, targets: str, prompt: str, code_tokens: int,
     parsed = parsed or _parse(doc)
     if parsed is None:
         return []
-    kinds: tuple = ()
-    if targets in ("class", "both"):
-        kinds += (ast.ClassDef,)
-    if targets in ("function", "both"):
-        kinds += (ast.FunctionDef, ast.AsyncFunctionDef)
+    kinds = {"class": ast.ClassDef, "function": _DOCUMENTED[1:], "both": _DOCUMENTED}[targets]
     out = []
     for node in ast.walk(parsed.tree):
         if not isinstance(node, kinds):
             continue
         ds = docstring_statement(node)
-        if ds is None or ds.lineno == node.lineno:
-            continue
-        if _shares_line(parsed.lines, ds):
+        if ds is None or ds.lineno == node.lineno or _shares_line(parsed.lines, ds):
             continue
         # strip: Python < 3.13 keeps a last line of indentation before the closing quotes
         docstring = (ast.get_docstring(node, clean=True) or "").strip()
@@ -1242,8 +1221,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
         target = Path(d) / "tokenizer"
         target.mkdir()
         tokenizer.save(str(target))
-        roles = ("vocab_size", "bos_id", "eos_id", "pad_id", "fim_prefix_id", "fim_middle_id")
-        roles += ("fim_suffix_id",)  # role ids can come from files beside tokenizer.json
+        roles = ("vocab_size", "bos_id", "eos_id", "pad_id",  # can come from files beside it
+                 "fim_prefix_id", "fim_middle_id", "fim_suffix_id")
         key = [ENCODING_VERSION, *(getattr(tokenizer, r) for r in roles)]
         h = hashlib.sha256(json.dumps(key).encode())
         for p in sorted(Path(d).rglob("*")):
@@ -1354,10 +1333,8 @@ RUN_READ_TEXT = "the run trained on such text as text (pair records without pair
 def encode_prompts(tokenizer: CodeTokenizer | BPETokenizer, prompts: Sequence[str],
                    pair_special_tokens: bool | None = None, remedy: str = "",
                    why: str = RUN_READ_TEXT) -> list[list[int]]:
-    """The ids of user prompts (each to follow ``prompt_prefix``), reading a special token's text
-    as the model learned it: ``pair_special_tokens`` None (a base checkpoint) as transformers'
-    tokenizer(text); True as ``tokenize_examples`` (one BOS); False as text, with a note naming
-    the tokens, ``why`` and ``remedy``."""
+    """The ids of user prompts (after ``prompt_prefix``), a special token's text read as the model
+    learned it: None (a base model) as transformers does, True as pairs, False as text (a note)."""
     if pair_special_tokens is None:
         return [tokenizer.encode(p) for p in prompts]
     if pair_special_tokens:
@@ -1549,8 +1526,7 @@ def _fim_pairs(docs: list[tuple[list[int], str]], tokenizer, cfg: DataConfig,
             prefix, middle, suffix = next(parts), next(parts), next(parts)
             # Encoded apart, the parts can outgrow the chunk: the prompt gets what the middle leaves.
             limit = max(_FIM_SENTINELS, size + _FIM_SENTINELS - len(middle))
-            if cfg.max_prompt_tokens is not None:
-                limit = min(limit, cfg.max_prompt_tokens)
+            limit = min(limit, cfg.max_prompt_tokens or limit)
             prefix, suffix = _fit_fim_context(prefix, suffix, limit)
             pairs.append(([pre] + prefix + [suf] + suffix + [mid], middle))
         out.append(pairs)
@@ -1570,12 +1546,10 @@ def _without_stripping(tokenizer):
 _FIM_SENTINELS = 3
 
 
-def _fit_fim_context(prefix: list[int], suffix: list[int], max_prompt_tokens: int | None
+def _fit_fim_context(prefix: list[int], suffix: list[int], max_prompt_tokens: int
                      ) -> tuple[list[int], list[int]]:
     """Prefix and suffix cut to fit a PSM prompt into ``max_prompt_tokens``, keeping the code
     next to the middle (each keeps half the room where both are long)."""
-    if max_prompt_tokens is None:
-        return prefix, suffix
     room = max_prompt_tokens - _FIM_SENTINELS
     if len(prefix) + len(suffix) <= room:
         return prefix, suffix
@@ -1683,11 +1657,11 @@ def prepare(cfg: DataConfig, tokenizer: CodeTokenizer | BPETokenizer | None = No
             ) -> PreparedData:
     """Build (or load from cache) the three splits of ``cfg.task``; ``tokenizer=None`` returns
     the cleaned split texts (to train a tokenizer on ``.train``)."""
+    cfg.validate()
     if tokenizer is None:
         corpus = load_corpus(cfg)
         return PreparedData(*map(corpus.texts, SPLITS), task=cfg.task,
                             stats={"corpus": corpus.stats, "cache_hit": corpus.stats["cache_hit"]})
-    cfg.validate()
     if cfg.task in ("method", "docstring") and getattr(tokenizer, "strip_comments", False):
         raise DataError(f"the {cfg.task} task needs the docstrings a tokenizer with "
                         "strip_comments=True deletes from its prompts; use a tokenizer with "
@@ -1722,12 +1696,10 @@ def _note_special_token_text(cfg: DataConfig, task_meta: dict) -> None:
     n = sum(events.get("pair_holds_special_token_text", 0)
             for events in task_meta.get("events", {}).values())
     if n:
-        print(f"note: {n} input/output pair(s) hold the text of a special token of the "
-              "tokenizer (e.g. a chat template's <|eot_id|>); codelm encodes it as text, not as "
-              "that token (transformers' tokenizer(text) would give its id): records formatted "
-              "with a chat template do not train the model on its chat format. To read it as "
-              "the token: dataset.py --pair-special-tokens, or --data-options "
-              "'{\"pair_special_tokens\": true}' in trainingmanager.py", file=sys.stderr)
+        print(f"note: {n} input/output pair(s) hold the text of a special token of the tokenizer "
+              "(e.g. <|eot_id|>), encoded as text: to read it as the token, as transformers' "
+              "tokenizer(text) does, use --pair-special-tokens or --data-options "
+              "'{\"pair_special_tokens\": true}'", file=sys.stderr)
 
 
 def _note_pairs_as_text(cfg: DataConfig, corpus_stats: dict) -> None:

@@ -944,6 +944,7 @@ def _corpus_config(cfg: EvalConfig, run: dict | None, run_source: str = "run con
     options.update(cfg.data_options)
     sources = cfg.data or (run or {}).get("data") or ["stdlib"]
     options.update(sources=list(sources), progress=cfg.progress)
+    settings.config_from_dict(DataConfig, options, "data_options")  # the types, naming the key
     return DataConfig(**options)
 
 

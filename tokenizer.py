@@ -1,6 +1,6 @@
 """Tokenizers: ``CodeTokenizer`` (trained here, lossless through byte fallback, saved as an HF
 tokenizer.json) and ``BPETokenizer`` (the ids of HF ``tokenizers`` for byte-level BPE files;
-anything else is refused naming the component). Ground floor: imports nothing of the project.
+anything else is refused naming the component). Ground floor: imports only settings and process.
 
 Main path: ``load_tokenizer(path)`` -> ``.encode(text)`` / ``.decode(ids)``.
 """
@@ -28,6 +28,8 @@ from itertools import chain
 from pathlib import Path
 
 import regex
+
+import settings
 
 TOKENIZER_FILE = "tokenizer.json"
 CODE_TOKENIZER_TYPE = "codelm-code-tokenizer"
@@ -108,8 +110,7 @@ class _BatchEncodeMixin:
                              "for one text")
         texts = list(texts)
         workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
-        if workers < 1:
-            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        assert workers >= 1, num_workers
         # A daemon process (a DataLoader worker) can have no children.
         if (workers == 1 or len(texts) < 2 or sum(map(len, texts)) < _MIN_PARALLEL_CHARS
                 or multiprocessing.current_process().daemon):
@@ -145,19 +146,7 @@ class _BatchEncodeMixin:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read tokenizer file ({e.strerror or e})") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: tokenizer file is not UTF-8 ({e.reason})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object at the top level")
-    return data
+    return settings.read_json_object(path, "tokenizer file")
 
 
 # --- Comment and docstring stripping (Python's own tokenize/ast, never regexes) ---
@@ -176,13 +165,8 @@ def docstring_statement(node: ast.AST) -> ast.Expr | None:
     """The docstring statement of a module, class or function node, or None."""
     body = getattr(node, "body", None)
     first = body[0] if isinstance(body, list) and body else None
-    if (
-        isinstance(first, ast.Expr)
-        and isinstance(first.value, ast.Constant)
-        and isinstance(first.value.value, str)
-    ):
-        return first
-    return None
+    is_string = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+    return first if is_string and isinstance(first.value.value, str) else None
 
 
 def _docstring_nodes(tree: ast.AST) -> list[tuple[ast.Expr, bool]]:
@@ -196,9 +180,8 @@ def _docstring_nodes(tree: ast.AST) -> list[tuple[ast.Expr, bool]]:
     return found
 
 
-def strip_comments_and_docstrings(
-    source: str, comments: bool = True, docstrings: bool = True, strict: bool = False
-) -> str:
+def strip_comments_and_docstrings(source: str, comments: bool = True, docstrings: bool = True,
+                                  strict: bool = False) -> str:
     """Remove ``#`` comments and/or docstrings from Python source, keeping it valid Python (a
     lone docstring becomes ``pass``). Invalid Python is returned unchanged, or with ``strict``
     raises one of ``PYTHON_PARSE_ERRORS``, as does a stripped text that does not parse."""
@@ -242,11 +225,8 @@ def strip_comments_and_docstrings(
         # Rows after the edit shift up; only the edited row itself is remembered.
         edited_rows = {r - (end_row - row) if r > end_row else r for r in edited_rows}
         edited_rows.add(row)
-    stripped = "".join(
-        line
-        for row, line in enumerate(lines, start=1)
-        if row not in edited_rows or line.strip() != ""
-    )
+    stripped = "".join(line for row, line in enumerate(lines, start=1)
+                       if row not in edited_rows or line.strip())
     if strict:  # what a dataset keeps must parse, whatever this function got wrong
         ast.parse(stripped)
     return stripped
@@ -270,9 +250,8 @@ _CODE_PIECE_PATTERN = r"""
 """
 _CODE_PIECE_RE = regex.compile(_CODE_PIECE_PATTERN, regex.VERBOSE)
 # The same pattern for HF tokenizers' Oniguruma: no verbose layout, and [\s\S] for (?s:.).
-_CODE_PIECE_HF_REGEX = regex.sub(
-    r"\s+", "", regex.sub(r"#.*", "", _CODE_PIECE_PATTERN)
-).replace("(?s:.)", r"[\s\S]")
+_CODE_PIECE_HF_REGEX = regex.sub(r"\s+", "", regex.sub(r"#.*", "", _CODE_PIECE_PATTERN)
+                                 ).replace("(?s:.)", r"[\s\S]")
 
 # Longest code piece: longer matches (blobs, rows of '=') are cut, here and in the HF export, whose
 # WordPiece is about cubic in a piece's length.
@@ -306,10 +285,7 @@ def _can_be_in_a_piece(token: str) -> bool:
 
 class CodeTokenizer(_BatchEncodeMixin):
     """Code pieces (camelCase, underscores, indentation) seen ``min_freq`` times; byte fallback.
-
-    Ids: special tokens, the 256 bytes, then pieces by descending frequency. A special token's
-    text inside a text is text: ``"<eos>"`` in scraped code never ends a document.
-    """
+    Ids: specials, the 256 bytes, pieces by frequency; "<eos>" inside a text is text."""
 
     def __init__(self, pieces: Sequence[str], min_freq: int = 10, strip_comments: bool = False,
                  special_tokens: Sequence[str] = CODE_SPECIAL_TOKENS):
@@ -458,12 +434,8 @@ class CodeTokenizer(_BatchEncodeMixin):
                 "special_tokens": self.special_tokens, "pieces": self.pieces}
 
     def to_hf(self) -> dict:
-        """The same tokenizer as an HF ``tokenizer.json`` with the same ids: Split by the piece
-        regex, Split at ``MAX_PIECE_CHARS``, ByteLevel, then WordPiece with no continuation
-        prefix (greedy longest match, as ``_encode_piece``); every byte is in the vocabulary
-        (``<0xNN>`` where a piece has its character), so the unknown token is never used.
-        Special tokens are plain vocabulary entries, not HF added tokens, which HF would find
-        inside a text."""
+        """The same tokenizer as an HF tokenizer.json: piece Splits, ByteLevel, then WordPiece
+        (greedy longest match, as ``_encode_piece``) over every byte; specials are plain entries."""
         if self.strip_comments:
             raise ValueError("a CodeTokenizer that strips comments has no HF tokenizer.json form")
         if inside := [t for t in self.special_tokens if _can_be_in_a_piece(t)]:
@@ -490,37 +462,21 @@ class CodeTokenizer(_BatchEncodeMixin):
     @classmethod
     def from_hf(cls, spec: dict, source: str = "<tokenizer.json>") -> CodeTokenizer:
         """Read back what ``to_hf`` writes (or a transformers save of it): the special tokens
-        are the entries before the byte tokens. Any other difference is named, as HF would give
-        other ids."""
+        are the entries before the byte tokens; any other difference is refused."""
         model = spec.get("model")
         vocab = model.get("vocab") if isinstance(model, dict) else None
         if not isinstance(vocab, dict):
             raise ValueError(f"{source}: model.vocab is missing or not an object")
         _check_code_hf_sections(spec, source)
-        by_id: dict[int, str] = {}
-        for token, i in vocab.items():
-            if type(i) is not int or i < 0:
-                raise ValueError(f"{source}: model.vocab[{token!r}] = {i!r} is not an id (an "
-                                 "integer >= 0)")
-            if i in by_id:
-                raise ValueError(f"{source}: model.vocab gives id {i} to both {by_id[i]!r} and "
-                                 f"{token!r}")
-            by_id[i] = token
-        n_specials = vocab.get("<0x00>", vocab.get(BYTE_TO_UNICODE[0]))
-        if n_specials is None:
-            raise ValueError(f"{source}: model.vocab has no token for byte 0x00 "
-                             f"({BYTE_TO_UNICODE[0]!r} or '<0x00>')")
+        by_id = {i: token for token, i in vocab.items()}
         n = len(vocab)
-        if (hole := next((i for i in range(n) if i not in by_id), None)) is not None:
-            raise ValueError(f"{source}: model.vocab has no token with id {hole} (its {n} ids "
-                             f"must be 0..{n - 1})")
-        for b in range(_N_BYTES):
-            i, spellings = n_specials + b, (BYTE_TO_UNICODE[b], f"<0x{b:02X}>")
-            if by_id.get(i) not in spellings:
-                raise ValueError(f"{source}: model.vocab id {i} is {by_id.get(i)!r}, not byte "
-                                 f"0x{b:02X} ({' or '.join(map(repr, spellings))}); a "
-                                 "CodeTokenizer lists its special tokens, the 256 bytes in "
-                                 "order, then its pieces")
+        if set(by_id) != set(range(n)):
+            raise ValueError(f"{source}: model.vocab ids must be 0..{n - 1}, each once")
+        n_specials = vocab.get("<0x00>", vocab.get(BYTE_TO_UNICODE[0], n))
+        if any(by_id.get(n_specials + b) not in (BYTE_TO_UNICODE[b], f"<0x{b:02X}>")
+               for b in range(_N_BYTES)):
+            raise ValueError(f"{source}: model.vocab must list the special tokens, the 256 bytes "
+                             "in order, then the pieces")
         pieces = []
         for i in range(n_specials + _N_BYTES, n):
             try:
@@ -653,57 +609,37 @@ def _first_difference(actual: object, expected: object, path: str) -> str | None
     return f"{path} differs: {_shown_json(actual)} where codelm writes {_shown_json(expected)}"
 
 
-def _post_processor_difference(processor: object) -> str | None:
-    """How a post-processor differs from codelm's null, unless it adds no ids (a transformers
-    save writes a TemplateProcessing of the sequence alone)."""
-    try:
-        if _post_processor_ids(processor) == ([], []):
-            return None
-    except (ValueError, KeyError, TypeError, AttributeError):
-        pass  # not one HF would read alike: named below
-    return (f"post_processor differs: {_shown_json(processor)} where codelm writes null (or "
-            "one that adds no ids)")
-
-
-def _code_hf_difference(spec: dict) -> tuple[str, str] | None:
-    """(part, where it differs) for the first part not as ``to_hf`` writes it, or None."""
-    where = _first_difference(spec["model"], _CODE_HF_MODEL, "model")
-    if where is not None:
-        return "model", where
-    if (where := _post_processor_difference(spec.get("post_processor"))) is not None:
-        return "post_processor", where
-    for part, expected in _code_hf_sections().items():
-        # HF reads a part left out as null
-        if (where := _first_difference(spec.get(part), expected, part)) is not None:
-            return part, where
-    return None
-
-
 def _check_code_hf_sections(spec: dict, source: str) -> None:
-    """Refuse an edited CodeTokenizer tokenizer.json: HF would read it as another tokenizer."""
-    if (found := _code_hf_difference(spec)) is not None:
-        part, where = found
+    """Refuse an edited CodeTokenizer tokenizer.json: HF would read it as another tokenizer. A
+    post-processor may add no ids (a transformers save writes a TemplateProcessing of $A)."""
+    processor = spec.get("post_processor")
+    try:
+        adds_ids = _post_processor_ids(processor) != ([], [])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        adds_ids = True  # not one HF would read alike
+    differences = (
+        ("model", _first_difference(spec["model"], _CODE_HF_MODEL, "model")),
+        ("post_processor", adds_ids and (f"post_processor differs: {_shown_json(processor)} "
+                                         "where codelm writes null (or one that adds no ids)")),
+        *((part, _first_difference(spec.get(part), expected, part))  # left out: HF reads null
+          for part, expected in _code_hf_sections().items()),
+    )
+    part, where = next(((part, where) for part, where in differences if where), (None, None))
+    if where:
         whose = "that is" if part == "model" else f"whose {part} is"
         hint = ("; a transformers save after a padded or truncated call writes them: set "
                 "truncation and padding to null" if part in ("truncation", "padding") else "")
-        raise ValueError(f"{source}: a WordPiece model {whose} not codelm's ({where}); "
-                         "codelm reads only the WordPiece form it writes, so that HF tokenizers "
-                         f"give the same ids and text{hint}")
+        raise ValueError(f"{source}: a WordPiece model {whose} not codelm's ({where}); HF "
+                         f"would give other ids or text{hint}")
 
 
 def _check_code_added_tokens(added: object, specials: list[str], source: str) -> None:
     """Added tokens may only repeat the special tokens (as a transformers save lists them)."""
-    if not isinstance(added, list):
-        raise ValueError(f"{source}: added_tokens is {_shown_json(added)}, not a list")
-    for k, entry in enumerate(added):
-        content = entry.get("content") if isinstance(entry, dict) else None
-        if not isinstance(content, str):
-            raise ValueError(f"{source}: added_tokens[{k}] {_shown_json(entry)} has no string "
-                             "'content'")
-        if content not in specials:
-            raise ValueError(f"{source}: added_tokens[{k}] {content!r} is not one of the special "
-                             f"tokens {specials}: HF would read it inside a text as a token of "
-                             "its own, codelm as text")
+    bad = [e for e in (added if isinstance(added, list) else [added])
+           if not (isinstance(e, dict) and e.get("content") in specials)]
+    if bad:
+        raise ValueError(f"{source}: added_tokens entry {_shown_json(bad[0])} is not one of the "
+                         f"special tokens {specials}: HF would read it inside a text")
 
 
 def is_utf8(text: str) -> bool:
@@ -745,8 +681,6 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 BYTE_TO_UNICODE = _bytes_to_unicode()
 UNICODE_TO_BYTE = {c: b for b, c in BYTE_TO_UNICODE.items()}
-# str.translate table taking a latin-1 decoded byte string to its ByteLevel characters.
-_BYTE_LEVEL_TABLE = {b: c for b, c in BYTE_TO_UNICODE.items()}
 
 
 def _pretokenizer_json(style: str) -> dict:
@@ -953,11 +887,8 @@ _PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
 
 
 class BPETokenizer(_BatchEncodeMixin):
-    """Byte-level BPE with the ids of HF ``tokenizers`` for the tokenizer.json files it accepts.
-
-    Special-role ids (bos/eos/pad) are not part of tokenizer.json; they come from the template
-    post-processor, a ``tokenizer_config.json`` beside the file, or the usual token names.
-    """
+    """Byte-level BPE with the ids of HF ``tokenizers`` for the tokenizer.json files it accepts;
+    bos/eos/pad from the template, a tokenizer_config.json beside the file, or the usual names."""
 
     def __init__(self, spec: dict, source: str = "<tokenizer.json>", roles: dict | None = None):
         self.source = source
@@ -1378,7 +1309,7 @@ _SPACE_CHAR = regex.compile(r"\s")
 
 
 def _byte_level(piece: str) -> str:
-    return piece.encode("utf-8", "surrogatepass").decode("latin-1").translate(_BYTE_LEVEL_TABLE)
+    return piece.encode("utf-8", "surrogatepass").decode("latin-1").translate(BYTE_TO_UNICODE)
 
 
 class _Pretokenizer:
@@ -1499,8 +1430,7 @@ def tokenizer_path(path: str | os.PathLike) -> Path:
             f"{path}: holds vocab.json and merges.txt (the slow tokenizer format) but no "
             f"{TOKENIZER_FILE}, the file codelm reads; write one with transformers: "
             f"AutoTokenizer.from_pretrained({str(path)!r}).save_pretrained({str(path)!r}) "
-            "(GPT2TokenizerFast in place of AutoTokenizer where it cannot tell the class)"
-        )
+            "(GPT2TokenizerFast in place of AutoTokenizer where it cannot tell the class)")
     return path / TOKENIZER_FILE
 
 
@@ -1517,9 +1447,7 @@ def load_tokenizer(path: str | os.PathLike) -> CodeTokenizer | BPETokenizer:
         return CodeTokenizer.from_hf(data, str(path))
     if "model" in data:
         return BPETokenizer(data, str(path), _roles_from_config(path.parent))
-    raise ValueError(
-        f"{path}: neither a HF tokenizer.json (no 'model' key) nor a codelm tokenizer file"
-    )
+    raise ValueError(f"{path}: neither a HF tokenizer.json (no 'model' key) nor a codelm tokenizer file")
 
 
 # PEFT's adapter config (lora.ADAPTER_CONFIG: this floor imports nothing else of codelm).
@@ -1597,11 +1525,8 @@ def _shown_id(tok: CodeTokenizer | BPETokenizer, i: int) -> str:
 
 def check_model_tokenizer(tok: CodeTokenizer | BPETokenizer, tokenizer_file: str | os.PathLike,
                           model_dir: str | os.PathLike, remedy: str | None = None) -> None:
-    """Refuse a tokenizer that is not the model's, as the bos/eos ids of its config.json tell.
-
-    Roles the config or tokenizer lack are not compared; one role agreeing passes. An error when
-    a config id is the tokenizer's other role, or for a CodeTokenizer (fixed roles); a warning
-    when none agrees and the ids are ordinary tokens (a stale config.json reads the same)."""
+    """Refuse a tokenizer that is not the model's, as the bos/eos ids of its config.json tell:
+    an error for crossed roles or a CodeTokenizer, a warning where none agrees (a stale config)."""
     config = Path(model_dir) / "config.json"
     try:
         hf = _read_json(config)
@@ -1655,8 +1580,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Show how a tokenizer splits a text: what a model is actually fed."""
     import argparse
 
-    import process
-
     parser = argparse.ArgumentParser(
         description="Show how a tokenizer splits a text: each token's id and text (or bytes, "
         "for part of a character), then the count. The tokenizer is a tokenizer.json (HF "
@@ -1680,8 +1603,7 @@ def _show_split(args) -> None:
         try:
             text = Path(args.file).read_text(encoding="utf-8")
         except UnicodeDecodeError as err:
-            raise ValueError(f"{args.file}: not UTF-8 text ({err.reason} at byte "
-                             f"{err.start})") from None
+            raise ValueError(f"{args.file}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     ids = tok.encode(text, add_special_tokens=args.add_special_tokens)
     if args.count:
         print(len(ids))

@@ -525,8 +525,9 @@ def _check_data_options(options: dict, where: str) -> None:
     from dataset import DataConfig
 
     _check_data_option_keys(options, where)
+    data_cfg = settings.config_from_dict(DataConfig, options, where)  # errors name `where`
     try:
-        DataConfig(**options).validate()  # its task and sources at their defaults
+        data_cfg.validate()  # its task and sources at their defaults
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
 

@@ -7,6 +7,7 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -23,6 +24,7 @@ from procs import popen, signal_when
 
 import dataset
 import process
+import settings
 from dataset import (
     DOCSTRING_PROMPTS,
     REFACTOR_TEMPLATE,
@@ -879,7 +881,7 @@ def test_a_split_by_file_is_not_warned_of_as_uneven(capsys):
 
 def test_negative_split_fractions_are_refused_even_when_they_sum_to_one(tmp_path):
     with pytest.raises(DataError, match=r"split fractions must be >= 0 and sum to 1"):
-        dataset.load_corpus(cfg(tmp_path, train_frac=1.2, val_frac=-0.1, test_frac=-0.1))
+        cfg(tmp_path, train_frac=1.2, val_frac=-0.1, test_frac=-0.1).validate()
 
 
 def test_predefined_val_and_test_files_are_those_splits_and_stay_out_of_training(tmp_path):
@@ -913,8 +915,8 @@ def test_predefined_val_and_test_files_are_those_splits_and_stay_out_of_training
     assert len(both.train) == 25 and len(both.val) == 10
     # The same file as train and validation data, and a validation file cleaning empties.
     with pytest.raises(DataError, match="is in both val_sources and sources"):
-        dataset.load_corpus(cfg(tmp_path, task="refactor", sources=[str(train)],
-                                val_sources=[str(tmp_path / "." / "train.jsonl")]))
+        cfg(tmp_path, task="refactor", sources=[str(train)],
+            val_sources=[str(tmp_path / "." / "train.jsonl")]).validate()
     empty = write_jsonl(tmp_path / "empty.jsonl", [{"input": " ", "output": "x"}])
     with pytest.raises(DataError, match=r"val_sources .* left no val documents .*empty_pair"):
         dataset.load_corpus(cfg(tmp_path, task="refactor", sources=[str(train)],
@@ -2083,21 +2085,26 @@ def test_names_and_strings_that_are_not_utf8_are_skipped_or_named(tmp_path):
 
 def test_config_values_of_the_wrong_type_or_range_name_the_key(tmp_path):
     for key, value, message in (
-        ("extensions", ".kt", "must be a list of strings, got '.kt'"),
         ("extensions", [".py", "kt"], "['kt'] must each be a suffix with its dot"),
-        ("sources", [str(EMAIL), 3], "must be a list of strings"),
         ("near_dedupe_threshold", 5.0, "must be in [0, 1], got 5.0"),
-        ("val_frac", "0.1", "must be a number"),
-        ("max_docs", True, "must be an integer"),
         ("min_lines", -1, "must be >= 0"),
         ("block_size", 1, "must be >= 2"),
         ("max_completion_tokens", 0, "must be >= 1"),  # no example would have a target
         ("window_prompt_tokens", 0, "must be >= 1"),  # no window would have a prompt
         ("max_docs", 0, "must be >= 1"),  # read nothing: "sources hold no files", untrue
+        ("num_workers", 0, "must be >= 1"),
     ):
         with pytest.raises(DataError) as info:
-            dataset.load_corpus(cfg(tmp_path, **{key: value}))
+            cfg(tmp_path, **{key: value}).validate()
         assert f"DataConfig.{key}" in str(info.value) and message in str(info.value)
+    for key, value, message in (  # types: checked where a file or flag gives the value
+        ("extensions", ".kt", "must be a list of strings, got '.kt'"),
+        ("sources", [str(EMAIL), 3], "must be a list of strings"),
+        ("val_frac", "0.1", "must be a number"),
+        ("max_docs", True, "must be an integer"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(f"c.json: key {key!r} {message}")):
+            settings.config_from_dict(DataConfig, {key: value}, "c.json")
     assert dataset.main(["--near-dedupe", "--near-dedupe-threshold", "5", "--no-progress",
                          "--cache-dir", str(tmp_path)]) == 2
     cfg(tmp_path, max_docs=None, val_frac=0.1, near_dedupe_threshold=1).validate()
@@ -2112,7 +2119,7 @@ def test_empty_corpus_and_missing_source_are_clear_errors(tmp_path):
     with pytest.raises(DataError, match="data source not found: .*nowhere"):
         dataset.load_corpus(cfg(tmp_path, sources=[str(tmp_path / "nowhere")]))
     with pytest.raises(DataError, match="DataConfig.task"):
-        dataset.load_corpus(cfg(tmp_path, task="translate"))
+        cfg(tmp_path, task="translate").validate()
 
 
 def test_sources_that_only_copy_val_documents_say_why_train_is_empty(tmp_path):

@@ -422,7 +422,7 @@ def test_config_file_with_cli_overrides_and_clear_errors(tmp_path, capsys):
 
 @pytest.mark.parametrize("options, message", [
     ({"data_options": {"train_frac": "0.5"}},
-     "data_options: DataConfig.train_frac must be a number, got '0.5'"),
+     "data_options: key 'train_frac' must be a number, got '0.5'"),
     ({"data_options": {"train_frac": 0.5}},
      "data_options: DataConfig split fractions must be >= 0 and sum to 1, got (0.5, 0.1, 0.1)"),
     ({"data_options": {"trian_frac": 0.5}},
