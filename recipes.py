@@ -319,15 +319,6 @@ def set_train_keys(settings: Sequence[str], section: str = "train") -> set[str]:
     return {k.removeprefix(f"{section}.") for k in keys if k.startswith(f"{section}.")}
 
 
-def check_smoke_settings(typed: set[str]) -> None:
-    """--smoke would silently replace these --set values with its own model and data."""
-    own = [f"--set train.{t}" for t in sorted(typed)
-           if any(t == k or t.startswith(f"{k}.") for k in SMOKE_OWN_KEYS)]
-    if own:
-        raise ValueError(f"--smoke builds its own tiny model and data: drop {', '.join(own)} "
-                         "(or drop --smoke to train on them)")
-
-
 def smoke_train_values(values: dict, work: Path, steps: int, typed: Collection[str] = ()
                        ) -> dict:
     """The recipe's train section at toy scale (same task, LoRA, quantization); --set keys kept."""
@@ -517,15 +508,16 @@ def eval_config(recipe: Recipe, opts: RecipeOptions, cfg: tm.TrainConfig, run_di
 
 def _with_flags(values: dict, opts: RecipeOptions) -> dict:
     """The train values with recipes.py's own flags applied."""
-    if opts.smoke and (given := [flag for flag, value in (
-            ("--model", opts.model), ("--data", opts.data), ("--val-data", opts.val_data))
-            if value is not None]):
-        raise ValueError(f"--smoke builds its own tiny model and data: drop {', '.join(given)} "
-                         "(or drop --smoke to train on them)")
-    if opts.smoke and opts.smoke_steps < 1:
-        raise ValueError(f"--smoke-steps {opts.smoke_steps}: must be >= 1")
     if opts.smoke:
-        check_smoke_settings(set_train_keys(opts.set))
+        given = [flag for flag, value in (("--model", opts.model), ("--data", opts.data),
+                                          ("--val-data", opts.val_data)) if value is not None]
+        given += [f"--set train.{t}" for t in sorted(set_train_keys(opts.set))
+                  if any(t == k or t.startswith(f"{k}.") for k in SMOKE_OWN_KEYS)]
+        if given:
+            raise ValueError(f"--smoke builds its own tiny model and data: drop "
+                             f"{', '.join(given)} (or drop --smoke to train on them)")
+        if opts.smoke_steps < 1:
+            raise ValueError(f"--smoke-steps {opts.smoke_steps}: must be >= 1")
     if opts.model is not None:
         if values.get("init_from") is None:
             raise ValueError(f"--model: {opts.recipe} trains from scratch (no init_from)")
