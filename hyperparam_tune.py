@@ -595,16 +595,14 @@ def trial_train_config(cfg: TuneConfig, recipe: dict, number: int,
                        resume: Path | None = None) -> TrainConfig:
     """The TrainConfig trial ``number`` runs; a continued "auto" run keeps its checkpoint's
     precision (the trainer refuses a change)."""
-    values = {**recipe, **_trial_run(cfg, number, resume)}
-    where = f"trial {number}"
-    train_cfg = trainingmanager.config_from_dict(values, where)
-    if resume is not None and train_cfg.precision == "auto":
-        if (trained := recorded_precision(resume)) is not None:
-            if trained == "bf16" and _gpu_without_bf16(train_cfg):
-                raise TrialNotHere(f"trial {number} continues {resume}, trained in bf16: run the "
-                                   "same command on a GPU with bf16 or on the CPU")
-            train_cfg = trainingmanager.config_from_dict({**values, "precision": trained}, where)
-    return train_cfg
+    train_cfg = trainingmanager.config_from_dict({**recipe, **_trial_run(cfg, number, resume)},
+                                                 f"trial {number}")
+    if resume is None or train_cfg.precision != "auto" or not (trained := recorded_precision(resume)):
+        return train_cfg
+    if trained == "bf16" and _gpu_without_bf16(train_cfg):
+        raise TrialNotHere(f"trial {number} continues {resume}, trained in bf16: run the same "
+                           "command on a GPU with bf16 or on the CPU")
+    return dataclasses.replace(train_cfg, precision=trained)
 
 
 def _gpu_without_bf16(train_cfg: TrainConfig) -> bool:
@@ -1076,17 +1074,6 @@ def absolute_sqlite(url: str | None) -> str | None:
 WORKER_COMMAND = (sys.executable, str(ROOT / "hyperparam_tune.py"))
 
 
-def _start_workers(cfg: TuneConfig, sweep: str) -> list[subprocess.Popen]:
-    config_file = study_dir(cfg) / "tune_config.json"
-    worker_cfg = {**dataclasses.asdict(cfg), "progress": False}
-    process.write_atomic(config_file, json.dumps(worker_cfg, indent=2) + "\n")
-    env = {**os.environ, PARENT_ENV: str(os.getpid()), SWEEP_ENV: sweep}
-    # Their own session: a stop signal reaches them once, forwarded by this process.
-    return [subprocess.Popen([*WORKER_COMMAND, "--config", str(config_file), "--worker", str(i)],
-                             start_new_session=True, env=env)
-            for i in range(1, cfg.workers + 1)]
-
-
 PARENT_ENV = "CODELM_SWEEP_PARENT"  # the process id of the sweep that started a worker
 SWEEP_ENV = "CODELM_SWEEP_ID"  # the sweep_id of that sweep
 
@@ -1123,7 +1110,13 @@ def _run_workers(cfg: TuneConfig, study: optuna.Study, bar: tqdm, sweep: str) ->
     """Run ``cfg.workers`` worker processes to the end, passing a stop signal on. A worker's
     configuration error (exit 2) stops the others. Returns the first failed worker's exit
     status, else 0 (a worker killed by a signal is told; its trial is queued again)."""
-    procs = _start_workers(cfg, sweep)
+    config_file = study_dir(cfg) / "tune_config.json"
+    process.write_atomic(config_file, json.dumps({**dataclasses.asdict(cfg), "progress": False},
+                                                 indent=2) + "\n")
+    env = {**os.environ, PARENT_ENV: str(os.getpid()), SWEEP_ENV: sweep}
+    # Their own session: a stop signal reaches them once, forwarded by this process.
+    procs = [subprocess.Popen([*WORKER_COMMAND, "--config", str(config_file), "--worker", str(i)],
+                              start_new_session=True, env=env) for i in range(1, cfg.workers + 1)]
     stopped: list[subprocess.Popen] = []  # the workers another's error stopped
     try:
         # poll() every worker: a dead one's process id must vanish for its trial to be orphaned
