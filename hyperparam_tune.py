@@ -243,6 +243,16 @@ def _check_no_resume_or_time_budget(values: dict, source: str) -> None:
                          "remove 'max_time_s'")
 
 
+@dataclass
+class SpaceFile:
+    """What a search space file holds (configs/search_spaces/*.json)."""
+
+    params: dict = dataclasses.field(default_factory=dict)  # name -> distribution spec
+    base: dict = dataclasses.field(default_factory=dict)  # TrainConfig values of every trial
+    requires: list[str] = dataclasses.field(default_factory=list)  # keys --train-config sets
+    description: str = ""
+
+
 def load_space(space: str) -> SearchSpace:
     """A built-in space name or a JSON file; every key and bound is checked against TrainConfig."""
     path = SPACES_DIR / f"{space}.json"
@@ -252,29 +262,18 @@ def load_space(space: str) -> SearchSpace:
         builtin = sorted(p.stem for p in SPACES_DIR.glob("*.json"))
         raise ValueError(f"search space {space!r}: not a built-in space {builtin} nor a file")
     source = str(path)
-    data = settings.read_json_object(path, "search space", strict=True)
-    if not isinstance(data.get("params"), dict) or not data["params"]:
-        raise ValueError(f"{source}: a search space is an object with a non-empty 'params' object")
-    unknown = set(data) - {"description", "requires", "base", "params"}
-    if unknown:
-        raise ValueError(f"{source}: unknown top-level key(s) {sorted(unknown)}")
-    base = data.get("base", {})
-    if not isinstance(base, dict):
-        raise ValueError(f"{source}: 'base' must be a JSON object of TrainConfig values, "
-                         f"got {json.dumps(base)}")
-    if not isinstance(data.get("description", ""), str):
-        raise ValueError(f"{source}: 'description' must be a string")
-    requires = data.get("requires", [])
-    if not isinstance(requires, list) or not all(isinstance(k, str) for k in requires):
-        raise ValueError(f"{source}: 'requires' must be a list of TrainConfig key names")
-    trainingmanager.config_from_dict(base, f"{source}: base")
-    _check_no_resume_or_time_budget(base, f"{source}: base")
-    _check_no_resume_or_time_budget(data["params"], f"{source}: params")
-    base = absolute_paths(base, f"{source}: base")
-    for name in sorted(set(data["params"]) & SWEEP_KEYS):  # sampled, then overwritten
+    data = settings.config_from_dict(
+        SpaceFile, settings.read_json_object(path, "search space", strict=True), source)
+    if not data.params:
+        raise ValueError(f"{source}: a search space needs a non-empty 'params' object")
+    trainingmanager.config_from_dict(data.base, f"{source}: base")
+    _check_no_resume_or_time_budget(data.base, f"{source}: base")
+    _check_no_resume_or_time_budget(data.params, f"{source}: params")
+    base = absolute_paths(data.base, f"{source}: base")
+    for name in sorted(set(data.params) & SWEEP_KEYS):  # sampled, then overwritten
         raise ValueError(f"{source}: params.{name}: the sweep sets it for every trial: remove it")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    for name, spec in data["params"].items():
+    for name, spec in data.params.items():
         where = f"{source}: params.{name}"
         if name not in known:
             raise ValueError(f"{where}: not a TrainConfig key; "
@@ -290,9 +289,9 @@ def load_space(space: str) -> SearchSpace:
                 raise ValueError(f"{where}: {e}") from None
             for bound in (spec["low"], spec["high"]):
                 trainingmanager.config_from_dict({**base, name: bound}, where)
-    if unknown := sorted(set(requires) - known):
+    if unknown := sorted(set(data.requires) - known):
         raise ValueError(f"{source}: requires: not TrainConfig key(s) {unknown}")
-    return SearchSpace(base=base, params=data["params"], source=source, requires=requires)
+    return SearchSpace(base=base, params=data.params, source=source, requires=data.requires)
 
 
 # ----------------------------------------------- storage, study, the trial count of all workers
