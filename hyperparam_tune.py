@@ -140,12 +140,6 @@ class SearchSpace:
     source: str
     requires: list[str] = dataclasses.field(default_factory=list)
 
-    def check_base(self, base: dict, source: str) -> None:
-        for key in self.requires:
-            if base.get(key) is None:
-                raise ValueError(f"search space {self.source} needs {key!r} set in {source} "
-                                 f"(e.g. --train-config FILE.json with \"{key}\": ...)")
-
     def example(self) -> dict:
         """One value per parameter (low bound, first choice): a trial to check before any runs."""
         return {name: spec["choices"][0] if spec["type"] == "categorical" else spec["low"]
@@ -788,9 +782,9 @@ def check_trial_config(cfg: TuneConfig, space: SearchSpace, base: dict) -> None:
         train_cfg = trainingmanager.config_from_dict(values, where)
         try:
             trainingmanager.validate_config(train_cfg, where_is)
-            if train_cfg.init_adapter is not None:  # lora_* values that differ from the adapter's
-                trainingmanager.with_init_adapter(train_cfg, typed={*space.base, *base, *params},
-                                                  where_set=where_is)
+            # lora_* values the sweep sets that differ from its init_adapter's are refused
+            trainingmanager.with_init_adapter(train_cfg, typed={*space.base, *base, *params},
+                                              where_set=where_is)
             trainingmanager.data_config(train_cfg, train_cfg.block_size or 256)
             if train_cfg.init_from is None:  # the vocabulary size (the tokenizer's) checks nothing
                 trainingmanager.model_config(train_cfg, 1, None, None)
@@ -811,7 +805,11 @@ def check_before_trials(cfg: TuneConfig) -> tuple[SearchSpace, dict]:
         base = trainingmanager.load_config_file(cfg.train_config)
         _check_no_resume_or_time_budget(base, cfg.train_config)
         base = absolute_paths(base, cfg.train_config)
-    space.check_base({**space.base, **base}, cfg.train_config or "--train-config")
+    for key in space.requires:
+        if {**space.base, **base}.get(key) is None:
+            raise ValueError(f"search space {space.source} needs {key!r} set in "
+                             f"{cfg.train_config or '--train-config'} (e.g. --train-config "
+                             f"FILE.json with \"{key}\": ...)")
     check_trial_config(cfg, space, base)
     return space, base
 

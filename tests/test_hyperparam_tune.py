@@ -954,7 +954,7 @@ def test_builtin_spaces_are_valid_trainingmanager_values():
     lora = hyperparam_tune.load_space("lora")
     assert {"lora_r", "lora_alpha", "lora_dropout", "lora_targets"} <= set(lora.params)
     with pytest.raises(ValueError, match="init_from"):
-        lora.check_base(lora.base, "--train-config")
+        hyperparam_tune.check_before_trials(hyperparam_tune.TuneConfig(space="lora"))
 
 
 def test_readme_example_space_passes_the_checks_before_the_first_trial(tmp_path):
