@@ -997,14 +997,6 @@ class _OptunaLog(logging.Handler):
         tqdm.write(f"[{record.levelname[0]}] {message}", file=sys.stderr)
 
 
-def _quiet_optuna() -> None:
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and table tell
-    optuna.logging.disable_default_handler()
-    logger = logging.getLogger("optuna")
-    if not any(isinstance(h, _OptunaLog) for h in logger.handlers):
-        logger.addHandler(_OptunaLog())
-
-
 # --------------------------------------------------------------------------------- command line
 
 
@@ -1165,7 +1157,10 @@ def tune(cfg: TuneConfig) -> TuneResult:
     """Run (or continue) the sweep until the study holds ``cfg.n_trials`` finished trials."""
     if cfg.worker:
         _stop_with_parent()
-    _quiet_optuna()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and table tell
+    optuna.logging.disable_default_handler()
+    if not any(isinstance(h, _OptunaLog) for h in logging.getLogger("optuna").handlers):
+        logging.getLogger("optuna").addHandler(_OptunaLog())
     space, base = check_before_trials(cfg)
     study_dir(cfg).mkdir(parents=True, exist_ok=True)
     storage = open_storage(cfg)
