@@ -380,16 +380,17 @@ class ResumableOutput:
 
     def commit(self, repo: str, records: list[dict]) -> None:
         data = encode_records(records)
-        with open(self.out, "ab") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        _append_synced(self.out, data)
         self.end += len(data)
         shas = [r["sha"] for r in records]
-        line = json.dumps({"repo": repo, "end": self.end, "shas": shas}).encode() + b"\n"
-        with open(self.state, "ab") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        line = json.dumps({"repo": repo, "end": self.end, "shas": shas}) + "\n"
+        _append_synced(self.state, line.encode())
         self.done.add(repo)
         self.shas.update(shas)
+
+
+def _append_synced(path: Path, data: bytes) -> None:
+    with open(path, "ab") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
