@@ -820,22 +820,19 @@ STUDY_MAY_CHANGE = ("device", "compile", "gradient_checkpointing", "log_every",
                     "export_merged", "sample_prompt", "sample_tokens")
 
 
-def study_settings(cfg: TuneConfig, space: SearchSpace, base: dict) -> dict:
-    """The TrainConfig values every trial's result depends on besides its sampled parameters."""
-    shared = trainingmanager.config_from_dict({**space.base, **base, **_budget(cfg)},
-                                              space.source)
-    settings = dataclasses.asdict(shared)
-    settings["data_options"] = {k: v for k, v in shared.data_options.items()
-                                if k not in trainingmanager.RESUME_DATA_OPTIONS_MAY_CHANGE}
-    skip = {*space.params, *STUDY_MAY_CHANGE, *_trial_run(cfg, 0)}
-    return json.loads(json.dumps({k: v for k, v in settings.items() if k not in skip}))
-
-
 def check_study_settings(cfg: TuneConfig, space: SearchSpace, base: dict,
                          study: optuna.Study) -> None:
-    """Record the shared settings with a study that has none; refuse a continuation that changed
-    them (its trials would be ranked against each other)."""
-    now = {"format_version": FORMAT_VERSION, **study_settings(cfg, space, base)}
+    """Record the TrainConfig values every trial's result depends on besides its sampled
+    parameters with a study that has none; refuse a continuation that changed them (its trials
+    would be ranked against each other)."""
+    shared = trainingmanager.config_from_dict({**space.base, **base, **_budget(cfg)},
+                                              space.source)
+    values = dataclasses.asdict(shared)
+    values["data_options"] = {k: v for k, v in shared.data_options.items()
+                              if k not in trainingmanager.RESUME_DATA_OPTIONS_MAY_CHANGE}
+    skip = {*space.params, *STUDY_MAY_CHANGE, *_trial_run(cfg, 0)}
+    now = {"format_version": FORMAT_VERSION,
+           **json.loads(json.dumps({k: v for k, v in values.items() if k not in skip}))}
     recorded = study.user_attrs.get(ATTR_SETTINGS)
     if recorded is None:
         study.set_user_attr(ATTR_SETTINGS, now)
