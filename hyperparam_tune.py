@@ -140,12 +140,6 @@ class SearchSpace:
     source: str
     requires: list[str] = dataclasses.field(default_factory=list)
 
-    def check_base(self, base: dict, source: str) -> None:
-        for key in self.requires:
-            if base.get(key) is None:
-                raise ValueError(f"search space {self.source} needs {key!r} set in {source} "
-                                 f"(e.g. --train-config FILE.json with \"{key}\": ...)")
-
     def example(self) -> dict:
         """One value per parameter (low bound, first choice): a trial to check before any runs."""
         return {name: spec["choices"][0] if spec["type"] == "categorical" else spec["low"]
@@ -243,6 +237,16 @@ def _check_no_resume_or_time_budget(values: dict, source: str) -> None:
                          "remove 'max_time_s'")
 
 
+@dataclass
+class SpaceFile:
+    """What a search space file holds (configs/search_spaces/*.json)."""
+
+    params: dict = dataclasses.field(default_factory=dict)  # name -> distribution spec
+    base: dict = dataclasses.field(default_factory=dict)  # TrainConfig values of every trial
+    requires: list[str] = dataclasses.field(default_factory=list)  # keys --train-config sets
+    description: str = ""
+
+
 def load_space(space: str) -> SearchSpace:
     """A built-in space name or a JSON file; every key and bound is checked against TrainConfig."""
     path = SPACES_DIR / f"{space}.json"
@@ -252,29 +256,18 @@ def load_space(space: str) -> SearchSpace:
         builtin = sorted(p.stem for p in SPACES_DIR.glob("*.json"))
         raise ValueError(f"search space {space!r}: not a built-in space {builtin} nor a file")
     source = str(path)
-    data = settings.read_json_object(path, "search space", strict=True)
-    if not isinstance(data.get("params"), dict) or not data["params"]:
-        raise ValueError(f"{source}: a search space is an object with a non-empty 'params' object")
-    unknown = set(data) - {"description", "requires", "base", "params"}
-    if unknown:
-        raise ValueError(f"{source}: unknown top-level key(s) {sorted(unknown)}")
-    base = data.get("base", {})
-    if not isinstance(base, dict):
-        raise ValueError(f"{source}: 'base' must be a JSON object of TrainConfig values, "
-                         f"got {json.dumps(base)}")
-    if not isinstance(data.get("description", ""), str):
-        raise ValueError(f"{source}: 'description' must be a string")
-    requires = data.get("requires", [])
-    if not isinstance(requires, list) or not all(isinstance(k, str) for k in requires):
-        raise ValueError(f"{source}: 'requires' must be a list of TrainConfig key names")
-    trainingmanager.config_from_dict(base, f"{source}: base")
-    _check_no_resume_or_time_budget(base, f"{source}: base")
-    _check_no_resume_or_time_budget(data["params"], f"{source}: params")
-    base = absolute_paths(base, f"{source}: base")
-    for name in sorted(set(data["params"]) & SWEEP_KEYS):  # sampled, then overwritten
+    data = settings.config_from_dict(
+        SpaceFile, settings.read_json_object(path, "search space", strict=True), source)
+    if not data.params:
+        raise ValueError(f"{source}: a search space needs a non-empty 'params' object")
+    trainingmanager.config_from_dict(data.base, f"{source}: base")
+    _check_no_resume_or_time_budget(data.base, f"{source}: base")
+    _check_no_resume_or_time_budget(data.params, f"{source}: params")
+    base = absolute_paths(data.base, f"{source}: base")
+    for name in sorted(set(data.params) & SWEEP_KEYS):  # sampled, then overwritten
         raise ValueError(f"{source}: params.{name}: the sweep sets it for every trial: remove it")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    for name, spec in data["params"].items():
+    for name, spec in data.params.items():
         where = f"{source}: params.{name}"
         if name not in known:
             raise ValueError(f"{where}: not a TrainConfig key; "
@@ -290,9 +283,9 @@ def load_space(space: str) -> SearchSpace:
                 raise ValueError(f"{where}: {e}") from None
             for bound in (spec["low"], spec["high"]):
                 trainingmanager.config_from_dict({**base, name: bound}, where)
-    if unknown := sorted(set(requires) - known):
+    if unknown := sorted(set(data.requires) - known):
         raise ValueError(f"{source}: requires: not TrainConfig key(s) {unknown}")
-    return SearchSpace(base=base, params=data["params"], source=source, requires=requires)
+    return SearchSpace(base=base, params=data.params, source=source, requires=data.requires)
 
 
 # ----------------------------------------------- storage, study, the trial count of all workers
@@ -595,16 +588,14 @@ def trial_train_config(cfg: TuneConfig, recipe: dict, number: int,
                        resume: Path | None = None) -> TrainConfig:
     """The TrainConfig trial ``number`` runs; a continued "auto" run keeps its checkpoint's
     precision (the trainer refuses a change)."""
-    values = {**recipe, **_trial_run(cfg, number, resume)}
-    where = f"trial {number}"
-    train_cfg = trainingmanager.config_from_dict(values, where)
-    if resume is not None and train_cfg.precision == "auto":
-        if (trained := recorded_precision(resume)) is not None:
-            if trained == "bf16" and _gpu_without_bf16(train_cfg):
-                raise TrialNotHere(f"trial {number} continues {resume}, trained in bf16: run the "
-                                   "same command on a GPU with bf16 or on the CPU")
-            train_cfg = trainingmanager.config_from_dict({**values, "precision": trained}, where)
-    return train_cfg
+    train_cfg = trainingmanager.config_from_dict({**recipe, **_trial_run(cfg, number, resume)},
+                                                 f"trial {number}")
+    if resume is None or train_cfg.precision != "auto" or not (trained := recorded_precision(resume)):
+        return train_cfg
+    if trained == "bf16" and _gpu_without_bf16(train_cfg):
+        raise TrialNotHere(f"trial {number} continues {resume}, trained in bf16: run the same "
+                           "command on a GPU with bf16 or on the CPU")
+    return dataclasses.replace(train_cfg, precision=trained)
 
 
 def _gpu_without_bf16(train_cfg: TrainConfig) -> bool:
@@ -791,9 +782,9 @@ def check_trial_config(cfg: TuneConfig, space: SearchSpace, base: dict) -> None:
         train_cfg = trainingmanager.config_from_dict(values, where)
         try:
             trainingmanager.validate_config(train_cfg, where_is)
-            if train_cfg.init_adapter is not None:  # lora_* values that differ from the adapter's
-                trainingmanager.with_init_adapter(train_cfg, typed={*space.base, *base, *params},
-                                                  where_set=where_is)
+            # lora_* values the sweep sets that differ from its init_adapter's are refused
+            trainingmanager.with_init_adapter(train_cfg, typed={*space.base, *base, *params},
+                                              where_set=where_is)
             trainingmanager.data_config(train_cfg, train_cfg.block_size or 256)
             if train_cfg.init_from is None:  # the vocabulary size (the tokenizer's) checks nothing
                 trainingmanager.model_config(train_cfg, 1, None, None)
@@ -814,7 +805,11 @@ def check_before_trials(cfg: TuneConfig) -> tuple[SearchSpace, dict]:
         base = trainingmanager.load_config_file(cfg.train_config)
         _check_no_resume_or_time_budget(base, cfg.train_config)
         base = absolute_paths(base, cfg.train_config)
-    space.check_base({**space.base, **base}, cfg.train_config or "--train-config")
+    for key in space.requires:
+        if {**space.base, **base}.get(key) is None:
+            raise ValueError(f"search space {space.source} needs {key!r} set in "
+                             f"{cfg.train_config or '--train-config'} (e.g. --train-config "
+                             f"FILE.json with \"{key}\": ...)")
     check_trial_config(cfg, space, base)
     return space, base
 
@@ -825,22 +820,19 @@ STUDY_MAY_CHANGE = ("device", "compile", "gradient_checkpointing", "log_every",
                     "export_merged", "sample_prompt", "sample_tokens")
 
 
-def study_settings(cfg: TuneConfig, space: SearchSpace, base: dict) -> dict:
-    """The TrainConfig values every trial's result depends on besides its sampled parameters."""
-    shared = trainingmanager.config_from_dict({**space.base, **base, **_budget(cfg)},
-                                              space.source)
-    settings = dataclasses.asdict(shared)
-    settings["data_options"] = {k: v for k, v in shared.data_options.items()
-                                if k not in trainingmanager.RESUME_DATA_OPTIONS_MAY_CHANGE}
-    skip = {*space.params, *STUDY_MAY_CHANGE, *_trial_run(cfg, 0)}
-    return json.loads(json.dumps({k: v for k, v in settings.items() if k not in skip}))
-
-
 def check_study_settings(cfg: TuneConfig, space: SearchSpace, base: dict,
                          study: optuna.Study) -> None:
-    """Record the shared settings with a study that has none; refuse a continuation that changed
-    them (its trials would be ranked against each other)."""
-    now = {"format_version": FORMAT_VERSION, **study_settings(cfg, space, base)}
+    """Record the TrainConfig values every trial's result depends on besides its sampled
+    parameters with a study that has none; refuse a continuation that changed them (its trials
+    would be ranked against each other)."""
+    shared = trainingmanager.config_from_dict({**space.base, **base, **_budget(cfg)},
+                                              space.source)
+    values = dataclasses.asdict(shared)
+    values["data_options"] = {k: v for k, v in shared.data_options.items()
+                              if k not in trainingmanager.RESUME_DATA_OPTIONS_MAY_CHANGE}
+    skip = {*space.params, *STUDY_MAY_CHANGE, *_trial_run(cfg, 0)}
+    now = {"format_version": FORMAT_VERSION,
+           **json.loads(json.dumps({k: v for k, v in values.items() if k not in skip}))}
     recorded = study.user_attrs.get(ATTR_SETTINGS)
     if recorded is None:
         study.set_user_attr(ATTR_SETTINGS, now)
@@ -1002,14 +994,6 @@ class _OptunaLog(logging.Handler):
         tqdm.write(f"[{record.levelname[0]}] {message}", file=sys.stderr)
 
 
-def _quiet_optuna() -> None:
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and table tell
-    optuna.logging.disable_default_handler()
-    logger = logging.getLogger("optuna")
-    if not any(isinstance(h, _OptunaLog) for h in logger.handlers):
-        logger.addHandler(_OptunaLog())
-
-
 # --------------------------------------------------------------------------------- command line
 
 
@@ -1076,17 +1060,6 @@ def absolute_sqlite(url: str | None) -> str | None:
 WORKER_COMMAND = (sys.executable, str(ROOT / "hyperparam_tune.py"))
 
 
-def _start_workers(cfg: TuneConfig, sweep: str) -> list[subprocess.Popen]:
-    config_file = study_dir(cfg) / "tune_config.json"
-    worker_cfg = {**dataclasses.asdict(cfg), "progress": False}
-    process.write_atomic(config_file, json.dumps(worker_cfg, indent=2) + "\n")
-    env = {**os.environ, PARENT_ENV: str(os.getpid()), SWEEP_ENV: sweep}
-    # Their own session: a stop signal reaches them once, forwarded by this process.
-    return [subprocess.Popen([*WORKER_COMMAND, "--config", str(config_file), "--worker", str(i)],
-                             start_new_session=True, env=env)
-            for i in range(1, cfg.workers + 1)]
-
-
 PARENT_ENV = "CODELM_SWEEP_PARENT"  # the process id of the sweep that started a worker
 SWEEP_ENV = "CODELM_SWEEP_ID"  # the sweep_id of that sweep
 
@@ -1123,7 +1096,13 @@ def _run_workers(cfg: TuneConfig, study: optuna.Study, bar: tqdm, sweep: str) ->
     """Run ``cfg.workers`` worker processes to the end, passing a stop signal on. A worker's
     configuration error (exit 2) stops the others. Returns the first failed worker's exit
     status, else 0 (a worker killed by a signal is told; its trial is queued again)."""
-    procs = _start_workers(cfg, sweep)
+    config_file = study_dir(cfg) / "tune_config.json"
+    process.write_atomic(config_file, json.dumps({**dataclasses.asdict(cfg), "progress": False},
+                                                 indent=2) + "\n")
+    env = {**os.environ, PARENT_ENV: str(os.getpid()), SWEEP_ENV: sweep}
+    # Their own session: a stop signal reaches them once, forwarded by this process.
+    procs = [subprocess.Popen([*WORKER_COMMAND, "--config", str(config_file), "--worker", str(i)],
+                              start_new_session=True, env=env) for i in range(1, cfg.workers + 1)]
     stopped: list[subprocess.Popen] = []  # the workers another's error stopped
     try:
         # poll() every worker: a dead one's process id must vanish for its trial to be orphaned
@@ -1175,7 +1154,10 @@ def tune(cfg: TuneConfig) -> TuneResult:
     """Run (or continue) the sweep until the study holds ``cfg.n_trials`` finished trials."""
     if cfg.worker:
         _stop_with_parent()
-    _quiet_optuna()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and table tell
+    optuna.logging.disable_default_handler()
+    if not any(isinstance(h, _OptunaLog) for h in logging.getLogger("optuna").handlers):
+        logging.getLogger("optuna").addHandler(_OptunaLog())
     space, base = check_before_trials(cfg)
     study_dir(cfg).mkdir(parents=True, exist_ok=True)
     storage = open_storage(cfg)

@@ -519,17 +519,18 @@ def targeted_modules(model: nn.Module, targets: list[str] | str,
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> LoRAReport:
     """Freeze the model and add LoRA adapters on ``cfg.target_modules`` (checked first)."""
-    _check_model(model, "apply_lora")
-    if any(True for _ in lora_modules(model)):
-        raise ValueError("the model already has LoRA adapters; apply_lora once per model")
+    _check_model(model, "apply_lora", fresh=True)
     return _attach(model, cfg, _resolve_targets(model, cfg.target_modules))
 
 
-def _check_model(model: nn.Module, caller: str) -> None:
-    """LoRA targets go through a codelm model's config and module names, which others lack."""
+def _check_model(model: nn.Module, caller: str, fresh: bool = False) -> None:
+    """LoRA targets go through a codelm model's config and module names, which others lack;
+    ``fresh``: the caller adds adapters, which the model must not have yet."""
     if not isinstance(model, Transformer):
         raise ValueError(f"{caller} works on codelm's Transformer (pretrained.load(dir) "
                          f"loads an HF checkpoint as one), got {type(model).__name__}")
+    if fresh and any(True for _ in lora_modules(model)):
+        raise ValueError(f"the model already has LoRA adapters; {caller} once per model")
 
 
 def _attach(model: nn.Module, cfg: LoRAConfig, resolved: dict[str, list[str]]) -> LoRAReport:
@@ -600,21 +601,16 @@ def tied_targets(model: nn.Module,
     return {path: tied[id(w)] for path, w in weights if w is not None and id(w) in tied}
 
 
-def _check_not_tied(model: nn.Module,
-                    modules: Iterable[tuple[str, LoRALinear | LoRAEmbedding]]) -> None:
-    if tied := tied_targets(model, modules):
-        path, sharers = next(iter(tied.items()))
-        raise ValueError(f"cannot merge the LoRA on {path}: its weight is tied to "
-                         f"{sharers}, so merging would change both; untie them first")
-
-
 def merge_lora(model: nn.Module) -> None:
     """Fold every adapter into its base weight (in fp32, then cast). Idempotent."""
     todo = [(p, m) for p, m in lora_modules(model) if not m.merged]
     if any(isinstance(m.base, QuantLinear) for _, m in todo):
         raise ValueError("cannot merge LoRA into a quantized base: load the base unquantized "
                          "(pretrained.load), load_adapter, then merge")
-    _check_not_tied(model, todo)
+    if tied := tied_targets(model, todo):
+        path, sharers = next(iter(tied.items()))
+        raise ValueError(f"cannot merge the LoRA on {path}: its weight is tied to "
+                         f"{sharers}, so merging would change both; untie them first")
     for _, module in todo:
         module.merge(+1.0)
         module.merged = True
@@ -812,10 +808,7 @@ def apply_adapter_layout(model: nn.Module, adapter_dir: str | Path,
                          config_name: str = ADAPTER_CONFIG) -> LoRAReport:
     """Freeze the model and add the adapters ``load_adapter`` would, without their weights (a
     run's checkpoint holds them)."""
-    _check_model(model, "apply_adapter_layout")
-    if any(True for _ in lora_modules(model)):
-        raise ValueError("the model already has LoRA adapters; apply_adapter_layout once per "
-                         "model")
+    _check_model(model, "apply_adapter_layout", fresh=True)
     path = Path(adapter_dir)
     cfg = read_adapter_config(path, config_name)
     return _report(model, _attach_as_file_says(model, cfg, path / config_name))

@@ -296,13 +296,6 @@ _HF_ACT_NAME = {"gpt_bigcode": {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"
                 "phi": {"gelu": "gelu", "gelu_tanh": "gelu_new"}}
 
 
-def _legacy_rope(rope: dict) -> dict:
-    """The rope keys transformers < 5 reads."""
-    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-    return {"rope_theta": rope["rope_theta"],
-            "rope_scaling": scaling if rope["rope_type"] != "default" else None}
-
-
 def _write_llama(c: ModelConfig) -> dict:
     rope = {"rope_type": "llama3" if c.rope_scaling else "default", "rope_theta": c.rope_theta,
             **(c.rope_scaling or {})}
@@ -310,7 +303,10 @@ def _write_llama(c: ModelConfig) -> dict:
             "hidden_size": c.n_embd, "intermediate_size": c.mlp_hidden,
             "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
             "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim, "hidden_act": "silu",
-            "rms_norm_eps": c.norm_eps, "rope_parameters": rope, **_legacy_rope(rope),
+            "rms_norm_eps": c.norm_eps, "rope_parameters": rope, "rope_theta": c.rope_theta,
+            # the rope keys transformers < 5 reads
+            "rope_scaling": {k: v for k, v in rope.items() if k != "rope_theta"}
+            if c.rope_scaling else None,
             "attention_bias": c.qkv_bias, "mlp_bias": c.mlp_bias}
 
 

@@ -54,14 +54,22 @@ def load_recipe(path: str | Path) -> Recipe:
         if not isinstance(section, dict):
             raise ValueError(f"{path}: the '{name}' section is missing or not an object")
         sections[name] = {k: v for k, v in section.items() if not k.startswith("_")}
-    tm.config_from_dict(sections["train"], f"{path} (train section)")
-    tm.check_options(sections["train"], f"{path} (train section)")
-    ev.config_from_dict(sections["eval"], f"{path} (eval section)",
-                        partial(where_in_recipe, path, section="eval"))
-    for key in sections["eval"]:
+    recipe = Recipe(path, sections["train"], sections["eval"],
+                    {k: v for k, v in raw.items() if k.startswith("_")})
+    check_sections(recipe)
+    for key in recipe.eval:
         check_eval_key(key, f"{path}: the eval section's {key}")
-    notes = {k: v for k, v in raw.items() if k.startswith("_")}
-    return Recipe(path, sections["train"], sections["eval"], notes)
+    return recipe
+
+
+def check_sections(recipe: Recipe, note: str = "", sets: Sequence[str] = ()) -> None:
+    """Both sections' keys and value types; ``note`` and ``sets``: as ``--set`` changed them."""
+    where = f"{recipe.path} (train section{note})"
+    tm.config_from_dict(recipe.train, where)
+    tm.check_options(recipe.train, where)
+    ev.config_from_dict(recipe.eval, f"{recipe.path} (eval section{note})",
+                        partial(where_in_recipe, recipe.path, section="eval",
+                                typed=set_train_keys(sets, "eval")))
 
 
 # EvalConfig keys recipes.py sets itself or does not use, and what to do instead.
@@ -311,15 +319,6 @@ def set_train_keys(settings: Sequence[str], section: str = "train") -> set[str]:
     return {k.removeprefix(f"{section}.") for k in keys if k.startswith(f"{section}.")}
 
 
-def check_smoke_settings(typed: set[str]) -> None:
-    """--smoke would silently replace these --set values with its own model and data."""
-    own = [f"--set train.{t}" for t in sorted(typed)
-           if any(t == k or t.startswith(f"{k}.") for k in SMOKE_OWN_KEYS)]
-    if own:
-        raise ValueError(f"--smoke builds its own tiny model and data: drop {', '.join(own)} "
-                         "(or drop --smoke to train on them)")
-
-
 def smoke_train_values(values: dict, work: Path, steps: int, typed: Collection[str] = ()
                        ) -> dict:
     """The recipe's train section at toy scale (same task, LoRA, quantization); --set keys kept."""
@@ -346,11 +345,10 @@ def smoke_train_values(values: dict, work: Path, steps: int, typed: Collection[s
 
 
 def check_train_values(values: dict, source: str,
-                       where_set: Callable[[str], str] | None = None) -> None:
+                       where_set: Callable[[str], str] = settings.flag_of) -> None:
     """What training would check before its first step, checked before the last run is replaced."""
     from tokenizer import load_tokenizer
 
-    where_set = where_set or settings.flag_of
     cfg = tm.with_init_adapter(tm.config_from_dict(values, source), where_set=where_set)
     tm.validate_config(cfg, where_set)
     tm.data_config(cfg, cfg.block_size or SMOKE_BLOCK)
@@ -508,29 +506,18 @@ def eval_config(recipe: Recipe, opts: RecipeOptions, cfg: tm.TrainConfig, run_di
                                        typed=set_train_keys(opts.set, "eval"), own=own))
 
 
-def _check_overrides(recipe: Recipe, opts: RecipeOptions, typed: set[str]) -> None:
-    """Values overridden by --set, checked now, not after hours of training."""
-    where = f"{opts.recipe} (train section, with --set)"
-    cfg = tm.config_from_dict(recipe.train, where)
-    tm.check_options(recipe.train, where)
-    if not opts.smoke:  # else on the smoke-sized values
-        tm.check_max_steps_flag(cfg, typed, opts.recipe, set_prefix="train.")
-    ev.config_from_dict(recipe.eval, f"{opts.recipe} (eval section, with --set)",
-                        partial(where_in_recipe, opts.recipe, section="eval",
-                                typed=set_train_keys(opts.set, "eval")))
-
-
 def _with_flags(values: dict, opts: RecipeOptions) -> dict:
     """The train values with recipes.py's own flags applied."""
-    if opts.smoke and (given := [flag for flag, value in (
-            ("--model", opts.model), ("--data", opts.data), ("--val-data", opts.val_data))
-            if value is not None]):
-        raise ValueError(f"--smoke builds its own tiny model and data: drop {', '.join(given)} "
-                         "(or drop --smoke to train on them)")
-    if opts.smoke and opts.smoke_steps < 1:
-        raise ValueError(f"--smoke-steps {opts.smoke_steps}: must be >= 1")
     if opts.smoke:
-        check_smoke_settings(set_train_keys(opts.set))
+        given = [flag for flag, value in (("--model", opts.model), ("--data", opts.data),
+                                          ("--val-data", opts.val_data)) if value is not None]
+        given += [f"--set train.{t}" for t in sorted(set_train_keys(opts.set))
+                  if any(t == k or t.startswith(f"{k}.") for k in SMOKE_OWN_KEYS)]
+        if given:
+            raise ValueError(f"--smoke builds its own tiny model and data: drop "
+                             f"{', '.join(given)} (or drop --smoke to train on them)")
+        if opts.smoke_steps < 1:
+            raise ValueError(f"--smoke-steps {opts.smoke_steps}: must be >= 1")
     if opts.model is not None:
         if values.get("init_from") is None:
             raise ValueError(f"--model: {opts.recipe} trains from scratch (no init_from)")
@@ -575,8 +562,11 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
     for setting in opts.set:
         apply_setting(recipe, setting)
     typed = set_train_keys(opts.set)
-    if opts.set:
-        _check_overrides(recipe, opts, typed)
+    if opts.set:  # checked now, not after hours of training
+        check_sections(recipe, ", with --set", opts.set)
+        if not opts.smoke:  # else on the smoke-sized values
+            tm.check_max_steps_flag(tm.config_from_dict(recipe.train), typed, opts.recipe,
+                                    set_prefix="train.")
     values = dict(recipe.train)
     name = opts.name or values.get("name") or Path(opts.recipe).stem
     tm.check_run_name(name, f"--name {name}" if opts.name else f"{opts.recipe}: train.name {name}")

@@ -45,20 +45,11 @@ class GitHubClient:
     """GET with rate-limit waits, exponential backoff with jitter, and bounded retries
     (``sleep``, ``clock`` and ``rng`` injectable)."""
 
-    def __init__(
-        self,
-        api_url: str = "https://api.github.com",
-        token: str | None = None,
-        *,
-        retries: int = 6,
-        backoff: float = 1.0,
-        max_backoff: float = 60.0,
-        max_wait: float = 3600.0,
-        timeout: float = 30.0,
-        sleep: Callable[[float], None] = time.sleep,
-        clock: Callable[[], float] = time.time,
-        rng: random.Random | None = None,
-    ):
+    def __init__(self, api_url: str = "https://api.github.com", token: str | None = None, *,
+                 retries: int = 6, backoff: float = 1.0, max_backoff: float = 60.0,
+                 max_wait: float = 3600.0, timeout: float = 30.0,
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.time,
+                 rng: random.Random | None = None):
         if retries < 0 or backoff < 0:
             raise ValueError("--retries and --backoff must be >= 0")
         self.api_url = api_url.rstrip("/")
@@ -128,9 +119,7 @@ class GitHubClient:
         # Date is whole seconds, rounded down: the wait below errs long, never short.
         return self._clock() + (reset - server_now)
 
-    def _note_rate_limit(
-        self, resource: str, resp: requests.Response, attempt: int
-    ) -> float | None:
+    def _note_rate_limit(self, resource: str, resp: requests.Response, attempt: int) -> float | None:
         """Record waits the response asks for. For a rate-limit refusal, the pause before its
         retry (0 when the wait is recorded for every thread); None for other responses."""
         headers = resp.headers
@@ -172,9 +161,8 @@ class GitHubClient:
             return max(_SECONDARY_LIMIT_WAIT, self._backoff_delay(attempt))
         return None
 
-    def get(
-        self, url: str, *, params: dict | None = None, accept: str = "application/vnd.github+json"
-    ) -> requests.Response:
+    def get(self, url: str, *, params: dict | None = None,
+            accept: str = "application/vnd.github+json") -> requests.Response:
         """GET ``url`` (absolute, or a path under the API URL): the final response (404, 409, 422
         are the caller's to judge), or GitHubError once retries are spent."""
         if url.startswith("/"):

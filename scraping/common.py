@@ -148,9 +148,8 @@ def has_extension(path: str, extensions: Iterable[str]) -> bool:
     return path.lower().endswith(tuple(e.lower() for e in extensions))
 
 
-def walk_source_tree(
-    root: Path, extensions: Iterable[str], follow_symlinks: bool = False
-) -> Iterator[tuple[str, Path, str | None]]:
+def walk_source_tree(root: Path, extensions: Iterable[str], follow_symlinks: bool = False
+                     ) -> Iterator[tuple[str, Path, str | None]]:
     """(relative posix path, path, why it is skipped or None) of every file under ``root``,
     sorted: the one walker of ``scraping local`` and dataset.py. Skipped: ``extension``,
     ``gitignored`` (what a clone never holds), ``symlink`` (unless ``follow_symlinks``: a
@@ -159,9 +158,15 @@ def walk_source_tree(
     files, work_trees = _tree_files(root)
     ignored = {f"{top}/{rel}" if top else rel
                for top in work_trees for rel in git_ignored_files(Path(root, top))}
-    for rel, path in files:
-        reason = _skip_reason(rel, path, extensions, follow_symlinks)
-        yield rel, path, "gitignored" if reason is None and rel in ignored else reason
+    for rel, path in files:  # the extension first: it needs no system call
+        if not has_extension(rel, extensions):
+            yield rel, path, "extension"
+        elif not follow_symlinks and path.is_symlink():
+            yield rel, path, "symlink"
+        elif not path.is_file():  # a FIFO, a socket, a device
+            yield rel, path, "not_a_file"
+        else:
+            yield rel, path, "gitignored" if rel in ignored else None
 
 
 def git_ignored_files(root: Path) -> frozenset[str]:
@@ -205,18 +210,6 @@ def _tree_files(root: Path) -> tuple[list[tuple[str, Path]], list[str]]:
     return sorted(found, key=lambda entry: entry[0]), work_trees
 
 
-def _skip_reason(rel: str, path: Path, extensions: tuple[str, ...],
-                 follow_symlinks: bool) -> str | None:
-    """The extension is checked first: it needs no system call, and most skipped files fail it."""
-    if not has_extension(rel, extensions):
-        return "extension"
-    if not follow_symlinks and path.is_symlink():
-        return "symlink"
-    if not path.is_file():  # a FIFO, a socket, a device
-        return "not_a_file"
-    return None
-
-
 def decode_source(data: bytes | str) -> tuple[str | None, str | None]:
     """(text, None) for source code, or (None, reason): ``binary``, ``not_utf8`` or
     ``lfs_pointer``; the one rule of the collectors and dataset.py."""
@@ -251,9 +244,8 @@ def check_output_file(path: Path, flag: str) -> None:
         raise ValueError(f"{flag} {path}: {parent} is a file, not a directory")
 
 
-def make_record(
-    repo: str, path: str, sha: str, license_id: str | None, stars: int | None, text: str
-) -> dict:
+def make_record(repo: str, path: str, sha: str, license_id: str | None, stars: int | None,
+                text: str) -> dict:
     return dict(zip(RECORD_KEYS, (repo, path, sha, license_id, stars, text)))
 
 
@@ -388,16 +380,17 @@ class ResumableOutput:
 
     def commit(self, repo: str, records: list[dict]) -> None:
         data = encode_records(records)
-        with open(self.out, "ab") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        _append_synced(self.out, data)
         self.end += len(data)
         shas = [r["sha"] for r in records]
-        line = json.dumps({"repo": repo, "end": self.end, "shas": shas}).encode() + b"\n"
-        with open(self.state, "ab") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        line = json.dumps({"repo": repo, "end": self.end, "shas": shas}) + "\n"
+        _append_synced(self.state, line.encode())
         self.done.add(repo)
         self.shas.update(shas)
+
+
+def _append_synced(path: Path, data: bytes) -> None:
+    with open(path, "ab") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())

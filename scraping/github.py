@@ -142,16 +142,9 @@ def build_query(cfg: GitHubConfig) -> str:
     return " ".join(parts)
 
 
-def search_repositories(
-    client: GitHubClient,
-    query: str,
-    date_field: str,
-    start: datetime,
-    end: datetime,
-    *,
-    cap: int = SEARCH_CAP,
-    per_page: int = 100,
-) -> Iterator[dict]:
+def search_repositories(client: GitHubClient, query: str, date_field: str, start: datetime,
+                        end: datetime, *, cap: int = SEARCH_CAP, per_page: int = 100
+                        ) -> Iterator[dict]:
     """Every repository matching ``query`` with ``date_field`` in [start, end] (whole seconds):
     a slice over the search cap is halved until each half fits; each is read whole first."""
     q = f"{query} {date_field}:{_stamp(start)}..{_stamp(end)}"
@@ -219,34 +212,25 @@ def _tree_files(entries: list[dict], prefix: str) -> list[TreeFile]:
 
 
 def list_repo_files(client: GitHubClient, repo: str, commit: str) -> list[TreeFile] | None:
-    """Every blob in the repo at ``commit`` (sub-trees walked when GitHub truncates the
-    listing); None when the repo has no tree."""
-    tree = _get_tree(client, repo, commit, recursive=True)
-    if tree is None:
-        return None
-    if not tree.get("truncated"):
-        return sorted(_tree_files(tree["tree"], ""), key=lambda f: f.path)
-    log.info("tree of %s is truncated: walking sub-trees", repo)
-    return sorted(_walk_tree(client, repo, tree["sha"], ""), key=lambda f: f.path)
+    """Every blob in the repo at ``commit``; None when the repo has no tree."""
+    files = _walk_tree(client, repo, commit, "")
+    return None if files is None else sorted(files, key=lambda f: f.path)
 
 
-def _walk_tree(client: GitHubClient, repo: str, tree_sha: str, prefix: str) -> list[TreeFile]:
-    level = _get_tree(client, repo, tree_sha, recursive=False) or {"tree": []}
+def _walk_tree(client: GitHubClient, repo: str, sha: str, prefix: str) -> list[TreeFile] | None:
+    """The blobs of one recursive listing, or level by level where GitHub truncates it."""
+    tree = _get_tree(client, repo, sha, recursive=True)
+    if tree is None or not tree.get("truncated"):
+        return tree and _tree_files(tree["tree"], prefix)
+    log.info("tree %s%s of %s is truncated: walking sub-trees", prefix, sha, repo)
+    level = _get_tree(client, repo, tree["sha"], recursive=False) or {"tree": []}
     if level.get("truncated"):
         log.warning("tree %s%s of %s has too many entries even without recursion; "
-                    "some files are missed", prefix, tree_sha, repo)
+                    "some files are missed", prefix, sha, repo)
     files = _tree_files(level["tree"], prefix)
     for entry in level["tree"]:
-        if entry.get("type") != "tree" or entry["path"] in EXCLUDED_DIRS:
-            continue
-        sub_prefix = f"{prefix}{entry['path']}/"
-        sub = _get_tree(client, repo, entry["sha"], recursive=True)
-        if sub is None:
-            continue
-        if sub.get("truncated"):
-            files += _walk_tree(client, repo, entry["sha"], sub_prefix)
-        else:
-            files += _tree_files(sub["tree"], sub_prefix)
+        if entry.get("type") == "tree" and entry["path"] not in EXCLUDED_DIRS:
+            files += _walk_tree(client, repo, entry["sha"], f"{prefix}{entry['path']}/") or []
     return files
 
 

@@ -91,10 +91,8 @@ def shallow_clone(url: str, dest: Path, branch: str | None = None) -> None:
         raise ValueError(f"git clone {redact_url(url)} failed: {message}")
 
 
-def collect_directory(
-    root: Path, repo: str, file_filter: FileFilter, license_id: str | None,
-    summary: Summary, seen: set[str], progress: bool = True,
-) -> list[dict]:
+def collect_directory(root: Path, repo: str, file_filter: FileFilter, license_id: str | None,
+                      summary: Summary, seen: set[str], progress: bool = True) -> list[dict]:
     """Records for every wanted file under ``root``; ``seen`` holds blob SHAs already kept."""
     records = []
     tree = list(walk_source_tree(root, file_filter.extensions))

@@ -954,7 +954,7 @@ def test_builtin_spaces_are_valid_trainingmanager_values():
     lora = hyperparam_tune.load_space("lora")
     assert {"lora_r", "lora_alpha", "lora_dropout", "lora_targets"} <= set(lora.params)
     with pytest.raises(ValueError, match="init_from"):
-        lora.check_base(lora.base, "--train-config")
+        hyperparam_tune.check_before_trials(hyperparam_tune.TuneConfig(space="lora"))
 
 
 def test_readme_example_space_passes_the_checks_before_the_first_trial(tmp_path):
@@ -1082,13 +1082,14 @@ def test_bad_space_field_type_exits_2_with_one_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("top, message", [
-    ({"base": []}, "'base' must be a JSON object of TrainConfig values, got []"),
-    ({"base": None}, "'base' must be a JSON object of TrainConfig values, got null"),
-    ({"base": "x"}, "'base' must be a JSON object of TrainConfig values, got \"x\""),
-    ({"requires": [["init_from"]]}, "'requires' must be a list of TrainConfig key names"),
-    ({"requires": "init_from"}, "'requires' must be a list of TrainConfig key names"),
+    ({"base": []}, "key 'base' must be a JSON object, got []"),
+    ({"base": None}, "key 'base' must not be null"),
+    ({"base": "x"}, "key 'base' must be a JSON object, got 'x'"),
+    ({"requires": [["init_from"]]}, "key 'requires' must be a list of strings"),
+    ({"requires": "init_from"}, "key 'requires' must be a list of strings"),
     ({"requires": ["init_frm"]}, "requires: not TrainConfig key(s) ['init_frm']"),
-    ({"description": ["what"]}, "'description' must be a string"),
+    ({"description": ["what"]}, "key 'description' must be a string"),
+    ({"descripton": "what"}, "unknown key 'descripton'; did you mean 'description'?"),
 ])
 def test_space_of_wrong_top_level_types_is_a_clear_error(tmp_path, top, message):
     """These were tracebacks (AttributeError, TypeError) or a misleading 'unknown key'."""
