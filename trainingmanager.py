@@ -39,11 +39,7 @@ from tqdm import tqdm
 import checkpoint
 import cliconfig
 import rundir
-from architecture import (
-    IGNORE_INDEX,
-    cuda_half_dtype,
-    lacks_native_bf16,
-)
+from architecture import IGNORE_INDEX, cuda_half_dtype, lacks_native_bf16
 from checkpoint import (
     PATH_KEYS,
     RunState,
@@ -94,7 +90,7 @@ if typing.TYPE_CHECKING:  # annotations only: dataset and tokenizer load where a
     from tokenizer import BPETokenizer, CodeTokenizer
 
 # Read as trainingmanager.X by eval.py, recipes.py and hyperparam_tune.py.
-from checkpoint import RESUME_DATA_OPTIONS_MAY_CHANGE, RESUME_MAY_CHANGE  # noqa: E402,F401,I001
+from checkpoint import RESUME_DATA_OPTIONS_MAY_CHANGE  # noqa: E402,F401,I001
 from checkpoint import CorruptCheckpointError, check_run_paths, read_state  # noqa: E402,F401
 from rundir import checkpoint_step, is_run_dir, lock_holder, lock_is_held  # noqa: E402,F401
 from rundir import no_weights_yet, stale_export, what_next  # noqa: E402,F401
@@ -106,8 +102,7 @@ OVERFIT_CORPUS = ROOT / "data" / "overfit"
 
 
 class NonFiniteLossError(RuntimeError):
-    """A non-finite loss or gradient the fp16 loss scaler could not absorb. ``diagnosis`` is the
-    message without its advice on how to go on, for callers (a sweep) that go on their own way."""
+    """A non-finite loss or gradient; ``diagnosis``: the message without its advice on going on."""
 
     def __init__(self, message: str, step: int | None = None, diagnosis: str | None = None):
         super().__init__(message)
@@ -151,10 +146,8 @@ def _init_distributed(device_hint: str) -> tuple[Dist, bool]:
         gpus = torch.cuda.device_count()
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist.local_rank + 1))
         if local_world > gpus:
-            raise ValueError(
-                f"torchrun started {local_world} processes on this machine, which has {gpus} "
-                f"CUDA device(s): start one per GPU (--nproc_per_node {gpus}), or train every "
-                "process on the CPU with --device cpu")
+            raise ValueError(f"torchrun started {local_world} processes on {gpus} CUDA device(s): "
+                             f"use --nproc_per_node {gpus}, or --device cpu")
         torch.cuda.set_device(dist.local_rank)
     td.init_process_group(backend="nccl" if use_cuda else "gloo")
     return dist, True
@@ -167,8 +160,8 @@ def resolve_device(cfg: TrainConfig, dist: Dist) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", dist.local_rank)
         if torch.backends.mps.is_available():  # a Mac: say so, a 1B model in fp32 takes days
-            print("note: training on the CPU: codelm trains on cpu or cuda, not on this Mac's mps "
-                  "device (eval.py --device mps runs on it)", file=sys.stderr)
+            print("note: training on the CPU (codelm trains on cpu or cuda, not mps)",
+                  file=sys.stderr)
         return torch.device("cpu")
     try:
         device = torch.device(cfg.device)
@@ -176,8 +169,7 @@ def resolve_device(cfg: TrainConfig, dist: Dist) -> torch.device:
         raise ValueError(f"--device {cfg.device}: not a device (auto | cpu | cuda | cuda:N)"
                          ) from None
     if device.type not in ("cpu", "cuda"):  # mps, meta, ...: kernels this trainer never ran on
-        raise ValueError(f"--device {cfg.device}: training runs on cpu or cuda (auto | cpu | "
-                         "cuda | cuda:N)")
+        raise ValueError(f"--device {cfg.device}: training runs on cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {cfg.device!r} requested but CUDA is not available")
     if (device.type == "cuda" and device.index is not None and not dist.enabled
@@ -243,10 +235,8 @@ class BatchOrder:
     def __init__(self, n_examples: int, micro_batch: int, dist: Dist, seed: int):
         self.global_batch = micro_batch * dist.world
         if n_examples < self.global_batch:
-            raise ValueError(
-                f"the training split has {n_examples} examples, fewer than one global batch "
-                f"({micro_batch} x {dist.world} processes); lower batch_size (--batch-size) or add data"
-            )
+            raise ValueError(f"the training split has {n_examples} examples, fewer than one global "
+                             f"batch ({micro_batch} x {dist.world}): lower --batch-size or add data")
         self.n, self.micro_batch, self.dist, self.seed = n_examples, micro_batch, dist, seed
         self.epoch, self.pos = 0, 0
         self._perm = self._permutation(0)
@@ -312,27 +302,22 @@ class Trainer:
         self.precision = _resolve_precision(cfg.precision, device)
         if self.precision == "bf16" and lacks_native_bf16(device):
             major, minor = torch.cuda.get_device_capability(device)
-            raise ValueError(f"{setting(cfg, 'precision')}: this GPU (compute "
-                             f"capability {major}.{minor}) has no native bf16 (torch would "
-                             "emulate it, slowly): set precision fp16 or fp32")
+            raise ValueError(f"{setting(cfg, 'precision')}: this GPU (compute capability "
+                             f"{major}.{minor}) has no native bf16: set precision fp16 or fp32")
         self.raw_model = model.to(device)
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
-        if not self.params:
-            raise ValueError("the model has no trainable parameters")
+        assert self.params, "the model has no trainable parameters"
         # Decay matrices only: norms, biases and other vectors keep their scale.
         groups = [
             {"params": [p for p in self.params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
             {"params": [p for p in self.params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        self.optimizer = torch.optim.AdamW(
-            groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
-            fused=True,  # one kernel over all tensors: 5.7x faster than the loop on CPU too
-        )
+        # fused: one kernel over all tensors, faster than the loop on CPU too
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                           eps=cfg.adam_eps, fused=True)
         total = max_steps if max_steps is not None else cfg.max_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda s: lr_factor(s, cfg.warmup_steps, total, cfg.min_lr_ratio),
-        )
+            self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total, cfg.min_lr_ratio))
         # Loss scaling wherever the backward runs in fp16: fp16 autocast, or a frozen fp16 base
         # under LoRA whatever the precision (its small per-token gradients would underflow).
         self.scaler = torch.amp.GradScaler(
@@ -421,26 +406,18 @@ class Trainer:
             totals[2] += correct
         model.train(was_training)
         loss_sum, n, correct = _all_reduce_sum(totals, self.dist).tolist()
-        if n == 0:
-            raise ValueError("the validation split has no labelled tokens; add validation data")
+        assert n > 0, "check_next_token_labels found labelled validation tokens"
         loss = loss_sum / n
-        return {
-            "val_loss": loss,
-            "val_ppl": perplexity(loss),
-            "val_accuracy": correct / n,
-            "val_tokens": int(n),
-        }
+        return {"val_loss": loss, "val_ppl": perplexity(loss), "val_accuracy": correct / n,
+                "val_tokens": int(n)}
 
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
     def state_dict(self) -> dict:
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-        }
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: RunState) -> None:
         self.optimizer.load_state_dict(state.optimizer)
@@ -464,8 +441,7 @@ def check_next_token_labels(examples: Dataset, split: str, n: int = 8) -> None:
         if not bool((labels != IGNORE_INDEX).any()) or not torch.equal(
                 labels[:-1][counted], ids[1:][counted]):
             raise ValueError(f"{split} example {i}: its labels are not the next input tokens "
-                             "(each counted labels[t] must equal input_ids[t + 1], and some "
-                             "label must count): a data bug; the training would be meaningless")
+                             "(labels[t] must equal input_ids[t + 1]): a data bug")
 
 
 OVERFIT_LOSS = 0.05  # "memorised": the --overfit and --overfit-batches target
@@ -501,9 +477,7 @@ class RunInterrupted(KeyboardInterrupt):
 
 class _StopSignals:
     """SIGINT/SIGTERM/SIGHUP ask the loop to checkpoint and end; a second Ctrl-C interrupts at
-    once, a second SIGTERM or SIGHUP does not (a scheduler's stop arrives twice, directly and
-    forwarded). A hangup moves stdout and stderr off the dead terminal first, so that no print
-    ends the run before its checkpoint."""
+    once, a second SIGTERM or SIGHUP (a scheduler's, sent twice) does not."""
 
     def __init__(self) -> None:
         self.reason: str | None = None
@@ -521,8 +495,7 @@ class _StopSignals:
             raise KeyboardInterrupt(signal.Signals(signum).name)
 
     def restore(self, taken: bool = True) -> None:
-        """Put the previous handlers back; a stop the loop did not act on (``taken`` False) is
-        passed on to them, else the caller would go on as if it had never come."""
+        """Put the previous handlers back; pass them a stop the loop did not act on."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         if self.reason is not None and not taken:
@@ -563,8 +536,7 @@ def _gather(value, dist: Dist) -> list:
 @dataclass
 class Run:
     """What setting up one call of ``train`` builds; ``state`` is the checkpoint payload the
-    step loop moves on. Rank 0 holds the run directory's lock (``claimed``) until ``train``
-    ends, so two runs never share one."""
+    step loop moves on. Rank 0 holds the run directory's lock (``claimed``) until ``train`` ends."""
 
     cfg: TrainConfig
     dist: Dist
@@ -726,10 +698,9 @@ def _prepare_data(run: Run, own_tok: bool) -> None:
         check_next_token_labels(examples, split)
     if run.main and cfg.val_data and not cfg.test_data and len(data.test):
         whole = round(run.dcfg.train_frac + run.dcfg.test_frac, 6)
-        print(f"note: --val-data validates, and --data still holds out test_frac "
-              f"{run.dcfg.test_frac:g} of itself as the test split (eval.py's default), "
-              f"untrained; --data-options '{{\"train_frac\": {whole:g}, \"test_frac\": 0}}' "
-              "trains on all of it", file=sys.stderr)
+        print(f"note: --data still holds out test_frac {run.dcfg.test_frac:g} as the test split; "
+              f"--data-options '{{\"train_frac\": {whole:g}, \"test_frac\": 0}}' trains on all "
+              "of it", file=sys.stderr)
     if cfg.overfit_batches:  # K fixed global batches; validation is the same examples
         from torch.utils.data import Subset
 
@@ -754,7 +725,9 @@ def _restore(run: Run, path: Path) -> None:
     run.state = dataclasses.replace(state, max_steps=run.max_steps, data=run.data_id,
                                     optimizer={}, scheduler={}, scaler={}, rng=[], weights={})
     run.last_saved_step = state.step
-    _check_length(run)
+    if state.step > run.max_steps:  # validate_config checks max_steps; epochs needs the data
+        raise ValueError(f"{setting(cfg, 'epochs')}: {run.max_steps} step(s), below the step of "
+                         f"the checkpoint it resumes from ({state.step}): set a larger epochs")
     if run.main:
         print(f"resumed {run.run_dir} from {path.name} (step {state.step})")
         if planned != run.max_steps:
@@ -764,32 +737,17 @@ def _restore(run: Run, path: Path) -> None:
         checkpoint.note_other_data(run.run_dir.name, trained_on, run.data_id)
 
 
-def _check_length(run: Run) -> None:
-    """A resume can only extend its run: a length below the checkpoint's step trained
-    nothing, yet config.json recorded it as the run's (refused before any write)."""
-    cfg, step = run.cfg, run.state.step
-    if step <= run.max_steps:
-        return
-    assert cfg.epochs is not None, "validate_config checks max_steps"
-    raise ValueError(f"{setting(cfg, 'epochs')}: {run.max_steps} step(s), below the step of "
-                     f"the checkpoint it resumes from ({step}); a resume can only extend its "
-                     "run: set a larger epochs")
-
-
 def _window_at_every_token(run: Run) -> bool:
     """lm windows at every start position (stride 1): its items are not examples."""
     return getattr(run.train_set, "stride", None) == 1
 
 
 def _examples_per_step(run: Run) -> int:
-    """Training examples one optimizer step takes, all processes together."""
     return run.cfg.batch_size * run.cfg.grad_accum * run.dist.world
 
 
 def _examples_per_epoch(run: Run) -> int:
-    """Each training example once; lm windows at every start position count n // block_size
-    windows, as many tokens as the split holds. ``epochs`` sizes the run by it and the logged
-    ``epoch`` divides the examples seen by it."""
+    """Each training example once; lm windows at every start position count n // block_size."""
     n = len(run.train_set)
     return max(1, n // run.dcfg.block_size) if _window_at_every_token(run) else n
 
@@ -821,8 +779,7 @@ def _next_micro_batches(run: Run) -> tuple[list[dict], tuple[int, int]]:
 
 
 def _val_batches(run: Run) -> tuple[Iterator[dict], int]:
-    """This rank's share of the validation batches (the same examples at every evaluation),
-    and how many there are."""
+    """This rank's share of the validation batches, and how many there are."""
     cfg = run.cfg
     n = len(run.val_set) if cfg.eval_examples is None else min(len(run.val_set),
                                                                 cfg.eval_examples)
@@ -882,16 +839,13 @@ def _announce(run: Run) -> None:
               f"({length}): the learning rate never reaches lr {cfg.lr:g} (nor decays); lower "
               "warmup_steps", file=sys.stderr)
     if cfg.compile:
-        print("compiling the model: the first steps (and evaluations) take a while",
-              file=sys.stderr)
+        print("compiling the model: the first steps take a while", file=sys.stderr)
     if trainer.precision == "fp16" and run.device.type == "cpu":
-        print("warning: precision fp16 on cpu: most CPUs have no fast fp16 kernels, so torch "
-              "computes it many times slower than fp32; precision auto trains in fp32 on cpu "
-              "(and in fp16 or bf16 on a GPU)", file=sys.stderr)
+        print("warning: precision fp16 on cpu computes many times slower than fp32 (precision "
+              "auto)", file=sys.stderr)
     if _out_of_patience(run):  # a resume of a run that had stopped early ends there
-        print(f"the run stopped early at step {run.state.step} ({run.state.evals_since_best} "
-              "evaluation(s) without a fall): not trained on; a larger --early-stop-patience "
-              "trains on")
+        print(f"the run stopped early at step {run.state.step}: not trained on; a larger "
+              "--early-stop-patience trains on")
 
 
 def _log_step(run: Run, log: RunLog, bar, stats: StepStats, tok_s: float) -> None:
@@ -952,8 +906,7 @@ def _stops_early(run: Run) -> bool:
 
 
 def _stop_requested(run: Run, signals: _StopSignals, started: float | None = None) -> str | None:
-    """Why every rank stops now (a collective call): a signal any rank received, or the
-    time budget counted from ``started`` (None: signals only), else None."""
+    """Why every rank stops now (collective): a signal any rank received, or the time budget."""
     budget = run.cfg.max_time_s
     over_time = (started is not None and budget is not None
                  and time.perf_counter() - started > budget)
@@ -966,41 +919,28 @@ def _stop_requested(run: Run, signals: _StopSignals, started: float | None = Non
 
 
 def _nonfinite(run: Run, stats: StepStats, where: tuple[int, int], log: RunLog) -> None:
-    """Stop the run on a non-finite loss or gradient, saying where in the data it came, its
-    likely causes, and how to go on from the last good checkpoint."""
+    """Stop the run on a non-finite loss or gradient: where in the data, causes, how to go on."""
     cfg, step = run.cfg, run.state.step + 1
     shuffle, pos = where  # BatchOrder's pass: for lm windows at every token, not the epoch
     value = stats.loss if stats.nonfinite == "loss" else stats.grad_norm
-    causes = [
-        f"the learning rate is too high (lr at this step {stats.lr:.3g}, peak "
-        f"{cfg.lr:.3g}): lower lr or lengthen warmup_steps",
-        "fp16 overflow: train with precision bf16 or fp32" if run.trainer.precision == "fp16"
-        else "exploding activations or gradients: keep grad_clip > 0, check the init",
-        "non-finite weights: a checkpoint (init_from, resume) holding inf/NaN",
-        "a model bug producing inf/NaN (attention mask, dtype casts, division by zero)",
-    ]
+    causes = [f"lr too high ({stats.lr:.3g} at this step): lower lr or lengthen warmup_steps",
+              "fp16 overflow: use precision bf16 or fp32" if run.trainer.precision == "fp16"
+              else "exploding gradients: keep grad_clip > 0",
+              "inf/NaN weights in a loaded checkpoint", "a model bug (mask, dtype casts)"]
     if cfg.inject_nan_at_step == step:
         causes.insert(0, "injected on purpose: inject_nan_at_step is set")
     last = list_checkpoints(run.run_dir)
-    # A resume replays the same steps bit-exactly and keeps lr, warmup and precision: say so.
-    if last:
+    if last:  # a resume replays the same steps bit-exactly, with the same lr and precision
         kept = (f"the last good checkpoint is {last[-1]}: --resume {run.run_dir} replays the "
-                "same steps from there, so it helps only once the cause is gone (bad data "
-                "fixed, a NaN injected on purpose); a change of --lr, --warmup-steps or "
-                "--precision needs a new run (another --name)")
-    elif rundir.holds_weights(run.run_dir):
-        kept = ("no checkpoint had been written yet: start a new run with the changes "
+                "same steps from there; a change of --lr or --precision needs a new run "
                 "(another --name)")
     else:
-        kept = ("no checkpoint had been written yet: run the command again with the changes "
-                "(the same --name starts the run anew)")
+        kept = "no checkpoint had been written yet: run again with the changes"
     span = _examples_per_step(run)
     diagnosis = (
         f"non-finite {stats.nonfinite} ({value}) at step {step}: epoch {_epoch(run, step):.3g}, "
-        f"training examples {pos}..{pos + span - 1} of shuffled pass {shuffle} of the training "
-        f"data ({cfg.grad_accum} micro-batch(es) of {cfg.batch_size} x {run.dist.world} "
-        "process(es)); the update was not applied and the run stopped. Likely causes: "
-        + "; ".join(causes) + ".")
+        f"training examples {pos}..{pos + span - 1} of shuffled pass {shuffle}; the update was "
+        "not applied. Likely causes: " + "; ".join(causes) + ".")
     message = f"{diagnosis} {kept}."
     log.write(step, "error", {"message": message})
     raise NonFiniteLossError(message, step, diagnosis)
@@ -1175,11 +1115,8 @@ def _holds_runs_tokenizer(directory: str | None, tok: object) -> bool:
 
 
 def copy_hf_companions(cfg: TrainConfig, tok: object, out: Path, weights: bool) -> None:
-    """Give an export what transformers finds beside the checkpoint it came from: the HF
-    tokenizer files of the directory the run's tokenizer came from (when its tokenizer.json is
-    the run's), with ``tok.save``'s PreTrainedTokenizerFast class (StarCoder's GPT2Tokenizer
-    splits digits otherwise) and any bos/eos/pad role codelm guessed; beside full weights,
-    ``--init-from``'s generation_config.json when the run kept that checkpoint's tokenizer."""
+    """Copy into an export the HF tokenizer files of the run's tokenizer's directory and, beside
+    full weights, ``--init-from``'s generation_config.json when the run kept its tokenizer."""
     from pretrained import GENERATION_CONFIG, HF_TOKENIZER_FILES
     from tokenizer import tokenizer_path
 
@@ -1207,9 +1144,7 @@ def copy_hf_companions(cfg: TrainConfig, tok: object, out: Path, weights: bool) 
 @torch.no_grad()
 def sample_completion(model: nn.Module, tok: CodeTokenizer | BPETokenizer, prompt: str,
                       max_new_tokens: int, task: str, pair_special_tokens: bool = False) -> str:
-    """Greedy continuation of ``prompt``, formatted as the run's ``task`` trained on it, its
-    special-token text read as the run's pair records read it (``dataset.encode_prompts``; the
-    data option ``pair_special_tokens``, which the lm task ignores)."""
+    """Greedy continuation of ``prompt``, formatted and encoded as the run's ``task`` data."""
     from dataset import encode_prompts, prompt_prefix, reads_special_tokens
     from generation import GenerationConfig, generate
     from tokenizer import decode_generated, generation_eos_ids
@@ -1230,8 +1165,8 @@ def sample_completion(model: nn.Module, tok: CodeTokenizer | BPETokenizer, promp
 
 
 def _leave_group() -> None:
-    """Free the run's DDP model (held in reference cycles and by an error's traceback frames)
-    before leaving the group: freed at interpreter exit instead, gloo aborts now and then."""
+    """Free the DDP model (held by an error's traceback frames) before leaving the group: freed
+    at interpreter exit instead, gloo aborts now and then."""
     error, seen = sys.exc_info()[1], set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
@@ -1248,9 +1183,8 @@ def _leave_group() -> None:
 
 @torch.no_grad()
 def structure_diagnosis(model: nn.Module, vocab_size: int, length: int) -> str | None:
-    """Two properties every causal LM has, checked on random ids before any training: a model
-    that mixes the samples of a batch or lets later tokens change earlier logits can still drive
-    the training loss down, yet learns nothing usable."""
+    """Check on random ids that the samples of a batch stay apart and later tokens do not change
+    earlier logits: a model breaking either still drives the loss down, yet learns nothing."""
     was_training = model.training
     model.eval()
     try:
@@ -1262,17 +1196,14 @@ def structure_diagnosis(model: nn.Module, vocab_size: int, length: int) -> str |
         other = x.clone()
         other[0] = torch.randint(0, vocab_size, (t,), generator=g).to(device)
         if not torch.allclose(model(other)[1:], base[1:], atol=1e-5):
-            return ("changing one sample of a batch changed the logits of the other samples: the "
-                    "model mixes the batch dimension. This is the transposed-batch bug: a "
-                    "(time, batch) tensor read as (batch, time), or attention/normalisation "
-                    "over the wrong axis. Check every reshape/transpose between the data and the "
-                    "attention.")
+            return ("changing one sample of a batch changed the logits of the others: the "
+                    "transposed-batch bug (a (time, batch) tensor read as (batch, time)); check "
+                    "every reshape/transpose before the attention.")
         later = x.clone()
         later[:, t // 2:] = torch.randint(0, vocab_size, (3, t - t // 2), generator=g).to(device)
         if not torch.allclose(model(later)[:, :t // 2], base[:, :t // 2], atol=1e-5):
-            return ("changing later tokens changed the logits of earlier positions: the model sees "
-                    "the future (a missing or wrong causal mask), so the training loss measures "
-                    "copying, not prediction.")
+            return ("changing later tokens changed earlier logits: the model sees the future "
+                    "(a missing or wrong causal mask).")
         return None
     finally:
         model.train(was_training)
@@ -1333,17 +1264,15 @@ def run_overfit(cfg: TrainConfig, max_steps: int = 400, lr: float = 3e-3) -> tup
             f"{first:.3f} -> {last:.4f} in {steps} steps, {time.perf_counter() - started:.0f} s")
     if last >= OVERFIT_LOSS:
         if last > 0.9 * first:
-            why = ("the loss barely moved: gradients do not reach the weights (frozen parameters, "
-                   "a detached graph, an optimizer over the wrong parameters, lr 0)")
+            why = ("the loss barely moved: gradients do not reach the weights (frozen or detached "
+                   "parameters, lr 0)")
         elif last < 0.98 * losses[-1 - min(steps - 1, max(2, steps // 4))]:
             # falling over the last quarter: too few steps (max_steps), not a stalled loss
             why = (f"the loss was still falling when its {steps} steps ran out: raise "
                    "--max-steps (--overfit's own is 400)")
         else:
             why = ("the loss fell but stalled above the target: inputs and targets disagree "
-                   "(labels shifted twice or not at all, a batch transposed before the loss, "
-                   "masking that hides the targets) or the optimisation is broken (lr schedule, "
-                   "clipping, accumulation scaling)")
+                   "(labels shifted twice or not at all, masking) or the optimisation is broken")
         return False, f"FAIL: {head}; not memorised (target {OVERFIT_LOSS}). Diagnosis: {why}."
 
     lines = []
@@ -1362,11 +1291,9 @@ def run_overfit(cfg: TrainConfig, max_steps: int = 400, lr: float = 3e-3) -> tup
                          f"{text[at:at + 30]!r}, generated {completion[at:at + 30]!r}")
     if lines:
         return False, (
-            f"FAIL: {head}; the training loss says memorised but greedy completion does not "
-            "reproduce the files:\n" + "\n".join(lines) + "\nDiagnosis: training and generation "
-            "disagree: the positions or KV cache used by generate differ from the training "
-            "forward, the batch layout differs between them (a transposed batch), or "
-            "the tokenizer decodes differently than it encodes.")
+            f"FAIL: {head}; memorised, but greedy completion does not reproduce the files:\n"
+            + "\n".join(lines) + "\nDiagnosis: training and generation disagree (positions, "
+            "KV cache, batch layout) or the tokenizer decodes differently than it encodes.")
     return True, (f"PASS: {head}; greedy completion of each file's first line reproduces all "
                   f"{len(files)} files exactly.")
 
@@ -1384,9 +1311,8 @@ def _is_rank_zero() -> bool:
 
 
 def report_run_error(e: Exception) -> int:
-    """Print one of RUN_ERRORS as ``error: ...`` (under torchrun every rank meets it: rank 0
-    says it for all) and return the exit code: 1 for a diverged run, 2 for a bad setting or an
-    unwritable path."""
+    """Print one of RUN_ERRORS as ``error: ...`` (rank 0 only); exit code 1 for a diverged run,
+    2 for a bad setting or an unwritable path."""
     if _is_rank_zero():
         print(f"error: {cliconfig.os_error_message(e) if isinstance(e, OSError) else e}",
               file=sys.stderr)
@@ -1394,8 +1320,7 @@ def report_run_error(e: Exception) -> int:
 
 
 def interrupted_message(stop: KeyboardInterrupt) -> str:
-    """What an interrupt outside the step loop leaves: a checkpoint to resume (the run's own
-    directory named), or nothing (before the first checkpoint, or --overfit, which saves none)."""
+    """What an interrupt outside the step loop leaves: a checkpoint to resume, or nothing."""
     if isinstance(stop, RunInterrupted) and stop.resume is not None:
         return f"interrupted; the checkpoints written are kept: continue with {stop.resume}"
     return "interrupted before the first checkpoint: nothing to resume; run the same command again"
@@ -1430,8 +1355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         loss = "no loss" if result.train_loss is None else f"loss {result.train_loss:.4f}"
         print(f"{'PASS' if ok else 'FAIL'}: {cfg.overfit_batches} batch(es) of the training data, "
               f"{loss} after {result.step} steps (target {OVERFIT_LOSS})"
-              + ("" if ok else ". Diagnosis: not memorised; raise --max-steps or --lr, check the "
-                 "data (labels vs inputs) and run --overfit to test the model and training step"))
+              + ("" if ok else ": not memorised; raise --max-steps or --lr, or run --overfit"))
         return 0 if ok else 1
     if result.best_val_loss is not None:
         print(f"best validation loss {result.best_val_loss:.4f} (perplexity "
