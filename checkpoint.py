@@ -1,7 +1,5 @@
-"""A run's checkpoint: one ``RunState`` (weights or adapter, optimizer, scheduler, loss scaler,
-every RNG, the data position, progress and best metrics) saved to ``checkpoints/step-N/`` and
-read back, so that a resumed run continues bit-exactly; which checkpoint a resume continues from,
-and whether the resumed run's settings may continue it."""
+"""A run's checkpoint: one ``RunState`` saved to ``checkpoints/step-N/`` and read back, so that a
+resumed run continues bit-exactly; and whether the resumed run's settings may continue it."""
 
 from __future__ import annotations
 
@@ -23,13 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import cliconfig
-from rundir import (
-    ADAPTER_FILE,
-    CONFIG_FILE,
-    MODEL_FILE,
-    STATE_FILE,
-    list_checkpoints,
-)
+from rundir import ADAPTER_FILE, CONFIG_FILE, MODEL_FILE, STATE_FILE, list_checkpoints
 
 FORMAT_VERSION = 1  # of state.pt; another is refused
 
@@ -61,11 +53,6 @@ class CorruptCheckpointError(ValueError):
     """A checkpoint that cannot be read back (a disk that filled up, a file edited or lost)."""
 
 
-# --------------------------------------------------------------------------------------------
-# RNG state (all of it, so a resumed run draws the same numbers)
-# --------------------------------------------------------------------------------------------
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -87,8 +74,7 @@ def rng_state(device: torch.device | None = None) -> dict:
 
 
 def set_rng_state(state: dict, device: torch.device | None = None) -> None:
-    """Restore ``rng_state`` (as torch.load gives it back); the CUDA generator only on a CUDA
-    ``device``."""
+    """Restore ``rng_state`` (as torch.load gives it back)."""
     version, internal, gauss = state["python"]  # weights_only loading makes tuples lists
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
@@ -96,11 +82,6 @@ def set_rng_state(state: dict, device: torch.device | None = None) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and device is not None and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-# --------------------------------------------------------------------------------------------
-# Weights
-# --------------------------------------------------------------------------------------------
 
 
 def _unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -116,8 +97,7 @@ def _unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def model_tensors(model: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
-    """What a checkpoint keeps of ``model``: every tensor, or (under LoRA on a pretrained base)
-    only the trainable ones."""
+    """What a checkpoint keeps of ``model``: every tensor, or only the trainable ones."""
     if trainable_only:
         return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
     return _unique_tensors(model.state_dict())
@@ -130,14 +110,12 @@ def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], sourc
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
         raise ValueError(f"{source}: checkpoint does not match the model (missing {missing[:8]}, "
-                         f"unexpected {unexpected[:8]}); was it written by a run with another "
-                         "config?")
+                         f"unexpected {unexpected[:8]})")
     own = model.state_dict()
     for name, t in tensors.items():  # before load_state_dict, whose error names no source
         if t.shape != own[name].shape:
             raise ValueError(f"{source}: tensor {name} has shape {tuple(t.shape)}, the model's "
-                             f"{tuple(own[name].shape)}; was it written by a run with another "
-                             "config?")
+                             f"{tuple(own[name].shape)}")
     model.load_state_dict(tensors, strict=False)
 
 
@@ -170,15 +148,9 @@ def write_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
         cause = f"{type(err).__name__}: {err}"
         if free < DISK_FULL_MIB or cliconfig.is_disk_full(err):
             raise OSError(f"{target}: could not write it: the disk is full ({free:.0f} MiB free); "
-                          f"free some space before going on; what was written before is intact "
-                          f"({cause})") from None
+                          f"free some space; what was written before is intact ({cause})") from None
         raise OSError(f"{target}: could not write it ({cause}; {free:.0f} MiB free); what was "
                       "written before is intact") from None
-
-
-# --------------------------------------------------------------------------------------------
-# Save, read, restore
-# --------------------------------------------------------------------------------------------
 
 
 def save(path: Path, state: RunState, config: dict, trainable_only: bool) -> None:
@@ -214,8 +186,7 @@ def read_state(path: Path, mmap: bool = False) -> RunState:
         raise _broken(path, f"{STATE_FILE} holds no format_version")
     if raw["format_version"] != FORMAT_VERSION:
         raise ValueError(f"{path / STATE_FILE}: checkpoint format_version "
-                         f"{raw['format_version']!r}, this codelm reads {FORMAT_VERSION}: "
-                         "continue the run with the codelm that wrote it, or start a new run")
+                         f"{raw['format_version']!r}, not {FORMAT_VERSION}: start a new run")
     names = {f.name for f in dataclasses.fields(RunState)} - {"weights"}
     if set(raw) - {"format_version"} != names:
         raise _broken(path, f"{STATE_FILE} lacks some of {', '.join(sorted(names))}")
@@ -223,9 +194,8 @@ def read_state(path: Path, mmap: bool = False) -> RunState:
 
 
 def load(path: Path, model: nn.Module, trainable_only: bool) -> RunState:
-    """Load a checkpoint's weights into ``model`` and return its RunState. Both files are read
-    and checked before the model is touched, so a broken checkpoint (CorruptCheckpointError)
-    leaves the model as it was and an earlier one can be tried."""
+    """Load a checkpoint's weights into ``model`` and return its RunState; both files are read
+    first, so a broken checkpoint leaves the model as it was and an earlier one can be tried."""
     path = Path(path)
     weights = path / weights_file(trainable_only)
     if not weights.is_file():
@@ -266,18 +236,13 @@ def set_aside(broken: list[Path]) -> None:
 
 
 def drop_old(run_dir: Path, keep_last: int) -> None:
-    """Remove all but the newest ``keep_last`` checkpoints: renamed first, so that a kill
-    mid-removal leaves a partial write (removed at the next start), not a step-N without its
-    weights."""
+    """Remove all but the newest ``keep_last`` checkpoints (renamed first: a kill mid-removal
+    leaves a partial write, not a step-N without its weights)."""
     for old in list_checkpoints(run_dir)[:-keep_last]:
         doomed = cliconfig.partial_path(old, "tmp")
         old.rename(doomed)
         shutil.rmtree(doomed)
 
-
-# --------------------------------------------------------------------------------------------
-# Whether a resume may continue a checkpoint
-# --------------------------------------------------------------------------------------------
 
 # What a resumed run may change (besides name, out_dir and resume, which locate it): how it
 # computes, how far it goes, what it reports and keeps, how it ends. Every other key shapes the
@@ -337,10 +302,8 @@ def check_run_paths(values: dict, keys: Sequence[str], source: str) -> None:
 
 
 def check_resume_config(cfg, run_dir: Path, resume_hint: str) -> dict | None:
-    """Refuse a resumed run whose settings (``cfg``, a TrainConfig) differ from those its newest
-    checkpoint was trained with in a key outside RESUME_MAY_CHANGE, naming each key with both
-    values; return the saved values (None: nothing saved yet). PATH_KEYS compare as the files
-    they name, typed relative or absolute."""
+    """Refuse a resumed run whose settings (a TrainConfig) differ from its newest checkpoint's
+    outside RESUME_MAY_CHANGE; return the saved values (None: nothing saved yet)."""
     saved_path = next((c / CONFIG_FILE for c in reversed(list_checkpoints(run_dir))
                        if (c / CONFIG_FILE).is_file()), Path(run_dir) / CONFIG_FILE)
     if not saved_path.is_file():
@@ -363,52 +326,38 @@ def check_resume_config(cfg, run_dir: Path, resume_hint: str) -> dict | None:
                if k in saved and compared[0][k] != compared[1][k]
                and not (k == "precision" and "auto" in (saved[k], now[k]))]
     if changed:
-        raise ValueError(
-            f"{source}: the run was trained with other settings: {'; '.join(changed)}. A "
-            "resumed run keeps every setting of its model, data, optimizer and schedule: drop "
-            f"those changes ({resume_hint} alone continues it, once {Path(run_dir) / CONFIG_FILE}"
-            " holds them as trained), or start a new run with another --name. A resume may "
-            f"change only: {', '.join(RESUME_MAY_CHANGE)}")
+        raise ValueError(f"{source}: the run was trained with other settings: "
+                         f"{'; '.join(changed)}: drop them ({resume_hint} alone continues it), or "
+                         "start a new run with another --name")
     return saved
 
 
 def check_precision(path: Path, trained: str, now: str, setting: str, device: torch.device,
                     lacks_bf16: bool) -> None:
-    """A resume computes in the precision its run trained in: "auto" resolved on another device
-    (a bf16 run resumed on a T4 or on the CPU) would switch it silently. ``setting``: the
-    precision setting now, which computes in ``now``."""
+    """A resume computes in the precision its run trained in ("auto" may resolve otherwise on
+    another device); ``setting``: the precision setting now, which computes in ``now``."""
     if trained == now:
         return
     keep = f"Pass --precision {trained} to keep it on {device}"
     if trained == "bf16" and lacks_bf16:
-        keep = ("This GPU has no native bf16: resume on one that has, or on the CPU with "
-                "--precision bf16")
-    raise ValueError(
-        f"{path}: the run trained in {trained}, but --precision {setting} computes in "
-        f"{now} on {device}: a resume keeps the precision its run trained in. {keep}, "
-        f"or resume where --precision auto gives {trained} (bf16 on GPUs with native bf16, "
-        "fp16 on older ones, fp32 on the CPU); a change of precision needs a new run "
-        "(another --name)")
+        keep = "This GPU has no native bf16: resume on one that has, or on the CPU"
+    raise ValueError(f"{path}: the run trained in {trained}, but --precision {setting} computes "
+                     f"in {now} on {device}. {keep}; a change of precision needs a new run")
 
 
 def check_writers(path: Path, writers: int, world: int, per_process: int) -> None:
     """A checkpoint continues on as many processes as wrote it (one RNG state each)."""
     if writers != world:
-        raise ValueError(
-            f"{path} was written by {writers} process(es), this run has {world}: its global "
-            f"batch (batch_size x grad_accum x processes) would change from "
-            f"{per_process * writers} to {per_process * world} examples a step, and its random "
-            f"streams could not continue; resume it on {writers} process(es)")
+        raise ValueError(f"{path} was written by {writers} process(es), this run has {world}: its "
+                         f"global batch would change from {per_process * writers} to "
+                         f"{per_process * world} examples a step; resume it on {writers}")
 
 
 def note_other_data(run_name: str, trained: dict | None, now: dict) -> None:
-    """Say so when the data was built anew, other than the checkpoint's (its files changed, or
-    codelm's encoding did): the run continues on the new data, not bit-exactly."""
+    """Warn when the data was built anew, other than the checkpoint's: not bit-exact."""
     differ = [f"{key} {trained.get(key)} -> {now[key]}" for key in now
               if trained and None not in (trained.get(key), now[key])
               and trained.get(key) != now[key]]
     if differ:
         print(f"warning: the training data is not the one {run_name} trained on "
-              f"({'; '.join(differ)}): its files, or codelm's encoding of them, changed since. "
-              "The run continues on the new data, so this resume is not bit-exact; start a "
-              "new run to compare runs exactly", file=sys.stderr)
+              f"({'; '.join(differ)}): this resume is not bit-exact", file=sys.stderr)

@@ -1,8 +1,6 @@
-"""What a training run is asked to do: ``TrainConfig``, read from flags, a ``--config`` file or a
-resumed run's config.json, and checked once there, where the user's input enters
-(``parse_config``, ``validate_config``): errors name each key, its value and where it was set.
-trainingmanager's library functions take a valid TrainConfig. Also what the settings build:
-the tokenizer and the model (from scratch, from ``init_from``, with LoRA)."""
+"""``TrainConfig``: read from flags, a ``--config`` file or a resumed run's config.json and
+checked once there (``parse_config``, ``validate_config``); and what it builds: the tokenizer and
+the model (from scratch, from ``init_from``, with LoRA)."""
 
 from __future__ import annotations
 
@@ -193,17 +191,18 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
     resumed: dict = {}
     if args.get("resume"):
         check_resume_location(args, given, config)
-        saved = Path(args["resume"]) / CONFIG_FILE
-        if (Path(args["resume"]) / LOCK_FILE).is_file() and not saved.is_file():
-            raise ValueError(f"--resume {args['resume']}: " + (
-                f"its run is still starting (it has not written {CONFIG_FILE}): wait for it"
-                if rundir.lock_is_held(Path(args["resume"]) / LOCK_FILE) else
-                f"its run was stopped before it wrote {CONFIG_FILE}: nothing to resume; run the "
-                "command that started it again (the same --name reuses the directory)"))
-        if not Path(args["resume"]).is_dir():
-            raise ValueError(f"--resume {args['resume']}: no such run directory")
+        run, resume = Path(args["resume"]), f"--resume {args['resume']}"
+        saved = run / CONFIG_FILE
+        if not run.is_dir():
+            raise ValueError(f"{resume}: no such run directory")
+        if not saved.is_file() and rundir.lock_is_held(run / LOCK_FILE):
+            raise ValueError(f"{resume}: its run is still starting (it has not written "
+                             f"{CONFIG_FILE}): wait for it")
+        if not saved.is_file() and (run / LOCK_FILE).is_file():
+            raise ValueError(f"{resume}: its run was stopped before it wrote {CONFIG_FILE}: "
+                             "nothing to resume; run the command that started it again")
         if not saved.is_file():
-            raise ValueError(f"--resume {args['resume']}: no {CONFIG_FILE} there (not a run dir)")
+            raise ValueError(f"{resume}: no {CONFIG_FILE} there (not a run dir)")
         resumed = load_config_file(saved)
     if resumed:  # the paths it gives the run (its own tokenizer.json replaces the tokenizer's,
         #   its copy of the adapter's config the adapter directory: run_adapter_copy)
@@ -269,11 +268,8 @@ def run_adapter_copy(run_dir: str | Path) -> Path | None:
 
 def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = (),
                       where_set: Callable[[str], str] = cliconfig.flag_of) -> TrainConfig:
-    """``cfg`` with the LoRA settings of its ``init_adapter`` (``ADAPTER_KEYS``) and, without
-    ``init_from``, the base the adapter's config names. The adapter's weights fix its rank and
-    targets: a setting given (not the default, or in ``typed``) that differs from the file's is
-    an error (targets agree when they select the same modules of the base). A resume of a run
-    with weights reads the run's copy of the file (``run_adapter_copy``). Idempotent."""
+    """``cfg`` with the LoRA settings (and, without ``init_from``, the base) of its
+    ``init_adapter``; a setting given (not the default, or in ``typed``) that differs is an error."""
     if cfg.init_adapter is None:
         return cfg
     import lora
@@ -313,10 +309,8 @@ def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = (),
 
 
 def _select_the_same(base: str, mine: list[str], theirs: list[str] | str, file: Path) -> bool:
-    """Whether the targets ``mine`` (lora_targets: apply_lora's rules) select the modules the
-    adapter file's ``theirs`` selects (load_adapter's rules) on the model at ``base``, built from
-    its config.json on the meta device (no weights are read). Targets of ``mine`` that select
-    nothing select differently; a file whose targets select nothing is load_adapter's error."""
+    """Whether lora_targets ``mine`` select the modules the adapter file's ``theirs`` select on
+    the model at ``base`` (built on the meta device: no weights are read)."""
     import lora
     import pretrained
     from architecture import Transformer
@@ -611,9 +605,7 @@ def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int | None,
 
 def check_lora_export(cfg: TrainConfig, model: nn.Module,
                       where_set: Callable[[str], str] = cliconfig.flag_of) -> None:
-    """Refuse, before training, an export that would merge a LoRA into a tied weight (the
-    merge would change the head too, so it fails at the end of the run and loses the export);
-    the error names where each setting was set (``where_set``, as ``train`` takes it)."""
+    """Refuse, before training, an export that would merge a LoRA into a tied weight."""
     merges = cfg.export and cfg.lora_r > 0 and cfg.export_merged
     import lora
 
@@ -621,11 +613,10 @@ def check_lora_export(cfg: TrainConfig, model: nn.Module,
     if not tied:
         return
     path, names = next(iter(tied.items()))
-    raise ValueError(
-        f"{setting(cfg, 'export_merged', where_set)} writes the merged model, but the LoRA "
-        f"target {path} ({setting(cfg, 'lora_targets', where_set)}) cannot be merged: its "
-        f"weight is tied to {names}, so merging would change both. Drop it from lora_targets, "
-        f"or train with {cliconfig.off_switch('export_merged', where_set)}.")
+    raise ValueError(f"{setting(cfg, 'export_merged', where_set)}: the LoRA target {path} "
+                     f"({setting(cfg, 'lora_targets', where_set)}) is tied to {names}, so it "
+                     f"cannot be merged: drop it from lora_targets, or train with "
+                     f"{cliconfig.off_switch('export_merged', where_set)}")
 
 
 # What --overfit (a small from-scratch model memorising the bundled corpus) makes of each key:
@@ -650,18 +641,15 @@ def overfit_settings(cfg: TrainConfig, given: set[str]) -> dict:
                if f.name not in OVERFIT_HONOURS + OVERFIT_IGNORES
                and getattr(cfg, f.name) != getattr(defaults, f.name)]
     if refused:
-        raise ValueError(f"--overfit trains a small model from scratch on the bundled corpus, so "
-                         f"it cannot honour {', '.join(refused)}. To check that setup, memorise a "
-                         "few batches of its own data with --overfit-batches K (without "
-                         "--overfit)")
+        raise ValueError(f"--overfit trains a small model on the bundled corpus: it cannot honour "
+                         f"{', '.join(refused)}; --overfit-batches K memorises that setup's data")
     return {"max_steps": cfg.max_steps if "max_steps" in given else 400,
             "lr": cfg.lr if "lr" in given else 3e-3}
 
 
 def command_line_sources(argv: Sequence[str] | None
                          ) -> tuple[set[str], set[str], Callable[[str], str]]:
-    """The TrainConfig keys typed on the command line, those its ``--config`` file sets (as
-    read by parse_config, which checked it), and where the user set each key, for errors."""
+    """The keys typed on the command line, those its ``--config`` file sets, and ``where_set``."""
     args = vars(build_parser().parse_args(argv))
     config = args.pop("config", None)
     in_file = set(cliconfig.read_config_file(config, "train")[0]) if config else set()
@@ -670,10 +658,8 @@ def command_line_sources(argv: Sequence[str] | None
 
 def check_max_steps_flag(cfg: TrainConfig, typed: set[str], source: str,
                          set_prefix: str | None = None) -> None:
-    """A typed --max-steps that ``epochs`` overrides would end the run silently elsewhere (a
-    resumed epochs run would train nothing and exit 0): refuse it, saying what to do. ``source``
-    names where ``epochs`` came from when it was not typed; ``set_prefix`` ("train."): the
-    values were typed as recipes.py's ``--set``."""
+    """Refuse a typed --max-steps that ``epochs`` overrides; ``source``: where ``epochs`` came
+    from when not typed; ``set_prefix`` ("train."): typed as recipes.py's ``--set``."""
     if "max_steps" not in typed or cfg.epochs is None:
         return
     if set_prefix is None:
@@ -683,8 +669,7 @@ def check_max_steps_flag(cfg: TrainConfig, typed: set[str], source: str,
         epochs, clear = f"--set {set_prefix}epochs=N", f"--set {set_prefix}epochs=null"
     where = "" if "epochs" in typed else f" (from {source})"
     raise ValueError(f"{max_steps}{cfg.max_steps} has no effect: epochs={cfg.epochs:g}{where} "
-                     f"sets the run's length. Change it with {epochs} instead (a resume may "
-                     f"change it), or drop it with {clear} to count max_steps")
+                     f"sets the run's length: change {epochs}, or {clear} to count max_steps")
 
 
 # --------------------------------------------------------------------------------------------
@@ -694,8 +679,7 @@ def check_max_steps_flag(cfg: TrainConfig, typed: set[str], source: str,
 
 def load_or_train_tokenizer(cfg: TrainConfig, dcfg: DataConfig) -> CodeTokenizer | BPETokenizer:
     """The given tokenizer, the pretrained model's, or a CodeTokenizer trained on the train split
-    (cached by corpus, tokenizer options and encoding version: ``dataset.tokenizer_cache_dir``,
-    so a second run reuses it)."""
+    (cached: ``dataset.tokenizer_cache_dir``)."""
     from dataset import prepare, publish_cache_entry, tokenizer_cache_dir
     from tokenizer import (
         TOKENIZER_FILE,
@@ -710,9 +694,8 @@ def load_or_train_tokenizer(cfg: TrainConfig, dcfg: DataConfig) -> CodeTokenizer
     if cfg.tokenizer is not None:
         tok = load_tokenizer(cfg.tokenizer)
         if own is not None and own.is_file() and not same_vocabulary(tok, load_tokenizer(own)):
-            print(f"warning: --tokenizer {cfg.tokenizer} differs from {own}, the tokenizer "
-                  f"--init-from {cfg.init_from} was trained with: its ids name other tokens than "
-                  "the ones the pretrained embeddings learned", file=sys.stderr)
+            print(f"warning: --tokenizer {cfg.tokenizer} differs from {own}, the one "
+                  f"--init-from {cfg.init_from} was trained with", file=sys.stderr)
         if cfg.init_from is not None:
             check_model_tokenizer(tok, tokenizer_path(cfg.tokenizer), cfg.init_from)
         return tok
@@ -747,11 +730,9 @@ def same_vocabulary(a: CodeTokenizer | BPETokenizer, b: CodeTokenizer | BPEToken
 
 def build_model(cfg: TrainConfig, tok: CodeTokenizer | BPETokenizer,
                 run_dir: Path | None = None) -> nn.Module:
-    """From scratch or from ``init_from``; then the quantized base and LoRA if asked for (new
-    adapters, or ``init_adapter``'s: ``cfg`` as ``with_init_adapter`` fills it in). ``run_dir``:
-    the run whose own weights will be loaded into the model (a resume from its checkpoint,
-    eval.py's best/): an init_adapter run's LoRA layout then comes from the run's copy of the
-    adapter's config (``run_adapter_copy``), with no weights read from the adapter directory."""
+    """From scratch or from ``init_from``; then the quantized base and LoRA if asked for.
+    ``run_dir``: the run whose own weights will be loaded (an init_adapter run's LoRA layout then
+    comes from its copy of the adapter's config)."""
     import pretrained
     from architecture import Transformer
 
@@ -776,19 +757,12 @@ def build_model(cfg: TrainConfig, tok: CodeTokenizer | BPETokenizer,
         copy = run_adapter_copy(run_dir) if run_dir is not None else None
         if cfg.init_adapter is not None and copy is not None:  # the weights: the run's own
             lora.apply_adapter_layout(model, copy.parent, copy.name)
-        elif cfg.init_adapter is not None:  # its own config (with_init_adapter: cfg agrees)
-            if not (Path(cfg.init_adapter) / lora.ADAPTER_CONFIG).is_file():
-                raise ValueError(
-                    f"TrainConfig.init_adapter {cfg.init_adapter}: no {lora.ADAPTER_CONFIG} there; "
-                    "the run's LoRA layout (targets, rank, scaling) is read from there (a run "
-                    "starts from the adapter's weights): put that adapter back at this path")
+        elif cfg.init_adapter is not None:  # its own config (with_init_adapter read it)
             if changed := lora.changed_base_tensors(model, cfg.init_adapter):
                 raise ValueError(
-                    f"TrainConfig.init_adapter {cfg.init_adapter}: its {changed[0]} (of "
-                    f"{len(changed)} base tensor(s)) differs from the base's, {cfg.init_from}; "
-                    "a run keeps only the adapters, so a resume and the export would lose it: "
-                    "save the base as the adapter holds it (PEFT: PeftModel.from_pretrained("
-                    "base, adapter).unload().save_pretrained(NEW)) and name it with --init-from")
+                    f"init_adapter {cfg.init_adapter}: its {changed[0]} (of {len(changed)}) "
+                    f"differs from the base's, {cfg.init_from}; a resume and the export would lose "
+                    "it: save the merged base (PEFT: unload().save_pretrained), use --init-from")
             lora.load_adapter(model, cfg.init_adapter)
         else:
             options = {"target_modules": cfg.lora_targets} if cfg.lora_targets else {}
