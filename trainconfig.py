@@ -269,7 +269,7 @@ def run_adapter_copy(run_dir: str | Path) -> Path | None:
 def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = (),
                       where_set: Callable[[str], str] = cliconfig.flag_of) -> TrainConfig:
     """``cfg`` with the LoRA settings (and, without ``init_from``, the base) of its
-    ``init_adapter``; a setting given (not the default, or in ``typed``) that differs is an error."""
+    ``init_adapter``; a setting given (not the default, or typed) that differs is an error."""
     if cfg.init_adapter is None:
         return cfg
     import lora

@@ -52,21 +52,7 @@ from checkpoint import (
     write_dir_atomically,
 )
 from cliconfig import setting
-from rundir import (
-    BEST_DIR,
-    BEST_METRICS,
-    CHECKPOINT_PREFIX,
-    CHECKPOINTS_DIR,
-    CONFIG_FILE,
-    EXPORT_DIR,
-    EXPORT_RECORD,
-    INIT_ADAPTER_COPY,
-    MERGED_DIR,
-    METRICS_FILE,
-    RunLog,
-    best_step,
-    list_checkpoints,
-)
+from rundir import RunLog, best_step, list_checkpoints
 from trainconfig import (
     TrainConfig,
     build_model,
@@ -235,8 +221,9 @@ class BatchOrder:
     def __init__(self, n_examples: int, micro_batch: int, dist: Dist, seed: int):
         self.global_batch = micro_batch * dist.world
         if n_examples < self.global_batch:
-            raise ValueError(f"the training split has {n_examples} examples, fewer than one global "
-                             f"batch ({micro_batch} x {dist.world}): lower --batch-size or add data")
+            raise ValueError(f"the training split has {n_examples} examples, fewer than one "
+                             f"global batch ({micro_batch} x {dist.world}): lower --batch-size "
+                             "or add data")
         self.n, self.micro_batch, self.dist, self.seed = n_examples, micro_batch, dist, seed
         self.epoch, self.pos = 0, 0
         self._perm = self._permutation(0)
@@ -614,7 +601,7 @@ def _claim_run_dir(cfg: TrainConfig, dist: Dist, hint: str | None
 def _build(run: Run, has_weights: bool) -> None:
     cfg = run.cfg
     if cfg.resume and has_weights and not list_checkpoints(run.run_dir):
-        raise ValueError(rundir.no_checkpoint_to_resume(run.run_dir))
+        raise ValueError(f"--resume {run.run_dir}: it {rundir.holds_no_checkpoint(run.run_dir)}")
     # A run with weights continues them in its own settings (its paths as it saved them); one
     # without starts from the beginning anyway, so it may change any. New runs save paths absolute.
     saved = checkpoint.check_resume_config(cfg, run.run_dir, run.hint) if (
@@ -657,12 +644,12 @@ def _build(run: Run, has_weights: bool) -> None:
     with _main_first(run.dist):
         if run.main:
             if cfg.resume:  # first: a damaged log refuses the resume before any rewrite
-                rundir.trim_metrics(run.run_dir / METRICS_FILE, run.state.step)
+                rundir.trim_metrics(run.run_dir / rundir.METRICS_FILE, run.state.step)
             # Atomic: a kill mid-write must not leave a run that no command can continue;
             # the adapter's config first, so that a config.json naming it finds it there.
             files = {} if adapter_config is None else {
-                run.run_dir / INIT_ADAPTER_COPY: adapter_config}
-            cliconfig.write_atomic_files({**files, run.run_dir / CONFIG_FILE:
+                run.run_dir / rundir.INIT_ADAPTER_COPY: adapter_config}
+            cliconfig.write_atomic_files({**files, run.run_dir / rundir.CONFIG_FILE:
                                           json.dumps(run.config_dict, indent=1)})
 
 
@@ -797,8 +784,8 @@ def save_checkpoint(run: Run) -> None:
             state = dataclasses.replace(
                 run.state, rng=rng, order=run.order.state_dict(), **run.trainer.state_dict(),
                 weights=model_tensors(run.trainer.raw_model, run.trainable_only))
-            checkpoint.save(run.run_dir / CHECKPOINTS_DIR / f"{CHECKPOINT_PREFIX}{state.step}",
-                            state, run.config_dict, run.trainable_only)
+            path = run.run_dir / rundir.CHECKPOINTS_DIR / f"{rundir.CHECKPOINT_PREFIX}{state.step}"
+            checkpoint.save(path, state, run.config_dict, run.trainable_only)
             checkpoint.drop_old(run.run_dir, run.cfg.keep_last)
     run.last_saved_step = run.state.step
 
@@ -812,10 +799,10 @@ def _save_best(run: Run, metrics: dict) -> None:
             def write(tmp: Path) -> None:
                 save_file(tensors, tmp / checkpoint.weights_file(run.trainable_only),
                           metadata={"step": str(step)})
-                (tmp / BEST_METRICS).write_text(json.dumps({"step": step, **metrics}))
-                (tmp / CONFIG_FILE).write_text(json.dumps(run.config_dict, indent=1))
+                (tmp / rundir.BEST_METRICS).write_text(json.dumps({"step": step, **metrics}))
+                (tmp / rundir.CONFIG_FILE).write_text(json.dumps(run.config_dict, indent=1))
 
-            write_dir_atomically(run.run_dir / BEST_DIR, write)
+            write_dir_atomically(run.run_dir / rundir.BEST_DIR, write)
 
 
 def _announce(run: Run) -> None:
@@ -923,7 +910,7 @@ def _nonfinite(run: Run, stats: StepStats, where: tuple[int, int], log: RunLog) 
     cfg, step = run.cfg, run.state.step + 1
     shuffle, pos = where  # BatchOrder's pass: for lm windows at every token, not the epoch
     value = stats.loss if stats.nonfinite == "loss" else stats.grad_norm
-    causes = [f"lr too high ({stats.lr:.3g} at this step): lower lr or lengthen warmup_steps",
+    causes = [f"the learning rate is too high ({stats.lr:.3g}): lower lr or lengthen warmup_steps",
               "fp16 overflow: use precision bf16 or fp32" if run.trainer.precision == "fp16"
               else "exploding gradients: keep grad_clip > 0",
               "inf/NaN weights in a loaded checkpoint", "a model bug (mask, dtype casts)"]
@@ -939,8 +926,8 @@ def _nonfinite(run: Run, stats: StepStats, where: tuple[int, int], log: RunLog) 
     span = _examples_per_step(run)
     diagnosis = (
         f"non-finite {stats.nonfinite} ({value}) at step {step}: epoch {_epoch(run, step):.3g}, "
-        f"training examples {pos}..{pos + span - 1} of shuffled pass {shuffle}; the update was "
-        "not applied. Likely causes: " + "; ".join(causes) + ".")
+        f"training examples {pos}..{pos + span - 1} of shuffled pass {shuffle} of the data; the "
+        "update was not applied. Likely causes: " + "; ".join(causes) + ".")
     message = f"{diagnosis} {kept}."
     log.write(step, "error", {"message": message})
     raise NonFiniteLossError(message, step, diagnosis)
@@ -987,7 +974,7 @@ def _end(run: Run, result: TrainResult, log: RunLog, signals: _StopSignals, stop
 def _export(run: Run) -> tuple[Path | None, str | None]:
     """Best weights back in the model, a sample completion, the HF export (rank 0)."""
     cfg, model, tok = run.cfg, run.trainer.raw_model, run.tok
-    best = run.run_dir / BEST_DIR / checkpoint.weights_file(run.trainable_only)
+    best = run.run_dir / rundir.BEST_DIR / checkpoint.weights_file(run.trainable_only)
     exported_step = None
     if best.is_file():
         load_model_tensors(model, load_file(best), str(best), run.trainable_only)
@@ -998,7 +985,7 @@ def _export(run: Run) -> tuple[Path | None, str | None]:
                                run.dcfg.pair_special_tokens)
     print(f"sample completion (greedy, best checkpoint at step {run.state.best_step}):\n"
           f"{cfg.sample_prompt}{sample}")
-    export = run.run_dir / EXPORT_DIR
+    export = run.run_dir / rundir.EXPORT_DIR
 
     def write(tmp: Path) -> None:
         import lora
@@ -1013,13 +1000,13 @@ def _export(run: Run) -> tuple[Path | None, str | None]:
                 # checkpoint's own dtype (a bf16 base: bf16, not the fp32 training copy)
                 merged = pretrained.load(cfg.init_from, dtype="auto", device="cpu")
                 lora.load_adapter(merged, tmp)
-                lora.merge_and_export(merged, tmp / MERGED_DIR)
-                tok.save(tmp / MERGED_DIR)
-                copy_hf_companions(cfg, tok, tmp / MERGED_DIR, weights=True)
+                lora.merge_and_export(merged, tmp / rundir.MERGED_DIR)
+                tok.save(tmp / rundir.MERGED_DIR)
+                copy_hf_companions(cfg, tok, tmp / rundir.MERGED_DIR, weights=True)
         tok.save(tmp)
         copy_hf_companions(cfg, tok, tmp, weights=cfg.lora_r == 0)
         # Which best/ it holds: eval.py scores best/ instead once a resume trains past it.
-        (tmp / EXPORT_RECORD).write_text(json.dumps({"best_step": exported_step}))
+        (tmp / rundir.EXPORT_RECORD).write_text(json.dumps({"best_step": exported_step}))
 
     write_dir_atomically(export, write)
     best_loss = run.state.best_val_loss

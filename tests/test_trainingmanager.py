@@ -2030,20 +2030,6 @@ def test_init_adapter_whose_base_layer_differs_from_the_base_is_refused(assets, 
         tm.build_model(cfg, tok)
 
 
-def test_a_run_whose_init_adapter_is_gone_says_which_adapter_it_needs(assets, tmp_path):
-    """A run starting from the adapter reads the adapter directory: gone, that is named as the
-    run's init_adapter, not as a bare missing file."""
-    base = tiny_llama(tmp_path)
-    _peft_adapter(base, tmp_path / "peft")
-    cfg = tm.with_init_adapter(tiny_cfg(assets, tmp_path, init_adapter=str(tmp_path / "peft")))
-    shutil.rmtree(tmp_path / "peft")
-    tok = load_tokenizer(assets["tokenizer"])
-    with pytest.raises(ValueError, match=r"TrainConfig\.init_adapter .*peft: no "
-                                         r"adapter_config\.json there; the run's LoRA layout "
-                                         r".*\(a run starts from the adapter's weights\)"):
-        tm.build_model(cfg, tok)
-
-
 def test_an_init_adapter_run_resumes_and_evaluates_after_its_adapter_dir_is_gone(
         assets, tmp_path):
     """The run keeps its own copy of the adapter's config: once it has weights, deleting the
