@@ -342,12 +342,9 @@ class RunLog:
     def close(self) -> None:
         if self.file is not None:
             file, tb, self.file, self.tb = self.file, self.tb, None, None
-            # both; after a failed write, without raising its error again (it would replace
-            # the one on its way out, and skip what the caller does after closing)
-            quiet = contextlib.suppress(OSError) if self._failed else contextlib.nullcontext()
-            try:
-                with quiet:
+            # after a failed write, quietly: its error is already on its way out
+            with contextlib.suppress(OSError) if self._failed else contextlib.nullcontext():
+                try:
                     file.close()
-            finally:
-                with quiet:
+                finally:
                     tb.close()

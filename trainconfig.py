@@ -57,40 +57,33 @@ class TrainConfig:
     device: str = "auto"  # auto (a GPU where there is one, else the CPU; not mps) | cpu | cuda | cuda:N
     # model: from scratch (preset + overrides) or from a local HF checkpoint
     preset: str = "llama-14m"  # architecture.PRESETS name (vocab_size follows the tokenizer)
-    init_from: str | None = None  # a local HF checkpoint directory: a run's export/ too, or
-    #   for a LoRA run on --init-from (whose export/ is the adapter) its export/merged/
+    init_from: str | None = None  # a local HF checkpoint directory (a run's export/ or, of a
+    #   LoRA run, its export/merged/)
     n_layer: int | None = None  # overrides the preset (from-scratch models only)
     n_head: int | None = None  # n_kv_head follows it unless model_options sets it
     n_embd: int | None = None  # model width
     mlp_hidden: int | None = None  # MLP width
-    block_size: int | None = None  # length of training sequences; from scratch also the
-    #   model's context (None: the preset's); with --init-from at most the checkpoint's context
-    #   (None: the smaller of that context and 1024)
+    block_size: int | None = None  # length of training sequences (None: the preset's context,
+    #   or the checkpoint's, at most 1024)
     dropout: float | None = None  # dropout of the embeddings and residual branches (default:
-    #   the model's own, e.g. embd_pdrop, resid_pdrop); attention dropout is the model's own,
-    #   or model_options {"attn_dropout": p} (with --init-from only the dropouts can be set)
+    #   the model's own); attention dropout: model_options {"attn_dropout": p}
     model_options: dict = field(default_factory=dict)  # any other ModelConfig field, e.g. init
     # tokenizer: a file/dir, else the model dir's, else a CodeTokenizer trained on the train split
     tokenizer: str | None = None  # a tokenizer.json / codelm tokenizer file or directory
     tokenizer_min_freq: int = 10  # a trained tokenizer keeps pieces seen this often
-    tokenizer_max_vocab: int | None = 8000  # a trained tokenizer's cap on learned pieces; its
-    #   256 byte tokens and its special tokens come on top (the default run: 8,262 tokens)
+    tokenizer_max_vocab: int | None = 8000  # a trained tokenizer's cap on learned pieces (its
+    #   byte and special tokens come on top)
     # LoRA (r = 0: full training) and a quantized frozen base (QLoRA)
     lora_r: int = 0  # adapter rank; needs init_from (a random base is not worth freezing)
     lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_r
     lora_dropout: float = 0.0  # dropout on the adapters' input
     lora_targets: list[str] | None = None  # module names, HF (q_proj) or codelm (qkv);
     #   default: the attention projections (qkv, attn.proj)
-    init_adapter: str | None = None  # a LoRA adapter directory in PEFT's layout (PEFT's own,
-    #   or a LoRA run's export/) to train on as an adapter, on --init-from (default: the base
-    #   its adapter_config.json names); lora_r, lora_alpha, lora_dropout and lora_targets come
-    #   from that file (a --lora-* flag that differs from it is an error; targets, HF or codelm
-    #   names, differ when they select other modules). The run keeps a copy of that file: the
-    #   directory is needed only at the start (not to resume or evaluate the run)
+    init_adapter: str | None = None  # a LoRA adapter directory (PEFT's, or a LoRA run's
+    #   export/) to train on; its adapter_config.json sets the base and the lora_* settings
     quantize_bits: int = 0  # 0, 8 (int8) or 4 (NF4); needs lora_r > 0
     base_dtype: str = "fp32"  # fp32 | bf16 | fp16: dtype of the frozen base under LoRA (the
-    #   adapters stay fp32); bf16 halves the base's memory, fp16 is for GPUs without bf16 (and
-    #   turns on loss scaling, as --precision fp16 does)
+    #   adapters stay fp32); fp16 turns on loss scaling
     # data (dataset.py): task and sources (None: the Python standard library)
     task: str = "lm"  # lm | completion | method | docstring | refactor | fim (dataset.TASKS)
     data: list[str] | None = None  # "stdlib", directories, scraper JSONL or pairs JSONL
@@ -113,16 +106,13 @@ class TrainConfig:
     label_smoothing: float = 0.0  # training only; validation reports the true NLL
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 on GPUs with native bf16, fp16
     #   on older ones such as the T4, fp32 on CPU)
-    eval_precision: str = "fp32"  # fp32 | same (as training). fp32 means
-    #   no autocast: a bf16/fp16 or quantized frozen base (base_dtype) computes in its own dtype
+    eval_precision: str = "fp32"  # fp32 (no autocast) | same (as training)
     compile: bool = False  # torch.compile the model
     gradient_checkpointing: bool = False  # recompute each block in backward: less memory
     # evaluation, logging, checkpoints
-    eval_every: int = 175  # steps between evaluations (and best/ checkpoints); none before
-    #   warmup_steps (a loss not yet comparable), and always one at the end
-    eval_examples: int | None = 80  # validation examples (windows or pairs) scored at each
-    #   evaluation: the split's first ones, whatever the batch size, accumulation or processes,
-    #   so runs that differ in those compare on the same examples; None: the whole split
+    eval_every: int = 175  # steps between evaluations (none before warmup_steps; one at the end)
+    eval_examples: int | None = 80  # the validation split's first examples scored at each
+    #   evaluation (None: the whole split)
     early_stop_patience: int = 0  # evaluations without improvement before stopping; 0: never
     early_stop_min_delta: float = 0.0  # a smaller fall of the validation loss is no improvement
     log_every: int = 10  # steps between metrics.jsonl / TensorBoard lines
@@ -133,8 +123,7 @@ class TrainConfig:
     # end of run
     export: bool = True  # write export/: HF model + tokenizer, or the PEFT adapter
     export_merged: bool = False  # under LoRA: also write the merged full model
-    sample_prompt: str = "def fibonacci(n):\n"  # completed greedily at the end of the run
-    #   (with --export); a special token's text in it is read as the run's pair records were
+    sample_prompt: str = "def fibonacci(n):\n"  # completed greedily at the end (with --export)
     sample_tokens: int = 48  # tokens of that sample
     # debugging
     overfit: bool = False  # train on the bundled tiny corpus until it is memorised

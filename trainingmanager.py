@@ -315,10 +315,8 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [device.index] if device.type == "cuda" else None
-            # Every buffer (rotary frequencies, LoRA row maps, a quantized base) is computed from
-            # the config and the weights, alike on every rank and never trained: re-broadcasting
-            # them before each forward (DDP's default) would send the whole QLoRA base each time
-            # (they are still synced once, at the start).
+            # Buffers (rotary tables, a quantized base) are alike on every rank and never trained:
+            # re-broadcasting them before each forward would send the whole QLoRA base each time.
             model = DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
         self.model = model
 
@@ -602,8 +600,7 @@ def _build(run: Run, has_weights: bool) -> None:
     cfg = run.cfg
     if cfg.resume and has_weights and not list_checkpoints(run.run_dir):
         raise ValueError(f"--resume {run.run_dir}: it {rundir.holds_no_checkpoint(run.run_dir)}")
-    # A run with weights continues them in its own settings (its paths as it saved them); one
-    # without starts from the beginning anyway, so it may change any. New runs save paths absolute.
+    # A run with weights continues in its own settings (and paths); new runs save paths absolute.
     saved = checkpoint.check_resume_config(cfg, run.run_dir, run.hint) if (
         cfg.resume and has_weights) else None
     if saved is None:
@@ -617,8 +614,7 @@ def _build(run: Run, has_weights: bool) -> None:
     _prepare_data(run, own_tok=bool(cfg.resume) and has_weights)
 
     seed_everything(cfg.seed)
-    # Continued from a checkpoint, an init_adapter run rebuilds its LoRA layout from its own
-    # copy of the adapter's config; else from the adapter directory, whose config it keeps.
+    # Continued from a checkpoint, an init_adapter run reads its LoRA layout from its own copy.
     rebuilt = run.run_dir if checkpoints else None
     model = build_model(cfg, run.tok, rebuilt)
     adapter_config = None
@@ -645,8 +641,7 @@ def _build(run: Run, has_weights: bool) -> None:
         if run.main:
             if cfg.resume:  # first: a damaged log refuses the resume before any rewrite
                 rundir.trim_metrics(run.run_dir / rundir.METRICS_FILE, run.state.step)
-            # Atomic: a kill mid-write must not leave a run that no command can continue;
-            # the adapter's config first, so that a config.json naming it finds it there.
+            # Atomic, the adapter's config first: a kill mid-write leaves a run that continues.
             files = {} if adapter_config is None else {
                 run.run_dir / rundir.INIT_ADAPTER_COPY: adapter_config}
             cliconfig.write_atomic_files({**files, run.run_dir / rundir.CONFIG_FILE:
@@ -854,8 +849,8 @@ def _evaluate(run: Run, log: RunLog, on_eval) -> dict:
     metrics = run.trainer.evaluate(*_val_batches(run))
     s.last_eval_step = s.step
     loss = metrics["val_loss"]
-    # Early stopping counts from the last fall larger than min_delta (as Keras and Lightning
-    # do), so falls each smaller than min_delta still add up; best/ follows every new minimum.
+    # Patience counts from the last fall larger than min_delta (as Keras does); best/ follows
+    # every new minimum.
     if s.stop_ref is None or loss < s.stop_ref - run.cfg.early_stop_min_delta:
         s.stop_ref, s.evals_since_best = loss, 0
     else:
@@ -866,8 +861,7 @@ def _evaluate(run: Run, log: RunLog, on_eval) -> dict:
     log.write(s.step, "val", {**metrics, "best_val_loss": s.best_val_loss,
                               "epoch": _epoch(run, s.step)})
     if improved:
-        # Never best/ without a checkpoint: a kill between them would leave a run that holds
-        # weights but nothing to resume from.
+        # Never best/ without a checkpoint: a kill between them would leave nothing to resume.
         if run.last_saved_step < 0:
             save_checkpoint(run)
         _save_best(run, metrics)
@@ -937,15 +931,13 @@ def _end(run: Run, result: TrainResult, log: RunLog, signals: _StopSignals, stop
          on_eval) -> None:
     """After the loop: the last evaluation and checkpoint, the export, and what is left."""
     cfg, s = run.cfg, run.state
-    # The budget ends the run as it would end (evaluation, checkpoint, export of the best
-    # weights so far, which eval.py can score now), but says that it is not finished.
+    # The time budget ends the run as it would end, but says that it is not finished.
     result.stopped_by_budget = stop == "time budget" and s.step < run.max_steps
     if stop not in STOP_SIGNALS:
         evaluate = s.last_eval_step != s.step
         if evaluate:
             result.val_metrics = _evaluate(run, log, on_eval)
-        # A checkpoint of this step written before its evaluation is written again, holding
-        # it (its best, its patience): a resume would evaluate again and forget it.
+        # A checkpoint written before this evaluation is written again, holding its result.
         if evaluate or run.last_saved_step != s.step:
             save_checkpoint(run)
         stop = _stop_requested(run, signals)  # one during that evaluation: skip the export
