@@ -316,27 +316,6 @@ def _select_the_same(base: str, mine: list[str], theirs: list[str] | str, file: 
         return False
 
 
-def check_not_an_adapter(init_from: str, where_set: Callable[[str], str] = cliconfig.flag_of
-                         ) -> None:
-    """Refuse a LoRA adapter directory (a LoRA run's export/) as ``init_from``, naming what to
-    load instead."""
-    import lora
-
-    path = Path(init_from)
-    if not (path / lora.ADAPTER_CONFIG).is_file() or (path / HF_CONFIG).is_file():
-        return
-    if (path / MERGED_DIR / HF_CONFIG).is_file():
-        instead = f"use {path / MERGED_DIR}, the merged model beside it"
-    else:
-        base = cliconfig.read_json_object(path / lora.ADAPTER_CONFIG, "adapter config").get(
-            "base_model_name_or_path")
-        instead = (f"use the base it names, {base}" if base else "use the base it was trained on")
-        instead += " (a run with --export-merged also writes the merged model to export/merged)"
-    raise ValueError(f"init_from ({init_from!r}, {where_set('init_from')}): a LoRA adapter "
-                     f"({lora.ADAPTER_CONFIG}), not a model: {instead}; to train that adapter "
-                     f"on, set init_adapter ({where_set('init_adapter')}) to {init_from}")
-
-
 def check_run_name(name: str | None, what: str) -> None:
     """A run's name is one directory name in out_dir: a path put the run elsewhere (outside it
     with '..', or nested where eval.py's ``latest_run`` never looks). ``what`` names the setting."""
@@ -368,7 +347,22 @@ def _check_model_settings(cfg: TrainConfig, where_set: Callable[[str], str]) -> 
                  f"{key} must be a probability in [0, 1), got {value!r}")
         if not Path(cfg.init_from).is_dir():
             raise ValueError(f"{named('init_from')}: not a directory")
-        check_not_an_adapter(cfg.init_from, where_set)
+        import lora
+
+        path = Path(cfg.init_from)
+        adapter_config = path / lora.ADAPTER_CONFIG
+        if adapter_config.is_file() and not (path / HF_CONFIG).is_file():  # a LoRA run's export/
+            if (path / MERGED_DIR / HF_CONFIG).is_file():
+                instead = f"use {path / MERGED_DIR}, the merged model beside it"
+            else:
+                base = cliconfig.read_json_object(adapter_config, "adapter config").get(
+                    "base_model_name_or_path")
+                instead = (f"use the base it names, {base}" if base else
+                           "use the base it was trained on") + (
+                    " (a run with --export-merged also writes the merged model to export/merged)")
+            raise ValueError(f"{named('init_from')}: a LoRA adapter ({adapter_config.name}), not "
+                             f"a model: {instead}; to train that adapter on, set init_adapter "
+                             f"({where_set('init_adapter')}) to {cfg.init_from}")
         if cfg.block_size is not None:  # else the first forward pass finds it, after the data
             from pretrained import read_config
 

@@ -1298,13 +1298,6 @@ def report_run_error(e: Exception) -> int:
     return 1 if isinstance(e, NonFiniteLossError) else 2
 
 
-def interrupted_message(stop: KeyboardInterrupt) -> str:
-    """What an interrupt outside the step loop leaves: a checkpoint to resume, or nothing."""
-    if isinstance(stop, RunInterrupted) and stop.resume is not None:
-        return f"interrupted; the checkpoints written are kept: continue with {stop.resume}"
-    return "interrupted before the first checkpoint: nothing to resume; run the same command again"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         with cliconfig.interrupt_on_sigterm():  # outside the step loop: data, tokenizer, export
@@ -1322,8 +1315,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RUN_ERRORS as e:
         return report_run_error(e)
     except KeyboardInterrupt as stop:
-        if _is_rank_zero():
-            print(interrupted_message(stop), file=sys.stderr)
+        if _is_rank_zero() and getattr(stop, "resume", None) is not None:
+            print(f"interrupted; the checkpoints written are kept: continue with {stop.resume}",
+                  file=sys.stderr)
+        elif _is_rank_zero():
+            print("interrupted before the first checkpoint: nothing to resume; run the same "
+                  "command again", file=sys.stderr)
         return cliconfig.interrupted_exit_code(stop)
     if result.interrupted:
         return cliconfig.interrupted_exit_code(result.interrupted)
