@@ -84,23 +84,17 @@ def set_rng_state(state: dict, device: torch.device | None = None) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop aliases (tied embeddings): safetensors stores each storage once."""
-    seen: set[tuple[int, tuple, tuple]] = set()
-    out = {}
-    for name, t in state.items():
+def model_tensors(model: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of ``model``: every tensor, or only the trainable ones."""
+    if trainable_only:
+        return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    seen, out = set(), {}  # aliases (tied embeddings) once: safetensors stores each storage once
+    for name, t in model.state_dict().items():
         key = (t.untyped_storage().data_ptr(), tuple(t.shape), t.stride())
         if key not in seen:
             seen.add(key)
             out[name] = t.detach().contiguous().cpu()
     return out
-
-
-def model_tensors(model: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
-    """What a checkpoint keeps of ``model``: every tensor, or only the trainable ones."""
-    if trainable_only:
-        return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    return _unique_tensors(model.state_dict())
 
 
 def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: str,
@@ -280,9 +274,8 @@ def _map_paths(key: str, value, fn: Callable[[Path], Path]):
 
 
 def with_absolute_paths(cfg):
-    """``cfg`` (a TrainConfig) with its PATH_KEYS absolute (as read from the current
-    directory). Not resolved: a symlink keeps its name, which a data source's document ids
-    start with."""
+    """``cfg`` (a TrainConfig) with its PATH_KEYS absolute; not resolved: a symlink keeps its
+    name, which a data source's document ids start with."""
     return dataclasses.replace(cfg, **{
         k: _map_paths(k, getattr(cfg, k), lambda p: p.expanduser().absolute()) for k in PATH_KEYS})
 

@@ -137,9 +137,7 @@ def what_next(hint: str, restarts: bool = False) -> str:
     return f"{'start it again' if restarts else 'continue'} with {hint}"
 
 
-# --------------------------------------------------------------------------------------------
-# Claiming and locking: one run per directory
-# --------------------------------------------------------------------------------------------
+# ---- Claiming and locking: one run per directory ----
 
 
 def lock_holder(lock: Path) -> str | None:
@@ -271,19 +269,14 @@ def _lock_dir(run_dir: Path, new: bool, hint: str | None) -> ClaimedDir:
     return claimed
 
 
-# --------------------------------------------------------------------------------------------
-# metrics.jsonl and TensorBoard
-# --------------------------------------------------------------------------------------------
+# ---- metrics.jsonl and TensorBoard ----
 
 
 def trim_metrics(path: Path, step: int) -> None:
-    """Drop what an interrupted run logged past the step its resume continues from (atomically)."""
-    if path.exists():
-        cliconfig.write_atomic(path, "".join(line + "\n" for line in _metrics_up_to(path, step)))
-
-
-def _metrics_up_to(path: Path, step: int) -> list[str]:
-    """The lines of metrics.jsonl up to ``step``; a torn last line is dropped with a warning."""
+    """Drop what an interrupted run logged past the step its resume continues from (atomically);
+    a torn last line is dropped with a warning."""
+    if not path.exists():
+        return
     lines = path.read_bytes().split(b"\n")
     kept = []
     for number, raw in enumerate(lines, 1):
@@ -300,8 +293,8 @@ def _metrics_up_to(path: Path, step: int) -> list[str]:
             raise ValueError(f"{path}:{number}: not a metrics line ({e}); fix or remove it "
                              "to resume") from None
         if record.get("step", 0) <= step:
-            kept.append(raw.decode("utf-8"))
-    return kept
+            kept.append(raw.decode("utf-8") + "\n")
+    cliconfig.write_atomic(path, "".join(kept))
 
 
 class RunLog:

@@ -220,9 +220,7 @@ def _where_set_in_run(typed: Collection[str], config: str | None, in_file: Colle
 
 def check_resume_location(args: dict, given: dict | None = None, config: str | None = None
                           ) -> None:
-    """A ``--name`` / ``--out-dir`` typed, or set by the ``--config`` file, must name the
-    ``--resume`` directory: the resume continues that run, so one naming another run (a new
-    branch, meant) would go unheeded."""
+    """A ``--name`` / ``--out-dir`` given beside ``--resume`` must name that run's directory."""
     given = given or {}
     resume = Path(args["resume"]).expanduser()
     values = {k: args[k] if args.get(k) is not None else given.get(k) for k in ("name", "out_dir")}
@@ -248,9 +246,7 @@ ADAPTER_KEYS = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
 
 
 def run_adapter_copy(run_dir: str | Path) -> Path | None:
-    """A run's INIT_ADAPTER_COPY when the run continues from its weights (it holds some): the
-    LoRA layout of an init_adapter run that a resume or eval.py rebuilds. None: a run with no
-    weights yet (it starts again from the adapter directory)."""
+    """A run's INIT_ADAPTER_COPY when the run holds weights to continue from, else None."""
     copy = Path(run_dir).expanduser() / INIT_ADAPTER_COPY
     return copy if copy.is_file() and rundir.holds_weights(copy.parent) else None
 
@@ -389,8 +385,7 @@ def _check_model_settings(cfg: TrainConfig, where_set: Callable[[str], str]) -> 
 def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = cliconfig.flag_of
                     ) -> None:
     """Reject impossible settings before any work, naming each key, its value and where it was
-    set (``where_set``, as ``train`` takes it; an ``init_adapter``'s settings as
-    ``with_init_adapter`` fills them in)."""
+    set (``where_set``)."""
     cfg = with_init_adapter(cfg, where_set=where_set)
 
     def named(key: str) -> str:
@@ -488,9 +483,8 @@ def _check_data_option_keys(options: dict, where: str) -> None:
 
 
 def check_options(values: dict, source: str) -> None:
-    """The data_options and model_options of ``values`` (from one source: a --config file, the
-    flags) checked on their own, so that errors name ``source``: each key, each value's type,
-    the data options' ranges. What depends on the other keys is checked by validate_config."""
+    """The data_options and model_options of ``values`` checked on their own, so that errors
+    name ``source`` (a --config file, the flags)."""
     for key, check in (("data_options", _check_data_options),
                        ("model_options", _check_model_options)):
         if isinstance(values.get(key), dict):  # else config_from_dict names the type
@@ -655,9 +649,7 @@ def check_max_steps_flag(cfg: TrainConfig, typed: set[str], source: str,
                      f"sets the run's length: change {epochs}, or {clear} to count max_steps")
 
 
-# --------------------------------------------------------------------------------------------
-# What the settings build: the tokenizer and the model
-# --------------------------------------------------------------------------------------------
+# ---- What the settings build: the tokenizer and the model ----
 
 
 def load_or_train_tokenizer(cfg: TrainConfig, dcfg: DataConfig) -> CodeTokenizer | BPETokenizer:
@@ -676,7 +668,9 @@ def load_or_train_tokenizer(cfg: TrainConfig, dcfg: DataConfig) -> CodeTokenizer
     own = Path(cfg.init_from) / TOKENIZER_FILE if cfg.init_from is not None else None
     if cfg.tokenizer is not None:
         tok = load_tokenizer(cfg.tokenizer)
-        if own is not None and own.is_file() and not same_vocabulary(tok, load_tokenizer(own)):
+        theirs = load_tokenizer(own) if own is not None and own.is_file() else tok
+        if [tok.id_to_token(i) for i in range(tok.vocab_size)] != [
+                theirs.id_to_token(i) for i in range(theirs.vocab_size)]:
             print(f"warning: --tokenizer {cfg.tokenizer} differs from {own}, the one "
                   f"--init-from {cfg.init_from} was trained with", file=sys.stderr)
         if cfg.init_from is not None:
@@ -703,12 +697,6 @@ def load_or_train_tokenizer(cfg: TrainConfig, dcfg: DataConfig) -> CodeTokenizer
         with contextlib.suppress(OSError):  # a read-only cache: the tokenizer is used uncached
             publish_cache_entry(cached, tok.save)
     return tok
-
-
-def same_vocabulary(a: CodeTokenizer | BPETokenizer, b: CodeTokenizer | BPETokenizer) -> bool:
-    """Whether every id of ``a`` and ``b`` names the same token."""
-    return a.vocab_size == b.vocab_size and all(
-        a.id_to_token(i) == b.id_to_token(i) for i in range(a.vocab_size))
 
 
 def build_model(cfg: TrainConfig, tok: CodeTokenizer | BPETokenizer,

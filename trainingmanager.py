@@ -95,9 +95,7 @@ class NonFiniteLossError(RuntimeError):
         self.step, self.diagnosis = step, diagnosis or message
 
 
-# --------------------------------------------------------------------------------------------
-# Devices, precision, distributed
-# --------------------------------------------------------------------------------------------
+# ---- Devices, precision, distributed ----
 
 
 @dataclass
@@ -188,11 +186,6 @@ def _all_reduce_sum(t: torch.Tensor, dist: Dist) -> torch.Tensor:
     return t
 
 
-def _barrier(dist: Dist) -> None:
-    if dist.enabled:
-        td.barrier()
-
-
 @contextlib.contextmanager
 def _main_first(dist: Dist) -> Iterator[None]:
     """Rank 0 does what only it does (shared caches, checkpoints); if it fails, the others stop
@@ -250,9 +243,7 @@ class BatchOrder:
         return self._perm[start:start + self.micro_batch].tolist(), where
 
 
-# --------------------------------------------------------------------------------------------
-# Optimisation: AdamW, warmup + cosine to a floor, token-weighted accumulation, AMP
-# --------------------------------------------------------------------------------------------
+# ---- Optimisation: AdamW, warmup + cosine to a floor, token-weighted accumulation, AMP ----
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
@@ -506,16 +497,7 @@ def _broadcast(value, dist: Dist):
     return box[0]
 
 
-def _gather(value, dist: Dist) -> list:
-    out = [value] * dist.world
-    if dist.enabled:
-        td.all_gather_object(out, value)
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# The run: set up, then the step loop in ``train``, then the end
-# --------------------------------------------------------------------------------------------
+# ---- The run: set up, then the step loop in ``train``, then the end ----
 
 
 @dataclass
@@ -626,14 +608,16 @@ def _build(run: Run, has_weights: bool) -> None:
     if run.dist.enabled:  # same init everywhere, but each rank its own dropout stream
         seed_everything(cfg.seed + run.dist.rank)
     run.trainable_only = cfg.lora_r > 0 and cfg.init_from is not None
-    run.max_steps = _max_steps(run)
+    run.max_steps = cfg.max_steps if cfg.epochs is None else max(1, math.ceil(
+        cfg.epochs * _examples_per_epoch(run) / _examples_per_step(run)))
     run.trainer = Trainer(model, cfg, run.device, run.dist, run.max_steps)
     run.order = BatchOrder(len(run.train_set), cfg.batch_size, run.dist, cfg.seed)
     run.state = RunState(precision=run.trainer.precision, max_steps=run.max_steps,
                          data=run.data_id)
     if checkpoints:
         broken = checkpoint.restore_latest(checkpoints, partial(_restore, run), run.main)
-        _barrier(run.dist)  # every rank has read its checkpoint before the broken are moved
+        if run.dist.enabled:  # every rank has read its checkpoint before the broken are moved
+            td.barrier()
         if run.main:
             checkpoint.set_aside(broken)
     run.config_dict = {**dataclasses.asdict(cfg), "name": run.run_dir.name, "resume": None}
@@ -739,12 +723,6 @@ def _epoch(run: Run, step: int) -> float:
     return step * _examples_per_step(run) / _examples_per_epoch(run)
 
 
-def _max_steps(run: Run) -> int:
-    if run.cfg.epochs is None:
-        return run.cfg.max_steps
-    return max(1, math.ceil(run.cfg.epochs * _examples_per_epoch(run) / _examples_per_step(run)))
-
-
 def _collate(run: Run, examples: list[dict]) -> dict:
     from dataset import collate
 
@@ -773,7 +751,9 @@ def _val_batches(run: Run) -> tuple[Iterator[dict], int]:
 
 def save_checkpoint(run: Run) -> None:
     """Checkpoint this step (collective: every rank contributes its RNG state)."""
-    rng = _gather(rng_state(run.device), run.dist)
+    rng = [rng_state(run.device)] * run.dist.world
+    if run.dist.enabled:
+        td.all_gather_object(rng, rng[0])
     with _main_first(run.dist):  # the others wait for the write, and stop if it fails
         if run.main:
             state = dataclasses.replace(
@@ -1155,9 +1135,7 @@ def _leave_group() -> None:
     td.destroy_process_group()
 
 
-# --------------------------------------------------------------------------------------------
-# --overfit: the debugging ritual as a command
-# --------------------------------------------------------------------------------------------
+# ---- --overfit: the debugging ritual as a command ----
 
 
 @torch.no_grad()
@@ -1277,9 +1255,7 @@ def run_overfit(cfg: TrainConfig, max_steps: int = 400, lr: float = 3e-3) -> tup
                   f"{len(files)} files exactly.")
 
 
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
+# ---- Command line ----
 
 
 RUN_ERRORS = (NonFiniteLossError, ValueError, OSError)  # reported as one line, no traceback
