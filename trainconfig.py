@@ -395,37 +395,25 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = cliconfi
         if not ok:
             raise ValueError(f"{named(key)}: {why}")
 
-    for key in ("batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "keep_last",
-                "tokenizer_min_freq"):
-        need(getattr(cfg, key) >= 1, key, "must be >= 1")
-    for key in ("warmup_steps", "early_stop_patience", "sample_tokens"):
-        need(getattr(cfg, key) >= 0, key, "must be >= 0")
     # "inf" and "nan" parse as floats: every float must be finite (nan fails every comparison).
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         need(not isinstance(value, float) or math.isfinite(value), f.name, "must be finite")
-    need(cfg.lr > 0, "lr", "must be > 0")
+    ranges = (  # (keys, test, why); a key left unset (None) passes
+        (("batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "keep_last",
+          "tokenizer_min_freq", "tokenizer_max_vocab", "inject_nan_at_step", "save_every",
+          "eval_examples"), lambda v: v >= 1, "must be >= 1"),
+        (("warmup_steps", "early_stop_patience", "sample_tokens", "weight_decay", "grad_clip",
+          "early_stop_min_delta", "lora_r", "overfit_batches"), lambda v: v >= 0, "must be >= 0"),
+        (("lr", "adam_eps", "epochs", "max_time_s"), lambda v: v > 0, "must be > 0"),
+        (("beta1", "beta2", "label_smoothing", "dropout", "lora_dropout"), lambda v: 0 <= v < 1,
+         "must be in [0, 1)"),
+    )
+    for keys, test, why in ranges:
+        for key in keys:
+            need(getattr(cfg, key) is None or test(getattr(cfg, key)), key, why)
     need(0.0 <= cfg.min_lr_ratio <= 1.0, "min_lr_ratio", "must be in [0, 1]")
-    need(cfg.weight_decay >= 0, "weight_decay", "must be >= 0")
-    for key in ("beta1", "beta2"):
-        need(0.0 <= getattr(cfg, key) < 1.0, key, "must be in [0, 1)")
-    need(cfg.adam_eps > 0, "adam_eps", "must be > 0")
-    need(0.0 <= cfg.label_smoothing < 1.0, "label_smoothing", "must be in [0, 1)")
-    need(cfg.grad_clip >= 0, "grad_clip", "must be >= 0 (0: no clipping)")
-    need(cfg.early_stop_min_delta >= 0, "early_stop_min_delta", "must be >= 0")
-    need(cfg.epochs is None or cfg.epochs > 0, "epochs", "must be > 0")
-    need(cfg.max_time_s is None or cfg.max_time_s > 0, "max_time_s", "must be > 0")
-    need(cfg.dropout is None or 0.0 <= cfg.dropout < 1.0, "dropout", "must be in [0, 1)")
-    need(0.0 <= cfg.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)")
-    need(cfg.lora_alpha != 0, "lora_alpha", "must not be 0: it scales the adapters' update and "
-         "their gradients to zero, so they would never train")
-    need(cfg.tokenizer_max_vocab is None or cfg.tokenizer_max_vocab >= 1, "tokenizer_max_vocab",
-         "must be >= 1")
-    need(cfg.inject_nan_at_step is None or cfg.inject_nan_at_step >= 1, "inject_nan_at_step",
-         "must be >= 1 (steps count from 1)")
-    need(cfg.save_every is None or cfg.save_every >= 1, "save_every", "must be >= 1")
-    need(cfg.eval_examples is None or cfg.eval_examples >= 1, "eval_examples", "must be >= 1")
-    need(cfg.lora_r >= 0, "lora_r", "must be >= 0 (0: no LoRA)")
+    need(cfg.lora_alpha != 0, "lora_alpha", "must not be 0: the adapters would never train")
     need(cfg.lora_r == 0 or cfg.init_from is not None, "lora_r",
          f"LoRA needs a pretrained base (init_from, {where_set('init_from')}): a from-scratch "
          "model has nothing frozen worth keeping, so only the adapters of a random model would "
@@ -441,7 +429,6 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = cliconfi
     if lora_only and cfg.lora_r == 0:  # else a full fine-tune would run, ignoring them
         raise ValueError(f"{', '.join(lora_only)}: LoRA settings, but {named('lora_r')} trains "
                          "every weight: set lora_r > 0, or drop them")
-    need(cfg.overfit_batches >= 0, "overfit_batches", "must be >= 0")
     need(0 <= cfg.seed < 2**63, "seed", "must be in [0, 2**63)")
     check_run_name(cfg.name, named("name"))
     _check_model_settings(cfg, where_set)

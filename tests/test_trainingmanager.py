@@ -1564,7 +1564,7 @@ def test_a_tokenizer_other_than_the_checkpoints_own_is_warned_about(assets, tmp_
     assert tm.load_or_train_tokenizer(cfg, tm.data_config(cfg, 32)).vocab_size < 512  # fits
     err = capsys.readouterr().err
     assert err.startswith(f"warning: --tokenizer {assets['tokenizer']} differs from "
-                          f"{base / 'tokenizer.json'}, the tokenizer --init-from {base} was "
+                          f"{base / 'tokenizer.json'}, the one --init-from {base} was "
                           "trained with")
     same = dataclasses.replace(cfg, tokenizer=str(base))  # its own, named again: no warning
     tm.load_or_train_tokenizer(same, tm.data_config(same, 32))
