@@ -148,8 +148,7 @@ def write_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
 
 
 def save(path: Path, state: RunState, config: dict, trainable_only: bool) -> None:
-    """Write ``state`` (its weights to the .safetensors, the rest to state.pt) and the run's
-    config to checkpoint directory ``path``, atomically."""
+    """Write ``state`` and the run's config to checkpoint directory ``path``, atomically."""
     rest = {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != "weights"}
 
     def write(tmp: Path) -> None:
@@ -281,8 +280,7 @@ def with_absolute_paths(cfg):
 
 
 def check_run_paths(values: dict, keys: Sequence[str], source: str) -> None:
-    """Each path that ``values`` (a run's config.json, read from ``source``) holds under ``keys``
-    must exist: a missing one is an error naming the file and the key."""
+    """Each path that ``values`` (a run's config.json) holds under ``keys`` must exist."""
     for key in keys:
         value = values.get(key)
         for path in [value] if isinstance(value, str) else value or []:

@@ -187,8 +187,7 @@ class ClaimedDir:
             self.lock = None
 
     def drop_if_unused(self) -> None:
-        """Remove the directory of a run that stopped before its config.json (only its lock file
-        and tokenizer are there), while the lock is still held."""
+        """Remove the directory of a run that stopped before its config.json, under the lock."""
         if self.lock is None:
             return
         ours = {LOCK_FILE, *(WRITTEN_BEFORE_CONFIG if self.wrote_tokenizer else ())}
@@ -273,8 +272,7 @@ def _lock_dir(run_dir: Path, new: bool, hint: str | None) -> ClaimedDir:
 
 
 def trim_metrics(path: Path, step: int) -> None:
-    """Drop what an interrupted run logged past the step its resume continues from (atomically);
-    a torn last line is dropped with a warning."""
+    """Drop what an interrupted run logged past the step its resume continues from."""
     if not path.exists():
         return
     lines = path.read_bytes().split(b"\n")

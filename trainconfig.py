@@ -145,8 +145,7 @@ def config_from_dict(values: dict, source: str = "<dict>") -> TrainConfig:
 
 
 def load_config_file(path: str | os.PathLike) -> dict:
-    """The checked TrainConfig values of a JSON file (a recipe's ``train`` section when the file
-    is a recipe); errors name the file and the key."""
+    """The checked TrainConfig values of a JSON file (a recipe's ``train`` section)."""
     values, source = cliconfig.read_config_file(path, "train")
     config_from_dict(values, source)
     check_options(values, source)
@@ -212,8 +211,7 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
 
 def _where_set_in_run(typed: Collection[str], config: str | None, in_file: Collection[str],
                       resume: str | None) -> Callable[[str], str]:
-    """Where a trainingmanager.py user set TrainConfig ``key`` (``train``'s ``where_set``):
-    ``cliconfig.where_set_by``, the keys of a ``--resume`` run read from its config.json."""
+    """``cliconfig.where_set_by``, the other keys read from the ``--resume`` run's config.json."""
     return cliconfig.where_set_by(typed, config, in_file,
                                   resume and f"{Path(resume) / CONFIG_FILE} (--resume)")
 
@@ -384,8 +382,7 @@ def _check_model_settings(cfg: TrainConfig, where_set: Callable[[str], str]) -> 
 
 def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = cliconfig.flag_of
                     ) -> None:
-    """Reject impossible settings before any work, naming each key, its value and where it was
-    set (``where_set``)."""
+    """Reject impossible settings, naming each key, its value and where it was set."""
     cfg = with_init_adapter(cfg, where_set=where_set)
 
     def named(key: str) -> str:
@@ -598,8 +595,7 @@ OVERFIT_IGNORES = ("name", "out_dir", "eval_every", "eval_examples", "eval_preci
 
 
 def overfit_settings(cfg: TrainConfig, given: set[str]) -> dict:
-    """``run_overfit``'s max_steps and lr (the given ones, else its own); a ValueError naming
-    every other setting it cannot honour."""
+    """``run_overfit``'s max_steps and lr; a ValueError naming any setting it cannot honour."""
     defaults = TrainConfig()
     refused = [f"{f.name}={getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
                if f.name not in OVERFIT_HONOURS + OVERFIT_IGNORES
@@ -640,8 +636,7 @@ def check_max_steps_flag(cfg: TrainConfig, typed: set[str], source: str,
 
 
 def load_or_train_tokenizer(cfg: TrainConfig, dcfg: DataConfig) -> CodeTokenizer | BPETokenizer:
-    """The given tokenizer, the pretrained model's, or a CodeTokenizer trained on the train split
-    (cached: ``dataset.tokenizer_cache_dir``)."""
+    """The given tokenizer, the pretrained model's, or one trained (and cached) on the data."""
     from dataset import prepare, publish_cache_entry, tokenizer_cache_dir
     from tokenizer import (
         TOKENIZER_FILE,

@@ -138,8 +138,7 @@ def _init_distributed(device_hint: str) -> tuple[Dist, bool]:
 
 
 def resolve_device(cfg: TrainConfig, dist: Dist) -> torch.device:
-    """The device a run trains on ("auto": this rank's GPU where there is one, else the CPU);
-    a device this machine lacks is a ValueError naming --device."""
+    """The device a run trains on ("auto": this rank's GPU where there is one, else the CPU)."""
     if cfg.device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", dist.local_rank)
@@ -362,8 +361,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, batches: Iterator[dict] | Sequence[dict], total: int | None = None) -> dict:
-        """Validation loss, perplexity and token accuracy with the training loss function, summed
-        over tokens (and processes) before dividing, without label smoothing (a true NLL)."""
+        """Validation loss, perplexity and token accuracy over all tokens, unsmoothed."""
         batches = tqdm(batches, total=total, desc="eval", unit="batch", leave=False,
                        disable=not (self.dist.main and self.cfg.progress), dynamic_ncols=True)
         model = self.eval_model
@@ -544,8 +542,7 @@ def _interrupted(stop: KeyboardInterrupt, run_dir: Path | None, hint: str | None
 
 
 def setup_run(cfg: TrainConfig, dist: Dist, hint: str | None, restarts: bool) -> Run:
-    """Claim the run directory, prepare tokenizer and data, build the model and trainer, and
-    restore the newest checkpoint of a resumed run. A failure leaves no directory behind."""
+    """Claim the run directory, prepare data, model and trainer, restore a resumed checkpoint."""
     cfg = with_init_adapter(cfg)
     device = resolve_device(cfg, dist)
     claimed, has_weights = _claim_run_dir(cfg, dist, hint)
@@ -633,8 +630,7 @@ def _build(run: Run, has_weights: bool) -> None:
 
 
 def _prepare_data(run: Run, own_tok: bool) -> None:
-    """Tokenizer and data splits: rank 0 fills the caches, the others read them. Only a run
-    continued from its weights reads the run's tokenizer.json (``own_tok``)."""
+    """Tokenizer and data splits: rank 0 fills the caches, the others read them."""
     from dataset import make_cache_dir, prepare
     from tokenizer import load_tokenizer
 
@@ -895,8 +891,11 @@ def _nonfinite(run: Run, stats: StepStats, where: tuple[int, int], log: RunLog) 
         kept = (f"the last good checkpoint is {last[-1]}: --resume {run.run_dir} replays the "
                 "same steps from there; a change of --lr or --precision needs a new run "
                 "(another --name)")
+    elif rundir.holds_weights(run.run_dir):
+        kept = "no checkpoint had been written yet: start a new run (another --name)"
     else:
-        kept = "no checkpoint had been written yet: run again with the changes"
+        kept = ("no checkpoint had been written yet: run the command again with the changes (the "
+                "same --name starts the run anew)")
     span = _examples_per_step(run)
     diagnosis = (
         f"non-finite {stats.nonfinite} ({value}) at step {step}: epoch {_epoch(run, step):.3g}, "
@@ -1266,8 +1265,7 @@ def _is_rank_zero() -> bool:
 
 
 def report_run_error(e: Exception) -> int:
-    """Print one of RUN_ERRORS as ``error: ...`` (rank 0 only); exit code 1 for a diverged run,
-    2 for a bad setting or an unwritable path."""
+    """Print one of RUN_ERRORS (rank 0 only); exit code 1 for a diverged run, else 2."""
     if _is_rank_zero():
         print(f"error: {cliconfig.os_error_message(e) if isinstance(e, OSError) else e}",
               file=sys.stderr)
