@@ -301,20 +301,18 @@ def check_resume_config(cfg, run_dir: Path, resume_hint: str) -> dict | None:
         return None
     saved, source = cliconfig.read_config_file(saved_path, "train")
     now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # JSON's view, as config.json holds it
-    compared = []
-    for values in (saved, now):
-        values = dict(values)
-        if isinstance(values.get("data_options"), dict):
-            values["data_options"] = {k: v for k, v in values["data_options"].items()
-                                      if k not in RESUME_DATA_OPTIONS_MAY_CHANGE}
-        for key in PATH_KEYS:
-            values[key] = _map_paths(key, values.get(key), lambda p: p.expanduser().resolve())
-        compared.append(values)
-    fixed = [k for k in now if k not in ("name", "out_dir", "resume", *RESUME_MAY_CHANGE)]
-    # precision "auto" names a precision only with a device: what it computes in is checked
-    # against the checkpoint's record instead (check_precision).
-    changed = [f"{k}={saved[k]!r} (now {now[k]!r})" for k in fixed
-               if k in saved and compared[0][k] != compared[1][k]
+
+    def comparable(values: dict, key: str):  # paths as the files they name
+        if key == "data_options":
+            return {k: v for k, v in values[key].items() if k not in RESUME_DATA_OPTIONS_MAY_CHANGE}
+        if key in PATH_KEYS:
+            return _map_paths(key, values[key], lambda p: p.expanduser().resolve())
+        return values[key]
+
+    # precision "auto" names a precision only with a device: check_precision compares that.
+    changed = [f"{k}={saved[k]!r} (now {now[k]!r})" for k in now
+               if k not in ("name", "out_dir", "resume", *RESUME_MAY_CHANGE) and k in saved
+               and comparable(saved, k) != comparable(now, k)
                and not (k == "precision" and "auto" in (saved[k], now[k]))]
     if changed:
         raise ValueError(f"{source}: the run was trained with other settings: "

@@ -318,20 +318,14 @@ def check_run_name(name: str | None, what: str) -> None:
                          "'..'); --out-dir sets the directory the run goes in")
 
 
-def _check_model_settings(cfg: TrainConfig, where_set: Callable[[str], str]) -> None:
+def _check_model_settings(cfg: TrainConfig, where_set: Callable[[str], str],
+                          named: Callable[[str], str], need: Callable[[bool, str, str], None]
+                          ) -> None:
     """validate_config's checks of the model: a loaded one's settings, or the preset's shape."""
-    def named(key: str) -> str:
-        return setting(cfg, key, where_set)
-
-    def need(ok: bool, key: str, why: str) -> None:
-        if not ok:
-            raise ValueError(f"{named(key)}: {why}")
-
     if cfg.init_from is not None:
-        for key in ("preset", "n_layer", "n_head", "n_embd", "mlp_hidden"):
-            if key != "preset" and getattr(cfg, key) is not None:
-                raise ValueError(f"{named(key)}: the shape of a model loaded from "
-                                 f"{named('init_from')} cannot be changed")
+        for key in ("n_layer", "n_head", "n_embd", "mlp_hidden"):
+            need(getattr(cfg, key) is None, key,
+                 f"the shape of a model loaded from {named('init_from')} cannot be changed")
         if fixed := sorted(set(cfg.model_options) - set(LOADED_MODEL_OPTIONS)):
             raise ValueError(f"model_options ({where_set('model_options')}): "
                              f"{', '.join(fixed)}: the checkpoint of {named('init_from')} fixes "
@@ -428,7 +422,7 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = cliconfi
                          "every weight: set lora_r > 0, or drop them")
     need(0 <= cfg.seed < 2**63, "seed", "must be in [0, 2**63)")
     check_run_name(cfg.name, named("name"))
-    _check_model_settings(cfg, where_set)
+    _check_model_settings(cfg, where_set, named, need)
     if cfg.resume is not None and not Path(cfg.resume).is_dir():
         raise ValueError(f"--resume {cfg.resume}: no such run directory")
     if cfg.resume is not None and any((Path(cfg.resume) / f).is_file()

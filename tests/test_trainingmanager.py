@@ -1722,9 +1722,9 @@ def test_a_merge_into_a_tied_embedding_is_refused_before_training(assets, tmp_pa
     common = dict(lora_r=4, lora_targets=["q_proj", "embed_tokens"], max_steps=2,
                   eval_every=2, export=True)
     cfg = tiny_cfg(assets, tmp_path, init_from=str(base), export_merged=True, **common)
-    with pytest.raises(ValueError, match=r"export_merged \(True, --export-merged\) .* LoRA "
+    with pytest.raises(ValueError, match=r"export_merged \(True, --export-merged\): .*LoRA "
                                          r"target wte \(lora_targets \(.*\)\) .* tied.* or "
-                                         r"train with --no-export-merged\.$"):
+                                         r"train with --no-export-merged$"):
         tm.train(cfg)
     assert not tm.list_checkpoints(Path(cfg.out_dir) / "run")
     assert tm.train(dataclasses.replace(cfg, export_merged=False)).export_dir is not None
