@@ -242,21 +242,20 @@ def _lock_dir(run_dir: Path, new: bool, hint: str | None) -> ClaimedDir:
     claimed = ClaimedDir(run_dir)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        claimed.lock = fd
     except BlockingIOError:
         os.close(fd)
-        who = "; ".join(filter(None, [lock_holder(run_dir / LOCK_FILE), "one started in the "
-                                      "same second, or with the same --name or --resume"]))
+        who = lock_holder(run_dir / LOCK_FILE) or "one started with the same --name or --resume"
         raise RunDirTaken(f"{run_dir} is in use by another run ({who}): wait for it to "
                           "end, or choose another --name") from None
     except OSError:  # a filesystem without locks: unguarded, so nothing is replaced
         os.close(fd)
         print(f"warning: {run_dir}: this filesystem cannot lock the run directory; nothing "
               "stops a second run under this name", file=sys.stderr)
-    if claimed.lock is not None:  # who holds it, for whoever waits for it (lock_holder)
-        with contextlib.suppress(OSError):  # a full disk: the lock holds all the same
-            os.ftruncate(claimed.lock, 0)
-            os.write(claimed.lock, f"{cliconfig.owner_tag()}\n".encode())
+    else:
+        claimed.lock = fd
+        with contextlib.suppress(OSError):  # who holds it (lock_holder); a full disk: still held
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{cliconfig.owner_tag()}\n".encode())
     for directory in (run_dir, run_dir / CHECKPOINTS_DIR):  # under the lock: their writers are gone
         if directory.is_dir():
             cliconfig.recover_partial_writes(directory, every_owner_gone=True)

@@ -172,10 +172,8 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
         _check_data_options(args["data_options"], "--data-options")
     if "model_options" in args:
         _check_model_options(args["model_options"], "--model-options")
-    given: dict = {}
     config = args.pop("config", None)
-    if config is not None:
-        given = load_config_file(config)
+    given = load_config_file(config) if config is not None else {}
     resumed: dict = {}
     if args.get("resume"):
         check_resume_location(args, given, config)
@@ -192,13 +190,10 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
         if not saved.is_file():
             raise ValueError(f"{resume}: no {CONFIG_FILE} there (not a run dir)")
         resumed = load_config_file(saved)
-    if resumed:  # the paths it gives the run (its own tokenizer.json replaces the tokenizer's,
-        #   its copy of the adapter's config the adapter directory: run_adapter_copy)
-        owned = ("init_adapter",) if run_adapter_copy(args["resume"]) else ()
-        check_run_paths(resumed, [k for k in ("init_from", "init_adapter", "data", "val_data",
-                                              "test_data")
-                                  if k not in args and k not in given and k not in owned],
-                        str(saved))
+        # the paths it gives the run must exist (its own copy of an adapter's config replaces it)
+        owned = ("init_adapter",) if run_adapter_copy(run) else ()
+        paths = ("init_from", "init_adapter", "data", "val_data", "test_data")
+        check_run_paths(resumed, [k for k in paths if k not in {*args, *given, *owned}], str(saved))
     cfg = cliconfig.resolve_config(TrainConfig, args, "train", base={**resumed, **given},
                                    choices=_CHOICES)
     where_set = _where_set_in_run(args, config, given, args.get("resume"))
@@ -216,10 +211,8 @@ def _where_set_in_run(typed: Collection[str], config: str | None, in_file: Colle
                                   resume and f"{Path(resume) / CONFIG_FILE} (--resume)")
 
 
-def check_resume_location(args: dict, given: dict | None = None, config: str | None = None
-                          ) -> None:
+def check_resume_location(args: dict, given: dict, config: str | None) -> None:
     """A ``--name`` / ``--out-dir`` given beside ``--resume`` must name that run's directory."""
-    given = given or {}
     resume = Path(args["resume"]).expanduser()
     values = {k: args[k] if args.get(k) is not None else given.get(k) for k in ("name", "out_dir")}
     named = (Path(values["out_dir"] or resume.parent).expanduser()

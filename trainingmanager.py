@@ -736,8 +736,7 @@ def _next_micro_batches(run: Run) -> tuple[list[dict], tuple[int, int]]:
 def _val_batches(run: Run) -> tuple[Iterator[dict], int]:
     """This rank's share of the validation batches, and how many there are."""
     cfg = run.cfg
-    n = len(run.val_set) if cfg.eval_examples is None else min(len(run.val_set),
-                                                                cfg.eval_examples)
+    n = min(len(run.val_set), cfg.eval_examples or len(run.val_set))
     starts = range(0, n, cfg.batch_size)[run.dist.rank::run.dist.world]
     batches = (_collate(run, [run.val_set[i] for i in range(s, min(s + cfg.batch_size, n))])
                for s in starts)
@@ -1174,8 +1173,7 @@ def run_overfit(cfg: TrainConfig, max_steps: int = 400, lr: float = 3e-3) -> tup
 
     started = time.perf_counter()
     files = sorted(OVERFIT_CORPUS.glob("*.py"))
-    if not files:
-        raise ValueError(f"{OVERFIT_CORPUS}: the bundled overfit corpus is missing")
+    assert files, f"{OVERFIT_CORPUS}: the bundled overfit corpus is missing"
     texts = [f.read_text("utf-8") for f in files]
     tok = CodeTokenizer.train(texts, min_freq=1)
     for f, text in zip(files, texts):
