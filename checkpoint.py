@@ -139,12 +139,10 @@ def write_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
         if isinstance(err, OSError) and err.filename is not None:
             raise
         free = free_mib[0] if free_mib else shutil.disk_usage(Path(target).parent).free / 2**20
-        cause = f"{type(err).__name__}: {err}"
-        if free < DISK_FULL_MIB or cliconfig.is_disk_full(err):
-            raise OSError(f"{target}: could not write it: the disk is full ({free:.0f} MiB free); "
-                          f"free some space; what was written before is intact ({cause})") from None
-        raise OSError(f"{target}: could not write it ({cause}; {free:.0f} MiB free); what was "
-                      "written before is intact") from None
+        full = free < DISK_FULL_MIB or cliconfig.is_disk_full(err)
+        raise OSError(f"{target}: could not write it{': the disk is full' if full else ''} "
+                      f"({free:.0f} MiB free); {'free some space; ' if full else ''}what was "
+                      f"written before is intact ({type(err).__name__}: {err})") from None
 
 
 def save(path: Path, state: RunState, config: dict, trainable_only: bool) -> None:
@@ -177,13 +175,12 @@ def read_state(path: Path, mmap: bool = False) -> RunState:
                       ) from None
     if not isinstance(raw, dict) or "format_version" not in raw:
         raise _broken(path, f"{STATE_FILE} holds no format_version")
-    if raw["format_version"] != FORMAT_VERSION:
-        raise ValueError(f"{path / STATE_FILE}: checkpoint format_version "
-                         f"{raw['format_version']!r}, not {FORMAT_VERSION}: start a new run")
-    names = {f.name for f in dataclasses.fields(RunState)} - {"weights"}
-    if set(raw) - {"format_version"} != names:
-        raise _broken(path, f"{STATE_FILE} lacks some of {', '.join(sorted(names))}")
-    return RunState(**{k: v for k, v in raw.items() if k != "format_version"})
+    if (version := raw.pop("format_version")) != FORMAT_VERSION:
+        raise ValueError(f"{path / STATE_FILE}: checkpoint format_version {version!r}, not "
+                         f"{FORMAT_VERSION}: start a new run")
+    if set(raw) != {f.name for f in dataclasses.fields(RunState)} - {"weights"}:
+        raise _broken(path, f"{STATE_FILE} does not hold every RunState field")
+    return RunState(**raw)
 
 
 def load(path: Path, model: nn.Module, trainable_only: bool) -> RunState:

@@ -159,13 +159,13 @@ def lock_is_held(lock: Path) -> bool:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
     except BlockingIOError:
         return True
     except OSError:  # a filesystem without locks: nothing to tell
-        return False
+        pass
     finally:
         os.close(fd)
+    return False
 
 
 class RunDirTaken(ValueError):

@@ -230,7 +230,6 @@ def check_resume_location(args: dict, given: dict, config: str | None) -> None:
 # Keys that mean something only under LoRA (lora_r > 0): set without it, they are refused.
 LORA_ONLY_KEYS = ("lora_alpha", "lora_dropout", "lora_targets", "export_merged")
 
-
 # init_adapter's adapter_config.json -> the TrainConfig keys it sets (LoRAConfig's names).
 ADAPTER_KEYS = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
                 "target_modules": "lora_targets"}
@@ -478,8 +477,7 @@ def default_block_size(cfg: TrainConfig) -> int:
     if cfg.init_from is None:
         from architecture import PRESETS
 
-        preset = PRESETS.get(cfg.preset)
-        return preset.block_size if preset is not None else 256
+        return PRESETS[cfg.preset].block_size  # validate_config checked the preset
     config = cliconfig.read_json_object(Path(cfg.init_from) / HF_CONFIG, "model config")
     context = next((config[k] for k in ("max_position_embeddings", "n_positions", "n_ctx")
                     if k in config), 1024)
@@ -501,7 +499,6 @@ def data_config(cfg: TrainConfig, block_size: int) -> DataConfig:
 
 # The model_options a model loaded with --init-from takes (its config.json fixes the others).
 LOADED_MODEL_OPTIONS = ("attn_dropout", "dropout", "embd_dropout")
-
 
 # ModelConfig keys the tokenizer sets: model_options may not.
 TOKENIZER_MODEL_KEYS = ("vocab_size", "bos_id", "eos_id")
@@ -567,14 +564,11 @@ def check_lora_export(cfg: TrainConfig, model: nn.Module,
                      f"{cliconfig.off_switch('export_merged', where_set)}")
 
 
-# What --overfit (a small from-scratch model memorising the bundled corpus) makes of each key:
-# these it honours (max_steps and lr only when given: its own are 400 and 3e-3), these mean
-# nothing without a run directory or validation; any other setting is refused, not dropped.
+# What --overfit (a small model memorising the bundled corpus) honours, and what means nothing
+# to it (no run directory, no validation); any other setting is refused, not dropped.
 OVERFIT_HONOURS = ("overfit", "max_steps", "lr", "preset", "n_layer", "n_head", "n_embd",
                    "mlp_hidden", "model_options", "seed", "device", "precision", "progress",
                    "min_lr_ratio", "beta1", "beta2", "adam_eps", "grad_clip")
-
-
 OVERFIT_IGNORES = ("name", "out_dir", "eval_every", "eval_examples", "eval_precision",
                    "early_stop_patience", "early_stop_min_delta", "log_every", "save_every",
                    "keep_last", "max_time_s", "export", "export_merged", "sample_prompt",

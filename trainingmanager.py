@@ -1253,7 +1253,6 @@ def run_overfit(cfg: TrainConfig, max_steps: int = 400, lr: float = 3e-3) -> tup
 
 # ---- Command line ----
 
-
 RUN_ERRORS = (NonFiniteLossError, ValueError, OSError)  # reported as one line, no traceback
 
 
