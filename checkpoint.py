@@ -60,8 +60,7 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state(device: torch.device | None = None) -> dict:
-    """This process's RNG state; on a CUDA ``device``, that GPU's generator only (the one its
-    dropout draws from): the state of every visible GPU would not restore where fewer are."""
+    """This process's RNG state; on a CUDA ``device``, that GPU's generator only."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -202,8 +201,7 @@ def load(path: Path, model: nn.Module, trainable_only: bool) -> RunState:
 
 def restore_latest(checkpoints: list[Path], restore: Callable[[Path], None], say: bool
                    ) -> list[Path]:
-    """Call ``restore`` on the newest checkpoint that reads back; return the broken ones after
-    it (to ``set_aside`` once every rank has read its own). None intact: an error."""
+    """Call ``restore`` on the newest checkpoint that reads back; return the broken ones."""
     errors: list[CorruptCheckpointError] = []
     for path in reversed(checkpoints):
         try:

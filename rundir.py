@@ -201,8 +201,7 @@ class ClaimedDir:
 
 def claim(resume: str | None, out_dir: str, name: str | None, stem: str, hint: str | None
           ) -> ClaimedDir:
-    """The locked run directory: ``resume``'s, ``name``'s, or ``stem``-<timestamp>[-2, -3, ...].
-    ``hint``: how the caller continues a run (default ``--resume <dir>``)."""
+    """The locked run directory: ``resume``'s, ``name``'s, or ``stem``-<timestamp>[-2, -3, ...]."""
     if resume:
         return _lock_dir(Path(resume), False, hint)
     if name:

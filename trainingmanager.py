@@ -186,8 +186,7 @@ def _all_reduce_sum(t: torch.Tensor, dist: Dist) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _main_first(dist: Dist) -> Iterator[None]:
-    """Rank 0 does what only it does (shared caches, checkpoints); if it fails, the others stop
-    too, quietly, not on a lost connection."""
+    """Rank 0 does what only it does (caches, checkpoints); if it fails, the others stop too."""
     if not dist.main:
         if _broadcast(None, dist) is not None:
             raise RankZeroFailed("rank 0 failed (its error says why)")
@@ -406,8 +405,7 @@ class Trainer:
 
 
 def check_next_token_labels(examples: Dataset, split: str, n: int = 8) -> None:
-    """The contract the loss relies on, on a split's first examples: every counted label is the
-    next input token, and some label counts (unshifted labels make the task trivially easy)."""
+    """On a split's first examples: every counted label is the next input token, and some count."""
     for i in range(min(n, len(examples))):
         ids, labels = examples[i]["input_ids"], examples[i]["labels"]
         counted = labels[:-1] != IGNORE_INDEX
@@ -440,8 +438,7 @@ STOP_SIGNALS = tuple(sig.name for sig in cliconfig.STOP_SIGNALS)  # SIGINT, SIGT
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """A stop signal raised out of ``train``; ``resume``: how to continue the run from its
-    checkpoint (None: it wrote none, the same command starts it again)."""
+    """A stop signal raised out of ``train``; ``resume``: how to continue the run, if it can."""
 
     def __init__(self, stop: KeyboardInterrupt, resume: str | None):
         super().__init__(*stop.args)  # the signal's name, for cliconfig.interrupted_exit_code
@@ -499,8 +496,7 @@ def _broadcast(value, dist: Dist):
 
 @dataclass
 class Run:
-    """What setting up one call of ``train`` builds; ``state`` is the checkpoint payload the
-    step loop moves on. Rank 0 holds the run directory's lock (``claimed``) until ``train`` ends."""
+    """What setting up ``train`` builds; rank 0 holds the directory's lock until ``train`` ends."""
 
     cfg: TrainConfig
     dist: Dist
@@ -1071,8 +1067,7 @@ def _holds_runs_tokenizer(directory: str | None, tok: object) -> bool:
 
 
 def copy_hf_companions(cfg: TrainConfig, tok: object, out: Path, weights: bool) -> None:
-    """Copy into an export the HF tokenizer files of the run's tokenizer's directory and, beside
-    full weights, ``--init-from``'s generation_config.json when the run kept its tokenizer."""
+    """Copy into an export the HF files beside the run's tokenizer (and --init-from's model)."""
     from pretrained import GENERATION_CONFIG, HF_TOKENIZER_FILES
     from tokenizer import tokenizer_path
 
@@ -1164,8 +1159,7 @@ def structure_diagnosis(model: nn.Module, vocab_size: int, length: int) -> str |
 
 
 def run_overfit(cfg: TrainConfig, max_steps: int = 400, lr: float = 3e-3) -> tuple[bool, str]:
-    """Memorise ``data/overfit`` with the real model, loss and training step; then greedy
-    completion of each file's first line must reproduce the file. Returns (passed, report)."""
+    """Memorise ``data/overfit``, then reproduce each file from its first line: (passed, report)."""
     from architecture import Transformer
     from dataset import collate
     from generation import GenerationConfig, generate
