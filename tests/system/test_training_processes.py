@@ -400,7 +400,7 @@ def test_two_runs_never_share_a_run_directory(assets, tmp_path, monkeypatch):
                                          eval_every=2)).run_dir)
         # named by the process that holds it (this one: the first run trains in it)
         with pytest.raises(ValueError, match=rf"is in use by another run \(process "
-                                             rf"{os.getpid()} on {re.escape(socket.gethostname())}; "):
+                                             rf"{os.getpid()} on {re.escape(socket.gethostname())}\)"):
             tm.train(tiny_cfg(assets, tmp_path, name=name, max_steps=2))
 
     first = tm.train(tiny_cfg(assets, tmp_path, name=None, max_steps=4), on_eval=start_others)
