@@ -1,7 +1,5 @@
-"""A run's checkpoint: one ``RunState`` (weights or adapter, optimizer, scheduler, loss scaler,
-every RNG, the data position, progress and best metrics) saved to ``checkpoints/step-N/`` and
-read back, so that a resumed run continues bit-exactly; which checkpoint a resume continues from,
-and whether the resumed run's settings may continue it."""
+"""A run's checkpoint: one ``RunState`` saved to ``checkpoints/step-N/`` and read back, so that a
+resumed run continues bit-exactly; and whether the resumed run's settings may continue it."""
 
 from __future__ import annotations
 
@@ -24,13 +22,7 @@ from safetensors.torch import load_file, save_file
 
 import process
 import settings
-from rundir import (
-    ADAPTER_FILE,
-    CONFIG_FILE,
-    MODEL_FILE,
-    STATE_FILE,
-    list_checkpoints,
-)
+from rundir import ADAPTER_FILE, CONFIG_FILE, MODEL_FILE, STATE_FILE, list_checkpoints
 
 FORMAT_VERSION = 1  # of state.pt; another is refused
 
@@ -62,11 +54,6 @@ class CorruptCheckpointError(ValueError):
     """A checkpoint that cannot be read back (a disk that filled up, a file edited or lost)."""
 
 
-# --------------------------------------------------------------------------------------------
-# RNG state (all of it, so a resumed run draws the same numbers)
-# --------------------------------------------------------------------------------------------
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -74,8 +61,7 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state(device: torch.device | None = None) -> dict:
-    """This process's RNG state; on a CUDA ``device``, that GPU's generator only (the one its
-    dropout draws from): the state of every visible GPU would not restore where fewer are."""
+    """This process's RNG state; on a CUDA ``device``, that GPU's generator only."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -88,8 +74,7 @@ def rng_state(device: torch.device | None = None) -> dict:
 
 
 def set_rng_state(state: dict, device: torch.device | None = None) -> None:
-    """Restore ``rng_state`` (as torch.load gives it back); the CUDA generator only on a CUDA
-    ``device``."""
+    """Restore ``rng_state`` (as torch.load gives it back)."""
     version, internal, gauss = state["python"]  # weights_only loading makes tuples lists
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
@@ -99,29 +84,17 @@ def set_rng_state(state: dict, device: torch.device | None = None) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-# --------------------------------------------------------------------------------------------
-# Weights
-# --------------------------------------------------------------------------------------------
-
-
-def _unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop aliases (tied embeddings): safetensors stores each storage once."""
-    seen: set[tuple[int, tuple, tuple]] = set()
-    out = {}
-    for name, t in state.items():
+def model_tensors(model: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of ``model``: every tensor, or only the trainable ones."""
+    if trainable_only:
+        return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    seen, out = set(), {}  # aliases (tied embeddings) once: safetensors stores each storage once
+    for name, t in model.state_dict().items():
         key = (t.untyped_storage().data_ptr(), tuple(t.shape), t.stride())
         if key not in seen:
             seen.add(key)
             out[name] = t.detach().contiguous().cpu()
     return out
-
-
-def model_tensors(model: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
-    """What a checkpoint keeps of ``model``: every tensor, or (under LoRA on a pretrained base)
-    only the trainable ones."""
-    if trainable_only:
-        return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    return _unique_tensors(model.state_dict())
 
 
 def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: str,
@@ -131,14 +104,12 @@ def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], sourc
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
         raise ValueError(f"{source}: checkpoint does not match the model (missing {missing[:8]}, "
-                         f"unexpected {unexpected[:8]}); was it written by a run with another "
-                         "config?")
+                         f"unexpected {unexpected[:8]})")
     own = model.state_dict()
     for name, t in tensors.items():  # before load_state_dict, whose error names no source
         if t.shape != own[name].shape:
             raise ValueError(f"{source}: tensor {name} has shape {tuple(t.shape)}, the model's "
-                             f"{tuple(own[name].shape)}; was it written by a run with another "
-                             "config?")
+                             f"{tuple(own[name].shape)}")
     model.load_state_dict(tensors, strict=False)
 
 
@@ -168,23 +139,14 @@ def write_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
         if isinstance(err, OSError) and err.filename is not None:
             raise
         free = free_mib[0] if free_mib else shutil.disk_usage(Path(target).parent).free / 2**20
-        cause = f"{type(err).__name__}: {err}"
-        if free < DISK_FULL_MIB or process.is_disk_full(err):
-            raise OSError(f"{target}: could not write it: the disk is full ({free:.0f} MiB free); "
-                          f"free some space before going on; what was written before is intact "
-                          f"({cause})") from None
-        raise OSError(f"{target}: could not write it ({cause}; {free:.0f} MiB free); what was "
-                      "written before is intact") from None
-
-
-# --------------------------------------------------------------------------------------------
-# Save, read, restore
-# --------------------------------------------------------------------------------------------
+        full = free < DISK_FULL_MIB or process.is_disk_full(err)
+        raise OSError(f"{target}: could not write it{': the disk is full' if full else ''} "
+                      f"({free:.0f} MiB free); {'free some space; ' if full else ''}what was "
+                      f"written before is intact ({type(err).__name__}: {err})") from None
 
 
 def save(path: Path, state: RunState, config: dict, trainable_only: bool) -> None:
-    """Write ``state`` (its weights to the .safetensors, the rest to state.pt) and the run's
-    config to checkpoint directory ``path``, atomically."""
+    """Write ``state`` and the run's config to checkpoint directory ``path``, atomically."""
     rest = {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != "weights"}
 
     def write(tmp: Path) -> None:
@@ -213,20 +175,17 @@ def read_state(path: Path, mmap: bool = False) -> RunState:
                       ) from None
     if not isinstance(raw, dict) or "format_version" not in raw:
         raise _broken(path, f"{STATE_FILE} holds no format_version")
-    if raw["format_version"] != FORMAT_VERSION:
-        raise ValueError(f"{path / STATE_FILE}: checkpoint format_version "
-                         f"{raw['format_version']!r}, this codelm reads {FORMAT_VERSION}: "
-                         "continue the run with the codelm that wrote it, or start a new run")
-    names = {f.name for f in dataclasses.fields(RunState)} - {"weights"}
-    if set(raw) - {"format_version"} != names:
-        raise _broken(path, f"{STATE_FILE} lacks some of {', '.join(sorted(names))}")
-    return RunState(**{k: v for k, v in raw.items() if k != "format_version"})
+    if (version := raw.pop("format_version")) != FORMAT_VERSION:
+        raise ValueError(f"{path / STATE_FILE}: checkpoint format_version {version!r}, not "
+                         f"{FORMAT_VERSION}: start a new run")
+    if set(raw) != {f.name for f in dataclasses.fields(RunState)} - {"weights"}:
+        raise _broken(path, f"{STATE_FILE} does not hold every RunState field")
+    return RunState(**raw)
 
 
 def load(path: Path, model: nn.Module, trainable_only: bool) -> RunState:
-    """Load a checkpoint's weights into ``model`` and return its RunState. Both files are read
-    and checked before the model is touched, so a broken checkpoint (CorruptCheckpointError)
-    leaves the model as it was and an earlier one can be tried."""
+    """Load a checkpoint's weights into ``model`` and return its RunState; both files are read
+    first, so a broken checkpoint leaves the model as it was and an earlier one can be tried."""
     path = Path(path)
     weights = path / weights_file(trainable_only)
     if not weights.is_file():
@@ -243,8 +202,7 @@ def load(path: Path, model: nn.Module, trainable_only: bool) -> RunState:
 
 def restore_latest(checkpoints: list[Path], restore: Callable[[Path], None], say: bool
                    ) -> list[Path]:
-    """Call ``restore`` on the newest checkpoint that reads back; return the broken ones after
-    it (to ``set_aside`` once every rank has read its own). None intact: an error."""
+    """Call ``restore`` on the newest checkpoint that reads back; return the broken ones."""
     errors: list[CorruptCheckpointError] = []
     for path in reversed(checkpoints):
         try:
@@ -267,18 +225,13 @@ def set_aside(broken: list[Path]) -> None:
 
 
 def drop_old(run_dir: Path, keep_last: int) -> None:
-    """Remove all but the newest ``keep_last`` checkpoints: renamed first, so that a kill
-    mid-removal leaves a partial write (removed at the next start), not a step-N without its
-    weights."""
+    """Remove all but the newest ``keep_last`` checkpoints (renamed first: a kill mid-removal
+    leaves a partial write, not a step-N without its weights)."""
     for old in list_checkpoints(run_dir)[:-keep_last]:
         doomed = process.partial_path(old, "tmp")
         old.rename(doomed)
         shutil.rmtree(doomed)
 
-
-# --------------------------------------------------------------------------------------------
-# Whether a resume may continue a checkpoint
-# --------------------------------------------------------------------------------------------
 
 # What a resumed run may change (besides name, out_dir and resume, which locate it): how it
 # computes, how far it goes, what it reports and keeps, how it ends. Every other key shapes the
@@ -316,16 +269,14 @@ def _map_paths(key: str, value, fn: Callable[[Path], Path]):
 
 
 def with_absolute_paths(cfg):
-    """``cfg`` (a TrainConfig) with its PATH_KEYS absolute (as read from the current
-    directory). Not resolved: a symlink keeps its name, which a data source's document ids
-    start with."""
+    """``cfg`` (a TrainConfig) with its PATH_KEYS absolute; not resolved: a symlink keeps its
+    name, which a data source's document ids start with."""
     return dataclasses.replace(cfg, **{
         k: _map_paths(k, getattr(cfg, k), lambda p: p.expanduser().absolute()) for k in PATH_KEYS})
 
 
 def check_run_paths(values: dict, keys: Sequence[str], source: str) -> None:
-    """Each path that ``values`` (a run's config.json, read from ``source``) holds under ``keys``
-    must exist: a missing one is an error naming the file and the key."""
+    """Each path that ``values`` (a run's config.json) holds under ``keys`` must exist."""
     for key in keys:
         value = values.get(key)
         for path in [value] if isinstance(value, str) else value or []:
@@ -338,78 +289,60 @@ def check_run_paths(values: dict, keys: Sequence[str], source: str) -> None:
 
 
 def check_resume_config(cfg, run_dir: Path, resume_hint: str) -> dict | None:
-    """Refuse a resumed run whose settings (``cfg``, a TrainConfig) differ from those its newest
-    checkpoint was trained with in a key outside RESUME_MAY_CHANGE, naming each key with both
-    values; return the saved values (None: nothing saved yet). PATH_KEYS compare as the files
-    they name, typed relative or absolute."""
+    """Refuse a resumed run whose settings (a TrainConfig) differ from its newest checkpoint's
+    outside RESUME_MAY_CHANGE; return the saved values (None: nothing saved yet)."""
     saved_path = next((c / CONFIG_FILE for c in reversed(list_checkpoints(run_dir))
                        if (c / CONFIG_FILE).is_file()), Path(run_dir) / CONFIG_FILE)
     if not saved_path.is_file():
         return None
     saved, source = settings.read_config_file(saved_path, "train")
     now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # JSON's view, as config.json holds it
-    compared = []
-    for values in (saved, now):
-        values = dict(values)
-        if isinstance(values.get("data_options"), dict):
-            values["data_options"] = {k: v for k, v in values["data_options"].items()
-                                      if k not in RESUME_DATA_OPTIONS_MAY_CHANGE}
-        for key in PATH_KEYS:
-            values[key] = _map_paths(key, values.get(key), lambda p: p.expanduser().resolve())
-        compared.append(values)
-    fixed = [k for k in now if k not in ("name", "out_dir", "resume", *RESUME_MAY_CHANGE)]
-    # precision "auto" names a precision only with a device: what it computes in is checked
-    # against the checkpoint's record instead (check_precision).
-    changed = [f"{k}={saved[k]!r} (now {now[k]!r})" for k in fixed
-               if k in saved and compared[0][k] != compared[1][k]
+
+    def comparable(values: dict, key: str):  # paths as the files they name
+        if key == "data_options":
+            return {k: v for k, v in values[key].items() if k not in RESUME_DATA_OPTIONS_MAY_CHANGE}
+        if key in PATH_KEYS:
+            return _map_paths(key, values[key], lambda p: p.expanduser().resolve())
+        return values[key]
+
+    # precision "auto" names a precision only with a device: check_precision compares that.
+    changed = [f"{k}={saved[k]!r} (now {now[k]!r})" for k in now
+               if k not in ("name", "out_dir", "resume", *RESUME_MAY_CHANGE) and k in saved
+               and comparable(saved, k) != comparable(now, k)
                and not (k == "precision" and "auto" in (saved[k], now[k]))]
     if changed:
-        raise ValueError(
-            f"{source}: the run was trained with other settings: {'; '.join(changed)}. A "
-            "resumed run keeps every setting of its model, data, optimizer and schedule: drop "
-            f"those changes ({resume_hint} alone continues it, once {Path(run_dir) / CONFIG_FILE}"
-            " holds them as trained), or start a new run with another --name. A resume may "
-            f"change only: {', '.join(RESUME_MAY_CHANGE)}")
+        raise ValueError(f"{source}: the run was trained with other settings: "
+                         f"{'; '.join(changed)}: drop them ({resume_hint} alone continues it), or "
+                         "start a new run with another --name")
     return saved
 
 
 def check_precision(path: Path, trained: str, now: str, setting: str, device: torch.device,
                     lacks_bf16: bool) -> None:
-    """A resume computes in the precision its run trained in: "auto" resolved on another device
-    (a bf16 run resumed on a T4 or on the CPU) would switch it silently. ``setting``: the
-    precision setting now, which computes in ``now``."""
+    """A resume computes in the precision its run trained in ("auto" may resolve otherwise on
+    another device); ``setting``: the precision setting now, which computes in ``now``."""
     if trained == now:
         return
     keep = f"Pass --precision {trained} to keep it on {device}"
     if trained == "bf16" and lacks_bf16:
-        keep = ("This GPU has no native bf16: resume on one that has, or on the CPU with "
-                "--precision bf16")
-    raise ValueError(
-        f"{path}: the run trained in {trained}, but --precision {setting} computes in "
-        f"{now} on {device}: a resume keeps the precision its run trained in. {keep}, "
-        f"or resume where --precision auto gives {trained} (bf16 on GPUs with native bf16, "
-        "fp16 on older ones, fp32 on the CPU); a change of precision needs a new run "
-        "(another --name)")
+        keep = "This GPU has no native bf16: resume on one that has, or on the CPU"
+    raise ValueError(f"{path}: the run trained in {trained}, but --precision {setting} computes "
+                     f"in {now} on {device}. {keep}; a change of precision needs a new run")
 
 
 def check_writers(path: Path, writers: int, world: int, per_process: int) -> None:
     """A checkpoint continues on as many processes as wrote it (one RNG state each)."""
     if writers != world:
-        raise ValueError(
-            f"{path} was written by {writers} process(es), this run has {world}: its global "
-            f"batch (batch_size x grad_accum x processes) would change from "
-            f"{per_process * writers} to {per_process * world} examples a step, and its random "
-            f"streams could not continue; resume it on {writers} process(es)")
+        raise ValueError(f"{path} was written by {writers} process(es), this run has {world}: its "
+                         f"global batch would change from {per_process * writers} to "
+                         f"{per_process * world} examples a step; resume it on {writers}")
 
 
 def note_other_data(run_name: str, trained: dict | None, now: dict) -> None:
-    """Say so when the data was built anew, other than the checkpoint's (its files changed, or
-    codelm's encoding did): the run continues on the new data, not bit-exactly."""
+    """Warn when the data was built anew, other than the checkpoint's: not bit-exact."""
     differ = [f"{key} {trained.get(key)} -> {now[key]}" for key in now
               if trained and None not in (trained.get(key), now[key])
               and trained.get(key) != now[key]]
     if differ:
         print(f"warning: the training data is not the one {run_name} trained on "
-              f"({'; '.join(differ)}): its files, or codelm's encoding of them, changed since. "
-              "The run continues on the new data, so this resume is not bit-exact; start a "
-              "new run to compare runs exactly", file=sys.stderr)
+              f"({'; '.join(differ)}): this resume is not bit-exact", file=sys.stderr)

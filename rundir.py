@@ -22,9 +22,7 @@ import settings
 # CHECKPOINTS_DIR/<CHECKPOINT_PREFIX>N/, BEST_DIR/, EXPORT_DIR/ and EVAL_DIR/ (and
 # INIT_ADAPTER_COPY); is_run_dir tells one from any other directory.
 CONFIG_FILE = "config.json"  # the resolved TrainConfig; each checkpoint and best/ hold a copy
-# An init_adapter run's copy of the adapter's adapter_config.json, written with its CONFIG_FILE:
-# continued from its weights (a resume, eval.py) it takes its LoRA layout there, not from the
-# adapter directory, which it needs only at its start (run_adapter_copy).
+# An init_adapter run's copy of the adapter's config: the LoRA layout its weights continue with.
 INIT_ADAPTER_COPY = "init_adapter_config.json"
 METRICS_FILE = "metrics.jsonl"  # one line per log step and per evaluation (RunLog)
 TB_DIR = "tb"  # TensorBoard events
@@ -34,9 +32,7 @@ BEST_METRICS = "metrics.json"  # in best/: {"step": the step of its weights, **v
 EXPORT_DIR = "export"  # HF model + tokenizer, or a LoRA run's adapter (PEFT layout)
 MERGED_DIR = "merged"  # in export/: a LoRA run's merged model (export_merged)
 EVAL_DIR = "eval"  # recipes.py's evaluation of the run
-# An HF model directory's config (export/, export/merged/, an init_from): HF's name, which stays
-# when the run's CONFIG_FILE is renamed.
-HF_CONFIG = "config.json"
+HF_CONFIG = "config.json"  # an HF model directory's config (export/, an init_from)
 
 MODEL_FILE = "model.safetensors"  # the full model's tensors
 ADAPTER_FILE = "adapter.safetensors"  # only the trainable tensors (LoRA on a pretrained base)
@@ -45,11 +41,6 @@ CHECKPOINT_PREFIX = "step-"
 EXPORT_RECORD = "codelm_export.json"  # in export/: {"best_step": the step of best/ it holds}
 LOCK_FILE = ".lock"  # held (flock) by the run that runs in the directory; holds its owner_tag
 WRITTEN_BEFORE_CONFIG = ("tokenizer.json", "tokenizer_config.json")  # the run's tokenizer
-
-
-# --------------------------------------------------------------------------------------------
-# What a run directory holds
-# --------------------------------------------------------------------------------------------
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -74,8 +65,7 @@ def best_step(run_dir: Path) -> int | None:
 
 
 def stale_export(run_dir: Path) -> str | None:
-    """Why a run's export/ does not hold its best/ weights (a resume trained on without
-    exporting), or None."""
+    """Why a run's export/ does not hold its best/ weights, or None."""
     record = Path(run_dir) / EXPORT_DIR / EXPORT_RECORD
     if not record.is_file():
         return None
@@ -88,22 +78,19 @@ def stale_export(run_dir: Path) -> str | None:
 
 
 def holds_weights(run_dir: Path) -> bool:
-    """Whether a run directory holds trained weights (a checkpoint, best/ or export/): a new
-    run may replace one without them, and a resumed one without them starts from scratch."""
+    """Whether a run directory holds trained weights (a checkpoint, best/ or export/)."""
     return bool(list_checkpoints(run_dir)) or any((run_dir / d).is_dir()
                                                   for d in (BEST_DIR, EXPORT_DIR))
 
 
 def is_run_dir(path: str | Path) -> bool:
-    """Whether ``path`` is a codelm run directory that got as far as weights: eval loads such a
-    directory as a run."""
+    """Whether ``path`` is a codelm run directory that got as far as weights."""
     path = Path(path)
     return (path / CONFIG_FILE).is_file() and holds_weights(path)
 
 
 def failed_before_weights(run_dir: Path) -> bool:
-    """Whether a directory holds only a codelm run that stopped before writing any weights: its
-    config.json reads as a run's, and there is no weights file anywhere in it."""
+    """Whether a directory holds only a codelm run that stopped before writing any weights."""
     try:
         config = settings.read_json_object(run_dir / CONFIG_FILE, "run config")
     except (ValueError, OSError):
@@ -134,15 +121,8 @@ def holds_no_checkpoint(run_dir: Path) -> str:
     return f"holds {' and '.join(held)} but no checkpoint to continue from; {how}"
 
 
-def no_checkpoint_to_resume(run_dir: Path) -> str:
-    """Why ``--resume`` refuses a run that holds weights (best/, export/) but no checkpoint:
-    starting it again would overwrite them."""
-    return f"--resume {run_dir}: it {holds_no_checkpoint(run_dir)}"
-
-
 def no_weights_yet(run_dir: Path) -> str | None:
-    """Why a run directory holding no weights has no model to load (still training towards its
-    first checkpoint, or stopped before one); None for any other directory."""
+    """Why a run directory holding no weights has no model to load; None for any other."""
     if not (run_dir / CONFIG_FILE).is_file() or not failed_before_weights(run_dir):
         return None
     lock = run_dir / LOCK_FILE
@@ -158,14 +138,11 @@ def what_next(hint: str, restarts: bool = False) -> str:
     return f"{'start it again' if restarts else 'continue'} with {hint}"
 
 
-# --------------------------------------------------------------------------------------------
-# Claiming and locking: one run per directory
-# --------------------------------------------------------------------------------------------
+# ---- Claiming and locking: one run per directory ----
 
 
 def lock_holder(lock: Path) -> str | None:
-    """Who holds ``lock``, as its run wrote it (``process.owner_tag``): "process PID on HOST";
-    None when unknown or ended (the file keeps the last holder's tag)."""
+    """Who holds ``lock`` ("process PID on HOST"), None when unknown or ended."""
     try:
         match = re.fullmatch(process.OWNER_PATTERN, lock.read_text().strip())
     except (OSError, UnicodeDecodeError):
@@ -183,20 +160,13 @@ def lock_is_held(lock: Path) -> bool:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
     except BlockingIOError:
         return True
     except OSError:  # a filesystem without locks: nothing to tell
-        return False
+        pass
     finally:
         os.close(fd)
-
-
-def clean_partial_writes(directory: Path) -> None:
-    """Remove interrupted writes; restore a target whose replacement never landed. Run under
-    the run's lock, so every owner of these names is gone."""
-    if directory.is_dir():
-        process.recover_partial_writes(directory, every_owner_gone=True)
+    return False
 
 
 class RunDirTaken(ValueError):
@@ -206,21 +176,19 @@ class RunDirTaken(ValueError):
 @dataclass
 class ClaimedDir:
     """A run directory this process holds the lock of (``lock`` None: a filesystem without
-    locks). ``wrote_tokenizer``: WRITTEN_BEFORE_CONFIG are this run's (``drop_if_unused``)."""
+    locks); ``wrote_tokenizer``: WRITTEN_BEFORE_CONFIG are this run's."""
 
     path: Path
     lock: int | None = None
     wrote_tokenizer: bool = False
 
     def release(self) -> None:
-        """Give up the lock (the process's end does too)."""
         if self.lock is not None:
             os.close(self.lock)
             self.lock = None
 
     def drop_if_unused(self) -> None:
-        """A run that failed or was stopped before its config.json leaves no directory behind:
-        only its lock file and tokenizer are there, removed while the lock is still held."""
+        """Remove the directory of a run that stopped before its config.json, under the lock."""
         if self.lock is None:
             return
         ours = {LOCK_FILE, *(WRITTEN_BEFORE_CONFIG if self.wrote_tokenizer else ())}
@@ -234,9 +202,7 @@ class ClaimedDir:
 
 def claim(resume: str | None, out_dir: str, name: str | None, stem: str, hint: str | None
           ) -> ClaimedDir:
-    """The locked run directory: ``resume``'s, ``name``'s, or ``stem`` with a timestamp (a
-    suffix -2, -3, ... when runs started in the same second took the first ones). ``hint``: how
-    the caller continues a run (default ``--resume <dir>``)."""
+    """The locked run directory: ``resume``'s, ``name``'s, or ``stem``-<timestamp>[-2, -3, ...]."""
     if resume:
         return _lock_dir(Path(resume), False, hint)
     if name:
@@ -249,10 +215,8 @@ def claim(resume: str | None, out_dir: str, name: str | None, stem: str, hint: s
 
 
 def _lock_dir(run_dir: Path, new: bool, hint: str | None) -> ClaimedDir:
-    """Create ``run_dir`` and take its exclusive lock (on a file: flock on a directory fails
-    on NFS). A new run refuses a directory that holds anything but a codelm run that stopped
-    before its first weights: that one it replaces (so the corrected command may reuse the
-    name), and only while it holds the lock."""
+    """Create ``run_dir`` and take its exclusive lock (on a file: flock on a directory fails on
+    NFS). A new run replaces only a codelm run that stopped before its first weights."""
     def taken() -> RunDirTaken:
         if holds_weights(run_dir) and not list_checkpoints(run_dir):
             return RunDirTaken(f"{run_dir} already {holds_no_checkpoint(run_dir)}")
@@ -278,23 +242,23 @@ def _lock_dir(run_dir: Path, new: bool, hint: str | None) -> ClaimedDir:
     claimed = ClaimedDir(run_dir)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        claimed.lock = fd
     except BlockingIOError:
         os.close(fd)
-        who = "; ".join(filter(None, [lock_holder(run_dir / LOCK_FILE), "one started in the "
-                                      "same second, or with the same --name or --resume"]))
+        who = lock_holder(run_dir / LOCK_FILE) or "one started with the same --name or --resume"
         raise RunDirTaken(f"{run_dir} is in use by another run ({who}): wait for it to "
                           "end, or choose another --name") from None
     except OSError:  # a filesystem without locks: unguarded, so nothing is replaced
         os.close(fd)
         print(f"warning: {run_dir}: this filesystem cannot lock the run directory; nothing "
               "stops a second run under this name", file=sys.stderr)
-    if claimed.lock is not None:  # who holds it, for whoever waits for it (lock_holder)
-        with contextlib.suppress(OSError):  # a full disk: the lock holds all the same
-            os.ftruncate(claimed.lock, 0)
-            os.write(claimed.lock, f"{process.owner_tag()}\n".encode())
-    clean_partial_writes(run_dir)
-    clean_partial_writes(run_dir / CHECKPOINTS_DIR)
+    else:
+        claimed.lock = fd
+        with contextlib.suppress(OSError):  # who holds it (lock_holder); a full disk: still held
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{process.owner_tag()}\n".encode())
+    for directory in (run_dir, run_dir / CHECKPOINTS_DIR):  # under the lock: their writers are gone
+        if directory.is_dir():
+            process.recover_partial_writes(directory, every_owner_gone=True)
     if new and (run_dir / CONFIG_FILE).exists():
         if claimed.lock is None or not failed_before_weights(run_dir):
             claimed.release()
@@ -303,21 +267,13 @@ def _lock_dir(run_dir: Path, new: bool, hint: str | None) -> ClaimedDir:
     return claimed
 
 
-# --------------------------------------------------------------------------------------------
-# metrics.jsonl and TensorBoard
-# --------------------------------------------------------------------------------------------
+# ---- metrics.jsonl and TensorBoard ----
 
 
 def trim_metrics(path: Path, step: int) -> None:
-    """Drop what an interrupted run logged past the step its resume continues from. Atomic: a
-    kill mid-write would drop the history up to the checkpoint for good."""
-    if path.exists():
-        process.write_atomic(path, "".join(line + "\n" for line in _metrics_up_to(path, step)))
-
-
-def _metrics_up_to(path: Path, step: int) -> list[str]:
-    """The lines of metrics.jsonl up to ``step``. A torn last line (a crash or a full disk
-    mid-write) is dropped with a warning; any other unreadable line is an error naming it."""
+    """Drop what an interrupted run logged past the step its resume continues from."""
+    if not path.exists():
+        return
     lines = path.read_bytes().split(b"\n")
     kept = []
     for number, raw in enumerate(lines, 1):
@@ -334,16 +290,15 @@ def _metrics_up_to(path: Path, step: int) -> list[str]:
             raise ValueError(f"{path}:{number}: not a metrics line ({e}); fix or remove it "
                              "to resume") from None
         if record.get("step", 0) <= step:
-            kept.append(raw.decode("utf-8"))
-    return kept
+            kept.append(raw.decode("utf-8") + "\n")
+    process.write_atomic(path, "".join(kept))
 
 
 class RunLog:
     """metrics.jsonl (one line per log step and per evaluation) and TensorBoard; rank 0 only."""
 
     def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None):
-        """``resume_step``: the step a resumed run continues from (0 when it had no checkpoint
-        yet; None: a new run). What the interrupted run logged past it is dropped."""
+        """``resume_step``: the step a resumed run continues from (None: a new run)."""
         self.enabled, self.run_dir = enabled, run_dir
         self.file = self.tb = None
         self._failed = False  # a write failed (a full disk): its error said so, close stays quiet
@@ -377,12 +332,9 @@ class RunLog:
     def close(self) -> None:
         if self.file is not None:
             file, tb, self.file, self.tb = self.file, self.tb, None, None
-            # both; after a failed write, without raising its error again (it would replace
-            # the one on its way out, and skip what the caller does after closing)
-            quiet = contextlib.suppress(OSError) if self._failed else contextlib.nullcontext()
-            try:
-                with quiet:
+            # after a failed write, quietly: its error is already on its way out
+            with contextlib.suppress(OSError) if self._failed else contextlib.nullcontext():
+                try:
                     file.close()
-            finally:
-                with quiet:
+                finally:
                     tb.close()

@@ -1,8 +1,6 @@
-"""What a training run is asked to do: ``TrainConfig``, read from flags, a ``--config`` file or a
-resumed run's config.json, and checked once there, where the user's input enters
-(``parse_config``, ``validate_config``): errors name each key, its value and where it was set.
-trainingmanager's library functions take a valid TrainConfig. Also what the settings build:
-the tokenizer and the model (from scratch, from ``init_from``, with LoRA)."""
+"""``TrainConfig``: read from flags, a ``--config`` file or a resumed run's config.json and
+checked once there (``parse_config``, ``validate_config``); and what it builds: the tokenizer and
+the model (from scratch, from ``init_from``, with LoRA)."""
 
 from __future__ import annotations
 
@@ -59,40 +57,33 @@ class TrainConfig:
     device: str = "auto"  # auto (a GPU where there is one, else the CPU; not mps) | cpu | cuda | cuda:N
     # model: from scratch (preset + overrides) or from a local HF checkpoint
     preset: str = "llama-14m"  # architecture.PRESETS name (vocab_size follows the tokenizer)
-    init_from: str | None = None  # a local HF checkpoint directory: a run's export/ too, or
-    #   for a LoRA run on --init-from (whose export/ is the adapter) its export/merged/
+    init_from: str | None = None  # a local HF checkpoint directory (a run's export/ or, of a
+    #   LoRA run, its export/merged/)
     n_layer: int | None = None  # overrides the preset (from-scratch models only)
     n_head: int | None = None  # n_kv_head follows it unless model_options sets it
     n_embd: int | None = None  # model width
     mlp_hidden: int | None = None  # MLP width
-    block_size: int | None = None  # length of training sequences; from scratch also the
-    #   model's context (None: the preset's); with --init-from at most the checkpoint's context
-    #   (None: the smaller of that context and 1024)
+    block_size: int | None = None  # length of training sequences (None: the preset's context,
+    #   or the checkpoint's, at most 1024)
     dropout: float | None = None  # dropout of the embeddings and residual branches (default:
-    #   the model's own, e.g. embd_pdrop, resid_pdrop); attention dropout is the model's own,
-    #   or model_options {"attn_dropout": p} (with --init-from only the dropouts can be set)
+    #   the model's own); attention dropout: model_options {"attn_dropout": p}
     model_options: dict = field(default_factory=dict)  # any other ModelConfig field, e.g. init
     # tokenizer: a file/dir, else the model dir's, else a CodeTokenizer trained on the train split
     tokenizer: str | None = None  # a tokenizer.json / codelm tokenizer file or directory
     tokenizer_min_freq: int = 10  # a trained tokenizer keeps pieces seen this often
-    tokenizer_max_vocab: int | None = 8000  # a trained tokenizer's cap on learned pieces; its
-    #   256 byte tokens and its special tokens come on top (the default run: 8,262 tokens)
+    tokenizer_max_vocab: int | None = 8000  # a trained tokenizer's cap on learned pieces (its
+    #   byte and special tokens come on top)
     # LoRA (r = 0: full training) and a quantized frozen base (QLoRA)
     lora_r: int = 0  # adapter rank; needs init_from (a random base is not worth freezing)
     lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_r
     lora_dropout: float = 0.0  # dropout on the adapters' input
     lora_targets: list[str] | None = None  # module names, HF (q_proj) or codelm (qkv);
     #   default: the attention projections (qkv, attn.proj)
-    init_adapter: str | None = None  # a LoRA adapter directory in PEFT's layout (PEFT's own,
-    #   or a LoRA run's export/) to train on as an adapter, on --init-from (default: the base
-    #   its adapter_config.json names); lora_r, lora_alpha, lora_dropout and lora_targets come
-    #   from that file (a --lora-* flag that differs from it is an error; targets, HF or codelm
-    #   names, differ when they select other modules). The run keeps a copy of that file: the
-    #   directory is needed only at the start (not to resume or evaluate the run)
+    init_adapter: str | None = None  # a LoRA adapter directory (PEFT's, or a LoRA run's
+    #   export/) to train on; its adapter_config.json sets the base and the lora_* settings
     quantize_bits: int = 0  # 0, 8 (int8) or 4 (NF4); needs lora_r > 0
     base_dtype: str = "fp32"  # fp32 | bf16 | fp16: dtype of the frozen base under LoRA (the
-    #   adapters stay fp32); bf16 halves the base's memory, fp16 is for GPUs without bf16 (and
-    #   turns on loss scaling, as --precision fp16 does)
+    #   adapters stay fp32); fp16 turns on loss scaling
     # data (dataset.py): task and sources (None: the Python standard library)
     task: str = "lm"  # lm | completion | method | docstring | refactor | fim (dataset.TASKS)
     data: list[str] | None = None  # "stdlib", directories, scraper JSONL or pairs JSONL
@@ -115,16 +106,13 @@ class TrainConfig:
     label_smoothing: float = 0.0  # training only; validation reports the true NLL
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 on GPUs with native bf16, fp16
     #   on older ones such as the T4, fp32 on CPU)
-    eval_precision: str = "fp32"  # fp32 | same (as training). fp32 means
-    #   no autocast: a bf16/fp16 or quantized frozen base (base_dtype) computes in its own dtype
+    eval_precision: str = "fp32"  # fp32 (no autocast) | same (as training)
     compile: bool = False  # torch.compile the model
     gradient_checkpointing: bool = False  # recompute each block in backward: less memory
     # evaluation, logging, checkpoints
-    eval_every: int = 175  # steps between evaluations (and best/ checkpoints); none before
-    #   warmup_steps (a loss not yet comparable), and always one at the end
-    eval_examples: int | None = 80  # validation examples (windows or pairs) scored at each
-    #   evaluation: the split's first ones, whatever the batch size, accumulation or processes,
-    #   so runs that differ in those compare on the same examples; None: the whole split
+    eval_every: int = 175  # steps between evaluations (none before warmup_steps; one at the end)
+    eval_examples: int | None = 80  # the validation split's first examples scored at each
+    #   evaluation (None: the whole split)
     early_stop_patience: int = 0  # evaluations without improvement before stopping; 0: never
     early_stop_min_delta: float = 0.0  # a smaller fall of the validation loss is no improvement
     log_every: int = 10  # steps between metrics.jsonl / TensorBoard lines
@@ -135,8 +123,7 @@ class TrainConfig:
     # end of run
     export: bool = True  # write export/: HF model + tokenizer, or the PEFT adapter
     export_merged: bool = False  # under LoRA: also write the merged full model
-    sample_prompt: str = "def fibonacci(n):\n"  # completed greedily at the end of the run
-    #   (with --export); a special token's text in it is read as the run's pair records were
+    sample_prompt: str = "def fibonacci(n):\n"  # completed greedily at the end (with --export)
     sample_tokens: int = 48  # tokens of that sample
     # debugging
     overfit: bool = False  # train on the bundled tiny corpus until it is memorised
@@ -158,8 +145,7 @@ def config_from_dict(values: dict, source: str = "<dict>") -> TrainConfig:
 
 
 def load_config_file(path: str | os.PathLike) -> dict:
-    """The checked TrainConfig values of a JSON file (a recipe's ``train`` section when the file
-    is a recipe); errors name the file and the key."""
+    """The checked TrainConfig values of a JSON file (a recipe's ``train`` section)."""
     values, source = settings.read_config_file(path, "train")
     config_from_dict(values, source)
     check_options(values, source)
@@ -186,32 +172,28 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
         _check_data_options(args["data_options"], "--data-options")
     if "model_options" in args:
         _check_model_options(args["model_options"], "--model-options")
-    given: dict = {}
     config = args.pop("config", None)
-    if config is not None:
-        given = load_config_file(config)
+    given = load_config_file(config) if config is not None else {}
     resumed: dict = {}
     if args.get("resume"):
         check_resume_location(args, given, config)
-        saved = Path(args["resume"]) / CONFIG_FILE
-        if (Path(args["resume"]) / LOCK_FILE).is_file() and not saved.is_file():
-            raise ValueError(f"--resume {args['resume']}: " + (
-                f"its run is still starting (it has not written {CONFIG_FILE}): wait for it"
-                if rundir.lock_is_held(Path(args["resume"]) / LOCK_FILE) else
-                f"its run was stopped before it wrote {CONFIG_FILE}: nothing to resume; run the "
-                "command that started it again (the same --name reuses the directory)"))
-        if not Path(args["resume"]).is_dir():
-            raise ValueError(f"--resume {args['resume']}: no such run directory")
+        run, resume = Path(args["resume"]), f"--resume {args['resume']}"
+        saved = run / CONFIG_FILE
+        if not run.is_dir():
+            raise ValueError(f"{resume}: no such run directory")
+        if not saved.is_file() and rundir.lock_is_held(run / LOCK_FILE):
+            raise ValueError(f"{resume}: its run is still starting (it has not written "
+                             f"{CONFIG_FILE}): wait for it")
+        if not saved.is_file() and (run / LOCK_FILE).is_file():
+            raise ValueError(f"{resume}: its run was stopped before it wrote {CONFIG_FILE}: "
+                             "nothing to resume; run the command that started it again")
         if not saved.is_file():
-            raise ValueError(f"--resume {args['resume']}: no {CONFIG_FILE} there (not a run dir)")
+            raise ValueError(f"{resume}: no {CONFIG_FILE} there (not a run dir)")
         resumed = load_config_file(saved)
-    if resumed:  # the paths it gives the run (its own tokenizer.json replaces the tokenizer's,
-        #   its copy of the adapter's config the adapter directory: run_adapter_copy)
-        owned = ("init_adapter",) if run_adapter_copy(args["resume"]) else ()
-        check_run_paths(resumed, [k for k in ("init_from", "init_adapter", "data", "val_data",
-                                              "test_data")
-                                  if k not in args and k not in given and k not in owned],
-                        str(saved))
+        # the paths it gives the run must exist (its own copy of an adapter's config replaces it)
+        owned = ("init_adapter",) if run_adapter_copy(run) else ()
+        paths = ("init_from", "init_adapter", "data", "val_data", "test_data")
+        check_run_paths(resumed, [k for k in paths if k not in {*args, *given, *owned}], str(saved))
     cfg = settings.resolve_config(TrainConfig, args, "train", base={**resumed, **given},
                                    choices=_CHOICES)
     where_set = _where_set_in_run(args, config, given, args.get("resume"))
@@ -224,18 +206,13 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
 
 def _where_set_in_run(typed: Collection[str], config: str | None, in_file: Collection[str],
                       resume: str | None) -> Callable[[str], str]:
-    """Where a trainingmanager.py user set TrainConfig ``key`` (``train``'s ``where_set``):
-    ``settings.where_set_by``, the keys of a ``--resume`` run read from its config.json."""
+    """``settings.where_set_by``, the other keys read from the ``--resume`` run's config.json."""
     return settings.where_set_by(typed, config, in_file,
                                   resume and f"{Path(resume) / CONFIG_FILE} (--resume)")
 
 
-def check_resume_location(args: dict, given: dict | None = None, config: str | None = None
-                          ) -> None:
-    """A ``--name`` / ``--out-dir`` typed, or set by the ``--config`` file, must name the
-    ``--resume`` directory: the resume continues that run, so one naming another run (a new
-    branch, meant) would go unheeded."""
-    given = given or {}
+def check_resume_location(args: dict, given: dict, config: str | None) -> None:
+    """A ``--name`` / ``--out-dir`` given beside ``--resume`` must name that run's directory."""
     resume = Path(args["resume"]).expanduser()
     values = {k: args[k] if args.get(k) is not None else given.get(k) for k in ("name", "out_dir")}
     named = (Path(values["out_dir"] or resume.parent).expanduser()
@@ -253,27 +230,21 @@ def check_resume_location(args: dict, given: dict | None = None, config: str | N
 # Keys that mean something only under LoRA (lora_r > 0): set without it, they are refused.
 LORA_ONLY_KEYS = ("lora_alpha", "lora_dropout", "lora_targets", "export_merged")
 
-
 # init_adapter's adapter_config.json -> the TrainConfig keys it sets (LoRAConfig's names).
 ADAPTER_KEYS = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
                 "target_modules": "lora_targets"}
 
 
 def run_adapter_copy(run_dir: str | Path) -> Path | None:
-    """A run's INIT_ADAPTER_COPY when the run continues from its weights (it holds some): the
-    LoRA layout of an init_adapter run that a resume or eval.py rebuilds. None: a run with no
-    weights yet (it starts again from the adapter directory)."""
+    """A run's INIT_ADAPTER_COPY when the run holds weights to continue from, else None."""
     copy = Path(run_dir).expanduser() / INIT_ADAPTER_COPY
     return copy if copy.is_file() and rundir.holds_weights(copy.parent) else None
 
 
 def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = (),
                       where_set: Callable[[str], str] = settings.flag_of) -> TrainConfig:
-    """``cfg`` with the LoRA settings of its ``init_adapter`` (``ADAPTER_KEYS``) and, without
-    ``init_from``, the base the adapter's config names. The adapter's weights fix its rank and
-    targets: a setting given (not the default, or in ``typed``) that differs from the file's is
-    an error (targets agree when they select the same modules of the base). A resume of a run
-    with weights reads the run's copy of the file (``run_adapter_copy``). Idempotent."""
+    """``cfg`` with the LoRA settings (and, without ``init_from``, the base) of its
+    ``init_adapter``; a setting given (not the default, or typed) that differs is an error."""
     if cfg.init_adapter is None:
         return cfg
     import lora
@@ -313,10 +284,8 @@ def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = (),
 
 
 def _select_the_same(base: str, mine: list[str], theirs: list[str] | str, file: Path) -> bool:
-    """Whether the targets ``mine`` (lora_targets: apply_lora's rules) select the modules the
-    adapter file's ``theirs`` selects (load_adapter's rules) on the model at ``base``, built from
-    its config.json on the meta device (no weights are read). Targets of ``mine`` that select
-    nothing select differently; a file whose targets select nothing is load_adapter's error."""
+    """Whether lora_targets ``mine`` select the modules the adapter file's ``theirs`` select on
+    the model at ``base`` (built on the meta device: no weights are read)."""
     import lora
     import pretrained
     from architecture import Transformer
@@ -333,27 +302,6 @@ def _select_the_same(base: str, mine: list[str], theirs: list[str] | str, file: 
         return False
 
 
-def check_not_an_adapter(init_from: str, where_set: Callable[[str], str] = settings.flag_of
-                         ) -> None:
-    """Refuse a LoRA adapter directory (a LoRA run's export/) as ``init_from``, naming what to
-    load instead."""
-    import lora
-
-    path = Path(init_from)
-    if not (path / lora.ADAPTER_CONFIG).is_file() or (path / HF_CONFIG).is_file():
-        return
-    if (path / MERGED_DIR / HF_CONFIG).is_file():
-        instead = f"use {path / MERGED_DIR}, the merged model beside it"
-    else:
-        base = settings.read_json_object(path / lora.ADAPTER_CONFIG, "adapter config").get(
-            "base_model_name_or_path")
-        instead = (f"use the base it names, {base}" if base else "use the base it was trained on")
-        instead += " (a run with --export-merged also writes the merged model to export/merged)"
-    raise ValueError(f"init_from ({init_from!r}, {where_set('init_from')}): a LoRA adapter "
-                     f"({lora.ADAPTER_CONFIG}), not a model: {instead}; to train that adapter "
-                     f"on, set init_adapter ({where_set('init_adapter')}) to {init_from}")
-
-
 def check_run_name(name: str | None, what: str) -> None:
     """A run's name is one directory name in out_dir: a path put the run elsewhere (outside it
     with '..', or nested where eval.py's ``latest_run`` never looks). ``what`` names the setting."""
@@ -362,20 +310,14 @@ def check_run_name(name: str | None, what: str) -> None:
                          "'..'); --out-dir sets the directory the run goes in")
 
 
-def _check_model_settings(cfg: TrainConfig, where_set: Callable[[str], str]) -> None:
+def _check_model_settings(cfg: TrainConfig, where_set: Callable[[str], str],
+                          named: Callable[[str], str], need: Callable[[bool, str, str], None]
+                          ) -> None:
     """validate_config's checks of the model: a loaded one's settings, or the preset's shape."""
-    def named(key: str) -> str:
-        return setting(cfg, key, where_set)
-
-    def need(ok: bool, key: str, why: str) -> None:
-        if not ok:
-            raise ValueError(f"{named(key)}: {why}")
-
     if cfg.init_from is not None:
-        for key in ("preset", "n_layer", "n_head", "n_embd", "mlp_hidden"):
-            if key != "preset" and getattr(cfg, key) is not None:
-                raise ValueError(f"{named(key)}: the shape of a model loaded from "
-                                 f"{named('init_from')} cannot be changed")
+        for key in ("n_layer", "n_head", "n_embd", "mlp_hidden"):
+            need(getattr(cfg, key) is None, key,
+                 f"the shape of a model loaded from {named('init_from')} cannot be changed")
         if fixed := sorted(set(cfg.model_options) - set(LOADED_MODEL_OPTIONS)):
             raise ValueError(f"model_options ({where_set('model_options')}): "
                              f"{', '.join(fixed)}: the checkpoint of {named('init_from')} fixes "
@@ -385,7 +327,22 @@ def _check_model_settings(cfg: TrainConfig, where_set: Callable[[str], str]) -> 
                  f"{key} must be a probability in [0, 1), got {value!r}")
         if not Path(cfg.init_from).is_dir():
             raise ValueError(f"{named('init_from')}: not a directory")
-        check_not_an_adapter(cfg.init_from, where_set)
+        import lora
+
+        path = Path(cfg.init_from)
+        adapter_config = path / lora.ADAPTER_CONFIG
+        if adapter_config.is_file() and not (path / HF_CONFIG).is_file():  # a LoRA run's export/
+            if (path / MERGED_DIR / HF_CONFIG).is_file():
+                instead = f"use {path / MERGED_DIR}, the merged model beside it"
+            else:
+                base = settings.read_json_object(adapter_config, "adapter config").get(
+                    "base_model_name_or_path")
+                instead = (f"use the base it names, {base}" if base else
+                           "use the base it was trained on") + (
+                    " (a run with --export-merged also writes the merged model to export/merged)")
+            raise ValueError(f"{named('init_from')}: a LoRA adapter ({adapter_config.name}), not "
+                             f"a model: {instead}; to train that adapter on, set init_adapter "
+                             f"({where_set('init_adapter')}) to {cfg.init_from}")
         if cfg.block_size is not None:  # else the first forward pass finds it, after the data
             from pretrained import read_config
 
@@ -411,9 +368,7 @@ def _check_model_settings(cfg: TrainConfig, where_set: Callable[[str], str]) -> 
 
 def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings.flag_of
                     ) -> None:
-    """Reject impossible settings before any work, naming each key, its value and where it was
-    set (``where_set``, as ``train`` takes it; an ``init_adapter``'s settings as
-    ``with_init_adapter`` fills them in)."""
+    """Reject impossible settings, naming each key, its value and where it was set."""
     cfg = with_init_adapter(cfg, where_set=where_set)
 
     def named(key: str) -> str:
@@ -423,37 +378,25 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings
         if not ok:
             raise ValueError(f"{named(key)}: {why}")
 
-    for key in ("batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "keep_last",
-                "tokenizer_min_freq"):
-        need(getattr(cfg, key) >= 1, key, "must be >= 1")
-    for key in ("warmup_steps", "early_stop_patience", "sample_tokens"):
-        need(getattr(cfg, key) >= 0, key, "must be >= 0")
     # "inf" and "nan" parse as floats: every float must be finite (nan fails every comparison).
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         need(not isinstance(value, float) or math.isfinite(value), f.name, "must be finite")
-    need(cfg.lr > 0, "lr", "must be > 0")
+    ranges = (  # (keys, test, why); a key left unset (None) passes
+        (("batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "keep_last",
+          "tokenizer_min_freq", "tokenizer_max_vocab", "inject_nan_at_step", "save_every",
+          "eval_examples"), lambda v: v >= 1, "must be >= 1"),
+        (("warmup_steps", "early_stop_patience", "sample_tokens", "weight_decay", "grad_clip",
+          "early_stop_min_delta", "lora_r", "overfit_batches"), lambda v: v >= 0, "must be >= 0"),
+        (("lr", "adam_eps", "epochs", "max_time_s"), lambda v: v > 0, "must be > 0"),
+        (("beta1", "beta2", "label_smoothing", "dropout", "lora_dropout"), lambda v: 0 <= v < 1,
+         "must be in [0, 1)"),
+    )
+    for keys, test, why in ranges:
+        for key in keys:
+            need(getattr(cfg, key) is None or test(getattr(cfg, key)), key, why)
     need(0.0 <= cfg.min_lr_ratio <= 1.0, "min_lr_ratio", "must be in [0, 1]")
-    need(cfg.weight_decay >= 0, "weight_decay", "must be >= 0")
-    for key in ("beta1", "beta2"):
-        need(0.0 <= getattr(cfg, key) < 1.0, key, "must be in [0, 1)")
-    need(cfg.adam_eps > 0, "adam_eps", "must be > 0")
-    need(0.0 <= cfg.label_smoothing < 1.0, "label_smoothing", "must be in [0, 1)")
-    need(cfg.grad_clip >= 0, "grad_clip", "must be >= 0 (0: no clipping)")
-    need(cfg.early_stop_min_delta >= 0, "early_stop_min_delta", "must be >= 0")
-    need(cfg.epochs is None or cfg.epochs > 0, "epochs", "must be > 0")
-    need(cfg.max_time_s is None or cfg.max_time_s > 0, "max_time_s", "must be > 0")
-    need(cfg.dropout is None or 0.0 <= cfg.dropout < 1.0, "dropout", "must be in [0, 1)")
-    need(0.0 <= cfg.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)")
-    need(cfg.lora_alpha != 0, "lora_alpha", "must not be 0: it scales the adapters' update and "
-         "their gradients to zero, so they would never train")
-    need(cfg.tokenizer_max_vocab is None or cfg.tokenizer_max_vocab >= 1, "tokenizer_max_vocab",
-         "must be >= 1")
-    need(cfg.inject_nan_at_step is None or cfg.inject_nan_at_step >= 1, "inject_nan_at_step",
-         "must be >= 1 (steps count from 1)")
-    need(cfg.save_every is None or cfg.save_every >= 1, "save_every", "must be >= 1")
-    need(cfg.eval_examples is None or cfg.eval_examples >= 1, "eval_examples", "must be >= 1")
-    need(cfg.lora_r >= 0, "lora_r", "must be >= 0 (0: no LoRA)")
+    need(cfg.lora_alpha != 0, "lora_alpha", "must not be 0: the adapters would never train")
     need(cfg.lora_r == 0 or cfg.init_from is not None, "lora_r",
          f"LoRA needs a pretrained base (init_from, {where_set('init_from')}): a from-scratch "
          "model has nothing frozen worth keeping, so only the adapters of a random model would "
@@ -469,10 +412,9 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings
     if lora_only and cfg.lora_r == 0:  # else a full fine-tune would run, ignoring them
         raise ValueError(f"{', '.join(lora_only)}: LoRA settings, but {named('lora_r')} trains "
                          "every weight: set lora_r > 0, or drop them")
-    need(cfg.overfit_batches >= 0, "overfit_batches", "must be >= 0")
     need(0 <= cfg.seed < 2**63, "seed", "must be in [0, 2**63)")
     check_run_name(cfg.name, named("name"))
-    _check_model_settings(cfg, where_set)
+    _check_model_settings(cfg, where_set, named, need)
     if cfg.resume is not None and not Path(cfg.resume).is_dir():
         raise ValueError(f"--resume {cfg.resume}: no such run directory")
     if cfg.resume is not None and any((Path(cfg.resume) / f).is_file()
@@ -511,9 +453,8 @@ def _check_data_option_keys(options: dict, where: str) -> None:
 
 
 def check_options(values: dict, source: str) -> None:
-    """The data_options and model_options of ``values`` (from one source: a --config file, the
-    flags) checked on their own, so that errors name ``source``: each key, each value's type,
-    the data options' ranges. What depends on the other keys is checked by validate_config."""
+    """The data_options and model_options of ``values`` checked on their own, so that errors
+    name ``source`` (a --config file, the flags)."""
     for key, check in (("data_options", _check_data_options),
                        ("model_options", _check_model_options)):
         if isinstance(values.get(key), dict):  # else config_from_dict names the type
@@ -537,8 +478,7 @@ def default_block_size(cfg: TrainConfig) -> int:
     if cfg.init_from is None:
         from architecture import PRESETS
 
-        preset = PRESETS.get(cfg.preset)
-        return preset.block_size if preset is not None else 256
+        return PRESETS[cfg.preset].block_size  # validate_config checked the preset
     config = settings.read_json_object(Path(cfg.init_from) / HF_CONFIG, "model config")
     context = next((config[k] for k in ("max_position_embeddings", "n_positions", "n_ctx")
                     if k in config), 1024)
@@ -560,7 +500,6 @@ def data_config(cfg: TrainConfig, block_size: int) -> DataConfig:
 
 # The model_options a model loaded with --init-from takes (its config.json fixes the others).
 LOADED_MODEL_OPTIONS = ("attn_dropout", "dropout", "embd_dropout")
-
 
 # ModelConfig keys the tokenizer sets: model_options may not.
 TOKENIZER_MODEL_KEYS = ("vocab_size", "bos_id", "eos_id")
@@ -612,9 +551,7 @@ def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int | None,
 
 def check_lora_export(cfg: TrainConfig, model: nn.Module,
                       where_set: Callable[[str], str] = settings.flag_of) -> None:
-    """Refuse, before training, an export that would merge a LoRA into a tied weight (the
-    merge would change the head too, so it fails at the end of the run and loses the export);
-    the error names where each setting was set (``where_set``, as ``train`` takes it)."""
+    """Refuse, before training, an export that would merge a LoRA into a tied weight."""
     merges = cfg.export and cfg.lora_r > 0 and cfg.export_merged
     import lora
 
@@ -622,21 +559,17 @@ def check_lora_export(cfg: TrainConfig, model: nn.Module,
     if not tied:
         return
     path, names = next(iter(tied.items()))
-    raise ValueError(
-        f"{setting(cfg, 'export_merged', where_set)} writes the merged model, but the LoRA "
-        f"target {path} ({setting(cfg, 'lora_targets', where_set)}) cannot be merged: its "
-        f"weight is tied to {names}, so merging would change both. Drop it from lora_targets, "
-        f"or train with {settings.off_switch('export_merged', where_set)}.")
+    raise ValueError(f"{setting(cfg, 'export_merged', where_set)}: the LoRA target {path} "
+                     f"({setting(cfg, 'lora_targets', where_set)}) is tied to {names}, so it "
+                     f"cannot be merged: drop it from lora_targets, or train with "
+                     f"{settings.off_switch('export_merged', where_set)}")
 
 
-# What --overfit (a small from-scratch model memorising the bundled corpus) makes of each key:
-# these it honours (max_steps and lr only when given: its own are 400 and 3e-3), these mean
-# nothing without a run directory or validation; any other setting is refused, not dropped.
+# What --overfit (a small model memorising the bundled corpus) honours, and what means nothing
+# to it (no run directory, no validation); any other setting is refused, not dropped.
 OVERFIT_HONOURS = ("overfit", "max_steps", "lr", "preset", "n_layer", "n_head", "n_embd",
                    "mlp_hidden", "model_options", "seed", "device", "precision", "progress",
                    "min_lr_ratio", "beta1", "beta2", "adam_eps", "grad_clip")
-
-
 OVERFIT_IGNORES = ("name", "out_dir", "eval_every", "eval_examples", "eval_precision",
                    "early_stop_patience", "early_stop_min_delta", "log_every", "save_every",
                    "keep_last", "max_time_s", "export", "export_merged", "sample_prompt",
@@ -644,25 +577,21 @@ OVERFIT_IGNORES = ("name", "out_dir", "eval_every", "eval_examples", "eval_preci
 
 
 def overfit_settings(cfg: TrainConfig, given: set[str]) -> dict:
-    """``run_overfit``'s max_steps and lr (the given ones, else its own); a ValueError naming
-    every other setting it cannot honour."""
+    """``run_overfit``'s max_steps and lr; a ValueError naming any setting it cannot honour."""
     defaults = TrainConfig()
     refused = [f"{f.name}={getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
                if f.name not in OVERFIT_HONOURS + OVERFIT_IGNORES
                and getattr(cfg, f.name) != getattr(defaults, f.name)]
     if refused:
-        raise ValueError(f"--overfit trains a small model from scratch on the bundled corpus, so "
-                         f"it cannot honour {', '.join(refused)}. To check that setup, memorise a "
-                         "few batches of its own data with --overfit-batches K (without "
-                         "--overfit)")
+        raise ValueError(f"--overfit trains a small model on the bundled corpus: it cannot honour "
+                         f"{', '.join(refused)}; --overfit-batches K memorises that setup's data")
     return {"max_steps": cfg.max_steps if "max_steps" in given else 400,
             "lr": cfg.lr if "lr" in given else 3e-3}
 
 
 def command_line_sources(argv: Sequence[str] | None
                          ) -> tuple[set[str], set[str], Callable[[str], str]]:
-    """The TrainConfig keys typed on the command line, those its ``--config`` file sets (as
-    read by parse_config, which checked it), and where the user set each key, for errors."""
+    """The keys typed on the command line, those its ``--config`` file sets, and ``where_set``."""
     args = vars(build_parser().parse_args(argv))
     config = args.pop("config", None)
     in_file = set(settings.read_config_file(config, "train")[0]) if config else set()
@@ -671,10 +600,8 @@ def command_line_sources(argv: Sequence[str] | None
 
 def check_max_steps_flag(cfg: TrainConfig, typed: set[str], source: str,
                          set_prefix: str | None = None) -> None:
-    """A typed --max-steps that ``epochs`` overrides would end the run silently elsewhere (a
-    resumed epochs run would train nothing and exit 0): refuse it, saying what to do. ``source``
-    names where ``epochs`` came from when it was not typed; ``set_prefix`` ("train."): the
-    values were typed as recipes.py's ``--set``."""
+    """Refuse a typed --max-steps that ``epochs`` overrides; ``source``: where ``epochs`` came
+    from when not typed; ``set_prefix`` ("train."): typed as recipes.py's ``--set``."""
     if "max_steps" not in typed or cfg.epochs is None:
         return
     if set_prefix is None:
@@ -684,19 +611,14 @@ def check_max_steps_flag(cfg: TrainConfig, typed: set[str], source: str,
         epochs, clear = f"--set {set_prefix}epochs=N", f"--set {set_prefix}epochs=null"
     where = "" if "epochs" in typed else f" (from {source})"
     raise ValueError(f"{max_steps}{cfg.max_steps} has no effect: epochs={cfg.epochs:g}{where} "
-                     f"sets the run's length. Change it with {epochs} instead (a resume may "
-                     f"change it), or drop it with {clear} to count max_steps")
+                     f"sets the run's length: change {epochs}, or {clear} to count max_steps")
 
 
-# --------------------------------------------------------------------------------------------
-# What the settings build: the tokenizer and the model
-# --------------------------------------------------------------------------------------------
+# ---- What the settings build: the tokenizer and the model ----
 
 
 def load_or_train_tokenizer(cfg: TrainConfig, dcfg: DataConfig) -> CodeTokenizer | BPETokenizer:
-    """The given tokenizer, the pretrained model's, or a CodeTokenizer trained on the train split
-    (cached by corpus, tokenizer options and encoding version: ``dataset.tokenizer_cache_dir``,
-    so a second run reuses it)."""
+    """The given tokenizer, the pretrained model's, or one trained (and cached) on the data."""
     from dataset import prepare, publish_cache_entry, tokenizer_cache_dir
     from tokenizer import (
         TOKENIZER_FILE,
@@ -710,10 +632,11 @@ def load_or_train_tokenizer(cfg: TrainConfig, dcfg: DataConfig) -> CodeTokenizer
     own = Path(cfg.init_from) / TOKENIZER_FILE if cfg.init_from is not None else None
     if cfg.tokenizer is not None:
         tok = load_tokenizer(cfg.tokenizer)
-        if own is not None and own.is_file() and not same_vocabulary(tok, load_tokenizer(own)):
-            print(f"warning: --tokenizer {cfg.tokenizer} differs from {own}, the tokenizer "
-                  f"--init-from {cfg.init_from} was trained with: its ids name other tokens than "
-                  "the ones the pretrained embeddings learned", file=sys.stderr)
+        theirs = load_tokenizer(own) if own is not None and own.is_file() else tok
+        if [tok.id_to_token(i) for i in range(tok.vocab_size)] != [
+                theirs.id_to_token(i) for i in range(theirs.vocab_size)]:
+            print(f"warning: --tokenizer {cfg.tokenizer} differs from {own}, the one "
+                  f"--init-from {cfg.init_from} was trained with", file=sys.stderr)
         if cfg.init_from is not None:
             check_model_tokenizer(tok, tokenizer_path(cfg.tokenizer), cfg.init_from)
         return tok
@@ -740,19 +663,11 @@ def load_or_train_tokenizer(cfg: TrainConfig, dcfg: DataConfig) -> CodeTokenizer
     return tok
 
 
-def same_vocabulary(a: CodeTokenizer | BPETokenizer, b: CodeTokenizer | BPETokenizer) -> bool:
-    """Whether every id of ``a`` and ``b`` names the same token."""
-    return a.vocab_size == b.vocab_size and all(
-        a.id_to_token(i) == b.id_to_token(i) for i in range(a.vocab_size))
-
-
 def build_model(cfg: TrainConfig, tok: CodeTokenizer | BPETokenizer,
                 run_dir: Path | None = None) -> nn.Module:
-    """From scratch or from ``init_from``; then the quantized base and LoRA if asked for (new
-    adapters, or ``init_adapter``'s: ``cfg`` as ``with_init_adapter`` fills it in). ``run_dir``:
-    the run whose own weights will be loaded into the model (a resume from its checkpoint,
-    eval.py's best/): an init_adapter run's LoRA layout then comes from the run's copy of the
-    adapter's config (``run_adapter_copy``), with no weights read from the adapter directory."""
+    """From scratch or from ``init_from``; then the quantized base and LoRA if asked for.
+    ``run_dir``: the run whose own weights will be loaded (an init_adapter run's LoRA layout then
+    comes from its copy of the adapter's config)."""
     import pretrained
     from architecture import Transformer
 
@@ -777,19 +692,12 @@ def build_model(cfg: TrainConfig, tok: CodeTokenizer | BPETokenizer,
         copy = run_adapter_copy(run_dir) if run_dir is not None else None
         if cfg.init_adapter is not None and copy is not None:  # the weights: the run's own
             lora.apply_adapter_layout(model, copy.parent, copy.name)
-        elif cfg.init_adapter is not None:  # its own config (with_init_adapter: cfg agrees)
-            if not (Path(cfg.init_adapter) / lora.ADAPTER_CONFIG).is_file():
-                raise ValueError(
-                    f"TrainConfig.init_adapter {cfg.init_adapter}: no {lora.ADAPTER_CONFIG} there; "
-                    "the run's LoRA layout (targets, rank, scaling) is read from there (a run "
-                    "starts from the adapter's weights): put that adapter back at this path")
+        elif cfg.init_adapter is not None:  # its own config (with_init_adapter read it)
             if changed := lora.changed_base_tensors(model, cfg.init_adapter):
                 raise ValueError(
-                    f"TrainConfig.init_adapter {cfg.init_adapter}: its {changed[0]} (of "
-                    f"{len(changed)} base tensor(s)) differs from the base's, {cfg.init_from}; "
-                    "a run keeps only the adapters, so a resume and the export would lose it: "
-                    "save the base as the adapter holds it (PEFT: PeftModel.from_pretrained("
-                    "base, adapter).unload().save_pretrained(NEW)) and name it with --init-from")
+                    f"init_adapter {cfg.init_adapter}: its {changed[0]} (of {len(changed)}) "
+                    f"differs from the base's, {cfg.init_from}; a resume and the export would lose "
+                    "it: save the merged base (PEFT: unload().save_pretrained), use --init-from")
             lora.load_adapter(model, cfg.init_adapter)
         else:
             options = {"target_modules": cfg.lora_targets} if cfg.lora_targets else {}

@@ -39,11 +39,7 @@ from tqdm import tqdm
 import checkpoint
 import process
 import rundir
-from architecture import (
-    IGNORE_INDEX,
-    cuda_half_dtype,
-    lacks_native_bf16,
-)
+from architecture import IGNORE_INDEX, cuda_half_dtype, lacks_native_bf16
 from checkpoint import (
     PATH_KEYS,
     RunState,
@@ -55,21 +51,7 @@ from checkpoint import (
     with_absolute_paths,
     write_dir_atomically,
 )
-from rundir import (
-    BEST_DIR,
-    BEST_METRICS,
-    CHECKPOINT_PREFIX,
-    CHECKPOINTS_DIR,
-    CONFIG_FILE,
-    EXPORT_DIR,
-    EXPORT_RECORD,
-    INIT_ADAPTER_COPY,
-    MERGED_DIR,
-    METRICS_FILE,
-    RunLog,
-    best_step,
-    list_checkpoints,
-)
+from rundir import RunLog, best_step, list_checkpoints
 from settings import setting
 from trainconfig import (
     TrainConfig,
@@ -94,29 +76,25 @@ if typing.TYPE_CHECKING:  # annotations only: dataset and tokenizer load where a
     from tokenizer import BPETokenizer, CodeTokenizer
 
 # Read as trainingmanager.X by eval.py, recipes.py and hyperparam_tune.py.
-from checkpoint import RESUME_DATA_OPTIONS_MAY_CHANGE, RESUME_MAY_CHANGE  # noqa: E402,F401,I001
+from checkpoint import RESUME_DATA_OPTIONS_MAY_CHANGE  # noqa: E402,F401,I001
 from checkpoint import CorruptCheckpointError, check_run_paths, read_state  # noqa: E402,F401
 from rundir import checkpoint_step, is_run_dir, lock_holder, lock_is_held  # noqa: E402,F401
 from rundir import no_weights_yet, stale_export, what_next  # noqa: E402,F401
 from trainconfig import build_parser, check_options, check_run_name  # noqa: E402,F401
 from trainconfig import config_from_dict, load_config_file, validate_config  # noqa: E402,F401
 
-ROOT = Path(__file__).resolve().parent
-OVERFIT_CORPUS = ROOT / "data" / "overfit"
+OVERFIT_CORPUS = Path(__file__).resolve().parent / "data" / "overfit"
 
 
 class NonFiniteLossError(RuntimeError):
-    """A non-finite loss or gradient the fp16 loss scaler could not absorb. ``diagnosis`` is the
-    message without its advice on how to go on, for callers (a sweep) that go on their own way."""
+    """A non-finite loss or gradient; ``diagnosis``: the message without its advice on going on."""
 
     def __init__(self, message: str, step: int | None = None, diagnosis: str | None = None):
         super().__init__(message)
         self.step, self.diagnosis = step, diagnosis or message
 
 
-# --------------------------------------------------------------------------------------------
-# Devices, precision, distributed
-# --------------------------------------------------------------------------------------------
+# ---- Devices, precision, distributed ----
 
 
 @dataclass
@@ -151,24 +129,21 @@ def _init_distributed(device_hint: str) -> tuple[Dist, bool]:
         gpus = torch.cuda.device_count()
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist.local_rank + 1))
         if local_world > gpus:
-            raise ValueError(
-                f"torchrun started {local_world} processes on this machine, which has {gpus} "
-                f"CUDA device(s): start one per GPU (--nproc_per_node {gpus}), or train every "
-                "process on the CPU with --device cpu")
+            raise ValueError(f"torchrun started {local_world} processes on {gpus} CUDA device(s): "
+                             f"use --nproc_per_node {gpus}, or --device cpu")
         torch.cuda.set_device(dist.local_rank)
     td.init_process_group(backend="nccl" if use_cuda else "gloo")
     return dist, True
 
 
 def resolve_device(cfg: TrainConfig, dist: Dist) -> torch.device:
-    """The device a run trains on ("auto": this rank's GPU where there is one, else the CPU);
-    a device this machine lacks is a ValueError naming --device."""
+    """The device a run trains on ("auto": this rank's GPU where there is one, else the CPU)."""
     if cfg.device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", dist.local_rank)
         if torch.backends.mps.is_available():  # a Mac: say so, a 1B model in fp32 takes days
-            print("note: training on the CPU: codelm trains on cpu or cuda, not on this Mac's mps "
-                  "device (eval.py --device mps runs on it)", file=sys.stderr)
+            print("note: training on the CPU (codelm trains on cpu or cuda, not mps)",
+                  file=sys.stderr)
         return torch.device("cpu")
     try:
         device = torch.device(cfg.device)
@@ -176,8 +151,7 @@ def resolve_device(cfg: TrainConfig, dist: Dist) -> torch.device:
         raise ValueError(f"--device {cfg.device}: not a device (auto | cpu | cuda | cuda:N)"
                          ) from None
     if device.type not in ("cpu", "cuda"):  # mps, meta, ...: kernels this trainer never ran on
-        raise ValueError(f"--device {cfg.device}: training runs on cpu or cuda (auto | cpu | "
-                         "cuda | cuda:N)")
+        raise ValueError(f"--device {cfg.device}: training runs on cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {cfg.device!r} requested but CUDA is not available")
     if (device.type == "cuda" and device.index is not None and not dist.enabled
@@ -210,15 +184,9 @@ def _all_reduce_sum(t: torch.Tensor, dist: Dist) -> torch.Tensor:
     return t
 
 
-def _barrier(dist: Dist) -> None:
-    if dist.enabled:
-        td.barrier()
-
-
 @contextlib.contextmanager
 def _main_first(dist: Dist) -> Iterator[None]:
-    """Rank 0 does what only it does (shared caches, checkpoints); if it fails, the others stop
-    too, quietly, not on a lost connection."""
+    """Rank 0 does what only it does (caches, checkpoints); if it fails, the others stop too."""
     if not dist.main:
         if _broadcast(None, dist) is not None:
             raise RankZeroFailed("rank 0 failed (its error says why)")
@@ -243,10 +211,9 @@ class BatchOrder:
     def __init__(self, n_examples: int, micro_batch: int, dist: Dist, seed: int):
         self.global_batch = micro_batch * dist.world
         if n_examples < self.global_batch:
-            raise ValueError(
-                f"the training split has {n_examples} examples, fewer than one global batch "
-                f"({micro_batch} x {dist.world} processes); lower batch_size (--batch-size) or add data"
-            )
+            raise ValueError(f"the training split has {n_examples} examples, fewer than one "
+                             f"global batch ({micro_batch} x {dist.world}): lower --batch-size "
+                             "or add data")
         self.n, self.micro_batch, self.dist, self.seed = n_examples, micro_batch, dist, seed
         self.epoch, self.pos = 0, 0
         self._perm = self._permutation(0)
@@ -273,9 +240,7 @@ class BatchOrder:
         return self._perm[start:start + self.micro_batch].tolist(), where
 
 
-# --------------------------------------------------------------------------------------------
-# Optimisation: AdamW, warmup + cosine to a floor, token-weighted accumulation, AMP
-# --------------------------------------------------------------------------------------------
+# ---- Optimisation: AdamW, warmup + cosine to a floor, token-weighted accumulation, AMP ----
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
@@ -312,27 +277,22 @@ class Trainer:
         self.precision = _resolve_precision(cfg.precision, device)
         if self.precision == "bf16" and lacks_native_bf16(device):
             major, minor = torch.cuda.get_device_capability(device)
-            raise ValueError(f"{setting(cfg, 'precision')}: this GPU (compute "
-                             f"capability {major}.{minor}) has no native bf16 (torch would "
-                             "emulate it, slowly): set precision fp16 or fp32")
+            raise ValueError(f"{setting(cfg, 'precision')}: this GPU (compute capability "
+                             f"{major}.{minor}) has no native bf16: set precision fp16 or fp32")
         self.raw_model = model.to(device)
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
-        if not self.params:
-            raise ValueError("the model has no trainable parameters")
+        assert self.params, "the model has no trainable parameters"
         # Decay matrices only: norms, biases and other vectors keep their scale.
         groups = [
             {"params": [p for p in self.params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
             {"params": [p for p in self.params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        self.optimizer = torch.optim.AdamW(
-            groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
-            fused=True,  # one kernel over all tensors: 5.7x faster than the loop on CPU too
-        )
+        # fused: one kernel over all tensors, faster than the loop on CPU too
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                           eps=cfg.adam_eps, fused=True)
         total = max_steps if max_steps is not None else cfg.max_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda s: lr_factor(s, cfg.warmup_steps, total, cfg.min_lr_ratio),
-        )
+            self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total, cfg.min_lr_ratio))
         # Loss scaling wherever the backward runs in fp16: fp16 autocast, or a frozen fp16 base
         # under LoRA whatever the precision (its small per-token gradients would underflow).
         self.scaler = torch.amp.GradScaler(
@@ -343,10 +303,8 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [device.index] if device.type == "cuda" else None
-            # Every buffer (rotary frequencies, LoRA row maps, a quantized base) is computed from
-            # the config and the weights, alike on every rank and never trained: re-broadcasting
-            # them before each forward (DDP's default) would send the whole QLoRA base each time
-            # (they are still synced once, at the start).
+            # Buffers (rotary tables, a quantized base) are alike on every rank and never trained:
+            # re-broadcasting them before each forward would send the whole QLoRA base each time.
             model = DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
         self.model = model
 
@@ -401,8 +359,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, batches: Iterator[dict] | Sequence[dict], total: int | None = None) -> dict:
-        """Validation loss, perplexity and token accuracy with the training loss function, summed
-        over tokens (and processes) before dividing, without label smoothing (a true NLL)."""
+        """Validation loss, perplexity and token accuracy over all tokens, unsmoothed."""
         batches = tqdm(batches, total=total, desc="eval", unit="batch", leave=False,
                        disable=not (self.dist.main and self.cfg.progress), dynamic_ncols=True)
         model = self.eval_model
@@ -421,26 +378,18 @@ class Trainer:
             totals[2] += correct
         model.train(was_training)
         loss_sum, n, correct = _all_reduce_sum(totals, self.dist).tolist()
-        if n == 0:
-            raise ValueError("the validation split has no labelled tokens; add validation data")
+        assert n > 0, "check_next_token_labels found labelled validation tokens"
         loss = loss_sum / n
-        return {
-            "val_loss": loss,
-            "val_ppl": perplexity(loss),
-            "val_accuracy": correct / n,
-            "val_tokens": int(n),
-        }
+        return {"val_loss": loss, "val_ppl": perplexity(loss), "val_accuracy": correct / n,
+                "val_tokens": int(n)}
 
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
     def state_dict(self) -> dict:
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-        }
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: RunState) -> None:
         self.optimizer.load_state_dict(state.optimizer)
@@ -456,16 +405,14 @@ class Trainer:
 
 
 def check_next_token_labels(examples: Dataset, split: str, n: int = 8) -> None:
-    """The contract the loss relies on, on a split's first examples: every counted label is the
-    next input token, and some label counts (unshifted labels make the task trivially easy)."""
+    """On a split's first examples: every counted label is the next input token, and some count."""
     for i in range(min(n, len(examples))):
         ids, labels = examples[i]["input_ids"], examples[i]["labels"]
         counted = labels[:-1] != IGNORE_INDEX
         if not bool((labels != IGNORE_INDEX).any()) or not torch.equal(
                 labels[:-1][counted], ids[1:][counted]):
             raise ValueError(f"{split} example {i}: its labels are not the next input tokens "
-                             "(each counted labels[t] must equal input_ids[t + 1], and some "
-                             "label must count): a data bug; the training would be meaningless")
+                             "(labels[t] must equal input_ids[t + 1]): a data bug")
 
 
 OVERFIT_LOSS = 0.05  # "memorised": the --overfit and --overfit-batches target
@@ -491,8 +438,7 @@ STOP_SIGNALS = tuple(sig.name for sig in process.STOP_SIGNALS)  # SIGINT, SIGTER
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """A stop signal raised out of ``train``; ``resume``: how to continue the run from its
-    checkpoint (None: it wrote none, the same command starts it again)."""
+    """A stop signal raised out of ``train``; ``resume``: how to continue the run, if it can."""
 
     def __init__(self, stop: KeyboardInterrupt, resume: str | None):
         super().__init__(*stop.args)  # the signal's name, for process.interrupted_exit_code
@@ -501,9 +447,7 @@ class RunInterrupted(KeyboardInterrupt):
 
 class _StopSignals:
     """SIGINT/SIGTERM/SIGHUP ask the loop to checkpoint and end; a second Ctrl-C interrupts at
-    once, a second SIGTERM or SIGHUP does not (a scheduler's stop arrives twice, directly and
-    forwarded). A hangup moves stdout and stderr off the dead terminal first, so that no print
-    ends the run before its checkpoint."""
+    once, a second SIGTERM or SIGHUP (a scheduler's, sent twice) does not."""
 
     def __init__(self) -> None:
         self.reason: str | None = None
@@ -521,8 +465,7 @@ class _StopSignals:
             raise KeyboardInterrupt(signal.Signals(signum).name)
 
     def restore(self, taken: bool = True) -> None:
-        """Put the previous handlers back; a stop the loop did not act on (``taken`` False) is
-        passed on to them, else the caller would go on as if it had never come."""
+        """Put the previous handlers back; pass them a stop the loop did not act on."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         if self.reason is not None and not taken:
@@ -548,23 +491,12 @@ def _broadcast(value, dist: Dist):
     return box[0]
 
 
-def _gather(value, dist: Dist) -> list:
-    out = [value] * dist.world
-    if dist.enabled:
-        td.all_gather_object(out, value)
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# The run: set up, then the step loop in ``train``, then the end
-# --------------------------------------------------------------------------------------------
+# ---- The run: set up, then the step loop in ``train``, then the end ----
 
 
 @dataclass
 class Run:
-    """What setting up one call of ``train`` builds; ``state`` is the checkpoint payload the
-    step loop moves on. Rank 0 holds the run directory's lock (``claimed``) until ``train``
-    ends, so two runs never share one."""
+    """What setting up ``train`` builds; rank 0 holds the directory's lock until ``train`` ends."""
 
     cfg: TrainConfig
     dist: Dist
@@ -605,8 +537,7 @@ def _interrupted(stop: KeyboardInterrupt, run_dir: Path | None, hint: str | None
 
 
 def setup_run(cfg: TrainConfig, dist: Dist, hint: str | None, restarts: bool) -> Run:
-    """Claim the run directory, prepare tokenizer and data, build the model and trainer, and
-    restore the newest checkpoint of a resumed run. A failure leaves no directory behind."""
+    """Claim the run directory, prepare data, model and trainer, restore a resumed checkpoint."""
     cfg = with_init_adapter(cfg)
     device = resolve_device(cfg, dist)
     claimed, has_weights = _claim_run_dir(cfg, dist, hint)
@@ -642,9 +573,8 @@ def _claim_run_dir(cfg: TrainConfig, dist: Dist, hint: str | None
 def _build(run: Run, has_weights: bool) -> None:
     cfg = run.cfg
     if cfg.resume and has_weights and not list_checkpoints(run.run_dir):
-        raise ValueError(rundir.no_checkpoint_to_resume(run.run_dir))
-    # A run with weights continues them in its own settings (its paths as it saved them); one
-    # without starts from the beginning anyway, so it may change any. New runs save paths absolute.
+        raise ValueError(f"--resume {run.run_dir}: it {rundir.holds_no_checkpoint(run.run_dir)}")
+    # A run with weights continues in its own settings (and paths); new runs save paths absolute.
     saved = checkpoint.check_resume_config(cfg, run.run_dir, run.hint) if (
         cfg.resume and has_weights) else None
     if saved is None:
@@ -658,8 +588,7 @@ def _build(run: Run, has_weights: bool) -> None:
     _prepare_data(run, own_tok=bool(cfg.resume) and has_weights)
 
     seed_everything(cfg.seed)
-    # Continued from a checkpoint, an init_adapter run rebuilds its LoRA layout from its own
-    # copy of the adapter's config; else from the adapter directory, whose config it keeps.
+    # Continued from a checkpoint, an init_adapter run reads its LoRA layout from its own copy.
     rebuilt = run.run_dir if checkpoints else None
     model = build_model(cfg, run.tok, rebuilt)
     adapter_config = None
@@ -671,32 +600,32 @@ def _build(run: Run, has_weights: bool) -> None:
     if run.dist.enabled:  # same init everywhere, but each rank its own dropout stream
         seed_everything(cfg.seed + run.dist.rank)
     run.trainable_only = cfg.lora_r > 0 and cfg.init_from is not None
-    run.max_steps = _max_steps(run)
+    run.max_steps = cfg.max_steps if cfg.epochs is None else max(1, math.ceil(
+        cfg.epochs * _examples_per_epoch(run) / _examples_per_step(run)))
     run.trainer = Trainer(model, cfg, run.device, run.dist, run.max_steps)
     run.order = BatchOrder(len(run.train_set), cfg.batch_size, run.dist, cfg.seed)
     run.state = RunState(precision=run.trainer.precision, max_steps=run.max_steps,
                          data=run.data_id)
     if checkpoints:
         broken = checkpoint.restore_latest(checkpoints, partial(_restore, run), run.main)
-        _barrier(run.dist)  # every rank has read its checkpoint before the broken are moved
+        if run.dist.enabled:  # every rank has read its checkpoint before the broken are moved
+            td.barrier()
         if run.main:
             checkpoint.set_aside(broken)
     run.config_dict = {**dataclasses.asdict(cfg), "name": run.run_dir.name, "resume": None}
     with _main_first(run.dist):
         if run.main:
             if cfg.resume:  # first: a damaged log refuses the resume before any rewrite
-                rundir.trim_metrics(run.run_dir / METRICS_FILE, run.state.step)
-            # Atomic: a kill mid-write must not leave a run that no command can continue;
-            # the adapter's config first, so that a config.json naming it finds it there.
+                rundir.trim_metrics(run.run_dir / rundir.METRICS_FILE, run.state.step)
+            # Atomic, the adapter's config first: a kill mid-write leaves a run that continues.
             files = {} if adapter_config is None else {
-                run.run_dir / INIT_ADAPTER_COPY: adapter_config}
-            process.write_atomic_files({**files, run.run_dir / CONFIG_FILE:
-                                          json.dumps(run.config_dict, indent=1)})
+                run.run_dir / rundir.INIT_ADAPTER_COPY: adapter_config}
+            process.write_atomic_files({**files, run.run_dir / rundir.CONFIG_FILE:
+                                        json.dumps(run.config_dict, indent=1)})
 
 
 def _prepare_data(run: Run, own_tok: bool) -> None:
-    """Tokenizer and data splits: rank 0 fills the caches, the others read them. Only a run
-    continued from its weights reads the run's tokenizer.json (``own_tok``)."""
+    """Tokenizer and data splits: rank 0 fills the caches, the others read them."""
     from dataset import make_cache_dir, prepare
     from tokenizer import load_tokenizer
 
@@ -726,10 +655,9 @@ def _prepare_data(run: Run, own_tok: bool) -> None:
         check_next_token_labels(examples, split)
     if run.main and cfg.val_data and not cfg.test_data and len(data.test):
         whole = round(run.dcfg.train_frac + run.dcfg.test_frac, 6)
-        print(f"note: --val-data validates, and --data still holds out test_frac "
-              f"{run.dcfg.test_frac:g} of itself as the test split (eval.py's default), "
-              f"untrained; --data-options '{{\"train_frac\": {whole:g}, \"test_frac\": 0}}' "
-              "trains on all of it", file=sys.stderr)
+        print(f"note: --data still holds out test_frac {run.dcfg.test_frac:g} as the test split; "
+              f"--data-options '{{\"train_frac\": {whole:g}, \"test_frac\": 0}}' trains on all "
+              "of it", file=sys.stderr)
     if cfg.overfit_batches:  # K fixed global batches; validation is the same examples
         from torch.utils.data import Subset
 
@@ -754,7 +682,9 @@ def _restore(run: Run, path: Path) -> None:
     run.state = dataclasses.replace(state, max_steps=run.max_steps, data=run.data_id,
                                     optimizer={}, scheduler={}, scaler={}, rng=[], weights={})
     run.last_saved_step = state.step
-    _check_length(run)
+    if state.step > run.max_steps:  # validate_config checks max_steps; epochs needs the data
+        raise ValueError(f"{setting(cfg, 'epochs')}: {run.max_steps} step(s), below the step of "
+                         f"the checkpoint it resumes from ({state.step}): set a larger epochs")
     if run.main:
         print(f"resumed {run.run_dir} from {path.name} (step {state.step})")
         if planned != run.max_steps:
@@ -764,32 +694,17 @@ def _restore(run: Run, path: Path) -> None:
         checkpoint.note_other_data(run.run_dir.name, trained_on, run.data_id)
 
 
-def _check_length(run: Run) -> None:
-    """A resume can only extend its run: a length below the checkpoint's step trained
-    nothing, yet config.json recorded it as the run's (refused before any write)."""
-    cfg, step = run.cfg, run.state.step
-    if step <= run.max_steps:
-        return
-    assert cfg.epochs is not None, "validate_config checks max_steps"
-    raise ValueError(f"{setting(cfg, 'epochs')}: {run.max_steps} step(s), below the step of "
-                     f"the checkpoint it resumes from ({step}); a resume can only extend its "
-                     "run: set a larger epochs")
-
-
 def _window_at_every_token(run: Run) -> bool:
     """lm windows at every start position (stride 1): its items are not examples."""
     return getattr(run.train_set, "stride", None) == 1
 
 
 def _examples_per_step(run: Run) -> int:
-    """Training examples one optimizer step takes, all processes together."""
     return run.cfg.batch_size * run.cfg.grad_accum * run.dist.world
 
 
 def _examples_per_epoch(run: Run) -> int:
-    """Each training example once; lm windows at every start position count n // block_size
-    windows, as many tokens as the split holds. ``epochs`` sizes the run by it and the logged
-    ``epoch`` divides the examples seen by it."""
+    """Each training example once; lm windows at every start position count n // block_size."""
     n = len(run.train_set)
     return max(1, n // run.dcfg.block_size) if _window_at_every_token(run) else n
 
@@ -797,12 +712,6 @@ def _examples_per_epoch(run: Run) -> int:
 def _epoch(run: Run, step: int) -> float:
     """Epochs trained by the end of optimizer step ``step``."""
     return step * _examples_per_step(run) / _examples_per_epoch(run)
-
-
-def _max_steps(run: Run) -> int:
-    if run.cfg.epochs is None:
-        return run.cfg.max_steps
-    return max(1, math.ceil(run.cfg.epochs * _examples_per_epoch(run) / _examples_per_step(run)))
 
 
 def _collate(run: Run, examples: list[dict]) -> dict:
@@ -821,11 +730,9 @@ def _next_micro_batches(run: Run) -> tuple[list[dict], tuple[int, int]]:
 
 
 def _val_batches(run: Run) -> tuple[Iterator[dict], int]:
-    """This rank's share of the validation batches (the same examples at every evaluation),
-    and how many there are."""
+    """This rank's share of the validation batches, and how many there are."""
     cfg = run.cfg
-    n = len(run.val_set) if cfg.eval_examples is None else min(len(run.val_set),
-                                                                cfg.eval_examples)
+    n = min(len(run.val_set), cfg.eval_examples or len(run.val_set))
     starts = range(0, n, cfg.batch_size)[run.dist.rank::run.dist.world]
     batches = (_collate(run, [run.val_set[i] for i in range(s, min(s + cfg.batch_size, n))])
                for s in starts)
@@ -834,14 +741,16 @@ def _val_batches(run: Run) -> tuple[Iterator[dict], int]:
 
 def save_checkpoint(run: Run) -> None:
     """Checkpoint this step (collective: every rank contributes its RNG state)."""
-    rng = _gather(rng_state(run.device), run.dist)
+    rng = [rng_state(run.device)] * run.dist.world
+    if run.dist.enabled:
+        td.all_gather_object(rng, rng[0])
     with _main_first(run.dist):  # the others wait for the write, and stop if it fails
         if run.main:
             state = dataclasses.replace(
                 run.state, rng=rng, order=run.order.state_dict(), **run.trainer.state_dict(),
                 weights=model_tensors(run.trainer.raw_model, run.trainable_only))
-            checkpoint.save(run.run_dir / CHECKPOINTS_DIR / f"{CHECKPOINT_PREFIX}{state.step}",
-                            state, run.config_dict, run.trainable_only)
+            path = run.run_dir / rundir.CHECKPOINTS_DIR / f"{rundir.CHECKPOINT_PREFIX}{state.step}"
+            checkpoint.save(path, state, run.config_dict, run.trainable_only)
             checkpoint.drop_old(run.run_dir, run.cfg.keep_last)
     run.last_saved_step = run.state.step
 
@@ -855,10 +764,10 @@ def _save_best(run: Run, metrics: dict) -> None:
             def write(tmp: Path) -> None:
                 save_file(tensors, tmp / checkpoint.weights_file(run.trainable_only),
                           metadata={"step": str(step)})
-                (tmp / BEST_METRICS).write_text(json.dumps({"step": step, **metrics}))
-                (tmp / CONFIG_FILE).write_text(json.dumps(run.config_dict, indent=1))
+                (tmp / rundir.BEST_METRICS).write_text(json.dumps({"step": step, **metrics}))
+                (tmp / rundir.CONFIG_FILE).write_text(json.dumps(run.config_dict, indent=1))
 
-            write_dir_atomically(run.run_dir / BEST_DIR, write)
+            write_dir_atomically(run.run_dir / rundir.BEST_DIR, write)
 
 
 def _announce(run: Run) -> None:
@@ -882,16 +791,13 @@ def _announce(run: Run) -> None:
               f"({length}): the learning rate never reaches lr {cfg.lr:g} (nor decays); lower "
               "warmup_steps", file=sys.stderr)
     if cfg.compile:
-        print("compiling the model: the first steps (and evaluations) take a while",
-              file=sys.stderr)
+        print("compiling the model: the first steps take a while", file=sys.stderr)
     if trainer.precision == "fp16" and run.device.type == "cpu":
-        print("warning: precision fp16 on cpu: most CPUs have no fast fp16 kernels, so torch "
-              "computes it many times slower than fp32; precision auto trains in fp32 on cpu "
-              "(and in fp16 or bf16 on a GPU)", file=sys.stderr)
+        print("warning: precision fp16 on cpu computes many times slower than fp32 (precision "
+              "auto)", file=sys.stderr)
     if _out_of_patience(run):  # a resume of a run that had stopped early ends there
-        print(f"the run stopped early at step {run.state.step} ({run.state.evals_since_best} "
-              "evaluation(s) without a fall): not trained on; a larger --early-stop-patience "
-              "trains on")
+        print(f"the run stopped early at step {run.state.step}: not trained on; a larger "
+              "--early-stop-patience trains on")
 
 
 def _log_step(run: Run, log: RunLog, bar, stats: StepStats, tok_s: float) -> None:
@@ -913,8 +819,8 @@ def _evaluate(run: Run, log: RunLog, on_eval) -> dict:
     metrics = run.trainer.evaluate(*_val_batches(run))
     s.last_eval_step = s.step
     loss = metrics["val_loss"]
-    # Early stopping counts from the last fall larger than min_delta (as Keras and Lightning
-    # do), so falls each smaller than min_delta still add up; best/ follows every new minimum.
+    # Patience counts from the last fall larger than min_delta (as Keras does); best/ follows
+    # every new minimum.
     if s.stop_ref is None or loss < s.stop_ref - run.cfg.early_stop_min_delta:
         s.stop_ref, s.evals_since_best = loss, 0
     else:
@@ -925,8 +831,7 @@ def _evaluate(run: Run, log: RunLog, on_eval) -> dict:
     log.write(s.step, "val", {**metrics, "best_val_loss": s.best_val_loss,
                               "epoch": _epoch(run, s.step)})
     if improved:
-        # Never best/ without a checkpoint: a kill between them would leave a run that holds
-        # weights but nothing to resume from.
+        # Never best/ without a checkpoint: a kill between them would leave nothing to resume.
         if run.last_saved_step < 0:
             save_checkpoint(run)
         _save_best(run, metrics)
@@ -952,8 +857,7 @@ def _stops_early(run: Run) -> bool:
 
 
 def _stop_requested(run: Run, signals: _StopSignals, started: float | None = None) -> str | None:
-    """Why every rank stops now (a collective call): a signal any rank received, or the
-    time budget counted from ``started`` (None: signals only), else None."""
+    """Why every rank stops now (collective): a signal any rank received, or the time budget."""
     budget = run.cfg.max_time_s
     over_time = (started is not None and budget is not None
                  and time.perf_counter() - started > budget)
@@ -966,41 +870,31 @@ def _stop_requested(run: Run, signals: _StopSignals, started: float | None = Non
 
 
 def _nonfinite(run: Run, stats: StepStats, where: tuple[int, int], log: RunLog) -> None:
-    """Stop the run on a non-finite loss or gradient, saying where in the data it came, its
-    likely causes, and how to go on from the last good checkpoint."""
+    """Stop the run on a non-finite loss or gradient: where in the data, causes, how to go on."""
     cfg, step = run.cfg, run.state.step + 1
     shuffle, pos = where  # BatchOrder's pass: for lm windows at every token, not the epoch
     value = stats.loss if stats.nonfinite == "loss" else stats.grad_norm
-    causes = [
-        f"the learning rate is too high (lr at this step {stats.lr:.3g}, peak "
-        f"{cfg.lr:.3g}): lower lr or lengthen warmup_steps",
-        "fp16 overflow: train with precision bf16 or fp32" if run.trainer.precision == "fp16"
-        else "exploding activations or gradients: keep grad_clip > 0, check the init",
-        "non-finite weights: a checkpoint (init_from, resume) holding inf/NaN",
-        "a model bug producing inf/NaN (attention mask, dtype casts, division by zero)",
-    ]
+    causes = [f"the learning rate is too high ({stats.lr:.3g}): lower lr or lengthen warmup_steps",
+              "fp16 overflow: use precision bf16 or fp32" if run.trainer.precision == "fp16"
+              else "exploding gradients: keep grad_clip > 0",
+              "inf/NaN weights in a loaded checkpoint", "a model bug (mask, dtype casts)"]
     if cfg.inject_nan_at_step == step:
         causes.insert(0, "injected on purpose: inject_nan_at_step is set")
     last = list_checkpoints(run.run_dir)
-    # A resume replays the same steps bit-exactly and keeps lr, warmup and precision: say so.
-    if last:
+    if last:  # a resume replays the same steps bit-exactly, with the same lr and precision
         kept = (f"the last good checkpoint is {last[-1]}: --resume {run.run_dir} replays the "
-                "same steps from there, so it helps only once the cause is gone (bad data "
-                "fixed, a NaN injected on purpose); a change of --lr, --warmup-steps or "
-                "--precision needs a new run (another --name)")
-    elif rundir.holds_weights(run.run_dir):
-        kept = ("no checkpoint had been written yet: start a new run with the changes "
+                "same steps from there; a change of --lr or --precision needs a new run "
                 "(another --name)")
+    elif rundir.holds_weights(run.run_dir):
+        kept = "no checkpoint had been written yet: start a new run (another --name)"
     else:
-        kept = ("no checkpoint had been written yet: run the command again with the changes "
-                "(the same --name starts the run anew)")
+        kept = ("no checkpoint had been written yet: run the command again with the changes (the "
+                "same --name starts the run anew)")
     span = _examples_per_step(run)
     diagnosis = (
         f"non-finite {stats.nonfinite} ({value}) at step {step}: epoch {_epoch(run, step):.3g}, "
-        f"training examples {pos}..{pos + span - 1} of shuffled pass {shuffle} of the training "
-        f"data ({cfg.grad_accum} micro-batch(es) of {cfg.batch_size} x {run.dist.world} "
-        "process(es)); the update was not applied and the run stopped. Likely causes: "
-        + "; ".join(causes) + ".")
+        f"training examples {pos}..{pos + span - 1} of shuffled pass {shuffle} of the data; the "
+        "update was not applied. Likely causes: " + "; ".join(causes) + ".")
     message = f"{diagnosis} {kept}."
     log.write(step, "error", {"message": message})
     raise NonFiniteLossError(message, step, diagnosis)
@@ -1010,15 +904,13 @@ def _end(run: Run, result: TrainResult, log: RunLog, signals: _StopSignals, stop
          on_eval) -> None:
     """After the loop: the last evaluation and checkpoint, the export, and what is left."""
     cfg, s = run.cfg, run.state
-    # The budget ends the run as it would end (evaluation, checkpoint, export of the best
-    # weights so far, which eval.py can score now), but says that it is not finished.
+    # The time budget ends the run as it would end, but says that it is not finished.
     result.stopped_by_budget = stop == "time budget" and s.step < run.max_steps
     if stop not in STOP_SIGNALS:
         evaluate = s.last_eval_step != s.step
         if evaluate:
             result.val_metrics = _evaluate(run, log, on_eval)
-        # A checkpoint of this step written before its evaluation is written again, holding
-        # it (its best, its patience): a resume would evaluate again and forget it.
+        # A checkpoint written before this evaluation is written again, holding its result.
         if evaluate or run.last_saved_step != s.step:
             save_checkpoint(run)
         stop = _stop_requested(run, signals)  # one during that evaluation: skip the export
@@ -1047,7 +939,7 @@ def _end(run: Run, result: TrainResult, log: RunLog, signals: _StopSignals, stop
 def _export(run: Run) -> tuple[Path | None, str | None]:
     """Best weights back in the model, a sample completion, the HF export (rank 0)."""
     cfg, model, tok = run.cfg, run.trainer.raw_model, run.tok
-    best = run.run_dir / BEST_DIR / checkpoint.weights_file(run.trainable_only)
+    best = run.run_dir / rundir.BEST_DIR / checkpoint.weights_file(run.trainable_only)
     exported_step = None
     if best.is_file():
         load_model_tensors(model, load_file(best), str(best), run.trainable_only)
@@ -1058,7 +950,7 @@ def _export(run: Run) -> tuple[Path | None, str | None]:
                                run.dcfg.pair_special_tokens)
     print(f"sample completion (greedy, best checkpoint at step {run.state.best_step}):\n"
           f"{cfg.sample_prompt}{sample}")
-    export = run.run_dir / EXPORT_DIR
+    export = run.run_dir / rundir.EXPORT_DIR
 
     def write(tmp: Path) -> None:
         import lora
@@ -1073,13 +965,13 @@ def _export(run: Run) -> tuple[Path | None, str | None]:
                 # checkpoint's own dtype (a bf16 base: bf16, not the fp32 training copy)
                 merged = pretrained.load(cfg.init_from, dtype="auto", device="cpu")
                 lora.load_adapter(merged, tmp)
-                lora.merge_and_export(merged, tmp / MERGED_DIR)
-                tok.save(tmp / MERGED_DIR)
-                copy_hf_companions(cfg, tok, tmp / MERGED_DIR, weights=True)
+                lora.merge_and_export(merged, tmp / rundir.MERGED_DIR)
+                tok.save(tmp / rundir.MERGED_DIR)
+                copy_hf_companions(cfg, tok, tmp / rundir.MERGED_DIR, weights=True)
         tok.save(tmp)
         copy_hf_companions(cfg, tok, tmp, weights=cfg.lora_r == 0)
         # Which best/ it holds: eval.py scores best/ instead once a resume trains past it.
-        (tmp / EXPORT_RECORD).write_text(json.dumps({"best_step": exported_step}))
+        (tmp / rundir.EXPORT_RECORD).write_text(json.dumps({"best_step": exported_step}))
 
     write_dir_atomically(export, write)
     best_loss = run.state.best_val_loss
@@ -1175,11 +1067,7 @@ def _holds_runs_tokenizer(directory: str | None, tok: object) -> bool:
 
 
 def copy_hf_companions(cfg: TrainConfig, tok: object, out: Path, weights: bool) -> None:
-    """Give an export what transformers finds beside the checkpoint it came from: the HF
-    tokenizer files of the directory the run's tokenizer came from (when its tokenizer.json is
-    the run's), with ``tok.save``'s PreTrainedTokenizerFast class (StarCoder's GPT2Tokenizer
-    splits digits otherwise) and any bos/eos/pad role codelm guessed; beside full weights,
-    ``--init-from``'s generation_config.json when the run kept that checkpoint's tokenizer."""
+    """Copy into an export the HF files beside the run's tokenizer (and --init-from's model)."""
     from pretrained import GENERATION_CONFIG, HF_TOKENIZER_FILES
     from tokenizer import tokenizer_path
 
@@ -1207,9 +1095,7 @@ def copy_hf_companions(cfg: TrainConfig, tok: object, out: Path, weights: bool) 
 @torch.no_grad()
 def sample_completion(model: nn.Module, tok: CodeTokenizer | BPETokenizer, prompt: str,
                       max_new_tokens: int, task: str, pair_special_tokens: bool = False) -> str:
-    """Greedy continuation of ``prompt``, formatted as the run's ``task`` trained on it, its
-    special-token text read as the run's pair records read it (``dataset.encode_prompts``; the
-    data option ``pair_special_tokens``, which the lm task ignores)."""
+    """Greedy continuation of ``prompt``, formatted and encoded as the run's ``task`` data."""
     from dataset import encode_prompts, prompt_prefix, reads_special_tokens
     from generation import GenerationConfig, generate
     from tokenizer import decode_generated, generation_eos_ids
@@ -1230,8 +1116,8 @@ def sample_completion(model: nn.Module, tok: CodeTokenizer | BPETokenizer, promp
 
 
 def _leave_group() -> None:
-    """Free the run's DDP model (held in reference cycles and by an error's traceback frames)
-    before leaving the group: freed at interpreter exit instead, gloo aborts now and then."""
+    """Free the DDP model (held by an error's traceback frames) before leaving the group: freed
+    at interpreter exit instead, gloo aborts now and then."""
     error, seen = sys.exc_info()[1], set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
@@ -1241,16 +1127,13 @@ def _leave_group() -> None:
     td.destroy_process_group()
 
 
-# --------------------------------------------------------------------------------------------
-# --overfit: the debugging ritual as a command
-# --------------------------------------------------------------------------------------------
+# ---- --overfit: the debugging ritual as a command ----
 
 
 @torch.no_grad()
 def structure_diagnosis(model: nn.Module, vocab_size: int, length: int) -> str | None:
-    """Two properties every causal LM has, checked on random ids before any training: a model
-    that mixes the samples of a batch or lets later tokens change earlier logits can still drive
-    the training loss down, yet learns nothing usable."""
+    """Check on random ids that the samples of a batch stay apart and later tokens do not change
+    earlier logits: a model breaking either still drives the loss down, yet learns nothing."""
     was_training = model.training
     model.eval()
     try:
@@ -1262,25 +1145,21 @@ def structure_diagnosis(model: nn.Module, vocab_size: int, length: int) -> str |
         other = x.clone()
         other[0] = torch.randint(0, vocab_size, (t,), generator=g).to(device)
         if not torch.allclose(model(other)[1:], base[1:], atol=1e-5):
-            return ("changing one sample of a batch changed the logits of the other samples: the "
-                    "model mixes the batch dimension. This is the transposed-batch bug: a "
-                    "(time, batch) tensor read as (batch, time), or attention/normalisation "
-                    "over the wrong axis. Check every reshape/transpose between the data and the "
-                    "attention.")
+            return ("changing one sample of a batch changed the logits of the others: the "
+                    "transposed-batch bug (a (time, batch) tensor read as (batch, time)); check "
+                    "every reshape/transpose before the attention.")
         later = x.clone()
         later[:, t // 2:] = torch.randint(0, vocab_size, (3, t - t // 2), generator=g).to(device)
         if not torch.allclose(model(later)[:, :t // 2], base[:, :t // 2], atol=1e-5):
-            return ("changing later tokens changed the logits of earlier positions: the model sees "
-                    "the future (a missing or wrong causal mask), so the training loss measures "
-                    "copying, not prediction.")
+            return ("changing later tokens changed earlier logits: the model sees the future "
+                    "(a missing or wrong causal mask).")
         return None
     finally:
         model.train(was_training)
 
 
 def run_overfit(cfg: TrainConfig, max_steps: int = 400, lr: float = 3e-3) -> tuple[bool, str]:
-    """Memorise ``data/overfit`` with the real model, loss and training step; then greedy
-    completion of each file's first line must reproduce the file. Returns (passed, report)."""
+    """Memorise ``data/overfit``, then reproduce each file from its first line: (passed, report)."""
     from architecture import Transformer
     from dataset import collate
     from generation import GenerationConfig, generate
@@ -1288,8 +1167,7 @@ def run_overfit(cfg: TrainConfig, max_steps: int = 400, lr: float = 3e-3) -> tup
 
     started = time.perf_counter()
     files = sorted(OVERFIT_CORPUS.glob("*.py"))
-    if not files:
-        raise ValueError(f"{OVERFIT_CORPUS}: the bundled overfit corpus is missing")
+    assert files, f"{OVERFIT_CORPUS}: the bundled overfit corpus is missing"
     texts = [f.read_text("utf-8") for f in files]
     tok = CodeTokenizer.train(texts, min_freq=1)
     for f, text in zip(files, texts):
@@ -1333,17 +1211,15 @@ def run_overfit(cfg: TrainConfig, max_steps: int = 400, lr: float = 3e-3) -> tup
             f"{first:.3f} -> {last:.4f} in {steps} steps, {time.perf_counter() - started:.0f} s")
     if last >= OVERFIT_LOSS:
         if last > 0.9 * first:
-            why = ("the loss barely moved: gradients do not reach the weights (frozen parameters, "
-                   "a detached graph, an optimizer over the wrong parameters, lr 0)")
+            why = ("the loss barely moved: gradients do not reach the weights (frozen or detached "
+                   "parameters, lr 0)")
         elif last < 0.98 * losses[-1 - min(steps - 1, max(2, steps // 4))]:
             # falling over the last quarter: too few steps (max_steps), not a stalled loss
             why = (f"the loss was still falling when its {steps} steps ran out: raise "
                    "--max-steps (--overfit's own is 400)")
         else:
             why = ("the loss fell but stalled above the target: inputs and targets disagree "
-                   "(labels shifted twice or not at all, a batch transposed before the loss, "
-                   "masking that hides the targets) or the optimisation is broken (lr schedule, "
-                   "clipping, accumulation scaling)")
+                   "(labels shifted twice or not at all, masking) or the optimisation is broken")
         return False, f"FAIL: {head}; not memorised (target {OVERFIT_LOSS}). Diagnosis: {why}."
 
     lines = []
@@ -1362,19 +1238,14 @@ def run_overfit(cfg: TrainConfig, max_steps: int = 400, lr: float = 3e-3) -> tup
                          f"{text[at:at + 30]!r}, generated {completion[at:at + 30]!r}")
     if lines:
         return False, (
-            f"FAIL: {head}; the training loss says memorised but greedy completion does not "
-            "reproduce the files:\n" + "\n".join(lines) + "\nDiagnosis: training and generation "
-            "disagree: the positions or KV cache used by generate differ from the training "
-            "forward, the batch layout differs between them (a transposed batch), or "
-            "the tokenizer decodes differently than it encodes.")
+            f"FAIL: {head}; memorised, but greedy completion does not reproduce the files:\n"
+            + "\n".join(lines) + "\nDiagnosis: training and generation disagree (positions, "
+            "KV cache, batch layout) or the tokenizer decodes differently than it encodes.")
     return True, (f"PASS: {head}; greedy completion of each file's first line reproduces all "
                   f"{len(files)} files exactly.")
 
 
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
-
+# ---- Command line ----
 
 RUN_ERRORS = (NonFiniteLossError, ValueError, OSError)  # reported as one line, no traceback
 
@@ -1384,21 +1255,11 @@ def _is_rank_zero() -> bool:
 
 
 def report_run_error(e: Exception) -> int:
-    """Print one of RUN_ERRORS as ``error: ...`` (under torchrun every rank meets it: rank 0
-    says it for all) and return the exit code: 1 for a diverged run, 2 for a bad setting or an
-    unwritable path."""
+    """Print one of RUN_ERRORS (rank 0 only); exit code 1 for a diverged run, else 2."""
     if _is_rank_zero():
         print(f"error: {process.os_error_message(e) if isinstance(e, OSError) else e}",
               file=sys.stderr)
     return 1 if isinstance(e, NonFiniteLossError) else 2
-
-
-def interrupted_message(stop: KeyboardInterrupt) -> str:
-    """What an interrupt outside the step loop leaves: a checkpoint to resume (the run's own
-    directory named), or nothing (before the first checkpoint, or --overfit, which saves none)."""
-    if isinstance(stop, RunInterrupted) and stop.resume is not None:
-        return f"interrupted; the checkpoints written are kept: continue with {stop.resume}"
-    return "interrupted before the first checkpoint: nothing to resume; run the same command again"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1418,8 +1279,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RUN_ERRORS as e:
         return report_run_error(e)
     except KeyboardInterrupt as stop:
-        if _is_rank_zero():
-            print(interrupted_message(stop), file=sys.stderr)
+        if _is_rank_zero() and getattr(stop, "resume", None) is not None:
+            print(f"interrupted; the checkpoints written are kept: continue with {stop.resume}",
+                  file=sys.stderr)
+        elif _is_rank_zero():
+            print("interrupted before the first checkpoint: nothing to resume; run the same "
+                  "command again", file=sys.stderr)
         return process.interrupted_exit_code(stop)
     if result.interrupted:
         return process.interrupted_exit_code(result.interrupted)
@@ -1430,8 +1295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         loss = "no loss" if result.train_loss is None else f"loss {result.train_loss:.4f}"
         print(f"{'PASS' if ok else 'FAIL'}: {cfg.overfit_batches} batch(es) of the training data, "
               f"{loss} after {result.step} steps (target {OVERFIT_LOSS})"
-              + ("" if ok else ". Diagnosis: not memorised; raise --max-steps or --lr, check the "
-                 "data (labels vs inputs) and run --overfit to test the model and training step"))
+              + ("" if ok else ": not memorised; raise --max-steps or --lr, or run --overfit"))
         return 0 if ok else 1
     if result.best_val_loss is not None:
         print(f"best validation loss {result.best_val_loss:.4f} (perplexity "

@@ -599,8 +599,8 @@ def test_a_failed_directory_write_is_one_oserror_and_leaves_the_old_one(tmp_path
         (d / "a.txt").write_text("new, half")
         raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos")
 
-    with pytest.raises(OSError, match=r"best: could not write it \(RuntimeError: .*MiB free\); "
-                                      r"what was written before is intact"):
+    with pytest.raises(OSError, match=r"best: could not write it \(.*MiB free\); what was "
+                                      r"written before is intact \(RuntimeError: "):
         tm.write_dir_atomically(target, full_disk)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
     assert (target / "a.txt").read_text() == "old"
@@ -1564,7 +1564,7 @@ def test_a_tokenizer_other_than_the_checkpoints_own_is_warned_about(assets, tmp_
     assert tm.load_or_train_tokenizer(cfg, tm.data_config(cfg, 32)).vocab_size < 512  # fits
     err = capsys.readouterr().err
     assert err.startswith(f"warning: --tokenizer {assets['tokenizer']} differs from "
-                          f"{base / 'tokenizer.json'}, the tokenizer --init-from {base} was "
+                          f"{base / 'tokenizer.json'}, the one --init-from {base} was "
                           "trained with")
     same = dataclasses.replace(cfg, tokenizer=str(base))  # its own, named again: no warning
     tm.load_or_train_tokenizer(same, tm.data_config(same, 32))
@@ -1722,9 +1722,9 @@ def test_a_merge_into_a_tied_embedding_is_refused_before_training(assets, tmp_pa
     common = dict(lora_r=4, lora_targets=["q_proj", "embed_tokens"], max_steps=2,
                   eval_every=2, export=True)
     cfg = tiny_cfg(assets, tmp_path, init_from=str(base), export_merged=True, **common)
-    with pytest.raises(ValueError, match=r"export_merged \(True, --export-merged\) .* LoRA "
+    with pytest.raises(ValueError, match=r"export_merged \(True, --export-merged\): .*LoRA "
                                          r"target wte \(lora_targets \(.*\)\) .* tied.* or "
-                                         r"train with --no-export-merged\.$"):
+                                         r"train with --no-export-merged$"):
         tm.train(cfg)
     assert not tm.list_checkpoints(Path(cfg.out_dir) / "run")
     assert tm.train(dataclasses.replace(cfg, export_merged=False)).export_dir is not None
@@ -2027,20 +2027,6 @@ def test_init_adapter_whose_base_layer_differs_from_the_base_is_refused(assets, 
     cfg = tm.with_init_adapter(tiny_cfg(assets, tmp_path, init_adapter=str(tmp_path / "changed")))
     with pytest.raises(ValueError, match=r"its base_model\.model\.model\.embed_tokens\.base_layer"
                        r"\.weight .* differs from the base's.*resume and the export would lose"):
-        tm.build_model(cfg, tok)
-
-
-def test_a_run_whose_init_adapter_is_gone_says_which_adapter_it_needs(assets, tmp_path):
-    """A run starting from the adapter reads the adapter directory: gone, that is named as the
-    run's init_adapter, not as a bare missing file."""
-    base = tiny_llama(tmp_path)
-    _peft_adapter(base, tmp_path / "peft")
-    cfg = tm.with_init_adapter(tiny_cfg(assets, tmp_path, init_adapter=str(tmp_path / "peft")))
-    shutil.rmtree(tmp_path / "peft")
-    tok = load_tokenizer(assets["tokenizer"])
-    with pytest.raises(ValueError, match=r"TrainConfig\.init_adapter .*peft: no "
-                                         r"adapter_config\.json there; the run's LoRA layout "
-                                         r".*\(a run starts from the adapter's weights\)"):
         tm.build_model(cfg, tok)
 
 
@@ -2993,9 +2979,9 @@ def test_val_data_alone_says_that_data_still_holds_out_a_test_split(assets, tmp_
                "val_frac": 0.1, "test_frac": test_frac}
     tm.train(tiny_cfg(assets, tmp_path, max_steps=1, eval_every=1, warmup_steps=0,
                       val_data=[str(val)], data_options=options))
-    assert ("note: --val-data validates, and --data still holds out test_frac 0.1 of itself as "
-            "the test split (eval.py's default), untrained; --data-options '{\"train_frac\": 0.9, "
-            "\"test_frac\": 0}' trains on all of it" in capsys.readouterr().err) == noted
+    assert ("note: --data still holds out test_frac 0.1 as the test split; --data-options "
+            "'{\"train_frac\": 0.9, \"test_frac\": 0}' trains on all of it"
+            in capsys.readouterr().err) == noted
 
 
 @pytest.mark.parametrize("warmup, warned", [
@@ -3242,7 +3228,7 @@ def test_auto_on_a_mac_says_it_trains_on_the_cpu(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     assert tm.resolve_device(tm.TrainConfig(), tm.Dist()) == torch.device("cpu")
-    assert "note: training on the CPU: codelm trains on cpu or cuda, not on this Mac's mps" \
+    assert "note: training on the CPU (codelm trains on cpu or cuda, not mps)" \
         in capsys.readouterr().err
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert tm.resolve_device(tm.TrainConfig(), tm.Dist()) == torch.device("cpu")
@@ -3283,8 +3269,8 @@ def test_where_set_of_a_command_line_names_the_flag_the_config_file_or_the_resum
 
 
 def test_too_few_training_examples_for_a_batch_names_the_setting():
-    with pytest.raises(ValueError, match=r"fewer than one global batch \(20 x 1 processes\); "
-                                         r"lower batch_size \(--batch-size\) or add data"):
+    with pytest.raises(ValueError, match=r"fewer than one global batch \(20 x 1\): "
+                                         r"lower --batch-size or add data"):
         tm.BatchOrder(10, 20, tm.Dist(), seed=0)
 
 
@@ -3347,7 +3333,7 @@ def test_validate_config_names_each_setting_where_the_callers_user_set_it(tmp_pa
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"batch_size": 100_000}, r"lower batch_size \(--batch-size\)"),
+    ({"batch_size": 100_000}, r"lower --batch-size"),
     ({"data_options": {"train_frac": 0.9, "val_frac": 0.0, "test_frac": 0.1}},
      r"raise val_frac of data_options \(--data-options\)$")])
 def test_a_runs_start_names_the_setting_to_change(assets, tmp_path, overrides, message):
