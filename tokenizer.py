@@ -29,6 +29,7 @@ from pathlib import Path
 
 import regex
 
+import process
 import settings
 
 TOKENIZER_FILE = "tokenizer.json"
