@@ -1,11 +1,22 @@
 """Run untrusted Python (model-generated code and its tests) in a separate, limited subprocess.
 
-Built for our own models' careless code, not an adversary's: no substitute for a container or VM.
 A run gets its own process group, killed at the wall-clock limit and with the evaluator; rlimits,
-a polled disk budget, a fresh working directory, ``nobody`` as its user under root; a completion
-token proves it ran to its end. Writes are confined to the working directory, and processes,
-exec, sockets and signals refused, by Landlock, a seccomp filter and a Python audit hook (the
-only guard where the kernel offers neither: ``SandboxResult.landlock`` / ``.seccomp`` say).
+a polled disk budget, a fresh working directory, ``nobody`` as its user under root, and no
+capability in any set. Landlock lets it read only the interpreter's standard library, the shared
+libraries the interpreter maps, its program and its working directory, and write only there;
+a seccomp filter and a Python audit hook refuse processes, exec, sockets and signals.
+``confinement()`` says whether this machine gives that; without Landlock, reads are not confined
+(the audit hook then guards writes alone) and ``eval.py`` runs pass@k only when told to.
+
+A run passes only when its program ran to its end and exited 0: the bootstrap then triggers an
+audit hook holding a secret token, the hook checks that the bootstrap's own frame called it, and
+writes the token for the evaluator. No Python object refers to that hook, and gc's object scans
+and trace functions are refused, so the program reaches neither the token nor the hook. What
+remains possible: the program shares one interpreter with its test, so it can make the test's
+assertions hold vacuously (an object equal to everything, a patched builtin); it can learn file
+names and sizes outside its directory (stat is not confined); and a non-root evaluator cannot
+empty its bounding capability set (no_new_privs and the exec ban keep it unused). Not a
+substitute for a VM against a determined adversary.
 """
 
 from __future__ import annotations
@@ -78,60 +89,92 @@ def _reachable(path, uid, gid):
         path, need = os.path.dirname(path), 0o1
 
 def _capset(ctypes, libc, caps):
-    """Effective and permitted capabilities: ``caps`` (bits of the first 32), nothing else."""
+    """Effective and permitted capabilities: ``caps`` (bits of the first 32); none inheritable."""
     header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, self
     if libc.capset(header, (ctypes.c_uint32 * 6)(caps, caps, 0, 0, 0, 0)) != 0:
         raise OSError(ctypes.get_errno(), "capset")
 
-def _drop_root(cfg, workdir, ctypes=None, libc=None):
-    """Become cfg["user"] (keeping CAP_DAC_READ_SEARCH where the interpreter is out of its
-    reach); root that cannot be that user drops every capability instead."""
-    if cfg["user"] is None:
-        if os.geteuid() == 0 and libc is not None:
-            _capset(ctypes, libc, 0)
-        return
-    uid, gid = cfg["user"]
-    keep_reads = not all(_reachable(p, uid, gid) for p in (*sys.path, workdir) if os.path.isdir(p))
-    if keep_reads and libc is None:
-        return
-    if keep_reads and libc.prctl(8, 1, 0, 0, 0) != 0:  # PR_SET_KEEPCAPS: through setuid
-        raise OSError(ctypes.get_errno(), "PR_SET_KEEPCAPS")
-    os.setgroups([])
-    os.setgid(gid)
-    os.setuid(uid)
-    if keep_reads:
-        _capset(ctypes, libc, 1 << 2)  # CAP_DAC_READ_SEARCH
-        libc.prctl(8, 0, 0, 0, 0)
-    if libc is not None:  # a uid change made /proc/self root's; it is the sample's again
-        libc.prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
+def _capabilities():
+    """Every capability set of this process (effective, permitted, inheritable, bounding,
+    ambient) or-ed together: 0 when the sample holds none."""
+    with open("/proc/self/status") as f:
+        return sum(int(line.split()[1], 16) for line in f
+                   if line.startswith(("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")))
 
-def _kernel(cfg, workdir):
-    """No root, die with the evaluator, Landlock, seccomp, through ctypes (then forgotten: the
-    sample may not import it). Returns (Landlock ABI or 0, seccomp on)."""
+def _mount_stdlib(ctypes, libc, target):
+    """A private mount namespace where the interpreter's installation is also at ``target``,
+    read-only, for a sample user who cannot reach it where it is; sys.path follows."""
+    prefix = os.path.realpath(sys.base_prefix)
+    ok = (libc.unshare(0x20000) == 0  # CLONE_NEWNS
+          and libc.mount(None, b"/", None, 0x4000 | 0x40000, None) == 0  # MS_REC | MS_PRIVATE
+          and libc.mount(prefix.encode(), target.encode(), None, 0x1000 | 0x4000, None) == 0
+          and libc.mount(None, target.encode(), None, 0x1000 | 0x20 | 0x1 | 0x2 | 0x4, None) == 0)
+    if not ok:  # MS_BIND | MS_REC, then MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV
+        raise OSError(ctypes.get_errno(), f"sandbox: user {os.getuid()} cannot reach {prefix} "
+                      "and no mount namespace can be made")
+    def moved(paths):
+        return [target + path[len(prefix):] if (path + "/").startswith(prefix + "/") else path
+                for path in map(os.path.realpath, paths)]
+    sys.path[:] = moved(sys.path)
+    for module in list(sys.modules.values()):  # packages imported so far, for their submodules
+        if isinstance(getattr(module, "__path__", None), list):
+            module.__path__[:] = moved(module.__path__)
+    sys.path_importer_cache.clear()
+
+def _drop_root(cfg, ctypes, libc):
+    """Empty the bounding and ambient sets (root only can), become cfg["user"] under root, then
+    empty the rest: the sample holds no capability at all."""
+    cap = 0
+    while libc.prctl(24, cap, 0, 0, 0) == 0:  # PR_CAPBSET_DROP, up to EINVAL past the last
+        cap += 1
+    libc.prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL
+    if cfg["user"] is not None:
+        uid, gid = cfg["user"]
+        if not all(_reachable(p, uid, gid) for p in sys.path if os.path.isdir(p)):
+            _mount_stdlib(ctypes, libc, cfg["stdlib_mount"])
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+        libc.prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE: a uid change made /proc/self root's
+    _capset(ctypes, libc, 0)
+
+def _kernel(cfg, workdir, program):
+    """No capabilities, die with the evaluator, Landlock, seccomp, through ctypes (then
+    forgotten: the sample may not import it). Returns (Landlock ABI or 0, seccomp on, caps)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
     try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-    except (ImportError, OSError):
-        _drop_root(cfg, workdir)
-        return 0, False
-    try:
-        _drop_root(cfg, workdir, ctypes, libc)  # clears the parent-death signal: before it
+        _drop_root(cfg, ctypes, libc)  # clears the parent-death signal: before it
         # the wall-clock limit lives in the evaluator: die with it (or now, if it is gone)
         libc.prctl(1, ctypes.c_ulong(9), 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
         if os.getppid() != cfg["parent_pid"]:
             os._exit(1)
-        abi = _landlock(ctypes, libc, workdir, cfg["landlock_cap"])
+        caps = _capabilities()
+        abi = _landlock(ctypes, libc, workdir, program, cfg["landlock_cap"])
         try:
             seccomp = _seccomp(ctypes, libc)
         except (OSError, AttributeError):
             seccomp = False
-        return abi, seccomp
+        return abi, seccomp, caps
     finally:
         for name in [m for m in sys.modules if "ctypes" in m]:
             del sys.modules[name]
 
-def _landlock(ctypes, libc, workdir, cap):
-    """Kernel-enforced: writes only beneath workdir. Returns the ABI version, 0 if unavailable."""
+def _read_roots():
+    """Directories the interpreter reads from as it runs: its module path and those of the
+    shared libraries it maps (where the libraries its extension modules need are found)."""
+    roots = {os.path.realpath(p) for p in sys.path if os.path.isdir(p)}
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(None, 5)
+            path = fields[5].strip() if len(fields) == 6 else ""
+            if ".so" in path and os.path.isfile(path):
+                roots.add(os.path.dirname(os.path.realpath(path)))
+    return sorted(roots)
+
+def _landlock(ctypes, libc, workdir, program, cap):
+    """Kernel-enforced: reads only of ``_read_roots()``, the program and the working directory;
+    writes only beneath it. Returns the ABI version, 0 if unavailable."""
     try:
         syscall = libc.syscall
         syscall.restype = ctypes.c_long
@@ -141,8 +184,10 @@ def _landlock(ctypes, libc, workdir, cap):
             abi = min(abi, cap)
         if abi < 1:
             return 0
-        write_rights = sum(1 << bit for bit in (1, 4, 5, 6, 7, 8, 9, 10, 11, 12))
-        write_rights |= (1 << 13 if abi >= 2 else 0) | (1 << 14 if abi >= 3 else 0)  # REFER, TRUNCATE
+        read_file, read = 1 << 2, (1 << 0) | (1 << 2) | (1 << 3)  # EXECUTE, READ_FILE, READ_DIR
+        write_file = 1 << 1 | (1 << 14 if abi >= 3 else 0)  # WRITE_FILE, TRUNCATE
+        write = sum(1 << bit for bit in (1, 4, 5, 6, 7, 8, 9, 10, 11, 12))
+        write |= (1 << 13 if abi >= 2 else 0) | (1 << 14 if abi >= 3 else 0)  # REFER, TRUNCATE
 
         class RulesetAttr(ctypes.Structure):
             _fields_ = [("fs", ctypes.c_uint64), ("net", ctypes.c_uint64),
@@ -152,7 +197,7 @@ def _landlock(ctypes, libc, workdir, cap):
             _pack_ = 1
             _fields_ = [("allowed", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
 
-        attr = RulesetAttr(write_rights, 0, 0)
+        attr = RulesetAttr(read | write, 0, 0)
         size = 8
         if abi >= 4:
             attr.net, size = 1 | 2, 16  # no TCP bind, no TCP connect
@@ -161,10 +206,13 @@ def _landlock(ctypes, libc, workdir, cap):
         ruleset = syscall(create, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
         if ruleset < 0:
             return 0
-        file_rights = (1 << 1) | ((1 << 14) if abi >= 3 else 0)  # WRITE_FILE, TRUNCATE
+        rules = [(workdir, read | write), (program, read_file), (os.devnull, read_file | write_file)]
+        rules += [(path, read) for path in _read_roots()]
+        rules += [(path, read_file) for path in ("/dev/urandom", "/dev/zero", "/etc/ld.so.cache")
+                  if os.path.exists(path)]
         ok = True
-        for path, rights in ((workdir, write_rights), (os.devnull, file_rights)):
-            fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path == workdir else 0))
+        for path, rights in rules:
+            fd = os.open(path, os.O_PATH)
             rule = PathBeneath(rights, fd)
             ok = ok and syscall(add_rule, ruleset, 1, ctypes.byref(rule), ctypes.c_uint32(0)) == 0
             os.close(fd)
@@ -261,7 +309,10 @@ def _install_guard(workdir, landlock):
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
     denied = {"os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
               "os.kill", "os.killpg", "signal.pthread_kill", "subprocess.Popen", "pty.spawn",
-              "socket.__new__", "os.chroot", "resource.setrlimit"}
+              "socket.__new__", "os.chroot", "resource.setrlimit",
+              # what reaches the completion hook's cell, or skips lines of the test
+              "gc.get_objects", "gc.get_referrers", "gc.get_referents", "sys.settrace",
+              "sys.setprofile"}
     # posix and _signal again would bring back the functions replaced below; a dotted name's
     # last part counts too ("x._posixsubprocess" is the real C module)
     denied_imports = {"ctypes", "_ctypes", "_posixsubprocess", "subprocess", "multiprocessing",
@@ -325,7 +376,8 @@ def _install_guard(workdir, landlock):
                 deny(f"{event} with dir_fd")
         elif event in denied or event.startswith("ctypes."):
             deny(event)
-        elif event == "import" and denied_imports & {args[0], args[0].rpartition(".")[2]}:
+        elif event == "import" and (denied_imports & {args[0], args[0].rpartition(".")[2]}
+                                    or args[0].startswith(("_test", "_xx"))):  # raw memory
             deny(f"importing {args[0]}")
         elif event == "import" and unavailable & {args[0], args[0].rpartition(".")[2]}:
             raise ModuleNotFoundError(f"sandbox: {args[0]} is not available", name=args[0])
@@ -374,25 +426,27 @@ def _install_guard(workdir, landlock):
             _sqlite3.connect = connect_confined
     sys.addaudithook(guard)
 
-def _signal_completion(token):
-    """The token lives only in this closure, in no frame the program runs beneath."""
+def _completion_hook(token, main_frame):
+    """An audit hook that writes the completion marker once, when ``main_frame`` (the
+    bootstrap, after the program) raises "sandbox.completed". The interpreter alone holds it."""
     marker = f"\nsandbox: completed {token}\n".encode()
+    done = []
 
-    def signal_completion():
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.write(2, marker)
-    return signal_completion
+    def hook(event, args):
+        if event == "sandbox.completed" and not done and sys._getframe(1) is main_frame:
+            done.append(True)
+            os.write(2, marker)
+    sys.addaudithook(hook)
 
 def _main():
-    signal_completion = _signal_completion(_read_token())
+    _completion_hook(_read_token(), sys._getframe())
     program, cfg = sys.argv[1], json.loads(sys.argv[2])
     with open(program, encoding="utf-8") as f:
         source = f.read()
     workdir = os.path.realpath(os.getcwd())
     _limits(cfg)
-    abi, seccomp = _kernel(cfg, workdir)
-    sys.stderr.write(f"sandbox: landlock={abi} seccomp={int(seccomp)}\n")
+    abi, seccomp, caps = _kernel(cfg, workdir, program)
+    sys.stderr.write(f"sandbox: landlock={abi} seccomp={int(seccomp)} caps={caps:x}\n")
     sys.stderr.flush()
     _install_guard(workdir, abi > 0)
     sys.argv = [program]
@@ -404,7 +458,9 @@ def _main():
         exec(code, main.__dict__)
     except MemoryError:
         os._exit(EXIT_MEMORY)
-    signal_completion()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.audit("sandbox.completed")
 
 EXIT_MEMORY = __EXIT_MEMORY__
 MAX_FDS = __MAX_FDS__
@@ -426,16 +482,18 @@ class SandboxConfig:
 
 @dataclass
 class SandboxResult:
-    """How a sandboxed run ended: passed, failed, timeout, memory, disk or killed."""
+    """How a sandboxed run ended: passed (ran to its end, exit code 0), failed, timeout, memory,
+    disk or killed."""
 
     status: str
     returncode: int | None
     stdout: str
     stderr: str
     duration_s: float
-    landlock: bool
+    landlock: bool  # reads and writes confined by the kernel
     completed: bool = False  # the program ran to its end (no early exit of any kind)
     seccomp: bool = False  # the kernel filter (signals, processes, sockets, ...) was active
+    capabilities: int = -1  # every capability set of the sample or-ed: 0 is none; -1 unknown
 
     @property
     def passed(self) -> bool:
@@ -585,6 +643,8 @@ def run_python(source: str, config: SandboxConfig | None = None) -> SandboxResul
     try:
         workdir = control_dir / "work"
         workdir.mkdir()
+        settings["stdlib_mount"] = str(control_dir / "python")  # where nobody reaches it
+        (control_dir / "python").mkdir(mode=0o755)
         (control_dir / "bootstrap.py").write_text(_BOOTSTRAP, encoding="utf-8")
         (control_dir / "program.py").write_text(source, encoding="utf-8")
         settings["user"] = user = _sample_user(workdir)
@@ -624,8 +684,9 @@ def run_python(source: str, config: SandboxConfig | None = None) -> SandboxResul
         stdout, _ = _tail(control_dir / "stdout", cfg.max_output_chars)
         with open(control_dir / "stderr", "rb") as f:  # the bootstrap's line comes first
             line = f.readline(200)
-        header = re.fullmatch(rb"sandbox: landlock=(\d+) seccomp=(\d)\n", line)
+        header = re.fullmatch(rb"sandbox: landlock=(\d+) seccomp=(\d) caps=([0-9a-f]+)\n", line)
         landlock, seccomp = (header[1] != b"0", header[2] == b"1") if header else (False, False)
+        capabilities = int(header[3], 16) if header else -1
         stderr, completed = _tail(control_dir / "stderr", cfg.max_output_chars,
                                   skip=len(line) if header else 0,
                                   marker=f"\nsandbox: completed {token}\n".encode())
@@ -634,10 +695,27 @@ def run_python(source: str, config: SandboxConfig | None = None) -> SandboxResul
         _remove(control_dir)
     code = proc.returncode
     memory = code == EXIT_MEMORY or (code == 1 and _raised_memory_error(stderr))
-    status = stopped or ("passed" if code == 0 else "memory" if memory
+    status = stopped or ("passed" if code == 0 and completed else "memory" if memory
                          else "timeout" if code == -signal.SIGXCPU
                          else "killed" if code < 0 else "failed")
-    return SandboxResult(status, code, stdout, stderr, duration, landlock, completed, seccomp)
+    return SandboxResult(status, code, stdout, stderr, duration, landlock, completed, seccomp,
+                         capabilities)
+
+
+@functools.cache
+def confinement() -> str | None:
+    """Why runs on this machine are not confined as the module promises, or None when they are
+    (one probe run, cached): Landlock confines reads, and an evaluator under root leaves the
+    sample no capability."""
+    probe = run_python("pass", SandboxConfig(timeout_s=30))
+    if not probe.passed:
+        tail = [line for line in probe.stderr.splitlines() if line.strip()][-1:]
+        return f"a sandboxed run of `pass` fails here ({': '.join([probe.status, *tail])})"
+    if not probe.landlock:
+        return "this kernel offers no Landlock, so a sample could read any file this user can"
+    if os.geteuid() == 0 and probe.capabilities != 0:
+        return f"the sample keeps capabilities {probe.capabilities:#x}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -676,6 +754,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(result.stderr)
         layers = [name for name, on in (("landlock", result.landlock),
                                         ("seccomp", result.seccomp)) if on]
+        if not result.landlock:
+            layers.append("reads NOT confined")
         print(f"sandbox: {result.status} (exit code {result.returncode}) in "
               f"{result.duration_s:.2f} s{'' if result.completed else ', not run to its end'}; "
               f"{', '.join(layers) or 'rlimits only'}", file=sys.stderr)

@@ -176,10 +176,10 @@ def test_evaluator_survives_hostile_samples():
         "import os\nos.fork()",
         "import sys\nsys.exit(3)",
         "raise SystemExit('bye')",
-        "import os\nos._exit(0)",  # exits 0 before any test ran: passes, harmlessly
+        "import os\nos._exit(0)",  # exits 0 before its end: not a pass
     ]
     statuses = [run_python(source, FAST).status for source in hostile]
-    assert statuses == ["failed"] * 5 + ["passed"]
+    assert statuses == ["failed"] * 6
     assert run_python("print('still here')", FAST).stdout == "still here\n"
     assert os.getpid() > 0  # this process is alive to run the assertion
 
@@ -190,7 +190,7 @@ def test_completion_is_signalled_only_when_the_program_ran_to_its_end():
     assert done.stdout == "hello\n" and done.stderr == ""  # the signal is not in the output
     for early in ("import os\nos._exit(0)", "import sys\nsys.exit(0)", "raise SystemExit"):
         result = run_python(early + "\nprint('never')", FAST)
-        assert result.passed and not result.completed, early
+        assert result.status == "failed" and not result.completed, early
     assert not run_python("1 / 0", FAST).completed
 
 
@@ -210,7 +210,7 @@ def test_completion_token_cannot_be_read_by_the_program():
         "os._exit(0)\n"
     )
     result = run_python(program, FAST)
-    assert result.passed and not result.completed, result.stderr
+    assert not result.passed and not result.completed, result.stderr
 
 
 def _evaluate_elsewhere(sources: list[str], landlock_cap: int) -> list[str]:
@@ -349,23 +349,19 @@ def test_kernel_filter_allows_threads_but_no_process_program_or_network():
                      "exec refused"]
 
 
-def _guard_cleared() -> str:
-    """Sample code that defeats the audit hook wholesale: it empties the guard's denylists."""
-    return (
-        "import gc, os\n"
-        "for f in gc.get_objects():\n"
-        "    if getattr(f, '__name__', '') == 'guard' and 'bootstrap' in f.__code__.co_filename:\n"
-        "        for cell in f.__closure__:\n"
-        "            if isinstance(cell.cell_contents, set):\n"
-        "                cell.cell_contents.clear()\n"
-    )
+def _without_guard(monkeypatch) -> None:
+    """Runs as if the sample had defeated the audit hook wholesale: the hook is never installed."""
+    hooked = "    sys.addaudithook(guard)\n"
+    assert hooked in sandbox._BOOTSTRAP
+    monkeypatch.setattr(sandbox, "_BOOTSTRAP", sandbox._BOOTSTRAP.replace(hooked, ""))
 
 
-def test_kernel_refuses_processes_network_memfd_and_limits_when_the_hook_is_fooled():
+def test_kernel_refuses_processes_network_memfd_and_limits_when_the_hook_is_fooled(monkeypatch):
     if not run_python("pass", FAST).seccomp:
         pytest.skip("no seccomp filter on this machine; only the in-process guard is active")
-    program = _guard_cleared() + textwrap.dedent("""
-        import _imp, importlib.util, resource, socket, sys
+    _without_guard(monkeypatch)
+    program = textwrap.dedent("""
+        import _imp, importlib.util, os, resource, socket, sys
         posix = _imp.create_builtin(importlib.util.find_spec('posix'))  # the original memfd
 
         def fork():
@@ -414,15 +410,10 @@ def test_a_denied_module_loaded_under_a_dotted_name_is_refused(module):
 def test_a_root_evaluators_sample_runs_unprivileged():
     if os.geteuid() != 0:
         pytest.skip("the evaluator is not root: its samples run as its own user")
-    program = (
-        "import os\n"
-        "caps = open('/proc/self/status').read().split('CapEff:')[1].split()[0]\n"
-        "print(os.getuid(), os.getgid(), os.getgroups(), int(caps, 16) & ~(1 << 2))\n"
-    )
-    result = run_python(program, FAST)
+    result = run_python("import os\nprint(os.getuid(), os.getgid(), os.getgroups())\n", FAST)
     assert result.passed, result.stderr
-    # CAP_DAC_READ_SEARCH alone is kept where the interpreter is out of that user's reach
-    assert result.stdout == f"{sandbox.SAMPLE_UID} {sandbox.SAMPLE_GID} [] 0\n"
+    assert result.stdout == f"{sandbox.SAMPLE_UID} {sandbox.SAMPLE_GID} []\n"
+    assert result.capabilities == 0  # effective, permitted, inheritable, bounding and ambient
 
 
 @pytest.mark.parametrize("landlock_cap", [None, 0])
@@ -528,7 +519,7 @@ def test_completion_token_is_in_no_frame_the_program_runs_beneath():
         "os._exit(0)\n"
     )
     result = run_python(program, FAST)
-    assert result.passed and not result.completed, result.stderr
+    assert not result.passed and not result.completed, result.stderr
 
 
 @pytest.mark.parametrize("attempt", [
@@ -742,3 +733,101 @@ def test_cli_refuses_limits_no_program_could_run_under_and_a_non_utf8_file(tmp_p
     ]:
         assert sandbox.main(args) == 2
         assert capsys.readouterr() == ("", f"error: {error}\n")
+
+
+def _needs_landlock() -> None:
+    if not run_python("pass", FAST).landlock:
+        pytest.skip("this kernel offers no Landlock: reads are not confined (confinement() says)")
+
+
+@pytest.mark.parametrize("guarded", [True, False])
+def test_a_sample_reads_no_file_outside_what_it_needs(tmp_path, monkeypatch, guarded):
+    # Secrets an evaluator's machine holds: a world-readable file, a 0600 key file, the
+    # repository, the system's files and the evaluator's environment; each read is echoed.
+    _needs_landlock()
+    if not guarded:  # the kernel alone, as if the sample had defeated the audit hook
+        _without_guard(monkeypatch)
+    (tmp_path / "open.txt").write_text("TOPSECRET-open")
+    (tmp_path / "key.pem").write_text("TOPSECRET-key")
+    (tmp_path / "key.pem").chmod(0o600)
+    targets = [tmp_path / "open.txt", tmp_path / "key.pem", ROOT / "README.md", "/etc/passwd",
+               "/etc/hostname", f"/proc/{os.getpid()}/environ", "/proc/self/environ", "/"]
+    for target in targets:
+        program = (f"import os\np = {str(target)!r}\n"
+                   "print(os.listdir(p) if os.path.isdir(p) else open(p, 'rb').read())\n")
+        result = run_python(program, FAST)
+        assert result.status == "failed" and "PermissionError" in result.stderr, (target, result)
+        assert "TOPSECRET" not in result.stdout + result.stderr
+        assert result.stdout == ""
+
+
+def test_a_confined_sample_still_has_the_standard_library():
+    _needs_landlock()
+    program = (
+        "import bz2, datetime, decimal, hashlib, json, lzma, sqlite3, ssl, unicodedata, zlib\n"
+        "import collections.abc, logging, traceback\n"
+        "print(hashlib.sha256(b'x').hexdigest()[:6], decimal.Decimal(1) / 4, lzma.__name__)\n"
+        "open('f.txt', 'w').write('own dir')\n"
+        "print(open('f.txt').read(), open(__file__).read()[:6])\n"
+    )
+    result = run_python(program, FAST)
+    assert result.passed, result.stderr
+    assert result.stdout == "2d7116 0.25 lzma\nown dir import\n"
+    assert sandbox.confinement() is None
+
+
+def test_without_landlock_confinement_says_why(monkeypatch):
+    monkeypatch.setattr(sandbox, "_LANDLOCK_ABI_CAP", 0)
+    sandbox.confinement.cache_clear()
+    try:
+        why = sandbox.confinement()
+    finally:
+        sandbox.confinement.cache_clear()
+    assert "Landlock" in why and "read" in why
+
+
+# Ways a program tried to fake a pass; each must end "failed", with no completion.
+FAKE_PASSES = {
+    "the caller's locals": "import os, sys\n"
+    "for v in list(sys._getframe(1).f_locals.values()):\n"
+    "    if callable(v):\n"
+    "        v()\n"
+    "os._exit(0)\n",
+    "a heap scan": "import gc, os\n"
+    "for f in gc.get_objects():\n"
+    "    if getattr(f, '__closure__', None):\n"
+    "        for c in f.__closure__:\n"
+    "            if isinstance(c.cell_contents, bytes) and b'completed' in c.cell_contents:\n"
+    "                os.write(2, c.cell_contents)\n"
+    "os._exit(0)\n",
+    "raising the event itself": "import os, sys\nsys.audit('sandbox.completed')\nos._exit(0)\n",
+    "the bootstrap run again": "import os, sys\n"
+    "if not getattr(sys, 'again', False):\n"
+    "    sys.again = True\n"
+    "    sys._getframe(1).f_globals['_main']()\n"
+    "os._exit(0)\n",
+    "os._exit before the test": "import os\nos._exit(0)\nassert 1 == 2\n",
+    "sys.exit before the test": "import sys\nsys.exit(0)\nassert 1 == 2\n",
+    "a trace function skipping the test": "import sys\n"
+    "def jump(frame, event, arg):\n"
+    "    if event == 'line' and frame.f_lineno == 7:\n"
+    "        frame.f_lineno = 8\n"
+    "    return jump\n"
+    "sys._getframe().f_trace = jump; sys.settrace(jump)\n"
+    "assert 1 == 2\n"
+    "x = 1\n",
+}
+
+
+@pytest.mark.parametrize("attack", sorted(FAKE_PASSES))
+def test_a_program_cannot_fake_a_pass(attack):
+    result = run_python(FAKE_PASSES[attack], FAST)
+    assert result.status == "failed" and not result.completed, (attack, result)
+    assert "sandbox: completed" not in result.stderr
+
+
+def test_the_command_line_never_calls_an_unfinished_run_passed(tmp_path, capsys):
+    program = tmp_path / "early.py"
+    program.write_text("import os\nos._exit(0)\nassert 1 == 2\n")
+    assert sandbox.main([str(program)]) == 1
+    assert "sandbox: failed (exit code 0)" in capsys.readouterr().err
