@@ -122,13 +122,15 @@ DISK_FULL_MIB = 1.0
 
 
 def write_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
-    """``process.write_dir_atomically`` replacing ``target`` (a checkpoint, best/, export/), any
-    failure of ``write`` one OSError naming ``target`` (and a full disk, measured as it fails)."""
+    """``process.write_dir_atomically`` replacing ``target`` (a checkpoint, best/, export/) with
+    what ``write`` writes and its manifest; any failure one OSError naming ``target`` (and a full
+    disk, measured as it fails)."""
     free_mib: list[float] = []
 
     def build(tmp: Path) -> None:
         try:
             write(tmp)
+            process.write_manifest(tmp)
         except Exception:
             free_mib.append(shutil.disk_usage(tmp).free / 2**20)
             raise
@@ -184,9 +186,12 @@ def read_state(path: Path, mmap: bool = False) -> RunState:
 
 
 def load(path: Path, model: nn.Module, trainable_only: bool) -> RunState:
-    """Load a checkpoint's weights into ``model`` and return its RunState; both files are read
-    first, so a broken checkpoint leaves the model as it was and an earlier one can be tried."""
+    """Load a checkpoint's weights into ``model`` and return its RunState; its files are checked
+    against its manifest and read first, so a broken checkpoint leaves the model as it was and an
+    earlier one can be tried."""
     path = Path(path)
+    if problem := process.manifest_problem(path):
+        raise _broken(path, problem)
     weights = path / weights_file(trainable_only)
     if not weights.is_file():
         raise _broken(path, f"no {weights.name}")
@@ -198,6 +203,15 @@ def load(path: Path, model: nn.Module, trainable_only: bool) -> RunState:
     load_model_tensors(model, tensors, str(weights), trainable_only)
     state.weights = tensors
     return state
+
+
+def first_nonfinite(state: RunState) -> str | None:
+    """The name of a weight or optimizer tensor holding inf or NaN, or None when all are finite."""
+    tensors = [*state.weights.items()]
+    for i, slots in state.optimizer.get("state", {}).items():
+        tensors += [(f"optimizer state {i} {k}", t) for k, t in slots.items()]
+    return next((name for name, t in tensors if isinstance(t, torch.Tensor)
+                 and t.is_floating_point() and not torch.isfinite(t).all()), None)
 
 
 def restore_latest(checkpoints: list[Path], restore: Callable[[Path], None], say: bool
@@ -292,7 +306,8 @@ def check_resume_config(cfg, run_dir: Path, resume_hint: str) -> dict | None:
     """Refuse a resumed run whose settings (a TrainConfig) differ from its newest checkpoint's
     outside RESUME_MAY_CHANGE; return the saved values (None: nothing saved yet)."""
     saved_path = next((c / CONFIG_FILE for c in reversed(list_checkpoints(run_dir))
-                       if (c / CONFIG_FILE).is_file()), Path(run_dir) / CONFIG_FILE)
+                       if not process.manifest_problem(c, [CONFIG_FILE])),
+                      Path(run_dir) / CONFIG_FILE)
     if not saved_path.is_file():
         return None
     saved, source = settings.read_config_file(saved_path, "train")

@@ -750,8 +750,12 @@ def save_checkpoint(run: Run) -> None:
                 run.state, rng=rng, order=run.order.state_dict(), **run.trainer.state_dict(),
                 weights=model_tensors(run.trainer.raw_model, run.trainable_only))
             path = run.run_dir / rundir.CHECKPOINTS_DIR / f"{rundir.CHECKPOINT_PREFIX}{state.step}"
-            checkpoint.save(path, state, run.config_dict, run.trainable_only)
-            checkpoint.drop_old(run.run_dir, run.cfg.keep_last)
+            if bad := checkpoint.first_nonfinite(state):  # never a "last good" checkpoint
+                print(f"warning: step {state.step}: {bad} holds inf or NaN: no checkpoint "
+                      "written", file=sys.stderr)
+            else:
+                checkpoint.save(path, state, run.config_dict, run.trainable_only)
+                checkpoint.drop_old(run.run_dir, run.cfg.keep_last)
     run.last_saved_step = run.state.step
 
 

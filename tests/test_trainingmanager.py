@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 import checkpoint
 import generation
+import process
 import rundir
 import settings
 import trainingmanager as tm
@@ -1083,9 +1084,44 @@ def test_broken_checkpoint_falls_back_to_the_one_before_and_then_fails_clearly(a
     (run / "checkpoints" / "step-4" / rundir.STATE_FILE).unlink()
     assert tm.main(["--resume", str(run)]) == 2
     err = capsys.readouterr().err
-    assert "step-8: corrupt or incomplete checkpoint (state.pt is not a readable torch file" in err
-    assert "step-4: corrupt or incomplete checkpoint (no state.pt)" in err
+    assert "step-8: corrupt or incomplete checkpoint (state.pt" in err
+    assert "step-4: corrupt or incomplete checkpoint (state.pt" in err
     assert "Traceback" not in err and "weights_only" not in err
+
+
+@pytest.mark.parametrize("name", [rundir.MODEL_FILE, rundir.STATE_FILE, rundir.CONFIG_FILE])
+def test_a_checkpoint_with_flipped_bytes_is_set_aside_and_the_one_before_used(assets, tmp_path,
+                                                                              capsys, name):
+    """16 flipped bytes in the newest checkpoint's tensor data, state or config: its manifest
+    tells; the resume warns naming the file and continues bit-exactly from the one before."""
+    config = _tiny_config_file(assets, tmp_path, max_steps=8, dropout=0.1)
+    assert tm.main(["--config", config]) == 0
+    run = tmp_path / "runs" / "run"
+    straight = {k: t.clone() for k, t in final_weights(run, 8).items()}
+    damaged = run / "checkpoints" / "step-8" / name
+    data = bytearray(damaged.read_bytes())
+    at = len(data) - 64 if name != rundir.CONFIG_FILE else 2  # tensor bytes; a key's quote
+    data[at:at + 16] = bytes(b ^ 0xFF for b in data[at:at + 16])
+    damaged.write_bytes(data)
+    capsys.readouterr()
+    assert tm.main(["--resume", str(run)]) == 0
+    out, err = capsys.readouterr()
+    assert f"step-8: corrupt or incomplete checkpoint ({name}" in err
+    assert "from step-4" in out
+    assert sum(p.name.startswith("broken-step-8") for p in (run / "checkpoints").iterdir()) == 1
+    assert_bit_equal(straight, final_weights(run, 8))
+
+
+def test_a_checkpoint_is_written_only_with_finite_weights(assets, tmp_path, capsys):
+    """lr 1e38 makes every weight inf at the first update: no checkpoint is written, so the
+    non-finite stop names none as last good."""
+    config = _tiny_config_file(assets, tmp_path, max_steps=4, save_every=1, lr=1e38,
+                               warmup_steps=0)
+    assert tm.main(["--config", config]) == 1
+    err = capsys.readouterr().err
+    assert "holds inf or NaN: no checkpoint written" in err
+    assert "last good checkpoint" not in err and "no checkpoint had been written" in err
+    assert rundir.list_checkpoints(tmp_path / "runs" / "run") == []
 
 
 def test_a_checkpoint_without_its_weights_or_with_a_state_short_of_keys_is_corrupt(tmp_path):
@@ -1110,6 +1146,7 @@ def test_a_checkpoint_without_its_weights_or_with_a_state_short_of_keys_is_corru
         tm.read_state(ckpt)
     torch.save(whole, ckpt / rundir.STATE_FILE)
     assert tm.read_state(ckpt) == checkpoint.RunState()
+    process.write_manifest(ckpt)
     model = Transformer(PRESETS["tiny"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(tm.CorruptCheckpointError, match=r"step-4: corrupt or incomplete "
@@ -2353,6 +2390,8 @@ def test_a_run_saves_its_paths_absolute_and_resumes_from_any_directory(assets, t
     older = json.dumps({**saved, "data": ["corpus"]})  # an older run, as it wrote its configs
     for config_file in [run / "config.json", *run.glob("checkpoints/*/config.json")]:
         config_file.write_text(older)
+    for checkpoint_dir in run.glob("checkpoints/*"):
+        process.write_manifest(checkpoint_dir)  # as that run recorded them
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()
     assert tm.main(["--resume", str(run), "--max-steps", "8"]) == 2
@@ -3086,6 +3125,7 @@ def test_resume_compares_with_the_newest_checkpoints_config(tmp_path):
         (run / rundir.CHECKPOINTS_DIR / f"step-{step}").mkdir(parents=True)
         write_config(dataclasses.replace(cfg, lr=lr), run / rundir.CHECKPOINTS_DIR / f"step-{step}"
                      / rundir.CONFIG_FILE)
+        process.write_manifest(run / rundir.CHECKPOINTS_DIR / f"step-{step}")
     assert checkpoint.check_resume_config(dataclasses.replace(cfg, lr=0.2), run, "hint")["lr"] == 0.2
     with pytest.raises(ValueError, match=r"lr=0\.2 \(now 0\.1\)"):
         checkpoint.check_resume_config(dataclasses.replace(cfg, lr=0.1), run, "hint")
