@@ -198,16 +198,40 @@ class GitHubClient:
             f"GET {redact_url(url)} failed {self.retries + 1} times (last: {problem}); "
             "progress is saved, re-run to continue")
 
-    def get_json(self, url: str, *, params: dict | None = None) -> tuple[object, requests.Response]:
-        """GET expecting 200 with a JSON body; anything else is a GitHubError naming the URL."""
-        resp = self.get(url, params=params)
+    def get_reply(self, url: str, *, params: dict | None = None,
+                  valid: Callable[[object], bool] = lambda data: True
+                  ) -> tuple[object, requests.Response]:
+        """GET ``url``: (its JSON body, the response) for a 200, (None, the response) for another
+        final status. A 200 whose body is not JSON, or not ``valid``, is retried as a server
+        failure is, then a ServerError naming the URL."""
+        for attempt in range(self.retries + 1):
+            resp = self.get(url, params=params)
+            if resp.status_code != 200:
+                return None, resp
+            try:
+                data = resp.json()
+            except ValueError:
+                problem = "a body that is not JSON"
+            else:
+                if valid(data):
+                    return data, resp
+                problem = "a JSON body of another shape than GitHub's"
+            if attempt < self.retries:
+                delay = self._backoff_delay(attempt)
+                log.warning("GET %s: %s; retrying in %.1f s", redact_url(resp.url), problem, delay)
+                self._sleep(delay)
+        raise ServerError(f"GET {redact_url(resp.url)} gave {problem} {self.retries + 1} times; "
+                          "progress is saved, re-run to continue")
+
+    def get_json(self, url: str, *, params: dict | None = None,
+                 valid: Callable[[object], bool] = lambda data: True
+                 ) -> tuple[object, requests.Response]:
+        """``get_reply`` where any status but 200 is a GitHubError naming the URL."""
+        data, resp = self.get_reply(url, params=params, valid=valid)
         if resp.status_code != 200:
             raise GitHubError(f"GET {redact_url(resp.url)}: HTTP {resp.status_code}: "
                               f"{_message(resp)}")
-        try:
-            return resp.json(), resp
-        except ValueError:
-            raise GitHubError(f"GET {redact_url(resp.url)}: response is not JSON") from None
+        return data, resp
 
 
 def _message(resp: requests.Response) -> str:

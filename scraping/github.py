@@ -142,6 +142,27 @@ def build_query(cfg: GitHubConfig) -> str:
     return " ".join(parts)
 
 
+# The shape of each reply the scraper reads: another one (a server bug, a proxy's page) is
+# retried, then that repository is left for the next run.
+def _is_search_page(data) -> bool:
+    return (isinstance(data, dict) and isinstance(data.get("total_count"), int)
+            and isinstance(data.get("items"), list)
+            and all(isinstance(i, dict) and isinstance(i.get("full_name"), str)
+                    for i in data["items"]))
+
+
+def _is_branch(data) -> bool:
+    return isinstance(data, dict) and isinstance(data.get("commit"), dict) and isinstance(
+        data["commit"].get("sha"), str)
+
+
+def _is_tree(data) -> bool:
+    return isinstance(data, dict) and isinstance(data.get("sha"), str) and isinstance(
+        data.get("tree"), list) and all(
+        isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("sha"), str)
+        and isinstance(e.get("size", 0), int) for e in data["tree"])
+
+
 def search_repositories(client: GitHubClient, query: str, date_field: str, start: datetime,
                         end: datetime, *, cap: int = SEARCH_CAP, per_page: int = 100
                         ) -> Iterator[dict]:
@@ -149,7 +170,7 @@ def search_repositories(client: GitHubClient, query: str, date_field: str, start
     a slice over the search cap is halved until each half fits; each is read whole first."""
     q = f"{query} {date_field}:{_stamp(start)}..{_stamp(end)}"
     params = {"q": q, "per_page": per_page, "sort": "stars", "order": "desc"}
-    data, resp = client.get_json("/search/repositories", params=params)
+    data, resp = client.get_json("/search/repositories", params=params, valid=_is_search_page)
     total = data["total_count"]
     if total > cap and end > start:  # whole seconds, both ends included: two or more of them
         mid = start + timedelta(seconds=(end - start).total_seconds() // 2)
@@ -174,7 +195,8 @@ def _read_slice(client: GitHubClient, params: dict, data: dict, resp: requests.R
     found: dict[str, dict] = {}
     for attempt in range(_SLICE_READS):
         if attempt:
-            data, resp = client.get_json("/search/repositories", params=params)
+            data, resp = client.get_json("/search/repositories", params=params,
+                                         valid=_is_search_page)
         before = len(found)
         while True:
             for item in data["items"]:
@@ -182,7 +204,7 @@ def _read_slice(client: GitHubClient, params: dict, data: dict, resp: requests.R
             next_url = resp.links.get("next", {}).get("url")
             if not next_url:
                 break
-            data, resp = client.get_json(next_url)
+            data, resp = client.get_json(next_url, valid=_is_search_page)
         wanted = min(data["total_count"], cap)
         if len(found) >= wanted or (attempt and len(found) == before):
             break  # complete, or a re-read found nothing new: the total is not reachable
@@ -196,12 +218,10 @@ def _read_slice(client: GitHubClient, params: dict, data: dict, resp: requests.R
 def _get_tree(client: GitHubClient, repo: str, sha: str, recursive: bool) -> dict | None:
     """The tree, or None when GitHub will not give it (404, 409 for an empty repo, 451, ...)."""
     params = {"recursive": "1"} if recursive else None
-    resp = client.get(f"/repos/{repo}/git/trees/{sha}", params=params)
-    if resp.status_code != 200:
-        if resp.status_code not in (404, 409):
-            log.warning("tree %s of %s: HTTP %d, skipped", sha, repo, resp.status_code)
-        return None
-    return resp.json()
+    tree, resp = client.get_reply(f"/repos/{repo}/git/trees/{sha}", params=params, valid=_is_tree)
+    if resp.status_code not in (200, 404, 409):
+        log.warning("tree %s of %s: HTTP %d, skipped", sha, repo, resp.status_code)
+    return tree
 
 
 def _tree_files(entries: list[dict], prefix: str) -> list[TreeFile]:
@@ -343,10 +363,11 @@ class GitHubScraper:
         if not license_allowed(license_id, self.allowed):
             return "license", []
         branch = item.get("default_branch") or "HEAD"
-        resp = self.client.get(f"/repos/{name}/branches/{quote(branch)}")
+        data, resp = self.client.get_reply(f"/repos/{name}/branches/{quote(branch)}",
+                                           valid=_is_branch)
         if resp.status_code != 200:  # 404: empty repo; 403/451: access blocked
             return ("empty" if resp.status_code == 404 else f"http_{resp.status_code}"), []
-        commit = resp.json()["commit"]["sha"]
+        commit = data["commit"]["sha"]
         tree = list_repo_files(self.client, name, commit)
         if tree is None:
             return "empty", []

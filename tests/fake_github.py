@@ -220,6 +220,8 @@ class FakeGitHub:
             h.wfile.write(b"x" * 100)
             h.wfile.flush()
             h.close_connection = True
+        elif kind.startswith("body:"):  # a 200 whose body is this text (malformed JSON too)
+            self._send(h, 200, kind[len("body:"):].encode())
         else:
             raise ValueError(f"unknown fault {kind!r}")
 

@@ -951,6 +951,43 @@ def test_a_repo_github_keeps_failing_is_left_for_the_next_run_and_the_rest_go_on
     assert len(read_jsonl(out)) == len(expected)
 
 
+MALFORMED_REPLIES = [  # 200 replies that are not what GitHub sends
+    ("/repos/alpha/jsonish/git/trees/", 'body:{"sha": "x", "tree": "not-a-list"}'),
+    ("/repos/alpha/jsonish/branches/", 'body:{"name": "main", "commit": null}'),
+    ("/repos/alpha/jsonish/git/trees/", 'body:{"sha": "x", "tree": [{"path": "a.py", "sha"'),
+    ("/repos/alpha/jsonish/git/trees/", 'body:{"sha": "x", "tree": [{"path": 1, "sha": "y"}]}'),
+]
+
+
+@pytest.mark.parametrize("fault", [kind for _, kind in MALFORMED_REPLIES],
+                         ids=["tree-not-a-list", "commit-null", "cut-off-json", "path-not-str"])
+def test_a_malformed_reply_is_retried_then_left_for_the_next_run(tmp_path, capsys, caplog,
+                                                                 fault):
+    """A 200 of the wrong shape is retried; when it keeps coming, that repository alone is left
+    for the next run, naming the URL, and the others are scraped: no traceback."""
+    out = tmp_path / "out.jsonl"
+    repos, expected = fake_corpus()
+    needle = next(n for n, kind in MALFORMED_REPLIES if kind == fault)
+    with FakeGitHub(repos, faults=[(needle, fault)] * 2, max_per_page=3) as fake:
+        assert _cli_scrape(fake, out, "--retries", "1", "--min-bytes", "1000") == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and re.search(r"repos server_error +1\n", err)
+        assert "retrying" in caplog.text and "alpha/jsonish is not saved (a re-run" in caplog.text
+        assert "GET http://127.0.0.1" in caplog.text
+        assert {r["repo"] for r in read_jsonl(out)} == {r for r, _ in expected} - {"alpha/jsonish"}
+        assert _cli_scrape(fake, out, "--retries", "1", "--min-bytes", "1000") == 0  # retried
+
+
+def test_a_search_reply_without_its_total_is_retried(tmp_path, caplog):
+    out = tmp_path / "out.jsonl"
+    repos, expected = fake_corpus()
+    with FakeGitHub(repos, faults=[("/search/repositories", 'body:{"items": []}')],
+                    max_per_page=3) as fake:
+        assert _cli_scrape(fake, out, "--retries", "1", "--min-bytes", "1000") == 0
+        assert "another shape than GitHub's; retrying" in caplog.text
+    assert {r["repo"] for r in read_jsonl(out)} == {r for r, _ in expected}
+
+
 def test_an_outage_stops_the_run_and_rate_limits_still_do(tmp_path):
     """Five repos failing in a row is GitHub down, not one broken repo: the run stops (as a
     spent rate limit does) instead of marking every repo after it as failed."""
