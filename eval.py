@@ -43,7 +43,14 @@ import rundir
 import settings
 import trainconfig
 from generation import MIN_TEMPERATURE, GenerationConfig, generate, stream
-from sandbox import MIN_MEMORY_MB, SandboxConfig, SandboxResult, kill_running, run_python
+from sandbox import (
+    MIN_MEMORY_MB,
+    SandboxConfig,
+    SandboxResult,
+    confinement,
+    kill_running,
+    run_python,
+)
 
 if TYPE_CHECKING:  # annotations only: eval loads dataset and tokenizer where a task needs them
     from dataset import DataConfig, Doc
@@ -306,11 +313,8 @@ def check_program(problem: dict, completion: str) -> str:
 
 
 def run_check(problem: dict, completion: str, config: SandboxConfig | None = None) -> SandboxResult:
-    """One completion against its problem's tests; ``sys.exit(0)`` before ``check`` ends fails."""
-    result = run_python(check_program(problem, completion), config)
-    if result.passed and not result.completed:
-        result.status = "failed"
-    return result
+    """One completion against its problem's tests (a pass: ``check`` ran to its end)."""
+    return run_python(check_program(problem, completion), config)
 
 
 def run_checks(jobs: Sequence[tuple[dict, str]], sandbox: SandboxConfig, workers: int,
@@ -382,6 +386,7 @@ class EvalConfig:
     timeout_s: float = 5.0  # wall-clock limit of one sandboxed run
     memory_mb: int = 1024  # memory limit of one sandboxed run
     workers: int = 2  # sandboxed runs in flight at once
+    sandbox_may_read_all_files: bool = False  # run pass@k where the sandbox cannot confine reads
     # output
     out_dir: str | None = None  # default: <runs_dir>/eval-<timestamp>
     progress: bool = True  # progress bars
@@ -561,6 +566,13 @@ def _run_weights(run_dir: Path, weights: Path) -> dict:
     return {"weights": where, "step": step, "still_training": training}
 
 
+def _intact(weights_dir: Path) -> bool:
+    """Whether a run's weights directory holds the bytes its manifest recorded (a warning if not)."""
+    if problem := process.manifest_problem(weights_dir):
+        print(f"warning: {weights_dir}: {problem}; not scored", file=sys.stderr)
+    return problem is None
+
+
 def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
               dtype: str | None = None) -> tuple[torch.nn.Module, Path, dict, dict]:
     """A run's model (its export while that holds best/, else best/ or the latest checkpoint),
@@ -574,6 +586,8 @@ def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
     tok_dir = _run_tokenizer(run_dir, tokenizer)
     if stale := rundir.stale_export(run_dir):
         print(f"note: {export} is not used: {stale}; scoring best/", file=sys.stderr)
+    elif export.is_dir() and not _intact(export):
+        pass  # best/ or a checkpoint instead
     elif (export / lora.ADAPTER_CONFIG).is_file():
         model = _load_hf(Path(_run_base(run_dir, config)), device, dtype, adapter=export)
         return model, tok_dir, config, _run_weights(run_dir, export)
@@ -582,12 +596,12 @@ def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
     cfg = trainconfig.config_from_dict(config, str(run_dir / rundir.CONFIG_FILE))
     if cfg.init_from:
         cfg = replace(cfg, init_from=_run_base(run_dir, config))
-    checkpoints = rundir.list_checkpoints(run_dir)
-    weights_dir = run_dir / rundir.BEST_DIR
-    if not weights_dir.is_dir() and not checkpoints:
-        raise ValueError(f"{run_dir}: no model in {rundir.EXPORT_DIR}/, and no {rundir.BEST_DIR}/ "
-                         "or checkpoint to score")
-    weights_dir = weights_dir if weights_dir.is_dir() else checkpoints[-1]
+    best = run_dir / rundir.BEST_DIR
+    candidates = [best] * best.is_dir() + rundir.list_checkpoints(run_dir)[::-1]
+    weights_dir = next((c for c in candidates if _intact(c)), None)
+    if weights_dir is None:
+        raise ValueError(f"{run_dir}: no model in {rundir.EXPORT_DIR}/, and no intact "
+                         f"{rundir.BEST_DIR}/ or checkpoint to score")
     adapter_only = (weights_dir / rundir.ADAPTER_FILE).is_file()
     weights = weights_dir / checkpoint.weights_file(adapter_only)
     file = SafetensorsFile(weights)  # a truncated file is an error naming it
@@ -1208,6 +1222,10 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
 
     problems: list[dict] = []
     if "passk" in cfg.tasks:
+        if not cfg.sandbox_may_read_all_files and (why := confinement()):
+            raise ValueError(f"--tasks passk: {why}; generated code run here could read this "
+                             "machine's files (keys, tokens). Run it where the kernel has "
+                             "Landlock, or pass --sandbox-may-read-all-files to take that risk")
         sandbox = SandboxConfig(cfg.timeout_s, cfg.memory_mb)
         problems = load_problems(cfg.problems or PROBLEMS_FILE, sandbox, cfg.workers, cfg.limit)
     models = [load_model(spec, device, cfg.tokenizer, cfg.dtype) for spec in specs]
@@ -1297,7 +1315,7 @@ def _examples_digest(docs: Sequence, examples: dict, problems: Sequence[dict]) -
 
 # Settings that say where results go or how they are computed, not what they are.
 _RESUME_IGNORES = ("models", "runs_dir", "out_dir", "progress", "workers", "batch_size",
-                   "compile")
+                   "sandbox_may_read_all_files", "compile")
 
 
 def _changed_settings(old: dict, config: dict, skip_unset: bool = False) -> list[str]:

@@ -715,6 +715,9 @@ def load(directory: str | Path, dtype: torch.dtype | str | None = None,
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"{directory}: not a directory")
+    if (directory / process.MANIFEST_FILE).exists() and (
+            problem := process.manifest_problem(directory)):  # written by codelm: checked
+        raise ValueError(f"{directory}: {problem}: the checkpoint is damaged; use an intact copy")
     cfg, hf = read_config(directory)
     table = TABLES[cfg.family]
     device = torch.device(device if device is not None else "cpu")
@@ -903,6 +906,7 @@ def export_checkpoint(out: str | Path, save_weights: Callable[[Path], object],
                 source = Path(generation_from)
             if (source / name).is_file():
                 shutil.copy2(source / name, tmp / name)
+        process.write_manifest(tmp)
 
     if not process.write_dir_atomically(out, build, replace=False):
         raise ValueError(f"{out} was written by another process meanwhile; name a new directory")

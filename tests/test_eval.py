@@ -12,6 +12,7 @@ import sacrebleu
 from rapidfuzz import fuzz
 
 import eval as ev
+import process
 import rundir
 
 WORDS = ["def", "f(x):", "return", "x", "+", "1", "self", "if", "else:", "for", "i", "in",
@@ -1041,6 +1042,7 @@ def test_prompt_reads_chat_template_text_as_the_model_learned_it(tmp_path, capsy
     if not trained.startswith("base"):
         model = tmp_path / "run"
         shutil.copytree(base, model / "export")
+        process.write_manifest(model / "export")
         config = {"task": "lm" if trained == "lm" else "refactor",
                   "data_options": {"pair_special_tokens": trained != "text"}}
         (model / "config.json").write_text(json.dumps(config))
@@ -1120,6 +1122,7 @@ def test_prompt_keeps_the_completions_of_models_with_one_label(tiny_models, tmp_
 
     for run in ("a", "b"):
         shutil.copytree(tiny_models["base"], tmp_path / run / "export")
+        process.write_manifest(tmp_path / run / "export")
     cfg = ev.EvalConfig(models=[str(tmp_path / r / "export") for r in "ab"], prompt="def f(",
                         max_new_tokens=4, progress=False)
     shown = []
@@ -1776,6 +1779,7 @@ def test_default_run_evaluates_the_latest_run(tiny_models, tmp_path, monkeypatch
     for i, name in enumerate(["older", "newer"]):
         run = runs / name
         shutil.copytree(tiny_models["base"], run / "export")
+        process.write_manifest(run / "export")
         (run / "config.json").write_text(json.dumps({"data": [str(tiny_models["code"])],
                                                      "data_options": {}}))
         os.utime(run / "export", (1_000_000 + i, 1_000_000 + i))
@@ -1892,6 +1896,7 @@ def test_a_tokenizer_that_is_not_the_models_is_refused(tiny_models, tmp_path):
         ev.load_model(str(adapter), cpu)
     run = tmp_path / "lora-run"  # a run's own tokenizer is not checked; a --tokenizer is
     shutil.copytree(m["adapter"], run / "export")
+    process.write_manifest(run / "export")
     shutil.copy(m["base"] / "tokenizer.json", run / "tokenizer.json")
     (run / "config.json").write_text(json.dumps({"init_from": str(m["base"]), "lora_r": 4}))
     ev.load_model(str(run), cpu)
@@ -1926,6 +1931,7 @@ def test_lora_run_directory_loads_base_plus_adapter(tiny_models, tmp_path):
     m = tiny_models
     run = tmp_path / "lora-run"
     shutil.copytree(m["adapter"], run / "export")
+    process.write_manifest(run / "export")
     shutil.copy(m["base"] / "tokenizer.json", run / "tokenizer.json")
     (run / "config.json").write_text(json.dumps({"init_from": str(m["base"]), "lora_r": 4}))
     cfg = ev.EvalConfig(lm_windows=2, block_size=32, progress=False)
@@ -1960,8 +1966,10 @@ def test_a_run_dir_scores_best_when_its_export_holds_an_older_best(tiny_models, 
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
     tiny_models["tok"].save(run)
     save_file(tm.model_tensors(new, False), run / "best" / rundir.MODEL_FILE)
+    process.write_manifest(run / "best")
     (run / "best" / "metrics.json").write_text(json.dumps({"step": 30, "val_loss": 2.0}))
     pretrained.save(old, run / "export")
+    process.write_manifest(run / "export")
 
     def scored_is(model) -> bool:
         loaded = ev.load_model(str(run), torch.device("cpu")).model.state_dict()
@@ -1990,6 +1998,7 @@ def test_a_runs_paths_load_from_its_config_or_name_it(tiny_models, tmp_path, mon
     m = tiny_models
     run = tmp_path / "lora-run"
     shutil.copytree(m["adapter"], run / "export")
+    process.write_manifest(run / "export")
     shutil.copy(m["base"] / "tokenizer.json", run / "tokenizer.json")
     config = {"init_from": str(m["base"]), "lora_r": 4, "data": ["code"]}
     (run / "config.json").write_text(json.dumps(config))
@@ -2039,6 +2048,7 @@ def test_config_file_and_user_errors(tiny_models, tmp_path, monkeypatch, capsys)
     assert "python trainingmanager.py" in capsys.readouterr().err
     run = tmp_path / "run"  # BASE+RUN: the run's adapter is in its export/
     shutil.copytree(tiny_models["adapter"], run / "export")
+    process.write_manifest(run / "export")
     spec = f"{tiny_models['base']}+{run}"
     assert ev.main(["--models", spec, "--prompt", "x"]) == 2
     assert capsys.readouterr().err == (
@@ -2400,14 +2410,19 @@ def test_a_truncated_run_checkpoint_is_an_error_naming_it(tiny_models, tmp_path,
     tiny_models["tok"].save(run)
     weights = run / "best" / rundir.MODEL_FILE
     save_file(tm.model_tensors(model, False), weights)
+    process.write_manifest(run / "best")
     loaded = ev.load_model(str(run), torch.device("cpu")).model
     assert all(torch.equal(p, q) for p, q in zip(loaded.state_dict().values(),
                                                  model.state_dict().values()))
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    with pytest.raises(ValueError, match=r"run/best/model.safetensors: truncated file"):
+    with pytest.raises(ValueError, match=r"run: no model in export/, and no intact best/"):
         ev.load_model(str(run), torch.device("cpu"))
     assert ev.main(["--models", str(run), "--tasks", "lm", "--out-dir", str(tmp_path / "o")]) == 2
-    assert capsys.readouterr().err.startswith(f"error: {weights}: truncated file")
+    err = capsys.readouterr().err
+    assert f"warning: {run / 'best'}: model.safetensors: its bytes differ" in err
+    process.write_manifest(run / "best")  # a manifest over a truncated file: safetensors tells
+    with pytest.raises(ValueError, match=r"run/best/model.safetensors: truncated file"):
+        ev.load_model(str(run), torch.device("cpu"))
 
 
 
@@ -2488,6 +2503,7 @@ def test_a_run_with_no_best_yet_scores_its_latest_checkpoint(tiny_models, tmp_pa
         checkpoint = run / rundir.CHECKPOINTS_DIR / f"{rundir.CHECKPOINT_PREFIX}{step}"
         checkpoint.mkdir(parents=True)
         save_file(tm.model_tensors(saved[step], False), checkpoint / rundir.MODEL_FILE)
+        process.write_manifest(checkpoint)
     loaded = ev.load_model(str(run), torch.device("cpu")).model.state_dict()
     assert all(torch.equal(t, loaded[k]) for k, t in saved[10].state_dict().items())
     assert capsys.readouterr().err == (
@@ -2505,7 +2521,7 @@ def test_a_run_with_no_best_yet_scores_its_latest_checkpoint(tiny_models, tmp_pa
     assert "scoring checkpoints/step-10/, its weights of step 10" in err
     shutil.rmtree(run / rundir.CHECKPOINTS_DIR)
     (run / rundir.EXPORT_DIR).mkdir()  # a run dir (is_run_dir) with no weights to load
-    with pytest.raises(ValueError, match="no model in export/, and no best/ or checkpoint"):
+    with pytest.raises(ValueError, match="no model in export/, and no intact best/ or checkpoint"):
         ev.load_model(str(run), torch.device("cpu"))
 
 
@@ -2533,6 +2549,7 @@ def test_results_name_the_step_of_a_runs_scored_weights_and_whether_it_still_tra
     tiny_models["tok"].save(run)
     model = tm.build_model(cfg, tiny_models["tok"])
     save_file(tm.model_tensors(model, False), run / rundir.BEST_DIR / rundir.MODEL_FILE)
+    process.write_manifest(run / rundir.BEST_DIR)
     (run / rundir.BEST_DIR / rundir.BEST_METRICS).write_text(json.dumps({"step": 7}))
     (run / rundir.LOCK_FILE).write_text(process.owner_tag() + "\n")
     argv = ["--models", str(run), "--data", str(tiny_models["code"]), "--tasks", "lm",
@@ -2589,6 +2606,7 @@ def test_a_run_without_its_tokenizer_names_the_missing_file(tiny_models, tmp_pat
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
     save_file(tm.model_tensors(tm.build_model(cfg, tiny_models["tok"]), False),
               run / "best" / rundir.MODEL_FILE)
+    process.write_manifest(run / "best")
     cpu = torch.device("cpu")
     missing = f"{run / 'tokenizer.json'}: not found; pass --tokenizer"
     with pytest.raises(ValueError, match=f"^{missing}"):
@@ -2596,6 +2614,7 @@ def test_a_run_without_its_tokenizer_names_the_missing_file(tiny_models, tmp_pat
     assert ev.main(["--models", str(run), "--tasks", "lm", "--out-dir", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.startswith(f"error: {missing}")
     shutil.copytree(tiny_models["base"], run / "export")
+    process.write_manifest(run / "export")
     (run / "export" / "tokenizer.json").unlink()
     with pytest.raises(ValueError, match=f"^{run / 'tokenizer.json'}: not found, nor "
                                          f"{run / 'export' / 'tokenizer.json'}; pass --tokenizer"):
@@ -2977,8 +2996,10 @@ def test_eval_loads_models_in_the_dtype_asked_for(tiny_models, tmp_path):
     base, adapter = tiny_models["base"], tiny_models["adapter"]
     full_run, lora_run = tmp_path / "run", tmp_path / "lora-run"  # run dirs by their export/
     shutil.copytree(base, full_run / "export")
+    process.write_manifest(full_run / "export")
     (full_run / "config.json").write_text(json.dumps({"lora_r": 0}))
     shutil.copytree(adapter, lora_run / "export")
+    process.write_manifest(lora_run / "export")
     shutil.copy(base / "tokenizer.json", lora_run)
     (lora_run / "config.json").write_text(json.dumps({"init_from": str(base), "lora_r": 4}))
     for spec in (str(base), f"{base}+{adapter}", str(adapter), str(full_run), str(lora_run)):
@@ -3084,6 +3105,7 @@ def test_dtype_on_a_quantized_runs_best_keeps_the_base_it_trained_on(tiny_models
     (run / rundir.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg)))
     shutil.copy(m["base"] / "tokenizer.json", run / "tokenizer.json")
     save_file(tm.model_tensors(trained, True), run / rundir.BEST_DIR / rundir.ADAPTER_FILE)
+    process.write_manifest(run / rundir.BEST_DIR)
     (run / rundir.BEST_DIR / rundir.BEST_METRICS).write_text(json.dumps({"step": 1}))
     loaded = ev.load_model(str(run), "cpu", dtype="bf16").model
     want = {n: q.dequantize(torch.float32).to(torch.bfloat16)
@@ -3126,3 +3148,26 @@ def test_an_error_of_two_settings_names_where_each_was_set(tmp_path, capsys):
     assert capsys.readouterr().err == (
         "error: num_beams (4, --num-beams): beam search is deterministic: temperature (0.7, "
         f"--config {config}) must be 0 with num_beams > 1\n")
+
+
+def test_passk_refuses_up_front_where_the_sandbox_cannot_confine_reads(tiny_models, tmp_path,
+                                                                       monkeypatch, capsys):
+    """Without Landlock a sample could read the machine's files: pass@k says so before any
+    work and runs only when told to take that risk."""
+    import sandbox
+
+    monkeypatch.setattr(sandbox, "_LANDLOCK_ABI_CAP", 0)
+    sandbox.confinement.cache_clear()
+    monkeypatch.setattr(ev, "generate_texts", lambda lm, prompts, *a, **kw: ["    pass\n"] * len(
+        prompts))
+    args = ["--models", str(tiny_models["base"]), "--tasks", "passk", "--limit", "1",
+            "--no-progress"]
+    try:
+        assert ev.main([*args, "--out-dir", str(tmp_path / "a")]) == 2
+        err = capsys.readouterr().err
+        assert "Landlock" in err and "--sandbox-may-read-all-files" in err
+        assert not (tmp_path / "a" / "results.json").exists()
+        assert ev.main([*args, "--out-dir", str(tmp_path / "b"),
+                        "--sandbox-may-read-all-files"]) == 0
+    finally:
+        sandbox.confinement.cache_clear()

@@ -1388,7 +1388,7 @@ def test_cli_copies_every_tokenizer_and_generation_file_and_nothing_else(checkpo
     out = tmp_path / "out"
     assert pretrained.main([str(src), str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["config.json", "model.safetensors", *companions])
+        ["config.json", "model.safetensors", "manifest.json", *companions])
     assert all((out / name).read_text() == f"the {name} of src" for name in companions)
 
 
