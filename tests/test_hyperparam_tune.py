@@ -28,6 +28,7 @@ from procs import exited, popen, signal_when
 from tiny_hf import save_tiny_hf
 
 import hyperparam_tune
+import process
 import rundir
 import trainingmanager
 from dataset import DataError, stdlib_files, stdlib_root
@@ -737,6 +738,7 @@ def _first_trial_trains_in_bf16_and_stops(monkeypatch) -> list:
             state = torch.load(state_file, weights_only=True)
             state["precision"] = "bf16"
             torch.save(state, state_file)
+            process.write_manifest(state_file.parent)  # as a bf16 machine would have saved it
             result.interrupted = "SIGTERM"
         return result
 
