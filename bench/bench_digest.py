@@ -24,8 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import process  # noqa: E402
 from bench_model import make_checkpoint  # noqa: E402
+
+import process  # noqa: E402
 
 
 def best_of(repeats: int, fn) -> float:
@@ -44,9 +45,12 @@ def read_all(path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt-dir", default="/tmp/codelm_bench/llama-3.2-1b-bf16")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt-dir", default="/tmp/codelm_bench/llama-3.2-1b-bf16",
+                        help="where the random checkpoint is written once and reused "
+                        "(default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of each; the best counts (default: %(default)s)")
     args = parser.parse_args()
     source = Path(args.ckpt_dir)
     make_checkpoint(source)
