@@ -510,12 +510,12 @@ def presets_table() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
     import json
 
     import process
+    import settings
 
-    parser = argparse.ArgumentParser(
+    parser = settings.ArgumentParser(
         description="codelm's named model configurations (architecture.PRESETS): a table of "
         "them with their parameter counts, or one preset's every ModelConfig field as JSON "
         "(what trainingmanager.py's --preset and --model-options start from).")

@@ -1755,7 +1755,7 @@ def make_cache_dir(cache_dir: str, option: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = settings.ArgumentParser(
         description="Prepare a codelm dataset: read sources, clean, split, build a task, cache "
         "it, and print counts per stage.", argument_default=argparse.SUPPRESS)
     parser.add_argument("--tokenizer",

@@ -1435,14 +1435,14 @@ def _save(out: Path, results: dict, records: Sequence[dict]) -> None:
 # ---- CLI ----------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = settings.ArgumentParser(
         description="Evaluate codelm/HF models side by side: perplexity, CodeXGLUE line/method "
         "metrics, docstring chrF/ROUGE-L, refactoring BLEU, pass@k in a sandbox. Without "
         "--models: the latest run under --runs-dir, on the test split of the data it trained on "
         "(the stdlib for the default run). With --prompt: each model's completion of one text, "
         "printed as it is generated.",
         argument_default=argparse.SUPPRESS)
-    parser.add_argument("--config", help="JSON file of EvalConfig keys, or a recipe "
+    parser.add_argument("--config", help="JSON or YAML file of EvalConfig keys, or a recipe "
                         "(configs/*.json) whose 'eval' section is read; flags override it")
     return settings.add_config_flags(parser, EvalConfig)
 

@@ -1027,13 +1027,14 @@ def config_from_dict(values: dict, source: str = "<dict>") -> TuneConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = settings.ArgumentParser(
         prog="hyperparam_tune.py",
         description="Optuna sweep over trainingmanager runs. Flags override --config; with no "
         "flags, a small from-scratch sweep on the stdlib corpus.",
         argument_default=argparse.SUPPRESS,
     )
-    parser.add_argument("--config", help="JSON file of TuneConfig keys; flags override it")
+    parser.add_argument("--config",
+                        help="JSON or YAML file of TuneConfig keys; flags override it")
     return settings.add_config_flags(parser, TuneConfig, _CHOICES)
 
 

@@ -910,9 +910,8 @@ def _check_adapter_tokenizer(adapter: Path, base: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
 
-    parser = argparse.ArgumentParser(
+    parser = settings.ArgumentParser(
         description="Merge a LoRA adapter (codelm's or PEFT's) into its base model and write a "
         "new HF checkpoint of the base's family, which transformers loads without PEFT.")
     parser.add_argument("adapter", help="the adapter directory (adapter_config.json + weights)")

@@ -914,11 +914,10 @@ def export_checkpoint(out: str | Path, save_weights: Callable[[Path], object],
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
 
     from tokenizer import tokenizer_path
 
-    parser = argparse.ArgumentParser(
+    parser = settings.ArgumentParser(
         description="Convert a local HF checkpoint codelm loads (safetensors or .bin, sharded or "
         "not) into a new safetensors directory in the family's HF layout, cast to --dtype.")
     parser.add_argument("checkpoint", help="the checkpoint directory")

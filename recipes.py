@@ -682,7 +682,7 @@ def summary(report: RecipeResult) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = settings.ArgumentParser(
         prog="recipes.py", argument_default=argparse.SUPPRESS,  # RecipeOptions' defaults hold
         description="Train and evaluate one seed project's recipe (configs/*.json) with one "
         "command; --smoke runs it on a tiny random checkpoint of the same family in seconds.")

@@ -722,7 +722,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one Python file in the sandbox: what a generated sample does, without risk."""
     import argparse
 
-    parser = argparse.ArgumentParser(
+    parser = settings.ArgumentParser(
         description="Run a Python file in codelm's sandbox, as pass@k runs generated code: its "
         "own process and user, limits, no network, writes confined to a temporary directory. "
         "Its output is printed, then how it ended; exit 0 if it passed, 1 if not.",

@@ -111,13 +111,15 @@ def config_from_dict(cls: type, values: Mapping[str, Any], source: str = "<dict>
 
 
 def read_json_object(path: str | Path, what: str = "file", strict: bool = False) -> dict:
-    """The one JSON object a file holds; every failure names the file (and the line). ``strict``,
-    for files users write (configs, recipes, search spaces): a key given twice in one object is an
-    error. Other tools' files (HF config.json, PEFT's) load as their tools load them."""
+    """The one JSON object a file holds (YAML for a .yaml/.yml file); every failure names the file
+    (and the line). ``strict``, for files users write (configs, recipes, search spaces): a key
+    given twice in one object is an error. Other tools' files (HF config.json, PEFT's) load as
+    their tools load them."""
     path = Path(path)
     try:  # utf-8-sig: a Windows editor's byte-order mark is not JSON, but no reason to refuse
-        value = json.loads(path.read_text("utf-8-sig"),
-                           object_pairs_hook=_unique_keys if strict else None)
+        text = path.read_text("utf-8-sig")
+        value = (_yaml_object(text, path) if path.suffix in (".yaml", ".yml") else
+                 json.loads(text, object_pairs_hook=_unique_keys if strict else None))
     except FileNotFoundError:
         raise ValueError(f"{path}: {what} not found") from None
     except (OSError, UnicodeDecodeError) as err:
@@ -131,6 +133,28 @@ def read_json_object(path: str | Path, what: str = "file", strict: bool = False)
     if not isinstance(value, dict):
         raise ValueError(f"{path}: the {what} must be one JSON object, not {_json_kind(value)}")
     return value
+
+
+def _yaml_object(text: str, path: Path) -> Any:
+    """A YAML document, read safely (plain data, no tags), a repeated key refused as in JSON."""
+    import yaml
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+            if repeated := next((k for k in keys if keys.count(k) > 1), None):
+                raise _RepeatedKey(repeated)
+            return super().construct_mapping(node, deep)
+
+    # YAML 1.1 reads 2e-3 (no dot) as text; YAML 1.2 and every user read it as a number
+    UniqueKeys.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+        r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789."))
+    try:
+        return yaml.load(text, UniqueKeys)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"{path}: invalid YAML{at}: {getattr(err, 'problem', err)}") from None
 
 
 class _RepeatedKey(Exception):
@@ -333,15 +357,37 @@ def where_set_in(args: Mapping[str, Any], section: str) -> Callable[[str], str]:
     return where_set_by(typed, config, in_file)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse as every script uses it: no prefix abbreviation (``--max-step`` is not
+    ``--max-steps``), and an unknown flag answered in one line naming the closest flags."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str) -> typing.NoReturn:
+        unknown = re.match(r"unrecognized arguments: (-\S+)", message)
+        if unknown is None:
+            super().error(message)
+        flag = unknown[1].split("=")[0]
+        flags = [o for o, action in self._option_string_actions.items()
+                 if o.startswith("--") and action.help != argparse.SUPPRESS]
+        close = difflib.get_close_matches(flag, flags, n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(close)}?" if close else "--help lists the flags"
+        self.exit(2, f"{self.prog}: error: unknown flag {flag}: {hint}\n")
+
+
 def add_config_flags(parser: argparse.ArgumentParser, cls: type,
                      choices: Mapping[str, Sequence] | None = None,
-                     positional: Collection[str] = ()) -> argparse.ArgumentParser:
+                     positional: Collection[str] = (),
+                     aliases: Mapping[str, Sequence[str]] | None = None
+                     ) -> argparse.ArgumentParser:
     """One flag per dataclass field, helped by its comment and grouped by its section
     (``field_docs``). Give the parser ``argument_default=argparse.SUPPRESS`` so that only typed
     flags override the config file. An Optional field's flag reads ``none``/``null`` as None (a
     plain ``str`` field keeps it as text). A field without a default is a required flag, or an
     operand when named in ``positional``. Field metadata: ``repeat`` (a list flag given once per
-    item), ``metavar``, ``choices``, ``none_is_a_value`` (``none`` is text, a value of its own)."""
+    item), ``metavar``, ``choices``, ``none_is_a_value`` (``none`` is text, a value of its own).
+    ``aliases``: other spellings of a field's flag, accepted but not shown by --help."""
     hints = typing.get_type_hints(cls)
     helps, sections = field_docs(cls)
     groups: dict[str, argparse._ArgumentGroup] = {}
@@ -366,6 +412,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type,
             kwargs["metavar"] = f.metadata["metavar"]
         target.add_argument(flag_of(f.name), help=help_text,
                             required=default is dataclasses.MISSING, **kwargs)
+        for alias in (aliases or {}).get(f.name, ()):
+            target.add_argument(alias, dest=f.name, help=argparse.SUPPRESS, **kwargs)
     return parser
 
 

@@ -1579,9 +1579,8 @@ def _shown_piece(raw: bytes) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Show how a tokenizer splits a text: what a model is actually fed."""
-    import argparse
 
-    parser = argparse.ArgumentParser(
+    parser = settings.ArgumentParser(
         description="Show how a tokenizer splits a text: each token's id and text (or bytes, "
         "for part of a character), then the count. The tokenizer is a tokenizer.json (HF "
         "byte-level BPE or codelm's), a codelm tokenizer file, or a directory holding one: a "

@@ -152,17 +152,30 @@ def load_config_file(path: str | os.PathLike) -> dict:
     return values
 
 
+# Hugging Face Trainer's spellings of the same settings: accepted, not shown by --help.
+HF_FLAGS = {"lr": ["--learning_rate"], "batch_size": ["--per_device_train_batch_size"],
+            "grad_accum": ["--gradient_accumulation_steps"], "epochs": ["--num_train_epochs"],
+            "grad_clip": ["--max_grad_norm"], "warmup_steps": ["--warmup_steps"],
+            "weight_decay": ["--weight_decay"], "max_steps": ["--max_steps"],
+            "log_every": ["--logging_steps"], "eval_every": ["--eval_steps"],
+            "save_every": ["--save_steps"], "out_dir": ["--output_dir"],
+            "gradient_checkpointing": ["--gradient_checkpointing"]}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """argparse flags mirroring TrainConfig (``--lora-r``), plus ``--config FILE.json``."""
-    parser = argparse.ArgumentParser(
+    parser = settings.ArgumentParser(
         prog="trainingmanager.py",
         description="Train a codelm model: from scratch, fine-tuning or LoRA. Flags override "
         "--config; with no flags, trains the from-scratch code model on the stdlib corpus.",
         argument_default=argparse.SUPPRESS,
     )
-    parser.add_argument("--config", help="JSON file of TrainConfig keys, or a recipe "
+    parser.add_argument("--config", help="JSON or YAML file of TrainConfig keys, or a recipe "
                         "(configs/*.json) whose 'train' section is read; flags override it")
-    return settings.add_config_flags(parser, TrainConfig, _CHOICES)
+    for precision in ("fp16", "bf16"):  # HF Trainer's switches
+        parser.add_argument(f"--{precision}", dest="precision", action="store_const",
+                            const=precision, help=argparse.SUPPRESS)
+    return settings.add_config_flags(parser, TrainConfig, _CHOICES, aliases=HF_FLAGS)
 
 
 def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:

@@ -20,7 +20,7 @@ from scraping.local import LocalConfig, collect_local
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags from the configs' fields; what the user did not type is left out (its default holds)."""
-    parser = argparse.ArgumentParser(
+    parser = settings.ArgumentParser(
         prog="python -m scraping",
         description="Collect source files into JSONL records {repo, path, sha, license, stars, "
                     "text}.")
