@@ -40,10 +40,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 import process
 import settings
+from process import progress_bar
 from scraping.common import decode_source, has_extension, source_files
 from tokenizer import (
     ENCODING_VERSION,
@@ -727,8 +727,8 @@ def clean_corpus(cfg: DataConfig) -> tuple[list[Doc], dict]:
             results = pool.imap(_clean_one, to_clean(), chunksize=chunksize)
         else:
             results = map(_clean_one, to_clean())
-        for doc, reason, doc_mods in tqdm(results, desc="read and clean", unit="file",
-                                          disable=not cfg.progress):
+        for doc, reason, doc_mods in progress_bar(results, desc="read and clean", unit="file",
+                                                  enabled=cfg.progress):
             mods.update(doc_mods)
             if doc is None:
                 counts[reason] += 1
@@ -1291,7 +1291,7 @@ def _encode_batches(tokenizer, texts: list[str], cfg: DataConfig, desc: str,
     out: list[list[int]] = []
     chunk: list[str] = []
     size = 0
-    with tqdm(total=len(texts), desc=desc, unit="text", disable=not cfg.progress) as bar:
+    with progress_bar(total=len(texts), desc=desc, unit="text", enabled=cfg.progress) as bar:
         for t in texts + [None]:
             if t is not None:
                 chunk.append(t)
@@ -1590,7 +1590,7 @@ def _build_supervised(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path) -> 
         else:
             examples = [
                 e
-                for d in tqdm(docs, desc=f"{cfg.task} {s}", disable=not cfg.progress)
+                for d in progress_bar(docs, desc=f"{cfg.task} {s}", enabled=cfg.progress)
                 for e in _examples_for(d, cfg, events)
             ]
         tokenized = tokenize_examples(examples, tokenizer, cfg, f"tokenize {s}")

@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING
 
 import torch
 from rapidfuzz.distance import Indel
-from tqdm import tqdm
 
 import checkpoint
 import process
@@ -43,6 +42,7 @@ import rundir
 import settings
 import trainconfig
 from generation import MIN_TEMPERATURE, GenerationConfig, generate, stream
+from process import progress_bar
 from sandbox import (
     MIN_MEMORY_MB,
     SandboxConfig,
@@ -322,8 +322,8 @@ def run_checks(jobs: Sequence[tuple[dict, str]], sandbox: SandboxConfig, workers
     """``run_check`` of each (problem, completion), ``workers`` at once; an interrupt kills them."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
         try:
-            return list(tqdm(pool.map(lambda job: run_check(*job, sandbox), jobs),
-                             total=len(jobs), desc=desc, disable=not progress, leave=False))
+            return list(progress_bar(pool.map(lambda job: run_check(*job, sandbox), jobs),
+                                     total=len(jobs), desc=desc, enabled=progress, leave=False))
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             kill_running()
@@ -740,7 +740,7 @@ def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: EvalConfig) -> dict:
     device = next(model.parameters()).device
     total = correct = count = 0.0
     batches = range(0, len(windows), cfg.batch_size)
-    for i in tqdm(batches, desc=f"{lm.label} lm", disable=not cfg.progress, leave=False):
+    for i in progress_bar(batches, desc=f"{lm.label} lm", enabled=cfg.progress, leave=False):
         batch = collate(windows[i : i + cfg.batch_size], tok.pad_id)
         # Right padding needs no mask (causal attention never looks ahead, and its labels are
         # -100); without one, SDPA may use its fused causal kernels (flash on CUDA).
@@ -843,7 +843,8 @@ def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig,
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     outputs: list[str] = [""] * len(encoded)
     batches = range(0, len(order), cfg.batch_size)
-    for start in tqdm(batches, desc=f"{lm.label} {desc}", disable=not cfg.progress, leave=False):
+    for start in progress_bar(batches, desc=f"{lm.label} {desc}", enabled=cfg.progress,
+                              leave=False):
         rows = order[start : start + cfg.batch_size]
         width = max(len(encoded[i]) for i in rows)
         idx = torch.full((len(rows), width), gen.pad_id, dtype=torch.long)

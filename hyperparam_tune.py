@@ -49,6 +49,7 @@ import process
 import rundir
 import settings
 import trainingmanager
+from process import progress_bar
 from trainingmanager import NonFiniteLossError, TrainConfig
 
 ROOT = Path(__file__).resolve().parent
@@ -1173,8 +1174,8 @@ def tune(cfg: TuneConfig) -> TuneResult:
         return TuneResult(study_dir(cfg), study_progress(study)[0], None, None)
     _warn_of_space(cfg, space, base)
     finished = study_progress(study)[0]
-    bar = tqdm(total=cfg.n_trials, initial=min(finished, cfg.n_trials), unit="trial",
-               desc=cfg.study_name, disable=not cfg.progress)
+    bar = progress_bar(total=cfg.n_trials, initial=min(finished, cfg.n_trials), unit="trial",
+                       desc=cfg.study_name, enabled=cfg.progress)
     worker_status = 0
     sweep = sweep_id(cfg)
     try:

@@ -424,6 +424,13 @@ def _naming(path: Path, tmp: Path) -> Iterator[None]:
         raise
 
 
+def progress_bar(*args, enabled: bool = True, **kwargs):
+    """A tqdm bar, shown only when asked for and stderr is a terminal: a log file gets no frames."""
+    from tqdm import tqdm
+
+    return tqdm(*args, disable=not (enabled and sys.stderr.isatty()), **kwargs)
+
+
 MANIFEST_FILE = "manifest.json"  # each file's size and BLAKE3 digest, written last
 
 

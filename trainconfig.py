@@ -23,6 +23,7 @@ import rundir
 import settings
 from architecture import SHORT_DTYPES
 from checkpoint import check_run_paths
+from process import progress_bar
 from rundir import (
     ADAPTER_FILE,
     CHECKPOINTS_DIR,
@@ -664,11 +665,10 @@ def load_or_train_tokenizer(cfg: TrainConfig, dcfg: DataConfig) -> CodeTokenizer
     cached = tokenizer_cache_dir(dcfg, cfg.tokenizer_min_freq, cfg.tokenizer_max_vocab)
     if dcfg.use_cache and (cached / "tokenizer.json").is_file():
         return load_tokenizer(cached)
-    from tqdm import tqdm
 
     texts = prepare(dcfg, None).train
-    tok = CodeTokenizer.train(tqdm(texts, desc="train tokenizer", unit="text",
-                                   disable=not dcfg.progress),
+    tok = CodeTokenizer.train(progress_bar(texts, desc="train tokenizer", unit="text",
+                                           enabled=dcfg.progress),
                               min_freq=cfg.tokenizer_min_freq, max_vocab=cfg.tokenizer_max_vocab)
     if dcfg.use_cache:  # the first complete entry stays: another run may be loading it
         with contextlib.suppress(OSError):  # a read-only cache: the tokenizer is used uncached

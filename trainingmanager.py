@@ -51,6 +51,7 @@ from checkpoint import (
     with_absolute_paths,
     write_dir_atomically,
 )
+from process import progress_bar
 from rundir import RunLog, best_step, list_checkpoints
 from settings import setting
 from trainconfig import (
@@ -360,8 +361,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, batches: Iterator[dict] | Sequence[dict], total: int | None = None) -> dict:
         """Validation loss, perplexity and token accuracy over all tokens, unsmoothed."""
-        batches = tqdm(batches, total=total, desc="eval", unit="batch", leave=False,
-                       disable=not (self.dist.main and self.cfg.progress), dynamic_ncols=True)
+        batches = progress_bar(batches, total=total, desc="eval", unit="batch", leave=False,
+                               enabled=self.dist.main and self.cfg.progress, dynamic_ncols=True)
         model = self.eval_model
         was_training = model.training
         model.eval()
@@ -516,6 +517,9 @@ class Run:
     config_dict: dict = field(default_factory=dict)  # the run's config.json
     state: RunState = field(default_factory=RunState)
     last_saved_step: int = -1
+    lines: bool = False  # a console line per logged step (no progress bar on a terminal)
+    clock: tuple[float, int] = (0.0, 0)  # when, and at which step, this process began training
+    tok_s: float = 0.0  # the last logged throughput
 
     @property
     def run_dir(self) -> Path:
@@ -815,6 +819,26 @@ def _log_step(run: Run, log: RunLog, bar, stats: StepStats, tok_s: float) -> Non
     log.write(run.state.step, "train", values)
     bar.set_postfix(epoch=f"{epoch:.2f}", loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}",
                     tok_s=f"{tok_s:.0f}", refresh=False)
+    run.tok_s = tok_s
+    if run.lines:
+        print(f"step {run.state.step}/{run.max_steps} | loss {stats.loss:.4f} | lr "
+              f"{stats.lr:.2e} | {tok_s:,.0f} tok/s | epoch {epoch:.2f}", flush=True)
+
+
+def _eval_line(run: Run, metrics: dict) -> str:
+    """The console's line of an evaluation: where the run is, how it does, how long it takes."""
+    s, (started, first_step) = run.state, run.clock
+    elapsed = time.perf_counter() - started
+    eta = elapsed / max(s.step - first_step, 1) * (run.max_steps - s.step)
+    train = "" if s.train_loss is None else f"train loss {s.train_loss:.4f} | "
+    return (f"eval step {s.step}/{run.max_steps} | {train}val loss {metrics['val_loss']:.4f} | "
+            f"ppl {metrics['val_ppl']:.2f} | acc {metrics['val_accuracy']:.3f} | "
+            f"{run.tok_s:,.0f} tok/s | elapsed {_duration(elapsed)} | ETA {_duration(eta)}")
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
 
 
 def _evaluate(run: Run, log: RunLog, on_eval) -> dict:
@@ -834,6 +858,8 @@ def _evaluate(run: Run, log: RunLog, on_eval) -> dict:
         s.best_val_loss, s.best_step = loss, s.step
     log.write(s.step, "val", {**metrics, "best_val_loss": s.best_val_loss,
                               "epoch": _epoch(run, s.step)})
+    if run.main:
+        tqdm.write(_eval_line(run, metrics), file=sys.stdout)
     if improved:
         # Never best/ without a checkpoint: a kill between them would leave nothing to resume.
         if run.last_saved_step < 0:
@@ -997,8 +1023,10 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
         cfg, s, trainer = run.cfg, run.state, run.trainer
         log = RunLog(run.run_dir, run.main, s.step if cfg.resume else None)
         signals = _StopSignals()
-        bar = tqdm(total=run.max_steps, initial=s.step, desc="train", unit="step",
-                   disable=not (run.main and cfg.progress), dynamic_ncols=True)
+        # a progress bar on a terminal only; else (a log file, --no-progress) a line per log step
+        bar = progress_bar(total=run.max_steps, initial=s.step, desc="train", unit="step",
+                           enabled=run.main and cfg.progress, dynamic_ncols=True)
+        run.lines, run.clock = run.main and bar.disable, (time.perf_counter(), s.step)
         result = TrainResult(run.run_dir, s.best_val_loss, s.step)
         save_every = cfg.save_every or cfg.eval_every
         started = window_start = time.perf_counter()
@@ -1197,7 +1225,7 @@ def run_overfit(cfg: TrainConfig, max_steps: int = 400, lr: float = 3e-3) -> tup
         return False, f"FAIL before training: diagnosis: {problem}"
 
     losses: list[float] = []
-    with tqdm(total=max_steps, desc="overfit", unit="step", disable=not cfg.progress) as bar:
+    with progress_bar(total=max_steps, desc="overfit", unit="step", enabled=cfg.progress) as bar:
         for _ in range(max_steps):
             stats = trainer.train_step([batch])
             if stats.nonfinite:

@@ -16,8 +16,8 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 import requests
-from tqdm import tqdm
 
+from process import progress_bar
 from scraping.client import GitHubClient, GitHubError, ServerError
 from scraping.common import (
     EXCLUDED_DIRS,
@@ -315,7 +315,7 @@ class GitHubScraper:
             log.info("resuming: %d repos already finished", len(store.done))
         repos = search_repositories(self.client, build_query(cfg), cfg.date_field, start, end)
         seen: set[str] = set()
-        bar = tqdm(desc="repos", unit="repo", disable=not cfg.progress)
+        bar = progress_bar(desc="repos", unit="repo", enabled=cfg.progress)
         try:
             with ThreadPoolExecutor(cfg.workers) as pool:
                 for item in repos:

@@ -11,9 +11,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
 import process
+from process import progress_bar
 from scraping.common import (
     FileFilter,
     ResumableOutput,
@@ -96,7 +95,7 @@ def collect_directory(root: Path, repo: str, file_filter: FileFilter, license_id
     """Records for every wanted file under ``root``; ``seen`` holds blob SHAs already kept."""
     records = []
     tree = list(walk_source_tree(root, file_filter.extensions))
-    for rel, path, reason in tqdm(tree, desc=repo[-40:], unit="file", disable=not progress):
+    for rel, path, reason in progress_bar(tree, desc=repo[-40:], unit="file", enabled=progress):
         if not is_utf8(rel):
             summary.files["not_utf8_name"] += 1
             continue

@@ -3393,3 +3393,18 @@ def test_a_run_on_a_gpu_without_bf16_names_where_precision_was_set(assets, tmp_p
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     with pytest.raises(ValueError, match=r"^precision \('bf16', --precision\): this GPU "):
         tm.train(tiny_cfg(assets, tmp_path, device="cuda", precision="bf16"))
+
+
+def test_a_run_logged_to_a_file_prints_plain_lines_and_no_bar_frames(assets, tmp_path, capsys):
+    """Off a terminal (a log file, as under pytest) or with --no-progress: one line per logged
+    step and one per evaluation, with the figures a reader follows; no progress-bar frames."""
+    config = _tiny_config_file(assets, tmp_path, max_steps=4, eval_every=2, log_every=2,
+                               warmup_steps=0, progress=True)
+    assert tm.main(["--config", config]) == 0
+    out, err = capsys.readouterr()
+    assert re.search(r"^step 2/4 \| loss \d+\.\d{4} \| lr [\d.e+-]+ \| [\d,]+ tok/s", out, re.M)
+    evals = re.findall(r"^eval step (\d)/4 \| train loss [\d.]+ \| val loss [\d.]+ \| ppl [\d.]+ \|"
+                       r" acc [\d.]+ \| [\d,]+ tok/s \| elapsed \d+m\d\ds \| ETA \d+m\d\ds$",
+                       out, re.M)
+    assert evals == ["2", "4"]
+    assert "\r" not in out + err and "it/s" not in err and "step/s" not in err
