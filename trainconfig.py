@@ -51,7 +51,7 @@ class TrainConfig:
 
     # run directory
     name: str | None = None  # <out_dir>/<name>; default: <preset, or the --init-from
-    #   directory's name>-<timestamp>[-2, -3, ... if taken]
+    #   directory's name>-<task>-<timestamp>[-2, -3, ... if taken]
     out_dir: str = "runs"  # the parent of run directories
     resume: str | None = None  # a run directory to continue from its latest checkpoint
     seed: int = 1337  # model init, data order, dropout (a resumed run restores its RNG)

@@ -562,7 +562,7 @@ def _claim_run_dir(cfg: TrainConfig, dist: Dist, hint: str | None
     """Rank 0 claims the run directory; every rank learns it and whether it holds weights."""
     claimed, answer = None, ("", False, None)
     if dist.main:
-        stem = Path(cfg.init_from).name if cfg.init_from else cfg.preset
+        stem = f"{Path(cfg.init_from).name if cfg.init_from else cfg.preset}-{cfg.task}"
         try:
             claimed = rundir.claim(cfg.resume, cfg.out_dir, cfg.name, stem, hint)
             answer = (str(claimed.path), rundir.holds_weights(claimed.path), None)

@@ -1433,7 +1433,8 @@ def test_an_lm_split_of_fewer_windows_than_block_size_is_one_epoch_not_zero():
 def test_the_progress_bar_shows_the_epoch_its_metrics_line_logs():
     """The bar's postfix carries the epoch (examples seen over one epoch) as the train line."""
     run = types.SimpleNamespace(cfg=tm.TrainConfig(batch_size=2, grad_accum=3), dist=tm.Dist(),
-                                state=checkpoint.RunState(step=5), device=torch.device("cpu"))
+                                state=checkpoint.RunState(step=5), device=torch.device("cpu"),
+                                lines=False)
     run.train_set = list(range(40))  # 40 examples an epoch
     run.trainer = types.SimpleNamespace(scaler=torch.amp.GradScaler("cpu", enabled=False))
     lines, postfix = [], {}
@@ -1613,9 +1614,13 @@ def test_cli_range_error_exits_2(capsys):
     assert "epochs (inf, --epochs): must be finite" in capsys.readouterr().err
 
 
-def test_evaluation_has_its_own_progress_bar(capsys):
+def test_evaluation_has_its_own_progress_bar(capsys, monkeypatch):
+    """On a terminal evaluation shows its own bar; off one (a log file) or without progress, none."""
     cfg = tm.TrainConfig(preset="tiny", block_size=16, progress=True)
     batch = {"input_ids": torch.randint(0, 64, (2, 16)), "labels": torch.randint(0, 64, (2, 16))}
+    _trainer(cfg).evaluate([batch] * 3, total=3)
+    assert "eval" not in capsys.readouterr().err  # not a terminal
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     _trainer(cfg).evaluate([batch] * 3, total=3)
     assert "eval" in capsys.readouterr().err
     _trainer(dataclasses.replace(cfg, progress=False)).evaluate([batch], total=1)
@@ -3408,3 +3413,9 @@ def test_a_run_logged_to_a_file_prints_plain_lines_and_no_bar_frames(assets, tmp
                        out, re.M)
     assert evals == ["2", "4"]
     assert "\r" not in out + err and "it/s" not in err and "step/s" not in err
+
+
+def test_a_default_run_name_says_its_model_and_task(assets, tmp_path):
+    cfg = tiny_cfg(assets, tmp_path, max_steps=1, task="lm", name=None)
+    result = tm.train(cfg)
+    assert re.fullmatch(r"tiny-lm-\d{8}-\d{6}", result.run_dir.name), result.run_dir.name

@@ -390,7 +390,7 @@ def test_two_runs_never_share_a_run_directory(assets, tmp_path, monkeypatch):
     stamp = "20260101-000000"
     monkeypatch.setattr(rundir, "time", types.SimpleNamespace(perf_counter=real_time.perf_counter,
                                                           strftime=lambda fmt: stamp))
-    name = f"tiny-{stamp}"
+    name = f"tiny-lm-{stamp}"  # the preset, the task, the time
     started = []
 
     def start_others(step, metrics):  # while the first run trains (its first evaluation)
