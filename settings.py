@@ -201,6 +201,16 @@ def read_config_file(path: str | Path, section: str) -> tuple[dict, str]:
     return {k: v for k, v in values.items() if not k.startswith("_")}, source
 
 
+def dump_config(cfg: Any, fmt: str) -> str:
+    """A config dataclass as the text of a ``--config`` file in ``fmt`` ("json" or "yaml")."""
+    values = dataclasses.asdict(cfg)
+    if fmt == "json":
+        return json.dumps(values, indent=1) + "\n"
+    import yaml
+
+    return yaml.safe_dump(values, sort_keys=False)
+
+
 def _json_object(text: str) -> dict:
     try:
         value = json.loads(text)

@@ -39,6 +39,7 @@ from tqdm import tqdm
 import checkpoint
 import process
 import rundir
+import settings
 from architecture import IGNORE_INDEX, cuda_half_dtype, lacks_native_bf16
 from checkpoint import (
     PATH_KEYS,
@@ -1298,6 +1299,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with process.interrupt_on_sigterm():  # outside the step loop: data, tokenizer, export
             cfg = parse_config(argv)
+            if shown := vars(build_parser().parse_args(argv)).get("print_config"):
+                print(settings.dump_config(cfg, shown), end="")
+                return 0
             typed, in_file, _ = command_line_sources(argv)
             if cfg.overfit:
                 passed, report = run_overfit(cfg, **overfit_settings(cfg, typed | in_file))

@@ -3419,3 +3419,15 @@ def test_a_default_run_name_says_its_model_and_task(assets, tmp_path):
     cfg = tiny_cfg(assets, tmp_path, max_steps=1, task="lm", name=None)
     result = tm.train(cfg)
     assert re.fullmatch(r"tiny-lm-\d{8}-\d{6}", result.run_dir.name), result.run_dir.name
+
+
+@pytest.mark.parametrize("fmt", ["json", "yaml"])
+def test_print_config_writes_a_config_file_that_reads_back_to_the_same_run(tmp_path, capsys,
+                                                                           fmt):
+    argv = ["--max-steps", "5", "--learning_rate", "2e-3", "--data-options",
+            '{"val_frac": 0.2, "test_frac": 0.0}']
+    assert tm.main([*argv, "--print-config", fmt]) == 0
+    printed = tmp_path / f"run.{fmt}"
+    printed.write_text(capsys.readouterr().out)
+    assert not (tmp_path / "runs").exists()  # nothing trained
+    assert tm.parse_config(["--config", str(printed)]) == tm.parse_config(argv)
