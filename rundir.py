@@ -297,8 +297,10 @@ def trim_metrics(path: Path, step: int) -> None:
 class RunLog:
     """metrics.jsonl (one line per log step and per evaluation) and TensorBoard; rank 0 only."""
 
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None):
-        """``resume_step``: the step a resumed run continues from (None: a new run)."""
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None,
+                 hparams: dict | None = None):
+        """``resume_step``: the step a resumed run continues from (None: a new run);
+        ``hparams``: the run's config, for TensorBoard's hyperparameter table (a new run's)."""
         self.enabled, self.run_dir = enabled, run_dir
         self.file = self.tb = None
         self._failed = False  # a write failed (a full disk): its error said so, close stays quiet
@@ -313,6 +315,13 @@ class RunLog:
 
         self.tb = SummaryWriter(str(run_dir / TB_DIR),
                                 purge_step=None if resume_step is None else resume_step + 1)
+        if hparams and resume_step is None:  # in the run's own events, beside its scalars
+            from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+            plain = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+                     for k, v in hparams.items()}
+            for summary in hparams_summary(plain, {"val/val_loss": 0.0, "train/loss": 0.0}):
+                self.tb._get_file_writer().add_summary(summary)
 
     def write(self, step: int, kind: str, values: dict) -> None:
         if not self.enabled:

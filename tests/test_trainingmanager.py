@@ -3431,3 +3431,19 @@ def test_print_config_writes_a_config_file_that_reads_back_to_the_same_run(tmp_p
     printed.write_text(capsys.readouterr().out)
     assert not (tmp_path / "runs").exists()  # nothing trained
     assert tm.parse_config(["--config", str(printed)]) == tm.parse_config(argv)
+
+
+def test_tensorboard_holds_the_runs_hyperparameters(assets, tmp_path):
+    """Read back with TensorBoard's own API: the hparams plugin's session holds the config."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    cfg = tiny_cfg(assets, tmp_path, max_steps=2, lr=2e-3)
+    result = tm.train(cfg)
+    events = EventAccumulator(str(result.run_dir / rundir.TB_DIR))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+    assert hparams["lr"].number_value == 2e-3 and hparams["preset"].string_value == "tiny"
+    assert json.loads(hparams["data"].string_value) == cfg.data
+    assert "train/loss" in events.Tags()["scalars"]
