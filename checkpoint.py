@@ -255,7 +255,7 @@ RESUME_MAY_CHANGE = (
     "device", "compile", "gradient_checkpointing",  # how the same maths is computed
     "max_steps", "epochs", "max_time_s",  # how far it goes (the cosine follows the new length)
     "early_stop_patience", "early_stop_min_delta",  # when it may stop early
-    "eval_every", "log_every", "save_every", "keep_last", "progress",  # reporting and keeping
+    "eval_every", "log_every", "save_every", "keep_last", "progress", "report_to",  # reporting
     "export", "export_merged", "sample_prompt", "sample_tokens",  # the end of the run
     "inject_nan_at_step",  # fault injection (tests)
 )

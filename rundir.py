@@ -12,6 +12,8 @@ import re
 import shutil
 import sys
 import time
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -294,34 +296,102 @@ def trim_metrics(path: Path, step: int) -> None:
     process.write_atomic(path, "".join(kept))
 
 
+class _TensorBoard:
+    def __init__(self, run_dir: Path, config: dict, resume_step: int | None):
+        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams
+
+        if resume_step is None:  # a new run: nothing of an attempt it replaces (_lock_dir)
+            shutil.rmtree(run_dir / TB_DIR, ignore_errors=True)
+        self.path = run_dir / TB_DIR
+        self.writer = SummaryWriter(str(self.path),
+                                    purge_step=None if resume_step is None else resume_step + 1)
+        if resume_step is None:  # the config in the hparams plugin, beside the scalars
+            plain = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+                     for k, v in config.items()}
+            for summary in hparams(plain, {"val/val_loss": 0.0, "train/loss": 0.0}):
+                self.writer._get_file_writer().add_summary(summary)
+
+    def log(self, step: int, scalars: dict) -> None:
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _WandB:
+    """A W&B run named after the run directory; a resume continues it (its id in the run dir).
+    WANDB_MODE=offline keeps it in the run directory; WANDB_PROJECT names the project."""
+
+    def __init__(self, run_dir: Path, config: dict, resume_step: int | None):
+        import wandb
+
+        self.path = run_dir / "wandb"
+        run_id = _tracker_id(run_dir, "wandb", lambda: uuid.uuid4().hex[:12])
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "codelm"), dir=run_dir,
+                              name=run_dir.name, id=run_id, resume="allow", config=config)
+
+    def log(self, step: int, scalars: dict) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class _MLflow:
+    """An MLflow run named after the run directory, at MLFLOW_TRACKING_URI (MLflow's default
+    else); a resume continues it (its id in the run directory)."""
+
+    def __init__(self, run_dir: Path, config: dict, resume_step: int | None):
+        import mlflow
+
+        self.path, self.mlflow = run_dir, mlflow
+        saved = _tracker_id(run_dir, "mlflow", lambda: None)
+        run = mlflow.start_run(run_id=saved, run_name=run_dir.name)
+        _tracker_id(run_dir, "mlflow", lambda: run.info.run_id)
+        if saved is None:
+            mlflow.log_params({k: json.dumps(v)[:6000] for k, v in config.items()})
+
+    def log(self, step: int, scalars: dict) -> None:
+        self.mlflow.log_metrics({k.replace("/", "_"): v for k, v in scalars.items()}, step=step)
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+TRACKERS = {"tensorboard": _TensorBoard, "wandb": _WandB, "mlflow": _MLflow}
+TRACKER_IDS = "trackers.json"  # each tracker's run id, so that a resume continues that run
+
+
+def _tracker_id(run_dir: Path, tracker: str, new: Callable[[], str | None]) -> str | None:
+    """The id ``tracker`` gave this run, or ``new()``'s, recorded."""
+    path = run_dir / TRACKER_IDS
+    ids = json.loads(path.read_text()) if path.is_file() else {}
+    if ids.get(tracker) is None and (made := new()) is not None:
+        ids[tracker] = made
+        process.write_atomic(path, json.dumps(ids))
+    return ids.get(tracker)
+
+
 class RunLog:
-    """metrics.jsonl (one line per log step and per evaluation) and TensorBoard; rank 0 only."""
+    """metrics.jsonl (one line per log step and per evaluation) and the trackers; rank 0 only."""
 
     def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None,
-                 hparams: dict | None = None):
+                 config: dict | None = None, report_to: Sequence[str] = ("tensorboard",)):
         """``resume_step``: the step a resumed run continues from (None: a new run);
-        ``hparams``: the run's config, for TensorBoard's hyperparameter table (a new run's)."""
+        ``config``: the run's, which each tracker records; ``report_to``: TRACKERS or "none"."""
         self.enabled, self.run_dir = enabled, run_dir
-        self.file = self.tb = None
+        self.file, self.trackers = None, []
         self._failed = False  # a write failed (a full disk): its error said so, close stays quiet
         if not enabled:
             return
         path = run_dir / METRICS_FILE  # a resumed run's is trimmed (_trim_metrics)
-        if resume_step is None:  # a new run: nothing of an attempt it replaces (_lock_dir)
+        if resume_step is None:
             path.unlink(missing_ok=True)
-            shutil.rmtree(run_dir / TB_DIR, ignore_errors=True)
         self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.tb = SummaryWriter(str(run_dir / TB_DIR),
-                                purge_step=None if resume_step is None else resume_step + 1)
-        if hparams and resume_step is None:  # in the run's own events, beside its scalars
-            from torch.utils.tensorboard.summary import hparams as hparams_summary
-
-            plain = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
-                     for k, v in hparams.items()}
-            for summary in hparams_summary(plain, {"val/val_loss": 0.0, "train/loss": 0.0}):
-                self.tb._get_file_writer().add_summary(summary)
+        self.trackers = [TRACKERS[name](run_dir, config or {}, resume_step)
+                         for name in report_to if name != "none"]
 
     def write(self, step: int, kind: str, values: dict) -> None:
         if not self.enabled:
@@ -330,20 +400,22 @@ class RunLog:
         try:
             self.file.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
             self.file.flush()
-            target = self.run_dir / TB_DIR
-            for k, v in values.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+            scalars = {f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float))
+                       and not isinstance(v, bool) and math.isfinite(v)}
+            for tracker in self.trackers:
+                target = tracker.path
+                tracker.log(step, scalars)
         except OSError as e:  # a full disk: write() and TensorBoard name no file
             self._failed = True
             raise OSError(e.errno, e.strerror, str(target)) from None
 
     def close(self) -> None:
         if self.file is not None:
-            file, tb, self.file, self.tb = self.file, self.tb, None, None
+            file, trackers, self.file, self.trackers = self.file, self.trackers, None, []
             # after a failed write, quietly: its error is already on its way out
             with contextlib.suppress(OSError) if self._failed else contextlib.nullcontext():
                 try:
                     file.close()
                 finally:
-                    tb.close()
+                    for tracker in trackers:
+                        tracker.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -116,7 +117,9 @@ class TrainConfig:
     #   evaluation (None: the whole split)
     early_stop_patience: int = 0  # evaluations without improvement before stopping; 0: never
     early_stop_min_delta: float = 0.0  # a smaller fall of the validation loss is no improvement
-    log_every: int = 10  # steps between metrics.jsonl / TensorBoard lines
+    log_every: int = 10  # steps between metrics.jsonl / tracker lines
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # trackers fed the
+    #   same scalars and the config: any of tensorboard, wandb, mlflow; or none
     save_every: int | None = None  # default: eval_every
     keep_last: int = 2  # step checkpoints kept (best/ is kept apart)
     max_time_s: float | None = None  # wall-clock budget; the run checkpoints and ends cleanly
@@ -413,6 +416,12 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings
     for keys, test, why in ranges:
         for key in keys:
             need(getattr(cfg, key) is None or test(getattr(cfg, key)), key, why)
+    trackers = set(cfg.report_to)
+    need(trackers <= set(rundir.TRACKERS) | {"none"} and not ("none" in trackers and len(
+        trackers) > 1), "report_to", f"name trackers of {sorted(rundir.TRACKERS)}, or none alone")
+    for name in trackers - {"none", "tensorboard"}:
+        need(importlib.util.find_spec(name) is not None, "report_to",
+             f"{name} is not installed: pip install {name}")
     need(0.0 <= cfg.min_lr_ratio <= 1.0, "min_lr_ratio", "must be in [0, 1]")
     need(cfg.lora_alpha != 0, "lora_alpha", "must not be 0: the adapters would never train")
     need(cfg.lora_r == 0 or cfg.init_from is not None, "lora_r",

@@ -1022,7 +1022,8 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
     try:
         run = setup_run(cfg, dist, resume_hint, restarts)
         cfg, s, trainer = run.cfg, run.state, run.trainer
-        log = RunLog(run.run_dir, run.main, s.step if cfg.resume else None, run.config_dict)
+        log = RunLog(run.run_dir, run.main, s.step if cfg.resume else None, run.config_dict,
+                     cfg.report_to)
         signals = _StopSignals()
         # a progress bar on a terminal only; else (a log file, --no-progress) a line per log step
         bar = progress_bar(total=run.max_steps, initial=s.step, desc="train", unit="step",

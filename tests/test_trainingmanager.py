@@ -3447,3 +3447,80 @@ def test_tensorboard_holds_the_runs_hyperparameters(assets, tmp_path):
     assert hparams["lr"].number_value == 2e-3 and hparams["preset"].string_value == "tiny"
     assert json.loads(hparams["data"].string_value) == cfg.data
     assert "train/loss" in events.Tags()["scalars"]
+
+
+def _wandb_records(path: Path) -> list:
+    """The records of an offline W&B run file (its leveldb-log framing), as wandb's protobufs."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, block = path.read_bytes(), 32768
+    assert data[:4] == b":W&B"
+    pos, pending, records = 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pending, pos = pending + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # FULL, LAST
+            records.append(wandb_internal_pb2.Record.FromString(pending))
+            pending = b""
+    return records
+
+
+def test_wandb_offline_gets_the_config_and_scalars_and_a_resume_continues_its_run(
+        assets, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = tiny_cfg(assets, tmp_path, max_steps=4, report_to=["wandb"])
+    run_dir = tm.train(cfg).run_dir
+    tm.train(dataclasses.replace(cfg, resume=str(run_dir), max_steps=8))
+    run_id = json.loads((run_dir / "trackers.json").read_text())["wandb"]
+    files = sorted(run_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert len(files) == 2  # one W&B run, continued
+    val_steps = []
+    for records in map(_wandb_records, files):
+        runs = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+        assert runs[0].run_id == run_id and runs[0].display_name == "run"
+        config = {i.key: json.loads(i.value_json) for i in runs[0].config.update}
+        assert config["lr"] == cfg.lr and config["preset"] == "tiny"
+        for r in records:
+            items = {i.key or "/".join(i.nested_key): i.value_json  # "val/x" is nested
+                     for i in r.history.item}  # empty in other records
+            if "val/val_loss" in items:
+                val_steps.append(int(items["_step"]))
+    assert val_steps == [4, 8]
+
+
+def test_mlflow_gets_the_config_and_scalars_and_a_resume_continues_its_run(
+        assets, tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    uri = f"file:{tmp_path / 'mlruns'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's local file store
+    cfg = tiny_cfg(assets, tmp_path, max_steps=4, report_to=["tensorboard", "mlflow"])
+    run_dir = tm.train(cfg).run_dir
+    tm.train(dataclasses.replace(cfg, resume=str(run_dir), max_steps=8))
+    run_id = json.loads((run_dir / "trackers.json").read_text())["mlflow"]
+    client = mlflow.MlflowClient(uri)
+    assert json.loads(client.get_run(run_id).data.params["lr"]) == cfg.lr
+    assert [m.step for m in client.get_metric_history(run_id, "val_val_loss")] == [4, 8]
+    assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
+
+
+def test_a_tracker_that_is_not_installed_names_its_package(monkeypatch):
+    import importlib.util
+
+    import trainconfig
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    with pytest.raises(ValueError) as err:
+        trainconfig.parse_config(["--report-to", "wandb"])
+    assert "report_to" in str(err.value) and "pip install wandb" in str(err.value)
+    with pytest.raises(ValueError, match="report_to"):
+        trainconfig.parse_config(["--report-to", "none", "tensorboard"])
