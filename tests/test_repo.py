@@ -151,7 +151,7 @@ def test_scripts_the_readme_says_list_flags_by_section_do():
         with pytest.MonkeyPatch.context() as monkeypatch:
             parser = _script_parser(ROOT / script, monkeypatch)
         loose = [a.option_strings[0] for a in parser._optionals._group_actions
-                 if a.option_strings and a.dest not in ("help", "config", "tokenizer")
+                 if a.option_strings and a.dest not in ("help", "config", "print_config", "tokenizer")
                  and a.help != argparse.SUPPRESS]  # hidden aliases are not listed
         assert not loose, f"{script} --help lists {loose} under no section"
         assert len(parser._action_groups) > 3, f"{script} --help has no sections"
