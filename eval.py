@@ -388,7 +388,7 @@ class EvalConfig:
     workers: int = 2  # sandboxed runs in flight at once
     sandbox_may_read_all_files: bool = False  # run pass@k where the sandbox cannot confine reads
     # output
-    out_dir: str | None = None  # default: <runs_dir>/eval-<timestamp>
+    out_dir: str | None = None  # default: evals/eval-<timestamp> beside runs_dir (not in it)
     progress: bool = True  # progress bars
 
     def validate(self, where_set: Callable[[str], str] = settings.flag_of) -> None:
@@ -1194,7 +1194,8 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
     torch.manual_seed(cfg.seed)
     device = _device(cfg.device)
     specs = model_specs(cfg)
-    out = Path(cfg.out_dir or Path(cfg.runs_dir) / time.strftime("eval-%Y%m%d-%H%M%S"))
+    out = Path(cfg.out_dir or Path(cfg.runs_dir).absolute().parent / "evals"
+               / time.strftime("eval-%Y%m%d-%H%M%S"))
     created = not out.exists()
     try:  # before any model runs: a bad --out-dir must not cost the evaluation's results
         out.mkdir(parents=True, exist_ok=True)
@@ -1445,6 +1446,7 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="JSON or YAML file of EvalConfig keys, or a recipe "
                         "(configs/*.json) whose 'eval' section is read; flags override it")
+    settings.add_print_config(parser)
     return settings.add_config_flags(parser, EvalConfig)
 
 
@@ -1469,6 +1471,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with process.interrupt_on_sigterm():  # so finished models are saved, samples killed
             cfg = parse_config(argv)
+            if settings.printed_config(build_parser(), argv, cfg):
+                return 0
             if cfg.prompt is not None:
                 complete(cfg)
                 return 0

@@ -1036,6 +1036,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config",
                         help="JSON or YAML file of TuneConfig keys; flags override it")
+    settings.add_print_config(parser)
     return settings.add_config_flags(parser, TuneConfig, _CHOICES)
 
 
@@ -1204,6 +1205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with process.interrupt_on_sigterm():
             cfg = parse_config(argv)
+            if settings.printed_config(build_parser(), argv, cfg):
+                return 0
             result = tune(cfg)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

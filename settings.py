@@ -201,6 +201,20 @@ def read_config_file(path: str | Path, section: str) -> tuple[dict, str]:
     return {k: v for k, v in values.items() if not k.startswith("_")}, source
 
 
+def add_print_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--print-config", choices=("json", "yaml"),
+                        help="print the resolved config in this format (a file --config reads "
+                        "back to the same settings) and do nothing else")
+
+
+def printed_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None, cfg: Any) -> bool:
+    """Print ``cfg`` when ``argv`` asks for --print-config; whether it did."""
+    fmt = vars(parser.parse_args(argv)).get("print_config")
+    if fmt:
+        print(dump_config(cfg, fmt), end="")
+    return bool(fmt)
+
+
 def dump_config(cfg: Any, fmt: str) -> str:
     """A config dataclass as the text of a ``--config`` file in ``fmt`` ("json" or "yaml")."""
     values = dataclasses.asdict(cfg)
@@ -432,7 +446,7 @@ def resolve_config(cls: type, args: Mapping[str, Any], section: str,
                    choices: Mapping[str, Sequence] | None = None) -> Any:
     """Defaults < ``base`` < the ``--config`` file (``args["config"]``) < the typed flags."""
     values = dict(base or {})
-    flags = dict(args)
+    flags = {k: v for k, v in args.items() if k != "print_config"}
     if flags.get("config") is not None:
         file_values, source = read_config_file(flags.pop("config"), section)
         config_from_dict(cls, file_values, source, choices)  # errors name the file

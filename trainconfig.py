@@ -176,9 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="JSON or YAML file of TrainConfig keys, or a recipe "
                         "(configs/*.json) whose 'train' section is read; flags override it")
-    parser.add_argument("--print-config", choices=("json", "yaml"),
-                        help="print the resolved config (defaults < --resume's run < --config < "
-                        "flags) in this format, and train nothing")
+    settings.add_print_config(parser)
     for precision in ("fp16", "bf16"):  # HF Trainer's switches
         parser.add_argument(f"--{precision}", dest="precision", action="store_const",
                             const=precision, help=argparse.SUPPRESS)
@@ -188,7 +186,6 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
     """Defaults < ``--resume`` run's config.json < ``--config`` file < command-line flags."""
     args = vars(build_parser().parse_args(argv))
-    args.pop("print_config", None)
     if "data_options" in args:  # a JSON object, as the flag's type reads it
         _check_data_options(args["data_options"], "--data-options")
     if "model_options" in args:
@@ -620,7 +617,6 @@ def command_line_sources(argv: Sequence[str] | None
                          ) -> tuple[set[str], set[str], Callable[[str], str]]:
     """The keys typed on the command line, those its ``--config`` file sets, and ``where_set``."""
     args = vars(build_parser().parse_args(argv))
-    args.pop("print_config", None)
     config = args.pop("config", None)
     in_file = set(settings.read_config_file(config, "train")[0]) if config else set()
     return set(args), in_file, _where_set_in_run(args, config, in_file, args.get("resume"))

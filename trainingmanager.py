@@ -1300,8 +1300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with process.interrupt_on_sigterm():  # outside the step loop: data, tokenizer, export
             cfg = parse_config(argv)
-            if shown := vars(build_parser().parse_args(argv)).get("print_config"):
-                print(settings.dump_config(cfg, shown), end="")
+            if settings.printed_config(build_parser(), argv, cfg):
                 return 0
             typed, in_file, _ = command_line_sources(argv)
             if cfg.overfit:

@@ -1791,7 +1791,8 @@ def test_default_run_evaluates_the_latest_run(tiny_models, tmp_path, monkeypatch
     assert table[0].startswith("| model | lm loss | lm perplexity | lm token_accuracy")
     assert "line EM" in table[0] and "line edit_sim" in table[0] and "line BLEU" in table[0]
     assert len(table) == 3 and table[2].startswith("| newer |")
-    assert list(runs.glob("eval-*/results.json"))
+    assert list(runs.parent.glob("evals/eval-*/results.json"))  # beside the runs, not among them
+    assert not list(runs.glob("eval-*"))
 
 
 def test_the_latest_run_is_the_newest_that_holds_a_model(tmp_path):

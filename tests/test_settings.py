@@ -283,3 +283,17 @@ def test_yaml_config_files_read_as_json_ones_do(tmp_path):
         with pytest.raises(ValueError) as err:
             trainconfig.parse_config(["--config", str(config)])
         assert str(config) in str(err.value) and all(w in str(err.value) for w in words)
+
+
+@pytest.mark.parametrize("script, flag", [("eval", "--seed"), ("hyperparam_tune", "--sampler-seed")])
+def test_print_config_of_eval_and_tune_reads_back_to_the_same_settings(script, flag, tmp_path,
+                                                                       capsys):
+    import importlib
+
+    module = importlib.import_module(script)
+    argv = [flag, "7", "--config", str(tmp_path / "first.yaml")]
+    (tmp_path / "first.yaml").write_text("progress: false\n")
+    assert module.main([*argv, "--print-config", "yaml"]) == 0
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(capsys.readouterr().out)
+    assert module.parse_config(["--config", str(printed)]) == module.parse_config(argv)
