@@ -387,8 +387,9 @@ class RunLog:
         if not enabled:
             return
         path = run_dir / METRICS_FILE  # a resumed run's is trimmed (_trim_metrics)
-        if resume_step is None:
+        if resume_step is None:  # a new run: nothing of an attempt it replaces (_lock_dir)
             path.unlink(missing_ok=True)
+            (run_dir / TRACKER_IDS).unlink(missing_ok=True)  # nor its tracker runs
         self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         self.trackers = [TRACKERS[name](run_dir, config or {}, resume_step)
                          for name in report_to if name != "none"]

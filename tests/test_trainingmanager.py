@@ -3509,6 +3509,11 @@ def test_mlflow_gets_the_config_and_scalars_and_a_resume_continues_its_run(
     assert json.loads(client.get_run(run_id).data.params["lr"]) == cfg.lr
     assert [m.step for m in client.get_metric_history(run_id, "val_val_loss")] == [4, 8]
     assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
+    shutil.rmtree(run_dir / "checkpoints")  # a new run under the name: a new MLflow run
+    for kept in ("best", "export"):
+        shutil.rmtree(run_dir / kept, ignore_errors=True)
+    tm.train(cfg)
+    assert json.loads((run_dir / "trackers.json").read_text())["mlflow"] != run_id
 
 
 def test_a_tracker_that_is_not_installed_names_its_package(monkeypatch):
