@@ -1669,23 +1669,20 @@ def prepare(cfg: DataConfig, tokenizer: CodeTokenizer | BPETokenizer | None = No
     key = _hash_json({"corpus": corpus_key(cfg), "tokenizer": tokenizer_fingerprint(tokenizer),
                       "task": _task_options(cfg)})
     path = Path(cfg.cache_dir) / f"{cfg.task}-{key}"
-    if cfg.use_cache and (path / "meta.json").exists():
-        meta = json.loads((path / "meta.json").read_text())
-        _note_pairs_as_text(cfg, meta["corpus"])
-        _note_special_token_text(cfg, meta["task"])
-        return _open_task(path, meta, cfg, tokenizer, cache_hit=True)
-    corpus = load_corpus(cfg)
-    build = _build_lm if cfg.task == "lm" else _build_supervised
-    meta: dict = {}
+    cache_hit = cfg.use_cache and (path / "meta.json").exists()
+    meta: dict = json.loads((path / "meta.json").read_text()) if cache_hit else {}
+    if not cache_hit:
+        corpus = load_corpus(cfg)
+        build = _build_lm if cfg.task == "lm" else _build_supervised
 
-    def write(tmp: Path) -> None:
-        meta.update(corpus=corpus.stats, task=build(corpus, tokenizer, cfg, tmp))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        def write(tmp: Path) -> None:
+            meta.update(corpus=corpus.stats, task=build(corpus, tokenizer, cfg, tmp))
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
-    publish_cache_entry(path, write, replace=not cfg.use_cache)
-    _note_pairs_as_text(cfg, corpus.stats)
+        publish_cache_entry(path, write, replace=not cfg.use_cache)
+    _note_pairs_as_text(cfg, meta["corpus"])
     _note_special_token_text(cfg, meta["task"])
-    return _open_task(path, meta, cfg, tokenizer, cache_hit=False)
+    return _open_task(path, meta, cfg, tokenizer, cache_hit)
 
 
 def _note_special_token_text(cfg: DataConfig, task_meta: dict) -> None:
