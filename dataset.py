@@ -34,7 +34,7 @@ import tokenize
 import typing
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -223,7 +223,7 @@ class Doc:
     """One unit of the corpus: a code file, or a prompt/completion pair (``target`` set)."""
 
     id: str  # unique, stable: "repo/path", a file path, or "file.jsonl:line"
-    text: str
+    text: str  # before cleaning as read: bytes, or None for a file over max_bytes (unread)
     repo: str | None = None
     target: str | None = None  # the completion of a pair; None for code files
     raw_pair: bool = False  # a {"prompt","completion"} pair: used verbatim, no template
@@ -232,16 +232,6 @@ class Doc:
     @property
     def is_python(self) -> bool:
         return self.target is None and has_extension(self.id, (".py",))
-
-
-@dataclass
-class _RawDoc:
-    id: str
-    data: bytes | str | None  # None: a file over max_bytes, not read
-    repo: str | None = None
-    target: str | None = None
-    raw_pair: bool = False
-    split: str | None = None
 
 
 def _source_files(source: str, extensions: Sequence[str]) -> tuple[Path, list[Path]]:
@@ -265,7 +255,7 @@ def _check_source(source: str) -> None:
         raise DataError(f"data source {source}: a file source must be JSONL (*.jsonl)")
 
 
-def _read_jsonl(path: Path, skip_bad: bool, counts: Counter) -> Iterator[_RawDoc]:
+def _read_jsonl(path: Path, skip_bad: bool, counts: Counter) -> Iterator[Doc]:
     """Scraper records ({repo, path, text}) or pairs ({input, output} / {prompt, completion})."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -312,20 +302,20 @@ def _check_utf8(rec: dict, where: str) -> None:
 TEXT_KEYS = ("text", "file_text")
 
 
-def _record_to_doc(rec: dict, path: Path, lineno: int, where: str) -> _RawDoc:
+def _record_to_doc(rec: dict, path: Path, lineno: int, where: str) -> Doc:
     _check_utf8(rec, where)
     for a, b in (("input", "output"), ("prompt", "completion")):
         if a in rec or b in rec:
             if not (isinstance(rec.get(a), str) and isinstance(rec.get(b), str)):
                 raise DataError(f"{where}: a pair needs string keys {a!r} and {b!r}")
-            return _RawDoc(f"{path.name}:{lineno}", rec[a], target=rec[b], raw_pair=a == "prompt")
+            return Doc(f"{path.name}:{lineno}", rec[a], target=rec[b], raw_pair=a == "prompt")
     key = next((k for k in TEXT_KEYS if k in rec), None)
     if key is not None:
         if not isinstance(rec[key], str):
             raise DataError(f"{where}: key {key!r} must be a string")
         repo = rec.get("repo") if isinstance(rec.get("repo"), str) else None
         rel = rec.get("path") if isinstance(rec.get("path"), str) else f"{path.name}:{lineno}"
-        return _RawDoc(f"{repo}/{rel}" if repo else rel, rec[key], repo=repo)
+        return Doc(f"{repo}/{rel}" if repo else rel, rec[key], repo=repo)
     raise DataError(f"{where}: record has none of the keys 'text' (or 'file_text'), "
                     "'input'/'output', 'prompt'/'completion'")
 
@@ -337,9 +327,9 @@ def _sources_by_split(cfg: DataConfig) -> list[tuple[str | None, str]]:
             + [(None, s) for s in cfg.sources])
 
 
-def _iter_sources(cfg: DataConfig, counts: Counter, pairs: list[int]) -> Iterator[_RawDoc]:
+def _iter_sources(cfg: DataConfig, counts: Counter, pairs: list[int]) -> Iterator[Doc]:
     """Every document of every source, at most ``max_docs`` per role, counting each source's
-    pair records in ``pairs``. A file over ``max_bytes`` is left unread (``data`` None)."""
+    pair records in ``pairs``. A file over ``max_bytes`` is left unread (``text`` None)."""
     taken: Counter = Counter()  # documents yielded per role
     for i, (split, source) in enumerate(_sources_by_split(cfg)):
         path = Path(source).expanduser()
@@ -357,7 +347,7 @@ def _iter_sources(cfg: DataConfig, counts: Counter, pairs: list[int]) -> Iterato
             yield raw
 
 
-def _read_files(source: str, cfg: DataConfig, counts: Counter) -> Iterator[_RawDoc]:
+def _read_files(source: str, cfg: DataConfig, counts: Counter) -> Iterator[Doc]:
     root, files = _source_files(source, cfg.extensions)
     prefix = "stdlib" if source == "stdlib" else root.name
     for p in files:
@@ -365,7 +355,7 @@ def _read_files(source: str, cfg: DataConfig, counts: Counter) -> Iterator[_RawD
         if not is_utf8(doc_id):  # os.walk spells undecodable name bytes as surrogates
             counts["not_utf8_name"] += 1
             continue
-        yield _RawDoc(doc_id, p.read_bytes() if p.stat().st_size <= cfg.max_bytes else None)
+        yield Doc(doc_id, p.read_bytes() if p.stat().st_size <= cfg.max_bytes else None)
 
 
 def _sources_fingerprint(sources: Sequence[str], extensions: Sequence[str]) -> list:
@@ -538,16 +528,16 @@ def _redact(texts: list[str], opt: dict) -> tuple[list[str], list[str]]:
     return list(texts), mods
 
 
-def _clean_one(args: tuple[_RawDoc, dict]) -> tuple[Doc | None, str | None, list[str]]:
+def _clean_one(args: tuple[Doc, dict]) -> tuple[Doc | None, str | None, list[str]]:
     """Clean one document. Returns (doc or None, drop reason, list of modifications)."""
     raw, opt = args
     mods: list[str] = []
     if raw.target is not None:  # a pair: checked and redacted, never otherwise rewritten
-        if not raw.data.strip() or not raw.target.strip():
+        if not raw.text.strip() or not raw.target.strip():
             return None, "empty_pair", mods
-        (prompt, target), mods = _redact([raw.data, raw.target], opt)
-        return Doc(raw.id, prompt, raw.repo, target, raw.raw_pair, raw.split), None, mods
-    text, reason = decode_source(raw.data)
+        (prompt, target), mods = _redact([raw.text, raw.target], opt)
+        return replace(raw, text=prompt, target=target), None, mods
+    text, reason = decode_source(raw.text)
     if text is None:
         return None, reason, mods
     text = text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
@@ -586,23 +576,21 @@ def _clean_one(args: tuple[_RawDoc, dict]) -> tuple[Doc | None, str | None, list
     limit = opt["max_literal_length"]
     if longest_literal(text, limit, python=is_python) > limit:
         return None, "long_literal", mods
-    return Doc(raw.id, text, raw.repo, split=raw.split), None, mods
+    return replace(raw, text=text), None, mods
 
 
-def _stored_size(data: bytes | str) -> int:
-    return len(data) if isinstance(data, bytes) else len(data.encode("utf-8", "surrogatepass"))
+def _stored(data: bytes | str) -> bytes:
+    return data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
 
 
-def _content_hash(doc: Doc | _RawDoc) -> bytes:
-    h = hashlib.sha256()
-    data = doc.text if isinstance(doc, Doc) else doc.data
-    h.update(data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass"))
+def _content_hash(doc: Doc) -> bytes:
+    h = hashlib.sha256(_stored(doc.text))
     if doc.target is not None:
-        h.update(b"\0target\0" + doc.target.encode("utf-8", "surrogatepass"))
+        h.update(b"\0target\0" + _stored(doc.target))
     return h.digest()
 
 
-def _is_duplicate(doc: Doc | _RawDoc, seen: dict[bytes, str | None], dedupe: bool) -> bool:
+def _is_duplicate(doc: Doc, seen: dict[bytes, str | None], dedupe: bool) -> bool:
     """Whether ``doc`` repeats an earlier document (``seen``: hash -> split of the first copy).
     A copy in another split always does, so no document sits in two; ``dedupe`` decides the rest."""
     key = _content_hash(doc)
@@ -705,12 +693,12 @@ def clean_corpus(cfg: DataConfig) -> tuple[list[Doc], dict]:
     seen_raw: dict[bytes, str | None] = {}
     pairs = [0] * len(_sources_by_split(cfg))  # pair records read, by source
 
-    def to_clean() -> Iterator[tuple[_RawDoc, dict]]:
+    def to_clean() -> Iterator[tuple[Doc, dict]]:
         for raw in _iter_sources(cfg, read_drops, pairs):
             read["files"] += 1
             # The size as stored (None: a file left unread); pairs are not dropped for size.
-            size = None if raw.data is None else _stored_size(raw.data)
-            read["bytes"] += (size or 0) + (0 if raw.target is None else _stored_size(raw.target))
+            size = None if raw.text is None else len(_stored(raw.text))
+            read["bytes"] += (size or 0) + (0 if raw.target is None else len(_stored(raw.target)))
             if raw.target is None and (size is None or size > cfg.max_bytes):
                 read_drops["too_large"] += 1
             elif _is_duplicate(raw, seen_raw, cfg.dedupe):  # identical files are cleaned once
