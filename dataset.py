@@ -35,6 +35,7 @@ import typing
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -911,7 +912,6 @@ class LMWindows(Dataset):
     def __init__(self, path: str | Path, dtype: str, n_tokens: int, block_size: int, stride: int):
         self.path, self.dtype, self.n_tokens = str(path), dtype, n_tokens
         self.block_size, self.stride = block_size, stride
-        self._tokens: np.ndarray | None = None
         if n_tokens < 2:
             self.length = 0
         elif stride == 1:
@@ -919,14 +919,12 @@ class LMWindows(Dataset):
         else:
             self.length = math.ceil((n_tokens - 1) / stride)
 
-    @property
-    def tokens(self) -> np.ndarray:
-        if self._tokens is None:  # opened lazily so DataLoader workers do not pickle the map
-            self._tokens = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
-        return self._tokens
+    @cached_property
+    def tokens(self) -> np.ndarray:  # opened lazily so DataLoader workers do not pickle the map
+        return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
 
     def __getstate__(self):
-        return {**self.__dict__, "_tokens": None}
+        return {k: v for k, v in self.__dict__.items() if k != "tokens"}
 
     def __len__(self) -> int:
         return self.length
@@ -947,16 +945,13 @@ class SupervisedExamples(Dataset):
         self.ids_path = d / f"{split}.ids.npy"
         self.offsets = np.load(d / f"{split}.offsets.npy")
         self.prompt_lens = np.load(d / f"{split}.prompt_lens.npy")
-        self._ids: np.ndarray | None = None
 
-    @property
-    def ids(self) -> np.ndarray:
-        if self._ids is None:  # opened lazily so DataLoader workers do not pickle the map
-            self._ids = np.load(self.ids_path, mmap_mode="r")
-        return self._ids
+    @cached_property
+    def ids(self) -> np.ndarray:  # opened lazily so DataLoader workers do not pickle the map
+        return np.load(self.ids_path, mmap_mode="r")
 
     def __getstate__(self):
-        return {**self.__dict__, "_ids": None}
+        return {k: v for k, v in self.__dict__.items() if k != "ids"}
 
     def __len__(self) -> int:
         return len(self.prompt_lens)
