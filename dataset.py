@@ -495,8 +495,9 @@ def _raise_timeout(signum, frame):
     raise _Timeout
 
 
-def _autopep8(text: str, timeout: float) -> tuple[str, bool]:
-    """autopep8 with a per-file time limit (SIGALRM; only where signals can be used)."""
+def _autopep8(text: str, timeout: float) -> tuple[str, str | None]:
+    """autopep8 with a per-file time limit (SIGALRM; only where signals can be used), and the
+    modification: ``autopep8_changed``, ``autopep8_timeout``, ``autopep8_failed`` or None."""
     import autopep8
 
     use_alarm = timeout > 0 and threading.current_thread() is threading.main_thread()
@@ -505,13 +506,16 @@ def _autopep8(text: str, timeout: float) -> tuple[str, bool]:
         # Repeating: a raise inside a __del__ or weakref callback is dropped; the next one lands.
         signal.setitimer(signal.ITIMER_REAL, timeout, 0.05)
     try:
-        return autopep8.fix_code(text), False
+        fixed = autopep8.fix_code(text)
     except _Timeout:
-        return text, True
+        return text, "autopep8_timeout"
+    except Exception:  # autopep8 itself fails on some odd files; keep them as they are
+        return text, "autopep8_failed"
     finally:
         if use_alarm:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, old)
+    return fixed, "autopep8_changed" if fixed != text else None
 
 
 def _redact(texts: list[str], opt: dict) -> tuple[list[str], list[str]]:
@@ -559,16 +563,8 @@ def _clean_one(args: tuple[Doc, dict]) -> tuple[Doc | None, str | None, list[str
         except PYTHON_PARSE_ERRORS:
             return None, "syntax_error", mods
     if is_python and opt["autopep8"]:
-        try:
-            fixed, timed_out = _autopep8(text, opt["autopep8_timeout"])
-        except Exception:  # autopep8 itself fails on some odd files; keep them as they are
-            fixed, timed_out = text, False
-            mods.append("autopep8_failed")
-        if timed_out:
-            mods.append("autopep8_timeout")
-        elif fixed != text:
-            mods.append("autopep8_changed")
-        text = fixed
+        text, changed = _autopep8(text, opt["autopep8_timeout"])
+        mods += [changed] if changed else []
     lines = source_lines(text)
     if sum(map(bool, map(str.strip, lines))) < opt["min_lines"]:
         return None, "too_few_lines", mods
@@ -1168,18 +1164,13 @@ def docstring_examples(doc: Doc, targets: str, prompt: str, code_tokens: int,
             code.append(" " * (ds.col_offset - indent) + "pass")
         code += _dedent(parsed, ds.end_lineno + 1, node.end_lineno, indent)
         source = "\n".join(code)
-        head_t, tail_t = docstring_template(prompt, node).split("{source_code}")
-        head = head_t.replace("{class_name}", node.name)
-        out.append(Example(head, docstring, body=source, tail=tail_t, body_budget=code_tokens))
+        template = DOCSTRING_PROMPTS[prompt]
+        if not isinstance(node, ast.ClassDef):  # a function's prompt names a function
+            template = template.replace("Class", "Function")
+            template = template.replace("Python class", "Python function")
+        head, tail = template.replace("{class_name}", node.name).split("{source_code}")
+        out.append(Example(head, docstring, body=source, tail=tail, body_budget=code_tokens))
     return out
-
-
-def docstring_template(prompt: str, node: ast.AST) -> str:
-    """The DOCSTRING_PROMPTS template, naming a function for a function."""
-    template = DOCSTRING_PROMPTS[prompt]
-    if isinstance(node, ast.ClassDef):
-        return template
-    return template.replace("Class", "Function").replace("Python class", "Python function")
 
 
 def refactor_example(doc: Doc) -> Example:
