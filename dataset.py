@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -1003,18 +1004,11 @@ def fit_prompt(prompt_ids: Sequence[int], room: int, code: tuple[int, int] = (0,
 def collate(examples: Sequence[dict[str, torch.Tensor]], pad_id: int | None
             ) -> dict[str, torch.Tensor]:
     """Right-pad examples into a batch: ``pad_id`` (or 0) on inputs, -100 on padded labels."""
-    assert examples
     pad = 0 if pad_id is None else int(pad_id)
-    length = max(len(e["input_ids"]) for e in examples)
-    batch = len(examples)
-    input_ids = torch.full((batch, length), pad, dtype=torch.long)
-    labels = torch.full((batch, length), -100, dtype=torch.long)
-    mask = torch.zeros((batch, length), dtype=torch.bool)
-    for b, e in enumerate(examples):
-        n = len(e["input_ids"])
-        input_ids[b, :n] = e["input_ids"]
-        labels[b, :n] = e["labels"]
-        mask[b, :n] = True
+    inputs = [e["input_ids"] for e in examples]
+    input_ids = pad_sequence(inputs, batch_first=True, padding_value=pad)
+    labels = pad_sequence([e["labels"] for e in examples], batch_first=True, padding_value=-100)
+    mask = torch.arange(input_ids.shape[1]) < torch.tensor([[len(x)] for x in inputs])
     return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
 
 
