@@ -1257,18 +1257,15 @@ def _encode(tokenizer, texts: list[str], cfg: DataConfig, desc: str,
 def _encode_batches(tokenizer, texts: list[str], cfg: DataConfig, desc: str,
                     split_special_tokens: bool) -> list[list[int]]:
     out: list[list[int]] = []
-    chunk: list[str] = []
-    size = 0
+    start = size = 0
     with tqdm(total=len(texts), desc=desc, unit="text", disable=not cfg.progress) as bar:
-        for t in texts + [None]:
-            if t is not None:
-                chunk.append(t)
-                size += len(t)
-            if chunk and (t is None or size >= 16_000_000):
-                out.extend(tokenizer.encode_batch(chunk, num_workers=cfg.num_workers,
+        for end, text in enumerate(texts, start=1):
+            size += len(text)
+            if size >= 16_000_000 or end == len(texts):
+                out.extend(tokenizer.encode_batch(texts[start:end], num_workers=cfg.num_workers,
                                                   split_special_tokens=split_special_tokens))
-                bar.update(len(chunk))
-                chunk, size = [], 0
+                bar.update(end - start)
+                start, size = end, 0
     return out
 
 
