@@ -555,7 +555,7 @@ def _clean_one(args: tuple[Doc, dict]) -> tuple[Doc | None, str | None, list[str
             mods.append("license_header_removed")
     (text,), redacted = _redact([text], opt)
     mods += redacted
-    is_python = has_extension(raw.id, (".py",))
+    is_python = raw.is_python  # pairs returned above
     if is_python and (opt["strip_comments"] or opt["strip_docstrings"]):
         try:
             text = strip_comments_and_docstrings(text, opt["strip_comments"],
