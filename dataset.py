@@ -34,11 +34,13 @@ import tokenize
 import typing
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
 import process
@@ -223,7 +225,7 @@ class Doc:
     """One unit of the corpus: a code file, or a prompt/completion pair (``target`` set)."""
 
     id: str  # unique, stable: "repo/path", a file path, or "file.jsonl:line"
-    text: str
+    text: str  # before cleaning as read: bytes, or None for a file over max_bytes (unread)
     repo: str | None = None
     target: str | None = None  # the completion of a pair; None for code files
     raw_pair: bool = False  # a {"prompt","completion"} pair: used verbatim, no template
@@ -232,16 +234,6 @@ class Doc:
     @property
     def is_python(self) -> bool:
         return self.target is None and has_extension(self.id, (".py",))
-
-
-@dataclass
-class _RawDoc:
-    id: str
-    data: bytes | str | None  # None: a file over max_bytes, not read
-    repo: str | None = None
-    target: str | None = None
-    raw_pair: bool = False
-    split: str | None = None
 
 
 def _source_files(source: str, extensions: Sequence[str]) -> tuple[Path, list[Path]]:
@@ -265,7 +257,7 @@ def _check_source(source: str) -> None:
         raise DataError(f"data source {source}: a file source must be JSONL (*.jsonl)")
 
 
-def _read_jsonl(path: Path, skip_bad: bool, counts: Counter) -> Iterator[_RawDoc]:
+def _read_jsonl(path: Path, skip_bad: bool, counts: Counter) -> Iterator[Doc]:
     """Scraper records ({repo, path, text}) or pairs ({input, output} / {prompt, completion})."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -312,20 +304,20 @@ def _check_utf8(rec: dict, where: str) -> None:
 TEXT_KEYS = ("text", "file_text")
 
 
-def _record_to_doc(rec: dict, path: Path, lineno: int, where: str) -> _RawDoc:
+def _record_to_doc(rec: dict, path: Path, lineno: int, where: str) -> Doc:
     _check_utf8(rec, where)
     for a, b in (("input", "output"), ("prompt", "completion")):
         if a in rec or b in rec:
             if not (isinstance(rec.get(a), str) and isinstance(rec.get(b), str)):
                 raise DataError(f"{where}: a pair needs string keys {a!r} and {b!r}")
-            return _RawDoc(f"{path.name}:{lineno}", rec[a], target=rec[b], raw_pair=a == "prompt")
+            return Doc(f"{path.name}:{lineno}", rec[a], target=rec[b], raw_pair=a == "prompt")
     key = next((k for k in TEXT_KEYS if k in rec), None)
     if key is not None:
         if not isinstance(rec[key], str):
             raise DataError(f"{where}: key {key!r} must be a string")
         repo = rec.get("repo") if isinstance(rec.get("repo"), str) else None
         rel = rec.get("path") if isinstance(rec.get("path"), str) else f"{path.name}:{lineno}"
-        return _RawDoc(f"{repo}/{rel}" if repo else rel, rec[key], repo=repo)
+        return Doc(f"{repo}/{rel}" if repo else rel, rec[key], repo=repo)
     raise DataError(f"{where}: record has none of the keys 'text' (or 'file_text'), "
                     "'input'/'output', 'prompt'/'completion'")
 
@@ -337,9 +329,9 @@ def _sources_by_split(cfg: DataConfig) -> list[tuple[str | None, str]]:
             + [(None, s) for s in cfg.sources])
 
 
-def _iter_sources(cfg: DataConfig, counts: Counter, pairs: list[int]) -> Iterator[_RawDoc]:
+def _iter_sources(cfg: DataConfig, counts: Counter, pairs: list[int]) -> Iterator[Doc]:
     """Every document of every source, at most ``max_docs`` per role, counting each source's
-    pair records in ``pairs``. A file over ``max_bytes`` is left unread (``data`` None)."""
+    pair records in ``pairs``. A file over ``max_bytes`` is left unread (``text`` None)."""
     taken: Counter = Counter()  # documents yielded per role
     for i, (split, source) in enumerate(_sources_by_split(cfg)):
         path = Path(source).expanduser()
@@ -357,7 +349,7 @@ def _iter_sources(cfg: DataConfig, counts: Counter, pairs: list[int]) -> Iterato
             yield raw
 
 
-def _read_files(source: str, cfg: DataConfig, counts: Counter) -> Iterator[_RawDoc]:
+def _read_files(source: str, cfg: DataConfig, counts: Counter) -> Iterator[Doc]:
     root, files = _source_files(source, cfg.extensions)
     prefix = "stdlib" if source == "stdlib" else root.name
     for p in files:
@@ -365,7 +357,7 @@ def _read_files(source: str, cfg: DataConfig, counts: Counter) -> Iterator[_RawD
         if not is_utf8(doc_id):  # os.walk spells undecodable name bytes as surrogates
             counts["not_utf8_name"] += 1
             continue
-        yield _RawDoc(doc_id, p.read_bytes() if p.stat().st_size <= cfg.max_bytes else None)
+        yield Doc(doc_id, p.read_bytes() if p.stat().st_size <= cfg.max_bytes else None)
 
 
 def _sources_fingerprint(sources: Sequence[str], extensions: Sequence[str]) -> list:
@@ -504,8 +496,9 @@ def _raise_timeout(signum, frame):
     raise _Timeout
 
 
-def _autopep8(text: str, timeout: float) -> tuple[str, bool]:
-    """autopep8 with a per-file time limit (SIGALRM; only where signals can be used)."""
+def _autopep8(text: str, timeout: float) -> tuple[str, str | None]:
+    """autopep8 with a per-file time limit (SIGALRM; only where signals can be used), and the
+    modification: ``autopep8_changed``, ``autopep8_timeout``, ``autopep8_failed`` or None."""
     import autopep8
 
     use_alarm = timeout > 0 and threading.current_thread() is threading.main_thread()
@@ -514,13 +507,16 @@ def _autopep8(text: str, timeout: float) -> tuple[str, bool]:
         # Repeating: a raise inside a __del__ or weakref callback is dropped; the next one lands.
         signal.setitimer(signal.ITIMER_REAL, timeout, 0.05)
     try:
-        return autopep8.fix_code(text), False
+        fixed = autopep8.fix_code(text)
     except _Timeout:
-        return text, True
+        return text, "autopep8_timeout"
+    except Exception:  # autopep8 itself fails on some odd files; keep them as they are
+        return text, "autopep8_failed"
     finally:
         if use_alarm:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, old)
+    return fixed, "autopep8_changed" if fixed != text else None
 
 
 def _redact(texts: list[str], opt: dict) -> tuple[list[str], list[str]]:
@@ -538,16 +534,16 @@ def _redact(texts: list[str], opt: dict) -> tuple[list[str], list[str]]:
     return list(texts), mods
 
 
-def _clean_one(args: tuple[_RawDoc, dict]) -> tuple[Doc | None, str | None, list[str]]:
+def _clean_one(args: tuple[Doc, dict]) -> tuple[Doc | None, str | None, list[str]]:
     """Clean one document. Returns (doc or None, drop reason, list of modifications)."""
     raw, opt = args
     mods: list[str] = []
     if raw.target is not None:  # a pair: checked and redacted, never otherwise rewritten
-        if not raw.data.strip() or not raw.target.strip():
+        if not raw.text.strip() or not raw.target.strip():
             return None, "empty_pair", mods
-        (prompt, target), mods = _redact([raw.data, raw.target], opt)
-        return Doc(raw.id, prompt, raw.repo, target, raw.raw_pair, raw.split), None, mods
-    text, reason = decode_source(raw.data)
+        (prompt, target), mods = _redact([raw.text, raw.target], opt)
+        return replace(raw, text=prompt, target=target), None, mods
+    text, reason = decode_source(raw.text)
     if text is None:
         return None, reason, mods
     text = text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
@@ -559,7 +555,7 @@ def _clean_one(args: tuple[_RawDoc, dict]) -> tuple[Doc | None, str | None, list
             mods.append("license_header_removed")
     (text,), redacted = _redact([text], opt)
     mods += redacted
-    is_python = has_extension(raw.id, (".py",))
+    is_python = raw.is_python  # pairs returned above
     if is_python and (opt["strip_comments"] or opt["strip_docstrings"]):
         try:
             text = strip_comments_and_docstrings(text, opt["strip_comments"],
@@ -568,16 +564,8 @@ def _clean_one(args: tuple[_RawDoc, dict]) -> tuple[Doc | None, str | None, list
         except PYTHON_PARSE_ERRORS:
             return None, "syntax_error", mods
     if is_python and opt["autopep8"]:
-        try:
-            fixed, timed_out = _autopep8(text, opt["autopep8_timeout"])
-        except Exception:  # autopep8 itself fails on some odd files; keep them as they are
-            fixed, timed_out = text, False
-            mods.append("autopep8_failed")
-        if timed_out:
-            mods.append("autopep8_timeout")
-        elif fixed != text:
-            mods.append("autopep8_changed")
-        text = fixed
+        text, changed = _autopep8(text, opt["autopep8_timeout"])
+        mods += [changed] if changed else []
     lines = source_lines(text)
     if sum(map(bool, map(str.strip, lines))) < opt["min_lines"]:
         return None, "too_few_lines", mods
@@ -586,23 +574,21 @@ def _clean_one(args: tuple[_RawDoc, dict]) -> tuple[Doc | None, str | None, list
     limit = opt["max_literal_length"]
     if longest_literal(text, limit, python=is_python) > limit:
         return None, "long_literal", mods
-    return Doc(raw.id, text, raw.repo, split=raw.split), None, mods
+    return replace(raw, text=text), None, mods
 
 
-def _stored_size(data: bytes | str) -> int:
-    return len(data) if isinstance(data, bytes) else len(data.encode("utf-8", "surrogatepass"))
+def _stored(data: bytes | str) -> bytes:
+    return data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
 
 
-def _content_hash(doc: Doc | _RawDoc) -> bytes:
-    h = hashlib.sha256()
-    data = doc.text if isinstance(doc, Doc) else doc.data
-    h.update(data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass"))
+def _content_hash(doc: Doc) -> bytes:
+    h = hashlib.sha256(_stored(doc.text))
     if doc.target is not None:
-        h.update(b"\0target\0" + doc.target.encode("utf-8", "surrogatepass"))
+        h.update(b"\0target\0" + _stored(doc.target))
     return h.digest()
 
 
-def _is_duplicate(doc: Doc | _RawDoc, seen: dict[bytes, str | None], dedupe: bool) -> bool:
+def _is_duplicate(doc: Doc, seen: dict[bytes, str | None], dedupe: bool) -> bool:
     """Whether ``doc`` repeats an earlier document (``seen``: hash -> split of the first copy).
     A copy in another split always does, so no document sits in two; ``dedupe`` decides the rest."""
     key = _content_hash(doc)
@@ -705,12 +691,12 @@ def clean_corpus(cfg: DataConfig) -> tuple[list[Doc], dict]:
     seen_raw: dict[bytes, str | None] = {}
     pairs = [0] * len(_sources_by_split(cfg))  # pair records read, by source
 
-    def to_clean() -> Iterator[tuple[_RawDoc, dict]]:
+    def to_clean() -> Iterator[tuple[Doc, dict]]:
         for raw in _iter_sources(cfg, read_drops, pairs):
             read["files"] += 1
             # The size as stored (None: a file left unread); pairs are not dropped for size.
-            size = None if raw.data is None else _stored_size(raw.data)
-            read["bytes"] += (size or 0) + (0 if raw.target is None else _stored_size(raw.target))
+            size = None if raw.text is None else len(_stored(raw.text))
+            read["bytes"] += (size or 0) + (0 if raw.target is None else len(_stored(raw.target)))
             if raw.target is None and (size is None or size > cfg.max_bytes):
                 read_drops["too_large"] += 1
             elif _is_duplicate(raw, seen_raw, cfg.dedupe):  # identical files are cleaned once
@@ -923,7 +909,6 @@ class LMWindows(Dataset):
     def __init__(self, path: str | Path, dtype: str, n_tokens: int, block_size: int, stride: int):
         self.path, self.dtype, self.n_tokens = str(path), dtype, n_tokens
         self.block_size, self.stride = block_size, stride
-        self._tokens: np.ndarray | None = None
         if n_tokens < 2:
             self.length = 0
         elif stride == 1:
@@ -931,14 +916,12 @@ class LMWindows(Dataset):
         else:
             self.length = math.ceil((n_tokens - 1) / stride)
 
-    @property
-    def tokens(self) -> np.ndarray:
-        if self._tokens is None:  # opened lazily so DataLoader workers do not pickle the map
-            self._tokens = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
-        return self._tokens
+    @cached_property
+    def tokens(self) -> np.ndarray:  # opened lazily so DataLoader workers do not pickle the map
+        return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
 
     def __getstate__(self):
-        return {**self.__dict__, "_tokens": None}
+        return {k: v for k, v in self.__dict__.items() if k != "tokens"}
 
     def __len__(self) -> int:
         return self.length
@@ -959,16 +942,13 @@ class SupervisedExamples(Dataset):
         self.ids_path = d / f"{split}.ids.npy"
         self.offsets = np.load(d / f"{split}.offsets.npy")
         self.prompt_lens = np.load(d / f"{split}.prompt_lens.npy")
-        self._ids: np.ndarray | None = None
 
-    @property
-    def ids(self) -> np.ndarray:
-        if self._ids is None:  # opened lazily so DataLoader workers do not pickle the map
-            self._ids = np.load(self.ids_path, mmap_mode="r")
-        return self._ids
+    @cached_property
+    def ids(self) -> np.ndarray:  # opened lazily so DataLoader workers do not pickle the map
+        return np.load(self.ids_path, mmap_mode="r")
 
     def __getstate__(self):
-        return {**self.__dict__, "_ids": None}
+        return {k: v for k, v in self.__dict__.items() if k != "ids"}
 
     def __len__(self) -> int:
         return len(self.prompt_lens)
@@ -1024,18 +1004,11 @@ def fit_prompt(prompt_ids: Sequence[int], room: int, code: tuple[int, int] = (0,
 def collate(examples: Sequence[dict[str, torch.Tensor]], pad_id: int | None
             ) -> dict[str, torch.Tensor]:
     """Right-pad examples into a batch: ``pad_id`` (or 0) on inputs, -100 on padded labels."""
-    assert examples
     pad = 0 if pad_id is None else int(pad_id)
-    length = max(len(e["input_ids"]) for e in examples)
-    batch = len(examples)
-    input_ids = torch.full((batch, length), pad, dtype=torch.long)
-    labels = torch.full((batch, length), -100, dtype=torch.long)
-    mask = torch.zeros((batch, length), dtype=torch.bool)
-    for b, e in enumerate(examples):
-        n = len(e["input_ids"])
-        input_ids[b, :n] = e["input_ids"]
-        labels[b, :n] = e["labels"]
-        mask[b, :n] = True
+    inputs = [e["input_ids"] for e in examples]
+    input_ids = pad_sequence(inputs, batch_first=True, padding_value=pad)
+    labels = pad_sequence([e["labels"] for e in examples], batch_first=True, padding_value=-100)
+    mask = torch.arange(input_ids.shape[1]) < torch.tensor([[len(x)] for x in inputs])
     return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
 
 
@@ -1185,18 +1158,13 @@ def docstring_examples(doc: Doc, targets: str, prompt: str, code_tokens: int,
             code.append(" " * (ds.col_offset - indent) + "pass")
         code += _dedent(parsed, ds.end_lineno + 1, node.end_lineno, indent)
         source = "\n".join(code)
-        head_t, tail_t = docstring_template(prompt, node).split("{source_code}")
-        head = head_t.replace("{class_name}", node.name)
-        out.append(Example(head, docstring, body=source, tail=tail_t, body_budget=code_tokens))
+        template = DOCSTRING_PROMPTS[prompt]
+        if not isinstance(node, ast.ClassDef):  # a function's prompt names a function
+            template = template.replace("Class", "Function")
+            template = template.replace("Python class", "Python function")
+        head, tail = template.replace("{class_name}", node.name).split("{source_code}")
+        out.append(Example(head, docstring, body=source, tail=tail, body_budget=code_tokens))
     return out
-
-
-def docstring_template(prompt: str, node: ast.AST) -> str:
-    """The DOCSTRING_PROMPTS template, naming a function for a function."""
-    template = DOCSTRING_PROMPTS[prompt]
-    if isinstance(node, ast.ClassDef):
-        return template
-    return template.replace("Class", "Function").replace("Python class", "Python function")
 
 
 def refactor_example(doc: Doc) -> Example:
@@ -1289,18 +1257,15 @@ def _encode(tokenizer, texts: list[str], cfg: DataConfig, desc: str,
 def _encode_batches(tokenizer, texts: list[str], cfg: DataConfig, desc: str,
                     split_special_tokens: bool) -> list[list[int]]:
     out: list[list[int]] = []
-    chunk: list[str] = []
-    size = 0
+    start = size = 0
     with progress_bar(total=len(texts), desc=desc, unit="text", enabled=cfg.progress) as bar:
-        for t in texts + [None]:
-            if t is not None:
-                chunk.append(t)
-                size += len(t)
-            if chunk and (t is None or size >= 16_000_000):
-                out.extend(tokenizer.encode_batch(chunk, num_workers=cfg.num_workers,
+        for end, text in enumerate(texts, start=1):
+            size += len(text)
+            if size >= 16_000_000 or end == len(texts):
+                out.extend(tokenizer.encode_batch(texts[start:end], num_workers=cfg.num_workers,
                                                   split_special_tokens=split_special_tokens))
-                bar.update(len(chunk))
-                chunk, size = [], 0
+                bar.update(end - start)
+                start, size = end, 0
     return out
 
 
@@ -1669,23 +1634,20 @@ def prepare(cfg: DataConfig, tokenizer: CodeTokenizer | BPETokenizer | None = No
     key = _hash_json({"corpus": corpus_key(cfg), "tokenizer": tokenizer_fingerprint(tokenizer),
                       "task": _task_options(cfg)})
     path = Path(cfg.cache_dir) / f"{cfg.task}-{key}"
-    if cfg.use_cache and (path / "meta.json").exists():
-        meta = json.loads((path / "meta.json").read_text())
-        _note_pairs_as_text(cfg, meta["corpus"])
-        _note_special_token_text(cfg, meta["task"])
-        return _open_task(path, meta, cfg, tokenizer, cache_hit=True)
-    corpus = load_corpus(cfg)
-    build = _build_lm if cfg.task == "lm" else _build_supervised
-    meta: dict = {}
+    cache_hit = cfg.use_cache and (path / "meta.json").exists()
+    meta: dict = json.loads((path / "meta.json").read_text()) if cache_hit else {}
+    if not cache_hit:
+        corpus = load_corpus(cfg)
+        build = _build_lm if cfg.task == "lm" else _build_supervised
 
-    def write(tmp: Path) -> None:
-        meta.update(corpus=corpus.stats, task=build(corpus, tokenizer, cfg, tmp))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        def write(tmp: Path) -> None:
+            meta.update(corpus=corpus.stats, task=build(corpus, tokenizer, cfg, tmp))
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
-    publish_cache_entry(path, write, replace=not cfg.use_cache)
-    _note_pairs_as_text(cfg, corpus.stats)
+        publish_cache_entry(path, write, replace=not cfg.use_cache)
+    _note_pairs_as_text(cfg, meta["corpus"])
     _note_special_token_text(cfg, meta["task"])
-    return _open_task(path, meta, cfg, tokenizer, cache_hit=False)
+    return _open_task(path, meta, cfg, tokenizer, cache_hit)
 
 
 def _note_special_token_text(cfg: DataConfig, task_meta: dict) -> None:

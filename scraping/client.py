@@ -83,10 +83,9 @@ class GitHubClient:
 
     def _resource(self, url: str) -> str:
         """The rate-limit bucket a URL draws from (search has its own, smaller one)."""
-        path = urlsplit(url).path
         if not url.startswith(self.api_url):
             return "raw"
-        return "search" if "/search/" in path else "core"
+        return "search" if "/search/" in urlsplit(url).path else "core"
 
     def _backoff_delay(self, attempt: int) -> float:
         ceiling = min(self.max_backoff, self.backoff * 2**attempt)

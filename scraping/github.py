@@ -175,10 +175,9 @@ def search_repositories(client: GitHubClient, query: str, date_field: str, start
     if total > cap and end > start:  # whole seconds, both ends included: two or more of them
         mid = start + timedelta(seconds=(end - start).total_seconds() // 2)
         log.info("%d results for %s..%s: splitting", total, _stamp(start), _stamp(end))
-        yield from search_repositories(client, query, date_field, start, mid,
-                                       cap=cap, per_page=per_page)
-        yield from search_repositories(client, query, date_field, mid + timedelta(seconds=1),
-                                       end, cap=cap, per_page=per_page)
+        for lo, hi in ((start, mid), (mid + timedelta(seconds=1), end)):
+            yield from search_repositories(client, query, date_field, lo, hi, cap=cap,
+                                           per_page=per_page)
         return
     if total > cap:
         log.warning("%d results within one second at %s: only the first %d are reachable",
