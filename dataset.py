@@ -59,9 +59,12 @@ from tokenizer import (
     strip_comments_and_docstrings,
 )
 
+if typing.TYPE_CHECKING:
+    import datasketch
+
 # The data cache's format version, a part of every cache key: bump it when cleaning or task
 # building changes what a cache holds.
-PIPELINE_VERSION = 10
+PIPELINE_VERSION = 11
 
 TASKS = ("lm", "completion", "method", "docstring", "refactor", "fim")
 SPLITS = ("train", "val", "test")
@@ -599,73 +602,36 @@ def _is_duplicate(doc: Doc, seen: dict[bytes, str | None], dedupe: bool) -> bool
 
 
 _SHINGLE_WORDS = re.compile(r"\w+|[^\w\s]")
-_MERSENNE = (1 << 61) - 1
-_LOW32 = np.uint64((1 << 32) - 1)
-_LOW29 = np.uint64((1 << 29) - 1)
-
-
 def shingles(text: str, shingle: int = 5) -> set[str]:
     """The word ``shingle``-grams of a text: the sets whose Jaccard MinHash estimates."""
     words = _SHINGLE_WORDS.findall(text)
     return {" ".join(words[j : j + shingle]) for j in range(max(1, len(words) - shingle + 1))}
 
 
-def _fold(v: np.ndarray) -> np.ndarray:
-    """``v`` mod p up to one p (2^61 = 1 mod p): below p + 8 for any uint64 ``v``."""
-    return (v & np.uint64(_MERSENNE)) + (v >> np.uint64(61))
+def minhash(text: str, num_perm: int = 64) -> datasketch.MinHash:
+    """datasketch's MinHash of the text's shingles (a fixed seed: the same text, the same one)."""
+    import datasketch  # half a second to import; near-dedupe is off by default
 
-
-def _affine_mod_p(x: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Exact (a*x + b) mod p for uint64 values below p = 2^61-1, through 32-bit halves (a
-    product that wraps uint64 is no universal hash)."""
-    x_lo, x_hi = x & _LOW32, x >> np.uint64(32)
-    a_lo, a_hi = a & _LOW32, a >> np.uint64(32)
-    high = (a_hi * x_hi) << np.uint64(3)  # * 2^64 = * 8 mod p; < 2^61
-    mid = a_hi * x_lo + a_lo * x_hi  # < 2^62, times 2^32 below
-    mid = (mid >> np.uint64(29)) + ((mid & _LOW29) << np.uint64(32))  # < 2^61 + 2^33
-    low = _fold(a_lo * x_lo)  # < 2^61 + 8
-    r = _fold(high + mid + low + b)  # the sum < 2^63 + 2^62
-    return np.where(r >= np.uint64(_MERSENNE), r - np.uint64(_MERSENNE), r)
-
-
-def minhash_signatures(texts: Sequence[str], num_perm: int = 64, shingle: int = 5) -> np.ndarray:
-    """(N, num_perm) MinHash signatures over word shingles; deterministic (blake2b, fixed seed),
-    each permutation a universal hash (a*x + b) mod p."""
-    rng = np.random.default_rng(1234567)
-    a = rng.integers(1, _MERSENNE, size=num_perm, dtype=np.uint64)[None, :]
-    b = rng.integers(0, _MERSENNE, size=num_perm, dtype=np.uint64)[None, :]
-    sigs = np.full((len(texts), num_perm), np.iinfo(np.uint64).max, dtype=np.uint64)
-    for i, text in enumerate(texts):
-        grams = shingles(text, shingle)
-        x = np.fromiter(
-            (int.from_bytes(hashlib.blake2b(g.encode(), digest_size=8).digest(), "little")
-             & _MERSENNE for g in grams),
-            dtype=np.uint64, count=len(grams),
-        )[:, None]
-        for j in range(0, len(x), 4096):  # bounded temporaries on large files
-            part = _affine_mod_p(x[j : j + 4096], a, b).min(axis=0)
-            sigs[i] = np.minimum(sigs[i], part)
-    return sigs
+    signature = datasketch.MinHash(num_perm=num_perm, seed=1)
+    signature.update_batch([s.encode() for s in shingles(text)])
+    return signature
 
 
 def near_duplicates(texts: Sequence[str], threshold: float = 0.85, num_perm: int = 64) -> set[int]:
-    """Indices of texts whose estimated Jaccard similarity to an earlier text is >= threshold
-    (LSH bands find candidates, the full signature confirms them)."""
-    sigs = minhash_signatures(texts, num_perm)
-    rows = 4
-    bands = num_perm // rows
-    buckets: dict[tuple, list[int]] = {}
+    """Indices of texts whose estimated Jaccard similarity to an earlier kept text is >=
+    threshold (LSH bands find candidates, the full signature confirms them)."""
+    import datasketch
+
+    index = datasketch.MinHashLSH(num_perm=num_perm, params=(num_perm // 4, 4))  # 4-row bands
+    kept: dict[int, datasketch.MinHash] = {}
     dupes: set[int] = set()
-    for i in range(len(texts)):
-        candidates: set[int] = set()
-        keys = [(band, sigs[i, band * rows : (band + 1) * rows].tobytes()) for band in range(bands)]
-        for key in keys:
-            candidates.update(buckets.get(key, ()))
-        if any(float(np.mean(sigs[i] == sigs[j])) >= threshold for j in candidates):
+    for i, text in enumerate(texts):
+        signature = minhash(text, num_perm)
+        if any(signature.jaccard(kept[j]) >= threshold for j in index.query(signature)):
             dupes.add(i)
-            continue
-        for key in keys:
-            buckets.setdefault(key, []).append(i)
+        else:
+            kept[i] = signature
+            index.insert(i, signature)
     return dupes
 
 
