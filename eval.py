@@ -644,18 +644,21 @@ def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
 
 def _split_adapter(path_spec: str) -> tuple[str, str]:
     """(base, adapter) of ``BASE+ADAPTER``, split at the first "+" after a directory's name."""
+    from pretrained import is_hub_id
+
     if not Path(path_spec).is_dir():
         for plus in (i for i, ch in enumerate(path_spec) if ch == "+"):
-            if Path(path_spec[:plus]).is_dir():
+            if Path(path_spec[:plus]).is_dir() or is_hub_id(path_spec[:plus]):
                 return path_spec[:plus], path_spec[plus + 1 :]
     return path_spec, ""
 
 
 def load_model(spec: str | os.PathLike, device: torch.device | str,
                tokenizer: str | None = None, dtype: str | None = None) -> LoadedModel:
-    """Load ``[LABEL=]PATH``: an HF dir, a codelm run dir, an adapter dir whose config names a
-    local base, or ``BASE+ADAPTER``; ``device`` and ``dtype`` as EvalConfig's."""
+    """Load ``[LABEL=]PATH``: an HF dir or hub id, a codelm run dir, an adapter whose config
+    names its base, or ``BASE+ADAPTER``; ``device`` and ``dtype`` as EvalConfig's."""
     import lora
+    from pretrained import checkpoint_dir
     from tokenizer import check_model_tokenizer, load_tokenizer, tokenizer_path, where_tokenizer_is
 
     spec = os.fspath(spec)
@@ -665,12 +668,13 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
     if not sep or not label or "/" in label:  # no label given: "=" belongs to the path
         label, path_spec = "", spec
     base_spec, adapter_spec = _split_adapter(path_spec)
-    path = Path(base_spec)
+    path = checkpoint_dir(base_spec, f"EvalConfig.models {spec!r}:")
     if not path.is_dir():
         raise ValueError(f"EvalConfig.models {spec!r}: {path} is not a directory")
     run_config = run_weights = None
     if adapter_spec or (path / lora.ADAPTER_CONFIG).is_file():
-        adapter = Path(adapter_spec) if adapter_spec else path
+        adapter = checkpoint_dir(adapter_spec, f"EvalConfig.models {spec!r}:") if adapter_spec \
+            else path
         if not (adapter / lora.ADAPTER_CONFIG).is_file():
             raise ValueError(f"EvalConfig.models {spec!r}: {adapter} holds no "
                              f"{lora.ADAPTER_CONFIG}{lora.adapters_below(adapter)}")
@@ -694,7 +698,7 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
     # a checkpoint with a tokenizer from elsewhere; a run's own is the one it trained with
     if model.name_or_path is not None and (run_config is None or tokenizer is not None):
         check_model_tokenizer(tok, tokenizer_path(tokenizer or tok_dir), model.name_or_path)
-    name = label or (Path(adapter_spec).name if adapter_spec else path.name)
+    name = label or Path(adapter_spec or base_spec).name
     return LoadedModel(name, path_spec, model.eval(), tok, run_config, run_weights)
 
 

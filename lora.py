@@ -740,13 +740,18 @@ def read_adapter_config(path: str | Path, config_name: str = ADAPTER_CONFIG) -> 
 
 def adapter_base(adapter_dir: str | Path, remedy: str, config_name: str = ADAPTER_CONFIG
                  ) -> Path:
-    """The local base model an adapter's config names; ``remedy`` ends the error otherwise."""
+    """The base model an adapter's config names (a directory or a cached hub id); ``remedy``
+    ends the error otherwise."""
     file = Path(adapter_dir) / config_name
     base = settings.read_json_object(file, "adapter config").get("base_model_name_or_path")
-    if not base or not Path(base).is_dir():
+    try:
+        path = pretrained.checkpoint_dir(base, f"{file}: base_model_name_or_path") if base else None
+    except ValueError as e:
+        raise ValueError(f"{e}; or {remedy}") from None
+    if path is None or not path.is_dir():
         raise ValueError(f"{file}: base_model_name_or_path {base!r} is not a local directory; "
                          f"{remedy}")
-    return Path(base)
+    return path
 
 
 def _read_weights(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:

@@ -10,6 +10,7 @@ if __name__ == "__main__":  # first: the imports below load torch for seconds
 
 import json
 import mmap
+import re
 import shutil
 import sys
 import zipfile
@@ -709,10 +710,38 @@ def _checked_plan(directory: Path, cfg: ModelConfig, table: FamilyTable,
     return model, plan
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
+_NOT_PYTORCH = ["*.msgpack", "*.h5", "*.ot", "*.onnx", "*.tflite", "*.gguf", "onnx/*", "*.mlmodel"]
+
+
+def is_hub_id(spec: str | Path) -> bool:
+    """Whether ``spec`` names a Hugging Face repo (``org/name[@revision]``), not a local path."""
+    return not Path(spec).expanduser().exists() and _HUB_ID.fullmatch(str(spec)) is not None
+
+
+def checkpoint_dir(spec: str | Path, what: str = "checkpoint") -> Path:
+    """A local directory, or else the snapshot of a Hugging Face id ``org/name[@revision]``: from
+    the hub cache when there or offline (``HF_HUB_OFFLINE=1``), else downloaded into it."""
+    if not is_hub_id(spec):
+        return Path(spec).expanduser()
+    from huggingface_hub import snapshot_download
+
+    repo, _, revision = str(spec).partition("@")
+    try:
+        return Path(snapshot_download(repo, revision=revision or None,
+                                      ignore_patterns=_NOT_PYTORCH))
+    except Exception as e:  # not cached while offline, no such repo, no network: many types
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{what} {spec}: no such directory, and no Hugging Face snapshot of "
+                         f"{repo} ({why}); download it (`hf download {repo}`) or give a "
+                         "local directory") from None
+
+
 def load(directory: str | Path, dtype: torch.dtype | str | None = None,
          device: torch.device | str | None = None) -> Transformer:
-    """A `Transformer` from a local HF checkpoint directory, checked before the model exists."""
-    directory = Path(directory)
+    """A `Transformer` from an HF checkpoint (a directory or a hub id), checked before the model
+    exists."""
+    directory = checkpoint_dir(directory)
     if not directory.is_dir():
         raise ValueError(f"{directory}: not a directory")
     if (directory / process.MANIFEST_FILE).exists() and (

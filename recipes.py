@@ -148,13 +148,19 @@ def check_family(model_dir: str, preset: str | None) -> None:
 
 def check_paths(values: dict, recipe: str) -> None:
     """The recipe's model and data paths are placeholders: say which flag replaces them."""
+    from pretrained import checkpoint_dir
+
     init_from = values.get("init_from")
     if init_from is not None:
-        if not Path(init_from).is_dir():
-            raise ValueError(f"{init_from}: no such model directory; pass --model DIR, a local HF "
-                             f"checkpoint of {values.get('preset')} (see docs/recipes.md; "
-                             f"{recipe}: train.init_from)")
-        check_family(init_from, values.get("preset"))
+        how = (f"pass --model DIR or ID, an HF checkpoint of {values.get('preset')} (see "
+               f"docs/recipes.md; {recipe}: train.init_from)")
+        try:
+            path = checkpoint_dir(init_from, "init_from")
+        except ValueError as e:
+            raise ValueError(f"{e}; or {how}") from None
+        if not path.is_dir():
+            raise ValueError(f"{init_from}: no such model directory; {how}")
+        check_family(str(path), values.get("preset"))
     for key, flag in (("data", "--data"), ("val_data", "--val-data"), ("test_data", None)):
         for source in values.get(key) or []:
             if source != "stdlib" and not is_git_source(source) and not Path(source).exists():

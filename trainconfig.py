@@ -14,7 +14,7 @@ import os
 import sys
 import typing
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -259,6 +259,19 @@ def run_adapter_copy(run_dir: str | Path) -> Path | None:
     return copy if copy.is_file() and rundir.holds_weights(copy.parent) else None
 
 
+def with_local_checkpoints(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with a Hugging Face id in init_from or init_adapter replaced by its snapshot
+    directory in the hub cache (fetched unless offline): config.json records that revision."""
+    import pretrained
+
+    local = {}
+    for key in ("init_from", "init_adapter"):
+        if (value := getattr(cfg, key)) is not None and pretrained.is_hub_id(value):
+            local[key] = str(pretrained.checkpoint_dir(value, key))
+            print(f"{key} {value}: {local[key]}", file=sys.stderr)
+    return replace(cfg, **local)
+
+
 def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = (),
                       where_set: Callable[[str], str] = settings.flag_of) -> TrainConfig:
     """``cfg`` with the LoRA settings (and, without ``init_from``, the base) of its
@@ -266,10 +279,11 @@ def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = (),
     if cfg.init_adapter is None:
         return cfg
     import lora
+    import pretrained
 
     copy = run_adapter_copy(cfg.resume) if cfg.resume else None
-    path, config_name = (copy.parent, copy.name) if copy else (
-        Path(cfg.init_adapter).expanduser(), lora.ADAPTER_CONFIG)
+    path, config_name = (copy.parent, copy.name) if copy else (pretrained.checkpoint_dir(
+        cfg.init_adapter, setting(cfg, "init_adapter", where_set)), lora.ADAPTER_CONFIG)
     if not path.is_dir():
         raise ValueError(f"{setting(cfg, 'init_adapter', where_set)}: not a directory")
     adapter = lora.read_adapter_config(path, config_name)
@@ -343,11 +357,12 @@ def _check_model_settings(cfg: TrainConfig, where_set: Callable[[str], str],
         for key, value in cfg.model_options.items():
             need(settings.is_number(value) and 0 <= value < 1, "model_options",
                  f"{key} must be a probability in [0, 1), got {value!r}")
-        if not Path(cfg.init_from).is_dir():
-            raise ValueError(f"{named('init_from')}: not a directory")
         import lora
+        import pretrained
 
-        path = Path(cfg.init_from)
+        path = pretrained.checkpoint_dir(cfg.init_from, named("init_from"))
+        if not path.is_dir():
+            raise ValueError(f"{named('init_from')}: not a directory")
         adapter_config = path / lora.ADAPTER_CONFIG
         if adapter_config.is_file() and not (path / HF_CONFIG).is_file():  # a LoRA run's export/
             if (path / MERGED_DIR / HF_CONFIG).is_file():
@@ -364,7 +379,7 @@ def _check_model_settings(cfg: TrainConfig, where_set: Callable[[str], str],
         if cfg.block_size is not None:  # else the first forward pass finds it, after the data
             from pretrained import read_config
 
-            context = read_config(cfg.init_from)[0].block_size
+            context = read_config(path)[0].block_size
             need(cfg.block_size <= context, "block_size",
                  f"longer than the context of {named('init_from')}, {context} positions")
     else:  # the preset, the shape and model_options, checked before the data is prepared

@@ -69,6 +69,7 @@ from trainconfig import (
     parse_config,
     run_adapter_copy,
     with_init_adapter,
+    with_local_checkpoints,
 )
 
 if typing.TYPE_CHECKING:  # annotations only: dataset and tokenizer load where a run needs them
@@ -543,7 +544,7 @@ def _interrupted(stop: KeyboardInterrupt, run_dir: Path | None, hint: str | None
 
 def setup_run(cfg: TrainConfig, dist: Dist, hint: str | None, restarts: bool) -> Run:
     """Claim the run directory, prepare data, model and trainer, restore a resumed checkpoint."""
-    cfg = with_init_adapter(cfg)
+    cfg = with_init_adapter(with_local_checkpoints(cfg))
     device = resolve_device(cfg, dist)
     claimed, has_weights = _claim_run_dir(cfg, dist, hint)
     run = Run(cfg, dist, device, claimed, hint or f"--resume {claimed.path}", restarts)

@@ -3265,3 +3265,29 @@ def test_passk_refuses_up_front_where_the_sandbox_cannot_confine_reads(tiny_mode
                         "--sandbox-may-read-all-files"]) == 0
     finally:
         sandbox.confinement.cache_clear()
+
+
+def test_models_and_adapters_named_by_hub_id_load_from_the_cache(tmp_path, offline_hub):
+    """--models org/name and BASE+ADAPTER with hub ids, and an adapter whose config names its
+    base by hub id (as PEFT adapters from the hub do), load from the hub cache offline."""
+    import json
+
+    import torch
+    from tiny_hf import hub_cache, save_tiny_adapter
+
+    from tokenizer import CodeTokenizer
+
+    base, adapter = save_tiny_adapter(tmp_path)
+    CodeTokenizer.train(["x = 1\n"] * 3, min_freq=1).save(base)  # save_tiny_adapter's
+    hub_cache(offline_hub, "org/base", base)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {**config, "base_model_name_or_path": "org/base"}))
+    hub_cache(offline_hub, "org/adapter", adapter)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    want = ev.load_model(f"{base}+{adapter}", "cpu").model(ids)
+    for spec in ("org/base+org/adapter", "org/adapter", str(adapter), f"tuned={adapter}"):
+        lm = ev.load_model(spec, "cpu")
+        torch.testing.assert_close(lm.model(ids), want, rtol=0, atol=0)
+    assert ev.load_model("org/adapter", "cpu").label == "adapter"
+    assert ev.load_model("org/base", "cpu").label == "base"

@@ -1092,16 +1092,18 @@ def test_cli_refuses_an_adapter_tokenizer_that_is_not_the_bases(tmp_path, capsys
     assert lora.main([str(adapter), str(out)]) == 0
 
 
-def test_cli_without_a_local_base_asks_for_base_and_writes_nothing(tmp_path, capsys):
+def test_cli_without_a_local_base_asks_for_base_and_writes_nothing(tmp_path, capsys,
+                                                                   offline_hub):
     hf, model, _ = _pair("phi", tmp_path)
     apply_lora(model, LoRAConfig(r=2, alpha=4, target_modules=["fc1"]))
     save_adapter(model, tmp_path / "adapter", base_model_name_or_path="microsoft/phi-1_5")
     out = tmp_path / "out"
     capsys.readouterr()
     assert lora.main([str(tmp_path / "adapter"), str(out)]) == 2
-    assert capsys.readouterr().err == (
-        f"error: {tmp_path / 'adapter' / 'adapter_config.json'}: base_model_name_or_path "
-        "'microsoft/phi-1_5' is not a local directory; name it with --base\n")
+    err = capsys.readouterr().err  # the base is neither a directory nor in the hub cache
+    assert err.startswith(f"error: {tmp_path / 'adapter' / 'adapter_config.json'}: "
+                          "base_model_name_or_path microsoft/phi-1_5: no such directory")
+    assert "hf download microsoft/phi-1_5" in err and err.endswith("name it with --base\n")
     assert lora.main([str(tmp_path / "adapter"), str(out), "--base", str(tmp_path / "hf"),
                       "--dtype", "bf16"]) == 0
     assert "(torch.bfloat16)" in capsys.readouterr().out

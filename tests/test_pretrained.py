@@ -1421,3 +1421,21 @@ def test_error_empty_bin_or_one_keyed_by_non_names_says_what_it_holds(checkpoint
     with pytest.raises(ValueError) as e:
         pretrained.load(tmp_path)
     assert str(e.value) == f"{tmp_path / 'pytorch_model.bin'}: {message}"
+
+
+def test_a_hub_id_loads_from_the_hub_cache_offline(tmp_path, offline_hub):
+    """`org/name[@revision]` resolves through huggingface_hub to the snapshot in the cache, as
+    transformers resolves it: the same logits as the directory; one not cached is a clear error."""
+    from tiny_hf import hub_cache
+
+    save_tiny_hf("gpt_bigcode", tmp_path / "dir")
+    commit = hub_cache(offline_hub, "org/tiny", tmp_path / "dir")
+    ids = torch.randint(0, 256, (1, 12))
+    want = pretrained.load(tmp_path / "dir").eval()(ids)
+    for spec in ("org/tiny", f"org/tiny@{commit}"):
+        assert pretrained.checkpoint_dir(spec) == offline_hub / "models--org--tiny" / "snapshots" / commit
+        torch.testing.assert_close(pretrained.load(spec).eval()(ids), want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"org/other: no such directory, and no Hugging Face "
+                                         r"snapshot of org/other .*hf download org/other"):
+        pretrained.load("org/other")
+    assert not pretrained.is_hub_id(tmp_path / "dir") and not pretrained.is_hub_id("a/b/c")

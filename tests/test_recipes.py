@@ -250,11 +250,13 @@ def test_every_recipe_validates_and_eval_config_reads_its_section(tmp_path, caps
     assert "bad.json (train section): unknown key 'lora_rank'" in capsys.readouterr().err
 
 
-def test_recipe_placeholders_name_the_flag_that_replaces_them(tmp_path, capsys, monkeypatch):
+def test_recipe_placeholders_name_the_flag_that_replaces_them(tmp_path, capsys, monkeypatch,
+                                                              offline_hub):
     monkeypatch.chdir(tmp_path)
     assert recipes.main([str(CONFIGS / "refactotron.json")]) == 2
-    assert "models/starcoderbase-1b: no such model directory; pass --model DIR" in (
-        capsys.readouterr().err)
+    err = capsys.readouterr().err
+    assert "init_from bigcode/starcoderbase-1b: no such directory" in err
+    assert "hf download bigcode/starcoderbase-1b" in err and "pass --model DIR or ID" in err
     values = json.loads((CONFIGS / "refactotron.json").read_text())["train"]
     (tmp_path / "train.jsonl").write_text("")
     values.update(init_from=None, data=["train.jsonl"])
@@ -337,7 +339,7 @@ def test_set_overrides_and_eval_model_placeholders(tmp_path, capsys):
     assert recipe.train["lr"] == 3e-4 and recipe.eval["docstring_prompts"] == ["verbose"]
     assert recipe.train["data_options"]["docstring_min_tokens"] == 20  # the rest is kept
     specs = recipes.resolve_models(recipe.eval["models"], {
-        "runs/airflow_docstrings": "/tmp/r/verbose", "models/Llama-3.2-1B": "/w/llama"})
+        "runs/airflow_docstrings": "/tmp/r/verbose", "meta-llama/Llama-3.2-1B": "/w/llama"})
     assert specs == ["base=/w/llama", "fine-tuned=/tmp/r/verbose"]
     assert recipes.main([str(CONFIGS / "airflow_docstrings.json"), "--set", "train.lr=fast"]) == 2
     assert "(train section, with --set): key 'lr' must be a number" in capsys.readouterr().err

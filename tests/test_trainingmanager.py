@@ -1755,6 +1755,35 @@ def test_lora_export_names_its_base_so_peft_loads_it_alone(assets, tmp_path):
         torch.testing.assert_close(hf(ids).logits, want, atol=1e-5, rtol=1e-4)
 
 
+def test_init_from_a_hub_id_trains_lora_and_exports_an_adapter_peft_loads(assets, tmp_path,
+                                                                          offline_hub):
+    """--init-from org/name reads the base from the hub cache (offline); the run records the
+    snapshot it used, and PEFT loads the exported adapter on that base with equal logits."""
+    import transformers
+    from peft import PeftModel
+    from tiny_hf import hub_cache
+
+    import lora
+
+    commit = hub_cache(offline_hub, "org/tiny", tiny_llama(tmp_path))
+    snapshot = offline_hub / "models--org--tiny" / "snapshots" / commit
+    cfg = tiny_cfg(assets, tmp_path, lora_r=4, lora_alpha=8.0, lr=3e-2,
+                   lora_targets=["q_proj", "v_proj"], max_steps=4, export=True)
+    config = write_config(cfg, tmp_path / "run.json")
+    assert tm.main(["--config", str(config), "--init-from", "org/tiny"]) == 0
+    run = Path(cfg.out_dir) / "run"
+    assert json.loads((run / "config.json").read_text())["init_from"] == str(snapshot)
+    ours = tm.build_model(dataclasses.replace(cfg, init_from=str(snapshot), lora_r=0),
+                          load_tokenizer(run / "export"))
+    lora.load_adapter(ours, run / "export")
+    ids = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        base = transformers.AutoModelForCausalLM.from_pretrained(snapshot)
+        theirs = PeftModel.from_pretrained(base, run / "export").eval()
+        torch.testing.assert_close(theirs(ids).logits, ours.eval()(ids), atol=1e-5, rtol=1e-4)
+    assert tm.main(["--config", str(config), "--init-from", "org/missing", "--name", "b"]) == 2
+
+
 def test_a_merge_into_a_tied_embedding_is_refused_before_training(assets, tmp_path):
     """The merge failed only after training, and took the (valid) adapter export with it."""
     from tiny_hf import save_tiny_hf
@@ -2203,9 +2232,9 @@ def test_init_adapter_targets_compare_by_peft_rules_on_the_adapters_side(tmp_pat
         tm.with_init_adapter(tm.TrainConfig(init_adapter=nothing, lora_targets=["qkv"]))
 
 
-def test_init_adapter_that_cannot_be_honoured_is_an_error_naming_the_path(tmp_path):
+def test_init_adapter_that_cannot_be_honoured_is_an_error_naming_the_path(tmp_path, offline_hub):
     """A missing directory, a run directory instead of its export/, an option codelm's LoRA
-    refuses (the check load_adapter makes), and a base that is no local directory."""
+    refuses (the check load_adapter makes), and a base neither local nor in the hub cache."""
     def refused(**values) -> str:
         with pytest.raises(ValueError) as e:
             tm.validate_config(tm.TrainConfig(**values))
@@ -2225,9 +2254,9 @@ def test_init_adapter_that_cannot_be_honoured_is_an_error_naming_the_path(tmp_pa
     assert refused(init_adapter=str(run / "export")) == (
         f"{file}: rank_pattern={{'q_proj': 2}} is not supported by codelm's LoRA")
     file.write_text(json.dumps({**config, "base_model_name_or_path": "org/model"}))
-    assert refused(init_adapter=str(run / "export")) == (
-        f"{file}: base_model_name_or_path 'org/model' is not a local directory; name the base "
-        "with --init-from")
+    error = refused(init_adapter=str(run / "export"))
+    assert error.startswith(f"{file}: base_model_name_or_path org/model: no such directory")
+    assert "hf download org/model" in error and error.endswith("name the base with --init-from")
     tm.validate_config(tm.TrainConfig(init_adapter=str(run / "export"),
                                       init_from=str(tmp_path / "base")))
 

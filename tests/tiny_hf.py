@@ -183,3 +183,26 @@ def save_tiny_adapter(root: Path, alpha: float = 4) -> tuple[Path, Path]:
     lora.apply_lora(model, lora.LoRAConfig(r=2, alpha=alpha))
     lora.save_adapter(model, adapter, base_model_name_or_path=str(base))
     return base, adapter
+
+
+def hub_cache(cache: Path, repo_id: str, files: Path, revision: str = "main") -> str:
+    """Put the files of ``files`` into a Hugging Face hub cache (``HF_HUB_CACHE``) as the hub
+    client leaves a download: content-addressed blobs, a snapshot of relative links per commit,
+    ``refs/<revision>`` naming the commit. Returns the commit hash."""
+    import hashlib
+    import os
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
+    snapshot = repo / "snapshots" / commit
+    for file in sorted(p for p in files.rglob("*") if p.is_file()):
+        data = file.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = snapshot / file.relative_to(files)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
+    return commit
