@@ -136,7 +136,10 @@ class DataConfig:
     min_lines: int = 2  # files with fewer lines are dropped
     max_line_length: int = 1000  # files with a longer line (minified, generated) are dropped
     max_literal_length: int = 400  # longest one-line string/number literal
-    skip_bad: bool = False  # skip (and count) malformed JSONL lines instead of failing
+    skip_bad: bool = False  # skip (and count) malformed records instead of failing
+    text_column: str | None = None  # the code column of parquet/datasets/JSONL records
+    input_column: str | None = None  # the prompt column of pair records (with output_column)
+    output_column: str | None = None  # the completion column of pair records
     max_docs: int | None = None  # read only the first N of sources, val_sources, test_sources
     # task options
     add_eos: bool = True  # EOS after each supervised completion
@@ -180,6 +183,10 @@ class DataConfig:
             role = f"{split}_sources" if split else "sources"
             if roles.setdefault(key, role) != role:
                 raise DataError(f"data source {source} is in both {roles[key]} and {role}")
+        if (self.input_column is None) != (self.output_column is None) or (
+                self.text_column and self.input_column):
+            raise DataError("DataConfig: set text_column (code records) or input_column and "
+                            "output_column (pairs), not both")
         if bad := [e for e in self.extensions if not (e.startswith(".") and len(e) > 1)]:
             raise DataError(f"DataConfig.extensions: {bad} must each be a suffix with its dot: '.kt'")
         for name in ("fim_rate", "near_dedupe_threshold"):
@@ -217,6 +224,7 @@ _CLEANING_FIELDS = frozenset(
         "sources", "val_sources", "test_sources", "extensions", "dedupe", "near_dedupe", "near_dedupe_threshold", "autopep8",
         "autopep8_timeout", "strip_license", "strip_comments", "strip_docstrings", "redact_secrets", "redact_emails", "min_bytes",
         "max_bytes", "min_lines", "max_line_length", "max_literal_length", "skip_bad", "max_docs",
+        "text_column", "input_column", "output_column",
     }
 )  # fmt: skip
 
@@ -256,27 +264,100 @@ def _check_source(source: str) -> None:
         raise DataError(f"data source not found: {source}")
     if not is_utf8(path.name):  # the name goes into every document id
         raise DataError(f"data source {source!r}: its name is not valid UTF-8; rename it")
-    if path.is_file() and not path.name.endswith(".jsonl"):
-        raise DataError(f"data source {source}: a file source must be JSONL (*.jsonl)")
+    if path.is_file() and path.suffix not in (".jsonl", ".parquet"):
+        raise DataError(f"data source {source}: a file source must be JSONL (*.jsonl) or parquet "
+                        "(*.parquet)")
+    if (path / "dataset_dict.json").is_file():
+        splits = sorted(p.name for p in path.iterdir() if (p / "state.json").is_file())
+        raise DataError(f"data source {source}: a datasets DatasetDict (splits {splits}); name "
+                        f"one split's directory, e.g. {path / (splits or ['train'])[0]}")
+    if (path / "state.json").is_file():
+        files = settings.read_json_object(path / "state.json", "datasets state").get("_data_files")
+        if not (isinstance(files, list) and all(isinstance(f, dict) and isinstance(
+                f.get("filename"), str) and (path / f["filename"]).is_file() for f in files)):
+            raise DataError(f"{path / 'state.json'}: no _data_files list naming its .arrow "
+                            "files; save the dataset again with save_to_disk")
 
 
-def _read_jsonl(path: Path, skip_bad: bool, counts: Counter) -> Iterator[Doc]:
-    """Scraper records ({repo, path, text}) or pairs ({input, output} / {prompt, completion})."""
+def _record_files(source: str) -> list[Path] | None:
+    """The files of a record source (a JSONL or parquet file, a datasets ``save_to_disk``
+    directory); None for code (the stdlib, a directory of files)."""
+    path = Path(source).expanduser()
+    if source != "stdlib" and path.is_file():
+        return [path]
+    if source != "stdlib" and (path / "state.json").is_file():
+        state = json.loads((path / "state.json").read_text("utf-8"))
+        return [path / f["filename"] for f in state["_data_files"]]
+    return None
+
+
+def _read_records(path: Path, cfg: DataConfig, counts: Counter) -> Iterator[Doc]:
+    """Scraper records ({repo, path, text}) or pairs ({input, output} / {prompt, completion}) of
+    a JSONL file, or the rows of a parquet file or datasets directory, as documents."""
+    rows = _jsonl_lines(path) if path.suffix == ".jsonl" else _table_rows(path, cfg)
+    for number, where, record in rows:
+        try:
+            record = _json_line(record, where) if isinstance(record, bytes) else record
+            doc = _record_to_doc(_with_columns(record, cfg, where), path, number, where)
+        except DataError as exc:
+            if not cfg.skip_bad:
+                raise DataError(f"{exc} (skip such records with --skip-bad, or the data "
+                                "option skip_bad)") from None
+            counts["bad_jsonl_line" if path.suffix == ".jsonl" else "bad_record"] += 1
+            continue
+        yield doc
+
+
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, str, bytes]]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{lineno}"
-            raw = raw.rstrip(b"\r\n")  # else an error at the line's end is json's "line 2"
-            try:
-                doc = _record_to_doc(_json_line(raw, where), path, lineno, where)
-            except DataError as exc:
-                if not skip_bad:
-                    raise DataError(f"{exc} (skip such lines with --skip-bad, or the data "
-                                    "option skip_bad)") from None
-                counts["bad_jsonl_line"] += 1
-                continue
-            yield doc
+            if raw.strip():  # rstrip: else an error at the line's end is json's "line 2"
+                yield lineno, f"{path}:{lineno}", raw.rstrip(b"\r\n")
+
+
+def _table_rows(path: Path, cfg: DataConfig) -> Iterator[tuple[int, str, dict]]:
+    """The rows of a parquet file or a datasets directory, read a batch at a time (a file larger
+    than memory streams), only the columns the data options name."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = _record_files(str(path))
+    number = 0
+    for file in files:
+        if file.suffix == ".parquet":
+            table = pq.ParquetFile(file, pre_buffer=False)  # pre-buffering holds every group
+            names = table.schema_arrow.names
+            batches = table.iter_batches(batch_size=64, columns=_wanted(names, cfg, file))
+        else:  # datasets' Arrow stream files, memory-mapped
+            reader = pa.ipc.open_stream(pa.memory_map(str(file)))
+            _wanted(reader.schema.names, cfg, file)
+            batches = iter(reader)
+        for batch in batches:
+            for row in batch.to_pylist():
+                number += 1
+                yield number, f"{path}: row {number}", row
+
+
+def _wanted(names: Sequence[str], cfg: DataConfig, file: Path) -> list[str] | None:
+    """The columns to read (None: all), each named one there."""
+    named = [c for c in (cfg.text_column, cfg.input_column, cfg.output_column) if c]
+    if missing := [c for c in named if c not in names]:
+        raise DataError(f"{file}: no column {missing[0]!r} (its columns: {', '.join(names)}); "
+                        "set the data options text_column, or input_column and output_column")
+    return [*named, *(c for c in ("repo", "path") if c in names)] if named else None
+
+
+def _with_columns(record: dict, cfg: DataConfig, where: str) -> dict:
+    """``record`` with the columns the data options name read as codelm's keys."""
+    named = [cfg.text_column] if cfg.text_column else [cfg.input_column, cfg.output_column]
+    if missing := [c for c in named if c is not None and c not in record]:
+        raise DataError(f"{where}: no key {missing[0]!r}, which the data options name")
+    if cfg.text_column is not None:
+        return {"text": record[cfg.text_column], "repo": record.get("repo"),
+                "path": record.get("path")}
+    if cfg.input_column is not None:
+        return {"input": record[cfg.input_column], "output": record[cfg.output_column]}
+    return record
 
 
 def _json_line(raw: bytes, where: str) -> dict:
@@ -338,8 +419,8 @@ def _iter_sources(cfg: DataConfig, counts: Counter, pairs: list[int]) -> Iterato
     taken: Counter = Counter()  # documents yielded per role
     for i, (split, source) in enumerate(_sources_by_split(cfg)):
         path = Path(source).expanduser()
-        if source != "stdlib" and path.is_file():
-            docs = _read_jsonl(path, cfg.skip_bad, counts)
+        if _record_files(source) is not None:
+            docs = _read_records(path, cfg, counts)
         else:
             docs = _read_files(source, cfg, counts)
         for raw in docs:
@@ -368,10 +449,8 @@ def _sources_fingerprint(sources: Sequence[str], extensions: Sequence[str]) -> l
     out = []
     for source in sources:
         _check_source(source)  # every build computes its key first: sources are checked here
-        path = Path(source).expanduser()
-        if source != "stdlib" and path.is_file():
-            st = path.stat()
-            out.append([str(path.resolve()), st.st_size, st.st_mtime_ns])
+        if (files := _record_files(source)) is not None:
+            out += [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
             continue
         root, files = _source_files(source, extensions)
         listing = hashlib.sha256()

@@ -2407,6 +2407,9 @@ def test_every_option_that_changes_the_data_changes_a_cache_key(tmp_path):
         "max_prompt_tokens": 7,
         "max_docs": 5,
         "max_completion_tokens": 7,
+        "text_column": "content",
+        "input_column": "before",
+        "output_column": "after",
     }
     from dataclasses import fields, replace
 
@@ -2805,3 +2808,75 @@ def test_an_email_address_on_a_subdomain_is_redacted_whole(tmp_path):
     (src / "a.py").write_text('# ann.lee@mail.example.co.uk\nx = 1\n')
     docs, _ = dataset.clean_corpus(cfg(tmp_path, sources=[str(src)], redact_emails=True))
     assert [d.text for d in docs] == ["# <EMAIL>\nx = 1\n"]
+
+
+# ---- parquet files and datasets directories ---------------------------------------------
+
+REFACTOR_PAIRS = [{"input": f"def f{i}(x):\n    y = x + {i}\n    return y\n",
+                   "output": f"def f{i}(x):\n    return x + {i}\n"} for i in range(30)]
+
+
+def _examples(data) -> list:
+    return sorted((e["input_ids"].tolist(), e["labels"].tolist()) for e in data.train)
+
+
+def test_parquet_and_datasets_directories_give_the_examples_their_jsonl_gives(tmp_path):
+    """The same pairs as a JSONL file, a parquet file (several row groups, own column names) and
+    a `datasets` save_to_disk directory build the same refactor examples."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tokenizer import CodeTokenizer
+
+    tok = CodeTokenizer.train([p["input"] + p["output"] for p in REFACTOR_PAIRS], min_freq=1)
+    jsonl = write_jsonl(tmp_path / "pairs.jsonl", REFACTOR_PAIRS)
+    parquet = tmp_path / "pairs.parquet"
+    pq.write_table(pa.table({"before": [p["input"] for p in REFACTOR_PAIRS],
+                             "after": [p["output"] for p in REFACTOR_PAIRS]}), parquet,
+                   row_group_size=7)
+    assert pq.ParquetFile(parquet).num_row_groups == 5
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list(REFACTOR_PAIRS).save_to_disk(str(saved))
+    common = dict(task="refactor", block_size=64, **WHOLE)  # a split hashes the file's name
+    want = _examples(prepare(cfg(tmp_path, sources=[str(jsonl)], **common), tok))
+    assert len(want) == 30
+    columns = {"input_column": "before", "output_column": "after"}
+    for source, options in ((parquet, columns), (saved, {})):
+        got = prepare(cfg(tmp_path, sources=[str(source)], **common, **options), tok)
+        assert _examples(got) == want, source
+
+
+def test_code_records_read_their_text_column_and_bad_rows_name_file_and_row(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [(EMAIL / name).read_text() for name in ("charset.py", "utils.py", "errors.py")]
+    parquet = tmp_path / "code.parquet"
+    pq.write_table(pa.table({"content": texts, "repo": ["r1", "r2", "r3"],
+                             "path": ["a.py", "b.py", "c.py"]}), parquet)
+    corpus = dataset.load_corpus(cfg(tmp_path, sources=[str(parquet)], text_column="content",
+                                     **WHOLE))
+    assert sorted(d.id for d in corpus.train) == ["r1/a.py", "r2/b.py", "r3/c.py"]
+    with pytest.raises(DataError, match=r"code.parquet: no column 'text' \(its columns: "
+                                        r"content, repo, path\); set the data options"):
+        dataset.load_corpus(cfg(tmp_path, sources=[str(parquet)], text_column="text"))
+    with pytest.raises(DataError, match=r"code.parquet: row 1: record has none of the keys"):
+        dataset.load_corpus(cfg(tmp_path, sources=[str(parquet)]))
+    pq.write_table(pa.table({"text": [texts[0], None, texts[2]]}), parquet)
+    with pytest.raises(DataError, match=r"code.parquet: row 2: key 'text' must be a string"):
+        dataset.load_corpus(cfg(tmp_path, sources=[str(parquet)]))
+    corpus = dataset.load_corpus(cfg(tmp_path, sources=[str(parquet)], skip_bad=True, **WHOLE))
+    assert len(corpus.train) == 2 and corpus.stats["dropped"] == {"bad_record": 1}
+    splits = tmp_path / "splits"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts}),
+                          "test": datasets.Dataset.from_dict({"text": texts})}
+                         ).save_to_disk(str(splits))
+    with pytest.raises(DataError, match=r"a datasets DatasetDict \(splits \['test', 'train'\]\); "
+                                        r"name one split's directory"):
+        dataset.load_corpus(cfg(tmp_path, sources=[str(splits)]))
+    corpus = dataset.load_corpus(cfg(tmp_path, sources=[str(splits / "train")], **WHOLE))
+    assert len(corpus.train) == 3
+    with pytest.raises(DataError, match="set text_column .* or input_column and output_column"):
+        cfg(tmp_path, text_column="a", input_column="b", output_column="c").validate()

@@ -1784,6 +1784,29 @@ def test_init_from_a_hub_id_trains_lora_and_exports_an_adapter_peft_loads(assets
     assert tm.main(["--config", str(config), "--init-from", "org/missing", "--name", "b"]) == 2
 
 
+def test_a_parquet_pair_file_and_a_datasets_directory_train_the_refactor_task(assets, tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pairs = [{"input": f"def f{i}(x):\n    y = x + {i}\n    return y\n",
+              "output": f"def f{i}(x):\n    return x + {i}\n"} for i in range(40)]
+    parquet = tmp_path / "pairs.parquet"
+    pq.write_table(pa.table({"code": [p["input"] for p in pairs],
+                             "refactored": [p["output"] for p in pairs]}), parquet,
+                   row_group_size=8)
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list(pairs).save_to_disk(str(saved))
+    options = {"cache_dir": assets["cache"], "progress": False}
+    for name, data, columns in (
+            ("pq", parquet, {"input_column": "code", "output_column": "refactored"}),
+            ("ds", saved, {})):
+        result = tm.train(tiny_cfg(assets, tmp_path, name=name, task="refactor",
+                                   data=[str(data)], data_options={**options, **columns},
+                                   max_steps=4, block_size=48))
+        assert result.step == 4 and math.isfinite(result.best_val_loss), name
+
+
 def test_a_merge_into_a_tied_embedding_is_refused_before_training(assets, tmp_path):
     """The merge failed only after training, and took the (valid) adapter export with it."""
     from tiny_hf import save_tiny_hf
