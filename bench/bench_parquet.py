@@ -77,7 +77,7 @@ def main() -> None:
         size = write_parquet(big, texts, int(args.gb * 2**30))
         print(f"wrote {size / 2**30:.2f} GiB in {time.perf_counter() - start:.0f} s")
         base, read = measure(once, tmp / "cache1"), measure(big, tmp / "cache2")
-    print(f"| file | size | load_corpus | kept docs | peak RSS |\n| --- | --- | --- | --- | --- |")
+    print("| file | size | load_corpus | kept docs | peak RSS |\n| --- | --- | --- | --- | --- |")
     print(f"| stdlib once | {once_size(texts)} | {base['seconds']:.0f} s | {base['docs']} | "
           f"{base['peak_mib']:.0f} MiB |")
     print(f"| {args.gb:g} GB of copies | {size / 2**30:.2f} GiB | {read['seconds']:.0f} s | "
