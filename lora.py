@@ -37,7 +37,7 @@ FORMAT_KEY, FORMAT_VERSION = "codelm_format_version", "1"
 
 # PEFT adapter_config.json keys codelm cannot honour, with the value that means "feature unused".
 _UNSUPPORTED_PEFT_KEYS = {
-    "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
+    "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
     "layers_pattern": None, "modules_to_save": None, "lora_bias": False, "fan_in_fan_out": False,
     "target_parameters": None, "exclude_modules": None, "layer_replication": None,
     "use_qalora": False, "trainable_token_indices": None, "alora_invocation_tokens": None,
@@ -48,7 +48,7 @@ _UNSUPPORTED_PEFT_KEYS = {
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
 _KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\."
                      r"(?P<kind>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B"
-                     r"|base_layer\.weight|base_layer\.bias)$")
+                     r"|lora_magnitude_vector|base_layer\.weight|base_layer\.bias)$")
 
 
 @dataclass
@@ -62,6 +62,7 @@ class LoRAConfig:
     target_modules: list[str] | str = field(default_factory=lambda: ["qkv", "attn.proj"])
     bias: str = "none"
     use_rslora: bool = False
+    use_dora: bool = False  # weight-decomposed LoRA: a learned magnitude per output row
 
     def __post_init__(self):
         # Types first: a hand-edited adapter_config.json fails here, naming the field.
@@ -74,6 +75,7 @@ class LoRAConfig:
                 ("dropout", number(self.dropout) and 0.0 <= self.dropout < 1.0,
                  "a number in [0, 1)"),
                 ("use_rslora", isinstance(self.use_rslora, bool), "true/false"),
+                ("use_dora", isinstance(self.use_dora, bool), "true/false"),
                 ("target_modules", isinstance(self.target_modules, (list, str)),
                  "a list of module names or one regular expression")):
             if not ok:
@@ -274,13 +276,16 @@ class LoRALinear(nn.Module):
     or one HF module's inside a fused module) and adds PEFT's ``lora_B(lora_A(dropout(x))) *
     scaling`` to them; the A matmuls are one when no dropout mask is drawn."""
 
-    def __init__(self, base: nn.Module, r: int, scale: float, dropout: float):
+    def __init__(self, base: nn.Module, r: int, scale: float, dropout: float,
+                 dora: bool = False):
         super().__init__()
         self.base = base
         self.r, self.scale = r, scale
         self.dropout = dropout
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
+        self.magnitude = nn.ParameterDict() if dora else None  # DoRA: PEFT's magnitude vector
+        self._merged_norms: dict[str, torch.Tensor] = {}  # DoRA: what unmerging divides by
         self.names: dict[str, str] = {}       # adapter key -> module name in the adapter file
         self._place: dict[str, tuple[int, int, bool, bool]] = {}
         self._segments: list[str | int] | None = []
@@ -333,6 +338,10 @@ class LoRALinear(nn.Module):
             self.register_buffer(f"order_{key}", order.to(device), persistent=False)
         self._place[key] = (lo, hi, reorder, scatter)
         self._segments = self._plan_segments()
+        if self.magnitude is not None:  # B = 0: the magnitude is the weight's row norm
+            weight = self._base_weight().float()
+            own = weight if rows is None else weight.index_select(0, rows.to(weight.device))
+            self.magnitude[key] = nn.Parameter(torch.linalg.norm(own, dim=1))
 
     def _plan_segments(self) -> list[str | int] | None:
         """The output rows as adapter keys and widths of unowned rows, so the update is one
@@ -352,10 +361,43 @@ class LoRALinear(nn.Module):
     def rows(self, key: str) -> torch.Tensor | None:
         return getattr(self, f"rows_{key}", None)
 
+    def _in_place_order(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        """An adapter's rows (of B, of the magnitude) in the fused module's order when its rows
+        are a permuted slice."""
+        return t.index_select(0, getattr(self, f"order_{key}")) if self._place[key][2] else t
+
     def _delta_B(self, key: str) -> torch.Tensor:
-        """B with its rows in the fused module's order when its rows are a permuted slice."""
-        B = self.lora_B[key]
-        return B.index_select(0, getattr(self, f"order_{key}")) if self._place[key][2] else B
+        return self._in_place_order(key, self.lora_B[key])
+
+    def _base_weight(self) -> torch.Tensor:
+        return self.base.dequantize() if isinstance(self.base, QuantLinear) else self.base.weight
+
+    def _own_rows(self, key: str, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """The rows of ``t`` (a weight: dim 0; an output: dim -1) that ``key``'s update adds to,
+        in the order of that update."""
+        lo, hi, _, scatter = self._place[key]
+        return t.index_select(dim, self.rows(key)) if scatter else t.narrow(dim, lo, hi - lo)
+
+    def _dora_factor(self, key: str, delta: torch.Tensor | None = None) -> torch.Tensor:
+        """magnitude / ||W + scale * B A|| per row (the norm held constant, as DoRA's paper and
+        PEFT do), in the order of ``key``'s update."""
+        if delta is None:
+            delta = (self._delta_B(key).float() @ self.lora_A[key].float()) * self.scale
+        weight = self._own_rows(key, self._base_weight().float(), 0) + delta
+        norm = torch.linalg.norm(weight, dim=1).detach()
+        return self._in_place_order(key, self.magnitude[key]) / norm
+
+    def _dora(self, key: str, update: torch.Tensor, x: torch.Tensor, out: torch.Tensor
+              ) -> torch.Tensor:
+        """PEFT's DoRA output for ``key``'s rows: (f - 1) * W x + f * update."""
+        if self.training and self.dropout:  # W x of the dropped-out input, as PEFT
+            base = F.linear(x, self._own_rows(key, self._base_weight(), 0).to(x.dtype))
+        else:
+            base = self._own_rows(key, out, -1)
+            if self.base.bias is not None:
+                base = base - self._own_rows(key, self.base.bias, 0)
+        factor = self._dora_factor(key).to(update.dtype)
+        return (factor - 1) * base.to(update.dtype) + factor * update
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -364,12 +406,16 @@ class LoRALinear(nn.Module):
         keys = list(self.lora_A.keys())
         x = x.to(self.lora_A[keys[0]].dtype)
         if self.training and self.dropout and len(keys) > 1:
-            hs = [F.linear(dropout(x, self.dropout, True), self.lora_A[k]) for k in keys]
+            xs = [dropout(x, self.dropout, True) for _ in keys]
+            hs = [F.linear(xd, self.lora_A[k]) for xd, k in zip(xs, keys)]
         else:
             A = torch.cat([self.lora_A[k] for k in keys]) if len(keys) > 1 else self.lora_A[keys[0]]
-            hs = F.linear(dropout(x, self.dropout, self.training), A).split(self.r, dim=-1)
-        ys = {key: F.linear(h * self.scale, self._delta_B(key)).to(out.dtype)
-              for key, h in zip(keys, hs)}
+            xs = [dropout(x, self.dropout, self.training)] * len(keys)
+            hs = F.linear(xs[0], A).split(self.r, dim=-1)
+        ys = {key: F.linear(h * self.scale, self._delta_B(key)) for key, h in zip(keys, hs)}
+        if self.magnitude is not None:
+            ys = {key: self._dora(key, y, xd, out) for (key, y), xd in zip(ys.items(), xs)}
+        ys = {key: y.to(out.dtype) for key, y in ys.items()}
         if self._segments is None:
             for key, y in ys.items():
                 out = out.index_add(-1, self.rows(key), y)
@@ -387,15 +433,32 @@ class LoRALinear(nn.Module):
         w32 = self.base.weight.float()
         for key in self.lora_A:
             rows = self.rows(key)
-            if rows is None:
+            if self.magnitude is not None:  # rows scaled by magnitude / ||W + delta||, as PEFT
+                self._merge_dora(key, w32, sign)
+            elif rows is None:
                 w32 += sign * self._weight_delta(key)
             else:
                 w32.index_add_(0, rows, self._weight_delta(key), alpha=sign)
         self.base.weight.copy_(w32.to(self.base.weight.dtype))
 
+    def _merge_dora(self, key: str, w32: torch.Tensor, sign: float) -> None:
+        delta = self._in_place_order(key, self._weight_delta(key))
+        own = self._own_rows(key, w32, 0)
+        if sign > 0:
+            factor = self._dora_factor(key, delta)
+            self._merged_norms[key] = self._in_place_order(key, self.magnitude[key]) / factor
+            new = factor[:, None] * (own + delta)
+        else:
+            factor = self._in_place_order(key, self.magnitude[key]) / self._merged_norms.pop(key)
+            new = own / factor[:, None] - delta
+        if self._place[key][3]:
+            w32.index_copy_(0, self.rows(key), new)
+        else:
+            own.copy_(new)
+
     def extra_repr(self) -> str:
         return (f"r={self.r}, scale={self.scale:g}, dropout={self.dropout:g}, "
-                f"adapters={list(self.names.values())}")
+                f"dora={self.magnitude is not None}, adapters={list(self.names.values())}")
 
 
 class LoRAEmbedding(nn.Module):
@@ -542,6 +605,9 @@ def _attach(model: nn.Module, cfg: LoRAConfig, resolved: dict[str, list[str]]) -
         if not isinstance(module, (nn.Linear, QuantLinear, nn.Embedding)):
             raise ValueError(f"LoRA target {name} ({path}) is a {type(module).__name__}; LoRA "
                              "adapts Linear and Embedding modules only")
+        if cfg.use_dora and isinstance(module, nn.Embedding):
+            raise ValueError(f"LoRA target {name} is an embedding: codelm's DoRA adapts Linear "
+                             "modules only; leave it out of the targets")
     for p in model.parameters():
         p.requires_grad_(False)
     for name in chosen:
@@ -551,7 +617,7 @@ def _attach(model: nn.Module, cfg: LoRAConfig, resolved: dict[str, list[str]]) -
             _set_submodule(model, path, LoRAEmbedding(module, cfg.r, cfg.scale, name))
             continue
         if not isinstance(module, LoRALinear):
-            module = LoRALinear(module, cfg.r, cfg.scale, cfg.dropout)
+            module = LoRALinear(module, cfg.r, cfg.scale, cfg.dropout, cfg.use_dora)
             _set_submodule(model, path, module)
         module.add_adapter(name.rsplit(".", 1)[-1], name, rows)
     for _, module in lora_modules(model):
@@ -655,6 +721,8 @@ def _adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
         for key, name in module.names.items():
             params[f"{name}.lora_A.weight"] = module.lora_A[key]
             params[f"{name}.lora_B.weight"] = module.lora_B[key]
+            if module.magnitude is not None:
+                params[f"{name}.lora_magnitude_vector"] = module.magnitude[key]
     return params
 
 
@@ -685,7 +753,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path,
         "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
         "target_modules": _target_spec(model, written), "bias": cfg.bias,
         "use_rslora": cfg.use_rslora, "init_lora_weights": True, "inference_mode": True,
-        **_UNSUPPORTED_PEFT_KEYS,
+        **_UNSUPPORTED_PEFT_KEYS, "use_dora": cfg.use_dora,
     }
     out.mkdir(parents=True, exist_ok=True)
     # As a set (config last, as save_pretrained): a failed save leaves the last adapter whole.
@@ -733,7 +801,8 @@ def read_adapter_config(path: str | Path, config_name: str = ADAPTER_CONFIG) -> 
     try:
         return LoRAConfig(r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
                           target_modules=raw["target_modules"], bias=raw.get("bias", "none"),
-                          use_rslora=raw.get("use_rslora", False))
+                          use_rslora=raw.get("use_rslora", False),
+                          use_dora=raw.get("use_dora", False))
     except ValueError as e:
         raise ValueError(f"{file}: {e}") from None
 
@@ -823,7 +892,8 @@ def _check_same_adapters(have: LoRAConfig, new: LoRAConfig, file: Path) -> None:
     """Weights loaded into existing adapters keep those adapters' scale, so it must agree."""
     differ = [f"{key}: file {a!r}, model {b!r}" for key, a, b in (
         ("r", new.r, have.r), ("lora_alpha", new.alpha, have.alpha),
-        ("use_rslora", new.use_rslora, have.use_rslora)) if a != b]
+        ("use_rslora", new.use_rslora, have.use_rslora),
+        ("use_dora", new.use_dora, have.use_dora)) if a != b]
     if differ:
         raise ValueError(f"{file}: the adapter differs from the model's adapters ({'; '.join(differ)}"
                          "); load it into a model without adapters")

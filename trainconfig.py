@@ -79,6 +79,7 @@ class TrainConfig:
     lora_r: int = 0  # adapter rank; needs init_from (a random base is not worth freezing)
     lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_r
     lora_dropout: float = 0.0  # dropout on the adapters' input
+    lora_dora: bool = False  # DoRA: a learned magnitude per output row (PEFT's use_dora)
     lora_targets: list[str] | None = None  # module names, HF (q_proj) or codelm (qkv);
     #   default: the attention projections (qkv, attn.proj)
     init_adapter: str | None = None  # a LoRA adapter directory (PEFT's, or a LoRA run's
@@ -246,10 +247,11 @@ def check_resume_location(args: dict, given: dict, config: str | None) -> None:
 
 
 # Keys that mean something only under LoRA (lora_r > 0): set without it, they are refused.
-LORA_ONLY_KEYS = ("lora_alpha", "lora_dropout", "lora_targets", "export_merged")
+LORA_ONLY_KEYS = ("lora_alpha", "lora_dropout", "lora_dora", "lora_targets", "export_merged")
 
 # init_adapter's adapter_config.json -> the TrainConfig keys it sets (LoRAConfig's names).
 ADAPTER_KEYS = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
+                "use_dora": "lora_dora",
                 "target_modules": "lora_targets"}
 
 
@@ -740,6 +742,7 @@ def build_model(cfg: TrainConfig, tok: CodeTokenizer | BPETokenizer,
         else:
             options = {"target_modules": cfg.lora_targets} if cfg.lora_targets else {}
             lora.apply_lora(model, lora.LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha,
-                                                   dropout=cfg.lora_dropout, **options))
+                                                   dropout=cfg.lora_dropout,
+                                                   use_dora=cfg.lora_dora, **options))
     model.gradient_checkpointing = cfg.gradient_checkpointing
     return model

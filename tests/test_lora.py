@@ -121,6 +121,61 @@ def test_peft_adapter_loads_in_codelm(case, tmp_path):
     assert report.trainable_params == peft_model.get_nb_trainable_parameters()[0]
 
 
+# DoRA on each row layout: whole modules (gpt_bigcode), Llama's GQA slices, CodeGen's permuted
+# chunks (scattered rows).
+DORA_CASES = {
+    "gpt_bigcode": dict(r=4, alpha=8, target_modules=["c_attn", "c_proj", "c_fc"]),
+    "llama": dict(r=4, alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "gate_proj"]),
+    "codegen": dict(r=4, alpha=8, target_modules=["qkv_proj", "fc_in"]),
+}
+
+
+@pytest.mark.parametrize("family", list(DORA_CASES))
+def test_dora_adapters_load_both_ways_with_peft_and_merge(family, tmp_path):
+    """PEFT's DoRA adapter (a magnitude per output row) gives PEFT's logits in codelm; codelm's,
+    trained, gives its own logits in PEFT; merging and unmerging keep them."""
+    setting = DORA_CASES[family]
+    hf = save_tiny_hf(family, tmp_path / "hf")
+    peft_model = get_peft_model(copy.deepcopy(hf), LoraConfig(
+        r=setting["r"], lora_alpha=setting["alpha"], target_modules=setting["target_modules"],
+        use_dora=True, init_lora_weights=False))
+    with torch.no_grad():  # magnitudes off the weights' norms, so that they count
+        for name, p in peft_model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.2 * torch.randn_like(p))
+    peft_model.save_pretrained(tmp_path / "peft")
+    ids = _ids(3)
+    model = pretrained.load(tmp_path / "hf")
+    report = load_adapter(model, tmp_path / "peft")
+    want = _logits(peft_model.eval(), ids)
+    assert (want - _logits(hf, ids)).abs().max() > 1e-2
+    torch.testing.assert_close(_logits(model, ids), want, atol=1e-5, rtol=0)
+    assert report.trainable_params == peft_model.get_nb_trainable_parameters()[0]
+
+    ours = pretrained.load(tmp_path / "hf")
+    apply_lora(ours, LoRAConfig(**setting, use_dora=True))
+    start = {n: p.detach().clone() for n, p in ours.named_parameters() if "magnitude" in n}
+    _train(ours, steps=3)
+    assert all(not torch.equal(p, start[n]) for n, p in ours.named_parameters() if n in start)
+    save_adapter(ours, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["use_dora"]
+    theirs = PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "ours").eval()
+    trained = _logits(ours, ids)
+    torch.testing.assert_close(_logits(theirs, ids), trained, atol=1e-5, rtol=0)
+    merge_lora(ours)
+    torch.testing.assert_close(_logits(ours, ids), trained, atol=1e-5, rtol=0)
+    unmerge_lora(ours)
+    torch.testing.assert_close(_logits(ours, ids), trained, atol=1e-5, rtol=0)
+
+
+def test_dora_on_an_embedding_is_refused(tmp_path):
+    _, model, _ = _pair("llama", tmp_path)
+    with pytest.raises(ValueError, match="embed_tokens is an embedding: codelm's DoRA adapts "
+                                         "Linear modules only"):
+        apply_lora(model, LoRAConfig(r=2, target_modules=["q_proj", "embed_tokens"],
+                                     use_dora=True))
+
+
 def test_peft_adapter_with_targets_the_model_lacks_loads(tmp_path):
     # PEFT's rule: a target list is fine when one name matches (Llama's MLP names on Phi).
     hf, model, _ = _pair("phi", tmp_path)
@@ -450,9 +505,9 @@ def test_adapter_file_errors_name_the_file(tmp_path):
     apply_lora(model, LoRAConfig(**setting))
     save_adapter(model, tmp_path / "a")
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, "lora_bias": True}))
     _, fresh, _ = _pair("phi", tmp_path / "other")
-    with pytest.raises(ValueError, match=r"adapter_config.json: use_dora=True is not supported"):
+    with pytest.raises(ValueError, match=r"adapter_config.json: lora_bias=True is not supported"):
         load_adapter(fresh, tmp_path / "a")
     for key, value in (("use_bdlora", {"target_modules_bd_a": ["o_proj"]}),
                        ("kasa_config", {"on": True}), ("monteclora_config", {"n_experts": 2}),

@@ -1728,9 +1728,10 @@ def test_block_size_beyond_the_init_from_context_is_refused_before_any_work(asse
     tm.validate_config(tm.TrainConfig(init_from=str(base), block_size=128))
 
 
-def test_lora_export_names_its_base_so_peft_loads_it_alone(assets, tmp_path):
-    """adapter_config.json recorded base_model_name_or_path null: AutoPeftModel and
-    transformers then looked for a hub repo named None."""
+@pytest.mark.parametrize("dora", [False, True])
+def test_lora_export_names_its_base_so_peft_loads_it_alone(assets, tmp_path, dora):
+    """adapter_config.json names its base, so AutoPeftModel loads the export alone; a DoRA run's
+    (--lora-dora) too, with PEFT's logits."""
     import transformers
     from peft import AutoPeftModelForCausalLM
     from tiny_hf import save_tiny_hf
@@ -1740,19 +1741,22 @@ def test_lora_export_names_its_base_so_peft_loads_it_alone(assets, tmp_path):
     base = tmp_path / "base"
     save_tiny_hf("llama", base, vocab_size=512)
     cfg = tiny_cfg(assets, tmp_path, init_from=str(base), lora_r=4, lora_alpha=8.0, lr=3e-2,
-                   lora_targets=["q_proj", "v_proj"], max_steps=4, export=True)
+                   lora_targets=["q_proj", "v_proj"], max_steps=4, export=True, lora_dora=dora)
     export = tm.train(cfg).run_dir / "export"
     config = json.loads((export / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(base.resolve())
-    ours = tm.build_model(dataclasses.replace(cfg, lora_r=0), load_tokenizer(export))
+    assert config["use_dora"] is dora
+    ours = tm.build_model(dataclasses.replace(cfg, lora_r=0, lora_dora=False),
+                          load_tokenizer(export))
     lora.load_adapter(ours, export)
     ids = torch.randint(0, 512, (2, 16))
     with torch.no_grad():
         want = ours.eval()(ids)
         peft_model = AutoPeftModelForCausalLM.from_pretrained(export).eval()
         torch.testing.assert_close(peft_model(ids).logits, want, atol=1e-5, rtol=1e-4)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
-        torch.testing.assert_close(hf(ids).logits, want, atol=1e-5, rtol=1e-4)
+        if not dora:  # transformers' own adapter loading leaves DoRA's magnitudes out
+            hf = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
+            torch.testing.assert_close(hf(ids).logits, want, atol=1e-5, rtol=1e-4)
 
 
 def test_init_from_a_hub_id_trains_lora_and_exports_an_adapter_peft_loads(assets, tmp_path,
