@@ -38,7 +38,7 @@ FORMAT_KEY, FORMAT_VERSION = "codelm_format_version", "1"
 # PEFT adapter_config.json keys codelm cannot honour, with the value that means "feature unused".
 _UNSUPPORTED_PEFT_KEYS = {
     "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
-    "layers_pattern": None, "modules_to_save": None, "lora_bias": False, "fan_in_fan_out": False,
+    "layers_pattern": None, "lora_bias": False, "fan_in_fan_out": False,
     "target_parameters": None, "exclude_modules": None, "layer_replication": None,
     "use_qalora": False, "trainable_token_indices": None, "alora_invocation_tokens": None,
     "use_bdlora": None, "kasa_config": None, "monteclora_config": None, "arrow_config": None,
@@ -46,9 +46,10 @@ _UNSUPPORTED_PEFT_KEYS = {
 }
 # init_lora_weights values under which PEFT rewrites the base weights when it loads the adapter.
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
-_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\."
+# An adapter file's key: an adapter tensor, or a base tensor it trained (bias, modules_to_save).
+_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\."
                      r"(?P<kind>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B"
-                     r"|lora_magnitude_vector|base_layer\.weight|base_layer\.bias)$")
+                     r"|lora_magnitude_vector|(?:base_layer\.)?weight|(?:base_layer\.)?bias)$")
 
 
 @dataclass
@@ -60,7 +61,8 @@ class LoRAConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: list[str] | str = field(default_factory=lambda: ["qkv", "attn.proj"])
-    bias: str = "none"
+    bias: str = "none"  # PEFT's: also train and save the adapted modules' biases, or all biases
+    modules_to_save: list[str] | None = None  # PEFT's: modules trained whole and saved
     use_rslora: bool = False
     use_dora: bool = False  # weight-decomposed LoRA: a learned magnitude per output row
 
@@ -82,8 +84,12 @@ class LoRAConfig:
                 raise ValueError(f"LoRAConfig.{name} must be {want}, got {getattr(self, name)!r}")
         if self.alpha == 0:
             raise ValueError("LoRAConfig.alpha must not be 0: the adapters would never train")
-        if self.bias != "none":
-            raise ValueError(f"LoRAConfig.bias={self.bias!r} is not supported: use 'none'")
+        if self.bias not in ("none", "lora_only", "all"):
+            raise ValueError(f"LoRAConfig.bias={self.bias!r}: use 'none', 'lora_only' or 'all'")
+        if self.modules_to_save is not None and not (isinstance(self.modules_to_save, list) and all(
+                isinstance(m, str) for m in self.modules_to_save)):
+            raise ValueError(f"LoRAConfig.modules_to_save must be a list of module names, got "
+                             f"{self.modules_to_save!r}")
         if not self.target_modules:
             raise ValueError("LoRAConfig.target_modules is empty: name the modules to adapt")
         if isinstance(self.target_modules, str):
@@ -622,8 +628,44 @@ def _attach(model: nn.Module, cfg: LoRAConfig, resolved: dict[str, list[str]]) -
         module.add_adapter(name.rsplit(".", 1)[-1], name, rows)
     for _, module in lora_modules(model):
         module.train(model.training)  # new layers join an eval-mode model in eval mode
+    for tensor, _ in _saved_base_tensors(model, cfg).values():
+        tensor.requires_grad_(True)
     model.lora_config = cfg
     return _report(model, resolved)
+
+
+def _saved_base_tensors(model: nn.Module, cfg: LoRAConfig
+                        ) -> dict[str, tuple[nn.Parameter, torch.Tensor | None]]:
+    """Adapter-file key -> (base parameter, rows) of what PEFT's ``bias`` and ``modules_to_save``
+    train and save. A parameter codelm shares between HF modules (a fused qkv, a tied head) is
+    trained only when the adapter saves every module sharing it, as PEFT's copies would be."""
+    if cfg.bias == "none" and not cfg.modules_to_save:
+        return {}
+    adapted = {name for _, m in lora_modules(model) for name in getattr(m, "names", {}).values()}
+    adapted |= {m.name for _, m in lora_modules(model) if isinstance(m, LoRAEmbedding)}
+    saved, holders = {}, {}
+    for name, (path, rows) in _module_names(model).items():
+        module = model.get_submodule(path)
+        module = getattr(module, "base", module)
+        whole = bool(cfg.modules_to_save) and _matches(cfg.modules_to_save, name)
+        for attr in ("weight", "bias"):
+            tensor = getattr(module, attr, None)
+            if not isinstance(tensor, nn.Parameter):
+                continue
+            holders.setdefault(id(tensor), []).append(f"{name}.{attr}")
+            if whole:
+                saved[f"{name}.{attr}"] = (tensor, rows)
+            elif attr == "bias" and (cfg.bias == "all" or cfg.bias == "lora_only" and name in
+                                     adapted):
+                saved[f"{name}.base_layer.bias" if name in adapted else f"{name}.bias"] = (
+                    tensor, rows)
+    keys = {k.replace(".base_layer.", "."): k for k in saved}
+    for key, (tensor, _) in saved.items():
+        if missing := [h for h in holders[id(tensor)] if h not in keys]:
+            raise ValueError(f"{key}: codelm holds it in one tensor with {', '.join(missing)}, "
+                             "which the adapter would not train: add them to modules_to_save "
+                             "(or bias 'all'), or leave it out")
+    return saved
 
 
 def _detach(model: nn.Module, trainable: dict[str, bool]) -> None:
@@ -747,11 +789,15 @@ def save_adapter(model: nn.Module, out_dir: str | Path,
     tensors = {PEFT_PREFIX + k: p.detach().float().cpu().contiguous()
                for k, p in _adapter_parameters(model).items()}
     written = {_KEY_RE.match(k)["module"] for k in tensors}
+    for key, (tensor, rows) in _saved_base_tensors(model, cfg).items():
+        rows = slice(None) if rows is None else rows.to(tensor.device)
+        tensors[PEFT_PREFIX + key] = tensor.detach()[rows].float().cpu().contiguous()
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM",
         "base_model_name_or_path": None if base is None else os.fspath(base),
         "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
         "target_modules": _target_spec(model, written), "bias": cfg.bias,
+        "modules_to_save": cfg.modules_to_save,
         "use_rslora": cfg.use_rslora, "init_lora_weights": True, "inference_mode": True,
         **_UNSUPPORTED_PEFT_KEYS, "use_dora": cfg.use_dora,
     }
@@ -801,6 +847,7 @@ def read_adapter_config(path: str | Path, config_name: str = ADAPTER_CONFIG) -> 
     try:
         return LoRAConfig(r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
                           target_modules=raw["target_modules"], bias=raw.get("bias", "none"),
+                          modules_to_save=raw.get("modules_to_save"),
                           use_rslora=raw.get("use_rslora", False),
                           use_dora=raw.get("use_dora", False))
     except ValueError as e:
@@ -905,12 +952,19 @@ def _copy_adapter(model: nn.Module, tensors: dict[str, torch.Tensor], file: Path
     names = _module_names(model)
     writes: list[Callable[[], object]] = []
     loaded = set()
+    bases: dict[int, tuple[str, torch.Tensor]] = {}  # one tensor of the model: the key it got
     for key, tensor in tensors.items():
         m = _KEY_RE.match(key)
         short = key.removeprefix(PEFT_PREFIX)
-        if m["kind"].startswith("base_layer."):  # PEFT saves embedding/output layers it adapted
-            writes.append(_base_tensor_writer(model, names, m["module"],
-                                              m["kind"].split(".")[1], tensor, file, key))
+        if m["kind"].endswith(("weight", "bias")) and not m["kind"].startswith("lora_"):
+            # a base tensor: an adapted embedding's or output layer's, a bias, a saved module
+            attr = m["kind"].split(".")[-1]
+            writes.append(_base_tensor_writer(model, names, m["module"], attr, tensor, file, key))
+            target, rows = _base_tensor(model, names, m["module"], attr, file, key)
+            first, value = bases.setdefault(id(target) if rows is None else id(rows), (key, tensor))
+            if not torch.equal(value, tensor):
+                raise ValueError(f"{file}: {key!r} and {first!r} differ, but this model holds "
+                                 "them in one tensor (tied weights); untie them to load both")
             continue
         if short not in slots:
             raise ValueError(f"{file}: key {key!r} matches no adapter of this model "
@@ -928,14 +982,14 @@ def _copy_adapter(model: nn.Module, tensors: dict[str, torch.Tensor], file: Path
 
 
 def changed_base_tensors(model: nn.Module, adapter_dir: str | Path) -> list[str]:
-    """The adapter file's base-layer keys (PEFT saves an adapted embedding's) whose values
-    differ from the model's: changes a run, keeping only adapters, would lose."""
+    """The adapter file's base-layer weights (PEFT saves an adapted embedding's) that differ
+    from the model's: changes a run, keeping only what it trains, would lose."""
     file, tensors = _read_weights(Path(adapter_dir))
     names = _module_names(model)
     changed = []
     for key, tensor in tensors.items():
         m = _KEY_RE.match(key)
-        if m is not None and m["kind"].startswith("base_layer."):
+        if m is not None and m["kind"] == "base_layer.weight":  # biases: trained, kept
             target, rows = _base_tensor(model, names, m["module"], m["kind"].split(".")[1], file,
                                         key)
             if rows is not None:

@@ -80,6 +80,9 @@ class TrainConfig:
     lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_r
     lora_dropout: float = 0.0  # dropout on the adapters' input
     lora_dora: bool = False  # DoRA: a learned magnitude per output row (PEFT's use_dora)
+    lora_bias: str = "none"  # none | lora_only | all: biases trained and saved too (PEFT's bias)
+    lora_modules_to_save: list[str] | None = None  # modules trained whole and saved with the
+    #   adapter (PEFT's modules_to_save), e.g. lm_head
     lora_targets: list[str] | None = None  # module names, HF (q_proj) or codelm (qkv);
     #   default: the attention projections (qkv, attn.proj)
     init_adapter: str | None = None  # a LoRA adapter directory (PEFT's, or a LoRA run's
@@ -141,6 +144,7 @@ _CHOICES = {
     "eval_precision": ("fp32", "same"),
     "quantize_bits": (0, 4, 8),
     "base_dtype": tuple(SHORT_DTYPES),
+    "lora_bias": ("none", "lora_only", "all"),
 }
 
 
@@ -247,11 +251,13 @@ def check_resume_location(args: dict, given: dict, config: str | None) -> None:
 
 
 # Keys that mean something only under LoRA (lora_r > 0): set without it, they are refused.
-LORA_ONLY_KEYS = ("lora_alpha", "lora_dropout", "lora_dora", "lora_targets", "export_merged")
+LORA_ONLY_KEYS = ("lora_alpha", "lora_dropout", "lora_dora", "lora_bias", "lora_modules_to_save",
+                  "lora_targets", "export_merged")
 
 # init_adapter's adapter_config.json -> the TrainConfig keys it sets (LoRAConfig's names).
 ADAPTER_KEYS = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
-                "use_dora": "lora_dora",
+                "use_dora": "lora_dora", "bias": "lora_bias",
+                "modules_to_save": "lora_modules_to_save",
                 "target_modules": "lora_targets"}
 
 
@@ -312,7 +318,8 @@ def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = (),
     #   lists names), and build_model's load_adapter reads it there
     return dataclasses.replace(
         cfg, lora_r=theirs["lora_r"], lora_alpha=float(theirs["lora_alpha"]),
-        lora_dropout=float(theirs["lora_dropout"]),
+        lora_dropout=float(theirs["lora_dropout"]), lora_dora=theirs["lora_dora"],
+        lora_bias=theirs["lora_bias"], lora_modules_to_save=theirs["lora_modules_to_save"],
         lora_targets=cfg.lora_targets or (targets if isinstance(targets, list) else None),
         init_from=base)
 
@@ -743,6 +750,8 @@ def build_model(cfg: TrainConfig, tok: CodeTokenizer | BPETokenizer,
             options = {"target_modules": cfg.lora_targets} if cfg.lora_targets else {}
             lora.apply_lora(model, lora.LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha,
                                                    dropout=cfg.lora_dropout,
-                                                   use_dora=cfg.lora_dora, **options))
+                                                   use_dora=cfg.lora_dora, bias=cfg.lora_bias,
+                                                   modules_to_save=cfg.lora_modules_to_save,
+                                                   **options))
     model.gradient_checkpointing = cfg.gradient_checkpointing
     return model

@@ -168,6 +168,67 @@ def test_dora_adapters_load_both_ways_with_peft_and_merge(family, tmp_path):
     torch.testing.assert_close(_logits(ours, ids), trained, atol=1e-5, rtol=0)
 
 
+# PEFT's bias and modules_to_save: extra base tensors trained and saved with the adapter.
+SAVED_BASE_CASES = [
+    ("gpt_bigcode", dict(target_modules=["c_attn"], bias="lora_only")),
+    ("gpt_bigcode", dict(target_modules=["c_attn"], bias="all")),  # layer norms' biases too
+    ("gpt_bigcode", dict(target_modules=["c_attn"], modules_to_save=["c_fc"])),
+    ("phi", dict(target_modules=["q_proj", "k_proj", "v_proj"], bias="lora_only")),  # fused
+    ("codegen", dict(target_modules=["qkv_proj"], bias="all")),  # permuted rows
+]
+
+
+@pytest.mark.parametrize("family, setting", SAVED_BASE_CASES)
+def test_bias_and_modules_to_save_round_trip_with_peft(family, setting, tmp_path):
+    """PEFT's adapter with trained biases or whole modules gives PEFT's logits in codelm, with
+    PEFT's trainable count; codelm's, trained, gives its logits in PEFT."""
+    hf = save_tiny_hf(family, tmp_path / "hf")
+    peft_model = get_peft_model(copy.deepcopy(hf), LoraConfig(r=2, lora_alpha=4,
+                                                              init_lora_weights=False, **setting))
+    with torch.no_grad():  # the biases and saved modules away from the base's
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    peft_model.save_pretrained(tmp_path / "peft")
+    ids = _ids(4)
+    model = pretrained.load(tmp_path / "hf")
+    report = load_adapter(model, tmp_path / "peft")
+    torch.testing.assert_close(_logits(model, ids), _logits(peft_model.eval(), ids),
+                               atol=1e-5, rtol=0)
+    assert report.trainable_params == peft_model.get_nb_trainable_parameters()[0]
+
+    ours = pretrained.load(tmp_path / "hf")
+    apply_lora(ours, LoRAConfig(r=2, alpha=4, **setting))
+    _train(ours, steps=2)
+    save_adapter(ours, tmp_path / "ours")
+    theirs = PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "ours").eval()
+    torch.testing.assert_close(_logits(theirs, ids), _logits(ours, ids), atol=1e-5, rtol=0)
+
+
+def test_a_tensor_codelm_shares_is_trained_only_with_all_its_modules(tmp_path):
+    """codelm fuses q/k/v and ties Llama's head to its embedding: PEFT would train one part alone,
+    so that is refused, and two saved copies of a tied weight that differ are refused on load."""
+    _, model, _ = _pair("phi", tmp_path)
+    with pytest.raises(ValueError, match=r"q_proj.base_layer.bias: codelm holds it in one "
+                                         r"tensor with .*k_proj.bias.*add them to modules_to_save"):
+        apply_lora(model, LoRAConfig(r=2, target_modules=["q_proj"], bias="lora_only"))
+    hf = save_tiny_hf("llama", tmp_path / "llama")
+    with pytest.raises(ValueError, match="lm_head.weight: codelm holds it in one tensor with "
+                                         "model.embed_tokens.weight"):
+        apply_lora(pretrained.load(tmp_path / "llama"),
+                   LoRAConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    peft_model = get_peft_model(copy.deepcopy(hf), LoraConfig(
+        r=2, target_modules=["q_proj"], modules_to_save=["lm_head", "embed_tokens"]))
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    peft_model.save_pretrained(tmp_path / "peft")
+    with pytest.raises(ValueError, match="embed_tokens.weight' and .*lm_head.weight' differ, but "
+                                         "this model holds them in one tensor"):
+        load_adapter(pretrained.load(tmp_path / "llama"), tmp_path / "peft")
+
+
 def test_dora_on_an_embedding_is_refused(tmp_path):
     _, model, _ = _pair("llama", tmp_path)
     with pytest.raises(ValueError, match="embed_tokens is an embedding: codelm's DoRA adapts "
@@ -952,7 +1013,7 @@ def test_the_saved_adapter_config_records_the_training_settings(tmp_path):
     (dict(r=0), r"LoRAConfig\.r must be a positive integer, got 0"),
     (dict(dropout=1.0), r"LoRAConfig\.dropout must be a number in \[0, 1\), got 1.0"),
     (dict(dropout=-0.1), r"LoRAConfig\.dropout must be a number in \[0, 1\), got -0.1"),
-    (dict(bias="all"), r"LoRAConfig\.bias='all' is not supported"),
+    (dict(bias="some"), r"LoRAConfig\.bias='some': use 'none', 'lora_only' or 'all'"),
     (dict(alpha=0), r"LoRAConfig\.alpha must not be 0: .* would never train"),
     (dict(target_modules=[]), r"LoRAConfig\.target_modules is empty"),
 ])
