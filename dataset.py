@@ -19,6 +19,7 @@ import contextlib
 import copy
 import hashlib
 import io
+import itertools
 import json
 import math
 import multiprocessing
@@ -257,9 +258,17 @@ def _source_files(source: str, extensions: Sequence[str]) -> tuple[Path, list[Pa
 
 
 def _check_source(source: str) -> None:
+    import pretrained
+
     if source == "stdlib":
         return
     path = Path(source).expanduser()
+    if pretrained.is_hub_id(source):
+        try:
+            pretrained.checkpoint_dir(source, "data source", repo_type="dataset")
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        return
     if not path.exists():
         raise DataError(f"data source not found: {source}")
     if not is_utf8(path.name):  # the name goes into every document id
@@ -280,20 +289,27 @@ def _check_source(source: str) -> None:
 
 
 def _record_files(source: str) -> list[Path] | None:
-    """The files of a record source (a JSONL or parquet file, a datasets ``save_to_disk``
-    directory); None for code (the stdlib, a directory of files)."""
+    """The files of a record source: a JSONL or parquet file, a datasets ``save_to_disk``
+    directory, a Hugging Face dataset id (its train split's parquet or JSONL files, or all of
+    them); None for code (the stdlib, a directory of files)."""
+    import pretrained
+
     path = Path(source).expanduser()
     if source != "stdlib" and path.is_file():
         return [path]
     if source != "stdlib" and (path / "state.json").is_file():
         state = json.loads((path / "state.json").read_text("utf-8"))
         return [path / f["filename"] for f in state["_data_files"]]
+    if pretrained.is_hub_id(source):
+        snapshot = pretrained.checkpoint_dir(source, "data source", repo_type="dataset")
+        files = sorted(p for p in snapshot.rglob("*") if p.suffix in (".parquet", ".jsonl"))
+        return [p for p in files if "train" in p.relative_to(snapshot).as_posix()] or files
     return None
 
 
 def _read_records(path: Path, cfg: DataConfig, counts: Counter) -> Iterator[Doc]:
     """Scraper records ({repo, path, text}) or pairs ({input, output} / {prompt, completion}) of
-    a JSONL file, or the rows of a parquet file or datasets directory, as documents."""
+    a JSONL file, or the rows of a parquet or datasets Arrow file, as documents."""
     rows = _jsonl_lines(path) if path.suffix == ".jsonl" else _table_rows(path, cfg)
     for number, where, record in rows:
         try:
@@ -315,27 +331,25 @@ def _jsonl_lines(path: Path) -> Iterator[tuple[int, str, bytes]]:
                 yield lineno, f"{path}:{lineno}", raw.rstrip(b"\r\n")
 
 
-def _table_rows(path: Path, cfg: DataConfig) -> Iterator[tuple[int, str, dict]]:
-    """The rows of a parquet file or a datasets directory, read a batch at a time (a file larger
-    than memory streams), only the columns the data options name."""
+def _table_rows(file: Path, cfg: DataConfig) -> Iterator[tuple[int, str, dict]]:
+    """The rows of a parquet file or a datasets Arrow file, read a batch at a time (a file
+    larger than memory streams), only the columns the data options name."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    files = _record_files(str(path))
+    if file.suffix == ".parquet":
+        table = pq.ParquetFile(file, pre_buffer=False)  # pre-buffering holds every row group
+        batches = table.iter_batches(batch_size=64,
+                                     columns=_wanted(table.schema_arrow.names, cfg, file))
+    else:  # datasets' Arrow stream files, memory-mapped
+        reader = pa.ipc.open_stream(pa.memory_map(str(file)))
+        _wanted(reader.schema.names, cfg, file)
+        batches = iter(reader)
     number = 0
-    for file in files:
-        if file.suffix == ".parquet":
-            table = pq.ParquetFile(file, pre_buffer=False)  # pre-buffering holds every group
-            names = table.schema_arrow.names
-            batches = table.iter_batches(batch_size=64, columns=_wanted(names, cfg, file))
-        else:  # datasets' Arrow stream files, memory-mapped
-            reader = pa.ipc.open_stream(pa.memory_map(str(file)))
-            _wanted(reader.schema.names, cfg, file)
-            batches = iter(reader)
-        for batch in batches:
-            for row in batch.to_pylist():
-                number += 1
-                yield number, f"{path}: row {number}", row
+    for batch in batches:
+        for row in batch.to_pylist():
+            number += 1
+            yield number, f"{file}: row {number}", row
 
 
 def _wanted(names: Sequence[str], cfg: DataConfig, file: Path) -> list[str] | None:
@@ -418,9 +432,9 @@ def _iter_sources(cfg: DataConfig, counts: Counter, pairs: list[int]) -> Iterato
     pair records in ``pairs``. A file over ``max_bytes`` is left unread (``text`` None)."""
     taken: Counter = Counter()  # documents yielded per role
     for i, (split, source) in enumerate(_sources_by_split(cfg)):
-        path = Path(source).expanduser()
-        if _record_files(source) is not None:
-            docs = _read_records(path, cfg, counts)
+        files = _record_files(source)
+        if files is not None:
+            docs = itertools.chain.from_iterable(_read_records(f, cfg, counts) for f in files)
         else:
             docs = _read_files(source, cfg, counts)
         for raw in docs:

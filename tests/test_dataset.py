@@ -2880,3 +2880,28 @@ def test_code_records_read_their_text_column_and_bad_rows_name_file_and_row(tmp_
     assert len(corpus.train) == 3
     with pytest.raises(DataError, match="set text_column .* or input_column and output_column"):
         cfg(tmp_path, text_column="a", input_column="b", output_column="c").validate()
+
+
+def test_a_hugging_face_dataset_id_reads_its_train_split_from_the_hub_cache(tmp_path,
+                                                                            offline_hub):
+    """`org/name` as a source: the cached snapshot of the dataset repo (offline), its train
+    split's parquet files by the hub's file naming, as the same file given directly."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tiny_hf import hub_cache
+
+    repo = tmp_path / "repo" / "data"
+    repo.mkdir(parents=True)
+    for split, pairs in (("train", REFACTOR_PAIRS[:20]), ("test", REFACTOR_PAIRS[20:])):
+        pq.write_table(pa.table({"input": [p["input"] for p in pairs],
+                                 "output": [p["output"] for p in pairs]}),
+                       repo / f"{split}-00000-of-00001.parquet")
+    hub_cache(offline_hub, "org/pairs", tmp_path / "repo", repo_type="dataset")
+    corpus = dataset.load_corpus(cfg(tmp_path, task="refactor", sources=["org/pairs"], **WHOLE))
+    direct = dataset.load_corpus(cfg(tmp_path, task="refactor", **WHOLE,
+                                     sources=[str(repo / "train-00000-of-00001.parquet")]))
+    assert sorted(d.target for d in corpus.train) == sorted(d.target for d in direct.train)
+    assert len(corpus.train) == 20
+    with pytest.raises(DataError, match=r"org/missing: no such directory, and no Hugging Face "
+                                        r"snapshot.*--repo-type dataset"):
+        dataset.load_corpus(cfg(tmp_path, sources=["org/missing"]))

@@ -185,14 +185,15 @@ def save_tiny_adapter(root: Path, alpha: float = 4) -> tuple[Path, Path]:
     return base, adapter
 
 
-def hub_cache(cache: Path, repo_id: str, files: Path, revision: str = "main") -> str:
+def hub_cache(cache: Path, repo_id: str, files: Path, revision: str = "main",
+              repo_type: str = "model") -> str:
     """Put the files of ``files`` into a Hugging Face hub cache (``HF_HUB_CACHE``) as the hub
     client leaves a download: content-addressed blobs, a snapshot of relative links per commit,
     ``refs/<revision>`` naming the commit. Returns the commit hash."""
     import hashlib
     import os
 
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    repo = cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
     commit = hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
     snapshot = repo / "snapshots" / commit
     for file in sorted(p for p in files.rglob("*") if p.is_file()):
