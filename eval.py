@@ -414,7 +414,7 @@ class EvalConfig:
     workers: int = 2  # sandboxed runs in flight at once
     sandbox_may_read_all_files: bool = False  # run pass@k where the sandbox cannot confine reads
     # output
-    out_dir: str | None = None  # default: evals/eval-<timestamp> beside runs_dir (not in it)
+    out_dir: str | None = None  # default: runs_dir/eval/eval-<timestamp> (apart from the runs)
     progress: bool = True  # progress bars
 
     def validate(self, where_set: Callable[[str], str] = settings.flag_of) -> None:
@@ -1225,7 +1225,7 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
     torch.manual_seed(cfg.seed)
     device = _device(cfg.device)
     specs = model_specs(cfg)
-    out = Path(cfg.out_dir or Path(cfg.runs_dir).absolute().parent / "evals"
+    out = Path(cfg.out_dir or Path(cfg.runs_dir).absolute() / rundir.EVAL_DIR
                / time.strftime("eval-%Y%m%d-%H%M%S"))
     created = not out.exists()
     try:  # before any model runs: a bad --out-dir must not cost the evaluation's results

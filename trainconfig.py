@@ -349,6 +349,9 @@ def check_run_name(name: str | None, what: str) -> None:
     if name and (Path(name).name != name or name in (".", "..")):
         raise ValueError(f"{what}: a run name, not a path (no path separator, and not '.' or "
                          "'..'); --out-dir sets the directory the run goes in")
+    if name == rundir.EVAL_DIR:
+        raise ValueError(f"{what}: {name!r} is where eval.py keeps its results; name the run "
+                         "otherwise")
 
 
 def _check_model_settings(cfg: TrainConfig, where_set: Callable[[str], str],

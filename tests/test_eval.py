@@ -1884,7 +1884,7 @@ def test_default_run_evaluates_the_latest_run(tiny_models, tmp_path, monkeypatch
     assert table[0].startswith("| model | lm loss | lm perplexity | lm token_accuracy")
     assert "line EM" in table[0] and "line edit_sim" in table[0] and "line BLEU" in table[0]
     assert len(table) == 3 and table[2].startswith("| newer |")
-    assert list(runs.parent.glob("evals/eval-*/results.json"))  # beside the runs, not among them
+    assert list(runs.glob("eval/eval-*/results.json"))  # in runs/eval/, not among the runs
     assert not list(runs.glob("eval-*"))
 
 
