@@ -218,7 +218,7 @@ def semantic_similarity(preds: Sequence[str], refs: Sequence[str], progress: boo
 
 # ---- Functional correctness: the bundled problems, executed in the sandbox ----------------
 
-PROBLEMS_FILE = Path(__file__).resolve().parent / "data" / "passk_problems.jsonl"
+PROBLEMS_FILE = settings.bundled("data", "passk_problems.jsonl")
 PROBLEM_KEYS = ("task_id", "prompt", "entry_point", "test")
 # HumanEval's stop sequences: a completion ends where top-level code starts again.
 FUNCTION_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n@", "\nassert ")

@@ -53,7 +53,7 @@ from process import progress_bar
 from trainingmanager import NonFiniteLossError, TrainConfig
 
 ROOT = Path(__file__).resolve().parent
-SPACES_DIR = ROOT / "configs" / "search_spaces"
+SPACES_DIR = settings.bundled("configs", "search_spaces")
 JOURNAL_FILE = "journal.log"
 # Trial attributes: what the reports need, so that any process can write them.
 ATTR_CONFIG, ATTR_REASON, ATTR_WORKER, ATTR_STEP = "train_config", "fail_reason", "worker", "step"

@@ -13,6 +13,7 @@ import difflib
 import inspect
 import json
 import re
+import sys
 import tokenize
 import types
 import typing
@@ -33,6 +34,13 @@ def _field_type(hint: Any) -> tuple[Any, bool]:
         rest = [a for a in args if a is not type(None)]
         return rest[0], len(rest) < len(args)
     return hint, False
+
+
+def bundled(*parts: str) -> Path:
+    """A file shipped with codelm (data/, configs/): beside the modules in a checkout or an
+    editable install, else under ``<prefix>/share/codelm`` (where ``pip install .`` puts it)."""
+    here = Path(__file__).resolve().parent.joinpath(*parts)
+    return here if here.exists() else Path(sys.prefix, "share", "codelm", *parts)
 
 
 def _item_type(base: Any) -> Any:

@@ -86,7 +86,7 @@ from rundir import no_weights_yet, stale_export, what_next  # noqa: E402,F401
 from trainconfig import build_parser, check_options, check_run_name  # noqa: E402,F401
 from trainconfig import config_from_dict, load_config_file, validate_config  # noqa: E402,F401
 
-OVERFIT_CORPUS = Path(__file__).resolve().parent / "data" / "overfit"
+OVERFIT_CORPUS = settings.bundled("data", "overfit")
 
 
 class NonFiniteLossError(RuntimeError):

@@ -1,0 +1,530 @@
+"""One decoder-only transformer for StarCoder (GPTBigCode), CodeGen, Phi-1.5, Llama-3.2 and the
+from-scratch models of the research path.
+
+The families differ only in flags of `ModelConfig`; `Transformer` is the one model class. Every op
+is plain PyTorch; a function marked `@kernels.faster(...)` runs a faster equivalent from kernels.py
+(on by default). Generation lives in generation.py; HF checkpoints are read and written by
+pretrained.py.
+"""
+
+from __future__ import annotations
+
+if __name__ == "__main__":  # first: the imports below load torch for seconds
+    import process
+
+    process.quiet_start_up_stops()
+
+import copy
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import kernels
+from kernels import IGNORE_INDEX
+
+FAMILIES = ("gpt_bigcode", "codegen", "phi", "llama")
+LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
+                       "original_max_position_embeddings")
+
+
+@dataclass
+class ModelConfig:
+    """Every flag the four families and the from-scratch models need (litgpt style).
+
+    n_kv_head, head_dim and rotary_dim are resolved from the others when left None; a config
+    derived with `dataclasses.replace` keeps the resolved values, so set them there too."""
+
+    family: str = "llama"  # HF layout pretrained.save writes: gpt_bigcode, codegen, phi, llama
+    vocab_size: int = 8192
+    block_size: int = 512  # context length
+    n_layer: int = 6
+    n_head: int = 6
+    n_kv_head: int | None = None  # None: n_head; 1: multi-query; fewer: grouped-query
+    n_embd: int = 384
+    head_dim: int | None = None  # None: n_embd // n_head
+    mlp_hidden: int = 1024  # MLP width (for SwiGLU the width of gate and of up each)
+    norm: str = "rmsnorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    mlp: str = "swiglu"  # gelu (exact) | gelu_tanh | swiglu
+    positions: str = "rope"  # learned | rope
+    rotary_dim: int | None = None  # rotated dims per head; None: all (partial for Phi, CodeGen)
+    rope_interleaved: bool = False  # pairs (0,1),(2,3).. as in CodeGen/GPT-J; else half-split
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # Llama-3: {"factor", "low_freq_factor", ...}
+    parallel_residual: bool = False  # x + attn(ln(x)) + mlp(ln(x)) with one shared norm
+    qkv_bias: bool = False
+    attn_proj_bias: bool = False
+    mlp_bias: bool = False
+    lm_head_bias: bool = False
+    tie_embeddings: bool = False
+    dropout: float = 0.0  # residual branches (attention and MLP outputs)
+    embd_dropout: float | None = None  # embeddings; None: `dropout`'s value, read live (Phi-2
+    #   and CodeGen configs set them apart: embd_pdrop, resid_pdrop)
+    attn_dropout: float = 0.0  # attention probabilities
+    init: str = "normal"  # normal: GPT-2 N(0, init_std), scaled residual projections; xavier
+    init_std: float = 0.02
+    bos_id: int | None = None  # written to the exported HF config
+    eos_id: int | list[int] | None = None  # a list where the checkpoint has several (chat models)
+
+    def __post_init__(self) -> None:
+        def bad(key: str, why: str) -> ValueError:
+            return ValueError(f"ModelConfig.{key}={getattr(self, key)!r}: {why}")
+
+        for key, allowed in (("family", FAMILIES), ("norm", ("layernorm", "rmsnorm")),
+                             ("mlp", ("gelu", "gelu_tanh", "swiglu")),
+                             ("positions", ("learned", "rope")), ("init", ("normal", "xavier"))):
+            if getattr(self, key) not in allowed:
+                raise bad(key, f"expected one of {allowed}")
+        sizes = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_hidden")
+        derived = ("n_kv_head", "head_dim", "rotary_dim")  # None: resolved from sizes below
+        for key in sizes + tuple(k for k in derived if getattr(self, k) is not None):
+            if getattr(self, key) < 1:
+                raise bad(key, "must be a positive integer")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.n_head % self.n_kv_head:
+            raise bad("n_kv_head", f"must divide n_head={self.n_head}")
+        if self.head_dim is None:
+            if self.n_embd % self.n_head:
+                raise bad("n_embd", f"not divisible by n_head={self.n_head}; set head_dim")
+            self.head_dim = self.n_embd // self.n_head
+        rotary_given = self.rotary_dim is not None
+        if not rotary_given:
+            self.rotary_dim = self.head_dim
+        if self.positions == "rope" and self.rotary_dim % 2:
+            raise bad("rotary_dim" if rotary_given else "head_dim",
+                      "must be even: rotary embeddings rotate pairs of dims")
+        if self.rotary_dim > self.head_dim:  # a changed head_dim under a preset's rotary_dim
+            raise bad("head_dim", f"smaller than rotary_dim={self.rotary_dim}, the dims per head "
+                      "that rotary embeddings rotate; set rotary_dim too (at most head_dim)")
+        if self.rope_scaling is not None:
+            missing = [k for k in LLAMA3_SCALING_KEYS if k not in self.rope_scaling]
+            if missing:
+                raise bad("rope_scaling", f"Llama-3 scaling needs keys {missing}")
+        for key in ("dropout", "embd_dropout", "attn_dropout"):
+            if getattr(self, key) is not None and not 0.0 <= getattr(self, key) < 1.0:
+                raise bad(key, "must be in [0, 1)")
+        for key in ("init_std", "norm_eps", "rope_theta"):  # (rope_theta 0: inf frequencies)
+            if not 0 < getattr(self, key) < math.inf:
+                raise bad(key, "must be > 0 and finite")
+
+    @property
+    def embedding_dropout(self) -> float:
+        """The embeddings' dropout p, read live: a model whose embd_dropout is None follows a
+        later change of `dropout` (trainingmanager sets a loaded model's `dropout`)."""
+        return self.dropout if self.embd_dropout is None else self.embd_dropout
+
+    @property
+    def qkv_size(self) -> int:
+        return (self.n_head + 2 * self.n_kv_head) * self.head_dim
+
+
+# Named configs as data. The four real shapes carry their published hyperparameters.
+PRESETS: dict[str, ModelConfig] = {
+    "starcoderbase-1b": ModelConfig(
+        family="gpt_bigcode", vocab_size=49152, block_size=8192, n_layer=24, n_head=16,
+        n_kv_head=1, n_embd=2048, mlp_hidden=8192, norm="layernorm", mlp="gelu_tanh",
+        positions="learned", qkv_bias=True, attn_proj_bias=True, mlp_bias=True,
+        tie_embeddings=True, bos_id=0, eos_id=0),
+    "codegen-350M-mono": ModelConfig(
+        family="codegen", vocab_size=51200, block_size=2048, n_layer=20, n_head=16,
+        n_embd=1024, mlp_hidden=4096, norm="layernorm", mlp="gelu_tanh", positions="rope",
+        rotary_dim=32, rope_interleaved=True, parallel_residual=True, mlp_bias=True,
+        lm_head_bias=True, bos_id=1, eos_id=50256),
+    "phi-1_5": ModelConfig(
+        family="phi", vocab_size=51200, block_size=2048, n_layer=24, n_head=32, n_embd=2048,
+        mlp_hidden=8192, norm="layernorm", mlp="gelu_tanh", positions="rope", rotary_dim=32,
+        parallel_residual=True, qkv_bias=True, attn_proj_bias=True, mlp_bias=True,
+        lm_head_bias=True, bos_id=1, eos_id=2),
+    "llama-3.2-1b": ModelConfig(
+        family="llama", vocab_size=128256, block_size=131072, n_layer=16, n_head=32,
+        n_kv_head=8, n_embd=2048, head_dim=64, mlp_hidden=8192, norm="rmsnorm", mlp="swiglu",
+        positions="rope", rope_theta=500000.0,
+        rope_scaling={"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192},
+        tie_embeddings=True, bos_id=128000, eos_id=128001),
+    # From-scratch sizes of the research path (Llama-shaped, so they export as `llama`).
+    # Set vocab_size to the tokenizer's on a copy: dataclasses.replace(preset, vocab_size=n).
+    "tiny": ModelConfig(vocab_size=512, block_size=128, n_layer=2, n_head=4, n_kv_head=2,
+                    n_embd=64, mlp_hidden=176, tie_embeddings=True),
+    "llama-14m": ModelConfig(vocab_size=8192, block_size=512, n_layer=6, n_head=6, n_embd=384,
+                         mlp_hidden=1024, tie_embeddings=True),
+    "llama-60m": ModelConfig(vocab_size=16384, block_size=1024, n_layer=10, n_head=10, n_kv_head=5,
+                         n_embd=640, mlp_hidden=1728, tie_embeddings=True),
+}
+
+
+# codelm's short dtype names (flags such as --base-dtype, pretrained.load(dtype="bf16")).
+SHORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cuda_half_dtype(device: torch.device) -> torch.dtype:
+    """The 16-bit dtype a GPU computes natively: bf16 from Ampere (sm80) on and on ROCm, else fp16
+    (torch.cuda.is_bf16_supported() says yes there too: it emulates bf16, slowly)."""
+    if torch.version.hip or torch.cuda.get_device_capability(device)[0] >= 8:
+        return torch.bfloat16
+    return torch.float16
+
+
+def lacks_native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` is a GPU that would only emulate bf16 (see cuda_half_dtype)."""
+    return device.type == "cuda" and cuda_half_dtype(device) != torch.bfloat16
+
+
+# ------------------------------------------------------------------------- the ops of the model
+@kernels.faster(kernels.rms_norm)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+@kernels.faster(kernels.dropout)
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    return F.dropout(x, p, training)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.n_embd, cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
+
+
+def rope_inv_freq(cfg: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor:
+    """Inverse frequencies (fp32) of the rotated dims, with Llama-3 scaling when configured."""
+    dim = cfg.rotary_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32,
+                                                      device=device) / dim))
+    if cfg.rope_scaling is None:
+        return inv_freq
+    s = cfg.rope_scaling
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables computed per forward from positions, so left padding shifts them per row."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        inv_freq = torch.empty(cfg.rotary_dim // 2)  # on the default device; values below
+        if not inv_freq.is_meta:  # (on meta, pretrained.load: arange would import sympy)
+            inv_freq = rope_inv_freq(cfg, device=inv_freq.device)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # Keep the frequencies exact in fp32 whatever `.to(dtype)`/`to_empty` does to buffers:
+        # bf16 frequencies put the angle of position 1000 off by radians.
+        super()._apply(fn, recurse)
+        self.inv_freq = rope_inv_freq(self.cfg, device=self.inv_freq.device)
+        return self
+
+    def forward(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = (pos[..., None].float() * self.inv_freq)[:, :, None]  # (B, T, 1, rotary_dim / 2)
+        return freqs.cos().to(dtype), freqs.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               interleaved: bool) -> torch.Tensor:
+    """x (B, T, H, D) with its first 2 * cos.shape[-1] dims rotated; cos, sin (B, T, 1, r / 2).
+    Pairs (0, 1), (2, 3), ... when interleaved (CodeGen, GPT-J), else the two halves (Llama)."""
+    r = 2 * cos.shape[-1]
+    rot, rest = x[..., :r], x[..., r:]
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        rot = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    else:
+        x1, x2 = rot.chunk(2, dim=-1)
+        rot = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return torch.cat((rot, rest), dim=-1)
+
+
+@kernels.faster(kernels.split_rotated)
+def split_heads(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, n_head: int,
+                n_kv: int, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused-projection rows (B, T, n_head + 2 n_kv, D) -> q, k, v (B, heads, T, D), q and k
+    rotated when rope (cos, sin) is given."""
+    q, k, v = qkv.split((n_head, n_kv, n_kv), dim=2)
+    if rope is not None:
+        q, k = apply_rope(q, *rope, interleaved), apply_rope(k, *rope, interleaved)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+@kernels.faster(kernels.attention)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              dropout_p: float, grouped: bool) -> torch.Tensor:
+    """Causal attention (mask None), or with SDPA's boolean mask; grouped: k and v have fewer
+    heads than q."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                          dropout_p=dropout_p, enable_gqa=grouped)
+
+
+# One layer's preallocated (keys, values), each (B, n_kv_head, length, head_dim), written in place
+# at the decode step's slots (generation.py).
+LayerCache = tuple[torch.Tensor, torch.Tensor]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.qkv = nn.Linear(cfg.n_embd, cfg.qkv_size, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.attn_proj_bias)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                mask: torch.Tensor | None, slots: torch.Tensor | None = None,
+                cache: LayerCache | None = None) -> torch.Tensor:
+        """``rope``: (cos, sin), None without rotary positions; ``mask``: SDPA's boolean mask,
+        None for plain causal attention; ``slots``: where ``cache`` takes this step's keys."""
+        cfg = self.cfg
+        B, T, _ = x.shape
+        qkv = self.qkv(x).view(B, T, cfg.n_head + 2 * cfg.n_kv_head, cfg.head_dim)
+        q, k, v = split_heads(qkv, rope, cfg.n_head, cfg.n_kv_head, cfg.rope_interleaved)
+        if cache is not None:
+            cache[0].index_copy_(2, slots, k)
+            cache[1].index_copy_(2, slots, v)
+            if mask is not None:  # no mask: a prompt without padding, which needs only its
+                k, v = cache      # own keys, causally
+        y = attention(q, k, v, mask, cfg.attn_dropout if self.training else 0.0,
+                      cfg.n_kv_head != cfg.n_head)
+        return self.proj(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))
+
+
+class MLP(nn.Module):
+    """fc: the up projection; SwiGLU adds `gate`. Gate and up stay two Linears, not one fused
+    (n_embd, 2 * hidden), which trains slower on CPU."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.mlp_bias)
+        self.gate = (nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.mlp_bias)
+                     if cfg.mlp == "swiglu" else None)
+        self.proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.mlp_bias)
+        self.approximate = "tanh" if cfg.mlp == "gelu_tanh" else "none"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate is not None:
+            return self.proj(F.silu(self.gate(x)) * self.fc(x))
+        return self.proj(F.gelu(self.fc(x), approximate=self.approximate))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm_1 = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.norm_2 = None if cfg.parallel_residual else make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.cfg = cfg
+
+    def drop(self, x: torch.Tensor) -> torch.Tensor:
+        # p read live from the shared cfg, so `model.cfg.dropout = p` retunes a loaded model.
+        return dropout(x, self.cfg.dropout, self.training)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                mask: torch.Tensor | None, slots: torch.Tensor | None = None,
+                cache: LayerCache | None = None) -> torch.Tensor:
+        h = self.norm_1(x)
+        a = self.drop(self.attn(h, rope, mask, slots, cache))
+        if self.norm_2 is None:
+            return x + a + self.drop(self.mlp(h))
+        x = x + a
+        return x + self.drop(self.mlp(self.norm_2(x)))
+
+
+def padded_mask(attention_mask: torch.Tensor, q_slots: torch.Tensor, length: int) -> torch.Tensor:
+    """Boolean SDPA mask (B, 1, Tq, length): causal, padding keys hidden. Each query also sees
+    itself, so rows of padding queries are never empty (an empty row gives NaN, and NaN values
+    leak into real rows through the zero weights of the next layer)."""
+    k_slots = torch.arange(length, device=q_slots.device)
+    causal = k_slots[None, :] <= q_slots[:, None]
+    mask = causal[None] & attention_mask[:, None, :length]
+    mask = mask | (k_slots[None, :] == q_slots[:, None])[None]
+    return mask[:, None]
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position of each token counting real tokens only (left padding shifts nothing)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@kernels.faster(kernels.head_cross_entropy)
+def head_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
+              label_smoothing: float = 0.0, count_correct: bool = False,
+              grad_scale: torch.Tensor | float | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed fp32 cross-entropy of head(hidden) over the labels that are not IGNORE_INDEX, and
+    with count_correct how many of them are the top logit. grad_scale: what the caller's backward
+    multiplies this sum's gradient by (the fp16 loss scale times any weighting); the fused kernel
+    forms its gradients in the forward and needs it in fp16."""
+    logits = head(hidden).float()
+    loss = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX,
+                           label_smoothing=label_smoothing, reduction="sum")
+    if not count_correct:
+        return loss, None
+    return loss, ((logits.argmax(-1) == labels) & (labels != IGNORE_INDEX)).sum()
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        # The model's own copy (rope_scaling too), shared by its modules: `model.cfg.dropout = p`
+        # retunes this model, never the preset or the other models built from the same config.
+        self.cfg = cfg = copy.deepcopy(cfg)
+        # The directory pretrained.load read: lora.save_adapter records it as the adapter's base.
+        self.name_or_path: str | None = None
+        # _weight: nn.Embedding draws nothing (on meta, normal_ would import sympy: 65 MiB RSS).
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd,
+                                _weight=torch.empty(cfg.vocab_size, cfg.n_embd))
+        self.wpe = (nn.Embedding(cfg.block_size, cfg.n_embd,
+                                 _weight=torch.empty(cfg.block_size, cfg.n_embd))
+                    if cfg.positions == "learned" else None)
+        self.rope = RotaryEmbedding(cfg) if cfg.positions == "rope" else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=cfg.lm_head_bias)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        # Recompute each block's activations in the backward: ~n_layer times less activation
+        # memory for a slower step. A run setting, not in ModelConfig.
+        self.gradient_checkpointing = False
+        if not self.wte.weight.is_meta:
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """From-scratch init. normal: GPT-2 (N(0, 0.02), residual projections scaled by
+        1/sqrt(2 n_layer) so the residual stream does not grow with depth); xavier: uniform
+        Xavier on every matrix."""
+        cfg = self.cfg
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                if name.endswith("bias"):
+                    nn.init.zeros_(p)
+                else:  # norm weights
+                    nn.init.ones_(p)
+            elif cfg.init == "xavier":
+                nn.init.xavier_uniform_(p)
+            elif name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+                nn.init.normal_(p, 0.0, cfg.init_std / math.sqrt(2 * cfg.n_layer))
+            else:
+                nn.init.normal_(p, 0.0, cfg.init_std)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe is not None else 0)
+        return n
+
+    def train(self, mode: bool = True) -> Transformer:
+        if mode:  # training wants ordinary row-major weights back (see kernels.decode_layout)
+            kernels.decode_layout(self, False)
+        return super().train(mode)
+
+    def run_blocks(self, idx: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None,
+                   slots: torch.Tensor | None = None,
+                   caches: list[LayerCache] | None = None) -> torch.Tensor:
+        """The residual stream (B, T, C) after the last block, before the final norm. pos (B, T)
+        or (1, T): positions; mask, slots, caches: as `Attention.forward` takes them."""
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(pos)
+        x = dropout(x, self.cfg.embedding_dropout, self.training)
+        rope = self.rope(pos, x.dtype) if self.rope is not None else None
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for i, block in enumerate(self.blocks):
+            if recompute:  # keep only each block's input; its activations are redone in backward
+                x = checkpoint(block, x, rope, mask, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, slots, caches[i] if caches is not None else None)
+        return x
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, *, reduction: str = "mean",
+                label_smoothing: float = 0.0, grad_scale: torch.Tensor | float | None = None,
+                count_correct: bool = False):
+        """Logits (B, T, V) of the token ids idx (B, T); attention_mask (B, T), True = real
+        token, for left-padded batches (right padding needs none: attention is causal).
+
+        With targets (B, T) (IGNORE_INDEX where nothing is counted), the next-token cross-entropy
+        instead, never forming the whole logits: the mean over counted tokens, or their sum; with
+        count_correct, (loss, how many are the top logit). grad_scale: what the backward will
+        multiply this loss by (fp16 training needs it to fuse the head with the loss)."""
+        B, T = idx.shape
+        assert T <= self.cfg.block_size, f"sequence length {T} > block_size {self.cfg.block_size}"
+        if attention_mask is None:
+            x = self.run_blocks(idx, torch.arange(T, device=idx.device)[None], None)
+        else:
+            attention_mask = attention_mask.bool()
+            mask = padded_mask(attention_mask, torch.arange(T, device=idx.device), T)
+            x = self.run_blocks(idx, positions(attention_mask), mask)
+        x = self.norm_f(x)
+        if targets is None:
+            return self.lm_head(x)
+        # a (time, batch) batch of the same size would be a silently wrong loss
+        assert targets.shape == idx.shape and reduction in ("mean", "sum")
+        count = (targets != IGNORE_INDEX).sum() if reduction == "mean" else None
+        if count is not None and grad_scale is not None:  # the mean's gradient: the sum's / count
+            grad_scale = grad_scale / count.clamp(min=1)
+        loss, correct = head_loss(x, self.lm_head, targets, label_smoothing, count_correct,
+                                  grad_scale)
+        if count is not None:
+            loss = loss / count
+        return (loss, correct) if count_correct else loss
+
+
+__all__ = ["FAMILIES", "IGNORE_INDEX", "ModelConfig", "PRESETS", "Transformer"]
+
+
+def presets_table() -> str:
+    """The named configurations side by side, parameters counted on the meta device."""
+    rows = ["| preset | family | layers | width | heads (kv) | MLP | context | vocab | parameters |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, c in PRESETS.items():
+        with torch.device("meta"):
+            n = Transformer(c).num_parameters()
+        rows.append(f"| {name} | {c.family} | {c.n_layer} | {c.n_embd} | {c.n_head} "
+                    f"({c.n_kv_head}) | {c.mlp_hidden} ({c.mlp}) | {c.block_size} | "
+                    f"{c.vocab_size} | {n:,} |")
+    return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import json
+
+    import process
+    import settings
+
+    parser = settings.ArgumentParser(
+        description="codelm's named model configurations (architecture.PRESETS): a table of "
+        "them with their parameter counts, or one preset's every ModelConfig field as JSON "
+        "(what trainingmanager.py's --preset and --model-options start from).")
+    parser.add_argument("preset", nargs="?", choices=list(PRESETS),
+                        help="print this preset's fields as JSON")
+    args = parser.parse_args(argv)
+    return process.run_tool(lambda: print(
+        json.dumps(asdict(PRESETS[args.preset]), indent=2) if args.preset else presets_table()))
+
+
+if __name__ == "__main__":
+    sys.exit(process.run_main(main))

@@ -1,0 +1,363 @@
+"""A run's checkpoint: one ``RunState`` saved to ``checkpoints/step-N/`` and read back, so that a
+resumed run continues bit-exactly; and whether the resumed run's settings may continue it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+import process
+import settings
+from rundir import ADAPTER_FILE, CONFIG_FILE, MODEL_FILE, STATE_FILE, list_checkpoints
+
+FORMAT_VERSION = 1  # of state.pt; another is refused
+
+
+@dataclass
+class RunState:
+    """The checkpoint payload: where a run stands and all it needs to continue bit-exactly."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    order: dict = field(default_factory=lambda: {"epoch": 0, "pos": 0})  # BatchOrder's place
+    train_loss: float | None = None  # of the last step
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    stop_ref: float | None = None  # early stopping's reference: the last counted fall
+    evals_since_best: int = 0  # evaluations since stop_ref was set
+    last_eval_step: int = -1
+    precision: str | None = None  # what precision "auto" resolved to (check_precision)
+    max_steps: int | None = None  # the schedule's length, for a resume that changes it
+    data: dict | None = None  # the data it trained on, for a resume on other data
+    optimizer: dict = field(default_factory=dict, repr=False)
+    scheduler: dict = field(default_factory=dict, repr=False)
+    scaler: dict = field(default_factory=dict, repr=False)
+    rng: list = field(default_factory=list, repr=False)  # rng_state() of every rank
+    weights: dict = field(default_factory=dict, repr=False)  # model_tensors(): the .safetensors
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint that cannot be read back (a disk that filled up, a file edited or lost)."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state(device: torch.device | None = None) -> dict:
+    """This process's RNG state; on a CUDA ``device``, that GPU's generator only."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    """Restore ``rng_state`` (as torch.load gives it back)."""
+    version, internal, gauss = state["python"]  # weights_only loading makes tuples lists
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def model_tensors(model: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of ``model``: every tensor, or only the trainable ones."""
+    if trainable_only:
+        return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    seen, out = set(), {}  # aliases (tied embeddings) once: safetensors stores each storage once
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), tuple(t.shape), t.stride())
+        if key not in seen:
+            seen.add(key)
+            out[name] = t.detach().contiguous().cpu()
+    return out
+
+
+def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: str,
+                       trainable_only: bool) -> None:
+    """Load tensors saved by ``model_tensors``; every expected name must be there, no other."""
+    expected = set(model_tensors(model, trainable_only))
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{source}: checkpoint does not match the model (missing {missing[:8]}, "
+                         f"unexpected {unexpected[:8]})")
+    own = model.state_dict()
+    for name, t in tensors.items():  # before load_state_dict, whose error names no source
+        if t.shape != own[name].shape:
+            raise ValueError(f"{source}: tensor {name} has shape {tuple(t.shape)}, the model's "
+                             f"{tuple(own[name].shape)}")
+    model.load_state_dict(tensors, strict=False)
+
+
+def weights_file(trainable_only: bool) -> str:
+    return ADAPTER_FILE if trainable_only else MODEL_FILE
+
+
+# Free space (MiB) below which a failed write is put down to a full disk.
+DISK_FULL_MIB = 1.0
+
+
+def write_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
+    """``process.write_dir_atomically`` replacing ``target`` (a checkpoint, best/, export/) with
+    what ``write`` writes and its manifest; any failure one OSError naming ``target`` (and a full
+    disk, measured as it fails)."""
+    free_mib: list[float] = []
+
+    def build(tmp: Path) -> None:
+        try:
+            write(tmp)
+            process.write_manifest(tmp)
+        except Exception:
+            free_mib.append(shutil.disk_usage(tmp).free / 2**20)
+            raise
+
+    try:
+        process.write_dir_atomically(target, build, replace=True)
+    except Exception as err:
+        if isinstance(err, OSError) and err.filename is not None:
+            raise
+        free = free_mib[0] if free_mib else shutil.disk_usage(Path(target).parent).free / 2**20
+        full = free < DISK_FULL_MIB or process.is_disk_full(err)
+        raise OSError(f"{target}: could not write it{': the disk is full' if full else ''} "
+                      f"({free:.0f} MiB free); {'free some space; ' if full else ''}what was "
+                      f"written before is intact ({type(err).__name__}: {err})") from None
+
+
+def save(path: Path, state: RunState, config: dict, trainable_only: bool) -> None:
+    """Write ``state`` and the run's config to checkpoint directory ``path``, atomically."""
+    rest = {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != "weights"}
+
+    def write(tmp: Path) -> None:
+        save_file(state.weights, tmp / weights_file(trainable_only),
+                  metadata={"step": str(state.step)})
+        torch.save({"format_version": FORMAT_VERSION, **rest}, tmp / STATE_FILE)
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+
+    write_dir_atomically(path, write)
+
+
+def _broken(path: Path, why: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(f"{path}: corrupt or incomplete checkpoint ({why})")
+
+
+def read_state(path: Path, mmap: bool = False) -> RunState:
+    """A checkpoint's state.pt as a RunState without its weights; ``mmap``: its tensors are
+    mapped, not read (for a look at its progress alone)."""
+    if not (path / STATE_FILE).is_file():
+        raise _broken(path, f"no {STATE_FILE}")
+    try:
+        raw = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True, mmap=mmap)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        # torch's own message suggests an unsafe reload; a torn file is all there is to say
+        raise _broken(path, f"{STATE_FILE} is not a readable torch file ({type(e).__name__})"
+                      ) from None
+    if not isinstance(raw, dict) or "format_version" not in raw:
+        raise _broken(path, f"{STATE_FILE} holds no format_version")
+    if (version := raw.pop("format_version")) != FORMAT_VERSION:
+        raise ValueError(f"{path / STATE_FILE}: checkpoint format_version {version!r}, not "
+                         f"{FORMAT_VERSION}: start a new run")
+    if set(raw) != {f.name for f in dataclasses.fields(RunState)} - {"weights"}:
+        raise _broken(path, f"{STATE_FILE} does not hold every RunState field")
+    return RunState(**raw)
+
+
+def load(path: Path, model: nn.Module, trainable_only: bool) -> RunState:
+    """Load a checkpoint's weights into ``model`` and return its RunState; its files are checked
+    against its manifest and read first, so a broken checkpoint leaves the model as it was and an
+    earlier one can be tried."""
+    path = Path(path)
+    if problem := process.manifest_problem(path):
+        raise _broken(path, problem)
+    weights = path / weights_file(trainable_only)
+    if not weights.is_file():
+        raise _broken(path, f"no {weights.name}")
+    try:
+        tensors = load_file(weights)
+    except (SafetensorError, OSError) as e:
+        raise _broken(path, f"{weights.name}: {e}") from None
+    state = read_state(path)
+    load_model_tensors(model, tensors, str(weights), trainable_only)
+    state.weights = tensors
+    return state
+
+
+def first_nonfinite(state: RunState) -> str | None:
+    """The name of a weight or optimizer tensor holding inf or NaN, or None when all are finite."""
+    tensors = [*state.weights.items()]
+    for i, slots in state.optimizer.get("state", {}).items():
+        tensors += [(f"optimizer state {i} {k}", t) for k, t in slots.items()]
+    return next((name for name, t in tensors if isinstance(t, torch.Tensor)
+                 and t.is_floating_point() and not torch.isfinite(t).all()), None)
+
+
+def restore_latest(checkpoints: list[Path], restore: Callable[[Path], None], say: bool
+                   ) -> list[Path]:
+    """Call ``restore`` on the newest checkpoint that reads back; return the broken ones."""
+    errors: list[CorruptCheckpointError] = []
+    for path in reversed(checkpoints):
+        try:
+            restore(path)
+            return checkpoints[len(checkpoints) - len(errors):]
+        except CorruptCheckpointError as e:
+            errors.append(e)
+            if say and path != checkpoints[0]:
+                print(f"warning: {e}; trying the checkpoint before it", file=sys.stderr)
+    raise CorruptCheckpointError("; ".join(map(str, errors)) + ": no intact checkpoint to "
+                                 "resume from")
+
+
+def set_aside(broken: list[Path]) -> None:
+    """Rename broken checkpoints broken-step-N-<time>, kept for inspection."""
+    for path in broken:
+        aside = path.with_name(f"broken-{path.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        path.rename(aside)
+        print(f"warning: {path} set aside as {aside.name}", file=sys.stderr)
+
+
+def drop_old(run_dir: Path, keep_last: int) -> None:
+    """Remove all but the newest ``keep_last`` checkpoints (renamed first: a kill mid-removal
+    leaves a partial write, not a step-N without its weights)."""
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        doomed = process.partial_path(old, "tmp")
+        old.rename(doomed)
+        shutil.rmtree(doomed)
+
+
+# What a resumed run may change (besides name, out_dir and resume, which locate it): how it
+# computes, how far it goes, what it reports and keeps, how it ends. Every other key shapes the
+# model, the data, the optimizer state or the steps taken: the checkpoint would not load, or would
+# silently override it (AdamW's lr and betas come back from it).
+RESUME_MAY_CHANGE = (
+    "device", "compile", "gradient_checkpointing",  # how the same maths is computed
+    "max_steps", "epochs", "max_time_s",  # how far it goes (the cosine follows the new length)
+    "early_stop_patience", "early_stop_min_delta",  # when it may stop early
+    "eval_every", "log_every", "save_every", "keep_last", "progress", "report_to",  # reporting
+    "export", "export_merged", "sample_prompt", "sample_tokens",  # the end of the run
+    "inject_nan_at_step",  # fault injection (tests)
+)
+# data_options that change where and how fast the data is prepared, not what it is.
+RESUME_DATA_OPTIONS_MAY_CHANGE = ("cache_dir", "use_cache", "num_workers", "progress")
+
+# Config keys that hold paths: a run's config.json holds them absolute, so that eval.py and
+# --resume find them from any directory. "stdlib" is a data source's name, not a path.
+PATH_KEYS = ("init_from", "init_adapter", "tokenizer", "data", "val_data", "test_data")
+
+
+def _is_path(key: str, item) -> bool:
+    """Whether an item of a PATH_KEYS value names a file ("stdlib" as a data source does not)."""
+    return isinstance(item, str) and not (key.endswith("data") and item == "stdlib")
+
+
+def _map_paths(key: str, value, fn: Callable[[Path], Path]):
+    """``fn`` applied to each path of a PATH_KEYS value (a path, a list of them, or None)."""
+    def one(path):
+        return str(fn(Path(path))) if _is_path(key, path) else path
+
+    if isinstance(value, str):
+        return one(value)
+    return [one(v) for v in value] if isinstance(value, list) else value
+
+
+def with_absolute_paths(cfg):
+    """``cfg`` (a TrainConfig) with its PATH_KEYS absolute; not resolved: a symlink keeps its
+    name, which a data source's document ids start with."""
+    return dataclasses.replace(cfg, **{
+        k: _map_paths(k, getattr(cfg, k), lambda p: p.expanduser().absolute()) for k in PATH_KEYS})
+
+
+def check_run_paths(values: dict, keys: Sequence[str], source: str) -> None:
+    """Each path that ``values`` (a run's config.json) holds under ``keys`` must exist."""
+    for key in keys:
+        value = values.get(key)
+        for path in [value] if isinstance(value, str) else value or []:
+            if not _is_path(key, path) or Path(path).expanduser().exists():
+                continue
+            where = "" if Path(path).expanduser().is_absolute() else (
+                f" from {Path.cwd()} (the run holds it relative to the directory it was started "
+                "in: run from there)")
+            raise ValueError(f"{source}: {key} {path!r} not found{where}")
+
+
+def check_resume_config(cfg, run_dir: Path, resume_hint: str) -> dict | None:
+    """Refuse a resumed run whose settings (a TrainConfig) differ from its newest checkpoint's
+    outside RESUME_MAY_CHANGE; return the saved values (None: nothing saved yet)."""
+    saved_path = next((c / CONFIG_FILE for c in reversed(list_checkpoints(run_dir))
+                       if not process.manifest_problem(c, [CONFIG_FILE])),
+                      Path(run_dir) / CONFIG_FILE)
+    if not saved_path.is_file():
+        return None
+    saved, source = settings.read_config_file(saved_path, "train")
+    now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # JSON's view, as config.json holds it
+
+    def comparable(values: dict, key: str):  # paths as the files they name
+        if key == "data_options":
+            return {k: v for k, v in values[key].items() if k not in RESUME_DATA_OPTIONS_MAY_CHANGE}
+        if key in PATH_KEYS:
+            return _map_paths(key, values[key], lambda p: p.expanduser().resolve())
+        return values[key]
+
+    # precision "auto" names a precision only with a device: check_precision compares that.
+    changed = [f"{k}={saved[k]!r} (now {now[k]!r})" for k in now
+               if k not in ("name", "out_dir", "resume", *RESUME_MAY_CHANGE) and k in saved
+               and comparable(saved, k) != comparable(now, k)
+               and not (k == "precision" and "auto" in (saved[k], now[k]))]
+    if changed:
+        raise ValueError(f"{source}: the run was trained with other settings: "
+                         f"{'; '.join(changed)}: drop them ({resume_hint} alone continues it), or "
+                         "start a new run with another --name")
+    return saved
+
+
+def check_precision(path: Path, trained: str, now: str, setting: str, device: torch.device,
+                    lacks_bf16: bool) -> None:
+    """A resume computes in the precision its run trained in ("auto" may resolve otherwise on
+    another device); ``setting``: the precision setting now, which computes in ``now``."""
+    if trained == now:
+        return
+    keep = f"Pass --precision {trained} to keep it on {device}"
+    if trained == "bf16" and lacks_bf16:
+        keep = "This GPU has no native bf16: resume on one that has, or on the CPU"
+    raise ValueError(f"{path}: the run trained in {trained}, but --precision {setting} computes "
+                     f"in {now} on {device}. {keep}; a change of precision needs a new run")
+
+
+def check_writers(path: Path, writers: int, world: int, per_process: int) -> None:
+    """A checkpoint continues on as many processes as wrote it (one RNG state each)."""
+    if writers != world:
+        raise ValueError(f"{path} was written by {writers} process(es), this run has {world}: its "
+                         f"global batch would change from {per_process * writers} to "
+                         f"{per_process * world} examples a step; resume it on {writers}")
+
+
+def note_other_data(run_name: str, trained: dict | None, now: dict) -> None:
+    """Warn when the data was built anew, other than the checkpoint's: not bit-exact."""
+    differ = [f"{key} {trained.get(key)} -> {now[key]}" for key in now
+              if trained and None not in (trained.get(key), now[key])
+              and trained.get(key) != now[key]]
+    if differ:
+        print(f"warning: the training data is not the one {run_name} trained on "
+              f"({'; '.join(differ)}): this resume is not bit-exact", file=sys.stderr)

@@ -1,0 +1,1809 @@
+"""Data for codelm: sources -> cleaning -> split -> task examples -> cached token files.
+
+Main path: ``prepare(DataConfig(...), tokenizer)`` (at the end of the file) loads the cleaned,
+split corpus (``load_corpus``), builds the task's token files (``_build_lm`` or
+``_build_supervised``) and returns torch Datasets; both steps are cached by what decides them.
+The default corpus is the Python standard library's source: present on every machine.
+"""
+
+from __future__ import annotations
+
+if __name__ == "__main__":  # first: the imports below load torch for seconds
+    import process
+
+    process.quiet_start_up_stops()
+
+import argparse
+import ast
+import contextlib
+import copy
+import hashlib
+import io
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import random
+import re
+import signal
+import sys
+import sysconfig
+import tempfile
+import threading
+import tokenize
+import typing
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import Dataset
+
+import process
+import settings
+from process import progress_bar
+from scraping.common import decode_source, has_extension, source_files
+from tokenizer import (
+    ENCODING_VERSION,
+    PYTHON_PARSE_ERRORS,
+    BPETokenizer,
+    CodeTokenizer,
+    docstring_statement,
+    is_utf8,
+    load_tokenizer,
+    source_lines,
+    strip_comments_and_docstrings,
+)
+
+if typing.TYPE_CHECKING:
+    import datasketch
+
+# The data cache's format version, a part of every cache key: bump it when cleaning or task
+# building changes what a cache holds.
+PIPELINE_VERSION = 11
+
+TASKS = ("lm", "completion", "method", "docstring", "refactor", "fim")
+SPLITS = ("train", "val", "test")
+
+REFACTOR_TEMPLATE = "### Refactor the following Python code to improve quality:\n\n{input}\n"
+# ``{source_code}`` is the class with its docstring removed.
+DOCSTRING_PROMPTS = {
+    "simple": "Class {source_code}\n\nDocstring:",
+    "verbose": (
+        "Your task is to write a docstring that summarizes the following Python class.\n"
+        "Class {class_name}:\n{source_code}\n\nDocstring:"
+    ),
+}
+
+
+class DataError(ValueError):
+    """A user-facing data problem; the message names the file, line or option at fault."""
+
+
+def stdlib_root() -> Path:
+    """Directory holding this interpreter's standard-library sources."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_files(root: Path | None = None) -> list[Path]:
+    """Every ``.py`` file of the standard library (not site-packages), sorted by relative path."""
+    root = Path(root) if root is not None else stdlib_root()
+    return source_files(root, (".py",))
+
+
+def _default_cache_dir() -> str:
+    # An empty CODELM_CACHE (`CODELM_CACHE= cmd`) is unset, not the current directory.
+    return str(Path(os.environ.get("CODELM_CACHE") or "~/.cache/codelm").expanduser() / "data")
+
+
+@dataclass
+class DataConfig:
+    """Everything that decides what ``prepare`` builds; all but the runtime knobs key the cache."""
+
+    # task and sources
+    task: str = "lm"  # lm | completion | method | docstring | refactor | fim
+    sources: list[str] = field(default_factory=lambda: ["stdlib"])  # "stdlib", a directory, a
+    #   JSONL of code ({repo, path, text} or {"file_text"}) or of pairs ({input, output} or
+    #   {prompt, completion})
+    val_sources: list[str] = field(default_factory=list)  # exactly the val split; `sources`
+    #   fill the others, and a copy of one of its documents in `sources` leaves training
+    test_sources: list[str] = field(default_factory=list)  # the same for the test split
+    extensions: list[str] = field(default_factory=lambda: [".py"])  # files read from directories
+    block_size: int = 256  # tokens per training sequence (supervised: prompt + completion)
+    # splits
+    train_frac: float = 0.8  # the training share of the documents (the three sum to 1)
+    val_frac: float = 0.1  # the validation share
+    test_frac: float = 0.1  # the test share
+    seed: int = 42  # the split and the sampled task targets
+    split_by: str = "repo"  # "repo" (where the source knows the repo, else file) or "file"
+    # cleaning
+    dedupe: bool = True  # drop exact duplicates (a copy in another split always goes)
+    near_dedupe: bool = False  # also drop near duplicates (MinHash)
+    near_dedupe_threshold: float = 0.85  # Jaccard similarity above which files are duplicates
+    autopep8: bool = False  # reformat each file with autopep8 (in a subprocess)
+    autopep8_timeout: float = 10.0  # seconds per file; on timeout the file is kept unformatted
+    strip_license: bool = True  # drop license header comments
+    strip_comments: bool = False  # drop comments
+    strip_docstrings: bool = False  # drop docstrings
+    redact_secrets: bool = True  # credentials become placeholders such as <GITHUB_TOKEN>
+    redact_emails: bool = False  # e-mail addresses become <EMAIL>
+    min_bytes: int = 1  # smaller files are dropped
+    max_bytes: int = 1_000_000  # larger files (as stored) are dropped, unread
+    min_lines: int = 2  # files with fewer lines are dropped
+    max_line_length: int = 1000  # files with a longer line (minified, generated) are dropped
+    max_literal_length: int = 400  # longest one-line string/number literal
+    skip_bad: bool = False  # skip (and count) malformed records instead of failing
+    text_column: str | None = None  # the code column of parquet/datasets/JSONL records
+    input_column: str | None = None  # the prompt column of pair records (with output_column)
+    output_column: str | None = None  # the completion column of pair records
+    max_docs: int | None = None  # read only the first N of sources, val_sources, test_sources
+    # task options
+    add_eos: bool = True  # EOS after each supervised completion
+    max_prompt_tokens: int | None = None  # longer prompts lose the end of their code, then
+    #   their left end (fim: keeps the three sentinels)
+    max_completion_tokens: int | None = None  # longer completions are cut (fim: the middles)
+    completion_style: str = "window"  # "window" or "line" (CodeXGLUE line completion)
+    window_prompt_tokens: int = 100  # window completion: tokens of context
+    window_completion_tokens: int = 35  # window completion: tokens to complete
+    window_stride: int | None = None  # default: prompt + completion tokens (no overlap)
+    lines_per_file: int = 5  # line completion targets sampled per file
+    docstring_targets: str = "class"  # "class", "function" or "both"
+    docstring_min_tokens: int = 20  # shorter docstrings make no example
+    docstring_code_tokens: int = 400  # the code shown with a docstring target, at most
+    docstring_prompt: str = "simple"  # key of DOCSTRING_PROMPTS
+    fim_rate: float = 0.5  # fraction of fim chunks turned into prefix-suffix-middle examples
+    pair_special_tokens: bool = False  # pair records read a special token's text (<|eot_id|>)
+    #   as the token, as transformers' tokenizer(text) does; documents keep it text; not in lm
+    # runtime (not part of the cache key)
+    cache_dir: str = field(default_factory=_default_cache_dir)  # where prepared datasets are kept
+    use_cache: bool = True  # False: rebuild, replacing what the cache holds
+    num_workers: int = 1  # processes cleaning and tokenizing
+    progress: bool = True  # progress bars
+
+    def validate(self) -> None:
+        """What the field types cannot say (``settings.config_from_dict`` checks the types)."""
+        for name, minimum in _MINIMUMS.items():
+            if (value := getattr(self, name)) is not None and value < minimum:
+                raise DataError(f"DataConfig.{name} must be >= {minimum}, got {value}")
+        for name, allowed in _CHOICES.items():
+            if (value := getattr(self, name)) not in allowed:
+                raise DataError(f"DataConfig.{name}: {value!r} is not one of {list(allowed)}")
+        fracs = (self.train_frac, self.val_frac, self.test_frac)
+        if min(fracs) < 0 or abs(sum(fracs) - 1.0) > 1e-6:
+            raise DataError(f"DataConfig split fractions must be >= 0 and sum to 1, got {fracs}")
+        if not self.sources:
+            raise DataError("DataConfig.sources is empty; use ['stdlib'] for the default corpus")
+        roles: dict[str, str] = {}
+        for split, source in _sources_by_split(self):
+            key = source if source == "stdlib" else str(Path(source).expanduser().resolve())
+            role = f"{split}_sources" if split else "sources"
+            if roles.setdefault(key, role) != role:
+                raise DataError(f"data source {source} is in both {roles[key]} and {role}")
+        if (self.input_column is None) != (self.output_column is None) or (
+                self.text_column and self.input_column):
+            raise DataError("DataConfig: set text_column (code records) or input_column and "
+                            "output_column (pairs), not both")
+        if bad := [e for e in self.extensions if not (e.startswith(".") and len(e) > 1)]:
+            raise DataError(f"DataConfig.extensions: {bad} must each be a suffix with its dot: '.kt'")
+        for name in ("fim_rate", "near_dedupe_threshold"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise DataError(f"DataConfig.{name} must be in [0, 1], got {getattr(self, name)}")
+        if (self.task == "fim" and self.fim_rate > 0 and self.max_prompt_tokens is not None
+                and self.max_prompt_tokens < _FIM_SENTINELS):
+            raise DataError(f"DataConfig.max_prompt_tokens={self.max_prompt_tokens} leaves no room "
+                            f"for the {_FIM_SENTINELS} sentinels of a fim prompt (or fim_rate=0)")
+
+
+# Lower bounds of numeric options (fractions and rates are checked against [0, 1] apart).
+_MINIMUMS = {
+    "block_size": 2, "num_workers": 1, "min_bytes": 0, "max_bytes": 0, "min_lines": 0,
+    "max_line_length": 1, "max_literal_length": 1, "autopep8_timeout": 0, "max_docs": 1,
+    "max_prompt_tokens": 0, "max_completion_tokens": 1, "window_prompt_tokens": 1,
+    "window_completion_tokens": 1, "window_stride": 0, "lines_per_file": 0,
+    "docstring_min_tokens": 0, "docstring_code_tokens": 0,
+}  # fmt: skip
+
+_CHOICES = {
+    "task": TASKS,
+    "split_by": ("repo", "file"),
+    "completion_style": ("window", "line"),
+    "docstring_targets": ("class", "function", "both"),
+    "docstring_prompt": tuple(DOCSTRING_PROMPTS),
+}
+
+
+# Which fields key which cache; the rest are task options (see _task_options) or runtime knobs.
+_RUNTIME_FIELDS = frozenset({"cache_dir", "use_cache", "num_workers", "progress"})
+_SPLIT_FIELDS = frozenset({"train_frac", "val_frac", "test_frac", "seed", "split_by"})
+_CLEANING_FIELDS = frozenset(
+    {
+        "sources", "val_sources", "test_sources", "extensions", "dedupe", "near_dedupe", "near_dedupe_threshold", "autopep8",
+        "autopep8_timeout", "strip_license", "strip_comments", "strip_docstrings", "redact_secrets", "redact_emails", "min_bytes",
+        "max_bytes", "min_lines", "max_line_length", "max_literal_length", "skip_bad", "max_docs",
+        "text_column", "input_column", "output_column",
+    }
+)  # fmt: skip
+
+
+# --- Sources ---
+
+@dataclass
+class Doc:
+    """One unit of the corpus: a code file, or a prompt/completion pair (``target`` set)."""
+
+    id: str  # unique, stable: "repo/path", a file path, or "file.jsonl:line"
+    text: str  # before cleaning as read: bytes, or None for a file over max_bytes (unread)
+    repo: str | None = None
+    target: str | None = None  # the completion of a pair; None for code files
+    raw_pair: bool = False  # a {"prompt","completion"} pair: used verbatim, no template
+    split: str | None = None  # "val"/"test" from val_sources/test_sources; None: by fraction
+
+    @property
+    def is_python(self) -> bool:
+        return self.target is None and has_extension(self.id, (".py",))
+
+
+def _source_files(source: str, extensions: Sequence[str]) -> tuple[Path, list[Path]]:
+    """(root, files) of a directory source or the stdlib; deterministic order."""
+    if source == "stdlib":
+        return stdlib_root(), stdlib_files()
+    root = Path(source).expanduser()
+    # The user's own directory: links to files are read (an HF hub snapshot's point into blobs/).
+    return root, source_files(root, extensions, follow_symlinks=True)
+
+
+def _check_source(source: str) -> None:
+    import pretrained
+
+    if source == "stdlib":
+        return
+    path = Path(source).expanduser()
+    if pretrained.is_hub_id(source):
+        try:
+            pretrained.checkpoint_dir(source, "data source", repo_type="dataset")
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        return
+    if not path.exists():
+        raise DataError(f"data source not found: {source}")
+    if not is_utf8(path.name):  # the name goes into every document id
+        raise DataError(f"data source {source!r}: its name is not valid UTF-8; rename it")
+    if path.is_file() and path.suffix not in (".jsonl", ".parquet"):
+        raise DataError(f"data source {source}: a file source must be JSONL (*.jsonl) or parquet "
+                        "(*.parquet)")
+    if (path / "dataset_dict.json").is_file():
+        splits = sorted(p.name for p in path.iterdir() if (p / "state.json").is_file())
+        raise DataError(f"data source {source}: a datasets DatasetDict (splits {splits}); name "
+                        f"one split's directory, e.g. {path / (splits or ['train'])[0]}")
+    if (path / "state.json").is_file():
+        files = settings.read_json_object(path / "state.json", "datasets state").get("_data_files")
+        if not (isinstance(files, list) and all(isinstance(f, dict) and isinstance(
+                f.get("filename"), str) and (path / f["filename"]).is_file() for f in files)):
+            raise DataError(f"{path / 'state.json'}: no _data_files list naming its .arrow "
+                            "files; save the dataset again with save_to_disk")
+
+
+def _record_files(source: str) -> list[Path] | None:
+    """The files of a record source: a JSONL or parquet file, a datasets ``save_to_disk``
+    directory, a Hugging Face dataset id (its train split's parquet or JSONL files, or all of
+    them); None for code (the stdlib, a directory of files)."""
+    import pretrained
+
+    path = Path(source).expanduser()
+    if source != "stdlib" and path.is_file():
+        return [path]
+    if source != "stdlib" and (path / "state.json").is_file():
+        state = json.loads((path / "state.json").read_text("utf-8"))
+        return [path / f["filename"] for f in state["_data_files"]]
+    if pretrained.is_hub_id(source):
+        snapshot = pretrained.checkpoint_dir(source, "data source", repo_type="dataset")
+        files = sorted(p for p in snapshot.rglob("*") if p.suffix in (".parquet", ".jsonl"))
+        return [p for p in files if "train" in p.relative_to(snapshot).as_posix()] or files
+    return None
+
+
+def _read_records(path: Path, cfg: DataConfig, counts: Counter) -> Iterator[Doc]:
+    """Scraper records ({repo, path, text}) or pairs ({input, output} / {prompt, completion}) of
+    a JSONL file, or the rows of a parquet or datasets Arrow file, as documents."""
+    rows = _jsonl_lines(path) if path.suffix == ".jsonl" else _table_rows(path, cfg)
+    for number, where, record in rows:
+        try:
+            record = _json_line(record, where) if isinstance(record, bytes) else record
+            doc = _record_to_doc(_with_columns(record, cfg, where), path, number, where)
+        except DataError as exc:
+            if not cfg.skip_bad:
+                raise DataError(f"{exc} (skip such records with --skip-bad, or the data "
+                                "option skip_bad)") from None
+            counts["bad_jsonl_line" if path.suffix == ".jsonl" else "bad_record"] += 1
+            continue
+        yield doc
+
+
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, str, bytes]]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if raw.strip():  # rstrip: else an error at the line's end is json's "line 2"
+                yield lineno, f"{path}:{lineno}", raw.rstrip(b"\r\n")
+
+
+def _table_rows(file: Path, cfg: DataConfig) -> Iterator[tuple[int, str, dict]]:
+    """The rows of a parquet file or a datasets Arrow file, read a batch at a time (a file
+    larger than memory streams), only the columns the data options name."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if file.suffix == ".parquet":
+        table = pq.ParquetFile(file, pre_buffer=False)  # pre-buffering holds every row group
+        batches = table.iter_batches(batch_size=64,
+                                     columns=_wanted(table.schema_arrow.names, cfg, file))
+    else:  # datasets' Arrow stream files, memory-mapped
+        reader = pa.ipc.open_stream(pa.memory_map(str(file)))
+        _wanted(reader.schema.names, cfg, file)
+        batches = iter(reader)
+    number = 0
+    for batch in batches:
+        for row in batch.to_pylist():
+            number += 1
+            yield number, f"{file}: row {number}", row
+
+
+def _wanted(names: Sequence[str], cfg: DataConfig, file: Path) -> list[str] | None:
+    """The columns to read (None: all), each named one there."""
+    named = [c for c in (cfg.text_column, cfg.input_column, cfg.output_column) if c]
+    if missing := [c for c in named if c not in names]:
+        raise DataError(f"{file}: no column {missing[0]!r} (its columns: {', '.join(names)}); "
+                        "set the data options text_column, or input_column and output_column")
+    return [*named, *(c for c in ("repo", "path") if c in names)] if named else None
+
+
+def _with_columns(record: dict, cfg: DataConfig, where: str) -> dict:
+    """``record`` with the columns the data options name read as codelm's keys."""
+    named = [cfg.text_column] if cfg.text_column else [cfg.input_column, cfg.output_column]
+    if missing := [c for c in named if c is not None and c not in record]:
+        raise DataError(f"{where}: no key {missing[0]!r}, which the data options name")
+    if cfg.text_column is not None:
+        return {"text": record[cfg.text_column], "repo": record.get("repo"),
+                "path": record.get("path")}
+    if cfg.input_column is not None:
+        return {"input": record[cfg.input_column], "output": record[cfg.output_column]}
+    return record
+
+
+def _json_line(raw: bytes, where: str) -> dict:
+    """One JSONL line's object; a DataError names ``where`` (file:line) and the column."""
+    try:
+        rec = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        end = " (the end of the line)" if exc.pos >= len(exc.doc) else ""
+        raise DataError(f"{where}: malformed JSON at column {exc.pos + 1}{end}: {exc.msg}") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{where}: malformed JSON ({exc})") from None
+    except RecursionError:  # json's decoder recurses once per nesting level
+        raise DataError(f"{where}: malformed JSON (nested too deeply)") from None
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    return rec
+
+
+def _check_utf8(rec: dict, where: str) -> None:
+    """Every string a record contributes must be valid UTF-8 (JSON can spell lone surrogates)."""
+    for key in (*TEXT_KEYS, "repo", "path", "input", "output", "prompt", "completion"):
+        value = rec.get(key)
+        if isinstance(value, str) and not is_utf8(value):
+            raise DataError(f"{where}: key {key!r} holds a lone surrogate (not valid UTF-8)")
+
+
+# A code record's text: the scrapers' key, then that of some published corpora.
+TEXT_KEYS = ("text", "file_text")
+
+
+def _record_to_doc(rec: dict, path: Path, lineno: int, where: str) -> Doc:
+    _check_utf8(rec, where)
+    for a, b in (("input", "output"), ("prompt", "completion")):
+        if a in rec or b in rec:
+            if not (isinstance(rec.get(a), str) and isinstance(rec.get(b), str)):
+                raise DataError(f"{where}: a pair needs string keys {a!r} and {b!r}")
+            return Doc(f"{path.name}:{lineno}", rec[a], target=rec[b], raw_pair=a == "prompt")
+    key = next((k for k in TEXT_KEYS if k in rec), None)
+    if key is not None:
+        if not isinstance(rec[key], str):
+            raise DataError(f"{where}: key {key!r} must be a string")
+        repo = rec.get("repo") if isinstance(rec.get("repo"), str) else None
+        rel = rec.get("path") if isinstance(rec.get("path"), str) else f"{path.name}:{lineno}"
+        return Doc(f"{repo}/{rel}" if repo else rel, rec[key], repo=repo)
+    raise DataError(f"{where}: record has none of the keys 'text' (or 'file_text'), "
+                    "'input'/'output', 'prompt'/'completion'")
+
+
+def _sources_by_split(cfg: DataConfig) -> list[tuple[str | None, str]]:
+    """(predefined split or None, source), val and test first: deduplication keeps the first
+    copy, so a document both in a val/test file and in `sources` stays out of training."""
+    return ([("val", s) for s in cfg.val_sources] + [("test", s) for s in cfg.test_sources]
+            + [(None, s) for s in cfg.sources])
+
+
+def _iter_sources(cfg: DataConfig, counts: Counter, pairs: list[int]) -> Iterator[Doc]:
+    """Every document of every source, at most ``max_docs`` per role, counting each source's
+    pair records in ``pairs``. A file over ``max_bytes`` is left unread (``text`` None)."""
+    taken: Counter = Counter()  # documents yielded per role
+    for i, (split, source) in enumerate(_sources_by_split(cfg)):
+        files = _record_files(source)
+        if files is not None:
+            docs = itertools.chain.from_iterable(_read_records(f, cfg, counts) for f in files)
+        else:
+            docs = _read_files(source, cfg, counts)
+        for raw in docs:
+            if cfg.max_docs is not None and taken[split] >= cfg.max_docs:
+                break
+            taken[split] += 1
+            if raw.target is not None:
+                pairs[i] += 1
+            raw.split = split
+            yield raw
+
+
+def _read_files(source: str, cfg: DataConfig, counts: Counter) -> Iterator[Doc]:
+    root, files = _source_files(source, cfg.extensions)
+    prefix = "stdlib" if source == "stdlib" else root.name
+    for p in files:
+        doc_id = f"{prefix}/{p.relative_to(root).as_posix()}"
+        if not is_utf8(doc_id):  # os.walk spells undecodable name bytes as surrogates
+            counts["not_utf8_name"] += 1
+            continue
+        yield Doc(doc_id, p.read_bytes() if p.stat().st_size <= cfg.max_bytes else None)
+
+
+def _sources_fingerprint(sources: Sequence[str], extensions: Sequence[str]) -> list:
+    """What the cache key knows of the sources: every file's path, size and mtime."""
+    out = []
+    for source in sources:
+        _check_source(source)  # every build computes its key first: sources are checked here
+        if (files := _record_files(source)) is not None:
+            out += [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+            continue
+        root, files = _source_files(source, extensions)
+        listing = hashlib.sha256()
+        for p in files:
+            st = p.stat()
+            entry = f"{p.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n"
+            listing.update(entry.encode("utf-8", "surrogateescape"))  # a non-UTF-8 name: its bytes
+        out.append([source if source == "stdlib" else str(root.resolve()), listing.hexdigest()])
+    return out
+
+
+# --- Cleaning ---
+
+_LICENSE_WORDS = re.compile(r"copyright|licen[cs]e|spdx-license|all rights reserved", re.I)
+_ENCODING_LINE = re.compile(r"^[ \t\f]*#.*?coding[:=]")
+# A quoted one-line literal or, outside one, a `//` or `#` comment start; a number.
+_STRING_OR_COMMENT = re.compile(r"\"(?:[^\"\\\n]|\\.)*\"|'(?:[^'\\\n]|\\.)*'|//|#")
+_NUMBER_LITERAL = re.compile(r"(?<![\w.])\d[\w.]*")
+# Python tokens that are literals (Python 3.12 splits f-strings: their text is FSTRING_MIDDLE).
+_LITERAL_TOKENS = {tokenize.STRING, tokenize.NUMBER, getattr(tokenize, "FSTRING_MIDDLE", -1)}
+
+
+def strip_license_header(text: str) -> tuple[str, bool]:
+    """Remove a leading comment block that mentions copyright/licence (``#``, ``//`` or
+    ``/* */``), keeping a shebang and an encoding line. Returns (text, removed)."""
+    lines = source_lines(text, keepends=True)
+    keep: list[str] = []
+    i = 0
+    while i < min(2, len(lines)) and ((i == 0 and lines[i].startswith("#!"))
+                                      or _ENCODING_LINE.match(lines[i])):
+        keep.append(lines[i])
+        i += 1
+    while i < len(lines) and not lines[i].strip():
+        i += 1
+    start = i
+    rest = []  # code after the closing */ on its line (`/* (c) X, MIT */ package a`): kept
+    if i < len(lines) and lines[i].lstrip().startswith("/*"):
+        while i < len(lines) and "*/" not in lines[i]:
+            i += 1
+        if i < len(lines) and (after := lines[i].partition("*/")[2].lstrip(" \t")).strip():
+            rest = [after]
+        i += 1
+    else:
+        marker = "#" if lines[i : i + 1] and lines[i].lstrip().startswith("#") else "//"
+        while i < len(lines) and lines[i].lstrip().startswith(marker):
+            i += 1
+    block = "".join(lines[start:i])
+    if i == start or not _LICENSE_WORDS.search(block):
+        return text, False
+    while not rest and i < len(lines) and not lines[i].strip():
+        i += 1
+    return "".join(keep + rest + lines[i:]), True
+
+
+# Credential shapes specific enough to redact in code without false hits: (pattern, placeholder,
+# markers; a text holding none of the markers is not searched, which keeps the scan fast).
+SECRET_PATTERNS: tuple[tuple[re.Pattern, str, tuple[str, ...]], ...] = (
+    (re.compile(r"(-----BEGIN ((?:[A-Z0-9]+ )*PRIVATE KEY)-----)"
+                r"(?:[A-Za-z0-9+/=\s:,.-]|\\[nr]){16,}?(-----END \2-----)"),
+     r"\1<PRIVATE_KEY>\3", ("PRIVATE KEY-----",)),
+    (re.compile(r"\b(?:AKIA|ASIA)(?![0-9A-Z]{0,9}EXAMPLE)[0-9A-Z]{16}\b"), "<AWS_ACCESS_KEY_ID>",
+     ("AKIA", "ASIA")),  # not AWS's documentation ones (AKIAIOSFODNN7EXAMPLE): no one's key
+    (re.compile(r"(?i)(aws_?secret_?(?:access_?)?key\W{1,6})[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+])"),
+     r"\1<AWS_SECRET_ACCESS_KEY>", ("secret", "SECRET", "Secret")),
+    (re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{36,251}|github_pat_[A-Za-z0-9_]{80,})\b"),
+     "<GITHUB_TOKEN>", ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_")),
+    (re.compile(r"\bxox[abposr]-[A-Za-z0-9-]{10,}|\bhttps://hooks\.slack\.com/services/"
+                r"[A-Za-z0-9/]+"), "<SLACK_TOKEN>", ("xox", "hooks.slack.com")),
+    (re.compile(r"(://(?<=[A-Za-z0-9+.-]://)[^\s:@/\"'{}<>\[\]]+:)"
+                r"(?![%$]|(?i:\*+|x+|p|pass|passwd|password|pwd|secret|token|tiger)@)"
+                r"[^\s:@/\"'{}<>\[\]]+@"),
+     r"\1<PASSWORD>@", ("://",)),  # not a %s or $VAR a template fills in, a mask (***) or a
+    #   documentation's placeholder (user:pass, scott:tiger); no [ ] (a syntax's "[user:pw@]")
+)
+# Not a matrix product calling a method (q@k.transpose(-2, -1)) nor git's user@host:path.
+EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"
+                   r"(?!\(|:[\w~/])")
+
+
+def redact_secrets(text: str) -> tuple[str, int]:
+    """Replace each credential SECRET_PATTERNS finds with its placeholder (a private key keeps its
+    BEGIN/END lines, a URL its user). Returns (text, credentials replaced)."""
+    total = 0
+    for pattern, placeholder, markers in SECRET_PATTERNS:
+        if any(marker in text for marker in markers):
+            text, n = pattern.subn(placeholder, text)
+            total += n
+    return text, total
+
+
+def _shares_line(lines: Sequence[str], node: ast.AST) -> bool:
+    """Whether code stands before or after ``node`` on its first/last line (ast columns count
+    UTF-8 bytes)."""
+    before = lines[node.lineno - 1].encode("utf-8")[: node.col_offset]
+    after = lines[node.end_lineno - 1].encode("utf-8")[node.end_col_offset :]
+    return bool(before.strip() or after.decode("utf-8", "replace").split("#")[0].strip())
+
+
+def longest_literal(text: str, at_least: int = 0, python: bool = False) -> int:
+    """Length of the longest one-line string literal or number (exact above ``at_least``); Python
+    through ``tokenize``, other text by a pattern that stops at a comment."""
+    lines = [line for line in source_lines(text) if len(line) > at_least]
+    if lines and python:
+        with contextlib.suppress(*PYTHON_PARSE_ERRORS):
+            tokens = tokenize.generate_tokens(io.StringIO(text).readline)
+            return max((len(t.string) for t in tokens
+                        if t.type in _LITERAL_TOKENS and t.start[0] == t.end[0]), default=0)
+    longest = 0
+    for line in lines:
+        code = line
+        for m in _STRING_OR_COMMENT.finditer(line):
+            if m.group() in ("//", "#"):
+                code = line[: m.start()]
+                break
+            longest = max(longest, len(m.group()))
+        longest = max([longest] + [len(m.group()) for m in _NUMBER_LITERAL.finditer(code)])
+    return longest
+
+
+class _Timeout(BaseException):
+    """A BaseException, so that no `except Exception` in autopep8 or below can swallow it."""
+
+
+def _raise_timeout(signum, frame):
+    raise _Timeout
+
+
+def _autopep8(text: str, timeout: float) -> tuple[str, str | None]:
+    """autopep8 with a per-file time limit (SIGALRM; only where signals can be used), and the
+    modification: ``autopep8_changed``, ``autopep8_timeout``, ``autopep8_failed`` or None."""
+    import autopep8
+
+    use_alarm = timeout > 0 and threading.current_thread() is threading.main_thread()
+    if use_alarm:
+        old = signal.signal(signal.SIGALRM, _raise_timeout)
+        # Repeating: a raise inside a __del__ or weakref callback is dropped; the next one lands.
+        signal.setitimer(signal.ITIMER_REAL, timeout, 0.05)
+    try:
+        fixed = autopep8.fix_code(text)
+    except _Timeout:
+        return text, "autopep8_timeout"
+    except Exception:  # autopep8 itself fails on some odd files; keep them as they are
+        return text, "autopep8_failed"
+    finally:
+        if use_alarm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+    return fixed, "autopep8_changed" if fixed != text else None
+
+
+def _redact(texts: list[str], opt: dict) -> tuple[list[str], list[str]]:
+    """``texts`` (a document, or a pair's prompt and completion) with credentials and, if asked,
+    e-mail addresses replaced; and the modifications made."""
+    mods = []
+    if opt["redact_secrets"]:
+        texts, counts = zip(*map(redact_secrets, texts))
+        if any(counts):
+            mods.append("secrets_redacted")
+    if opt["redact_emails"] and any("@" in t for t in texts):
+        texts, counts = zip(*(EMAIL.subn("<EMAIL>", t) for t in texts))
+        if any(counts):
+            mods.append("emails_redacted")
+    return list(texts), mods
+
+
+def _clean_one(args: tuple[Doc, dict]) -> tuple[Doc | None, str | None, list[str]]:
+    """Clean one document. Returns (doc or None, drop reason, list of modifications)."""
+    raw, opt = args
+    mods: list[str] = []
+    if raw.target is not None:  # a pair: checked and redacted, never otherwise rewritten
+        if not raw.text.strip() or not raw.target.strip():
+            return None, "empty_pair", mods
+        (prompt, target), mods = _redact([raw.text, raw.target], opt)
+        return replace(raw, text=prompt, target=target), None, mods
+    text, reason = decode_source(raw.text)
+    if text is None:
+        return None, reason, mods
+    text = text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+    if len(text.encode("utf-8")) < opt["min_bytes"]:
+        return None, "too_small", mods
+    if opt["strip_license"]:
+        text, removed = strip_license_header(text)
+        if removed:
+            mods.append("license_header_removed")
+    (text,), redacted = _redact([text], opt)
+    mods += redacted
+    is_python = raw.is_python  # pairs returned above
+    if is_python and (opt["strip_comments"] or opt["strip_docstrings"]):
+        try:
+            text = strip_comments_and_docstrings(text, opt["strip_comments"],
+                                                 opt["strip_docstrings"], strict=True)
+            mods.append("comments_or_docstrings_stripped")
+        except PYTHON_PARSE_ERRORS:
+            return None, "syntax_error", mods
+    if is_python and opt["autopep8"]:
+        text, changed = _autopep8(text, opt["autopep8_timeout"])
+        mods += [changed] if changed else []
+    lines = source_lines(text)
+    if sum(map(bool, map(str.strip, lines))) < opt["min_lines"]:
+        return None, "too_few_lines", mods
+    if max(map(len, lines), default=0) > opt["max_line_length"]:
+        return None, "long_line", mods
+    limit = opt["max_literal_length"]
+    if longest_literal(text, limit, python=is_python) > limit:
+        return None, "long_literal", mods
+    return replace(raw, text=text), None, mods
+
+
+def _stored(data: bytes | str) -> bytes:
+    return data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
+
+
+def _content_hash(doc: Doc) -> bytes:
+    h = hashlib.sha256(_stored(doc.text))
+    if doc.target is not None:
+        h.update(b"\0target\0" + _stored(doc.target))
+    return h.digest()
+
+
+def _is_duplicate(doc: Doc, seen: dict[bytes, str | None], dedupe: bool) -> bool:
+    """Whether ``doc`` repeats an earlier document (``seen``: hash -> split of the first copy).
+    A copy in another split always does, so no document sits in two; ``dedupe`` decides the rest."""
+    key = _content_hash(doc)
+    if key not in seen:
+        seen[key] = doc.split
+        return False
+    return dedupe or seen[key] != doc.split
+
+
+_SHINGLE_WORDS = re.compile(r"\w+|[^\w\s]")
+def shingles(text: str, shingle: int = 5) -> set[str]:
+    """The word ``shingle``-grams of a text: the sets whose Jaccard MinHash estimates."""
+    words = _SHINGLE_WORDS.findall(text)
+    return {" ".join(words[j : j + shingle]) for j in range(max(1, len(words) - shingle + 1))}
+
+
+def minhash(text: str, num_perm: int = 64) -> datasketch.MinHash:
+    """datasketch's MinHash of the text's shingles (a fixed seed: the same text, the same one)."""
+    import datasketch  # half a second to import; near-dedupe is off by default
+
+    signature = datasketch.MinHash(num_perm=num_perm, seed=1)
+    signature.update_batch([s.encode() for s in shingles(text)])
+    return signature
+
+
+def near_duplicates(texts: Sequence[str], threshold: float = 0.85, num_perm: int = 64) -> set[int]:
+    """Indices of texts whose estimated Jaccard similarity to an earlier kept text is >=
+    threshold (LSH bands find candidates, the full signature confirms them)."""
+    import datasketch
+
+    index = datasketch.MinHashLSH(num_perm=num_perm, params=(num_perm // 4, 4))  # 4-row bands
+    kept: dict[int, datasketch.MinHash] = {}
+    dupes: set[int] = set()
+    for i, text in enumerate(texts):
+        signature = minhash(text, num_perm)
+        if any(signature.jaccard(kept[j]) >= threshold for j in index.query(signature)):
+            dupes.add(i)
+        else:
+            kept[i] = signature
+            index.insert(i, signature)
+    return dupes
+
+
+def _pool_worker_signals() -> None:
+    """A worker leaves Ctrl-C to its parent, which ends the pool."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _pool(num_workers: int):
+    ctx = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
+    return ctx.Pool(num_workers, initializer=_pool_worker_signals)
+
+
+def clean_corpus(cfg: DataConfig) -> tuple[list[Doc], dict]:
+    """Read and clean every source in one streaming pass (memory holds the kept documents only).
+    Returns (kept docs in source order, stats)."""
+    counts: Counter = Counter()  # drops by reason, in cleaning
+    mods: Counter = Counter()
+    # The reader's counts (it runs in the pool's task thread) are complete after the last result.
+    read = {"files": 0, "bytes": 0}
+    read_drops: Counter = Counter()  # drops by reason, before cleaning
+    opt = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name in _CLEANING_FIELDS}
+    seen_raw: dict[bytes, str | None] = {}
+    pairs = [0] * len(_sources_by_split(cfg))  # pair records read, by source
+
+    def to_clean() -> Iterator[tuple[Doc, dict]]:
+        for raw in _iter_sources(cfg, read_drops, pairs):
+            read["files"] += 1
+            # The size as stored (None: a file left unread); pairs are not dropped for size.
+            size = None if raw.text is None else len(_stored(raw.text))
+            read["bytes"] += (size or 0) + (0 if raw.target is None else len(_stored(raw.target)))
+            if raw.target is None and (size is None or size > cfg.max_bytes):
+                read_drops["too_large"] += 1
+            elif _is_duplicate(raw, seen_raw, cfg.dedupe):  # identical files are cleaned once
+                read_drops["duplicate"] += 1
+            else:
+                yield raw, opt
+
+    docs: list[Doc] = []
+    seen: dict[bytes, str | None] = {}
+    with contextlib.ExitStack() as stack:
+        if cfg.num_workers > 1:
+            pool = stack.enter_context(_pool(cfg.num_workers))
+            chunksize = 1 if cfg.autopep8 else 16  # autopep8 files vary a lot in cost
+            results = pool.imap(_clean_one, to_clean(), chunksize=chunksize)
+        else:
+            results = map(_clean_one, to_clean())
+        for doc, reason, doc_mods in progress_bar(results, desc="read and clean", unit="file",
+                                                  enabled=cfg.progress):
+            mods.update(doc_mods)
+            if doc is None:
+                counts[reason] += 1
+            elif _is_duplicate(doc, seen, cfg.dedupe):  # cleaning can make files identical
+                counts["duplicate"] += 1
+            else:
+                docs.append(doc)
+    counts.update(read_drops)
+    if cfg.near_dedupe and docs:
+        dupes = near_duplicates(list(map(_plain_text, docs)), cfg.near_dedupe_threshold)
+        counts["near_duplicate"] += len(dupes)
+        docs = [d for i, d in enumerate(docs) if i not in dupes]
+    stats = {
+        "read": read,
+        "dropped": dict(sorted(counts.items())),
+        "modified": dict(sorted(mods.items())),
+        "kept": {"files": len(docs),
+                 "bytes": sum(len((d.text + (d.target or "")).encode("utf-8")) for d in docs)},
+        "pairs": pairs,
+    }
+    if not docs and not read["files"]:
+        raise DataError(f"sources {cfg.sources} hold no files with extensions {cfg.extensions} "
+                        "and no JSONL records (an empty .jsonl: a scrape that kept nothing?)")
+    if not docs:
+        raise DataError(f"no data left after cleaning sources {cfg.sources}: read {read['files']} "
+                        f"files/records, dropped {dict(counts) or 'none'}; check the sources, "
+                        f"extensions {cfg.extensions} and the size/line/literal limits")
+    return docs, stats
+
+
+# --- Splits ---
+
+def split_key(doc: Doc, split_by: str) -> str:
+    """The unit that never crosses splits: the repo where known (and asked for), else the file."""
+    return doc.repo if split_by == "repo" and doc.repo else doc.id
+
+
+def assign_splits(keys: Iterable[str], fracs: tuple[float, float, float] = (0.8, 0.1, 0.1),
+                  seed: int = 42) -> dict[str, str]:
+    """key -> "train"/"val"/"test": keys ordered by a seeded SHA-256 and cut at the fractions
+    (val and test get at least one key each when there are 3 keys and their fraction is > 0)."""
+    unique = sorted(set(keys), key=lambda k: hashlib.sha256(f"{seed}\0{k}".encode()).digest())
+    n = len(unique)
+    n_val = round(n * fracs[1])
+    n_test = round(n * fracs[2])
+    if n >= 3:
+        n_val = max(n_val, 1 if fracs[1] > 0 else 0)
+        n_test = max(n_test, 1 if fracs[2] > 0 else 0)
+    n_train = max(0, n - n_val - n_test)
+    return {k: "train" if i < n_train else "val" if i < n_train + n_val else "test"
+            for i, k in enumerate(unique)}
+
+
+@dataclass
+class Corpus:
+    """Cleaned documents split without leaks, with per-stage counts."""
+
+    train: list[Doc]
+    val: list[Doc]
+    test: list[Doc]
+    stats: dict
+    key: str
+
+    def texts(self, split: str = "train") -> list[str]:
+        """Plain texts of one split (pairs as prompt + completion): what a tokenizer trains on."""
+        return [_plain_text(d) for d in getattr(self, split)]
+
+
+def _plain_text(doc: Doc) -> str:
+    return doc.text if doc.target is None else doc.text + "\n" + doc.target
+
+
+def split_corpus(docs: Sequence[Doc], cfg: DataConfig) -> tuple[dict[str, list[Doc]], str]:
+    """Docs by split, and the unit used: a corpus of too few repos is split by file."""
+    given = {"val": bool(cfg.val_sources), "test": bool(cfg.test_sources)}
+    fracs = tuple(0.0 if given.get(s) else f
+                  for s, f in zip(SPLITS, (cfg.train_frac, cfg.val_frac, cfg.test_frac)))
+    out: dict[str, list[Doc]] = {s: [] for s in SPLITS}
+    rest = []
+    for d in docs:
+        (out[d.split] if d.split else rest).append(d)
+    unit = cfg.split_by
+    if unit == "repo":
+        n_keys = len({split_key(d, "repo") for d in rest})
+        if n_keys < sum(f > 0 for f in fracs) or not any(d.repo for d in rest):
+            unit = "file"
+    which = assign_splits((split_key(d, unit) for d in rest), fracs, cfg.seed)
+    sizes: Counter = Counter()
+    for d in rest:
+        out[which[split_key(d, unit)]].append(d)
+        sizes[which[split_key(d, unit)]] += len(d.text) + len(d.target or "")
+    if unit == "repo" and (note := _uneven_split(sizes, fracs, {d.repo for d in rest})):
+        print(note, file=sys.stderr)
+    return out, unit
+
+
+# A split by repo is uneven when a split's share of the text is off by more than this factor.
+UNEVEN_SPLIT_FACTOR = 2.0
+
+
+def _uneven_split(sizes: Counter, fracs: tuple[float, ...], repos: set) -> str | None:
+    """The warning for a split by repo far from its fractions (``sizes``: characters by split)."""
+    total = sum(sizes.values())
+    asked = {"val": fracs[1], "test": fracs[2]}
+    asked["train"] = 1 - asked["val"] - asked["test"]  # assign_splits gives train the rest
+    shares = {s: sizes[s] / total for s in SPLITS} if total else {}
+    off = [s for s in SPLITS if total and asked[s] > 0
+           and not asked[s] / UNEVEN_SPLIT_FACTOR <= shares[s] <= asked[s] * UNEVEN_SPLIT_FACTOR]
+    if not off:
+        return None
+    told = ", ".join(f"{s} {shares[s]:.1%} (asked {asked[s] * 100:g}%)"
+                     for s in SPLITS if asked[s] > 0)
+    return (f"warning: the split by repo is uneven ({', '.join(off)} off by more than "
+            f"{UNEVEN_SPLIT_FACTOR:g}x): of the text, {told}; each of the "
+            f"{len(repos - {None})} repos sits whole in one split. Add repos, or use --split-by "
+            "file (data option split_by), which lets a repo's files sit in several splits")
+
+
+def _hash_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def corpus_key(cfg: DataConfig) -> str:
+    opts = {k: v for k, v in asdict(cfg).items() if k in _CLEANING_FIELDS | _SPLIT_FIELDS}
+    for name in ("sources", "val_sources", "test_sources"):
+        opts[name] = _sources_fingerprint(getattr(cfg, name), cfg.extensions)
+    return _hash_json({"v": PIPELINE_VERSION, "corpus": opts})
+
+
+def publish_cache_entry(final: Path, build: Callable[[Path], object],
+                        replace: bool = False) -> None:
+    """Build the cache entry ``final`` with ``process.write_dir_atomically`` (without
+    ``replace`` the first complete build stays); a full disk names the cache directory."""
+    try:
+        process.write_dir_atomically(final, build, replace=replace)
+    except OSError as err:
+        full = process.is_disk_full(err)
+        if err.filename is not None and not full:
+            raise
+        advice = (": free space, or move the data cache with CODELM_CACHE=DIR (or the cache_dir "
+                  "data option)") if full else ""
+        raise OSError(err.errno, f"{err.strerror or err} while writing {final.name} there; "
+                      f"nothing half-built was kept{advice}", str(final.parent)) from None
+
+
+def load_corpus(cfg: DataConfig) -> Corpus:
+    """Cleaned, split corpus (cached by sources + cleaning + split options); ``cfg`` validated."""
+    key = corpus_key(cfg)
+    path = Path(cfg.cache_dir) / f"corpus-{key}"
+    if cfg.use_cache and (path / "stats.json").exists():
+        splits = {}
+        for s in SPLITS:
+            with open(path / f"{s}.jsonl", encoding="utf-8") as f:
+                splits[s] = [Doc(**json.loads(line)) for line in f]
+        stats = json.loads((path / "stats.json").read_text())
+        stats["cache_hit"] = True
+        return Corpus(**splits, stats=stats, key=key)
+    docs, stats = clean_corpus(cfg)
+    splits, unit = split_corpus(docs, cfg)
+    stats["split"] = {s: len(v) for s, v in splits.items()}
+    stats["split_by"] = unit
+    if not splits["train"]:  # every kept document is a val/test one
+        copies = stats["dropped"].get("duplicate") and (cfg.val_sources or cfg.test_sources)
+        raise DataError(
+            f"sources {cfg.sources} left no train documents (kept: {stats['split']}, dropped: "
+            f"{stats['dropped'] or 'none'}); add data" + (
+                " (a training document identical to a val/test one is dropped as a duplicate: "
+                "a val/test source must not also be a training source)" if copies else ""))
+    for split, given in (("val", cfg.val_sources), ("test", cfg.test_sources)):
+        if given and not splits[split]:
+            raise DataError(f"{split}_sources {given} left no {split} documents after cleaning "
+                            f"(dropped: {stats['dropped'] or 'none'})")
+
+    def write(tmp: Path) -> None:
+        for s in SPLITS:
+            with open(tmp / f"{s}.jsonl", "w", encoding="utf-8") as f:
+                for d in splits[s]:
+                    f.write(json.dumps(asdict(d), ensure_ascii=False) + "\n")
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
+
+    publish_cache_entry(path, write, replace=not cfg.use_cache)
+    stats["cache_hit"] = False
+    return Corpus(**splits, stats=stats, key=key)
+
+
+# --- Datasets ---
+
+class LMWindows(Dataset):
+    """Windows of a packed, memory-mapped token file: input tokens[s : s+T], labels shifted by
+    one. ``stride=1``: every start is an index (training samples them); ``block_size``: one pass."""
+
+    def __init__(self, path: str | Path, dtype: str, n_tokens: int, block_size: int, stride: int):
+        self.path, self.dtype, self.n_tokens = str(path), dtype, n_tokens
+        self.block_size, self.stride = block_size, stride
+        if n_tokens < 2:
+            self.length = 0
+        elif stride == 1:
+            self.length = max(1, n_tokens - block_size)
+        else:
+            self.length = math.ceil((n_tokens - 1) / stride)
+
+    @cached_property
+    def tokens(self) -> np.ndarray:  # opened lazily so DataLoader workers do not pickle the map
+        return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "tokens"}
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < self.length:
+            raise IndexError(i)
+        s = i * self.stride
+        chunk = torch.from_numpy(self.tokens[s : s + self.block_size + 1].astype(np.int64))
+        return {"input_ids": chunk[:-1], "labels": chunk[1:].clone()}
+
+
+class SupervisedExamples(Dataset):
+    """Prompt + completion sequences stored flat; labels are -100 on prompt targets."""
+
+    def __init__(self, directory: str | Path, split: str):
+        d = Path(directory)
+        self.ids_path = d / f"{split}.ids.npy"
+        self.offsets = np.load(d / f"{split}.offsets.npy")
+        self.prompt_lens = np.load(d / f"{split}.prompt_lens.npy")
+
+    @cached_property
+    def ids(self) -> np.ndarray:  # opened lazily so DataLoader workers do not pickle the map
+        return np.load(self.ids_path, mmap_mode="r")
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "ids"}
+
+    def __len__(self) -> int:
+        return len(self.prompt_lens)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        seq = torch.from_numpy(self.ids[self.offsets[i] : self.offsets[i + 1]].astype(np.int64))
+        labels = seq[1:].clone()
+        labels[: max(0, int(self.prompt_lens[i]) - 1)] = -100
+        return {"input_ids": seq[:-1], "labels": labels}
+
+
+def supervised_example(prompt_ids: Sequence[int], completion_ids: Sequence[int], max_length: int,
+                       max_completion_tokens: int | None = None,
+                       max_prompt_tokens: int | None = None, code: tuple[int, int] = (0, 0),
+                       start: Sequence[int] = ()) -> dict[str, torch.Tensor]:
+    """One causal-LM example (input length at most ``max_length``): ``start`` + prompt +
+    completion, cut by ``_truncate_pair``; labels are -100 on every prompt target."""
+    prompt, completion = _truncate_pair(prompt_ids, completion_ids, max_length - len(start),
+                                        max_completion_tokens, max_prompt_tokens, code)
+    prompt = [*start, *prompt]
+    seq = torch.tensor(prompt + completion, dtype=torch.long)
+    labels = seq[1:].clone()
+    labels[: max(0, len(prompt) - 1)] = -100
+    return {"input_ids": seq[:-1], "labels": labels}
+
+
+def _truncate_pair(prompt_ids: Sequence[int], completion_ids: Sequence[int], max_length: int,
+                   max_completion_tokens: int | None, max_prompt_tokens: int | None = None,
+                   code: tuple[int, int] = (0, 0)) -> tuple[list[int], list[int]]:
+    """Fit prompt + completion into ``max_length + 1`` tokens and the prompt into
+    ``max_prompt_tokens`` (``fit_prompt`` cuts it); the completion keeps its start."""
+    completion = list(completion_ids)[:max_completion_tokens]
+    room = len(prompt_ids) if max_prompt_tokens is None else min(len(prompt_ids), max_prompt_tokens)
+    budget = max_length + 1
+    # When both are long, the prompt keeps half the sequence: a completion cut short still
+    # teaches its start, a prompt cut to a token or two conditions nothing.
+    room = min(room, max(budget - len(completion), budget // 2))
+    return fit_prompt(prompt_ids, room, code), completion[: budget - room]
+
+
+def fit_prompt(prompt_ids: Sequence[int], room: int, code: tuple[int, int] = (0, 0)) -> list[int]:
+    """The prompt cut to ``room`` tokens: the end of its ``code`` span (start, end) goes first, so
+    that the instruction around the code survives, then its left end (training and eval.py)."""
+    prompt = list(prompt_ids)
+    room = min(room, len(prompt))
+    start, end = code
+    del prompt[max(start, end - (len(prompt) - room)) : end]
+    return prompt[len(prompt) - room :]
+
+
+def collate(examples: Sequence[dict[str, torch.Tensor]], pad_id: int | None
+            ) -> dict[str, torch.Tensor]:
+    """Right-pad examples into a batch: ``pad_id`` (or 0) on inputs, -100 on padded labels."""
+    pad = 0 if pad_id is None else int(pad_id)
+    inputs = [e["input_ids"] for e in examples]
+    input_ids = pad_sequence(inputs, batch_first=True, padding_value=pad)
+    labels = pad_sequence([e["labels"] for e in examples], batch_first=True, padding_value=-100)
+    mask = torch.arange(input_ids.shape[1]) < torch.tensor([[len(x)] for x in inputs])
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+
+@dataclass
+class PreparedData:
+    """The three splits of one task: Datasets of {"input_ids", "labels"}, or without a tokenizer
+    lists of texts (to train one on)."""
+
+    train: Dataset | list[str]
+    val: Dataset | list[str]
+    test: Dataset | list[str]
+    task: str
+    stats: dict
+    cache_path: Path | None = None
+    pad_id: int | None = None
+    eos_id: int | None = None
+
+
+# --- Task builders (text level): each yields Example(head, body, tail, completion) ---
+
+@dataclass
+class Example:
+    """A supervised example before tokenization: prompt = head + body + tail; ``body`` (the code
+    inside an instruction, at most ``body_budget`` tokens) is what a long prompt loses first."""
+
+    head: str
+    completion: str
+    body: str = ""
+    tail: str = ""
+    body_budget: int | None = None
+    pair: bool = False  # from a pair record: ``pair_special_tokens`` reads its special tokens
+
+    @property
+    def prompt(self) -> str:
+        return self.head + self.body + self.tail
+
+
+_DOCUMENTED = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+class _Parsed(typing.NamedTuple):
+    tree: ast.Module
+    lines: list[str]  # numbered as ast numbers them (source_lines), without their ends
+    in_string: set[int]  # numbers of the lines that start inside a multi-line string literal
+
+
+def _parse(doc: Doc) -> _Parsed | None:
+    """A Python document parsed, or None when it does not parse."""
+    lines = source_lines(doc.text, keepends=True)
+    try:
+        tree = ast.parse(doc.text)
+        tokens = tokenize.generate_tokens(iter(lines).__next__)
+        in_string = {row for t in tokens for row in range(t.start[0] + 1, t.end[0] + 1)}
+    except PYTHON_PARSE_ERRORS:
+        return None
+    lines = [line.rstrip("\r\n") for line in lines]
+    for node in ast.walk(tree):
+        ds = docstring_statement(node) if isinstance(node, _DOCUMENTED) else None
+        if ds is not None and _docstring_can_move(ds, lines):
+            in_string -= set(range(ds.lineno + 1, ds.end_lineno + 1))
+    return _Parsed(tree, lines, in_string)
+
+
+def _docstring_can_move(ds: ast.Expr, lines: list[str]) -> bool:
+    """Whether a docstring's cleaned value survives dedenting its lines by its statement's
+    indentation: they are indented that far, and no backslash joins two."""
+    inside = lines[ds.lineno : ds.end_lineno]
+    indented = all(len(line) - len(line.lstrip(" \t")) >= ds.col_offset or not line.strip()
+                   for line in inside)
+    return indented and not any(map(_joins_next, lines[ds.lineno - 1 : ds.end_lineno - 1]))
+
+
+def _joins_next(line: str) -> bool:
+    """Whether a line ends in a backslash that escapes its newline (an odd run of them)."""
+    return (len(line) - len(line.rstrip("\\"))) % 2 == 1
+
+
+def line_completion_examples(doc: Doc, n: int, seed: int) -> list[Example]:
+    """CodeXGLUE line completion: the file up to a line boundary -> the next (non-blank) line."""
+    lines = source_lines(doc.text, keepends=True)
+    candidates = [i for i in range(1, len(lines)) if lines[i].strip()]
+    rng = random.Random(f"{seed}\0{doc.id}")
+    chosen = sorted(rng.sample(candidates, min(n, len(candidates))))
+    return [Example("".join(lines[:i]), lines[i].rstrip("\n")) for i in chosen]
+
+
+def _dedent(parsed: _Parsed, first: int, last: int, indent: int) -> list[str]:
+    """Lines ``first``..``last`` moved ``indent`` columns left (at most their own whitespace);
+    lines inside a multi-line string keep theirs, so its value is kept."""
+    out = []
+    for row in range(first, last + 1):
+        line = parsed.lines[row - 1]
+        if row not in parsed.in_string:
+            line = line[min(indent, len(line) - len(line.lstrip(" \t\f"))) :]
+        out.append(line)
+    return out
+
+
+def method_examples(doc: Doc, parsed: _Parsed | None = None) -> list[Example]:
+    """CodeXGLUE method generation: signature + docstring -> body; the docstring is the
+    example's ``body``, so a long prompt loses the end of its docstring, not its signature."""
+    parsed = parsed or _parse(doc)
+    if parsed is None:
+        return []
+    out = []
+    for node in ast.walk(parsed.tree):
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        ds = docstring_statement(node)
+        if (ds is None or len(node.body) < 2 or ds.lineno == node.lineno
+                or node.body[1].lineno <= ds.end_lineno):
+            continue
+        start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+        head = _dedent(parsed, start, ds.end_lineno, node.col_offset)
+        body = _dedent(parsed, ds.end_lineno + 1, node.end_lineno, node.col_offset)
+        if not "".join(body).strip():
+            continue
+        prompt = "\n".join(head) + "\n"
+        n_sig = ds.lineno - start  # the decorator and def lines before the docstring
+        sig = "".join(line + "\n" for line in head[:n_sig])
+        out.append(Example(sig, "\n".join(body).rstrip(), body=prompt[len(sig) :]))
+    return out
+
+
+def docstring_examples(doc: Doc, targets: str, prompt: str, code_tokens: int,
+                       parsed: _Parsed | None = None) -> list[Example]:
+    """A class (or function) with its docstring removed -> the docstring."""
+    parsed = parsed or _parse(doc)
+    if parsed is None:
+        return []
+    kinds = {"class": ast.ClassDef, "function": _DOCUMENTED[1:], "both": _DOCUMENTED}[targets]
+    out = []
+    for node in ast.walk(parsed.tree):
+        if not isinstance(node, kinds):
+            continue
+        ds = docstring_statement(node)
+        if ds is None or ds.lineno == node.lineno or _shares_line(parsed.lines, ds):
+            continue
+        # strip: Python < 3.13 keeps a last line of indentation before the closing quotes
+        docstring = (ast.get_docstring(node, clean=True) or "").strip()
+        if not docstring:
+            continue
+        start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+        indent = node.col_offset
+        code = _dedent(parsed, start, ds.lineno - 1, indent)
+        if len(node.body) == 1:
+            code.append(" " * (ds.col_offset - indent) + "pass")
+        code += _dedent(parsed, ds.end_lineno + 1, node.end_lineno, indent)
+        source = "\n".join(code)
+        template = DOCSTRING_PROMPTS[prompt]
+        if not isinstance(node, ast.ClassDef):  # a function's prompt names a function
+            template = template.replace("Class", "Function")
+            template = template.replace("Python class", "Python function")
+        head, tail = template.replace("{class_name}", node.name).split("{source_code}")
+        out.append(Example(head, docstring, body=source, tail=tail, body_budget=code_tokens))
+    return out
+
+
+def refactor_example(doc: Doc) -> Example:
+    """{"input","output"} through REFACTOR_TEMPLATE, the input as the body; prompt/completion
+    pairs are used verbatim."""
+    if doc.raw_pair:
+        return Example(doc.text, doc.target, pair=True)
+    head, tail = REFACTOR_TEMPLATE.split("{input}")
+    return Example(head, doc.target, body=doc.text, tail=tail, pair=True)
+
+
+# --- Tokenization, building and caching ---
+
+_FINGERPRINT_PREFIX = "codelm-tokenizer-"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of the tokenizer's saved files, role ids and ``ENCODING_VERSION``: the cache changes
+    when the ids can. The temp directory is named after this process, for a later run to remove."""
+    process.remove_dead_owners(tempfile.gettempdir(), _FINGERPRINT_PREFIX)
+    with tempfile.TemporaryDirectory(prefix=_FINGERPRINT_PREFIX + process.owner_tag()) as d:
+        target = Path(d) / "tokenizer"
+        target.mkdir()
+        tokenizer.save(str(target))
+        roles = ("vocab_size", "bos_id", "eos_id", "pad_id",  # can come from files beside it
+                 "fim_prefix_id", "fim_middle_id", "fim_suffix_id")
+        key = [ENCODING_VERSION, *(getattr(tokenizer, r) for r in roles)]
+        h = hashlib.sha256(json.dumps(key).encode())
+        for p in sorted(Path(d).rglob("*")):
+            if p.is_file():
+                h.update(p.relative_to(d).as_posix().encode() + b"\0" + p.read_bytes())
+        return h.hexdigest()[:24]
+
+
+def tokenizer_cache_dir(cfg: DataConfig, min_freq: int, max_vocab: int | None) -> Path:
+    """Where a CodeTokenizer trained on ``cfg``'s train split is cached (keyed by corpus,
+    training options and ``ENCODING_VERSION``)."""
+    key = _hash_json({"v": ENCODING_VERSION, "corpus": corpus_key(cfg),
+                      "min_freq": min_freq, "max_vocab": max_vocab})
+    return Path(cfg.cache_dir) / f"tokenizer-{key}"
+
+
+def _task_options(cfg: DataConfig) -> dict:
+    """The options of ``cfg.task`` (a part of its cache key)."""
+    opts = {"task": cfg.task, "block_size": cfg.block_size, "seed": cfg.seed}
+    if cfg.task != "lm":
+        opts.update(add_eos=cfg.add_eos, max_prompt_tokens=cfg.max_prompt_tokens,
+                    max_completion_tokens=cfg.max_completion_tokens)
+    if cfg.task == "completion":
+        opts.update(style=cfg.completion_style)
+        if cfg.completion_style == "window":
+            opts.update(p=cfg.window_prompt_tokens, c=cfg.window_completion_tokens,
+                        s=cfg.window_stride)
+        else:
+            opts.update(lines_per_file=cfg.lines_per_file)
+    if cfg.task == "docstring":
+        opts.update(targets=cfg.docstring_targets, min_tokens=cfg.docstring_min_tokens,
+                    code_tokens=cfg.docstring_code_tokens,
+                    prompt=DOCSTRING_PROMPTS[cfg.docstring_prompt])
+    if cfg.task == "refactor":
+        opts.update(template=REFACTOR_TEMPLATE)
+    if cfg.task == "fim":
+        # fim_cut: bump when the PSM cut changes the ids (rebuilds the fim entries only)
+        opts.update(fim_rate=cfg.fim_rate, fim_cut=3)
+    if reads_special_tokens(cfg.task, cfg.pair_special_tokens):
+        opts.update(pair_special_tokens=True)
+    return opts
+
+
+def reads_special_tokens(task: str | None, pair_special_tokens: object) -> bool:
+    """Whether a run's pair records (and its prompts) read special-token text as the tokens."""
+    return bool(pair_special_tokens) and task != "lm"
+
+
+def _encode(tokenizer, texts: list[str], cfg: DataConfig, desc: str,
+            specials: Sequence[bool] | None = None) -> list[list[int]]:
+    """encode_batch in chunks (bounded memory, a progress bar); a special token's text is text,
+    except in the texts ``specials`` marks (``pair_special_tokens``)."""
+    if specials is not None and any(specials):
+        out: list[list[int]] = [[] for _ in texts]
+        for read in (False, True):
+            which = [i for i, r in enumerate(specials) if r == read]
+            encoded = _encode_batches(tokenizer, [texts[i] for i in which], cfg, desc, not read)
+            for i, ids in zip(which, encoded):
+                out[i] = ids
+        return out
+    return _encode_batches(tokenizer, texts, cfg, desc, True)
+
+
+def _encode_batches(tokenizer, texts: list[str], cfg: DataConfig, desc: str,
+                    split_special_tokens: bool) -> list[list[int]]:
+    out: list[list[int]] = []
+    start = size = 0
+    with progress_bar(total=len(texts), desc=desc, unit="text", enabled=cfg.progress) as bar:
+        for end, text in enumerate(texts, start=1):
+            size += len(text)
+            if size >= 16_000_000 or end == len(texts):
+                out.extend(tokenizer.encode_batch(texts[start:end], num_workers=cfg.num_workers,
+                                                  split_special_tokens=split_special_tokens))
+                bar.update(end - start)
+                start, size = end, 0
+    return out
+
+
+def _token_dtype(tokenizer) -> str:
+    return "uint16" if tokenizer.vocab_size <= 65536 else "uint32"
+
+
+def prompt_prefix(tokenizer: CodeTokenizer | BPETokenizer, task: str | None) -> list[int]:
+    """The ids before a prompt, as the model saw text in training: the template start (Llama-3's
+    BOS), after an EOS for the lm task, which packs each file after one."""
+    eos = [tokenizer.eos_id] if task == "lm" and tokenizer.eos_id is not None else []
+    return eos + tokenizer.template_prefix
+
+
+def _special_token_text(tokenizer: CodeTokenizer | BPETokenizer) -> re.Pattern | None:
+    """What finds the text of the tokenizer's ``matched_special_tokens``; None: it has none."""
+    specials = tokenizer.matched_special_tokens
+    return re.compile("|".join(map(re.escape, specials))) if specials else None
+
+
+def _without_text_template_prefix(ids: list[int], prefix: Sequence[int]) -> list[int]:
+    """``ids`` less a start equal to the template prefix (``prompt_prefix`` places it): one BOS."""
+    return ids[len(prefix) :] if prefix and ids[: len(prefix)] == list(prefix) else ids
+
+
+RUN_READ_TEXT = "the run trained on such text as text (pair records without pair_special_tokens, " \
+                "or the lm task)"
+
+
+def encode_prompts(tokenizer: CodeTokenizer | BPETokenizer, prompts: Sequence[str],
+                   pair_special_tokens: bool | None = None, remedy: str = "",
+                   why: str = RUN_READ_TEXT) -> list[list[int]]:
+    """The ids of user prompts (after ``prompt_prefix``), a special token's text read as the model
+    learned it: None (a base model) as transformers does, True as pairs, False as text (a note)."""
+    if pair_special_tokens is None:
+        return [tokenizer.encode(p) for p in prompts]
+    if pair_special_tokens:
+        prefix = tokenizer.template_prefix
+        return [_without_text_template_prefix(tokenizer.encode(p), prefix) for p in prompts]
+    found = _special_token_text(tokenizer)
+    held = {m for p in prompts for m in found.findall(p)} if found else set()
+    if held:
+        n = len({p for p in prompts if found.search(p)})  # pass@k repeats each problem
+        names = [t for t in tokenizer.matched_special_tokens if t in held]
+        print(f"note: {n} prompt(s) hold the text of special token(s) of the tokenizer "
+              f"({', '.join(names)}); {why}, so the prompt is encoded as text, not as those "
+              f"tokens (as transformers' tokenizer(text) would read them){remedy}",
+              file=sys.stderr)
+    return [encode_text(tokenizer, p) for p in prompts]
+
+
+def encode_text(tokenizer: CodeTokenizer | BPETokenizer, text: str) -> list[int]:
+    """A text's ids as data building encodes a document (special tokens' text is text)."""
+    return tokenizer.encode(text, split_special_tokens=True)
+
+
+def packed_document(tokenizer: CodeTokenizer | BPETokenizer, ids: Sequence[int]) -> list[int]:
+    """A file's ids as the lm task packs them: the template start, the file, EOS."""
+    eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]  # eval.py scores without one
+    return [*tokenizer.template_prefix, *ids, *eos]
+
+
+def _build_lm(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path) -> dict:
+    if tokenizer.eos_id is None:
+        raise DataError("the lm task packs files with EOS between them; the tokenizer has no eos_id")
+    dtype = _token_dtype(tokenizer)
+    meta = {"dtype": dtype, "n_tokens": {}}
+    for s in SPLITS:
+        n = 0
+        with open(out / f"{s}.bin", "wb") as f:
+            texts = corpus.texts(s)
+            for ids in _encode(tokenizer, texts, cfg, f"tokenize {s}"):
+                arr = np.asarray(packed_document(tokenizer, ids), dtype=dtype)
+                f.write(arr.tobytes())
+                n += len(arr)
+        meta["n_tokens"][s] = n
+    return meta
+
+
+def _examples_for(doc: Doc, cfg: DataConfig, events: Counter) -> list[Example]:
+    if cfg.task == "refactor":
+        if doc.target is None:
+            raise DataError(
+                f"the refactor task needs JSONL pair records {{'input', 'output'}}; the data holds "
+                f"code files (e.g. {doc.id}: a directory's file or a scraper's {{'text'}} record)")
+        return [refactor_example(doc)]
+    if doc.target is not None:  # pairs in any other task: used as given
+        return [Example(doc.text, doc.target, pair=True)]
+    if cfg.task == "completion":
+        return line_completion_examples(doc, cfg.lines_per_file, cfg.seed)
+    if not doc.is_python:  # method and docstring targets come from Python files only
+        return []
+    parsed = _parse(doc)
+    if parsed is None:
+        events["skipped_syntax_error_file"] += 1
+        return []
+    if cfg.task == "method":
+        return method_examples(doc, parsed)
+    if cfg.task == "docstring":
+        return docstring_examples(doc, cfg.docstring_targets, cfg.docstring_prompt,
+                                  cfg.docstring_code_tokens, parsed)
+    raise AssertionError(cfg.task)
+
+
+_CHARS_PER_TOKEN_BOUND = 32
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def tokenize_examples(examples: list[Example], tokenizer: CodeTokenizer | BPETokenizer,
+                      cfg: DataConfig, desc: str
+                      ) -> list[tuple[list[int], list[int], tuple[int, int]]]:
+    """(prompt ids, completion ids, the body's span in the prompt) of each example. A body with a
+    budget is tokenized apart, to be cut; otherwise the prompt is tokenized whole (as eval.py
+    does), its head and tail apart only to find the body's span. With ``pair_special_tokens`` a
+    pair reads special tokens' text as the tokens, and loses its own template prefix (one BOS)."""
+    # Text far beyond what can survive truncation is cut before tokenizing.
+    chars = _CHARS_PER_TOKEN_BOUND * (cfg.block_size + 1)
+    reads = [cfg.pair_special_tokens and e.pair for e in examples]
+    parts = []
+    for e in examples:
+        head, completion = e.head[-chars:], e.completion[:chars]
+        if e.body_budget is None:
+            whole = head + e.body[:chars] + e.tail
+            parts += [whole, head, e.tail] if e.body else [whole, "", ""]
+        else:
+            parts += [head, e.body[: _CHARS_PER_TOKEN_BOUND * e.body_budget], e.tail]
+        parts.append(completion)
+    ids = _encode(tokenizer, parts, cfg, desc, [r for r in reads for _ in range(4)])
+    prefix = tokenizer.template_prefix
+    out = []
+    for i, e in enumerate(examples):
+        a, b, c, completion = ids[4 * i : 4 * i + 4]
+        if e.body_budget is None:  # a: the whole prompt, b: its head, c: its tail
+            start = _common_prefix(a, b)
+            end = max(start, len(a) - _common_prefix(a[::-1], c[::-1])) if e.body else start
+            if reads[i]:  # the text's own BOS goes
+                n = len(a)
+                a = _without_text_template_prefix(a, prefix)
+                n -= len(a)
+                start, end = max(0, start - n), max(0, end - n)
+            out.append((a, completion, (start, end)))
+        else:  # a: the head, b: the body, c: the tail
+            b = b[: e.body_budget]
+            out.append((a + b + c, completion, (len(a), len(a) + len(b))))
+    return out
+
+
+def window_pairs(ids: list[int], cfg: DataConfig) -> Iterator[tuple[list[int], list[int]]]:
+    """A sliding window: up to P tokens of context -> the next C tokens."""
+    p, c = cfg.window_prompt_tokens, cfg.window_completion_tokens
+    stride = cfg.window_stride or (p + c)
+    for s in range(min(p, max(1, len(ids) - c)), len(ids) - 1, stride):
+        prompt, completion = ids[max(0, s - p) : s], ids[s : s + c]
+        if prompt and completion:
+            yield prompt, completion
+
+
+def _char_start(raw: bytes, x: int) -> int:
+    """``x`` moved back to the start of the UTF-8 character holding byte ``x``."""
+    for _ in range(3):
+        if 0 < x < len(raw) and raw[x] & 0xC0 == 0x80:
+            x -= 1
+    return x
+
+
+def _fim_chunk_size(tokenizer, cfg: DataConfig) -> int:
+    """Tokens of a file per fim chunk: the template prefix, three sentinels, the chunk and EOS
+    fill ``block_size + 1``."""
+    return max(2, cfg.block_size + 1 - 4 - len(tokenizer.template_prefix))
+
+
+def _fim_plan(ids: list[int], doc_id: str, tokenizer, cfg: DataConfig, byte_lengths: np.ndarray
+              ) -> list[list[int] | tuple[str, str, str]]:
+    """A file's chunks, each a plain LM chunk (its ids) or, for a seeded ``fim_rate`` share, the
+    texts of its prefix, middle and suffix, cut at two token positions moved to character starts."""
+    rng = random.Random(f"{cfg.seed}\0fim\0{doc_id}")
+    size = _fim_chunk_size(tokenizer, cfg)
+    table = tokenizer._id_to_bytes
+    offsets = None
+    plan: list[list[int] | tuple[str, str, str]] = []
+    for s in range(0, len(ids), size):
+        chunk = ids[s : s + size]
+        if len(chunk) >= 3 and rng.random() < cfg.fim_rate:
+            a, b = sorted(rng.sample(range(1, len(chunk)), 2))
+            if offsets is None:  # where each token of the file starts, in bytes
+                offsets = np.concatenate([[0], np.cumsum(byte_lengths[ids])]).tolist()
+            # The chunk's bytes and 3 tokens either side, to find where its end characters start.
+            first = max(0, s - 3)
+            raw = b"".join(map(table.__getitem__, ids[first : s + len(chunk) + 3]))
+            start, x, y, end = (_char_start(raw, offsets[s + k] - offsets[first])
+                                for k in (0, a, b, len(chunk)))
+            while y <= x < end or (y < end and raw[y] & 0xC0 == 0x80):
+                y += 1  # both cuts in one character: the middle takes that character
+            plan.append(tuple(raw[i:j].decode("utf-8", "replace")
+                              for i, j in ((start, x), (x, y), (y, end))))
+        elif len(chunk) >= 2:
+            plan.append(chunk)
+    return plan
+
+
+def _fim_pairs(docs: list[tuple[list[int], str]], tokenizer, cfg: DataConfig,
+               desc: str = "fim parts") -> list[list[tuple[list[int], list[int]]]]:
+    """(prompt, completion) pairs of each file ``(ids, doc id)``: plain LM chunks, and a
+    ``fim_rate`` share of prefix-suffix-middle (PSM) examples whose parts are cut at characters
+    and encoded alone, as at inference (StarCoder's FIM); a PSM prompt is cut inside its code,
+    keeping its three sentinels."""
+    byte_lengths = np.fromiter(map(len, tokenizer._id_to_bytes), np.int64)
+    plans = [_fim_plan(ids, doc_id, tokenizer, cfg, byte_lengths) for ids, doc_id in docs]
+    texts = [t for plan in plans for item in plan if isinstance(item, tuple) for t in item]
+    parts = iter(_encode(_without_stripping(tokenizer), texts, cfg, desc))
+    pre, mid, suf = tokenizer.fim_prefix_id, tokenizer.fim_middle_id, tokenizer.fim_suffix_id
+    size = _fim_chunk_size(tokenizer, cfg)
+    out = []
+    for plan in plans:
+        pairs = []
+        for item in plan:
+            if not isinstance(item, tuple):
+                pairs.append(([], item))
+                continue
+            prefix, middle, suffix = next(parts), next(parts), next(parts)
+            # Encoded apart, the parts can outgrow the chunk: the prompt gets what the middle leaves.
+            limit = max(_FIM_SENTINELS, size + _FIM_SENTINELS - len(middle))
+            limit = min(limit, cfg.max_prompt_tokens or limit)
+            prefix, suffix = _fit_fim_context(prefix, suffix, limit)
+            pairs.append(([pre] + prefix + [suf] + suffix + [mid], middle))
+        out.append(pairs)
+    return out
+
+
+def _without_stripping(tokenizer):
+    """``tokenizer`` without comment stripping: PSM parts are already stripped text, and a part
+    stripped alone can lose code (a string's tail read as a comment)."""
+    if not getattr(tokenizer, "strip_comments", False):
+        return tokenizer
+    plain = copy.copy(tokenizer)
+    plain.strip_comments = False
+    return plain
+
+
+_FIM_SENTINELS = 3
+
+
+def _fit_fim_context(prefix: list[int], suffix: list[int], max_prompt_tokens: int
+                     ) -> tuple[list[int], list[int]]:
+    """Prefix and suffix cut to fit a PSM prompt into ``max_prompt_tokens``, keeping the code
+    next to the middle (each keeps half the room where both are long)."""
+    room = max_prompt_tokens - _FIM_SENTINELS
+    if len(prefix) + len(suffix) <= room:
+        return prefix, suffix
+    keep = min(len(prefix), max(room // 2, room - len(suffix)))
+    return prefix[len(prefix) - keep :], suffix[: room - keep]
+
+
+def _build_supervised(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path) -> dict:
+    if cfg.task == "fim" and None in (tokenizer.fim_prefix_id, tokenizer.fim_middle_id,
+                                      tokenizer.fim_suffix_id):
+        raise DataError("the fim task needs a tokenizer with FIM tokens (fim_prefix/middle/suffix)")
+    eos = tokenizer.eos_id if cfg.add_eos else None
+    start = prompt_prefix(tokenizer, cfg.task)
+    dtype = _token_dtype(tokenizer)
+    meta: dict = {"dtype": dtype, "examples": {}, "tokens": {}, "events": {}}
+    in_train: set[bytes] = set()  # hashes of the train examples
+    special_text = _special_token_text(tokenizer)
+    for s in SPLITS:
+        docs = getattr(corpus, s)
+        events: Counter = Counter()  # examples skipped or truncated, by reason
+        if special_text is not None:
+            events["pair_holds_special_token_text"] = sum(
+                bool(special_text.search(d.text) or special_text.search(d.target))
+                for d in docs if d.target is not None)
+        # (prompt ids, completion ids, EOS follows it, the prompt's span truncation cuts first)
+        pairs: list[tuple[list[int], list[int], bool, tuple[int, int]]] = []
+        if cfg.task == "fim" or (cfg.task == "completion" and cfg.completion_style == "window"):
+            code = [d for d in docs if d.target is None]
+            encoded = _encode(tokenizer, [d.text for d in code], cfg, f"tokenize {s}")
+            if cfg.task == "fim":
+                docs_ids = [(ids, d.id) for d, ids in zip(code, encoded)]
+                for file_pairs in _fim_pairs(docs_ids, tokenizer, cfg, f"fim parts {s}"):
+                    pairs.extend((p, c, bool(p), (0, 0)) for p, c in file_pairs)
+            else:
+                for ids in encoded:
+                    pairs.extend((p, c, False, (0, 0)) for p, c in window_pairs(ids, cfg))
+            examples = [Example(d.text, d.target, pair=True) for d in docs if d.target is not None]
+        else:
+            examples = [
+                e
+                for d in progress_bar(docs, desc=f"{cfg.task} {s}", enabled=cfg.progress)
+                for e in _examples_for(d, cfg, events)
+            ]
+        tokenized = tokenize_examples(examples, tokenizer, cfg, f"tokenize {s}")
+        for prompt, completion, code_span in tokenized:
+            if cfg.task == "docstring" and len(completion) < cfg.docstring_min_tokens:
+                events["skipped_docstring_too_short"] += 1
+                continue
+            pairs.append((prompt, completion, True, code_span))
+        ids_out: list[int] = []
+        offsets = [0]
+        prompt_lens = []
+        for prompt, completion, ends, code_span in pairs:
+            n_target = len(completion)
+            if ends and eos is not None:
+                completion = completion + [eos]
+            # A plain LM chunk of the fim task is not cut: its cut tokens would be in no example.
+            limit = cfg.max_completion_tokens if prompt or cfg.task != "fim" else None
+            kept_prompt, kept_completion = _truncate_pair(
+                prompt, completion, cfg.block_size - len(start), limit, cfg.max_prompt_tokens,
+                code_span,
+            )
+            if not kept_completion[:n_target]:  # nothing to learn (an EOS alone is no target)
+                events["skipped_empty_completion"] += 1
+                continue
+            events["prompt_truncated"] += len(kept_prompt) < len(prompt)
+            events["completion_truncated"] += len(kept_completion) < len(completion)
+            prompt, completion = start + kept_prompt, kept_completion
+            # Different files can hold the same code: such an example stays in train only.
+            ids = np.asarray([len(prompt)] + prompt + completion, np.int64)
+            key = hashlib.blake2b(ids, digest_size=16).digest()
+            if s == "train":
+                in_train.add(key)
+            elif key in in_train:
+                events["skipped_same_as_train"] += 1
+                continue
+            ids_out.extend(prompt + completion)
+            offsets.append(len(ids_out))
+            prompt_lens.append(len(prompt))
+        np.save(out / f"{s}.ids.npy", np.asarray(ids_out, dtype=dtype))
+        np.save(out / f"{s}.offsets.npy", np.asarray(offsets, dtype=np.int64))
+        np.save(out / f"{s}.prompt_lens.npy", np.asarray(prompt_lens, dtype=np.int32))
+        meta["examples"][s] = len(prompt_lens)
+        meta["tokens"][s] = len(ids_out)
+        meta["events"][s] = {k: v for k, v in sorted(events.items()) if v}
+    if meta["examples"]["train"] == 0:
+        raise DataError(f"task {cfg.task!r} built no training examples from {len(corpus.train)} "
+                        "train documents; check the sources and task options")
+    return meta
+
+
+def _open_task(path: Path, meta: dict, cfg: DataConfig, tokenizer, cache_hit: bool) -> PreparedData:
+    task = meta["task"]
+    if cfg.task == "lm":
+        splits = {s: LMWindows(path / f"{s}.bin", task["dtype"], task["n_tokens"][s],
+                               cfg.block_size, 1 if s == "train" else cfg.block_size)
+                  for s in SPLITS}
+    else:
+        splits = {s: SupervisedExamples(path, s) for s in SPLITS}
+    return PreparedData(**splits, task=cfg.task, stats={**meta, "cache_hit": cache_hit},
+                        cache_path=path, pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id)
+
+
+def prepare(cfg: DataConfig, tokenizer: CodeTokenizer | BPETokenizer | None = None
+            ) -> PreparedData:
+    """Build (or load from cache) the three splits of ``cfg.task``; ``tokenizer=None`` returns
+    the cleaned split texts (to train a tokenizer on ``.train``)."""
+    cfg.validate()
+    if tokenizer is None:
+        corpus = load_corpus(cfg)
+        return PreparedData(*map(corpus.texts, SPLITS), task=cfg.task,
+                            stats={"corpus": corpus.stats, "cache_hit": corpus.stats["cache_hit"]})
+    if cfg.task in ("method", "docstring") and getattr(tokenizer, "strip_comments", False):
+        raise DataError(f"the {cfg.task} task needs the docstrings a tokenizer with "
+                        "strip_comments=True deletes from its prompts; use a tokenizer with "
+                        "strip_comments=False")
+    key = _hash_json({"corpus": corpus_key(cfg), "tokenizer": tokenizer_fingerprint(tokenizer),
+                      "task": _task_options(cfg)})
+    path = Path(cfg.cache_dir) / f"{cfg.task}-{key}"
+    cache_hit = cfg.use_cache and (path / "meta.json").exists()
+    meta: dict = json.loads((path / "meta.json").read_text()) if cache_hit else {}
+    if not cache_hit:
+        corpus = load_corpus(cfg)
+        build = _build_lm if cfg.task == "lm" else _build_supervised
+
+        def write(tmp: Path) -> None:
+            meta.update(corpus=corpus.stats, task=build(corpus, tokenizer, cfg, tmp))
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+
+        publish_cache_entry(path, write, replace=not cfg.use_cache)
+    _note_pairs_as_text(cfg, meta["corpus"])
+    _note_special_token_text(cfg, meta["task"])
+    return _open_task(path, meta, cfg, tokenizer, cache_hit)
+
+
+def _note_special_token_text(cfg: DataConfig, task_meta: dict) -> None:
+    """A note where pair records hold a special token's text and ``pair_special_tokens`` is off:
+    chat-formatted records then do not train the chat format."""
+    if cfg.pair_special_tokens:
+        return
+    n = sum(events.get("pair_holds_special_token_text", 0)
+            for events in task_meta.get("events", {}).values())
+    if n:
+        print(f"note: {n} input/output pair(s) hold the text of a special token of the tokenizer "
+              "(e.g. <|eot_id|>), encoded as text: to read it as the token, as transformers' "
+              "tokenizer(text) does, use --pair-special-tokens or --data-options "
+              "'{\"pair_special_tokens\": true}'", file=sys.stderr)
+
+
+def _note_pairs_as_text(cfg: DataConfig, corpus_stats: dict) -> None:
+    """One note per pairs source under the lm task, which trains on pairs as plain text."""
+    if cfg.task != "lm":
+        return
+    # By position: the note names each source as given now, however the cache spelled it.
+    for (_, source), n in zip(_sources_by_split(cfg), corpus_stats["pairs"]):
+        if n:
+            print(f"note: {source} holds {n} input/output pairs; the lm task trains on each as "
+                  "plain text (input, newline, output; the loss on both): another task, e.g. "
+                  "--task refactor, trains on the output only", file=sys.stderr)
+
+
+# --- CLI ---
+
+def _print_stats(stats: dict, out=None) -> None:
+    out = out or sys.stdout
+    corpus = stats["corpus"]
+    mb = 1024 * 1024
+    for what in ("read", "dropped", "modified", "kept"):
+        if what in ("read", "kept"):
+            files, size = corpus[what]["files"], corpus[what]["bytes"] / mb
+            print(f"{what:<9} {files:>8} files  {size:8.2f} MB", file=out)
+        else:
+            for reason, n in corpus[what].items():
+                print(f"{what:<9} {n:>8} {reason}", file=out)
+    counts = "  ".join(f"{s} {corpus['split'][s]}" for s in SPLITS)
+    print(f"split     {counts}  (by {corpus['split_by']})", file=out)
+    task = stats.get("task")
+    if task:
+        for key in ("n_tokens", "examples", "tokens"):
+            if key in task:
+                print(f"{key:<9} " + "  ".join(f"{s} {task[key][s]}" for s in SPLITS), file=out)
+        for s, events in task.get("events", {}).items():
+            for reason, n in events.items():
+                print(f"examples  {n:>8} {reason} ({s})", file=out)
+    print(f"cache     {'hit' if stats.get('cache_hit') else 'built'}", file=out)
+
+
+def make_cache_dir(cache_dir: str, option: str | None) -> None:
+    """Create the data cache directory, or say why naming where it was set: ``option`` (the flag
+    or key), else ``CODELM_CACHE`` or its default."""
+    try:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        if option is not None:
+            raise ValueError(f"{option} {cache_dir}: cannot create it ({err.strerror})") from None
+        origin = (f"CODELM_CACHE={os.environ['CODELM_CACHE']} puts it there; point CODELM_CACHE"
+                  if os.environ.get("CODELM_CACHE") else "set CODELM_CACHE")
+        raise ValueError(f"{cache_dir}: cannot create the data cache ({err.strerror}); {origin} "
+                         "to a writable directory (or set data_options.cache_dir)") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = settings.ArgumentParser(
+        description="Prepare a codelm dataset: read sources, clean, split, build a task, cache "
+        "it, and print counts per stage.", argument_default=argparse.SUPPRESS)
+    parser.add_argument("--tokenizer",
+                        help="tokenizer file/dir; without one only the cleaned corpus is built")
+    settings.add_config_flags(parser, DataConfig, _CHOICES)
+    flags = vars(parser.parse_args(argv))
+    tokenizer_path = flags.pop("tokenizer", None)
+    try:
+        with process.interrupt_on_sigterm():
+            cfg = settings.config_from_dict(DataConfig, flags, "command line", _CHOICES)
+            if cfg.use_cache:
+                make_cache_dir(cfg.cache_dir, "--cache-dir" if "cache_dir" in flags else None)
+            tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
+            data = prepare(cfg, tokenizer)
+    except (ValueError, OSError) as exc:
+        message = process.os_error_message(exc) if isinstance(exc, OSError) else exc
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        print("interrupted: no half-built cache entry is kept; the same command builds it",
+              file=sys.stderr)
+        return process.interrupted_exit_code(exc)
+    _print_stats(data.stats)
+    if data.cache_path is not None:
+        print(f"cached at {data.cache_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(process.run_main(main))

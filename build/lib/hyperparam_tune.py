@@ -1,0 +1,1231 @@
+"""Hyperparameter sweeps: an Optuna study whose trials are ``trainingmanager`` runs.
+
+Each trial trains a step budget and reports its validation losses to the pruner. Storage: a
+journal file under ``runs/<study>/`` or any SQLAlchemy URL (several machines; heartbeats requeue
+a dead worker's trial). Re-running the command continues the study. Outputs in
+``runs/<study>/``: best.json (a ready ``--config``), trials.csv, importances.json, trials/.
+"""
+
+from __future__ import annotations
+
+if __name__ == "__main__":  # first: the imports below load torch for seconds
+    import sys
+
+    import process
+
+    process.quiet_start_up_stops(quiet="--worker" in sys.argv)  # its parent tells a stop
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import fcntl
+import io
+import json
+import logging
+import math
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import typing
+import uuid
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import sqlalchemy.exc
+import torch
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+from tqdm import tqdm
+
+import process
+import rundir
+import settings
+import trainingmanager
+from process import progress_bar
+from trainingmanager import NonFiniteLossError, TrainConfig
+
+ROOT = Path(__file__).resolve().parent
+SPACES_DIR = settings.bundled("configs", "search_spaces")
+JOURNAL_FILE = "journal.log"
+# Trial attributes: what the reports need, so that any process can write them.
+ATTR_CONFIG, ATTR_REASON, ATTR_WORKER, ATTR_STEP = "train_config", "fail_reason", "worker", "step"
+ATTR_RUN = "run_dir"  # the trial's run directory (a re-run of an interrupted trial continues it)
+ATTR_STOPPED = "stopped_sweep"  # a trial whose error (a configuration error) stopped the sweep
+ATTR_AGAIN = "runs_again"  # TrialNotHere: the sweep_id that could not run it (others may)
+ATTR_SETTINGS = "trial_settings"  # study attribute: the TrainConfig values all trials share
+OWNER_FILE = "study.json"  # which storage's study owns runs/<study>/ (its trial numbers)
+# The version of what a sweep writes: study.json and the study's recorded settings.
+FORMAT_VERSION = 1
+_DONE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+INTERRUPTED = "interrupted (SIGINT/SIGTERM)"  # the reason of a trial that runs again
+# Completes the trainer's "checkpoint saved at step N; continue with ...".
+RESUME_HINT = ("the same hyperparam_tune.py command, which continues this trial's run from its "
+               "checkpoint")
+
+
+@dataclass
+class TuneConfig:
+    """A sweep; the defaults are the default sweep (from-scratch model, stdlib corpus, 2 CPUs)."""
+
+    # study and sampling
+    study_name: str = "codelm-from-scratch"  # the Optuna study; rerunning one continues it
+    space: str = "from-scratch"  # a built-in space name or a JSON file
+    train_config: str | None = None  # trainingmanager JSON config under the space's base values
+    n_trials: int = 12  # total finished trials the study should hold (shared by all workers)
+    sampler_seed: int | None = None  # in [0, 2**32): a reproducible sweep; None: fresh streams
+    # budget of each trial (a study's trials share it)
+    max_steps: int = 150  # step budget of one trial
+    eval_every: int = 25  # evaluation (and pruning) interval in steps
+    # pruning (hopeless trials stop early)
+    pruner: str = "median"  # median | hyperband | none
+    prune_startup_trials: int = 3  # median pruner: trials finished before any pruning
+    prune_warmup_steps: int = 0  # median pruner: steps of a trial never pruned
+    # storage and workers
+    out_dir: str = "runs"  # the study's files go to <out_dir>/<study_name>/
+    storage: str | None = None  # SQLAlchemy URL or journal file (default: its journal.log)
+    workers: int = 1  # worker processes on this machine
+    heartbeat_interval: int = 30  # seconds between a trial's heartbeats (RDB storages)
+    grace_period: int = 120  # seconds without a heartbeat before a trial is dead and requeued
+    max_retry: int = 2  # times a trial is queued again
+    worker: int = 0  # internal: i > 0 makes this process worker i of --workers (trials only)
+    # output
+    progress: bool = True  # a progress bar over the trials
+
+
+_CHOICES = {"pruner": ("median", "hyperband", "none")}
+
+
+@dataclass
+class TuneResult:
+    study_dir: Path
+    finished: int  # trials counted toward n_trials
+    best_value: float | None
+    best_config: dict | None  # a trainingmanager config, also written to best.json
+    worker_status: int = 0  # --workers: the exit status of the first worker that failed
+
+
+class TrialFailed(Exception):
+    """A trial the sweep records FAILED (with its reason) and goes past."""
+
+
+class TrialAbandoned(Exception):
+    """Another worker declared this trial dead (heartbeats): its worker leaves it and goes on."""
+
+
+class TrialSetupError(ValueError):
+    """A trial's configuration cannot run: the sweep stops (exit 2); the trial is not counted."""
+
+
+class TrialNotHere(TrialSetupError):
+    """A trial another machine can run, this one not (a bf16 run on a GPU without bf16)."""
+
+
+# ---------------------------------------------- search space: JSON -> suggestions -> TrainConfig
+
+
+@dataclass
+class SearchSpace:
+    """``base``: TrainConfig values for every trial; ``params``: name -> distribution spec;
+    ``requires``: TrainConfig keys the user's ``--train-config`` must set (LoRA: init_from)."""
+
+    base: dict
+    params: dict
+    source: str
+    requires: list[str] = dataclasses.field(default_factory=list)
+
+    def example(self) -> dict:
+        """One value per parameter (low bound, first choice): a trial to check before any runs."""
+        return {name: spec["choices"][0] if spec["type"] == "categorical" else spec["low"]
+                for name, spec in self.params.items()}
+
+    def extremes(self) -> list[tuple[str, typing.Any]]:
+        """(name, value) for each choice and each range's ends: checked before any trial."""
+        values = []
+        for name, spec in self.params.items():
+            if spec["type"] == "categorical":
+                values += [(name, choice) for choice in spec["choices"]]
+            else:
+                dist = _distribution(spec)  # its high is what a step lets a trial reach
+                values += [(name, dist.low), (name, dist.high)]
+        return values
+
+    def suggest(self, trial: optuna.Trial) -> dict:
+        """TrainConfig values for one trial; non-scalar choices travel as JSON strings."""
+        values = {}
+        for name, spec in self.params.items():
+            if spec["type"] == "categorical":
+                by_label = {_choice_label(c): c for c in spec["choices"]}
+                values[name] = by_label[trial.suggest_categorical(name, list(by_label))]
+            else:
+                d = _distribution(spec)
+                suggest = trial.suggest_int if spec["type"] == "int" else trial.suggest_float
+                values[name] = suggest(name, d.low, d.high, log=d.log, step=d.step)
+        return values
+
+
+def _choice_label(choice: typing.Any) -> typing.Any:
+    """Optuna stores None, bool, int, float and str choices; lists and objects go as JSON."""
+    return json.dumps(choice) if isinstance(choice, (list, dict)) else choice
+
+
+def _distribution(spec: dict) -> optuna.distributions.BaseDistribution:
+    if spec["type"] == "categorical":
+        return optuna.distributions.CategoricalDistribution(
+            [_choice_label(c) for c in spec["choices"]])
+    if spec["type"] == "int":
+        return optuna.distributions.IntDistribution(
+            spec["low"], spec["high"], log=spec.get("log", False), step=spec.get("step", 1))
+    return optuna.distributions.FloatDistribution(
+        spec["low"], spec["high"], log=spec.get("log", False), step=spec.get("step"))
+
+
+_SPEC_KEYS = {
+    "float": ({"low", "high"}, {"log", "step"}),
+    "int": ({"low", "high"}, {"log", "step"}),
+    "categorical": ({"choices"}, set()),
+}
+
+
+def _check_spec_types(spec: typing.Any, where: str) -> None:
+    """Each field of one parameter's spec has its JSON type (Optuna reads "false" as true)."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where}: must be an object with a 'type', got {spec!r}")
+    kind = spec.get("type")
+    if not isinstance(kind, str) or kind not in _SPEC_KEYS:
+        raise ValueError(f"{where}.type: must be one of {sorted(_SPEC_KEYS)}, got {kind!r}")
+    required, optional = _SPEC_KEYS[kind]
+    if missing := required - set(spec):
+        raise ValueError(f"{where}: missing {sorted(missing)}")
+    if extra := set(spec) - required - optional - {"type"}:
+        raise ValueError(f"{where}: unknown key(s) {sorted(extra)}")
+    if kind == "categorical":
+        if not isinstance(spec["choices"], list) or not spec["choices"]:
+            raise ValueError(f"{where}.choices: must be a non-empty list, got {spec['choices']!r}")
+        return
+    number = int if kind == "int" else float
+    for field in ("low", "high", "step"):
+        value = spec.get(field, 0)  # JSON's true/false are Python ints: refused too
+        if (not settings.is_number(value, number)
+                or isinstance(value, float) and not math.isfinite(value)):
+            what = "an integer" if kind == "int" else "a finite number"
+            raise ValueError(f"{where}.{field}: must be {what}, got {value!r}")
+    if "log" in spec and not isinstance(spec["log"], bool):
+        raise ValueError(f"{where}.log: must be true or false (a JSON boolean), "
+                         f"got {spec['log']!r}")
+
+
+def absolute_paths(values: dict, source: str) -> dict:
+    """TrainConfig ``values`` with their paths absolute, as a run's config.json holds them."""
+    paths = {k: values[k] for k in trainingmanager.PATH_KEYS if k in values}
+    absolute = trainingmanager.with_absolute_paths(trainingmanager.config_from_dict(paths, source))
+    return {**values, **{k: getattr(absolute, k) for k in paths}}
+
+
+def _check_no_resume_or_time_budget(values: dict, source: str) -> None:
+    """Each trial is a new run of the same --max-steps: no ``resume``, no ``max_time_s``."""
+    if values.get("resume") is not None:
+        raise ValueError(f"{source}: resume: each trial is a new run: remove 'resume'")
+    if values.get("max_time_s") is not None:
+        raise ValueError(f"{source}: max_time_s: trials share --max-steps, not a time budget: "
+                         "remove 'max_time_s'")
+
+
+@dataclass
+class SpaceFile:
+    """What a search space file holds (configs/search_spaces/*.json)."""
+
+    params: dict = dataclasses.field(default_factory=dict)  # name -> distribution spec
+    base: dict = dataclasses.field(default_factory=dict)  # TrainConfig values of every trial
+    requires: list[str] = dataclasses.field(default_factory=list)  # keys --train-config sets
+    description: str = ""
+
+
+def load_space(space: str) -> SearchSpace:
+    """A built-in space name or a JSON file; every key and bound is checked against TrainConfig."""
+    path = SPACES_DIR / f"{space}.json"
+    if not path.is_file():
+        path = Path(space)
+    if not path.is_file():
+        builtin = sorted(p.stem for p in SPACES_DIR.glob("*.json"))
+        raise ValueError(f"search space {space!r}: not a built-in space {builtin} nor a file")
+    source = str(path)
+    data = settings.config_from_dict(
+        SpaceFile, settings.read_json_object(path, "search space", strict=True), source)
+    if not data.params:
+        raise ValueError(f"{source}: a search space needs a non-empty 'params' object")
+    trainingmanager.config_from_dict(data.base, f"{source}: base")
+    _check_no_resume_or_time_budget(data.base, f"{source}: base")
+    _check_no_resume_or_time_budget(data.params, f"{source}: params")
+    base = absolute_paths(data.base, f"{source}: base")
+    for name in sorted(set(data.params) & SWEEP_KEYS):  # sampled, then overwritten
+        raise ValueError(f"{source}: params.{name}: the sweep sets it for every trial: remove it")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    for name, spec in data.params.items():
+        where = f"{source}: params.{name}"
+        if name not in known:
+            raise ValueError(f"{where}: not a TrainConfig key; "
+                             f"{settings.key_hint(name, known, 'TrainConfig')}")
+        _check_spec_types(spec, where)
+        if spec["type"] == "categorical":
+            for choice in spec["choices"]:
+                trainingmanager.config_from_dict({**base, name: choice}, where)
+        else:
+            try:  # Optuna's own checks: low <= high, log needs low > 0 and no step, ...
+                _distribution(spec)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+            for bound in (spec["low"], spec["high"]):
+                trainingmanager.config_from_dict({**base, name: bound}, where)
+    if unknown := sorted(set(data.requires) - known):
+        raise ValueError(f"{source}: requires: not TrainConfig key(s) {unknown}")
+    return SearchSpace(base=base, params=data.params, source=source, requires=data.requires)
+
+
+# ----------------------------------------------- storage, study, the trial count of all workers
+
+
+def study_dir(cfg: TuneConfig) -> Path:
+    return Path(cfg.out_dir) / cfg.study_name
+
+
+SQLITE_MAGIC = b"SQLite format 3\0"  # the first bytes of every SQLite database file
+# Seconds to wait for an unended last line to end (another worker may be appending to it).
+_TORN_LINE_WAITS = (0.05, 0.2, 0.5)
+
+
+def _journal_line_problem(line: bytes) -> str | None:
+    """Why Optuna's journal could not replay ``line``, or None."""
+    try:
+        record = json.loads(line)
+    except ValueError as e:  # UnicodeDecodeError too
+        return f"not JSON: {e}"
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    op_code = record.get("op_code")
+    if not isinstance(op_code, int) or isinstance(op_code, bool):
+        return f"op_code is {json.dumps(op_code)}, not an integer"
+    if not isinstance(record.get("worker_id"), str):
+        return "no worker_id string"
+    return None
+
+
+def check_journal(path: Path) -> None:
+    """Refuse, before anything is appended, a file Optuna's journal would misread (a torn
+    record, another file, an SQLite database): Optuna appends after a bad last line."""
+    if not path.is_file():  # none yet: Optuna creates it (a directory is an OSError later)
+        return
+    data = path.read_bytes()
+    if data.startswith(SQLITE_MAGIC):
+        raise ValueError(f"{path}: an SQLite database, not an Optuna journal file: use "
+                         f"--storage sqlite:///{path}")
+    for wait in _TORN_LINE_WAITS:  # an unended last line may be another worker's append
+        if not data or data.endswith(b"\n"):
+            break
+        time.sleep(wait)
+        data = path.read_bytes()
+    *lines, last = data.split(b"\n")
+    for number, line in enumerate([*lines, last] if last else lines, start=1):
+        problem = _journal_line_problem(line)
+        if number > len(lines) and (problem is None or line.startswith(b"{")):
+            where = f"{path}:{number}: the last line has no newline at its end"
+            quoted, offset = shlex.quote(str(path)), len(data) - len(last)
+            if problem is None:
+                raise ValueError(f"{where}; its record is whole: add the newline (echo >> "
+                                 f"{quoted}) to continue the study")
+            raise ValueError(f"{where}: its record is incomplete: remove that line (truncate -s "
+                             f"{offset} {quoted}) to continue the study without it")
+        if problem:
+            raise ValueError(f"{path}:{number}: not an Optuna journal line ({problem}); is this "
+                             "the study's journal file?")
+
+
+class _FileLock:
+    """An exclusive ``flock`` the kernel releases when its holder dies (Optuna's own journal
+    lock outlives a killed holder); one open file per lock, so it never blocks on itself."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+
+    def acquire(self) -> bool:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return True
+
+    def release(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)  # a no-op when not held
+
+
+def open_storage(cfg: TuneConfig) -> optuna.storages.BaseStorage:
+    """A journal file (local, several processes) or an RDB URL with heartbeats and retries."""
+    url = cfg.storage or str(study_dir(cfg) / JOURNAL_FILE)
+    if "://" not in url:
+        check_journal(Path(url))
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        lock = _FileLock(Path(url + ".flock"))
+        backend = optuna.storages.journal.JournalFileBackend(url, lock_obj=lock)
+        return optuna.storages.journal.JournalStorage(backend)
+    if url.startswith("sqlite"):
+        engine_kwargs = {"connect_args": {"timeout": 60}}  # workers take turns on one file
+    else:
+        engine_kwargs = {"pool_pre_ping": True}  # trials outlast idle database connections
+    try:
+        with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine_kwargs, heartbeat_interval=cfg.heartbeat_interval,
+                grace_period=cfg.grace_period,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(cfg.max_retry))
+    except ImportError as e:
+        missing = getattr(e.__cause__, "name", None) or e
+        raise ValueError(f"--storage {url}: its database driver is not installed ({missing}); "
+                         "for PostgreSQL: pip install 'psycopg[binary]'") from None
+    except sqlalchemy.exc.SQLAlchemyError as e:
+        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+        raise ValueError(f"--storage {url}: cannot use the database: {reason}") from None
+
+
+def open_study(cfg: TuneConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:
+    if cfg.pruner == "median":
+        pruner = optuna.pruners.MedianPruner(
+            n_startup_trials=cfg.prune_startup_trials, n_warmup_steps=cfg.prune_warmup_steps)
+    elif cfg.pruner == "hyperband":
+        pruner = optuna.pruners.HyperbandPruner(
+            min_resource=cfg.eval_every, max_resource=cfg.max_steps)
+    else:
+        pruner = optuna.pruners.NopPruner()
+    study = optuna.create_study(storage=storage, study_name=cfg.study_name, direction="minimize",
+                                pruner=pruner, load_if_exists=True)
+    seed = cfg.sampler_seed
+    if seed is not None:  # reproducible, yet a distinct stream per worker and per restart
+        seed = (seed + 1000 * cfg.worker + len(study.get_trials(deepcopy=False))) % 2**32
+    study.sampler = optuna.samplers.TPESampler(seed=seed)
+    return study
+
+
+def _retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
+    return {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+
+
+def counts(trial: FrozenTrial, retried: set[int]) -> bool:
+    """Whether a finished trial counts toward n_trials: not a FAIL that was queued again, was
+    interrupted, stopped the sweep or has no recorded reason (its worker died)."""
+    if trial.state != TrialState.FAIL:
+        return trial.state in _DONE
+    reason = trial.user_attrs.get(ATTR_REASON)
+    return (trial.number not in retried and bool(reason) and reason != INTERRUPTED
+            and not trial.user_attrs.get(ATTR_STOPPED))
+
+
+def study_progress(study: optuna.Study) -> tuple[int, int, int]:
+    """(finished, running, waiting) trials; finished counts the trials ``counts`` counts."""
+    trials = study.get_trials(deepcopy=False)
+    retried = _retried_numbers(trials)
+    finished = sum(counts(t, retried) for t in trials)
+    running = sum(t.state == TrialState.RUNNING for t in trials)
+    waiting = sum(t.state == TrialState.WAITING for t in trials)
+    return finished, running, waiting
+
+
+def _heartbeats(storage: optuna.storages.BaseStorage) -> bool:
+    return isinstance(storage, optuna.storages.RDBStorage)  # open_storage enables them there
+
+
+def _local_owner_alive(trial: FrozenTrial) -> bool | None:
+    """Whether this trial's worker runs on this machine and lives; None: another machine's."""
+    host, _, pid = str(trial.user_attrs.get(ATTR_WORKER, "")).rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        pass
+    return True
+
+
+def recover_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage,
+                        cfg: TuneConfig, sweep: str) -> None:
+    """Queue again interrupted trials; fail and queue again those whose worker died (called
+    under the claim lock)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry)
+        trials = study.get_trials(deepcopy=False)
+        retried = _retried_numbers(trials)
+        for trial in trials:
+            if trial.state == TrialState.FAIL and trial.number not in retried and (
+                    trial.user_attrs.get(ATTR_REASON) == INTERRUPTED
+                    or trial.user_attrs.get(ATTR_AGAIN) not in (None, False, sweep)):
+                retry(study, trial)
+        if _heartbeats(storage):
+            optuna.storages.fail_stale_trials(study)
+            return
+        # The claim lock is held from creating a trial to naming its owner: no owner, no worker.
+        for trial in trials:
+            if trial.state == TrialState.RUNNING and (
+                    ATTR_WORKER not in trial.user_attrs or _local_owner_alive(trial) is False):
+                with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                    storage.set_trial_user_attr(trial._trial_id, ATTR_REASON, "worker process died")
+                    if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                        retry(study, storage.get_trial(trial._trial_id))
+
+
+# ------------------------------------------------------------------------------------ one trial
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate" in text)
+
+
+def _budget(cfg: TuneConfig) -> dict:
+    return {"max_steps": cfg.max_steps, "epochs": None, "eval_every": cfg.eval_every}
+
+
+def _trial_run(cfg: TuneConfig, number: int, resume: Path | None = None) -> dict:
+    """A trial's own run directory (absolute; ``resume``: the interrupted trial's, continued),
+    no bars, no export, one checkpoint at the end."""
+    run = resume or (study_dir(cfg) / "trials" / f"trial-{number:04d}").absolute()
+    return {"name": run.name, "out_dir": str(run.parent), "resume": resume and str(resume),
+            "progress": False, "export": False, "save_every": cfg.max_steps, "keep_last": 1}
+
+
+# Keys that set the data one step sees: sampled under one step budget, they rank trials by it.
+BATCH_KEYS = frozenset({"batch_size", "grad_accum"})
+# TrainConfig keys the sweep sets on every trial: a search space may not set them.
+SWEEP_KEYS = frozenset(_budget(TuneConfig())) | frozenset(_trial_run(TuneConfig(), 0))
+
+
+def trial_recipe(cfg: TuneConfig, space: SearchSpace, base: dict, trial: optuna.Trial) -> dict:
+    """The trial's TrainConfig values as a user would run them (best.json is one):
+    space base < --train-config < sampled values < the sweep's step budget."""
+    return {**space.base, **base, **space.suggest(trial), **_budget(cfg)}
+
+
+def where_set(cfg: TuneConfig, space: SearchSpace, base: dict) -> Callable[[str], str]:
+    """Where a sweep's user sets a trial's TrainConfig ``key``, for the trainer's messages."""
+    def where(key: str) -> str:
+        if key in space.params:
+            spec = space.params[key]
+            values = (f"choices {spec['choices']}" if spec["type"] == "categorical" else
+                      f"{spec['low']} to {spec['high']}")
+            return f"the range of params.{key} in {space.source} (now {values})"
+        if key in ("max_steps", "eval_every"):  # the sweep's flags of the same name
+            return settings.flag_of(key)
+        if key in base:
+            return f"--train-config {cfg.train_config}"
+        if key in space.base:
+            return f"the base of {space.source}"
+        return "TrainConfig's default; a --train-config file sets it"
+
+    return where
+
+
+def interrupted_run(trial: optuna.Trial) -> tuple[Path | None, dict[int, float]]:
+    """The run directory of the trial this one re-runs (if it started), and the validation
+    losses reported up to the checkpoint it continues from (the pruner sees the whole curve)."""
+    trials = {t.number: t for t in trial.study.get_trials(deepcopy=False)}
+    history = trials[trial.number].system_attrs.get("retry_history") or []
+    before = trials.get(history[-1]) if history else None
+    run = before and before.user_attrs.get(ATTR_RUN)
+    if not run or not (Path(run) / rundir.CONFIG_FILE).is_file():
+        return None, {}
+    wait_for_run(trial, before, Path(run))
+    checkpoints = trainingmanager.list_checkpoints(Path(run))
+    step = trainingmanager.checkpoint_step(checkpoints[-1]) if checkpoints else 0
+    reported: dict[int, float] = {}
+    for t in (trials[n] for n in history if n in trials):  # oldest first: the latest wins
+        if t.user_attrs.get(ATTR_RUN) == run:
+            reported.update(t.intermediate_values)
+    return Path(run), {s: v for s, v in reported.items() if s <= step}
+
+
+RUN_POLL_S = 2.0  # seconds between looks at a run directory another process holds
+WAIT_REMINDER_S = 600.0  # seconds between the lines that say a trial still waits for it
+
+
+def wait_for_run(trial: optuna.Trial, before: FrozenTrial, run: Path) -> None:
+    """Wait while a live process holds ``run`` (a worker declared dead yet still training lets
+    go at its next evaluation); say every WAIT_REMINDER_S that it still waits, and for whom."""
+    lock = run / rundir.LOCK_FILE
+    if not trainingmanager.lock_is_held(lock):
+        return
+    holder = trainingmanager.lock_holder(lock) or "another process"
+    tqdm.write(f"trial {trial.number}: waiting for {run}, the run it continues: {holder} holds "
+               "it", file=sys.stderr)
+    start = told = time.monotonic()
+    while trainingmanager.lock_is_held(lock):
+        time.sleep(RUN_POLL_S)
+        if time.monotonic() - told >= WAIT_REMINDER_S:
+            told = time.monotonic()
+            tqdm.write(f"trial {trial.number}: still waiting for {run} after "
+                       f"{(told - start) / 60:.0f} min; {holder} holds it", file=sys.stderr)
+
+
+def recorded_precision(run: Path) -> str | None:
+    """The precision the checkpoint a resume of ``run`` continues from trained in (what "auto"
+    resolved to there), or None without a readable checkpoint."""
+    for checkpoint in reversed(trainingmanager.list_checkpoints(run)):
+        try:
+            precision = trainingmanager.read_state(checkpoint, mmap=True).precision
+        except trainingmanager.CorruptCheckpointError:
+            continue
+        return precision if isinstance(precision, str) else None
+    return None
+
+
+def trial_train_config(cfg: TuneConfig, recipe: dict, number: int,
+                       resume: Path | None = None) -> TrainConfig:
+    """The TrainConfig trial ``number`` runs; a continued "auto" run keeps its checkpoint's
+    precision (the trainer refuses a change)."""
+    train_cfg = trainingmanager.config_from_dict({**recipe, **_trial_run(cfg, number, resume)},
+                                                 f"trial {number}")
+    if resume is None or train_cfg.precision != "auto" or not (trained := recorded_precision(resume)):
+        return train_cfg
+    if trained == "bf16" and _gpu_without_bf16(train_cfg):
+        raise TrialNotHere(f"trial {number} continues {resume}, trained in bf16: run the same "
+                           "command on a GPU with bf16 or on the CPU")
+    return dataclasses.replace(train_cfg, precision=trained)
+
+
+def _gpu_without_bf16(train_cfg: TrainConfig) -> bool:
+    """Whether the run trains on a GPU without native bf16 (a CPU computes it)."""
+    try:
+        device = trainingmanager.resolve_device(train_cfg, trainingmanager.Dist())
+    except ValueError:  # no such device here: the trainer says so
+        return False
+    return trainingmanager.lacks_native_bf16(device)
+
+
+def _mark_interrupted(trial: optuna.Trial) -> None:
+    """Record the interrupt; a trial another worker already declared dead is left as it is."""
+    with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+        trial.set_user_attr(ATTR_REASON, INTERRUPTED)
+
+
+@dataclass
+class _Hidden:
+    """What a failed tell hides from ``run_worker``: the trial and what the objective raised."""
+    number: int | None = None
+    error: BaseException | None = None
+
+
+# What a worker may leave a trial with when another worker failed it first; others stop.
+_LEFT = (optuna.TrialPruned, TrialFailed, TrialAbandoned)
+
+
+def _told_too_late(error: BaseException | None) -> bool:
+    """Whether Optuna's tell failed because another worker had failed the trial first."""
+    while error is not None:
+        if isinstance(error, optuna.exceptions.UpdateFinishedTrialError) or (
+                isinstance(error, ValueError) and str(error).startswith("Cannot tell a ")):
+            return True
+        error = error.__context__
+    return False
+
+
+def _prepare_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
+                   trial: optuna.Trial) -> TrainConfig:
+    """The trial's TrainConfig; its recipe and run recorded, the losses it continues re-reported."""
+    recipe = trial_recipe(cfg, space, base, trial)
+    trial.set_user_attr(ATTR_CONFIG, recipe)
+    resume, reported = interrupted_run(trial)
+    train_cfg = trial_train_config(cfg, recipe, trial.number, resume)
+    run_dir = Path(train_cfg.out_dir) / train_cfg.name
+    if resume is None and (run_dir / rundir.CONFIG_FILE).exists():  # not this study's
+        raise ValueError(f"{run_dir} holds a trial of another study: move it away, or "
+                         "give this study its own --out-dir or --study-name")
+    trial.set_user_attr(ATTR_RUN, str(run_dir))
+    for step, value in sorted(reported.items()):
+        trial.report(value, step)
+    return train_cfg
+
+
+def _stop_sweep(trial: optuna.Trial, e: Exception, sweep: str) -> typing.NoReturn:
+    """Record an error that is not the parameters' fault and raise it: the sweep stops."""
+    trial.set_user_attr(ATTR_STOPPED, True)
+    trial.set_user_attr(ATTR_REASON, f"stopped the sweep: {type(e).__name__}: {e}")
+    if isinstance(e, TrialNotHere):
+        trial.set_user_attr(ATTR_AGAIN, sweep)
+        raise e
+    if isinstance(e, (ValueError, OSError)):  # the configuration or a path
+        raise TrialSetupError(f"trial {trial.number} {trial.params}: {e} (not counted; a change "
+                              "to a parameter's type or choices needs another --study-name)") from None
+    raise e
+
+
+def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _FileLock,
+                   hidden: _Hidden, sweep: str) -> Callable[[optuna.Trial], float]:
+    def objective(trial: optuna.Trial) -> float:
+        hidden.number = trial.number
+        try:
+            return run_trial(trial)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            hidden.error = TrialAbandoned(f"trial {trial.number}")
+            raise hidden.error from None
+        except BaseException as e:
+            hidden.error = e
+            raise
+
+    def run_trial(trial: optuna.Trial) -> float:
+        # A retried trial arrives with its predecessor's attributes: make them this run's
+        # before other workers (which judge RUNNING trials by their worker) look at it.
+        trial.set_user_attr(ATTR_WORKER, f"{socket.gethostname()}:{os.getpid()}")
+        for key in (ATTR_REASON, ATTR_STOPPED, ATTR_AGAIN):
+            if trial.user_attrs.get(key) is not None:
+                trial.set_user_attr(key, None)
+        lock.release()  # the trial exists: other workers may start theirs
+
+        def on_eval(step: int, metrics: dict) -> None:
+            trial.set_user_attr(ATTR_STEP, step)
+            trial.report(metrics["val_loss"], step)
+            # Not at the final evaluation: the trial trained its whole budget (COMPLETE).
+            if step < cfg.max_steps and trial.should_prune():
+                raise optuna.TrialPruned(
+                    f"val loss {metrics['val_loss']:.4f} at step {step} is worse than the pruner's "
+                    "threshold")
+
+        try:
+            train_cfg = _prepare_trial(cfg, space, base, trial)
+            result = trainingmanager.train(train_cfg, on_eval=on_eval, resume_hint=RESUME_HINT)
+        except KeyboardInterrupt:
+            _mark_interrupted(trial)
+            raise
+        except (optuna.TrialPruned, optuna.exceptions.UpdateFinishedTrialError):
+            raise
+        except NonFiniteLossError as e:  # never continued: no resume advice in its reason
+            reason = e.diagnosis
+            if not reason.startswith("non-finite"):
+                reason = f"non-finite loss: {reason}"
+            if e.step is not None:
+                trial.set_user_attr(ATTR_STEP, e.step)
+        except Exception as e:
+            if not _is_out_of_memory(e):
+                _stop_sweep(trial, e, sweep)
+            reason = f"out of memory: {e}"
+        else:
+            trial.set_user_attr(ATTR_STEP, result.step)
+            if result.interrupted:  # the trainer checkpointed and returned on a stop signal
+                _mark_interrupted(trial)
+                raise KeyboardInterrupt(result.interrupted)
+            if result.best_val_loss is not None and math.isfinite(result.best_val_loss):
+                return result.best_val_loss
+            reason = f"no finite validation loss (best_val_loss={result.best_val_loss})"
+        trial.set_user_attr(ATTR_REASON, reason)
+        raise TrialFailed(reason) from None
+
+    return objective
+
+
+def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.BaseStorage,
+               space: SearchSpace, base: dict, sweep: str, progress: tqdm | None = None) -> None:
+    """Start trials until the study holds ``n_trials`` finished ones; wait while the last ones
+    run elsewhere (a dead worker's trial may come back to the queue)."""
+    # 'count the trials, then start one' is serialised among this machine's workers
+    lock = _FileLock(study_dir(cfg) / "claim.lock")
+    hidden = _Hidden()  # what a failed tell hides (see _told_too_late)
+    objective = make_objective(cfg, space, base, lock, hidden, sweep)
+    while True:
+        lock.acquire()
+        try:
+            recover_dead_trials(study, storage, cfg, sweep)
+            finished, running, waiting = study_progress(study)
+            if progress is not None:
+                progress.update(finished - progress.n)
+            if finished >= cfg.n_trials:
+                return
+            if finished + running >= cfg.n_trials and not waiting:
+                others = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                if not (_heartbeats(storage) or any(_local_owner_alive(t) for t in others)):
+                    return  # the last trials run on machines whose death nobody would notice
+                lock.release()
+                time.sleep(min(cfg.heartbeat_interval, 5) if _heartbeats(storage) else 2)
+                continue
+            try:
+                study.optimize(objective, n_trials=1, catch=(TrialFailed, TrialAbandoned))
+            except Exception as e:
+                if e is hidden.error or not _told_too_late(e):
+                    raise  # the trial's own error (told), or not a tell that came too late
+                if hidden.error is not None and not isinstance(hidden.error, _LEFT):
+                    raise hidden.error from None  # a stop met in the trial is still a stop
+                hidden.error = TrialAbandoned(f"trial {hidden.number}")
+            if isinstance(hidden.error, TrialAbandoned):
+                tqdm.write(f"trial {hidden.number}: another worker declared it dead (no "
+                           "heartbeat within --grace-period); this worker goes on", file=sys.stderr)
+        finally:
+            hidden.error = None  # a kept error would keep its trial's model alive
+            lock.release()
+
+
+# --------------------------------------------------- checks before the first trial costs anything
+
+
+def check_trial_config(cfg: TuneConfig, space: SearchSpace, base: dict) -> None:
+    """The example trial and each choice and range bound pass the trainer's checks."""
+    where = " with ".join(filter(None, (space.source, cfg.train_config)))
+    example = space.example()
+    trials = [("", example), *((f"params.{name}={value!r}: ", {**example, name: value})
+                               for name, value in space.extremes())]
+    where_is = where_set(cfg, space, base)
+    for label, params in trials:
+        values = {**space.base, **base, **params, **_budget(cfg), **_trial_run(cfg, 0)}
+        train_cfg = trainingmanager.config_from_dict(values, where)
+        try:
+            trainingmanager.validate_config(train_cfg, where_is)
+            # lora_* values the sweep sets that differ from its init_adapter's are refused
+            trainingmanager.with_init_adapter(train_cfg, typed={*space.base, *base, *params},
+                                              where_set=where_is)
+            trainingmanager.data_config(train_cfg, train_cfg.block_size or 256)
+            if train_cfg.init_from is None:  # the vocabulary size (the tokenizer's) checks nothing
+                trainingmanager.model_config(train_cfg, 1, None, None)
+        except ValueError as e:
+            raise ValueError(f"{where}: {label}{e}") from None
+        for key in ("data", "val_data", "test_data", "tokenizer"):
+            value = getattr(train_cfg, key)
+            for path in [value] if isinstance(value, str) else value or []:
+                if path != "stdlib" and not Path(path).expanduser().exists():
+                    raise ValueError(f"{where_is(key)}: {label}{key}: {path} not found")
+
+
+def check_before_trials(cfg: TuneConfig) -> tuple[SearchSpace, dict]:
+    """The space and the ``--train-config`` values (paths absolute), checked."""
+    space = load_space(cfg.space)
+    base: dict = {}
+    if cfg.train_config:
+        base = trainingmanager.load_config_file(cfg.train_config)
+        _check_no_resume_or_time_budget(base, cfg.train_config)
+        base = absolute_paths(base, cfg.train_config)
+    for key in space.requires:
+        if {**space.base, **base}.get(key) is None:
+            raise ValueError(f"search space {space.source} needs {key!r} set in "
+                             f"{cfg.train_config or '--train-config'} (e.g. --train-config "
+                             f"FILE.json with \"{key}\": ...)")
+    check_trial_config(cfg, space, base)
+    return space, base
+
+
+# TrainConfig keys that change how a trial is computed, not its result: a continued study may
+# change them.
+STUDY_MAY_CHANGE = ("device", "compile", "gradient_checkpointing", "log_every",
+                    "export_merged", "sample_prompt", "sample_tokens")
+
+
+def check_study_settings(cfg: TuneConfig, space: SearchSpace, base: dict,
+                         study: optuna.Study) -> None:
+    """Record the TrainConfig values every trial's result depends on besides its sampled
+    parameters with a study that has none; refuse a continuation that changed them (its trials
+    would be ranked against each other)."""
+    shared = trainingmanager.config_from_dict({**space.base, **base, **_budget(cfg)},
+                                              space.source)
+    values = dataclasses.asdict(shared)
+    values["data_options"] = {k: v for k, v in shared.data_options.items()
+                              if k not in trainingmanager.RESUME_DATA_OPTIONS_MAY_CHANGE}
+    skip = {*space.params, *STUDY_MAY_CHANGE, *_trial_run(cfg, 0)}
+    now = {"format_version": FORMAT_VERSION,
+           **json.loads(json.dumps({k: v for k, v in values.items() if k not in skip}))}
+    recorded = study.user_attrs.get(ATTR_SETTINGS)
+    if recorded is None:
+        study.set_user_attr(ATTR_SETTINGS, now)
+        return
+    version = recorded.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"study {cfg.study_name!r} of storage {_storage_label(cfg)}: recorded "
+                         f"by format_version {version}, not {FORMAT_VERSION}: start a new study "
+                         "with another --study-name")
+    changed = [f"{k}={recorded[k]!r} (now {now[k]!r})" for k in now
+               if k in recorded and recorded[k] != now[k]]
+    if changed:
+        raise ValueError(f"study {cfg.study_name!r} of storage {_storage_label(cfg)}: its trials "
+                         f"ran with other settings: {'; '.join(changed)}. Drop those changes, or "
+                         "use another --study-name")
+
+
+def check_space_fits_study(cfg: TuneConfig, space: SearchSpace, study: optuna.Study) -> None:
+    """A study fixes each parameter's kind, log scale and choices at its first trial."""
+    recorded: dict[str, optuna.distributions.BaseDistribution] = {}
+    for trial in study.get_trials(deepcopy=False):
+        for name, dist in trial.distributions.items():
+            recorded.setdefault(name, dist)
+    for name in [n for n in space.params if n in recorded]:  # in the space's order
+        try:
+            optuna.distributions.check_distribution_compatibility(
+                recorded[name], _distribution(space.params[name]))
+        except ValueError as e:
+            raise ValueError(f"{space.source}: params.{name} does not fit study "
+                             f"{cfg.study_name!r} ({e}): use another --study-name") from None
+
+
+def _storage_label(cfg: TuneConfig) -> str:
+    """The storage, without a password; the default journal file as its name."""
+    url = cfg.storage or JOURNAL_FILE
+    if "://" in url:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    default = (study_dir(cfg) / JOURNAL_FILE).resolve()
+    return JOURNAL_FILE if url == JOURNAL_FILE or Path(url).resolve() == default \
+        else str(Path(url).resolve())
+
+
+def claim_study_dir(cfg: TuneConfig, study: optuna.Study) -> None:
+    """``<out_dir>/<study>/`` belongs to one storage's study (its trial numbers name the runs)."""
+    owner_file = study_dir(cfg) / OWNER_FILE
+    mine = _storage_label(cfg)
+    if owner_file.is_file():
+        owner = settings.read_json_object(owner_file, "study owner")
+        if owner.get("format_version") != FORMAT_VERSION or not isinstance(
+                owner.get("storage"), str):
+            raise ValueError(f"{owner_file}: not a study.json of format_version "
+                             f"{FORMAT_VERSION}: delete it, or give this study another --out-dir")
+        if owner["storage"] != mine:
+            hint = ("without --storage" if owner["storage"] == JOURNAL_FILE
+                    else f"with --storage {owner['storage']}")
+            raise ValueError(f"{study_dir(cfg)} holds the study of storage {owner['storage']}: "
+                             f"run {hint} to continue it, or use another --out-dir")
+    trials_dir = study_dir(cfg) / "trials"
+    if not study.get_trials(deepcopy=False) and trials_dir.is_dir() and any(trials_dir.iterdir()):
+        raise ValueError(f"{trials_dir} holds the trials of a study that storage {mine} does not "
+                         "have: move them away, or use another --out-dir")
+    if not owner_file.is_file():
+        process.write_atomic(owner_file, json.dumps(
+            {"format_version": FORMAT_VERSION, "storage": mine}) + "\n")
+
+
+# --------------------------------------------------- reports: best config, trials, importances
+
+
+def trial_reason(trial: FrozenTrial, retried_by: dict[int, int]) -> str:
+    if trial.state == TrialState.PRUNED:
+        return f"pruned at step {trial.last_step}"
+    reason = trial.user_attrs.get(ATTR_REASON)
+    if trial.number in retried_by:  # no reason recorded: its worker stopped sending heartbeats
+        return f"{reason or 'worker died'}; queued again as trial {retried_by[trial.number]}"
+    if trial.state == TrialState.FAIL and not counts(trial, set()):
+        return f"{reason or 'no reason recorded'}; not counted toward n_trials"
+    return reason or ""
+
+
+def write_reports(study: optuna.Study, cfg: TuneConfig) -> dict | None:
+    """best.json (a trainingmanager config), trials.csv, importances.json; returns the best."""
+    out = study_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    trials = study.get_trials(deepcopy=False)
+    retried_by = {t.system_attrs["retry_history"][-1]: t.number
+                  for t in trials if t.system_attrs.get("retry_history")}
+    names = sorted({p for t in trials for p in t.params})
+    rows = [["number", "state", "value", "steps", "duration_s", *names, "run_dir", "reason"]]
+    for t in trials:
+        duration = t.duration.total_seconds() if t.duration else None
+        rows.append([t.number, t.state.name, t.value, t.user_attrs.get(ATTR_STEP),
+                     None if duration is None else round(duration, 1),
+                     *(t.params.get(p) for p in names), t.user_attrs.get(ATTR_RUN),
+                     trial_reason(t, retried_by)])
+    table = io.StringIO(newline="")
+    csv.writer(table).writerows(rows)
+    process.write_atomic(out / "trials.csv", table.getvalue())
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = None
+    if complete:
+        best_trial = min(complete, key=lambda t: t.value)
+        best = {**absolute_paths(best_trial.user_attrs[ATTR_CONFIG], "best trial"),
+                "name": f"{cfg.study_name}-best", "out_dir": str(Path(cfg.out_dir).absolute())}
+        trainingmanager.config_from_dict(best, "best trial")
+        process.write_atomic(out / "best.json", json.dumps(best, indent=2) + "\n")
+    importances = {}
+    if len(complete) >= 2:
+        try:
+            importances = optuna.importance.get_param_importances(study)
+        except (RuntimeError, ValueError) as e:  # e.g. no parameter varied among complete trials
+            importances = {"unavailable": str(e)}
+    process.write_atomic(out / "importances.json", json.dumps(importances, indent=2) + "\n")
+    return best
+
+
+def print_summary(study: optuna.Study, cfg: TuneConfig, best: dict | None) -> None:
+    out = study_dir(cfg)
+    with open(out / "trials.csv", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    widths = [max(len(_short(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(_short(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+    importances = json.loads((out / "importances.json").read_text("utf-8"))
+    if importances:
+        n = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        print(f"parameter importances (fANOVA over {n} complete trials"
+              + ("; with so few, a rough guide at best" if n < 10 else "") + "):", ", ".join(
+            f"{k} {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in importances.items()))
+    if best is None:
+        print(f"study {cfg.study_name}: no trial completed yet")
+        return
+    print(f"best trial {study.best_trial.number}: val loss {study.best_value:.4f}")
+    print(json.dumps(best, indent=2))
+    print(f"best config: {out / 'best.json'}  (python trainingmanager.py --config "
+          f"{out / 'best.json'})")
+    print(f"dashboard: optuna-dashboard {cfg.storage or out / JOURNAL_FILE}  (pip install "
+          "optuna-dashboard)")
+
+
+def _short(value: str) -> str:
+    try:
+        number = float(value)
+    except ValueError:
+        return value if len(value) <= 72 else value[:69] + "..."
+    return value if number.is_integer() or not math.isfinite(number) else f"{number:.4g}"
+
+
+class _OptunaLog(logging.Handler):
+    """Optuna's messages, one line each, without what trials.csv or ``main`` already tell."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        error = record.exc_info[1] if record.exc_info else None
+        message = record.getMessage()
+        if isinstance(error, (KeyboardInterrupt, TrialSetupError, TrialAbandoned)) or (
+                message.startswith("Trial ") and message.endswith(" failed with value None.")) or (
+                " because of the following error: TrialPruned(" in message):  # see _told_too_late
+            return
+        tqdm.write(f"[{record.levelname[0]}] {message}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------- command line
+
+
+def _check_ranges(cfg: TuneConfig, where_set: Callable[[str], str]) -> TuneConfig:
+    """Value checks the types alone do not make, each naming where the user set the key."""
+    def named(key: str) -> str:
+        return settings.setting(cfg, key, where_set)
+
+    name = cfg.study_name
+    if name in ("", ".", "..") or any(sep in name for sep in {"/", os.sep, os.altsep or "/"}):
+        raise ValueError(f"{named('study_name')}: must be a non-empty name of one directory "
+                         "under --out-dir: no '/', not '.' or '..'")
+    for key in ("n_trials", "max_steps", "eval_every", "workers", "heartbeat_interval"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{named(key)}: must be at least 1")
+    for key in ("worker", "max_retry", "prune_startup_trials", "prune_warmup_steps"):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"{named(key)}: must be at least 0")
+    if cfg.sampler_seed is not None and not 0 <= cfg.sampler_seed < 2**32:
+        raise ValueError(f"{named('sampler_seed')}: must be in [0, 2**32)")
+    if cfg.grace_period <= cfg.heartbeat_interval:
+        raise ValueError(f"{named('grace_period')}: must be more seconds than "
+                         f"{named('heartbeat_interval')}")
+    return cfg
+
+
+def config_from_dict(values: dict, source: str = "<dict>") -> TuneConfig:
+    """A TuneConfig from JSON-like values; errors name the source and the key."""
+    cfg = settings.config_from_dict(TuneConfig, values, source, _CHOICES)
+    return _check_ranges(cfg, lambda key: source if key in values else settings.flag_of(key))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = settings.ArgumentParser(
+        prog="hyperparam_tune.py",
+        description="Optuna sweep over trainingmanager runs. Flags override --config; with no "
+        "flags, a small from-scratch sweep on the stdlib corpus.",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config",
+                        help="JSON or YAML file of TuneConfig keys; flags override it")
+    settings.add_print_config(parser)
+    return settings.add_config_flags(parser, TuneConfig, _CHOICES)
+
+
+def parse_config(argv: Sequence[str] | None = None) -> TuneConfig:
+    """Defaults < ``--config`` file < command-line flags."""
+    args = vars(build_parser().parse_args(argv))
+    cfg = settings.resolve_config(TuneConfig, args, section="tune", choices=_CHOICES)
+    cfg = dataclasses.replace(cfg, storage=absolute_sqlite(cfg.storage))
+    return _check_ranges(cfg, settings.where_set_in(args, "tune"))
+
+
+def absolute_sqlite(url: str | None) -> str | None:
+    """``sqlite:///x.db`` made absolute, so that every directory names the same database."""
+    if url is None or not url.startswith("sqlite"):
+        return url
+    parsed = sqlalchemy.engine.make_url(url)
+    if not parsed.database or parsed.database == ":memory:" or os.path.isabs(parsed.database):
+        return url
+    return parsed.set(database=os.path.abspath(parsed.database)).render_as_string(
+        hide_password=False)
+
+
+# What runs one worker (its arguments follow); tests put a stand-in trainer in front of main.
+WORKER_COMMAND = (sys.executable, str(ROOT / "hyperparam_tune.py"))
+
+
+PARENT_ENV = "CODELM_SWEEP_PARENT"  # the process id of the sweep that started a worker
+SWEEP_ENV = "CODELM_SWEEP_ID"  # the sweep_id of that sweep
+
+
+def sweep_id(cfg: TuneConfig) -> str:
+    """One id per run of the sweep command, shared by its workers."""
+    return (cfg.worker and os.environ.get(SWEEP_ENV)) or uuid.uuid4().hex
+
+
+# The signal a worker gets when its sweep dies (PR_SET_PDEATHSIG); nohup ignores SIGHUP.
+PARENT_DEATH_SIGNAL = signal.SIGUSR2
+
+
+def _stop_with_parent() -> None:
+    """A worker stops its trial as at a SIGTERM when its sweep process dies. Linux only."""
+    parent = os.environ.get(PARENT_ENV)
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    def parent_died(signum, frame):
+        # Once: the kernel sends it again as each of the sweep's threads exits.
+        signal.signal(PARENT_DEATH_SIGNAL, signal.SIG_IGN)
+        signal.raise_signal(signal.SIGTERM)
+
+    signal.signal(PARENT_DEATH_SIGNAL, parent_died)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, ctypes.c_ulong(PARENT_DEATH_SIGNAL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != int(parent):  # it died before the line above
+        signal.raise_signal(PARENT_DEATH_SIGNAL)
+
+
+def _run_workers(cfg: TuneConfig, study: optuna.Study, bar: tqdm, sweep: str) -> int:
+    """Run ``cfg.workers`` worker processes to the end, passing a stop signal on. A worker's
+    configuration error (exit 2) stops the others. Returns the first failed worker's exit
+    status, else 0 (a worker killed by a signal is told; its trial is queued again)."""
+    config_file = study_dir(cfg) / "tune_config.json"
+    process.write_atomic(config_file, json.dumps({**dataclasses.asdict(cfg), "progress": False},
+                                                 indent=2) + "\n")
+    env = {**os.environ, PARENT_ENV: str(os.getpid()), SWEEP_ENV: sweep}
+    # Their own session: a stop signal reaches them once, forwarded by this process.
+    procs = [subprocess.Popen([*WORKER_COMMAND, "--config", str(config_file), "--worker", str(i)],
+                              start_new_session=True, env=env) for i in range(1, cfg.workers + 1)]
+    stopped: list[subprocess.Popen] = []  # the workers another's error stopped
+    try:
+        # poll() every worker: a dead one's process id must vanish for its trial to be orphaned
+        while None in [p.poll() for p in procs]:
+            if not stopped and any(p.returncode == 2 for p in procs):
+                stopped = [p for p in procs if p.returncode is None]
+                for p in stopped:
+                    p.send_signal(signal.SIGTERM)
+            bar.update(min(study_progress(study)[0], cfg.n_trials) - bar.n)
+            time.sleep(1)
+    except KeyboardInterrupt as e:
+        stop = process.stop_signal(e)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(stop)
+        for p in procs:
+            p.wait()
+        raise
+    failed = 0
+    for i, p in enumerate(procs, start=1):
+        if p in stopped and p.returncode not in (0, 2):
+            print(f"worker {i} (pid {p.pid}) stopped with the sweep: its trial runs again when "
+                  "the command is run again", file=sys.stderr)
+        elif p.returncode < 0:
+            print(f"worker {i} (pid {p.pid}) was killed by "
+                  f"{signal.Signals(-p.returncode).name}", file=sys.stderr)
+        elif p.returncode > 0:
+            print(f"worker {i} (pid {p.pid}) failed: exit status {p.returncode}", file=sys.stderr)
+            failed = failed or p.returncode
+    return failed
+
+
+def _warn_of_space(cfg: TuneConfig, space: SearchSpace, base: dict) -> None:
+    """Warn of a space that ranks trials by something else than its parameters."""
+    if sampled := sorted(BATCH_KEYS & set(space.params)):
+        print(f"warning: {space.source}: params {', '.join(sampled)}: under one step budget a "
+              "larger effective batch wins for that alone: fix it in the base", file=sys.stderr)
+    warmups = [v for name, v in space.extremes() if name == "warmup_steps"]
+    if warmups and max(warmups) >= cfg.max_steps // 2:
+        print(f"warning: {space.source}: params warmup_steps reaches {max(warmups)} of "
+              f"--max-steps {cfg.max_steps}: lower its range or raise --max-steps",
+              file=sys.stderr)
+    if swept := sorted(set(base) & set(space.params)):  # e.g. a config.json of another run
+        print(f"note: {cfg.train_config}: {', '.join(swept)}: sampled by {space.source}; each "
+              "trial's sampled value replaces the file's", file=sys.stderr)
+
+
+def tune(cfg: TuneConfig) -> TuneResult:
+    """Run (or continue) the sweep until the study holds ``cfg.n_trials`` finished trials."""
+    if cfg.worker:
+        _stop_with_parent()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and table tell
+    optuna.logging.disable_default_handler()
+    if not any(isinstance(h, _OptunaLog) for h in logging.getLogger("optuna").handlers):
+        logging.getLogger("optuna").addHandler(_OptunaLog())
+    space, base = check_before_trials(cfg)
+    study_dir(cfg).mkdir(parents=True, exist_ok=True)
+    storage = open_storage(cfg)
+    study = open_study(cfg, storage)
+    check_space_fits_study(cfg, space, study)
+    if not cfg.worker:  # the workers' parent has claimed it
+        claim_study_dir(cfg, study)
+    check_study_settings(cfg, space, base, study)
+    if cfg.worker:  # one of --workers N processes: share this machine's cores among them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))
+        run_worker(cfg, study, storage, space, base, sweep_id(cfg))
+        return TuneResult(study_dir(cfg), study_progress(study)[0], None, None)
+    _warn_of_space(cfg, space, base)
+    finished = study_progress(study)[0]
+    bar = progress_bar(total=cfg.n_trials, initial=min(finished, cfg.n_trials), unit="trial",
+                       desc=cfg.study_name, enabled=cfg.progress)
+    worker_status = 0
+    sweep = sweep_id(cfg)
+    try:
+        if cfg.workers == 1:
+            run_worker(cfg, study, storage, space, base, sweep, progress=bar)
+        else:
+            worker_status = _run_workers(cfg, study, bar, sweep)
+    except BaseException:  # interrupted or stopped: what the finished trials found is kept
+        if study_progress(study)[0]:
+            write_reports(study, cfg)
+        raise
+    finished = study_progress(study)[0]
+    bar.update(min(finished, cfg.n_trials) - bar.n)
+    bar.close()
+    if finished < cfg.n_trials:
+        print(f"study {cfg.study_name}: {finished} of {cfg.n_trials} trials finished; run the "
+              "same command again to continue", file=sys.stderr)
+    best = write_reports(study, cfg)
+    print_summary(study, cfg, best)
+    return TuneResult(study_dir(cfg), finished, study.best_value if best else None, best,
+                      worker_status)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = None
+    try:
+        with process.interrupt_on_sigterm():
+            cfg = parse_config(argv)
+            if settings.printed_config(build_parser(), argv, cfg):
+                return 0
+            result = tune(cfg)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. --out-dir or --storage where no directory can be made
+        print(f"error: {process.os_error_message(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        if cfg is None or not cfg.worker:  # a worker's parent says it, once
+            print("interrupted: run the same command again to continue the study",
+                  file=sys.stderr)
+        return process.interrupted_exit_code(e)
+    if cfg.worker:  # it ran its trials; the parent judges the study (and writes best.json)
+        return 0
+    if result.worker_status:  # its error was told by the worker, and its status by the parent
+        return result.worker_status
+    # Non-zero without a best config, so `tune && train --config best.json` stops there.
+    return 0 if result.finished >= cfg.n_trials and result.best_config is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(process.run_main(main))

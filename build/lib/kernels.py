@@ -1,0 +1,404 @@
+"""The model's speed-ups: faster equivalents of plain PyTorch ops, behind one switch.
+
+architecture.py writes each op in plain PyTorch; a function there marked
+``@kernels.faster(kernels.X)`` runs X instead while ``ENABLED`` (the default), and X may answer
+NotImplemented where it does not apply, which runs the plain op. tests/test_kernels.py checks
+each against its plain op. This module imports no project module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ENABLED = True  # the one switch: False runs every op as plain PyTorch
+IGNORE_INDEX = -100  # the label of positions no loss counts: prompt tokens, padding
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Run the plain PyTorch ops inside the block (for tests and debugging)."""
+    global ENABLED
+    before, ENABLED = ENABLED, False
+    try:
+        yield
+    finally:
+        ENABLED = before
+
+
+def faster(fast: Callable) -> Callable:
+    """Decorator: the plain function runs `fast` instead while ENABLED, unless `fast` returns
+    NotImplemented. The plain one stays reachable as `.plain`."""
+    def wrap(plain: Callable) -> Callable:
+        @functools.wraps(plain)
+        def run(*args, **kwargs):
+            if ENABLED:
+                out = fast(*args, **kwargs)
+                if out is not NotImplemented:
+                    return out
+            return plain(*args, **kwargs)
+
+        run.plain = plain
+        return run
+    return wrap
+
+
+# ------------------------------------------------------------------------------------- RMSNorm
+def _rms_normalize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x / rms(x) computed in (at least) fp32 and cast back to x's dtype before any weight, as
+    Llama does (matters in bf16); also returns 1 / rms."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    return (xf * rstd).to(x.dtype), rstd
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm with a hand-written backward: fwd + bwd take ~2.2x less time on CPU than
+    autograd through the composite ops (one pass per term instead of one per primitive)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        xhat, rstd = _rms_normalize(x, eps)
+        ctx.save_for_backward(xhat, rstd, weight)
+        return weight * xhat
+
+    @staticmethod
+    def backward(ctx, grad):
+        xhat, rstd, weight = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad * xhat).flatten(0, -2).sum(0).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            g = (grad * weight).to(rstd.dtype)
+            xh = xhat.to(rstd.dtype)
+            grad_x = ((g - xh * (g * xh).mean(-1, keepdim=True)) * rstd).to(xhat.dtype)
+        return grad_x, grad_w, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        if x.is_cuda and x.dtype == weight.dtype == torch.float32:
+            # The fp32 residual stream of mixed-precision training: torch's fused kernels
+            # beat the hand-written backward, which is for the CPU.
+            return NotImplemented
+        return _RMSNormFunction.apply(x, weight, eps)
+    # Without autograd, plain ops: Function.apply costs ~8 us a call, 1.5% of a decode step.
+    return weight * _rms_normalize(x, eps)[0]
+
+
+# ------------------------------------------------------------------------------------- dropout
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """On CPU one uniform draw and a multiply, ~1.4x faster forward + backward than torch's
+    bernoulli kernel. CUDA keeps torch's fused kernel."""
+    if not training or not p:
+        return x
+    if x.is_cuda:
+        return NotImplemented
+    keep = torch.rand(x.shape, device=x.device) >= p  # fp32 draws: exact p for a bf16 x too
+    return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
+
+
+# --------------------------------------------------------------------- split heads and rotate
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
+            out: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Write x (B, T, H, D) into out with its first 2 * cos.shape[-1] dims rotated (by minus the
+    angle if inverse: the backward), each half in place: no cat."""
+    r = 2 * cos.shape[-1]
+    if interleaved:  # pairs (0, 1), (2, 3), ... as in CodeGen / GPT-J
+        x1, x2, o1, o2 = x[..., 0:r:2], x[..., 1:r:2], out[..., 0:r:2], out[..., 1:r:2]
+    else:  # halves, as in Llama / NeoX
+        h = r // 2
+        x1, x2, o1, o2 = x[..., :h], x[..., h:r], out[..., :h], out[..., h:r]
+    sign = -1 if inverse else 1
+    if torch.compiler.is_compiling():  # dynamo refuses out= into a strided view; inductor
+        o1.copy_((x1 * cos).addcmul_(x2, sin, value=-sign))  # fuses this into one kernel
+        o2.copy_((x2 * cos).addcmul_(x1, sin, value=sign))
+    else:
+        torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-sign)
+        torch.mul(x2, cos, out=o2).addcmul_(x1, sin, value=sign)
+    if r < x.shape[-1]:  # partial rotary: the rest passes through
+        out[..., r:] = x[..., r:]
+    return out
+
+
+def _split_rotated(qkv, rope, n_head: int, n_kv: int, interleaved: bool):
+    # split, not slices: without rope autograd runs this, and a slice's backward zero-fills
+    # a tensor of the whole qkv
+    qk, v = qkv.split((n_head + n_kv, n_kv), dim=2)
+    if rope is not None:  # queries and keys rotated in one go
+        qk = _rotate(qk, *rope, interleaved, qkv.new_empty(qk.shape))
+    q, k = qk.transpose(1, 2).split((n_head, n_kv), dim=1)
+    return q, k, v.transpose(1, 2)
+
+
+class _SplitRotatedFunction(torch.autograd.Function):
+    """`_split_rotated` whose backward writes the gradients of q, k and v into one tensor of
+    qkv's shape, where autograd would cat them three times a layer."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, n_head, n_kv, interleaved):
+        ctx.save_for_backward(cos, sin)
+        ctx.layout = (n_head, n_kv, interleaved)
+        return _split_rotated(qkv, (cos, sin), n_head, n_kv, interleaved)
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k, grad_v):
+        cos, sin = ctx.saved_tensors
+        n_head, n_kv, interleaved = ctx.layout
+        B, _, T, D = grad_q.shape
+        grad = grad_q.new_empty(B, T, n_head + 2 * n_kv, D)
+        _rotate(grad_q.transpose(1, 2), cos, sin, interleaved, grad[:, :, :n_head], inverse=True)
+        _rotate(grad_k.transpose(1, 2), cos, sin, interleaved, grad[:, :, n_head:n_head + n_kv],
+                inverse=True)
+        grad[:, :, n_head + n_kv:] = grad_v.transpose(1, 2)
+        return grad, None, None, None, None, None
+
+
+def split_rotated(qkv: torch.Tensor, rope, n_head: int, n_kv: int, interleaved: bool):
+    """Rotary embeddings written in place, without the cats of the plain rotation."""
+    if rope is not None and torch.is_grad_enabled() and qkv.requires_grad:
+        return _SplitRotatedFunction.apply(qkv, *rope, n_head, n_kv, interleaved)
+    return _split_rotated(qkv, rope, n_head, n_kv, interleaved)
+
+
+# ----------------------------------------------------------------------------------- attention
+def _sdpa_takes_gqa(device: torch.device, dtype: torch.dtype, masked: bool) -> bool:
+    """Whether SDPA takes the grouped keys and values as they are (enable_gqa). On CUDA only
+    flash does (fp16/bf16, no mask, sm80+): other grouped calls fall to the math kernel, which
+    holds every score, where repeated k/v run the memory-efficient one."""
+    if device.type != "cuda":
+        return True
+    return (not masked and dtype in (torch.float16, torch.bfloat16)
+            # get_device_properties, not get_device_capability: torch.compile folds it
+            and torch.cuda.get_device_properties(device).major >= 8)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              dropout_p: float, grouped: bool) -> torch.Tensor:
+    """Keys and values repeated to the query heads where CUDA's fused kernels need it."""
+    if not grouped or _sdpa_takes_gqa(q.device, q.dtype, mask is not None):
+        return NotImplemented
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                          dropout_p=dropout_p)
+
+
+# ----------------------------------------------------------------------- fused LM-head loss
+def _loss_chunk_rows(vocab: int, device: torch.device) -> int:
+    """Rows of logits formed at a time: on CPU ~16 MiB of fp32 (at least 512 rows), so a chunk
+    stays in cache and its buffers are reused, not page-faulted afresh each step; ~1 GiB on GPUs."""
+    budget = 2**28 if device.type == "cuda" else 2**22
+    return max(512, budget // vocab)
+
+
+def _matmul_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The head's matmul dtype: autocast's when it is on, as the unfused head's would be."""
+    dev = hidden.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+
+
+def _head_cross_entropy(hidden, weight, bias, labels, smoothing: float, want: tuple,
+                        count_correct: bool, grad_scale: torch.Tensor | float = 1.0):
+    """Summed cross-entropy of hidden @ weight.T + bias, chunk by chunk, with the gradients of
+    that sum for the inputs flagged in `want` (hidden, weight, bias) computed in the same pass,
+    times grad_scale. Returns (loss sum, correct top-1 count or None, (grad_hidden, grad_weight,
+    grad_bias))."""
+    dev = hidden.device
+    dt = _matmul_dtype(hidden)  # the softmax runs in fp32
+    acc = torch.promote_types(dt, torch.float32)
+    h, w = hidden.to(dt), weight.to(dt)
+    b = bias.to(dt) if bias is not None else None
+    vocab = w.shape[0]
+    gh = torch.empty(h.shape, dtype=dt, device=dev) if want[0] else None
+    # In the matmul dtype, accumulated in place: under autocast an fp32 gradient would take a
+    # (V, C) temporary per chunk (and on CPU a second one to add it). One rounding per chunk,
+    # where the unfused head rounds its one product once; converted to the weight's dtype last.
+    gw = torch.zeros(w.shape, dtype=dt, device=dev) if want[1] else None
+    gb = torch.zeros(vocab, dtype=acc, device=dev) if want[2] else None
+    total = torch.zeros((), dtype=acc, device=dev)
+    correct = torch.zeros((), dtype=torch.long, device=dev) if count_correct else None
+    step = _loss_chunk_rows(vocab, dev)
+    with torch.autocast(dev.type, enabled=False):
+        for s in range(0, h.shape[0], step):
+            z = g = None  # the previous chunk goes before the next is formed: one chunk alive
+            hc, yc = h[s:s + step], labels[s:s + step]
+            z = (hc @ w.t() if b is None else torch.addmm(b, hc, w.t())).to(acc)
+            keep = yc != IGNORE_INDEX
+            rows, target = torch.arange(len(yc), device=dev), yc.clamp(min=0)
+            if count_correct:
+                correct += ((z.argmax(-1) == yc) & keep).sum()
+            z.sub_(z.amax(-1, keepdim=True))  # logits shifted by their max: exp cannot overflow
+            nll = -z[rows, target]
+            smooth = -z.mean(-1) if smoothing else None
+            z.exp_()
+            sumexp = z.sum(-1)
+            log_sum = sumexp.log()
+            per_row = (1 - smoothing) * (log_sum + nll)
+            if smoothing:
+                per_row += smoothing * (log_sum + smooth)
+            total += torch.where(keep, per_row, 0).sum()
+            if not any(want):
+                continue
+            # d(sum)/dz = softmax - (1 - eps) onehot - eps / V on counted rows, 0 on the rest
+            counted = keep.to(acc) * grad_scale
+            z.mul_((counted / sumexp)[:, None])
+            z[rows, target] -= (1 - smoothing) * counted
+            if smoothing:
+                z.sub_((smoothing / vocab) * counted[:, None])
+            g = z.to(dt)
+            if gh is not None:
+                torch.mm(g, w, out=gh[s:s + step])
+            if gw is not None:
+                gw.addmm_(g.t(), hc)
+            if gb is not None:
+                gb += z.sum(0)
+    return total, correct, (gh, gw, gb)
+
+
+class _HeadCrossEntropyFunction(torch.autograd.Function):
+    """The LM head and its cross-entropy as one op: each chunk's gradient is finished in the
+    forward while the chunk is in cache, so the (N, V) logits are never held whole (1 GiB per 2048
+    tokens of Llama-3's vocabulary) and the backward only scales."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, smoothing, count_correct, grad_scale):
+        total, correct, grads = _head_cross_entropy(
+            hidden, weight, bias, labels, smoothing, ctx.needs_input_grad[:3], count_correct,
+            grad_scale)
+        # Kept off save_for_backward: the backward scales them in place (grad_weight can be
+        # as large as the weight), so a second backward through this graph is refused.
+        ctx.grads, ctx.grad_scale = grads, grad_scale
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        if correct is None:
+            return total
+        ctx.mark_non_differentiable(correct)
+        return total, correct
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad, *_):
+        if ctx.grads is None:
+            raise RuntimeError("the fused LM-head loss supports one backward per forward "
+                               "(retain_graph=True with a second backward is not supported)")
+        grads, ctx.grads = ctx.grads, None
+        factor = grad / ctx.grad_scale  # 1 when the forward guessed the incoming gradient
+        out = [None if g is None else g.mul_(factor).to(d) for g, d in zip(grads, ctx.dtypes)]
+        return *out, None, None, None, None
+
+
+def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
+                       label_smoothing: float = 0.0, count_correct: bool = False,
+                       grad_scale: torch.Tensor | float | None = None):
+    """The LM head fused with its loss. Only for a plain nn.Linear head (a LoRA or quantized head
+    runs the plain op), and in fp16 training only with grad_scale: the gradients are formed in the
+    forward, at the magnitude the fp16 loss scaler chose."""
+    args = (hidden, head, labels, label_smoothing, count_correct, grad_scale)
+    if torch.compiler.is_compiling():  # a compiled model's loss runs eagerly, outside the graph
+        return torch.compiler.disable(_fused_head_loss)(*args)
+    return _fused_head_loss(*args)
+
+
+def _fused_head_loss(hidden, head, labels, label_smoothing, count_correct, grad_scale):
+    fp16 = _matmul_dtype(hidden) == torch.float16
+    wants_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (hidden, *head.parameters()))
+    if type(head) is not nn.Linear or (fp16 and wants_grad and grad_scale is None):
+        return NotImplemented
+    hidden, labels = hidden.flatten(0, -2), labels.flatten()
+    args = (hidden, head.weight, head.bias, labels, label_smoothing, count_correct)
+    if wants_grad:
+        out = _HeadCrossEntropyFunction.apply(*args, grad_scale if fp16 else 1.0)
+        return out if count_correct else (out, None)
+    with torch.no_grad():
+        total, correct, _ = _head_cross_entropy(*args[:5], (False,) * 3, count_correct)
+    return total, correct
+
+
+# ---------------------------------------------------------------------- CPU decode layout
+def _row_major_state(module: nn.Module, prefix: str, keep_vars: bool) -> None:
+    """State-dict pre-hook: tools get ordinary tensors (safetensors' save_model, `.view(-1)`)
+    without a copy of the model; the next generation lays them out again."""
+    decode_layout(module, False)
+
+
+@torch.inference_mode(False)  # generation calls this in inference mode; training needs
+@torch.no_grad()                # ordinary weight tensors afterwards
+def decode_layout(model: nn.Module, on: bool) -> None:
+    """On CPU, decoding streams tall fp32 weights about twice as fast column-major. On: those
+    Linear weights are re-laid out in place (same values and shape, swapped strides) until
+    training resumes or `state_dict()` is read. CUDA: left as is."""
+    if on == model.__dict__.get("_decode_layout", False) or (on and not ENABLED):
+        return
+    if on and next(model.parameters()).device.type != "cpu":
+        return
+    model._decode_layout = on
+    if not on:
+        for p in model.parameters():
+            if not p.is_contiguous():
+                p.data = p.data.contiguous()
+        return
+    if not model.__dict__.get("_row_major_hook"):
+        model.register_state_dict_pre_hook(_row_major_state)
+        model._row_major_hook = True
+    # A fixed rule, not a timing race (the layout changes the low bits of batch-1 logits): fp32
+    # with more outputs than inputs, whose row-major rows are short dot products.
+    for module in model.modules():
+        w = module.weight if isinstance(module, nn.Linear) else None
+        tall = w is not None and w.dtype == torch.float32 and w.shape[0] > w.shape[1]
+        if tall and w.is_contiguous():
+            w.data = w.data.t().contiguous().t()  # (a tied weight: once, then strided)
+
+
+# ------------------------------------------------------------------ compiled decode step
+def _one_row_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(1, K) @ (K, N) as a multiply and a sum over K, accumulated in fp32 (as a matmul is)."""
+    acc = torch.promote_types(a.dtype, torch.float32)
+    return (a.to(acc).unsqueeze(2) * b.to(acc).unsqueeze(0)).sum(1)
+
+
+def _is_one_row_on_cpu(a: torch.Tensor) -> bool:
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return a.device.type == "cpu" and statically_known_true(a.shape[0] == 1)
+
+
+def _mm_one_row(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if not _is_one_row_on_cpu(a):
+        return NotImplemented
+    return _one_row_product(a, b).to(a.dtype)
+
+
+def _addmm_one_row(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta=1,
+                   alpha=1) -> torch.Tensor:
+    if not _is_one_row_on_cpu(a) or beta != 1 or alpha != 1:
+        return NotImplemented
+    return (_one_row_product(a, b) + bias).to(a.dtype)
+
+
+def _decode_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+    """Inductor, with batch-1 CPU matmuls as multiply-and-sum: one fused reduction kernel per
+    Linear, which reads row-major weights faster than aten's gemv (about 2x a decode step)."""
+    from torch._functorch import config as functorch_config
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+
+    table = {**select_decomp_table(), torch.ops.aten.mm.default: _mm_one_row,
+             torch.ops.aten.addmm.default: _addmm_one_row}
+    # AOTAutograd's cache key leaves the decompositions out, so it could hand back a step
+    # compiled without ours; inductor's own cache (keyed on the decomposed graph) stays on.
+    with functorch_config.patch(enable_autograd_cache=False):
+        return compile_fx(gm, example_inputs, decompositions=table)
+
+
+def compile_decode_step(step: Callable, device: torch.device) -> Callable:
+    """torch.compile of a decode step: on CUDA a CUDA graph (one replay, not ~15 launches a
+    layer); on CPU inductor with the one-row matmul rewrite while ENABLED."""
+    if device.type == "cuda":
+        return torch.compile(step, fullgraph=True, mode="reduce-overhead")
+    return torch.compile(step, fullgraph=True, backend=_decode_backend if ENABLED else "inductor")

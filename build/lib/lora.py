@@ -1,0 +1,1075 @@
+"""LoRA for codelm, file-compatible with PEFT (q/k/v are rows of one fused module), merge, and
+a quantized base (int8 or NF4) for QLoRA."""
+
+from __future__ import annotations
+
+if __name__ == "__main__":  # first: the imports below load torch for seconds
+    import process
+
+    process.quiet_start_up_stops()
+
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+import pretrained
+import process
+import settings
+from architecture import Transformer, dropout
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+LEGACY_WEIGHTS = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."
+# The version of codelm's adapter files, in the weights' safetensors metadata (PEFT's have none).
+FORMAT_KEY, FORMAT_VERSION = "codelm_format_version", "1"
+
+# PEFT adapter_config.json keys codelm cannot honour, with the value that means "feature unused".
+_UNSUPPORTED_PEFT_KEYS = {
+    "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
+    "layers_pattern": None, "lora_bias": False, "fan_in_fan_out": False,
+    "target_parameters": None, "exclude_modules": None, "layer_replication": None,
+    "use_qalora": False, "trainable_token_indices": None, "alora_invocation_tokens": None,
+    "use_bdlora": None, "kasa_config": None, "monteclora_config": None, "arrow_config": None,
+    "ensure_weight_tying": False,
+}
+# init_lora_weights values under which PEFT rewrites the base weights when it loads the adapter.
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
+# An adapter file's key: an adapter tensor, or a base tensor it trained (bias, modules_to_save).
+_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\."
+                     r"(?P<kind>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B"
+                     r"|lora_magnitude_vector|(?:base_layer\.)?weight|(?:base_layer\.)?bias)$")
+
+
+@dataclass
+class LoRAConfig:
+    """PEFT's LoraConfig fields under plain names. ``target_modules``: names matching a module
+    name or its dotted suffix, or one regular expression matching whole names (PEFT's rules)."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | str = field(default_factory=lambda: ["qkv", "attn.proj"])
+    bias: str = "none"  # PEFT's: also train and save the adapted modules' biases, or all biases
+    modules_to_save: list[str] | None = None  # PEFT's: modules trained whole and saved
+    use_rslora: bool = False
+    use_dora: bool = False  # weight-decomposed LoRA: a learned magnitude per output row
+
+    def __post_init__(self):
+        # Types first: a hand-edited adapter_config.json fails here, naming the field.
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        number = settings.is_number
+        for name, ok, want in (
+                ("r", number(self.r, int) and self.r > 0, "a positive integer"),
+                ("alpha", number(self.alpha) and math.isfinite(self.alpha), "a finite number"),
+                ("dropout", number(self.dropout) and 0.0 <= self.dropout < 1.0,
+                 "a number in [0, 1)"),
+                ("use_rslora", isinstance(self.use_rslora, bool), "true/false"),
+                ("use_dora", isinstance(self.use_dora, bool), "true/false"),
+                ("target_modules", isinstance(self.target_modules, (list, str)),
+                 "a list of module names or one regular expression")):
+            if not ok:
+                raise ValueError(f"LoRAConfig.{name} must be {want}, got {getattr(self, name)!r}")
+        if self.alpha == 0:
+            raise ValueError("LoRAConfig.alpha must not be 0: the adapters would never train")
+        if self.bias not in ("none", "lora_only", "all"):
+            raise ValueError(f"LoRAConfig.bias={self.bias!r}: use 'none', 'lora_only' or 'all'")
+        if self.modules_to_save is not None and not (isinstance(self.modules_to_save, list) and all(
+                isinstance(m, str) for m in self.modules_to_save)):
+            raise ValueError(f"LoRAConfig.modules_to_save must be a list of module names, got "
+                             f"{self.modules_to_save!r}")
+        if not self.target_modules:
+            raise ValueError("LoRAConfig.target_modules is empty: name the modules to adapt")
+        if isinstance(self.target_modules, str):
+            try:
+                re.compile(self.target_modules)
+            except re.error as e:
+                raise ValueError(f"LoRAConfig.target_modules {self.target_modules!r} is not a "
+                                 f"valid regular expression: {e}") from None
+        elif bad := [t for t in self.target_modules if not isinstance(t, str)]:
+            raise ValueError(f"LoRAConfig.target_modules must hold module names (strings), got "
+                             f"{bad[0]!r}")
+
+    @property
+    def scale(self) -> float:
+        """alpha / r, or alpha / sqrt(r) with rsLoRA (rank-stabilised scaling)."""
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+@dataclass
+class LoRAReport:
+    """What ``apply_lora``/``load_adapter`` did: which modules each target matched, and the counts."""
+
+    targets: dict[str, list[str]]
+    modules: list[str]
+    trainable_params: int
+    total_params: int
+
+    def __str__(self) -> str:
+        pct = 100.0 * self.trainable_params / max(self.total_params, 1)
+        lines = [f"LoRA on {len(self.modules)} modules"]
+        lines += [f"  {t}: {len(names)} match(es), e.g. {names[0]}" for t, names in self.targets.items()]
+        lines.append(f"trainable params: {self.trainable_params:,} || all params: "
+                     f"{self.total_params:,} || trainable%: {pct:.4f}")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- quantized base
+
+def nf4_levels() -> torch.Tensor:
+    """The 16 NormalFloat4 levels of QLoRA, built by the paper's recipe: 8 positive and 7
+    negative quantiles of N(0, 1), and zero, scaled to [-1, 1]."""
+    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64),
+                                        torch.tensor(1.0, dtype=torch.float64))
+    offset = 0.9677083
+    positive = normal.icdf(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
+    negative = -normal.icdf(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
+    levels = torch.cat([negative, torch.zeros(1, dtype=torch.float64), positive]).sort().values
+    return (levels / levels.abs().max()).float()
+
+
+NF4_BLOCK = 64
+
+
+class _DequantLinear(torch.autograd.Function):
+    """x @ W.T with W dequantized in forward and again in backward: no full-precision W is kept."""
+
+    @staticmethod
+    def forward(ctx, x, module):
+        ctx.module = module
+        return F.linear(x, module.dequantize(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return grad_out @ ctx.module.dequantize(grad_out.dtype), None
+
+
+class QuantLinear(nn.Module):
+    """A frozen Linear whose weight is stored as int8 (per output row absmax) or NF4 (absmax per
+    block of 64 consecutive weights, two 4-bit codes per byte) and dequantized on each call."""
+
+    def __init__(self, linear: nn.Linear, bits: int):
+        super().__init__()
+        assert bits in (4, 8), bits
+        if linear.weight.is_meta:
+            raise ValueError("cannot quantize a model on the meta device; load its weights first")
+        self.bits, self.in_features, self.out_features = bits, linear.in_features, linear.out_features
+        self.weight_dtype = linear.weight.dtype
+        w = linear.weight.detach().float()
+        if bits == 8:
+            scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+            self.register_buffer("qweight", torch.round(w / scale[:, None]).to(torch.int8))
+            self.register_buffer("scale", scale)
+        else:
+            flat = w.flatten()
+            flat = F.pad(flat, (0, (-flat.numel()) % NF4_BLOCK)).view(-1, NF4_BLOCK)
+            absmax = flat.abs().amax(dim=1).clamp_min(1e-12)
+            levels = nf4_levels().to(w.device)
+            codes = torch.bucketize(flat / absmax[:, None], (levels[1:] + levels[:-1]) / 2)
+            packed = (codes[:, 0::2] << 4) | codes[:, 1::2]
+            self.register_buffer("qweight", packed.to(torch.uint8))
+            self.register_buffer("scale", absmax)
+            # Byte -> its two levels, so dequantizing is one gather.
+            byte = torch.arange(256, device=w.device)
+            self.register_buffer("pairs", torch.stack((levels[byte >> 4], levels[byte & 15]), -1),
+                                 persistent=False)
+        self.bias = None
+        if linear.bias is not None:
+            self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The full weight (out, in) in ``dtype`` (default: the dtype it was quantized from)."""
+        if self.bits == 8:
+            w = self.qweight.float() * self.scale[:, None]
+        else:
+            w = self.pairs[self.qweight.int()].flatten(1) * self.scale[:, None]
+            w = w.flatten()[: self.out_features * self.in_features]
+        return w.view(self.out_features, self.in_features).to(dtype or self.weight_dtype)
+
+    def weight_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in (self.qweight, self.scale))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        out = _DequantLinear.apply(x, self)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def extra_repr(self) -> str:
+        kind = "int8" if self.bits == 8 else "nf4"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}"
+
+
+@dataclass
+class QuantReport:
+    """Memory of the quantized Linear weights against the same weights in bf16, and of the model."""
+
+    bits: int
+    modules: list[str]
+    quantized_bytes: int
+    bf16_bytes: int
+    model_bytes: int
+    model_bf16_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        return self.quantized_bytes / max(self.bf16_bytes, 1)
+
+    def __str__(self) -> str:
+        return (f"{'int8' if self.bits == 8 else 'nf4'} base: {len(self.modules)} Linear weights "
+                f"{self.quantized_bytes / 2**20:.1f} MiB vs {self.bf16_bytes / 2**20:.1f} MiB bf16 "
+                f"({self.ratio:.3f}x); whole model "
+                f"{self.model_bytes / max(self.model_bf16_bytes, 1):.3f}x of bf16")
+
+
+def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model.to(dtype)`` for its base weights only: adapters stay fp32, and a quantized base
+    keeps its scales and levels (cast, they would change the weights) and dequantizes to dtype."""
+    base = {id(p) for _, m in lora_modules(model) for p in m.base.parameters()}
+    adapters = [(p, p.data) for _, m in lora_modules(model) for p in m.parameters()
+                if id(p) not in base]
+    quantized = [(q, dict(q.named_buffers(recurse=False))) for q in model.modules()
+                 if isinstance(q, QuantLinear)]
+    model.to(dtype)
+    for p, data in adapters:
+        p.data = data
+    for q, buffers in quantized:
+        for name, buffer in buffers.items():
+            setattr(q, name, buffer)
+        q.weight_dtype = dtype
+    return model
+
+
+def quantize_base(model: nn.Module, bits: int = 4, skip: tuple[str, ...] = ("lm_head",)) -> QuantReport:
+    """Replace every frozen-base ``nn.Linear`` (also those under LoRA) by a ``QuantLinear``,
+    except ``skip`` (as bitsandbytes, the head) and weights tied to another module."""
+    bf16_total = 2 * sum(p.numel() for p in model.parameters())
+    tied = _shared_parameters(model)
+    names, quant_bytes, bf16_bytes = [], 0, 0
+    for path, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or id(module.weight) in tied:
+            continue
+        name = path.removesuffix(".base")
+        if any(name == s or name.endswith("." + s) for s in skip):
+            continue
+        quantized = QuantLinear(module, bits)
+        _set_submodule(model, path, quantized)
+        names.append(name)
+        quant_bytes += quantized.weight_bytes()
+        bf16_bytes += 2 * module.weight.numel()
+    if not names:
+        raise ValueError("quantize_base: the model has no nn.Linear to quantize (already quantized?)")
+    rest = 2 * sum(p.numel() for p in model.parameters() if p.dtype.is_floating_point)
+    return QuantReport(bits, names, quant_bytes, bf16_bytes, quant_bytes + rest, bf16_total)
+
+
+# ----------------------------------------------------------------------------- LoRA layers
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus low-rank updates. Each adapter ``key`` owns output rows (all,
+    or one HF module's inside a fused module) and adds PEFT's ``lora_B(lora_A(dropout(x))) *
+    scaling`` to them; the A matmuls are one when no dropout mask is drawn."""
+
+    def __init__(self, base: nn.Module, r: int, scale: float, dropout: float,
+                 dora: bool = False):
+        super().__init__()
+        self.base = base
+        self.r, self.scale = r, scale
+        self.dropout = dropout
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.magnitude = nn.ParameterDict() if dora else None  # DoRA: PEFT's magnitude vector
+        self._merged_norms: dict[str, torch.Tensor] = {}  # DoRA: what unmerging divides by
+        self.names: dict[str, str] = {}       # adapter key -> module name in the adapter file
+        self._place: dict[str, tuple[int, int, bool, bool]] = {}
+        self._segments: list[str | int] | None = []
+        self._owned = torch.zeros(self.out_features, dtype=torch.bool)  # rows some adapter owns
+        self.merged = False
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def add_adapter(self, key: str, name: str, rows: torch.Tensor | None) -> None:
+        """Add an adapter on output ``rows`` (``rows[j]`` is the row that adapter row j feeds)."""
+        if key in self.names:
+            raise ValueError(f"two LoRA adapters named {key!r} on one module ({name})")
+        mine = slice(None) if rows is None else rows.to(torch.long).cpu()
+        if self._owned[mine].any():
+            raise ValueError(f"LoRA adapter {name} overlaps the rows of another adapter on this "
+                             f"module ({list(self.names.values())})")
+        self._owned[mine] = True
+        device = next(iter(self.base.state_dict().values())).device
+        n_out = self.out_features if rows is None else len(rows)
+        A = torch.empty(self.r, self.in_features, device=device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        self.lora_A[key] = nn.Parameter(A)
+        self.lora_B[key] = nn.Parameter(torch.zeros(n_out, self.r, device=device))
+        self.names[key] = name
+        # Where the adapter's rows go: a contiguous slice (B reordered if permuted), or a scatter.
+        lo, hi, reorder, scatter = 0, self.out_features, False, False
+        if rows is not None:
+            rows = rows.to(torch.long).cpu()
+            order = torch.argsort(rows)
+            lo, hi = int(rows[order[0]]), int(rows[order[0]]) + len(rows)
+            if torch.equal(rows[order], torch.arange(lo, hi)):
+                reorder = not torch.equal(order, torch.arange(len(rows)))
+            else:
+                scatter = True
+            self.register_buffer(f"rows_{key}", rows.to(device), persistent=False)
+            self.register_buffer(f"order_{key}", order.to(device), persistent=False)
+        self._place[key] = (lo, hi, reorder, scatter)
+        self._segments = self._plan_segments()
+        if self.magnitude is not None:  # B = 0: the magnitude is the weight's row norm
+            weight = self._base_weight().float()
+            own = weight if rows is None else weight.index_select(0, rows.to(weight.device))
+            self.magnitude[key] = nn.Parameter(torch.linalg.norm(own, dim=1))
+
+    def _plan_segments(self) -> list[str | int] | None:
+        """The output rows as adapter keys and widths of unowned rows, so the update is one
+        concatenation; None when some adapter's rows are scattered."""
+        if any(scatter for *_, scatter in self._place.values()):
+            return None
+        segments, pos = [], 0
+        for lo, hi, key in sorted((lo, hi, key) for key, (lo, hi, _, _) in self._place.items()):
+            if lo > pos:
+                segments.append(lo - pos)
+            segments.append(key)
+            pos = hi
+        if pos < self.out_features:
+            segments.append(self.out_features - pos)
+        return segments
+
+    def rows(self, key: str) -> torch.Tensor | None:
+        return getattr(self, f"rows_{key}", None)
+
+    def _in_place_order(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        """An adapter's rows (of B, of the magnitude) in the fused module's order when its rows
+        are a permuted slice."""
+        return t.index_select(0, getattr(self, f"order_{key}")) if self._place[key][2] else t
+
+    def _delta_B(self, key: str) -> torch.Tensor:
+        return self._in_place_order(key, self.lora_B[key])
+
+    def _base_weight(self) -> torch.Tensor:
+        return self.base.dequantize() if isinstance(self.base, QuantLinear) else self.base.weight
+
+    def _own_rows(self, key: str, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """The rows of ``t`` (a weight: dim 0; an output: dim -1) that ``key``'s update adds to,
+        in the order of that update."""
+        lo, hi, _, scatter = self._place[key]
+        return t.index_select(dim, self.rows(key)) if scatter else t.narrow(dim, lo, hi - lo)
+
+    def _dora_factor(self, key: str, delta: torch.Tensor | None = None) -> torch.Tensor:
+        """magnitude / ||W + scale * B A|| per row (the norm held constant, as DoRA's paper and
+        PEFT do), in the order of ``key``'s update."""
+        if delta is None:
+            delta = (self._delta_B(key).float() @ self.lora_A[key].float()) * self.scale
+        weight = self._own_rows(key, self._base_weight().float(), 0) + delta
+        norm = torch.linalg.norm(weight, dim=1).detach()
+        return self._in_place_order(key, self.magnitude[key]) / norm
+
+    def _dora(self, key: str, update: torch.Tensor, x: torch.Tensor, out: torch.Tensor
+              ) -> torch.Tensor:
+        """PEFT's DoRA output for ``key``'s rows: (f - 1) * W x + f * update."""
+        if self.training and self.dropout:  # W x of the dropped-out input, as PEFT
+            base = F.linear(x, self._own_rows(key, self._base_weight(), 0).to(x.dtype))
+        else:
+            base = self._own_rows(key, out, -1)
+            if self.base.bias is not None:
+                base = base - self._own_rows(key, self.base.bias, 0)
+        factor = self._dora_factor(key).to(update.dtype)
+        return (factor - 1) * base.to(update.dtype) + factor * update
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if _skips_merged(self) or not self.lora_A:
+            return out
+        keys = list(self.lora_A.keys())
+        x = x.to(self.lora_A[keys[0]].dtype)
+        if self.training and self.dropout and len(keys) > 1:
+            xs = [dropout(x, self.dropout, True) for _ in keys]
+            hs = [F.linear(xd, self.lora_A[k]) for xd, k in zip(xs, keys)]
+        else:
+            A = torch.cat([self.lora_A[k] for k in keys]) if len(keys) > 1 else self.lora_A[keys[0]]
+            xs = [dropout(x, self.dropout, self.training)] * len(keys)
+            hs = F.linear(xs[0], A).split(self.r, dim=-1)
+        ys = {key: F.linear(h * self.scale, self._delta_B(key)) for key, h in zip(keys, hs)}
+        if self.magnitude is not None:
+            ys = {key: self._dora(key, y, xd, out) for (key, y), xd in zip(ys.items(), xs)}
+        ys = {key: y.to(out.dtype) for key, y in ys.items()}
+        if self._segments is None:
+            for key, y in ys.items():
+                out = out.index_add(-1, self.rows(key), y)
+            return out
+        parts = [ys[s] if isinstance(s, str) else out.new_zeros(*out.shape[:-1], s)
+                 for s in self._segments]
+        return out + (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1))
+
+    def _weight_delta(self, key: str) -> torch.Tensor:
+        return (self.lora_B[key].float() @ self.lora_A[key].float()) * self.scale
+
+    @torch.no_grad()
+    def merge(self, sign: float = 1.0) -> None:
+        """Add (``sign=1``) or subtract (``-1``) every adapter's update in fp32, then cast back."""
+        w32 = self.base.weight.float()
+        for key in self.lora_A:
+            rows = self.rows(key)
+            if self.magnitude is not None:  # rows scaled by magnitude / ||W + delta||, as PEFT
+                self._merge_dora(key, w32, sign)
+            elif rows is None:
+                w32 += sign * self._weight_delta(key)
+            else:
+                w32.index_add_(0, rows, self._weight_delta(key), alpha=sign)
+        self.base.weight.copy_(w32.to(self.base.weight.dtype))
+
+    def _merge_dora(self, key: str, w32: torch.Tensor, sign: float) -> None:
+        delta = self._in_place_order(key, self._weight_delta(key))
+        own = self._own_rows(key, w32, 0)
+        if sign > 0:
+            factor = self._dora_factor(key, delta)
+            self._merged_norms[key] = self._in_place_order(key, self.magnitude[key]) / factor
+            new = factor[:, None] * (own + delta)
+        else:
+            factor = self._in_place_order(key, self.magnitude[key]) / self._merged_norms.pop(key)
+            new = own / factor[:, None] - delta
+        if self._place[key][3]:
+            w32.index_copy_(0, self.rows(key), new)
+        else:
+            own.copy_(new)
+
+    def extra_repr(self) -> str:
+        return (f"r={self.r}, scale={self.scale:g}, dropout={self.dropout:g}, "
+                f"dora={self.magnitude is not None}, adapters={list(self.names.values())}")
+
+
+class LoRAEmbedding(nn.Module):
+    """A frozen embedding plus a low-rank update in PEFT's layout (A zero, B normal, no dropout)."""
+
+    def __init__(self, base: nn.Embedding, r: int, scale: float, name: str):
+        super().__init__()
+        self.base = base
+        self.r, self.scale, self.name = r, scale, name
+        device = base.weight.device
+        self.lora_embedding_A = nn.Parameter(torch.zeros(r, base.num_embeddings, device=device))
+        self.lora_embedding_B = nn.Parameter(torch.randn(base.embedding_dim, r, device=device)
+                                             if not base.weight.is_meta else
+                                             torch.empty(base.embedding_dim, r, device=device))
+        self.merged = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.base(ids)
+        if _skips_merged(self):
+            return out
+        h = F.embedding(ids, self.lora_embedding_A.t(), padding_idx=self.base.padding_idx)
+        return out + (F.linear(h, self.lora_embedding_B) * self.scale).to(out.dtype)
+
+    @torch.no_grad()
+    def merge(self, sign: float = 1.0) -> None:
+        delta = (self.lora_embedding_B.float() @ self.lora_embedding_A.float()).t() * self.scale
+        w = self.base.weight
+        w.copy_((w.float() + sign * delta).to(w.dtype))
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scale={self.scale:g}, adapter={self.name}"
+
+
+_LORA_TYPES = (LoRALinear, LoRAEmbedding)
+
+
+def _skips_merged(module: LoRALinear | LoRAEmbedding) -> bool:
+    """Whether forward leaves the adapters out (merged); training through merged adapters, which
+    would get no gradient, is an error naming the cure."""
+    if module.merged and module.training and torch.is_grad_enabled():
+        raise ValueError("the LoRA adapters are merged into the base weights: call "
+                         "lora.unmerge_lora(model) before training (or model.eval() to evaluate)")
+    return module.merged
+
+
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear | LoRAEmbedding]]:
+    """(codelm path, module) of every LoRA layer in ``model``."""
+    for path, module in model.named_modules():
+        if isinstance(module, _LORA_TYPES):
+            yield path, module
+
+
+# ----------------------------------------------------------------------------- targeting
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def _module_names(model: nn.Module) -> dict[str, tuple[str, torch.Tensor | None]]:
+    """HF module name of the model's family (the adapter file's names) -> (codelm path, rows)."""
+    return {name: (slot.path, slot.rows)
+            for name, slot in pretrained.hf_module_slots(model.cfg).items()}
+
+
+def _matches(target: list[str] | str, name: str) -> bool:
+    if isinstance(target, str):
+        return re.fullmatch(target, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target)
+
+
+def _leaf_names(names) -> list[str]:
+    return list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))
+
+
+def _resolve_targets(model: nn.Module, targets: list[str] | str,
+                     peft_rules: bool = False) -> dict[str, list[str]]:
+    """target -> the adapter-file module names it selects (HF names, else codelm names); each
+    must select something, or under ``peft_rules`` (HF names only) at least one."""
+    names = _module_names(model)
+    codelm_paths = [p for p, m in model.named_modules()
+                    if isinstance(m, (nn.Linear, nn.Embedding, QuantLinear))]
+    by_path: dict[str, list[str]] = {}
+    for name, (path, _) in names.items():
+        by_path.setdefault(path, []).append(name)
+    resolved, missing = {}, []
+    for target in [targets] if isinstance(targets, str) else targets:
+        spec = target if isinstance(targets, str) else [target]
+        hits = [n for n in names if _matches(spec, n)]
+        if not hits and not peft_rules:  # codelm's names select the HF modules inside them
+            hits = [n for p in codelm_paths if _matches(spec, p) for n in by_path.get(p, [])]
+        if hits:
+            resolved[target] = hits
+        else:
+            missing.append(target)
+    if missing and (not peft_rules or not resolved):
+        adaptable = [n for n, (p, _) in names.items() if p in codelm_paths]
+        if isinstance(targets, str):  # PEFT's rule, easily taken for one name
+            example = next((n for n in adaptable if n.endswith("." + targets)), adaptable[0])
+            raise ValueError(f"LoRA target(s) {targets!r} match no module of this "
+                             f"{model.cfg.family} model: one string is a regular expression "
+                             f"that must match a whole module name (e.g. {example}); to match "
+                             f"names by their last part, pass a list: {[targets]}")
+        raise ValueError(f"LoRA target(s) {missing} match no module of this {model.cfg.family} "
+                         f"model. HF names: {', '.join(_leaf_names(adaptable))}; codelm names: "
+                         f"{', '.join(_leaf_names(codelm_paths))} (or any dotted suffix of a full "
+                         "module name, e.g. 'attn.proj')")
+    return resolved
+
+
+def targeted_modules(model: nn.Module, targets: list[str] | str,
+                     peft_rules: bool = False) -> set[str]:
+    """The adapter-file module names ``targets`` selects, as ``apply_lora`` (or under
+    ``peft_rules``, ``load_adapter``) would: two spellings adapt the same modules when equal."""
+    return {n for hits in _resolve_targets(model, targets, peft_rules).values() for n in hits}
+
+
+def apply_lora(model: nn.Module, cfg: LoRAConfig) -> LoRAReport:
+    """Freeze the model and add LoRA adapters on ``cfg.target_modules`` (checked first)."""
+    _check_model(model, "apply_lora", fresh=True)
+    return _attach(model, cfg, _resolve_targets(model, cfg.target_modules))
+
+
+def _check_model(model: nn.Module, caller: str, fresh: bool = False) -> None:
+    """LoRA targets go through a codelm model's config and module names, which others lack;
+    ``fresh``: the caller adds adapters, which the model must not have yet."""
+    if not isinstance(model, Transformer):
+        raise ValueError(f"{caller} works on codelm's Transformer (pretrained.load(dir) "
+                         f"loads an HF checkpoint as one), got {type(model).__name__}")
+    if fresh and any(True for _ in lora_modules(model)):
+        raise ValueError(f"the model already has LoRA adapters; {caller} once per model")
+
+
+def _attach(model: nn.Module, cfg: LoRAConfig, resolved: dict[str, list[str]]) -> LoRAReport:
+    names = _module_names(model)
+    chosen = list(dict.fromkeys(n for hits in resolved.values() for n in hits))
+    for name in chosen:  # (an embedding's slot is always its whole table: no rows to check)
+        path, _ = names[name]
+        module = model.get_submodule(path)
+        if not isinstance(module, (nn.Linear, QuantLinear, nn.Embedding)):
+            raise ValueError(f"LoRA target {name} ({path}) is a {type(module).__name__}; LoRA "
+                             "adapts Linear and Embedding modules only")
+        if cfg.use_dora and isinstance(module, nn.Embedding):
+            raise ValueError(f"LoRA target {name} is an embedding: codelm's DoRA adapts Linear "
+                             "modules only; leave it out of the targets")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in chosen:
+        path, rows = names[name]
+        module = model.get_submodule(path)
+        if isinstance(module, nn.Embedding):
+            _set_submodule(model, path, LoRAEmbedding(module, cfg.r, cfg.scale, name))
+            continue
+        if not isinstance(module, LoRALinear):
+            module = LoRALinear(module, cfg.r, cfg.scale, cfg.dropout, cfg.use_dora)
+            _set_submodule(model, path, module)
+        module.add_adapter(name.rsplit(".", 1)[-1], name, rows)
+    for _, module in lora_modules(model):
+        module.train(model.training)  # new layers join an eval-mode model in eval mode
+    for tensor, _ in _saved_base_tensors(model, cfg).values():
+        tensor.requires_grad_(True)
+    model.lora_config = cfg
+    return _report(model, resolved)
+
+
+def _saved_base_tensors(model: nn.Module, cfg: LoRAConfig
+                        ) -> dict[str, tuple[nn.Parameter, torch.Tensor | None]]:
+    """Adapter-file key -> (base parameter, rows) of what PEFT's ``bias`` and ``modules_to_save``
+    train and save. A parameter codelm shares between HF modules (a fused qkv, a tied head) is
+    trained only when the adapter saves every module sharing it, as PEFT's copies would be."""
+    if cfg.bias == "none" and not cfg.modules_to_save:
+        return {}
+    adapted = {name for _, m in lora_modules(model) for name in getattr(m, "names", {}).values()}
+    adapted |= {m.name for _, m in lora_modules(model) if isinstance(m, LoRAEmbedding)}
+    saved, holders = {}, {}
+    for name, (path, rows) in _module_names(model).items():
+        module = model.get_submodule(path)
+        module = getattr(module, "base", module)
+        whole = bool(cfg.modules_to_save) and _matches(cfg.modules_to_save, name)
+        for attr in ("weight", "bias"):
+            tensor = getattr(module, attr, None)
+            if not isinstance(tensor, nn.Parameter):
+                continue
+            holders.setdefault(id(tensor), []).append(f"{name}.{attr}")
+            if whole:
+                saved[f"{name}.{attr}"] = (tensor, rows)
+            elif attr == "bias" and (cfg.bias == "all" or cfg.bias == "lora_only" and name in
+                                     adapted):
+                saved[f"{name}.base_layer.bias" if name in adapted else f"{name}.bias"] = (
+                    tensor, rows)
+    keys = {k.replace(".base_layer.", "."): k for k in saved}
+    for key, (tensor, _) in saved.items():
+        if missing := [h for h in holders[id(tensor)] if h not in keys]:
+            raise ValueError(f"{key}: codelm holds it in one tensor with {', '.join(missing)}, "
+                             "which the adapter would not train: add them to modules_to_save "
+                             "(or bias 'all'), or leave it out")
+    return saved
+
+
+def _detach(model: nn.Module, trainable: dict[str, bool]) -> None:
+    """Undo ``_attach``: the base modules back in place, ``requires_grad`` as it was."""
+    for path, module in list(lora_modules(model)):
+        _set_submodule(model, path, module.base)
+    for name, p in model.named_parameters():
+        p.requires_grad_(trainable[name])
+    del model.lora_config
+
+
+def _report(model: nn.Module, resolved: dict[str, list[str]]) -> LoRAReport:
+    return LoRAReport(
+        targets=resolved,
+        modules=[path for path, _ in lora_modules(model)],
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        # a quantized weight (a buffer) counts as the weights it stands for, as in PEFT
+        total_params=sum(p.numel() for p in model.parameters())
+        + sum(q.in_features * q.out_features for q in model.modules()
+              if isinstance(q, QuantLinear)),
+    )
+
+
+# ----------------------------------------------------------------------------- merge
+
+def _shared_parameters(model: nn.Module) -> dict[int, list[str]]:
+    """id -> names of every parameter that more than one module holds (tied weights)."""
+    uses: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        uses.setdefault(id(p), []).append(name)
+    return {key: names for key, names in uses.items() if len(names) > 1}
+
+
+def tied_targets(model: nn.Module,
+                 modules: Iterable[tuple[str, LoRALinear | LoRAEmbedding]] | None = None
+                 ) -> dict[str, list[str]]:
+    """LoRA modules (default all) whose base weight another module shares -> that weight's names."""
+    tied = _shared_parameters(model)
+    weights = ((path, getattr(module.base, "weight", None))  # a QuantLinear base: never tied
+               for path, module in (lora_modules(model) if modules is None else modules))
+    return {path: tied[id(w)] for path, w in weights if w is not None and id(w) in tied}
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold every adapter into its base weight (in fp32, then cast). Idempotent."""
+    todo = [(p, m) for p, m in lora_modules(model) if not m.merged]
+    if any(isinstance(m.base, QuantLinear) for _, m in todo):
+        raise ValueError("cannot merge LoRA into a quantized base: load the base unquantized "
+                         "(pretrained.load), load_adapter, then merge")
+    if tied := tied_targets(model, todo):
+        path, sharers = next(iter(tied.items()))
+        raise ValueError(f"cannot merge the LoRA on {path}: its weight is tied to "
+                         f"{sharers}, so merging would change both; untie them first")
+    for _, module in todo:
+        module.merge(+1.0)
+        module.merged = True
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Undo ``merge_lora`` (in fp32, then cast: to within one rounding, as PEFT). Idempotent."""
+    for _, module in lora_modules(model):
+        if module.merged:
+            module.merge(-1.0)
+            module.merged = False
+
+
+def merge_and_export(model: nn.Module, out_dir: str | Path) -> Path:
+    """Merge the adapters and write a full HF checkpoint (the model is left merged)."""
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise ValueError("merge_and_export needs a full-precision base: build the model with "
+                         "pretrained.load (not quantized), load_adapter, then export")
+    pretrained.check_output_dir(Path(out_dir), "merge_and_export")
+    merge_lora(model)
+    wrapped = list(lora_modules(model))
+    for path, module in wrapped:
+        _set_submodule(model, path, module.base)
+    try:
+        pretrained.save(model, out_dir)
+    finally:
+        for path, module in wrapped:
+            _set_submodule(model, path, module)
+    return Path(out_dir)
+
+
+# ----------------------------------------------------------------------------- adapter files
+
+def _adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Adapter-file key (without PEFT's prefix) -> the model's parameter."""
+    params = {}
+    for _, module in lora_modules(model):
+        if isinstance(module, LoRAEmbedding):
+            params[f"{module.name}.lora_embedding_A"] = module.lora_embedding_A
+            params[f"{module.name}.lora_embedding_B"] = module.lora_embedding_B
+            continue
+        for key, name in module.names.items():
+            params[f"{name}.lora_A.weight"] = module.lora_A[key]
+            params[f"{name}.lora_B.weight"] = module.lora_B[key]
+            if module.magnitude is not None:
+                params[f"{name}.lora_magnitude_vector"] = module.magnitude[key]
+    return params
+
+
+def _target_spec(model: nn.Module, written: set[str]) -> list[str] | str:
+    """Leaf names when PEFT's suffix rule selects exactly the written modules, else an exact regex."""
+    leaves = sorted(_leaf_names(written))
+    selected = {n for n in _module_names(model) if _matches(leaves, n)}
+    return leaves if selected == written else "|".join(re.escape(n) for n in sorted(written))
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path,
+                 base_model_name_or_path: str | Path | None = None) -> Path:
+    """Write the adapters in PEFT's layout (adapter_config.json + adapter_model.safetensors),
+    recording the base (default: ``model.name_or_path``) as PEFT does."""
+    cfg: LoRAConfig | None = getattr(model, "lora_config", None)
+    if cfg is None:
+        raise ValueError("save_adapter: the model has no LoRA adapters (apply_lora first)")
+    base = base_model_name_or_path or getattr(model, "name_or_path", None)
+    out = Path(out_dir)
+    pretrained.check_output_dir(out, "save_adapter")
+    pretrained.check_nothing_else_there(out, "save_adapter", adapter=True)
+    tensors = {PEFT_PREFIX + k: p.detach().float().cpu().contiguous()
+               for k, p in _adapter_parameters(model).items()}
+    written = {_KEY_RE.match(k)["module"] for k in tensors}
+    for key, (tensor, rows) in _saved_base_tensors(model, cfg).items():
+        rows = slice(None) if rows is None else rows.to(tensor.device)
+        tensors[PEFT_PREFIX + key] = tensor.detach()[rows].float().cpu().contiguous()
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": None if base is None else os.fspath(base),
+        "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
+        "target_modules": _target_spec(model, written), "bias": cfg.bias,
+        "modules_to_save": cfg.modules_to_save,
+        "use_rslora": cfg.use_rslora, "init_lora_weights": True, "inference_mode": True,
+        **_UNSUPPORTED_PEFT_KEYS, "use_dora": cfg.use_dora,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    # As a set (config last, as save_pretrained): a failed save leaves the last adapter whole.
+    process.write_atomic_files({
+        out / ADAPTER_WEIGHTS: partial(pretrained.write_safetensors, tensors=tensors,
+                                       metadata={FORMAT_KEY: FORMAT_VERSION}),
+        out / ADAPTER_CONFIG: json.dumps(config, indent=2, sort_keys=True) + "\n",
+    })
+    return out
+
+
+def _unused(value: object, unused: object) -> bool:
+    """PEFT writes a feature's absence as null, false, {} or [] (by type: 0 is layer 0)."""
+    return (value is None or value is False or value in ({}, [])
+            or (type(value) is type(unused) and value == unused))
+
+
+def adapters_below(path: Path) -> str:
+    """" (RUN/export holds one)": for a directory given where an adapter's is wanted."""
+    inside = sorted(p.parent for p in path.glob(f"*/{ADAPTER_CONFIG}"))
+    return f" ({', '.join(map(str, inside))} holds one)" if inside else ""
+
+
+def read_adapter_config(path: str | Path, config_name: str = ADAPTER_CONFIG) -> LoRAConfig:
+    """The LoRAConfig of an adapter directory, refusing what codelm cannot honour: the one check
+    of every adapter_config.json read (``config_name``: a run's copy has its own name)."""
+    path = Path(path)
+    file = path / config_name
+    if not file.is_file():
+        raise ValueError(f"{file}: not found; an adapter directory holds {ADAPTER_CONFIG} and "
+                         f"{ADAPTER_WEIGHTS}{adapters_below(path)}")
+    raw = settings.read_json_object(file, "adapter config")
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{file}: peft_type {raw['peft_type']!r} is not LORA")
+    for key, unused in _UNSUPPORTED_PEFT_KEYS.items():
+        if not _unused(raw.get(key, unused), unused):
+            raise ValueError(f"{file}: {key}={raw[key]!r} is not supported by codelm's LoRA")
+    init = raw.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        raise ValueError(f"{file}: init_lora_weights={init!r} is not supported: convert it to a "
+                         "plain LoRA adapter with PEFT's path_initial_model_for_weight_conversion")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if raw.get(key) is None:
+            raise ValueError(f"{file}: missing key {key!r}")
+    try:
+        return LoRAConfig(r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
+                          target_modules=raw["target_modules"], bias=raw.get("bias", "none"),
+                          modules_to_save=raw.get("modules_to_save"),
+                          use_rslora=raw.get("use_rslora", False),
+                          use_dora=raw.get("use_dora", False))
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from None
+
+
+def adapter_base(adapter_dir: str | Path, remedy: str, config_name: str = ADAPTER_CONFIG
+                 ) -> Path:
+    """The base model an adapter's config names (a directory or a cached hub id); ``remedy``
+    ends the error otherwise."""
+    file = Path(adapter_dir) / config_name
+    base = settings.read_json_object(file, "adapter config").get("base_model_name_or_path")
+    try:
+        path = pretrained.checkpoint_dir(base, f"{file}: base_model_name_or_path") if base else None
+    except ValueError as e:
+        raise ValueError(f"{e}; or {remedy}") from None
+    if path is None or not path.is_dir():
+        raise ValueError(f"{file}: base_model_name_or_path {base!r} is not a local directory; "
+                         f"{remedy}")
+    return path
+
+
+def _read_weights(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The adapter's weight file and tensors; a corrupt file is an error naming it."""
+    file = path / ADAPTER_WEIGHTS
+    if file.is_file():
+        try:
+            with safe_open(str(file), "pt") as f:
+                version = (f.metadata() or {}).get(FORMAT_KEY, FORMAT_VERSION)
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except SafetensorError as e:
+            raise ValueError(f"{file}: truncated or corrupt safetensors file ({e})") from None
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{file}: a codelm adapter of format_version {version}, not "
+                             f"{FORMAT_VERSION}: load it with the codelm that wrote it")
+        return file, tensors
+    if (path / LEGACY_WEIGHTS).is_file():  # older PEFT wrote pickled weights; tensors only
+        return path / LEGACY_WEIGHTS, pretrained.read_bin(path / LEGACY_WEIGHTS)
+    raise ValueError(f"{path}: no {ADAPTER_WEIGHTS} (or {LEGACY_WEIGHTS}) found")
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAReport:
+    """Load an adapter written by ``save_adapter`` or by PEFT, attached as its config says or into
+    the model's same adapters; a failed load leaves the model as it was."""
+    _check_model(model, "load_adapter")
+    path = Path(adapter_dir)
+    cfg = read_adapter_config(path)
+    file, tensors = _read_weights(path)
+    if bad := [k for k in tensors if _KEY_RE.match(k) is None]:
+        raise ValueError(f"{file}: unexpected key {bad[0]!r} (not a LoRA weight)")
+    if any(m.merged for _, m in lora_modules(model)):
+        raise ValueError("load_adapter: the model's adapters are merged; unmerge_lora first")
+    if any(True for _ in lora_modules(model)):
+        _check_same_adapters(model.lora_config, cfg, path / ADAPTER_CONFIG)
+        _copy_adapter(model, tensors, file)
+        return _report(model, {})
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    resolved = _attach_as_file_says(model, cfg, path / ADAPTER_CONFIG)
+    try:
+        _copy_adapter(model, tensors, file)
+    except ValueError:
+        _detach(model, trainable)
+        raise
+    return _report(model, resolved)
+
+
+def _attach_as_file_says(model: nn.Module, cfg: LoRAConfig, file: Path) -> dict[str, list[str]]:
+    """New adapters where the adapter file puts them (PEFT's rules); an error names the file."""
+    try:
+        resolved = _resolve_targets(model, cfg.target_modules, peft_rules=True)
+        _attach(model, cfg, resolved)
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from None
+    return resolved
+
+
+def apply_adapter_layout(model: nn.Module, adapter_dir: str | Path,
+                         config_name: str = ADAPTER_CONFIG) -> LoRAReport:
+    """Freeze the model and add the adapters ``load_adapter`` would, without their weights (a
+    run's checkpoint holds them)."""
+    _check_model(model, "apply_adapter_layout", fresh=True)
+    path = Path(adapter_dir)
+    cfg = read_adapter_config(path, config_name)
+    return _report(model, _attach_as_file_says(model, cfg, path / config_name))
+
+
+def _check_same_adapters(have: LoRAConfig, new: LoRAConfig, file: Path) -> None:
+    """Weights loaded into existing adapters keep those adapters' scale, so it must agree."""
+    differ = [f"{key}: file {a!r}, model {b!r}" for key, a, b in (
+        ("r", new.r, have.r), ("lora_alpha", new.alpha, have.alpha),
+        ("use_rslora", new.use_rslora, have.use_rslora),
+        ("use_dora", new.use_dora, have.use_dora)) if a != b]
+    if differ:
+        raise ValueError(f"{file}: the adapter differs from the model's adapters ({'; '.join(differ)}"
+                         "); load it into a model without adapters")
+
+
+def _copy_adapter(model: nn.Module, tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """Check every key and shape of the file against the model's adapters, then copy."""
+    slots = _adapter_parameters(model)
+    names = _module_names(model)
+    writes: list[Callable[[], object]] = []
+    loaded = set()
+    bases: dict[int, tuple[str, torch.Tensor]] = {}  # one tensor of the model: the key it got
+    for key, tensor in tensors.items():
+        m = _KEY_RE.match(key)
+        short = key.removeprefix(PEFT_PREFIX)
+        if m["kind"].endswith(("weight", "bias")) and not m["kind"].startswith("lora_"):
+            # a base tensor: an adapted embedding's or output layer's, a bias, a saved module
+            attr = m["kind"].split(".")[-1]
+            writes.append(_base_tensor_writer(model, names, m["module"], attr, tensor, file, key))
+            target, rows = _base_tensor(model, names, m["module"], attr, file, key)
+            first, value = bases.setdefault(id(target) if rows is None else id(rows), (key, tensor))
+            if not torch.equal(value, tensor):
+                raise ValueError(f"{file}: {key!r} and {first!r} differ, but this model holds "
+                                 "them in one tensor (tied weights); untie them to load both")
+            continue
+        if short not in slots:
+            raise ValueError(f"{file}: key {key!r} matches no adapter of this model "
+                             f"(adapters: {sorted(slots)[:6]}...)")
+        param = slots[short]
+        if param.shape != tensor.shape:
+            raise ValueError(f"{file}: {key!r} has shape {tuple(tensor.shape)}, the model expects "
+                             f"{tuple(param.shape)}")
+        writes.append(lambda param=param, tensor=tensor: param.copy_(tensor))
+        loaded.add(short)
+    if missing := sorted(set(slots) - loaded):
+        raise ValueError(f"{file}: no weights for {len(missing)} adapter tensor(s), e.g. {missing[0]}")
+    for write in writes:
+        write()
+
+
+def changed_base_tensors(model: nn.Module, adapter_dir: str | Path) -> list[str]:
+    """The adapter file's base-layer weights (PEFT saves an adapted embedding's) that differ
+    from the model's: changes a run, keeping only what it trains, would lose."""
+    file, tensors = _read_weights(Path(adapter_dir))
+    names = _module_names(model)
+    changed = []
+    for key, tensor in tensors.items():
+        m = _KEY_RE.match(key)
+        if m is not None and m["kind"] == "base_layer.weight":  # biases: trained, kept
+            target, rows = _base_tensor(model, names, m["module"], m["kind"].split(".")[1], file,
+                                        key)
+            if rows is not None:
+                target = target.index_select(0, rows.to(target.device))
+            if target.shape == tensor.shape and not torch.equal(target, tensor.to(target)):
+                changed.append(key)
+    return changed
+
+
+def _base_tensor(model, names, name, attr, file, key) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The model tensor a base-layer key of the file names, and its rows (None: all of it)."""
+    if name not in names:
+        raise ValueError(f"{file}: key {key!r} names no module of this model")
+    path, rows = names[name]
+    target = getattr(model.get_submodule(path), attr, None)
+    if not isinstance(target, torch.Tensor):
+        raise ValueError(f"{file}: cannot load {key!r}: {path} has no full-precision {attr}")
+    return target, rows
+
+
+def _base_tensor_writer(model, names, name, attr, tensor, file, key) -> Callable[[], object]:
+    """Check a base-layer tensor of the file against the model; return the write that loads it."""
+    target, rows = _base_tensor(model, names, name, attr, file, key)
+    shape = tuple(target.shape) if rows is None else (len(rows),) + tuple(target.shape[1:])
+    if shape != tuple(tensor.shape):
+        raise ValueError(f"{file}: {key!r} has shape {tuple(tensor.shape)}, "
+                         f"{names[name][0]} expects {shape} (was the vocabulary resized?)")
+    if rows is None:
+        return lambda: target.copy_(tensor)
+    return lambda: target.index_copy_(0, rows.to(target.device), tensor.to(target))
+
+
+# ----------------------------------------------------------------------------- command line
+
+def _check_adapter_tokenizer(adapter: Path, base: Path) -> None:
+    """Refuse an adapter's own tokenizer that is not its base's; one codelm cannot read is copied."""
+    from tokenizer import check_model_tokenizer, load_tokenizer
+
+    try:
+        tok = load_tokenizer(adapter)
+    except ValueError:
+        return
+    instead = (f"remove it, and the merge copies {base}'s own" if (base / "tokenizer.json").is_file()
+               else f"put the tokenizer {base} was trained with in its place")
+    check_model_tokenizer(tok, adapter / "tokenizer.json", base,
+                          f"the merge would write it beside {base}'s weights: {instead}")
+
+
+def main(argv: list[str] | None = None) -> int:
+
+    parser = settings.ArgumentParser(
+        description="Merge a LoRA adapter (codelm's or PEFT's) into its base model and write a "
+        "new HF checkpoint of the base's family, which transformers loads without PEFT.")
+    parser.add_argument("adapter", help="the adapter directory (adapter_config.json + weights)")
+    parser.add_argument("out", help="the new directory (must not exist)")
+    parser.add_argument("--base", help="the base model directory (default: the adapter config's "
+                        "base_model_name_or_path)")
+    parser.add_argument("--dtype", default="auto", help="auto (the base's own) | bf16 | fp16 | "
+                        "fp32: the merged weights' dtype (merged in fp32)")
+    args = parser.parse_args(argv)
+
+    def merge() -> None:
+        adapter = Path(args.adapter)
+        read_adapter_config(adapter)  # a bad adapter is named before the base loads
+        base = Path(args.base) if args.base else adapter_base(adapter, "name it with --base")
+        model = pretrained.load(base, dtype=args.dtype)
+        report = load_adapter(model, adapter)
+        tokenizer_dir = adapter if (adapter / "tokenizer.json").is_file() else base
+        if tokenizer_dir == adapter:  # the merged model pairs the base's config with it
+            _check_adapter_tokenizer(adapter, base)
+        pretrained.export_checkpoint(args.out, partial(merge_and_export, model), tokenizer_dir,
+                                     generation_from=base)
+        # The adapter's own count (PEFT's q_proj, k_proj, v_proj are one fused qkv here).
+        adapted = {_KEY_RE.match(k)["module"] for k in _read_weights(adapter)[1]}
+        print(f"wrote {args.out}: the LoRA of {adapter} on {len(adapted)} modules "
+              f"({len(report.modules)} codelm modules) merged into {base} "
+              f"({model.wte.weight.dtype})")
+
+    return process.run_tool(merge, "interrupted: nothing written")
+
+
+if __name__ == "__main__":
+    sys.exit(process.run_main(main))

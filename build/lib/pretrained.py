@@ -1,0 +1,979 @@
+"""HF checkpoints <-> codelm `Transformer`: one name table per family (read by loading,
+exporting and LoRA targeting), and load/save that never hold two copies of the weights."""
+
+from __future__ import annotations
+
+if __name__ == "__main__":  # first: the imports below load torch for seconds
+    import process
+
+    process.quiet_start_up_stops()
+
+import json
+import mmap
+import re
+import shutil
+import sys
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from functools import partial
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+import process
+import rundir
+import settings
+from architecture import (
+    FAMILIES,
+    LLAMA3_SCALING_KEYS,
+    SHORT_DTYPES,
+    ModelConfig,
+    Transformer,
+    cuda_half_dtype,
+    rope_inv_freq,
+)
+
+# --------------------------------------------------------------------------- tables
+
+# HF module -> (codelm module, part): which rows of the codelm module its output fills
+# (None: all; q/k/v: that block of the fused [Q | K | V]; qkv_*: see part_rows).
+LLAMA_MODULES = {
+    "model.embed_tokens": ("wte", None),
+    "model.layers.{i}.input_layernorm": ("blocks.{i}.norm_1", None),
+    "model.layers.{i}.self_attn.q_proj": ("blocks.{i}.attn.qkv", "q"),
+    "model.layers.{i}.self_attn.k_proj": ("blocks.{i}.attn.qkv", "k"),
+    "model.layers.{i}.self_attn.v_proj": ("blocks.{i}.attn.qkv", "v"),
+    "model.layers.{i}.self_attn.o_proj": ("blocks.{i}.attn.proj", None),
+    "model.layers.{i}.post_attention_layernorm": ("blocks.{i}.norm_2", None),
+    "model.layers.{i}.mlp.gate_proj": ("blocks.{i}.mlp.gate", None),
+    "model.layers.{i}.mlp.up_proj": ("blocks.{i}.mlp.fc", None),
+    "model.layers.{i}.mlp.down_proj": ("blocks.{i}.mlp.proj", None),
+    "model.norm": ("norm_f", None),
+    "lm_head": ("lm_head", None),
+}
+PHI_MODULES = {
+    "model.embed_tokens": ("wte", None),
+    "model.layers.{i}.input_layernorm": ("blocks.{i}.norm_1", None),
+    "model.layers.{i}.self_attn.q_proj": ("blocks.{i}.attn.qkv", "q"),
+    "model.layers.{i}.self_attn.k_proj": ("blocks.{i}.attn.qkv", "k"),
+    "model.layers.{i}.self_attn.v_proj": ("blocks.{i}.attn.qkv", "v"),
+    "model.layers.{i}.self_attn.dense": ("blocks.{i}.attn.proj", None),
+    "model.layers.{i}.mlp.fc1": ("blocks.{i}.mlp.fc", None),
+    "model.layers.{i}.mlp.fc2": ("blocks.{i}.mlp.proj", None),
+    "model.final_layernorm": ("norm_f", None),
+    "lm_head": ("lm_head", None),
+}
+CODEGEN_MODULES = {
+    "transformer.wte": ("wte", None),
+    "transformer.h.{i}.ln_1": ("blocks.{i}.norm_1", None),
+    "transformer.h.{i}.attn.qkv_proj": ("blocks.{i}.attn.qkv", "qkv_codegen"),
+    "transformer.h.{i}.attn.out_proj": ("blocks.{i}.attn.proj", None),
+    "transformer.h.{i}.mlp.fc_in": ("blocks.{i}.mlp.fc", None),
+    "transformer.h.{i}.mlp.fc_out": ("blocks.{i}.mlp.proj", None),
+    "transformer.ln_f": ("norm_f", None),
+    "lm_head": ("lm_head", None),
+}
+GPT_BIGCODE_MODULES = {
+    "transformer.wte": ("wte", None),
+    "transformer.wpe": ("wpe", None),
+    "transformer.h.{i}.ln_1": ("blocks.{i}.norm_1", None),
+    "transformer.h.{i}.attn.c_attn": ("blocks.{i}.attn.qkv", "qkv_bigcode"),
+    "transformer.h.{i}.attn.c_proj": ("blocks.{i}.attn.proj", None),
+    "transformer.h.{i}.ln_2": ("blocks.{i}.norm_2", None),
+    "transformer.h.{i}.mlp.c_fc": ("blocks.{i}.mlp.fc", None),
+    "transformer.h.{i}.mlp.c_proj": ("blocks.{i}.mlp.proj", None),
+    "transformer.ln_f": ("norm_f", None),
+    "lm_head": ("lm_head", None),
+}
+
+HF_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+          "gelu_fast": "gelu_tanh"}
+
+# Training-only fields that a family's HF config may not carry (inference ignores them).
+NOT_IN_HF_CONFIG = ("init", "init_std", "dropout", "embd_dropout", "attn_dropout")
+
+# ModelConfig dropout field -> (HF key, the HF config class's default), per family: where
+# transformers applies dropout in training (Llama: attention weights only).
+DROPOUT_KEYS = {
+    "llama": {"attn_dropout": ("attention_dropout", 0.0)},
+    "phi": {"dropout": ("resid_pdrop", 0.0), "embd_dropout": ("embd_pdrop", 0.0),
+            "attn_dropout": ("attention_dropout", 0.0)},
+    "codegen": {"dropout": ("resid_pdrop", 0.0), "embd_dropout": ("embd_pdrop", 0.0),
+                "attn_dropout": ("attn_pdrop", 0.0)},
+    "gpt_bigcode": {"dropout": ("resid_pdrop", 0.1), "embd_dropout": ("embd_pdrop", 0.1),
+                    "attn_dropout": ("attn_pdrop", 0.1)},
+}
+
+_REQUIRED = object()
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _typed(key: str, value, kind: type):
+    """value checked as a JSON value of kind, as transformers 5 checks it (64.0 reads as 64)."""
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if (isinstance(value, bool) != (kind is bool)  # a JSON true is no number, 1 no boolean
+            or not isinstance(value, (int, float) if kind is float else kind)):
+        raise ValueError(f"{key}={value!r}: expected {_KINDS[kind]}")
+    return kind(value)
+
+
+def _get(hf: dict, *names: str, kind: type = int, default=_REQUIRED):
+    """The first of names that is set (a null counts as absent, except for a boolean)."""
+    for n in names:
+        if hf.get(n) is not None or (kind is bool and n in hf):
+            return _typed(n, hf[n], kind)
+    if default is _REQUIRED:
+        raise ValueError(f"missing field {' / '.join(names)!r}")
+    return default
+
+
+def _heads(hf: dict, *names: str, default=_REQUIRED) -> int:
+    """The head count, checked here because the readers divide the width by it."""
+    n = _get(hf, *names, default=default)
+    if n < 1:
+        key = next(k for k in names if hf.get(k) is not None)
+        raise ValueError(f"{key}={n}: must be a positive integer")
+    return n
+
+
+def _require(hf: dict, key: str, want, why: str) -> None:
+    """A field codelm honours one way only: absent, or exactly `want`."""
+    if key in hf and _typed(key, hf[key], type(want)) != want:
+        raise ValueError(f"{key}={hf[key]!r} cannot be honoured: {why}")
+
+
+def _dropouts(hf: dict, family: str) -> dict:
+    """The family's dropout fields as ModelConfig keywords (absent keys: the HF class default)."""
+    out = {}
+    for field, (key, default) in DROPOUT_KEYS[family].items():
+        out[field] = _get(hf, key, kind=float, default=default)
+        if not 0.0 <= out[field] < 1.0:
+            raise ValueError(f"{key}={out[field]!r}: must be in [0, 1)")
+    return out
+
+
+def _write_dropouts(c: ModelConfig) -> dict:
+    """The family's dropout keys with c's values (the embeddings' resolved)."""
+    p = {"dropout": c.dropout, "embd_dropout": c.embedding_dropout, "attn_dropout": c.attn_dropout}
+    return {key: p[field] for field, (key, _) in DROPOUT_KEYS[c.family].items()}
+
+
+def _act(hf: dict, key: str, default: str) -> str:
+    act = _get(hf, key, kind=str, default=default)
+    if act not in HF_ACT:
+        raise ValueError(f"{key}={act!r} is not supported (supported: "
+                         f"{sorted(HF_ACT)})")
+    return HF_ACT[act]
+
+
+def _rope(hf: dict, default_partial: float = 1.0) -> dict:
+    """Rope fields as transformers' `standardize_rope_params` resolves them (`rope_scaling`
+    before `rope_parameters`, then the top level)."""
+    params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    if not isinstance(params, dict) or (params and all(isinstance(v, dict)
+                                                       for v in params.values())):
+        raise ValueError(f"rope parameters {params!r} are not supported (one dict "
+                         "of rope_type and its fields)")
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+
+    def field(key: str, kind: type, default):
+        return next((_typed(key, d[key], kind) for d in (params, hf)
+                     if d.get(key) is not None), default)
+
+    if "rope_theta" in hf and hf["rope_theta"] is None and params.get("rope_theta") is None:
+        raise ValueError("rope_theta is null")
+    out = {"rope_theta": field("rope_theta", float, 10000.0),
+           "partial": field("partial_rotary_factor", float, default_partial),
+           "rope_scaling": None}
+    if rope_type == "llama3":
+        src = dict(params)
+        top = "original_max_position_embeddings"
+        src[top] = hf[top] if top in hf else src.get(top, hf.get("max_position_embeddings"))
+        missing = [k for k in LLAMA3_SCALING_KEYS if src.get(k) is None]
+        if missing:
+            raise ValueError(f"llama3 rope scaling lacks {missing}")
+        out["rope_scaling"] = {k: _typed(k, src[k], int if k == top else float)
+                               for k in LLAMA3_SCALING_KEYS}
+    elif rope_type != "default":
+        raise ValueError(f"rope_type {rope_type!r} is not supported "
+                         "(supported: default, llama3)")
+    return out
+
+
+def _eos(hf: dict) -> int | list[int] | None:
+    """Kept as written: chat checkpoints list several ids, and the export must stop on each."""
+    eos = hf.get("eos_token_id")
+    if eos is None:
+        return None
+    ids = [_typed("eos_token_id", e, int) for e in (eos if isinstance(eos, list) else [eos])]
+    return (ids if len(ids) > 1 else ids[0]) if ids else None
+
+
+def _shared(hf: dict, family: str, tie_default: bool = False) -> dict:
+    """The ModelConfig fields every family reads alike."""
+    return dict(family=family, vocab_size=_get(hf, "vocab_size"), **_dropouts(hf, family),
+                tie_embeddings=_get(hf, "tie_word_embeddings", kind=bool, default=tie_default),
+                bos_id=_get(hf, "bos_token_id", default=None), eos_id=_eos(hf))
+
+
+def _read_llama(hf: dict) -> ModelConfig:
+    _require(hf, "hidden_act", "silu", "codelm's SwiGLU uses silu")
+    n_embd, n_head = _get(hf, "hidden_size"), _heads(hf, "num_attention_heads")
+    rope = _rope(hf)
+    if rope["partial"] != 1.0:
+        raise ValueError("partial_rotary_factor != 1 cannot be honoured for llama")
+    bias = _get(hf, "attention_bias", kind=bool, default=False)
+    return ModelConfig(
+        **_shared(hf, "llama"),
+        block_size=_get(hf, "max_position_embeddings", default=2048),  # LlamaConfig's
+        n_layer=_get(hf, "num_hidden_layers"),
+        n_head=n_head, n_kv_head=_get(hf, "num_key_value_heads", default=n_head), n_embd=n_embd,
+        head_dim=_get(hf, "head_dim", default=n_embd // n_head),
+        mlp_hidden=_get(hf, "intermediate_size"), norm="rmsnorm",
+        norm_eps=_get(hf, "rms_norm_eps", kind=float, default=1e-6), mlp="swiglu",
+        positions="rope", rope_theta=rope["rope_theta"], rope_scaling=rope["rope_scaling"],
+        qkv_bias=bias, attn_proj_bias=bias,
+        mlp_bias=_get(hf, "mlp_bias", kind=bool, default=False))
+
+
+def _read_phi(hf: dict) -> ModelConfig:
+    _require(hf, "qk_layernorm", False, "query/key LayerNorm is not implemented")
+    n_embd, n_head = _get(hf, "hidden_size"), _heads(hf, "num_attention_heads")
+    head_dim = n_embd // n_head
+    rope = _rope(hf, default_partial=0.5)
+    if rope["rope_scaling"] is not None:
+        raise ValueError("rope scaling cannot be honoured for phi")
+    return ModelConfig(
+        **_shared(hf, "phi"),
+        block_size=_get(hf, "max_position_embeddings", default=2048),  # PhiConfig's
+        n_layer=_get(hf, "num_hidden_layers"),
+        n_head=n_head, n_kv_head=_get(hf, "num_key_value_heads", default=n_head), n_embd=n_embd,
+        mlp_hidden=_get(hf, "intermediate_size"), norm="layernorm",
+        norm_eps=_get(hf, "layer_norm_eps", kind=float, default=1e-5),
+        mlp=_act(hf, "hidden_act", "gelu_new"), positions="rope",
+        rotary_dim=int(head_dim * rope["partial"]), rope_theta=rope["rope_theta"],
+        parallel_residual=True, qkv_bias=True, attn_proj_bias=True, mlp_bias=True,
+        lm_head_bias=True)
+
+
+def _read_codegen(hf: dict) -> ModelConfig:
+    n_embd = _get(hf, "n_embd", "hidden_size")
+    n_head = _heads(hf, "n_head", "num_attention_heads", default=16)  # CodeGenConfig's
+    if n_head % 4:
+        raise ValueError(f"n_head={n_head} cannot be honoured: CodeGen's qkv_proj "
+                         "is laid out in 4 chunks, so n_head must be a multiple of 4")
+    return ModelConfig(
+        **_shared(hf, "codegen"),
+        block_size=_get(hf, "n_positions", "max_position_embeddings", default=2048),
+        n_layer=_get(hf, "n_layer", "num_hidden_layers"), n_head=n_head, n_embd=n_embd,
+        mlp_hidden=_get(hf, "n_inner", default=4 * n_embd), norm="layernorm",
+        norm_eps=_get(hf, "layer_norm_epsilon", kind=float, default=1e-5),
+        mlp=_act(hf, "activation_function", "gelu_new"), positions="rope",
+        rotary_dim=_get(hf, "rotary_dim", default=64), rope_interleaved=True,  # CodeGenConfig's
+        parallel_residual=True, mlp_bias=True, lm_head_bias=True)
+
+
+def _read_gpt_bigcode(hf: dict) -> ModelConfig:
+    _require(hf, "scale_attn_weights", True, "attention is always scaled by 1/sqrt(head_dim)")
+    _require(hf, "add_cross_attention", False, "cross-attention is not implemented")
+    n_embd, n_head = _get(hf, "n_embd", "hidden_size"), _heads(hf, "n_head", "num_attention_heads")
+    return ModelConfig(
+        **_shared(hf, "gpt_bigcode", tie_default=True),
+        block_size=_get(hf, "n_positions", "max_position_embeddings", default=1024),
+        n_layer=_get(hf, "n_layer", "num_hidden_layers"), n_head=n_head,
+        n_kv_head=1 if _get(hf, "multi_query", kind=bool, default=True) else n_head,
+        n_embd=n_embd, mlp_hidden=_get(hf, "n_inner", default=4 * n_embd), norm="layernorm",
+        norm_eps=_get(hf, "layer_norm_epsilon", kind=float, default=1e-5),
+        mlp=_act(hf, "activation_function", "gelu_pytorch_tanh"), positions="learned",
+        qkv_bias=True, attn_proj_bias=True, mlp_bias=True)
+
+
+# (no SwiGLU: hf_config's round-trip check names the mlp a family cannot express)
+_HF_ACT_NAME = {"gpt_bigcode": {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"},
+                "codegen": {"gelu": "gelu", "gelu_tanh": "gelu_new"},
+                "phi": {"gelu": "gelu", "gelu_tanh": "gelu_new"}}
+
+
+def _write_llama(c: ModelConfig) -> dict:
+    rope = {"rope_type": "llama3" if c.rope_scaling else "default", "rope_theta": c.rope_theta,
+            **(c.rope_scaling or {})}
+    return {"max_position_embeddings": c.block_size,
+            "hidden_size": c.n_embd, "intermediate_size": c.mlp_hidden,
+            "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
+            "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim, "hidden_act": "silu",
+            "rms_norm_eps": c.norm_eps, "rope_parameters": rope, "rope_theta": c.rope_theta,
+            # the rope keys transformers < 5 reads
+            "rope_scaling": {k: v for k, v in rope.items() if k != "rope_theta"}
+            if c.rope_scaling else None,
+            "attention_bias": c.qkv_bias, "mlp_bias": c.mlp_bias}
+
+
+def _write_phi(c: ModelConfig) -> dict:
+    rope = {"rope_theta": c.rope_theta, "partial_rotary_factor": c.rotary_dim / c.head_dim}
+    return {"max_position_embeddings": c.block_size,
+            "hidden_size": c.n_embd, "intermediate_size": c.mlp_hidden,
+            "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
+            "num_key_value_heads": c.n_kv_head, "hidden_act": _HF_ACT_NAME["phi"].get(c.mlp),
+            "layer_norm_eps": c.norm_eps, "rope_parameters": {"rope_type": "default", **rope},
+            **rope, "qk_layernorm": False}
+
+
+def _write_codegen(c: ModelConfig) -> dict:
+    return {"n_positions": c.block_size, "n_ctx": c.block_size,
+            "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
+            "n_inner": c.mlp_hidden, "rotary_dim": c.rotary_dim,
+            "activation_function": _HF_ACT_NAME["codegen"].get(c.mlp),
+            "layer_norm_epsilon": c.norm_eps}
+
+
+def _write_gpt_bigcode(c: ModelConfig) -> dict:
+    return {"n_positions": c.block_size, "n_embd": c.n_embd,
+            "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": c.mlp_hidden,
+            "multi_query": c.n_kv_head == 1,
+            "activation_function": _HF_ACT_NAME["gpt_bigcode"].get(c.mlp),
+            "layer_norm_epsilon": c.norm_eps, "scale_attn_weights": True}
+
+
+@dataclass(frozen=True)
+class FamilyTable:
+    modules: dict[str, tuple[str, str | None]]
+    ignored_suffixes: tuple[str, ...]  # buffers some checkpoints carry (masks, rotary caches)
+    architecture: str
+    read_config: Callable[[dict], ModelConfig]
+    write_config: Callable[[ModelConfig], dict]
+
+
+TABLES: dict[str, FamilyTable] = {
+    "llama": FamilyTable(LLAMA_MODULES, (".rotary_emb.inv_freq",), "LlamaForCausalLM",
+                         _read_llama, _write_llama),
+    "phi": FamilyTable(PHI_MODULES, (".rotary_emb.inv_freq",), "PhiForCausalLM",
+                       _read_phi, _write_phi),
+    "codegen": FamilyTable(CODEGEN_MODULES, (".attn.causal_mask", ".attn.masked_bias",
+                           ".attn.bias"), "CodeGenForCausalLM", _read_codegen, _write_codegen),
+    "gpt_bigcode": FamilyTable(GPT_BIGCODE_MODULES, (".attn.masked_bias", ".attn.bias",
+                               "transformer.bias"), "GPTBigCodeForCausalLM",
+                               _read_gpt_bigcode, _write_gpt_bigcode),
+}
+assert set(TABLES) == set(FAMILIES)
+
+
+# ------------------------------------------------------------------------- row maps
+
+def part_rows(cfg: ModelConfig, part: str | None) -> torch.Tensor | None:
+    """rows[j] = row of the codelm module's output that is row j of the HF module's output."""
+    if part is None:
+        return None
+    hd, nh, nkv = cfg.head_dim, cfg.n_head, cfg.n_kv_head
+    q, kv = nh * hd, nkv * hd
+    if part in ("q", "k", "v"):
+        start = {"q": 0, "k": q, "v": q + kv}[part]
+        return torch.arange(start, start + (q if part == "q" else kv))
+    heads = torch.arange(nh)[:, None] * hd + torch.arange(hd)  # (nh, hd) offsets inside Q
+    if part == "qkv_codegen":
+        # 4 chunks (CodeGen's TPU shards), each [q | v | k] for nh / 4 heads.
+        chunk = heads.view(4, nh // 4 * hd)
+        return torch.cat([torch.cat((chunk[c], chunk[c] + 2 * q, chunk[c] + q)) for c in range(4)])
+    assert part == "qkv_bigcode", part
+    if nkv == 1:  # multi-query: already [Q all heads | K | V]
+        return None
+    return torch.stack((heads, heads + q, heads + 2 * q), dim=1).reshape(-1)
+
+
+@dataclass(frozen=True)
+class ModuleSlot:
+    path: str
+    rows: torch.Tensor | None
+
+
+def _expand(table: FamilyTable, cfg: ModelConfig) -> dict[str, tuple[str, str | None]]:
+    """HF module name -> (codelm module path, part), with layer templates expanded."""
+    out = {}
+    for hf, (path, part) in table.modules.items():
+        layers = range(cfg.n_layer) if "{i}" in hf else (None,)
+        for i in layers:
+            out[hf.format(i=i)] = (path.format(i=i), part)
+    return out
+
+
+def hf_module_slots(cfg: ModelConfig) -> dict[str, ModuleSlot]:
+    """Every HF module name of cfg.family -> the codelm module and rows it corresponds to."""
+    table = TABLES[cfg.family]
+    return {hf: ModuleSlot(path, part_rows(cfg, part))
+            for hf, (path, part) in _expand(table, cfg).items()
+            if not (cfg.parallel_residual and path.endswith("norm_2"))}
+
+
+def _param_plan(model: Transformer, table: FamilyTable):
+    """codelm parameter -> [(HF tensor name, rows)], for every parameter of the model."""
+    cfg = model.cfg
+    params = dict(model.named_parameters(remove_duplicate=False))
+    modules = dict(model.named_modules(remove_duplicate=False))
+    plan: dict[str, list[tuple[str, torch.Tensor | None]]] = {}
+    for hf, (path, part) in _expand(table, cfg).items():
+        if path in modules and f"{path}.weight" not in params:
+            raise ValueError(f"{path} is a {type(modules[path]).__name__} without a full-precision "
+                             "weight: export LoRA with lora.merge_and_export or save_adapter")
+        rows = part_rows(cfg, part)
+        for suffix in ("weight", "bias"):
+            name = f"{path}.{suffix}"
+            if name in params:
+                plan.setdefault(name, []).append((f"{hf}.{suffix}", rows))
+    assert set(plan) == set(params), set(params) - set(plan)  # hf_config checked the layout
+    return plan
+
+
+# ------------------------------------------------------------------------- readers
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+class SafetensorsFile:
+    """A safetensors file, header checked against the file size, data memory-mapped lazily."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, size, self._map = path, path.stat().st_size, None
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < n <= size - 8:
+                raise ValueError(f"{path}: truncated or corrupt safetensors file (header length "
+                                 f"{n}, file size {size})")
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{path}: corrupt safetensors header (a JSON "
+                             f"{type(header).__name__}, not an object)")
+        self.data_start = 8 + n
+        header.pop("__metadata__", None)
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for name, e in header.items():
+            if isinstance(e, dict) and e.get("dtype", "F32") not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{path}: tensor {name!r} has dtype {e['dtype']}, which codelm "
+                                 f"does not load (supported: {', '.join(SAFETENSORS_DTYPES)})")
+            try:
+                dtype = SAFETENSORS_DTYPES[e["dtype"]]
+                shape = tuple(int(s) for s in e["shape"])
+                start, end = (int(o) for o in e["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"{path}: corrupt safetensors header entry {name!r}: {e}") from None
+            nbytes = dtype.itemsize * int(torch.Size(shape).numel())
+            if end - start != nbytes:
+                raise ValueError(f"{path}: corrupt safetensors entry {name!r} (offsets "
+                                 f"{start}..{end} for {nbytes} bytes)")
+            if self.data_start + end > size:
+                raise ValueError(f"{path}: truncated file: tensor {name!r} ends at byte "
+                                 f"{self.data_start + end} but the file has {size} bytes")
+            self.entries[name] = (dtype, shape, self.data_start + start, nbytes)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][1]
+
+    def view(self, name: str) -> torch.Tensor:
+        """Zero-copy tensor backed by a private (copy-on-write) map of the file."""
+        dtype, shape, offset, nbytes = self.entries[name]
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        if self._map is None:
+            with open(self.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        return torch.frombuffer(self._map, dtype=dtype, count=nbytes // dtype.itemsize,
+                                offset=offset).view(shape)
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Read the tensor into a contiguous CPU tensor of its dtype (page cache, not this
+        process's memory)."""
+        dtype, shape, offset, nbytes = self.entries[name]
+        buf = memoryview(out.view(-1).view(torch.uint8).numpy())
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            if f.readinto(buf) != nbytes:
+                raise ValueError(f"{self.path}: truncated file while reading {name!r}")
+
+
+def read_bin(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a pickled weights file, read with weights_only (a pickle runs code)."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True,
+                        mmap=zipfile.is_zipfile(path))  # the pre-zip format cannot be mapped
+    except Exception as e:  # zip/pickle errors of a damaged file come in many types
+        why = (str(e).partition("WeightsUnpickler error:")[2] or str(e)).strip().split("\n")[0]
+        if "weights_only" in why or not why:
+            why = type(e).__name__
+        raise ValueError(f"{path}: truncated or corrupt weights file ({why})") from None
+    bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)
+           ] if isinstance(sd, dict) else None
+    if bad != []:
+        found = type(sd).__name__ if bad is None else f"{bad[0]!r}: {type(sd[bad[0]]).__name__}"
+        raise ValueError(f"{path}: expected a state dict (names -> tensors), found {found}")
+    return sd
+
+
+# A checkpoint's weights, in the order the loader looks for them.
+MODEL_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                      "pytorch_model.bin.index.json")
+
+
+class TensorSource:
+    """Name -> tensor over one or several files (safetensors, sharded, or pytorch .bin)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.files: dict[str, SafetensorsFile] = {}
+        self.tensors: dict[str, torch.Tensor] = {}  # from .bin files
+        self.origin: dict[str, Path] = {}  # the file each tensor is in (for messages)
+        found = next((directory / f for f in MODEL_WEIGHT_FILES if (directory / f).exists()), None)
+        if found is None:
+            raise ValueError(f"{directory}: no weights (model.safetensors, "
+                             "model.safetensors.index.json, pytorch_model.bin or its index)")
+        for path in self._shards(found) if found.name.endswith(".index.json") else [found]:
+            if path.suffix == ".safetensors":
+                f = SafetensorsFile(path)
+                self.files.update(dict.fromkeys(f.entries, f))
+                names = f.entries
+            else:
+                names = read_bin(path)
+                self.tensors.update(names)
+            self.origin.update(dict.fromkeys(names, path))
+
+    @staticmethod
+    def _shards(index: Path) -> list[Path]:
+        weight_map = settings.read_json_object(index, "shard index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: corrupt shard index (no 'weight_map' object)")
+        bad = next((k for k, f in weight_map.items() if not isinstance(f, str) or not f), None)
+        if bad is not None:
+            raise ValueError(f"{index}: corrupt shard index (weight_map[{bad!r}] is "
+                             f"{weight_map[bad]!r}, not a file name)")
+        shards = [index.parent / f for f in dict.fromkeys(weight_map.values())]
+        if missing := [str(s) for s in shards if not s.exists()]:
+            raise ValueError(f"{index}: shard files missing: {missing}")
+        return shards
+
+    def names(self) -> set[str]:
+        return set(self.files) | set(self.tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.files[name].shape(name) if name in self.files else tuple(self.tensors[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.files[name].entries[name][0] if name in self.files else self.tensors[name].dtype
+
+    def whole(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The tensor in dtype on device; a view of the file map when nothing changes."""
+        if name in self.tensors:
+            return self.tensors[name].to(device=device, dtype=dtype)
+        f, file_dtype = self.files[name], self.dtype(name)
+        if file_dtype == dtype and device.type == "cpu":
+            return f.view(name)
+        tmp = torch.empty(f.shape(name), dtype=file_dtype)
+        f.read_into(name, tmp)
+        return tmp.to(device=device, dtype=dtype)
+
+    def fill(self, name: str, out: torch.Tensor) -> None:
+        """Copy the tensor into `out` (a contiguous slice of a fused parameter)."""
+        if name in self.files and self.dtype(name) == out.dtype and out.device.type == "cpu":
+            self.files[name].read_into(name, out)
+        else:
+            out.copy_(self.whole(name, self.dtype(name), torch.device("cpu")))
+
+
+# --------------------------------------------------------------------------- load
+
+def _listing(names) -> str:
+    names = sorted(names)
+    more = f" ... and {len(names) - 20} more" if len(names) > 20 else ""
+    return ", ".join(names[:20]) + more
+
+
+def _is_run_config(hf: dict) -> bool:
+    """Whether a config.json is a codelm run's TrainConfig (the run's, best/'s, a checkpoint's)."""
+    return hf.get("model_type") is None and {"preset", "lr", "max_steps"} <= hf.keys()
+
+
+def read_config(directory: str | Path) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, raw HF config) from a checkpoint directory's config.json."""
+    path = Path(directory) / "config.json"
+    if not path.exists():
+        raise ValueError(f"{path}: not found (is {directory} an HF checkpoint directory?)")
+    hf = settings.read_json_object(path, "model config")
+    model_type = hf.get("model_type")
+    if _is_run_config(hf):
+        run = Path(directory)  # or its best/ or one of its checkpoints: the run's weight files
+        if any((run / f).is_file() for f in (rundir.MODEL_FILE, rundir.ADAPTER_FILE)):
+            run = run.parent.parent if run.parent.name == rundir.CHECKPOINTS_DIR else run.parent
+        what = "a codelm run directory" if run == Path(directory) else f"weights of run {run}"
+        raise ValueError(f"{directory}: {what}, not an HF checkpoint; load its export "
+                         f"{run / rundir.EXPORT_DIR} (or {rundir.MERGED_DIR}/ in it for a LoRA "
+                         f"run's merged model), or continue it with --resume {run}")
+    if model_type not in TABLES:
+        raise ValueError(f"{path}: unknown model_type {model_type!r}; supported: "
+                         f"{', '.join(FAMILIES)}")
+    if hf.get("quantization_config"):
+        qc = hf["quantization_config"]
+        method = qc.get("quant_method", "unknown") if isinstance(qc, dict) else qc
+        raise ValueError(f"{path}: a quantized checkpoint (quant_method {method!r}) cannot be "
+                         "loaded; use the full-precision one")
+    try:
+        return TABLES[model_type].read_config(hf), hf
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def _config_dtype(hf: dict) -> torch.dtype | None:
+    """config.json's ``dtype`` (transformers 5) or ``torch_dtype`` (older), if it names one."""
+    name = hf.get("dtype") or hf.get("torch_dtype")
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def _auto_dtype(hf: dict, device: torch.device) -> torch.dtype:
+    if device.type == "cuda":
+        return cuda_half_dtype(device)
+    dtype = _config_dtype(hf)
+    if dtype is None or dtype in (torch.float16, torch.float64):
+        return torch.float32  # fp16 arithmetic on CPU is slow and overflows where bf16 does not
+    return dtype if dtype.is_floating_point else torch.float32
+
+
+def _requested_dtype(dtype: torch.dtype | str | None, hf: dict,
+                     source: TensorSource) -> torch.dtype | None:
+    """The `dtype` argument as a torch dtype; "auto": the config's, else the first float tensor's."""
+    resolved = dtype
+    if dtype == "auto":
+        found = (source.dtype(n) for n in [*source.files, *source.tensors])
+        resolved = _config_dtype(hf) or next((d for d in found if d.is_floating_point),
+                                             torch.float32)
+    elif isinstance(dtype, str):
+        resolved = SHORT_DTYPES.get(dtype, getattr(torch, dtype, None))
+    if dtype is not None and not (isinstance(resolved, torch.dtype)
+                                  and resolved.is_floating_point):
+        raise ValueError(f"dtype={dtype!r}: expected a floating-point torch dtype, its name "
+                         f"('bfloat16', 'float16', 'float32', or 'bf16', 'fp16', 'fp32'), or "
+                         f"'auto' (the checkpoint's dtype)")
+    return resolved
+
+
+def _tie_as_the_file_says(cfg: ModelConfig, table: FamilyTable, source: TensorSource,
+                           dtype: torch.dtype) -> ModelConfig:
+    """transformers' rule: a tied config whose head differs from the embeddings loads untied."""
+    weights = {path: f"{hf}.weight" for hf, (path, _) in table.modules.items()}
+    head, embeddings = weights["lm_head"], weights["wte"]
+    if not (cfg.tie_embeddings and {head, embeddings} <= source.names()):
+        return cfg  # a head alone is the tied pair (`load`); no tensor at all is missing
+    cpu = torch.device("cpu")
+    if source.shape(head) == source.shape(embeddings) and torch.equal(
+            source.whole(head, dtype, cpu), source.whole(embeddings, dtype, cpu)):
+        return cfg
+    print(f"warning: {source.origin[head]}: {head} differs from {embeddings}, but the config "
+          "ties them; loading them untied, as transformers does", file=sys.stderr)
+    return replace(cfg, tie_embeddings=False)
+
+
+def _checked_plan(directory: Path, cfg: ModelConfig, table: FamilyTable,
+                  source: TensorSource) -> tuple[Transformer, dict]:
+    """The meta-device model of cfg and its `_param_plan`, checked against the file's tensors."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    plan = _param_plan(model, table)
+    present = source.names()
+    if cfg.tie_embeddings:
+        head = plan.pop("lm_head.weight")
+        if not present & {name for name, _ in plan["wte.weight"]} and head[0][0] in present:
+            # the tied pair saved under the head's name: transformers loads it into both
+            plan["wte.weight"] = head
+    params = dict(model.named_parameters(remove_duplicate=False))
+    expected = {hf_name for parts in plan.values() for hf_name, _ in parts}
+    optional = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    missing = expected - present
+    if missing:
+        raise ValueError(f"{directory}: missing tensors: {_listing(missing)}")
+    unexpected = {n for n in present - expected - optional
+                  if not n.endswith(table.ignored_suffixes)}
+    if unexpected:
+        raise ValueError(f"{directory}: unexpected tensors: {_listing(unexpected)}")
+    for name, parts in plan.items():
+        for hf_name, rows in parts:
+            shape = tuple(params[name].shape)
+            want = shape if rows is None else (len(rows),) + shape[1:]
+            found = source.shape(hf_name)
+            if found != want:
+                raise ValueError(f"{directory}: shape mismatch for {hf_name}: expected {want} "
+                                 f"(from config.json), found {found}")
+    return model, plan
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
+_NOT_PYTORCH = ["*.msgpack", "*.h5", "*.ot", "*.onnx", "*.tflite", "*.gguf", "onnx/*", "*.mlmodel"]
+
+
+def is_hub_id(spec: str | Path) -> bool:
+    """Whether ``spec`` names a Hugging Face repo (``org/name[@revision]``), not a local path."""
+    return not Path(spec).expanduser().exists() and _HUB_ID.fullmatch(str(spec)) is not None
+
+
+def checkpoint_dir(spec: str | Path, what: str = "checkpoint", repo_type: str = "model") -> Path:
+    """A local directory, or else the snapshot of a Hugging Face id ``org/name[@revision]`` (a
+    model's, or with ``repo_type="dataset"`` a dataset's): from the hub cache when there or
+    offline (``HF_HUB_OFFLINE=1``), else downloaded into it."""
+    if not is_hub_id(spec):
+        return Path(spec).expanduser()
+    from huggingface_hub import snapshot_download
+
+    repo, _, revision = str(spec).partition("@")
+    try:
+        return Path(snapshot_download(repo, revision=revision or None, repo_type=repo_type,
+                                      ignore_patterns=_NOT_PYTORCH))
+    except Exception as e:  # not cached while offline, no such repo, no network: many types
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{what} {spec}: no such directory, and no Hugging Face snapshot of "
+                         f"{repo} ({why}); download it (`hf download {repo}"
+                         f"{' --repo-type dataset' if repo_type == 'dataset' else ''}`) or give a "
+                         "local directory") from None
+
+
+def load(directory: str | Path, dtype: torch.dtype | str | None = None,
+         device: torch.device | str | None = None) -> Transformer:
+    """A `Transformer` from an HF checkpoint (a directory or a hub id), checked before the model
+    exists."""
+    directory = checkpoint_dir(directory)
+    if not directory.is_dir():
+        raise ValueError(f"{directory}: not a directory")
+    if (directory / process.MANIFEST_FILE).exists() and (
+            problem := process.manifest_problem(directory)):  # written by codelm: checked
+        raise ValueError(f"{directory}: {problem}: the checkpoint is damaged; use an intact copy")
+    cfg, hf = read_config(directory)
+    table = TABLES[cfg.family]
+    device = torch.device(device if device is not None else "cpu")
+    source = TensorSource(directory)
+    dtype = _requested_dtype(dtype, hf, source) or _auto_dtype(hf, device)
+    model, plan = _checked_plan(directory, cfg, table, source)
+    untied = _tie_as_the_file_says(cfg, table, source, dtype)
+    if untied is not cfg:
+        cfg = untied
+        model, plan = _checked_plan(directory, cfg, table, source)
+    params = dict(model.named_parameters(remove_duplicate=False))
+
+    state = {}
+    for name, parts in plan.items():
+        if len(parts) == 1 and parts[0][1] is None:
+            state[name] = source.whole(parts[0][0], dtype, device)
+            continue
+        out = torch.empty(params[name].shape, dtype=dtype, device=device)
+        for hf_name, rows in parts:
+            if rows is not None and bool((rows.diff() == 1).all()):
+                source.fill(hf_name, out[int(rows[0]):int(rows[-1]) + 1])
+            else:
+                tmp = source.whole(hf_name, dtype, device)
+                out[rows.to(device)] = tmp
+        state[name] = out
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["wte.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.wte.weight
+    if model.rope is not None:
+        # computed, not moved: to_empty on a meta buffer imports sympy (+65 MiB RSS)
+        model.rope.inv_freq = rope_inv_freq(cfg, device=device)
+    model.name_or_path = str(directory)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- save
+
+def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+    """The HF config.json of cfg; refuses a config the family cannot express."""
+    table = TABLES[cfg.family]
+    out = {"architectures": [table.architecture], "model_type": cfg.family,
+           "vocab_size": cfg.vocab_size, **table.write_config(cfg), **_write_dropouts(cfg),
+           "tie_word_embeddings": cfg.tie_embeddings,
+           "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id,
+           "dtype": str(dtype).removeprefix("torch."),
+           "torch_dtype": str(dtype).removeprefix("torch.")}  # the name transformers < 5 reads
+    back = table.read_config(out)
+    differ = [f.name for f in fields(ModelConfig)
+              if f.name not in NOT_IN_HF_CONFIG and getattr(back, f.name) != getattr(cfg, f.name)]
+    if differ:
+        raise ValueError(f"cannot export as {cfg.family!r}: the HF layout cannot express "
+                         f"ModelConfig fields {differ}")
+    return out
+
+
+def save(model: Transformer, directory: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write config.json + model.safetensors (or shards + index) in the family's HF layout, all
+    files in full before any replaces the last save's (config.json last)."""
+    directory = Path(directory)
+    check_output_dir(directory, "save_pretrained")
+    check_nothing_else_there(directory, "save_pretrained")
+    cfg = model.cfg
+    config = hf_config(cfg, model.wte.weight.dtype)
+    plan = _param_plan(model, TABLES[cfg.family])
+    if cfg.tie_embeddings:
+        plan.pop("lm_head.weight")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tensors: dict[str, torch.Tensor] = {}
+    for name, parts in plan.items():
+        p = params[name].detach()
+        for hf_name, rows in parts:
+            tensors[hf_name] = p if rows is None else p[rows.to(p.device)]
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards, size = shards + [[]], 0
+        shards[-1].append(name)
+        size += n
+    files = _weight_files(tensors, shards)
+    files["config.json"] = json.dumps(config, indent=2) + "\n"
+    directory.mkdir(parents=True, exist_ok=True)
+    process.write_atomic_files({directory / name: data for name, data in files.items()})
+    _remove_stale_weights(directory, set(files))
+
+
+def check_output_dir(directory: Path, writer: str) -> None:
+    """Refuse, before any work, a directory that is a file or lies under one (naming which)."""
+    blocker = next((p for p in (directory, *directory.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        under = "" if blocker == directory else f"{directory}: "
+        raise ValueError(f"{under}{blocker} is a file; {writer} writes a directory")
+
+
+def check_nothing_else_there(directory: Path, writer: str, adapter: bool = False) -> None:
+    """Refuse a directory holding a run's TrainConfig, or a model beside an adapter (or back)."""
+    config = directory / "config.json"
+    try:
+        is_run = config.is_file() and _is_run_config(settings.read_json_object(config))
+    except ValueError:  # an unreadable config.json is replaced, as any other
+        is_run = False
+    model = next((f for f in MODEL_WEIGHT_FILES if (directory / f).is_file()), None)
+    if is_run:
+        held = f"{config} is a codelm run's TrainConfig"
+    elif adapter and model is not None:
+        held = f"{directory} holds a model ({model}), which transformers would load no longer"
+    elif not adapter and (directory / "adapter_config.json").is_file():
+        held = f"{directory} holds a LoRA adapter, which transformers would load instead"
+    else:
+        return
+    raise ValueError(f"{writer}: {held}; save into another directory")
+
+
+def _weight_files(tensors: dict[str, torch.Tensor],
+                  shards: list[list[str]]) -> dict[str, process.FileContent]:
+    """File name -> content (a streaming writer): model.safetensors, or the shards and index."""
+    if len(shards) == 1:
+        return {"model.safetensors": partial(write_safetensors, tensors=tensors)}
+    files: dict[str, process.FileContent] = {}
+    weight_map = {}
+    for k, names in enumerate(shards, 1):
+        fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        files[fname] = partial(write_safetensors, tensors={n: tensors[n] for n in names})
+        weight_map.update(dict.fromkeys(names, fname))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    files["model.safetensors.index.json"] = json.dumps(index, indent=2) + "\n"
+    return files
+
+
+def _remove_stale_weights(directory: Path, written: set[str]) -> None:
+    """Delete weight files of the last save (a single file beside new shards loads instead)."""
+    for pattern in ("model.safetensors", "model-*-of-*.safetensors",
+                    "model.safetensors.index.json", "pytorch_model*.bin",
+                    "pytorch_model.bin.index.json"):
+        for stale in directory.glob(pattern):
+            if stale.name not in written:
+                stale.unlink()
+
+
+def write_safetensors(f: BinaryIO, tensors: dict[str, torch.Tensor],
+                      metadata: dict[str, str] | None = None) -> None:
+    """safetensors layout (8-byte header length, JSON header padded to 8, raw data), streamed."""
+    header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    offset = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    f.write(len(raw).to_bytes(8, "little"))
+    f.write(raw)
+    for t in tensors.values():
+        t = t.detach().to("cpu").contiguous()
+        if t.numel():
+            f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+
+
+# --------------------------------------------------------------------------- new checkpoints
+
+# The tokenizer and generation files that travel with a checkpoint's weights.
+HF_TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+GENERATION_CONFIG = "generation_config.json"
+COMPANION_FILES = ("tokenizer.json", *HF_TOKENIZER_FILES, "vocab.json", "merges.txt",
+                   "added_tokens.json", GENERATION_CONFIG)
+
+
+def export_checkpoint(out: str | Path, save_weights: Callable[[Path], object],
+                      companions: str | Path, generation_from: str | Path | None = None) -> Path:
+    """Write the new directory ``out`` whole or not at all: the model (``save_weights``) and the
+    COMPANION_FILES of ``companions`` (generation_config.json of ``generation_from`` if given)."""
+    out = Path(out)
+    if out.exists():
+        raise ValueError(f"{out} already exists: name a new directory")
+
+    def build(tmp: Path) -> None:
+        save_weights(tmp)
+        for name in COMPANION_FILES:
+            source = Path(companions)
+            if name == GENERATION_CONFIG and generation_from is not None:
+                source = Path(generation_from)
+            if (source / name).is_file():
+                shutil.copy2(source / name, tmp / name)
+        process.write_manifest(tmp)
+
+    if not process.write_dir_atomically(out, build, replace=False):
+        raise ValueError(f"{out} was written by another process meanwhile; name a new directory")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+
+    from tokenizer import tokenizer_path
+
+    parser = settings.ArgumentParser(
+        description="Convert a local HF checkpoint codelm loads (safetensors or .bin, sharded or "
+        "not) into a new safetensors directory in the family's HF layout, cast to --dtype.")
+    parser.add_argument("checkpoint", help="the checkpoint directory")
+    parser.add_argument("out", help="the new directory (must not exist)")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (the checkpoint's own) | bf16 | fp16 | fp32 (default: auto)")
+    parser.add_argument("--max-shard-gb", type=float, default=5.0,
+                        help="shard size limit (default: 5.0; inf: one file)")
+    args = parser.parse_args(argv)
+
+    def convert() -> None:
+        if not args.max_shard_gb > 0:
+            raise ValueError(f"--max-shard-gb {args.max_shard_gb}: must be > 0")
+        model = load(args.checkpoint, dtype=args.dtype)
+        shard = sys.maxsize if args.max_shard_gb == float("inf") else max(
+            1, int(args.max_shard_gb * 2**30))
+        export_checkpoint(args.out, partial(save, model, max_shard_bytes=shard), args.checkpoint)
+        print(f"wrote {args.out} ({model.cfg.family}, {model.wte.weight.dtype})")
+        try:  # a slow-format tokenizer is copied as it is: say what codelm needs of it
+            tokenizer_path(args.out)
+        except ValueError as e:
+            print(f"note: {e}", file=sys.stderr)
+
+    return process.run_tool(convert, "interrupted: nothing written")
+
+
+if __name__ == "__main__":
+    sys.exit(process.run_main(main))

@@ -1,0 +1,728 @@
+"""Run a seed project's recipe (``configs/*.json``: a ``train`` and an ``eval`` section) end to
+end: train, export the adapter and merged model, evaluate, print the table. ``--smoke`` runs the
+same recipe on a tiny random checkpoint of its family and a small stdlib sample, then checks that
+the loss fell and the saved adapter computes what the merged export computes."""
+
+from __future__ import annotations
+
+if __name__ == "__main__":  # first: the imports below load torch for seconds
+    import process
+
+    process.quiet_start_up_stops()
+
+import argparse
+import ast
+import dataclasses
+import hashlib
+import json
+import shutil
+import sys
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+import eval as ev
+import process
+import rundir
+import settings
+import trainingmanager as tm
+from scraping import is_git_source
+
+# --------------------------------------------------------------------------------------- recipes
+
+
+@dataclass
+class Recipe:
+    path: Path
+    train: dict  # TrainConfig values, validated
+    eval: dict  # EvalConfig values, validated
+    notes: dict  # the "_"-prefixed documentation keys
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe; errors name the file, the section and the key."""
+    path = Path(path)
+    raw = settings.read_json_object(path, "recipe", strict=True)
+    settings.check_recipe_keys(raw, path)
+    sections = {}
+    for name in ("train", "eval"):
+        section = raw.get(name)
+        if not isinstance(section, dict):
+            raise ValueError(f"{path}: the '{name}' section is missing or not an object")
+        sections[name] = {k: v for k, v in section.items() if not k.startswith("_")}
+    recipe = Recipe(path, sections["train"], sections["eval"],
+                    {k: v for k, v in raw.items() if k.startswith("_")})
+    check_sections(recipe)
+    for key in recipe.eval:
+        check_eval_key(key, f"{path}: the eval section's {key}")
+    return recipe
+
+
+def check_sections(recipe: Recipe, note: str = "", sets: Sequence[str] = ()) -> None:
+    """Both sections' keys and value types; ``note`` and ``sets``: as ``--set`` changed them."""
+    where = f"{recipe.path} (train section{note})"
+    tm.config_from_dict(recipe.train, where)
+    tm.check_options(recipe.train, where)
+    ev.config_from_dict(recipe.eval, f"{recipe.path} (eval section{note})",
+                        partial(where_in_recipe, recipe.path, section="eval",
+                                typed=set_train_keys(sets, "eval")))
+
+
+# EvalConfig keys recipes.py sets itself or does not use, and what to do instead.
+OWN_EVAL_KEYS = {
+    "out_dir": f"sets eval.out_dir itself: it evaluates a run into <out-dir>/<name>/"
+               f"{rundir.EVAL_DIR} (eval.py --out-dir DIR evaluates it elsewhere)",
+    "device": "sets eval.device itself: use --device (training's too)",
+    "progress": "sets eval.progress itself: use --no-progress (training's too)",
+    "prompt": "runs the recipe's tasks, not a prompt (python eval.py --config RECIPE --prompt TEXT)",
+}
+
+
+def check_eval_key(key: str, where: str) -> None:
+    """Refuse an eval key that recipes.py sets itself or does not use (``OWN_EVAL_KEYS``)."""
+    if key in OWN_EVAL_KEYS:
+        raise ValueError(f"{where}: recipes.py {OWN_EVAL_KEYS[key]}")
+
+
+def apply_setting(recipe: Recipe, setting: str) -> None:
+    """``--set train.lr=3e-4``: the value is read as JSON when it parses, else as a string."""
+    key, sep, text = setting.partition("=")
+    parts = key.split(".")
+    if not sep or len(parts) < 2 or parts[0] not in ("train", "eval"):
+        raise ValueError(f"--set {setting}: expected train.KEY=VALUE or eval.KEY=VALUE")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    if parts[0] == "eval":
+        check_eval_key(parts[1], f"--set {setting}")
+    target = recipe.train if parts[0] == "train" else recipe.eval
+    for part in parts[1:-1]:
+        target = target.setdefault(part, {})
+        if not isinstance(target, dict):
+            raise ValueError(f"--set {setting}: {part} is not an object")
+    target[parts[-1]] = value
+
+
+# ------------------------------------------------------- data sources that need collecting first
+
+def collect_git_sources(sources: Sequence[str], extensions: Sequence[str], out_dir: Path,
+                        progress: bool) -> list[str]:
+    """Git sources become scraper JSONL (one file per source, reused by a re-run); others pass."""
+    from scraping import LocalConfig, collect_local
+
+    out = []
+    for source in sources:
+        if not is_git_source(source):
+            out.append(source)
+            continue
+        key = json.dumps([source, sorted(extensions)]).encode()
+        target = out_dir / f"source-{hashlib.sha256(key).hexdigest()[:16]}.jsonl"
+        summary = collect_local(LocalConfig(sources=[source], out=str(target),
+                                            extensions=list(extensions), progress=progress))
+        print(f"collected {source} -> {target}: {summary.format()}")
+        out.append(str(target))
+    return out
+
+
+def check_family(model_dir: str, preset: str | None) -> None:
+    """Refuse a checkpoint of another family than the recipe's ``preset`` (its LoRA targets)."""
+    from architecture import PRESETS
+    from pretrained import read_config
+
+    config = Path(model_dir) / rundir.HF_CONFIG
+    if preset not in PRESETS or not config.is_file():
+        return  # trainingmanager reports a missing or malformed checkpoint itself
+    found = settings.read_json_object(config, "model config").get("model_type")
+    if found is None:
+        read_config(model_dir)  # says what it is instead (a codelm run directory, ...)
+    want = PRESETS[preset].family
+    if found != want:
+        raise ValueError(f"{model_dir}: a {found!r} checkpoint, but this recipe is written for "
+                         f"{preset} ({want!r}); pass --model with a {want} checkpoint")
+
+
+def check_paths(values: dict, recipe: str) -> None:
+    """The recipe's model and data paths are placeholders: say which flag replaces them."""
+    from pretrained import checkpoint_dir
+
+    init_from = values.get("init_from")
+    if init_from is not None:
+        how = (f"pass --model DIR or ID, an HF checkpoint of {values.get('preset')} (see "
+               f"docs/recipes.md; {recipe}: train.init_from)")
+        try:
+            path = checkpoint_dir(init_from, "init_from")
+        except ValueError as e:
+            raise ValueError(f"{e}; or {how}") from None
+        if not path.is_dir():
+            raise ValueError(f"{init_from}: no such model directory; {how}")
+        check_family(str(path), values.get("preset"))
+    for key, flag in (("data", "--data"), ("val_data", "--val-data"), ("test_data", None)):
+        for source in values.get(key) or []:
+            if source != "stdlib" and not is_git_source(source) and not Path(source).exists():
+                how = f"pass {flag} PATH ... " if flag else f"set --set train.{key}=[...] "
+                raise ValueError(f"{source}: no such data file or directory; {how}"
+                                 f"(see docs/recipes.md; {recipe}: train.{key})")
+
+
+# ------------------------------------------------ smoke: a tiny checkpoint and data sample
+
+# The family's pre-tokenizer and special tokens, so the tiny tokenizer is shaped like the real one.
+SMOKE_TOKENIZERS = {
+    "gpt_bigcode": ("starcoder", ("<|endoftext|>",)),
+    "codegen": ("gpt2", ("<|endoftext|>",)),
+    "phi": ("gpt2", ("<|endoftext|>",)),
+    "llama": ("llama3", ("<|begin_of_text|>", "<|end_of_text|>")),
+}
+SMOKE_VOCAB = 512
+SMOKE_SHAPE = {"n_layer": 2, "n_head": 4, "n_embd": 64, "mlp_hidden": 128}
+SMOKE_BLOCK = 192
+# Wider than GPT-2's 0.02, which at width 64 leaves LoRA on a random base nothing to move.
+SMOKE_INIT_STD = 0.2
+SMOKE_LICENSE = ("// Copyright 2010-2024 JetBrains s.r.o. Use of this source code is governed\n"
+                 "// by the Apache 2.0 license that can be found in the LICENSE.txt file.\n\n")
+
+
+def _stdlib_texts(max_bytes: int, count: int, must_have=None) -> list[tuple[str, str]]:
+    """(relative path, text) of small stdlib files, deterministic, optionally filtered."""
+    from dataset import stdlib_files, stdlib_root
+
+    root = stdlib_root()
+    out = []
+    for path in stdlib_files():
+        rel = path.relative_to(root)
+        if path.stat().st_size > max_bytes or rel.parts[0] == "test":  # not the stdlib's tests
+            continue
+        text = path.read_text("utf-8", errors="replace")
+        if len(text.strip()) < 200 or (must_have is not None and not must_have(text)):
+            continue
+        out.append((rel.as_posix(), text))
+        if len(out) == count:
+            break
+    return out
+
+
+def _has_class_docstring(text: str) -> bool:
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:
+        return False
+    return any(isinstance(n, ast.ClassDef) and ast.get_docstring(n) and len(ast.get_docstring(n))
+               > 80 for n in ast.walk(tree))
+
+
+def _refactor_pairs(count: int) -> list[dict]:
+    """Stdlib functions with their docstrings and comments -> the same code without them."""
+    from dataset import stdlib_files
+    from tokenizer import PYTHON_PARSE_ERRORS, strip_comments_and_docstrings
+
+    pairs = []
+    for path in stdlib_files():
+        if path.stat().st_size > 20000:
+            continue
+        try:
+            text = path.read_text("utf-8")
+            tree = ast.parse(text)
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        lines = text.splitlines()
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.FunctionDef) or node.col_offset:
+                continue
+            source = "\n".join(lines[node.lineno - 1 : node.end_lineno])
+            if not 120 <= len(source) <= 500 or not ast.get_docstring(node):
+                continue
+            try:
+                clean = strip_comments_and_docstrings(source, strict=True).strip()
+            except PYTHON_PARSE_ERRORS:
+                continue
+            pairs.append({"input": source, "output": clean})
+            if len(pairs) == count:
+                return pairs
+    return pairs
+
+
+def write_smoke_data(task: str, scratch: bool, out: Path) -> tuple[list[str], list[str]]:
+    """A small sample shaped like the recipe's data: (sources, texts for the tokenizer)."""
+    from scraping.common import encode_records, git_blob_sha, make_record
+
+    out.mkdir(parents=True, exist_ok=True)
+    if task == "refactor":
+        pairs = _refactor_pairs(160)
+        file = out / "pairs.jsonl"
+        file.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+        return [str(file)], [p["input"] + "\n" + p["output"] for p in pairs]
+    if task == "lm" and scratch:  # scraper JSONL, one repo per stdlib package
+        files = _stdlib_texts(8000, 60)
+        records = [make_record(f"stdlib/{rel.split('/')[0]}", rel, git_blob_sha(t.encode()),
+                               "PSF-2.0", 101, t) for rel, t in files]
+        file = out / "scrape.jsonl"
+        file.write_bytes(encode_records(records))
+        return [str(file)], [t for _, t in files]
+    if task == "docstring":
+        files = _stdlib_texts(12000, 40, _has_class_docstring)
+        suffix = ".py"
+    elif task == "completion":  # stdlib code standing in for .kt files, some with a licence
+        files = [(rel, (SMOKE_LICENSE if i % 3 == 0 else "") + t)
+                 for i, (rel, t) in enumerate(_stdlib_texts(6000, 40))]
+        suffix = ".kt"
+    else:
+        files = _stdlib_texts(6000, 40)
+        suffix = ".py"
+    code = out / "code"
+    for rel, text in files:
+        target = code / (rel.removesuffix(".py").replace("/", "__") + suffix)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text, "utf-8")
+    return [str(code)], [t for _, t in files]
+
+
+def tiny_checkpoint(preset: str, texts: Sequence[str], out: Path, seed: int = 0) -> Path:
+    """A random toy-size HF checkpoint of the preset's family, with a BPE tokenizer of ``texts``."""
+    import pretrained
+    from architecture import PRESETS, Transformer
+    from tokenizer import BPETokenizer
+
+    base = PRESETS[preset]
+    pretokenizer, specials = SMOKE_TOKENIZERS[base.family]
+    tok = BPETokenizer.train(texts, vocab_size=SMOKE_VOCAB, pretokenizer=pretokenizer,
+                             special_tokens=specials)
+    head_dim = SMOKE_SHAPE["n_embd"] // SMOKE_SHAPE["n_head"]
+    rotary = max(2, head_dim * base.rotary_dim // base.head_dim // 2 * 2)
+    n_kv = 1 if base.n_kv_head == 1 else (2 if base.n_kv_head < base.n_head else 4)
+    cfg = dataclasses.replace(base, **SMOKE_SHAPE, vocab_size=tok.vocab_size,
+                              block_size=2 * SMOKE_BLOCK, n_kv_head=n_kv, head_dim=head_dim,
+                              rotary_dim=rotary, bos_id=tok.bos_id, eos_id=tok.eos_id,
+                              init_std=SMOKE_INIT_STD)
+    torch.manual_seed(seed)
+    model = Transformer(cfg)
+    pretrained.save(model, out)
+    tok.save(out)
+    return out
+
+
+def _is_smoke_run(run_dir: Path, work: Path) -> bool:
+    """Whether run_dir is a --smoke run (the only run a smoke run may replace)."""
+    try:
+        saved = json.loads((run_dir / rundir.CONFIG_FILE).read_text())
+        cache = saved["data_options"]["cache_dir"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return Path(cache).resolve() == (work / "cache").resolve()
+
+
+# What --smoke replaces with its own tiny model and data: a --set of these is refused.
+SMOKE_OWN_KEYS = ("init_from", "data", "val_data", "test_data", "data_options.cache_dir")
+
+
+def set_train_keys(settings: Sequence[str], section: str = "train") -> set[str]:
+    """The keys of ``section`` that ``--set`` gives, dotted below it ("data_options.x")."""
+    keys = (s.partition("=")[0] for s in settings)
+    return {k.removeprefix(f"{section}.") for k in keys if k.startswith(f"{section}.")}
+
+
+def smoke_train_values(values: dict, work: Path, steps: int, typed: Collection[str] = ()
+                       ) -> dict:
+    """The recipe's train section at toy scale (same task, LoRA, quantization); --set keys kept."""
+    task, scratch = values.get("task", "lm"), values.get("init_from") is None
+    sources, texts = write_smoke_data(task, scratch, work / "data")
+    steps = values["max_steps"] if "max_steps" in typed else steps
+    sized = {"max_steps": steps, "epochs": None,
+             "warmup_steps": 2, "eval_every": steps, "save_every": steps,
+             "eval_examples": SMOKE_EVAL_LIMITS["limit"],  # eval's examples: the same loss
+             "batch_size": min(values.get("batch_size", 8), 4),
+             "grad_accum": min(values.get("grad_accum", 1), 2),
+             "block_size": SMOKE_BLOCK, "log_every": 1, "sample_tokens": 8,
+             "lr": 3e-3 if scratch else 1e-2, "min_lr_ratio": 0.1,
+             **(SMOKE_SHAPE if scratch else {})}
+    if not torch.cuda.is_available() and values.get("precision") in ("fp16", "bf16"):
+        sized["precision"] = "fp32"  # half precision needs CUDA; the smoke runs anywhere
+    values = {**values, **{k: v for k, v in sized.items() if k not in typed},
+              "data": sources, "val_data": None, "test_data": None,
+              "data_options": {**values.get("data_options", {}),
+                               "cache_dir": str(work / "cache")}}
+    if not scratch:
+        values["init_from"] = str(tiny_checkpoint(values.get("preset"), texts, work / "base"))
+    return values
+
+
+def check_train_values(values: dict, source: str,
+                       where_set: Callable[[str], str] = settings.flag_of) -> None:
+    """What training would check before its first step, checked before the last run is replaced."""
+    from tokenizer import load_tokenizer
+
+    cfg = tm.with_init_adapter(tm.config_from_dict(values, source), where_set=where_set)
+    tm.validate_config(cfg, where_set)
+    tm.data_config(cfg, cfg.block_size or SMOKE_BLOCK)
+    if cfg.init_from is not None:
+        tok = load_tokenizer(cfg.init_from)
+    else:  # the run trains its tokenizer on the data: any vocabulary shapes the same modules
+        tok = SimpleNamespace(vocab_size=SMOKE_VOCAB, bos_id=None, eos_id=None)
+    tm.check_lora_export(cfg, tm.build_model(cfg, tok), where_set)
+
+
+SMOKE_EVAL_LIMITS = {"limit": 4, "max_new_tokens": 16, "lm_windows": 4, "lines_per_file": 2,
+                     "batch_size": 4}
+
+
+def smoke_eval_values(values: dict) -> dict:
+    """The recipe's eval section on a handful of examples (same tasks, metrics and decoding)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ev.EvalConfig)}
+    limits = {}
+    for key, cap in SMOKE_EVAL_LIMITS.items():
+        value = values.get(key, defaults[key])
+        limits[key] = cap if value is None else min(value, cap)
+    return {**values, **limits}
+
+
+@torch.no_grad()
+def check_adapter_round_trip(base_dir: Path, export: Path) -> float:
+    """The largest logit difference between the saved adapter on a fresh base and the merge."""
+    import lora
+    import pretrained
+
+    model = pretrained.load(base_dir, dtype=torch.float32)
+    lora.load_adapter(model, export)
+    merged = pretrained.load(export / rundir.MERGED_DIR, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 24), generator=g)
+    return float((model.eval()(ids) - merged.eval()(ids)).abs().max())
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    lines = (Path(run_dir) / rundir.METRICS_FILE).read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if r.get("kind") == "train"]
+
+
+# --------------------------------------------------------------------------------------- the run
+
+
+# --set is given once per override, its values never split at commas (JSON lists hold them).
+_SET_FLAG = {"repeat": True, "metavar": "SECTION.KEY=VALUE"}
+
+
+@dataclass
+class RecipeOptions:
+    """Flags of ``python recipes.py`` (``settings.add_config_flags``; ``recipe`` positional)."""
+
+    recipe: str  # a recipe file, e.g. configs/refactotron.json
+    smoke: bool = False  # tiny random checkpoint of the family + small stdlib sample
+    model: str | None = None  # local HF base model directory; default: train.init_from
+    data: list[str] | None = None  # JSONL files, directories or git URLs; default: train.data
+    val_data: list[str] | None = None  # default: train.val_data, or with --data a split of it
+    out_dir: str | None = None  # where runs go; default: runs/ (smoke: runs/smoke/)
+    name: str | None = None  # run name; default: the recipe's
+    set: list[str] = field(default_factory=list, metadata=_SET_FLAG)  # e.g. train.lr=1e-4
+    smoke_steps: int = 30  # training steps of --smoke
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    skip_eval: bool = False  # train and export only
+    resume: bool = False  # continue the interrupted run <out-dir>/<name> from its checkpoint
+    progress: bool = True  # progress bars
+
+
+@dataclass
+class RecipeResult:
+    run_dir: Path
+    train: tm.TrainResult
+    eval: dict | None
+    table: str | None
+    losses: list[float]
+    adapter_max_diff: float | None = None  # smoke: base + adapter vs the merged export
+    smoke: bool = False  # a --smoke run
+
+
+def resolve_models(specs: Sequence[str], placeholders: dict[str, str]) -> list[str]:
+    """The eval section's models with the recipe's own paths (``placeholders``) made this run's."""
+    out = []
+    for spec in specs:
+        label, sep, path = spec.partition("=")
+        if not sep or "/" in label:
+            label, path = "", spec
+        path = placeholders.get(path.rstrip("/"), path)
+        out.append(f"{label}={path}" if label else path)
+    return out
+
+
+def run_recipe(opts: RecipeOptions) -> RecipeResult:
+    """Train, export and evaluate one recipe (see the module docstring)."""
+    threads = torch.get_num_threads()
+    if opts.smoke:  # toy tensors: threads only add overhead (and suffer most on a busy machine)
+        torch.set_num_threads(1)
+    try:
+        return _run_recipe(opts)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def where_in_recipe(recipe: str | Path, key: str, typed: Collection[str] = (),
+                   own: Mapping[str, str] | None = None, section: str = "train") -> str:
+    """Where the user set ``key`` of ``section``: a recipes.py flag, ``--set``, else the recipe."""
+    if own and key in own:
+        return own[key]
+    if key in typed:
+        return f"--set {section}.{key}"
+    if inside := sorted(k for k in typed if k.startswith(f"{key}.")):
+        return " and ".join(f"--set {section}.{k}" for k in inside)
+    return f"{section}.{key} in {recipe} (or --set {section}.{key}=VALUE)"
+
+
+# The train keys recipes.py's own flags set (RecipeOptions field -> TrainConfig key).
+OWN_FLAGS = {"model": "init_from", "data": "data", "val_data": "val_data", "name": "name",
+             "out_dir": "out_dir"}
+
+
+def resume_hint(smoke: bool) -> str:
+    """Completes trainingmanager's "continue with ...": a smoke run is run again, not resumed."""
+    return ("the same recipes.py command (a --smoke run is not resumed)" if smoke else
+            "the same recipes.py command plus --resume")
+
+
+def what_next(smoke: bool) -> str:
+    """What the user of a stopped run does next, in trainingmanager's words."""
+    return tm.what_next(resume_hint(smoke), restarts=smoke)
+
+
+class TrainedRunInterrupted(KeyboardInterrupt):
+    """A stop after training returned: the run is saved, and ``--resume`` evaluates it."""
+
+    def __init__(self, stop: KeyboardInterrupt, run_dir: Path):
+        super().__init__(*stop.args)  # the signal's name, for process.interrupted_exit_code
+        self.run_dir = run_dir
+
+
+def eval_config(recipe: Recipe, opts: RecipeOptions, cfg: tm.TrainConfig, run_dir: Path,
+                own_run: str, own_base: str) -> ev.EvalConfig:
+    """The recipe's eval section for ``run_dir``: its own run and base named are this run's."""
+    values = dict(recipe.eval)
+    if opts.smoke:
+        values = smoke_eval_values(values)
+    placeholders = {own_run: str(run_dir)}
+    if own_base and cfg.init_from:
+        placeholders[own_base] = cfg.init_from
+    values.update(models=resolve_models(values.get("models") or [own_run], placeholders),
+                  out_dir=str(run_dir / rundir.EVAL_DIR), device=opts.device, progress=opts.progress)
+    own = {"device": "--device", **({k: "--smoke" for k in SMOKE_EVAL_LIMITS} if opts.smoke
+                                     else {})}
+    return ev.config_from_dict(values, f"{opts.recipe} (eval section)",
+                               partial(where_in_recipe, opts.recipe, section="eval",
+                                       typed=set_train_keys(opts.set, "eval"), own=own))
+
+
+def _with_flags(values: dict, opts: RecipeOptions) -> dict:
+    """The train values with recipes.py's own flags applied."""
+    if opts.smoke:
+        given = [flag for flag, value in (("--model", opts.model), ("--data", opts.data),
+                                          ("--val-data", opts.val_data)) if value is not None]
+        given += [f"--set train.{t}" for t in sorted(set_train_keys(opts.set))
+                  if any(t == k or t.startswith(f"{k}.") for k in SMOKE_OWN_KEYS)]
+        if given:
+            raise ValueError(f"--smoke builds its own tiny model and data: drop "
+                             f"{', '.join(given)} (or drop --smoke to train on them)")
+        if opts.smoke_steps < 1:
+            raise ValueError(f"--smoke-steps {opts.smoke_steps}: must be >= 1")
+    if opts.model is not None:
+        if values.get("init_from") is None:
+            raise ValueError(f"--model: {opts.recipe} trains from scratch (no init_from)")
+        values["init_from"] = opts.model
+    if opts.data:  # the user's own data: their validation files, or a split of the data
+        values["data"] = list(opts.data)
+        values["val_data"] = None
+    if opts.val_data:
+        values["val_data"] = list(opts.val_data)
+    return values
+
+
+def _smoke_sized(values: dict, opts: RecipeOptions, run_dir: Path, typed: set[str],
+                 own: dict[str, str], where_set: Callable[[str], str]) -> dict:
+    """The smoke-sized train values, checked; the previous smoke run is removed."""
+    from architecture import PRESETS
+
+    if values.get("init_from") and values.get("preset") not in PRESETS:
+        raise ValueError(f"{opts.recipe}: --smoke builds a tiny checkpoint of the family of "
+                         f"train.preset, which must name one of {sorted(PRESETS)}")
+    if opts.resume:
+        raise ValueError("--smoke runs are not resumed; run it again")
+    work = run_dir.parent / f"{run_dir.name}-smoke-inputs"  # rebuilt alike each time
+    if run_dir.exists() and not _is_smoke_run(run_dir, work):
+        raise ValueError(f"{run_dir} holds a run that --smoke did not write; choose another "
+                         "--out-dir or --name (a smoke run replaces only its own)")
+    shutil.rmtree(work, ignore_errors=True)
+    sized = smoke_train_values(values, work, opts.smoke_steps, typed)
+    own.update({k: "--smoke-steps" if k in ("max_steps", "eval_every", "save_every") else
+                "--smoke" for k in sized if k not in typed and sized[k] != values.get(k)
+                and k != "data_options"})  # of which --smoke sets only the cache_dir
+    check_train_values(sized, f"{opts.recipe} (train section, smoke-sized)", where_set)
+    tm.check_max_steps_flag(tm.config_from_dict(sized), typed, opts.recipe, set_prefix="train.")
+    shutil.rmtree(run_dir, ignore_errors=True)  # only once the new run can start
+    return sized
+
+
+def _run_recipe(opts: RecipeOptions) -> RecipeResult:
+    recipe = load_recipe(opts.recipe)
+    own_run = f"{recipe.train.get('out_dir', 'runs')}/{recipe.train.get('name')}".rstrip("/")
+    own_base = str(recipe.train.get("init_from") or "").rstrip("/")
+    for setting in opts.set:
+        apply_setting(recipe, setting)
+    typed = set_train_keys(opts.set)
+    if opts.set:  # checked now, not after hours of training
+        check_sections(recipe, ", with --set", opts.set)
+        if not opts.smoke:  # else on the smoke-sized values
+            tm.check_max_steps_flag(tm.config_from_dict(recipe.train), typed, opts.recipe,
+                                    set_prefix="train.")
+    values = dict(recipe.train)
+    name = opts.name or values.get("name") or Path(opts.recipe).stem
+    tm.check_run_name(name, f"--name {name}" if opts.name else f"{opts.recipe}: train.name {name}")
+    out_dir = Path(opts.out_dir or ("runs/smoke" if opts.smoke else values.get("out_dir", "runs")))
+    values.update(name=name, out_dir=str(out_dir), device=opts.device, progress=opts.progress,
+                  resume=str(out_dir / name) if opts.resume else None)
+    values = _with_flags(values, opts)
+    own = {key: settings.flag_of(flag) for flag, key in OWN_FLAGS.items()
+           if getattr(opts, flag)}
+    own["device"] = "--device"
+    where_set = partial(where_in_recipe, opts.recipe, typed=typed, own=own)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{out_dir}: cannot create the output directory ({e.strerror}); check "
+                         "--out-dir") from None
+    if opts.smoke:  # a smoke run replaces the previous one of the same name
+        values = _smoke_sized(values, opts, out_dir / name, typed, own, where_set)
+    else:
+        check_paths(values, opts.recipe)
+        if values.get("init_adapter") is not None:  # its lora_* keys as --config reads them
+            tm.with_init_adapter(tm.config_from_dict(values, f"{opts.recipe} (train section)"),
+                                 typed=set(recipe.train), where_set=where_set)
+    if values.get("data"):
+        extensions = values.get("data_options", {}).get("extensions", [".py"])
+        values["data"] = collect_git_sources(values["data"], extensions, out_dir / f"{name}-data",
+                                             opts.progress)
+
+    cfg = tm.config_from_dict(values, f"{opts.recipe} (train section)")
+    tm.validate_config(cfg, where_set)
+    eval_remedy = (f"remove {out_dir / name / rundir.EVAL_DIR}, then run the same command with "
+                   "--resume to evaluate the run again")
+    if opts.resume and not opts.skip_eval:  # refused now, not after the run's export again
+        ev.check_settings_unchanged(
+            eval_config(recipe, opts, cfg, out_dir / name, own_run, own_base), eval_remedy)
+    result = tm.train(cfg, resume_hint=resume_hint(opts.smoke), restarts=opts.smoke)
+    report = RecipeResult(result.run_dir, result, None, None, train_losses(result.run_dir),
+                          smoke=opts.smoke)
+    if result.interrupted:
+        return report
+    try:
+        export = result.run_dir / rundir.EXPORT_DIR
+        if opts.smoke and cfg.lora_r > 0:
+            report.adapter_max_diff = check_adapter_round_trip(Path(cfg.init_from), export)
+        if not opts.skip_eval:
+            report.eval = ev.evaluate(
+                eval_config(recipe, opts, cfg, result.run_dir, own_run, own_base),
+                remedy=eval_remedy, replace_other_weights=True)
+            report.table = report.eval["table"]
+    except KeyboardInterrupt as e:
+        raise TrainedRunInterrupted(e, result.run_dir) from None
+    return report
+
+
+def loss_change(losses: Sequence[float]) -> tuple[float, float] | None:
+    """Mean loss of the first and of the last (up to) three logged steps; None with fewer than two."""
+    k = min(3, len(losses) // 2)
+    if k == 0:
+        return None
+    return sum(losses[:k]) / k, sum(losses[-k:]) / k
+
+
+ROUND_TRIP_TOLERANCE = 1e-4
+
+
+def smoke_problems(report: RecipeResult) -> list[str]:
+    """A smoke run fails on a loss that did not fall or an adapter that disagrees with the merge."""
+    problems = []
+    change = loss_change(report.losses)  # None (one logged step): not checked, said by summary
+    if change is not None and not change[1] < change[0]:
+        problems.append(f"the training loss did not decrease ({change[0]:.4f} -> "
+                        f"{change[1]:.4f})")
+    if report.adapter_max_diff is not None and report.adapter_max_diff > ROUND_TRIP_TOLERANCE:
+        problems.append(f"base + saved adapter and the merged export differ by "
+                        f"{report.adapter_max_diff:.2e} (tolerance {ROUND_TRIP_TOLERANCE})")
+    return problems
+
+
+def summary(report: RecipeResult) -> str:
+    export = report.run_dir / rundir.EXPORT_DIR
+    lines = [f"run: {report.run_dir}"]
+    if report.train.interrupted:
+        lines.append(f"interrupted ({report.train.interrupted}) at step {report.train.step}: "
+                     f"{what_next(report.smoke)}")
+    if report.train.stopped_by_budget:
+        lines.append(f"time budget (train.max_time_s) reached at step {report.train.step}: the "
+                     f"run is not finished; {what_next(report.smoke)}")
+    if change := loss_change(report.losses):
+        first, last = change
+        lines.append(f"training loss (first vs last steps): {first:.4f} -> {last:.4f} "
+                     f"({'decreased' if last < first else 'DID NOT DECREASE'})")
+    elif report.losses:
+        lines.append(f"training loss: too few logged steps ({len(report.losses)}) to compare "
+                     "the first with the last")
+    if report.train.best_val_loss is not None:
+        lines.append(f"best validation loss {report.train.best_val_loss:.4f} at step "
+                     f"{report.train.best_step}")
+    if (export / "adapter_config.json").is_file():
+        lines.append(f"adapter (PEFT layout): {export}")
+    if (export / rundir.MERGED_DIR).is_dir():
+        lines.append(f"merged model (HF layout): {export / rundir.MERGED_DIR}")
+    elif (export / rundir.HF_CONFIG).is_file():
+        lines.append(f"model (HF layout): {export}")
+    if report.adapter_max_diff is not None:
+        lines.append(f"adapter loaded back onto the base vs merged export: max |logit diff| "
+                     f"{report.adapter_max_diff:.2e}")
+    if report.table:
+        lines += ["", report.table, "", f"evaluation: {report.eval['out_dir']}"]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = settings.ArgumentParser(
+        prog="recipes.py", argument_default=argparse.SUPPRESS,  # RecipeOptions' defaults hold
+        description="Train and evaluate one seed project's recipe (configs/*.json) with one "
+        "command; --smoke runs it on a tiny random checkpoint of the same family in seconds.")
+    return settings.add_config_flags(parser, RecipeOptions, positional=("recipe",))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opts = None  # a stop while the flags are read is told too, not a traceback
+    try:
+        with process.interrupt_on_sigterm():
+            opts = RecipeOptions(**vars(build_parser().parse_args(argv)))
+            report = run_recipe(opts)
+    except tm.RUN_ERRORS as e:
+        return tm.report_run_error(e)
+    except KeyboardInterrupt as e:  # training stops itself (a checkpoint); this is before or after
+        if opts is not None and opts.smoke:  # never continued, whatever it had saved
+            print(f"interrupted: {what_next(True)}", file=sys.stderr)
+        elif isinstance(e, TrainedRunInterrupted):
+            print(f"interrupted: training is complete and saved in {e.run_dir}; finish the "
+                  f"evaluation with {resume_hint(opts.smoke)}", file=sys.stderr)
+        elif isinstance(e, tm.RunInterrupted) and e.resume is not None:
+            print(f"interrupted: continue with {e.resume}", file=sys.stderr)
+        else:  # before training, or before its first checkpoint: no run to resume
+            print("interrupted before the first checkpoint: nothing to resume; run the same "
+                  "command again", file=sys.stderr)
+        return process.interrupted_exit_code(e)
+    print(summary(report))
+    if report.train.interrupted:
+        return process.interrupted_exit_code(report.train.interrupted)
+    problems = smoke_problems(report) if opts.smoke else []
+    for problem in problems:
+        print(f"smoke check failed: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(process.run_main(main))

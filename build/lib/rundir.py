@@ -1,0 +1,422 @@
+"""The run directory: its layout (the one home of its names), claiming and locking it (one run
+per directory), telling it from any other directory, and its metrics.jsonl and TensorBoard log."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import process
+import settings
+
+# runs/<name>/ holds CONFIG_FILE, METRICS_FILE, tokenizer.json, LOCK_FILE, TB_DIR/,
+# CHECKPOINTS_DIR/<CHECKPOINT_PREFIX>N/, BEST_DIR/, EXPORT_DIR/ and EVAL_DIR/ (and
+# INIT_ADAPTER_COPY); is_run_dir tells one from any other directory.
+CONFIG_FILE = "config.json"  # the resolved TrainConfig; each checkpoint and best/ hold a copy
+# An init_adapter run's copy of the adapter's config: the LoRA layout its weights continue with.
+INIT_ADAPTER_COPY = "init_adapter_config.json"
+METRICS_FILE = "metrics.jsonl"  # one line per log step and per evaluation (RunLog)
+TB_DIR = "tb"  # TensorBoard events
+CHECKPOINTS_DIR = "checkpoints"  # one CHECKPOINT_PREFIX<step> directory per checkpoint
+BEST_DIR = "best"  # the best-by-validation weights, their BEST_METRICS and CONFIG_FILE
+BEST_METRICS = "metrics.json"  # in best/: {"step": the step of its weights, **val metrics}
+EXPORT_DIR = "export"  # HF model + tokenizer, or a LoRA run's adapter (PEFT layout)
+MERGED_DIR = "merged"  # in export/: a LoRA run's merged model (export_merged)
+EVAL_DIR = "eval"  # recipes.py's evaluation of the run
+HF_CONFIG = "config.json"  # an HF model directory's config (export/, an init_from)
+
+MODEL_FILE = "model.safetensors"  # the full model's tensors
+ADAPTER_FILE = "adapter.safetensors"  # only the trainable tensors (LoRA on a pretrained base)
+STATE_FILE = "state.pt"  # a checkpoint's RunState but its weights (checkpoint.py)
+CHECKPOINT_PREFIX = "step-"
+EXPORT_RECORD = "codelm_export.json"  # in export/: {"best_step": the step of best/ it holds}
+LOCK_FILE = ".lock"  # held (flock) by the run that runs in the directory; holds its owner_tag
+WRITTEN_BEFORE_CONFIG = ("tokenizer.json", "tokenizer_config.json")  # the run's tokenizer
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step a checkpoint directory ``step-N`` holds (None: not a checkpoint's name)."""
+    number = path.name.removeprefix(CHECKPOINT_PREFIX)
+    return int(number) if path.name.startswith(CHECKPOINT_PREFIX) and number.isdigit() else None
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None),
+                  key=checkpoint_step)
+
+
+def best_step(run_dir: Path) -> int | None:
+    """The step whose weights a run's best/ holds (None: no best/ yet)."""
+    path = Path(run_dir) / BEST_DIR / BEST_METRICS
+    return settings.read_json_object(path, "best metrics").get("step") if path.is_file() else None
+
+
+def stale_export(run_dir: Path) -> str | None:
+    """Why a run's export/ does not hold its best/ weights, or None."""
+    record = Path(run_dir) / EXPORT_DIR / EXPORT_RECORD
+    if not record.is_file():
+        return None
+    exported = settings.read_json_object(record, "export record").get("best_step")
+    best = best_step(run_dir)
+    if best is None or exported == best:
+        return None
+    held = f"the best weights of step {exported}" if exported is not None else "no best/ weights"
+    return f"it holds {held}, best/ those of step {best} (the run trained on after its export)"
+
+
+def holds_weights(run_dir: Path) -> bool:
+    """Whether a run directory holds trained weights (a checkpoint, best/ or export/)."""
+    return bool(list_checkpoints(run_dir)) or any((run_dir / d).is_dir()
+                                                  for d in (BEST_DIR, EXPORT_DIR))
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a codelm run directory that got as far as weights."""
+    path = Path(path)
+    return (path / CONFIG_FILE).is_file() and holds_weights(path)
+
+
+def failed_before_weights(run_dir: Path) -> bool:
+    """Whether a directory holds only a codelm run that stopped before writing any weights."""
+    try:
+        config = settings.read_json_object(run_dir / CONFIG_FILE, "run config")
+    except (ValueError, OSError):
+        return False
+    if not RUN_CONFIG_KEYS <= set(config):
+        return False
+    weights = (p for p in run_dir.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt"))
+    return not holds_weights(run_dir) and next(weights, None) is None
+
+
+RUN_CONFIG_KEYS = {"preset", "lora_r", "max_steps", "out_dir"}  # a run's config.json has these
+
+
+def holds_no_checkpoint(run_dir: Path) -> str:
+    """What a run holding weights but no checkpoint holds, and a way on from those weights."""
+    held = []
+    if (run_dir / BEST_DIR).is_dir():
+        step = None
+        with contextlib.suppress(ValueError, OSError):
+            step = best_step(run_dir)
+        held.append("best/" + (f" (step {step})" if step is not None else ""))
+    if (run_dir / EXPORT_DIR).is_dir():
+        held.append("export/")
+    loadable = next((d for d in (run_dir / EXPORT_DIR, run_dir / EXPORT_DIR / MERGED_DIR)
+                     if (d / HF_CONFIG).is_file()), None)
+    how = (f"train on from them in a new run (another --name, with --init-from {loadable}), or "
+           "start over under another --name" if loadable else "start over under another --name")
+    return f"holds {' and '.join(held)} but no checkpoint to continue from; {how}"
+
+
+def no_weights_yet(run_dir: Path) -> str | None:
+    """Why a run directory holding no weights has no model to load; None for any other."""
+    if not (run_dir / CONFIG_FILE).is_file() or not failed_before_weights(run_dir):
+        return None
+    lock = run_dir / LOCK_FILE
+    if lock_is_held(lock):
+        return (f"{run_dir}: a run still training ({lock_holder(lock) or 'another process'}) "
+                "that has saved no checkpoint yet: nothing to score before its first one")
+    return (f"{run_dir}: a run that stopped before its first checkpoint: no weights to score; "
+            f"--resume {run_dir} starts it again")
+
+
+def what_next(hint: str, restarts: bool = False) -> str:
+    """What a stopped run's user does next: continue it, or run it again (``restarts``)."""
+    return f"{'start it again' if restarts else 'continue'} with {hint}"
+
+
+# ---- Claiming and locking: one run per directory ----
+
+
+def lock_holder(lock: Path) -> str | None:
+    """Who holds ``lock`` ("process PID on HOST"), None when unknown or ended."""
+    try:
+        match = re.fullmatch(process.OWNER_PATTERN, lock.read_text().strip())
+    except (OSError, UnicodeDecodeError):
+        return None
+    if match is None or process.owner_is_dead(match):
+        return None
+    return f"process {match['pid']} on {match['host']}"
+
+
+def lock_is_held(lock: Path) -> bool:
+    """Whether a live run holds ``lock`` (a run directory's LOCK_FILE)."""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # a filesystem without locks: nothing to tell
+        pass
+    finally:
+        os.close(fd)
+    return False
+
+
+class RunDirTaken(ValueError):
+    """The run directory belongs to another run (running now, or holding weights)."""
+
+
+@dataclass
+class ClaimedDir:
+    """A run directory this process holds the lock of (``lock`` None: a filesystem without
+    locks); ``wrote_tokenizer``: WRITTEN_BEFORE_CONFIG are this run's."""
+
+    path: Path
+    lock: int | None = None
+    wrote_tokenizer: bool = False
+
+    def release(self) -> None:
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
+
+    def drop_if_unused(self) -> None:
+        """Remove the directory of a run that stopped before its config.json, under the lock."""
+        if self.lock is None:
+            return
+        ours = {LOCK_FILE, *(WRITTEN_BEFORE_CONFIG if self.wrote_tokenizer else ())}
+        with contextlib.suppress(OSError):
+            names = {p.name for p in self.path.iterdir()}
+            if LOCK_FILE in names and names <= ours:  # never a user's own files
+                for name in sorted(names - {LOCK_FILE}) + [LOCK_FILE]:
+                    (self.path / name).unlink()
+                self.path.rmdir()
+
+
+def claim(resume: str | None, out_dir: str, name: str | None, stem: str, hint: str | None
+          ) -> ClaimedDir:
+    """The locked run directory: ``resume``'s, ``name``'s, or ``stem``-<timestamp>[-2, -3, ...]."""
+    if resume:
+        return _lock_dir(Path(resume), False, hint)
+    if name:
+        return _lock_dir(Path(out_dir) / name, True, hint)
+    stem = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in range(1, 1000):
+        with contextlib.suppress(RunDirTaken):
+            return _lock_dir(Path(out_dir) / (f"{stem}-{n}" if n > 1 else stem), True, hint)
+    raise ValueError(f"{out_dir}: no free run name {stem}-N; choose one with --name")
+
+
+def _lock_dir(run_dir: Path, new: bool, hint: str | None) -> ClaimedDir:
+    """Create ``run_dir`` and take its exclusive lock (on a file: flock on a directory fails on
+    NFS). A new run replaces only a codelm run that stopped before its first weights."""
+    def taken() -> RunDirTaken:
+        if holds_weights(run_dir) and not list_checkpoints(run_dir):
+            return RunDirTaken(f"{run_dir} already {holds_no_checkpoint(run_dir)}")
+        return RunDirTaken(f"{run_dir} already holds a run: continue it with "
+                           f"{hint or f'--resume {run_dir}'}, or choose another --name")
+
+    if (new and (run_dir / CONFIG_FILE).exists() and not (run_dir / LOCK_FILE).exists()
+            and not failed_before_weights(run_dir)):
+        raise taken()  # not a codelm run's directory: nothing is added to it
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if run_dir.is_file():
+            raise ValueError(f"{run_dir}: a file, where the run directory goes: choose "
+                             "another --name, or move the file") from None
+        raise ValueError(f"{run_dir}: cannot create the run directory ({e.strerror}); "
+                         "check --out-dir") from None
+    try:
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ValueError(f"{run_dir / LOCK_FILE}: cannot lock the run directory "
+                         f"({e.strerror})") from None
+    claimed = ClaimedDir(run_dir)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        who = lock_holder(run_dir / LOCK_FILE) or "one started with the same --name or --resume"
+        raise RunDirTaken(f"{run_dir} is in use by another run ({who}): wait for it to "
+                          "end, or choose another --name") from None
+    except OSError:  # a filesystem without locks: unguarded, so nothing is replaced
+        os.close(fd)
+        print(f"warning: {run_dir}: this filesystem cannot lock the run directory; nothing "
+              "stops a second run under this name", file=sys.stderr)
+    else:
+        claimed.lock = fd
+        with contextlib.suppress(OSError):  # who holds it (lock_holder); a full disk: still held
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{process.owner_tag()}\n".encode())
+    for directory in (run_dir, run_dir / CHECKPOINTS_DIR):  # under the lock: their writers are gone
+        if directory.is_dir():
+            process.recover_partial_writes(directory, every_owner_gone=True)
+    if new and (run_dir / CONFIG_FILE).exists():
+        if claimed.lock is None or not failed_before_weights(run_dir):
+            claimed.release()
+            raise taken()
+        print(f"{run_dir}: its run stopped before its first checkpoint; this run replaces it")
+    return claimed
+
+
+# ---- metrics.jsonl and TensorBoard ----
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop what an interrupted run logged past the step its resume continues from."""
+    if not path.exists():
+        return
+    lines = path.read_bytes().split(b"\n")
+    kept = []
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            if number == len(lines):  # no newline after it: the write never finished
+                print(f"warning: {path}:{number}: dropping a torn last line", file=sys.stderr)
+                continue
+            raise ValueError(f"{path}:{number}: not a metrics line ({e}); fix or remove it "
+                             "to resume") from None
+        if record.get("step", 0) <= step:
+            kept.append(raw.decode("utf-8") + "\n")
+    process.write_atomic(path, "".join(kept))
+
+
+class _TensorBoard:
+    def __init__(self, run_dir: Path, config: dict, resume_step: int | None):
+        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams
+
+        if resume_step is None:  # a new run: nothing of an attempt it replaces (_lock_dir)
+            shutil.rmtree(run_dir / TB_DIR, ignore_errors=True)
+        self.path = run_dir / TB_DIR
+        self.writer = SummaryWriter(str(self.path),
+                                    purge_step=None if resume_step is None else resume_step + 1)
+        if resume_step is None:  # the config in the hparams plugin, beside the scalars
+            plain = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+                     for k, v in config.items()}
+            for summary in hparams(plain, {"val/val_loss": 0.0, "train/loss": 0.0}):
+                self.writer._get_file_writer().add_summary(summary)
+
+    def log(self, step: int, scalars: dict) -> None:
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _WandB:
+    """A W&B run named after the run directory; a resume continues it (its id in the run dir).
+    WANDB_MODE=offline keeps it in the run directory; WANDB_PROJECT names the project."""
+
+    def __init__(self, run_dir: Path, config: dict, resume_step: int | None):
+        import wandb
+
+        self.path = run_dir / "wandb"
+        run_id = _tracker_id(run_dir, "wandb", lambda: uuid.uuid4().hex[:12])
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "codelm"), dir=run_dir,
+                              name=run_dir.name, id=run_id, resume="allow", config=config)
+
+    def log(self, step: int, scalars: dict) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class _MLflow:
+    """An MLflow run named after the run directory, at MLFLOW_TRACKING_URI (MLflow's default
+    else); a resume continues it (its id in the run directory)."""
+
+    def __init__(self, run_dir: Path, config: dict, resume_step: int | None):
+        import mlflow
+
+        self.path, self.mlflow = run_dir, mlflow
+        saved = _tracker_id(run_dir, "mlflow", lambda: None)
+        run = mlflow.start_run(run_id=saved, run_name=run_dir.name)
+        _tracker_id(run_dir, "mlflow", lambda: run.info.run_id)
+        if saved is None:
+            mlflow.log_params({k: json.dumps(v)[:6000] for k, v in config.items()})
+
+    def log(self, step: int, scalars: dict) -> None:
+        self.mlflow.log_metrics({k.replace("/", "_"): v for k, v in scalars.items()}, step=step)
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+TRACKERS = {"tensorboard": _TensorBoard, "wandb": _WandB, "mlflow": _MLflow}
+TRACKER_IDS = "trackers.json"  # each tracker's run id, so that a resume continues that run
+
+
+def _tracker_id(run_dir: Path, tracker: str, new: Callable[[], str | None]) -> str | None:
+    """The id ``tracker`` gave this run, or ``new()``'s, recorded."""
+    path = run_dir / TRACKER_IDS
+    ids = json.loads(path.read_text()) if path.is_file() else {}
+    if ids.get(tracker) is None and (made := new()) is not None:
+        ids[tracker] = made
+        process.write_atomic(path, json.dumps(ids))
+    return ids.get(tracker)
+
+
+class RunLog:
+    """metrics.jsonl (one line per log step and per evaluation) and the trackers; rank 0 only."""
+
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None,
+                 config: dict | None = None, report_to: Sequence[str] = ("tensorboard",)):
+        """``resume_step``: the step a resumed run continues from (None: a new run);
+        ``config``: the run's, which each tracker records; ``report_to``: TRACKERS or "none"."""
+        self.enabled, self.run_dir = enabled, run_dir
+        self.file, self.trackers = None, []
+        self._failed = False  # a write failed (a full disk): its error said so, close stays quiet
+        if not enabled:
+            return
+        path = run_dir / METRICS_FILE  # a resumed run's is trimmed (_trim_metrics)
+        if resume_step is None:  # a new run: nothing of an attempt it replaces (_lock_dir)
+            path.unlink(missing_ok=True)
+            (run_dir / TRACKER_IDS).unlink(missing_ok=True)  # nor its tracker runs
+        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self.trackers = [TRACKERS[name](run_dir, config or {}, resume_step)
+                         for name in report_to if name != "none"]
+
+    def write(self, step: int, kind: str, values: dict) -> None:
+        if not self.enabled:
+            return
+        target = self.run_dir / METRICS_FILE
+        try:
+            self.file.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
+            self.file.flush()
+            scalars = {f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float))
+                       and not isinstance(v, bool) and math.isfinite(v)}
+            for tracker in self.trackers:
+                target = tracker.path
+                tracker.log(step, scalars)
+        except OSError as e:  # a full disk: write() and TensorBoard name no file
+            self._failed = True
+            raise OSError(e.errno, e.strerror, str(target)) from None
+
+    def close(self) -> None:
+        if self.file is not None:
+            file, trackers, self.file, self.trackers = self.file, self.trackers, None, []
+            # after a failed write, quietly: its error is already on its way out
+            with contextlib.suppress(OSError) if self._failed else contextlib.nullcontext():
+                try:
+                    file.close()
+                finally:
+                    for tracker in trackers:
+                        tracker.close()

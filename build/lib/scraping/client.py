@@ -1,0 +1,240 @@
+"""An HTTP client for the GitHub REST API that honours rate limits and retries transient failures.
+The token travels only in the ``Authorization`` header, never in a URL, log line or message."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from email.utils import parsedate_to_datetime
+from urllib.parse import urlsplit
+
+import requests
+
+from scraping.common import redact_url
+
+log = logging.getLogger("scraping")
+
+# Statuses worth another try after a pause (GitHub's 5xx are usually transient).
+_RETRY_STATUSES = frozenset({500, 502, 503, 504})
+# GitHub asks clients to wait at least a minute after a secondary rate limit with no header.
+_SECONDARY_LIMIT_WAIT = 60.0
+
+
+class GitHubError(RuntimeError):
+    """A request that kept failing after every retry, or that GitHub refused for good."""
+
+
+class ServerError(GitHubError):
+    """Retries spent on 5xx answers or dropped connections: this request failed, not the next."""
+
+
+def _check_token(token: str | None) -> str | None:
+    """The token stripped; one holding anything but visible ASCII is refused without showing it
+    (requests would quote the whole header)."""
+    token = (token or "").strip()
+    if any(not 33 <= ord(c) <= 126 for c in token):
+        raise ValueError("GITHUB_TOKEN holds spaces, control or non-ASCII characters inside it "
+                         "(not shown here); set it to the token alone")
+    return token or None
+
+
+class GitHubClient:
+    """GET with rate-limit waits, exponential backoff with jitter, and bounded retries
+    (``sleep``, ``clock`` and ``rng`` injectable)."""
+
+    def __init__(self, api_url: str = "https://api.github.com", token: str | None = None, *,
+                 retries: int = 6, backoff: float = 1.0, max_backoff: float = 60.0,
+                 max_wait: float = 3600.0, timeout: float = 30.0,
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.time,
+                 rng: random.Random | None = None):
+        if retries < 0 or backoff < 0:
+            raise ValueError("--retries and --backoff must be >= 0")
+        self.api_url = api_url.rstrip("/")
+        self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
+        self.max_wait, self.timeout = max_wait, timeout
+        self._token = _check_token(token)
+        self._sleep, self._clock = sleep, clock
+        self._rng = rng or random.Random()
+        self._blocked_until: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def __repr__(self) -> str:
+        return f"GitHubClient(api_url={self.api_url!r}, token={'set' if self._token else 'unset'})"
+
+    @property
+    def has_token(self) -> bool:
+        return bool(self._token)
+
+    def _session(self) -> requests.Session:
+        # One session per thread: connection pools are not shared across download workers.
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            session.headers["User-Agent"] = "codelm-scraper"
+            session.headers["X-GitHub-Api-Version"] = "2022-11-28"
+            if self._token:
+                session.headers["Authorization"] = f"Bearer {self._token}"
+            self._local.session = session
+        return session
+
+    def _resource(self, url: str) -> str:
+        """The rate-limit bucket a URL draws from (search has its own, smaller one)."""
+        if not url.startswith(self.api_url):
+            return "raw"
+        return "search" if "/search/" in urlsplit(url).path else "core"
+
+    def _backoff_delay(self, attempt: int) -> float:
+        ceiling = min(self.max_backoff, self.backoff * 2**attempt)
+        return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
+
+    def _wait_for(self, resource: str) -> None:
+        with self._lock:
+            until = self._blocked_until.get(resource, 0.0)
+        delay = until - self._clock()
+        if delay <= 0:
+            return
+        if delay > self.max_wait:
+            raise GitHubError(
+                f"rate limit for '{resource}' resets in {delay:.0f} s, more than --max-wait "
+                f"{self.max_wait:.0f} s; progress is saved, re-run later to continue")
+        log.warning("rate limited (%s): waiting %.0f s", resource, delay)
+        self._sleep(delay)
+
+    def _block(self, resource: str, until: float) -> None:
+        with self._lock:
+            self._blocked_until[resource] = max(self._blocked_until.get(resource, 0.0), until)
+
+    def _reset_at(self, reset: float, resp: requests.Response) -> float:
+        """GitHub's reset time as a time on ``self._clock`` (the response's ``Date`` says how
+        far the clocks disagree)."""
+        try:
+            server_now = parsedate_to_datetime(resp.headers["date"]).timestamp()
+        except (KeyError, TypeError, ValueError, IndexError):
+            return reset  # no usable Date: trust the local clock
+        # Date is whole seconds, rounded down: the wait below errs long, never short.
+        return self._clock() + (reset - server_now)
+
+    def _note_rate_limit(self, resource: str, resp: requests.Response, attempt: int) -> float | None:
+        """Record waits the response asks for. For a rate-limit refusal, the pause before its
+        retry (0 when the wait is recorded for every thread); None for other responses."""
+        headers = resp.headers
+        refused = resp.status_code in (403, 429)
+        delay = None
+        if refused and headers.get("retry-after"):
+            try:
+                self._block(resource, self._clock() + float(headers["retry-after"]))
+                delay = 0.0
+            except ValueError:  # an HTTP date instead of seconds: fall back to backoff
+                pass
+        if headers.get("x-ratelimit-remaining") == "0" and headers.get("x-ratelimit-reset"):
+            try:
+                reset = float(headers["x-ratelimit-reset"])
+            except ValueError:
+                return delay
+            # One second of slack: the reset time is whole seconds.
+            until = self._reset_at(reset, resp) + 1
+            self._block(resource, until)
+            if refused and delay is None:
+                # A refusal at or after its own reset (the clocks still disagree): waiting for
+                # the reset would not pause at all, so back off instead of retrying in a burst.
+                delay = 0.0 if until > self._clock() else self._backoff_delay(attempt)
+        return delay
+
+    def _retry_delay(self, resource: str, resp: requests.Response, attempt: int) -> float | None:
+        """Seconds to pause before retrying, or None when the response is final."""
+        status = resp.status_code
+        limited = self._note_rate_limit(resource, resp, attempt)
+        if limited is not None:
+            return limited  # a reset's wait happens in _wait_for, shared by every thread
+        if status == 401:
+            raise GitHubError(
+                f"GitHub refused the credentials (HTTP 401) for {resp.url}: "
+                "check that GITHUB_TOKEN is valid")
+        if status == 429 or status in _RETRY_STATUSES:
+            return self._backoff_delay(attempt)
+        if status == 403 and "rate limit" in resp.text.lower():
+            return max(_SECONDARY_LIMIT_WAIT, self._backoff_delay(attempt))
+        return None
+
+    def get(self, url: str, *, params: dict | None = None,
+            accept: str = "application/vnd.github+json") -> requests.Response:
+        """GET ``url`` (absolute, or a path under the API URL): the final response (404, 409, 422
+        are the caller's to judge), or GitHubError once retries are spent."""
+        if url.startswith("/"):
+            url = self.api_url + url
+        resource = self._resource(url)
+        problem, server_failed = "", False
+        for attempt in range(self.retries + 1):
+            self._wait_for(resource)
+            try:
+                # Not streamed: the body is read here, so a connection dropped mid-body retries.
+                resp = self._session().get(
+                    url, params=params, headers={"Accept": accept}, timeout=self.timeout)
+            except (requests.exceptions.InvalidHeader, UnicodeEncodeError):
+                # Their messages quote the header (or part of it), which may be the token.
+                raise ValueError(f"GET {redact_url(url)}: a request header holds characters "
+                                 "HTTP does not allow (check GITHUB_TOKEN)") from None
+            except (requests.ConnectionError, requests.Timeout,
+                    requests.exceptions.ChunkedEncodingError) as exc:
+                delay, problem = self._backoff_delay(attempt), f"{type(exc).__name__}"
+                server_failed = True
+            else:
+                delay = self._retry_delay(resource, resp, attempt)
+                if delay is None:
+                    return resp
+                problem = f"HTTP {resp.status_code}"
+                server_failed = resp.status_code in _RETRY_STATUSES
+            if attempt == self.retries:
+                break
+            if delay > 0:
+                log.warning("GET %s: %s; retrying in %.1f s", redact_url(url), problem, delay)
+                self._sleep(delay)
+        raise (ServerError if server_failed else GitHubError)(
+            f"GET {redact_url(url)} failed {self.retries + 1} times (last: {problem}); "
+            "progress is saved, re-run to continue")
+
+    def get_reply(self, url: str, *, params: dict | None = None,
+                  valid: Callable[[object], bool] = lambda data: True
+                  ) -> tuple[object, requests.Response]:
+        """GET ``url``: (its JSON body, the response) for a 200, (None, the response) for another
+        final status. A 200 whose body is not JSON, or not ``valid``, is retried as a server
+        failure is, then a ServerError naming the URL."""
+        for attempt in range(self.retries + 1):
+            resp = self.get(url, params=params)
+            if resp.status_code != 200:
+                return None, resp
+            try:
+                data = resp.json()
+            except ValueError:
+                problem = "a body that is not JSON"
+            else:
+                if valid(data):
+                    return data, resp
+                problem = "a JSON body of another shape than GitHub's"
+            if attempt < self.retries:
+                delay = self._backoff_delay(attempt)
+                log.warning("GET %s: %s; retrying in %.1f s", redact_url(resp.url), problem, delay)
+                self._sleep(delay)
+        raise ServerError(f"GET {redact_url(resp.url)} gave {problem} {self.retries + 1} times; "
+                          "progress is saved, re-run to continue")
+
+    def get_json(self, url: str, *, params: dict | None = None,
+                 valid: Callable[[object], bool] = lambda data: True
+                 ) -> tuple[object, requests.Response]:
+        """``get_reply`` where any status but 200 is a GitHubError naming the URL."""
+        data, resp = self.get_reply(url, params=params, valid=valid)
+        if resp.status_code != 200:
+            raise GitHubError(f"GET {redact_url(resp.url)}: HTTP {resp.status_code}: "
+                              f"{_message(resp)}")
+        return data, resp
+
+
+def _message(resp: requests.Response) -> str:
+    try:
+        return str(resp.json().get("message", ""))[:300]
+    except (ValueError, AttributeError):
+        return resp.text[:300]

@@ -1,0 +1,396 @@
+"""Pieces shared by the GitHub and local collectors: records, filters, summaries, safe output."""
+
+from __future__ import annotations
+
+import difflib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import subprocess
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import process
+
+# Licences that allow reuse with attribution only; ``--licenses permissive`` expands to these.
+PERMISSIVE_LICENSES = frozenset(
+    {"MIT", "Apache-2.0", "BSD-2-Clause", "BSD-3-Clause", "ISC", "Unlicense", "0BSD", "Zlib",
+     "MIT-0", "BSL-1.0", "PSF-2.0", "CC0-1.0"}
+)
+
+# Every id GitHub reports as a repository's ``license.spdx_id`` (NOASSERTION: a licence file it
+# does not recognise): what ``--licenses`` may name; any other id is a typo.
+KNOWN_LICENSES = PERMISSIVE_LICENSES | frozenset(
+    {"AFL-3.0", "AGPL-3.0", "Artistic-2.0", "BlueOak-1.0.0", "BSD-2-Clause-Patent",
+     "BSD-3-Clause-Clear", "BSD-4-Clause", "CC-BY-4.0", "CC-BY-SA-4.0", "CECILL-2.1",
+     "CERN-OHL-P-2.0", "CERN-OHL-S-2.0", "CERN-OHL-W-2.0", "ECL-2.0", "EPL-1.0", "EPL-2.0",
+     "EUPL-1.1", "EUPL-1.2", "GFDL-1.3", "GPL-2.0", "GPL-3.0", "LGPL-2.1", "LGPL-3.0",
+     "LPPL-1.3c", "MPL-2.0", "MS-PL", "MS-RL", "MulanPSL-2.0", "NCSA", "ODbL-1.0", "OFL-1.1",
+     "OSL-3.0", "PostgreSQL", "UPL-1.0", "Vim", "WTFPL", "NOASSERTION"}
+)
+
+# ``--licenses none``: repositories without a licence file (``license`` null in their records).
+NO_LICENSE = "none"
+
+RECORD_KEYS = ("repo", "path", "sha", "license", "stars", "text")
+
+# Directories no collector descends into: version control, caches, installed third-party code.
+EXCLUDED_DIRS = frozenset(
+    {".git", ".hg", ".svn", "__pycache__", "node_modules", ".venv", ".tox", ".nox",
+     "site-packages", "dist-packages"}
+)
+
+# The first line of a Git LFS pointer (under 1,024 bytes), held in place of the real file.
+_LFS_POINTER = "version https://git-lfs.github.com/spec/"
+
+log = logging.getLogger("scraping")
+
+
+def git_blob_sha(data: bytes) -> str:
+    """The SHA-1 git gives this content as a blob, so local and GitHub records share one id."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def redact_url(url: str) -> str:
+    """The URL without any user:password part, for records and messages."""
+    parts = urlsplit(url)
+    if parts.username or parts.password:  # the host as written: [::1] keeps its brackets
+        return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+    return url
+
+
+def normalize_extensions(extensions: Iterable[str]) -> tuple[str, ...]:
+    """``py`` and ``.PY`` both mean ``.py``; an empty list is a user mistake."""
+    out = tuple(sorted({("." + e.lstrip(".")).lower() for e in extensions if e.strip(".")}))
+    if not out:
+        raise ValueError("--extensions: give at least one file extension, e.g. .py")
+    return out
+
+
+def _license_id(name: str, flag: str, known: dict[str, str], give: str) -> str:
+    """The canonical spelling of ``name`` in ``known`` (lower-case -> id), or a ValueError."""
+    if name.lower() not in known:
+        close = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.6)
+        hint = f"did you mean {known[close[0]]!r}? " if close else ""
+        raise ValueError(f"{flag} {name!r}: not a licence id GitHub reports; {hint}{give}")
+    return known[name.lower()]
+
+
+def expand_licenses(licenses: Iterable[str] | None) -> frozenset[str] | None:
+    """SPDX ids to accept, spelled as GitHub does (``NO_LICENSE``: none); None: any licence. An
+    id GitHub never reports, or none at all, is refused: it would skip every repository."""
+    if licenses is None:
+        return None
+    licenses = list(licenses)
+    if not licenses:
+        raise ValueError("--licenses: give at least one licence id, or leave the flag out to "
+                         "accept any licence")
+    known = {k.lower(): k for k in (*KNOWN_LICENSES, "permissive", NO_LICENSE)}
+    out: set[str] = set()
+    for name in licenses:
+        name = _license_id(name, "--licenses", known, "Give 'permissive', 'none' (no licence) "
+                                                      "or SPDX ids such as MIT, Apache-2.0, "
+                                                      "GPL-3.0")
+        out |= PERMISSIVE_LICENSES if name == "permissive" else {name}
+    return frozenset(out)
+
+
+def canonical_license(name: str | None) -> str | None:
+    """``scraping local --license``: one id of ``KNOWN_LICENSES``, spelled as GitHub does."""
+    if name is None:
+        return None
+    return _license_id(name, "--license", {k.lower(): k for k in KNOWN_LICENSES},
+                       "Give the one SPDX id of these sources, such as MIT, Apache-2.0, "
+                       "GPL-3.0 (NOASSERTION for another licence)")
+
+
+def license_allowed(license_id: str | None, allowed: frozenset[str] | None) -> bool:
+    """Whether a licence (None: none detected) passes ``expand_licenses``'s ``allowed``."""
+    if allowed is None:
+        return True
+    if license_id is None:
+        return NO_LICENSE in allowed
+    return license_id.lower() in {a.lower() for a in allowed}
+
+
+@dataclass
+class FileFilter:
+    """Which files are kept: by extension and byte size (bounds inclusive)."""
+
+    extensions: tuple[str, ...]
+    min_bytes: int
+    max_bytes: int
+
+    def __post_init__(self) -> None:
+        if self.min_bytes < 0 or self.max_bytes < self.min_bytes:
+            raise ValueError(
+                f"--min-bytes {self.min_bytes} / --max-bytes {self.max_bytes}: "
+                "need 0 <= min-bytes <= max-bytes")
+
+    def reject_reason(self, path: str, size: int) -> str | None:
+        """Why a file is skipped before reading it, or None when it is wanted."""
+        if not has_extension(path, self.extensions):
+            return "extension"
+        if size < self.min_bytes:
+            return "too_small"
+        if size > self.max_bytes:
+            return "too_large"
+        return None
+
+
+def has_extension(path: str, extensions: Iterable[str]) -> bool:
+    """Whether ``path`` ends in one of ``extensions``, in any case (``B.PY`` is Python too)."""
+    return path.lower().endswith(tuple(e.lower() for e in extensions))
+
+
+def walk_source_tree(root: Path, extensions: Iterable[str], follow_symlinks: bool = False
+                     ) -> Iterator[tuple[str, Path, str | None]]:
+    """(relative posix path, path, why it is skipped or None) of every file under ``root``,
+    sorted: the one walker of ``scraping local`` and dataset.py. Skipped: ``extension``,
+    ``gitignored`` (what a clone never holds), ``symlink`` (unless ``follow_symlinks``: a
+    cloned tree must not pull in outside files), ``not_a_file``."""
+    extensions = tuple(extensions)
+    files, work_trees = _tree_files(root)
+    ignored = {f"{top}/{rel}" if top else rel
+               for top in work_trees for rel in git_ignored_files(Path(root, top))}
+    for rel, path in files:  # the extension first: it needs no system call
+        if not has_extension(rel, extensions):
+            yield rel, path, "extension"
+        elif not follow_symlinks and path.is_symlink():
+            yield rel, path, "symlink"
+        elif not path.is_file():  # a FIFO, a socket, a device
+            yield rel, path, "not_a_file"
+        else:
+            yield rel, path, "gitignored" if rel in ignored else None
+
+
+def git_ignored_files(root: Path) -> frozenset[str]:
+    """Relative paths of the untracked files git ignores in the work tree ``root`` (empty when
+    it is none or git fails): a walked checkout gives the files a clone gives."""
+    if not (Path(root) / ".git").exists():
+        return frozenset()
+    # No fsmonitor, and safe.directory: a checkout another user owns runs no command and is read.
+    cmd = ["git", "-c", "core.fsmonitor=false", "-c", f"safe.directory={Path(root).resolve()}",
+           "-C", str(root), "ls-files", "-z", "--others", "--ignored", "--exclude-standard"]
+    try:
+        result = subprocess.run(cmd, capture_output=True, timeout=600)
+    except (OSError, subprocess.SubprocessError):
+        return frozenset()
+    if result.returncode != 0:  # its ignored files are read as any other's: say so
+        log.warning("%s: git could not list the files it ignores (%s); they are read too", root,
+                    os.fsdecode(result.stderr).strip().partition("\n")[0])
+        return frozenset()
+    return frozenset(os.fsdecode(rel) for rel in result.stdout.split(b"\0") if rel)
+
+
+def source_files(root: Path, extensions: Iterable[str], follow_symlinks: bool = False
+                 ) -> list[Path]:
+    """The files of ``root`` that ``walk_source_tree`` keeps, in its order."""
+    return [path for _, path, skip in walk_source_tree(root, extensions, follow_symlinks)
+            if skip is None]
+
+
+def _tree_files(root: Path) -> tuple[list[tuple[str, Path]], list[str]]:
+    """Every non-directory entry under root, sorted by relative path, and the relative paths of
+    the git work trees met ("" for root; a submodule's ``.git`` is a file)."""
+    found, work_trees = [], []
+    for dirpath, dirnames, filenames in os.walk(root):
+        if ".git" in dirnames or ".git" in filenames:
+            top = Path(dirpath).relative_to(root).as_posix()
+            work_trees.append("" if top == "." else top)
+        dirnames[:] = [d for d in dirnames if d not in EXCLUDED_DIRS]
+        for name in filenames:
+            path = Path(dirpath, name)
+            found.append((path.relative_to(root).as_posix(), path))
+    return sorted(found, key=lambda entry: entry[0]), work_trees
+
+
+def decode_source(data: bytes | str) -> tuple[str | None, str | None]:
+    """(text, None) for source code, or (None, reason): ``binary``, ``not_utf8`` or
+    ``lfs_pointer``; the one rule of the collectors and dataset.py."""
+    if (b"\0" if isinstance(data, bytes) else "\0") in data:
+        return None, "binary"
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError:
+            return None, "not_utf8"
+    if len(data) < 1024 and data.startswith(_LFS_POINTER):
+        return None, "lfs_pointer"
+    return data, None
+
+
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8 (a non-UTF-8 file name holds lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_output_file(path: Path, flag: str) -> None:
+    """Fail before any work is done when ``path`` cannot be written as a file."""
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; give a file path such as "
+                         f"{path / 'out.jsonl'}")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"{flag} {path}: {parent} is a file, not a directory")
+
+
+def make_record(repo: str, path: str, sha: str, license_id: str | None, stars: int | None,
+                text: str) -> dict:
+    return dict(zip(RECORD_KEYS, (repo, path, sha, license_id, stars, text)))
+
+
+def encode_records(records: Iterable[dict]) -> bytes:
+    # ASCII-only JSON: no U+2028 or similar inside a line, so any line splitter reads it back.
+    return b"".join(json.dumps(r).encode("ascii") + b"\n" for r in records)
+
+
+@dataclass
+class Summary:
+    """Kept/skipped counts by reason, printed at the end of a run."""
+
+    repos: Counter = field(default_factory=Counter)
+    files: Counter = field(default_factory=Counter)
+    bytes_kept: int = 0
+
+    def format(self) -> str:
+        lines = [f"kept {self.files['kept']} files ({self.bytes_kept / 1e6:.2f} MB)"]
+        for title, counts in (("repos", self.repos), ("files", self.files)):
+            for reason, n in sorted(counts.items()):
+                if not (title == "files" and reason == "kept"):
+                    lines.append(f"  {title:5s} {reason:24s} {n}")
+        return "\n".join(lines)
+
+
+# The version of the scraper's state file (its first line: format_version and settings).
+STATE_FORMAT_VERSION = 1
+
+
+class ResumableOutput:
+    """Output JSONL plus an append-only state log of finished repos, locked by one run.
+
+    A repo's records are appended and fsynced, then one state line records the repo, the
+    output's new length and its blob SHAs; on open the output is cut back to the last recorded
+    length, so a run killed at any point resumes with no partial or duplicate record.
+    """
+
+    def __init__(self, out: Path, state: Path, settings: dict):
+        self.out, self.state = Path(out), Path(state)
+        self.done: set[str] = set()
+        self.shas: set[str] = set()
+        self.end = 0
+        try:  # a bad path, as check_output_file's: refused naming the flag (exit status 2)
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = self._lock()
+        except OSError as err:
+            raise ValueError(f"--out {self.out}: cannot create it ({err.strerror or err}); "
+                             "choose a path in a directory you can write") from None
+        try:
+            if self.state.exists():
+                self._resume(settings)
+            else:
+                if self.out.stat().st_size > 0:
+                    raise ValueError(
+                        f"{self.out} exists but its state file {self.state} does not; "
+                        "choose another --out or remove the file")
+                process.write_atomic(self.state, json.dumps(
+                    {"format_version": STATE_FORMAT_VERSION, "settings": settings}) + "\n")
+        except BaseException:
+            self.close()
+            raise
+
+    def _lock(self) -> int:
+        """Open (creating it empty) and lock the output, which is only ever cut and appended to."""
+        fd = os.open(self.out, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ValueError(f"{self.out} is being written by another run (same --out); wait "
+                             "for it to end, or choose another --out") from None
+        except OSError:  # a filesystem without locks (some NFS): unguarded, with a warning
+            log.warning("%s: this filesystem cannot lock the output; nothing stops a second "
+                        "run on it", self.out)
+        return fd
+
+    def close(self) -> None:
+        """Release the output for the next run (also done by the OS when the process dies)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> ResumableOutput:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @staticmethod
+    def read_settings(state: Path) -> dict:
+        """The settings a state file was started with, its format_version checked."""
+        with open(state, "rb") as f:
+            first = f.readline()
+        try:
+            head = json.loads(first)
+            settings, version = head["settings"], head.get("format_version")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"{state}:1: not a scraper state file") from None
+        if version != STATE_FORMAT_VERSION:
+            raise ValueError(f"{state}: a scraper state of format_version {version}, not "
+                             f"{STATE_FORMAT_VERSION}: use a new --out to start over")
+        return settings
+
+    def _resume(self, settings: dict) -> None:
+        previous = self.read_settings(self.state)
+        changed = sorted(k for k in settings.keys() | previous.keys()
+                         if settings.get(k) != previous.get(k))
+        if changed:
+            raise ValueError(
+                f"{self.state} was started with other settings ({', '.join(changed)} differ); "
+                "use the same flags to resume, or a new --out to start over")
+        with open(self.state, "rb") as f:
+            lines = f.read().split(b"\n")
+        good = len(lines[0]) + 1
+        for line in lines[1:-1]:  # the last piece is empty, or a line cut off by a kill
+            try:
+                entry = json.loads(line)
+                repo, end, shas = entry["repo"], int(entry["end"]), entry["shas"]
+            except (ValueError, KeyError, TypeError):
+                break
+            self.done.add(repo)
+            self.shas.update(shas)
+            self.end = end
+            good += len(line) + 1
+        size = self.out.stat().st_size
+        if size < self.end:
+            raise ValueError(
+                f"{self.out} is shorter than {self.state} records ({size} < {self.end} "
+                "bytes); it was changed outside the scraper. Use a new --out to start over")
+        os.truncate(self.state, good)
+        os.truncate(self.out, self.end)
+
+    def commit(self, repo: str, records: list[dict]) -> None:
+        data = encode_records(records)
+        _append_synced(self.out, data)
+        self.end += len(data)
+        shas = [r["sha"] for r in records]
+        line = json.dumps({"repo": repo, "end": self.end, "shas": shas}) + "\n"
+        _append_synced(self.state, line.encode())
+        self.done.add(repo)
+        self.shas.update(shas)
+
+
+def _append_synced(path: Path, data: bytes) -> None:
+    with open(path, "ab") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())

@@ -1,0 +1,411 @@
+"""Scrape source files from GitHub: search repositories, list their trees, download the files.
+Defaults: Python repositories with more than 100 stars created since 2015, ``.py`` files of
+1-100 KB."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from urllib.parse import quote, urlsplit
+
+import requests
+
+from process import progress_bar
+from scraping.client import GitHubClient, GitHubError, ServerError
+from scraping.common import (
+    EXCLUDED_DIRS,
+    FileFilter,
+    ResumableOutput,
+    Summary,
+    check_output_file,
+    decode_source,
+    expand_licenses,
+    git_blob_sha,
+    license_allowed,
+    make_record,
+    normalize_extensions,
+)
+
+log = logging.getLogger("scraping")
+
+# GitHub search returns at most this many results per query, whatever the total_count says.
+SEARCH_CAP = 1000
+# How often one search slice is read when a read comes back short (star counts shifted pages).
+_SLICE_READS = 3
+# A repo GitHub fails to serve is not saved (the next run retries it); this many in a row stop.
+SERVER_ERROR = "server_error"
+_FAILED_IN_A_ROW = 5
+DEFAULT_API_URL = "https://api.github.com"
+DEFAULT_RAW_URL = "https://raw.githubusercontent.com"
+
+
+@dataclass
+class GitHubConfig:
+    out: str = field(metadata={"help": "output JSONL file"})
+    state: str | None = field(
+        default=None, metadata={"help": "resume state file (default: OUT.state)"})
+    language: str | None = field(
+        default="python", metadata={"help": "language qualifier ('' for any)"})
+    min_stars: int = field(default=100, metadata={"help": "keep repos with more stars than this"})
+    since: str = field(default="2015-01-01", metadata={"help": "first date (YYYY-MM-DD)"})
+    until: str | None = field(
+        default=None, metadata={"help": "last date, inclusive (default: today, fixed at start)"})
+    date_field: str = field(
+        default="created", metadata={"help": "date qualifier to range over",
+                                     "choices": ("created", "pushed")})
+    extra_query: str = field(
+        default="", metadata={"help": "more search qualifiers, e.g. 'topic:web archived:false'"})
+    extensions: list[str] = field(
+        default_factory=lambda: [".py"], metadata={"help": "file extensions to keep"})
+    min_bytes: int = field(default=1_000, metadata={"help": "smallest file kept, in bytes"})
+    max_bytes: int = field(default=100_000, metadata={"help": "largest file kept, in bytes"})
+    licenses: list[str] | None = field(
+        default=None,
+        metadata={"help": "SPDX licence ids to accept, as GitHub reports them ('permissive' = "
+                          "MIT, Apache-2.0, BSD, ...; 'none' = repos GitHub detects no licence in); default: any",
+                  "none_is_a_value": True})
+    max_repos: int | None = field(
+        default=None, metadata={"help": "stop after this many finished repos, over all runs"})
+    api_url: str = field(
+        default=DEFAULT_API_URL, metadata={"help": "REST API root (GitHub Enterprise: "
+                                                   "https://HOST/api/v3)"})
+    raw_url: str | None = field(
+        default=None, metadata={"help": "raw file host (default: raw.githubusercontent.com for "
+                                        "github.com; the blob API otherwise)"})
+    workers: int = field(default=8, metadata={"help": "parallel file downloads"})
+    retries: int = field(default=6, metadata={"help": "retries per request"})
+    backoff: float = field(
+        default=1.0, metadata={"help": "first backoff pause in seconds (doubles, with jitter)"})
+    max_wait: float = field(
+        default=3600.0, metadata={"help": "longest rate-limit wait in seconds (then stop, resumably)"})
+    timeout: float = field(default=30.0, metadata={"help": "HTTP timeout in seconds"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+
+@dataclass(frozen=True)
+class TreeFile:
+    path: str
+    sha: str
+    size: int
+    mode: str
+
+
+def _parse_day(text: str, flag: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"--{flag} {text!r}: expected a date like 2015-01-01") from None
+
+
+def _check_url(url: str, flag: str, example: str) -> None:
+    """Refuse anything but an http(s) URL with a host (and a numeric port) before any output."""
+    try:
+        parts = urlsplit(url)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and (
+            parts.port is None or parts.port > 0)
+    except ValueError:  # e.g. a port that is not a number, an unclosed [IPv6 address
+        ok = False
+    if not ok:
+        raise ValueError(f"{flag} {url!r}: expected an http(s) URL with a host, e.g. {example}")
+
+
+def _check_request_flags(cfg: GitHubConfig) -> None:
+    """Refuse request settings requests would reject mid-run, before anything is written."""
+    if not (math.isfinite(cfg.timeout) and cfg.timeout > 0):
+        raise ValueError(f"--timeout {cfg.timeout}: need a finite number of seconds > 0")
+    if cfg.max_repos is not None and cfg.max_repos < 1:
+        raise ValueError(f"--max-repos {cfg.max_repos}: need at least 1")
+    _check_url(cfg.api_url, "--api-url", DEFAULT_API_URL)
+    if cfg.raw_url:  # empty: the blob API, as when left out
+        _check_url(cfg.raw_url, "--raw-url", DEFAULT_RAW_URL)
+
+
+def _stamp(t: datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%S+00:00")
+
+
+def build_query(cfg: GitHubConfig) -> str:
+    """The search qualifiers shared by every date slice."""
+    parts = [f"stars:>{cfg.min_stars}"]
+    if cfg.language:  # "Jupyter Notebook" is one value only in quotes
+        language = f'"{cfg.language}"' if any(c.isspace() for c in cfg.language) else cfg.language
+        parts.append(f"language:{language}")
+    if cfg.extra_query.strip():
+        parts.append(cfg.extra_query.strip())
+    return " ".join(parts)
+
+
+# The shape of each reply the scraper reads: another one (a server bug, a proxy's page) is
+# retried, then that repository is left for the next run.
+def _is_search_page(data) -> bool:
+    return (isinstance(data, dict) and isinstance(data.get("total_count"), int)
+            and isinstance(data.get("items"), list)
+            and all(isinstance(i, dict) and isinstance(i.get("full_name"), str)
+                    for i in data["items"]))
+
+
+def _is_branch(data) -> bool:
+    return isinstance(data, dict) and isinstance(data.get("commit"), dict) and isinstance(
+        data["commit"].get("sha"), str)
+
+
+def _is_tree(data) -> bool:
+    return isinstance(data, dict) and isinstance(data.get("sha"), str) and isinstance(
+        data.get("tree"), list) and all(
+        isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("sha"), str)
+        and isinstance(e.get("size", 0), int) for e in data["tree"])
+
+
+def search_repositories(client: GitHubClient, query: str, date_field: str, start: datetime,
+                        end: datetime, *, cap: int = SEARCH_CAP, per_page: int = 100
+                        ) -> Iterator[dict]:
+    """Every repository matching ``query`` with ``date_field`` in [start, end] (whole seconds):
+    a slice over the search cap is halved until each half fits; each is read whole first."""
+    q = f"{query} {date_field}:{_stamp(start)}..{_stamp(end)}"
+    params = {"q": q, "per_page": per_page, "sort": "stars", "order": "desc"}
+    data, resp = client.get_json("/search/repositories", params=params, valid=_is_search_page)
+    total = data["total_count"]
+    if total > cap and end > start:  # whole seconds, both ends included: two or more of them
+        mid = start + timedelta(seconds=(end - start).total_seconds() // 2)
+        log.info("%d results for %s..%s: splitting", total, _stamp(start), _stamp(end))
+        for lo, hi in ((start, mid), (mid + timedelta(seconds=1), end)):
+            yield from search_repositories(client, query, date_field, lo, hi, cap=cap,
+                                           per_page=per_page)
+        return
+    if total > cap:
+        log.warning("%d results within one second at %s: only the first %d are reachable",
+                    total, _stamp(start), cap)
+    if data.get("incomplete_results"):
+        log.warning("GitHub reported incomplete search results for %s", q)
+    yield from _read_slice(client, params, data, resp, cap)
+
+
+def _read_slice(client: GitHubClient, params: dict, data: dict, resp: requests.Response,
+                cap: int) -> list[dict]:
+    """Every repository of one search slice (at most ``cap``), deduplicated: all pages are read
+    at once (star counts shift pages while a scrape runs), and a short read is repeated."""
+    found: dict[str, dict] = {}
+    for attempt in range(_SLICE_READS):
+        if attempt:
+            data, resp = client.get_json("/search/repositories", params=params,
+                                         valid=_is_search_page)
+        before = len(found)
+        while True:
+            for item in data["items"]:
+                found.setdefault(item["full_name"], item)
+            next_url = resp.links.get("next", {}).get("url")
+            if not next_url:
+                break
+            data, resp = client.get_json(next_url, valid=_is_search_page)
+        wanted = min(data["total_count"], cap)
+        if len(found) >= wanted or (attempt and len(found) == before):
+            break  # complete, or a re-read found nothing new: the total is not reachable
+        log.info("search %s returned %d of %d repos (star counts changed while paging): "
+                 "reading it again", params["q"], len(found), wanted)
+    if len(found) < wanted:
+        log.warning("search %s: %d of %d repos reachable", params["q"], len(found), wanted)
+    return list(found.values())
+
+
+def _get_tree(client: GitHubClient, repo: str, sha: str, recursive: bool) -> dict | None:
+    """The tree, or None when GitHub will not give it (404, 409 for an empty repo, 451, ...)."""
+    params = {"recursive": "1"} if recursive else None
+    tree, resp = client.get_reply(f"/repos/{repo}/git/trees/{sha}", params=params, valid=_is_tree)
+    if resp.status_code not in (200, 404, 409):
+        log.warning("tree %s of %s: HTTP %d, skipped", sha, repo, resp.status_code)
+    return tree
+
+
+def _tree_files(entries: list[dict], prefix: str) -> list[TreeFile]:
+    # Not submodules (type "commit": another repository's) nor EXCLUDED_DIRS (third-party code).
+    return [TreeFile(prefix + e["path"], e["sha"], int(e.get("size", 0)), e.get("mode", ""))
+            for e in entries if e.get("type") == "blob"
+            and EXCLUDED_DIRS.isdisjoint((prefix + e["path"]).split("/")[:-1])]
+
+
+def list_repo_files(client: GitHubClient, repo: str, commit: str) -> list[TreeFile] | None:
+    """Every blob in the repo at ``commit``; None when the repo has no tree."""
+    files = _walk_tree(client, repo, commit, "")
+    return None if files is None else sorted(files, key=lambda f: f.path)
+
+
+def _walk_tree(client: GitHubClient, repo: str, sha: str, prefix: str) -> list[TreeFile] | None:
+    """The blobs of one recursive listing, or level by level where GitHub truncates it."""
+    tree = _get_tree(client, repo, sha, recursive=True)
+    if tree is None or not tree.get("truncated"):
+        return tree and _tree_files(tree["tree"], prefix)
+    log.info("tree %s%s of %s is truncated: walking sub-trees", prefix, sha, repo)
+    level = _get_tree(client, repo, tree["sha"], recursive=False) or {"tree": []}
+    if level.get("truncated"):
+        log.warning("tree %s%s of %s has too many entries even without recursion; "
+                    "some files are missed", prefix, sha, repo)
+    files = _tree_files(level["tree"], prefix)
+    for entry in level["tree"]:
+        if entry.get("type") == "tree" and entry["path"] not in EXCLUDED_DIRS:
+            files += _walk_tree(client, repo, entry["sha"], f"{prefix}{entry['path']}/") or []
+    return files
+
+
+def _plain_path(path: str) -> bool:
+    """True for a relative path with no '.', '..' or empty segment: safe inside a raw URL."""
+    return all(part not in ("", ".", "..") for part in path.split("/")) and "\\" not in path
+
+
+class GitHubScraper:
+    """One scraping run: search, filter, download, and commit each finished repo."""
+
+    def __init__(self, cfg: GitHubConfig, client: GitHubClient | None = None):
+        self.cfg = cfg
+        self.filter = FileFilter(normalize_extensions(cfg.extensions), cfg.min_bytes,
+                                 cfg.max_bytes)
+        self.allowed = expand_licenses(cfg.licenses)
+        if cfg.workers < 1:
+            raise ValueError(f"--workers {cfg.workers}: need at least 1")
+        _check_request_flags(cfg)
+        self.client = client or GitHubClient(
+            cfg.api_url, os.environ.get("GITHUB_TOKEN") or None, retries=cfg.retries,
+            backoff=cfg.backoff, max_wait=cfg.max_wait, timeout=cfg.timeout)
+        raw = cfg.raw_url
+        if raw is None and cfg.api_url.rstrip("/") == DEFAULT_API_URL:
+            raw = DEFAULT_RAW_URL
+        self.raw_url = raw.rstrip("/") if raw else None
+        self.summary = Summary()
+        self._failed_in_a_row = 0
+
+    def _settings(self, until: str) -> dict:
+        """What the output depends on; a resume must use the same."""
+        keys = ("language", "min_stars", "since", "date_field", "extra_query", "min_bytes",
+                "max_bytes")
+        settings = {k: asdict(self.cfg)[k] for k in keys}
+        settings.update(until=until, extensions=list(self.filter.extensions),
+                        licenses=sorted(self.allowed) if self.allowed is not None else None)
+        return settings
+
+    def run(self) -> Summary:
+        cfg = self.cfg
+        out = Path(cfg.out)
+        state = Path(cfg.state) if cfg.state else out.with_name(out.name + ".state")
+        check_output_file(out, "--out")
+        check_output_file(state, "--state")
+        previous = ResumableOutput.read_settings(state) if state.exists() else {}
+        until = cfg.until or previous.get("until") or date.today().isoformat()
+        start = datetime.combine(_parse_day(cfg.since, "since"), datetime.min.time(),
+                                 tzinfo=timezone.utc)
+        end = datetime.combine(_parse_day(until, "until"), datetime.max.time(),
+                               tzinfo=timezone.utc).replace(microsecond=0)
+        if end < start:
+            raise ValueError(f"--since {cfg.since} is after --until {until}")
+        with ResumableOutput(out, state, self._settings(until)) as store:
+            return self._run(store, start, end)
+
+    def _run(self, store: ResumableOutput, start: datetime, end: datetime) -> Summary:
+        cfg = self.cfg
+        if not self.client.has_token:
+            log.warning("GITHUB_TOKEN is not set: GitHub allows only 60 API requests an hour "
+                        "without one")
+        if store.done:
+            log.info("resuming: %d repos already finished", len(store.done))
+        repos = search_repositories(self.client, build_query(cfg), cfg.date_field, start, end)
+        seen: set[str] = set()
+        bar = progress_bar(desc="repos", unit="repo", enabled=cfg.progress)
+        try:
+            with ThreadPoolExecutor(cfg.workers) as pool:
+                for item in repos:
+                    if cfg.max_repos is not None and len(store.done) >= cfg.max_repos:
+                        break
+                    name = item["full_name"]
+                    if name in seen or name in store.done:
+                        self.summary.repos["already_done" if name in store.done
+                                           else "repeated_in_search"] += 1
+                        continue
+                    seen.add(name)
+                    self._scrape_repo(item, store, pool)
+                    bar.update()
+                    bar.set_postfix(files=self.summary.files["kept"])
+        finally:
+            bar.close()
+        return self.summary
+
+    def _scrape_repo(self, item: dict, store: ResumableOutput, pool: ThreadPoolExecutor) -> None:
+        """Read one repo and commit it whole, or count it under SERVER_ERROR for the next run."""
+        name = item["full_name"]
+        files: Counter = Counter()
+        try:
+            how, records = self._read_repo(item, store, pool, files)
+        except ServerError as exc:
+            self.summary.repos[SERVER_ERROR] += 1
+            self._failed_in_a_row += 1
+            if self._failed_in_a_row >= _FAILED_IN_A_ROW:
+                raise GitHubError(f"GitHub failed {_FAILED_IN_A_ROW} repos in a row; the "
+                                  f"last: {exc}") from None
+            log.warning("%s is not saved (a re-run retries it): %s", name, exc)
+            return
+        self._failed_in_a_row = 0
+        store.commit(name, records)
+        self.summary.repos[how] += 1
+        self.summary.files.update(files)
+        self.summary.bytes_kept += sum(len(r["text"].encode()) for r in records)
+
+    def _read_repo(self, item: dict, store: ResumableOutput, pool: ThreadPoolExecutor,
+                   files: Counter) -> tuple[str, list[dict]]:
+        """(how the repo ends, its records), counting its files in ``files``."""
+        name = item["full_name"]
+        license_id = (item.get("license") or {}).get("spdx_id")
+        stars = item.get("stargazers_count")
+        if not license_allowed(license_id, self.allowed):
+            return "license", []
+        branch = item.get("default_branch") or "HEAD"
+        data, resp = self.client.get_reply(f"/repos/{name}/branches/{quote(branch)}",
+                                           valid=_is_branch)
+        if resp.status_code != 200:  # 404: empty repo; 403/451: access blocked
+            return ("empty" if resp.status_code == 404 else f"http_{resp.status_code}"), []
+        commit = data["commit"]["sha"]
+        tree = list_repo_files(self.client, name, commit)
+        if tree is None:
+            return "empty", []
+        wanted, new_shas = [], set()
+        for f in tree:
+            reason = "symlink" if f.mode == "120000" else self.filter.reject_reason(f.path, f.size)
+            if reason is None and (f.sha in store.shas or f.sha in new_shas):
+                reason = "duplicate_sha"
+            if reason:
+                files[reason] += 1
+            else:
+                new_shas.add(f.sha)
+                wanted.append(f)
+        records = []
+        for f, got in zip(wanted, pool.map(lambda f: self._download(name, commit, f), wanted)):
+            data, reason = got
+            text, reason = (None, reason) if data is None else decode_source(data)
+            if text is not None and git_blob_sha(data) != f.sha:
+                text, reason = None, "sha_mismatch"
+            if text is None:
+                files[reason] += 1
+                continue
+            records.append(make_record(name, f.path, f.sha, license_id, stars, text))
+        files["kept"] += len(records)
+        return "scraped", records
+
+    def _download(self, repo: str, commit: str, f: TreeFile) -> tuple[bytes | None, str | None]:
+        """(the file's bytes, None), or (None, why) when GitHub will not serve it."""
+        if self.raw_url and _plain_path(f.path):
+            resp = self.client.get(f"{self.raw_url}/{repo}/{commit}/{quote(f.path)}",
+                                   accept="*/*")
+        else:  # by blob SHA: odd paths never reach a URL, and Enterprise needs no raw host
+            resp = self.client.get(f"/repos/{repo}/git/blobs/{f.sha}",
+                                   accept="application/vnd.github.raw+json")
+        if resp.status_code != 200:
+            return None, "missing" if resp.status_code == 404 else f"http_{resp.status_code}"
+        return resp.content, None
+
+
+def scrape_github(cfg: GitHubConfig, client: GitHubClient | None = None) -> Summary:
+    """Run a (resumable) GitHub scrape to ``cfg.out``; returns kept/skipped counts."""
+    return GitHubScraper(cfg, client).run()

@@ -1,0 +1,100 @@
+"""A local source's licence, read from its top-level licence file as GitHub reports a repo's
+(``NOASSERTION``: a licence file not recognised; None: no licence file)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+# Top-level licence file names in any case (LICENSE.md, LICENSE-MIT, MIT-LICENSE, COPYING.LESSER,
+# ...); not code or data such as license.py.
+_LICENSE_FILE = re.compile(r"(?:[a-z0-9]+[-_])?(?:(?:un)?licen[cs]e|copying)(?:[-_.][a-z0-9-]+)*",
+                           re.IGNORECASE)
+_NOT_LICENSE_SUFFIXES = frozenset(
+    {".py", ".pyc", ".pyi", ".js", ".mjs", ".ts", ".go", ".rs", ".rb", ".java", ".kt", ".c",
+     ".h", ".cpp", ".sh", ".json", ".toml", ".yaml", ".yml", ".xml", ".gz", ".zip"})
+
+# Licence texts are read up to this many bytes: the longest common ones (the GPLs) are ~35 KB.
+_MAX_BYTES = 256_000
+
+# (SPDX id, phrases that must all be in the text), matched lower-cased with punctuation and
+# white space runs as one space. Of the rows found, the one whose text starts first wins (a
+# project's licence before its bundled code's), then the first in this order: a text holding
+# another's phrases plus its own comes first (BSD-3 is BSD-2 plus a clause), and GNU titles
+# carry their dates (licences quote each other's titles).
+LICENSE_PHRASES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("MPL-2.0", ("mozilla public license version 2 0",
+                 "contributor means each individual or legal entity")),
+    ("GFDL-1.3", ("gnu free documentation license version 1 3 3 november 2008",)),
+    ("AGPL-3.0", ("affero general public license version 3 19 november 2007",
+                  "remote network interaction")),
+    ("LGPL-3.0", ("lesser general public license version 3 29 june 2007",)),
+    ("LGPL-2.1", ("lesser general public license version 2 1 february 1999",)),
+    ("NOASSERTION", ("library general public license version 2 june 1991",)),  # LGPL-2.0
+    ("GPL-3.0", ("gnu general public license version 3 29 june 2007",)),
+    ("GPL-2.0", ("gnu general public license version 2 june 1991",)),
+    ("Apache-2.0", ("apache license version 2 0 january 2004",
+                    "terms and conditions for use reproduction and distribution")),
+    ("EPL-2.0", ("eclipse public license v 2 0",)),
+    ("EPL-1.0", ("eclipse public license v 1 0",)),
+    ("EUPL-1.2", ("european union public licence v 1 2",)),
+    ("BSL-1.0", ("boost software license version 1 0",)),
+    ("Artistic-2.0", ("the artistic license 2 0",)),
+    ("CC0-1.0", ("cc0 1 0 universal",)),
+    ("Unlicense", ("this is free and unencumbered software released into the public domain",)),
+    ("WTFPL", ("do what the fuck you want to public license",)),
+    ("PSF-2.0", ("python software foundation license version 2",)),
+    ("BSD-4-Clause", ("redistribution and use in source and binary forms",
+                      "all advertising materials mentioning features or use of this software")),
+    ("BSD-3-Clause-Clear", ("redistribution and use in source and binary forms",
+                            "no express or implied licenses to any party s patent rights")),
+    ("BSD-3-Clause", ("redistribution and use in source and binary forms",
+                      "neither the name of")),
+    ("BSD-2-Clause", ("redistribution and use in source and binary forms",)),
+    ("MIT", ("permission is hereby granted free of charge to any person obtaining a copy",
+             "the above copyright notice and this permission notice shall be included")),
+    ("MIT-0", ("permission is hereby granted free of charge to any person obtaining a copy",)),
+    ("ISC", ("distribute this software for any purpose with or without fee is hereby granted",
+             "provided that the above copyright notice and this permission notice appear")),
+    ("0BSD", ("distribute this software for any purpose with or without fee is hereby granted",)),
+    ("Zlib", ("altered source versions must be plainly marked as such",
+              "this notice may not be removed or altered from any source distribution")),
+)
+
+
+def license_of_text(text: str) -> str:
+    """The SPDX id of a licence file's text (``LICENSE_PHRASES``; of several licences' texts,
+    the first), or ``NOASSERTION``."""
+    words = " ".join(re.findall(r"[a-z0-9]+", text.lower()))
+    found = []  # (where the licence's text starts, its row, its id)
+    for row, (license_id, phrases) in enumerate(LICENSE_PHRASES):
+        starts = [words.find(phrase) for phrase in phrases]
+        if min(starts) >= 0:
+            found.append((min(starts), row, license_id))
+    return min(found)[2] if found else "NOASSERTION"
+
+
+def license_files(root: Path) -> list[Path]:
+    """The licence files at the top of ``root``, sorted by name. A link is followed only to a
+    file inside ``root``: a cloned repository's licence cannot be read from outside it."""
+    root = Path(root).resolve()
+    return sorted(path for path in root.iterdir()
+                  if _LICENSE_FILE.fullmatch(path.name)
+                  and path.suffix.lower() not in _NOT_LICENSE_SUFFIXES and path.is_file()
+                  and path.resolve().is_relative_to(root))
+
+
+def detect_license(root: Path) -> str | None:
+    """The licence of the source tree at ``root``: None without a licence file (as GitHub's
+    null); the id its licence files agree on; the LGPL when they hold an LGPL and the GPL it
+    adds its permissions to (COPYING and COPYING.LESSER); otherwise ``NOASSERTION``, as GitHub
+    says of a licence it does not recognise, or of several (LICENSE-MIT and LICENSE-APACHE)."""
+    ids = set()
+    for path in license_files(root):
+        with open(path, "rb") as f:
+            ids.add(license_of_text(f.read(_MAX_BYTES).decode("utf-8", errors="replace")))
+    if not ids:
+        return None
+    if ids & {"LGPL-2.1", "LGPL-3.0"}:
+        ids -= {"GPL-2.0", "GPL-3.0"}
+    return ids.pop() if len(ids) == 1 else "NOASSERTION"

@@ -1,0 +1,180 @@
+"""Collect source files by extension from local directories or git URLs (shallow-cloned into a
+temporary directory). Each source is committed as it finishes, so a stopped run resumes; its
+licence is read from its top-level licence file, unless ``--license`` names one."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import process
+from process import progress_bar
+from scraping.common import (
+    FileFilter,
+    ResumableOutput,
+    Summary,
+    canonical_license,
+    check_output_file,
+    decode_source,
+    expand_licenses,
+    git_blob_sha,
+    is_utf8,
+    license_allowed,
+    make_record,
+    normalize_extensions,
+    redact_url,
+    walk_source_tree,
+)
+from scraping.license_file import detect_license
+
+_SCP_LIKE = re.compile(r"^[\w.-]+@[\w.-]+:")  # git@github.com:owner/repo.git
+
+# Clones in $TMPDIR carry their owner's tag: a run removes those of killed runs, never a live one's.
+CLONE_PREFIX = "codelm-clone-"
+
+# The ``license`` a run's settings hold when each source's licence file names it (no --license).
+LICENSE_FROM_FILES = "from each source's licence file"
+
+
+@dataclass
+class LocalConfig:
+    sources: list[str] = field(metadata={"help": "directories or git URLs to collect from"})
+    out: str = field(metadata={"help": "output JSONL file (a stopped run resumes via OUT.state)"})
+    extensions: list[str] = field(
+        default_factory=lambda: [".py"], metadata={"help": "file extensions to keep"})
+    min_bytes: int = field(default=1, metadata={"help": "smallest file kept, in bytes"})
+    max_bytes: int = field(default=1_000_000, metadata={"help": "largest file kept, in bytes"})
+    branch: str | None = field(
+        default=None, metadata={"help": "branch or tag to clone (default: the remote's HEAD)"})
+    license: str | None = field(
+        default=None, metadata={"help": "SPDX licence id of every source (default: each "
+                                        "source's LICENSE/COPYING file)"})
+    licenses: list[str] | None = field(
+        default=None,
+        metadata={"help": "SPDX licence ids to accept, as 'scraping github --licenses' "
+                          "('permissive', 'none' = no licence file); default: any",
+                  "none_is_a_value": True})
+    state: str | None = field(
+        default=None, metadata={"help": "resume state file (default: OUT.state)"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+
+def is_git_source(source: str) -> bool:
+    """Whether ``source`` is cloned rather than walked: a URL, ``user@host:path``, or a bare
+    repository on disk (the one rule of every caller)."""
+    if "://" in source or _SCP_LIKE.match(source):
+        return True
+    p = Path(source)  # a bare repository on disk is cloned, not walked
+    return p.is_dir() and (p / "HEAD").is_file() and (p / "objects").is_dir()
+
+
+def shallow_clone(url: str, dest: Path, branch: str | None = None) -> None:
+    """``git clone --depth 1``; a failure is a ValueError carrying git's own message."""
+    cmd = ["git", "clone", "--quiet", "--depth", "1", "--single-branch"]
+    if branch:
+        cmd += ["--branch", branch]
+    if "://" not in url and not _SCP_LIKE.match(url):
+        url = Path(url).resolve().as_uri()  # file:// so --depth applies to local repos too
+    env = dict(os.environ, GIT_TERMINAL_PROMPT="0")
+    try:
+        result = subprocess.run(cmd + ["--", url, str(dest)], capture_output=True, text=True,
+                                env=env, timeout=3600)
+    except FileNotFoundError:
+        raise ValueError("cloning needs the 'git' program, which is not installed") from None
+    if result.returncode != 0:
+        message = result.stderr.strip().replace(url, redact_url(url))
+        raise ValueError(f"git clone {redact_url(url)} failed: {message}")
+
+
+def collect_directory(root: Path, repo: str, file_filter: FileFilter, license_id: str | None,
+                      summary: Summary, seen: set[str], progress: bool = True) -> list[dict]:
+    """Records for every wanted file under ``root``; ``seen`` holds blob SHAs already kept."""
+    records = []
+    tree = list(walk_source_tree(root, file_filter.extensions))
+    for rel, path, reason in progress_bar(tree, desc=repo[-40:], unit="file", enabled=progress):
+        if not is_utf8(rel):
+            summary.files["not_utf8_name"] += 1
+            continue
+        reason = reason or file_filter.reject_reason(rel, path.stat().st_size)
+        if reason:
+            summary.files[reason] += 1
+            continue
+        data = path.read_bytes()
+        text, reason = decode_source(data)
+        sha = git_blob_sha(data)
+        if text is not None and sha in seen:
+            text, reason = None, "duplicate_sha"
+        if text is None:
+            summary.files[reason] += 1
+            continue
+        seen.add(sha)
+        records.append(make_record(repo, rel, sha, license_id, None, text))
+        summary.files["kept"] += 1
+        summary.bytes_kept += len(data)
+    return records
+
+
+def _source_key(source: str) -> tuple[str, Path | None]:
+    """(the key a finished source is recorded under, its directory or None for a git URL)."""
+    if is_git_source(source):
+        return redact_url(source), None
+    if not Path(source).is_dir():
+        raise ValueError(f"{source}: not a directory or a git URL")
+    root = Path(source).resolve()
+    if not is_utf8(root.name):
+        raise ValueError(f"{source!r}: the directory name, which names the repo of its records, "
+                         "is not valid UTF-8; rename it")
+    return str(root), root
+
+
+def collect_local(cfg: LocalConfig) -> Summary:
+    """Append every wanted file of every source to ``cfg.out``, one source at a time (sources a
+    stopped run with the same filters finished are skipped); returns the counts."""
+    if not cfg.sources:
+        raise ValueError("give at least one directory or git URL to collect from")
+    file_filter = FileFilter(normalize_extensions(cfg.extensions), cfg.min_bytes, cfg.max_bytes)
+    license_id = canonical_license(cfg.license)
+    allowed = expand_licenses(cfg.licenses)
+    if license_id is not None and not license_allowed(license_id, allowed):
+        raise ValueError(f"--license {license_id} is not one of --licenses: every source "
+                         "would be skipped")
+    out = Path(cfg.out)
+    state = Path(cfg.state) if cfg.state else out.with_name(out.name + ".state")
+    check_output_file(out, "--out")
+    check_output_file(state, "--state")
+    sources = [(source, *_source_key(source)) for source in cfg.sources]  # all checked up front
+    settings = {"extensions": list(file_filter.extensions), "min_bytes": cfg.min_bytes,
+                "max_bytes": cfg.max_bytes, "branch": cfg.branch,
+                "license": license_id or LICENSE_FROM_FILES,
+                "licenses": sorted(allowed) if allowed is not None else None}
+    summary = Summary()
+    process.remove_dead_owners(tempfile.gettempdir(), CLONE_PREFIX)
+    with ResumableOutput(out, state, settings) as store:
+
+        def read_source(root: Path, repo: str) -> tuple[str, list[dict]]:
+            """(how the source ends, its records): ``license`` when outside --licenses."""
+            source_license = license_id or detect_license(root)
+            if not license_allowed(source_license, allowed):
+                return "license", []
+            return "collected", collect_directory(root, repo, file_filter, source_license,
+                                                  summary, store.shas, cfg.progress)
+
+        for source, key, root in sources:
+            if key in store.done:
+                summary.repos["already_done"] += 1
+                continue
+            if root is None:
+                # cleanup errors ignored: git's children may still write after an interrupt
+                with tempfile.TemporaryDirectory(prefix=CLONE_PREFIX + process.owner_tag(),
+                                                 ignore_cleanup_errors=True) as tmp:
+                    shallow_clone(source, Path(tmp) / "repo", cfg.branch)
+                    how, records = read_source(Path(tmp) / "repo", key)
+            else:
+                how, records = read_source(root, root.name)
+            store.commit(key, records)
+            summary.repos[how] += 1
+    return summary

@@ -1,0 +1,464 @@
+"""Config dataclasses from JSON files and command-line flags.
+
+Every script's flags mirror its config dataclass (`--lora-r` for `lora_r`); this module is the one
+implementation of that rule, so JSON files, recipes and flags are read alike and every error names
+the file (or the command line) and the key. It imports nothing of the project.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import inspect
+import json
+import re
+import sys
+import tokenize
+import types
+import typing
+from collections.abc import Callable, Collection, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+# Top-level keys of a recipe (configs/*.json): one section per script that reads it.
+RECIPE_SECTIONS = ("train", "eval")
+
+# What an Optional field's flag reads as None (any case): ``--eval-examples none``.
+NONE_WORDS = ("none", "null")
+
+def _field_type(hint: Any) -> tuple[Any, bool]:
+    """(base type, optional): ``int | None`` -> (int, True); ``list[str]`` -> (list[str], False)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], len(rest) < len(args)
+    return hint, False
+
+
+def bundled(*parts: str) -> Path:
+    """A file shipped with codelm (data/, configs/): beside the modules in a checkout or an
+    editable install, else under ``<prefix>/share/codelm`` (where ``pip install .`` puts it)."""
+    here = Path(__file__).resolve().parent.joinpath(*parts)
+    return here if here.exists() else Path(sys.prefix, "share", "codelm", *parts)
+
+
+def _item_type(base: Any) -> Any:
+    return (typing.get_args(base) or (str,))[0]
+
+
+def _describe(base: Any) -> str:
+    if (typing.get_origin(base) or base) is list:
+        return "a list of " + {int: "integers", float: "numbers"}.get(_item_type(base), "strings")
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string",
+             dict: "a JSON object"}
+    return names.get(base, getattr(base, "__name__", str(base)))
+
+
+def _matches(base: Any, value: Any) -> bool:
+    origin = typing.get_origin(base) or base
+    if origin is list:
+        return isinstance(value, list) and all(_matches(_item_type(base), v) for v in value)
+    if origin is bool:
+        return isinstance(value, bool)
+    if origin is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, origin)
+
+
+def is_number(value: Any, kind: type = float) -> bool:
+    """Whether ``value`` is an int (``kind`` int) or a number (float); JSON's true/false is not."""
+    return _matches(kind, value)
+
+
+def type_error(hint: Any, value: Any) -> str | None:
+    """Why ``value`` does not fit a field typed ``hint`` ("must be a list of strings, got '.kt'"),
+    or None when it fits (an int fits a float field)."""
+    base, optional = _field_type(hint)
+    if value is None:
+        return None if optional else "must not be null"
+    return None if _matches(base, value) else f"must be {_describe(base)}, got {value!r}"
+
+
+def key_hint(key: str, known: Collection[str], kind: str) -> str:
+    """What to say of an unknown ``key``: the close match of a typo, else every known key."""
+    if close := difflib.get_close_matches(key, list(known), n=1, cutoff=0.75):
+        return f"did you mean {close[0]!r}?"
+    return f"{kind} keys are: {', '.join(sorted(known))}"
+
+
+def config_from_dict(cls: type, values: Mapping[str, Any], source: str = "<dict>",
+                     choices: Mapping[str, Sequence] | None = None) -> Any:
+    """An instance of the dataclass ``cls`` from JSON-like values, type-checked key by key;
+    errors name ``source`` and the key."""
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in hints or key not in known:
+            if "model_type" in values and "model_type" not in known:
+                raise ValueError(f"{source}: a model's config.json (model_type "
+                                 f"{values['model_type']!r}), not a {cls.__name__} file")
+            raise ValueError(f"{source}: unknown key {key!r}; "
+                             f"{key_hint(key, known, cls.__name__)}")
+    checked = {}
+    for key, value in values.items():
+        base, _ = _field_type(hints[key])
+        if problem := type_error(hints[key], value):
+            raise ValueError(f"{source}: key {key!r} {problem}")
+        if value is not None:
+            if base is float:
+                value = float(value)
+            allowed = (choices or {}).get(key)
+            if allowed is not None and value not in allowed:
+                raise ValueError(f"{source}: key {key!r} must be one of {tuple(allowed)}, "
+                                 f"got {value!r}")
+        checked[key] = value
+    return cls(**checked)
+
+
+def read_json_object(path: str | Path, what: str = "file", strict: bool = False) -> dict:
+    """The one JSON object a file holds (YAML for a .yaml/.yml file); every failure names the file
+    (and the line). ``strict``, for files users write (configs, recipes, search spaces): a key
+    given twice in one object is an error. Other tools' files (HF config.json, PEFT's) load as
+    their tools load them."""
+    path = Path(path)
+    try:  # utf-8-sig: a Windows editor's byte-order mark is not JSON, but no reason to refuse
+        text = path.read_text("utf-8-sig")
+        value = (_yaml_object(text, path) if path.suffix in (".yaml", ".yml") else
+                 json.loads(text, object_pairs_hook=_unique_keys if strict else None))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: {what} not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: cannot read the {what}: {err}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: "
+                         f"{err.msg}") from None
+    except _RepeatedKey as err:
+        raise ValueError(f"{path}: key {err.args[0]!r} is given twice in one object; keep the "
+                         "one you mean") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: the {what} must be one JSON object, not {_json_kind(value)}")
+    return value
+
+
+def _yaml_object(text: str, path: Path) -> Any:
+    """A YAML document, read safely (plain data, no tags), a repeated key refused as in JSON."""
+    import yaml
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+            if repeated := next((k for k in keys if keys.count(k) > 1), None):
+                raise _RepeatedKey(repeated)
+            return super().construct_mapping(node, deep)
+
+    # YAML 1.1 reads 2e-3 (no dot) as text; YAML 1.2 and every user read it as a number
+    UniqueKeys.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+        r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789."))
+    try:
+        return yaml.load(text, UniqueKeys)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"{path}: invalid YAML{at}: {getattr(err, 'problem', err)}") from None
+
+
+class _RepeatedKey(Exception):
+    """A key given twice in one JSON object (its name in args[0])."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """json keeps the last of a repeated key: a copy-pasted key would silently win."""
+    value = {}
+    for key, item in pairs:
+        if key in value:
+            raise _RepeatedKey(key)
+        value[key] = item
+    return value
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "an array", str: "a string", bool: "true/false", type(None): "null"}.get(
+        type(value), "a number")
+
+
+def check_recipe_keys(recipe: Mapping[str, Any], path: str | Path) -> None:
+    """Refuse top-level recipe keys other than its sections and ``_`` notes: a training key beside
+    the sections (not in ``train``) would be silently ignored."""
+    unknown = [k for k in recipe if not k.startswith("_") and k not in RECIPE_SECTIONS]
+    if unknown:
+        raise ValueError(f"{path}: unknown top-level key(s) {unknown}; a recipe has "
+                         f"{', '.join(map(repr, RECIPE_SECTIONS))} and '_'-prefixed notes")
+
+
+def read_config_file(path: str | Path, section: str) -> tuple[dict, str]:
+    """(values, source name) of a JSON config file: a recipe's ``section``, else the whole object.
+    ``_``-prefixed keys are documentation and are dropped."""
+    path = Path(path)
+    values = read_json_object(path, "config file", strict=True)
+    source = str(path)
+    if section in values:
+        check_recipe_keys(values, path)
+        values, source = values[section], f"{path} ({section} section)"
+        if not isinstance(values, dict):
+            raise ValueError(f"{source}: the section must be a JSON object")
+    elif any(s in values for s in RECIPE_SECTIONS):
+        raise ValueError(f"{path}: a recipe without a {section!r} section")
+    return {k: v for k, v in values.items() if not k.startswith("_")}, source
+
+
+def add_print_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--print-config", choices=("json", "yaml"),
+                        help="print the resolved config in this format (a file --config reads "
+                        "back to the same settings) and do nothing else")
+
+
+def printed_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None, cfg: Any) -> bool:
+    """Print ``cfg`` when ``argv`` asks for --print-config; whether it did."""
+    fmt = vars(parser.parse_args(argv)).get("print_config")
+    if fmt:
+        print(dump_config(cfg, fmt), end="")
+    return bool(fmt)
+
+
+def dump_config(cfg: Any, fmt: str) -> str:
+    """A config dataclass as the text of a ``--config`` file in ``fmt`` ("json" or "yaml")."""
+    values = dataclasses.asdict(cfg)
+    if fmt == "json":
+        return json.dumps(values, indent=1) + "\n"
+    import yaml
+
+    return yaml.safe_dump(values, sort_keys=False)
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not a JSON object: {err.msg}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("not a JSON object")
+    return value
+
+
+def _is_none(text: str) -> bool:
+    return text.strip().lower() in NONE_WORDS
+
+
+def _or_none(convert: Any) -> Any:
+    """An Optional field's flag type: a word of ``NONE_WORDS`` gives None, so a field whose
+    default is None can be set back to it from the command line."""
+
+    def parse(text: str) -> Any:
+        return None if _is_none(text) else convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")  # argparse: "invalid int value: 'x'"
+    return parse
+
+
+def _list_flag(item: type, optional: bool = False) -> type[argparse.Action]:
+    """A list field's action: ``--flag a b`` and ``--flag a,b`` both give ``[a, b]``; for an
+    Optional field, a lone ``none`` gives None."""
+
+    class ListFlag(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            parts = [x for v in values for x in v.split(",") if x]
+            if optional and len(parts) == 1 and _is_none(parts[0]):
+                setattr(namespace, self.dest, None)
+                return
+            try:
+                setattr(namespace, self.dest, [item(x) for x in parts])
+            except ValueError:
+                parser.error(f"{option_string}: expected {_describe(list[item])}, got {values}")
+
+    return ListFlag
+
+
+def field_docs(cls: type) -> tuple[dict[str, str], dict[str, str]]:
+    """(help, section) of the dataclass's fields, read from its source, so the comments a config
+    is documented with are what ``--help`` shows. A field's help is its trailing comment,
+    continued on comment lines below it that start with "#   "; any other comment line titles the
+    fields below it. A field without a comment may carry ``field(metadata={"help": ...})``."""
+    try:
+        lines, _ = inspect.getsourcelines(cls)
+    except (OSError, TypeError):  # no source (a frozen or interactive class): metadata only
+        lines = []
+    comments = {tok.start[0]: tok.string[1:] for tok in tokenize.generate_tokens(iter(lines).__next__)
+                if tok.type == tokenize.COMMENT}
+    names = {f.name for f in dataclasses.fields(cls)}
+    helps: dict[str, str] = {}
+    sections: dict[str, str] = {}
+    section = current = None
+    for number, line in enumerate(lines, 1):
+        text, stripped = comments.get(number), line.strip()
+        declared = re.match(r"\s+(\w+)\s*:", line)
+        if declared and declared.group(1) in names:
+            current = declared.group(1)
+            helps[current] = (text or "").strip()
+            if section:
+                sections[current] = section
+        elif stripped.startswith("#") and text is not None:
+            if current is not None and text.startswith("   "):
+                helps[current] = f"{helps[current]} {text.strip()}".strip()
+            else:
+                section, current = text.strip(), None
+        elif stripped.startswith(("def ", "@")) and line[0].isspace():
+            break  # the methods: no fields below
+        elif stripped:
+            current = None
+    for f in dataclasses.fields(cls):
+        if not helps.get(f.name) and f.metadata.get("help"):
+            helps[f.name] = f.metadata["help"]
+    return helps, sections
+
+
+def _help_text(doc: str, default: Any, optional: bool) -> str:
+    """``doc`` plus the default (unless it states one) and "'none' for None" for an Optional
+    flag; '%' escaped, as argparse formats help with %."""
+    notes = []
+    if default is not dataclasses.MISSING and "default:" not in doc:
+        notes.append(f"default: {default!r}")
+    if optional:
+        notes.append("'none' for None")
+    note = "; ".join(notes)
+    text = f"{doc} ({note})" if doc and note else doc or note
+    return text.replace("%", "%%")
+
+
+def _flag_kwargs(f: dataclasses.Field, base: Any, optional: bool,
+                 allowed: Sequence | None) -> dict[str, Any]:
+    """How argparse reads a field's flag, by the field's type."""
+    origin = typing.get_origin(base) or base
+    if origin is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if origin is list and f.metadata.get("repeat"):  # JSON values hold commas: no splitting
+        return {"action": "append", "type": _item_type(base)}
+    if origin is list:
+        return {"nargs": "+", "action": _list_flag(_item_type(base), optional), "metavar": "ITEM"}
+    if origin is dict:
+        return {"type": _or_none(_json_object) if optional else _json_object, "metavar": "JSON"}
+    if optional and allowed is not None:
+        return {"type": _or_none(origin), "choices": (*allowed, None),
+                "metavar": "{" + ",".join(map(str, (*allowed, "none"))) + "}"}
+    if optional:
+        return {"type": _or_none(origin)}
+    return {"type": origin, "choices": allowed}
+
+
+def flag_of(key: str) -> str:
+    """The flag of config field ``key``: ``--warmup-steps`` for warmup_steps."""
+    return "--" + key.replace("_", "-")
+
+
+def setting(cfg, key: str, where_set: Callable[[str], str] = flag_of) -> str:
+    """Field ``key`` of ``cfg`` as an error names it, with where the user set it (``where_set``):
+    "warmup_steps (200, --config run.json)"."""
+    return f"{key} ({getattr(cfg, key)!r}, {where_set(key)})"
+
+
+def off_switch(key: str, where_set: Callable[[str], str] = flag_of) -> str:
+    """How to turn boolean field ``key`` off: ``--no-KEY`` where it came from its flag, else
+    "KEY false (where it was set)"."""
+    where = where_set(key)
+    return f"--no-{flag_of(key)[2:]}" if where == flag_of(key) else f"{key} false ({where})"
+
+
+def where_set_by(typed: Collection[str], config: str | Path | None = None,
+                 in_file: Collection[str] = (), rest: str | None = None
+                 ) -> Callable[[str], str]:
+    """Where the user set field ``key``, for errors: its flag when typed, the ``--config`` file
+    when that sets it (``in_file``), else ``rest`` (such as a resumed run's config.json), else
+    its flag (the field is at its default)."""
+    def where(key: str) -> str:
+        if key in typed:
+            return flag_of(key)
+        if key in in_file:
+            return f"--config {config}"
+        return rest or flag_of(key)
+
+    return where
+
+
+def where_set_in(args: Mapping[str, Any], section: str) -> Callable[[str], str]:
+    """``where_set_by`` of a parsed command line (``args["config"]``: the --config file)."""
+    typed = {k: v for k, v in args.items() if k != "config"}
+    config = args.get("config")
+    in_file = read_config_file(config, section)[0] if config is not None else {}
+    return where_set_by(typed, config, in_file)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse as every script uses it: no prefix abbreviation (``--max-step`` is not
+    ``--max-steps``), and an unknown flag answered in one line naming the closest flags."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str) -> typing.NoReturn:
+        unknown = re.match(r"unrecognized arguments: (-\S+)", message)
+        if unknown is None:
+            super().error(message)
+        flag = unknown[1].split("=")[0]
+        flags = [o for o, action in self._option_string_actions.items()
+                 if o.startswith("--") and action.help != argparse.SUPPRESS]
+        close = difflib.get_close_matches(flag, flags, n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(close)}?" if close else "--help lists the flags"
+        self.exit(2, f"{self.prog}: error: unknown flag {flag}: {hint}\n")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type,
+                     choices: Mapping[str, Sequence] | None = None,
+                     positional: Collection[str] = (),
+                     aliases: Mapping[str, Sequence[str]] | None = None
+                     ) -> argparse.ArgumentParser:
+    """One flag per dataclass field, helped by its comment and grouped by its section
+    (``field_docs``). Give the parser ``argument_default=argparse.SUPPRESS`` so that only typed
+    flags override the config file. An Optional field's flag reads ``none``/``null`` as None (a
+    plain ``str`` field keeps it as text). A field without a default is a required flag, or an
+    operand when named in ``positional``. Field metadata: ``repeat`` (a list flag given once per
+    item), ``metavar``, ``choices``, ``none_is_a_value`` (``none`` is text, a value of its own).
+    ``aliases``: other spellings of a field's flag, accepted but not shown by --help."""
+    hints = typing.get_type_hints(cls)
+    helps, sections = field_docs(cls)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(cls):
+        base, optional = _field_type(hints[f.name])
+        optional = optional and not f.metadata.get("none_is_a_value")
+        default = (f.default if f.default_factory is dataclasses.MISSING
+                   else f.default_factory())  # MISSING: the user must give it
+        help_text = _help_text(helps.get(f.name, ""), default, optional and base is not bool)
+        title = sections.get(f.name)
+        if title and title not in groups:
+            groups[title] = parser.add_argument_group(title)
+        target = groups[title] if title else parser
+        if f.name in positional:  # a list operand keeps its values whole: file names hold commas
+            kwargs = ({"nargs": "+", "type": _item_type(base)} if typing.get_origin(base) is list
+                      else {"type": base})
+            target.add_argument(f.name, help=help_text, **kwargs)
+            continue
+        allowed = (choices or {}).get(f.name, f.metadata.get("choices"))
+        kwargs = _flag_kwargs(f, base, optional, allowed)
+        if "metavar" in f.metadata:
+            kwargs["metavar"] = f.metadata["metavar"]
+        target.add_argument(flag_of(f.name), help=help_text,
+                            required=default is dataclasses.MISSING, **kwargs)
+        for alias in (aliases or {}).get(f.name, ()):
+            target.add_argument(alias, dest=f.name, help=argparse.SUPPRESS, **kwargs)
+    return parser
+
+
+def resolve_config(cls: type, args: Mapping[str, Any], section: str,
+                   base: Mapping[str, Any] | None = None,
+                   choices: Mapping[str, Sequence] | None = None) -> Any:
+    """Defaults < ``base`` < the ``--config`` file (``args["config"]``) < the typed flags."""
+    values = dict(base or {})
+    flags = {k: v for k, v in args.items() if k != "print_config"}
+    if flags.get("config") is not None:
+        file_values, source = read_config_file(flags.pop("config"), section)
+        config_from_dict(cls, file_values, source, choices)  # errors name the file
+        values.update(file_values)
+    flags.pop("config", None)
+    values.update(flags)
+    return config_from_dict(cls, values, "command line", choices)

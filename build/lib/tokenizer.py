@@ -1,0 +1,1619 @@
+"""Tokenizers: ``CodeTokenizer`` (trained here, lossless through byte fallback, saved as an HF
+tokenizer.json) and ``BPETokenizer`` (the ids of HF ``tokenizers`` for byte-level BPE files;
+anything else is refused naming the component). Ground floor: imports only settings and process.
+
+Main path: ``load_tokenizer(path)`` -> ``.encode(text)`` / ``.decode(ids)``.
+"""
+
+from __future__ import annotations
+
+if __name__ == "__main__":  # first, as in every script
+    import process
+
+    process.quiet_start_up_stops()
+
+import ast
+import heapq
+import io
+import json
+import multiprocessing
+import operator
+import os
+import sys
+import tokenize
+from array import array
+from collections import Counter, defaultdict
+from collections.abc import Container, Iterable, Sequence
+from itertools import chain
+from pathlib import Path
+
+import regex
+
+import process
+import settings
+
+TOKENIZER_FILE = "tokenizer.json"
+CODE_TOKENIZER_TYPE = "codelm-code-tokenizer"
+CODE_TOKENIZER_FORMAT_VERSION = 1  # of the file ``CodeTokenizer.to_dict`` writes
+# What ids depend on besides a tokenizer's files (a key of dataset's caches): these encoding rules
+# (bump when a file starts to encode differently) and `regex`'s Unicode tables.
+ENCODING_VERSION = f"4+regex-{regex.__version__}"
+# Texts shorter than this in total are encoded in-process: starting workers would cost more.
+_MIN_PARALLEL_CHARS = 1 << 20
+# Distinct pieces remembered per tokenizer; code repeats its words, so this is rarely reached.
+_MAX_CACHE_ENTRIES = 1 << 20
+# Words longer than this are merged with a heap instead of rescanning all pairs per merge.
+_LONG_WORD = 64
+_NO_MERGE = float("inf")
+
+
+class _PieceCache(dict):
+    """Piece -> token ids; a miss computes the ids once (code repeats its words)."""
+
+    def __init__(self, encode_piece):
+        super().__init__()
+        self._encode_piece = encode_piece
+
+    def __missing__(self, piece: str) -> tuple[int, ...]:
+        if len(self) >= _MAX_CACHE_ENTRIES:
+            self.clear()
+        ids = tuple(self._encode_piece(piece))  # tuples chain a little faster than lists
+        self[piece] = ids
+        return ids
+
+
+# --- Parallel batch encoding shared by both tokenizers ---
+
+_worker_tokenizer = None
+
+
+def _init_worker(tok) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = tok
+
+
+def _encode_chunk(args: tuple[list[str], bool, bool]) -> list[bytes]:
+    texts, add_special_tokens, split_special_tokens = args
+    # Arrays pickle as one buffer, far cheaper than lists of Python ints.
+    return [array("I", _worker_tokenizer.encode(t, add_special_tokens=add_special_tokens,
+                                                split_special_tokens=split_special_tokens)).tobytes()
+            for t in texts]
+
+
+def _chunks(texts: list[str], n_chunks: int) -> list[list[str]]:
+    """Split texts into about n_chunks runs of similar total length, keeping their order."""
+    total = sum(map(len, texts))
+    target = max(1, total // n_chunks)
+    chunks, current, size = [], [], 0
+    for text in texts:
+        current.append(text)
+        size += len(text)
+        if size >= target:
+            chunks.append(current)
+            current, size = [], 0
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+class _BatchEncodeMixin:
+    """encode_batch over processes, decode, and pickling without the piece cache."""
+
+    _id_to_bytes: list[bytes]
+    _special_ids: Container[int]  # the ids that skip_special_tokens drops
+
+    def encode_batch(self, texts: Sequence[str], num_workers: int | None = None,
+                     add_special_tokens: bool = False, split_special_tokens: bool = False
+                     ) -> list[list[int]]:
+        """Encode many texts with ``num_workers`` processes (default: every core)."""
+        if isinstance(texts, str):  # list() would make each character a text
+            raise ValueError("encode_batch expects a list of texts, got a str; use encode(text) "
+                             "for one text")
+        texts = list(texts)
+        workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
+        assert workers >= 1, num_workers
+        # A daemon process (a DataLoader worker) can have no children.
+        if (workers == 1 or len(texts) < 2 or sum(map(len, texts)) < _MIN_PARALLEL_CHARS
+                or multiprocessing.current_process().daemon):
+            return [self.encode(t, add_special_tokens=add_special_tokens,
+                                split_special_tokens=split_special_tokens) for t in texts]
+        methods = multiprocessing.get_all_start_methods()
+        ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
+        # A few chunks per worker balance uneven files without paying per-text overhead.
+        jobs = [(c, add_special_tokens, split_special_tokens)
+                for c in _chunks(texts, workers * 4)]
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(self,)) as pool:
+            results = pool.map(_encode_chunk, jobs, chunksize=1)
+        return [array("I", buf).tolist() for chunk in results for buf in chunk]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text of ``ids`` (invalid UTF-8 becomes U+FFFD, as in HF); special tokens are kept by
+        default, so that decode(encode(x)) == x."""
+        table = self._id_to_bytes
+        ids = _checked_ids(_one_sequence(ids), len(table))
+        if skip_special_tokens:
+            special = self._special_ids
+            return _utf8(b"".join(table[i] for i in ids if i not in special))
+        return _utf8(b"".join(map(table.__getitem__, ids)))
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_cache", None)  # rebuilt lazily; carries a bound method
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._cache = _PieceCache(self._encode_piece)
+
+
+def _read_json(path: Path) -> dict:
+    return settings.read_json_object(path, "tokenizer file")
+
+
+# --- Comment and docstring stripping (Python's own tokenize/ast, never regexes) ---
+
+# What parsing or tokenizing untrusted Python text can raise.
+PYTHON_PARSE_ERRORS = (SyntaxError, ValueError, tokenize.TokenError, RecursionError, MemoryError)
+
+
+def source_lines(text: str, keepends: bool = False) -> list[str]:
+    """Lines as Python's parser numbers them (``str.splitlines`` also breaks at \\f, U+2028...)."""
+    lines = io.StringIO(text, newline="").readlines()
+    return lines if keepends else [line.rstrip("\r\n") for line in lines]
+
+
+def docstring_statement(node: ast.AST) -> ast.Expr | None:
+    """The docstring statement of a module, class or function node, or None."""
+    body = getattr(node, "body", None)
+    first = body[0] if isinstance(body, list) and body else None
+    is_string = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+    return first if is_string and isinstance(first.value.value, str) else None
+
+
+def _docstring_nodes(tree: ast.AST) -> list[tuple[ast.Expr, bool]]:
+    """(docstring statement, is it the only statement of its body) for every docstring."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            first = docstring_statement(node)
+            if first is not None:
+                found.append((first, len(node.body) == 1 and not isinstance(node, ast.Module)))
+    return found
+
+
+def strip_comments_and_docstrings(source: str, comments: bool = True, docstrings: bool = True,
+                                  strict: bool = False) -> str:
+    """Remove ``#`` comments and/or docstrings from Python source, keeping it valid Python (a
+    lone docstring becomes ``pass``). Invalid Python is returned unchanged, or with ``strict``
+    raises one of ``PYTHON_PARSE_ERRORS``, as does a stripped text that does not parse."""
+    lines = source_lines(source, keepends=True)
+    try:
+        tree = ast.parse(source)
+        tokens = list(tokenize.generate_tokens(iter(lines).__next__)) if comments else []
+    except PYTHON_PARSE_ERRORS:
+        if strict:
+            raise
+        return source
+    line_bytes = [line.encode("utf-8", "surrogatepass") for line in lines]
+
+    def char_col(line_no: int, byte_col: int) -> int:
+        return len(line_bytes[line_no - 1][:byte_col].decode("utf-8", "surrogatepass"))
+
+    # (start line, start col, end line, end col, replacement); columns in characters.
+    edits: list[tuple[int, int, int, int, str]] = []
+    for tok in tokens:
+        if tok.type == tokenize.COMMENT:
+            (row, col), (_, end) = tok.start, tok.end
+            edits.append((row, col, row, end, ""))
+    for node, only_statement in _docstring_nodes(tree) if docstrings else []:
+        col = char_col(node.lineno, node.col_offset)
+        end_col = char_col(node.end_lineno, node.end_col_offset)
+        # A docstring sharing its line with code (``def f(): "doc"; return 1``) becomes ``pass``.
+        rest = lines[node.end_lineno - 1][end_col:].split("#", 1)[0]
+        shares_line = lines[node.lineno - 1][:col].strip() != "" or rest.strip() != ""
+        replacement = "pass" if only_statement or shares_line else ""
+        edits.append((node.lineno, col, node.end_lineno, end_col, replacement))
+    if not edits:
+        return source
+    edited_rows: set[int] = set()
+    # Apply from the end so earlier positions stay valid.
+    for row, col, end_row, end_col, replacement in sorted(edits, reverse=True):
+        head = lines[row - 1][:col]
+        tail = lines[end_row - 1][end_col:]
+        if not replacement:
+            head = head.rstrip(" \t") if tail.strip() == "" else head
+        lines[row - 1 : end_row] = [head + replacement + tail]
+        # Rows after the edit shift up; only the edited row itself is remembered.
+        edited_rows = {r - (end_row - row) if r > end_row else r for r in edited_rows}
+        edited_rows.add(row)
+    stripped = "".join(line for row, line in enumerate(lines, start=1)
+                       if row not in edited_rows or line.strip())
+    if strict:  # what a dataset keeps must parse, whatever this function got wrong
+        ast.parse(stripped)
+    return stripped
+
+
+# --- CodeTokenizer ---
+
+# Pieces of code. Every character is matched by some branch (the last one takes anything), so the
+# pieces of a text always concatenate back to it.
+_CODE_PIECE_PATTERN = r"""
+    \r\n|\n|\r                                  # a newline
+  | (?<=^|[\r\n])[^\S\r\n]+                     # indentation
+  | [\p{Lu}\p{Lt}]+(?=[\p{Lu}\p{Lt}]\p{Ll})     # acronym before a Capitalized word: HTTP|Server
+  | [\p{Lu}\p{Lt}]?[\p{Ll}\p{Lm}\p{Lo}\p{M}]+   # a lower-case word, maybe Capitalized
+  | [\p{Lu}\p{Lt}\p{M}]+                        # an upper-case run
+  | \p{N}+                                      # a number
+  | _+                                          # underscores
+  | [^\S\r\n]+                                  # spaces between tokens
+  | [^\s\p{L}\p{N}\p{M}_]+                      # operators and punctuation
+  | (?s:.)
+"""
+_CODE_PIECE_RE = regex.compile(_CODE_PIECE_PATTERN, regex.VERBOSE)
+# The same pattern for HF tokenizers' Oniguruma: no verbose layout, and [\s\S] for (?s:.).
+_CODE_PIECE_HF_REGEX = regex.sub(r"\s+", "", regex.sub(r"#.*", "", _CODE_PIECE_PATTERN)
+                                 ).replace("(?s:.)", r"[\s\S]")
+
+# Longest code piece: longer matches (blobs, rows of '=') are cut, here and in the HF export, whose
+# WordPiece is about cubic in a piece's length.
+MAX_PIECE_CHARS = 128
+_CAP_PIECE_HF_REGEX = rf"[\s\S]{{1,{MAX_PIECE_CHARS}}}"
+# Byte tokens as codelm writes them (HF's byte-fallback spelling): upper-case hex.
+_BYTE_TOKEN_RE = regex.compile(r"<0x([0-9A-F]{2})>")
+
+CODE_SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>")
+_N_BYTES = 256
+
+
+def _cut(match: str) -> list[str]:
+    """A piece-pattern match cut into runs of at most ``MAX_PIECE_CHARS`` characters."""
+    k = MAX_PIECE_CHARS
+    return [match[i : i + k] for i in range(0, len(match), k)]
+
+
+# The character classes of the piece pattern: a piece longer than one character holds one only.
+_PIECE_CLASS_RES = [regex.compile(p) for p in
+                    (r"\s", r"[\p{L}\p{M}]", r"\p{N}", r"_", r"[^\s\p{L}\p{N}\p{M}_]")]
+
+
+def _can_be_in_a_piece(token: str) -> bool:
+    """Whether HF's WordPiece could find ``token`` inside a code piece: unless it is printable
+    ASCII mixing two character classes (a longer piece has one)."""
+    if not all("!" <= c <= "~" for c in token):
+        return True
+    return sum(any(r.match(c) for c in token) for r in _PIECE_CLASS_RES) < 2
+
+
+class CodeTokenizer(_BatchEncodeMixin):
+    """Code pieces (camelCase, underscores, indentation) seen ``min_freq`` times; byte fallback.
+    Ids: specials, the 256 bytes, pieces by frequency; "<eos>" inside a text is text."""
+
+    def __init__(self, pieces: Sequence[str], min_freq: int = 10, strip_comments: bool = False,
+                 special_tokens: Sequence[str] = CODE_SPECIAL_TOKENS):
+        self.special_tokens = list(special_tokens)
+        if len(set(self.special_tokens)) != len(self.special_tokens):
+            raise ValueError(f"special tokens must be distinct: {self.special_tokens}")
+        self.pieces = list(pieces)
+        self.min_freq = min_freq
+        self.strip_comments = strip_comments
+        self._byte_offset = len(self.special_tokens)
+        first_piece = self._byte_offset + _N_BYTES
+        self._piece_to_id = {p: first_piece + i for i, p in enumerate(self.pieces)}
+        if len(self._piece_to_id) != len(self.pieces):
+            raise ValueError("CodeTokenizer vocabulary pieces must be distinct")
+        self._max_piece_len = max(map(len, self.pieces), default=1)
+        self._id_to_bytes = ([s.encode("utf-8") for s in self.special_tokens]
+                             + [bytes([b]) for b in range(_N_BYTES)]
+                             + [p.encode("utf-8", "surrogatepass") for p in self.pieces])
+        self._cache = _PieceCache(self._encode_piece)
+
+    # -- training ---------------------------------------------------------------------------
+
+    @classmethod
+    def train(cls, texts: Iterable[str], min_freq: int = 10, max_vocab: int | None = None,
+              strip_comments: bool = False, special_tokens: Sequence[str] = CODE_SPECIAL_TOKENS
+              ) -> CodeTokenizer:
+        """Keep every piece seen ``min_freq`` times, at most ``max_vocab`` (specials and bytes
+        come on top)."""
+        if min_freq < 1:
+            raise ValueError(f"min_freq must be >= 1, got {min_freq}")
+        counts: Counter[str] = Counter()
+        for text in texts:
+            if strip_comments:
+                text = strip_comments_and_docstrings(text)
+            counts.update(_CODE_PIECE_RE.findall(text))  # cut below: rare, and faster there
+        for match in [m for m in counts if len(m) > MAX_PIECE_CHARS]:
+            n = counts.pop(match)
+            for piece in _cut(match):
+                counts[piece] += n
+        kept = [(piece, n) for piece, n in counts.items()
+                if n >= min_freq and is_utf8(piece) and piece not in special_tokens]
+        kept.sort(key=lambda pn: (-pn[1], pn[0]))
+        if max_vocab is not None:
+            kept = kept[:max_vocab]
+        return cls([p for p, _ in kept], min_freq=min_freq, strip_comments=strip_comments,
+                   special_tokens=special_tokens)
+
+    # -- encoding ---------------------------------------------------------------------------
+
+    def _encode_piece(self, piece: str) -> list[int]:
+        """Longest known sub-pieces from the left; bytes of a character no piece covers."""
+        if len(piece) > MAX_PIECE_CHARS:
+            return [i for part in _cut(piece) for i in self._cache[part]]
+        vocab = self._piece_to_id
+        i = vocab.get(piece)
+        if i is not None:
+            return [i]
+        ids = []
+        pos, n = 0, len(piece)
+        while pos < n:
+            for end in range(min(n, pos + self._max_piece_len), pos, -1):
+                i = vocab.get(piece[pos:end])
+                if i is not None:
+                    ids.append(i)
+                    pos = end
+                    break
+            else:
+                raw = piece[pos].encode("utf-8", "surrogatepass")
+                ids.extend(self._byte_offset + b for b in raw)
+                pos += 1
+        return ids
+
+    def encode(self, text: str, add_special_tokens: bool = False,
+               split_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text`` (with ``add_special_tokens``, between bos and eos); special
+        tokens' text is always text, so ``split_special_tokens`` changes nothing."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode() expects a str, got {type(text).__name__}")
+        if self.strip_comments:
+            text = strip_comments_and_docstrings(text)
+        ids = list(chain.from_iterable(map(self._cache.__getitem__, _CODE_PIECE_RE.findall(text))))
+        if add_special_tokens:
+            bos, eos = self.bos_id, self.eos_id
+            ids = ([] if bos is None else [bos]) + ids + ([] if eos is None else [eos])
+        return ids
+
+    @property
+    def template_prefix(self) -> list[int]:
+        """Ids before every text: none (the HF export has no template)."""
+        return []
+
+    @property
+    def matched_special_tokens(self) -> list[str]:
+        """Special tokens whose text HF reads as the token: none."""
+        return []
+
+    @property
+    def _special_ids(self) -> range:
+        return range(self._byte_offset)
+
+    # -- vocabulary ---------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._id_to_bytes)
+
+    def _special_id(self, token: str) -> int | None:
+        return self.special_tokens.index(token) if token in self.special_tokens else None
+
+    # The role ids (None where custom special_tokens lack the token).
+    pad_id = property(lambda self: self._special_id("<pad>"))
+    bos_id = property(lambda self: self._special_id("<bos>"))
+    eos_id = property(lambda self: self._special_id("<eos>"))
+    fim_prefix_id = property(lambda self: self._special_id("<fim_prefix>"))
+    fim_middle_id = property(lambda self: self._special_id("<fim_middle>"))
+    fim_suffix_id = property(lambda self: self._special_id("<fim_suffix>"))
+
+    def token_to_id(self, token: str) -> int | None:
+        """Id of a special token, a vocabulary piece, or a byte token written ``<0xNN>``."""
+        i = self._special_id(token)
+        if i is not None:
+            return i
+        i = self._piece_to_id.get(token)
+        if i is not None:
+            return i
+        m = _BYTE_TOKEN_RE.fullmatch(token)
+        return self._byte_offset + int(m[1], 16) if m else None
+
+    def id_to_token(self, i: int) -> str:
+        _checked_ids([i], self.vocab_size)
+        if i < self._byte_offset:
+            return self.special_tokens[i]
+        if i < self._byte_offset + _N_BYTES:
+            return f"<0x{i - self._byte_offset:02X}>"
+        return self.pieces[i - self._byte_offset - _N_BYTES]
+
+    def is_byte_token(self, i: int) -> bool:
+        return self._byte_offset <= i < self._byte_offset + _N_BYTES
+
+    # -- persistence --------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        """codelm's own format, for what HF cannot express (comment stripping)."""
+        return {"type": CODE_TOKENIZER_TYPE, "format_version": CODE_TOKENIZER_FORMAT_VERSION,
+                "min_freq": self.min_freq, "strip_comments": self.strip_comments,
+                "special_tokens": self.special_tokens, "pieces": self.pieces}
+
+    def to_hf(self) -> dict:
+        """The same tokenizer as an HF tokenizer.json: piece Splits, ByteLevel, then WordPiece
+        (greedy longest match, as ``_encode_piece``) over every byte; specials are plain entries."""
+        if self.strip_comments:
+            raise ValueError("a CodeTokenizer that strips comments has no HF tokenizer.json form")
+        if inside := [t for t in self.special_tokens if _can_be_in_a_piece(t)]:
+            raise ValueError(f"special tokens {inside} could be read inside a code piece by HF; "
+                             "one with an HF form mixes punctuation with letters or digits, "
+                             "e.g. '<eos>'")
+        vocab = {t: i for i, t in enumerate(self.special_tokens)}
+        pieces = {p: "".join(map(BYTE_TO_UNICODE.__getitem__, p.encode("utf-8")))
+                  for p in self.pieces}
+        taken = set(pieces.values())
+        for b in range(_N_BYTES):
+            char = BYTE_TO_UNICODE[b]
+            vocab[char if char not in taken else f"<0x{b:02X}>"] = self._byte_offset + b
+        vocab.update((pieces[p], i) for p, i in self._piece_to_id.items())
+        sections = _code_hf_sections()
+        return {
+            "version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
+            "normalizer": None, "pre_tokenizer": sections["pre_tokenizer"],
+            "post_processor": None, "decoder": sections["decoder"],
+            "model": {"type": "WordPiece", "unk_token": next(iter(vocab)),
+                      **_CODE_HF_MODEL, "vocab": vocab},
+        }
+
+    @classmethod
+    def from_hf(cls, spec: dict, source: str = "<tokenizer.json>") -> CodeTokenizer:
+        """Read back what ``to_hf`` writes (or a transformers save of it): the special tokens
+        are the entries before the byte tokens; any other difference is refused."""
+        model = spec.get("model")
+        vocab = model.get("vocab") if isinstance(model, dict) else None
+        if not isinstance(vocab, dict):
+            raise ValueError(f"{source}: model.vocab is missing or not an object")
+        _check_code_hf_sections(spec, source)
+        by_id = {i: token for token, i in vocab.items()}
+        n = len(vocab)
+        if set(by_id) != set(range(n)):
+            raise ValueError(f"{source}: model.vocab ids must be 0..{n - 1}, each once")
+        n_specials = vocab.get("<0x00>", vocab.get(BYTE_TO_UNICODE[0], n))
+        if any(by_id.get(n_specials + b) not in (BYTE_TO_UNICODE[b], f"<0x{b:02X}>")
+               for b in range(_N_BYTES)):
+            raise ValueError(f"{source}: model.vocab must list the special tokens, the 256 bytes "
+                             "in order, then the pieces")
+        pieces = []
+        for i in range(n_specials + _N_BYTES, n):
+            try:
+                pieces.append(bytes(map(UNICODE_TO_BYTE.__getitem__, by_id[i])).decode("utf-8"))
+            except (KeyError, UnicodeDecodeError):
+                raise ValueError(f"{source}: model.vocab entry {by_id[i]!r} (id {i}) is not the "
+                                 "ByteLevel spelling of UTF-8 text") from None
+        specials = [by_id[i] for i in range(n_specials)]
+        _check_code_added_tokens(spec.get("added_tokens", []), specials, source)
+        # (distinct: the vocab's keys are, and the ByteLevel spelling maps them one to one)
+        return cls(pieces, special_tokens=specials)
+
+    @staticmethod
+    def is_hf_form(spec: dict) -> bool:
+        """Whether an HF tokenizer.json is a CodeTokenizer's: WordPiece, no continuation prefix."""
+        model = spec.get("model")
+        return (isinstance(model, dict) and model.get("type") == "WordPiece"
+                and model.get("continuing_subword_prefix") == "")
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``tokenizer.json`` (into a directory: with a tokenizer_config.json naming the
+        special tokens for transformers); one that strips comments in codelm's own format."""
+        data = self.to_dict() if self.strip_comments else self.to_hf()
+        path, directory = _write_tokenizer_json(path, data, indent=0)
+        if directory is not None and not self.strip_comments:
+            roles = {role: token for role, token in
+                     (("bos", "<bos>"), ("eos", "<eos>"), ("pad", "<pad>"))
+                     if token in self.special_tokens}
+            others = [t for t in self.special_tokens if t not in roles.values()]
+            _write_roles_config(directory, roles, replace=True, extra={
+                "additional_special_tokens": others, "split_special_tokens": True})
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "<dict>") -> CodeTokenizer:
+        """Read codelm's own format (``to_dict``; one version, another is refused)."""
+        if data.get("type") != CODE_TOKENIZER_TYPE:
+            raise ValueError(f"{source}: not a codelm CodeTokenizer file (type={data.get('type')!r})")
+        if (version := data.get("format_version")) != CODE_TOKENIZER_FORMAT_VERSION:
+            raise ValueError(f"{source}: CodeTokenizer format_version {version!r}; codelm reads "
+                             f"format_version {CODE_TOKENIZER_FORMAT_VERSION} (train it again)")
+        for key, kind in (("pieces", list), ("special_tokens", list), ("min_freq", int),
+                          ("strip_comments", bool)):
+            if not isinstance(data.get(key), kind):
+                raise ValueError(f"{source}: key {key!r} missing or not a {kind.__name__}")
+            if kind is list and not all(isinstance(p, str) and p for p in data[key]):
+                raise ValueError(f"{source}: key {key!r} must hold non-empty strings")
+        try:
+            return cls(data["pieces"], min_freq=data["min_freq"],
+                       strip_comments=data["strip_comments"], special_tokens=data["special_tokens"])
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CodeTokenizer:
+        path = tokenizer_path(path)
+        data = _read_json(path)
+        if cls.is_hf_form(data):
+            return cls.from_hf(data, str(path))
+        return cls.from_dict(data, str(path))
+
+    def __repr__(self) -> str:
+        return (f"CodeTokenizer(vocab_size={self.vocab_size}, min_freq={self.min_freq}, "
+                f"strip_comments={self.strip_comments})")
+
+
+def _write_tokenizer_json(path: str | os.PathLike, data: dict, indent: int
+                          ) -> tuple[Path, Path | None]:
+    """Write ``data`` to ``path`` or a directory's tokenizer.json: (the file, the directory)."""
+    path = Path(path)
+    directory = path if path.is_dir() else None
+    if directory is not None:
+        path = directory / TOKENIZER_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, ensure_ascii=False, indent=indent), "utf-8")
+    return path, directory
+
+
+def _write_roles_config(directory: Path, roles: dict[str, str], replace: bool,
+                        extra: dict | None = None) -> None:
+    """tokenizer_config.json naming the bos/eos/pad tokens for transformers (kept unless
+    ``replace``)."""
+    config = directory / "tokenizer_config.json"
+    if replace or not config.exists():
+        data = {"tokenizer_class": "PreTrainedTokenizerFast"}
+        data.update((f"{role}_token", token) for role, token in roles.items())
+        data.update(extra or {})
+        config.write_text(json.dumps(data, ensure_ascii=False, indent=2), "utf-8")
+
+
+# ``to_hf``'s WordPiece settings; HF's default max_input_chars_per_word would make long pieces unknown.
+_CODE_HF_MODEL = {"continuing_subword_prefix": "", "max_input_chars_per_word": 1 << 40}
+
+
+def _code_hf_sections() -> dict:
+    """The parts of ``to_hf``'s tokenizer.json but the model, added tokens and post-processor."""
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
+                  "use_regex": False}
+    splits = [{"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated",
+               "invert": False} for pattern in (_CODE_PIECE_HF_REGEX, _CAP_PIECE_HF_REGEX)]
+    return {
+        "truncation": None, "padding": None, "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [*splits, byte_level]},
+        "decoder": {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, byte_level]},
+    }
+
+
+def _shown_json(value: object, limit: int = 60) -> str:
+    """A JSON value cut short for an error message: a Split regex runs to 200 characters."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _first_difference(actual: object, expected: object, path: str) -> str | None:
+    """Where ``actual`` first differs from ``expected``; keys ``expected`` lacks are passed over."""
+    if isinstance(expected, dict) and isinstance(actual, dict):
+        for key, value in expected.items():
+            if key not in actual:
+                return f"{path}.{key} is missing"
+            if (where := _first_difference(actual[key], value, f"{path}.{key}")) is not None:
+                return where
+        return None
+    if isinstance(expected, list) and isinstance(actual, list) and len(actual) == len(expected):
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            if (where := _first_difference(a, e, f"{path}[{i}]")) is not None:
+                return where
+        return None
+    if type(actual) is type(expected) and actual == expected:
+        return None
+    return f"{path} differs: {_shown_json(actual)} where codelm writes {_shown_json(expected)}"
+
+
+def _check_code_hf_sections(spec: dict, source: str) -> None:
+    """Refuse an edited CodeTokenizer tokenizer.json: HF would read it as another tokenizer. A
+    post-processor may add no ids (a transformers save writes a TemplateProcessing of $A)."""
+    processor = spec.get("post_processor")
+    try:
+        adds_ids = _post_processor_ids(processor) != ([], [])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        adds_ids = True  # not one HF would read alike
+    differences = (
+        ("model", _first_difference(spec["model"], _CODE_HF_MODEL, "model")),
+        ("post_processor", adds_ids and (f"post_processor differs: {_shown_json(processor)} "
+                                         "where codelm writes null (or one that adds no ids)")),
+        *((part, _first_difference(spec.get(part), expected, part))  # left out: HF reads null
+          for part, expected in _code_hf_sections().items()),
+    )
+    part, where = next(((part, where) for part, where in differences if where), (None, None))
+    if where:
+        whose = "that is" if part == "model" else f"whose {part} is"
+        hint = ("; a transformers save after a padded or truncated call writes them: set "
+                "truncation and padding to null" if part in ("truncation", "padding") else "")
+        raise ValueError(f"{source}: a WordPiece model {whose} not codelm's ({where}); HF "
+                         f"would give other ids or text{hint}")
+
+
+def _check_code_added_tokens(added: object, specials: list[str], source: str) -> None:
+    """Added tokens may only repeat the special tokens (as a transformers save lists them)."""
+    bad = [e for e in (added if isinstance(added, list) else [added])
+           if not (isinstance(e, dict) and e.get("content") in specials)]
+    if bad:
+        raise ValueError(f"{source}: added_tokens entry {_shown_json(bad[0])} is not one of the "
+                         f"special tokens {specials}: HF would read it inside a text")
+
+
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8: False where it holds a lone surrogate."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+# --- Byte-level BPE (HF tokenizer.json) ---
+
+# The pre-tokenizer regexes of the supported tokenizer.json styles (HF writes the first as its
+# ByteLevel default and ships the last inside Llama-3's Split).
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+LLAMA3_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
+    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+# Digits(individual_digits) then ByteLevel, as one regex: a digit is a piece of its own, and the
+# end of a digit-free run acts as the end of text for the trailing-space rule.
+STARCODER_PATTERN = (
+    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+)
+_DIGIT_RUNS_PATTERN = (
+    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+)
+PRETOKENIZER_STYLES = ("gpt2", "starcoder", "llama3")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map used by every ByteLevel component."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    others = (chr(256 + k) for k in range(256))
+    return {b: chr(b) if b in printable else next(others) for b in range(256)}
+
+
+BYTE_TO_UNICODE = _bytes_to_unicode()
+UNICODE_TO_BYTE = {c: b for b, c in BYTE_TO_UNICODE.items()}
+
+
+def _pretokenizer_json(style: str) -> dict:
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True}
+    if style == "gpt2":
+        return {**byte_level, "use_regex": True}
+    if style == "starcoder":
+        steps = [{"type": "Digits", "individual_digits": True}, {**byte_level, "use_regex": True}]
+        return {"type": "Sequence", "pretokenizers": steps}
+    if style == "llama3":
+        split = {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated",
+                 "invert": False}
+        return {"type": "Sequence", "pretokenizers": [split, {**byte_level, "use_regex": False}]}
+    raise ValueError(f"unknown pre-tokenizer style {style!r}; choose one of {PRETOKENIZER_STYLES}")
+
+
+class _Unsupported(ValueError):
+    pass
+
+
+def _expect(cond: bool, where: str, what: str) -> None:
+    if not cond:
+        raise _Unsupported(f"unsupported {where}: {what}")
+
+
+def _check_byte_level(spec: dict, where: str) -> None:
+    _expect(not spec.get("add_prefix_space", False), where,
+            "ByteLevel with add_prefix_space=true (codelm reads add_prefix_space=false only)")
+
+
+def _pretokenizer_pattern(spec: dict | None) -> tuple[str, bool]:
+    """(regex, isolated gaps possible) for a supported tokenizer.json pre_tokenizer."""
+    where = "pre_tokenizer"
+    _expect(isinstance(spec, dict), where, f"{spec!r} (a byte-level BPE needs a ByteLevel one)")
+    kind = spec.get("type")
+    if kind == "ByteLevel":
+        _check_byte_level(spec, where)
+        _expect(spec.get("use_regex", True), where, "ByteLevel(use_regex=false) on its own")
+        return GPT2_PATTERN, False
+    _expect(kind == "Sequence", where, f"type {kind!r}")
+    steps = spec.get("pretokenizers")
+    _expect(isinstance(steps, list) and all(isinstance(s, dict) for s in steps), where, "Sequence")
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"]:
+        return _pretokenizer_pattern(steps[0])
+    if kinds == ["Digits", "ByteLevel"]:
+        digits, byte_level = steps
+        _check_byte_level(byte_level, where)
+        _expect(byte_level.get("use_regex", True), where, "Digits then ByteLevel(use_regex=false)")
+        individual = digits.get("individual_digits", False)
+        return (STARCODER_PATTERN if individual else _DIGIT_RUNS_PATTERN), False
+    if kinds == ["Split", "ByteLevel"]:
+        split, byte_level = steps
+        _check_byte_level(byte_level, where)
+        _expect(not byte_level.get("use_regex", True), where,
+                "Split then ByteLevel(use_regex=true) (Llama-3 style has use_regex=false)")
+        _expect(split.get("behavior") == "Isolated", where,
+                f"Split behavior {split.get('behavior')!r}")
+        _expect(not split.get("invert", False), where, "Split with invert=true")
+        pattern = split.get("pattern")
+        _expect(isinstance(pattern, dict) and len(pattern) == 1, where,
+                f"Split pattern {pattern!r}")
+        if isinstance(pattern.get("Regex"), str):
+            _check_split_regex(pattern["Regex"])
+            return pattern["Regex"], True
+        if isinstance(pattern.get("String"), str):
+            return regex.escape(pattern["String"]), True
+        raise _Unsupported(f"unsupported {where}: Split pattern {pattern!r}")
+    raise _Unsupported(f"unsupported {where}: Sequence of {kinds}")
+
+
+# Split regexes are written for Oniguruma (HF) but run here by Python ``regex``: only syntax both
+# read alike passes (e.g. \h, \w, ^, $, (?m), {n}?, nested classes are refused).
+_SAME_ESCAPES = frozenset("pPsSdDnrtfvauxAzRX")
+_SAME_CLASS_ESCAPES = frozenset("pPsSdDnrtfvaux")
+_GENERAL_CATEGORY = regex.compile(r"\\[pP]\{\^?(?:L[ultmo]?|M[nce]?|N[dlo]?|P[cdseifo]?|S[mcko]?"
+                                   r"|Z[slp]?|C[cfson]?)\}")
+_SAME_GROUP = regex.compile(r"\(\?(?:[:=!>]|<[=!]|<\w+>)")
+_INTERVAL = regex.compile(r"\{\d*(?:,\d*)?\}")
+_CASELESS_LITERALS = regex.compile(r"\(\?i:([^\\\[\](){}^$.*+?]*)\)")
+
+
+def _check_split_regex(pattern: str) -> None:
+    """Refuse a Split regex that Oniguruma (HF) and Python ``regex`` could read differently."""
+
+    def refuse(construct: str) -> None:
+        raise _Unsupported(
+            f"pre_tokenizer: Split regex {pattern!r} uses {construct}, which codelm refuses: "
+            "Oniguruma (run by HF) and Python regex (run here) do not read it the same way"
+        )
+
+    i, n, in_class = 0, len(pattern), False
+    while i < n:
+        c = pattern[i]
+        if c == "\\":
+            e = pattern[i + 1 : i + 2]
+            if e.isalpha() and e not in (_SAME_CLASS_ESCAPES if in_class else _SAME_ESCAPES):
+                refuse(f"\\{e}")
+            if e in ("p", "P"):
+                prop = _GENERAL_CATEGORY.match(pattern, i)
+                if not prop:
+                    shown = regex.match(r"..(?:\{[^}]*\})?", pattern[i:], regex.S).group()
+                    refuse(f"{shown} (codelm reads \\p{{..}} of general categories only)")
+                i = prop.end()
+                continue
+            i += 2
+            continue
+        if in_class:
+            if c == "[" or pattern.startswith("&&", i):
+                refuse(f"{'[' if c == '[' else '&&'} inside a character class")
+            in_class = c != "]"
+        elif c == "[":
+            i += 2 if pattern.startswith("[^", i) else 1
+            in_class = True
+            if pattern.startswith("]", i):  # a leading ] is literal in both
+                i += 1
+            continue
+        elif c in "^$":
+            refuse(c)
+        elif c == "(" and pattern.startswith("(?", i):
+            if pattern.startswith("(?#", i):
+                i = pattern.find(")", i) + 1 or n
+                continue
+            caseless = _CASELESS_LITERALS.match(pattern, i)
+            if caseless:
+                literals = caseless.group(1)
+                if not literals.isascii() or any(
+                    fold in literals.lower() for fold in ("ss", "st", "ff", "fi", "fl")
+                ):
+                    refuse(f"{caseless.group()} (case folding)")
+                i = caseless.end()
+                continue
+            if not _SAME_GROUP.match(pattern, i):
+                refuse(f"the group or inline option {pattern[i : i + 4]!r}")
+        elif c == "{":
+            interval = _INTERVAL.match(pattern, i)
+            after = pattern[interval.end() : interval.end() + 1] if interval else ""
+            if after == "+" or (after == "?" and "," not in interval.group()):
+                refuse(f"the quantifier {interval.group() + after!r}")
+        i += 1
+
+
+def _template_ids(spec: dict, where: str) -> tuple[list[int], list[int]]:
+    """Ids a TemplateProcessing ``single`` template puts before and after the sequence."""
+    single = spec.get("single")
+    specials = spec.get("special_tokens", {})
+    _expect(isinstance(single, list) and isinstance(specials, dict), where, "TemplateProcessing")
+    before, after, seen_sequence = [], [], False
+    for item in single:
+        _expect(isinstance(item, dict) and len(item) == 1, where, f"template item {item!r}")
+        ((kind, body),) = item.items()
+        if kind == "Sequence":
+            _expect(body.get("id") == "A" and not seen_sequence, where, f"template item {item!r}")
+            seen_sequence = True
+        elif kind == "SpecialToken":
+            token = specials.get(body.get("id"))
+            _expect(isinstance(token, dict), where, f"special token {body.get('id')!r} undefined")
+            ids = token.get("ids")
+            _expect(isinstance(ids, list) and all(isinstance(i, int) for i in ids), where, "ids")
+            (after if seen_sequence else before).extend(ids)
+        else:
+            raise _Unsupported(f"unsupported {where}: template item {kind!r}")
+    _expect(seen_sequence, where, "single template without the sequence $A")
+    return before, after
+
+
+def _count_templates(spec) -> int:
+    """The TemplateProcessing steps in a post_processor, nested Sequences included."""
+    if not isinstance(spec, dict):
+        return 0
+    if spec.get("type") == "Sequence":
+        return sum(_count_templates(step) for step in spec.get("processors") or [])
+    return int(spec.get("type") == "TemplateProcessing")
+
+
+def _post_processor_ids(spec: dict | None) -> tuple[list[int], list[int]]:
+    where = "post_processor"
+    if spec is None:
+        return [], []
+    _expect(isinstance(spec, dict), where, repr(spec))
+    kind = spec.get("type")
+    if kind == "ByteLevel":  # only offsets change, never ids
+        return [], []
+    if kind == "TemplateProcessing":
+        return _template_ids(spec, where)
+    if kind == "Sequence":
+        # HF applies only the first of two TemplateProcessing steps in a Sequence.
+        steps = spec.get("processors") or []
+        templates = _count_templates(spec)
+        if templates > 1:
+            raise _Unsupported(f"unsupported {where}: a Sequence of {templates} TemplateProcessing"
+                               " steps (HF tokenizers applies only the first)")
+        before, after = [], []
+        for step in steps:
+            b, a = _post_processor_ids(step)
+            before, after = b + before, after + a
+        return before, after
+    raise _Unsupported(f"unsupported {where}: type {kind!r}")
+
+
+_BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>", "<|endoftext|>")
+_EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
+_PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
+
+
+class BPETokenizer(_BatchEncodeMixin):
+    """Byte-level BPE with the ids of HF ``tokenizers`` for the tokenizer.json files it accepts;
+    bos/eos/pad from the template, a tokenizer_config.json beside the file, or the usual names."""
+
+    def __init__(self, spec: dict, source: str = "<tokenizer.json>", roles: dict | None = None):
+        self.source = source
+        try:
+            self._build(spec)
+        except _Unsupported as e:
+            raise ValueError(f"{source}: {e}") from None
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{source}: malformed tokenizer.json ({type(e).__name__}: {e})") from None
+        self.spec = spec
+        self._roles = self._resolve_roles(roles or {})
+        self._cache = _PieceCache(self._encode_piece)
+
+    def _build(self, spec: dict) -> None:
+        _expect(isinstance(spec, dict), "tokenizer.json", "top level is not an object")
+        for key in ("truncation", "padding", "normalizer"):
+            _expect(spec.get(key) is None, key, repr(spec.get(key))[:200])
+        model = spec.get("model")
+        _expect(isinstance(model, dict), "model", "missing")
+        _expect(model.get("type", "BPE") == "BPE", "model", f"type {model.get('type')!r}")
+        _expect(model.get("dropout") in (None, 0, 0.0), "model", "BPE dropout")
+        _expect(not model.get("byte_fallback", False), "model", "BPE byte_fallback=true")
+        for key in ("continuing_subword_prefix", "end_of_word_suffix"):
+            _expect(model.get(key) in (None, ""), "model", f"BPE {key}={model.get(key)!r}")
+        vocab = model.get("vocab")
+        _expect(isinstance(vocab, dict) and all(isinstance(k, str) and isinstance(v, int) and v >= 0
+                                                for k, v in vocab.items()),
+                "model", "vocab must map token strings to non-negative integer ids")
+        self._vocab: dict[str, int] = vocab
+        self._ranks: dict[tuple[str, str], int] = {}
+        merges = model.get("merges", [])
+        _expect(isinstance(merges, list), "model", "merges must be a list")
+        for rank, merge in enumerate(merges):
+            parts = merge.split(" ") if isinstance(merge, str) else merge
+            if not (isinstance(parts, list) and len(parts) == 2
+                    and all(isinstance(p, str) and p in vocab for p in parts)
+                    and parts[0] + parts[1] in vocab):
+                raise _Unsupported(f"model: merge #{rank} {merge!r} is not two vocabulary tokens "
+                                   "whose concatenation is in the vocabulary")
+            self._ranks[(parts[0], parts[1])] = rank
+        self._ignore_merges = bool(model.get("ignore_merges", False))
+        unk = model.get("unk_token")
+        _expect(unk is None or unk in vocab, "model", f"unk_token {unk!r} not in the vocabulary")
+        self._unk_id = vocab[unk] if unk is not None else None
+        self._fuse_unk = bool(model.get("fuse_unk", False))
+
+        pattern, isolated = _pretokenizer_pattern(spec.get("pre_tokenizer"))
+        self.pattern = pattern
+        try:
+            self._pretokenize = _Pretokenizer(pattern, isolated)
+        except regex.error as e:
+            raise _Unsupported(f"pre_tokenizer: Split regex does not compile: {e}") from None
+        self._prefix_ids, self._suffix_ids = _post_processor_ids(spec.get("post_processor"))
+        decoder = spec.get("decoder")
+        _expect(isinstance(decoder, dict) and decoder.get("type") == "ByteLevel", "decoder",
+                f"{decoder.get('type') if isinstance(decoder, dict) else decoder!r} "
+                "(codelm decodes with the ByteLevel decoder only)")
+        self._build_added(spec.get("added_tokens") or [])
+
+        size = max(max(vocab.values(), default=-1), max(self._added_ids.values(), default=-1)) + 1
+        n_tokens = len(vocab) + len(self._added_ids)
+        _expect(size <= 2 * n_tokens + 1024, "model",
+                f"ids up to {size - 1} for {n_tokens} tokens (not dense)")
+        self._id_to_token: list[str | None] = [None] * size
+        self._id_to_bytes: list[bytes] = [b""] * size
+        for token, i in chain(vocab.items(), self._added_ids.items()):
+            self._id_to_token[i] = token
+            self._id_to_bytes[i] = _byte_level_bytes(token)
+
+    def _build_added(self, added: list) -> None:
+        """Added tokens with the ids HF gives them (it ignores the JSON ``id``): a vocabulary
+        token keeps its id, any other gets the next one past the vocabulary and added ids."""
+        _expect(isinstance(added, list), "added_tokens", "must be a list")
+        self._added_ids: dict[str, int] = {}
+        self._added: dict[str, dict] = {}
+        self._special_ids: set[int] = set()
+        flags = ("single_word", "lstrip", "rstrip", "normalized", "special")
+        for entry in added:
+            _expect(isinstance(entry, dict) and isinstance(entry.get("content"), str)
+                    and isinstance(entry.get("id"), int),
+                    "added_tokens", f"entry {entry!r} needs a string 'content' and an integer 'id'")
+            content = entry["content"]
+            if not content:
+                continue
+            entry_flags = {f: bool(entry.get(f, f == "normalized")) for f in flags}
+            if content in self._added:
+                # HF merges such repeats in ways that depend on the flags; only exact ones pass.
+                _expect(self._added[content] == entry_flags, "added_tokens",
+                        f"entry {entry!r} repeats {content!r} with other flags")
+                continue
+            i = self._vocab.get(content)
+            if i is None:
+                i = max(max(self._added_ids.values(), default=-1) + 1, len(self._vocab))
+            self._added_ids[content] = i
+            self._added[content] = entry_flags
+            if entry_flags["special"]:
+                self._special_ids.add(i)
+        # HF matches tokens that are not normalized first, then the normalized ones in the gaps;
+        # both leftmost-longest, which a longest-first alternation reproduces.
+        self._added_res = []
+        for normalized in (False, True):
+            contents = [c for c, f in self._added.items() if f["normalized"] == normalized]
+            if contents:
+                contents.sort(key=len, reverse=True)
+                alternation = "|".join(regex.escape(c) for c in contents)
+                self._added_res.append(regex.compile(alternation))
+
+    def _resolve_roles(self, roles: dict) -> dict[str, int | None]:
+        resolved = {}
+        for role, names in (("bos", _BOS_NAMES), ("eos", _EOS_NAMES), ("pad", _PAD_NAMES)):
+            name = roles.get(role)
+            if name is not None:
+                i = self.token_to_id(name)
+                if i is None:
+                    raise ValueError(f"{self.source}: {role}_token {name!r} is not in the vocabulary")
+            elif role in roles:  # null in tokenizer_config.json: none, as transformers reads it
+                i = None
+            elif role == "bos" and self._prefix_ids:
+                i = self._prefix_ids[0]
+            else:
+                i = next((self._added_ids[n] for n in names if n in self._added_ids), None)
+            resolved[role] = i
+        return resolved
+
+    # -- training ------------------------------------------------------------------------------
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, pretokenizer: str = "gpt2",
+              special_tokens: Sequence[str] = ("<|endoftext|>",), min_frequency: int = 2
+              ) -> BPETokenizer:
+        """Learn a byte-level BPE (ids: specials, 256 bytes, then one per merge, the most frequent
+        pair first, ties by text); ``save()`` writes a tokenizer.json HF loads as is."""
+        pre_tokenizer = _pretokenizer_json(pretokenizer)
+        special_tokens = list(dict.fromkeys(special_tokens))
+        if vocab_size < len(special_tokens) + len(BYTE_TO_UNICODE):
+            raise ValueError(f"vocab_size={vocab_size} leaves no room for {len(special_tokens)} "
+                             f"special tokens and the {len(BYTE_TO_UNICODE)} byte tokens")
+        pieces = _Pretokenizer(*_pretokenizer_pattern(pre_tokenizer))
+        longest_first = sorted(special_tokens, key=len)[::-1]
+        specials_re = (regex.compile("|".join(map(regex.escape, longest_first)))
+                       if special_tokens else None)
+        counts: Counter[str] = Counter()
+        for text in texts:
+            for segment in specials_re.split(text) if specials_re else (text,):
+                counts.update(pieces(segment))
+        vocab = {t: i for i, t in enumerate(special_tokens)}
+        for c in sorted(BYTE_TO_UNICODE.values()):
+            vocab.setdefault(c, len(vocab))
+        merges = _learn_merges([_byte_level(p) for p in counts], list(counts.values()), vocab,
+                               vocab_size, min_frequency)
+        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                      "use_regex": True}
+        added = [{"id": vocab[t], "content": t, "single_word": False, "lstrip": False,
+                  "rstrip": False, "normalized": False, "special": True} for t in special_tokens]
+        model = {"type": "BPE", "dropout": None, "unk_token": None,
+                 "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": False,
+                 "byte_fallback": False, "ignore_merges": False, "vocab": vocab,
+                 "merges": [list(m) for m in merges]}
+        spec = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+                "normalizer": None, "pre_tokenizer": pre_tokenizer, "post_processor": byte_level,
+                "decoder": byte_level, "model": model}
+        return cls(spec, f"<BPETokenizer.train {pretokenizer}>")
+
+    # -- loading -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, roles: dict | None = None) -> BPETokenizer:
+        """Read a tokenizer.json; roles {"bos"/"eos"/"pad": token} override the guessed ones
+        (None: no such token)."""
+        path = tokenizer_path(path)
+        spec = _read_json(path)
+        if roles is None:
+            roles = _roles_from_config(path.parent)
+        return cls(spec, str(path), roles)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the tokenizer.json; into a directory, with a tokenizer_config.json naming the
+        bos/eos/pad tokens (unless one is there) for transformers' AutoTokenizer."""
+        path, directory = _write_tokenizer_json(path, self.spec, indent=2)
+        if directory is not None:
+            _write_roles_config(directory, {role: self.id_to_token(i)
+                                            for role, i in self._roles.items() if i is not None},
+                                replace=False)
+        return path
+
+    # -- encoding ------------------------------------------------------------------------------
+
+    def _bpe(self, word: str) -> list[str]:
+        """Merge the lowest-ranked adjacent pair, leftmost first, until none is left (HF's order);
+        short words keep a list of pair ranks (min/index run in C), long ones use a heap."""
+        if len(word) > _LONG_WORD:
+            return self._bpe_long(word)
+        get = self._ranks.get
+        parts = list(word)
+        pair_ranks = [get(pair, _NO_MERGE) for pair in zip(parts, parts[1:])]
+        while pair_ranks:
+            best = min(pair_ranks)
+            if best == _NO_MERGE:
+                break
+            i = pair_ranks.index(best)
+            parts[i : i + 2] = [parts[i] + parts[i + 1]]
+            del pair_ranks[i]
+            if i > 0:
+                pair_ranks[i - 1] = get((parts[i - 1], parts[i]), _NO_MERGE)
+            if i < len(pair_ranks):
+                pair_ranks[i] = get((parts[i], parts[i + 1]), _NO_MERGE)
+        return parts
+
+    def _bpe_long(self, word: str) -> list[str]:
+        """HF's own order, (rank, position) from a heap over a linked list: O(n log n)."""
+        ranks = self._ranks
+        symbols = list(word)
+        n = len(symbols)
+        prev = list(range(-1, n - 1))
+        nxt = [*range(1, n), -1]
+        heap = []
+        for i in range(n - 1):
+            rank = ranks.get((symbols[i], symbols[i + 1]))
+            if rank is not None:
+                heap.append((rank, i, symbols[i], symbols[i + 1]))
+        heapq.heapify(heap)
+        while heap:
+            _, i, first, second = heapq.heappop(heap)
+            j = nxt[i]
+            # Symbols only grow, so an unchanged pair of strings means the entry is current.
+            if j == -1 or symbols[i] != first or symbols[j] != second:
+                continue
+            symbols[i] = first + second
+            symbols[j] = ""
+            nxt[i] = nxt[j]
+            if nxt[j] != -1:
+                prev[nxt[j]] = i
+            for left, right in ((prev[i], i), (i, nxt[i])):
+                if left != -1 and right != -1:
+                    rank = ranks.get((symbols[left], symbols[right]))
+                    if rank is not None:
+                        heapq.heappush(heap, (rank, left, symbols[left], symbols[right]))
+        return [s for s in symbols if s]
+
+    def _encode_piece(self, piece: str) -> list[int]:
+        word = _byte_level(piece)
+        vocab = self._vocab
+        if self._ignore_merges:
+            i = vocab.get(word)
+            if i is not None:
+                return [i]
+        if any(c not in vocab for c in word):
+            return self._encode_with_unknown(word)
+        return [vocab[s] for s in self._bpe(word)]
+
+    def _encode_with_unknown(self, word: str) -> list[int]:
+        """As HF: characters missing from the vocabulary are dropped (their neighbours merge as
+        one word), or become unk_token."""
+        vocab = self._vocab
+        if self._unk_id is None:
+            return [vocab[s] for s in self._bpe("".join(c for c in word if c in vocab))]
+        ids: list[int] = []
+        run: list[str] = []
+        for c in word:
+            if c in vocab:
+                run.append(c)
+                continue
+            ids.extend(vocab[s] for s in self._bpe("".join(run)))
+            run = []
+            if not (self._fuse_unk and ids and ids[-1] == self._unk_id):
+                ids.append(self._unk_id)
+        ids.extend(vocab[s] for s in self._bpe("".join(run)) if s)
+        return ids
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        return list(chain.from_iterable(map(self._cache.__getitem__, self._pretokenize(text))))
+
+    def _split_added(self, text: str, level: int = 0, plain_special: bool = False
+                     ) -> list[tuple[str, int | None]]:
+        """(segment, added-token id or None) covering ``text``, the way HF finds added tokens;
+        ``plain_special``: special ones are left in the text (HF's encode_special_tokens)."""
+        if level == len(self._added_res):
+            return [(text, None)]
+        out: list[tuple[str, int | None]] = []
+        start_offset = 0
+        n = len(text)
+        for m in self._added_res[level].finditer(text):
+            start, stop = m.span()
+            content = m.group()
+            flags = self._added[content]
+            if plain_special and flags["special"]:
+                continue
+            if flags["single_word"]:
+                if (start > 0 and _WORD_CHAR.match(text[start - 1])) or (
+                    stop < n and _WORD_CHAR.match(text[stop])
+                ):
+                    continue
+            if flags["lstrip"]:
+                new_start = start
+                while new_start > 0 and _SPACE_CHAR.match(text[new_start - 1]):
+                    new_start -= 1
+                start = max(new_start, start_offset)
+            if flags["rstrip"]:
+                while stop < n and _SPACE_CHAR.match(text[stop]):
+                    stop += 1
+            if start >= stop:  # the previous rstrip token took this match: HF drops it
+                continue
+            if start_offset < start:
+                out.extend(self._split_added(text[start_offset:start], level + 1, plain_special))
+            out.append((text[start:stop], self._added_ids[content]))
+            start_offset = stop
+        if start_offset < n:
+            out.extend(self._split_added(text[start_offset:], level + 1, plain_special))
+        return out
+
+    def encode(self, text: str, add_special_tokens: bool = False,
+               split_special_tokens: bool = False) -> list[int]:
+        """HF ``Tokenizer.encode(text, add_special_tokens).ids``; ``split_special_tokens``: a
+        special token's text is text (HF's ``encode_special_tokens``)."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode() expects a str, got {type(text).__name__}")
+        if self._added_res:
+            ids = []
+            for segment, token_id in self._split_added(text, plain_special=split_special_tokens):
+                if token_id is None:
+                    ids.extend(self._encode_ordinary(segment))
+                else:
+                    ids.append(token_id)
+        else:
+            ids = self._encode_ordinary(text)
+        if add_special_tokens and (self._prefix_ids or self._suffix_ids):
+            ids = [*self._prefix_ids, *ids, *self._suffix_ids]
+        return ids
+
+    @property
+    def template_prefix(self) -> list[int]:
+        """Ids HF's template puts before every text (Llama-3's <|begin_of_text|>): documents and
+        prompts start with them, as the model was pretrained."""
+        return list(self._prefix_ids)
+
+    @property
+    def matched_special_tokens(self) -> list[str]:
+        """Special tokens whose text HF's tokenizer(text) reads as the token (<|eot_id|>)."""
+        return [content for content, flags in self._added.items() if flags["special"]]
+
+    # -- vocabulary ------------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._id_to_bytes)
+
+    bos_id = property(lambda self: self._roles["bos"])
+    eos_id = property(lambda self: self._roles["eos"])
+    pad_id = property(lambda self: self._roles["pad"])
+    fim_prefix_id = property(lambda self: self._added_ids.get("<fim_prefix>"))
+    fim_middle_id = property(lambda self: self._added_ids.get("<fim_middle>"))
+    fim_suffix_id = property(lambda self: self._added_ids.get("<fim_suffix>"))
+
+    def token_to_id(self, token: str) -> int | None:
+        i = self._added_ids.get(token)
+        return i if i is not None else self._vocab.get(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self._id_to_token[i] if 0 <= i < len(self._id_to_token) else None
+
+    def __repr__(self) -> str:
+        return f"BPETokenizer({self.source!r}, vocab_size={self.vocab_size})"
+
+
+def _is_token_id(i, vocab_size: int) -> bool:
+    try:
+        return 0 <= operator.index(i) < vocab_size
+    except TypeError:
+        return False
+
+
+def _one_sequence(ids: object) -> Iterable[int]:
+    """``ids`` if it is one sequence; a batch or a single id is refused as what it is."""
+    shape = getattr(ids, "shape", None)  # a tensor or an array
+    first = ids[0] if isinstance(ids, (list, tuple)) and ids else None
+    if ((shape is not None and len(shape) > 1) or isinstance(first, (list, tuple))
+            or getattr(first, "ndim", 0) > 0):
+        got = (f"shape {tuple(shape)}" if shape is not None
+               else f"a {type(ids).__name__} of {type(first).__name__}s")
+        raise ValueError(f"decode takes one sequence of token ids, got a batch ({got}): decode "
+                         "each row, e.g. tok.decode(ids[0])")
+    if shape == () or not isinstance(ids, Iterable):
+        raise ValueError(f"decode takes one sequence of token ids, got one id ({ids!r}): "
+                         "tok.decode([i])")
+    return ids
+
+
+def _checked_ids(ids: Iterable[int], vocab_size: int) -> list[int]:
+    """``ids`` as a list of ints in [0, vocab_size) (a -100 label would index from the end)."""
+    if not isinstance(ids, Sequence):
+        ids = list(ids)  # a generator could not be read again for the error below
+    try:
+        checked = list(map(operator.index, ids))
+    except TypeError:
+        checked = None
+    if checked is not None and (not checked or (min(checked) >= 0 and max(checked) < vocab_size)):
+        return checked
+    bad = [i for i in ids if not _is_token_id(i, vocab_size)]
+    raise ValueError(f"token ids out of range [0, {vocab_size}): {bad[:5]}")
+
+
+def _utf8(raw: bytes) -> str:
+    """Text of token bytes; invalid UTF-8 (surrogates too) becomes U+FFFD, as in HF."""
+    return raw.decode("utf-8", "replace")
+
+
+def _byte_level_bytes(token: str) -> bytes:
+    """Bytes HF's ByteLevel decoder makes of a token: mapped back, or raw UTF-8 if it cannot."""
+    try:
+        return bytes(map(UNICODE_TO_BYTE.__getitem__, token))
+    except KeyError:
+        return token.encode("utf-8")
+
+
+# Rust's regex \w and \s (Unicode), which HF uses for single_word and lstrip/rstrip.
+_WORD_CHAR = regex.compile(r"\w")
+_SPACE_CHAR = regex.compile(r"\s")
+
+
+def _byte_level(piece: str) -> str:
+    return piece.encode("utf-8", "surrogatepass").decode("latin-1").translate(BYTE_TO_UNICODE)
+
+
+class _Pretokenizer:
+    """Split text into pre-tokenizer pieces; ``isolated`` keeps the text between matches too."""
+
+    def __init__(self, pattern: str, isolated: bool):
+        compiled = regex.compile(pattern)
+        # findall gives a pattern's groups, not its matches, where it has any (a Split regex may)
+        self._findall = (compiled.findall if not compiled.groups
+                         else lambda text: [m.group() for m in compiled.finditer(text)])
+        self._finditer = compiled.finditer
+        self._isolated = isolated
+
+    def __call__(self, text: str) -> list[str]:
+        pieces = self._findall(text)
+        if not self._isolated or sum(map(len, pieces)) == len(text):
+            return pieces
+        pieces, pos = [], 0
+        for m in self._finditer(text):
+            start, end = m.span()
+            if start > pos:
+                pieces.append(text[pos:start])
+            if end > start:
+                pieces.append(text[start:end])
+            pos = end
+        if pos < len(text):
+            pieces.append(text[pos:])
+        return pieces
+
+
+def _merge_pair(word: list[str], first: str, second: str) -> list[str]:
+    out, i, n = [], 0, len(word)
+    merged = first + second
+    while i < n:
+        if i < n - 1 and word[i] == first and word[i + 1] == second:
+            out.append(merged)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return out
+
+
+def _learn_merges(words: list[str], freqs: list[int], vocab: dict[str, int], vocab_size: int,
+                  min_frequency: int) -> list[tuple[str, str]]:
+    """Greedy BPE: repeatedly merge the most frequent adjacent pair, updating counts in place."""
+    symbols = [list(w) for w in words]
+    pair_counts: dict[tuple[str, str], int] = defaultdict(int)
+    pair_words: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for wi, (word, freq) in enumerate(zip(symbols, freqs)):
+        for pair in zip(word, word[1:]):
+            pair_counts[pair] += freq
+            pair_words[pair].add(wi)
+    heap = [(-count, pair) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
+    merges = []
+    while len(vocab) < vocab_size and heap:
+        neg_count, pair = heapq.heappop(heap)
+        count = pair_counts.get(pair, 0)
+        if count != -neg_count:
+            continue  # stale: the current count was pushed when it changed
+        if count < min_frequency:
+            break
+        first, second = pair
+        merges.append(pair)
+        vocab.setdefault(first + second, len(vocab))
+        touched = set()
+        for wi in pair_words.pop(pair):
+            word = symbols[wi]
+            new = _merge_pair(word, first, second)
+            if len(new) == len(word):
+                continue
+            freq = freqs[wi]
+            for p in zip(word, word[1:]):
+                pair_counts[p] -= freq
+                touched.add(p)
+            for p in zip(new, new[1:]):
+                pair_counts[p] += freq
+                pair_words[p].add(wi)
+                touched.add(p)
+            symbols[wi] = new
+        for p in touched:
+            if pair_counts[p] > 0 and p != pair:
+                heapq.heappush(heap, (-pair_counts[p], p))
+        pair_counts.pop(pair, None)
+    return merges
+
+
+def _roles_from_config(directory: Path) -> dict:
+    """bos/eos/pad names from a tokenizer_config.json beside the file (null: none; absent: guess)."""
+    config = directory / "tokenizer_config.json"
+    if not config.is_file():
+        return {}
+    data = _read_json(config)
+    roles = {}
+    for role in ("bos", "eos", "pad"):
+        key = f"{role}_token"
+        if key not in data:
+            continue
+        value = data[key]
+        if isinstance(value, dict) and isinstance(value.get("content"), str):
+            value = value["content"]  # an AddedToken as transformers writes it
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{config}: {key} must be a token string, an AddedToken object "
+                             f"(its content a string) or null for none, got {_shown_json(value)}")
+        roles[role] = value
+    return roles
+
+
+def tokenizer_path(path: str | os.PathLike) -> Path:
+    """The tokenizer file ``path`` names (a directory's tokenizer.json)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    if not (path / TOKENIZER_FILE).exists() and all(
+            (path / name).is_file() for name in ("vocab.json", "merges.txt")):
+        raise ValueError(
+            f"{path}: holds vocab.json and merges.txt (the slow tokenizer format) but no "
+            f"{TOKENIZER_FILE}, the file codelm reads; write one with transformers: "
+            f"AutoTokenizer.from_pretrained({str(path)!r}).save_pretrained({str(path)!r}) "
+            "(GPT2TokenizerFast in place of AutoTokenizer where it cannot tell the class)")
+    return path / TOKENIZER_FILE
+
+
+def load_tokenizer(path: str | os.PathLike) -> CodeTokenizer | BPETokenizer:
+    """Load a tokenizer.json (HF byte-level BPE), a codelm tokenizer file, or a dir with one."""
+    directory = Path(path) if Path(path).is_dir() else None
+    path = tokenizer_path(path)
+    if directory is not None and not path.exists():
+        raise ValueError(f"{path}: not found{where_tokenizer_is(directory)}")
+    data = _read_json(path)
+    if data.get("type") == CODE_TOKENIZER_TYPE:
+        return CodeTokenizer.from_dict(data, str(path))
+    if CodeTokenizer.is_hf_form(data):
+        return CodeTokenizer.from_hf(data, str(path))
+    if "model" in data:
+        return BPETokenizer(data, str(path), _roles_from_config(path.parent))
+    raise ValueError(f"{path}: neither a HF tokenizer.json (no 'model' key) nor a codelm tokenizer file")
+
+
+# PEFT's adapter config (lora.ADAPTER_CONFIG: this floor imports nothing else of codelm).
+_ADAPTER_CONFIG = "adapter_config.json"
+
+
+def where_tokenizer_is(directory: str | os.PathLike) -> str:
+    """Where the tokenizer of a directory without one is, as the end of an error ("; ..." or
+    ""): an adapter's base model, a run above (for best/, checkpoints/step-N/), or runs below."""
+    directory = Path(directory)
+    if (directory / _ADAPTER_CONFIG).is_file():
+        try:
+            base = json.loads((directory / _ADAPTER_CONFIG).read_text("utf-8-sig")).get(
+                "base_model_name_or_path")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            base = None
+        adapter = (f"; {directory} is a LoRA adapter directory ({_ADAPTER_CONFIG}), whose "
+                   "tokenizer is its base model's")
+        if not isinstance(base, str) or not base:
+            return f"{adapter}, and its config names no base_model_name_or_path"
+        if (Path(base) / TOKENIZER_FILE).is_file():
+            return f"{adapter}: {base}"
+        return f"{adapter}, {base}, and that is no local directory holding a {TOKENIZER_FILE}"
+    for above in list(directory.resolve().parents)[:2]:
+        if (above / TOKENIZER_FILE).is_file():
+            return f"; {above} above it holds one"
+    below = sorted(p.parent for p in directory.glob(f"*/{TOKENIZER_FILE}"))
+    if below:
+        hold = "holds" if len(below) == 1 else "hold"
+        return f"; {', '.join(map(str, below))} below it {hold} one"
+    return ""
+
+
+def _config_ids(value: object, n_embeddings: object) -> list[int]:
+    """A config.json bos/eos entry (null, an id or a list) as ids within the embeddings."""
+    ids = value if isinstance(value, list) else [value]
+    return [i for i in ids if type(i) is int and i >= 0
+            and not (type(n_embeddings) is int and i >= n_embeddings)]
+
+
+def generation_eos_ids(tok: CodeTokenizer | BPETokenizer, model_eos: object,
+                       model_dir: str | os.PathLike | None = None) -> list[int]:
+    """The ids that end a generated text, as transformers' generate: the tokenizer's eos, then
+    each special-token id of the model's ``eos_token_id`` and of ``model_dir``'s
+    generation_config.json (an ordinary token there is a stale class default)."""
+    listed = _config_ids(model_eos, tok.vocab_size)
+    generation = Path(model_dir) / "generation_config.json" if model_dir is not None else None
+    if generation is not None and generation.is_file():
+        try:
+            listed += _config_ids(_read_json(generation).get("eos_token_id"), tok.vocab_size)
+        except (ValueError, AttributeError):
+            pass
+    ids = [] if tok.eos_id is None else [tok.eos_id]
+    for i in listed:
+        if i in tok._special_ids and i not in ids:
+            ids.append(i)
+    return ids
+
+
+def decode_generated(tok: CodeTokenizer | BPETokenizer, ids: Iterable[int]) -> str:
+    """The text of generated ``ids``; an id past the tokenizer (embeddings can outnumber tokens)
+    decodes to nothing, as in transformers."""
+    n = tok.vocab_size
+    return tok.decode([i for i in ids if i < n])
+
+
+def _shown_id(tok: CodeTokenizer | BPETokenizer, i: int) -> str:
+    """An id with the token it names in ``tok`` (and the role it has there)."""
+    if i >= tok.vocab_size:
+        return f"{i} (past the tokenizer's {tok.vocab_size} tokens)"
+    role = "".join(f", its {r}" for r, own in (("bos", tok.bos_id), ("eos", tok.eos_id))
+                   if own == i)
+    return f"{i} ({tok.id_to_token(i)!r} in the tokenizer{role})"
+
+
+def check_model_tokenizer(tok: CodeTokenizer | BPETokenizer, tokenizer_file: str | os.PathLike,
+                          model_dir: str | os.PathLike, remedy: str | None = None) -> None:
+    """Refuse a tokenizer that is not the model's, as the bos/eos ids of its config.json tell:
+    an error for crossed roles or a CodeTokenizer, a warning where none agrees (a stale config)."""
+    config = Path(model_dir) / "config.json"
+    try:
+        hf = _read_json(config)
+    except ValueError:  # none (a model built from the tokenizer), or one the model loader names
+        return
+    mine = {"bos": tok.bos_id, "eos": tok.eos_id}
+    agree, differ = False, {}
+    for role, own in mine.items():
+        ids = _config_ids(hf.get(f"{role}_token_id"), hf.get("vocab_size"))
+        if not ids or own is None:
+            continue
+        if own in ids:
+            agree = True
+        else:
+            differ[role] = ids
+    if not differ:
+        return
+    crossed = any(own is not None and own != mine[role] and own in ids
+                  for role, ids in differ.items() for other, own in mine.items() if other != role)
+    fixed = isinstance(tok, CodeTokenizer)
+    if not (crossed or fixed) and (agree or any(
+            i < tok.vocab_size and i in tok._special_ids for ids in differ.values() for i in ids)):
+        return
+    given = " and ".join(f"{role}_token_id {', '.join(_shown_id(tok, i) for i in ids)}"
+                         for role, ids in differ.items())
+    has = " and ".join(f"the tokenizer's {role} is {mine[role]} ({tok.id_to_token(mine[role])!r})"
+                       for role in differ)
+    if remedy is None:
+        own_file = Path(model_dir) / TOKENIZER_FILE
+        if own_file.is_file() and own_file.resolve() != Path(tokenizer_file).resolve():
+            remedy = f"pass --tokenizer {model_dir}, the model's own"
+        else:
+            remedy = f"pass --tokenizer with the tokenizer {model_dir} was trained with"
+    if crossed or fixed:
+        raise ValueError(f"{tokenizer_file} is not the tokenizer of the model in {model_dir}: "
+                         f"{config} has {given}, but {has}; {remedy}")
+    print(f"warning: {tokenizer_file} may not be the tokenizer of the model in {model_dir}: "
+          f"{config} has {given}, none a special token there, but {has}: a stale config.json or "
+          f"another model's tokenizer; if the latter, {remedy}", file=sys.stderr)
+
+
+def _shown_piece(raw: bytes) -> str:
+    """A token's bytes as a Python literal: its text, or (part of a character) its bytes."""
+    try:
+        return repr(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return repr(raw)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Show how a tokenizer splits a text: what a model is actually fed."""
+
+    parser = settings.ArgumentParser(
+        description="Show how a tokenizer splits a text: each token's id and text (or bytes, "
+        "for part of a character), then the count. The tokenizer is a tokenizer.json (HF "
+        "byte-level BPE or codelm's), a codelm tokenizer file, or a directory holding one: a "
+        "model's, or a run's (runs/NAME).")
+    parser.add_argument("tokenizer", help="tokenizer file or directory")
+    given = parser.add_mutually_exclusive_group(required=True)
+    given.add_argument("--text", help="the text to split")
+    given.add_argument("--file", help="a UTF-8 file whose text to split")
+    parser.add_argument("--count", action="store_true", help="print only the number of tokens")
+    parser.add_argument("--add-special-tokens", action="store_true",
+                        help="with the tokens the tokenizer's template adds (e.g. Llama-3's BOS)")
+    args = parser.parse_args(argv)
+    return process.run_tool(lambda: _show_split(args))
+
+
+def _show_split(args) -> None:
+    tok = load_tokenizer(args.tokenizer)
+    text = args.text
+    if args.file is not None:
+        try:
+            text = Path(args.file).read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{args.file}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    ids = tok.encode(text, add_special_tokens=args.add_special_tokens)
+    if args.count:
+        print(len(ids))
+        return
+    width = len(str(tok.vocab_size - 1))
+    for i in ids:
+        print(f"{i:>{width}}  {_shown_piece(tok._id_to_bytes[i])}")
+    per_token = f" ({len(text) / len(ids):.2f} characters a token)" if ids else ""
+    print(f"{len(ids)} tokens for {len(text)} characters{per_token}")
+
+
+if __name__ == "__main__":
+    sys.exit(process.run_main(main))

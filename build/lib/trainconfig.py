@@ -1,0 +1,760 @@
+"""``TrainConfig``: read from flags, a ``--config`` file or a resumed run's config.json and
+checked once there (``parse_config``, ``validate_config``); and what it builds: the tokenizer and
+the model (from scratch, from ``init_from``, with LoRA)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import sys
+import typing
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import rundir
+import settings
+from architecture import SHORT_DTYPES
+from checkpoint import check_run_paths
+from process import progress_bar
+from rundir import (
+    ADAPTER_FILE,
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    HF_CONFIG,
+    INIT_ADAPTER_COPY,
+    LOCK_FILE,
+    MERGED_DIR,
+    MODEL_FILE,
+    checkpoint_step,
+    list_checkpoints,
+)
+from settings import setting
+
+if typing.TYPE_CHECKING:
+    from architecture import ModelConfig
+    from dataset import DataConfig
+    from tokenizer import BPETokenizer, CodeTokenizer
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; the defaults are the default run (stdlib corpus, ~18 min on 2
+    CPUs, as README.md times it)."""
+
+    # run directory
+    name: str | None = None  # <out_dir>/<name>; default: <preset, or the --init-from
+    #   directory's name>-<task>-<timestamp>[-2, -3, ... if taken]
+    out_dir: str = "runs"  # the parent of run directories
+    resume: str | None = None  # a run directory to continue from its latest checkpoint
+    seed: int = 1337  # model init, data order, dropout (a resumed run restores its RNG)
+    device: str = "auto"  # auto (a GPU where there is one, else the CPU; not mps) | cpu | cuda | cuda:N
+    # model: from scratch (preset + overrides) or from a local HF checkpoint
+    preset: str = "llama-14m"  # architecture.PRESETS name (vocab_size follows the tokenizer)
+    init_from: str | None = None  # a local HF checkpoint directory (a run's export/ or, of a
+    #   LoRA run, its export/merged/)
+    n_layer: int | None = None  # overrides the preset (from-scratch models only)
+    n_head: int | None = None  # n_kv_head follows it unless model_options sets it
+    n_embd: int | None = None  # model width
+    mlp_hidden: int | None = None  # MLP width
+    block_size: int | None = None  # length of training sequences (None: the preset's context,
+    #   or the checkpoint's, at most 1024)
+    dropout: float | None = None  # dropout of the embeddings and residual branches (default:
+    #   the model's own); attention dropout: model_options {"attn_dropout": p}
+    model_options: dict = field(default_factory=dict)  # any other ModelConfig field, e.g. init
+    # tokenizer: a file/dir, else the model dir's, else a CodeTokenizer trained on the train split
+    tokenizer: str | None = None  # a tokenizer.json / codelm tokenizer file or directory
+    tokenizer_min_freq: int = 10  # a trained tokenizer keeps pieces seen this often
+    tokenizer_max_vocab: int | None = 8000  # a trained tokenizer's cap on learned pieces (its
+    #   byte and special tokens come on top)
+    # LoRA (r = 0: full training) and a quantized frozen base (QLoRA)
+    lora_r: int = 0  # adapter rank; needs init_from (a random base is not worth freezing)
+    lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_r
+    lora_dropout: float = 0.0  # dropout on the adapters' input
+    lora_dora: bool = False  # DoRA: a learned magnitude per output row (PEFT's use_dora)
+    lora_bias: str = "none"  # none | lora_only | all: biases trained and saved too (PEFT's bias)
+    lora_modules_to_save: list[str] | None = None  # modules trained whole and saved with the
+    #   adapter (PEFT's modules_to_save), e.g. lm_head
+    lora_targets: list[str] | None = None  # module names, HF (q_proj) or codelm (qkv);
+    #   default: the attention projections (qkv, attn.proj)
+    init_adapter: str | None = None  # a LoRA adapter directory (PEFT's, or a LoRA run's
+    #   export/) to train on; its adapter_config.json sets the base and the lora_* settings
+    quantize_bits: int = 0  # 0, 8 (int8) or 4 (NF4); needs lora_r > 0
+    base_dtype: str = "fp32"  # fp32 | bf16 | fp16: dtype of the frozen base under LoRA (the
+    #   adapters stay fp32); fp16 turns on loss scaling
+    # data (dataset.py): task and sources (None: the Python standard library)
+    task: str = "lm"  # lm | completion | method | docstring | refactor | fim (dataset.TASKS)
+    data: list[str] | None = None  # "stdlib", directories, scraper JSONL or pairs JSONL
+    val_data: list[str] | None = None  # predefined validation files (None: split from data)
+    test_data: list[str] | None = None  # predefined test files (None: split from data)
+    data_options: dict = field(default_factory=dict)  # further DataConfig fields for the task
+    # optimisation
+    batch_size: int = 4  # sequences per micro-batch (per process)
+    grad_accum: int = 1  # micro-batches per optimizer step, weighted by their tokens
+    max_steps: int = 700  # optimizer steps
+    epochs: float | None = None  # if set, the run's length instead of max_steps (not both)
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50  # linear warmup, then cosine decay
+    weight_decay: float = 0.1  # decoupled; matrices only (not norms, biases)
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.95  # AdamW's second-moment decay
+    adam_eps: float = 1e-8  # AdamW's epsilon
+    grad_clip: float = 1.0  # 0: no clipping (the norm is still logged)
+    label_smoothing: float = 0.0  # training only; validation reports the true NLL
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 on GPUs with native bf16, fp16
+    #   on older ones such as the T4, fp32 on CPU)
+    eval_precision: str = "fp32"  # fp32 (no autocast) | same (as training)
+    compile: bool = False  # torch.compile the model
+    gradient_checkpointing: bool = False  # recompute each block in backward: less memory
+    # evaluation, logging, checkpoints
+    eval_every: int = 175  # steps between evaluations (none before warmup_steps; one at the end)
+    eval_examples: int | None = 80  # the validation split's first examples scored at each
+    #   evaluation (None: the whole split)
+    early_stop_patience: int = 0  # evaluations without improvement before stopping; 0: never
+    early_stop_min_delta: float = 0.0  # a smaller fall of the validation loss is no improvement
+    log_every: int = 10  # steps between metrics.jsonl / tracker lines
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # trackers fed the
+    #   same scalars and the config: any of tensorboard, wandb, mlflow; or none
+    save_every: int | None = None  # default: eval_every
+    keep_last: int = 2  # step checkpoints kept (best/ is kept apart)
+    max_time_s: float | None = None  # wall-clock budget; the run checkpoints and ends cleanly
+    progress: bool = True  # a progress bar
+    # end of run
+    export: bool = True  # write export/: HF model + tokenizer, or the PEFT adapter
+    export_merged: bool = False  # under LoRA: also write the merged full model
+    sample_prompt: str = "def fibonacci(n):\n"  # completed greedily at the end (with --export)
+    sample_tokens: int = 48  # tokens of that sample
+    # debugging
+    overfit: bool = False  # train on the bundled tiny corpus until it is memorised
+    overfit_batches: int = 0  # overfit K batches of the real training data
+    inject_nan_at_step: int | None = None  # fault injection: make this step's loss NaN
+
+
+_CHOICES = {
+    "precision": ("auto", "fp32", "bf16", "fp16"),
+    "eval_precision": ("fp32", "same"),
+    "quantize_bits": (0, 4, 8),
+    "base_dtype": tuple(SHORT_DTYPES),
+    "lora_bias": ("none", "lora_only", "all"),
+}
+
+
+def config_from_dict(values: dict, source: str = "<dict>") -> TrainConfig:
+    """Build a TrainConfig from a dict, with errors that name the source and the key."""
+    return settings.config_from_dict(TrainConfig, values, source, _CHOICES)
+
+
+def load_config_file(path: str | os.PathLike) -> dict:
+    """The checked TrainConfig values of a JSON file (a recipe's ``train`` section)."""
+    values, source = settings.read_config_file(path, "train")
+    config_from_dict(values, source)
+    check_options(values, source)
+    return values
+
+
+# Hugging Face Trainer's spellings of the same settings: accepted, not shown by --help.
+HF_FLAGS = {"lr": ["--learning_rate"], "batch_size": ["--per_device_train_batch_size"],
+            "grad_accum": ["--gradient_accumulation_steps"], "epochs": ["--num_train_epochs"],
+            "grad_clip": ["--max_grad_norm"], "warmup_steps": ["--warmup_steps"],
+            "weight_decay": ["--weight_decay"], "max_steps": ["--max_steps"],
+            "log_every": ["--logging_steps"], "eval_every": ["--eval_steps"],
+            "save_every": ["--save_steps"], "out_dir": ["--output_dir"],
+            "gradient_checkpointing": ["--gradient_checkpointing"]}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """argparse flags mirroring TrainConfig (``--lora-r``), plus ``--config FILE.json``."""
+    parser = settings.ArgumentParser(
+        prog="trainingmanager.py",
+        description="Train a codelm model: from scratch, fine-tuning or LoRA. Flags override "
+        "--config; with no flags, trains the from-scratch code model on the stdlib corpus.",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", help="JSON or YAML file of TrainConfig keys, or a recipe "
+                        "(configs/*.json) whose 'train' section is read; flags override it")
+    settings.add_print_config(parser)
+    for precision in ("fp16", "bf16"):  # HF Trainer's switches
+        parser.add_argument(f"--{precision}", dest="precision", action="store_const",
+                            const=precision, help=argparse.SUPPRESS)
+    return settings.add_config_flags(parser, TrainConfig, _CHOICES, aliases=HF_FLAGS)
+
+
+def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
+    """Defaults < ``--resume`` run's config.json < ``--config`` file < command-line flags."""
+    args = vars(build_parser().parse_args(argv))
+    if "data_options" in args:  # a JSON object, as the flag's type reads it
+        _check_data_options(args["data_options"], "--data-options")
+    if "model_options" in args:
+        _check_model_options(args["model_options"], "--model-options")
+    config = args.pop("config", None)
+    given = load_config_file(config) if config is not None else {}
+    resumed: dict = {}
+    if args.get("resume"):
+        check_resume_location(args, given, config)
+        run, resume = Path(args["resume"]), f"--resume {args['resume']}"
+        saved = run / CONFIG_FILE
+        if not run.is_dir():
+            raise ValueError(f"{resume}: no such run directory")
+        if not saved.is_file() and rundir.lock_is_held(run / LOCK_FILE):
+            raise ValueError(f"{resume}: its run is still starting (it has not written "
+                             f"{CONFIG_FILE}): wait for it")
+        if not saved.is_file() and (run / LOCK_FILE).is_file():
+            raise ValueError(f"{resume}: its run was stopped before it wrote {CONFIG_FILE}: "
+                             "nothing to resume; run the command that started it again")
+        if not saved.is_file():
+            raise ValueError(f"{resume}: no {CONFIG_FILE} there (not a run dir)")
+        resumed = load_config_file(saved)
+        # the paths it gives the run must exist (its own copy of an adapter's config replaces it)
+        owned = ("init_adapter",) if run_adapter_copy(run) else ()
+        paths = ("init_from", "init_adapter", "data", "val_data", "test_data")
+        check_run_paths(resumed, [k for k in paths if k not in {*args, *given, *owned}], str(saved))
+    cfg = settings.resolve_config(TrainConfig, args, "train", base={**resumed, **given},
+                                   choices=_CHOICES)
+    where_set = _where_set_in_run(args, config, given, args.get("resume"))
+    if cfg.init_adapter is not None:  # a --lora-* flag typed at its default value differs too
+        with_init_adapter(cfg, typed={*args, *given}, where_set=where_set)
+    if not cfg.overfit:  # --overfit takes what it honours (overfit_settings)
+        validate_config(cfg, where_set)
+    return cfg
+
+
+def _where_set_in_run(typed: Collection[str], config: str | None, in_file: Collection[str],
+                      resume: str | None) -> Callable[[str], str]:
+    """``settings.where_set_by``, the other keys read from the ``--resume`` run's config.json."""
+    return settings.where_set_by(typed, config, in_file,
+                                  resume and f"{Path(resume) / CONFIG_FILE} (--resume)")
+
+
+def check_resume_location(args: dict, given: dict, config: str | None) -> None:
+    """A ``--name`` / ``--out-dir`` given beside ``--resume`` must name that run's directory."""
+    resume = Path(args["resume"]).expanduser()
+    values = {k: args[k] if args.get(k) is not None else given.get(k) for k in ("name", "out_dir")}
+    named = (Path(values["out_dir"] or resume.parent).expanduser()
+             / (values["name"] or resume.name))
+    set_by = [k for k in ("name", "out_dir") if values[k] is not None]
+    if not set_by or named.resolve() == resume.resolve():
+        return
+    said = " ".join(f"--{k.replace('_', '-')} {args[k]}" if args.get(k) is not None
+                    else f"{k} {given[k]!r} in --config {config}" for k in set_by)
+    raise ValueError(f"--resume {args['resume']} continues that run, but {said} names another "
+                     f"run ({named}): drop {said} to continue {args['resume']}, or drop "
+                     "--resume to start a new run there")
+
+
+# Keys that mean something only under LoRA (lora_r > 0): set without it, they are refused.
+LORA_ONLY_KEYS = ("lora_alpha", "lora_dropout", "lora_dora", "lora_bias", "lora_modules_to_save",
+                  "lora_targets", "export_merged")
+
+# init_adapter's adapter_config.json -> the TrainConfig keys it sets (LoRAConfig's names).
+ADAPTER_KEYS = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
+                "use_dora": "lora_dora", "bias": "lora_bias",
+                "modules_to_save": "lora_modules_to_save",
+                "target_modules": "lora_targets"}
+
+
+def run_adapter_copy(run_dir: str | Path) -> Path | None:
+    """A run's INIT_ADAPTER_COPY when the run holds weights to continue from, else None."""
+    copy = Path(run_dir).expanduser() / INIT_ADAPTER_COPY
+    return copy if copy.is_file() and rundir.holds_weights(copy.parent) else None
+
+
+def with_local_checkpoints(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with a Hugging Face id in init_from or init_adapter replaced by its snapshot
+    directory in the hub cache (fetched unless offline): config.json records that revision."""
+    import pretrained
+
+    local = {}
+    for key in ("init_from", "init_adapter"):
+        if (value := getattr(cfg, key)) is not None and pretrained.is_hub_id(value):
+            local[key] = str(pretrained.checkpoint_dir(value, key))
+            print(f"{key} {value}: {local[key]}", file=sys.stderr)
+    return replace(cfg, **local)
+
+
+def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = (),
+                      where_set: Callable[[str], str] = settings.flag_of) -> TrainConfig:
+    """``cfg`` with the LoRA settings (and, without ``init_from``, the base) of its
+    ``init_adapter``; a setting given (not the default, or typed) that differs is an error."""
+    if cfg.init_adapter is None:
+        return cfg
+    import lora
+    import pretrained
+
+    copy = run_adapter_copy(cfg.resume) if cfg.resume else None
+    path, config_name = (copy.parent, copy.name) if copy else (pretrained.checkpoint_dir(
+        cfg.init_adapter, setting(cfg, "init_adapter", where_set)), lora.ADAPTER_CONFIG)
+    if not path.is_dir():
+        raise ValueError(f"{setting(cfg, 'init_adapter', where_set)}: not a directory")
+    adapter = lora.read_adapter_config(path, config_name)
+    theirs = {key: getattr(adapter, name) for name, key in ADAPTER_KEYS.items()}
+    base = cfg.init_from or str(lora.adapter_base(path, "name the base with --init-from",
+                                                  config_name))
+
+    def agrees(key: str, mine) -> bool:
+        if key != "lora_targets":
+            return mine == theirs[key]
+        if mine is None:  # 'none', a config file's null (every run's config.json holds one):
+            return True   # no choice of targets, so the adapter's
+        if isinstance(theirs[key], list) and set(mine) == set(theirs[key]):
+            return True  # the same names, in any order: no need to look at the base
+        return _select_the_same(base, mine, theirs[key], path / config_name)
+
+    if differ := [f"{setting(cfg, key, where_set)} (the adapter's: {theirs[key]!r})"
+                  for key in theirs if (getattr(cfg, key) != getattr(TrainConfig, key)
+                                        or key in typed) and not agrees(key, getattr(cfg, key))]:
+        raise ValueError(f"{'; '.join(differ)}: {setting(cfg, 'init_adapter', where_set)} "
+                         f"fixes these ({path / config_name}): drop those settings to train the "
+                         "adapter on as it is")
+    targets = theirs["lora_targets"]  # one regular expression: the file keeps it (lora_targets
+    #   lists names), and build_model's load_adapter reads it there
+    return dataclasses.replace(
+        cfg, lora_r=theirs["lora_r"], lora_alpha=float(theirs["lora_alpha"]),
+        lora_dropout=float(theirs["lora_dropout"]), lora_dora=theirs["lora_dora"],
+        lora_bias=theirs["lora_bias"], lora_modules_to_save=theirs["lora_modules_to_save"],
+        lora_targets=cfg.lora_targets or (targets if isinstance(targets, list) else None),
+        init_from=base)
+
+
+def _select_the_same(base: str, mine: list[str], theirs: list[str] | str, file: Path) -> bool:
+    """Whether lora_targets ``mine`` select the modules the adapter file's ``theirs`` select on
+    the model at ``base`` (built on the meta device: no weights are read)."""
+    import lora
+    import pretrained
+    from architecture import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(pretrained.read_config(base)[0])
+    try:
+        wanted = lora.targeted_modules(model, theirs, peft_rules=True)
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from None
+    try:
+        return lora.targeted_modules(model, mine) == wanted
+    except ValueError:
+        return False
+
+
+def check_run_name(name: str | None, what: str) -> None:
+    """A run's name is one directory name in out_dir: a path put the run elsewhere (outside it
+    with '..', or nested where eval.py's ``latest_run`` never looks). ``what`` names the setting."""
+    if name and (Path(name).name != name or name in (".", "..")):
+        raise ValueError(f"{what}: a run name, not a path (no path separator, and not '.' or "
+                         "'..'); --out-dir sets the directory the run goes in")
+    if name == rundir.EVAL_DIR:
+        raise ValueError(f"{what}: {name!r} is where eval.py keeps its results; name the run "
+                         "otherwise")
+
+
+def _check_model_settings(cfg: TrainConfig, where_set: Callable[[str], str],
+                          named: Callable[[str], str], need: Callable[[bool, str, str], None]
+                          ) -> None:
+    """validate_config's checks of the model: a loaded one's settings, or the preset's shape."""
+    if cfg.init_from is not None:
+        for key in ("n_layer", "n_head", "n_embd", "mlp_hidden"):
+            need(getattr(cfg, key) is None, key,
+                 f"the shape of a model loaded from {named('init_from')} cannot be changed")
+        if fixed := sorted(set(cfg.model_options) - set(LOADED_MODEL_OPTIONS)):
+            raise ValueError(f"model_options ({where_set('model_options')}): "
+                             f"{', '.join(fixed)}: the checkpoint of {named('init_from')} fixes "
+                             f"these; a loaded model takes only {', '.join(LOADED_MODEL_OPTIONS)}")
+        for key, value in cfg.model_options.items():
+            need(settings.is_number(value) and 0 <= value < 1, "model_options",
+                 f"{key} must be a probability in [0, 1), got {value!r}")
+        import lora
+        import pretrained
+
+        path = pretrained.checkpoint_dir(cfg.init_from, named("init_from"))
+        if not path.is_dir():
+            raise ValueError(f"{named('init_from')}: not a directory")
+        adapter_config = path / lora.ADAPTER_CONFIG
+        if adapter_config.is_file() and not (path / HF_CONFIG).is_file():  # a LoRA run's export/
+            if (path / MERGED_DIR / HF_CONFIG).is_file():
+                instead = f"use {path / MERGED_DIR}, the merged model beside it"
+            else:
+                base = settings.read_json_object(adapter_config, "adapter config").get(
+                    "base_model_name_or_path")
+                instead = (f"use the base it names, {base}" if base else
+                           "use the base it was trained on") + (
+                    " (a run with --export-merged also writes the merged model to export/merged)")
+            raise ValueError(f"{named('init_from')}: a LoRA adapter ({adapter_config.name}), not "
+                             f"a model: {instead}; to train that adapter on, set init_adapter "
+                             f"({where_set('init_adapter')}) to {cfg.init_from}")
+        if cfg.block_size is not None:  # else the first forward pass finds it, after the data
+            from pretrained import read_config
+
+            context = read_config(path)[0].block_size
+            need(cfg.block_size <= context, "block_size",
+                 f"longer than the context of {named('init_from')}, {context} positions")
+    else:  # the preset, the shape and model_options, checked before the data is prepared
+        try:
+            shape = model_config(cfg, 1, None, None)
+            if cfg.export:  # else it trains to the end and fails writing export/
+                from pretrained import hf_config
+
+                try:
+                    hf_config(shape, torch.float32)
+                except ValueError as e:
+                    raise ValueError(f"{e}; to train it without an HF export: "
+                                     f"{settings.off_switch('export', where_set)}") from None
+        except ValueError as e:  # name the settings the model was made of, and where
+            made_of = [named(k) for k in ("preset", *MODEL_SHAPE_KEYS, "model_options")
+                       if k == "preset" or getattr(cfg, k) not in (None, {})]
+            raise ValueError(f"{', '.join(made_of)}: {e}") from None
+
+
+def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings.flag_of
+                    ) -> None:
+    """Reject impossible settings, naming each key, its value and where it was set."""
+    cfg = with_init_adapter(cfg, where_set=where_set)
+
+    def named(key: str) -> str:
+        return setting(cfg, key, where_set)
+
+    def need(ok: bool, key: str, why: str) -> None:
+        if not ok:
+            raise ValueError(f"{named(key)}: {why}")
+
+    # "inf" and "nan" parse as floats: every float must be finite (nan fails every comparison).
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        need(not isinstance(value, float) or math.isfinite(value), f.name, "must be finite")
+    ranges = (  # (keys, test, why); a key left unset (None) passes
+        (("batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "keep_last",
+          "tokenizer_min_freq", "tokenizer_max_vocab", "inject_nan_at_step", "save_every",
+          "eval_examples"), lambda v: v >= 1, "must be >= 1"),
+        (("warmup_steps", "early_stop_patience", "sample_tokens", "weight_decay", "grad_clip",
+          "early_stop_min_delta", "lora_r", "overfit_batches"), lambda v: v >= 0, "must be >= 0"),
+        (("lr", "adam_eps", "epochs", "max_time_s"), lambda v: v > 0, "must be > 0"),
+        (("beta1", "beta2", "label_smoothing", "dropout", "lora_dropout"), lambda v: 0 <= v < 1,
+         "must be in [0, 1)"),
+    )
+    for keys, test, why in ranges:
+        for key in keys:
+            need(getattr(cfg, key) is None or test(getattr(cfg, key)), key, why)
+    trackers = set(cfg.report_to)
+    need(trackers <= set(rundir.TRACKERS) | {"none"} and not ("none" in trackers and len(
+        trackers) > 1), "report_to", f"name trackers of {sorted(rundir.TRACKERS)}, or none alone")
+    for name in trackers - {"none", "tensorboard"}:
+        need(importlib.util.find_spec(name) is not None, "report_to",
+             f"{name} is not installed: pip install {name}")
+    need(0.0 <= cfg.min_lr_ratio <= 1.0, "min_lr_ratio", "must be in [0, 1]")
+    need(cfg.lora_alpha != 0, "lora_alpha", "must not be 0: the adapters would never train")
+    need(cfg.lora_r == 0 or cfg.init_from is not None, "lora_r",
+         f"LoRA needs a pretrained base (init_from, {where_set('init_from')}): a from-scratch "
+         "model has nothing frozen worth keeping, so only the adapters of a random model would "
+         "train; set init_from, or lora_r 0 to train every weight")
+    need(cfg.quantize_bits == 0 or cfg.lora_r > 0, "quantize_bits",
+         f"a quantized base is frozen: it needs LoRA, but {named('lora_r')} trains every "
+         "weight: set lora_r > 0")
+    need(cfg.base_dtype == "fp32" or cfg.lora_r > 0, "base_dtype",
+         f"only a frozen base can be held in 16 bits, and {named('lora_r')} trains every "
+         f"weight (in fp32): set lora_r > 0 for LoRA, or precision bf16 "
+         f"({where_set('precision')}) for 16-bit compute")
+    lora_only = [named(k) for k in LORA_ONLY_KEYS if getattr(cfg, k) != getattr(TrainConfig, k)]
+    if lora_only and cfg.lora_r == 0:  # else a full fine-tune would run, ignoring them
+        raise ValueError(f"{', '.join(lora_only)}: LoRA settings, but {named('lora_r')} trains "
+                         "every weight: set lora_r > 0, or drop them")
+    need(0 <= cfg.seed < 2**63, "seed", "must be in [0, 2**63)")
+    check_run_name(cfg.name, named("name"))
+    _check_model_settings(cfg, where_set, named, need)
+    if cfg.resume is not None and not Path(cfg.resume).is_dir():
+        raise ValueError(f"--resume {cfg.resume}: no such run directory")
+    if cfg.resume is not None and any((Path(cfg.resume) / f).is_file()
+                                      for f in (MODEL_FILE, ADAPTER_FILE)):
+        # a checkpoint's, best/'s or export/'s config.json made it look like a run with no
+        # checkpoint yet: a whole new run started inside it
+        weights = Path(cfg.resume)
+        run = weights.parent.parent if weights.parent.name == CHECKPOINTS_DIR else weights.parent
+        raise ValueError(f"--resume {cfg.resume}: weights (a checkpoint, best/ or export/), not "
+                         f"a run directory: --resume {run} continues that run from its newest "
+                         "checkpoint")
+    if cfg.resume is not None and cfg.epochs is None:  # epochs: checked once the data is known
+        step = max(map(checkpoint_step, list_checkpoints(Path(cfg.resume))), default=0)
+        need(step <= cfg.max_steps, "max_steps", f"below the step of the checkpoint it resumes "
+             f"from ({step}); a resume can only extend its run: set max_steps to {step} or more")
+
+
+# DataConfig keys that TrainConfig keys set (DataConfig -> TrainConfig): data_options may not.
+_DATA_KEYS_OF_TRAIN = {"task": "task", "sources": "data", "val_sources": "val_data",
+                       "test_sources": "test_data", "block_size": "block_size"}
+
+
+def _check_data_option_keys(options: dict, where: str) -> None:
+    """Each key a DataConfig key that no TrainConfig key sets."""
+    from dataset import DataConfig
+
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    for key in options:
+        if key in _DATA_KEYS_OF_TRAIN:
+            raise ValueError(f"{where}: set {key!r} with the TrainConfig key "
+                             f"{_DATA_KEYS_OF_TRAIN[key]!r} instead")
+        if key not in known:
+            raise ValueError(f"{where}: unknown DataConfig key {key!r}; "
+                             + settings.key_hint(key, known - set(_DATA_KEYS_OF_TRAIN),
+                                                  "DataConfig"))
+
+
+def check_options(values: dict, source: str) -> None:
+    """The data_options and model_options of ``values`` checked on their own, so that errors
+    name ``source`` (a --config file, the flags)."""
+    for key, check in (("data_options", _check_data_options),
+                       ("model_options", _check_model_options)):
+        if isinstance(values.get(key), dict):  # else config_from_dict names the type
+            check(values[key], f"{source}: {key}")
+
+
+def _check_data_options(options: dict, where: str) -> None:
+    """The keys, and the values as a DataConfig of the other keys' defaults validates them."""
+    from dataset import DataConfig
+
+    _check_data_option_keys(options, where)
+    data_cfg = settings.config_from_dict(DataConfig, options, where)  # errors name `where`
+    try:
+        data_cfg.validate()  # its task and sources at their defaults
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def default_block_size(cfg: TrainConfig) -> int:
+    """The preset's context from scratch; with init_from its context, at most 1024."""
+    if cfg.init_from is None:
+        from architecture import PRESETS
+
+        return PRESETS[cfg.preset].block_size  # validate_config checked the preset
+    config = settings.read_json_object(Path(cfg.init_from) / HF_CONFIG, "model config")
+    context = next((config[k] for k in ("max_position_embeddings", "n_positions", "n_ctx")
+                    if k in config), 1024)
+    return min(int(context), 1024)
+
+
+def data_config(cfg: TrainConfig, block_size: int) -> DataConfig:
+    """The dataset.DataConfig of this run: task, sources and sequence length come from cfg."""
+    from dataset import DataConfig
+
+    _check_data_option_keys(cfg.data_options, "data_options")
+    options = {"progress": cfg.progress, **cfg.data_options}
+    dcfg = DataConfig(task=cfg.task, sources=list(cfg.data or ["stdlib"]),
+                      val_sources=list(cfg.val_data or []), test_sources=list(cfg.test_data or []),
+                      block_size=block_size, **options)
+    dcfg.validate()
+    return dcfg
+
+
+# The model_options a model loaded with --init-from takes (its config.json fixes the others).
+LOADED_MODEL_OPTIONS = ("attn_dropout", "dropout", "embd_dropout")
+
+# ModelConfig keys the tokenizer sets: model_options may not.
+TOKENIZER_MODEL_KEYS = ("vocab_size", "bos_id", "eos_id")
+
+
+def _check_model_options(options: dict, where: str) -> None:
+    """Each key a ModelConfig key the tokenizer does not set, each value of its type."""
+    from architecture import ModelConfig
+
+    hints = typing.get_type_hints(ModelConfig)
+    for key, value in options.items():
+        if key not in hints:
+            raise ValueError(f"{where}: unknown ModelConfig key {key!r}; "
+                             + settings.key_hint(key, hints, "ModelConfig"))
+        if key in TOKENIZER_MODEL_KEYS:
+            raise ValueError(f"{where}: {key!r} comes from the tokenizer (its vocabulary "
+                             "and special tokens); choose the tokenizer instead (--tokenizer, "
+                             "--tokenizer-max-vocab)")
+        if problem := settings.type_error(hints[key], value):
+            raise ValueError(f"{where}: key {key!r} {problem}")
+
+
+# TrainConfig keys that override a preset's ModelConfig (from-scratch models).
+MODEL_SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "mlp_hidden", "block_size", "dropout")
+
+
+def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int | None,
+                 eos_id: int | None) -> ModelConfig:
+    """Preset + overrides for a from-scratch model (derived sizes re-derived from the new ones)."""
+    from architecture import PRESETS, ModelConfig
+
+    if cfg.preset not in PRESETS:
+        raise ValueError(f"unknown preset {cfg.preset!r}; choose from {sorted(PRESETS)}")
+    values = dataclasses.asdict(PRESETS[cfg.preset])
+    shape = {k: getattr(cfg, k) for k in MODEL_SHAPE_KEYS if getattr(cfg, k) is not None}
+    if "n_head" in shape or "n_embd" in shape:
+        values.update(head_dim=None, rotary_dim=None)
+    if "n_head" in shape:
+        values["n_kv_head"] = None
+    _check_model_options(cfg.model_options, "model_options")
+    values.update(shape)
+    values.update(cfg.model_options)
+    values.update(vocab_size=vocab_size, bos_id=bos_id, eos_id=eos_id)
+    try:
+        return ModelConfig(**values)
+    except (TypeError, AttributeError, KeyError) as e:  # a malformed value the types let through
+        raise ValueError(f"model_options {json.dumps(cfg.model_options)}: {e}") from None
+
+
+def check_lora_export(cfg: TrainConfig, model: nn.Module,
+                      where_set: Callable[[str], str] = settings.flag_of) -> None:
+    """Refuse, before training, an export that would merge a LoRA into a tied weight."""
+    merges = cfg.export and cfg.lora_r > 0 and cfg.export_merged
+    import lora
+
+    tied = lora.tied_targets(model) if merges else {}
+    if not tied:
+        return
+    path, names = next(iter(tied.items()))
+    raise ValueError(f"{setting(cfg, 'export_merged', where_set)}: the LoRA target {path} "
+                     f"({setting(cfg, 'lora_targets', where_set)}) is tied to {names}, so it "
+                     f"cannot be merged: drop it from lora_targets, or train with "
+                     f"{settings.off_switch('export_merged', where_set)}")
+
+
+# What --overfit (a small model memorising the bundled corpus) honours, and what means nothing
+# to it (no run directory, no validation); any other setting is refused, not dropped.
+OVERFIT_HONOURS = ("overfit", "max_steps", "lr", "preset", "n_layer", "n_head", "n_embd",
+                   "mlp_hidden", "model_options", "seed", "device", "precision", "progress",
+                   "min_lr_ratio", "beta1", "beta2", "adam_eps", "grad_clip")
+OVERFIT_IGNORES = ("name", "out_dir", "eval_every", "eval_examples", "eval_precision",
+                   "early_stop_patience", "early_stop_min_delta", "log_every", "save_every",
+                   "keep_last", "max_time_s", "export", "export_merged", "sample_prompt",
+                   "sample_tokens")
+
+
+def overfit_settings(cfg: TrainConfig, given: set[str]) -> dict:
+    """``run_overfit``'s max_steps and lr; a ValueError naming any setting it cannot honour."""
+    defaults = TrainConfig()
+    refused = [f"{f.name}={getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
+               if f.name not in OVERFIT_HONOURS + OVERFIT_IGNORES
+               and getattr(cfg, f.name) != getattr(defaults, f.name)]
+    if refused:
+        raise ValueError(f"--overfit trains a small model on the bundled corpus: it cannot honour "
+                         f"{', '.join(refused)}; --overfit-batches K memorises that setup's data")
+    return {"max_steps": cfg.max_steps if "max_steps" in given else 400,
+            "lr": cfg.lr if "lr" in given else 3e-3}
+
+
+def command_line_sources(argv: Sequence[str] | None
+                         ) -> tuple[set[str], set[str], Callable[[str], str]]:
+    """The keys typed on the command line, those its ``--config`` file sets, and ``where_set``."""
+    args = vars(build_parser().parse_args(argv))
+    config = args.pop("config", None)
+    in_file = set(settings.read_config_file(config, "train")[0]) if config else set()
+    return set(args), in_file, _where_set_in_run(args, config, in_file, args.get("resume"))
+
+
+def check_max_steps_flag(cfg: TrainConfig, typed: set[str], source: str,
+                         set_prefix: str | None = None) -> None:
+    """Refuse a typed --max-steps that ``epochs`` overrides; ``source``: where ``epochs`` came
+    from when not typed; ``set_prefix`` ("train."): typed as recipes.py's ``--set``."""
+    if "max_steps" not in typed or cfg.epochs is None:
+        return
+    if set_prefix is None:
+        max_steps, epochs, clear = "--max-steps ", "--epochs", "--epochs none"
+    else:
+        max_steps = f"--set {set_prefix}max_steps="
+        epochs, clear = f"--set {set_prefix}epochs=N", f"--set {set_prefix}epochs=null"
+    where = "" if "epochs" in typed else f" (from {source})"
+    raise ValueError(f"{max_steps}{cfg.max_steps} has no effect: epochs={cfg.epochs:g}{where} "
+                     f"sets the run's length: change {epochs}, or {clear} to count max_steps")
+
+
+# ---- What the settings build: the tokenizer and the model ----
+
+
+def load_or_train_tokenizer(cfg: TrainConfig, dcfg: DataConfig) -> CodeTokenizer | BPETokenizer:
+    """The given tokenizer, the pretrained model's, or one trained (and cached) on the data."""
+    from dataset import prepare, publish_cache_entry, tokenizer_cache_dir
+    from tokenizer import (
+        TOKENIZER_FILE,
+        CodeTokenizer,
+        check_model_tokenizer,
+        load_tokenizer,
+        tokenizer_path,
+        where_tokenizer_is,
+    )
+
+    own = Path(cfg.init_from) / TOKENIZER_FILE if cfg.init_from is not None else None
+    if cfg.tokenizer is not None:
+        tok = load_tokenizer(cfg.tokenizer)
+        theirs = load_tokenizer(own) if own is not None and own.is_file() else tok
+        if [tok.id_to_token(i) for i in range(tok.vocab_size)] != [
+                theirs.id_to_token(i) for i in range(theirs.vocab_size)]:
+            print(f"warning: --tokenizer {cfg.tokenizer} differs from {own}, the one "
+                  f"--init-from {cfg.init_from} was trained with", file=sys.stderr)
+        if cfg.init_from is not None:
+            check_model_tokenizer(tok, tokenizer_path(cfg.tokenizer), cfg.init_from)
+        return tok
+    if own is not None:
+        if not own.is_file():
+            raise ValueError(f"--init-from {cfg.init_from}: no {TOKENIZER_FILE} in it"
+                             f"{where_tokenizer_is(cfg.init_from)}; pass --tokenizer with the "
+                             "tokenizer the checkpoint was trained with")
+        tok = load_tokenizer(own)
+        check_model_tokenizer(tok, own, cfg.init_from)
+        return tok
+    cached = tokenizer_cache_dir(dcfg, cfg.tokenizer_min_freq, cfg.tokenizer_max_vocab)
+    if dcfg.use_cache and (cached / "tokenizer.json").is_file():
+        return load_tokenizer(cached)
+
+    texts = prepare(dcfg, None).train
+    tok = CodeTokenizer.train(progress_bar(texts, desc="train tokenizer", unit="text",
+                                           enabled=dcfg.progress),
+                              min_freq=cfg.tokenizer_min_freq, max_vocab=cfg.tokenizer_max_vocab)
+    if dcfg.use_cache:  # the first complete entry stays: another run may be loading it
+        with contextlib.suppress(OSError):  # a read-only cache: the tokenizer is used uncached
+            publish_cache_entry(cached, tok.save)
+    return tok
+
+
+def build_model(cfg: TrainConfig, tok: CodeTokenizer | BPETokenizer,
+                run_dir: Path | None = None) -> nn.Module:
+    """From scratch or from ``init_from``; then the quantized base and LoRA if asked for.
+    ``run_dir``: the run whose own weights will be loaded (an init_adapter run's LoRA layout then
+    comes from its copy of the adapter's config)."""
+    import pretrained
+    from architecture import Transformer
+
+    base_dtype = SHORT_DTYPES[cfg.base_dtype]
+    if cfg.init_from is not None:
+        model = pretrained.load(cfg.init_from, dtype=base_dtype, device="cpu")
+        if tok.vocab_size > model.cfg.vocab_size:
+            raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model at "
+                             f"{cfg.init_from} only {model.cfg.vocab_size} embeddings")
+        if cfg.dropout is not None:  # embeddings and residual branches, as from scratch
+            model.cfg.dropout = model.cfg.embd_dropout = cfg.dropout
+        for key, value in cfg.model_options.items():  # LOADED_MODEL_OPTIONS: read live
+            setattr(model.cfg, key, value)
+    else:
+        model = Transformer(model_config(cfg, tok.vocab_size, tok.bos_id, tok.eos_id))
+        model.to(base_dtype)
+    if cfg.lora_r > 0:
+        import lora
+
+        if cfg.quantize_bits:
+            lora.quantize_base(model, bits=cfg.quantize_bits)
+        copy = run_adapter_copy(run_dir) if run_dir is not None else None
+        if cfg.init_adapter is not None and copy is not None:  # the weights: the run's own
+            lora.apply_adapter_layout(model, copy.parent, copy.name)
+        elif cfg.init_adapter is not None:  # its own config (with_init_adapter read it)
+            if changed := lora.changed_base_tensors(model, cfg.init_adapter):
+                raise ValueError(
+                    f"init_adapter {cfg.init_adapter}: its {changed[0]} (of {len(changed)}) "
+                    f"differs from the base's, {cfg.init_from}; a resume and the export would lose "
+                    "it: save the merged base (PEFT: unload().save_pretrained), use --init-from")
+            lora.load_adapter(model, cfg.init_adapter)
+        else:
+            options = {"target_modules": cfg.lora_targets} if cfg.lora_targets else {}
+            lora.apply_lora(model, lora.LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha,
+                                                   dropout=cfg.lora_dropout,
+                                                   use_dora=cfg.lora_dora, bias=cfg.lora_bias,
+                                                   modules_to_save=cfg.lora_modules_to_save,
+                                                   **options))
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    return model
