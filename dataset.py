@@ -1429,6 +1429,27 @@ def _examples_for(doc: Doc, cfg: DataConfig, events: Counter) -> list[Example]:
     raise AssertionError(cfg.task)
 
 
+def held_out_prompt(docs: Iterable[Doc], cfg: DataConfig) -> tuple[str, bool] | None:
+    """An end-of-run sample's prompt in the task's format from held-out documents, and whether
+    its completion is code that ends with its function (else it ends with the output): a pair
+    task's first example, or the header (and docstring) of a file's first top-level function."""
+    for doc in docs:
+        if cfg.task in ("lm", "fim", "completion") and doc.target is None:
+            parsed = _parse(doc) if doc.is_python else None
+            functions = [n for n in parsed.tree.body if isinstance(
+                n, (ast.FunctionDef, ast.AsyncFunctionDef))] if parsed else []
+            for fn in functions:
+                docstring = docstring_statement(fn)
+                end = docstring.end_lineno if docstring else fn.body[0].lineno - 1
+                if end >= fn.lineno:  # not a one-line `def f(): ...`
+                    start = min([fn.lineno, *(d.lineno for d in fn.decorator_list)])
+                    return "\n".join(parsed.lines[start - 1 : end]) + "\n", True
+        elif cfg.task not in ("lm", "fim", "completion") and (doc.target or cfg.task != "refactor"):
+            if examples := _examples_for(doc, cfg, Counter()):
+                return examples[0].prompt, cfg.task == "method"
+    return None
+
+
 _CHARS_PER_TOKEN_BOUND = 32
 
 

@@ -41,7 +41,14 @@ import process
 import rundir
 import settings
 import trainconfig
-from generation import MIN_TEMPERATURE, GenerationConfig, generate, stream
+from generation import (
+    FUNCTION_STOPS,
+    MIN_TEMPERATURE,
+    GenerationConfig,
+    generate,
+    stream,
+    truncate_at_stops,
+)
 from process import progress_bar
 from sandbox import (
     MIN_MEMORY_MB,
@@ -220,8 +227,6 @@ def semantic_similarity(preds: Sequence[str], refs: Sequence[str], progress: boo
 
 PROBLEMS_FILE = settings.bundled("data", "passk_problems.jsonl")
 PROBLEM_KEYS = ("task_id", "prompt", "entry_point", "test")
-# HumanEval's stop sequences: a completion ends where top-level code starts again.
-FUNCTION_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n@", "\nassert ")
 
 
 def _compile_error(source: str, what: str) -> str | None:
@@ -354,12 +359,6 @@ def run_checks(jobs: Sequence[tuple[dict, str]], sandbox: SandboxConfig, workers
             pool.shutdown(wait=False, cancel_futures=True)
             kill_running()
             raise
-
-
-def truncate_at_stops(text: str, stops: Sequence[str] = FUNCTION_STOPS) -> str:
-    """Cut a generated text where the first stop sequence begins."""
-    cut = min((i for s in stops if (i := text.find(s)) >= 0), default=len(text))
-    return text[:cut]
 
 
 # ---- Configuration ------------------------------------------------------------------------

@@ -27,6 +27,8 @@ GRAPH_CACHE_STEP = 256
 # Below it, fp32 logits / temperature overflow to inf and the softmax is NaN (transformers fails
 # there too, inside multinomial); above, such a temperature samples the argmax anyway.
 MIN_TEMPERATURE = 1e-10
+# HumanEval's stop sequences: a function's completion ends where top-level code starts again.
+FUNCTION_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n@", "\nassert ")
 
 
 @dataclass
@@ -440,3 +442,9 @@ def _parse_stop(stop) -> list[str | list[int]]:
     out = [s if isinstance(s, str) else _token_ids(s, "stop") for s in stop]
     _need(all(out), "stop: an empty string or id sequence would end every row at once")
     return out
+
+
+def truncate_at_stops(text: str, stops: Sequence[str] = FUNCTION_STOPS) -> str:
+    """Cut a generated text where the first stop sequence begins."""
+    cut = min((i for s in stops if (i := text.find(s)) >= 0), default=len(text))
+    return text[:cut]

@@ -131,8 +131,9 @@ class TrainConfig:
     # end of run
     export: bool = True  # write export/: HF model + tokenizer, or the PEFT adapter
     export_merged: bool = False  # under LoRA: also write the merged full model
-    sample_prompt: str = "def fibonacci(n):\n"  # completed greedily at the end (with --export)
-    sample_tokens: int = 48  # tokens of that sample
+    sample_prompt: str | None = None  # completed greedily at the end (with --export); None: a
+    #   held-out prompt in the task's format (a function's header, a validation pair's input)
+    sample_tokens: int = 96  # at most this many tokens of that sample
     # debugging
     overfit: bool = False  # train on the bundled tiny corpus until it is memorised
     overfit_batches: int = 0  # overfit K batches of the real training data

@@ -52,6 +52,7 @@ from checkpoint import (
     with_absolute_paths,
     write_dir_atomically,
 )
+from generation import FUNCTION_STOPS, truncate_at_stops
 from process import progress_bar
 from rundir import RunLog, best_step, list_checkpoints
 from settings import setting
@@ -978,10 +979,12 @@ def _export(run: Run) -> tuple[Path | None, str | None]:
         exported_step = best_step(run.run_dir)
     if not run.main:
         return None, None
-    sample = sample_completion(model, tok, cfg.sample_prompt, cfg.sample_tokens, cfg.task,
-                               run.dcfg.pair_special_tokens)
-    print(f"sample completion (greedy, best checkpoint at step {run.state.best_step}):\n"
-          f"{cfg.sample_prompt}{sample}")
+    prompt, code = _sample_prompt(run)
+    if prompt:
+        sample = sample_completion(model, tok, prompt, cfg.sample_tokens, cfg.task,
+                                   run.dcfg.pair_special_tokens, FUNCTION_STOPS if code else ())
+        print(f"sample completion (greedy, best checkpoint at step {run.state.best_step}):\n"
+              f"{prompt}{sample}")
     export = run.run_dir / rundir.EXPORT_DIR
 
     def write(tmp: Path) -> None:
@@ -1128,9 +1131,21 @@ def copy_hf_companions(cfg: TrainConfig, tok: object, out: Path, weights: bool) 
 
 
 @torch.no_grad()
+def _sample_prompt(run: Run) -> tuple[str | None, bool]:
+    """--sample-prompt (code: a function to end), else a held-out one in the task's format."""
+    if run.cfg.sample_prompt is not None:
+        return run.cfg.sample_prompt, run.cfg.task in ("lm", "fim", "completion", "method")
+    from dataset import held_out_prompt, load_corpus
+
+    corpus = load_corpus(run.dcfg)  # the cache's, as the run prepared it
+    return held_out_prompt([*corpus.val, *corpus.test, *corpus.train], run.dcfg) or (None, False)
+
+
 def sample_completion(model: nn.Module, tok: CodeTokenizer | BPETokenizer, prompt: str,
-                      max_new_tokens: int, task: str, pair_special_tokens: bool = False) -> str:
-    """Greedy continuation of ``prompt``, formatted and encoded as the run's ``task`` data."""
+                      max_new_tokens: int, task: str, pair_special_tokens: bool = False,
+                      stops: Sequence[str] = ()) -> str:
+    """Greedy continuation of ``prompt``, formatted and encoded as the run's ``task`` data, cut
+    at the first of ``stops`` (eval's decoding)."""
     from dataset import encode_prompts, prompt_prefix, reads_special_tokens
     from generation import GenerationConfig, generate
     from tokenizer import decode_generated, generation_eos_ids
@@ -1145,9 +1160,12 @@ def sample_completion(model: nn.Module, tok: CodeTokenizer | BPETokenizer, promp
     was_training = model.training
     model.eval()
     out = generate(model, torch.tensor([ids], device=device),
-                   GenerationConfig(max_new_tokens, eos_id=eos or None))
+                   GenerationConfig(max_new_tokens, eos_id=eos or None, stop=list(stops) or None,
+                                    decode=partial(decode_generated, tok)))
     model.train(was_training)
-    return decode_generated(tok, [i for i in out[0, len(ids):].tolist() if i not in eos])
+    new = out[0, len(ids):].tolist()
+    text = decode_generated(tok, new[: next((i for i, t in enumerate(new) if t in eos), len(new))])
+    return truncate_at_stops(text, stops)
 
 
 def _leave_group() -> None:

@@ -2905,3 +2905,16 @@ def test_a_hugging_face_dataset_id_reads_its_train_split_from_the_hub_cache(tmp_
     with pytest.raises(DataError, match=r"org/missing: no such directory, and no Hugging Face "
                                         r"snapshot.*--repo-type dataset"):
         dataset.load_corpus(cfg(tmp_path, sources=["org/missing"]))
+
+
+def test_the_held_out_sample_prompt_is_in_the_tasks_format(tmp_path):
+    """lm: the header and docstring of a file's first top-level function (code that ends with
+    the function); refactor: a pair's prompt (ending with the output)."""
+    doc = dataset.Doc("a.py", 'import os\n\n\n@cache\ndef area(r):\n    """Of a circle."""\n'
+                      "    return 3.14 * r * r\n\n\ndef one(): return 1\n")
+    assert dataset.held_out_prompt([doc], cfg(tmp_path)) == (
+        '@cache\ndef area(r):\n    """Of a circle."""\n', True)
+    pair = dataset.Doc("p.jsonl:1", "x = 1\n", target="x = 1  # one\n")
+    prompt, code = dataset.held_out_prompt([doc, pair], cfg(tmp_path, task="refactor"))
+    assert prompt == dataset.REFACTOR_TEMPLATE.format(input="x = 1\n") and not code
+    assert dataset.held_out_prompt([pair], cfg(tmp_path)) is None

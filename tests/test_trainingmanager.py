@@ -1202,6 +1202,24 @@ def test_sample_prompt_is_formatted_as_the_task_trained(assets, tmp_path, monkey
     assert seen == [[tok.eos_id, *body], body]  # supervised examples do not start after an EOS
 
 
+def test_the_sample_stops_where_its_function_ends(assets, tmp_path, monkeypatch):
+    """The end-of-run sample decodes as eval does: cut at EOS or at the first stop string."""
+    import generation
+
+    tok = load_tokenizer(assets["tokenizer"])
+    model = tm.build_model(tiny_cfg(assets, tmp_path), tok)
+    more = tok.encode("    return 1\ndef g():\n    pass\n")
+
+    def generate(model, idx, cfg, attention_mask=None):
+        return torch.cat([idx, torch.tensor([more])], dim=1)
+
+    monkeypatch.setattr(generation, "generate", generate)
+    assert tm.sample_completion(model, tok, "def f():\n", 32, "lm", stops=tm.FUNCTION_STOPS) == (
+        "    return 1")
+    assert tm.sample_completion(model, tok, "def f():\n", 32, "lm").startswith(
+        "    return 1\ndef g():")
+
+
 def test_sample_prompt_reads_special_token_text_as_the_runs_pairs_did(tmp_path, monkeypatch,
                                                                      capsys):
     """The end-of-run sample of a chat-formatted prompt: a run trained with pair_special_tokens
@@ -1244,7 +1262,8 @@ def test_the_end_of_run_sample_follows_the_runs_pair_special_tokens(assets, tmp_
     options = {"cache_dir": assets["cache"], "progress": False, "pair_special_tokens": reads}
     tm.train(tiny_cfg(assets, tmp_path, task="method", max_steps=1, eval_every=1,
                       warmup_steps=0, export=True, data_options=options))
-    assert [a[2:] for a in asked] == [("def fibonacci(n):\n", 8, "method", reads)]
+    (prompt, *rest), = [a[2:] for a in asked]  # a held-out method example's header
+    assert prompt.startswith("def ") and rest == [8, "method", reads, tm.FUNCTION_STOPS]
 
 
 def test_loading_tensors_of_another_shape_names_the_tensor(assets, tmp_path):
