@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -3552,6 +3553,7 @@ def test_wandb_offline_gets_the_config_and_scalars_and_a_resume_continues_its_ru
     monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = tiny_cfg(assets, tmp_path, max_steps=4, report_to=["wandb"])
     run_dir = tm.train(cfg).run_dir
+    time.sleep(1.1)  # W&B names an offline run's directory by the second it starts
     tm.train(dataclasses.replace(cfg, resume=str(run_dir), max_steps=8))
     run_id = json.loads((run_dir / "trackers.json").read_text())["wandb"]
     files = sorted(run_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
