@@ -3593,6 +3593,45 @@ def test_mlflow_gets_the_config_and_scalars_and_a_resume_continues_its_run(
     assert json.loads((run_dir / "trackers.json").read_text())["mlflow"] != run_id
 
 
+def test_the_three_trackers_hold_the_same_series_and_config_across_a_resume(assets, tmp_path,
+                                                                          monkeypatch):
+    """--report-to tensorboard wandb mlflow: each read back by its own library holds the val
+    loss series of metrics.jsonl and the config, one run each continued by --resume."""
+    mlflow = pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    uri = f"file:{tmp_path / 'mlruns'}"
+    for key, value in (("MLFLOW_TRACKING_URI", uri), ("MLFLOW_ALLOW_FILE_STORE", "true"),
+                       ("WANDB_MODE", "offline"), ("WANDB_SILENT", "true")):
+        monkeypatch.setenv(key, value)
+    cfg = tiny_cfg(assets, tmp_path, max_steps=4, eval_every=2,
+                   report_to=["tensorboard", "wandb", "mlflow"])
+    run_dir = tm.train(cfg).run_dir
+    time.sleep(1.1)  # W&B names an offline run's directory by the second it starts
+    tm.train(dataclasses.replace(cfg, resume=str(run_dir), max_steps=6))
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    want = {r["step"]: r["val_loss"] for r in lines if r["kind"] == "val"}
+    assert sorted(want) == [2, 4, 6]
+    events = EventAccumulator(str(run_dir / rundir.TB_DIR))
+    events.Reload()
+    tensorboard = {e.step: e.value for e in events.Scalars("val/val_loss")}
+    ids = json.loads((run_dir / "trackers.json").read_text())
+    client = mlflow.MlflowClient(uri)
+    mlflow_series = {m.step: m.value for m in client.get_metric_history(ids["mlflow"],
+                                                                       "val_val_loss")}
+    assert json.loads(client.get_run(ids["mlflow"]).data.params["lr"]) == cfg.lr
+    wandb_series = {}
+    for file in sorted(run_dir.glob(f"wandb/offline-run-*-{ids['wandb']}/*.wandb")):
+        for r in _wandb_records(file):
+            items = {i.key or "/".join(i.nested_key): i.value_json for i in r.history.item}
+            if "val/val_loss" in items:
+                wandb_series[int(items["_step"])] = json.loads(items["val/val_loss"])
+    for series in (tensorboard, mlflow_series, wandb_series):
+        assert sorted(series) == [2, 4, 6]
+        assert all(series[k] == pytest.approx(want[k], rel=1e-6) for k in want)
+
+
 def test_a_tracker_that_is_not_installed_names_its_package(monkeypatch):
     import importlib.util
 
