@@ -48,45 +48,31 @@ DEFAULT_RAW_URL = "https://raw.githubusercontent.com"
 
 @dataclass
 class GitHubConfig:
-    out: str = field(metadata={"help": "output JSONL file"})
-    state: str | None = field(
-        default=None, metadata={"help": "resume state file (default: OUT.state)"})
-    language: str | None = field(
-        default="python", metadata={"help": "language qualifier ('' for any)"})
-    min_stars: int = field(default=100, metadata={"help": "keep repos with more stars than this"})
-    since: str = field(default="2015-01-01", metadata={"help": "first date (YYYY-MM-DD)"})
-    until: str | None = field(
-        default=None, metadata={"help": "last date, inclusive (default: today, fixed at start)"})
-    date_field: str = field(
-        default="created", metadata={"help": "date qualifier to range over",
-                                     "choices": ("created", "pushed")})
-    extra_query: str = field(
-        default="", metadata={"help": "more search qualifiers, e.g. 'topic:web archived:false'"})
-    extensions: list[str] = field(
-        default_factory=lambda: [".py"], metadata={"help": "file extensions to keep"})
-    min_bytes: int = field(default=1_000, metadata={"help": "smallest file kept, in bytes"})
-    max_bytes: int = field(default=100_000, metadata={"help": "largest file kept, in bytes"})
-    licenses: list[str] | None = field(
-        default=None,
-        metadata={"help": "SPDX licence ids to accept, as GitHub reports them ('permissive' = "
-                          "MIT, Apache-2.0, BSD, ...; 'none' = repos GitHub detects no licence in); default: any",
-                  "none_is_a_value": True})
-    max_repos: int | None = field(
-        default=None, metadata={"help": "stop after this many finished repos, over all runs"})
-    api_url: str = field(
-        default=DEFAULT_API_URL, metadata={"help": "REST API root (GitHub Enterprise: "
-                                                   "https://HOST/api/v3)"})
-    raw_url: str | None = field(
-        default=None, metadata={"help": "raw file host (default: raw.githubusercontent.com for "
-                                        "github.com; the blob API otherwise)"})
-    workers: int = field(default=8, metadata={"help": "parallel file downloads"})
-    retries: int = field(default=6, metadata={"help": "retries per request"})
-    backoff: float = field(
-        default=1.0, metadata={"help": "first backoff pause in seconds (doubles, with jitter)"})
-    max_wait: float = field(
-        default=3600.0, metadata={"help": "longest rate-limit wait in seconds (then stop, resumably)"})
-    timeout: float = field(default=30.0, metadata={"help": "HTTP timeout in seconds"})
-    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+    out: str  # output JSONL file
+    state: str | None = None  # resume state file (default: OUT.state)
+    language: str | None = "python"  # language qualifier ('' for any)
+    min_stars: int = 100  # keep repos with more stars than this
+    since: str = "2015-01-01"  # first date (YYYY-MM-DD)
+    until: str | None = None  # last date, inclusive (default: today, fixed at start)
+    date_field: str = field(default="created", metadata={"choices": ("created", "pushed")})
+    #   date qualifier to range over
+    extra_query: str = ""  # more search qualifiers, e.g. 'topic:web archived:false'
+    extensions: list[str] = field(default_factory=lambda: [".py"])  # file extensions to keep
+    min_bytes: int = 1_000  # smallest file kept, in bytes
+    max_bytes: int = 100_000  # largest file kept, in bytes
+    licenses: list[str] | None = field(default=None, metadata={"none_is_a_value": True})
+    #   SPDX licence ids to accept, as GitHub reports them ('permissive' = MIT, Apache-2.0, BSD,
+    #   ...; 'none' = repos GitHub detects no licence in); default: any
+    max_repos: int | None = None  # stop after this many finished repos, over all runs
+    api_url: str = DEFAULT_API_URL  # REST API root (GitHub Enterprise: https://HOST/api/v3)
+    raw_url: str | None = None  # raw file host (default: raw.githubusercontent.com for
+    #   github.com; the blob API otherwise)
+    workers: int = 8  # parallel file downloads
+    retries: int = 6  # retries per request
+    backoff: float = 1.0  # first backoff pause in seconds (doubles, with jitter)
+    max_wait: float = 3600.0  # longest rate-limit wait in seconds (then stop, resumably)
+    timeout: float = 30.0  # HTTP timeout in seconds
+    progress: bool = True  # show progress bars
 
 
 @dataclass(frozen=True)

@@ -42,25 +42,19 @@ LICENSE_FROM_FILES = "from each source's licence file"
 
 @dataclass
 class LocalConfig:
-    sources: list[str] = field(metadata={"help": "directories or git URLs to collect from"})
-    out: str = field(metadata={"help": "output JSONL file (a stopped run resumes via OUT.state)"})
-    extensions: list[str] = field(
-        default_factory=lambda: [".py"], metadata={"help": "file extensions to keep"})
-    min_bytes: int = field(default=1, metadata={"help": "smallest file kept, in bytes"})
-    max_bytes: int = field(default=1_000_000, metadata={"help": "largest file kept, in bytes"})
-    branch: str | None = field(
-        default=None, metadata={"help": "branch or tag to clone (default: the remote's HEAD)"})
-    license: str | None = field(
-        default=None, metadata={"help": "SPDX licence id of every source (default: each "
-                                        "source's LICENSE/COPYING file)"})
-    licenses: list[str] | None = field(
-        default=None,
-        metadata={"help": "SPDX licence ids to accept, as 'scraping github --licenses' "
-                          "('permissive', 'none' = no licence file); default: any",
-                  "none_is_a_value": True})
-    state: str | None = field(
-        default=None, metadata={"help": "resume state file (default: OUT.state)"})
-    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+    sources: list[str]  # directories or git URLs to collect from
+    out: str  # output JSONL file (a stopped run resumes via OUT.state)
+    extensions: list[str] = field(default_factory=lambda: [".py"])  # file extensions to keep
+    min_bytes: int = 1  # smallest file kept, in bytes
+    max_bytes: int = 1_000_000  # largest file kept, in bytes
+    branch: str | None = None  # branch or tag to clone (default: the remote's HEAD)
+    license: str | None = None  # SPDX licence id of every source (default: each source's
+    #   LICENSE/COPYING file)
+    licenses: list[str] | None = field(default=None, metadata={"none_is_a_value": True})
+    #   SPDX licence ids to accept, as 'scraping github --licenses' ('permissive', 'none' = no
+    #   licence file); default: any
+    state: str | None = None  # resume state file (default: OUT.state)
+    progress: bool = True  # show progress bars
 
 
 def is_git_source(source: str) -> bool:
