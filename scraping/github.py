@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timedelta, timezone
-from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 import requests
@@ -24,13 +23,12 @@ from scraping.common import (
     FileFilter,
     ResumableOutput,
     Summary,
-    check_output_file,
     decode_source,
     expand_licenses,
     git_blob_sha,
     license_allowed,
     make_record,
-    normalize_extensions,
+    output_paths,
 )
 
 log = logging.getLogger("scraping")
@@ -249,8 +247,7 @@ class GitHubScraper:
 
     def __init__(self, cfg: GitHubConfig, client: GitHubClient | None = None):
         self.cfg = cfg
-        self.filter = FileFilter(normalize_extensions(cfg.extensions), cfg.min_bytes,
-                                 cfg.max_bytes)
+        self.filter = FileFilter(cfg.extensions, cfg.min_bytes, cfg.max_bytes)
         self.allowed = expand_licenses(cfg.licenses)
         if cfg.workers < 1:
             raise ValueError(f"--workers {cfg.workers}: need at least 1")
@@ -276,10 +273,7 @@ class GitHubScraper:
 
     def run(self) -> Summary:
         cfg = self.cfg
-        out = Path(cfg.out)
-        state = Path(cfg.state) if cfg.state else out.with_name(out.name + ".state")
-        check_output_file(out, "--out")
-        check_output_file(state, "--state")
+        out, state = output_paths(cfg.out, cfg.state)
         previous = ResumableOutput.read_settings(state) if state.exists() else {}
         until = cfg.until or previous.get("until") or date.today().isoformat()
         start = datetime.combine(_parse_day(cfg.since, "since"), datetime.min.time(),

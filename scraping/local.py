@@ -18,14 +18,13 @@ from scraping.common import (
     ResumableOutput,
     Summary,
     canonical_license,
-    check_output_file,
     decode_source,
     expand_licenses,
     git_blob_sha,
     is_utf8,
     license_allowed,
     make_record,
-    normalize_extensions,
+    output_paths,
     redact_url,
     walk_source_tree,
 )
@@ -130,16 +129,13 @@ def collect_local(cfg: LocalConfig) -> Summary:
     stopped run with the same filters finished are skipped); returns the counts."""
     if not cfg.sources:
         raise ValueError("give at least one directory or git URL to collect from")
-    file_filter = FileFilter(normalize_extensions(cfg.extensions), cfg.min_bytes, cfg.max_bytes)
+    file_filter = FileFilter(cfg.extensions, cfg.min_bytes, cfg.max_bytes)
     license_id = canonical_license(cfg.license)
     allowed = expand_licenses(cfg.licenses)
     if license_id is not None and not license_allowed(license_id, allowed):
         raise ValueError(f"--license {license_id} is not one of --licenses: every source "
                          "would be skipped")
-    out = Path(cfg.out)
-    state = Path(cfg.state) if cfg.state else out.with_name(out.name + ".state")
-    check_output_file(out, "--out")
-    check_output_file(state, "--state")
+    out, state = output_paths(cfg.out, cfg.state)
     sources = [(source, *_source_key(source)) for source in cfg.sources]  # all checked up front
     settings = {"extensions": list(file_filter.extensions), "min_bytes": cfg.min_bytes,
                 "max_bytes": cfg.max_bytes, "branch": cfg.branch,
