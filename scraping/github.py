@@ -73,8 +73,8 @@ class GitHubConfig:
     progress: bool = True  # show progress bars
 
 
-@dataclass(frozen=True)
-class TreeFile:
+@dataclass(frozen=True, order=True)
+class TreeFile:  # ordered by path: paths are unique in a tree
     path: str
     sha: str
     size: int
@@ -214,17 +214,13 @@ def _tree_files(entries: list[dict], prefix: str) -> list[TreeFile]:
             and EXCLUDED_DIRS.isdisjoint((prefix + e["path"]).split("/")[:-1])]
 
 
-def list_repo_files(client: GitHubClient, repo: str, commit: str) -> list[TreeFile] | None:
-    """Every blob in the repo at ``commit``; None when the repo has no tree."""
-    files = _walk_tree(client, repo, commit, "")
-    return None if files is None else sorted(files, key=lambda f: f.path)
-
-
-def _walk_tree(client: GitHubClient, repo: str, sha: str, prefix: str) -> list[TreeFile] | None:
-    """The blobs of one recursive listing, or level by level where GitHub truncates it."""
+def list_repo_files(client: GitHubClient, repo: str, sha: str, prefix: str = ""
+                    ) -> list[TreeFile] | None:
+    """Every blob in the repo at commit ``sha`` (or in its sub-tree ``sha`` at ``prefix``), sorted
+    by path; None when there is no tree. Level by level where GitHub truncates the listing."""
     tree = _get_tree(client, repo, sha, recursive=True)
     if tree is None or not tree.get("truncated"):
-        return tree and _tree_files(tree["tree"], prefix)
+        return tree and sorted(_tree_files(tree["tree"], prefix))
     log.info("tree %s%s of %s is truncated: walking sub-trees", prefix, sha, repo)
     level = _get_tree(client, repo, tree["sha"], recursive=False) or {"tree": []}
     if level.get("truncated"):
@@ -233,8 +229,8 @@ def _walk_tree(client: GitHubClient, repo: str, sha: str, prefix: str) -> list[T
     files = _tree_files(level["tree"], prefix)
     for entry in level["tree"]:
         if entry.get("type") == "tree" and entry["path"] not in EXCLUDED_DIRS:
-            files += _walk_tree(client, repo, entry["sha"], f"{prefix}{entry['path']}/") or []
-    return files
+            files += list_repo_files(client, repo, entry["sha"], f"{prefix}{entry['path']}/") or []
+    return sorted(files)
 
 
 def _plain_path(path: str) -> bool:
