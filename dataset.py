@@ -1206,32 +1206,26 @@ def reads_special_tokens(task: str | None, pair_special_tokens: object) -> bool:
 
 
 def _encode(tokenizer, texts: list[str], cfg: DataConfig, desc: str,
-            specials: Sequence[bool] | None = None) -> list[list[int]]:
+            specials: Sequence[bool] = ()) -> list[list[int]]:
     """encode_batch in chunks (bounded memory, a progress bar); a special token's text is text,
     except in the texts ``specials`` marks (``pair_special_tokens``)."""
-    if specials is not None and any(specials):
-        out: list[list[int]] = [[] for _ in texts]
-        for read in (False, True):
-            which = [i for i, r in enumerate(specials) if r == read]
-            encoded = _encode_batches(tokenizer, [texts[i] for i in which], cfg, desc, not read)
-            for i, ids in zip(which, encoded):
-                out[i] = ids
-        return out
-    return _encode_batches(tokenizer, texts, cfg, desc, True)
-
-
-def _encode_batches(tokenizer, texts: list[str], cfg: DataConfig, desc: str,
-                    split_special_tokens: bool) -> list[list[int]]:
-    out: list[list[int]] = []
-    start = size = 0
+    specials = list(specials) or [False] * len(texts)
+    out: list[list[int]] = [[] for _ in texts]
     with progress_bar(total=len(texts), desc=desc, unit="text", enabled=cfg.progress) as bar:
-        for end, text in enumerate(texts, start=1):
-            size += len(text)
-            if size >= 16_000_000 or end == len(texts):
-                out.extend(tokenizer.encode_batch(texts[start:end], num_workers=cfg.num_workers,
-                                                  split_special_tokens=split_special_tokens))
-                bar.update(end - start)
-                start, size = end, 0
+        for read in (False, True):
+            which = [i for i, r in enumerate(specials) if bool(r) == read]
+            start = size = 0
+            for end, i in enumerate(which, start=1):
+                size += len(texts[i])
+                if size >= 16_000_000 or end == len(which):
+                    chunk = which[start:end]
+                    encoded = tokenizer.encode_batch([texts[j] for j in chunk],
+                                                     num_workers=cfg.num_workers,
+                                                     split_special_tokens=not read)
+                    for j, ids in zip(chunk, encoded):
+                        out[j] = ids
+                    bar.update(end - start)
+                    start, size = end, 0
     return out
 
 
@@ -1572,18 +1566,6 @@ def _build_supervised(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path) -> 
     return meta
 
 
-def _open_task(path: Path, meta: dict, cfg: DataConfig, tokenizer, cache_hit: bool) -> PreparedData:
-    task = meta["task"]
-    if cfg.task == "lm":
-        splits = {s: LMWindows(path / f"{s}.bin", task["dtype"], task["n_tokens"][s],
-                               cfg.block_size, 1 if s == "train" else cfg.block_size)
-                  for s in SPLITS}
-    else:
-        splits = {s: SupervisedExamples(path, s) for s in SPLITS}
-    return PreparedData(**splits, task=cfg.task, stats={**meta, "cache_hit": cache_hit},
-                        cache_path=path, pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id)
-
-
 def prepare(cfg: DataConfig, tokenizer: CodeTokenizer | BPETokenizer | None = None
             ) -> PreparedData:
     """Build (or load from cache) the three splits of ``cfg.task``; ``tokenizer=None`` returns
@@ -1611,35 +1593,35 @@ def prepare(cfg: DataConfig, tokenizer: CodeTokenizer | BPETokenizer | None = No
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
         publish_cache_entry(path, write, replace=not cfg.use_cache)
-    _note_pairs_as_text(cfg, meta["corpus"])
-    _note_special_token_text(cfg, meta["task"])
-    return _open_task(path, meta, cfg, tokenizer, cache_hit)
+    _note_pairs_as_text(cfg, meta)
+    task = meta["task"]
+    if cfg.task == "lm":
+        splits = {s: LMWindows(path / f"{s}.bin", task["dtype"], task["n_tokens"][s],
+                               cfg.block_size, 1 if s == "train" else cfg.block_size)
+                  for s in SPLITS}
+    else:
+        splits = {s: SupervisedExamples(path, s) for s in SPLITS}
+    return PreparedData(**splits, task=cfg.task, stats={**meta, "cache_hit": cache_hit},
+                        cache_path=path, pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id)
 
 
-def _note_special_token_text(cfg: DataConfig, task_meta: dict) -> None:
-    """A note where pair records hold a special token's text and ``pair_special_tokens`` is off:
-    chat-formatted records then do not train the chat format."""
-    if cfg.pair_special_tokens:
-        return
+def _note_pairs_as_text(cfg: DataConfig, meta: dict) -> None:
+    """Notes on pair records that train as plain text: one per pairs source under the lm task,
+    and one where pairs hold a special token's text and ``pair_special_tokens`` is off
+    (chat-formatted records then do not train the chat format)."""
+    # By position: the note names each source as given now, however the cache spelled it.
+    for (_, source), n in zip(_sources_by_split(cfg), meta["corpus"]["pairs"]):
+        if n and cfg.task == "lm":
+            print(f"note: {source} holds {n} input/output pairs; the lm task trains on each as "
+                  "plain text (input, newline, output; the loss on both): another task, e.g. "
+                  "--task refactor, trains on the output only", file=sys.stderr)
     n = sum(events.get("pair_holds_special_token_text", 0)
-            for events in task_meta.get("events", {}).values())
-    if n:
+            for events in meta["task"].get("events", {}).values())
+    if n and not cfg.pair_special_tokens:
         print(f"note: {n} input/output pair(s) hold the text of a special token of the tokenizer "
               "(e.g. <|eot_id|>), encoded as text: to read it as the token, as transformers' "
               "tokenizer(text) does, use --pair-special-tokens or --data-options "
               "'{\"pair_special_tokens\": true}'", file=sys.stderr)
-
-
-def _note_pairs_as_text(cfg: DataConfig, corpus_stats: dict) -> None:
-    """One note per pairs source under the lm task, which trains on pairs as plain text."""
-    if cfg.task != "lm":
-        return
-    # By position: the note names each source as given now, however the cache spelled it.
-    for (_, source), n in zip(_sources_by_split(cfg), corpus_stats["pairs"]):
-        if n:
-            print(f"note: {source} holds {n} input/output pairs; the lm task trains on each as "
-                  "plain text (input, newline, output; the loss on both): another task, e.g. "
-                  "--task refactor, trains on the output only", file=sys.stderr)
 
 
 # --- CLI ---
