@@ -1,6 +1,4 @@
-"""Scrape source files from GitHub: search repositories, list their trees, download the files.
-Defaults: Python repositories with more than 100 stars created since 2015, ``.py`` files of
-1-100 KB."""
+"""Scrape source files from GitHub: search repositories, list their trees, download the files."""
 
 from __future__ import annotations
 
@@ -290,23 +288,20 @@ class GitHubScraper:
             log.info("resuming: %d repos already finished", len(store.done))
         repos = search_repositories(self.client, build_query(cfg), cfg.date_field, start, end)
         seen: set[str] = set()
-        bar = progress_bar(desc="repos", unit="repo", enabled=cfg.progress)
-        try:
-            with ThreadPoolExecutor(cfg.workers) as pool:
-                for item in repos:
-                    if cfg.max_repos is not None and len(store.done) >= cfg.max_repos:
-                        break
-                    name = item["full_name"]
-                    if name in seen or name in store.done:
-                        self.summary.repos["already_done" if name in store.done
-                                           else "repeated_in_search"] += 1
-                        continue
-                    seen.add(name)
-                    self._scrape_repo(item, store, pool)
-                    bar.update()
-                    bar.set_postfix(files=self.summary.files["kept"])
-        finally:
-            bar.close()
+        with (progress_bar(desc="repos", unit="repo", enabled=cfg.progress) as bar,
+              ThreadPoolExecutor(cfg.workers) as pool):
+            for item in repos:
+                if cfg.max_repos is not None and len(store.done) >= cfg.max_repos:
+                    break
+                name = item["full_name"]
+                if name in seen or name in store.done:
+                    self.summary.repos["already_done" if name in store.done
+                                       else "repeated_in_search"] += 1
+                    continue
+                seen.add(name)
+                self._scrape_repo(item, store, pool)
+                bar.update()
+                bar.set_postfix(files=self.summary.files["kept"])
         return self.summary
 
     def _scrape_repo(self, item: dict, store: ResumableOutput, pool: ThreadPoolExecutor) -> None:
