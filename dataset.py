@@ -266,10 +266,8 @@ def _read_jsonl(path: Path, skip_bad: bool, counts: Counter) -> Iterator[Doc]:
         for lineno, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
-            where = f"{path}:{lineno}"
-            raw = raw.rstrip(b"\r\n")  # else an error at the line's end is json's "line 2"
-            try:
-                doc = _record_to_doc(_json_line(raw, where), path, lineno, where)
+            try:  # without its line end: else an error at the line's end is json's "line 2"
+                doc = _record_to_doc(raw.rstrip(b"\r\n"), path, lineno)
             except DataError as exc:
                 if not skip_bad:
                     raise DataError(f"{exc} (skip such lines with --skip-bad, or the data "
@@ -279,8 +277,13 @@ def _read_jsonl(path: Path, skip_bad: bool, counts: Counter) -> Iterator[Doc]:
             yield doc
 
 
-def _json_line(raw: bytes, where: str) -> dict:
-    """One JSONL line's object; a DataError names ``where`` (file:line) and the column."""
+# A code record's text: the scrapers' key, then that of some published corpora.
+TEXT_KEYS = ("text", "file_text")
+
+
+def _record_to_doc(raw: bytes, path: Path, lineno: int) -> Doc:
+    """One JSONL line's Doc; a DataError names the file:line and the column or key at fault."""
+    where = f"{path}:{lineno}"
     try:
         rec = json.loads(raw)
     except json.JSONDecodeError as exc:
@@ -292,23 +295,10 @@ def _json_line(raw: bytes, where: str) -> dict:
         raise DataError(f"{where}: malformed JSON (nested too deeply)") from None
     if not isinstance(rec, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-    return rec
-
-
-def _check_utf8(rec: dict, where: str) -> None:
-    """Every string a record contributes must be valid UTF-8 (JSON can spell lone surrogates)."""
+    # Every string a record contributes must be valid UTF-8 (JSON can spell lone surrogates).
     for key in (*TEXT_KEYS, "repo", "path", "input", "output", "prompt", "completion"):
-        value = rec.get(key)
-        if isinstance(value, str) and not is_utf8(value):
+        if isinstance(rec.get(key), str) and not is_utf8(rec[key]):
             raise DataError(f"{where}: key {key!r} holds a lone surrogate (not valid UTF-8)")
-
-
-# A code record's text: the scrapers' key, then that of some published corpora.
-TEXT_KEYS = ("text", "file_text")
-
-
-def _record_to_doc(rec: dict, path: Path, lineno: int, where: str) -> Doc:
-    _check_utf8(rec, where)
     for a, b in (("input", "output"), ("prompt", "completion")):
         if a in rec or b in rec:
             if not (isinstance(rec.get(a), str) and isinstance(rec.get(b), str)):
@@ -584,17 +574,13 @@ def _stored(data: bytes | str) -> bytes:
     return data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
 
 
-def _content_hash(doc: Doc) -> bytes:
-    h = hashlib.sha256(_stored(doc.text))
-    if doc.target is not None:
-        h.update(b"\0target\0" + _stored(doc.target))
-    return h.digest()
-
-
 def _is_duplicate(doc: Doc, seen: dict[bytes, str | None], dedupe: bool) -> bool:
     """Whether ``doc`` repeats an earlier document (``seen``: hash -> split of the first copy).
     A copy in another split always does, so no document sits in two; ``dedupe`` decides the rest."""
-    key = _content_hash(doc)
+    h = hashlib.sha256(_stored(doc.text))
+    if doc.target is not None:
+        h.update(b"\0target\0" + _stored(doc.target))
+    key = h.digest()
     if key not in seen:
         seen[key] = doc.split
         return False
@@ -640,11 +626,6 @@ def _pool_worker_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _pool(num_workers: int):
-    ctx = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
-    return ctx.Pool(num_workers, initializer=_pool_worker_signals)
-
-
 def clean_corpus(cfg: DataConfig) -> tuple[list[Doc], dict]:
     """Read and clean every source in one streaming pass (memory holds the kept documents only).
     Returns (kept docs in source order, stats)."""
@@ -674,7 +655,9 @@ def clean_corpus(cfg: DataConfig) -> tuple[list[Doc], dict]:
     seen: dict[bytes, str | None] = {}
     with contextlib.ExitStack() as stack:
         if cfg.num_workers > 1:
-            pool = stack.enter_context(_pool(cfg.num_workers))
+            ctx = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
+            pool = stack.enter_context(ctx.Pool(cfg.num_workers,
+                                                 initializer=_pool_worker_signals))
             chunksize = 1 if cfg.autopep8 else 16  # autopep8 files vary a lot in cost
             results = pool.imap(_clean_one, to_clean(), chunksize=chunksize)
         else:
