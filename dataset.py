@@ -1609,28 +1609,24 @@ def _note_pairs_as_text(cfg: DataConfig, meta: dict) -> None:
 
 # --- CLI ---
 
-def _print_stats(stats: dict, out=None) -> None:
-    out = out or sys.stdout
-    corpus = stats["corpus"]
-    mb = 1024 * 1024
+def _print_stats(stats: dict) -> None:
+    corpus, task = stats["corpus"], stats.get("task") or {}
     for what in ("read", "dropped", "modified", "kept"):
         if what in ("read", "kept"):
-            files, size = corpus[what]["files"], corpus[what]["bytes"] / mb
-            print(f"{what:<9} {files:>8} files  {size:8.2f} MB", file=out)
+            files, size = corpus[what]["files"], corpus[what]["bytes"] / 2**20
+            print(f"{what:<9} {files:>8} files  {size:8.2f} MB")
         else:
             for reason, n in corpus[what].items():
-                print(f"{what:<9} {n:>8} {reason}", file=out)
+                print(f"{what:<9} {n:>8} {reason}")
     counts = "  ".join(f"{s} {corpus['split'][s]}" for s in SPLITS)
-    print(f"split     {counts}  (by {corpus['split_by']})", file=out)
-    task = stats.get("task")
-    if task:
-        for key in ("n_tokens", "examples", "tokens"):
-            if key in task:
-                print(f"{key:<9} " + "  ".join(f"{s} {task[key][s]}" for s in SPLITS), file=out)
-        for s, events in task.get("events", {}).items():
-            for reason, n in events.items():
-                print(f"examples  {n:>8} {reason} ({s})", file=out)
-    print(f"cache     {'hit' if stats.get('cache_hit') else 'built'}", file=out)
+    print(f"split     {counts}  (by {corpus['split_by']})")
+    for key in ("n_tokens", "examples", "tokens"):
+        if key in task:
+            print(f"{key:<9} " + "  ".join(f"{s} {task[key][s]}" for s in SPLITS))
+    for s, events in task.get("events", {}).items():
+        for reason, n in events.items():
+            print(f"examples  {n:>8} {reason} ({s})")
+    print(f"cache     {'hit' if stats.get('cache_hit') else 'built'}")
 
 
 def make_cache_dir(cache_dir: str, option: str | None) -> None:

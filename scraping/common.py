@@ -299,11 +299,10 @@ class ResumableOutput:
         try:
             if self.state.exists():
                 self._resume(settings)
+            elif self.out.stat().st_size > 0:
+                raise ValueError(f"{self.out} exists but its state file {self.state} does not; "
+                                 "choose another --out or remove the file")
             else:
-                if self.out.stat().st_size > 0:
-                    raise ValueError(
-                        f"{self.out} exists but its state file {self.state} does not; "
-                        "choose another --out or remove the file")
                 process.write_atomic(self.state, json.dumps(
                     {"format_version": STATE_FORMAT_VERSION, "settings": settings}) + "\n")
         except BaseException:
