@@ -109,10 +109,6 @@ def _check_request_flags(cfg: GitHubConfig) -> None:
         _check_url(cfg.raw_url, "--raw-url", DEFAULT_RAW_URL)
 
 
-def _stamp(t: datetime) -> str:
-    return t.strftime("%Y-%m-%dT%H:%M:%S+00:00")
-
-
 def build_query(cfg: GitHubConfig) -> str:
     """The search qualifiers shared by every date slice."""
     parts = [f"stars:>{cfg.min_stars}"]
@@ -148,22 +144,22 @@ def _is_tree(data) -> bool:
 def search_repositories(client: GitHubClient, query: str, date_field: str, start: datetime,
                         end: datetime, *, cap: int = SEARCH_CAP, per_page: int = 100
                         ) -> Iterator[dict]:
-    """Every repository matching ``query`` with ``date_field`` in [start, end] (whole seconds):
+    """Every repository matching ``query`` with ``date_field`` in [start, end] (UTC, whole seconds):
     a slice over the search cap is halved until each half fits; each is read whole first."""
-    q = f"{query} {date_field}:{_stamp(start)}..{_stamp(end)}"
+    q = f"{query} {date_field}:{start.isoformat()}..{end.isoformat()}"
     params = {"q": q, "per_page": per_page, "sort": "stars", "order": "desc"}
     data, resp = client.get_json("/search/repositories", params=params, valid=_is_search_page)
     total = data["total_count"]
     if total > cap and end > start:  # whole seconds, both ends included: two or more of them
         mid = start + timedelta(seconds=(end - start).total_seconds() // 2)
-        log.info("%d results for %s..%s: splitting", total, _stamp(start), _stamp(end))
+        log.info("%d results for %s..%s: splitting", total, start.isoformat(), end.isoformat())
         for lo, hi in ((start, mid), (mid + timedelta(seconds=1), end)):
             yield from search_repositories(client, query, date_field, lo, hi, cap=cap,
                                            per_page=per_page)
         return
     if total > cap:
         log.warning("%d results within one second at %s: only the first %d are reachable",
-                    total, _stamp(start), cap)
+                    total, start.isoformat(), cap)
     if data.get("incomplete_results"):
         log.warning("GitHub reported incomplete search results for %s", q)
     yield from _read_slice(client, params, data, resp, cap)
