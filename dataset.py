@@ -1277,14 +1277,12 @@ def _build_lm(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path) -> dict:
     dtype = _token_dtype(tokenizer)
     meta = {"dtype": dtype, "n_tokens": {}}
     for s in SPLITS:
-        n = 0
+        meta["n_tokens"][s] = 0
         with open(out / f"{s}.bin", "wb") as f:
-            texts = corpus.texts(s)
-            for ids in _encode(tokenizer, texts, cfg, f"tokenize {s}"):
+            for ids in _encode(tokenizer, corpus.texts(s), cfg, f"tokenize {s}"):
                 arr = np.asarray(packed_document(tokenizer, ids), dtype=dtype)
                 f.write(arr.tobytes())
-                n += len(arr)
-        meta["n_tokens"][s] = n
+                meta["n_tokens"][s] += len(arr)
     return meta
 
 

@@ -180,7 +180,7 @@ class GitHubClient:
                                  "HTTP does not allow (check GITHUB_TOKEN)") from None
             except (requests.ConnectionError, requests.Timeout,
                     requests.exceptions.ChunkedEncodingError) as exc:
-                delay, problem = self._backoff_delay(attempt), f"{type(exc).__name__}"
+                delay, problem = self._backoff_delay(attempt), type(exc).__name__
                 server_failed = True
             else:
                 delay = self._retry_delay(resource, resp, attempt)
@@ -188,9 +188,7 @@ class GitHubClient:
                     return resp
                 problem = f"HTTP {resp.status_code}"
                 server_failed = resp.status_code in _RETRY_STATUSES
-            if attempt == self.retries:
-                break
-            if delay > 0:
+            if delay > 0 and attempt < self.retries:
                 log.warning("GET %s: %s; retrying in %.1f s", redact_url(url), problem, delay)
                 self._sleep(delay)
         raise (ServerError if server_failed else GitHubError)(
