@@ -225,14 +225,10 @@ class GitHubClient:
                  ) -> tuple[object, requests.Response]:
         """``get_reply`` where any status but 200 is a GitHubError naming the URL."""
         data, resp = self.get_reply(url, params=params, valid=valid)
-        if resp.status_code != 200:
-            raise GitHubError(f"GET {redact_url(resp.url)}: HTTP {resp.status_code}: "
-                              f"{_message(resp)}")
-        return data, resp
-
-
-def _message(resp: requests.Response) -> str:
-    try:
-        return str(resp.json().get("message", ""))[:300]
-    except (ValueError, AttributeError):
-        return resp.text[:300]
+        if resp.status_code == 200:
+            return data, resp
+        try:
+            message = str(resp.json().get("message", ""))[:300]
+        except (ValueError, AttributeError):
+            message = resp.text[:300]
+        raise GitHubError(f"GET {redact_url(resp.url)}: HTTP {resp.status_code}: {message}")

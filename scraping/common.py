@@ -358,8 +358,7 @@ class ResumableOutput:
             raise ValueError(
                 f"{self.state} was started with other settings ({', '.join(changed)} differ); "
                 "use the same flags to resume, or a new --out to start over")
-        with open(self.state, "rb") as f:
-            lines = f.read().split(b"\n")
+        lines = self.state.read_bytes().split(b"\n")
         good = len(lines[0]) + 1
         for line in lines[1:-1]:  # the last piece is empty, or a line cut off by a kill
             try:
