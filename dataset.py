@@ -1650,25 +1650,19 @@ def main(argv: list[str] | None = None) -> int:
     settings.add_config_flags(parser, DataConfig, _CHOICES)
     flags = vars(parser.parse_args(argv))
     tokenizer_path = flags.pop("tokenizer", None)
-    try:
-        with process.interrupt_on_sigterm():
-            cfg = settings.config_from_dict(DataConfig, flags, "command line", _CHOICES)
-            if cfg.use_cache:
-                make_cache_dir(cfg.cache_dir, "--cache-dir" if "cache_dir" in flags else None)
-            tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
-            data = prepare(cfg, tokenizer)
-    except (ValueError, OSError) as exc:
-        message = process.os_error_message(exc) if isinstance(exc, OSError) else exc
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as exc:
-        print("interrupted: no half-built cache entry is kept; the same command builds it",
-              file=sys.stderr)
-        return process.interrupted_exit_code(exc)
-    _print_stats(data.stats)
-    if data.cache_path is not None:
-        print(f"cached at {data.cache_path}")
-    return 0
+
+    def work() -> None:
+        cfg = settings.config_from_dict(DataConfig, flags, "command line", _CHOICES)
+        if cfg.use_cache:
+            make_cache_dir(cfg.cache_dir, "--cache-dir" if "cache_dir" in flags else None)
+        tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
+        data = prepare(cfg, tokenizer)
+        _print_stats(data.stats)
+        if data.cache_path is not None:
+            print(f"cached at {data.cache_path}")
+
+    return process.run_tool(work, "interrupted: no half-built cache entry is kept; the same "
+                                  "command builds it")
 
 
 if __name__ == "__main__":
