@@ -374,6 +374,10 @@ def _with_columns(record: dict, cfg: DataConfig, where: str) -> dict:
     return record
 
 
+# A code record's text: the scrapers' key, then that of some published corpora.
+TEXT_KEYS = ("text", "file_text")
+
+
 def _json_line(raw: bytes, where: str) -> dict:
     """One JSONL line's object; a DataError names ``where`` (file:line) and the column."""
     try:
@@ -390,20 +394,12 @@ def _json_line(raw: bytes, where: str) -> dict:
     return rec
 
 
-def _check_utf8(rec: dict, where: str) -> None:
-    """Every string a record contributes must be valid UTF-8 (JSON can spell lone surrogates)."""
-    for key in (*TEXT_KEYS, "repo", "path", "input", "output", "prompt", "completion"):
-        value = rec.get(key)
-        if isinstance(value, str) and not is_utf8(value):
-            raise DataError(f"{where}: key {key!r} holds a lone surrogate (not valid UTF-8)")
-
-
-# A code record's text: the scrapers' key, then that of some published corpora.
-TEXT_KEYS = ("text", "file_text")
-
-
 def _record_to_doc(rec: dict, path: Path, lineno: int, where: str) -> Doc:
-    _check_utf8(rec, where)
+    """One record's Doc; a DataError names ``where`` and the key at fault."""
+    # Every string a record contributes must be valid UTF-8 (JSON can spell lone surrogates).
+    for key in (*TEXT_KEYS, "repo", "path", "input", "output", "prompt", "completion"):
+        if isinstance(rec.get(key), str) and not is_utf8(rec[key]):
+            raise DataError(f"{where}: key {key!r} holds a lone surrogate (not valid UTF-8)")
     for a, b in (("input", "output"), ("prompt", "completion")):
         if a in rec or b in rec:
             if not (isinstance(rec.get(a), str) and isinstance(rec.get(b), str)):
@@ -677,17 +673,13 @@ def _stored(data: bytes | str) -> bytes:
     return data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
 
 
-def _content_hash(doc: Doc) -> bytes:
-    h = hashlib.sha256(_stored(doc.text))
-    if doc.target is not None:
-        h.update(b"\0target\0" + _stored(doc.target))
-    return h.digest()
-
-
 def _is_duplicate(doc: Doc, seen: dict[bytes, str | None], dedupe: bool) -> bool:
     """Whether ``doc`` repeats an earlier document (``seen``: hash -> split of the first copy).
     A copy in another split always does, so no document sits in two; ``dedupe`` decides the rest."""
-    key = _content_hash(doc)
+    h = hashlib.sha256(_stored(doc.text))
+    if doc.target is not None:
+        h.update(b"\0target\0" + _stored(doc.target))
+    key = h.digest()
     if key not in seen:
         seen[key] = doc.split
         return False
@@ -733,11 +725,6 @@ def _pool_worker_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _pool(num_workers: int):
-    ctx = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
-    return ctx.Pool(num_workers, initializer=_pool_worker_signals)
-
-
 def clean_corpus(cfg: DataConfig) -> tuple[list[Doc], dict]:
     """Read and clean every source in one streaming pass (memory holds the kept documents only).
     Returns (kept docs in source order, stats)."""
@@ -767,7 +754,9 @@ def clean_corpus(cfg: DataConfig) -> tuple[list[Doc], dict]:
     seen: dict[bytes, str | None] = {}
     with contextlib.ExitStack() as stack:
         if cfg.num_workers > 1:
-            pool = stack.enter_context(_pool(cfg.num_workers))
+            ctx = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
+            pool = stack.enter_context(ctx.Pool(cfg.num_workers,
+                                                 initializer=_pool_worker_signals))
             chunksize = 1 if cfg.autopep8 else 16  # autopep8 files vary a lot in cost
             results = pool.imap(_clean_one, to_clean(), chunksize=chunksize)
         else:
@@ -1299,32 +1288,26 @@ def reads_special_tokens(task: str | None, pair_special_tokens: object) -> bool:
 
 
 def _encode(tokenizer, texts: list[str], cfg: DataConfig, desc: str,
-            specials: Sequence[bool] | None = None) -> list[list[int]]:
+            specials: Sequence[bool] = ()) -> list[list[int]]:
     """encode_batch in chunks (bounded memory, a progress bar); a special token's text is text,
     except in the texts ``specials`` marks (``pair_special_tokens``)."""
-    if specials is not None and any(specials):
-        out: list[list[int]] = [[] for _ in texts]
-        for read in (False, True):
-            which = [i for i, r in enumerate(specials) if r == read]
-            encoded = _encode_batches(tokenizer, [texts[i] for i in which], cfg, desc, not read)
-            for i, ids in zip(which, encoded):
-                out[i] = ids
-        return out
-    return _encode_batches(tokenizer, texts, cfg, desc, True)
-
-
-def _encode_batches(tokenizer, texts: list[str], cfg: DataConfig, desc: str,
-                    split_special_tokens: bool) -> list[list[int]]:
-    out: list[list[int]] = []
-    start = size = 0
+    specials = list(specials) or [False] * len(texts)
+    out: list[list[int]] = [[] for _ in texts]
     with progress_bar(total=len(texts), desc=desc, unit="text", enabled=cfg.progress) as bar:
-        for end, text in enumerate(texts, start=1):
-            size += len(text)
-            if size >= 16_000_000 or end == len(texts):
-                out.extend(tokenizer.encode_batch(texts[start:end], num_workers=cfg.num_workers,
-                                                  split_special_tokens=split_special_tokens))
-                bar.update(end - start)
-                start, size = end, 0
+        for read in (False, True):
+            which = [i for i, r in enumerate(specials) if bool(r) == read]
+            start = size = 0
+            for end, i in enumerate(which, start=1):
+                size += len(texts[i])
+                if size >= 16_000_000 or end == len(which):
+                    chunk = which[start:end]
+                    encoded = tokenizer.encode_batch([texts[j] for j in chunk],
+                                                     num_workers=cfg.num_workers,
+                                                     split_special_tokens=not read)
+                    for j, ids in zip(chunk, encoded):
+                        out[j] = ids
+                    bar.update(end - start)
+                    start, size = end, 0
     return out
 
 
@@ -1393,14 +1376,12 @@ def _build_lm(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path) -> dict:
     dtype = _token_dtype(tokenizer)
     meta = {"dtype": dtype, "n_tokens": {}}
     for s in SPLITS:
-        n = 0
+        meta["n_tokens"][s] = 0
         with open(out / f"{s}.bin", "wb") as f:
-            texts = corpus.texts(s)
-            for ids in _encode(tokenizer, texts, cfg, f"tokenize {s}"):
+            for ids in _encode(tokenizer, corpus.texts(s), cfg, f"tokenize {s}"):
                 arr = np.asarray(packed_document(tokenizer, ids), dtype=dtype)
                 f.write(arr.tobytes())
-                n += len(arr)
-        meta["n_tokens"][s] = n
+                meta["n_tokens"][s] += len(arr)
     return meta
 
 
@@ -1686,18 +1667,6 @@ def _build_supervised(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path) -> 
     return meta
 
 
-def _open_task(path: Path, meta: dict, cfg: DataConfig, tokenizer, cache_hit: bool) -> PreparedData:
-    task = meta["task"]
-    if cfg.task == "lm":
-        splits = {s: LMWindows(path / f"{s}.bin", task["dtype"], task["n_tokens"][s],
-                               cfg.block_size, 1 if s == "train" else cfg.block_size)
-                  for s in SPLITS}
-    else:
-        splits = {s: SupervisedExamples(path, s) for s in SPLITS}
-    return PreparedData(**splits, task=cfg.task, stats={**meta, "cache_hit": cache_hit},
-                        cache_path=path, pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id)
-
-
 def prepare(cfg: DataConfig, tokenizer: CodeTokenizer | BPETokenizer | None = None
             ) -> PreparedData:
     """Build (or load from cache) the three splits of ``cfg.task``; ``tokenizer=None`` returns
@@ -1725,61 +1694,57 @@ def prepare(cfg: DataConfig, tokenizer: CodeTokenizer | BPETokenizer | None = No
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
         publish_cache_entry(path, write, replace=not cfg.use_cache)
-    _note_pairs_as_text(cfg, meta["corpus"])
-    _note_special_token_text(cfg, meta["task"])
-    return _open_task(path, meta, cfg, tokenizer, cache_hit)
+    _note_pairs_as_text(cfg, meta)
+    task = meta["task"]
+    if cfg.task == "lm":
+        splits = {s: LMWindows(path / f"{s}.bin", task["dtype"], task["n_tokens"][s],
+                               cfg.block_size, 1 if s == "train" else cfg.block_size)
+                  for s in SPLITS}
+    else:
+        splits = {s: SupervisedExamples(path, s) for s in SPLITS}
+    return PreparedData(**splits, task=cfg.task, stats={**meta, "cache_hit": cache_hit},
+                        cache_path=path, pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id)
 
 
-def _note_special_token_text(cfg: DataConfig, task_meta: dict) -> None:
-    """A note where pair records hold a special token's text and ``pair_special_tokens`` is off:
-    chat-formatted records then do not train the chat format."""
-    if cfg.pair_special_tokens:
-        return
+def _note_pairs_as_text(cfg: DataConfig, meta: dict) -> None:
+    """Notes on pair records that train as plain text: one per pairs source under the lm task,
+    and one where pairs hold a special token's text and ``pair_special_tokens`` is off
+    (chat-formatted records then do not train the chat format)."""
+    # By position: the note names each source as given now, however the cache spelled it.
+    for (_, source), n in zip(_sources_by_split(cfg), meta["corpus"]["pairs"]):
+        if n and cfg.task == "lm":
+            print(f"note: {source} holds {n} input/output pairs; the lm task trains on each as "
+                  "plain text (input, newline, output; the loss on both): another task, e.g. "
+                  "--task refactor, trains on the output only", file=sys.stderr)
     n = sum(events.get("pair_holds_special_token_text", 0)
-            for events in task_meta.get("events", {}).values())
-    if n:
+            for events in meta["task"].get("events", {}).values())
+    if n and not cfg.pair_special_tokens:
         print(f"note: {n} input/output pair(s) hold the text of a special token of the tokenizer "
               "(e.g. <|eot_id|>), encoded as text: to read it as the token, as transformers' "
               "tokenizer(text) does, use --pair-special-tokens or --data-options "
               "'{\"pair_special_tokens\": true}'", file=sys.stderr)
 
 
-def _note_pairs_as_text(cfg: DataConfig, corpus_stats: dict) -> None:
-    """One note per pairs source under the lm task, which trains on pairs as plain text."""
-    if cfg.task != "lm":
-        return
-    # By position: the note names each source as given now, however the cache spelled it.
-    for (_, source), n in zip(_sources_by_split(cfg), corpus_stats["pairs"]):
-        if n:
-            print(f"note: {source} holds {n} input/output pairs; the lm task trains on each as "
-                  "plain text (input, newline, output; the loss on both): another task, e.g. "
-                  "--task refactor, trains on the output only", file=sys.stderr)
-
-
 # --- CLI ---
 
-def _print_stats(stats: dict, out=None) -> None:
-    out = out or sys.stdout
-    corpus = stats["corpus"]
-    mb = 1024 * 1024
+def _print_stats(stats: dict) -> None:
+    corpus, task = stats["corpus"], stats.get("task") or {}
     for what in ("read", "dropped", "modified", "kept"):
         if what in ("read", "kept"):
-            files, size = corpus[what]["files"], corpus[what]["bytes"] / mb
-            print(f"{what:<9} {files:>8} files  {size:8.2f} MB", file=out)
+            files, size = corpus[what]["files"], corpus[what]["bytes"] / 2**20
+            print(f"{what:<9} {files:>8} files  {size:8.2f} MB")
         else:
             for reason, n in corpus[what].items():
-                print(f"{what:<9} {n:>8} {reason}", file=out)
+                print(f"{what:<9} {n:>8} {reason}")
     counts = "  ".join(f"{s} {corpus['split'][s]}" for s in SPLITS)
-    print(f"split     {counts}  (by {corpus['split_by']})", file=out)
-    task = stats.get("task")
-    if task:
-        for key in ("n_tokens", "examples", "tokens"):
-            if key in task:
-                print(f"{key:<9} " + "  ".join(f"{s} {task[key][s]}" for s in SPLITS), file=out)
-        for s, events in task.get("events", {}).items():
-            for reason, n in events.items():
-                print(f"examples  {n:>8} {reason} ({s})", file=out)
-    print(f"cache     {'hit' if stats.get('cache_hit') else 'built'}", file=out)
+    print(f"split     {counts}  (by {corpus['split_by']})")
+    for key in ("n_tokens", "examples", "tokens"):
+        if key in task:
+            print(f"{key:<9} " + "  ".join(f"{s} {task[key][s]}" for s in SPLITS))
+    for s, events in task.get("events", {}).items():
+        for reason, n in events.items():
+            print(f"examples  {n:>8} {reason} ({s})")
+    print(f"cache     {'hit' if stats.get('cache_hit') else 'built'}")
 
 
 def make_cache_dir(cache_dir: str, option: str | None) -> None:
@@ -1805,25 +1770,19 @@ def main(argv: list[str] | None = None) -> int:
     settings.add_config_flags(parser, DataConfig, _CHOICES)
     flags = vars(parser.parse_args(argv))
     tokenizer_path = flags.pop("tokenizer", None)
-    try:
-        with process.interrupt_on_sigterm():
-            cfg = settings.config_from_dict(DataConfig, flags, "command line", _CHOICES)
-            if cfg.use_cache:
-                make_cache_dir(cfg.cache_dir, "--cache-dir" if "cache_dir" in flags else None)
-            tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
-            data = prepare(cfg, tokenizer)
-    except (ValueError, OSError) as exc:
-        message = process.os_error_message(exc) if isinstance(exc, OSError) else exc
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as exc:
-        print("interrupted: no half-built cache entry is kept; the same command builds it",
-              file=sys.stderr)
-        return process.interrupted_exit_code(exc)
-    _print_stats(data.stats)
-    if data.cache_path is not None:
-        print(f"cached at {data.cache_path}")
-    return 0
+
+    def work() -> None:
+        cfg = settings.config_from_dict(DataConfig, flags, "command line", _CHOICES)
+        if cfg.use_cache:
+            make_cache_dir(cfg.cache_dir, "--cache-dir" if "cache_dir" in flags else None)
+        tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
+        data = prepare(cfg, tokenizer)
+        _print_stats(data.stats)
+        if data.cache_path is not None:
+            print(f"cached at {data.cache_path}")
+
+    return process.run_tool(work, "interrupted: no half-built cache entry is kept; the same "
+                                  "command builds it")
 
 
 if __name__ == "__main__":

@@ -180,7 +180,7 @@ class GitHubClient:
                                  "HTTP does not allow (check GITHUB_TOKEN)") from None
             except (requests.ConnectionError, requests.Timeout,
                     requests.exceptions.ChunkedEncodingError) as exc:
-                delay, problem = self._backoff_delay(attempt), f"{type(exc).__name__}"
+                delay, problem = self._backoff_delay(attempt), type(exc).__name__
                 server_failed = True
             else:
                 delay = self._retry_delay(resource, resp, attempt)
@@ -188,9 +188,7 @@ class GitHubClient:
                     return resp
                 problem = f"HTTP {resp.status_code}"
                 server_failed = resp.status_code in _RETRY_STATUSES
-            if attempt == self.retries:
-                break
-            if delay > 0:
+            if delay > 0 and attempt < self.retries:
                 log.warning("GET %s: %s; retrying in %.1f s", redact_url(url), problem, delay)
                 self._sleep(delay)
         raise (ServerError if server_failed else GitHubError)(
@@ -227,14 +225,10 @@ class GitHubClient:
                  ) -> tuple[object, requests.Response]:
         """``get_reply`` where any status but 200 is a GitHubError naming the URL."""
         data, resp = self.get_reply(url, params=params, valid=valid)
-        if resp.status_code != 200:
-            raise GitHubError(f"GET {redact_url(resp.url)}: HTTP {resp.status_code}: "
-                              f"{_message(resp)}")
-        return data, resp
-
-
-def _message(resp: requests.Response) -> str:
-    try:
-        return str(resp.json().get("message", ""))[:300]
-    except (ValueError, AttributeError):
-        return resp.text[:300]
+        if resp.status_code == 200:
+            return data, resp
+        try:
+            message = str(resp.json().get("message", ""))[:300]
+        except (ValueError, AttributeError):
+            message = resp.text[:300]
+        raise GitHubError(f"GET {redact_url(resp.url)}: HTTP {resp.status_code}: {message}")

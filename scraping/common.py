@@ -64,14 +64,6 @@ def redact_url(url: str) -> str:
     return url
 
 
-def normalize_extensions(extensions: Iterable[str]) -> tuple[str, ...]:
-    """``py`` and ``.PY`` both mean ``.py``; an empty list is a user mistake."""
-    out = tuple(sorted({("." + e.lstrip(".")).lower() for e in extensions if e.strip(".")}))
-    if not out:
-        raise ValueError("--extensions: give at least one file extension, e.g. .py")
-    return out
-
-
 def _license_id(name: str, flag: str, known: dict[str, str], give: str) -> str:
     """The canonical spelling of ``name`` in ``known`` (lower-case -> id), or a ValueError."""
     if name.lower() not in known:
@@ -120,13 +112,18 @@ def license_allowed(license_id: str | None, allowed: frozenset[str] | None) -> b
 
 @dataclass
 class FileFilter:
-    """Which files are kept: by extension and byte size (bounds inclusive)."""
+    """Which files are kept: by extension (``py`` and ``.PY`` both mean ``.py``) and byte size
+    (bounds inclusive)."""
 
-    extensions: tuple[str, ...]
+    extensions: Iterable[str]
     min_bytes: int
     max_bytes: int
 
     def __post_init__(self) -> None:
+        self.extensions = tuple(sorted({("." + e.lstrip(".")).lower()
+                                        for e in self.extensions if e.strip(".")}))
+        if not self.extensions:
+            raise ValueError("--extensions: give at least one file extension, e.g. .py")
         if self.min_bytes < 0 or self.max_bytes < self.min_bytes:
             raise ValueError(
                 f"--min-bytes {self.min_bytes} / --max-bytes {self.max_bytes}: "
@@ -234,14 +231,19 @@ def is_utf8(text: str) -> bool:
     return True
 
 
-def check_output_file(path: Path, flag: str) -> None:
-    """Fail before any work is done when ``path`` cannot be written as a file."""
-    if path.is_dir():
-        raise ValueError(f"{flag} {path} is a directory; give a file path such as "
-                         f"{path / 'out.jsonl'}")
-    parent = next((p for p in path.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise ValueError(f"{flag} {path}: {parent} is a file, not a directory")
+def output_paths(out: str, state: str | None) -> tuple[Path, Path]:
+    """The output and its state file (default: OUT.state), refused before any work is done
+    where either cannot be written as a file."""
+    file = Path(out)
+    paths = file, Path(state) if state else file.with_name(file.name + ".state")
+    for path, flag in zip(paths, ("--out", "--state")):
+        if path.is_dir():
+            raise ValueError(f"{flag} {path} is a directory; give a file path such as "
+                             f"{path / 'out.jsonl'}")
+        parent = next((p for p in path.parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise ValueError(f"{flag} {path}: {parent} is a file, not a directory")
+    return paths
 
 
 def make_record(repo: str, path: str, sha: str, license_id: str | None, stars: int | None,
@@ -288,7 +290,7 @@ class ResumableOutput:
         self.done: set[str] = set()
         self.shas: set[str] = set()
         self.end = 0
-        try:  # a bad path, as check_output_file's: refused naming the flag (exit status 2)
+        try:  # a bad path, as output_paths's: refused naming the flag (exit status 2)
             self.out.parent.mkdir(parents=True, exist_ok=True)
             self._fd = self._lock()
         except OSError as err:
@@ -297,11 +299,10 @@ class ResumableOutput:
         try:
             if self.state.exists():
                 self._resume(settings)
+            elif self.out.stat().st_size > 0:
+                raise ValueError(f"{self.out} exists but its state file {self.state} does not; "
+                                 "choose another --out or remove the file")
             else:
-                if self.out.stat().st_size > 0:
-                    raise ValueError(
-                        f"{self.out} exists but its state file {self.state} does not; "
-                        "choose another --out or remove the file")
                 process.write_atomic(self.state, json.dumps(
                     {"format_version": STATE_FORMAT_VERSION, "settings": settings}) + "\n")
         except BaseException:
@@ -357,8 +358,7 @@ class ResumableOutput:
             raise ValueError(
                 f"{self.state} was started with other settings ({', '.join(changed)} differ); "
                 "use the same flags to resume, or a new --out to start over")
-        with open(self.state, "rb") as f:
-            lines = f.read().split(b"\n")
+        lines = self.state.read_bytes().split(b"\n")
         good = len(lines[0]) + 1
         for line in lines[1:-1]:  # the last piece is empty, or a line cut off by a kill
             try:

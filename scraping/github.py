@@ -1,6 +1,4 @@
-"""Scrape source files from GitHub: search repositories, list their trees, download the files.
-Defaults: Python repositories with more than 100 stars created since 2015, ``.py`` files of
-1-100 KB."""
+"""Scrape source files from GitHub: search repositories, list their trees, download the files."""
 
 from __future__ import annotations
 
@@ -12,7 +10,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timedelta, timezone
-from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 import requests
@@ -24,13 +21,12 @@ from scraping.common import (
     FileFilter,
     ResumableOutput,
     Summary,
-    check_output_file,
     decode_source,
     expand_licenses,
     git_blob_sha,
     license_allowed,
     make_record,
-    normalize_extensions,
+    output_paths,
 )
 
 log = logging.getLogger("scraping")
@@ -48,49 +44,35 @@ DEFAULT_RAW_URL = "https://raw.githubusercontent.com"
 
 @dataclass
 class GitHubConfig:
-    out: str = field(metadata={"help": "output JSONL file"})
-    state: str | None = field(
-        default=None, metadata={"help": "resume state file (default: OUT.state)"})
-    language: str | None = field(
-        default="python", metadata={"help": "language qualifier ('' for any)"})
-    min_stars: int = field(default=100, metadata={"help": "keep repos with more stars than this"})
-    since: str = field(default="2015-01-01", metadata={"help": "first date (YYYY-MM-DD)"})
-    until: str | None = field(
-        default=None, metadata={"help": "last date, inclusive (default: today, fixed at start)"})
-    date_field: str = field(
-        default="created", metadata={"help": "date qualifier to range over",
-                                     "choices": ("created", "pushed")})
-    extra_query: str = field(
-        default="", metadata={"help": "more search qualifiers, e.g. 'topic:web archived:false'"})
-    extensions: list[str] = field(
-        default_factory=lambda: [".py"], metadata={"help": "file extensions to keep"})
-    min_bytes: int = field(default=1_000, metadata={"help": "smallest file kept, in bytes"})
-    max_bytes: int = field(default=100_000, metadata={"help": "largest file kept, in bytes"})
-    licenses: list[str] | None = field(
-        default=None,
-        metadata={"help": "SPDX licence ids to accept, as GitHub reports them ('permissive' = "
-                          "MIT, Apache-2.0, BSD, ...; 'none' = repos GitHub detects no licence in); default: any",
-                  "none_is_a_value": True})
-    max_repos: int | None = field(
-        default=None, metadata={"help": "stop after this many finished repos, over all runs"})
-    api_url: str = field(
-        default=DEFAULT_API_URL, metadata={"help": "REST API root (GitHub Enterprise: "
-                                                   "https://HOST/api/v3)"})
-    raw_url: str | None = field(
-        default=None, metadata={"help": "raw file host (default: raw.githubusercontent.com for "
-                                        "github.com; the blob API otherwise)"})
-    workers: int = field(default=8, metadata={"help": "parallel file downloads"})
-    retries: int = field(default=6, metadata={"help": "retries per request"})
-    backoff: float = field(
-        default=1.0, metadata={"help": "first backoff pause in seconds (doubles, with jitter)"})
-    max_wait: float = field(
-        default=3600.0, metadata={"help": "longest rate-limit wait in seconds (then stop, resumably)"})
-    timeout: float = field(default=30.0, metadata={"help": "HTTP timeout in seconds"})
-    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+    out: str  # output JSONL file
+    state: str | None = None  # resume state file (default: OUT.state)
+    language: str | None = "python"  # language qualifier ('' for any)
+    min_stars: int = 100  # keep repos with more stars than this
+    since: str = "2015-01-01"  # first date (YYYY-MM-DD)
+    until: str | None = None  # last date, inclusive (default: today, fixed at start)
+    date_field: str = field(default="created", metadata={"choices": ("created", "pushed")})
+    #   date qualifier to range over
+    extra_query: str = ""  # more search qualifiers, e.g. 'topic:web archived:false'
+    extensions: list[str] = field(default_factory=lambda: [".py"])  # file extensions to keep
+    min_bytes: int = 1_000  # smallest file kept, in bytes
+    max_bytes: int = 100_000  # largest file kept, in bytes
+    licenses: list[str] | None = field(default=None, metadata={"none_is_a_value": True})
+    #   SPDX licence ids to accept, as GitHub reports them ('permissive' = MIT, Apache-2.0, BSD,
+    #   ...; 'none' = repos GitHub detects no licence in); default: any
+    max_repos: int | None = None  # stop after this many finished repos, over all runs
+    api_url: str = DEFAULT_API_URL  # REST API root (GitHub Enterprise: https://HOST/api/v3)
+    raw_url: str | None = None  # raw file host (default: raw.githubusercontent.com for
+    #   github.com; the blob API otherwise)
+    workers: int = 8  # parallel file downloads
+    retries: int = 6  # retries per request
+    backoff: float = 1.0  # first backoff pause in seconds (doubles, with jitter)
+    max_wait: float = 3600.0  # longest rate-limit wait in seconds (then stop, resumably)
+    timeout: float = 30.0  # HTTP timeout in seconds
+    progress: bool = True  # show progress bars
 
 
-@dataclass(frozen=True)
-class TreeFile:
+@dataclass(frozen=True, order=True)
+class TreeFile:  # ordered by path: paths are unique in a tree
     path: str
     sha: str
     size: int
@@ -125,10 +107,6 @@ def _check_request_flags(cfg: GitHubConfig) -> None:
     _check_url(cfg.api_url, "--api-url", DEFAULT_API_URL)
     if cfg.raw_url:  # empty: the blob API, as when left out
         _check_url(cfg.raw_url, "--raw-url", DEFAULT_RAW_URL)
-
-
-def _stamp(t: datetime) -> str:
-    return t.strftime("%Y-%m-%dT%H:%M:%S+00:00")
 
 
 def build_query(cfg: GitHubConfig) -> str:
@@ -166,22 +144,22 @@ def _is_tree(data) -> bool:
 def search_repositories(client: GitHubClient, query: str, date_field: str, start: datetime,
                         end: datetime, *, cap: int = SEARCH_CAP, per_page: int = 100
                         ) -> Iterator[dict]:
-    """Every repository matching ``query`` with ``date_field`` in [start, end] (whole seconds):
+    """Every repository matching ``query`` with ``date_field`` in [start, end] (UTC, whole seconds):
     a slice over the search cap is halved until each half fits; each is read whole first."""
-    q = f"{query} {date_field}:{_stamp(start)}..{_stamp(end)}"
+    q = f"{query} {date_field}:{start.isoformat()}..{end.isoformat()}"
     params = {"q": q, "per_page": per_page, "sort": "stars", "order": "desc"}
     data, resp = client.get_json("/search/repositories", params=params, valid=_is_search_page)
     total = data["total_count"]
     if total > cap and end > start:  # whole seconds, both ends included: two or more of them
         mid = start + timedelta(seconds=(end - start).total_seconds() // 2)
-        log.info("%d results for %s..%s: splitting", total, _stamp(start), _stamp(end))
+        log.info("%d results for %s..%s: splitting", total, start.isoformat(), end.isoformat())
         for lo, hi in ((start, mid), (mid + timedelta(seconds=1), end)):
             yield from search_repositories(client, query, date_field, lo, hi, cap=cap,
                                            per_page=per_page)
         return
     if total > cap:
         log.warning("%d results within one second at %s: only the first %d are reachable",
-                    total, _stamp(start), cap)
+                    total, start.isoformat(), cap)
     if data.get("incomplete_results"):
         log.warning("GitHub reported incomplete search results for %s", q)
     yield from _read_slice(client, params, data, resp, cap)
@@ -230,17 +208,13 @@ def _tree_files(entries: list[dict], prefix: str) -> list[TreeFile]:
             and EXCLUDED_DIRS.isdisjoint((prefix + e["path"]).split("/")[:-1])]
 
 
-def list_repo_files(client: GitHubClient, repo: str, commit: str) -> list[TreeFile] | None:
-    """Every blob in the repo at ``commit``; None when the repo has no tree."""
-    files = _walk_tree(client, repo, commit, "")
-    return None if files is None else sorted(files, key=lambda f: f.path)
-
-
-def _walk_tree(client: GitHubClient, repo: str, sha: str, prefix: str) -> list[TreeFile] | None:
-    """The blobs of one recursive listing, or level by level where GitHub truncates it."""
+def list_repo_files(client: GitHubClient, repo: str, sha: str, prefix: str = ""
+                    ) -> list[TreeFile] | None:
+    """Every blob in the repo at commit ``sha`` (or in its sub-tree ``sha`` at ``prefix``), sorted
+    by path; None when there is no tree. Level by level where GitHub truncates the listing."""
     tree = _get_tree(client, repo, sha, recursive=True)
     if tree is None or not tree.get("truncated"):
-        return tree and _tree_files(tree["tree"], prefix)
+        return tree and sorted(_tree_files(tree["tree"], prefix))
     log.info("tree %s%s of %s is truncated: walking sub-trees", prefix, sha, repo)
     level = _get_tree(client, repo, tree["sha"], recursive=False) or {"tree": []}
     if level.get("truncated"):
@@ -249,8 +223,8 @@ def _walk_tree(client: GitHubClient, repo: str, sha: str, prefix: str) -> list[T
     files = _tree_files(level["tree"], prefix)
     for entry in level["tree"]:
         if entry.get("type") == "tree" and entry["path"] not in EXCLUDED_DIRS:
-            files += _walk_tree(client, repo, entry["sha"], f"{prefix}{entry['path']}/") or []
-    return files
+            files += list_repo_files(client, repo, entry["sha"], f"{prefix}{entry['path']}/") or []
+    return sorted(files)
 
 
 def _plain_path(path: str) -> bool:
@@ -263,8 +237,7 @@ class GitHubScraper:
 
     def __init__(self, cfg: GitHubConfig, client: GitHubClient | None = None):
         self.cfg = cfg
-        self.filter = FileFilter(normalize_extensions(cfg.extensions), cfg.min_bytes,
-                                 cfg.max_bytes)
+        self.filter = FileFilter(cfg.extensions, cfg.min_bytes, cfg.max_bytes)
         self.allowed = expand_licenses(cfg.licenses)
         if cfg.workers < 1:
             raise ValueError(f"--workers {cfg.workers}: need at least 1")
@@ -290,10 +263,7 @@ class GitHubScraper:
 
     def run(self) -> Summary:
         cfg = self.cfg
-        out = Path(cfg.out)
-        state = Path(cfg.state) if cfg.state else out.with_name(out.name + ".state")
-        check_output_file(out, "--out")
-        check_output_file(state, "--state")
+        out, state = output_paths(cfg.out, cfg.state)
         previous = ResumableOutput.read_settings(state) if state.exists() else {}
         until = cfg.until or previous.get("until") or date.today().isoformat()
         start = datetime.combine(_parse_day(cfg.since, "since"), datetime.min.time(),
@@ -314,23 +284,20 @@ class GitHubScraper:
             log.info("resuming: %d repos already finished", len(store.done))
         repos = search_repositories(self.client, build_query(cfg), cfg.date_field, start, end)
         seen: set[str] = set()
-        bar = progress_bar(desc="repos", unit="repo", enabled=cfg.progress)
-        try:
-            with ThreadPoolExecutor(cfg.workers) as pool:
-                for item in repos:
-                    if cfg.max_repos is not None and len(store.done) >= cfg.max_repos:
-                        break
-                    name = item["full_name"]
-                    if name in seen or name in store.done:
-                        self.summary.repos["already_done" if name in store.done
-                                           else "repeated_in_search"] += 1
-                        continue
-                    seen.add(name)
-                    self._scrape_repo(item, store, pool)
-                    bar.update()
-                    bar.set_postfix(files=self.summary.files["kept"])
-        finally:
-            bar.close()
+        with (progress_bar(desc="repos", unit="repo", enabled=cfg.progress) as bar,
+              ThreadPoolExecutor(cfg.workers) as pool):
+            for item in repos:
+                if cfg.max_repos is not None and len(store.done) >= cfg.max_repos:
+                    break
+                name = item["full_name"]
+                if name in seen or name in store.done:
+                    self.summary.repos["already_done" if name in store.done
+                                       else "repeated_in_search"] += 1
+                    continue
+                seen.add(name)
+                self._scrape_repo(item, store, pool)
+                bar.update()
+                bar.set_postfix(files=self.summary.files["kept"])
         return self.summary
 
     def _scrape_repo(self, item: dict, store: ResumableOutput, pool: ThreadPoolExecutor) -> None:

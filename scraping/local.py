@@ -18,14 +18,13 @@ from scraping.common import (
     ResumableOutput,
     Summary,
     canonical_license,
-    check_output_file,
     decode_source,
     expand_licenses,
     git_blob_sha,
     is_utf8,
     license_allowed,
     make_record,
-    normalize_extensions,
+    output_paths,
     redact_url,
     walk_source_tree,
 )
@@ -42,25 +41,19 @@ LICENSE_FROM_FILES = "from each source's licence file"
 
 @dataclass
 class LocalConfig:
-    sources: list[str] = field(metadata={"help": "directories or git URLs to collect from"})
-    out: str = field(metadata={"help": "output JSONL file (a stopped run resumes via OUT.state)"})
-    extensions: list[str] = field(
-        default_factory=lambda: [".py"], metadata={"help": "file extensions to keep"})
-    min_bytes: int = field(default=1, metadata={"help": "smallest file kept, in bytes"})
-    max_bytes: int = field(default=1_000_000, metadata={"help": "largest file kept, in bytes"})
-    branch: str | None = field(
-        default=None, metadata={"help": "branch or tag to clone (default: the remote's HEAD)"})
-    license: str | None = field(
-        default=None, metadata={"help": "SPDX licence id of every source (default: each "
-                                        "source's LICENSE/COPYING file)"})
-    licenses: list[str] | None = field(
-        default=None,
-        metadata={"help": "SPDX licence ids to accept, as 'scraping github --licenses' "
-                          "('permissive', 'none' = no licence file); default: any",
-                  "none_is_a_value": True})
-    state: str | None = field(
-        default=None, metadata={"help": "resume state file (default: OUT.state)"})
-    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+    sources: list[str]  # directories or git URLs to collect from
+    out: str  # output JSONL file (a stopped run resumes via OUT.state)
+    extensions: list[str] = field(default_factory=lambda: [".py"])  # file extensions to keep
+    min_bytes: int = 1  # smallest file kept, in bytes
+    max_bytes: int = 1_000_000  # largest file kept, in bytes
+    branch: str | None = None  # branch or tag to clone (default: the remote's HEAD)
+    license: str | None = None  # SPDX licence id of every source (default: each source's
+    #   LICENSE/COPYING file)
+    licenses: list[str] | None = field(default=None, metadata={"none_is_a_value": True})
+    #   SPDX licence ids to accept, as 'scraping github --licenses' ('permissive', 'none' = no
+    #   licence file); default: any
+    state: str | None = None  # resume state file (default: OUT.state)
+    progress: bool = True  # show progress bars
 
 
 def is_git_source(source: str) -> bool:
@@ -136,16 +129,13 @@ def collect_local(cfg: LocalConfig) -> Summary:
     stopped run with the same filters finished are skipped); returns the counts."""
     if not cfg.sources:
         raise ValueError("give at least one directory or git URL to collect from")
-    file_filter = FileFilter(normalize_extensions(cfg.extensions), cfg.min_bytes, cfg.max_bytes)
+    file_filter = FileFilter(cfg.extensions, cfg.min_bytes, cfg.max_bytes)
     license_id = canonical_license(cfg.license)
     allowed = expand_licenses(cfg.licenses)
     if license_id is not None and not license_allowed(license_id, allowed):
         raise ValueError(f"--license {license_id} is not one of --licenses: every source "
                          "would be skipped")
-    out = Path(cfg.out)
-    state = Path(cfg.state) if cfg.state else out.with_name(out.name + ".state")
-    check_output_file(out, "--out")
-    check_output_file(state, "--state")
+    out, state = output_paths(cfg.out, cfg.state)
     sources = [(source, *_source_key(source)) for source in cfg.sources]  # all checked up front
     settings = {"extensions": list(file_filter.extensions), "min_bytes": cfg.min_bytes,
                 "max_bytes": cfg.max_bytes, "branch": cfg.branch,
