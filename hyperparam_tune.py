@@ -233,9 +233,10 @@ def _check_no_resume_or_time_budget(values: dict, source: str) -> None:
     """Each trial is a new run of the same --max-steps: no ``resume``, no ``max_time_s``."""
     if values.get("resume") is not None:
         raise ValueError(f"{source}: resume: each trial is a new run: remove 'resume'")
-    if values.get("max_time_s") is not None:
-        raise ValueError(f"{source}: max_time_s: trials share --max-steps, not a time budget: "
-                         "remove 'max_time_s'")
+    for key in ("max_time_s", "time_budget_min"):
+        if values.get(key) is not None:
+            raise ValueError(f"{source}: {key}: trials share --max-steps, not a time budget: "
+                             f"remove '{key}'")
 
 
 @dataclass

@@ -126,6 +126,9 @@ class TrainConfig:
     #   same scalars and the config: any of tensorboard, wandb, mlflow; or none
     save_every: int | None = None  # default: eval_every
     keep_last: int = 2  # step checkpoints kept (best/ is kept apart)
+    time_budget_min: float | None = None  # minutes for the whole run, data preparation
+    #   included: max_steps (and the eval cadence) follow from this machine's measured step
+    #   time, so the schedule ends on time; config.json records the steps chosen instead
     max_time_s: float | None = None  # wall-clock budget; the run checkpoints and ends cleanly
     progress: bool = True  # a progress bar
     # end of run
@@ -434,7 +437,8 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings
           "eval_examples"), lambda v: v >= 1, "must be >= 1"),
         (("warmup_steps", "early_stop_patience", "sample_tokens", "weight_decay", "grad_clip",
           "early_stop_min_delta", "lora_r", "overfit_batches"), lambda v: v >= 0, "must be >= 0"),
-        (("lr", "adam_eps", "epochs", "max_time_s"), lambda v: v > 0, "must be > 0"),
+        (("lr", "adam_eps", "epochs", "max_time_s", "time_budget_min"), lambda v: v > 0,
+         "must be > 0"),
         (("beta1", "beta2", "label_smoothing", "dropout", "lora_dropout"), lambda v: 0 <= v < 1,
          "must be in [0, 1)"),
     )
@@ -448,6 +452,9 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings
         need(importlib.util.find_spec(name) is not None, "report_to",
              f"{name} is not installed: pip install {name}")
     need(0.0 <= cfg.min_lr_ratio <= 1.0, "min_lr_ratio", "must be in [0, 1]")
+    need(cfg.time_budget_min is None or cfg.epochs is None and cfg.max_time_s is None,
+         "time_budget_min", f"sets the run's length itself: leave {named('epochs')} and "
+         f"{named('max_time_s')} unset")
     need(cfg.lora_alpha != 0, "lora_alpha", "must not be 0: the adapters would never train")
     need(cfg.lora_r == 0 or cfg.init_from is not None, "lora_r",
          f"LoRA needs a pretrained base (init_from, {where_set('init_from')}): a from-scratch "

@@ -13,6 +13,7 @@ if __name__ == "__main__":  # first: the imports below load torch for seconds
     process.quiet_start_up_stops()
 
 import contextlib
+import copy
 import dataclasses
 import gc
 import json
@@ -522,6 +523,7 @@ class Run:
     last_saved_step: int = -1
     lines: bool = False  # a console line per logged step (no progress bar on a terminal)
     clock: tuple[float, int] = (0.0, 0)  # when, and at which step, this process began training
+    created: float = field(default_factory=time.perf_counter)  # a time budget counts from here
     tok_s: float = 0.0  # the last logged throughput
 
     @property
@@ -607,6 +609,8 @@ def _build(run: Run, has_weights: bool) -> None:
     if run.dist.enabled:  # same init everywhere, but each rank its own dropout stream
         seed_everything(cfg.seed + run.dist.rank)
     run.trainable_only = cfg.lora_r > 0 and cfg.init_from is not None
+    if cfg.time_budget_min is not None and not checkpoints:  # a new run: sized here, once
+        cfg = run.cfg = _sized_to_budget(run, model)
     run.max_steps = cfg.max_steps if cfg.epochs is None else max(1, math.ceil(
         cfg.epochs * _examples_per_epoch(run) / _examples_per_step(run)))
     run.trainer = Trainer(model, cfg, run.device, run.dist, run.max_steps)
@@ -629,6 +633,61 @@ def _build(run: Run, has_weights: bool) -> None:
                 run.run_dir / rundir.INIT_ADAPTER_COPY: adapter_config}
             process.write_atomic_files({**files, run.run_dir / rundir.CONFIG_FILE:
                                         json.dumps(run.config_dict, indent=1)})
+
+
+EVALS_IN_BUDGET = 4  # evaluations a budgeted run makes (the last at its end)
+
+
+def _sized_to_budget(run: Run, model: nn.Module) -> TrainConfig:
+    """``run.cfg`` with max_steps, eval_every and warmup_steps that fill what is left of its
+    time budget on this machine (a step and an evaluation timed here), the budget replaced by
+    them: config.json then reproduces the run by itself."""
+    cfg = run.cfg
+    step_s, eval_s = _broadcast(_time_a_step(run, model), run.dist)
+    left = _seconds_left(run)
+    steps = max(1, int((left * 0.95 - EVALS_IN_BUDGET * eval_s) / step_s))  # 5%: export, sample
+    every = max(1, steps // EVALS_IN_BUDGET)
+    sized = dataclasses.replace(cfg, time_budget_min=None, max_steps=every * EVALS_IN_BUDGET,
+                                eval_every=every, save_every=every,
+                                warmup_steps=min(cfg.warmup_steps, max(1, steps // 10)))
+    if run.main:
+        print(f"time budget {cfg.time_budget_min:g} min, {left:.0f} s left after setup: "
+              f"{step_s:.3f} s a step, {eval_s:.1f} s an evaluation on {run.device.type} -> "
+              f"max_steps {sized.max_steps}, eval_every {every}, warmup_steps "
+              f"{sized.warmup_steps} (recorded in config.json)")
+    return sized
+
+
+def _seconds_left(run: Run) -> float:
+    return run.cfg.time_budget_min * 60 - (time.perf_counter() - run.created)
+
+
+def _time_a_step(run: Run, model: nn.Module) -> tuple[float, float]:
+    """Seconds a training step (its batches collated) and a whole evaluation take, timed on a
+    copy of the model over a 60th of the budget (at most 10 s) after three warm-up steps; the
+    RNG state is restored, so the run draws what it would have drawn."""
+    saved = rng_state(run.device)
+    cfg = run.cfg
+    probe = Trainer(copy.deepcopy(model), cfg, run.device, run.dist, max_steps=10**9)
+    order = BatchOrder(len(run.train_set), cfg.batch_size, run.dist, cfg.seed)
+
+    def step() -> None:
+        probe.train_step([_collate(run, [run.train_set[i] for i in order.next()[0]])
+                          for _ in range(cfg.grad_accum)])
+
+    for _ in range(3):  # warm-up: allocations, kernel selection
+        step()
+    steps, start = 0, time.perf_counter()
+    while steps < 3 or time.perf_counter() - start < min(10.0, cfg.time_budget_min):
+        step()
+        steps += 1
+    step_s = (time.perf_counter() - start) / steps
+    val, n = _val_batches(run)
+    start = time.perf_counter()
+    probe.evaluate([next(val)], total=1)
+    eval_s = (time.perf_counter() - start) * n
+    set_rng_state(saved, run.device)
+    return step_s, eval_s
 
 
 def _prepare_data(run: Run, own_tok: bool) -> None:

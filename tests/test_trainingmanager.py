@@ -1203,6 +1203,40 @@ def test_sample_prompt_is_formatted_as_the_task_trained(assets, tmp_path, monkey
     assert seen == [[tok.eos_id, *body], body]  # supervised examples do not start after an EOS
 
 
+def test_a_time_budget_sizes_the_run_and_its_config_reproduces_it(assets, tmp_path,
+                                                                  monkeypatch, capsys):
+    """--time-budget-min: max_steps, eval_every and warmup follow from the time left and the
+    measured step (here given); config.json records them instead of the budget, so a new run
+    of that config alone trains the same weights (the timing drew nothing from the RNG)."""
+    timed = []
+    time_a_step = tm._time_a_step
+
+    def measured(run, model):
+        timed.append(time_a_step(run, model))  # really run (RNG restored), its figures replaced
+        return 0.5, 2.0
+
+    monkeypatch.setattr(tm, "_time_a_step", measured)
+    monkeypatch.setattr(tm, "_seconds_left", lambda run: 60.0)
+    cfg = tiny_cfg(assets, tmp_path, name="budget", time_budget_min=1.0, warmup_steps=50,
+                   max_steps=700, eval_every=100)
+    first = tm.train(cfg)
+    assert timed and "time budget 1 min, 60 s left after setup: 0.500 s a step" in (
+        capsys.readouterr().out)
+    saved = json.loads((first.run_dir / "config.json").read_text())
+    steps = int((60 * 0.95 - tm.EVALS_IN_BUDGET * 2.0) / 0.5) // tm.EVALS_IN_BUDGET
+    assert (saved["max_steps"], saved["eval_every"], saved["time_budget_min"]) == (
+        steps * tm.EVALS_IN_BUDGET, steps, None)
+    assert saved["warmup_steps"] == steps * tm.EVALS_IN_BUDGET // 10 and first.step == saved[
+        "max_steps"]
+    config = tmp_path / "again.json"
+    config.write_text(json.dumps({**saved, "name": "again"}))
+    again = tm.train(tm.config_from_dict(json.loads(config.read_text())))
+    assert_bit_equal(final_weights(first.run_dir, first.step),
+                     final_weights(again.run_dir, again.step))
+    with pytest.raises(ValueError, match=r"time_budget_min .*leave epochs .* unset"):
+        tm.validate_config(tm.TrainConfig(time_budget_min=5, epochs=1.0))
+
+
 def test_the_sample_stops_where_its_function_ends(assets, tmp_path, monkeypatch):
     """The end-of-run sample decodes as eval does: cut at EOS or at the first stop string."""
     import generation
@@ -3526,11 +3560,16 @@ def test_tensorboard_holds_the_runs_hyperparameters(assets, tmp_path):
 
 
 def _wandb_records(path: Path) -> list:
-    """The records of an offline W&B run file (its leveldb-log framing), as wandb's protobufs."""
+    """The records of an offline W&B run file (its leveldb-log framing), as wandb's protobufs,
+    once W&B's writer process has written its run (it may lag ``finish`` by a moment)."""
     import struct
 
     from wandb.proto import wandb_internal_pb2
 
+    for _ in range(100):
+        if path.stat().st_size > 7:  # more than the file header
+            break
+        time.sleep(0.1)
     data, block = path.read_bytes(), 32768
     assert data[:4] == b":W&B"
     pos, pending, records = 7, b"", []
