@@ -101,9 +101,8 @@ def generate(model: Transformer, idx: torch.Tensor, cfg: GenerationConfig,
         if cfg.num_beams > 1:
             out = _beam_search(model, idx, cfg, attention_mask)
         else:
-            steps = list(_steps(model, idx, cfg, attention_mask))
-            new = torch.stack(steps, dim=1) if steps else idx[:, :0]
-            out = torch.cat((idx, new), dim=1)
+            new = [tok[:, None] for tok in _steps(model, idx, cfg, attention_mask)]
+            out = torch.cat((idx, *new), dim=1)
     return out.clone()  # a normal tensor again, usable by autograd
 
 
