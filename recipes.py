@@ -488,9 +488,7 @@ class TrainedRunInterrupted(KeyboardInterrupt):
 def eval_config(recipe: Recipe, opts: RecipeOptions, cfg: tm.TrainConfig, run_dir: Path,
                 own_run: str, own_base: str) -> ev.EvalConfig:
     """The recipe's eval section for ``run_dir``: its own run and base named are this run's."""
-    values = dict(recipe.eval)
-    if opts.smoke:
-        values = smoke_eval_values(values)
+    values = smoke_eval_values(recipe.eval) if opts.smoke else dict(recipe.eval)
     placeholders = {own_run: str(run_dir)}
     if own_base and cfg.init_from:
         placeholders[own_base] = cfg.init_from
@@ -589,7 +587,6 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
         extensions = values.get("data_options", {}).get("extensions", [".py"])
         values["data"] = collect_git_sources(values["data"], extensions, out_dir / f"{name}-data",
                                              opts.progress)
-
     cfg = tm.config_from_dict(values, f"{opts.recipe} (train section)")
     tm.validate_config(cfg, where_set)
     eval_remedy = (f"remove {out_dir / name / rundir.EVAL_DIR}, then run the same command with "
