@@ -9,6 +9,8 @@ Public arguments are checked once, in GenerationConfig and where generate meets 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import numbers
 import operator
@@ -17,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 import kernels
 from architecture import LayerCache, Transformer, padded_mask, positions
@@ -100,9 +103,8 @@ def generate(model: Transformer, idx: torch.Tensor, cfg: GenerationConfig,
         if cfg.num_beams > 1:
             out = _beam_search(model, idx, cfg, attention_mask)
         else:
-            steps = list(_steps(model, idx, cfg, attention_mask))
-            new = torch.stack(steps, dim=1) if steps else idx[:, :0]
-            out = torch.cat((idx, new), dim=1)
+            new = [tok[:, None] for tok in _steps(model, idx, cfg, attention_mask)]
+            out = torch.cat((idx, *new), dim=1)
     return out.clone()  # a normal tensor again, usable by autograd
 
 
@@ -192,7 +194,7 @@ def _graph_caches(model: Transformer, batch: int, length: int) -> list[LayerCach
                            "unfinished stream?): exhaust or close it first, or pass "
                            "compile=False")
     held = _HELD.get(model)
-    k = held[0][0] if held is not None else None
+    k = held[0][0] if held else None
     if k is not None and (k.shape[0], k.shape[2], k.dtype, k.device) == (
             batch, length, _cache_dtype(model), model.wte.weight.device):
         torch._foreach_zero_([t for pair in held for t in pair])
@@ -228,26 +230,18 @@ def _step(model: Transformer, tok, pos, slot, key_valid, caches) -> torch.Tensor
     return model.lm_head(model.norm_f(x[:, -1]))
 
 
-_COMPILED: dict[tuple, Callable] = {}  # (device type, kernels on) -> compiled _step
-
-
-def _decoder(compile: bool, device: torch.device) -> Callable:
-    if not compile:
-        return _step
-    key = (device.type, kernels.ENABLED)
-    if key not in _COMPILED:
-        _COMPILED[key] = kernels.compile_decode_step(_step, device)
-    return _COMPILED[key]
+@functools.cache
+def _compiled_step(device_type: str, kernels_on: bool) -> Callable:
+    """_step compiled once per device type, with the kernels on and off."""
+    return kernels.compile_decode_step(_step, torch.device(device_type))
 
 
 def _steps(model: Transformer, idx, cfg: GenerationConfig, attention_mask):
     fill = _prepare(model, idx, cfg, attention_mask)
     B, T = idx.shape
     n = cfg.max_new_tokens
-    stop_seqs = [s for s in cfg.stop if not isinstance(s, str)]
-    stop_strs = [s for s in cfg.stop if isinstance(s, str)]
     eos_t = torch.tensor(cfg.eos_id, device=idx.device, dtype=torch.long)
-    step_fn = _decoder(cfg.compile, idx.device)
+    step_fn = _compiled_step(idx.device.type, kernels.ENABLED) if cfg.compile else _step
     generated: list[torch.Tensor] = []
     finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
     track = bool(cfg.eos_id or cfg.stop)
@@ -268,7 +262,8 @@ def _steps(model: Transformer, idx, cfg: GenerationConfig, attention_mask):
             yield tok
             if track:
                 finished |= torch.isin(tok, eos_t)
-                finished |= _hit_stop(generated, stop_seqs, stop_strs, cfg.decode, finished)
+                if cfg.stop:
+                    finished |= _hit_stop(generated, cfg.stop, cfg.decode, finished)
                 if bool(finished.all()):
                     return
             if i == n - 1:
@@ -291,9 +286,8 @@ def _beam_search(model: Transformer, idx, cfg: GenerationConfig, attention_mask)
     fill = _prepare(model, idx, cfg, attention_mask)  # before the beams expand the shapes
     B, T = idx.shape
     K, n, dev, lp = cfg.num_beams, cfg.max_new_tokens, idx.device, cfg.length_penalty
-    eos_ids = cfg.eos_id
     # (1 + #EOS) * K candidates a step: K live beams remain whichever EOS ids the top ones end with
-    pool = max(2, 1 + len(eos_ids)) * K
+    pool = max(2, 1 + len(cfg.eos_id)) * K
     flat = idx.repeat_interleave(K, dim=0)
     mask = None if attention_mask is None else attention_mask.repeat_interleave(K, dim=0)
     scores = torch.full((B, K), -1e9, device=dev)
@@ -320,7 +314,7 @@ def _beam_search(model: Transformer, idx, cfg: GenerationConfig, attention_mask)
                     if closed[b] or live == K:
                         break
                     src, t = divmod(c, V)
-                    if t not in eos_ids:
+                    if t not in cfg.eos_id:
                         new_scores[b][live], new_beam[b][live], new_tok[b][live] = s, src, t
                         live += 1
                     elif r < K:
@@ -334,9 +328,8 @@ def _beam_search(model: Transformer, idx, cfg: GenerationConfig, attention_mask)
             seqs, scores = torch.cat((seqs[rows], tok), dim=1), torch.tensor(new_scores, device=dev)
             if all(closed) or i == n - 1:
                 break
-            for k, v in caches:
-                k.copy_(k.index_select(0, rows))
-                v.copy_(v.index_select(0, rows))
+            for t in (t for pair in caches for t in pair):
+                t.copy_(t.index_select(0, rows))
             key_valid, pos = key_valid[rows], pos[rows]
             logits = _step(model, tok, pos, torch.tensor([T + i], device=dev), key_valid, caches)
             pos = pos + 1
@@ -349,11 +342,7 @@ def _beam_search(model: Transformer, idx, cfg: GenerationConfig, attention_mask)
                         for k in range(K)]
     best = [max(hyps, key=lambda h: h[0])[1] for hyps in done]
     # as wide as the longest returned hypothesis, as HF and the greedy path
-    out = torch.full((B, T + max(h.numel() for h in best)), fill, dtype=torch.long, device=dev)
-    out[:, :T] = idx
-    for b, hyp in enumerate(best):
-        out[b, T:T + hyp.numel()] = hyp
-    return out
+    return torch.cat((idx, pad_sequence(best, batch_first=True, padding_value=fill)), dim=1)
 
 
 # ---------------------------------------------------------------------------------- sampling
@@ -384,20 +373,18 @@ def _pick(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
     return torch.multinomial(probs, 1, generator=cfg.generator).squeeze(-1)
 
 
-def _hit_stop(generated, stop_seqs, stop_strs, decode, finished) -> torch.Tensor:
+def _hit_stop(generated, stops, decode, finished) -> torch.Tensor:
     """Rows whose generated text now ends with a stop id sequence or contains a stop string."""
     hit = torch.zeros_like(finished)
-    if not (stop_seqs or stop_strs):
-        return hit
-    seq = torch.stack(generated, dim=1).tolist()
-    for b, row in enumerate(seq):
+    strs = [s for s in stops if isinstance(s, str)]
+    for b, row in enumerate(torch.stack(generated, dim=1).tolist()):
         if finished[b]:
             continue
-        if any(row[-len(s):] == s for s in stop_seqs if len(row) >= len(s)):
+        if any(row[-len(s):] == s for s in stops if not isinstance(s, str)):
             hit[b] = True
-        elif stop_strs:
+        elif strs:
             text = decode(row)
-            hit[b] = any(s in text for s in stop_strs)
+            hit[b] = any(s in text for s in strs)
     return hit
 
 
@@ -417,10 +404,8 @@ def _index(value, name: str) -> int:
 
 def _token_ids(ids, name: str) -> list[int]:
     """One int-like or a sequence of them (list, 1-d array or tensor) as a list of ints."""
-    try:
+    with contextlib.suppress(TypeError):
         return [operator.index(ids)]
-    except TypeError:
-        pass
     try:
         return [operator.index(i) for i in ids]
     except TypeError:
@@ -433,10 +418,8 @@ def _parse_stop(stop) -> list[str | list[int]]:
         return []
     if isinstance(stop, str):
         stop = [stop]
-    try:
+    with contextlib.suppress(TypeError):
         stop = [operator.index(stop)]
-    except TypeError:
-        pass
     _need(isinstance(stop, Iterable) and not isinstance(stop, (bytes, bytearray, dict)),
           f"stop must be a string, an id, or a list of strings, ids and id sequences, got {stop!r}")
     out = [s if isinstance(s, str) else _token_ids(s, "stop") for s in stop]

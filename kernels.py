@@ -298,13 +298,9 @@ def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, labels: torch.Tens
     """The LM head fused with its loss. Only for a plain nn.Linear head (a LoRA or quantized head
     runs the plain op), and in fp16 training only with grad_scale: the gradients are formed in the
     forward, at the magnitude the fp16 loss scaler chose."""
-    args = (hidden, head, labels, label_smoothing, count_correct, grad_scale)
     if torch.compiler.is_compiling():  # a compiled model's loss runs eagerly, outside the graph
-        return torch.compiler.disable(_fused_head_loss)(*args)
-    return _fused_head_loss(*args)
-
-
-def _fused_head_loss(hidden, head, labels, label_smoothing, count_correct, grad_scale):
+        return torch.compiler.disable(head_cross_entropy)(
+            hidden, head, labels, label_smoothing, count_correct, grad_scale)
     fp16 = _matmul_dtype(hidden) == torch.float16
     wants_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (hidden, *head.parameters()))

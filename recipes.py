@@ -211,8 +211,8 @@ def _has_class_docstring(text: str) -> bool:
         tree = ast.parse(text)
     except SyntaxError:
         return False
-    return any(isinstance(n, ast.ClassDef) and ast.get_docstring(n) and len(ast.get_docstring(n))
-               > 80 for n in ast.walk(tree))
+    return any(isinstance(n, ast.ClassDef) and len(ast.get_docstring(n) or "") > 80
+               for n in ast.walk(tree))
 
 
 def _refactor_pairs(count: int) -> list[dict]:
@@ -263,16 +263,14 @@ def write_smoke_data(task: str, scratch: bool, out: Path) -> tuple[list[str], li
         file = out / "scrape.jsonl"
         file.write_bytes(encode_records(records))
         return [str(file)], [t for _, t in files]
+    suffix = ".kt" if task == "completion" else ".py"
     if task == "docstring":
         files = _stdlib_texts(12000, 40, _has_class_docstring)
-        suffix = ".py"
     elif task == "completion":  # stdlib code standing in for .kt files, some with a licence
         files = [(rel, (SMOKE_LICENSE if i % 3 == 0 else "") + t)
                  for i, (rel, t) in enumerate(_stdlib_texts(6000, 40))]
-        suffix = ".kt"
     else:
         files = _stdlib_texts(6000, 40)
-        suffix = ".py"
     code = out / "code"
     for rel, text in files:
         target = code / (rel.removesuffix(".py").replace("/", "__") + suffix)
@@ -371,12 +369,11 @@ SMOKE_EVAL_LIMITS = {"limit": 4, "max_new_tokens": 16, "lm_windows": 4, "lines_p
 
 def smoke_eval_values(values: dict) -> dict:
     """The recipe's eval section on a handful of examples (same tasks, metrics and decoding)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(ev.EvalConfig)}
-    limits = {}
+    out = dict(values)
     for key, cap in SMOKE_EVAL_LIMITS.items():
-        value = values.get(key, defaults[key])
-        limits[key] = cap if value is None else min(value, cap)
-    return {**values, **limits}
+        value = values.get(key, getattr(ev.EvalConfig, key))  # else the field's default
+        out[key] = cap if value is None else min(value, cap)
+    return out
 
 
 @torch.no_grad()
@@ -472,7 +469,7 @@ def where_in_recipe(recipe: str | Path, key: str, typed: Collection[str] = (),
 
 # The train keys recipes.py's own flags set (RecipeOptions field -> TrainConfig key).
 OWN_FLAGS = {"model": "init_from", "data": "data", "val_data": "val_data", "name": "name",
-             "out_dir": "out_dir"}
+             "out_dir": "out_dir", "device": "device"}
 
 
 def resume_hint(smoke: bool) -> str:
@@ -497,9 +494,7 @@ class TrainedRunInterrupted(KeyboardInterrupt):
 def eval_config(recipe: Recipe, opts: RecipeOptions, cfg: tm.TrainConfig, run_dir: Path,
                 own_run: str, own_base: str) -> ev.EvalConfig:
     """The recipe's eval section for ``run_dir``: its own run and base named are this run's."""
-    values = dict(recipe.eval)
-    if opts.smoke:
-        values = smoke_eval_values(values)
+    values = smoke_eval_values(recipe.eval) if opts.smoke else dict(recipe.eval)
     placeholders = {own_run: str(run_dir)}
     if own_base and cfg.init_from:
         placeholders[own_base] = cfg.init_from
@@ -580,9 +575,7 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
     values.update(name=name, out_dir=str(out_dir), device=opts.device, progress=opts.progress,
                   resume=str(out_dir / name) if opts.resume else None)
     values = _with_flags(values, opts)
-    own = {key: settings.flag_of(flag) for flag, key in OWN_FLAGS.items()
-           if getattr(opts, flag)}
-    own["device"] = "--device"
+    own = {key: settings.flag_of(flag) for flag, key in OWN_FLAGS.items() if getattr(opts, flag)}
     where_set = partial(where_in_recipe, opts.recipe, typed=typed, own=own)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -600,7 +593,6 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
         extensions = values.get("data_options", {}).get("extensions", [".py"])
         values["data"] = collect_git_sources(values["data"], extensions, out_dir / f"{name}-data",
                                              opts.progress)
-
     cfg = tm.config_from_dict(values, f"{opts.recipe} (train section)")
     tm.validate_config(cfg, where_set)
     eval_remedy = (f"remove {out_dir / name / rundir.EVAL_DIR}, then run the same command with "
