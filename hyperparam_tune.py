@@ -64,7 +64,6 @@ ATTR_SETTINGS = "trial_settings"  # study attribute: the TrainConfig values all 
 OWNER_FILE = "study.json"  # which storage's study owns runs/<study>/ (its trial numbers)
 # The version of what a sweep writes: study.json and the study's recorded settings.
 FORMAT_VERSION = 1
-_DONE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 INTERRUPTED = "interrupted (SIGINT/SIGTERM)"  # the reason of a trial that runs again
 # Completes the trainer's "checkpoint saved at step N; continue with ...".
 RESUME_HINT = ("the same hyperparam_tune.py command, which continues this trial's run from its "
@@ -103,15 +102,6 @@ class TuneConfig:
 _CHOICES = {"pruner": ("median", "hyperband", "none")}
 
 
-@dataclass
-class TuneResult:
-    study_dir: Path
-    finished: int  # trials counted toward n_trials
-    best_value: float | None
-    best_config: dict | None  # a trainingmanager config, also written to best.json
-    worker_status: int = 0  # --workers: the exit status of the first worker that failed
-
-
 class TrialFailed(Exception):
     """A trial the sweep records FAILED (with its reason) and goes past."""
 
@@ -132,14 +122,20 @@ class TrialNotHere(TrialSetupError):
 
 
 @dataclass
-class SearchSpace:
-    """``base``: TrainConfig values for every trial; ``params``: name -> distribution spec;
-    ``requires``: TrainConfig keys the user's ``--train-config`` must set (LoRA: init_from)."""
+class SpaceFile:
+    """What a search space file holds (configs/search_spaces/*.json)."""
 
-    base: dict
-    params: dict
-    source: str
-    requires: list[str] = dataclasses.field(default_factory=list)
+    params: dict = dataclasses.field(default_factory=dict)  # name -> distribution spec
+    base: dict = dataclasses.field(default_factory=dict)  # TrainConfig values of every trial
+    requires: list[str] = dataclasses.field(default_factory=list)  # keys --train-config sets
+    description: str = ""
+
+
+@dataclass
+class SearchSpace(SpaceFile):
+    """A checked space file (``base`` with absolute paths) and where it came from."""
+
+    source: str = ""
 
     def example(self) -> dict:
         """One value per parameter (low bound, first choice): a trial to check before any runs."""
@@ -147,14 +143,13 @@ class SearchSpace:
                 for name, spec in self.params.items()}
 
     def extremes(self) -> list[tuple[str, typing.Any]]:
-        """(name, value) for each choice and each range's ends: checked before any trial."""
+        """(name, value) for each choice and each range's ends (the high a step lets a trial
+        reach): checked before any trial."""
         values = []
         for name, spec in self.params.items():
-            if spec["type"] == "categorical":
-                values += [(name, choice) for choice in spec["choices"]]
-            else:
-                dist = _distribution(spec)  # its high is what a step lets a trial reach
-                values += [(name, dist.low), (name, dist.high)]
+            dist = _distribution(spec)
+            ends = spec["choices"] if spec["type"] == "categorical" else (dist.low, dist.high)
+            values += [(name, value) for value in ends]
         return values
 
     def suggest(self, trial: optuna.Trial) -> dict:
@@ -238,16 +233,6 @@ def _check_no_resume_or_time_budget(values: dict, source: str) -> None:
                          "remove 'max_time_s'")
 
 
-@dataclass
-class SpaceFile:
-    """What a search space file holds (configs/search_spaces/*.json)."""
-
-    params: dict = dataclasses.field(default_factory=dict)  # name -> distribution spec
-    base: dict = dataclasses.field(default_factory=dict)  # TrainConfig values of every trial
-    requires: list[str] = dataclasses.field(default_factory=list)  # keys --train-config sets
-    description: str = ""
-
-
 def load_space(space: str) -> SearchSpace:
     """A built-in space name or a JSON file; every key and bound is checked against TrainConfig."""
     path = SPACES_DIR / f"{space}.json"
@@ -264,7 +249,6 @@ def load_space(space: str) -> SearchSpace:
     trainingmanager.config_from_dict(data.base, f"{source}: base")
     _check_no_resume_or_time_budget(data.base, f"{source}: base")
     _check_no_resume_or_time_budget(data.params, f"{source}: params")
-    base = absolute_paths(data.base, f"{source}: base")
     for name in sorted(set(data.params) & SWEEP_KEYS):  # sampled, then overwritten
         raise ValueError(f"{source}: params.{name}: the sweep sets it for every trial: remove it")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -274,19 +258,17 @@ def load_space(space: str) -> SearchSpace:
             raise ValueError(f"{where}: not a TrainConfig key; "
                              f"{settings.key_hint(name, known, 'TrainConfig')}")
         _check_spec_types(spec, where)
-        if spec["type"] == "categorical":
-            for choice in spec["choices"]:
-                trainingmanager.config_from_dict({**base, name: choice}, where)
-        else:
-            try:  # Optuna's own checks: low <= high, log needs low > 0 and no step, ...
-                _distribution(spec)
-            except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
-            for bound in (spec["low"], spec["high"]):
-                trainingmanager.config_from_dict({**base, name: bound}, where)
+        try:  # Optuna's own checks: low <= high, log needs low > 0 and no step, ...
+            _distribution(spec)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
     if unknown := sorted(set(data.requires) - known):
         raise ValueError(f"{source}: requires: not TrainConfig key(s) {unknown}")
-    return SearchSpace(base=base, params=data.params, source=source, requires=data.requires)
+    space = SearchSpace(**{**vars(data), "base": absolute_paths(data.base, f"{source}: base")},
+                        source=source)
+    for name, value in space.extremes():
+        trainingmanager.config_from_dict({**space.base, name: value}, f"{source}: params.{name}")
+    return space
 
 
 # ----------------------------------------------- storage, study, the trial count of all workers
@@ -418,7 +400,7 @@ def counts(trial: FrozenTrial, retried: set[int]) -> bool:
     """Whether a finished trial counts toward n_trials: not a FAIL that was queued again, was
     interrupted, stopped the sweep or has no recorded reason (its worker died)."""
     if trial.state != TrialState.FAIL:
-        return trial.state in _DONE
+        return trial.state.is_finished()
     reason = trial.user_attrs.get(ATTR_REASON)
     return (trial.number not in retried and bool(reason) and reason != INTERRUPTED
             and not trial.user_attrs.get(ATTR_STOPPED))
@@ -871,9 +853,9 @@ def _storage_label(cfg: TuneConfig) -> str:
     url = cfg.storage or JOURNAL_FILE
     if "://" in url:
         return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    default = (study_dir(cfg) / JOURNAL_FILE).resolve()
-    return JOURNAL_FILE if url == JOURNAL_FILE or Path(url).resolve() == default \
-        else str(Path(url).resolve())
+    path = Path(url).resolve()
+    default = url == JOURNAL_FILE or path == (study_dir(cfg) / JOURNAL_FILE).resolve()
+    return JOURNAL_FILE if default else str(path)
 
 
 def claim_study_dir(cfg: TuneConfig, study: optuna.Study) -> None:
@@ -1153,8 +1135,10 @@ def _warn_of_space(cfg: TuneConfig, space: SearchSpace, base: dict) -> None:
               "trial's sampled value replaces the file's", file=sys.stderr)
 
 
-def tune(cfg: TuneConfig) -> TuneResult:
-    """Run (or continue) the sweep until the study holds ``cfg.n_trials`` finished trials."""
+def tune(cfg: TuneConfig) -> int:
+    """Run (or continue) the sweep until the study holds ``cfg.n_trials`` finished trials.
+    Returns the exit status: the first failed worker's, else 1 without a best config (so that
+    ``tune && train --config best.json`` stops there) or short of ``n_trials``, else 0."""
     if cfg.worker:
         _stop_with_parent()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and table tell
@@ -1172,13 +1156,11 @@ def tune(cfg: TuneConfig) -> TuneResult:
     if cfg.worker:  # one of --workers N processes: share this machine's cores among them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))
         run_worker(cfg, study, storage, space, base, sweep_id(cfg))
-        return TuneResult(study_dir(cfg), study_progress(study)[0], None, None)
+        return 0  # the parent judges the study (and writes best.json)
     _warn_of_space(cfg, space, base)
-    finished = study_progress(study)[0]
-    bar = progress_bar(total=cfg.n_trials, initial=min(finished, cfg.n_trials), unit="trial",
-                       desc=cfg.study_name, enabled=cfg.progress)
-    worker_status = 0
-    sweep = sweep_id(cfg)
+    bar = progress_bar(total=cfg.n_trials, initial=min(study_progress(study)[0], cfg.n_trials),
+                       unit="trial", desc=cfg.study_name, enabled=cfg.progress)
+    worker_status, sweep = 0, sweep_id(cfg)
     try:
         if cfg.workers == 1:
             run_worker(cfg, study, storage, space, base, sweep, progress=bar)
@@ -1196,8 +1178,9 @@ def tune(cfg: TuneConfig) -> TuneResult:
               "same command again to continue", file=sys.stderr)
     best = write_reports(study, cfg)
     print_summary(study, cfg, best)
-    return TuneResult(study_dir(cfg), finished, study.best_value if best else None, best,
-                      worker_status)
+    if worker_status:  # its error was told by the worker, and its status by this process
+        return worker_status
+    return 0 if finished >= cfg.n_trials and best is not None else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1207,7 +1190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = parse_config(argv)
             if settings.printed_config(build_parser(), argv, cfg):
                 return 0
-            result = tune(cfg)
+            return tune(cfg)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -1219,12 +1202,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("interrupted: run the same command again to continue the study",
                   file=sys.stderr)
         return process.interrupted_exit_code(e)
-    if cfg.worker:  # it ran its trials; the parent judges the study (and writes best.json)
-        return 0
-    if result.worker_status:  # its error was told by the worker, and its status by the parent
-        return result.worker_status
-    # Non-zero without a best config, so `tune && train --config best.json` stops there.
-    return 0 if result.finished >= cfg.n_trials and result.best_config is not None else 1
 
 
 if __name__ == "__main__":
