@@ -523,7 +523,7 @@ def interrupted_run(trial: optuna.Trial) -> tuple[Path | None, dict[int, float]]
     run = before and before.user_attrs.get(ATTR_RUN)
     if not run or not (Path(run) / rundir.CONFIG_FILE).is_file():
         return None, {}
-    wait_for_run(trial, before, Path(run))
+    wait_for_run(trial, Path(run))
     checkpoints = trainingmanager.list_checkpoints(Path(run))
     step = trainingmanager.checkpoint_step(checkpoints[-1]) if checkpoints else 0
     reported: dict[int, float] = {}
@@ -537,7 +537,7 @@ RUN_POLL_S = 2.0  # seconds between looks at a run directory another process hol
 WAIT_REMINDER_S = 600.0  # seconds between the lines that say a trial still waits for it
 
 
-def wait_for_run(trial: optuna.Trial, before: FrozenTrial, run: Path) -> None:
+def wait_for_run(trial: optuna.Trial, run: Path) -> None:
     """Wait while a live process holds ``run`` (a worker declared dead yet still training lets
     go at its next evaluation); say every WAIT_REMINDER_S that it still waits, and for whom."""
     lock = run / rundir.LOCK_FILE
@@ -596,13 +596,6 @@ def _mark_interrupted(trial: optuna.Trial) -> None:
         trial.set_user_attr(ATTR_REASON, INTERRUPTED)
 
 
-@dataclass
-class _Hidden:
-    """What a failed tell hides from ``run_worker``: the trial and what the objective raised."""
-    number: int | None = None
-    error: BaseException | None = None
-
-
 # What a worker may leave a trial with when another worker failed it first; others stop.
 _LEFT = (optuna.TrialPruned, TrialFailed, TrialAbandoned)
 
@@ -647,67 +640,45 @@ def _stop_sweep(trial: optuna.Trial, e: Exception, sweep: str) -> typing.NoRetur
     raise e
 
 
-def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _FileLock,
-                   hidden: _Hidden, sweep: str) -> Callable[[optuna.Trial], float]:
-    def objective(trial: optuna.Trial) -> float:
-        hidden.number = trial.number
-        try:
-            return run_trial(trial)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            hidden.error = TrialAbandoned(f"trial {trial.number}")
-            raise hidden.error from None
-        except BaseException as e:
-            hidden.error = e
-            raise
+def run_trial(cfg: TuneConfig, space: SearchSpace, base: dict, sweep: str,
+              trial: optuna.Trial) -> float:
+    """Train the trial: its best validation loss, or TrialFailed with the reason recorded."""
+    def on_eval(step: int, metrics: dict) -> None:
+        trial.set_user_attr(ATTR_STEP, step)
+        trial.report(metrics["val_loss"], step)
+        # Not at the final evaluation: the trial trained its whole budget (COMPLETE).
+        if step < cfg.max_steps and trial.should_prune():
+            raise optuna.TrialPruned(f"val loss {metrics['val_loss']:.4f} at step {step} is worse "
+                                     "than the pruner's threshold")
 
-    def run_trial(trial: optuna.Trial) -> float:
-        # A retried trial arrives with its predecessor's attributes: make them this run's
-        # before other workers (which judge RUNNING trials by their worker) look at it.
-        trial.set_user_attr(ATTR_WORKER, f"{socket.gethostname()}:{os.getpid()}")
-        for key in (ATTR_REASON, ATTR_STOPPED, ATTR_AGAIN):
-            if trial.user_attrs.get(key) is not None:
-                trial.set_user_attr(key, None)
-        lock.release()  # the trial exists: other workers may start theirs
-
-        def on_eval(step: int, metrics: dict) -> None:
-            trial.set_user_attr(ATTR_STEP, step)
-            trial.report(metrics["val_loss"], step)
-            # Not at the final evaluation: the trial trained its whole budget (COMPLETE).
-            if step < cfg.max_steps and trial.should_prune():
-                raise optuna.TrialPruned(
-                    f"val loss {metrics['val_loss']:.4f} at step {step} is worse than the pruner's "
-                    "threshold")
-
-        try:
-            train_cfg = _prepare_trial(cfg, space, base, trial)
-            result = trainingmanager.train(train_cfg, on_eval=on_eval, resume_hint=RESUME_HINT)
-        except KeyboardInterrupt:
+    try:
+        train_cfg = _prepare_trial(cfg, space, base, trial)
+        result = trainingmanager.train(train_cfg, on_eval=on_eval, resume_hint=RESUME_HINT)
+    except KeyboardInterrupt:
+        _mark_interrupted(trial)
+        raise
+    except (optuna.TrialPruned, optuna.exceptions.UpdateFinishedTrialError):
+        raise
+    except NonFiniteLossError as e:  # never continued: no resume advice in its reason
+        reason = e.diagnosis
+        if not reason.startswith("non-finite"):
+            reason = f"non-finite loss: {reason}"
+        if e.step is not None:
+            trial.set_user_attr(ATTR_STEP, e.step)
+    except Exception as e:
+        if not _is_out_of_memory(e):
+            _stop_sweep(trial, e, sweep)
+        reason = f"out of memory: {e}"
+    else:
+        trial.set_user_attr(ATTR_STEP, result.step)
+        if result.interrupted:  # the trainer checkpointed and returned on a stop signal
             _mark_interrupted(trial)
-            raise
-        except (optuna.TrialPruned, optuna.exceptions.UpdateFinishedTrialError):
-            raise
-        except NonFiniteLossError as e:  # never continued: no resume advice in its reason
-            reason = e.diagnosis
-            if not reason.startswith("non-finite"):
-                reason = f"non-finite loss: {reason}"
-            if e.step is not None:
-                trial.set_user_attr(ATTR_STEP, e.step)
-        except Exception as e:
-            if not _is_out_of_memory(e):
-                _stop_sweep(trial, e, sweep)
-            reason = f"out of memory: {e}"
-        else:
-            trial.set_user_attr(ATTR_STEP, result.step)
-            if result.interrupted:  # the trainer checkpointed and returned on a stop signal
-                _mark_interrupted(trial)
-                raise KeyboardInterrupt(result.interrupted)
-            if result.best_val_loss is not None and math.isfinite(result.best_val_loss):
-                return result.best_val_loss
-            reason = f"no finite validation loss (best_val_loss={result.best_val_loss})"
-        trial.set_user_attr(ATTR_REASON, reason)
-        raise TrialFailed(reason) from None
-
-    return objective
+            raise KeyboardInterrupt(result.interrupted)
+        if result.best_val_loss is not None and math.isfinite(result.best_val_loss):
+            return result.best_val_loss
+        reason = f"no finite validation loss (best_val_loss={result.best_val_loss})"
+    trial.set_user_attr(ATTR_REASON, reason)
+    raise TrialFailed(reason) from None
 
 
 def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.BaseStorage,
@@ -716,8 +687,27 @@ def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.Ba
     run elsewhere (a dead worker's trial may come back to the queue)."""
     # 'count the trials, then start one' is serialised among this machine's workers
     lock = _FileLock(study_dir(cfg) / "claim.lock")
-    hidden = _Hidden()  # what a failed tell hides (see _told_too_late)
-    objective = make_objective(cfg, space, base, lock, hidden, sweep)
+    number, raised = None, None  # the trial and what it raised, which a failed tell hides
+
+    def objective(trial: optuna.Trial) -> float:
+        nonlocal number, raised
+        number = trial.number
+        try:
+            # A retried trial arrives with its predecessor's attributes: make them this run's
+            # before other workers (which judge RUNNING trials by their worker) look at it.
+            trial.set_user_attr(ATTR_WORKER, f"{socket.gethostname()}:{os.getpid()}")
+            for key in (ATTR_REASON, ATTR_STOPPED, ATTR_AGAIN):
+                if trial.user_attrs.get(key) is not None:
+                    trial.set_user_attr(key, None)
+            lock.release()  # the trial exists: other workers may start theirs
+            return run_trial(cfg, space, base, sweep, trial)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            raised = TrialAbandoned(f"trial {trial.number}")
+            raise raised from None
+        except BaseException as e:
+            raised = e
+            raise
+
     while True:
         lock.acquire()
         try:
@@ -737,24 +727,36 @@ def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.Ba
             try:
                 study.optimize(objective, n_trials=1, catch=(TrialFailed, TrialAbandoned))
             except Exception as e:
-                if e is hidden.error or not _told_too_late(e):
+                if e is raised or not _told_too_late(e):
                     raise  # the trial's own error (told), or not a tell that came too late
-                if hidden.error is not None and not isinstance(hidden.error, _LEFT):
-                    raise hidden.error from None  # a stop met in the trial is still a stop
-                hidden.error = TrialAbandoned(f"trial {hidden.number}")
-            if isinstance(hidden.error, TrialAbandoned):
-                tqdm.write(f"trial {hidden.number}: another worker declared it dead (no "
-                           "heartbeat within --grace-period); this worker goes on", file=sys.stderr)
+                if raised is not None and not isinstance(raised, _LEFT):
+                    raise raised from None  # a stop met in the trial is still a stop
+                raised = TrialAbandoned(f"trial {number}")
+            if isinstance(raised, TrialAbandoned):
+                tqdm.write(f"trial {number}: another worker declared it dead (no heartbeat "
+                           "within --grace-period); this worker goes on", file=sys.stderr)
         finally:
-            hidden.error = None  # a kept error would keep its trial's model alive
+            raised = None  # a kept error would keep its trial's model alive
             lock.release()
 
 
 # --------------------------------------------------- checks before the first trial costs anything
 
 
-def check_trial_config(cfg: TuneConfig, space: SearchSpace, base: dict) -> None:
-    """The example trial and each choice and range bound pass the trainer's checks."""
+def check_before_trials(cfg: TuneConfig) -> tuple[SearchSpace, dict]:
+    """The space and the ``--train-config`` values (paths absolute), checked: an example trial
+    and each choice and range bound pass the trainer's checks."""
+    space = load_space(cfg.space)
+    base: dict = {}
+    if cfg.train_config:
+        base = trainingmanager.load_config_file(cfg.train_config)
+        _check_no_resume_or_time_budget(base, cfg.train_config)
+        base = absolute_paths(base, cfg.train_config)
+    for key in space.requires:
+        if {**space.base, **base}.get(key) is None:
+            raise ValueError(f"search space {space.source} needs {key!r} set in "
+                             f"{cfg.train_config or '--train-config'} (e.g. --train-config "
+                             f"FILE.json with \"{key}\": ...)")
     where = " with ".join(filter(None, (space.source, cfg.train_config)))
     example = space.example()
     trials = [("", example), *((f"params.{name}={value!r}: ", {**example, name: value})
@@ -778,22 +780,6 @@ def check_trial_config(cfg: TuneConfig, space: SearchSpace, base: dict) -> None:
             for path in [value] if isinstance(value, str) else value or []:
                 if path != "stdlib" and not Path(path).expanduser().exists():
                     raise ValueError(f"{where_is(key)}: {label}{key}: {path} not found")
-
-
-def check_before_trials(cfg: TuneConfig) -> tuple[SearchSpace, dict]:
-    """The space and the ``--train-config`` values (paths absolute), checked."""
-    space = load_space(cfg.space)
-    base: dict = {}
-    if cfg.train_config:
-        base = trainingmanager.load_config_file(cfg.train_config)
-        _check_no_resume_or_time_budget(base, cfg.train_config)
-        base = absolute_paths(base, cfg.train_config)
-    for key in space.requires:
-        if {**space.base, **base}.get(key) is None:
-            raise ValueError(f"search space {space.source} needs {key!r} set in "
-                             f"{cfg.train_config or '--train-config'} (e.g. --train-config "
-                             f"FILE.json with \"{key}\": ...)")
-    check_trial_config(cfg, space, base)
     return space, base
 
 
