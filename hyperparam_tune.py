@@ -410,10 +410,9 @@ def study_progress(study: optuna.Study) -> tuple[int, int, int]:
     """(finished, running, waiting) trials; finished counts the trials ``counts`` counts."""
     trials = study.get_trials(deepcopy=False)
     retried = _retried_numbers(trials)
-    finished = sum(counts(t, retried) for t in trials)
-    running = sum(t.state == TrialState.RUNNING for t in trials)
-    waiting = sum(t.state == TrialState.WAITING for t in trials)
-    return finished, running, waiting
+    states = [t.state for t in trials]
+    return (sum(counts(t, retried) for t in trials), states.count(TrialState.RUNNING),
+            states.count(TrialState.WAITING))
 
 
 def _heartbeats(storage: optuna.storages.BaseStorage) -> bool:
