@@ -64,7 +64,6 @@ ATTR_SETTINGS = "trial_settings"  # study attribute: the TrainConfig values all 
 OWNER_FILE = "study.json"  # which storage's study owns runs/<study>/ (its trial numbers)
 # The version of what a sweep writes: study.json and the study's recorded settings.
 FORMAT_VERSION = 1
-_DONE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 INTERRUPTED = "interrupted (SIGINT/SIGTERM)"  # the reason of a trial that runs again
 # Completes the trainer's "checkpoint saved at step N; continue with ...".
 RESUME_HINT = ("the same hyperparam_tune.py command, which continues this trial's run from its "
@@ -103,15 +102,6 @@ class TuneConfig:
 _CHOICES = {"pruner": ("median", "hyperband", "none")}
 
 
-@dataclass
-class TuneResult:
-    study_dir: Path
-    finished: int  # trials counted toward n_trials
-    best_value: float | None
-    best_config: dict | None  # a trainingmanager config, also written to best.json
-    worker_status: int = 0  # --workers: the exit status of the first worker that failed
-
-
 class TrialFailed(Exception):
     """A trial the sweep records FAILED (with its reason) and goes past."""
 
@@ -132,14 +122,20 @@ class TrialNotHere(TrialSetupError):
 
 
 @dataclass
-class SearchSpace:
-    """``base``: TrainConfig values for every trial; ``params``: name -> distribution spec;
-    ``requires``: TrainConfig keys the user's ``--train-config`` must set (LoRA: init_from)."""
+class SpaceFile:
+    """What a search space file holds (configs/search_spaces/*.json)."""
 
-    base: dict
-    params: dict
-    source: str
-    requires: list[str] = dataclasses.field(default_factory=list)
+    params: dict = dataclasses.field(default_factory=dict)  # name -> distribution spec
+    base: dict = dataclasses.field(default_factory=dict)  # TrainConfig values of every trial
+    requires: list[str] = dataclasses.field(default_factory=list)  # keys --train-config sets
+    description: str = ""
+
+
+@dataclass
+class SearchSpace(SpaceFile):
+    """A checked space file (``base`` with absolute paths) and where it came from."""
+
+    source: str = ""
 
     def example(self) -> dict:
         """One value per parameter (low bound, first choice): a trial to check before any runs."""
@@ -147,14 +143,13 @@ class SearchSpace:
                 for name, spec in self.params.items()}
 
     def extremes(self) -> list[tuple[str, typing.Any]]:
-        """(name, value) for each choice and each range's ends: checked before any trial."""
+        """(name, value) for each choice and each range's ends (the high a step lets a trial
+        reach): checked before any trial."""
         values = []
         for name, spec in self.params.items():
-            if spec["type"] == "categorical":
-                values += [(name, choice) for choice in spec["choices"]]
-            else:
-                dist = _distribution(spec)  # its high is what a step lets a trial reach
-                values += [(name, dist.low), (name, dist.high)]
+            dist = _distribution(spec)
+            ends = spec["choices"] if spec["type"] == "categorical" else (dist.low, dist.high)
+            values += [(name, value) for value in ends]
         return values
 
     def suggest(self, trial: optuna.Trial) -> dict:
@@ -239,16 +234,6 @@ def _check_no_resume_or_time_budget(values: dict, source: str) -> None:
                              f"remove '{key}'")
 
 
-@dataclass
-class SpaceFile:
-    """What a search space file holds (configs/search_spaces/*.json)."""
-
-    params: dict = dataclasses.field(default_factory=dict)  # name -> distribution spec
-    base: dict = dataclasses.field(default_factory=dict)  # TrainConfig values of every trial
-    requires: list[str] = dataclasses.field(default_factory=list)  # keys --train-config sets
-    description: str = ""
-
-
 def load_space(space: str) -> SearchSpace:
     """A built-in space name or a JSON file; every key and bound is checked against TrainConfig."""
     path = SPACES_DIR / f"{space}.json"
@@ -265,7 +250,6 @@ def load_space(space: str) -> SearchSpace:
     trainingmanager.config_from_dict(data.base, f"{source}: base")
     _check_no_resume_or_time_budget(data.base, f"{source}: base")
     _check_no_resume_or_time_budget(data.params, f"{source}: params")
-    base = absolute_paths(data.base, f"{source}: base")
     for name in sorted(set(data.params) & SWEEP_KEYS):  # sampled, then overwritten
         raise ValueError(f"{source}: params.{name}: the sweep sets it for every trial: remove it")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -275,19 +259,17 @@ def load_space(space: str) -> SearchSpace:
             raise ValueError(f"{where}: not a TrainConfig key; "
                              f"{settings.key_hint(name, known, 'TrainConfig')}")
         _check_spec_types(spec, where)
-        if spec["type"] == "categorical":
-            for choice in spec["choices"]:
-                trainingmanager.config_from_dict({**base, name: choice}, where)
-        else:
-            try:  # Optuna's own checks: low <= high, log needs low > 0 and no step, ...
-                _distribution(spec)
-            except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
-            for bound in (spec["low"], spec["high"]):
-                trainingmanager.config_from_dict({**base, name: bound}, where)
+        try:  # Optuna's own checks: low <= high, log needs low > 0 and no step, ...
+            _distribution(spec)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
     if unknown := sorted(set(data.requires) - known):
         raise ValueError(f"{source}: requires: not TrainConfig key(s) {unknown}")
-    return SearchSpace(base=base, params=data.params, source=source, requires=data.requires)
+    space = SearchSpace(**{**vars(data), "base": absolute_paths(data.base, f"{source}: base")},
+                        source=source)
+    for name, value in space.extremes():
+        trainingmanager.config_from_dict({**space.base, name: value}, f"{source}: params.{name}")
+    return space
 
 
 # ----------------------------------------------- storage, study, the trial count of all workers
@@ -419,7 +401,7 @@ def counts(trial: FrozenTrial, retried: set[int]) -> bool:
     """Whether a finished trial counts toward n_trials: not a FAIL that was queued again, was
     interrupted, stopped the sweep or has no recorded reason (its worker died)."""
     if trial.state != TrialState.FAIL:
-        return trial.state in _DONE
+        return trial.state.is_finished()
     reason = trial.user_attrs.get(ATTR_REASON)
     return (trial.number not in retried and bool(reason) and reason != INTERRUPTED
             and not trial.user_attrs.get(ATTR_STOPPED))
@@ -429,10 +411,9 @@ def study_progress(study: optuna.Study) -> tuple[int, int, int]:
     """(finished, running, waiting) trials; finished counts the trials ``counts`` counts."""
     trials = study.get_trials(deepcopy=False)
     retried = _retried_numbers(trials)
-    finished = sum(counts(t, retried) for t in trials)
-    running = sum(t.state == TrialState.RUNNING for t in trials)
-    waiting = sum(t.state == TrialState.WAITING for t in trials)
-    return finished, running, waiting
+    states = [t.state for t in trials]
+    return (sum(counts(t, retried) for t in trials), states.count(TrialState.RUNNING),
+            states.count(TrialState.WAITING))
 
 
 def _heartbeats(storage: optuna.storages.BaseStorage) -> bool:
@@ -542,7 +523,7 @@ def interrupted_run(trial: optuna.Trial) -> tuple[Path | None, dict[int, float]]
     run = before and before.user_attrs.get(ATTR_RUN)
     if not run or not (Path(run) / rundir.CONFIG_FILE).is_file():
         return None, {}
-    wait_for_run(trial, before, Path(run))
+    wait_for_run(trial, Path(run))
     checkpoints = trainingmanager.list_checkpoints(Path(run))
     step = trainingmanager.checkpoint_step(checkpoints[-1]) if checkpoints else 0
     reported: dict[int, float] = {}
@@ -556,7 +537,7 @@ RUN_POLL_S = 2.0  # seconds between looks at a run directory another process hol
 WAIT_REMINDER_S = 600.0  # seconds between the lines that say a trial still waits for it
 
 
-def wait_for_run(trial: optuna.Trial, before: FrozenTrial, run: Path) -> None:
+def wait_for_run(trial: optuna.Trial, run: Path) -> None:
     """Wait while a live process holds ``run`` (a worker declared dead yet still training lets
     go at its next evaluation); say every WAIT_REMINDER_S that it still waits, and for whom."""
     lock = run / rundir.LOCK_FILE
@@ -615,13 +596,6 @@ def _mark_interrupted(trial: optuna.Trial) -> None:
         trial.set_user_attr(ATTR_REASON, INTERRUPTED)
 
 
-@dataclass
-class _Hidden:
-    """What a failed tell hides from ``run_worker``: the trial and what the objective raised."""
-    number: int | None = None
-    error: BaseException | None = None
-
-
 # What a worker may leave a trial with when another worker failed it first; others stop.
 _LEFT = (optuna.TrialPruned, TrialFailed, TrialAbandoned)
 
@@ -666,67 +640,45 @@ def _stop_sweep(trial: optuna.Trial, e: Exception, sweep: str) -> typing.NoRetur
     raise e
 
 
-def make_objective(cfg: TuneConfig, space: SearchSpace, base: dict, lock: _FileLock,
-                   hidden: _Hidden, sweep: str) -> Callable[[optuna.Trial], float]:
-    def objective(trial: optuna.Trial) -> float:
-        hidden.number = trial.number
-        try:
-            return run_trial(trial)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            hidden.error = TrialAbandoned(f"trial {trial.number}")
-            raise hidden.error from None
-        except BaseException as e:
-            hidden.error = e
-            raise
+def run_trial(cfg: TuneConfig, space: SearchSpace, base: dict, sweep: str,
+              trial: optuna.Trial) -> float:
+    """Train the trial: its best validation loss, or TrialFailed with the reason recorded."""
+    def on_eval(step: int, metrics: dict) -> None:
+        trial.set_user_attr(ATTR_STEP, step)
+        trial.report(metrics["val_loss"], step)
+        # Not at the final evaluation: the trial trained its whole budget (COMPLETE).
+        if step < cfg.max_steps and trial.should_prune():
+            raise optuna.TrialPruned(f"val loss {metrics['val_loss']:.4f} at step {step} is worse "
+                                     "than the pruner's threshold")
 
-    def run_trial(trial: optuna.Trial) -> float:
-        # A retried trial arrives with its predecessor's attributes: make them this run's
-        # before other workers (which judge RUNNING trials by their worker) look at it.
-        trial.set_user_attr(ATTR_WORKER, f"{socket.gethostname()}:{os.getpid()}")
-        for key in (ATTR_REASON, ATTR_STOPPED, ATTR_AGAIN):
-            if trial.user_attrs.get(key) is not None:
-                trial.set_user_attr(key, None)
-        lock.release()  # the trial exists: other workers may start theirs
-
-        def on_eval(step: int, metrics: dict) -> None:
-            trial.set_user_attr(ATTR_STEP, step)
-            trial.report(metrics["val_loss"], step)
-            # Not at the final evaluation: the trial trained its whole budget (COMPLETE).
-            if step < cfg.max_steps and trial.should_prune():
-                raise optuna.TrialPruned(
-                    f"val loss {metrics['val_loss']:.4f} at step {step} is worse than the pruner's "
-                    "threshold")
-
-        try:
-            train_cfg = _prepare_trial(cfg, space, base, trial)
-            result = trainingmanager.train(train_cfg, on_eval=on_eval, resume_hint=RESUME_HINT)
-        except KeyboardInterrupt:
+    try:
+        train_cfg = _prepare_trial(cfg, space, base, trial)
+        result = trainingmanager.train(train_cfg, on_eval=on_eval, resume_hint=RESUME_HINT)
+    except KeyboardInterrupt:
+        _mark_interrupted(trial)
+        raise
+    except (optuna.TrialPruned, optuna.exceptions.UpdateFinishedTrialError):
+        raise
+    except NonFiniteLossError as e:  # never continued: no resume advice in its reason
+        reason = e.diagnosis
+        if not reason.startswith("non-finite"):
+            reason = f"non-finite loss: {reason}"
+        if e.step is not None:
+            trial.set_user_attr(ATTR_STEP, e.step)
+    except Exception as e:
+        if not _is_out_of_memory(e):
+            _stop_sweep(trial, e, sweep)
+        reason = f"out of memory: {e}"
+    else:
+        trial.set_user_attr(ATTR_STEP, result.step)
+        if result.interrupted:  # the trainer checkpointed and returned on a stop signal
             _mark_interrupted(trial)
-            raise
-        except (optuna.TrialPruned, optuna.exceptions.UpdateFinishedTrialError):
-            raise
-        except NonFiniteLossError as e:  # never continued: no resume advice in its reason
-            reason = e.diagnosis
-            if not reason.startswith("non-finite"):
-                reason = f"non-finite loss: {reason}"
-            if e.step is not None:
-                trial.set_user_attr(ATTR_STEP, e.step)
-        except Exception as e:
-            if not _is_out_of_memory(e):
-                _stop_sweep(trial, e, sweep)
-            reason = f"out of memory: {e}"
-        else:
-            trial.set_user_attr(ATTR_STEP, result.step)
-            if result.interrupted:  # the trainer checkpointed and returned on a stop signal
-                _mark_interrupted(trial)
-                raise KeyboardInterrupt(result.interrupted)
-            if result.best_val_loss is not None and math.isfinite(result.best_val_loss):
-                return result.best_val_loss
-            reason = f"no finite validation loss (best_val_loss={result.best_val_loss})"
-        trial.set_user_attr(ATTR_REASON, reason)
-        raise TrialFailed(reason) from None
-
-    return objective
+            raise KeyboardInterrupt(result.interrupted)
+        if result.best_val_loss is not None and math.isfinite(result.best_val_loss):
+            return result.best_val_loss
+        reason = f"no finite validation loss (best_val_loss={result.best_val_loss})"
+    trial.set_user_attr(ATTR_REASON, reason)
+    raise TrialFailed(reason) from None
 
 
 def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.BaseStorage,
@@ -735,8 +687,27 @@ def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.Ba
     run elsewhere (a dead worker's trial may come back to the queue)."""
     # 'count the trials, then start one' is serialised among this machine's workers
     lock = _FileLock(study_dir(cfg) / "claim.lock")
-    hidden = _Hidden()  # what a failed tell hides (see _told_too_late)
-    objective = make_objective(cfg, space, base, lock, hidden, sweep)
+    number, raised = None, None  # the trial and what it raised, which a failed tell hides
+
+    def objective(trial: optuna.Trial) -> float:
+        nonlocal number, raised
+        number = trial.number
+        try:
+            # A retried trial arrives with its predecessor's attributes: make them this run's
+            # before other workers (which judge RUNNING trials by their worker) look at it.
+            trial.set_user_attr(ATTR_WORKER, f"{socket.gethostname()}:{os.getpid()}")
+            for key in (ATTR_REASON, ATTR_STOPPED, ATTR_AGAIN):
+                if trial.user_attrs.get(key) is not None:
+                    trial.set_user_attr(key, None)
+            lock.release()  # the trial exists: other workers may start theirs
+            return run_trial(cfg, space, base, sweep, trial)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            raised = TrialAbandoned(f"trial {trial.number}")
+            raise raised from None
+        except BaseException as e:
+            raised = e
+            raise
+
     while True:
         lock.acquire()
         try:
@@ -756,24 +727,36 @@ def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.Ba
             try:
                 study.optimize(objective, n_trials=1, catch=(TrialFailed, TrialAbandoned))
             except Exception as e:
-                if e is hidden.error or not _told_too_late(e):
+                if e is raised or not _told_too_late(e):
                     raise  # the trial's own error (told), or not a tell that came too late
-                if hidden.error is not None and not isinstance(hidden.error, _LEFT):
-                    raise hidden.error from None  # a stop met in the trial is still a stop
-                hidden.error = TrialAbandoned(f"trial {hidden.number}")
-            if isinstance(hidden.error, TrialAbandoned):
-                tqdm.write(f"trial {hidden.number}: another worker declared it dead (no "
-                           "heartbeat within --grace-period); this worker goes on", file=sys.stderr)
+                if raised is not None and not isinstance(raised, _LEFT):
+                    raise raised from None  # a stop met in the trial is still a stop
+                raised = TrialAbandoned(f"trial {number}")
+            if isinstance(raised, TrialAbandoned):
+                tqdm.write(f"trial {number}: another worker declared it dead (no heartbeat "
+                           "within --grace-period); this worker goes on", file=sys.stderr)
         finally:
-            hidden.error = None  # a kept error would keep its trial's model alive
+            raised = None  # a kept error would keep its trial's model alive
             lock.release()
 
 
 # --------------------------------------------------- checks before the first trial costs anything
 
 
-def check_trial_config(cfg: TuneConfig, space: SearchSpace, base: dict) -> None:
-    """The example trial and each choice and range bound pass the trainer's checks."""
+def check_before_trials(cfg: TuneConfig) -> tuple[SearchSpace, dict]:
+    """The space and the ``--train-config`` values (paths absolute), checked: an example trial
+    and each choice and range bound pass the trainer's checks."""
+    space = load_space(cfg.space)
+    base: dict = {}
+    if cfg.train_config:
+        base = trainingmanager.load_config_file(cfg.train_config)
+        _check_no_resume_or_time_budget(base, cfg.train_config)
+        base = absolute_paths(base, cfg.train_config)
+    for key in space.requires:
+        if {**space.base, **base}.get(key) is None:
+            raise ValueError(f"search space {space.source} needs {key!r} set in "
+                             f"{cfg.train_config or '--train-config'} (e.g. --train-config "
+                             f"FILE.json with \"{key}\": ...)")
     where = " with ".join(filter(None, (space.source, cfg.train_config)))
     example = space.example()
     trials = [("", example), *((f"params.{name}={value!r}: ", {**example, name: value})
@@ -797,22 +780,6 @@ def check_trial_config(cfg: TuneConfig, space: SearchSpace, base: dict) -> None:
             for path in [value] if isinstance(value, str) else value or []:
                 if path != "stdlib" and not Path(path).expanduser().exists():
                     raise ValueError(f"{where_is(key)}: {label}{key}: {path} not found")
-
-
-def check_before_trials(cfg: TuneConfig) -> tuple[SearchSpace, dict]:
-    """The space and the ``--train-config`` values (paths absolute), checked."""
-    space = load_space(cfg.space)
-    base: dict = {}
-    if cfg.train_config:
-        base = trainingmanager.load_config_file(cfg.train_config)
-        _check_no_resume_or_time_budget(base, cfg.train_config)
-        base = absolute_paths(base, cfg.train_config)
-    for key in space.requires:
-        if {**space.base, **base}.get(key) is None:
-            raise ValueError(f"search space {space.source} needs {key!r} set in "
-                             f"{cfg.train_config or '--train-config'} (e.g. --train-config "
-                             f"FILE.json with \"{key}\": ...)")
-    check_trial_config(cfg, space, base)
     return space, base
 
 
@@ -872,9 +839,9 @@ def _storage_label(cfg: TuneConfig) -> str:
     url = cfg.storage or JOURNAL_FILE
     if "://" in url:
         return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    default = (study_dir(cfg) / JOURNAL_FILE).resolve()
-    return JOURNAL_FILE if url == JOURNAL_FILE or Path(url).resolve() == default \
-        else str(Path(url).resolve())
+    path = Path(url).resolve()
+    default = url == JOURNAL_FILE or path == (study_dir(cfg) / JOURNAL_FILE).resolve()
+    return JOURNAL_FILE if default else str(path)
 
 
 def claim_study_dir(cfg: TuneConfig, study: optuna.Study) -> None:
@@ -1154,8 +1121,10 @@ def _warn_of_space(cfg: TuneConfig, space: SearchSpace, base: dict) -> None:
               "trial's sampled value replaces the file's", file=sys.stderr)
 
 
-def tune(cfg: TuneConfig) -> TuneResult:
-    """Run (or continue) the sweep until the study holds ``cfg.n_trials`` finished trials."""
+def tune(cfg: TuneConfig) -> int:
+    """Run (or continue) the sweep until the study holds ``cfg.n_trials`` finished trials.
+    Returns the exit status: the first failed worker's, else 1 without a best config (so that
+    ``tune && train --config best.json`` stops there) or short of ``n_trials``, else 0."""
     if cfg.worker:
         _stop_with_parent()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and table tell
@@ -1173,13 +1142,11 @@ def tune(cfg: TuneConfig) -> TuneResult:
     if cfg.worker:  # one of --workers N processes: share this machine's cores among them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))
         run_worker(cfg, study, storage, space, base, sweep_id(cfg))
-        return TuneResult(study_dir(cfg), study_progress(study)[0], None, None)
+        return 0  # the parent judges the study (and writes best.json)
     _warn_of_space(cfg, space, base)
-    finished = study_progress(study)[0]
-    bar = progress_bar(total=cfg.n_trials, initial=min(finished, cfg.n_trials), unit="trial",
-                       desc=cfg.study_name, enabled=cfg.progress)
-    worker_status = 0
-    sweep = sweep_id(cfg)
+    bar = progress_bar(total=cfg.n_trials, initial=min(study_progress(study)[0], cfg.n_trials),
+                       unit="trial", desc=cfg.study_name, enabled=cfg.progress)
+    worker_status, sweep = 0, sweep_id(cfg)
     try:
         if cfg.workers == 1:
             run_worker(cfg, study, storage, space, base, sweep, progress=bar)
@@ -1197,8 +1164,9 @@ def tune(cfg: TuneConfig) -> TuneResult:
               "same command again to continue", file=sys.stderr)
     best = write_reports(study, cfg)
     print_summary(study, cfg, best)
-    return TuneResult(study_dir(cfg), finished, study.best_value if best else None, best,
-                      worker_status)
+    if worker_status:  # its error was told by the worker, and its status by this process
+        return worker_status
+    return 0 if finished >= cfg.n_trials and best is not None else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1208,7 +1176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = parse_config(argv)
             if settings.printed_config(build_parser(), argv, cfg):
                 return 0
-            result = tune(cfg)
+            return tune(cfg)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -1220,12 +1188,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("interrupted: run the same command again to continue the study",
                   file=sys.stderr)
         return process.interrupted_exit_code(e)
-    if cfg.worker:  # it ran its trials; the parent judges the study (and writes best.json)
-        return 0
-    if result.worker_status:  # its error was told by the worker, and its status by the parent
-        return result.worker_status
-    # Non-zero without a best config, so `tune && train --config best.json` stops there.
-    return 0 if result.finished >= cfg.n_trials and result.best_config is not None else 1
 
 
 if __name__ == "__main__":

@@ -431,7 +431,7 @@ def test_a_long_wait_for_a_held_run_says_it_still_waits_and_for_whom(tmp_path, m
     monkeypatch.setattr(hyperparam_tune.time, "sleep", sleep)
     monkeypatch.setattr(hyperparam_tune.time, "monotonic", lambda: clock[0])
     trial = optuna.create_study().ask()
-    hyperparam_tune.wait_for_run(trial, trial, run)
+    hyperparam_tune.wait_for_run(trial, run)
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith(f"trial 0: waiting for {run}, the run it continues: process 4242 "
                              "on gpu-box-3 holds it")
