@@ -357,28 +357,22 @@ def off_switch(key: str, where_set: Callable[[str], str] = flag_of) -> str:
     return f"--no-{flag_of(key)[2:]}" if where == flag_of(key) else f"{key} false ({where})"
 
 
-def where_set_by(typed: Collection[str], config: str | Path | None = None,
-                 in_file: Collection[str] = (), rest: str | None = None
+def where_set_in(args: Mapping[str, Any], section: str, rest: str | None = None
                  ) -> Callable[[str], str]:
-    """Where the user set field ``key``, for errors: its flag when typed, the ``--config`` file
-    when that sets it (``in_file``), else ``rest`` (such as a resumed run's config.json), else
-    its flag (the field is at its default)."""
+    """Where the user of a parsed command line set field ``key``, for errors: its flag when typed,
+    the ``--config`` file (``args["config"]``) when that sets it, else ``rest`` (such as a resumed
+    run's config.json), else its flag (the field is at its default)."""
+    config = args.get("config")
+    in_file = read_config_file(config, section)[0] if config is not None else {}
+
     def where(key: str) -> str:
-        if key in typed:
+        if key in args and key != "config":
             return flag_of(key)
         if key in in_file:
             return f"--config {config}"
         return rest or flag_of(key)
 
     return where
-
-
-def where_set_in(args: Mapping[str, Any], section: str) -> Callable[[str], str]:
-    """``where_set_by`` of a parsed command line (``args["config"]``: the --config file)."""
-    typed = {k: v for k, v in args.items() if k != "config"}
-    config = args.get("config")
-    in_file = read_config_file(config, section)[0] if config is not None else {}
-    return where_set_by(typed, config, in_file)
 
 
 class ArgumentParser(argparse.ArgumentParser):
