@@ -88,25 +88,22 @@ def config_from_dict(cls: type, values: Mapping[str, Any], source: str = "<dict>
     hints = typing.get_type_hints(cls)
     known = [f.name for f in dataclasses.fields(cls)]
     for key in values:
-        if key not in hints or key not in known:
+        if key not in known:
             if "model_type" in values and "model_type" not in known:
                 raise ValueError(f"{source}: a model's config.json (model_type "
                                  f"{values['model_type']!r}), not a {cls.__name__} file")
             raise ValueError(f"{source}: unknown key {key!r}; "
                              f"{key_hint(key, known, cls.__name__)}")
-    checked = {}
+    checked = dict(values)
     for key, value in values.items():
-        base, _ = _field_type(hints[key])
         if problem := type_error(hints[key], value):
             raise ValueError(f"{source}: key {key!r} {problem}")
-        if value is not None:
-            if base is float:
-                value = float(value)
-            allowed = (choices or {}).get(key)
-            if allowed is not None and value not in allowed:
-                raise ValueError(f"{source}: key {key!r} must be one of {tuple(allowed)}, "
-                                 f"got {value!r}")
-        checked[key] = value
+        allowed = (choices or {}).get(key)
+        if value is not None and allowed is not None and value not in allowed:
+            raise ValueError(f"{source}: key {key!r} must be one of {tuple(allowed)}, "
+                             f"got {value!r}")
+        if value is not None and _field_type(hints[key])[0] is float:
+            checked[key] = float(value)
     return cls(**checked)
 
 
@@ -208,21 +205,16 @@ def add_print_config(parser: argparse.ArgumentParser) -> None:
 
 
 def printed_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None, cfg: Any) -> bool:
-    """Print ``cfg`` when ``argv`` asks for --print-config; whether it did."""
+    """Print ``cfg`` as the text of a ``--config`` file when ``argv`` asks for --print-config;
+    whether it did."""
     fmt = vars(parser.parse_args(argv)).get("print_config")
-    if fmt:
-        print(dump_config(cfg, fmt), end="")
-    return bool(fmt)
-
-
-def dump_config(cfg: Any, fmt: str) -> str:
-    """A config dataclass as the text of a ``--config`` file in ``fmt`` ("json" or "yaml")."""
-    values = dataclasses.asdict(cfg)
     if fmt == "json":
-        return json.dumps(values, indent=1) + "\n"
-    import yaml
+        print(json.dumps(dataclasses.asdict(cfg), indent=1))
+    elif fmt == "yaml":
+        import yaml
 
-    return yaml.safe_dump(values, sort_keys=False)
+        print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
+    return bool(fmt)
 
 
 def _json_object(text: str) -> dict:
@@ -440,11 +432,9 @@ def resolve_config(cls: type, args: Mapping[str, Any], section: str,
                    choices: Mapping[str, Sequence] | None = None) -> Any:
     """Defaults < ``base`` < the ``--config`` file (``args["config"]``) < the typed flags."""
     values = dict(base or {})
-    flags = {k: v for k, v in args.items() if k != "print_config"}
-    if flags.get("config") is not None:
-        file_values, source = read_config_file(flags.pop("config"), section)
+    if args.get("config") is not None:
+        file_values, source = read_config_file(args["config"], section)
         config_from_dict(cls, file_values, source, choices)  # errors name the file
         values.update(file_values)
-    flags.pop("config", None)
-    values.update(flags)
-    return config_from_dict(cls, values, "command line", choices)
+    flags = {k: v for k, v in args.items() if k not in ("config", "print_config")}
+    return config_from_dict(cls, {**values, **flags}, "command line", choices)
