@@ -20,15 +20,16 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+import lora
+import pretrained
 import rundir
 import settings
-from architecture import SHORT_DTYPES
+from architecture import PRESETS, SHORT_DTYPES, ModelConfig, Transformer
 from checkpoint import check_run_paths
 from process import progress_bar
 from settings import setting
 
 if typing.TYPE_CHECKING:
-    from architecture import ModelConfig
     from dataset import DataConfig
     from tokenizer import BPETokenizer, CodeTokenizer
 
@@ -216,7 +217,7 @@ def check_resume_location(args: dict, given: dict, config: str | None) -> None:
     set_by = [k for k in ("name", "out_dir") if values[k] is not None]
     if not set_by or named.resolve() == resume.resolve():
         return
-    said = " ".join(f"--{k.replace('_', '-')} {args[k]}" if args.get(k) is not None
+    said = " ".join(f"{settings.flag_of(k)} {args[k]}" if args.get(k) is not None
                     else f"{k} {given[k]!r} in --config {config}" for k in set_by)
     raise ValueError(f"--resume {args['resume']} continues that run, but {said} names another "
                      f"run ({named}): drop {said} to continue {args['resume']}, or drop "
@@ -243,7 +244,6 @@ def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = (),
     ``init_adapter``; a setting given (not the default, or typed) that differs is an error."""
     if cfg.init_adapter is None:
         return cfg
-    import lora
 
     copy = run_adapter_copy(cfg.resume) if cfg.resume else None
     path, config_name = (copy.parent, copy.name) if copy else (
@@ -282,10 +282,6 @@ def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = (),
 def _select_the_same(base: str, mine: list[str], theirs: list[str] | str, file: Path) -> bool:
     """Whether lora_targets ``mine`` select the modules the adapter file's ``theirs`` select on
     the model at ``base`` (built on the meta device: no weights are read)."""
-    import lora
-    import pretrained
-    from architecture import Transformer
-
     with torch.device("meta"):
         model = Transformer(pretrained.read_config(base)[0])
     try:
@@ -321,11 +317,9 @@ def _check_model_settings(cfg: TrainConfig, where_set: Callable[[str], str],
         for key, value in cfg.model_options.items():
             need(settings.is_number(value) and 0 <= value < 1, "model_options",
                  f"{key} must be a probability in [0, 1), got {value!r}")
-        if not Path(cfg.init_from).is_dir():
-            raise ValueError(f"{named('init_from')}: not a directory")
-        import lora
-
         path = Path(cfg.init_from)
+        if not path.is_dir():
+            raise ValueError(f"{named('init_from')}: not a directory")
         adapter_config = path / lora.ADAPTER_CONFIG
         if adapter_config.is_file() and not (path / rundir.HF_CONFIG).is_file():  # LoRA's export/
             if (path / rundir.MERGED_DIR / rundir.HF_CONFIG).is_file():
@@ -340,19 +334,15 @@ def _check_model_settings(cfg: TrainConfig, where_set: Callable[[str], str],
                              f"a model: {instead}; to train that adapter on, set init_adapter "
                              f"({where_set('init_adapter')}) to {cfg.init_from}")
         if cfg.block_size is not None:  # else the first forward pass finds it, after the data
-            from pretrained import read_config
-
-            context = read_config(cfg.init_from)[0].block_size
+            context = pretrained.read_config(cfg.init_from)[0].block_size
             need(cfg.block_size <= context, "block_size",
                  f"longer than the context of {named('init_from')}, {context} positions")
     else:  # the preset, the shape and model_options, checked before the data is prepared
         try:
             shape = model_config(cfg, 1, None, None)
             if cfg.export:  # else it trains to the end and fails writing export/
-                from pretrained import hf_config
-
                 try:
-                    hf_config(shape, torch.float32)
+                    pretrained.hf_config(shape, torch.float32)
                 except ValueError as e:
                     raise ValueError(f"{e}; to train it without an HF export: "
                                      f"{settings.off_switch('export', where_set)}") from None
@@ -479,8 +469,6 @@ def _check_data_options(options: dict, where: str) -> None:
 def default_block_size(cfg: TrainConfig) -> int:
     """The preset's context from scratch; with init_from its context, at most 1024."""
     if cfg.init_from is None:
-        from architecture import PRESETS
-
         return PRESETS[cfg.preset].block_size  # validate_config checked the preset
     config = settings.read_json_object(Path(cfg.init_from) / rundir.HF_CONFIG, "model config")
     context = next((config[k] for k in ("max_position_embeddings", "n_positions", "n_ctx")
@@ -510,8 +498,6 @@ TOKENIZER_MODEL_KEYS = ("vocab_size", "bos_id", "eos_id")
 
 def _check_model_options(options: dict, where: str) -> None:
     """Each key a ModelConfig key the tokenizer does not set, each value of its type."""
-    from architecture import ModelConfig
-
     hints = typing.get_type_hints(ModelConfig)
     for key, value in options.items():
         if key not in hints:
@@ -532,8 +518,6 @@ MODEL_SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "mlp_hidden", "block_size", "
 def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int | None,
                  eos_id: int | None) -> ModelConfig:
     """Preset + overrides for a from-scratch model (derived sizes re-derived from the new ones)."""
-    from architecture import PRESETS, ModelConfig
-
     if cfg.preset not in PRESETS:
         raise ValueError(f"unknown preset {cfg.preset!r}; choose from {sorted(PRESETS)}")
     values = dataclasses.asdict(PRESETS[cfg.preset])
@@ -543,9 +527,8 @@ def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int | None,
     if "n_head" in shape:
         values["n_kv_head"] = None
     _check_model_options(cfg.model_options, "model_options")
-    values.update(shape)
-    values.update(cfg.model_options)
-    values.update(vocab_size=vocab_size, bos_id=bos_id, eos_id=eos_id)
+    values.update({**shape, **cfg.model_options}, vocab_size=vocab_size, bos_id=bos_id,
+                  eos_id=eos_id)
     try:
         return ModelConfig(**values)
     except (TypeError, AttributeError, KeyError) as e:  # a malformed value the types let through
@@ -556,8 +539,6 @@ def check_lora_export(cfg: TrainConfig, model: nn.Module,
                       where_set: Callable[[str], str] = settings.flag_of) -> None:
     """Refuse, before training, an export that would merge a LoRA into a tied weight."""
     merges = cfg.export and cfg.lora_r > 0 and cfg.export_merged
-    import lora
-
     tied = lora.tied_targets(model) if merges else {}
     if not tied:
         return
@@ -671,9 +652,6 @@ def build_model(cfg: TrainConfig, tok: CodeTokenizer | BPETokenizer,
     """From scratch or from ``init_from``; then the quantized base and LoRA if asked for.
     ``run_dir``: the run whose own weights will be loaded (an init_adapter run's LoRA layout then
     comes from its copy of the adapter's config)."""
-    import pretrained
-    from architecture import Transformer
-
     base_dtype = SHORT_DTYPES[cfg.base_dtype]
     if cfg.init_from is not None:
         model = pretrained.load(cfg.init_from, dtype=base_dtype, device="cpu")
@@ -688,8 +666,6 @@ def build_model(cfg: TrainConfig, tok: CodeTokenizer | BPETokenizer,
         model = Transformer(model_config(cfg, tok.vocab_size, tok.bos_id, tok.eos_id))
         model.to(base_dtype)
     if cfg.lora_r > 0:
-        import lora
-
         if cfg.quantize_bits:
             lora.quantize_base(model, bits=cfg.quantize_bits)
         copy = run_adapter_copy(run_dir) if run_dir is not None else None
