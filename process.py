@@ -382,7 +382,17 @@ def write_atomic_files(files: Mapping[str | Path, FileContent]) -> None:
     temps: list[tuple[Path, Path]] = []
     try:
         for path, data in files.items():
-            temps.append((Path(path), _write_temp(Path(path), data)))
+            path = Path(path)
+            remove_dead_owners(path.parent, re.escape(f".{path.name}.tmp-"))
+            tmp = partial_path(path, "tmp")
+            temps.append((path, tmp))  # from here on removed if anything fails
+            with _naming(path, tmp), open(tmp, "wb") as f:
+                if callable(data):
+                    data(f)
+                else:
+                    f.write(data.encode("utf-8") if isinstance(data, str) else data)
+                f.flush()
+                os.fsync(f.fileno())
         with stops_deferred():  # a Ctrl-C between two renames would leave a mixed set
             for path, tmp in temps:
                 with _naming(path, tmp):
@@ -392,25 +402,6 @@ def write_atomic_files(files: Mapping[str | Path, FileContent]) -> None:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
         raise
-
-
-def _write_temp(path: Path, data: FileContent) -> Path:
-    """``data`` written and fsynced to ``path``'s owner-tagged temporary file."""
-    remove_dead_owners(path.parent, re.escape(f".{path.name}.tmp-"))
-    tmp = partial_path(path, "tmp")
-    try:
-        with _naming(path, tmp), open(tmp, "wb") as f:
-            if callable(data):
-                data(f)
-            else:
-                f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
-    return tmp
 
 
 @contextlib.contextmanager

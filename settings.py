@@ -96,25 +96,22 @@ def config_from_dict(cls: type, values: Mapping[str, Any], source: str = "<dict>
     hints = typing.get_type_hints(cls)
     known = [f.name for f in dataclasses.fields(cls)]
     for key in values:
-        if key not in hints or key not in known:
+        if key not in known:
             if "model_type" in values and "model_type" not in known:
                 raise ValueError(f"{source}: a model's config.json (model_type "
                                  f"{values['model_type']!r}), not a {cls.__name__} file")
             raise ValueError(f"{source}: unknown key {key!r}; "
                              f"{key_hint(key, known, cls.__name__)}")
-    checked = {}
+    checked = dict(values)
     for key, value in values.items():
-        base, _ = _field_type(hints[key])
         if problem := type_error(hints[key], value):
             raise ValueError(f"{source}: key {key!r} {problem}")
-        if value is not None:
-            if base is float:
-                value = float(value)
-            allowed = (choices or {}).get(key)
-            if allowed is not None and value not in allowed:
-                raise ValueError(f"{source}: key {key!r} must be one of {tuple(allowed)}, "
-                                 f"got {value!r}")
-        checked[key] = value
+        allowed = (choices or {}).get(key)
+        if value is not None and allowed is not None and value not in allowed:
+            raise ValueError(f"{source}: key {key!r} must be one of {tuple(allowed)}, "
+                             f"got {value!r}")
+        if value is not None and _field_type(hints[key])[0] is float:
+            checked[key] = float(value)
     return cls(**checked)
 
 
@@ -216,21 +213,16 @@ def add_print_config(parser: argparse.ArgumentParser) -> None:
 
 
 def printed_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None, cfg: Any) -> bool:
-    """Print ``cfg`` when ``argv`` asks for --print-config; whether it did."""
+    """Print ``cfg`` as the text of a ``--config`` file when ``argv`` asks for --print-config;
+    whether it did."""
     fmt = vars(parser.parse_args(argv)).get("print_config")
-    if fmt:
-        print(dump_config(cfg, fmt), end="")
-    return bool(fmt)
-
-
-def dump_config(cfg: Any, fmt: str) -> str:
-    """A config dataclass as the text of a ``--config`` file in ``fmt`` ("json" or "yaml")."""
-    values = dataclasses.asdict(cfg)
     if fmt == "json":
-        return json.dumps(values, indent=1) + "\n"
-    import yaml
+        print(json.dumps(dataclasses.asdict(cfg), indent=1))
+    elif fmt == "yaml":
+        import yaml
 
-    return yaml.safe_dump(values, sort_keys=False)
+        print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
+    return bool(fmt)
 
 
 def _json_object(text: str) -> dict:
@@ -365,28 +357,22 @@ def off_switch(key: str, where_set: Callable[[str], str] = flag_of) -> str:
     return f"--no-{flag_of(key)[2:]}" if where == flag_of(key) else f"{key} false ({where})"
 
 
-def where_set_by(typed: Collection[str], config: str | Path | None = None,
-                 in_file: Collection[str] = (), rest: str | None = None
+def where_set_in(args: Mapping[str, Any], section: str, rest: str | None = None
                  ) -> Callable[[str], str]:
-    """Where the user set field ``key``, for errors: its flag when typed, the ``--config`` file
-    when that sets it (``in_file``), else ``rest`` (such as a resumed run's config.json), else
-    its flag (the field is at its default)."""
+    """Where the user of a parsed command line set field ``key``, for errors: its flag when typed,
+    the ``--config`` file (``args["config"]``) when that sets it, else ``rest`` (such as a resumed
+    run's config.json), else its flag (the field is at its default)."""
+    config = args.get("config")
+    in_file = read_config_file(config, section)[0] if config is not None else {}
+
     def where(key: str) -> str:
-        if key in typed:
+        if key in args and key != "config":
             return flag_of(key)
         if key in in_file:
             return f"--config {config}"
         return rest or flag_of(key)
 
     return where
-
-
-def where_set_in(args: Mapping[str, Any], section: str) -> Callable[[str], str]:
-    """``where_set_by`` of a parsed command line (``args["config"]``: the --config file)."""
-    typed = {k: v for k, v in args.items() if k != "config"}
-    config = args.get("config")
-    in_file = read_config_file(config, section)[0] if config is not None else {}
-    return where_set_by(typed, config, in_file)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -454,11 +440,9 @@ def resolve_config(cls: type, args: Mapping[str, Any], section: str,
                    choices: Mapping[str, Sequence] | None = None) -> Any:
     """Defaults < ``base`` < the ``--config`` file (``args["config"]``) < the typed flags."""
     values = dict(base or {})
-    flags = {k: v for k, v in args.items() if k != "print_config"}
-    if flags.get("config") is not None:
-        file_values, source = read_config_file(flags.pop("config"), section)
+    if args.get("config") is not None:
+        file_values, source = read_config_file(args["config"], section)
         config_from_dict(cls, file_values, source, choices)  # errors name the file
         values.update(file_values)
-    flags.pop("config", None)
-    values.update(flags)
-    return config_from_dict(cls, values, "command line", choices)
+    flags = {k: v for k, v in args.items() if k not in ("config", "print_config")}
+    return config_from_dict(cls, {**values, **flags}, "command line", choices)

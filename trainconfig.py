@@ -20,27 +20,16 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+import lora
+import pretrained
 import rundir
 import settings
-from architecture import SHORT_DTYPES
+from architecture import PRESETS, SHORT_DTYPES, ModelConfig, Transformer
 from checkpoint import check_run_paths
 from process import progress_bar
-from rundir import (
-    ADAPTER_FILE,
-    CHECKPOINTS_DIR,
-    CONFIG_FILE,
-    HF_CONFIG,
-    INIT_ADAPTER_COPY,
-    LOCK_FILE,
-    MERGED_DIR,
-    MODEL_FILE,
-    checkpoint_step,
-    list_checkpoints,
-)
 from settings import setting
 
 if typing.TYPE_CHECKING:
-    from architecture import ModelConfig
     from dataset import DataConfig
     from tokenizer import BPETokenizer, CodeTokenizer
 
@@ -195,27 +184,24 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
     """Defaults < ``--resume`` run's config.json < ``--config`` file < command-line flags."""
     args = vars(build_parser().parse_args(argv))
-    if "data_options" in args:  # a JSON object, as the flag's type reads it
-        _check_data_options(args["data_options"], "--data-options")
-    if "model_options" in args:
-        _check_model_options(args["model_options"], "--model-options")
+    check_options(args)  # the flags'; load_config_file checks the --config file's
     config = args.pop("config", None)
     given = load_config_file(config) if config is not None else {}
     resumed: dict = {}
     if args.get("resume"):
         check_resume_location(args, given, config)
         run, resume = Path(args["resume"]), f"--resume {args['resume']}"
-        saved = run / CONFIG_FILE
+        saved = run / rundir.CONFIG_FILE
         if not run.is_dir():
             raise ValueError(f"{resume}: no such run directory")
-        if not saved.is_file() and rundir.lock_is_held(run / LOCK_FILE):
+        if not saved.is_file() and rundir.lock_is_held(run / rundir.LOCK_FILE):
             raise ValueError(f"{resume}: its run is still starting (it has not written "
-                             f"{CONFIG_FILE}): wait for it")
-        if not saved.is_file() and (run / LOCK_FILE).is_file():
-            raise ValueError(f"{resume}: its run was stopped before it wrote {CONFIG_FILE}: "
+                             f"{rundir.CONFIG_FILE}): wait for it")
+        if not saved.is_file() and (run / rundir.LOCK_FILE).is_file():
+            raise ValueError(f"{resume}: its run was stopped before it wrote {rundir.CONFIG_FILE}: "
                              "nothing to resume; run the command that started it again")
         if not saved.is_file():
-            raise ValueError(f"{resume}: no {CONFIG_FILE} there (not a run dir)")
+            raise ValueError(f"{resume}: no {rundir.CONFIG_FILE} there (not a run dir)")
         resumed = load_config_file(saved)
         # the paths it gives the run must exist (its own copy of an adapter's config replaces it)
         owned = ("init_adapter",) if run_adapter_copy(run) else ()
@@ -223,19 +209,12 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
         check_run_paths(resumed, [k for k in paths if k not in {*args, *given, *owned}], str(saved))
     cfg = settings.resolve_config(TrainConfig, args, "train", base={**resumed, **given},
                                    choices=_CHOICES)
-    where_set = _where_set_in_run(args, config, given, args.get("resume"))
+    where_set = command_line_sources(argv)[2]
     if cfg.init_adapter is not None:  # a --lora-* flag typed at its default value differs too
         with_init_adapter(cfg, typed={*args, *given}, where_set=where_set)
     if not cfg.overfit:  # --overfit takes what it honours (overfit_settings)
         validate_config(cfg, where_set)
     return cfg
-
-
-def _where_set_in_run(typed: Collection[str], config: str | None, in_file: Collection[str],
-                      resume: str | None) -> Callable[[str], str]:
-    """``settings.where_set_by``, the other keys read from the ``--resume`` run's config.json."""
-    return settings.where_set_by(typed, config, in_file,
-                                  resume and f"{Path(resume) / CONFIG_FILE} (--resume)")
 
 
 def check_resume_location(args: dict, given: dict, config: str | None) -> None:
@@ -247,7 +226,7 @@ def check_resume_location(args: dict, given: dict, config: str | None) -> None:
     set_by = [k for k in ("name", "out_dir") if values[k] is not None]
     if not set_by or named.resolve() == resume.resolve():
         return
-    said = " ".join(f"--{k.replace('_', '-')} {args[k]}" if args.get(k) is not None
+    said = " ".join(f"{settings.flag_of(k)} {args[k]}" if args.get(k) is not None
                     else f"{k} {given[k]!r} in --config {config}" for k in set_by)
     raise ValueError(f"--resume {args['resume']} continues that run, but {said} names another "
                      f"run ({named}): drop {said} to continue {args['resume']}, or drop "
@@ -267,15 +246,13 @@ ADAPTER_KEYS = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
 
 def run_adapter_copy(run_dir: str | Path) -> Path | None:
     """A run's INIT_ADAPTER_COPY when the run holds weights to continue from, else None."""
-    copy = Path(run_dir).expanduser() / INIT_ADAPTER_COPY
+    copy = Path(run_dir).expanduser() / rundir.INIT_ADAPTER_COPY
     return copy if copy.is_file() and rundir.holds_weights(copy.parent) else None
 
 
 def with_local_checkpoints(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with a Hugging Face id in init_from or init_adapter replaced by its snapshot
     directory in the hub cache (fetched unless offline): config.json records that revision."""
-    import pretrained
-
     local = {}
     for key in ("init_from", "init_adapter"):
         if (value := getattr(cfg, key)) is not None and pretrained.is_hub_id(value):
@@ -290,9 +267,6 @@ def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = (),
     ``init_adapter``; a setting given (not the default, or typed) that differs is an error."""
     if cfg.init_adapter is None:
         return cfg
-    import lora
-    import pretrained
-
     copy = run_adapter_copy(cfg.resume) if cfg.resume else None
     path, config_name = (copy.parent, copy.name) if copy else (pretrained.checkpoint_dir(
         cfg.init_adapter, setting(cfg, "init_adapter", where_set)), lora.ADAPTER_CONFIG)
@@ -331,10 +305,6 @@ def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = (),
 def _select_the_same(base: str, mine: list[str], theirs: list[str] | str, file: Path) -> bool:
     """Whether lora_targets ``mine`` select the modules the adapter file's ``theirs`` select on
     the model at ``base`` (built on the meta device: no weights are read)."""
-    import lora
-    import pretrained
-    from architecture import Transformer
-
     with torch.device("meta"):
         model = Transformer(pretrained.read_config(base)[0])
     try:
@@ -373,16 +343,13 @@ def _check_model_settings(cfg: TrainConfig, where_set: Callable[[str], str],
         for key, value in cfg.model_options.items():
             need(settings.is_number(value) and 0 <= value < 1, "model_options",
                  f"{key} must be a probability in [0, 1), got {value!r}")
-        import lora
-        import pretrained
-
         path = pretrained.checkpoint_dir(cfg.init_from, named("init_from"))
         if not path.is_dir():
             raise ValueError(f"{named('init_from')}: not a directory")
         adapter_config = path / lora.ADAPTER_CONFIG
-        if adapter_config.is_file() and not (path / HF_CONFIG).is_file():  # a LoRA run's export/
-            if (path / MERGED_DIR / HF_CONFIG).is_file():
-                instead = f"use {path / MERGED_DIR}, the merged model beside it"
+        if adapter_config.is_file() and not (path / rundir.HF_CONFIG).is_file():  # LoRA's export/
+            if (path / rundir.MERGED_DIR / rundir.HF_CONFIG).is_file():
+                instead = f"use {path / rundir.MERGED_DIR}, the merged model beside it"
             else:
                 base = settings.read_json_object(adapter_config, "adapter config").get(
                     "base_model_name_or_path")
@@ -393,19 +360,15 @@ def _check_model_settings(cfg: TrainConfig, where_set: Callable[[str], str],
                              f"a model: {instead}; to train that adapter on, set init_adapter "
                              f"({where_set('init_adapter')}) to {cfg.init_from}")
         if cfg.block_size is not None:  # else the first forward pass finds it, after the data
-            from pretrained import read_config
-
-            context = read_config(path)[0].block_size
+            context = pretrained.read_config(path)[0].block_size
             need(cfg.block_size <= context, "block_size",
                  f"longer than the context of {named('init_from')}, {context} positions")
     else:  # the preset, the shape and model_options, checked before the data is prepared
         try:
             shape = model_config(cfg, 1, None, None)
             if cfg.export:  # else it trains to the end and fails writing export/
-                from pretrained import hf_config
-
                 try:
-                    hf_config(shape, torch.float32)
+                    pretrained.hf_config(shape, torch.float32)
                 except ValueError as e:
                     raise ValueError(f"{e}; to train it without an HF export: "
                                      f"{settings.off_switch('export', where_set)}") from None
@@ -474,19 +437,20 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings
     need(0 <= cfg.seed < 2**63, "seed", "must be in [0, 2**63)")
     check_run_name(cfg.name, named("name"))
     _check_model_settings(cfg, where_set, named, need)
-    if cfg.resume is not None and not Path(cfg.resume).is_dir():
+    if cfg.resume is None:
+        return
+    run = Path(cfg.resume)
+    if not run.is_dir():
         raise ValueError(f"--resume {cfg.resume}: no such run directory")
-    if cfg.resume is not None and any((Path(cfg.resume) / f).is_file()
-                                      for f in (MODEL_FILE, ADAPTER_FILE)):
+    if any((run / f).is_file() for f in (rundir.MODEL_FILE, rundir.ADAPTER_FILE)):
         # a checkpoint's, best/'s or export/'s config.json made it look like a run with no
         # checkpoint yet: a whole new run started inside it
-        weights = Path(cfg.resume)
-        run = weights.parent.parent if weights.parent.name == CHECKPOINTS_DIR else weights.parent
+        owner = run.parent.parent if run.parent.name == rundir.CHECKPOINTS_DIR else run.parent
         raise ValueError(f"--resume {cfg.resume}: weights (a checkpoint, best/ or export/), not "
-                         f"a run directory: --resume {run} continues that run from its newest "
+                         f"a run directory: --resume {owner} continues that run from its newest "
                          "checkpoint")
-    if cfg.resume is not None and cfg.epochs is None:  # epochs: checked once the data is known
-        step = max(map(checkpoint_step, list_checkpoints(Path(cfg.resume))), default=0)
+    if cfg.epochs is None:  # epochs: checked once the data is known
+        step = max(map(rundir.checkpoint_step, rundir.list_checkpoints(run)), default=0)
         need(step <= cfg.max_steps, "max_steps", f"below the step of the checkpoint it resumes "
              f"from ({step}); a resume can only extend its run: set max_steps to {step} or more")
 
@@ -511,13 +475,13 @@ def _check_data_option_keys(options: dict, where: str) -> None:
                                                   "DataConfig"))
 
 
-def check_options(values: dict, source: str) -> None:
+def check_options(values: dict, source: str | None = None) -> None:
     """The data_options and model_options of ``values`` checked on their own, so that errors
-    name ``source`` (a --config file, the flags)."""
+    name ``source`` (a --config file), else their flags."""
     for key, check in (("data_options", _check_data_options),
                        ("model_options", _check_model_options)):
         if isinstance(values.get(key), dict):  # else config_from_dict names the type
-            check(values[key], f"{source}: {key}")
+            check(values[key], f"{source}: {key}" if source else settings.flag_of(key))
 
 
 def _check_data_options(options: dict, where: str) -> None:
@@ -535,10 +499,8 @@ def _check_data_options(options: dict, where: str) -> None:
 def default_block_size(cfg: TrainConfig) -> int:
     """The preset's context from scratch; with init_from its context, at most 1024."""
     if cfg.init_from is None:
-        from architecture import PRESETS
-
         return PRESETS[cfg.preset].block_size  # validate_config checked the preset
-    config = settings.read_json_object(Path(cfg.init_from) / HF_CONFIG, "model config")
+    config = settings.read_json_object(Path(cfg.init_from) / rundir.HF_CONFIG, "model config")
     context = next((config[k] for k in ("max_position_embeddings", "n_positions", "n_ctx")
                     if k in config), 1024)
     return min(int(context), 1024)
@@ -566,8 +528,6 @@ TOKENIZER_MODEL_KEYS = ("vocab_size", "bos_id", "eos_id")
 
 def _check_model_options(options: dict, where: str) -> None:
     """Each key a ModelConfig key the tokenizer does not set, each value of its type."""
-    from architecture import ModelConfig
-
     hints = typing.get_type_hints(ModelConfig)
     for key, value in options.items():
         if key not in hints:
@@ -588,8 +548,6 @@ MODEL_SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "mlp_hidden", "block_size", "
 def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int | None,
                  eos_id: int | None) -> ModelConfig:
     """Preset + overrides for a from-scratch model (derived sizes re-derived from the new ones)."""
-    from architecture import PRESETS, ModelConfig
-
     if cfg.preset not in PRESETS:
         raise ValueError(f"unknown preset {cfg.preset!r}; choose from {sorted(PRESETS)}")
     values = dataclasses.asdict(PRESETS[cfg.preset])
@@ -599,9 +557,8 @@ def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int | None,
     if "n_head" in shape:
         values["n_kv_head"] = None
     _check_model_options(cfg.model_options, "model_options")
-    values.update(shape)
-    values.update(cfg.model_options)
-    values.update(vocab_size=vocab_size, bos_id=bos_id, eos_id=eos_id)
+    values.update({**shape, **cfg.model_options}, vocab_size=vocab_size, bos_id=bos_id,
+                  eos_id=eos_id)
     try:
         return ModelConfig(**values)
     except (TypeError, AttributeError, KeyError) as e:  # a malformed value the types let through
@@ -612,8 +569,6 @@ def check_lora_export(cfg: TrainConfig, model: nn.Module,
                       where_set: Callable[[str], str] = settings.flag_of) -> None:
     """Refuse, before training, an export that would merge a LoRA into a tied weight."""
     merges = cfg.export and cfg.lora_r > 0 and cfg.export_merged
-    import lora
-
     tied = lora.tied_targets(model) if merges else {}
     if not tied:
         return
@@ -650,11 +605,12 @@ def overfit_settings(cfg: TrainConfig, given: set[str]) -> dict:
 
 def command_line_sources(argv: Sequence[str] | None
                          ) -> tuple[set[str], set[str], Callable[[str], str]]:
-    """The keys typed on the command line, those its ``--config`` file sets, and ``where_set``."""
+    """The keys typed on the command line, those its ``--config`` file sets, and ``where_set``
+    (the keys set by neither come from the ``--resume`` run's config.json)."""
     args = vars(build_parser().parse_args(argv))
-    config = args.pop("config", None)
-    in_file = set(settings.read_config_file(config, "train")[0]) if config else set()
-    return set(args), in_file, _where_set_in_run(args, config, in_file, args.get("resume"))
+    in_file = settings.read_config_file(args["config"], "train")[0] if "config" in args else {}
+    resumed = args.get("resume") and f"{Path(args['resume']) / rundir.CONFIG_FILE} (--resume)"
+    return set(args) - {"config"}, set(in_file), settings.where_set_in(args, "train", resumed)
 
 
 def check_max_steps_flag(cfg: TrainConfig, typed: set[str], source: str,
@@ -726,9 +682,6 @@ def build_model(cfg: TrainConfig, tok: CodeTokenizer | BPETokenizer,
     """From scratch or from ``init_from``; then the quantized base and LoRA if asked for.
     ``run_dir``: the run whose own weights will be loaded (an init_adapter run's LoRA layout then
     comes from its copy of the adapter's config)."""
-    import pretrained
-    from architecture import Transformer
-
     base_dtype = SHORT_DTYPES[cfg.base_dtype]
     if cfg.init_from is not None:
         model = pretrained.load(cfg.init_from, dtype=base_dtype, device="cpu")
@@ -743,8 +696,6 @@ def build_model(cfg: TrainConfig, tok: CodeTokenizer | BPETokenizer,
         model = Transformer(model_config(cfg, tok.vocab_size, tok.bos_id, tok.eos_id))
         model.to(base_dtype)
     if cfg.lora_r > 0:
-        import lora
-
         if cfg.quantize_bits:
             lora.quantize_base(model, bits=cfg.quantize_bits)
         copy = run_adapter_copy(run_dir) if run_dir is not None else None

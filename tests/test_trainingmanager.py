@@ -3462,7 +3462,8 @@ def test_the_advice_to_turn_export_off_names_what_turns_it_off():
     with pytest.raises(ValueError, match=r"HF export: --no-export$"):
         tm.validate_config(cfg)
     with pytest.raises(ValueError, match=r"HF export: export false \(--config run.json\)$"):
-        tm.validate_config(cfg, settings.where_set_by((), "run.json", ("export",)))
+        tm.validate_config(cfg, lambda key: "--config run.json" if key == "export"
+                           else settings.flag_of(key))
 
 
 def test_validate_config_names_each_setting_where_the_callers_user_set_it(tmp_path):
