@@ -459,12 +459,6 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
-def _module_names(model: nn.Module) -> dict[str, tuple[str, torch.Tensor | None]]:
-    """HF module name of the model's family (the adapter file's names) -> (codelm path, rows)."""
-    return {name: (slot.path, slot.rows)
-            for name, slot in pretrained.hf_module_slots(model.cfg).items()}
-
-
 def _matches(target: list[str] | str, name: str) -> bool:
     if isinstance(target, str):
         return re.fullmatch(target, name) is not None
@@ -479,7 +473,7 @@ def _resolve_targets(model: nn.Module, targets: list[str] | str,
                      peft_rules: bool = False) -> dict[str, list[str]]:
     """target -> the adapter-file module names it selects (HF names, else codelm names); each
     must select something, or under ``peft_rules`` (HF names only) at least one."""
-    names = _module_names(model)
+    names = pretrained.hf_module_slots(model.cfg)
     codelm_paths = [p for p, m in model.named_modules()
                     if isinstance(m, (nn.Linear, nn.Embedding, QuantLinear))]
     by_path: dict[str, list[str]] = {}
@@ -534,7 +528,7 @@ def _check_model(model: nn.Module, caller: str, fresh: bool = False) -> None:
 
 
 def _attach(model: nn.Module, cfg: LoRAConfig, resolved: dict[str, list[str]]) -> LoRAReport:
-    names = _module_names(model)
+    names = pretrained.hf_module_slots(model.cfg)
     chosen = list(dict.fromkeys(n for hits in resolved.values() for n in hits))
     for name in chosen:  # (an embedding's slot is always its whole table: no rows to check)
         path, _ = names[name]
@@ -661,7 +655,7 @@ def _adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 def _target_spec(model: nn.Module, written: set[str]) -> list[str] | str:
     """Leaf names when PEFT's suffix rule selects exactly the written modules, else an exact regex."""
     leaves = sorted(_leaf_names(written))
-    selected = {n for n in _module_names(model) if _matches(leaves, n)}
+    selected = {n for n in pretrained.hf_module_slots(model.cfg) if _matches(leaves, n)}
     return leaves if selected == written else "|".join(re.escape(n) for n in sorted(written))
 
 
@@ -827,70 +821,64 @@ def _check_same_adapters(have: LoRAConfig, new: LoRAConfig, file: Path) -> None:
 def _copy_adapter(model: nn.Module, tensors: dict[str, torch.Tensor], file: Path) -> None:
     """Check every key and shape of the file against the model's adapters, then copy."""
     slots = _adapter_parameters(model)
-    names = _module_names(model)
+    base = _base_layers(model, tensors, file)
     writes: list[Callable[[], object]] = []
-    loaded = set()
     for key, tensor in tensors.items():
-        m = _KEY_RE.match(key)
-        short = key.removeprefix(PEFT_PREFIX)
-        if m["kind"].startswith("base_layer."):  # PEFT saves embedding/output layers it adapted
-            writes.append(_base_tensor_writer(model, names, m["module"],
-                                              m["kind"].split(".")[1], tensor, file, key))
+        if key in base:
+            path, target, rows = base[key]
+            shape = tuple(target.shape) if rows is None else (len(rows), *target.shape[1:])
+            if shape != tuple(tensor.shape):
+                raise ValueError(f"{file}: {key!r} has shape {tuple(tensor.shape)}, {path} "
+                                 f"expects {shape} (was the vocabulary resized?)")
+            writes.append(partial(target.copy_, tensor) if rows is None else
+                          partial(target.index_copy_, 0, rows.to(target.device), tensor.to(target)))
             continue
-        if short not in slots:
+        param = slots.get(key.removeprefix(PEFT_PREFIX))
+        if param is None:
             raise ValueError(f"{file}: key {key!r} matches no adapter of this model "
                              f"(adapters: {sorted(slots)[:6]}...)")
-        param = slots[short]
         if param.shape != tensor.shape:
             raise ValueError(f"{file}: {key!r} has shape {tuple(tensor.shape)}, the model expects "
                              f"{tuple(param.shape)}")
-        writes.append(lambda param=param, tensor=tensor: param.copy_(tensor))
-        loaded.add(short)
-    if missing := sorted(set(slots) - loaded):
+        writes.append(partial(param.copy_, tensor))
+    if missing := sorted(slots.keys() - {k.removeprefix(PEFT_PREFIX) for k in tensors}):
         raise ValueError(f"{file}: no weights for {len(missing)} adapter tensor(s), e.g. {missing[0]}")
     for write in writes:
         write()
 
 
-def changed_base_tensors(model: nn.Module, adapter_dir: str | Path) -> list[str]:
-    """The adapter file's base-layer keys (PEFT saves an adapted embedding's) whose values
-    differ from the model's: changes a run, keeping only adapters, would lose."""
-    file, tensors = _read_weights(Path(adapter_dir))
-    names = _module_names(model)
-    changed = []
-    for key, tensor in tensors.items():
+def _base_layers(model: nn.Module, tensors: dict[str, torch.Tensor], file: Path
+                 ) -> dict[str, tuple[str, torch.Tensor, torch.Tensor | None]]:
+    """The file's base-layer keys (PEFT saves the embedding or head it adapted) -> the codelm
+    path, the model tensor the key names, and its rows there (None: all of it)."""
+    slots = pretrained.hf_module_slots(model.cfg)
+    out = {}
+    for key in tensors:
         m = _KEY_RE.match(key)
-        if m is not None and m["kind"].startswith("base_layer."):
-            target, rows = _base_tensor(model, names, m["module"], m["kind"].split(".")[1], file,
-                                        key)
-            if rows is not None:
-                target = target.index_select(0, rows.to(target.device))
-            if target.shape == tensor.shape and not torch.equal(target, tensor.to(target)):
-                changed.append(key)
+        if m is None or not m["kind"].startswith("base_layer."):
+            continue
+        if m["module"] not in slots:
+            raise ValueError(f"{file}: key {key!r} names no module of this model")
+        path, rows = slots[m["module"]]
+        attr = m["kind"].removeprefix("base_layer.")
+        target = getattr(model.get_submodule(path), attr, None)
+        if not isinstance(target, torch.Tensor):
+            raise ValueError(f"{file}: cannot load {key!r}: {path} has no full-precision {attr}")
+        out[key] = path, target, rows
+    return out
+
+
+def changed_base_tensors(model: nn.Module, adapter_dir: str | Path) -> list[str]:
+    """The adapter file's base-layer keys whose values differ from the model's: changes a run,
+    keeping only adapters, would lose."""
+    file, tensors = _read_weights(Path(adapter_dir))
+    changed = []
+    for key, (_, target, rows) in _base_layers(model, tensors, file).items():
+        if rows is not None:
+            target = target.index_select(0, rows.to(target.device))
+        if target.shape == tensors[key].shape and not torch.equal(target, tensors[key].to(target)):
+            changed.append(key)
     return changed
-
-
-def _base_tensor(model, names, name, attr, file, key) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The model tensor a base-layer key of the file names, and its rows (None: all of it)."""
-    if name not in names:
-        raise ValueError(f"{file}: key {key!r} names no module of this model")
-    path, rows = names[name]
-    target = getattr(model.get_submodule(path), attr, None)
-    if not isinstance(target, torch.Tensor):
-        raise ValueError(f"{file}: cannot load {key!r}: {path} has no full-precision {attr}")
-    return target, rows
-
-
-def _base_tensor_writer(model, names, name, attr, tensor, file, key) -> Callable[[], object]:
-    """Check a base-layer tensor of the file against the model; return the write that loads it."""
-    target, rows = _base_tensor(model, names, name, attr, file, key)
-    shape = tuple(target.shape) if rows is None else (len(rows),) + tuple(target.shape[1:])
-    if shape != tuple(tensor.shape):
-        raise ValueError(f"{file}: {key!r} has shape {tuple(tensor.shape)}, "
-                         f"{names[name][0]} expects {shape} (was the vocabulary resized?)")
-    if rows is None:
-        return lambda: target.copy_(tensor)
-    return lambda: target.index_copy_(0, rows.to(target.device), tensor.to(target))
 
 
 # ----------------------------------------------------------------------------- command line

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import torch
 
@@ -381,8 +381,7 @@ def part_rows(cfg: ModelConfig, part: str | None) -> torch.Tensor | None:
     return torch.stack((heads, heads + q, heads + 2 * q), dim=1).reshape(-1)
 
 
-@dataclass(frozen=True)
-class ModuleSlot:
+class ModuleSlot(NamedTuple):  # unpacks as (path, rows)
     path: str
     rows: torch.Tensor | None
 
