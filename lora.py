@@ -668,8 +668,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path,
         raise ValueError("save_adapter: the model has no LoRA adapters (apply_lora first)")
     base = base_model_name_or_path or getattr(model, "name_or_path", None)
     out = Path(out_dir)
-    pretrained.check_output_dir(out, "save_adapter")
-    pretrained.check_nothing_else_there(out, "save_adapter", adapter=True)
+    pretrained.check_output_dir(out, "save_adapter", adapter=True)
     tensors = {PEFT_PREFIX + k: p.detach().float().cpu().contiguous()
                for k, p in _adapter_parameters(model).items()}
     written = {_KEY_RE.match(k)["module"] for k in tensors}
@@ -779,33 +778,25 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAReport:
         _copy_adapter(model, tensors, file)
         return _report(model, {})
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
-    resolved = _attach_as_file_says(model, cfg, path / ADAPTER_CONFIG)
+    report = apply_adapter_layout(model, path)
     try:
         _copy_adapter(model, tensors, file)
     except ValueError:
         _detach(model, trainable)
         raise
-    return _report(model, resolved)
-
-
-def _attach_as_file_says(model: nn.Module, cfg: LoRAConfig, file: Path) -> dict[str, list[str]]:
-    """New adapters where the adapter file puts them (PEFT's rules); an error names the file."""
-    try:
-        resolved = _resolve_targets(model, cfg.target_modules, peft_rules=True)
-        _attach(model, cfg, resolved)
-    except ValueError as e:
-        raise ValueError(f"{file}: {e}") from None
-    return resolved
+    return report
 
 
 def apply_adapter_layout(model: nn.Module, adapter_dir: str | Path,
                          config_name: str = ADAPTER_CONFIG) -> LoRAReport:
-    """Freeze the model and add the adapters ``load_adapter`` would, without their weights (a
-    run's checkpoint holds them)."""
+    """Freeze the model and add the adapters ``load_adapter`` would (where the adapter's config
+    puts them, by PEFT's rules), without their weights (a run's checkpoint holds them)."""
     _check_model(model, "apply_adapter_layout", fresh=True)
-    path = Path(adapter_dir)
-    cfg = read_adapter_config(path, config_name)
-    return _report(model, _attach_as_file_says(model, cfg, path / config_name))
+    cfg = read_adapter_config(adapter_dir, config_name)
+    try:
+        return _attach(model, cfg, _resolve_targets(model, cfg.target_modules, peft_rules=True))
+    except ValueError as e:
+        raise ValueError(f"{Path(adapter_dir) / config_name}: {e}") from None
 
 
 def _check_same_adapters(have: LoRAConfig, new: LoRAConfig, file: Path) -> None:

@@ -779,7 +779,6 @@ def save(model: Transformer, directory: str | Path, max_shard_bytes: int = 5 * 2
     files in full before any replaces the last save's (config.json last)."""
     directory = Path(directory)
     check_output_dir(directory, "save_pretrained")
-    check_nothing_else_there(directory, "save_pretrained")
     cfg = model.cfg
     config = hf_config(cfg, model.wte.weight.dtype)
     plan = _param_plan(model, TABLES[cfg.family])
@@ -806,16 +805,13 @@ def save(model: Transformer, directory: str | Path, max_shard_bytes: int = 5 * 2
     _remove_stale_weights(directory, set(files))
 
 
-def check_output_dir(directory: Path, writer: str) -> None:
-    """Refuse, before any work, a directory that is a file or lies under one (naming which)."""
+def check_output_dir(directory: Path, writer: str, adapter: bool = False) -> None:
+    """Refuse, before any work, a directory that is a file or lies under one (naming which), or
+    that holds a run's TrainConfig, or a model beside an ``adapter`` (or back)."""
     blocker = next((p for p in (directory, *directory.parents) if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
         under = "" if blocker == directory else f"{directory}: "
         raise ValueError(f"{under}{blocker} is a file; {writer} writes a directory")
-
-
-def check_nothing_else_there(directory: Path, writer: str, adapter: bool = False) -> None:
-    """Refuse a directory holding a run's TrainConfig, or a model beside an adapter (or back)."""
     config = directory / "config.json"
     try:
         is_run = config.is_file() and _is_run_config(settings.read_json_object(config))
