@@ -123,11 +123,9 @@ class LoRAReport:
 def nf4_levels() -> torch.Tensor:
     """The 16 NormalFloat4 levels of QLoRA, built by the paper's recipe: 8 positive and 7
     negative quantiles of N(0, 1), and zero, scaled to [-1, 1]."""
-    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64),
-                                        torch.tensor(1.0, dtype=torch.float64))
-    offset = 0.9677083
-    positive = normal.icdf(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
-    negative = -normal.icdf(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
+    offset, ndtri = 0.9677083, torch.special.ndtri  # ndtri: N(0, 1)'s quantile function
+    positive = ndtri(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
+    negative = -ndtri(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
     levels = torch.cat([negative, torch.zeros(1, dtype=torch.float64), positive]).sort().values
     return (levels / levels.abs().max()).float()
 
@@ -307,7 +305,8 @@ class LoRALinear(nn.Module):
         """Add an adapter on output ``rows`` (``rows[j]`` is the row that adapter row j feeds)."""
         if key in self.names:
             raise ValueError(f"two LoRA adapters named {key!r} on one module ({name})")
-        mine = slice(None) if rows is None else rows.to(torch.long).cpu()
+        rows = None if rows is None else rows.to(torch.long).cpu()
+        mine = slice(None) if rows is None else rows
         if self._owned[mine].any():
             raise ValueError(f"LoRA adapter {name} overlaps the rows of another adapter on this "
                              f"module ({list(self.names.values())})")
@@ -322,13 +321,10 @@ class LoRALinear(nn.Module):
         # Where the adapter's rows go: a contiguous slice (B reordered if permuted), or a scatter.
         lo, hi, reorder, scatter = 0, self.out_features, False, False
         if rows is not None:
-            rows = rows.to(torch.long).cpu()
             order = torch.argsort(rows)
             lo, hi = int(rows[order[0]]), int(rows[order[0]]) + len(rows)
-            if torch.equal(rows[order], torch.arange(lo, hi)):
-                reorder = not torch.equal(order, torch.arange(len(rows)))
-            else:
-                scatter = True
+            scatter = not torch.equal(rows[order], torch.arange(lo, hi))
+            reorder = not scatter and not torch.equal(order, torch.arange(len(rows)))
             self.register_buffer(f"rows_{key}", rows.to(device), persistent=False)
             self.register_buffer(f"order_{key}", order.to(device), persistent=False)
         self._place[key] = (lo, hi, reorder, scatter)
@@ -407,9 +403,7 @@ class LoRAEmbedding(nn.Module):
         self.r, self.scale, self.name = r, scale, name
         device = base.weight.device
         self.lora_embedding_A = nn.Parameter(torch.zeros(r, base.num_embeddings, device=device))
-        self.lora_embedding_B = nn.Parameter(torch.randn(base.embedding_dim, r, device=device)
-                                             if not base.weight.is_meta else
-                                             torch.empty(base.embedding_dim, r, device=device))
+        self.lora_embedding_B = nn.Parameter(torch.randn(base.embedding_dim, r, device=device))
         self.merged = False
 
     @property
@@ -433,9 +427,6 @@ class LoRAEmbedding(nn.Module):
         return f"r={self.r}, scale={self.scale:g}, adapter={self.name}"
 
 
-_LORA_TYPES = (LoRALinear, LoRAEmbedding)
-
-
 def _skips_merged(module: LoRALinear | LoRAEmbedding) -> bool:
     """Whether forward leaves the adapters out (merged); training through merged adapters, which
     would get no gradient, is an error naming the cure."""
@@ -447,9 +438,7 @@ def _skips_merged(module: LoRALinear | LoRAEmbedding) -> bool:
 
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear | LoRAEmbedding]]:
     """(codelm path, module) of every LoRA layer in ``model``."""
-    for path, module in model.named_modules():
-        if isinstance(module, _LORA_TYPES):
-            yield path, module
+    return ((p, m) for p, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAEmbedding)))
 
 
 # ----------------------------------------------------------------------------- targeting
