@@ -878,7 +878,6 @@ def _check_adapter_tokenizer(adapter: Path, base: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-
     parser = settings.ArgumentParser(
         description="Merge a LoRA adapter (codelm's or PEFT's) into its base model and write a "
         "new HF checkpoint of the base's family, which transformers loads without PEFT.")

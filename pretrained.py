@@ -191,8 +191,7 @@ def _rope(hf: dict, default_partial: float = 1.0) -> dict:
         src = dict(params)
         top = "original_max_position_embeddings"
         src[top] = hf[top] if top in hf else src.get(top, hf.get("max_position_embeddings"))
-        missing = [k for k in LLAMA3_SCALING_KEYS if src.get(k) is None]
-        if missing:
+        if missing := [k for k in LLAMA3_SCALING_KEYS if src.get(k) is None]:
             raise ValueError(f"llama3 rope scaling lacks {missing}")
         out["rope_scaling"] = {k: _typed(k, src[k], int if k == top else float)
                                for k in LLAMA3_SCALING_KEYS}
@@ -690,12 +689,10 @@ def _checked_plan(directory: Path, cfg: ModelConfig, table: FamilyTable,
     params = dict(model.named_parameters(remove_duplicate=False))
     expected = {hf_name for parts in plan.values() for hf_name, _ in parts}
     optional = {"lm_head.weight"} if cfg.tie_embeddings else set()
-    missing = expected - present
-    if missing:
+    if missing := expected - present:
         raise ValueError(f"{directory}: missing tensors: {_listing(missing)}")
-    unexpected = {n for n in present - expected - optional
-                  if not n.endswith(table.ignored_suffixes)}
-    if unexpected:
+    if unexpected := {n for n in present - expected - optional
+                      if not n.endswith(table.ignored_suffixes)}:
         raise ValueError(f"{directory}: unexpected tensors: {_listing(unexpected)}")
     for name, parts in plan.items():
         for hf_name, rows in parts:
@@ -909,7 +906,6 @@ def export_checkpoint(out: str | Path, save_weights: Callable[[Path], object],
 
 
 def main(argv: list[str] | None = None) -> int:
-
     from tokenizer import tokenizer_path
 
     parser = settings.ArgumentParser(
