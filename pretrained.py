@@ -787,15 +787,7 @@ def save(model: Transformer, directory: str | Path, max_shard_bytes: int = 5 * 2
         p = params[name].detach()
         for hf_name, rows in parts:
             tensors[hf_name] = p if rows is None else p[rows.to(p.device)]
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, t in tensors.items():
-        n = t.numel() * t.element_size()
-        if shards[-1] and size + n > max_shard_bytes:
-            shards, size = shards + [[]], 0
-        shards[-1].append(name)
-        size += n
-    files = _weight_files(tensors, shards)
+    files = _weight_files(tensors, max_shard_bytes)
     files["config.json"] = json.dumps(config, indent=2) + "\n"
     directory.mkdir(parents=True, exist_ok=True)
     process.write_atomic_files({directory / name: data for name, data in files.items()})
@@ -827,20 +819,24 @@ def check_output_dir(directory: Path, writer: str, adapter: bool = False) -> Non
 
 
 def _weight_files(tensors: dict[str, torch.Tensor],
-                  shards: list[list[str]]) -> dict[str, process.FileContent]:
-    """File name -> content (a streaming writer): model.safetensors, or the shards and index."""
+                  max_shard_bytes: int) -> dict[str, process.FileContent]:
+    """File name -> content (a streaming writer): model.safetensors, or shards of at most
+    max_shard_bytes (or one tensor) and their index."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards, size = shards + [{}], 0
+        shards[-1][name] = t
+        size += t.nbytes
     if len(shards) == 1:
         return {"model.safetensors": partial(write_safetensors, tensors=tensors)}
-    files: dict[str, process.FileContent] = {}
-    weight_map = {}
-    for k, names in enumerate(shards, 1):
-        fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        files[fname] = partial(write_safetensors, tensors={n: tensors[n] for n in names})
-        weight_map.update(dict.fromkeys(names, fname))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    files["model.safetensors.index.json"] = json.dumps(index, indent=2) + "\n"
-    return files
+    names = [f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)]
+    files = {f: partial(write_safetensors, tensors=shard) for f, shard in zip(names, shards)}
+    weight_map = {name: f for f, shard in zip(names, shards) for name in shard}
+    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+             "weight_map": weight_map}
+    return {**files, "model.safetensors.index.json": json.dumps(index, indent=2) + "\n"}
 
 
 def _remove_stale_weights(directory: Path, written: set[str]) -> None:
@@ -859,7 +855,7 @@ def write_safetensors(f: BinaryIO, tensors: dict[str, torch.Tensor],
     header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
     offset = 0
     for name, t in tensors.items():
-        n = t.numel() * t.element_size()
+        n = t.nbytes
         header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
                         "data_offsets": [offset, offset + n]}
         offset += n
