@@ -188,9 +188,6 @@ class QuantLinear(nn.Module):
             w = w.flatten()[: self.out_features * self.in_features]
         return w.view(self.out_features, self.in_features).to(dtype or self.weight_dtype)
 
-    def weight_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in (self.qweight, self.scale))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
@@ -227,9 +224,7 @@ class QuantReport:
 def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """``model.to(dtype)`` for its base weights only: adapters stay fp32, and a quantized base
     keeps its scales and levels (cast, they would change the weights) and dequantizes to dtype."""
-    base = {id(p) for _, m in lora_modules(model) for p in m.base.parameters()}
-    adapters = [(p, p.data) for _, m in lora_modules(model) for p in m.parameters()
-                if id(p) not in base]
+    adapters = [(p, p.data) for name, p in model.named_parameters() if ".lora_" in name]
     quantized = [(q, dict(q.named_buffers(recurse=False))) for q in model.modules()
                  if isinstance(q, QuantLinear)]
     model.to(dtype)
@@ -257,7 +252,7 @@ def quantize_base(model: nn.Module, bits: int = 4, skip: tuple[str, ...] = ("lm_
         quantized = QuantLinear(module, bits)
         _set_submodule(model, path, quantized)
         names.append(name)
-        quant_bytes += quantized.weight_bytes()
+        quant_bytes += quantized.qweight.nbytes + quantized.scale.nbytes
         bf16_bytes += 2 * module.weight.numel()
     if not names:
         raise ValueError("quantize_base: the model has no nn.Linear to quantize (already quantized?)")

@@ -634,10 +634,8 @@ def _config_dtype(hf: dict) -> torch.dtype | None:
 def _auto_dtype(hf: dict, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return cuda_half_dtype(device)
-    dtype = _config_dtype(hf)
-    if dtype is None or dtype in (torch.float16, torch.float64):
-        return torch.float32  # fp16 arithmetic on CPU is slow and overflows where bf16 does not
-    return dtype if dtype.is_floating_point else torch.float32
+    dtype = _config_dtype(hf)  # fp16 arithmetic on CPU is slow and overflows where bf16 does not
+    return dtype if dtype in (torch.bfloat16, torch.float32) else torch.float32
 
 
 def _requested_dtype(dtype: torch.dtype | str | None, hf: dict,
