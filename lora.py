@@ -369,19 +369,16 @@ class LoRALinear(nn.Module):
                  for s in self._segments]
         return out + (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1))
 
-    def _weight_delta(self, key: str) -> torch.Tensor:
-        return (self.lora_B[key].float() @ self.lora_A[key].float()) * self.scale
-
     @torch.no_grad()
     def merge(self, sign: float = 1.0) -> None:
         """Add (``sign=1``) or subtract (``-1``) every adapter's update in fp32, then cast back."""
         w32 = self.base.weight.float()
         for key in self.lora_A:
-            rows = self.rows(key)
-            if rows is None:
-                w32 += sign * self._weight_delta(key)
+            delta = (self.lora_B[key].float() @ self.lora_A[key].float()) * self.scale
+            if (rows := self.rows(key)) is None:
+                w32.add_(delta, alpha=sign)
             else:
-                w32.index_add_(0, rows, self._weight_delta(key), alpha=sign)
+                w32.index_add_(0, rows, delta, alpha=sign)
         self.base.weight.copy_(w32.to(self.base.weight.dtype))
 
     def extra_repr(self) -> str:

@@ -613,8 +613,7 @@ def read_config(directory: str | Path) -> tuple[ModelConfig, dict]:
     if model_type not in TABLES:
         raise ValueError(f"{path}: unknown model_type {model_type!r}; supported: "
                          f"{', '.join(FAMILIES)}")
-    if hf.get("quantization_config"):
-        qc = hf["quantization_config"]
+    if qc := hf.get("quantization_config"):
         method = qc.get("quant_method", "unknown") if isinstance(qc, dict) else qc
         raise ValueError(f"{path}: a quantized checkpoint (quant_method {method!r}) cannot be "
                          "loaded; use the full-precision one")
