@@ -270,8 +270,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module, r: int, scale: float, dropout: float):
         super().__init__()
         self.base = base
-        self.r, self.scale = r, scale
-        self.dropout = dropout
+        self.r, self.scale, self.dropout = r, scale, dropout
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.names: dict[str, str] = {}       # adapter key -> module name in the adapter file

@@ -163,8 +163,7 @@ def _write_dropouts(c: ModelConfig) -> dict:
 def _act(hf: dict, key: str, default: str) -> str:
     act = _get(hf, key, kind=str, default=default)
     if act not in HF_ACT:
-        raise ValueError(f"{key}={act!r} is not supported (supported: "
-                         f"{sorted(HF_ACT)})")
+        raise ValueError(f"{key}={act!r} is not supported (supported: {sorted(HF_ACT)})")
     return HF_ACT[act]
 
 
