@@ -892,7 +892,7 @@ def main(argv: list[str] | None = None) -> int:
         pretrained.export_checkpoint(args.out, partial(merge_and_export, model), tokenizer_dir,
                                      generation_from=base)
         # The adapter's own count (PEFT's q_proj, k_proj, v_proj are one fused qkv here).
-        adapted = {_KEY_RE.match(k)["module"] for k in _read_weights(adapter)[1]}
+        adapted = {name for hits in report.targets.values() for name in hits}
         print(f"wrote {args.out}: the LoRA of {adapter} on {len(adapted)} modules "
               f"({len(report.modules)} codelm modules) merged into {base} "
               f"({model.wte.weight.dtype})")
