@@ -131,11 +131,9 @@ class LoRAReport:
 def nf4_levels() -> torch.Tensor:
     """The 16 NormalFloat4 levels of QLoRA, built by the paper's recipe: 8 positive and 7
     negative quantiles of N(0, 1), and zero, scaled to [-1, 1]."""
-    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64),
-                                        torch.tensor(1.0, dtype=torch.float64))
-    offset = 0.9677083
-    positive = normal.icdf(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
-    negative = -normal.icdf(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
+    offset, ndtri = 0.9677083, torch.special.ndtri  # ndtri: N(0, 1)'s quantile function
+    positive = ndtri(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
+    negative = -ndtri(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
     levels = torch.cat([negative, torch.zeros(1, dtype=torch.float64), positive]).sort().values
     return (levels / levels.abs().max()).float()
 
@@ -198,9 +196,6 @@ class QuantLinear(nn.Module):
             w = w.flatten()[: self.out_features * self.in_features]
         return w.view(self.out_features, self.in_features).to(dtype or self.weight_dtype)
 
-    def weight_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in (self.qweight, self.scale))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
@@ -237,9 +232,7 @@ class QuantReport:
 def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """``model.to(dtype)`` for its base weights only: adapters stay fp32, and a quantized base
     keeps its scales and levels (cast, they would change the weights) and dequantizes to dtype."""
-    base = {id(p) for _, m in lora_modules(model) for p in m.base.parameters()}
-    adapters = [(p, p.data) for _, m in lora_modules(model) for p in m.parameters()
-                if id(p) not in base]
+    adapters = [(p, p.data) for name, p in model.named_parameters() if ".lora_" in name]
     quantized = [(q, dict(q.named_buffers(recurse=False))) for q in model.modules()
                  if isinstance(q, QuantLinear)]
     model.to(dtype)
@@ -267,7 +260,7 @@ def quantize_base(model: nn.Module, bits: int = 4, skip: tuple[str, ...] = ("lm_
         quantized = QuantLinear(module, bits)
         _set_submodule(model, path, quantized)
         names.append(name)
-        quant_bytes += quantized.weight_bytes()
+        quant_bytes += quantized.qweight.nbytes + quantized.scale.nbytes
         bf16_bytes += 2 * module.weight.numel()
     if not names:
         raise ValueError("quantize_base: the model has no nn.Linear to quantize (already quantized?)")
@@ -286,8 +279,7 @@ class LoRALinear(nn.Module):
                  dora: bool = False):
         super().__init__()
         self.base = base
-        self.r, self.scale = r, scale
-        self.dropout = dropout
+        self.r, self.scale, self.dropout = r, scale, dropout
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.magnitude = nn.ParameterDict() if dora else None  # DoRA: PEFT's magnitude vector
@@ -318,7 +310,8 @@ class LoRALinear(nn.Module):
         """Add an adapter on output ``rows`` (``rows[j]`` is the row that adapter row j feeds)."""
         if key in self.names:
             raise ValueError(f"two LoRA adapters named {key!r} on one module ({name})")
-        mine = slice(None) if rows is None else rows.to(torch.long).cpu()
+        rows = None if rows is None else rows.to(torch.long).cpu()
+        mine = slice(None) if rows is None else rows
         if self._owned[mine].any():
             raise ValueError(f"LoRA adapter {name} overlaps the rows of another adapter on this "
                              f"module ({list(self.names.values())})")
@@ -333,13 +326,10 @@ class LoRALinear(nn.Module):
         # Where the adapter's rows go: a contiguous slice (B reordered if permuted), or a scatter.
         lo, hi, reorder, scatter = 0, self.out_features, False, False
         if rows is not None:
-            rows = rows.to(torch.long).cpu()
             order = torch.argsort(rows)
             lo, hi = int(rows[order[0]]), int(rows[order[0]]) + len(rows)
-            if torch.equal(rows[order], torch.arange(lo, hi)):
-                reorder = not torch.equal(order, torch.arange(len(rows)))
-            else:
-                scatter = True
+            scatter = not torch.equal(rows[order], torch.arange(lo, hi))
+            reorder = not scatter and not torch.equal(order, torch.arange(len(rows)))
             self.register_buffer(f"rows_{key}", rows.to(device), persistent=False)
             self.register_buffer(f"order_{key}", order.to(device), persistent=False)
         self._place[key] = (lo, hi, reorder, scatter)
@@ -438,13 +428,14 @@ class LoRALinear(nn.Module):
         """Add (``sign=1``) or subtract (``-1``) every adapter's update in fp32, then cast back."""
         w32 = self.base.weight.float()
         for key in self.lora_A:
-            rows = self.rows(key)
             if self.magnitude is not None:  # rows scaled by magnitude / ||W + delta||, as PEFT
                 self._merge_dora(key, w32, sign)
-            elif rows is None:
-                w32 += sign * self._weight_delta(key)
+                continue
+            delta = self._weight_delta(key)
+            if (rows := self.rows(key)) is None:
+                w32.add_(delta, alpha=sign)
             else:
-                w32.index_add_(0, rows, self._weight_delta(key), alpha=sign)
+                w32.index_add_(0, rows, delta, alpha=sign)
         self.base.weight.copy_(w32.to(self.base.weight.dtype))
 
     def _merge_dora(self, key: str, w32: torch.Tensor, sign: float) -> None:
@@ -476,9 +467,7 @@ class LoRAEmbedding(nn.Module):
         self.r, self.scale, self.name = r, scale, name
         device = base.weight.device
         self.lora_embedding_A = nn.Parameter(torch.zeros(r, base.num_embeddings, device=device))
-        self.lora_embedding_B = nn.Parameter(torch.randn(base.embedding_dim, r, device=device)
-                                             if not base.weight.is_meta else
-                                             torch.empty(base.embedding_dim, r, device=device))
+        self.lora_embedding_B = nn.Parameter(torch.randn(base.embedding_dim, r, device=device))
         self.merged = False
 
     @property
@@ -502,9 +491,6 @@ class LoRAEmbedding(nn.Module):
         return f"r={self.r}, scale={self.scale:g}, adapter={self.name}"
 
 
-_LORA_TYPES = (LoRALinear, LoRAEmbedding)
-
-
 def _skips_merged(module: LoRALinear | LoRAEmbedding) -> bool:
     """Whether forward leaves the adapters out (merged); training through merged adapters, which
     would get no gradient, is an error naming the cure."""
@@ -516,9 +502,7 @@ def _skips_merged(module: LoRALinear | LoRAEmbedding) -> bool:
 
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear | LoRAEmbedding]]:
     """(codelm path, module) of every LoRA layer in ``model``."""
-    for path, module in model.named_modules():
-        if isinstance(module, _LORA_TYPES):
-            yield path, module
+    return ((p, m) for p, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAEmbedding)))
 
 
 # ----------------------------------------------------------------------------- targeting
@@ -526,12 +510,6 @@ def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear | LoRAEmbed
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, leaf = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
-
-
-def _module_names(model: nn.Module) -> dict[str, tuple[str, torch.Tensor | None]]:
-    """HF module name of the model's family (the adapter file's names) -> (codelm path, rows)."""
-    return {name: (slot.path, slot.rows)
-            for name, slot in pretrained.hf_module_slots(model.cfg).items()}
 
 
 def _matches(target: list[str] | str, name: str) -> bool:
@@ -548,7 +526,7 @@ def _resolve_targets(model: nn.Module, targets: list[str] | str,
                      peft_rules: bool = False) -> dict[str, list[str]]:
     """target -> the adapter-file module names it selects (HF names, else codelm names); each
     must select something, or under ``peft_rules`` (HF names only) at least one."""
-    names = _module_names(model)
+    names = pretrained.hf_module_slots(model.cfg)
     codelm_paths = [p for p, m in model.named_modules()
                     if isinstance(m, (nn.Linear, nn.Embedding, QuantLinear))]
     by_path: dict[str, list[str]] = {}
@@ -603,7 +581,7 @@ def _check_model(model: nn.Module, caller: str, fresh: bool = False) -> None:
 
 
 def _attach(model: nn.Module, cfg: LoRAConfig, resolved: dict[str, list[str]]) -> LoRAReport:
-    names = _module_names(model)
+    names = pretrained.hf_module_slots(model.cfg)
     chosen = list(dict.fromkeys(n for hits in resolved.values() for n in hits))
     for name in chosen:  # (an embedding's slot is always its whole table: no rows to check)
         path, _ = names[name]
@@ -644,7 +622,7 @@ def _saved_base_tensors(model: nn.Module, cfg: LoRAConfig
     adapted = {name for _, m in lora_modules(model) for name in getattr(m, "names", {}).values()}
     adapted |= {m.name for _, m in lora_modules(model) if isinstance(m, LoRAEmbedding)}
     saved, holders = {}, {}
-    for name, (path, rows) in _module_names(model).items():
+    for name, (path, rows) in pretrained.hf_module_slots(model.cfg).items():
         module = model.get_submodule(path)
         module = getattr(module, "base", module)
         whole = bool(cfg.modules_to_save) and _matches(cfg.modules_to_save, name)
@@ -771,7 +749,7 @@ def _adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 def _target_spec(model: nn.Module, written: set[str]) -> list[str] | str:
     """Leaf names when PEFT's suffix rule selects exactly the written modules, else an exact regex."""
     leaves = sorted(_leaf_names(written))
-    selected = {n for n in _module_names(model) if _matches(leaves, n)}
+    selected = {n for n in pretrained.hf_module_slots(model.cfg) if _matches(leaves, n)}
     return leaves if selected == written else "|".join(re.escape(n) for n in sorted(written))
 
 
@@ -784,8 +762,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path,
         raise ValueError("save_adapter: the model has no LoRA adapters (apply_lora first)")
     base = base_model_name_or_path or getattr(model, "name_or_path", None)
     out = Path(out_dir)
-    pretrained.check_output_dir(out, "save_adapter")
-    pretrained.check_nothing_else_there(out, "save_adapter", adapter=True)
+    pretrained.check_output_dir(out, "save_adapter", adapter=True)
     tensors = {PEFT_PREFIX + k: p.detach().float().cpu().contiguous()
                for k, p in _adapter_parameters(model).items()}
     written = {_KEY_RE.match(k)["module"] for k in tensors}
@@ -906,33 +883,25 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAReport:
         _copy_adapter(model, tensors, file)
         return _report(model, {})
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
-    resolved = _attach_as_file_says(model, cfg, path / ADAPTER_CONFIG)
+    report = apply_adapter_layout(model, path)
     try:
         _copy_adapter(model, tensors, file)
     except ValueError:
         _detach(model, trainable)
         raise
-    return _report(model, resolved)
-
-
-def _attach_as_file_says(model: nn.Module, cfg: LoRAConfig, file: Path) -> dict[str, list[str]]:
-    """New adapters where the adapter file puts them (PEFT's rules); an error names the file."""
-    try:
-        resolved = _resolve_targets(model, cfg.target_modules, peft_rules=True)
-        _attach(model, cfg, resolved)
-    except ValueError as e:
-        raise ValueError(f"{file}: {e}") from None
-    return resolved
+    return report
 
 
 def apply_adapter_layout(model: nn.Module, adapter_dir: str | Path,
                          config_name: str = ADAPTER_CONFIG) -> LoRAReport:
-    """Freeze the model and add the adapters ``load_adapter`` would, without their weights (a
-    run's checkpoint holds them)."""
+    """Freeze the model and add the adapters ``load_adapter`` would (where the adapter's config
+    puts them, by PEFT's rules), without their weights (a run's checkpoint holds them)."""
     _check_model(model, "apply_adapter_layout", fresh=True)
-    path = Path(adapter_dir)
-    cfg = read_adapter_config(path, config_name)
-    return _report(model, _attach_as_file_says(model, cfg, path / config_name))
+    cfg = read_adapter_config(adapter_dir, config_name)
+    try:
+        return _attach(model, cfg, _resolve_targets(model, cfg.target_modules, peft_rules=True))
+    except ValueError as e:
+        raise ValueError(f"{Path(adapter_dir) / config_name}: {e}") from None
 
 
 def _check_same_adapters(have: LoRAConfig, new: LoRAConfig, file: Path) -> None:
@@ -949,77 +918,71 @@ def _check_same_adapters(have: LoRAConfig, new: LoRAConfig, file: Path) -> None:
 def _copy_adapter(model: nn.Module, tensors: dict[str, torch.Tensor], file: Path) -> None:
     """Check every key and shape of the file against the model's adapters, then copy."""
     slots = _adapter_parameters(model)
-    names = _module_names(model)
+    base = _base_layers(model, tensors, file)
     writes: list[Callable[[], object]] = []
-    loaded = set()
-    bases: dict[int, tuple[str, torch.Tensor]] = {}  # one tensor of the model: the key it got
+    first_key: dict[int, str] = {}  # a tensor of the model -> the file's first key for it
     for key, tensor in tensors.items():
-        m = _KEY_RE.match(key)
-        short = key.removeprefix(PEFT_PREFIX)
-        if m["kind"].endswith(("weight", "bias")) and not m["kind"].startswith("lora_"):
-            # a base tensor: an adapted embedding's or output layer's, a bias, a saved module
-            attr = m["kind"].split(".")[-1]
-            writes.append(_base_tensor_writer(model, names, m["module"], attr, tensor, file, key))
-            target, rows = _base_tensor(model, names, m["module"], attr, file, key)
-            first, value = bases.setdefault(id(target) if rows is None else id(rows), (key, tensor))
-            if not torch.equal(value, tensor):
+        if key in base:  # an adapted embedding's or head's weight, a bias, a saved module
+            path, target, rows = base[key]
+            shape = tuple(target.shape) if rows is None else (len(rows), *target.shape[1:])
+            if shape != tuple(tensor.shape):
+                raise ValueError(f"{file}: {key!r} has shape {tuple(tensor.shape)}, {path} "
+                                 f"expects {shape} (was the vocabulary resized?)")
+            first = first_key.setdefault(id(target) if rows is None else id(rows), key)
+            if not torch.equal(tensors[first], tensor):
                 raise ValueError(f"{file}: {key!r} and {first!r} differ, but this model holds "
                                  "them in one tensor (tied weights); untie them to load both")
+            writes.append(partial(target.copy_, tensor) if rows is None else
+                          partial(target.index_copy_, 0, rows.to(target.device), tensor.to(target)))
             continue
-        if short not in slots:
+        param = slots.get(key.removeprefix(PEFT_PREFIX))
+        if param is None:
             raise ValueError(f"{file}: key {key!r} matches no adapter of this model "
                              f"(adapters: {sorted(slots)[:6]}...)")
-        param = slots[short]
         if param.shape != tensor.shape:
             raise ValueError(f"{file}: {key!r} has shape {tuple(tensor.shape)}, the model expects "
                              f"{tuple(param.shape)}")
-        writes.append(lambda param=param, tensor=tensor: param.copy_(tensor))
-        loaded.add(short)
-    if missing := sorted(set(slots) - loaded):
+        writes.append(partial(param.copy_, tensor))
+    if missing := sorted(slots.keys() - {k.removeprefix(PEFT_PREFIX) for k in tensors}):
         raise ValueError(f"{file}: no weights for {len(missing)} adapter tensor(s), e.g. {missing[0]}")
     for write in writes:
         write()
+
+
+def _base_layers(model: nn.Module, tensors: dict[str, torch.Tensor], file: Path
+                 ) -> dict[str, tuple[str, torch.Tensor, torch.Tensor | None]]:
+    """The file's base-tensor keys (an adapted embedding's or head's weight, PEFT's biases and
+    modules_to_save) -> the codelm path, the model tensor the key names, and its rows there."""
+    slots = pretrained.hf_module_slots(model.cfg)
+    out = {}
+    for key in tensors:
+        m = _KEY_RE.match(key)
+        if m is None or m["kind"].startswith("lora_"):
+            continue
+        if m["module"] not in slots:
+            raise ValueError(f"{file}: key {key!r} names no module of this model")
+        path, rows = slots[m["module"]]
+        attr = m["kind"].removeprefix("base_layer.")  # weight or bias
+        target = getattr(model.get_submodule(path), attr, None)
+        if not isinstance(target, torch.Tensor):
+            raise ValueError(f"{file}: cannot load {key!r}: {path} has no full-precision {attr}")
+        out[key] = path, target, rows
+    return out
 
 
 def changed_base_tensors(model: nn.Module, adapter_dir: str | Path) -> list[str]:
     """The adapter file's base-layer weights (PEFT saves an adapted embedding's) that differ
     from the model's: changes a run, keeping only what it trains, would lose."""
     file, tensors = _read_weights(Path(adapter_dir))
-    names = _module_names(model)
     changed = []
-    for key, tensor in tensors.items():
-        m = _KEY_RE.match(key)
-        if m is not None and m["kind"] == "base_layer.weight":  # biases: trained, kept
-            target, rows = _base_tensor(model, names, m["module"], m["kind"].split(".")[1], file,
-                                        key)
-            if rows is not None:
-                target = target.index_select(0, rows.to(target.device))
-            if target.shape == tensor.shape and not torch.equal(target, tensor.to(target)):
-                changed.append(key)
+    for key, (_, target, rows) in _base_layers(model, tensors, file).items():
+        if not key.endswith("base_layer.weight"):  # biases and saved modules: trained, kept
+            continue
+        if rows is not None:
+            target = target.index_select(0, rows.to(target.device))
+        if target.shape == tensors[key].shape and not torch.equal(target, tensors[key].to(target)):
+            changed.append(key)
     return changed
-
-
-def _base_tensor(model, names, name, attr, file, key) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The model tensor a base-layer key of the file names, and its rows (None: all of it)."""
-    if name not in names:
-        raise ValueError(f"{file}: key {key!r} names no module of this model")
-    path, rows = names[name]
-    target = getattr(model.get_submodule(path), attr, None)
-    if not isinstance(target, torch.Tensor):
-        raise ValueError(f"{file}: cannot load {key!r}: {path} has no full-precision {attr}")
-    return target, rows
-
-
-def _base_tensor_writer(model, names, name, attr, tensor, file, key) -> Callable[[], object]:
-    """Check a base-layer tensor of the file against the model; return the write that loads it."""
-    target, rows = _base_tensor(model, names, name, attr, file, key)
-    shape = tuple(target.shape) if rows is None else (len(rows),) + tuple(target.shape[1:])
-    if shape != tuple(tensor.shape):
-        raise ValueError(f"{file}: {key!r} has shape {tuple(tensor.shape)}, "
-                         f"{names[name][0]} expects {shape} (was the vocabulary resized?)")
-    if rows is None:
-        return lambda: target.copy_(tensor)
-    return lambda: target.index_copy_(0, rows.to(target.device), tensor.to(target))
 
 
 # ----------------------------------------------------------------------------- command line
@@ -1039,7 +1002,6 @@ def _check_adapter_tokenizer(adapter: Path, base: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-
     parser = settings.ArgumentParser(
         description="Merge a LoRA adapter (codelm's or PEFT's) into its base model and write a "
         "new HF checkpoint of the base's family, which transformers loads without PEFT.")
@@ -1063,7 +1025,7 @@ def main(argv: list[str] | None = None) -> int:
         pretrained.export_checkpoint(args.out, partial(merge_and_export, model), tokenizer_dir,
                                      generation_from=base)
         # The adapter's own count (PEFT's q_proj, k_proj, v_proj are one fused qkv here).
-        adapted = {_KEY_RE.match(k)["module"] for k in _read_weights(adapter)[1]}
+        adapted = {name for hits in report.targets.values() for name in hits}
         print(f"wrote {args.out}: the LoRA of {adapter} on {len(adapted)} modules "
               f"({len(report.modules)} codelm modules) merged into {base} "
               f"({model.wte.weight.dtype})")

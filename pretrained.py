@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import torch
 
@@ -164,8 +164,7 @@ def _write_dropouts(c: ModelConfig) -> dict:
 def _act(hf: dict, key: str, default: str) -> str:
     act = _get(hf, key, kind=str, default=default)
     if act not in HF_ACT:
-        raise ValueError(f"{key}={act!r} is not supported (supported: "
-                         f"{sorted(HF_ACT)})")
+        raise ValueError(f"{key}={act!r} is not supported (supported: {sorted(HF_ACT)})")
     return HF_ACT[act]
 
 
@@ -192,8 +191,7 @@ def _rope(hf: dict, default_partial: float = 1.0) -> dict:
         src = dict(params)
         top = "original_max_position_embeddings"
         src[top] = hf[top] if top in hf else src.get(top, hf.get("max_position_embeddings"))
-        missing = [k for k in LLAMA3_SCALING_KEYS if src.get(k) is None]
-        if missing:
+        if missing := [k for k in LLAMA3_SCALING_KEYS if src.get(k) is None]:
             raise ValueError(f"llama3 rope scaling lacks {missing}")
         out["rope_scaling"] = {k: _typed(k, src[k], int if k == top else float)
                                for k in LLAMA3_SCALING_KEYS}
@@ -382,8 +380,7 @@ def part_rows(cfg: ModelConfig, part: str | None) -> torch.Tensor | None:
     return torch.stack((heads, heads + q, heads + 2 * q), dim=1).reshape(-1)
 
 
-@dataclass(frozen=True)
-class ModuleSlot:
+class ModuleSlot(NamedTuple):  # unpacks as (path, rows)
     path: str
     rows: torch.Tensor | None
 
@@ -616,8 +613,7 @@ def read_config(directory: str | Path) -> tuple[ModelConfig, dict]:
     if model_type not in TABLES:
         raise ValueError(f"{path}: unknown model_type {model_type!r}; supported: "
                          f"{', '.join(FAMILIES)}")
-    if hf.get("quantization_config"):
-        qc = hf["quantization_config"]
+    if qc := hf.get("quantization_config"):
         method = qc.get("quant_method", "unknown") if isinstance(qc, dict) else qc
         raise ValueError(f"{path}: a quantized checkpoint (quant_method {method!r}) cannot be "
                          "loaded; use the full-precision one")
@@ -637,10 +633,8 @@ def _config_dtype(hf: dict) -> torch.dtype | None:
 def _auto_dtype(hf: dict, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return cuda_half_dtype(device)
-    dtype = _config_dtype(hf)
-    if dtype is None or dtype in (torch.float16, torch.float64):
-        return torch.float32  # fp16 arithmetic on CPU is slow and overflows where bf16 does not
-    return dtype if dtype.is_floating_point else torch.float32
+    dtype = _config_dtype(hf)  # fp16 arithmetic on CPU is slow and overflows where bf16 does not
+    return dtype if dtype in (torch.bfloat16, torch.float32) else torch.float32
 
 
 def _requested_dtype(dtype: torch.dtype | str | None, hf: dict,
@@ -692,12 +686,10 @@ def _checked_plan(directory: Path, cfg: ModelConfig, table: FamilyTable,
     params = dict(model.named_parameters(remove_duplicate=False))
     expected = {hf_name for parts in plan.values() for hf_name, _ in parts}
     optional = {"lm_head.weight"} if cfg.tie_embeddings else set()
-    missing = expected - present
-    if missing:
+    if missing := expected - present:
         raise ValueError(f"{directory}: missing tensors: {_listing(missing)}")
-    unexpected = {n for n in present - expected - optional
-                  if not n.endswith(table.ignored_suffixes)}
-    if unexpected:
+    if unexpected := {n for n in present - expected - optional
+                      if not n.endswith(table.ignored_suffixes)}:
         raise ValueError(f"{directory}: unexpected tensors: {_listing(unexpected)}")
     for name, parts in plan.items():
         for hf_name, rows in parts:
@@ -811,7 +803,6 @@ def save(model: Transformer, directory: str | Path, max_shard_bytes: int = 5 * 2
     files in full before any replaces the last save's (config.json last)."""
     directory = Path(directory)
     check_output_dir(directory, "save_pretrained")
-    check_nothing_else_there(directory, "save_pretrained")
     cfg = model.cfg
     config = hf_config(cfg, model.wte.weight.dtype)
     plan = _param_plan(model, TABLES[cfg.family])
@@ -823,31 +814,20 @@ def save(model: Transformer, directory: str | Path, max_shard_bytes: int = 5 * 2
         p = params[name].detach()
         for hf_name, rows in parts:
             tensors[hf_name] = p if rows is None else p[rows.to(p.device)]
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, t in tensors.items():
-        n = t.numel() * t.element_size()
-        if shards[-1] and size + n > max_shard_bytes:
-            shards, size = shards + [[]], 0
-        shards[-1].append(name)
-        size += n
-    files = _weight_files(tensors, shards)
+    files = _weight_files(tensors, max_shard_bytes)
     files["config.json"] = json.dumps(config, indent=2) + "\n"
     directory.mkdir(parents=True, exist_ok=True)
     process.write_atomic_files({directory / name: data for name, data in files.items()})
     _remove_stale_weights(directory, set(files))
 
 
-def check_output_dir(directory: Path, writer: str) -> None:
-    """Refuse, before any work, a directory that is a file or lies under one (naming which)."""
+def check_output_dir(directory: Path, writer: str, adapter: bool = False) -> None:
+    """Refuse, before any work, a directory that is a file or lies under one (naming which), or
+    that holds a run's TrainConfig, or a model beside an ``adapter`` (or back)."""
     blocker = next((p for p in (directory, *directory.parents) if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
         under = "" if blocker == directory else f"{directory}: "
         raise ValueError(f"{under}{blocker} is a file; {writer} writes a directory")
-
-
-def check_nothing_else_there(directory: Path, writer: str, adapter: bool = False) -> None:
-    """Refuse a directory holding a run's TrainConfig, or a model beside an adapter (or back)."""
     config = directory / "config.json"
     try:
         is_run = config.is_file() and _is_run_config(settings.read_json_object(config))
@@ -866,20 +846,24 @@ def check_nothing_else_there(directory: Path, writer: str, adapter: bool = False
 
 
 def _weight_files(tensors: dict[str, torch.Tensor],
-                  shards: list[list[str]]) -> dict[str, process.FileContent]:
-    """File name -> content (a streaming writer): model.safetensors, or the shards and index."""
+                  max_shard_bytes: int) -> dict[str, process.FileContent]:
+    """File name -> content (a streaming writer): model.safetensors, or shards of at most
+    max_shard_bytes (or one tensor) and their index."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards, size = shards + [{}], 0
+        shards[-1][name] = t
+        size += t.nbytes
     if len(shards) == 1:
         return {"model.safetensors": partial(write_safetensors, tensors=tensors)}
-    files: dict[str, process.FileContent] = {}
-    weight_map = {}
-    for k, names in enumerate(shards, 1):
-        fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        files[fname] = partial(write_safetensors, tensors={n: tensors[n] for n in names})
-        weight_map.update(dict.fromkeys(names, fname))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    files["model.safetensors.index.json"] = json.dumps(index, indent=2) + "\n"
-    return files
+    names = [f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)]
+    files = {f: partial(write_safetensors, tensors=shard) for f, shard in zip(names, shards)}
+    weight_map = {name: f for f, shard in zip(names, shards) for name in shard}
+    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+             "weight_map": weight_map}
+    return {**files, "model.safetensors.index.json": json.dumps(index, indent=2) + "\n"}
 
 
 def _remove_stale_weights(directory: Path, written: set[str]) -> None:
@@ -898,7 +882,7 @@ def write_safetensors(f: BinaryIO, tensors: dict[str, torch.Tensor],
     header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
     offset = 0
     for name, t in tensors.items():
-        n = t.numel() * t.element_size()
+        n = t.nbytes
         header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
                         "data_offsets": [offset, offset + n]}
         offset += n
@@ -945,7 +929,6 @@ def export_checkpoint(out: str | Path, save_weights: Callable[[Path], object],
 
 
 def main(argv: list[str] | None = None) -> int:
-
     from tokenizer import tokenizer_path
 
     parser = settings.ArgumentParser(
