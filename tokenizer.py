@@ -848,38 +848,26 @@ def _template_ids(spec: dict, where: str) -> tuple[list[int], list[int]]:
     return before, after
 
 
-def _count_templates(spec) -> int:
-    """The TemplateProcessing steps in a post_processor, nested Sequences included."""
-    if not isinstance(spec, dict):
-        return 0
-    if spec.get("type") == "Sequence":
-        return sum(_count_templates(step) for step in spec.get("processors") or [])
-    return int(spec.get("type") == "TemplateProcessing")
+def _post_processor_steps(spec: object) -> list[dict]:
+    """The ByteLevel and TemplateProcessing steps of a post_processor, Sequences flattened."""
+    if spec is None:
+        return []
+    where = "post_processor"
+    _expect(isinstance(spec, dict), where, repr(spec))
+    kind = spec.get("type")
+    if kind == "Sequence":
+        return [s for step in spec.get("processors") or [] for s in _post_processor_steps(step)]
+    _expect(kind in ("ByteLevel", "TemplateProcessing"), where, f"type {kind!r}")
+    return [spec]
 
 
 def _post_processor_ids(spec: dict | None) -> tuple[list[int], list[int]]:
-    where = "post_processor"
-    if spec is None:
-        return [], []
-    _expect(isinstance(spec, dict), where, repr(spec))
-    kind = spec.get("type")
-    if kind == "ByteLevel":  # only offsets change, never ids
-        return [], []
-    if kind == "TemplateProcessing":
-        return _template_ids(spec, where)
-    if kind == "Sequence":
-        # HF applies only the first of two TemplateProcessing steps in a Sequence.
-        steps = spec.get("processors") or []
-        templates = _count_templates(spec)
-        if templates > 1:
-            raise _Unsupported(f"unsupported {where}: a Sequence of {templates} TemplateProcessing"
-                               " steps (HF tokenizers applies only the first)")
-        before, after = [], []
-        for step in steps:
-            b, a = _post_processor_ids(step)
-            before, after = b + before, after + a
-        return before, after
-    raise _Unsupported(f"unsupported {where}: type {kind!r}")
+    """Ids the post_processor puts before and after every text (ByteLevel changes only offsets)."""
+    templates = [s for s in _post_processor_steps(spec) if s["type"] == "TemplateProcessing"]
+    if len(templates) > 1:
+        raise _Unsupported(f"unsupported post_processor: a Sequence of {len(templates)} "
+                           "TemplateProcessing steps (HF tokenizers applies only the first)")
+    return _template_ids(templates[0], "post_processor") if templates else ([], [])
 
 
 _BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>", "<|endoftext|>")
