@@ -727,30 +727,25 @@ def _pretokenizer_pattern(spec: dict | None) -> tuple[str, bool]:
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"]:
         return _pretokenizer_pattern(steps[0])
-    if kinds == ["Digits", "ByteLevel"]:
-        digits, byte_level = steps
-        _check_byte_level(byte_level, where)
+    _expect(kinds in (["Digits", "ByteLevel"], ["Split", "ByteLevel"]), where,
+            f"Sequence of {kinds}")
+    first, byte_level = steps
+    _check_byte_level(byte_level, where)
+    if kinds[0] == "Digits":
         _expect(byte_level.get("use_regex", True), where, "Digits then ByteLevel(use_regex=false)")
-        individual = digits.get("individual_digits", False)
+        individual = first.get("individual_digits", False)
         return (STARCODER_PATTERN if individual else _DIGIT_RUNS_PATTERN), False
-    if kinds == ["Split", "ByteLevel"]:
-        split, byte_level = steps
-        _check_byte_level(byte_level, where)
-        _expect(not byte_level.get("use_regex", True), where,
-                "Split then ByteLevel(use_regex=true) (Llama-3 style has use_regex=false)")
-        _expect(split.get("behavior") == "Isolated", where,
-                f"Split behavior {split.get('behavior')!r}")
-        _expect(not split.get("invert", False), where, "Split with invert=true")
-        pattern = split.get("pattern")
-        _expect(isinstance(pattern, dict) and len(pattern) == 1, where,
-                f"Split pattern {pattern!r}")
-        if isinstance(pattern.get("Regex"), str):
-            _check_split_regex(pattern["Regex"])
-            return pattern["Regex"], True
-        if isinstance(pattern.get("String"), str):
-            return regex.escape(pattern["String"]), True
-        raise _Unsupported(f"unsupported {where}: Split pattern {pattern!r}")
-    raise _Unsupported(f"unsupported {where}: Sequence of {kinds}")
+    _expect(not byte_level.get("use_regex", True), where,
+            "Split then ByteLevel(use_regex=true) (Llama-3 style has use_regex=false)")
+    _expect(first.get("behavior") == "Isolated", where, f"Split behavior {first.get('behavior')!r}")
+    _expect(not first.get("invert", False), where, "Split with invert=true")
+    pattern = first.get("pattern")
+    _expect(isinstance(pattern, dict) and len(pattern) == 1, where, f"Split pattern {pattern!r}")
+    if isinstance(pattern.get("Regex"), str):
+        _check_split_regex(pattern["Regex"])
+        return pattern["Regex"], True
+    _expect(isinstance(pattern.get("String"), str), where, f"Split pattern {pattern!r}")
+    return regex.escape(pattern["String"]), True
 
 
 # Split regexes are written for Oniguruma (HF) but run here by Python ``regex``: only syntax both
