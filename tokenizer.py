@@ -1165,14 +1165,10 @@ class BPETokenizer(_BatchEncodeMixin):
                     stop < n and _WORD_CHAR.match(text[stop])
                 ):
                     continue
-            if flags["lstrip"]:
-                new_start = start
-                while new_start > 0 and _SPACE_CHAR.match(text[new_start - 1]):
-                    new_start -= 1
-                start = max(new_start, start_offset)
+            if flags["lstrip"]:  # the spaces before it, but none a previous token took
+                start = max(_SPACES_BEFORE.match(text, 0, start).start(), start_offset)
             if flags["rstrip"]:
-                while stop < n and _SPACE_CHAR.match(text[stop]):
-                    stop += 1
+                stop = _SPACES.match(text, stop).end()
             if start >= stop:  # the previous rstrip token took this match: HF drops it
                 continue
             if start_offset < start:
@@ -1289,7 +1285,8 @@ def _byte_level_bytes(token: str) -> bytes:
 
 # Rust's regex \w and \s (Unicode), which HF uses for single_word and lstrip/rstrip.
 _WORD_CHAR = regex.compile(r"\w")
-_SPACE_CHAR = regex.compile(r"\s")
+_SPACES = regex.compile(r"\s*")
+_SPACES_BEFORE = regex.compile(r"\s*", regex.REVERSE)  # matched backwards from endpos
 
 
 def _byte_level(piece: str) -> str:
