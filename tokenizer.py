@@ -970,15 +970,11 @@ class BPETokenizer(_BatchEncodeMixin):
             self._added[content] = entry_flags
             if entry_flags["special"]:
                 self._special_ids.add(i)
-        # HF matches tokens that are not normalized first, then the normalized ones in the gaps;
-        # both leftmost-longest, which a longest-first alternation reproduces.
+        # HF matches tokens that are not normalized first, then the normalized ones in the gaps.
         self._added_res = []
         for normalized in (False, True):
-            contents = [c for c, f in self._added.items() if f["normalized"] == normalized]
-            if contents:
-                contents.sort(key=len, reverse=True)
-                alternation = "|".join(regex.escape(c) for c in contents)
-                self._added_res.append(regex.compile(alternation))
+            if contents := [c for c, f in self._added.items() if f["normalized"] == normalized]:
+                self._added_res.append(_longest_first(contents))
 
     def _resolve_roles(self, roles: dict) -> dict[str, int | None]:
         resolved = {}
@@ -1011,9 +1007,7 @@ class BPETokenizer(_BatchEncodeMixin):
             raise ValueError(f"vocab_size={vocab_size} leaves no room for {len(special_tokens)} "
                              f"special tokens and the {len(BYTE_TO_UNICODE)} byte tokens")
         pieces = _Pretokenizer(*_pretokenizer_pattern(pre_tokenizer))
-        longest_first = sorted(special_tokens, key=len)[::-1]
-        specials_re = (regex.compile("|".join(map(regex.escape, longest_first)))
-                       if special_tokens else None)
+        specials_re = _longest_first(special_tokens) if special_tokens else None
         counts: Counter[str] = Counter()
         for text in texts:
             for segment in specials_re.split(text) if specials_re else (text,):
@@ -1289,6 +1283,11 @@ _SPACES = regex.compile(r"\s*")
 _SPACES_BEFORE = regex.compile(r"\s*", regex.REVERSE)  # matched backwards from endpos
 
 
+def _longest_first(tokens: Iterable[str]) -> regex.Pattern:
+    """A regex finding ``tokens`` leftmost-longest, as HF finds added tokens."""
+    return regex.compile("|".join(map(regex.escape, sorted(tokens, key=len, reverse=True))))
+
+
 def _byte_level(piece: str) -> str:
     return piece.encode("utf-8", "surrogatepass").decode("latin-1").translate(BYTE_TO_UNICODE)
 
@@ -1310,15 +1309,10 @@ class _Pretokenizer:
             return pieces
         pieces, pos = [], 0
         for m in self._finditer(text):
-            start, end = m.span()
-            if start > pos:
-                pieces.append(text[pos:start])
-            if end > start:
-                pieces.append(text[start:end])
-            pos = end
-        if pos < len(text):
-            pieces.append(text[pos:])
-        return pieces
+            pieces += (text[pos : m.start()], m.group())
+            pos = m.end()
+        pieces.append(text[pos:])
+        return [p for p in pieces if p]
 
 
 def _merge_pair(word: list[str], first: str, second: str) -> list[str]:
