@@ -42,9 +42,6 @@ ENCODING_VERSION = f"4+regex-{regex.__version__}"
 _MIN_PARALLEL_CHARS = 1 << 20
 # Distinct pieces remembered per tokenizer; code repeats its words, so this is rarely reached.
 _MAX_CACHE_ENTRIES = 1 << 20
-# Words longer than this are merged with a heap instead of rescanning all pairs per merge.
-_LONG_WORD = 64
-_NO_MERGE = float("inf")
 
 
 class _PieceCache(dict):
@@ -1055,38 +1052,15 @@ class BPETokenizer(_BatchEncodeMixin):
     # -- encoding ------------------------------------------------------------------------------
 
     def _bpe(self, word: str) -> list[str]:
-        """Merge the lowest-ranked adjacent pair, leftmost first, until none is left (HF's order);
-        short words keep a list of pair ranks (min/index run in C), long ones use a heap."""
-        if len(word) > _LONG_WORD:
-            return self._bpe_long(word)
-        get = self._ranks.get
-        parts = list(word)
-        pair_ranks = [get(pair, _NO_MERGE) for pair in zip(parts, parts[1:])]
-        while pair_ranks:
-            best = min(pair_ranks)
-            if best == _NO_MERGE:
-                break
-            i = pair_ranks.index(best)
-            parts[i : i + 2] = [parts[i] + parts[i + 1]]
-            del pair_ranks[i]
-            if i > 0:
-                pair_ranks[i - 1] = get((parts[i - 1], parts[i]), _NO_MERGE)
-            if i < len(pair_ranks):
-                pair_ranks[i] = get((parts[i], parts[i + 1]), _NO_MERGE)
-        return parts
-
-    def _bpe_long(self, word: str) -> list[str]:
-        """HF's own order, (rank, position) from a heap over a linked list: O(n log n)."""
+        """Merge the lowest-ranked adjacent pair, leftmost first, until none is left: HF's order,
+        (rank, position) from a heap over a linked list."""
         ranks = self._ranks
         symbols = list(word)
         n = len(symbols)
         prev = list(range(-1, n - 1))
         nxt = [*range(1, n), -1]
-        heap = []
-        for i in range(n - 1):
-            rank = ranks.get((symbols[i], symbols[i + 1]))
-            if rank is not None:
-                heap.append((rank, i, symbols[i], symbols[i + 1]))
+        heap = [(ranks[pair], i, *pair) for i, pair in enumerate(zip(symbols, symbols[1:]))
+                if pair in ranks]
         heapq.heapify(heap)
         while heap:
             _, i, first, second = heapq.heappop(heap)
