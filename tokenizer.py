@@ -13,6 +13,7 @@ if __name__ == "__main__":  # first, as in every script
     process.quiet_start_up_stops()
 
 import ast
+import functools
 import heapq
 import io
 import json
@@ -94,7 +95,7 @@ def _chunks(texts: list[str], n_chunks: int) -> list[list[str]]:
 
 
 class _BatchEncodeMixin:
-    """encode_batch over processes, decode, and pickling without the piece cache."""
+    """encode_batch over processes, decode, and the piece cache (never pickled)."""
 
     _id_to_bytes: list[bytes]
     _special_ids: Container[int]  # the ids that skip_special_tokens drops
@@ -129,18 +130,17 @@ class _BatchEncodeMixin:
         table = self._id_to_bytes
         ids = _checked_ids(_one_sequence(ids), len(table))
         if skip_special_tokens:
-            special = self._special_ids
-            return _utf8(b"".join(table[i] for i in ids if i not in special))
-        return _utf8(b"".join(map(table.__getitem__, ids)))
+            ids = [i for i in ids if i not in self._special_ids]
+        return b"".join(map(table.__getitem__, ids)).decode("utf-8", "replace")
+
+    @functools.cached_property
+    def _cache(self) -> _PieceCache:
+        return _PieceCache(self._encode_piece)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state.pop("_cache", None)  # rebuilt lazily; carries a bound method
+        state.pop("_cache", None)  # rebuilt when first used; carries a bound method
         return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._cache = _PieceCache(self._encode_piece)
 
 
 def _read_json(path: Path) -> dict:
@@ -302,7 +302,6 @@ class CodeTokenizer(_BatchEncodeMixin):
         self._id_to_bytes = ([s.encode("utf-8") for s in self.special_tokens]
                              + [bytes([b]) for b in range(_N_BYTES)]
                              + [p.encode("utf-8", "surrogatepass") for p in self.pieces])
-        self._cache = _PieceCache(self._encode_piece)
 
     # -- training ---------------------------------------------------------------------------
 
@@ -881,7 +880,6 @@ class BPETokenizer(_BatchEncodeMixin):
             raise ValueError(f"{source}: malformed tokenizer.json ({type(e).__name__}: {e})") from None
         self.spec = spec
         self._roles = self._resolve_roles(roles or {})
-        self._cache = _PieceCache(self._encode_piece)
 
     def _build(self, spec: dict) -> None:
         _expect(isinstance(spec, dict), "tokenizer.json", "top level is not an object")
@@ -1110,9 +1108,6 @@ class BPETokenizer(_BatchEncodeMixin):
         ids.extend(vocab[s] for s in self._bpe("".join(run)) if s)
         return ids
 
-    def _encode_ordinary(self, text: str) -> list[int]:
-        return list(chain.from_iterable(map(self._cache.__getitem__, self._pretokenize(text))))
-
     def _split_added(self, text: str, level: int = 0, plain_special: bool = False
                      ) -> list[tuple[str, int | None]]:
         """(segment, added-token id or None) covering ``text``, the way HF finds added tokens;
@@ -1153,15 +1148,12 @@ class BPETokenizer(_BatchEncodeMixin):
         special token's text is text (HF's ``encode_special_tokens``)."""
         if not isinstance(text, str):
             raise TypeError(f"encode() expects a str, got {type(text).__name__}")
-        if self._added_res:
-            ids = []
-            for segment, token_id in self._split_added(text, plain_special=split_special_tokens):
-                if token_id is None:
-                    ids.extend(self._encode_ordinary(segment))
-                else:
-                    ids.append(token_id)
-        else:
-            ids = self._encode_ordinary(text)
+        ids = []
+        for segment, token_id in self._split_added(text, plain_special=split_special_tokens):
+            if token_id is None:
+                ids += chain.from_iterable(map(self._cache.__getitem__, self._pretokenize(segment)))
+            else:
+                ids.append(token_id)
         if add_special_tokens and (self._prefix_ids or self._suffix_ids):
             ids = [*self._prefix_ids, *ids, *self._suffix_ids]
         return ids
@@ -1236,11 +1228,6 @@ def _checked_ids(ids: Iterable[int], vocab_size: int) -> list[int]:
         return checked
     bad = [i for i in ids if not _is_token_id(i, vocab_size)]
     raise ValueError(f"token ids out of range [0, {vocab_size}): {bad[:5]}")
-
-
-def _utf8(raw: bytes) -> str:
-    """Text of token bytes; invalid UTF-8 (surrogates too) becomes U+FFFD, as in HF."""
-    return raw.decode("utf-8", "replace")
 
 
 def _byte_level_bytes(token: str) -> bytes:
