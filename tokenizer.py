@@ -1469,24 +1469,19 @@ def check_model_tokenizer(tok: CodeTokenizer | BPETokenizer, tokenizer_file: str
     except ValueError:  # none (a model built from the tokenizer), or one the model loader names
         return
     mine = {"bos": tok.bos_id, "eos": tok.eos_id}
-    agree, differ = False, {}
-    for role, own in mine.items():
-        ids = _config_ids(hf.get(f"{role}_token_id"), hf.get("vocab_size"))
-        if not ids or own is None:
-            continue
-        if own in ids:
-            agree = True
-        else:
-            differ[role] = ids
+    given = {role: _config_ids(hf.get(f"{role}_token_id"), hf.get("vocab_size")) for role in mine}
+    agree = any(mine[role] in ids for role, ids in given.items())
+    differ = {role: ids for role, ids in given.items()
+              if ids and mine[role] is not None and mine[role] not in ids}
     if not differ:
         return
-    crossed = any(own is not None and own != mine[role] and own in ids
-                  for role, ids in differ.items() for other, own in mine.items() if other != role)
+    crossed = any(own in ids for role, ids in differ.items()
+                  for other, own in mine.items() if other != role)
     fixed = isinstance(tok, CodeTokenizer)
     if not (crossed or fixed) and (agree or any(
             i < tok.vocab_size and i in tok._special_ids for ids in differ.values() for i in ids)):
         return
-    given = " and ".join(f"{role}_token_id {', '.join(_shown_id(tok, i) for i in ids)}"
+    listed = " and ".join(f"{role}_token_id {', '.join(_shown_id(tok, i) for i in ids)}"
                          for role, ids in differ.items())
     has = " and ".join(f"the tokenizer's {role} is {mine[role]} ({tok.id_to_token(mine[role])!r})"
                        for role in differ)
@@ -1498,9 +1493,9 @@ def check_model_tokenizer(tok: CodeTokenizer | BPETokenizer, tokenizer_file: str
             remedy = f"pass --tokenizer with the tokenizer {model_dir} was trained with"
     if crossed or fixed:
         raise ValueError(f"{tokenizer_file} is not the tokenizer of the model in {model_dir}: "
-                         f"{config} has {given}, but {has}; {remedy}")
+                         f"{config} has {listed}, but {has}; {remedy}")
     print(f"warning: {tokenizer_file} may not be the tokenizer of the model in {model_dir}: "
-          f"{config} has {given}, none a special token there, but {has}: a stale config.json or "
+          f"{config} has {listed}, none a special token there, but {has}: a stale config.json or "
           f"another model's tokenizer; if the latter, {remedy}", file=sys.stderr)
 
 
