@@ -403,13 +403,11 @@ class CodeTokenizer(_BatchEncodeMixin):
     def token_to_id(self, token: str) -> int | None:
         """Id of a special token, a vocabulary piece, or a byte token written ``<0xNN>``."""
         i = self._special_id(token)
-        if i is not None:
-            return i
-        i = self._piece_to_id.get(token)
-        if i is not None:
-            return i
-        m = _BYTE_TOKEN_RE.fullmatch(token)
-        return self._byte_offset + int(m[1], 16) if m else None
+        if i is None:
+            i = self._piece_to_id.get(token)
+        if i is None and (m := _BYTE_TOKEN_RE.fullmatch(token)):
+            i = self._byte_offset + int(m[1], 16)
+        return i
 
     def id_to_token(self, i: int) -> str:
         _checked_ids([i], self.vocab_size)
@@ -496,16 +494,13 @@ class CodeTokenizer(_BatchEncodeMixin):
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``tokenizer.json`` (into a directory: with a tokenizer_config.json naming the
         special tokens for transformers); one that strips comments in codelm's own format."""
-        data = self.to_dict() if self.strip_comments else self.to_hf()
-        path, directory = _write_tokenizer_json(path, data, indent=0)
-        if directory is not None and not self.strip_comments:
-            roles = {role: token for role, token in
-                     (("bos", "<bos>"), ("eos", "<eos>"), ("pad", "<pad>"))
-                     if token in self.special_tokens}
-            others = [t for t in self.special_tokens if t not in roles.values()]
-            _write_roles_config(directory, roles, replace=True, extra={
-                "additional_special_tokens": others, "split_special_tokens": True})
-        return path
+        if self.strip_comments:
+            return _write_tokenizer(path, self.to_dict(), indent=0)
+        roles = {role: token for role, token in (("bos", "<bos>"), ("eos", "<eos>"), ("pad", "<pad>"))
+                 if token in self.special_tokens}
+        others = [t for t in self.special_tokens if t not in roles.values()]
+        return _write_tokenizer(path, self.to_hf(), 0, roles, replace_config=True, extra={
+            "additional_special_tokens": others, "split_special_tokens": True})
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "<dict>") -> CodeTokenizer:
@@ -540,28 +535,24 @@ class CodeTokenizer(_BatchEncodeMixin):
                 f"strip_comments={self.strip_comments})")
 
 
-def _write_tokenizer_json(path: str | os.PathLike, data: dict, indent: int
-                          ) -> tuple[Path, Path | None]:
-    """Write ``data`` to ``path`` or a directory's tokenizer.json: (the file, the directory)."""
+def _write_tokenizer(path: str | os.PathLike, data: dict, indent: int,
+                     roles: dict[str, str] | None = None, replace_config: bool = False,
+                     extra: dict | None = None) -> Path:
+    """Write ``data`` to ``path``, or into a directory as tokenizer.json beside a
+    tokenizer_config.json naming the ``roles`` tokens for transformers (one there is kept unless
+    ``replace_config``)."""
     path = Path(path)
     directory = path if path.is_dir() else None
     if directory is not None:
         path = directory / TOKENIZER_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, ensure_ascii=False, indent=indent), "utf-8")
-    return path, directory
-
-
-def _write_roles_config(directory: Path, roles: dict[str, str], replace: bool,
-                        extra: dict | None = None) -> None:
-    """tokenizer_config.json naming the bos/eos/pad tokens for transformers (kept unless
-    ``replace``)."""
-    config = directory / "tokenizer_config.json"
-    if replace or not config.exists():
-        data = {"tokenizer_class": "PreTrainedTokenizerFast"}
-        data.update((f"{role}_token", token) for role, token in roles.items())
-        data.update(extra or {})
-        config.write_text(json.dumps(data, ensure_ascii=False, indent=2), "utf-8")
+    config = path.parent / "tokenizer_config.json"
+    if directory is not None and roles is not None and (replace_config or not config.exists()):
+        fields = {"tokenizer_class": "PreTrainedTokenizerFast",
+                  **{f"{role}_token": token for role, token in roles.items()}, **(extra or {})}
+        config.write_text(json.dumps(fields, ensure_ascii=False, indent=2), "utf-8")
+    return path
 
 
 # ``to_hf``'s WordPiece settings; HF's default max_input_chars_per_word would make long pieces unknown.
@@ -1033,19 +1024,13 @@ class BPETokenizer(_BatchEncodeMixin):
         (None: no such token)."""
         path = tokenizer_path(path)
         spec = _read_json(path)
-        if roles is None:
-            roles = _roles_from_config(path.parent)
-        return cls(spec, str(path), roles)
+        return cls(spec, str(path), _roles_from_config(path.parent) if roles is None else roles)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the tokenizer.json; into a directory, with a tokenizer_config.json naming the
         bos/eos/pad tokens (unless one is there) for transformers' AutoTokenizer."""
-        path, directory = _write_tokenizer_json(path, self.spec, indent=2)
-        if directory is not None:
-            _write_roles_config(directory, {role: self.id_to_token(i)
-                                            for role, i in self._roles.items() if i is not None},
-                                replace=False)
-        return path
+        roles = {role: self.id_to_token(i) for role, i in self._roles.items() if i is not None}
+        return _write_tokenizer(path, self.spec, 2, roles)
 
     # -- encoding ------------------------------------------------------------------------------
 
@@ -1123,11 +1108,9 @@ class BPETokenizer(_BatchEncodeMixin):
             flags = self._added[content]
             if plain_special and flags["special"]:
                 continue
-            if flags["single_word"]:
-                if (start > 0 and _WORD_CHAR.match(text[start - 1])) or (
-                    stop < n and _WORD_CHAR.match(text[stop])
-                ):
-                    continue
+            if flags["single_word"] and (_WORD_CHAR.match(text[start - 1 : start])
+                                         or _WORD_CHAR.match(text[stop : stop + 1])):
+                continue
             if flags["lstrip"]:  # the spaces before it, but none a previous token took
                 start = max(_SPACES_BEFORE.match(text, 0, start).start(), start_offset)
             if flags["rstrip"]:
@@ -1222,10 +1205,10 @@ def _checked_ids(ids: Iterable[int], vocab_size: int) -> list[int]:
         ids = list(ids)  # a generator could not be read again for the error below
     try:
         checked = list(map(operator.index, ids))
+        if not checked or (min(checked) >= 0 and max(checked) < vocab_size):
+            return checked
     except TypeError:
-        checked = None
-    if checked is not None and (not checked or (min(checked) >= 0 and max(checked) < vocab_size)):
-        return checked
+        pass
     bad = [i for i in ids if not _is_token_id(i, vocab_size)]
     raise ValueError(f"token ids out of range [0, {vocab_size}): {bad[:5]}")
 
@@ -1396,9 +1379,8 @@ def where_tokenizer_is(directory: str | os.PathLike) -> str:
     directory = Path(directory)
     if (directory / _ADAPTER_CONFIG).is_file():
         try:
-            base = json.loads((directory / _ADAPTER_CONFIG).read_text("utf-8-sig")).get(
-                "base_model_name_or_path")
-        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            base = _read_json(directory / _ADAPTER_CONFIG).get("base_model_name_or_path")
+        except ValueError:
             base = None
         adapter = (f"; {directory} is a LoRA adapter directory ({_ADAPTER_CONFIG}), whose "
                    "tokenizer is its base model's")
@@ -1434,13 +1416,10 @@ def generation_eos_ids(tok: CodeTokenizer | BPETokenizer, model_eos: object,
     if generation is not None and generation.is_file():
         try:
             listed += _config_ids(_read_json(generation).get("eos_token_id"), tok.vocab_size)
-        except (ValueError, AttributeError):
+        except ValueError:
             pass
-    ids = [] if tok.eos_id is None else [tok.eos_id]
-    for i in listed:
-        if i in tok._special_ids and i not in ids:
-            ids.append(i)
-    return ids
+    ids = dict.fromkeys([tok.eos_id, *(i for i in listed if i in tok._special_ids)])
+    return [i for i in ids if i is not None]
 
 
 def decode_generated(tok: CodeTokenizer | BPETokenizer, ids: Iterable[int]) -> str:
