@@ -118,11 +118,14 @@ class _BatchEncodeMixin:
         methods = multiprocessing.get_all_start_methods()
         ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
         # A few chunks per worker balance uneven files without paying per-text overhead.
-        jobs = [(c, add_special_tokens, split_special_tokens)
-                for c in _chunks(texts, workers * 4)]
+        jobs = [(c, add_special_tokens, split_special_tokens) for c in _chunks(texts, workers * 4)]
         with ctx.Pool(workers, initializer=_init_worker, initargs=(self,)) as pool:
             results = pool.map(_encode_chunk, jobs, chunksize=1)
         return [array("I", buf).tolist() for chunk in results for buf in chunk]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._id_to_bytes)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids`` (invalid UTF-8 becomes U+FFFD, as in HF); special tokens are kept by
@@ -197,11 +200,7 @@ def strip_comments_and_docstrings(source: str, comments: bool = True, docstrings
         return len(line_bytes[line_no - 1][:byte_col].decode("utf-8", "surrogatepass"))
 
     # (start line, start col, end line, end col, replacement); columns in characters.
-    edits: list[tuple[int, int, int, int, str]] = []
-    for tok in tokens:
-        if tok.type == tokenize.COMMENT:
-            (row, col), (_, end) = tok.start, tok.end
-            edits.append((row, col, row, end, ""))
+    edits = [(*tok.start, *tok.end, "") for tok in tokens if tok.type == tokenize.COMMENT]
     for node, only_statement in _docstring_nodes(tree) if docstrings else []:
         col = char_col(node.lineno, node.col_offset)
         end_col = char_col(node.end_lineno, node.end_col_offset)
@@ -322,12 +321,10 @@ class CodeTokenizer(_BatchEncodeMixin):
             n = counts.pop(match)
             for piece in _cut(match):
                 counts[piece] += n
-        kept = [(piece, n) for piece, n in counts.items()
-                if n >= min_freq and is_utf8(piece) and piece not in special_tokens]
-        kept.sort(key=lambda pn: (-pn[1], pn[0]))
-        if max_vocab is not None:
-            kept = kept[:max_vocab]
-        return cls([p for p, _ in kept], min_freq=min_freq, strip_comments=strip_comments,
+        kept = sorted((piece for piece, n in counts.items()
+                       if n >= min_freq and is_utf8(piece) and piece not in special_tokens),
+                      key=lambda piece: (-counts[piece], piece))
+        return cls(kept[:max_vocab], min_freq=min_freq, strip_comments=strip_comments,
                    special_tokens=special_tokens)
 
     # -- encoding ---------------------------------------------------------------------------
@@ -384,10 +381,6 @@ class CodeTokenizer(_BatchEncodeMixin):
         return range(self._byte_offset)
 
     # -- vocabulary ---------------------------------------------------------------------------
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self._id_to_bytes)
 
     def _special_id(self, token: str) -> int | None:
         return self.special_tokens.index(token) if token in self.special_tokens else None
@@ -934,7 +927,6 @@ class BPETokenizer(_BatchEncodeMixin):
         _expect(isinstance(added, list), "added_tokens", "must be a list")
         self._added_ids: dict[str, int] = {}
         self._added: dict[str, dict] = {}
-        self._special_ids: set[int] = set()
         flags = ("single_word", "lstrip", "rstrip", "normalized", "special")
         for entry in added:
             _expect(isinstance(entry, dict) and isinstance(entry.get("content"), str)
@@ -954,8 +946,7 @@ class BPETokenizer(_BatchEncodeMixin):
                 i = max(max(self._added_ids.values(), default=-1) + 1, len(self._vocab))
             self._added_ids[content] = i
             self._added[content] = entry_flags
-            if entry_flags["special"]:
-                self._special_ids.add(i)
+        self._special_ids = {self._added_ids[c] for c, f in self._added.items() if f["special"]}
         # HF matches tokens that are not normalized first, then the normalized ones in the gaps.
         self._added_res = []
         for normalized in (False, True):
@@ -1003,8 +994,7 @@ class BPETokenizer(_BatchEncodeMixin):
             vocab.setdefault(c, len(vocab))
         merges = _learn_merges([_byte_level(p) for p in counts], list(counts.values()), vocab,
                                vocab_size, min_frequency)
-        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
-                      "use_regex": True}
+        byte_level = _pretokenizer_json("gpt2")
         added = [{"id": vocab[t], "content": t, "single_word": False, "lstrip": False,
                   "rstrip": False, "normalized": False, "special": True} for t in special_tokens]
         model = {"type": "BPE", "dropout": None, "unk_token": None,
@@ -1101,7 +1091,6 @@ class BPETokenizer(_BatchEncodeMixin):
             return [(text, None)]
         out: list[tuple[str, int | None]] = []
         start_offset = 0
-        n = len(text)
         for m in self._added_res[level].finditer(text):
             start, stop = m.span()
             content = m.group()
@@ -1121,7 +1110,7 @@ class BPETokenizer(_BatchEncodeMixin):
                 out.extend(self._split_added(text[start_offset:start], level + 1, plain_special))
             out.append((text[start:stop], self._added_ids[content]))
             start_offset = stop
-        if start_offset < n:
+        if start_offset < len(text):
             out.extend(self._split_added(text[start_offset:], level + 1, plain_special))
         return out
 
@@ -1153,10 +1142,6 @@ class BPETokenizer(_BatchEncodeMixin):
         return [content for content, flags in self._added.items() if flags["special"]]
 
     # -- vocabulary ------------------------------------------------------------------------------
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self._id_to_bytes)
 
     bos_id = property(lambda self: self._roles["bos"])
     eos_id = property(lambda self: self._roles["eos"])
