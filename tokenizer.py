@@ -13,6 +13,7 @@ if __name__ == "__main__":  # first, as in every script
     process.quiet_start_up_stops()
 
 import ast
+import contextlib
 import functools
 import heapq
 import io
@@ -24,7 +25,7 @@ import sys
 import tokenize
 from array import array
 from collections import Counter, defaultdict
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from itertools import chain
 from pathlib import Path
 
@@ -170,15 +171,12 @@ def docstring_statement(node: ast.AST) -> ast.Expr | None:
     return first if is_string and isinstance(first.value.value, str) else None
 
 
-def _docstring_nodes(tree: ast.AST) -> list[tuple[ast.Expr, bool]]:
+def _docstring_nodes(tree: ast.AST) -> Iterator[tuple[ast.Expr, bool]]:
     """(docstring statement, is it the only statement of its body) for every docstring."""
-    found = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
-            first = docstring_statement(node)
-            if first is not None:
-                found.append((first, len(node.body) == 1 and not isinstance(node, ast.Module)))
-    return found
+        if (isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+                and (first := docstring_statement(node)) is not None):
+            yield first, len(node.body) == 1 and not isinstance(node, ast.Module)
 
 
 def strip_comments_and_docstrings(source: str, comments: bool = True, docstrings: bool = True,
@@ -302,8 +300,6 @@ class CodeTokenizer(_BatchEncodeMixin):
                              + [bytes([b]) for b in range(_N_BYTES)]
                              + [p.encode("utf-8", "surrogatepass") for p in self.pieces])
 
-    # -- training ---------------------------------------------------------------------------
-
     @classmethod
     def train(cls, texts: Iterable[str], min_freq: int = 10, max_vocab: int | None = None,
               strip_comments: bool = False, special_tokens: Sequence[str] = CODE_SPECIAL_TOKENS
@@ -326,8 +322,6 @@ class CodeTokenizer(_BatchEncodeMixin):
                       key=lambda piece: (-counts[piece], piece))
         return cls(kept[:max_vocab], min_freq=min_freq, strip_comments=strip_comments,
                    special_tokens=special_tokens)
-
-    # -- encoding ---------------------------------------------------------------------------
 
     def _encode_piece(self, piece: str) -> list[int]:
         """Longest known sub-pieces from the left; bytes of a character no piece covers."""
@@ -380,8 +374,6 @@ class CodeTokenizer(_BatchEncodeMixin):
     def _special_ids(self) -> range:
         return range(self._byte_offset)
 
-    # -- vocabulary ---------------------------------------------------------------------------
-
     def _special_id(self, token: str) -> int | None:
         return self.special_tokens.index(token) if token in self.special_tokens else None
 
@@ -412,8 +404,6 @@ class CodeTokenizer(_BatchEncodeMixin):
 
     def is_byte_token(self, i: int) -> bool:
         return self._byte_offset <= i < self._byte_offset + _N_BYTES
-
-    # -- persistence --------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
         """codelm's own format, for what HF cannot express (comment stripping)."""
@@ -519,9 +509,7 @@ class CodeTokenizer(_BatchEncodeMixin):
     def load(cls, path: str | os.PathLike) -> CodeTokenizer:
         path = tokenizer_path(path)
         data = _read_json(path)
-        if cls.is_hf_form(data):
-            return cls.from_hf(data, str(path))
-        return cls.from_dict(data, str(path))
+        return (cls.from_hf if cls.is_hf_form(data) else cls.from_dict)(data, str(path))
 
     def __repr__(self) -> str:
         return (f"CodeTokenizer(vocab_size={self.vocab_size}, min_freq={self.min_freq}, "
@@ -970,8 +958,6 @@ class BPETokenizer(_BatchEncodeMixin):
             resolved[role] = i
         return resolved
 
-    # -- training ------------------------------------------------------------------------------
-
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, pretokenizer: str = "gpt2",
               special_tokens: Sequence[str] = ("<|endoftext|>",), min_frequency: int = 2
@@ -1006,8 +992,6 @@ class BPETokenizer(_BatchEncodeMixin):
                 "decoder": byte_level, "model": model}
         return cls(spec, f"<BPETokenizer.train {pretokenizer}>")
 
-    # -- loading -------------------------------------------------------------------------------
-
     @classmethod
     def from_file(cls, path: str | os.PathLike, roles: dict | None = None) -> BPETokenizer:
         """Read a tokenizer.json; roles {"bos"/"eos"/"pad": token} override the guessed ones
@@ -1021,8 +1005,6 @@ class BPETokenizer(_BatchEncodeMixin):
         bos/eos/pad tokens (unless one is there) for transformers' AutoTokenizer."""
         roles = {role: self.id_to_token(i) for role, i in self._roles.items() if i is not None}
         return _write_tokenizer(path, self.spec, 2, roles)
-
-    # -- encoding ------------------------------------------------------------------------------
 
     def _bpe(self, word: str) -> list[str]:
         """Merge the lowest-ranked adjacent pair, leftmost first, until none is left: HF's order,
@@ -1070,8 +1052,7 @@ class BPETokenizer(_BatchEncodeMixin):
         vocab = self._vocab
         if self._unk_id is None:
             return [vocab[s] for s in self._bpe("".join(c for c in word if c in vocab))]
-        ids: list[int] = []
-        run: list[str] = []
+        ids, run = [], []
         for c in word:
             if c in vocab:
                 run.append(c)
@@ -1140,8 +1121,6 @@ class BPETokenizer(_BatchEncodeMixin):
     def matched_special_tokens(self) -> list[str]:
         """Special tokens whose text HF's tokenizer(text) reads as the token (<|eot_id|>)."""
         return [content for content, flags in self._added.items() if flags["special"]]
-
-    # -- vocabulary ------------------------------------------------------------------------------
 
     bos_id = property(lambda self: self._roles["bos"])
     eos_id = property(lambda self: self._roles["eos"])
@@ -1399,10 +1378,8 @@ def generation_eos_ids(tok: CodeTokenizer | BPETokenizer, model_eos: object,
     listed = _config_ids(model_eos, tok.vocab_size)
     generation = Path(model_dir) / "generation_config.json" if model_dir is not None else None
     if generation is not None and generation.is_file():
-        try:
+        with contextlib.suppress(ValueError):  # an unreadable one adds none
             listed += _config_ids(_read_json(generation).get("eos_token_id"), tok.vocab_size)
-        except ValueError:
-            pass
     ids = dict.fromkeys([tok.eos_id, *(i for i in listed if i in tok._special_ids)])
     return [i for i in ids if i is not None]
 
