@@ -13,6 +13,8 @@ if __name__ == "__main__":  # first, as in every script
     process.quiet_start_up_stops()
 
 import ast
+import contextlib
+import functools
 import heapq
 import io
 import json
@@ -23,7 +25,7 @@ import sys
 import tokenize
 from array import array
 from collections import Counter, defaultdict
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from itertools import chain
 from pathlib import Path
 
@@ -42,9 +44,6 @@ ENCODING_VERSION = f"4+regex-{regex.__version__}"
 _MIN_PARALLEL_CHARS = 1 << 20
 # Distinct pieces remembered per tokenizer; code repeats its words, so this is rarely reached.
 _MAX_CACHE_ENTRIES = 1 << 20
-# Words longer than this are merged with a heap instead of rescanning all pairs per merge.
-_LONG_WORD = 64
-_NO_MERGE = float("inf")
 
 
 class _PieceCache(dict):
@@ -97,7 +96,7 @@ def _chunks(texts: list[str], n_chunks: int) -> list[list[str]]:
 
 
 class _BatchEncodeMixin:
-    """encode_batch over processes, decode, and pickling without the piece cache."""
+    """encode_batch over processes, decode, and the piece cache (never pickled)."""
 
     _id_to_bytes: list[bytes]
     _special_ids: Container[int]  # the ids that skip_special_tokens drops
@@ -120,11 +119,14 @@ class _BatchEncodeMixin:
         methods = multiprocessing.get_all_start_methods()
         ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
         # A few chunks per worker balance uneven files without paying per-text overhead.
-        jobs = [(c, add_special_tokens, split_special_tokens)
-                for c in _chunks(texts, workers * 4)]
+        jobs = [(c, add_special_tokens, split_special_tokens) for c in _chunks(texts, workers * 4)]
         with ctx.Pool(workers, initializer=_init_worker, initargs=(self,)) as pool:
             results = pool.map(_encode_chunk, jobs, chunksize=1)
         return [array("I", buf).tolist() for chunk in results for buf in chunk]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._id_to_bytes)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids`` (invalid UTF-8 becomes U+FFFD, as in HF); special tokens are kept by
@@ -132,18 +134,17 @@ class _BatchEncodeMixin:
         table = self._id_to_bytes
         ids = _checked_ids(_one_sequence(ids), len(table))
         if skip_special_tokens:
-            special = self._special_ids
-            return _utf8(b"".join(table[i] for i in ids if i not in special))
-        return _utf8(b"".join(map(table.__getitem__, ids)))
+            ids = [i for i in ids if i not in self._special_ids]
+        return b"".join(map(table.__getitem__, ids)).decode("utf-8", "replace")
+
+    @functools.cached_property
+    def _cache(self) -> _PieceCache:
+        return _PieceCache(self._encode_piece)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state.pop("_cache", None)  # rebuilt lazily; carries a bound method
+        state.pop("_cache", None)  # rebuilt when first used; carries a bound method
         return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._cache = _PieceCache(self._encode_piece)
 
 
 def _read_json(path: Path) -> dict:
@@ -170,15 +171,12 @@ def docstring_statement(node: ast.AST) -> ast.Expr | None:
     return first if is_string and isinstance(first.value.value, str) else None
 
 
-def _docstring_nodes(tree: ast.AST) -> list[tuple[ast.Expr, bool]]:
+def _docstring_nodes(tree: ast.AST) -> Iterator[tuple[ast.Expr, bool]]:
     """(docstring statement, is it the only statement of its body) for every docstring."""
-    found = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
-            first = docstring_statement(node)
-            if first is not None:
-                found.append((first, len(node.body) == 1 and not isinstance(node, ast.Module)))
-    return found
+        if (isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+                and (first := docstring_statement(node)) is not None):
+            yield first, len(node.body) == 1 and not isinstance(node, ast.Module)
 
 
 def strip_comments_and_docstrings(source: str, comments: bool = True, docstrings: bool = True,
@@ -200,11 +198,7 @@ def strip_comments_and_docstrings(source: str, comments: bool = True, docstrings
         return len(line_bytes[line_no - 1][:byte_col].decode("utf-8", "surrogatepass"))
 
     # (start line, start col, end line, end col, replacement); columns in characters.
-    edits: list[tuple[int, int, int, int, str]] = []
-    for tok in tokens:
-        if tok.type == tokenize.COMMENT:
-            (row, col), (_, end) = tok.start, tok.end
-            edits.append((row, col, row, end, ""))
+    edits = [(*tok.start, *tok.end, "") for tok in tokens if tok.type == tokenize.COMMENT]
     for node, only_statement in _docstring_nodes(tree) if docstrings else []:
         col = char_col(node.lineno, node.col_offset)
         end_col = char_col(node.end_lineno, node.end_col_offset)
@@ -305,9 +299,6 @@ class CodeTokenizer(_BatchEncodeMixin):
         self._id_to_bytes = ([s.encode("utf-8") for s in self.special_tokens]
                              + [bytes([b]) for b in range(_N_BYTES)]
                              + [p.encode("utf-8", "surrogatepass") for p in self.pieces])
-        self._cache = _PieceCache(self._encode_piece)
-
-    # -- training ---------------------------------------------------------------------------
 
     @classmethod
     def train(cls, texts: Iterable[str], min_freq: int = 10, max_vocab: int | None = None,
@@ -326,15 +317,11 @@ class CodeTokenizer(_BatchEncodeMixin):
             n = counts.pop(match)
             for piece in _cut(match):
                 counts[piece] += n
-        kept = [(piece, n) for piece, n in counts.items()
-                if n >= min_freq and is_utf8(piece) and piece not in special_tokens]
-        kept.sort(key=lambda pn: (-pn[1], pn[0]))
-        if max_vocab is not None:
-            kept = kept[:max_vocab]
-        return cls([p for p, _ in kept], min_freq=min_freq, strip_comments=strip_comments,
+        kept = sorted((piece for piece, n in counts.items()
+                       if n >= min_freq and is_utf8(piece) and piece not in special_tokens),
+                      key=lambda piece: (-counts[piece], piece))
+        return cls(kept[:max_vocab], min_freq=min_freq, strip_comments=strip_comments,
                    special_tokens=special_tokens)
-
-    # -- encoding ---------------------------------------------------------------------------
 
     def _encode_piece(self, piece: str) -> list[int]:
         """Longest known sub-pieces from the left; bytes of a character no piece covers."""
@@ -387,12 +374,6 @@ class CodeTokenizer(_BatchEncodeMixin):
     def _special_ids(self) -> range:
         return range(self._byte_offset)
 
-    # -- vocabulary ---------------------------------------------------------------------------
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self._id_to_bytes)
-
     def _special_id(self, token: str) -> int | None:
         return self.special_tokens.index(token) if token in self.special_tokens else None
 
@@ -407,13 +388,11 @@ class CodeTokenizer(_BatchEncodeMixin):
     def token_to_id(self, token: str) -> int | None:
         """Id of a special token, a vocabulary piece, or a byte token written ``<0xNN>``."""
         i = self._special_id(token)
-        if i is not None:
-            return i
-        i = self._piece_to_id.get(token)
-        if i is not None:
-            return i
-        m = _BYTE_TOKEN_RE.fullmatch(token)
-        return self._byte_offset + int(m[1], 16) if m else None
+        if i is None:
+            i = self._piece_to_id.get(token)
+        if i is None and (m := _BYTE_TOKEN_RE.fullmatch(token)):
+            i = self._byte_offset + int(m[1], 16)
+        return i
 
     def id_to_token(self, i: int) -> str:
         _checked_ids([i], self.vocab_size)
@@ -425,8 +404,6 @@ class CodeTokenizer(_BatchEncodeMixin):
 
     def is_byte_token(self, i: int) -> bool:
         return self._byte_offset <= i < self._byte_offset + _N_BYTES
-
-    # -- persistence --------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
         """codelm's own format, for what HF cannot express (comment stripping)."""
@@ -500,16 +477,13 @@ class CodeTokenizer(_BatchEncodeMixin):
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``tokenizer.json`` (into a directory: with a tokenizer_config.json naming the
         special tokens for transformers); one that strips comments in codelm's own format."""
-        data = self.to_dict() if self.strip_comments else self.to_hf()
-        path, directory = _write_tokenizer_json(path, data, indent=0)
-        if directory is not None and not self.strip_comments:
-            roles = {role: token for role, token in
-                     (("bos", "<bos>"), ("eos", "<eos>"), ("pad", "<pad>"))
-                     if token in self.special_tokens}
-            others = [t for t in self.special_tokens if t not in roles.values()]
-            _write_roles_config(directory, roles, replace=True, extra={
-                "additional_special_tokens": others, "split_special_tokens": True})
-        return path
+        if self.strip_comments:
+            return _write_tokenizer(path, self.to_dict(), indent=0)
+        roles = {role: token for role, token in (("bos", "<bos>"), ("eos", "<eos>"), ("pad", "<pad>"))
+                 if token in self.special_tokens}
+        others = [t for t in self.special_tokens if t not in roles.values()]
+        return _write_tokenizer(path, self.to_hf(), 0, roles, replace_config=True, extra={
+            "additional_special_tokens": others, "split_special_tokens": True})
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "<dict>") -> CodeTokenizer:
@@ -535,37 +509,31 @@ class CodeTokenizer(_BatchEncodeMixin):
     def load(cls, path: str | os.PathLike) -> CodeTokenizer:
         path = tokenizer_path(path)
         data = _read_json(path)
-        if cls.is_hf_form(data):
-            return cls.from_hf(data, str(path))
-        return cls.from_dict(data, str(path))
+        return (cls.from_hf if cls.is_hf_form(data) else cls.from_dict)(data, str(path))
 
     def __repr__(self) -> str:
         return (f"CodeTokenizer(vocab_size={self.vocab_size}, min_freq={self.min_freq}, "
                 f"strip_comments={self.strip_comments})")
 
 
-def _write_tokenizer_json(path: str | os.PathLike, data: dict, indent: int
-                          ) -> tuple[Path, Path | None]:
-    """Write ``data`` to ``path`` or a directory's tokenizer.json: (the file, the directory)."""
+def _write_tokenizer(path: str | os.PathLike, data: dict, indent: int,
+                     roles: dict[str, str] | None = None, replace_config: bool = False,
+                     extra: dict | None = None) -> Path:
+    """Write ``data`` to ``path``, or into a directory as tokenizer.json beside a
+    tokenizer_config.json naming the ``roles`` tokens for transformers (one there is kept unless
+    ``replace_config``)."""
     path = Path(path)
     directory = path if path.is_dir() else None
     if directory is not None:
         path = directory / TOKENIZER_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, ensure_ascii=False, indent=indent), "utf-8")
-    return path, directory
-
-
-def _write_roles_config(directory: Path, roles: dict[str, str], replace: bool,
-                        extra: dict | None = None) -> None:
-    """tokenizer_config.json naming the bos/eos/pad tokens for transformers (kept unless
-    ``replace``)."""
-    config = directory / "tokenizer_config.json"
-    if replace or not config.exists():
-        data = {"tokenizer_class": "PreTrainedTokenizerFast"}
-        data.update((f"{role}_token", token) for role, token in roles.items())
-        data.update(extra or {})
-        config.write_text(json.dumps(data, ensure_ascii=False, indent=2), "utf-8")
+    config = path.parent / "tokenizer_config.json"
+    if directory is not None and roles is not None and (replace_config or not config.exists()):
+        fields = {"tokenizer_class": "PreTrainedTokenizerFast",
+                  **{f"{role}_token": token for role, token in roles.items()}, **(extra or {})}
+        config.write_text(json.dumps(fields, ensure_ascii=False, indent=2), "utf-8")
+    return path
 
 
 # ``to_hf``'s WordPiece settings; HF's default max_input_chars_per_word would make long pieces unknown.
@@ -727,30 +695,25 @@ def _pretokenizer_pattern(spec: dict | None) -> tuple[str, bool]:
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"]:
         return _pretokenizer_pattern(steps[0])
-    if kinds == ["Digits", "ByteLevel"]:
-        digits, byte_level = steps
-        _check_byte_level(byte_level, where)
+    _expect(kinds in (["Digits", "ByteLevel"], ["Split", "ByteLevel"]), where,
+            f"Sequence of {kinds}")
+    first, byte_level = steps
+    _check_byte_level(byte_level, where)
+    if kinds[0] == "Digits":
         _expect(byte_level.get("use_regex", True), where, "Digits then ByteLevel(use_regex=false)")
-        individual = digits.get("individual_digits", False)
+        individual = first.get("individual_digits", False)
         return (STARCODER_PATTERN if individual else _DIGIT_RUNS_PATTERN), False
-    if kinds == ["Split", "ByteLevel"]:
-        split, byte_level = steps
-        _check_byte_level(byte_level, where)
-        _expect(not byte_level.get("use_regex", True), where,
-                "Split then ByteLevel(use_regex=true) (Llama-3 style has use_regex=false)")
-        _expect(split.get("behavior") == "Isolated", where,
-                f"Split behavior {split.get('behavior')!r}")
-        _expect(not split.get("invert", False), where, "Split with invert=true")
-        pattern = split.get("pattern")
-        _expect(isinstance(pattern, dict) and len(pattern) == 1, where,
-                f"Split pattern {pattern!r}")
-        if isinstance(pattern.get("Regex"), str):
-            _check_split_regex(pattern["Regex"])
-            return pattern["Regex"], True
-        if isinstance(pattern.get("String"), str):
-            return regex.escape(pattern["String"]), True
-        raise _Unsupported(f"unsupported {where}: Split pattern {pattern!r}")
-    raise _Unsupported(f"unsupported {where}: Sequence of {kinds}")
+    _expect(not byte_level.get("use_regex", True), where,
+            "Split then ByteLevel(use_regex=true) (Llama-3 style has use_regex=false)")
+    _expect(first.get("behavior") == "Isolated", where, f"Split behavior {first.get('behavior')!r}")
+    _expect(not first.get("invert", False), where, "Split with invert=true")
+    pattern = first.get("pattern")
+    _expect(isinstance(pattern, dict) and len(pattern) == 1, where, f"Split pattern {pattern!r}")
+    if isinstance(pattern.get("Regex"), str):
+        _check_split_regex(pattern["Regex"])
+        return pattern["Regex"], True
+    _expect(isinstance(pattern.get("String"), str), where, f"Split pattern {pattern!r}")
+    return regex.escape(pattern["String"]), True
 
 
 # Split regexes are written for Oniguruma (HF) but run here by Python ``regex``: only syntax both
@@ -848,38 +811,26 @@ def _template_ids(spec: dict, where: str) -> tuple[list[int], list[int]]:
     return before, after
 
 
-def _count_templates(spec) -> int:
-    """The TemplateProcessing steps in a post_processor, nested Sequences included."""
-    if not isinstance(spec, dict):
-        return 0
-    if spec.get("type") == "Sequence":
-        return sum(_count_templates(step) for step in spec.get("processors") or [])
-    return int(spec.get("type") == "TemplateProcessing")
+def _post_processor_steps(spec: object) -> list[dict]:
+    """The ByteLevel and TemplateProcessing steps of a post_processor, Sequences flattened."""
+    if spec is None:
+        return []
+    where = "post_processor"
+    _expect(isinstance(spec, dict), where, repr(spec))
+    kind = spec.get("type")
+    if kind == "Sequence":
+        return [s for step in spec.get("processors") or [] for s in _post_processor_steps(step)]
+    _expect(kind in ("ByteLevel", "TemplateProcessing"), where, f"type {kind!r}")
+    return [spec]
 
 
 def _post_processor_ids(spec: dict | None) -> tuple[list[int], list[int]]:
-    where = "post_processor"
-    if spec is None:
-        return [], []
-    _expect(isinstance(spec, dict), where, repr(spec))
-    kind = spec.get("type")
-    if kind == "ByteLevel":  # only offsets change, never ids
-        return [], []
-    if kind == "TemplateProcessing":
-        return _template_ids(spec, where)
-    if kind == "Sequence":
-        # HF applies only the first of two TemplateProcessing steps in a Sequence.
-        steps = spec.get("processors") or []
-        templates = _count_templates(spec)
-        if templates > 1:
-            raise _Unsupported(f"unsupported {where}: a Sequence of {templates} TemplateProcessing"
-                               " steps (HF tokenizers applies only the first)")
-        before, after = [], []
-        for step in steps:
-            b, a = _post_processor_ids(step)
-            before, after = b + before, after + a
-        return before, after
-    raise _Unsupported(f"unsupported {where}: type {kind!r}")
+    """Ids the post_processor puts before and after every text (ByteLevel changes only offsets)."""
+    templates = [s for s in _post_processor_steps(spec) if s["type"] == "TemplateProcessing"]
+    if len(templates) > 1:
+        raise _Unsupported(f"unsupported post_processor: a Sequence of {len(templates)} "
+                           "TemplateProcessing steps (HF tokenizers applies only the first)")
+    return _template_ids(templates[0], "post_processor") if templates else ([], [])
 
 
 _BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>", "<|endoftext|>")
@@ -901,7 +852,6 @@ class BPETokenizer(_BatchEncodeMixin):
             raise ValueError(f"{source}: malformed tokenizer.json ({type(e).__name__}: {e})") from None
         self.spec = spec
         self._roles = self._resolve_roles(roles or {})
-        self._cache = _PieceCache(self._encode_piece)
 
     def _build(self, spec: dict) -> None:
         _expect(isinstance(spec, dict), "tokenizer.json", "top level is not an object")
@@ -965,7 +915,6 @@ class BPETokenizer(_BatchEncodeMixin):
         _expect(isinstance(added, list), "added_tokens", "must be a list")
         self._added_ids: dict[str, int] = {}
         self._added: dict[str, dict] = {}
-        self._special_ids: set[int] = set()
         flags = ("single_word", "lstrip", "rstrip", "normalized", "special")
         for entry in added:
             _expect(isinstance(entry, dict) and isinstance(entry.get("content"), str)
@@ -985,17 +934,12 @@ class BPETokenizer(_BatchEncodeMixin):
                 i = max(max(self._added_ids.values(), default=-1) + 1, len(self._vocab))
             self._added_ids[content] = i
             self._added[content] = entry_flags
-            if entry_flags["special"]:
-                self._special_ids.add(i)
-        # HF matches tokens that are not normalized first, then the normalized ones in the gaps;
-        # both leftmost-longest, which a longest-first alternation reproduces.
+        self._special_ids = {self._added_ids[c] for c, f in self._added.items() if f["special"]}
+        # HF matches tokens that are not normalized first, then the normalized ones in the gaps.
         self._added_res = []
         for normalized in (False, True):
-            contents = [c for c, f in self._added.items() if f["normalized"] == normalized]
-            if contents:
-                contents.sort(key=len, reverse=True)
-                alternation = "|".join(regex.escape(c) for c in contents)
-                self._added_res.append(regex.compile(alternation))
+            if contents := [c for c, f in self._added.items() if f["normalized"] == normalized]:
+                self._added_res.append(_longest_first(contents))
 
     def _resolve_roles(self, roles: dict) -> dict[str, int | None]:
         resolved = {}
@@ -1014,8 +958,6 @@ class BPETokenizer(_BatchEncodeMixin):
             resolved[role] = i
         return resolved
 
-    # -- training ------------------------------------------------------------------------------
-
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, pretokenizer: str = "gpt2",
               special_tokens: Sequence[str] = ("<|endoftext|>",), min_frequency: int = 2
@@ -1028,9 +970,7 @@ class BPETokenizer(_BatchEncodeMixin):
             raise ValueError(f"vocab_size={vocab_size} leaves no room for {len(special_tokens)} "
                              f"special tokens and the {len(BYTE_TO_UNICODE)} byte tokens")
         pieces = _Pretokenizer(*_pretokenizer_pattern(pre_tokenizer))
-        longest_first = sorted(special_tokens, key=len)[::-1]
-        specials_re = (regex.compile("|".join(map(regex.escape, longest_first)))
-                       if special_tokens else None)
+        specials_re = _longest_first(special_tokens) if special_tokens else None
         counts: Counter[str] = Counter()
         for text in texts:
             for segment in specials_re.split(text) if specials_re else (text,):
@@ -1040,8 +980,7 @@ class BPETokenizer(_BatchEncodeMixin):
             vocab.setdefault(c, len(vocab))
         merges = _learn_merges([_byte_level(p) for p in counts], list(counts.values()), vocab,
                                vocab_size, min_frequency)
-        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
-                      "use_regex": True}
+        byte_level = _pretokenizer_json("gpt2")
         added = [{"id": vocab[t], "content": t, "single_word": False, "lstrip": False,
                   "rstrip": False, "normalized": False, "special": True} for t in special_tokens]
         model = {"type": "BPE", "dropout": None, "unk_token": None,
@@ -1053,63 +992,30 @@ class BPETokenizer(_BatchEncodeMixin):
                 "decoder": byte_level, "model": model}
         return cls(spec, f"<BPETokenizer.train {pretokenizer}>")
 
-    # -- loading -------------------------------------------------------------------------------
-
     @classmethod
     def from_file(cls, path: str | os.PathLike, roles: dict | None = None) -> BPETokenizer:
         """Read a tokenizer.json; roles {"bos"/"eos"/"pad": token} override the guessed ones
         (None: no such token)."""
         path = tokenizer_path(path)
         spec = _read_json(path)
-        if roles is None:
-            roles = _roles_from_config(path.parent)
-        return cls(spec, str(path), roles)
+        return cls(spec, str(path), _roles_from_config(path.parent) if roles is None else roles)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the tokenizer.json; into a directory, with a tokenizer_config.json naming the
         bos/eos/pad tokens (unless one is there) for transformers' AutoTokenizer."""
-        path, directory = _write_tokenizer_json(path, self.spec, indent=2)
-        if directory is not None:
-            _write_roles_config(directory, {role: self.id_to_token(i)
-                                            for role, i in self._roles.items() if i is not None},
-                                replace=False)
-        return path
-
-    # -- encoding ------------------------------------------------------------------------------
+        roles = {role: self.id_to_token(i) for role, i in self._roles.items() if i is not None}
+        return _write_tokenizer(path, self.spec, 2, roles)
 
     def _bpe(self, word: str) -> list[str]:
-        """Merge the lowest-ranked adjacent pair, leftmost first, until none is left (HF's order);
-        short words keep a list of pair ranks (min/index run in C), long ones use a heap."""
-        if len(word) > _LONG_WORD:
-            return self._bpe_long(word)
-        get = self._ranks.get
-        parts = list(word)
-        pair_ranks = [get(pair, _NO_MERGE) for pair in zip(parts, parts[1:])]
-        while pair_ranks:
-            best = min(pair_ranks)
-            if best == _NO_MERGE:
-                break
-            i = pair_ranks.index(best)
-            parts[i : i + 2] = [parts[i] + parts[i + 1]]
-            del pair_ranks[i]
-            if i > 0:
-                pair_ranks[i - 1] = get((parts[i - 1], parts[i]), _NO_MERGE)
-            if i < len(pair_ranks):
-                pair_ranks[i] = get((parts[i], parts[i + 1]), _NO_MERGE)
-        return parts
-
-    def _bpe_long(self, word: str) -> list[str]:
-        """HF's own order, (rank, position) from a heap over a linked list: O(n log n)."""
+        """Merge the lowest-ranked adjacent pair, leftmost first, until none is left: HF's order,
+        (rank, position) from a heap over a linked list."""
         ranks = self._ranks
         symbols = list(word)
         n = len(symbols)
         prev = list(range(-1, n - 1))
         nxt = [*range(1, n), -1]
-        heap = []
-        for i in range(n - 1):
-            rank = ranks.get((symbols[i], symbols[i + 1]))
-            if rank is not None:
-                heap.append((rank, i, symbols[i], symbols[i + 1]))
+        heap = [(ranks[pair], i, *pair) for i, pair in enumerate(zip(symbols, symbols[1:]))
+                if pair in ranks]
         heapq.heapify(heap)
         while heap:
             _, i, first, second = heapq.heappop(heap)
@@ -1146,8 +1052,7 @@ class BPETokenizer(_BatchEncodeMixin):
         vocab = self._vocab
         if self._unk_id is None:
             return [vocab[s] for s in self._bpe("".join(c for c in word if c in vocab))]
-        ids: list[int] = []
-        run: list[str] = []
+        ids, run = [], []
         for c in word:
             if c in vocab:
                 run.append(c)
@@ -1159,9 +1064,6 @@ class BPETokenizer(_BatchEncodeMixin):
         ids.extend(vocab[s] for s in self._bpe("".join(run)) if s)
         return ids
 
-    def _encode_ordinary(self, text: str) -> list[int]:
-        return list(chain.from_iterable(map(self._cache.__getitem__, self._pretokenize(text))))
-
     def _split_added(self, text: str, level: int = 0, plain_special: bool = False
                      ) -> list[tuple[str, int | None]]:
         """(segment, added-token id or None) covering ``text``, the way HF finds added tokens;
@@ -1170,33 +1072,26 @@ class BPETokenizer(_BatchEncodeMixin):
             return [(text, None)]
         out: list[tuple[str, int | None]] = []
         start_offset = 0
-        n = len(text)
         for m in self._added_res[level].finditer(text):
             start, stop = m.span()
             content = m.group()
             flags = self._added[content]
             if plain_special and flags["special"]:
                 continue
-            if flags["single_word"]:
-                if (start > 0 and _WORD_CHAR.match(text[start - 1])) or (
-                    stop < n and _WORD_CHAR.match(text[stop])
-                ):
-                    continue
-            if flags["lstrip"]:
-                new_start = start
-                while new_start > 0 and _SPACE_CHAR.match(text[new_start - 1]):
-                    new_start -= 1
-                start = max(new_start, start_offset)
+            if flags["single_word"] and (_WORD_CHAR.match(text[start - 1 : start])
+                                         or _WORD_CHAR.match(text[stop : stop + 1])):
+                continue
+            if flags["lstrip"]:  # the spaces before it, but none a previous token took
+                start = max(_SPACES_BEFORE.match(text, 0, start).start(), start_offset)
             if flags["rstrip"]:
-                while stop < n and _SPACE_CHAR.match(text[stop]):
-                    stop += 1
+                stop = _SPACES.match(text, stop).end()
             if start >= stop:  # the previous rstrip token took this match: HF drops it
                 continue
             if start_offset < start:
                 out.extend(self._split_added(text[start_offset:start], level + 1, plain_special))
             out.append((text[start:stop], self._added_ids[content]))
             start_offset = stop
-        if start_offset < n:
+        if start_offset < len(text):
             out.extend(self._split_added(text[start_offset:], level + 1, plain_special))
         return out
 
@@ -1206,15 +1101,12 @@ class BPETokenizer(_BatchEncodeMixin):
         special token's text is text (HF's ``encode_special_tokens``)."""
         if not isinstance(text, str):
             raise TypeError(f"encode() expects a str, got {type(text).__name__}")
-        if self._added_res:
-            ids = []
-            for segment, token_id in self._split_added(text, plain_special=split_special_tokens):
-                if token_id is None:
-                    ids.extend(self._encode_ordinary(segment))
-                else:
-                    ids.append(token_id)
-        else:
-            ids = self._encode_ordinary(text)
+        ids = []
+        for segment, token_id in self._split_added(text, plain_special=split_special_tokens):
+            if token_id is None:
+                ids += chain.from_iterable(map(self._cache.__getitem__, self._pretokenize(segment)))
+            else:
+                ids.append(token_id)
         if add_special_tokens and (self._prefix_ids or self._suffix_ids):
             ids = [*self._prefix_ids, *ids, *self._suffix_ids]
         return ids
@@ -1229,12 +1121,6 @@ class BPETokenizer(_BatchEncodeMixin):
     def matched_special_tokens(self) -> list[str]:
         """Special tokens whose text HF's tokenizer(text) reads as the token (<|eot_id|>)."""
         return [content for content, flags in self._added.items() if flags["special"]]
-
-    # -- vocabulary ------------------------------------------------------------------------------
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self._id_to_bytes)
 
     bos_id = property(lambda self: self._roles["bos"])
     eos_id = property(lambda self: self._roles["eos"])
@@ -1283,17 +1169,12 @@ def _checked_ids(ids: Iterable[int], vocab_size: int) -> list[int]:
         ids = list(ids)  # a generator could not be read again for the error below
     try:
         checked = list(map(operator.index, ids))
+        if not checked or (min(checked) >= 0 and max(checked) < vocab_size):
+            return checked
     except TypeError:
-        checked = None
-    if checked is not None and (not checked or (min(checked) >= 0 and max(checked) < vocab_size)):
-        return checked
+        pass
     bad = [i for i in ids if not _is_token_id(i, vocab_size)]
     raise ValueError(f"token ids out of range [0, {vocab_size}): {bad[:5]}")
-
-
-def _utf8(raw: bytes) -> str:
-    """Text of token bytes; invalid UTF-8 (surrogates too) becomes U+FFFD, as in HF."""
-    return raw.decode("utf-8", "replace")
 
 
 def _byte_level_bytes(token: str) -> bytes:
@@ -1306,7 +1187,13 @@ def _byte_level_bytes(token: str) -> bytes:
 
 # Rust's regex \w and \s (Unicode), which HF uses for single_word and lstrip/rstrip.
 _WORD_CHAR = regex.compile(r"\w")
-_SPACE_CHAR = regex.compile(r"\s")
+_SPACES = regex.compile(r"\s*")
+_SPACES_BEFORE = regex.compile(r"\s*", regex.REVERSE)  # matched backwards from endpos
+
+
+def _longest_first(tokens: Iterable[str]) -> regex.Pattern:
+    """A regex finding ``tokens`` leftmost-longest, as HF finds added tokens."""
+    return regex.compile("|".join(map(regex.escape, sorted(tokens, key=len, reverse=True))))
 
 
 def _byte_level(piece: str) -> str:
@@ -1330,15 +1217,10 @@ class _Pretokenizer:
             return pieces
         pieces, pos = [], 0
         for m in self._finditer(text):
-            start, end = m.span()
-            if start > pos:
-                pieces.append(text[pos:start])
-            if end > start:
-                pieces.append(text[start:end])
-            pos = end
-        if pos < len(text):
-            pieces.append(text[pos:])
-        return pieces
+            pieces += (text[pos : m.start()], m.group())
+            pos = m.end()
+        pieces.append(text[pos:])
+        return [p for p in pieces if p]
 
 
 def _merge_pair(word: list[str], first: str, second: str) -> list[str]:
@@ -1461,9 +1343,8 @@ def where_tokenizer_is(directory: str | os.PathLike) -> str:
     directory = Path(directory)
     if (directory / _ADAPTER_CONFIG).is_file():
         try:
-            base = json.loads((directory / _ADAPTER_CONFIG).read_text("utf-8-sig")).get(
-                "base_model_name_or_path")
-        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            base = _read_json(directory / _ADAPTER_CONFIG).get("base_model_name_or_path")
+        except ValueError:
             base = None
         adapter = (f"; {directory} is a LoRA adapter directory ({_ADAPTER_CONFIG}), whose "
                    "tokenizer is its base model's")
@@ -1497,15 +1378,10 @@ def generation_eos_ids(tok: CodeTokenizer | BPETokenizer, model_eos: object,
     listed = _config_ids(model_eos, tok.vocab_size)
     generation = Path(model_dir) / "generation_config.json" if model_dir is not None else None
     if generation is not None and generation.is_file():
-        try:
+        with contextlib.suppress(ValueError):  # an unreadable one adds none
             listed += _config_ids(_read_json(generation).get("eos_token_id"), tok.vocab_size)
-        except (ValueError, AttributeError):
-            pass
-    ids = [] if tok.eos_id is None else [tok.eos_id]
-    for i in listed:
-        if i in tok._special_ids and i not in ids:
-            ids.append(i)
-    return ids
+    ids = dict.fromkeys([tok.eos_id, *(i for i in listed if i in tok._special_ids)])
+    return [i for i in ids if i is not None]
 
 
 def decode_generated(tok: CodeTokenizer | BPETokenizer, ids: Iterable[int]) -> str:
@@ -1534,24 +1410,19 @@ def check_model_tokenizer(tok: CodeTokenizer | BPETokenizer, tokenizer_file: str
     except ValueError:  # none (a model built from the tokenizer), or one the model loader names
         return
     mine = {"bos": tok.bos_id, "eos": tok.eos_id}
-    agree, differ = False, {}
-    for role, own in mine.items():
-        ids = _config_ids(hf.get(f"{role}_token_id"), hf.get("vocab_size"))
-        if not ids or own is None:
-            continue
-        if own in ids:
-            agree = True
-        else:
-            differ[role] = ids
+    given = {role: _config_ids(hf.get(f"{role}_token_id"), hf.get("vocab_size")) for role in mine}
+    agree = any(mine[role] in ids for role, ids in given.items())
+    differ = {role: ids for role, ids in given.items()
+              if ids and mine[role] is not None and mine[role] not in ids}
     if not differ:
         return
-    crossed = any(own is not None and own != mine[role] and own in ids
-                  for role, ids in differ.items() for other, own in mine.items() if other != role)
+    crossed = any(own in ids for role, ids in differ.items()
+                  for other, own in mine.items() if other != role)
     fixed = isinstance(tok, CodeTokenizer)
     if not (crossed or fixed) and (agree or any(
             i < tok.vocab_size and i in tok._special_ids for ids in differ.values() for i in ids)):
         return
-    given = " and ".join(f"{role}_token_id {', '.join(_shown_id(tok, i) for i in ids)}"
+    listed = " and ".join(f"{role}_token_id {', '.join(_shown_id(tok, i) for i in ids)}"
                          for role, ids in differ.items())
     has = " and ".join(f"the tokenizer's {role} is {mine[role]} ({tok.id_to_token(mine[role])!r})"
                        for role in differ)
@@ -1563,9 +1434,9 @@ def check_model_tokenizer(tok: CodeTokenizer | BPETokenizer, tokenizer_file: str
             remedy = f"pass --tokenizer with the tokenizer {model_dir} was trained with"
     if crossed or fixed:
         raise ValueError(f"{tokenizer_file} is not the tokenizer of the model in {model_dir}: "
-                         f"{config} has {given}, but {has}; {remedy}")
+                         f"{config} has {listed}, but {has}; {remedy}")
     print(f"warning: {tokenizer_file} may not be the tokenizer of the model in {model_dir}: "
-          f"{config} has {given}, none a special token there, but {has}: a stale config.json or "
+          f"{config} has {listed}, none a special token there, but {has}: a stale config.json or "
           f"another model's tokenizer; if the latter, {remedy}", file=sys.stderr)
 
 
