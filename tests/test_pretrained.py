@@ -556,6 +556,11 @@ def test_tied_pair_saved_under_the_heads_name_loads_as_transformers_does(family,
         assert (model(idx) - hf(idx).logits).abs().max().item() <= 1e-4
 
 
+def _codegen_attention_dropout(attn) -> float:
+    """transformers 5.x keeps CodeGen's attention p as a float; 4.x as a Dropout module."""
+    return attn.attention_dropout if hasattr(attn, "attention_dropout") else attn.attn_dropout.p
+
+
 # family -> (embeddings, residual, attention) dropout p of a transformers model, where it
 # applies them in training.
 HF_DROPOUTS = {
@@ -563,7 +568,7 @@ HF_DROPOUTS = {
     "phi": lambda m: (m.model.embed_dropout.p, m.model.layers[0].resid_dropout.p,
                       m.model.layers[0].self_attn.attention_dropout),
     "codegen": lambda m: (m.transformer.drop.p, m.transformer.h[0].mlp.dropout.p,
-                          m.transformer.h[0].attn.attn_dropout.p),
+                          _codegen_attention_dropout(m.transformer.h[0].attn)),
     "gpt_bigcode": lambda m: (m.transformer.drop.p, m.transformer.h[0].mlp.dropout.p,
                               m.transformer.h[0].attn.attn_dropout),
 }
