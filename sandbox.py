@@ -88,12 +88,6 @@ def _reachable(path, uid, gid):
             return True
         path, need = os.path.dirname(path), 0o1
 
-def _capset(ctypes, libc, caps):
-    """Effective and permitted capabilities: ``caps`` (bits of the first 32); none inheritable."""
-    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, self
-    if libc.capset(header, (ctypes.c_uint32 * 6)(caps, caps, 0, 0, 0, 0)) != 0:
-        raise OSError(ctypes.get_errno(), "capset")
-
 def _capabilities():
     """Every capability set of this process (effective, permitted, inheritable, bounding,
     ambient) or-ed together: 0 when the sample holds none."""
@@ -136,7 +130,9 @@ def _drop_root(cfg, ctypes, libc):
         os.setgid(gid)
         os.setuid(uid)
         libc.prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE: a uid change made /proc/self root's
-    _capset(ctypes, libc, 0)
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, self
+    if libc.capset(header, (ctypes.c_uint32 * 6)()) != 0:  # effective, permitted, inheritable
+        raise OSError(ctypes.get_errno(), "capset")
 
 def _kernel(cfg, workdir, program):
     """No capabilities, die with the evaluator, Landlock, seccomp, through ctypes (then
@@ -151,11 +147,7 @@ def _kernel(cfg, workdir, program):
             os._exit(1)
         caps = _capabilities()
         abi = _landlock(ctypes, libc, workdir, program, cfg["landlock_cap"])
-        try:
-            seccomp = _seccomp(ctypes, libc)
-        except (OSError, AttributeError):
-            seccomp = False
-        return abi, seccomp, caps
+        return abi, _seccomp(ctypes, libc), caps
     finally:
         for name in [m for m in sys.modules if "ctypes" in m]:
             del sys.modules[name]
@@ -586,12 +578,10 @@ _PREFIX = "codelm-sandbox-"
 
 
 def _remove(directory: Path) -> None:
-    """Remove a run's directory, read-only files and directories included."""
-    with contextlib.suppress(OSError):
-        os.chmod(directory, 0o700)
-    for root, dirs, files in os.walk(directory):
-        for name in dirs + files:
-            path = os.path.join(root, name)
+    """Remove a run's directory, directories the sample made read-only or unlistable included
+    (os.walk lists each only after its parent's loop made it 0o700)."""
+    for root, dirs, _ in os.walk(directory):
+        for path in (os.path.join(root, name) for name in dirs):
             if not os.path.islink(path):
                 with contextlib.suppress(OSError):  # another evaluator may be removing it too
                     os.chmod(path, 0o700)
@@ -633,29 +623,29 @@ def _wait(proc: subprocess.Popen, deadline: float, workdir: Path, cfg: SandboxCo
 def run_python(source: str, config: SandboxConfig | None = None) -> SandboxResult:
     """Execute ``source`` under the limits of ``config``; never raises for what it does."""
     cfg = config or SandboxConfig()
-    settings = {"cpu_s": math.ceil(cfg.timeout_s) + 1, "memory_bytes": cfg.memory_mb * 2**20,
-                "file_bytes": cfg.file_mb * 2**20, "landlock_cap": _LANDLOCK_ABI_CAP,
-                "parent_pid": os.getpid()}  # the sample dies with this process
     token = secrets.token_hex(16)  # only the bootstrap learns it, through stdin
     _remove_dead_runs()
     control_dir = Path(tempfile.mkdtemp(prefix=_PREFIX + process.owner_tag()))
     _hide_evaluator(+1)
     try:
-        workdir = control_dir / "work"
+        workdir, stdlib_mount = control_dir / "work", control_dir / "python"
         workdir.mkdir()
-        settings["stdlib_mount"] = str(control_dir / "python")  # where nobody reaches it
-        (control_dir / "python").mkdir(mode=0o755)
+        stdlib_mount.mkdir(mode=0o755)  # where the sample user reaches the interpreter
         (control_dir / "bootstrap.py").write_text(_BOOTSTRAP, encoding="utf-8")
         (control_dir / "program.py").write_text(source, encoding="utf-8")
-        settings["user"] = user = _sample_user(workdir)
+        user = _sample_user(workdir)
         if user:  # it reaches its directory and reads its program (tracebacks), lists nothing
             os.chmod(control_dir, 0o711)
             for name in ("bootstrap.py", "program.py"):
                 os.chmod(control_dir / name, 0o644)
+        limits = {"cpu_s": math.ceil(cfg.timeout_s) + 1, "memory_bytes": cfg.memory_mb * 2**20,
+                  "file_bytes": cfg.file_mb * 2**20, "landlock_cap": _LANDLOCK_ABI_CAP,
+                  "parent_pid": os.getpid(),  # the sample dies with this process
+                  "user": user, "stdlib_mount": str(stdlib_mount)}
         env = {"PATH": os.defpath, "HOME": str(workdir), "TMPDIR": str(workdir),
                "LANG": "C.UTF-8"}
         command = [sys.executable, "-I", "-S", "-B", str(control_dir / "bootstrap.py"),
-                   str(control_dir / "program.py"), json.dumps(settings)]
+                   str(control_dir / "program.py"), json.dumps(limits)]
 
         def private(path: str, flags: int) -> int:
             fd = os.open(path, flags, 0o600)
