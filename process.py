@@ -176,11 +176,9 @@ def run_tool(work: Callable[[], int | None], interrupted: str = "interrupted") -
         return interrupted_exit_code(stop)
     except BrokenPipeError:  # the reader of stdout went away: run_main's to end quietly
         raise
-    except OSError as err:
-        print(f"error: {os_error_message(err)}", file=sys.stderr)
-        return 2
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (OSError, ValueError) as err:
+        print(f"error: {os_error_message(err) if isinstance(err, OSError) else err}",
+              file=sys.stderr)
         return 2
 
 
@@ -280,7 +278,7 @@ def recover_partial_writes(directory: str | Path, every_owner_gone: bool = False
 
 def _put_back(old: Path, target: Path) -> bool:
     """Rename ``old`` back to ``target`` unless ``target`` is there (its replacement landed)."""
-    if target.exists() or target.is_symlink():
+    if os.path.lexists(target):
         return False
     try:
         os.rename(old, target)
@@ -310,7 +308,7 @@ def write_dir_atomically(target: str | Path, build: Callable[[Path], object],
 
 def _publish(tmp: Path, target: Path, old: Path | None) -> bool:
     """Rename ``tmp`` to ``target``, an existing one moved to ``old`` first (None: kept, False)."""
-    replaced = old is not None and (target.exists() or target.is_symlink())
+    replaced = old is not None and os.path.lexists(target)
     if replaced:
         os.rename(target, old)
     try:

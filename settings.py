@@ -269,9 +269,9 @@ def field_docs(cls: type) -> tuple[dict[str, str], dict[str, str]]:
         lines = []
     comments = {tok.start[0]: tok.string[1:] for tok in tokenize.generate_tokens(iter(lines).__next__)
                 if tok.type == tokenize.COMMENT}
-    names = {f.name for f in dataclasses.fields(cls)}
-    helps: dict[str, str] = {}
-    sections: dict[str, str] = {}
+    fields = dataclasses.fields(cls)
+    names = {f.name for f in fields}
+    helps, sections = {}, {}
     section = current = None
     for number, line in enumerate(lines, 1):
         text, stripped = comments.get(number), line.strip()
@@ -290,10 +290,7 @@ def field_docs(cls: type) -> tuple[dict[str, str], dict[str, str]]:
             break  # the methods: no fields below
         elif stripped:
             current = None
-    for f in dataclasses.fields(cls):
-        if not helps.get(f.name) and f.metadata.get("help"):
-            helps[f.name] = f.metadata["help"]
-    return helps, sections
+    return {f.name: helps.get(f.name) or f.metadata.get("help", "") for f in fields}, sections
 
 
 def _help_text(doc: str, default: Any, optional: bool) -> str:
@@ -392,7 +389,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type,
     hidden other spellings of a flag."""
     hints = typing.get_type_hints(cls)
     helps, sections = field_docs(cls)
-    groups: dict[str, argparse._ArgumentGroup] = {}
+    groups: dict[str | None, Any] = {}
     for f in dataclasses.fields(cls):
         base, optional = _field_type(hints[f.name])
         optional = optional and not f.metadata.get("none_is_a_value")
@@ -400,9 +397,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type,
                    else f.default_factory())  # MISSING: the user must give it
         help_text = _help_text(helps.get(f.name, ""), default, optional and base is not bool)
         title = sections.get(f.name)
-        if title and title not in groups:
-            groups[title] = parser.add_argument_group(title)
-        target = groups[title] if title else parser
+        if title not in groups:
+            groups[title] = parser.add_argument_group(title) if title else parser
+        target = groups[title]
         if f.name in positional:  # a list operand keeps its values whole: file names hold commas
             kwargs = ({"nargs": "+", "type": _item_type(base)} if typing.get_origin(base) is list
                       else {"type": base})
