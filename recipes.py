@@ -96,7 +96,7 @@ def apply_setting(recipe: Recipe, setting: str) -> None:
         value = text
     if parts[0] == "eval":
         check_eval_key(parts[1], f"--set {setting}")
-    target = recipe.train if parts[0] == "train" else recipe.eval
+    target = getattr(recipe, parts[0])
     for part in parts[1:-1]:
         target = target.setdefault(part, {})
         if not isinstance(target, dict):
@@ -612,9 +612,7 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
 def loss_change(losses: Sequence[float]) -> tuple[float, float] | None:
     """Mean loss of the first and of the last (up to) three logged steps; None with fewer than two."""
     k = min(3, len(losses) // 2)
-    if k == 0:
-        return None
-    return sum(losses[:k]) / k, sum(losses[-k:]) / k
+    return (sum(losses[:k]) / k, sum(losses[-k:]) / k) if k else None
 
 
 ROUND_TRIP_TOLERANCE = 1e-4

@@ -89,15 +89,14 @@ def _reachable(path, uid, gid):
         path, need = os.path.dirname(path), 0o1
 
 def _capabilities():
-    """Every capability set of this process (effective, permitted, inheritable, bounding,
-    ambient) or-ed together: 0 when the sample holds none."""
+    """Every capability set of this process or-ed together: 0 when the sample holds none."""
     with open("/proc/self/status") as f:
         return sum(int(line.split()[1], 16) for line in f
                    if line.startswith(("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")))
 
 def _mount_stdlib(ctypes, libc, target):
-    """A private mount namespace where the interpreter's installation is also at ``target``,
-    read-only, for a sample user who cannot reach it where it is; sys.path follows."""
+    """The interpreter's installation also at ``target``, read-only, in a private mount namespace,
+    for a sample user who cannot reach it where it is; sys.path follows."""
     prefix = os.path.realpath(sys.base_prefix)
     ok = (libc.unshare(0x20000) == 0  # CLONE_NEWNS
           and libc.mount(None, b"/", None, 0x4000 | 0x40000, None) == 0  # MS_REC | MS_PRIVATE
@@ -116,8 +115,7 @@ def _mount_stdlib(ctypes, libc, target):
     sys.path_importer_cache.clear()
 
 def _drop_root(cfg, ctypes, libc):
-    """Empty the bounding and ambient sets (root only can), become cfg["user"] under root, then
-    empty the rest: the sample holds no capability at all."""
+    """Empty the bounding and ambient sets (root only can), become cfg["user"], empty the rest."""
     cap = 0
     while libc.prctl(24, cap, 0, 0, 0) == 0:  # PR_CAPBSET_DROP, up to EINVAL past the last
         cap += 1
@@ -153,8 +151,8 @@ def _kernel(cfg, workdir, program):
             del sys.modules[name]
 
 def _read_roots():
-    """Directories the interpreter reads from as it runs: its module path and those of the
-    shared libraries it maps (where the libraries its extension modules need are found)."""
+    """Directories the interpreter reads from: its module path and its shared libraries' (where
+    its extension modules' libraries are found)."""
     roots = {os.path.realpath(p) for p in sys.path if os.path.isdir(p)}
     with open("/proc/self/maps") as f:
         for line in f:
@@ -165,8 +163,8 @@ def _read_roots():
     return sorted(roots)
 
 def _landlock(ctypes, libc, workdir, program, cap):
-    """Kernel-enforced: reads only of ``_read_roots()``, the program and the working directory;
-    writes only beneath it. Returns the ABI version, 0 if unavailable."""
+    """Reads only of ``_read_roots()``, the program and the working directory, writes only
+    beneath it; the ABI version, 0 if unavailable."""
     try:
         syscall = libc.syscall
         syscall.restype = ctypes.c_long
@@ -419,8 +417,8 @@ def _install_guard(workdir, landlock):
     sys.addaudithook(guard)
 
 def _completion_hook(token, main_frame):
-    """An audit hook that writes the completion marker once, when ``main_frame`` (the
-    bootstrap, after the program) raises "sandbox.completed". The interpreter alone holds it."""
+    """An audit hook, held by the interpreter alone, that writes the completion marker once, when
+    ``main_frame`` (the bootstrap, after the program) raises "sandbox.completed"."""
     marker = f"\nsandbox: completed {token}\n".encode()
     done = []
 
@@ -474,8 +472,8 @@ class SandboxConfig:
 
 @dataclass
 class SandboxResult:
-    """How a sandboxed run ended: passed (ran to its end, exit code 0), failed, timeout, memory,
-    disk or killed."""
+    """How a sandboxed run ended: passed (ran to its end, exit 0), failed, timeout, memory, disk,
+    killed."""
 
     status: str
     returncode: int | None
@@ -694,9 +692,8 @@ def run_python(source: str, config: SandboxConfig | None = None) -> SandboxResul
 
 @functools.cache
 def confinement() -> str | None:
-    """Why runs on this machine are not confined as the module promises, or None when they are
-    (one probe run, cached): Landlock confines reads, and an evaluator under root leaves the
-    sample no capability."""
+    """Why runs here are not confined as the module promises (Landlock confines reads, no
+    capability is left under root), or None; one probe run, cached."""
     probe = run_python("pass", SandboxConfig(timeout_s=30))
     if not probe.passed:
         tail = [line for line in probe.stderr.splitlines() if line.strip()][-1:]
