@@ -502,12 +502,6 @@ def _tail(path: Path, limit: int, skip: int = 0, marker: bytes = b"") -> tuple[s
     return (data.decode("utf-8", errors="replace")[-limit:] if limit > 0 else ""), at >= 0
 
 
-def _raised_memory_error(stderr: str) -> bool:
-    """An uncaught MemoryError (e.g. while compiling): the traceback's last line names it."""
-    lines = stderr.rstrip().splitlines()
-    return bool(lines) and re.fullmatch(r"MemoryError(?:: .*)?", lines[-1]) is not None
-
-
 def _disk_use(directory: Path, max_files: int) -> tuple[int, int] | None:
     """Bytes and entries beneath ``directory`` (up to ``max_files``); None if it cannot be listed."""
     used = entries = 0
@@ -682,7 +676,9 @@ def run_python(source: str, config: SandboxConfig | None = None) -> SandboxResul
         _hide_evaluator(-1)
         _remove(control_dir)
     code = proc.returncode
-    memory = code == EXIT_MEMORY or (code == 1 and _raised_memory_error(stderr))
+    # an uncaught MemoryError (e.g. while compiling): the traceback's last line names it
+    memory = code == EXIT_MEMORY or (code == 1 and bool(
+        re.search(r"(?m)^MemoryError(?:: .*)?\Z", stderr.rstrip())))
     status = stopped or ("passed" if code == 0 and completed else "memory" if memory
                          else "timeout" if code == -signal.SIGXCPU
                          else "killed" if code < 0 else "failed")

@@ -129,7 +129,9 @@ def read_json_object(path: str | Path, what: str = "file", strict: bool = False)
         raise ValueError(f"{path}: key {err.args[0]!r} is given twice in one object; keep the "
                          "one you mean") from None
     if not isinstance(value, dict):
-        raise ValueError(f"{path}: the {what} must be one JSON object, not {_json_kind(value)}")
+        kind = {list: "an array", str: "a string", bool: "true/false", type(None): "null"}.get(
+            type(value), "a number")
+        raise ValueError(f"{path}: the {what} must be one JSON object, not {kind}")
     return value
 
 
@@ -167,11 +169,6 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
             raise _RepeatedKey(key)
         value[key] = item
     return value
-
-
-def _json_kind(value: Any) -> str:
-    return {list: "an array", str: "a string", bool: "true/false", type(None): "null"}.get(
-        type(value), "a number")
 
 
 def check_recipe_keys(recipe: Mapping[str, Any], path: str | Path) -> None:
