@@ -1,9 +1,6 @@
-"""How every script starts, stops and writes files.
-
-Ctrl-C, SIGTERM and SIGHUP end every script the same way (one line, the shell's exit code, the
-``finally`` blocks run); files and directories are written whole or not at all, and what killed
-writers left behind is settled by the next writer. It imports nothing of the project.
-"""
+"""How every script starts, stops and writes files: Ctrl-C, SIGTERM and SIGHUP end it the same
+way (one line, the shell's exit code, ``finally`` blocks run); files and directories are written
+whole or not at all, and what killed writers left is settled by the next writer."""
 
 from __future__ import annotations
 
@@ -44,8 +41,8 @@ def _is_terminal(fd: int) -> bool:
 
 
 def _reader_gone(fd: int, wait_s: float = 0.1) -> bool:
-    """Whether ``fd`` is a pipe whose reader has gone or goes within ``wait_s``: ``| tee log``'s
-    tee gets the same hangup, maybe a moment later. A live reader's pipe keeps the output."""
+    """Whether ``fd`` is a pipe whose reader has gone or goes within ``wait_s`` (``| tee log``'s
+    tee gets the same hangup, maybe a moment later)."""
     try:
         if not stat.S_ISFIFO(os.fstat(fd).st_mode):
             return False
@@ -57,9 +54,8 @@ def _reader_gone(fd: int, wait_s: float = 0.1) -> bool:
 
 
 def leave_terminal_on_hangup(signum: int) -> None:
-    """On SIGHUP, point stdout and stderr at /dev/null where they are a hung-up terminal (EIO) or
-    a pipe without a reader (EPIPE): else the next progress bar would end the process before its
-    checkpoint or cleanup. Any other signal: nothing."""
+    """On SIGHUP, point stdout and stderr at /dev/null where they are a hung-up terminal or a pipe
+    without a reader: else the next progress bar would end the process before its cleanup."""
     if signum != signal.SIGHUP:
         return
     for stream in (sys.stdout, sys.stderr):
@@ -75,8 +71,8 @@ def leave_terminal_on_hangup(signum: int) -> None:
 
 @contextlib.contextmanager
 def _handling(signals: tuple, handler: Callable, take_ignored: tuple = ()) -> Iterator[None]:
-    """Within: ``handler`` for each of ``signals`` not ignored (or in ``take_ignored``), then the
-    previous handlers back. Only the main thread may set handlers; elsewhere: nothing."""
+    """Within: ``handler`` for each of ``signals`` not ignored (or in ``take_ignored``); only the
+    main thread may set handlers, elsewhere nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -91,9 +87,8 @@ def _handling(signals: tuple, handler: Callable, take_ignored: tuple = ()) -> It
 
 @contextlib.contextmanager
 def interrupt_on_sigterm() -> Iterator[None]:
-    """Within: SIGTERM or SIGHUP raises ``KeyboardInterrupt("SIGTERM")`` / ``("SIGHUP")`` as
-    Ctrl-C does, so ``finally`` blocks run (partial files removed, children killed, work saved).
-    A SIGHUP the parent ignored (nohup) stays ignored; SIGTERM is always taken."""
+    """Within: SIGTERM or SIGHUP raises ``KeyboardInterrupt("SIGTERM")`` (``"SIGHUP"``) as Ctrl-C
+    does, so ``finally`` blocks run; a SIGHUP ignored by nohup stays ignored."""
     owner = os.getpid()
 
     def handle(signum, frame):
@@ -110,9 +105,8 @@ def interrupt_on_sigterm() -> Iterator[None]:
 
 @contextlib.contextmanager
 def stops_deferred() -> Iterator[None]:
-    """Within: a Ctrl-C, SIGTERM or SIGHUP waits and lands on leaving, so what it would interrupt
-    is done whole. A handler, not a signal mask: Python runs handlers in the main thread, but the
-    OS may deliver the signal to any thread (often one of torch's)."""
+    """Within: a stop waits and lands on leaving, so what it would interrupt is done whole (a
+    handler, not a signal mask: the OS may deliver the signal to any of torch's threads)."""
     caught: list[int] = []
 
     def defer(signum, frame):
@@ -131,9 +125,8 @@ _START_UP_REPLACED: dict[int, Callable | int | None] = {}  # what quiet_start_up
 
 
 def quiet_start_up_stops(quiet: bool = False) -> None:
-    """A script's first statement, before its imports load torch: a stop there ends it with one
-    line (``quiet``: none, for a process whose parent reports it) and its exit code, not a
-    traceback from inside an import. ``run_main`` puts the handlers back."""
+    """A script's first statement: a stop while torch loads ends it with one line (``quiet``:
+    none) and its exit code, not a traceback from inside an import, until ``run_main``."""
     handler = partial(_stopped_while_starting, quiet)
     for sig in STOP_SIGNALS:
         if signal.getsignal(sig) is not signal.SIG_IGN:
@@ -165,8 +158,8 @@ def run_main(main: Callable[[], int | None]) -> int | None:
 
 
 def _stops_end_at_once() -> None:
-    """On the way out, a further stop ends the script at once (the signal's default), not with a
-    traceback from inside torch's exit handlers (Ctrl-C pressed twice)."""
+    """On the way out, a second Ctrl-C ends the script at once, not with a traceback from inside
+    torch's exit handlers."""
     for sig in STOP_SIGNALS:
         if signal.getsignal(sig) is not signal.SIG_IGN:
             signal.signal(sig, signal.SIG_DFL)
@@ -183,25 +176,21 @@ def run_tool(work: Callable[[], int | None], interrupted: str = "interrupted") -
         return interrupted_exit_code(stop)
     except BrokenPipeError:  # the reader of stdout went away: run_main's to end quietly
         raise
-    except OSError as err:
-        print(f"error: {os_error_message(err)}", file=sys.stderr)
-        return 2
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (OSError, ValueError) as err:
+        print(f"error: {os_error_message(err) if isinstance(err, OSError) else err}",
+              file=sys.stderr)
         return 2
 
 
 def stop_signal(stop: KeyboardInterrupt) -> signal.Signals:
-    """The signal behind a KeyboardInterrupt: the name ``interrupt_on_sigterm`` put in its args,
-    else Ctrl-C's SIGINT."""
+    """The signal behind a KeyboardInterrupt (``interrupt_on_sigterm`` names it), else SIGINT."""
     names = [sig.name for sig in STOP_SIGNALS]
     named = stop.args[0] if stop.args and stop.args[0] in names else "SIGINT"
     return signal.Signals[named]
 
 
 def interrupted_exit_code(stop: str | KeyboardInterrupt) -> int:
-    """The shell's code for a stop (130, 143 or 129), given the signal's name or the
-    KeyboardInterrupt it raised: non-zero, so ``train && eval`` does not go on."""
+    """The shell's code for a stop (130, 143 or 129), from the signal's name or its interrupt."""
     sig = stop_signal(stop) if isinstance(stop, KeyboardInterrupt) else signal.Signals[stop]
     return 128 + sig.value
 
@@ -226,8 +215,8 @@ def owner_tag() -> str:
 
 
 def owner_is_dead(match: re.Match) -> bool:
-    """Whether the process an ``OWNER_PATTERN`` match names has ended; False when that cannot be
-    told (another machine or PID namespace)."""
+    """Whether an ``OWNER_PATTERN`` match's process has ended (False: another machine or PID
+    namespace's, which cannot be told)."""
     if match["host"] != socket.gethostname() or match["pidns"] != _pid_namespace():
         return False
     try:
@@ -241,8 +230,7 @@ def owner_is_dead(match: re.Match) -> bool:
 
 def _dead_owners(directory: str | Path, pattern: re.Pattern, every_owner_gone: bool = False
                  ) -> list[tuple[Path, re.Match]]:
-    """(entry, match) of the entries of ``directory`` that ``pattern`` names whose owner died
-    (any owner with ``every_owner_gone``)."""
+    """(entry, match) of ``directory``'s entries ``pattern`` names whose owner died (or any)."""
     try:
         entries = list(Path(directory).iterdir())
     except OSError:  # no such directory yet, or unreadable: nothing of ours
@@ -262,8 +250,8 @@ def _remove(entry: Path, remove_dir: Callable[[Path], None] | None = None) -> No
 
 def remove_dead_owners(directory: str | Path, before: str,
                        remove_dir: Callable[[Path], None] | None = None) -> None:
-    """Remove the entries of ``directory`` named ``<before><owner tag>...`` (``before`` a regex)
-    whose owner has died. ``remove_dir`` replaces rmtree where directories need more."""
+    """Remove ``directory``'s entries named ``<before><owner tag>...`` (``before`` a regex) whose
+    owner has died."""
     for entry, _ in _dead_owners(directory, re.compile(before + OWNER_PATTERN)):
         _remove(entry, remove_dir)
 
@@ -280,9 +268,9 @@ def partial_path(target: Path, kind: str, suffix: str = "") -> Path:
 
 
 def recover_partial_writes(directory: str | Path, every_owner_gone: bool = False) -> None:
-    """Settle what killed writers left in ``directory``: temporaries are removed, a directory
-    moved aside is put back when its replacement never landed. Only dead owners' entries, or
-    every one's with ``every_owner_gone`` (under a lock all writers hold)."""
+    """Settle what dead writers (any, with ``every_owner_gone``: under a lock all writers hold)
+    left in ``directory``: temporaries go, a directory moved aside whose replacement never landed
+    is put back."""
     for entry, match in _dead_owners(directory, PARTIAL_WRITE, every_owner_gone):
         if not (match["kind"] == "old" and _put_back(entry, entry.with_name(match["name"]))):
             _remove(entry)
@@ -290,7 +278,7 @@ def recover_partial_writes(directory: str | Path, every_owner_gone: bool = False
 
 def _put_back(old: Path, target: Path) -> bool:
     """Rename ``old`` back to ``target`` unless ``target`` is there (its replacement landed)."""
-    if target.exists() or target.is_symlink():
+    if os.path.lexists(target):
         return False
     try:
         os.rename(old, target)
@@ -301,10 +289,9 @@ def _put_back(old: Path, target: Path) -> bool:
 
 def write_dir_atomically(target: str | Path, build: Callable[[Path], object],
                          replace: bool = True) -> bool:
-    """``build`` fills a temporary directory beside ``target``, which is fsynced and renamed to
-    ``target``: a reader, a kill or a power loss sees the previous directory or the new one.
-    ``replace``: an existing ``target`` is replaced. Without it the first complete publisher wins
-    (a cache entry): this copy is discarded and False returned when ``target`` exists."""
+    """``build`` fills a temporary directory that is fsynced and renamed to ``target``: a reader,
+    a kill or a power loss sees the old directory or the new one. Without ``replace`` the first
+    complete publisher wins (a cache entry): False when ``target`` exists."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     recover_partial_writes(target.parent)
@@ -320,9 +307,8 @@ def write_dir_atomically(target: str | Path, build: Callable[[Path], object],
 
 
 def _publish(tmp: Path, target: Path, old: Path | None) -> bool:
-    """Rename ``tmp`` to ``target``, moving an existing ``target`` to ``old`` first (None: keep an
-    existing ``target`` and return False)."""
-    replaced = old is not None and (target.exists() or target.is_symlink())
+    """Rename ``tmp`` to ``target``, an existing one moved to ``old`` first (None: kept, False)."""
+    replaced = old is not None and os.path.lexists(target)
     if replaced:
         os.rename(target, old)
     try:
@@ -345,8 +331,7 @@ def is_disk_full(err: BaseException) -> bool:
 
 
 def _fsync_tree(root: Path) -> None:
-    """fsync everything under ``root``: else a power loss can leave the new name over empty
-    files."""
+    """fsync everything under ``root``: else a power loss can leave the new name over empty files."""
     for parent, _, files in os.walk(root, topdown=False):
         for name in files:
             if not os.path.islink(Path(parent, name)):
@@ -355,8 +340,6 @@ def _fsync_tree(root: Path) -> None:
 
 
 def _fsync(path: Path) -> None:
-    if os.name == "nt" and path.is_dir():  # Windows opens no directory (nor needs it synced)
-        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -370,15 +353,15 @@ FileContent = str | bytes | Callable[[BinaryIO], object]
 
 
 def write_atomic(path: str | Path, data: FileContent) -> None:
-    """Write ``data`` to a temporary file beside ``path`` and rename it over ``path``: a kill or a
-    full disk leaves the previous file whole. A failed write's OSError names ``path``."""
+    """Write ``data`` beside ``path`` and rename it over: a kill or a full disk leaves the old
+    file whole."""
     write_atomic_files({path: data})
 
 
 def write_atomic_files(files: Mapping[str | Path, FileContent]) -> None:
-    """``write_atomic`` for files that belong together (weights and their config): all are
-    written and fsynced before the first rename, and renamed in the mapping's order, so a failed
-    write leaves every previous file as it was."""
+    """``write_atomic`` for files that belong together (weights and config): all are fsynced
+    before the first rename (in the mapping's order), so a failed write changes none; its OSError
+    names the file."""
     temps: list[tuple[Path, Path]] = []
     try:
         for path, data in files.items():
@@ -444,8 +427,7 @@ def write_manifest(directory: Path) -> None:
 
 
 def manifest_problem(directory: Path, names: Sequence[str] | None = None) -> str | None:
-    """Why ``directory``'s files (``names`` of them, or all it lists) are not the ones its
-    manifest recorded, or None when each has its recorded size and digest."""
+    """Why ``directory``'s files (``names``, or all it lists) differ from its manifest, or None."""
     try:
         manifest = json.loads((directory / MANIFEST_FILE).read_text())
         files = manifest["files"]

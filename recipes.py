@@ -40,7 +40,6 @@ class Recipe:
     path: Path
     train: dict  # TrainConfig values, validated
     eval: dict  # EvalConfig values, validated
-    notes: dict  # the "_"-prefixed documentation keys
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -48,14 +47,11 @@ def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     raw = settings.read_json_object(path, "recipe", strict=True)
     settings.check_recipe_keys(raw, path)
-    sections = {}
     for name in ("train", "eval"):
-        section = raw.get(name)
-        if not isinstance(section, dict):
+        if not isinstance(raw.get(name), dict):
             raise ValueError(f"{path}: the '{name}' section is missing or not an object")
-        sections[name] = {k: v for k, v in section.items() if not k.startswith("_")}
-    recipe = Recipe(path, sections["train"], sections["eval"],
-                    {k: v for k, v in raw.items() if k.startswith("_")})
+    recipe = Recipe(path, *({k: v for k, v in raw[name].items() if not k.startswith("_")}
+                            for name in ("train", "eval")))
     check_sections(recipe)
     for key in recipe.eval:
         check_eval_key(key, f"{path}: the eval section's {key}")
@@ -100,7 +96,7 @@ def apply_setting(recipe: Recipe, setting: str) -> None:
         value = text
     if parts[0] == "eval":
         check_eval_key(parts[1], f"--set {setting}")
-    target = recipe.train if parts[0] == "train" else recipe.eval
+    target = getattr(recipe, parts[0])
     for part in parts[1:-1]:
         target = target.setdefault(part, {})
         if not isinstance(target, dict):
@@ -187,8 +183,8 @@ SMOKE_LICENSE = ("// Copyright 2010-2024 JetBrains s.r.o. Use of this source cod
                  "// by the Apache 2.0 license that can be found in the LICENSE.txt file.\n\n")
 
 
-def _stdlib_texts(max_bytes: int, count: int, must_have=None) -> list[tuple[str, str]]:
-    """(relative path, text) of small stdlib files, deterministic, optionally filtered."""
+def _stdlib_texts(max_bytes: int, count: int | None, must_have=None) -> list[tuple[str, str]]:
+    """(relative path, text) of up to ``count`` small stdlib files in a fixed order."""
     from dataset import stdlib_files, stdlib_root
 
     root = stdlib_root()
@@ -217,17 +213,13 @@ def _has_class_docstring(text: str) -> bool:
 
 def _refactor_pairs(count: int) -> list[dict]:
     """Stdlib functions with their docstrings and comments -> the same code without them."""
-    from dataset import stdlib_files
     from tokenizer import PYTHON_PARSE_ERRORS, strip_comments_and_docstrings
 
     pairs = []
-    for path in stdlib_files():
-        if path.stat().st_size > 20000:
-            continue
+    for _, text in _stdlib_texts(20000, None):
         try:
-            text = path.read_text("utf-8")
             tree = ast.parse(text)
-        except (SyntaxError, UnicodeDecodeError):
+        except SyntaxError:
             continue
         lines = text.splitlines()
         for node in ast.walk(tree):
@@ -425,8 +417,7 @@ class RecipeOptions:
 class RecipeResult:
     run_dir: Path
     train: tm.TrainResult
-    eval: dict | None
-    table: str | None
+    eval: dict | None  # eval.evaluate's results, its "table" printed
     losses: list[float]
     adapter_max_diff: float | None = None  # smoke: base + adapter vs the merged export
     smoke: bool = False  # a --smoke run
@@ -601,7 +592,7 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
         ev.check_settings_unchanged(
             eval_config(recipe, opts, cfg, out_dir / name, own_run, own_base), eval_remedy)
     result = tm.train(cfg, resume_hint=resume_hint(opts.smoke), restarts=opts.smoke)
-    report = RecipeResult(result.run_dir, result, None, None, train_losses(result.run_dir),
+    report = RecipeResult(result.run_dir, result, None, train_losses(result.run_dir),
                           smoke=opts.smoke)
     if result.interrupted:
         return report
@@ -613,7 +604,6 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
             report.eval = ev.evaluate(
                 eval_config(recipe, opts, cfg, result.run_dir, own_run, own_base),
                 remedy=eval_remedy, replace_other_weights=True)
-            report.table = report.eval["table"]
     except KeyboardInterrupt as e:
         raise TrainedRunInterrupted(e, result.run_dir) from None
     return report
@@ -622,9 +612,7 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
 def loss_change(losses: Sequence[float]) -> tuple[float, float] | None:
     """Mean loss of the first and of the last (up to) three logged steps; None with fewer than two."""
     k = min(3, len(losses) // 2)
-    if k == 0:
-        return None
-    return sum(losses[:k]) / k, sum(losses[-k:]) / k
+    return (sum(losses[:k]) / k, sum(losses[-k:]) / k) if k else None
 
 
 ROUND_TRIP_TOLERANCE = 1e-4
@@ -671,8 +659,8 @@ def summary(report: RecipeResult) -> str:
     if report.adapter_max_diff is not None:
         lines.append(f"adapter loaded back onto the base vs merged export: max |logit diff| "
                      f"{report.adapter_max_diff:.2e}")
-    if report.table:
-        lines += ["", report.table, "", f"evaluation: {report.eval['out_dir']}"]
+    if report.eval:
+        lines += ["", report.eval["table"], "", f"evaluation: {report.eval['out_dir']}"]
     return "\n".join(lines)
 
 

@@ -88,22 +88,15 @@ def _reachable(path, uid, gid):
             return True
         path, need = os.path.dirname(path), 0o1
 
-def _capset(ctypes, libc, caps):
-    """Effective and permitted capabilities: ``caps`` (bits of the first 32); none inheritable."""
-    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, self
-    if libc.capset(header, (ctypes.c_uint32 * 6)(caps, caps, 0, 0, 0, 0)) != 0:
-        raise OSError(ctypes.get_errno(), "capset")
-
 def _capabilities():
-    """Every capability set of this process (effective, permitted, inheritable, bounding,
-    ambient) or-ed together: 0 when the sample holds none."""
+    """Every capability set of this process or-ed together: 0 when the sample holds none."""
     with open("/proc/self/status") as f:
         return sum(int(line.split()[1], 16) for line in f
                    if line.startswith(("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")))
 
 def _mount_stdlib(ctypes, libc, target):
-    """A private mount namespace where the interpreter's installation is also at ``target``,
-    read-only, for a sample user who cannot reach it where it is; sys.path follows."""
+    """The interpreter's installation also at ``target``, read-only, in a private mount namespace,
+    for a sample user who cannot reach it where it is; sys.path follows."""
     prefix = os.path.realpath(sys.base_prefix)
     ok = (libc.unshare(0x20000) == 0  # CLONE_NEWNS
           and libc.mount(None, b"/", None, 0x4000 | 0x40000, None) == 0  # MS_REC | MS_PRIVATE
@@ -122,8 +115,7 @@ def _mount_stdlib(ctypes, libc, target):
     sys.path_importer_cache.clear()
 
 def _drop_root(cfg, ctypes, libc):
-    """Empty the bounding and ambient sets (root only can), become cfg["user"] under root, then
-    empty the rest: the sample holds no capability at all."""
+    """Empty the bounding and ambient sets (root only can), become cfg["user"], empty the rest."""
     cap = 0
     while libc.prctl(24, cap, 0, 0, 0) == 0:  # PR_CAPBSET_DROP, up to EINVAL past the last
         cap += 1
@@ -136,7 +128,9 @@ def _drop_root(cfg, ctypes, libc):
         os.setgid(gid)
         os.setuid(uid)
         libc.prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE: a uid change made /proc/self root's
-    _capset(ctypes, libc, 0)
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, self
+    if libc.capset(header, (ctypes.c_uint32 * 6)()) != 0:  # effective, permitted, inheritable
+        raise OSError(ctypes.get_errno(), "capset")
 
 def _kernel(cfg, workdir, program):
     """No capabilities, die with the evaluator, Landlock, seccomp, through ctypes (then
@@ -151,18 +145,14 @@ def _kernel(cfg, workdir, program):
             os._exit(1)
         caps = _capabilities()
         abi = _landlock(ctypes, libc, workdir, program, cfg["landlock_cap"])
-        try:
-            seccomp = _seccomp(ctypes, libc)
-        except (OSError, AttributeError):
-            seccomp = False
-        return abi, seccomp, caps
+        return abi, _seccomp(ctypes, libc), caps
     finally:
         for name in [m for m in sys.modules if "ctypes" in m]:
             del sys.modules[name]
 
 def _read_roots():
-    """Directories the interpreter reads from as it runs: its module path and those of the
-    shared libraries it maps (where the libraries its extension modules need are found)."""
+    """Directories the interpreter reads from: its module path and its shared libraries' (where
+    its extension modules' libraries are found)."""
     roots = {os.path.realpath(p) for p in sys.path if os.path.isdir(p)}
     with open("/proc/self/maps") as f:
         for line in f:
@@ -173,8 +163,8 @@ def _read_roots():
     return sorted(roots)
 
 def _landlock(ctypes, libc, workdir, program, cap):
-    """Kernel-enforced: reads only of ``_read_roots()``, the program and the working directory;
-    writes only beneath it. Returns the ABI version, 0 if unavailable."""
+    """Reads only of ``_read_roots()``, the program and the working directory, writes only
+    beneath it; the ABI version, 0 if unavailable."""
     try:
         syscall = libc.syscall
         syscall.restype = ctypes.c_long
@@ -427,8 +417,8 @@ def _install_guard(workdir, landlock):
     sys.addaudithook(guard)
 
 def _completion_hook(token, main_frame):
-    """An audit hook that writes the completion marker once, when ``main_frame`` (the
-    bootstrap, after the program) raises "sandbox.completed". The interpreter alone holds it."""
+    """An audit hook, held by the interpreter alone, that writes the completion marker once, when
+    ``main_frame`` (the bootstrap, after the program) raises "sandbox.completed"."""
     marker = f"\nsandbox: completed {token}\n".encode()
     done = []
 
@@ -482,8 +472,8 @@ class SandboxConfig:
 
 @dataclass
 class SandboxResult:
-    """How a sandboxed run ended: passed (ran to its end, exit code 0), failed, timeout, memory,
-    disk or killed."""
+    """How a sandboxed run ended: passed (ran to its end, exit 0), failed, timeout, memory, disk,
+    killed."""
 
     status: str
     returncode: int | None
@@ -510,12 +500,6 @@ def _tail(path: Path, limit: int, skip: int = 0, marker: bytes = b"") -> tuple[s
     if at >= 0:
         data = data[:at] + data[at + len(marker):]
     return (data.decode("utf-8", errors="replace")[-limit:] if limit > 0 else ""), at >= 0
-
-
-def _raised_memory_error(stderr: str) -> bool:
-    """An uncaught MemoryError (e.g. while compiling): the traceback's last line names it."""
-    lines = stderr.rstrip().splitlines()
-    return bool(lines) and re.fullmatch(r"MemoryError(?:: .*)?", lines[-1]) is not None
 
 
 def _disk_use(directory: Path, max_files: int) -> tuple[int, int] | None:
@@ -586,12 +570,10 @@ _PREFIX = "codelm-sandbox-"
 
 
 def _remove(directory: Path) -> None:
-    """Remove a run's directory, read-only files and directories included."""
-    with contextlib.suppress(OSError):
-        os.chmod(directory, 0o700)
-    for root, dirs, files in os.walk(directory):
-        for name in dirs + files:
-            path = os.path.join(root, name)
+    """Remove a run's directory, directories the sample made read-only or unlistable included
+    (os.walk lists each only after its parent's loop made it 0o700)."""
+    for root, dirs, _ in os.walk(directory):
+        for path in (os.path.join(root, name) for name in dirs):
             if not os.path.islink(path):
                 with contextlib.suppress(OSError):  # another evaluator may be removing it too
                     os.chmod(path, 0o700)
@@ -633,29 +615,29 @@ def _wait(proc: subprocess.Popen, deadline: float, workdir: Path, cfg: SandboxCo
 def run_python(source: str, config: SandboxConfig | None = None) -> SandboxResult:
     """Execute ``source`` under the limits of ``config``; never raises for what it does."""
     cfg = config or SandboxConfig()
-    settings = {"cpu_s": math.ceil(cfg.timeout_s) + 1, "memory_bytes": cfg.memory_mb * 2**20,
-                "file_bytes": cfg.file_mb * 2**20, "landlock_cap": _LANDLOCK_ABI_CAP,
-                "parent_pid": os.getpid()}  # the sample dies with this process
     token = secrets.token_hex(16)  # only the bootstrap learns it, through stdin
     _remove_dead_runs()
     control_dir = Path(tempfile.mkdtemp(prefix=_PREFIX + process.owner_tag()))
     _hide_evaluator(+1)
     try:
-        workdir = control_dir / "work"
+        workdir, stdlib_mount = control_dir / "work", control_dir / "python"
         workdir.mkdir()
-        settings["stdlib_mount"] = str(control_dir / "python")  # where nobody reaches it
-        (control_dir / "python").mkdir(mode=0o755)
+        stdlib_mount.mkdir(mode=0o755)  # where the sample user reaches the interpreter
         (control_dir / "bootstrap.py").write_text(_BOOTSTRAP, encoding="utf-8")
         (control_dir / "program.py").write_text(source, encoding="utf-8")
-        settings["user"] = user = _sample_user(workdir)
+        user = _sample_user(workdir)
         if user:  # it reaches its directory and reads its program (tracebacks), lists nothing
             os.chmod(control_dir, 0o711)
             for name in ("bootstrap.py", "program.py"):
                 os.chmod(control_dir / name, 0o644)
+        limits = {"cpu_s": math.ceil(cfg.timeout_s) + 1, "memory_bytes": cfg.memory_mb * 2**20,
+                  "file_bytes": cfg.file_mb * 2**20, "landlock_cap": _LANDLOCK_ABI_CAP,
+                  "parent_pid": os.getpid(),  # the sample dies with this process
+                  "user": user, "stdlib_mount": str(stdlib_mount)}
         env = {"PATH": os.defpath, "HOME": str(workdir), "TMPDIR": str(workdir),
                "LANG": "C.UTF-8"}
         command = [sys.executable, "-I", "-S", "-B", str(control_dir / "bootstrap.py"),
-                   str(control_dir / "program.py"), json.dumps(settings)]
+                   str(control_dir / "program.py"), json.dumps(limits)]
 
         def private(path: str, flags: int) -> int:
             fd = os.open(path, flags, 0o600)
@@ -694,7 +676,9 @@ def run_python(source: str, config: SandboxConfig | None = None) -> SandboxResul
         _hide_evaluator(-1)
         _remove(control_dir)
     code = proc.returncode
-    memory = code == EXIT_MEMORY or (code == 1 and _raised_memory_error(stderr))
+    # an uncaught MemoryError (e.g. while compiling): the traceback's last line names it
+    memory = code == EXIT_MEMORY or (code == 1 and bool(
+        re.search(r"(?m)^MemoryError(?:: .*)?\Z", stderr.rstrip())))
     status = stopped or ("passed" if code == 0 and completed else "memory" if memory
                          else "timeout" if code == -signal.SIGXCPU
                          else "killed" if code < 0 else "failed")
@@ -704,9 +688,8 @@ def run_python(source: str, config: SandboxConfig | None = None) -> SandboxResul
 
 @functools.cache
 def confinement() -> str | None:
-    """Why runs on this machine are not confined as the module promises, or None when they are
-    (one probe run, cached): Landlock confines reads, and an evaluator under root leaves the
-    sample no capability."""
+    """Why runs here are not confined as the module promises (Landlock confines reads, no
+    capability is left under root), or None; one probe run, cached."""
     probe = run_python("pass", SandboxConfig(timeout_s=30))
     if not probe.passed:
         tail = [line for line in probe.stderr.splitlines() if line.strip()][-1:]

@@ -1,9 +1,5 @@
-"""Config dataclasses from JSON files and command-line flags.
-
-Every script's flags mirror its config dataclass (`--lora-r` for `lora_r`); this module is the one
-implementation of that rule, so JSON files, recipes and flags are read alike and every error names
-the file (or the command line) and the key. It imports nothing of the project.
-"""
+"""Config dataclasses from JSON/YAML files and command-line flags (``--lora-r`` for ``lora_r``),
+read alike by every script; every error names the file (or the command line) and the key."""
 
 from __future__ import annotations
 
@@ -91,19 +87,17 @@ def key_hint(key: str, known: Collection[str], kind: str) -> str:
 
 def config_from_dict(cls: type, values: Mapping[str, Any], source: str = "<dict>",
                      choices: Mapping[str, Sequence] | None = None) -> Any:
-    """An instance of the dataclass ``cls`` from JSON-like values, type-checked key by key;
-    errors name ``source`` and the key."""
+    """An instance of the dataclass ``cls`` from JSON-like values, type-checked key by key."""
     hints = typing.get_type_hints(cls)
     known = [f.name for f in dataclasses.fields(cls)]
-    for key in values:
-        if key not in known:
-            if "model_type" in values and "model_type" not in known:
-                raise ValueError(f"{source}: a model's config.json (model_type "
-                                 f"{values['model_type']!r}), not a {cls.__name__} file")
-            raise ValueError(f"{source}: unknown key {key!r}; "
-                             f"{key_hint(key, known, cls.__name__)}")
+    if "model_type" in values and "model_type" not in known:
+        raise ValueError(f"{source}: a model's config.json (model_type "
+                         f"{values['model_type']!r}), not a {cls.__name__} file")
     checked = dict(values)
     for key, value in values.items():
+        if key not in known:
+            raise ValueError(f"{source}: unknown key {key!r}; "
+                             f"{key_hint(key, known, cls.__name__)}")
         if problem := type_error(hints[key], value):
             raise ValueError(f"{source}: key {key!r} {problem}")
         allowed = (choices or {}).get(key)
@@ -116,10 +110,9 @@ def config_from_dict(cls: type, values: Mapping[str, Any], source: str = "<dict>
 
 
 def read_json_object(path: str | Path, what: str = "file", strict: bool = False) -> dict:
-    """The one JSON object a file holds (YAML for a .yaml/.yml file); every failure names the file
-    (and the line). ``strict``, for files users write (configs, recipes, search spaces): a key
-    given twice in one object is an error. Other tools' files (HF config.json, PEFT's) load as
-    their tools load them."""
+    """The one JSON object a file holds (YAML for .yaml/.yml); failures name the file and line.
+    ``strict`` (files users write): a key given twice is an error; other tools' files (HF
+    config.json) load as their tools load them, the last of a repeated key winning."""
     path = Path(path)
     try:  # utf-8-sig: a Windows editor's byte-order mark is not JSON, but no reason to refuse
         text = path.read_text("utf-8-sig")
@@ -136,7 +129,9 @@ def read_json_object(path: str | Path, what: str = "file", strict: bool = False)
         raise ValueError(f"{path}: key {err.args[0]!r} is given twice in one object; keep the "
                          "one you mean") from None
     if not isinstance(value, dict):
-        raise ValueError(f"{path}: the {what} must be one JSON object, not {_json_kind(value)}")
+        kind = {list: "an array", str: "a string", bool: "true/false", type(None): "null"}.get(
+            type(value), "a number")
+        raise ValueError(f"{path}: the {what} must be one JSON object, not {kind}")
     return value
 
 
@@ -176,11 +171,6 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     return value
 
 
-def _json_kind(value: Any) -> str:
-    return {list: "an array", str: "a string", bool: "true/false", type(None): "null"}.get(
-        type(value), "a number")
-
-
 def check_recipe_keys(recipe: Mapping[str, Any], path: str | Path) -> None:
     """Refuse top-level recipe keys other than its sections and ``_`` notes: a training key beside
     the sections (not in ``train``) would be silently ignored."""
@@ -191,8 +181,8 @@ def check_recipe_keys(recipe: Mapping[str, Any], path: str | Path) -> None:
 
 
 def read_config_file(path: str | Path, section: str) -> tuple[dict, str]:
-    """(values, source name) of a JSON config file: a recipe's ``section``, else the whole object.
-    ``_``-prefixed keys are documentation and are dropped."""
+    """(values, source name) of a config file: a recipe's ``section``, else the whole object,
+    without the ``_``-prefixed notes."""
     path = Path(path)
     values = read_json_object(path, "config file", strict=True)
     source = str(path)
@@ -213,8 +203,7 @@ def add_print_config(parser: argparse.ArgumentParser) -> None:
 
 
 def printed_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None, cfg: Any) -> bool:
-    """Print ``cfg`` as the text of a ``--config`` file when ``argv`` asks for --print-config;
-    whether it did."""
+    """Whether ``argv`` asked for --print-config; if so ``cfg`` is printed as a --config file."""
     fmt = vars(parser.parse_args(argv)).get("print_config")
     if fmt == "json":
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
@@ -240,8 +229,7 @@ def _is_none(text: str) -> bool:
 
 
 def _or_none(convert: Any) -> Any:
-    """An Optional field's flag type: a word of ``NONE_WORDS`` gives None, so a field whose
-    default is None can be set back to it from the command line."""
+    """An Optional field's flag type: a word of ``NONE_WORDS`` gives None."""
 
     def parse(text: str) -> Any:
         return None if _is_none(text) else convert(text)
@@ -251,8 +239,8 @@ def _or_none(convert: Any) -> Any:
 
 
 def _list_flag(item: type, optional: bool = False) -> type[argparse.Action]:
-    """A list field's action: ``--flag a b`` and ``--flag a,b`` both give ``[a, b]``; for an
-    Optional field, a lone ``none`` gives None."""
+    """A list field's action: ``--flag a b`` and ``--flag a,b`` give ``[a, b]``; a lone ``none``
+    gives None for an Optional field."""
 
     class ListFlag(argparse.Action):
         def __call__(self, parser, namespace, values, option_string=None):
@@ -269,19 +257,18 @@ def _list_flag(item: type, optional: bool = False) -> type[argparse.Action]:
 
 
 def field_docs(cls: type) -> tuple[dict[str, str], dict[str, str]]:
-    """(help, section) of the dataclass's fields, read from its source, so the comments a config
-    is documented with are what ``--help`` shows. A field's help is its trailing comment,
-    continued on comment lines below it that start with "#   "; any other comment line titles the
-    fields below it. A field without a comment may carry ``field(metadata={"help": ...})``."""
+    """(help, section) of the dataclass's fields from its source comments: a field's trailing
+    comment, continued on "#   " lines below it (else ``metadata["help"]``); any other comment
+    line titles the fields below it."""
     try:
         lines, _ = inspect.getsourcelines(cls)
     except (OSError, TypeError):  # no source (a frozen or interactive class): metadata only
         lines = []
     comments = {tok.start[0]: tok.string[1:] for tok in tokenize.generate_tokens(iter(lines).__next__)
                 if tok.type == tokenize.COMMENT}
-    names = {f.name for f in dataclasses.fields(cls)}
-    helps: dict[str, str] = {}
-    sections: dict[str, str] = {}
+    fields = dataclasses.fields(cls)
+    names = {f.name for f in fields}
+    helps, sections = {}, {}
     section = current = None
     for number, line in enumerate(lines, 1):
         text, stripped = comments.get(number), line.strip()
@@ -300,15 +287,11 @@ def field_docs(cls: type) -> tuple[dict[str, str], dict[str, str]]:
             break  # the methods: no fields below
         elif stripped:
             current = None
-    for f in dataclasses.fields(cls):
-        if not helps.get(f.name) and f.metadata.get("help"):
-            helps[f.name] = f.metadata["help"]
-    return helps, sections
+    return {f.name: helps.get(f.name) or f.metadata.get("help", "") for f in fields}, sections
 
 
 def _help_text(doc: str, default: Any, optional: bool) -> str:
-    """``doc`` plus the default (unless it states one) and "'none' for None" for an Optional
-    flag; '%' escaped, as argparse formats help with %."""
+    """``doc``, the default unless it states one, and "'none' for None"; '%' escaped for argparse."""
     notes = []
     if default is not dataclasses.MISSING and "default:" not in doc:
         notes.append(f"default: {default!r}")
@@ -345,23 +328,20 @@ def flag_of(key: str) -> str:
 
 
 def setting(cfg, key: str, where_set: Callable[[str], str] = flag_of) -> str:
-    """Field ``key`` of ``cfg`` as an error names it, with where the user set it (``where_set``):
-    "warmup_steps (200, --config run.json)"."""
+    """Field ``key`` as an error names it: "warmup_steps (200, --config run.json)"."""
     return f"{key} ({getattr(cfg, key)!r}, {where_set(key)})"
 
 
 def off_switch(key: str, where_set: Callable[[str], str] = flag_of) -> str:
-    """How to turn boolean field ``key`` off: ``--no-KEY`` where it came from its flag, else
-    "KEY false (where it was set)"."""
+    """How to turn boolean field ``key`` off: ``--no-KEY``, else "KEY false (where it was set)"."""
     where = where_set(key)
     return f"--no-{flag_of(key)[2:]}" if where == flag_of(key) else f"{key} false ({where})"
 
 
 def where_set_in(args: Mapping[str, Any], section: str, rest: str | None = None
                  ) -> Callable[[str], str]:
-    """Where the user of a parsed command line set field ``key``, for errors: its flag when typed,
-    the ``--config`` file (``args["config"]``) when that sets it, else ``rest`` (such as a resumed
-    run's config.json), else its flag (the field is at its default)."""
+    """Where the user set field ``key``, for errors: its flag when typed, else the ``--config``
+    file when that sets it, else ``rest`` (a resumed run's config.json), else its flag."""
     config = args.get("config")
     in_file = read_config_file(config, section)[0] if config is not None else {}
 
@@ -399,16 +379,14 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type,
                      positional: Collection[str] = (),
                      aliases: Mapping[str, Sequence[str]] | None = None
                      ) -> argparse.ArgumentParser:
-    """One flag per dataclass field, helped by its comment and grouped by its section
-    (``field_docs``). Give the parser ``argument_default=argparse.SUPPRESS`` so that only typed
-    flags override the config file. An Optional field's flag reads ``none``/``null`` as None (a
-    plain ``str`` field keeps it as text). A field without a default is a required flag, or an
-    operand when named in ``positional``. Field metadata: ``repeat`` (a list flag given once per
-    item), ``metavar``, ``choices``, ``none_is_a_value`` (``none`` is text, a value of its own).
-    ``aliases``: other spellings of a field's flag, accepted but not shown by --help."""
+    """One flag per dataclass field, helped and grouped by ``field_docs``; a field without a
+    default is required, or an operand if in ``positional``. The parser needs
+    ``argument_default=argparse.SUPPRESS`` (only typed flags override the file). Field metadata:
+    ``repeat`` (given once per item), ``metavar``, ``choices``, ``none_is_a_value``. ``aliases``:
+    hidden other spellings of a flag."""
     hints = typing.get_type_hints(cls)
     helps, sections = field_docs(cls)
-    groups: dict[str, argparse._ArgumentGroup] = {}
+    groups: dict[str | None, Any] = {}
     for f in dataclasses.fields(cls):
         base, optional = _field_type(hints[f.name])
         optional = optional and not f.metadata.get("none_is_a_value")
@@ -416,9 +394,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type,
                    else f.default_factory())  # MISSING: the user must give it
         help_text = _help_text(helps.get(f.name, ""), default, optional and base is not bool)
         title = sections.get(f.name)
-        if title and title not in groups:
-            groups[title] = parser.add_argument_group(title)
-        target = groups[title] if title else parser
+        if title not in groups:
+            groups[title] = parser.add_argument_group(title) if title else parser
+        target = groups[title]
         if f.name in positional:  # a list operand keeps its values whole: file names hold commas
             kwargs = ({"nargs": "+", "type": _item_type(base)} if typing.get_origin(base) is list
                       else {"type": base})

@@ -238,7 +238,8 @@ def test_trainingmanager_cli_runs_the_recipe_on_the_scrape(tmp_path):
 def test_every_recipe_validates_and_eval_config_reads_its_section(tmp_path, capsys):
     for name in RECIPES:
         recipe = recipes.load_recipe(CONFIGS / f"{name}.json")
-        assert recipe.notes["_seed"] and recipe.train["name"] == name
+        assert json.loads((CONFIGS / f"{name}.json").read_text())["_seed"]
+        assert recipe.train["name"] == name
         cfg = ev.parse_config(["--config", str(CONFIGS / f"{name}.json")])
         assert cfg.tasks == recipe.eval["tasks"]
     bad = tmp_path / "bad.json"
@@ -540,7 +541,7 @@ def test_a_stopped_smoke_run_says_it_starts_again_not_that_it_continues(tmp_path
     saved ... continue with" and then "(a --smoke run starts over)"."""
     again = "start it again with the same recipes.py command (a --smoke run is not resumed)"
     train = tm.TrainResult(tmp_path, 5.0, 13, interrupted="SIGINT")
-    report = recipes.RecipeResult(tmp_path, train, None, None, [9.0, 8.0], smoke=True)
+    report = recipes.RecipeResult(tmp_path, train, None, [9.0, 8.0], smoke=True)
     assert f"interrupted (SIGINT) at step 13: {again}" in recipes.summary(report)
     asked = []
 
@@ -576,7 +577,7 @@ def test_loss_change_never_compares_a_window_with_itself(tmp_path):
     assert recipes.loss_change([5.0, 4.0, 3.0, 2.0, 1.0]) == (4.5, 1.5)
     assert recipes.loss_change([6.0, 5.0, 4.0, 3.0, 2.0, 1.0]) == (5.0, 2.0)
     assert recipes.loss_change([7.7]) is None and recipes.loss_change([]) is None
-    report = recipes.RecipeResult(tmp_path, tm.TrainResult(tmp_path, None, 2), None, None,
+    report = recipes.RecipeResult(tmp_path, tm.TrainResult(tmp_path, None, 2), None,
                                   [7.96, 7.5], smoke=True)
     assert "7.9600 -> 7.5000 (decreased)" in recipes.summary(report)
     assert recipes.smoke_problems(report) == []
@@ -592,7 +593,7 @@ def test_a_budget_stop_and_an_early_interrupt_say_what_is_left(tmp_path, capsys,
     """A run its time budget stopped looked finished; Ctrl-C before the first checkpoint
     said to --resume a run that did not exist."""
     train = tm.TrainResult(tmp_path, 5.0, 41, best_step=41, stopped_by_budget=True)
-    report = recipes.RecipeResult(tmp_path, train, None, None, [9.0, 8.0])
+    report = recipes.RecipeResult(tmp_path, train, None, [9.0, 8.0])
     assert ("time budget (train.max_time_s) reached at step 41: the run is not finished; "
             "continue with the same recipes.py command plus --resume") in recipes.summary(report)
 
@@ -799,7 +800,7 @@ def test_data_flag_replaces_the_recipes_validation_files_with_a_split_of_the_dat
 def test_a_smoke_adapter_that_does_not_load_back_fails_the_smoke_run(tmp_path):
     """--smoke's round-trip check: base + saved adapter differing from the merged export
     beyond the tolerance is a problem (exit 1); at the tolerance it is not."""
-    report = recipes.RecipeResult(tmp_path, tm.TrainResult(tmp_path, None, 2), None, None,
+    report = recipes.RecipeResult(tmp_path, tm.TrainResult(tmp_path, None, 2), None,
                                   [8.0, 7.0], adapter_max_diff=1e-3, smoke=True)
     (problem,) = recipes.smoke_problems(report)
     assert "base + saved adapter and the merged export differ by 1.00e-03" in problem
@@ -822,7 +823,7 @@ def test_smoke_runs_smoke_steps_even_when_the_recipe_counts_max_steps(tmp_path, 
 def test_a_failed_smoke_check_exits_1_and_says_why(tmp_path, capsys, monkeypatch):
     """A smoke run whose loss did not fall is a failure of the command (CI runs it), told on
     stderr; the same run without --smoke checks nothing."""
-    report = recipes.RecipeResult(tmp_path, tm.TrainResult(tmp_path, None, 2), None, None,
+    report = recipes.RecipeResult(tmp_path, tm.TrainResult(tmp_path, None, 2), None,
                                   [7.5, 7.5], smoke=True)
     monkeypatch.setattr(recipes, "run_recipe", lambda opts: report)
     assert recipes.main([str(CONFIGS / "refactotron.json"), "--smoke"]) == 1
@@ -983,7 +984,7 @@ def test_the_stdlib_data_source_is_no_missing_path(tmp_path, monkeypatch):
 
 
 def test_a_loss_that_stayed_level_is_told_as_not_decreasing(tmp_path):
-    report = recipes.RecipeResult(tmp_path, tm.TrainResult(tmp_path, None, 2), None, None,
+    report = recipes.RecipeResult(tmp_path, tm.TrainResult(tmp_path, None, 2), None,
                                   [7.5, 7.5], smoke=True)
     assert "7.5000 -> 7.5000 (DID NOT DECREASE)" in recipes.summary(report)
 
