@@ -314,7 +314,7 @@ def _read_records(path: Path, cfg: DataConfig, counts: Counter) -> Iterator[Doc]
     for number, where, record in rows:
         try:
             record = _json_line(record, where) if isinstance(record, bytes) else record
-            doc = _record_to_doc(_with_columns(record, cfg, where), path, number, where)
+            doc = _record_to_doc(record, cfg, f"{path.name}:{number}", where)
         except DataError as exc:
             if not cfg.skip_bad:
                 raise DataError(f"{exc} (skip such records with --skip-bad, or the data "
@@ -332,46 +332,31 @@ def _jsonl_lines(path: Path) -> Iterator[tuple[int, str, bytes]]:
 
 
 def _table_rows(file: Path, cfg: DataConfig) -> Iterator[tuple[int, str, dict]]:
-    """The rows of a parquet file or a datasets Arrow file, read a batch at a time (a file
-    larger than memory streams), only the columns the data options name."""
+    """The rows of a parquet file or a datasets Arrow file, a batch at a time (a file larger than
+    memory streams), only the columns the data options name."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     if file.suffix == ".parquet":
         table = pq.ParquetFile(file, pre_buffer=False)  # pre-buffering holds every row group
-        batches = table.iter_batches(batch_size=64,
-                                     columns=_wanted(table.schema_arrow.names, cfg, file))
+        names = table.schema_arrow.names
     else:  # datasets' Arrow stream files, memory-mapped
-        reader = pa.ipc.open_stream(pa.memory_map(str(file)))
-        _wanted(reader.schema.names, cfg, file)
-        batches = iter(reader)
-    number = 0
-    for batch in batches:
-        for row in batch.to_pylist():
-            number += 1
-            yield number, f"{file}: row {number}", row
-
-
-def _wanted(names: Sequence[str], cfg: DataConfig, file: Path) -> list[str] | None:
-    """The columns to read (None: all), each named one there."""
-    named = [c for c in (cfg.text_column, cfg.input_column, cfg.output_column) if c]
+        table = pa.ipc.open_stream(pa.memory_map(str(file)))
+        names = table.schema.names
+    named = _named_columns(cfg)
     if missing := [c for c in named if c not in names]:
         raise DataError(f"{file}: no column {missing[0]!r} (its columns: {', '.join(names)}); "
                         "set the data options text_column, or input_column and output_column")
-    return [*named, *(c for c in ("repo", "path") if c in names)] if named else None
+    if file.suffix == ".parquet":
+        wanted = [*named, *(c for c in ("repo", "path") if c in names)] if named else None
+        table = table.iter_batches(batch_size=64, columns=wanted)
+    rows = (row for batch in table for row in batch.to_pylist())
+    for number, row in enumerate(rows, start=1):
+        yield number, f"{file}: row {number}", row
 
 
-def _with_columns(record: dict, cfg: DataConfig, where: str) -> dict:
-    """``record`` with the columns the data options name read as codelm's keys."""
-    named = [cfg.text_column] if cfg.text_column else [cfg.input_column, cfg.output_column]
-    if missing := [c for c in named if c is not None and c not in record]:
-        raise DataError(f"{where}: no key {missing[0]!r}, which the data options name")
-    if cfg.text_column is not None:
-        return {"text": record[cfg.text_column], "repo": record.get("repo"),
-                "path": record.get("path")}
-    if cfg.input_column is not None:
-        return {"input": record[cfg.input_column], "output": record[cfg.output_column]}
-    return record
+def _named_columns(cfg: DataConfig) -> list[str]:
+    return [c for c in (cfg.text_column, cfg.input_column, cfg.output_column) if c]
 
 
 # A code record's text: the scrapers' key, then that of some published corpora.
@@ -394,8 +379,14 @@ def _json_line(raw: bytes, where: str) -> dict:
     return rec
 
 
-def _record_to_doc(rec: dict, path: Path, lineno: int, where: str) -> Doc:
-    """One record's Doc; a DataError names ``where`` and the key at fault."""
+def _record_to_doc(rec: dict, cfg: DataConfig, name: str, where: str) -> Doc:
+    """One record's Doc (``name``, file:line, is its id without a path); a DataError names
+    ``where`` and the key at fault."""
+    if named := _named_columns(cfg):  # the columns the data options name, as codelm's keys
+        if missing := [c for c in named if c not in rec]:
+            raise DataError(f"{where}: no key {missing[0]!r}, which the data options name")
+        rec = ({"text": rec[named[0]], "repo": rec.get("repo"), "path": rec.get("path")}
+               if cfg.text_column else {"input": rec[named[0]], "output": rec[named[1]]})
     # Every string a record contributes must be valid UTF-8 (JSON can spell lone surrogates).
     for key in (*TEXT_KEYS, "repo", "path", "input", "output", "prompt", "completion"):
         if isinstance(rec.get(key), str) and not is_utf8(rec[key]):
@@ -404,16 +395,16 @@ def _record_to_doc(rec: dict, path: Path, lineno: int, where: str) -> Doc:
         if a in rec or b in rec:
             if not (isinstance(rec.get(a), str) and isinstance(rec.get(b), str)):
                 raise DataError(f"{where}: a pair needs string keys {a!r} and {b!r}")
-            return Doc(f"{path.name}:{lineno}", rec[a], target=rec[b], raw_pair=a == "prompt")
+            return Doc(name, rec[a], target=rec[b], raw_pair=a == "prompt")
     key = next((k for k in TEXT_KEYS if k in rec), None)
-    if key is not None:
-        if not isinstance(rec[key], str):
-            raise DataError(f"{where}: key {key!r} must be a string")
-        repo = rec.get("repo") if isinstance(rec.get("repo"), str) else None
-        rel = rec.get("path") if isinstance(rec.get("path"), str) else f"{path.name}:{lineno}"
-        return Doc(f"{repo}/{rel}" if repo else rel, rec[key], repo=repo)
-    raise DataError(f"{where}: record has none of the keys 'text' (or 'file_text'), "
-                    "'input'/'output', 'prompt'/'completion'")
+    if key is None:
+        raise DataError(f"{where}: record has none of the keys 'text' (or 'file_text'), "
+                        "'input'/'output', 'prompt'/'completion'")
+    if not isinstance(rec[key], str):
+        raise DataError(f"{where}: key {key!r} must be a string")
+    repo = rec.get("repo") if isinstance(rec.get("repo"), str) else None
+    rel = rec.get("path") if isinstance(rec.get("path"), str) else name
+    return Doc(f"{repo}/{rel}" if repo else rel, rec[key], repo=repo)
 
 
 def _sources_by_split(cfg: DataConfig) -> list[tuple[str | None, str]]:
@@ -1415,19 +1406,20 @@ def held_out_prompt(docs: Iterable[Doc], cfg: DataConfig) -> tuple[str, bool] | 
     its completion is code that ends with its function (else it ends with the output): a pair
     task's first example, or the header (and docstring) of a file's first top-level function."""
     for doc in docs:
-        if cfg.task in ("lm", "fim", "completion") and doc.target is None:
-            parsed = _parse(doc) if doc.is_python else None
-            functions = [n for n in parsed.tree.body if isinstance(
-                n, (ast.FunctionDef, ast.AsyncFunctionDef))] if parsed else []
-            for fn in functions:
-                docstring = docstring_statement(fn)
-                end = docstring.end_lineno if docstring else fn.body[0].lineno - 1
-                if end >= fn.lineno:  # not a one-line `def f(): ...`
-                    start = min([fn.lineno, *(d.lineno for d in fn.decorator_list)])
-                    return "\n".join(parsed.lines[start - 1 : end]) + "\n", True
-        elif cfg.task not in ("lm", "fim", "completion") and (doc.target or cfg.task != "refactor"):
-            if examples := _examples_for(doc, cfg, Counter()):
-                return examples[0].prompt, cfg.task == "method"
+        if cfg.task not in ("lm", "fim", "completion"):
+            if doc.target or cfg.task != "refactor":
+                if examples := _examples_for(doc, cfg, Counter()):
+                    return examples[0].prompt, cfg.task == "method"
+            continue
+        parsed = _parse(doc) if doc.is_python else None  # is_python: not a pair
+        for fn in parsed.tree.body if parsed else []:
+            if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            docstring = docstring_statement(fn)
+            end = docstring.end_lineno if docstring else fn.body[0].lineno - 1
+            if end >= fn.lineno:  # not a one-line `def f(): ...`
+                start = min([fn.lineno, *(d.lineno for d in fn.decorator_list)])
+                return "\n".join(parsed.lines[start - 1 : end]) + "\n", True
     return None
 
 
@@ -1495,18 +1487,12 @@ def _char_start(raw: bytes, x: int) -> int:
     return x
 
 
-def _fim_chunk_size(tokenizer, cfg: DataConfig) -> int:
-    """Tokens of a file per fim chunk: the template prefix, three sentinels, the chunk and EOS
-    fill ``block_size + 1``."""
-    return max(2, cfg.block_size + 1 - 4 - len(tokenizer.template_prefix))
-
-
-def _fim_plan(ids: list[int], doc_id: str, tokenizer, cfg: DataConfig, byte_lengths: np.ndarray
-              ) -> list[list[int] | tuple[str, str, str]]:
-    """A file's chunks, each a plain LM chunk (its ids) or, for a seeded ``fim_rate`` share, the
-    texts of its prefix, middle and suffix, cut at two token positions moved to character starts."""
+def _fim_plan(ids: list[int], doc_id: str, size: int, tokenizer, cfg: DataConfig,
+              byte_lengths: np.ndarray) -> list[list[int] | tuple[str, str, str]]:
+    """A file's chunks of ``size`` tokens, each a plain LM chunk (its ids) or, for a seeded
+    ``fim_rate`` share, the texts of its prefix, middle and suffix, cut at two token positions
+    moved to character starts."""
     rng = random.Random(f"{cfg.seed}\0fim\0{doc_id}")
-    size = _fim_chunk_size(tokenizer, cfg)
     table = tokenizer._id_to_bytes
     offsets = None
     plan: list[list[int] | tuple[str, str, str]] = []
@@ -1536,12 +1522,13 @@ def _fim_pairs(docs: list[tuple[list[int], str]], tokenizer, cfg: DataConfig,
     ``fim_rate`` share of prefix-suffix-middle (PSM) examples whose parts are cut at characters
     and encoded alone, as at inference (StarCoder's FIM); a PSM prompt is cut inside its code,
     keeping its three sentinels."""
+    # The template prefix, three sentinels, the chunk and EOS fill ``block_size + 1``.
+    size = max(2, cfg.block_size + 1 - 4 - len(tokenizer.template_prefix))
     byte_lengths = np.fromiter(map(len, tokenizer._id_to_bytes), np.int64)
-    plans = [_fim_plan(ids, doc_id, tokenizer, cfg, byte_lengths) for ids, doc_id in docs]
+    plans = [_fim_plan(ids, doc_id, size, tokenizer, cfg, byte_lengths) for ids, doc_id in docs]
     texts = [t for plan in plans for item in plan if isinstance(item, tuple) for t in item]
     parts = iter(_encode(_without_stripping(tokenizer), texts, cfg, desc))
     pre, mid, suf = tokenizer.fim_prefix_id, tokenizer.fim_middle_id, tokenizer.fim_suffix_id
-    size = _fim_chunk_size(tokenizer, cfg)
     out = []
     for plan in plans:
         pairs = []

@@ -103,11 +103,7 @@ def canonical_license(name: str | None) -> str | None:
 
 def license_allowed(license_id: str | None, allowed: frozenset[str] | None) -> bool:
     """Whether a licence (None: none detected) passes ``expand_licenses``'s ``allowed``."""
-    if allowed is None:
-        return True
-    if license_id is None:
-        return NO_LICENSE in allowed
-    return license_id.lower() in {a.lower() for a in allowed}
+    return allowed is None or (license_id or NO_LICENSE) in allowed
 
 
 @dataclass
