@@ -19,7 +19,6 @@ import contextlib
 import copy
 import hashlib
 import io
-import itertools
 import json
 import math
 import multiprocessing
@@ -420,10 +419,8 @@ def _iter_sources(cfg: DataConfig, counts: Counter, pairs: list[int]) -> Iterato
     taken: Counter = Counter()  # documents yielded per role
     for i, (split, source) in enumerate(_sources_by_split(cfg)):
         files = _record_files(source)
-        if files is not None:
-            docs = itertools.chain.from_iterable(_read_records(f, cfg, counts) for f in files)
-        else:
-            docs = _read_files(source, cfg, counts)
+        docs = (_read_files(source, cfg, counts) if files is None
+                else (doc for f in files for doc in _read_records(f, cfg, counts)))
         for raw in docs:
             if cfg.max_docs is not None and taken[split] >= cfg.max_docs:
                 break
@@ -711,11 +708,6 @@ def near_duplicates(texts: Sequence[str], threshold: float = 0.85, num_perm: int
     return dupes
 
 
-def _pool_worker_signals() -> None:
-    """A worker leaves Ctrl-C to its parent, which ends the pool."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def clean_corpus(cfg: DataConfig) -> tuple[list[Doc], dict]:
     """Read and clean every source in one streaming pass (memory holds the kept documents only).
     Returns (kept docs in source order, stats)."""
@@ -746,8 +738,9 @@ def clean_corpus(cfg: DataConfig) -> tuple[list[Doc], dict]:
     with contextlib.ExitStack() as stack:
         if cfg.num_workers > 1:
             ctx = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
-            pool = stack.enter_context(ctx.Pool(cfg.num_workers,
-                                                 initializer=_pool_worker_signals))
+            # A worker leaves Ctrl-C to its parent, which ends the pool.
+            pool = stack.enter_context(ctx.Pool(cfg.num_workers, initializer=signal.signal,
+                                                 initargs=(signal.SIGINT, signal.SIG_IGN)))
             chunksize = 1 if cfg.autopep8 else 16  # autopep8 files vary a lot in cost
             results = pool.imap(_clean_one, to_clean(), chunksize=chunksize)
         else:
@@ -797,11 +790,7 @@ def assign_splits(keys: Iterable[str], fracs: tuple[float, float, float] = (0.8,
     (val and test get at least one key each when there are 3 keys and their fraction is > 0)."""
     unique = sorted(set(keys), key=lambda k: hashlib.sha256(f"{seed}\0{k}".encode()).digest())
     n = len(unique)
-    n_val = round(n * fracs[1])
-    n_test = round(n * fracs[2])
-    if n >= 3:
-        n_val = max(n_val, 1 if fracs[1] > 0 else 0)
-        n_test = max(n_test, 1 if fracs[2] > 0 else 0)
+    n_val, n_test = (max(round(n * f), int(n >= 3 and f > 0)) for f in fracs[1:])
     n_train = max(0, n - n_val - n_test)
     return {k: "train" if i < n_train else "val" if i < n_train + n_val else "test"
             for i, k in enumerate(unique)}
@@ -1165,10 +1154,10 @@ def method_examples(doc: Doc, parsed: _Parsed | None = None) -> list[Example]:
         body = _dedent(parsed, ds.end_lineno + 1, node.end_lineno, node.col_offset)
         if not "".join(body).strip():
             continue
-        prompt = "\n".join(head) + "\n"
         n_sig = ds.lineno - start  # the decorator and def lines before the docstring
-        sig = "".join(line + "\n" for line in head[:n_sig])
-        out.append(Example(sig, "\n".join(body).rstrip(), body=prompt[len(sig) :]))
+        sig, docstring = ("".join(line + "\n" for line in part)
+                          for part in (head[:n_sig], head[n_sig:]))
+        out.append(Example(sig, "\n".join(body).rstrip(), body=docstring))
     return out
 
 
@@ -1199,8 +1188,7 @@ def docstring_examples(doc: Doc, targets: str, prompt: str, code_tokens: int,
         source = "\n".join(code)
         template = DOCSTRING_PROMPTS[prompt]
         if not isinstance(node, ast.ClassDef):  # a function's prompt names a function
-            template = template.replace("Class", "Function")
-            template = template.replace("Python class", "Python function")
+            template = template.replace("Class", "Function").replace(" class.", " function.")
         head, tail = template.replace("{class_name}", node.name).split("{source_code}")
         out.append(Example(head, docstring, body=source, tail=tail, body_budget=code_tokens))
     return out
@@ -1570,6 +1558,32 @@ def _fit_fim_context(prefix: list[int], suffix: list[int], max_prompt_tokens: in
     return prefix[len(prefix) - keep :], suffix[: room - keep]
 
 
+def _split_pairs(docs: list[Doc], tokenizer, cfg: DataConfig, s: str, events: Counter
+                 ) -> list[tuple[list[int], list[int], bool, tuple[int, int]]]:
+    """One split's (prompt ids, completion ids, EOS follows it, the prompt's span truncation
+    cuts first), counting skipped examples in ``events``."""
+    pairs = []
+    if cfg.task == "fim" or (cfg.task == "completion" and cfg.completion_style == "window"):
+        code = [d for d in docs if d.target is None]
+        encoded = _encode(tokenizer, [d.text for d in code], cfg, f"tokenize {s}")
+        if cfg.task == "fim":
+            files = _fim_pairs([(ids, d.id) for d, ids in zip(code, encoded)], tokenizer, cfg,
+                               f"fim parts {s}")
+            pairs = [(p, c, bool(p), (0, 0)) for file_pairs in files for p, c in file_pairs]
+        else:
+            pairs = [(p, c, False, (0, 0)) for ids in encoded for p, c in window_pairs(ids, cfg)]
+        examples = [Example(d.text, d.target, pair=True) for d in docs if d.target is not None]
+    else:
+        examples = [e for d in progress_bar(docs, desc=f"{cfg.task} {s}", enabled=cfg.progress)
+                    for e in _examples_for(d, cfg, events)]
+    for prompt, completion, span in tokenize_examples(examples, tokenizer, cfg, f"tokenize {s}"):
+        if cfg.task == "docstring" and len(completion) < cfg.docstring_min_tokens:
+            events["skipped_docstring_too_short"] += 1
+        else:
+            pairs.append((prompt, completion, True, span))
+    return pairs
+
+
 def _build_supervised(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path) -> dict:
     if cfg.task == "fim" and None in (tokenizer.fim_prefix_id, tokenizer.fim_middle_id,
                                       tokenizer.fim_suffix_id):
@@ -1587,35 +1601,9 @@ def _build_supervised(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path) -> 
             events["pair_holds_special_token_text"] = sum(
                 bool(special_text.search(d.text) or special_text.search(d.target))
                 for d in docs if d.target is not None)
-        # (prompt ids, completion ids, EOS follows it, the prompt's span truncation cuts first)
-        pairs: list[tuple[list[int], list[int], bool, tuple[int, int]]] = []
-        if cfg.task == "fim" or (cfg.task == "completion" and cfg.completion_style == "window"):
-            code = [d for d in docs if d.target is None]
-            encoded = _encode(tokenizer, [d.text for d in code], cfg, f"tokenize {s}")
-            if cfg.task == "fim":
-                docs_ids = [(ids, d.id) for d, ids in zip(code, encoded)]
-                for file_pairs in _fim_pairs(docs_ids, tokenizer, cfg, f"fim parts {s}"):
-                    pairs.extend((p, c, bool(p), (0, 0)) for p, c in file_pairs)
-            else:
-                for ids in encoded:
-                    pairs.extend((p, c, False, (0, 0)) for p, c in window_pairs(ids, cfg))
-            examples = [Example(d.text, d.target, pair=True) for d in docs if d.target is not None]
-        else:
-            examples = [
-                e
-                for d in progress_bar(docs, desc=f"{cfg.task} {s}", enabled=cfg.progress)
-                for e in _examples_for(d, cfg, events)
-            ]
-        tokenized = tokenize_examples(examples, tokenizer, cfg, f"tokenize {s}")
-        for prompt, completion, code_span in tokenized:
-            if cfg.task == "docstring" and len(completion) < cfg.docstring_min_tokens:
-                events["skipped_docstring_too_short"] += 1
-                continue
-            pairs.append((prompt, completion, True, code_span))
         ids_out: list[int] = []
-        offsets = [0]
-        prompt_lens = []
-        for prompt, completion, ends, code_span in pairs:
+        offsets, prompt_lens = [0], []
+        for prompt, completion, ends, code_span in _split_pairs(docs, tokenizer, cfg, s, events):
             n_target = len(completion)
             if ends and eos is not None:
                 completion = completion + [eos]
@@ -1623,8 +1611,7 @@ def _build_supervised(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path) -> 
             limit = cfg.max_completion_tokens if prompt or cfg.task != "fim" else None
             kept_prompt, kept_completion = _truncate_pair(
                 prompt, completion, cfg.block_size - len(start), limit, cfg.max_prompt_tokens,
-                code_span,
-            )
+                code_span)
             if not kept_completion[:n_target]:  # nothing to learn (an EOS alone is no target)
                 events["skipped_empty_completion"] += 1
                 continue
@@ -1717,12 +1704,11 @@ def _note_pairs_as_text(cfg: DataConfig, meta: dict) -> None:
 def _print_stats(stats: dict) -> None:
     corpus, task = stats["corpus"], stats.get("task") or {}
     for what in ("read", "dropped", "modified", "kept"):
+        counts = corpus[what]  # read and kept: files and bytes; dropped and modified: by reason
         if what in ("read", "kept"):
-            files, size = corpus[what]["files"], corpus[what]["bytes"] / 2**20
-            print(f"{what:<9} {files:>8} files  {size:8.2f} MB")
-        else:
-            for reason, n in corpus[what].items():
-                print(f"{what:<9} {n:>8} {reason}")
+            counts = {f"files  {counts['bytes'] / 2**20:8.2f} MB": counts["files"]}
+        for reason, n in counts.items():
+            print(f"{what:<9} {n:>8} {reason}")
     counts = "  ".join(f"{s} {corpus['split'][s]}" for s in SPLITS)
     print(f"split     {counts}  (by {corpus['split_by']})")
     for key in ("n_tokens", "examples", "tokens"):
