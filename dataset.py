@@ -36,6 +36,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cached_property
+from itertools import accumulate, groupby
 from pathlib import Path
 
 import numpy as np
@@ -288,9 +289,8 @@ def _check_source(source: str) -> None:
 
 
 def _record_files(source: str) -> list[Path] | None:
-    """The files of a record source: a JSONL or parquet file, a datasets ``save_to_disk``
-    directory, a Hugging Face dataset id (its train split's parquet or JSONL files, or all of
-    them); None for code (the stdlib, a directory of files)."""
+    """The files of a record source (JSONL, parquet, a datasets ``save_to_disk`` directory, a
+    Hugging Face dataset id: its train split's files, or all); None for code (stdlib, a folder)."""
     import pretrained
 
     path = Path(source).expanduser()
@@ -307,8 +307,7 @@ def _record_files(source: str) -> list[Path] | None:
 
 
 def _read_records(path: Path, cfg: DataConfig, counts: Counter) -> Iterator[Doc]:
-    """Scraper records ({repo, path, text}) or pairs ({input, output} / {prompt, completion}) of
-    a JSONL file, or the rows of a parquet or datasets Arrow file, as documents."""
+    """The code or pair records of a JSONL, parquet or datasets Arrow file, as documents."""
     rows = _jsonl_lines(path) if path.suffix == ".jsonl" else _table_rows(path, cfg)
     for number, where, record in rows:
         try:
@@ -331,8 +330,7 @@ def _jsonl_lines(path: Path) -> Iterator[tuple[int, str, bytes]]:
 
 
 def _table_rows(file: Path, cfg: DataConfig) -> Iterator[tuple[int, str, dict]]:
-    """The rows of a parquet file or a datasets Arrow file, a batch at a time (a file larger than
-    memory streams), only the columns the data options name."""
+    """A parquet or datasets Arrow file's rows, streamed a batch at a time, the named columns."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -379,8 +377,7 @@ def _json_line(raw: bytes, where: str) -> dict:
 
 
 def _record_to_doc(rec: dict, cfg: DataConfig, name: str, where: str) -> Doc:
-    """One record's Doc (``name``, file:line, is its id without a path); a DataError names
-    ``where`` and the key at fault."""
+    """One record's Doc (``name``: its id without a path); a DataError names ``where``, the key."""
     if named := _named_columns(cfg):  # the columns the data options name, as codelm's keys
         if missing := [c for c in named if c not in rec]:
             raise DataError(f"{where}: no key {missing[0]!r}, which the data options name")
@@ -540,8 +537,7 @@ def redact_secrets(text: str) -> tuple[str, int]:
 
 
 def _shares_line(lines: Sequence[str], node: ast.AST) -> bool:
-    """Whether code stands before or after ``node`` on its first/last line (ast columns count
-    UTF-8 bytes)."""
+    """Whether code stands beside ``node`` on its first or last line (ast columns count bytes)."""
     before = lines[node.lineno - 1].encode("utf-8")[: node.col_offset]
     after = lines[node.end_lineno - 1].encode("utf-8")[node.end_col_offset :]
     return bool(before.strip() or after.decode("utf-8", "replace").split("#")[0].strip())
@@ -600,8 +596,7 @@ def _autopep8(text: str, timeout: float) -> tuple[str, str | None]:
 
 
 def _redact(texts: list[str], opt: dict) -> tuple[list[str], list[str]]:
-    """``texts`` (a document, or a pair's prompt and completion) with credentials and, if asked,
-    e-mail addresses replaced; and the modifications made."""
+    """``texts`` (a document, or a pair's two) with credentials (and e-mails) replaced; the mods."""
     mods = []
     if opt["redact_secrets"]:
         texts, counts = zip(*map(redact_secrets, texts))
@@ -709,8 +704,7 @@ def near_duplicates(texts: Sequence[str], threshold: float = 0.85, num_perm: int
 
 
 def clean_corpus(cfg: DataConfig) -> tuple[list[Doc], dict]:
-    """Read and clean every source in one streaming pass (memory holds the kept documents only).
-    Returns (kept docs in source order, stats)."""
+    """(kept docs in source order, stats) of one streaming read-and-clean pass over the sources."""
     counts: Counter = Counter()  # drops by reason, in cleaning
     mods: Counter = Counter()
     # The reader's counts (it runs in the pool's task thread) are complete after the last result.
@@ -994,8 +988,7 @@ def supervised_example(prompt_ids: Sequence[int], completion_ids: Sequence[int],
                        max_completion_tokens: int | None = None,
                        max_prompt_tokens: int | None = None, code: tuple[int, int] = (0, 0),
                        start: Sequence[int] = ()) -> dict[str, torch.Tensor]:
-    """One causal-LM example (input length at most ``max_length``): ``start`` + prompt +
-    completion, cut by ``_truncate_pair``; labels are -100 on every prompt target."""
+    """One causal-LM example: ``start`` + prompt + completion cut by ``_truncate_pair``."""
     prompt, completion = _truncate_pair(prompt_ids, completion_ids, max_length - len(start),
                                         max_completion_tokens, max_prompt_tokens, code)
     prompt = [*start, *prompt]
@@ -1042,8 +1035,7 @@ def collate(examples: Sequence[dict[str, torch.Tensor]], pad_id: int | None
 
 @dataclass
 class PreparedData:
-    """The three splits of one task: Datasets of {"input_ids", "labels"}, or without a tokenizer
-    lists of texts (to train one on)."""
+    """The three splits of one task: Datasets, or without a tokenizer texts (to train one on)."""
 
     train: Dataset | list[str]
     val: Dataset | list[str]
@@ -1195,8 +1187,7 @@ def docstring_examples(doc: Doc, targets: str, prompt: str, code_tokens: int,
 
 
 def refactor_example(doc: Doc) -> Example:
-    """{"input","output"} through REFACTOR_TEMPLATE, the input as the body; prompt/completion
-    pairs are used verbatim."""
+    """A pair through REFACTOR_TEMPLATE (the input as the body); prompt/completion ones verbatim."""
     if doc.raw_pair:
         return Example(doc.text, doc.target, pair=True)
     head, tail = REFACTOR_TEMPLATE.split("{input}")
@@ -1227,8 +1218,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def tokenizer_cache_dir(cfg: DataConfig, min_freq: int, max_vocab: int | None) -> Path:
-    """Where a CodeTokenizer trained on ``cfg``'s train split is cached (keyed by corpus,
-    training options and ``ENCODING_VERSION``)."""
+    """Where a CodeTokenizer trained on ``cfg``'s train split is cached."""
     key = _hash_json({"v": ENCODING_VERSION, "corpus": corpus_key(cfg),
                       "min_freq": min_freq, "max_vocab": max_vocab})
     return Path(cfg.cache_dir) / f"tokenizer-{key}"
@@ -1268,25 +1258,21 @@ def reads_special_tokens(task: str | None, pair_special_tokens: object) -> bool:
 
 def _encode(tokenizer, texts: list[str], cfg: DataConfig, desc: str,
             specials: Sequence[bool] = ()) -> list[list[int]]:
-    """encode_batch in chunks (bounded memory, a progress bar); a special token's text is text,
-    except in the texts ``specials`` marks (``pair_special_tokens``)."""
-    specials = list(specials) or [False] * len(texts)
+    """encode_batch in chunks of about 16M characters (bounded memory, a progress bar); a special
+    token's text is text, except in the texts ``specials`` marks (``pair_special_tokens``)."""
     out: list[list[int]] = [[] for _ in texts]
     with progress_bar(total=len(texts), desc=desc, unit="text", enabled=cfg.progress) as bar:
         for read in (False, True):
-            which = [i for i, r in enumerate(specials) if bool(r) == read]
-            start = size = 0
-            for end, i in enumerate(which, start=1):
-                size += len(texts[i])
-                if size >= 16_000_000 or end == len(which):
-                    chunk = which[start:end]
-                    encoded = tokenizer.encode_batch([texts[j] for j in chunk],
-                                                     num_workers=cfg.num_workers,
-                                                     split_special_tokens=not read)
-                    for j, ids in zip(chunk, encoded):
-                        out[j] = ids
-                    bar.update(end - start)
-                    start, size = end, 0
+            which = [i for i in range(len(texts)) if bool(specials and specials[i]) == read]
+            ends = accumulate(len(texts[i]) for i in which)  # characters up to each text
+            for _, chunk in groupby(zip(which, ends), lambda pair: pair[1] // 16_000_000):
+                chunk = [i for i, _ in chunk]
+                encoded = tokenizer.encode_batch([texts[i] for i in chunk],
+                                                 num_workers=cfg.num_workers,
+                                                 split_special_tokens=not read)
+                for i, ids in zip(chunk, encoded):
+                    out[i] = ids
+                bar.update(len(chunk))
     return out
 
 
@@ -1390,9 +1376,8 @@ def _examples_for(doc: Doc, cfg: DataConfig, events: Counter) -> list[Example]:
 
 
 def held_out_prompt(docs: Iterable[Doc], cfg: DataConfig) -> tuple[str, bool] | None:
-    """An end-of-run sample's prompt in the task's format from held-out documents, and whether
-    its completion is code that ends with its function (else it ends with the output): a pair
-    task's first example, or the header (and docstring) of a file's first top-level function."""
+    """An end-of-run sample's prompt from held-out documents (a pair task's first example, else
+    a file's first function header), and whether its completion ends with its function."""
     for doc in docs:
         if cfg.task not in ("lm", "fim", "completion"):
             if doc.target or cfg.task != "refactor":
@@ -1477,9 +1462,8 @@ def _char_start(raw: bytes, x: int) -> int:
 
 def _fim_plan(ids: list[int], doc_id: str, size: int, tokenizer, cfg: DataConfig,
               byte_lengths: np.ndarray) -> list[list[int] | tuple[str, str, str]]:
-    """A file's chunks of ``size`` tokens, each a plain LM chunk (its ids) or, for a seeded
-    ``fim_rate`` share, the texts of its prefix, middle and suffix, cut at two token positions
-    moved to character starts."""
+    """A file's chunks of ``size`` tokens: plain LM chunks (ids) or, for a seeded ``fim_rate``
+    share, the texts of prefix, middle and suffix cut at two tokens moved to character starts."""
     rng = random.Random(f"{cfg.seed}\0fim\0{doc_id}")
     table = tokenizer._id_to_bytes
     offsets = None
@@ -1508,8 +1492,7 @@ def _fim_pairs(docs: list[tuple[list[int], str]], tokenizer, cfg: DataConfig,
                desc: str = "fim parts") -> list[list[tuple[list[int], list[int]]]]:
     """(prompt, completion) pairs of each file ``(ids, doc id)``: plain LM chunks, and a
     ``fim_rate`` share of prefix-suffix-middle (PSM) examples whose parts are cut at characters
-    and encoded alone, as at inference (StarCoder's FIM); a PSM prompt is cut inside its code,
-    keeping its three sentinels."""
+    and encoded alone, as at inference (StarCoder's FIM)."""
     # The template prefix, three sentinels, the chunk and EOS fill ``block_size + 1``.
     size = max(2, cfg.block_size + 1 - 4 - len(tokenizer.template_prefix))
     byte_lengths = np.fromiter(map(len, tokenizer._id_to_bytes), np.int64)
