@@ -257,53 +257,43 @@ def _source_files(source: str, extensions: Sequence[str]) -> tuple[Path, list[Pa
     return root, source_files(root, extensions, follow_symlinks=True)
 
 
-def _check_source(source: str) -> None:
+def _record_files(source: str) -> list[Path] | None:
+    """The files of a record source (JSONL, parquet, a datasets ``save_to_disk`` directory, a
+    Hugging Face dataset id: its train split's files, or all); None for code (stdlib, a folder).
+    A source that is none of these is refused here, naming the fix."""
     import pretrained
 
     if source == "stdlib":
-        return
-    path = Path(source).expanduser()
-    if pretrained.is_hub_id(source):
+        return None
+    if pretrained.is_hub_id(source):  # not a local path
         try:
-            pretrained.checkpoint_dir(source, "data source", repo_type="dataset")
+            snapshot = pretrained.checkpoint_dir(source, "data source", repo_type="dataset")
         except ValueError as e:
             raise DataError(str(e)) from None
-        return
+        files = sorted(p for p in snapshot.rglob("*") if p.suffix in (".parquet", ".jsonl"))
+        return [p for p in files if "train" in p.relative_to(snapshot).as_posix()] or files
+    path = Path(source).expanduser()
     if not path.exists():
         raise DataError(f"data source not found: {source}")
     if not is_utf8(path.name):  # the name goes into every document id
         raise DataError(f"data source {source!r}: its name is not valid UTF-8; rename it")
-    if path.is_file() and path.suffix not in (".jsonl", ".parquet"):
-        raise DataError(f"data source {source}: a file source must be JSONL (*.jsonl) or parquet "
-                        "(*.parquet)")
+    if path.is_file():
+        if path.suffix not in (".jsonl", ".parquet"):
+            raise DataError(f"data source {source}: a file source must be JSONL (*.jsonl) or "
+                            "parquet (*.parquet)")
+        return [path]
     if (path / "dataset_dict.json").is_file():
         splits = sorted(p.name for p in path.iterdir() if (p / "state.json").is_file())
         raise DataError(f"data source {source}: a datasets DatasetDict (splits {splits}); name "
                         f"one split's directory, e.g. {path / (splits or ['train'])[0]}")
-    if (path / "state.json").is_file():
-        files = settings.read_json_object(path / "state.json", "datasets state").get("_data_files")
-        if not (isinstance(files, list) and all(isinstance(f, dict) and isinstance(
-                f.get("filename"), str) and (path / f["filename"]).is_file() for f in files)):
-            raise DataError(f"{path / 'state.json'}: no _data_files list naming its .arrow "
-                            "files; save the dataset again with save_to_disk")
-
-
-def _record_files(source: str) -> list[Path] | None:
-    """The files of a record source (JSONL, parquet, a datasets ``save_to_disk`` directory, a
-    Hugging Face dataset id: its train split's files, or all); None for code (stdlib, a folder)."""
-    import pretrained
-
-    path = Path(source).expanduser()
-    if source != "stdlib" and path.is_file():
-        return [path]
-    if source != "stdlib" and (path / "state.json").is_file():
-        state = json.loads((path / "state.json").read_text("utf-8"))
-        return [path / f["filename"] for f in state["_data_files"]]
-    if pretrained.is_hub_id(source):
-        snapshot = pretrained.checkpoint_dir(source, "data source", repo_type="dataset")
-        files = sorted(p for p in snapshot.rglob("*") if p.suffix in (".parquet", ".jsonl"))
-        return [p for p in files if "train" in p.relative_to(snapshot).as_posix()] or files
-    return None
+    if not (path / "state.json").is_file():
+        return None
+    files = settings.read_json_object(path / "state.json", "datasets state").get("_data_files")
+    if not (isinstance(files, list) and all(isinstance(f, dict) and isinstance(
+            f.get("filename"), str) and (path / f["filename"]).is_file() for f in files)):
+        raise DataError(f"{path / 'state.json'}: no _data_files list naming its .arrow "
+                        "files; save the dataset again with save_to_disk")
+    return [path / f["filename"] for f in files]
 
 
 def _read_records(path: Path, cfg: DataConfig, counts: Counter) -> Iterator[Doc]:
@@ -443,7 +433,7 @@ def _sources_fingerprint(sources: Sequence[str], extensions: Sequence[str]) -> l
     """What the cache key knows of the sources: every file's path, size and mtime."""
     out = []
     for source in sources:
-        _check_source(source)  # every build computes its key first: sources are checked here
+        # Every build computes its key first: sources are checked here.
         if (files := _record_files(source)) is not None:
             out += [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
             continue
@@ -840,15 +830,14 @@ UNEVEN_SPLIT_FACTOR = 2.0
 def _uneven_split(sizes: Counter, fracs: tuple[float, ...], repos: set) -> str | None:
     """The warning for a split by repo far from its fractions (``sizes``: characters by split)."""
     total = sum(sizes.values())
-    asked = {"val": fracs[1], "test": fracs[2]}
-    asked["train"] = 1 - asked["val"] - asked["test"]  # assign_splits gives train the rest
-    shares = {s: sizes[s] / total for s in SPLITS} if total else {}
-    off = [s for s in SPLITS if total and asked[s] > 0
-           and not asked[s] / UNEVEN_SPLIT_FACTOR <= shares[s] <= asked[s] * UNEVEN_SPLIT_FACTOR]
+    # assign_splits gives train the rest
+    asked = dict(zip(SPLITS, (1 - fracs[1] - fracs[2], fracs[1], fracs[2])))
+    shares = {s: sizes[s] / total for s in SPLITS if asked[s] > 0} if total else {}
+    off = [s for s, share in shares.items()
+           if not asked[s] / UNEVEN_SPLIT_FACTOR <= share <= asked[s] * UNEVEN_SPLIT_FACTOR]
     if not off:
         return None
-    told = ", ".join(f"{s} {shares[s]:.1%} (asked {asked[s] * 100:g}%)"
-                     for s in SPLITS if asked[s] > 0)
+    told = ", ".join(f"{s} {share:.1%} (asked {asked[s] * 100:g}%)" for s, share in shares.items())
     return (f"warning: the split by repo is uneven ({', '.join(off)} off by more than "
             f"{UNEVEN_SPLIT_FACTOR:g}x): of the text, {told}; each of the "
             f"{len(repos - {None})} repos sits whole in one split. Add repos, or use --split-by "
@@ -1430,12 +1419,9 @@ def tokenize_examples(examples: list[Example], tokenizer: CodeTokenizer | BPETok
         if e.body_budget is None:  # a: the whole prompt, b: its head, c: its tail
             start = _common_prefix(a, b)
             end = max(start, len(a) - _common_prefix(a[::-1], c[::-1])) if e.body else start
-            if reads[i]:  # the text's own BOS goes
-                n = len(a)
-                a = _without_text_template_prefix(a, prefix)
-                n -= len(a)
-                start, end = max(0, start - n), max(0, end - n)
-            out.append((a, completion, (start, end)))
+            # With pair_special_tokens the text's own BOS goes.
+            n = len(a) - len(_without_text_template_prefix(a, prefix)) if reads[i] else 0
+            out.append((a[n:], completion, (max(0, start - n), max(0, end - n))))
         else:  # a: the head, b: the body, c: the tail
             b = b[: e.body_budget]
             out.append((a + b + c, completion, (len(a), len(a) + len(b))))
