@@ -1486,21 +1486,18 @@ def _fim_pairs(docs: list[tuple[list[int], str]], tokenizer, cfg: DataConfig,
     texts = [t for plan in plans for item in plan if isinstance(item, tuple) for t in item]
     parts = iter(_encode(_without_stripping(tokenizer), texts, cfg, desc))
     pre, mid, suf = tokenizer.fim_prefix_id, tokenizer.fim_middle_id, tokenizer.fim_suffix_id
-    out = []
-    for plan in plans:
-        pairs = []
-        for item in plan:
-            if not isinstance(item, tuple):
-                pairs.append(([], item))
-                continue
-            prefix, middle, suffix = next(parts), next(parts), next(parts)
-            # Encoded apart, the parts can outgrow the chunk: the prompt gets what the middle leaves.
-            limit = max(_FIM_SENTINELS, size + _FIM_SENTINELS - len(middle))
-            limit = min(limit, cfg.max_prompt_tokens or limit)
-            prefix, suffix = _fit_fim_context(prefix, suffix, limit)
-            pairs.append(([pre] + prefix + [suf] + suffix + [mid], middle))
-        out.append(pairs)
-    return out
+
+    def pair(item: list[int] | tuple[str, str, str]) -> tuple[list[int], list[int]]:
+        if not isinstance(item, tuple):
+            return [], item
+        prefix, middle, suffix = next(parts), next(parts), next(parts)
+        # Encoded apart, the parts can outgrow the chunk: the prompt gets what the middle leaves.
+        limit = max(_FIM_SENTINELS, size + _FIM_SENTINELS - len(middle))
+        limit = min(limit, cfg.max_prompt_tokens or limit)
+        prefix, suffix = _fit_fim_context(prefix, suffix, limit)
+        return [pre] + prefix + [suf] + suffix + [mid], middle
+
+    return [[pair(item) for item in plan] for plan in plans]
 
 
 def _without_stripping(tokenizer):
@@ -1521,8 +1518,6 @@ def _fit_fim_context(prefix: list[int], suffix: list[int], max_prompt_tokens: in
     """Prefix and suffix cut to fit a PSM prompt into ``max_prompt_tokens``, keeping the code
     next to the middle (each keeps half the room where both are long)."""
     room = max_prompt_tokens - _FIM_SENTINELS
-    if len(prefix) + len(suffix) <= room:
-        return prefix, suffix
     keep = min(len(prefix), max(room // 2, room - len(suffix)))
     return prefix[len(prefix) - keep :], suffix[: room - keep]
 
