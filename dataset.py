@@ -19,7 +19,6 @@ import contextlib
 import copy
 import hashlib
 import io
-import itertools
 import json
 import math
 import multiprocessing
@@ -37,6 +36,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cached_property
+from itertools import accumulate, groupby
 from pathlib import Path
 
 import numpy as np
@@ -257,64 +257,52 @@ def _source_files(source: str, extensions: Sequence[str]) -> tuple[Path, list[Pa
     return root, source_files(root, extensions, follow_symlinks=True)
 
 
-def _check_source(source: str) -> None:
+def _record_files(source: str) -> list[Path] | None:
+    """The files of a record source (JSONL, parquet, a datasets ``save_to_disk`` directory, a
+    Hugging Face dataset id: its train split's files, or all); None for code (stdlib, a folder).
+    A source that is none of these is refused here, naming the fix."""
     import pretrained
 
     if source == "stdlib":
-        return
-    path = Path(source).expanduser()
-    if pretrained.is_hub_id(source):
+        return None
+    if pretrained.is_hub_id(source):  # not a local path
         try:
-            pretrained.checkpoint_dir(source, "data source", repo_type="dataset")
+            snapshot = pretrained.checkpoint_dir(source, "data source", repo_type="dataset")
         except ValueError as e:
             raise DataError(str(e)) from None
-        return
+        files = sorted(p for p in snapshot.rglob("*") if p.suffix in (".parquet", ".jsonl"))
+        return [p for p in files if "train" in p.relative_to(snapshot).as_posix()] or files
+    path = Path(source).expanduser()
     if not path.exists():
         raise DataError(f"data source not found: {source}")
     if not is_utf8(path.name):  # the name goes into every document id
         raise DataError(f"data source {source!r}: its name is not valid UTF-8; rename it")
-    if path.is_file() and path.suffix not in (".jsonl", ".parquet"):
-        raise DataError(f"data source {source}: a file source must be JSONL (*.jsonl) or parquet "
-                        "(*.parquet)")
+    if path.is_file():
+        if path.suffix not in (".jsonl", ".parquet"):
+            raise DataError(f"data source {source}: a file source must be JSONL (*.jsonl) or "
+                            "parquet (*.parquet)")
+        return [path]
     if (path / "dataset_dict.json").is_file():
         splits = sorted(p.name for p in path.iterdir() if (p / "state.json").is_file())
         raise DataError(f"data source {source}: a datasets DatasetDict (splits {splits}); name "
                         f"one split's directory, e.g. {path / (splits or ['train'])[0]}")
-    if (path / "state.json").is_file():
-        files = settings.read_json_object(path / "state.json", "datasets state").get("_data_files")
-        if not (isinstance(files, list) and all(isinstance(f, dict) and isinstance(
-                f.get("filename"), str) and (path / f["filename"]).is_file() for f in files)):
-            raise DataError(f"{path / 'state.json'}: no _data_files list naming its .arrow "
-                            "files; save the dataset again with save_to_disk")
-
-
-def _record_files(source: str) -> list[Path] | None:
-    """The files of a record source: a JSONL or parquet file, a datasets ``save_to_disk``
-    directory, a Hugging Face dataset id (its train split's parquet or JSONL files, or all of
-    them); None for code (the stdlib, a directory of files)."""
-    import pretrained
-
-    path = Path(source).expanduser()
-    if source != "stdlib" and path.is_file():
-        return [path]
-    if source != "stdlib" and (path / "state.json").is_file():
-        state = json.loads((path / "state.json").read_text("utf-8"))
-        return [path / f["filename"] for f in state["_data_files"]]
-    if pretrained.is_hub_id(source):
-        snapshot = pretrained.checkpoint_dir(source, "data source", repo_type="dataset")
-        files = sorted(p for p in snapshot.rglob("*") if p.suffix in (".parquet", ".jsonl"))
-        return [p for p in files if "train" in p.relative_to(snapshot).as_posix()] or files
-    return None
+    if not (path / "state.json").is_file():
+        return None
+    files = settings.read_json_object(path / "state.json", "datasets state").get("_data_files")
+    if not (isinstance(files, list) and all(isinstance(f, dict) and isinstance(
+            f.get("filename"), str) and (path / f["filename"]).is_file() for f in files)):
+        raise DataError(f"{path / 'state.json'}: no _data_files list naming its .arrow "
+                        "files; save the dataset again with save_to_disk")
+    return [path / f["filename"] for f in files]
 
 
 def _read_records(path: Path, cfg: DataConfig, counts: Counter) -> Iterator[Doc]:
-    """Scraper records ({repo, path, text}) or pairs ({input, output} / {prompt, completion}) of
-    a JSONL file, or the rows of a parquet or datasets Arrow file, as documents."""
+    """The code or pair records of a JSONL, parquet or datasets Arrow file, as documents."""
     rows = _jsonl_lines(path) if path.suffix == ".jsonl" else _table_rows(path, cfg)
     for number, where, record in rows:
         try:
             record = _json_line(record, where) if isinstance(record, bytes) else record
-            doc = _record_to_doc(_with_columns(record, cfg, where), path, number, where)
+            doc = _record_to_doc(record, cfg, f"{path.name}:{number}", where)
         except DataError as exc:
             if not cfg.skip_bad:
                 raise DataError(f"{exc} (skip such records with --skip-bad, or the data "
@@ -332,46 +320,30 @@ def _jsonl_lines(path: Path) -> Iterator[tuple[int, str, bytes]]:
 
 
 def _table_rows(file: Path, cfg: DataConfig) -> Iterator[tuple[int, str, dict]]:
-    """The rows of a parquet file or a datasets Arrow file, read a batch at a time (a file
-    larger than memory streams), only the columns the data options name."""
+    """A parquet or datasets Arrow file's rows, streamed a batch at a time, the named columns."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     if file.suffix == ".parquet":
         table = pq.ParquetFile(file, pre_buffer=False)  # pre-buffering holds every row group
-        batches = table.iter_batches(batch_size=64,
-                                     columns=_wanted(table.schema_arrow.names, cfg, file))
+        names = table.schema_arrow.names
     else:  # datasets' Arrow stream files, memory-mapped
-        reader = pa.ipc.open_stream(pa.memory_map(str(file)))
-        _wanted(reader.schema.names, cfg, file)
-        batches = iter(reader)
-    number = 0
-    for batch in batches:
-        for row in batch.to_pylist():
-            number += 1
-            yield number, f"{file}: row {number}", row
-
-
-def _wanted(names: Sequence[str], cfg: DataConfig, file: Path) -> list[str] | None:
-    """The columns to read (None: all), each named one there."""
-    named = [c for c in (cfg.text_column, cfg.input_column, cfg.output_column) if c]
+        table = pa.ipc.open_stream(pa.memory_map(str(file)))
+        names = table.schema.names
+    named = _named_columns(cfg)
     if missing := [c for c in named if c not in names]:
         raise DataError(f"{file}: no column {missing[0]!r} (its columns: {', '.join(names)}); "
                         "set the data options text_column, or input_column and output_column")
-    return [*named, *(c for c in ("repo", "path") if c in names)] if named else None
+    if file.suffix == ".parquet":
+        wanted = [*named, *(c for c in ("repo", "path") if c in names)] if named else None
+        table = table.iter_batches(batch_size=64, columns=wanted)
+    rows = (row for batch in table for row in batch.to_pylist())
+    for number, row in enumerate(rows, start=1):
+        yield number, f"{file}: row {number}", row
 
 
-def _with_columns(record: dict, cfg: DataConfig, where: str) -> dict:
-    """``record`` with the columns the data options name read as codelm's keys."""
-    named = [cfg.text_column] if cfg.text_column else [cfg.input_column, cfg.output_column]
-    if missing := [c for c in named if c is not None and c not in record]:
-        raise DataError(f"{where}: no key {missing[0]!r}, which the data options name")
-    if cfg.text_column is not None:
-        return {"text": record[cfg.text_column], "repo": record.get("repo"),
-                "path": record.get("path")}
-    if cfg.input_column is not None:
-        return {"input": record[cfg.input_column], "output": record[cfg.output_column]}
-    return record
+def _named_columns(cfg: DataConfig) -> list[str]:
+    return [c for c in (cfg.text_column, cfg.input_column, cfg.output_column) if c]
 
 
 # A code record's text: the scrapers' key, then that of some published corpora.
@@ -394,8 +366,13 @@ def _json_line(raw: bytes, where: str) -> dict:
     return rec
 
 
-def _record_to_doc(rec: dict, path: Path, lineno: int, where: str) -> Doc:
-    """One record's Doc; a DataError names ``where`` and the key at fault."""
+def _record_to_doc(rec: dict, cfg: DataConfig, name: str, where: str) -> Doc:
+    """One record's Doc (``name``: its id without a path); a DataError names ``where``, the key."""
+    if named := _named_columns(cfg):  # the columns the data options name, as codelm's keys
+        if missing := [c for c in named if c not in rec]:
+            raise DataError(f"{where}: no key {missing[0]!r}, which the data options name")
+        rec = ({"text": rec[named[0]], "repo": rec.get("repo"), "path": rec.get("path")}
+               if cfg.text_column else {"input": rec[named[0]], "output": rec[named[1]]})
     # Every string a record contributes must be valid UTF-8 (JSON can spell lone surrogates).
     for key in (*TEXT_KEYS, "repo", "path", "input", "output", "prompt", "completion"):
         if isinstance(rec.get(key), str) and not is_utf8(rec[key]):
@@ -404,16 +381,16 @@ def _record_to_doc(rec: dict, path: Path, lineno: int, where: str) -> Doc:
         if a in rec or b in rec:
             if not (isinstance(rec.get(a), str) and isinstance(rec.get(b), str)):
                 raise DataError(f"{where}: a pair needs string keys {a!r} and {b!r}")
-            return Doc(f"{path.name}:{lineno}", rec[a], target=rec[b], raw_pair=a == "prompt")
+            return Doc(name, rec[a], target=rec[b], raw_pair=a == "prompt")
     key = next((k for k in TEXT_KEYS if k in rec), None)
-    if key is not None:
-        if not isinstance(rec[key], str):
-            raise DataError(f"{where}: key {key!r} must be a string")
-        repo = rec.get("repo") if isinstance(rec.get("repo"), str) else None
-        rel = rec.get("path") if isinstance(rec.get("path"), str) else f"{path.name}:{lineno}"
-        return Doc(f"{repo}/{rel}" if repo else rel, rec[key], repo=repo)
-    raise DataError(f"{where}: record has none of the keys 'text' (or 'file_text'), "
-                    "'input'/'output', 'prompt'/'completion'")
+    if key is None:
+        raise DataError(f"{where}: record has none of the keys 'text' (or 'file_text'), "
+                        "'input'/'output', 'prompt'/'completion'")
+    if not isinstance(rec[key], str):
+        raise DataError(f"{where}: key {key!r} must be a string")
+    repo = rec.get("repo") if isinstance(rec.get("repo"), str) else None
+    rel = rec.get("path") if isinstance(rec.get("path"), str) else name
+    return Doc(f"{repo}/{rel}" if repo else rel, rec[key], repo=repo)
 
 
 def _sources_by_split(cfg: DataConfig) -> list[tuple[str | None, str]]:
@@ -429,10 +406,8 @@ def _iter_sources(cfg: DataConfig, counts: Counter, pairs: list[int]) -> Iterato
     taken: Counter = Counter()  # documents yielded per role
     for i, (split, source) in enumerate(_sources_by_split(cfg)):
         files = _record_files(source)
-        if files is not None:
-            docs = itertools.chain.from_iterable(_read_records(f, cfg, counts) for f in files)
-        else:
-            docs = _read_files(source, cfg, counts)
+        docs = (_read_files(source, cfg, counts) if files is None
+                else (doc for f in files for doc in _read_records(f, cfg, counts)))
         for raw in docs:
             if cfg.max_docs is not None and taken[split] >= cfg.max_docs:
                 break
@@ -458,7 +433,7 @@ def _sources_fingerprint(sources: Sequence[str], extensions: Sequence[str]) -> l
     """What the cache key knows of the sources: every file's path, size and mtime."""
     out = []
     for source in sources:
-        _check_source(source)  # every build computes its key first: sources are checked here
+        # Every build computes its key first: sources are checked here.
         if (files := _record_files(source)) is not None:
             out += [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
             continue
@@ -552,8 +527,7 @@ def redact_secrets(text: str) -> tuple[str, int]:
 
 
 def _shares_line(lines: Sequence[str], node: ast.AST) -> bool:
-    """Whether code stands before or after ``node`` on its first/last line (ast columns count
-    UTF-8 bytes)."""
+    """Whether code stands beside ``node`` on its first or last line (ast columns count bytes)."""
     before = lines[node.lineno - 1].encode("utf-8")[: node.col_offset]
     after = lines[node.end_lineno - 1].encode("utf-8")[node.end_col_offset :]
     return bool(before.strip() or after.decode("utf-8", "replace").split("#")[0].strip())
@@ -612,8 +586,7 @@ def _autopep8(text: str, timeout: float) -> tuple[str, str | None]:
 
 
 def _redact(texts: list[str], opt: dict) -> tuple[list[str], list[str]]:
-    """``texts`` (a document, or a pair's prompt and completion) with credentials and, if asked,
-    e-mail addresses replaced; and the modifications made."""
+    """``texts`` (a document, or a pair's two) with credentials (and e-mails) replaced; the mods."""
     mods = []
     if opt["redact_secrets"]:
         texts, counts = zip(*map(redact_secrets, texts))
@@ -720,14 +693,8 @@ def near_duplicates(texts: Sequence[str], threshold: float = 0.85, num_perm: int
     return dupes
 
 
-def _pool_worker_signals() -> None:
-    """A worker leaves Ctrl-C to its parent, which ends the pool."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def clean_corpus(cfg: DataConfig) -> tuple[list[Doc], dict]:
-    """Read and clean every source in one streaming pass (memory holds the kept documents only).
-    Returns (kept docs in source order, stats)."""
+    """(kept docs in source order, stats) of one streaming read-and-clean pass over the sources."""
     counts: Counter = Counter()  # drops by reason, in cleaning
     mods: Counter = Counter()
     # The reader's counts (it runs in the pool's task thread) are complete after the last result.
@@ -755,8 +722,9 @@ def clean_corpus(cfg: DataConfig) -> tuple[list[Doc], dict]:
     with contextlib.ExitStack() as stack:
         if cfg.num_workers > 1:
             ctx = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
-            pool = stack.enter_context(ctx.Pool(cfg.num_workers,
-                                                 initializer=_pool_worker_signals))
+            # A worker leaves Ctrl-C to its parent, which ends the pool.
+            pool = stack.enter_context(ctx.Pool(cfg.num_workers, initializer=signal.signal,
+                                                 initargs=(signal.SIGINT, signal.SIG_IGN)))
             chunksize = 1 if cfg.autopep8 else 16  # autopep8 files vary a lot in cost
             results = pool.imap(_clean_one, to_clean(), chunksize=chunksize)
         else:
@@ -806,11 +774,7 @@ def assign_splits(keys: Iterable[str], fracs: tuple[float, float, float] = (0.8,
     (val and test get at least one key each when there are 3 keys and their fraction is > 0)."""
     unique = sorted(set(keys), key=lambda k: hashlib.sha256(f"{seed}\0{k}".encode()).digest())
     n = len(unique)
-    n_val = round(n * fracs[1])
-    n_test = round(n * fracs[2])
-    if n >= 3:
-        n_val = max(n_val, 1 if fracs[1] > 0 else 0)
-        n_test = max(n_test, 1 if fracs[2] > 0 else 0)
+    n_val, n_test = (max(round(n * f), int(n >= 3 and f > 0)) for f in fracs[1:])
     n_train = max(0, n - n_val - n_test)
     return {k: "train" if i < n_train else "val" if i < n_train + n_val else "test"
             for i, k in enumerate(unique)}
@@ -866,15 +830,14 @@ UNEVEN_SPLIT_FACTOR = 2.0
 def _uneven_split(sizes: Counter, fracs: tuple[float, ...], repos: set) -> str | None:
     """The warning for a split by repo far from its fractions (``sizes``: characters by split)."""
     total = sum(sizes.values())
-    asked = {"val": fracs[1], "test": fracs[2]}
-    asked["train"] = 1 - asked["val"] - asked["test"]  # assign_splits gives train the rest
-    shares = {s: sizes[s] / total for s in SPLITS} if total else {}
-    off = [s for s in SPLITS if total and asked[s] > 0
-           and not asked[s] / UNEVEN_SPLIT_FACTOR <= shares[s] <= asked[s] * UNEVEN_SPLIT_FACTOR]
+    # assign_splits gives train the rest
+    asked = dict(zip(SPLITS, (1 - fracs[1] - fracs[2], fracs[1], fracs[2])))
+    shares = {s: sizes[s] / total for s in SPLITS if asked[s] > 0} if total else {}
+    off = [s for s, share in shares.items()
+           if not asked[s] / UNEVEN_SPLIT_FACTOR <= share <= asked[s] * UNEVEN_SPLIT_FACTOR]
     if not off:
         return None
-    told = ", ".join(f"{s} {shares[s]:.1%} (asked {asked[s] * 100:g}%)"
-                     for s in SPLITS if asked[s] > 0)
+    told = ", ".join(f"{s} {share:.1%} (asked {asked[s] * 100:g}%)" for s, share in shares.items())
     return (f"warning: the split by repo is uneven ({', '.join(off)} off by more than "
             f"{UNEVEN_SPLIT_FACTOR:g}x): of the text, {told}; each of the "
             f"{len(repos - {None})} repos sits whole in one split. Add repos, or use --split-by "
@@ -1014,8 +977,7 @@ def supervised_example(prompt_ids: Sequence[int], completion_ids: Sequence[int],
                        max_completion_tokens: int | None = None,
                        max_prompt_tokens: int | None = None, code: tuple[int, int] = (0, 0),
                        start: Sequence[int] = ()) -> dict[str, torch.Tensor]:
-    """One causal-LM example (input length at most ``max_length``): ``start`` + prompt +
-    completion, cut by ``_truncate_pair``; labels are -100 on every prompt target."""
+    """One causal-LM example: ``start`` + prompt + completion cut by ``_truncate_pair``."""
     prompt, completion = _truncate_pair(prompt_ids, completion_ids, max_length - len(start),
                                         max_completion_tokens, max_prompt_tokens, code)
     prompt = [*start, *prompt]
@@ -1062,8 +1024,7 @@ def collate(examples: Sequence[dict[str, torch.Tensor]], pad_id: int | None
 
 @dataclass
 class PreparedData:
-    """The three splits of one task: Datasets of {"input_ids", "labels"}, or without a tokenizer
-    lists of texts (to train one on)."""
+    """The three splits of one task: Datasets, or without a tokenizer texts (to train one on)."""
 
     train: Dataset | list[str]
     val: Dataset | list[str]
@@ -1174,10 +1135,10 @@ def method_examples(doc: Doc, parsed: _Parsed | None = None) -> list[Example]:
         body = _dedent(parsed, ds.end_lineno + 1, node.end_lineno, node.col_offset)
         if not "".join(body).strip():
             continue
-        prompt = "\n".join(head) + "\n"
         n_sig = ds.lineno - start  # the decorator and def lines before the docstring
-        sig = "".join(line + "\n" for line in head[:n_sig])
-        out.append(Example(sig, "\n".join(body).rstrip(), body=prompt[len(sig) :]))
+        sig, docstring = ("".join(line + "\n" for line in part)
+                          for part in (head[:n_sig], head[n_sig:]))
+        out.append(Example(sig, "\n".join(body).rstrip(), body=docstring))
     return out
 
 
@@ -1208,16 +1169,14 @@ def docstring_examples(doc: Doc, targets: str, prompt: str, code_tokens: int,
         source = "\n".join(code)
         template = DOCSTRING_PROMPTS[prompt]
         if not isinstance(node, ast.ClassDef):  # a function's prompt names a function
-            template = template.replace("Class", "Function")
-            template = template.replace("Python class", "Python function")
+            template = template.replace("Class", "Function").replace(" class.", " function.")
         head, tail = template.replace("{class_name}", node.name).split("{source_code}")
         out.append(Example(head, docstring, body=source, tail=tail, body_budget=code_tokens))
     return out
 
 
 def refactor_example(doc: Doc) -> Example:
-    """{"input","output"} through REFACTOR_TEMPLATE, the input as the body; prompt/completion
-    pairs are used verbatim."""
+    """A pair through REFACTOR_TEMPLATE (the input as the body); prompt/completion ones verbatim."""
     if doc.raw_pair:
         return Example(doc.text, doc.target, pair=True)
     head, tail = REFACTOR_TEMPLATE.split("{input}")
@@ -1248,8 +1207,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def tokenizer_cache_dir(cfg: DataConfig, min_freq: int, max_vocab: int | None) -> Path:
-    """Where a CodeTokenizer trained on ``cfg``'s train split is cached (keyed by corpus,
-    training options and ``ENCODING_VERSION``)."""
+    """Where a CodeTokenizer trained on ``cfg``'s train split is cached."""
     key = _hash_json({"v": ENCODING_VERSION, "corpus": corpus_key(cfg),
                       "min_freq": min_freq, "max_vocab": max_vocab})
     return Path(cfg.cache_dir) / f"tokenizer-{key}"
@@ -1289,25 +1247,21 @@ def reads_special_tokens(task: str | None, pair_special_tokens: object) -> bool:
 
 def _encode(tokenizer, texts: list[str], cfg: DataConfig, desc: str,
             specials: Sequence[bool] = ()) -> list[list[int]]:
-    """encode_batch in chunks (bounded memory, a progress bar); a special token's text is text,
-    except in the texts ``specials`` marks (``pair_special_tokens``)."""
-    specials = list(specials) or [False] * len(texts)
+    """encode_batch in chunks of about 16M characters (bounded memory, a progress bar); a special
+    token's text is text, except in the texts ``specials`` marks (``pair_special_tokens``)."""
     out: list[list[int]] = [[] for _ in texts]
     with progress_bar(total=len(texts), desc=desc, unit="text", enabled=cfg.progress) as bar:
         for read in (False, True):
-            which = [i for i, r in enumerate(specials) if bool(r) == read]
-            start = size = 0
-            for end, i in enumerate(which, start=1):
-                size += len(texts[i])
-                if size >= 16_000_000 or end == len(which):
-                    chunk = which[start:end]
-                    encoded = tokenizer.encode_batch([texts[j] for j in chunk],
-                                                     num_workers=cfg.num_workers,
-                                                     split_special_tokens=not read)
-                    for j, ids in zip(chunk, encoded):
-                        out[j] = ids
-                    bar.update(end - start)
-                    start, size = end, 0
+            which = [i for i in range(len(texts)) if bool(specials and specials[i]) == read]
+            ends = accumulate(len(texts[i]) for i in which)  # characters up to each text
+            for _, chunk in groupby(zip(which, ends), lambda pair: pair[1] // 16_000_000):
+                chunk = [i for i, _ in chunk]
+                encoded = tokenizer.encode_batch([texts[i] for i in chunk],
+                                                 num_workers=cfg.num_workers,
+                                                 split_special_tokens=not read)
+                for i, ids in zip(chunk, encoded):
+                    out[i] = ids
+                bar.update(len(chunk))
     return out
 
 
@@ -1411,23 +1365,23 @@ def _examples_for(doc: Doc, cfg: DataConfig, events: Counter) -> list[Example]:
 
 
 def held_out_prompt(docs: Iterable[Doc], cfg: DataConfig) -> tuple[str, bool] | None:
-    """An end-of-run sample's prompt in the task's format from held-out documents, and whether
-    its completion is code that ends with its function (else it ends with the output): a pair
-    task's first example, or the header (and docstring) of a file's first top-level function."""
+    """An end-of-run sample's prompt from held-out documents (a pair task's first example, else
+    a file's first function header), and whether its completion ends with its function."""
     for doc in docs:
-        if cfg.task in ("lm", "fim", "completion") and doc.target is None:
-            parsed = _parse(doc) if doc.is_python else None
-            functions = [n for n in parsed.tree.body if isinstance(
-                n, (ast.FunctionDef, ast.AsyncFunctionDef))] if parsed else []
-            for fn in functions:
-                docstring = docstring_statement(fn)
-                end = docstring.end_lineno if docstring else fn.body[0].lineno - 1
-                if end >= fn.lineno:  # not a one-line `def f(): ...`
-                    start = min([fn.lineno, *(d.lineno for d in fn.decorator_list)])
-                    return "\n".join(parsed.lines[start - 1 : end]) + "\n", True
-        elif cfg.task not in ("lm", "fim", "completion") and (doc.target or cfg.task != "refactor"):
-            if examples := _examples_for(doc, cfg, Counter()):
-                return examples[0].prompt, cfg.task == "method"
+        if cfg.task not in ("lm", "fim", "completion"):
+            if doc.target or cfg.task != "refactor":
+                if examples := _examples_for(doc, cfg, Counter()):
+                    return examples[0].prompt, cfg.task == "method"
+            continue
+        parsed = _parse(doc) if doc.is_python else None  # is_python: not a pair
+        for fn in parsed.tree.body if parsed else []:
+            if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            docstring = docstring_statement(fn)
+            end = docstring.end_lineno if docstring else fn.body[0].lineno - 1
+            if end >= fn.lineno:  # not a one-line `def f(): ...`
+                start = min([fn.lineno, *(d.lineno for d in fn.decorator_list)])
+                return "\n".join(parsed.lines[start - 1 : end]) + "\n", True
     return None
 
 
@@ -1465,12 +1419,9 @@ def tokenize_examples(examples: list[Example], tokenizer: CodeTokenizer | BPETok
         if e.body_budget is None:  # a: the whole prompt, b: its head, c: its tail
             start = _common_prefix(a, b)
             end = max(start, len(a) - _common_prefix(a[::-1], c[::-1])) if e.body else start
-            if reads[i]:  # the text's own BOS goes
-                n = len(a)
-                a = _without_text_template_prefix(a, prefix)
-                n -= len(a)
-                start, end = max(0, start - n), max(0, end - n)
-            out.append((a, completion, (start, end)))
+            # With pair_special_tokens the text's own BOS goes.
+            n = len(a) - len(_without_text_template_prefix(a, prefix)) if reads[i] else 0
+            out.append((a[n:], completion, (max(0, start - n), max(0, end - n))))
         else:  # a: the head, b: the body, c: the tail
             b = b[: e.body_budget]
             out.append((a + b + c, completion, (len(a), len(a) + len(b))))
@@ -1495,18 +1446,11 @@ def _char_start(raw: bytes, x: int) -> int:
     return x
 
 
-def _fim_chunk_size(tokenizer, cfg: DataConfig) -> int:
-    """Tokens of a file per fim chunk: the template prefix, three sentinels, the chunk and EOS
-    fill ``block_size + 1``."""
-    return max(2, cfg.block_size + 1 - 4 - len(tokenizer.template_prefix))
-
-
-def _fim_plan(ids: list[int], doc_id: str, tokenizer, cfg: DataConfig, byte_lengths: np.ndarray
-              ) -> list[list[int] | tuple[str, str, str]]:
-    """A file's chunks, each a plain LM chunk (its ids) or, for a seeded ``fim_rate`` share, the
-    texts of its prefix, middle and suffix, cut at two token positions moved to character starts."""
+def _fim_plan(ids: list[int], doc_id: str, size: int, tokenizer, cfg: DataConfig,
+              byte_lengths: np.ndarray) -> list[list[int] | tuple[str, str, str]]:
+    """A file's chunks of ``size`` tokens: plain LM chunks (ids) or, for a seeded ``fim_rate``
+    share, the texts of prefix, middle and suffix cut at two tokens moved to character starts."""
     rng = random.Random(f"{cfg.seed}\0fim\0{doc_id}")
-    size = _fim_chunk_size(tokenizer, cfg)
     table = tokenizer._id_to_bytes
     offsets = None
     plan: list[list[int] | tuple[str, str, str]] = []
@@ -1534,29 +1478,26 @@ def _fim_pairs(docs: list[tuple[list[int], str]], tokenizer, cfg: DataConfig,
                desc: str = "fim parts") -> list[list[tuple[list[int], list[int]]]]:
     """(prompt, completion) pairs of each file ``(ids, doc id)``: plain LM chunks, and a
     ``fim_rate`` share of prefix-suffix-middle (PSM) examples whose parts are cut at characters
-    and encoded alone, as at inference (StarCoder's FIM); a PSM prompt is cut inside its code,
-    keeping its three sentinels."""
+    and encoded alone, as at inference (StarCoder's FIM)."""
+    # The template prefix, three sentinels, the chunk and EOS fill ``block_size + 1``.
+    size = max(2, cfg.block_size + 1 - 4 - len(tokenizer.template_prefix))
     byte_lengths = np.fromiter(map(len, tokenizer._id_to_bytes), np.int64)
-    plans = [_fim_plan(ids, doc_id, tokenizer, cfg, byte_lengths) for ids, doc_id in docs]
+    plans = [_fim_plan(ids, doc_id, size, tokenizer, cfg, byte_lengths) for ids, doc_id in docs]
     texts = [t for plan in plans for item in plan if isinstance(item, tuple) for t in item]
     parts = iter(_encode(_without_stripping(tokenizer), texts, cfg, desc))
     pre, mid, suf = tokenizer.fim_prefix_id, tokenizer.fim_middle_id, tokenizer.fim_suffix_id
-    size = _fim_chunk_size(tokenizer, cfg)
-    out = []
-    for plan in plans:
-        pairs = []
-        for item in plan:
-            if not isinstance(item, tuple):
-                pairs.append(([], item))
-                continue
-            prefix, middle, suffix = next(parts), next(parts), next(parts)
-            # Encoded apart, the parts can outgrow the chunk: the prompt gets what the middle leaves.
-            limit = max(_FIM_SENTINELS, size + _FIM_SENTINELS - len(middle))
-            limit = min(limit, cfg.max_prompt_tokens or limit)
-            prefix, suffix = _fit_fim_context(prefix, suffix, limit)
-            pairs.append(([pre] + prefix + [suf] + suffix + [mid], middle))
-        out.append(pairs)
-    return out
+
+    def pair(item: list[int] | tuple[str, str, str]) -> tuple[list[int], list[int]]:
+        if not isinstance(item, tuple):
+            return [], item
+        prefix, middle, suffix = next(parts), next(parts), next(parts)
+        # Encoded apart, the parts can outgrow the chunk: the prompt gets what the middle leaves.
+        limit = max(_FIM_SENTINELS, size + _FIM_SENTINELS - len(middle))
+        limit = min(limit, cfg.max_prompt_tokens or limit)
+        prefix, suffix = _fit_fim_context(prefix, suffix, limit)
+        return [pre] + prefix + [suf] + suffix + [mid], middle
+
+    return [[pair(item) for item in plan] for plan in plans]
 
 
 def _without_stripping(tokenizer):
@@ -1577,10 +1518,34 @@ def _fit_fim_context(prefix: list[int], suffix: list[int], max_prompt_tokens: in
     """Prefix and suffix cut to fit a PSM prompt into ``max_prompt_tokens``, keeping the code
     next to the middle (each keeps half the room where both are long)."""
     room = max_prompt_tokens - _FIM_SENTINELS
-    if len(prefix) + len(suffix) <= room:
-        return prefix, suffix
     keep = min(len(prefix), max(room // 2, room - len(suffix)))
     return prefix[len(prefix) - keep :], suffix[: room - keep]
+
+
+def _split_pairs(docs: list[Doc], tokenizer, cfg: DataConfig, s: str, events: Counter
+                 ) -> list[tuple[list[int], list[int], bool, tuple[int, int]]]:
+    """One split's (prompt ids, completion ids, EOS follows it, the prompt's span truncation
+    cuts first), counting skipped examples in ``events``."""
+    pairs = []
+    if cfg.task == "fim" or (cfg.task == "completion" and cfg.completion_style == "window"):
+        code = [d for d in docs if d.target is None]
+        encoded = _encode(tokenizer, [d.text for d in code], cfg, f"tokenize {s}")
+        if cfg.task == "fim":
+            files = _fim_pairs([(ids, d.id) for d, ids in zip(code, encoded)], tokenizer, cfg,
+                               f"fim parts {s}")
+            pairs = [(p, c, bool(p), (0, 0)) for file_pairs in files for p, c in file_pairs]
+        else:
+            pairs = [(p, c, False, (0, 0)) for ids in encoded for p, c in window_pairs(ids, cfg)]
+        examples = [Example(d.text, d.target, pair=True) for d in docs if d.target is not None]
+    else:
+        examples = [e for d in progress_bar(docs, desc=f"{cfg.task} {s}", enabled=cfg.progress)
+                    for e in _examples_for(d, cfg, events)]
+    for prompt, completion, span in tokenize_examples(examples, tokenizer, cfg, f"tokenize {s}"):
+        if cfg.task == "docstring" and len(completion) < cfg.docstring_min_tokens:
+            events["skipped_docstring_too_short"] += 1
+        else:
+            pairs.append((prompt, completion, True, span))
+    return pairs
 
 
 def _build_supervised(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path) -> dict:
@@ -1600,35 +1565,9 @@ def _build_supervised(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path) -> 
             events["pair_holds_special_token_text"] = sum(
                 bool(special_text.search(d.text) or special_text.search(d.target))
                 for d in docs if d.target is not None)
-        # (prompt ids, completion ids, EOS follows it, the prompt's span truncation cuts first)
-        pairs: list[tuple[list[int], list[int], bool, tuple[int, int]]] = []
-        if cfg.task == "fim" or (cfg.task == "completion" and cfg.completion_style == "window"):
-            code = [d for d in docs if d.target is None]
-            encoded = _encode(tokenizer, [d.text for d in code], cfg, f"tokenize {s}")
-            if cfg.task == "fim":
-                docs_ids = [(ids, d.id) for d, ids in zip(code, encoded)]
-                for file_pairs in _fim_pairs(docs_ids, tokenizer, cfg, f"fim parts {s}"):
-                    pairs.extend((p, c, bool(p), (0, 0)) for p, c in file_pairs)
-            else:
-                for ids in encoded:
-                    pairs.extend((p, c, False, (0, 0)) for p, c in window_pairs(ids, cfg))
-            examples = [Example(d.text, d.target, pair=True) for d in docs if d.target is not None]
-        else:
-            examples = [
-                e
-                for d in progress_bar(docs, desc=f"{cfg.task} {s}", enabled=cfg.progress)
-                for e in _examples_for(d, cfg, events)
-            ]
-        tokenized = tokenize_examples(examples, tokenizer, cfg, f"tokenize {s}")
-        for prompt, completion, code_span in tokenized:
-            if cfg.task == "docstring" and len(completion) < cfg.docstring_min_tokens:
-                events["skipped_docstring_too_short"] += 1
-                continue
-            pairs.append((prompt, completion, True, code_span))
         ids_out: list[int] = []
-        offsets = [0]
-        prompt_lens = []
-        for prompt, completion, ends, code_span in pairs:
+        offsets, prompt_lens = [0], []
+        for prompt, completion, ends, code_span in _split_pairs(docs, tokenizer, cfg, s, events):
             n_target = len(completion)
             if ends and eos is not None:
                 completion = completion + [eos]
@@ -1636,8 +1575,7 @@ def _build_supervised(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path) -> 
             limit = cfg.max_completion_tokens if prompt or cfg.task != "fim" else None
             kept_prompt, kept_completion = _truncate_pair(
                 prompt, completion, cfg.block_size - len(start), limit, cfg.max_prompt_tokens,
-                code_span,
-            )
+                code_span)
             if not kept_completion[:n_target]:  # nothing to learn (an EOS alone is no target)
                 events["skipped_empty_completion"] += 1
                 continue
@@ -1730,12 +1668,11 @@ def _note_pairs_as_text(cfg: DataConfig, meta: dict) -> None:
 def _print_stats(stats: dict) -> None:
     corpus, task = stats["corpus"], stats.get("task") or {}
     for what in ("read", "dropped", "modified", "kept"):
+        counts = corpus[what]  # read and kept: files and bytes; dropped and modified: by reason
         if what in ("read", "kept"):
-            files, size = corpus[what]["files"], corpus[what]["bytes"] / 2**20
-            print(f"{what:<9} {files:>8} files  {size:8.2f} MB")
-        else:
-            for reason, n in corpus[what].items():
-                print(f"{what:<9} {n:>8} {reason}")
+            counts = {f"files  {counts['bytes'] / 2**20:8.2f} MB": counts["files"]}
+        for reason, n in counts.items():
+            print(f"{what:<9} {n:>8} {reason}")
     counts = "  ".join(f"{s} {corpus['split'][s]}" for s in SPLITS)
     print(f"split     {counts}  (by {corpus['split_by']})")
     for key in ("n_tokens", "examples", "tokens"):

@@ -62,9 +62,6 @@ class GitHubClient:
         self._lock = threading.Lock()
         self._local = threading.local()
 
-    def __repr__(self) -> str:
-        return f"GitHubClient(api_url={self.api_url!r}, token={'set' if self._token else 'unset'})"
-
     @property
     def has_token(self) -> bool:
         return bool(self._token)

@@ -103,17 +103,12 @@ def canonical_license(name: str | None) -> str | None:
 
 def license_allowed(license_id: str | None, allowed: frozenset[str] | None) -> bool:
     """Whether a licence (None: none detected) passes ``expand_licenses``'s ``allowed``."""
-    if allowed is None:
-        return True
-    if license_id is None:
-        return NO_LICENSE in allowed
-    return license_id.lower() in {a.lower() for a in allowed}
+    return allowed is None or (license_id or NO_LICENSE) in allowed
 
 
 @dataclass
 class FileFilter:
-    """Which files are kept: by extension (``py`` and ``.PY`` both mean ``.py``) and byte size
-    (bounds inclusive)."""
+    """Which files are kept: by extension (``py``, ``.PY``: ``.py``) and byte size (inclusive)."""
 
     extensions: Iterable[str]
     min_bytes: int
@@ -208,8 +203,7 @@ def _tree_files(root: Path) -> tuple[list[tuple[str, Path]], list[str]]:
 
 
 def decode_source(data: bytes | str) -> tuple[str | None, str | None]:
-    """(text, None) for source code, or (None, reason): ``binary``, ``not_utf8`` or
-    ``lfs_pointer``; the one rule of the collectors and dataset.py."""
+    """(text, None) for source code, else (None, ``binary``/``not_utf8``/``lfs_pointer``)."""
     if (b"\0" if isinstance(data, bytes) else "\0") in data:
         return None, "binary"
     if isinstance(data, bytes):
@@ -266,10 +260,9 @@ class Summary:
 
     def format(self) -> str:
         lines = [f"kept {self.files['kept']} files ({self.bytes_kept / 1e6:.2f} MB)"]
-        for title, counts in (("repos", self.repos), ("files", self.files)):
-            for reason, n in sorted(counts.items()):
-                if not (title == "files" and reason == "kept"):
-                    lines.append(f"  {title:5s} {reason:24s} {n}")
+        lines += [f"  {title:5s} {reason:24s} {n}"
+                  for title, counts in (("repos", self.repos), ("files", self.files))
+                  for reason, n in sorted(counts.items()) if (title, reason) != ("files", "kept")]
         return "\n".join(lines)
 
 
@@ -278,12 +271,10 @@ STATE_FORMAT_VERSION = 1
 
 
 class ResumableOutput:
-    """Output JSONL plus an append-only state log of finished repos, locked by one run.
-
-    A repo's records are appended and fsynced, then one state line records the repo, the
-    output's new length and its blob SHAs; on open the output is cut back to the last recorded
-    length, so a run killed at any point resumes with no partial or duplicate record.
-    """
+    """Output JSONL plus an append-only state log of finished repos, locked by one run. A repo's
+    records are appended and fsynced, then a state line records the repo, the output's length and
+    its blob SHAs; on open the output is cut back to the last recorded length, so a run killed at
+    any point resumes with no partial or duplicate record."""
 
     def __init__(self, out: Path, state: Path, settings: dict):
         self.out, self.state = Path(out), Path(state)

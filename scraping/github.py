@@ -122,23 +122,22 @@ def build_query(cfg: GitHubConfig) -> str:
 
 # The shape of each reply the scraper reads: another one (a server bug, a proxy's page) is
 # retried, then that repository is left for the next run.
+def _holds(data, **types: type) -> bool:
+    return isinstance(data, dict) and all(isinstance(data.get(k), t) for k, t in types.items())
+
+
 def _is_search_page(data) -> bool:
-    return (isinstance(data, dict) and isinstance(data.get("total_count"), int)
-            and isinstance(data.get("items"), list)
-            and all(isinstance(i, dict) and isinstance(i.get("full_name"), str)
-                    for i in data["items"]))
+    return _holds(data, total_count=int, items=list) and all(
+        _holds(i, full_name=str) for i in data["items"])
 
 
 def _is_branch(data) -> bool:
-    return isinstance(data, dict) and isinstance(data.get("commit"), dict) and isinstance(
-        data["commit"].get("sha"), str)
+    return _holds(data, commit=dict) and _holds(data["commit"], sha=str)
 
 
 def _is_tree(data) -> bool:
-    return isinstance(data, dict) and isinstance(data.get("sha"), str) and isinstance(
-        data.get("tree"), list) and all(
-        isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("sha"), str)
-        and isinstance(e.get("size", 0), int) for e in data["tree"])
+    return _holds(data, sha=str, tree=list) and all(
+        _holds(e, path=str, sha=str) and isinstance(e.get("size", 0), int) for e in data["tree"])
 
 
 def search_repositories(client: GitHubClient, query: str, date_field: str, start: datetime,

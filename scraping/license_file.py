@@ -63,8 +63,7 @@ LICENSE_PHRASES: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 
 def license_of_text(text: str) -> str:
-    """The SPDX id of a licence file's text (``LICENSE_PHRASES``; of several licences' texts,
-    the first), or ``NOASSERTION``."""
+    """The SPDX id of a licence text (of several licences, the first), or ``NOASSERTION``."""
     words = " ".join(re.findall(r"[a-z0-9]+", text.lower()))
     found = []  # (where the licence's text starts, its row, its id)
     for row, (license_id, phrases) in enumerate(LICENSE_PHRASES):
