@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 import pretrained
@@ -850,20 +849,15 @@ def adapter_base(adapter_dir: str | Path, remedy: str, config_name: str = ADAPTE
 def _read_weights(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     """The adapter's weight file and tensors; a corrupt file is an error naming it."""
     file = path / ADAPTER_WEIGHTS
-    if file.is_file():
-        try:
-            with safe_open(str(file), "pt") as f:
-                version = (f.metadata() or {}).get(FORMAT_KEY, FORMAT_VERSION)
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except SafetensorError as e:
-            raise ValueError(f"{file}: truncated or corrupt safetensors file ({e})") from None
-        if version != FORMAT_VERSION:
-            raise ValueError(f"{file}: a codelm adapter of format_version {version}, not "
-                             f"{FORMAT_VERSION}: load it with the codelm that wrote it")
-        return file, tensors
-    if (path / LEGACY_WEIGHTS).is_file():  # older PEFT wrote pickled weights; tensors only
+    if not file.is_file() and (path / LEGACY_WEIGHTS).is_file():  # older PEFT's: tensors only
         return path / LEGACY_WEIGHTS, pretrained.read_bin(path / LEGACY_WEIGHTS)
-    raise ValueError(f"{path}: no {ADAPTER_WEIGHTS} (or {LEGACY_WEIGHTS}) found")
+    if not file.is_file():
+        raise ValueError(f"{path}: no {ADAPTER_WEIGHTS} (or {LEGACY_WEIGHTS}) found")
+    f = pretrained.SafetensorsFile(file)
+    if (version := f.metadata.get(FORMAT_KEY, FORMAT_VERSION)) != FORMAT_VERSION:
+        raise ValueError(f"{file}: a codelm adapter of format_version {version}, not "
+                         f"{FORMAT_VERSION}: load it with the codelm that wrote it")
+    return file, {k: f.view(k) for k in f.entries}
 
 
 @torch.no_grad()

@@ -9,7 +9,6 @@ if __name__ == "__main__":  # first: the imports below load torch for seconds
     process.quiet_start_up_stops()
 
 import json
-import mmap
 import re
 import shutil
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 import process
 import rundir
@@ -432,68 +432,39 @@ DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
 class SafetensorsFile:
-    """A safetensors file, header checked against the file size, data memory-mapped lazily."""
+    """A safetensors file (checked by safetensors): tensors as copy-on-write views of its map,
+    or read into a given buffer, so no page is both mapped and copied."""
 
     def __init__(self, path: Path) -> None:
-        self.path, size, self._map = path, path.stat().st_size, None
-        with open(path, "rb") as f:
-            head = f.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if not 0 < n <= size - 8:
-                raise ValueError(f"{path}: truncated or corrupt safetensors file (header length "
-                                 f"{n}, file size {size})")
-            try:
-                header = json.loads(f.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
-        if not isinstance(header, dict):
-            raise ValueError(f"{path}: corrupt safetensors header (a JSON "
-                             f"{type(header).__name__}, not an object)")
-        self.data_start = 8 + n
+        self.path = path
+        try:
+            self._file = safe_open(path, "pt")
+        except SafetensorError as e:
+            raise ValueError(f"{path}: truncated or corrupt safetensors file ({e})") from None
+        self.metadata = self._file.metadata() or {}
+        with open(path, "rb") as f:  # the offsets, for read_into
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
         header.pop("__metadata__", None)
-        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
         for name, e in header.items():
-            if isinstance(e, dict) and e.get("dtype", "F32") not in SAFETENSORS_DTYPES:
+            if e["dtype"] not in SAFETENSORS_DTYPES:
                 raise ValueError(f"{path}: tensor {name!r} has dtype {e['dtype']}, which codelm "
                                  f"does not load (supported: {', '.join(SAFETENSORS_DTYPES)})")
-            try:
-                dtype = SAFETENSORS_DTYPES[e["dtype"]]
-                shape = tuple(int(s) for s in e["shape"])
-                start, end = (int(o) for o in e["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise ValueError(f"{path}: corrupt safetensors header entry {name!r}: {e}") from None
-            nbytes = dtype.itemsize * int(torch.Size(shape).numel())
-            if end - start != nbytes:
-                raise ValueError(f"{path}: corrupt safetensors entry {name!r} (offsets "
-                                 f"{start}..{end} for {nbytes} bytes)")
-            if self.data_start + end > size:
-                raise ValueError(f"{path}: truncated file: tensor {name!r} ends at byte "
-                                 f"{self.data_start + end} but the file has {size} bytes")
-            self.entries[name] = (dtype, shape, self.data_start + start, nbytes)
+            self.entries[name] = (SAFETENSORS_DTYPES[e["dtype"]], tuple(e["shape"]),
+                                  8 + n + e["data_offsets"][0])
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][1]
 
     def view(self, name: str) -> torch.Tensor:
-        """Zero-copy tensor backed by a private (copy-on-write) map of the file."""
-        dtype, shape, offset, nbytes = self.entries[name]
-        if nbytes == 0:
-            return torch.empty(shape, dtype=dtype)
-        if self._map is None:
-            with open(self.path, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        return torch.frombuffer(self._map, dtype=dtype, count=nbytes // dtype.itemsize,
-                                offset=offset).view(shape)
+        return self._file.get_tensor(name)
 
     def read_into(self, name: str, out: torch.Tensor) -> None:
-        """Read the tensor into a contiguous CPU tensor of its dtype (page cache, not this
-        process's memory)."""
-        dtype, shape, offset, nbytes = self.entries[name]
-        buf = memoryview(out.view(-1).view(torch.uint8).numpy())
+        """Read the tensor into a contiguous CPU tensor of its dtype (through the page cache)."""
         with open(self.path, "rb") as f:
-            f.seek(offset)
-            if f.readinto(buf) != nbytes:
-                raise ValueError(f"{self.path}: truncated file while reading {name!r}")
+            f.seek(self.entries[name][2])
+            f.readinto(memoryview(out.view(-1).view(torch.uint8).numpy()))
 
 
 def read_bin(path: Path) -> dict[str, torch.Tensor]:
