@@ -53,8 +53,9 @@ _KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\."
 
 @dataclass
 class LoRAConfig:
-    """PEFT's LoraConfig fields under plain names. ``target_modules``: names matching a module
-    name or its dotted suffix, or one regular expression matching whole names (PEFT's rules)."""
+    """PEFT's LoraConfig fields under plain names, checked where they enter (flags, an adapter's
+    config). ``target_modules``: names matching a module name or its dotted suffix, or one
+    regular expression matching whole names (PEFT's rules)."""
 
     r: int = 8
     alpha: float = 16.0
@@ -64,42 +65,6 @@ class LoRAConfig:
     modules_to_save: list[str] | None = None  # PEFT's: modules trained whole and saved
     use_rslora: bool = False
     use_dora: bool = False  # weight-decomposed LoRA: a learned magnitude per output row
-
-    def __post_init__(self):
-        # Types first: a hand-edited adapter_config.json fails here, naming the field.
-        if isinstance(self.target_modules, tuple):
-            self.target_modules = list(self.target_modules)
-        number = settings.is_number
-        for name, ok, want in (
-                ("r", number(self.r, int) and self.r > 0, "a positive integer"),
-                ("alpha", number(self.alpha) and math.isfinite(self.alpha), "a finite number"),
-                ("dropout", number(self.dropout) and 0.0 <= self.dropout < 1.0,
-                 "a number in [0, 1)"),
-                ("use_rslora", isinstance(self.use_rslora, bool), "true/false"),
-                ("use_dora", isinstance(self.use_dora, bool), "true/false"),
-                ("target_modules", isinstance(self.target_modules, (list, str)),
-                 "a list of module names or one regular expression")):
-            if not ok:
-                raise ValueError(f"LoRAConfig.{name} must be {want}, got {getattr(self, name)!r}")
-        if self.alpha == 0:
-            raise ValueError("LoRAConfig.alpha must not be 0: the adapters would never train")
-        if self.bias not in ("none", "lora_only", "all"):
-            raise ValueError(f"LoRAConfig.bias={self.bias!r}: use 'none', 'lora_only' or 'all'")
-        if self.modules_to_save is not None and not (isinstance(self.modules_to_save, list) and all(
-                isinstance(m, str) for m in self.modules_to_save)):
-            raise ValueError(f"LoRAConfig.modules_to_save must be a list of module names, got "
-                             f"{self.modules_to_save!r}")
-        if not self.target_modules:
-            raise ValueError("LoRAConfig.target_modules is empty: name the modules to adapt")
-        if isinstance(self.target_modules, str):
-            try:
-                re.compile(self.target_modules)
-            except re.error as e:
-                raise ValueError(f"LoRAConfig.target_modules {self.target_modules!r} is not a "
-                                 f"valid regular expression: {e}") from None
-        elif bad := [t for t in self.target_modules if not isinstance(t, str)]:
-            raise ValueError(f"LoRAConfig.target_modules must hold module names (strings), got "
-                             f"{bad[0]!r}")
 
     @property
     def scale(self) -> float:
@@ -799,6 +764,34 @@ def adapters_below(path: Path) -> str:
     return f" ({', '.join(map(str, inside))} holds one)" if inside else ""
 
 
+def _is_targets(value: object) -> bool:
+    """A non-empty list of module names, or one regular expression: PEFT's two forms."""
+    if isinstance(value, str):
+        try:
+            return re.compile(value) is not None
+        except re.error:
+            return False
+    return isinstance(value, list) and bool(value) and all(isinstance(t, str) for t in value)
+
+
+# adapter_config.json key -> (LoRAConfig field, value when absent, test of the value, its words)
+_PEFT_FIELDS = {
+    "r": ("r", None, lambda v: settings.is_number(v, int) and v > 0, "a positive integer"),
+    "lora_alpha": ("alpha", None, lambda v: settings.is_number(v) and math.isfinite(v) and v != 0,
+                   "a finite number other than 0"),
+    "lora_dropout": ("dropout", 0.0, lambda v: settings.is_number(v) and 0 <= v < 1,
+                     "a number in [0, 1)"),
+    "target_modules": ("target_modules", None, _is_targets,
+                       "a list of module names or one valid regular expression"),
+    "bias": ("bias", "none", lambda v: v in ("none", "lora_only", "all"),
+             "'none', 'lora_only' or 'all'"),
+    "modules_to_save": ("modules_to_save", None, lambda v: v is None or (
+        isinstance(v, list) and all(isinstance(m, str) for m in v)), "a list of module names"),
+    "use_rslora": ("use_rslora", False, lambda v: isinstance(v, bool), "true/false"),
+    "use_dora": ("use_dora", False, lambda v: isinstance(v, bool), "true/false"),
+}
+
+
 def read_adapter_config(path: str | Path, config_name: str = ADAPTER_CONFIG) -> LoRAConfig:
     """The LoRAConfig of an adapter directory, refusing what codelm cannot honour: the one check
     of every adapter_config.json read (``config_name``: a run's copy has its own name)."""
@@ -817,17 +810,12 @@ def read_adapter_config(path: str | Path, config_name: str = ADAPTER_CONFIG) -> 
     if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
         raise ValueError(f"{file}: init_lora_weights={init!r} is not supported: convert it to a "
                          "plain LoRA adapter with PEFT's path_initial_model_for_weight_conversion")
-    for key in ("r", "lora_alpha", "target_modules"):
-        if raw.get(key) is None:
-            raise ValueError(f"{file}: missing key {key!r}")
-    try:
-        return LoRAConfig(r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
-                          target_modules=raw["target_modules"], bias=raw.get("bias", "none"),
-                          modules_to_save=raw.get("modules_to_save"),
-                          use_rslora=raw.get("use_rslora", False),
-                          use_dora=raw.get("use_dora", False))
-    except ValueError as e:
-        raise ValueError(f"{file}: {e}") from None
+    values = {}
+    for key, (name, absent, fits, words) in _PEFT_FIELDS.items():
+        values[name] = raw.get(key, absent)
+        if not fits(values[name]):
+            raise ValueError(f"{file}: {key}={values[name]!r}: must be {words}")
+    return LoRAConfig(**values)
 
 
 def adapter_base(adapter_dir: str | Path, remedy: str, config_name: str = ADAPTER_CONFIG
@@ -862,23 +850,15 @@ def _read_weights(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
 
 @torch.no_grad()
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAReport:
-    """Load an adapter written by ``save_adapter`` or by PEFT, attached as its config says or into
-    the model's same adapters; a failed load leaves the model as it was."""
-    _check_model(model, "load_adapter")
-    path = Path(adapter_dir)
-    cfg = read_adapter_config(path)
-    file, tensors = _read_weights(path)
-    if bad := [k for k in tensors if _KEY_RE.match(k) is None]:
-        raise ValueError(f"{file}: unexpected key {bad[0]!r} (not a LoRA weight)")
-    if any(m.merged for _, m in lora_modules(model)):
-        raise ValueError("load_adapter: the model's adapters are merged; unmerge_lora first")
-    if any(True for _ in lora_modules(model)):
-        _check_same_adapters(model.lora_config, cfg, path / ADAPTER_CONFIG)
-        _copy_adapter(model, tensors, file)
-        return _report(model, {})
+    """Load an adapter written by ``save_adapter`` or by PEFT into a model without adapters,
+    attached as its config says; a failed load leaves the model as it was."""
+    _check_model(model, "load_adapter", fresh=True)
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
-    report = apply_adapter_layout(model, path)
+    report = apply_adapter_layout(model, adapter_dir)
     try:
+        file, tensors = _read_weights(Path(adapter_dir))
+        if bad := [k for k in tensors if _KEY_RE.match(k) is None]:
+            raise ValueError(f"{file}: unexpected key {bad[0]!r} (not a LoRA weight)")
         _copy_adapter(model, tensors, file)
     except ValueError:
         _detach(model, trainable)
@@ -896,17 +876,6 @@ def apply_adapter_layout(model: nn.Module, adapter_dir: str | Path,
         return _attach(model, cfg, _resolve_targets(model, cfg.target_modules, peft_rules=True))
     except ValueError as e:
         raise ValueError(f"{Path(adapter_dir) / config_name}: {e}") from None
-
-
-def _check_same_adapters(have: LoRAConfig, new: LoRAConfig, file: Path) -> None:
-    """Weights loaded into existing adapters keep those adapters' scale, so it must agree."""
-    differ = [f"{key}: file {a!r}, model {b!r}" for key, a, b in (
-        ("r", new.r, have.r), ("lora_alpha", new.alpha, have.alpha),
-        ("use_rslora", new.use_rslora, have.use_rslora),
-        ("use_dora", new.use_dora, have.use_dora)) if a != b]
-    if differ:
-        raise ValueError(f"{file}: the adapter differs from the model's adapters ({'; '.join(differ)}"
-                         "); load it into a model without adapters")
 
 
 def _copy_adapter(model: nn.Module, tensors: dict[str, torch.Tensor], file: Path) -> None:
