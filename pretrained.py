@@ -109,6 +109,32 @@ DROPOUT_KEYS = {
 _REQUIRED = object()
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
+# ModelConfig field -> (its HF keys, the first one written; the default of transformers' config
+# class: _REQUIRED, or a function of the fields read before it), per family. The default's type
+# is the value's (an int without one).
+_LLAMA_LIKE = {"block_size": (("max_position_embeddings",), 2048),
+               "n_layer": (("num_hidden_layers",), _REQUIRED),
+               "n_embd": (("hidden_size",), _REQUIRED),
+               "n_head": (("num_attention_heads",), _REQUIRED),
+               "n_kv_head": (("num_key_value_heads",), lambda f: f["n_head"]),
+               "mlp_hidden": (("intermediate_size",), _REQUIRED)}
+_GPT_LIKE = {"n_layer": (("n_layer", "num_hidden_layers"), _REQUIRED),
+             "n_embd": (("n_embd", "hidden_size"), _REQUIRED),
+             "n_head": (("n_head", "num_attention_heads"), _REQUIRED),
+             "mlp_hidden": (("n_inner",), lambda f: 4 * f["n_embd"]),
+             "norm_eps": (("layer_norm_epsilon",), 1e-5)}
+HF_FIELDS = {
+    "llama": {**_LLAMA_LIKE, "head_dim": (("head_dim",), lambda f: f["n_embd"] // f["n_head"]),
+              "norm_eps": (("rms_norm_eps",), 1e-6), "qkv_bias": (("attention_bias",), False),
+              "mlp_bias": (("mlp_bias",), False)},
+    "phi": {**_LLAMA_LIKE, "norm_eps": (("layer_norm_eps",), 1e-5)},
+    "codegen": {"block_size": (("n_positions", "max_position_embeddings"), 2048), **_GPT_LIKE,
+                "n_head": (("n_head", "num_attention_heads"), 16),
+                "rotary_dim": (("rotary_dim",), 64)},
+    "gpt_bigcode": {"block_size": (("n_positions", "max_position_embeddings"), 1024),
+                    **_GPT_LIKE},
+}
+
 
 def _typed(key: str, value, kind: type):
     """value checked as a JSON value of kind, as transformers 5 checks it (64.0 reads as 64)."""
@@ -130,13 +156,17 @@ def _get(hf: dict, *names: str, kind: type = int, default=_REQUIRED):
     return default
 
 
-def _heads(hf: dict, *names: str, default=_REQUIRED) -> int:
-    """The head count, checked here because the readers divide the width by it."""
-    n = _get(hf, *names, default=default)
-    if n < 1:
-        key = next(k for k in names if hf.get(k) is not None)
-        raise ValueError(f"{key}={n}: must be a positive integer")
-    return n
+def _fields(hf: dict, family: str) -> dict:
+    """The family's HF_FIELDS as ModelConfig keywords."""
+    out = {}
+    for field, (keys, default) in HF_FIELDS[family].items():
+        default = default(out) if callable(default) else default
+        out[field] = _get(hf, *keys, kind=int if default is _REQUIRED else type(default),
+                          default=default)
+        if field == "n_head" and out[field] < 1:  # the width is divided by it
+            key = next(k for k in keys if hf.get(k) is not None)
+            raise ValueError(f"{key}={out[field]}: must be a positive integer")
+    return out
 
 
 def _require(hf: dict, key: str, want, why: str) -> None:
@@ -219,77 +249,52 @@ def _shared(hf: dict, family: str, tie_default: bool = False) -> dict:
 
 def _read_llama(hf: dict) -> ModelConfig:
     _require(hf, "hidden_act", "silu", "codelm's SwiGLU uses silu")
-    n_embd, n_head = _get(hf, "hidden_size"), _heads(hf, "num_attention_heads")
+    f = _fields(hf, "llama")
     rope = _rope(hf)
     if rope["partial"] != 1.0:
         raise ValueError("partial_rotary_factor != 1 cannot be honoured for llama")
-    bias = _get(hf, "attention_bias", kind=bool, default=False)
-    return ModelConfig(
-        **_shared(hf, "llama"),
-        block_size=_get(hf, "max_position_embeddings", default=2048),  # LlamaConfig's
-        n_layer=_get(hf, "num_hidden_layers"),
-        n_head=n_head, n_kv_head=_get(hf, "num_key_value_heads", default=n_head), n_embd=n_embd,
-        head_dim=_get(hf, "head_dim", default=n_embd // n_head),
-        mlp_hidden=_get(hf, "intermediate_size"), norm="rmsnorm",
-        norm_eps=_get(hf, "rms_norm_eps", kind=float, default=1e-6), mlp="swiglu",
-        positions="rope", rope_theta=rope["rope_theta"], rope_scaling=rope["rope_scaling"],
-        qkv_bias=bias, attn_proj_bias=bias,
-        mlp_bias=_get(hf, "mlp_bias", kind=bool, default=False))
+    return ModelConfig(**_shared(hf, "llama"), **f, norm="rmsnorm", mlp="swiglu", positions="rope",
+                       rope_theta=rope["rope_theta"], rope_scaling=rope["rope_scaling"],
+                       attn_proj_bias=f["qkv_bias"])
 
 
 def _read_phi(hf: dict) -> ModelConfig:
     _require(hf, "qk_layernorm", False, "query/key LayerNorm is not implemented")
-    n_embd, n_head = _get(hf, "hidden_size"), _heads(hf, "num_attention_heads")
-    head_dim = n_embd // n_head
+    f = _fields(hf, "phi")
     rope = _rope(hf, default_partial=0.5)
     if rope["rope_scaling"] is not None:
         raise ValueError("rope scaling cannot be honoured for phi")
     return ModelConfig(
-        **_shared(hf, "phi"),
-        block_size=_get(hf, "max_position_embeddings", default=2048),  # PhiConfig's
-        n_layer=_get(hf, "num_hidden_layers"),
-        n_head=n_head, n_kv_head=_get(hf, "num_key_value_heads", default=n_head), n_embd=n_embd,
-        mlp_hidden=_get(hf, "intermediate_size"), norm="layernorm",
-        norm_eps=_get(hf, "layer_norm_eps", kind=float, default=1e-5),
-        mlp=_act(hf, "hidden_act", "gelu_new"), positions="rope",
-        rotary_dim=int(head_dim * rope["partial"]), rope_theta=rope["rope_theta"],
-        parallel_residual=True, qkv_bias=True, attn_proj_bias=True, mlp_bias=True,
-        lm_head_bias=True)
+        **_shared(hf, "phi"), **f, norm="layernorm", mlp=_act(hf, "hidden_act", "gelu_new"),
+        positions="rope", rotary_dim=int(f["n_embd"] // f["n_head"] * rope["partial"]),
+        rope_theta=rope["rope_theta"], parallel_residual=True, qkv_bias=True,
+        attn_proj_bias=True, mlp_bias=True, lm_head_bias=True)
 
 
 def _read_codegen(hf: dict) -> ModelConfig:
-    n_embd = _get(hf, "n_embd", "hidden_size")
-    n_head = _heads(hf, "n_head", "num_attention_heads", default=16)  # CodeGenConfig's
-    if n_head % 4:
-        raise ValueError(f"n_head={n_head} cannot be honoured: CodeGen's qkv_proj "
+    f = _fields(hf, "codegen")
+    if f["n_head"] % 4:
+        raise ValueError(f"n_head={f['n_head']} cannot be honoured: CodeGen's qkv_proj "
                          "is laid out in 4 chunks, so n_head must be a multiple of 4")
     return ModelConfig(
-        **_shared(hf, "codegen"),
-        block_size=_get(hf, "n_positions", "max_position_embeddings", default=2048),
-        n_layer=_get(hf, "n_layer", "num_hidden_layers"), n_head=n_head, n_embd=n_embd,
-        mlp_hidden=_get(hf, "n_inner", default=4 * n_embd), norm="layernorm",
-        norm_eps=_get(hf, "layer_norm_epsilon", kind=float, default=1e-5),
+        **_shared(hf, "codegen"), **f, norm="layernorm",
         mlp=_act(hf, "activation_function", "gelu_new"), positions="rope",
-        rotary_dim=_get(hf, "rotary_dim", default=64), rope_interleaved=True,  # CodeGenConfig's
-        parallel_residual=True, mlp_bias=True, lm_head_bias=True)
+        rope_interleaved=True, parallel_residual=True, mlp_bias=True, lm_head_bias=True)
 
 
 def _read_gpt_bigcode(hf: dict) -> ModelConfig:
     _require(hf, "scale_attn_weights", True, "attention is always scaled by 1/sqrt(head_dim)")
     _require(hf, "add_cross_attention", False, "cross-attention is not implemented")
-    n_embd, n_head = _get(hf, "n_embd", "hidden_size"), _heads(hf, "n_head", "num_attention_heads")
+    f = _fields(hf, "gpt_bigcode")
     return ModelConfig(
-        **_shared(hf, "gpt_bigcode", tie_default=True),
-        block_size=_get(hf, "n_positions", "max_position_embeddings", default=1024),
-        n_layer=_get(hf, "n_layer", "num_hidden_layers"), n_head=n_head,
-        n_kv_head=1 if _get(hf, "multi_query", kind=bool, default=True) else n_head,
-        n_embd=n_embd, mlp_hidden=_get(hf, "n_inner", default=4 * n_embd), norm="layernorm",
-        norm_eps=_get(hf, "layer_norm_epsilon", kind=float, default=1e-5),
-        mlp=_act(hf, "activation_function", "gelu_pytorch_tanh"), positions="learned",
-        qkv_bias=True, attn_proj_bias=True, mlp_bias=True)
+        **_shared(hf, "gpt_bigcode", tie_default=True), **f,
+        n_kv_head=1 if _get(hf, "multi_query", kind=bool, default=True) else f["n_head"],
+        norm="layernorm", mlp=_act(hf, "activation_function", "gelu_pytorch_tanh"),
+        positions="learned", qkv_bias=True, attn_proj_bias=True, mlp_bias=True)
 
 
-# (no SwiGLU: hf_config's round-trip check names the mlp a family cannot express)
+# What a family's config.json holds besides HF_FIELDS and the shared keys. (No SwiGLU but
+# Llama's: hf_config's round-trip check names the mlp a family cannot express.)
 _HF_ACT_NAME = {"gpt_bigcode": {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"},
                 "codegen": {"gelu": "gelu", "gelu_tanh": "gelu_new"},
                 "phi": {"gelu": "gelu", "gelu_tanh": "gelu_new"}}
@@ -298,41 +303,25 @@ _HF_ACT_NAME = {"gpt_bigcode": {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"
 def _write_llama(c: ModelConfig) -> dict:
     rope = {"rope_type": "llama3" if c.rope_scaling else "default", "rope_theta": c.rope_theta,
             **(c.rope_scaling or {})}
-    return {"max_position_embeddings": c.block_size,
-            "hidden_size": c.n_embd, "intermediate_size": c.mlp_hidden,
-            "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
-            "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim, "hidden_act": "silu",
-            "rms_norm_eps": c.norm_eps, "rope_parameters": rope, "rope_theta": c.rope_theta,
+    return {"hidden_act": "silu", "rope_parameters": rope, "rope_theta": c.rope_theta,
             # the rope keys transformers < 5 reads
             "rope_scaling": {k: v for k, v in rope.items() if k != "rope_theta"}
-            if c.rope_scaling else None,
-            "attention_bias": c.qkv_bias, "mlp_bias": c.mlp_bias}
+            if c.rope_scaling else None}
 
 
 def _write_phi(c: ModelConfig) -> dict:
     rope = {"rope_theta": c.rope_theta, "partial_rotary_factor": c.rotary_dim / c.head_dim}
-    return {"max_position_embeddings": c.block_size,
-            "hidden_size": c.n_embd, "intermediate_size": c.mlp_hidden,
-            "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
-            "num_key_value_heads": c.n_kv_head, "hidden_act": _HF_ACT_NAME["phi"].get(c.mlp),
-            "layer_norm_eps": c.norm_eps, "rope_parameters": {"rope_type": "default", **rope},
-            **rope, "qk_layernorm": False}
+    return {"hidden_act": _HF_ACT_NAME["phi"].get(c.mlp),
+            "rope_parameters": {"rope_type": "default", **rope}, **rope, "qk_layernorm": False}
 
 
 def _write_codegen(c: ModelConfig) -> dict:
-    return {"n_positions": c.block_size, "n_ctx": c.block_size,
-            "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
-            "n_inner": c.mlp_hidden, "rotary_dim": c.rotary_dim,
-            "activation_function": _HF_ACT_NAME["codegen"].get(c.mlp),
-            "layer_norm_epsilon": c.norm_eps}
+    return {"n_ctx": c.block_size, "activation_function": _HF_ACT_NAME["codegen"].get(c.mlp)}
 
 
 def _write_gpt_bigcode(c: ModelConfig) -> dict:
-    return {"n_positions": c.block_size, "n_embd": c.n_embd,
-            "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": c.mlp_hidden,
-            "multi_query": c.n_kv_head == 1,
-            "activation_function": _HF_ACT_NAME["gpt_bigcode"].get(c.mlp),
-            "layer_norm_epsilon": c.norm_eps, "scale_attn_weights": True}
+    return {"multi_query": c.n_kv_head == 1, "scale_attn_weights": True,
+            "activation_function": _HF_ACT_NAME["gpt_bigcode"].get(c.mlp)}
 
 
 @dataclass(frozen=True)
@@ -477,11 +466,9 @@ def read_bin(path: Path) -> dict[str, torch.Tensor]:
         if "weights_only" in why or not why:
             why = type(e).__name__
         raise ValueError(f"{path}: truncated or corrupt weights file ({why})") from None
-    bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)
-           ] if isinstance(sd, dict) else None
-    if bad != []:
-        found = type(sd).__name__ if bad is None else f"{bad[0]!r}: {type(sd[bad[0]]).__name__}"
-        raise ValueError(f"{path}: expected a state dict (names -> tensors), found {found}")
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                           for k, v in sd.items()):
+        raise ValueError(f"{path}: expected a state dict (names -> tensors)")
     return sd
 
 
@@ -514,12 +501,10 @@ class TensorSource:
     @staticmethod
     def _shards(index: Path) -> list[Path]:
         weight_map = settings.read_json_object(index, "shard index").get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index}: corrupt shard index (no 'weight_map' object)")
-        bad = next((k for k, f in weight_map.items() if not isinstance(f, str) or not f), None)
-        if bad is not None:
-            raise ValueError(f"{index}: corrupt shard index (weight_map[{bad!r}] is "
-                             f"{weight_map[bad]!r}, not a file name)")
+        if not isinstance(weight_map, dict) or not all(f and isinstance(f, str)
+                                                       for f in weight_map.values()):
+            raise ValueError(f"{index}: corrupt shard index (no 'weight_map' of tensor names -> "
+                             "file names)")
         shards = [index.parent / f for f in dict.fromkeys(weight_map.values())]
         if missing := [str(s) for s in shards if not s.exists()]:
             raise ValueError(f"{index}: shard files missing: {missing}")
@@ -756,6 +741,7 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     table = TABLES[cfg.family]
     out = {"architectures": [table.architecture], "model_type": cfg.family,
            "vocab_size": cfg.vocab_size, **table.write_config(cfg), **_write_dropouts(cfg),
+           **{keys[0]: getattr(cfg, f) for f, (keys, _) in HF_FIELDS[cfg.family].items()},
            "tie_word_embeddings": cfg.tie_embeddings,
            "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id,
            "dtype": str(dtype).removeprefix("torch."),
