@@ -81,14 +81,6 @@ class LoRAReport:
     trainable_params: int
     total_params: int
 
-    def __str__(self) -> str:
-        pct = 100.0 * self.trainable_params / max(self.total_params, 1)
-        lines = [f"LoRA on {len(self.modules)} modules"]
-        lines += [f"  {t}: {len(names)} match(es), e.g. {names[0]}" for t, names in self.targets.items()]
-        lines.append(f"trainable params: {self.trainable_params:,} || all params: "
-                     f"{self.total_params:,} || trainable%: {pct:.4f}")
-        return "\n".join(lines)
-
 
 # ----------------------------------------------------------------------------- quantized base
 
@@ -173,24 +165,17 @@ class QuantLinear(nn.Module):
 
 @dataclass
 class QuantReport:
-    """Memory of the quantized Linear weights against the same weights in bf16, and of the model."""
+    """Bytes of the quantized Linear weights, of the same weights in bf16, and of the model."""
 
     bits: int
     modules: list[str]
     quantized_bytes: int
     bf16_bytes: int
     model_bytes: int
-    model_bf16_bytes: int
 
     @property
     def ratio(self) -> float:
         return self.quantized_bytes / max(self.bf16_bytes, 1)
-
-    def __str__(self) -> str:
-        return (f"{'int8' if self.bits == 8 else 'nf4'} base: {len(self.modules)} Linear weights "
-                f"{self.quantized_bytes / 2**20:.1f} MiB vs {self.bf16_bytes / 2**20:.1f} MiB bf16 "
-                f"({self.ratio:.3f}x); whole model "
-                f"{self.model_bytes / max(self.model_bf16_bytes, 1):.3f}x of bf16")
 
 
 def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -212,7 +197,6 @@ def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 def quantize_base(model: nn.Module, bits: int = 4, skip: tuple[str, ...] = ("lm_head",)) -> QuantReport:
     """Replace every frozen-base ``nn.Linear`` (also those under LoRA) by a ``QuantLinear``,
     except ``skip`` (as bitsandbytes, the head) and weights tied to another module."""
-    bf16_total = 2 * sum(p.numel() for p in model.parameters())
     tied = _shared_parameters(model)
     names, quant_bytes, bf16_bytes = [], 0, 0
     for path, module in list(model.named_modules()):
@@ -229,7 +213,7 @@ def quantize_base(model: nn.Module, bits: int = 4, skip: tuple[str, ...] = ("lm_
     if not names:
         raise ValueError("quantize_base: the model has no nn.Linear to quantize (already quantized?)")
     rest = 2 * sum(p.numel() for p in model.parameters() if p.dtype.is_floating_point)
-    return QuantReport(bits, names, quant_bytes, bf16_bytes, quant_bytes + rest, bf16_total)
+    return QuantReport(bits, names, quant_bytes, bf16_bytes, quant_bytes + rest)
 
 
 # ----------------------------------------------------------------------------- LoRA layers
@@ -856,10 +840,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAReport:
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     report = apply_adapter_layout(model, adapter_dir)
     try:
-        file, tensors = _read_weights(Path(adapter_dir))
-        if bad := [k for k in tensors if _KEY_RE.match(k) is None]:
-            raise ValueError(f"{file}: unexpected key {bad[0]!r} (not a LoRA weight)")
-        _copy_adapter(model, tensors, file)
+        _copy_adapter(model, *_read_weights(Path(adapter_dir)))
     except ValueError:
         _detach(model, trainable)
         raise
@@ -878,7 +859,7 @@ def apply_adapter_layout(model: nn.Module, adapter_dir: str | Path,
         raise ValueError(f"{Path(adapter_dir) / config_name}: {e}") from None
 
 
-def _copy_adapter(model: nn.Module, tensors: dict[str, torch.Tensor], file: Path) -> None:
+def _copy_adapter(model: nn.Module, file: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Check every key and shape of the file against the model's adapters, then copy."""
     slots = _adapter_parameters(model)
     base = _base_layers(model, tensors, file)
