@@ -13,7 +13,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -625,13 +625,11 @@ def _shared_parameters(model: nn.Module) -> dict[int, list[str]]:
     return {key: names for key, names in uses.items() if len(names) > 1}
 
 
-def tied_targets(model: nn.Module,
-                 modules: Iterable[tuple[str, LoRALinear | LoRAEmbedding]] | None = None
-                 ) -> dict[str, list[str]]:
-    """LoRA modules (default all) whose base weight another module shares -> that weight's names."""
+def tied_targets(model: nn.Module) -> dict[str, list[str]]:
+    """LoRA modules whose base weight another module shares -> that weight's names."""
     tied = _shared_parameters(model)
     weights = ((path, getattr(module.base, "weight", None))  # a QuantLinear base: never tied
-               for path, module in (lora_modules(model) if modules is None else modules))
+               for path, module in lora_modules(model))
     return {path: tied[id(w)] for path, w in weights if w is not None and id(w) in tied}
 
 
@@ -641,7 +639,7 @@ def merge_lora(model: nn.Module) -> None:
     if any(isinstance(m.base, QuantLinear) for _, m in todo):
         raise ValueError("cannot merge LoRA into a quantized base: load the base unquantized "
                          "(pretrained.load), load_adapter, then merge")
-    if tied := tied_targets(model, todo):
+    if tied := tied_targets(model):
         path, sharers = next(iter(tied.items()))
         raise ValueError(f"cannot merge the LoRA on {path}: its weight is tied to "
                          f"{sharers}, so merging would change both; untie them first")

@@ -719,8 +719,7 @@ def load(directory: str | Path, dtype: torch.dtype | str | None = None,
             if rows is not None and bool((rows.diff() == 1).all()):
                 source.fill(hf_name, out[int(rows[0]):int(rows[-1]) + 1])
             else:
-                tmp = source.whole(hf_name, dtype, device)
-                out[rows.to(device)] = tmp
+                out[rows.to(device)] = source.whole(hf_name, dtype, device)
         state[name] = out
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["wte.weight"]
@@ -775,7 +774,12 @@ def save(model: Transformer, directory: str | Path, max_shard_bytes: int = 5 * 2
     files["config.json"] = json.dumps(config, indent=2) + "\n"
     directory.mkdir(parents=True, exist_ok=True)
     process.write_atomic_files({directory / name: data for name, data in files.items()})
-    _remove_stale_weights(directory, set(files))
+    # The last save's weight files go: a single file left beside new shards would load instead.
+    for pattern in ("model.safetensors", "model-*-of-*.safetensors", "pytorch_model*.bin",
+                    "model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        for stale in directory.glob(pattern):
+            if stale.name not in files:
+                stale.unlink()
 
 
 def check_output_dir(directory: Path, writer: str, adapter: bool = False) -> None:
@@ -823,16 +827,6 @@ def _weight_files(tensors: dict[str, torch.Tensor],
     return {**files, "model.safetensors.index.json": json.dumps(index, indent=2) + "\n"}
 
 
-def _remove_stale_weights(directory: Path, written: set[str]) -> None:
-    """Delete weight files of the last save (a single file beside new shards loads instead)."""
-    for pattern in ("model.safetensors", "model-*-of-*.safetensors",
-                    "model.safetensors.index.json", "pytorch_model*.bin",
-                    "pytorch_model.bin.index.json"):
-        for stale in directory.glob(pattern):
-            if stale.name not in written:
-                stale.unlink()
-
-
 def write_safetensors(f: BinaryIO, tensors: dict[str, torch.Tensor],
                       metadata: dict[str, str] | None = None) -> None:
     """safetensors layout (8-byte header length, JSON header padded to 8, raw data), streamed."""
@@ -873,9 +867,8 @@ def export_checkpoint(out: str | Path, save_weights: Callable[[Path], object],
     def build(tmp: Path) -> None:
         save_weights(tmp)
         for name in COMPANION_FILES:
-            source = Path(companions)
-            if name == GENERATION_CONFIG and generation_from is not None:
-                source = Path(generation_from)
+            source = Path(generation_from if name == GENERATION_CONFIG and generation_from
+                          else companions)
             if (source / name).is_file():
                 shutil.copy2(source / name, tmp / name)
         process.write_manifest(tmp)
