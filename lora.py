@@ -235,7 +235,6 @@ class LoRALinear(nn.Module):
         self.names: dict[str, str] = {}       # adapter key -> module name in the adapter file
         self._place: dict[str, tuple[int, int, bool, bool]] = {}
         self._segments: list[str | int] | None = []
-        self._owned = torch.zeros(self.out_features, dtype=torch.bool)  # rows some adapter owns
         self.merged = False
 
     @property
@@ -255,15 +254,10 @@ class LoRALinear(nn.Module):
         return self.base.bias
 
     def add_adapter(self, key: str, name: str, rows: torch.Tensor | None) -> None:
-        """Add an adapter on output ``rows`` (``rows[j]`` is the row that adapter row j feeds)."""
-        if key in self.names:
-            raise ValueError(f"two LoRA adapters named {key!r} on one module ({name})")
+        """Add an adapter on output ``rows`` (``rows[j]`` is the row that adapter row j feeds);
+        the HF modules of one codelm module own disjoint rows."""
+        assert key not in self.names, key
         rows = None if rows is None else rows.to(torch.long).cpu()
-        mine = slice(None) if rows is None else rows
-        if self._owned[mine].any():
-            raise ValueError(f"LoRA adapter {name} overlaps the rows of another adapter on this "
-                             f"module ({list(self.names.values())})")
-        self._owned[mine] = True
         device = next(iter(self.base.state_dict().values())).device
         n_out = self.out_features if rows is None else len(rows)
         A = torch.empty(self.r, self.in_features, device=device, dtype=torch.float32)

@@ -435,16 +435,12 @@ class SafetensorsFile:
             n = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(n))
         header.pop("__metadata__", None)
-        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
+        self.entries: dict[str, int] = {}  # tensor name -> where its data starts
         for name, e in header.items():
             if e["dtype"] not in SAFETENSORS_DTYPES:
                 raise ValueError(f"{path}: tensor {name!r} has dtype {e['dtype']}, which codelm "
                                  f"does not load (supported: {', '.join(SAFETENSORS_DTYPES)})")
-            self.entries[name] = (SAFETENSORS_DTYPES[e["dtype"]], tuple(e["shape"]),
-                                  8 + n + e["data_offsets"][0])
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.entries[name][1]
+            self.entries[name] = 8 + n + e["data_offsets"][0]
 
     def view(self, name: str) -> torch.Tensor:
         return self._file.get_tensor(name)
@@ -452,7 +448,7 @@ class SafetensorsFile:
     def read_into(self, name: str, out: torch.Tensor) -> None:
         """Read the tensor into a contiguous CPU tensor of its dtype (through the page cache)."""
         with open(self.path, "rb") as f:
-            f.seek(self.entries[name][2])
+            f.seek(self.entries[name])
             f.readinto(memoryview(out.view(-1).view(torch.uint8).numpy()))
 
 
@@ -481,8 +477,8 @@ class TensorSource:
     """Name -> tensor over one or several files (safetensors, sharded, or pytorch .bin)."""
 
     def __init__(self, directory: Path) -> None:
-        self.files: dict[str, SafetensorsFile] = {}
-        self.tensors: dict[str, torch.Tensor] = {}  # from .bin files
+        self.tensors: dict[str, torch.Tensor] = {}  # safetensors': views of the (unread) map
+        self.files: dict[str, SafetensorsFile] = {}  # the safetensors file of a name
         self.origin: dict[str, Path] = {}  # the file each tensor is in (for messages)
         found = next((directory / f for f in MODEL_WEIGHT_FILES if (directory / f).exists()), None)
         if found is None:
@@ -492,11 +488,11 @@ class TensorSource:
             if path.suffix == ".safetensors":
                 f = SafetensorsFile(path)
                 self.files.update(dict.fromkeys(f.entries, f))
-                names = f.entries
+                tensors = {name: f.view(name) for name in f.entries}
             else:
-                names = read_bin(path)
-                self.tensors.update(names)
-            self.origin.update(dict.fromkeys(names, path))
+                tensors = read_bin(path)
+            self.tensors.update(tensors)
+            self.origin.update(dict.fromkeys(tensors, path))
 
     @staticmethod
     def _shards(index: Path) -> list[Path]:
@@ -510,32 +506,22 @@ class TensorSource:
             raise ValueError(f"{index}: shard files missing: {missing}")
         return shards
 
-    def names(self) -> set[str]:
-        return set(self.files) | set(self.tensors)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.files[name].shape(name) if name in self.files else tuple(self.tensors[name].shape)
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self.files[name].entries[name][0] if name in self.files else self.tensors[name].dtype
-
     def whole(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """The tensor in dtype on device; a view of the file map when nothing changes."""
-        if name in self.tensors:
-            return self.tensors[name].to(device=device, dtype=dtype)
-        f, file_dtype = self.files[name], self.dtype(name)
-        if file_dtype == dtype and device.type == "cpu":
-            return f.view(name)
-        tmp = torch.empty(f.shape(name), dtype=file_dtype)
-        f.read_into(name, tmp)
-        return tmp.to(device=device, dtype=dtype)
+        """The tensor in dtype on device: the view of the file map when nothing changes, else
+        read into new memory, so no page is both mapped and copied."""
+        t = self.tensors[name]
+        if name in self.files and (t.dtype != dtype or device.type != "cpu"):
+            t = torch.empty_like(t)
+            self.files[name].read_into(name, t)
+        return t.to(device=device, dtype=dtype)
 
     def fill(self, name: str, out: torch.Tensor) -> None:
         """Copy the tensor into `out` (a contiguous slice of a fused parameter)."""
-        if name in self.files and self.dtype(name) == out.dtype and out.device.type == "cpu":
+        dtype = self.tensors[name].dtype
+        if name in self.files and dtype == out.dtype and out.device.type == "cpu":
             self.files[name].read_into(name, out)
         else:
-            out.copy_(self.whole(name, self.dtype(name), torch.device("cpu")))
+            out.copy_(self.whole(name, dtype, torch.device("cpu")))
 
 
 # --------------------------------------------------------------------------- load
@@ -598,7 +584,7 @@ def _requested_dtype(dtype: torch.dtype | str | None, hf: dict,
     """The `dtype` argument as a torch dtype; "auto": the config's, else the first float tensor's."""
     resolved = dtype
     if dtype == "auto":
-        found = (source.dtype(n) for n in [*source.files, *source.tensors])
+        found = (t.dtype for t in source.tensors.values())
         resolved = _config_dtype(hf) or next((d for d in found if d.is_floating_point),
                                              torch.float32)
     elif isinstance(dtype, str):
@@ -616,10 +602,10 @@ def _tie_as_the_file_says(cfg: ModelConfig, table: FamilyTable, source: TensorSo
     """transformers' rule: a tied config whose head differs from the embeddings loads untied."""
     weights = {path: f"{hf}.weight" for hf, (path, _) in table.modules.items()}
     head, embeddings = weights["lm_head"], weights["wte"]
-    if not (cfg.tie_embeddings and {head, embeddings} <= source.names()):
+    if not (cfg.tie_embeddings and {head, embeddings} <= source.tensors.keys()):
         return cfg  # a head alone is the tied pair (`load`); no tensor at all is missing
     cpu = torch.device("cpu")
-    if source.shape(head) == source.shape(embeddings) and torch.equal(
+    if source.tensors[head].shape == source.tensors[embeddings].shape and torch.equal(
             source.whole(head, dtype, cpu), source.whole(embeddings, dtype, cpu)):
         return cfg
     print(f"warning: {source.origin[head]}: {head} differs from {embeddings}, but the config "
@@ -633,7 +619,7 @@ def _checked_plan(directory: Path, cfg: ModelConfig, table: FamilyTable,
     with torch.device("meta"):
         model = Transformer(cfg)
     plan = _param_plan(model, table)
-    present = source.names()
+    present = set(source.tensors)
     if cfg.tie_embeddings:
         head = plan.pop("lm_head.weight")
         if not present & {name for name, _ in plan["wte.weight"]} and head[0][0] in present:
@@ -651,7 +637,7 @@ def _checked_plan(directory: Path, cfg: ModelConfig, table: FamilyTable,
         for hf_name, rows in parts:
             shape = tuple(params[name].shape)
             want = shape if rows is None else (len(rows),) + shape[1:]
-            found = source.shape(hf_name)
+            found = tuple(source.tensors[hf_name].shape)
             if found != want:
                 raise ValueError(f"{directory}: shape mismatch for {hf_name}: expected {want} "
                                  f"(from config.json), found {found}")

@@ -874,18 +874,6 @@ def test_quantize_base_keeps_tied_head_and_can_take_an_untied_one(tmp_path):
         torch.testing.assert_close(phi(ids, ids), ref)
 
 
-def test_overlapping_adapters_are_refused():
-    layer = LoRALinear(torch.nn.Linear(4, 6), r=1, scale=1.0, dropout=0.0)
-    layer.add_adapter("a", "a", torch.arange(0, 3))
-    with pytest.raises(ValueError, match="overlaps"):
-        layer.add_adapter("b", "b", torch.tensor([2, 3]))
-    with pytest.raises(ValueError, match="overlaps"):
-        layer.add_adapter("c", "c", None)
-    with pytest.raises(ValueError, match=r"two LoRA adapters named 'a' on one module \(x\)"):
-        layer.add_adapter("a", "x", torch.tensor([5, 6]))  # rows free: the name alone clashes
-    assert list(layer.lora_A) == ["a"] and layer.lora_A["a"].shape[0] == layer.r
-
-
 def test_merge_and_export_leaves_the_adapters_merged_in_place_and_unmerge_resumes(tmp_path):
     """Its docstring: the model is left merged and unmerge_lora resumes training, so the LoRA
     layers must stay (merged), unmerging must give the adapted logits back, and saving works."""
