@@ -508,17 +508,16 @@ def targeted_modules(model: nn.Module, targets: list[str] | str,
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> LoRAReport:
     """Freeze the model and add LoRA adapters on ``cfg.target_modules`` (checked first)."""
-    _check_model(model, "apply_lora", fresh=True)
+    _check_model(model, "apply_lora")
     return _attach(model, cfg, _resolve_targets(model, cfg.target_modules))
 
 
-def _check_model(model: nn.Module, caller: str, fresh: bool = False) -> None:
-    """LoRA targets go through a codelm model's config and module names, which others lack;
-    ``fresh``: the caller adds adapters, which the model must not have yet."""
+def _check_model(model: nn.Module, caller: str) -> None:
+    """A codelm model (LoRA targets go through its config and module names) without adapters."""
     if not isinstance(model, Transformer):
         raise ValueError(f"{caller} works on codelm's Transformer (pretrained.load(dir) "
                          f"loads an HF checkpoint as one), got {type(model).__name__}")
-    if fresh and any(True for _ in lora_modules(model)):
+    if any(True for _ in lora_modules(model)):
         raise ValueError(f"the model already has LoRA adapters; {caller} once per model")
 
 
@@ -828,7 +827,7 @@ def _read_weights(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAReport:
     """Load an adapter written by ``save_adapter`` or by PEFT into a model without adapters,
     attached as its config says; a failed load leaves the model as it was."""
-    _check_model(model, "load_adapter", fresh=True)
+    _check_model(model, "load_adapter")
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     report = apply_adapter_layout(model, adapter_dir)
     try:
@@ -843,7 +842,7 @@ def apply_adapter_layout(model: nn.Module, adapter_dir: str | Path,
                          config_name: str = ADAPTER_CONFIG) -> LoRAReport:
     """Freeze the model and add the adapters ``load_adapter`` would (where the adapter's config
     puts them, by PEFT's rules), without their weights (a run's checkpoint holds them)."""
-    _check_model(model, "apply_adapter_layout", fresh=True)
+    _check_model(model, "apply_adapter_layout")
     cfg = read_adapter_config(adapter_dir, config_name)
     try:
         return _attach(model, cfg, _resolve_targets(model, cfg.target_modules, peft_rules=True))

@@ -795,22 +795,16 @@ def check_output_dir(directory: Path, writer: str, adapter: bool = False) -> Non
 def _weight_files(tensors: dict[str, torch.Tensor],
                   max_shard_bytes: int) -> dict[str, process.FileContent]:
     """File name -> content (a streaming writer): model.safetensors, or shards of at most
-    max_shard_bytes (or one tensor) and their index."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in tensors.items():
-        if shards[-1] and size + t.nbytes > max_shard_bytes:
-            shards, size = shards + [{}], 0
-        shards[-1][name] = t
-        size += t.nbytes
-    if len(shards) == 1:
-        return {"model.safetensors": partial(write_safetensors, tensors=tensors)}
-    names = [f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)]
-    files = {f: partial(write_safetensors, tensors=shard) for f, shard in zip(names, shards)}
-    weight_map = {name: f for f, shard in zip(names, shards) for name in shard}
-    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
-             "weight_map": weight_map}
-    return {**files, "model.safetensors.index.json": json.dumps(index, indent=2) + "\n"}
+    max_shard_bytes (or one tensor) and their index, split as transformers splits them."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_bytes)
+    files = {f: partial(write_safetensors, tensors={n: tensors[n] for n in names})
+             for f, names in split.filename_to_tensors.items()}
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        files["model.safetensors.index.json"] = json.dumps(index, indent=2) + "\n"
+    return files
 
 
 def write_safetensors(f: BinaryIO, tensors: dict[str, torch.Tensor],
