@@ -53,9 +53,8 @@ _KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\."
 
 @dataclass
 class LoRAConfig:
-    """PEFT's LoraConfig fields under plain names, checked where they enter (flags, an adapter's
-    config). ``target_modules``: names matching a module name or its dotted suffix, or one
-    regular expression matching whole names (PEFT's rules)."""
+    """PEFT's LoraConfig fields under plain names, checked where they enter. ``target_modules``:
+    names matching a module name or its dotted suffix, or one regular expression (PEFT's rules)."""
 
     r: int = 8
     alpha: float = 16.0
@@ -116,9 +115,7 @@ class QuantLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, bits: int):
         super().__init__()
-        assert bits in (4, 8), bits
-        if linear.weight.is_meta:
-            raise ValueError("cannot quantize a model on the meta device; load its weights first")
+        assert bits in (4, 8) and not linear.weight.is_meta, (bits, linear.weight.device)
         self.bits, self.in_features, self.out_features = bits, linear.in_features, linear.out_features
         self.weight_dtype = linear.weight.dtype
         w = linear.weight.detach().float()

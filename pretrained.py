@@ -740,7 +740,7 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     return out
 
 
-def save(model: Transformer, directory: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
+def save(model: Transformer, directory: str | Path, max_shard_bytes: float = 5 * 2**30) -> None:
     """Write config.json + model.safetensors (or shards + index) in the family's HF layout, all
     files in full before any replaces the last save's (config.json last)."""
     directory = Path(directory)
@@ -793,7 +793,7 @@ def check_output_dir(directory: Path, writer: str, adapter: bool = False) -> Non
 
 
 def _weight_files(tensors: dict[str, torch.Tensor],
-                  max_shard_bytes: int) -> dict[str, process.FileContent]:
+                  max_shard_bytes: float) -> dict[str, process.FileContent]:
     """File name -> content (a streaming writer): model.safetensors, or shards of at most
     max_shard_bytes (or one tensor) and their index, split as transformers splits them."""
     from huggingface_hub import split_torch_state_dict_into_shards
@@ -876,8 +876,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.max_shard_gb > 0:
             raise ValueError(f"--max-shard-gb {args.max_shard_gb}: must be > 0")
         model = load(args.checkpoint, dtype=args.dtype)
-        shard = sys.maxsize if args.max_shard_gb == float("inf") else max(
-            1, int(args.max_shard_gb * 2**30))
+        shard = args.max_shard_gb * 2**30  # inf: one file
         export_checkpoint(args.out, partial(save, model, max_shard_bytes=shard), args.checkpoint)
         print(f"wrote {args.out} ({model.cfg.family}, {model.wte.weight.dtype})")
         try:  # a slow-format tokenizer is copied as it is: say what codelm needs of it

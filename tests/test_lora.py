@@ -1319,11 +1319,6 @@ def test_an_adapter_directory_without_weights_is_an_error_naming_it(tmp_path):
     assert not list(lora_modules(fresh))
 
 
-def test_quantization_of_a_meta_model_is_refused():
-    with pytest.raises(ValueError, match="cannot quantize a model on the meta device"):
-        QuantLinear(torch.nn.Linear(8, 4, device="meta"), 4)
-
-
 def test_every_embedding_slot_covers_its_whole_table():
     """_attach adapts an Embedding as a whole (LoRAEmbedding has no rows): it relies on no family
     mapping an HF embedding to part of one (the check for that was unreachable and is gone)."""
