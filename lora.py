@@ -13,14 +13,13 @@ import math
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 import pretrained
@@ -54,8 +53,8 @@ _KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\."
 
 @dataclass
 class LoRAConfig:
-    """PEFT's LoraConfig fields under plain names. ``target_modules``: names matching a module
-    name or its dotted suffix, or one regular expression matching whole names (PEFT's rules)."""
+    """PEFT's LoraConfig fields under plain names, checked where they enter. ``target_modules``:
+    names matching a module name or its dotted suffix, or one regular expression (PEFT's rules)."""
 
     r: int = 8
     alpha: float = 16.0
@@ -65,42 +64,6 @@ class LoRAConfig:
     modules_to_save: list[str] | None = None  # PEFT's: modules trained whole and saved
     use_rslora: bool = False
     use_dora: bool = False  # weight-decomposed LoRA: a learned magnitude per output row
-
-    def __post_init__(self):
-        # Types first: a hand-edited adapter_config.json fails here, naming the field.
-        if isinstance(self.target_modules, tuple):
-            self.target_modules = list(self.target_modules)
-        number = settings.is_number
-        for name, ok, want in (
-                ("r", number(self.r, int) and self.r > 0, "a positive integer"),
-                ("alpha", number(self.alpha) and math.isfinite(self.alpha), "a finite number"),
-                ("dropout", number(self.dropout) and 0.0 <= self.dropout < 1.0,
-                 "a number in [0, 1)"),
-                ("use_rslora", isinstance(self.use_rslora, bool), "true/false"),
-                ("use_dora", isinstance(self.use_dora, bool), "true/false"),
-                ("target_modules", isinstance(self.target_modules, (list, str)),
-                 "a list of module names or one regular expression")):
-            if not ok:
-                raise ValueError(f"LoRAConfig.{name} must be {want}, got {getattr(self, name)!r}")
-        if self.alpha == 0:
-            raise ValueError("LoRAConfig.alpha must not be 0: the adapters would never train")
-        if self.bias not in ("none", "lora_only", "all"):
-            raise ValueError(f"LoRAConfig.bias={self.bias!r}: use 'none', 'lora_only' or 'all'")
-        if self.modules_to_save is not None and not (isinstance(self.modules_to_save, list) and all(
-                isinstance(m, str) for m in self.modules_to_save)):
-            raise ValueError(f"LoRAConfig.modules_to_save must be a list of module names, got "
-                             f"{self.modules_to_save!r}")
-        if not self.target_modules:
-            raise ValueError("LoRAConfig.target_modules is empty: name the modules to adapt")
-        if isinstance(self.target_modules, str):
-            try:
-                re.compile(self.target_modules)
-            except re.error as e:
-                raise ValueError(f"LoRAConfig.target_modules {self.target_modules!r} is not a "
-                                 f"valid regular expression: {e}") from None
-        elif bad := [t for t in self.target_modules if not isinstance(t, str)]:
-            raise ValueError(f"LoRAConfig.target_modules must hold module names (strings), got "
-                             f"{bad[0]!r}")
 
     @property
     def scale(self) -> float:
@@ -116,14 +79,6 @@ class LoRAReport:
     modules: list[str]
     trainable_params: int
     total_params: int
-
-    def __str__(self) -> str:
-        pct = 100.0 * self.trainable_params / max(self.total_params, 1)
-        lines = [f"LoRA on {len(self.modules)} modules"]
-        lines += [f"  {t}: {len(names)} match(es), e.g. {names[0]}" for t, names in self.targets.items()]
-        lines.append(f"trainable params: {self.trainable_params:,} || all params: "
-                     f"{self.total_params:,} || trainable%: {pct:.4f}")
-        return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- quantized base
@@ -160,9 +115,7 @@ class QuantLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, bits: int):
         super().__init__()
-        assert bits in (4, 8), bits
-        if linear.weight.is_meta:
-            raise ValueError("cannot quantize a model on the meta device; load its weights first")
+        assert bits in (4, 8) and not linear.weight.is_meta, (bits, linear.weight.device)
         self.bits, self.in_features, self.out_features = bits, linear.in_features, linear.out_features
         self.weight_dtype = linear.weight.dtype
         w = linear.weight.detach().float()
@@ -209,24 +162,17 @@ class QuantLinear(nn.Module):
 
 @dataclass
 class QuantReport:
-    """Memory of the quantized Linear weights against the same weights in bf16, and of the model."""
+    """Bytes of the quantized Linear weights, of the same weights in bf16, and of the model."""
 
     bits: int
     modules: list[str]
     quantized_bytes: int
     bf16_bytes: int
     model_bytes: int
-    model_bf16_bytes: int
 
     @property
     def ratio(self) -> float:
         return self.quantized_bytes / max(self.bf16_bytes, 1)
-
-    def __str__(self) -> str:
-        return (f"{'int8' if self.bits == 8 else 'nf4'} base: {len(self.modules)} Linear weights "
-                f"{self.quantized_bytes / 2**20:.1f} MiB vs {self.bf16_bytes / 2**20:.1f} MiB bf16 "
-                f"({self.ratio:.3f}x); whole model "
-                f"{self.model_bytes / max(self.model_bf16_bytes, 1):.3f}x of bf16")
 
 
 def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -248,7 +194,6 @@ def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 def quantize_base(model: nn.Module, bits: int = 4, skip: tuple[str, ...] = ("lm_head",)) -> QuantReport:
     """Replace every frozen-base ``nn.Linear`` (also those under LoRA) by a ``QuantLinear``,
     except ``skip`` (as bitsandbytes, the head) and weights tied to another module."""
-    bf16_total = 2 * sum(p.numel() for p in model.parameters())
     tied = _shared_parameters(model)
     names, quant_bytes, bf16_bytes = [], 0, 0
     for path, module in list(model.named_modules()):
@@ -265,7 +210,7 @@ def quantize_base(model: nn.Module, bits: int = 4, skip: tuple[str, ...] = ("lm_
     if not names:
         raise ValueError("quantize_base: the model has no nn.Linear to quantize (already quantized?)")
     rest = 2 * sum(p.numel() for p in model.parameters() if p.dtype.is_floating_point)
-    return QuantReport(bits, names, quant_bytes, bf16_bytes, quant_bytes + rest, bf16_total)
+    return QuantReport(bits, names, quant_bytes, bf16_bytes, quant_bytes + rest)
 
 
 # ----------------------------------------------------------------------------- LoRA layers
@@ -287,7 +232,6 @@ class LoRALinear(nn.Module):
         self.names: dict[str, str] = {}       # adapter key -> module name in the adapter file
         self._place: dict[str, tuple[int, int, bool, bool]] = {}
         self._segments: list[str | int] | None = []
-        self._owned = torch.zeros(self.out_features, dtype=torch.bool)  # rows some adapter owns
         self.merged = False
 
     @property
@@ -307,15 +251,10 @@ class LoRALinear(nn.Module):
         return self.base.bias
 
     def add_adapter(self, key: str, name: str, rows: torch.Tensor | None) -> None:
-        """Add an adapter on output ``rows`` (``rows[j]`` is the row that adapter row j feeds)."""
-        if key in self.names:
-            raise ValueError(f"two LoRA adapters named {key!r} on one module ({name})")
+        """Add an adapter on output ``rows`` (``rows[j]`` is the row that adapter row j feeds);
+        the HF modules of one codelm module own disjoint rows."""
+        assert key not in self.names, key
         rows = None if rows is None else rows.to(torch.long).cpu()
-        mine = slice(None) if rows is None else rows
-        if self._owned[mine].any():
-            raise ValueError(f"LoRA adapter {name} overlaps the rows of another adapter on this "
-                             f"module ({list(self.names.values())})")
-        self._owned[mine] = True
         device = next(iter(self.base.state_dict().values())).device
         n_out = self.out_features if rows is None else len(rows)
         A = torch.empty(self.r, self.in_features, device=device, dtype=torch.float32)
@@ -566,17 +505,16 @@ def targeted_modules(model: nn.Module, targets: list[str] | str,
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> LoRAReport:
     """Freeze the model and add LoRA adapters on ``cfg.target_modules`` (checked first)."""
-    _check_model(model, "apply_lora", fresh=True)
+    _check_model(model, "apply_lora")
     return _attach(model, cfg, _resolve_targets(model, cfg.target_modules))
 
 
-def _check_model(model: nn.Module, caller: str, fresh: bool = False) -> None:
-    """LoRA targets go through a codelm model's config and module names, which others lack;
-    ``fresh``: the caller adds adapters, which the model must not have yet."""
+def _check_model(model: nn.Module, caller: str) -> None:
+    """A codelm model (LoRA targets go through its config and module names) without adapters."""
     if not isinstance(model, Transformer):
         raise ValueError(f"{caller} works on codelm's Transformer (pretrained.load(dir) "
                          f"loads an HF checkpoint as one), got {type(model).__name__}")
-    if fresh and any(True for _ in lora_modules(model)):
+    if any(True for _ in lora_modules(model)):
         raise ValueError(f"the model already has LoRA adapters; {caller} once per model")
 
 
@@ -677,13 +615,11 @@ def _shared_parameters(model: nn.Module) -> dict[int, list[str]]:
     return {key: names for key, names in uses.items() if len(names) > 1}
 
 
-def tied_targets(model: nn.Module,
-                 modules: Iterable[tuple[str, LoRALinear | LoRAEmbedding]] | None = None
-                 ) -> dict[str, list[str]]:
-    """LoRA modules (default all) whose base weight another module shares -> that weight's names."""
+def tied_targets(model: nn.Module) -> dict[str, list[str]]:
+    """LoRA modules whose base weight another module shares -> that weight's names."""
     tied = _shared_parameters(model)
     weights = ((path, getattr(module.base, "weight", None))  # a QuantLinear base: never tied
-               for path, module in (lora_modules(model) if modules is None else modules))
+               for path, module in lora_modules(model))
     return {path: tied[id(w)] for path, w in weights if w is not None and id(w) in tied}
 
 
@@ -693,7 +629,7 @@ def merge_lora(model: nn.Module) -> None:
     if any(isinstance(m.base, QuantLinear) for _, m in todo):
         raise ValueError("cannot merge LoRA into a quantized base: load the base unquantized "
                          "(pretrained.load), load_adapter, then merge")
-    if tied := tied_targets(model, todo):
+    if tied := tied_targets(model):
         path, sharers = next(iter(tied.items()))
         raise ValueError(f"cannot merge the LoRA on {path}: its weight is tied to "
                          f"{sharers}, so merging would change both; untie them first")
@@ -800,6 +736,34 @@ def adapters_below(path: Path) -> str:
     return f" ({', '.join(map(str, inside))} holds one)" if inside else ""
 
 
+def _is_targets(value: object) -> bool:
+    """A non-empty list of module names, or one regular expression: PEFT's two forms."""
+    if isinstance(value, str):
+        try:
+            return re.compile(value) is not None
+        except re.error:
+            return False
+    return isinstance(value, list) and bool(value) and all(isinstance(t, str) for t in value)
+
+
+# adapter_config.json key -> (LoRAConfig field, value when absent, test of the value, its words)
+_PEFT_FIELDS = {
+    "r": ("r", None, lambda v: settings.is_number(v, int) and v > 0, "a positive integer"),
+    "lora_alpha": ("alpha", None, lambda v: settings.is_number(v) and math.isfinite(v) and v != 0,
+                   "a finite number other than 0"),
+    "lora_dropout": ("dropout", 0.0, lambda v: settings.is_number(v) and 0 <= v < 1,
+                     "a number in [0, 1)"),
+    "target_modules": ("target_modules", None, _is_targets,
+                       "a list of module names or one valid regular expression"),
+    "bias": ("bias", "none", lambda v: v in ("none", "lora_only", "all"),
+             "'none', 'lora_only' or 'all'"),
+    "modules_to_save": ("modules_to_save", None, lambda v: v is None or (
+        isinstance(v, list) and all(isinstance(m, str) for m in v)), "a list of module names"),
+    "use_rslora": ("use_rslora", False, lambda v: isinstance(v, bool), "true/false"),
+    "use_dora": ("use_dora", False, lambda v: isinstance(v, bool), "true/false"),
+}
+
+
 def read_adapter_config(path: str | Path, config_name: str = ADAPTER_CONFIG) -> LoRAConfig:
     """The LoRAConfig of an adapter directory, refusing what codelm cannot honour: the one check
     of every adapter_config.json read (``config_name``: a run's copy has its own name)."""
@@ -818,17 +782,12 @@ def read_adapter_config(path: str | Path, config_name: str = ADAPTER_CONFIG) -> 
     if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
         raise ValueError(f"{file}: init_lora_weights={init!r} is not supported: convert it to a "
                          "plain LoRA adapter with PEFT's path_initial_model_for_weight_conversion")
-    for key in ("r", "lora_alpha", "target_modules"):
-        if raw.get(key) is None:
-            raise ValueError(f"{file}: missing key {key!r}")
-    try:
-        return LoRAConfig(r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
-                          target_modules=raw["target_modules"], bias=raw.get("bias", "none"),
-                          modules_to_save=raw.get("modules_to_save"),
-                          use_rslora=raw.get("use_rslora", False),
-                          use_dora=raw.get("use_dora", False))
-    except ValueError as e:
-        raise ValueError(f"{file}: {e}") from None
+    values = {}
+    for key, (name, absent, fits, words) in _PEFT_FIELDS.items():
+        values[name] = raw.get(key, absent)
+        if not fits(values[name]):
+            raise ValueError(f"{file}: {key}={values[name]!r}: must be {words}")
+    return LoRAConfig(**values)
 
 
 def adapter_base(adapter_dir: str | Path, remedy: str, config_name: str = ADAPTER_CONFIG
@@ -850,42 +809,26 @@ def adapter_base(adapter_dir: str | Path, remedy: str, config_name: str = ADAPTE
 def _read_weights(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     """The adapter's weight file and tensors; a corrupt file is an error naming it."""
     file = path / ADAPTER_WEIGHTS
-    if file.is_file():
-        try:
-            with safe_open(str(file), "pt") as f:
-                version = (f.metadata() or {}).get(FORMAT_KEY, FORMAT_VERSION)
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except SafetensorError as e:
-            raise ValueError(f"{file}: truncated or corrupt safetensors file ({e})") from None
-        if version != FORMAT_VERSION:
-            raise ValueError(f"{file}: a codelm adapter of format_version {version}, not "
-                             f"{FORMAT_VERSION}: load it with the codelm that wrote it")
-        return file, tensors
-    if (path / LEGACY_WEIGHTS).is_file():  # older PEFT wrote pickled weights; tensors only
+    if not file.is_file() and (path / LEGACY_WEIGHTS).is_file():  # older PEFT's: tensors only
         return path / LEGACY_WEIGHTS, pretrained.read_bin(path / LEGACY_WEIGHTS)
-    raise ValueError(f"{path}: no {ADAPTER_WEIGHTS} (or {LEGACY_WEIGHTS}) found")
+    if not file.is_file():
+        raise ValueError(f"{path}: no {ADAPTER_WEIGHTS} (or {LEGACY_WEIGHTS}) found")
+    f = pretrained.SafetensorsFile(file)
+    if (version := f.metadata.get(FORMAT_KEY, FORMAT_VERSION)) != FORMAT_VERSION:
+        raise ValueError(f"{file}: a codelm adapter of format_version {version}, not "
+                         f"{FORMAT_VERSION}: load it with the codelm that wrote it")
+    return file, {k: f.view(k) for k in f.entries}
 
 
 @torch.no_grad()
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAReport:
-    """Load an adapter written by ``save_adapter`` or by PEFT, attached as its config says or into
-    the model's same adapters; a failed load leaves the model as it was."""
+    """Load an adapter written by ``save_adapter`` or by PEFT into a model without adapters,
+    attached as its config says; a failed load leaves the model as it was."""
     _check_model(model, "load_adapter")
-    path = Path(adapter_dir)
-    cfg = read_adapter_config(path)
-    file, tensors = _read_weights(path)
-    if bad := [k for k in tensors if _KEY_RE.match(k) is None]:
-        raise ValueError(f"{file}: unexpected key {bad[0]!r} (not a LoRA weight)")
-    if any(m.merged for _, m in lora_modules(model)):
-        raise ValueError("load_adapter: the model's adapters are merged; unmerge_lora first")
-    if any(True for _ in lora_modules(model)):
-        _check_same_adapters(model.lora_config, cfg, path / ADAPTER_CONFIG)
-        _copy_adapter(model, tensors, file)
-        return _report(model, {})
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
-    report = apply_adapter_layout(model, path)
+    report = apply_adapter_layout(model, adapter_dir)
     try:
-        _copy_adapter(model, tensors, file)
+        _copy_adapter(model, *_read_weights(Path(adapter_dir)))
     except ValueError:
         _detach(model, trainable)
         raise
@@ -896,7 +839,7 @@ def apply_adapter_layout(model: nn.Module, adapter_dir: str | Path,
                          config_name: str = ADAPTER_CONFIG) -> LoRAReport:
     """Freeze the model and add the adapters ``load_adapter`` would (where the adapter's config
     puts them, by PEFT's rules), without their weights (a run's checkpoint holds them)."""
-    _check_model(model, "apply_adapter_layout", fresh=True)
+    _check_model(model, "apply_adapter_layout")
     cfg = read_adapter_config(adapter_dir, config_name)
     try:
         return _attach(model, cfg, _resolve_targets(model, cfg.target_modules, peft_rules=True))
@@ -904,18 +847,7 @@ def apply_adapter_layout(model: nn.Module, adapter_dir: str | Path,
         raise ValueError(f"{Path(adapter_dir) / config_name}: {e}") from None
 
 
-def _check_same_adapters(have: LoRAConfig, new: LoRAConfig, file: Path) -> None:
-    """Weights loaded into existing adapters keep those adapters' scale, so it must agree."""
-    differ = [f"{key}: file {a!r}, model {b!r}" for key, a, b in (
-        ("r", new.r, have.r), ("lora_alpha", new.alpha, have.alpha),
-        ("use_rslora", new.use_rslora, have.use_rslora),
-        ("use_dora", new.use_dora, have.use_dora)) if a != b]
-    if differ:
-        raise ValueError(f"{file}: the adapter differs from the model's adapters ({'; '.join(differ)}"
-                         "); load it into a model without adapters")
-
-
-def _copy_adapter(model: nn.Module, tensors: dict[str, torch.Tensor], file: Path) -> None:
+def _copy_adapter(model: nn.Module, file: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Check every key and shape of the file against the model's adapters, then copy."""
     slots = _adapter_parameters(model)
     base = _base_layers(model, tensors, file)

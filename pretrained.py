@@ -9,7 +9,6 @@ if __name__ == "__main__":  # first: the imports below load torch for seconds
     process.quiet_start_up_stops()
 
 import json
-import mmap
 import re
 import shutil
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 import process
 import rundir
@@ -109,6 +109,32 @@ DROPOUT_KEYS = {
 _REQUIRED = object()
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
+# ModelConfig field -> (its HF keys, the first one written; the default of transformers' config
+# class: _REQUIRED, or a function of the fields read before it), per family. The default's type
+# is the value's (an int without one).
+_LLAMA_LIKE = {"block_size": (("max_position_embeddings",), 2048),
+               "n_layer": (("num_hidden_layers",), _REQUIRED),
+               "n_embd": (("hidden_size",), _REQUIRED),
+               "n_head": (("num_attention_heads",), _REQUIRED),
+               "n_kv_head": (("num_key_value_heads",), lambda f: f["n_head"]),
+               "mlp_hidden": (("intermediate_size",), _REQUIRED)}
+_GPT_LIKE = {"n_layer": (("n_layer", "num_hidden_layers"), _REQUIRED),
+             "n_embd": (("n_embd", "hidden_size"), _REQUIRED),
+             "n_head": (("n_head", "num_attention_heads"), _REQUIRED),
+             "mlp_hidden": (("n_inner",), lambda f: 4 * f["n_embd"]),
+             "norm_eps": (("layer_norm_epsilon",), 1e-5)}
+HF_FIELDS = {
+    "llama": {**_LLAMA_LIKE, "head_dim": (("head_dim",), lambda f: f["n_embd"] // f["n_head"]),
+              "norm_eps": (("rms_norm_eps",), 1e-6), "qkv_bias": (("attention_bias",), False),
+              "mlp_bias": (("mlp_bias",), False)},
+    "phi": {**_LLAMA_LIKE, "norm_eps": (("layer_norm_eps",), 1e-5)},
+    "codegen": {"block_size": (("n_positions", "max_position_embeddings"), 2048), **_GPT_LIKE,
+                "n_head": (("n_head", "num_attention_heads"), 16),
+                "rotary_dim": (("rotary_dim",), 64)},
+    "gpt_bigcode": {"block_size": (("n_positions", "max_position_embeddings"), 1024),
+                    **_GPT_LIKE},
+}
+
 
 def _typed(key: str, value, kind: type):
     """value checked as a JSON value of kind, as transformers 5 checks it (64.0 reads as 64)."""
@@ -130,13 +156,17 @@ def _get(hf: dict, *names: str, kind: type = int, default=_REQUIRED):
     return default
 
 
-def _heads(hf: dict, *names: str, default=_REQUIRED) -> int:
-    """The head count, checked here because the readers divide the width by it."""
-    n = _get(hf, *names, default=default)
-    if n < 1:
-        key = next(k for k in names if hf.get(k) is not None)
-        raise ValueError(f"{key}={n}: must be a positive integer")
-    return n
+def _fields(hf: dict, family: str) -> dict:
+    """The family's HF_FIELDS as ModelConfig keywords."""
+    out = {}
+    for field, (keys, default) in HF_FIELDS[family].items():
+        default = default(out) if callable(default) else default
+        out[field] = _get(hf, *keys, kind=int if default is _REQUIRED else type(default),
+                          default=default)
+        if field == "n_head" and out[field] < 1:  # the width is divided by it
+            key = next(k for k in keys if hf.get(k) is not None)
+            raise ValueError(f"{key}={out[field]}: must be a positive integer")
+    return out
 
 
 def _require(hf: dict, key: str, want, why: str) -> None:
@@ -219,77 +249,52 @@ def _shared(hf: dict, family: str, tie_default: bool = False) -> dict:
 
 def _read_llama(hf: dict) -> ModelConfig:
     _require(hf, "hidden_act", "silu", "codelm's SwiGLU uses silu")
-    n_embd, n_head = _get(hf, "hidden_size"), _heads(hf, "num_attention_heads")
+    f = _fields(hf, "llama")
     rope = _rope(hf)
     if rope["partial"] != 1.0:
         raise ValueError("partial_rotary_factor != 1 cannot be honoured for llama")
-    bias = _get(hf, "attention_bias", kind=bool, default=False)
-    return ModelConfig(
-        **_shared(hf, "llama"),
-        block_size=_get(hf, "max_position_embeddings", default=2048),  # LlamaConfig's
-        n_layer=_get(hf, "num_hidden_layers"),
-        n_head=n_head, n_kv_head=_get(hf, "num_key_value_heads", default=n_head), n_embd=n_embd,
-        head_dim=_get(hf, "head_dim", default=n_embd // n_head),
-        mlp_hidden=_get(hf, "intermediate_size"), norm="rmsnorm",
-        norm_eps=_get(hf, "rms_norm_eps", kind=float, default=1e-6), mlp="swiglu",
-        positions="rope", rope_theta=rope["rope_theta"], rope_scaling=rope["rope_scaling"],
-        qkv_bias=bias, attn_proj_bias=bias,
-        mlp_bias=_get(hf, "mlp_bias", kind=bool, default=False))
+    return ModelConfig(**_shared(hf, "llama"), **f, norm="rmsnorm", mlp="swiglu", positions="rope",
+                       rope_theta=rope["rope_theta"], rope_scaling=rope["rope_scaling"],
+                       attn_proj_bias=f["qkv_bias"])
 
 
 def _read_phi(hf: dict) -> ModelConfig:
     _require(hf, "qk_layernorm", False, "query/key LayerNorm is not implemented")
-    n_embd, n_head = _get(hf, "hidden_size"), _heads(hf, "num_attention_heads")
-    head_dim = n_embd // n_head
+    f = _fields(hf, "phi")
     rope = _rope(hf, default_partial=0.5)
     if rope["rope_scaling"] is not None:
         raise ValueError("rope scaling cannot be honoured for phi")
     return ModelConfig(
-        **_shared(hf, "phi"),
-        block_size=_get(hf, "max_position_embeddings", default=2048),  # PhiConfig's
-        n_layer=_get(hf, "num_hidden_layers"),
-        n_head=n_head, n_kv_head=_get(hf, "num_key_value_heads", default=n_head), n_embd=n_embd,
-        mlp_hidden=_get(hf, "intermediate_size"), norm="layernorm",
-        norm_eps=_get(hf, "layer_norm_eps", kind=float, default=1e-5),
-        mlp=_act(hf, "hidden_act", "gelu_new"), positions="rope",
-        rotary_dim=int(head_dim * rope["partial"]), rope_theta=rope["rope_theta"],
-        parallel_residual=True, qkv_bias=True, attn_proj_bias=True, mlp_bias=True,
-        lm_head_bias=True)
+        **_shared(hf, "phi"), **f, norm="layernorm", mlp=_act(hf, "hidden_act", "gelu_new"),
+        positions="rope", rotary_dim=int(f["n_embd"] // f["n_head"] * rope["partial"]),
+        rope_theta=rope["rope_theta"], parallel_residual=True, qkv_bias=True,
+        attn_proj_bias=True, mlp_bias=True, lm_head_bias=True)
 
 
 def _read_codegen(hf: dict) -> ModelConfig:
-    n_embd = _get(hf, "n_embd", "hidden_size")
-    n_head = _heads(hf, "n_head", "num_attention_heads", default=16)  # CodeGenConfig's
-    if n_head % 4:
-        raise ValueError(f"n_head={n_head} cannot be honoured: CodeGen's qkv_proj "
+    f = _fields(hf, "codegen")
+    if f["n_head"] % 4:
+        raise ValueError(f"n_head={f['n_head']} cannot be honoured: CodeGen's qkv_proj "
                          "is laid out in 4 chunks, so n_head must be a multiple of 4")
     return ModelConfig(
-        **_shared(hf, "codegen"),
-        block_size=_get(hf, "n_positions", "max_position_embeddings", default=2048),
-        n_layer=_get(hf, "n_layer", "num_hidden_layers"), n_head=n_head, n_embd=n_embd,
-        mlp_hidden=_get(hf, "n_inner", default=4 * n_embd), norm="layernorm",
-        norm_eps=_get(hf, "layer_norm_epsilon", kind=float, default=1e-5),
+        **_shared(hf, "codegen"), **f, norm="layernorm",
         mlp=_act(hf, "activation_function", "gelu_new"), positions="rope",
-        rotary_dim=_get(hf, "rotary_dim", default=64), rope_interleaved=True,  # CodeGenConfig's
-        parallel_residual=True, mlp_bias=True, lm_head_bias=True)
+        rope_interleaved=True, parallel_residual=True, mlp_bias=True, lm_head_bias=True)
 
 
 def _read_gpt_bigcode(hf: dict) -> ModelConfig:
     _require(hf, "scale_attn_weights", True, "attention is always scaled by 1/sqrt(head_dim)")
     _require(hf, "add_cross_attention", False, "cross-attention is not implemented")
-    n_embd, n_head = _get(hf, "n_embd", "hidden_size"), _heads(hf, "n_head", "num_attention_heads")
+    f = _fields(hf, "gpt_bigcode")
     return ModelConfig(
-        **_shared(hf, "gpt_bigcode", tie_default=True),
-        block_size=_get(hf, "n_positions", "max_position_embeddings", default=1024),
-        n_layer=_get(hf, "n_layer", "num_hidden_layers"), n_head=n_head,
-        n_kv_head=1 if _get(hf, "multi_query", kind=bool, default=True) else n_head,
-        n_embd=n_embd, mlp_hidden=_get(hf, "n_inner", default=4 * n_embd), norm="layernorm",
-        norm_eps=_get(hf, "layer_norm_epsilon", kind=float, default=1e-5),
-        mlp=_act(hf, "activation_function", "gelu_pytorch_tanh"), positions="learned",
-        qkv_bias=True, attn_proj_bias=True, mlp_bias=True)
+        **_shared(hf, "gpt_bigcode", tie_default=True), **f,
+        n_kv_head=1 if _get(hf, "multi_query", kind=bool, default=True) else f["n_head"],
+        norm="layernorm", mlp=_act(hf, "activation_function", "gelu_pytorch_tanh"),
+        positions="learned", qkv_bias=True, attn_proj_bias=True, mlp_bias=True)
 
 
-# (no SwiGLU: hf_config's round-trip check names the mlp a family cannot express)
+# What a family's config.json holds besides HF_FIELDS and the shared keys. (No SwiGLU but
+# Llama's: hf_config's round-trip check names the mlp a family cannot express.)
 _HF_ACT_NAME = {"gpt_bigcode": {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"},
                 "codegen": {"gelu": "gelu", "gelu_tanh": "gelu_new"},
                 "phi": {"gelu": "gelu", "gelu_tanh": "gelu_new"}}
@@ -298,41 +303,25 @@ _HF_ACT_NAME = {"gpt_bigcode": {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"
 def _write_llama(c: ModelConfig) -> dict:
     rope = {"rope_type": "llama3" if c.rope_scaling else "default", "rope_theta": c.rope_theta,
             **(c.rope_scaling or {})}
-    return {"max_position_embeddings": c.block_size,
-            "hidden_size": c.n_embd, "intermediate_size": c.mlp_hidden,
-            "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
-            "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim, "hidden_act": "silu",
-            "rms_norm_eps": c.norm_eps, "rope_parameters": rope, "rope_theta": c.rope_theta,
+    return {"hidden_act": "silu", "rope_parameters": rope, "rope_theta": c.rope_theta,
             # the rope keys transformers < 5 reads
             "rope_scaling": {k: v for k, v in rope.items() if k != "rope_theta"}
-            if c.rope_scaling else None,
-            "attention_bias": c.qkv_bias, "mlp_bias": c.mlp_bias}
+            if c.rope_scaling else None}
 
 
 def _write_phi(c: ModelConfig) -> dict:
     rope = {"rope_theta": c.rope_theta, "partial_rotary_factor": c.rotary_dim / c.head_dim}
-    return {"max_position_embeddings": c.block_size,
-            "hidden_size": c.n_embd, "intermediate_size": c.mlp_hidden,
-            "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
-            "num_key_value_heads": c.n_kv_head, "hidden_act": _HF_ACT_NAME["phi"].get(c.mlp),
-            "layer_norm_eps": c.norm_eps, "rope_parameters": {"rope_type": "default", **rope},
-            **rope, "qk_layernorm": False}
+    return {"hidden_act": _HF_ACT_NAME["phi"].get(c.mlp),
+            "rope_parameters": {"rope_type": "default", **rope}, **rope, "qk_layernorm": False}
 
 
 def _write_codegen(c: ModelConfig) -> dict:
-    return {"n_positions": c.block_size, "n_ctx": c.block_size,
-            "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
-            "n_inner": c.mlp_hidden, "rotary_dim": c.rotary_dim,
-            "activation_function": _HF_ACT_NAME["codegen"].get(c.mlp),
-            "layer_norm_epsilon": c.norm_eps}
+    return {"n_ctx": c.block_size, "activation_function": _HF_ACT_NAME["codegen"].get(c.mlp)}
 
 
 def _write_gpt_bigcode(c: ModelConfig) -> dict:
-    return {"n_positions": c.block_size, "n_embd": c.n_embd,
-            "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": c.mlp_hidden,
-            "multi_query": c.n_kv_head == 1,
-            "activation_function": _HF_ACT_NAME["gpt_bigcode"].get(c.mlp),
-            "layer_norm_epsilon": c.norm_eps, "scale_attn_weights": True}
+    return {"multi_query": c.n_kv_head == 1, "scale_attn_weights": True,
+            "activation_function": _HF_ACT_NAME["gpt_bigcode"].get(c.mlp)}
 
 
 @dataclass(frozen=True)
@@ -432,68 +421,35 @@ DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
 class SafetensorsFile:
-    """A safetensors file, header checked against the file size, data memory-mapped lazily."""
+    """A safetensors file (checked by safetensors): tensors as copy-on-write views of its map,
+    or read into a given buffer, so no page is both mapped and copied."""
 
     def __init__(self, path: Path) -> None:
-        self.path, size, self._map = path, path.stat().st_size, None
-        with open(path, "rb") as f:
-            head = f.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if not 0 < n <= size - 8:
-                raise ValueError(f"{path}: truncated or corrupt safetensors file (header length "
-                                 f"{n}, file size {size})")
-            try:
-                header = json.loads(f.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
-        if not isinstance(header, dict):
-            raise ValueError(f"{path}: corrupt safetensors header (a JSON "
-                             f"{type(header).__name__}, not an object)")
-        self.data_start = 8 + n
+        self.path = path
+        try:
+            self._file = safe_open(path, "pt")
+        except SafetensorError as e:
+            raise ValueError(f"{path}: truncated or corrupt safetensors file ({e})") from None
+        self.metadata = self._file.metadata() or {}
+        with open(path, "rb") as f:  # the offsets, for read_into
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
         header.pop("__metadata__", None)
-        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        self.entries: dict[str, int] = {}  # tensor name -> where its data starts
         for name, e in header.items():
-            if isinstance(e, dict) and e.get("dtype", "F32") not in SAFETENSORS_DTYPES:
+            if e["dtype"] not in SAFETENSORS_DTYPES:
                 raise ValueError(f"{path}: tensor {name!r} has dtype {e['dtype']}, which codelm "
                                  f"does not load (supported: {', '.join(SAFETENSORS_DTYPES)})")
-            try:
-                dtype = SAFETENSORS_DTYPES[e["dtype"]]
-                shape = tuple(int(s) for s in e["shape"])
-                start, end = (int(o) for o in e["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise ValueError(f"{path}: corrupt safetensors header entry {name!r}: {e}") from None
-            nbytes = dtype.itemsize * int(torch.Size(shape).numel())
-            if end - start != nbytes:
-                raise ValueError(f"{path}: corrupt safetensors entry {name!r} (offsets "
-                                 f"{start}..{end} for {nbytes} bytes)")
-            if self.data_start + end > size:
-                raise ValueError(f"{path}: truncated file: tensor {name!r} ends at byte "
-                                 f"{self.data_start + end} but the file has {size} bytes")
-            self.entries[name] = (dtype, shape, self.data_start + start, nbytes)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.entries[name][1]
+            self.entries[name] = 8 + n + e["data_offsets"][0]
 
     def view(self, name: str) -> torch.Tensor:
-        """Zero-copy tensor backed by a private (copy-on-write) map of the file."""
-        dtype, shape, offset, nbytes = self.entries[name]
-        if nbytes == 0:
-            return torch.empty(shape, dtype=dtype)
-        if self._map is None:
-            with open(self.path, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        return torch.frombuffer(self._map, dtype=dtype, count=nbytes // dtype.itemsize,
-                                offset=offset).view(shape)
+        return self._file.get_tensor(name)
 
     def read_into(self, name: str, out: torch.Tensor) -> None:
-        """Read the tensor into a contiguous CPU tensor of its dtype (page cache, not this
-        process's memory)."""
-        dtype, shape, offset, nbytes = self.entries[name]
-        buf = memoryview(out.view(-1).view(torch.uint8).numpy())
+        """Read the tensor into a contiguous CPU tensor of its dtype (through the page cache)."""
         with open(self.path, "rb") as f:
-            f.seek(offset)
-            if f.readinto(buf) != nbytes:
-                raise ValueError(f"{self.path}: truncated file while reading {name!r}")
+            f.seek(self.entries[name])
+            f.readinto(memoryview(out.view(-1).view(torch.uint8).numpy()))
 
 
 def read_bin(path: Path) -> dict[str, torch.Tensor]:
@@ -506,11 +462,9 @@ def read_bin(path: Path) -> dict[str, torch.Tensor]:
         if "weights_only" in why or not why:
             why = type(e).__name__
         raise ValueError(f"{path}: truncated or corrupt weights file ({why})") from None
-    bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)
-           ] if isinstance(sd, dict) else None
-    if bad != []:
-        found = type(sd).__name__ if bad is None else f"{bad[0]!r}: {type(sd[bad[0]]).__name__}"
-        raise ValueError(f"{path}: expected a state dict (names -> tensors), found {found}")
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                           for k, v in sd.items()):
+        raise ValueError(f"{path}: expected a state dict (names -> tensors)")
     return sd
 
 
@@ -523,8 +477,8 @@ class TensorSource:
     """Name -> tensor over one or several files (safetensors, sharded, or pytorch .bin)."""
 
     def __init__(self, directory: Path) -> None:
-        self.files: dict[str, SafetensorsFile] = {}
-        self.tensors: dict[str, torch.Tensor] = {}  # from .bin files
+        self.tensors: dict[str, torch.Tensor] = {}  # safetensors': views of the (unread) map
+        self.files: dict[str, SafetensorsFile] = {}  # the safetensors file of a name
         self.origin: dict[str, Path] = {}  # the file each tensor is in (for messages)
         found = next((directory / f for f in MODEL_WEIGHT_FILES if (directory / f).exists()), None)
         if found is None:
@@ -534,52 +488,40 @@ class TensorSource:
             if path.suffix == ".safetensors":
                 f = SafetensorsFile(path)
                 self.files.update(dict.fromkeys(f.entries, f))
-                names = f.entries
+                tensors = {name: f.view(name) for name in f.entries}
             else:
-                names = read_bin(path)
-                self.tensors.update(names)
-            self.origin.update(dict.fromkeys(names, path))
+                tensors = read_bin(path)
+            self.tensors.update(tensors)
+            self.origin.update(dict.fromkeys(tensors, path))
 
     @staticmethod
     def _shards(index: Path) -> list[Path]:
         weight_map = settings.read_json_object(index, "shard index").get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index}: corrupt shard index (no 'weight_map' object)")
-        bad = next((k for k, f in weight_map.items() if not isinstance(f, str) or not f), None)
-        if bad is not None:
-            raise ValueError(f"{index}: corrupt shard index (weight_map[{bad!r}] is "
-                             f"{weight_map[bad]!r}, not a file name)")
+        if not isinstance(weight_map, dict) or not all(f and isinstance(f, str)
+                                                       for f in weight_map.values()):
+            raise ValueError(f"{index}: corrupt shard index (no 'weight_map' of tensor names -> "
+                             "file names)")
         shards = [index.parent / f for f in dict.fromkeys(weight_map.values())]
         if missing := [str(s) for s in shards if not s.exists()]:
             raise ValueError(f"{index}: shard files missing: {missing}")
         return shards
 
-    def names(self) -> set[str]:
-        return set(self.files) | set(self.tensors)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.files[name].shape(name) if name in self.files else tuple(self.tensors[name].shape)
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self.files[name].entries[name][0] if name in self.files else self.tensors[name].dtype
-
     def whole(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """The tensor in dtype on device; a view of the file map when nothing changes."""
-        if name in self.tensors:
-            return self.tensors[name].to(device=device, dtype=dtype)
-        f, file_dtype = self.files[name], self.dtype(name)
-        if file_dtype == dtype and device.type == "cpu":
-            return f.view(name)
-        tmp = torch.empty(f.shape(name), dtype=file_dtype)
-        f.read_into(name, tmp)
-        return tmp.to(device=device, dtype=dtype)
+        """The tensor in dtype on device: the view of the file map when nothing changes, else
+        read into new memory, so no page is both mapped and copied."""
+        t = self.tensors[name]
+        if name in self.files and (t.dtype != dtype or device.type != "cpu"):
+            t = torch.empty_like(t)
+            self.files[name].read_into(name, t)
+        return t.to(device=device, dtype=dtype)
 
     def fill(self, name: str, out: torch.Tensor) -> None:
         """Copy the tensor into `out` (a contiguous slice of a fused parameter)."""
-        if name in self.files and self.dtype(name) == out.dtype and out.device.type == "cpu":
+        dtype = self.tensors[name].dtype
+        if name in self.files and dtype == out.dtype and out.device.type == "cpu":
             self.files[name].read_into(name, out)
         else:
-            out.copy_(self.whole(name, self.dtype(name), torch.device("cpu")))
+            out.copy_(self.whole(name, dtype, torch.device("cpu")))
 
 
 # --------------------------------------------------------------------------- load
@@ -642,7 +584,7 @@ def _requested_dtype(dtype: torch.dtype | str | None, hf: dict,
     """The `dtype` argument as a torch dtype; "auto": the config's, else the first float tensor's."""
     resolved = dtype
     if dtype == "auto":
-        found = (source.dtype(n) for n in [*source.files, *source.tensors])
+        found = (t.dtype for t in source.tensors.values())
         resolved = _config_dtype(hf) or next((d for d in found if d.is_floating_point),
                                              torch.float32)
     elif isinstance(dtype, str):
@@ -660,10 +602,10 @@ def _tie_as_the_file_says(cfg: ModelConfig, table: FamilyTable, source: TensorSo
     """transformers' rule: a tied config whose head differs from the embeddings loads untied."""
     weights = {path: f"{hf}.weight" for hf, (path, _) in table.modules.items()}
     head, embeddings = weights["lm_head"], weights["wte"]
-    if not (cfg.tie_embeddings and {head, embeddings} <= source.names()):
+    if not (cfg.tie_embeddings and {head, embeddings} <= source.tensors.keys()):
         return cfg  # a head alone is the tied pair (`load`); no tensor at all is missing
     cpu = torch.device("cpu")
-    if source.shape(head) == source.shape(embeddings) and torch.equal(
+    if source.tensors[head].shape == source.tensors[embeddings].shape and torch.equal(
             source.whole(head, dtype, cpu), source.whole(embeddings, dtype, cpu)):
         return cfg
     print(f"warning: {source.origin[head]}: {head} differs from {embeddings}, but the config "
@@ -677,7 +619,7 @@ def _checked_plan(directory: Path, cfg: ModelConfig, table: FamilyTable,
     with torch.device("meta"):
         model = Transformer(cfg)
     plan = _param_plan(model, table)
-    present = source.names()
+    present = set(source.tensors)
     if cfg.tie_embeddings:
         head = plan.pop("lm_head.weight")
         if not present & {name for name, _ in plan["wte.weight"]} and head[0][0] in present:
@@ -695,7 +637,7 @@ def _checked_plan(directory: Path, cfg: ModelConfig, table: FamilyTable,
         for hf_name, rows in parts:
             shape = tuple(params[name].shape)
             want = shape if rows is None else (len(rows),) + shape[1:]
-            found = source.shape(hf_name)
+            found = tuple(source.tensors[hf_name].shape)
             if found != want:
                 raise ValueError(f"{directory}: shape mismatch for {hf_name}: expected {want} "
                                  f"(from config.json), found {found}")
@@ -763,8 +705,7 @@ def load(directory: str | Path, dtype: torch.dtype | str | None = None,
             if rows is not None and bool((rows.diff() == 1).all()):
                 source.fill(hf_name, out[int(rows[0]):int(rows[-1]) + 1])
             else:
-                tmp = source.whole(hf_name, dtype, device)
-                out[rows.to(device)] = tmp
+                out[rows.to(device)] = source.whole(hf_name, dtype, device)
         state[name] = out
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["wte.weight"]
@@ -785,6 +726,7 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     table = TABLES[cfg.family]
     out = {"architectures": [table.architecture], "model_type": cfg.family,
            "vocab_size": cfg.vocab_size, **table.write_config(cfg), **_write_dropouts(cfg),
+           **{keys[0]: getattr(cfg, f) for f, (keys, _) in HF_FIELDS[cfg.family].items()},
            "tie_word_embeddings": cfg.tie_embeddings,
            "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id,
            "dtype": str(dtype).removeprefix("torch."),
@@ -798,7 +740,7 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     return out
 
 
-def save(model: Transformer, directory: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
+def save(model: Transformer, directory: str | Path, max_shard_bytes: float = 5 * 2**30) -> None:
     """Write config.json + model.safetensors (or shards + index) in the family's HF layout, all
     files in full before any replaces the last save's (config.json last)."""
     directory = Path(directory)
@@ -818,7 +760,12 @@ def save(model: Transformer, directory: str | Path, max_shard_bytes: int = 5 * 2
     files["config.json"] = json.dumps(config, indent=2) + "\n"
     directory.mkdir(parents=True, exist_ok=True)
     process.write_atomic_files({directory / name: data for name, data in files.items()})
-    _remove_stale_weights(directory, set(files))
+    # The last save's weight files go: a single file left beside new shards would load instead.
+    for pattern in ("model.safetensors", "model-*-of-*.safetensors", "pytorch_model*.bin",
+                    "model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        for stale in directory.glob(pattern):
+            if stale.name not in files:
+                stale.unlink()
 
 
 def check_output_dir(directory: Path, writer: str, adapter: bool = False) -> None:
@@ -846,34 +793,18 @@ def check_output_dir(directory: Path, writer: str, adapter: bool = False) -> Non
 
 
 def _weight_files(tensors: dict[str, torch.Tensor],
-                  max_shard_bytes: int) -> dict[str, process.FileContent]:
+                  max_shard_bytes: float) -> dict[str, process.FileContent]:
     """File name -> content (a streaming writer): model.safetensors, or shards of at most
-    max_shard_bytes (or one tensor) and their index."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in tensors.items():
-        if shards[-1] and size + t.nbytes > max_shard_bytes:
-            shards, size = shards + [{}], 0
-        shards[-1][name] = t
-        size += t.nbytes
-    if len(shards) == 1:
-        return {"model.safetensors": partial(write_safetensors, tensors=tensors)}
-    names = [f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)]
-    files = {f: partial(write_safetensors, tensors=shard) for f, shard in zip(names, shards)}
-    weight_map = {name: f for f, shard in zip(names, shards) for name in shard}
-    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
-             "weight_map": weight_map}
-    return {**files, "model.safetensors.index.json": json.dumps(index, indent=2) + "\n"}
+    max_shard_bytes (or one tensor) and their index, split as transformers splits them."""
+    from huggingface_hub import split_torch_state_dict_into_shards
 
-
-def _remove_stale_weights(directory: Path, written: set[str]) -> None:
-    """Delete weight files of the last save (a single file beside new shards loads instead)."""
-    for pattern in ("model.safetensors", "model-*-of-*.safetensors",
-                    "model.safetensors.index.json", "pytorch_model*.bin",
-                    "pytorch_model.bin.index.json"):
-        for stale in directory.glob(pattern):
-            if stale.name not in written:
-                stale.unlink()
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_bytes)
+    files = {f: partial(write_safetensors, tensors={n: tensors[n] for n in names})
+             for f, names in split.filename_to_tensors.items()}
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        files["model.safetensors.index.json"] = json.dumps(index, indent=2) + "\n"
+    return files
 
 
 def write_safetensors(f: BinaryIO, tensors: dict[str, torch.Tensor],
@@ -916,9 +847,8 @@ def export_checkpoint(out: str | Path, save_weights: Callable[[Path], object],
     def build(tmp: Path) -> None:
         save_weights(tmp)
         for name in COMPANION_FILES:
-            source = Path(companions)
-            if name == GENERATION_CONFIG and generation_from is not None:
-                source = Path(generation_from)
+            source = Path(generation_from if name == GENERATION_CONFIG and generation_from
+                          else companions)
             if (source / name).is_file():
                 shutil.copy2(source / name, tmp / name)
         process.write_manifest(tmp)
@@ -946,8 +876,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.max_shard_gb > 0:
             raise ValueError(f"--max-shard-gb {args.max_shard_gb}: must be > 0")
         model = load(args.checkpoint, dtype=args.dtype)
-        shard = sys.maxsize if args.max_shard_gb == float("inf") else max(
-            1, int(args.max_shard_gb * 2**30))
+        shard = args.max_shard_gb * 2**30  # inf: one file
         export_checkpoint(args.out, partial(save, model, max_shard_bytes=shard), args.checkpoint)
         print(f"wrote {args.out} ({model.cfg.family}, {model.wte.weight.dtype})")
         try:  # a slow-format tokenizer is copied as it is: say what codelm needs of it
