@@ -376,7 +376,7 @@ def _with_split_regex(references, tmp_path, pattern: str):
         (r"a\Z|\S+|\s+", r"\\Z"),  # also before a final newline in Oniguruma
         (r"\w+|\W", r"\\w"),  # Python's \w also takes ZWJ/ZWNJ
         (r"\p{N}{1,3}+|\D+", r"\{1,3\}\+"),  # a repeat in Oniguruma, possessive in Python
-        (r"(?i:ss)|\S|\s+", "case folding"),  # Oniguruma folds ß to ss
+        (r"(?i:ss)|\S|\s+", r"uses '\(\?i:ss\)"),  # Oniguruma folds ß to ss
         (r"[a-z&&[^aeiou]]+|[^a-z]+|[a-z]", "&&"),  # a set intersection in Oniguruma only
     ],
 )
