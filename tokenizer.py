@@ -463,7 +463,12 @@ class CodeTokenizer(_BatchEncodeMixin):
                 raise ValueError(f"{source}: model.vocab entry {by_id[i]!r} (id {i}) is not the "
                                  "ByteLevel spelling of UTF-8 text") from None
         specials = [by_id[i] for i in range(n_specials)]
-        _check_code_added_tokens(spec.get("added_tokens", []), specials, source)
+        # Added tokens may only repeat the special tokens (as a transformers save lists them).
+        added = spec.get("added_tokens", [])
+        if bad := [e for e in (added if isinstance(added, list) else [added])
+                   if not (isinstance(e, dict) and e.get("content") in specials)]:
+            raise ValueError(f"{source}: added_tokens entry {_shown_json(bad[0])} is not one of "
+                             f"the special tokens {specials}: HF would read it inside a text")
         # (distinct: the vocab's keys are, and the ByteLevel spelling maps them one to one)
         return cls(pieces, special_tokens=specials)
 
@@ -559,56 +564,32 @@ def _shown_json(value: object, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _first_difference(actual: object, expected: object, path: str) -> str | None:
-    """Where ``actual`` first differs from ``expected``; keys ``expected`` lacks are passed over."""
-    if isinstance(expected, dict) and isinstance(actual, dict):
-        for key, value in expected.items():
-            if key not in actual:
-                return f"{path}.{key} is missing"
-            if (where := _first_difference(actual[key], value, f"{path}.{key}")) is not None:
-                return where
-        return None
-    if isinstance(expected, list) and isinstance(actual, list) and len(actual) == len(expected):
-        for i, (a, e) in enumerate(zip(actual, expected)):
-            if (where := _first_difference(a, e, f"{path}[{i}]")) is not None:
-                return where
-        return None
-    if type(actual) is type(expected) and actual == expected:
-        return None
-    return f"{path} differs: {_shown_json(actual)} where codelm writes {_shown_json(expected)}"
+def _covers(actual: object, expected: object) -> bool:
+    """Whether ``actual`` is ``expected`` but for keys ``expected`` lacks (HF saves add some)."""
+    if isinstance(expected, dict):
+        return isinstance(actual, dict) and all(
+            key in actual and _covers(actual[key], value) for key, value in expected.items())
+    if isinstance(expected, list):
+        return (isinstance(actual, list) and len(actual) == len(expected)
+                and all(map(_covers, actual, expected)))
+    return type(actual) is type(expected) and actual == expected
 
 
 def _check_code_hf_sections(spec: dict, source: str) -> None:
     """Refuse an edited CodeTokenizer tokenizer.json: HF would read it as another tokenizer. A
     post-processor may add no ids (a transformers save writes a TemplateProcessing of $A)."""
-    processor = spec.get("post_processor")
     try:
-        adds_ids = _post_processor_ids(processor) != ([], [])
+        adds_ids = _post_processor_ids(spec.get("post_processor")) != ([], [])
     except (ValueError, KeyError, TypeError, AttributeError):
         adds_ids = True  # not one HF would read alike
-    differences = (
-        ("model", _first_difference(spec["model"], _CODE_HF_MODEL, "model")),
-        ("post_processor", adds_ids and (f"post_processor differs: {_shown_json(processor)} "
-                                         "where codelm writes null (or one that adds no ids)")),
-        *((part, _first_difference(spec.get(part), expected, part))  # left out: HF reads null
-          for part, expected in _code_hf_sections().items()),
-    )
-    part, where = next(((part, where) for part, where in differences if where), (None, None))
-    if where:
-        whose = "that is" if part == "model" else f"whose {part} is"
+    parts = {"model": _CODE_HF_MODEL, **_code_hf_sections()}  # a part left out HF reads as null
+    part = next((p for p, want in parts.items() if not _covers(spec.get(p), want)),
+                "post_processor" if adds_ids else None)
+    if part:
         hint = ("; a transformers save after a padded or truncated call writes them: set "
                 "truncation and padding to null" if part in ("truncation", "padding") else "")
-        raise ValueError(f"{source}: a WordPiece model {whose} not codelm's ({where}); HF "
-                         f"would give other ids or text{hint}")
-
-
-def _check_code_added_tokens(added: object, specials: list[str], source: str) -> None:
-    """Added tokens may only repeat the special tokens (as a transformers save lists them)."""
-    bad = [e for e in (added if isinstance(added, list) else [added])
-           if not (isinstance(e, dict) and e.get("content") in specials)]
-    if bad:
-        raise ValueError(f"{source}: added_tokens entry {_shown_json(bad[0])} is not one of the "
-                         f"special tokens {specials}: HF would read it inside a text")
+        raise ValueError(f"{source}: a WordPiece model whose {part} is not codelm's: HF would "
+                         f"give other ids or text{hint}")
 
 
 def is_utf8(text: str) -> bool:
