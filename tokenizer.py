@@ -71,28 +71,9 @@ def _init_worker(tok) -> None:
     _worker_tokenizer = tok
 
 
-def _encode_chunk(args: tuple[list[str], bool, bool]) -> list[bytes]:
-    texts, add_special_tokens, split_special_tokens = args
-    # Arrays pickle as one buffer, far cheaper than lists of Python ints.
-    return [array("I", _worker_tokenizer.encode(t, add_special_tokens=add_special_tokens,
-                                                split_special_tokens=split_special_tokens)).tobytes()
-            for t in texts]
-
-
-def _chunks(texts: list[str], n_chunks: int) -> list[list[str]]:
-    """Split texts into about n_chunks runs of similar total length, keeping their order."""
-    total = sum(map(len, texts))
-    target = max(1, total // n_chunks)
-    chunks, current, size = [], [], 0
-    for text in texts:
-        current.append(text)
-        size += len(text)
-        if size >= target:
-            chunks.append(current)
-            current, size = [], 0
-    if current:
-        chunks.append(current)
-    return chunks
+def _encode_in_worker(text: str, **options) -> bytes:
+    # An array pickles as one buffer, far cheaper than a list of Python ints.
+    return array("I", _worker_tokenizer.encode(text, **options)).tobytes()
 
 
 class _BatchEncodeMixin:
@@ -109,20 +90,21 @@ class _BatchEncodeMixin:
             raise ValueError("encode_batch expects a list of texts, got a str; use encode(text) "
                              "for one text")
         texts = list(texts)
+        options = {"add_special_tokens": add_special_tokens,
+                   "split_special_tokens": split_special_tokens}
         workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
         assert workers >= 1, num_workers
         # A daemon process (a DataLoader worker) can have no children.
         if (workers == 1 or len(texts) < 2 or sum(map(len, texts)) < _MIN_PARALLEL_CHARS
                 or multiprocessing.current_process().daemon):
-            return [self.encode(t, add_special_tokens=add_special_tokens,
-                                split_special_tokens=split_special_tokens) for t in texts]
+            return [self.encode(t, **options) for t in texts]
         methods = multiprocessing.get_all_start_methods()
         ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-        # A few chunks per worker balance uneven files without paying per-text overhead.
-        jobs = [(c, add_special_tokens, split_special_tokens) for c in _chunks(texts, workers * 4)]
         with ctx.Pool(workers, initializer=_init_worker, initargs=(self,)) as pool:
-            results = pool.map(_encode_chunk, jobs, chunksize=1)
-        return [array("I", buf).tolist() for chunk in results for buf in chunk]
+            # Many chunks per worker balance uneven files without paying per-text overhead.
+            results = pool.map(functools.partial(_encode_in_worker, **options), texts,
+                               chunksize=max(1, len(texts) // (workers * 16)))
+        return [array("I", buf).tolist() for buf in results]
 
     @property
     def vocab_size(self) -> int:
