@@ -192,16 +192,13 @@ def strip_comments_and_docstrings(source: str, comments: bool = True, docstrings
     if not edits:
         return source
     edited_rows: set[int] = set()
-    # Apply from the end so earlier positions stay valid.
+    # From the end, so earlier positions stay valid; the rows an edit swallows are left empty.
     for row, col, end_row, end_col, replacement in sorted(edits, reverse=True):
-        head = lines[row - 1][:col]
-        tail = lines[end_row - 1][end_col:]
-        if not replacement:
-            head = head.rstrip(" \t") if tail.strip() == "" else head
-        lines[row - 1 : end_row] = [head + replacement + tail]
-        # Rows after the edit shift up; only the edited row itself is remembered.
-        edited_rows = {r - (end_row - row) if r > end_row else r for r in edited_rows}
-        edited_rows.add(row)
+        head, tail = lines[row - 1][:col], lines[end_row - 1][end_col:]
+        if not replacement and not tail.strip():
+            head = head.rstrip(" \t")
+        lines[row - 1 : end_row] = [head + replacement + tail] + [""] * (end_row - row)
+        edited_rows.update(range(row, end_row + 1))
     stripped = "".join(line for row, line in enumerate(lines, start=1)
                        if row not in edited_rows or line.strip())
     if strict:  # what a dataset keeps must parse, whatever this function got wrong
