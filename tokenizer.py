@@ -726,26 +726,19 @@ def _template_ids(spec: dict, where: str) -> tuple[list[int], list[int]]:
     return before, after
 
 
-def _post_processor_steps(spec: object) -> list[dict]:
-    """The ByteLevel and TemplateProcessing steps of a post_processor, Sequences flattened."""
+def _post_processor_ids(spec: object) -> tuple[list[int], list[int]]:
+    """Ids the post_processor puts before and after every text (ByteLevel changes only offsets);
+    a Sequence may hold one TemplateProcessing (HF tokenizers applies only the first of two)."""
     if spec is None:
-        return []
+        return [], []
     where = "post_processor"
     _expect(isinstance(spec, dict), where, repr(spec))
-    kind = spec.get("type")
-    if kind == "Sequence":
-        return [s for step in spec.get("processors") or [] for s in _post_processor_steps(step)]
-    _expect(kind in ("ByteLevel", "TemplateProcessing"), where, f"type {kind!r}")
-    return [spec]
-
-
-def _post_processor_ids(spec: dict | None) -> tuple[list[int], list[int]]:
-    """Ids the post_processor puts before and after every text (ByteLevel changes only offsets)."""
-    templates = [s for s in _post_processor_steps(spec) if s["type"] == "TemplateProcessing"]
-    if len(templates) > 1:
-        raise _Unsupported(f"unsupported post_processor: a Sequence of {len(templates)} "
-                           "TemplateProcessing steps (HF tokenizers applies only the first)")
-    return _template_ids(templates[0], "post_processor") if templates else ([], [])
+    steps = (spec.get("processors") or []) if spec.get("type") == "Sequence" else [spec]
+    kinds = [step.get("type") if isinstance(step, dict) else step for step in steps]
+    _expect(all(k in ("ByteLevel", "TemplateProcessing") for k in kinds), where, f"type {kinds}")
+    templates = [step for step in steps if step["type"] == "TemplateProcessing"]
+    _expect(len(templates) < 2, where, f"a Sequence of {len(templates)} TemplateProcessing steps")
+    return _template_ids(templates[0], where) if templates else ([], [])
 
 
 _BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>", "<|endoftext|>")
