@@ -114,7 +114,7 @@ class _BatchEncodeMixin:
         """Text of ``ids`` (invalid UTF-8 becomes U+FFFD, as in HF); special tokens are kept by
         default, so that decode(encode(x)) == x."""
         table = self._id_to_bytes
-        ids = _checked_ids(_one_sequence(ids), len(table))
+        ids = _checked_ids(ids, len(table))
         if skip_special_tokens:
             ids = [i for i in ids if i not in self._special_ids]
         return b"".join(map(table.__getitem__, ids)).decode("utf-8", "replace")
@@ -1055,8 +1055,9 @@ def _is_token_id(i, vocab_size: int) -> bool:
         return False
 
 
-def _one_sequence(ids: object) -> Iterable[int]:
-    """``ids`` if it is one sequence; a batch or a single id is refused as what it is."""
+def _checked_ids(ids: object, vocab_size: int) -> list[int]:
+    """``ids`` as a list of ints in [0, vocab_size) (a -100 label would index from the end); a
+    batch or a single id is refused as what it is."""
     shape = getattr(ids, "shape", None)  # a tensor or an array
     first = ids[0] if isinstance(ids, (list, tuple)) and ids else None
     if ((shape is not None and len(shape) > 1) or isinstance(first, (list, tuple))
@@ -1068,11 +1069,6 @@ def _one_sequence(ids: object) -> Iterable[int]:
     if shape == () or not isinstance(ids, Iterable):
         raise ValueError(f"decode takes one sequence of token ids, got one id ({ids!r}): "
                          "tok.decode([i])")
-    return ids
-
-
-def _checked_ids(ids: Iterable[int], vocab_size: int) -> list[int]:
-    """``ids`` as a list of ints in [0, vocab_size) (a -100 label would index from the end)."""
     if not isinstance(ids, Sequence):
         ids = list(ids)  # a generator could not be read again for the error below
     try:
