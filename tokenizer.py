@@ -463,11 +463,11 @@ class CodeTokenizer(_BatchEncodeMixin):
         special tokens for transformers); one that strips comments in codelm's own format."""
         if self.strip_comments:
             return _write_tokenizer(path, self.to_dict(), indent=0)
-        roles = {role: token for role, token in (("bos", "<bos>"), ("eos", "<eos>"), ("pad", "<pad>"))
+        roles = {f"{token[1:-1]}_token": token for token in ("<bos>", "<eos>", "<pad>")
                  if token in self.special_tokens}
         others = [t for t in self.special_tokens if t not in roles.values()]
-        return _write_tokenizer(path, self.to_hf(), 0, roles, replace_config=True, extra={
-            "additional_special_tokens": others, "split_special_tokens": True})
+        return _write_tokenizer(path, self.to_hf(), 0, replace_config=True, config={
+            **roles, "additional_special_tokens": others, "split_special_tokens": True})
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "<dict>") -> CodeTokenizer:
@@ -500,23 +500,21 @@ class CodeTokenizer(_BatchEncodeMixin):
                 f"strip_comments={self.strip_comments})")
 
 
-def _write_tokenizer(path: str | os.PathLike, data: dict, indent: int,
-                     roles: dict[str, str] | None = None, replace_config: bool = False,
-                     extra: dict | None = None) -> Path:
+def _write_tokenizer(path: str | os.PathLike, data: dict, indent: int, config: dict | None = None,
+                     replace_config: bool = False) -> Path:
     """Write ``data`` to ``path``, or into a directory as tokenizer.json beside a
-    tokenizer_config.json naming the ``roles`` tokens for transformers (one there is kept unless
+    tokenizer_config.json of ``config`` for transformers (one there is kept unless
     ``replace_config``)."""
     path = Path(path)
-    directory = path if path.is_dir() else None
-    if directory is not None:
-        path = directory / TOKENIZER_FILE
+    into_directory = path.is_dir()
+    if into_directory:
+        path = path / TOKENIZER_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, ensure_ascii=False, indent=indent), "utf-8")
-    config = path.parent / "tokenizer_config.json"
-    if directory is not None and roles is not None and (replace_config or not config.exists()):
-        fields = {"tokenizer_class": "PreTrainedTokenizerFast",
-                  **{f"{role}_token": token for role, token in roles.items()}, **(extra or {})}
-        config.write_text(json.dumps(fields, ensure_ascii=False, indent=2), "utf-8")
+    config_file = path.parent / "tokenizer_config.json"
+    if into_directory and config is not None and (replace_config or not config_file.exists()):
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", **config}
+        config_file.write_text(json.dumps(config, ensure_ascii=False, indent=2), "utf-8")
     return path
 
 
@@ -911,8 +909,8 @@ class BPETokenizer(_BatchEncodeMixin):
     def save(self, path: str | os.PathLike) -> Path:
         """Write the tokenizer.json; into a directory, with a tokenizer_config.json naming the
         bos/eos/pad tokens (unless one is there) for transformers' AutoTokenizer."""
-        roles = {role: self.id_to_token(i) for role, i in self._roles.items() if i is not None}
-        return _write_tokenizer(path, self.spec, 2, roles)
+        return _write_tokenizer(path, self.spec, 2, config={
+            f"{role}_token": self.id_to_token(i) for role, i in self._roles.items() if i is not None})
 
     def _bpe(self, word: str) -> list[str]:
         """Merge the lowest-ranked adjacent pair, leftmost first, until none is left: HF's order,
@@ -1188,21 +1186,15 @@ def _learn_merges(words: list[str], freqs: list[int], vocab: dict[str, int], voc
 def _roles_from_config(directory: Path) -> dict:
     """bos/eos/pad names from a tokenizer_config.json beside the file (null: none; absent: guess)."""
     config = directory / "tokenizer_config.json"
-    if not config.is_file():
-        return {}
-    data = _read_json(config)
-    roles = {}
-    for role in ("bos", "eos", "pad"):
-        key = f"{role}_token"
-        if key not in data:
-            continue
-        value = data[key]
+    data = _read_json(config) if config.is_file() else {}
+    roles = {role: data[f"{role}_token"] for role in ("bos", "eos", "pad") if f"{role}_token" in data}
+    for role, value in roles.items():
         if isinstance(value, dict) and isinstance(value.get("content"), str):
-            value = value["content"]  # an AddedToken as transformers writes it
+            roles[role] = value = value["content"]  # an AddedToken as transformers writes it
         if value is not None and not isinstance(value, str):
-            raise ValueError(f"{config}: {key} must be a token string, an AddedToken object "
-                             f"(its content a string) or null for none, got {_shown_json(value)}")
-        roles[role] = value
+            raise ValueError(f"{config}: {role}_token must be a token string, an AddedToken "
+                             f"object (its content a string) or null for none, got "
+                             f"{_shown_json(value)}")
     return roles
 
 
