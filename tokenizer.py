@@ -283,8 +283,7 @@ class CodeTokenizer(_BatchEncodeMixin):
     def train(cls, texts: Iterable[str], min_freq: int = 10, max_vocab: int | None = None,
               strip_comments: bool = False, special_tokens: Sequence[str] = CODE_SPECIAL_TOKENS
               ) -> CodeTokenizer:
-        """Keep every piece seen ``min_freq`` times, at most ``max_vocab`` (specials and bytes
-        come on top)."""
+        """Keep each piece seen ``min_freq`` times, ``max_vocab`` at most (specials, bytes extra)."""
         if min_freq < 1:
             raise ValueError(f"min_freq must be >= 1, got {min_freq}")
         counts: Counter[str] = Counter()
@@ -502,9 +501,8 @@ class CodeTokenizer(_BatchEncodeMixin):
 
 def _write_tokenizer(path: str | os.PathLike, data: dict, indent: int, config: dict | None = None,
                      replace_config: bool = False) -> Path:
-    """Write ``data`` to ``path``, or into a directory as tokenizer.json beside a
-    tokenizer_config.json of ``config`` for transformers (one there is kept unless
-    ``replace_config``)."""
+    """Write ``data`` to ``path``; into a directory, as tokenizer.json beside a
+    tokenizer_config.json of ``config`` (one there is kept unless ``replace_config``)."""
     path = Path(path)
     into_directory = path.is_dir()
     if into_directory:
@@ -760,7 +758,6 @@ class BPETokenizer(_BatchEncodeMixin):
         self._roles = self._resolve_roles(roles or {})
 
     def _build(self, spec: dict) -> None:
-        _expect(isinstance(spec, dict), "tokenizer.json", "top level is not an object")
         for key in ("truncation", "padding", "normalizer"):
             _expect(spec.get(key) is None, key, repr(spec.get(key))[:200])
         model = spec.get("model")
@@ -900,8 +897,7 @@ class BPETokenizer(_BatchEncodeMixin):
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, roles: dict | None = None) -> BPETokenizer:
-        """Read a tokenizer.json; roles {"bos"/"eos"/"pad": token} override the guessed ones
-        (None: no such token)."""
+        """Read a tokenizer.json; ``roles`` {"bos"/"eos"/"pad": token or None} override guesses."""
         path = tokenizer_path(path)
         spec = _read_json(path)
         return cls(spec, str(path), _roles_from_config(path.parent) if roles is None else roles)
@@ -1238,10 +1234,9 @@ def where_tokenizer_is(directory: str | os.PathLike) -> str:
     ""): an adapter's base model, a run above (for best/, checkpoints/step-N/), or runs below."""
     directory = Path(directory)
     if (directory / _ADAPTER_CONFIG).is_file():
-        try:
+        base = None
+        with contextlib.suppress(ValueError):
             base = _read_json(directory / _ADAPTER_CONFIG).get("base_model_name_or_path")
-        except ValueError:
-            base = None
         adapter = (f"; {directory} is a LoRA adapter directory ({_ADAPTER_CONFIG}), whose "
                    "tokenizer is its base model's")
         if not isinstance(base, str) or not base:
@@ -1281,8 +1276,7 @@ def generation_eos_ids(tok: CodeTokenizer | BPETokenizer, model_eos: object,
 
 
 def decode_generated(tok: CodeTokenizer | BPETokenizer, ids: Iterable[int]) -> str:
-    """The text of generated ``ids``; an id past the tokenizer (embeddings can outnumber tokens)
-    decodes to nothing, as in transformers."""
+    """Text of generated ``ids``; as in transformers, ids past the tokenizer decode to nothing."""
     n = tok.vocab_size
     return tok.decode([i for i in ids if i < n])
 
@@ -1322,12 +1316,10 @@ def check_model_tokenizer(tok: CodeTokenizer | BPETokenizer, tokenizer_file: str
                          for role, ids in differ.items())
     has = " and ".join(f"the tokenizer's {role} is {mine[role]} ({tok.id_to_token(mine[role])!r})"
                        for role in differ)
-    if remedy is None:
-        own_file = Path(model_dir) / TOKENIZER_FILE
-        if own_file.is_file() and own_file.resolve() != Path(tokenizer_file).resolve():
-            remedy = f"pass --tokenizer {model_dir}, the model's own"
-        else:
-            remedy = f"pass --tokenizer with the tokenizer {model_dir} was trained with"
+    own_file = Path(model_dir) / TOKENIZER_FILE
+    if remedy is None and own_file.is_file() and own_file.resolve() != Path(tokenizer_file).resolve():
+        remedy = f"pass --tokenizer {model_dir}, the model's own"
+    remedy = remedy or f"pass --tokenizer with the tokenizer {model_dir} was trained with"
     if crossed or fixed:
         raise ValueError(f"{tokenizer_file} is not the tokenizer of the model in {model_dir}: "
                          f"{config} has {listed}, but {has}; {remedy}")
@@ -1346,7 +1338,6 @@ def _shown_piece(raw: bytes) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Show how a tokenizer splits a text: what a model is actually fed."""
-
     parser = settings.ArgumentParser(
         description="Show how a tokenizer splits a text: each token's id and text (or bytes, "
         "for part of a character), then the count. The tokenizer is a tokenizer.json (HF "
