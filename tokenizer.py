@@ -631,39 +631,32 @@ def _expect(cond: bool, where: str, what: str) -> None:
         raise _Unsupported(f"unsupported {where}: {what}")
 
 
-def _check_byte_level(spec: dict, where: str) -> None:
-    _expect(not spec.get("add_prefix_space", False), where,
-            "ByteLevel with add_prefix_space=true (codelm reads add_prefix_space=false only)")
-
-
 def _pretokenizer_pattern(spec: dict | None) -> tuple[str, bool]:
     """(regex, isolated gaps possible) for a supported tokenizer.json pre_tokenizer."""
     where = "pre_tokenizer"
     _expect(isinstance(spec, dict), where, f"{spec!r} (a byte-level BPE needs a ByteLevel one)")
-    kind = spec.get("type")
-    if kind == "ByteLevel":
-        _check_byte_level(spec, where)
-        _expect(spec.get("use_regex", True), where, "ByteLevel(use_regex=false) on its own")
-        return GPT2_PATTERN, False
-    _expect(kind == "Sequence", where, f"type {kind!r}")
-    steps = spec.get("pretokenizers")
+    steps = spec.get("pretokenizers") if spec.get("type") == "Sequence" else [spec]
     _expect(isinstance(steps, list) and all(isinstance(s, dict) for s in steps), where, "Sequence")
     kinds = [s.get("type") for s in steps]
-    if kinds == ["ByteLevel"]:
-        return _pretokenizer_pattern(steps[0])
-    _expect(kinds in (["Digits", "ByteLevel"], ["Split", "ByteLevel"]), where,
-            f"Sequence of {kinds}")
-    first, byte_level = steps
-    _check_byte_level(byte_level, where)
+    _expect(kinds in (["ByteLevel"], ["Digits", "ByteLevel"], ["Split", "ByteLevel"]), where,
+            f"{kinds} (codelm reads a ByteLevel, alone or after Digits or a Split)")
+    *first, byte_level = steps
+    _expect(not byte_level.get("add_prefix_space", False), where,
+            "ByteLevel with add_prefix_space=true (codelm reads add_prefix_space=false only)")
+    use_regex = byte_level.get("use_regex", True)
+    if not first:
+        _expect(use_regex, where, "ByteLevel(use_regex=false) on its own")
+        return GPT2_PATTERN, False
     if kinds[0] == "Digits":
-        _expect(byte_level.get("use_regex", True), where, "Digits then ByteLevel(use_regex=false)")
-        individual = first.get("individual_digits", False)
+        _expect(use_regex, where, "Digits then ByteLevel(use_regex=false)")
+        individual = first[0].get("individual_digits", False)
         return (STARCODER_PATTERN if individual else _DIGIT_RUNS_PATTERN), False
-    _expect(not byte_level.get("use_regex", True), where,
+    split = first[0]
+    _expect(not use_regex, where,
             "Split then ByteLevel(use_regex=true) (Llama-3 style has use_regex=false)")
-    _expect(first.get("behavior") == "Isolated", where, f"Split behavior {first.get('behavior')!r}")
-    _expect(not first.get("invert", False), where, "Split with invert=true")
-    pattern = first.get("pattern")
+    _expect(split.get("behavior") == "Isolated", where, f"Split behavior {split.get('behavior')!r}")
+    _expect(not split.get("invert", False), where, "Split with invert=true")
+    pattern = split.get("pattern")
     _expect(isinstance(pattern, dict) and len(pattern) == 1, where, f"Split pattern {pattern!r}")
     if isinstance(pattern.get("Regex"), str):
         _check_split_regex(pattern["Regex"])
