@@ -231,6 +231,8 @@ _CODE_PIECE_HF_REGEX = regex.sub(r"\s+", "", regex.sub(r"#.*", "", _CODE_PIECE_P
 # WordPiece is about cubic in a piece's length.
 MAX_PIECE_CHARS = 128
 _CAP_PIECE_HF_REGEX = rf"[\s\S]{{1,{MAX_PIECE_CHARS}}}"
+# A lone surrogate (an undecodable byte of a file) has no UTF-8 form: no piece may hold one.
+_SURROGATE = regex.compile(r"\p{Cs}")
 # Byte tokens as codelm writes them (HF's byte-fallback spelling): upper-case hex.
 _BYTE_TOKEN_RE = regex.compile(r"<0x([0-9A-F]{2})>")
 
@@ -283,7 +285,7 @@ class CodeTokenizer(_BatchEncodeMixin):
     def train(cls, texts: Iterable[str], min_freq: int = 10, max_vocab: int | None = None,
               strip_comments: bool = False, special_tokens: Sequence[str] = CODE_SPECIAL_TOKENS
               ) -> CodeTokenizer:
-        """Keep each piece seen ``min_freq`` times, ``max_vocab`` at most (specials, bytes extra)."""
+        """Keep each piece seen ``min_freq`` times, at most ``max_vocab`` (bytes come on top)."""
         if min_freq < 1:
             raise ValueError(f"min_freq must be >= 1, got {min_freq}")
         counts: Counter[str] = Counter()
@@ -296,7 +298,8 @@ class CodeTokenizer(_BatchEncodeMixin):
             for piece in _cut(match):
                 counts[piece] += n
         kept = sorted((piece for piece, n in counts.items()
-                       if n >= min_freq and is_utf8(piece) and piece not in special_tokens),
+                       if n >= min_freq and not _SURROGATE.search(piece)
+                       and piece not in special_tokens),
                       key=lambda piece: (-counts[piece], piece))
         return cls(kept[:max_vocab], min_freq=min_freq, strip_comments=strip_comments,
                    special_tokens=special_tokens)
@@ -565,15 +568,6 @@ def _check_code_hf_sections(spec: dict, source: str) -> None:
                 "truncation and padding to null" if part in ("truncation", "padding") else "")
         raise ValueError(f"{source}: a WordPiece model whose {part} is not codelm's: HF would "
                          f"give other ids or text{hint}")
-
-
-def is_utf8(text: str) -> bool:
-    """Whether ``text`` encodes as UTF-8: False where it holds a lone surrogate."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 # --- Byte-level BPE (HF tokenizer.json) ---
@@ -898,8 +892,9 @@ class BPETokenizer(_BatchEncodeMixin):
     def save(self, path: str | os.PathLike) -> Path:
         """Write the tokenizer.json; into a directory, with a tokenizer_config.json naming the
         bos/eos/pad tokens (unless one is there) for transformers' AutoTokenizer."""
-        return _write_tokenizer(path, self.spec, 2, config={
-            f"{role}_token": self.id_to_token(i) for role, i in self._roles.items() if i is not None})
+        roles = {f"{role}_token": self.id_to_token(i) for role, i in self._roles.items()
+                 if i is not None}
+        return _write_tokenizer(path, self.spec, 2, config=roles)
 
     def _bpe(self, word: str) -> list[str]:
         """Merge the lowest-ranked adjacent pair, leftmost first, until none is left: HF's order,
@@ -1176,7 +1171,8 @@ def _roles_from_config(directory: Path) -> dict:
     """bos/eos/pad names from a tokenizer_config.json beside the file (null: none; absent: guess)."""
     config = directory / "tokenizer_config.json"
     data = _read_json(config) if config.is_file() else {}
-    roles = {role: data[f"{role}_token"] for role in ("bos", "eos", "pad") if f"{role}_token" in data}
+    roles = {role: data[f"{role}_token"] for role in ("bos", "eos", "pad")
+             if f"{role}_token" in data}
     for role, value in roles.items():
         if isinstance(value, dict) and isinstance(value.get("content"), str):
             roles[role] = value = value["content"]  # an AddedToken as transformers writes it
@@ -1310,7 +1306,8 @@ def check_model_tokenizer(tok: CodeTokenizer | BPETokenizer, tokenizer_file: str
     has = " and ".join(f"the tokenizer's {role} is {mine[role]} ({tok.id_to_token(mine[role])!r})"
                        for role in differ)
     own_file = Path(model_dir) / TOKENIZER_FILE
-    if remedy is None and own_file.is_file() and own_file.resolve() != Path(tokenizer_file).resolve():
+    if (remedy is None and own_file.is_file()
+            and own_file.resolve() != Path(tokenizer_file).resolve()):
         remedy = f"pass --tokenizer {model_dir}, the model's own"
     remedy = remedy or f"pass --tokenizer with the tokenizer {model_dir} was trained with"
     if crossed or fixed:
