@@ -1030,13 +1030,6 @@ class BPETokenizer(_BatchEncodeMixin):
         return f"BPETokenizer({self.source!r}, vocab_size={self.vocab_size})"
 
 
-def _is_token_id(i, vocab_size: int) -> bool:
-    try:
-        return 0 <= operator.index(i) < vocab_size
-    except TypeError:
-        return False
-
-
 def _checked_ids(ids: object, vocab_size: int) -> list[int]:
     """``ids`` as a list of ints in [0, vocab_size) (a -100 label would index from the end); a
     batch or a single id is refused as what it is."""
@@ -1051,15 +1044,18 @@ def _checked_ids(ids: object, vocab_size: int) -> list[int]:
     if shape == () or not isinstance(ids, Iterable):
         raise ValueError(f"decode takes one sequence of token ids, got one id ({ids!r}): "
                          "tok.decode([i])")
-    if not isinstance(ids, Sequence):
-        ids = list(ids)  # a generator could not be read again for the error below
-    try:
+    ids = list(ids)  # a generator could not be read again for the error below
+    with contextlib.suppress(TypeError):
         checked = list(map(operator.index, ids))
         if not checked or (min(checked) >= 0 and max(checked) < vocab_size):
             return checked
-    except TypeError:
-        pass
-    bad = [i for i in ids if not _is_token_id(i, vocab_size)]
+
+    def is_token_id(i) -> bool:
+        with contextlib.suppress(TypeError):
+            return 0 <= operator.index(i) < vocab_size
+        return False
+
+    bad = [i for i in ids if not is_token_id(i)]
     raise ValueError(f"token ids out of range [0, {vocab_size}): {bad[:5]}")
 
 
@@ -1237,10 +1233,8 @@ def where_tokenizer_is(directory: str | os.PathLike) -> str:
         if (above / TOKENIZER_FILE).is_file():
             return f"; {above} above it holds one"
     below = sorted(p.parent for p in directory.glob(f"*/{TOKENIZER_FILE}"))
-    if below:
-        hold = "holds" if len(below) == 1 else "hold"
-        return f"; {', '.join(map(str, below))} below it {hold} one"
-    return ""
+    hold = "holds" if len(below) == 1 else "hold"
+    return f"; {', '.join(map(str, below))} below it {hold} one" if below else ""
 
 
 def _config_ids(value: object, n_embeddings: object) -> list[int]:
@@ -1318,14 +1312,6 @@ def check_model_tokenizer(tok: CodeTokenizer | BPETokenizer, tokenizer_file: str
           f"another model's tokenizer; if the latter, {remedy}", file=sys.stderr)
 
 
-def _shown_piece(raw: bytes) -> str:
-    """A token's bytes as a Python literal: its text, or (part of a character) its bytes."""
-    try:
-        return repr(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        return repr(raw)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Show how a tokenizer splits a text: what a model is actually fed."""
     parser = settings.ArgumentParser(
@@ -1358,7 +1344,12 @@ def _show_split(args) -> None:
         return
     width = len(str(tok.vocab_size - 1))
     for i in ids:
-        print(f"{i:>{width}}  {_shown_piece(tok._id_to_bytes[i])}")
+        raw = tok._id_to_bytes[i]
+        try:
+            shown = repr(raw.decode("utf-8"))
+        except UnicodeDecodeError:  # part of a character: its bytes
+            shown = repr(raw)
+        print(f"{i:>{width}}  {shown}")
     per_token = f" ({len(text) / len(ids):.2f} characters a token)" if ids else ""
     print(f"{len(ids)} tokens for {len(text)} characters{per_token}")
 
