@@ -47,14 +47,13 @@ from torch.utils.data import Dataset
 import process
 import settings
 from process import progress_bar
-from scraping.common import decode_source, has_extension, source_files
+from scraping.common import decode_source, has_extension, is_utf8, source_files
 from tokenizer import (
     ENCODING_VERSION,
     PYTHON_PARSE_ERRORS,
     BPETokenizer,
     CodeTokenizer,
     docstring_statement,
-    is_utf8,
     load_tokenizer,
     source_lines,
     strip_comments_and_docstrings,

@@ -71,28 +71,9 @@ def _init_worker(tok) -> None:
     _worker_tokenizer = tok
 
 
-def _encode_chunk(args: tuple[list[str], bool, bool]) -> list[bytes]:
-    texts, add_special_tokens, split_special_tokens = args
-    # Arrays pickle as one buffer, far cheaper than lists of Python ints.
-    return [array("I", _worker_tokenizer.encode(t, add_special_tokens=add_special_tokens,
-                                                split_special_tokens=split_special_tokens)).tobytes()
-            for t in texts]
-
-
-def _chunks(texts: list[str], n_chunks: int) -> list[list[str]]:
-    """Split texts into about n_chunks runs of similar total length, keeping their order."""
-    total = sum(map(len, texts))
-    target = max(1, total // n_chunks)
-    chunks, current, size = [], [], 0
-    for text in texts:
-        current.append(text)
-        size += len(text)
-        if size >= target:
-            chunks.append(current)
-            current, size = [], 0
-    if current:
-        chunks.append(current)
-    return chunks
+def _encode_in_worker(text: str, **options) -> bytes:
+    # An array pickles as one buffer, far cheaper than a list of Python ints.
+    return array("I", _worker_tokenizer.encode(text, **options)).tobytes()
 
 
 class _BatchEncodeMixin:
@@ -109,20 +90,21 @@ class _BatchEncodeMixin:
             raise ValueError("encode_batch expects a list of texts, got a str; use encode(text) "
                              "for one text")
         texts = list(texts)
+        options = {"add_special_tokens": add_special_tokens,
+                   "split_special_tokens": split_special_tokens}
         workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
         assert workers >= 1, num_workers
         # A daemon process (a DataLoader worker) can have no children.
         if (workers == 1 or len(texts) < 2 or sum(map(len, texts)) < _MIN_PARALLEL_CHARS
                 or multiprocessing.current_process().daemon):
-            return [self.encode(t, add_special_tokens=add_special_tokens,
-                                split_special_tokens=split_special_tokens) for t in texts]
+            return [self.encode(t, **options) for t in texts]
         methods = multiprocessing.get_all_start_methods()
         ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-        # A few chunks per worker balance uneven files without paying per-text overhead.
-        jobs = [(c, add_special_tokens, split_special_tokens) for c in _chunks(texts, workers * 4)]
         with ctx.Pool(workers, initializer=_init_worker, initargs=(self,)) as pool:
-            results = pool.map(_encode_chunk, jobs, chunksize=1)
-        return [array("I", buf).tolist() for chunk in results for buf in chunk]
+            # Many chunks per worker balance uneven files without paying per-text overhead.
+            results = pool.map(functools.partial(_encode_in_worker, **options), texts,
+                               chunksize=max(1, len(texts) // (workers * 16)))
+        return [array("I", buf).tolist() for buf in results]
 
     @property
     def vocab_size(self) -> int:
@@ -132,7 +114,7 @@ class _BatchEncodeMixin:
         """Text of ``ids`` (invalid UTF-8 becomes U+FFFD, as in HF); special tokens are kept by
         default, so that decode(encode(x)) == x."""
         table = self._id_to_bytes
-        ids = _checked_ids(_one_sequence(ids), len(table))
+        ids = _checked_ids(ids, len(table))
         if skip_special_tokens:
             ids = [i for i in ids if i not in self._special_ids]
         return b"".join(map(table.__getitem__, ids)).decode("utf-8", "replace")
@@ -210,16 +192,13 @@ def strip_comments_and_docstrings(source: str, comments: bool = True, docstrings
     if not edits:
         return source
     edited_rows: set[int] = set()
-    # Apply from the end so earlier positions stay valid.
+    # From the end, so earlier positions stay valid; the rows an edit swallows are left empty.
     for row, col, end_row, end_col, replacement in sorted(edits, reverse=True):
-        head = lines[row - 1][:col]
-        tail = lines[end_row - 1][end_col:]
-        if not replacement:
-            head = head.rstrip(" \t") if tail.strip() == "" else head
-        lines[row - 1 : end_row] = [head + replacement + tail]
-        # Rows after the edit shift up; only the edited row itself is remembered.
-        edited_rows = {r - (end_row - row) if r > end_row else r for r in edited_rows}
-        edited_rows.add(row)
+        head, tail = lines[row - 1][:col], lines[end_row - 1][end_col:]
+        if not replacement and not tail.strip():
+            head = head.rstrip(" \t")
+        lines[row - 1 : end_row] = [head + replacement + tail] + [""] * (end_row - row)
+        edited_rows.update(range(row, end_row + 1))
     stripped = "".join(line for row, line in enumerate(lines, start=1)
                        if row not in edited_rows or line.strip())
     if strict:  # what a dataset keeps must parse, whatever this function got wrong
@@ -252,6 +231,8 @@ _CODE_PIECE_HF_REGEX = regex.sub(r"\s+", "", regex.sub(r"#.*", "", _CODE_PIECE_P
 # WordPiece is about cubic in a piece's length.
 MAX_PIECE_CHARS = 128
 _CAP_PIECE_HF_REGEX = rf"[\s\S]{{1,{MAX_PIECE_CHARS}}}"
+# A lone surrogate (an undecodable byte of a file) has no UTF-8 form: no piece may hold one.
+_SURROGATE = regex.compile(r"\p{Cs}")
 # Byte tokens as codelm writes them (HF's byte-fallback spelling): upper-case hex.
 _BYTE_TOKEN_RE = regex.compile(r"<0x([0-9A-F]{2})>")
 
@@ -304,8 +285,7 @@ class CodeTokenizer(_BatchEncodeMixin):
     def train(cls, texts: Iterable[str], min_freq: int = 10, max_vocab: int | None = None,
               strip_comments: bool = False, special_tokens: Sequence[str] = CODE_SPECIAL_TOKENS
               ) -> CodeTokenizer:
-        """Keep every piece seen ``min_freq`` times, at most ``max_vocab`` (specials and bytes
-        come on top)."""
+        """Keep each piece seen ``min_freq`` times, at most ``max_vocab`` (bytes come on top)."""
         if min_freq < 1:
             raise ValueError(f"min_freq must be >= 1, got {min_freq}")
         counts: Counter[str] = Counter()
@@ -318,7 +298,8 @@ class CodeTokenizer(_BatchEncodeMixin):
             for piece in _cut(match):
                 counts[piece] += n
         kept = sorted((piece for piece, n in counts.items()
-                       if n >= min_freq and is_utf8(piece) and piece not in special_tokens),
+                       if n >= min_freq and not _SURROGATE.search(piece)
+                       and piece not in special_tokens),
                       key=lambda piece: (-counts[piece], piece))
         return cls(kept[:max_vocab], min_freq=min_freq, strip_comments=strip_comments,
                    special_tokens=special_tokens)
@@ -463,7 +444,12 @@ class CodeTokenizer(_BatchEncodeMixin):
                 raise ValueError(f"{source}: model.vocab entry {by_id[i]!r} (id {i}) is not the "
                                  "ByteLevel spelling of UTF-8 text") from None
         specials = [by_id[i] for i in range(n_specials)]
-        _check_code_added_tokens(spec.get("added_tokens", []), specials, source)
+        # Added tokens may only repeat the special tokens (as a transformers save lists them).
+        added = spec.get("added_tokens", [])
+        if bad := [e for e in (added if isinstance(added, list) else [added])
+                   if not (isinstance(e, dict) and e.get("content") in specials)]:
+            raise ValueError(f"{source}: added_tokens entry {_shown_json(bad[0])} is not one of "
+                             f"the special tokens {specials}: HF would read it inside a text")
         # (distinct: the vocab's keys are, and the ByteLevel spelling maps them one to one)
         return cls(pieces, special_tokens=specials)
 
@@ -479,11 +465,11 @@ class CodeTokenizer(_BatchEncodeMixin):
         special tokens for transformers); one that strips comments in codelm's own format."""
         if self.strip_comments:
             return _write_tokenizer(path, self.to_dict(), indent=0)
-        roles = {role: token for role, token in (("bos", "<bos>"), ("eos", "<eos>"), ("pad", "<pad>"))
+        roles = {f"{token[1:-1]}_token": token for token in ("<bos>", "<eos>", "<pad>")
                  if token in self.special_tokens}
         others = [t for t in self.special_tokens if t not in roles.values()]
-        return _write_tokenizer(path, self.to_hf(), 0, roles, replace_config=True, extra={
-            "additional_special_tokens": others, "split_special_tokens": True})
+        return _write_tokenizer(path, self.to_hf(), 0, replace_config=True, config={
+            **roles, "additional_special_tokens": others, "split_special_tokens": True})
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "<dict>") -> CodeTokenizer:
@@ -516,23 +502,20 @@ class CodeTokenizer(_BatchEncodeMixin):
                 f"strip_comments={self.strip_comments})")
 
 
-def _write_tokenizer(path: str | os.PathLike, data: dict, indent: int,
-                     roles: dict[str, str] | None = None, replace_config: bool = False,
-                     extra: dict | None = None) -> Path:
-    """Write ``data`` to ``path``, or into a directory as tokenizer.json beside a
-    tokenizer_config.json naming the ``roles`` tokens for transformers (one there is kept unless
-    ``replace_config``)."""
+def _write_tokenizer(path: str | os.PathLike, data: dict, indent: int, config: dict | None = None,
+                     replace_config: bool = False) -> Path:
+    """Write ``data`` to ``path``; into a directory, as tokenizer.json beside a
+    tokenizer_config.json of ``config`` (one there is kept unless ``replace_config``)."""
     path = Path(path)
-    directory = path if path.is_dir() else None
-    if directory is not None:
-        path = directory / TOKENIZER_FILE
+    into_directory = path.is_dir()
+    if into_directory:
+        path = path / TOKENIZER_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, ensure_ascii=False, indent=indent), "utf-8")
-    config = path.parent / "tokenizer_config.json"
-    if directory is not None and roles is not None and (replace_config or not config.exists()):
-        fields = {"tokenizer_class": "PreTrainedTokenizerFast",
-                  **{f"{role}_token": token for role, token in roles.items()}, **(extra or {})}
-        config.write_text(json.dumps(fields, ensure_ascii=False, indent=2), "utf-8")
+    config_file = path.parent / "tokenizer_config.json"
+    if into_directory and config is not None and (replace_config or not config_file.exists()):
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", **config}
+        config_file.write_text(json.dumps(config, ensure_ascii=False, indent=2), "utf-8")
     return path
 
 
@@ -559,65 +542,32 @@ def _shown_json(value: object, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _first_difference(actual: object, expected: object, path: str) -> str | None:
-    """Where ``actual`` first differs from ``expected``; keys ``expected`` lacks are passed over."""
-    if isinstance(expected, dict) and isinstance(actual, dict):
-        for key, value in expected.items():
-            if key not in actual:
-                return f"{path}.{key} is missing"
-            if (where := _first_difference(actual[key], value, f"{path}.{key}")) is not None:
-                return where
-        return None
-    if isinstance(expected, list) and isinstance(actual, list) and len(actual) == len(expected):
-        for i, (a, e) in enumerate(zip(actual, expected)):
-            if (where := _first_difference(a, e, f"{path}[{i}]")) is not None:
-                return where
-        return None
-    if type(actual) is type(expected) and actual == expected:
-        return None
-    return f"{path} differs: {_shown_json(actual)} where codelm writes {_shown_json(expected)}"
+def _covers(actual: object, expected: object) -> bool:
+    """Whether ``actual`` is ``expected`` but for keys ``expected`` lacks (HF saves add some)."""
+    if isinstance(expected, dict):
+        return isinstance(actual, dict) and all(
+            key in actual and _covers(actual[key], value) for key, value in expected.items())
+    if isinstance(expected, list):
+        return (isinstance(actual, list) and len(actual) == len(expected)
+                and all(map(_covers, actual, expected)))
+    return type(actual) is type(expected) and actual == expected
 
 
 def _check_code_hf_sections(spec: dict, source: str) -> None:
     """Refuse an edited CodeTokenizer tokenizer.json: HF would read it as another tokenizer. A
     post-processor may add no ids (a transformers save writes a TemplateProcessing of $A)."""
-    processor = spec.get("post_processor")
     try:
-        adds_ids = _post_processor_ids(processor) != ([], [])
+        adds_ids = _post_processor_ids(spec.get("post_processor")) != ([], [])
     except (ValueError, KeyError, TypeError, AttributeError):
         adds_ids = True  # not one HF would read alike
-    differences = (
-        ("model", _first_difference(spec["model"], _CODE_HF_MODEL, "model")),
-        ("post_processor", adds_ids and (f"post_processor differs: {_shown_json(processor)} "
-                                         "where codelm writes null (or one that adds no ids)")),
-        *((part, _first_difference(spec.get(part), expected, part))  # left out: HF reads null
-          for part, expected in _code_hf_sections().items()),
-    )
-    part, where = next(((part, where) for part, where in differences if where), (None, None))
-    if where:
-        whose = "that is" if part == "model" else f"whose {part} is"
+    parts = {"model": _CODE_HF_MODEL, **_code_hf_sections()}  # a part left out HF reads as null
+    part = next((p for p, want in parts.items() if not _covers(spec.get(p), want)),
+                "post_processor" if adds_ids else None)
+    if part:
         hint = ("; a transformers save after a padded or truncated call writes them: set "
                 "truncation and padding to null" if part in ("truncation", "padding") else "")
-        raise ValueError(f"{source}: a WordPiece model {whose} not codelm's ({where}); HF "
-                         f"would give other ids or text{hint}")
-
-
-def _check_code_added_tokens(added: object, specials: list[str], source: str) -> None:
-    """Added tokens may only repeat the special tokens (as a transformers save lists them)."""
-    bad = [e for e in (added if isinstance(added, list) else [added])
-           if not (isinstance(e, dict) and e.get("content") in specials)]
-    if bad:
-        raise ValueError(f"{source}: added_tokens entry {_shown_json(bad[0])} is not one of the "
-                         f"special tokens {specials}: HF would read it inside a text")
-
-
-def is_utf8(text: str) -> bool:
-    """Whether ``text`` encodes as UTF-8: False where it holds a lone surrogate."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+        raise ValueError(f"{source}: a WordPiece model whose {part} is not codelm's: HF would "
+                         f"give other ids or text{hint}")
 
 
 # --- Byte-level BPE (HF tokenizer.json) ---
@@ -675,39 +625,32 @@ def _expect(cond: bool, where: str, what: str) -> None:
         raise _Unsupported(f"unsupported {where}: {what}")
 
 
-def _check_byte_level(spec: dict, where: str) -> None:
-    _expect(not spec.get("add_prefix_space", False), where,
-            "ByteLevel with add_prefix_space=true (codelm reads add_prefix_space=false only)")
-
-
 def _pretokenizer_pattern(spec: dict | None) -> tuple[str, bool]:
     """(regex, isolated gaps possible) for a supported tokenizer.json pre_tokenizer."""
     where = "pre_tokenizer"
     _expect(isinstance(spec, dict), where, f"{spec!r} (a byte-level BPE needs a ByteLevel one)")
-    kind = spec.get("type")
-    if kind == "ByteLevel":
-        _check_byte_level(spec, where)
-        _expect(spec.get("use_regex", True), where, "ByteLevel(use_regex=false) on its own")
-        return GPT2_PATTERN, False
-    _expect(kind == "Sequence", where, f"type {kind!r}")
-    steps = spec.get("pretokenizers")
+    steps = spec.get("pretokenizers") if spec.get("type") == "Sequence" else [spec]
     _expect(isinstance(steps, list) and all(isinstance(s, dict) for s in steps), where, "Sequence")
     kinds = [s.get("type") for s in steps]
-    if kinds == ["ByteLevel"]:
-        return _pretokenizer_pattern(steps[0])
-    _expect(kinds in (["Digits", "ByteLevel"], ["Split", "ByteLevel"]), where,
-            f"Sequence of {kinds}")
-    first, byte_level = steps
-    _check_byte_level(byte_level, where)
+    _expect(kinds in (["ByteLevel"], ["Digits", "ByteLevel"], ["Split", "ByteLevel"]), where,
+            f"{kinds} (codelm reads a ByteLevel, alone or after Digits or a Split)")
+    *first, byte_level = steps
+    _expect(not byte_level.get("add_prefix_space", False), where,
+            "ByteLevel with add_prefix_space=true (codelm reads add_prefix_space=false only)")
+    use_regex = byte_level.get("use_regex", True)
+    if not first:
+        _expect(use_regex, where, "ByteLevel(use_regex=false) on its own")
+        return GPT2_PATTERN, False
     if kinds[0] == "Digits":
-        _expect(byte_level.get("use_regex", True), where, "Digits then ByteLevel(use_regex=false)")
-        individual = first.get("individual_digits", False)
+        _expect(use_regex, where, "Digits then ByteLevel(use_regex=false)")
+        individual = first[0].get("individual_digits", False)
         return (STARCODER_PATTERN if individual else _DIGIT_RUNS_PATTERN), False
-    _expect(not byte_level.get("use_regex", True), where,
+    split = first[0]
+    _expect(not use_regex, where,
             "Split then ByteLevel(use_regex=true) (Llama-3 style has use_regex=false)")
-    _expect(first.get("behavior") == "Isolated", where, f"Split behavior {first.get('behavior')!r}")
-    _expect(not first.get("invert", False), where, "Split with invert=true")
-    pattern = first.get("pattern")
+    _expect(split.get("behavior") == "Isolated", where, f"Split behavior {split.get('behavior')!r}")
+    _expect(not split.get("invert", False), where, "Split with invert=true")
+    pattern = split.get("pattern")
     _expect(isinstance(pattern, dict) and len(pattern) == 1, where, f"Split pattern {pattern!r}")
     if isinstance(pattern.get("Regex"), str):
         _check_split_regex(pattern["Regex"])
@@ -717,74 +660,29 @@ def _pretokenizer_pattern(spec: dict | None) -> tuple[str, bool]:
 
 
 # Split regexes are written for Oniguruma (HF) but run here by Python ``regex``: only syntax both
-# read alike passes (e.g. \h, \w, ^, $, (?m), {n}?, nested classes are refused).
-_SAME_ESCAPES = frozenset("pPsSdDnrtfvauxAzRX")
-_SAME_CLASS_ESCAPES = frozenset("pPsSdDnrtfvaux")
-_GENERAL_CATEGORY = regex.compile(r"\\[pP]\{\^?(?:L[ultmo]?|M[nce]?|N[dlo]?|P[cdseifo]?|S[mcko]?"
-                                   r"|Z[slp]?|C[cfson]?)\}")
-_SAME_GROUP = regex.compile(r"\(\?(?:[:=!>]|<[=!]|<\w+>)")
-_INTERVAL = regex.compile(r"\{\d*(?:,\d*)?\}")
-_CASELESS_LITERALS = regex.compile(r"\(\?i:([^\\\[\](){}^$.*+?]*)\)")
+# read alike passes (e.g. \h, \w, ^, $, (?m), {n}?, nested classes are refused). A supported
+# regex is a run of these constructs; it is refused where the run stops.
+_GENERAL_CATEGORY = (r"\\[pP]\{\^?(?:L[ultmo]?|M[nce]?|N[dlo]?|P[cdseifo]?|S[mcko]?|Z[slp]?"
+                     r"|C[cfson]?)\}")
+_SAME_SYNTAX = regex.compile("(?:" + "|".join([
+    _GENERAL_CATEGORY, r"\\[sSdDnrtfvauxAzRX]", r"\\\P{L}",  # escapes
+    # a class, not nested, without Oniguruma's && intersection
+    r"\[\^?\]?(?:" + _GENERAL_CATEGORY + r"|\\[sSdDnrtfvaux]|\\\P{L}|&(?!&)|[^\\\[\]&])*\]",
+    r"\((?!\?)", r"\(\?(?:[:=!>]|<[=!]|<\w+>)", r"\(\?#[^)]*\)",  # groups, comments
+    r"\(\?i:(?:(?!(?i:ss|st|ff|fi|fl)|[\\\[\](){}^$.*+?])[\x00-\x7f])*\)",  # no case folding
+    r"\{\d*,\d*\}\??(?!\+)", r"\{\d*\}(?![?+])", r"\{(?!\d*(?:,\d*)?\})",  # intervals
+    r"[^\\\[({^$]",
+]) + ")*+")
 
 
 def _check_split_regex(pattern: str) -> None:
     """Refuse a Split regex that Oniguruma (HF) and Python ``regex`` could read differently."""
-
-    def refuse(construct: str) -> None:
+    end = _SAME_SYNTAX.match(pattern).end()
+    if end < len(pattern):
         raise _Unsupported(
-            f"pre_tokenizer: Split regex {pattern!r} uses {construct}, which codelm refuses: "
-            "Oniguruma (run by HF) and Python regex (run here) do not read it the same way"
-        )
-
-    i, n, in_class = 0, len(pattern), False
-    while i < n:
-        c = pattern[i]
-        if c == "\\":
-            e = pattern[i + 1 : i + 2]
-            if e.isalpha() and e not in (_SAME_CLASS_ESCAPES if in_class else _SAME_ESCAPES):
-                refuse(f"\\{e}")
-            if e in ("p", "P"):
-                prop = _GENERAL_CATEGORY.match(pattern, i)
-                if not prop:
-                    shown = regex.match(r"..(?:\{[^}]*\})?", pattern[i:], regex.S).group()
-                    refuse(f"{shown} (codelm reads \\p{{..}} of general categories only)")
-                i = prop.end()
-                continue
-            i += 2
-            continue
-        if in_class:
-            if c == "[" or pattern.startswith("&&", i):
-                refuse(f"{'[' if c == '[' else '&&'} inside a character class")
-            in_class = c != "]"
-        elif c == "[":
-            i += 2 if pattern.startswith("[^", i) else 1
-            in_class = True
-            if pattern.startswith("]", i):  # a leading ] is literal in both
-                i += 1
-            continue
-        elif c in "^$":
-            refuse(c)
-        elif c == "(" and pattern.startswith("(?", i):
-            if pattern.startswith("(?#", i):
-                i = pattern.find(")", i) + 1 or n
-                continue
-            caseless = _CASELESS_LITERALS.match(pattern, i)
-            if caseless:
-                literals = caseless.group(1)
-                if not literals.isascii() or any(
-                    fold in literals.lower() for fold in ("ss", "st", "ff", "fi", "fl")
-                ):
-                    refuse(f"{caseless.group()} (case folding)")
-                i = caseless.end()
-                continue
-            if not _SAME_GROUP.match(pattern, i):
-                refuse(f"the group or inline option {pattern[i : i + 4]!r}")
-        elif c == "{":
-            interval = _INTERVAL.match(pattern, i)
-            after = pattern[interval.end() : interval.end() + 1] if interval else ""
-            if after == "+" or (after == "?" and "," not in interval.group()):
-                refuse(f"the quantifier {interval.group() + after!r}")
-        i += 1
+            f"pre_tokenizer: Split regex {pattern!r} uses {pattern[end : end + 20]!r}, which "
+            "codelm refuses: Oniguruma (run by HF) and Python regex (run here) do not read it "
+            "the same way")
 
 
 def _template_ids(spec: dict, where: str) -> tuple[list[int], list[int]]:
@@ -811,26 +709,19 @@ def _template_ids(spec: dict, where: str) -> tuple[list[int], list[int]]:
     return before, after
 
 
-def _post_processor_steps(spec: object) -> list[dict]:
-    """The ByteLevel and TemplateProcessing steps of a post_processor, Sequences flattened."""
+def _post_processor_ids(spec: object) -> tuple[list[int], list[int]]:
+    """Ids the post_processor puts before and after every text (ByteLevel changes only offsets);
+    a Sequence may hold one TemplateProcessing (HF tokenizers applies only the first of two)."""
     if spec is None:
-        return []
+        return [], []
     where = "post_processor"
     _expect(isinstance(spec, dict), where, repr(spec))
-    kind = spec.get("type")
-    if kind == "Sequence":
-        return [s for step in spec.get("processors") or [] for s in _post_processor_steps(step)]
-    _expect(kind in ("ByteLevel", "TemplateProcessing"), where, f"type {kind!r}")
-    return [spec]
-
-
-def _post_processor_ids(spec: dict | None) -> tuple[list[int], list[int]]:
-    """Ids the post_processor puts before and after every text (ByteLevel changes only offsets)."""
-    templates = [s for s in _post_processor_steps(spec) if s["type"] == "TemplateProcessing"]
-    if len(templates) > 1:
-        raise _Unsupported(f"unsupported post_processor: a Sequence of {len(templates)} "
-                           "TemplateProcessing steps (HF tokenizers applies only the first)")
-    return _template_ids(templates[0], "post_processor") if templates else ([], [])
+    steps = (spec.get("processors") or []) if spec.get("type") == "Sequence" else [spec]
+    kinds = [step.get("type") if isinstance(step, dict) else step for step in steps]
+    _expect(all(k in ("ByteLevel", "TemplateProcessing") for k in kinds), where, f"type {kinds}")
+    templates = [step for step in steps if step["type"] == "TemplateProcessing"]
+    _expect(len(templates) < 2, where, f"a Sequence of {len(templates)} TemplateProcessing steps")
+    return _template_ids(templates[0], where) if templates else ([], [])
 
 
 _BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>", "<|endoftext|>")
@@ -854,7 +745,6 @@ class BPETokenizer(_BatchEncodeMixin):
         self._roles = self._resolve_roles(roles or {})
 
     def _build(self, spec: dict) -> None:
-        _expect(isinstance(spec, dict), "tokenizer.json", "top level is not an object")
         for key in ("truncation", "padding", "normalizer"):
             _expect(spec.get(key) is None, key, repr(spec.get(key))[:200])
         model = spec.get("model")
@@ -994,8 +884,7 @@ class BPETokenizer(_BatchEncodeMixin):
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, roles: dict | None = None) -> BPETokenizer:
-        """Read a tokenizer.json; roles {"bos"/"eos"/"pad": token} override the guessed ones
-        (None: no such token)."""
+        """Read a tokenizer.json; ``roles`` {"bos"/"eos"/"pad": token or None} override guesses."""
         path = tokenizer_path(path)
         spec = _read_json(path)
         return cls(spec, str(path), _roles_from_config(path.parent) if roles is None else roles)
@@ -1003,8 +892,9 @@ class BPETokenizer(_BatchEncodeMixin):
     def save(self, path: str | os.PathLike) -> Path:
         """Write the tokenizer.json; into a directory, with a tokenizer_config.json naming the
         bos/eos/pad tokens (unless one is there) for transformers' AutoTokenizer."""
-        roles = {role: self.id_to_token(i) for role, i in self._roles.items() if i is not None}
-        return _write_tokenizer(path, self.spec, 2, roles)
+        roles = {f"{role}_token": self.id_to_token(i) for role, i in self._roles.items()
+                 if i is not None}
+        return _write_tokenizer(path, self.spec, 2, config=roles)
 
     def _bpe(self, word: str) -> list[str]:
         """Merge the lowest-ranked adjacent pair, leftmost first, until none is left: HF's order,
@@ -1140,15 +1030,9 @@ class BPETokenizer(_BatchEncodeMixin):
         return f"BPETokenizer({self.source!r}, vocab_size={self.vocab_size})"
 
 
-def _is_token_id(i, vocab_size: int) -> bool:
-    try:
-        return 0 <= operator.index(i) < vocab_size
-    except TypeError:
-        return False
-
-
-def _one_sequence(ids: object) -> Iterable[int]:
-    """``ids`` if it is one sequence; a batch or a single id is refused as what it is."""
+def _checked_ids(ids: object, vocab_size: int) -> list[int]:
+    """``ids`` as a list of ints in [0, vocab_size) (a -100 label would index from the end); a
+    batch or a single id is refused as what it is."""
     shape = getattr(ids, "shape", None)  # a tensor or an array
     first = ids[0] if isinstance(ids, (list, tuple)) and ids else None
     if ((shape is not None and len(shape) > 1) or isinstance(first, (list, tuple))
@@ -1160,20 +1044,18 @@ def _one_sequence(ids: object) -> Iterable[int]:
     if shape == () or not isinstance(ids, Iterable):
         raise ValueError(f"decode takes one sequence of token ids, got one id ({ids!r}): "
                          "tok.decode([i])")
-    return ids
-
-
-def _checked_ids(ids: Iterable[int], vocab_size: int) -> list[int]:
-    """``ids`` as a list of ints in [0, vocab_size) (a -100 label would index from the end)."""
-    if not isinstance(ids, Sequence):
-        ids = list(ids)  # a generator could not be read again for the error below
-    try:
+    ids = list(ids)  # a generator could not be read again for the error below
+    with contextlib.suppress(TypeError):
         checked = list(map(operator.index, ids))
         if not checked or (min(checked) >= 0 and max(checked) < vocab_size):
             return checked
-    except TypeError:
-        pass
-    bad = [i for i in ids if not _is_token_id(i, vocab_size)]
+
+    def is_token_id(i) -> bool:
+        with contextlib.suppress(TypeError):
+            return 0 <= operator.index(i) < vocab_size
+        return False
+
+    bad = [i for i in ids if not is_token_id(i)]
     raise ValueError(f"token ids out of range [0, {vocab_size}): {bad[:5]}")
 
 
@@ -1284,21 +1166,16 @@ def _learn_merges(words: list[str], freqs: list[int], vocab: dict[str, int], voc
 def _roles_from_config(directory: Path) -> dict:
     """bos/eos/pad names from a tokenizer_config.json beside the file (null: none; absent: guess)."""
     config = directory / "tokenizer_config.json"
-    if not config.is_file():
-        return {}
-    data = _read_json(config)
-    roles = {}
-    for role in ("bos", "eos", "pad"):
-        key = f"{role}_token"
-        if key not in data:
-            continue
-        value = data[key]
+    data = _read_json(config) if config.is_file() else {}
+    roles = {role: data[f"{role}_token"] for role in ("bos", "eos", "pad")
+             if f"{role}_token" in data}
+    for role, value in roles.items():
         if isinstance(value, dict) and isinstance(value.get("content"), str):
-            value = value["content"]  # an AddedToken as transformers writes it
+            roles[role] = value = value["content"]  # an AddedToken as transformers writes it
         if value is not None and not isinstance(value, str):
-            raise ValueError(f"{config}: {key} must be a token string, an AddedToken object "
-                             f"(its content a string) or null for none, got {_shown_json(value)}")
-        roles[role] = value
+            raise ValueError(f"{config}: {role}_token must be a token string, an AddedToken "
+                             f"object (its content a string) or null for none, got "
+                             f"{_shown_json(value)}")
     return roles
 
 
@@ -1342,10 +1219,9 @@ def where_tokenizer_is(directory: str | os.PathLike) -> str:
     ""): an adapter's base model, a run above (for best/, checkpoints/step-N/), or runs below."""
     directory = Path(directory)
     if (directory / _ADAPTER_CONFIG).is_file():
-        try:
+        base = None
+        with contextlib.suppress(ValueError):
             base = _read_json(directory / _ADAPTER_CONFIG).get("base_model_name_or_path")
-        except ValueError:
-            base = None
         adapter = (f"; {directory} is a LoRA adapter directory ({_ADAPTER_CONFIG}), whose "
                    "tokenizer is its base model's")
         if not isinstance(base, str) or not base:
@@ -1357,10 +1233,8 @@ def where_tokenizer_is(directory: str | os.PathLike) -> str:
         if (above / TOKENIZER_FILE).is_file():
             return f"; {above} above it holds one"
     below = sorted(p.parent for p in directory.glob(f"*/{TOKENIZER_FILE}"))
-    if below:
-        hold = "holds" if len(below) == 1 else "hold"
-        return f"; {', '.join(map(str, below))} below it {hold} one"
-    return ""
+    hold = "holds" if len(below) == 1 else "hold"
+    return f"; {', '.join(map(str, below))} below it {hold} one" if below else ""
 
 
 def _config_ids(value: object, n_embeddings: object) -> list[int]:
@@ -1385,8 +1259,7 @@ def generation_eos_ids(tok: CodeTokenizer | BPETokenizer, model_eos: object,
 
 
 def decode_generated(tok: CodeTokenizer | BPETokenizer, ids: Iterable[int]) -> str:
-    """The text of generated ``ids``; an id past the tokenizer (embeddings can outnumber tokens)
-    decodes to nothing, as in transformers."""
+    """Text of generated ``ids``; as in transformers, ids past the tokenizer decode to nothing."""
     n = tok.vocab_size
     return tok.decode([i for i in ids if i < n])
 
@@ -1426,12 +1299,11 @@ def check_model_tokenizer(tok: CodeTokenizer | BPETokenizer, tokenizer_file: str
                          for role, ids in differ.items())
     has = " and ".join(f"the tokenizer's {role} is {mine[role]} ({tok.id_to_token(mine[role])!r})"
                        for role in differ)
-    if remedy is None:
-        own_file = Path(model_dir) / TOKENIZER_FILE
-        if own_file.is_file() and own_file.resolve() != Path(tokenizer_file).resolve():
-            remedy = f"pass --tokenizer {model_dir}, the model's own"
-        else:
-            remedy = f"pass --tokenizer with the tokenizer {model_dir} was trained with"
+    own_file = Path(model_dir) / TOKENIZER_FILE
+    if (remedy is None and own_file.is_file()
+            and own_file.resolve() != Path(tokenizer_file).resolve()):
+        remedy = f"pass --tokenizer {model_dir}, the model's own"
+    remedy = remedy or f"pass --tokenizer with the tokenizer {model_dir} was trained with"
     if crossed or fixed:
         raise ValueError(f"{tokenizer_file} is not the tokenizer of the model in {model_dir}: "
                          f"{config} has {listed}, but {has}; {remedy}")
@@ -1440,17 +1312,8 @@ def check_model_tokenizer(tok: CodeTokenizer | BPETokenizer, tokenizer_file: str
           f"another model's tokenizer; if the latter, {remedy}", file=sys.stderr)
 
 
-def _shown_piece(raw: bytes) -> str:
-    """A token's bytes as a Python literal: its text, or (part of a character) its bytes."""
-    try:
-        return repr(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        return repr(raw)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Show how a tokenizer splits a text: what a model is actually fed."""
-
     parser = settings.ArgumentParser(
         description="Show how a tokenizer splits a text: each token's id and text (or bytes, "
         "for part of a character), then the count. The tokenizer is a tokenizer.json (HF "
@@ -1481,7 +1344,12 @@ def _show_split(args) -> None:
         return
     width = len(str(tok.vocab_size - 1))
     for i in ids:
-        print(f"{i:>{width}}  {_shown_piece(tok._id_to_bytes[i])}")
+        raw = tok._id_to_bytes[i]
+        try:
+            shown = repr(raw.decode("utf-8"))
+        except UnicodeDecodeError:  # part of a character: its bytes
+            shown = repr(raw)
+        print(f"{i:>{width}}  {shown}")
     per_token = f" ({len(text) / len(ids):.2f} characters a token)" if ids else ""
     print(f"{len(ids)} tokens for {len(text)} characters{per_token}")
 

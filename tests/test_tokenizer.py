@@ -376,7 +376,7 @@ def _with_split_regex(references, tmp_path, pattern: str):
         (r"a\Z|\S+|\s+", r"\\Z"),  # also before a final newline in Oniguruma
         (r"\w+|\W", r"\\w"),  # Python's \w also takes ZWJ/ZWNJ
         (r"\p{N}{1,3}+|\D+", r"\{1,3\}\+"),  # a repeat in Oniguruma, possessive in Python
-        (r"(?i:ss)|\S|\s+", "case folding"),  # Oniguruma folds ß to ss
+        (r"(?i:ss)|\S|\s+", r"uses '\(\?i:ss\)"),  # Oniguruma folds ß to ss
         (r"[a-z&&[^aeiou]]+|[^a-z]+|[a-z]", "&&"),  # a set intersection in Oniguruma only
     ],
 )
@@ -1559,27 +1559,24 @@ _SPECIAL_ENTRY = {"id": 2, "content": "<eos>", "single_word": False, "lstrip": F
 
 @pytest.mark.parametrize("edit, message", [
     (lambda s: s.update(pre_tokenizer=None),
-     r"whose pre_tokenizer is not codelm's \(pre_tokenizer differs: null where codelm writes "
-     r"\{\"type\": \"Sequence\""),
-    (_set_pattern(0, "(["),
-     r"whose pre_tokenizer is not codelm's \(pre_tokenizer\.pretokenizers\[0\]\.pattern\.Regex "
-     r"differs: \"\(\[\" where codelm writes \"\\\\r\\\\n\|"),
-    (_set_pattern(1, r"[\s\S]{1,64}"), r"pre_tokenizer\.pretokenizers\[1\]\.pattern\.Regex differs"),
+     r"whose pre_tokenizer is not codelm's: HF would give other ids"),
+    (_set_pattern(0, "(["), r"whose pre_tokenizer is not codelm's"),
+    (_set_pattern(1, r"[\s\S]{1,64}"), r"whose pre_tokenizer is not codelm's"),
     (lambda s: s["pre_tokenizer"]["pretokenizers"][2].update(use_regex=True),
-     r"pretokenizers\[2\]\.use_regex differs: true where codelm writes false"),
-    (lambda s: s.update(decoder=None), r"whose decoder is not codelm's \(decoder differs: null"),
-    (lambda s: s.pop("decoder"), r"whose decoder is not codelm's \(decoder differs: null"),
-    (lambda s: s["decoder"]["decoders"].pop(0), r"whose decoder is not codelm's \(decoder\.decoders"),
+     r"whose pre_tokenizer is not codelm's"),
+    (lambda s: s.update(decoder=None), r"whose decoder is not codelm's"),
+    (lambda s: s.pop("decoder"), r"whose decoder is not codelm's"),
+    (lambda s: s["decoder"]["decoders"].pop(0), r"whose decoder is not codelm's"),
     (lambda s: s.update(normalizer={"type": "NFC"}), r"whose normalizer is not codelm's"),
-    (lambda s: s.update(truncation={"max_length": 5}), r"whose truncation is not codelm's .*"
+    (lambda s: s.update(truncation={"max_length": 5}), r"whose truncation is not codelm's.*"
      r"a transformers save after a padded or truncated call writes them: set truncation and "
      r"padding to null$"),
     (lambda s: s.update(post_processor={"type": "TemplateProcessing", "single": [
         {"SpecialToken": {"id": "<bos>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
         "special_tokens": {"<bos>": {"id": "<bos>", "ids": [1], "tokens": ["<bos>"]}}}),
-     r"whose post_processor is not codelm's \(post_processor differs: \{\"type\": \"Templ"),
+     r"whose post_processor is not codelm's"),
     (lambda s: s["model"].update(max_input_chars_per_word=100),
-     r"a WordPiece model that is not codelm's \(model\.max_input_chars_per_word differs: 100"),
+     r"a WordPiece model whose model is not codelm's"),
     (lambda s: s.update(added_tokens=[{"id": 5, "content": 5}]), r"added_tokens entry .*is not one of"),
     (lambda s: s.update(added_tokens=[_SPECIAL_ENTRY, "<bos>"]), r"added_tokens entry .*is not one of"),
     (lambda s: s.update(added_tokens=[_SPECIAL_ENTRY, {**_SPECIAL_ENTRY, "content": "def"}]),
