@@ -15,7 +15,6 @@ if __name__ == "__main__":  # first: the imports below load torch for seconds
 
 import argparse
 import ast
-import codecs
 import contextlib
 import hashlib
 import json
@@ -233,11 +232,9 @@ def _compile_error(source: str, what: str) -> str | None:
     """Why ``source`` does not compile, or None (compiled only: running is the sandbox's job)."""
     try:
         compile(source, what, "exec", dont_inherit=True)
-    except SyntaxError as err:
-        where = f", line {err.lineno}" if err.lineno else ""
-        return f"{what} does not compile ({err.msg}{where})"
-    except ValueError as err:  # a null byte, before Python 3.12
-        return f"{what} does not compile ({err})"
+    except (SyntaxError, ValueError) as err:  # ValueError: a null byte, before Python 3.12
+        where = f", line {err.lineno}" if getattr(err, "lineno", None) else ""
+        return f"{what} does not compile ({getattr(err, 'msg', err)}{where})"
     return None
 
 
@@ -261,18 +258,16 @@ def _takes_one_argument(fn: ast.FunctionDef) -> bool:
 
 def _problem_error(problem: dict) -> str | None:
     """Why every sample of this problem would fail whatever the model writes, or None."""
-    prompt, test = problem["prompt"], problem["test"]
-    error = _compile_error(test, "test")
-    if error:
+    if error := _compile_error(problem["test"], "test"):
         return error
     if not any(isinstance(node, ast.FunctionDef) and node.name == "check"
-               and _takes_one_argument(node) for node in ast.parse(test).body):
+               and _takes_one_argument(node) for node in ast.parse(problem["test"]).body):
         return "test does not define check(candidate)"
-    error = _compile_error(prompt, "prompt")
-    if error and _compile_error(_with_body(prompt), "prompt") is None:
-        prompt, error = _with_body(prompt), None
-    if error:
-        return error
+    prompt = _with_body(problem["prompt"])
+    if _compile_error(prompt, "prompt"):  # then the prompt as it is, or its error
+        prompt = problem["prompt"]
+        if error := _compile_error(prompt, "prompt"):
+            return error
     if isinstance(problem.get("canonical_solution"), str):
         return None  # its run in the sandbox checks more (the completion may define the entry)
     defined = {node.name for node in ast.parse(prompt).body
@@ -286,19 +281,16 @@ def load_problems(path: str | Path = PROBLEMS_FILE, sandbox: SandboxConfig | Non
                   workers: int = 1, limit: int | None = None) -> list[dict]:
     """HumanEval-shaped problems from a JSONL file, each line checked; ``limit`` keeps the first.
     With ``sandbox``, each kept problem's ``canonical_solution`` must pass its own test there."""
-    try:
-        raw = Path(path).read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:  # utf-8-sig: a Windows editor's byte-order mark
+        lines = Path(path).read_text("utf-8-sig").split("\n")
     except FileNotFoundError:
         raise ValueError(f"{path}: problems file not found") from None
-    except OSError as err:  # a directory, no permission
-        raise ValueError(f"{path}: cannot read the problems file: {err.strerror}") from None
+    except (OSError, UnicodeDecodeError) as err:  # a directory, no permission, not UTF-8
+        raise ValueError(f"{path}: cannot read the problems file: "
+                         f"{getattr(err, 'strerror', None) or err}") from None
     problems: list[dict] = []
     first_line: dict[str, int] = {}
-    for line_no, data in enumerate(raw.splitlines(), 1):
-        try:
-            line = data.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{path}:{line_no}: not UTF-8 text ({err.reason})") from None
+    for line_no, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -337,15 +329,11 @@ def load_problems(path: str | Path = PROBLEMS_FILE, sandbox: SandboxConfig | Non
     return problems
 
 
-def check_program(problem: dict, completion: str) -> str:
-    """The program HumanEval runs: prompt + completion, the tests, then ``check(entry_point)``."""
-    return (f"{problem['prompt']}{completion}\n\n{problem['test']}\n"
-            f"check({problem['entry_point']})\n")
-
-
 def run_check(problem: dict, completion: str, config: SandboxConfig | None = None) -> SandboxResult:
-    """One completion against its problem's tests (a pass: ``check`` ran to its end)."""
-    return run_python(check_program(problem, completion), config)
+    """HumanEval's program, prompt + completion, the tests, ``check(entry_point)``, run: a pass
+    is ``check`` run to its end."""
+    return run_python(f"{problem['prompt']}{completion}\n\n{problem['test']}\n"
+                      f"check({problem['entry_point']})\n", config)
 
 
 def run_checks(jobs: Sequence[tuple[dict, str]], sandbox: SandboxConfig, workers: int,
@@ -504,12 +492,10 @@ def _device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if device.type == "cuda" and count == 0:
-        raise ValueError(f"EvalConfig.device={name!r}: CUDA is not available on this machine "
-                         "(use cpu or auto)")
     if device.type == "cuda" and (device.index or 0) >= count:
-        raise ValueError(f"EvalConfig.device={name!r}: this machine has {count} CUDA "
-                         f"device(s), cuda:0 to cuda:{count - 1}")
+        raise ValueError(f"EvalConfig.device={name!r}: " + (
+            f"this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}" if count
+            else "CUDA is not available on this machine (use cpu or auto)"))
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"EvalConfig.device={name!r}: MPS is not available on this machine")
     return device
@@ -609,15 +595,13 @@ def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
     config = settings.read_json_object(run_dir / rundir.CONFIG_FILE, "run config")
     export = run_dir / rundir.EXPORT_DIR
     tok_dir = _run_tokenizer(run_dir, tokenizer)
+    adapter = (export / lora.ADAPTER_CONFIG).is_file()
     if stale := rundir.stale_export(run_dir):
         print(f"note: {export} is not used: {stale}; scoring best/", file=sys.stderr)
-    elif export.is_dir() and not _intact(export):
-        pass  # best/ or a checkpoint instead
-    elif (export / lora.ADAPTER_CONFIG).is_file():
-        model = _load_hf(Path(_run_base(run_dir, config)), device, dtype, adapter=export)
+    elif (adapter or (export / rundir.HF_CONFIG).is_file()) and _intact(export):
+        base = Path(_run_base(run_dir, config)) if adapter else export
+        model = _load_hf(base, device, dtype, export if adapter else None)
         return model, tok_dir, config, _run_weights(run_dir, export)
-    elif (export / rundir.HF_CONFIG).is_file():
-        return _load_hf(export, device, dtype), tok_dir, config, _run_weights(run_dir, export)
     cfg = trainconfig.config_from_dict(config, str(run_dir / rundir.CONFIG_FILE))
     if cfg.init_from:
         cfg = replace(cfg, init_from=_run_base(run_dir, config))
@@ -751,9 +735,9 @@ def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: EvalConfig) -> dict:
     """Loss (the model's training loss), perplexity and next-token accuracy (0-1) over
     block-size windows of the texts packed as dataset.py packs a split: on a run's val split,
     its val_loss and val_accuracy."""
-    from dataset import collate, encode_text, packed_document
+    from dataset import encode_text, packed_document
 
-    tok, model = lm.tokenizer, lm.model
+    tok = lm.tokenizer
     context = _context(lm, cfg)
     want = None if cfg.lm_windows is None else cfg.lm_windows * context + 1
     stream: list[int] = []
@@ -766,22 +750,31 @@ def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: EvalConfig) -> dict:
     if not chunks:
         raise ValueError("the lm task found no text to score in the chosen split")
     windows = [{"input_ids": chunk[:-1], "labels": chunk[1:]} for chunk in chunks]
-    device = next(model.parameters()).device
-    total = correct = count = 0.0
-    batches = range(0, len(windows), cfg.batch_size)
-    for i in progress_bar(batches, desc=f"{lm.label} lm", enabled=cfg.progress, leave=False):
-        batch = collate(windows[i : i + cfg.batch_size], tok.pad_id)
-        # Right padding needs no mask (causal attention never looks ahead, and its labels are
-        # -100); without one, SDPA may use its fused causal kernels (flash on CUDA).
-        labels = batch["labels"].to(device)
-        loss, right = model(batch["input_ids"].to(device), targets=labels, reduction="sum",
-                            count_correct=True)
-        total += float(loss)
-        correct += float(right)
-        count += float((labels != -100).sum())
+    total, correct, count = _summed_loss(lm, windows, cfg, "lm")
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
             "token_accuracy": correct / count, "tokens": int(count)}
+
+
+def _summed_loss(lm: LoadedModel, examples: Sequence[dict], cfg: EvalConfig, desc: str
+                 ) -> tuple[float, float, float]:
+    """(summed loss, correct next tokens, scored tokens) of ``dataset.collate`` batches."""
+    from dataset import collate
+
+    device = next(lm.model.parameters()).device
+    total = correct = count = 0.0
+    batches = range(0, len(examples), cfg.batch_size)
+    for i in progress_bar(batches, desc=f"{lm.label} {desc}", enabled=cfg.progress, leave=False):
+        batch = collate(examples[i : i + cfg.batch_size], lm.tokenizer.pad_id)
+        # Right padding needs no mask (causal attention never looks ahead, and its labels are
+        # -100); without one, SDPA may use its fused causal kernels (flash on CUDA).
+        labels = batch["labels"].to(device)
+        loss, right = lm.model(batch["input_ids"].to(device), targets=labels, reduction="sum",
+                               count_correct=True)
+        total += float(loss)
+        correct += float(right)
+        count += float((labels != -100).sum())
+    return total, correct, count
 
 
 def _training_ids(lm: LoadedModel, examples: Sequence[TaskExample], cfg: EvalConfig,
@@ -805,22 +798,14 @@ def score_supervised(lm: LoadedModel, examples: Sequence[TaskExample], cfg: Eval
     training example of the pair: the validation loss a supervised run logs on these examples."""
     import dataset as ds
 
-    tok, model = lm.tokenizer, lm.model
-    context = _context(lm, cfg)
+    tok = lm.tokenizer
     data_cfg = data_cfg or ds.DataConfig()
     eos = [tok.eos_id] if tok.eos_id is not None and data_cfg.add_eos else []
     start = _prompt_start(lm)
-    examples = [ds.supervised_example(p, c + eos, context, data_cfg.max_completion_tokens,
+    examples = [ds.supervised_example(p, c + eos, _context(lm, cfg), data_cfg.max_completion_tokens,
                                       data_cfg.max_prompt_tokens, span, start)
                 for p, c, span in _training_ids(lm, examples, cfg, data_cfg)]
-    device = next(model.parameters()).device
-    total = count = 0.0
-    for i in range(0, len(examples), cfg.batch_size):
-        batch = ds.collate(examples[i : i + cfg.batch_size], tok.pad_id)
-        # right-padded, padding labelled -100: no mask needed (see score_lm)
-        labels = batch["labels"].to(device)
-        total += float(model(batch["input_ids"].to(device), targets=labels, reduction="sum"))
-        count += float((labels != -100).sum())
+    total, _, count = _summed_loss(lm, examples, cfg, "reference loss")
     if count == 0:
         raise ValueError("no reference tokens to score")
     return total / count

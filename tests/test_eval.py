@@ -634,7 +634,7 @@ def test_blank_lines_in_a_problems_file_are_skipped(tmp_path):
     (lambda p: p.write_text(_problem_line("A") + "[1, 2]\n"),
      r"p.jsonl:2: a problem is a JSON object, got list"),
     (lambda p: p.write_bytes(_problem_line("A").encode() + b'{"task_id": "\xff"}\n'),
-     r"p.jsonl:2: not UTF-8 text"),
+     r"p.jsonl: cannot read the problems file: 'utf-8' codec can't decode"),
     (lambda p: p.write_text("\n  \n"), r"p.jsonl: no problems"),
 ])
 def test_unreadable_problem_files_are_named(tmp_path, capsys, make, message):
