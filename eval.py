@@ -181,15 +181,10 @@ def rouge_l(preds: Sequence[str], refs: Sequence[str]) -> float:
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k, 1 - C(n-c, k) / C(n, k) (Chen et al. 2021), as a stable running product."""
+    """Unbiased pass@k, 1 - C(n-c, k) / C(n, k) (Chen et al. 2021), in exact integers."""
     if not 0 <= c <= n or not 1 <= k <= n:
         raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
-    if n - c < k:
-        return 1.0
-    fail = 1.0
-    for i in range(n - c + 1, n + 1):
-        fail *= 1.0 - k / i
-    return 1.0 - fail
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 _SEMANTIC_MODEL = None
@@ -408,9 +403,7 @@ class EvalConfig:
         """Refuse impossible settings, naming each key, its value and where the user set it."""
         from dataset import DOCSTRING_PROMPTS, DataConfig
 
-        def named(key: str) -> str:
-            return settings.setting(self, key, where_set)
-
+        named = partial(settings.setting, self, where_set=where_set)
         greedy = self.temperature == 0
         known = {f.name for f in fields(DataConfig)} - {"task", "sources", "block_size", "progress"}
         option = next((k for k in self.data_options if k not in known), None)
@@ -1257,13 +1250,10 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
         data_cfg = corpus_config(cfg, models)
         docs = getattr(load_corpus(data_cfg), cfg.split)
         cfg = with_docstring_options(cfg, data_cfg)  # recorded as used
-    tok = models[0].tokenizer
-    examples = {(t, None): build_examples(t, docs, cfg, tok=tok, data_cfg=data_cfg)
-                for t in text_tasks if t not in ("lm", "docstring")}
-    if "docstring" in cfg.tasks:
-        for variant in cfg.docstring_prompts:
-            examples[("docstring", variant)] = build_examples(
-                "docstring", docs, cfg, variant, data_cfg.docstring_code_tokens, tok, data_cfg)
+    keys = [(t, None) for t in text_tasks if t not in ("lm", "docstring")]
+    keys += [("docstring", v) for v in cfg.docstring_prompts if "docstring" in cfg.tasks]
+    examples = {(t, v): build_examples(t, docs, cfg, v or "simple", data_cfg.docstring_code_tokens,
+                                       models[0].tokenizer, data_cfg) for t, v in keys}
     counts = {f"{t}/{v}" if v else t: len(e) for (t, v), e in examples.items()}
     if problems:
         counts["passk"] = len(problems)
@@ -1335,51 +1325,51 @@ _RESUME_IGNORES = ("models", "runs_dir", "out_dir", "progress", "workers", "batc
                    "sandbox_may_read_all_files", "compile")
 
 
-def _changed_settings(old: dict, config: dict, skip_unset: bool = False) -> list[str]:
-    """The settings of ``config`` that differ from saved results ``old``'s (``skip_unset``: not
-    those left None)."""
-    if old.get("format_version") != FORMAT_VERSION:
-        return [f"format_version ({old.get('format_version')!r} there, {FORMAT_VERSION} now)"]
-    saved = old["config"]
-    return [f"{key} ({saved.get(key)!r} there, {value!r} now)" for key, value in config.items()
-            if key not in _RESUME_IGNORES and not (skip_unset and value is None)
-            and saved.get(key) != value]
+def _saved_results(path: Path, config: dict, remedy: str, skip_unset: bool = False
+                   ) -> dict | None:
+    """The results at ``path`` (None: none yet), refused when made with settings other than
+    ``config``'s (``skip_unset``: those left None are not compared)."""
+    if not path.is_file():
+        return None
+    old = settings.read_json_object(path, "evaluation results")
+    if (version := old.get("format_version")) != FORMAT_VERSION:
+        raise _other_evaluation(path, f"format_version ({version!r} there, {FORMAT_VERSION} now)",
+                                remedy)
+    if changed := [f"{key} ({old['config'].get(key)!r} there, {value!r} now)"
+                   for key, value in config.items() if key not in _RESUME_IGNORES
+                   and not (skip_unset and value is None) and old["config"].get(key) != value]:
+        raise _other_evaluation(path, "; ".join(changed), remedy)
+    return old
 
 
-def _refuse_changed(path: Path, changed: Sequence[str], remedy: str) -> None:
-    if changed:
-        raise ValueError(f"{path}: the results of a different evaluation (differs in "
-                         f"{'; '.join(changed)}); {remedy}")
+def _other_evaluation(path: Path, differs: str, remedy: str) -> ValueError:
+    return ValueError(f"{path}: the results of a different evaluation (differs in {differs}); "
+                      f"{remedy}")
 
 
 def check_settings_unchanged(cfg: EvalConfig, remedy: str) -> None:
     """Refuse, before a caller's long work, an ``out_dir`` holding results of other settings."""
-    path = Path(cfg.out_dir or "") / "results.json"
-    if cfg.out_dir is not None and path.is_file():
-        old = settings.read_json_object(path, "evaluation results")
-        _refuse_changed(path, _changed_settings(old, asdict(cfg), skip_unset=True), remedy)
+    if cfg.out_dir is not None:
+        _saved_results(Path(cfg.out_dir) / "results.json", asdict(cfg), remedy, skip_unset=True)
 
 
 def _finished_models(out: Path, results: dict, remedy: str,
                      replace_other_weights: bool = False) -> tuple[list[dict], list[dict]]:
     """Rows and records already saved in ``out`` by the same evaluation; another's are refused."""
     path = out / "results.json"
-    if not path.exists():
+    if (old := _saved_results(path, results["config"], remedy)) is None:
         return [], []
-    old = settings.read_json_object(path, "evaluation results")
-    changed = _changed_settings(old, results["config"])
-    if not changed and not _same_models(old["models"], results["models"]):
-        if replace_other_weights:
-            aside = out.with_name(f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-            out.rename(aside)
-            out.mkdir()
-            print(f"note: {out} held an evaluation of other weights (the run has trained on "
-                  f"since): kept as {aside}; evaluating again", file=sys.stderr)
-            return [], []
-        changed = ["the models (labels, paths or weights)"]
-    if not changed and old["examples_digest"] != results["examples_digest"]:
-        changed = ["the examples (the data changed)"]
-    _refuse_changed(path, changed, remedy)
+    if not _same_models(old["models"], results["models"]):
+        if not replace_other_weights:
+            raise _other_evaluation(path, "the models (labels, paths or weights)", remedy)
+        aside = out.with_name(f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        out.rename(aside)
+        out.mkdir()
+        print(f"note: {out} held an evaluation of other weights (the run has trained on "
+              f"since): kept as {aside}; evaluating again", file=sys.stderr)
+        return [], []
+    if old["examples_digest"] != results["examples_digest"]:
+        raise _other_evaluation(path, "the examples (the data changed)", remedy)
     done = {row["model"] for row in old["rows"]}
     records = []
     preds = out / "predictions.jsonl"
