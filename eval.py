@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from rapidfuzz.distance import Indel
+from torch.nn.utils.rnn import pad_sequence
 
 import checkpoint
 import process
@@ -66,19 +67,13 @@ if TYPE_CHECKING:  # annotations only: eval loads dataset and tokenizer where a 
 
 
 def _check_pairs(preds: Sequence[str], refs: Sequence[str]) -> None:
-    """A str would be scored one character per example, a None fail deep inside a metric."""
-    for name, texts in (("preds", preds), ("refs", refs)):
-        if isinstance(texts, str):
-            raise ValueError(f"{name} must be a list of strings, got a str; score one example "
-                             "as a list of one: exact_match([pred], [ref])")
-        bad = next((i for i, text in enumerate(texts) if not isinstance(text, str)), None)
-        if bad is not None:
-            raise ValueError(f"{name}[{bad}] is {type(texts[bad]).__name__}, not a str: "
-                             "every prediction and reference is a text ('' for an empty one)")
-    if len(preds) != len(refs):
-        raise ValueError(f"{len(preds)} predictions but {len(refs)} references; they must pair up")
-    if not preds:
-        raise ValueError("no predictions to score")
+    """A str would be scored one character per example."""
+    if isinstance(preds, str) or isinstance(refs, str):
+        raise ValueError("preds and refs are lists of strings, not a str; score one example as "
+                         "a list of one: exact_match([pred], [ref])")
+    if len(preds) != len(refs) or not preds:
+        raise ValueError(f"{len(preds)} predictions but {len(refs)} references; they must pair "
+                         "up, at least one")
 
 
 def _ngrams(tokens: Sequence[str], max_order: int) -> Counter:
@@ -853,15 +848,13 @@ def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig,
     for start in progress_bar(batches, desc=f"{lm.label} {desc}", enabled=cfg.progress,
                               leave=False):
         rows = order[start : start + cfg.batch_size]
-        width = max(len(encoded[i]) for i in rows)
-        idx = torch.full((len(rows), width), gen.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.bool)
-        for b, i in enumerate(rows):
-            idx[b, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-            mask[b, width - len(encoded[i]) :] = True
+        batch = [torch.tensor(encoded[i]) for i in rows]
+        idx = pad_sequence(batch, True, gen.pad_id, padding_side="left")
+        mask = pad_sequence([torch.ones_like(p, dtype=torch.bool) for p in batch], True,
+                            padding_side="left")
         out = generate(model, idx.to(device), gen, attention_mask=mask.to(device))
         for b, i in enumerate(rows):
-            ids = out[b, width:].tolist()
+            ids = out[b, idx.shape[1] :].tolist()
             ids = ids[: next((j for j, t in enumerate(ids) if t in eos), len(ids))]
             outputs[i] = truncate_at_stops(decode_generated(tok, ids), stops)
     return outputs
