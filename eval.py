@@ -683,15 +683,14 @@ def _prompt_start(lm: LoadedModel) -> list[int]:
 
 def _pair_special_tokens(lm: LoadedModel, cfg: EvalConfig) -> bool | None:
     """Whether prompts' special-token text reads as the tokens (None: a model without a run)."""
-    if "pair_special_tokens" in cfg.data_options:
-        return bool(cfg.data_options["pair_special_tokens"])
-    if not lm.run_config:
-        return None
     from dataset import reads_special_tokens
 
-    run_options = lm.run_config.get("data_options") or {}
-    return reads_special_tokens(lm.run_config.get("task", "lm"),
-                                run_options.get("pair_special_tokens"))
+    if "pair_special_tokens" in cfg.data_options:
+        return bool(cfg.data_options["pair_special_tokens"])
+    if not (run := lm.run_config):
+        return None
+    return reads_special_tokens(run.get("task", "lm"),
+                                (run.get("data_options") or {}).get("pair_special_tokens"))
 
 
 def _prompt_ids(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig) -> list[list[int]]:
