@@ -22,7 +22,6 @@ import dataclasses
 import fcntl
 import io
 import json
-import logging
 import math
 import os
 import shlex
@@ -32,7 +31,6 @@ import subprocess
 import sys
 import time
 import typing
-import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,6 +40,7 @@ import optuna
 import sqlalchemy.exc
 import torch
 from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.storages._heartbeat import get_heartbeat_thread  # what Study.optimize runs
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
@@ -59,7 +58,6 @@ JOURNAL_FILE = "journal.log"
 ATTR_CONFIG, ATTR_REASON, ATTR_WORKER, ATTR_STEP = "train_config", "fail_reason", "worker", "step"
 ATTR_RUN = "run_dir"  # the trial's run directory (a re-run of an interrupted trial continues it)
 ATTR_STOPPED = "stopped_sweep"  # a trial whose error (a configuration error) stopped the sweep
-ATTR_AGAIN = "runs_again"  # TrialNotHere: the sweep_id that could not run it (others may)
 ATTR_SETTINGS = "trial_settings"  # study attribute: the TrainConfig values all trials share
 OWNER_FILE = "study.json"  # which storage's study owns runs/<study>/ (its trial numbers)
 # The version of what a sweep writes: study.json and the study's recorded settings.
@@ -102,20 +100,8 @@ class TuneConfig:
 _CHOICES = {"pruner": ("median", "hyperband", "none")}
 
 
-class TrialFailed(Exception):
-    """A trial the sweep records FAILED (with its reason) and goes past."""
-
-
-class TrialAbandoned(Exception):
-    """Another worker declared this trial dead (heartbeats): its worker leaves it and goes on."""
-
-
 class TrialSetupError(ValueError):
     """A trial's configuration cannot run: the sweep stops (exit 2); the trial is not counted."""
-
-
-class TrialNotHere(TrialSetupError):
-    """A trial another machine can run, this one not (a bf16 run on a GPU without bf16)."""
 
 
 # ---------------------------------------------- search space: JSON -> suggestions -> TrainConfig
@@ -360,12 +346,10 @@ def open_storage(cfg: TuneConfig) -> optuna.storages.BaseStorage:
     else:
         engine_kwargs = {"pool_pre_ping": True}  # trials outlast idle database connections
     try:
-        with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs=engine_kwargs, heartbeat_interval=cfg.heartbeat_interval,
-                grace_period=cfg.grace_period,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(cfg.max_retry))
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs=engine_kwargs, heartbeat_interval=cfg.heartbeat_interval,
+            grace_period=cfg.grace_period,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(cfg.max_retry))
     except ImportError as e:
         missing = getattr(e.__cause__, "name", None) or e
         raise ValueError(f"--storage {url}: its database driver is not installed ({missing}); "
@@ -435,30 +419,27 @@ def _local_owner_alive(trial: FrozenTrial) -> bool | None:
 
 
 def recover_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage,
-                        cfg: TuneConfig, sweep: str) -> None:
+                        cfg: TuneConfig) -> None:
     """Queue again interrupted trials; fail and queue again those whose worker died (called
     under the claim lock)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry)
-        trials = study.get_trials(deepcopy=False)
-        retried = _retried_numbers(trials)
-        for trial in trials:
-            if trial.state == TrialState.FAIL and trial.number not in retried and (
-                    trial.user_attrs.get(ATTR_REASON) == INTERRUPTED
-                    or trial.user_attrs.get(ATTR_AGAIN) not in (None, False, sweep)):
-                retry(study, trial)
-        if _heartbeats(storage):
-            optuna.storages.fail_stale_trials(study)
-            return
-        # The claim lock is held from creating a trial to naming its owner: no owner, no worker.
-        for trial in trials:
-            if trial.state == TrialState.RUNNING and (
-                    ATTR_WORKER not in trial.user_attrs or _local_owner_alive(trial) is False):
-                with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-                    storage.set_trial_user_attr(trial._trial_id, ATTR_REASON, "worker process died")
-                    if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
-                        retry(study, storage.get_trial(trial._trial_id))
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry)
+    trials = study.get_trials(deepcopy=False)
+    retried = _retried_numbers(trials)
+    for trial in trials:
+        if (trial.state == TrialState.FAIL and trial.number not in retried
+                and trial.user_attrs.get(ATTR_REASON) == INTERRUPTED):
+            retry(study, trial)
+    if _heartbeats(storage):
+        optuna.storages.fail_stale_trials(study)
+        return
+    # The claim lock is held from creating a trial to naming its owner: no owner, no worker.
+    for trial in trials:
+        if trial.state == TrialState.RUNNING and (
+                ATTR_WORKER not in trial.user_attrs or _local_owner_alive(trial) is False):
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                storage.set_trial_user_attr(trial._trial_id, ATTR_REASON, "worker process died")
+                if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                    retry(study, storage.get_trial(trial._trial_id))
 
 
 # ------------------------------------------------------------------------------------ one trial
@@ -576,8 +557,8 @@ def trial_train_config(cfg: TuneConfig, recipe: dict, number: int,
     if resume is None or train_cfg.precision != "auto" or not (trained := recorded_precision(resume)):
         return train_cfg
     if trained == "bf16" and _gpu_without_bf16(train_cfg):
-        raise TrialNotHere(f"trial {number} continues {resume}, trained in bf16: run the same "
-                           "command on a GPU with bf16 or on the CPU")
+        raise ValueError(f"it continues {resume}, trained in bf16, and this GPU has no native "
+                         "bf16: run the sweep on a GPU with bf16 or on the CPU")
     return dataclasses.replace(train_cfg, precision=trained)
 
 
@@ -594,20 +575,6 @@ def _mark_interrupted(trial: optuna.Trial) -> None:
     """Record the interrupt; a trial another worker already declared dead is left as it is."""
     with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
         trial.set_user_attr(ATTR_REASON, INTERRUPTED)
-
-
-# What a worker may leave a trial with when another worker failed it first; others stop.
-_LEFT = (optuna.TrialPruned, TrialFailed, TrialAbandoned)
-
-
-def _told_too_late(error: BaseException | None) -> bool:
-    """Whether Optuna's tell failed because another worker had failed the trial first."""
-    while error is not None:
-        if isinstance(error, optuna.exceptions.UpdateFinishedTrialError) or (
-                isinstance(error, ValueError) and str(error).startswith("Cannot tell a ")):
-            return True
-        error = error.__context__
-    return False
 
 
 def _prepare_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
@@ -627,22 +594,19 @@ def _prepare_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
     return train_cfg
 
 
-def _stop_sweep(trial: optuna.Trial, e: Exception, sweep: str) -> typing.NoReturn:
+def _stop_sweep(trial: optuna.Trial, e: Exception) -> typing.NoReturn:
     """Record an error that is not the parameters' fault and raise it: the sweep stops."""
     trial.set_user_attr(ATTR_STOPPED, True)
     trial.set_user_attr(ATTR_REASON, f"stopped the sweep: {type(e).__name__}: {e}")
-    if isinstance(e, TrialNotHere):
-        trial.set_user_attr(ATTR_AGAIN, sweep)
-        raise e
     if isinstance(e, (ValueError, OSError)):  # the configuration or a path
         raise TrialSetupError(f"trial {trial.number} {trial.params}: {e} (not counted; a change "
                               "to a parameter's type or choices needs another --study-name)") from None
     raise e
 
 
-def run_trial(cfg: TuneConfig, space: SearchSpace, base: dict, sweep: str,
-              trial: optuna.Trial) -> float:
-    """Train the trial: its best validation loss, or TrialFailed with the reason recorded."""
+def run_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
+              trial: optuna.Trial) -> tuple[TrialState, float | None]:
+    """Train the trial: the state and value to tell (a failure's reason recorded and told)."""
     def on_eval(step: int, metrics: dict) -> None:
         trial.set_user_attr(ATTR_STEP, step)
         trial.report(metrics["val_loss"], step)
@@ -657,8 +621,10 @@ def run_trial(cfg: TuneConfig, space: SearchSpace, base: dict, sweep: str,
     except KeyboardInterrupt:
         _mark_interrupted(trial)
         raise
-    except (optuna.TrialPruned, optuna.exceptions.UpdateFinishedTrialError):
+    except optuna.exceptions.UpdateFinishedTrialError:
         raise
+    except optuna.TrialPruned:
+        return TrialState.PRUNED, None
     except NonFiniteLossError as e:  # never continued: no resume advice in its reason
         reason = e.diagnosis
         if not reason.startswith("non-finite"):
@@ -667,7 +633,7 @@ def run_trial(cfg: TuneConfig, space: SearchSpace, base: dict, sweep: str,
             trial.set_user_attr(ATTR_STEP, e.step)
     except Exception as e:
         if not _is_out_of_memory(e):
-            _stop_sweep(trial, e, sweep)
+            _stop_sweep(trial, e)
         reason = f"out of memory: {e}"
     else:
         trial.set_user_attr(ATTR_STEP, result.step)
@@ -675,69 +641,67 @@ def run_trial(cfg: TuneConfig, space: SearchSpace, base: dict, sweep: str,
             _mark_interrupted(trial)
             raise KeyboardInterrupt(result.interrupted)
         if result.best_val_loss is not None and math.isfinite(result.best_val_loss):
-            return result.best_val_loss
+            return TrialState.COMPLETE, result.best_val_loss
         reason = f"no finite validation loss (best_val_loss={result.best_val_loss})"
     trial.set_user_attr(ATTR_REASON, reason)
-    raise TrialFailed(reason) from None
+    tqdm.write(f"trial {trial.number} failed with parameters {trial.params}: {reason}",
+               file=sys.stderr)
+    return TrialState.FAIL, None
 
 
 def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.BaseStorage,
-               space: SearchSpace, base: dict, sweep: str, progress: tqdm | None = None) -> None:
+               space: SearchSpace, base: dict, progress: tqdm | None = None) -> None:
     """Start trials until the study holds ``n_trials`` finished ones; wait while the last ones
     run elsewhere (a dead worker's trial may come back to the queue)."""
     # 'count the trials, then start one' is serialised among this machine's workers
     lock = _FileLock(study_dir(cfg) / "claim.lock")
-    number, raised = None, None  # the trial and what it raised, which a failed tell hides
-
-    def objective(trial: optuna.Trial) -> float:
-        nonlocal number, raised
-        number = trial.number
-        try:
-            # A retried trial arrives with its predecessor's attributes: make them this run's
-            # before other workers (which judge RUNNING trials by their worker) look at it.
-            trial.set_user_attr(ATTR_WORKER, f"{socket.gethostname()}:{os.getpid()}")
-            for key in (ATTR_REASON, ATTR_STOPPED, ATTR_AGAIN):
-                if trial.user_attrs.get(key) is not None:
-                    trial.set_user_attr(key, None)
-            lock.release()  # the trial exists: other workers may start theirs
-            return run_trial(cfg, space, base, sweep, trial)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            raised = TrialAbandoned(f"trial {trial.number}")
-            raise raised from None
-        except BaseException as e:
-            raised = e
-            raise
-
     while True:
         lock.acquire()
         try:
-            recover_dead_trials(study, storage, cfg, sweep)
+            recover_dead_trials(study, storage, cfg)
             finished, running, waiting = study_progress(study)
             if progress is not None:
                 progress.update(finished - progress.n)
             if finished >= cfg.n_trials:
                 return
-            if finished + running >= cfg.n_trials and not waiting:
-                others = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                if not (_heartbeats(storage) or any(_local_owner_alive(t) for t in others)):
-                    return  # the last trials run on machines whose death nobody would notice
-                lock.release()
-                time.sleep(min(cfg.heartbeat_interval, 5) if _heartbeats(storage) else 2)
-                continue
-            try:
-                study.optimize(objective, n_trials=1, catch=(TrialFailed, TrialAbandoned))
-            except Exception as e:
-                if e is raised or not _told_too_late(e):
-                    raise  # the trial's own error (told), or not a tell that came too late
-                if raised is not None and not isinstance(raised, _LEFT):
-                    raise raised from None  # a stop met in the trial is still a stop
-                raised = TrialAbandoned(f"trial {number}")
-            if isinstance(raised, TrialAbandoned):
-                tqdm.write(f"trial {number}: another worker declared it dead (no heartbeat "
-                           "within --grace-period); this worker goes on", file=sys.stderr)
+            trial = None
+            if finished + running < cfg.n_trials or waiting:
+                trial = study.ask()  # a queued retry first
+                # A retried trial arrives with its predecessor's attributes: make them this run's
+                # before other workers (which judge RUNNING trials by their worker) look at it.
+                trial.set_user_attr(ATTR_WORKER, f"{socket.gethostname()}:{os.getpid()}")
+                for key in (ATTR_REASON, ATTR_STOPPED):
+                    if trial.user_attrs.get(key) is not None:
+                        trial.set_user_attr(key, None)
+            elif not (_heartbeats(storage) or any(_local_owner_alive(t) for t in study.get_trials(
+                    deepcopy=False, states=(TrialState.RUNNING,)))):
+                return  # the last trials run on machines whose death nobody would notice
         finally:
-            raised = None  # a kept error would keep its trial's model alive
             lock.release()
+        if trial is None:
+            time.sleep(min(cfg.heartbeat_interval, 5) if _heartbeats(storage) else 2)
+            continue
+        with get_heartbeat_thread(trial._trial_id, storage):
+            try:
+                state, value = run_trial(cfg, space, base, trial)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                state, value = None, None
+            except BaseException:  # a stop: the sweep ends
+                _tell(trial, TrialState.FAIL)
+                raise
+        if state is None or not _tell(trial, state, value):
+            tqdm.write(f"trial {trial.number}: another worker declared it dead (no heartbeat "
+                       "within --grace-period); this worker goes on", file=sys.stderr)
+
+
+def _tell(trial: optuna.Trial, state: TrialState, value: float | None = None) -> bool:
+    """Tell the trial's end; False when another worker had failed it first (its heartbeats
+    stalled), between this worker's last write and the tell."""
+    try:
+        trial.study.tell(trial, value, state=state)
+    except (optuna.exceptions.UpdateFinishedTrialError, ValueError):  # "Cannot tell a FAIL trial"
+        return False
+    return True
 
 
 # --------------------------------------------------- checks before the first trial costs anything
@@ -950,19 +914,6 @@ def _short(value: str) -> str:
     return value if number.is_integer() or not math.isfinite(number) else f"{number:.4g}"
 
 
-class _OptunaLog(logging.Handler):
-    """Optuna's messages, one line each, without what trials.csv or ``main`` already tell."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        error = record.exc_info[1] if record.exc_info else None
-        message = record.getMessage()
-        if isinstance(error, (KeyboardInterrupt, TrialSetupError, TrialAbandoned)) or (
-                message.startswith("Trial ") and message.endswith(" failed with value None.")) or (
-                " because of the following error: TrialPruned(" in message):  # see _told_too_late
-            return
-        tqdm.write(f"[{record.levelname[0]}] {message}", file=sys.stderr)
-
-
 # --------------------------------------------------------------------------------- command line
 
 
@@ -1032,14 +983,6 @@ WORKER_COMMAND = (sys.executable, str(ROOT / "hyperparam_tune.py"))
 
 
 PARENT_ENV = "CODELM_SWEEP_PARENT"  # the process id of the sweep that started a worker
-SWEEP_ENV = "CODELM_SWEEP_ID"  # the sweep_id of that sweep
-
-
-def sweep_id(cfg: TuneConfig) -> str:
-    """One id per run of the sweep command, shared by its workers."""
-    return (cfg.worker and os.environ.get(SWEEP_ENV)) or uuid.uuid4().hex
-
-
 # The signal a worker gets when its sweep dies (PR_SET_PDEATHSIG); nohup ignores SIGHUP.
 PARENT_DEATH_SIGNAL = signal.SIGUSR2
 
@@ -1063,14 +1006,14 @@ def _stop_with_parent() -> None:
         signal.raise_signal(PARENT_DEATH_SIGNAL)
 
 
-def _run_workers(cfg: TuneConfig, study: optuna.Study, bar: tqdm, sweep: str) -> int:
+def _run_workers(cfg: TuneConfig, study: optuna.Study, bar: tqdm) -> int:
     """Run ``cfg.workers`` worker processes to the end, passing a stop signal on. A worker's
     configuration error (exit 2) stops the others. Returns the first failed worker's exit
     status, else 0 (a worker killed by a signal is told; its trial is queued again)."""
     config_file = study_dir(cfg) / "tune_config.json"
     process.write_atomic(config_file, json.dumps({**dataclasses.asdict(cfg), "progress": False},
                                                  indent=2) + "\n")
-    env = {**os.environ, PARENT_ENV: str(os.getpid()), SWEEP_ENV: sweep}
+    env = {**os.environ, PARENT_ENV: str(os.getpid())}
     # Their own session: a stop signal reaches them once, forwarded by this process.
     procs = [subprocess.Popen([*WORKER_COMMAND, "--config", str(config_file), "--worker", str(i)],
                               start_new_session=True, env=env) for i in range(1, cfg.workers + 1)]
@@ -1128,9 +1071,9 @@ def tune(cfg: TuneConfig) -> int:
     if cfg.worker:
         _stop_with_parent()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and table tell
-    optuna.logging.disable_default_handler()
-    if not any(isinstance(h, _OptunaLog) for h in logging.getLogger("optuna").handlers):
-        logging.getLogger("optuna").addHandler(_OptunaLog())
+    # Heartbeats are "experimental" (since Optuna 2.9); run_worker records them as optimize does.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study")
     space, base = check_before_trials(cfg)
     study_dir(cfg).mkdir(parents=True, exist_ok=True)
     storage = open_storage(cfg)
@@ -1141,17 +1084,17 @@ def tune(cfg: TuneConfig) -> int:
     check_study_settings(cfg, space, base, study)
     if cfg.worker:  # one of --workers N processes: share this machine's cores among them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))
-        run_worker(cfg, study, storage, space, base, sweep_id(cfg))
+        run_worker(cfg, study, storage, space, base)
         return 0  # the parent judges the study (and writes best.json)
     _warn_of_space(cfg, space, base)
     bar = progress_bar(total=cfg.n_trials, initial=min(study_progress(study)[0], cfg.n_trials),
                        unit="trial", desc=cfg.study_name, enabled=cfg.progress)
-    worker_status, sweep = 0, sweep_id(cfg)
+    worker_status = 0
     try:
         if cfg.workers == 1:
-            run_worker(cfg, study, storage, space, base, sweep, progress=bar)
+            run_worker(cfg, study, storage, space, base, progress=bar)
         else:
-            worker_status = _run_workers(cfg, study, bar, sweep)
+            worker_status = _run_workers(cfg, study, bar)
     except BaseException:  # interrupted or stopped: what the finished trials found is kept
         if study_progress(study)[0]:
             write_reports(study, cfg)

@@ -163,34 +163,11 @@ def test_a_trial_whose_worker_died_before_naming_itself_is_queued_again(tmp_path
     study = optuna.create_study(study_name="orphan", storage=storage)
     orphan = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
     cfg = hyperparam_tune.TuneConfig()
-    hyperparam_tune.recover_dead_trials(study, storage, cfg, "sweep")
+    hyperparam_tune.recover_dead_trials(study, storage, cfg)
     trials = study.get_trials()
     assert trials[orphan.number].state == TrialState.FAIL
     [retry] = [t for t in trials if t.system_attrs.get("failed_trial") == orphan.number]
     assert retry.state == TrialState.WAITING and retry.params == trials[orphan.number].params
-
-
-def test_a_trial_refused_on_this_machine_waits_for_another_sweep_command(tmp_path, monkeypatch):
-    """A trial one sweep command could not run here (TrialNotHere: it continues a bf16 run and
-    this GPU has no native bf16) was queued again by that command's other workers, on the same
-    machine, each refusing it in turn and spending one of its retries. It now waits for the
-    next command, whose workers share a new id."""
-    storage = journal(tmp_path, "here")
-    study = optuna.create_study(study_name="here", storage=storage)
-    refused = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
-    refused.set_user_attr(hyperparam_tune.ATTR_AGAIN, "sweep-a")
-    study.tell(refused, state=TrialState.FAIL)
-    cfg = hyperparam_tune.TuneConfig()
-    hyperparam_tune.recover_dead_trials(study, storage, cfg, "sweep-a")
-    assert [t.state for t in study.get_trials()] == [TrialState.FAIL]
-    hyperparam_tune.recover_dead_trials(study, storage, cfg, "sweep-b")
-    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.WAITING]
-
-    monkeypatch.setenv(hyperparam_tune.SWEEP_ENV, "sweep-a")
-    worker = hyperparam_tune.TuneConfig(worker=1)
-    assert hyperparam_tune.sweep_id(worker) == "sweep-a"  # the workers of one command
-    command = hyperparam_tune.TuneConfig()
-    assert hyperparam_tune.sweep_id(command) != hyperparam_tune.sweep_id(command) != "sweep-a"
 
 
 @pytest.mark.slow  # ~20 s: three processes train; recover_dead_trials is tested in-process above
@@ -291,9 +268,8 @@ def _declare_dead(storage, name: str) -> None:
 def test_a_trial_declared_dead_after_its_last_write_is_left_and_nothing_is_lost(
         tmp_path, corpus, capsys, monkeypatch, outcome, when, storage_kind):
     """The trial is declared dead after its worker's last write and before Optuna's tell reads
-    it ("Cannot tell a FAIL trial.") or writes it (UpdateFinishedTrialError): Optuna 5.0's
-    ``_run_trial`` then hit its own ``assert False`` (a returned value) or raised that error
-    (exit 2, "stop" of a sweep that had nothing wrong). Its worker leaves it with its one line;
+    it ("Cannot tell a FAIL trial.") or writes it (UpdateFinishedTrialError): not a stop of a
+    sweep that had nothing wrong. Its worker leaves it with its one line;
     the retry continues its run from the checkpoint it left, so its result is not lost."""
     flags, storage, calls = {}, journal(tmp_path, "late"), []
     if storage_kind == "sqlite":
@@ -315,14 +291,14 @@ def test_a_trial_declared_dead_after_its_last_write_is_left_and_nothing_is_lost(
         return trainingmanager.TrainResult(run_dir=run, best_val_loss=2.5, step=4)
 
     if when == "before the tell":
-        tell = optuna.study._optimize._tell_with_warning
+        tell = optuna.study.study._tell_with_warning
 
         def late_tell(study, trial, **kwargs):
             if len(calls) == 1:
                 _declare_dead(storage, "late")
             return tell(study, trial, **kwargs)
 
-        monkeypatch.setattr(optuna.study._optimize, "_tell_with_warning", late_tell)
+        monkeypatch.setattr(optuna.study.study, "_tell_with_warning", late_tell)
     else:  # after the tell read the trial RUNNING, before it writes the state
         after_trial = optuna.samplers.TPESampler.after_trial
 
@@ -776,8 +752,8 @@ def test_a_bf16_trial_queued_again_where_the_gpu_has_no_bf16_stops_in_the_sweeps
     has no native bf16 (a T4) cannot continue its run there: the sweep stopped with the
     trainer's words ("use --precision fp16 or fp32", a flag the sweep lacks, and a change the
     run refuses). It now stops naming the trial, the run, the precision it recorded and what
-    to do; and the trial runs again (continuing its run) when the command is run where bf16
-    is, here the CPU."""
+    to do; the trial is not counted, and the sweep run where bf16 is (here the CPU) samples
+    another."""
     calls = _first_trial_trains_in_bf16_and_stops(monkeypatch)
     space_file = Path(tiny_space(tmp_path, corpus))
     space = json.loads(space_file.read_text())
@@ -793,24 +769,19 @@ def test_a_bf16_trial_queued_again_where_the_gpu_has_no_bf16_stops_in_the_sweeps
         t4.setattr(trainingmanager, "cuda_half_dtype", lambda device: torch.float16)
         assert hyperparam_tune.main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: trial 1 continues {run}, trained in bf16"), err
+    assert err.startswith("error: trial 1 ") and f"continues {run}, trained in bf16" in err, err
     assert "--precision" not in err and "--name" not in err
-    assert "run the same command on a GPU with bf16" in err and "CPU" in err  # what to do
+    assert "run the sweep on a GPU with bf16" in err and "CPU" in err  # what to do
     assert err.count("\n") == 1 and "Traceback" not in err
     assert len(calls) == 1  # no trainer started
     study = load_study(journal(tmp_path, "t4"), "t4")
     assert hyperparam_tune.study_progress(study)[0] == 0  # not counted
 
-    assert hyperparam_tune.main(argv) == 0  # the CPU computes bf16: the run continues here
-    assert [(c.resume, c.precision) for c in calls[1:]] == [(str(run), "bf16")]
+    assert hyperparam_tune.main(argv) == 0  # the CPU computes bf16: a new trial runs here
+    assert [(c.resume, c.precision) for c in calls[1:]] == [(None, "auto")]
     trials = load_study(journal(tmp_path, "t4"), "t4").get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL] * 2 + [TrialState.COMPLETE]
-    assert trials[2].system_attrs["retry_history"] == [0, 1]
-    assert trials[2].intermediate_values == trials[0].intermediate_values  # reported again
-    # what queued it again: the id of the sweep command that stopped (its workers leave it)
-    assert isinstance(trials[1].user_attrs[hyperparam_tune.ATTR_AGAIN], str)
-    assert not trials[2].user_attrs[hyperparam_tune.ATTR_AGAIN]  # not inherited by its retry
-    assert not trials[2].user_attrs[hyperparam_tune.ATTR_STOPPED]
+    assert trials[1].user_attrs[hyperparam_tune.ATTR_STOPPED]
 
 
 @pytest.mark.skipif(POSTGRES_URL is None, reason="no PostgreSQL server: CODELM_TEST_POSTGRES_URL "
@@ -1731,7 +1702,7 @@ sys.exit(hyperparam_tune.main(sys.argv[1:]))
 
 @pytest.mark.parametrize("error, code, line", [
     ("trainingmanager.NonFiniteLossError('non-finite gradient at step 2')", 1,
-     "Trial 0 failed with parameters"),  # exit 1: the sweep's only trial failed, no best.json
+     "trial 0 failed with parameters"),  # exit 1: the sweep's only trial failed, no best.json
     ("KeyboardInterrupt()", 130, "interrupted: run the same command again"),
     pytest.param("KeyboardInterrupt('SIGTERM')", 143, "interrupted: run the same command again",
                  marks=pytest.mark.slow),
