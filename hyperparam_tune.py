@@ -266,8 +266,6 @@ def study_dir(cfg: TuneConfig) -> Path:
 
 
 SQLITE_MAGIC = b"SQLite format 3\0"  # the first bytes of every SQLite database file
-# Seconds to wait for an unended last line to end (another worker may be appending to it).
-_TORN_LINE_WAITS = (0.05, 0.2, 0.5)
 
 
 def _journal_line_problem(line: bytes) -> str | None:
@@ -276,30 +274,23 @@ def _journal_line_problem(line: bytes) -> str | None:
         record = json.loads(line)
     except ValueError as e:  # UnicodeDecodeError too
         return f"not JSON: {e}"
-    if not isinstance(record, dict):
-        return f"a JSON {type(record).__name__}, not an object"
-    op_code = record.get("op_code")
-    if not isinstance(op_code, int) or isinstance(op_code, bool):
-        return f"op_code is {json.dumps(op_code)}, not an integer"
-    if not isinstance(record.get("worker_id"), str):
-        return "no worker_id string"
+    # JSON's true is a Python int: Optuna would replay it as operation 1
+    if not (isinstance(record, dict) and type(record.get("op_code")) is int
+            and isinstance(record.get("worker_id"), str)):
+        return "not an object with an integer op_code and a worker_id string"
     return None
 
 
 def check_journal(path: Path) -> None:
     """Refuse, before anything is appended, a file Optuna's journal would misread (a torn
-    record, another file, an SQLite database): Optuna appends after a bad last line."""
+    record, another file, an SQLite database): Optuna appends after a bad last line. Called
+    under the journal's lock: no other worker's append is half-written."""
     if not path.is_file():  # none yet: Optuna creates it (a directory is an OSError later)
         return
     data = path.read_bytes()
     if data.startswith(SQLITE_MAGIC):
         raise ValueError(f"{path}: an SQLite database, not an Optuna journal file: use "
                          f"--storage sqlite:///{path}")
-    for wait in _TORN_LINE_WAITS:  # an unended last line may be another worker's append
-        if not data or data.endswith(b"\n"):
-            break
-        time.sleep(wait)
-        data = path.read_bytes()
     *lines, last = data.split(b"\n")
     for number, line in enumerate([*lines, last] if last else lines, start=1):
         problem = _journal_line_problem(line)
@@ -336,9 +327,13 @@ def open_storage(cfg: TuneConfig) -> optuna.storages.BaseStorage:
     """A journal file (local, several processes) or an RDB URL with heartbeats and retries."""
     url = cfg.storage or str(study_dir(cfg) / JOURNAL_FILE)
     if "://" not in url:
-        check_journal(Path(url))
         Path(url).parent.mkdir(parents=True, exist_ok=True)
         lock = _FileLock(Path(url + ".flock"))
+        lock.acquire()
+        try:
+            check_journal(Path(url))
+        finally:
+            lock.release()
         backend = optuna.storages.journal.JournalFileBackend(url, lock_obj=lock)
         return optuna.storages.journal.JournalStorage(backend)
     if url.startswith("sqlite"):

@@ -4,6 +4,7 @@ Workers are real processes on real storages: a journal file, SQLite (an RDB stor
 heartbeats) and, where .ci/run could start one, a PostgreSQL server.
 """
 
+import concurrent.futures
 import csv
 import fcntl
 import json
@@ -1619,13 +1620,15 @@ def journal_of_one_study(tmp_path: Path) -> tuple[hyperparam_tune.TuneConfig, Pa
 @pytest.mark.parametrize("damage, told", [
     (lambda b: b + b"garbage\n", ":3: not an Optuna journal line (not JSON: Expecting value"),
     (lambda b: b + b"\xfb\n", ":3: not an Optuna journal line (not JSON: 'utf-8' codec can't decode"),
-    (lambda b: b + b"[1]\n", ":3: not an Optuna journal line (a JSON list, not an object)"),
-    (lambda b: b + b'{"op_code": "x", "worker_id": "w"}\n', ':3: not an Optuna journal line '
-     '(op_code is "x", not an integer)'),
+    (lambda b: b + b"[1]\n", ":3: not an Optuna journal line (not an object with an integer "
+     "op_code"),
+    (lambda b: b + b'{"op_code": "x", "worker_id": "w"}\n', ":3: not an Optuna journal line "
+     "(not an object with an integer op_code"),
     # JSON's true is a Python int: Optuna would replay it as operation 1
-    (lambda b: b + b'{"op_code": true, "worker_id": "w"}\n', ':3: not an Optuna journal line '
-     '(op_code is true, not an integer)'),
-    (lambda b: b + b'{"op_code": 1}\n', ":3: not an Optuna journal line (no worker_id string)"),
+    (lambda b: b + b'{"op_code": true, "worker_id": "w"}\n', ":3: not an Optuna journal line "
+     "(not an object with an integer op_code"),
+    (lambda b: b + b'{"op_code": 1}\n', ":3: not an Optuna journal line (not an object with an "
+     "integer op_code and a worker_id string)"),
     (lambda b: b"\n" + b, ":1: not an Optuna journal line (not JSON"),
     (lambda b: b + b"notes", ":3: not an Optuna journal line (not JSON"),
     (lambda b: b[:-1], ":2: the last line has no newline at its end; its record is whole: add "
@@ -1663,13 +1666,21 @@ def test_journal_with_a_torn_last_record_is_refused_with_its_fix(tmp_path):
     assert study.study_name == "jt" and study.user_attrs == {}
 
 
-def test_last_line_a_worker_is_appending_is_waited_for(tmp_path, monkeypatch):
-    """Another worker's append in progress is not a torn record: the check reads again."""
+def test_last_line_a_worker_is_appending_is_waited_for(tmp_path):
+    """Another worker's append in progress is not a torn record: the check reads the journal
+    under its lock, which that worker holds while it appends."""
     cfg, path = journal_of_one_study(tmp_path)
     whole = path.read_bytes()
     path.write_bytes(whole[:-20])
-    monkeypatch.setattr(hyperparam_tune.time, "sleep", lambda s: path.write_bytes(whole))
-    storage = hyperparam_tune.open_storage(cfg)
+    held = os.open(f"{path}.flock", os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)  # the other worker, mid-append
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        opening = pool.submit(hyperparam_tune.open_storage, cfg)
+        time.sleep(0.5)
+        assert not opening.done()
+        path.write_bytes(whole)
+        os.close(held)
+        storage = opening.result(timeout=60)
     assert storage.get_study_user_attrs(storage.get_study_id_from_name("jt")) == {"x": 1}
 
 
