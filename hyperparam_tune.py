@@ -510,25 +510,18 @@ def interrupted_run(trial: optuna.Trial) -> tuple[Path | None, dict[int, float]]
 
 
 RUN_POLL_S = 2.0  # seconds between looks at a run directory another process holds
-WAIT_REMINDER_S = 600.0  # seconds between the lines that say a trial still waits for it
 
 
 def wait_for_run(trial: optuna.Trial, run: Path) -> None:
     """Wait while a live process holds ``run`` (a worker declared dead yet still training lets
-    go at its next evaluation); say every WAIT_REMINDER_S that it still waits, and for whom."""
+    go at its next evaluation)."""
     lock = run / rundir.LOCK_FILE
-    if not trainingmanager.lock_is_held(lock):
-        return
-    holder = trainingmanager.lock_holder(lock) or "another process"
-    tqdm.write(f"trial {trial.number}: waiting for {run}, the run it continues: {holder} holds "
-               "it", file=sys.stderr)
-    start = told = time.monotonic()
+    if trainingmanager.lock_is_held(lock):
+        holder = trainingmanager.lock_holder(lock) or "another process"
+        tqdm.write(f"trial {trial.number}: waiting for {run}, the run it continues: {holder} "
+                   "holds it", file=sys.stderr)
     while trainingmanager.lock_is_held(lock):
         time.sleep(RUN_POLL_S)
-        if time.monotonic() - told >= WAIT_REMINDER_S:
-            told = time.monotonic()
-            tqdm.write(f"trial {trial.number}: still waiting for {run} after "
-                       f"{(told - start) / 60:.0f} min; {holder} holds it", file=sys.stderr)
 
 
 def recorded_precision(run: Path) -> str | None:

@@ -385,39 +385,6 @@ def test_a_retry_waits_while_another_process_still_trains_its_run(tmp_path, corp
     assert retry.value == min(first.intermediate_values.values())
 
 
-def test_a_long_wait_for_a_held_run_says_it_still_waits_and_for_whom(tmp_path, monkeypatch,
-                                                                     capsys):
-    """The wait has no time limit (a live trainer lets go at its next evaluation, however far);
-    it said so once, and a sweep whose holder hung looked hung itself. Every WAIT_REMINDER_S it
-    now says it still waits, how long, and which process holds the run."""
-    run = tmp_path / "trial-0000"
-    run.mkdir()
-    lock = run / rundir.LOCK_FILE
-    lock.write_text("4242@gpu-box-3@1@\n")  # as a trainer there wrote it (owner_tag)
-    held = os.open(lock, os.O_RDWR)
-    fcntl.flock(held, fcntl.LOCK_EX)
-    clock = [0.0]
-    looks = []
-
-    def sleep(seconds):  # each look advances the clock by 250 s; the fifth lets go
-        looks.append(seconds)
-        clock[0] += 250.0
-        if len(looks) == 5:
-            os.close(held)
-
-    monkeypatch.setattr(hyperparam_tune.time, "sleep", sleep)
-    monkeypatch.setattr(hyperparam_tune.time, "monotonic", lambda: clock[0])
-    trial = optuna.create_study().ask()
-    hyperparam_tune.wait_for_run(trial, run)
-    err = capsys.readouterr().err.splitlines()
-    assert err[0].startswith(f"trial 0: waiting for {run}, the run it continues: process 4242 "
-                             "on gpu-box-3 holds it")
-    # after 750 s (the 3rd look, first past 600 s) and 1250 s is not past 750 + 600
-    assert err[1:] == [f"trial 0: still waiting for {run} after 12 min; process 4242 on "
-                       "gpu-box-3 holds it"]
-    assert len(looks) == 5 and looks[0] == hyperparam_tune.RUN_POLL_S
-
-
 @pytest.mark.slow
 def test_interrupted_sweep_reruns_the_interrupted_trial(tmp_path, corpus):
     space = tiny_space(tmp_path, corpus)
