@@ -796,28 +796,21 @@ def _storage_label(cfg: TuneConfig) -> str:
     return JOURNAL_FILE if default else str(path)
 
 
-def claim_study_dir(cfg: TuneConfig, study: optuna.Study) -> None:
+def claim_study_dir(cfg: TuneConfig) -> None:
     """``<out_dir>/<study>/`` belongs to one storage's study (its trial numbers name the runs)."""
-    owner_file = study_dir(cfg) / OWNER_FILE
-    mine = _storage_label(cfg)
-    if owner_file.is_file():
-        owner = settings.read_json_object(owner_file, "study owner")
-        if owner.get("format_version") != FORMAT_VERSION or not isinstance(
-                owner.get("storage"), str):
-            raise ValueError(f"{owner_file}: not a study.json of format_version "
-                             f"{FORMAT_VERSION}: delete it, or give this study another --out-dir")
-        if owner["storage"] != mine:
-            hint = ("without --storage" if owner["storage"] == JOURNAL_FILE
-                    else f"with --storage {owner['storage']}")
-            raise ValueError(f"{study_dir(cfg)} holds the study of storage {owner['storage']}: "
-                             f"run {hint} to continue it, or use another --out-dir")
-    trials_dir = study_dir(cfg) / "trials"
-    if not study.get_trials(deepcopy=False) and trials_dir.is_dir() and any(trials_dir.iterdir()):
-        raise ValueError(f"{trials_dir} holds the trials of a study that storage {mine} does not "
-                         "have: move them away, or use another --out-dir")
+    owner_file, mine = study_dir(cfg) / OWNER_FILE, _storage_label(cfg)
     if not owner_file.is_file():
         process.write_atomic(owner_file, json.dumps(
             {"format_version": FORMAT_VERSION, "storage": mine}) + "\n")
+        return
+    owner = settings.read_json_object(owner_file, "study owner")
+    if owner.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{owner_file}: not a study.json of format_version {FORMAT_VERSION}: "
+                         "delete it, or give this study another --out-dir")
+    if (theirs := owner.get("storage")) != mine:
+        hint = "without --storage" if theirs == JOURNAL_FILE else f"with --storage {theirs}"
+        raise ValueError(f"{study_dir(cfg)} holds the study of storage {theirs}: run {hint} to "
+                         "continue it, or use another --out-dir")
 
 
 # --------------------------------------------------- reports: best config, trials, importances
@@ -1068,7 +1061,7 @@ def tune(cfg: TuneConfig) -> int:
     study = open_study(cfg, storage)
     check_space_fits_study(cfg, space, study)
     if not cfg.worker:  # the workers' parent has claimed it
-        claim_study_dir(cfg, study)
+        claim_study_dir(cfg)
     check_study_settings(cfg, space, base, study)
     if cfg.worker:  # one of --workers N processes: share this machine's cores among them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))
