@@ -827,8 +827,9 @@ def trial_reason(trial: FrozenTrial, retried_by: dict[int, int]) -> str:
     return reason or ""
 
 
-def write_reports(study: optuna.Study, cfg: TuneConfig) -> dict | None:
-    """best.json (a trainingmanager config), trials.csv, importances.json; returns the best."""
+def write_reports(study: optuna.Study, cfg: TuneConfig, show: bool = True) -> dict | None:
+    """best.json (a trainingmanager config), trials.csv, importances.json, and with ``show``
+    their summary; returns the best config."""
     out = study_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     trials = study.get_trials(deepcopy=False)
@@ -837,9 +838,8 @@ def write_reports(study: optuna.Study, cfg: TuneConfig) -> dict | None:
     names = sorted({p for t in trials for p in t.params})
     rows = [["number", "state", "value", "steps", "duration_s", *names, "run_dir", "reason"]]
     for t in trials:
-        duration = t.duration.total_seconds() if t.duration else None
         rows.append([t.number, t.state.name, t.value, t.user_attrs.get(ATTR_STEP),
-                     None if duration is None else round(duration, 1),
+                     None if t.duration is None else round(t.duration.total_seconds(), 1),
                      *(t.params.get(p) for p in names), t.user_attrs.get(ATTR_RUN),
                      trial_reason(t, retried_by)])
     table = io.StringIO(newline="")
@@ -848,10 +848,8 @@ def write_reports(study: optuna.Study, cfg: TuneConfig) -> dict | None:
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = None
     if complete:
-        best_trial = min(complete, key=lambda t: t.value)
-        best = {**absolute_paths(best_trial.user_attrs[ATTR_CONFIG], "best trial"),
+        best = {**absolute_paths(study.best_trial.user_attrs[ATTR_CONFIG], "best trial"),
                 "name": f"{cfg.study_name}-best", "out_dir": str(Path(cfg.out_dir).absolute())}
-        trainingmanager.config_from_dict(best, "best trial")
         process.write_atomic(out / "best.json", json.dumps(best, indent=2) + "\n")
     importances = {}
     if len(complete) >= 2:
@@ -860,39 +858,34 @@ def write_reports(study: optuna.Study, cfg: TuneConfig) -> dict | None:
         except (RuntimeError, ValueError) as e:  # e.g. no parameter varied among complete trials
             importances = {"unavailable": str(e)}
     process.write_atomic(out / "importances.json", json.dumps(importances, indent=2) + "\n")
-    return best
-
-
-def print_summary(study: optuna.Study, cfg: TuneConfig, best: dict | None) -> None:
-    out = study_dir(cfg)
-    with open(out / "trials.csv", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
+    if not show:
+        return best
     widths = [max(len(_short(r[i])) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(_short(v).ljust(w) for v, w in zip(row, widths)).rstrip())
-    importances = json.loads((out / "importances.json").read_text("utf-8"))
     if importances:
-        n = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-        print(f"parameter importances (fANOVA over {n} complete trials"
-              + ("; with so few, a rough guide at best" if n < 10 else "") + "):", ", ".join(
-            f"{k} {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in importances.items()))
+        print(f"parameter importances (over {len(complete)} complete trials"
+              + ("; with so few, a rough guide at best" if len(complete) < 10 else "") + "):",
+              ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k}: {v}"
+                        for k, v in importances.items()))
     if best is None:
         print(f"study {cfg.study_name}: no trial completed yet")
-        return
+        return None
     print(f"best trial {study.best_trial.number}: val loss {study.best_value:.4f}")
     print(json.dumps(best, indent=2))
     print(f"best config: {out / 'best.json'}  (python trainingmanager.py --config "
           f"{out / 'best.json'})")
     print(f"dashboard: optuna-dashboard {cfg.storage or out / JOURNAL_FILE}  (pip install "
           "optuna-dashboard)")
+    return best
 
 
-def _short(value: str) -> str:
-    try:
-        number = float(value)
-    except ValueError:
-        return value if len(value) <= 72 else value[:69] + "..."
-    return value if number.is_integer() or not math.isfinite(number) else f"{number:.4g}"
+def _short(value: typing.Any) -> str:
+    """A table cell: a float to 4 digits, a long text cut."""
+    if isinstance(value, float) and math.isfinite(value) and not value.is_integer():
+        return f"{value:.4g}"
+    text = "" if value is None else str(value)
+    return text if len(text) <= 72 else text[:69] + "..."
 
 
 # --------------------------------------------------------------------------------- command line
@@ -1078,7 +1071,7 @@ def tune(cfg: TuneConfig) -> int:
             worker_status = _run_workers(cfg, study, bar)
     except BaseException:  # interrupted or stopped: what the finished trials found is kept
         if study_progress(study)[0]:
-            write_reports(study, cfg)
+            write_reports(study, cfg, show=False)
         raise
     finished = study_progress(study)[0]
     bar.update(min(finished, cfg.n_trials) - bar.n)
@@ -1087,7 +1080,6 @@ def tune(cfg: TuneConfig) -> int:
         print(f"study {cfg.study_name}: {finished} of {cfg.n_trials} trials finished; run the "
               "same command again to continue", file=sys.stderr)
     best = write_reports(study, cfg)
-    print_summary(study, cfg, best)
     if worker_status:  # its error was told by the worker, and its status by this process
         return worker_status
     return 0 if finished >= cfg.n_trials and best is not None else 1
