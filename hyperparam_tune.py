@@ -100,10 +100,6 @@ class TuneConfig:
 _CHOICES = {"pruner": ("median", "hyperband", "none")}
 
 
-class TrialSetupError(ValueError):
-    """A trial's configuration cannot run: the sweep stops (exit 2); the trial is not counted."""
-
-
 # ---------------------------------------------- search space: JSON -> suggestions -> TrainConfig
 
 
@@ -528,26 +524,9 @@ def recorded_precision(run: Path) -> str | None:
     """The precision the checkpoint a resume of ``run`` continues from trained in (what "auto"
     resolved to there), or None without a readable checkpoint."""
     for checkpoint in reversed(trainingmanager.list_checkpoints(run)):
-        try:
-            precision = trainingmanager.read_state(checkpoint, mmap=True).precision
-        except trainingmanager.CorruptCheckpointError:
-            continue
-        return precision if isinstance(precision, str) else None
+        with contextlib.suppress(trainingmanager.CorruptCheckpointError):
+            return trainingmanager.read_state(checkpoint, mmap=True).precision
     return None
-
-
-def trial_train_config(cfg: TuneConfig, recipe: dict, number: int,
-                       resume: Path | None = None) -> TrainConfig:
-    """The TrainConfig trial ``number`` runs; a continued "auto" run keeps its checkpoint's
-    precision (the trainer refuses a change)."""
-    train_cfg = trainingmanager.config_from_dict({**recipe, **_trial_run(cfg, number, resume)},
-                                                 f"trial {number}")
-    if resume is None or train_cfg.precision != "auto" or not (trained := recorded_precision(resume)):
-        return train_cfg
-    if trained == "bf16" and _gpu_without_bf16(train_cfg):
-        raise ValueError(f"it continues {resume}, trained in bf16, and this GPU has no native "
-                         "bf16: run the sweep on a GPU with bf16 or on the CPU")
-    return dataclasses.replace(train_cfg, precision=trained)
 
 
 def _gpu_without_bf16(train_cfg: TrainConfig) -> bool:
@@ -571,7 +550,14 @@ def _prepare_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
     recipe = trial_recipe(cfg, space, base, trial)
     trial.set_user_attr(ATTR_CONFIG, recipe)
     resume, reported = interrupted_run(trial)
-    train_cfg = trial_train_config(cfg, recipe, trial.number, resume)
+    train_cfg = trainingmanager.config_from_dict(
+        {**recipe, **_trial_run(cfg, trial.number, resume)}, f"trial {trial.number}")
+    # A continued "auto" run keeps its checkpoint's precision (the trainer refuses a change).
+    if resume and train_cfg.precision == "auto" and (trained := recorded_precision(resume)):
+        if trained == "bf16" and _gpu_without_bf16(train_cfg):
+            raise ValueError(f"it continues {resume}, trained in bf16, and this GPU has no "
+                             "native bf16: run the sweep on a GPU with bf16 or on the CPU")
+        train_cfg = dataclasses.replace(train_cfg, precision=trained)
     run_dir = Path(train_cfg.out_dir) / train_cfg.name
     if resume is None and (run_dir / rundir.CONFIG_FILE).exists():  # not this study's
         raise ValueError(f"{run_dir} holds a trial of another study: move it away, or "
@@ -580,16 +566,6 @@ def _prepare_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
     for step, value in sorted(reported.items()):
         trial.report(value, step)
     return train_cfg
-
-
-def _stop_sweep(trial: optuna.Trial, e: Exception) -> typing.NoReturn:
-    """Record an error that is not the parameters' fault and raise it: the sweep stops."""
-    trial.set_user_attr(ATTR_STOPPED, True)
-    trial.set_user_attr(ATTR_REASON, f"stopped the sweep: {type(e).__name__}: {e}")
-    if isinstance(e, (ValueError, OSError)):  # the configuration or a path
-        raise TrialSetupError(f"trial {trial.number} {trial.params}: {e} (not counted; a change "
-                              "to a parameter's type or choices needs another --study-name)") from None
-    raise e
 
 
 def run_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
@@ -620,8 +596,14 @@ def run_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
         if e.step is not None:
             trial.set_user_attr(ATTR_STEP, e.step)
     except Exception as e:
-        if not _is_out_of_memory(e):
-            _stop_sweep(trial, e)
+        if not _is_out_of_memory(e):  # not the parameters' fault: the sweep stops
+            trial.set_user_attr(ATTR_STOPPED, True)
+            trial.set_user_attr(ATTR_REASON, f"stopped the sweep: {type(e).__name__}: {e}")
+            if isinstance(e, (ValueError, OSError)):  # the configuration or a path
+                raise ValueError(f"trial {trial.number} {trial.params}: {e} (not counted; a "
+                                 "change to a parameter's type or choices needs another "
+                                 "--study-name)") from None
+            raise
         reason = f"out of memory: {e}"
     else:
         trial.set_user_attr(ATTR_STEP, result.step)
