@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import csv
 import dataclasses
-import fcntl
 import io
 import json
 import math
@@ -39,6 +38,7 @@ from pathlib import Path
 import optuna
 import sqlalchemy.exc
 import torch
+from filelock import FileLock
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import get_heartbeat_thread  # what Study.optimize runs
 from optuna.trial import FrozenTrial, TrialState
@@ -303,33 +303,16 @@ def check_journal(path: Path) -> None:
                              "the study's journal file?")
 
 
-class _FileLock:
-    """An exclusive ``flock`` the kernel releases when its holder dies (Optuna's own journal
-    lock outlives a killed holder); one open file per lock, so it never blocks on itself."""
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-
-    def acquire(self) -> bool:
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        return True
-
-    def release(self) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_UN)  # a no-op when not held
-
-
 def open_storage(cfg: TuneConfig) -> optuna.storages.BaseStorage:
     """A journal file (local, several processes) or an RDB URL with heartbeats and retries."""
     url = cfg.storage or str(study_dir(cfg) / JOURNAL_FILE)
     if "://" not in url:
         Path(url).parent.mkdir(parents=True, exist_ok=True)
-        lock = _FileLock(Path(url + ".flock"))
-        lock.acquire()
-        try:
+        # An flock the kernel releases when its holder dies (Optuna's own journal lock, a file,
+        # outlives a killed holder).
+        lock = FileLock(url + ".flock")
+        with lock:
             check_journal(Path(url))
-        finally:
-            lock.release()
         backend = optuna.storages.journal.JournalFileBackend(url, lock_obj=lock)
         return optuna.storages.journal.JournalStorage(backend)
     if url.startswith("sqlite"):
@@ -624,10 +607,9 @@ def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.Ba
     """Start trials until the study holds ``n_trials`` finished ones; wait while the last ones
     run elsewhere (a dead worker's trial may come back to the queue)."""
     # 'count the trials, then start one' is serialised among this machine's workers
-    lock = _FileLock(study_dir(cfg) / "claim.lock")
+    lock = FileLock(study_dir(cfg) / "claim.lock")
     while True:
-        lock.acquire()
-        try:
+        with lock:
             recover_dead_trials(study, storage, cfg)
             finished, running, waiting = study_progress(study)
             if progress is not None:
@@ -646,8 +628,6 @@ def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.Ba
             elif not (_heartbeats(storage) or any(_local_owner_alive(t) for t in study.get_trials(
                     deepcopy=False, states=(TrialState.RUNNING,)))):
                 return  # the last trials run on machines whose death nobody would notice
-        finally:
-            lock.release()
         if trial is None:
             time.sleep(min(cfg.heartbeat_interval, 5) if _heartbeats(storage) else 2)
             continue

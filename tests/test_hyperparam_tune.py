@@ -109,7 +109,7 @@ def test_two_local_workers_share_one_journal(tmp_path, corpus, capfd):
     out, err = capfd.readouterr()
     assert "worker" not in err  # workers that ran their trials are not told
     assert "(pip install optuna-dashboard)" in out  # not in the requirements
-    assert ("parameter importances (fANOVA over 6 complete trials; with so few, a rough guide "
+    assert ("parameter importances (over 6 complete trials; with so few, a rough guide "
             "at best): lr ") in out
 
     trials = load_study(journal(tmp_path, "two"), "two").get_trials()
