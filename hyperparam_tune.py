@@ -164,37 +164,29 @@ def _distribution(spec: dict) -> optuna.distributions.BaseDistribution:
         spec["low"], spec["high"], log=spec.get("log", False), step=spec.get("step"))
 
 
-_SPEC_KEYS = {
-    "float": ({"low", "high"}, {"log", "step"}),
-    "int": ({"low", "high"}, {"log", "step"}),
-    "categorical": ({"choices"}, set()),
-}
-
-
 def _check_spec_types(spec: typing.Any, where: str) -> None:
     """Each field of one parameter's spec has its JSON type (Optuna reads "false" as true)."""
     if not isinstance(spec, dict):
         raise ValueError(f"{where}: must be an object with a 'type', got {spec!r}")
     kind = spec.get("type")
-    if not isinstance(kind, str) or kind not in _SPEC_KEYS:
-        raise ValueError(f"{where}.type: must be one of {sorted(_SPEC_KEYS)}, got {kind!r}")
-    required, optional = _SPEC_KEYS[kind]
-    if missing := required - set(spec):
-        raise ValueError(f"{where}: missing {sorted(missing)}")
-    if extra := set(spec) - required - optional - {"type"}:
+    if kind not in ("categorical", "float", "int"):
+        raise ValueError(f"{where}.type: must be one of categorical, float, int; got {kind!r}")
+    keys = {"type", "choices"} if kind == "categorical" else {"type", "low", "high", "log", "step"}
+    if extra := set(spec) - keys:
         raise ValueError(f"{where}: unknown key(s) {sorted(extra)}")
     if kind == "categorical":
-        if not isinstance(spec["choices"], list) or not spec["choices"]:
-            raise ValueError(f"{where}.choices: must be a non-empty list, got {spec['choices']!r}")
+        if not isinstance(spec.get("choices"), list) or not spec["choices"]:
+            raise ValueError(f"{where}.choices: must be a non-empty list, got "
+                             f"{spec.get('choices')!r}")
         return
-    number = int if kind == "int" else float
+    if missing := {"low", "high"} - set(spec):
+        raise ValueError(f"{where}: missing {sorted(missing)}")
+    number, what = (int, "an integer") if kind == "int" else (float, "a finite number")
     for field in ("low", "high", "step"):
         value = spec.get(field, 0)  # JSON's true/false are Python ints: refused too
-        if (not settings.is_number(value, number)
-                or isinstance(value, float) and not math.isfinite(value)):
-            what = "an integer" if kind == "int" else "a finite number"
+        if not settings.is_number(value, number) or not math.isfinite(value):
             raise ValueError(f"{where}.{field}: must be {what}, got {value!r}")
-    if "log" in spec and not isinstance(spec["log"], bool):
+    if not isinstance(spec.get("log", False), bool):
         raise ValueError(f"{where}.log: must be true or false (a JSON boolean), "
                          f"got {spec['log']!r}")
 
