@@ -134,18 +134,14 @@ class SearchSpace(SpaceFile):
             values += [(name, value) for value in ends]
         return values
 
-    def suggest(self, trial: optuna.Trial) -> dict:
-        """TrainConfig values for one trial; non-scalar choices travel as JSON strings."""
-        values = {}
-        for name, spec in self.params.items():
-            if spec["type"] == "categorical":
-                by_label = {_choice_label(c): c for c in spec["choices"]}
-                values[name] = by_label[trial.suggest_categorical(name, list(by_label))]
-            else:
-                d = _distribution(spec)
-                suggest = trial.suggest_int if spec["type"] == "int" else trial.suggest_float
-                values[name] = suggest(name, d.low, d.high, log=d.log, step=d.step)
-        return values
+    def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
+        return {name: _distribution(spec) for name, spec in self.params.items()}
+
+    def values(self, params: dict) -> dict:
+        """A trial's TrainConfig values; a list or object choice was sampled as its JSON."""
+        return {name: json.loads(params[name]) if spec["type"] == "categorical"
+                and params[name] not in spec["choices"] else params[name]
+                for name, spec in self.params.items()}
 
 
 def _choice_label(choice: typing.Any) -> typing.Any:
@@ -439,7 +435,7 @@ SWEEP_KEYS = frozenset(_budget(TuneConfig())) | frozenset(_trial_run(TuneConfig(
 def trial_recipe(cfg: TuneConfig, space: SearchSpace, base: dict, trial: optuna.Trial) -> dict:
     """The trial's TrainConfig values as a user would run them (best.json is one):
     space base < --train-config < sampled values < the sweep's step budget."""
-    return {**space.base, **base, **space.suggest(trial), **_budget(cfg)}
+    return {**space.base, **base, **space.values(trial.params), **_budget(cfg)}
 
 
 def where_set(cfg: TuneConfig, space: SearchSpace, base: dict) -> Callable[[str], str]:
@@ -610,7 +606,7 @@ def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.Ba
                 return
             trial = None
             if finished + running < cfg.n_trials or waiting:
-                trial = study.ask()  # a queued retry first
+                trial = study.ask(space.distributions())  # a queued retry first
                 # A retried trial arrives with its predecessor's attributes: make them this run's
                 # before other workers (which judge RUNNING trials by their worker) look at it.
                 trial.set_user_attr(ATTR_WORKER, f"{socket.gethostname()}:{os.getpid()}")

@@ -1232,8 +1232,9 @@ def test_builtin_lora_space_sweeps_a_pretrained_model(tmp_path, corpus):
 
 def test_sweep_keys_are_every_key_the_sweep_sets():
     cfg = hyperparam_tune.TuneConfig()
-    recipe = hyperparam_tune.trial_recipe(cfg, hyperparam_tune.load_space("from-scratch"), {},
-                                          optuna.create_study().ask())
+    space = hyperparam_tune.load_space("from-scratch")
+    recipe = hyperparam_tune.trial_recipe(cfg, space, {},
+                                          optuna.create_study().ask(space.distributions()))
     run = {**recipe, **hyperparam_tune._trial_run(cfg, 0)}
     assert {k for k in run if k not in recipe or run[k] != recipe[k]} <= hyperparam_tune.SWEEP_KEYS
     assert {"max_steps", "epochs", "eval_every"} <= hyperparam_tune.SWEEP_KEYS
