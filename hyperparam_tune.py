@@ -125,8 +125,7 @@ class SearchSpace(SpaceFile):
                 for name, spec in self.params.items()}
 
     def extremes(self) -> list[tuple[str, typing.Any]]:
-        """(name, value) for each choice and each range's ends (the high a step lets a trial
-        reach): checked before any trial."""
+        """(name, value) for each choice and range end (as a step lets a trial reach it)."""
         values = []
         for name, spec in self.params.items():
             dist = _distribution(spec)
@@ -266,9 +265,8 @@ def _journal_line_problem(line: bytes) -> str | None:
 
 
 def check_journal(path: Path) -> None:
-    """Refuse, before anything is appended, a file Optuna's journal would misread (a torn
-    record, another file, an SQLite database): Optuna appends after a bad last line. Called
-    under the journal's lock: no other worker's append is half-written."""
+    """Refuse a file Optuna's journal would misread (it appends after a bad last line); called
+    under the journal's lock, so no other worker's append is half-written."""
     if not path.is_file():  # none yet: Optuna creates it (a directory is an OSError later)
         return
     data = path.read_bytes()
@@ -382,8 +380,7 @@ def _local_owner_alive(trial: FrozenTrial) -> bool | None:
 
 def recover_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage,
                         cfg: TuneConfig) -> None:
-    """Queue again interrupted trials; fail and queue again those whose worker died (called
-    under the claim lock)."""
+    """Queue again interrupted trials, and fail and queue again those whose worker died."""
     retry = RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry)
     trials = study.get_trials(deepcopy=False)
     retried = _retried_numbers(trials)
@@ -466,7 +463,13 @@ def interrupted_run(trial: optuna.Trial) -> tuple[Path | None, dict[int, float]]
     run = before and before.user_attrs.get(ATTR_RUN)
     if not run or not (Path(run) / rundir.CONFIG_FILE).is_file():
         return None, {}
-    wait_for_run(trial, Path(run))
+    lock = Path(run) / rundir.LOCK_FILE  # held by a worker declared dead that still trains it
+    if trainingmanager.lock_is_held(lock):  # until its next evaluation
+        holder = trainingmanager.lock_holder(lock) or "another process"
+        tqdm.write(f"trial {trial.number}: waiting for {run}, the run it continues: {holder} "
+                   "holds it", file=sys.stderr)
+    while trainingmanager.lock_is_held(lock):
+        time.sleep(2)
     checkpoints = trainingmanager.list_checkpoints(Path(run))
     step = trainingmanager.checkpoint_step(checkpoints[-1]) if checkpoints else 0
     reported: dict[int, float] = {}
@@ -476,24 +479,8 @@ def interrupted_run(trial: optuna.Trial) -> tuple[Path | None, dict[int, float]]
     return Path(run), {s: v for s, v in reported.items() if s <= step}
 
 
-RUN_POLL_S = 2.0  # seconds between looks at a run directory another process holds
-
-
-def wait_for_run(trial: optuna.Trial, run: Path) -> None:
-    """Wait while a live process holds ``run`` (a worker declared dead yet still training lets
-    go at its next evaluation)."""
-    lock = run / rundir.LOCK_FILE
-    if trainingmanager.lock_is_held(lock):
-        holder = trainingmanager.lock_holder(lock) or "another process"
-        tqdm.write(f"trial {trial.number}: waiting for {run}, the run it continues: {holder} "
-                   "holds it", file=sys.stderr)
-    while trainingmanager.lock_is_held(lock):
-        time.sleep(RUN_POLL_S)
-
-
 def recorded_precision(run: Path) -> str | None:
-    """The precision the checkpoint a resume of ``run`` continues from trained in (what "auto"
-    resolved to there), or None without a readable checkpoint."""
+    """The precision ("auto" resolved) of the checkpoint a resume of ``run`` continues from."""
     for checkpoint in reversed(trainingmanager.list_checkpoints(run)):
         with contextlib.suppress(trainingmanager.CorruptCheckpointError):
             return trainingmanager.read_state(checkpoint, mmap=True).precision
@@ -696,8 +683,7 @@ def check_study_settings(cfg: TuneConfig, space: SearchSpace, base: dict,
     """Record the TrainConfig values every trial's result depends on besides its sampled
     parameters with a study that has none; refuse a continuation that changed them (its trials
     would be ranked against each other)."""
-    shared = trainingmanager.config_from_dict({**space.base, **base, **_budget(cfg)},
-                                              space.source)
+    shared = trainingmanager.config_from_dict({**space.base, **base, **_budget(cfg)}, space.source)
     values = dataclasses.asdict(shared)
     values["data_options"] = {k: v for k, v in shared.data_options.items()
                               if k not in trainingmanager.RESUME_DATA_OPTIONS_MAY_CHANGE}
@@ -723,17 +709,14 @@ def check_study_settings(cfg: TuneConfig, space: SearchSpace, base: dict,
 
 def check_space_fits_study(cfg: TuneConfig, space: SearchSpace, study: optuna.Study) -> None:
     """A study fixes each parameter's kind, log scale and choices at its first trial."""
-    recorded: dict[str, optuna.distributions.BaseDistribution] = {}
     for trial in study.get_trials(deepcopy=False):
-        for name, dist in trial.distributions.items():
-            recorded.setdefault(name, dist)
-    for name in [n for n in space.params if n in recorded]:  # in the space's order
-        try:
-            optuna.distributions.check_distribution_compatibility(
-                recorded[name], _distribution(space.params[name]))
-        except ValueError as e:
-            raise ValueError(f"{space.source}: params.{name} does not fit study "
-                             f"{cfg.study_name!r} ({e}): use another --study-name") from None
+        for name in [n for n in space.params if n in trial.distributions]:
+            try:
+                optuna.distributions.check_distribution_compatibility(
+                    trial.distributions[name], _distribution(space.params[name]))
+            except ValueError as e:
+                raise ValueError(f"{space.source}: params.{name} does not fit study "
+                                 f"{cfg.study_name!r} ({e}): use another --study-name") from None
 
 
 def _storage_label(cfg: TuneConfig) -> str:
