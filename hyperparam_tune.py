@@ -119,11 +119,6 @@ class SearchSpace(SpaceFile):
 
     source: str = ""
 
-    def example(self) -> dict:
-        """One value per parameter (low bound, first choice): a trial to check before any runs."""
-        return {name: spec["choices"][0] if spec["type"] == "categorical" else spec["low"]
-                for name, spec in self.params.items()}
-
     def extremes(self) -> list[tuple[str, typing.Any]]:
         """(name, value) for each choice and range end (as a step lets a trial reach it)."""
         values = []
@@ -143,15 +138,10 @@ class SearchSpace(SpaceFile):
                 for name, spec in self.params.items()}
 
 
-def _choice_label(choice: typing.Any) -> typing.Any:
-    """Optuna stores None, bool, int, float and str choices; lists and objects go as JSON."""
-    return json.dumps(choice) if isinstance(choice, (list, dict)) else choice
-
-
 def _distribution(spec: dict) -> optuna.distributions.BaseDistribution:
-    if spec["type"] == "categorical":
+    if spec["type"] == "categorical":  # Optuna stores scalar choices; lists and objects as JSON
         return optuna.distributions.CategoricalDistribution(
-            [_choice_label(c) for c in spec["choices"]])
+            [json.dumps(c) if isinstance(c, (list, dict)) else c for c in spec["choices"]])
     if spec["type"] == "int":
         return optuna.distributions.IntDistribution(
             spec["low"], spec["high"], log=spec.get("log", False), step=spec.get("step", 1))
@@ -360,10 +350,6 @@ def study_progress(study: optuna.Study) -> tuple[int, int, int]:
             states.count(TrialState.WAITING))
 
 
-def _heartbeats(storage: optuna.storages.BaseStorage) -> bool:
-    return isinstance(storage, optuna.storages.RDBStorage)  # open_storage enables them there
-
-
 def _local_owner_alive(trial: FrozenTrial) -> bool | None:
     """Whether this trial's worker runs on this machine and lives; None: another machine's."""
     host, _, pid = str(trial.user_attrs.get(ATTR_WORKER, "")).rpartition(":")
@@ -388,7 +374,7 @@ def recover_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorag
         if (trial.state == TrialState.FAIL and trial.number not in retried
                 and trial.user_attrs.get(ATTR_REASON) == INTERRUPTED):
             retry(study, trial)
-    if _heartbeats(storage):
+    if isinstance(storage, optuna.storages.RDBStorage):  # open_storage enables heartbeats
         optuna.storages.fail_stale_trials(study)
         return
     # The claim lock is held from creating a trial to naming its owner: no owner, no worker.
@@ -583,6 +569,7 @@ def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.Ba
     run elsewhere (a dead worker's trial may come back to the queue)."""
     # 'count the trials, then start one' is serialised among this machine's workers
     lock = FileLock(study_dir(cfg) / "claim.lock")
+    heartbeats = isinstance(storage, optuna.storages.RDBStorage)
     while True:
         with lock:
             recover_dead_trials(study, storage, cfg)
@@ -600,11 +587,11 @@ def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.Ba
                 for key in (ATTR_REASON, ATTR_STOPPED):
                     if trial.user_attrs.get(key) is not None:
                         trial.set_user_attr(key, None)
-            elif not (_heartbeats(storage) or any(_local_owner_alive(t) for t in study.get_trials(
+            elif not (heartbeats or any(_local_owner_alive(t) for t in study.get_trials(
                     deepcopy=False, states=(TrialState.RUNNING,)))):
                 return  # the last trials run on machines whose death nobody would notice
         if trial is None:
-            time.sleep(min(cfg.heartbeat_interval, 5) if _heartbeats(storage) else 2)
+            time.sleep(min(cfg.heartbeat_interval, 5) if heartbeats else 2)
             continue
         with get_heartbeat_thread(trial._trial_id, storage):
             try:
@@ -620,8 +607,7 @@ def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.Ba
 
 
 def _tell(trial: optuna.Trial, state: TrialState, value: float | None = None) -> bool:
-    """Tell the trial's end; False when another worker had failed it first (its heartbeats
-    stalled), between this worker's last write and the tell."""
+    """Tell the trial's end; False when another worker had failed it first (no heartbeats)."""
     try:
         trial.study.tell(trial, value, state=state)
     except (optuna.exceptions.UpdateFinishedTrialError, ValueError):  # "Cannot tell a FAIL trial"
@@ -647,7 +633,8 @@ def check_before_trials(cfg: TuneConfig) -> tuple[SearchSpace, dict]:
                              f"{cfg.train_config or '--train-config'} (e.g. --train-config "
                              f"FILE.json with \"{key}\": ...)")
     where = " with ".join(filter(None, (space.source, cfg.train_config)))
-    example = space.example()
+    example = {name: spec["choices"][0] if spec["type"] == "categorical" else spec["low"]
+               for name, spec in space.params.items()}  # a trial to check before any runs
     trials = [("", example), *((f"params.{name}={value!r}: ", {**example, name: value})
                                for name, value in space.extremes())]
     where_is = where_set(cfg, space, base)
@@ -764,7 +751,6 @@ def write_reports(study: optuna.Study, cfg: TuneConfig, show: bool = True) -> di
     """best.json (a trainingmanager config), trials.csv, importances.json, and with ``show``
     their summary; returns the best config."""
     out = study_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
     trials = study.get_trials(deepcopy=False)
     retried_by = {t.system_attrs["retry_history"][-1]: t.number
                   for t in trials if t.system_attrs.get("retry_history")}
@@ -855,13 +841,10 @@ def config_from_dict(values: dict, source: str = "<dict>") -> TuneConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = settings.ArgumentParser(
-        prog="hyperparam_tune.py",
+        prog="hyperparam_tune.py", argument_default=argparse.SUPPRESS,
         description="Optuna sweep over trainingmanager runs. Flags override --config; with no "
-        "flags, a small from-scratch sweep on the stdlib corpus.",
-        argument_default=argparse.SUPPRESS,
-    )
-    parser.add_argument("--config",
-                        help="JSON or YAML file of TuneConfig keys; flags override it")
+        "flags, a small from-scratch sweep on the stdlib corpus.")
+    parser.add_argument("--config", help="JSON or YAML file of TuneConfig keys; flags override it")
     settings.add_print_config(parser)
     return settings.add_config_flags(parser, TuneConfig, _CHOICES)
 
@@ -914,9 +897,8 @@ def _stop_with_parent() -> None:
 
 
 def _run_workers(cfg: TuneConfig, study: optuna.Study, bar: tqdm) -> int:
-    """Run ``cfg.workers`` worker processes to the end, passing a stop signal on. A worker's
-    configuration error (exit 2) stops the others. Returns the first failed worker's exit
-    status, else 0 (a worker killed by a signal is told; its trial is queued again)."""
+    """Run ``cfg.workers`` worker processes to the end, passing a stop signal on; a worker's
+    configuration error (exit 2) stops the others. The first failed worker's status, else 0."""
     config_file = study_dir(cfg) / "tune_config.json"
     process.write_atomic(config_file, json.dumps({**dataclasses.asdict(cfg), "progress": False},
                                                  indent=2) + "\n")
@@ -972,9 +954,9 @@ def _warn_of_space(cfg: TuneConfig, space: SearchSpace, base: dict) -> None:
 
 
 def tune(cfg: TuneConfig) -> int:
-    """Run (or continue) the sweep until the study holds ``cfg.n_trials`` finished trials.
-    Returns the exit status: the first failed worker's, else 1 without a best config (so that
-    ``tune && train --config best.json`` stops there) or short of ``n_trials``, else 0."""
+    """Run (or continue) the sweep until the study holds ``cfg.n_trials`` finished trials. The
+    exit status: the first failed worker's, else 1 short of ``n_trials`` or without a best
+    config (so that ``tune && train --config best.json`` stops there), else 0."""
     if cfg.worker:
         _stop_with_parent()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and table tell
@@ -1013,9 +995,8 @@ def tune(cfg: TuneConfig) -> int:
         print(f"study {cfg.study_name}: {finished} of {cfg.n_trials} trials finished; run the "
               "same command again to continue", file=sys.stderr)
     best = write_reports(study, cfg)
-    if worker_status:  # its error was told by the worker, and its status by this process
-        return worker_status
-    return 0 if finished >= cfg.n_trials and best is not None else 1
+    # A worker's error was told by the worker (and its status by _run_workers).
+    return worker_status or (0 if finished >= cfg.n_trials and best is not None else 1)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1026,11 +1007,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if settings.printed_config(build_parser(), argv, cfg):
                 return 0
             return tune(cfg)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # e.g. --out-dir or --storage where no directory can be made
-        print(f"error: {process.os_error_message(e)}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # OSError: e.g. an --out-dir that cannot be made
+        print(f"error: {process.os_error_message(e) if isinstance(e, OSError) else e}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         if cfg is None or not cfg.worker:  # a worker's parent says it, once
