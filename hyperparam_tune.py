@@ -19,10 +19,8 @@ import argparse
 import contextlib
 import csv
 import dataclasses
-import fcntl
 import io
 import json
-import logging
 import math
 import os
 import shlex
@@ -32,7 +30,6 @@ import subprocess
 import sys
 import time
 import typing
-import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,7 +38,9 @@ from pathlib import Path
 import optuna
 import sqlalchemy.exc
 import torch
+from filelock import FileLock
 from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.storages._heartbeat import get_heartbeat_thread  # what Study.optimize runs
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
@@ -59,7 +58,6 @@ JOURNAL_FILE = "journal.log"
 ATTR_CONFIG, ATTR_REASON, ATTR_WORKER, ATTR_STEP = "train_config", "fail_reason", "worker", "step"
 ATTR_RUN = "run_dir"  # the trial's run directory (a re-run of an interrupted trial continues it)
 ATTR_STOPPED = "stopped_sweep"  # a trial whose error (a configuration error) stopped the sweep
-ATTR_AGAIN = "runs_again"  # TrialNotHere: the sweep_id that could not run it (others may)
 ATTR_SETTINGS = "trial_settings"  # study attribute: the TrainConfig values all trials share
 OWNER_FILE = "study.json"  # which storage's study owns runs/<study>/ (its trial numbers)
 # The version of what a sweep writes: study.json and the study's recorded settings.
@@ -102,22 +100,6 @@ class TuneConfig:
 _CHOICES = {"pruner": ("median", "hyperband", "none")}
 
 
-class TrialFailed(Exception):
-    """A trial the sweep records FAILED (with its reason) and goes past."""
-
-
-class TrialAbandoned(Exception):
-    """Another worker declared this trial dead (heartbeats): its worker leaves it and goes on."""
-
-
-class TrialSetupError(ValueError):
-    """A trial's configuration cannot run: the sweep stops (exit 2); the trial is not counted."""
-
-
-class TrialNotHere(TrialSetupError):
-    """A trial another machine can run, this one not (a bf16 run on a GPU without bf16)."""
-
-
 # ---------------------------------------------- search space: JSON -> suggestions -> TrainConfig
 
 
@@ -137,14 +119,8 @@ class SearchSpace(SpaceFile):
 
     source: str = ""
 
-    def example(self) -> dict:
-        """One value per parameter (low bound, first choice): a trial to check before any runs."""
-        return {name: spec["choices"][0] if spec["type"] == "categorical" else spec["low"]
-                for name, spec in self.params.items()}
-
     def extremes(self) -> list[tuple[str, typing.Any]]:
-        """(name, value) for each choice and each range's ends (the high a step lets a trial
-        reach): checked before any trial."""
+        """(name, value) for each choice and range end (as a step lets a trial reach it)."""
         values = []
         for name, spec in self.params.items():
             dist = _distribution(spec)
@@ -152,29 +128,20 @@ class SearchSpace(SpaceFile):
             values += [(name, value) for value in ends]
         return values
 
-    def suggest(self, trial: optuna.Trial) -> dict:
-        """TrainConfig values for one trial; non-scalar choices travel as JSON strings."""
-        values = {}
-        for name, spec in self.params.items():
-            if spec["type"] == "categorical":
-                by_label = {_choice_label(c): c for c in spec["choices"]}
-                values[name] = by_label[trial.suggest_categorical(name, list(by_label))]
-            else:
-                d = _distribution(spec)
-                suggest = trial.suggest_int if spec["type"] == "int" else trial.suggest_float
-                values[name] = suggest(name, d.low, d.high, log=d.log, step=d.step)
-        return values
+    def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
+        return {name: _distribution(spec) for name, spec in self.params.items()}
 
-
-def _choice_label(choice: typing.Any) -> typing.Any:
-    """Optuna stores None, bool, int, float and str choices; lists and objects go as JSON."""
-    return json.dumps(choice) if isinstance(choice, (list, dict)) else choice
+    def values(self, params: dict) -> dict:
+        """A trial's TrainConfig values; a list or object choice was sampled as its JSON."""
+        return {name: json.loads(params[name]) if spec["type"] == "categorical"
+                and params[name] not in spec["choices"] else params[name]
+                for name, spec in self.params.items()}
 
 
 def _distribution(spec: dict) -> optuna.distributions.BaseDistribution:
-    if spec["type"] == "categorical":
+    if spec["type"] == "categorical":  # Optuna stores scalar choices; lists and objects as JSON
         return optuna.distributions.CategoricalDistribution(
-            [_choice_label(c) for c in spec["choices"]])
+            [json.dumps(c) if isinstance(c, (list, dict)) else c for c in spec["choices"]])
     if spec["type"] == "int":
         return optuna.distributions.IntDistribution(
             spec["low"], spec["high"], log=spec.get("log", False), step=spec.get("step", 1))
@@ -182,37 +149,29 @@ def _distribution(spec: dict) -> optuna.distributions.BaseDistribution:
         spec["low"], spec["high"], log=spec.get("log", False), step=spec.get("step"))
 
 
-_SPEC_KEYS = {
-    "float": ({"low", "high"}, {"log", "step"}),
-    "int": ({"low", "high"}, {"log", "step"}),
-    "categorical": ({"choices"}, set()),
-}
-
-
 def _check_spec_types(spec: typing.Any, where: str) -> None:
     """Each field of one parameter's spec has its JSON type (Optuna reads "false" as true)."""
     if not isinstance(spec, dict):
         raise ValueError(f"{where}: must be an object with a 'type', got {spec!r}")
     kind = spec.get("type")
-    if not isinstance(kind, str) or kind not in _SPEC_KEYS:
-        raise ValueError(f"{where}.type: must be one of {sorted(_SPEC_KEYS)}, got {kind!r}")
-    required, optional = _SPEC_KEYS[kind]
-    if missing := required - set(spec):
-        raise ValueError(f"{where}: missing {sorted(missing)}")
-    if extra := set(spec) - required - optional - {"type"}:
+    if kind not in ("categorical", "float", "int"):
+        raise ValueError(f"{where}.type: must be one of categorical, float, int; got {kind!r}")
+    keys = {"type", "choices"} if kind == "categorical" else {"type", "low", "high", "log", "step"}
+    if extra := set(spec) - keys:
         raise ValueError(f"{where}: unknown key(s) {sorted(extra)}")
     if kind == "categorical":
-        if not isinstance(spec["choices"], list) or not spec["choices"]:
-            raise ValueError(f"{where}.choices: must be a non-empty list, got {spec['choices']!r}")
+        if not isinstance(spec.get("choices"), list) or not spec["choices"]:
+            raise ValueError(f"{where}.choices: must be a non-empty list, got "
+                             f"{spec.get('choices')!r}")
         return
-    number = int if kind == "int" else float
+    if missing := {"low", "high"} - set(spec):
+        raise ValueError(f"{where}: missing {sorted(missing)}")
+    number, what = (int, "an integer") if kind == "int" else (float, "a finite number")
     for field in ("low", "high", "step"):
         value = spec.get(field, 0)  # JSON's true/false are Python ints: refused too
-        if (not settings.is_number(value, number)
-                or isinstance(value, float) and not math.isfinite(value)):
-            what = "an integer" if kind == "int" else "a finite number"
+        if not settings.is_number(value, number) or not math.isfinite(value):
             raise ValueError(f"{where}.{field}: must be {what}, got {value!r}")
-    if "log" in spec and not isinstance(spec["log"], bool):
+    if not isinstance(spec.get("log", False), bool):
         raise ValueError(f"{where}.log: must be true or false (a JSON boolean), "
                          f"got {spec['log']!r}")
 
@@ -280,8 +239,6 @@ def study_dir(cfg: TuneConfig) -> Path:
 
 
 SQLITE_MAGIC = b"SQLite format 3\0"  # the first bytes of every SQLite database file
-# Seconds to wait for an unended last line to end (another worker may be appending to it).
-_TORN_LINE_WAITS = (0.05, 0.2, 0.5)
 
 
 def _journal_line_problem(line: bytes) -> str | None:
@@ -290,30 +247,22 @@ def _journal_line_problem(line: bytes) -> str | None:
         record = json.loads(line)
     except ValueError as e:  # UnicodeDecodeError too
         return f"not JSON: {e}"
-    if not isinstance(record, dict):
-        return f"a JSON {type(record).__name__}, not an object"
-    op_code = record.get("op_code")
-    if not isinstance(op_code, int) or isinstance(op_code, bool):
-        return f"op_code is {json.dumps(op_code)}, not an integer"
-    if not isinstance(record.get("worker_id"), str):
-        return "no worker_id string"
+    # JSON's true is a Python int: Optuna would replay it as operation 1
+    if not (isinstance(record, dict) and type(record.get("op_code")) is int
+            and isinstance(record.get("worker_id"), str)):
+        return "not an object with an integer op_code and a worker_id string"
     return None
 
 
 def check_journal(path: Path) -> None:
-    """Refuse, before anything is appended, a file Optuna's journal would misread (a torn
-    record, another file, an SQLite database): Optuna appends after a bad last line."""
+    """Refuse a file Optuna's journal would misread (it appends after a bad last line); called
+    under the journal's lock, so no other worker's append is half-written."""
     if not path.is_file():  # none yet: Optuna creates it (a directory is an OSError later)
         return
     data = path.read_bytes()
     if data.startswith(SQLITE_MAGIC):
         raise ValueError(f"{path}: an SQLite database, not an Optuna journal file: use "
                          f"--storage sqlite:///{path}")
-    for wait in _TORN_LINE_WAITS:  # an unended last line may be another worker's append
-        if not data or data.endswith(b"\n"):
-            break
-        time.sleep(wait)
-        data = path.read_bytes()
     *lines, last = data.split(b"\n")
     for number, line in enumerate([*lines, last] if last else lines, start=1):
         problem = _journal_line_problem(line)
@@ -330,29 +279,16 @@ def check_journal(path: Path) -> None:
                              "the study's journal file?")
 
 
-class _FileLock:
-    """An exclusive ``flock`` the kernel releases when its holder dies (Optuna's own journal
-    lock outlives a killed holder); one open file per lock, so it never blocks on itself."""
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-
-    def acquire(self) -> bool:
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        return True
-
-    def release(self) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_UN)  # a no-op when not held
-
-
 def open_storage(cfg: TuneConfig) -> optuna.storages.BaseStorage:
     """A journal file (local, several processes) or an RDB URL with heartbeats and retries."""
     url = cfg.storage or str(study_dir(cfg) / JOURNAL_FILE)
     if "://" not in url:
-        check_journal(Path(url))
         Path(url).parent.mkdir(parents=True, exist_ok=True)
-        lock = _FileLock(Path(url + ".flock"))
+        # An flock the kernel releases when its holder dies (Optuna's own journal lock, a file,
+        # outlives a killed holder).
+        lock = FileLock(url + ".flock")
+        with lock:
+            check_journal(Path(url))
         backend = optuna.storages.journal.JournalFileBackend(url, lock_obj=lock)
         return optuna.storages.journal.JournalStorage(backend)
     if url.startswith("sqlite"):
@@ -360,12 +296,10 @@ def open_storage(cfg: TuneConfig) -> optuna.storages.BaseStorage:
     else:
         engine_kwargs = {"pool_pre_ping": True}  # trials outlast idle database connections
     try:
-        with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs=engine_kwargs, heartbeat_interval=cfg.heartbeat_interval,
-                grace_period=cfg.grace_period,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(cfg.max_retry))
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs=engine_kwargs, heartbeat_interval=cfg.heartbeat_interval,
+            grace_period=cfg.grace_period,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(cfg.max_retry))
     except ImportError as e:
         missing = getattr(e.__cause__, "name", None) or e
         raise ValueError(f"--storage {url}: its database driver is not installed ({missing}); "
@@ -416,10 +350,6 @@ def study_progress(study: optuna.Study) -> tuple[int, int, int]:
             states.count(TrialState.WAITING))
 
 
-def _heartbeats(storage: optuna.storages.BaseStorage) -> bool:
-    return isinstance(storage, optuna.storages.RDBStorage)  # open_storage enables them there
-
-
 def _local_owner_alive(trial: FrozenTrial) -> bool | None:
     """Whether this trial's worker runs on this machine and lives; None: another machine's."""
     host, _, pid = str(trial.user_attrs.get(ATTR_WORKER, "")).rpartition(":")
@@ -435,30 +365,26 @@ def _local_owner_alive(trial: FrozenTrial) -> bool | None:
 
 
 def recover_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage,
-                        cfg: TuneConfig, sweep: str) -> None:
-    """Queue again interrupted trials; fail and queue again those whose worker died (called
-    under the claim lock)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry)
-        trials = study.get_trials(deepcopy=False)
-        retried = _retried_numbers(trials)
-        for trial in trials:
-            if trial.state == TrialState.FAIL and trial.number not in retried and (
-                    trial.user_attrs.get(ATTR_REASON) == INTERRUPTED
-                    or trial.user_attrs.get(ATTR_AGAIN) not in (None, False, sweep)):
-                retry(study, trial)
-        if _heartbeats(storage):
-            optuna.storages.fail_stale_trials(study)
-            return
-        # The claim lock is held from creating a trial to naming its owner: no owner, no worker.
-        for trial in trials:
-            if trial.state == TrialState.RUNNING and (
-                    ATTR_WORKER not in trial.user_attrs or _local_owner_alive(trial) is False):
-                with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-                    storage.set_trial_user_attr(trial._trial_id, ATTR_REASON, "worker process died")
-                    if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
-                        retry(study, storage.get_trial(trial._trial_id))
+                        cfg: TuneConfig) -> None:
+    """Queue again interrupted trials, and fail and queue again those whose worker died."""
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry)
+    trials = study.get_trials(deepcopy=False)
+    retried = _retried_numbers(trials)
+    for trial in trials:
+        if (trial.state == TrialState.FAIL and trial.number not in retried
+                and trial.user_attrs.get(ATTR_REASON) == INTERRUPTED):
+            retry(study, trial)
+    if isinstance(storage, optuna.storages.RDBStorage):  # open_storage enables heartbeats
+        optuna.storages.fail_stale_trials(study)
+        return
+    # The claim lock is held from creating a trial to naming its owner: no owner, no worker.
+    for trial in trials:
+        if trial.state == TrialState.RUNNING and (
+                ATTR_WORKER not in trial.user_attrs or _local_owner_alive(trial) is False):
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                storage.set_trial_user_attr(trial._trial_id, ATTR_REASON, "worker process died")
+                if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                    retry(study, storage.get_trial(trial._trial_id))
 
 
 # ------------------------------------------------------------------------------------ one trial
@@ -492,7 +418,7 @@ SWEEP_KEYS = frozenset(_budget(TuneConfig())) | frozenset(_trial_run(TuneConfig(
 def trial_recipe(cfg: TuneConfig, space: SearchSpace, base: dict, trial: optuna.Trial) -> dict:
     """The trial's TrainConfig values as a user would run them (best.json is one):
     space base < --train-config < sampled values < the sweep's step budget."""
-    return {**space.base, **base, **space.suggest(trial), **_budget(cfg)}
+    return {**space.base, **base, **space.values(trial.params), **_budget(cfg)}
 
 
 def where_set(cfg: TuneConfig, space: SearchSpace, base: dict) -> Callable[[str], str]:
@@ -523,7 +449,13 @@ def interrupted_run(trial: optuna.Trial) -> tuple[Path | None, dict[int, float]]
     run = before and before.user_attrs.get(ATTR_RUN)
     if not run or not (Path(run) / rundir.CONFIG_FILE).is_file():
         return None, {}
-    wait_for_run(trial, Path(run))
+    lock = Path(run) / rundir.LOCK_FILE  # held by a worker declared dead that still trains it
+    if trainingmanager.lock_is_held(lock):  # until its next evaluation
+        holder = trainingmanager.lock_holder(lock) or "another process"
+        tqdm.write(f"trial {trial.number}: waiting for {run}, the run it continues: {holder} "
+                   "holds it", file=sys.stderr)
+    while trainingmanager.lock_is_held(lock):
+        time.sleep(2)
     checkpoints = trainingmanager.list_checkpoints(Path(run))
     step = trainingmanager.checkpoint_step(checkpoints[-1]) if checkpoints else 0
     reported: dict[int, float] = {}
@@ -533,52 +465,12 @@ def interrupted_run(trial: optuna.Trial) -> tuple[Path | None, dict[int, float]]
     return Path(run), {s: v for s, v in reported.items() if s <= step}
 
 
-RUN_POLL_S = 2.0  # seconds between looks at a run directory another process holds
-WAIT_REMINDER_S = 600.0  # seconds between the lines that say a trial still waits for it
-
-
-def wait_for_run(trial: optuna.Trial, run: Path) -> None:
-    """Wait while a live process holds ``run`` (a worker declared dead yet still training lets
-    go at its next evaluation); say every WAIT_REMINDER_S that it still waits, and for whom."""
-    lock = run / rundir.LOCK_FILE
-    if not trainingmanager.lock_is_held(lock):
-        return
-    holder = trainingmanager.lock_holder(lock) or "another process"
-    tqdm.write(f"trial {trial.number}: waiting for {run}, the run it continues: {holder} holds "
-               "it", file=sys.stderr)
-    start = told = time.monotonic()
-    while trainingmanager.lock_is_held(lock):
-        time.sleep(RUN_POLL_S)
-        if time.monotonic() - told >= WAIT_REMINDER_S:
-            told = time.monotonic()
-            tqdm.write(f"trial {trial.number}: still waiting for {run} after "
-                       f"{(told - start) / 60:.0f} min; {holder} holds it", file=sys.stderr)
-
-
 def recorded_precision(run: Path) -> str | None:
-    """The precision the checkpoint a resume of ``run`` continues from trained in (what "auto"
-    resolved to there), or None without a readable checkpoint."""
+    """The precision ("auto" resolved) of the checkpoint a resume of ``run`` continues from."""
     for checkpoint in reversed(trainingmanager.list_checkpoints(run)):
-        try:
-            precision = trainingmanager.read_state(checkpoint, mmap=True).precision
-        except trainingmanager.CorruptCheckpointError:
-            continue
-        return precision if isinstance(precision, str) else None
+        with contextlib.suppress(trainingmanager.CorruptCheckpointError):
+            return trainingmanager.read_state(checkpoint, mmap=True).precision
     return None
-
-
-def trial_train_config(cfg: TuneConfig, recipe: dict, number: int,
-                       resume: Path | None = None) -> TrainConfig:
-    """The TrainConfig trial ``number`` runs; a continued "auto" run keeps its checkpoint's
-    precision (the trainer refuses a change)."""
-    train_cfg = trainingmanager.config_from_dict({**recipe, **_trial_run(cfg, number, resume)},
-                                                 f"trial {number}")
-    if resume is None or train_cfg.precision != "auto" or not (trained := recorded_precision(resume)):
-        return train_cfg
-    if trained == "bf16" and _gpu_without_bf16(train_cfg):
-        raise TrialNotHere(f"trial {number} continues {resume}, trained in bf16: run the same "
-                           "command on a GPU with bf16 or on the CPU")
-    return dataclasses.replace(train_cfg, precision=trained)
 
 
 def _gpu_without_bf16(train_cfg: TrainConfig) -> bool:
@@ -596,27 +488,20 @@ def _mark_interrupted(trial: optuna.Trial) -> None:
         trial.set_user_attr(ATTR_REASON, INTERRUPTED)
 
 
-# What a worker may leave a trial with when another worker failed it first; others stop.
-_LEFT = (optuna.TrialPruned, TrialFailed, TrialAbandoned)
-
-
-def _told_too_late(error: BaseException | None) -> bool:
-    """Whether Optuna's tell failed because another worker had failed the trial first."""
-    while error is not None:
-        if isinstance(error, optuna.exceptions.UpdateFinishedTrialError) or (
-                isinstance(error, ValueError) and str(error).startswith("Cannot tell a ")):
-            return True
-        error = error.__context__
-    return False
-
-
 def _prepare_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
                    trial: optuna.Trial) -> TrainConfig:
     """The trial's TrainConfig; its recipe and run recorded, the losses it continues re-reported."""
     recipe = trial_recipe(cfg, space, base, trial)
     trial.set_user_attr(ATTR_CONFIG, recipe)
     resume, reported = interrupted_run(trial)
-    train_cfg = trial_train_config(cfg, recipe, trial.number, resume)
+    train_cfg = trainingmanager.config_from_dict(
+        {**recipe, **_trial_run(cfg, trial.number, resume)}, f"trial {trial.number}")
+    # A continued "auto" run keeps its checkpoint's precision (the trainer refuses a change).
+    if resume and train_cfg.precision == "auto" and (trained := recorded_precision(resume)):
+        if trained == "bf16" and _gpu_without_bf16(train_cfg):
+            raise ValueError(f"it continues {resume}, trained in bf16, and this GPU has no "
+                             "native bf16: run the sweep on a GPU with bf16 or on the CPU")
+        train_cfg = dataclasses.replace(train_cfg, precision=trained)
     run_dir = Path(train_cfg.out_dir) / train_cfg.name
     if resume is None and (run_dir / rundir.CONFIG_FILE).exists():  # not this study's
         raise ValueError(f"{run_dir} holds a trial of another study: move it away, or "
@@ -627,22 +512,9 @@ def _prepare_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
     return train_cfg
 
 
-def _stop_sweep(trial: optuna.Trial, e: Exception, sweep: str) -> typing.NoReturn:
-    """Record an error that is not the parameters' fault and raise it: the sweep stops."""
-    trial.set_user_attr(ATTR_STOPPED, True)
-    trial.set_user_attr(ATTR_REASON, f"stopped the sweep: {type(e).__name__}: {e}")
-    if isinstance(e, TrialNotHere):
-        trial.set_user_attr(ATTR_AGAIN, sweep)
-        raise e
-    if isinstance(e, (ValueError, OSError)):  # the configuration or a path
-        raise TrialSetupError(f"trial {trial.number} {trial.params}: {e} (not counted; a change "
-                              "to a parameter's type or choices needs another --study-name)") from None
-    raise e
-
-
-def run_trial(cfg: TuneConfig, space: SearchSpace, base: dict, sweep: str,
-              trial: optuna.Trial) -> float:
-    """Train the trial: its best validation loss, or TrialFailed with the reason recorded."""
+def run_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
+              trial: optuna.Trial) -> tuple[TrialState, float | None]:
+    """Train the trial: the state and value to tell (a failure's reason recorded and told)."""
     def on_eval(step: int, metrics: dict) -> None:
         trial.set_user_attr(ATTR_STEP, step)
         trial.report(metrics["val_loss"], step)
@@ -657,8 +529,10 @@ def run_trial(cfg: TuneConfig, space: SearchSpace, base: dict, sweep: str,
     except KeyboardInterrupt:
         _mark_interrupted(trial)
         raise
-    except (optuna.TrialPruned, optuna.exceptions.UpdateFinishedTrialError):
+    except optuna.exceptions.UpdateFinishedTrialError:
         raise
+    except optuna.TrialPruned:
+        return TrialState.PRUNED, None
     except NonFiniteLossError as e:  # never continued: no resume advice in its reason
         reason = e.diagnosis
         if not reason.startswith("non-finite"):
@@ -666,8 +540,14 @@ def run_trial(cfg: TuneConfig, space: SearchSpace, base: dict, sweep: str,
         if e.step is not None:
             trial.set_user_attr(ATTR_STEP, e.step)
     except Exception as e:
-        if not _is_out_of_memory(e):
-            _stop_sweep(trial, e, sweep)
+        if not _is_out_of_memory(e):  # not the parameters' fault: the sweep stops
+            trial.set_user_attr(ATTR_STOPPED, True)
+            trial.set_user_attr(ATTR_REASON, f"stopped the sweep: {type(e).__name__}: {e}")
+            if isinstance(e, (ValueError, OSError)):  # the configuration or a path
+                raise ValueError(f"trial {trial.number} {trial.params}: {e} (not counted; a "
+                                 "change to a parameter's type or choices needs another "
+                                 "--study-name)") from None
+            raise
         reason = f"out of memory: {e}"
     else:
         trial.set_user_attr(ATTR_STEP, result.step)
@@ -675,69 +555,64 @@ def run_trial(cfg: TuneConfig, space: SearchSpace, base: dict, sweep: str,
             _mark_interrupted(trial)
             raise KeyboardInterrupt(result.interrupted)
         if result.best_val_loss is not None and math.isfinite(result.best_val_loss):
-            return result.best_val_loss
+            return TrialState.COMPLETE, result.best_val_loss
         reason = f"no finite validation loss (best_val_loss={result.best_val_loss})"
     trial.set_user_attr(ATTR_REASON, reason)
-    raise TrialFailed(reason) from None
+    tqdm.write(f"trial {trial.number} failed with parameters {trial.params}: {reason}",
+               file=sys.stderr)
+    return TrialState.FAIL, None
 
 
 def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.BaseStorage,
-               space: SearchSpace, base: dict, sweep: str, progress: tqdm | None = None) -> None:
+               space: SearchSpace, base: dict, progress: tqdm | None = None) -> None:
     """Start trials until the study holds ``n_trials`` finished ones; wait while the last ones
     run elsewhere (a dead worker's trial may come back to the queue)."""
     # 'count the trials, then start one' is serialised among this machine's workers
-    lock = _FileLock(study_dir(cfg) / "claim.lock")
-    number, raised = None, None  # the trial and what it raised, which a failed tell hides
-
-    def objective(trial: optuna.Trial) -> float:
-        nonlocal number, raised
-        number = trial.number
-        try:
-            # A retried trial arrives with its predecessor's attributes: make them this run's
-            # before other workers (which judge RUNNING trials by their worker) look at it.
-            trial.set_user_attr(ATTR_WORKER, f"{socket.gethostname()}:{os.getpid()}")
-            for key in (ATTR_REASON, ATTR_STOPPED, ATTR_AGAIN):
-                if trial.user_attrs.get(key) is not None:
-                    trial.set_user_attr(key, None)
-            lock.release()  # the trial exists: other workers may start theirs
-            return run_trial(cfg, space, base, sweep, trial)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            raised = TrialAbandoned(f"trial {trial.number}")
-            raise raised from None
-        except BaseException as e:
-            raised = e
-            raise
-
+    lock = FileLock(study_dir(cfg) / "claim.lock")
+    heartbeats = isinstance(storage, optuna.storages.RDBStorage)
     while True:
-        lock.acquire()
-        try:
-            recover_dead_trials(study, storage, cfg, sweep)
+        with lock:
+            recover_dead_trials(study, storage, cfg)
             finished, running, waiting = study_progress(study)
             if progress is not None:
                 progress.update(finished - progress.n)
             if finished >= cfg.n_trials:
                 return
-            if finished + running >= cfg.n_trials and not waiting:
-                others = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                if not (_heartbeats(storage) or any(_local_owner_alive(t) for t in others)):
-                    return  # the last trials run on machines whose death nobody would notice
-                lock.release()
-                time.sleep(min(cfg.heartbeat_interval, 5) if _heartbeats(storage) else 2)
-                continue
+            trial = None
+            if finished + running < cfg.n_trials or waiting:
+                trial = study.ask(space.distributions())  # a queued retry first
+                # A retried trial arrives with its predecessor's attributes: make them this run's
+                # before other workers (which judge RUNNING trials by their worker) look at it.
+                trial.set_user_attr(ATTR_WORKER, f"{socket.gethostname()}:{os.getpid()}")
+                for key in (ATTR_REASON, ATTR_STOPPED):
+                    if trial.user_attrs.get(key) is not None:
+                        trial.set_user_attr(key, None)
+            elif not (heartbeats or any(_local_owner_alive(t) for t in study.get_trials(
+                    deepcopy=False, states=(TrialState.RUNNING,)))):
+                return  # the last trials run on machines whose death nobody would notice
+        if trial is None:
+            time.sleep(min(cfg.heartbeat_interval, 5) if heartbeats else 2)
+            continue
+        with get_heartbeat_thread(trial._trial_id, storage):
             try:
-                study.optimize(objective, n_trials=1, catch=(TrialFailed, TrialAbandoned))
-            except Exception as e:
-                if e is raised or not _told_too_late(e):
-                    raise  # the trial's own error (told), or not a tell that came too late
-                if raised is not None and not isinstance(raised, _LEFT):
-                    raise raised from None  # a stop met in the trial is still a stop
-                raised = TrialAbandoned(f"trial {number}")
-            if isinstance(raised, TrialAbandoned):
-                tqdm.write(f"trial {number}: another worker declared it dead (no heartbeat "
-                           "within --grace-period); this worker goes on", file=sys.stderr)
-        finally:
-            raised = None  # a kept error would keep its trial's model alive
-            lock.release()
+                state, value = run_trial(cfg, space, base, trial)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                state, value = None, None
+            except BaseException:  # a stop: the sweep ends
+                _tell(trial, TrialState.FAIL)
+                raise
+        if state is None or not _tell(trial, state, value):
+            tqdm.write(f"trial {trial.number}: another worker declared it dead (no heartbeat "
+                       "within --grace-period); this worker goes on", file=sys.stderr)
+
+
+def _tell(trial: optuna.Trial, state: TrialState, value: float | None = None) -> bool:
+    """Tell the trial's end; False when another worker had failed it first (no heartbeats)."""
+    try:
+        trial.study.tell(trial, value, state=state)
+    except (optuna.exceptions.UpdateFinishedTrialError, ValueError):  # "Cannot tell a FAIL trial"
+        return False
+    return True
 
 
 # --------------------------------------------------- checks before the first trial costs anything
@@ -758,7 +633,8 @@ def check_before_trials(cfg: TuneConfig) -> tuple[SearchSpace, dict]:
                              f"{cfg.train_config or '--train-config'} (e.g. --train-config "
                              f"FILE.json with \"{key}\": ...)")
     where = " with ".join(filter(None, (space.source, cfg.train_config)))
-    example = space.example()
+    example = {name: spec["choices"][0] if spec["type"] == "categorical" else spec["low"]
+               for name, spec in space.params.items()}  # a trial to check before any runs
     trials = [("", example), *((f"params.{name}={value!r}: ", {**example, name: value})
                                for name, value in space.extremes())]
     where_is = where_set(cfg, space, base)
@@ -794,8 +670,7 @@ def check_study_settings(cfg: TuneConfig, space: SearchSpace, base: dict,
     """Record the TrainConfig values every trial's result depends on besides its sampled
     parameters with a study that has none; refuse a continuation that changed them (its trials
     would be ranked against each other)."""
-    shared = trainingmanager.config_from_dict({**space.base, **base, **_budget(cfg)},
-                                              space.source)
+    shared = trainingmanager.config_from_dict({**space.base, **base, **_budget(cfg)}, space.source)
     values = dataclasses.asdict(shared)
     values["data_options"] = {k: v for k, v in shared.data_options.items()
                               if k not in trainingmanager.RESUME_DATA_OPTIONS_MAY_CHANGE}
@@ -821,17 +696,14 @@ def check_study_settings(cfg: TuneConfig, space: SearchSpace, base: dict,
 
 def check_space_fits_study(cfg: TuneConfig, space: SearchSpace, study: optuna.Study) -> None:
     """A study fixes each parameter's kind, log scale and choices at its first trial."""
-    recorded: dict[str, optuna.distributions.BaseDistribution] = {}
     for trial in study.get_trials(deepcopy=False):
-        for name, dist in trial.distributions.items():
-            recorded.setdefault(name, dist)
-    for name in [n for n in space.params if n in recorded]:  # in the space's order
-        try:
-            optuna.distributions.check_distribution_compatibility(
-                recorded[name], _distribution(space.params[name]))
-        except ValueError as e:
-            raise ValueError(f"{space.source}: params.{name} does not fit study "
-                             f"{cfg.study_name!r} ({e}): use another --study-name") from None
+        for name in [n for n in space.params if n in trial.distributions]:
+            try:
+                optuna.distributions.check_distribution_compatibility(
+                    trial.distributions[name], _distribution(space.params[name]))
+            except ValueError as e:
+                raise ValueError(f"{space.source}: params.{name} does not fit study "
+                                 f"{cfg.study_name!r} ({e}): use another --study-name") from None
 
 
 def _storage_label(cfg: TuneConfig) -> str:
@@ -844,28 +716,21 @@ def _storage_label(cfg: TuneConfig) -> str:
     return JOURNAL_FILE if default else str(path)
 
 
-def claim_study_dir(cfg: TuneConfig, study: optuna.Study) -> None:
+def claim_study_dir(cfg: TuneConfig) -> None:
     """``<out_dir>/<study>/`` belongs to one storage's study (its trial numbers name the runs)."""
-    owner_file = study_dir(cfg) / OWNER_FILE
-    mine = _storage_label(cfg)
-    if owner_file.is_file():
-        owner = settings.read_json_object(owner_file, "study owner")
-        if owner.get("format_version") != FORMAT_VERSION or not isinstance(
-                owner.get("storage"), str):
-            raise ValueError(f"{owner_file}: not a study.json of format_version "
-                             f"{FORMAT_VERSION}: delete it, or give this study another --out-dir")
-        if owner["storage"] != mine:
-            hint = ("without --storage" if owner["storage"] == JOURNAL_FILE
-                    else f"with --storage {owner['storage']}")
-            raise ValueError(f"{study_dir(cfg)} holds the study of storage {owner['storage']}: "
-                             f"run {hint} to continue it, or use another --out-dir")
-    trials_dir = study_dir(cfg) / "trials"
-    if not study.get_trials(deepcopy=False) and trials_dir.is_dir() and any(trials_dir.iterdir()):
-        raise ValueError(f"{trials_dir} holds the trials of a study that storage {mine} does not "
-                         "have: move them away, or use another --out-dir")
+    owner_file, mine = study_dir(cfg) / OWNER_FILE, _storage_label(cfg)
     if not owner_file.is_file():
         process.write_atomic(owner_file, json.dumps(
             {"format_version": FORMAT_VERSION, "storage": mine}) + "\n")
+        return
+    owner = settings.read_json_object(owner_file, "study owner")
+    if owner.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{owner_file}: not a study.json of format_version {FORMAT_VERSION}: "
+                         "delete it, or give this study another --out-dir")
+    if (theirs := owner.get("storage")) != mine:
+        hint = "without --storage" if theirs == JOURNAL_FILE else f"with --storage {theirs}"
+        raise ValueError(f"{study_dir(cfg)} holds the study of storage {theirs}: run {hint} to "
+                         "continue it, or use another --out-dir")
 
 
 # --------------------------------------------------- reports: best config, trials, importances
@@ -882,19 +747,18 @@ def trial_reason(trial: FrozenTrial, retried_by: dict[int, int]) -> str:
     return reason or ""
 
 
-def write_reports(study: optuna.Study, cfg: TuneConfig) -> dict | None:
-    """best.json (a trainingmanager config), trials.csv, importances.json; returns the best."""
+def write_reports(study: optuna.Study, cfg: TuneConfig, show: bool = True) -> dict | None:
+    """best.json (a trainingmanager config), trials.csv, importances.json, and with ``show``
+    their summary; returns the best config."""
     out = study_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
     trials = study.get_trials(deepcopy=False)
     retried_by = {t.system_attrs["retry_history"][-1]: t.number
                   for t in trials if t.system_attrs.get("retry_history")}
     names = sorted({p for t in trials for p in t.params})
     rows = [["number", "state", "value", "steps", "duration_s", *names, "run_dir", "reason"]]
     for t in trials:
-        duration = t.duration.total_seconds() if t.duration else None
         rows.append([t.number, t.state.name, t.value, t.user_attrs.get(ATTR_STEP),
-                     None if duration is None else round(duration, 1),
+                     None if t.duration is None else round(t.duration.total_seconds(), 1),
                      *(t.params.get(p) for p in names), t.user_attrs.get(ATTR_RUN),
                      trial_reason(t, retried_by)])
     table = io.StringIO(newline="")
@@ -903,10 +767,8 @@ def write_reports(study: optuna.Study, cfg: TuneConfig) -> dict | None:
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = None
     if complete:
-        best_trial = min(complete, key=lambda t: t.value)
-        best = {**absolute_paths(best_trial.user_attrs[ATTR_CONFIG], "best trial"),
+        best = {**absolute_paths(study.best_trial.user_attrs[ATTR_CONFIG], "best trial"),
                 "name": f"{cfg.study_name}-best", "out_dir": str(Path(cfg.out_dir).absolute())}
-        trainingmanager.config_from_dict(best, "best trial")
         process.write_atomic(out / "best.json", json.dumps(best, indent=2) + "\n")
     importances = {}
     if len(complete) >= 2:
@@ -915,52 +777,34 @@ def write_reports(study: optuna.Study, cfg: TuneConfig) -> dict | None:
         except (RuntimeError, ValueError) as e:  # e.g. no parameter varied among complete trials
             importances = {"unavailable": str(e)}
     process.write_atomic(out / "importances.json", json.dumps(importances, indent=2) + "\n")
-    return best
-
-
-def print_summary(study: optuna.Study, cfg: TuneConfig, best: dict | None) -> None:
-    out = study_dir(cfg)
-    with open(out / "trials.csv", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
+    if not show:
+        return best
     widths = [max(len(_short(r[i])) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(_short(v).ljust(w) for v, w in zip(row, widths)).rstrip())
-    importances = json.loads((out / "importances.json").read_text("utf-8"))
     if importances:
-        n = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-        print(f"parameter importances (fANOVA over {n} complete trials"
-              + ("; with so few, a rough guide at best" if n < 10 else "") + "):", ", ".join(
-            f"{k} {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in importances.items()))
+        print(f"parameter importances (over {len(complete)} complete trials"
+              + ("; with so few, a rough guide at best" if len(complete) < 10 else "") + "):",
+              ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k}: {v}"
+                        for k, v in importances.items()))
     if best is None:
         print(f"study {cfg.study_name}: no trial completed yet")
-        return
+        return None
     print(f"best trial {study.best_trial.number}: val loss {study.best_value:.4f}")
     print(json.dumps(best, indent=2))
     print(f"best config: {out / 'best.json'}  (python trainingmanager.py --config "
           f"{out / 'best.json'})")
     print(f"dashboard: optuna-dashboard {cfg.storage or out / JOURNAL_FILE}  (pip install "
           "optuna-dashboard)")
+    return best
 
 
-def _short(value: str) -> str:
-    try:
-        number = float(value)
-    except ValueError:
-        return value if len(value) <= 72 else value[:69] + "..."
-    return value if number.is_integer() or not math.isfinite(number) else f"{number:.4g}"
-
-
-class _OptunaLog(logging.Handler):
-    """Optuna's messages, one line each, without what trials.csv or ``main`` already tell."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        error = record.exc_info[1] if record.exc_info else None
-        message = record.getMessage()
-        if isinstance(error, (KeyboardInterrupt, TrialSetupError, TrialAbandoned)) or (
-                message.startswith("Trial ") and message.endswith(" failed with value None.")) or (
-                " because of the following error: TrialPruned(" in message):  # see _told_too_late
-            return
-        tqdm.write(f"[{record.levelname[0]}] {message}", file=sys.stderr)
+def _short(value: typing.Any) -> str:
+    """A table cell: a float to 4 digits, a long text cut."""
+    if isinstance(value, float) and math.isfinite(value) and not value.is_integer():
+        return f"{value:.4g}"
+    text = "" if value is None else str(value)
+    return text if len(text) <= 72 else text[:69] + "..."
 
 
 # --------------------------------------------------------------------------------- command line
@@ -997,13 +841,10 @@ def config_from_dict(values: dict, source: str = "<dict>") -> TuneConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = settings.ArgumentParser(
-        prog="hyperparam_tune.py",
+        prog="hyperparam_tune.py", argument_default=argparse.SUPPRESS,
         description="Optuna sweep over trainingmanager runs. Flags override --config; with no "
-        "flags, a small from-scratch sweep on the stdlib corpus.",
-        argument_default=argparse.SUPPRESS,
-    )
-    parser.add_argument("--config",
-                        help="JSON or YAML file of TuneConfig keys; flags override it")
+        "flags, a small from-scratch sweep on the stdlib corpus.")
+    parser.add_argument("--config", help="JSON or YAML file of TuneConfig keys; flags override it")
     settings.add_print_config(parser)
     return settings.add_config_flags(parser, TuneConfig, _CHOICES)
 
@@ -1032,14 +873,6 @@ WORKER_COMMAND = (sys.executable, str(ROOT / "hyperparam_tune.py"))
 
 
 PARENT_ENV = "CODELM_SWEEP_PARENT"  # the process id of the sweep that started a worker
-SWEEP_ENV = "CODELM_SWEEP_ID"  # the sweep_id of that sweep
-
-
-def sweep_id(cfg: TuneConfig) -> str:
-    """One id per run of the sweep command, shared by its workers."""
-    return (cfg.worker and os.environ.get(SWEEP_ENV)) or uuid.uuid4().hex
-
-
 # The signal a worker gets when its sweep dies (PR_SET_PDEATHSIG); nohup ignores SIGHUP.
 PARENT_DEATH_SIGNAL = signal.SIGUSR2
 
@@ -1063,14 +896,13 @@ def _stop_with_parent() -> None:
         signal.raise_signal(PARENT_DEATH_SIGNAL)
 
 
-def _run_workers(cfg: TuneConfig, study: optuna.Study, bar: tqdm, sweep: str) -> int:
-    """Run ``cfg.workers`` worker processes to the end, passing a stop signal on. A worker's
-    configuration error (exit 2) stops the others. Returns the first failed worker's exit
-    status, else 0 (a worker killed by a signal is told; its trial is queued again)."""
+def _run_workers(cfg: TuneConfig, study: optuna.Study, bar: tqdm) -> int:
+    """Run ``cfg.workers`` worker processes to the end, passing a stop signal on; a worker's
+    configuration error (exit 2) stops the others. The first failed worker's status, else 0."""
     config_file = study_dir(cfg) / "tune_config.json"
     process.write_atomic(config_file, json.dumps({**dataclasses.asdict(cfg), "progress": False},
                                                  indent=2) + "\n")
-    env = {**os.environ, PARENT_ENV: str(os.getpid()), SWEEP_ENV: sweep}
+    env = {**os.environ, PARENT_ENV: str(os.getpid())}
     # Their own session: a stop signal reaches them once, forwarded by this process.
     procs = [subprocess.Popen([*WORKER_COMMAND, "--config", str(config_file), "--worker", str(i)],
                               start_new_session=True, env=env) for i in range(1, cfg.workers + 1)]
@@ -1122,39 +954,39 @@ def _warn_of_space(cfg: TuneConfig, space: SearchSpace, base: dict) -> None:
 
 
 def tune(cfg: TuneConfig) -> int:
-    """Run (or continue) the sweep until the study holds ``cfg.n_trials`` finished trials.
-    Returns the exit status: the first failed worker's, else 1 without a best config (so that
-    ``tune && train --config best.json`` stops there) or short of ``n_trials``, else 0."""
+    """Run (or continue) the sweep until the study holds ``cfg.n_trials`` finished trials. The
+    exit status: the first failed worker's, else 1 short of ``n_trials`` or without a best
+    config (so that ``tune && train --config best.json`` stops there), else 0."""
     if cfg.worker:
         _stop_with_parent()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and table tell
-    optuna.logging.disable_default_handler()
-    if not any(isinstance(h, _OptunaLog) for h in logging.getLogger("optuna").handlers):
-        logging.getLogger("optuna").addHandler(_OptunaLog())
+    # Heartbeats are "experimental" (since Optuna 2.9); run_worker records them as optimize does.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study")
     space, base = check_before_trials(cfg)
     study_dir(cfg).mkdir(parents=True, exist_ok=True)
     storage = open_storage(cfg)
     study = open_study(cfg, storage)
     check_space_fits_study(cfg, space, study)
     if not cfg.worker:  # the workers' parent has claimed it
-        claim_study_dir(cfg, study)
+        claim_study_dir(cfg)
     check_study_settings(cfg, space, base, study)
     if cfg.worker:  # one of --workers N processes: share this machine's cores among them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))
-        run_worker(cfg, study, storage, space, base, sweep_id(cfg))
+        run_worker(cfg, study, storage, space, base)
         return 0  # the parent judges the study (and writes best.json)
     _warn_of_space(cfg, space, base)
     bar = progress_bar(total=cfg.n_trials, initial=min(study_progress(study)[0], cfg.n_trials),
                        unit="trial", desc=cfg.study_name, enabled=cfg.progress)
-    worker_status, sweep = 0, sweep_id(cfg)
+    worker_status = 0
     try:
         if cfg.workers == 1:
-            run_worker(cfg, study, storage, space, base, sweep, progress=bar)
+            run_worker(cfg, study, storage, space, base, progress=bar)
         else:
-            worker_status = _run_workers(cfg, study, bar, sweep)
+            worker_status = _run_workers(cfg, study, bar)
     except BaseException:  # interrupted or stopped: what the finished trials found is kept
         if study_progress(study)[0]:
-            write_reports(study, cfg)
+            write_reports(study, cfg, show=False)
         raise
     finished = study_progress(study)[0]
     bar.update(min(finished, cfg.n_trials) - bar.n)
@@ -1163,10 +995,8 @@ def tune(cfg: TuneConfig) -> int:
         print(f"study {cfg.study_name}: {finished} of {cfg.n_trials} trials finished; run the "
               "same command again to continue", file=sys.stderr)
     best = write_reports(study, cfg)
-    print_summary(study, cfg, best)
-    if worker_status:  # its error was told by the worker, and its status by this process
-        return worker_status
-    return 0 if finished >= cfg.n_trials and best is not None else 1
+    # A worker's error was told by the worker (and its status by _run_workers).
+    return worker_status or (0 if finished >= cfg.n_trials and best is not None else 1)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1177,11 +1007,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if settings.printed_config(build_parser(), argv, cfg):
                 return 0
             return tune(cfg)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # e.g. --out-dir or --storage where no directory can be made
-        print(f"error: {process.os_error_message(e)}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # OSError: e.g. an --out-dir that cannot be made
+        print(f"error: {process.os_error_message(e) if isinstance(e, OSError) else e}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         if cfg is None or not cfg.worker:  # a worker's parent says it, once
