@@ -142,15 +142,17 @@ _CHOICES = {
 
 
 def config_from_dict(values: dict, source: str = "<dict>") -> TrainConfig:
-    """Build a TrainConfig from a dict, with errors that name the source and the key."""
-    return settings.config_from_dict(TrainConfig, values, source, _CHOICES)
+    """Build a TrainConfig from a dict, its nested options checked too; errors name the source
+    and the key."""
+    cfg = settings.config_from_dict(TrainConfig, values, source, _CHOICES)
+    check_options(values, source)
+    return cfg
 
 
 def load_config_file(path: str | os.PathLike) -> dict:
     """The checked TrainConfig values of a JSON file (a recipe's ``train`` section)."""
     values, source = settings.read_config_file(path, "train")
     config_from_dict(values, source)
-    check_options(values, source)
     return values
 
 
@@ -460,8 +462,18 @@ _DATA_KEYS_OF_TRAIN = {"task": "task", "sources": "data", "val_sources": "val_da
                        "test_sources": "test_data", "block_size": "block_size"}
 
 
-def _check_data_option_keys(options: dict, where: str) -> None:
-    """Each key a DataConfig key that no TrainConfig key sets."""
+def check_options(values: dict, source: str | None = None) -> None:
+    """The data_options and model_options of ``values`` checked on their own, so that errors
+    name ``source`` (a --config file), else their flags."""
+    for key, check in (("data_options", _check_data_options),
+                       ("model_options", _check_model_options)):
+        if isinstance(values.get(key), dict):  # else config_from_dict names the type
+            check(values[key], f"{source}: {key}" if source else settings.flag_of(key))
+
+
+def _check_data_options(options: dict, where: str) -> None:
+    """Each key a DataConfig key that no TrainConfig key sets, and the values as a DataConfig of
+    the other keys' defaults validates them."""
     from dataset import DataConfig
 
     known = {f.name for f in dataclasses.fields(DataConfig)}
@@ -473,22 +485,6 @@ def _check_data_option_keys(options: dict, where: str) -> None:
             raise ValueError(f"{where}: unknown DataConfig key {key!r}; "
                              + settings.key_hint(key, known - set(_DATA_KEYS_OF_TRAIN),
                                                   "DataConfig"))
-
-
-def check_options(values: dict, source: str | None = None) -> None:
-    """The data_options and model_options of ``values`` checked on their own, so that errors
-    name ``source`` (a --config file), else their flags."""
-    for key, check in (("data_options", _check_data_options),
-                       ("model_options", _check_model_options)):
-        if isinstance(values.get(key), dict):  # else config_from_dict names the type
-            check(values[key], f"{source}: {key}" if source else settings.flag_of(key))
-
-
-def _check_data_options(options: dict, where: str) -> None:
-    """The keys, and the values as a DataConfig of the other keys' defaults validates them."""
-    from dataset import DataConfig
-
-    _check_data_option_keys(options, where)
     data_cfg = settings.config_from_dict(DataConfig, options, where)  # errors name `where`
     try:
         data_cfg.validate()  # its task and sources at their defaults
@@ -510,7 +506,6 @@ def data_config(cfg: TrainConfig, block_size: int) -> DataConfig:
     """The dataset.DataConfig of this run: task, sources and sequence length come from cfg."""
     from dataset import DataConfig
 
-    _check_data_option_keys(cfg.data_options, "data_options")
     options = {"progress": cfg.progress, **cfg.data_options}
     dcfg = DataConfig(task=cfg.task, sources=list(cfg.data or ["stdlib"]),
                       val_sources=list(cfg.val_data or []), test_sources=list(cfg.test_data or []),
@@ -556,7 +551,6 @@ def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int | None,
         values.update(head_dim=None, rotary_dim=None)
     if "n_head" in shape:
         values["n_kv_head"] = None
-    _check_model_options(cfg.model_options, "model_options")
     values.update({**shape, **cfg.model_options}, vocab_size=vocab_size, bos_id=bos_id,
                   eos_id=eos_id)
     try:
