@@ -38,10 +38,12 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import checkpoint
+import lora
+import pretrained
 import process
 import rundir
 import settings
-from architecture import IGNORE_INDEX, cuda_half_dtype, lacks_native_bf16
+from architecture import IGNORE_INDEX, Transformer, cuda_half_dtype, lacks_native_bf16
 from checkpoint import (
     PATH_KEYS,
     RunState,
@@ -53,7 +55,7 @@ from checkpoint import (
     with_absolute_paths,
     write_dir_atomically,
 )
-from generation import FUNCTION_STOPS, truncate_at_stops
+from generation import FUNCTION_STOPS, GenerationConfig, generate, truncate_at_stops
 from process import progress_bar
 from rundir import RunLog, best_step, list_checkpoints
 from settings import setting
@@ -157,10 +159,8 @@ def resolve_device(cfg: TrainConfig, dist: Dist) -> torch.device:
                          ) from None
     if device.type not in ("cpu", "cuda"):  # mps, meta, ...: kernels this trainer never ran on
         raise ValueError(f"--device {cfg.device}: training runs on cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {cfg.device!r} requested but CUDA is not available")
-    if (device.type == "cuda" and device.index is not None and not dist.enabled
-            and device.index >= torch.cuda.device_count()):
+    if device.type == "cuda" and (not torch.cuda.is_available() or not dist.enabled
+                                  and (device.index or 0) >= torch.cuda.device_count()):
         raise ValueError(f"--device {cfg.device}: this machine has "
                          f"{torch.cuda.device_count()} CUDA device(s)")
     if device.type == "cuda" and dist.enabled:
@@ -302,16 +302,16 @@ class Trainer:
         # under LoRA whatever the precision (its small per-token gradients would underflow).
         self.scaler = torch.amp.GradScaler(
             device.type, enabled=self.precision == "fp16" or cfg.base_dtype == "fp16")
-        model = torch.compile(self.raw_model) if cfg.compile else self.raw_model
-        self.eval_model = model
+        self.model = self.eval_model = (torch.compile(self.raw_model) if cfg.compile
+                                        else self.raw_model)
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [device.index] if device.type == "cuda" else None
             # Buffers (rotary tables, a quantized base) are alike on every rank and never trained:
             # re-broadcasting them before each forward would send the whole QLoRA base each time.
-            model = DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
-        self.model = model
+            self.model = DistributedDataParallel(self.model, device_ids=ids,
+                                                 forward_sync_buffers=False)
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -602,8 +602,6 @@ def _build(run: Run, has_weights: bool) -> None:
     model = build_model(cfg, run.tok, rebuilt)
     adapter_config = None
     if cfg.init_adapter is not None and run.main and not (rebuilt and run_adapter_copy(rebuilt)):
-        import lora
-
         adapter_config = (Path(cfg.init_adapter) / lora.ADAPTER_CONFIG).read_bytes()
     check_lora_export(cfg, model)
     if run.dist.enabled:  # same init everywhere, but each rank its own dropout stream
@@ -1039,17 +1037,15 @@ def _export(run: Run) -> tuple[Path | None, str | None]:
     if not run.main:
         return None, None
     prompt, code = _sample_prompt(run)
+    sample = prompt and sample_completion(model, tok, prompt, cfg.sample_tokens, cfg.task,
+                                          run.dcfg.pair_special_tokens,
+                                          FUNCTION_STOPS if code else ())
     if prompt:
-        sample = sample_completion(model, tok, prompt, cfg.sample_tokens, cfg.task,
-                                   run.dcfg.pair_special_tokens, FUNCTION_STOPS if code else ())
         print(f"sample completion (greedy, best checkpoint at step {run.state.best_step}):\n"
               f"{prompt}{sample}")
     export = run.run_dir / rundir.EXPORT_DIR
 
     def write(tmp: Path) -> None:
-        import lora
-        import pretrained
-
         if cfg.lora_r == 0:
             pretrained.save(model, tmp)
         else:  # on init_from (validate_config): the adapter, naming that base
@@ -1151,30 +1147,23 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
             _leave_group()
 
 
-def _holds_runs_tokenizer(directory: str | None, tok: object) -> bool:
-    """Whether ``directory``'s tokenizer.json is the run's tokenizer (a BPETokenizer)."""
-    from tokenizer import BPETokenizer, tokenizer_path
-
-    if directory is None or not isinstance(tok, BPETokenizer):
-        return False
-    try:
-        return json.loads(tokenizer_path(directory).read_text("utf-8")) == tok.spec
-    except (OSError, ValueError):
-        return False
-
-
 def copy_hf_companions(cfg: TrainConfig, tok: object, out: Path, weights: bool) -> None:
     """Copy into an export the HF files beside the run's tokenizer (and --init-from's model)."""
-    from pretrained import GENERATION_CONFIG, HF_TOKENIZER_FILES
-    from tokenizer import tokenizer_path
+    from tokenizer import BPETokenizer, tokenizer_path
+
+    def holds_runs_tokenizer(directory: str | None) -> bool:
+        with contextlib.suppress(OSError, ValueError):
+            return directory is not None and isinstance(tok, BPETokenizer) and json.loads(
+                tokenizer_path(directory).read_text("utf-8")) == tok.spec
+        return False
 
     source = cfg.tokenizer if cfg.tokenizer is not None else cfg.init_from
-    if _holds_runs_tokenizer(source, tok):
+    if holds_runs_tokenizer(source):
         where = tokenizer_path(source).parent
-        for name in HF_TOKENIZER_FILES:
+        for name in pretrained.HF_TOKENIZER_FILES:
             if (where / name).is_file():
                 shutil.copyfile(where / name, out / name)
-        config = out / HF_TOKENIZER_FILES[0]
+        config = out / pretrained.HF_TOKENIZER_FILES[0]
         if (where / config.name).is_file():
             written = json.loads(config.read_text("utf-8"))
             written["tokenizer_class"] = "PreTrainedTokenizerFast"  # tok.save's
@@ -1183,10 +1172,10 @@ def copy_hf_companions(cfg: TrainConfig, tok: object, out: Path, weights: bool) 
                 if f"{role}_token" not in written and i is not None:
                     written[f"{role}_token"] = tok.id_to_token(i)
             config.write_text(json.dumps(written, ensure_ascii=False, indent=2), "utf-8")
-    generation = Path(cfg.init_from) / GENERATION_CONFIG if cfg.init_from is not None else None
-    if (weights and generation is not None and generation.is_file()
-            and (cfg.tokenizer is None or _holds_runs_tokenizer(cfg.init_from, tok))):
-        shutil.copyfile(generation, out / GENERATION_CONFIG)
+    generation = Path(cfg.init_from or "") / pretrained.GENERATION_CONFIG
+    if (weights and cfg.init_from is not None and generation.is_file()
+            and (cfg.tokenizer is None or holds_runs_tokenizer(cfg.init_from))):
+        shutil.copyfile(generation, out / pretrained.GENERATION_CONFIG)
 
 
 @torch.no_grad()
@@ -1246,35 +1235,28 @@ def _leave_group() -> None:
 def structure_diagnosis(model: nn.Module, vocab_size: int, length: int) -> str | None:
     """Check on random ids that the samples of a batch stay apart and later tokens do not change
     earlier logits: a model breaking either still drives the loss down, yet learns nothing."""
-    was_training = model.training
+    was_training, device = model.training, next(model.parameters()).device
     model.eval()
-    try:
-        g = torch.Generator().manual_seed(0)
-        device = next(model.parameters()).device
-        t = max(4, min(length, 16))
-        x = torch.randint(0, vocab_size, (3, t), generator=g).to(device)
-        base = model(x)
-        other = x.clone()
-        other[0] = torch.randint(0, vocab_size, (t,), generator=g).to(device)
-        if not torch.allclose(model(other)[1:], base[1:], atol=1e-5):
-            return ("changing one sample of a batch changed the logits of the others: the "
-                    "transposed-batch bug (a (time, batch) tensor read as (batch, time)); check "
-                    "every reshape/transpose before the attention.")
-        later = x.clone()
-        later[:, t // 2:] = torch.randint(0, vocab_size, (3, t - t // 2), generator=g).to(device)
-        if not torch.allclose(model(later)[:, :t // 2], base[:, :t // 2], atol=1e-5):
-            return ("changing later tokens changed earlier logits: the model sees the future "
-                    "(a missing or wrong causal mask).")
-        return None
-    finally:
-        model.train(was_training)
+    g, t = torch.Generator().manual_seed(0), max(4, min(length, 16))
+    x = torch.randint(0, vocab_size, (3, t), generator=g)
+    other, later = x.clone(), x.clone()
+    other[0] = torch.randint(0, vocab_size, (t,), generator=g)
+    later[:, t // 2:] = torch.randint(0, vocab_size, (3, t - t // 2), generator=g)
+    base, problem = model(x.to(device)), None
+    if not torch.allclose(model(other.to(device))[1:], base[1:], atol=1e-5):
+        problem = ("changing one sample of a batch changed the logits of the others: the "
+                   "transposed-batch bug (a (time, batch) tensor read as (batch, time)); check "
+                   "every reshape/transpose before the attention.")
+    elif not torch.allclose(model(later.to(device))[:, :t // 2], base[:, :t // 2], atol=1e-5):
+        problem = ("changing later tokens changed earlier logits: the model sees the future "
+                   "(a missing or wrong causal mask).")
+    model.train(was_training)
+    return problem
 
 
 def run_overfit(cfg: TrainConfig, max_steps: int = 400, lr: float = 3e-3) -> tuple[bool, str]:
     """Memorise ``data/overfit``, then reproduce each file from its first line: (passed, report)."""
-    from architecture import Transformer
     from dataset import collate
-    from generation import GenerationConfig, generate
     from tokenizer import CodeTokenizer, decode_generated
 
     started = time.perf_counter()
