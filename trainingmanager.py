@@ -19,6 +19,7 @@ import gc
 import json
 import math
 import os
+import resource
 import shutil
 import signal
 import sys
@@ -159,12 +160,14 @@ def resolve_device(cfg: TrainConfig, dist: Dist) -> torch.device:
                          ) from None
     if device.type not in ("cpu", "cuda"):  # mps, meta, ...: kernels this trainer never ran on
         raise ValueError(f"--device {cfg.device}: training runs on cpu or cuda")
-    if device.type == "cuda" and (not torch.cuda.is_available() or not dist.enabled
-                                  and (device.index or 0) >= torch.cuda.device_count()):
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {cfg.device!r} requested but CUDA is not available")
+    if (device.type == "cuda" and device.index is not None and not dist.enabled
+            and device.index >= torch.cuda.device_count()):
         raise ValueError(f"--device {cfg.device}: this machine has "
                          f"{torch.cuda.device_count()} CUDA device(s)")
     if device.type == "cuda" and dist.enabled:
-        device = torch.device("cuda", dist.local_rank)
+        return torch.device("cuda", dist.local_rank)
     return device
 
 
@@ -179,8 +182,7 @@ def _resolve_precision(precision: str, device: torch.device) -> str:
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device.type, torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def _all_reduce_sum(t: torch.Tensor, dist: Dist) -> torch.Tensor:
@@ -220,12 +222,11 @@ class BatchOrder:
                              f"global batch ({micro_batch} x {dist.world}): lower --batch-size "
                              "or add data")
         self.n, self.micro_batch, self.dist, self.seed = n_examples, micro_batch, dist, seed
-        self.epoch, self.pos = 0, 0
-        self._perm = self._permutation(0)
+        self.load_state_dict({"epoch": 0, "pos": 0})
 
     def _permutation(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n, generator=g)
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(
+            self.seed * 1_000_003 + epoch))
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos}
@@ -484,8 +485,6 @@ def _millions(n: int) -> str:  # 0.46M, but 3,072 rather than "0.00M"
 def _memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -586,11 +585,8 @@ def _build(run: Run, has_weights: bool) -> None:
     # A run with weights continues in its own settings (and paths); new runs save paths absolute.
     saved = checkpoint.check_resume_config(cfg, run.run_dir, run.hint) if (
         cfg.resume and has_weights) else None
-    if saved is None:
-        cfg = with_absolute_paths(cfg)
-    else:
-        cfg = dataclasses.replace(cfg, **{k: saved[k] for k in PATH_KEYS if k in saved})
-    run.cfg = cfg
+    run.cfg = cfg = with_absolute_paths(cfg) if saved is None else dataclasses.replace(
+        cfg, **{k: saved[k] for k in PATH_KEYS if k in saved})
     checkpoints = list_checkpoints(run.run_dir) if cfg.resume else []
     if cfg.resume and not checkpoints and run.main:
         print(f"{run.run_dir}: no checkpoint yet; starting the run from the beginning")
@@ -600,9 +596,10 @@ def _build(run: Run, has_weights: bool) -> None:
     # Continued from a checkpoint, an init_adapter run reads its LoRA layout from its own copy.
     rebuilt = run.run_dir if checkpoints else None
     model = build_model(cfg, run.tok, rebuilt)
-    adapter_config = None
+    files = {}  # atomic, the adapter's config first: a kill mid-write leaves a run that continues
     if cfg.init_adapter is not None and run.main and not (rebuilt and run_adapter_copy(rebuilt)):
-        adapter_config = (Path(cfg.init_adapter) / lora.ADAPTER_CONFIG).read_bytes()
+        files[run.run_dir / rundir.INIT_ADAPTER_COPY] = (
+            Path(cfg.init_adapter) / lora.ADAPTER_CONFIG).read_bytes()
     check_lora_export(cfg, model)
     if run.dist.enabled:  # same init everywhere, but each rank its own dropout stream
         seed_everything(cfg.seed + run.dist.rank)
@@ -626,9 +623,6 @@ def _build(run: Run, has_weights: bool) -> None:
         if run.main:
             if cfg.resume:  # first: a damaged log refuses the resume before any rewrite
                 rundir.trim_metrics(run.run_dir / rundir.METRICS_FILE, run.state.step)
-            # Atomic, the adapter's config first: a kill mid-write leaves a run that continues.
-            files = {} if adapter_config is None else {
-                run.run_dir / rundir.INIT_ADAPTER_COPY: adapter_config}
             process.write_atomic_files({**files, run.run_dir / rundir.CONFIG_FILE:
                                         json.dumps(run.config_dict, indent=1)})
 
@@ -785,12 +779,8 @@ def _collate(run: Run, examples: list[dict]) -> dict:
 
 
 def _next_micro_batches(run: Run) -> tuple[list[dict], tuple[int, int]]:
-    micro, where = [], None
-    for _ in range(run.cfg.grad_accum):
-        indices, position = run.order.next()
-        where = where or position
-        micro.append(_collate(run, [run.train_set[i] for i in indices]))
-    return micro, where
+    picks = [run.order.next() for _ in range(run.cfg.grad_accum)]
+    return [_collate(run, [run.train_set[i] for i in ids]) for ids, _ in picks], picks[0][1]
 
 
 def _val_batches(run: Run) -> tuple[Iterator[dict], int]:
