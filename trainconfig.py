@@ -142,8 +142,7 @@ _CHOICES = {
 
 
 def config_from_dict(values: dict, source: str = "<dict>") -> TrainConfig:
-    """Build a TrainConfig from a dict, its nested options checked too; errors name the source
-    and the key."""
+    """A TrainConfig from a dict, nested options included; errors name the source and key."""
     cfg = settings.config_from_dict(TrainConfig, values, source, _CHOICES)
     check_options(values, source)
     return cfg
@@ -296,12 +295,10 @@ def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = (),
                          "adapter on as it is")
     targets = theirs["lora_targets"]  # one regular expression: the file keeps it (lora_targets
     #   lists names), and build_model's load_adapter reads it there
-    return dataclasses.replace(
-        cfg, lora_r=theirs["lora_r"], lora_alpha=float(theirs["lora_alpha"]),
-        lora_dropout=float(theirs["lora_dropout"]), lora_dora=theirs["lora_dora"],
-        lora_bias=theirs["lora_bias"], lora_modules_to_save=theirs["lora_modules_to_save"],
-        lora_targets=cfg.lora_targets or (targets if isinstance(targets, list) else None),
-        init_from=base)
+    return dataclasses.replace(cfg, init_from=base, **{
+        **theirs, "lora_alpha": float(theirs["lora_alpha"]),
+        "lora_dropout": float(theirs["lora_dropout"]),
+        "lora_targets": cfg.lora_targets or (targets if isinstance(targets, list) else None)})
 
 
 def _select_the_same(base: str, mine: list[str], theirs: list[str] | str, file: Path) -> bool:
@@ -472,8 +469,7 @@ def check_options(values: dict, source: str | None = None) -> None:
 
 
 def _check_data_options(options: dict, where: str) -> None:
-    """Each key a DataConfig key that no TrainConfig key sets, and the values as a DataConfig of
-    the other keys' defaults validates them."""
+    """Keys DataConfig has and no TrainConfig key sets; values as DataConfig validates them."""
     from dataset import DataConfig
 
     known = {f.name for f in dataclasses.fields(DataConfig)}
@@ -562,9 +558,8 @@ def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int | None,
 def check_lora_export(cfg: TrainConfig, model: nn.Module,
                       where_set: Callable[[str], str] = settings.flag_of) -> None:
     """Refuse, before training, an export that would merge a LoRA into a tied weight."""
-    merges = cfg.export and cfg.lora_r > 0 and cfg.export_merged
-    tied = lora.tied_targets(model) if merges else {}
-    if not tied:
+    if not (cfg.export and cfg.lora_r > 0 and cfg.export_merged
+            and (tied := lora.tied_targets(model))):
         return
     path, names = next(iter(tied.items()))
     raise ValueError(f"{setting(cfg, 'export_merged', where_set)}: the LoRA target {path} "
@@ -703,11 +698,8 @@ def build_model(cfg: TrainConfig, tok: CodeTokenizer | BPETokenizer,
                     "it: save the merged base (PEFT: unload().save_pretrained), use --init-from")
             lora.load_adapter(model, cfg.init_adapter)
         else:
-            options = {"target_modules": cfg.lora_targets} if cfg.lora_targets else {}
-            lora.apply_lora(model, lora.LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha,
-                                                   dropout=cfg.lora_dropout,
-                                                   use_dora=cfg.lora_dora, bias=cfg.lora_bias,
-                                                   modules_to_save=cfg.lora_modules_to_save,
-                                                   **options))
+            lora.apply_lora(model, lora.LoRAConfig(**{  # no lora_targets: LoRAConfig's default
+                name: getattr(cfg, key) for name, key in ADAPTER_KEYS.items()
+                if key != "lora_targets" or cfg.lora_targets}))
     model.gradient_checkpointing = cfg.gradient_checkpointing
     return model
