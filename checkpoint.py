@@ -274,12 +274,9 @@ def _is_path(key: str, item) -> bool:
 
 def _map_paths(key: str, value, fn: Callable[[Path], Path]):
     """``fn`` applied to each path of a PATH_KEYS value (a path, a list of them, or None)."""
-    def one(path):
-        return str(fn(Path(path))) if _is_path(key, path) else path
-
-    if isinstance(value, str):
-        return one(value)
-    return [one(v) for v in value] if isinstance(value, list) else value
+    if isinstance(value, list):
+        return [_map_paths(key, v, fn) for v in value]
+    return str(fn(Path(value))) if _is_path(key, value) else value
 
 
 def with_absolute_paths(cfg):
