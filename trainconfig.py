@@ -669,8 +669,7 @@ def load_or_train_tokenizer(cfg: TrainConfig, dcfg: DataConfig) -> CodeTokenizer
 def build_model(cfg: TrainConfig, tok: CodeTokenizer | BPETokenizer,
                 run_dir: Path | None = None) -> nn.Module:
     """From scratch or from ``init_from``; then the quantized base and LoRA if asked for.
-    ``run_dir``: the run whose own weights will be loaded (an init_adapter run's LoRA layout then
-    comes from its copy of the adapter's config)."""
+    ``run_dir``: a run continued, whose copy of its init_adapter's config gives the LoRA layout."""
     base_dtype = SHORT_DTYPES[cfg.base_dtype]
     if cfg.init_from is not None:
         model = pretrained.load(cfg.init_from, dtype=base_dtype, device="cpu")

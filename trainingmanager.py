@@ -631,9 +631,8 @@ EVALS_IN_BUDGET = 4  # evaluations a budgeted run makes (the last at its end)
 
 
 def _sized_to_budget(run: Run, model: nn.Module) -> TrainConfig:
-    """``run.cfg`` with max_steps, eval_every and warmup_steps that fill what is left of its
-    time budget on this machine (a step and an evaluation timed here), the budget replaced by
-    them: config.json then reproduces the run by itself."""
+    """``run.cfg`` with max_steps, eval_every and warmup_steps filling what is left of its time
+    budget on this machine, in place of the budget: config.json then reproduces the run."""
     cfg = run.cfg
     step_s, eval_s = _broadcast(_time_a_step(run, model), run.dist)
     left = _seconds_left(run)
@@ -655,9 +654,8 @@ def _seconds_left(run: Run) -> float:
 
 
 def _time_a_step(run: Run, model: nn.Module) -> tuple[float, float]:
-    """Seconds a training step (its batches collated) and a whole evaluation take, timed on a
-    copy of the model over a 60th of the budget (at most 10 s) after three warm-up steps; the
-    RNG state is restored, so the run draws what it would have drawn."""
+    """Seconds a step and a whole evaluation take, timed on a copy of the model after three
+    warm-up steps; the RNG state is restored, so the run draws what it would have drawn."""
     saved = rng_state(run.device)
     cfg = run.cfg
     probe = Trainer(copy.deepcopy(model), cfg, run.device, run.dist, max_steps=10**9)
@@ -939,14 +937,13 @@ def _stops_early(run: Run) -> bool:
 def _stop_requested(run: Run, signals: _StopSignals, started: float | None = None) -> str | None:
     """Why every rank stops now (collective): a signal any rank received, or the time budget."""
     budget = run.cfg.max_time_s
-    over_time = (started is not None and budget is not None
-                 and time.perf_counter() - started > budget)
-    flags = torch.tensor([signals.reason is not None, over_time], dtype=torch.float32,
-                         device=run.device)
-    flags = _all_reduce_sum(flags, run.dist).tolist()
-    if flags[0]:
+    over_time = None not in (started, budget) and time.perf_counter() - started > budget
+    signalled, over_time = _all_reduce_sum(torch.tensor(
+        [signals.reason is not None, over_time], dtype=torch.float32, device=run.device),
+        run.dist).tolist()
+    if signalled:
         return signals.reason or "SIGTERM"
-    return "time budget" if flags[1] else None
+    return "time budget" if over_time else None
 
 
 def _nonfinite(run: Run, stats: StepStats, where: tuple[int, int], log: RunLog) -> None:
@@ -970,11 +967,11 @@ def _nonfinite(run: Run, stats: StepStats, where: tuple[int, int], log: RunLog) 
     else:
         kept = ("no checkpoint had been written yet: run the command again with the changes (the "
                 "same --name starts the run anew)")
-    span = _examples_per_step(run)
     diagnosis = (
         f"non-finite {stats.nonfinite} ({value}) at step {step}: epoch {_epoch(run, step):.3g}, "
-        f"training examples {pos}..{pos + span - 1} of shuffled pass {shuffle} of the data; the "
-        "update was not applied. Likely causes: " + "; ".join(causes) + ".")
+        f"training examples {pos}..{pos + _examples_per_step(run) - 1} of shuffled pass "
+        f"{shuffle} of the data; the update was not applied. Likely causes: "
+        + "; ".join(causes) + ".")
     message = f"{diagnosis} {kept}."
     log.write(step, "error", {"message": message})
     raise NonFiniteLossError(message, step, diagnosis)
