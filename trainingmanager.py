@@ -1309,8 +1309,7 @@ def run_overfit(cfg: TrainConfig, max_steps: int = 400, lr: float = 3e-3) -> tup
         generated = [i for i in out[0, len(prompt):].tolist() if i != tok.eos_id]
         completion = first_line + decode_generated(tok, generated)
         if completion != text:
-            at = next((i for i, (a, b) in enumerate(zip(completion, text)) if a != b),
-                      min(len(completion), len(text)))
+            at = len(os.path.commonprefix([completion, text]))
             lines.append(f"  {f.name}: differs at character {at}: expected "
                          f"{text[at:at + 30]!r}, generated {completion[at:at + 30]!r}")
     if lines:
