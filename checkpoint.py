@@ -122,9 +122,8 @@ DISK_FULL_MIB = 1.0
 
 
 def write_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
-    """``process.write_dir_atomically`` replacing ``target`` (a checkpoint, best/, export/) with
-    what ``write`` writes and its manifest; any failure one OSError naming ``target`` (and a full
-    disk, measured as it fails)."""
+    """Replace ``target`` (a checkpoint, best/, export/) atomically with what ``write`` writes and
+    its manifest; any failure is one OSError naming ``target`` (and a full disk)."""
     free_mib: list[float] = []
 
     def build(tmp: Path) -> None:
@@ -186,9 +185,8 @@ def read_state(path: Path, mmap: bool = False) -> RunState:
 
 
 def load(path: Path, model: nn.Module, trainable_only: bool) -> RunState:
-    """Load a checkpoint's weights into ``model`` and return its RunState; its files are checked
-    against its manifest and read first, so a broken checkpoint leaves the model as it was and an
-    earlier one can be tried."""
+    """Load a checkpoint into ``model`` and return its RunState; all is checked and read first,
+    so a broken checkpoint leaves the model as it was and an earlier one can be tried."""
     path = Path(path)
     if problem := process.manifest_problem(path):
         raise _broken(path, problem)
@@ -274,12 +272,9 @@ def _is_path(key: str, item) -> bool:
 
 def _map_paths(key: str, value, fn: Callable[[Path], Path]):
     """``fn`` applied to each path of a PATH_KEYS value (a path, a list of them, or None)."""
-    def one(path):
-        return str(fn(Path(path))) if _is_path(key, path) else path
-
-    if isinstance(value, str):
-        return one(value)
-    return [one(v) for v in value] if isinstance(value, list) else value
+    if isinstance(value, list):
+        return [_map_paths(key, v, fn) for v in value]
+    return str(fn(Path(value))) if _is_path(key, value) else value
 
 
 def with_absolute_paths(cfg):

@@ -93,14 +93,11 @@ def is_run_dir(path: str | Path) -> bool:
 
 def failed_before_weights(run_dir: Path) -> bool:
     """Whether a directory holds only a codelm run that stopped before writing any weights."""
-    try:
+    with contextlib.suppress(ValueError, OSError):
         config = settings.read_json_object(run_dir / CONFIG_FILE, "run config")
-    except (ValueError, OSError):
-        return False
-    if not RUN_CONFIG_KEYS <= set(config):
-        return False
-    weights = (p for p in run_dir.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt"))
-    return not holds_weights(run_dir) and next(weights, None) is None
+        return RUN_CONFIG_KEYS <= set(config) and not holds_weights(run_dir) and not any(
+            p.suffix in (".safetensors", ".bin", ".pt") for p in run_dir.rglob("*"))
+    return False
 
 
 RUN_CONFIG_KEYS = {"preset", "lora_r", "max_steps", "out_dir"}  # a run's config.json has these
@@ -125,7 +122,7 @@ def holds_no_checkpoint(run_dir: Path) -> str:
 
 def no_weights_yet(run_dir: Path) -> str | None:
     """Why a run directory holding no weights has no model to load; None for any other."""
-    if not (run_dir / CONFIG_FILE).is_file() or not failed_before_weights(run_dir):
+    if not failed_before_weights(run_dir):  # a config.json and no weights
         return None
     lock = run_dir / LOCK_FILE
     if lock_is_held(lock):
@@ -145,29 +142,23 @@ def what_next(hint: str, restarts: bool = False) -> str:
 
 def lock_holder(lock: Path) -> str | None:
     """Who holds ``lock`` ("process PID on HOST"), None when unknown or ended."""
-    try:
+    with contextlib.suppress(OSError, UnicodeDecodeError):
         match = re.fullmatch(process.OWNER_PATTERN, lock.read_text().strip())
-    except (OSError, UnicodeDecodeError):
-        return None
-    if match is None or process.owner_is_dead(match):
-        return None
-    return f"process {match['pid']} on {match['host']}"
+        if match is not None and not process.owner_is_dead(match):
+            return f"process {match['pid']} on {match['host']}"
+    return None
 
 
 def lock_is_held(lock: Path) -> bool:
     """Whether a live run holds ``lock`` (a run directory's LOCK_FILE)."""
-    try:
+    with contextlib.suppress(OSError):  # no lock file, or a filesystem without locks
         fd = os.open(lock, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:  # a filesystem without locks: nothing to tell
-        pass
-    finally:
-        os.close(fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
     return False
 
 

@@ -142,15 +142,16 @@ _CHOICES = {
 
 
 def config_from_dict(values: dict, source: str = "<dict>") -> TrainConfig:
-    """Build a TrainConfig from a dict, with errors that name the source and the key."""
-    return settings.config_from_dict(TrainConfig, values, source, _CHOICES)
+    """A TrainConfig from a dict, nested options included; errors name the source and key."""
+    cfg = settings.config_from_dict(TrainConfig, values, source, _CHOICES)
+    check_options(values, source)
+    return cfg
 
 
 def load_config_file(path: str | os.PathLike) -> dict:
     """The checked TrainConfig values of a JSON file (a recipe's ``train`` section)."""
     values, source = settings.read_config_file(path, "train")
     config_from_dict(values, source)
-    check_options(values, source)
     return values
 
 
@@ -294,12 +295,10 @@ def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = (),
                          "adapter on as it is")
     targets = theirs["lora_targets"]  # one regular expression: the file keeps it (lora_targets
     #   lists names), and build_model's load_adapter reads it there
-    return dataclasses.replace(
-        cfg, lora_r=theirs["lora_r"], lora_alpha=float(theirs["lora_alpha"]),
-        lora_dropout=float(theirs["lora_dropout"]), lora_dora=theirs["lora_dora"],
-        lora_bias=theirs["lora_bias"], lora_modules_to_save=theirs["lora_modules_to_save"],
-        lora_targets=cfg.lora_targets or (targets if isinstance(targets, list) else None),
-        init_from=base)
+    return dataclasses.replace(cfg, init_from=base, **{
+        **theirs, "lora_alpha": float(theirs["lora_alpha"]),
+        "lora_dropout": float(theirs["lora_dropout"]),
+        "lora_targets": cfg.lora_targets or (targets if isinstance(targets, list) else None)})
 
 
 def _select_the_same(base: str, mine: list[str], theirs: list[str] | str, file: Path) -> bool:
@@ -460,8 +459,17 @@ _DATA_KEYS_OF_TRAIN = {"task": "task", "sources": "data", "val_sources": "val_da
                        "test_sources": "test_data", "block_size": "block_size"}
 
 
-def _check_data_option_keys(options: dict, where: str) -> None:
-    """Each key a DataConfig key that no TrainConfig key sets."""
+def check_options(values: dict, source: str | None = None) -> None:
+    """The data_options and model_options of ``values`` checked on their own, so that errors
+    name ``source`` (a --config file), else their flags."""
+    for key, check in (("data_options", _check_data_options),
+                       ("model_options", _check_model_options)):
+        if isinstance(values.get(key), dict):  # else config_from_dict names the type
+            check(values[key], f"{source}: {key}" if source else settings.flag_of(key))
+
+
+def _check_data_options(options: dict, where: str) -> None:
+    """Keys DataConfig has and no TrainConfig key sets; values as DataConfig validates them."""
     from dataset import DataConfig
 
     known = {f.name for f in dataclasses.fields(DataConfig)}
@@ -473,22 +481,6 @@ def _check_data_option_keys(options: dict, where: str) -> None:
             raise ValueError(f"{where}: unknown DataConfig key {key!r}; "
                              + settings.key_hint(key, known - set(_DATA_KEYS_OF_TRAIN),
                                                   "DataConfig"))
-
-
-def check_options(values: dict, source: str | None = None) -> None:
-    """The data_options and model_options of ``values`` checked on their own, so that errors
-    name ``source`` (a --config file), else their flags."""
-    for key, check in (("data_options", _check_data_options),
-                       ("model_options", _check_model_options)):
-        if isinstance(values.get(key), dict):  # else config_from_dict names the type
-            check(values[key], f"{source}: {key}" if source else settings.flag_of(key))
-
-
-def _check_data_options(options: dict, where: str) -> None:
-    """The keys, and the values as a DataConfig of the other keys' defaults validates them."""
-    from dataset import DataConfig
-
-    _check_data_option_keys(options, where)
     data_cfg = settings.config_from_dict(DataConfig, options, where)  # errors name `where`
     try:
         data_cfg.validate()  # its task and sources at their defaults
@@ -510,7 +502,6 @@ def data_config(cfg: TrainConfig, block_size: int) -> DataConfig:
     """The dataset.DataConfig of this run: task, sources and sequence length come from cfg."""
     from dataset import DataConfig
 
-    _check_data_option_keys(cfg.data_options, "data_options")
     options = {"progress": cfg.progress, **cfg.data_options}
     dcfg = DataConfig(task=cfg.task, sources=list(cfg.data or ["stdlib"]),
                       val_sources=list(cfg.val_data or []), test_sources=list(cfg.test_data or []),
@@ -556,7 +547,6 @@ def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int | None,
         values.update(head_dim=None, rotary_dim=None)
     if "n_head" in shape:
         values["n_kv_head"] = None
-    _check_model_options(cfg.model_options, "model_options")
     values.update({**shape, **cfg.model_options}, vocab_size=vocab_size, bos_id=bos_id,
                   eos_id=eos_id)
     try:
@@ -568,9 +558,8 @@ def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int | None,
 def check_lora_export(cfg: TrainConfig, model: nn.Module,
                       where_set: Callable[[str], str] = settings.flag_of) -> None:
     """Refuse, before training, an export that would merge a LoRA into a tied weight."""
-    merges = cfg.export and cfg.lora_r > 0 and cfg.export_merged
-    tied = lora.tied_targets(model) if merges else {}
-    if not tied:
+    if not (cfg.export and cfg.lora_r > 0 and cfg.export_merged
+            and (tied := lora.tied_targets(model))):
         return
     path, names = next(iter(tied.items()))
     raise ValueError(f"{setting(cfg, 'export_merged', where_set)}: the LoRA target {path} "
@@ -680,8 +669,7 @@ def load_or_train_tokenizer(cfg: TrainConfig, dcfg: DataConfig) -> CodeTokenizer
 def build_model(cfg: TrainConfig, tok: CodeTokenizer | BPETokenizer,
                 run_dir: Path | None = None) -> nn.Module:
     """From scratch or from ``init_from``; then the quantized base and LoRA if asked for.
-    ``run_dir``: the run whose own weights will be loaded (an init_adapter run's LoRA layout then
-    comes from its copy of the adapter's config)."""
+    ``run_dir``: a run continued, whose copy of its init_adapter's config gives the LoRA layout."""
     base_dtype = SHORT_DTYPES[cfg.base_dtype]
     if cfg.init_from is not None:
         model = pretrained.load(cfg.init_from, dtype=base_dtype, device="cpu")
@@ -709,11 +697,8 @@ def build_model(cfg: TrainConfig, tok: CodeTokenizer | BPETokenizer,
                     "it: save the merged base (PEFT: unload().save_pretrained), use --init-from")
             lora.load_adapter(model, cfg.init_adapter)
         else:
-            options = {"target_modules": cfg.lora_targets} if cfg.lora_targets else {}
-            lora.apply_lora(model, lora.LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha,
-                                                   dropout=cfg.lora_dropout,
-                                                   use_dora=cfg.lora_dora, bias=cfg.lora_bias,
-                                                   modules_to_save=cfg.lora_modules_to_save,
-                                                   **options))
+            lora.apply_lora(model, lora.LoRAConfig(**{  # no lora_targets: LoRAConfig's default
+                name: getattr(cfg, key) for name, key in ADAPTER_KEYS.items()
+                if key != "lora_targets" or cfg.lora_targets}))
     model.gradient_checkpointing = cfg.gradient_checkpointing
     return model

@@ -19,6 +19,7 @@ import gc
 import json
 import math
 import os
+import resource
 import shutil
 import signal
 import sys
@@ -38,10 +39,12 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import checkpoint
+import lora
+import pretrained
 import process
 import rundir
 import settings
-from architecture import IGNORE_INDEX, cuda_half_dtype, lacks_native_bf16
+from architecture import IGNORE_INDEX, Transformer, cuda_half_dtype, lacks_native_bf16
 from checkpoint import (
     PATH_KEYS,
     RunState,
@@ -53,7 +56,7 @@ from checkpoint import (
     with_absolute_paths,
     write_dir_atomically,
 )
-from generation import FUNCTION_STOPS, truncate_at_stops
+from generation import FUNCTION_STOPS, GenerationConfig, generate, truncate_at_stops
 from process import progress_bar
 from rundir import RunLog, best_step, list_checkpoints
 from settings import setting
@@ -164,7 +167,7 @@ def resolve_device(cfg: TrainConfig, dist: Dist) -> torch.device:
         raise ValueError(f"--device {cfg.device}: this machine has "
                          f"{torch.cuda.device_count()} CUDA device(s)")
     if device.type == "cuda" and dist.enabled:
-        device = torch.device("cuda", dist.local_rank)
+        return torch.device("cuda", dist.local_rank)
     return device
 
 
@@ -179,8 +182,7 @@ def _resolve_precision(precision: str, device: torch.device) -> str:
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device.type, torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def _all_reduce_sum(t: torch.Tensor, dist: Dist) -> torch.Tensor:
@@ -220,12 +222,11 @@ class BatchOrder:
                              f"global batch ({micro_batch} x {dist.world}): lower --batch-size "
                              "or add data")
         self.n, self.micro_batch, self.dist, self.seed = n_examples, micro_batch, dist, seed
-        self.epoch, self.pos = 0, 0
-        self._perm = self._permutation(0)
+        self.load_state_dict({"epoch": 0, "pos": 0})
 
     def _permutation(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n, generator=g)
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(
+            self.seed * 1_000_003 + epoch))
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos}
@@ -302,16 +303,16 @@ class Trainer:
         # under LoRA whatever the precision (its small per-token gradients would underflow).
         self.scaler = torch.amp.GradScaler(
             device.type, enabled=self.precision == "fp16" or cfg.base_dtype == "fp16")
-        model = torch.compile(self.raw_model) if cfg.compile else self.raw_model
-        self.eval_model = model
+        self.model = self.eval_model = (torch.compile(self.raw_model) if cfg.compile
+                                        else self.raw_model)
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [device.index] if device.type == "cuda" else None
             # Buffers (rotary tables, a quantized base) are alike on every rank and never trained:
             # re-broadcasting them before each forward would send the whole QLoRA base each time.
-            model = DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
-        self.model = model
+            self.model = DistributedDataParallel(self.model, device_ids=ids,
+                                                 forward_sync_buffers=False)
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -484,8 +485,6 @@ def _millions(n: int) -> str:  # 0.46M, but 3,072 rather than "0.00M"
 def _memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -586,11 +585,8 @@ def _build(run: Run, has_weights: bool) -> None:
     # A run with weights continues in its own settings (and paths); new runs save paths absolute.
     saved = checkpoint.check_resume_config(cfg, run.run_dir, run.hint) if (
         cfg.resume and has_weights) else None
-    if saved is None:
-        cfg = with_absolute_paths(cfg)
-    else:
-        cfg = dataclasses.replace(cfg, **{k: saved[k] for k in PATH_KEYS if k in saved})
-    run.cfg = cfg
+    run.cfg = cfg = with_absolute_paths(cfg) if saved is None else dataclasses.replace(
+        cfg, **{k: saved[k] for k in PATH_KEYS if k in saved})
     checkpoints = list_checkpoints(run.run_dir) if cfg.resume else []
     if cfg.resume and not checkpoints and run.main:
         print(f"{run.run_dir}: no checkpoint yet; starting the run from the beginning")
@@ -600,11 +596,10 @@ def _build(run: Run, has_weights: bool) -> None:
     # Continued from a checkpoint, an init_adapter run reads its LoRA layout from its own copy.
     rebuilt = run.run_dir if checkpoints else None
     model = build_model(cfg, run.tok, rebuilt)
-    adapter_config = None
+    files = {}  # atomic, the adapter's config first: a kill mid-write leaves a run that continues
     if cfg.init_adapter is not None and run.main and not (rebuilt and run_adapter_copy(rebuilt)):
-        import lora
-
-        adapter_config = (Path(cfg.init_adapter) / lora.ADAPTER_CONFIG).read_bytes()
+        files[run.run_dir / rundir.INIT_ADAPTER_COPY] = (
+            Path(cfg.init_adapter) / lora.ADAPTER_CONFIG).read_bytes()
     check_lora_export(cfg, model)
     if run.dist.enabled:  # same init everywhere, but each rank its own dropout stream
         seed_everything(cfg.seed + run.dist.rank)
@@ -628,9 +623,6 @@ def _build(run: Run, has_weights: bool) -> None:
         if run.main:
             if cfg.resume:  # first: a damaged log refuses the resume before any rewrite
                 rundir.trim_metrics(run.run_dir / rundir.METRICS_FILE, run.state.step)
-            # Atomic, the adapter's config first: a kill mid-write leaves a run that continues.
-            files = {} if adapter_config is None else {
-                run.run_dir / rundir.INIT_ADAPTER_COPY: adapter_config}
             process.write_atomic_files({**files, run.run_dir / rundir.CONFIG_FILE:
                                         json.dumps(run.config_dict, indent=1)})
 
@@ -639,9 +631,8 @@ EVALS_IN_BUDGET = 4  # evaluations a budgeted run makes (the last at its end)
 
 
 def _sized_to_budget(run: Run, model: nn.Module) -> TrainConfig:
-    """``run.cfg`` with max_steps, eval_every and warmup_steps that fill what is left of its
-    time budget on this machine (a step and an evaluation timed here), the budget replaced by
-    them: config.json then reproduces the run by itself."""
+    """``run.cfg`` with max_steps, eval_every and warmup_steps filling what is left of its time
+    budget on this machine, in place of the budget: config.json then reproduces the run."""
     cfg = run.cfg
     step_s, eval_s = _broadcast(_time_a_step(run, model), run.dist)
     left = _seconds_left(run)
@@ -663,9 +654,8 @@ def _seconds_left(run: Run) -> float:
 
 
 def _time_a_step(run: Run, model: nn.Module) -> tuple[float, float]:
-    """Seconds a training step (its batches collated) and a whole evaluation take, timed on a
-    copy of the model over a 60th of the budget (at most 10 s) after three warm-up steps; the
-    RNG state is restored, so the run draws what it would have drawn."""
+    """Seconds a step and a whole evaluation take, timed on a copy of the model after three
+    warm-up steps; the RNG state is restored, so the run draws what it would have drawn."""
     saved = rng_state(run.device)
     cfg = run.cfg
     probe = Trainer(copy.deepcopy(model), cfg, run.device, run.dist, max_steps=10**9)
@@ -787,12 +777,8 @@ def _collate(run: Run, examples: list[dict]) -> dict:
 
 
 def _next_micro_batches(run: Run) -> tuple[list[dict], tuple[int, int]]:
-    micro, where = [], None
-    for _ in range(run.cfg.grad_accum):
-        indices, position = run.order.next()
-        where = where or position
-        micro.append(_collate(run, [run.train_set[i] for i in indices]))
-    return micro, where
+    picks = [run.order.next() for _ in range(run.cfg.grad_accum)]
+    return [_collate(run, [run.train_set[i] for i in ids]) for ids, _ in picks], picks[0][1]
 
 
 def _val_batches(run: Run) -> tuple[Iterator[dict], int]:
@@ -951,14 +937,13 @@ def _stops_early(run: Run) -> bool:
 def _stop_requested(run: Run, signals: _StopSignals, started: float | None = None) -> str | None:
     """Why every rank stops now (collective): a signal any rank received, or the time budget."""
     budget = run.cfg.max_time_s
-    over_time = (started is not None and budget is not None
-                 and time.perf_counter() - started > budget)
-    flags = torch.tensor([signals.reason is not None, over_time], dtype=torch.float32,
-                         device=run.device)
-    flags = _all_reduce_sum(flags, run.dist).tolist()
-    if flags[0]:
+    over_time = None not in (started, budget) and time.perf_counter() - started > budget
+    signalled, over_time = _all_reduce_sum(torch.tensor(
+        [signals.reason is not None, over_time], dtype=torch.float32, device=run.device),
+        run.dist).tolist()
+    if signalled:
         return signals.reason or "SIGTERM"
-    return "time budget" if flags[1] else None
+    return "time budget" if over_time else None
 
 
 def _nonfinite(run: Run, stats: StepStats, where: tuple[int, int], log: RunLog) -> None:
@@ -982,11 +967,11 @@ def _nonfinite(run: Run, stats: StepStats, where: tuple[int, int], log: RunLog) 
     else:
         kept = ("no checkpoint had been written yet: run the command again with the changes (the "
                 "same --name starts the run anew)")
-    span = _examples_per_step(run)
     diagnosis = (
         f"non-finite {stats.nonfinite} ({value}) at step {step}: epoch {_epoch(run, step):.3g}, "
-        f"training examples {pos}..{pos + span - 1} of shuffled pass {shuffle} of the data; the "
-        "update was not applied. Likely causes: " + "; ".join(causes) + ".")
+        f"training examples {pos}..{pos + _examples_per_step(run) - 1} of shuffled pass "
+        f"{shuffle} of the data; the update was not applied. Likely causes: "
+        + "; ".join(causes) + ".")
     message = f"{diagnosis} {kept}."
     log.write(step, "error", {"message": message})
     raise NonFiniteLossError(message, step, diagnosis)
@@ -1039,17 +1024,15 @@ def _export(run: Run) -> tuple[Path | None, str | None]:
     if not run.main:
         return None, None
     prompt, code = _sample_prompt(run)
+    sample = prompt and sample_completion(model, tok, prompt, cfg.sample_tokens, cfg.task,
+                                          run.dcfg.pair_special_tokens,
+                                          FUNCTION_STOPS if code else ())
     if prompt:
-        sample = sample_completion(model, tok, prompt, cfg.sample_tokens, cfg.task,
-                                   run.dcfg.pair_special_tokens, FUNCTION_STOPS if code else ())
         print(f"sample completion (greedy, best checkpoint at step {run.state.best_step}):\n"
               f"{prompt}{sample}")
     export = run.run_dir / rundir.EXPORT_DIR
 
     def write(tmp: Path) -> None:
-        import lora
-        import pretrained
-
         if cfg.lora_r == 0:
             pretrained.save(model, tmp)
         else:  # on init_from (validate_config): the adapter, naming that base
@@ -1151,30 +1134,23 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
             _leave_group()
 
 
-def _holds_runs_tokenizer(directory: str | None, tok: object) -> bool:
-    """Whether ``directory``'s tokenizer.json is the run's tokenizer (a BPETokenizer)."""
-    from tokenizer import BPETokenizer, tokenizer_path
-
-    if directory is None or not isinstance(tok, BPETokenizer):
-        return False
-    try:
-        return json.loads(tokenizer_path(directory).read_text("utf-8")) == tok.spec
-    except (OSError, ValueError):
-        return False
-
-
 def copy_hf_companions(cfg: TrainConfig, tok: object, out: Path, weights: bool) -> None:
     """Copy into an export the HF files beside the run's tokenizer (and --init-from's model)."""
-    from pretrained import GENERATION_CONFIG, HF_TOKENIZER_FILES
-    from tokenizer import tokenizer_path
+    from tokenizer import BPETokenizer, tokenizer_path
+
+    def holds_runs_tokenizer(directory: str | None) -> bool:
+        with contextlib.suppress(OSError, ValueError):
+            return directory is not None and isinstance(tok, BPETokenizer) and json.loads(
+                tokenizer_path(directory).read_text("utf-8")) == tok.spec
+        return False
 
     source = cfg.tokenizer if cfg.tokenizer is not None else cfg.init_from
-    if _holds_runs_tokenizer(source, tok):
+    if holds_runs_tokenizer(source):
         where = tokenizer_path(source).parent
-        for name in HF_TOKENIZER_FILES:
+        for name in pretrained.HF_TOKENIZER_FILES:
             if (where / name).is_file():
                 shutil.copyfile(where / name, out / name)
-        config = out / HF_TOKENIZER_FILES[0]
+        config = out / pretrained.HF_TOKENIZER_FILES[0]
         if (where / config.name).is_file():
             written = json.loads(config.read_text("utf-8"))
             written["tokenizer_class"] = "PreTrainedTokenizerFast"  # tok.save's
@@ -1183,10 +1159,10 @@ def copy_hf_companions(cfg: TrainConfig, tok: object, out: Path, weights: bool) 
                 if f"{role}_token" not in written and i is not None:
                     written[f"{role}_token"] = tok.id_to_token(i)
             config.write_text(json.dumps(written, ensure_ascii=False, indent=2), "utf-8")
-    generation = Path(cfg.init_from) / GENERATION_CONFIG if cfg.init_from is not None else None
-    if (weights and generation is not None and generation.is_file()
-            and (cfg.tokenizer is None or _holds_runs_tokenizer(cfg.init_from, tok))):
-        shutil.copyfile(generation, out / GENERATION_CONFIG)
+    generation = Path(cfg.init_from or "") / pretrained.GENERATION_CONFIG
+    if (weights and cfg.init_from is not None and generation.is_file()
+            and (cfg.tokenizer is None or holds_runs_tokenizer(cfg.init_from))):
+        shutil.copyfile(generation, out / pretrained.GENERATION_CONFIG)
 
 
 @torch.no_grad()
@@ -1246,35 +1222,28 @@ def _leave_group() -> None:
 def structure_diagnosis(model: nn.Module, vocab_size: int, length: int) -> str | None:
     """Check on random ids that the samples of a batch stay apart and later tokens do not change
     earlier logits: a model breaking either still drives the loss down, yet learns nothing."""
-    was_training = model.training
+    was_training, device = model.training, next(model.parameters()).device
     model.eval()
-    try:
-        g = torch.Generator().manual_seed(0)
-        device = next(model.parameters()).device
-        t = max(4, min(length, 16))
-        x = torch.randint(0, vocab_size, (3, t), generator=g).to(device)
-        base = model(x)
-        other = x.clone()
-        other[0] = torch.randint(0, vocab_size, (t,), generator=g).to(device)
-        if not torch.allclose(model(other)[1:], base[1:], atol=1e-5):
-            return ("changing one sample of a batch changed the logits of the others: the "
-                    "transposed-batch bug (a (time, batch) tensor read as (batch, time)); check "
-                    "every reshape/transpose before the attention.")
-        later = x.clone()
-        later[:, t // 2:] = torch.randint(0, vocab_size, (3, t - t // 2), generator=g).to(device)
-        if not torch.allclose(model(later)[:, :t // 2], base[:, :t // 2], atol=1e-5):
-            return ("changing later tokens changed earlier logits: the model sees the future "
-                    "(a missing or wrong causal mask).")
-        return None
-    finally:
-        model.train(was_training)
+    g, t = torch.Generator().manual_seed(0), max(4, min(length, 16))
+    x = torch.randint(0, vocab_size, (3, t), generator=g)
+    other, later = x.clone(), x.clone()
+    other[0] = torch.randint(0, vocab_size, (t,), generator=g)
+    later[:, t // 2:] = torch.randint(0, vocab_size, (3, t - t // 2), generator=g)
+    base, problem = model(x.to(device)), None
+    if not torch.allclose(model(other.to(device))[1:], base[1:], atol=1e-5):
+        problem = ("changing one sample of a batch changed the logits of the others: the "
+                   "transposed-batch bug (a (time, batch) tensor read as (batch, time)); check "
+                   "every reshape/transpose before the attention.")
+    elif not torch.allclose(model(later.to(device))[:, :t // 2], base[:, :t // 2], atol=1e-5):
+        problem = ("changing later tokens changed earlier logits: the model sees the future "
+                   "(a missing or wrong causal mask).")
+    model.train(was_training)
+    return problem
 
 
 def run_overfit(cfg: TrainConfig, max_steps: int = 400, lr: float = 3e-3) -> tuple[bool, str]:
     """Memorise ``data/overfit``, then reproduce each file from its first line: (passed, report)."""
-    from architecture import Transformer
     from dataset import collate
-    from generation import GenerationConfig, generate
     from tokenizer import CodeTokenizer, decode_generated
 
     started = time.perf_counter()
@@ -1282,10 +1251,6 @@ def run_overfit(cfg: TrainConfig, max_steps: int = 400, lr: float = 3e-3) -> tup
     assert files, f"{OVERFIT_CORPUS}: the bundled overfit corpus is missing"
     texts = [f.read_text("utf-8") for f in files]
     tok = CodeTokenizer.train(texts, min_freq=1)
-    for f, text in zip(files, texts):
-        if tok.decode(tok.encode(text)) != text:
-            return False, (f"FAIL: diagnosis: the tokenizer does not round-trip {f.name}; no "
-                           "model can reproduce text its tokenizer loses.")
     seqs = [[tok.eos_id, *tok.encode(t), tok.eos_id] for t in texts]
     batch = collate([{"input_ids": torch.tensor(s[:-1]), "labels": torch.tensor(s[1:])}
                      for s in seqs], tok.pad_id)
@@ -1344,8 +1309,7 @@ def run_overfit(cfg: TrainConfig, max_steps: int = 400, lr: float = 3e-3) -> tup
         generated = [i for i in out[0, len(prompt):].tolist() if i != tok.eos_id]
         completion = first_line + decode_generated(tok, generated)
         if completion != text:
-            at = next((i for i, (a, b) in enumerate(zip(completion, text)) if a != b),
-                      min(len(completion), len(text)))
+            at = len(os.path.commonprefix([completion, text]))
             lines.append(f"  {f.name}: differs at character {at}: expected "
                          f"{text[at:at + 30]!r}, generated {completion[at:at + 30]!r}")
     if lines:

@@ -446,11 +446,11 @@ def test_a_nested_option_mistake_names_the_config_file_or_the_flag(tmp_path, opt
     assert str(err.value).startswith(f"{flag}: {message.removeprefix(key + ': ')}")
 
 
-def test_unknown_data_and_model_options_are_named(assets, tmp_path):
+def test_unknown_data_and_model_options_are_named():
     with pytest.raises(ValueError, match="unknown DataConfig key 'blocksize'"):
-        tm.train(tiny_cfg(assets, tmp_path, data_options={"blocksize": 3}))
+        tm.config_from_dict({"data_options": {"blocksize": 3}})
     with pytest.raises(ValueError, match="unknown ModelConfig key 'width'"):
-        tm.model_config(tm.TrainConfig(preset="tiny", model_options={"width": 3}), 64, None, None)
+        tm.config_from_dict({"preset": "tiny", "model_options": {"width": 3}})
 
 
 def test_a_typo_in_data_or_model_options_suggests_the_key(tmp_path):
@@ -458,14 +458,13 @@ def test_a_typo_in_data_or_model_options_suggests_the_key(tmp_path):
     model_options got a list of all 40 DataConfig keys to search instead."""
     with pytest.raises(ValueError, match="unknown DataConfig key 'train_fracc'; did you mean "
                                          "'train_frac'"):
-        tm.data_config(tm.TrainConfig(data_options={"train_fracc": 0.5}), 64)
+        tm.config_from_dict({"data_options": {"train_fracc": 0.5}})
     with pytest.raises(ValueError) as listed:  # no close match: the keys data_options may set
-        tm.data_config(tm.TrainConfig(data_options={"zzz": 1}), 64)
+        tm.config_from_dict({"data_options": {"zzz": 1}})
     keys = str(listed.value).split("; DataConfig keys are: ")[1].split(", ")
     assert "train_frac" in keys and not {"task", "sources", "val_sources"} & set(keys)
     with pytest.raises(ValueError, match="unknown ModelConfig key 'inti'; did you mean 'init'"):
-        tm.model_config(tm.TrainConfig(preset="tiny", model_options={"inti": "xavier"}), 64,
-                        None, None)
+        tm.config_from_dict({"preset": "tiny", "model_options": {"inti": "xavier"}})
 
 
 def test_val_data_files_are_the_validation_split(assets, tmp_path):
@@ -489,7 +488,7 @@ def test_val_data_files_are_the_validation_split(assets, tmp_path):
     plain = tm.train(dataclasses.replace(cfg, val_data=None, name="plain"))
     assert plain.val_metrics["val_tokens"] != expected
     with pytest.raises(ValueError, match="set 'val_sources' with the TrainConfig key 'val_data'"):
-        tm.data_config(tiny_cfg(assets, tmp_path, data_options={"val_sources": ["x"]}), 32)
+        tm.config_from_dict({"data_options": {"val_sources": ["x"]}})
 
 
 # --------------------------------------------------------------------------------------------
