@@ -153,6 +153,13 @@ PRESETS: dict[str, ModelConfig] = {
     # Set vocab_size to the tokenizer's on a copy: dataclasses.replace(preset, vocab_size=n).
     "tiny": ModelConfig(vocab_size=512, block_size=128, n_layer=2, n_head=4, n_kv_head=2,
                     n_embd=64, mlp_hidden=176, tie_embeddings=True),
+    # The small rungs of trainconfig.BUDGET_LADDER, named layers x width.
+    "code-4x128": ModelConfig(block_size=256, n_layer=4, n_head=4, n_embd=128, mlp_hidden=352,
+                              tie_embeddings=True),
+    "code-4x192": ModelConfig(block_size=256, n_layer=4, n_head=6, n_embd=192, mlp_hidden=512,
+                              tie_embeddings=True),
+    "code-6x256": ModelConfig(block_size=512, n_layer=6, n_head=8, n_embd=256, mlp_hidden=704,
+                              tie_embeddings=True),
     "llama-14m": ModelConfig(vocab_size=8192, block_size=512, n_layer=6, n_head=6, n_embd=384,
                          mlp_hidden=1024, tie_embeddings=True),
     "llama-60m": ModelConfig(vocab_size=16384, block_size=1024, n_layer=10, n_head=10, n_kv_head=5,

@@ -1065,7 +1065,19 @@ def run_generation_task(lm: LoadedModel, task: str, examples: Sequence[TaskExamp
                 "edit_sim": _fuzz_ratio(_edit_form(task, y), _edit_form(task, r))}
                for e, p, r, y in zip(examples, prompts, refs, preds)]
     loss = {"loss": score_supervised(lm, examples, cfg, data_cfg)} if cfg.reference_loss else {}
-    return {**loss, **_generation_metrics(task, preds, refs, cfg.progress)}, records
+    metrics = {**loss, **_generation_metrics(task, preds, refs, cfg.progress)}
+    if task == "method":  # the share of functions, header and generated body, that parse
+        metrics["parses"] = 100 * sum(map(_parses, (p + y for p, y in zip(prompts, preds)))) / len(
+            preds)
+    return metrics, records
+
+
+def _parses(source: str) -> bool:
+    try:
+        ast.parse(source)
+    except (SyntaxError, ValueError):  # ValueError: a null byte
+        return False
+    return True
 
 
 def run_passk(lm: LoadedModel, problems: Sequence[dict], cfg: EvalConfig

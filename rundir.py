@@ -34,6 +34,7 @@ BEST_METRICS = "metrics.json"  # in best/: {"step": the step of its weights, **v
 EXPORT_DIR = "export"  # HF model + tokenizer, or a LoRA run's adapter (PEFT layout)
 MERGED_DIR = "merged"  # in export/: a LoRA run's merged model (export_merged)
 EVAL_DIR = "eval"  # recipes.py's evaluation of the run
+FINAL_EVAL_DIR = "final_eval"  # the final evaluation of a from-scratch code model (eval.py's)
 HF_CONFIG = "config.json"  # an HF model directory's config (export/, an init_from)
 
 MODEL_FILE = "model.safetensors"  # the full model's tensors

@@ -119,6 +119,10 @@ class _BatchEncodeMixin:
             ids = [i for i in ids if i not in self._special_ids]
         return b"".join(map(table.__getitem__, ids)).decode("utf-8", "replace")
 
+    def token_byte_lengths(self) -> list[int]:
+        """The UTF-8 bytes each id stands for in a text (special tokens: none)."""
+        return [0 if i in self._special_ids else len(b) for i, b in enumerate(self._id_to_bytes)]
+
     @functools.cached_property
     def _cache(self) -> _PieceCache:
         return _PieceCache(self._encode_piece)

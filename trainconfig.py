@@ -36,8 +36,8 @@ if typing.TYPE_CHECKING:
 
 @dataclass
 class TrainConfig:
-    """Everything a run needs; the defaults are the default run (stdlib corpus, ~18 min on 2
-    CPUs, as README.md times it)."""
+    """Everything a run needs; the defaults are the default run: the model, batch and schedule
+    that fit 15 minutes on this machine, trained on the stdlib corpus."""
 
     # run directory
     name: str | None = None  # <out_dir>/<name>; default: <preset, or the --init-from
@@ -47,7 +47,8 @@ class TrainConfig:
     seed: int = 1337  # model init, data order, dropout (a resumed run restores its RNG)
     device: str = "auto"  # auto (a GPU where there is one, else the CPU; not mps) | cpu | cuda | cuda:N
     # model: from scratch (preset + overrides) or from a local HF checkpoint
-    preset: str = "llama-14m"  # architecture.PRESETS name (vocab_size follows the tokenizer)
+    preset: str = "auto"  # architecture.PRESETS name (vocab_size follows the tokenizer); auto:
+    #   the largest BUDGET_LADDER model this machine trains well in time_budget_min
     init_from: str | None = None  # a local HF checkpoint directory (a run's export/ or, of a
     #   LoRA run, its export/merged/)
     n_layer: int | None = None  # overrides the preset (from-scratch models only)
@@ -86,13 +87,15 @@ class TrainConfig:
     test_data: list[str] | None = None  # predefined test files (None: split from data)
     data_options: dict = field(default_factory=dict)  # further DataConfig fields for the task
     # optimisation
-    batch_size: int = 4  # sequences per micro-batch (per process)
+    batch_size: int | None = None  # sequences per micro-batch (per process); None: preset auto's
+    #   choice, else 4
     grad_accum: int = 1  # micro-batches per optimizer step, weighted by their tokens
-    max_steps: int = 700  # optimizer steps
-    epochs: float | None = None  # if set, the run's length instead of max_steps (not both)
-    lr: float = 1e-3  # peak learning rate (AdamW)
+    max_steps: int | None = None  # optimizer steps; None: epochs, else time_budget_min's
+    epochs: float | None = None  # the run's length in passes over the data (not with max_steps)
+    lr: float | None = None  # peak learning rate (AdamW); None: preset auto's choice, else 1e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 50  # linear warmup, then cosine decay
+    warmup_steps: int | None = None  # linear warmup, then cosine decay; None: 5% of a budgeted
+    #   run's steps, else 50
     weight_decay: float = 0.1  # decoupled; matrices only (not norms, biases)
     beta1: float = 0.9  # AdamW's first-moment decay
     beta2: float = 0.95  # AdamW's second-moment decay
@@ -115,9 +118,10 @@ class TrainConfig:
     #   same scalars and the config: any of tensorboard, wandb, mlflow; or none
     save_every: int | None = None  # default: eval_every
     keep_last: int = 2  # step checkpoints kept (best/ is kept apart)
-    time_budget_min: float | None = None  # minutes for the whole run, data preparation
-    #   included: max_steps (and the eval cadence) follow from this machine's measured step
-    #   time, so the schedule ends on time; config.json records the steps chosen instead
+    time_budget_min: float | None = 15.0  # minutes for the whole run (data preparation and the
+    #   final evaluation included) when max_steps and epochs are unset: the steps follow from
+    #   this machine's measured step time, so the schedule ends on time; config.json records the
+    #   steps (and preset auto's choices) instead
     max_time_s: float | None = None  # wall-clock budget; the run checkpoints and ends cleanly
     progress: bool = True  # a progress bar
     # end of run
@@ -126,6 +130,8 @@ class TrainConfig:
     sample_prompt: str | None = None  # completed greedily at the end (with --export); None: a
     #   held-out prompt in the task's format (a function's header, a validation pair's input)
     sample_tokens: int = 96  # at most this many tokens of that sample
+    final_eval: bool = True  # task lm, with export: line completion and function completion
+    #   (eval.py's line and method tasks) on the test split, printed with the val loss
     # debugging
     overfit: bool = False  # train on the bundled tiny corpus until it is memorised
     overfit_batches: int = 0  # overfit K batches of the real training data
@@ -364,7 +370,8 @@ def _check_model_settings(cfg: TrainConfig, where_set: Callable[[str], str],
                  f"longer than the context of {named('init_from')}, {context} positions")
     else:  # the preset, the shape and model_options, checked before the data is prepared
         try:
-            shape = model_config(cfg, 1, None, None)
+            shape = model_config(with_rung(cfg, BUDGET_LADDER[0]) if cfg.preset == "auto"
+                                 else cfg, 1, None, None)
             if cfg.export:  # else it trains to the end and fails writing export/
                 try:
                     pretrained.hf_config(shape, torch.float32)
@@ -414,9 +421,13 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings
         need(importlib.util.find_spec(name) is not None, "report_to",
              f"{name} is not installed: pip install {name}")
     need(0.0 <= cfg.min_lr_ratio <= 1.0, "min_lr_ratio", "must be in [0, 1]")
-    need(cfg.time_budget_min is None or cfg.epochs is None and cfg.max_time_s is None,
-         "time_budget_min", f"sets the run's length itself: leave {named('epochs')} and "
-         f"{named('max_time_s')} unset")
+    need(cfg.max_steps is None or cfg.epochs is None, "max_steps",
+         f"and {named('epochs')} both set the run's length: unset one")
+    need(cfg.time_budget_min is not None or cfg.max_steps or cfg.epochs, "time_budget_min",
+         "unset, and so are max_steps and epochs: set one of them, the run's length")
+    need(cfg.preset != "auto" or cfg.init_from is not None or cfg.time_budget_min is not None,
+         "preset", f"auto chooses the model for {named('time_budget_min')}: set a budget, or "
+         f"name a preset of {sorted(PRESETS)}")
     need(cfg.lora_alpha != 0, "lora_alpha", "must not be 0: the adapters would never train")
     need(cfg.lora_r == 0 or cfg.init_from is not None, "lora_r",
          f"LoRA needs a pretrained base (init_from, {where_set('init_from')}): a from-scratch "
@@ -448,7 +459,7 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings
         raise ValueError(f"--resume {cfg.resume}: weights (a checkpoint, best/ or export/), not "
                          f"a run directory: --resume {owner} continues that run from its newest "
                          "checkpoint")
-    if cfg.epochs is None:  # epochs: checked once the data is known
+    if cfg.max_steps is not None:  # epochs: checked once the data is known
         step = max(map(rundir.checkpoint_step, rundir.list_checkpoints(run)), default=0)
         need(step <= cfg.max_steps, "max_steps", f"below the step of the checkpoint it resumes "
              f"from ({step}); a resume can only extend its run: set max_steps to {step} or more")
@@ -535,6 +546,35 @@ def _check_model_options(options: dict, where: str) -> None:
 # TrainConfig keys that override a preset's ModelConfig (from-scratch models).
 MODEL_SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "mlp_hidden", "block_size", "dropout")
 
+# Preset auto: the from-scratch models a time budget chooses from, smallest first, each with the
+# context, batch and peak learning rate the budget sweep found best for it (docs/benchmarks.md).
+# A budget takes the largest model that still trains on TOKENS_PER_PARAM tokens per parameter
+# in its minutes on the machine it runs on (each step time measured there).
+BUDGET_LADDER = (
+    {"preset": "code-4x128", "block_size": 256, "batch_size": 16, "lr": 3e-3},
+    {"preset": "code-4x192", "block_size": 256, "batch_size": 16, "lr": 2e-3},
+    {"preset": "code-6x256", "block_size": 512, "batch_size": 16, "lr": 1.5e-3},
+    {"preset": "llama-14m", "block_size": 512, "batch_size": 16, "lr": 1e-3},
+    {"preset": "llama-60m", "block_size": 1024, "batch_size": 16, "lr": 6e-4},
+)
+TOKENS_PER_PARAM = 20
+WARMUP_SHARE = 0.05  # a budgeted run's warmup, as a share of its steps
+# What the settings left unset (None) take outside preset auto's choice.
+FALLBACKS = {"batch_size": 4, "lr": 1e-3, "warmup_steps": 50}
+
+
+def with_rung(cfg: TrainConfig, rung: dict) -> TrainConfig:
+    """``cfg`` on a BUDGET_LADDER rung: its preset, and its values where ``cfg`` leaves them unset."""
+    return replace(cfg, **{k: v for k, v in rung.items() if k == "preset" or getattr(cfg, k) is None})
+
+
+def with_fallbacks(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with FALLBACKS where it leaves a setting unset (a budgeted run's warmup is sized
+    with its steps)."""
+    budgeted = cfg.max_steps is None and cfg.epochs is None
+    return replace(cfg, **{k: v for k, v in FALLBACKS.items() if getattr(cfg, k) is None
+                           and not (budgeted and k == "warmup_steps")})
+
 
 def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int | None,
                  eos_id: int | None) -> ModelConfig:
@@ -575,11 +615,11 @@ OVERFIT_HONOURS = ("overfit", "max_steps", "lr", "preset", "n_layer", "n_head", 
                    "min_lr_ratio", "beta1", "beta2", "adam_eps", "grad_clip")
 OVERFIT_IGNORES = ("name", "out_dir", "eval_every", "eval_examples", "eval_precision",
                    "early_stop_patience", "early_stop_min_delta", "log_every", "save_every",
-                   "keep_last", "max_time_s", "export", "export_merged", "sample_prompt",
-                   "sample_tokens")
+                   "keep_last", "max_time_s", "time_budget_min", "export", "export_merged",
+                   "sample_prompt", "sample_tokens", "final_eval")
 
 
-def overfit_settings(cfg: TrainConfig, given: set[str]) -> dict:
+def overfit_settings(cfg: TrainConfig) -> dict:
     """``run_overfit``'s max_steps and lr; a ValueError naming any setting it cannot honour."""
     defaults = TrainConfig()
     refused = [f"{f.name}={getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
@@ -588,8 +628,7 @@ def overfit_settings(cfg: TrainConfig, given: set[str]) -> dict:
     if refused:
         raise ValueError(f"--overfit trains a small model on the bundled corpus: it cannot honour "
                          f"{', '.join(refused)}; --overfit-batches K memorises that setup's data")
-    return {"max_steps": cfg.max_steps if "max_steps" in given else 400,
-            "lr": cfg.lr if "lr" in given else 3e-3}
+    return {"max_steps": cfg.max_steps or 400, "lr": cfg.lr or 3e-3}
 
 
 def command_line_sources(argv: Sequence[str] | None

@@ -61,11 +61,13 @@ from process import progress_bar
 from rundir import RunLog, best_step, list_checkpoints
 from settings import setting
 from trainconfig import (
+    BUDGET_LADDER,
+    TOKENS_PER_PARAM,
+    WARMUP_SHARE,
     TrainConfig,
     build_model,
     check_lora_export,
-    check_max_steps_flag,
-    command_line_sources,
+    check_max_steps_flag,  # noqa: F401 (recipes.py reads it as trainingmanager.X)
     data_config,
     default_block_size,
     load_or_train_tokenizer,
@@ -73,8 +75,10 @@ from trainconfig import (
     overfit_settings,
     parse_config,
     run_adapter_copy,
+    with_fallbacks,
     with_init_adapter,
     with_local_checkpoints,
+    with_rung,
 )
 
 if typing.TYPE_CHECKING:  # annotations only: dataset and tokenizer load where a run needs them
@@ -278,8 +282,10 @@ class Trainer:
     """Model, optimizer, schedule and loss scaler: one training step, one evaluation."""
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device,
-                 dist: Dist | None = None, max_steps: int | None = None):
+                 dist: Dist | None = None, max_steps: int | None = None,
+                 token_bytes: torch.Tensor | None = None):
         self.cfg, self.device, self.dist = cfg, device, dist or Dist()
+        self.token_bytes = token_bytes  # each id's UTF-8 bytes: the loss per byte
         self.precision = _resolve_precision(cfg.precision, device)
         if self.precision == "bf16" and lacks_native_bf16(device):
             major, minor = torch.cuda.get_device_capability(device)
@@ -365,13 +371,14 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, batches: Iterator[dict] | Sequence[dict], total: int | None = None) -> dict:
-        """Validation loss, perplexity and token accuracy over all tokens, unsmoothed."""
+        """Validation loss, perplexity and token accuracy over all tokens, unsmoothed; with
+        ``token_bytes``, bits per byte too (comparable across tokenizers)."""
         batches = progress_bar(batches, total=total, desc="eval", unit="batch", leave=False,
                                enabled=self.dist.main and self.cfg.progress, dynamic_ncols=True)
         model = self.eval_model
         was_training = model.training
         model.eval()
-        totals = torch.zeros(3, dtype=torch.float64, device=self.device)
+        totals = torch.zeros(4, dtype=torch.float64, device=self.device)
         precision = "fp32" if self.cfg.eval_precision == "fp32" else self.precision
         for batch in batches:
             batch = self._to_device(batch)
@@ -382,12 +389,17 @@ class Trainer:
             totals[0] += loss.double()
             totals[1] += (labels != IGNORE_INDEX).sum()
             totals[2] += correct
+            if self.token_bytes is not None:
+                totals[3] += self.token_bytes[labels[labels != IGNORE_INDEX]].sum()
         model.train(was_training)
-        loss_sum, n, correct = _all_reduce_sum(totals, self.dist).tolist()
+        loss_sum, n, correct, n_bytes = _all_reduce_sum(totals, self.dist).tolist()
         assert n > 0, "check_next_token_labels found labelled validation tokens"
         loss = loss_sum / n
-        return {"val_loss": loss, "val_ppl": perplexity(loss), "val_accuracy": correct / n,
-                "val_tokens": int(n)}
+        metrics = {"val_loss": loss, "val_ppl": perplexity(loss), "val_accuracy": correct / n,
+                   "val_tokens": int(n)}
+        if n_bytes:
+            metrics["val_bpb"] = loss_sum / n_bytes / math.log(2)
+        return metrics
 
     @property
     def lr(self) -> float:
@@ -546,10 +558,13 @@ def _interrupted(stop: KeyboardInterrupt, run_dir: Path | None, hint: str | None
 
 def setup_run(cfg: TrainConfig, dist: Dist, hint: str | None, restarts: bool) -> Run:
     """Claim the run directory, prepare data, model and trainer, restore a resumed checkpoint."""
-    cfg = with_init_adapter(with_local_checkpoints(cfg))
+    cfg, created = with_init_adapter(with_local_checkpoints(cfg)), time.perf_counter()
     device = resolve_device(cfg, dist)
+    if cfg.preset == "auto" and cfg.init_from is None:  # a new run's model (its name says which)
+        cfg = _auto_rung(cfg, device, dist, cfg.time_budget_min * 60)
     claimed, has_weights = _claim_run_dir(cfg, dist, hint)
-    run = Run(cfg, dist, device, claimed, hint or f"--resume {claimed.path}", restarts)
+    run = Run(cfg, dist, device, claimed, hint or f"--resume {claimed.path}", restarts,
+              created=created)
     try:
         _build(run, has_weights)
     except BaseException as e:
@@ -590,6 +605,8 @@ def _build(run: Run, has_weights: bool) -> None:
     checkpoints = list_checkpoints(run.run_dir) if cfg.resume else []
     if cfg.resume and not checkpoints and run.main:
         print(f"{run.run_dir}: no checkpoint yet; starting the run from the beginning")
+    if not checkpoints:  # a new run: what it leaves unset is chosen here, once
+        run.cfg = cfg = with_fallbacks(cfg)
     _prepare_data(run, own_tok=bool(cfg.resume) and has_weights)
 
     seed_everything(cfg.seed)
@@ -604,11 +621,11 @@ def _build(run: Run, has_weights: bool) -> None:
     if run.dist.enabled:  # same init everywhere, but each rank its own dropout stream
         seed_everything(cfg.seed + run.dist.rank)
     run.trainable_only = cfg.lora_r > 0 and cfg.init_from is not None
-    if cfg.time_budget_min is not None and not checkpoints:  # a new run: sized here, once
+    if cfg.max_steps is None and cfg.epochs is None:  # a new run on a budget: sized here, once
         cfg = run.cfg = _sized_to_budget(run, model)
     run.max_steps = cfg.max_steps if cfg.epochs is None else max(1, math.ceil(
         cfg.epochs * _examples_per_epoch(run) / _examples_per_step(run)))
-    run.trainer = Trainer(model, cfg, run.device, run.dist, run.max_steps)
+    run.trainer = Trainer(model, cfg, run.device, run.dist, run.max_steps, _token_bytes(run))
     run.order = BatchOrder(len(run.train_set), cfg.batch_size, run.dist, cfg.seed)
     run.state = RunState(precision=run.trainer.precision, max_steps=run.max_steps,
                          data=run.data_id)
@@ -628,6 +645,53 @@ def _build(run: Run, has_weights: bool) -> None:
 
 
 EVALS_IN_BUDGET = 4  # evaluations a budgeted run makes (the last at its end)
+# The share of a budget kept for the end: the export and sample, and the final evaluation.
+END_SHARE, FINAL_EVAL_SHARE = 0.03, 0.07
+# The share of preset auto's budget it expects to train in (the data is yet to be prepared).
+TRAIN_SHARE = 0.75
+
+
+def _auto_rung(cfg: TrainConfig, device: torch.device, dist: Dist, seconds: float
+               ) -> TrainConfig:
+    """Preset auto: the largest BUDGET_LADDER rung whose step time, measured here on random
+    tokens, lets it see TOKENS_PER_PARAM tokens per parameter in ``seconds`` of budget."""
+    chosen = None
+    for rung in BUDGET_LADDER:
+        candidate = with_fallbacks(with_rung(cfg, rung))
+        params, tokens_per_s = _broadcast(_probe(candidate, device, dist.world), dist)
+        if chosen is not None and tokens_per_s * seconds * TRAIN_SHARE < TOKENS_PER_PARAM * params:
+            break
+        chosen, chosen_params, chosen_rate = candidate, params, tokens_per_s
+    if dist.main:
+        print(f"preset auto: {chosen.preset} ({_millions(chosen_params)} parameters, context "
+              f"{chosen.block_size}), batch {chosen.batch_size}, lr {chosen.lr:g}: the largest "
+              f"that sees {TOKENS_PER_PARAM} tokens a parameter in {cfg.time_budget_min:g} min "
+              f"on {device.type} ({chosen_rate:,.0f} tokens/s measured)")
+    return chosen
+
+
+def _probe(cfg: TrainConfig, device: torch.device, world: int) -> tuple[int, float]:
+    """(parameters, tokens a second) of ``cfg``'s model training on random tokens here."""
+    vocab = (cfg.tokenizer_max_vocab or 8000) + 262  # a trained CodeTokenizer's, about
+    model = Transformer(model_config(cfg, vocab, None, None))
+    trainer = Trainer(model, dataclasses.replace(cfg, warmup_steps=0, compile=False), device,
+                      max_steps=10**9)
+    ids = torch.randint(vocab, (cfg.batch_size, cfg.block_size + 1))
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+    step_s = _seconds_a_step(lambda: trainer.train_step([batch] * cfg.grad_accum), 1.0)
+    tokens = cfg.batch_size * cfg.grad_accum * cfg.block_size * world
+    return sum(p.numel() for p in model.parameters()), tokens / step_s
+
+
+def _seconds_a_step(step: Callable[[], object], at_least_s: float) -> float:
+    """Seconds ``step`` takes, timed over ``at_least_s`` (and 3 steps) after 3 warm-up steps."""
+    for _ in range(3):  # warm-up: allocations, kernel selection
+        step()
+    steps, start = 0, time.perf_counter()
+    while steps < 3 or time.perf_counter() - start < at_least_s:
+        step()
+        steps += 1
+    return (time.perf_counter() - start) / steps
 
 
 def _sized_to_budget(run: Run, model: nn.Module) -> TrainConfig:
@@ -636,17 +700,22 @@ def _sized_to_budget(run: Run, model: nn.Module) -> TrainConfig:
     cfg = run.cfg
     step_s, eval_s = _broadcast(_time_a_step(run, model), run.dist)
     left = _seconds_left(run)
-    steps = max(1, int((left * 0.95 - EVALS_IN_BUDGET * eval_s) / step_s))  # 5%: export, sample
+    end = END_SHARE + (FINAL_EVAL_SHARE if _final_eval(cfg) else 0)
+    steps = max(1, int((left * (1 - end) - EVALS_IN_BUDGET * eval_s) / step_s))
     every = max(1, steps // EVALS_IN_BUDGET)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(WARMUP_SHARE * steps)
     sized = dataclasses.replace(cfg, time_budget_min=None, max_steps=every * EVALS_IN_BUDGET,
-                                eval_every=every, save_every=every,
-                                warmup_steps=min(cfg.warmup_steps, max(1, steps // 10)))
+                                eval_every=every, save_every=every, warmup_steps=warmup)
     if run.main:
         print(f"time budget {cfg.time_budget_min:g} min, {left:.0f} s left after setup: "
               f"{step_s:.3f} s a step, {eval_s:.1f} s an evaluation on {run.device.type} -> "
               f"max_steps {sized.max_steps}, eval_every {every}, warmup_steps "
               f"{sized.warmup_steps} (recorded in config.json)")
     return sized
+
+
+def _token_bytes(run: Run) -> torch.Tensor:
+    return torch.tensor(run.tok.token_byte_lengths(), device=run.device)
 
 
 def _seconds_left(run: Run) -> float:
@@ -658,20 +727,15 @@ def _time_a_step(run: Run, model: nn.Module) -> tuple[float, float]:
     warm-up steps; the RNG state is restored, so the run draws what it would have drawn."""
     saved = rng_state(run.device)
     cfg = run.cfg
-    probe = Trainer(copy.deepcopy(model), cfg, run.device, run.dist, max_steps=10**9)
+    probe = Trainer(copy.deepcopy(model), dataclasses.replace(cfg, warmup_steps=0), run.device,
+                    run.dist, max_steps=10**9)
     order = BatchOrder(len(run.train_set), cfg.batch_size, run.dist, cfg.seed)
 
     def step() -> None:
         probe.train_step([_collate(run, [run.train_set[i] for i in order.next()[0]])
                           for _ in range(cfg.grad_accum)])
 
-    for _ in range(3):  # warm-up: allocations, kernel selection
-        step()
-    steps, start = 0, time.perf_counter()
-    while steps < 3 or time.perf_counter() - start < min(10.0, cfg.time_budget_min):
-        step()
-        steps += 1
-    step_s = (time.perf_counter() - start) / steps
+    step_s = _seconds_a_step(step, min(10.0, cfg.time_budget_min))
     val, n = _val_batches(run)
     start = time.perf_counter()
     probe.evaluate([next(val)], total=1)
@@ -879,7 +943,8 @@ def _eval_line(run: Run, metrics: dict) -> str:
     elapsed = time.perf_counter() - started
     eta = elapsed / max(s.step - first_step, 1) * (run.max_steps - s.step)
     train = "" if s.train_loss is None else f"train loss {s.train_loss:.4f} | "
-    return (f"eval step {s.step}/{run.max_steps} | {train}val loss {metrics['val_loss']:.4f} | "
+    bpb = f" ({metrics['val_bpb']:.3f} bits/byte)" if "val_bpb" in metrics else ""
+    return (f"eval step {s.step}/{run.max_steps} | {train}val loss {metrics['val_loss']:.4f}{bpb} | "
             f"ppl {metrics['val_ppl']:.2f} | acc {metrics['val_accuracy']:.3f} | "
             f"{run.tok_s:,.0f} tok/s | elapsed {_duration(elapsed)} | ETA {_duration(eta)}")
 
@@ -1011,6 +1076,33 @@ def _end(run: Run, result: TrainResult, log: RunLog, signals: _StopSignals, stop
               f"{run.what_next()}")
     result.step, result.best_val_loss, result.best_step, result.train_loss = (
         s.step, s.best_val_loss, s.best_step, s.train_loss)
+
+
+def _final_eval(cfg: TrainConfig) -> bool:
+    """Whether the run ends with eval.py's line and function tasks: a code model, exported."""
+    return cfg.final_eval and cfg.export and cfg.task == "lm" and cfg.lora_r == 0
+
+
+def final_quality(result: TrainResult, device: str) -> dict | None:
+    """A finished run scored as ``python eval.py --tasks line method`` scores it (the test split),
+    printed with its last validation loss; an evaluation that cannot run is only noted."""
+    import eval as evaluation
+
+    out, last = result.run_dir / rundir.FINAL_EVAL_DIR, result.val_metrics
+    cfg = evaluation.EvalConfig(models=[str(result.run_dir)], tasks=["line", "method"],
+                                out_dir=str(out), progress=False, device=device)
+    try:
+        metrics = evaluation.evaluate(cfg)["rows"][0]["metrics"]
+    except ValueError as e:
+        print(f"note: no final evaluation: {e}")
+        return None
+    val = "" if last is None else (f"val loss {last['val_loss']:.4f}"
+                                   + (f" ({last['val_bpb']:.3f} bits/byte), " if "val_bpb" in last
+                                      else ", "))
+    print(f"final evaluation ({out}): {val}line completion exact match {metrics['line/EM']:.1f}%, "
+          f"edit similarity {metrics['line/edit_sim']:.1f}; function completions that parse "
+          f"{metrics['method/parses']:.0f}%")
+    return metrics
 
 
 def _export(run: Run) -> tuple[Path | None, str | None]:
@@ -1256,7 +1348,7 @@ def run_overfit(cfg: TrainConfig, max_steps: int = 400, lr: float = 3e-3) -> tup
                      for s in seqs], tok.pad_id)
     block = max(map(len, seqs))  # generation re-creates the whole sequence, final EOS included
     ocfg = dataclasses.replace(
-        cfg, n_layer=cfg.n_layer or 2, n_head=cfg.n_head or 4, n_embd=cfg.n_embd or 128,
+        cfg, preset=BUDGET_LADDER[0]["preset"] if cfg.preset == "auto" else cfg.preset, n_layer=cfg.n_layer or 2, n_head=cfg.n_head or 4, n_embd=cfg.n_embd or 128,
         mlp_hidden=cfg.mlp_hidden or 256, block_size=block, dropout=0.0, lr=lr,
         warmup_steps=min(20, max_steps // 10), max_steps=max_steps, weight_decay=0.0, grad_accum=1,
         label_smoothing=0.0, lora_r=0, quantize_bits=0, init_from=None, compile=False,
@@ -1344,13 +1436,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = parse_config(argv)
             if settings.printed_config(build_parser(), argv, cfg):
                 return 0
-            typed, in_file, _ = command_line_sources(argv)
             if cfg.overfit:
-                passed, report = run_overfit(cfg, **overfit_settings(cfg, typed | in_file))
+                passed, report = run_overfit(cfg, **overfit_settings(cfg))
                 print(report)
                 return 0 if passed else 1
-            check_max_steps_flag(cfg, typed, "the --config file" if "epochs" in in_file
-                                 else "the resumed run's config")
             result = train(cfg)
     except RankZeroFailed:
         return 2
@@ -1375,6 +1464,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{loss} after {result.step} steps (target {OVERFIT_LOSS})"
               + ("" if ok else ": not memorised; raise --max-steps or --lr, or run --overfit"))
         return 0 if ok else 1
+    if _final_eval(cfg) and result.export_dir is not None:
+        final_quality(result, cfg.device)
     if result.best_val_loss is not None:
         print(f"best validation loss {result.best_val_loss:.4f} (perplexity "
               f"{perplexity(result.best_val_loss):.2f}) at step {result.best_step}; run dir "
