@@ -453,15 +453,6 @@ def recorded_precision(run: Path) -> str | None:
     return None
 
 
-def _gpu_without_bf16(train_cfg: TrainConfig) -> bool:
-    """Whether the run trains on a GPU without native bf16 (a CPU computes it)."""
-    try:
-        device = trainingmanager.resolve_device(train_cfg, trainingmanager.Dist())
-    except ValueError:  # no such device here: the trainer says so
-        return False
-    return trainingmanager.lacks_native_bf16(device)
-
-
 def _mark_interrupted(trial: optuna.Trial) -> None:
     """Record the interrupt; a trial another worker already declared dead is left as it is."""
     with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
@@ -476,11 +467,9 @@ def _prepare_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
     resume, reported = interrupted_run(trial)
     train_cfg = trainingmanager.config_from_dict(
         {**recipe, **_trial_run(cfg, trial.number, resume)}, f"trial {trial.number}")
-    # A continued "auto" run keeps its checkpoint's precision (the trainer refuses a change).
+    # A continued "auto" run keeps its checkpoint's precision (the trainer refuses a change; a
+    # GPU without bf16 refuses bf16).
     if resume and train_cfg.precision == "auto" and (trained := recorded_precision(resume)):
-        if trained == "bf16" and _gpu_without_bf16(train_cfg):
-            raise ValueError(f"it continues {resume}, trained in bf16, and this GPU has no "
-                             "native bf16: run the sweep on a GPU with bf16 or on the CPU")
         train_cfg = dataclasses.replace(train_cfg, precision=trained)
     run_dir = Path(train_cfg.out_dir) / train_cfg.name
     if resume is None and (run_dir / rundir.CONFIG_FILE).exists():  # not this study's

@@ -620,44 +620,6 @@ def test_a_trial_continued_on_another_kind_of_machine_keeps_the_precision_it_tra
     assert trainingmanager.config_from_dict(best).precision == "auto"
 
 
-def test_a_bf16_trial_queued_again_where_the_gpu_has_no_bf16_stops_in_the_sweeps_terms(
-        tmp_path, corpus, monkeypatch, capsys):
-    """A trial trained in bf16 ("auto" on an A100), interrupted, and queued again where the GPU
-    has no native bf16 (a T4) cannot continue its run there: the sweep stopped with the
-    trainer's words ("use --precision fp16 or fp32", a flag the sweep lacks, and a change the
-    run refuses). It now stops naming the trial, the run, the precision it recorded and what
-    to do; the trial is not counted, and the sweep run where bf16 is (here the CPU) samples
-    another."""
-    calls = _first_trial_trains_in_bf16_and_stops(monkeypatch)
-    space_file = Path(tiny_space(tmp_path, corpus))
-    space = json.loads(space_file.read_text())
-    space["base"]["device"] = "auto"  # the GPU wherever there is one
-    space_file.write_text(json.dumps(space))
-    argv = tune_args(tmp_path, str(space_file), study_name="t4", n_trials=1, pruner="none")
-    assert hyperparam_tune.main(argv) == 143
-    capsys.readouterr()
-    run = tmp_path / "runs" / "t4" / "trials" / "trial-0000"
-    with monkeypatch.context() as t4:  # a GPU of compute capability 7.5: no native bf16
-        t4.setattr(torch.cuda, "is_available", lambda: True)
-        t4.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-        t4.setattr(trainingmanager, "cuda_half_dtype", lambda device: torch.float16)
-        assert hyperparam_tune.main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: trial 1 ") and f"continues {run}, trained in bf16" in err, err
-    assert "--precision" not in err and "--name" not in err
-    assert "run the sweep on a GPU with bf16" in err and "CPU" in err  # what to do
-    assert err.count("\n") == 1 and "Traceback" not in err
-    assert len(calls) == 1  # no trainer started
-    study = load_study(journal(tmp_path, "t4"), "t4")
-    assert hyperparam_tune.study_progress(study)[0] == 0  # not counted
-
-    assert hyperparam_tune.main(argv) == 0  # the CPU computes bf16: a new trial runs here
-    assert [(c.resume, c.precision) for c in calls[1:]] == [(None, "auto")]
-    trials = load_study(journal(tmp_path, "t4"), "t4").get_trials()
-    assert [t.state for t in trials] == [TrialState.FAIL] * 2 + [TrialState.COMPLETE]
-    assert trials[1].user_attrs[hyperparam_tune.ATTR_STOPPED]
-
-
 @pytest.mark.skipif(POSTGRES_URL is None, reason="no PostgreSQL server: CODELM_TEST_POSTGRES_URL "
                     "is unset (.ci/run starts one; it could not start here)")
 def test_two_workers_on_postgresql(tmp_path, corpus):
