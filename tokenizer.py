@@ -489,12 +489,6 @@ class CodeTokenizer(_BatchEncodeMixin):
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
 
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> CodeTokenizer:
-        path = tokenizer_path(path)
-        data = _read_json(path)
-        return (cls.from_hf if cls.is_hf_form(data) else cls.from_dict)(data, str(path))
-
     def __repr__(self) -> str:
         return (f"CodeTokenizer(vocab_size={self.vocab_size}, min_freq={self.min_freq}, "
                 f"strip_comments={self.strip_comments})")
@@ -1246,7 +1240,7 @@ def _shown_id(tok: CodeTokenizer | BPETokenizer, i: int) -> str:
 
 
 def check_model_tokenizer(tok: CodeTokenizer | BPETokenizer, tokenizer_file: str | os.PathLike,
-                          model_dir: str | os.PathLike, remedy: str | None = None) -> None:
+                          model_dir: str | os.PathLike) -> None:
     """Refuse a tokenizer that is not the model's, as the bos/eos ids of its config.json tell:
     crossed roles, or other ids than a CodeTokenizer's (a BPE's differing ids may be a stale
     config's)."""
@@ -1259,21 +1253,18 @@ def check_model_tokenizer(tok: CodeTokenizer | BPETokenizer, tokenizer_file: str
     given = {role: _config_ids(hf.get(f"{role}_token_id"), hf.get("vocab_size")) for role in mine}
     differ = {role: ids for role, ids in given.items()
               if ids and mine[role] is not None and mine[role] not in ids}
-    if not differ:
-        return
     crossed = any(own in ids for role, ids in differ.items()
                   for other, own in mine.items() if other != role)
-    if not (crossed or isinstance(tok, CodeTokenizer)):
+    if not differ or not (crossed or isinstance(tok, CodeTokenizer)):
         return
     listed = " and ".join(f"{role}_token_id {', '.join(_shown_id(tok, i) for i in ids)}"
                          for role, ids in differ.items())
     has = " and ".join(f"the tokenizer's {role} is {mine[role]} ({tok.id_to_token(mine[role])!r})"
                        for role in differ)
     own_file = Path(model_dir) / TOKENIZER_FILE
-    if (remedy is None and own_file.is_file()
-            and own_file.resolve() != Path(tokenizer_file).resolve()):
-        remedy = f"pass --tokenizer {model_dir}, the model's own"
-    remedy = remedy or f"pass --tokenizer with the tokenizer {model_dir} was trained with"
+    remedy = (f"pass --tokenizer {model_dir}, the model's own"
+              if own_file.is_file() and own_file.resolve() != Path(tokenizer_file).resolve()
+              else f"pass --tokenizer with the tokenizer {model_dir} was trained with")
     raise ValueError(f"{tokenizer_file} is not the tokenizer of the model in {model_dir}: "
                      f"{config} has {listed}, but {has}; {remedy}")
 

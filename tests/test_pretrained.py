@@ -1023,10 +1023,11 @@ def test_error_no_weights(checkpoints, tmp_path):
 
 @pytest.mark.parametrize("value", [1.0, -0.1])
 def test_error_dropout_probability_outside_zero_to_one(checkpoints, tmp_path, value):
-    """p = 1 drops everything and p < 0 is no probability: refused by name, not trained on."""
+    """p = 1 drops everything and p < 0 is no probability: refused (by ModelConfig), not
+    trained on."""
     d = _edit_config(checkpoints["llama"][0], tmp_path / "m", attention_dropout=value)
-    with pytest.raises(ValueError, match=rf"config.json: attention_dropout={value!r}: must be in "
-                                         r"\[0, 1\)"):
+    with pytest.raises(ValueError, match=rf"config.json: ModelConfig.attn_dropout={value!r}: "
+                                         r"must be in \[0, 1\)"):
         pretrained.load(d)
 
 

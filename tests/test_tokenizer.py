@@ -774,7 +774,7 @@ def test_a_slow_format_directory_is_refused_saying_how_transformers_converts_it(
     slow = tmp_path / "slow"
     slow.mkdir()
     hf.model.save(str(slow))  # vocab.json and merges.txt, as GPT-2's hub repo holds them
-    for load in (load_tokenizer, BPETokenizer.from_file, CodeTokenizer.load):
+    for load in (load_tokenizer, BPETokenizer.from_file):
         with pytest.raises(ValueError, match=regex.escape(
                 f"{slow}: holds vocab.json and merges.txt (the slow tokenizer format) but no "
                 f"tokenizer.json, the file codelm reads; write one with transformers: "
@@ -872,7 +872,7 @@ def test_code_tokenizer_lossless_on_held_out_files(code_tok, stdlib_texts):
 
 def test_code_tokenizer_save_load(code_tok, stdlib_texts, tmp_path):
     path = code_tok.save(tmp_path / "tok.json")
-    for loaded in (load_tokenizer(path), CodeTokenizer.load(path)):
+    for loaded in (load_tokenizer(path),):
         assert isinstance(loaded, CodeTokenizer)
         assert loaded.vocab_size == code_tok.vocab_size
         text = stdlib_texts[5][1]
@@ -1077,10 +1077,10 @@ def test_a_code_tokenizer_file_of_another_version_is_refused(tmp_path):
     tok = CodeTokenizer.train(["def f(x):  # c\n    return x\n"] * 2, min_freq=1,
                               strip_comments=True)
     path = tok.save(tmp_path / "tok.json")
-    assert CodeTokenizer.load(path).pieces == tok.pieces
+    assert load_tokenizer(path).pieces == tok.pieces
     for version in (2, "1", None):
         path.write_text(json.dumps({**tok.to_dict(), "format_version": version}), "utf-8")
-        for load in (load_tokenizer, CodeTokenizer.load):
+        for load in (load_tokenizer,):
             with pytest.raises(ValueError, match=rf"tok.json: .*format_version "
                                                  rf"{regex.escape(repr(version))}.*reads "
                                                  "format_version 1"):
@@ -1583,7 +1583,7 @@ def test_an_edited_code_tokenizer_json_names_the_part_that_differs(edit, message
     model: type 'WordPiece'"); a null decoder or a non-string added token passed silently,
     though HF reads the file as another tokenizer or not at all."""
     path = _edited_code_json(code_tok, tmp_path, edit)
-    for load in (load_tokenizer, CodeTokenizer.load):
+    for load in (load_tokenizer,):
         with pytest.raises(ValueError, match=rf"tokenizer\.json: .*{message}"):
             load(path)
 
