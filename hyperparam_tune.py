@@ -59,8 +59,7 @@ ATTR_CONFIG, ATTR_REASON, ATTR_WORKER, ATTR_STEP = "train_config", "fail_reason"
 ATTR_RUN = "run_dir"  # the trial's run directory (a re-run of an interrupted trial continues it)
 ATTR_STOPPED = "stopped_sweep"  # a trial whose error (a configuration error) stopped the sweep
 ATTR_SETTINGS = "trial_settings"  # study attribute: the TrainConfig values all trials share
-OWNER_FILE = "study.json"  # which storage's study owns runs/<study>/ (its trial numbers)
-# The version of what a sweep writes: study.json and the study's recorded settings.
+# The version of the study's recorded settings.
 FORMAT_VERSION = 1
 INTERRUPTED = "interrupted (SIGINT/SIGTERM)"  # the reason of a trial that runs again
 # Completes the trainer's "checkpoint saved at step N; continue with ...".
@@ -241,42 +240,25 @@ def study_dir(cfg: TuneConfig) -> Path:
 SQLITE_MAGIC = b"SQLite format 3\0"  # the first bytes of every SQLite database file
 
 
-def _journal_line_problem(line: bytes) -> str | None:
-    """Why Optuna's journal could not replay ``line``, or None."""
-    try:
-        record = json.loads(line)
-    except ValueError as e:  # UnicodeDecodeError too
-        return f"not JSON: {e}"
-    # JSON's true is a Python int: Optuna would replay it as operation 1
-    if not (isinstance(record, dict) and type(record.get("op_code")) is int
-            and isinstance(record.get("worker_id"), str)):
-        return "not an object with an integer op_code and a worker_id string"
-    return None
-
-
 def check_journal(path: Path) -> None:
     """Refuse a file Optuna's journal would misread (it appends after a bad last line); called
     under the journal's lock, so no other worker's append is half-written."""
-    if not path.is_file():  # none yet: Optuna creates it (a directory is an OSError later)
-        return
-    data = path.read_bytes()
+    data = path.read_bytes() if path.is_file() else b""  # none yet: Optuna creates it
     if data.startswith(SQLITE_MAGIC):
         raise ValueError(f"{path}: an SQLite database, not an Optuna journal file: use "
                          f"--storage sqlite:///{path}")
     *lines, last = data.split(b"\n")
+    if last.startswith(b"{"):  # an append cut off by a kill or a full disk
+        raise ValueError(f"{path}:{len(lines) + 1}: the last line has no newline at its end: add "
+                         "it if the record is whole, else remove that line (truncate -s "
+                         f"{len(data) - len(last)} {shlex.quote(str(path))}) to continue the study")
     for number, line in enumerate([*lines, last] if last else lines, start=1):
-        problem = _journal_line_problem(line)
-        if number > len(lines) and (problem is None or line.startswith(b"{")):
-            where = f"{path}:{number}: the last line has no newline at its end"
-            quoted, offset = shlex.quote(str(path)), len(data) - len(last)
-            if problem is None:
-                raise ValueError(f"{where}; its record is whole: add the newline (echo >> "
-                                 f"{quoted}) to continue the study")
-            raise ValueError(f"{where}: its record is incomplete: remove that line (truncate -s "
-                             f"{offset} {quoted}) to continue the study without it")
-        if problem:
-            raise ValueError(f"{path}:{number}: not an Optuna journal line ({problem}); is this "
-                             "the study's journal file?")
+        with contextlib.suppress(ValueError):  # UnicodeDecodeError too
+            record = json.loads(line)
+            if isinstance(record, dict) and type(record.get("op_code")) is int:  # not JSON true
+                continue
+        raise ValueError(f"{path}:{number}: not an Optuna journal line; is this the study's "
+                         "journal file?")
 
 
 def open_storage(cfg: TuneConfig) -> optuna.storages.BaseStorage:
@@ -409,8 +391,6 @@ def _trial_run(cfg: TuneConfig, number: int, resume: Path | None = None) -> dict
             "progress": False, "export": False, "save_every": cfg.max_steps, "keep_last": 1}
 
 
-# Keys that set the data one step sees: sampled under one step budget, they rank trials by it.
-BATCH_KEYS = frozenset({"batch_size", "grad_accum"})
 # TrainConfig keys the sweep sets on every trial: a search space may not set them.
 SWEEP_KEYS = frozenset(_budget(TuneConfig())) | frozenset(_trial_run(TuneConfig(), 0))
 
@@ -473,15 +453,6 @@ def recorded_precision(run: Path) -> str | None:
     return None
 
 
-def _gpu_without_bf16(train_cfg: TrainConfig) -> bool:
-    """Whether the run trains on a GPU without native bf16 (a CPU computes it)."""
-    try:
-        device = trainingmanager.resolve_device(train_cfg, trainingmanager.Dist())
-    except ValueError:  # no such device here: the trainer says so
-        return False
-    return trainingmanager.lacks_native_bf16(device)
-
-
 def _mark_interrupted(trial: optuna.Trial) -> None:
     """Record the interrupt; a trial another worker already declared dead is left as it is."""
     with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
@@ -496,11 +467,9 @@ def _prepare_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
     resume, reported = interrupted_run(trial)
     train_cfg = trainingmanager.config_from_dict(
         {**recipe, **_trial_run(cfg, trial.number, resume)}, f"trial {trial.number}")
-    # A continued "auto" run keeps its checkpoint's precision (the trainer refuses a change).
+    # A continued "auto" run keeps its checkpoint's precision (the trainer refuses a change; a
+    # GPU without bf16 refuses bf16).
     if resume and train_cfg.precision == "auto" and (trained := recorded_precision(resume)):
-        if trained == "bf16" and _gpu_without_bf16(train_cfg):
-            raise ValueError(f"it continues {resume}, trained in bf16, and this GPU has no "
-                             "native bf16: run the sweep on a GPU with bf16 or on the CPU")
         train_cfg = dataclasses.replace(train_cfg, precision=trained)
     run_dir = Path(train_cfg.out_dir) / train_cfg.name
     if resume is None and (run_dir / rundir.CONFIG_FILE).exists():  # not this study's
@@ -683,15 +652,13 @@ def check_study_settings(cfg: TuneConfig, space: SearchSpace, base: dict,
         return
     version = recorded.get("format_version")
     if version != FORMAT_VERSION:
-        raise ValueError(f"study {cfg.study_name!r} of storage {_storage_label(cfg)}: recorded "
-                         f"by format_version {version}, not {FORMAT_VERSION}: start a new study "
-                         "with another --study-name")
+        raise ValueError(f"study {cfg.study_name!r}: recorded by format_version {version}, not "
+                         f"{FORMAT_VERSION}: start a new study with another --study-name")
     changed = [f"{k}={recorded[k]!r} (now {now[k]!r})" for k in now
                if k in recorded and recorded[k] != now[k]]
     if changed:
-        raise ValueError(f"study {cfg.study_name!r} of storage {_storage_label(cfg)}: its trials "
-                         f"ran with other settings: {'; '.join(changed)}. Drop those changes, or "
-                         "use another --study-name")
+        raise ValueError(f"study {cfg.study_name!r}: its trials ran with other settings: "
+                         f"{'; '.join(changed)}. Drop those changes, or use another --study-name")
 
 
 def check_space_fits_study(cfg: TuneConfig, space: SearchSpace, study: optuna.Study) -> None:
@@ -704,33 +671,6 @@ def check_space_fits_study(cfg: TuneConfig, space: SearchSpace, study: optuna.St
             except ValueError as e:
                 raise ValueError(f"{space.source}: params.{name} does not fit study "
                                  f"{cfg.study_name!r} ({e}): use another --study-name") from None
-
-
-def _storage_label(cfg: TuneConfig) -> str:
-    """The storage, without a password; the default journal file as its name."""
-    url = cfg.storage or JOURNAL_FILE
-    if "://" in url:
-        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    path = Path(url).resolve()
-    default = url == JOURNAL_FILE or path == (study_dir(cfg) / JOURNAL_FILE).resolve()
-    return JOURNAL_FILE if default else str(path)
-
-
-def claim_study_dir(cfg: TuneConfig) -> None:
-    """``<out_dir>/<study>/`` belongs to one storage's study (its trial numbers name the runs)."""
-    owner_file, mine = study_dir(cfg) / OWNER_FILE, _storage_label(cfg)
-    if not owner_file.is_file():
-        process.write_atomic(owner_file, json.dumps(
-            {"format_version": FORMAT_VERSION, "storage": mine}) + "\n")
-        return
-    owner = settings.read_json_object(owner_file, "study owner")
-    if owner.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{owner_file}: not a study.json of format_version {FORMAT_VERSION}: "
-                         "delete it, or give this study another --out-dir")
-    if (theirs := owner.get("storage")) != mine:
-        hint = "without --storage" if theirs == JOURNAL_FILE else f"with --storage {theirs}"
-        raise ValueError(f"{study_dir(cfg)} holds the study of storage {theirs}: run {hint} to "
-                         "continue it, or use another --out-dir")
 
 
 # --------------------------------------------------- reports: best config, trials, importances
@@ -872,40 +812,15 @@ def absolute_sqlite(url: str | None) -> str | None:
 WORKER_COMMAND = (sys.executable, str(ROOT / "hyperparam_tune.py"))
 
 
-PARENT_ENV = "CODELM_SWEEP_PARENT"  # the process id of the sweep that started a worker
-# The signal a worker gets when its sweep dies (PR_SET_PDEATHSIG); nohup ignores SIGHUP.
-PARENT_DEATH_SIGNAL = signal.SIGUSR2
-
-
-def _stop_with_parent() -> None:
-    """A worker stops its trial as at a SIGTERM when its sweep process dies. Linux only."""
-    parent = os.environ.get(PARENT_ENV)
-    if parent is None or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    def parent_died(signum, frame):
-        # Once: the kernel sends it again as each of the sweep's threads exits.
-        signal.signal(PARENT_DEATH_SIGNAL, signal.SIG_IGN)
-        signal.raise_signal(signal.SIGTERM)
-
-    signal.signal(PARENT_DEATH_SIGNAL, parent_died)
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, ctypes.c_ulong(PARENT_DEATH_SIGNAL), 0, 0, 0)  # PR_SET_PDEATHSIG
-    if os.getppid() != int(parent):  # it died before the line above
-        signal.raise_signal(PARENT_DEATH_SIGNAL)
-
-
 def _run_workers(cfg: TuneConfig, study: optuna.Study, bar: tqdm) -> int:
     """Run ``cfg.workers`` worker processes to the end, passing a stop signal on; a worker's
     configuration error (exit 2) stops the others. The first failed worker's status, else 0."""
     config_file = study_dir(cfg) / "tune_config.json"
     process.write_atomic(config_file, json.dumps({**dataclasses.asdict(cfg), "progress": False},
                                                  indent=2) + "\n")
-    env = {**os.environ, PARENT_ENV: str(os.getpid())}
     # Their own session: a stop signal reaches them once, forwarded by this process.
     procs = [subprocess.Popen([*WORKER_COMMAND, "--config", str(config_file), "--worker", str(i)],
-                              start_new_session=True, env=env) for i in range(1, cfg.workers + 1)]
+                              start_new_session=True) for i in range(1, cfg.workers + 1)]
     stopped: list[subprocess.Popen] = []  # the workers another's error stopped
     try:
         # poll() every worker: a dead one's process id must vanish for its trial to be orphaned
@@ -926,39 +841,18 @@ def _run_workers(cfg: TuneConfig, study: optuna.Study, bar: tqdm) -> int:
         raise
     failed = 0
     for i, p in enumerate(procs, start=1):
-        if p in stopped and p.returncode not in (0, 2):
-            print(f"worker {i} (pid {p.pid}) stopped with the sweep: its trial runs again when "
-                  "the command is run again", file=sys.stderr)
-        elif p.returncode < 0:
-            print(f"worker {i} (pid {p.pid}) was killed by "
-                  f"{signal.Signals(-p.returncode).name}", file=sys.stderr)
-        elif p.returncode > 0:
-            print(f"worker {i} (pid {p.pid}) failed: exit status {p.returncode}", file=sys.stderr)
-            failed = failed or p.returncode
+        if p.returncode and (p not in stopped or p.returncode == 2):  # stopped: interrupted
+            how = (f"was killed by {signal.Signals(-p.returncode).name}" if p.returncode < 0
+                   else f"failed: exit status {p.returncode}")
+            print(f"worker {i} (pid {p.pid}) {how}", file=sys.stderr)
+            failed = failed or max(p.returncode, 0)
     return failed
-
-
-def _warn_of_space(cfg: TuneConfig, space: SearchSpace, base: dict) -> None:
-    """Warn of a space that ranks trials by something else than its parameters."""
-    if sampled := sorted(BATCH_KEYS & set(space.params)):
-        print(f"warning: {space.source}: params {', '.join(sampled)}: under one step budget a "
-              "larger effective batch wins for that alone: fix it in the base", file=sys.stderr)
-    warmups = [v for name, v in space.extremes() if name == "warmup_steps"]
-    if warmups and max(warmups) >= cfg.max_steps // 2:
-        print(f"warning: {space.source}: params warmup_steps reaches {max(warmups)} of "
-              f"--max-steps {cfg.max_steps}: lower its range or raise --max-steps",
-              file=sys.stderr)
-    if swept := sorted(set(base) & set(space.params)):  # e.g. a config.json of another run
-        print(f"note: {cfg.train_config}: {', '.join(swept)}: sampled by {space.source}; each "
-              "trial's sampled value replaces the file's", file=sys.stderr)
 
 
 def tune(cfg: TuneConfig) -> int:
     """Run (or continue) the sweep until the study holds ``cfg.n_trials`` finished trials. The
     exit status: the first failed worker's, else 1 short of ``n_trials`` or without a best
     config (so that ``tune && train --config best.json`` stops there), else 0."""
-    if cfg.worker:
-        _stop_with_parent()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and table tell
     # Heartbeats are "experimental" (since Optuna 2.9); run_worker records them as optimize does.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -968,14 +862,11 @@ def tune(cfg: TuneConfig) -> int:
     storage = open_storage(cfg)
     study = open_study(cfg, storage)
     check_space_fits_study(cfg, space, study)
-    if not cfg.worker:  # the workers' parent has claimed it
-        claim_study_dir(cfg)
     check_study_settings(cfg, space, base, study)
     if cfg.worker:  # one of --workers N processes: share this machine's cores among them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))
         run_worker(cfg, study, storage, space, base)
         return 0  # the parent judges the study (and writes best.json)
-    _warn_of_space(cfg, space, base)
     bar = progress_bar(total=cfg.n_trials, initial=min(study_progress(study)[0], cfg.n_trials),
                        unit="trial", desc=cfg.study_name, enabled=cfg.progress)
     worker_status = 0

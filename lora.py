@@ -648,10 +648,6 @@ def unmerge_lora(model: nn.Module) -> None:
 
 def merge_and_export(model: nn.Module, out_dir: str | Path) -> Path:
     """Merge the adapters and write a full HF checkpoint (the model is left merged)."""
-    if any(isinstance(m, QuantLinear) for m in model.modules()):
-        raise ValueError("merge_and_export needs a full-precision base: build the model with "
-                         "pretrained.load (not quantized), load_adapter, then export")
-    pretrained.check_output_dir(Path(out_dir), "merge_and_export")
     merge_lora(model)
     wrapped = list(lora_modules(model))
     for path, module in wrapped:
@@ -919,20 +915,6 @@ def changed_base_tensors(model: nn.Module, adapter_dir: str | Path) -> list[str]
 
 # ----------------------------------------------------------------------------- command line
 
-def _check_adapter_tokenizer(adapter: Path, base: Path) -> None:
-    """Refuse an adapter's own tokenizer that is not its base's; one codelm cannot read is copied."""
-    from tokenizer import check_model_tokenizer, load_tokenizer
-
-    try:
-        tok = load_tokenizer(adapter)
-    except ValueError:
-        return
-    instead = (f"remove it, and the merge copies {base}'s own" if (base / "tokenizer.json").is_file()
-               else f"put the tokenizer {base} was trained with in its place")
-    check_model_tokenizer(tok, adapter / "tokenizer.json", base,
-                          f"the merge would write it beside {base}'s weights: {instead}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = settings.ArgumentParser(
         description="Merge a LoRA adapter (codelm's or PEFT's) into its base model and write a "
@@ -952,8 +934,6 @@ def main(argv: list[str] | None = None) -> int:
         model = pretrained.load(base, dtype=args.dtype)
         report = load_adapter(model, adapter)
         tokenizer_dir = adapter if (adapter / "tokenizer.json").is_file() else base
-        if tokenizer_dir == adapter:  # the merged model pairs the base's config with it
-            _check_adapter_tokenizer(adapter, base)
         pretrained.export_checkpoint(args.out, partial(merge_and_export, model), tokenizer_dir,
                                      generation_from=base)
         # The adapter's own count (PEFT's q_proj, k_proj, v_proj are one fused qkv here).

@@ -335,8 +335,6 @@ class CodeTokenizer(_BatchEncodeMixin):
                split_special_tokens: bool = False) -> list[int]:
         """Token ids of ``text`` (with ``add_special_tokens``, between bos and eos); special
         tokens' text is always text, so ``split_special_tokens`` changes nothing."""
-        if not isinstance(text, str):
-            raise TypeError(f"encode() expects a str, got {type(text).__name__}")
         if self.strip_comments:
             text = strip_comments_and_docstrings(text)
         ids = list(chain.from_iterable(map(self._cache.__getitem__, _CODE_PIECE_RE.findall(text))))
@@ -494,12 +492,6 @@ class CodeTokenizer(_BatchEncodeMixin):
                        strip_comments=data["strip_comments"], special_tokens=data["special_tokens"])
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> CodeTokenizer:
-        path = tokenizer_path(path)
-        data = _read_json(path)
-        return (cls.from_hf if cls.is_hf_form(data) else cls.from_dict)(data, str(path))
 
     def __repr__(self) -> str:
         return (f"CodeTokenizer(vocab_size={self.vocab_size}, min_freq={self.min_freq}, "
@@ -794,9 +786,6 @@ class BPETokenizer(_BatchEncodeMixin):
         self._build_added(spec.get("added_tokens") or [])
 
         size = max(max(vocab.values(), default=-1), max(self._added_ids.values(), default=-1)) + 1
-        n_tokens = len(vocab) + len(self._added_ids)
-        _expect(size <= 2 * n_tokens + 1024, "model",
-                f"ids up to {size - 1} for {n_tokens} tokens (not dense)")
         self._id_to_token: list[str | None] = [None] * size
         self._id_to_bytes: list[bytes] = [b""] * size
         for token, i in chain(vocab.items(), self._added_ids.items()):
@@ -993,8 +982,6 @@ class BPETokenizer(_BatchEncodeMixin):
                split_special_tokens: bool = False) -> list[int]:
         """HF ``Tokenizer.encode(text, add_special_tokens).ids``; ``split_special_tokens``: a
         special token's text is text (HF's ``encode_special_tokens``)."""
-        if not isinstance(text, str):
-            raise TypeError(f"encode() expects a str, got {type(text).__name__}")
         ids = []
         for segment, token_id in self._split_added(text, plain_special=split_special_tokens):
             if token_id is None:
@@ -1035,32 +1022,16 @@ class BPETokenizer(_BatchEncodeMixin):
 
 
 def _checked_ids(ids: object, vocab_size: int) -> list[int]:
-    """``ids`` as a list of ints in [0, vocab_size) (a -100 label would index from the end); a
-    batch or a single id is refused as what it is."""
-    shape = getattr(ids, "shape", None)  # a tensor or an array
-    first = ids[0] if isinstance(ids, (list, tuple)) and ids else None
-    if ((shape is not None and len(shape) > 1) or isinstance(first, (list, tuple))
-            or getattr(first, "ndim", 0) > 0):
-        got = (f"shape {tuple(shape)}" if shape is not None
-               else f"a {type(ids).__name__} of {type(first).__name__}s")
-        raise ValueError(f"decode takes one sequence of token ids, got a batch ({got}): decode "
-                         "each row, e.g. tok.decode(ids[0])")
-    if shape == () or not isinstance(ids, Iterable):
-        raise ValueError(f"decode takes one sequence of token ids, got one id ({ids!r}): "
-                         "tok.decode([i])")
-    ids = list(ids)  # a generator could not be read again for the error below
-    with contextlib.suppress(TypeError):
-        checked = list(map(operator.index, ids))
-        if not checked or (min(checked) >= 0 and max(checked) < vocab_size):
-            return checked
-
-    def is_token_id(i) -> bool:
-        with contextlib.suppress(TypeError):
-            return 0 <= operator.index(i) < vocab_size
-        return False
-
-    bad = [i for i in ids if not is_token_id(i)]
-    raise ValueError(f"token ids out of range [0, {vocab_size}): {bad[:5]}")
+    """``ids`` as a list of ints in [0, vocab_size) (a -100 label would index from the end)."""
+    try:
+        ids = list(map(operator.index, ids))
+    except TypeError:  # one id, a float, or a batch (a row is no index)
+        raise ValueError(f"decode takes one sequence of integer token ids, got {type(ids).__name__}"
+                         " (a batch: decode each row, e.g. tok.decode(ids[0]))") from None
+    if ids and (min(ids) < 0 or max(ids) >= vocab_size):
+        bad = [i for i in ids if not 0 <= i < vocab_size]
+        raise ValueError(f"token ids out of range [0, {vocab_size}): {bad[:5]}")
+    return ids
 
 
 def _byte_level_bytes(token: str) -> bytes:
@@ -1226,13 +1197,8 @@ def where_tokenizer_is(directory: str | os.PathLike) -> str:
         base = None
         with contextlib.suppress(ValueError):
             base = _read_json(directory / _ADAPTER_CONFIG).get("base_model_name_or_path")
-        adapter = (f"; {directory} is a LoRA adapter directory ({_ADAPTER_CONFIG}), whose "
-                   "tokenizer is its base model's")
-        if not isinstance(base, str) or not base:
-            return f"{adapter}, and its config names no base_model_name_or_path"
-        if (Path(base) / TOKENIZER_FILE).is_file():
-            return f"{adapter}: {base}"
-        return f"{adapter}, {base}, and that is no local directory holding a {TOKENIZER_FILE}"
+        return (f"; {directory} is a LoRA adapter directory ({_ADAPTER_CONFIG}), whose "
+                f"tokenizer is its base model's" + (f": {base}" if base else ""))
     for above in list(directory.resolve().parents)[:2]:
         if (above / TOKENIZER_FILE).is_file():
             return f"; {above} above it holds one"
@@ -1278,9 +1244,10 @@ def _shown_id(tok: CodeTokenizer | BPETokenizer, i: int) -> str:
 
 
 def check_model_tokenizer(tok: CodeTokenizer | BPETokenizer, tokenizer_file: str | os.PathLike,
-                          model_dir: str | os.PathLike, remedy: str | None = None) -> None:
+                          model_dir: str | os.PathLike) -> None:
     """Refuse a tokenizer that is not the model's, as the bos/eos ids of its config.json tell:
-    an error for crossed roles or a CodeTokenizer, a warning where none agrees (a stale config)."""
+    crossed roles, or other ids than a CodeTokenizer's (a BPE's differing ids may be a stale
+    config's)."""
     config = Path(model_dir) / "config.json"
     try:
         hf = _read_json(config)
@@ -1288,32 +1255,22 @@ def check_model_tokenizer(tok: CodeTokenizer | BPETokenizer, tokenizer_file: str
         return
     mine = {"bos": tok.bos_id, "eos": tok.eos_id}
     given = {role: _config_ids(hf.get(f"{role}_token_id"), hf.get("vocab_size")) for role in mine}
-    agree = any(mine[role] in ids for role, ids in given.items())
     differ = {role: ids for role, ids in given.items()
               if ids and mine[role] is not None and mine[role] not in ids}
-    if not differ:
-        return
     crossed = any(own in ids for role, ids in differ.items()
                   for other, own in mine.items() if other != role)
-    fixed = isinstance(tok, CodeTokenizer)
-    if not (crossed or fixed) and (agree or any(
-            i < tok.vocab_size and i in tok._special_ids for ids in differ.values() for i in ids)):
+    if not differ or not (crossed or isinstance(tok, CodeTokenizer)):
         return
     listed = " and ".join(f"{role}_token_id {', '.join(_shown_id(tok, i) for i in ids)}"
                          for role, ids in differ.items())
     has = " and ".join(f"the tokenizer's {role} is {mine[role]} ({tok.id_to_token(mine[role])!r})"
                        for role in differ)
     own_file = Path(model_dir) / TOKENIZER_FILE
-    if (remedy is None and own_file.is_file()
-            and own_file.resolve() != Path(tokenizer_file).resolve()):
-        remedy = f"pass --tokenizer {model_dir}, the model's own"
-    remedy = remedy or f"pass --tokenizer with the tokenizer {model_dir} was trained with"
-    if crossed or fixed:
-        raise ValueError(f"{tokenizer_file} is not the tokenizer of the model in {model_dir}: "
-                         f"{config} has {listed}, but {has}; {remedy}")
-    print(f"warning: {tokenizer_file} may not be the tokenizer of the model in {model_dir}: "
-          f"{config} has {listed}, none a special token there, but {has}: a stale config.json or "
-          f"another model's tokenizer; if the latter, {remedy}", file=sys.stderr)
+    remedy = (f"pass --tokenizer {model_dir}, the model's own"
+              if own_file.is_file() and own_file.resolve() != Path(tokenizer_file).resolve()
+              else f"pass --tokenizer with the tokenizer {model_dir} was trained with")
+    raise ValueError(f"{tokenizer_file} is not the tokenizer of the model in {model_dir}: "
+                     f"{config} has {listed}, but {has}; {remedy}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
