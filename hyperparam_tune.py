@@ -59,8 +59,8 @@ ATTR_CONFIG, ATTR_REASON, ATTR_WORKER, ATTR_STEP = "train_config", "fail_reason"
 ATTR_RUN = "run_dir"  # the trial's run directory (a re-run of an interrupted trial continues it)
 ATTR_STOPPED = "stopped_sweep"  # a trial whose error (a configuration error) stopped the sweep
 ATTR_SETTINGS = "trial_settings"  # study attribute: the TrainConfig values all trials share
-# The version of the study's recorded settings.
-FORMAT_VERSION = 1
+# The version of the study's recorded settings (2: trials valued by val bits per byte).
+FORMAT_VERSION = 2
 INTERRUPTED = "interrupted (SIGINT/SIGTERM)"  # the reason of a trial that runs again
 # Completes the trainer's "checkpoint saved at step N; continue with ...".
 RESUME_HINT = ("the same hyperparam_tune.py command, which continues this trial's run from its "
@@ -80,6 +80,8 @@ class TuneConfig:
     # budget of each trial (a study's trials share it)
     max_steps: int = 150  # step budget of one trial
     eval_every: int = 25  # evaluation (and pruning) interval in steps
+    time_budget_min: float | None = None  # instead: minutes of one trial on this machine, its
+    #   steps sized to them (trials then differ in steps: use pruner none)
     # pruning (hopeless trials stop early)
     pruner: str = "median"  # median | hyperband | none
     prune_startup_trials: int = 3  # median pruner: trials finished before any pruning
@@ -183,13 +185,12 @@ def absolute_paths(values: dict, source: str) -> dict:
 
 
 def _check_no_resume_or_time_budget(values: dict, source: str) -> None:
-    """Each trial is a new run of the same --max-steps: no ``resume``, no ``max_time_s``."""
+    """Each trial is a new run of the sweep's budget: no ``resume``, no ``max_time_s``."""
     if values.get("resume") is not None:
         raise ValueError(f"{source}: resume: each trial is a new run: remove 'resume'")
-    for key in ("max_time_s", "time_budget_min"):
-        if values.get(key) is not None:
-            raise ValueError(f"{source}: {key}: trials share --max-steps, not a time budget: "
-                             f"remove '{key}'")
+    if values.get("max_time_s") is not None:
+        raise ValueError(f"{source}: max_time_s: trials share --max-steps or --time-budget-min, "
+                         "a run cut short by max_time_s would be ranked as an equal: remove it")
 
 
 def load_space(space: str) -> SearchSpace:
@@ -380,6 +381,8 @@ def _is_out_of_memory(e: BaseException) -> bool:
 
 
 def _budget(cfg: TuneConfig) -> dict:
+    if cfg.time_budget_min is not None:  # sized by the trainer, eval_every included
+        return {"max_steps": None, "epochs": None, "time_budget_min": cfg.time_budget_min}
     return {"max_steps": cfg.max_steps, "epochs": None, "eval_every": cfg.eval_every}
 
 
@@ -392,7 +395,8 @@ def _trial_run(cfg: TuneConfig, number: int, resume: Path | None = None) -> dict
 
 
 # TrainConfig keys the sweep sets on every trial: a search space may not set them.
-SWEEP_KEYS = frozenset(_budget(TuneConfig())) | frozenset(_trial_run(TuneConfig(), 0))
+SWEEP_KEYS = (frozenset(_budget(TuneConfig())) | frozenset(_budget(TuneConfig(time_budget_min=1)))
+              | frozenset(_trial_run(TuneConfig(), 0)))
 
 
 def trial_recipe(cfg: TuneConfig, space: SearchSpace, base: dict, trial: optuna.Trial) -> dict:
@@ -409,7 +413,7 @@ def where_set(cfg: TuneConfig, space: SearchSpace, base: dict) -> Callable[[str]
             values = (f"choices {spec['choices']}" if spec["type"] == "categorical" else
                       f"{spec['low']} to {spec['high']}")
             return f"the range of params.{key} in {space.source} (now {values})"
-        if key in ("max_steps", "eval_every"):  # the sweep's flags of the same name
+        if key in ("max_steps", "eval_every", "time_budget_min"):  # the sweep's flags
             return settings.flag_of(key)
         if key in base:
             return f"--train-config {cfg.train_config}"
@@ -460,8 +464,9 @@ def _mark_interrupted(trial: optuna.Trial) -> None:
 
 
 def _prepare_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
-                   trial: optuna.Trial) -> TrainConfig:
-    """The trial's TrainConfig; its recipe and run recorded, the losses it continues re-reported."""
+                   trial: optuna.Trial) -> tuple[TrainConfig, float]:
+    """The trial's TrainConfig, and the best value it continues from; its recipe and run
+    recorded, the values it continues re-reported."""
     recipe = trial_recipe(cfg, space, base, trial)
     trial.set_user_attr(ATTR_CONFIG, recipe)
     resume, reported = interrupted_run(trial)
@@ -478,22 +483,28 @@ def _prepare_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
     trial.set_user_attr(ATTR_RUN, str(run_dir))
     for step, value in sorted(reported.items()):
         trial.report(value, step)
-    return train_cfg
+    return train_cfg, min(reported.values(), default=math.inf)
 
 
 def run_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
               trial: optuna.Trial) -> tuple[TrialState, float | None]:
-    """Train the trial: the state and value to tell (a failure's reason recorded and told)."""
+    """Train the trial: the state and value to tell (a failure's reason recorded and told). The
+    value is the best validation bits per byte, which compares tokenizers too."""
+    best = math.inf
+
     def on_eval(step: int, metrics: dict) -> None:
+        nonlocal best
+        value = metrics.get("val_bpb", metrics["val_loss"])
+        best = min(best, value)
         trial.set_user_attr(ATTR_STEP, step)
-        trial.report(metrics["val_loss"], step)
+        trial.report(value, step)
         # Not at the final evaluation: the trial trained its whole budget (COMPLETE).
-        if step < cfg.max_steps and trial.should_prune():
-            raise optuna.TrialPruned(f"val loss {metrics['val_loss']:.4f} at step {step} is worse "
+        if cfg.time_budget_min is None and step < cfg.max_steps and trial.should_prune():
+            raise optuna.TrialPruned(f"val bits per byte {value:.4f} at step {step} is worse "
                                      "than the pruner's threshold")
 
     try:
-        train_cfg = _prepare_trial(cfg, space, base, trial)
+        train_cfg, best = _prepare_trial(cfg, space, base, trial)
         result = trainingmanager.train(train_cfg, on_eval=on_eval, resume_hint=RESUME_HINT)
     except KeyboardInterrupt:
         _mark_interrupted(trial)
@@ -523,8 +534,8 @@ def run_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
         if result.interrupted:  # the trainer checkpointed and returned on a stop signal
             _mark_interrupted(trial)
             raise KeyboardInterrupt(result.interrupted)
-        if result.best_val_loss is not None and math.isfinite(result.best_val_loss):
-            return TrialState.COMPLETE, result.best_val_loss
+        if math.isfinite(best):
+            return TrialState.COMPLETE, best
         reason = f"no finite validation loss (best_val_loss={result.best_val_loss})"
     trial.set_user_attr(ATTR_REASON, reason)
     tqdm.write(f"trial {trial.number} failed with parameters {trial.params}: {reason}",
@@ -730,7 +741,7 @@ def write_reports(study: optuna.Study, cfg: TuneConfig, show: bool = True) -> di
     if best is None:
         print(f"study {cfg.study_name}: no trial completed yet")
         return None
-    print(f"best trial {study.best_trial.number}: val loss {study.best_value:.4f}")
+    print(f"best trial {study.best_trial.number}: val bits per byte {study.best_value:.4f}")
     print(json.dumps(best, indent=2))
     print(f"best config: {out / 'best.json'}  (python trainingmanager.py --config "
           f"{out / 'best.json'})")
@@ -762,6 +773,8 @@ def _check_ranges(cfg: TuneConfig, where_set: Callable[[str], str]) -> TuneConfi
     for key in ("n_trials", "max_steps", "eval_every", "workers", "heartbeat_interval"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"{named(key)}: must be at least 1")
+    if cfg.time_budget_min is not None and not 0 < cfg.time_budget_min < math.inf:
+        raise ValueError(f"{named('time_budget_min')}: must be a positive number of minutes")
     for key in ("worker", "max_retry", "prune_startup_trials", "prune_warmup_steps"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"{named(key)}: must be at least 0")
