@@ -33,8 +33,6 @@ log = logging.getLogger("scraping")
 
 # GitHub search returns at most this many results per query, whatever the total_count says.
 SEARCH_CAP = 1000
-# How often one search slice is read when a read comes back short (star counts shifted pages).
-_SLICE_READS = 3
 # A repo GitHub fails to serve is not saved (the next run retries it); this many in a row stop.
 SERVER_ERROR = "server_error"
 _FAILED_IN_A_ROW = 5
@@ -167,27 +165,19 @@ def search_repositories(client: GitHubClient, query: str, date_field: str, start
 def _read_slice(client: GitHubClient, params: dict, data: dict, resp: requests.Response,
                 cap: int) -> list[dict]:
     """Every repository of one search slice (at most ``cap``), deduplicated: all pages are read
-    at once (star counts shift pages while a scrape runs), and a short read is repeated."""
+    at once, as star counts shift pages while a scrape runs (a repo moved meanwhile is missed,
+    said, and found by the next run)."""
     found: dict[str, dict] = {}
-    for attempt in range(_SLICE_READS):
-        if attempt:
-            data, resp = client.get_json("/search/repositories", params=params,
-                                         valid=_is_search_page)
-        before = len(found)
-        while True:
-            for item in data["items"]:
-                found.setdefault(item["full_name"], item)
-            next_url = resp.links.get("next", {}).get("url")
-            if not next_url:
-                break
-            data, resp = client.get_json(next_url, valid=_is_search_page)
-        wanted = min(data["total_count"], cap)
-        if len(found) >= wanted or (attempt and len(found) == before):
-            break  # complete, or a re-read found nothing new: the total is not reachable
-        log.info("search %s returned %d of %d repos (star counts changed while paging): "
-                 "reading it again", params["q"], len(found), wanted)
-    if len(found) < wanted:
-        log.warning("search %s: %d of %d repos reachable", params["q"], len(found), wanted)
+    while True:
+        for item in data["items"]:
+            found.setdefault(item["full_name"], item)
+        next_url = resp.links.get("next", {}).get("url")
+        if not next_url:
+            break
+        data, resp = client.get_json(next_url, valid=_is_search_page)
+    if len(found) < (wanted := min(data["total_count"], cap)):
+        log.warning("search %s: %d of %d repos read (star counts changed while paging); a "
+                    "re-run reads the rest", params["q"], len(found), wanted)
     return list(found.values())
 
 
