@@ -632,11 +632,8 @@ def smoke_problems(report: RecipeResult) -> list[str]:
 
 
 def summary(report: RecipeResult) -> str:
-    export = report.run_dir / rundir.EXPORT_DIR
+    """What the run left that training's own lines do not say (they name its stop and export)."""
     lines = [f"run: {report.run_dir}"]
-    if report.train.interrupted:
-        lines.append(f"interrupted ({report.train.interrupted}) at step {report.train.step}: "
-                     f"{what_next(report.smoke)}")
     if report.train.stopped_by_budget:
         lines.append(f"time budget (train.max_time_s) reached at step {report.train.step}: the "
                      f"run is not finished; {what_next(report.smoke)}")
@@ -647,15 +644,6 @@ def summary(report: RecipeResult) -> str:
     elif report.losses:
         lines.append(f"training loss: too few logged steps ({len(report.losses)}) to compare "
                      "the first with the last")
-    if report.train.best_val_loss is not None:
-        lines.append(f"best validation loss {report.train.best_val_loss:.4f} at step "
-                     f"{report.train.best_step}")
-    if (export / "adapter_config.json").is_file():
-        lines.append(f"adapter (PEFT layout): {export}")
-    if (export / rundir.MERGED_DIR).is_dir():
-        lines.append(f"merged model (HF layout): {export / rundir.MERGED_DIR}")
-    elif (export / rundir.HF_CONFIG).is_file():
-        lines.append(f"model (HF layout): {export}")
     if report.adapter_max_diff is not None:
         lines.append(f"adapter loaded back onto the base vs merged export: max |logit diff| "
                      f"{report.adapter_max_diff:.2e}")
