@@ -143,10 +143,6 @@ class GitHubClient:
                 # Not streamed: the body is read here, so a connection dropped mid-body retries.
                 resp = self._session().get(
                     url, params=params, headers={"Accept": accept}, timeout=self.timeout)
-            except (requests.exceptions.InvalidHeader, UnicodeEncodeError):
-                # Their messages quote the header (or part of it), which may be the token.
-                raise ValueError(f"GET {redact_url(url)}: a request header holds characters "
-                                 "HTTP does not allow (check GITHUB_TOKEN)") from None
             except (requests.ConnectionError, requests.Timeout,
                     requests.exceptions.ChunkedEncodingError) as exc:
                 delay, problem = self._backoff_delay(attempt), type(exc).__name__

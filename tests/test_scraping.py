@@ -855,7 +855,8 @@ def test_an_output_path_that_is_a_directory_is_refused_before_any_work(tmp_path,
     assert main(["local", str(src), "--out", str(src / "ok.py" / "x.jsonl"),
                  "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert err.count(f"--out {outdir} is a directory") == 2 and "is a file, not a directory" in err
+    assert err.count(f"--out {outdir}: cannot create it (Is a directory)") == 2
+    assert f"--out {src / 'ok.py' / 'x.jsonl'}: cannot create it" in err
     assert "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outdir", "repo"]
     assert not any(outdir.iterdir())
@@ -903,12 +904,6 @@ def test_a_token_with_a_line_end_works_and_a_malformed_one_is_never_shown(tmp_pa
         err = capsys.readouterr().err
         assert "GITHUB_TOKEN holds spaces, control or non-ASCII characters" in err
         assert "ghp_" not in err and "Traceback" not in err
-        # Second guard: whatever header requests refuses, its value is not in the error.
-        client = make_client(fake, token=TOKEN)
-        client._token = "ghp_sneaked\r\nin"
-        with pytest.raises(ValueError, match="a request header holds characters") as info:
-            client.get("/repos/o/r0/branches/main")
-        assert "ghp_" not in str(info.value) and info.value.__suppress_context__
 
 
 def test_a_repo_github_keeps_failing_is_left_for_the_next_run_and_the_rest_go_on(tmp_path,
