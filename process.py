@@ -4,7 +4,6 @@ whole or not at all, and what killed writers left is settled by the next writer.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import errno
 import json
@@ -129,16 +128,6 @@ def run_main(main: Callable[[], int | None]) -> int | None:
     except BrokenPipeError:  # `script | head` stopped reading: no traceback, no second one
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # at exit's flush
         return 1
-    finally:  # the first exit handler to run: they run in the reverse order of registration
-        atexit.register(_stops_end_at_once)
-
-
-def _stops_end_at_once() -> None:
-    """On the way out, a second Ctrl-C ends the script at once, not with a traceback from inside
-    torch's exit handlers."""
-    for sig in STOP_SIGNALS:
-        if signal.getsignal(sig) is not signal.SIG_IGN:
-            signal.signal(sig, signal.SIG_DFL)
 
 
 def run_tool(work: Callable[[], int | None], interrupted: str = "interrupted") -> int:

@@ -517,35 +517,6 @@ def test_a_reader_that_stops_reading_ends_a_script_quietly():
     assert proc.stderr.read() == b""
 
 
-_SLOW_EXIT = """
-import atexit, os, signal, sys, time
-import process
-def slow_exit():  # torch's exit handlers, say
-    open(sys.argv[1], "w").close()
-    time.sleep(60)
-atexit.register(slow_exit)
-stop = lambda: os.kill(os.getpid(), signal.SIGINT)
-sys.exit(process.run_main(lambda: process.run_tool(stop)))
-"""
-
-
-def test_a_second_ctrl_c_while_the_script_exits_ends_it_without_a_traceback(tmp_path):
-    """Ctrl-C twice: the first is told ("interrupted"); the second, landing in an atexit handler,
-    ends the process at once as SIGINT's default does, not with an "Exception ignored in atexit
-    callback" traceback."""
-    import signal
-    import sys
-
-    from procs import popen, signal_when
-
-    exiting = tmp_path / "exiting"
-    proc = popen([sys.executable, "-c", _SLOW_EXIT, str(exiting)], cwd=ROOT,
-                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, err = signal_when(proc, exiting.exists, signal.SIGINT)
-    assert err == "interrupted\n"
-    assert proc.returncode == -signal.SIGINT
-
-
 _SWALLOWING_IMPORT = """
 import atexit, os, signal, sys
 import process
