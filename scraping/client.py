@@ -30,16 +30,6 @@ class ServerError(GitHubError):
     """Retries spent on 5xx answers or dropped connections: this request failed, not the next."""
 
 
-def _check_token(token: str | None) -> str | None:
-    """The token stripped; one holding anything but visible ASCII is refused without showing it
-    (requests would quote the whole header)."""
-    token = (token or "").strip()
-    if any(not 33 <= ord(c) <= 126 for c in token):
-        raise ValueError("GITHUB_TOKEN holds spaces, control or non-ASCII characters inside it "
-                         "(not shown here); set it to the token alone")
-    return token or None
-
-
 class GitHubClient:
     """GET with rate-limit waits, exponential backoff with jitter, and bounded retries
     (``sleep``, ``clock`` and ``rng`` injectable)."""
@@ -54,7 +44,11 @@ class GitHubClient:
         self.api_url = api_url.rstrip("/")
         self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
         self.max_wait, self.timeout = max_wait, timeout
-        self._token = _check_token(token)
+        token = (token or "").strip()
+        if any(not 33 <= ord(c) <= 126 for c in token):  # requests would quote the whole header
+            raise ValueError("GITHUB_TOKEN holds spaces, control or non-ASCII characters inside "
+                             "it (not shown here); set it to the token alone")
+        self._token = token or None
         self._sleep, self._clock = sleep, clock
         self._rng = rng or random.Random()
         self._blocked_until: dict[str, float] = {}

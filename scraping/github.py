@@ -96,17 +96,6 @@ def _check_url(url: str, flag: str, example: str) -> None:
         raise ValueError(f"{flag} {url!r}: expected an http(s) URL with a host, e.g. {example}")
 
 
-def _check_request_flags(cfg: GitHubConfig) -> None:
-    """Refuse request settings requests would reject mid-run, before anything is written."""
-    if not (math.isfinite(cfg.timeout) and cfg.timeout > 0):
-        raise ValueError(f"--timeout {cfg.timeout}: need a finite number of seconds > 0")
-    if cfg.max_repos is not None and cfg.max_repos < 1:
-        raise ValueError(f"--max-repos {cfg.max_repos}: need at least 1")
-    _check_url(cfg.api_url, "--api-url", DEFAULT_API_URL)
-    if cfg.raw_url:  # empty: the blob API, as when left out
-        _check_url(cfg.raw_url, "--raw-url", DEFAULT_RAW_URL)
-
-
 def build_query(cfg: GitHubConfig) -> str:
     """The search qualifiers shared by every date slice."""
     parts = [f"stars:>{cfg.min_stars}"]
@@ -230,7 +219,13 @@ class GitHubScraper:
         self.allowed = expand_licenses(cfg.licenses)
         if cfg.workers < 1:
             raise ValueError(f"--workers {cfg.workers}: need at least 1")
-        _check_request_flags(cfg)
+        if not (math.isfinite(cfg.timeout) and cfg.timeout > 0):  # else refused mid-run
+            raise ValueError(f"--timeout {cfg.timeout}: need a finite number of seconds > 0")
+        if cfg.max_repos is not None and cfg.max_repos < 1:
+            raise ValueError(f"--max-repos {cfg.max_repos}: need at least 1")
+        _check_url(cfg.api_url, "--api-url", DEFAULT_API_URL)
+        if cfg.raw_url:  # empty: the blob API, as when left out
+            _check_url(cfg.raw_url, "--raw-url", DEFAULT_RAW_URL)
         self.client = client or GitHubClient(
             cfg.api_url, os.environ.get("GITHUB_TOKEN") or None, retries=cfg.retries,
             backoff=cfg.backoff, max_wait=cfg.max_wait, timeout=cfg.timeout)
