@@ -143,9 +143,6 @@ def search_repositories(client: GitHubClient, query: str, date_field: str, start
             yield from search_repositories(client, query, date_field, lo, hi, cap=cap,
                                            per_page=per_page)
         return
-    if total > cap:
-        log.warning("%d results within one second at %s: only the first %d are reachable",
-                    total, start.isoformat(), cap)
     if data.get("incomplete_results"):
         log.warning("GitHub reported incomplete search results for %s", q)
     yield from _read_slice(client, params, data, resp, cap)
