@@ -111,9 +111,8 @@ def quiet_start_up_stops(quiet: bool = False) -> None:
 def _stopped_while_starting(quiet: bool, signum: int, frame) -> None:
     """``os._exit``: a SystemExit raised into an import can be swallowed by an extension's init
     (torch's of numpy) or abort it from C++. Nothing is written yet."""
-    leave_terminal_on_hangup(signum)
     if not quiet:
-        with contextlib.suppress(OSError, ValueError):  # a closed stderr: the exit still comes
+        with contextlib.suppress(OSError, ValueError):  # closed, hung up: the exit still comes
             sys.stderr.write("interrupted while starting: nothing was written\n")
             sys.stderr.flush()
     os._exit(interrupted_exit_code(signal.Signals(signum).name))

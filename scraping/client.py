@@ -181,8 +181,5 @@ class GitHubClient:
         data, resp = self.get_reply(url, params=params, valid=valid)
         if resp.status_code == 200:
             return data, resp
-        try:
-            message = str(resp.json().get("message", ""))[:300]
-        except (ValueError, AttributeError):
-            message = resp.text[:300]
-        raise GitHubError(f"GET {redact_url(resp.url)}: HTTP {resp.status_code}: {message}")
+        raise GitHubError(f"GET {redact_url(resp.url)}: HTTP {resp.status_code}: "
+                          f"{resp.text[:300]}")
