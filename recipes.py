@@ -108,7 +108,7 @@ def apply_setting(recipe: Recipe, setting: str) -> None:
 def collect_git_sources(sources: Sequence[str], extensions: Sequence[str], out_dir: Path,
                         progress: bool) -> list[str]:
     """Git sources become scraper JSONL (one file per source, reused by a re-run); others pass."""
-    from scraping import LocalConfig, collect_local
+    from scraping.local import LocalConfig, collect_local
 
     out = []
     for source in sources:
