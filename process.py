@@ -4,19 +4,16 @@ whole or not at all, and what killed writers left is settled by the next writer.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import errno
 import json
 import os
 import re
-import select
 import shutil
 import signal
 import socket
 import stat
 import sys
-import termios
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
@@ -29,44 +26,22 @@ from typing import BinaryIO
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def _is_terminal(fd: int) -> bool:
-    """Whether ``fd`` is a terminal, or one that hung up (``os.isatty`` says False: EIO)."""
-    try:
-        termios.tcgetattr(fd)
-    except termios.error as err:
-        return err.args[0] == errno.EIO
-    except (OSError, ValueError):  # a closed descriptor
-        return False
-    return True
-
-
-def _reader_gone(fd: int, wait_s: float = 0.1) -> bool:
-    """Whether ``fd`` is a pipe whose reader has gone or goes within ``wait_s`` (``| tee log``'s
-    tee gets the same hangup, maybe a moment later)."""
-    try:
-        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
-            return False
-    except OSError:
-        return False
-    poller = select.poll()
-    poller.register(fd, 0)  # no event asked for: POLLERR alone, once no reader is left
-    return any(event & select.POLLERR for _, event in poller.poll(wait_s * 1000))
-
-
 def leave_terminal_on_hangup(signum: int) -> None:
-    """On SIGHUP, point stdout and stderr at /dev/null where they are a hung-up terminal or a pipe
-    without a reader: else the next progress bar would end the process before its cleanup."""
+    """On SIGHUP, point stdout and stderr at /dev/null unless they are files: a hung-up terminal
+    or a pipe whose reader the hangup ended fails every write, and the next progress bar would
+    end the process before its cleanup."""
     if signum != signal.SIGHUP:
         return
     for stream in (sys.stdout, sys.stderr):
         try:
             fd = stream.fileno()
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
         except (AttributeError, OSError, ValueError):  # replaced (pytest's capture) or closed
             continue
-        if _is_terminal(fd) or _reader_gone(fd):
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, fd)
-            os.close(null)
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, fd)
+        os.close(null)
 
 
 @contextlib.contextmanager
@@ -136,9 +111,8 @@ def quiet_start_up_stops(quiet: bool = False) -> None:
 def _stopped_while_starting(quiet: bool, signum: int, frame) -> None:
     """``os._exit``: a SystemExit raised into an import can be swallowed by an extension's init
     (torch's of numpy) or abort it from C++. Nothing is written yet."""
-    leave_terminal_on_hangup(signum)
     if not quiet:
-        with contextlib.suppress(OSError, ValueError):  # a closed stderr: the exit still comes
+        with contextlib.suppress(OSError, ValueError):  # closed, hung up: the exit still comes
             sys.stderr.write("interrupted while starting: nothing was written\n")
             sys.stderr.flush()
     os._exit(interrupted_exit_code(signal.Signals(signum).name))
@@ -153,16 +127,6 @@ def run_main(main: Callable[[], int | None]) -> int | None:
     except BrokenPipeError:  # `script | head` stopped reading: no traceback, no second one
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # at exit's flush
         return 1
-    finally:  # the first exit handler to run: they run in the reverse order of registration
-        atexit.register(_stops_end_at_once)
-
-
-def _stops_end_at_once() -> None:
-    """On the way out, a second Ctrl-C ends the script at once, not with a traceback from inside
-    torch's exit handlers."""
-    for sig in STOP_SIGNALS:
-        if signal.getsignal(sig) is not signal.SIG_IGN:
-            signal.signal(sig, signal.SIG_DFL)
 
 
 def run_tool(work: Callable[[], int | None], interrupted: str = "interrupted") -> int:

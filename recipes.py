@@ -17,11 +17,10 @@ import hashlib
 import json
 import shutil
 import sys
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -109,7 +108,7 @@ def apply_setting(recipe: Recipe, setting: str) -> None:
 def collect_git_sources(sources: Sequence[str], extensions: Sequence[str], out_dir: Path,
                         progress: bool) -> list[str]:
     """Git sources become scraper JSONL (one file per source, reused by a re-run); others pass."""
-    from scraping import LocalConfig, collect_local
+    from scraping.local import LocalConfig, collect_local
 
     out = []
     for source in sources:
@@ -340,21 +339,6 @@ def smoke_train_values(values: dict, work: Path, steps: int, typed: Collection[s
     return values
 
 
-def check_train_values(values: dict, source: str,
-                       where_set: Callable[[str], str] = settings.flag_of) -> None:
-    """What training would check before its first step, checked before the last run is replaced."""
-    from tokenizer import load_tokenizer
-
-    cfg = tm.with_init_adapter(tm.config_from_dict(values, source), where_set=where_set)
-    tm.validate_config(cfg, where_set)
-    tm.data_config(cfg, cfg.block_size or SMOKE_BLOCK)
-    if cfg.init_from is not None:
-        tok = load_tokenizer(cfg.init_from)
-    else:  # the run trains its tokenizer on the data: any vocabulary shapes the same modules
-        tok = SimpleNamespace(vocab_size=SMOKE_VOCAB, bos_id=None, eos_id=None)
-    tm.check_lora_export(cfg, tm.build_model(cfg, tok), where_set)
-
-
 SMOKE_EVAL_LIMITS = {"limit": 4, "max_new_tokens": 16, "lm_windows": 4, "lines_per_file": 2,
                      "batch_size": 4}
 
@@ -523,8 +507,8 @@ def _with_flags(values: dict, opts: RecipeOptions) -> dict:
 
 
 def _smoke_sized(values: dict, opts: RecipeOptions, run_dir: Path, typed: set[str],
-                 own: dict[str, str], where_set: Callable[[str], str]) -> dict:
-    """The smoke-sized train values, checked; the previous smoke run is removed."""
+                 own: dict[str, str]) -> dict:
+    """The smoke-sized train values (``own`` told which keys it sized)."""
     from architecture import PRESETS
 
     if values.get("init_from") and values.get("preset") not in PRESETS:
@@ -541,9 +525,7 @@ def _smoke_sized(values: dict, opts: RecipeOptions, run_dir: Path, typed: set[st
     own.update({k: "--smoke-steps" if k in ("max_steps", "eval_every", "save_every") else
                 "--smoke" for k in sized if k not in typed and sized[k] != values.get(k)
                 and k != "data_options"})  # of which --smoke sets only the cache_dir
-    check_train_values(sized, f"{opts.recipe} (train section, smoke-sized)", where_set)
     tm.check_max_steps_flag(tm.config_from_dict(sized), typed, opts.recipe, set_prefix="train.")
-    shutil.rmtree(run_dir, ignore_errors=True)  # only once the new run can start
     return sized
 
 
@@ -574,18 +556,20 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
         raise ValueError(f"{out_dir}: cannot create the output directory ({e.strerror}); check "
                          "--out-dir") from None
     if opts.smoke:  # a smoke run replaces the previous one of the same name
-        values = _smoke_sized(values, opts, out_dir / name, typed, own, where_set)
+        values = _smoke_sized(values, opts, out_dir / name, typed, own)
     else:
         check_paths(values, opts.recipe)
-        if values.get("init_adapter") is not None:  # its lora_* keys as --config reads them
-            tm.with_init_adapter(tm.config_from_dict(values, f"{opts.recipe} (train section)"),
-                                 typed=set(recipe.train), where_set=where_set)
+    if values.get("init_adapter") is not None:  # its lora_* keys as --config reads them
+        tm.with_init_adapter(tm.config_from_dict(values, f"{opts.recipe} (train section)"),
+                             typed=set(recipe.train), where_set=where_set)
     if values.get("data"):
         extensions = values.get("data_options", {}).get("extensions", [".py"])
         values["data"] = collect_git_sources(values["data"], extensions, out_dir / f"{name}-data",
                                              opts.progress)
     cfg = tm.config_from_dict(values, f"{opts.recipe} (train section)")
     tm.validate_config(cfg, where_set)
+    if opts.smoke:  # only once the new run can start
+        shutil.rmtree(out_dir / name, ignore_errors=True)
     eval_remedy = (f"remove {out_dir / name / rundir.EVAL_DIR}, then run the same command with "
                    "--resume to evaluate the run again")
     if opts.resume and not opts.skip_eval:  # refused now, not after the run's export again
@@ -632,11 +616,8 @@ def smoke_problems(report: RecipeResult) -> list[str]:
 
 
 def summary(report: RecipeResult) -> str:
-    export = report.run_dir / rundir.EXPORT_DIR
+    """What the run left that training's own lines do not say (they name its stop and export)."""
     lines = [f"run: {report.run_dir}"]
-    if report.train.interrupted:
-        lines.append(f"interrupted ({report.train.interrupted}) at step {report.train.step}: "
-                     f"{what_next(report.smoke)}")
     if report.train.stopped_by_budget:
         lines.append(f"time budget (train.max_time_s) reached at step {report.train.step}: the "
                      f"run is not finished; {what_next(report.smoke)}")
@@ -647,15 +628,6 @@ def summary(report: RecipeResult) -> str:
     elif report.losses:
         lines.append(f"training loss: too few logged steps ({len(report.losses)}) to compare "
                      "the first with the last")
-    if report.train.best_val_loss is not None:
-        lines.append(f"best validation loss {report.train.best_val_loss:.4f} at step "
-                     f"{report.train.best_step}")
-    if (export / "adapter_config.json").is_file():
-        lines.append(f"adapter (PEFT layout): {export}")
-    if (export / rundir.MERGED_DIR).is_dir():
-        lines.append(f"merged model (HF layout): {export / rundir.MERGED_DIR}")
-    elif (export / rundir.HF_CONFIG).is_file():
-        lines.append(f"model (HF layout): {export}")
     if report.adapter_max_diff is not None:
         lines.append(f"adapter loaded back onto the base vs merged export: max |logit diff| "
                      f"{report.adapter_max_diff:.2e}")

@@ -41,7 +41,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -532,31 +531,14 @@ def _sample_user(workdir: Path) -> list[int] | None:
 
 
 @functools.cache
-def _prctl() -> Callable[..., int] | None:
-    with contextlib.suppress(ImportError, OSError, AttributeError):
-        import ctypes
+def _hide_evaluator() -> None:
+    """Make a non-root evaluator undumpable from its first run on: its samples run as its user,
+    and its environ and memory stay out of their reach."""
+    if os.geteuid() != 0:
+        with contextlib.suppress(ImportError, OSError, AttributeError):
+            import ctypes
 
-        return ctypes.CDLL(None, use_errno=True).prctl
-    return None
-
-
-_undumpable_runs = 0  # runs in flight while this process is kept from being dumpable
-_was_dumpable = 0
-
-
-def _hide_evaluator(change: int) -> None:
-    """Keep a non-root evaluator undumpable (environ, memory) while runs of its user are in flight."""
-    global _undumpable_runs, _was_dumpable
-    prctl = _prctl()
-    if os.geteuid() == 0 or prctl is None:
-        return
-    with _RUNNING_LOCK:
-        _undumpable_runs += change
-        if change > 0 and _undumpable_runs == 1:
-            _was_dumpable = prctl(3, 0, 0, 0, 0)  # PR_GET_DUMPABLE
-            prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE
-        elif change < 0 and _undumpable_runs == 0 and _was_dumpable == 1:
-            prctl(4, 1, 0, 0, 0)
+            ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE
 
 
 def _kill_group(pgid: int) -> None:
@@ -618,7 +600,7 @@ def run_python(source: str, config: SandboxConfig | None = None) -> SandboxResul
     token = secrets.token_hex(16)  # only the bootstrap learns it, through stdin
     _remove_dead_runs()
     control_dir = Path(tempfile.mkdtemp(prefix=_PREFIX + process.owner_tag()))
-    _hide_evaluator(+1)
+    _hide_evaluator()
     try:
         workdir, stdlib_mount = control_dir / "work", control_dir / "python"
         workdir.mkdir()
@@ -673,7 +655,6 @@ def run_python(source: str, config: SandboxConfig | None = None) -> SandboxResul
                                   skip=len(line) if header else 0,
                                   marker=f"\nsandbox: completed {token}\n".encode())
     finally:
-        _hide_evaluator(-1)
         _remove(control_dir)
     code = proc.returncode
     # an uncaught MemoryError (e.g. while compiling): the traceback's last line names it

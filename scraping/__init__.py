@@ -5,22 +5,12 @@ Ground floor: imports nothing of the project but ``settings`` and ``process``, t
 ``{"repo", "path", "sha", "license", "stars", "text"}`` (``sha`` is the git blob SHA-1).
 """
 
-import importlib
+from scraping.client import GitHubClient, GitHubError
+from scraping.common import PERMISSIVE_LICENSES, RECORD_KEYS, Summary, git_blob_sha
+from scraping.github import GitHubConfig, scrape_github, search_repositories
+from scraping.license_file import detect_license
+from scraping.local import LocalConfig, collect_local, is_git_source
 
-_API = {
-    "GitHubClient": "client", "GitHubError": "client",
-    "PERMISSIVE_LICENSES": "common", "RECORD_KEYS": "common", "Summary": "common",
-    "git_blob_sha": "common",
-    "GitHubConfig": "github", "scrape_github": "github", "search_repositories": "github",
-    "LocalConfig": "local", "collect_local": "local", "is_git_source": "local",
-    "detect_license": "license_file",
-}
-__all__ = list(_API)
-
-
-def __getattr__(name: str):
-    """The API, each name imported on first use: dataset.py reads scraping.common's rules
-    without loading requests and the collectors."""
-    if name not in _API:
-        raise AttributeError(f"module 'scraping' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"scraping.{_API[name]}"), name)
+__all__ = ["GitHubClient", "GitHubError", "PERMISSIVE_LICENSES", "RECORD_KEYS", "Summary",
+           "git_blob_sha", "GitHubConfig", "scrape_github", "search_repositories",
+           "LocalConfig", "collect_local", "is_git_source", "detect_license"]

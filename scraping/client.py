@@ -8,7 +8,6 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
 import requests
@@ -31,16 +30,6 @@ class ServerError(GitHubError):
     """Retries spent on 5xx answers or dropped connections: this request failed, not the next."""
 
 
-def _check_token(token: str | None) -> str | None:
-    """The token stripped; one holding anything but visible ASCII is refused without showing it
-    (requests would quote the whole header)."""
-    token = (token or "").strip()
-    if any(not 33 <= ord(c) <= 126 for c in token):
-        raise ValueError("GITHUB_TOKEN holds spaces, control or non-ASCII characters inside it "
-                         "(not shown here); set it to the token alone")
-    return token or None
-
-
 class GitHubClient:
     """GET with rate-limit waits, exponential backoff with jitter, and bounded retries
     (``sleep``, ``clock`` and ``rng`` injectable)."""
@@ -55,7 +44,11 @@ class GitHubClient:
         self.api_url = api_url.rstrip("/")
         self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
         self.max_wait, self.timeout = max_wait, timeout
-        self._token = _check_token(token)
+        token = (token or "").strip()
+        if any(not 33 <= ord(c) <= 126 for c in token):  # requests would quote the whole header
+            raise ValueError("GITHUB_TOKEN holds spaces, control or non-ASCII characters inside "
+                             "it (not shown here); set it to the token alone")
+        self._token = token or None
         self._sleep, self._clock = sleep, clock
         self._rng = rng or random.Random()
         self._blocked_until: dict[str, float] = {}
@@ -105,52 +98,25 @@ class GitHubClient:
         with self._lock:
             self._blocked_until[resource] = max(self._blocked_until.get(resource, 0.0), until)
 
-    def _reset_at(self, reset: float, resp: requests.Response) -> float:
-        """GitHub's reset time as a time on ``self._clock`` (the response's ``Date`` says how
-        far the clocks disagree)."""
-        try:
-            server_now = parsedate_to_datetime(resp.headers["date"]).timestamp()
-        except (KeyError, TypeError, ValueError, IndexError):
-            return reset  # no usable Date: trust the local clock
-        # Date is whole seconds, rounded down: the wait below errs long, never short.
-        return self._clock() + (reset - server_now)
-
-    def _note_rate_limit(self, resource: str, resp: requests.Response, attempt: int) -> float | None:
-        """Record waits the response asks for. For a rate-limit refusal, the pause before its
-        retry (0 when the wait is recorded for every thread); None for other responses."""
-        headers = resp.headers
-        refused = resp.status_code in (403, 429)
-        delay = None
-        if refused and headers.get("retry-after"):
-            try:
-                self._block(resource, self._clock() + float(headers["retry-after"]))
-                delay = 0.0
-            except ValueError:  # an HTTP date instead of seconds: fall back to backoff
-                pass
-        if headers.get("x-ratelimit-remaining") == "0" and headers.get("x-ratelimit-reset"):
-            try:
-                reset = float(headers["x-ratelimit-reset"])
-            except ValueError:
-                return delay
-            # One second of slack: the reset time is whole seconds.
-            until = self._reset_at(reset, resp) + 1
-            self._block(resource, until)
-            if refused and delay is None:
-                # A refusal at or after its own reset (the clocks still disagree): waiting for
-                # the reset would not pause at all, so back off instead of retrying in a burst.
-                delay = 0.0 if until > self._clock() else self._backoff_delay(attempt)
-        return delay
-
     def _retry_delay(self, resource: str, resp: requests.Response, attempt: int) -> float | None:
-        """Seconds to pause before retrying, or None when the response is final."""
-        status = resp.status_code
-        limited = self._note_rate_limit(resource, resp, attempt)
-        if limited is not None:
-            return limited  # a reset's wait happens in _wait_for, shared by every thread
+        """Seconds to pause before retrying, or None when the response is final. A wait GitHub
+        asks for is recorded for every thread: ``_wait_for`` waits it before the next request."""
+        headers, status = resp.headers, resp.status_code
+        reset, retry_after = headers.get("x-ratelimit-reset", ""), headers.get("retry-after", "")
+        spent = headers.get("x-ratelimit-remaining") == "0" and reset.isdigit()
+        if spent:
+            self._block(resource, int(reset) + 1)  # one second of slack: whole seconds
         if status == 401:
             raise GitHubError(
                 f"GitHub refused the credentials (HTTP 401) for {resp.url}: "
                 "check that GITHUB_TOKEN is valid")
+        if status in (403, 429) and retry_after.isdigit():
+            self._block(resource, self._clock() + int(retry_after))
+            return 0.0
+        if status in (403, 429) and spent:
+            # A refusal at or after its own reset (the clocks disagree): waiting for the reset
+            # would not pause at all, so back off instead of retrying in a burst.
+            return 0.0 if int(reset) + 1 > self._clock() else self._backoff_delay(attempt)
         if status == 429 or status in _RETRY_STATUSES:
             return self._backoff_delay(attempt)
         if status == 403 and "rate limit" in resp.text.lower():
@@ -171,10 +137,6 @@ class GitHubClient:
                 # Not streamed: the body is read here, so a connection dropped mid-body retries.
                 resp = self._session().get(
                     url, params=params, headers={"Accept": accept}, timeout=self.timeout)
-            except (requests.exceptions.InvalidHeader, UnicodeEncodeError):
-                # Their messages quote the header (or part of it), which may be the token.
-                raise ValueError(f"GET {redact_url(url)}: a request header holds characters "
-                                 "HTTP does not allow (check GITHUB_TOKEN)") from None
             except (requests.ConnectionError, requests.Timeout,
                     requests.exceptions.ChunkedEncodingError) as exc:
                 delay, problem = self._backoff_delay(attempt), type(exc).__name__
@@ -196,26 +158,21 @@ class GitHubClient:
                   valid: Callable[[object], bool] = lambda data: True
                   ) -> tuple[object, requests.Response]:
         """GET ``url``: (its JSON body, the response) for a 200, (None, the response) for another
-        final status. A 200 whose body is not JSON, or not ``valid``, is retried as a server
-        failure is, then a ServerError naming the URL."""
-        for attempt in range(self.retries + 1):
-            resp = self.get(url, params=params)
-            if resp.status_code != 200:
-                return None, resp
-            try:
-                data = resp.json()
-            except ValueError:
-                problem = "a body that is not JSON"
-            else:
-                if valid(data):
-                    return data, resp
-                problem = "a JSON body of another shape than GitHub's"
-            if attempt < self.retries:
-                delay = self._backoff_delay(attempt)
-                log.warning("GET %s: %s; retrying in %.1f s", redact_url(resp.url), problem, delay)
-                self._sleep(delay)
-        raise ServerError(f"GET {redact_url(resp.url)} gave {problem} {self.retries + 1} times; "
-                          "progress is saved, re-run to continue")
+        final status. A 200 whose body is not JSON, or not ``valid`` (a proxy's page), is a
+        ServerError naming the URL."""
+        resp = self.get(url, params=params)
+        if resp.status_code != 200:
+            return None, resp
+        try:
+            data = resp.json()
+        except ValueError:
+            problem = "a body that is not JSON"
+        else:
+            if valid(data):
+                return data, resp
+            problem = "a JSON body of another shape than GitHub's"
+        raise ServerError(f"GET {redact_url(resp.url)} gave {problem}; progress is saved, "
+                          "re-run to continue")
 
     def get_json(self, url: str, *, params: dict | None = None,
                  valid: Callable[[object], bool] = lambda data: True
@@ -224,8 +181,5 @@ class GitHubClient:
         data, resp = self.get_reply(url, params=params, valid=valid)
         if resp.status_code == 200:
             return data, resp
-        try:
-            message = str(resp.json().get("message", ""))[:300]
-        except (ValueError, AttributeError):
-            message = resp.text[:300]
-        raise GitHubError(f"GET {redact_url(resp.url)}: HTTP {resp.status_code}: {message}")
+        raise GitHubError(f"GET {redact_url(resp.url)}: HTTP {resp.status_code}: "
+                          f"{resp.text[:300]}")

@@ -226,18 +226,8 @@ def is_utf8(text: str) -> bool:
 
 
 def output_paths(out: str, state: str | None) -> tuple[Path, Path]:
-    """The output and its state file (default: OUT.state), refused before any work is done
-    where either cannot be written as a file."""
-    file = Path(out)
-    paths = file, Path(state) if state else file.with_name(file.name + ".state")
-    for path, flag in zip(paths, ("--out", "--state")):
-        if path.is_dir():
-            raise ValueError(f"{flag} {path} is a directory; give a file path such as "
-                             f"{path / 'out.jsonl'}")
-        parent = next((p for p in path.parents if p.exists()), None)
-        if parent is not None and not parent.is_dir():
-            raise ValueError(f"{flag} {path}: {parent} is a file, not a directory")
-    return paths
+    """The output and its state file (default: OUT.state)."""
+    return Path(out), Path(state) if state else Path(out).with_name(Path(out).name + ".state")
 
 
 def make_record(repo: str, path: str, sha: str, license_id: str | None, stars: int | None,
@@ -281,7 +271,7 @@ class ResumableOutput:
         self.done: set[str] = set()
         self.shas: set[str] = set()
         self.end = 0
-        try:  # a bad path, as output_paths's: refused naming the flag (exit status 2)
+        try:  # a bad path (a directory, under a file): refused naming the flag (exit status 2)
             self.out.parent.mkdir(parents=True, exist_ok=True)
             self._fd = self._lock()
         except OSError as err:
@@ -309,9 +299,6 @@ class ResumableOutput:
             os.close(fd)
             raise ValueError(f"{self.out} is being written by another run (same --out); wait "
                              "for it to end, or choose another --out") from None
-        except OSError:  # a filesystem without locks (some NFS): unguarded, with a warning
-            log.warning("%s: this filesystem cannot lock the output; nothing stops a second "
-                        "run on it", self.out)
         return fd
 
     def close(self) -> None:

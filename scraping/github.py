@@ -33,8 +33,6 @@ log = logging.getLogger("scraping")
 
 # GitHub search returns at most this many results per query, whatever the total_count says.
 SEARCH_CAP = 1000
-# How often one search slice is read when a read comes back short (star counts shifted pages).
-_SLICE_READS = 3
 # A repo GitHub fails to serve is not saved (the next run retries it); this many in a row stop.
 SERVER_ERROR = "server_error"
 _FAILED_IN_A_ROW = 5
@@ -98,17 +96,6 @@ def _check_url(url: str, flag: str, example: str) -> None:
         raise ValueError(f"{flag} {url!r}: expected an http(s) URL with a host, e.g. {example}")
 
 
-def _check_request_flags(cfg: GitHubConfig) -> None:
-    """Refuse request settings requests would reject mid-run, before anything is written."""
-    if not (math.isfinite(cfg.timeout) and cfg.timeout > 0):
-        raise ValueError(f"--timeout {cfg.timeout}: need a finite number of seconds > 0")
-    if cfg.max_repos is not None and cfg.max_repos < 1:
-        raise ValueError(f"--max-repos {cfg.max_repos}: need at least 1")
-    _check_url(cfg.api_url, "--api-url", DEFAULT_API_URL)
-    if cfg.raw_url:  # empty: the blob API, as when left out
-        _check_url(cfg.raw_url, "--raw-url", DEFAULT_RAW_URL)
-
-
 def build_query(cfg: GitHubConfig) -> str:
     """The search qualifiers shared by every date slice."""
     parts = [f"stars:>{cfg.min_stars}"]
@@ -156,9 +143,6 @@ def search_repositories(client: GitHubClient, query: str, date_field: str, start
             yield from search_repositories(client, query, date_field, lo, hi, cap=cap,
                                            per_page=per_page)
         return
-    if total > cap:
-        log.warning("%d results within one second at %s: only the first %d are reachable",
-                    total, start.isoformat(), cap)
     if data.get("incomplete_results"):
         log.warning("GitHub reported incomplete search results for %s", q)
     yield from _read_slice(client, params, data, resp, cap)
@@ -167,27 +151,19 @@ def search_repositories(client: GitHubClient, query: str, date_field: str, start
 def _read_slice(client: GitHubClient, params: dict, data: dict, resp: requests.Response,
                 cap: int) -> list[dict]:
     """Every repository of one search slice (at most ``cap``), deduplicated: all pages are read
-    at once (star counts shift pages while a scrape runs), and a short read is repeated."""
+    at once, as star counts shift pages while a scrape runs (a repo moved meanwhile is missed,
+    said, and found by the next run)."""
     found: dict[str, dict] = {}
-    for attempt in range(_SLICE_READS):
-        if attempt:
-            data, resp = client.get_json("/search/repositories", params=params,
-                                         valid=_is_search_page)
-        before = len(found)
-        while True:
-            for item in data["items"]:
-                found.setdefault(item["full_name"], item)
-            next_url = resp.links.get("next", {}).get("url")
-            if not next_url:
-                break
-            data, resp = client.get_json(next_url, valid=_is_search_page)
-        wanted = min(data["total_count"], cap)
-        if len(found) >= wanted or (attempt and len(found) == before):
-            break  # complete, or a re-read found nothing new: the total is not reachable
-        log.info("search %s returned %d of %d repos (star counts changed while paging): "
-                 "reading it again", params["q"], len(found), wanted)
-    if len(found) < wanted:
-        log.warning("search %s: %d of %d repos reachable", params["q"], len(found), wanted)
+    while True:
+        for item in data["items"]:
+            found.setdefault(item["full_name"], item)
+        next_url = resp.links.get("next", {}).get("url")
+        if not next_url:
+            break
+        data, resp = client.get_json(next_url, valid=_is_search_page)
+    if len(found) < (wanted := min(data["total_count"], cap)):
+        log.warning("search %s: %d of %d repos read (star counts changed while paging); a "
+                    "re-run reads the rest", params["q"], len(found), wanted)
     return list(found.values())
 
 
@@ -240,7 +216,13 @@ class GitHubScraper:
         self.allowed = expand_licenses(cfg.licenses)
         if cfg.workers < 1:
             raise ValueError(f"--workers {cfg.workers}: need at least 1")
-        _check_request_flags(cfg)
+        if not (math.isfinite(cfg.timeout) and cfg.timeout > 0):  # else refused mid-run
+            raise ValueError(f"--timeout {cfg.timeout}: need a finite number of seconds > 0")
+        if cfg.max_repos is not None and cfg.max_repos < 1:
+            raise ValueError(f"--max-repos {cfg.max_repos}: need at least 1")
+        _check_url(cfg.api_url, "--api-url", DEFAULT_API_URL)
+        if cfg.raw_url:  # empty: the blob API, as when left out
+            _check_url(cfg.raw_url, "--raw-url", DEFAULT_RAW_URL)
         self.client = client or GitHubClient(
             cfg.api_url, os.environ.get("GITHUB_TOKEN") or None, retries=cfg.retries,
             backoff=cfg.backoff, max_wait=cfg.max_wait, timeout=cfg.timeout)

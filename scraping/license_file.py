@@ -73,23 +73,16 @@ def license_of_text(text: str) -> str:
     return min(found)[2] if found else "NOASSERTION"
 
 
-def license_files(root: Path) -> list[Path]:
-    """The licence files at the top of ``root``, sorted by name. A link is followed only to a
-    file inside ``root``: a cloned repository's licence cannot be read from outside it."""
-    root = Path(root).resolve()
-    return sorted(path for path in root.iterdir()
-                  if _LICENSE_FILE.fullmatch(path.name)
-                  and path.suffix.lower() not in _NOT_LICENSE_SUFFIXES and path.is_file()
-                  and path.resolve().is_relative_to(root))
-
-
 def detect_license(root: Path) -> str | None:
     """The licence of the source tree at ``root``: None without a licence file (as GitHub's
     null); the id its licence files agree on; the LGPL when they hold an LGPL and the GPL it
     adds its permissions to (COPYING and COPYING.LESSER); otherwise ``NOASSERTION``, as GitHub
     says of a licence it does not recognise, or of several (LICENSE-MIT and LICENSE-APACHE)."""
-    ids = set()
-    for path in license_files(root):
+    root, ids = Path(root).resolve(), set()
+    for path in root.iterdir():  # a link is read only inside root: a clone's own licence
+        if (not _LICENSE_FILE.fullmatch(path.name) or path.suffix.lower() in _NOT_LICENSE_SUFFIXES
+                or not path.is_file() or not path.resolve().is_relative_to(root)):
+            continue
         with open(path, "rb") as f:
             ids.add(license_of_text(f.read(_MAX_BYTES).decode("utf-8", errors="replace")))
     if not ids:

@@ -73,11 +73,8 @@ def shallow_clone(url: str, dest: Path, branch: str | None = None) -> None:
     if "://" not in url and not _SCP_LIKE.match(url):
         url = Path(url).resolve().as_uri()  # file:// so --depth applies to local repos too
     env = dict(os.environ, GIT_TERMINAL_PROMPT="0")
-    try:
-        result = subprocess.run(cmd + ["--", url, str(dest)], capture_output=True, text=True,
-                                env=env, timeout=3600)
-    except FileNotFoundError:
-        raise ValueError("cloning needs the 'git' program, which is not installed") from None
+    result = subprocess.run(cmd + ["--", url, str(dest)], capture_output=True, text=True, env=env,
+                            timeout=3600)  # no git installed: an OSError naming it
     if result.returncode != 0:
         message = result.stderr.strip().replace(url, redact_url(url))
         raise ValueError(f"git clone {redact_url(url)} failed: {message}")

@@ -177,10 +177,10 @@ def test_search_splits_date_range_past_the_result_cap():
         assert len(unsplit) == 4
 
 
-def test_a_slice_of_two_seconds_is_split_too(caplog):
+def test_a_slice_of_two_seconds_is_split_too():
     """A slice's bounds are whole seconds, both included: end - start = 1 s is two seconds,
-    which was never halved, so results past the cap were lost while the log said "within one
-    second". Two repos in each of two seconds, a cap of 3: all four are found."""
+    which was never halved, so results past the cap were lost. Two repos in each of two
+    seconds, a cap of 3: all four are found."""
     repos = [FakeRepo(f"o/t{i}", 200 + i, f"2015-01-01T00:00:0{i // 2}+00:00") for i in range(4)]
     start = datetime(2015, 1, 1, tzinfo=timezone.utc)
     end = datetime(2015, 1, 1, 0, 0, 1, tzinfo=timezone.utc)
@@ -188,7 +188,6 @@ def test_a_slice_of_two_seconds_is_split_too(caplog):
         names = [r["full_name"] for r in search_repositories(
             make_client(fake), "stars:>100", "created", start, end, cap=3, per_page=100)]
     assert sorted(names) == sorted(r.full_name for r in repos)
-    assert "within one second" not in caplog.text
 
 
 def test_a_split_search_misses_no_second():
@@ -209,18 +208,6 @@ def _ranked_repos(n: int = 9) -> list[FakeRepo]:
     """Repos o/r0..o/r{n-1}, in falling star order, one small file each."""
     return [FakeRepo(f"o/r{i}", 1000 - 10 * i, "2020-01-01",
                      files={"m.py": f"x = {i}\n".encode() * 200}) for i in range(n)]
-
-
-def test_search_reads_a_slice_again_when_a_repo_moves_between_page_reads():
-    # o/r3 gains stars just before page 2 is read: it moves to page 1, already read, and page 2
-    # starts with o/r2 again. A second read of the slice finds it.
-    repos = _ranked_repos()
-    start = datetime(2015, 1, 1, tzinfo=timezone.utc)
-    end = datetime(2026, 1, 1, tzinfo=timezone.utc)
-    with FakeGitHub(repos, max_per_page=3, star_changes=[("&page=2", "o/r3", 5000)]) as fake:
-        names = [r["full_name"] for r in search_repositories(
-            make_client(fake), "stars:>100", "created", start, end)]
-    assert sorted(names) == [r.full_name for r in repos] and len(names) == len(set(names))
 
 
 @pytest.mark.parametrize("max_repos", [None, 2])
@@ -574,23 +561,18 @@ class RateLimitedUntil(FakeGitHub):
         return super()._branch(h, repo, branch)
 
 
-@pytest.mark.parametrize("skew,send_date", [(5.0, True), (5.0, False), (-600.0, True)])
-def test_client_waits_out_a_rate_limit_whatever_the_clock_skew(skew, send_date):
+@pytest.mark.parametrize("skew", [5.0, -600.0])
+def test_client_waits_out_a_rate_limit_whatever_the_clock_skew(skew):
     # GitHub's quota resets 1.5 s from now on its clock; the local clock is `skew` s off. A
     # fast clock made the reset look past, and every retry went out in the same millisecond.
     server = ServerTime(1_700_000_000.5)
-    with RateLimitedUntil([FakeRepo("a/b", 500, "2020-01-01")], clock=server,
-                          send_date=send_date) as fake:
+    with RateLimitedUntil([FakeRepo("a/b", 500, "2020-01-01")], clock=server) as fake:
         fake.reset = 1_700_000_002
         client = GitHubClient(fake.api_url, retries=6, sleep=server.sleep,
                               clock=lambda: server() + skew, rng=random.Random(0))
         assert client.get("/repos/a/b/branches/main").status_code == 200
         assert len(fake.requests) == len(server.calls) + 1  # a pause before every retry
     assert all(s >= 0.5 for s in server.calls) and server() >= fake.reset
-    if send_date:  # the Date header measures the skew: one wait, to the reset's next second
-        assert server.calls == [pytest.approx(3.0)]
-    else:  # no Date: the refusal came after its reset on the local clock, so back off
-        assert 2 <= len(server.calls) <= 3
 
 
 # --- local ---------------------------------------------------------------------------------------
@@ -872,7 +854,8 @@ def test_an_output_path_that_is_a_directory_is_refused_before_any_work(tmp_path,
     assert main(["local", str(src), "--out", str(src / "ok.py" / "x.jsonl"),
                  "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert err.count(f"--out {outdir} is a directory") == 2 and "is a file, not a directory" in err
+    assert err.count(f"--out {outdir}: cannot create it (Is a directory)") == 2
+    assert f"--out {src / 'ok.py' / 'x.jsonl'}: cannot create it" in err
     assert "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outdir", "repo"]
     assert not any(outdir.iterdir())
@@ -920,12 +903,6 @@ def test_a_token_with_a_line_end_works_and_a_malformed_one_is_never_shown(tmp_pa
         err = capsys.readouterr().err
         assert "GITHUB_TOKEN holds spaces, control or non-ASCII characters" in err
         assert "ghp_" not in err and "Traceback" not in err
-        # Second guard: whatever header requests refuses, its value is not in the error.
-        client = make_client(fake, token=TOKEN)
-        client._token = "ghp_sneaked\r\nin"
-        with pytest.raises(ValueError, match="a request header holds characters") as info:
-            client.get("/repos/o/r0/branches/main")
-        assert "ghp_" not in str(info.value) and info.value.__suppress_context__
 
 
 def test_a_repo_github_keeps_failing_is_left_for_the_next_run_and_the_rest_go_on(tmp_path,
@@ -961,30 +938,30 @@ MALFORMED_REPLIES = [  # 200 replies that are not what GitHub sends
 
 @pytest.mark.parametrize("fault", [kind for _, kind in MALFORMED_REPLIES],
                          ids=["tree-not-a-list", "commit-null", "cut-off-json", "path-not-str"])
-def test_a_malformed_reply_is_retried_then_left_for_the_next_run(tmp_path, capsys, caplog,
-                                                                 fault):
-    """A 200 of the wrong shape is retried; when it keeps coming, that repository alone is left
-    for the next run, naming the URL, and the others are scraped: no traceback."""
+def test_a_malformed_reply_leaves_its_repo_for_the_next_run(tmp_path, capsys, caplog, fault):
+    """A 200 of the wrong shape leaves that repository alone for the next run, naming the URL,
+    and the others are scraped: no traceback."""
     out = tmp_path / "out.jsonl"
     repos, expected = fake_corpus()
     needle = next(n for n, kind in MALFORMED_REPLIES if kind == fault)
-    with FakeGitHub(repos, faults=[(needle, fault)] * 2, max_per_page=3) as fake:
+    with FakeGitHub(repos, faults=[(needle, fault)], max_per_page=3) as fake:
         assert _cli_scrape(fake, out, "--retries", "1", "--min-bytes", "1000") == 1
         err = capsys.readouterr().err
         assert "Traceback" not in err and re.search(r"repos server_error +1\n", err)
-        assert "retrying" in caplog.text and "alpha/jsonish is not saved (a re-run" in caplog.text
+        assert "alpha/jsonish is not saved (a re-run" in caplog.text
         assert "GET http://127.0.0.1" in caplog.text
         assert {r["repo"] for r in read_jsonl(out)} == {r for r, _ in expected} - {"alpha/jsonish"}
         assert _cli_scrape(fake, out, "--retries", "1", "--min-bytes", "1000") == 0  # retried
 
 
-def test_a_search_reply_without_its_total_is_retried(tmp_path, caplog):
+def test_a_search_reply_without_its_total_stops_the_run_resumably(tmp_path, capsys):
     out = tmp_path / "out.jsonl"
     repos, expected = fake_corpus()
     with FakeGitHub(repos, faults=[("/search/repositories", 'body:{"items": []}')],
                     max_per_page=3) as fake:
+        assert _cli_scrape(fake, out, "--retries", "1", "--min-bytes", "1000") == 1
+        assert "another shape than GitHub's; progress is saved" in capsys.readouterr().err
         assert _cli_scrape(fake, out, "--retries", "1", "--min-bytes", "1000") == 0
-        assert "another shape than GitHub's; retrying" in caplog.text
     assert {r["repo"] for r in read_jsonl(out)} == {r for r, _ in expected}
 
 
