@@ -525,7 +525,6 @@ def _smoke_sized(values: dict, opts: RecipeOptions, run_dir: Path, typed: set[st
     own.update({k: "--smoke-steps" if k in ("max_steps", "eval_every", "save_every") else
                 "--smoke" for k in sized if k not in typed and sized[k] != values.get(k)
                 and k != "data_options"})  # of which --smoke sets only the cache_dir
-    tm.check_max_steps_flag(tm.config_from_dict(sized), typed, opts.recipe, set_prefix="train.")
     return sized
 
 
@@ -538,9 +537,6 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
     typed = set_train_keys(opts.set)
     if opts.set:  # checked now, not after hours of training
         check_sections(recipe, ", with --set", opts.set)
-        if not opts.smoke:  # else on the smoke-sized values
-            tm.check_max_steps_flag(tm.config_from_dict(recipe.train), typed, opts.recipe,
-                                    set_prefix="train.")
     values = dict(recipe.train)
     name = opts.name or values.get("name") or Path(opts.recipe).stem
     tm.check_run_name(name, f"--name {name}" if opts.name else f"{opts.recipe}: train.name {name}")

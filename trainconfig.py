@@ -641,22 +641,6 @@ def command_line_sources(argv: Sequence[str] | None
     return set(args) - {"config"}, set(in_file), settings.where_set_in(args, "train", resumed)
 
 
-def check_max_steps_flag(cfg: TrainConfig, typed: set[str], source: str,
-                         set_prefix: str | None = None) -> None:
-    """Refuse a typed --max-steps that ``epochs`` overrides; ``source``: where ``epochs`` came
-    from when not typed; ``set_prefix`` ("train."): typed as recipes.py's ``--set``."""
-    if "max_steps" not in typed or cfg.epochs is None:
-        return
-    if set_prefix is None:
-        max_steps, epochs, clear = "--max-steps ", "--epochs", "--epochs none"
-    else:
-        max_steps = f"--set {set_prefix}max_steps="
-        epochs, clear = f"--set {set_prefix}epochs=N", f"--set {set_prefix}epochs=null"
-    where = "" if "epochs" in typed else f" (from {source})"
-    raise ValueError(f"{max_steps}{cfg.max_steps} has no effect: epochs={cfg.epochs:g}{where} "
-                     f"sets the run's length: change {epochs}, or {clear} to count max_steps")
-
-
 # ---- What the settings build: the tokenizer and the model ----
 
 

@@ -67,7 +67,6 @@ from trainconfig import (
     TrainConfig,
     build_model,
     check_lora_export,
-    check_max_steps_flag,  # noqa: F401 (recipes.py reads it as trainingmanager.X)
     data_config,
     default_block_size,
     load_or_train_tokenizer,

@@ -351,8 +351,7 @@ def test_set_overrides_and_eval_model_placeholders(tmp_path, capsys):
     assert recipes.main([str(CONFIGS / "airflow_docstrings.json"),
                          "--set", "train.max_steps=2"]) == 2
     err = capsys.readouterr().err
-    assert "--set train.max_steps=2 has no effect: epochs=" in err
-    assert "--set train.epochs=null" in err
+    assert all(w in err for w in ("max_steps", "epochs", "unset one")), err
 
 
 def test_git_url_data_is_collected_into_scraper_jsonl(tmp_path):
