@@ -297,10 +297,10 @@ def _record_files(source: str) -> list[Path] | None:
 
 def _read_records(path: Path, cfg: DataConfig, counts: Counter) -> Iterator[Doc]:
     """The code or pair records of a JSONL, parquet or datasets Arrow file, as documents."""
-    rows = _jsonl_lines(path) if path.suffix == ".jsonl" else _table_rows(path, cfg)
+    rows = jsonl_lines(path) if path.suffix == ".jsonl" else _table_rows(path, cfg)
     for number, where, record in rows:
         try:
-            record = _json_line(record, where) if isinstance(record, bytes) else record
+            record = json_object(record, where) if isinstance(record, bytes) else record
             doc = _record_to_doc(record, cfg, f"{path.name}:{number}", where)
         except DataError as exc:
             if not cfg.skip_bad:
@@ -311,7 +311,8 @@ def _read_records(path: Path, cfg: DataConfig, counts: Counter) -> Iterator[Doc]
         yield doc
 
 
-def _jsonl_lines(path: Path) -> Iterator[tuple[int, str, bytes]]:
+def jsonl_lines(path: Path) -> Iterator[tuple[int, str, bytes]]:
+    """(line number, "file:line", its bytes) of each non-blank line; ``json_object`` reads one."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             if raw.strip():  # rstrip: else an error at the line's end is json's "line 2"
@@ -349,17 +350,15 @@ def _named_columns(cfg: DataConfig) -> list[str]:
 TEXT_KEYS = ("text", "file_text")
 
 
-def _json_line(raw: bytes, where: str) -> dict:
+def json_object(raw: bytes, where: str) -> dict:
     """One JSONL line's object; a DataError names ``where`` (file:line) and the column."""
     try:
         rec = json.loads(raw)
     except json.JSONDecodeError as exc:
         end = " (the end of the line)" if exc.pos >= len(exc.doc) else ""
         raise DataError(f"{where}: malformed JSON at column {exc.pos + 1}{end}: {exc.msg}") from None
-    except UnicodeDecodeError as exc:
+    except (UnicodeDecodeError, RecursionError) as exc:  # json recurses once per nesting level
         raise DataError(f"{where}: malformed JSON ({exc})") from None
-    except RecursionError:  # json's decoder recurses once per nesting level
-        raise DataError(f"{where}: malformed JSON (nested too deeply)") from None
     if not isinstance(rec, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     return rec

@@ -2037,7 +2037,7 @@ def test_jsonl_nested_too_deeply_for_json_is_a_malformed_line(tmp_path, capsys):
     """json.loads recurses per nesting level: such a line is named, or skipped with skip_bad."""
     deep = write_jsonl(tmp_path / "deep.jsonl", [
         {"repo": "u/r", "path": "a.py", "text": "x = 1\ny = 2\n"}, "[" * 100_000 + "]" * 100_000])
-    with pytest.raises(DataError, match=r"deep\.jsonl:2: malformed JSON \(nested too deeply\)"):
+    with pytest.raises(DataError, match=r"deep\.jsonl:2: malformed JSON \(maximum recursion depth"):
         dataset.load_corpus(cfg(tmp_path, sources=[str(deep)]))
     corpus = dataset.load_corpus(cfg(tmp_path, sources=[str(deep)], skip_bad=True))
     assert corpus.stats["dropped"] == {"bad_jsonl_line": 1} and corpus.stats["kept"]["files"] == 1
