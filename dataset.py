@@ -287,12 +287,8 @@ def _record_files(source: str) -> list[Path] | None:
                         f"one split's directory, e.g. {path / (splits or ['train'])[0]}")
     if not (path / "state.json").is_file():
         return None
-    files = settings.read_json_object(path / "state.json", "datasets state").get("_data_files")
-    if not (isinstance(files, list) and all(isinstance(f, dict) and isinstance(
-            f.get("filename"), str) and (path / f["filename"]).is_file() for f in files)):
-        raise DataError(f"{path / 'state.json'}: no _data_files list naming its .arrow "
-                        "files; save the dataset again with save_to_disk")
-    return [path / f["filename"] for f in files]
+    state = settings.read_json_object(path / "state.json", "datasets state")
+    return [path / f["filename"] for f in state["_data_files"]]
 
 
 def _read_records(path: Path, cfg: DataConfig, counts: Counter) -> Iterator[Doc]:
@@ -812,34 +808,9 @@ def split_corpus(docs: Sequence[Doc], cfg: DataConfig) -> tuple[dict[str, list[D
         if n_keys < sum(f > 0 for f in fracs) or not any(d.repo for d in rest):
             unit = "file"
     which = assign_splits((split_key(d, unit) for d in rest), fracs, cfg.seed)
-    sizes: Counter = Counter()
     for d in rest:
         out[which[split_key(d, unit)]].append(d)
-        sizes[which[split_key(d, unit)]] += len(d.text) + len(d.target or "")
-    if unit == "repo" and (note := _uneven_split(sizes, fracs, {d.repo for d in rest})):
-        print(note, file=sys.stderr)
     return out, unit
-
-
-# A split by repo is uneven when a split's share of the text is off by more than this factor.
-UNEVEN_SPLIT_FACTOR = 2.0
-
-
-def _uneven_split(sizes: Counter, fracs: tuple[float, ...], repos: set) -> str | None:
-    """The warning for a split by repo far from its fractions (``sizes``: characters by split)."""
-    total = sum(sizes.values())
-    # assign_splits gives train the rest
-    asked = dict(zip(SPLITS, (1 - fracs[1] - fracs[2], fracs[1], fracs[2])))
-    shares = {s: sizes[s] / total for s in SPLITS if asked[s] > 0} if total else {}
-    off = [s for s, share in shares.items()
-           if not asked[s] / UNEVEN_SPLIT_FACTOR <= share <= asked[s] * UNEVEN_SPLIT_FACTOR]
-    if not off:
-        return None
-    told = ", ".join(f"{s} {share:.1%} (asked {asked[s] * 100:g}%)" for s, share in shares.items())
-    return (f"warning: the split by repo is uneven ({', '.join(off)} off by more than "
-            f"{UNEVEN_SPLIT_FACTOR:g}x): of the text, {told}; each of the "
-            f"{len(repos - {None})} repos sits whole in one split. Add repos, or use --split-by "
-            "file (data option split_by), which lets a repo's files sit in several splits")
 
 
 def _hash_json(obj) -> str:
@@ -1183,14 +1154,10 @@ def refactor_example(doc: Doc) -> Example:
 
 # --- Tokenization, building and caching ---
 
-_FINGERPRINT_PREFIX = "codelm-tokenizer-"
-
-
 def tokenizer_fingerprint(tokenizer) -> str:
     """Hash of the tokenizer's saved files, role ids and ``ENCODING_VERSION``: the cache changes
-    when the ids can. The temp directory is named after this process, for a later run to remove."""
-    process.remove_dead_owners(tempfile.gettempdir(), _FINGERPRINT_PREFIX)
-    with tempfile.TemporaryDirectory(prefix=_FINGERPRINT_PREFIX + process.owner_tag()) as d:
+    when the ids can."""
+    with tempfile.TemporaryDirectory(prefix="codelm-tokenizer-") as d:
         target = Path(d) / "tokenizer"
         target.mkdir()
         tokenizer.save(str(target))
@@ -1663,25 +1630,6 @@ def _note_pairs_as_text(cfg: DataConfig, meta: dict) -> None:
 
 # --- CLI ---
 
-def _print_stats(stats: dict) -> None:
-    corpus, task = stats["corpus"], stats.get("task") or {}
-    for what in ("read", "dropped", "modified", "kept"):
-        counts = corpus[what]  # read and kept: files and bytes; dropped and modified: by reason
-        if what in ("read", "kept"):
-            counts = {f"files  {counts['bytes'] / 2**20:8.2f} MB": counts["files"]}
-        for reason, n in counts.items():
-            print(f"{what:<9} {n:>8} {reason}")
-    counts = "  ".join(f"{s} {corpus['split'][s]}" for s in SPLITS)
-    print(f"split     {counts}  (by {corpus['split_by']})")
-    for key in ("n_tokens", "examples", "tokens"):
-        if key in task:
-            print(f"{key:<9} " + "  ".join(f"{s} {task[key][s]}" for s in SPLITS))
-    for s, events in task.get("events", {}).items():
-        for reason, n in events.items():
-            print(f"examples  {n:>8} {reason} ({s})")
-    print(f"cache     {'hit' if stats.get('cache_hit') else 'built'}")
-
-
 def make_cache_dir(cache_dir: str, option: str | None) -> None:
     """Create the data cache directory, or say why naming where it was set: ``option`` (the flag
     or key), else ``CODELM_CACHE`` or its default."""
@@ -1699,7 +1647,7 @@ def make_cache_dir(cache_dir: str, option: str | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = settings.ArgumentParser(
         description="Prepare a codelm dataset: read sources, clean, split, build a task, cache "
-        "it, and print counts per stage.", argument_default=argparse.SUPPRESS)
+        "it, and print counts per stage (JSON).", argument_default=argparse.SUPPRESS)
     parser.add_argument("--tokenizer",
                         help="tokenizer file/dir; without one only the cleaned corpus is built")
     settings.add_config_flags(parser, DataConfig, _CHOICES)
@@ -1712,7 +1660,7 @@ def main(argv: list[str] | None = None) -> int:
             make_cache_dir(cfg.cache_dir, "--cache-dir" if "cache_dir" in flags else None)
         tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
         data = prepare(cfg, tokenizer)
-        _print_stats(data.stats)
+        print(json.dumps(data.stats, indent=1))  # the counts of every stage
         if data.cache_path is not None:
             print(f"cached at {data.cache_path}")
 
