@@ -1103,16 +1103,13 @@ class EvalProgress:
 
     def summary(self) -> str:
         """Where a stopped evaluation stopped and what it left on disk ("" before the models)."""
-        if self.running is None and not self.saved:
-            return ""
-        if not self.saved:
-            return f"stopped at model {self.running}; no model's results were saved"
-        if len(self.saved) == len(self.models):
-            return f"results of all {len(self.models)} models saved in {self.out_dir}"
         stopped = f"stopped at model {self.running}; " if self.running else ""
+        if not self.saved:
+            return stopped and f"{stopped}no model's results were saved"
+        rest = "" if len(self.saved) == len(self.models) else (
+            f" (the same command with --out-dir {self.out_dir} evaluates the rest)")
         return (f"{stopped}results of {len(self.saved)} of {len(self.models)} models "
-                f"({', '.join(self.saved)}) saved in {self.out_dir} (results.json marked "
-                f"incomplete; the same command with --out-dir {self.out_dir} evaluates the rest)")
+                f"({', '.join(self.saved)}) saved in {self.out_dir}{rest}")
 
 
 def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
@@ -1120,9 +1117,6 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
     """Evaluate every model of ``cfg`` on the same examples, saving after each model. ``remedy``
     ends the refusal of an out_dir holding another evaluation; ``replace_other_weights`` sets
     aside results there of the same settings but other weights (recipes.py's ``<run>/eval``)."""
-    if cfg.prompt is not None:
-        raise ValueError("EvalConfig.prompt is set: evaluate runs the tasks, and complete(cfg) "
-                         "completes the prompt")
     torch.manual_seed(cfg.seed)
     device, specs = _device(cfg.device), model_specs(cfg)  # errors before out_dir is made
     out = Path(cfg.out_dir or Path(cfg.runs_dir).absolute() / rundir.EVAL_DIR
@@ -1292,18 +1286,11 @@ def _finished_models(out: Path, results: dict, remedy: str,
         return [], []
     if old["examples_digest"] != results["examples_digest"]:
         raise _other_evaluation(path, "the examples (the data changed)", remedy)
+    import dataset as ds
+
     done = {row["model"] for row in old["rows"]}
-    records = []
-    preds = out / "predictions.jsonl"
-    with preds.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{preds}:{n}: not a JSON record ({err.msg}); remove {out} to "
-                                 "start over") from None
-            if record.get("model") in done:
-                records.append(record)
+    records = [r for _, where, raw in ds.jsonl_lines(out / "predictions.jsonl")
+               if (r := ds.json_object(raw, where)).get("model") in done]
     return old["rows"], records
 
 
