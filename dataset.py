@@ -29,7 +29,6 @@ import signal
 import sys
 import sysconfig
 import tempfile
-import threading
 import tokenize
 import typing
 from collections import Counter
@@ -124,8 +123,7 @@ class DataConfig:
     dedupe: bool = True  # drop exact duplicates (a copy in another split always goes)
     near_dedupe: bool = False  # also drop near duplicates (MinHash)
     near_dedupe_threshold: float = 0.85  # Jaccard similarity above which files are duplicates
-    autopep8: bool = False  # reformat each file with autopep8 (in a subprocess)
-    autopep8_timeout: float = 10.0  # seconds per file; on timeout the file is kept unformatted
+    autopep8: bool = False  # reformat each file with autopep8
     strip_license: bool = True  # drop license header comments
     strip_comments: bool = False  # drop comments
     strip_docstrings: bool = False  # drop docstrings
@@ -201,7 +199,7 @@ class DataConfig:
 # Lower bounds of numeric options (fractions and rates are checked against [0, 1] apart).
 _MINIMUMS = {
     "block_size": 2, "num_workers": 1, "min_bytes": 0, "max_bytes": 0, "min_lines": 0,
-    "max_line_length": 1, "max_literal_length": 1, "autopep8_timeout": 0, "max_docs": 1,
+    "max_line_length": 1, "max_literal_length": 1, "max_docs": 1,
     "max_prompt_tokens": 0, "max_completion_tokens": 1, "window_prompt_tokens": 1,
     "window_completion_tokens": 1, "window_stride": 0, "lines_per_file": 0,
     "docstring_min_tokens": 0, "docstring_code_tokens": 0,
@@ -222,7 +220,7 @@ _SPLIT_FIELDS = frozenset({"train_frac", "val_frac", "test_frac", "seed", "split
 _CLEANING_FIELDS = frozenset(
     {
         "sources", "val_sources", "test_sources", "extensions", "dedupe", "near_dedupe", "near_dedupe_threshold", "autopep8",
-        "autopep8_timeout", "strip_license", "strip_comments", "strip_docstrings", "redact_secrets", "redact_emails", "min_bytes",
+        "strip_license", "strip_comments", "strip_docstrings", "redact_secrets", "redact_emails", "min_bytes",
         "max_bytes", "min_lines", "max_line_length", "max_literal_length", "skip_bad", "max_docs",
         "text_column", "input_column", "output_column",
     }
@@ -548,34 +546,15 @@ def longest_literal(text: str, at_least: int = 0, python: bool = False) -> int:
     return longest
 
 
-class _Timeout(BaseException):
-    """A BaseException, so that no `except Exception` in autopep8 or below can swallow it."""
-
-
-def _raise_timeout(signum, frame):
-    raise _Timeout
-
-
-def _autopep8(text: str, timeout: float) -> tuple[str, str | None]:
-    """autopep8 with a per-file time limit (SIGALRM; only where signals can be used), and the
-    modification: ``autopep8_changed``, ``autopep8_timeout``, ``autopep8_failed`` or None."""
+def _autopep8(text: str) -> tuple[str, str | None]:
+    """autopep8's formatting, and the modification: ``autopep8_changed``, ``autopep8_failed`` or
+    None. No time limit: a file autopep8 takes minutes over stalls the build."""
     import autopep8
 
-    use_alarm = timeout > 0 and threading.current_thread() is threading.main_thread()
-    if use_alarm:
-        old = signal.signal(signal.SIGALRM, _raise_timeout)
-        # Repeating: a raise inside a __del__ or weakref callback is dropped; the next one lands.
-        signal.setitimer(signal.ITIMER_REAL, timeout, 0.05)
     try:
         fixed = autopep8.fix_code(text)
-    except _Timeout:
-        return text, "autopep8_timeout"
     except Exception:  # autopep8 itself fails on some odd files; keep them as they are
         return text, "autopep8_failed"
-    finally:
-        if use_alarm:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, old)
     return fixed, "autopep8_changed" if fixed != text else None
 
 
@@ -623,7 +602,7 @@ def _clean_one(args: tuple[Doc, dict]) -> tuple[Doc | None, str | None, list[str
         except PYTHON_PARSE_ERRORS:
             return None, "syntax_error", mods
     if is_python and opt["autopep8"]:
-        text, changed = _autopep8(text, opt["autopep8_timeout"])
+        text, changed = _autopep8(text)
         mods += [changed] if changed else []
     lines = source_lines(text)
     if sum(map(bool, map(str.strip, lines))) < opt["min_lines"]:
@@ -982,13 +961,13 @@ def fit_prompt(prompt_ids: Sequence[int], room: int, code: tuple[int, int] = (0,
 
 def collate(examples: Sequence[dict[str, torch.Tensor]], pad_id: int | None
             ) -> dict[str, torch.Tensor]:
-    """Right-pad examples into a batch: ``pad_id`` (or 0) on inputs, -100 on padded labels."""
+    """Right-pad examples into a batch: ``pad_id`` (or 0) on inputs, -100 on padded labels (so no
+    mask is needed: causal attention never looks ahead at the padding)."""
     pad = 0 if pad_id is None else int(pad_id)
-    inputs = [e["input_ids"] for e in examples]
-    input_ids = pad_sequence(inputs, batch_first=True, padding_value=pad)
+    input_ids = pad_sequence([e["input_ids"] for e in examples], batch_first=True,
+                             padding_value=pad)
     labels = pad_sequence([e["labels"] for e in examples], batch_first=True, padding_value=-100)
-    mask = torch.arange(input_ids.shape[1]) < torch.tensor([[len(x)] for x in inputs])
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+    return {"input_ids": input_ids, "labels": labels}
 
 
 @dataclass
@@ -1001,8 +980,6 @@ class PreparedData:
     task: str
     stats: dict
     cache_path: Path | None = None
-    pad_id: int | None = None
-    eos_id: int | None = None
 
 
 # --- Task builders (text level): each yields Example(head, body, tail, completion) ---
@@ -1606,7 +1583,7 @@ def prepare(cfg: DataConfig, tokenizer: CodeTokenizer | BPETokenizer | None = No
     else:
         splits = {s: SupervisedExamples(path, s) for s in SPLITS}
     return PreparedData(**splits, task=cfg.task, stats={**meta, "cache_hit": cache_hit},
-                        cache_path=path, pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id)
+                        cache_path=path)
 
 
 def _note_pairs_as_text(cfg: DataConfig, meta: dict) -> None:

@@ -698,8 +698,7 @@ def _summed_loss(lm: LoadedModel, examples: Sequence[dict], cfg: EvalConfig, des
     batches = range(0, len(examples), cfg.batch_size)
     for i in progress_bar(batches, desc=f"{lm.label} {desc}", enabled=cfg.progress, leave=False):
         batch = collate(examples[i : i + cfg.batch_size], lm.tokenizer.pad_id)
-        # Right padding needs no mask (causal attention never looks ahead, and its labels are
-        # -100); without one, SDPA may use its fused causal kernels (flash on CUDA).
+        # No mask (collate pads right): SDPA may use its fused causal kernels (flash on CUDA).
         labels = batch["labels"].to(device)
         loss, right = lm.model(batch["input_ids"].to(device), targets=labels, reduction="sum",
                                count_correct=True)

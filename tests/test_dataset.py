@@ -555,7 +555,7 @@ def test_deeply_nested_file_is_dropped_as_a_syntax_error_not_a_crash(tmp_path, t
         assert len(data.train) > 0
 
 
-def test_autopep8_formats_and_respects_the_time_limit(tmp_path, monkeypatch):
+def test_autopep8_formats(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     (src / "ugly.py").write_text("import os\ndef f( a,b ):\n  return a+b\nx=f(1,2)\n")
@@ -564,32 +564,6 @@ def test_autopep8_formats_and_respects_the_time_limit(tmp_path, monkeypatch):
     )
     assert corpus.train[0].text == "import os\n\n\ndef f(a, b):\n    return a+b\n\n\nx = f(1, 2)\n"
     assert corpus.stats["modified"] == {"autopep8_changed": 1}
-    # A file past the time limit is kept unformatted and counted, in process and in (forked)
-    # workers. autopep8 is stubbed: a file marked slow sleeps far past the limit and the other
-    # returns at once, so no machine load can time out the wrong one.
-    import time
-
-    import autopep8
-
-    def fix_code(text):
-        if "# slow" in text:
-            time.sleep(60)
-        return "# formatted\n" + text
-
-    monkeypatch.setattr(autopep8, "fix_code", fix_code)
-    slow = tmp_path / "slow"
-    slow.mkdir()
-    (slow / "mod.py").write_text("# slow\nx = 1\n")
-    (slow / "ugly.py").write_text((src / "ugly.py").read_text())
-    for workers in (1, 2):
-        corpus = dataset.load_corpus(
-            cfg(tmp_path / str(workers), sources=[str(slow)], autopep8=True,
-                autopep8_timeout=1.0, num_workers=workers, train_frac=1, val_frac=0, test_frac=0)
-        )
-        assert corpus.stats["modified"] == {"autopep8_timeout": 1, "autopep8_changed": 1}
-        texts = {d.id: d.text for d in corpus.train}
-        assert texts["slow/mod.py"] == (slow / "mod.py").read_text()
-        assert texts["slow/ugly.py"] == "# formatted\n" + (src / "ugly.py").read_text()
 
 
 def test_near_duplicates_found_exact_ones_kept_apart(tmp_path):
@@ -969,7 +943,6 @@ def test_collate_pads_right_with_pad_id_and_ignored_labels():
     batch = collate([a, b], pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8], [5, 0, 0, 0]]
     assert batch["labels"].tolist() == [[-100, -100, 8, 9], [8, -100, -100, -100]]
-    assert batch["attention_mask"].tolist() == [[True] * 4, [True, False, False, False]]
     assert batch["input_ids"].dtype == batch["labels"].dtype == torch.long
     # Reference: the causal-LM loss with shifted labels equals the mean NLL of completion tokens.
     logits = torch.randn(2, 4, 12)
