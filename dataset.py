@@ -272,8 +272,6 @@ def _record_files(source: str) -> list[Path] | None:
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError(f"data source not found: {source}")
-    if not is_utf8(path.name):  # the name goes into every document id
-        raise DataError(f"data source {source!r}: its name is not valid UTF-8; rename it")
     if path.is_file():
         if path.suffix not in (".jsonl", ".parquet"):
             raise DataError(f"data source {source}: a file source must be JSONL (*.jsonl) or "
@@ -1029,16 +1027,12 @@ def _parse(doc: Doc) -> _Parsed | None:
 
 def _docstring_can_move(ds: ast.Expr, lines: list[str]) -> bool:
     """Whether a docstring's cleaned value survives dedenting its lines by its statement's
-    indentation: they are indented that far, and no backslash joins two."""
+    indentation: they are indented that far, and no backslash joins two (an odd run ends one)."""
     inside = lines[ds.lineno : ds.end_lineno]
     indented = all(len(line) - len(line.lstrip(" \t")) >= ds.col_offset or not line.strip()
                    for line in inside)
-    return indented and not any(map(_joins_next, lines[ds.lineno - 1 : ds.end_lineno - 1]))
-
-
-def _joins_next(line: str) -> bool:
-    """Whether a line ends in a backslash that escapes its newline (an odd run of them)."""
-    return (len(line) - len(line.rstrip("\\"))) % 2 == 1
+    return indented and not any((len(line) - len(line.rstrip("\\"))) % 2
+                                for line in lines[ds.lineno - 1 : ds.end_lineno - 1])
 
 
 def line_completion_examples(doc: Doc, n: int, seed: int) -> list[Example]:
