@@ -2887,9 +2887,10 @@ def test_right_padded_scoring_passes_no_mask_and_scores_as_with_one(tiny_models,
 
     real_collate, forward = dataset.collate, lm.model.forward
 
-    def collate(*args, **kwargs):
-        batch = real_collate(*args, **kwargs)
-        masks.append(batch["attention_mask"])
+    def collate(examples, *args, **kwargs):  # and the padding mask of the batch
+        batch = real_collate(examples, *args, **kwargs)
+        lengths = torch.tensor([[len(e["input_ids"])] for e in examples])
+        masks.append(torch.arange(batch["input_ids"].shape[1]) < lengths)
         return batch
 
     def spy(input_ids, attention_mask=None, **kwargs):
