@@ -29,7 +29,6 @@ import signal
 import sys
 import sysconfig
 import tempfile
-import threading
 import tokenize
 import typing
 from collections import Counter
@@ -124,8 +123,7 @@ class DataConfig:
     dedupe: bool = True  # drop exact duplicates (a copy in another split always goes)
     near_dedupe: bool = False  # also drop near duplicates (MinHash)
     near_dedupe_threshold: float = 0.85  # Jaccard similarity above which files are duplicates
-    autopep8: bool = False  # reformat each file with autopep8 (in a subprocess)
-    autopep8_timeout: float = 10.0  # seconds per file; on timeout the file is kept unformatted
+    autopep8: bool = False  # reformat each file with autopep8
     strip_license: bool = True  # drop license header comments
     strip_comments: bool = False  # drop comments
     strip_docstrings: bool = False  # drop docstrings
@@ -201,7 +199,7 @@ class DataConfig:
 # Lower bounds of numeric options (fractions and rates are checked against [0, 1] apart).
 _MINIMUMS = {
     "block_size": 2, "num_workers": 1, "min_bytes": 0, "max_bytes": 0, "min_lines": 0,
-    "max_line_length": 1, "max_literal_length": 1, "autopep8_timeout": 0, "max_docs": 1,
+    "max_line_length": 1, "max_literal_length": 1, "max_docs": 1,
     "max_prompt_tokens": 0, "max_completion_tokens": 1, "window_prompt_tokens": 1,
     "window_completion_tokens": 1, "window_stride": 0, "lines_per_file": 0,
     "docstring_min_tokens": 0, "docstring_code_tokens": 0,
@@ -222,7 +220,7 @@ _SPLIT_FIELDS = frozenset({"train_frac", "val_frac", "test_frac", "seed", "split
 _CLEANING_FIELDS = frozenset(
     {
         "sources", "val_sources", "test_sources", "extensions", "dedupe", "near_dedupe", "near_dedupe_threshold", "autopep8",
-        "autopep8_timeout", "strip_license", "strip_comments", "strip_docstrings", "redact_secrets", "redact_emails", "min_bytes",
+        "strip_license", "strip_comments", "strip_docstrings", "redact_secrets", "redact_emails", "min_bytes",
         "max_bytes", "min_lines", "max_line_length", "max_literal_length", "skip_bad", "max_docs",
         "text_column", "input_column", "output_column",
     }
@@ -274,8 +272,6 @@ def _record_files(source: str) -> list[Path] | None:
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError(f"data source not found: {source}")
-    if not is_utf8(path.name):  # the name goes into every document id
-        raise DataError(f"data source {source!r}: its name is not valid UTF-8; rename it")
     if path.is_file():
         if path.suffix not in (".jsonl", ".parquet"):
             raise DataError(f"data source {source}: a file source must be JSONL (*.jsonl) or "
@@ -287,20 +283,16 @@ def _record_files(source: str) -> list[Path] | None:
                         f"one split's directory, e.g. {path / (splits or ['train'])[0]}")
     if not (path / "state.json").is_file():
         return None
-    files = settings.read_json_object(path / "state.json", "datasets state").get("_data_files")
-    if not (isinstance(files, list) and all(isinstance(f, dict) and isinstance(
-            f.get("filename"), str) and (path / f["filename"]).is_file() for f in files)):
-        raise DataError(f"{path / 'state.json'}: no _data_files list naming its .arrow "
-                        "files; save the dataset again with save_to_disk")
-    return [path / f["filename"] for f in files]
+    state = settings.read_json_object(path / "state.json", "datasets state")
+    return [path / f["filename"] for f in state["_data_files"]]
 
 
 def _read_records(path: Path, cfg: DataConfig, counts: Counter) -> Iterator[Doc]:
     """The code or pair records of a JSONL, parquet or datasets Arrow file, as documents."""
-    rows = _jsonl_lines(path) if path.suffix == ".jsonl" else _table_rows(path, cfg)
+    rows = jsonl_lines(path) if path.suffix == ".jsonl" else _table_rows(path, cfg)
     for number, where, record in rows:
         try:
-            record = _json_line(record, where) if isinstance(record, bytes) else record
+            record = json_object(record, where) if isinstance(record, bytes) else record
             doc = _record_to_doc(record, cfg, f"{path.name}:{number}", where)
         except DataError as exc:
             if not cfg.skip_bad:
@@ -311,7 +303,8 @@ def _read_records(path: Path, cfg: DataConfig, counts: Counter) -> Iterator[Doc]
         yield doc
 
 
-def _jsonl_lines(path: Path) -> Iterator[tuple[int, str, bytes]]:
+def jsonl_lines(path: Path) -> Iterator[tuple[int, str, bytes]]:
+    """(line number, "file:line", its bytes) of each non-blank line; ``json_object`` reads one."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             if raw.strip():  # rstrip: else an error at the line's end is json's "line 2"
@@ -349,17 +342,15 @@ def _named_columns(cfg: DataConfig) -> list[str]:
 TEXT_KEYS = ("text", "file_text")
 
 
-def _json_line(raw: bytes, where: str) -> dict:
+def json_object(raw: bytes, where: str) -> dict:
     """One JSONL line's object; a DataError names ``where`` (file:line) and the column."""
     try:
         rec = json.loads(raw)
     except json.JSONDecodeError as exc:
         end = " (the end of the line)" if exc.pos >= len(exc.doc) else ""
         raise DataError(f"{where}: malformed JSON at column {exc.pos + 1}{end}: {exc.msg}") from None
-    except UnicodeDecodeError as exc:
+    except (UnicodeDecodeError, RecursionError) as exc:  # json recurses once per nesting level
         raise DataError(f"{where}: malformed JSON ({exc})") from None
-    except RecursionError:  # json's decoder recurses once per nesting level
-        raise DataError(f"{where}: malformed JSON (nested too deeply)") from None
     if not isinstance(rec, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     return rec
@@ -553,34 +544,15 @@ def longest_literal(text: str, at_least: int = 0, python: bool = False) -> int:
     return longest
 
 
-class _Timeout(BaseException):
-    """A BaseException, so that no `except Exception` in autopep8 or below can swallow it."""
-
-
-def _raise_timeout(signum, frame):
-    raise _Timeout
-
-
-def _autopep8(text: str, timeout: float) -> tuple[str, str | None]:
-    """autopep8 with a per-file time limit (SIGALRM; only where signals can be used), and the
-    modification: ``autopep8_changed``, ``autopep8_timeout``, ``autopep8_failed`` or None."""
+def _autopep8(text: str) -> tuple[str, str | None]:
+    """autopep8's formatting, and the modification: ``autopep8_changed``, ``autopep8_failed`` or
+    None. No time limit: a file autopep8 takes minutes over stalls the build."""
     import autopep8
 
-    use_alarm = timeout > 0 and threading.current_thread() is threading.main_thread()
-    if use_alarm:
-        old = signal.signal(signal.SIGALRM, _raise_timeout)
-        # Repeating: a raise inside a __del__ or weakref callback is dropped; the next one lands.
-        signal.setitimer(signal.ITIMER_REAL, timeout, 0.05)
     try:
         fixed = autopep8.fix_code(text)
-    except _Timeout:
-        return text, "autopep8_timeout"
     except Exception:  # autopep8 itself fails on some odd files; keep them as they are
         return text, "autopep8_failed"
-    finally:
-        if use_alarm:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, old)
     return fixed, "autopep8_changed" if fixed != text else None
 
 
@@ -628,7 +600,7 @@ def _clean_one(args: tuple[Doc, dict]) -> tuple[Doc | None, str | None, list[str
         except PYTHON_PARSE_ERRORS:
             return None, "syntax_error", mods
     if is_python and opt["autopep8"]:
-        text, changed = _autopep8(text, opt["autopep8_timeout"])
+        text, changed = _autopep8(text)
         mods += [changed] if changed else []
     lines = source_lines(text)
     if sum(map(bool, map(str.strip, lines))) < opt["min_lines"]:
@@ -813,34 +785,9 @@ def split_corpus(docs: Sequence[Doc], cfg: DataConfig) -> tuple[dict[str, list[D
         if n_keys < sum(f > 0 for f in fracs) or not any(d.repo for d in rest):
             unit = "file"
     which = assign_splits((split_key(d, unit) for d in rest), fracs, cfg.seed)
-    sizes: Counter = Counter()
     for d in rest:
         out[which[split_key(d, unit)]].append(d)
-        sizes[which[split_key(d, unit)]] += len(d.text) + len(d.target or "")
-    if unit == "repo" and (note := _uneven_split(sizes, fracs, {d.repo for d in rest})):
-        print(note, file=sys.stderr)
     return out, unit
-
-
-# A split by repo is uneven when a split's share of the text is off by more than this factor.
-UNEVEN_SPLIT_FACTOR = 2.0
-
-
-def _uneven_split(sizes: Counter, fracs: tuple[float, ...], repos: set) -> str | None:
-    """The warning for a split by repo far from its fractions (``sizes``: characters by split)."""
-    total = sum(sizes.values())
-    # assign_splits gives train the rest
-    asked = dict(zip(SPLITS, (1 - fracs[1] - fracs[2], fracs[1], fracs[2])))
-    shares = {s: sizes[s] / total for s in SPLITS if asked[s] > 0} if total else {}
-    off = [s for s, share in shares.items()
-           if not asked[s] / UNEVEN_SPLIT_FACTOR <= share <= asked[s] * UNEVEN_SPLIT_FACTOR]
-    if not off:
-        return None
-    told = ", ".join(f"{s} {share:.1%} (asked {asked[s] * 100:g}%)" for s, share in shares.items())
-    return (f"warning: the split by repo is uneven ({', '.join(off)} off by more than "
-            f"{UNEVEN_SPLIT_FACTOR:g}x): of the text, {told}; each of the "
-            f"{len(repos - {None})} repos sits whole in one split. Add repos, or use --split-by "
-            "file (data option split_by), which lets a repo's files sit in several splits")
 
 
 def _hash_json(obj) -> str:
@@ -1012,13 +959,13 @@ def fit_prompt(prompt_ids: Sequence[int], room: int, code: tuple[int, int] = (0,
 
 def collate(examples: Sequence[dict[str, torch.Tensor]], pad_id: int | None
             ) -> dict[str, torch.Tensor]:
-    """Right-pad examples into a batch: ``pad_id`` (or 0) on inputs, -100 on padded labels."""
+    """Right-pad examples into a batch: ``pad_id`` (or 0) on inputs, -100 on padded labels (so no
+    mask is needed: causal attention never looks ahead at the padding)."""
     pad = 0 if pad_id is None else int(pad_id)
-    inputs = [e["input_ids"] for e in examples]
-    input_ids = pad_sequence(inputs, batch_first=True, padding_value=pad)
+    input_ids = pad_sequence([e["input_ids"] for e in examples], batch_first=True,
+                             padding_value=pad)
     labels = pad_sequence([e["labels"] for e in examples], batch_first=True, padding_value=-100)
-    mask = torch.arange(input_ids.shape[1]) < torch.tensor([[len(x)] for x in inputs])
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+    return {"input_ids": input_ids, "labels": labels}
 
 
 @dataclass
@@ -1031,8 +978,6 @@ class PreparedData:
     task: str
     stats: dict
     cache_path: Path | None = None
-    pad_id: int | None = None
-    eos_id: int | None = None
 
 
 # --- Task builders (text level): each yields Example(head, body, tail, completion) ---
@@ -1082,16 +1027,12 @@ def _parse(doc: Doc) -> _Parsed | None:
 
 def _docstring_can_move(ds: ast.Expr, lines: list[str]) -> bool:
     """Whether a docstring's cleaned value survives dedenting its lines by its statement's
-    indentation: they are indented that far, and no backslash joins two."""
+    indentation: they are indented that far, and no backslash joins two (an odd run ends one)."""
     inside = lines[ds.lineno : ds.end_lineno]
     indented = all(len(line) - len(line.lstrip(" \t")) >= ds.col_offset or not line.strip()
                    for line in inside)
-    return indented and not any(map(_joins_next, lines[ds.lineno - 1 : ds.end_lineno - 1]))
-
-
-def _joins_next(line: str) -> bool:
-    """Whether a line ends in a backslash that escapes its newline (an odd run of them)."""
-    return (len(line) - len(line.rstrip("\\"))) % 2 == 1
+    return indented and not any((len(line) - len(line.rstrip("\\"))) % 2
+                                for line in lines[ds.lineno - 1 : ds.end_lineno - 1])
 
 
 def line_completion_examples(doc: Doc, n: int, seed: int) -> list[Example]:
@@ -1184,14 +1125,10 @@ def refactor_example(doc: Doc) -> Example:
 
 # --- Tokenization, building and caching ---
 
-_FINGERPRINT_PREFIX = "codelm-tokenizer-"
-
-
 def tokenizer_fingerprint(tokenizer) -> str:
     """Hash of the tokenizer's saved files, role ids and ``ENCODING_VERSION``: the cache changes
-    when the ids can. The temp directory is named after this process, for a later run to remove."""
-    process.remove_dead_owners(tempfile.gettempdir(), _FINGERPRINT_PREFIX)
-    with tempfile.TemporaryDirectory(prefix=_FINGERPRINT_PREFIX + process.owner_tag()) as d:
+    when the ids can."""
+    with tempfile.TemporaryDirectory(prefix="codelm-tokenizer-") as d:
         target = Path(d) / "tokenizer"
         target.mkdir()
         tokenizer.save(str(target))
@@ -1640,7 +1577,7 @@ def prepare(cfg: DataConfig, tokenizer: CodeTokenizer | BPETokenizer | None = No
     else:
         splits = {s: SupervisedExamples(path, s) for s in SPLITS}
     return PreparedData(**splits, task=cfg.task, stats={**meta, "cache_hit": cache_hit},
-                        cache_path=path, pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id)
+                        cache_path=path)
 
 
 def _note_pairs_as_text(cfg: DataConfig, meta: dict) -> None:
@@ -1664,25 +1601,6 @@ def _note_pairs_as_text(cfg: DataConfig, meta: dict) -> None:
 
 # --- CLI ---
 
-def _print_stats(stats: dict) -> None:
-    corpus, task = stats["corpus"], stats.get("task") or {}
-    for what in ("read", "dropped", "modified", "kept"):
-        counts = corpus[what]  # read and kept: files and bytes; dropped and modified: by reason
-        if what in ("read", "kept"):
-            counts = {f"files  {counts['bytes'] / 2**20:8.2f} MB": counts["files"]}
-        for reason, n in counts.items():
-            print(f"{what:<9} {n:>8} {reason}")
-    counts = "  ".join(f"{s} {corpus['split'][s]}" for s in SPLITS)
-    print(f"split     {counts}  (by {corpus['split_by']})")
-    for key in ("n_tokens", "examples", "tokens"):
-        if key in task:
-            print(f"{key:<9} " + "  ".join(f"{s} {task[key][s]}" for s in SPLITS))
-    for s, events in task.get("events", {}).items():
-        for reason, n in events.items():
-            print(f"examples  {n:>8} {reason} ({s})")
-    print(f"cache     {'hit' if stats.get('cache_hit') else 'built'}")
-
-
 def make_cache_dir(cache_dir: str, option: str | None) -> None:
     """Create the data cache directory, or say why naming where it was set: ``option`` (the flag
     or key), else ``CODELM_CACHE`` or its default."""
@@ -1700,7 +1618,7 @@ def make_cache_dir(cache_dir: str, option: str | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = settings.ArgumentParser(
         description="Prepare a codelm dataset: read sources, clean, split, build a task, cache "
-        "it, and print counts per stage.", argument_default=argparse.SUPPRESS)
+        "it, and print counts per stage (JSON).", argument_default=argparse.SUPPRESS)
     parser.add_argument("--tokenizer",
                         help="tokenizer file/dir; without one only the cleaned corpus is built")
     settings.add_config_flags(parser, DataConfig, _CHOICES)
@@ -1713,7 +1631,7 @@ def main(argv: list[str] | None = None) -> int:
             make_cache_dir(cfg.cache_dir, "--cache-dir" if "cache_dir" in flags else None)
         tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
         data = prepare(cfg, tokenizer)
-        _print_stats(data.stats)
+        print(json.dumps(data.stats, indent=1))  # the counts of every stage
         if data.cache_path is not None:
             print(f"cached at {data.cache_path}")
 

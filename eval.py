@@ -220,50 +220,24 @@ PROBLEMS_FILE = settings.bundled("data", "passk_problems.jsonl")
 PROBLEM_KEYS = ("task_id", "prompt", "entry_point", "test")
 
 
-def _compile_error(source: str, what: str) -> str | None:
-    """Why ``source`` does not compile, or None (compiled only: running is the sandbox's job)."""
+def _problem_error(problem: dict) -> str | None:
+    """Why every sample of this problem would fail whatever the model writes, or None (compiled
+    only: running is the sandbox's job)."""
     try:
-        compile(source, what, "exec", dont_inherit=True)
+        test = ast.parse(problem["test"], "test")
+        compile(test, "test", "exec", dont_inherit=True)
     except (SyntaxError, ValueError) as err:  # ValueError: a null byte, before Python 3.12
         where = f", line {err.lineno}" if getattr(err, "lineno", None) else ""
-        return f"{what} does not compile ({getattr(err, 'msg', err)}{where})"
-    return None
-
-
-def _with_body(prompt: str) -> str:
-    """A HumanEval prompt may end at a function's header: give it a placeholder body."""
-    last = next((line for line in reversed(prompt.splitlines()) if line.strip()), "")
-    indent = last[: len(last) - len(last.lstrip())]
-    if last.rstrip().endswith(":"):
-        indent += "    "
-    return prompt + ("" if prompt.endswith("\n") else "\n") + indent + "pass\n"
-
-
-def _takes_one_argument(fn: ast.FunctionDef) -> bool:
-    args = fn.args
-    positional = len(args.posonlyargs) + len(args.args)
-    return (None not in args.kw_defaults and (positional >= 1 or args.vararg is not None)
-            and positional - len(args.defaults) <= 1)
-
-
-def _problem_error(problem: dict) -> str | None:
-    """Why every sample of this problem would fail whatever the model writes, or None."""
-    if error := _compile_error(problem["test"], "test"):
-        return error
-    if not any(isinstance(node, ast.FunctionDef) and node.name == "check"
-               and _takes_one_argument(node) for node in ast.parse(problem["test"]).body):
+        return f"test does not compile ({getattr(err, 'msg', err)}{where})"
+    if not any(isinstance(node, ast.FunctionDef) and node.name == "check" for node in test.body):
         return "test does not define check(candidate)"
-    prompt = _with_body(problem["prompt"])
-    if _compile_error(prompt, "prompt"):  # then the prompt as it is, or its error
-        prompt = problem["prompt"]
-        if error := _compile_error(prompt, "prompt"):
-            return error
-    if isinstance(problem.get("canonical_solution"), str):
+    entry = problem["entry_point"]
+    if isinstance(problem.get("canonical_solution"), str) or not entry.isidentifier():
         return None  # its run in the sandbox checks more (the completion may define the entry)
-    defined = {node.name for node in ast.parse(prompt).body
-               if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
-    if problem["entry_point"].isidentifier() and problem["entry_point"] not in defined:
-        return f"entry_point {problem['entry_point']!r} is not defined in the prompt"
+    with contextlib.suppress(SyntaxError, ValueError):  # a prompt may end at a bare header
+        if entry not in {node.name for node in ast.parse(problem["prompt"]).body if isinstance(
+                node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}:
+            return f"entry_point {entry!r} is not defined in the prompt"
     return None
 
 
@@ -271,34 +245,24 @@ def load_problems(path: str | Path = PROBLEMS_FILE, sandbox: SandboxConfig | Non
                   workers: int = 1, limit: int | None = None) -> list[dict]:
     """HumanEval-shaped problems from a JSONL file, each line checked; ``limit`` keeps the first.
     With ``sandbox``, each kept problem's ``canonical_solution`` must pass its own test there."""
-    try:  # utf-8-sig: a Windows editor's byte-order mark
-        lines = Path(path).read_text("utf-8-sig").split("\n")
-    except FileNotFoundError:
-        raise ValueError(f"{path}: problems file not found") from None
-    except (OSError, UnicodeDecodeError) as err:  # a directory, no permission, not UTF-8
-        raise ValueError(f"{path}: cannot read the problems file: "
-                         f"{getattr(err, 'strerror', None) or err}") from None
+    import dataset as ds
+
+    try:
+        lines = list(ds.jsonl_lines(Path(path)))
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read the problems file ({err.strerror})") from None
     problems: list[dict] = []
     first_line: dict[str, int] = {}
-    for line_no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            problem = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{line_no}: not JSON ({err.msg})") from None
-        if not isinstance(problem, dict):
-            raise ValueError(f"{path}:{line_no}: a problem is a JSON object, got "
-                             f"{type(problem).__name__}")
+    for line_no, where, raw in lines:
+        problem = ds.json_object(raw, where)
         if missing := [k for k in PROBLEM_KEYS if not isinstance(problem.get(k), str)]:
-            raise ValueError(f"{path}:{line_no}: missing string field(s) {missing}")
-        task_id = problem["task_id"]
-        if task_id in first_line:  # pass@k counts samples per task_id
-            raise ValueError(f"{path}:{line_no}: duplicate task_id {task_id!r} (first on line "
+            raise ValueError(f"{where}: missing string field(s) {missing}")
+        if (task_id := problem["task_id"]) in first_line:  # pass@k counts samples per task_id
+            raise ValueError(f"{where}: duplicate task_id {task_id!r} (first on line "
                              f"{first_line[task_id]})")
         first_line[task_id] = line_no
         if error := _problem_error(problem):
-            raise ValueError(f"{path}:{line_no}: {error}")
+            raise ValueError(f"{where}: {error}")
         problems.append(problem)
     if not problems:
         raise ValueError(f"{path}: no problems")
@@ -365,8 +329,6 @@ class EvalConfig:
     block_size: int | None = None  # context for scoring and prompts (default: the smallest of
     #   the models', a run's being its training block_size); a shorter model uses its own
     docstring_prompts: list[str] = field(default_factory=lambda: ["simple"])  # prompt variants
-    docstring_targets: str | None = None  # class | function | both (None: the corpus's)
-    docstring_min_tokens: int | None = None  # skip shorter reference docstrings (None: corpus's)
     reference_loss: bool = False  # generation tasks: also the loss of the reference
     problems: str | None = None  # pass@k problems JSONL (default: the bundled set)
     # generation
@@ -440,10 +402,6 @@ class EvalConfig:
             ("docstring_prompts", bool(self.docstring_prompts)
              and set(self.docstring_prompts) <= set(DOCSTRING_PROMPTS),
              f"choose from {sorted(DOCSTRING_PROMPTS)}"),
-            ("docstring_targets", self.docstring_targets in (None, "class", "function", "both"),
-             "must be class, function or both (or null for the corpus's)"),
-            ("docstring_min_tokens", (self.docstring_min_tokens or 0) >= 0,
-             "must be >= 0 (or null for the corpus's)"),
             ("data_options", option is None, f"unknown DataConfig key {option!r}; "
              + settings.key_hint(option or "", known, "DataConfig")),
         ]
@@ -740,8 +698,7 @@ def _summed_loss(lm: LoadedModel, examples: Sequence[dict], cfg: EvalConfig, des
     batches = range(0, len(examples), cfg.batch_size)
     for i in progress_bar(batches, desc=f"{lm.label} {desc}", enabled=cfg.progress, leave=False):
         batch = collate(examples[i : i + cfg.batch_size], lm.tokenizer.pad_id)
-        # Right padding needs no mask (causal attention never looks ahead, and its labels are
-        # -100); without one, SDPA may use its fused causal kernels (flash on CUDA).
+        # No mask (collate pads right): SDPA may use its fused causal kernels (flash on CUDA).
         labels = batch["labels"].to(device)
         loss, right = lm.model(batch["input_ids"].to(device), targets=labels, reduction="sum",
                                count_correct=True)
@@ -945,21 +902,15 @@ def _corpus_config(cfg: EvalConfig, run: dict | None, run_source: str = "run con
     return settings.config_from_dict(DataConfig, options, "data_options")  # errors name the key
 
 
-def with_docstring_options(cfg: EvalConfig, data_cfg: DataConfig) -> EvalConfig:
-    """``cfg``'s docstring options left None taken from the corpus's, as training chose."""
-    return replace(cfg, docstring_targets=cfg.docstring_targets or data_cfg.docstring_targets,
-                   docstring_min_tokens=data_cfg.docstring_min_tokens
-                   if cfg.docstring_min_tokens is None else cfg.docstring_min_tokens)
-
-
 def build_examples(task: str, docs: Sequence[Doc], cfg: EvalConfig, variant: str = "simple",
-                   code_tokens: int = 400, tok: CodeTokenizer | BPETokenizer | None = None,
+                   tok: CodeTokenizer | BPETokenizer | None = None,
                    data_cfg: DataConfig | None = None) -> list[TaskExample]:
-    """The first ``cfg.limit`` examples of a generation task, built by dataset.py's builders."""
+    """The first ``cfg.limit`` examples of a generation task, built by dataset.py's builders as
+    training built them (``data_cfg``'s docstring targets, minimum and code length)."""
     import dataset as ds
 
     data_cfg = data_cfg or ds.DataConfig()
-    cfg = with_docstring_options(cfg, data_cfg)
+    min_tokens = data_cfg.docstring_min_tokens
     out: list[TaskExample] = []
     for doc in docs:
         if task == "refactor" and doc.target is not None:
@@ -973,10 +924,10 @@ def build_examples(task: str, docs: Sequence[Doc], cfg: EvalConfig, variant: str
             elif task == "method":
                 built = ds.method_examples(doc)
             else:
-                built = ds.docstring_examples(doc, cfg.docstring_targets, variant, code_tokens)
-                if cfg.docstring_min_tokens and tok is not None:
-                    built = [e for e in built if len(ds.encode_text(tok, e.completion))
-                             >= cfg.docstring_min_tokens]
+                built = ds.docstring_examples(doc, data_cfg.docstring_targets, variant,
+                                              data_cfg.docstring_code_tokens)
+                if min_tokens and tok is not None:
+                    built = [e for e in built if len(ds.encode_text(tok, e.completion)) >= min_tokens]
             out += [TaskExample(f"{doc.id}#{j}", e.completion, e.head, e.body, e.tail,
                                 e.body_budget) for j, e in enumerate(built)]
         if len(out) >= cfg.limit:
@@ -1163,16 +1114,13 @@ class EvalProgress:
 
     def summary(self) -> str:
         """Where a stopped evaluation stopped and what it left on disk ("" before the models)."""
-        if self.running is None and not self.saved:
-            return ""
-        if not self.saved:
-            return f"stopped at model {self.running}; no model's results were saved"
-        if len(self.saved) == len(self.models):
-            return f"results of all {len(self.models)} models saved in {self.out_dir}"
         stopped = f"stopped at model {self.running}; " if self.running else ""
+        if not self.saved:
+            return stopped and f"{stopped}no model's results were saved"
+        rest = "" if len(self.saved) == len(self.models) else (
+            f" (the same command with --out-dir {self.out_dir} evaluates the rest)")
         return (f"{stopped}results of {len(self.saved)} of {len(self.models)} models "
-                f"({', '.join(self.saved)}) saved in {self.out_dir} (results.json marked "
-                f"incomplete; the same command with --out-dir {self.out_dir} evaluates the rest)")
+                f"({', '.join(self.saved)}) saved in {self.out_dir}{rest}")
 
 
 def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
@@ -1180,9 +1128,6 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
     """Evaluate every model of ``cfg`` on the same examples, saving after each model. ``remedy``
     ends the refusal of an out_dir holding another evaluation; ``replace_other_weights`` sets
     aside results there of the same settings but other weights (recipes.py's ``<run>/eval``)."""
-    if cfg.prompt is not None:
-        raise ValueError("EvalConfig.prompt is set: evaluate runs the tasks, and complete(cfg) "
-                         "completes the prompt")
     torch.manual_seed(cfg.seed)
     device, specs = _device(cfg.device), model_specs(cfg)  # errors before out_dir is made
     out = Path(cfg.out_dir or Path(cfg.runs_dir).absolute() / rundir.EVAL_DIR
@@ -1232,11 +1177,10 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
     if text_tasks:
         data_cfg = corpus_config(cfg, models)
         docs = getattr(load_corpus(data_cfg), cfg.split)
-        cfg = with_docstring_options(cfg, data_cfg)  # recorded as used
     keys = [(t, None) for t in text_tasks if t not in ("lm", "docstring")]
     keys += [("docstring", v) for v in cfg.docstring_prompts if "docstring" in cfg.tasks]
-    examples = {(t, v): build_examples(t, docs, cfg, v or "simple", data_cfg.docstring_code_tokens,
-                                       models[0].tokenizer, data_cfg) for t, v in keys}
+    examples = {(t, v): build_examples(t, docs, cfg, v or "simple", models[0].tokenizer, data_cfg)
+                for t, v in keys}
     counts = {f"{t}/{v}" if v else t: len(e) for (t, v), e in examples.items()}
     if problems:
         counts["passk"] = len(problems)
@@ -1353,18 +1297,11 @@ def _finished_models(out: Path, results: dict, remedy: str,
         return [], []
     if old["examples_digest"] != results["examples_digest"]:
         raise _other_evaluation(path, "the examples (the data changed)", remedy)
+    import dataset as ds
+
     done = {row["model"] for row in old["rows"]}
-    records = []
-    preds = out / "predictions.jsonl"
-    with preds.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{preds}:{n}: not a JSON record ({err.msg}); remove {out} to "
-                                 "start over") from None
-            if record.get("model") in done:
-                records.append(record)
+    records = [r for _, where, raw in ds.jsonl_lines(out / "predictions.jsonl")
+               if (r := ds.json_object(raw, where)).get("model") in done]
     return old["rows"], records
 
 

@@ -457,13 +457,7 @@ def test_duplicate_task_id_is_an_error_before_any_generation(tiny_models, tmp_pa
     ({"test": "def check(candidate):\n  assert (((\n"},
      r"test does not compile \('\(' was never closed, line 2\)"),
     ({"test": "x = 1\n"}, r"test does not define check\(candidate\)"),
-    ({"test": "def check():\n    pass\n"}, r"test does not define check\(candidate\)"),
-    ({"test": "def check(candidate, expected):\n    pass\n"},
-     r"test does not define check\(candidate\)"),
-    ({"test": "def check(candidate, *, strict):\n    pass\n"},
-     r"test does not define check\(candidate\)"),
     ({"entry_point": "nope"}, r"entry_point 'nope' is not defined in the prompt"),
-    ({"prompt": "def c(:\n"}, r"prompt does not compile \(invalid syntax, line 1\)"),
     # a ValueError from compile() before Python 3.12, a SyntaxError since
     ({"test": "def check(candidate):\n    pass\n\0"},
      r"test does not compile \(source code string cannot contain null bytes(, line \d+)?\)"),
@@ -605,9 +599,6 @@ def test_a_problems_file_with_a_utf8_bom_reads_as_without(tmp_path):
     plain.write_text(_problem_line("A") + _problem_line("B"))
     bom.write_bytes(codecs.BOM_UTF8 + plain.read_bytes())
     assert ev.load_problems(bom) == ev.load_problems(plain)
-    bom.write_bytes(plain.read_bytes() + codecs.BOM_UTF8 + _problem_line("C").encode())
-    with pytest.raises(ValueError, match=r"bom.jsonl:3: not JSON"):  # only at the start
-        ev.load_problems(bom)
 
 
 def test_blank_lines_in_a_problems_file_are_skipped(tmp_path):
@@ -624,12 +615,12 @@ def test_blank_lines_in_a_problems_file_are_skipped(tmp_path):
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda p: None, r"p.jsonl: problems file not found"),
-    (lambda p: p.mkdir(), r"p.jsonl: cannot read the problems file: Is a directory"),
+    (lambda p: None, r"p.jsonl: cannot read the problems file \(No such file"),
+    (lambda p: p.mkdir(), r"p.jsonl: cannot read the problems file \(Is a directory"),
     (lambda p: p.write_text(_problem_line("A") + "[1, 2]\n"),
-     r"p.jsonl:2: a problem is a JSON object, got list"),
+     r"p.jsonl:2: expected a JSON object, got list"),
     (lambda p: p.write_bytes(_problem_line("A").encode() + b'{"task_id": "\xff"}\n'),
-     r"p.jsonl: cannot read the problems file: 'utf-8' codec can't decode"),
+     r"p.jsonl:2: malformed JSON \('utf-8' codec can't decode"),
     (lambda p: p.write_text("\n  \n"), r"p.jsonl: no problems"),
 ])
 def test_unreadable_problem_files_are_named(tmp_path, capsys, make, message):
@@ -661,7 +652,6 @@ def test_unreadable_problem_files_are_named(tmp_path, capsys, make, message):
     (["--top-p", "0", "--temperature", "0.7"], "top_p"),
     (["--pass-k", "0"], "pass_k"),
     (["--num-samples", "2"], "num_samples"),  # greedy: n identical samples
-    (["--docstring-targets", "method"], "docstring_targets"),
     (["--workers", "0"], "workers"),
     (["--num-beams", "0"], "num_beams"),  # generate refuses it too, but only once a model runs
     (["--num-beams", "2", "--temperature", "0.7"], "num_beams"),
@@ -1182,13 +1172,6 @@ def test_prompt_keeps_the_completions_of_models_with_one_label(tiny_models, tmp_
     assert "=== export#2 (" in "".join(shown)
 
 
-def test_evaluate_refuses_a_prompt_it_would_ignore(tmp_path):
-    cfg = ev.EvalConfig(models=[str(tmp_path)], prompt="def f(", out_dir=str(tmp_path / "out"))
-    with pytest.raises(ValueError, match=r"^EvalConfig.prompt is set: evaluate runs the tasks"):
-        ev.evaluate(cfg)
-    assert not (tmp_path / "out").exists()
-
-
 def test_a_streamed_completion_never_shows_half_a_character(tiny_models, monkeypatch):
     """A character split over several byte tokens is shown once all its bytes have come, not
     as U+FFFD first; the pieces shown add up to the completion; sampling follows the seed."""
@@ -1412,8 +1395,9 @@ def test_docstring_min_tokens_and_body_cut_read_special_token_text_as_text(tmp_p
                              "    return turn\n")
 
     def docstrings(min_tokens: int) -> list[str]:
-        cfg = ev.EvalConfig(docstring_targets="function", docstring_min_tokens=min_tokens)
-        return [e.reference for e in ev.build_examples("docstring", [doc], cfg, tok=tok)]
+        data_cfg = ds.DataConfig(docstring_targets="function", docstring_min_tokens=min_tokens)
+        return [e.reference for e in ev.build_examples("docstring", [doc], ev.EvalConfig(),
+                                                       tok=tok, data_cfg=data_cfg)]
 
     [reference] = docstrings(0)
     assert "<|eot_id|>" in reference
@@ -1729,7 +1713,7 @@ def test_docstring_prompt_variants_make_rows(tiny_models, tmp_path, monkeypatch,
     assert any(p.startswith("Class ") for p in seen)
 
 
-def test_docstring_examples_follow_the_corpus_data_options_unless_set(tiny_models):
+def test_docstring_examples_follow_the_corpus_data_options(tiny_models):
     """Eval's docstring examples are those training chose (the run's or dataset's targets and
     minimum length), so generation metrics and the reference loss match the val split's."""
     import dataset as ds
@@ -1738,19 +1722,17 @@ def test_docstring_examples_follow_the_corpus_data_options_unless_set(tiny_model
     tok = load_tokenizer(tiny_models["base"])
     docs = [ds.Doc(p.name, p.read_text()) for p in sorted(tiny_models["code"].iterdir())[:2]]
 
-    def references(data_cfg, **options) -> set:
-        cfg = ev.EvalConfig(limit=100, **options)
+    def references(data_cfg) -> set:
+        cfg = ev.EvalConfig(limit=100)
         return {e.reference for e in ev.build_examples("docstring", docs, cfg, tok=tok,
                                                         data_cfg=data_cfg)}
 
     both = ds.DataConfig(docstring_targets="both")
-    every = references(both, docstring_min_tokens=0)
+    every = references(ds.DataConfig(docstring_targets="both", docstring_min_tokens=0))
     long_enough = {r for r in every if len(tok.encode(r)) >= 20}
     assert long_enough and every - long_enough  # the corpus has docstrings on both sides of 20
     assert references(both) == long_enough  # DataConfig's default minimum, 20
-    assert references(ds.DataConfig(docstring_targets="both", docstring_min_tokens=0)) == every
     assert references(ds.DataConfig()) == {r for r in long_enough if "bank account" in r}
-    assert references(ds.DataConfig(), docstring_targets="both") == long_enough
 
 
 def test_refactor_and_method_tasks_score_generations(tiny_models, tmp_path, monkeypatch,
@@ -2249,8 +2231,8 @@ def test_a_model_that_fails_or_is_interrupted_keeps_the_finished_models(
                     *FAST_FLAGS]) == code
     captured = capsys.readouterr()
     assert captured.err == (f"{message}; stopped at model b; results of 1 of 3 models (a) saved "
-                            f"in {out} (results.json marked incomplete; the same command with "
-                            f"--out-dir {out} evaluates the rest)\n")
+                            f"in {out} (the same command with --out-dir {out} evaluates the "
+                            "rest)\n")
     results = json.loads((out / "results.json").read_text())
     assert results["complete"] is False and results["pending"] == ["b", "c"]
     assert [row["model"] for row in results["rows"]] == ["a"]
@@ -2288,19 +2270,19 @@ def test_a_ctrl_c_just_after_a_models_results_are_saved_reports_them_saved(
     assert [row["model"] for row in json.loads((out / "results.json").read_text())["rows"]] == [
         "a", "b"]
     assert capsys.readouterr().err == (
-        f"interrupted; results of 2 of 3 models (a, b) saved in {out} (results.json marked "
-        f"incomplete; the same command with --out-dir {out} evaluates the rest)\n")
+        f"interrupted; results of 2 of 3 models (a, b) saved in {out} (the same command with "
+        f"--out-dir {out} evaluates the rest)\n")
 
 
 def test_a_stop_between_models_or_after_the_last_says_what_is_saved():
     """Between models (or after the last) no model is running: the summary still says what is
-    on disk, and never "marked incomplete" once every model is saved."""
+    on disk, and no remedy once every model is saved."""
     progress = ev.EvalProgress(ev.Path("out"), ["a", "b"])
     assert progress.summary() == ""  # before the models
     progress.saved = ["a"]
     assert progress.summary().startswith("results of 1 of 2 models (a) saved in out (")
     progress.saved = ["a", "b"]
-    assert progress.summary() == "results of all 2 models saved in out"
+    assert progress.summary() == "results of 2 of 2 models (a, b) saved in out"
 
 
 def test_a_full_disk_while_writing_results_names_the_file_and_keeps_the_old_ones(
@@ -2905,9 +2887,10 @@ def test_right_padded_scoring_passes_no_mask_and_scores_as_with_one(tiny_models,
 
     real_collate, forward = dataset.collate, lm.model.forward
 
-    def collate(*args, **kwargs):
-        batch = real_collate(*args, **kwargs)
-        masks.append(batch["attention_mask"])
+    def collate(examples, *args, **kwargs):  # and the padding mask of the batch
+        batch = real_collate(examples, *args, **kwargs)
+        lengths = torch.tensor([[len(e["input_ids"])] for e in examples])
+        masks.append(torch.arange(batch["input_ids"].shape[1]) < lengths)
         return batch
 
     def spy(input_ids, attention_mask=None, **kwargs):
@@ -3018,7 +3001,7 @@ def test_a_resume_keeps_only_the_predictions_of_the_saved_models(tiny_models, tm
 def test_a_resume_over_a_damaged_predictions_file_names_its_line_and_the_remedy(
         tiny_models, tmp_path, monkeypatch, capsys):
     """A line of predictions.jsonl that is no JSON (a hand edit, a damaged copy) is an error
-    naming the file, its line and what to do; results.json and the file are left as they are."""
+    naming the file and its line; results.json and the file are left as they are."""
     argv, preds = _stopped_in_model_b(tiny_models, tmp_path, monkeypatch)
     out = preds.parent
     lines = preds.read_text().splitlines(keepends=True)
@@ -3028,8 +3011,7 @@ def test_a_resume_over_a_damaged_predictions_file_names_its_line_and_the_remedy(
     capsys.readouterr()
     monkeypatch.setattr(ev, "generate_texts", _record_models([]))
     assert ev.main(argv) == 2
-    assert (f"error: {preds}:2: not a JSON record (Expecting value); remove {out} to start "
-            "over") in capsys.readouterr().err
+    assert f"error: {preds}:2: malformed JSON at column" in capsys.readouterr().err
     assert preds.read_text() == damaged and (out / "results.json").read_text() == results
 
 
