@@ -297,6 +297,12 @@ def check_run_paths(values: dict, keys: Sequence[str], source: str) -> None:
             raise ValueError(f"{source}: {key} {path!r} not found{where}")
 
 
+def unset(key: str, value: object) -> bool:
+    """Whether a TrainConfig value leaves the choice to the run (None, preset auto): a resume
+    keeps the run's own."""
+    return value is None or (key == "preset" and value == "auto")
+
+
 def check_resume_config(cfg, run_dir: Path, resume_hint: str) -> dict | None:
     """Refuse a resumed run whose settings (a TrainConfig) differ from its newest checkpoint's
     outside RESUME_MAY_CHANGE; return the saved values (None: nothing saved yet)."""
@@ -318,7 +324,7 @@ def check_resume_config(cfg, run_dir: Path, resume_hint: str) -> dict | None:
     # precision "auto" names a precision only with a device: check_precision compares that.
     changed = [f"{k}={saved[k]!r} (now {now[k]!r})" for k in now
                if k not in ("name", "out_dir", "resume", *RESUME_MAY_CHANGE) and k in saved
-               and comparable(saved, k) != comparable(now, k)
+               and not unset(k, now[k]) and comparable(saved, k) != comparable(now, k)
                and not (k == "precision" and "auto" in (saved[k], now[k]))]
     if changed:
         raise ValueError(f"{source}: the run was trained with other settings: "

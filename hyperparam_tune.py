@@ -534,6 +534,8 @@ def run_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
         if result.interrupted:  # the trainer checkpointed and returned on a stop signal
             _mark_interrupted(trial)
             raise KeyboardInterrupt(result.interrupted)
+        if not math.isfinite(best):  # no evaluation reported bits per byte: the loss
+            best = result.best_val_loss if result.best_val_loss is not None else math.nan
         if math.isfinite(best):
             return TrialState.COMPLETE, best
         reason = f"no finite validation loss (best_val_loss={result.best_val_loss})"

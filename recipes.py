@@ -61,7 +61,6 @@ def check_sections(recipe: Recipe, note: str = "", sets: Sequence[str] = ()) -> 
     """Both sections' keys and value types; ``note`` and ``sets``: as ``--set`` changed them."""
     where = f"{recipe.path} (train section{note})"
     tm.config_from_dict(recipe.train, where)
-    tm.check_options(recipe.train, where)
     ev.config_from_dict(recipe.eval, f"{recipe.path} (eval section{note})",
                         partial(where_in_recipe, recipe.path, section="eval",
                                 typed=set_train_keys(sets, "eval")))

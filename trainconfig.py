@@ -151,6 +151,8 @@ def config_from_dict(values: dict, source: str = "<dict>") -> TrainConfig:
     """A TrainConfig from a dict, nested options included; errors name the source and key."""
     cfg = settings.config_from_dict(TrainConfig, values, source, _CHOICES)
     check_options(values, source)
+    if cfg.max_steps is not None and cfg.epochs is not None:  # flags: validate_config's check
+        raise ValueError(f"{source}: max_steps and epochs both set the run's length: unset one")
     return cfg
 
 
@@ -421,8 +423,9 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings
         need(importlib.util.find_spec(name) is not None, "report_to",
              f"{name} is not installed: pip install {name}")
     need(0.0 <= cfg.min_lr_ratio <= 1.0, "min_lr_ratio", "must be in [0, 1]")
-    need(cfg.max_steps is None or cfg.epochs is None, "max_steps",
-         f"and {named('epochs')} both set the run's length: unset one")
+    if cfg.max_steps is not None and cfg.epochs is not None:
+        raise ValueError(f"{named('max_steps')} and {named('epochs')} both set the run's length: "
+                         "unset one (--max-steps none, --epochs none)")
     need(cfg.time_budget_min is not None or cfg.max_steps or cfg.epochs, "time_budget_min",
          "unset, and so are max_steps and epochs: set one of them, the run's length")
     need(cfg.preset != "auto" or cfg.init_from is not None or cfg.time_budget_min is not None,
@@ -580,7 +583,7 @@ def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int | None,
                  eos_id: int | None) -> ModelConfig:
     """Preset + overrides for a from-scratch model (derived sizes re-derived from the new ones)."""
     if cfg.preset not in PRESETS:
-        raise ValueError(f"unknown preset {cfg.preset!r}; choose from {sorted(PRESETS)}")
+        raise ValueError(f"unknown preset {cfg.preset!r}; choose auto or one of {sorted(PRESETS)}")
     values = dataclasses.asdict(PRESETS[cfg.preset])
     shape = {k: getattr(cfg, k) for k in MODEL_SHAPE_KEYS if getattr(cfg, k) is not None}
     if "n_head" in shape or "n_embd" in shape:

@@ -284,13 +284,15 @@ class Trainer:
                  dist: Dist | None = None, max_steps: int | None = None,
                  token_bytes: torch.Tensor | None = None):
         self.cfg, self.device, self.dist = cfg, device, dist or Dist()
-        self.token_bytes = token_bytes  # each id's UTF-8 bytes: the loss per byte
+
         self.precision = _resolve_precision(cfg.precision, device)
         if self.precision == "bf16" and lacks_native_bf16(device):
             major, minor = torch.cuda.get_device_capability(device)
             raise ValueError(f"{setting(cfg, 'precision')}: this GPU (compute capability "
                              f"{major}.{minor}) has no native bf16: set precision fp16 or fp32")
         self.raw_model = model.to(device)
+        # each id's UTF-8 bytes: the loss per byte
+        self.token_bytes = None if token_bytes is None else token_bytes.to(device)
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
         assert self.params, "the model has no trainable parameters"
         # Decay matrices only: norms, biases and other vectors keep their scale.
@@ -559,7 +561,8 @@ def setup_run(cfg: TrainConfig, dist: Dist, hint: str | None, restarts: bool) ->
     """Claim the run directory, prepare data, model and trainer, restore a resumed checkpoint."""
     cfg, created = with_init_adapter(with_local_checkpoints(cfg)), time.perf_counter()
     device = resolve_device(cfg, dist)
-    if cfg.preset == "auto" and cfg.init_from is None:  # a new run's model (its name says which)
+    resumed = cfg.resume is not None and (Path(cfg.resume) / rundir.CONFIG_FILE).is_file()
+    if cfg.preset == "auto" and cfg.init_from is None and not resumed:  # its name says which
         cfg = _auto_rung(cfg, device, dist, cfg.time_budget_min * 60)
     claimed, has_weights = _claim_run_dir(cfg, dist, hint)
     run = Run(cfg, dist, device, claimed, hint or f"--resume {claimed.path}", restarts,
@@ -600,7 +603,8 @@ def _build(run: Run, has_weights: bool) -> None:
     saved = checkpoint.check_resume_config(cfg, run.run_dir, run.hint) if (
         cfg.resume and has_weights) else None
     run.cfg = cfg = with_absolute_paths(cfg) if saved is None else dataclasses.replace(
-        cfg, **{k: saved[k] for k in PATH_KEYS if k in saved})
+        cfg, **{k: v for k, v in saved.items()
+                if k in PATH_KEYS or checkpoint.unset(k, getattr(cfg, k, None))})
     checkpoints = list_checkpoints(run.run_dir) if cfg.resume else []
     if cfg.resume and not checkpoints and run.main:
         print(f"{run.run_dir}: no checkpoint yet; starting the run from the beginning")
@@ -714,7 +718,7 @@ def _sized_to_budget(run: Run, model: nn.Module) -> TrainConfig:
 
 
 def _token_bytes(run: Run) -> torch.Tensor:
-    return torch.tensor(run.tok.token_byte_lengths(), device=run.device)
+    return torch.tensor(run.tok.token_byte_lengths())
 
 
 def _seconds_left(run: Run) -> float:

@@ -1771,7 +1771,8 @@ def test_refactor_and_method_tasks_score_generations(tiny_models, tmp_path, monk
     references.clear()
     references.update({e.prompt(None): e.reference + "\n\nclass Next:\n    pass" for e in methods})
     metrics, _ = ev.run_generation_task(lm, "method", methods, cfg)
-    assert metrics == {"BLEU": pytest.approx(100.0), "edit_sim": 100.0}  # cut at top-level code
+    # cut at top-level code; each header with its own body is the file's function: it parses
+    assert metrics == {"BLEU": pytest.approx(100.0), "edit_sim": 100.0, "parses": 100.0}
 
 
 def test_generation_tasks_take_exactly_limit_examples_from_python_files(tiny_models):
@@ -1833,10 +1834,32 @@ def test_method_records_and_reference_loss_are_scored_as_the_table(tiny_models, 
     cfg = ev.EvalConfig(reference_loss=True, progress=False)
     metrics, records = ev.run_generation_task(lm, "method", [example], cfg)
     assert records[0]["edit_sim"] == metrics["edit_sim"] == 100
-    assert list(metrics) == ["loss", "BLEU", "edit_sim"]
+    assert list(metrics) == ["loss", "BLEU", "edit_sim", "parses"]
     assert metrics["loss"] == pytest.approx(ev.score_supervised(lm, [example], cfg))
     metrics, _ = ev.run_generation_task(lm, "method", [example], ev.EvalConfig(progress=False))
-    assert "loss" not in metrics
+    assert "loss" not in metrics and metrics["parses"] == 100  # tabs throughout: Python reads it
+
+
+@pytest.mark.parametrize("body, parses", [("    return (x", False), ("    return x\n  y = 1", False),
+                                          ("    return x", True), ("    pass\n\n# done", True)])
+def test_a_function_parses_where_python_reads_it(tiny_models, monkeypatch, body, parses):
+    """method/parses is the share of header + generated body that Python's own parser reads."""
+    import ast
+
+    import torch
+
+    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    monkeypatch.setattr(ev, "generate_texts", lambda lm, prompts, cfg, stops=(), desc="", **kw:
+                        [body] * len(prompts))
+    example = ev.TaskExample("m", "    return 1", "def f(x):\n")
+    metrics, _ = ev.run_generation_task(lm, "method", [example], ev.EvalConfig(progress=False))
+    try:
+        ast.parse("def f(x):\n" + body)
+    except SyntaxError:
+        assert not parses
+    else:
+        assert parses
+    assert metrics["parses"] == (100 if parses else 0)
 
 
 def test_default_run_evaluates_the_latest_run(tiny_models, tmp_path, monkeypatch, capsys):

@@ -27,6 +27,7 @@ import generation
 import process
 import rundir
 import settings
+import trainconfig
 import trainingmanager as tm
 from architecture import SHORT_DTYPES
 from dataset import collate, stdlib_files, supervised_example
@@ -1221,24 +1222,26 @@ def test_a_time_budget_sizes_the_run_and_its_config_reproduces_it(assets, tmp_pa
 
     monkeypatch.setattr(tm, "_time_a_step", measured)
     monkeypatch.setattr(tm, "_seconds_left", lambda run: 60.0)
-    cfg = tiny_cfg(assets, tmp_path, name="budget", time_budget_min=1.0, warmup_steps=50,
-                   max_steps=700, eval_every=100)
+    cfg = tiny_cfg(assets, tmp_path, name="budget", time_budget_min=1.0, warmup_steps=None,
+                   max_steps=None, eval_every=100)
     first = tm.train(cfg)
     assert timed and "time budget 1 min, 60 s left after setup: 0.500 s a step" in (
         capsys.readouterr().out)
     saved = json.loads((first.run_dir / "config.json").read_text())
-    steps = int((60 * 0.95 - tm.EVALS_IN_BUDGET * 2.0) / 0.5) // tm.EVALS_IN_BUDGET
+    raw = int((60 * (1 - tm.END_SHARE) - tm.EVALS_IN_BUDGET * 2.0) / 0.5)
+    every = raw // tm.EVALS_IN_BUDGET
     assert (saved["max_steps"], saved["eval_every"], saved["time_budget_min"]) == (
-        steps * tm.EVALS_IN_BUDGET, steps, None)
-    assert saved["warmup_steps"] == steps * tm.EVALS_IN_BUDGET // 10 and first.step == saved[
-        "max_steps"]
+        every * tm.EVALS_IN_BUDGET, every, None)
+    assert saved["warmup_steps"] == int(tm.WARMUP_SHARE * raw) and first.step == saved["max_steps"]
     config = tmp_path / "again.json"
     config.write_text(json.dumps({**saved, "name": "again"}))
     again = tm.train(tm.config_from_dict(json.loads(config.read_text())))
     assert_bit_equal(final_weights(first.run_dir, first.step),
                      final_weights(again.run_dir, again.step))
-    with pytest.raises(ValueError, match=r"time_budget_min .*leave epochs .* unset"):
-        tm.validate_config(tm.TrainConfig(time_budget_min=5, epochs=1.0))
+    with pytest.raises(ValueError, match=r"time_budget_min .*unset.*set one of them"):
+        tm.validate_config(tm.TrainConfig(time_budget_min=None))
+    with pytest.raises(ValueError, match=r"preset .*auto chooses the model for time_budget_min"):
+        tm.validate_config(tm.TrainConfig(time_budget_min=None, max_steps=5))
 
 
 def test_the_sample_stops_where_its_function_ends(assets, tmp_path, monkeypatch):
@@ -1966,11 +1969,13 @@ def test_max_steps_beside_epochs_is_refused_naming_both(assets, tmp_path, capsys
     assert all(w in err for w in ("--max-steps", "epochs", "config.json", "unset one")), err
     config = _tiny_config_file(assets, tmp_path)
     assert tm.main(["--config", config, "--epochs", "1", "--max-steps", "5"]) == 2
-    assert all(w in capsys.readouterr().err for w in ("--max-steps", "--epochs", "unset one"))
+    err = capsys.readouterr().err
+    assert all(w in err for w in ("--max-steps", "--epochs", "unset one")), err
     with_epochs = tmp_path / "epochs.json"
     with_epochs.write_text(json.dumps({**json.loads(Path(config).read_text()), "epochs": 1}))
     assert tm.main(["--config", str(with_epochs), "--max-steps", "5"]) == 2
-    assert all(w in capsys.readouterr().err for w in ("--max-steps", "epochs.json", "unset one"))
+    err = capsys.readouterr().err
+    assert all(w in err for w in ("max_steps", "epochs.json", "unset one")), err
 
 
 @pytest.mark.parametrize("options, message", [
@@ -2658,7 +2663,10 @@ def test_resume_refuses_a_length_below_its_checkpoint(assets, tmp_path, capsys):
     assert capsys.readouterr().err == (
         "error: max_steps (5, --max-steps): below the step of the checkpoint it resumes from "
         "(8); a resume can only extend its run: set max_steps to 8 or more\n")
-    assert tm.main(["--resume", str(run), "--epochs", "0.001"]) == 2
+    assert tm.main(["--resume", str(run), "--epochs", "0.001"]) == 2  # beside max_steps
+    err = capsys.readouterr().err
+    assert all(w in err for w in ("max_steps", "--epochs", "unset one")), err
+    assert tm.main(["--resume", str(run), "--epochs", "0.001", "--max-steps", "none"]) == 2
     err = capsys.readouterr().err
     assert "epochs (0.001, --epochs): " in err and "below the step of the checkpoint it " in err
     assert "set a larger epochs" in err
@@ -3417,12 +3425,12 @@ def test_where_set_of_a_command_line_names_the_flag_the_config_file_or_the_resum
     key names the file, a resumed run's its config.json; a key at its default, its flag."""
     config = tmp_path / "run.json"
     config.write_text(json.dumps({"warmup_steps": 200, "lr": 0.1}))
-    where = tm.command_line_sources(["--config", str(config), "--lr", "0.2",
+    where = trainconfig.command_line_sources(["--config", str(config), "--lr", "0.2",
                                      "--max-steps", "100"])[2]
     assert [where(k) for k in ("warmup_steps", "lr", "max_steps", "seed")] == [
         f"--config {config}", "--lr", "--max-steps", "--seed"]
     run = tmp_path / "runs" / "r"
-    where = tm.command_line_sources(["--resume", str(run), "--max-steps", "5"])[2]
+    where = trainconfig.command_line_sources(["--resume", str(run), "--max-steps", "5"])[2]
     assert (where("max_steps"), where("batch_size")) == ("--max-steps",
                                                          f"{run / 'config.json'} (--resume)")
 
@@ -3440,13 +3448,13 @@ def test_a_model_shape_error_names_the_settings_it_was_made_of(tmp_path, capsys)
     config = tmp_path / "run.json"
     config.write_text(json.dumps({"n_head": 4}))
     assert tm.main(["--config", str(config), "--n-embd", "30", "--device", "cpu"]) == 2
-    assert capsys.readouterr().err == (
-        f"error: preset ('llama-14m', --preset), n_head (4, --config {config}), n_embd (30, "
-        "--n-embd): ModelConfig.n_embd=30: not divisible by n_head=4; set head_dim\n")
+    err = capsys.readouterr().err
+    assert all(w in err for w in ("preset ('auto', --preset)", f"n_head (4, --config {config})",
+                                  "n_embd (30, --n-embd)", "not divisible by n_head=4")), err
     config.write_text(json.dumps({"preset": "nope"}))
     assert tm.main(["--config", str(config), "--device", "cpu"]) == 2
     assert capsys.readouterr().err.startswith(
-        f"error: preset ('nope', --config {config}): unknown preset 'nope'; choose from [")
+        f"error: preset ('nope', --config {config}): unknown preset 'nope'; choose auto or one of [")
 
 
 def test_a_from_scratch_model_the_hf_layout_cannot_hold_is_refused_before_training(tmp_path):
@@ -3523,7 +3531,8 @@ def test_a_run_logged_to_a_file_prints_plain_lines_and_no_bar_frames(assets, tmp
     assert tm.main(["--config", config]) == 0
     out, err = capsys.readouterr()
     assert re.search(r"^step 2/4 \| loss \d+\.\d{4} \| lr [\d.e+-]+ \| [\d,]+ tok/s", out, re.M)
-    evals = re.findall(r"^eval step (\d)/4 \| train loss [\d.]+ \| val loss [\d.]+ \| ppl [\d.]+ \|"
+    evals = re.findall(r"^eval step (\d)/4 \| train loss [\d.]+ \| val loss [\d.]+ "
+                       r"\([\d.]+ bits/byte\) \| ppl [\d.]+ \|"
                        r" acc [\d.]+ \| [\d,]+ tok/s \| elapsed \d+m\d\ds \| ETA \d+m\d\ds$",
                        out, re.M)
     assert evals == ["2", "4"]
