@@ -297,10 +297,13 @@ def check_run_paths(values: dict, keys: Sequence[str], source: str) -> None:
             raise ValueError(f"{source}: {key} {path!r} not found{where}")
 
 
+# TrainConfig keys whose None (and preset auto) leave the choice to a new run: a resume keeps
+# the choice its run made.
+CHOSEN_BY_THE_RUN = ("preset", "block_size", "batch_size", "lr", "warmup_steps")
+
+
 def unset(key: str, value: object) -> bool:
-    """Whether a TrainConfig value leaves the choice to the run (None, preset auto): a resume
-    keeps the run's own."""
-    return value is None or (key == "preset" and value == "auto")
+    return key in CHOSEN_BY_THE_RUN and value in (None, "auto")
 
 
 def check_resume_config(cfg, run_dir: Path, resume_hint: str) -> dict | None:

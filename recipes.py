@@ -534,6 +534,8 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
     for setting in opts.set:
         apply_setting(recipe, setting)
     typed = set_train_keys(opts.set)
+    if opts.smoke and "max_steps" in typed:  # a smoke run counts steps, not the recipe's epochs
+        recipe.train["epochs"] = None
     if opts.set:  # checked now, not after hours of training
         check_sections(recipe, ", with --set", opts.set)
     values = dict(recipe.train)
