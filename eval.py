@@ -974,6 +974,9 @@ _GENERATION = {
     "refactor": (("\n###",), lambda t: t.strip(), lambda r: r.strip()),
     "completion": ((), lambda t: t.strip(), lambda r: r.strip()),
 }
+# A line of code takes at most this many new tokens: the rest of the context holds its file, as
+# CodeXGLUE's line completion gives the model the file before the line.
+LINE_NEW_TOKENS = 64
 
 
 def _edit_form(task: str, text: str) -> str:
@@ -1007,6 +1010,8 @@ def run_generation_task(lm: LoadedModel, task: str, examples: Sequence[TaskExamp
     stops, clean_pred, clean_ref = _GENERATION[task]
     prompts = [e.prompt(lm.tokenizer) for e in examples]
     ids = [(prompt, span) for prompt, _, span in _training_ids(lm, examples, cfg, data_cfg)]
+    if task == "line":
+        cfg = replace(cfg, max_new_tokens=min(cfg.max_new_tokens, LINE_NEW_TOKENS))
     raw = generate_texts(lm, prompts, cfg, stops, desc=task, prompt_ids=ids,
                          max_prompt_tokens=data_cfg.max_prompt_tokens if data_cfg else None)
     preds = [clean_pred(t) for t in raw]
