@@ -10,7 +10,6 @@ Public arguments are checked once, in GenerationConfig and where generate meets 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import numbers
 import operator
@@ -230,18 +229,13 @@ def _step(model: Transformer, tok, pos, slot, key_valid, caches) -> torch.Tensor
     return model.lm_head(model.norm_f(x[:, -1]))
 
 
-@functools.cache
-def _compiled_step(device_type: str, kernels_on: bool) -> Callable:
-    """_step compiled once per device type, with the kernels on and off."""
-    return kernels.compile_decode_step(_step, torch.device(device_type))
-
-
 def _steps(model: Transformer, idx, cfg: GenerationConfig, attention_mask):
     fill = _prepare(model, idx, cfg, attention_mask)
     B, T = idx.shape
     n = cfg.max_new_tokens
     eos_t = torch.tensor(cfg.eos_id, device=idx.device, dtype=torch.long)
-    step_fn = _compiled_step(idx.device.type, kernels.ENABLED) if cfg.compile else _step
+    step_fn = (kernels.compile_decode_step(_step, idx.device.type, kernels.ENABLED)
+               if cfg.compile else _step)
     generated: list[torch.Tensor] = []
     finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
     track = bool(cfg.eos_id or cfg.stop)

@@ -8,9 +8,8 @@ each against its plain op. This module imports no project module.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -18,17 +17,6 @@ import torch.nn.functional as F
 
 ENABLED = True  # the one switch: False runs every op as plain PyTorch
 IGNORE_INDEX = -100  # the label of positions no loss counts: prompt tokens, padding
-
-
-@contextlib.contextmanager
-def disabled() -> Iterator[None]:
-    """Run the plain PyTorch ops inside the block (for tests and debugging)."""
-    global ENABLED
-    before, ENABLED = ENABLED, False
-    try:
-        yield
-    finally:
-        ENABLED = before
 
 
 def faster(fast: Callable) -> Callable:
@@ -329,9 +317,8 @@ def decode_layout(model: nn.Module, on: bool) -> None:
     """On CPU, decoding streams tall fp32 weights about twice as fast column-major. On: those
     Linear weights are re-laid out in place (same values and shape, swapped strides) until
     training resumes or `state_dict()` is read. CUDA: left as is."""
-    if on == model.__dict__.get("_decode_layout", False) or (on and not ENABLED):
-        return
-    if on and next(model.parameters()).device.type != "cpu":
+    if on == model.__dict__.get("_decode_layout", False) or on and (
+            not ENABLED or next(model.parameters()).device.type != "cpu"):
         return
     model._decode_layout = on
     if not on:
@@ -352,29 +339,25 @@ def decode_layout(model: nn.Module, on: bool) -> None:
 
 
 # ------------------------------------------------------------------ compiled decode step
-def _one_row_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(1, K) @ (K, N) as a multiply and a sum over K, accumulated in fp32 (as a matmul is)."""
-    acc = torch.promote_types(a.dtype, torch.float32)
-    return (a.to(acc).unsqueeze(2) * b.to(acc).unsqueeze(0)).sum(1)
-
-
-def _is_one_row_on_cpu(a: torch.Tensor) -> bool:
+def _one_row(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None):
+    """(1, K) @ (K, N) (+ bias) on CPU as a multiply and a sum over K, accumulated in fp32 (as a
+    matmul is); NotImplemented for other shapes or devices."""
     from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-    return a.device.type == "cpu" and statically_known_true(a.shape[0] == 1)
+    if a.device.type != "cpu" or not statically_known_true(a.shape[0] == 1):
+        return NotImplemented
+    acc = torch.promote_types(a.dtype, torch.float32)
+    out = (a.to(acc).unsqueeze(2) * b.to(acc).unsqueeze(0)).sum(1)
+    return (out if bias is None else out + bias).to(a.dtype)
 
 
 def _mm_one_row(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    if not _is_one_row_on_cpu(a):
-        return NotImplemented
-    return _one_row_product(a, b).to(a.dtype)
+    return _one_row(a, b)
 
 
 def _addmm_one_row(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta=1,
                    alpha=1) -> torch.Tensor:
-    if not _is_one_row_on_cpu(a) or beta != 1 or alpha != 1:
-        return NotImplemented
-    return (_one_row_product(a, b) + bias).to(a.dtype)
+    return _one_row(a, b, bias) if beta == alpha == 1 else NotImplemented
 
 
 def _decode_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
@@ -392,9 +375,11 @@ def _decode_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         return compile_fx(gm, example_inputs, decompositions=table)
 
 
-def compile_decode_step(step: Callable, device: torch.device) -> Callable:
-    """torch.compile of a decode step: on CUDA a CUDA graph (one replay, not ~15 launches a
-    layer); on CPU inductor with the one-row matmul rewrite while ENABLED."""
-    if device.type == "cuda":
+@functools.cache
+def compile_decode_step(step: Callable, device_type: str, enabled: bool) -> Callable:
+    """torch.compile of a decode step, once per device type and value of ENABLED (`enabled`): on
+    CUDA a CUDA graph (one replay, not ~15 launches a layer); on CPU inductor, with the one-row
+    matmul rewrite when enabled."""
+    if device_type == "cuda":
         return torch.compile(step, fullgraph=True, mode="reduce-overhead")
-    return torch.compile(step, fullgraph=True, backend=_decode_backend if ENABLED else "inductor")
+    return torch.compile(step, fullgraph=True, backend=_decode_backend if enabled else "inductor")
