@@ -146,10 +146,9 @@ def _prepare(model: Transformer, idx: torch.Tensor, cfg: GenerationConfig,
         # each row continues from its last position, so must end with a real token
         last = attention_mask[:, -1].bool()
         if not bool(last.all()):
-            b = int((~last).nonzero()[0, 0])
-            what = "is all padding" if not bool(attention_mask[b].any()) else "ends with padding"
-            raise ValueError(f"attention_mask row {b} {what}: generation needs left-padded "
-                             "prompts, each ending with a real token")
+            raise ValueError(f"attention_mask row {int((~last).nonzero()[0, 0])} ends with "
+                             "padding: generation needs left-padded prompts, each ending with a "
+                             "real token")
     ids = [("eos_id", i) for i in cfg.eos_id]
     ids += [("pad_id", p) for p in [cfg.pad_id] if p is not None]
     ids += [("stop id", i) for s in cfg.stop if not isinstance(s, str) for i in s]
@@ -239,7 +238,8 @@ def _steps(model: Transformer, idx, cfg: GenerationConfig, attention_mask):
     generated: list[torch.Tensor] = []
     finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
     track = bool(cfg.eos_id or cfg.stop)
-    kernels.decode_layout(model, not cfg.compile)  # the compiled step reads row-major best
+    # the compiled step reads row-major best, and so does training
+    kernels.decode_layout(model, not (cfg.compile or model.training))
     graphs = cfg.compile and idx.device.type == "cuda"
     length = T + n
     if graphs:  # few cache lengths, so few graphs for prompts of many lengths
@@ -269,8 +269,6 @@ def _steps(model: Transformer, idx, cfg: GenerationConfig, attention_mask):
     finally:
         if graphs:
             _BUSY.discard(model)
-        if model.training:  # training wants row-major weights back
-            kernels.decode_layout(model, False)
 
 
 def _beam_search(model: Transformer, idx, cfg: GenerationConfig, attention_mask):
@@ -290,46 +288,40 @@ def _beam_search(model: Transformer, idx, cfg: GenerationConfig, attention_mask)
     done: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(B)]
     closed = [False] * B
     base = (torch.arange(B, device=dev) * K)[:, None]
-    kernels.decode_layout(model, True)
+    kernels.decode_layout(model, not model.training)  # training wants row-major weights
     caches = _new_caches(model, B * K, T + n)
-    try:
-        logits, key_valid, pos = _prefill(model, flat, mask, T + n, caches)
-        for i in range(n):
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            V = logp.shape[-1]
-            cand = (scores[..., None] + logp.view(B, K, V)).view(B, K * V)
-            top, ids = (t.tolist() for t in cand.topk(min(pool, K * V), dim=1))
-            new_scores, new_beam, new_tok = [[-1e9] * K for _ in range(B)], [], []
-            for b in range(B):
-                new_beam.append([0] * K)
-                new_tok.append([fill] * K)
-                live = 0
-                for r, (c, s) in enumerate(zip(ids[b], top[b])):
-                    if closed[b] or live == K:
-                        break
-                    src, t = divmod(c, V)
-                    if t not in cfg.eos_id:
-                        new_scores[b][live], new_beam[b][live], new_tok[b][live] = s, src, t
-                        live += 1
-                    elif r < K:
-                        hyp = torch.cat((seqs[b * K + src], seqs.new_tensor([t])))
-                        done[b].append((s / (i + 1) ** lp, hyp))
-                done[b] = sorted(done[b], key=lambda h: -h[0])[:K]
-                best_live = max(new_scores[b]) / (i + 1) ** lp
-                closed[b] = closed[b] or len(done[b]) == K and done[b][-1][0] >= best_live
-            rows = (base + torch.tensor(new_beam, device=dev)).view(-1)
-            tok = torch.tensor(new_tok, device=dev).view(-1, 1)
-            seqs, scores = torch.cat((seqs[rows], tok), dim=1), torch.tensor(new_scores, device=dev)
-            if all(closed) or i == n - 1:
-                break
-            for t in (t for pair in caches for t in pair):
-                t.copy_(t.index_select(0, rows))
-            key_valid, pos = key_valid[rows], pos[rows]
-            logits = _step(model, tok, pos, torch.tensor([T + i], device=dev), key_valid, caches)
-            pos = pos + 1
-    finally:
-        if model.training:
-            kernels.decode_layout(model, False)
+    logits, key_valid, pos = _prefill(model, flat, mask, T + n, caches)
+    for i in range(n):
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        V = logp.shape[-1]
+        cand = (scores[..., None] + logp.view(B, K, V)).view(B, K * V)
+        top, ids = (t.tolist() for t in cand.topk(min(pool, K * V), dim=1))
+        new_scores, new_beam, new_tok = ([[v] * K for _ in range(B)] for v in (-1e9, 0, fill))
+        for b in range(B):
+            live = 0
+            for r, (c, s) in enumerate(zip(ids[b], top[b])):
+                if closed[b] or live == K:
+                    break
+                src, t = divmod(c, V)
+                if t not in cfg.eos_id:
+                    new_scores[b][live], new_beam[b][live], new_tok[b][live] = s, src, t
+                    live += 1
+                elif r < K:
+                    hyp = torch.cat((seqs[b * K + src], seqs.new_tensor([t])))
+                    done[b].append((s / (i + 1) ** lp, hyp))
+            done[b] = sorted(done[b], key=lambda h: -h[0])[:K]
+            best_live = max(new_scores[b]) / (i + 1) ** lp
+            closed[b] = closed[b] or len(done[b]) == K and done[b][-1][0] >= best_live
+        rows = (base + torch.tensor(new_beam, device=dev)).view(-1)
+        tok = torch.tensor(new_tok, device=dev).view(-1, 1)
+        seqs, scores = torch.cat((seqs[rows], tok), dim=1), torch.tensor(new_scores, device=dev)
+        if all(closed) or i == n - 1:
+            break
+        for t in (t for pair in caches for t in pair):
+            t.copy_(t.index_select(0, rows))
+        key_valid, pos = key_valid[rows], pos[rows]
+        logits = _step(model, tok, pos, torch.tensor([T + i], device=dev), key_valid, caches)
+        pos = pos + 1
     for b in range(B):  # a row still open: its live beams count as finished
         if not closed[b]:
             done[b] += [(float(scores[b, k]) / max(seqs.shape[1], 1) ** lp, seqs[b * K + k])

@@ -351,8 +351,8 @@ def test_generation_refuses_right_padded_or_empty_rows():
     mask[1] = True
     mask[2] = False
     for beams in (1, 2):
-        with pytest.raises(ValueError, match="attention_mask row 2 is all padding: generation "
-                                             "needs left-padded prompts"):
+        with pytest.raises(ValueError, match="attention_mask row 2 ends with padding: "
+                                             "generation needs left-padded prompts"):
             gen(model, idx, 3, attention_mask=mask, num_beams=beams)
     mask[2] = True
     assert gen(model, idx, 3, attention_mask=mask).shape == (3, 9)

@@ -85,7 +85,7 @@ def test_decode_layout_keeps_values_and_training_gets_row_major_back():
     assert all(p.is_contiguous() for p in model.parameters())
     F.cross_entropy(model(idx).flatten(0, 1), idx.flatten()).backward()
     assert all(p.grad.is_contiguous() for p in model.parameters())
-    gen(model, idx, 4)  # in train mode the weights go back to row-major at the end
+    gen(model, idx, 4)  # in train mode the weights stay row-major
     assert all(p.is_contiguous() for p in model.parameters())
 
 
