@@ -103,10 +103,9 @@ class ModelConfig:
         if self.rotary_dim > self.head_dim:  # a changed head_dim under a preset's rotary_dim
             raise bad("head_dim", f"smaller than rotary_dim={self.rotary_dim}, the dims per head "
                       "that rotary embeddings rotate; set rotary_dim too (at most head_dim)")
-        if self.rope_scaling is not None:
-            missing = [k for k in LLAMA3_SCALING_KEYS if k not in self.rope_scaling]
-            if missing:
-                raise bad("rope_scaling", f"Llama-3 scaling needs keys {missing}")
+        if self.rope_scaling is not None and (
+                missing := [k for k in LLAMA3_SCALING_KEYS if k not in self.rope_scaling]):
+            raise bad("rope_scaling", f"Llama-3 scaling needs keys {missing}")
         for key in ("dropout", "embd_dropout", "attn_dropout"):
             if getattr(self, key) is not None and not 0.0 <= getattr(self, key) < 1.0:
                 raise bad(key, "must be in [0, 1)")
@@ -116,8 +115,7 @@ class ModelConfig:
 
     @property
     def embedding_dropout(self) -> float:
-        """The embeddings' dropout p, read live: a model whose embd_dropout is None follows a
-        later change of `dropout` (trainingmanager sets a loaded model's `dropout`)."""
+        """Read live: with embd_dropout None, a later change of `dropout` counts here too."""
         return self.dropout if self.embd_dropout is None else self.embd_dropout
 
     @property
@@ -365,10 +363,8 @@ def padded_mask(attention_mask: torch.Tensor, q_slots: torch.Tensor, length: int
     itself, so rows of padding queries are never empty (an empty row gives NaN, and NaN values
     leak into real rows through the zero weights of the next layer)."""
     k_slots = torch.arange(length, device=q_slots.device)
-    causal = k_slots[None, :] <= q_slots[:, None]
-    mask = causal[None] & attention_mask[:, None, :length]
-    mask = mask | (k_slots[None, :] == q_slots[:, None])[None]
-    return mask[:, None]
+    causal = k_slots <= q_slots[:, None]
+    return ((causal & attention_mask[:, None, :length]) | (k_slots == q_slots[:, None]))[:, None]
 
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -425,11 +421,8 @@ class Transformer(nn.Module):
         Xavier on every matrix."""
         cfg = self.cfg
         for name, p in self.named_parameters():
-            if p.dim() < 2:
-                if name.endswith("bias"):
-                    nn.init.zeros_(p)
-                else:  # norm weights
-                    nn.init.ones_(p)
+            if p.dim() < 2:  # biases 0, norm weights 1
+                nn.init.constant_(p, 0.0 if name.endswith("bias") else 1.0)
             elif cfg.init == "xavier":
                 nn.init.xavier_uniform_(p)
             elif name.endswith(("attn.proj.weight", "mlp.proj.weight")):
@@ -471,12 +464,10 @@ class Transformer(nn.Module):
                 label_smoothing: float = 0.0, grad_scale: torch.Tensor | float | None = None,
                 count_correct: bool = False):
         """Logits (B, T, V) of the token ids idx (B, T); attention_mask (B, T), True = real
-        token, for left-padded batches (right padding needs none: attention is causal).
-
-        With targets (B, T) (IGNORE_INDEX where nothing is counted), the next-token cross-entropy
-        instead, never forming the whole logits: the mean over counted tokens, or their sum; with
-        count_correct, (loss, how many are the top logit). grad_scale: what the backward will
-        multiply this loss by (fp16 training needs it to fuse the head with the loss)."""
+        token, for left-padded batches (right padding needs none: attention is causal). With
+        targets (B, T) (IGNORE_INDEX where nothing is counted), the next-token cross-entropy
+        instead (see head_loss), never forming the whole logits: the mean over counted tokens,
+        or their sum; with count_correct, (loss, how many are the top logit)."""
         B, T = idx.shape
         assert T <= self.cfg.block_size, f"sequence length {T} > block_size {self.cfg.block_size}"
         if attention_mask is None:
@@ -498,9 +489,6 @@ class Transformer(nn.Module):
         if count is not None:
             loss = loss / count
         return (loss, correct) if count_correct else loss
-
-
-__all__ = ["FAMILIES", "IGNORE_INDEX", "ModelConfig", "PRESETS", "Transformer"]
 
 
 def presets_table() -> str:
