@@ -21,7 +21,7 @@ IGNORE_INDEX = -100  # the label of positions no loss counts: prompt tokens, pad
 
 def faster(fast: Callable) -> Callable:
     """Decorator: the plain function runs `fast` instead while ENABLED, unless `fast` returns
-    NotImplemented. The plain one stays reachable as `.plain`."""
+    NotImplemented. The plain one stays reachable as `.__wrapped__`."""
     def wrap(plain: Callable) -> Callable:
         @functools.wraps(plain)
         def run(*args, **kwargs):
@@ -31,7 +31,6 @@ def faster(fast: Callable) -> Callable:
                     return out
             return plain(*args, **kwargs)
 
-        run.plain = plain
         return run
     return wrap
 
@@ -271,10 +270,8 @@ class _HeadCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad, *_):
-        if ctx.grads is None:
-            raise RuntimeError("the fused LM-head loss supports one backward per forward "
-                               "(retain_graph=True with a second backward is not supported)")
         grads, ctx.grads = ctx.grads, None
+        assert grads is not None, "the fused LM-head loss takes one backward per forward"
         factor = grad / ctx.grad_scale  # 1 when the forward guessed the incoming gradient
         out = [None if g is None else g.mul_(factor).to(d) for g, d in zip(grads, ctx.dtypes)]
         return *out, None, None, None, None
@@ -306,8 +303,7 @@ def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, labels: torch.Tens
 
 # ---------------------------------------------------------------------- CPU decode layout
 def _row_major_state(module: nn.Module, prefix: str, keep_vars: bool) -> None:
-    """State-dict pre-hook: tools get ordinary tensors (safetensors' save_model, `.view(-1)`)
-    without a copy of the model; the next generation lays them out again."""
+    """State-dict pre-hook: tools get ordinary tensors (save_model, `.view(-1)`), not copies."""
     decode_layout(module, False)
 
 

@@ -201,7 +201,7 @@ def test_split_rotated_backward_equals_autograd_of_the_composite(n_head, n_kv, h
     torch.testing.assert_close(ours_in.grad, ref_in.grad)
     for a, b in zip(_split_rotated(qkv, (cos, sin), n_head, n_kv, interleaved), ref):
         torch.testing.assert_close(a, b)  # the autograd-free path
-    for a, b in zip(split_heads.plain(qkv, (cos, sin), n_head, n_kv, interleaved), ref):
+    for a, b in zip(split_heads.__wrapped__(qkv, (cos, sin), n_head, n_kv, interleaved), ref):
         torch.testing.assert_close(a, b)  # the plain op the kernel replaces
 
 
@@ -402,7 +402,7 @@ def test_the_fused_head_loss_takes_one_backward_per_forward():
     head = torch.nn.Linear(8, 20)
     loss = head_loss(torch.randn(3, 8, requires_grad=True), head, torch.tensor([1, 2, 3]))[0]
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="one backward per forward"):
+    with pytest.raises(AssertionError, match="one backward per forward"):
         loss.backward()
 
 
