@@ -81,10 +81,9 @@ class ModelConfig:
                              ("positions", ("learned", "rope")), ("init", ("normal", "xavier"))):
             if getattr(self, key) not in allowed:
                 raise bad(key, f"expected one of {allowed}")
-        sizes = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_hidden")
-        derived = ("n_kv_head", "head_dim", "rotary_dim")  # None: resolved from sizes below
-        for key in sizes + tuple(k for k in derived if getattr(self, k) is not None):
-            if getattr(self, key) < 1:
+        for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_hidden",
+                    "n_kv_head", "head_dim", "rotary_dim"):  # the last three: None is resolved
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise bad(key, "must be a positive integer")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
@@ -117,10 +116,6 @@ class ModelConfig:
     def embedding_dropout(self) -> float:
         """Read live: with embd_dropout None, a later change of `dropout` counts here too."""
         return self.dropout if self.embd_dropout is None else self.embd_dropout
-
-    @property
-    def qkv_size(self) -> int:
-        return (self.n_head + 2 * self.n_kv_head) * self.head_dim
 
 
 # Named configs as data. The four real shapes carry their published hyperparameters.
@@ -294,7 +289,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.qkv = nn.Linear(cfg.n_embd, cfg.qkv_size, bias=cfg.qkv_bias)
+        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim,
+                             bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.attn_proj_bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
@@ -440,6 +436,10 @@ class Transformer(nn.Module):
         if mode:  # training wants ordinary row-major weights back (see kernels.decode_layout)
             kernels.decode_layout(self, False)
         return super().train(mode)
+
+    def state_dict(self, *args, **kwargs):
+        kernels.decode_layout(self, False)  # tools get ordinary tensors (`.view(-1)`), no copies
+        return super().state_dict(*args, **kwargs)
 
     def run_blocks(self, idx: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None,
                    slots: torch.Tensor | None = None,

@@ -302,11 +302,6 @@ def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, labels: torch.Tens
 
 
 # ---------------------------------------------------------------------- CPU decode layout
-def _row_major_state(module: nn.Module, prefix: str, keep_vars: bool) -> None:
-    """State-dict pre-hook: tools get ordinary tensors (save_model, `.view(-1)`), not copies."""
-    decode_layout(module, False)
-
-
 @torch.inference_mode(False)  # generation calls this in inference mode; training needs
 @torch.no_grad()                # ordinary weight tensors afterwards
 def decode_layout(model: nn.Module, on: bool) -> None:
@@ -322,9 +317,6 @@ def decode_layout(model: nn.Module, on: bool) -> None:
             if not p.is_contiguous():
                 p.data = p.data.contiguous()
         return
-    if not model.__dict__.get("_row_major_hook"):
-        model.register_state_dict_pre_hook(_row_major_state)
-        model._row_major_hook = True
     # A fixed rule, not a timing race (the layout changes the low bits of batch-1 logits): fp32
     # with more outputs than inputs, whose row-major rows are short dot products.
     for module in model.modules():
