@@ -64,8 +64,7 @@ class ModelConfig:
     lm_head_bias: bool = False
     tie_embeddings: bool = False
     dropout: float = 0.0  # residual branches (attention and MLP outputs)
-    embd_dropout: float | None = None  # embeddings; None: `dropout`'s value, read live (Phi-2
-    #   and CodeGen configs set them apart: embd_pdrop, resid_pdrop)
+    embd_dropout: float | None = None  # embeddings (HF's embd_pdrop); None: `dropout`'s value
     attn_dropout: float = 0.0  # attention probabilities
     init: str = "normal"  # normal: GPT-2 N(0, init_std), scaled residual projections; xavier
     init_std: float = 0.02
@@ -412,9 +411,8 @@ class Transformer(nn.Module):
             self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """From-scratch init. normal: GPT-2 (N(0, 0.02), residual projections scaled by
-        1/sqrt(2 n_layer) so the residual stream does not grow with depth); xavier: uniform
-        Xavier on every matrix."""
+        """From-scratch init. normal: GPT-2's, residual projections scaled by 1/sqrt(2 n_layer) so
+        the residual stream does not grow with depth; xavier: uniform Xavier on every matrix."""
         cfg = self.cfg
         for name, p in self.named_parameters():
             if p.dim() < 2:  # biases 0, norm weights 1
@@ -511,9 +509,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import settings
 
     parser = settings.ArgumentParser(
-        description="codelm's named model configurations (architecture.PRESETS): a table of "
-        "them with their parameter counts, or one preset's every ModelConfig field as JSON "
-        "(what trainingmanager.py's --preset and --model-options start from).")
+        description="codelm's named model configurations (architecture.PRESETS): a table with "
+        "parameter counts, or one preset's every ModelConfig field as JSON.")
     parser.add_argument("preset", nargs="?", choices=list(PRESETS),
                         help="print this preset's fields as JSON")
     args = parser.parse_args(argv)

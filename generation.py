@@ -112,9 +112,8 @@ def stream(model: Transformer, idx: torch.Tensor, cfg: GenerationConfig,
            attention_mask: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row (LongTensor (B,)) as it is chosen, for interactive
     use. Rows that have finished yield pad_id; stops early once every row has finished."""
-    if cfg.num_beams > 1:
-        raise ValueError("stream yields one token a step; beam search knows its tokens only at "
-                         "the end: use generate with num_beams > 1")
+    _need(cfg.num_beams == 1, "stream yields one token a step; beam search knows its tokens "
+          "only at the end: use generate with num_beams > 1")
     yield from _steps(model, idx, cfg, attention_mask)
 
 
@@ -187,6 +186,7 @@ _BUSY: weakref.WeakSet = weakref.WeakSet()
 
 
 def _graph_caches(model: Transformer, batch: int, length: int) -> list[LayerCache]:
+    length = -(-length // GRAPH_CACHE_STEP) * GRAPH_CACHE_STEP
     if model in _BUSY:
         raise RuntimeError("a compiled CUDA generation is already running on this model (an "
                            "unfinished stream?): exhaust or close it first, or pass "
@@ -205,9 +205,9 @@ def _graph_caches(model: Transformer, batch: int, length: int) -> list[LayerCach
 
 
 # ---------------------------------------------------------------------------------- decoding
-def _prefill(model: Transformer, idx, attention_mask, length: int, caches):
+def _prefill(model: Transformer, idx, attention_mask, caches):
     """Fill the cache with the prompt; return (last logits (B, V), key_valid (B, L), next pos)."""
-    B, T = idx.shape
+    (B, T), length = idx.shape, caches[0][0].shape[2]
     key_valid = torch.ones(B, length, dtype=torch.bool, device=idx.device)
     if attention_mask is not None:
         key_valid[:, :T] = attention_mask.bool()
@@ -241,13 +241,10 @@ def _steps(model: Transformer, idx, cfg: GenerationConfig, attention_mask):
     # the compiled step reads row-major best, and so does training
     kernels.decode_layout(model, not (cfg.compile or model.training))
     graphs = cfg.compile and idx.device.type == "cuda"
-    length = T + n
-    if graphs:  # few cache lengths, so few graphs for prompts of many lengths
-        length = -(-length // GRAPH_CACHE_STEP) * GRAPH_CACHE_STEP
     slot = torch.tensor([T], device=idx.device)  # advanced on the device: no copy a step
-    caches = _graph_caches(model, B, length) if graphs else _new_caches(model, B, length)
+    caches = _graph_caches(model, B, T + n) if graphs else _new_caches(model, B, T + n)
     try:
-        logits, key_valid, pos = _prefill(model, idx, attention_mask, length, caches)
+        logits, key_valid, pos = _prefill(model, idx, attention_mask, caches)
         for i in range(n):
             tok = _pick(logits, cfg)
             if track:
@@ -280,7 +277,6 @@ def _beam_search(model: Transformer, idx, cfg: GenerationConfig, attention_mask)
     K, n, dev, lp = cfg.num_beams, cfg.max_new_tokens, idx.device, cfg.length_penalty
     # (1 + #EOS) * K candidates a step: K live beams remain whichever EOS ids the top ones end with
     pool = max(2, 1 + len(cfg.eos_id)) * K
-    flat = idx.repeat_interleave(K, dim=0)
     mask = None if attention_mask is None else attention_mask.repeat_interleave(K, dim=0)
     scores = torch.full((B, K), -1e9, device=dev)
     scores[:, 0] = 0.0  # every beam starts as beam 0, so the first step draws K distinct tokens
@@ -290,7 +286,7 @@ def _beam_search(model: Transformer, idx, cfg: GenerationConfig, attention_mask)
     base = (torch.arange(B, device=dev) * K)[:, None]
     kernels.decode_layout(model, not model.training)  # training wants row-major weights
     caches = _new_caches(model, B * K, T + n)
-    logits, key_valid, pos = _prefill(model, flat, mask, T + n, caches)
+    logits, key_valid, pos = _prefill(model, idx.repeat_interleave(K, dim=0), mask, caches)
     for i in range(n):
         logp = torch.log_softmax(logits.float(), dim=-1)
         V = logp.shape[-1]

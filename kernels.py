@@ -297,8 +297,7 @@ def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, labels: torch.Tens
         out = _HeadCrossEntropyFunction.apply(*args, grad_scale if fp16 else 1.0)
         return out if count_correct else (out, None)
     with torch.no_grad():
-        total, correct, _ = _head_cross_entropy(*args[:5], (False,) * 3, count_correct)
-    return total, correct
+        return _head_cross_entropy(*args[:5], (False,) * 3, count_correct)[:2]
 
 
 # ---------------------------------------------------------------------- CPU decode layout

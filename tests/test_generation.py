@@ -22,7 +22,7 @@ def test_kv_cache_decode_equals_full_forward(shape):
     full = model(idx)
     prompt, total = 24, idx.shape[1]
     caches = generation._new_caches(model, 2, total)
-    last, key_valid, pos = generation._prefill(model, idx[:, :prompt], None, total, caches)
+    last, key_valid, pos = generation._prefill(model, idx[:, :prompt], None, caches)
     steps = [last]
     for t in range(prompt, total - 1):
         steps.append(generation._step(model, idx[:, t:t + 1], pos, torch.tensor([t]), key_valid, caches))
