@@ -210,9 +210,7 @@ def rope_inv_freq(cfg: ModelConfig, device: torch.device | str | None = None) ->
                                                       device=device) / dim))
     if cfg.rope_scaling is None:
         return inv_freq
-    s = cfg.rope_scaling
-    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-    old_len = s["original_max_position_embeddings"]
+    factor, low, high, old_len = (cfg.rope_scaling[k] for k in LLAMA3_SCALING_KEYS)
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
     smooth = (old_len / wavelen - low) / (high - low)

@@ -25,11 +25,8 @@ def faster(fast: Callable) -> Callable:
     def wrap(plain: Callable) -> Callable:
         @functools.wraps(plain)
         def run(*args, **kwargs):
-            if ENABLED:
-                out = fast(*args, **kwargs)
-                if out is not NotImplemented:
-                    return out
-            return plain(*args, **kwargs)
+            out = fast(*args, **kwargs) if ENABLED else NotImplemented
+            return plain(*args, **kwargs) if out is NotImplemented else out
 
         return run
     return wrap
@@ -192,10 +189,9 @@ def _matmul_dtype(hidden: torch.Tensor) -> torch.dtype:
 
 def _head_cross_entropy(hidden, weight, bias, labels, smoothing: float, want: tuple,
                         count_correct: bool, grad_scale: torch.Tensor | float = 1.0):
-    """Summed cross-entropy of hidden @ weight.T + bias, chunk by chunk, with the gradients of
-    that sum for the inputs flagged in `want` (hidden, weight, bias) computed in the same pass,
-    times grad_scale. Returns (loss sum, correct top-1 count or None, (grad_hidden, grad_weight,
-    grad_bias))."""
+    """Summed cross-entropy of hidden @ weight.T + bias, chunk by chunk, and in the same pass the
+    gradients (times grad_scale) of that sum for the inputs `want` flags (hidden, weight, bias).
+    Returns (loss sum, correct top-1 count or None, (grad_hidden, grad_weight, grad_bias))."""
     dev = hidden.device
     dt = _matmul_dtype(hidden)  # the softmax runs in fp32
     acc = torch.promote_types(dt, torch.float32)
