@@ -73,8 +73,7 @@ class GenerationConfig:
               f"generator must be a torch.Generator, got {self.generator!r}")
         self.eos_id = [] if self.eos_id is None else _token_ids(self.eos_id, "eos_id")
         self.stop = _parse_stop(self.stop)
-        if self.pad_id is not None:
-            self.pad_id = _index(self.pad_id, "pad_id")
+        self.pad_id = None if self.pad_id is None else _index(self.pad_id, "pad_id")
         _need(self.decode is None or callable(self.decode),
               f"decode must be a callable such as tokenizer.decode, got {self.decode!r}")
         strings = [s for s in self.stop if isinstance(s, str)]
@@ -411,5 +410,4 @@ def _parse_stop(stop) -> list[str | list[int]]:
 
 def truncate_at_stops(text: str, stops: Sequence[str] = FUNCTION_STOPS) -> str:
     """Cut a generated text where the first stop sequence begins."""
-    cut = min((i for s in stops if (i := text.find(s)) >= 0), default=len(text))
-    return text[:cut]
+    return text[:min((i for s in stops if (i := text.find(s)) >= 0), default=len(text))]

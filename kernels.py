@@ -177,8 +177,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 def _loss_chunk_rows(vocab: int, device: torch.device) -> int:
     """Rows of logits formed at a time: on CPU ~16 MiB of fp32 (at least 512 rows), so a chunk
     stays in cache and its buffers are reused, not page-faulted afresh each step; ~1 GiB on GPUs."""
-    budget = 2**28 if device.type == "cuda" else 2**22
-    return max(512, budget // vocab)
+    return max(512, (2**28 if device.type == "cuda" else 2**22) // vocab)
 
 
 def _matmul_dtype(hidden: torch.Tensor) -> torch.dtype:
