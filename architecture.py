@@ -64,8 +64,7 @@ class ModelConfig:
     lm_head_bias: bool = False
     tie_embeddings: bool = False
     dropout: float = 0.0  # residual branches (attention and MLP outputs)
-    embd_dropout: float | None = None  # embeddings; None: `dropout`'s value, read live (Phi-2
-    #   and CodeGen configs set them apart: embd_pdrop, resid_pdrop)
+    embd_dropout: float | None = None  # embeddings (HF's embd_pdrop); None: `dropout`'s value
     attn_dropout: float = 0.0  # attention probabilities
     init: str = "normal"  # normal: GPT-2 N(0, init_std), scaled residual projections; xavier
     init_std: float = 0.02
@@ -81,10 +80,9 @@ class ModelConfig:
                              ("positions", ("learned", "rope")), ("init", ("normal", "xavier"))):
             if getattr(self, key) not in allowed:
                 raise bad(key, f"expected one of {allowed}")
-        sizes = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_hidden")
-        derived = ("n_kv_head", "head_dim", "rotary_dim")  # None: resolved from sizes below
-        for key in sizes + tuple(k for k in derived if getattr(self, k) is not None):
-            if getattr(self, key) < 1:
+        for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_hidden",
+                    "n_kv_head", "head_dim", "rotary_dim"):  # the last three: None is resolved
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise bad(key, "must be a positive integer")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
@@ -103,10 +101,9 @@ class ModelConfig:
         if self.rotary_dim > self.head_dim:  # a changed head_dim under a preset's rotary_dim
             raise bad("head_dim", f"smaller than rotary_dim={self.rotary_dim}, the dims per head "
                       "that rotary embeddings rotate; set rotary_dim too (at most head_dim)")
-        if self.rope_scaling is not None:
-            missing = [k for k in LLAMA3_SCALING_KEYS if k not in self.rope_scaling]
-            if missing:
-                raise bad("rope_scaling", f"Llama-3 scaling needs keys {missing}")
+        if self.rope_scaling is not None and (
+                missing := [k for k in LLAMA3_SCALING_KEYS if k not in self.rope_scaling]):
+            raise bad("rope_scaling", f"Llama-3 scaling needs keys {missing}")
         for key in ("dropout", "embd_dropout", "attn_dropout"):
             if getattr(self, key) is not None and not 0.0 <= getattr(self, key) < 1.0:
                 raise bad(key, "must be in [0, 1)")
@@ -116,13 +113,8 @@ class ModelConfig:
 
     @property
     def embedding_dropout(self) -> float:
-        """The embeddings' dropout p, read live: a model whose embd_dropout is None follows a
-        later change of `dropout` (trainingmanager sets a loaded model's `dropout`)."""
+        """Read live: with embd_dropout None, a later change of `dropout` counts here too."""
         return self.dropout if self.embd_dropout is None else self.embd_dropout
-
-    @property
-    def qkv_size(self) -> int:
-        return (self.n_head + 2 * self.n_kv_head) * self.head_dim
 
 
 # Named configs as data. The four real shapes carry their published hyperparameters.
@@ -218,9 +210,7 @@ def rope_inv_freq(cfg: ModelConfig, device: torch.device | str | None = None) ->
                                                       device=device) / dim))
     if cfg.rope_scaling is None:
         return inv_freq
-    s = cfg.rope_scaling
-    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-    old_len = s["original_max_position_embeddings"]
+    factor, low, high, old_len = (cfg.rope_scaling[k] for k in LLAMA3_SCALING_KEYS)
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
     smooth = (old_len / wavelen - low) / (high - low)
@@ -296,7 +286,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.qkv = nn.Linear(cfg.n_embd, cfg.qkv_size, bias=cfg.qkv_bias)
+        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim,
+                             bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.attn_proj_bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
@@ -365,10 +356,8 @@ def padded_mask(attention_mask: torch.Tensor, q_slots: torch.Tensor, length: int
     itself, so rows of padding queries are never empty (an empty row gives NaN, and NaN values
     leak into real rows through the zero weights of the next layer)."""
     k_slots = torch.arange(length, device=q_slots.device)
-    causal = k_slots[None, :] <= q_slots[:, None]
-    mask = causal[None] & attention_mask[:, None, :length]
-    mask = mask | (k_slots[None, :] == q_slots[:, None])[None]
-    return mask[:, None]
+    causal = k_slots <= q_slots[:, None]
+    return ((causal & attention_mask[:, None, :length]) | (k_slots == q_slots[:, None]))[:, None]
 
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -420,16 +409,12 @@ class Transformer(nn.Module):
             self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """From-scratch init. normal: GPT-2 (N(0, 0.02), residual projections scaled by
-        1/sqrt(2 n_layer) so the residual stream does not grow with depth); xavier: uniform
-        Xavier on every matrix."""
+        """From-scratch init. normal: GPT-2's, residual projections scaled by 1/sqrt(2 n_layer) so
+        the residual stream does not grow with depth; xavier: uniform Xavier on every matrix."""
         cfg = self.cfg
         for name, p in self.named_parameters():
-            if p.dim() < 2:
-                if name.endswith("bias"):
-                    nn.init.zeros_(p)
-                else:  # norm weights
-                    nn.init.ones_(p)
+            if p.dim() < 2:  # biases 0, norm weights 1
+                nn.init.constant_(p, 0.0 if name.endswith("bias") else 1.0)
             elif cfg.init == "xavier":
                 nn.init.xavier_uniform_(p)
             elif name.endswith(("attn.proj.weight", "mlp.proj.weight")):
@@ -447,6 +432,10 @@ class Transformer(nn.Module):
         if mode:  # training wants ordinary row-major weights back (see kernels.decode_layout)
             kernels.decode_layout(self, False)
         return super().train(mode)
+
+    def state_dict(self, *args, **kwargs):
+        kernels.decode_layout(self, False)  # tools get ordinary tensors (`.view(-1)`), no copies
+        return super().state_dict(*args, **kwargs)
 
     def run_blocks(self, idx: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None,
                    slots: torch.Tensor | None = None,
@@ -471,12 +460,10 @@ class Transformer(nn.Module):
                 label_smoothing: float = 0.0, grad_scale: torch.Tensor | float | None = None,
                 count_correct: bool = False):
         """Logits (B, T, V) of the token ids idx (B, T); attention_mask (B, T), True = real
-        token, for left-padded batches (right padding needs none: attention is causal).
-
-        With targets (B, T) (IGNORE_INDEX where nothing is counted), the next-token cross-entropy
-        instead, never forming the whole logits: the mean over counted tokens, or their sum; with
-        count_correct, (loss, how many are the top logit). grad_scale: what the backward will
-        multiply this loss by (fp16 training needs it to fuse the head with the loss)."""
+        token, for left-padded batches (right padding needs none: attention is causal). With
+        targets (B, T) (IGNORE_INDEX where nothing is counted), the next-token cross-entropy
+        instead (see head_loss), never forming the whole logits: the mean over counted tokens,
+        or their sum; with count_correct, (loss, how many are the top logit)."""
         B, T = idx.shape
         assert T <= self.cfg.block_size, f"sequence length {T} > block_size {self.cfg.block_size}"
         if attention_mask is None:
@@ -500,9 +487,6 @@ class Transformer(nn.Module):
         return (loss, correct) if count_correct else loss
 
 
-__all__ = ["FAMILIES", "IGNORE_INDEX", "ModelConfig", "PRESETS", "Transformer"]
-
-
 def presets_table() -> str:
     """The named configurations side by side, parameters counted on the meta device."""
     rows = ["| preset | family | layers | width | heads (kv) | MLP | context | vocab | parameters |",
@@ -523,9 +507,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import settings
 
     parser = settings.ArgumentParser(
-        description="codelm's named model configurations (architecture.PRESETS): a table of "
-        "them with their parameter counts, or one preset's every ModelConfig field as JSON "
-        "(what trainingmanager.py's --preset and --model-options start from).")
+        description="codelm's named model configurations (architecture.PRESETS): a table with "
+        "parameter counts, or one preset's every ModelConfig field as JSON.")
     parser.add_argument("preset", nargs="?", choices=list(PRESETS),
                         help="print this preset's fields as JSON")
     args = parser.parse_args(argv)

@@ -10,7 +10,6 @@ Public arguments are checked once, in GenerationConfig and where generate meets 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import numbers
 import operator
@@ -74,8 +73,7 @@ class GenerationConfig:
               f"generator must be a torch.Generator, got {self.generator!r}")
         self.eos_id = [] if self.eos_id is None else _token_ids(self.eos_id, "eos_id")
         self.stop = _parse_stop(self.stop)
-        if self.pad_id is not None:
-            self.pad_id = _index(self.pad_id, "pad_id")
+        self.pad_id = None if self.pad_id is None else _index(self.pad_id, "pad_id")
         _need(self.decode is None or callable(self.decode),
               f"decode must be a callable such as tokenizer.decode, got {self.decode!r}")
         strings = [s for s in self.stop if isinstance(s, str)]
@@ -113,9 +111,8 @@ def stream(model: Transformer, idx: torch.Tensor, cfg: GenerationConfig,
            attention_mask: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row (LongTensor (B,)) as it is chosen, for interactive
     use. Rows that have finished yield pad_id; stops early once every row has finished."""
-    if cfg.num_beams > 1:
-        raise ValueError("stream yields one token a step; beam search knows its tokens only at "
-                         "the end: use generate with num_beams > 1")
+    _need(cfg.num_beams == 1, "stream yields one token a step; beam search knows its tokens "
+          "only at the end: use generate with num_beams > 1")
     yield from _steps(model, idx, cfg, attention_mask)
 
 
@@ -147,10 +144,9 @@ def _prepare(model: Transformer, idx: torch.Tensor, cfg: GenerationConfig,
         # each row continues from its last position, so must end with a real token
         last = attention_mask[:, -1].bool()
         if not bool(last.all()):
-            b = int((~last).nonzero()[0, 0])
-            what = "is all padding" if not bool(attention_mask[b].any()) else "ends with padding"
-            raise ValueError(f"attention_mask row {b} {what}: generation needs left-padded "
-                             "prompts, each ending with a real token")
+            raise ValueError(f"attention_mask row {int((~last).nonzero()[0, 0])} ends with "
+                             "padding: generation needs left-padded prompts, each ending with a "
+                             "real token")
     ids = [("eos_id", i) for i in cfg.eos_id]
     ids += [("pad_id", p) for p in [cfg.pad_id] if p is not None]
     ids += [("stop id", i) for s in cfg.stop if not isinstance(s, str) for i in s]
@@ -189,6 +185,7 @@ _BUSY: weakref.WeakSet = weakref.WeakSet()
 
 
 def _graph_caches(model: Transformer, batch: int, length: int) -> list[LayerCache]:
+    length = -(-length // GRAPH_CACHE_STEP) * GRAPH_CACHE_STEP
     if model in _BUSY:
         raise RuntimeError("a compiled CUDA generation is already running on this model (an "
                            "unfinished stream?): exhaust or close it first, or pass "
@@ -207,9 +204,9 @@ def _graph_caches(model: Transformer, batch: int, length: int) -> list[LayerCach
 
 
 # ---------------------------------------------------------------------------------- decoding
-def _prefill(model: Transformer, idx, attention_mask, length: int, caches):
+def _prefill(model: Transformer, idx, attention_mask, caches):
     """Fill the cache with the prompt; return (last logits (B, V), key_valid (B, L), next pos)."""
-    B, T = idx.shape
+    (B, T), length = idx.shape, caches[0][0].shape[2]
     key_valid = torch.ones(B, length, dtype=torch.bool, device=idx.device)
     if attention_mask is not None:
         key_valid[:, :T] = attention_mask.bool()
@@ -230,30 +227,23 @@ def _step(model: Transformer, tok, pos, slot, key_valid, caches) -> torch.Tensor
     return model.lm_head(model.norm_f(x[:, -1]))
 
 
-@functools.cache
-def _compiled_step(device_type: str, kernels_on: bool) -> Callable:
-    """_step compiled once per device type, with the kernels on and off."""
-    return kernels.compile_decode_step(_step, torch.device(device_type))
-
-
 def _steps(model: Transformer, idx, cfg: GenerationConfig, attention_mask):
     fill = _prepare(model, idx, cfg, attention_mask)
     B, T = idx.shape
     n = cfg.max_new_tokens
     eos_t = torch.tensor(cfg.eos_id, device=idx.device, dtype=torch.long)
-    step_fn = _compiled_step(idx.device.type, kernels.ENABLED) if cfg.compile else _step
+    step_fn = (kernels.compile_decode_step(_step, idx.device.type, kernels.ENABLED)
+               if cfg.compile else _step)
     generated: list[torch.Tensor] = []
     finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
     track = bool(cfg.eos_id or cfg.stop)
-    kernels.decode_layout(model, not cfg.compile)  # the compiled step reads row-major best
+    # the compiled step reads row-major best, and so does training
+    kernels.decode_layout(model, not (cfg.compile or model.training))
     graphs = cfg.compile and idx.device.type == "cuda"
-    length = T + n
-    if graphs:  # few cache lengths, so few graphs for prompts of many lengths
-        length = -(-length // GRAPH_CACHE_STEP) * GRAPH_CACHE_STEP
     slot = torch.tensor([T], device=idx.device)  # advanced on the device: no copy a step
-    caches = _graph_caches(model, B, length) if graphs else _new_caches(model, B, length)
+    caches = _graph_caches(model, B, T + n) if graphs else _new_caches(model, B, T + n)
     try:
-        logits, key_valid, pos = _prefill(model, idx, attention_mask, length, caches)
+        logits, key_valid, pos = _prefill(model, idx, attention_mask, caches)
         for i in range(n):
             tok = _pick(logits, cfg)
             if track:
@@ -275,8 +265,6 @@ def _steps(model: Transformer, idx, cfg: GenerationConfig, attention_mask):
     finally:
         if graphs:
             _BUSY.discard(model)
-        if model.training:  # training wants row-major weights back
-            kernels.decode_layout(model, False)
 
 
 def _beam_search(model: Transformer, idx, cfg: GenerationConfig, attention_mask):
@@ -288,7 +276,6 @@ def _beam_search(model: Transformer, idx, cfg: GenerationConfig, attention_mask)
     K, n, dev, lp = cfg.num_beams, cfg.max_new_tokens, idx.device, cfg.length_penalty
     # (1 + #EOS) * K candidates a step: K live beams remain whichever EOS ids the top ones end with
     pool = max(2, 1 + len(cfg.eos_id)) * K
-    flat = idx.repeat_interleave(K, dim=0)
     mask = None if attention_mask is None else attention_mask.repeat_interleave(K, dim=0)
     scores = torch.full((B, K), -1e9, device=dev)
     scores[:, 0] = 0.0  # every beam starts as beam 0, so the first step draws K distinct tokens
@@ -296,46 +283,40 @@ def _beam_search(model: Transformer, idx, cfg: GenerationConfig, attention_mask)
     done: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(B)]
     closed = [False] * B
     base = (torch.arange(B, device=dev) * K)[:, None]
-    kernels.decode_layout(model, True)
+    kernels.decode_layout(model, not model.training)  # training wants row-major weights
     caches = _new_caches(model, B * K, T + n)
-    try:
-        logits, key_valid, pos = _prefill(model, flat, mask, T + n, caches)
-        for i in range(n):
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            V = logp.shape[-1]
-            cand = (scores[..., None] + logp.view(B, K, V)).view(B, K * V)
-            top, ids = (t.tolist() for t in cand.topk(min(pool, K * V), dim=1))
-            new_scores, new_beam, new_tok = [[-1e9] * K for _ in range(B)], [], []
-            for b in range(B):
-                new_beam.append([0] * K)
-                new_tok.append([fill] * K)
-                live = 0
-                for r, (c, s) in enumerate(zip(ids[b], top[b])):
-                    if closed[b] or live == K:
-                        break
-                    src, t = divmod(c, V)
-                    if t not in cfg.eos_id:
-                        new_scores[b][live], new_beam[b][live], new_tok[b][live] = s, src, t
-                        live += 1
-                    elif r < K:
-                        hyp = torch.cat((seqs[b * K + src], seqs.new_tensor([t])))
-                        done[b].append((s / (i + 1) ** lp, hyp))
-                done[b] = sorted(done[b], key=lambda h: -h[0])[:K]
-                best_live = max(new_scores[b]) / (i + 1) ** lp
-                closed[b] = closed[b] or len(done[b]) == K and done[b][-1][0] >= best_live
-            rows = (base + torch.tensor(new_beam, device=dev)).view(-1)
-            tok = torch.tensor(new_tok, device=dev).view(-1, 1)
-            seqs, scores = torch.cat((seqs[rows], tok), dim=1), torch.tensor(new_scores, device=dev)
-            if all(closed) or i == n - 1:
-                break
-            for t in (t for pair in caches for t in pair):
-                t.copy_(t.index_select(0, rows))
-            key_valid, pos = key_valid[rows], pos[rows]
-            logits = _step(model, tok, pos, torch.tensor([T + i], device=dev), key_valid, caches)
-            pos = pos + 1
-    finally:
-        if model.training:
-            kernels.decode_layout(model, False)
+    logits, key_valid, pos = _prefill(model, idx.repeat_interleave(K, dim=0), mask, caches)
+    for i in range(n):
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        V = logp.shape[-1]
+        cand = (scores[..., None] + logp.view(B, K, V)).view(B, K * V)
+        top, ids = (t.tolist() for t in cand.topk(min(pool, K * V), dim=1))
+        new_scores, new_beam, new_tok = ([[v] * K for _ in range(B)] for v in (-1e9, 0, fill))
+        for b in range(B):
+            live = 0
+            for r, (c, s) in enumerate(zip(ids[b], top[b])):
+                if closed[b] or live == K:
+                    break
+                src, t = divmod(c, V)
+                if t not in cfg.eos_id:
+                    new_scores[b][live], new_beam[b][live], new_tok[b][live] = s, src, t
+                    live += 1
+                elif r < K:
+                    hyp = torch.cat((seqs[b * K + src], seqs.new_tensor([t])))
+                    done[b].append((s / (i + 1) ** lp, hyp))
+            done[b] = sorted(done[b], key=lambda h: -h[0])[:K]
+            best_live = max(new_scores[b]) / (i + 1) ** lp
+            closed[b] = closed[b] or len(done[b]) == K and done[b][-1][0] >= best_live
+        rows = (base + torch.tensor(new_beam, device=dev)).view(-1)
+        tok = torch.tensor(new_tok, device=dev).view(-1, 1)
+        seqs, scores = torch.cat((seqs[rows], tok), dim=1), torch.tensor(new_scores, device=dev)
+        if all(closed) or i == n - 1:
+            break
+        for t in (t for pair in caches for t in pair):
+            t.copy_(t.index_select(0, rows))
+        key_valid, pos = key_valid[rows], pos[rows]
+        logits = _step(model, tok, pos, torch.tensor([T + i], device=dev), key_valid, caches)
+        pos = pos + 1
     for b in range(B):  # a row still open: its live beams count as finished
         if not closed[b]:
             done[b] += [(float(scores[b, k]) / max(seqs.shape[1], 1) ** lp, seqs[b * K + k])
@@ -429,5 +410,4 @@ def _parse_stop(stop) -> list[str | list[int]]:
 
 def truncate_at_stops(text: str, stops: Sequence[str] = FUNCTION_STOPS) -> str:
     """Cut a generated text where the first stop sequence begins."""
-    cut = min((i for s in stops if (i := text.find(s)) >= 0), default=len(text))
-    return text[:cut]
+    return text[:min((i for s in stops if (i := text.find(s)) >= 0), default=len(text))]

@@ -8,9 +8,8 @@ each against its plain op. This module imports no project module.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -20,30 +19,15 @@ ENABLED = True  # the one switch: False runs every op as plain PyTorch
 IGNORE_INDEX = -100  # the label of positions no loss counts: prompt tokens, padding
 
 
-@contextlib.contextmanager
-def disabled() -> Iterator[None]:
-    """Run the plain PyTorch ops inside the block (for tests and debugging)."""
-    global ENABLED
-    before, ENABLED = ENABLED, False
-    try:
-        yield
-    finally:
-        ENABLED = before
-
-
 def faster(fast: Callable) -> Callable:
     """Decorator: the plain function runs `fast` instead while ENABLED, unless `fast` returns
-    NotImplemented. The plain one stays reachable as `.plain`."""
+    NotImplemented. The plain one stays reachable as `.__wrapped__`."""
     def wrap(plain: Callable) -> Callable:
         @functools.wraps(plain)
         def run(*args, **kwargs):
-            if ENABLED:
-                out = fast(*args, **kwargs)
-                if out is not NotImplemented:
-                    return out
-            return plain(*args, **kwargs)
+            out = fast(*args, **kwargs) if ENABLED else NotImplemented
+            return plain(*args, **kwargs) if out is NotImplemented else out
 
-        run.plain = plain
         return run
     return wrap
 
@@ -193,8 +177,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 def _loss_chunk_rows(vocab: int, device: torch.device) -> int:
     """Rows of logits formed at a time: on CPU ~16 MiB of fp32 (at least 512 rows), so a chunk
     stays in cache and its buffers are reused, not page-faulted afresh each step; ~1 GiB on GPUs."""
-    budget = 2**28 if device.type == "cuda" else 2**22
-    return max(512, budget // vocab)
+    return max(512, (2**28 if device.type == "cuda" else 2**22) // vocab)
 
 
 def _matmul_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -205,10 +188,9 @@ def _matmul_dtype(hidden: torch.Tensor) -> torch.dtype:
 
 def _head_cross_entropy(hidden, weight, bias, labels, smoothing: float, want: tuple,
                         count_correct: bool, grad_scale: torch.Tensor | float = 1.0):
-    """Summed cross-entropy of hidden @ weight.T + bias, chunk by chunk, with the gradients of
-    that sum for the inputs flagged in `want` (hidden, weight, bias) computed in the same pass,
-    times grad_scale. Returns (loss sum, correct top-1 count or None, (grad_hidden, grad_weight,
-    grad_bias))."""
+    """Summed cross-entropy of hidden @ weight.T + bias, chunk by chunk, and in the same pass the
+    gradients (times grad_scale) of that sum for the inputs `want` flags (hidden, weight, bias).
+    Returns (loss sum, correct top-1 count or None, (grad_hidden, grad_weight, grad_bias))."""
     dev = hidden.device
     dt = _matmul_dtype(hidden)  # the softmax runs in fp32
     acc = torch.promote_types(dt, torch.float32)
@@ -283,10 +265,8 @@ class _HeadCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad, *_):
-        if ctx.grads is None:
-            raise RuntimeError("the fused LM-head loss supports one backward per forward "
-                               "(retain_graph=True with a second backward is not supported)")
         grads, ctx.grads = ctx.grads, None
+        assert grads is not None, "the fused LM-head loss takes one backward per forward"
         factor = grad / ctx.grad_scale  # 1 when the forward guessed the incoming gradient
         out = [None if g is None else g.mul_(factor).to(d) for g, d in zip(grads, ctx.dtypes)]
         return *out, None, None, None, None
@@ -312,26 +292,18 @@ def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, labels: torch.Tens
         out = _HeadCrossEntropyFunction.apply(*args, grad_scale if fp16 else 1.0)
         return out if count_correct else (out, None)
     with torch.no_grad():
-        total, correct, _ = _head_cross_entropy(*args[:5], (False,) * 3, count_correct)
-    return total, correct
+        return _head_cross_entropy(*args[:5], (False,) * 3, count_correct)[:2]
 
 
 # ---------------------------------------------------------------------- CPU decode layout
-def _row_major_state(module: nn.Module, prefix: str, keep_vars: bool) -> None:
-    """State-dict pre-hook: tools get ordinary tensors (safetensors' save_model, `.view(-1)`)
-    without a copy of the model; the next generation lays them out again."""
-    decode_layout(module, False)
-
-
 @torch.inference_mode(False)  # generation calls this in inference mode; training needs
 @torch.no_grad()                # ordinary weight tensors afterwards
 def decode_layout(model: nn.Module, on: bool) -> None:
     """On CPU, decoding streams tall fp32 weights about twice as fast column-major. On: those
     Linear weights are re-laid out in place (same values and shape, swapped strides) until
     training resumes or `state_dict()` is read. CUDA: left as is."""
-    if on == model.__dict__.get("_decode_layout", False) or (on and not ENABLED):
-        return
-    if on and next(model.parameters()).device.type != "cpu":
+    if on == model.__dict__.get("_decode_layout", False) or on and (
+            not ENABLED or next(model.parameters()).device.type != "cpu"):
         return
     model._decode_layout = on
     if not on:
@@ -339,9 +311,6 @@ def decode_layout(model: nn.Module, on: bool) -> None:
             if not p.is_contiguous():
                 p.data = p.data.contiguous()
         return
-    if not model.__dict__.get("_row_major_hook"):
-        model.register_state_dict_pre_hook(_row_major_state)
-        model._row_major_hook = True
     # A fixed rule, not a timing race (the layout changes the low bits of batch-1 logits): fp32
     # with more outputs than inputs, whose row-major rows are short dot products.
     for module in model.modules():
@@ -352,29 +321,25 @@ def decode_layout(model: nn.Module, on: bool) -> None:
 
 
 # ------------------------------------------------------------------ compiled decode step
-def _one_row_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(1, K) @ (K, N) as a multiply and a sum over K, accumulated in fp32 (as a matmul is)."""
-    acc = torch.promote_types(a.dtype, torch.float32)
-    return (a.to(acc).unsqueeze(2) * b.to(acc).unsqueeze(0)).sum(1)
-
-
-def _is_one_row_on_cpu(a: torch.Tensor) -> bool:
+def _one_row(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None):
+    """(1, K) @ (K, N) (+ bias) on CPU as a multiply and a sum over K, accumulated in fp32 (as a
+    matmul is); NotImplemented for other shapes or devices."""
     from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-    return a.device.type == "cpu" and statically_known_true(a.shape[0] == 1)
+    if a.device.type != "cpu" or not statically_known_true(a.shape[0] == 1):
+        return NotImplemented
+    acc = torch.promote_types(a.dtype, torch.float32)
+    out = (a.to(acc).unsqueeze(2) * b.to(acc).unsqueeze(0)).sum(1)
+    return (out if bias is None else out + bias).to(a.dtype)
 
 
 def _mm_one_row(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    if not _is_one_row_on_cpu(a):
-        return NotImplemented
-    return _one_row_product(a, b).to(a.dtype)
+    return _one_row(a, b)
 
 
 def _addmm_one_row(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta=1,
                    alpha=1) -> torch.Tensor:
-    if not _is_one_row_on_cpu(a) or beta != 1 or alpha != 1:
-        return NotImplemented
-    return (_one_row_product(a, b) + bias).to(a.dtype)
+    return _one_row(a, b, bias) if beta == alpha == 1 else NotImplemented
 
 
 def _decode_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
@@ -392,9 +357,11 @@ def _decode_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         return compile_fx(gm, example_inputs, decompositions=table)
 
 
-def compile_decode_step(step: Callable, device: torch.device) -> Callable:
-    """torch.compile of a decode step: on CUDA a CUDA graph (one replay, not ~15 launches a
-    layer); on CPU inductor with the one-row matmul rewrite while ENABLED."""
-    if device.type == "cuda":
+@functools.cache
+def compile_decode_step(step: Callable, device_type: str, enabled: bool) -> Callable:
+    """torch.compile of a decode step, once per device type and value of ENABLED (`enabled`): on
+    CUDA a CUDA graph (one replay, not ~15 launches a layer); on CPU inductor, with the one-row
+    matmul rewrite when enabled."""
+    if device_type == "cuda":
         return torch.compile(step, fullgraph=True, mode="reduce-overhead")
-    return torch.compile(step, fullgraph=True, backend=_decode_backend if ENABLED else "inductor")
+    return torch.compile(step, fullgraph=True, backend=_decode_backend if enabled else "inductor")

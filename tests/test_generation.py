@@ -22,7 +22,7 @@ def test_kv_cache_decode_equals_full_forward(shape):
     full = model(idx)
     prompt, total = 24, idx.shape[1]
     caches = generation._new_caches(model, 2, total)
-    last, key_valid, pos = generation._prefill(model, idx[:, :prompt], None, total, caches)
+    last, key_valid, pos = generation._prefill(model, idx[:, :prompt], None, caches)
     steps = [last]
     for t in range(prompt, total - 1):
         steps.append(generation._step(model, idx[:, t:t + 1], pos, torch.tensor([t]), key_valid, caches))
@@ -351,8 +351,8 @@ def test_generation_refuses_right_padded_or_empty_rows():
     mask[1] = True
     mask[2] = False
     for beams in (1, 2):
-        with pytest.raises(ValueError, match="attention_mask row 2 is all padding: generation "
-                                             "needs left-padded prompts"):
+        with pytest.raises(ValueError, match="attention_mask row 2 ends with padding: "
+                                             "generation needs left-padded prompts"):
             gen(model, idx, 3, attention_mask=mask, num_beams=beams)
     mask[2] = True
     assert gen(model, idx, 3, attention_mask=mask).shape == (3, 9)

@@ -85,7 +85,7 @@ def test_decode_layout_keeps_values_and_training_gets_row_major_back():
     assert all(p.is_contiguous() for p in model.parameters())
     F.cross_entropy(model(idx).flatten(0, 1), idx.flatten()).backward()
     assert all(p.grad.is_contiguous() for p in model.parameters())
-    gen(model, idx, 4)  # in train mode the weights go back to row-major at the end
+    gen(model, idx, 4)  # in train mode the weights stay row-major
     assert all(p.is_contiguous() for p in model.parameters())
 
 
@@ -201,7 +201,7 @@ def test_split_rotated_backward_equals_autograd_of_the_composite(n_head, n_kv, h
     torch.testing.assert_close(ours_in.grad, ref_in.grad)
     for a, b in zip(_split_rotated(qkv, (cos, sin), n_head, n_kv, interleaved), ref):
         torch.testing.assert_close(a, b)  # the autograd-free path
-    for a, b in zip(split_heads.plain(qkv, (cos, sin), n_head, n_kv, interleaved), ref):
+    for a, b in zip(split_heads.__wrapped__(qkv, (cos, sin), n_head, n_kv, interleaved), ref):
         torch.testing.assert_close(a, b)  # the plain op the kernel replaces
 
 
@@ -402,7 +402,7 @@ def test_the_fused_head_loss_takes_one_backward_per_forward():
     head = torch.nn.Linear(8, 20)
     loss = head_loss(torch.randn(3, 8, requires_grad=True), head, torch.tensor([1, 2, 3]))[0]
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="one backward per forward"):
+    with pytest.raises(AssertionError, match="one backward per forward"):
         loss.backward()
 
 
@@ -463,8 +463,8 @@ def test_cuda_training_rmsnorm_is_the_hand_written_one_in_torchs_kernels():
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_with_the_kernels_off_the_plain_ops_compute_the_same(shape):
-    """kernels.disabled(): the model's plain PyTorch path gives the logits, loss, gradients and
+def test_with_the_kernels_off_the_plain_ops_compute_the_same(shape, monkeypatch):
+    """kernels.ENABLED = False: the model's plain PyTorch path gives the logits, loss, gradients and
     greedy tokens of the kernels (on by default)."""
     model = _model(shape)
     idx, labels = _ids(2, 16), _ids(2, 16, seed=1)
@@ -479,10 +479,8 @@ def test_with_the_kernels_off_the_plain_ops_compute_the_same(shape):
         return model(idx).detach(), loss.detach(), grads, gen(model, idx[:, :6], 6)
 
     fast = run()
-    with kernels.disabled():
-        assert not kernels.ENABLED
-        plain = run()
-    assert kernels.ENABLED
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    plain = run()
     torch.testing.assert_close(plain[0], fast[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(plain[1], fast[1], rtol=1e-5, atol=1e-6)
     for n, g in fast[2].items():
