@@ -2273,8 +2273,8 @@ def test_a_ctrl_c_just_after_a_models_results_are_saved_reports_them_saved(
     """A SIGINT landing between results.json's rename and the bookkeeping said "results of 1 of
     3 models (a) saved" while results.json held a and b (seen in a review)."""
     import json
-    import os
     import signal
+    import threading
 
     monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(ev, "generate_texts", _record_models([]))
@@ -2283,7 +2283,9 @@ def test_a_ctrl_c_just_after_a_models_results_are_saved_reports_them_saved(
     def then_ctrl_c(path, data):
         write_atomic(path, data)
         if path.name == "results.json" and len(json.loads(data)["rows"]) == 2:
-            os.kill(os.getpid(), signal.SIGINT)  # to the process: any of its threads
+            # to the main thread, handled at once: sent to the process, another thread may take
+            # it, and the main thread can meet it inside a __del__, which drops what it raises
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
     monkeypatch.setattr(ev.process, "write_atomic", then_ctrl_c)
     base, out = tiny_models["base"], tmp_path / "out"
