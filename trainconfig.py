@@ -197,20 +197,13 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
     config = args.pop("config", None)
     given = load_config_file(config) if config is not None else {}
     resumed: dict = {}
-    if args.get("resume"):
+    if args.get("resume") and Path(args["resume"]).is_dir():  # else validate_config says so
         check_resume_location(args, given, config)
-        run, resume = Path(args["resume"]), f"--resume {args['resume']}"
-        saved = run / rundir.CONFIG_FILE
-        if not run.is_dir():
-            raise ValueError(f"{resume}: no such run directory")
-        if not saved.is_file() and rundir.lock_is_held(run / rundir.LOCK_FILE):
-            raise ValueError(f"{resume}: its run is still starting (it has not written "
-                             f"{rundir.CONFIG_FILE}): wait for it")
-        if not saved.is_file() and (run / rundir.LOCK_FILE).is_file():
-            raise ValueError(f"{resume}: its run was stopped before it wrote {rundir.CONFIG_FILE}: "
-                             "nothing to resume; run the command that started it again")
+        run, saved = Path(args["resume"]), Path(args["resume"]) / rundir.CONFIG_FILE
         if not saved.is_file():
-            raise ValueError(f"{resume}: no {rundir.CONFIG_FILE} there (not a run dir)")
+            raise ValueError(f"--resume {run}: no {rundir.CONFIG_FILE}: not a run directory, or "
+                             "its run is starting or stopped before writing it (nothing to "
+                             "resume: run the command that started it again)")
         resumed = load_config_file(saved)
         # the paths it gives the run must exist (its own copy of an adapter's config replaces it)
         owned = ("init_adapter",) if run_adapter_copy(run) else ()
@@ -289,11 +282,8 @@ def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = (),
     def agrees(key: str, mine) -> bool:
         if key != "lora_targets":
             return mine == theirs[key]
-        if mine is None:  # 'none', a config file's null (every run's config.json holds one):
-            return True   # no choice of targets, so the adapter's
-        if isinstance(theirs[key], list) and set(mine) == set(theirs[key]):
-            return True  # the same names, in any order: no need to look at the base
-        return _select_the_same(base, mine, theirs[key], path / config_name)
+        # none (every run's config.json holds it) takes the adapter's; else the same names
+        return mine is None or (isinstance(theirs[key], list) and set(mine) == set(theirs[key]))
 
     if differ := [f"{setting(cfg, key, where_set)} (the adapter's: {theirs[key]!r})"
                   for key in theirs if (getattr(cfg, key) != getattr(TrainConfig, key)
@@ -307,21 +297,6 @@ def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = (),
         **theirs, "lora_alpha": float(theirs["lora_alpha"]),
         "lora_dropout": float(theirs["lora_dropout"]),
         "lora_targets": cfg.lora_targets or (targets if isinstance(targets, list) else None)})
-
-
-def _select_the_same(base: str, mine: list[str], theirs: list[str] | str, file: Path) -> bool:
-    """Whether lora_targets ``mine`` select the modules the adapter file's ``theirs`` select on
-    the model at ``base`` (built on the meta device: no weights are read)."""
-    with torch.device("meta"):
-        model = Transformer(pretrained.read_config(base)[0])
-    try:
-        wanted = lora.targeted_modules(model, theirs, peft_rules=True)
-    except ValueError as e:
-        raise ValueError(f"{file}: {e}") from None
-    try:
-        return lora.targeted_modules(model, mine) == wanted
-    except ValueError:
-        return False
 
 
 def check_run_name(name: str | None, what: str) -> None:

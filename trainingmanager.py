@@ -1025,16 +1025,11 @@ def _nonfinite(run: Run, stats: StepStats, where: tuple[int, int], log: RunLog) 
               "inf/NaN weights in a loaded checkpoint", "a model bug (mask, dtype casts)"]
     if cfg.inject_nan_at_step == step:
         causes.insert(0, "injected on purpose: inject_nan_at_step is set")
-    last = list_checkpoints(run.run_dir)
-    if last:  # a resume replays the same steps bit-exactly, with the same lr and precision
-        kept = (f"the last good checkpoint is {last[-1]}: --resume {run.run_dir} replays the "
-                "same steps from there; a change of --lr or --precision needs a new run "
-                "(another --name)")
-    elif rundir.holds_weights(run.run_dir):
-        kept = "no checkpoint had been written yet: start a new run (another --name)"
-    else:
-        kept = ("no checkpoint had been written yet: run the command again with the changes (the "
-                "same --name starts the run anew)")
+    last = list_checkpoints(run.run_dir)  # a resume replays the same steps, lr and precision
+    kept = (f"the last good checkpoint is {last[-1]}: --resume {run.run_dir} replays the same "
+            "steps from there; a change of --lr or --precision needs a new run (another --name)"
+            if last else "no checkpoint had been written yet: run the command again with the "
+            "changes (the same --name starts the run anew)")
     diagnosis = (
         f"non-finite {stats.nonfinite} ({value}) at step {step}: epoch {_epoch(run, step):.3g}, "
         f"training examples {pos}..{pos + _examples_per_step(run) - 1} of shuffled pass "
