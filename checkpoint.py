@@ -289,12 +289,8 @@ def check_run_paths(values: dict, keys: Sequence[str], source: str) -> None:
     for key in keys:
         value = values.get(key)
         for path in [value] if isinstance(value, str) else value or []:
-            if not _is_path(key, path) or Path(path).expanduser().exists():
-                continue
-            where = "" if Path(path).expanduser().is_absolute() else (
-                f" from {Path.cwd()} (the run holds it relative to the directory it was started "
-                "in: run from there)")
-            raise ValueError(f"{source}: {key} {path!r} not found{where}")
+            if _is_path(key, path) and not Path(path).expanduser().exists():
+                raise ValueError(f"{source}: {key} {path!r} not found")
 
 
 # TrainConfig keys whose None (and preset auto) leave the choice to a new run: a resume keeps

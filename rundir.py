@@ -261,17 +261,15 @@ def trim_metrics(path: Path, step: int) -> None:
     for number, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
-        try:
-            record = json.loads(raw.decode("utf-8"))
-            if not isinstance(record, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        try:  # JSONDecodeError and UnicodeDecodeError are ValueErrors; a list has no .get
+            later = json.loads(raw).get("step", 0) > step
+        except (ValueError, AttributeError) as e:
             if number == len(lines):  # no newline after it: the write never finished
                 print(f"warning: {path}:{number}: dropping a torn last line", file=sys.stderr)
                 continue
             raise ValueError(f"{path}:{number}: not a metrics line ({e}); fix or remove it "
                              "to resume") from None
-        if record.get("step", 0) <= step:
+        if not later:
             kept.append(raw.decode("utf-8") + "\n")
     process.write_atomic(path, "".join(kept))
 

@@ -211,7 +211,7 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
         check_run_paths(resumed, [k for k in paths if k not in {*args, *given, *owned}], str(saved))
     cfg = settings.resolve_config(TrainConfig, args, "train", base={**resumed, **given},
                                    choices=_CHOICES)
-    where_set = command_line_sources(argv)[2]
+    where_set = where_set_of(argv)
     if cfg.init_adapter is not None:  # a --lora-* flag typed at its default value differs too
         with_init_adapter(cfg, typed={*args, *given}, where_set=where_set)
     if not cfg.overfit:  # --overfit takes what it honours (overfit_settings)
@@ -609,14 +609,12 @@ def overfit_settings(cfg: TrainConfig) -> dict:
     return {"max_steps": cfg.max_steps or 400, "lr": cfg.lr or 3e-3}
 
 
-def command_line_sources(argv: Sequence[str] | None
-                         ) -> tuple[set[str], set[str], Callable[[str], str]]:
-    """The keys typed on the command line, those its ``--config`` file sets, and ``where_set``
-    (the keys set by neither come from the ``--resume`` run's config.json)."""
+def where_set_of(argv: Sequence[str] | None) -> Callable[[str], str]:
+    """Where a key of this command line was set: its flag, its ``--config`` file, else the
+    ``--resume`` run's config.json."""
     args = vars(build_parser().parse_args(argv))
-    in_file = settings.read_config_file(args["config"], "train")[0] if "config" in args else {}
     resumed = args.get("resume") and f"{Path(args['resume']) / rundir.CONFIG_FILE} (--resume)"
-    return set(args) - {"config"}, set(in_file), settings.where_set_in(args, "train", resumed)
+    return settings.where_set_in(args, "train", resumed)
 
 
 # ---- What the settings build: the tokenizer and the model ----
