@@ -328,19 +328,12 @@ def _check_model_settings(cfg: TrainConfig, where_set: Callable[[str], str],
         path = pretrained.checkpoint_dir(cfg.init_from, named("init_from"))
         if not path.is_dir():
             raise ValueError(f"{named('init_from')}: not a directory")
-        adapter_config = path / lora.ADAPTER_CONFIG
-        if adapter_config.is_file() and not (path / rundir.HF_CONFIG).is_file():  # LoRA's export/
-            if (path / rundir.MERGED_DIR / rundir.HF_CONFIG).is_file():
-                instead = f"use {path / rundir.MERGED_DIR}, the merged model beside it"
-            else:
-                base = settings.read_json_object(adapter_config, "adapter config").get(
-                    "base_model_name_or_path")
-                instead = (f"use the base it names, {base}" if base else
-                           "use the base it was trained on") + (
-                    " (a run with --export-merged also writes the merged model to export/merged)")
-            raise ValueError(f"{named('init_from')}: a LoRA adapter ({adapter_config.name}), not "
-                             f"a model: {instead}; to train that adapter on, set init_adapter "
-                             f"({where_set('init_adapter')}) to {cfg.init_from}")
+        if (path / lora.ADAPTER_CONFIG).is_file() and not (path / rundir.HF_CONFIG).is_file():
+            raise ValueError(f"{named('init_from')}: a LoRA adapter ({lora.ADAPTER_CONFIG}), not "
+                             "a model: use its base, or the merged model (a run with "
+                             "--export-merged writes it to export/merged); to train that "
+                             f"adapter on, set init_adapter ({where_set('init_adapter')}) to "
+                             f"{cfg.init_from}")
         if cfg.block_size is not None:  # else the first forward pass finds it, after the data
             context = pretrained.read_config(path)[0].block_size
             need(cfg.block_size <= context, "block_size",
