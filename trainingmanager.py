@@ -543,9 +543,6 @@ class Run:
     def main(self) -> bool:
         return self.dist.main
 
-    def what_next(self) -> str:
-        return rundir.what_next(self.hint, self.restarts)
-
 
 def _interrupted(stop: KeyboardInterrupt, run_dir: Path | None, hint: str | None,
                  restarts: bool) -> RunInterrupted:
@@ -1058,14 +1055,14 @@ def _end(run: Run, result: TrainResult, log: RunLog, signals: _StopSignals, stop
                   "stopping with the signal's exit code")
         elif run.main:
             saved = "stopped" if run.restarts else "checkpoint saved"
-            print(f"\n{stop}: {saved} at step {s.step}; {run.what_next()}")
+            print(f"\n{stop}: {saved} at step {s.step}; {what_next(run.hint, run.restarts)}")
     elif result.stopped_by_budget and run.main:
         saved = "" if run.restarts else "; checkpoint saved"
         exported = ("" if result.export_dir is None else
                     f"; export/ holds its best weights so far (step {s.best_step})")
         print(f"time budget (--max-time-s {cfg.max_time_s:g}) reached at step "
               f"{s.step}/{run.max_steps}: the run is not finished{saved}{exported}; "
-              f"{run.what_next()}")
+              f"{what_next(run.hint, run.restarts)}")
     result.step, result.best_val_loss, result.best_step, result.train_loss = (
         s.step, s.best_val_loss, s.best_step, s.train_loss)
 
@@ -1249,7 +1246,6 @@ def copy_hf_companions(cfg: TrainConfig, tok: object, out: Path, weights: bool) 
         shutil.copyfile(generation, out / pretrained.GENERATION_CONFIG)
 
 
-@torch.no_grad()
 def _sample_prompt(run: Run) -> tuple[str | None, bool]:
     """--sample-prompt (code: a function to end), else a held-out one in the task's format."""
     if run.cfg.sample_prompt is not None:
