@@ -332,17 +332,15 @@ def check_resume_config(cfg, run_dir: Path, resume_hint: str) -> dict | None:
     return saved
 
 
-def check_precision(path: Path, trained: str, now: str, setting: str, device: torch.device,
-                    lacks_bf16: bool) -> None:
+def check_precision(path: Path, trained: str, now: str, setting: str, device: torch.device
+                    ) -> None:
     """A resume computes in the precision its run trained in ("auto" may resolve otherwise on
     another device); ``setting``: the precision setting now, which computes in ``now``."""
-    if trained == now:
-        return
-    keep = f"Pass --precision {trained} to keep it on {device}"
-    if trained == "bf16" and lacks_bf16:
-        keep = "This GPU has no native bf16: resume on one that has, or on the CPU"
-    raise ValueError(f"{path}: the run trained in {trained}, but --precision {setting} computes "
-                     f"in {now} on {device}. {keep}; a change of precision needs a new run")
+    if trained != now:
+        raise ValueError(f"{path}: the run trained in {trained}, but --precision {setting} "
+                         f"computes in {now} on {device}. Pass --precision {trained} to keep it "
+                         f"on {device} (bf16 needs a CPU or a GPU with native bf16); a change of "
+                         "precision needs a new run")
 
 
 def check_writers(path: Path, writers: int, world: int, per_process: int) -> None:

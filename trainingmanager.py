@@ -787,8 +787,7 @@ def _restore(run: Run, path: Path) -> None:
     state = checkpoint.load(path, trainer.raw_model, run.trainable_only)
     checkpoint.check_writers(path, len(state.rng), run.dist.world,
                              cfg.batch_size * cfg.grad_accum)
-    checkpoint.check_precision(path, state.precision, trainer.precision, cfg.precision,
-                               run.device, lacks_native_bf16(run.device))
+    checkpoint.check_precision(path, state.precision, trainer.precision, cfg.precision, run.device)
     trainer.load_state_dict(state)
     run.order.load_state_dict(state.order)
     set_rng_state(state.rng[run.dist.rank], run.device)
@@ -1085,9 +1084,8 @@ def final_quality(result: TrainResult, device: str) -> dict | None:
     except ValueError as e:
         print(f"note: no final evaluation: {e}")
         return None
-    val = "" if last is None else (f"val loss {last['val_loss']:.4f}"
-                                   + (f" ({last['val_bpb']:.3f} bits/byte), " if "val_bpb" in last
-                                      else ", "))
+    val = "" if last is None else (f"val loss {last['val_loss']:.4f} ({last['val_bpb']:.3f} "
+                                   "bits/byte), ")
     print(f"final evaluation ({out}): {val}line completion exact match {metrics['line/EM']:.1f}%, "
           f"edit similarity {metrics['line/edit_sim']:.1f}; function completions that parse "
           f"{metrics['method/parses']:.0f}%")

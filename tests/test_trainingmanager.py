@@ -3474,6 +3474,7 @@ def test_a_run_on_a_gpu_without_bf16_names_where_precision_was_set(assets, tmp_p
                                                                    monkeypatch):
     """bf16 on a GPU without it (a T4) is refused as the run starts, naming the setting."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     with pytest.raises(ValueError, match=r"^precision \('bf16', --precision\): this GPU "):
