@@ -289,12 +289,8 @@ def check_run_paths(values: dict, keys: Sequence[str], source: str) -> None:
     for key in keys:
         value = values.get(key)
         for path in [value] if isinstance(value, str) else value or []:
-            if not _is_path(key, path) or Path(path).expanduser().exists():
-                continue
-            where = "" if Path(path).expanduser().is_absolute() else (
-                f" from {Path.cwd()} (the run holds it relative to the directory it was started "
-                "in: run from there)")
-            raise ValueError(f"{source}: {key} {path!r} not found{where}")
+            if _is_path(key, path) and not Path(path).expanduser().exists():
+                raise ValueError(f"{source}: {key} {path!r} not found")
 
 
 # TrainConfig keys whose None (and preset auto) leave the choice to a new run: a resume keeps
@@ -336,17 +332,15 @@ def check_resume_config(cfg, run_dir: Path, resume_hint: str) -> dict | None:
     return saved
 
 
-def check_precision(path: Path, trained: str, now: str, setting: str, device: torch.device,
-                    lacks_bf16: bool) -> None:
+def check_precision(path: Path, trained: str, now: str, setting: str, device: torch.device
+                    ) -> None:
     """A resume computes in the precision its run trained in ("auto" may resolve otherwise on
     another device); ``setting``: the precision setting now, which computes in ``now``."""
-    if trained == now:
-        return
-    keep = f"Pass --precision {trained} to keep it on {device}"
-    if trained == "bf16" and lacks_bf16:
-        keep = "This GPU has no native bf16: resume on one that has, or on the CPU"
-    raise ValueError(f"{path}: the run trained in {trained}, but --precision {setting} computes "
-                     f"in {now} on {device}. {keep}; a change of precision needs a new run")
+    if trained != now:
+        raise ValueError(f"{path}: the run trained in {trained}, but --precision {setting} "
+                         f"computes in {now} on {device}. Pass --precision {trained} to keep it "
+                         f"on {device} (bf16 needs a CPU or a GPU with native bf16); a change of "
+                         "precision needs a new run")
 
 
 def check_writers(path: Path, writers: int, world: int, per_process: int) -> None:

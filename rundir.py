@@ -106,14 +106,8 @@ RUN_CONFIG_KEYS = {"preset", "lora_r", "max_steps", "out_dir"}  # a run's config
 
 def holds_no_checkpoint(run_dir: Path) -> str:
     """What a run holding weights but no checkpoint holds, and a way on from those weights."""
-    held = []
-    if (run_dir / BEST_DIR).is_dir():
-        step = None
-        with contextlib.suppress(ValueError, OSError):
-            step = best_step(run_dir)
-        held.append("best/" + (f" (step {step})" if step is not None else ""))
-    if (run_dir / EXPORT_DIR).is_dir():
-        held.append("export/")
+    held = [f"best/ (step {best_step(run_dir)})"] if (run_dir / BEST_DIR).is_dir() else []
+    held += ["export/"] if (run_dir / EXPORT_DIR).is_dir() else []
     loadable = next((d for d in (run_dir / EXPORT_DIR, run_dir / EXPORT_DIR / MERGED_DIR)
                      if (d / HF_CONFIG).is_file()), None)
     how = (f"train on from them in a new run (another --name, with --init-from {loadable}), or "
@@ -211,15 +205,6 @@ def claim(resume: str | None, out_dir: str, name: str | None, stem: str, hint: s
 def _lock_dir(run_dir: Path, new: bool, hint: str | None) -> ClaimedDir:
     """Create ``run_dir`` and take its exclusive lock (on a file: flock on a directory fails on
     NFS). A new run replaces only a codelm run that stopped before its first weights."""
-    def taken() -> RunDirTaken:
-        if holds_weights(run_dir) and not list_checkpoints(run_dir):
-            return RunDirTaken(f"{run_dir} already {holds_no_checkpoint(run_dir)}")
-        return RunDirTaken(f"{run_dir} already holds a run: continue it with "
-                           f"{hint or f'--resume {run_dir}'}, or choose another --name")
-
-    if (new and (run_dir / CONFIG_FILE).exists() and not (run_dir / LOCK_FILE).exists()
-            and not failed_before_weights(run_dir)):
-        raise taken()  # not a codelm run's directory: nothing is added to it
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -256,7 +241,10 @@ def _lock_dir(run_dir: Path, new: bool, hint: str | None) -> ClaimedDir:
     if new and (run_dir / CONFIG_FILE).exists():
         if claimed.lock is None or not failed_before_weights(run_dir):
             claimed.release()
-            raise taken()
+            if holds_weights(run_dir) and not list_checkpoints(run_dir):
+                raise RunDirTaken(f"{run_dir} already {holds_no_checkpoint(run_dir)}")
+            raise RunDirTaken(f"{run_dir} already holds a run: continue it with "
+                              f"{hint or f'--resume {run_dir}'}, or choose another --name")
         print(f"{run_dir}: its run stopped before its first checkpoint; this run replaces it")
     return claimed
 
@@ -273,17 +261,15 @@ def trim_metrics(path: Path, step: int) -> None:
     for number, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
-        try:
-            record = json.loads(raw.decode("utf-8"))
-            if not isinstance(record, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        try:  # JSONDecodeError and UnicodeDecodeError are ValueErrors; a list has no .get
+            later = json.loads(raw).get("step", 0) > step
+        except (ValueError, AttributeError) as e:
             if number == len(lines):  # no newline after it: the write never finished
                 print(f"warning: {path}:{number}: dropping a torn last line", file=sys.stderr)
                 continue
             raise ValueError(f"{path}:{number}: not a metrics line ({e}); fix or remove it "
                              "to resume") from None
-        if record.get("step", 0) <= step:
+        if not later:
             kept.append(raw.decode("utf-8") + "\n")
     process.write_atomic(path, "".join(kept))
 

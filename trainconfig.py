@@ -197,20 +197,13 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
     config = args.pop("config", None)
     given = load_config_file(config) if config is not None else {}
     resumed: dict = {}
-    if args.get("resume"):
+    if args.get("resume") and Path(args["resume"]).is_dir():  # else validate_config says so
         check_resume_location(args, given, config)
-        run, resume = Path(args["resume"]), f"--resume {args['resume']}"
-        saved = run / rundir.CONFIG_FILE
-        if not run.is_dir():
-            raise ValueError(f"{resume}: no such run directory")
-        if not saved.is_file() and rundir.lock_is_held(run / rundir.LOCK_FILE):
-            raise ValueError(f"{resume}: its run is still starting (it has not written "
-                             f"{rundir.CONFIG_FILE}): wait for it")
-        if not saved.is_file() and (run / rundir.LOCK_FILE).is_file():
-            raise ValueError(f"{resume}: its run was stopped before it wrote {rundir.CONFIG_FILE}: "
-                             "nothing to resume; run the command that started it again")
+        run, saved = Path(args["resume"]), Path(args["resume"]) / rundir.CONFIG_FILE
         if not saved.is_file():
-            raise ValueError(f"{resume}: no {rundir.CONFIG_FILE} there (not a run dir)")
+            raise ValueError(f"--resume {run}: no {rundir.CONFIG_FILE}: not a run directory, or "
+                             "its run is starting or stopped before writing it (nothing to "
+                             "resume: run the command that started it again)")
         resumed = load_config_file(saved)
         # the paths it gives the run must exist (its own copy of an adapter's config replaces it)
         owned = ("init_adapter",) if run_adapter_copy(run) else ()
@@ -218,7 +211,7 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
         check_run_paths(resumed, [k for k in paths if k not in {*args, *given, *owned}], str(saved))
     cfg = settings.resolve_config(TrainConfig, args, "train", base={**resumed, **given},
                                    choices=_CHOICES)
-    where_set = command_line_sources(argv)[2]
+    where_set = where_set_of(argv)
     if cfg.init_adapter is not None:  # a --lora-* flag typed at its default value differs too
         with_init_adapter(cfg, typed={*args, *given}, where_set=where_set)
     if not cfg.overfit:  # --overfit takes what it honours (overfit_settings)
@@ -289,11 +282,8 @@ def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = (),
     def agrees(key: str, mine) -> bool:
         if key != "lora_targets":
             return mine == theirs[key]
-        if mine is None:  # 'none', a config file's null (every run's config.json holds one):
-            return True   # no choice of targets, so the adapter's
-        if isinstance(theirs[key], list) and set(mine) == set(theirs[key]):
-            return True  # the same names, in any order: no need to look at the base
-        return _select_the_same(base, mine, theirs[key], path / config_name)
+        # none (every run's config.json holds it) takes the adapter's; else the same names
+        return mine is None or (isinstance(theirs[key], list) and set(mine) == set(theirs[key]))
 
     if differ := [f"{setting(cfg, key, where_set)} (the adapter's: {theirs[key]!r})"
                   for key in theirs if (getattr(cfg, key) != getattr(TrainConfig, key)
@@ -307,21 +297,6 @@ def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = (),
         **theirs, "lora_alpha": float(theirs["lora_alpha"]),
         "lora_dropout": float(theirs["lora_dropout"]),
         "lora_targets": cfg.lora_targets or (targets if isinstance(targets, list) else None)})
-
-
-def _select_the_same(base: str, mine: list[str], theirs: list[str] | str, file: Path) -> bool:
-    """Whether lora_targets ``mine`` select the modules the adapter file's ``theirs`` select on
-    the model at ``base`` (built on the meta device: no weights are read)."""
-    with torch.device("meta"):
-        model = Transformer(pretrained.read_config(base)[0])
-    try:
-        wanted = lora.targeted_modules(model, theirs, peft_rules=True)
-    except ValueError as e:
-        raise ValueError(f"{file}: {e}") from None
-    try:
-        return lora.targeted_modules(model, mine) == wanted
-    except ValueError:
-        return False
 
 
 def check_run_name(name: str | None, what: str) -> None:
@@ -353,19 +328,12 @@ def _check_model_settings(cfg: TrainConfig, where_set: Callable[[str], str],
         path = pretrained.checkpoint_dir(cfg.init_from, named("init_from"))
         if not path.is_dir():
             raise ValueError(f"{named('init_from')}: not a directory")
-        adapter_config = path / lora.ADAPTER_CONFIG
-        if adapter_config.is_file() and not (path / rundir.HF_CONFIG).is_file():  # LoRA's export/
-            if (path / rundir.MERGED_DIR / rundir.HF_CONFIG).is_file():
-                instead = f"use {path / rundir.MERGED_DIR}, the merged model beside it"
-            else:
-                base = settings.read_json_object(adapter_config, "adapter config").get(
-                    "base_model_name_or_path")
-                instead = (f"use the base it names, {base}" if base else
-                           "use the base it was trained on") + (
-                    " (a run with --export-merged also writes the merged model to export/merged)")
-            raise ValueError(f"{named('init_from')}: a LoRA adapter ({adapter_config.name}), not "
-                             f"a model: {instead}; to train that adapter on, set init_adapter "
-                             f"({where_set('init_adapter')}) to {cfg.init_from}")
+        if (path / lora.ADAPTER_CONFIG).is_file() and not (path / rundir.HF_CONFIG).is_file():
+            raise ValueError(f"{named('init_from')}: a LoRA adapter ({lora.ADAPTER_CONFIG}), not "
+                             "a model: use its base, or the merged model (a run with "
+                             "--export-merged writes it to export/merged); to train that "
+                             f"adapter on, set init_adapter ({where_set('init_adapter')}) to "
+                             f"{cfg.init_from}")
         if cfg.block_size is not None:  # else the first forward pass finds it, after the data
             context = pretrained.read_config(path)[0].block_size
             need(cfg.block_size <= context, "block_size",
@@ -634,14 +602,12 @@ def overfit_settings(cfg: TrainConfig) -> dict:
     return {"max_steps": cfg.max_steps or 400, "lr": cfg.lr or 3e-3}
 
 
-def command_line_sources(argv: Sequence[str] | None
-                         ) -> tuple[set[str], set[str], Callable[[str], str]]:
-    """The keys typed on the command line, those its ``--config`` file sets, and ``where_set``
-    (the keys set by neither come from the ``--resume`` run's config.json)."""
+def where_set_of(argv: Sequence[str] | None) -> Callable[[str], str]:
+    """Where a key of this command line was set: its flag, its ``--config`` file, else the
+    ``--resume`` run's config.json."""
     args = vars(build_parser().parse_args(argv))
-    in_file = settings.read_config_file(args["config"], "train")[0] if "config" in args else {}
     resumed = args.get("resume") and f"{Path(args['resume']) / rundir.CONFIG_FILE} (--resume)"
-    return set(args) - {"config"}, set(in_file), settings.where_set_in(args, "train", resumed)
+    return settings.where_set_in(args, "train", resumed)
 
 
 # ---- What the settings build: the tokenizer and the model ----

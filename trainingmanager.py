@@ -88,11 +88,11 @@ if typing.TYPE_CHECKING:  # annotations only: dataset and tokenizer load where a
 
 # Read as trainingmanager.X by eval.py, recipes.py and hyperparam_tune.py.
 from checkpoint import RESUME_DATA_OPTIONS_MAY_CHANGE  # noqa: E402,F401,I001
-from checkpoint import CorruptCheckpointError, check_run_paths, read_state  # noqa: E402,F401
+from checkpoint import CorruptCheckpointError, read_state  # noqa: E402,F401
 from rundir import checkpoint_step, is_run_dir, lock_holder, lock_is_held  # noqa: E402,F401
-from rundir import no_weights_yet, stale_export, what_next  # noqa: E402,F401
-from trainconfig import build_parser, check_options, check_run_name  # noqa: E402,F401
-from trainconfig import config_from_dict, load_config_file, validate_config  # noqa: E402,F401
+from rundir import what_next  # noqa: E402,F401
+from trainconfig import build_parser, check_run_name, config_from_dict  # noqa: E402,F401
+from trainconfig import load_config_file, validate_config  # noqa: E402,F401
 
 OVERFIT_CORPUS = settings.bundled("data", "overfit")
 
@@ -163,12 +163,9 @@ def resolve_device(cfg: TrainConfig, dist: Dist) -> torch.device:
                          ) from None
     if device.type not in ("cpu", "cuda"):  # mps, meta, ...: kernels this trainer never ran on
         raise ValueError(f"--device {cfg.device}: training runs on cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {cfg.device!r} requested but CUDA is not available")
-    if (device.type == "cuda" and device.index is not None and not dist.enabled
-            and device.index >= torch.cuda.device_count()):
-        raise ValueError(f"--device {cfg.device}: this machine has "
-                         f"{torch.cuda.device_count()} CUDA device(s)")
+    gpus = torch.cuda.device_count()  # under torchrun each rank takes its own (local_rank)
+    if device.type == "cuda" and (0 if dist.enabled else device.index or 0) >= gpus:
+        raise ValueError(f"--device {cfg.device}: this machine has {gpus} CUDA device(s)")
     if device.type == "cuda" and dist.enabled:
         return torch.device("cuda", dist.local_rank)
     return device
@@ -546,9 +543,6 @@ class Run:
     def main(self) -> bool:
         return self.dist.main
 
-    def what_next(self) -> str:
-        return rundir.what_next(self.hint, self.restarts)
-
 
 def _interrupted(stop: KeyboardInterrupt, run_dir: Path | None, hint: str | None,
                  restarts: bool) -> RunInterrupted:
@@ -628,7 +622,8 @@ def _build(run: Run, has_weights: bool) -> None:
         cfg = run.cfg = _sized_to_budget(run, model)
     run.max_steps = cfg.max_steps if cfg.epochs is None else max(1, math.ceil(
         cfg.epochs * _examples_per_epoch(run) / _examples_per_step(run)))
-    run.trainer = Trainer(model, cfg, run.device, run.dist, run.max_steps, _token_bytes(run))
+    run.trainer = Trainer(model, cfg, run.device, run.dist, run.max_steps,
+                          torch.tensor(run.tok.token_byte_lengths()))
     run.order = BatchOrder(len(run.train_set), cfg.batch_size, run.dist, cfg.seed)
     run.state = RunState(precision=run.trainer.precision, max_steps=run.max_steps,
                          data=run.data_id)
@@ -717,10 +712,6 @@ def _sized_to_budget(run: Run, model: nn.Module) -> TrainConfig:
     return sized
 
 
-def _token_bytes(run: Run) -> torch.Tensor:
-    return torch.tensor(run.tok.token_byte_lengths())
-
-
 def _seconds_left(run: Run) -> float:
     return run.cfg.time_budget_min * 60 - (time.perf_counter() - run.created)
 
@@ -796,8 +787,7 @@ def _restore(run: Run, path: Path) -> None:
     state = checkpoint.load(path, trainer.raw_model, run.trainable_only)
     checkpoint.check_writers(path, len(state.rng), run.dist.world,
                              cfg.batch_size * cfg.grad_accum)
-    checkpoint.check_precision(path, state.precision, trainer.precision, cfg.precision,
-                               run.device, lacks_native_bf16(run.device))
+    checkpoint.check_precision(path, state.precision, trainer.precision, cfg.precision, run.device)
     trainer.load_state_dict(state)
     run.order.load_state_dict(state.order)
     set_rng_state(state.rng[run.dist.rank], run.device)
@@ -1025,16 +1015,11 @@ def _nonfinite(run: Run, stats: StepStats, where: tuple[int, int], log: RunLog) 
               "inf/NaN weights in a loaded checkpoint", "a model bug (mask, dtype casts)"]
     if cfg.inject_nan_at_step == step:
         causes.insert(0, "injected on purpose: inject_nan_at_step is set")
-    last = list_checkpoints(run.run_dir)
-    if last:  # a resume replays the same steps bit-exactly, with the same lr and precision
-        kept = (f"the last good checkpoint is {last[-1]}: --resume {run.run_dir} replays the "
-                "same steps from there; a change of --lr or --precision needs a new run "
-                "(another --name)")
-    elif rundir.holds_weights(run.run_dir):
-        kept = "no checkpoint had been written yet: start a new run (another --name)"
-    else:
-        kept = ("no checkpoint had been written yet: run the command again with the changes (the "
-                "same --name starts the run anew)")
+    last = list_checkpoints(run.run_dir)  # a resume replays the same steps, lr and precision
+    kept = (f"the last good checkpoint is {last[-1]}: --resume {run.run_dir} replays the same "
+            "steps from there; a change of --lr or --precision needs a new run (another --name)"
+            if last else "no checkpoint had been written yet: run the command again with the "
+            "changes (the same --name starts the run anew)")
     diagnosis = (
         f"non-finite {stats.nonfinite} ({value}) at step {step}: epoch {_epoch(run, step):.3g}, "
         f"training examples {pos}..{pos + _examples_per_step(run) - 1} of shuffled pass "
@@ -1069,14 +1054,14 @@ def _end(run: Run, result: TrainResult, log: RunLog, signals: _StopSignals, stop
                   "stopping with the signal's exit code")
         elif run.main:
             saved = "stopped" if run.restarts else "checkpoint saved"
-            print(f"\n{stop}: {saved} at step {s.step}; {run.what_next()}")
+            print(f"\n{stop}: {saved} at step {s.step}; {what_next(run.hint, run.restarts)}")
     elif result.stopped_by_budget and run.main:
         saved = "" if run.restarts else "; checkpoint saved"
         exported = ("" if result.export_dir is None else
                     f"; export/ holds its best weights so far (step {s.best_step})")
         print(f"time budget (--max-time-s {cfg.max_time_s:g}) reached at step "
               f"{s.step}/{run.max_steps}: the run is not finished{saved}{exported}; "
-              f"{run.what_next()}")
+              f"{what_next(run.hint, run.restarts)}")
     result.step, result.best_val_loss, result.best_step, result.train_loss = (
         s.step, s.best_val_loss, s.best_step, s.train_loss)
 
@@ -1099,9 +1084,8 @@ def final_quality(result: TrainResult, device: str) -> dict | None:
     except ValueError as e:
         print(f"note: no final evaluation: {e}")
         return None
-    val = "" if last is None else (f"val loss {last['val_loss']:.4f}"
-                                   + (f" ({last['val_bpb']:.3f} bits/byte), " if "val_bpb" in last
-                                      else ", "))
+    val = "" if last is None else (f"val loss {last['val_loss']:.4f} ({last['val_bpb']:.3f} "
+                                   "bits/byte), ")
     print(f"final evaluation ({out}): {val}line completion exact match {metrics['line/EM']:.1f}%, "
           f"edit similarity {metrics['line/edit_sim']:.1f}; function completions that parse "
           f"{metrics['method/parses']:.0f}%")
@@ -1260,7 +1244,6 @@ def copy_hf_companions(cfg: TrainConfig, tok: object, out: Path, weights: bool) 
         shutil.copyfile(generation, out / pretrained.GENERATION_CONFIG)
 
 
-@torch.no_grad()
 def _sample_prompt(run: Run) -> tuple[str | None, bool]:
     """--sample-prompt (code: a function to end), else a held-out one in the task's format."""
     if run.cfg.sample_prompt is not None:
@@ -1317,23 +1300,22 @@ def _leave_group() -> None:
 def structure_diagnosis(model: nn.Module, vocab_size: int, length: int) -> str | None:
     """Check on random ids that the samples of a batch stay apart and later tokens do not change
     earlier logits: a model breaking either still drives the loss down, yet learns nothing."""
-    was_training, device = model.training, next(model.parameters()).device
-    model.eval()
+    device = next(model.parameters()).device
+    model.eval()  # run_overfit's train_step turns training back on
     g, t = torch.Generator().manual_seed(0), max(4, min(length, 16))
     x = torch.randint(0, vocab_size, (3, t), generator=g)
     other, later = x.clone(), x.clone()
     other[0] = torch.randint(0, vocab_size, (t,), generator=g)
     later[:, t // 2:] = torch.randint(0, vocab_size, (3, t - t // 2), generator=g)
-    base, problem = model(x.to(device)), None
+    base = model(x.to(device))
     if not torch.allclose(model(other.to(device))[1:], base[1:], atol=1e-5):
-        problem = ("changing one sample of a batch changed the logits of the others: the "
-                   "transposed-batch bug (a (time, batch) tensor read as (batch, time)); check "
-                   "every reshape/transpose before the attention.")
-    elif not torch.allclose(model(later.to(device))[:, :t // 2], base[:, :t // 2], atol=1e-5):
-        problem = ("changing later tokens changed earlier logits: the model sees the future "
-                   "(a missing or wrong causal mask).")
-    model.train(was_training)
-    return problem
+        return ("changing one sample of a batch changed the logits of the others: the "
+                "transposed-batch bug (a (time, batch) tensor read as (batch, time)); check "
+                "every reshape/transpose before the attention.")
+    if not torch.allclose(model(later.to(device))[:, :t // 2], base[:, :t // 2], atol=1e-5):
+        return ("changing later tokens changed earlier logits: the model sees the future "
+                "(a missing or wrong causal mask).")
+    return None
 
 
 def run_overfit(cfg: TrainConfig, max_steps: int = 400, lr: float = 3e-3) -> tuple[bool, str]:
@@ -1351,7 +1333,8 @@ def run_overfit(cfg: TrainConfig, max_steps: int = 400, lr: float = 3e-3) -> tup
                      for s in seqs], tok.pad_id)
     block = max(map(len, seqs))  # generation re-creates the whole sequence, final EOS included
     ocfg = dataclasses.replace(
-        cfg, preset=BUDGET_LADDER[0]["preset"] if cfg.preset == "auto" else cfg.preset, n_layer=cfg.n_layer or 2, n_head=cfg.n_head or 4, n_embd=cfg.n_embd or 128,
+        cfg, preset=BUDGET_LADDER[0]["preset"] if cfg.preset == "auto" else cfg.preset,
+        n_layer=cfg.n_layer or 2, n_head=cfg.n_head or 4, n_embd=cfg.n_embd or 128,
         mlp_hidden=cfg.mlp_hidden or 256, block_size=block, dropout=0.0, lr=lr,
         warmup_steps=min(20, max_steps // 10), max_steps=max_steps, weight_decay=0.0, grad_accum=1,
         label_smoothing=0.0, lora_r=0, quantize_bits=0, init_from=None, compile=False,

@@ -4,7 +4,6 @@ run directory's lock, and DDP under torchrun."""
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import os
 import re
@@ -439,23 +438,15 @@ def test_a_stop_signal_during_the_final_evaluation_exits_with_its_code(assets, t
 
 
 def test_resume_of_a_run_killed_before_its_config_says_to_run_it_again(tmp_path, capsys):
-    """A SIGKILL before config.json leaves the lock and the tokenizer: --resume called codelm's
-    own directory "not a run dir"."""
+    """A SIGKILL before config.json leaves the lock and the tokenizer: --resume says there is
+    nothing to resume and to run the command again."""
     run = tmp_path / "runs" / "run"
     run.mkdir(parents=True)
     for name in (rundir.LOCK_FILE, *rundir.WRITTEN_BEFORE_CONFIG):
         (run / name).write_text("")
     assert tm.main(["--resume", str(run)]) == 2
-    assert ("its run was stopped before it wrote config.json: nothing to resume; run the "
-            "command that started it again") in capsys.readouterr().err
-    fd = os.open(run / rundir.LOCK_FILE, os.O_RDWR)
-    fcntl.flock(fd, fcntl.LOCK_EX)  # a run still preparing its data
-    try:
-        assert tm.main(["--resume", str(run)]) == 2
-        assert ("its run is still starting (it has not written config.json): wait for it"
-                in capsys.readouterr().err)
-    finally:
-        os.close(fd)
+    err = capsys.readouterr().err
+    assert "no config.json" in err and "run the command that started it again" in err
 
 
 def test_an_interrupt_outside_the_step_loop_says_what_is_left_to_resume(assets, tmp_path,
