@@ -95,14 +95,15 @@ def sigterm_at_step(monkeypatch, step: int, *sigs: int):
     """SIGTERM (or ``sigs``, one after the other) arrives during optimizer step ``step``
     (counted from 1 in this process); returns the real train_step."""
     import signal
+    import threading
 
     original, calls = tm.Trainer.train_step, [0]
 
     def train_step(self, *args, **kwargs):
         calls[0] += 1
         if calls[0] == step:
-            for sig in sigs or (signal.SIGTERM,):
-                os.kill(os.getpid(), sig)
+            for sig in sigs or (signal.SIGTERM,):  # to the main thread: handled in this order
+                signal.pthread_kill(threading.main_thread().ident, sig)
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(tm.Trainer, "train_step", train_step)
