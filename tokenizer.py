@@ -786,6 +786,9 @@ class BPETokenizer(_BatchEncodeMixin):
         self._build_added(spec.get("added_tokens") or [])
 
         size = max(max(vocab.values(), default=-1), max(self._added_ids.values(), default=-1)) + 1
+        n_tokens = len(vocab) + len(self._added_ids)  # a file's ids size the tables made below
+        _expect(size <= 2 * n_tokens + 1024, "model",
+                f"ids up to {size - 1} for {n_tokens} tokens (not dense)")
         self._id_to_token: list[str | None] = [None] * size
         self._id_to_bytes: list[bytes] = [b""] * size
         for token, i in chain(vocab.items(), self._added_ids.items()):
