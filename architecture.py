@@ -146,7 +146,9 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(vocab_size=512, block_size=128, n_layer=2, n_head=4, n_kv_head=2,
                     n_embd=64, mlp_hidden=176, tie_embeddings=True),
     # The small rungs of trainconfig.BUDGET_LADDER, named layers x width.
-    "code-4x128": ModelConfig(block_size=256, n_layer=4, n_head=4, n_embd=128, mlp_hidden=352,
+    "code-3x128": ModelConfig(block_size=256, n_layer=3, n_head=4, n_embd=128, mlp_hidden=352,
+                              tie_embeddings=True),
+    "code-4x160": ModelConfig(block_size=256, n_layer=4, n_head=5, n_embd=160, mlp_hidden=448,
                               tie_embeddings=True),
     "code-4x192": ModelConfig(block_size=256, n_layer=4, n_head=6, n_embd=192, mlp_hidden=512,
                               tie_embeddings=True),

@@ -771,19 +771,24 @@ def _generation(lm: LoadedModel, cfg: EvalConfig,
 def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig,
                    stops: Sequence[str] = (), desc: str = "generate",
                    prompt_ids: Sequence[tuple[list[int], tuple[int, int]]] | None = None,
-                   max_prompt_tokens: int | None = None) -> list[str]:
+                   max_prompt_tokens: int | None = None, skip_blank_lines: bool = False
+                   ) -> list[str]:
     """Continue each prompt (greedy, beams or sampled) in left-padded batches, up to EOS or the
     first stop string (cut off). ``prompt_ids``: each prompt's ids and code span as training
-    tokenized them; ``max_prompt_tokens``: the run's own prompt limit."""
+    tokenized them; ``max_prompt_tokens``: the run's own prompt limit; ``skip_blank_lines``: the
+    text starts at its first non-blank character (a stop before it does not count)."""
     from tokenizer import decode_generated
 
     tok, model = lm.tokenizer, lm.model
+
+    def text(ids: list[int]) -> str:
+        decoded = decode_generated(tok, ids)
+        return decoded.lstrip() if skip_blank_lines else decoded
     if prompt_ids is None:
         prompt_ids = [(ids, (0, 0)) for ids in _prompt_ids(lm, prompts, cfg)]
     gen, eos, encoded = _generation(
         lm, cfg, prompt_ids, max_prompt_tokens, num_beams=cfg.num_beams,
-        stop=(list(stops) or None) if cfg.num_beams == 1 else None,
-        decode=partial(decode_generated, tok))
+        stop=(list(stops) or None) if cfg.num_beams == 1 else None, decode=text)
     device = next(model.parameters()).device
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     outputs: list[str] = [""] * len(encoded)
@@ -799,7 +804,7 @@ def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig,
         for b, i in enumerate(rows):
             ids = out[b, idx.shape[1] :].tolist()
             ids = ids[: next((j for j, t in enumerate(ids) if t in eos), len(ids))]
-            outputs[i] = truncate_at_stops(decode_generated(tok, ids), stops)
+            outputs[i] = truncate_at_stops(text(ids), stops)
     return outputs
 
 
@@ -1010,9 +1015,10 @@ def run_generation_task(lm: LoadedModel, task: str, examples: Sequence[TaskExamp
     stops, clean_pred, clean_ref = _GENERATION[task]
     prompts = [e.prompt(lm.tokenizer) for e in examples]
     ids = [(prompt, span) for prompt, _, span in _training_ids(lm, examples, cfg, data_cfg)]
-    if task == "line":
+    if task == "line":  # its reference is the next line that is not blank: so is its prediction
         cfg = replace(cfg, max_new_tokens=min(cfg.max_new_tokens, LINE_NEW_TOKENS))
     raw = generate_texts(lm, prompts, cfg, stops, desc=task, prompt_ids=ids,
+                         skip_blank_lines=task == "line",
                          max_prompt_tokens=data_cfg.max_prompt_tokens if data_cfg else None)
     preds = [clean_pred(t) for t in raw]
     refs = [clean_ref(e.reference) for e in examples]

@@ -63,7 +63,7 @@ class TrainConfig:
     # tokenizer: a file/dir, else the model dir's, else a CodeTokenizer trained on the train split
     tokenizer: str | None = None  # a tokenizer.json / codelm tokenizer file or directory
     tokenizer_min_freq: int = 10  # a trained tokenizer keeps pieces seen this often
-    tokenizer_max_vocab: int | None = 8000  # a trained tokenizer's cap on learned pieces (its
+    tokenizer_max_vocab: int | None = 4000  # a trained tokenizer's cap on learned pieces (its
     #   byte and special tokens come on top)
     # LoRA (r = 0: full training) and a quantized frozen base (QLoRA)
     lora_r: int = 0  # adapter rank; needs init_from (a random base is not worth freezing)
@@ -522,14 +522,15 @@ MODEL_SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "mlp_hidden", "block_size", "
 # A budget takes the largest model that still trains on TOKENS_PER_PARAM tokens per parameter
 # in its minutes on the machine it runs on (each step time measured there).
 BUDGET_LADDER = (
-    {"preset": "code-4x128", "block_size": 256, "batch_size": 16, "lr": 3e-3},
-    {"preset": "code-4x192", "block_size": 256, "batch_size": 16, "lr": 2e-3},
-    {"preset": "code-6x256", "block_size": 512, "batch_size": 16, "lr": 1.5e-3},
+    {"preset": "code-3x128", "block_size": 256, "batch_size": 8, "lr": 1.5e-3},
+    {"preset": "code-4x160", "block_size": 256, "batch_size": 8, "lr": 1.5e-3},
+    {"preset": "code-4x192", "block_size": 256, "batch_size": 16, "lr": 1.5e-3},
+    {"preset": "code-6x256", "block_size": 512, "batch_size": 16, "lr": 1e-3},
     {"preset": "llama-14m", "block_size": 512, "batch_size": 16, "lr": 1e-3},
-    {"preset": "llama-60m", "block_size": 1024, "batch_size": 16, "lr": 6e-4},
+    {"preset": "llama-60m", "block_size": 1024, "batch_size": 32, "lr": 6e-4},
 )
-TOKENS_PER_PARAM = 20
-WARMUP_SHARE = 0.05  # a budgeted run's warmup, as a share of its steps
+TOKENS_PER_PARAM = 5
+WARMUP_SHARE = 0.02  # a budgeted run's warmup, as a share of its steps
 # What the settings left unset (None) take outside preset auto's choice.
 FALLBACKS = {"batch_size": 4, "lr": 1e-3, "warmup_steps": 50}
 
