@@ -529,7 +529,7 @@ BUDGET_LADDER = (
     {"preset": "llama-14m", "block_size": 512, "batch_size": 16, "lr": 1e-3},
     {"preset": "llama-60m", "block_size": 1024, "batch_size": 32, "lr": 6e-4},
 )
-TOKENS_PER_PARAM = 5
+TOKENS_PER_PARAM = 4
 WARMUP_SHARE = 0.02  # a budgeted run's warmup, as a share of its steps
 # What the settings left unset (None) take outside preset auto's choice.
 FALLBACKS = {"batch_size": 4, "lr": 1e-3, "warmup_steps": 50}

@@ -646,7 +646,7 @@ EVALS_IN_BUDGET = 4  # evaluations a budgeted run makes (the last at its end)
 # The share of a budget kept for the end: the export and sample, and the final evaluation.
 END_SHARE, FINAL_EVAL_SHARE = 0.02, 0.04
 # The share of preset auto's budget it expects to train in (the data is yet to be prepared).
-TRAIN_SHARE = 0.75
+TRAIN_SHARE = 0.85
 
 
 def _auto_rung(cfg: TrainConfig, device: torch.device, dist: Dist, seconds: float
