@@ -343,16 +343,14 @@ def test_generation_refuses_right_padded_or_empty_rows():
     mask[0, :2] = False  # left padding is fine
     mask[1, 4:] = False  # right padding is not
     for beams in (1, 2):
-        with pytest.raises(ValueError, match="attention_mask row 1 ends with padding: "
-                                             "generation needs left-padded prompts"):
+        with pytest.raises(ValueError, match="attention_mask row 1 ends with padding.*left-padded"):
             gen(model, idx, 3, attention_mask=mask, num_beams=beams)
     with pytest.raises(ValueError, match="attention_mask row 1 ends with padding"):
         next(gen_stream(model, idx, 3, attention_mask=mask))
     mask[1] = True
     mask[2] = False
     for beams in (1, 2):
-        with pytest.raises(ValueError, match="attention_mask row 2 ends with padding: "
-                                             "generation needs left-padded prompts"):
+        with pytest.raises(ValueError, match="attention_mask row 2 ends with padding.*left-padded"):
             gen(model, idx, 3, attention_mask=mask, num_beams=beams)
     mask[2] = True
     assert gen(model, idx, 3, attention_mask=mask).shape == (3, 9)
@@ -565,8 +563,7 @@ def test_full_context_prompt_continues_as_in_transformers(hf_dirs, family):
                            _hf_generate(hf, idx, n, num_beams=2))
     with pytest.raises(ValueError, match=rf"prompt length {block + 1} exceeds the context"):
         gen(model, _ids(1, block + 1, vocab=256), 0)
-    with pytest.raises(ValueError, match=rf"max_new_tokens 12 exceeds the context length "
-                                         rf"block_size={block} \+ 1"):
+    with pytest.raises(ValueError, match=rf"max_new_tokens 12 .*block_size={block} \+ 1"):
         gen(model, _ids(1, block - 10, vocab=256), 12)
 
 
@@ -776,7 +773,6 @@ def test_a_second_graph_decode_on_one_model_is_refused_until_the_first_ends():
 
     model = _model("llama")
     generation._graph_caches(model, 1, 256)
-    with pytest.raises(RuntimeError, match=r"already running on this model \(an unfinished "
-                                           r"stream\?\): exhaust or close it first"):
+    with pytest.raises(RuntimeError, match=r"already running.*unfinished stream.*close it"):
         generation._graph_caches(model, 1, 256)
     generation._graph_caches(copy.deepcopy(model), 1, 256)
