@@ -283,8 +283,7 @@ def test_sampling_and_generation_arguments_checked_up_front():
         (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
         (dict(top_p=0.0, temperature=1.0), r"top_p must be in \(0, 1\]"),
         (dict(top_p=float("nan"), temperature=1.0), r"top_p must be in \(0, 1\]"),
-        (dict(temperature=-1.0), r"temperature must be 0 \(greedy\) or a finite number >= "
-                                 r"1e-10 \(smaller ones overflow the logits\), got -1.0"),
+        (dict(temperature=-1.0), r"temperature must be 0 \(greedy\).*>= 1e-10.*got -1\.0"),
         (dict(temperature="0.7"), "temperature must be 0 .* got '0.7'"),
         # logits / temperature would be inf (a NaN softmax, failing deep in multinomial) or 0
         (dict(temperature=1e-300), "temperature must be 0 .* got 1e-300"),
