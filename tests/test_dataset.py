@@ -2023,10 +2023,10 @@ def test_sources_that_only_copy_val_documents_say_why_train_is_empty(tmp_path):
                       [{"repo": "u/r", "path": n, "text": t} for n, t in texts.items()])
     with pytest.raises(DataError) as info:
         dataset.load_corpus(cfg(tmp_path, sources=[str(src)], val_sources=[str(val)]))
-    assert str(info.value) == (
-        f"sources {[str(src)]} left no train documents (kept: {{'train': 0, 'val': 3, 'test': 0}}"
-        ", dropped: {'duplicate': 3}); add data (a training document identical to a val/test one "
-        "is dropped as a duplicate: a val/test source must not also be a training source)")
+    said = str(info.value)
+    assert all(w in said for w in (f"sources {[str(src)]}", "no train documents", "'val': 3",
+                                   "'duplicate': 3", "add data",
+                                   "must not also be a training source")), said
     with pytest.raises(DataError, match=r"left no train documents .*dropped: none\); add data$"):
         dataset.load_corpus(cfg(tmp_path, sources=[str(src)], train_frac=0.0, val_frac=0.5,
                                 test_frac=0.5))

@@ -1975,14 +1975,13 @@ def test_a_tokenizer_that_is_not_the_models_is_refused(tiny_models, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     CodeTokenizer.train(texts, min_freq=2, special_tokens=("<bos>", "<eos>", "<pad>")).save(other)
-    refused = (f"{other / 'tokenizer.json'} is not the tokenizer of the model in {m['base']}: "
-               f"{m['base'] / 'config.json'} has bos_token_id 1 ('<eos>' in the tokenizer, its "
-               "eos) and eos_token_id 2 ('<pad>' in the tokenizer), but the tokenizer's bos is 0 "
-               "('<bos>') and the tokenizer's eos is 1 ('<eos>'); pass --tokenizer "
-               f"{m['base']}, the model's own")
     with pytest.raises(ValueError) as err:
         ev.load_model(str(m["base"]), cpu, str(other))
-    assert str(err.value) == refused
+    said = str(err.value)
+    assert said.startswith(f"{other / 'tokenizer.json'} is not the tokenizer"), said
+    assert all(w in said for w in (str(m["base"] / "config.json"), "bos_token_id 1 ('<eos>'",
+                                   "eos_token_id 2 ('<pad>'", "bos is 0 ('<bos>')",
+                                   "eos is 1 ('<eos>')", f"--tokenizer {m['base']}")), said
     adapter = tmp_path / "adapter"
     shutil.copytree(m["adapter"], adapter)
     shutil.copy(other / "tokenizer.json", adapter / "tokenizer.json")
@@ -2467,8 +2466,9 @@ def test_early_settings_check_refuses_what_evaluate_would_and_not_what_it_resolv
     ev.check_settings_unchanged(dataclasses.replace(again, out_dir=str(tmp_path / "new")), "x")
     with pytest.raises(ValueError) as err:
         ev.check_settings_unchanged(dataclasses.replace(again, lm_windows=2), "do this")
-    assert str(err.value) == (f"{out / 'results.json'}: the results of a different evaluation "
-                              "(differs in lm_windows (1 there, 2 now)); do this")
+    said = str(err.value)
+    assert all(w in said for w in (str(out / "results.json"), "different evaluation",
+                                   "lm_windows (1 there, 2 now)", "do this")), said
 
 
 def test_a_rerun_with_edited_passk_problems_is_refused(tiny_models, tmp_path, monkeypatch,

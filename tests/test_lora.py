@@ -1190,17 +1190,17 @@ def test_one_string_target_explains_that_it_is_a_full_name_regex(tmp_path):
     """PEFT reads one string as a regex over whole module names, so "q_proj" matches nothing;
     the error listed q_proj among the valid names without saying why."""
     model, fresh = _saved_adapter(tmp_path)
-    explained = ("LoRA target(s) 'q_proj' match no module of this llama model: one string is a "
-                 "regular expression that must match a whole module name (e.g. "
-                 "model.layers.0.self_attn.q_proj); to match names by their last part, pass a "
-                 "list: ['q_proj']")
+    explained = ("target(s) 'q_proj'", "no module of this llama model", "regular expression",
+                 "whole module name", "model.layers.0.self_attn.q_proj", "list: ['q_proj']")
     with pytest.raises(ValueError) as e:
         apply_lora(fresh, LoRAConfig(target_modules="q_proj"))
-    assert str(e.value) == explained
+    assert all(w in str(e.value) for w in explained), e.value
     _edit_adapter(tmp_path / "a", config={"target_modules": "q_proj"})
     with pytest.raises(ValueError) as e:
         load_adapter(fresh, tmp_path / "a")
-    assert str(e.value) == f"{tmp_path / 'a' / lora.ADAPTER_CONFIG}: {explained}"
+    said = str(e.value)
+    assert said.startswith(f"{tmp_path / 'a' / lora.ADAPTER_CONFIG}: "), said
+    assert all(w in said for w in explained), said
     assert not list(lora_modules(fresh))
 
 

@@ -334,8 +334,9 @@ def test_save_refuses_a_run_directory_or_an_adapter_directory(checkpoints, tmp_p
     (run / "config.json").write_text(train_config)
     with pytest.raises(ValueError) as e:
         pretrained.save(model, run)
-    assert str(e.value) == (f"save_pretrained: {run / 'config.json'} is a codelm run's "
-                            "TrainConfig; save into another directory")
+    said = str(e.value)
+    assert all(w in said for w in (str(run / "config.json"), "TrainConfig",
+                                   "another directory")), said
     assert sorted(p.name for p in run.iterdir()) == ["config.json"]
     assert (run / "config.json").read_text() == train_config
     adapter = tmp_path / "adapter"
@@ -994,8 +995,10 @@ def test_error_bin_that_is_no_pickle_gives_no_advice_to_drop_weights_only(checkp
     (tmp_path / "pytorch_model.bin").write_bytes(b"not a pickle")
     with pytest.raises(ValueError) as e:
         pretrained.load(tmp_path)
-    assert str(e.value) == (f"{tmp_path / 'pytorch_model.bin'}: truncated or corrupt weights "
-                            "file (UnpicklingError)")
+    said = str(e.value)
+    assert "weights_only" not in said, said  # no advice to run the file's code
+    assert all(w in said for w in (f"{tmp_path / 'pytorch_model.bin'}: truncated or corrupt",
+                                   "UnpicklingError")), said
 
 
 def test_error_another_familys_weights_are_missing_tensors_without_a_tie_warning(

@@ -1800,11 +1800,11 @@ def test_a_tokenizer_whose_roles_cross_the_models_config_is_refused(role_tokeniz
     assert wrong.vocab_size <= 512 and (wrong.bos_id, wrong.eos_id) == (0, 1)
     with pytest.raises(ValueError) as err:
         check_model_tokenizer(wrong, llama3 / "tokenizer.json", model)
-    assert str(err.value) == (
-        f"{llama3 / 'tokenizer.json'} is not the tokenizer of the model in {model}: "
-        f"{model / 'config.json'} has eos_token_id 0 ('<|begin_of_text|>' in the tokenizer, its "
-        "bos), but the tokenizer's eos is 1 ('<|end_of_text|>'); pass --tokenizer "
-        f"{model}, the model's own")
+    said = str(err.value)
+    assert said.startswith(f"{llama3 / 'tokenizer.json'} is not the tokenizer"), said
+    assert all(w in said for w in (str(model / "config.json"),
+                                   "eos_token_id 0 ('<|begin_of_text|>'", "its bos",
+                                   "eos is 1 ('<|end_of_text|>')", f"--tokenizer {model}")), said
 
 
 def test_a_codelm_tokenizer_the_config_does_not_name_is_refused(tmp_path):
@@ -1884,13 +1884,14 @@ def test_one_crossed_role_is_refused_beside_an_ordinary_one_with_the_models_own_
     tok = load_tokenizer(llama3)
     with pytest.raises(ValueError) as err:
         check_model_tokenizer(tok, model / "tokenizer.json", model)
-    assert str(err.value) == (
-        f"{model / 'tokenizer.json'} is not the tokenizer of the model in {model}: "
-        f"{model / 'config.json'} has bos_token_id {ordinary} ('a' in the tokenizer) and "
-        f"eos_token_id {hf.bos_token_id} ({hf.bos_token!r} in the tokenizer, its bos), but the "
-        f"tokenizer's bos is {hf.bos_token_id} ({hf.bos_token!r}) and the tokenizer's eos is "
-        f"{hf.eos_token_id} ({hf.eos_token!r}); pass --tokenizer with the tokenizer {model} was "
-        "trained with")
+    said = str(err.value)
+    assert said.startswith(f"{model / 'tokenizer.json'} is not the tokenizer"), said
+    assert all(w in said for w in (str(model / "config.json"),
+                                   f"bos_token_id {ordinary} ('a' in",
+                                   f"eos_token_id {hf.bos_token_id} ({hf.bos_token!r}",
+                                   f"bos is {hf.bos_token_id} ({hf.bos_token!r})",
+                                   f"eos is {hf.eos_token_id} ({hf.eos_token!r})",
+                                   "--tokenizer with the tokenizer")), said
 
 
 def test_config_ids_at_the_edge_of_the_embeddings_and_the_tokenizer(tmp_path):
