@@ -862,8 +862,8 @@ def test_an_out_dir_that_cannot_be_created_is_an_error_naming_the_flag(tmp_path,
     assert recipes.main([str(CONFIGS / "code_completion.json"), "--out-dir",
                          str(tmp_path / "file" / "runs")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {tmp_path / 'file' / 'runs'}: cannot create the output "
-                          "directory (Not a directory); check --out-dir"), err
+    assert err.startswith(f"error: {tmp_path / 'file' / 'runs'}: "), err
+    assert all(w in err for w in ("output directory", "Not a directory", "--out-dir")), err
 
 
 def test_a_recipe_with_an_unknown_top_level_key_is_refused(tmp_path):
@@ -1025,17 +1025,20 @@ def test_a_recipes_lora_key_at_its_default_that_differs_from_its_init_adapter_is
     recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"]}, init_adapter=str(adapter))
     with pytest.raises(ValueError) as refused:
         tm.parse_config(["--config", str(recipe), "--lora-alpha", "16"])
-    assert str(refused.value).startswith(
-        f"lora_alpha (16.0, --lora-alpha) (the adapter's: 4): init_adapter ({str(adapter)!r}, "
-        f"--config {recipe}) fixes these")
+    said = str(refused.value)
+    assert said.startswith("lora_alpha (16.0, --lora-alpha)"), said
+    assert all(w in said for w in ("the adapter's: 4",
+                                   f"init_adapter ({str(adapter)!r}, --config {recipe})",
+                                   "fixes these")), said
     trained = []
     monkeypatch.setattr(tm, "train", _stop_training(trained))
     flags = [str(recipe), "--out-dir", str(tmp_path / "runs"), "--no-progress", "--skip-eval"]
     assert recipes.main([*flags, "--set", "train.lora_alpha=16"]) == 2
-    assert capsys.readouterr().err.startswith(
-        f"error: lora_alpha (16.0, --set train.lora_alpha) (the adapter's: 4): init_adapter "
-        f"({str(adapter)!r}, train.init_adapter in {recipe} (or --set train.init_adapter=VALUE)) "
-        "fixes these") and not trained
+    err = capsys.readouterr().err
+    assert err.startswith("error: lora_alpha (16.0, --set train.lora_alpha)") and not trained, err
+    assert all(w in err for w in ("the adapter's: 4", f"init_adapter ({str(adapter)!r}, "
+                                  f"train.init_adapter in {recipe}",
+                                  "--set train.init_adapter=VALUE", "fixes these")), err
     monkeypatch.setattr(tm, "validate_config", lambda cfg, where_set=None: None)  # a toy base
     assert recipes.main([*flags, "--set", "train.lora_alpha=4"]) == 2  # the adapter's: trains
     assert "stopped before training" in capsys.readouterr().err
@@ -1105,10 +1108,11 @@ def test_a_recipes_eval_error_names_its_eval_section_or_set(tmp_path, capsys):
     recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"], "num_samples": 4})
     flags = ["--out-dir", str(tmp_path / "runs"), "--no-progress", "--skip-eval"]
     assert recipes.main([str(recipe), *flags]) == 2
-    assert capsys.readouterr().err.startswith(
-        f"error: num_samples (4, eval.num_samples in {recipe} (or --set eval.num_samples=VALUE)):"
-        f" greedy decoding, temperature (0.0, eval.temperature in {recipe} (or --set "
-        "eval.temperature=VALUE)), gives one distinct sample")
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: num_samples (4, eval.num_samples in {recipe}"), err
+    assert all(w in err for w in ("--set eval.num_samples=VALUE", "greedy",
+                                  f"temperature (0.0, eval.temperature in {recipe}",
+                                  "--set eval.temperature=VALUE", "one distinct sample")), err
     recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"]})
     assert recipes.main([str(recipe), *flags, "--set", "eval.num_samples=3"]) == 2
     assert capsys.readouterr().err.startswith("error: num_samples (3, --set eval.num_samples): ")

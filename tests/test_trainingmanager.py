@@ -1664,9 +1664,9 @@ def test_a_tokenizer_other_than_the_checkpoints_own_is_warned_about(assets, tmp_
     capsys.readouterr()
     assert tm.load_or_train_tokenizer(cfg, tm.data_config(cfg, 32)).vocab_size < 512  # fits
     err = capsys.readouterr().err
-    assert err.startswith(f"warning: --tokenizer {assets['tokenizer']} differs from "
-                          f"{base / 'tokenizer.json'}, the one --init-from {base} was "
-                          "trained with")
+    assert err.startswith(f"warning: --tokenizer {assets['tokenizer']} "), err
+    assert all(w in err for w in ("differs", str(base / "tokenizer.json"),
+                                  f"--init-from {base}")), err
     same = dataclasses.replace(cfg, tokenizer=str(base))  # its own, named again: no warning
     tm.load_or_train_tokenizer(same, tm.data_config(same, 32))
     assert capsys.readouterr().err == ""
@@ -2239,11 +2239,12 @@ def test_init_adapter_refuses_a_lora_setting_that_differs_from_the_adapter(tmp_p
         with pytest.raises(ValueError, match=rf"^{key} \(.*\) \(the adapter's: "):
             tm.validate_config(tm.TrainConfig(init_adapter=adapter, **{key: value}))
     assert tm.main(["--init-adapter", adapter, "--lora-r", "8"]) == 2
-    assert capsys.readouterr().err.endswith(
-        f"error: lora_r (8, --lora-r) (the adapter's: 4): init_adapter ({adapter!r}, "
-        f"--init-adapter) fixes these "
-        f"({adapter}/adapter_config.json): drop those settings to train the adapter on as it "
-        "is\n")
+    err = capsys.readouterr().err
+    last = err.splitlines()[-1]
+    assert last.startswith("error: lora_r (8, --lora-r)"), err
+    assert all(w in last for w in ("the adapter's: 4",
+                                   f"init_adapter ({adapter!r}, --init-adapter)",
+                                   f"{adapter}/adapter_config.json", "drop those settings")), err
     # Typed at its default value, a flag still says what the user wants: an error too.
     for flag, value, key in [("--lora-alpha", "16", "lora_alpha"),
                              ("--lora-dropout", "0", "lora_dropout")]:
@@ -3374,9 +3375,9 @@ def test_an_error_of_two_settings_names_where_each_was_set(tmp_path, capsys):
     config = tmp_path / "run.json"
     config.write_text(json.dumps({"quantize_bits": 4}))
     assert tm.main(["--config", str(config), "--device", "cpu"]) == 2
-    assert capsys.readouterr().err.startswith(
-        f"error: quantize_bits (4, --config {config}): a quantized base is frozen: it needs LoRA, "
-        "but lora_r (0, --lora-r) trains every weight")
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: quantize_bits (4, --config {config})"), err
+    assert all(w in err for w in ("quantized base", "needs LoRA", "lora_r (0, --lora-r)")), err
     config.write_text(json.dumps({"init_from": "/nonexistent"}))
     assert tm.main(["--config", str(config), "--n-layer", "2", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
@@ -3419,8 +3420,9 @@ def test_a_model_shape_error_names_the_settings_it_was_made_of(tmp_path, capsys)
                                   "n_embd (30, --n-embd)", "not divisible by n_head=4")), err
     config.write_text(json.dumps({"preset": "nope"}))
     assert tm.main(["--config", str(config), "--device", "cpu"]) == 2
-    assert capsys.readouterr().err.startswith(
-        f"error: preset ('nope', --config {config}): unknown preset 'nope'; choose auto or one of [")
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: preset ('nope', --config {config})"), err
+    assert all(w in err for w in ("unknown preset 'nope'", "auto", "one of [")), err
 
 
 def test_a_from_scratch_model_the_hf_layout_cannot_hold_is_refused_before_training(tmp_path):
