@@ -1931,8 +1931,8 @@ def test_a_jsonl_line_cut_short_is_named_at_its_end_not_on_a_second_line(tmp_pat
     each record is one line, so the error names its column, and that it is the line's end."""
     cut = '{"input": "def f(x):\\n    return x", "output": '
     bad = write_jsonl(tmp_path / "cut.jsonl", [{"input": "a", "output": "b"}, cut])
-    with pytest.raises(DataError, match=rf"cut\.jsonl:2: malformed JSON at column {len(cut) + 1} "
-                                        r"\(the end of the line\): Expecting value \(skip"):
+    with pytest.raises(DataError, match=rf"cut\.jsonl:2: .*column {len(cut) + 1} "
+                                        r"\(the end of the line\).*--skip-bad"):
         dataset.load_corpus(cfg(tmp_path, sources=[str(bad)]))
 
 
@@ -2023,10 +2023,10 @@ def test_sources_that_only_copy_val_documents_say_why_train_is_empty(tmp_path):
                       [{"repo": "u/r", "path": n, "text": t} for n, t in texts.items()])
     with pytest.raises(DataError) as info:
         dataset.load_corpus(cfg(tmp_path, sources=[str(src)], val_sources=[str(val)]))
-    assert str(info.value) == (
-        f"sources {[str(src)]} left no train documents (kept: {{'train': 0, 'val': 3, 'test': 0}}"
-        ", dropped: {'duplicate': 3}); add data (a training document identical to a val/test one "
-        "is dropped as a duplicate: a val/test source must not also be a training source)")
+    said = str(info.value)
+    assert all(w in said for w in (f"sources {[str(src)]}", "no train documents", "'val': 3",
+                                   "'duplicate': 3", "add data",
+                                   "must not also be a training source")), said
     with pytest.raises(DataError, match=r"left no train documents .*dropped: none\); add data$"):
         dataset.load_corpus(cfg(tmp_path, sources=[str(src)], train_frac=0.0, val_frac=0.5,
                                 test_frac=0.5))
@@ -2047,11 +2047,14 @@ def test_pairs_under_the_lm_task_get_one_note_per_source(tmp_path, tok, capsys):
                               ("completion", str(pairs), False)):
         data = prepare(cfg(tmp_path, sources=[str(code), source], task=task, block_size=32,
                            **WHOLE), tok)
-        note = (f"note: {source} holds 4 input/output pairs; the lm task trains on each as plain "
-                "text (input, newline, output; the loss on both): another task, e.g. --task "
-                "refactor, trains on the output only\n")
+        err = capsys.readouterr().err
         assert data.stats["cache_hit"] == hit, task
-        assert capsys.readouterr().err == (note if task == "lm" else ""), task
+        if task != "lm":
+            assert err == "", task
+            continue
+        assert len(err.splitlines()) == 1 and err.startswith("note: "), err
+        assert all(w in err for w in (source, "4 input/output pairs", "lm task", "plain text",
+                                      "--task refactor")), err
 
 
 def test_second_prepare_loads_from_cache_and_keys_cover_options(tmp_path, tok):
@@ -2427,14 +2430,17 @@ def test_a_cache_dir_that_cannot_be_made_names_its_setting(tmp_path, monkeypatch
     blocker.write_text("")
     monkeypatch.setenv("CODELM_CACHE", str(blocker))
     assert dataset.main(["--sources", str(EMAIL), "--no-progress"]) == 2
-    assert capsys.readouterr().err == (
-        f"error: {blocker / 'data'}: cannot create the data cache (Not a directory); "
-        f"CODELM_CACHE={blocker} puts it there; point CODELM_CACHE to a writable directory (or "
-        "set data_options.cache_dir)\n")
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert all(w in err for w in (str(blocker / "data"), "Not a directory",
+                                  f"CODELM_CACHE={blocker}", "point CODELM_CACHE",
+                                  "data_options.cache_dir")), err
     assert dataset.main(["--sources", str(EMAIL), "--cache-dir", str(blocker / "c"),
                          "--no-progress"]) == 2
-    assert capsys.readouterr().err == (f"error: --cache-dir {blocker / 'c'}: cannot create it "
-                                       "(Not a directory)\n")
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "CODELM_CACHE" not in err, err
+    assert all(w in err for w in (f"--cache-dir {blocker / 'c'}", "cannot create",
+                                  "Not a directory")), err
 
 
 def test_an_empty_jsonl_source_is_named_as_holding_nothing(tmp_path, tok):
@@ -2453,8 +2459,8 @@ def test_refactor_on_code_files_says_it_needs_pairs(tmp_path, tok):
     text = "".join(f"value_{i} = compute({i})\n" for i in range(12))
     records = [{"repo": "o/r", "path": f"m{i}.py", "text": f"# {i}\n{text}"} for i in range(5)]
     scraped = write_jsonl(tmp_path / "scraped.jsonl", records)
-    with pytest.raises(DataError, match=r"^the refactor task needs JSONL pair records "
-                       r"\{'input', 'output'\}; the data holds code files \(e\.g\. o/r/m\d\.py: "):
+    with pytest.raises(DataError, match=r"refactor task.*\{'input', 'output'\}.*code files"
+                                        r".*o/r/m\d\.py"):
         prepare(cfg(tmp_path, task="refactor", sources=[str(scraped)]), tok)
 
 
@@ -2742,8 +2748,8 @@ def test_code_records_read_their_text_column_and_bad_rows_name_file_and_row(tmp_
     corpus = dataset.load_corpus(cfg(tmp_path, sources=[str(parquet)], text_column="content",
                                      **WHOLE))
     assert sorted(d.id for d in corpus.train) == ["r1/a.py", "r2/b.py", "r3/c.py"]
-    with pytest.raises(DataError, match=r"code.parquet: no column 'text' \(its columns: "
-                                        r"content, repo, path\); set the data options"):
+    with pytest.raises(DataError, match=r"code\.parquet: no column 'text'.*content, repo, path"
+                                        r".*text_column"):
         dataset.load_corpus(cfg(tmp_path, sources=[str(parquet)], text_column="text"))
     with pytest.raises(DataError, match=r"code.parquet: row 1: record has none of the keys"):
         dataset.load_corpus(cfg(tmp_path, sources=[str(parquet)]))

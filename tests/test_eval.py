@@ -234,8 +234,7 @@ def test_metrics_refuse_a_str(metric):
     """One example given as two strings was scored one character per example (exact match 83.3
     for two different lines)."""
     for preds, refs in (("return a + b", "return b + a"), (["x"], "y")):
-        with pytest.raises(ValueError, match=r"not a str; score one example as a list of one: "
-                                             r"exact_match\(\[pred\]"):
+        with pytest.raises(ValueError, match=r"not a str.*list of one.*exact_match\(\[pred\]"):
             metric(preds, refs)
 
 
@@ -534,8 +533,9 @@ def test_a_canonical_solution_failing_its_test_is_an_error_before_any_generation
     out = tmp_path / "out"
     assert ev.main(["--models", str(tiny_models["base"]), "--tasks", "passk", "--problems",
                     str(path), "--out-dir", str(out), "--no-progress", "--workers", "1"]) == 2
-    assert capsys.readouterr().err == (f"error: {path}:2: the canonical solution fails its "
-                                       "own test (failed: AssertionError)\n")
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert all(w in err for w in (f"{path}:2", "canonical solution fails", "AssertionError")), err
     assert not out.exists()
 
 
@@ -552,7 +552,9 @@ def test_limit_keeps_the_first_problems_and_runs_only_their_canonical_solutions(
                     + json.dumps({**FORTY_TWO, "task_id": "C",
                                   "canonical_solution": "    return 41\n"}) + "\n")
     assert [p["task_id"] for p in ev.load_problems(path, sandbox, 1, limit=2)] == ["t/42", "B"]
-    assert capsys.readouterr().err == f"note: pass@k on the first 2 of the 3 problems of {path} (--limit)\n"
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("note: "), err
+    assert all(w in err for w in ("first 2 of the 3 problems", str(path), "--limit")), err
     with pytest.raises(ValueError, match="p.jsonl:3: the canonical solution fails"):
         ev.load_problems(path, sandbox, 1, limit=3)
     path.write_text(good + _problem_line("B") + json.dumps({**FORTY_TWO, "task_id": "C",
@@ -671,8 +673,8 @@ def test_bad_settings_are_rejected_before_any_work(flags, key, capsys, monkeypat
 def test_a_data_options_typo_is_named_with_its_close_match():
     """eval.py listed every DataConfig key for {"extension": ...}; trainingmanager.py's
     --data-options names the close match, as every other unknown key does."""
-    with pytest.raises(ValueError, match=r"^data_options \(.*, --data-options\): unknown "
-                       r"DataConfig key 'extension'; did you mean 'extensions'\?$"):
+    with pytest.raises(ValueError, match=r"^data_options \(.*--data-options\).*'extension'.*"
+                                         r"did you mean 'extensions'\?$"):
         ev.config_from_dict({"data_options": {"extension": [".kt"]}})
 
 
@@ -740,7 +742,7 @@ def test_corrupt_model_json_files_are_named(tmp_path):
     run = tmp_path / "run"
     (run / "export").mkdir(parents=True)
     (run / "config.json").write_text('{\n  "task": "lm",\n  oops\n}\n')
-    with pytest.raises(ValueError, match=r"run/config.json: invalid JSON at line 3, column 3: Expecting property"):
+    with pytest.raises(ValueError, match=r"run/config\.json: .*line 3, column 3"):
         ev.load_model(str(run), torch.device("cpu"))
     adapter = tmp_path / "adapter"
     adapter.mkdir()
@@ -748,7 +750,7 @@ def test_corrupt_model_json_files_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"adapter/adapter_config.json: invalid JSON at line 2"):
         ev.load_model(str(adapter), torch.device("cpu"))
     (adapter / "adapter_config.json").write_text("[4]")
-    with pytest.raises(ValueError, match=r"adapter_config.json: the adapter config must be one JSON object, not an array"):
+    with pytest.raises(ValueError, match=r"adapter_config\.json: .*one JSON object, not an array"):
         ev.load_model(str(adapter), torch.device("cpu"))
 
 
@@ -1954,8 +1956,7 @@ def test_which_tokenizer_a_model_spec_loads(tiny_models, tmp_path):
     big_dir = tmp_path / "big"
     big_dir.mkdir()
     big.save(big_dir)
-    with pytest.raises(ValueError, match=f"the tokenizer has {big.vocab_size} tokens, the model "
-                                         f"only {vocab} embeddings"):
+    with pytest.raises(ValueError, match=f"{big.vocab_size} tokens.*only {vocab} embeddings"):
         ev.load_model(str(m["base"]), cpu, str(big_dir))
 
 
@@ -1974,19 +1975,18 @@ def test_a_tokenizer_that_is_not_the_models_is_refused(tiny_models, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     CodeTokenizer.train(texts, min_freq=2, special_tokens=("<bos>", "<eos>", "<pad>")).save(other)
-    refused = (f"{other / 'tokenizer.json'} is not the tokenizer of the model in {m['base']}: "
-               f"{m['base'] / 'config.json'} has bos_token_id 1 ('<eos>' in the tokenizer, its "
-               "eos) and eos_token_id 2 ('<pad>' in the tokenizer), but the tokenizer's bos is 0 "
-               "('<bos>') and the tokenizer's eos is 1 ('<eos>'); pass --tokenizer "
-               f"{m['base']}, the model's own")
     with pytest.raises(ValueError) as err:
         ev.load_model(str(m["base"]), cpu, str(other))
-    assert str(err.value) == refused
+    said = str(err.value)
+    assert said.startswith(f"{other / 'tokenizer.json'} is not the tokenizer"), said
+    assert all(w in said for w in (str(m["base"] / "config.json"), "bos_token_id 1 ('<eos>'",
+                                   "eos_token_id 2 ('<pad>'", "bos is 0 ('<bos>')",
+                                   "eos is 1 ('<eos>')", f"--tokenizer {m['base']}")), said
     adapter = tmp_path / "adapter"
     shutil.copytree(m["adapter"], adapter)
     shutil.copy(other / "tokenizer.json", adapter / "tokenizer.json")
-    with pytest.raises(ValueError, match=f"^{adapter / 'tokenizer.json'} is not the tokenizer of "
-                                         f"the model in {m['base']}: "):
+    with pytest.raises(ValueError, match=f"^{adapter / 'tokenizer.json'}.*not the tokenizer.*"
+                                         f"{m['base']}"):
         ev.load_model(str(adapter), cpu)
     run = tmp_path / "lora-run"  # a run's own tokenizer is not checked; a --tokenizer is
     shutil.copytree(m["adapter"], run / "export")
@@ -1994,8 +1994,8 @@ def test_a_tokenizer_that_is_not_the_models_is_refused(tiny_models, tmp_path):
     shutil.copy(m["base"] / "tokenizer.json", run / "tokenizer.json")
     (run / "config.json").write_text(json.dumps({"init_from": str(m["base"]), "lora_r": 4}))
     ev.load_model(str(run), cpu)
-    with pytest.raises(ValueError, match=f"^{other / 'tokenizer.json'} is not the tokenizer of "
-                                         f"the model in {m['base']}: "):
+    with pytest.raises(ValueError, match=f"^{other / 'tokenizer.json'}.*not the tokenizer.*"
+                                         f"{m['base']}"):
         ev.load_model(str(run), cpu, str(other))
 
 
@@ -2010,9 +2010,8 @@ def test_a_runs_export_without_its_tokenizer_names_the_run(tiny_models, tmp_path
     shutil.copytree(tiny_models["base"], run / "export")
     shutil.move(run / "export" / "tokenizer.json", run / "tokenizer.json")
     export = run / "export"
-    with pytest.raises(ValueError, match=f"^EvalConfig.models '{export}': no tokenizer.json in "
-                                         f"{export}; {run.resolve()} above it holds one; pass "
-                                         "--tokenizer$"):
+    with pytest.raises(ValueError, match=f"^EvalConfig.models '{export}': no tokenizer.json.*"
+                                         f"{run.resolve()} above it.*--tokenizer$"):
         ev.load_model(str(export), torch.device("cpu"))
 
 
@@ -2074,9 +2073,10 @@ def test_a_run_dir_scores_best_when_its_export_holds_an_older_best(tiny_models, 
     assert scored_is(old) and capsys.readouterr().err == ""
     (run / "export" / rundir.EXPORT_RECORD).write_text(json.dumps({"best_step": 10}))
     assert scored_is(new)
-    assert capsys.readouterr().err == (
-        f"note: {run / 'export'} is not used: it holds the best weights of step 10, best/ those "
-        "of step 30 (the run trained on after its export); scoring best/\n")
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("note: "), err
+    assert all(w in err for w in (f"{run / 'export'} is not used", "step 10", "step 30",
+                                  "scoring best/")), err
     half = ev.load_model(str(run), torch.device("cpu"), dtype="bf16").model.state_dict()
     assert all(half[k].dtype == torch.bfloat16 and torch.equal(t.to(torch.bfloat16), half[k])
                for k, t in new.state_dict().items() if t.is_floating_point())  # --dtype: best/
@@ -2145,9 +2145,10 @@ def test_config_file_and_user_errors(tiny_models, tmp_path, monkeypatch, capsys)
     process.write_manifest(run / "export")
     spec = f"{tiny_models['base']}+{run}"
     assert ev.main(["--models", spec, "--prompt", "x"]) == 2
-    assert capsys.readouterr().err == (
-        f"error: EvalConfig.models {spec!r}: {run} holds no adapter_config.json "
-        f"({run / 'export'} holds one)\n")
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert all(w in err for w in (f"EvalConfig.models {spec!r}", f"{run} holds no adapter_config",
+                                  f"{run / 'export'} holds one")), err
 
 
 @pytest.mark.slow
@@ -2235,15 +2236,14 @@ def _fail_in_model_b(error: BaseException):
     return generate
 
 
-@pytest.mark.parametrize("error, code, message", [
-    (KeyboardInterrupt(), 130, "interrupted"),
-    (KeyboardInterrupt("SIGTERM"), 143, "interrupted"),
-    (ev.torch.OutOfMemoryError("CUDA out of memory"), 1, "error: out of memory (CUDA out of "
-     "memory); a smaller --batch-size needs less (a smaller --max-new-tokens too, in a new "
-     "--out-dir)"),
+@pytest.mark.parametrize("error, code, words", [
+    (KeyboardInterrupt(), 130, ("interrupted",)),
+    (KeyboardInterrupt("SIGTERM"), 143, ("interrupted",)),
+    (ev.torch.OutOfMemoryError("CUDA out of memory"), 1,
+     ("error: out of memory", "smaller --batch-size", "--max-new-tokens", "new --out-dir")),
 ], ids=["SIGINT", "SIGTERM", "out-of-memory"])
 def test_a_model_that_fails_or_is_interrupted_keeps_the_finished_models(
-        tiny_models, tmp_path, monkeypatch, capsys, error, code, message):
+        tiny_models, tmp_path, monkeypatch, capsys, error, code, words):
     import json
 
     monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
@@ -2253,9 +2253,10 @@ def test_a_model_that_fails_or_is_interrupted_keeps_the_finished_models(
                     str(tiny_models["code"]), "--tasks", "line", "--out-dir", str(out),
                     *FAST_FLAGS]) == code
     captured = capsys.readouterr()
-    assert captured.err == (f"{message}; stopped at model b; results of 1 of 3 models (a) saved "
-                            f"in {out} (the same command with --out-dir {out} evaluates the "
-                            "rest)\n")
+    err = captured.err
+    assert len(err.splitlines()) == 1 and err.startswith(words[0]), err
+    assert all(w in err for w in (*words, "stopped at model b", "1 of 3 models (a)",
+                                  f"saved in {out}", f"--out-dir {out} evaluates the rest")), err
     results = json.loads((out / "results.json").read_text())
     assert results["complete"] is False and results["pending"] == ["b", "c"]
     assert [row["model"] for row in results["rows"]] == ["a"]
@@ -2294,9 +2295,11 @@ def test_a_ctrl_c_just_after_a_models_results_are_saved_reports_them_saved(
                     *FAST_FLAGS]) == 130
     assert [row["model"] for row in json.loads((out / "results.json").read_text())["rows"]] == [
         "a", "b"]
-    assert capsys.readouterr().err == (
-        f"interrupted; results of 2 of 3 models (a, b) saved in {out} (the same command with "
-        f"--out-dir {out} evaluates the rest)\n")
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("interrupted"), err
+    assert "stopped at model" not in err, err  # no model was running
+    assert all(w in err for w in ("2 of 3 models (a, b)", f"saved in {out}",
+                                  f"--out-dir {out} evaluates the rest")), err
 
 
 def test_a_stop_between_models_or_after_the_last_says_what_is_saved():
@@ -2365,7 +2368,8 @@ def test_a_rerun_into_the_same_out_dir_evaluates_only_the_models_not_yet_saved(
     assert ev.main([*argv, "--batch-size", "2", "--workers", "1"]) == 0
     captured = capsys.readouterr()
     assert evaluated == ["b", "c"]
-    assert captured.err == f"resuming {out}: 1 of 3 models already evaluated (a)\n"
+    assert len(captured.err.splitlines()) == 1, captured.err
+    assert all(w in captured.err for w in (f"resuming {out}", "1 of 3 models", "(a)")), captured.err
     results = json.loads((out / "results.json").read_text())
     assert results["complete"] is True and results["pending"] == []
     assert [row["model"] for row in results["rows"]] == ["a", "b", "c"]
@@ -2440,9 +2444,9 @@ def test_a_rerun_with_other_settings_models_or_data_is_refused_and_keeps_the_res
     monkeypatch.setattr(ev, "generate_texts", _record_models([]))
     assert ev.main(["--models", *(f"{label}={base}" for label in labels), *argv, *extra]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {out}/results.json: the results of a different evaluation "
-                          f"(differs in {differs}); name another --out-dir, or remove {out} to "
-                          "start over")
+    assert err.startswith(f"error: {out}/results.json: "), err
+    assert all(w in err for w in ("different evaluation", f"differs in {differs}",
+                                  "another --out-dir", f"remove {out}")), err
     assert {p.name: p.read_text() for p in out.iterdir()} == earlier
 
 
@@ -2462,8 +2466,9 @@ def test_early_settings_check_refuses_what_evaluate_would_and_not_what_it_resolv
     ev.check_settings_unchanged(dataclasses.replace(again, out_dir=str(tmp_path / "new")), "x")
     with pytest.raises(ValueError) as err:
         ev.check_settings_unchanged(dataclasses.replace(again, lm_windows=2), "do this")
-    assert str(err.value) == (f"{out / 'results.json'}: the results of a different evaluation "
-                              "(differs in lm_windows (1 there, 2 now)); do this")
+    said = str(err.value)
+    assert all(w in said for w in (str(out / "results.json"), "different evaluation",
+                                   "lm_windows (1 there, 2 now)", "do this")), said
 
 
 def test_a_rerun_with_edited_passk_problems_is_refused(tiny_models, tmp_path, monkeypatch,
@@ -2537,8 +2542,8 @@ def test_a_run_killed_in_its_first_checkpoint_is_no_run_to_load(tmp_path):
     (run / rundir.CHECKPOINTS_DIR / f".tmp-{rundir.CHECKPOINT_PREFIX}5-x").mkdir(parents=True)
     (run / rundir.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(tm.TrainConfig())))
     assert not tm.is_run_dir(run)
-    with pytest.raises(ValueError, match="a run that stopped before its first checkpoint: no "
-                                         f"weights to score; --resume {run} starts it again"):
+    with pytest.raises(ValueError,
+                       match=f"before its first checkpoint.*no weights.*--resume {run}"):
         ev.load_model(str(run), torch.device("cpu"))
     (run / rundir.CHECKPOINTS_DIR / f"{rundir.CHECKPOINT_PREFIX}5").mkdir()
     assert tm.is_run_dir(run)
@@ -2602,9 +2607,10 @@ def test_a_run_with_no_best_yet_scores_its_latest_checkpoint(tiny_models, tmp_pa
         process.write_manifest(checkpoint)
     loaded = ev.load_model(str(run), torch.device("cpu")).model.state_dict()
     assert all(torch.equal(t, loaded[k]) for k, t in saved[10].state_dict().items())
-    assert capsys.readouterr().err == (
-        f"note: {run} has no best/ yet (it stopped before its first evaluation): scoring its "
-        f"latest checkpoint, {run / 'checkpoints' / 'step-10'}\n")
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("note: "), err
+    assert all(w in err for w in (f"{run} has no best/", "latest checkpoint",
+                                  str(run / "checkpoints" / "step-10"))), err
     (run / rundir.LOCK_FILE).write_text("")
     fd = os.open(run / rundir.LOCK_FILE, os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX)  # still training: one note, naming the step
@@ -2712,8 +2718,8 @@ def test_a_run_without_its_tokenizer_names_the_missing_file(tiny_models, tmp_pat
     shutil.copytree(tiny_models["base"], run / "export")
     process.write_manifest(run / "export")
     (run / "export" / "tokenizer.json").unlink()
-    with pytest.raises(ValueError, match=f"^{run / 'tokenizer.json'}: not found, nor "
-                                         f"{run / 'export' / 'tokenizer.json'}; pass --tokenizer"):
+    with pytest.raises(ValueError, match=f"^{run / 'tokenizer.json'}: not found.*"
+                                         f"{run / 'export' / 'tokenizer.json'}.*--tokenizer"):
         ev.load_model(str(run), cpu)
     shutil.rmtree(run / "export")
     given = ev.load_model(str(run), cpu, str(tiny_models["base"] / "tokenizer.json"))
@@ -2771,7 +2777,8 @@ def test_sigterm_during_passk_kills_the_sandboxed_samples(tiny_models, tmp_path)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=20)
         assert proc.returncode == 143
-        assert err == "interrupted; stopped at model base; no model's results were saved\n"
+        assert len(err.splitlines()) == 1 and err.startswith("interrupted"), err  # no traceback
+        assert all(w in err for w in ("stopped at model base", "no model's results")), err
         assert not _sandbox_children(proc.pid) and not out.exists()
         assert not any(Path(d).exists() for d in samples.values())  # temporary dirs removed
     finally:  # whatever the code under test left behind
@@ -3241,9 +3248,10 @@ def test_an_error_of_two_settings_names_where_each_was_set(tmp_path, capsys):
     config = tmp_path / "eval.json"
     config.write_text('{"temperature": 0.7}')
     assert ev.main(["--config", str(config), "--num-beams", "4"]) == 2
-    assert capsys.readouterr().err == (
-        "error: num_beams (4, --num-beams): beam search is deterministic: temperature (0.7, "
-        f"--config {config}) must be 0 with num_beams > 1\n")
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert all(w in err for w in ("num_beams (4, --num-beams)",
+                                  f"temperature (0.7, --config {config})", "must be 0")), err
 
 
 def test_passk_refuses_up_front_where_the_sandbox_cannot_confine_reads(tiny_models, tmp_path,

@@ -283,8 +283,7 @@ def test_sampling_and_generation_arguments_checked_up_front():
         (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
         (dict(top_p=0.0, temperature=1.0), r"top_p must be in \(0, 1\]"),
         (dict(top_p=float("nan"), temperature=1.0), r"top_p must be in \(0, 1\]"),
-        (dict(temperature=-1.0), r"temperature must be 0 \(greedy\) or a finite number >= "
-                                 r"1e-10 \(smaller ones overflow the logits\), got -1.0"),
+        (dict(temperature=-1.0), r"temperature must be 0 \(greedy\).*>= 1e-10.*got -1\.0"),
         (dict(temperature="0.7"), "temperature must be 0 .* got '0.7'"),
         # logits / temperature would be inf (a NaN softmax, failing deep in multinomial) or 0
         (dict(temperature=1e-300), "temperature must be 0 .* got 1e-300"),
@@ -343,16 +342,14 @@ def test_generation_refuses_right_padded_or_empty_rows():
     mask[0, :2] = False  # left padding is fine
     mask[1, 4:] = False  # right padding is not
     for beams in (1, 2):
-        with pytest.raises(ValueError, match="attention_mask row 1 ends with padding: "
-                                             "generation needs left-padded prompts"):
+        with pytest.raises(ValueError, match="attention_mask row 1 ends with padding.*left-padded"):
             gen(model, idx, 3, attention_mask=mask, num_beams=beams)
     with pytest.raises(ValueError, match="attention_mask row 1 ends with padding"):
         next(gen_stream(model, idx, 3, attention_mask=mask))
     mask[1] = True
     mask[2] = False
     for beams in (1, 2):
-        with pytest.raises(ValueError, match="attention_mask row 2 ends with padding: "
-                                             "generation needs left-padded prompts"):
+        with pytest.raises(ValueError, match="attention_mask row 2 ends with padding.*left-padded"):
             gen(model, idx, 3, attention_mask=mask, num_beams=beams)
     mask[2] = True
     assert gen(model, idx, 3, attention_mask=mask).shape == (3, 9)
@@ -565,8 +562,7 @@ def test_full_context_prompt_continues_as_in_transformers(hf_dirs, family):
                            _hf_generate(hf, idx, n, num_beams=2))
     with pytest.raises(ValueError, match=rf"prompt length {block + 1} exceeds the context"):
         gen(model, _ids(1, block + 1, vocab=256), 0)
-    with pytest.raises(ValueError, match=rf"max_new_tokens 12 exceeds the context length "
-                                         rf"block_size={block} \+ 1"):
+    with pytest.raises(ValueError, match=rf"max_new_tokens 12 .*block_size={block} \+ 1"):
         gen(model, _ids(1, block - 10, vocab=256), 12)
 
 
@@ -776,7 +772,6 @@ def test_a_second_graph_decode_on_one_model_is_refused_until_the_first_ends():
 
     model = _model("llama")
     generation._graph_caches(model, 1, 256)
-    with pytest.raises(RuntimeError, match=r"already running on this model \(an unfinished "
-                                           r"stream\?\): exhaust or close it first"):
+    with pytest.raises(RuntimeError, match=r"already running.*unfinished stream.*close it"):
         generation._graph_caches(model, 1, 256)
     generation._graph_caches(copy.deepcopy(model), 1, 256)

@@ -887,7 +887,8 @@ def test_bad_space_field_type_exits_2_with_one_line(tmp_path, capsys):
         "type": "int", "low": 0, "high": 30, "step": "5"}}}))
     assert hyperparam_tune.main(tune_args(tmp_path, str(space), study_name="step")) == 2
     err = capsys.readouterr().err
-    assert err == f"error: {space}: params.warmup_steps.step: must be an integer, got '5'\n"
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert all(w in err for w in (str(space), "params.warmup_steps.step", "integer", "'5'")), err
 
 
 @pytest.mark.parametrize("top, message", [
@@ -1466,9 +1467,9 @@ def test_journal_with_a_torn_last_record_is_refused_with_its_fix(tmp_path):
     with pytest.raises(ValueError) as e:
         hyperparam_tune.open_storage(cfg)
     offset = whole.rindex(b"\n", 0, len(whole) - 1) + 1
-    assert str(e.value) == (
-        f"{path}:2: the last line has no newline at its end: add it if the record is whole, else "
-        f"remove that line (truncate -s {offset} {path}) to continue the study")
+    said = str(e.value)
+    assert all(w in said for w in (f"{path}:2", "no newline", "add it",
+                                   f"truncate -s {offset} {path}")), said
     assert path.read_bytes() == whole[:-20]
     os.truncate(path, offset)  # the fix it names
     study = hyperparam_tune.open_study(cfg, hyperparam_tune.open_storage(cfg))
@@ -1741,9 +1742,12 @@ def test_a_sweep_setting_is_named_where_it_was_set(tmp_path, capsys):
     config.write_text(json.dumps({"heartbeat_interval": 10}))
     argv = ["--config", str(config), "--out-dir", str(tmp_path / "runs")]
     assert hyperparam_tune.main([*argv, "--grace-period", "8"]) == 2
-    assert capsys.readouterr().err == (
-        "error: grace_period (8, --grace-period): must be more seconds than heartbeat_interval "
-        f"(10, --config {config})\n")
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert all(w in err for w in ("grace_period (8, --grace-period)", "more seconds",
+                                  f"heartbeat_interval (10, --config {config})")), err
     assert hyperparam_tune.main([*argv, "--eval-every", "0"]) == 2
-    assert capsys.readouterr().err == "error: eval_every (0, --eval-every): must be at least 1\n"
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and str(config) not in err, err  # the flag, not the file
+    assert all(w in err for w in ("eval_every (0, --eval-every)", "at least 1")), err
     assert not (tmp_path / "runs").exists()

@@ -213,8 +213,7 @@ def test_a_tensor_codelm_shares_is_trained_only_with_all_its_modules(tmp_path):
                                          r"tensor with .*k_proj.bias.*add them to modules_to_save"):
         apply_lora(model, LoRAConfig(r=2, target_modules=["q_proj"], bias="lora_only"))
     hf = save_tiny_hf("llama", tmp_path / "llama")
-    with pytest.raises(ValueError, match="lm_head.weight: codelm holds it in one tensor with "
-                                         "model.embed_tokens.weight"):
+    with pytest.raises(ValueError, match=r"lm_head\.weight: .*one tensor.*embed_tokens\.weight"):
         apply_lora(pretrained.load(tmp_path / "llama"),
                    LoRAConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
     peft_model = get_peft_model(copy.deepcopy(hf), LoraConfig(
@@ -224,15 +223,14 @@ def test_a_tensor_codelm_shares_is_trained_only_with_all_its_modules(tmp_path):
             if p.requires_grad:
                 p.add_(0.1 * torch.randn_like(p))
     peft_model.save_pretrained(tmp_path / "peft")
-    with pytest.raises(ValueError, match="embed_tokens.weight' and .*lm_head.weight' differ, but "
-                                         "this model holds them in one tensor"):
+    with pytest.raises(ValueError, match=r"embed_tokens\.weight' and .*lm_head\.weight' differ"
+                                         r".*one tensor"):
         load_adapter(pretrained.load(tmp_path / "llama"), tmp_path / "peft")
 
 
 def test_dora_on_an_embedding_is_refused(tmp_path):
     _, model, _ = _pair("llama", tmp_path)
-    with pytest.raises(ValueError, match="embed_tokens is an embedding: codelm's DoRA adapts "
-                                         "Linear modules only"):
+    with pytest.raises(ValueError, match="embed_tokens is an embedding.*DoRA.*Linear"):
         apply_lora(model, LoRAConfig(r=2, target_modules=["q_proj", "embed_tokens"],
                                      use_dora=True))
 
@@ -1083,9 +1081,11 @@ def test_cli_merges_a_peft_adapter_into_a_checkpoint_transformers_loads(tmp_path
     out = tmp_path / "merged"
     assert lora.main([str(adapter), str(out)]) == 0
     n_layer = hf.config.num_hidden_layers  # PEFT's 4 per layer; q/v are one fused qkv here
-    assert capsys.readouterr().out == (
-        f"wrote {out}: the LoRA of {adapter} on {4 * n_layer} modules ({3 * n_layer} codelm "
-        f"modules) merged into {tmp_path / 'hf'} (torch.float32)\n")
+    said = capsys.readouterr().out
+    assert len(said.splitlines()) == 1, said
+    assert all(w in said for w in (f"wrote {out}", str(adapter), f"on {4 * n_layer} modules",
+                                   f"({3 * n_layer} codelm modules)",
+                                   f"into {tmp_path / 'hf'}", "(torch.float32)")), said
     assert (out / "tokenizer.json").read_text() == '{"model": {}}'
     assert not (out / "adapter_config.json").exists()
     merged = tf.AutoModelForCausalLM.from_pretrained(out).eval()
@@ -1113,9 +1113,11 @@ def test_cli_without_a_local_base_asks_for_base_and_writes_nothing(tmp_path, cap
     assert "adapter_config.json: not found" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
     assert lora.main([str(tmp_path), str(tmp_path / "o3")]) == 2  # a run dir, not its export/
-    assert capsys.readouterr().err == (
-        f"error: {tmp_path / 'adapter_config.json'}: not found; an adapter directory holds "
-        f"adapter_config.json and adapter_model.safetensors ({tmp_path / 'adapter'} holds one)\n")
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert all(w in err for w in (f"{tmp_path / 'adapter_config.json'}: not found",
+                                  "adapter_model.safetensors",
+                                  f"{tmp_path / 'adapter'} holds one")), err
 
 
 def test_apply_lora_and_load_adapter_refuse_a_foreign_model(tmp_path):
@@ -1126,9 +1128,8 @@ def test_apply_lora_and_load_adapter_refuse_a_foreign_model(tmp_path):
     hf = tiny_hf_model("llama")
     for call, arg in ((apply_lora, LoRAConfig(r=2, target_modules=["q_proj"])),
                       (load_adapter, tmp_path / "a")):
-        with pytest.raises(ValueError, match=rf"^{call.__name__} works on codelm's Transformer "
-                                             r"\(pretrained\.load\(dir\) .*got "
-                                             r"LlamaForCausalLM$"):
+        with pytest.raises(ValueError, match=rf"^{call.__name__} .*codelm's Transformer.*"
+                                             r"pretrained\.load\(dir\).*LlamaForCausalLM$"):
             call(hf, arg)
     assert all(p.requires_grad for p in hf.parameters())
 
@@ -1189,17 +1190,17 @@ def test_one_string_target_explains_that_it_is_a_full_name_regex(tmp_path):
     """PEFT reads one string as a regex over whole module names, so "q_proj" matches nothing;
     the error listed q_proj among the valid names without saying why."""
     model, fresh = _saved_adapter(tmp_path)
-    explained = ("LoRA target(s) 'q_proj' match no module of this llama model: one string is a "
-                 "regular expression that must match a whole module name (e.g. "
-                 "model.layers.0.self_attn.q_proj); to match names by their last part, pass a "
-                 "list: ['q_proj']")
+    explained = ("target(s) 'q_proj'", "no module of this llama model", "regular expression",
+                 "whole module name", "model.layers.0.self_attn.q_proj", "list: ['q_proj']")
     with pytest.raises(ValueError) as e:
         apply_lora(fresh, LoRAConfig(target_modules="q_proj"))
-    assert str(e.value) == explained
+    assert all(w in str(e.value) for w in explained), e.value
     _edit_adapter(tmp_path / "a", config={"target_modules": "q_proj"})
     with pytest.raises(ValueError) as e:
         load_adapter(fresh, tmp_path / "a")
-    assert str(e.value) == f"{tmp_path / 'a' / lora.ADAPTER_CONFIG}: {explained}"
+    said = str(e.value)
+    assert said.startswith(f"{tmp_path / 'a' / lora.ADAPTER_CONFIG}: "), said
+    assert all(w in said for w in explained), said
     assert not list(lora_modules(fresh))
 
 
@@ -1235,9 +1236,10 @@ def test_cli_takes_the_bases_tokenizer_files_when_the_adapter_has_none(tmp_path,
     save_adapter(built, tmp_path / "unnamed")
     capsys.readouterr()
     assert lora.main([str(tmp_path / "unnamed"), str(tmp_path / "out2")]) == 2
-    assert capsys.readouterr().err == (
-        f"error: {tmp_path / 'unnamed' / 'adapter_config.json'}: base_model_name_or_path None is "
-        "not a local directory; name it with --base\n")
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert all(w in err for w in (str(tmp_path / "unnamed" / "adapter_config.json"),
+                                  "base_model_name_or_path None", "--base")), err
 
 
 def test_cli_stopped_by_sigterm_while_writing_leaves_nothing(tmp_path, capsys, monkeypatch):
@@ -1253,7 +1255,9 @@ def test_cli_stopped_by_sigterm_while_writing_leaves_nothing(tmp_path, capsys, m
     monkeypatch.setattr(pretrained, "write_safetensors", stop)
     capsys.readouterr()
     assert lora.main([str(tmp_path / "a"), str(tmp_path / "out")]) == 143
-    assert capsys.readouterr().err == "interrupted: nothing written\n"
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("interrupted"), err
+    assert "nothing written" in err, err
     assert not (tmp_path / "out").exists()
 
 
@@ -1275,8 +1279,8 @@ def test_a_base_layer_tensor_of_a_fused_modules_rows_loads_where_peft_puts_it(tm
     # On a quantized base there is no full-precision weight to write: an error naming the file.
     _, quantized, _ = _pair("llama", tmp_path / "q")
     quantize_base(quantized, bits=8)
-    with pytest.raises(ValueError, match=rf"adapter_model.safetensors: cannot load '{key}': "
-                                         r"blocks.0.attn.qkv has no full-precision weight"):
+    with pytest.raises(ValueError, match=rf"adapter_model\.safetensors: .*'{key}'.*"
+                                         r"blocks\.0\.attn\.qkv.*no full-precision weight"):
         load_adapter(quantized, tmp_path / "peft")
     assert not list(lora_modules(quantized))
 
@@ -1284,8 +1288,7 @@ def test_a_base_layer_tensor_of_a_fused_modules_rows_loads_where_peft_puts_it(tm
 def test_an_adapter_directory_without_weights_is_an_error_naming_it(tmp_path):
     _, fresh = _saved_adapter(tmp_path)
     (tmp_path / "a" / lora.ADAPTER_WEIGHTS).unlink()
-    with pytest.raises(ValueError, match=r"a: no adapter_model.safetensors \(or adapter_model.bin\) "
-                                         "found"):
+    with pytest.raises(ValueError, match=r"a: no adapter_model\.safetensors.*adapter_model\.bin"):
         load_adapter(fresh, tmp_path / "a")
     assert not list(lora_modules(fresh))
 

@@ -297,8 +297,7 @@ def test_export_refuses_a_quantized_or_wrapped_model(checkpoints, tmp_path):
 
     quantized = pretrained.load(checkpoints["llama"][0])
     lora.quantize_base(quantized, 8)
-    with pytest.raises(ValueError, match=r"blocks.0.attn.qkv is a QuantLinear without a "
-                                         r"full-precision weight"):
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.qkv .*QuantLinear.*full-precision"):
         pretrained.save(quantized, tmp_path / "q")
     wrapped = pretrained.load(checkpoints["llama"][0])
     lora.apply_lora(wrapped, lora.LoRAConfig(target_modules=["o_proj"]))
@@ -335,8 +334,9 @@ def test_save_refuses_a_run_directory_or_an_adapter_directory(checkpoints, tmp_p
     (run / "config.json").write_text(train_config)
     with pytest.raises(ValueError) as e:
         pretrained.save(model, run)
-    assert str(e.value) == (f"save_pretrained: {run / 'config.json'} is a codelm run's "
-                            "TrainConfig; save into another directory")
+    said = str(e.value)
+    assert all(w in said for w in (str(run / "config.json"), "TrainConfig",
+                                   "another directory")), said
     assert sorted(p.name for p in run.iterdir()) == ["config.json"]
     assert (run / "config.json").read_text() == train_config
     adapter = tmp_path / "adapter"
@@ -375,8 +375,8 @@ def test_export_refuses_what_the_family_cannot_express(tmp_path):
     for family in ("phi", "codegen", "gpt_bigcode"):
         cfg = ModelConfig(family=family, vocab_size=64, n_layer=1, n_head=4, n_embd=32,
                           mlp_hidden=64, mlp="swiglu", block_size=32)
-        with pytest.raises(ValueError, match=rf"cannot export as '{family}': the HF layout "
-                                             r"cannot express ModelConfig fields \[.*'mlp'"):
+        with pytest.raises(ValueError, match=rf"cannot export as '{family}'.*ModelConfig fields "
+                                             r"\[.*'mlp'"):
             pretrained.save(Transformer(cfg), tmp_path / family)
         assert not (tmp_path / family).exists()
 
@@ -881,8 +881,7 @@ def test_integral_float_sizes_are_read_as_integers(checkpoints, tmp_path, family
 def test_error_quantized_checkpoint(checkpoints, tmp_path):
     d = _edit_config(checkpoints["llama"][0], tmp_path / "m",
                      quantization_config={"quant_method": "fp8", "fmt": "e4m3"})
-    with pytest.raises(ValueError, match=r"config.json: a quantized checkpoint \(quant_method "
-                                         r"'fp8'\) cannot be loaded"):
+    with pytest.raises(ValueError, match=r"config\.json: .*quantized.*quant_method 'fp8'"):
         pretrained.load(d)
 
 
@@ -890,8 +889,7 @@ def test_error_unsupported_tensor_dtype(checkpoints, tmp_path):
     def to_fp8(state):
         state["model.norm.weight"] = state["model.norm.weight"].to(torch.float8_e4m3fn)
     d = _rewrite_weights(checkpoints, "llama", tmp_path, to_fp8)
-    with pytest.raises(ValueError, match=r"model.safetensors: tensor 'model.norm.weight' has "
-                                         r"dtype F8_E4M3, which codelm does not load"):
+    with pytest.raises(ValueError, match=r"model\.safetensors: .*'model\.norm\.weight'.*F8_E4M3"):
         pretrained.load(d)
 
 
@@ -950,8 +948,8 @@ def test_error_missing_tensors_listed(checkpoints, tmp_path):
         del state["model.layers.1.mlp.up_proj.weight"]
         del state["model.norm.weight"]
     d = _rewrite_weights(checkpoints, "llama", tmp_path, drop)
-    with pytest.raises(ValueError, match=r"missing tensors: model.layers.1.mlp.up_proj.weight, "
-                                         r"model.norm.weight"):
+    with pytest.raises(ValueError, match=r"missing tensors: .*layers\.1\.mlp\.up_proj\.weight.*"
+                                         r"model\.norm\.weight"):
         pretrained.load(d)
 
 
@@ -967,8 +965,8 @@ def test_error_shape_mismatch(checkpoints, tmp_path):
     def shrink(state):
         state["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(16, 64)
     d = _rewrite_weights(checkpoints, "llama", tmp_path, shrink)
-    with pytest.raises(ValueError, match=r"shape mismatch for model.layers.0.self_attn.k_proj."
-                                         r"weight: expected \(32, 64\).*found \(16, 64\)"):
+    with pytest.raises(ValueError, match=r"shape.*layers\.0\.self_attn\.k_proj\.weight.*"
+                                         r"\(32, 64\).*\(16, 64\)"):
         pretrained.load(d)
 
 
@@ -997,8 +995,10 @@ def test_error_bin_that_is_no_pickle_gives_no_advice_to_drop_weights_only(checkp
     (tmp_path / "pytorch_model.bin").write_bytes(b"not a pickle")
     with pytest.raises(ValueError) as e:
         pretrained.load(tmp_path)
-    assert str(e.value) == (f"{tmp_path / 'pytorch_model.bin'}: truncated or corrupt weights "
-                            "file (UnpicklingError)")
+    said = str(e.value)
+    assert "weights_only" not in said, said  # no advice to run the file's code
+    assert all(w in said for w in (f"{tmp_path / 'pytorch_model.bin'}: truncated or corrupt",
+                                   "UnpicklingError")), said
 
 
 def test_error_another_familys_weights_are_missing_tensors_without_a_tie_warning(
@@ -1026,8 +1026,7 @@ def test_error_dropout_probability_outside_zero_to_one(checkpoints, tmp_path, va
     """p = 1 drops everything and p < 0 is no probability: refused (by ModelConfig), not
     trained on."""
     d = _edit_config(checkpoints["llama"][0], tmp_path / "m", attention_dropout=value)
-    with pytest.raises(ValueError, match=rf"config.json: ModelConfig.attn_dropout={value!r}: "
-                                         r"must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=rf"config\.json: .*attn_dropout={value!r}.*\[0, 1\)"):
         pretrained.load(d)
 
 
@@ -1157,8 +1156,7 @@ def test_export_checkpoint_loses_to_another_writer_of_the_same_directory(checkpo
         out.mkdir()
         (out / "theirs").write_text("the other writer's")
 
-    with pytest.raises(ValueError, match=r"out was written by another process meanwhile; name a "
-                                         "new directory"):
+    with pytest.raises(ValueError, match=r"out was written by another process.*new directory"):
         pretrained.export_checkpoint(out, save_while_another_lands, path)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert [p.name for p in out.iterdir()] == ["theirs"]
@@ -1243,7 +1241,9 @@ def test_cli_converts_a_bin_checkpoint_that_transformers_loads_alike(checkpoints
     (src / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>"}')
     out = tmp_path / "out"
     assert pretrained.main([str(src), str(out), "--max-shard-gb", str(2**-11)]) == 0
-    assert capsys.readouterr().out == f"wrote {out} (codegen, torch.float32)\n"
+    said = capsys.readouterr().out
+    assert len(said.splitlines()) == 1, said
+    assert all(w in said for w in (f"wrote {out}", "codegen", "torch.float32")), said
     assert (out / "model.safetensors.index.json").is_file() and not list(out.glob("*.bin"))
     assert (out / "tokenizer_config.json").read_text() == '{"eos_token": "<|endoftext|>"}'
     back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
@@ -1260,12 +1260,15 @@ def test_cli_refuses_an_existing_out_and_leaves_nothing_behind_a_failure(checkpo
     path = checkpoints["llama"][0]
     (tmp_path / "taken").mkdir()
     assert pretrained.main([str(path), str(tmp_path / "taken")]) == 2
-    assert capsys.readouterr().err == (f"error: {tmp_path / 'taken'} already exists: name a new "
-                                       "directory\n")
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert all(w in err for w in (str(tmp_path / "taken"), "already exists", "new directory")), err
     assert pretrained.main([str(path), str(tmp_path / "out"), "--dtype", "int8"]) == 2
     assert "int8" in capsys.readouterr().err
     assert pretrained.main([str(tmp_path / "none"), str(tmp_path / "out")]) == 2
-    assert capsys.readouterr().err == f"error: {tmp_path / 'none'}: not a directory\n"
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert f"{tmp_path / 'none'}: not a directory" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
 
@@ -1309,7 +1312,9 @@ def test_cli_refuses_a_shard_limit_that_is_not_positive(checkpoints, tmp_path, c
     """0 or less would put every tensor in a shard of its own; refused before the model loads."""
     assert pretrained.main([str(checkpoints["llama"][0]), str(tmp_path / "out"),
                             "--max-shard-gb", limit]) == 2
-    assert capsys.readouterr().err == f"error: --max-shard-gb {float(limit)}: must be > 0\n"
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert all(w in err for w in (f"--max-shard-gb {float(limit)}", "> 0")), err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -1341,7 +1346,9 @@ def test_cli_stopped_while_writing_leaves_no_output_directory(checkpoints, tmp_p
     monkeypatch.setattr(pretrained, "write_safetensors", stop)
     out = tmp_path / "out"
     assert pretrained.main([str(checkpoints["llama"][0]), str(out)]) == 130
-    assert capsys.readouterr().err == "interrupted: nothing written\n"
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("interrupted"), err
+    assert "nothing written" in err, err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -1373,7 +1380,7 @@ def test_a_hub_id_loads_from_the_hub_cache_offline(tmp_path, offline_hub):
     for spec in ("org/tiny", f"org/tiny@{commit}"):
         assert pretrained.checkpoint_dir(spec) == offline_hub / "models--org--tiny" / "snapshots" / commit
         torch.testing.assert_close(pretrained.load(spec).eval()(ids), want, rtol=0, atol=0)
-    with pytest.raises(ValueError, match=r"org/other: no such directory, and no Hugging Face "
-                                         r"snapshot of org/other .*hf download org/other"):
+    with pytest.raises(ValueError, match=r"org/other: no such directory.*snapshot.*"
+                                         r"hf download org/other"):
         pretrained.load("org/other")
     assert not pretrained.is_hub_id(tmp_path / "dir") and not pretrained.is_hub_id("a/b/c")

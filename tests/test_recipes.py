@@ -261,8 +261,7 @@ def test_recipe_placeholders_name_the_flag_that_replaces_them(tmp_path, capsys, 
     values = json.loads((CONFIGS / "refactotron.json").read_text())["train"]
     (tmp_path / "train.jsonl").write_text("")
     values.update(init_from=None, data=["train.jsonl"])
-    with pytest.raises(ValueError, match="validation_enhanced.jsonl: no such data file or "
-                                         "directory; pass --val-data PATH"):
+    with pytest.raises(ValueError, match=r"validation_enhanced\.jsonl: no such data.*--val-data"):
         recipes.check_paths(values, "refactotron.json")
 
 
@@ -520,7 +519,9 @@ def test_smoke_steps_below_one_names_the_flag(tmp_path, capsys):
     """--smoke-steps 0 said "TrainConfig.max_steps=0", a key the user never typed."""
     assert recipes.main([str(CONFIGS / "fastapi_codegen.json"), "--smoke", "--smoke-steps", "0",
                          "--out-dir", str(tmp_path / "runs")]) == 2
-    assert capsys.readouterr().err == "error: --smoke-steps 0: must be >= 1\n"
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "max_steps" not in err, err  # the flag typed
+    assert all(w in err for w in ("--smoke-steps 0", ">= 1")), err
     assert not (tmp_path / "runs").exists()
 
 
@@ -537,7 +538,6 @@ def test_a_stopped_smoke_run_says_it_starts_again_not_that_it_continues(tmp_path
                                                                          monkeypatch):
     """A smoke run is never resumed (--smoke --resume is refused), yet a stop said "checkpoint
     saved ... continue with" and then "(a --smoke run starts over)"."""
-    again = "start it again with the same recipes.py command (a --smoke run is not resumed)"
     asked = []
 
     def stopped(cfg, resume_hint=None, restarts=False, **_):
@@ -549,7 +549,11 @@ def test_a_stopped_smoke_run_says_it_starts_again_not_that_it_continues(tmp_path
     recipe.write_text(json.dumps({"train": {"preset": "tiny"}, "eval": {"tasks": ["lm"]}}))
     assert recipes.main([str(recipe), "--smoke", "--out-dir", str(tmp_path / "runs"),
                          "--no-progress"]) == 143
-    assert capsys.readouterr().err == f"interrupted: {again}\n" and asked == [True]
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("interrupted") and asked == [True], err
+    assert all(w in err for w in ("start it again", "same recipes.py command",
+                                  "--smoke run is not resumed")), err
+    assert "--resume" not in err and "continue with" not in err, err
 
 
 def test_smoke_never_replaces_a_run_it_did_not_write(tmp_path, capsys):
@@ -606,13 +610,19 @@ def test_a_budget_stop_and_an_early_interrupt_say_what_is_left(tmp_path, capsys,
         raise stops.pop(0)
 
     monkeypatch.setattr(tm, "train", train)
-    nothing = ("interrupted before the first checkpoint: nothing to resume; run the same command "
-               "again\n")
-    assert recipes.main(flags) == 130 and capsys.readouterr().err == nothing
-    assert recipes.main(flags) == 143 and capsys.readouterr().err == nothing
+
+    def told(*words: str, unsaid: str) -> None:
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and err.startswith("interrupted"), err
+        assert all(w in err for w in words) and unsaid not in err, err
+
+    nothing = ("before the first checkpoint", "nothing to resume", "same command again")
+    assert recipes.main(flags) == 130
+    told(*nothing, unsaid="--resume")
     assert recipes.main(flags) == 143
-    assert capsys.readouterr().err == (
-        "interrupted: continue with the same recipes.py command plus --resume\n")
+    told(*nothing, unsaid="--resume")
+    assert recipes.main(flags) == 143
+    told("continue with", "same recipes.py command", "--resume", unsaid="nothing to resume")
 
 
 def _tiny_recipe(tmp_path: Path, eval_section: dict, **train) -> Path:
@@ -739,10 +749,11 @@ def test_resume_with_other_eval_settings_names_the_runs_eval_dir_as_the_remedy(
     assert recipes.main([*flags, "--resume", "--set", "eval.lm_windows=2"]) == 2
     assert resumed == []
     evaluated = tmp_path / "runs" / "tiny" / rundir.EVAL_DIR
-    assert capsys.readouterr().err == (
-        f"error: {evaluated / 'results.json'}: the results of a different evaluation (differs "
-        f"in lm_windows (1 there, 2 now)); remove {evaluated}, then run the same command with "
-        "--resume to evaluate the run again\n")
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert all(w in err for w in (str(evaluated / "results.json"), "different evaluation",
+                                  "lm_windows (1 there, 2 now)", f"remove {evaluated}",
+                                  "--resume")), err
 
 
 @pytest.mark.parametrize("key, value, instead", [
@@ -822,8 +833,9 @@ def test_a_failed_smoke_check_exits_1_and_says_why(tmp_path, capsys, monkeypatch
                                   [7.5, 7.5], smoke=True)
     monkeypatch.setattr(recipes, "run_recipe", lambda opts: report)
     assert recipes.main([str(CONFIGS / "refactotron.json"), "--smoke"]) == 1
-    assert capsys.readouterr().err == (
-        "smoke check failed: the training loss did not decrease (7.5000 -> 7.5000)\n")
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("smoke check failed"), err
+    assert all(w in err for w in ("loss did not decrease", "7.5000 -> 7.5000")), err
     assert recipes.main([str(CONFIGS / "refactotron.json")]) == 0
 
 
@@ -850,8 +862,8 @@ def test_an_out_dir_that_cannot_be_created_is_an_error_naming_the_flag(tmp_path,
     assert recipes.main([str(CONFIGS / "code_completion.json"), "--out-dir",
                          str(tmp_path / "file" / "runs")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {tmp_path / 'file' / 'runs'}: cannot create the output "
-                          "directory (Not a directory); check --out-dir"), err
+    assert err.startswith(f"error: {tmp_path / 'file' / 'runs'}: "), err
+    assert all(w in err for w in ("output directory", "Not a directory", "--out-dir")), err
 
 
 def test_a_recipe_with_an_unknown_top_level_key_is_refused(tmp_path):
@@ -996,8 +1008,10 @@ def test_a_stop_while_the_flags_are_read_is_told_not_a_traceback(monkeypatch, ca
     except KeyboardInterrupt:  # not left to end the test session
         pytest.fail("the Ctrl-C went through main: a traceback")
     assert code == 130
-    assert capsys.readouterr().err == ("interrupted before the first checkpoint: nothing to "
-                                       "resume; run the same command again\n")
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert all(w in err for w in ("interrupted", "before the first checkpoint",
+                                  "nothing to resume", "same command again")), err
 
 
 def test_a_recipes_lora_key_at_its_default_that_differs_from_its_init_adapter_is_refused(
@@ -1011,17 +1025,20 @@ def test_a_recipes_lora_key_at_its_default_that_differs_from_its_init_adapter_is
     recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"]}, init_adapter=str(adapter))
     with pytest.raises(ValueError) as refused:
         tm.parse_config(["--config", str(recipe), "--lora-alpha", "16"])
-    assert str(refused.value).startswith(
-        f"lora_alpha (16.0, --lora-alpha) (the adapter's: 4): init_adapter ({str(adapter)!r}, "
-        f"--config {recipe}) fixes these")
+    said = str(refused.value)
+    assert said.startswith("lora_alpha (16.0, --lora-alpha)"), said
+    assert all(w in said for w in ("the adapter's: 4",
+                                   f"init_adapter ({str(adapter)!r}, --config {recipe})",
+                                   "fixes these")), said
     trained = []
     monkeypatch.setattr(tm, "train", _stop_training(trained))
     flags = [str(recipe), "--out-dir", str(tmp_path / "runs"), "--no-progress", "--skip-eval"]
     assert recipes.main([*flags, "--set", "train.lora_alpha=16"]) == 2
-    assert capsys.readouterr().err.startswith(
-        f"error: lora_alpha (16.0, --set train.lora_alpha) (the adapter's: 4): init_adapter "
-        f"({str(adapter)!r}, train.init_adapter in {recipe} (or --set train.init_adapter=VALUE)) "
-        "fixes these") and not trained
+    err = capsys.readouterr().err
+    assert err.startswith("error: lora_alpha (16.0, --set train.lora_alpha)") and not trained, err
+    assert all(w in err for w in ("the adapter's: 4", f"init_adapter ({str(adapter)!r}, "
+                                  f"train.init_adapter in {recipe}",
+                                  "--set train.init_adapter=VALUE", "fixes these")), err
     monkeypatch.setattr(tm, "validate_config", lambda cfg, where_set=None: None)  # a toy base
     assert recipes.main([*flags, "--set", "train.lora_alpha=4"]) == 2  # the adapter's: trains
     assert "stopped before training" in capsys.readouterr().err
@@ -1091,10 +1108,11 @@ def test_a_recipes_eval_error_names_its_eval_section_or_set(tmp_path, capsys):
     recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"], "num_samples": 4})
     flags = ["--out-dir", str(tmp_path / "runs"), "--no-progress", "--skip-eval"]
     assert recipes.main([str(recipe), *flags]) == 2
-    assert capsys.readouterr().err.startswith(
-        f"error: num_samples (4, eval.num_samples in {recipe} (or --set eval.num_samples=VALUE)):"
-        f" greedy decoding, temperature (0.0, eval.temperature in {recipe} (or --set "
-        "eval.temperature=VALUE)), gives one distinct sample")
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: num_samples (4, eval.num_samples in {recipe}"), err
+    assert all(w in err for w in ("--set eval.num_samples=VALUE", "greedy",
+                                  f"temperature (0.0, eval.temperature in {recipe}",
+                                  "--set eval.temperature=VALUE", "one distinct sample")), err
     recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"]})
     assert recipes.main([str(recipe), *flags, "--set", "eval.num_samples=3"]) == 2
     assert capsys.readouterr().err.startswith("error: num_samples (3, --set eval.num_samples): ")

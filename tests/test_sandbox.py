@@ -695,9 +695,13 @@ def test_cli_runs_a_file_and_says_how_it_ended(tmp_path, capsys):
     assert re.search(r" s, not run to its end; [a-z, ]+\n\Z", err)
     assert not outside.exists()
     assert sandbox.main([str(ok), "--timeout-s", "0"]) == 2
-    assert capsys.readouterr().err == "error: --timeout-s 0.0: must be a positive number of seconds\n"
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert all(w in err for w in ("--timeout-s 0.0", "positive number of seconds")), err
     assert sandbox.main([str(tmp_path / "none.py")]) == 2
-    assert capsys.readouterr().err == f"error: {tmp_path / 'none.py'}: No such file or directory\n"
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert f"{tmp_path / 'none.py'}: No such file" in err, err
 
 
 def test_cli_refuses_limits_no_program_could_run_under_and_a_non_utf8_file(tmp_path, capsys):

@@ -675,7 +675,8 @@ def test_a_stopped_clone_is_removed_at_once_or_by_the_next_run(tmp_path, monkeyp
     if sig == signal.SIGKILL:
         assert len(clones) == 2 and live.name in clones
     else:
-        assert err == "interrupted; finished repos are saved, re-run to continue\n"
+        assert len(err.splitlines()) == 1 and err.startswith("interrupted"), err  # no traceback
+        assert all(w in err for w in ("finished repos are saved", "re-run")), err
         assert clones == [live.name]
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
     (tmp_path / "src").mkdir()
@@ -1001,8 +1002,9 @@ def test_a_second_run_on_the_same_output_is_refused(tmp_path, capsys):
     with ResumableOutput(out, tmp_path / "out.jsonl.state", {}):
         assert main(argv) == 2
         err = capsys.readouterr().err
-        assert err == f"error: {out} is being written by another run (same --out); wait for it " \
-                      "to end, or choose another --out\n"
+        assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+        assert all(w in err for w in (str(out), "another run", "same --out", "wait for it",
+                                      "another --out")), err
     assert out.read_bytes() == b""
     (tmp_path / "out.jsonl.state").unlink()
     assert main(argv) == 0 and main(argv) == 0  # released at the end of each run

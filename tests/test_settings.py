@@ -89,8 +89,7 @@ def test_unreadable_files_are_named(tmp_path):
         _parse(["--config", str(bad)])
     for content, kind in ((b"[1]", "an array"), (b"null", "null"), (b"3", "a number")):
         bad.write_bytes(content)
-        with pytest.raises(ValueError, match=f"bad.json: the config file must be one JSON object, "
-                                             f"not {kind}"):
+        with pytest.raises(ValueError, match=f"bad.json: .*one JSON object, not {kind}"):
             _parse(["--config", str(bad)])
     bad.write_bytes(b'{"lr": "\xff"}')
     with pytest.raises(ValueError, match="bad.json: cannot read the config file: .*utf-8"):

@@ -474,8 +474,7 @@ def test_a_merge_whose_result_is_no_vocabulary_token_is_refused_as_hf_refuses_it
     spec = _hand_written_spec(["ab"], [("a", "b"), ("b", "c")])
     with pytest.raises(Exception, match="`bc` out of vocabulary"):
         Tokenizer.from_str(json.dumps(spec))
-    with pytest.raises(ValueError, match=r"merge #1 \['b', 'c'\] is not two vocabulary tokens "
-                                         "whose concatenation is in the vocabulary"):
+    with pytest.raises(ValueError, match=r"merge #1 \['b', 'c'\].*concatenation.*vocabulary"):
         BPETokenizer(spec)
 
 
@@ -970,8 +969,8 @@ def test_decode_refuses_a_batch_or_a_single_id_saying_so(tmp_path):
 def test_encode_batch_refuses_one_str_instead_of_encoding_each_character(tmp_path):
     hf, path = _hf_bpe_file(tmp_path)
     tok = load_tokenizer(path)
-    with pytest.raises(ValueError, match=r"^encode_batch expects a list of texts, got a str; "
-                                         r"use encode\(text\) for one text$"):
+    with pytest.raises(ValueError, match=r"^encode_batch .*list of texts, got a str.*"
+                                         r"encode\(text\)"):
         tok.encode_batch("def f(x):", num_workers=1)
     assert tok.encode_batch(["def f(x):"], num_workers=1) == [hf.encode("def f(x):").ids]
 
@@ -1725,8 +1724,9 @@ def test_cli_errors_name_the_file(tmp_path, capsys):
     code = tmp_path / "code"
     CodeTokenizer.train(["x = 1\n"] * 3, min_freq=1).save(code)
     assert tokenizer.main([str(code), "--file", str(bad)]) == 2
-    assert capsys.readouterr().err == (f"error: {bad}: not UTF-8 text (invalid continuation byte "
-                                       "at byte 5)\n")
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert all(w in err for w in (f"{bad}: not UTF-8", "byte 5")), err
 
 
 def test_cli_add_special_tokens_shows_the_ids_hf_adds_with_its_template(references, capsys):
@@ -1800,11 +1800,11 @@ def test_a_tokenizer_whose_roles_cross_the_models_config_is_refused(role_tokeniz
     assert wrong.vocab_size <= 512 and (wrong.bos_id, wrong.eos_id) == (0, 1)
     with pytest.raises(ValueError) as err:
         check_model_tokenizer(wrong, llama3 / "tokenizer.json", model)
-    assert str(err.value) == (
-        f"{llama3 / 'tokenizer.json'} is not the tokenizer of the model in {model}: "
-        f"{model / 'config.json'} has eos_token_id 0 ('<|begin_of_text|>' in the tokenizer, its "
-        "bos), but the tokenizer's eos is 1 ('<|end_of_text|>'); pass --tokenizer "
-        f"{model}, the model's own")
+    said = str(err.value)
+    assert said.startswith(f"{llama3 / 'tokenizer.json'} is not the tokenizer"), said
+    assert all(w in said for w in (str(model / "config.json"),
+                                   "eos_token_id 0 ('<|begin_of_text|>'", "its bos",
+                                   "eos is 1 ('<|end_of_text|>')", f"--tokenizer {model}")), said
 
 
 def test_a_codelm_tokenizer_the_config_does_not_name_is_refused(tmp_path):
@@ -1817,11 +1817,9 @@ def test_a_codelm_tokenizer_the_config_does_not_name_is_refused(tmp_path):
     check_model_tokenizer(trained, tmp_path / "t.json", model)
     other = CodeTokenizer.train(texts, min_freq=1,
                                 special_tokens=("<pad>", "<sep>", "<cls>", "<bos>", "<eos>"))
-    with pytest.raises(ValueError, match=r"has bos_token_id 1 \('<sep>' in the tokenizer\) and "
-                                         r"eos_token_id 2 \('<cls>' in the tokenizer\), but the "
-                                         r"tokenizer's bos is 3 \('<bos>'\) and the tokenizer's "
-                                         r"eos is 4 \('<eos>'\); pass --tokenizer with the "
-                                         "tokenizer"):
+    with pytest.raises(ValueError, match=r"bos_token_id 1 \('<sep>'.*eos_token_id 2 \('<cls>'"
+                                         r".*bos is 3 \('<bos>'\).*eos is 4 \('<eos>'\)"
+                                         r".*--tokenizer"):
         check_model_tokenizer(other, tmp_path / "t.json", model)
     hf_ids = _model_dir(tmp_path / "hf", bos_token_id=510, eos_token_id=[509, 511])
     past = f"past the tokenizer's {trained.vocab_size} tokens"
@@ -1886,13 +1884,14 @@ def test_one_crossed_role_is_refused_beside_an_ordinary_one_with_the_models_own_
     tok = load_tokenizer(llama3)
     with pytest.raises(ValueError) as err:
         check_model_tokenizer(tok, model / "tokenizer.json", model)
-    assert str(err.value) == (
-        f"{model / 'tokenizer.json'} is not the tokenizer of the model in {model}: "
-        f"{model / 'config.json'} has bos_token_id {ordinary} ('a' in the tokenizer) and "
-        f"eos_token_id {hf.bos_token_id} ({hf.bos_token!r} in the tokenizer, its bos), but the "
-        f"tokenizer's bos is {hf.bos_token_id} ({hf.bos_token!r}) and the tokenizer's eos is "
-        f"{hf.eos_token_id} ({hf.eos_token!r}); pass --tokenizer with the tokenizer {model} was "
-        "trained with")
+    said = str(err.value)
+    assert said.startswith(f"{model / 'tokenizer.json'} is not the tokenizer"), said
+    assert all(w in said for w in (str(model / "config.json"),
+                                   f"bos_token_id {ordinary} ('a' in",
+                                   f"eos_token_id {hf.bos_token_id} ({hf.bos_token!r}",
+                                   f"bos is {hf.bos_token_id} ({hf.bos_token!r})",
+                                   f"eos is {hf.eos_token_id} ({hf.eos_token!r})",
+                                   "--tokenizer with the tokenizer")), said
 
 
 def test_config_ids_at_the_edge_of_the_embeddings_and_the_tokenizer(tmp_path):
@@ -1903,8 +1902,8 @@ def test_config_ids_at_the_edge_of_the_embeddings_and_the_tokenizer(tmp_path):
     edge = _model_dir(tmp_path / "edge", bos_token_id=tok.bos_id, eos_token_id=512)
     check_model_tokenizer(tok, tmp_path / "t.json", edge)
     past = _model_dir(tmp_path / "past", bos_token_id=tok.bos_id, eos_token_id=tok.vocab_size)
-    with pytest.raises(ValueError, match=rf"has eos_token_id {tok.vocab_size} \(past the "
-                                         rf"tokenizer's {tok.vocab_size} tokens\), but "):
+    with pytest.raises(ValueError, match=rf"eos_token_id {tok.vocab_size} \(past the "
+                                         rf"tokenizer's {tok.vocab_size} tokens\)"):
         check_model_tokenizer(tok, tmp_path / "t.json", past)
     nested = _model_dir(tmp_path / "nested", vocab_size=None, bos_token_id=tok.bos_id,
                         eos_token_id=tok.eos_id)

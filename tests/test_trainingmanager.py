@@ -391,9 +391,8 @@ def test_auto_precision_takes_the_gpus_native_half(monkeypatch, capability, half
     cfg = tm.TrainConfig(preset="tiny", precision="bf16")
     model = torch.nn.Linear(2, 2)
     if half == "fp16":
-        with pytest.raises(ValueError, match=r"^precision \('bf16', --precision\): this GPU "
-                                             r"\(compute capability 7\.5\) has no native bf16.*"
-                                             r"set precision fp16"):
+        with pytest.raises(ValueError, match=r"^precision \('bf16', --precision\).*"
+                                             r"compute capability 7\.5.*set precision fp16"):
             tm.Trainer(model, _ready(cfg), cuda)
 
 
@@ -463,8 +462,7 @@ def test_unknown_data_and_model_options_are_named():
 def test_a_typo_in_data_or_model_options_suggests_the_key(tmp_path):
     """A misspelt top-level config key gets "did you mean"; one inside data_options or
     model_options got a list of all 40 DataConfig keys to search instead."""
-    with pytest.raises(ValueError, match="unknown DataConfig key 'train_fracc'; did you mean "
-                                         "'train_frac'"):
+    with pytest.raises(ValueError, match="DataConfig key 'train_fracc'.*'train_frac'"):
         tm.config_from_dict({"data_options": {"train_fracc": 0.5}})
     with pytest.raises(ValueError) as listed:  # no close match: the keys data_options may set
         tm.config_from_dict({"data_options": {"zzz": 1}})
@@ -607,8 +605,7 @@ def test_a_failed_directory_write_is_one_oserror_and_leaves_the_old_one(tmp_path
         (d / "a.txt").write_text("new, half")
         raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos")
 
-    with pytest.raises(OSError, match=r"best: could not write it \(.*MiB free\); what was "
-                                      r"written before is intact \(RuntimeError: "):
+    with pytest.raises(OSError, match=r"best: could not write.*MiB free.*intact.*RuntimeError"):
         tm.write_dir_atomically(target, full_disk)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
     assert (target / "a.txt").read_text() == "old"
@@ -670,7 +667,9 @@ def test_a_full_disk_while_logging_names_the_file_and_is_not_raised_again(assets
     cfg = tiny_cfg(assets, tmp_path)
     assert tm.main(["--config", str(write_config(cfg, tmp_path / "c.json"))]) == 2
     run = Path(cfg.out_dir) / cfg.name
-    assert capsys.readouterr().err == f"error: {run / 'metrics.jsonl'}: No space left on device\n"
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert f"{run / 'metrics.jsonl'}: No space left" in err, err
     assert signal.getsignal(signal.SIGTERM) is handler
 
 
@@ -1156,8 +1155,8 @@ def test_a_checkpoint_without_its_weights_or_with_a_state_short_of_keys_is_corru
     process.write_manifest(ckpt)
     model = Transformer(PRESETS["tiny"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(tm.CorruptCheckpointError, match=r"step-4: corrupt or incomplete "
-                                                        r"checkpoint \(no model.safetensors\)"):
+    with pytest.raises(tm.CorruptCheckpointError,
+                       match=r"step-4: corrupt.*no model\.safetensors"):
         checkpoint.load(ckpt, model, trainable_only=False)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
@@ -1313,8 +1312,8 @@ def test_loading_tensors_of_another_shape_names_the_tensor(assets, tmp_path):
     tok = load_tokenizer(assets["tokenizer"])
     small = tm.build_model(tiny_cfg(assets, tmp_path), tok)
     wide = tm.build_model(tiny_cfg(assets, tmp_path, n_embd=96), tok)
-    with pytest.raises(ValueError, match=r"src\.safetensors: tensor wte\.weight has shape "
-                                         r"\(\d+, 64\), the model's \(\d+, 96\)"):
+    with pytest.raises(ValueError, match=r"src\.safetensors: .*wte\.weight.*\(\d+, 64\).*"
+                                         r"\(\d+, 96\)"):
         tm.load_model_tensors(wide, tm.model_tensors(small, False), "src.safetensors", False)
 
 
@@ -1361,7 +1360,9 @@ def test_bad_paths_and_devices_are_clear_errors(assets, tmp_path, capsys, monkey
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
     assert tm.main(["--resume", str(tmp_path / "nope")]) == 2  # a typo: not "not a run dir"
-    assert capsys.readouterr().err == f"error: --resume {tmp_path / 'nope'}: no such run directory\n"
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "not a run dir" not in err, err
+    assert all(w in err for w in (f"--resume {tmp_path / 'nope'}", "no such run directory")), err
 
     def full_disk(cfg, on_eval=None):
         raise OSError(28, "No space left on device", "/runs/x/checkpoints/.tmp-step-8")
@@ -1592,8 +1593,8 @@ def test_validate_config_range_checks_name_the_key(key, value, message):
 def test_a_run_name_is_one_directory_name_not_a_path(name):
     """--name ../x wrote the run outside --out-dir, and a/b nested it where eval.py's
     latest_run never looks."""
-    with pytest.raises(ValueError, match=rf"name \({re.escape(repr(name))}, --name\): a run "
-                                         r"name, not a path .*--out-dir sets the directory"):
+    with pytest.raises(ValueError, match=rf"name \({re.escape(repr(name))}, --name\): .*"
+                                         r"not a path.*--out-dir"):
         tm.validate_config(tm.TrainConfig(name=name))
     tm.validate_config(tm.TrainConfig(name="v1.2_run-3"))
 
@@ -1614,7 +1615,7 @@ def test_init_from_without_a_tokenizer_asks_for_tokenizer(assets, tmp_path):
     said to pass --tokenizer."""
     cfg = tiny_cfg(assets, tmp_path, init_from=str(tiny_llama(tmp_path)), tokenizer=None)
     with pytest.raises(ValueError, match=rf"--init-from {re.escape(cfg.init_from)}: no "
-                                         r"tokenizer\.json in it; pass --tokenizer"):
+                                         r"tokenizer\.json.*--tokenizer"):
         tm.load_or_train_tokenizer(cfg, tm.data_config(cfg, 32))
 
 
@@ -1627,8 +1628,8 @@ def test_init_from_a_runs_export_without_a_tokenizer_names_the_run(assets, tmp_p
     shutil.copy(assets["tokenizer"], run / "tokenizer.json")
     cfg = tiny_cfg(assets, tmp_path, init_from=str(export), tokenizer=None)
     with pytest.raises(ValueError, match=rf"--init-from {re.escape(str(export))}: no "
-                                         rf"tokenizer\.json in it; {re.escape(str(run.resolve()))} "
-                                         r"above it holds one; pass --tokenizer"):
+                                         rf"tokenizer\.json.*{re.escape(str(run.resolve()))} "
+                                         r"above it.*--tokenizer"):
         tm.load_or_train_tokenizer(cfg, tm.data_config(cfg, 32))
 
 
@@ -1663,9 +1664,9 @@ def test_a_tokenizer_other_than_the_checkpoints_own_is_warned_about(assets, tmp_
     capsys.readouterr()
     assert tm.load_or_train_tokenizer(cfg, tm.data_config(cfg, 32)).vocab_size < 512  # fits
     err = capsys.readouterr().err
-    assert err.startswith(f"warning: --tokenizer {assets['tokenizer']} differs from "
-                          f"{base / 'tokenizer.json'}, the one --init-from {base} was "
-                          "trained with")
+    assert err.startswith(f"warning: --tokenizer {assets['tokenizer']} "), err
+    assert all(w in err for w in ("differs", str(base / "tokenizer.json"),
+                                  f"--init-from {base}")), err
     same = dataclasses.replace(cfg, tokenizer=str(base))  # its own, named again: no warning
     tm.load_or_train_tokenizer(same, tm.data_config(same, 32))
     assert capsys.readouterr().err == ""
@@ -1784,8 +1785,8 @@ def test_block_size_beyond_the_init_from_context_is_refused_before_any_work(asse
 
     base = tmp_path / "base"
     save_tiny_hf("llama", base, vocab_size=512)  # 128 positions
-    with pytest.raises(ValueError, match=r"block_size \(256, --block-size\): longer than the context "
-                                         r"of init_from \('.*', --init-from\), 128 positions"):
+    with pytest.raises(ValueError, match=r"block_size \(256, --block-size\).*context.*"
+                                         r"init_from \('.*', --init-from\), 128 positions"):
         tm.validate_config(tm.TrainConfig(init_from=str(base), block_size=256))
     tm.validate_config(tm.TrainConfig(init_from=str(base), block_size=128))
 
@@ -2062,10 +2063,12 @@ def test_lora_settings_without_lora_r_are_refused(capsys, tmp_path):
             tm.validate_config(tm.TrainConfig(**{key: value}))
         tm.validate_config(tm.TrainConfig(lora_r=4, init_from=str(base), **{key: value}))
     assert tm.main(["--lora-alpha", "32", "--lora-dropout", "0.1", "--export-merged"]) == 2
-    assert capsys.readouterr().err == (
-        "error: lora_alpha (32.0, --lora-alpha), lora_dropout (0.1, --lora-dropout), "
-        "export_merged (True, --export-merged): LoRA settings, but lora_r (0, --lora-r) trains "
-        "every weight: set lora_r > 0, or drop them\n")
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert all(w in err for w in ("lora_alpha (32.0, --lora-alpha)",
+                                  "lora_dropout (0.1, --lora-dropout)",
+                                  "export_merged (True, --export-merged)", "lora_r (0, --lora-r)",
+                                  "set lora_r > 0", "drop them")), err
     for recipe in sorted((ROOT / "configs").glob("*.json")):  # their bases are not here
         cfg = tm.config_from_dict(tm.load_config_file(recipe), str(recipe))
         tm.validate_config(dataclasses.replace(cfg, init_from=cfg.init_from and str(base)))
@@ -2181,8 +2184,8 @@ def test_init_adapter_whose_base_layer_differs_from_the_base_is_refused(assets, 
     cfg = tm.with_init_adapter(tiny_cfg(assets, tmp_path, init_adapter=str(tmp_path / "same")))
     tm.build_model(cfg, tok)  # the base's own embedding, as PEFT saves it by default: taken
     cfg = tm.with_init_adapter(tiny_cfg(assets, tmp_path, init_adapter=str(tmp_path / "changed")))
-    with pytest.raises(ValueError, match=r"its base_model\.model\.model\.embed_tokens\.base_layer"
-                       r"\.weight .* differs from the base's.*resume and the export would lose"):
+    with pytest.raises(ValueError, match=r"base_model\.model\.model\.embed_tokens\.base_layer"
+                       r"\.weight .*differs from the base's.*export would lose"):
         tm.build_model(cfg, tok)
 
 
@@ -2236,11 +2239,12 @@ def test_init_adapter_refuses_a_lora_setting_that_differs_from_the_adapter(tmp_p
         with pytest.raises(ValueError, match=rf"^{key} \(.*\) \(the adapter's: "):
             tm.validate_config(tm.TrainConfig(init_adapter=adapter, **{key: value}))
     assert tm.main(["--init-adapter", adapter, "--lora-r", "8"]) == 2
-    assert capsys.readouterr().err.endswith(
-        f"error: lora_r (8, --lora-r) (the adapter's: 4): init_adapter ({adapter!r}, "
-        f"--init-adapter) fixes these "
-        f"({adapter}/adapter_config.json): drop those settings to train the adapter on as it "
-        "is\n")
+    err = capsys.readouterr().err
+    last = err.splitlines()[-1]
+    assert last.startswith("error: lora_r (8, --lora-r)"), err
+    assert all(w in last for w in ("the adapter's: 4",
+                                   f"init_adapter ({adapter!r}, --init-adapter)",
+                                   f"{adapter}/adapter_config.json", "drop those settings")), err
     # Typed at its default value, a flag still says what the user wants: an error too.
     for flag, value, key in [("--lora-alpha", "16", "lora_alpha"),
                              ("--lora-dropout", "0", "lora_dropout")]:
@@ -2346,8 +2350,7 @@ def test_a_config_files_lora_key_at_its_default_that_differs_from_the_init_adapt
     config = tmp_path / "train.json"
     config.write_text(json.dumps({"lora_alpha": 16.0}))
     with pytest.raises(ValueError, match=rf"^lora_alpha \(16\.0, --config {re.escape(str(config))}"
-                                         r"\) \(the adapter's: 8\): init_adapter \(.*, "
-                                         r"--init-adapter\) fixes these"):
+                                         r"\).*adapter's: 8.*--init-adapter\) fixes"):
         tm.parse_config(["--init-adapter", adapter, "--config", str(config)])
     config.write_text(json.dumps({"lora_alpha": 8}))
     assert tm.parse_config(["--init-adapter", adapter, "--config", str(config)]).lora_alpha == 8
@@ -2428,9 +2431,10 @@ def test_eval_scores_best_when_a_resume_trained_past_the_export(assets, tmp_path
     assert best > exported  # the loss kept falling
     capsys.readouterr()
     loaded = ev.load_model(str(run), torch.device("cpu")).model
-    assert capsys.readouterr().err == (
-        f"note: {run / 'export'} is not used: it holds the best weights of step {exported}, "
-        f"best/ those of step {best} (the run trained on after its export); scoring best/\n")
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("note: "), err
+    assert all(w in err for w in (f"{run / 'export'} is not used", f"step {exported}",
+                                  f"step {best}", "scoring best/")), err
     assert_bit_equal(tm.model_tensors(loaded, False), load_file(run / "best" / rundir.MODEL_FILE))
 
 
@@ -2479,7 +2483,9 @@ def test_a_run_saves_its_paths_absolute_and_resumes_from_any_directory(assets, t
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()
     assert tm.main(["--resume", str(run), "--max-steps", "8"]) == 2
-    assert capsys.readouterr().err == f"error: {run / 'config.json'}: data 'corpus' not found\n"
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert all(w in err for w in (str(run / "config.json"), "data 'corpus'", "not found")), err
     monkeypatch.chdir(root)
     assert tm.main(["--resume", str(run), "--max-steps", "8"]) == 0
     assert json.loads((run / "config.json").read_text())["data"] == ["corpus"]
@@ -2491,11 +2497,11 @@ def test_lora_without_a_pretrained_base_is_refused(assets, tmp_path, capsys):
     still accepted, and resumes (its config.json names the base)."""
     config = _tiny_config_file(assets, tmp_path, max_steps=2, eval_every=2)
     assert tm.main(["--config", config, "--lora-r", "4"]) == 2
-    assert capsys.readouterr().err == (
-        f"error: lora_r (4, --lora-r): LoRA needs a pretrained base (init_from, --config "
-        f"{config}): a from-scratch model has nothing frozen worth keeping, so only the "
-        "adapters of a random model would train; set init_from, or lora_r 0 to train every "
-        "weight\n")
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert all(w in err for w in ("lora_r (4, --lora-r)", "pretrained base",
+                                  f"init_from, --config {config}", "set init_from",
+                                  "lora_r 0")), err
     assert not (tmp_path / "runs" / "run").exists()
     base = tiny_llama(tmp_path)
     assert tm.main(["--config", config, "--lora-r", "4", "--init-from", str(base)]) == 0
@@ -2516,9 +2522,10 @@ def test_resume_of_a_checkpoint_or_best_dir_is_refused_naming_the_run(assets, tm
         before = sorted(p.name for p in weights.iterdir())
         capsys.readouterr()
         assert tm.main(["--resume", str(weights), "--max-steps", "4"]) == 2
-        assert capsys.readouterr().err == (
-            f"error: --resume {weights}: weights (a checkpoint, best/ or export/), not a run "
-            f"directory: --resume {run} continues that run from its newest checkpoint\n")
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+        assert all(w in err for w in (f"--resume {weights}:", "not a run directory",
+                                      f"--resume {run} continues")), err
         assert sorted(p.name for p in weights.iterdir()) == before
 
 
@@ -2530,10 +2537,10 @@ def test_resume_refuses_a_name_or_out_dir_of_another_run(assets, tmp_path, capsy
     run = tmp_path / "runs" / "run"
     capsys.readouterr()
     assert tm.main(["--resume", str(run), "--name", "other", "--max-steps", "4"]) == 2
-    assert capsys.readouterr().err == (
-        f"error: --resume {run} continues that run, but --name other names another run "
-        f"({run.parent / 'other'}): drop --name other to continue {run}, or drop --resume to "
-        "start a new run there\n")
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert all(w in err for w in (f"--resume {run}", "--name other", str(run.parent / "other"),
+                                  "drop --name other", "drop --resume")), err
     elsewhere = tmp_path / "elsewhere"
     assert tm.main(["--resume", str(run), "--out-dir", str(elsewhere), "--max-steps", "4"]) == 2
     err = capsys.readouterr().err
@@ -2618,9 +2625,10 @@ def test_resume_refuses_a_length_below_its_checkpoint(assets, tmp_path, capsys):
     kept = {p: p.read_bytes() for p in (run / "config.json", run / "metrics.jsonl")}
     capsys.readouterr()
     assert tm.main(["--resume", str(run), "--max-steps", "5"]) == 2
-    assert capsys.readouterr().err == (
-        "error: max_steps (5, --max-steps): below the step of the checkpoint it resumes from "
-        "(8); a resume can only extend its run: set max_steps to 8 or more\n")
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert all(w in err for w in ("max_steps (5, --max-steps)", "checkpoint", "(8)",
+                                  "set max_steps to 8 or more")), err
     assert tm.main(["--resume", str(run), "--epochs", "0.001"]) == 2  # beside max_steps
     err = capsys.readouterr().err
     assert all(w in err for w in ("max_steps", "--epochs", "unset one")), err
@@ -3367,14 +3375,16 @@ def test_an_error_of_two_settings_names_where_each_was_set(tmp_path, capsys):
     config = tmp_path / "run.json"
     config.write_text(json.dumps({"quantize_bits": 4}))
     assert tm.main(["--config", str(config), "--device", "cpu"]) == 2
-    assert capsys.readouterr().err.startswith(
-        f"error: quantize_bits (4, --config {config}): a quantized base is frozen: it needs LoRA, "
-        "but lora_r (0, --lora-r) trains every weight")
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: quantize_bits (4, --config {config})"), err
+    assert all(w in err for w in ("quantized base", "needs LoRA", "lora_r (0, --lora-r)")), err
     config.write_text(json.dumps({"init_from": "/nonexistent"}))
     assert tm.main(["--config", str(config), "--n-layer", "2", "--device", "cpu"]) == 2
-    assert capsys.readouterr().err == (
-        "error: n_layer (2, --n-layer): the shape of a model loaded from init_from "
-        f"('/nonexistent', --config {config}) cannot be changed\n")
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert all(w in err for w in ("n_layer (2, --n-layer)", "shape",
+                                  f"init_from ('/nonexistent', --config {config})")), err
+    assert "--init-from" not in err, err  # a flag never typed
 
 
 def test_where_set_of_a_command_line_names_the_flag_the_config_file_or_the_resumed_run(
@@ -3394,8 +3404,7 @@ def test_where_set_of_a_command_line_names_the_flag_the_config_file_or_the_resum
 
 
 def test_too_few_training_examples_for_a_batch_names_the_setting():
-    with pytest.raises(ValueError, match=r"fewer than one global batch \(20 x 1\): "
-                                         r"lower --batch-size or add data"):
+    with pytest.raises(ValueError, match=r"global batch \(20 x 1\).*--batch-size.*add data"):
         tm.BatchOrder(10, 20, tm.Dist(), seed=0)
 
 
@@ -3411,8 +3420,9 @@ def test_a_model_shape_error_names_the_settings_it_was_made_of(tmp_path, capsys)
                                   "n_embd (30, --n-embd)", "not divisible by n_head=4")), err
     config.write_text(json.dumps({"preset": "nope"}))
     assert tm.main(["--config", str(config), "--device", "cpu"]) == 2
-    assert capsys.readouterr().err.startswith(
-        f"error: preset ('nope', --config {config}): unknown preset 'nope'; choose auto or one of [")
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: preset ('nope', --config {config})"), err
+    assert all(w in err for w in ("unknown preset 'nope'", "auto", "one of [")), err
 
 
 def test_a_from_scratch_model_the_hf_layout_cannot_hold_is_refused_before_training(tmp_path):
