@@ -293,9 +293,9 @@ def check_run_paths(values: dict, keys: Sequence[str], source: str) -> None:
                 raise ValueError(f"{source}: {key} {path!r} not found")
 
 
-# TrainConfig keys whose None (and preset auto) leave the choice to a new run: a resume keeps
+# TrainConfig keys whose None (and auto) leave the choice to a new run: a resume keeps
 # the choice its run made.
-CHOSEN_BY_THE_RUN = ("preset", "block_size", "batch_size", "lr", "warmup_steps")
+CHOSEN_BY_THE_RUN = ("preset", "block_size", "batch_size", "lr", "warmup_steps", "precision")
 
 
 def unset(key: str, value: object) -> bool:

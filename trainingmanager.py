@@ -647,12 +647,16 @@ EVALS_IN_BUDGET = 4  # evaluations a budgeted run makes (the last at its end)
 END_SHARE, FINAL_EVAL_SHARE = 0.02, 0.04
 # The share of preset auto's budget it expects to train in (the data is yet to be prepared).
 TRAIN_SHARE = 0.85
+# Preset auto trains on a CPU in bf16 when that measures this many times fp32's speed.
+CPU_BF16_SPEEDUP = 1.2
 
 
 def _auto_rung(cfg: TrainConfig, device: torch.device, dist: Dist, seconds: float
                ) -> TrainConfig:
     """Preset auto: the largest BUDGET_LADDER rung whose step time, measured here on random
     tokens, lets it see TOKENS_PER_PARAM tokens per parameter in ``seconds`` of budget."""
+    if cfg.precision == "auto" and device.type == "cpu":
+        cfg = dataclasses.replace(cfg, precision=_cpu_precision(cfg, device, dist))
     chosen = None
     for rung in BUDGET_LADDER:
         candidate = with_fallbacks(with_rung(cfg, rung))
@@ -662,10 +666,20 @@ def _auto_rung(cfg: TrainConfig, device: torch.device, dist: Dist, seconds: floa
         chosen, chosen_params, chosen_rate = candidate, params, tokens_per_s
     if dist.main:
         print(f"preset auto: {chosen.preset} ({_millions(chosen_params)} parameters, context "
-              f"{chosen.block_size}), batch {chosen.batch_size}, lr {chosen.lr:g}: the largest "
+              f"{chosen.block_size}), batch {chosen.batch_size}, lr {chosen.lr:g}, "
+              f"{chosen.precision}: the largest "
               f"that sees {TOKENS_PER_PARAM} tokens a parameter in {cfg.time_budget_min:g} min "
               f"on {device.type} ({chosen_rate:,.0f} tokens/s measured)")
     return chosen
+
+
+def _cpu_precision(cfg: TrainConfig, device: torch.device, dist: Dist) -> str:
+    """bf16 autocast where this CPU computes it natively (measured on the first rung, at least
+    CPU_BF16_SPEEDUP times fp32's tokens a second): the budget then buys more tokens."""
+    first = with_fallbacks(with_rung(cfg, BUDGET_LADDER[0]))
+    fp32, bf16 = (_broadcast(_probe(dataclasses.replace(first, precision=p), device, dist.world),
+                             dist)[1] for p in ("fp32", "bf16"))
+    return "bf16" if bf16 >= CPU_BF16_SPEEDUP * fp32 else "fp32"
 
 
 def _probe(cfg: TrainConfig, device: torch.device, world: int) -> tuple[int, float]:

@@ -766,6 +766,22 @@ def test_builtin_spaces_are_valid_trainingmanager_values():
         hyperparam_tune.check_before_trials(hyperparam_tune.TuneConfig(space="lora"))
 
 
+@pytest.mark.parametrize("name", sorted(p.stem for p in hyperparam_tune.SPACES_DIR.glob("*.json")))
+def test_each_shipped_space_passes_the_checks_before_the_first_trial(tmp_path, name):
+    """Every choice of a shipped space (a preset name, a range bound) is one the trainer takes."""
+    space = hyperparam_tune.load_space(name)
+    base = {}
+    if "init_from" in space.requires:
+        save_tiny_hf("llama", tmp_path / "base", vocab_size=512)
+        base = {"init_from": str(tmp_path / "base")}
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps(base), "utf-8")
+    cfg = hyperparam_tune.TuneConfig(space=name, train_config=str(train),
+                                     out_dir=str(tmp_path / "runs"))
+    loaded, _ = hyperparam_tune.check_before_trials(cfg)
+    assert loaded.params
+
+
 def test_readme_example_space_passes_the_checks_before_the_first_trial(tmp_path):
     """configs/search_spaces/README.md's worked example is what a user copies: it passes every
     check the sweep makes before its first trial (it sampled lora_targets without lora_r), given

@@ -1244,6 +1244,39 @@ def test_a_time_budget_sizes_the_run_and_its_config_reproduces_it(assets, tmp_pa
         tm.validate_config(tm.TrainConfig(time_budget_min=None, max_steps=5))
 
 
+def test_preset_auto_takes_the_largest_rung_the_budget_trains_and_a_resume_keeps_it(
+        assets, tmp_path, monkeypatch, capsys):
+    """Preset auto probes BUDGET_LADDER's rungs, smallest first, and takes the largest that sees
+    TOKENS_PER_PARAM tokens a parameter in the budget, in bf16 on a CPU that measures it faster;
+    config.json records the choices and a resume keeps them."""
+    params, tokens = tm._probe(tiny_cfg(assets, tmp_path), torch.device("cpu"), 1)
+    assert params > 0 and tokens > 0  # the real probe trains the rung's model here
+    ladder = tuple({"preset": "tiny", "block_size": 32, "batch_size": b, "lr": lr}
+                   for b, lr in ((2, 3e-3), (4, 2e-3), (8, 1e-3)))
+    budget_s = 60 * tm.TRAIN_SHARE
+    rates = {2: tm.TOKENS_PER_PARAM * 100 / budget_s, 4: tm.TOKENS_PER_PARAM * 200 / budget_s,
+             8: tm.TOKENS_PER_PARAM * 400 / budget_s}  # tokens a second; 8 misses its 400
+
+    def probe(cfg, device, world):
+        speed = 2.0 if cfg.precision == "bf16" else 1.0
+        return 100 * cfg.batch_size // 2, rates[cfg.batch_size] * speed * (cfg.batch_size < 8)
+
+    monkeypatch.setattr(tm, "BUDGET_LADDER", ladder)
+    monkeypatch.setattr(tm, "_probe", probe)
+    monkeypatch.setattr(tm, "_time_a_step", lambda run, model: (0.5, 2.0))
+    monkeypatch.setattr(tm, "_seconds_left", lambda run: 12.0)
+    cfg = tiny_cfg(assets, tmp_path, name="auto", preset="auto", time_budget_min=1.0,
+                   block_size=None, batch_size=None, lr=None, warmup_steps=None, max_steps=None)
+    first = tm.train(cfg)
+    assert "preset auto: tiny" in capsys.readouterr().out
+    saved = json.loads((first.run_dir / "config.json").read_text())
+    assert (saved["preset"], saved["batch_size"], saved["lr"], saved["precision"]) == (
+        "tiny", 4, 2e-3, "bf16")
+    again = tm.train(dataclasses.replace(cfg, resume=str(first.run_dir), time_budget_min=None,
+                                         max_steps=saved["max_steps"]))
+    assert again.step == first.step
+
+
 def test_the_sample_stops_where_its_function_ends(assets, tmp_path, monkeypatch):
     """The end-of-run sample decodes as eval does: cut at EOS or at the first stop string."""
     import generation
