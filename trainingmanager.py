@@ -645,6 +645,8 @@ def _build(run: Run, has_weights: bool) -> None:
 EVALS_IN_BUDGET = 4  # evaluations a budgeted run makes (the last at its end)
 # The share of a budget kept for the end: the export and sample, and the final evaluation.
 END_SHARE, FINAL_EVAL_SHARE = 0.02, 0.04
+# The share kept for the machine's speed drifting from its measure (up to 14% on a shared VM).
+DRIFT_SHARE = 0.1
 # The share of preset auto's budget it expects to train in (the data is yet to be prepared).
 TRAIN_SHARE = 0.85
 # Preset auto trains on a CPU in bf16 when that measures this many times fp32's speed.
@@ -712,7 +714,7 @@ def _sized_to_budget(run: Run, model: nn.Module) -> TrainConfig:
     cfg = run.cfg
     step_s, eval_s = _broadcast(_time_a_step(run, model), run.dist)
     left = _seconds_left(run)
-    end = END_SHARE + (FINAL_EVAL_SHARE if _final_eval(cfg) else 0)
+    end = END_SHARE + DRIFT_SHARE + (FINAL_EVAL_SHARE if _final_eval(cfg) else 0)
     steps = max(1, int((left * (1 - end) - EVALS_IN_BUDGET * eval_s) / step_s))
     every = max(1, steps // EVALS_IN_BUDGET)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(WARMUP_SHARE * steps)

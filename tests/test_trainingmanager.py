@@ -1228,7 +1228,7 @@ def test_a_time_budget_sizes_the_run_and_its_config_reproduces_it(assets, tmp_pa
     assert timed and "time budget 1 min, 60 s left after setup: 0.500 s a step" in (
         capsys.readouterr().out)
     saved = json.loads((first.run_dir / "config.json").read_text())
-    raw = int((60 * (1 - tm.END_SHARE) - tm.EVALS_IN_BUDGET * 2.0) / 0.5)
+    raw = int((60 * (1 - tm.END_SHARE - tm.DRIFT_SHARE) - tm.EVALS_IN_BUDGET * 2.0) / 0.5)
     every = raw // tm.EVALS_IN_BUDGET
     assert (saved["max_steps"], saved["eval_every"], saved["time_budget_min"]) == (
         every * tm.EVALS_IN_BUDGET, every, None)
