@@ -103,7 +103,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0: no clipping (the norm is still logged)
     label_smoothing: float = 0.0  # training only; validation reports the true NLL
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 on GPUs with native bf16, fp16
-    #   on older ones such as the T4, fp32 on CPU)
+    #   on older ones such as the T4, fp32 on CPU; preset auto: bf16 on a CPU measured faster in it)
     eval_precision: str = "fp32"  # fp32 (no autocast) | same (as training)
     compile: bool = False  # torch.compile the model
     gradient_checkpointing: bool = False  # recompute each block in backward: less memory
