@@ -246,15 +246,21 @@ class BatchOrder:
         return self._perm[start:start + self.micro_batch].tolist(), where
 
 
-# ---- Optimisation: AdamW, warmup + cosine to a floor, token-weighted accumulation, AMP ----
+# ---- Optimisation: AdamW, warmup + decay to a floor, token-weighted accumulation, AMP ----
 
 
-def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
-    """Multiplier of the peak lr for optimizer step ``step`` (0-based): linear warmup, cosine."""
+def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float,
+              decay_steps: int | None = None) -> float:
+    """Multiplier of the peak lr for optimizer step ``step`` (0-based): linear warmup, then a
+    cosine to the end, or (``decay_steps``) the peak held until the last ``decay_steps`` steps
+    decay it as 1 - sqrt (warmup-stable-decay: the run's length is free until its decay starts)."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if step >= max_steps:
         return min_lr_ratio
+    if decay_steps is not None:
+        progress = max(0.0, (step - (max_steps - decay_steps)) / decay_steps)
+        return min_lr_ratio + (1.0 - min_lr_ratio) * (1.0 - math.sqrt(progress))
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -300,9 +306,11 @@ class Trainer:
         # fused: one kernel over all tensors, faster than the loop on CPU too
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                            eps=cfg.adam_eps, fused=True)
-        total = max_steps if max_steps is not None else cfg.max_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total, cfg.min_lr_ratio))
+        # the schedule's length: a budgeted run sets both anew when its decay starts (_retimed)
+        self.max_steps = max_steps if max_steps is not None else cfg.max_steps
+        self.decay_steps = cfg.decay_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
+            s, cfg.warmup_steps, self.max_steps, cfg.min_lr_ratio, self.decay_steps))
         # Loss scaling wherever the backward runs in fp16: fp16 autocast, or a frozen fp16 base
         # under LoRA whatever the precision (its small per-token gradients would underflow).
         self.scaler = torch.amp.GradScaler(
@@ -533,6 +541,7 @@ class Run:
     lines: bool = False  # a console line per logged step (no progress bar on a terminal)
     clock: tuple[float, int] = (0.0, 0)  # when, and at which step, this process began training
     created: float = field(default_factory=time.perf_counter)  # a time budget counts from here
+    train_until: float | None = None  # a new budgeted run's end of training (_retime)
     tok_s: float = 0.0  # the last logged throughput
 
     @property
@@ -645,8 +654,11 @@ def _build(run: Run, has_weights: bool) -> None:
 EVALS_IN_BUDGET = 4  # evaluations a budgeted run makes (the last at its end)
 # The share of a budget kept for the end: the export and sample, and the final evaluation.
 END_SHARE, FINAL_EVAL_SHARE = 0.02, 0.04
-# The share kept for the machine's speed drifting from its measure (up to 14% on a shared VM).
-DRIFT_SHARE = 0.1
+# The share of a budgeted run's steps that decay its lr; their number is re-timed when they start.
+DECAY_SHARE = 0.2
+# The share of the time left kept for the machine's speed drifting from its measure: at the
+# start (up to 14% seen on a shared VM), and again when the decay is re-timed.
+DRIFT_SHARE = 0.05
 # The share of preset auto's budget it expects to train in (the data is yet to be prepared).
 TRAIN_SHARE = 0.85
 # Preset auto trains on a CPU in bf16 when that measures this many times fp32's speed.
@@ -714,18 +726,42 @@ def _sized_to_budget(run: Run, model: nn.Module) -> TrainConfig:
     cfg = run.cfg
     step_s, eval_s = _broadcast(_time_a_step(run, model), run.dist)
     left = _seconds_left(run)
-    end = END_SHARE + DRIFT_SHARE + (FINAL_EVAL_SHARE if _final_eval(cfg) else 0)
-    steps = max(1, int((left * (1 - end) - EVALS_IN_BUDGET * eval_s) / step_s))
+    train_s = left * (1 - END_SHARE - (FINAL_EVAL_SHARE if _final_eval(cfg) else 0))
+    run.train_until = time.perf_counter() + train_s
+    steps = max(1, int((train_s * (1 - DRIFT_SHARE) - EVALS_IN_BUDGET * eval_s) / step_s))
     every = max(1, steps // EVALS_IN_BUDGET)
+    steps = every * EVALS_IN_BUDGET
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(WARMUP_SHARE * steps)
-    sized = dataclasses.replace(cfg, time_budget_min=None, max_steps=every * EVALS_IN_BUDGET,
-                                eval_every=every, save_every=every, warmup_steps=warmup)
+    sized = dataclasses.replace(
+        cfg, time_budget_min=None, max_steps=steps, eval_every=every, save_every=every,
+        warmup_steps=warmup, decay_steps=cfg.decay_steps or max(1, int(DECAY_SHARE * steps)))
     if run.main:
         print(f"time budget {cfg.time_budget_min:g} min, {left:.0f} s left after setup: "
               f"{step_s:.3f} s a step, {eval_s:.1f} s an evaluation on {run.device.type} -> "
-              f"max_steps {sized.max_steps}, eval_every {every}, warmup_steps "
-              f"{sized.warmup_steps} (recorded in config.json)")
+              f"max_steps {steps}, eval_every {every}, warmup_steps {warmup}, decay_steps "
+              f"{sized.decay_steps} (recorded in config.json; re-timed when the decay starts)")
     return sized
+
+
+def _retime(run: Run) -> None:
+    """A budgeted run at its decay's start: the decay takes the steps that fit in the time left
+    at the rate measured so far (evaluations included), and config.json records the new length,
+    which reproduces the run (the lr is the peak's until the decay starts, whatever the length)."""
+    (since, first_step), s = run.clock, run.state
+    step_s = (time.perf_counter() - since) / max(1, s.step - first_step)
+    left = run.train_until - time.perf_counter()
+    decay = _broadcast(max(1, int(left * (1 - DRIFT_SHARE) / step_s)), run.dist)
+    planned, run.max_steps = run.max_steps, s.step + decay
+    run.cfg = dataclasses.replace(run.cfg, max_steps=run.max_steps, decay_steps=decay)
+    run.trainer.max_steps, run.trainer.decay_steps = run.max_steps, decay
+    run.state.max_steps, run.train_until = run.max_steps, None
+    run.config_dict.update(max_steps=run.max_steps, decay_steps=decay)
+    if run.main:
+        process.write_atomic_files({run.run_dir / rundir.CONFIG_FILE:
+                                    json.dumps(run.config_dict, indent=1)})
+        print(f"the decay starts at step {s.step}: {step_s:.3f} s a step so far, {left:.0f} s "
+              f"left -> decay_steps {decay}, max_steps {run.max_steps} (planned {planned}; "
+              "recorded in config.json)")
 
 
 def _seconds_left(run: Run) -> float:
@@ -1180,6 +1216,9 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
             result.early_stopped = _out_of_patience(run)
             while s.step < run.max_steps and not result.early_stopped:
                 micro, where = _next_micro_batches(run)
+                if run.train_until is not None and s.step == run.max_steps - trainer.decay_steps:
+                    _retime(run)
+                    bar.total = run.max_steps
                 stats = trainer.train_step(micro, inject_nan=cfg.inject_nan_at_step == s.step + 1)
                 skipped_in_a_row = skipped_in_a_row + 1 if stats.skipped else 0
                 if skipped_in_a_row > MAX_SKIPPED_STEPS:  # fp16 overflow every step: diverged

@@ -404,6 +404,16 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert all(a >= b for a, b in zip(f[10:], f[11:]))
 
 
+def test_warmup_stable_decay_holds_the_peak_then_decays_as_one_minus_sqrt():
+    """decay_steps 40 of 110: the peak from the warmup's end to step 70, then 1 - sqrt of the
+    decay's progress down to the floor (Hägele et al. 2024's cooldown)."""
+    f = [tm.lr_factor(s, 10, 110, 0.1, decay_steps=40) for s in range(120)]
+    assert f[0] == pytest.approx(0.1) and f[9] == f[10] == f[70] == pytest.approx(1.0)
+    assert f[80] == pytest.approx(0.1 + 0.9 * (1 - 0.5))  # a quarter of the decay: sqrt 0.5
+    assert f[110] == pytest.approx(0.1) and f[119] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+
+
 # --------------------------------------------------------------------------------------------
 # Configuration and CLI
 # --------------------------------------------------------------------------------------------
@@ -1210,32 +1220,43 @@ def test_sample_prompt_is_formatted_as_the_task_trained(assets, tmp_path, monkey
 
 def test_a_time_budget_sizes_the_run_and_its_config_reproduces_it(assets, tmp_path,
                                                                   monkeypatch, capsys):
-    """--time-budget-min: max_steps, eval_every and warmup follow from the time left and the
-    measured step (here given); config.json records them instead of the budget, so a new run
-    of that config alone trains the same weights (the timing drew nothing from the RNG)."""
+    """--time-budget-min: max_steps, eval_every, warmup and decay follow from the time left and
+    the measured step (here given; a fake clock takes 1 s a step); when the decay starts it takes
+    the steps that fit in the time left. config.json records the final figures instead of the
+    budget, so a new run of that config alone trains the same weights (the timing drew nothing
+    from the RNG, and the lr holds its peak until the decay, whatever the run's length)."""
+    _one_second_a_step(monkeypatch)
     timed = []
     time_a_step = tm._time_a_step
 
     def measured(run, model):
         timed.append(time_a_step(run, model))  # really run (RNG restored), its figures replaced
-        return 0.5, 2.0
+        return 1.0, 2.0
 
     monkeypatch.setattr(tm, "_time_a_step", measured)
     monkeypatch.setattr(tm, "_seconds_left", lambda run: 60.0)
     cfg = tiny_cfg(assets, tmp_path, name="budget", time_budget_min=1.0, warmup_steps=None,
                    max_steps=None, eval_every=100)
     first = tm.train(cfg)
-    assert timed and "time budget 1 min, 60 s left after setup: 0.500 s a step" in (
-        capsys.readouterr().out)
+    train_s = 60 * (1 - tm.END_SHARE)  # no export: no final evaluation
+    every = int(train_s * (1 - tm.DRIFT_SHARE) - tm.EVALS_IN_BUDGET * 2.0) // tm.EVALS_IN_BUDGET
+    planned = every * tm.EVALS_IN_BUDGET
+    decay_start = planned - int(tm.DECAY_SHARE * planned)
+    decay = int((train_s - decay_start) * (1 - tm.DRIFT_SHARE))  # the clock: 1 s a step
+    out = capsys.readouterr().out
+    assert timed and "time budget 1 min, 60 s left after setup: 1.000 s a step" in out
+    assert (f"max_steps {planned}, eval_every {every}, warmup_steps {int(tm.WARMUP_SHARE * planned)}"
+            f", decay_steps {planned - decay_start}") in out
+    assert (f"the decay starts at step {decay_start}: 1.000 s a step so far" in out
+            and f"decay_steps {decay}, max_steps {decay_start + decay} (planned {planned}" in out)
     saved = json.loads((first.run_dir / "config.json").read_text())
-    raw = int((60 * (1 - tm.END_SHARE - tm.DRIFT_SHARE) - tm.EVALS_IN_BUDGET * 2.0) / 0.5)
-    every = raw // tm.EVALS_IN_BUDGET
-    assert (saved["max_steps"], saved["eval_every"], saved["time_budget_min"]) == (
-        every * tm.EVALS_IN_BUDGET, every, None)
-    assert saved["warmup_steps"] == int(tm.WARMUP_SHARE * raw) and first.step == saved["max_steps"]
+    assert (saved["max_steps"], saved["decay_steps"], saved["eval_every"],
+            saved["time_budget_min"]) == (decay_start + decay, decay, every, None)
+    assert first.step == saved["max_steps"] > planned
     config = tmp_path / "again.json"
     config.write_text(json.dumps({**saved, "name": "again"}))
     again = tm.train(tm.config_from_dict(json.loads(config.read_text())))
+    assert "the decay starts" not in capsys.readouterr().out
     assert_bit_equal(final_weights(first.run_dir, first.step),
                      final_weights(again.run_dir, again.step))
     with pytest.raises(ValueError, match=r"time_budget_min .*unset.*set one of them"):
