@@ -1302,7 +1302,9 @@ def _examples_for(doc: Doc, cfg: DataConfig, events: Counter) -> list[Example]:
 
 def held_out_prompt(docs: Iterable[Doc], cfg: DataConfig) -> tuple[str, bool] | None:
     """An end-of-run sample's prompt from held-out documents (a pair task's first example, else
-    a file's first function header), and whether its completion ends with its function."""
+    the first top-level function with a docstring, its header and docstring, else the first
+    function's header), and whether its completion ends with its function."""
+    header = None
     for doc in docs:
         if cfg.task not in ("lm", "fim", "completion"):
             if doc.target or cfg.task != "refactor":
@@ -1317,8 +1319,11 @@ def held_out_prompt(docs: Iterable[Doc], cfg: DataConfig) -> tuple[str, bool] | 
             end = docstring.end_lineno if docstring else fn.body[0].lineno - 1
             if end >= fn.lineno:  # not a one-line `def f(): ...`
                 start = min([fn.lineno, *(d.lineno for d in fn.decorator_list)])
-                return "\n".join(parsed.lines[start - 1 : end]) + "\n", True
-    return None
+                text = "\n".join(parsed.lines[start - 1 : end]) + "\n"
+                if docstring:
+                    return text, True
+                header = header or text
+    return None if header is None else (header, True)
 
 
 _CHARS_PER_TOKEN_BOUND = 32

@@ -8,6 +8,7 @@ if __name__ == "__main__":  # first: the imports below load torch for seconds
 
     process.quiet_start_up_stops()
 
+import contextlib
 import json
 import re
 import shutil
@@ -843,6 +844,39 @@ def export_checkpoint(out: str | Path, save_weights: Callable[[Path], object],
     if not process.write_dir_atomically(out, build, replace=False):
         raise ValueError(f"{out} was written by another process meanwhile; name a new directory")
     return out
+
+
+def copy_hf_companions(tokenizer: str | None, init_from: str | None, tok, out: Path,
+                       weights: bool) -> None:
+    """Copy into a run's export the HF files beside its tokenizer (``tokenizer``, else
+    ``init_from``'s, when it is the run's ``tok``) and ``init_from``'s generation config."""
+    from tokenizer import BPETokenizer, tokenizer_path
+
+    def holds_runs_tokenizer(directory: str | None) -> bool:
+        with contextlib.suppress(OSError, ValueError):
+            return directory is not None and isinstance(tok, BPETokenizer) and json.loads(
+                tokenizer_path(directory).read_text("utf-8")) == tok.spec
+        return False
+
+    source = tokenizer if tokenizer is not None else init_from
+    if holds_runs_tokenizer(source):
+        where = tokenizer_path(source).parent
+        for name in HF_TOKENIZER_FILES:
+            if (where / name).is_file():
+                shutil.copyfile(where / name, out / name)
+        config = out / HF_TOKENIZER_FILES[0]
+        if (where / config.name).is_file():
+            written = json.loads(config.read_text("utf-8"))
+            written["tokenizer_class"] = "PreTrainedTokenizerFast"  # tok.save's
+            for role in ("bos", "eos", "pad"):  # a role codelm guessed (the run trained with it)
+                i = getattr(tok, f"{role}_id")
+                if f"{role}_token" not in written and i is not None:
+                    written[f"{role}_token"] = tok.id_to_token(i)
+            config.write_text(json.dumps(written, ensure_ascii=False, indent=2), "utf-8")
+    generation = Path(init_from or "") / GENERATION_CONFIG
+    if (weights and init_from is not None and generation.is_file()
+            and (tokenizer is None or holds_runs_tokenizer(init_from))):
+        shutil.copyfile(generation, out / GENERATION_CONFIG)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import resource
-import shutil
 import signal
 import sys
 import threading
@@ -1175,9 +1174,11 @@ def _export(run: Run) -> tuple[Path | None, str | None]:
                 lora.load_adapter(merged, tmp)
                 lora.merge_and_export(merged, tmp / rundir.MERGED_DIR)
                 tok.save(tmp / rundir.MERGED_DIR)
-                copy_hf_companions(cfg, tok, tmp / rundir.MERGED_DIR, weights=True)
+                pretrained.copy_hf_companions(cfg.tokenizer, cfg.init_from, tok,
+                                               tmp / rundir.MERGED_DIR, weights=True)
         tok.save(tmp)
-        copy_hf_companions(cfg, tok, tmp, weights=cfg.lora_r == 0)
+        pretrained.copy_hf_companions(cfg.tokenizer, cfg.init_from, tok, tmp,
+                                      weights=cfg.lora_r == 0)
         # Which best/ it holds: eval.py scores best/ instead once a resume trains past it.
         (tmp / rundir.EXPORT_RECORD).write_text(json.dumps({"best_step": exported_step}))
 
@@ -1216,7 +1217,8 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
             result.early_stopped = _out_of_patience(run)
             while s.step < run.max_steps and not result.early_stopped:
                 micro, where = _next_micro_batches(run)
-                if run.train_until is not None and s.step == run.max_steps - trainer.decay_steps:
+                if (run.train_until is not None and s.step == run.max_steps - trainer.decay_steps
+                        and s.step > run.clock[1]):  # a decay from the first step keeps its plan
                     _retime(run)
                     bar.total = run.max_steps
                 stats = trainer.train_step(micro, inject_nan=cfg.inject_nan_at_step == s.step + 1)
@@ -1266,37 +1268,6 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
         del run, trainer  # the DDP model goes before the group (_leave_group)
         if owns_group:
             _leave_group()
-
-
-def copy_hf_companions(cfg: TrainConfig, tok: object, out: Path, weights: bool) -> None:
-    """Copy into an export the HF files beside the run's tokenizer (and --init-from's model)."""
-    from tokenizer import BPETokenizer, tokenizer_path
-
-    def holds_runs_tokenizer(directory: str | None) -> bool:
-        with contextlib.suppress(OSError, ValueError):
-            return directory is not None and isinstance(tok, BPETokenizer) and json.loads(
-                tokenizer_path(directory).read_text("utf-8")) == tok.spec
-        return False
-
-    source = cfg.tokenizer if cfg.tokenizer is not None else cfg.init_from
-    if holds_runs_tokenizer(source):
-        where = tokenizer_path(source).parent
-        for name in pretrained.HF_TOKENIZER_FILES:
-            if (where / name).is_file():
-                shutil.copyfile(where / name, out / name)
-        config = out / pretrained.HF_TOKENIZER_FILES[0]
-        if (where / config.name).is_file():
-            written = json.loads(config.read_text("utf-8"))
-            written["tokenizer_class"] = "PreTrainedTokenizerFast"  # tok.save's
-            for role in ("bos", "eos", "pad"):  # a role codelm guessed (the run trained with it)
-                i = getattr(tok, f"{role}_id")
-                if f"{role}_token" not in written and i is not None:
-                    written[f"{role}_token"] = tok.id_to_token(i)
-            config.write_text(json.dumps(written, ensure_ascii=False, indent=2), "utf-8")
-    generation = Path(cfg.init_from or "") / pretrained.GENERATION_CONFIG
-    if (weights and cfg.init_from is not None and generation.is_file()
-            and (cfg.tokenizer is None or holds_runs_tokenizer(cfg.init_from))):
-        shutil.copyfile(generation, out / pretrained.GENERATION_CONFIG)
 
 
 def _sample_prompt(run: Run) -> tuple[str | None, bool]:

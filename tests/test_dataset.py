@@ -2797,12 +2797,15 @@ def test_a_hugging_face_dataset_id_reads_its_train_split_from_the_hub_cache(tmp_
 
 
 def test_the_held_out_sample_prompt_is_in_the_tasks_format(tmp_path):
-    """lm: the header and docstring of a file's first top-level function (code that ends with
-    the function); refactor: a pair's prompt (ending with the output)."""
+    """lm: the header and docstring of the first top-level function with one (code that ends
+    with the function), else the first function's header; refactor: a pair's prompt (ending with
+    the output)."""
+    bare = dataset.Doc("b.py", "def main():\n    main()\n")
     doc = dataset.Doc("a.py", 'import os\n\n\n@cache\ndef area(r):\n    """Of a circle."""\n'
                       "    return 3.14 * r * r\n\n\ndef one(): return 1\n")
-    assert dataset.held_out_prompt([doc], cfg(tmp_path)) == (
+    assert dataset.held_out_prompt([bare, doc], cfg(tmp_path)) == (
         '@cache\ndef area(r):\n    """Of a circle."""\n', True)
+    assert dataset.held_out_prompt([bare], cfg(tmp_path)) == ("def main():\n", True)
     pair = dataset.Doc("p.jsonl:1", "x = 1\n", target="x = 1  # one\n")
     prompt, code = dataset.held_out_prompt([doc, pair], cfg(tmp_path, task="refactor"))
     assert prompt == dataset.REFACTOR_TEMPLATE.format(input="x = 1\n") and not code
