@@ -631,7 +631,7 @@ def test_a_write_that_fills_the_disk_says_so_first(tmp_path, monkeypatch):
         seen.append(sorted(p.name for p in Path(path).iterdir()))
         return shutil._ntuple_diskusage(100, 100, 0)
 
-    monkeypatch.setattr(tm.shutil, "disk_usage", disk_usage)
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
     for error in (RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos"),
                   OSError(28, "No space left on device")):
         def full_disk(d, error=error):

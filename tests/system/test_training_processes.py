@@ -56,7 +56,7 @@ def test_a_kill_while_old_checkpoints_are_removed_leaves_no_checkpoint_half_gone
             return rmtree(path, *args, **kwargs)
         removing.append(Path(path))  # as if killed before anything was removed
 
-    monkeypatch.setattr(tm.shutil, "rmtree", kill_in_checkpoints)
+    monkeypatch.setattr(shutil, "rmtree", kill_in_checkpoints)
     tm.train(tiny_cfg(assets, tmp_path, max_steps=8, keep_last=1))
     assert [p.name for p in tm.list_checkpoints(root.parent)] == ["step-8"]
     assert removing and all(p.name.startswith(".step-") for p in removing)
