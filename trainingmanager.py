@@ -305,7 +305,7 @@ class Trainer:
         # fused: one kernel over all tensors, faster than the loop on CPU too
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                            eps=cfg.adam_eps, fused=True)
-        # the schedule's length: a budgeted run sets both anew when its decay starts (_retimed)
+        # the schedule's length: a budgeted run sets both anew when its decay starts (_retime)
         self.max_steps = max_steps if max_steps is not None else cfg.max_steps
         self.decay_steps = cfg.decay_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
