@@ -660,6 +660,9 @@ DECAY_SHARE = 0.2
 DRIFT_SHARE = 0.05
 # The share of preset auto's budget it expects to train in (the data is yet to be prepared).
 TRAIN_SHARE = 0.85
+# A budgeted run sees its training data at most this often: past it the validation loss rises
+# (on a GPU the stdlib runs out long before 15 minutes do; docs/benchmarks.md).
+MAX_EPOCHS = 4
 # Preset auto trains on a CPU in bf16 when that measures this many times fp32's speed.
 CPU_BF16_SPEEDUP = 1.2
 
@@ -728,6 +731,10 @@ def _sized_to_budget(run: Run, model: nn.Module) -> TrainConfig:
     train_s = left * (1 - END_SHARE - (FINAL_EVAL_SHARE if _final_eval(cfg) else 0))
     run.train_until = time.perf_counter() + train_s
     steps = max(1, int((train_s * (1 - DRIFT_SHARE) - EVALS_IN_BUDGET * eval_s) / step_s))
+    data_steps = math.ceil(MAX_EPOCHS * _examples_per_epoch(run) / _examples_per_step(run))
+    data_bound = data_steps < steps and not cfg.overfit_batches
+    if data_bound:  # the run ends early, on its plan: no re-timing
+        steps, run.train_until = data_steps, None
     every = max(1, steps // EVALS_IN_BUDGET)
     steps = every * EVALS_IN_BUDGET
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(WARMUP_SHARE * steps)
@@ -738,7 +745,10 @@ def _sized_to_budget(run: Run, model: nn.Module) -> TrainConfig:
         print(f"time budget {cfg.time_budget_min:g} min, {left:.0f} s left after setup: "
               f"{step_s:.3f} s a step, {eval_s:.1f} s an evaluation on {run.device.type} -> "
               f"max_steps {steps}, eval_every {every}, warmup_steps {warmup}, decay_steps "
-              f"{sized.decay_steps} (recorded in config.json; re-timed when the decay starts)")
+              f"{sized.decay_steps} (recorded in config.json; " + (
+                  f"{MAX_EPOCHS} epochs of the training data end the run before its budget: "
+                  "more data, --data, would use the rest)" if data_bound
+                  else "re-timed when the decay starts)"))
     return sized
 
 

@@ -1265,6 +1265,24 @@ def test_a_time_budget_sizes_the_run_and_its_config_reproduces_it(assets, tmp_pa
         tm.validate_config(tm.TrainConfig(time_budget_min=None, max_steps=5))
 
 
+def test_a_time_budget_larger_than_the_data_ends_after_max_epochs(assets, tmp_path, monkeypatch,
+                                                                  capsys):
+    """A budget that would train past MAX_EPOCHS epochs of the data (a GPU on the stdlib) stops
+    there, on its plan (no re-timing), and says so; config.json records the steps."""
+    _one_second_a_step(monkeypatch)
+    monkeypatch.setattr(tm, "_time_a_step", lambda run, model: (1.0, 2.0))
+    monkeypatch.setattr(tm, "_seconds_left", lambda run: 10_000.0)
+    cfg = tiny_cfg(assets, tmp_path, name="data", time_budget_min=200.0, warmup_steps=None,
+                   max_steps=None)
+    run = tm.train(cfg)
+    out = capsys.readouterr().out
+    saved = json.loads((run.run_dir / "config.json").read_text())
+    windows = int(re.search(r"\((\d+(?:\.\d+)?) epochs of (\d+) windows", out).group(2))
+    every = math.ceil(tm.MAX_EPOCHS * windows / cfg.batch_size) // tm.EVALS_IN_BUDGET
+    assert (saved["max_steps"], saved["eval_every"], run.step) == (every * tm.EVALS_IN_BUDGET, every, every * tm.EVALS_IN_BUDGET)
+    assert f"{tm.MAX_EPOCHS} epochs of the training data end the run" in out and "--data" in out
+    assert "the decay starts" not in out
+
 def test_preset_auto_takes_the_largest_rung_the_budget_trains_and_a_resume_keeps_it(
         assets, tmp_path, monkeypatch, capsys):
     """Preset auto probes BUDGET_LADDER's rungs, smallest first, and takes the largest that sees
