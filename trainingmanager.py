@@ -662,7 +662,7 @@ DRIFT_SHARE = 0.05
 TRAIN_SHARE = 0.85
 # A budgeted run sees its training data at most this often: past it the validation loss rises
 # (on a GPU the stdlib runs out long before 15 minutes do; docs/benchmarks.md).
-MAX_EPOCHS = 4
+MAX_EPOCHS = 8
 # Preset auto trains on a CPU in bf16 when that measures this many times fp32's speed.
 CPU_BF16_SPEEDUP = 1.2
 
