@@ -295,7 +295,8 @@ def check_run_paths(values: dict, keys: Sequence[str], source: str) -> None:
 
 # TrainConfig keys whose None (and auto) leave the choice to a new run: a resume keeps
 # the choice its run made.
-CHOSEN_BY_THE_RUN = ("preset", "block_size", "batch_size", "lr", "warmup_steps", "precision")
+CHOSEN_BY_THE_RUN = ("preset", "block_size", "batch_size", "lr", "warmup_steps", "precision",
+                     "optimizer")
 
 
 def unset(key: str, value: object) -> bool:

@@ -26,6 +26,7 @@ import rundir
 import settings
 from architecture import PRESETS, SHORT_DTYPES, ModelConfig, Transformer
 from checkpoint import check_run_paths
+from optim import OPTIMIZERS
 from process import progress_bar
 from settings import setting
 
@@ -92,7 +93,9 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step, weighted by their tokens
     max_steps: int | None = None  # optimizer steps; None: epochs, else time_budget_min's
     epochs: float | None = None  # the run's length in passes over the data (not with max_steps)
-    lr: float | None = None  # peak learning rate (AdamW); None: preset auto's choice, else 1e-3
+    optimizer: str | None = None  # adamw | muon (Muon on the blocks' matrices, AdamW on the
+    #   rest: optim.py); None: preset auto's choice, else adamw
+    lr: float | None = None  # peak learning rate; None: preset auto's choice, else 1e-3
     min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
     warmup_steps: int | None = None  # linear warmup, then the decay; None: 2% of a budgeted
     #   run's steps, else 50
@@ -142,6 +145,7 @@ class TrainConfig:
 
 
 _CHOICES = {
+    "optimizer": OPTIMIZERS,
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "eval_precision": ("fp32", "same"),
     "quantize_bits": (0, 4, 8),
@@ -405,6 +409,8 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings
     need(cfg.preset != "auto" or cfg.init_from is not None or cfg.time_budget_min is not None,
          "preset", f"auto chooses the model for {named('time_budget_min')}: set a budget, or "
          f"name a preset of {sorted(PRESETS)}")
+    need(cfg.optimizer != "muon" or cfg.lora_r == 0, "optimizer",
+         "muon trains whole weight matrices: LoRA adapters train with adamw")
     need(cfg.lora_alpha != 0, "lora_alpha", "must not be 0: the adapters would never train")
     need(cfg.lora_r == 0 or cfg.init_from is not None, "lora_r",
          f"LoRA needs a pretrained base (init_from, {where_set('init_from')}): a from-scratch "
@@ -531,7 +537,7 @@ MODEL_SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "mlp_hidden", "block_size", "
 BUDGET_LADDER = (
     {"preset": "code-3x128", "block_size": 256, "batch_size": 8, "lr": 1.5e-3},
     {"preset": "code-4x160", "block_size": 256, "batch_size": 8, "lr": 1.5e-3},
-    {"preset": "code-4x192", "block_size": 256, "batch_size": 16, "lr": 3e-3},
+    {"preset": "code-4x192", "block_size": 256, "batch_size": 16, "lr": 3e-3, "optimizer": "muon"},
     {"preset": "code-6x256", "block_size": 512, "batch_size": 16, "lr": 1e-3},
     {"preset": "llama-14m", "block_size": 512, "batch_size": 16, "lr": 1e-3},
     {"preset": "llama-60m", "block_size": 1024, "batch_size": 32, "lr": 6e-4},
@@ -539,7 +545,7 @@ BUDGET_LADDER = (
 TOKENS_PER_PARAM = 4
 WARMUP_SHARE = 0.02  # a budgeted run's warmup, as a share of its steps
 # What the settings left unset (None) take outside preset auto's choice.
-FALLBACKS = {"batch_size": 4, "lr": 1e-3, "warmup_steps": 50}
+FALLBACKS = {"batch_size": 4, "lr": 1e-3, "warmup_steps": 50, "optimizer": "adamw"}
 
 
 def with_rung(cfg: TrainConfig, rung: dict) -> TrainConfig:

@@ -56,6 +56,7 @@ from checkpoint import (
     write_dir_atomically,
 )
 from generation import FUNCTION_STOPS, GenerationConfig, generate, truncate_at_stops
+from optim import build_optimizer
 from process import progress_bar
 from rundir import RunLog, best_step, list_checkpoints
 from settings import setting
@@ -297,14 +298,8 @@ class Trainer:
         self.token_bytes = None if token_bytes is None else token_bytes.to(device)
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
         assert self.params, "the model has no trainable parameters"
-        # Decay matrices only: norms, biases and other vectors keep their scale.
-        groups = [
-            {"params": [p for p in self.params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in self.params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        # fused: one kernel over all tensors, faster than the loop on CPU too
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                           eps=cfg.adam_eps, fused=True)
+        self.optimizer = build_optimizer(self.raw_model, self.params, cfg.optimizer, cfg.lr,
+                                         cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps)
         # the schedule's length: a budgeted run sets both anew when its decay starts (_retime)
         self.max_steps = max_steps if max_steps is not None else cfg.max_steps
         self.decay_steps = cfg.decay_steps

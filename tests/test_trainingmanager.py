@@ -3740,3 +3740,56 @@ def test_a_tracker_that_is_not_installed_names_its_package(monkeypatch):
     assert "report_to" in str(err.value) and "pip install wandb" in str(err.value)
     with pytest.raises(ValueError, match="report_to"):
         trainconfig.parse_config(["--report-to", "none", "tensorboard"])
+
+
+def test_muon_steps_as_torchs_own_adamw_and_muon_side_by_side():
+    """optimizer muon: torch's Muon on the blocks' weight matrices, torch's AdamW on the
+    embedding, the head and the vectors, one schedule over both: the same weights, bit for bit,
+    as the two torch optimizers stepped separately."""
+    from architecture import PRESETS, Transformer
+    from optim import build_optimizer
+
+    torch.manual_seed(0)
+    ours = Transformer(dataclasses.replace(PRESETS["tiny"], tie_embeddings=False))
+    theirs = copy.deepcopy(ours)
+    optimizer = build_optimizer(ours, list(ours.parameters()), "muon", 1e-2, 0.1, (0.9, 0.95), 1e-8)
+    lookups = {id(theirs.wte.weight), id(theirs.lm_head.weight)}
+    matrices = [p for p in theirs.parameters() if p.dim() == 2]
+    hidden = [p for p in matrices if id(p) not in lookups]
+    assert len(hidden) == 5 * PRESETS["tiny"].n_layer  # qkv, attention proj, gate, fc, MLP proj
+    adamw = torch.optim.AdamW([{"params": [p for p in matrices if id(p) in lookups]},
+                               {"params": [p for p in theirs.parameters() if p.dim() < 2],
+                                "weight_decay": 0.0}],
+                              lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=True)
+    muon = torch.optim.Muon(hidden, lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    schedule = lambda s: (s + 1) / 3  # noqa: E731
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, schedule)
+                  for o in (optimizer, adamw, muon)]
+    for _ in range(3):
+        ids = torch.randint(512, (2, 17))
+        for model, steppers in ((ours, [optimizer]), (theirs, [adamw, muon])):
+            model(ids[:, :-1], ids[:, 1:]).backward()
+            for o in steppers:
+                o.step()
+                o.zero_grad()
+        for s in schedulers:
+            s.step()
+    assert_bit_equal(ours.state_dict(), theirs.state_dict())
+    assert len(optimizer.state_dict()["state"]) == len(list(ours.parameters()))
+
+
+def test_a_muon_run_resumes_bit_exactly_and_a_lora_run_refuses_it(assets, tmp_path,
+                                                                   monkeypatch):
+    """Muon's momentum is saved with AdamW's moments: a run stopped mid-way and resumed ends on
+    the weights of one that was not."""
+    common = dict(max_steps=8, optimizer="muon")
+    straight = tm.train(tiny_cfg(assets, tmp_path, name="straight", **common))
+    original = sigterm_at_step(monkeypatch, 6)
+    cfg = tiny_cfg(assets, tmp_path, name="stopped", **common)
+    assert tm.train(cfg).interrupted == "SIGTERM"
+    monkeypatch.setattr(tm.Trainer, "train_step", original)
+    tm.train(dataclasses.replace(cfg, resume=str(Path(cfg.out_dir) / "stopped")))
+    assert_bit_equal(final_weights(straight.run_dir, 8),
+                     final_weights(Path(cfg.out_dir) / "stopped", 8))
+    with pytest.raises(ValueError, match=r"optimizer.*muon.*LoRA.*adamw"):
+        tm.validate_config(tm.TrainConfig(optimizer="muon", lora_r=4, init_from=str(tmp_path)))
