@@ -1,8 +1,5 @@
-"""The optimizer a run trains with: AdamW, or Muon on the blocks' weight matrices and AdamW on the
-rest (embeddings, LM head, norms, biases), which the scheduler, the loss scaler and checkpoints
-see as one torch optimizer. Both are torch's own (torch.optim.AdamW, torch.optim.Muon)."""
-
-from __future__ import annotations
+"""The optimizer a run trains with: torch's AdamW, or torch's Muon on the blocks' weight matrices
+and AdamW on the rest (embeddings, LM head, norms, biases), seen as one optimizer."""
 
 import torch
 from torch import nn
@@ -10,30 +7,27 @@ from torch import nn
 OPTIMIZERS = ("adamw", "muon")
 
 
-def build_optimizer(model: nn.Module, params: list[nn.Parameter], name: str, lr: float,
-                    weight_decay: float, betas: tuple[float, float], eps: float
-                    ) -> torch.optim.Optimizer:
-    """``name``'s optimizer over ``params``; weight decay on matrices only (norms and biases keep
+def build_optimizer(model: nn.Module, params: list[nn.Parameter], cfg) -> torch.optim.Optimizer:
+    """``cfg.optimizer``'s over ``params``, weight decay on matrices only (norms and biases keep
     their scale). Muon's update is scaled to AdamW's RMS, so both take the same lr and decay."""
     matrices, vectors = [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
     # Muon orthogonalizes a linear map's update: the embedding (a lookup) and the head stay AdamW.
     lookups = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     lookups.add(id(model.lm_head.weight))
-    hidden = [p for p in matrices if name == "muon" and id(p) not in lookups]
+    hidden = [p for p in matrices if cfg.optimizer == "muon" and id(p) not in lookups]
     rest = [p for p in matrices if all(p is not h for h in hidden)]
-    adamw = torch.optim.AdamW(
-        [{"params": rest, "weight_decay": weight_decay},
-         {"params": vectors, "weight_decay": 0.0}],
-        lr=lr, betas=betas, eps=eps, fused=True)  # fused: one kernel, faster on CPU too
-    if not hidden:
-        return adamw
-    return MuonAdamW(adamw, torch.optim.Muon(hidden, lr=lr, weight_decay=weight_decay,
-                                             adjust_lr_fn="match_rms_adamw"))
+    adamw = torch.optim.AdamW(  # fused: one kernel, faster on CPU too
+        [{"params": rest, "weight_decay": cfg.weight_decay},
+         {"params": vectors, "weight_decay": 0.0}], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.adam_eps, fused=True)
+    return MuonAdamW(adamw, torch.optim.Muon(
+        hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
+    ) if hidden else adamw
 
 
 class MuonAdamW(torch.optim.Optimizer):
-    """AdamW and Muon stepped as one optimizer: their param groups and state are this one's, so
-    an lr schedule, a loss scaler and state_dict() see every parameter."""
+    """AdamW and Muon stepped as one: their param groups and state are this optimizer's, so an lr
+    schedule, a loss scaler and state_dict() see every parameter."""
 
     def __init__(self, adamw: torch.optim.AdamW, muon: torch.optim.Muon):
         self.parts = (adamw, muon)
@@ -42,10 +36,8 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _share(self) -> None:
         n = len(self.parts[0].param_groups)
-        self.parts[0].param_groups, self.parts[1].param_groups = (self.param_groups[:n],
-                                                                  self.param_groups[n:])
-        for part in self.parts:
-            part.state = self.state
+        for part, groups in zip(self.parts, (self.param_groups[:n], self.param_groups[n:])):
+            part.param_groups, part.state = groups, self.state
 
     @torch.no_grad()
     def step(self, closure=None) -> None:

@@ -298,8 +298,7 @@ class Trainer:
         self.token_bytes = None if token_bytes is None else token_bytes.to(device)
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
         assert self.params, "the model has no trainable parameters"
-        self.optimizer = build_optimizer(self.raw_model, self.params, cfg.optimizer, cfg.lr,
-                                         cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps)
+        self.optimizer = build_optimizer(self.raw_model, self.params, cfg)
         # the schedule's length: a budgeted run sets both anew when its decay starts (_retime)
         self.max_steps = max_steps if max_steps is not None else cfg.max_steps
         self.decay_steps = cfg.decay_steps

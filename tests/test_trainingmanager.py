@@ -3752,7 +3752,8 @@ def test_muon_steps_as_torchs_own_adamw_and_muon_side_by_side():
     torch.manual_seed(0)
     ours = Transformer(dataclasses.replace(PRESETS["tiny"], tie_embeddings=False))
     theirs = copy.deepcopy(ours)
-    optimizer = build_optimizer(ours, list(ours.parameters()), "muon", 1e-2, 0.1, (0.9, 0.95), 1e-8)
+    optimizer = build_optimizer(ours, list(ours.parameters()),
+                                tm.TrainConfig(optimizer="muon", lr=1e-2, weight_decay=0.1))
     lookups = {id(theirs.wte.weight), id(theirs.lm_head.weight)}
     matrices = [p for p in theirs.parameters() if p.dim() == 2]
     hidden = [p for p in matrices if id(p) not in lookups]
