@@ -700,7 +700,7 @@ def _probe(cfg: TrainConfig, device: torch.device, world: int) -> tuple[int, flo
                       max_steps=10**9)
     ids = torch.randint(vocab, (cfg.batch_size, cfg.block_size + 1))
     batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
-    step_s = _seconds_a_step(lambda: trainer.train_step([batch] * cfg.grad_accum), 1.0)
+    step_s = _seconds_a_step(lambda: trainer.train_step([batch] * cfg.grad_accum), 2.0)
     tokens = cfg.batch_size * cfg.grad_accum * cfg.block_size * world
     return sum(p.numel() for p in model.parameters()), tokens / step_s
 
