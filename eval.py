@@ -68,7 +68,6 @@ if TYPE_CHECKING:  # annotations only: eval loads dataset and tokenizer where a 
 
 # ---- Metrics ------------------------------------------------------------------------------
 
-
 def _check_pairs(preds: Sequence[str], refs: Sequence[str]) -> None:
     """A str would be scored one character per example."""
     if isinstance(preds, str) or isinstance(refs, str):
@@ -420,7 +419,6 @@ def config_from_dict(values: dict, source: str = "<dict>",
 
 # ---- Models: HF dirs, codelm run dirs, base + LoRA adapter --------------------------------
 
-
 @dataclass
 class LoadedModel:
     label: str
@@ -619,7 +617,6 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
 
 
 # ---- Scoring and generation ---------------------------------------------------------------
-
 
 def _context(lm: LoadedModel, cfg: EvalConfig) -> int:
     """The context a model is scored and prompted with: cfg's, but never past its positions."""
@@ -858,7 +855,6 @@ def complete(cfg: EvalConfig, write: Callable[[str], object] | None = None) -> d
 
 # ---- Tasks --------------------------------------------------------------------------------
 
-
 @dataclass
 class TaskExample:
     id: str
@@ -966,16 +962,13 @@ def _method_body(text: str) -> str:
     return text.rstrip()
 
 
-def _docstring_text(text: str) -> str:
-    return text.split('"""')[0].split("'''")[0].strip()
-
-
 # task -> (stop strings, post-processing of a generation, post-processing of a reference)
 _GENERATION = {
     "line": (("\n",), lambda t: codexglue_post_process(t.strip()),
              lambda r: codexglue_post_process(r.strip())),
     "method": (FUNCTION_STOPS[:4], _method_body, lambda r: r.rstrip()),
-    "docstring": (('"""', "'''", "\nclass ", "\ndef "), _docstring_text, lambda r: r.strip()),
+    "docstring": (('"""', "'''", "\nclass ", "\ndef "),
+                  lambda t: t.split('"""')[0].split("'''")[0].strip(), lambda r: r.strip()),
     "refactor": (("\n###",), lambda t: t.strip(), lambda r: r.strip()),
     "completion": ((), lambda t: t.strip(), lambda r: r.strip()),
 }
@@ -1063,7 +1056,6 @@ def run_passk(lm: LoadedModel, problems: Sequence[dict], cfg: EvalConfig
 
 
 # ---- Running a comparison: the table, the JSON, the predictions ---------------------------
-
 
 def _unique_label(label: str, seen: Counter) -> str:
     """label, or label#N for its Nth use (runs/a/export and runs/b/export are both "export")."""

@@ -103,7 +103,6 @@ _CHOICES = {"pruner": ("median", "hyperband", "none")}
 
 # ---------------------------------------------- search space: JSON -> suggestions -> TrainConfig
 
-
 @dataclass
 class SpaceFile:
     """What a search space file holds (configs/search_spaces/*.json)."""
@@ -232,7 +231,6 @@ def load_space(space: str) -> SearchSpace:
 
 
 # ----------------------------------------------- storage, study, the trial count of all workers
-
 
 def study_dir(cfg: TuneConfig) -> Path:
     return Path(cfg.out_dir) / cfg.study_name
@@ -371,7 +369,6 @@ def recover_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorag
 
 
 # ------------------------------------------------------------------------------------ one trial
-
 
 def _is_out_of_memory(e: BaseException) -> bool:
     if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
@@ -599,7 +596,6 @@ def _tell(trial: optuna.Trial, state: TrialState, value: float | None = None) ->
 
 # --------------------------------------------------- checks before the first trial costs anything
 
-
 def check_before_trials(cfg: TuneConfig) -> tuple[SearchSpace, dict]:
     """The space and the ``--train-config`` values (paths absolute), checked: an example trial
     and each choice and range bound pass the trainer's checks."""
@@ -688,7 +684,6 @@ def check_space_fits_study(cfg: TuneConfig, space: SearchSpace, study: optuna.St
 
 # --------------------------------------------------- reports: best config, trials, importances
 
-
 def trial_reason(trial: FrozenTrial, retried_by: dict[int, int]) -> str:
     if trial.state == TrialState.PRUNED:
         return f"pruned at step {trial.last_step}"
@@ -761,7 +756,6 @@ def _short(value: typing.Any) -> str:
 
 
 # --------------------------------------------------------------------------------- command line
-
 
 def _check_ranges(cfg: TuneConfig, where_set: Callable[[str], str]) -> TuneConfig:
     """Value checks the types alone do not make, each naming where the user set the key."""

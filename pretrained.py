@@ -374,12 +374,8 @@ class ModuleSlot(NamedTuple):  # unpacks as (path, rows)
 
 def _expand(table: FamilyTable, cfg: ModelConfig) -> dict[str, tuple[str, str | None]]:
     """HF module name -> (codelm module path, part), with layer templates expanded."""
-    out = {}
-    for hf, (path, part) in table.modules.items():
-        layers = range(cfg.n_layer) if "{i}" in hf else (None,)
-        for i in layers:
-            out[hf.format(i=i)] = (path.format(i=i), part)
-    return out
+    return {hf.format(i=i): (path.format(i=i), part) for hf, (path, part) in table.modules.items()
+            for i in (range(cfg.n_layer) if "{i}" in hf else (None,))}
 
 
 def hf_module_slots(cfg: ModelConfig) -> dict[str, ModuleSlot]:

@@ -33,7 +33,6 @@ from scraping import is_git_source
 
 # --------------------------------------------------------------------------------------- recipes
 
-
 @dataclass
 class Recipe:
     path: Path
@@ -372,7 +371,6 @@ def train_losses(run_dir: Path) -> list[float]:
 
 # --------------------------------------------------------------------------------------- the run
 
-
 # --set is given once per override, its values never split at commas (JSON lists hold them).
 _SET_FLAG = {"repeat": True, "metavar": "SECTION.KEY=VALUE"}
 
@@ -634,7 +632,6 @@ def summary(report: RecipeResult) -> str:
 
 
 # ---------------------------------------------------------------------------------- command line
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = settings.ArgumentParser(

@@ -134,7 +134,6 @@ def what_next(hint: str, restarts: bool = False) -> str:
 
 # ---- Claiming and locking: one run per directory ----
 
-
 def lock_holder(lock: Path) -> str | None:
     """Who holds ``lock`` ("process PID on HOST"), None when unknown or ended."""
     with contextlib.suppress(OSError, UnicodeDecodeError):
@@ -250,7 +249,6 @@ def _lock_dir(run_dir: Path, new: bool, hint: str | None) -> ClaimedDir:
 
 
 # ---- metrics.jsonl and TensorBoard ----
-
 
 def trim_metrics(path: Path, step: int) -> None:
     """Drop what an interrupted run logged past the step its resume continues from."""

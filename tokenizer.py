@@ -313,15 +313,13 @@ class CodeTokenizer(_BatchEncodeMixin):
         if len(piece) > MAX_PIECE_CHARS:
             return [i for part in _cut(piece) for i in self._cache[part]]
         vocab = self._piece_to_id
-        i = vocab.get(piece)
-        if i is not None:
+        if (i := vocab.get(piece)) is not None:
             return [i]
         ids = []
         pos, n = 0, len(piece)
         while pos < n:
             for end in range(min(n, pos + self._max_piece_len), pos, -1):
-                i = vocab.get(piece[pos:end])
-                if i is not None:
+                if (i := vocab.get(piece[pos:end])) is not None:
                     ids.append(i)
                     pos = end
                     break
@@ -916,18 +914,15 @@ class BPETokenizer(_BatchEncodeMixin):
                 prev[nxt[j]] = i
             for left, right in ((prev[i], i), (i, nxt[i])):
                 if left != -1 and right != -1:
-                    rank = ranks.get((symbols[left], symbols[right]))
-                    if rank is not None:
+                    if (rank := ranks.get((symbols[left], symbols[right]))) is not None:
                         heapq.heappush(heap, (rank, left, symbols[left], symbols[right]))
         return [s for s in symbols if s]
 
     def _encode_piece(self, piece: str) -> list[int]:
         word = _byte_level(piece)
         vocab = self._vocab
-        if self._ignore_merges:
-            i = vocab.get(word)
-            if i is not None:
-                return [i]
+        if self._ignore_merges and (i := vocab.get(word)) is not None:
+            return [i]
         if any(c not in vocab for c in word):
             return self._encode_with_unknown(word)
         return [vocab[s] for s in self._bpe(word)]

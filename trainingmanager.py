@@ -107,7 +107,6 @@ class NonFiniteLossError(RuntimeError):
 
 # ---- Devices, precision, distributed ----
 
-
 @dataclass
 class Dist:
     """Where this process sits in a torchrun job (world 1: a plain process)."""
@@ -248,7 +247,6 @@ class BatchOrder:
 
 # ---- Optimisation: AdamW, warmup + decay to a floor, token-weighted accumulation, AMP ----
 
-
 def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float,
               decay_steps: int | None = None) -> float:
     """Multiplier of the peak lr for optimizer step ``step`` (0-based): linear warmup, then a
@@ -355,7 +353,7 @@ class Trainer:
         loss, norm, positions = torch.stack(
             [loss_sum / n_tokens.clamp(min=1.0), grad_norm.float(), n_positions]).tolist()
         positions = int(positions)
-        lr = self.lr
+        lr = self.optimizer.param_groups[0]["lr"]
         if not math.isfinite(loss) or (not math.isfinite(norm) and not self.scaler.is_enabled()):
             self.optimizer.zero_grad(set_to_none=True)
             return StepStats(loss, norm, positions, lr, nonfinite="loss" if not math.isfinite(loss)
@@ -399,10 +397,6 @@ class Trainer:
         if n_bytes:
             metrics["val_bpb"] = loss_sum / n_bytes / math.log(2)
         return metrics
-
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -507,7 +501,6 @@ def _broadcast(value, dist: Dist):
 
 
 # ---- The run: set up, then the step loop in ``train``, then the end ----
-
 
 @dataclass
 class Run:
@@ -1325,7 +1318,6 @@ def _leave_group() -> None:
 
 # ---- --overfit: the debugging ritual as a command ----
 
-
 @torch.no_grad()
 def structure_diagnosis(model: nn.Module, vocab_size: int, length: int) -> str | None:
     """Check on random ids that the samples of a batch stay apart and later tokens do not change
@@ -1373,8 +1365,7 @@ def run_overfit(cfg: TrainConfig, max_steps: int = 400, lr: float = 3e-3) -> tup
     model = Transformer(model_config(ocfg, tok.vocab_size, tok.bos_id, tok.eos_id))
     device = resolve_device(ocfg, Dist())
     trainer = Trainer(model, ocfg, device)
-    problem = structure_diagnosis(trainer.raw_model, tok.vocab_size, block)
-    if problem:
+    if problem := structure_diagnosis(trainer.raw_model, tok.vocab_size, block):
         return False, f"FAIL before training: diagnosis: {problem}"
 
     losses: list[float] = []
