@@ -82,7 +82,7 @@ def test_bench_lora_refuses_a_width_its_heads_do_not_divide(capsys, monkeypatch)
 # time (settings and process, the ground-floor utilities, are open to all). A module may also load what those
 # load.
 BELOW_FLOOR_3 = {"process", "settings", "rundir", "checkpoint", "tokenizer", "kernels",
-                 "architecture", "generation", "scraping", "pretrained", "lora", "dataset",
+                 "architecture", "generation", "optim", "scraping", "pretrained", "lora", "dataset",
                  "trainconfig", "sandbox"}
 MAY_IMPORT = {
     "process": set(),
@@ -93,12 +93,13 @@ MAY_IMPORT = {
     "kernels": set(),
     "architecture": {"kernels"},
     "generation": {"architecture", "kernels"},
+    "optim": set(),
     "scraping": {"process", "settings"},
     "pretrained": {"process", "settings", "rundir", "architecture"},
     "lora": {"process", "settings", "architecture", "pretrained"},
     "dataset": {"process", "settings", "tokenizer", "scraping"},
     "trainconfig": {"process", "settings", "rundir", "checkpoint", "tokenizer", "architecture",
-                    "pretrained", "lora", "dataset"},
+                    "optim", "pretrained", "lora", "dataset"},
     "sandbox": {"process", "settings"},
     "trainingmanager": BELOW_FLOOR_3,
     "eval": BELOW_FLOOR_3 | {"trainingmanager"},
