@@ -12,10 +12,10 @@ def build_optimizer(model: nn.Module, params: list[nn.Parameter], cfg) -> torch.
     their scale). Muon's update is scaled to AdamW's RMS, so both take the same lr and decay."""
     matrices, vectors = [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
     # Muon orthogonalizes a linear map's update: the embedding (a lookup) and the head stay AdamW.
-    lookups = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    lookups.add(id(model.lm_head.weight))
-    hidden = [p for p in matrices if cfg.optimizer == "muon" and id(p) not in lookups]
-    rest = [p for p in matrices if all(p is not h for h in hidden)]
+    lookups = ({id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+               | {id(model.lm_head.weight)}) if cfg.optimizer == "muon" else None
+    hidden = [p for p in matrices if lookups is not None and id(p) not in lookups]
+    rest = [p for p in matrices if lookups is None or id(p) in lookups]
     adamw = torch.optim.AdamW(  # fused: one kernel, faster on CPU too
         [{"params": rest, "weight_decay": cfg.weight_decay},
          {"params": vectors, "weight_decay": 0.0}], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
