@@ -36,6 +36,7 @@ import torch
 from rapidfuzz.distance import Indel
 from torch.nn.utils.rnn import pad_sequence
 
+import build
 import checkpoint
 import lora
 import pretrained
@@ -553,7 +554,7 @@ def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
     weights = weights_dir / checkpoint.weights_file(adapter_only)
     file = pretrained.SafetensorsFile(weights)  # a truncated file is an error naming it
     # an init_adapter run's LoRA layout comes from the run's own copy
-    model = trainconfig.build_model(cfg, load_tokenizer(tok_dir), run_dir)
+    model = build.build_model(cfg, load_tokenizer(tok_dir), run_dir)
     checkpoint.load_model_tensors(model, {name: file.view(name) for name in file.entries},
                                   str(weights), adapter_only)
     if dtype is not None:  # else as it trained (a LoRA base in its base_dtype)

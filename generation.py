@@ -410,4 +410,9 @@ def _parse_stop(stop) -> list[str | list[int]]:
 
 def truncate_at_stops(text: str, stops: Sequence[str] = FUNCTION_STOPS) -> str:
     """Cut a generated text where the first stop sequence begins."""
-    return text[:min((i for s in stops if (i := text.find(s)) >= 0), default=len(text))]
+    end = len(text)
+    for stop in stops:
+        at = text.find(stop)
+        if 0 <= at < end:
+            end = at
+    return text[:end]

@@ -44,6 +44,7 @@ from optuna.storages._heartbeat import get_heartbeat_thread  # what Study.optimi
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
+import plan
 import process
 import rundir
 import settings
@@ -622,7 +623,7 @@ def check_before_trials(cfg: TuneConfig) -> tuple[SearchSpace, dict]:
         try:
             trainingmanager.validate_config(train_cfg, where_is)
             # lora_* values the sweep sets that differ from its init_adapter's are refused
-            trainingmanager.with_init_adapter(train_cfg, typed={*space.base, *base, *params},
+            plan.with_init_adapter(train_cfg, typed={*space.base, *base, *params},
                                               where_set=where_is)
             trainingmanager.data_config(train_cfg, train_cfg.block_size or 256)
             if train_cfg.init_from is None:  # the vocabulary size (the tokenizer's) checks nothing

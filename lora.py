@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -215,6 +216,15 @@ def quantize_base(model: nn.Module, bits: int = 4, skip: tuple[str, ...] = ("lm_
 
 # ----------------------------------------------------------------------------- LoRA layers
 
+class AdapterPlace(NamedTuple):
+    """Where an adapter's rows sit in its fused module's output."""
+
+    lo: int  # the first row of the span it covers
+    hi: int  # one past the last
+    reorder: bool  # its rows are a permuted slice: B is put in the module's order
+    scatter: bool  # its rows are not one contiguous span: merged by index_copy
+
+
 class LoRALinear(nn.Module):
     """A frozen linear layer plus low-rank updates. Each adapter ``key`` owns output rows (all,
     or one HF module's inside a fused module) and adds PEFT's ``lora_B(lora_A(dropout(x))) *
@@ -230,7 +240,7 @@ class LoRALinear(nn.Module):
         self.magnitude = nn.ParameterDict() if dora else None  # DoRA: PEFT's magnitude vector
         self._merged_norms: dict[str, torch.Tensor] = {}  # DoRA: what unmerging divides by
         self.names: dict[str, str] = {}       # adapter key -> module name in the adapter file
-        self._place: dict[str, tuple[int, int, bool, bool]] = {}
+        self._place: dict[str, AdapterPlace] = {}
         self._segments: list[str | int] | None = []
         self.merged = False
 
@@ -271,7 +281,7 @@ class LoRALinear(nn.Module):
             reorder = not scatter and not torch.equal(order, torch.arange(len(rows)))
             self.register_buffer(f"rows_{key}", rows.to(device), persistent=False)
             self.register_buffer(f"order_{key}", order.to(device), persistent=False)
-        self._place[key] = (lo, hi, reorder, scatter)
+        self._place[key] = AdapterPlace(lo, hi, reorder, scatter)
         self._segments = self._plan_segments()
         if self.magnitude is not None:  # B = 0: the magnitude is the weight's row norm
             weight = self._base_weight().float()
@@ -299,7 +309,9 @@ class LoRALinear(nn.Module):
     def _in_place_order(self, key: str, t: torch.Tensor) -> torch.Tensor:
         """An adapter's rows (of B, of the magnitude) in the fused module's order when its rows
         are a permuted slice."""
-        return t.index_select(0, getattr(self, f"order_{key}")) if self._place[key][2] else t
+        if not self._place[key].reorder:
+            return t
+        return t.index_select(0, getattr(self, f"order_{key}"))
 
     def _delta_B(self, key: str) -> torch.Tensor:
         return self._in_place_order(key, self.lora_B[key])
@@ -387,7 +399,7 @@ class LoRALinear(nn.Module):
         else:
             factor = self._in_place_order(key, self.magnitude[key]) / self._merged_norms.pop(key)
             new = own / factor[:, None] - delta
-        if self._place[key][3]:
+        if self._place[key].scatter:
             w32.index_copy_(0, self.rows(key), new)
         else:
             own.copy_(new)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 import eval as ev
+import plan
 import process
 import rundir
 import settings
@@ -555,7 +556,7 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
     else:
         check_paths(values, opts.recipe)
     if values.get("init_adapter") is not None:  # its lora_* keys as --config reads them
-        tm.with_init_adapter(tm.config_from_dict(values, f"{opts.recipe} (train section)"),
+        plan.with_init_adapter(tm.config_from_dict(values, f"{opts.recipe} (train section)"),
                              typed=set(recipe.train), where_set=where_set)
     if values.get("data"):
         extensions = values.get("data_options", {}).get("extensions", [".py"])

@@ -80,6 +80,12 @@ def stale_export(run_dir: Path) -> str | None:
     return f"it holds {held}, best/ those of step {best} (the run trained on after its export)"
 
 
+def adapter_copy(run_dir: str | Path) -> Path | None:
+    """A run's INIT_ADAPTER_COPY when the run holds weights to continue from, else None."""
+    copy = Path(run_dir).expanduser() / INIT_ADAPTER_COPY
+    return copy if copy.is_file() and holds_weights(copy.parent) else None
+
+
 def holds_weights(run_dir: Path) -> bool:
     """Whether a run directory holds trained weights (a checkpoint, best/ or export/)."""
     return bool(list_checkpoints(run_dir)) or any((run_dir / d).is_dir()

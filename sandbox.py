@@ -660,11 +660,22 @@ def run_python(source: str, config: SandboxConfig | None = None) -> SandboxResul
     # an uncaught MemoryError (e.g. while compiling): the traceback's last line names it
     memory = code == EXIT_MEMORY or (code == 1 and bool(
         re.search(r"(?m)^MemoryError(?:: .*)?\Z", stderr.rstrip())))
-    status = stopped or ("passed" if code == 0 and completed else "memory" if memory
-                         else "timeout" if code == -signal.SIGXCPU
-                         else "killed" if code < 0 else "failed")
+    status = stopped or _status(code, completed, memory)
     return SandboxResult(status, code, stdout, stderr, duration, landlock, completed, seccomp,
                          capabilities)
+
+
+def _status(code: int, completed: bool, memory: bool) -> str:
+    """A finished sample's status from its exit code: it passed only when it also completed."""
+    if code == 0 and completed:
+        return "passed"
+    if memory:
+        return "memory"
+    if code == -signal.SIGXCPU:
+        return "timeout"
+    if code < 0:
+        return "killed"
+    return "failed"
 
 
 @functools.cache

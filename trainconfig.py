@@ -1,38 +1,28 @@
-"""``TrainConfig``: read from flags, a ``--config`` file or a resumed run's config.json and
-checked once there (``parse_config``, ``validate_config``); and what it builds: the tokenizer and
-the model (from scratch, from ``init_from``, with LoRA)."""
+"""``TrainConfig``: every setting of a run, read from flags, a ``--config`` file or a resumed
+run's config.json (``read_config``), and the checks of its values (``validate_config``).
+It builds nothing: plan.py checks the settings against the files they name, build.py builds."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import importlib.util
 import json
 import math
 import os
-import sys
 import typing
-from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
-import torch
-import torch.nn as nn
-
-import lora
-import pretrained
 import rundir
 import settings
-from architecture import PRESETS, SHORT_DTYPES, ModelConfig, Transformer
+from architecture import PRESETS, SHORT_DTYPES, ModelConfig
 from checkpoint import check_run_paths
+from dataconfig import DataConfig
 from optim import OPTIMIZERS
-from process import progress_bar
 from settings import setting
-
-if typing.TYPE_CHECKING:
-    from dataset import DataConfig
-    from tokenizer import BPETokenizer, CodeTokenizer
 
 
 @dataclass
@@ -197,8 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     return settings.add_config_flags(parser, TrainConfig, _CHOICES, aliases=HF_FLAGS)
 
 
-def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
-    """Defaults < ``--resume`` run's config.json < ``--config`` file < command-line flags."""
+class ReadConfig(NamedTuple):
+    cfg: TrainConfig
+    typed: set[str]  # the keys the command line or its --config file gave, defaults included
+
+
+def read_config(argv: Sequence[str] | None = None) -> ReadConfig:
+    """Defaults < ``--resume`` run's config.json < ``--config`` file < command-line flags, each
+    value of its type (plan.parse_config checks them together and against the files)."""
     args = vars(build_parser().parse_args(argv))
     check_options(args)  # the flags'; load_config_file checks the --config file's
     config = args.pop("config", None)
@@ -213,17 +209,12 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
                              "resume: run the command that started it again)")
         resumed = load_config_file(saved)
         # the paths it gives the run must exist (its own copy of an adapter's config replaces it)
-        owned = ("init_adapter",) if run_adapter_copy(run) else ()
+        owned = ("init_adapter",) if rundir.adapter_copy(run) else ()
         paths = ("init_from", "init_adapter", "data", "val_data", "test_data")
         check_run_paths(resumed, [k for k in paths if k not in {*args, *given, *owned}], str(saved))
     cfg = settings.resolve_config(TrainConfig, args, "train", base={**resumed, **given},
                                    choices=_CHOICES)
-    where_set = where_set_of(argv)
-    if cfg.init_adapter is not None:  # a --lora-* flag typed at its default value differs too
-        with_init_adapter(cfg, typed={*args, *given}, where_set=where_set)
-    if not cfg.overfit:  # --overfit takes what it honours (overfit_settings)
-        validate_config(cfg, where_set)
-    return cfg
+    return ReadConfig(cfg, {*args, *given})
 
 
 def check_resume_location(args: dict, given: dict, config: str | None) -> None:
@@ -246,65 +237,6 @@ def check_resume_location(args: dict, given: dict, config: str | None) -> None:
 LORA_ONLY_KEYS = ("lora_alpha", "lora_dropout", "lora_dora", "lora_bias", "lora_modules_to_save",
                   "lora_targets", "export_merged")
 
-# init_adapter's adapter_config.json -> the TrainConfig keys it sets (LoRAConfig's names).
-ADAPTER_KEYS = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
-                "use_dora": "lora_dora", "bias": "lora_bias",
-                "modules_to_save": "lora_modules_to_save",
-                "target_modules": "lora_targets"}
-
-
-def run_adapter_copy(run_dir: str | Path) -> Path | None:
-    """A run's INIT_ADAPTER_COPY when the run holds weights to continue from, else None."""
-    copy = Path(run_dir).expanduser() / rundir.INIT_ADAPTER_COPY
-    return copy if copy.is_file() and rundir.holds_weights(copy.parent) else None
-
-
-def with_local_checkpoints(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with a Hugging Face id in init_from or init_adapter replaced by its snapshot
-    directory in the hub cache (fetched unless offline): config.json records that revision."""
-    local = {}
-    for key in ("init_from", "init_adapter"):
-        if (value := getattr(cfg, key)) is not None and pretrained.is_hub_id(value):
-            local[key] = str(pretrained.checkpoint_dir(value, key))
-            print(f"{key} {value}: {local[key]}", file=sys.stderr)
-    return replace(cfg, **local)
-
-
-def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = (),
-                      where_set: Callable[[str], str] = settings.flag_of) -> TrainConfig:
-    """``cfg`` with the LoRA settings (and, without ``init_from``, the base) of its
-    ``init_adapter``; a setting given (not the default, or typed) that differs is an error."""
-    if cfg.init_adapter is None:
-        return cfg
-    copy = run_adapter_copy(cfg.resume) if cfg.resume else None
-    path, config_name = (copy.parent, copy.name) if copy else (pretrained.checkpoint_dir(
-        cfg.init_adapter, setting(cfg, "init_adapter", where_set)), lora.ADAPTER_CONFIG)
-    if not path.is_dir():
-        raise ValueError(f"{setting(cfg, 'init_adapter', where_set)}: not a directory")
-    adapter = lora.read_adapter_config(path, config_name)
-    theirs = {key: getattr(adapter, name) for name, key in ADAPTER_KEYS.items()}
-    base = cfg.init_from or str(lora.adapter_base(path, "name the base with --init-from",
-                                                  config_name))
-
-    def agrees(key: str, mine) -> bool:
-        if key != "lora_targets":
-            return mine == theirs[key]
-        # none (every run's config.json holds it) takes the adapter's; else the same names
-        return mine is None or (isinstance(theirs[key], list) and set(mine) == set(theirs[key]))
-
-    if differ := [f"{setting(cfg, key, where_set)} (the adapter's: {theirs[key]!r})"
-                  for key in theirs if (getattr(cfg, key) != getattr(TrainConfig, key)
-                                        or key in typed) and not agrees(key, getattr(cfg, key))]:
-        raise ValueError(f"{'; '.join(differ)}: {setting(cfg, 'init_adapter', where_set)} "
-                         f"fixes these ({path / config_name}): drop those settings to train the "
-                         "adapter on as it is")
-    targets = theirs["lora_targets"]  # one regular expression: the file keeps it (lora_targets
-    #   lists names), and build_model's load_adapter reads it there
-    return dataclasses.replace(cfg, init_from=base, **{
-        **theirs, "lora_alpha": float(theirs["lora_alpha"]),
-        "lora_dropout": float(theirs["lora_dropout"]),
-        "lora_targets": cfg.lora_targets or (targets if isinstance(targets, list) else None)})
-
 
 def check_run_name(name: str | None, what: str) -> None:
     """A run's name is one directory name in out_dir: a path put the run elsewhere (outside it
@@ -317,54 +249,10 @@ def check_run_name(name: str | None, what: str) -> None:
                          "otherwise")
 
 
-def _check_model_settings(cfg: TrainConfig, where_set: Callable[[str], str],
-                          named: Callable[[str], str], need: Callable[[bool, str, str], None]
-                          ) -> None:
-    """validate_config's checks of the model: a loaded one's settings, or the preset's shape."""
-    if cfg.init_from is not None:
-        for key in ("n_layer", "n_head", "n_embd", "mlp_hidden"):
-            need(getattr(cfg, key) is None, key,
-                 f"the shape of a model loaded from {named('init_from')} cannot be changed")
-        if fixed := sorted(set(cfg.model_options) - set(LOADED_MODEL_OPTIONS)):
-            raise ValueError(f"model_options ({where_set('model_options')}): "
-                             f"{', '.join(fixed)}: the checkpoint of {named('init_from')} fixes "
-                             f"these; a loaded model takes only {', '.join(LOADED_MODEL_OPTIONS)}")
-        for key, value in cfg.model_options.items():
-            need(settings.is_number(value) and 0 <= value < 1, "model_options",
-                 f"{key} must be a probability in [0, 1), got {value!r}")
-        path = pretrained.checkpoint_dir(cfg.init_from, named("init_from"))
-        if not path.is_dir():
-            raise ValueError(f"{named('init_from')}: not a directory")
-        if (path / lora.ADAPTER_CONFIG).is_file() and not (path / rundir.HF_CONFIG).is_file():
-            raise ValueError(f"{named('init_from')}: a LoRA adapter ({lora.ADAPTER_CONFIG}), not "
-                             "a model: use its base, or the merged model (a run with "
-                             "--export-merged writes it to export/merged); to train that "
-                             f"adapter on, set init_adapter ({where_set('init_adapter')}) to "
-                             f"{cfg.init_from}")
-        if cfg.block_size is not None:  # else the first forward pass finds it, after the data
-            context = pretrained.read_config(path)[0].block_size
-            need(cfg.block_size <= context, "block_size",
-                 f"longer than the context of {named('init_from')}, {context} positions")
-    else:  # the preset, the shape and model_options, checked before the data is prepared
-        try:
-            shape = model_config(with_rung(cfg, BUDGET_LADDER[0]) if cfg.preset == "auto"
-                                 else cfg, 1, None, None)
-            if cfg.export:  # else it trains to the end and fails writing export/
-                try:
-                    pretrained.hf_config(shape, torch.float32)
-                except ValueError as e:
-                    raise ValueError(f"{e}; to train it without an HF export: "
-                                     f"{settings.off_switch('export', where_set)}") from None
-        except ValueError as e:  # name the settings the model was made of, and where
-            made_of = [named(k) for k in ("preset", *MODEL_SHAPE_KEYS, "model_options")
-                       if k == "preset" or getattr(cfg, k) not in (None, {})]
-            raise ValueError(f"{', '.join(made_of)}: {e}") from None
-
-
 def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings.flag_of
                     ) -> None:
-    """Reject impossible settings, naming each key, its value and where it was set."""
-    cfg = with_init_adapter(cfg, where_set=where_set)
+    """Reject impossible settings, naming each key, its value and where it was set (an
+    init_adapter's settings already read: plan.validate_config)."""
 
     def named(key: str) -> str:
         return setting(cfg, key, where_set)
@@ -428,7 +316,6 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings
                          "every weight: set lora_r > 0, or drop them")
     need(0 <= cfg.seed < 2**63, "seed", "must be in [0, 2**63)")
     check_run_name(cfg.name, named("name"))
-    _check_model_settings(cfg, where_set, named, need)
     if cfg.resume is None:
         return
     run = Path(cfg.resume)
@@ -463,8 +350,6 @@ def check_options(values: dict, source: str | None = None) -> None:
 
 def _check_data_options(options: dict, where: str) -> None:
     """Keys DataConfig has and no TrainConfig key sets; values as DataConfig validates them."""
-    from dataset import DataConfig
-
     known = {f.name for f in dataclasses.fields(DataConfig)}
     for key in options:
         if key in _DATA_KEYS_OF_TRAIN:
@@ -481,6 +366,11 @@ def _check_data_options(options: dict, where: str) -> None:
         raise ValueError(f"{where}: {e}") from None
 
 
+def has_final_eval(cfg: TrainConfig) -> bool:
+    """Whether the run ends with eval.py's line and function tasks: a code model, exported."""
+    return cfg.final_eval and cfg.export and cfg.task == "lm" and cfg.lora_r == 0
+
+
 def default_block_size(cfg: TrainConfig) -> int:
     """The preset's context from scratch; with init_from its context, at most 1024."""
     if cfg.init_from is None:
@@ -492,9 +382,7 @@ def default_block_size(cfg: TrainConfig) -> int:
 
 
 def data_config(cfg: TrainConfig, block_size: int) -> DataConfig:
-    """The dataset.DataConfig of this run: task, sources and sequence length come from cfg."""
-    from dataset import DataConfig
-
+    """The DataConfig of this run: task, sources and sequence length come from cfg."""
     options = {"progress": cfg.progress, **cfg.data_options}
     dcfg = DataConfig(task=cfg.task, sources=list(cfg.data or ["stdlib"]),
                       val_sources=list(cfg.val_data or []), test_sources=list(cfg.test_data or []),
@@ -528,37 +416,6 @@ def _check_model_options(options: dict, where: str) -> None:
 # TrainConfig keys that override a preset's ModelConfig (from-scratch models).
 MODEL_SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "mlp_hidden", "block_size", "dropout")
 
-# Preset auto: the from-scratch models a time budget chooses from, smallest first, each with the
-# context, batch and peak learning rate the budget sweep found best for it (docs/benchmarks.md;
-# code-4x192's lr and optimizer measured again in bf16: 3e-3, and Muon, beat 1.5e-3 and AdamW).
-# A budget takes the largest model that still trains on TOKENS_PER_PARAM tokens per parameter
-# in its minutes on the machine it runs on (each step time measured there).
-BUDGET_LADDER = (
-    {"preset": "code-3x128", "block_size": 256, "batch_size": 8, "lr": 1.5e-3},
-    {"preset": "code-4x160", "block_size": 256, "batch_size": 8, "lr": 1.5e-3},
-    {"preset": "code-4x192", "block_size": 256, "batch_size": 16, "lr": 3e-3, "optimizer": "muon"},
-    {"preset": "code-6x256", "block_size": 512, "batch_size": 16, "lr": 1e-3},
-    {"preset": "llama-14m", "block_size": 512, "batch_size": 16, "lr": 1e-3},
-    {"preset": "llama-60m", "block_size": 1024, "batch_size": 32, "lr": 6e-4},
-)
-TOKENS_PER_PARAM = 3.5  # 2 idle cores clear it for code-4x192 by ~30%: a slow start keeps it
-WARMUP_SHARE = 0.02  # a budgeted run's warmup, as a share of its steps
-# What the settings left unset (None) take outside preset auto's choice.
-FALLBACKS = {"batch_size": 4, "lr": 1e-3, "warmup_steps": 50, "optimizer": "adamw"}
-
-
-def with_rung(cfg: TrainConfig, rung: dict) -> TrainConfig:
-    """``cfg`` on a BUDGET_LADDER rung: its preset, and its values where ``cfg`` leaves them unset."""
-    return replace(cfg, **{k: v for k, v in rung.items() if k == "preset" or getattr(cfg, k) is None})
-
-
-def with_fallbacks(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with FALLBACKS where it leaves a setting unset (a budgeted run's warmup is sized
-    with its steps)."""
-    budgeted = cfg.max_steps is None and cfg.epochs is None
-    return replace(cfg, **{k: v for k, v in FALLBACKS.items() if getattr(cfg, k) is None
-                           and not (budgeted and k == "warmup_steps")})
-
 
 def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int | None,
                  eos_id: int | None) -> ModelConfig:
@@ -577,19 +434,6 @@ def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int | None,
         return ModelConfig(**values)
     except (TypeError, AttributeError, KeyError) as e:  # a malformed value the types let through
         raise ValueError(f"model_options {json.dumps(cfg.model_options)}: {e}") from None
-
-
-def check_lora_export(cfg: TrainConfig, model: nn.Module,
-                      where_set: Callable[[str], str] = settings.flag_of) -> None:
-    """Refuse, before training, an export that would merge a LoRA into a tied weight."""
-    if not (cfg.export and cfg.lora_r > 0 and cfg.export_merged
-            and (tied := lora.tied_targets(model))):
-        return
-    path, names = next(iter(tied.items()))
-    raise ValueError(f"{setting(cfg, 'export_merged', where_set)}: the LoRA target {path} "
-                     f"({setting(cfg, 'lora_targets', where_set)}) is tied to {names}, so it "
-                     f"cannot be merged: drop it from lora_targets, or train with "
-                     f"{settings.off_switch('export_merged', where_set)}")
 
 
 # What --overfit (a small model memorising the bundled corpus) honours, and what means nothing
@@ -621,88 +465,3 @@ def where_set_of(argv: Sequence[str] | None) -> Callable[[str], str]:
     args = vars(build_parser().parse_args(argv))
     resumed = args.get("resume") and f"{Path(args['resume']) / rundir.CONFIG_FILE} (--resume)"
     return settings.where_set_in(args, "train", resumed)
-
-
-# ---- What the settings build: the tokenizer and the model ----
-
-def load_or_train_tokenizer(cfg: TrainConfig, dcfg: DataConfig) -> CodeTokenizer | BPETokenizer:
-    """The given tokenizer, the pretrained model's, or one trained (and cached) on the data."""
-    from dataset import prepare, publish_cache_entry, tokenizer_cache_dir
-    from tokenizer import (
-        TOKENIZER_FILE,
-        CodeTokenizer,
-        check_model_tokenizer,
-        load_tokenizer,
-        tokenizer_path,
-        where_tokenizer_is,
-    )
-
-    own = Path(cfg.init_from) / TOKENIZER_FILE if cfg.init_from is not None else None
-    if cfg.tokenizer is not None:
-        tok = load_tokenizer(cfg.tokenizer)
-        theirs = load_tokenizer(own) if own is not None and own.is_file() else tok
-        if [tok.id_to_token(i) for i in range(tok.vocab_size)] != [
-                theirs.id_to_token(i) for i in range(theirs.vocab_size)]:
-            print(f"warning: --tokenizer {cfg.tokenizer} differs from {own}, the one "
-                  f"--init-from {cfg.init_from} was trained with", file=sys.stderr)
-        if cfg.init_from is not None:
-            check_model_tokenizer(tok, tokenizer_path(cfg.tokenizer), cfg.init_from)
-        return tok
-    if own is not None:
-        if not own.is_file():
-            raise ValueError(f"--init-from {cfg.init_from}: no {TOKENIZER_FILE} in it"
-                             f"{where_tokenizer_is(cfg.init_from)}; pass --tokenizer with the "
-                             "tokenizer the checkpoint was trained with")
-        tok = load_tokenizer(own)
-        check_model_tokenizer(tok, own, cfg.init_from)
-        return tok
-    cached = tokenizer_cache_dir(dcfg, cfg.tokenizer_min_freq, cfg.tokenizer_max_vocab)
-    if dcfg.use_cache and (cached / "tokenizer.json").is_file():
-        return load_tokenizer(cached)
-
-    texts = prepare(dcfg, None).train
-    tok = CodeTokenizer.train(progress_bar(texts, desc="train tokenizer", unit="text",
-                                           enabled=dcfg.progress),
-                              min_freq=cfg.tokenizer_min_freq, max_vocab=cfg.tokenizer_max_vocab)
-    if dcfg.use_cache:  # the first complete entry stays: another run may be loading it
-        with contextlib.suppress(OSError):  # a read-only cache: the tokenizer is used uncached
-            publish_cache_entry(cached, tok.save)
-    return tok
-
-
-def build_model(cfg: TrainConfig, tok: CodeTokenizer | BPETokenizer,
-                run_dir: Path | None = None) -> nn.Module:
-    """From scratch or from ``init_from``; then the quantized base and LoRA if asked for.
-    ``run_dir``: a run continued, whose copy of its init_adapter's config gives the LoRA layout."""
-    base_dtype = SHORT_DTYPES[cfg.base_dtype]
-    if cfg.init_from is not None:
-        model = pretrained.load(cfg.init_from, dtype=base_dtype, device="cpu")
-        if tok.vocab_size > model.cfg.vocab_size:
-            raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model at "
-                             f"{cfg.init_from} only {model.cfg.vocab_size} embeddings")
-        if cfg.dropout is not None:  # embeddings and residual branches, as from scratch
-            model.cfg.dropout = model.cfg.embd_dropout = cfg.dropout
-        for key, value in cfg.model_options.items():  # LOADED_MODEL_OPTIONS: read live
-            setattr(model.cfg, key, value)
-    else:
-        model = Transformer(model_config(cfg, tok.vocab_size, tok.bos_id, tok.eos_id))
-        model.to(base_dtype)
-    if cfg.lora_r > 0:
-        if cfg.quantize_bits:
-            lora.quantize_base(model, bits=cfg.quantize_bits)
-        copy = run_adapter_copy(run_dir) if run_dir is not None else None
-        if cfg.init_adapter is not None and copy is not None:  # the weights: the run's own
-            lora.apply_adapter_layout(model, copy.parent, copy.name)
-        elif cfg.init_adapter is not None:  # its own config (with_init_adapter read it)
-            if changed := lora.changed_base_tensors(model, cfg.init_adapter):
-                raise ValueError(
-                    f"init_adapter {cfg.init_adapter}: its {changed[0]} (of {len(changed)}) "
-                    f"differs from the base's, {cfg.init_from}; a resume and the export would lose "
-                    "it: save the merged base (PEFT: unload().save_pretrained), use --init-from")
-            lora.load_adapter(model, cfg.init_adapter)
-        else:
-            lora.apply_lora(model, lora.LoRAConfig(**{  # no lora_targets: LoRAConfig's default
-                name: getattr(cfg, key) for name, key in ADAPTER_KEYS.items()
-                if key != "lora_targets" or cfg.lora_targets}))
-    model.gradient_checkpointing = cfg.gradient_checkpointing
-    return model

@@ -39,11 +39,13 @@ from tqdm import tqdm
 
 import checkpoint
 import lora
+import plan
 import pretrained
 import process
 import rundir
 import settings
 from architecture import IGNORE_INDEX, Transformer, cuda_half_dtype, lacks_native_bf16
+from build import build_model, check_lora_export, load_or_train_tokenizer
 from checkpoint import (
     PATH_KEYS,
     RunState,
@@ -57,27 +59,18 @@ from checkpoint import (
 )
 from generation import FUNCTION_STOPS, GenerationConfig, generate, truncate_at_stops
 from optim import build_optimizer
+from plan import BUDGET_LADDER, MAX_EPOCHS, BudgetClock, Probe, parse_config
 from process import progress_bar
 from rundir import RunLog, best_step, list_checkpoints
 from settings import setting
 from trainconfig import (
-    BUDGET_LADDER,
-    TOKENS_PER_PARAM,
-    WARMUP_SHARE,
     TrainConfig,
-    build_model,
-    check_lora_export,
+    build_parser,
     data_config,
     default_block_size,
-    load_or_train_tokenizer,
+    has_final_eval,
     model_config,
     overfit_settings,
-    parse_config,
-    run_adapter_copy,
-    with_fallbacks,
-    with_init_adapter,
-    with_local_checkpoints,
-    with_rung,
 )
 
 if typing.TYPE_CHECKING:  # annotations only: dataset and tokenizer load where a run needs them
@@ -91,8 +84,8 @@ from checkpoint import RESUME_DATA_OPTIONS_MAY_CHANGE  # noqa: E402,F401,I001
 from checkpoint import CorruptCheckpointError, read_state  # noqa: E402,F401
 from rundir import checkpoint_step, is_run_dir, lock_holder, lock_is_held  # noqa: E402,F401
 from rundir import what_next  # noqa: E402,F401
-from trainconfig import build_parser, check_run_name, config_from_dict  # noqa: E402,F401
-from trainconfig import load_config_file, validate_config  # noqa: E402,F401
+from plan import validate_config  # noqa: E402,F401
+from trainconfig import check_run_name, config_from_dict, load_config_file  # noqa: E402,F401
 
 OVERFIT_CORPUS = settings.bundled("data", "overfit")
 
@@ -519,15 +512,13 @@ class Run:
     data_id: dict | None = None  # what the checkpoints record of the data
     trainer: Trainer | None = None
     order: BatchOrder | None = None
-    max_steps: int = 0
     trainable_only: bool = False  # checkpoints hold only the adapter (LoRA on a pretrained base)
-    config_dict: dict = field(default_factory=dict)  # the run's config.json
     state: RunState = field(default_factory=RunState)
     last_saved_step: int = -1
     lines: bool = False  # a console line per logged step (no progress bar on a terminal)
     clock: tuple[float, int] = (0.0, 0)  # when, and at which step, this process began training
     created: float = field(default_factory=time.perf_counter)  # a time budget counts from here
-    train_until: float | None = None  # a new budgeted run's end of training (_retime)
+    budget_clock: BudgetClock | None = None  # a new budgeted run's, until its decay starts
     tok_s: float = 0.0  # the last logged throughput
 
     @property
@@ -537,6 +528,16 @@ class Run:
     @property
     def main(self) -> bool:
         return self.dist.main
+
+    @property
+    def max_steps(self) -> int:
+        """The run's length as planned (a budgeted run's is fixed when its decay starts)."""
+        return self.cfg.max_steps if self.budget_clock else self.trainer.max_steps
+
+    @property
+    def config_dict(self) -> dict:
+        """The run's config.json."""
+        return {**dataclasses.asdict(self.cfg), "name": self.run_dir.name, "resume": None}
 
 
 def _interrupted(stop: KeyboardInterrupt, run_dir: Path | None, hint: str | None,
@@ -548,11 +549,14 @@ def _interrupted(stop: KeyboardInterrupt, run_dir: Path | None, hint: str | None
 
 def setup_run(cfg: TrainConfig, dist: Dist, hint: str | None, restarts: bool) -> Run:
     """Claim the run directory, prepare data, model and trainer, restore a resumed checkpoint."""
-    cfg, created = with_init_adapter(with_local_checkpoints(cfg)), time.perf_counter()
+    cfg, created = plan.resolve(cfg), time.perf_counter()
     device = resolve_device(cfg, dist)
     resumed = cfg.resume is not None and (Path(cfg.resume) / rundir.CONFIG_FILE).is_file()
     if cfg.preset == "auto" and cfg.init_from is None and not resumed:  # its name says which
-        cfg = _auto_rung(cfg, device, dist, cfg.time_budget_min * 60)
+        if device.type == "cpu" and not dist.enabled:  # measure the machine, not a passing load
+            plan.wait_until_quiet(plan.QUIET_WAIT_SHARE * cfg.time_budget_min * 60)
+        probe = partial(_probe, device=device, dist=dist)
+        cfg = plan.choose_rung(cfg, probe, cfg.time_budget_min * 60, device.type, dist.main)
     claimed, has_weights = _claim_run_dir(cfg, dist, hint)
     run = Run(cfg, dist, device, claimed, hint or f"--resume {claimed.path}", restarts,
               created=created)
@@ -598,7 +602,7 @@ def _build(run: Run, has_weights: bool) -> None:
     if cfg.resume and not checkpoints and run.main:
         print(f"{run.run_dir}: no checkpoint yet; starting the run from the beginning")
     if not checkpoints:  # a new run: what it leaves unset is chosen here, once
-        run.cfg = cfg = with_fallbacks(cfg)
+        run.cfg = cfg = plan.with_fallbacks(cfg)
     _prepare_data(run, own_tok=bool(cfg.resume) and has_weights)
 
     seed_everything(cfg.seed)
@@ -606,7 +610,7 @@ def _build(run: Run, has_weights: bool) -> None:
     rebuilt = run.run_dir if checkpoints else None
     model = build_model(cfg, run.tok, rebuilt)
     files = {}  # atomic, the adapter's config first: a kill mid-write leaves a run that continues
-    if cfg.init_adapter is not None and run.main and not (rebuilt and run_adapter_copy(rebuilt)):
+    if cfg.init_adapter is not None and run.main and not (rebuilt and rundir.adapter_copy(rebuilt)):
         files[run.run_dir / rundir.INIT_ADAPTER_COPY] = (
             Path(cfg.init_adapter) / lora.ADAPTER_CONFIG).read_bytes()
     check_lora_export(cfg, model)
@@ -615,20 +619,20 @@ def _build(run: Run, has_weights: bool) -> None:
     run.trainable_only = cfg.lora_r > 0 and cfg.init_from is not None
     if cfg.max_steps is None and cfg.epochs is None:  # a new run on a budget: sized here, once
         cfg = run.cfg = _sized_to_budget(run, model)
-    run.max_steps = cfg.max_steps if cfg.epochs is None else max(1, math.ceil(
+    max_steps = cfg.max_steps if cfg.epochs is None else max(1, math.ceil(
         cfg.epochs * _examples_per_epoch(run) / _examples_per_step(run)))
-    run.trainer = Trainer(model, cfg, run.device, run.dist, run.max_steps,
+    if run.budget_clock is not None:  # the stable phase lasts until the clock starts the decay
+        max_steps = run.budget_clock.last_step
+    run.trainer = Trainer(model, cfg, run.device, run.dist, max_steps,
                           torch.tensor(run.tok.token_byte_lengths()))
     run.order = BatchOrder(len(run.train_set), cfg.batch_size, run.dist, cfg.seed)
-    run.state = RunState(precision=run.trainer.precision, max_steps=run.max_steps,
-                         data=run.data_id)
+    run.state = RunState(precision=run.trainer.precision, max_steps=max_steps, data=run.data_id)
     if checkpoints:
         broken = checkpoint.restore_latest(checkpoints, partial(_restore, run), run.main)
         if run.dist.enabled:  # every rank has read its checkpoint before the broken are moved
             td.barrier()
         if run.main:
             checkpoint.set_aside(broken)
-    run.config_dict = {**dataclasses.asdict(cfg), "name": run.run_dir.name, "resume": None}
     with _main_first(run.dist):
         if run.main:
             if cfg.resume:  # first: a damaged log refuses the resume before any rewrite
@@ -637,127 +641,69 @@ def _build(run: Run, has_weights: bool) -> None:
                                         json.dumps(run.config_dict, indent=1)})
 
 
-EVALS_IN_BUDGET = 4  # evaluations a budgeted run makes (the last at its end)
-# The share of a budget kept for the end: the export and sample, and the final evaluation.
-END_SHARE, FINAL_EVAL_SHARE = 0.02, 0.04
-# The share of a budgeted run's steps that decay its lr; their number is re-timed when they start.
-DECAY_SHARE = 0.2
-# The share of the time left kept for the machine's speed drifting from its measure: at the
-# start (up to 14% seen on a shared VM), and again when the decay is re-timed.
-DRIFT_SHARE = 0.05
-# The share of preset auto's budget it expects to train in (the data is yet to be prepared).
-TRAIN_SHARE = 0.85
-# A budgeted run sees its training data at most this often: past it the validation loss rises
-# (on a GPU the stdlib runs out long before 15 minutes do; docs/benchmarks.md).
-MAX_EPOCHS = 8
-# Preset auto trains on a CPU in bf16 when that measures this many times fp32's speed.
-CPU_BF16_SPEEDUP = 1.2
-
-
-def _auto_rung(cfg: TrainConfig, device: torch.device, dist: Dist, seconds: float
-               ) -> TrainConfig:
-    """Preset auto: the largest BUDGET_LADDER rung whose step time, measured here on random
-    tokens, lets it see TOKENS_PER_PARAM tokens per parameter in ``seconds`` of budget."""
-    if cfg.precision == "auto" and device.type == "cpu":
-        cfg = dataclasses.replace(cfg, precision=_cpu_precision(cfg, device, dist))
-    chosen = None
-    for rung in BUDGET_LADDER:
-        candidate = with_fallbacks(with_rung(cfg, rung))
-        params, tokens_per_s = _broadcast(_probe(candidate, device, dist.world), dist)
-        if chosen is not None and tokens_per_s * seconds * TRAIN_SHARE < TOKENS_PER_PARAM * params:
-            break
-        chosen, chosen_params, chosen_rate = candidate, params, tokens_per_s
-    if dist.main:
-        print(f"preset auto: {chosen.preset} ({_millions(chosen_params)} parameters, context "
-              f"{chosen.block_size}), batch {chosen.batch_size}, lr {chosen.lr:g}, "
-              f"{chosen.precision}: the largest "
-              f"that sees {TOKENS_PER_PARAM} tokens a parameter in {cfg.time_budget_min:g} min "
-              f"on {device.type} ({chosen_rate:,.0f} tokens/s measured)")
-    return chosen
-
-
-def _cpu_precision(cfg: TrainConfig, device: torch.device, dist: Dist) -> str:
-    """bf16 autocast where this CPU computes it natively (measured on the first rung, at least
-    CPU_BF16_SPEEDUP times fp32's tokens a second): the budget then buys more tokens."""
-    first = with_fallbacks(with_rung(cfg, BUDGET_LADDER[0]))
-    fp32, bf16 = (_broadcast(_probe(dataclasses.replace(first, precision=p), device, dist.world),
-                             dist)[1] for p in ("fp32", "bf16"))
-    return "bf16" if bf16 >= CPU_BF16_SPEEDUP * fp32 else "fp32"
-
-
-def _probe(cfg: TrainConfig, device: torch.device, world: int) -> tuple[int, float]:
-    """(parameters, tokens a second) of ``cfg``'s model training on random tokens here."""
+def _probe(cfg: TrainConfig, device: torch.device, dist: Dist) -> Probe:
+    """``cfg``'s model size and training speed here, on random tokens (rank 0's, for all)."""
     vocab = (cfg.tokenizer_max_vocab or 8000) + 262  # a trained CodeTokenizer's, about
     model = Transformer(model_config(cfg, vocab, None, None))
     trainer = Trainer(model, dataclasses.replace(cfg, warmup_steps=0, compile=False), device,
                       max_steps=10**9)
     ids = torch.randint(vocab, (cfg.batch_size, cfg.block_size + 1))
     batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
-    step_s = _seconds_a_step(lambda: trainer.train_step([batch] * cfg.grad_accum), 2.0)
-    tokens = cfg.batch_size * cfg.grad_accum * cfg.block_size * world
-    return sum(p.numel() for p in model.parameters()), tokens / step_s
-
-
-def _seconds_a_step(step: Callable[[], object], at_least_s: float) -> float:
-    """Seconds ``step`` takes, timed over ``at_least_s`` (and 3 steps) after 3 warm-up steps."""
-    for _ in range(3):  # warm-up: allocations, kernel selection
-        step()
-    steps, start = 0, time.perf_counter()
-    while steps < 3 or time.perf_counter() - start < at_least_s:
-        step()
-        steps += 1
-    return (time.perf_counter() - start) / steps
+    step_s = plan.seconds_a_step(lambda: trainer.train_step([batch] * cfg.grad_accum), 2.0)
+    tokens = cfg.batch_size * cfg.grad_accum * cfg.block_size * dist.world
+    params = sum(p.numel() for p in model.parameters())
+    return _broadcast(Probe(params, tokens / step_s), dist)
 
 
 def _sized_to_budget(run: Run, model: nn.Module) -> TrainConfig:
     """``run.cfg`` with max_steps, eval_every and warmup_steps filling what is left of its time
-    budget on this machine, in place of the budget: config.json then reproduces the run."""
+    budget on this machine (plan.fit_budget), in place of the budget: config.json then
+    reproduces the run. The decay's start is kept by the clock (run.budget_clock)."""
     cfg = run.cfg
     step_s, eval_s = _broadcast(_time_a_step(run, model), run.dist)
     left = _seconds_left(run)
-    train_s = left * (1 - END_SHARE - (FINAL_EVAL_SHARE if _final_eval(cfg) else 0))
-    run.train_until = time.perf_counter() + train_s
-    steps = max(1, int((train_s * (1 - DRIFT_SHARE) - EVALS_IN_BUDGET * eval_s) / step_s))
     data_steps = math.ceil(MAX_EPOCHS * _examples_per_epoch(run) / _examples_per_step(run))
-    data_bound = data_steps < steps and not cfg.overfit_batches
-    if data_bound:  # the run ends early, on its plan: no re-timing
-        steps, run.train_until = data_steps, None
-    every = max(1, steps // EVALS_IN_BUDGET)
-    steps = every * EVALS_IN_BUDGET
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(WARMUP_SHARE * steps)
-    sized = dataclasses.replace(
-        cfg, time_budget_min=None, max_steps=steps, eval_every=every, save_every=every,
-        warmup_steps=warmup, decay_steps=cfg.decay_steps or max(1, int(DECAY_SHARE * steps)))
+    sized, run.budget_clock, _ = plan.fit_budget(cfg, time.perf_counter(), left, step_s, eval_s,
+                                                 data_steps)
     if run.main:
+        end = ("the decay starts by the clock and is timed then" if run.budget_clock else
+               f"{MAX_EPOCHS} epochs of the training data end the run before its budget: more "
+               "data, --data, would use the rest")
         print(f"time budget {cfg.time_budget_min:g} min, {left:.0f} s left after setup: "
               f"{step_s:.3f} s a step, {eval_s:.1f} s an evaluation on {run.device.type} -> "
-              f"max_steps {steps}, eval_every {every}, warmup_steps {warmup}, decay_steps "
-              f"{sized.decay_steps} (recorded in config.json; " + (
-                  f"{MAX_EPOCHS} epochs of the training data end the run before its budget: "
-                  "more data, --data, would use the rest)" if data_bound
-                  else "re-timed when the decay starts)"))
+              f"max_steps {sized.max_steps}, eval_every {sized.eval_every}, warmup_steps "
+              f"{sized.warmup_steps}, decay_steps {sized.decay_steps} (recorded in config.json; "
+              f"{end})")
     return sized
 
 
 def _retime(run: Run) -> None:
-    """A budgeted run at its decay's start: the decay takes the steps that fit in the time left
-    at the rate measured so far (evaluations included), and config.json records the new length,
-    which reproduces the run (the lr is the peak's until the decay starts, whatever the length)."""
-    (since, first_step), s = run.clock, run.state
-    step_s = (time.perf_counter() - since) / max(1, s.step - first_step)
-    left = run.train_until - time.perf_counter()
-    decay = _broadcast(max(1, int(left * (1 - DRIFT_SHARE) / step_s)), run.dist)
-    planned, run.max_steps = run.max_steps, s.step + decay
-    run.cfg = dataclasses.replace(run.cfg, max_steps=run.max_steps, decay_steps=decay)
-    run.trainer.max_steps, run.trainer.decay_steps = run.max_steps, decay
-    run.state.max_steps, run.train_until = run.max_steps, None
-    run.config_dict.update(max_steps=run.max_steps, decay_steps=decay)
+    """A budgeted run at its decay's start (by the clock): the decay takes the steps that fit
+    in the time left at the rate measured so far (evaluations included), and config.json
+    records the length, which reproduces the run (the lr is the peak's until the decay starts,
+    whatever the length)."""
+    (since, first_step), s, trainer = run.clock, run.state, run.trainer
+    now = time.perf_counter()
+    step_s = (now - since) / max(1, s.step - first_step)
+    decay = _broadcast(run.budget_clock.decay_steps(s.step, now, step_s), run.dist)
+    planned = run.max_steps
+    trainer.max_steps, trainer.decay_steps = s.step + decay, decay
+    run.cfg = dataclasses.replace(run.cfg, max_steps=trainer.max_steps, decay_steps=decay)
+    run.budget_clock = None
     if run.main:
         process.write_atomic_files({run.run_dir / rundir.CONFIG_FILE:
                                     json.dumps(run.config_dict, indent=1)})
-        print(f"the decay starts at step {s.step}: {step_s:.3f} s a step so far, {left:.0f} s "
-              f"left -> decay_steps {decay}, max_steps {run.max_steps} (planned {planned}; "
-              "recorded in config.json)")
+        print(f"the decay starts at step {s.step}: {step_s:.3f} s a step so far -> decay_steps "
+              f"{decay}, max_steps {trainer.max_steps} (planned {planned}; recorded in "
+              "config.json)")
+
+
+def _decay_due(run: Run) -> bool:
+    """Whether a budgeted run's decay starts at this step, by its clock (rank 0's, for all)."""
+    clock, s = run.budget_clock, run.state
+    if clock is None or s.step == run.clock[1]:  # a decay from the first step keeps its plan
+        return False
+    return _broadcast(clock.decay_due(s.step, time.perf_counter()), run.dist)
 
 
 def _seconds_left(run: Run) -> float:
@@ -777,7 +723,7 @@ def _time_a_step(run: Run, model: nn.Module) -> tuple[float, float]:
         probe.train_step([_collate(run, [run.train_set[i] for i in order.next()[0]])
                           for _ in range(cfg.grad_accum)])
 
-    step_s = _seconds_a_step(step, min(10.0, cfg.time_budget_min))
+    step_s = plan.seconds_a_step(step, min(10.0, cfg.time_budget_min))
     val, n = _val_batches(run)
     start = time.perf_counter()
     probe.evaluate([next(val)], total=1)
@@ -904,7 +850,8 @@ def save_checkpoint(run: Run) -> None:
     with _main_first(run.dist):  # the others wait for the write, and stop if it fails
         if run.main:
             state = dataclasses.replace(
-                run.state, rng=rng, order=run.order.state_dict(), **run.trainer.state_dict(),
+                run.state, rng=rng, order=run.order.state_dict(), max_steps=run.max_steps,
+                **run.trainer.state_dict(),
                 weights=model_tensors(run.trainer.raw_model, run.trainable_only))
             path = run.run_dir / rundir.CHECKPOINTS_DIR / f"{rundir.CHECKPOINT_PREFIX}{state.step}"
             if bad := checkpoint.first_nonfinite(state):  # never a "last good" checkpoint
@@ -1114,11 +1061,6 @@ def _end(run: Run, result: TrainResult, log: RunLog, signals: _StopSignals, stop
         s.step, s.best_val_loss, s.best_step, s.train_loss)
 
 
-def _final_eval(cfg: TrainConfig) -> bool:
-    """Whether the run ends with eval.py's line and function tasks: a code model, exported."""
-    return cfg.final_eval and cfg.export and cfg.task == "lm" and cfg.lora_r == 0
-
-
 def final_quality(result: TrainResult, device: str) -> dict | None:
     """A finished run scored as ``python eval.py --tasks line method`` scores it (the test split),
     printed with its last validation loss; an evaluation that cannot run is only noted."""
@@ -1212,10 +1154,9 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
             if run.main:
                 _announce(run)
             result.early_stopped = _out_of_patience(run)
-            while s.step < run.max_steps and not result.early_stopped:
+            while s.step < trainer.max_steps and not result.early_stopped:
                 micro, where = _next_micro_batches(run)
-                if (run.train_until is not None and s.step == run.max_steps - trainer.decay_steps
-                        and s.step > run.clock[1]):  # a decay from the first step keeps its plan
+                if _decay_due(run):
                     _retime(run)
                     bar.total = run.max_steps
                 stats = trainer.train_step(micro, inject_nan=cfg.inject_nan_at_step == s.step + 1)
@@ -1224,7 +1165,9 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
                     stats.nonfinite = "gradient"
                 if stats.nonfinite:
                     _nonfinite(run, stats, where, log)
-                s.step, s.tokens_seen, s.train_loss = s.step + 1, s.tokens_seen + stats.tokens, stats.loss
+                s.step += 1
+                s.tokens_seen += stats.tokens
+                s.train_loss = stats.loss
                 window_tokens += stats.tokens
                 bar.update(1)
                 now = time.perf_counter()
@@ -1471,7 +1414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{loss} after {result.step} steps (target {OVERFIT_LOSS})"
               + ("" if ok else ": not memorised; raise --max-steps or --lr, or run --overfit"))
         return 0 if ok else 1
-    if _final_eval(cfg) and result.export_dir is not None:
+    if has_final_eval(cfg) and result.export_dir is not None:
         final_quality(result, cfg.device)
     if result.best_val_loss is not None:
         print(f"best validation loss {result.best_val_loss:.4f} (perplexity "

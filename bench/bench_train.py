@@ -100,31 +100,32 @@ def main(argv=None) -> int:
                              block_size=args.block_size, max_steps=args.steps + WARMUP + 1,
                              eval_every=10**9, eval_examples=args.batch_size, save_every=10**9, export=False,
                              log_every=10, out_dir=out, name="bench")
-        run = tm._Run(cfg, tm.Dist())
-        model_cfg = run.trainer.raw_model.cfg
+        run = tm.setup_run(dataclasses.replace(cfg, name="bench-setup"), tm.Dist(), None, True)
+        run.claimed.release()
+        model_cfg, trainer = run.trainer.raw_model.cfg, run.trainer
         tokens = torch.from_numpy(run.train_set.tokens[:4_000_000].astype("int64"))
         torch.manual_seed(0)
-        bare = BareLoop(Transformer(model_cfg), tokens, cfg, hf=False, trainer=run.trainer)
+        bare = BareLoop(Transformer(model_cfg), tokens, run.cfg, hf=False, trainer=trainer)
         torch.manual_seed(0)
-        hf = BareLoop(hf_twin(dataclasses.replace(model_cfg)), tokens, cfg, hf=True,
-                      trainer=run.trainer)
+        hf = BareLoop(hf_twin(dataclasses.replace(model_cfg)), tokens, run.cfg, hf=True,
+                      trainer=trainer)
         tokens_per_step = cfg.batch_size * cfg.block_size
-        print(f"{args.preset}: {run.trainer.raw_model.num_parameters() / 1e6:.1f}M parameters, "
-              f"{tokens_per_step} tokens/step, {run.trainer.precision} on {run.trainer.device}, "
+        print(f"{args.preset}: {trainer.raw_model.num_parameters() / 1e6:.1f}M parameters, "
+              f"{tokens_per_step} tokens/step, {trainer.precision} on {trainer.device}, "
               f"{torch.get_num_threads()} threads")
 
         times: dict[str, list[float]] = {"bare": [], "hf": [], "manager": []}
         data_time: list[float] = []
-        fetch, manager_step = run._next_micro_batches, run.trainer.train_step
+        fetch, manager_step = tm._next_micro_batches, tm.Trainer.train_step
         last_exit = [None]
 
-        def timed_fetch():
+        def timed_fetch(run):
             t = time.perf_counter()
-            batch = fetch()
+            batch = fetch(run)
             data_time.append(time.perf_counter() - t)
             return batch
 
-        def interleaved_step(*a, **k):
+        def interleaved_step(self, *a, **k):
             now = time.perf_counter()
             if last_exit[0] is not None:
                 times["manager"].append(now - last_exit[0])
@@ -133,11 +134,11 @@ def main(argv=None) -> int:
                 loop.step()
                 times[name].append(time.perf_counter() - t)
             last_exit[0] = time.perf_counter()
-            return manager_step(*a, **k)
+            return manager_step(self, *a, **k)
 
-        run._next_micro_batches = timed_fetch
-        run.trainer.train_step = interleaved_step
-        run.execute(None)
+        tm._next_micro_batches = timed_fetch
+        tm.Trainer.train_step = interleaved_step
+        tm.train(cfg)
 
     med = {n: statistics.median(v[WARMUP:]) for n, v in times.items()}
     data = statistics.median(data_time[WARMUP + 1:])

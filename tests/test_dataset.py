@@ -22,6 +22,7 @@ import pytest
 import torch
 from procs import popen, signal_when
 
+import dataconfig
 import dataset
 import process
 import settings
@@ -2302,7 +2303,7 @@ def test_every_option_that_changes_the_data_changes_a_cache_key(tmp_path):
     from dataclasses import fields, replace
 
     for f in fields(DataConfig):
-        if f.name in dataset._RUNTIME_FIELDS:
+        if f.name in dataconfig._RUNTIME_FIELDS:
             continue
         value = getattr(base, f.name)
         if f.name in changed:

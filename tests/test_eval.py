@@ -12,6 +12,7 @@ import pytest
 import sacrebleu
 from rapidfuzz import fuzz
 
+import build
 import eval as ev
 import process
 import rundir
@@ -2051,9 +2052,9 @@ def test_a_run_dir_scores_best_when_its_export_holds_an_older_best(tiny_models, 
 
     cfg = tm.TrainConfig(preset="tiny")
     torch.manual_seed(0)
-    old = tm.build_model(cfg, tiny_models["tok"])
+    old = build.build_model(cfg, tiny_models["tok"])
     torch.manual_seed(1)
-    new = tm.build_model(cfg, tiny_models["tok"])
+    new = build.build_model(cfg, tiny_models["tok"])
     run = tmp_path / "run"
     (run / "best").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
@@ -2504,7 +2505,7 @@ def test_a_truncated_run_checkpoint_is_an_error_naming_it(tiny_models, tmp_path,
     import trainingmanager as tm
 
     cfg = tm.TrainConfig(preset="tiny")
-    model = tm.build_model(cfg, tiny_models["tok"])
+    model = build.build_model(cfg, tiny_models["tok"])
     run = tmp_path / "run"
     (run / "best").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
@@ -2600,7 +2601,7 @@ def test_a_run_with_no_best_yet_scores_its_latest_checkpoint(tiny_models, tmp_pa
     saved = {}
     for step in (10, 5):  # the latest by step, not by the order written
         torch.manual_seed(step)
-        saved[step] = tm.build_model(cfg, tiny_models["tok"])
+        saved[step] = build.build_model(cfg, tiny_models["tok"])
         checkpoint = run / rundir.CHECKPOINTS_DIR / f"{rundir.CHECKPOINT_PREFIX}{step}"
         checkpoint.mkdir(parents=True)
         save_file(tm.model_tensors(saved[step], False), checkpoint / rundir.MODEL_FILE)
@@ -2649,7 +2650,7 @@ def test_results_name_the_step_of_a_runs_scored_weights_and_whether_it_still_tra
     (run / rundir.BEST_DIR).mkdir(parents=True)
     (run / rundir.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg)))
     tiny_models["tok"].save(run)
-    model = tm.build_model(cfg, tiny_models["tok"])
+    model = build.build_model(cfg, tiny_models["tok"])
     save_file(tm.model_tensors(model, False), run / rundir.BEST_DIR / rundir.MODEL_FILE)
     process.write_manifest(run / rundir.BEST_DIR)
     (run / rundir.BEST_DIR / rundir.BEST_METRICS).write_text(json.dumps({"step": 7}))
@@ -2706,7 +2707,7 @@ def test_a_run_without_its_tokenizer_names_the_missing_file(tiny_models, tmp_pat
     run = tmp_path / "run"
     (run / "best").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
-    save_file(tm.model_tensors(tm.build_model(cfg, tiny_models["tok"]), False),
+    save_file(tm.model_tensors(build.build_model(cfg, tiny_models["tok"]), False),
               run / "best" / rundir.MODEL_FILE)
     process.write_manifest(run / "best")
     cpu = torch.device("cpu")
@@ -3202,7 +3203,7 @@ def test_dtype_on_a_quantized_runs_best_keeps_the_base_it_trained_on(tiny_models
     m = tiny_models
     cfg = tm.TrainConfig(init_from=str(m["base"]), lora_r=4, quantize_bits=bits)
     torch.manual_seed(0)
-    trained = tm.build_model(cfg, m["tok"])
+    trained = build.build_model(cfg, m["tok"])
     run = tmp_path / "qlora"
     (run / rundir.BEST_DIR).mkdir(parents=True)
     (run / rundir.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg)))

@@ -16,7 +16,7 @@ def _hidden(model: Transformer, idx: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("device, dtype, masked, major, grouped", [
-    ("cpu", torch.float32, True, None, True),  # CPU: as it always was
+    ("cpu", torch.float32, True, None, True),  # CPU: grouped, mask or not
     ("cpu", torch.bfloat16, False, None, True),
     ("cuda", torch.bfloat16, False, 8, True),  # flash takes it
     ("cuda", torch.float16, False, 9, True),
@@ -26,9 +26,9 @@ def _hidden(model: Transformer, idx: torch.Tensor) -> torch.Tensor:
 ])
 def test_sdpa_gets_grouped_keys_only_where_a_fused_kernel_takes_them(monkeypatch, device, dtype,
                                                                       masked, major, grouped):
-    """On CUDA only the flash kernel takes enable_gqa: any other grouped call fell silently to
-    the math kernel (every score in memory) in generation, masked or fp32 scoring, and all
-    pre-Ampere training."""
+    """On CUDA only the flash kernel takes enable_gqa: any other grouped call would fall silently
+    to the math kernel (every score in memory) in generation, masked or fp32 scoring, and all
+    pre-Ampere training, so only flash's calls are grouped."""
     from types import SimpleNamespace
 
 
@@ -90,8 +90,8 @@ def test_decode_layout_keeps_values_and_training_gets_row_major_back():
 
 
 def test_decode_layout_is_a_fixed_rule_not_a_timing_race(monkeypatch):
-    """The layout changes the low bits of batch-1 logits, and a timing race chose it, so which
-    weights were re-laid out varied from run to run with the machine's load. Now a rule: fp32
+    """The layout changes the low bits of batch-1 logits, so a timing race must not choose it
+    (which weights are re-laid out would vary with the machine's load). A fixed rule: fp32
     weights with more outputs than inputs go column-major, whatever the clock says."""
     import time
 
@@ -419,7 +419,7 @@ def test_head_loss_takes_full_label_smoothing_as_torch():
 
 def test_a_head_that_is_no_plain_linear_counts_correct_tokens_as_the_logits_say():
     """A LoRA or quantized lm_head takes the unfused path: its loss and correct count are the
-    whole logits' (count_correct there was never run)."""
+    whole logits' (count_correct included, on the unfused path too)."""
 
     class Wrapped(torch.nn.Linear):  # not type nn.Linear: unfused, as lora's LoRALinear
         pass

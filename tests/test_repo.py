@@ -83,7 +83,7 @@ def test_bench_lora_refuses_a_width_its_heads_do_not_divide(capsys, monkeypatch)
 # load.
 BELOW_FLOOR_3 = {"process", "settings", "rundir", "checkpoint", "tokenizer", "kernels",
                  "architecture", "generation", "optim", "scraping", "pretrained", "lora", "dataset",
-                 "trainconfig", "sandbox"}
+                 "dataconfig", "trainconfig", "build", "plan", "sandbox"}
 MAY_IMPORT = {
     "process": set(),
     "settings": set(),
@@ -97,9 +97,14 @@ MAY_IMPORT = {
     "scraping": {"process", "settings"},
     "pretrained": {"process", "settings", "rundir", "architecture"},
     "lora": {"process", "settings", "architecture", "pretrained"},
-    "dataset": {"process", "settings", "tokenizer", "scraping"},
-    "trainconfig": {"process", "settings", "rundir", "checkpoint", "tokenizer", "architecture",
-                    "optim", "pretrained", "lora", "dataset"},
+    "dataconfig": set(),
+    "dataset": {"process", "settings", "tokenizer", "scraping", "dataconfig"},
+    "trainconfig": {"process", "settings", "rundir", "checkpoint", "architecture", "optim",
+                    "dataconfig"},
+    "build": {"process", "settings", "rundir", "architecture", "tokenizer", "pretrained", "lora",
+              "dataconfig", "dataset", "trainconfig"},
+    "plan": {"process", "settings", "rundir", "architecture", "pretrained", "lora", "trainconfig",
+             "build"},
     "sandbox": {"process", "settings"},
     "trainingmanager": BELOW_FLOOR_3,
     "eval": BELOW_FLOOR_3 | {"trainingmanager"},

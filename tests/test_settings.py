@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+import plan
 import settings
 
 
@@ -232,45 +233,43 @@ def test_list_flags_skip_empty_items_and_take_none_as_text_when_not_optional():
 
 
 def test_an_unknown_flag_is_one_line_naming_the_closest_flags(capsys):
-    import trainconfig
 
     for typed, near in (["--max-stpes", "5"], "--max-steps"), (["--max-step", "5"], "--max-steps"):
         with pytest.raises(SystemExit) as stop:  # a prefix is no abbreviation either
-            trainconfig.parse_config(typed)
+            plan.parse_config(typed)
         err = capsys.readouterr().err
         assert stop.value.code == 2 and err.count("\n") == 1
         assert f"unknown flag {typed[0]}" in err and f"did you mean {near}" in err
     with pytest.raises(SystemExit):
-        trainconfig.parse_config(["--zzzzzzzz"])
+        plan.parse_config(["--zzzzzzzz"])
     assert "--help lists the flags" in capsys.readouterr().err
 
 
 def test_hugging_face_trainer_spellings_are_aliases_of_the_codelm_flags():
     import trainconfig
 
-    hf = trainconfig.parse_config([
+    hf = plan.parse_config([
         "--learning_rate", "2e-3", "--per_device_train_batch_size", "3",
         "--gradient_accumulation_steps", "2", "--max_grad_norm", "0.5", "--warmup_steps", "2",
         "--weight_decay", "0", "--max_steps", "9", "--logging_steps", "3", "--eval_steps", "3",
         "--save_steps", "3", "--output_dir", "elsewhere", "--seed", "3", "--bf16",
         "--gradient_checkpointing"])
-    codelm = trainconfig.parse_config([
+    codelm = plan.parse_config([
         "--lr", "2e-3", "--batch-size", "3", "--grad-accum", "2", "--grad-clip", "0.5",
         "--warmup-steps", "2", "--weight-decay", "0", "--max-steps", "9", "--log-every", "3",
         "--eval-every", "3", "--save-every", "3", "--out-dir", "elsewhere", "--seed", "3",
         "--precision", "bf16", "--gradient-checkpointing"])
     assert hf == codelm
-    assert trainconfig.parse_config(["--num_train_epochs", "2", "--fp16"]).precision == "fp16"
+    assert plan.parse_config(["--num_train_epochs", "2", "--fp16"]).precision == "fp16"
     assert "learning_rate" not in trainconfig.build_parser().format_help()
 
 
 def test_yaml_config_files_read_as_json_ones_do(tmp_path):
-    import trainconfig
 
     config = tmp_path / "run.yaml"
     config.write_text("# as litgpt users write it\nmax_steps: 3\nlr: 2e-3\n"
                       "data_options:\n  val_frac: 0.1\n")
-    cfg = trainconfig.parse_config(["--config", str(config)])
+    cfg = plan.parse_config(["--config", str(config)])
     assert (cfg.max_steps, cfg.lr, cfg.data_options) == (3, 0.002, {"val_frac": 0.1})
     recipe = tmp_path / "recipe.yml"
     recipe.write_text("_note: a recipe\ntrain:\n  max_steps: 4\neval:\n  tasks: [lm]\n")
@@ -280,7 +279,7 @@ def test_yaml_config_files_read_as_json_ones_do(tmp_path):
                         ("max_steps: [3\n", ["invalid YAML at line 2"])):
         config.write_text(text)
         with pytest.raises(ValueError) as err:
-            trainconfig.parse_config(["--config", str(config)])
+            plan.parse_config(["--config", str(config)])
         assert str(config) in str(err.value) and all(w in str(err.value) for w in words)
 
 

@@ -22,8 +22,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import build
 import checkpoint
 import generation
+import plan
 import process
 import rundir
 import settings
@@ -123,7 +125,7 @@ def assert_bit_equal(a: dict, b: dict) -> None:
 
 def _ready(cfg: tm.TrainConfig) -> tm.TrainConfig:
     """A config a Trainer takes as it is: a length, and the settings a run fills in."""
-    return tm.with_fallbacks(dataclasses.replace(cfg, max_steps=cfg.max_steps or 100))
+    return plan.with_fallbacks(dataclasses.replace(cfg, max_steps=cfg.max_steps or 100))
 
 
 def _trainer(cfg: tm.TrainConfig, vocab: int = 64) -> tm.Trainer:
@@ -563,7 +565,7 @@ def test_injected_nan_stops_loudly_and_keeps_the_last_good_checkpoint(assets, tm
     assert "checkpoints/step-4" in message
     run = Path(cfg.out_dir) / "run"
     assert [p.name for p in tm.list_checkpoints(run)] == ["step-4"]
-    model = tm.build_model(cfg, tm.load_or_train_tokenizer(cfg, None))
+    model = build.build_model(cfg, build.load_or_train_tokenizer(cfg, None))
     state = checkpoint.load(run / "checkpoints" / "step-4", model, False)
     assert state.step == 4
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -764,7 +766,7 @@ def test_a_tokenizer_another_run_cached_first_is_kept(assets, tmp_path, monkeypa
         return tok
 
     monkeypatch.setattr(CodeTokenizer, "train", staticmethod(train_while_another_run_caches))
-    tok = tm.load_or_train_tokenizer(cfg, dcfg)
+    tok = build.load_or_train_tokenizer(cfg, dcfg)
     assert (cached / "first").exists()
     assert sorted(p.name for p in cached.parent.iterdir() if p.name.startswith(".")) == []
     assert load_tokenizer(cached).vocab_size == tok.vocab_size
@@ -779,11 +781,11 @@ def test_a_new_encoding_version_trains_a_new_tokenizer(assets, tmp_path, monkeyp
     cfg = tiny_cfg(assets, tmp_path, tokenizer=None,
                    data_options={"cache_dir": str(cache), "progress": False})
     dcfg = tm.data_config(cfg, cfg.block_size)
-    tm.load_or_train_tokenizer(cfg, dcfg)
-    tm.load_or_train_tokenizer(cfg, dcfg)  # a cache hit
+    build.load_or_train_tokenizer(cfg, dcfg)
+    build.load_or_train_tokenizer(cfg, dcfg)  # a cache hit
     assert len(list(cache.glob("tokenizer-*"))) == 1
     monkeypatch.setattr(dataset, "ENCODING_VERSION", dataset.ENCODING_VERSION + "-other")
-    tm.load_or_train_tokenizer(cfg, dcfg)
+    build.load_or_train_tokenizer(cfg, dcfg)
     assert len(list(cache.glob("tokenizer-*"))) == 2
 
 
@@ -931,7 +933,7 @@ def test_lora_on_a_bf16_base_trains_like_the_fp32_base(assets, tmp_path):
     for dtype in ("fp32", "bf16"):
         cfg = tiny_cfg(assets, tmp_path, name=dtype, base_dtype=dtype, export=dtype == "bf16",
                        export_merged=True, **common)
-        model = tm.build_model(cfg, load_tokenizer(assets["tokenizer"]))
+        model = build.build_model(cfg, load_tokenizer(assets["tokenizer"]))
         kinds = {p.dtype for n, p in model.named_parameters() if "lora" not in n}
         assert kinds == {SHORT_DTYPES[dtype]}
         assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
@@ -967,7 +969,7 @@ def test_model_options_on_a_loaded_model_set_its_dropouts_or_are_refused(assets,
     cfg = tiny_cfg(assets, tmp_path, init_from=str(base), lora_r=4,
                    model_options={"attn_dropout": 0.25, "embd_dropout": 0.0})
     tm.validate_config(cfg)
-    model = tm.build_model(cfg, load_tokenizer(assets["tokenizer"]))
+    model = build.build_model(cfg, load_tokenizer(assets["tokenizer"]))
     assert (model.cfg.attn_dropout, model.cfg.embd_dropout) == (0.25, 0.0)
     for options, message in (
             ({"n_layer": 7, "bogus": 1}, "model_options (--model-options): bogus, n_layer: the "
@@ -1204,7 +1206,7 @@ def test_resume_refuses_settings_that_would_change_the_run(assets, tmp_path, cap
 
 def test_sample_prompt_is_formatted_as_the_task_trained(assets, tmp_path, monkeypatch):
     tok = load_tokenizer(assets["tokenizer"])
-    model = tm.build_model(tiny_cfg(assets, tmp_path), tok)
+    model = build.build_model(tiny_cfg(assets, tmp_path), tok)
     seen = []
 
     def generate(model, idx, cfg, attention_mask=None):
@@ -1221,10 +1223,12 @@ def test_sample_prompt_is_formatted_as_the_task_trained(assets, tmp_path, monkey
 def test_a_time_budget_sizes_the_run_and_its_config_reproduces_it(assets, tmp_path,
                                                                   monkeypatch, capsys):
     """--time-budget-min: max_steps, eval_every, warmup and decay follow from the time left and
-    the measured step (here given; a fake clock takes 1 s a step); when the decay starts it takes
-    the steps that fit in the time left. config.json records the final figures instead of the
-    budget, so a new run of that config alone trains the same weights (the timing drew nothing
-    from the RNG, and the lr holds its peak until the decay, whatever the run's length)."""
+    the measured step (here given; a fake clock takes 1 s a step). The stable phase runs by the
+    clock, to the last DECAY_SHARE of the training time, whatever the measured step said; the
+    decay then takes the steps that fit in the time left. config.json records the final figures
+    instead of the budget, so a new run of that config alone trains the same weights (the timing
+    drew nothing from the RNG, and the lr holds its peak until the decay, whatever the run's
+    length)."""
     _one_second_a_step(monkeypatch)
     timed = []
     time_a_step = tm._time_a_step
@@ -1238,15 +1242,15 @@ def test_a_time_budget_sizes_the_run_and_its_config_reproduces_it(assets, tmp_pa
     cfg = tiny_cfg(assets, tmp_path, name="budget", time_budget_min=1.0, warmup_steps=None,
                    max_steps=None, eval_every=100)
     first = tm.train(cfg)
-    train_s = 60 * (1 - tm.END_SHARE)  # no export: no final evaluation
-    every = int(train_s * (1 - tm.DRIFT_SHARE) - tm.EVALS_IN_BUDGET * 2.0) // tm.EVALS_IN_BUDGET
-    planned = every * tm.EVALS_IN_BUDGET
-    decay_start = planned - int(tm.DECAY_SHARE * planned)
-    decay = int((train_s - decay_start) * (1 - tm.DRIFT_SHARE))  # the clock: 1 s a step
+    train_s = 60 * (1 - plan.END_SHARE)  # no export: no final evaluation
+    every = int(train_s * (1 - plan.DRIFT_SHARE) - plan.EVALS_IN_BUDGET * 2.0) // plan.EVALS_IN_BUDGET
+    planned = every * plan.EVALS_IN_BUDGET
+    decay_start = math.ceil(train_s * (1 - plan.DECAY_SHARE))  # the clock: 1 s a step
+    decay = int((train_s - decay_start) * (1 - plan.DRIFT_SHARE))
     out = capsys.readouterr().out
     assert timed and "time budget 1 min, 60 s left after setup: 1.000 s a step" in out
-    assert (f"max_steps {planned}, eval_every {every}, warmup_steps {int(tm.WARMUP_SHARE * planned)}"
-            f", decay_steps {planned - decay_start}") in out
+    assert (f"max_steps {planned}, eval_every {every}, warmup_steps {int(plan.WARMUP_SHARE * planned)}"
+            f", decay_steps {int(plan.DECAY_SHARE * planned)}") in out
     assert (f"the decay starts at step {decay_start}: 1.000 s a step so far" in out
             and f"decay_steps {decay}, max_steps {decay_start + decay} (planned {planned}" in out)
     saved = json.loads((first.run_dir / "config.json").read_text())
@@ -1278,9 +1282,9 @@ def test_a_time_budget_larger_than_the_data_ends_after_max_epochs(assets, tmp_pa
     out = capsys.readouterr().out
     saved = json.loads((run.run_dir / "config.json").read_text())
     windows = int(re.search(r"\((\d+(?:\.\d+)?) epochs of (\d+) windows", out).group(2))
-    every = math.ceil(tm.MAX_EPOCHS * windows / cfg.batch_size) // tm.EVALS_IN_BUDGET
-    assert (saved["max_steps"], saved["eval_every"], run.step) == (every * tm.EVALS_IN_BUDGET, every, every * tm.EVALS_IN_BUDGET)
-    assert f"{tm.MAX_EPOCHS} epochs of the training data end the run" in out and "--data" in out
+    every = math.ceil(plan.MAX_EPOCHS * windows / cfg.batch_size) // plan.EVALS_IN_BUDGET
+    assert (saved["max_steps"], saved["eval_every"], run.step) == (every * plan.EVALS_IN_BUDGET, every, every * plan.EVALS_IN_BUDGET)
+    assert f"{plan.MAX_EPOCHS} epochs of the training data end the run" in out and "--data" in out
     assert "the decay starts" not in out
 
 def test_preset_auto_takes_the_largest_rung_the_budget_trains_and_a_resume_keeps_it(
@@ -1288,19 +1292,20 @@ def test_preset_auto_takes_the_largest_rung_the_budget_trains_and_a_resume_keeps
     """Preset auto probes BUDGET_LADDER's rungs, smallest first, and takes the largest that sees
     TOKENS_PER_PARAM tokens a parameter in the budget, in bf16 on a CPU that measures it faster;
     config.json records the choices and a resume keeps them."""
-    params, tokens = tm._probe(tiny_cfg(assets, tmp_path), torch.device("cpu"), 1)
+    params, tokens = tm._probe(tiny_cfg(assets, tmp_path), torch.device("cpu"), tm.Dist())
     assert params > 0 and tokens > 0  # the real probe trains the rung's model here
     ladder = tuple({"preset": "tiny", "block_size": 32, "batch_size": b, "lr": lr}
                    for b, lr in ((2, 3e-3), (4, 2e-3), (8, 1e-3)))
-    budget_s = 60 * tm.TRAIN_SHARE
-    rates = {2: tm.TOKENS_PER_PARAM * 100 / budget_s, 4: tm.TOKENS_PER_PARAM * 200 / budget_s,
-             8: tm.TOKENS_PER_PARAM * 400 / budget_s}  # tokens a second; 8 misses its 400
+    budget_s = 60 * plan.TRAIN_SHARE
+    rates = {2: plan.TOKENS_PER_PARAM * 100 / budget_s, 4: plan.TOKENS_PER_PARAM * 200 / budget_s,
+             8: plan.TOKENS_PER_PARAM * 400 / budget_s}  # tokens a second; 8 misses its 400
 
-    def probe(cfg, device, world):
+    def probe(cfg, device, dist):
         speed = 2.0 if cfg.precision == "bf16" else 1.0
-        return 100 * cfg.batch_size // 2, rates[cfg.batch_size] * speed * (cfg.batch_size < 8)
+        return plan.Probe(100 * cfg.batch_size // 2,
+                          rates[cfg.batch_size] * speed * (cfg.batch_size < 8))
 
-    monkeypatch.setattr(tm, "BUDGET_LADDER", ladder)
+    monkeypatch.setattr(plan, "BUDGET_LADDER", ladder)
     monkeypatch.setattr(tm, "_probe", probe)
     monkeypatch.setattr(tm, "_time_a_step", lambda run, model: (0.5, 2.0))
     monkeypatch.setattr(tm, "_seconds_left", lambda run: 12.0)
@@ -1321,7 +1326,7 @@ def test_the_sample_stops_where_its_function_ends(assets, tmp_path, monkeypatch)
     import generation
 
     tok = load_tokenizer(assets["tokenizer"])
-    model = tm.build_model(tiny_cfg(assets, tmp_path), tok)
+    model = build.build_model(tiny_cfg(assets, tmp_path), tok)
     more = tok.encode("    return 1\ndef g():\n    pass\n")
 
     def generate(model, idx, cfg, attention_mask=None):
@@ -1382,8 +1387,8 @@ def test_the_end_of_run_sample_follows_the_runs_pair_special_tokens(assets, tmp_
 
 def test_loading_tensors_of_another_shape_names_the_tensor(assets, tmp_path):
     tok = load_tokenizer(assets["tokenizer"])
-    small = tm.build_model(tiny_cfg(assets, tmp_path), tok)
-    wide = tm.build_model(tiny_cfg(assets, tmp_path, n_embd=96), tok)
+    small = build.build_model(tiny_cfg(assets, tmp_path), tok)
+    wide = build.build_model(tiny_cfg(assets, tmp_path, n_embd=96), tok)
     with pytest.raises(ValueError, match=r"src\.safetensors: .*wte\.weight.*\(\d+, 64\).*"
                                          r"\(\d+, 96\)"):
         tm.load_model_tensors(wide, tm.model_tensors(small, False), "src.safetensors", False)
@@ -1688,7 +1693,7 @@ def test_init_from_without_a_tokenizer_asks_for_tokenizer(assets, tmp_path):
     cfg = tiny_cfg(assets, tmp_path, init_from=str(tiny_llama(tmp_path)), tokenizer=None)
     with pytest.raises(ValueError, match=rf"--init-from {re.escape(cfg.init_from)}: no "
                                          r"tokenizer\.json.*--tokenizer"):
-        tm.load_or_train_tokenizer(cfg, tm.data_config(cfg, 32))
+        build.load_or_train_tokenizer(cfg, tm.data_config(cfg, 32))
 
 
 def test_init_from_a_runs_export_without_a_tokenizer_names_the_run(assets, tmp_path):
@@ -1702,7 +1707,7 @@ def test_init_from_a_runs_export_without_a_tokenizer_names_the_run(assets, tmp_p
     with pytest.raises(ValueError, match=rf"--init-from {re.escape(str(export))}: no "
                                          rf"tokenizer\.json.*{re.escape(str(run.resolve()))} "
                                          r"above it.*--tokenizer"):
-        tm.load_or_train_tokenizer(cfg, tm.data_config(cfg, 32))
+        build.load_or_train_tokenizer(cfg, tm.data_config(cfg, 32))
 
 
 def test_init_from_with_a_tokenizer_that_is_not_the_models_is_refused(assets, tmp_path):
@@ -1719,11 +1724,11 @@ def test_init_from_with_a_tokenizer_that_is_not_the_models_is_refused(assets, tm
     refused = (rf"^{re.escape(str(other / 'tokenizer.json'))} is not the tokenizer of the model "
                rf"in {re.escape(str(base))}: .* but the tokenizer's bos is 0 \('<bos>'\)")
     with pytest.raises(ValueError, match=refused + r".*; pass --tokenizer with the tokenizer"):
-        tm.load_or_train_tokenizer(cfg, tm.data_config(cfg, 32))
+        build.load_or_train_tokenizer(cfg, tm.data_config(cfg, 32))
     shutil.copy(other / "tokenizer.json", base / "tokenizer.json")  # now the checkpoint's own
     own = dataclasses.replace(cfg, tokenizer=None)
     with pytest.raises(ValueError, match=rf"^{re.escape(str(base / 'tokenizer.json'))} is not "):
-        tm.load_or_train_tokenizer(own, tm.data_config(own, 32))
+        build.load_or_train_tokenizer(own, tm.data_config(own, 32))
 
 
 def test_a_tokenizer_other_than_the_checkpoints_own_is_warned_about(assets, tmp_path, capsys):
@@ -1734,13 +1739,13 @@ def test_a_tokenizer_other_than_the_checkpoints_own_is_warned_about(assets, tmp_
     CodeTokenizer.train(texts, min_freq=2, max_vocab=150).save(base)
     cfg = tiny_cfg(assets, tmp_path, init_from=str(base))
     capsys.readouterr()
-    assert tm.load_or_train_tokenizer(cfg, tm.data_config(cfg, 32)).vocab_size < 512  # fits
+    assert build.load_or_train_tokenizer(cfg, tm.data_config(cfg, 32)).vocab_size < 512  # fits
     err = capsys.readouterr().err
     assert err.startswith(f"warning: --tokenizer {assets['tokenizer']} "), err
     assert all(w in err for w in ("differs", str(base / "tokenizer.json"),
                                   f"--init-from {base}")), err
     same = dataclasses.replace(cfg, tokenizer=str(base))  # its own, named again: no warning
-    tm.load_or_train_tokenizer(same, tm.data_config(same, 32))
+    build.load_or_train_tokenizer(same, tm.data_config(same, 32))
     assert capsys.readouterr().err == ""
 
 
@@ -1881,7 +1886,7 @@ def test_lora_export_names_its_base_so_peft_loads_it_alone(assets, tmp_path, dor
     config = json.loads((export / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(base.resolve())
     assert config["use_dora"] is dora
-    ours = tm.build_model(dataclasses.replace(cfg, lora_r=0, lora_dora=False),
+    ours = build.build_model(dataclasses.replace(cfg, lora_r=0, lora_dora=False),
                           load_tokenizer(export))
     lora.load_adapter(ours, export)
     ids = torch.randint(0, 512, (2, 16))
@@ -1912,7 +1917,7 @@ def test_init_from_a_hub_id_trains_lora_and_exports_an_adapter_peft_loads(assets
     assert tm.main(["--config", str(config), "--init-from", "org/tiny"]) == 0
     run = Path(cfg.out_dir) / "run"
     assert json.loads((run / "config.json").read_text())["init_from"] == str(snapshot)
-    ours = tm.build_model(dataclasses.replace(cfg, init_from=str(snapshot), lora_r=0),
+    ours = build.build_model(dataclasses.replace(cfg, init_from=str(snapshot), lora_r=0),
                           load_tokenizer(run / "export"))
     lora.load_adapter(ours, run / "export")
     ids = torch.randint(0, 512, (2, 16))
@@ -2006,11 +2011,11 @@ def test_dropout_flag_sets_residual_dropout_and_model_options_attention_dropout(
     assert tm.model_config(both, 64, None, None).attn_dropout == 0.1
     base = tmp_path / "base"
     save_tiny_hf("llama", base, vocab_size=512, attention_dropout=0.05)
-    model = tm.build_model(tm.TrainConfig(init_from=str(base), dropout=0.15),
+    model = build.build_model(tm.TrainConfig(init_from=str(base), dropout=0.15),
                            load_tokenizer(assets["tokenizer"]))
     assert (model.cfg.dropout, model.cfg.attn_dropout) == (0.15, 0.05)
     save_tiny_hf("phi", tmp_path / "phi", vocab_size=512, embd_pdrop=0.1, resid_pdrop=0.1)
-    model = tm.build_model(tm.TrainConfig(init_from=str(tmp_path / "phi"), dropout=0.0),
+    model = build.build_model(tm.TrainConfig(init_from=str(tmp_path / "phi"), dropout=0.0),
                            load_tokenizer(assets["tokenizer"]))
     assert (model.cfg.embedding_dropout, model.cfg.dropout) == (0.0, 0.0)
 
@@ -2194,10 +2199,10 @@ def test_init_adapter_starts_from_a_peft_adapter_as_peft_computes_it(assets, tmp
     the model before any step computes what PEFT's model computes."""
     base = tiny_llama(tmp_path)
     peft_model = _peft_adapter(base, tmp_path / "peft")
-    cfg = tm.with_init_adapter(tiny_cfg(assets, tmp_path, init_adapter=str(tmp_path / "peft")))
+    cfg = plan.with_init_adapter(tiny_cfg(assets, tmp_path, init_adapter=str(tmp_path / "peft")))
     assert (cfg.init_from, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
             sorted(cfg.lora_targets)) == (str(base), 4, 8.0, 0.05, ["q_proj", "v_proj"])
-    model = tm.build_model(cfg, load_tokenizer(assets["tokenizer"])).eval()
+    model = build.build_model(cfg, load_tokenizer(assets["tokenizer"])).eval()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == peft_model.get_nb_trainable_parameters()[0]
     ids = torch.randint(0, 512, (2, 16))
@@ -2228,7 +2233,7 @@ def test_init_adapter_trains_on_and_exports_an_adapter_peft_loads_on_the_same_ba
     assert all(0 < (start[k] - end[k]).abs().max() < 0.01 for k in start if "lora_B" in k)
     assert all((start[k] - end[k]).abs().max() < 0.01 for k in start)
     run_cfg = tm.config_from_dict(json.loads((run / rundir.CONFIG_FILE).read_text()))
-    ours = tm.build_model(run_cfg, load_tokenizer(run))
+    ours = build.build_model(run_cfg, load_tokenizer(run))
     tm.load_model_tensors(ours, load_file(run / rundir.BEST_DIR / rundir.ADAPTER_FILE), "best", True)
     peft_model = PeftModel.from_pretrained(
         transformers.AutoModelForCausalLM.from_pretrained(base), run / "export").eval()
@@ -2253,21 +2258,20 @@ def test_init_adapter_whose_base_layer_differs_from_the_base_is_refused(assets, 
     get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])
                    ).save_pretrained(tmp_path / "changed")
     tok = load_tokenizer(assets["tokenizer"])
-    cfg = tm.with_init_adapter(tiny_cfg(assets, tmp_path, init_adapter=str(tmp_path / "same")))
-    tm.build_model(cfg, tok)  # the base's own embedding, as PEFT saves it by default: taken
-    cfg = tm.with_init_adapter(tiny_cfg(assets, tmp_path, init_adapter=str(tmp_path / "changed")))
+    cfg = plan.with_init_adapter(tiny_cfg(assets, tmp_path, init_adapter=str(tmp_path / "same")))
+    build.build_model(cfg, tok)  # the base's own embedding, as PEFT saves it by default: taken
+    cfg = plan.with_init_adapter(tiny_cfg(assets, tmp_path, init_adapter=str(tmp_path / "changed")))
     with pytest.raises(ValueError, match=r"base_model\.model\.model\.embed_tokens\.base_layer"
                        r"\.weight .*differs from the base's.*export would lose"):
-        tm.build_model(cfg, tok)
+        build.build_model(cfg, tok)
 
 
 def test_an_init_adapter_run_resumes_and_evaluates_after_its_adapter_dir_is_gone(
         assets, tmp_path):
     """The run keeps its own copy of the adapter's config: once it has weights, deleting the
     adapter directory changes nothing: a resume (--resume, as the command line reads it) trains
-    on as the same resume rebuilt from the adapter directory (a run without the copy, as an
-    earlier codelm's, which gets one) does, and eval.py's model of its best/ computes the same
-    logits."""
+    on as the same resume rebuilt from the adapter directory (a run without the copy gets
+    one) does, and eval.py's model of its best/ computes the same logits."""
     import eval as ev
 
     base = tiny_llama(tmp_path)
@@ -2338,7 +2342,7 @@ def test_init_adapter_reads_lora_targets_none_as_the_adapters_targets(tmp_path):
     for typed in (["--lora-targets", "none"], ["--config", str(config)]):
         for adapter in (narrow, attention):
             cfg = tm.parse_config(["--init-adapter", str(adapter), *typed])
-            assert tm.with_init_adapter(cfg).lora_targets == json.loads(
+            assert plan.with_init_adapter(cfg).lora_targets == json.loads(
                 (adapter / "adapter_config.json").read_text())["target_modules"]
 
 
@@ -2348,7 +2352,7 @@ def test_init_adapter_targets_must_name_the_adapters_modules_the_same_way(tmp_pa
     q/k/v/o_proj), are refused naming the adapter's."""
     adapter = _adapter_config(tmp_path / "peft", tiny_llama(tmp_path),
                               ["q_proj", "k_proj", "v_proj", "o_proj"])
-    cfg = tm.with_init_adapter(tm.TrainConfig(
+    cfg = plan.with_init_adapter(tm.TrainConfig(
         init_adapter=adapter, lora_targets=["o_proj", "v_proj", "k_proj", "q_proj"]))
     assert cfg.lora_targets == ["o_proj", "v_proj", "k_proj", "q_proj"]
     for targets in (["qkv", "attn.proj"], ["q_proj"], ["nowhere"]):
@@ -2404,12 +2408,12 @@ def test_init_adapter_targets_agree_in_any_order_and_a_regex_is_left_to_the_file
     keeps lora_targets unset and load_adapter reads the file's."""
     base = tmp_path / "base"
     listed = _adapter_config(tmp_path / "listed", base, ["q_proj", "v_proj"])
-    cfg = tm.with_init_adapter(tm.TrainConfig(init_adapter=listed,
+    cfg = plan.with_init_adapter(tm.TrainConfig(init_adapter=listed,
                                               lora_targets=["v_proj", "q_proj"]))
     assert (cfg.init_from, cfg.lora_r, cfg.lora_alpha, sorted(cfg.lora_targets)) == (
         str(base), 4, 8.0, ["q_proj", "v_proj"])
     regex = _adapter_config(tmp_path / "regex", base, r".*\.(q_proj|v_proj)$")
-    cfg = tm.with_init_adapter(tm.TrainConfig(init_adapter=regex))
+    cfg = plan.with_init_adapter(tm.TrainConfig(init_adapter=regex))
     assert (cfg.lora_r, cfg.lora_targets) == (4, None)
     tm.validate_config(cfg)
 
@@ -2462,12 +2466,12 @@ def test_a_run_without_weights_needs_its_adapter_directory_not_its_copy(tmp_path
     (run / rundir.CONFIG_FILE).write_text(json.dumps({"init_adapter": str(adapter)}))
     shutil.copy(adapter / "adapter_config.json", run / rundir.INIT_ADAPTER_COPY)
     shutil.rmtree(adapter)
-    assert tm.run_adapter_copy(run) is None
+    assert rundir.adapter_copy(run) is None
     with pytest.raises(ValueError, match=rf"init_adapter {re.escape(repr(str(adapter)))} not "
                                          "found$"):
         tm.parse_config(["--resume", str(run)])
     (run / rundir.BEST_DIR).mkdir()
-    assert tm.run_adapter_copy(run) == run / rundir.INIT_ADAPTER_COPY
+    assert rundir.adapter_copy(run) == run / rundir.INIT_ADAPTER_COPY
 
 
 def test_a_resume_of_a_run_with_weights_takes_the_adapter_settings_from_its_copy(tmp_path):
@@ -2479,13 +2483,13 @@ def test_a_resume_of_a_run_with_weights_takes_the_adapter_settings_from_its_copy
     (run / rundir.BEST_DIR).mkdir(parents=True)
     shutil.copy(adapter / "adapter_config.json", run / rundir.INIT_ADAPTER_COPY)
     shutil.rmtree(adapter)
-    cfg = tm.with_init_adapter(tm.TrainConfig(init_adapter=str(adapter), resume=str(run)))
+    cfg = plan.with_init_adapter(tm.TrainConfig(init_adapter=str(adapter), resume=str(run)))
     assert (cfg.init_from, cfg.lora_r, cfg.lora_alpha, sorted(cfg.lora_targets)) == (
         str(tmp_path / "base"), 4, 8.0, ["q_proj", "v_proj"])
     with pytest.raises(ValueError, match=r"^lora_r \(8, --lora-r\) \(the adapter's: 4\): "
                                          rf".*fixes these \({re.escape(str(run))}/"
                                          r"init_adapter_config\.json\)"):
-        tm.with_init_adapter(tm.TrainConfig(init_adapter=str(adapter), resume=str(run), lora_r=8))
+        plan.with_init_adapter(tm.TrainConfig(init_adapter=str(adapter), resume=str(run), lora_r=8))
 
 
 def test_eval_scores_best_when_a_resume_trained_past_the_export(assets, tmp_path, capsys):
@@ -3027,7 +3031,7 @@ def test_lora_settings_reach_the_adapter_and_the_merged_export_has_the_tokenizer
     assert load_tokenizer(export / "merged").encode(text) == tok.encode(text)
     hf = transformers.AutoTokenizer.from_pretrained(export / "merged")
     assert hf(text)["input_ids"] == tok.encode(text)
-    model = tm.build_model(dataclasses.replace(cfg, quantize_bits=8), tok)
+    model = build.build_model(dataclasses.replace(cfg, quantize_bits=8), tok)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora" in n for n in trainable)
     assert any(isinstance(m, lora.QuantLinear) for m in model.modules())
@@ -3730,16 +3734,15 @@ def test_the_three_trackers_hold_the_same_series_and_config_across_a_resume(asse
 def test_a_tracker_that_is_not_installed_names_its_package(monkeypatch):
     import importlib.util
 
-    import trainconfig
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "wandb" else find_spec(name, *a))
     with pytest.raises(ValueError) as err:
-        trainconfig.parse_config(["--report-to", "wandb"])
+        plan.parse_config(["--report-to", "wandb"])
     assert "report_to" in str(err.value) and "pip install wandb" in str(err.value)
     with pytest.raises(ValueError, match="report_to"):
-        trainconfig.parse_config(["--report-to", "none", "tensorboard"])
+        plan.parse_config(["--report-to", "none", "tensorboard"])
 
 
 def test_muon_steps_as_torchs_own_adamw_and_muon_side_by_side():

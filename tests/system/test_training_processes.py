@@ -33,6 +33,8 @@ from test_trainingmanager import (
     write_config,
 )
 
+import build
+import plan
 import process
 import rundir
 import trainingmanager as tm
@@ -47,8 +49,8 @@ def logged_epochs(run_dir: Path) -> list[tuple[int, str, float]]:
 
 def test_a_kill_while_old_checkpoints_are_removed_leaves_no_checkpoint_half_gone(
         assets, tmp_path, monkeypatch):
-    """Pruning removed step-N in place: a kill mid-removal left a visible step-N without its
-    weights. It is renamed out of the checkpoints' names first; the next start removes it."""
+    """Pruning renames step-N out of the checkpoints' names before removing it (the next start
+    removes what is left): a kill mid-removal leaves no visible step-N without its weights."""
     root, removing, rmtree = tmp_path / "runs" / "run" / rundir.CHECKPOINTS_DIR, [], shutil.rmtree
 
     def kill_in_checkpoints(path, *args, **kwargs):
@@ -67,7 +69,7 @@ def test_a_kill_while_old_checkpoints_are_removed_leaves_no_checkpoint_half_gone
 
 def test_the_next_tokenizer_cache_write_removes_what_a_killed_one_left(assets, tmp_path):
     """The data cache is shared by runs (no run lock, no clean_partial_writes): a run killed while
-    caching its tokenizer left its temp directory there for good. The next write there removes
+    caching its tokenizer leaves its temp directory there. The next write there removes
     the temp directories of dead writers, of any entry (a key may never be written again), never
     one a live run is writing."""
     import multiprocessing
@@ -83,7 +85,7 @@ def test_the_next_tokenizer_cache_write_removes_what_a_killed_one_left(assets, t
             os.kill(os.getpid(), signal.SIGKILL)
 
         CodeTokenizer.save = save
-        tm.load_or_train_tokenizer(cfg, dcfg)
+        build.load_or_train_tokenizer(cfg, dcfg)
 
     child = multiprocessing.get_context("fork").Process(target=killed_run)
     child.start()
@@ -94,7 +96,7 @@ def test_the_next_tokenizer_cache_write_removes_what_a_killed_one_left(assets, t
     live = cache / partial.replace(f"-{child.pid}@", f"-{os.getppid()}@")  # this test's parent's
     live.mkdir()
     (cache / partial.replace(".tokenizer-", ".tokenizer-other")).mkdir()  # a dead one
-    tok = tm.load_or_train_tokenizer(cfg, dcfg)  # the re-run
+    tok = build.load_or_train_tokenizer(cfg, dcfg)  # the re-run
     assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == [live.name]
     [entry] = cache.glob("tokenizer-*")
     assert load_tokenizer(entry).vocab_size == tok.vocab_size
@@ -132,8 +134,8 @@ _HUNG_UP_AT_STEP = 3  # metrics.jsonl's train lines (log_every 1) before the ter
 def test_a_closed_terminal_saves_a_checkpoint_and_exits_129(assets, tmp_path):
     """A real hangup: the trainer runs on a pseudo-terminal as its session leader (as a login
     shell's job on an SSH session), its progress bar on; the terminal's other end closes, the
-    kernel sends SIGHUP and fails every later write to the terminal (EIO). The run died of the
-    signal (exit 129 by a signal, no checkpoint since the last one); then of its stop message."""
+    kernel sends SIGHUP and fails every later write to the terminal (EIO). The run saves a
+    checkpoint and exits 129, dying neither of the signal itself nor of its stop message."""
     import fcntl
     import select
     import termios
@@ -247,9 +249,9 @@ sys.exit(tm.main(sys.argv[1:]))
 @pytest.mark.parametrize("failing", [False, True])
 def test_ddp_model_is_freed_before_the_group_is_destroyed(assets, tmp_path, failing):
     """The DDP model sits in reference cycles; left to the collection at interpreter exit, gloo's
-    threads died in a half torn-down process: now and then SIGABRT, "terminate called without
-    an active exception", after a run that had finished, or failed (its error's traceback held
-    the trainer)."""
+    threads would die in a half torn-down process (now and then SIGABRT, "terminate called
+    without an active exception"). It is freed before the group is destroyed, after a run that
+    finished and after one that failed (whose error's traceback holds the trainer)."""
     cfg = tiny_cfg(assets, tmp_path, name="freed", max_steps=2, eval_every=2, save_every=2,
                    inject_nan_at_step=2 if failing else None)
     script = tmp_path / "counting.py"
@@ -277,8 +279,8 @@ sys.exit(tm.main(sys.argv[1:]))
 
 @pytest.mark.slow  # the quick suite has its setup-error twin
 def test_ddp_rank_zero_write_error_stops_every_rank_with_its_one_line(assets, tmp_path):
-    """Only rank 0 writes checkpoints: its full disk left rank 1 on a lost connection (a gloo
-    traceback), and an error every rank met was printed once per rank."""
+    """Only rank 0 writes checkpoints: its full disk stops rank 1 too, with no lost connection
+    (a gloo traceback), and the error is printed once, not once per rank."""
     cfg = tiny_cfg(assets, tmp_path, name="full", max_steps=8, save_every=2, eval_every=8)
     config = write_config(cfg, tmp_path / "full.json")
     script = tmp_path / "failing.py"
@@ -291,7 +293,7 @@ def test_ddp_rank_zero_write_error_stops_every_rank_with_its_one_line(assets, tm
 
 
 def test_ddp_rank_zero_setup_error_stops_every_rank_with_its_one_line(assets, tmp_path):
-    """Only rank 0 reads the tokenizer: its error used to leave rank 1 on a lost connection
+    """Only rank 0 reads the tokenizer: its error stops rank 1 too, with no lost connection
     (a gloo traceback) beside rank 0's one-line error."""
     cfg = tiny_cfg(assets, tmp_path, name="badtok", tokenizer=str(tmp_path / "nope.json"))
     config = write_config(cfg, tmp_path / "badtok.json")
@@ -322,7 +324,8 @@ def test_a_stop_signal_saves_and_exits_non_zero_with_the_resume_hint(assets, tmp
 
 def test_a_run_its_caller_restarts_says_so_on_a_stop_not_that_a_checkpoint_waits(
         assets, tmp_path, capsys, monkeypatch):
-    """recipes.py --smoke said "checkpoint saved; continue with" and then that it starts over."""
+    """A run its caller restarts (recipes.py --smoke) says on a stop to start it again, not
+    "checkpoint saved; continue with", which the restart would contradict."""
     sigterm_at_step(monkeypatch, 2)
     result = tm.train(tiny_cfg(assets, tmp_path), resume_hint="the same command", restarts=True)
     assert result.interrupted == "SIGTERM"
@@ -333,8 +336,8 @@ def test_a_run_its_caller_restarts_says_so_on_a_stop_not_that_a_checkpoint_waits
 
 def test_a_stop_outside_the_step_loop_exits_with_the_signals_code(assets, tmp_path, capsys,
                                                                   monkeypatch):
-    """SIGTERM while the data is prepared (before the loop's own handler) was a bare kill, and
-    Ctrl-C there a traceback."""
+    """SIGTERM while the data is prepared (before the loop's own handler) exits 143 with a
+    one-line message, not as a bare kill, and Ctrl-C there exits 130, not with a traceback."""
 
     def killed(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
@@ -353,7 +356,7 @@ def test_a_stop_outside_the_step_loop_exits_with_the_signals_code(assets, tmp_pa
 @pytest.mark.parametrize("first", ["SIGTERM", "SIGINT"])
 def test_a_ctrl_c_after_a_stop_interrupts_with_its_own_code_a_repeated_sigterm_never(first):
     """A scheduler's SIGTERM reaches a sweep's worker twice (directly and forwarded): the
-    second skipped the checkpoint the first asked for. A SIGTERM now changes nothing once a
+    second must not skip the checkpoint the first asked for. A SIGTERM changes nothing once a
     stop is under way (its SIGKILL follows anyway); a Ctrl-C after it stops at once, 130."""
 
     signals = tm._StopSignals()
@@ -382,8 +385,8 @@ def test_the_lock_names_a_live_holder_only(tmp_path):
 
 def test_two_runs_never_share_a_run_directory(assets, tmp_path, monkeypatch):
     """A run started while another holds the directory (both default-named in the same second,
-    or given the same --name) used to train into it too. Default names now take a free suffix;
-    a given name is refused while the other run holds it, and free again once it has ended."""
+    or given the same --name) never trains into it: a default name takes a free suffix; a
+    given name is refused while the other run holds it, and free again once it has ended."""
     import time as real_time
 
     stamp = "20260101-000000"
@@ -416,8 +419,8 @@ def test_two_runs_never_share_a_run_directory(assets, tmp_path, monkeypatch):
 
 def test_a_stop_signal_during_the_final_evaluation_exits_with_its_code(assets, tmp_path,
                                                                        capsys, monkeypatch):
-    """The first SIGTERM during the end-of-run evaluation was ignored: eval, sample and export
-    ran and the run exited 0, so `train && eval` went on."""
+    """The first SIGTERM during the end-of-run evaluation stops the run: a checkpoint, no
+    export, exit 143, so `train && eval` stops; --resume then finishes it."""
 
     original = tm.Trainer.evaluate
 
@@ -451,9 +454,9 @@ def test_resume_of_a_run_killed_before_its_config_says_to_run_it_again(tmp_path,
 
 def test_an_interrupt_outside_the_step_loop_says_what_is_left_to_resume(assets, tmp_path,
                                                                         capsys, monkeypatch):
-    """Every interrupt outside the step loop said "checkpoints already written are kept
-    (--resume RUN_DIR continues)": before the run directory existed (nothing to resume), and
-    under --overfit (which writes none). Now: nothing to resume, or the run's own directory."""
+    """An interrupt outside the step loop says what is left: "nothing to resume" before the run
+    directory exists and under --overfit (which writes none), else "checkpoints written are
+    kept" with the run's own --resume directory."""
     import dataset
 
     def ctrl_c(*args, **kwargs):
@@ -474,7 +477,7 @@ def test_an_interrupt_outside_the_step_loop_says_what_is_left_to_resume(assets, 
     told(*nothing, unsaid="--resume")
     assert not run.exists()
     monkeypatch.setattr(dataset, "prepare", prepare)
-    build_model = tm.build_model
+    build_model = build.build_model
     monkeypatch.setattr(tm, "build_model", ctrl_c)  # after the run's tokenizer is written
     assert tm.main(["--config", config]) == 130
     told(*nothing, unsaid="--resume")
@@ -505,11 +508,11 @@ def test_an_interrupt_outside_the_step_loop_says_what_is_left_to_resume(assets, 
 
 
 def test_ddp_broadcasts_no_buffers_which_every_rank_computes_alike(tmp_path, monkeypatch):
-    """DDP's default broadcast_buffers=True sent every buffer before each forward: under QLoRA
+    """DDP's default broadcast_buffers=True sends every buffer before each forward: under QLoRA
     the whole quantized base. Every buffer (rotary frequencies, LoRA row maps, the quantized
     base) is computed from the config and the weights, so each rank's copy is the same and
     training never changes it: the broadcast before each forward is turned off (torch 2.13's
-    forward_sync_buffers; the deprecated broadcast_buffers warned on every rank)."""
+    forward_sync_buffers; the deprecated broadcast_buffers warns on every rank)."""
 
     import torch.nn.parallel
 
@@ -524,13 +527,13 @@ def test_ddp_broadcasts_no_buffers_which_every_rank_computes_alike(tmp_path, mon
     monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", Recorded)
     cfg = tm.TrainConfig(init_from=str(tiny_llama(tmp_path)), lora_r=4, quantize_bits=4,
                          block_size=16)
-    models = [tm.build_model(cfg, types.SimpleNamespace(vocab_size=8)) for _ in range(2)]
+    models = [build.build_model(cfg, types.SimpleNamespace(vocab_size=8)) for _ in range(2)]
     buffers = [dict(m.named_buffers()) for m in models]
     assert {n.rsplit(".", 1)[-1].split("_")[0] for n in buffers[0]} == {
         "inv", "rows", "order", "qweight", "scale", "pairs"}
     assert_bit_equal(buffers[0], buffers[1])  # two ranks build the same buffers
     before = {n: b.clone() for n, b in buffers[0].items()}
-    trainer = tm.Trainer(models[0], tm.with_fallbacks(dataclasses.replace(cfg, max_steps=10)),
+    trainer = tm.Trainer(models[0], plan.with_fallbacks(dataclasses.replace(cfg, max_steps=10)),
                          torch.device("cpu"), tm.Dist(rank=0, world=2))
     assert isinstance(trainer.model, Recorded) and built["forward_sync_buffers"] is False
     ids = torch.randint(0, 64, (2, 16))
@@ -556,9 +559,9 @@ def test_torchrun_on_one_gpu_trains_with_nccl_in_bf16(assets, tmp_path):
 
 
 def test_torchrun_with_more_processes_than_gpus_is_refused_on_every_rank(monkeypatch):
-    """Two processes on a one-GPU machine: the second crashed in torch.cuda.set_device (a CUDA
-    traceback) while the first waited for it in init_process_group. Every rank now refuses the
-    launch, before joining, naming --nproc_per_node and --device cpu."""
+    """Two processes on a one-GPU machine: every rank refuses the launch before joining, naming
+    --nproc_per_node and --device cpu, rather than the second crashing in
+    torch.cuda.set_device while the first waits for it in init_process_group."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     joined = []
@@ -608,9 +611,9 @@ class _Pruned(Exception):
 def test_a_stop_the_loop_did_not_act_on_is_passed_on_not_lost(assets, tmp_path, monkeypatch,
                                                               where):
     """SIGTERM during a step, then on_eval pruning the trial ("error"), or SIGTERM after the
-    loop's last look ("late", as its log closes): train left with the error, or returned a
-    finished run, and the stop was lost: a sweep went on to its next trial, recipes.py to its
-    evaluation. The stop now reaches the caller's handler (here interrupt_on_sigterm's)."""
+    loop's last look ("late", as its log closes): the stop reaches the caller's handler (here
+    interrupt_on_sigterm's), not lost behind the error or a finished run, so a sweep does not
+    go on to its next trial, nor recipes.py to its evaluation."""
 
     def prune(step, metrics):
         raise _Pruned
@@ -648,7 +651,8 @@ def test_a_ctrl_c_after_a_sigterm_mid_step_stops_with_its_own_code_not_the_first
 def test_a_sigterm_after_a_ctrl_c_mid_step_still_saves_the_checkpoint(assets, tmp_path,
                                                                       monkeypatch):
     """Ctrl-C, then SIGTERM within the same step (a scheduler's stop meeting the user's): the
-    SIGTERM stopped at once, without the checkpoint the Ctrl-C asked for. It changes nothing."""
+    SIGTERM changes nothing: it does not stop the run at once, without the checkpoint the
+    Ctrl-C asked for."""
 
     sigterm_at_step(monkeypatch, 2, signal.SIGINT, signal.SIGTERM)
     with process.interrupt_on_sigterm():
@@ -659,9 +663,9 @@ def test_a_sigterm_after_a_ctrl_c_mid_step_still_saves_the_checkpoint(assets, tm
 
 @pytest.mark.parametrize("name", ["SIGINT", "SIGHUP"])
 def test_the_step_loop_keeps_a_signal_its_process_ignores(assets, tmp_path, monkeypatch, name):
-    """A run a script starts with `&` ignores Ctrl-C (the start-up guard keeps that), but the
-    step loop's handler took it: the script's Ctrl-C stopped the background run. A run under
-    nohup ignores SIGHUP: a hangup must not stop it."""
+    """A run a script starts with `&` ignores Ctrl-C (the start-up guard keeps that), and so
+    does the step loop's handler: the script's Ctrl-C does not stop the background run. A run
+    under nohup ignores SIGHUP: a hangup must not stop it."""
 
     sig = signal.Signals[name]
     sigterm_at_step(monkeypatch, 2, sig)

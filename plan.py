@@ -1,0 +1,378 @@
+"""The plan of a run, made before anything is built: its settings checked together and against
+the files they name (``parse_config``, ``validate_config``), preset auto's model for the machine
+(``choose_rung``) and the time budget's steps (``fit_budget``, and ``BudgetClock``, which ends the
+stable phase of the learning rate by the clock). Measures come from the caller, which times its
+own training step; what is here is the arithmetic on them."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+import lora
+import pretrained
+import rundir
+import settings
+from build import ADAPTER_KEYS
+from settings import setting
+from trainconfig import (
+    LOADED_MODEL_OPTIONS,
+    MODEL_SHAPE_KEYS,
+    TrainConfig,
+    has_final_eval,
+    model_config,
+    read_config,
+    where_set_of,
+)
+from trainconfig import validate_config as validate_values
+
+# ---- The settings, checked together and against the files they name ----
+
+
+def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
+    """Defaults < ``--resume`` run's config.json < ``--config`` file < command-line flags; then
+    checked (``validate_config``), each error naming its flag or file."""
+    cfg, typed = read_config(argv)
+    if not cfg.overfit:  # --overfit takes what it honours (trainconfig.overfit_settings)
+        validate_config(cfg, where_set_of(argv), typed)
+    return cfg
+
+
+def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings.flag_of,
+                    typed: Collection[str] = ()) -> None:
+    """Reject impossible settings, naming each key, its value and where it was set: the
+    values (trainconfig), an init_adapter's settings against the given ones, the model's
+    source. ``typed``: keys given explicitly (a --lora-* flag at its default differs too)."""
+    resolved = with_init_adapter(cfg, typed, where_set)
+    validate_values(resolved, where_set)
+    check_model_source(resolved, where_set)
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with hub ids replaced by local snapshots and an init_adapter's settings read."""
+    return with_init_adapter(with_local_checkpoints(cfg))
+
+
+def with_local_checkpoints(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with a Hugging Face id in init_from or init_adapter replaced by its snapshot
+    directory in the hub cache (fetched unless offline): config.json records that revision."""
+    local = {}
+    for key in ("init_from", "init_adapter"):
+        if (value := getattr(cfg, key)) is not None and pretrained.is_hub_id(value):
+            local[key] = str(pretrained.checkpoint_dir(value, key))
+            print(f"{key} {value}: {local[key]}", file=sys.stderr)
+    return replace(cfg, **local)
+
+
+def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = (),
+                      where_set: Callable[[str], str] = settings.flag_of) -> TrainConfig:
+    """``cfg`` with the LoRA settings (and, without ``init_from``, the base) of its
+    ``init_adapter``; a setting given (not the default, or typed) that differs is an error."""
+    if cfg.init_adapter is None:
+        return cfg
+    copy = rundir.adapter_copy(cfg.resume) if cfg.resume else None
+    path, config_name = (copy.parent, copy.name) if copy else (pretrained.checkpoint_dir(
+        cfg.init_adapter, setting(cfg, "init_adapter", where_set)), lora.ADAPTER_CONFIG)
+    if not path.is_dir():
+        raise ValueError(f"{setting(cfg, 'init_adapter', where_set)}: not a directory")
+    adapter = lora.read_adapter_config(path, config_name)
+    theirs = {key: getattr(adapter, name) for name, key in ADAPTER_KEYS.items()}
+    base = cfg.init_from or str(lora.adapter_base(path, "name the base with --init-from",
+                                                  config_name))
+
+    def agrees(key: str, mine) -> bool:
+        if key != "lora_targets":
+            return mine == theirs[key]
+        # none (every run's config.json holds it) takes the adapter's; else the same names
+        return mine is None or (isinstance(theirs[key], list) and set(mine) == set(theirs[key]))
+
+    if differ := [f"{setting(cfg, key, where_set)} (the adapter's: {theirs[key]!r})"
+                  for key in theirs if (getattr(cfg, key) != getattr(TrainConfig, key)
+                                        or key in typed) and not agrees(key, getattr(cfg, key))]:
+        raise ValueError(f"{'; '.join(differ)}: {setting(cfg, 'init_adapter', where_set)} "
+                         f"fixes these ({path / config_name}): drop those settings to train the "
+                         "adapter on as it is")
+    targets = theirs["lora_targets"]  # one regular expression: the file keeps it (lora_targets
+    #   lists names), and build_model's load_adapter reads it there
+    return dataclasses.replace(cfg, init_from=base, **{
+        **theirs, "lora_alpha": float(theirs["lora_alpha"]),
+        "lora_dropout": float(theirs["lora_dropout"]),
+        "lora_targets": cfg.lora_targets or (targets if isinstance(targets, list) else None)})
+
+
+def check_model_source(cfg: TrainConfig, where_set: Callable[[str], str] = settings.flag_of
+                       ) -> None:
+    """The model's settings against what they name: a loaded checkpoint (its directory, its
+    context, the options it takes), or the preset's shape and its HF export."""
+
+    def named(key: str) -> str:
+        return setting(cfg, key, where_set)
+
+    def need(ok: bool, key: str, why: str) -> None:
+        if not ok:
+            raise ValueError(f"{named(key)}: {why}")
+
+    if cfg.init_from is not None:
+        for key in ("n_layer", "n_head", "n_embd", "mlp_hidden"):
+            need(getattr(cfg, key) is None, key,
+                 f"the shape of a model loaded from {named('init_from')} cannot be changed")
+        if fixed := sorted(set(cfg.model_options) - set(LOADED_MODEL_OPTIONS)):
+            raise ValueError(f"model_options ({where_set('model_options')}): "
+                             f"{', '.join(fixed)}: the checkpoint of {named('init_from')} fixes "
+                             f"these; a loaded model takes only {', '.join(LOADED_MODEL_OPTIONS)}")
+        for key, value in cfg.model_options.items():
+            need(settings.is_number(value) and 0 <= value < 1, "model_options",
+                 f"{key} must be a probability in [0, 1), got {value!r}")
+        path = pretrained.checkpoint_dir(cfg.init_from, named("init_from"))
+        if not path.is_dir():
+            raise ValueError(f"{named('init_from')}: not a directory")
+        if (path / lora.ADAPTER_CONFIG).is_file() and not (path / rundir.HF_CONFIG).is_file():
+            raise ValueError(f"{named('init_from')}: a LoRA adapter ({lora.ADAPTER_CONFIG}), not "
+                             "a model: use its base, or the merged model (a run with "
+                             "--export-merged writes it to export/merged); to train that "
+                             f"adapter on, set init_adapter ({where_set('init_adapter')}) to "
+                             f"{cfg.init_from}")
+        if cfg.block_size is not None:  # else the first forward pass finds it, after the data
+            context = pretrained.read_config(path)[0].block_size
+            need(cfg.block_size <= context, "block_size",
+                 f"longer than the context of {named('init_from')}, {context} positions")
+    else:  # the preset, the shape and model_options, checked before the data is prepared
+        try:
+            shape = model_config(with_rung(cfg, BUDGET_LADDER[0]) if cfg.preset == "auto"
+                                 else cfg, 1, None, None)
+            if cfg.export:  # else it trains to the end and fails writing export/
+                try:
+                    pretrained.hf_config(shape, torch.float32)
+                except ValueError as e:
+                    raise ValueError(f"{e}; to train it without an HF export: "
+                                     f"{settings.off_switch('export', where_set)}") from None
+        except ValueError as e:  # name the settings the model was made of, and where
+            made_of = [named(k) for k in ("preset", *MODEL_SHAPE_KEYS, "model_options")
+                       if k == "preset" or getattr(cfg, k) not in (None, {})]
+            raise ValueError(f"{', '.join(made_of)}: {e}") from None
+
+
+# ---- Preset auto's ladder, and what settings left unset take ----
+
+# Preset auto: the from-scratch models a time budget chooses from, smallest first, each with the
+# context, batch and peak learning rate the budget sweep found best for it (docs/benchmarks.md;
+# code-4x192's lr and optimizer measured again in bf16: 3e-3, and Muon, beat 1.5e-3 and AdamW).
+# A budget takes the largest model that still trains on TOKENS_PER_PARAM tokens per parameter
+# in its minutes on the machine it runs on (each step time measured there).
+BUDGET_LADDER = (
+    {"preset": "code-3x128", "block_size": 256, "batch_size": 8, "lr": 1.5e-3},
+    {"preset": "code-4x160", "block_size": 256, "batch_size": 8, "lr": 1.5e-3},
+    {"preset": "code-4x192", "block_size": 256, "batch_size": 16, "lr": 3e-3, "optimizer": "muon"},
+    {"preset": "code-6x256", "block_size": 512, "batch_size": 16, "lr": 1e-3},
+    {"preset": "llama-14m", "block_size": 512, "batch_size": 16, "lr": 1e-3},
+    {"preset": "llama-60m", "block_size": 1024, "batch_size": 32, "lr": 6e-4},
+)
+TOKENS_PER_PARAM = 3.5  # 2 idle cores clear it for code-4x192 by ~30%: a slow start keeps it
+WARMUP_SHARE = 0.02  # a budgeted run's warmup, as a share of its steps
+
+
+# What the settings left unset (None) take outside preset auto's choice.
+FALLBACKS = {"batch_size": 4, "lr": 1e-3, "warmup_steps": 50, "optimizer": "adamw"}
+
+
+def with_rung(cfg: TrainConfig, rung: dict) -> TrainConfig:
+    """``cfg`` on a BUDGET_LADDER rung: its preset, and its values where ``cfg`` leaves them
+    unset."""
+    unset = {k: v for k, v in rung.items() if k == "preset" or getattr(cfg, k) is None}
+    return replace(cfg, **unset)
+
+
+def with_fallbacks(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with FALLBACKS where it leaves a setting unset (a budgeted run's warmup is sized
+    with its steps)."""
+    budgeted = cfg.max_steps is None and cfg.epochs is None
+    unset = {k: v for k, v in FALLBACKS.items()
+             if getattr(cfg, k) is None and not (budgeted and k == "warmup_steps")}
+    return replace(cfg, **unset)
+
+
+# ---- Preset auto: the largest rung the machine trains well in the budget ----
+
+# The share of preset auto's budget it expects to train in (the data is yet to be prepared).
+TRAIN_SHARE = 0.85
+# Preset auto trains on a CPU in bf16 when that measures this many times fp32's speed.
+CPU_BF16_SPEEDUP = 1.2
+# Preset auto waits at most this share of its budget for other processes to leave the CPU.
+QUIET_WAIT_SHARE = 0.05
+# A step's time is the fastest of this many windows: a load that comes and goes slows some
+# windows, never the machine's own speed.
+TIMING_WINDOWS = 5
+
+
+class Probe(NamedTuple):
+    """A model's size and its training speed measured on this machine."""
+
+    params: int
+    tokens_per_s: float
+
+
+def seconds_a_step(step: Callable[[], object], at_least_s: float) -> float:
+    """Seconds ``step`` takes on this machine: after 3 warm-up steps, the fastest of
+    TIMING_WINDOWS windows of at least ``at_least_s / TIMING_WINDOWS`` seconds (and one step)."""
+    for _ in range(3):  # warm-up: allocations, kernel selection
+        step()
+    fastest = math.inf
+    for _ in range(TIMING_WINDOWS):
+        steps = 0
+        start = time.perf_counter()
+        while steps < 1 or time.perf_counter() - start < at_least_s / TIMING_WINDOWS:
+            step()
+            steps += 1
+        fastest = min(fastest, (time.perf_counter() - start) / steps)
+    return fastest
+
+
+def others_running() -> int:
+    """Processes other than this one that keep this machine's cores busy: the fewest runnable
+    of five looks over half a second (a passing daemon does not count); 0 where the kernel does
+    not say (no /proc/stat)."""
+    fewest = math.inf
+    for _ in range(5):
+        try:
+            stat = Path("/proc/stat").read_text()
+        except OSError:
+            return 0
+        running = next((int(line.split()[1]) for line in stat.splitlines()
+                        if line.startswith("procs_running ")), 1)
+        fewest = min(fewest, running - 1)  # this process is running as it reads
+        time.sleep(0.1)
+    return int(fewest)
+
+
+def wait_until_quiet(at_most_s: float, announce: bool = True) -> float:
+    """Wait, at most ``at_most_s``, while other processes keep the cores busy, so that preset
+    auto measures the machine and not a load that passes (a pip install finishing beside it).
+    Returns the seconds waited."""
+    start = time.monotonic()
+    busy = others_running()
+    if busy and announce:
+        print(f"preset auto: {busy} other process(es) keep the CPU busy: waiting up to "
+              f"{at_most_s:.0f} s for the machine to settle before measuring it")
+    while busy and time.monotonic() - start < at_most_s:
+        busy = others_running()
+    return time.monotonic() - start
+
+
+def choose_rung(cfg: TrainConfig, probe: Callable[[TrainConfig], Probe], seconds: float,
+                device_type: str, announce: bool = True) -> TrainConfig:
+    """Preset auto: the largest BUDGET_LADDER rung whose measured speed lets it see
+    TOKENS_PER_PARAM tokens per parameter in ``seconds``. The first rung that falls short is
+    measured once more before it is refused, so that a passing load cannot refuse it."""
+    if cfg.precision == "auto" and device_type == "cpu":
+        cfg = replace(cfg, precision=cpu_precision(cfg, probe))
+
+    def fits(measured: Probe) -> bool:
+        return measured.tokens_per_s * seconds * TRAIN_SHARE >= TOKENS_PER_PARAM * measured.params
+
+    chosen = with_fallbacks(with_rung(cfg, BUDGET_LADDER[0]))
+    chosen_probe = probe(chosen)
+    for rung in BUDGET_LADDER[1:]:
+        candidate = with_fallbacks(with_rung(cfg, rung))
+        measured = probe(candidate)
+        if not fits(measured):
+            measured = max(measured, probe(candidate), key=lambda p: p.tokens_per_s)
+        if not fits(measured):
+            break
+        chosen, chosen_probe = candidate, measured
+    if not announce:
+        return chosen
+    print(f"preset auto: {chosen.preset} ({_millions(chosen_probe.params)} parameters, context "
+          f"{chosen.block_size}), batch {chosen.batch_size}, lr {chosen.lr:g}, "
+          f"{chosen.precision}: the largest that sees {TOKENS_PER_PARAM} tokens a parameter in "
+          f"{cfg.time_budget_min:g} min on {device_type} "
+          f"({chosen_probe.tokens_per_s:,.0f} tokens/s measured)")
+    return chosen
+
+
+def cpu_precision(cfg: TrainConfig, probe: Callable[[TrainConfig], Probe]) -> str:
+    """bf16 autocast where this CPU computes it natively (measured on the first rung, at least
+    CPU_BF16_SPEEDUP times fp32's tokens a second): the budget then buys more tokens."""
+    first = with_fallbacks(with_rung(cfg, BUDGET_LADDER[0]))
+    fp32 = probe(replace(first, precision="fp32")).tokens_per_s
+    bf16 = probe(replace(first, precision="bf16")).tokens_per_s
+    return "bf16" if bf16 >= CPU_BF16_SPEEDUP * fp32 else "fp32"
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 10_000 else f"{n:,}"
+
+
+# ---- The time budget: steps that fill it, a decay that ends on time ----
+
+EVALS_IN_BUDGET = 4  # evaluations a budgeted run makes (the last at its end)
+# The share of a budget kept for the end: the export and sample, and the final evaluation.
+END_SHARE = 0.02
+FINAL_EVAL_SHARE = 0.04
+# The share of a budgeted run's training time that decays its lr (warmup-stable-decay).
+DECAY_SHARE = 0.2
+# The share of the time left kept for the machine's speed drifting from its measure: at the
+# start, and again when the decay is timed.
+DRIFT_SHARE = 0.05
+# A budgeted run sees its training data at most this often: past it the validation loss rises
+# (on a GPU the stdlib runs out long before 15 minutes do; docs/benchmarks.md).
+MAX_EPOCHS = 8
+
+
+@dataclass(frozen=True)
+class BudgetClock:
+    """A budgeted run's stable phase ends by the clock, whatever the first measure of the
+    machine said: at ``decay_at`` (time.perf_counter), or at ``last_step`` minus the planned
+    decay, whichever comes first; the decay then takes the steps that fit until
+    ``train_until`` at the speed measured so far, and the run's length is fixed from there."""
+
+    decay_at: float
+    train_until: float
+    planned_decay: int
+    last_step: int  # MAX_EPOCHS of the training data
+
+    def decay_due(self, step: int, now: float) -> bool:
+        return now >= self.decay_at or step >= self.last_step - self.planned_decay
+
+    def decay_steps(self, step: int, now: float, step_s: float) -> int:
+        """The decay's length from ``step``: the steps that fit the time left, at most to
+        ``last_step``."""
+        fit = int((self.train_until - now) * (1 - DRIFT_SHARE) / step_s)
+        return max(1, min(fit, self.last_step - step))
+
+
+class Budget(NamedTuple):
+    cfg: TrainConfig  # with max_steps, eval_every, save_every, warmup_steps and decay_steps
+    clock: BudgetClock | None  # None: the data ends the run first, on its plan
+    train_s: float  # seconds of training the budget gives
+
+
+def fit_budget(cfg: TrainConfig, now: float, seconds_left: float, step_s: float, eval_s: float,
+               data_steps: int) -> Budget:
+    """``cfg`` with max_steps, eval_every and warmup_steps filling ``seconds_left`` of its time
+    budget at ``step_s`` a step and ``eval_s`` an evaluation, in place of the budget:
+    config.json then reproduces the run. ``now``: the clock's time; ``data_steps``: the steps of
+    MAX_EPOCHS."""
+    train_s = seconds_left * (1 - END_SHARE - (FINAL_EVAL_SHARE if has_final_eval(cfg) else 0))
+    steps = max(1, int((train_s * (1 - DRIFT_SHARE) - EVALS_IN_BUDGET * eval_s) / step_s))
+    data_bound = data_steps < steps and not cfg.overfit_batches
+    if data_bound:  # the run ends early, on its plan
+        steps = data_steps
+    every = max(1, steps // EVALS_IN_BUDGET)
+    steps = every * EVALS_IN_BUDGET
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(WARMUP_SHARE * steps)
+    decay = cfg.decay_steps or max(1, int(DECAY_SHARE * steps))
+    sized = replace(cfg, time_budget_min=None, max_steps=steps, eval_every=every,
+                    save_every=every, warmup_steps=warmup, decay_steps=decay)
+    clock = None
+    if not data_bound:
+        clock = BudgetClock(decay_at=now + train_s * (1 - DECAY_SHARE), train_until=now + train_s,
+                            planned_decay=decay, last_step=max(steps, data_steps))
+    return Budget(sized, clock, train_s)
