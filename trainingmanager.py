@@ -553,7 +553,8 @@ def setup_run(cfg: TrainConfig, dist: Dist, hint: str | None, restarts: bool) ->
     device = resolve_device(cfg, dist)
     resumed = cfg.resume is not None and (Path(cfg.resume) / rundir.CONFIG_FILE).is_file()
     if cfg.preset == "auto" and cfg.init_from is None and not resumed:  # its name says which
-        if device.type == "cpu" and not dist.enabled:  # measure the machine, not a passing load
+        budgeted = cfg.max_steps is None and cfg.epochs is None  # not a sweep's fixed steps
+        if budgeted and device.type == "cpu" and not dist.enabled:  # the machine, not a load
             plan.wait_until_quiet(plan.QUIET_WAIT_SHARE * cfg.time_budget_min * 60)
         probe = partial(_probe, device=device, dist=dist)
         cfg = plan.choose_rung(cfg, probe, cfg.time_budget_min * 60, device.type, dist.main)
