@@ -67,7 +67,7 @@ def gen_stream(model, idx, max_new_tokens, attention_mask=None, **kw):
     # A torch traceback from nn.init.normal_ / a silent division by zero in the norm.
     (dict(init_std=-1.0), r"ModelConfig.init_std=-1.0: must be > 0"),
     (dict(norm_eps=0.0), r"ModelConfig.norm_eps=0.0: must be > 0"),
-    # A head_dim changed under a preset's rotary_dim was reported as a rotary_dim error.
+    # A head_dim changed under a preset's rotary_dim is head_dim's error, not rotary_dim's.
     (dict(head_dim=8, rotary_dim=16), r"ModelConfig.head_dim=8: smaller than rotary_dim=16"),
     (dict(n_embd=42, n_head=6), r"ModelConfig.head_dim=7: must be even"),
     # inf frequencies (or NaN) for every rotated pair but the first, and finite logits.
@@ -89,8 +89,8 @@ def test_config_eos_id_may_be_one_id_or_a_list():
 
 
 def test_model_owns_a_deep_copy_of_its_config():
-    """Transformer(PRESETS[...]) held the preset itself: a change to one model's config (its
-    live dropout) reached the preset and every model built from it."""
+    """Transformer(PRESETS[...]) holds a copy of the preset: a change to one model's config (its
+    live dropout) reaches neither the preset nor any other model built from it."""
     preset = PRESETS["tiny"]
     a, b = Transformer(preset), Transformer(preset)
     a.cfg.dropout = 0.3
@@ -308,8 +308,8 @@ def test_dropout_only_in_training():
 
 def test_embeddings_take_their_own_dropout_else_the_residual_one(monkeypatch):
     """embd_dropout (Phi-2: embd_pdrop 0.0 beside resid_pdrop 0.1) drops the embeddings, dropout
-    the residual branches; embd_dropout None follows dropout, read live (the embeddings took
-    dropout's p whatever the config said)."""
+    the residual branches; embd_dropout None follows dropout, read live (a set embd_dropout is
+    never overridden by dropout's p)."""
     import architecture
 
     calls = []
@@ -363,8 +363,8 @@ def test_presets_table_rows_show_each_presets_sizes(capsys):
 
 
 def test_a_ctrl_c_while_the_presets_table_is_built_is_one_line(capsys, monkeypatch):
-    """`python architecture.py` builds every preset for its count: a Ctrl-C there was a
-    KeyboardInterrupt traceback from inside torch, not run_tool's line and 130 (contracts)."""
+    """`python architecture.py` builds every preset for its count: a Ctrl-C there is run_tool's
+    line and 130 (contracts), not a KeyboardInterrupt traceback from inside torch."""
     import architecture
 
     def interrupted():

@@ -130,8 +130,8 @@ def test_stdlib_files_skip_site_packages_and_pycache(tmp_path):
 
 
 def test_directory_source_follows_links_to_files_and_reads_extensions_in_any_case(tmp_path):
-    """``B.PY`` was left out; and a directory of links to files (an HF hub snapshot, whose files
-    point into its blobs/) read as empty once links were skipped: the user's own directory is
+    """Extensions match in any case (``B.PY`` is read), and a directory of links to files (an HF
+    hub snapshot, whose files point into its blobs/) is not empty: the user's own directory is
     read through its links."""
     src = tmp_path / "snapshot"
     blobs = tmp_path / "blobs"
@@ -224,7 +224,7 @@ def test_a_file_of_exactly_max_bytes_is_kept(tmp_path):
 ])
 def test_a_file_exactly_at_a_cleaning_limit_is_kept(tmp_path, limit, size, past):
     """Each cleaning bound is inclusive like max_bytes: a file exactly at it is kept, and one
-    past it is dropped (a ``<=`` or ``>=`` there dropped the file at the limit). Reference: the
+    past it is dropped (a ``<=`` or ``>=`` there would drop the file at the limit). Reference: the
     sizes computed by hand, and Python's tokenize for the literal."""
     src = tmp_path / "src"
     src.mkdir()
@@ -258,9 +258,9 @@ def test_min_lines_counts_lines_of_code_not_blank_lines(tmp_path):
 
 
 def test_a_utf8_bom_is_removed_and_the_file_still_parses(tmp_path):
-    """A file saved with a UTF-8 BOM (Windows editors) is the same code: the BOM stayed in the
-    training text, and under strip_docstrings the file was dropped as a syntax error.
-    Reference: Python's utf-8-sig codec."""
+    """A file saved with a UTF-8 BOM (Windows editors) is the same code: the BOM stays out of
+    the training text, and under strip_docstrings the file parses, not dropped as a syntax
+    error. Reference: Python's utf-8-sig codec."""
     src = tmp_path / "src"
     src.mkdir()
     code = 'def f(x):\n    """Doc."""\n    return x\n'
@@ -304,7 +304,7 @@ def test_a_pair_with_a_blank_prompt_or_a_blank_target_is_dropped(tmp_path):
 
 def test_python_only_cleaning_leaves_other_languages_as_they_are(tmp_path):
     """strip_comments, strip_docstrings and autopep8 are Python rewrites: a Kotlin file is kept
-    verbatim (stripping dropped it as a Python syntax error; autopep8 respaced its code)."""
+    verbatim (stripping would drop it as a Python syntax error; autopep8 would respace it)."""
     src = tmp_path / "kt"
     src.mkdir()
     kotlin = ("package core\n\n// a comment\nfun add(a: Int,b: Int): Int {\n"
@@ -335,7 +335,8 @@ def test_pairs_with_one_prompt_and_different_targets_are_all_kept(tmp_path):
 
 
 def test_the_bytes_read_and_kept_of_pairs_count_their_targets(tmp_path):
-    """A refactor corpus printed half its size: only the inputs' bytes were counted."""
+    """A pair's bytes, read and kept, count its input and its target, not the input alone
+    (which would print a refactor corpus at half its size)."""
     records = [{"input": "x = 1\n", "output": "y = 2  # \u00e9\n" * 50},
                {"prompt": "def f():\n", "completion": "    return 1\n"}]
     pairs = write_jsonl(tmp_path / "pairs.jsonl", records)
@@ -346,7 +347,7 @@ def test_the_bytes_read_and_kept_of_pairs_count_their_targets(tmp_path):
 
 def test_near_dedupe_compares_pairs_with_their_targets(tmp_path):
     """Near-dedupe reads a pair as prompt + target, as exact dedupe does: two unlike answers to
-    one prompt are no near copies (comparing prompts only dropped one). Reference: the exact
+    one prompt are no near copies (comparing prompts only would drop one). Reference: the exact
     Jaccard of the two pairs' shingle sets, under the 0.5 threshold."""
     prompt = "def solve(values):\n    # " + " ".join(f"word{i}" for i in range(15)) + "\n"
     a = "\n".join(f"    total_{i} = values[{i}] * {i}" for i in range(30))
@@ -422,8 +423,8 @@ def without_docstrings(tree: ast.AST) -> str:
 
 def test_cleaning_keeps_python_lines_at_odd_line_breaks(tmp_path):
     """Stripping comments and docstrings from a file with a page break or U+2028 gives the
-    original's AST without docstrings, not text shifted by the extra "lines" (which did not
-    parse, and was kept)."""
+    original's AST without docstrings, not text shifted by the extra "lines" (which would not
+    parse, and be kept)."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "odd.py").write_text(ODD_BREAKS, encoding="utf-8")
@@ -495,8 +496,8 @@ def test_license_header_forms():
 
 
 def test_code_after_a_licence_comments_closing_on_its_line_is_kept():
-    """The whole line holding a licence comment's closing */ was removed with the comment, and
-    the code after it on that line (a package declaration, a minified file's code) with it."""
+    """Removing a licence comment keeps the code after its closing */ on the same line (a
+    package declaration, a minified file's code): the comment goes, not the whole line."""
     one_line = "/* Copyright 2020 Foo, MIT license */ package com.foo\n\nfun main() {}\n"
     assert dataset.strip_license_header(one_line) == (
         "package com.foo\n\nfun main() {}\n", True)
@@ -506,7 +507,7 @@ def test_code_after_a_licence_comments_closing_on_its_line_is_kept():
 
 def test_a_licence_header_after_shebang_and_coding_line_keeps_both():
     """PEP 263: the encoding declaration may be on line 1 or 2; after a shebang it is line 2,
-    and it is no part of the licence header (keeping only line 1 removed it)."""
+    and it is no part of the licence header (both lines are kept, not line 1 alone)."""
     text = ("#!/usr/bin/env python\n# -*- coding: utf-8 -*-\n# Copyright 2020 Someone\n"
             "# Licensed under the MIT License.\n\nimport os\n")
     assert dataset.strip_license_header(text) == (
@@ -844,7 +845,8 @@ def test_a_copy_of_a_val_document_leaves_sources_even_without_dedupe(tmp_path):
 
 
 def test_a_document_in_val_and_test_sources_stays_in_val_only_without_dedupe(tmp_path):
-    """dedupe=False kept it in both held-out splits, a leak between val and test."""
+    """Even with dedupe=False a document is in one held-out split only: in both it would leak
+    between val and test."""
     pairs = [{"input": f"def f{i}(x):\n    return x+{i}\n",
               "output": f"def f{i}(x):\n    return x + {i}\n"} for i in range(8)]
     train = write_jsonl(tmp_path / "train.jsonl", pairs[:4])
@@ -861,7 +863,7 @@ def test_a_document_in_val_and_test_sources_stays_in_val_only_without_dedupe(tmp
 
 def test_git_lfs_pointers_are_dropped_as_the_collectors_drop_them(tmp_path):
     """A clone without git-lfs leaves 3-line pointer files where the content should be; they
-    passed every cleaning rule and were trained on as code."""
+    pass every other cleaning rule, so they are dropped by their shape, never trained on."""
     pointer = ("version https://git-lfs.github.com/spec/v1\noid sha256:"
                + "4d7a2146" * 8 + "\nsize 12345\n")
     src = tmp_path / "proj"
@@ -929,7 +931,7 @@ def test_supervised_example_start_is_kept_within_the_context():
 
 def test_fit_prompt_cuts_only_what_does_not_fit():
     prompt = list(range(10))
-    for room in (10, 11, 19, 100):  # room for all of it (between 1x and 2x kept only the tail)
+    for room in (10, 11, 19, 100):  # room for all of it (between 1x and 2x too, not only the tail)
         assert dataset.fit_prompt(prompt, room) == prompt
         assert dataset.fit_prompt(prompt, room, (2, 8)) == prompt
     assert dataset.fit_prompt(prompt, 6) == prompt[4:]
@@ -1020,8 +1022,8 @@ def test_window_completion_pairs_are_contiguous_file_tokens(tmp_path, tok):
 
 def test_default_windows_do_not_overlap_and_a_short_file_still_gives_one():
     """window_stride defaults to prompt + completion tokens ("no overlap"; a stride of the
-    prompt alone overlapped), and a file shorter than P + C still gives one pair, its last C
-    tokens as completion (windows starting at P gave none). Reference: hand-computed
+    prompt alone would overlap), and a file shorter than P + C still gives one pair, its last C
+    tokens as completion (windows starting at P would give none). Reference: hand-computed
     positions."""
     c = DataConfig(window_prompt_tokens=4, window_completion_tokens=2)
     ids = list(range(20))
@@ -1390,8 +1392,8 @@ def test_fim_prompts_cut_to_max_prompt_tokens_keep_their_sentinels(tmp_path, tok
 
 def test_fim_decisions_are_drawn_per_document(tok):
     """fim_rate is a share of the chunks: files of one chunk each get PSM examples at about
-    that rate, not all or none (an rng seeded without the document id drew the same for every
-    file). Reference: binomial(200, 0.5), inside [60, 140] with probability 1 - 1e-8."""
+    that rate, not all or none (an rng seeded without the document id would draw the same for
+    every file). Reference: binomial(200, 0.5), inside [60, 140] with probability 1 - 1e-8."""
     c = DataConfig(task="fim", fim_rate=0.5, block_size=64)
     ids = list(range(10, 30))  # one chunk
     psm = sum(bool(prompt) for i in range(200)
@@ -1464,8 +1466,8 @@ def check_fim_pairs_against_hf(hf, tok, text: str, doc_id: str, block_size: int,
 def test_fim_parts_are_each_encoded_alone_as_starcoder_cuts_them(starcoder_tok):
     """A PSM example's prefix, middle and suffix are the ids HF's tokenizer gives each part's
     text alone, as bigcode's StarCoder pipeline builds them and as a user's parts are tokenized
-    at inference: a cut among the file's ids fell inside a whitespace run or a word split over
-    two tokens. Reference: HF tokenizers' encodings of the parts and its character offsets."""
+    at inference, not a cut among the file's ids, which can fall inside a whitespace run or a
+    word split over two tokens. Reference: HF tokenizers' encodings of the parts and its character offsets."""
     hf, tok = starcoder_tok
     seen = Counter()
     for name, text in email_texts().items():
@@ -1475,8 +1477,8 @@ def test_fim_parts_are_each_encoded_alone_as_starcoder_cuts_them(starcoder_tok):
 
 def test_fim_cuts_inside_multibyte_characters_keep_the_text_whole(starcoder_tok):
     """Byte-level tokens hold parts of a multi-byte character (this vocabulary, trained on ASCII
-    code, spells each non-ASCII character in bytes): a cut between them made U+FFFD of the
-    parts. Short chunks put many cuts there."""
+    code, spells each non-ASCII character in bytes): a cut there keeps the character whole,
+    never U+FFFD in the parts. Short chunks put many cuts there."""
     hf, tok = starcoder_tok
     text = "".join(f'def größe_{i}(maß="naïve café {i}", 名前="日本語 😀 Ωμέγα"):\n'
                    f'    return maß * {i}  # «{i}» ≠ ∞\n' for i in range(40))
@@ -1508,8 +1510,8 @@ def test_built_fim_middles_are_each_encoded_alone(tmp_path, starcoder_tok):
 
 
 def test_line_completion_targets_are_drawn_per_document():
-    """The sampled lines depend on the document, not on the seed alone: files of one length
-    all got the same line numbers (as fim's draws once did). Reference: 30 independent draws of
+    """The sampled lines depend on the document, not on the seed alone, as fim's draws do: files
+    of one length do not all get the same line numbers. Reference: 30 independent draws of
     one line among 49 agree with probability 49**-29."""
     text = "".join(f"x{i} = {i}\n" for i in range(50))
     chosen = {e.head.count("\n") for i in range(30)
@@ -1652,8 +1654,8 @@ def test_llama3_text_starts_with_its_bos_as_transformers_encodes_it(tmp_path):
 
 
 def test_special_token_text_in_a_document_is_text(tmp_path):
-    """A BPE tokenizer read ``<|endoftext|>`` quoted in scraped code as EOS (a false document
-    end) and ``<fim_middle>`` as a sentinel; the special ids are placed by id only."""
+    """A BPE tokenizer reads ``<|endoftext|>`` quoted in scraped code as text, not as EOS (a
+    false document end), and ``<fim_middle>`` not as a sentinel; special ids go in by id only."""
     from tiny_hf import train_hf_tokenizer
 
     from tokenizer import load_tokenizer
@@ -1742,7 +1744,7 @@ def test_pair_special_tokens_encodes_chat_records_as_transformers_tokenizer_does
     answer + <|eot_id|>) train on the special ids with pair_special_tokens, as transformers'
     tokenizer(prompt) + tokenizer(completion) + eos: a prompt holding the template's
     <|begin_of_text|> gets no second BOS, one without gets the BOS. Without the option the
-    records are encoded as before (special-token text as text, the BOS placed once); the two
+    records are encoded as any record is (special-token text as text, the BOS placed once); the two
     builds are different cache entries, and only the one without the option notes the text."""
     tok, hf = _instruct_tokenizers(tmp_path)
     records = [{"prompt": hf.apply_chat_template([{"role": "user", "content": f"scale by {i}"}],
@@ -1842,8 +1844,9 @@ def test_user_prompts_read_special_token_text_as_their_model_learned_it(tmp_path
 
 
 def test_the_prompts_note_counts_a_repeated_prompt_once(tmp_path, capsys):
-    """eval's pass@k encodes each problem once per sample: the note counted one problem with
-    special-token text as num_samples prompts. The first prompt holds none: every prompt counts."""
+    """eval's pass@k encodes each problem once per sample: the note counts a problem with
+    special-token text once, not as num_samples prompts. The first prompt holds none: every
+    prompt counts."""
     tok, _ = _instruct_tokenizers(tmp_path)
     prompts = ["def f(x):\n"] + ["a<|eot_id|>"] * 20 + ["b<|eot_id|>"]
     dataset.encode_prompts(tok, prompts, False)
@@ -1928,7 +1931,7 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, workers):
 
 
 def test_a_jsonl_line_cut_short_is_named_at_its_end_not_on_a_second_line(tmp_path):
-    """A truncated record (the end of a line lost) read as json's "line 2 column 1 (char 48)":
+    """A truncated record (the end of a line lost) is not json's "line 2 column 1 (char 48)":
     each record is one line, so the error names its column, and that it is the line's end."""
     cut = '{"input": "def f(x):\\n    return x", "output": '
     bad = write_jsonl(tmp_path / "cut.jsonl", [{"input": "a", "output": "b"}, cut])
@@ -2013,8 +2016,8 @@ def test_empty_corpus_and_missing_source_are_clear_errors(tmp_path):
 
 
 def test_sources_that_only_copy_val_documents_say_why_train_is_empty(tmp_path):
-    """"the train split is empty (3 documents)" hid that every source file was dropped as a copy
-    of a val document (the same files given as a val JSONL)."""
+    """An empty train split says why: every source file was dropped as a copy of a val document
+    (the same files given as a val JSONL), which a bare "the train split is empty" would hide."""
     src = tmp_path / "src"
     src.mkdir()
     texts = {f"m{i}.py": f"def f{i}(x):\n    return x + {i}\n" for i in range(3)}
@@ -2034,9 +2037,9 @@ def test_sources_that_only_copy_val_documents_say_why_train_is_empty(tmp_path):
 
 
 def test_pairs_under_the_lm_task_get_one_note_per_source(tmp_path, tok, capsys):
-    """lm, the default task, trains pairs as plain text: a user who forgot --task refactor got a
-    run with no prompt masking and no word about it. The note comes on cache hits too, naming
-    the source as spelled now."""
+    """lm, the default task, trains pairs as plain text: a user who forgot --task refactor gets
+    a note that there is no prompt masking, once per source. The note comes on cache hits too,
+    naming the source as this run spells it."""
     pairs = write_jsonl(tmp_path / "pairs.jsonl",
                         [{"input": f"def f{i}(x):", "output": f"    return x + {i}"}
                          for i in range(4)])
@@ -2177,10 +2180,10 @@ def test_a_build_removes_what_dead_builders_of_this_machine_left(tmp_path):
 
 
 def test_a_published_cache_entry_is_on_disk_before_its_name(tmp_path, monkeypatch):
-    """Cache entries were renamed into place unsynced: after a power loss the name could hold
-    empty files, which every later run would load as the corpus (gigabytes of token files, read
-    as cache hits). Each file and directory of the entry is fsynced before the rename, and the
-    cache directory after it."""
+    """A cache entry renamed into place unsynced could, after a power loss, hold empty files
+    under its name, which every later run would load as the corpus (gigabytes of token files,
+    read as cache hits). Each file and directory of the entry is fsynced before the rename, and
+    the cache directory after it."""
     synced: list[str] = []
     fsync = os.fsync
 
@@ -2201,8 +2204,9 @@ def test_a_published_cache_entry_is_on_disk_before_its_name(tmp_path, monkeypatc
 
 def test_a_full_disk_under_the_cache_names_the_cache_dir_and_codelm_cache(tmp_path, monkeypatch,
                                                                           capsys):
-    """write() and fsync() on a full disk raise an OSError with no file name: the bare "[Errno
-    28] No space left on device" left the user to guess which disk (the cache is not the run's)."""
+    """write() and fsync() on a full disk raise an OSError with no file name: the error names
+    the cache directory and CODELM_CACHE, so the user need not guess which disk (the cache is
+    not the run's)."""
     def full(fd: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
@@ -2323,7 +2327,8 @@ def test_every_option_that_changes_the_data_changes_a_cache_key(tmp_path):
 
 def test_the_trained_tokenizer_cache_is_keyed_by_the_encoding_version(tmp_path, monkeypatch):
     """Training counts pieces with the encoding's regex and cut: after an upgrade of either
-    (ENCODING_VERSION) the cached vocabulary was reused while the token files were rebuilt."""
+    (ENCODING_VERSION) the vocabulary is retrained, not reused from the cache while the token
+    files are rebuilt."""
     base = cfg(tmp_path)
     before = dataset.tokenizer_cache_dir(base, 10, 8000)
     assert before.parent == Path(base.cache_dir) and before.name.startswith("tokenizer-")
@@ -2418,15 +2423,15 @@ def test_full_stdlib_pipeline_builds_lm_and_hits_cache(tmp_path, capsys):
 
 
 def test_an_empty_codelm_cache_is_unset(monkeypatch):
-    """`CODELM_CACHE= python ...` put the cache in ./data, beside the user's own files."""
+    """`CODELM_CACHE= python ...` leaves the default cache, not ./data beside the user's files."""
     monkeypatch.setenv("HOME", "/home/someone")
     monkeypatch.setenv("CODELM_CACHE", "")
     assert DataConfig().cache_dir == "/home/someone/.cache/codelm/data"
 
 
 def test_a_cache_dir_that_cannot_be_made_names_its_setting(tmp_path, monkeypatch, capsys):
-    """`CODELM_CACHE=cachefile python dataset.py` said "cachefile/data: Not a directory": the
-    variable the user set (or the --cache-dir flag) is what to fix."""
+    """`CODELM_CACHE=cachefile python dataset.py` names, beside "cachefile/data: Not a
+    directory", the variable the user set (or the --cache-dir flag): that is what to fix."""
     blocker = tmp_path / "cachefile"
     blocker.write_text("")
     monkeypatch.setenv("CODELM_CACHE", str(blocker))
@@ -2445,8 +2450,8 @@ def test_a_cache_dir_that_cannot_be_made_names_its_setting(tmp_path, monkeypatch
 
 
 def test_an_empty_jsonl_source_is_named_as_holding_nothing(tmp_path, tok):
-    """A scrape that kept nothing leaves an empty .jsonl: the error said to check the extensions
-    (which apply to directories only) and the cleaning limits."""
+    """A scrape that kept nothing leaves an empty .jsonl: the error says it is empty, not to
+    check the extensions (which apply to directories only) and the cleaning limits."""
     empty = tmp_path / "kt.jsonl"
     empty.write_text("")
     with pytest.raises(DataError, match=r"^sources \[.*kt\.jsonl'\] hold no files with "
@@ -2502,8 +2507,8 @@ def test_a_decorated_method_prompt_keeps_decorators_and_signature_in_its_head():
 
 def test_fim_parts_of_a_comment_stripping_tokenizer_keep_their_text():
     """A CodeTokenizer with strip_comments strips a whole file; a PSM part that parses alone
-    (the tail of a string holding ' # ', a string literal) was stripped again and lost its
-    text. Files of one chunk with room to spare: nothing is cut to fit, so prefix + middle +
+    (the tail of a string holding ' # ', a string literal) is not stripped again, which would
+    lose its text. Files of one chunk with room to spare: nothing is cut to fit, so prefix + middle +
     suffix is the file. Reference: the file's text."""
     texts = [f's{i} = "a # b{i}"\nd{i} = """doc {i}"""\n' for i in range(60)]
     tok = CodeTokenizer.train(texts, min_freq=1, strip_comments=True)
@@ -2519,8 +2524,8 @@ def test_fim_parts_of_a_comment_stripping_tokenizer_keep_their_text():
 
 def test_fim_examples_after_a_template_prefix_keep_their_first_sentinel(tmp_path):
     """A tokenizer with FIM tokens and a BOS template (Llama-3's post-processor): every example
-    starts with the BOS, and chunks sized without it overflowed block_size by one, so the cut
-    that made them fit took the prompt's first token, <fim_prefix>."""
+    starts with the BOS, and chunks are sized with it: sized without it they would overflow
+    block_size by one, and the cut to fit would take the prompt's first token, <fim_prefix>."""
     from tiny_hf import train_hf_tokenizer
 
     from tokenizer import load_tokenizer
@@ -2589,14 +2594,14 @@ def test_credentials_become_placeholders_and_templates_stay_code():
 ], ids=["mask", "syntax", "syntax-in-brackets", "scott-tiger", "test-url", "aws-doc", "aws-doc-2"])
 def test_masks_placeholders_and_url_syntax_are_not_credentials(code):
     """Seen over site-packages and the stdlib: a mask string that code substitutes, a URL
-    syntax's brackets and documentation's placeholder passwords and AWS example keys were
-    rewritten (the mask into '***:<PASSWORD>@', a test's URL away from its assertion)."""
+    syntax's brackets and documentation's placeholder passwords and AWS example keys are left
+    alone (not the mask turned into '***:<PASSWORD>@', a test's URL away from its assertion)."""
     assert dataset.redact_secrets(code) == (code, 0)
 
 
 def test_email_redaction_leaves_matrix_products_and_git_remotes_alone():
-    """redact_emails turned scipy's L@D@L.conjugate().T and a q@k.transpose(-2, -1) into
-    '<EMAIL>()' calls, and a git@github.com:owner/repo remote into '<EMAIL>:owner/repo'."""
+    """redact_emails leaves scipy's L@D@L.conjugate().T and a q@k.transpose(-2, -1) as code (no
+    '<EMAIL>()' calls), and a git@github.com:owner/repo remote as it is."""
     code = ("scores = q@k.transpose(-2, -1)\nassert_allclose(A, L@D@L.conjugate().T)\n"
             "REMOTE = 'git@github.com:owner/repo.git'\n")
     assert dataset.EMAIL.sub("<EMAIL>", code) == code

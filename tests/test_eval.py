@@ -232,8 +232,8 @@ def test_metrics_reject_unpaired_lists():
 @pytest.mark.parametrize("metric", [ev.exact_match, ev.codexglue_bleu, ev.code_to_text_bleu,
                                     ev.edit_sim, ev.chrf, ev.rouge_l, ev.semantic_similarity])
 def test_metrics_refuse_a_str(metric):
-    """One example given as two strings was scored one character per example (exact match 83.3
-    for two different lines)."""
+    """One example given as two strings is refused, not scored one character per example (exact
+    match 83.3 for two different lines)."""
     for preds, refs in (("return a + b", "return b + a"), (["x"], "y")):
         with pytest.raises(ValueError, match=r"not a str.*list of one.*exact_match\(\[pred\]"):
             metric(preds, refs)
@@ -276,7 +276,7 @@ def test_pass_at_k_rejects_impossible_counts():
         ev.pass_at_k(3, 4, 1)
     with pytest.raises(ValueError, match="k=5"):
         ev.pass_at_k(3, 1, 5)
-    with pytest.raises(ValueError, match="k=0"):  # pass@0 is no estimate (it read 0.0)
+    with pytest.raises(ValueError, match="k=0"):  # pass@0 is no estimate (not 0.0)
         ev.pass_at_k(3, 1, 0)
     with pytest.raises(ValueError, match="c=-1"):
         ev.pass_at_k(3, -1, 1)
@@ -327,8 +327,8 @@ class _FakeMiniLM:
 @pytest.mark.parametrize("progress, bars_before", [(False, True), (True, True), (False, False)])
 def test_semantic_similarity_loads_without_progress_bars_when_progress_is_off(
         monkeypatch, progress, bars_before):
-    """--no-progress printed transformers' "Loading weights" bar while MiniLM loaded; the
-    switch is scoped: the caller's setting is back afterwards, and never turned on."""
+    """--no-progress hides transformers' "Loading weights" bar while MiniLM loads; the switch
+    is scoped: the caller's setting is back afterwards, and never turned on."""
     import sys
 
     from transformers.utils import logging as hf_logging
@@ -464,7 +464,8 @@ def test_duplicate_task_id_is_an_error_before_any_generation(tiny_models, tmp_pa
 ])
 def test_a_problem_no_sample_can_pass_is_an_error_before_any_generation(
         tiny_models, tmp_path, monkeypatch, capsys, change, message):
-    """Such a problem scored 0 for every model, its cause only in predictions.jsonl."""
+    """Such a problem would score 0 for every model, its cause only in predictions.jsonl: it is
+    named, with its line, before any generation."""
     import json
 
     path = tmp_path / "p.jsonl"
@@ -499,9 +500,8 @@ def test_problems_are_checked_by_compiling_only_and_accept_humaneval_prompts(tmp
 
 
 def test_problems_whose_completion_defines_the_entry_point_are_run_not_refused(tmp_path):
-    """MBPP's shape (the completion writes the function) and an expression entry point were
-    refused by the static check, though their canonical solutions pass: with one, the sandbox
-    run decides."""
+    """MBPP's shape (the completion writes the function) and an expression entry point pass
+    the static check, as their canonical solutions pass: with one, the sandbox run decides."""
     import json
 
     shapes = [{"prompt": "# Write add(a, b).\n", "entry_point": "add",
@@ -565,8 +565,8 @@ def test_limit_keeps_the_first_problems_and_runs_only_their_canonical_solutions(
 
 
 def test_limit_caps_the_passk_task(tiny_models, tmp_path, monkeypatch):
-    """--limit said it capped every generation task's examples, but pass@k ran all 45 bundled
-    problems (and their 45 canonical solutions first)."""
+    """--limit caps every generation task's examples, pass@k's too: not all 45 bundled problems
+    (and their 45 canonical solutions first)."""
     import json
 
     canonical = {p["prompt"]: p["canonical_solution"] for p in ev.load_problems()}
@@ -595,7 +595,7 @@ def test_limit_caps_the_passk_task(tiny_models, tmp_path, monkeypatch):
 
 def test_a_problems_file_with_a_utf8_bom_reads_as_without(tmp_path):
     """A Windows editor saves JSONL with a UTF-8 BOM: the data reader accepts one, and so must
-    --problems (it failed with "not JSON (Unexpected UTF-8 BOM)")."""
+    --problems (not fail with "not JSON (Unexpected UTF-8 BOM)")."""
     import codecs
 
     plain, bom = tmp_path / "plain.jsonl", tmp_path / "bom.jsonl"
@@ -672,21 +672,23 @@ def test_bad_settings_are_rejected_before_any_work(flags, key, capsys, monkeypat
 
 
 def test_a_data_options_typo_is_named_with_its_close_match():
-    """eval.py listed every DataConfig key for {"extension": ...}; trainingmanager.py's
-    --data-options names the close match, as every other unknown key does."""
+    """eval.py names the close match of {"extension": ...}, not every DataConfig key, as
+    trainingmanager.py's --data-options and every other unknown key do."""
     with pytest.raises(ValueError, match=r"^data_options \(.*--data-options\).*'extension'.*"
                                          r"did you mean 'extensions'\?$"):
         ev.config_from_dict({"data_options": {"extension": [".kt"]}})
 
 
 def test_an_empty_pass_k_is_refused_not_run_to_report_nothing():
-    """pass_k [] passed: the passk task generated and ran every sample, then reported no metric."""
+    """pass_k [] is refused: the passk task would generate and run every sample, then report no
+    metric."""
     with pytest.raises(ValueError, match=r"^pass_k \(\[\], --pass-k\): .*and one given"):
         ev.config_from_dict({"tasks": ["passk"], "pass_k": []})
 
 
 def test_a_model_directory_whose_name_holds_a_plus_is_one_path(tiny_models, tmp_path):
-    """load_model split every path at "+" (BASE+ADAPTER): runs/run+lora could not be loaded."""
+    """load_model does not split every path at "+" (BASE+ADAPTER): runs/run+lora loads, alone
+    and as the base of an adapter."""
     import shutil
 
     import torch
@@ -964,8 +966,8 @@ def test_generation_stops_at_every_eos_of_a_llama3_instruct_checkpoint_as_transf
     """Llama-3.2-Instruct's tokenizer eos is <|eot_id|>, but its config.json lists
     <|end_of_text|> too; Meta-Llama-3-8B-Instruct's first files named <|end_of_text|> in the
     tokenizer and config.json and <|eot_id|> in generation_config.json only. transformers'
-    generate stops at each, and so do eval.py's batched and streamed generation (they ended only
-    at the tokenizer's, and printed the other token on and on)."""
+    generate stops at each, and so do eval.py's batched and streamed generation (ending only at
+    the tokenizer's, they would print the other token on and on)."""
     import json
 
     import torch
@@ -1063,7 +1065,7 @@ def test_prompt_reads_chat_template_text_as_the_model_learned_it(tmp_path, capsy
     """eval.py --prompt (streamed) and batched generation (pass@k problems) with a chat-formatted
     prompt: a base gets transformers' tokenizer(prompt) ids, a second BOS too; a run trained
     with pair_special_tokens its pair records' ids (one BOS); a run without it (or an lm run,
-    after its EOS) the text, as its data, with a note saying so (it read the special ids); a
+    after its EOS) the text, as its data, not the special ids, with a note saying so; a
     base told to read them as text (--data-options) the text, with a note naming that option."""
     import json
     import shutil
@@ -1160,7 +1162,7 @@ def test_prompt_with_one_model_prints_its_completion_without_a_header(tiny_model
 
 def test_prompt_keeps_the_completions_of_models_with_one_label(tiny_models, tmp_path):
     """Two models whose directories share a name (runs/a/export, runs/b/export) are both
-    returned, the second as "export#2" as in the task table; the first was overwritten."""
+    returned, the second as "export#2" as in the task table; neither overwrites the other."""
     import shutil
 
     for run in ("a", "b"):
@@ -1247,7 +1249,8 @@ def test_models_base_and_finetuned_print_one_table(tiny_models, tmp_path, monkey
 def test_models_with_different_tokenizers_get_a_note_under_the_table(tiny_models, tmp_path,
                                                                       monkeypatch, capsys):
     """lm loss, perplexity and token accuracy are per token of each model's tokenizer: rows of
-    two tokenizers do not compare, and only the lm tokens column hinted at it."""
+    two tokenizers do not compare, and a note under the table says so (the lm tokens column
+    alone would only hint at it)."""
     import shutil
 
     from tokenizer import CodeTokenizer
@@ -1277,8 +1280,8 @@ def test_models_with_different_tokenizers_get_a_note_under_the_table(tiny_models
 
 def test_results_record_the_context_each_model_was_scored_with(tiny_models, tmp_path,
                                                               monkeypatch, capsys):
-    """--block-size past a model's context is clamped to it: results.json recorded only the
-    requested value, not the 32 tokens the short model was scored with."""
+    """--block-size past a model's context is clamped to it: results.json records the 32 tokens
+    the short model was scored with, not only the requested value."""
     import json
     import shutil
 
@@ -1313,7 +1316,7 @@ def test_results_record_the_context_each_model_was_scored_with(tiny_models, tmp_
 def test_lm_task_loss_equals_transformers(tiny_models, lm_windows):
     """Loss, perplexity and token accuracy per scored token, as transformers gives them; with
     lm_windows=None the whole stream is scored and its last window is short (accuracy over
-    windows x context, not over tokens, was wrong only then)."""
+    windows x context, not over tokens, would be wrong only then)."""
     import torch
     import torch.nn.functional as F
     import transformers
@@ -1431,7 +1434,8 @@ def test_lm_task_scores_a_pair_document_with_its_target(tiny_models, monkeypatch
 
 
 def test_token_accuracy_is_a_fraction_in_the_table_as_in_training():
-    """Training logs val_accuracy 0.3169; eval's table showed the same metric as 31.69."""
+    """Training logs val_accuracy 0.3169; eval's table shows the same metric as 0.3169 too, not
+    as 31.69."""
     row = {"model": "m", "prompt": None, "metrics": {"lm/token_accuracy": 0.31689453125,
                                                      "line/EM": 50.0}}
     assert ev.markdown_table([row]).splitlines()[-1] == "| m | 0.3169 | 50.00 |"
@@ -1469,8 +1473,8 @@ def test_batched_greedy_generation_equals_transformers(tiny_models):
 def test_generation_gets_at_most_half_the_context_and_the_prompt_the_rest(tiny_models,
                                                                           monkeypatch):
     """max_new_tokens past half the context is capped there, in the tasks and with --prompt
-    alike: a prompt still keeps half (it lost every token, and generation ran past the
-    model's context)."""
+    alike: a prompt still keeps half (it must not lose every token, nor generation run past
+    the model's context)."""
     import torch
 
     lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
@@ -1498,7 +1502,7 @@ def test_generation_gets_at_most_half_the_context_and_the_prompt_the_rest(tiny_m
 
 def test_sampled_generation_is_reproducible_by_seed(tiny_models):
     """With temperature > 0 the samples follow --seed: the same seed repeats them, another
-    draws others (a fixed generator made every seed's samples the same)."""
+    draws others (a fixed generator would make every seed's samples the same)."""
     from dataclasses import replace
 
     import torch
@@ -1528,8 +1532,8 @@ def _force_eos_at_call(head, eos_id: int, call: int):
 
 def test_a_generation_that_ends_at_eos_is_cut_there_as_transformers_output_is(tiny_models):
     """generate_texts: each continuation ends at EOS; nothing from the EOS on (its text
-    "<eos>", the padding after it) reaches the prediction, which lowered BLEU and EM for every
-    early stop. Reference: transformers' generate with EOS forced at the same step, cut at
+    "<eos>", the padding after it) reaches the prediction, where it would lower BLEU and EM for
+    every early stop. Reference: transformers' generate with EOS forced at the same step, cut at
     its EOS."""
     import torch
     import transformers
@@ -1560,8 +1564,8 @@ def test_a_generated_id_past_the_tokenizer_decodes_to_nothing_as_transformers(ti
                                                                               tmp_path):
     """A checkpoint may have more embeddings than its tokenizer has tokens (CodeGen-350M-mono,
     Phi-1.5: 51200 rows, 50295 tokens), and generation may pick such an id. It decodes to
-    nothing, as HF tokenizers' decode skips it: it failed the model's evaluation ("token ids out
-    of range"), the stop-string check inside generate first, and --prompt too."""
+    nothing, as HF tokenizers' decode skips it: it fails neither the model's evaluation ("token
+    ids out of range"), nor the stop-string check inside generate, nor --prompt."""
     import torch
     import transformers
     from tiny_hf import save_tiny_hf
@@ -2199,7 +2203,7 @@ def test_eval_splits_a_run_with_predefined_files_as_its_training_did(tmp_path):
     assert dataset.corpus_key(ours) == dataset.corpus_key(tm.data_config(run, 64))
     other = ev.corpus_config(ev.EvalConfig(data=[str(dirs["test"])]), [model])
     assert other.val_sources == other.test_sources == []
-    # Runs split differently share no held-out split: every model was scored on the first run's.
+    # Runs split differently share no held-out split: not every model scored on the first run's.
     reseeded = ev.LoadedModel("s", "runs/s", torch.nn.Linear(1, 1), None, run_config={
         **dataclasses.asdict(run), "data_options": {"seed": 7}})
     with pytest.raises(ValueError, match="the runs r, s were trained on different corpora or "
@@ -2272,8 +2276,8 @@ def test_a_model_that_fails_or_is_interrupted_keeps_the_finished_models(
 
 def test_a_ctrl_c_just_after_a_models_results_are_saved_reports_them_saved(
         tiny_models, tmp_path, monkeypatch, capsys):
-    """A SIGINT landing between results.json's rename and the bookkeeping said "results of 1 of
-    3 models (a) saved" while results.json held a and b (seen in a review)."""
+    """A SIGINT landing between results.json's rename and the bookkeeping reports what
+    results.json holds (a and b saved), not "results of 1 of 3 models (a) saved"."""
     import json
     import signal
     import threading
@@ -2551,9 +2555,9 @@ def test_a_run_killed_in_its_first_checkpoint_is_no_run_to_load(tmp_path):
 
 
 def test_a_run_still_training_before_its_first_checkpoint_is_named_so(tmp_path):
-    """eval.py on a run that has not saved a checkpoint yet said "a codelm run directory, not an
-    HF checkpoint; its export is run/export ...; or continue the run with --resume run": an
-    export that does not exist and a --resume that the running run refuses."""
+    """eval.py on a run that has not saved a checkpoint yet says it is still training, with
+    nothing to score before its first one: no export that does not exist, and no --resume,
+    which the running run would refuse."""
     import dataclasses
     import fcntl
     import json
@@ -2581,7 +2585,8 @@ def test_a_run_still_training_before_its_first_checkpoint_is_named_so(tmp_path):
 
 def test_a_run_with_no_best_yet_scores_its_latest_checkpoint(tiny_models, tmp_path, capsys):
     """A run stopped (or still training) before its first evaluation holds checkpoints but no
-    best/: eval failed with a bare "best/model.safetensors: No such file or directory"."""
+    best/: eval scores its latest checkpoint, with a note naming it, not a bare
+    "best/model.safetensors: No such file or directory"."""
     import dataclasses
     import fcntl
     import json
@@ -2631,9 +2636,9 @@ def test_a_run_with_no_best_yet_scores_its_latest_checkpoint(tiny_models, tmp_pa
 @pytest.mark.parametrize("training", [True, False])
 def test_results_name_the_step_of_a_runs_scored_weights_and_whether_it_still_trains(
         tiny_models, tmp_path, monkeypatch, capsys, training):
-    """eval.py on a run (one still training, its lock held) recorded its weights' fingerprint
-    but not which of them it scored: best/'s step, now in the model's entry and, while the run
-    trains on, in a note. An older results.json without them still resumes."""
+    """eval.py on a run (one still training, its lock held) records beside its weights'
+    fingerprint which of them it scored: best/'s step, in the model's entry and, while the run
+    trains on, in a note. A results.json without them still resumes."""
     import dataclasses
     import fcntl
     import json
@@ -2692,8 +2697,8 @@ def test_a_runs_export_and_checkpoint_are_recorded_with_the_step_they_hold(tmp_p
 
 
 def test_a_run_without_its_tokenizer_names_the_missing_file(tiny_models, tmp_path, capsys):
-    """A run trained with --no-export has no export/: the error named run/export, not the
-    run/tokenizer.json it lacks."""
+    """A run trained with --no-export has no export/: the error names the run/tokenizer.json it
+    lacks, not run/export."""
     import dataclasses
     import json
     import shutil
@@ -2812,7 +2817,7 @@ def test_a_long_generation_prompt_loses_code_not_its_instruction(tiny_models, mo
     assert len(seen[0]) == 128 - 8
     assert prompt.startswith(head) and prompt.endswith(tail), prompt
     assert "x = 0\n" in prompt and "x = 299" not in prompt
-    # A prompt that fits is kept whole (one of 60-120 tokens kept only its tail: a regression).
+    # A prompt that fits is kept whole (one of 60-120 tokens too, not only its tail).
     short = ev.TaskExample("s", "x = 1", head, code[:40], tail)
     ev.run_generation_task(lm, "refactor", [short], cfg)
     assert 60 < len(seen[1]) < 120 and lm.tokenizer.decode(seen[1]) == short.prompt(None)
@@ -2895,7 +2900,7 @@ def test_reference_loss_runs_without_autograd(tiny_models, monkeypatch):
 
 def test_right_padded_scoring_passes_no_mask_and_scores_as_with_one(tiny_models, monkeypatch):
     """score_lm and score_supervised batches are right-padded with -100 labels: a mask there
-    changes nothing but kept CUDA's SDPA off its fused causal kernels (flash)."""
+    changes nothing but would keep CUDA's SDPA off its fused causal kernels (flash)."""
     import torch
 
     import dataset
@@ -2935,7 +2940,7 @@ def test_right_padded_scoring_passes_no_mask_and_scores_as_with_one(tiny_models,
     without = scores()
     assert passed and all(m is None for m in passed)
 
-    def masked(input_ids, attention_mask=None, **kwargs):  # what eval passed before
+    def masked(input_ids, attention_mask=None, **kwargs):  # the padding mask eval leaves out
         return forward(input_ids, attention_mask=masks[-1], **kwargs)
 
     monkeypatch.setattr(lm.model, "forward", masked)
@@ -3065,7 +3070,7 @@ def test_a_runs_context_is_its_training_block_size_not_its_bases(tiny_models):
 def test_a_streamed_completion_samples_as_generate_texts_does(tiny_models):
     """--prompt promises the tasks' prompt format and sampling: for a run's lm-task model (EOS
     first), seeded top-k/top-p sampling streams the text that eval's batch generation draws,
-    and another seed draws another (the tests so far were greedy on a bare base)."""
+    and another seed draws another (beyond greedy decoding on a bare base)."""
     from dataclasses import replace
 
     import torch
@@ -3090,8 +3095,8 @@ def test_prompt_without_models_completes_with_the_latest_run(tmp_path, capsys):
 
 
 def test_eval_loads_models_in_the_dtype_asked_for(tiny_models, tmp_path):
-    """EvalConfig.dtype: eval.py had no way to ask for one and loaded bf16/fp16 on every CUDA
-    device, while seed 000 needed fp32 evaluation (its fp16 validation loss was NaN)."""
+    """EvalConfig.dtype chooses the dtype every model loads in; unset, bf16/fp16 on CUDA. Seed
+    000 needs fp32 evaluation (its fp16 validation loss is NaN)."""
     import json
     import shutil
 
@@ -3115,7 +3120,7 @@ def test_eval_loads_models_in_the_dtype_asked_for(tiny_models, tmp_path):
                                   if "lora_" not in k)
     assert all(ev.config_from_dict({"dtype": name}).dtype == name
                for name in ("fp32", "bf16", "fp16"))
-    assert ev.EvalConfig().dtype is None  # unset: bf16 (fp16) on CUDA as before, fp32 on CPU
+    assert ev.EvalConfig().dtype is None  # unset: bf16 (fp16) on CUDA, fp32 on CPU
     with pytest.raises(ValueError, match=r"^dtype \('half', --dtype\): must be fp32, bf16 or fp16"):
         ev.config_from_dict({"dtype": "half"})
 
@@ -3155,7 +3160,8 @@ def test_compile_decodes_as_the_eager_step_does(tiny_models, tmp_path, capsys, m
 
 
 def test_eval_generates_with_beam_search_as_transformers_does(tiny_models, tmp_path, capsys):
-    """Seed 001's next step, beam search: generate had it, but no EvalConfig key reached it."""
+    """Beam search, which seed 001 needs, reaches generate through EvalConfig.num_beams
+    (--num-beams) and gives transformers' beam-search texts."""
     import torch
     import transformers
 
@@ -3187,10 +3193,11 @@ def test_eval_generates_with_beam_search_as_transformers_does(tiny_models, tmp_p
 @pytest.mark.parametrize("bits", [4, 8], ids=["nf4", "int8"])
 def test_dtype_on_a_quantized_runs_best_keeps_the_base_it_trained_on(tiny_models, tmp_path,
                                                                      bits):
-    """--dtype bf16 on a QLoRA run's best/ cast the quantized base's scales (and NF4's level
-    table) to bf16 with the rest, so eval scored a base other than the one trained (each block's
-    weights moved by up to 2**-9 of their size), and its adapters, which training and the run's
-    export/ (load_adapter) hold in fp32. The weights the run trained with, the base in bf16."""
+    """--dtype bf16 on a QLoRA run's best/ keeps the quantized base's scales (and NF4's level
+    table) as trained, and its adapters in fp32, as training and the run's export/
+    (load_adapter) hold them: cast with the rest, eval would score a base other than the one
+    trained (each block's weights moved by up to 2**-9 of their size). Only the base's
+    dequantized weights come in bf16."""
     import json
     import shutil
 
@@ -3244,8 +3251,8 @@ def test_eval_py_loads_each_model_in_the_dtype_its_flag_names(tiny_models, tmp_p
 
 
 def test_an_error_of_two_settings_names_where_each_was_set(tmp_path, capsys):
-    """--num-beams 4 under a --config file's temperature 0.7 said "leave temperature at 0",
-    naming no source of either key: each is named with its value and where it was set."""
+    """--num-beams 4 under a --config file's temperature 0.7: the error names each key with its
+    value and where it was set, not a bare "leave temperature at 0"."""
     config = tmp_path / "eval.json"
     config.write_text('{"temperature": 0.7}')
     assert ev.main(["--config", str(config), "--num-beams", "4"]) == 2

@@ -51,7 +51,8 @@ def test_left_padded_batch_equals_unpadded_runs(shape):
 
 def test_prefill_without_padding_attends_causally_to_the_prompt_alone(monkeypatch):
     """A prompt without padding is prefilled with is_causal over its own keys, not a boolean mask
-    over the whole cache (which kept CUDA's prefill off flash); padded prompts keep the mask."""
+    over the whole cache (which would keep CUDA's prefill off flash); padded prompts keep the
+    mask."""
     model = _model("llama")
     idx = _ids(2, 10)
     calls = _spy_sdpa(monkeypatch)
@@ -80,7 +81,7 @@ def test_greedy_is_argmax_of_forward():
 
 def test_generate_under_autocast_decodes_what_forward_computes():
     """Under autocast the cache holds autocast's dtype, so each greedy token is the argmax of
-    forward's logits under the same autocast (an fp32 cache failed in index_copy_)."""
+    forward's logits under the same autocast (an fp32 cache would fail in index_copy_)."""
     model = _model("llama")
     idx = _ids(2, 10)
     for dtype in (torch.bfloat16, torch.float16):
@@ -154,8 +155,8 @@ def test_stop_ids_and_strings():
 
 
 def test_a_stop_id_sequence_ends_a_row_only_where_the_whole_sequence_is_generated():
-    """stop=[[a, b]] matched on b alone ended the row at an earlier b that followed another
-    token. Reference: the free greedy continuation, cut by hand after the first [a, b], on a
+    """stop=[[a, b]] ends a row only where a then b is generated, not at an earlier b that
+    follows another token. Reference: the free greedy continuation, cut by hand after the first [a, b], on a
     prompt whose continuation has such an earlier b."""
     model = _lively("gpt_bigcode")
     for seed in range(6, 40):
@@ -182,8 +183,8 @@ def test_stream_yields_what_generate_returns():
 
 
 def test_generations_running_at_once_do_not_share_a_cache():
-    # The KV cache lived on the model: a second stream replaced the first one's (wrong tokens,
-    # no error), and a generate() inside a stream crashed it.
+    # Each generation has its own KV cache, not the model's: a second stream must not replace
+    # the first one's (wrong tokens, no error), nor a generate() inside a stream crash it.
     model = _model("codegen")
     a, b = _ids(1, 6), _ids(2, 5)[1:]
     want_a, want_b = gen(model, a, 8)[0, 6:], gen(model, b, 8)[0, 5:]
@@ -291,17 +292,17 @@ def test_sampling_and_generation_arguments_checked_up_front():
         (dict(top_k=0), "top_k must be >= 1"),
         (dict(top_k=2.5, temperature=1.0), "top_k must be an integer"),
         (dict(pad_id="0", eos_id=3), "pad_id must be an integer"),
-        # Ignored without a word: the output was greedy (transformers warns).
+        # Else ignored without a word: the output would be greedy (transformers warns).
         (dict(top_p=0.9), "temperature=0 is greedy .*: pass temperature > 0 to sample"),
         (dict(top_k=5), "temperature=0 is greedy"),
         # torch's errors after the prefill / at the first step.
         (dict(temperature=1.0, generator=42), "generator must be a torch.Generator, got 42"),
         (dict(stop="\n", decode="tokenizer"), "decode must be a callable such as tokenizer.decode"),
-        # No generated token can equal them: every row ran to max_new_tokens.
+        # No generated token can equal them: every row would run to max_new_tokens.
         (dict(eos_id=96), re.escape("eos_id 96 is outside the model's vocabulary [0, 96)")),
         (dict(eos_id=[3, -1]), "eos_id -1 is outside"),
         (dict(stop=[[3, 96]], eos_id=3), "stop id 96 is outside"),
-        # An IndexError from F.embedding once a row finished, the tokens so far lost.
+        # Else an IndexError from F.embedding once a row finishes, the tokens so far lost.
         (dict(pad_id=-100, eos_id=3), "pad_id -100 is outside the model's vocabulary"),
     ]:
         for n in (0, 2):
@@ -319,7 +320,7 @@ def test_sampling_and_generation_arguments_checked_up_front():
     for kw, message in [(dict(eos_id=96), "eos_id 96 is outside"),
                         (dict(pad_id=-100), "pad_id -100 is outside"),
                         (dict(length_penalty="1.0"), "length_penalty must be a finite number"),
-                        (dict(compile=True), "beam search runs eagerly")]:  # was ignored
+                        (dict(compile=True), "beam search runs eagerly")]:  # not ignored
         with pytest.raises(ValueError, match=message):
             gen(model, idx, 0, num_beams=2, **kw)
     assert gen(model, idx, np.int64(3), top_k=np.int64(2), temperature=1.0).shape == (1, 8)
@@ -454,8 +455,8 @@ def _hf_generate(hf, idx, n, **kw):
 
 
 def test_seeded_sampling_matches_transformers_from_the_first_call(hf_dirs):
-    """The decode-layout measurement of a model's first generate drew from the global RNG:
-    the same seed sampled other tokens on that call than on later ones and than HF."""
+    """The decode-layout measurement of a model's first generate draws nothing from the global
+    RNG: the same seed samples the same tokens on that call as on later ones and as HF."""
     path, hf = hf_dirs["llama"]
     idx = _ids(2, 10, vocab=256)
     kw = dict(temperature=0.8, top_k=40, top_p=0.9)
@@ -479,7 +480,7 @@ def test_seeded_sampling_matches_transformers_from_the_first_call(hf_dirs):
 
 def test_sampling_without_top_k_is_transformers_top_k_zero_not_its_default(hf_dirs):
     """top_k=None filters nothing: a seed samples what HF's do_sample=True samples with top_k=0,
-    not with its generate's default top_k=50 (the contract said only "do_sample=True")."""
+    not with its generate's default top_k=50 (so "do_sample=True" alone would not pin it)."""
     path, hf = hf_dirs["llama"]
     model = pretrained.load(path).eval()
     idx = _ids(2, 10, vocab=256)
@@ -567,8 +568,8 @@ def test_full_context_prompt_continues_as_in_transformers(hf_dirs, family):
 
 
 def test_sampling_filter_equals_transformers_warpers_with_ties():
-    """top_p broke ties at the nucleus boundary the other way than transformers (which keeps the
-    later ones): different kept sets for bf16 logits at nearly every step."""
+    """top_p breaks ties at the nucleus boundary as transformers does (keeping the later ones):
+    the other way would keep different sets for bf16 logits at nearly every step."""
     from transformers.generation.logits_process import (
         TemperatureLogitsWarper,
         TopKLogitsWarper,
@@ -615,7 +616,8 @@ def hf_tokenizer(tmp_path_factory):
 
 
 def test_stop_given_alone_is_one_stop_as_in_transformers(hf_tokenizer, tmp_path):
-    """A bare string was split into one stop per character; a bare id raised TypeError."""
+    """A bare string is one stop string, not one stop per character; a bare id is one stop id,
+    not a TypeError."""
     from tiny_hf import save_tiny_hf
 
     hft = hf_tokenizer
@@ -697,8 +699,8 @@ def test_compiled_batch1_decode_fuses_the_matmuls_and_matches_eager():
 
 
 def test_copies_and_pickles_leave_the_compiled_decode_step_behind():
-    """The compiled step was kept on the instance: a deep copy decoded with the original's
-    weights, and pickling failed after a compiled generate."""
+    """The compiled step is not kept on the instance: a deep copy decodes with its own weights,
+    not the original's, and the model pickles after a compiled generate."""
     import copy
     import io
     import pickle

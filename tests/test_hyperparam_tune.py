@@ -159,7 +159,8 @@ def _running_trial(storage, name: str, timeout: float = 120.0):
 
 def test_a_trial_whose_worker_died_before_naming_itself_is_queued_again(tmp_path):
     """A worker killed between creating its trial and recording itself as its owner (both under
-    the claim lock) left a RUNNING trial that nothing recovered: the study never finished."""
+    the claim lock) leaves a RUNNING trial: it is failed and queued again, else the study would
+    never finish."""
     storage = journal(tmp_path, "orphan")
     study = optuna.create_study(study_name="orphan", storage=storage)
     orphan = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
@@ -234,8 +235,8 @@ def test_a_trial_declared_dead_elsewhere_is_left_and_the_worker_goes_on(tmp_path
 
 def test_a_stop_in_a_trial_declared_dead_elsewhere_is_still_a_stop(tmp_path, corpus, capsys,
                                                                  monkeypatch):
-    """Optuna's failed tell ("Cannot tell a FAIL trial.") hid the stop: exit 2, which a sweep
-    of several workers reads as a configuration error."""
+    """Optuna's failed tell ("Cannot tell a FAIL trial.") does not hide the stop: exit 143, not
+    2, which a sweep of several workers reads as a configuration error."""
     storage = journal(tmp_path, "dead")
 
     def train(cfg, on_eval=None, resume_hint=None, **_):
@@ -331,8 +332,8 @@ def test_a_retry_waits_while_another_process_still_trains_its_run(tmp_path, corp
                                                                  monkeypatch):
     """A trial queued again may find its run directory held by a live process: the worker of a
     trial declared dead that still trains it (until its next evaluation, where it finds its
-    trial failed). The trainer's lock refused the resume, and the sweep stopped on it as on a
-    configuration error. The retry now waits for the lock (one line), then continues the run;
+    trial failed). The trainer's lock refuses the resume, which must not stop the sweep as a
+    configuration error: the retry waits for the lock (one line), then continues the run;
     stopped while it waits, its own retry continues the same run. Here the test holds the lock
     and its stand-in for time.sleep lets go of it (deterministic: no race with a clock)."""
     real, calls = trainingmanager.train, []
@@ -462,8 +463,8 @@ def test_a_trial_stopped_by_two_sigterms_still_writes_its_checkpoint(tmp_path, c
                                                                      monkeypatch, capsys, sig,
                                                                      hangup_at_default):
     """Slurm's scancel (or `pkill -f`) signals every process of a job: a worker gets SIGTERM
-    directly and again forwarded by its sweep. The second was taken as "stop now" and skipped
-    the trial's checkpoint, so the re-run continued from the one before (here: none at all).
+    directly and again forwarded by its sweep. The second is not "stop now": the trial still
+    writes its checkpoint, so the re-run does not go back to the one before (here: none at all).
     A hangup's SIGHUP comes twice too (the kernel's, the shell's); it stops the trial the same
     way, 129 (capsys: it would point a terminal running pytest -s at /dev/null)."""
     real_step, calls = trainingmanager.Trainer.train_step, [0]
@@ -600,7 +601,7 @@ def test_a_trial_continued_on_another_kind_of_machine_keeps_the_precision_it_tra
         tmp_path, corpus, monkeypatch, capsys):
     """A trial trained in bf16 ("auto" on an A100) and queued again on a machine where "auto"
     computes in fp32 continues its run in bf16, as its checkpoint recorded (the trainer refuses
-    a resume whose precision would change, and that stopped the sweep), while the recipe, the
+    a resume whose precision would change, which would stop the sweep), while the recipe, the
     study's settings and a fresh trial keep "auto"."""
     calls = _first_trial_trains_in_bf16_and_stops(monkeypatch)
     argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="prec", n_trials=2,
@@ -784,7 +785,7 @@ def test_each_shipped_space_passes_the_checks_before_the_first_trial(tmp_path, n
 
 def test_readme_example_space_passes_the_checks_before_the_first_trial(tmp_path):
     """configs/search_spaces/README.md's worked example is what a user copies: it passes every
-    check the sweep makes before its first trial (it sampled lora_targets without lora_r), given
+    check the sweep makes before its first trial (no lora_targets sampled without lora_r), given
     what its `requires` names, and is refused without it."""
     text = (hyperparam_tune.SPACES_DIR / "README.md").read_text("utf-8")
     blocks = re.findall(r"```json\n(.*?)```", text, re.S)
@@ -825,7 +826,7 @@ def test_readme_example_space_passes_the_checks_before_the_first_trial(tmp_path)
     ({"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": 0}}, "params.lr.log: must be"),
     ({"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "step": None}},
      "params.lr.step: must be a finite number"),
-    ({"warmup_steps": {"type": "int", "low": 0, "high": 30, "step": "5"}},  # was a TypeError
+    ({"warmup_steps": {"type": "int", "low": 0, "high": 30, "step": "5"}},  # not a TypeError
      "params.warmup_steps.step: must be an integer, got '5'"),
     ({"warmup_steps": {"type": "int", "low": 0, "high": 30.5}},
      "params.warmup_steps.high: must be an integer"),
@@ -851,8 +852,9 @@ def test_bad_space_is_a_clear_error(tmp_path, params, message):
 
 @pytest.mark.parametrize("where", ["space base", "train config"])
 def test_a_resume_in_the_base_values_is_refused(tmp_path, corpus, capsys, where):
-    """Trials ignored it, and best.json carried it on: the `--config best.json` command the sweep
-    prints then continued (or was refused by) the unrelated run it named."""
+    """Each trial is a new run: trials would ignore a resume, and best.json would carry it on, so
+    that the `--config best.json` command the sweep prints would continue (or be refused by) the
+    unrelated run it names. Refused before any trial."""
     space = Path(tiny_space(tmp_path, corpus))
     source = space
     if where == "space base":
@@ -874,9 +876,9 @@ def test_a_resume_in_the_base_values_is_refused(tmp_path, corpus, capsys, where)
 
 @pytest.mark.parametrize("where", ["space base", "space params", "train config"])
 def test_a_time_budget_is_refused(tmp_path, corpus, capsys, where):
-    """Trials stopped by max_time_s at whatever step their machine reached were recorded
-    COMPLETE and ranked against each other, while the trainer told the user that the same
-    command would continue them (it finished the study instead)."""
+    """Trials share --max-steps: trials stopped by max_time_s at whatever step their machine
+    reached would be recorded COMPLETE and ranked against each other, while the trainer tells
+    the user that the same command continues them (it would finish the study instead)."""
     space = Path(tiny_space(tmp_path, corpus))
     values = json.loads(space.read_text())
     source, flags = f"{space}: base", {}
@@ -918,7 +920,8 @@ def test_bad_space_field_type_exits_2_with_one_line(tmp_path, capsys):
     ({"descripton": "what"}, "unknown key 'descripton'; did you mean 'description'?"),
 ])
 def test_space_of_wrong_top_level_types_is_a_clear_error(tmp_path, top, message):
-    """These were tracebacks (AttributeError, TypeError) or a misleading 'unknown key'."""
+    """Each is a one-line error, not a traceback (AttributeError, TypeError) or a misleading
+    'unknown key'."""
     path = tmp_path / "space.json"
     path.write_text(json.dumps({**top, "params": {"lr": {"type": "float", "low": 1e-4,
                                                          "high": 1e-2}}}))
@@ -951,8 +954,8 @@ def test_a_misspelled_space_param_gets_the_close_key(tmp_path, name, hint):
     (["--sampler-seed", str(2**32)], f"sampler_seed ({2**32}, --sampler-seed): must be in"),
 ])
 def test_heartbeat_and_seed_flags_are_checked(tmp_path, capsys, flags, message):
-    """A grace period within one heartbeat interval let workers fail each other's live trials;
-    Optuna's own errors named no flag."""
+    """A grace period within one heartbeat interval would let workers fail each other's live
+    trials: refused, naming the flag, which Optuna's own errors do not."""
     argv = ["--space", str(tmp_path / "no-space.json"), "--out-dir", str(tmp_path), *flags]
     assert hyperparam_tune.main(argv) == 2
     err = capsys.readouterr().err
@@ -1009,7 +1012,7 @@ def test_counts_and_intervals_below_their_least_are_refused(key, value, least):
 
 
 def test_each_worker_draws_its_own_reproducible_stream(tmp_path):
-    """--sampler-seed: a worker of one seed samples as it did before (a reproducible sweep),
+    """--sampler-seed: a worker of one seed samples the same in every sweep (reproducible),
     and two workers of one seed sample differently (else they would run the same trials)."""
     lr = optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)
 
@@ -1123,7 +1126,7 @@ def test_sampled_values_win_over_the_train_config_which_is_told(tmp_path, corpus
     """A --train-config that sets a swept key (a config.json copied from an earlier run sets
     them all) lies under the sampled values: each trial trains with, and records in its recipe,
     the value Optuna sampled (trial.params), the file's other keys still apply. The other order
-    ran every trial at the file's lr."""
+    would run every trial at the file's lr."""
     seen = []
 
     def train(cfg, on_eval=None, resume_hint=None, **_):
@@ -1173,7 +1176,7 @@ def test_config_mistake_stops_before_any_trial(tmp_path, corpus, capsys):
 def test_every_choice_and_bound_is_checked_before_any_trial(tmp_path, corpus, capsys, params,
                                                             fixed, message):
     """A bad choice met only by a trial would stop the sweep after the study recorded the
-    choices, so that the fixed space no longer fit it: each is checked before the first trial."""
+    choices, so that the fixed space would not fit it: each is checked before the first trial."""
     argv = tune_args(tmp_path, tiny_space(tmp_path, corpus, params), study_name="ch", n_trials=1)
     assert hyperparam_tune.main(argv) == 2
     err = capsys.readouterr().err
@@ -1201,7 +1204,7 @@ def test_a_stepped_bound_is_checked_where_the_step_lets_a_trial_reach(tmp_path, 
 
 
 def test_lora_keys_without_lora_r_are_refused_in_the_sweeps_terms(tmp_path, corpus, capsys):
-    """The trainer's refusal named --lora-r, a flag the sweep does not have; it names keys."""
+    """The refusal names keys, not the trainer's --lora-r, a flag the sweep does not have."""
     params = {"lora_r": {"type": "categorical", "choices": [0, 4]},
               "lora_alpha": {"type": "categorical", "choices": [8, 16]}}
     argv = tune_args(tmp_path, tiny_space(tmp_path, corpus, params), study_name="lo", n_trials=1)
@@ -1216,7 +1219,7 @@ def test_lora_keys_without_lora_r_are_refused_in_the_sweeps_terms(tmp_path, corp
 def test_a_swept_lora_value_at_its_default_that_differs_from_the_init_adapter_is_refused(
         tmp_path, corpus):
     """lora_alpha choices [4, 16] with an --init-adapter of alpha 4: the trials of 16 (the
-    default) trained with 4 and the study recorded them as 16; refused before any trial, as
+    default) would train with 4 and be recorded as 16; refused before any trial, as
     trainingmanager.py --lora-alpha 16 is. So is a lora_alpha 16 in the space's base or in
     --train-config."""
     from tiny_hf import save_tiny_adapter
@@ -1427,8 +1430,8 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 
 def test_a_worker_killed_holding_the_journal_lock_does_not_stall_the_next(tmp_path):
-    """Optuna's journal lock is a file a killed holder leaves behind: the next sweep waited its
-    30 s grace period, with four warnings. codelm's is an flock, released by the kernel."""
+    """Optuna's journal lock is a file a killed holder leaves behind, which the next sweep would
+    wait out (30 s, four warnings). codelm's is an flock, released by the kernel."""
     argv = ["--out-dir", str(tmp_path / "runs"), "--study-name", "jl"]
     died = subprocess.run([sys.executable, "-c", _DIES_HOLDING_THE_JOURNAL_LOCK, *argv],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -1685,8 +1688,8 @@ def test_a_trials_settings_are_named_where_the_sweeps_user_sets_them(tmp_path, c
 
 def test_a_relative_sqlite_url_is_recorded_absolute(tmp_path, corpus, monkeypatch, capsys):
     """sqlite:///sq.db is relative to the directory the sweep ran in: recorded as typed, the
-    study could not be continued from elsewhere, and the advice to pass the recorded URL
-    created an empty database there."""
+    study could not be continued from elsewhere, and the advice to pass the recorded URL would
+    create an empty database there. It is recorded absolute."""
     monkeypatch.setattr(trainingmanager, "train", lambda cfg, on_eval=None, resume_hint=None, **_:
                         trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=cfg.lr,
                                                     step=cfg.max_steps))
@@ -1706,7 +1709,7 @@ def test_a_relative_sqlite_url_is_recorded_absolute(tmp_path, corpus, monkeypatc
 
 def test_reports_hold_each_trials_values_and_best_json_is_the_best_recipe(tmp_path, corpus,
                                                                         monkeypatch):
-    """Two parameters (one left trials.csv's column order untested) and a space that leaves
+    """Two parameters (one would leave trials.csv's column order untested) and a space that leaves
     export to the default: trials.csv holds each trial's own values under its column names,
     best.json is the best recipe as a user runs it (not the trial's run settings: no export,
     save_every = budget, keep_last 1), and importances.json names both parameters."""
@@ -1752,8 +1755,9 @@ def test_reports_hold_each_trials_values_and_best_json_is_the_best_recipe(tmp_pa
 
 
 def test_a_sweep_setting_is_named_where_it_was_set(tmp_path, capsys):
-    """With --config, every range error named the file, a flag typed beside it too; the grace
-    period's named two flags where the file set one. Each key names its own source now."""
+    """With --config, each key in an error names its own source: a flag typed beside the file
+    is named, not the file; the grace period's error names the flag and the file's
+    heartbeat_interval, each where it was set."""
     config = tmp_path / "tune.json"
     config.write_text(json.dumps({"heartbeat_interval": 10}))
     argv = ["--config", str(config), "--out-dir", str(tmp_path / "runs")]

@@ -256,7 +256,7 @@ def test_peft_adapter_with_targets_the_model_lacks_loads(tmp_path):
                                             ("gpt_bigcode", ["c_attn", "proj"])])
 def test_peft_adapter_targets_match_hf_names_only(tmp_path, family, targets):
     # 'wte' and 'proj' are codelm module names; PEFT, reading the file, matches HF names only and
-    # skips them. Matching codelm's names here added adapters the file has no weights for.
+    # skips them. Matching codelm's names here would add adapters the file has no weights for.
     hf, model, _ = _pair(family, tmp_path)
     peft_model = get_peft_model(copy.deepcopy(hf), _peft_config(dict(r=4, alpha=8,
                                                                       target_modules=targets)))
@@ -360,8 +360,8 @@ def test_adapters_peft_reads_differently_are_refused(tmp_path, key, value):
 
 
 def test_contracts_list_exactly_the_adapter_options_codelm_refuses():
-    """docs/contracts.md's list of refused adapter_config.json keys had drifted from lora.py's
-    (it named four of them): every key read_adapter_config refuses, and no other."""
+    """docs/contracts.md's list of refused adapter_config.json keys is lora.py's, not a copy
+    that drifts: every key read_adapter_config refuses, and no other."""
     text = (Path(__file__).resolve().parents[1] / "docs" / "contracts.md").read_text("utf-8")
     listed = text.split("leave one unset): ", 1)[1].split("\nmerge_lora(", 1)[0]
     assert {key.strip(" #\n") for key in listed.split(",")} == set(lora._UNSUPPORTED_PEFT_KEYS)
@@ -421,7 +421,7 @@ def test_codelm_names_select_the_hf_modules_inside_them(tmp_path):
 def test_unknown_target_is_an_error_listing_the_model_names(tmp_path):
     _, model, _ = _pair("codegen", tmp_path)
     trainable = [p.requires_grad for p in model.parameters()]
-    # The CodeGen recipe of seed 003 asked for GPT-2 names that CodeGen does not have.
+    # The CodeGen recipe of seed 003 asks for GPT-2 names that CodeGen does not have.
     with pytest.raises(ValueError) as err:
         apply_lora(model, LoRAConfig(target_modules=["wte", "c_attn", "c_proj", "c_fc"]))
     msg = str(err.value)
@@ -583,8 +583,8 @@ def _drop_one_lora_B(adapter_dir) -> tuple[Path, str]:
 
 
 def test_adapter_file_missing_a_tensor_is_refused_and_the_model_left_as_it_was(tmp_path):
-    """Every adapter the config creates must get its weights: a missing lora_B silently kept its
-    init (zero), a no-op adapter. The refused load takes the adapters off again."""
+    """Every adapter the config creates must get its weights: a missing lora_B would silently
+    keep its init (zero), a no-op adapter. The refused load takes the adapters off again."""
     _, model, _ = _pair("llama", tmp_path)
     apply_lora(model, LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
     _train(model, steps=2)
@@ -647,9 +647,9 @@ def test_truncated_adapter_weights_are_an_error_naming_the_file(tmp_path):
 
 
 def test_a_failed_save_leaves_the_earlier_adapter_whole(tmp_path):
-    """save_adapter wrote adapter_config.json, then the weights: a full disk mid-save (here a
-    file-size limit) left the new adapter's config (another rank) beside the earlier weights,
-    and neither adapter could be loaded. Both files are now written before either replaces one."""
+    """save_adapter writes both files before either replaces one: a full disk mid-save (here a
+    file-size limit) must not leave the new adapter's config (another rank) beside the earlier
+    weights, where neither adapter could be loaded."""
     import resource
     import signal
 
@@ -816,7 +816,7 @@ def test_quantize_then_lora_matches_peft_count(tmp_path):
     quantize_base(model, bits=4)
     setting = REAL["002-phi-1_5"][2]
     report = apply_lora(model, LoRAConfig(**setting))
-    # all params as PEFT counts them: the quantized weights too (they were left out, buffers)
+    # all params as PEFT counts them: the quantized weights too (buffers, yet counted)
     assert (report.trainable_params, report.total_params) == get_peft_model(
         hf, _peft_config(setting)).get_nb_trainable_parameters()
 
@@ -1157,7 +1157,8 @@ def test_damaged_or_non_dict_legacy_adapter_bin_is_an_error_naming_the_file(tmp_
 
 
 def test_save_adapter_records_a_path_base_as_a_string(tmp_path):
-    """Users hold Paths (from_pretrained takes one); json refused it and left an empty directory."""
+    """Users hold Paths (from_pretrained takes one): a Path base is recorded as its string (json
+    takes no Path) and read back as the path."""
     _, model, _ = _pair("llama", tmp_path)
     hf_dir = tmp_path / "hf"
     apply_lora(model, LoRAConfig(r=2, target_modules=["q_proj"]))
@@ -1168,8 +1169,9 @@ def test_save_adapter_records_a_path_base_as_a_string(tmp_path):
 
 
 def test_training_through_merged_adapters_says_to_unmerge_first(tmp_path):
-    """Merged adapters are skipped in forward, so a training step got autograd's "does not
-    require grad" (or adapters that stopped learning); evaluating merged still works."""
+    """Merged adapters are skipped in forward, so a training step would get autograd's "does not
+    require grad" (or adapters that stop learning): it says to unmerge first; evaluating merged
+    still works."""
     _, model, _ = _pair("phi", tmp_path)  # untied: its embedding can be merged
     apply_lora(model, LoRAConfig(r=2, target_modules=["q_proj", "embed_tokens"]))
     merge_lora(model)
@@ -1188,7 +1190,7 @@ def test_training_through_merged_adapters_says_to_unmerge_first(tmp_path):
 
 def test_one_string_target_explains_that_it_is_a_full_name_regex(tmp_path):
     """PEFT reads one string as a regex over whole module names, so "q_proj" matches nothing;
-    the error listed q_proj among the valid names without saying why."""
+    the error says why, not only listing q_proj among the valid names."""
     model, fresh = _saved_adapter(tmp_path)
     explained = ("target(s) 'q_proj'", "no module of this llama model", "regular expression",
                  "whole module name", "model.layers.0.self_attn.q_proj", "list: ['q_proj']")
@@ -1295,7 +1297,7 @@ def test_an_adapter_directory_without_weights_is_an_error_naming_it(tmp_path):
 
 def test_every_embedding_slot_covers_its_whole_table():
     """_attach adapts an Embedding as a whole (LoRAEmbedding has no rows): it relies on no family
-    mapping an HF embedding to part of one (the check for that was unreachable and is gone)."""
+    mapping an HF embedding to part of one, which this checks for every family."""
     for family in pretrained.TABLES:
         for overrides in ({}, {"multi_query": False}) if family == "gpt_bigcode" else ({},):
             hf = tiny_hf_config(family, **overrides).to_dict()

@@ -47,7 +47,7 @@ def test_logits_match_transformers_full_context(checkpoints, family):
     got = model(idx)
     assert got.shape == ref.shape == (3, 128, 256)
     # 1e-5, not the issue's 1e-4: codelm is within 4e-7 of transformers, and on these logits
-    # (std 0.16) a looser bound let exact GELU pass for the tanh one
+    # (std 0.16) a looser bound would let exact GELU pass for the tanh one
     assert (got - ref).abs().max().item() <= 1e-5
 
 
@@ -113,7 +113,7 @@ def test_beam_search_length_penalty_matches_transformers(checkpoints, length_pen
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_beam_search_with_several_eos_ids_matches_transformers(checkpoints, seed):
     """EOS ids crowding the top candidates: HF keeps (1 + #EOS) * num_beams candidates a step so
-    that num_beams live beams remain (codelm kept 2 * num_beams and lost live beams)."""
+    that num_beams live beams remain, and so does codelm (2 * num_beams would lose live beams)."""
     _, hf, model = checkpoints["llama"]
     idx = _ids(2, 10, seed=seed)
     with torch.no_grad():
@@ -140,7 +140,7 @@ def test_beam_search_output_is_as_wide_as_the_longest_hypothesis(checkpoints, se
 
 def test_generate_under_autocast_matches_transformers(checkpoints):
     """fp32 weights under bf16 autocast (mixed precision): the KV cache takes the keys and
-    values in autocast's dtype, as forward computes them (an fp32 cache made index_copy_ fail)."""
+    values in autocast's dtype, as forward computes them (an fp32 cache would fail index_copy_)."""
     _, hf, model = checkpoints["llama"]
     idx = _ids(2, 10, seed=1)
     mask = torch.ones_like(idx, dtype=torch.bool)
@@ -262,8 +262,8 @@ def test_export_over_an_earlier_one_leaves_no_stale_weights(checkpoints, tmp_pat
 def test_failed_export_leaves_the_earlier_one_whole_and_no_temp(checkpoints, tmp_path,
                                                                  max_shard_bytes):
     """A failed save over an earlier one (here a meta tensor, last in the file; a full disk alike)
-    wrote the new config.json beside the old weights, replaced the shards written before the
-    failure, and left `model.safetensors.tmp` behind."""
+    leaves the earlier one whole: no new config.json beside the old weights, no shard replaced
+    before the failure, and no `model.safetensors.tmp` behind."""
     import dataclasses
 
     _, _, model = checkpoints["phi"]
@@ -318,10 +318,10 @@ def test_save_into_a_path_that_is_a_file_keeps_the_file(checkpoints, tmp_path):
 
 
 def test_save_refuses_a_run_directory_or_an_adapter_directory(checkpoints, tmp_path):
-    """Saved into a run (or its best/, a checkpoint), the HF config.json replaced the run's
-    TrainConfig (--resume then failed); saved beside a PEFT adapter, transformers loaded the
-    adapter on its base, not these weights; an adapter saved beside a model hid the model.
-    All are refused, nothing written."""
+    """Saved into a run (or its best/, a checkpoint), the HF config.json would replace the run's
+    TrainConfig (--resume would then fail); saved beside a PEFT adapter, transformers would load
+    the adapter on its base, not these weights; an adapter saved beside a model would hide the
+    model. All are refused, nothing written."""
     import dataclasses
 
     import lora
@@ -371,7 +371,7 @@ def test_export_refuses_what_the_family_cannot_express(tmp_path):
                       mlp_hidden=64, norm="layernorm", block_size=32)
     with pytest.raises(ValueError, match="cannot export as 'llama'.*norm"):
         pretrained.save(Transformer(cfg), tmp_path)
-    # SwiGLU (the from-scratch presets' MLP) under another family: was a bare KeyError 'swiglu'
+    # SwiGLU (the from-scratch presets' MLP) under another family: not a bare KeyError 'swiglu'
     for family in ("phi", "codegen", "gpt_bigcode"):
         cfg = ModelConfig(family=family, vocab_size=64, n_layer=1, n_head=4, n_embd=32,
                           mlp_hidden=64, mlp="swiglu", block_size=32)
@@ -437,12 +437,12 @@ def _same_logits_as_transformers(directory):
 
 
 def test_rope_fields_resolve_as_transformers_resolves_them(checkpoints, tmp_path):
-    # A rope_scaling dict replaces rope_parameters (it was ignored: logits off by ~4).
+    # A rope_scaling dict replaces rope_parameters (ignored, the logits would be off by ~4).
     path = checkpoints["llama"][0]
     llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0,
               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
     _same_logits_as_transformers(_edit_config(path, tmp_path / "both", rope_scaling=llama3))
-    # A null partial_rotary_factor is absent (it was a bare TypeError).
+    # A null partial_rotary_factor is absent (not a bare TypeError).
     _same_logits_as_transformers(_edit_config(path, tmp_path / "null",
                                               partial_rotary_factor=None))
     with pytest.raises(ValueError, match="rope_type 'linear' is not supported"):
@@ -459,8 +459,8 @@ def test_rope_fields_resolve_as_transformers_resolves_them(checkpoints, tmp_path
 def test_top_level_original_max_position_embeddings_overrides_the_rope_dict(checkpoints,
                                                                             tmp_path):
     """Phi-3-style configs keep it at the top level; transformers puts it over the llama3 dict's
-    value (64 here), which codelm used (logits off by ~7e-3). A null one is refused, where
-    transformers fails on it."""
+    value (64 here), and so does codelm (the dict's would put the logits off by ~7e-3). A null
+    one is refused, where transformers fails on it."""
     path = checkpoints["llama"][0]
     _same_logits_as_transformers(_edit_config(path, tmp_path / "top",
                                               original_max_position_embeddings=16))
@@ -486,8 +486,9 @@ def _with_head(path, family, head):
 def test_tied_config_over_a_different_head_loads_untied_as_transformers_does(family, tmp_path,
                                                                              capsys):
     """A fine-tune that untied its head but kept tie_word_embeddings true (gpt_bigcode: true when
-    absent): transformers warns and uses the file's head; codelm tied it silently (logits off by
-    ~0.7). The export then says untied, so transformers reads the same model back."""
+    absent): transformers warns and uses the file's head, and so does codelm (tying it would put
+    the logits off by ~0.7). The export then says untied, so transformers reads the same model
+    back."""
     import transformers
 
     d = tmp_path / "m"
@@ -532,8 +533,8 @@ def test_tied_config_over_an_equal_head_stays_tied(tmp_path, capsys):
 @pytest.mark.parametrize("family", ["llama", "gpt_bigcode"])
 def test_tied_pair_saved_under_the_heads_name_loads_as_transformers_does(family, tmp_path):
     """safetensors keeps one name of a shared tensor, and some tools keep lm_head's: a tied file
-    with a head and no embeddings. transformers loads it into both; codelm called the embeddings
-    missing."""
+    with a head and no embeddings. transformers loads it into both, and so does codelm, not
+    calling the embeddings missing."""
     import transformers
     from safetensors.torch import load_file, save_file
 
@@ -577,8 +578,8 @@ HF_DROPOUTS = {
     ("gpt_bigcode", {"resid_pdrop": None, "embd_pdrop": None, "attn_pdrop": None}),  # absent
 ])
 def test_dropout_where_and_as_transformers_applies_it(family, keys, tmp_path, monkeypatch):
-    """embd_pdrop was never read (the embeddings took resid_pdrop) and gpt_bigcode's absent keys
-    were 0.0, not GPTBigCodeConfig's 0.1. Each p codelm draws in training is the one transformers
+    """embd_pdrop is read (the embeddings do not take resid_pdrop) and gpt_bigcode's absent keys
+    are GPTBigCodeConfig's 0.1, not 0.0. Each p codelm draws in training is the one transformers
     applies at that place, from the checkpoint and from codelm's export of it."""
     import transformers
 
@@ -797,8 +798,9 @@ def test_error_unknown_model_type(checkpoints, tmp_path):
 
 
 def test_error_codelm_run_directory_names_its_export(tmp_path):
-    """A run dir passed as a checkpoint was an "unknown model_type None"; the advice is right for
-    a LoRA run too, whose export/ holds an adapter (the merged model is in export/merged)."""
+    """A run dir passed as a checkpoint is named as one, with its export, not an "unknown
+    model_type None"; the advice is right for a LoRA run too, whose export/ holds an adapter
+    (the merged model is in export/merged)."""
     import dataclasses
 
     import trainingmanager
@@ -837,7 +839,7 @@ def test_error_config_field_cannot_be_honoured(checkpoints, tmp_path, change, me
 
 
 @pytest.mark.parametrize("family, key, value, message", [
-    # A string was truthy: "false" tied an untied model (logits off by ~1.6).
+    # A string is truthy: "false" would tie an untied model (logits off by ~1.6).
     ("llama", "tie_word_embeddings", "false", "expected true or false"),
     ("llama", "attention_bias", "true", "expected true or false"),
     ("llama", "mlp_bias", 0, "expected true or false"),
@@ -845,15 +847,15 @@ def test_error_config_field_cannot_be_honoured(checkpoints, tmp_path, change, me
     ("gpt_bigcode", "tie_word_embeddings", None, "expected true or false"),
     ("gpt_bigcode", "scale_attn_weights", 1, "expected true or false"),
     ("phi", "qk_layernorm", "false", "expected true or false"),
-    # Non-integers for sizes failed later as a bare TypeError (torch.empty).
+    # Non-integers for sizes would fail later as a bare TypeError (torch.empty).
     ("llama", "head_dim", 16.5, "expected an integer"),
     ("llama", "num_key_value_heads", "2", "expected an integer"),
     ("llama", "hidden_size", True, "expected an integer"),
     ("codegen", "rotary_dim", 8.5, "expected an integer"),
-    ("llama", "eos_token_id", "2", "expected an integer"),  # was dropped: no EOS at all
+    ("llama", "eos_token_id", "2", "expected an integer"),  # dropped, it would leave no EOS at all
     ("phi", "layer_norm_eps", "1e-5", "expected a number"),
     ("codegen", "activation_function", ["gelu"], "expected a string"),
-    # A zero head count divided the width: ZeroDivisionError.
+    # A zero head count would divide the width: ZeroDivisionError.
     ("llama", "num_attention_heads", 0, "must be a positive integer"),
     ("phi", "num_attention_heads", 0, "must be a positive integer"),
 ])
@@ -927,7 +929,7 @@ def test_error_tied_checkpoint_without_embeddings_names_them(tmp_path):
 def test_error_missing_or_malformed_config(tmp_path):
     with pytest.raises(ValueError, match="config.json: not found"):
         pretrained.load(tmp_path)
-    (tmp_path / "config.json").write_text('["llama"]')  # was: AttributeError from dict.get
+    (tmp_path / "config.json").write_text('["llama"]')  # not an AttributeError from dict.get
     with pytest.raises(ValueError, match="config.json: the model config must be one JSON object"):
         pretrained.load(tmp_path)
 

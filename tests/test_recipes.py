@@ -141,7 +141,7 @@ def test_code_completion_trains_on_the_fake_github_scrape(tmp_path, monkeypatch)
     values.update(data=[str(scrape)], n_layer=2, n_head=4, n_embd=64, mlp_hidden=128,
                   block_size=64, max_steps=12, eval_every=12, eval_examples=32, warmup_steps=2,
                   lr=3e-3, log_every=1, out_dir=str(tmp_path / "runs"), progress=False)
-    # Two cleaning processes: autopep8 over the scrape was most of this test's time.
+    # Two cleaning processes: autopep8 over the scrape is most of this test's time.
     values["data_options"] = {**values["data_options"], "num_workers": 2}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -156,7 +156,7 @@ def test_code_completion_trains_on_the_fake_github_scrape(tmp_path, monkeypatch)
     assert stats["read"]["files"] == len(scrape.read_text().splitlines())
     assert stats["modified"]["autopep8_changed"] > 0  # the recipe's cleaning ran
     assert stats["modified"]["comments_or_docstrings_stripped"] == stats["read"]["files"]
-    # seed 001 kept the tokens seen more than ten times
+    # seed 001 keeps the tokens seen more than ten times
     assert json.loads((result.run_dir / "config.json").read_text())["tokenizer_min_freq"] == 11
 
 
@@ -276,7 +276,7 @@ def test_recipe_refuses_a_checkpoint_of_another_family(tmp_path, capsys):
     recipes.check_family(str(model), "llama-3.2-1b")  # its own family passes
     assert recipes.main([str(CONFIGS / "code_completion.json"), "--model", str(model)]) == 2
     assert "trains from scratch" in capsys.readouterr().err
-    run = tmp_path / "run"  # a codelm run directory was "a None checkpoint"
+    run = tmp_path / "run"  # a codelm run directory is named as one, not "a None checkpoint"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"preset": "tiny", "lr": 1e-3, "max_steps": 9}))
     assert recipes.main([str(CONFIGS / "kotlin_phi.json"), "--model", str(run),
@@ -378,8 +378,8 @@ def test_git_url_data_is_collected_into_scraper_jsonl(tmp_path):
 
 
 def test_flags_mirror_recipe_options_as_every_scripts_do():
-    """The parser was a hand copy of RecipeOptions whose help had drifted from the fields; it is
-    settings.add_config_flags's now, reading lists and None as trainingmanager's flags do."""
+    """The parser is settings.add_config_flags's, not a hand copy of RecipeOptions whose help
+    could drift from the fields, and reads lists and None as trainingmanager's flags do."""
     def parse(*argv: str) -> recipes.RecipeOptions:
         return recipes.RecipeOptions(**vars(recipes.build_parser().parse_args(argv)))
 
@@ -392,9 +392,9 @@ def test_flags_mirror_recipe_options_as_every_scripts_do():
 
 
 def test_git_sources_follow_scrapings_rule(tmp_path, monkeypatch, capsys):
-    """recipes had a git-URL regex of its own: 'HTTPS://...' was refused as a missing path, and
-    a bare repository was handed to dataset as a directory (no files in it) instead of being
-    cloned. It now asks scraping.is_git_source, the collector's own rule."""
+    """recipes asks scraping.is_git_source, the collector's own rule, not a git-URL regex of its
+    own: 'HTTPS://...' is no missing path, and a bare repository is cloned, not handed to
+    dataset as a directory (no files in it)."""
     import scraping.local
 
     bare = tmp_path / "repo.git"
@@ -454,7 +454,8 @@ def test_trainingmanager_config_reads_the_train_section_and_names_bad_keys(tmp_p
 
 @pytest.mark.parametrize("flag", ["--model", "--data", "--val-data"])
 def test_smoke_refuses_the_users_model_and_data(tmp_path, capsys, flag):
-    """--smoke builds its own tiny model and data: a --model/--data given with it was ignored."""
+    """--smoke builds its own tiny model and data: a --model/--data given with it is refused, not
+    ignored."""
     assert recipes.main([str(CONFIGS / "fastapi_codegen.json"), "--smoke", flag,
                          str(tmp_path), "--out-dir", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err
@@ -487,8 +488,8 @@ def test_a_bad_smoke_setting_keeps_the_previous_smoke_run(tmp_path, capsys, monk
 
 
 def test_smoke_trains_with_the_set_values_over_its_toy_sizes(tmp_path, capsys, monkeypatch):
-    """--smoke replaced --set values of the keys it sizes down (lr, batch, steps, ...): an
-    override tried with --smoke was never used (nor checked). Its own model and data keys are
+    """--set values of the keys --smoke sizes down (lr, batch, steps, ...) win over its toy
+    sizes: an override tried with --smoke is used (and checked). Its own model and data keys are
     refused, as --model and --data are."""
     monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
     trained = []
@@ -516,7 +517,8 @@ def test_smoke_trains_with_the_set_values_over_its_toy_sizes(tmp_path, capsys, m
 
 
 def test_smoke_steps_below_one_names_the_flag(tmp_path, capsys):
-    """--smoke-steps 0 said "TrainConfig.max_steps=0", a key the user never typed."""
+    """--smoke-steps 0 is named as the flag typed, not "TrainConfig.max_steps=0", a key the user
+    never typed."""
     assert recipes.main([str(CONFIGS / "fastapi_codegen.json"), "--smoke", "--smoke-steps", "0",
                          "--out-dir", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err
@@ -526,7 +528,8 @@ def test_smoke_steps_below_one_names_the_flag(tmp_path, capsys):
 
 
 def test_a_run_name_with_a_path_is_refused_before_anything_is_written(tmp_path, capsys):
-    """--name ../x put the run (and its smoke inputs, which are deleted first) outside --out-dir."""
+    """--name ../x would put the run (and its smoke inputs, which are deleted first) outside
+    --out-dir: refused before anything is written."""
     assert recipes.main([str(CONFIGS / "fastapi_codegen.json"), "--smoke", "--name", "../x",
                          "--out-dir", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err
@@ -536,8 +539,8 @@ def test_a_run_name_with_a_path_is_refused_before_anything_is_written(tmp_path, 
 
 def test_a_stopped_smoke_run_says_it_starts_again_not_that_it_continues(tmp_path, capsys,
                                                                          monkeypatch):
-    """A smoke run is never resumed (--smoke --resume is refused), yet a stop said "checkpoint
-    saved ... continue with" and then "(a --smoke run starts over)"."""
+    """A smoke run is never resumed (--smoke --resume is refused), so a stop says it starts over,
+    not "checkpoint saved ... continue with"."""
     asked = []
 
     def stopped(cfg, resume_hint=None, restarts=False, **_):
@@ -557,7 +560,8 @@ def test_a_stopped_smoke_run_says_it_starts_again_not_that_it_continues(tmp_path
 
 
 def test_smoke_never_replaces_a_run_it_did_not_write(tmp_path, capsys):
-    """--smoke --out-dir runs deleted the recipe's real run of the same name (hours of training)."""
+    """--smoke --out-dir runs never deletes the recipe's real run of the same name (hours of
+    training)."""
     real = tmp_path / "runs" / "kotlin_phi"
     real.mkdir(parents=True)
     (real / "config.json").write_text(json.dumps({"data_options": {"cache_dir": "/data/cache"}}))
@@ -569,9 +573,9 @@ def test_smoke_never_replaces_a_run_it_did_not_write(tmp_path, capsys):
 
 
 def test_loss_change_never_compares_a_window_with_itself(tmp_path):
-    """The first and last three logged losses overlapped below six points: with two, both
-    windows were the same list, and a loss that fell read "DID NOT DECREASE" (a smoke run of
-    one step failed so). Windows never share a step now; one logged step compares nothing."""
+    """The first and last three logged losses never share a step: below six points they would
+    overlap, and with two both windows would be the same list, so a loss that fell would read
+    "DID NOT DECREASE". One logged step compares nothing."""
     assert recipes.loss_change([7.96, 7.5]) == (7.96, 7.5)
     assert recipes.loss_change([5.0, 4.0, 3.0, 2.0, 1.0]) == (4.5, 1.5)
     assert recipes.loss_change([6.0, 5.0, 4.0, 3.0, 2.0, 1.0]) == (5.0, 2.0)
@@ -589,8 +593,8 @@ def test_loss_change_never_compares_a_window_with_itself(tmp_path):
 
 
 def test_a_budget_stop_and_an_early_interrupt_say_what_is_left(tmp_path, capsys, monkeypatch):
-    """A run its time budget stopped looked finished; Ctrl-C before the first checkpoint
-    said to --resume a run that did not exist."""
+    """A run its time budget stopped is told as not finished; a stop before the first checkpoint
+    says there is nothing to resume, not to --resume a run that does not exist."""
     train = tm.TrainResult(tmp_path, 5.0, 41, best_step=41, stopped_by_budget=True)
     report = recipes.RecipeResult(tmp_path, train, None, [9.0, 8.0])
     assert ("time budget (train.max_time_s) reached at step 41: the run is not finished; "
@@ -733,8 +737,9 @@ def test_resume_that_trains_on_evaluates_again_and_keeps_the_earlier_evaluation(
 
 def test_resume_with_other_eval_settings_names_the_runs_eval_dir_as_the_remedy(
         tiny_starcoder, tmp_path, monkeypatch, capsys):
-    """The eval's refusal said "name another --out-dir": recipes.py's --out-dir is where the
-    runs are (another one trains another run), and the evaluation always goes to <run>/eval.
+    """The eval's refusal says to remove <run>/eval, not "name another --out-dir": recipes.py's
+    --out-dir is where the runs are (another one trains another run), and the evaluation always
+    goes to <run>/eval.
     The refusal comes before the run is resumed (which would export it again), not after."""
     monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
     recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"], "lm_windows": 1, "block_size": 16,
@@ -765,8 +770,9 @@ def test_resume_with_other_eval_settings_names_the_runs_eval_dir_as_the_remedy(
 ], ids=["out_dir", "device", "progress", "prompt"])
 def test_eval_keys_recipes_sets_itself_are_refused_not_ignored(tmp_path, monkeypatch, capsys,
                                                                key, value, instead):
-    """recipes.py overwrote eval.out_dir, eval.device and eval.progress with its own, silently:
-    --set eval.out_dir=../x wrote to <run>/eval all the same (and eval.prompt was ignored)."""
+    """recipes.py sets eval.out_dir, eval.device and eval.progress itself and does not use
+    eval.prompt, so a recipe's own (in its section or --set eval.out_dir=../x) is refused, not
+    silently overwritten or ignored."""
     trained: list = []
     monkeypatch.setattr(tm, "train", _stop_training(trained))
     flags = ["--out-dir", str(tmp_path / "runs"), "--no-progress"]
@@ -997,8 +1003,8 @@ def test_a_loss_that_stayed_level_is_told_as_not_decreasing(tmp_path):
 
 
 def test_a_stop_while_the_flags_are_read_is_told_not_a_traceback(monkeypatch, capsys):
-    """The flags were read outside main's handling of stops: a Ctrl-C there (the parser reads
-    the options' comments from the source, a fraction of a second) gave a traceback."""
+    """The flags are read inside main's handling of stops: a Ctrl-C there (the parser reads
+    the options' comments from the source, a fraction of a second) is told, not a traceback."""
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
 
@@ -1016,8 +1022,8 @@ def test_a_stop_while_the_flags_are_read_is_told_not_a_traceback(monkeypatch, ca
 
 def test_a_recipes_lora_key_at_its_default_that_differs_from_its_init_adapter_is_refused(
         tmp_path, capsys, monkeypatch):
-    """--set train.lora_alpha=16 (the default) beside an init_adapter of alpha 4 trained
-    silently with 4, while trainingmanager.py --config on the same recipe refuses it: recipes.py
+    """--set train.lora_alpha=16 (the default) beside an init_adapter of alpha 4 would train
+    silently with 4; trainingmanager.py --config on the same recipe refuses it, and recipes.py
     reads the recipe's keys and --set as given too, before training."""
     from tiny_hf import save_tiny_adapter
 
@@ -1046,8 +1052,8 @@ def test_a_recipes_lora_key_at_its_default_that_differs_from_its_init_adapter_is
 
 
 def test_refactotron_evaluates_in_fp32_on_cuda_as_its_seed_did(monkeypatch, tmp_path):
-    """Seed 000's fix 3 (fp32 evaluation: fp16 gave a NaN validation loss): eval.py loaded the
-    models in bf16/fp16 on CUDA (fp16 on the seed's T4) whatever the recipe or the run said."""
+    """Seed 000's fix 3 (fp32 evaluation: fp16 gives a NaN validation loss): the refactotron
+    recipe loads its models in fp32 on CUDA too, not eval.py's bf16/fp16 (fp16 on the seed's T4)."""
     import pretrained
 
     cfg = ev.config_from_dict(json.loads((CONFIGS / "refactotron.json").read_text())["eval"])
@@ -1059,8 +1065,8 @@ def test_refactotron_evaluates_in_fp32_on_cuda_as_its_seed_did(monkeypatch, tmp_
 
 
 def test_code_completion_keeps_the_pieces_seen_more_than_ten_times_as_its_seed_did():
-    """Seed 001 kept the tokens that "appeared more than ten times"; the recipe's min_freq 10
-    kept those seen exactly ten times too."""
+    """Seed 001 keeps the tokens that "appeared more than ten times": the recipe's min_freq is 11,
+    as 10 would keep those seen exactly ten times too."""
     from tokenizer import CodeTokenizer
 
     train = json.loads((CONFIGS / "code_completion.json").read_text())["train"]
@@ -1091,9 +1097,9 @@ def test_a_recipes_training_advice_names_its_train_section_not_a_trainer_flag(tm
 
 
 def test_a_nested_set_is_named_as_where_its_option_was_set():
-    """--set train.data_options.val_frac=0 left an empty validation split whose error said
-    "raise val_frac of data_options (train.data_options in RECIPE ...)", which the user had not
-    changed: the --set they typed is where it was set."""
+    """--set train.data_options.val_frac=0 leaves an empty validation split whose error names the
+    --set the user typed as where it was set, not "train.data_options in RECIPE", which the user
+    has not changed."""
     typed = recipes.set_train_keys(["train.data_options.val_frac=0", "train.lr=1e-3",
                                     "train.data_options.seed=3"])
     assert recipes.where_in_recipe("r.json", "data_options", typed) == (
@@ -1103,8 +1109,8 @@ def test_a_nested_set_is_named_as_where_its_option_was_set():
 
 
 def test_a_recipes_eval_error_names_its_eval_section_or_set(tmp_path, capsys):
-    """An eval section's num_samples 4 under greedy decoding said "EvalConfig.num_samples=4",
-    naming neither the recipe nor where temperature came from: its section or --set."""
+    """An eval section's num_samples 4 under greedy decoding names the recipe and where
+    temperature came from (its section or --set), not a bare "EvalConfig.num_samples=4"."""
     recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"], "num_samples": 4})
     flags = ["--out-dir", str(tmp_path / "runs"), "--no-progress", "--skip-eval"]
     assert recipes.main([str(recipe), *flags]) == 2

@@ -69,7 +69,8 @@ def test_bench_help_gives_every_flags_default(script, monkeypatch):
 
 
 def test_bench_lora_refuses_a_width_its_heads_do_not_divide(capsys, monkeypatch):
-    """--width 64 gave Llama no key/value head: a ZeroDivisionError deep in transformers."""
+    """--width 64 gives Llama no key/value head: refused as a usage error, not left to a
+    ZeroDivisionError deep in transformers."""
     monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts its folders first
     main = runpy.run_path(str(ROOT / "bench" / "bench_lora.py"))["main"]
     with pytest.raises(SystemExit) as stop:
@@ -147,7 +148,7 @@ def test_every_module_imports_only_what_its_floor_allows():
 
 def test_scripts_the_readme_says_list_flags_by_section_do():
     """README: the --help of these scripts lists their flags by section: every flag of the
-    config dataclass sits under a group title (hyperparam_tune.py's had none)."""
+    config dataclass sits under a group title (hyperparam_tune.py's included)."""
     readme = " ".join((ROOT / "README.md").read_text().split())
     claim = re.search(r"Those of (.*?) list their flags by section", readme)
     assert claim, "README.md no longer says which scripts list their flags by section"
@@ -213,8 +214,9 @@ STARTING = "interrupted while starting: nothing was written\n"
     ("hyperparam_tune.py --worker 1", signal.SIGINT, 130, ""),  # its sweep tells it, once
 ])
 def test_a_stop_while_torch_loads_ends_in_one_line(script, sig, code, told):
-    """A Ctrl-C in the first seconds of any command, while torch loads, printed a traceback
-    from inside importlib (SIGTERM: nothing, a bare signal death)."""
+    """A Ctrl-C, SIGTERM or hangup in the first seconds of any command, while torch loads,
+    exits with its code and at most one line, not a traceback from inside importlib or a bare
+    signal death."""
     name, *args = script.split()
     proc = popen([sys.executable, str(ROOT / name), *args, "--help"], stdout=subprocess.PIPE,
                  stderr=subprocess.PIPE, text=True)

@@ -234,7 +234,7 @@ def _evaluate_elsewhere(sources: list[str], landlock_cap: int) -> list[str]:
 
 def test_evaluator_survives_signals_without_audit_events_on_older_kernels():
     # Landlock ABI 4 (Linux 6.7-6.11, e.g. Ubuntu 24.04) does not scope signals; none of these
-    # calls raises an audit event of its own, or the one it raises was not checked.
+    # calls raises an audit event of its own, or the one it raises is not checked.
     hostile = [
         "import os, signal\nsignal.pidfd_send_signal(os.pidfd_open(os.getppid()), signal.SIGKILL)",
         # SIGIO (default action: terminate) to the owner of a file that becomes readable
@@ -423,7 +423,7 @@ def test_evaluators_environment_is_out_of_reach_when_the_hook_is_fooled(landlock
     # /proc/<pid>/environ shows a process's environment as it started: a separate evaluator,
     # started with the secret. Landlock alone does not refuse it everywhere (a root sample).
     # userns: root in a user namespace that maps root alone, where the sample cannot be nobody
-    # (it stayed root with every capability, and read the secret without Landlock).
+    # (it stays root with every capability, and without Landlock would read the secret).
     prefix = ["unshare", "-r"] if userns else []
     if userns and subprocess.run([*prefix, "true"], capture_output=True).returncode != 0:
         pytest.skip("no unprivileged user namespaces here")
@@ -626,9 +626,10 @@ def test_long_output_keeps_its_last_max_output_chars():
 
 @pytest.mark.parametrize("limit, written", [(40, 0), (150, 80), (150, 110), (0, 30)])
 def test_the_output_limit_counts_the_programs_own_stderr_only(limit, written):
-    """The tail was cut before the sandbox's own header line and completion marker came out:
-    under 53 characters a run that ended reported completed=False with part of the secret token
-    as its stderr, a piece of the header showed as the program's, and the marker took room."""
+    """The tail is cut after the sandbox's own header line and completion marker come out: cut
+    before, a limit under 53 characters would report a run that ended as completed=False with
+    part of the secret token as its stderr, show a piece of the header as the program's, and
+    let the marker take room."""
     program = f"import sys\nsys.stderr.write('x' * {written})\nprint(1)\n"
     result = run_python(program, dataclasses.replace(FAST, max_output_chars=limit))
     assert result.passed and result.completed, result
@@ -705,10 +706,10 @@ def test_cli_runs_a_file_and_says_how_it_ended(tmp_path, capsys):
 
 
 def test_cli_refuses_limits_no_program_could_run_under_and_a_non_utf8_file(tmp_path, capsys):
-    """A memory limit below an interpreter's needs failed every program (exit 1, as if the
-    program were wrong), an infinite timeout is no limit, and a Latin-1 file is named. A file
-    limit below 1 MB failed every program with no output (exit 120), a negative output limit
-    called a passing run not completed, negative budgets killed every run (status disk)."""
+    """Refused: a memory limit below an interpreter's needs (every program would fail, exit 1, as
+    if it were wrong), an infinite timeout (no limit), a file limit below 1 MB (every program
+    would fail with no output, exit 120), a negative output limit (a passing run would be called
+    not completed), negative budgets (every run killed, status disk). A Latin-1 file is named."""
     ok = tmp_path / "ok.py"
     ok.write_text("print(1)\n")
     latin1 = tmp_path / "latin1.py"
@@ -779,7 +780,7 @@ def test_without_landlock_confinement_says_why(monkeypatch):
     assert "Landlock" in why and "read" in why
 
 
-# Ways a program tried to fake a pass; each must end "failed", with no completion.
+# Ways a program may try to fake a pass; each must end "failed", with no completion.
 FAKE_PASSES = {
     "the caller's locals": "import os, sys\n"
     "for v in list(sys._getframe(1).f_locals.values()):\n"

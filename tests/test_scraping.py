@@ -137,7 +137,7 @@ def test_blob_api_path_without_raw_host_gives_the_same_output(tmp_path):
 @pytest.mark.parametrize("raw", [True, False], ids=["raw", "blob"])
 def test_a_file_whose_bytes_are_not_its_blob_is_dropped(tmp_path, raw):
     """Bytes that do not hash to the SHA the tree names (a broken proxy or cache) are counted as
-    sha_mismatch and never written; every other file is kept as before."""
+    sha_mismatch and never written; every other file is kept."""
     repos, expected = fake_corpus()
     path = sorted(p for repo, p in expected if repo == "gamma/mailer")[0]
     data = next(r for r in repos if r.full_name == "gamma/mailer").files[path]
@@ -179,7 +179,7 @@ def test_search_splits_date_range_past_the_result_cap():
 
 def test_a_slice_of_two_seconds_is_split_too():
     """A slice's bounds are whole seconds, both included: end - start = 1 s is two seconds,
-    which was never halved, so results past the cap were lost. Two repos in each of two
+    which is halved too, else results past the cap would be lost. Two repos in each of two
     seconds, a cap of 3: all four are found."""
     repos = [FakeRepo(f"o/t{i}", 200 + i, f"2015-01-01T00:00:0{i // 2}+00:00") for i in range(4)]
     start = datetime(2015, 1, 1, tzinfo=timezone.utc)
@@ -191,9 +191,9 @@ def test_a_slice_of_two_seconds_is_split_too():
 
 
 def test_a_split_search_misses_no_second():
-    """A split slice's second half started at mid + 2 s, so repos created in the second right
-    after a split point were silently missed. One repo a second, a cap of 3 (several splits):
-    every repo is found, once."""
+    """A split slice's second half starts at mid + 1 s, the second right after a split point
+    (mid + 2 s would silently miss the repos created in it). One repo a second, a cap of 3
+    (several splits): every repo is found, once."""
     repos = [FakeRepo(f"o/s{i:02d}", 200 + i, f"2015-01-01T00:00:{i:02d}+00:00")
              for i in range(11)]
     start = datetime(2015, 1, 1, tzinfo=timezone.utc)
@@ -246,9 +246,9 @@ def test_a_repo_listing_skips_submodules_and_keeps_nested_paths():
 
 
 def test_a_repo_listing_skips_the_directories_the_local_walker_skips():
-    """A committed virtualenv's site-packages, node_modules, .tox and __pycache__ were scraped
-    from GitHub (third-party code under the repo's licence), though `scraping local` of the same
-    repo never enters them; a truncated tree's walk does not even list them."""
+    """A committed virtualenv's site-packages, node_modules, .tox and __pycache__ are not
+    scraped from GitHub (third-party code under the repo's licence), as `scraping local` of the
+    same repo never enters them; a truncated tree's walk does not even list them."""
     files = {rel: f"# {rel}\nx = 1\n".encode() for rel in (
         "app/main.py", ".venv/lib/python3.11/site-packages/req/api.py", "node_modules/p/s.py",
         "app/__pycache__/m.py", "lib/site-packages/x.py", ".tox/py311/y.py", "app/venv.py")}
@@ -286,9 +286,9 @@ def test_license_allow_list(tmp_path):
 
 
 def test_licenses_none_is_the_repos_without_a_licence_not_any_licence(tmp_path):
-    """`--licenses none` was the settings module's word for None, the default: any licence, the opposite
-    of what it reads as. It is now the repos GitHub detects no licence in (`license` null),
-    alone or beside ids, and --help says so."""
+    """`--licenses none` is the repos GitHub detects no licence in (`license` null), alone or
+    beside ids, and --help says so: not the settings module's word for None, the default (any
+    licence), the opposite of what it reads as."""
     from scraping.__main__ import build_parser
 
     github = build_parser()._subparsers._group_actions[0].choices["github"]
@@ -314,8 +314,9 @@ def test_licenses_none_is_the_repos_without_a_licence_not_any_licence(tmp_path):
 
 
 def test_the_until_day_is_included(tmp_path):
-    """--until is the "last date, inclusive": ending the search at that day's midnight left
-    out every repo created later that day. One created at noon on it is scraped."""
+    """--until is the "last date, inclusive": the search does not end at that day's midnight,
+    which would leave out every repo created later that day. One created at noon on it is
+    scraped."""
     repos = [FakeRepo("o/noon", 500, "2020-01-01T12:00:00+00:00",
                       files={"m.py": b"x = 1\n" * 100})]
     with FakeGitHub(repos) as fake:
@@ -325,8 +326,9 @@ def test_the_until_day_is_included(tmp_path):
 
 
 def test_a_resume_on_a_later_day_keeps_the_first_runs_until(tmp_path, monkeypatch):
-    """Without --until the first run fixes today as the last date; a resume on a later day took
-    the new today and was refused ("until" differs). It continues the first run's scrape."""
+    """Without --until the first run fixes today as the last date; a resume on a later day keeps
+    it, not taking the new today (which "until" differs would refuse): it continues the first
+    run's scrape."""
     out = tmp_path / "out.jsonl"
     today = [date(2024, 5, 1)]
 
@@ -365,8 +367,9 @@ def test_resume_after_a_crash_between_output_and_state(tmp_path):
 
 
 def test_a_resume_drops_a_cut_off_state_line_before_appending(tmp_path):
-    """A kill mid-write leaves half a state line. A resume that kept it glued the next repo's
-    line to it, and the run after that forgot that repo. Every finished repo stays known."""
+    """A kill mid-write leaves half a state line. A resume drops it before appending (kept, it
+    would glue the next repo's line to it, and the run after would forget that repo): every
+    finished repo stays known."""
     out, state = tmp_path / "o.jsonl", tmp_path / "o.jsonl.state"
     rec = {"repo": "o/a", "path": "a.py", "sha": "1", "license": None, "stars": 1, "text": "x"}
     with ResumableOutput(out, state, {"k": 1}) as store:
@@ -397,7 +400,7 @@ def test_resume_with_other_settings_is_a_clear_error(tmp_path, capsys):
     ("licenses", ["MIT"]), ("extra_query", "archived:false")])
 def test_a_resume_with_any_other_output_setting_is_refused(tmp_path, setting, value):
     """Every setting that decides which files the output holds must match on resume: one left
-    out of the state (max_bytes was, once) would mix files of two filters in one output."""
+    out of the state (max_bytes, say) would mix files of two filters in one output."""
     out = tmp_path / "out.jsonl"
     run_scrape(out, max_repos=1)
     before = out.read_bytes()
@@ -501,9 +504,9 @@ def test_client_waits_for_the_reset_when_the_quota_runs_out():
 
 
 def test_connections_dropped_on_every_retry_are_a_server_error():
-    """ServerError covers "5xx answers or dropped connections": a repo whose requests kept
-    dropping raised a plain GitHubError, which stopped the whole run instead of leaving that
-    repo for the next one."""
+    """ServerError covers "5xx answers or dropped connections": a repo whose requests keep
+    dropping raises it, leaving that repo for the next run, not a plain GitHubError, which
+    would stop the whole run."""
     repo = FakeRepo("a/b", 500, "2020-01-01")
     with FakeGitHub([repo], faults=[("/branches/", "drop")] * 2) as fake:
         with pytest.raises(ServerError, match="failed 2 times"):
@@ -512,9 +515,9 @@ def test_connections_dropped_on_every_retry_are_a_server_error():
 
 
 def test_a_secondary_limit_without_headers_waits_at_least_a_minute():
-    """GitHub's rule: after a secondary rate limit with no retry-after, wait at least a minute.
-    Only the backoff (about a second) was waited; the fake's secondary_403 always sent
-    retry-after, so this path never ran."""
+    """GitHub's rule: after a secondary rate limit with no retry-after, wait at least a minute,
+    not only the backoff (about a second). The fake's secondary_403_bare sends no retry-after,
+    so this path runs."""
     repo = FakeRepo("a/b", 500, "2020-01-01")
     with FakeGitHub([repo], faults=[("/branches/", "secondary_403_bare")]) as fake:
         sleep = RecordingSleep()
@@ -525,7 +528,7 @@ def test_a_secondary_limit_without_headers_waits_at_least_a_minute():
 
 def test_a_wait_of_exactly_max_wait_is_waited():
     """--max-wait gives up when a rate limit "needs a longer wait": a retry-after equal to it
-    was refused too. Time stands still, so the wait is exactly the retry-after."""
+    is waited, not refused. Time stands still, so the wait is exactly the retry-after."""
     repo = FakeRepo("a/b", 500, "2020-01-01")
     with FakeGitHub([repo], faults=[("/branches/", "429")]) as fake:
         sleep, now = RecordingSleep(), time.time()
@@ -656,8 +659,8 @@ sys.exit(main(sys.argv[1:]))
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143),
                                        (signal.SIGKILL, -9)], ids=["INT", "TERM", "KILL"])
 def test_a_stopped_clone_is_removed_at_once_or_by_the_next_run(tmp_path, monkeypatch, sig, code):
-    """Ctrl-C and SIGTERM remove the clone and exit 130/143 with one line (SIGTERM was a bare
-    kill that left the clone in $TMPDIR); a SIGKILLed run's clone is removed by the next run,
+    """Ctrl-C and SIGTERM remove the clone and exit 130/143 with one line (SIGTERM is no bare
+    kill that leaves the clone in $TMPDIR); a SIGKILLed run's clone is removed by the next run,
     never the clone of a run still going."""
     tmp = tmp_path / "tmp"
     tmp.mkdir()
@@ -775,8 +778,8 @@ def test_cli_help_and_bad_flags(tmp_path, capsys):
 ])
 def test_bad_request_flags_are_refused_by_name_before_anything_is_written(flag, value, tmp_path,
                                                                           capsys):
-    """--timeout -1 and --api-url notaurl failed at the first request in requests' words, no
-    flag named, after OUT and OUT.state were written; --max-repos -1 was taken."""
+    """--timeout -1, --api-url notaurl and --max-repos -1 are refused by flag before OUT and
+    OUT.state are written, not failing at the first request in requests' words, or taken."""
     with FakeGitHub(_ranked_repos(2)) as fake:
         assert _cli_scrape(fake, tmp_path / "x.jsonl", flag, value) == 2
     assert fake.requests == []
@@ -814,8 +817,8 @@ def test_help_gives_every_flags_default():
 
 
 def test_flags_read_lists_and_none_as_every_scripts_do():
-    """A private copy of the dataclass-to-flags rule read `--extensions .kt,.kts` as one
-    extension and `--until none` as a date; the flags are settings.add_config_flags's now."""
+    """The flags are settings.add_config_flags's, not a private copy of the dataclass-to-flags
+    rule: `--extensions .kt,.kts` is two extensions and `--until none` no date."""
     from scraping.__main__ import build_parser
 
     def parse(*argv: str) -> dict:
@@ -883,7 +886,7 @@ def _cli_scrape(fake: FakeGitHub, out: Path, *flags: str) -> int:
 
 def test_a_scrape_that_keeps_no_file_warns(tmp_path, capsys):
     """--extensions .kt on Python repos: exit 0, an empty output and every repo recorded done
-    (the API quota spent), with no word of it."""
+    (the API quota spent), so a warning says that no file was kept."""
     with FakeGitHub(_ranked_repos(2)) as fake:
         assert _cli_scrape(fake, tmp_path / "kt.jsonl", "--extensions", ".kt") == 0
         assert "warning: no file kept (" in capsys.readouterr().err
@@ -893,8 +896,8 @@ def test_a_scrape_that_keeps_no_file_warns(tmp_path, capsys):
 
 def test_a_token_with_a_line_end_works_and_a_malformed_one_is_never_shown(tmp_path, capsys,
                                                                           monkeypatch):
-    """A token file saved with CRLF gave requests' InvalidHeader, whose message (printed as the
-    error) quoted the whole token."""
+    """A token saved with CRLF works; a malformed one is refused without quoting it (requests'
+    InvalidHeader, printed as the error, would quote the whole token)."""
     with FakeGitHub(_ranked_repos(2), token=TOKEN) as fake:
         monkeypatch.setenv("GITHUB_TOKEN", TOKEN + "\r\n")
         assert _cli_scrape(fake, tmp_path / "a.jsonl") == 0
@@ -908,8 +911,8 @@ def test_a_token_with_a_line_end_works_and_a_malformed_one_is_never_shown(tmp_pa
 
 def test_a_repo_github_keeps_failing_is_left_for_the_next_run_and_the_rest_go_on(tmp_path,
                                                                                 capsys):
-    """A file (or tree) that kept answering 5xx stopped the whole scrape, and every re-run
-    stopped on the same repo: now that repo alone is not saved, the run says so (exit 1), and
+    """A file (or tree) that keeps answering 5xx does not stop the whole scrape (every re-run
+    would stop on the same repo): that repo alone is not saved, the run says so (exit 1), and
     the next run retries it."""
     out = tmp_path / "out.jsonl"
     repos, expected = fake_corpus()
@@ -981,9 +984,9 @@ def test_an_outage_stops_the_run_and_rate_limits_still_do(tmp_path):
 
 
 def test_failures_apart_from_each_other_are_no_outage(tmp_path):
-    """Only failures in a row are an outage: the counter was never reset by a good repo, so
-    five failing repos with good ones between them stopped the run. They are five repos left
-    for the next run, and the four between them are scraped."""
+    """Only failures in a row are an outage: a good repo resets the counter, so five failing
+    repos with good ones between them do not stop the run. They are five repos left for the
+    next run, and the four between them are scraped."""
     faults = [(f"/repos/o/r{i}/branches/", "500") for i in (0, 2, 4, 6, 8)]
     with FakeGitHub(_ranked_repos(), faults=faults) as fake:
         summary = scrape_github(config(fake, tmp_path / "out.jsonl", min_bytes=1),
@@ -992,8 +995,9 @@ def test_failures_apart_from_each_other_are_no_outage(tmp_path):
 
 
 def test_a_second_run_on_the_same_output_is_refused(tmp_path, capsys):
-    """Two runs appending to one output wrote duplicates, then a resume cut the file under the
-    other's appends (a truncated JSON line)."""
+    """A second run on an output in use is refused: two runs appending to one output would write
+    duplicates, and a resume would cut the file under the other's appends (a truncated JSON
+    line)."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.py").write_text("a = 1\n")
@@ -1012,9 +1016,9 @@ def test_a_second_run_on_the_same_output_is_refused(tmp_path, capsys):
 
 
 def test_an_empty_licence_list_is_refused(tmp_path, capsys):
-    """``--licenses`` with no id skipped every repo and locked the output to that. The flag,
-    a list flag of the settings module's, needs one id (as every list flag does); the config, an empty
-    list."""
+    """``--licenses`` with no id would skip every repo and lock the output to that: the flag,
+    a list flag of the settings module's, needs one id (as every list flag does); the config
+    refuses an empty list."""
     assert main(["github", "--out", str(tmp_path / "x.jsonl"), "--licenses", "--api-url",
                  "http://127.0.0.1:9", "--retries", "0", "--no-progress"]) == 2
     assert "argument --licenses: expected at least one argument" in capsys.readouterr().err
@@ -1032,7 +1036,8 @@ def test_licences_are_stored_as_github_spells_them_so_a_rerun_in_another_case_re
 
 
 def test_local_license_is_one_id_of_the_github_table(tmp_path, capsys):
-    """``scraping local --license`` recorded any string, typos and 'permissive' included."""
+    """``scraping local --license`` takes only an id of GitHub's table: typos and 'permissive'
+    are refused, not recorded."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.py").write_text("a = 1\n")
@@ -1183,8 +1188,8 @@ def test_a_licence_file_linking_out_of_its_tree_is_not_read(tmp_path):
 
 
 def test_local_records_each_sources_own_licence(tmp_path, capsys):
-    """Every local record said ``license: null`` although each repo had its LICENSE; one
-    --license for a run mislabelled one of an MIT and a GPL repo collected together."""
+    """Each local record names its own source's LICENSE, not ``license: null``, nor one
+    --license for the run, which would mislabel one of an MIT and a GPL repo collected together."""
     sources = {
         "mit": {"LICENSE": LICENCE_EXCERPTS["MIT"], "a.py": "a = 1\n"},
         "gpl": {"COPYING": LICENCE_EXCERPTS["GPL-3.0"], "b.py": "b = 1\n"},
@@ -1264,8 +1269,8 @@ def test_a_multi_word_language_is_one_search_term(tmp_path):
 
 
 def test_local_skips_the_directories_dataset_skips(tmp_path):
-    """A virtualenv's packages were collected (and stamped with --license) though dataset.py's
-    reader of the same directory skipped them."""
+    """A virtualenv's packages are not collected (nor stamped with --license), as dataset.py's
+    reader of the same directory skips them."""
     import dataset
 
     src = tmp_path / "proj"
@@ -1282,8 +1287,8 @@ def test_local_skips_the_directories_dataset_skips(tmp_path):
 
 
 def test_local_and_dataset_walk_a_tree_alike(tmp_path):
-    """dataset.py matched extensions in one case only; ``scraping local`` kept ``B.PY``: two
-    corpora from one directory. The one difference left is deliberate: a link to a file is read
+    """dataset.py and ``scraping local`` match extensions alike (``B.PY`` in both): one corpus
+    from one directory. The one difference is deliberate: a link to a file is read
     in the user's own directory (dataset.py), never out of a clone (scraping local)."""
     import dataset
 
@@ -1303,8 +1308,9 @@ def test_local_and_dataset_walk_a_tree_alike(tmp_path):
 
 
 def test_a_git_work_tree_gives_what_its_clone_gives(tmp_path):
-    """A checkout walked as a directory gave its ignored files too: build/lib copies (kept under
-    those paths, the sources dropped as their duplicates) and a local_settings.py of secrets."""
+    """A checkout walked as a directory skips its ignored files, as its clone does: no build/lib
+    copies (kept under those paths, the sources dropped as their duplicates), no
+    local_settings.py of secrets."""
     import dataset
 
     src = tmp_path / "proj"
@@ -1333,7 +1339,7 @@ def _git_repo(root: Path, files: dict[str, str], commit: tuple[str, ...]) -> Pat
 
 def test_a_repository_inside_the_tree_has_its_own_ignored_files_skipped(tmp_path):
     """A submodule (or a repository cloned inside another) is its own work tree: the outer
-    repository's git does not list what the inner one ignores, and it was collected."""
+    repository's git does not list what the inner one ignores, which is skipped all the same."""
     src = _git_repo(tmp_path / "proj", {"a.py": "x = 1\n", ".gitignore": "*.log\n"},
                     ("a.py", ".gitignore"))
     _git_repo(src / "vendor" / "lib", {"lib.py": "y = 1\n", ".gitignore": "gen/\n",
@@ -1344,7 +1350,8 @@ def test_a_repository_inside_the_tree_has_its_own_ignored_files_skipped(tmp_path
 
 def test_a_checkout_another_user_owns_still_has_its_ignored_files_skipped(tmp_path, monkeypatch):
     """git refuses a repository of another owner ('dubious ownership'): a mounted checkout, or
-    root's container over a user's tree, gave its ignored build copies and secrets."""
+    root's container over a user's tree, still has its ignored build copies and secrets
+    skipped."""
     src = _git_repo(tmp_path / "proj", {"a.py": "x = 1\n", ".gitignore": "local_settings.py\n",
                                         "local_settings.py": "KEY = 1\n"}, ("a.py", ".gitignore"))
     monkeypatch.setenv("GIT_TEST_ASSUME_DIFFERENT_OWNER", "1")  # git's own switch for this
@@ -1363,7 +1370,7 @@ def test_is_git_source_is_public_api(tmp_path):
 
 def test_both_collectors_skip_git_lfs_pointers(tmp_path):
     """A clone without git-lfs (and GitHub's raw host) holds a pointer in place of the file;
-    it was kept as source code."""
+    both collectors skip it, never keeping it as source code."""
     pointer = (b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"4d7a2146" * 8
                + b"\nsize 12345\n")
     src = tmp_path / "proj"
