@@ -567,7 +567,7 @@ class RateLimitedUntil(FakeGitHub):
 @pytest.mark.parametrize("skew", [5.0, -600.0])
 def test_client_waits_out_a_rate_limit_whatever_the_clock_skew(skew):
     # GitHub's quota resets 1.5 s from now on its clock; the local clock is `skew` s off. A
-    # fast clock made the reset look past, and every retry went out in the same millisecond.
+    # fast clock must not make the reset look past, sending every retry in the same millisecond.
     server = ServerTime(1_700_000_000.5)
     with RateLimitedUntil([FakeRepo("a/b", 500, "2020-01-01")], clock=server) as fake:
         fake.reset = 1_700_000_002
@@ -744,7 +744,7 @@ def test_local_keeps_finished_sources_when_a_later_one_fails_and_resumes(tmp_pat
     argv = ["local", str(first), missing, "--out", str(out), "--no-progress"]
     assert main(argv) == 2  # the clone fails after the first source is collected
     assert "git clone" in capsys.readouterr().err
-    assert [r["path"] for r in read_jsonl(out)] == ["a.py"]  # was: nothing written at all
+    assert [r["path"] for r in read_jsonl(out)] == ["a.py"]  # what was collected is kept
     assert main(["local", str(first), str(second), "--out", str(out), "--no-progress"]) == 0
     assert [r["path"] for r in read_jsonl(out)] == ["a.py", "b.py"]
     assert "already_done" in capsys.readouterr().err
@@ -1032,7 +1032,7 @@ def test_licences_are_stored_as_github_spells_them_so_a_rerun_in_another_case_re
     assert expand_licenses(["mit", "APACHE-2.0"]) == {"MIT", "Apache-2.0"}
     out = tmp_path / "out.jsonl"
     run_scrape(out, licenses=["MIT", "Apache-2.0"], max_repos=1)
-    run_scrape(out, licenses=["mit", "apache-2.0"])  # was "licenses differ"
+    run_scrape(out, licenses=["mit", "apache-2.0"])  # not "licenses differ"
 
 
 def test_local_license_is_one_id_of_the_github_table(tmp_path, capsys):

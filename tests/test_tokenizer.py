@@ -412,8 +412,9 @@ def test_real_split_regexes_still_read_as_hf_reads_them(pattern, references, std
 
 
 def test_a_split_regex_with_groups_splits_at_its_matches_as_hf_does(references, tmp_path):
-    """Groups in a Split regex change nothing in HF; Python's findall returns the groups, which
-    failed inside encode where their count matched the text's length ("ab": two)."""
+    """Groups in a Split regex change nothing in HF, nor in codelm: Python's findall returns the
+    groups, which would fail inside encode where their count matches the text's length ("ab":
+    two)."""
     path, hf = _with_split_regex(references, tmp_path,
                                  r"( ?)(\p{L}+)|\p{N}{1,3}|\s+|(?<p>[^\s\p{L}\p{N}])+")
     ours = load_tokenizer(path)
@@ -580,8 +581,8 @@ def test_trained_here_loads_in_hf_with_identical_ids(style, stdlib_texts, tmp_pa
 
 
 def test_split_special_tokens_encodes_their_text_as_hf_does(references, stdlib_texts, tmp_path):
-    """Scraped code quoting ``<|endoftext|>`` or ``<fim_middle>`` became those special ids in
-    dataset.py's documents (a false document end, a second FIM triple in a middle); with
+    """Scraped code quoting ``<|endoftext|>`` or ``<fim_middle>`` must not become those special
+    ids in dataset.py's documents (a false document end, a second FIM triple in a middle): with
     ``split_special_tokens`` their text is text, as HF's ``encode_special_tokens``. A
     non-special added token is still found."""
     train = [t for _, t in stdlib_texts[::60]]
@@ -669,8 +670,8 @@ def test_bpe_training_cuts_out_the_longest_special_token_where_one_starts_anothe
 
 
 def test_bpe_training_with_a_repeated_special_token_gives_dense_ids_hf_reads_alike(tmp_path):
-    """A special token listed twice is one token: ids stay 0..vocab_size-1 (a repeat took two
-    ids and left a hole), and HF reads the saved file with the same ids."""
+    """A special token listed twice is one token: ids stay 0..vocab_size-1 (a repeat taking two
+    ids would leave a hole), and HF reads the saved file with the same ids."""
     texts = ["def f(x):\n    return x<|endoftext|>"] * 5
     tok = BPETokenizer.train(texts, 300, special_tokens=["<|endoftext|>", "<pad>", "<|endoftext|>"])
     vocab = tok.spec["model"]["vocab"]
@@ -711,7 +712,8 @@ def test_bpe_save_keeps_an_existing_tokenizer_config(tmp_path):
 
 @pytest.mark.parametrize("value", [5, ["<|endoftext|>"], {"content": 5}, True])
 def test_a_tokenizer_config_role_neither_a_token_nor_null_is_an_error_naming_it(value, tmp_path):
-    """An id or a list where a token belongs was ignored, and the EOS guessed by name."""
+    """An id or a list where a token belongs is an error naming it, not ignored with the EOS
+    guessed by name."""
     _hf_bpe_file(tmp_path)
     config = tmp_path / "tokenizer_config.json"
     config.write_text(json.dumps({"pad_token": "<a>", "eos_token": value}))
@@ -950,8 +952,9 @@ def test_decode_refuses_ids_outside_the_vocabulary_negative_ones_too(code_tok, r
 
 
 def test_decode_refuses_a_batch_or_a_single_id_saying_so(tmp_path):
-    """generate's (1, T) output passed without [0] was refused as ids "out of range", naming a
-    whole row; a single id raised TypeError from iterating an int."""
+    """generate's (1, T) output passed without [0] is refused as a batch (decode each row), not
+    as ids "out of range" naming a whole row; a single id too, not a TypeError from iterating an
+    int."""
     import numpy as np
     import torch
 
@@ -1120,7 +1123,8 @@ def test_a_comment_stripping_tokenizer_learns_its_vocabulary_from_stripped_code(
 
 def test_training_on_text_with_a_lone_surrogate_still_saves_for_hf(tmp_path):
     """A lone surrogate (JSON can spell one) is no UTF-8 and so no piece (guards against a
-    surrogate piece, which made save crash): the tokenizer saves, and HF reads the same ids."""
+    surrogate piece, which would make save crash): the tokenizer saves, and HF reads the same
+    ids."""
     tok = CodeTokenizer.train(["s = '\ud83d'\nx = 1\n"] * 3, min_freq=1)
     assert "\ud83d" not in tok.pieces
     hf = Tokenizer.from_file(str(tok.save(tmp_path)))
@@ -1361,7 +1365,7 @@ def _unicode_table_disagreements() -> str:
 
 
 # Any text, in every script and plane, but for the code points where the two engines' Unicode
-# tables disagree (above): there codelm and HF differ by contract, which made the parity
+# tables disagree (above): there codelm and HF differ by contract, which would make the parity
 # round trips fail at random (e.g. '\U000323b0/x' with the llama3 style).
 ANY_TEXT = st.deferred(
     lambda: st.text(st.characters(codec="utf-8", exclude_characters=_unicode_table_disagreements()))
@@ -1579,9 +1583,9 @@ _SPECIAL_ENTRY = {"id": 2, "content": "<eos>", "single_word": False, "lstrip": F
 ])
 def test_an_edited_code_tokenizer_json_names_the_part_that_differs(edit, message, code_tok,
                                                                     tmp_path):
-    """A pre_tokenizer set to null or an edited Split regex was blamed on the model ("unsupported
-    model: type 'WordPiece'"); a null decoder or a non-string added token passed silently,
-    though HF reads the file as another tokenizer or not at all."""
+    """A pre_tokenizer set to null or an edited Split regex is named as such, not blamed on the
+    model ("unsupported model: type 'WordPiece'"); a null decoder or a non-string added token
+    does not pass silently, as HF reads the file as another tokenizer or not at all."""
     path = _edited_code_json(code_tok, tmp_path, edit)
     for load in (load_tokenizer,):
         with pytest.raises(ValueError, match=rf"tokenizer\.json: .*{message}"):
@@ -1731,7 +1735,7 @@ def test_cli_errors_name_the_file(tmp_path, capsys):
 
 def test_cli_add_special_tokens_shows_the_ids_hf_adds_with_its_template(references, capsys):
     """--add-special-tokens: the ids of HF tokenizers' encode with the template (Llama-3's BOS
-    first); without it, the text's ids alone (the flag was accepted and ignored)."""
+    first); without it, the text's ids alone (the flag takes effect, not ignored)."""
     import tokenizer
 
     path, hf, _ = references["llama3"]

@@ -157,7 +157,7 @@ def test_accumulation_equals_one_big_batch_and_validation_equals_training_loss(t
     assert stats_acc.grad_norm == pytest.approx(stats_one.grad_norm, rel=1e-5)
     # The gradients agree to float rounding (Adam's first moment is 0.1 x the gradient); the
     # weights too, where the gradient is far above Adam's eps (1e-8): Adam's first step is
-    # lr * g / (|g| + eps), whose rounding there is amplified (a 9e-9 gradient once moved its
+    # lr * g / (|g| + eps), whose rounding there is amplified (a 9e-9 gradient can move its
     # weight 1.2e-5 apart on one CPU and not on another).
     for (name, a), b in zip(one.raw_model.named_parameters(), accumulated.raw_model.parameters()):
         ga, gb = (t.optimizer.state[p]["exp_avg"] for t, p in ((one, a), (accumulated, b)))
@@ -190,7 +190,8 @@ def test_fp16_overflow_is_skipped_by_the_scaler_not_applied():
 
 def test_lora_on_an_fp16_base_scales_the_loss_at_any_precision():
     """The backward through a frozen fp16 base underflows without loss scaling: at 8192 target
-    tokens per step the adapters' gradients were 40% off with precision fp32 (CPU's auto)."""
+    tokens per step the adapters' gradients would be ~40% off with precision fp32 (CPU's auto),
+    so the loss is scaled whatever the precision."""
     import lora
     from architecture import PRESETS, Transformer
 
@@ -450,8 +451,8 @@ def test_config_file_with_cli_overrides_and_clear_errors(tmp_path, capsys):
     ({"model_options": {"n_layer": "2"}}, "model_options: key 'n_layer' must be an integer"),
 ])
 def test_a_nested_option_mistake_names_the_config_file_or_the_flag(tmp_path, options, message):
-    """A mistake inside data_options / model_options of a --config file did not name the file
-    (a top-level key's does): the file, or the flag that gave them, is named now."""
+    """A mistake inside data_options / model_options names the --config file, or the flag that
+    gave them, as a top-level key's mistake does."""
     path = tmp_path / "c.json"
     path.write_text(json.dumps(options))
     with pytest.raises(ValueError) as err:
@@ -472,8 +473,8 @@ def test_unknown_data_and_model_options_are_named():
 
 
 def test_a_typo_in_data_or_model_options_suggests_the_key(tmp_path):
-    """A misspelt top-level config key gets "did you mean"; one inside data_options or
-    model_options got a list of all 40 DataConfig keys to search instead."""
+    """A misspelt config key gets "did you mean", inside data_options or model_options too, not a
+    list of all 40 DataConfig keys to search."""
     with pytest.raises(ValueError, match="DataConfig key 'train_fracc'.*'train_frac'"):
         tm.config_from_dict({"data_options": {"train_fracc": 0.5}})
     with pytest.raises(ValueError) as listed:  # no close match: the keys data_options may set
@@ -624,8 +625,9 @@ def test_a_failed_directory_write_is_one_oserror_and_leaves_the_old_one(tmp_path
 
 
 def test_a_write_that_fills_the_disk_says_so_first(tmp_path, monkeypatch):
-    """torch's "[enforce fail at inline_container.cc] unexpected pos" led the message of a full
-    disk; Python's own ENOSPC named no file. Free space is read while the partial copy is there."""
+    """A full disk's message leads with the full disk and names the file, not torch's "[enforce
+    fail at inline_container.cc] unexpected pos" or Python's own ENOSPC, which names none. Free
+    space is read while the partial copy is there."""
     target = tmp_path / "step-3"
     seen = []
 
@@ -651,8 +653,8 @@ def test_a_write_that_fills_the_disk_says_so_first(tmp_path, monkeypatch):
 def test_a_full_disk_while_logging_names_the_file_and_is_not_raised_again(assets, tmp_path,
                                                                           monkeypatch, capsys):
     """metrics.jsonl's write fails on a full disk at step 3: one line naming the file (Python's
-    own ENOSPC names none), not raised again by closing the log, which replaced it (naming
-    nothing either) and skipped putting the signal handlers back."""
+    own ENOSPC names none), not raised again by closing the log, which would replace it (naming
+    nothing either) and skip putting the signal handlers back."""
     import signal
 
     real_open = open
@@ -686,8 +688,8 @@ def test_a_full_disk_while_logging_names_the_file_and_is_not_raised_again(assets
 
 
 def test_a_stopped_directory_write_removes_its_half_written_copy(tmp_path):
-    """Ctrl-C, or SIGTERM under interrupt_on_sigterm, mid-write left the temp directory behind
-    (only an Exception removed it): in the tokenizer cache, which no run start cleans, for good."""
+    """Ctrl-C, or SIGTERM under interrupt_on_sigterm, mid-write removes the temp directory, as an
+    Exception does: left in the tokenizer cache, which no run start cleans, it would stay."""
     def stopped(d):
         (d / "tokenizer.json").write_text("{half")
         raise KeyboardInterrupt("SIGTERM")
@@ -699,7 +701,7 @@ def test_a_stopped_directory_write_removes_its_half_written_copy(tmp_path):
 
 def test_a_directory_whose_replacement_failed_to_land_is_put_back(tmp_path, monkeypatch):
     """The new copy's rename failing (another process wrote the target meanwhile, a full
-    directory) left the old copy moved aside as `.old-...` and no target at all."""
+    directory) puts the old copy back, not leaving it aside as `.old-...` with no target."""
     target = tmp_path / "best"
     tm.write_dir_atomically(target, lambda d: (d / "a.txt").write_text("old"))
     rename = os.rename
@@ -717,9 +719,9 @@ def test_a_directory_whose_replacement_failed_to_land_is_put_back(tmp_path, monk
 
 
 def test_a_writer_killed_between_its_renames_leaves_the_old_copy_for_the_next_write(tmp_path):
-    """SIGKILL after the old copy was moved aside but before the new one landed left
-    `.old-best-PID` with no best/: outside a run directory nothing put it back, and the next
-    write of best/ deleted it (a failing one then lost both)."""
+    """SIGKILL after the old copy is moved aside but before the new one lands leaves
+    `.old-best-PID` with no best/: the next write beside it puts it back, outside a run
+    directory too, so that no later write of best/ deletes it (and a failing one loses both)."""
     import multiprocessing
     import signal
 
@@ -748,8 +750,8 @@ def test_a_writer_killed_between_its_renames_leaves_the_old_copy_for_the_next_wr
 
 
 def test_a_tokenizer_another_run_cached_first_is_kept(assets, tmp_path, monkeypatch):
-    """Two runs training the same tokenizer at once: the second to finish replaced the first's
-    cache entry, which a third run may be loading (a cache entry is published once)."""
+    """Two runs training the same tokenizer at once: the second to finish keeps the first's cache
+    entry, which a third run may be loading, and does not replace it (published once)."""
     import dataset
 
     cfg = tiny_cfg(assets, tmp_path, tokenizer=None,
@@ -773,8 +775,8 @@ def test_a_tokenizer_another_run_cached_first_is_kept(assets, tmp_path, monkeypa
 
 
 def test_a_new_encoding_version_trains_a_new_tokenizer(assets, tmp_path, monkeypatch):
-    """The cached vocabulary was keyed without tokenizer.ENCODING_VERSION: after a `regex`
-    upgrade or a piece-rule change it was reused, trained under the old rule."""
+    """The cached vocabulary is keyed by tokenizer.ENCODING_VERSION: after a `regex` upgrade or
+    a piece-rule change it is trained anew, not reused as trained under the old rule."""
     import dataset
 
     cache = tmp_path / "cache"
@@ -791,9 +793,9 @@ def test_a_new_encoding_version_trains_a_new_tokenizer(assets, tmp_path, monkeyp
 
 def test_a_resume_on_data_built_anew_says_it_is_not_the_runs(assets, tmp_path, monkeypatch,
                                                              capsys):
-    """codelm's encoding changed between a run and its resume (an upgrade: ENCODING_VERSION, a
-    task's cut rule): the data was rebuilt and the run went on with other examples, no word.
-    A resume on the same data says nothing."""
+    """codelm's encoding changes between a run and its resume (an upgrade: ENCODING_VERSION, a
+    task's cut rule): the data is rebuilt and the run goes on with other examples, so the resume
+    says so. A resume on the same data says nothing."""
     import dataset
 
     cfg = tiny_cfg(assets, tmp_path, max_steps=4, data_options={
@@ -809,8 +811,8 @@ def test_a_resume_on_data_built_anew_says_it_is_not_the_runs(assets, tmp_path, m
 
 
 def test_best_is_never_written_before_a_checkpoint(assets, tmp_path, monkeypatch):
-    """A kill between the first best/ and the first checkpoint left a run that --resume and the
-    same command both refused: the first best/ now follows a checkpoint of its step."""
+    """The first best/ follows a checkpoint of its step: a kill between the first best/ and the
+    first checkpoint would leave a run that --resume and the same command both refuse."""
     seen = []
     save_best = tm._save_best
 
@@ -826,8 +828,8 @@ def test_best_is_never_written_before_a_checkpoint(assets, tmp_path, monkeypatch
 
 
 def test_labels_that_are_not_the_next_tokens_stop_the_run(assets, tmp_path, monkeypatch):
-    """Unshifted labels (a data bug) make training trivially easy: --overfit-batches passed in
-    fewer steps than on intact data. The run refuses them before training."""
+    """Unshifted labels (a data bug) make training trivially easy: --overfit-batches would pass
+    in fewer steps than on intact data. The run refuses them before training."""
     import dataset
 
     def unshifted(self, i):
@@ -956,15 +958,15 @@ def test_lora_on_a_bf16_base_trains_like_the_fp32_base(assets, tmp_path):
 
 
 def test_full_training_with_a_16_bit_base_names_the_precision_flag_to_use():
-    """The advice said "use --precision bf16"; naming where each setting was set dropped the
-    flag, leaving "or precision bf16" to a trainingmanager.py user."""
+    """The advice names the key with its flag, "precision bf16 (--precision)", not a bare
+    "precision bf16", which a trainingmanager.py user cannot type."""
     with pytest.raises(ValueError, match=r"or precision bf16 \(--precision\) for 16-bit compute$"):
         tm.validate_config(tm.TrainConfig(base_dtype="bf16"))
 
 
 def test_model_options_on_a_loaded_model_set_its_dropouts_or_are_refused(assets, tmp_path):
-    """--model-options was ignored under --init-from, bogus keys and shape keys too: a
-    fine-tune asking for attn_dropout 0 (StarCoder's config has 0.1) kept 0.1."""
+    """--model-options under --init-from sets the loaded model's dropouts (a fine-tune asking
+    for attn_dropout 0 gets 0, not StarCoder's 0.1); bogus keys and shape keys are refused."""
     base = tiny_llama(tmp_path)
     cfg = tiny_cfg(assets, tmp_path, init_from=str(base), lora_r=4,
                    model_options={"attn_dropout": 0.25, "embd_dropout": 0.0})
@@ -982,8 +984,8 @@ def test_model_options_on_a_loaded_model_set_its_dropouts_or_are_refused(assets,
 
 
 def test_merged_export_of_a_bf16_checkpoint_is_bf16_as_lora_py_merges(assets, tmp_path):
-    """export_merged wrote the fp32 training copy (twice the bf16 base's size) where
-    `python lora.py` wrote the checkpoint's own bf16: both now merge alike, bit for bit."""
+    """export_merged writes the checkpoint's own bf16, as `python lora.py` does, not the fp32
+    training copy (twice the bf16 base's size): both merge alike, bit for bit."""
     from tiny_hf import tiny_hf_model
 
     import lora
@@ -1071,7 +1073,7 @@ def test_overfit_fails_with_a_diagnosis_when_the_model_sees_the_future(monkeypat
 
 
 # --------------------------------------------------------------------------------------------
-# Review fixes: broken checkpoints, changed configs, paths, logs, exit codes, range checks
+# Broken checkpoints, changed configs, paths, logs, exit codes, range checks
 # --------------------------------------------------------------------------------------------
 
 
@@ -1199,7 +1201,7 @@ def test_resume_refuses_settings_that_would_change_the_run(assets, tmp_path, cap
     assert resumed["max_steps"] == 6
     lrs = {r["step"]: r["lr"] for r in map(json.loads, (run / "metrics.jsonl").open())
            if r["kind"] == "train"}
-    for step in (5, 6):  # step 5 ran at the 4-step schedule's lr before the fix
+    for step in (5, 6):  # step 5 too: not at the 4-step schedule's lr
         factor = tm.lr_factor(step - 1, resumed["warmup_steps"], 6, resumed["min_lr_ratio"])
         assert lrs[step] == pytest.approx(resumed["lr"] * factor, rel=1e-12)
 
@@ -1484,8 +1486,8 @@ def test_an_epochs_run_rounds_its_steps_up_and_its_cosine_ends_there(assets, tmp
     examples per step) steps: the partial last step trains, as a DataLoader without drop_last
     does. Its cosine decays over those steps: after warmup each logged lr is that of
     transformers' cosine-with-min-lr schedule of that length (HF warms up from 0, codelm from
-    1/warmup_steps, so warmup is left out). An epochs run scheduled over max_steps stayed near
-    its peak lr."""
+    1/warmup_steps, so warmup is left out). Scheduled over max_steps, an epochs run would stay
+    near its peak lr."""
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
     common = dict(task="completion", batch_size=4, grad_accum=2, warmup_steps=2,
@@ -1522,7 +1524,7 @@ def test_an_lm_epoch_is_n_over_block_size_windows_in_the_logged_epoch_too(assets
     """lm windows start at every token, so an epoch is n // block_size of them (the n - T start
     positions would be T epochs): an epochs=1 run's train lines carry examples seen (batch_size
     x grad_accum a step) over that count, rising by the same amount each step, the last one
-    step's worth at most past 1.0 (the run rounds its steps up). Users could not work it out."""
+    step's worth at most past 1.0 (the run rounds its steps up), a figure users can read."""
     train, val = tmp_path / "train", tmp_path / "val"
     smallest = sorted(Path(assets["corpus"]).iterdir(), key=lambda f: f.stat().st_size)
     for directory, f in ((train, smallest[0]), (val, smallest[1])):
@@ -1550,8 +1552,8 @@ def test_an_lm_epoch_is_n_over_block_size_windows_in_the_logged_epoch_too(assets
 
 
 def test_an_lm_split_of_fewer_windows_than_block_size_is_one_epoch_not_zero():
-    """Stride-1 windows count n // block_size to an epoch, at least 1: a tiny corpus's 0 divided
-    the logged epoch by zero. The closed form on a run's parts, no training."""
+    """Stride-1 windows count n // block_size to an epoch, at least 1: a tiny corpus's 0 would
+    divide the logged epoch by zero. The closed form on a run's parts, no training."""
 
     class Windows:  # a stride-1 lm split of n windows, as dataset builds it
         stride = 1
@@ -1613,7 +1615,7 @@ def test_resume_without_a_checkpoint_and_a_torn_metrics_line(assets, tmp_path, c
     config = (run / "config.json").read_bytes()
     assert tm.main(["--resume", str(run), "--max-steps", "6"]) == 2
     assert f"{metrics}:2: not a metrics line" in capsys.readouterr().err
-    assert (run / "config.json").read_bytes() == config  # the refused resume rewrote it
+    assert (run / "config.json").read_bytes() == config  # the refused resume leaves it as it was
 
 
 def test_resume_refuses_a_run_with_weights_but_no_checkpoint(assets, tmp_path, capsys):
@@ -1668,8 +1670,8 @@ def test_validate_config_range_checks_name_the_key(key, value, message):
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", "a/", "..", "."])
 def test_a_run_name_is_one_directory_name_not_a_path(name):
-    """--name ../x wrote the run outside --out-dir, and a/b nested it where eval.py's
-    latest_run never looks."""
+    """--name is refused as a path: ../x would write the run outside --out-dir, and a/b nest it
+    where eval.py's latest_run never looks."""
     with pytest.raises(ValueError, match=rf"name \({re.escape(repr(name))}, --name\): .*"
                                          r"not a path.*--out-dir"):
         tm.validate_config(tm.TrainConfig(name=name))
@@ -1677,7 +1679,8 @@ def test_a_run_name_is_one_directory_name_not_a_path(name):
 
 
 def test_an_unwritable_data_cache_names_where_it_was_set(assets, tmp_path, capsys, monkeypatch):
-    """The user set CODELM_CACHE, never data_options.cache_dir, which the error named."""
+    """The error names CODELM_CACHE where the user set it, not data_options.cache_dir, which
+    the user never set."""
     config = _tiny_config_file(assets, tmp_path)
     monkeypatch.setenv("CODELM_CACHE", "/proc/nope")
     assert tm.main(["--config", config, "--data-options", '{"progress": false}']) == 2
@@ -1688,8 +1691,8 @@ def test_an_unwritable_data_cache_names_where_it_was_set(assets, tmp_path, capsy
 
 
 def test_init_from_without_a_tokenizer_asks_for_tokenizer(assets, tmp_path):
-    """A checkpoint without tokenizer.json gave "cannot read tokenizer file"; eval.py already
-    said to pass --tokenizer."""
+    """A checkpoint without tokenizer.json: the error says to pass --tokenizer, as eval.py's
+    does, not a bare "cannot read tokenizer file"."""
     cfg = tiny_cfg(assets, tmp_path, init_from=str(tiny_llama(tmp_path)), tokenizer=None)
     with pytest.raises(ValueError, match=rf"--init-from {re.escape(cfg.init_from)}: no "
                                          r"tokenizer\.json.*--tokenizer"):
@@ -1713,7 +1716,7 @@ def test_init_from_a_runs_export_without_a_tokenizer_names_the_run(assets, tmp_p
 def test_init_from_with_a_tokenizer_that_is_not_the_models_is_refused(assets, tmp_path):
     """--tokenizer, or the checkpoint's own tokenizer.json, whose roles the checkpoint's
     config.json contradicts (here a CodeTokenizer of another special-token layout, with no more
-    tokens than the embeddings, which the vocabulary check let through)."""
+    tokens than the embeddings, which the vocabulary check lets through)."""
     base = tiny_llama(tmp_path)  # bos 1, eos 2: the default CodeTokenizer's
     texts = [Path(p).read_text("utf-8") for p in sorted(Path(assets["corpus"]).iterdir())]
     other = tmp_path / "other"
@@ -1732,8 +1735,8 @@ def test_init_from_with_a_tokenizer_that_is_not_the_models_is_refused(assets, tm
 
 
 def test_a_tokenizer_other_than_the_checkpoints_own_is_warned_about(assets, tmp_path, capsys):
-    """Another model's tokenizer with no more tokens than the embeddings trained silently on ids
-    that name other tokens."""
+    """Another model's tokenizer with no more tokens than the embeddings would train silently on
+    ids that name other tokens: a warning names both; the checkpoint's own gets none."""
     base = tiny_llama(tmp_path)
     texts = [Path(p).read_text("utf-8") for p in sorted(Path(assets["corpus"]).iterdir())]
     CodeTokenizer.train(texts, min_freq=2, max_vocab=150).save(base)
@@ -1768,15 +1771,15 @@ def test_evaluation_has_its_own_progress_bar(capsys, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------
-# Review fixes: run directories (stale tokenizer, sharing, retrying a failed start), LoRA
-# exports, signals at the end of a run, throughput, dropout, early stopping, CLI mistakes
+# Run directories (stale tokenizer, sharing, retrying a failed start), LoRA exports, signals
+# at the end of a run, throughput, dropout, early stopping, CLI mistakes
 # --------------------------------------------------------------------------------------------
 
 
 def test_a_new_run_uses_its_own_tokenizer_not_a_failed_attempts(assets, tmp_path):
-    """An attempt that failed after saving its tokenizer (a mistyped LoRA target) left
-    tokenizer.json behind; the corrected command under the same name read it instead of the
-    tokenizer it asked for."""
+    """An attempt that failed after saving its tokenizer (a mistyped LoRA target) leaves
+    tokenizer.json behind; the corrected command under the same name reads the tokenizer it
+    asks for, not that one."""
     texts = [p.read_text("utf-8") for p in sorted(Path(assets["corpus"]).iterdir())]
     other = tmp_path / "other"
     other.mkdir()
@@ -1952,7 +1955,8 @@ def test_a_parquet_pair_file_and_a_datasets_directory_train_the_refactor_task(as
 
 
 def test_a_merge_into_a_tied_embedding_is_refused_before_training(assets, tmp_path):
-    """The merge failed only after training, and took the (valid) adapter export with it."""
+    """A merge into a tied embedding is refused before training, not failing after it and taking
+    the (valid) adapter export with it."""
     from tiny_hf import save_tiny_hf
 
     base = tmp_path / "base"
@@ -1970,7 +1974,7 @@ def test_a_merge_into_a_tied_embedding_is_refused_before_training(assets, tmp_pa
 
 def test_tokens_per_s_counts_training_time_only(assets, tmp_path, monkeypatch):
     """Each step takes 1 s on a fake clock, each evaluation 100 s and each save 50 s: the
-    throughput after an evaluation fell 50-fold."""
+    throughput counts the steps only, so it does not fall after an evaluation."""
     import types
 
     now = [0.0]
@@ -2023,8 +2027,8 @@ def test_dropout_flag_sets_residual_dropout_and_model_options_attention_dropout(
 def test_early_stopping_keeps_its_reference_until_a_fall_larger_than_min_delta(
         assets, tmp_path, monkeypatch, capsys):
     """The validation loss falls 0.006 per evaluation with min_delta 0.01: every two
-    evaluations it falls more than min_delta, so patience 3 never runs out (it did after 3
-    evaluations, each small fall moving the reference); best/ follows the true minimum."""
+    evaluations it falls more than min_delta, so patience 3 never runs out (a small fall does
+    not move the reference); best/ follows the true minimum."""
     fake_val_losses(monkeypatch, [3.0 - 0.006 * i for i in range(20)])
     result = tm.train(tiny_cfg(assets, tmp_path, max_steps=10, eval_every=1, warmup_steps=0,
                                early_stop_patience=3, early_stop_min_delta=0.01))
@@ -2038,7 +2042,7 @@ def test_early_stopping_keeps_its_reference_until_a_fall_larger_than_min_delta(
 
 
 def test_max_steps_beside_epochs_is_refused_naming_both(assets, tmp_path, capsys):
-    """Both set the run's length: one would be ignored silently (a resume trained nothing)."""
+    """Both set the run's length: one would be ignored silently (a resume would train nothing)."""
     run = tmp_path / "runs" / "ep"
     run.mkdir(parents=True)
     write_config(tiny_cfg(assets, tmp_path, name="ep", epochs=0.5, max_steps=None),
@@ -2071,8 +2075,8 @@ def test_model_options_mistakes_are_one_line_errors(assets, tmp_path, capsys, op
 
 
 def test_overfit_honours_max_steps_and_lr_and_refuses_what_it_cannot(capsys):
-    """--overfit --max-steps 5 --lr 1e-6 --lora-r 4 reported PASS after 66 steps of a plain
-    from-scratch model."""
+    """--overfit takes --max-steps and --lr (a FAIL in 3 steps at lr 1e-6, not a PASS after 66),
+    and refuses what it cannot honour (--lora-r 4 on a plain from-scratch model)."""
     assert tm.main(["--overfit", "--max-steps", "3", "--lr", "1e-6", "--no-progress"]) == 1
     out = capsys.readouterr().out
     assert out.startswith("FAIL") and "in 3 steps" in out and "barely moved" in out
@@ -2084,8 +2088,9 @@ def test_overfit_honours_max_steps_and_lr_and_refuses_what_it_cannot(capsys):
 
 
 def test_overfit_cut_short_by_max_steps_says_so_a_stalled_loss_does_not(monkeypatch, capsys):
-    """A sound model given 30 steps was diagnosed "stalled above the target: inputs and targets
-    disagree", sending its user after a bug it does not have; a loss that stalls still is."""
+    """A sound model given 30 steps is told to raise --max-steps, not diagnosed "inputs and
+    targets disagree", which would send its user after a bug it does not have; a loss that
+    stalls still is."""
     assert tm.main(["--overfit", "--max-steps", "30", "--no-progress"]) == 1
     out = capsys.readouterr().out
     assert "the loss was still falling when its 30 steps ran out: raise --max-steps" in out
@@ -2125,8 +2130,8 @@ def test_a_run_that_fails_before_writing_anything_leaves_no_directory(assets, tm
 
 
 def test_lora_settings_without_lora_r_are_refused(capsys, tmp_path):
-    """--lora-alpha, --lora-dropout, --lora-targets or --export-merged without --lora-r ran a
-    full fine-tune of every weight that silently ignored them; every bundled recipe still
+    """--lora-alpha, --lora-dropout, --lora-targets or --export-merged without --lora-r would run
+    a full fine-tune of every weight that silently ignores them: refused; every bundled recipe
     validates (each sets lora_r with them)."""
     from tiny_hf import save_tiny_hf
 
@@ -2152,8 +2157,9 @@ def test_lora_settings_without_lora_r_are_refused(capsys, tmp_path):
 
 
 def test_init_from_a_lora_adapter_says_what_to_load_instead(tmp_path):
-    """--help said a run's export/ loads with --init-from, but a LoRA run's export/ (an adapter)
-    failed later with "config.json: not found (is it an HF checkpoint directory?)"."""
+    """A LoRA run's export/ (an adapter) given to --init-from is refused at once, saying to use
+    its base, its export/merged/ (as --help says) or --init-adapter, not failing later with
+    "config.json: not found (is it an HF checkpoint directory?)"."""
     from tiny_hf import save_tiny_hf
 
     base = tmp_path / "base"
@@ -2245,8 +2251,9 @@ def test_init_adapter_trains_on_and_exports_an_adapter_peft_loads_on_the_same_ba
 
 def test_init_adapter_whose_base_layer_differs_from_the_base_is_refused(assets, tmp_path):
     """PEFT saves an adapted embedding's base layer; one that is not the base's (rows of new
-    tokens set before training) was loaded, trained on, then lost: the export (adapters only)
-    on that base computed something else (logits 1.09 apart after 2 steps at lr 1e-9)."""
+    tokens set before training) is refused: loaded and trained on, it would be lost, and the
+    export (adapters only) on that base would compute something else (logits 1.09 apart after 2
+    steps at lr 1e-9)."""
     import transformers
     from peft import LoraConfig, get_peft_model
 
@@ -2331,8 +2338,8 @@ def test_init_adapter_refuses_a_lora_setting_that_differs_from_the_adapter(tmp_p
 
 def test_init_adapter_reads_lora_targets_none_as_the_adapters_targets(tmp_path):
     """--lora-targets none (a config file's "lora_targets": null, as every run's config.json
-    holds) with --init-adapter crashed with a TypeError (set(None)): it chooses no targets, so
-    the adapter's stand, whatever they are."""
+    holds) with --init-adapter chooses no targets, so the adapter's stand, whatever they are
+    (not a TypeError from set(None))."""
     base = tiny_llama(tmp_path)
     narrow, attention = tmp_path / "qv", tmp_path / "qkvo"
     _peft_adapter(base, narrow)
@@ -2493,8 +2500,8 @@ def test_a_resume_of_a_run_with_weights_takes_the_adapter_settings_from_its_copy
 
 
 def test_eval_scores_best_when_a_resume_trained_past_the_export(assets, tmp_path, capsys):
-    """A resume with --no-export that found a new best left export/ at the old best, and eval.py
-    scored that stale export: export/ now records which best/ step it holds."""
+    """export/ records which best/ step it holds: a resume with --no-export that finds a new best
+    leaves export/ at the old best, and eval.py scores best/, not that stale export."""
     import eval as ev
 
     cfg = tiny_cfg(assets, tmp_path, max_steps=4, eval_every=2, export=True)
@@ -2516,8 +2523,9 @@ def test_eval_scores_best_when_a_resume_trained_past_the_export(assets, tmp_path
 
 def test_resume_compares_with_the_settings_the_checkpoint_was_trained_with(assets, tmp_path,
                                                                          capsys):
-    """--resume reads the run's config.json, so a hand-edited lr or block_size there was
-    compared with itself: accepted, and recorded as if the run had trained with it."""
+    """--resume compares with the checkpoint's settings, not the run's config.json, where a
+    hand-edited lr or block_size would be compared with itself: accepted, and recorded as if the
+    run had trained with it."""
     config = _tiny_config_file(assets, tmp_path, max_steps=2, eval_every=2)
     assert tm.main(["--config", config]) == 0
     run = tmp_path / "runs" / "run"
@@ -2532,10 +2540,10 @@ def test_resume_compares_with_the_settings_the_checkpoint_was_trained_with(asset
 
 def test_a_run_saves_its_paths_absolute_and_resumes_from_any_directory(assets, tmp_path,
                                                                        monkeypatch, capsys):
-    """config.json kept --data and --tokenizer as typed, relative to the directory training ran
-    in, so --resume (and eval.py) elsewhere failed on a path that did not say where it came
-    from. An older run's relative paths still work from its own directory, and are named with
-    their config.json elsewhere."""
+    """config.json keeps --data and --tokenizer absolute: as typed, relative to the directory
+    training ran in, --resume (and eval.py) elsewhere would fail on a path that does not say
+    where it came from. A run's relative paths still work from its own directory, and are
+    named with their config.json elsewhere."""
     root = Path(assets["corpus"]).parent
     monkeypatch.chdir(root)
     config = _tiny_config_file(assets, tmp_path, data=["corpus"], tokenizer="tokenizer.json",
@@ -2551,7 +2559,7 @@ def test_a_run_saves_its_paths_absolute_and_resumes_from_any_directory(assets, t
     assert tm.main(["--resume", str(run), "--data", "corpus", "--max-steps", "6"]) == 0
     assert json.loads((run / "config.json").read_text())["data"] == saved["data"]
 
-    older = json.dumps({**saved, "data": ["corpus"]})  # an older run, as it wrote its configs
+    older = json.dumps({**saved, "data": ["corpus"]})  # a run whose configs hold relative paths
     for config_file in [run / "config.json", *run.glob("checkpoints/*/config.json")]:
         config_file.write_text(older)
     for checkpoint_dir in run.glob("checkpoints/*"):
@@ -2568,9 +2576,9 @@ def test_a_run_saves_its_paths_absolute_and_resumes_from_any_directory(assets, t
 
 
 def test_lora_without_a_pretrained_base_is_refused(assets, tmp_path, capsys):
-    """--lora-r without --init-from froze a random model and trained only its adapters: rc 0,
-    "0.00M trainable", a validation loss that stayed near ln(vocab). A LoRA run on a base is
-    still accepted, and resumes (its config.json names the base)."""
+    """--lora-r without --init-from is refused: it would freeze a random model and train only its
+    adapters (rc 0, "0.00M trainable", a validation loss near ln(vocab)). A LoRA run on a base
+    is accepted, and resumes (its config.json names the base)."""
     config = _tiny_config_file(assets, tmp_path, max_steps=2, eval_every=2)
     assert tm.main(["--config", config, "--lora-r", "4"]) == 2
     err = capsys.readouterr().err
@@ -2589,8 +2597,8 @@ def test_lora_without_a_pretrained_base_is_refused(assets, tmp_path, capsys):
 
 
 def test_resume_of_a_checkpoint_or_best_dir_is_refused_naming_the_run(assets, tmp_path, capsys):
-    """--resume RUN/checkpoints/step-N (or RUN/best) read that directory's config.json, found no
-    checkpoints/ in it and trained a whole new run inside it."""
+    """--resume RUN/checkpoints/step-N (or RUN/best) is refused, naming RUN, and the directory
+    is left as it was: no whole new run is trained inside it."""
     config = _tiny_config_file(assets, tmp_path, max_steps=2, eval_every=2)
     assert tm.main(["--config", config]) == 0
     run = tmp_path / "runs" / "run"
@@ -2606,8 +2614,9 @@ def test_resume_of_a_checkpoint_or_best_dir_is_refused_naming_the_run(assets, tm
 
 
 def test_resume_refuses_a_name_or_out_dir_of_another_run(assets, tmp_path, capsys):
-    """--resume RUN --name other continued RUN and ignored --name: one who meant to branch
-    into a new run got the original extended. The run's own name and parent are accepted."""
+    """--resume RUN --name other is refused, not continuing RUN with --name ignored: one who
+    means to branch into a new run would get the original extended. The run's own name and
+    parent are accepted."""
     config = _tiny_config_file(assets, tmp_path, max_steps=2, eval_every=2)
     assert tm.main(["--config", config]) == 0
     run = tmp_path / "runs" / "run"
@@ -2635,8 +2644,8 @@ def test_resume_refuses_a_name_or_out_dir_of_another_run(assets, tmp_path, capsy
 
 
 # --------------------------------------------------------------------------------------------
-# Review fixes (rev11): the last step logged, honest interrupt and budget messages, a resume's
-# length and precision, the CUDA RNG of one device, DDP without buffer broadcasts
+# The last step logged, honest interrupt and budget messages, a resume's length and precision,
+# the CUDA RNG of one device, DDP without buffer broadcasts
 # --------------------------------------------------------------------------------------------
 
 
@@ -2651,10 +2660,10 @@ def _train_losses(run_dir: Path) -> dict[int, float]:
 
 
 def test_the_last_step_is_logged_whatever_ends_the_run(assets, tmp_path, monkeypatch):
-    """Only steps divisible by log_every (and step 1) were logged: a 15-step run at log_every
-    10 lost the loss of steps 11-15, and recipes compared step 1 with itself. The final step,
-    and a step a stop signal ends the run at, are logged; the resume adds no second line for
-    it and stays bit-exact."""
+    """Beside steps divisible by log_every (and step 1), the final step and a step a stop signal
+    ends the run at are logged: else a 15-step run at log_every 10 would lose the loss of steps
+    11-15, and recipes would compare step 1 with itself. The resume adds no second line for it
+    and stays bit-exact."""
     common = dict(max_steps=9, log_every=5, dropout=0.1)
     straight = tm.train(tiny_cfg(assets, tmp_path, name="straight", **common))
     assert _train_steps(straight.run_dir) == [1, 5, 9]
@@ -2692,8 +2701,8 @@ def test_a_failed_start_in_a_directory_of_the_users_leaves_their_files(assets, t
 
 
 def test_resume_refuses_a_length_below_its_checkpoint(assets, tmp_path, capsys):
-    """--resume RUN --max-steps 5 on a checkpoint at step 8 trained nothing, exited 0 and wrote
-    max_steps 5 into config.json. Refused now, naming the key, before anything is written;
+    """--resume RUN --max-steps 5 on a checkpoint at step 8 is refused, naming the key, before
+    anything is written (not training nothing, exiting 0, with max_steps 5 in config.json);
     the checkpoint's own length still ends the run (no second line for its last step)."""
     config = _tiny_config_file(assets, tmp_path, max_steps=8)
     assert tm.main(["--config", config]) == 0
@@ -2738,8 +2747,8 @@ def _one_second_a_step(monkeypatch) -> None:
 
 
 def test_a_time_budget_stop_says_the_run_is_not_finished(assets, tmp_path, monkeypatch, capsys):
-    """--max-time-s ended a run like a finished one: exit 0, no word of the steps left, an
-    export as if final. The export of the best weights so far is kept (eval.py can score it;
+    """--max-time-s does not end a run like a finished one (exit 0, no word of the steps left, an
+    export as if final). The export of the best weights so far is kept (eval.py can score it;
     a resume exports again at its end), but the run says it is not finished, and TrainResult
     records it. On a fake clock each step takes 1 s."""
     _one_second_a_step(monkeypatch)
@@ -2772,8 +2781,8 @@ def _simulated_gpus(monkeypatch, count: int) -> tuple[torch.Generator, ...]:
 
 def test_checkpoints_hold_the_training_gpus_rng_and_resume_where_fewer_are_visible(
         monkeypatch):
-    """Every visible GPU's generator was saved (8 on an 8-GPU node) and all restored: resuming
-    with fewer visible raised IndexError. Only the training GPU's is saved."""
+    """Only the training GPU's generator is saved: saving every visible one (8 on an 8-GPU node)
+    and restoring them all would raise IndexError on a resume with fewer visible."""
     gpus = _simulated_gpus(monkeypatch, 8)
     state = tm.rng_state(torch.device("cuda", 1))
     assert torch.equal(state["cuda"], gpus[1].get_state())
@@ -2786,8 +2795,8 @@ def test_checkpoints_hold_the_training_gpus_rng_and_resume_where_fewer_are_visib
 
 
 def test_a_resume_keeps_the_precision_auto_trained_in(assets, tmp_path, monkeypatch, capsys):
-    """precision "auto" was resolved again on resume: a bf16 run resumed on a T4 trained on in
-    fp16, on the CPU in fp32, silently. The checkpoint records what it trained in; another
+    """precision "auto" is not resolved again on resume (a bf16 run resumed on a T4 would train
+    on in fp16, on the CPU in fp32, silently). The checkpoint records what it trained in; another
     precision is refused, naming --precision and the device, and --precision X keeps X."""
     resolve = tm._resolve_precision
     monkeypatch.setattr(tm, "_resolve_precision",  # "auto" on a GPU with native bf16
@@ -2813,8 +2822,8 @@ def test_a_resume_keeps_the_precision_auto_trained_in(assets, tmp_path, monkeypa
 
 
 # --------------------------------------------------------------------------------------------
-# Review (rev12 mutation testing): a resume keeps best/early-stopping state, what a resume
-# refuses, --resume with --config, the export of a best that is not the last step, LoRA settings
+# A resume keeps best/early-stopping state, what a resume refuses, --resume with --config, the
+# export of a best that is not the last step, LoRA settings
 # --------------------------------------------------------------------------------------------
 
 
@@ -2838,7 +2847,7 @@ def _val_steps(run_dir: Path) -> list[int]:
 def test_resume_keeps_the_best_validation_loss_so_best_is_not_overwritten(assets, tmp_path,
                                                                           monkeypatch, capsys):
     """Losses 3.0, 2.0, then 2.5, 2.6 after a resume: best stays step 4. Without the saved
-    best_val_loss the first evaluation after any resume counted as best, replacing best/ and
+    best_val_loss the first evaluation after any resume would count as best, replacing best/ and
     export/ with worse weights and giving a sweep's continued trial a wrong objective."""
     fake_val_losses(monkeypatch, [3.0, 2.0, 2.5, 2.6])
     cfg = tiny_cfg(assets, tmp_path, max_steps=4, eval_every=2, warmup_steps=0, save_every=2)
@@ -2855,8 +2864,8 @@ def test_resume_keeps_the_best_validation_loss_so_best_is_not_overwritten(assets
 
 def test_resume_keeps_early_stoppings_count(assets, tmp_path, monkeypatch):
     """Flat losses, patience 3, a resume after two evaluations without improvement: the run
-    stops at the next one (step 4), not three evaluations later; patience restarted at every
-    resume (every sweep continuation). An equal loss is no new best: best/ stays at step 1."""
+    stops at the next one (step 4), not three evaluations later: patience does not restart at
+    every resume (every sweep continuation). An equal loss is no new best: best/ stays at step 1."""
     fake_val_losses(monkeypatch, [3.0] * 20)
     cfg = tiny_cfg(assets, tmp_path, max_steps=3, eval_every=1, warmup_steps=0, save_every=1,
                    early_stop_patience=3, early_stop_min_delta=0.01)
@@ -2869,8 +2878,8 @@ def test_resume_keeps_early_stoppings_count(assets, tmp_path, monkeypatch):
 def test_resuming_a_run_that_stopped_early_ends_there_as_it_did(assets, tmp_path, monkeypatch,
                                                                 capsys):
     """A run that stopped early and was killed before its export (or a sweep's trial whose
-    worker died then): --resume exports it at the step it stopped at. It trained on until its
-    next evaluation, another run than the uninterrupted one; a larger patience trains on."""
+    worker died then): --resume exports it at the step it stopped at, not training on until its
+    next evaluation (another run than the uninterrupted one); a larger patience trains on."""
     fake_val_losses(monkeypatch, [3.0, 3.0, 2.0, 2.0, 2.0])
     cfg = tiny_cfg(assets, tmp_path, max_steps=12, eval_every=2, warmup_steps=0, save_every=2,
                    early_stop_patience=1, early_stop_min_delta=0.01)
@@ -2887,7 +2896,7 @@ def test_resuming_a_run_that_stopped_early_ends_there_as_it_did(assets, tmp_path
 def test_resume_keeps_early_stoppings_reference(assets, tmp_path, monkeypatch):
     """The reference (the last fall larger than min_delta) is 3.0 when the run resumes, not the
     best loss 2.992: 2.985 is then a counted fall at step 4, and patience 3 runs out at step 7
-    (with the best loss as reference it ran out at step 6)."""
+    (with the best loss as reference it would run out at step 6)."""
     fake_val_losses(monkeypatch, [3.0, 2.995, 2.992, 2.985, 2.984, 2.983, 2.982])
     cfg = tiny_cfg(assets, tmp_path, max_steps=3, eval_every=1, warmup_steps=0, save_every=1,
                    early_stop_patience=3, early_stop_min_delta=0.01)
@@ -2905,8 +2914,8 @@ def test_resuming_a_finished_run_does_not_evaluate_its_last_step_again(assets, t
     """A sweep continuing a trial whose worker died after training resumes a finished run:
     the last evaluated step is restored, so no second val line and no second on_eval (which
     the sweep would report to Optuna twice). Also where the last step was saved (save_every)
-    before its evaluation: the checkpoint is written again with it, or a resume evaluated it
-    again and forgot it."""
+    before its evaluation: the checkpoint is written again with it, else a resume would evaluate
+    it again and forget it."""
     cfg = tiny_cfg(assets, tmp_path, **settings)
     first = tm.train(cfg)
     steps = [settings["eval_every"], settings["max_steps"]]
@@ -2920,7 +2929,8 @@ def test_resuming_a_finished_run_does_not_evaluate_its_last_step_again(assets, t
 def test_a_budget_stops_best_is_kept_by_the_resume(assets, tmp_path, monkeypatch):
     """The budget ends the run at step 3 (saved), whose evaluation (2.0) is best/: the resumed
     run's worse evaluations (2.5 at step 4) leave best/ at step 3. Its checkpoint, written before
-    that evaluation, knew no best, and step 4 replaced best/ and export/ with worse weights."""
+    that evaluation, must learn that best, else step 4 would replace best/ and export/ with
+    worse weights."""
     _one_second_a_step(monkeypatch)
     fake_val_losses(monkeypatch, [2.0, 2.5, 2.6, 2.7])
     cfg = tiny_cfg(assets, tmp_path, max_time_s=2.5)
@@ -2974,7 +2984,7 @@ def test_resume_accepts_a_change_of(tmp_path, key):
 
 def test_parse_config_precedence_defaults_resumed_file_flags(tmp_path):
     """The documented order defaults < the resumed run's config.json < --config < flags: each
-    layer sets its own key, and nothing tested --resume together with --config."""
+    layer sets its own key, --resume and --config together too."""
     run = tmp_path / "runs" / "run"
     run.mkdir(parents=True)
     write_config(tm.TrainConfig(preset="tiny", data=["stdlib"], max_steps=12, eval_every=6,
@@ -3012,8 +3022,8 @@ def test_export_holds_and_records_the_best_step_not_the_last(assets, tmp_path, m
 def test_lora_settings_reach_the_adapter_and_the_merged_export_has_the_tokenizer(assets,
                                                                                 tmp_path):
     """lora_alpha, lora_dropout and lora_targets reach the model and PEFT's adapter_config
-    (they were dropped silently for the defaults, and PEFT and codelm read the same wrong
-    config back); quantize_bits quantizes the base; export/merged/, the --init-from target of a
+    (not silently replaced by the defaults, which PEFT and codelm would both read back alike);
+    quantize_bits quantizes the base; export/merged/, the --init-from target of a
     LoRA run, is a whole HF directory with the run's tokenizer."""
     import transformers
 
@@ -3044,8 +3054,8 @@ def test_lora_settings_reach_the_adapter_and_the_merged_export_has_the_tokenizer
 def test_a_full_fine_tune_on_another_tokenizer_exports_no_generation_config_of_the_base(
         assets, tmp_path):
     """generation_config.json's bos/eos/pad ids are the base tokenizer's: a run on another
-    tokenizer (--tokenizer) copied them into its export, where transformers' generate would
-    stop at the base's eos. With the base's own tokenizer the file is copied (see below)."""
+    tokenizer (--tokenizer) does not copy them into its export, where transformers' generate
+    would stop at the base's eos. With the base's own tokenizer the file is copied (see below)."""
     import transformers
 
     base = tiny_llama(tmp_path)
@@ -3079,8 +3089,8 @@ def test_a_lora_export_gives_transformers_the_bases_tokenizer_and_generation_con
         assets, tmp_path, family):
     """transformers reads a chat_template and model_max_length from tokenizer_config.json, and
     the sampling defaults and eos list from generation_config.json: the export, its merged model
-    and lora.py's merge of it give AutoTokenizer and generate what the base gives them (the
-    export had a roles-only tokenizer_config.json, the merged models no generation_config.json),
+    and lora.py's merge of it give AutoTokenizer and generate what the base gives them (not a
+    roles-only tokenizer_config.json, nor merged models without generation_config.json),
     with the base's ids (in an adapter directory, which has no config.json, the StarCoder file's
     tokenizer_class GPT2Tokenizer would split spaces before digits otherwise)."""
     import transformers
@@ -3119,7 +3129,7 @@ def test_a_lora_export_gives_transformers_the_bases_tokenizer_and_generation_con
 
 def test_tensorboard_scalars_are_the_metrics_lines(assets, tmp_path):
     """Read back with TensorBoard's own reader: the scalars sit under kind/key tags (bare names
-    made train loss and val_loss collide) and equal metrics.jsonl; the train lines carry the
+    would make train loss and val_loss collide) and equal metrics.jsonl; the train lines carry the
     documented fields, tokens_seen growing."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -3154,8 +3164,8 @@ def test_fp16_runs_log_the_loss_scale(assets, tmp_path):
 
 
 def test_overfit_batches_counts_accumulated_micro_batches(assets, tmp_path, capsys):
-    """--overfit-batches K means K global batches: K x batch_size x grad_accum examples (it
-    took K micro-batches), validated on the same examples."""
+    """--overfit-batches K means K global batches: K x batch_size x grad_accum examples (not K
+    micro-batches), validated on the same examples."""
     cfg = tiny_cfg(assets, tmp_path, overfit_batches=1, grad_accum=2, batch_size=4, max_steps=2,
                    eval_every=2, eval_examples=None)
     result = tm.train(cfg)
@@ -3177,8 +3187,8 @@ def test_an_lm_run_counts_its_training_tokens_not_windows(assets, tmp_path, caps
 @pytest.mark.parametrize("test_frac, noted", [(0.1, True), (0.0, False)])
 def test_val_data_alone_says_that_data_still_holds_out_a_test_split(assets, tmp_path, capsys,
                                                                     test_frac, noted):
-    """`--data train --val-data val` (README's "your splits") kept 10% of train out as a test
-    split with no word; said now, with the option that trains on all of it."""
+    """`--data train --val-data val` (README's "your splits") keeps 10% of train out as a test
+    split, and says so, with the option that trains on all of it."""
     val = tmp_path / "val"
     val.mkdir()
     for f in sorted(Path(assets["corpus"]).iterdir())[:3]:
@@ -3196,8 +3206,8 @@ def test_val_data_alone_says_that_data_still_holds_out_a_test_split(assets, tmp_
     (2, "warmup_steps (2, --warmup-steps) >= the run's 2 steps (max_steps (2, --max-steps))"),
     (1, None)])
 def test_a_warmup_as_long_as_the_run_is_warned_of(assets, tmp_path, capsys, warmup, warned):
-    """A short fine-tune under the default warmup of 50 steps ended at a fraction of --lr with
-    no word of it."""
+    """A short fine-tune under the default warmup of 50 steps would end at a fraction of --lr:
+    the run warns of it."""
     tm.train(tiny_cfg(assets, tmp_path, max_steps=2, eval_every=2, warmup_steps=warmup))
     err = capsys.readouterr().err
     assert (f"warning: {warned}: the learning rate never reaches lr 0.003 (nor decays); lower "
@@ -3432,7 +3442,8 @@ def test_a_diverged_run_exits_1_and_a_bad_setting_2(capsys):
 
 
 def test_auto_on_a_mac_says_it_trains_on_the_cpu(monkeypatch, capsys):
-    """Seed 004 trained on Apple MPS; codelm does not, and "auto" there chose the CPU silently."""
+    """Seed 004 trained on Apple MPS; codelm does not, and "auto" there chooses the CPU with a
+    note saying so, not silently."""
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -3446,9 +3457,9 @@ def test_auto_on_a_mac_says_it_trains_on_the_cpu(monkeypatch, capsys):
 
 
 def test_an_error_of_two_settings_names_where_each_was_set(tmp_path, capsys):
-    """quantize_bits in a --config file without lora_r said "it needs LoRA (--lora-r > 0)" and
-    named no source of quantize_bits; --n-layer on a --config file's init_from named
-    --init-from, a flag never typed. Each key now names its own source."""
+    """Each key names its own source: quantize_bits in a --config file without lora_r names the
+    file, not only "it needs LoRA (--lora-r > 0)"; --n-layer on a --config file's init_from
+    names the file, not --init-from, a flag never typed."""
     config = tmp_path / "run.json"
     config.write_text(json.dumps({"quantize_bits": 4}))
     assert tm.main(["--config", str(config), "--device", "cpu"]) == 2
@@ -3486,9 +3497,9 @@ def test_too_few_training_examples_for_a_batch_names_the_setting():
 
 
 def test_a_model_shape_error_names_the_settings_it_was_made_of(tmp_path, capsys):
-    """An n_embd that a --config file's n_head does not divide said only "ModelConfig.n_embd=30:
-    not divisible by n_head=4", and an unknown preset "TrainConfig.preset": neither said where
-    the user set them."""
+    """An n_embd that a --config file's n_head does not divide, and an unknown preset, say where
+    the user set them, not only "ModelConfig.n_embd=30: not divisible by n_head=4" or
+    "TrainConfig.preset"."""
     config = tmp_path / "run.json"
     config.write_text(json.dumps({"n_head": 4}))
     assert tm.main(["--config", str(config), "--n-embd", "30", "--device", "cpu"]) == 2
@@ -3503,7 +3514,8 @@ def test_a_model_shape_error_names_the_settings_it_was_made_of(tmp_path, capsys)
 
 
 def test_a_from_scratch_model_the_hf_layout_cannot_hold_is_refused_before_training(tmp_path):
-    """It trained to the end, then failed writing export/; without an export it may train."""
+    """Refused before training, not trained to the end to fail writing export/; without an
+    export it may train."""
     values = {"preset": "tiny", "model_options": {"family": "phi"}, "data": ["x"]}
     with pytest.raises(ValueError, match=r"^preset \('tiny', --preset\), model_options .*"
                        r"cannot export as 'phi'.*to train it without an HF export"):
@@ -3512,8 +3524,8 @@ def test_a_from_scratch_model_the_hf_layout_cannot_hold_is_refused_before_traini
 
 
 def test_the_advice_to_turn_export_off_names_what_turns_it_off():
-    """It said "set export false (--export)": typing --export keeps it on; the flag is
-    --no-export, and a --config file's export is turned off in that file."""
+    """The advice names --no-export, not "set export false (--export)" (typing --export keeps
+    it on), and for a --config file's export, that file."""
     values = {"preset": "tiny", "model_options": {"family": "phi"}, "data": ["x"]}
     cfg = tm.config_from_dict(values, "t")
     with pytest.raises(ValueError, match=r"HF export: --no-export$"):
