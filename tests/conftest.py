@@ -12,7 +12,7 @@ for p in (ROOT, ROOT / "tests"):
         sys.path.insert(0, str(p))
 
 # The suite's models are toys: one thread avoids oversubscribing the 2-core CI machine, where
-# a second thread made a tiny generate 30-100x slower under load. Tests that need more set it.
+# a second thread makes a tiny generate 30-100x slower under load. Tests that need more set it.
 torch.set_num_threads(1)
 
 

@@ -1047,8 +1047,8 @@ def test_a_live_worker_of_another_user_is_alive(monkeypatch):
 
 
 def test_a_continued_study_may_change_a_sampled_keys_base_value(tmp_path, corpus):
-    """Each trial's sampled value replaces the base's: a --train-config that now sets lr
-    (sampled by the space) changes no trial, and is no change of the study's settings."""
+    """Each trial's sampled value replaces the base's: a continuation's --train-config that sets
+    lr (sampled by the space) changes no trial, and is no change of the study's settings."""
     cfg = hyperparam_tune.config_from_dict({"out_dir": str(tmp_path)})
     space = hyperparam_tune.load_space(tiny_space(tmp_path, corpus))
     study = optuna.create_study()
@@ -1278,7 +1278,7 @@ def test_config_error_in_a_trial_stops_the_sweep_and_is_not_counted(tmp_path, co
     assert stopped.state == TrialState.FAIL
     assert "/gone" in stopped.user_attrs[hyperparam_tune.ATTR_REASON]
     assert hyperparam_tune.study_progress(study)[0] == 0
-    failed_without_reason = study.ask()  # a FAIL recorded by an older sweep: no reason
+    failed_without_reason = study.ask()  # a FAIL recorded with no reason
     study.tell(failed_without_reason, state=TrialState.FAIL)
     assert hyperparam_tune.study_progress(study)[0] == 0
 
@@ -1689,7 +1689,7 @@ def test_a_trials_settings_are_named_where_the_sweeps_user_sets_them(tmp_path, c
 def test_a_relative_sqlite_url_is_recorded_absolute(tmp_path, corpus, monkeypatch, capsys):
     """sqlite:///sq.db is relative to the directory the sweep ran in: recorded as typed, the
     study could not be continued from elsewhere, and the advice to pass the recorded URL would
-    create an empty database there. It is recorded absolute."""
+    create an empty database there. So it is recorded absolute."""
     monkeypatch.setattr(trainingmanager, "train", lambda cfg, on_eval=None, resume_hint=None, **_:
                         trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=cfg.lr,
                                                     step=cfg.max_steps))

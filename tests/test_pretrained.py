@@ -1210,7 +1210,7 @@ def test_config_dtype_wins_over_torch_dtype_as_in_transformers(tmp_path):
 
 def test_export_with_a_shard_limit_below_every_tensor_writes_no_empty_shard(checkpoints,
                                                                              tmp_path):
-    """Each tensor alone in its shard; an empty first shard was a file the index never names.
+    """Each tensor alone in its shard; no empty first shard, a file the index would never name.
     The safetensors header is space-padded to 8 bytes, as the format's writers pad it."""
     import transformers
 
