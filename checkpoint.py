@@ -10,7 +10,7 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -197,19 +197,44 @@ def load(path: Path, model: nn.Module, trainable_only: bool) -> RunState:
         tensors = load_file(weights)
     except (SafetensorError, OSError) as e:
         raise _broken(path, f"{weights.name}: {e}") from None
+    if bad := nonfinite_tensor(tensors):
+        raise _broken(path, f"{weights.name}: {bad} holds inf or NaN")
     state = read_state(path)
     load_model_tensors(model, tensors, str(weights), trainable_only)
     state.weights = tensors
     return state
 
 
+def nonfinite_tensor(tensors: Mapping[str, object]) -> str | None:
+    """The name of the first floating-point tensor holding inf or NaN, or None."""
+    for name, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            if not torch.isfinite(tensor).all():
+                return name
+    return None
+
+
 def first_nonfinite(state: RunState) -> str | None:
     """The name of a weight or optimizer tensor holding inf or NaN, or None when all are finite."""
-    tensors = [*state.weights.items()]
+    tensors = dict(state.weights)
     for i, slots in state.optimizer.get("state", {}).items():
-        tensors += [(f"optimizer state {i} {k}", t) for k, t in slots.items()]
-    return next((name for name, t in tensors if isinstance(t, torch.Tensor)
-                 and t.is_floating_point() and not torch.isfinite(t).all()), None)
+        for key, tensor in slots.items():
+            tensors[f"optimizer state {i} {key}"] = tensor
+    return nonfinite_tensor(tensors)
+
+
+def finite_checkpoint(checkpoints: Sequence[Path], trainable_only: bool) -> Path | None:
+    """The newest of ``checkpoints`` whose weights read back finite, or None."""
+    for path in reversed(checkpoints):
+        if process.manifest_problem(path):
+            continue
+        try:
+            tensors = load_file(path / weights_file(trainable_only))
+        except (SafetensorError, OSError):
+            continue
+        if nonfinite_tensor(tensors) is None:
+            return path
+    return None
 
 
 def restore_latest(checkpoints: list[Path], restore: Callable[[Path], None], say: bool

@@ -35,7 +35,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from functools import cached_property
-from itertools import accumulate, groupby
+from itertools import accumulate, chain, groupby
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +74,7 @@ if typing.TYPE_CHECKING:
 
 # The data cache's format version, a part of every cache key: bump it when cleaning or task
 # building changes what a cache holds.
-PIPELINE_VERSION = 11
+PIPELINE_VERSION = 12
 
 
 def stdlib_root() -> Path:
@@ -173,7 +173,18 @@ def jsonl_lines(path: Path) -> Iterator[tuple[int, str, bytes]]:
 
 
 def _table_rows(file: Path, cfg: DataConfig) -> Iterator[tuple[int, str, dict]]:
-    """A parquet or datasets Arrow file's rows, streamed a batch at a time, the named columns."""
+    """A parquet or datasets Arrow file's rows, streamed a batch at a time, the named columns;
+    a damaged file is a DataError naming it."""
+    import pyarrow as pa
+
+    kind = "parquet" if file.suffix == ".parquet" else "Arrow"
+    try:
+        yield from _arrow_rows(file, cfg)
+    except (pa.ArrowException, OSError) as e:  # pyarrow's own message names no file
+        raise DataError(f"{file}: not a readable {kind} file ({e})") from None
+
+
+def _arrow_rows(file: Path, cfg: DataConfig) -> Iterator[tuple[int, str, dict]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -832,6 +843,14 @@ class PreparedData:
     task: str
     stats: dict
     cache_path: Path | None = None
+    sample_prompt: SamplePrompt | None = None  # held out, for the end of a run's sample
+
+
+class SamplePrompt(typing.NamedTuple):
+    """A prompt for a sample completion, and whether its completion ends with its function."""
+
+    text: str
+    ends_function: bool
 
 
 # --- Task builders (text level): each yields Example(head, body, tail, completion) ---
@@ -1154,7 +1173,7 @@ def _examples_for(doc: Doc, cfg: DataConfig, events: Counter) -> list[Example]:
     raise AssertionError(cfg.task)
 
 
-def held_out_prompt(docs: Iterable[Doc], cfg: DataConfig) -> tuple[str, bool] | None:
+def held_out_prompt(docs: Iterable[Doc], cfg: DataConfig) -> SamplePrompt | None:
     """An end-of-run sample's prompt from held-out documents (a pair task's first example, else
     the first top-level function with a docstring, its header and docstring, else the first
     function's header), and whether its completion ends with its function."""
@@ -1163,7 +1182,7 @@ def held_out_prompt(docs: Iterable[Doc], cfg: DataConfig) -> tuple[str, bool] | 
         if cfg.task not in ("lm", "fim", "completion"):
             if doc.target or cfg.task != "refactor":
                 if examples := _examples_for(doc, cfg, Counter()):
-                    return examples[0].prompt, cfg.task == "method"
+                    return SamplePrompt(examples[0].prompt, cfg.task == "method")
             continue
         parsed = _parse(doc) if doc.is_python else None  # is_python: not a pair
         for fn in parsed.tree.body if parsed else []:
@@ -1175,9 +1194,9 @@ def held_out_prompt(docs: Iterable[Doc], cfg: DataConfig) -> tuple[str, bool] | 
                 start = min([fn.lineno, *(d.lineno for d in fn.decorator_list)])
                 text = "\n".join(parsed.lines[start - 1 : end]) + "\n"
                 if docstring:
-                    return text, True
+                    return SamplePrompt(text, True)
                 header = header or text
-    return None if header is None else (header, True)
+    return None if header is None else SamplePrompt(header, True)
 
 
 _CHARS_PER_TOKEN_BOUND = 32
@@ -1423,6 +1442,8 @@ def prepare(cfg: DataConfig, tokenizer: CodeTokenizer | BPETokenizer | None = No
 
         def write(tmp: Path) -> None:
             meta.update(corpus=corpus.stats, task=build(corpus, tokenizer, cfg, tmp))
+            held_out = chain(corpus.val, corpus.test, corpus.train)
+            meta["sample_prompt"] = held_out_prompt(held_out, cfg)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
         publish_cache_entry(path, write, replace=not cfg.use_cache)
@@ -1434,8 +1455,12 @@ def prepare(cfg: DataConfig, tokenizer: CodeTokenizer | BPETokenizer | None = No
                   for s in SPLITS}
     else:
         splits = {s: SupervisedExamples(path, s) for s in SPLITS}
-    return PreparedData(**splits, task=cfg.task, stats={**meta, "cache_hit": cache_hit},
-                        cache_path=path)
+    sample_prompt = meta.get("sample_prompt")
+    if sample_prompt is not None:
+        sample_prompt = SamplePrompt(*sample_prompt)
+    stats = {key: value for key, value in meta.items() if key != "sample_prompt"}
+    return PreparedData(**splits, task=cfg.task, stats={**stats, "cache_hit": cache_hit},
+                        cache_path=path, sample_prompt=sample_prompt)
 
 
 def _note_pairs_as_text(cfg: DataConfig, meta: dict) -> None:

@@ -606,6 +606,9 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
     if tokenizer is None and not (Path(tok_dir) / "tokenizer.json").is_file():
         raise ValueError(f"{where} no tokenizer.json in {tok_dir}"
                          f"{where_tokenizer_is(tok_dir)}; pass --tokenizer")
+    if bad := checkpoint.nonfinite_tensor(model.state_dict()):
+        raise ValueError(f"{where} {bad} holds inf or NaN: the model diverged; score a "
+                         "checkpoint with finite weights")
     tok = load_tokenizer(tokenizer or tok_dir)
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"{where} the tokenizer has {tok.vocab_size} tokens, the model only "

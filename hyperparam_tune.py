@@ -820,6 +820,7 @@ def absolute_sqlite(url: str | None) -> str | None:
 
 # What runs one worker (its arguments follow); tests put a stand-in trainer in front of main.
 WORKER_COMMAND = (sys.executable, str(ROOT / "hyperparam_tune.py"))
+SWEEP_PID = "CODELM_SWEEP_PID"  # a worker's environment: its main process, which it dies with
 
 
 def _run_workers(cfg: TuneConfig, study: optuna.Study, bar: tqdm) -> int:
@@ -829,8 +830,9 @@ def _run_workers(cfg: TuneConfig, study: optuna.Study, bar: tqdm) -> int:
     process.write_atomic(config_file, json.dumps({**dataclasses.asdict(cfg), "progress": False},
                                                  indent=2) + "\n")
     # Their own session: a stop signal reaches them once, forwarded by this process.
+    env = {**os.environ, SWEEP_PID: str(os.getpid())}
     procs = [subprocess.Popen([*WORKER_COMMAND, "--config", str(config_file), "--worker", str(i)],
-                              start_new_session=True) for i in range(1, cfg.workers + 1)]
+                              start_new_session=True, env=env) for i in range(1, cfg.workers + 1)]
     stopped: list[subprocess.Popen] = []  # the workers another's error stopped
     try:
         # poll() every worker: a dead one's process id must vanish for its trial to be orphaned
@@ -874,6 +876,7 @@ def tune(cfg: TuneConfig) -> int:
     check_space_fits_study(cfg, space, study)
     check_study_settings(cfg, space, base, study)
     if cfg.worker:  # one of --workers N processes: share this machine's cores among them
+        process.exit_with_parent(int(os.environ.get(SWEEP_PID, os.getppid())))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))
         run_worker(cfg, study, storage, space, base)
         return 0  # the parent judges the study (and writes best.json)

@@ -2,7 +2,7 @@
 
 architecture.py writes each op in plain PyTorch; a function there marked
 ``@kernels.faster(kernels.X)`` runs X instead while ``ENABLED`` (the default), and X may answer
-NotImplemented where it does not apply, which runs the plain op. tests/test_kernels.py checks
+``PLAIN`` where it does not apply, which runs the plain op. tests/test_kernels.py checks
 each against its plain op. This module imports no project module.
 """
 
@@ -19,14 +19,28 @@ ENABLED = True  # the one switch: False runs every op as plain PyTorch
 IGNORE_INDEX = -100  # the label of positions no loss counts: prompt tokens, padding
 
 
+class _Plain:
+    """What a fast op answers where it does not apply (a shape, a device): run the plain op."""
+
+    def __repr__(self) -> str:
+        return "kernels.PLAIN"
+
+
+PLAIN = _Plain()
+
+
 def faster(fast: Callable) -> Callable:
-    """Decorator: the plain function runs `fast` instead while ENABLED, unless `fast` returns
-    NotImplemented. The plain one stays reachable as `.__wrapped__`."""
+    """Decorator: the plain function runs `fast` instead while ENABLED, unless `fast` answers
+    PLAIN. The plain one stays reachable as `.__wrapped__`."""
     def wrap(plain: Callable) -> Callable:
         @functools.wraps(plain)
         def run(*args, **kwargs):
-            out = fast(*args, **kwargs) if ENABLED else NotImplemented
-            return plain(*args, **kwargs) if out is NotImplemented else out
+            if not ENABLED:
+                return plain(*args, **kwargs)
+            out = fast(*args, **kwargs)
+            if out is PLAIN:
+                return plain(*args, **kwargs)
+            return out
 
         return run
     return wrap
@@ -69,7 +83,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         if x.is_cuda and x.dtype == weight.dtype == torch.float32:
             # The fp32 residual stream of mixed-precision training: torch's fused kernels
             # beat the hand-written backward, which is for the CPU.
-            return NotImplemented
+            return PLAIN
         return _RMSNormFunction.apply(x, weight, eps)
     # Without autograd, plain ops: Function.apply costs ~8 us a call, 1.5% of a decode step.
     return weight * _rms_normalize(x, eps)[0]
@@ -82,7 +96,7 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     if not training or not p:
         return x
     if x.is_cuda:
-        return NotImplemented
+        return PLAIN
     keep = torch.rand(x.shape, device=x.device) >= p  # fp32 draws: exact p for a bf16 x too
     return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
 
@@ -166,7 +180,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
               dropout_p: float, grouped: bool) -> torch.Tensor:
     """Keys and values repeated to the query heads where CUDA's fused kernels need it."""
     if not grouped or _sdpa_takes_gqa(q.device, q.dtype, mask is not None):
-        return NotImplemented
+        return PLAIN
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
@@ -285,7 +299,7 @@ def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, labels: torch.Tens
     wants_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (hidden, *head.parameters()))
     if type(head) is not nn.Linear or (fp16 and wants_grad and grad_scale is None):
-        return NotImplemented
+        return PLAIN
     hidden, labels = hidden.flatten(0, -2), labels.flatten()
     args = (hidden, head.weight, head.bias, labels, label_smoothing, count_correct)
     if wants_grad:
@@ -323,7 +337,8 @@ def decode_layout(model: nn.Module, on: bool) -> None:
 # ------------------------------------------------------------------ compiled decode step
 def _one_row(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None):
     """(1, K) @ (K, N) (+ bias) on CPU as a multiply and a sum over K, accumulated in fp32 (as a
-    matmul is); NotImplemented for other shapes or devices."""
+    matmul is). For other shapes or devices NotImplemented: a decomposition's answer, in
+    torch's protocol, that leaves the op to inductor's own lowering."""
     from torch.fx.experimental.symbolic_shapes import statically_known_true
 
     if a.device.type != "cpu" or not statically_known_true(a.shape[0] == 1):
@@ -339,7 +354,9 @@ def _mm_one_row(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _addmm_one_row(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta=1,
                    alpha=1) -> torch.Tensor:
-    return _one_row(a, b, bias) if beta == alpha == 1 else NotImplemented
+    if beta == alpha == 1:
+        return _one_row(a, b, bias)
+    return NotImplemented
 
 
 def _decode_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:

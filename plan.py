@@ -252,6 +252,22 @@ def others_running() -> int:
     return int(fewest)
 
 
+def plan_run(cfg: TrainConfig, device_type: str, distributed: bool, main: bool,
+             probe: Callable[[TrainConfig], Probe]) -> TrainConfig:
+    """The settings a run trains with: hub ids replaced by their snapshots, an init_adapter's
+    settings read, and for preset auto the rung for this machine (``probe`` times one); a
+    budgeted run on a busy CPU first waits for it to settle."""
+    cfg = resolve(cfg)
+    resumed = cfg.resume is not None and (Path(cfg.resume) / rundir.CONFIG_FILE).is_file()
+    if cfg.preset != "auto" or cfg.init_from is not None or resumed:  # its name says which
+        return cfg
+    seconds = cfg.time_budget_min * 60
+    budgeted = cfg.max_steps is None and cfg.epochs is None  # not a sweep's fixed steps
+    if budgeted and device_type == "cpu" and not distributed:  # the machine, not a load
+        wait_until_quiet(QUIET_WAIT_SHARE * seconds)
+    return choose_rung(cfg, probe, seconds, device_type, main)
+
+
 def wait_until_quiet(at_most_s: float, announce: bool = True) -> float:
     """Wait, at most ``at_most_s``, while other processes keep the cores busy, so that preset
     auto measures the machine and not a load that passes (a pip install finishing beside it).
@@ -289,7 +305,7 @@ def choose_rung(cfg: TrainConfig, probe: Callable[[TrainConfig], Probe], seconds
         chosen, chosen_probe = candidate, measured
     if not announce:
         return chosen
-    print(f"preset auto: {chosen.preset} ({_millions(chosen_probe.params)} parameters, context "
+    print(f"preset auto: {chosen.preset} ({millions(chosen_probe.params)} parameters, context "
           f"{chosen.block_size}), batch {chosen.batch_size}, lr {chosen.lr:g}, "
           f"{chosen.precision}: the largest that sees {TOKENS_PER_PARAM} tokens a parameter in "
           f"{cfg.time_budget_min:g} min on {device_type} "
@@ -306,7 +322,8 @@ def cpu_precision(cfg: TrainConfig, probe: Callable[[TrainConfig], Probe]) -> st
     return "bf16" if bf16 >= CPU_BF16_SPEEDUP * fp32 else "fp32"
 
 
-def _millions(n: int) -> str:
+def millions(n: int) -> str:
+    """A parameter count: 0.46M, but 3,072 rather than "0.00M"."""
     return f"{n / 1e6:.2f}M" if n >= 10_000 else f"{n:,}"
 
 

@@ -374,16 +374,22 @@ class ModuleSlot(NamedTuple):  # unpacks as (path, rows)
 
 def _expand(table: FamilyTable, cfg: ModelConfig) -> dict[str, tuple[str, str | None]]:
     """HF module name -> (codelm module path, part), with layer templates expanded."""
-    return {hf.format(i=i): (path.format(i=i), part) for hf, (path, part) in table.modules.items()
-            for i in (range(cfg.n_layer) if "{i}" in hf else (None,))}
+    expanded = {}
+    for hf, (path, part) in table.modules.items():
+        layers = range(cfg.n_layer) if "{i}" in hf else (None,)
+        for i in layers:
+            expanded[hf.format(i=i)] = (path.format(i=i), part)
+    return expanded
 
 
 def hf_module_slots(cfg: ModelConfig) -> dict[str, ModuleSlot]:
     """Every HF module name of cfg.family -> the codelm module and rows it corresponds to."""
-    table = TABLES[cfg.family]
-    return {hf: ModuleSlot(path, part_rows(cfg, part))
-            for hf, (path, part) in _expand(table, cfg).items()
-            if not (cfg.parallel_residual and path.endswith("norm_2"))}
+    slots = {}
+    for hf, (path, part) in _expand(TABLES[cfg.family], cfg).items():
+        if cfg.parallel_residual and path.endswith("norm_2"):  # one norm feeds both branches
+            continue
+        slots[hf] = ModuleSlot(path, part_rows(cfg, part))
+    return slots
 
 
 def _param_plan(model: Transformer, table: FamilyTable):

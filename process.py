@@ -4,6 +4,7 @@ whole or not at all, and what killed writers left is settled by the next writer.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import json
@@ -15,6 +16,7 @@ import socket
 import stat
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -60,10 +62,28 @@ def _handling(signals: tuple, handler: Callable, take_ignored: tuple = ()) -> It
             signal.signal(sig, previous_handler)
 
 
+_STOP_UNDER_WAY: list[str] = []  # the signal of the stop being carried out, if one is
+
+
+def note_stop(name: str) -> None:
+    """A stop is under way (a checkpoint, a cleanup): a later SIGTERM or SIGHUP leaves it, and
+    its exit code, as they are, until ``interrupt_on_sigterm`` ends."""
+    if not _STOP_UNDER_WAY:
+        _STOP_UNDER_WAY.append(name)
+
+
+def forget_stop() -> None:
+    """No stop is under way: the next SIGTERM or SIGHUP stops the process again."""
+    _STOP_UNDER_WAY.clear()
+
+
 @contextlib.contextmanager
 def interrupt_on_sigterm() -> Iterator[None]:
     """Within: SIGTERM or SIGHUP raises ``KeyboardInterrupt("SIGTERM")`` (``"SIGHUP"``) as Ctrl-C
-    does, so ``finally`` blocks run; a SIGHUP ignored by nohup stays ignored."""
+    does (``"SIGINT"``), so ``finally`` blocks run; a SIGHUP ignored by nohup stays ignored. Once
+    a stop is under way a later SIGTERM or SIGHUP changes nothing (a scheduler sends them twice
+    and a closed terminal follows): the cleanup runs and the exit code is the stop's; a Ctrl-C
+    still interrupts at once."""
     owner = os.getpid()
 
     def handle(signum, frame):
@@ -72,10 +92,19 @@ def interrupt_on_sigterm() -> Iterator[None]:
             os.kill(os.getpid(), signum)
             return
         leave_terminal_on_hangup(signum)
-        raise KeyboardInterrupt(signal.Signals(signum).name)
+        if _STOP_UNDER_WAY and signum != signal.SIGINT:
+            return
+        name = signal.Signals(signum).name
+        note_stop(name)
+        raise KeyboardInterrupt(name)
 
-    with _handling((signal.SIGTERM, signal.SIGHUP), handle, take_ignored=(signal.SIGTERM,)):
-        yield
+    stops = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+    forget_stop()  # one left by a run outside this context is over
+    try:
+        with _handling(stops, handle, take_ignored=(signal.SIGTERM,)):
+            yield
+    finally:
+        forget_stop()
 
 
 @contextlib.contextmanager
@@ -118,15 +147,48 @@ def _stopped_while_starting(quiet: bool, signum: int, frame) -> None:
     os._exit(interrupted_exit_code(signal.Signals(signum).name))
 
 
+def exit_with_parent(parent: int, poll_s: float = 1.0, grace_s: float = 5.0) -> None:
+    """End this process once ``parent``, the process that started it, is no longer its parent
+    (it died, even by kill -9): SIGTERM first, which a run answers with a checkpoint, then
+    SIGKILL ``grace_s`` later. A watcher thread looks every ``poll_s``."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def run_main(main: Callable[[], int | None]) -> int | None:
-    """Run a script's ``main`` once its imports are done (see ``quiet_start_up_stops``)."""
+    """Run a script's ``main`` once its imports are done (see ``quiet_start_up_stops``); at the
+    interpreter's exit, a stop ends the process at once with ``main``'s exit code."""
     while _START_UP_REPLACED:
         signal.signal(*_START_UP_REPLACED.popitem())
     try:
-        return main()
+        code = main()
     except BrokenPipeError:  # `script | head` stopped reading: no traceback, no second one
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # at exit's flush
-        return 1
+        code = 1
+    atexit.register(_exit_at_a_stop, code)  # the last registered: the first to run
+    return code
+
+
+def _exit_at_a_stop(code: int | None) -> None:
+    """From here to the end of the exit, a stop ends the process with ``code``, quietly: not a
+    KeyboardInterrupt inside another exit handler ("Exception ignored in atexit callback")."""
+
+    def exit_now(signum, frame) -> None:
+        with contextlib.suppress(OSError, ValueError):  # closed, hung up: the exit still comes
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code or 0)
+
+    for sig in STOP_SIGNALS:
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, exit_now)
 
 
 def run_tool(work: Callable[[], int | None], interrupted: str = "interrupted") -> int:

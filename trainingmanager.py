@@ -45,6 +45,7 @@ import process
 import rundir
 import settings
 from architecture import IGNORE_INDEX, Transformer, cuda_half_dtype, lacks_native_bf16
+from batches import Batches, Where
 from build import build_model, check_lora_export, load_or_train_tokenizer
 from checkpoint import (
     PATH_KEYS,
@@ -57,6 +58,7 @@ from checkpoint import (
     with_absolute_paths,
     write_dir_atomically,
 )
+from dataset import SamplePrompt
 from generation import FUNCTION_STOPS, GenerationConfig, generate, truncate_at_stops
 from optim import build_optimizer
 from plan import BUDGET_LADDER, MAX_EPOCHS, BudgetClock, Probe, parse_config
@@ -201,41 +203,6 @@ def _main_first(dist: Dist) -> Iterator[None]:
 
 class RankZeroFailed(RuntimeError):
     """Raised on the other ranks when rank 0 fails in ``_main_first`` (rank 0 reports it)."""
-
-
-class BatchOrder:
-    """Global micro-batches of example indices; rank r takes its contiguous slice of each. Epoch
-    e's order is a permutation seeded by (seed, e): (epoch, position) is all a checkpoint keeps."""
-
-    def __init__(self, n_examples: int, micro_batch: int, dist: Dist, seed: int):
-        self.global_batch = micro_batch * dist.world
-        if n_examples < self.global_batch:
-            raise ValueError(f"the training split has {n_examples} examples, fewer than one "
-                             f"global batch ({micro_batch} x {dist.world}): lower --batch-size "
-                             "or add data")
-        self.n, self.micro_batch, self.dist, self.seed = n_examples, micro_batch, dist, seed
-        self.load_state_dict({"epoch": 0, "pos": 0})
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(
-            self.seed * 1_000_003 + epoch))
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
-        self._perm = self._permutation(self.epoch)
-
-    def next(self) -> tuple[list[int], tuple[int, int]]:
-        """This rank's indices for the next micro-batch and its (epoch, position) for messages."""
-        if self.pos + self.global_batch > self.n:
-            self.epoch, self.pos = self.epoch + 1, 0
-            self._perm = self._permutation(self.epoch)
-        where = (self.epoch, self.pos)
-        start = self.pos + self.dist.rank * self.micro_batch
-        self.pos += self.global_batch
-        return self._perm[start:start + self.micro_batch].tolist(), where
 
 
 # ---- Optimisation: AdamW, warmup + decay to a floor, token-weighted accumulation, AMP ----
@@ -465,6 +432,7 @@ class _StopSignals:
         process.leave_terminal_on_hangup(signum)
         if self.reason is None:
             self.reason = signal.Signals(signum).name
+            process.note_stop(self.reason)
         elif signum == signal.SIGINT:  # stop now: exit code 130, whatever the first one was
             raise KeyboardInterrupt(signal.Signals(signum).name)
 
@@ -473,11 +441,8 @@ class _StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         if self.reason is not None and not taken:
+            process.forget_stop()
             signal.raise_signal(signal.Signals[self.reason])
-
-
-def _millions(n: int) -> str:  # 0.46M, but 3,072 rather than "0.00M"
-    return f"{n / 1e6:.2f}M" if n >= 10_000 else f"{n:,}"
 
 
 def _memory_mb(device: torch.device) -> float:
@@ -507,11 +472,10 @@ class Run:
     restarts: bool  # the caller never continues the run: it starts it again
     tok: CodeTokenizer | BPETokenizer | None = None
     dcfg: DataConfig | None = None
-    train_set: Dataset | None = None
-    val_set: Dataset | None = None
+    batches: Batches | None = None
+    sample_prompt: SamplePrompt | None = None  # the held-out one data preparation picked
     data_id: dict | None = None  # what the checkpoints record of the data
     trainer: Trainer | None = None
-    order: BatchOrder | None = None
     trainable_only: bool = False  # checkpoints hold only the adapter (LoRA on a pretrained base)
     state: RunState = field(default_factory=RunState)
     last_saved_step: int = -1
@@ -549,15 +513,10 @@ def _interrupted(stop: KeyboardInterrupt, run_dir: Path | None, hint: str | None
 
 def setup_run(cfg: TrainConfig, dist: Dist, hint: str | None, restarts: bool) -> Run:
     """Claim the run directory, prepare data, model and trainer, restore a resumed checkpoint."""
-    cfg, created = plan.resolve(cfg), time.perf_counter()
+    created = time.perf_counter()  # a time budget counts from here
     device = resolve_device(cfg, dist)
-    resumed = cfg.resume is not None and (Path(cfg.resume) / rundir.CONFIG_FILE).is_file()
-    if cfg.preset == "auto" and cfg.init_from is None and not resumed:  # its name says which
-        budgeted = cfg.max_steps is None and cfg.epochs is None  # not a sweep's fixed steps
-        if budgeted and device.type == "cpu" and not dist.enabled:  # the machine, not a load
-            plan.wait_until_quiet(plan.QUIET_WAIT_SHARE * cfg.time_budget_min * 60)
-        probe = partial(_probe, device=device, dist=dist)
-        cfg = plan.choose_rung(cfg, probe, cfg.time_budget_min * 60, device.type, dist.main)
+    probe = partial(_probe, device=device, dist=dist)
+    cfg = plan.plan_run(cfg, device.type, dist.enabled, dist.main, probe)
     claimed, has_weights = _claim_run_dir(cfg, dist, hint)
     run = Run(cfg, dist, device, claimed, hint or f"--resume {claimed.path}", restarts,
               created=created)
@@ -620,13 +579,11 @@ def _build(run: Run, has_weights: bool) -> None:
     run.trainable_only = cfg.lora_r > 0 and cfg.init_from is not None
     if cfg.max_steps is None and cfg.epochs is None:  # a new run on a budget: sized here, once
         cfg = run.cfg = _sized_to_budget(run, model)
-    max_steps = cfg.max_steps if cfg.epochs is None else max(1, math.ceil(
-        cfg.epochs * _examples_per_epoch(run) / _examples_per_step(run)))
+    max_steps = cfg.max_steps if cfg.epochs is None else run.batches.steps_for(cfg.epochs)
     if run.budget_clock is not None:  # the stable phase lasts until the clock starts the decay
         max_steps = run.budget_clock.last_step
     run.trainer = Trainer(model, cfg, run.device, run.dist, max_steps,
                           torch.tensor(run.tok.token_byte_lengths()))
-    run.order = BatchOrder(len(run.train_set), cfg.batch_size, run.dist, cfg.seed)
     run.state = RunState(precision=run.trainer.precision, max_steps=max_steps, data=run.data_id)
     if checkpoints:
         broken = checkpoint.restore_latest(checkpoints, partial(_restore, run), run.main)
@@ -663,7 +620,7 @@ def _sized_to_budget(run: Run, model: nn.Module) -> TrainConfig:
     cfg = run.cfg
     step_s, eval_s = _broadcast(_time_a_step(run, model), run.dist)
     left = _seconds_left(run)
-    data_steps = math.ceil(MAX_EPOCHS * _examples_per_epoch(run) / _examples_per_step(run))
+    data_steps = run.batches.steps_for(MAX_EPOCHS)
     sized, run.budget_clock, _ = plan.fit_budget(cfg, time.perf_counter(), left, step_s, eval_s,
                                                  data_steps)
     if run.main:
@@ -718,14 +675,15 @@ def _time_a_step(run: Run, model: nn.Module) -> tuple[float, float]:
     cfg = run.cfg
     probe = Trainer(copy.deepcopy(model), dataclasses.replace(cfg, warmup_steps=0), run.device,
                     run.dist, max_steps=10**9)
-    order = BatchOrder(len(run.train_set), cfg.batch_size, run.dist, cfg.seed)
+    batches = copy.copy(run.batches)  # an order of its own: the run's starts at its beginning
+    batches.order = copy.deepcopy(run.batches.order)
 
     def step() -> None:
-        probe.train_step([_collate(run, [run.train_set[i] for i in order.next()[0]])
-                          for _ in range(cfg.grad_accum)])
+        micro_batches, _ = batches.next_step()
+        probe.train_step(micro_batches)
 
     step_s = plan.seconds_a_step(step, min(10.0, cfg.time_budget_min))
-    val, n = _val_batches(run)
+    val, n = batches.validation()
     start = time.perf_counter()
     probe.evaluate([next(val)], total=1)
     eval_s = (time.perf_counter() - start) * n
@@ -754,26 +712,29 @@ def _prepare_data(run: Run, own_tok: bool) -> None:
         if run.main and not own_tok:  # once the data is known good
             run.claimed.wrote_tokenizer = True
             run.tok.save(run.run_dir)
-    run.train_set, run.val_set = data.train, data.val
+    run.sample_prompt = data.sample_prompt
     run.data_id = {"entry": data.cache_path.name if data.cache_path else None,
-                   "train_examples": len(run.train_set)}
-    if len(run.val_set) == 0:
+                   "train_examples": len(data.train)}
+    if len(data.val) == 0:
         raise ValueError(f"the validation split of {run.dcfg.sources} is empty: add data or "
                          "raise val_frac of data_options (--data-options)")
-    for split, examples in (("train", run.train_set), ("val", run.val_set)):
+    for split, examples in (("train", data.train), ("val", data.val)):
         check_next_token_labels(examples, split)
     if run.main and cfg.val_data and not cfg.test_data and len(data.test):
         whole = round(run.dcfg.train_frac + run.dcfg.test_frac, 6)
         print(f"note: --data still holds out test_frac {run.dcfg.test_frac:g} as the test split; "
               f"--data-options '{{\"train_frac\": {whole:g}, \"test_frac\": 0}}' trains on all "
               "of it", file=sys.stderr)
+    train_set, val_set = data.train, data.val
     if cfg.overfit_batches:  # K fixed global batches; validation is the same examples
         from torch.utils.data import Subset
 
-        g = torch.Generator().manual_seed(cfg.seed)
-        n = cfg.overfit_batches * _examples_per_step(run)
-        chosen = torch.randperm(len(run.train_set), generator=g)[:n].tolist()
-        run.train_set = run.val_set = Subset(run.train_set, chosen)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        n = cfg.overfit_batches * cfg.batch_size * cfg.grad_accum * run.dist.world
+        chosen = torch.randperm(len(train_set), generator=generator)[:n].tolist()
+        train_set = val_set = Subset(train_set, chosen)
+    run.batches = Batches(train_set, val_set, run.tok.pad_id, cfg.batch_size, cfg.grad_accum,
+                          cfg.seed, cfg.eval_examples, run.dist.rank, run.dist.world)
 
 
 def _restore(run: Run, path: Path) -> None:
@@ -784,7 +745,7 @@ def _restore(run: Run, path: Path) -> None:
                              cfg.batch_size * cfg.grad_accum)
     checkpoint.check_precision(path, state.precision, trainer.precision, cfg.precision, run.device)
     trainer.load_state_dict(state)
-    run.order.load_state_dict(state.order)
+    run.batches.order.load_state_dict(state.order)
     set_rng_state(state.rng[run.dist.rank], run.device)
     planned, trained_on = state.max_steps, state.data
     run.state = dataclasses.replace(state, max_steps=run.max_steps, data=run.data_id,
@@ -802,47 +763,6 @@ def _restore(run: Run, path: Path) -> None:
         checkpoint.note_other_data(run.run_dir.name, trained_on, run.data_id)
 
 
-def _window_at_every_token(run: Run) -> bool:
-    """lm windows at every start position (stride 1): its items are not examples."""
-    return getattr(run.train_set, "stride", None) == 1
-
-
-def _examples_per_step(run: Run) -> int:
-    return run.cfg.batch_size * run.cfg.grad_accum * run.dist.world
-
-
-def _examples_per_epoch(run: Run) -> int:
-    """Each training example once; lm windows at every start position count n // block_size."""
-    n = len(run.train_set)
-    return max(1, n // run.dcfg.block_size) if _window_at_every_token(run) else n
-
-
-def _epoch(run: Run, step: int) -> float:
-    """Epochs trained by the end of optimizer step ``step``."""
-    return step * _examples_per_step(run) / _examples_per_epoch(run)
-
-
-def _collate(run: Run, examples: list[dict]) -> dict:
-    from dataset import collate
-
-    return collate(examples, run.tok.pad_id)
-
-
-def _next_micro_batches(run: Run) -> tuple[list[dict], tuple[int, int]]:
-    picks = [run.order.next() for _ in range(run.cfg.grad_accum)]
-    return [_collate(run, [run.train_set[i] for i in ids]) for ids, _ in picks], picks[0][1]
-
-
-def _val_batches(run: Run) -> tuple[Iterator[dict], int]:
-    """This rank's share of the validation batches, and how many there are."""
-    cfg = run.cfg
-    n = min(len(run.val_set), cfg.eval_examples or len(run.val_set))
-    starts = range(0, n, cfg.batch_size)[run.dist.rank::run.dist.world]
-    batches = (_collate(run, [run.val_set[i] for i in range(s, min(s + cfg.batch_size, n))])
-               for s in starts)
-    return batches, len(starts)
-
-
 def save_checkpoint(run: Run) -> None:
     """Checkpoint this step (collective: every rank contributes its RNG state)."""
     rng = [rng_state(run.device)] * run.dist.world
@@ -851,7 +771,7 @@ def save_checkpoint(run: Run) -> None:
     with _main_first(run.dist):  # the others wait for the write, and stop if it fails
         if run.main:
             state = dataclasses.replace(
-                run.state, rng=rng, order=run.order.state_dict(), max_steps=run.max_steps,
+                run.state, rng=rng, order=run.batches.order.state_dict(), max_steps=run.max_steps,
                 **run.trainer.state_dict(),
                 weights=model_tensors(run.trainer.raw_model, run.trainable_only))
             path = run.run_dir / rundir.CHECKPOINTS_DIR / f"{rundir.CHECKPOINT_PREFIX}{state.step}"
@@ -869,6 +789,10 @@ def _save_best(run: Run, metrics: dict) -> None:
         if run.main:
             step = run.state.step
             tensors = model_tensors(run.trainer.raw_model, run.trainable_only)
+            if bad := checkpoint.nonfinite_tensor(tensors):  # best/ holds finite weights only
+                print(f"warning: step {step}: {bad} holds inf or NaN: best/ not written",
+                      file=sys.stderr)
+                return
 
             def write(tmp: Path) -> None:
                 save_file(tensors, tmp / checkpoint.weights_file(run.trainable_only),
@@ -884,14 +808,16 @@ def _announce(run: Run) -> None:
     cfg, trainer = run.cfg, run.trainer
     n_params = sum(p.numel() for p in trainer.raw_model.parameters())
     n_train = sum(p.numel() for p in trainer.params)
-    n = _examples_per_epoch(run)
-    if _window_at_every_token(run):
-        size, epoch = f"{run.train_set.n_tokens} training tokens", (
-            f"{n} windows of {run.dcfg.block_size} tokens")
+    batches = run.batches
+    n = batches.examples_per_epoch
+    if batches.windows_at_every_token:
+        size = f"{batches.train.n_tokens} training tokens"
+        epoch = f"{n} windows of {run.dcfg.block_size} tokens"
     else:
-        size, epoch = f"{len(run.train_set)} training examples", f"{n} examples"
-    print(f"run {run.run_dir}: {_millions(n_params)} parameters ({_millions(n_train)} "
-          f"trainable), {size}, {run.max_steps} steps ({_epoch(run, run.max_steps):.3g} epochs "
+        size = f"{len(batches.train)} training examples"
+        epoch = f"{n} examples"
+    print(f"run {run.run_dir}: {plan.millions(n_params)} parameters ({plan.millions(n_train)} "
+          f"trainable), {size}, {run.max_steps} steps ({batches.epoch(run.max_steps):.3g} epochs "
           f"of {epoch}), {trainer.precision} on {run.device}"
           + (f" x {run.dist.world} processes" if run.dist.enabled else ""))
     if cfg.warmup_steps >= run.max_steps:
@@ -911,7 +837,7 @@ def _announce(run: Run) -> None:
 
 def _log_step(run: Run, log: RunLog, bar, stats: StepStats, tok_s: float) -> None:
     """The train line of this step (metrics.jsonl, TensorBoard) and the progress bar's."""
-    epoch = _epoch(run, run.state.step)
+    epoch = run.batches.epoch(run.state.step)
     values = {"loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
               "tokens_per_s": tok_s, "tokens_seen": run.state.tokens_seen,
               "memory_mb": _memory_mb(run.device), "epoch": epoch}
@@ -946,9 +872,12 @@ def _duration(seconds: float) -> str:
 def _evaluate(run: Run, log: RunLog, on_eval) -> dict:
     """Evaluate, count towards early stopping, keep best/, call ``on_eval``."""
     s = run.state
-    metrics = run.trainer.evaluate(*_val_batches(run))
+    metrics = run.trainer.evaluate(*run.batches.validation())
     s.last_eval_step = s.step
     loss = metrics["val_loss"]
+    if not math.isfinite(loss):  # the last update made the weights inf or NaN
+        _diverged(run, f"non-finite validation loss ({loss}) at step {s.step}: the weights "
+                  "diverged", s.step, run.cfg.lr, log)
     # Patience counts from the last fall larger than min_delta (as Keras does); best/ follows
     # every new minimum.
     if s.stop_ref is None or loss < s.stop_ref - run.cfg.early_stop_min_delta:
@@ -959,7 +888,7 @@ def _evaluate(run: Run, log: RunLog, on_eval) -> dict:
     if improved:
         s.best_val_loss, s.best_step = loss, s.step
     log.write(s.step, "val", {**metrics, "best_val_loss": s.best_val_loss,
-                              "epoch": _epoch(run, s.step)})
+                              "epoch": run.batches.epoch(s.step)})
     if run.main:
         tqdm.write(_eval_line(run, metrics), file=sys.stdout)
     if improved:
@@ -1000,27 +929,36 @@ def _stop_requested(run: Run, signals: _StopSignals, started: float | None = Non
     return "time budget" if over_time else None
 
 
-def _nonfinite(run: Run, stats: StepStats, where: tuple[int, int], log: RunLog) -> None:
+def _nonfinite(run: Run, stats: StepStats, where: Where, log: RunLog) -> None:
     """Stop the run on a non-finite loss or gradient: where in the data, causes, how to go on."""
-    cfg, step = run.cfg, run.state.step + 1
-    shuffle, pos = where  # BatchOrder's pass: for lm windows at every token, not the epoch
+    step = run.state.step + 1
     value = stats.loss if stats.nonfinite == "loss" else stats.grad_norm
-    causes = [f"the learning rate is too high ({stats.lr:.3g}): lower lr or lengthen warmup_steps",
+    first = where.position
+    last = first + run.batches.examples_per_step - 1
+    place = (f"epoch {run.batches.epoch(step):.3g}, training examples {first}..{last} of "
+             f"shuffled pass {where.shuffle} of the data; the update was not applied")
+    _diverged(run, f"non-finite {stats.nonfinite} ({value}) at step {step}: {place}", step,
+              stats.lr, log)
+
+
+def _diverged(run: Run, what: str, step: int, lr: float, log: RunLog) -> None:
+    """Stop the run, saying ``what`` went non-finite, its likely causes and the last checkpoint
+    that holds finite weights (none is written from others, and a resume sets them aside)."""
+    causes = [f"the learning rate is too high ({lr:.3g}): lower lr or lengthen warmup_steps",
               "fp16 overflow: use precision bf16 or fp32" if run.trainer.precision == "fp16"
               else "exploding gradients: keep grad_clip > 0",
               "inf/NaN weights in a loaded checkpoint", "a model bug (mask, dtype casts)"]
-    if cfg.inject_nan_at_step == step:
+    if run.cfg.inject_nan_at_step == step:
         causes.insert(0, "injected on purpose: inject_nan_at_step is set")
-    last = list_checkpoints(run.run_dir)  # a resume replays the same steps, lr and precision
-    kept = (f"the last good checkpoint is {last[-1]}: --resume {run.run_dir} replays the same "
-            "steps from there; a change of --lr or --precision needs a new run (another --name)"
-            if last else "no checkpoint had been written yet: run the command again with the "
-            "changes (the same --name starts the run anew)")
-    diagnosis = (
-        f"non-finite {stats.nonfinite} ({value}) at step {step}: epoch {_epoch(run, step):.3g}, "
-        f"training examples {pos}..{pos + _examples_per_step(run) - 1} of shuffled pass "
-        f"{shuffle} of the data; the update was not applied. Likely causes: "
-        + "; ".join(causes) + ".")
+    good = checkpoint.finite_checkpoint(list_checkpoints(run.run_dir), run.trainable_only)
+    if good is not None:  # a resume replays the same steps, lr and precision
+        kept = (f"the last good checkpoint is {good}: --resume {run.run_dir} replays the same "
+                "steps from there; a change of --lr or --precision needs a new run (another "
+                "--name)")
+    else:
+        kept = ("no checkpoint with finite weights had been written yet: run the command again "
+                "with the changes (the same --name starts the run anew)")
+    diagnosis = f"{what}. Likely causes: " + "; ".join(causes) + "."
     message = f"{diagnosis} {kept}."
     log.write(step, "error", {"message": message})
     raise NonFiniteLossError(message, step, diagnosis)
@@ -1093,13 +1031,18 @@ def _export(run: Run) -> tuple[Path | None, str | None]:
         exported_step = best_step(run.run_dir)
     if not run.main:
         return None, None
-    prompt, code = _sample_prompt(run)
-    sample = prompt and sample_completion(model, tok, prompt, cfg.sample_tokens, cfg.task,
-                                          run.dcfg.pair_special_tokens,
-                                          FUNCTION_STOPS if code else ())
-    if prompt:
+    if bad := checkpoint.nonfinite_tensor(model.state_dict()):  # export/ holds finite weights
+        raise NonFiniteLossError(f"{bad} holds inf or NaN: not exported", run.state.step)
+    prompt = run.sample_prompt  # --sample-prompt, else the held-out one in the task's format
+    if cfg.sample_prompt is not None:
+        prompt = SamplePrompt(cfg.sample_prompt, cfg.task in ("lm", "fim", "completion", "method"))
+    sample = None
+    if prompt is not None and prompt.text:
+        stops = FUNCTION_STOPS if prompt.ends_function else ()
+        sample = sample_completion(model, tok, prompt.text, cfg.sample_tokens, cfg.task,
+                                   run.dcfg.pair_special_tokens, stops)
         print(f"sample completion (greedy, best checkpoint at step {run.state.best_step}):\n"
-              f"{prompt}{sample}")
+              f"{prompt.text}{sample}")
     export = run.run_dir / rundir.EXPORT_DIR
 
     def write(tmp: Path) -> None:
@@ -1156,7 +1099,7 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
                 _announce(run)
             result.early_stopped = _out_of_patience(run)
             while s.step < trainer.max_steps and not result.early_stopped:
-                micro, where = _next_micro_batches(run)
+                micro, where = run.batches.next_step()
                 if _decay_due(run):
                     _retime(run)
                     bar.total = run.max_steps
@@ -1209,16 +1152,6 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
         del run, trainer  # the DDP model goes before the group (_leave_group)
         if owns_group:
             _leave_group()
-
-
-def _sample_prompt(run: Run) -> tuple[str | None, bool]:
-    """--sample-prompt (code: a function to end), else a held-out one in the task's format."""
-    if run.cfg.sample_prompt is not None:
-        return run.cfg.sample_prompt, run.cfg.task in ("lm", "fim", "completion", "method")
-    from dataset import held_out_prompt, load_corpus
-
-    corpus = load_corpus(run.dcfg)  # the cache's, as the run prepared it
-    return held_out_prompt([*corpus.val, *corpus.test, *corpus.train], run.dcfg) or (None, False)
 
 
 def sample_completion(model: nn.Module, tok: CodeTokenizer | BPETokenizer, prompt: str,

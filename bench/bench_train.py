@@ -32,6 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import trainingmanager as tm  # noqa: E402
+from batches import Batches  # noqa: E402
 
 WARMUP = 2
 
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
         run = tm.setup_run(dataclasses.replace(cfg, name="bench-setup"), tm.Dist(), None, True)
         run.claimed.release()
         model_cfg, trainer = run.trainer.raw_model.cfg, run.trainer
-        tokens = torch.from_numpy(run.train_set.tokens[:4_000_000].astype("int64"))
+        tokens = torch.from_numpy(run.batches.train.tokens[:4_000_000].astype("int64"))
         torch.manual_seed(0)
         bare = BareLoop(Transformer(model_cfg), tokens, run.cfg, hf=False, trainer=trainer)
         torch.manual_seed(0)
@@ -116,12 +117,12 @@ def main(argv=None) -> int:
 
         times: dict[str, list[float]] = {"bare": [], "hf": [], "manager": []}
         data_time: list[float] = []
-        fetch, manager_step = tm._next_micro_batches, tm.Trainer.train_step
+        fetch, manager_step = Batches.next_step, tm.Trainer.train_step
         last_exit = [None]
 
-        def timed_fetch(run):
+        def timed_fetch(self):
             t = time.perf_counter()
-            batch = fetch(run)
+            batch = fetch(self)
             data_time.append(time.perf_counter() - t)
             return batch
 
@@ -136,7 +137,7 @@ def main(argv=None) -> int:
             last_exit[0] = time.perf_counter()
             return manager_step(self, *a, **k)
 
-        tm._next_micro_batches = timed_fetch
+        Batches.next_step = timed_fetch
         tm.Trainer.train_step = interleaved_step
         tm.train(cfg)
 

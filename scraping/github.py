@@ -35,6 +35,8 @@ log = logging.getLogger("scraping")
 SEARCH_CAP = 1000
 # A repo GitHub fails to serve is not saved (the next run retries it); this many in a row stop.
 SERVER_ERROR = "server_error"
+# Downloads of a file whose bytes miss its blob SHA before its repository is left for the next run.
+DOWNLOAD_ATTEMPTS = 3
 _FAILED_IN_A_ROW = 5
 DEFAULT_API_URL = "https://api.github.com"
 DEFAULT_RAW_URL = "https://raw.githubusercontent.com"
@@ -332,8 +334,6 @@ class GitHubScraper:
         for f, got in zip(wanted, pool.map(lambda f: self._download(name, commit, f), wanted)):
             data, reason = got
             text, reason = (None, reason) if data is None else decode_source(data)
-            if text is not None and git_blob_sha(data) != f.sha:
-                text, reason = None, "sha_mismatch"
             if text is None:
                 files[reason] += 1
                 continue
@@ -342,16 +342,25 @@ class GitHubScraper:
         return "scraped", records
 
     def _download(self, repo: str, commit: str, f: TreeFile) -> tuple[bytes | None, str | None]:
-        """(the file's bytes, None), or (None, why) when GitHub will not serve it."""
-        if self.raw_url and _plain_path(f.path):
-            resp = self.client.get(f"{self.raw_url}/{repo}/{commit}/{quote(f.path)}",
-                                   accept="*/*")
-        else:  # by blob SHA: odd paths never reach a URL, and Enterprise needs no raw host
-            resp = self.client.get(f"/repos/{repo}/git/blobs/{f.sha}",
-                                   accept="application/vnd.github.raw+json")
-        if resp.status_code != 200:
-            return None, "missing" if resp.status_code == 404 else f"http_{resp.status_code}"
-        return resp.content, None
+        """(the file's bytes, None), or (None, why) when GitHub will not serve it. The bytes
+        hash to the file's blob SHA: a reply that does not (altered, cut short, malformed) is
+        asked for again by blob SHA, and one that never does raises ServerError, which leaves
+        the repository for the next run."""
+        for attempt in range(DOWNLOAD_ATTEMPTS):
+            if attempt == 0 and self.raw_url and _plain_path(f.path):
+                resp = self.client.get(f"{self.raw_url}/{repo}/{commit}/{quote(f.path)}",
+                                       accept="*/*")
+            else:  # by blob SHA: odd paths never reach a URL, and Enterprise needs no raw host
+                resp = self.client.get(f"/repos/{repo}/git/blobs/{f.sha}",
+                                       accept="application/vnd.github.raw+json")
+            if resp.status_code != 200:
+                return None, "missing" if resp.status_code == 404 else f"http_{resp.status_code}"
+            if git_blob_sha(resp.content) == f.sha:
+                return resp.content, None
+            log.warning("%s %s: %d bytes that are not its blob %s; downloading it again", repo,
+                        f.path, len(resp.content), f.sha)
+        raise ServerError(f"{repo} {f.path}: {DOWNLOAD_ATTEMPTS} downloads, none of them its "
+                          f"blob {f.sha}")
 
 
 def scrape_github(cfg: GitHubConfig, client: GitHubClient | None = None) -> Summary:

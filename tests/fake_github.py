@@ -172,10 +172,11 @@ class FakeGitHub:
         fault = self._take_fault(url.path)
         h.extra_headers = {}
         h.altered = fault == "altered"  # a handler serves every request of its connection
+        h.truncated = fault == "truncated"
         if fault == "remaining_0":
             h.extra_headers = {"x-ratelimit-remaining": 0,
                                "x-ratelimit-reset": int(self.clock()) + 1}
-        elif fault and fault != "altered":
+        elif fault and fault not in ("altered", "truncated"):
             return self._inject(h, fault)
         if self.token and h.headers.get("Authorization") != f"Bearer {self.token}":
             return self._json(h, 401, {"message": "Bad credentials"})
@@ -339,8 +340,13 @@ class FakeGitHub:
 
 
 def _served(h: BaseHTTPRequestHandler, data: bytes) -> bytes:
-    """The bytes a file request gets: the file's, or with the ``altered`` fault one line more."""
-    return data + b"# altered in transit\n" if h.altered else data
+    """The bytes a file request gets: the file's, with the ``altered`` fault one line more, with
+    the ``truncated`` fault its first half (a whole reply of that length)."""
+    if h.altered:
+        return data + b"# altered in transit\n"
+    if h.truncated:
+        return data[: len(data) // 2]
+    return data
 
 
 def _parse_time(text: str, end: bool = False) -> datetime:

@@ -2742,6 +2742,27 @@ def test_parquet_and_datasets_directories_give_the_examples_their_jsonl_gives(tm
         assert _examples(got) == want, source
 
 
+@pytest.mark.parametrize("damage", ["garbage", "cut"])
+def test_a_damaged_parquet_or_arrow_file_is_an_error_naming_it(tmp_path, damage):
+    """pyarrow's own messages ("Parquet magic bytes not found in footer") name no file: a
+    parquet file or a datasets Arrow file that does not read is a DataError naming its path."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [(EMAIL / name).read_text() for name in ("charset.py", "utils.py", "errors.py")]
+    parquet = tmp_path / "code.parquet"
+    pq.write_table(pa.table({"text": texts}), parquet)
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(saved))
+    arrow = next(saved.glob("*.arrow"))
+    for file, source in ((parquet, parquet), (arrow, saved)):
+        data = file.read_bytes()
+        file.write_bytes(b"not a table at all" if damage == "garbage" else data[: len(data) // 2])
+        with pytest.raises(DataError, match=f"{re.escape(str(file))}: not a readable"):
+            dataset.load_corpus(cfg(tmp_path, sources=[str(source)]))
+
+
 def test_code_records_read_their_text_column_and_bad_rows_name_file_and_row(tmp_path):
     import datasets
     import pyarrow as pa

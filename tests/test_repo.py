@@ -84,7 +84,7 @@ def test_bench_lora_refuses_a_width_its_heads_do_not_divide(capsys, monkeypatch)
 # load.
 BELOW_FLOOR_3 = {"process", "settings", "rundir", "checkpoint", "tokenizer", "kernels",
                  "architecture", "generation", "optim", "scraping", "pretrained", "lora", "dataset",
-                 "dataconfig", "trainconfig", "build", "plan", "sandbox"}
+                 "dataconfig", "batches", "trainconfig", "build", "plan", "sandbox"}
 MAY_IMPORT = {
     "process": set(),
     "settings": set(),
@@ -100,6 +100,7 @@ MAY_IMPORT = {
     "lora": {"process", "settings", "architecture", "pretrained"},
     "dataconfig": set(),
     "dataset": {"process", "settings", "tokenizer", "scraping", "dataconfig"},
+    "batches": {"dataset"},
     "trainconfig": {"process", "settings", "rundir", "checkpoint", "architecture", "optim",
                     "dataconfig"},
     "build": {"process", "settings", "rundir", "architecture", "tokenizer", "pretrained", "lora",

@@ -134,20 +134,28 @@ def test_blob_api_path_without_raw_host_gives_the_same_output(tmp_path):
     assert (tmp_path / "raw.jsonl").read_bytes() == (tmp_path / "blob.jsonl").read_bytes()
 
 
+def _a_file_of(repos, expected, repo: str) -> tuple[str, str]:
+    """(path, blob sha) of the first kept file of ``repo``."""
+    path = sorted(p for name, p in expected if name == repo)[0]
+    data = next(r for r in repos if r.full_name == repo).files[path]
+    return path, blob_sha(data)
+
+
 @pytest.mark.parametrize("raw", [True, False], ids=["raw", "blob"])
-def test_a_file_whose_bytes_are_not_its_blob_is_dropped(tmp_path, raw):
-    """Bytes that do not hash to the SHA the tree names (a broken proxy or cache) are counted as
-    sha_mismatch and never written; every other file is kept."""
+@pytest.mark.parametrize("fault", ["altered", "truncated", 'body:{"sha": "x", "size": 1}'],
+                         ids=["altered", "truncated", "malformed"])
+def test_a_reply_that_is_not_the_files_blob_is_downloaded_again(tmp_path, raw, fault):
+    """Bytes that do not hash to the SHA the tree names (a broken proxy or cache, a body cut
+    short, a 200 of the wrong shape) are asked for again by blob SHA: every file is kept, once."""
     repos, expected = fake_corpus()
-    path = sorted(p for repo, p in expected if repo == "gamma/mailer")[0]
-    data = next(r for r in repos if r.full_name == "gamma/mailer").files[path]
-    needle = f"/{quote(path)}" if raw else f"/git/blobs/{blob_sha(data)}"
+    path, sha = _a_file_of(repos, expected, "gamma/mailer")
+    needle = f"/{quote(path)}" if raw else f"/git/blobs/{sha}"
     out = tmp_path / "code.jsonl"
-    fake, summary, _, _ = run_scrape(out, [(needle, "altered")], raw=raw)
-    assert fake.faults == []  # the altered answer was served
-    records = read_jsonl(out)
-    assert {(r["repo"], r["path"]) for r in records} == expected - {("gamma/mailer", path)}
-    assert summary.files["sha_mismatch"] == 1 and summary.files["kept"] == len(expected) - 1
+    fake, summary, _, _ = run_scrape(out, [(needle, fault)], raw=raw)
+    assert fake.faults == []  # the bad answer was served
+    keys = [(r["repo"], r["path"]) for r in read_jsonl(out)]
+    assert len(keys) == len(set(keys)) and set(keys) == expected
+    assert summary.files["kept"] == len(expected)
 
 
 def test_git_blob_sha_is_the_id_git_gives_the_content(tmp_path):
@@ -930,6 +938,28 @@ def test_a_repo_github_keeps_failing_is_left_for_the_next_run_and_the_rest_go_on
     moved = {("alpha/jsonish", "jsonish/decoder.py"), ("gamma/mailer", "vendored/decoder.py")}
     assert {(r["repo"], r["path"]) for r in read_jsonl(out)} == expected ^ moved
     assert len(read_jsonl(out)) == len(expected)
+
+
+def test_a_file_that_never_matches_its_blob_leaves_its_repo_for_the_next_run(tmp_path,
+                                                                            capsys):
+    """Every download of a file misses its blob SHA: its repository is not saved (exit 1,
+    server_error), and the same command run again ends with every file present, none twice."""
+    from scraping.github import DOWNLOAD_ATTEMPTS
+
+    out = tmp_path / "out.jsonl"
+    repos, expected = fake_corpus()
+    path, sha = _a_file_of(repos, expected, "gamma/mailer")
+    faults = [(f"/{quote(path)}", "truncated")]
+    faults += [(f"/git/blobs/{sha}", "altered")] * (DOWNLOAD_ATTEMPTS - 1)
+    with FakeGitHub(repos, faults=faults, max_per_page=3) as fake:
+        assert _cli_scrape(fake, out, "--retries", "1", "--min-bytes", "1000") == 1
+        err = capsys.readouterr().err
+        assert re.search(r"repos server_error +1\n", err)
+        assert "gamma/mailer" not in {r["repo"] for r in read_jsonl(out)}
+        assert _cli_scrape(fake, out, "--retries", "1", "--min-bytes", "1000") == 0
+        assert fake.faults == []
+    keys = [(r["repo"], r["path"]) for r in read_jsonl(out)]
+    assert len(keys) == len(set(keys)) and set(keys) == expected
 
 
 MALFORMED_REPLIES = [  # 200 replies that are not what GitHub sends

@@ -32,6 +32,7 @@ import settings
 import trainconfig
 import trainingmanager as tm
 from architecture import SHORT_DTYPES
+from batches import Batches, BatchOrder
 from dataset import collate, stdlib_files, supervised_example
 from tokenizer import CodeTokenizer, load_tokenizer
 
@@ -368,7 +369,7 @@ def test_weight_decay_falls_on_linear_and_embedding_weights_only():
 def test_each_epoch_is_a_new_permutation_of_every_example():
     """Every epoch visits each example once, in an order of its own: an order seeded without
     the epoch would repeat epoch 0's batches in every epoch."""
-    order = tm.BatchOrder(10, 5, tm.Dist(), seed=0)
+    order = BatchOrder(10, 5, seed=0)
     epochs: dict[int, list[int]] = {}
     for _ in range(6):
         indices, (epoch, _) = order.next()
@@ -1140,8 +1141,77 @@ def test_a_checkpoint_is_written_only_with_finite_weights(assets, tmp_path, caps
     assert tm.main(["--config", config]) == 1
     err = capsys.readouterr().err
     assert "holds inf or NaN: no checkpoint written" in err
-    assert "last good checkpoint" not in err and "no checkpoint had been written" in err
+    assert "last good checkpoint" not in err and "no checkpoint with finite weights" in err
     assert rundir.list_checkpoints(tmp_path / "runs" / "run") == []
+
+
+def _nonfinite_files(directory: Path) -> list[str]:
+    """The safetensors files under ``directory`` that hold an inf or NaN tensor."""
+    bad = []
+    for file in directory.rglob("*.safetensors"):
+        if checkpoint.nonfinite_tensor(load_file(file)) is not None:
+            bad.append(str(file))
+    return bad
+
+
+@pytest.mark.parametrize("flags", [
+    ["--lr", "1e39", "--max-steps", "1", "--eval-every", "1", "--save-every", "1"],
+    ["--lr", "1e38", "--max-steps", "2", "--eval-every", "1", "--save-every", "2"],
+    ["--lr", "1e39", "--max-steps", "3", "--eval-every", "3", "--save-every", "1"],
+])
+def test_a_diverged_run_exits_nonzero_and_keeps_no_nonfinite_weights(assets, tmp_path, capsys,
+                                                                     flags):
+    """An update that makes the weights inf or NaN while its gradient was finite: the next
+    evaluation's non-finite loss stops the run (exit 1), never counts as an improvement, and
+    best/, export/ and the checkpoints hold finite tensors only; the message names a finite
+    checkpoint or none."""
+    config = _tiny_config_file(assets, tmp_path, warmup_steps=0, export=True)
+    assert tm.main(["--config", config, *flags]) == 1
+    err = capsys.readouterr().err
+    assert "non-finite" in err and "exported" not in err
+    run = tmp_path / "runs" / "run"
+    assert _nonfinite_files(run) == []
+    assert not (run / rundir.EXPORT_DIR).exists()
+    good = checkpoint.finite_checkpoint(rundir.list_checkpoints(run), trainable_only=False)
+    assert good is None or f"last good checkpoint is {good}" in err
+
+
+def test_a_nonfinite_checkpoint_with_a_valid_manifest_is_set_aside_and_refused_by_eval(
+        assets, tmp_path, capsys):
+    """Weights holding NaN, written with a manifest that matches them: the resume sets that
+    checkpoint aside naming the tensor and continues from the one before; eval.py refuses the
+    weights in one line."""
+    import eval as evaluation
+
+    config = _tiny_config_file(assets, tmp_path, max_steps=8)
+    assert tm.main(["--config", config]) == 0
+    run = tmp_path / "runs" / "run"
+    newest = run / "checkpoints" / "step-8"
+    weights = load_file(newest / rundir.MODEL_FILE)
+    name = next(iter(weights))
+    weights[name] = torch.full_like(weights[name], float("nan"))
+
+    def write(tmp: Path) -> None:
+        for file in newest.iterdir():
+            if file.name != process.MANIFEST_FILE:
+                shutil.copy(file, tmp / file.name)
+        tm.save_file(weights, tmp / rundir.MODEL_FILE)
+
+    tm.write_dir_atomically(newest, write)
+    assert process.manifest_problem(newest) is None
+    capsys.readouterr()
+    assert tm.main(["--resume", str(run), "--max-steps", "12"]) == 0
+    out, err = capsys.readouterr()
+    assert f"{name} holds inf or NaN" in err and "from step-4" in out
+    assert sum(p.name.startswith("broken-step-8") for p in (run / "checkpoints").iterdir()) == 1
+
+    def write_best(tmp: Path) -> None:
+        tm.save_file(weights, tmp / rundir.MODEL_FILE, metadata={"step": "8"})
+        (tmp / rundir.BEST_METRICS).write_text(json.dumps({"step": 8}))
+
+    tm.write_dir_atomically(run / rundir.BEST_DIR, write_best)
+    with pytest.raises(ValueError, match=f"{name} holds inf or NaN"):
+        evaluation.load_model(run, "cpu")
 
 
 def test_a_checkpoint_without_its_weights_or_with_a_state_short_of_keys_is_corrupt(tmp_path):
@@ -1494,7 +1564,7 @@ def test_an_epochs_run_rounds_its_steps_up_and_its_cosine_ends_there(assets, tmp
                   max_steps=tm.TrainConfig().max_steps)
     probe = tm.setup_run(tiny_cfg(assets, tmp_path, name="probe", **common), tm.Dist(), None,
                          False)
-    n = len(probe.train_set)  # supervised pairs: an epoch is each of them once
+    n = len(probe.batches.train)  # supervised pairs: an epoch is each of them once
     probe.claimed.release()
     steps, per_step = 5, 4 * 2  # batch_size x grad_accum
     epochs = (steps - 0.5) * per_step / n  # 4.5 steps' worth of examples
@@ -1558,18 +1628,18 @@ def test_an_lm_split_of_fewer_windows_than_block_size_is_one_epoch_not_zero():
     class Windows:  # a stride-1 lm split of n windows, as dataset builds it
         stride = 1
 
+        block_size = 32
+
         def __init__(self, n: int) -> None:
             self.n = n
 
         def __len__(self) -> int:
             return self.n
 
-    run = types.SimpleNamespace(cfg=tm.TrainConfig(batch_size=2, grad_accum=3), dist=tm.Dist(),
-                                dcfg=types.SimpleNamespace(block_size=32))
     for n, per_epoch in ((1, 1), (31, 1), (63, 1), (64, 2), (100, 3)):
-        run.train_set = Windows(n)
-        assert tm._examples_per_epoch(run) == per_epoch == max(1, n // 32)
-        assert tm._epoch(run, 5) == 5 * 2 * 3 / per_epoch
+        batches = Batches(Windows(n), Windows(n), pad_id=0, batch_size=1, grad_accum=3, seed=0)
+        assert batches.examples_per_epoch == per_epoch == max(1, n // 32)
+        assert batches.epoch(5) == 5 * 1 * 3 / per_epoch
 
 
 def test_the_progress_bar_shows_the_epoch_its_metrics_line_logs():
@@ -1577,7 +1647,7 @@ def test_the_progress_bar_shows_the_epoch_its_metrics_line_logs():
     run = types.SimpleNamespace(cfg=tm.TrainConfig(batch_size=2, grad_accum=3), dist=tm.Dist(),
                                 state=checkpoint.RunState(step=5), device=torch.device("cpu"),
                                 lines=False)
-    run.train_set = list(range(40))  # 40 examples an epoch
+    run.batches = Batches(list(range(40)), [], pad_id=0, batch_size=2, grad_accum=3, seed=0)
     run.trainer = types.SimpleNamespace(scaler=torch.amp.GradScaler("cpu", enabled=False))
     lines, postfix = [], {}
     log = types.SimpleNamespace(write=lambda step, kind, values: lines.append(values))
@@ -2111,7 +2181,7 @@ def test_the_validation_examples_do_not_depend_on_batch_size_or_accumulation(ass
         cfg = tiny_cfg(assets, tmp_path, batch_size=batch_size, grad_accum=grad_accum,
                        eval_examples=10, name=f"v{i}")
         run = tm.setup_run(cfg, tm.Dist(), None, False)
-        batches, _ = tm._val_batches(run)
+        batches, _ = run.batches.validation()
         batches = list(batches)
         examples.append([row[mask].tolist() for b in batches
                          for row, mask in zip(b["input_ids"], b["labels"] != tm.IGNORE_INDEX)])
@@ -3273,10 +3343,10 @@ def test_validate_config_accepts_the_bounds(values):
 
 def test_batch_order_restored_in_a_later_epoch_continues_that_epochs_order():
     """A checkpoint taken in epoch 1 resumes on epoch 1's permutation, not epoch 0's."""
-    order = tm.BatchOrder(10, 4, tm.Dist(), seed=3)
+    order = BatchOrder(10, 4, seed=3)
     for _ in range(3):
         order.next()  # the third batch starts epoch 1
-    restored = tm.BatchOrder(10, 4, tm.Dist(), seed=3)
+    restored = BatchOrder(10, 4, seed=3)
     restored.load_state_dict(order.state_dict())
     assert order.state_dict()["epoch"] == 1
     assert [restored.next() for _ in range(4)] == [order.next() for _ in range(4)]
@@ -3493,7 +3563,7 @@ def test_where_set_of_a_command_line_names_the_flag_the_config_file_or_the_resum
 
 def test_too_few_training_examples_for_a_batch_names_the_setting():
     with pytest.raises(ValueError, match=r"global batch \(20 x 1\).*--batch-size.*add data"):
-        tm.BatchOrder(10, 20, tm.Dist(), seed=0)
+        BatchOrder(10, 20, seed=0)
 
 
 def test_a_model_shape_error_names_the_settings_it_was_made_of(tmp_path, capsys):

@@ -561,3 +561,113 @@ def test_a_ctrl_c_between_the_renames_of_a_set_lands_after_the_last(tmp_path, mo
         process.write_atomic_files({weights: b"new weights", config: "new config"})
     assert (weights.read_bytes(), config.read_text()) == (b"new weights", "new config")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+
+
+_ORPHAN = """
+import os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+import process
+if sys.argv[2] == "ignore":  # a child that never answers SIGTERM: SIGKILL ends it
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+process.exit_with_parent(os.getppid(), poll_s=0.05, grace_s=0.5)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+_PARENT = """
+import subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2], sys.argv[3]],
+                         start_new_session=True, stdout=subprocess.PIPE, text=True)
+assert child.stdout.readline() == "ready\\n"
+print(child.pid, flush=True)
+child.wait()
+"""
+
+
+@pytest.mark.parametrize("answer", ["sigterm", "ignore"])
+def test_a_child_dies_with_its_parent_even_after_kill_9(answer):
+    """A sweep worker in a session of its own outlives its main process's kill -9 unless it
+    watches it: exit_with_parent ends it (SIGTERM, or SIGKILL when that is ignored) once its
+    parent is gone, within seconds."""
+    import signal
+    import sys
+    import time
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from procs import exited
+
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, _ORPHAN, str(ROOT), answer],
+                              stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    try:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=60)
+        deadline = time.monotonic() + 60  # a bound for a loaded machine; it takes well under 1 s
+        while not exited(child):
+            assert time.monotonic() < deadline, "the child outlived its parent"
+            time.sleep(0.05)
+    finally:
+        if not exited(child):
+            import os
+
+            os.kill(child, signal.SIGKILL)
+
+
+_MIXED_STOPS = """
+import os, signal, sys, time
+import process
+
+def work():
+    try:
+        os.kill(os.getpid(), signal.SIG{first})
+        time.sleep(60)  # not reached: the stop raises first
+    finally:
+        os.kill(os.getpid(), signal.SIG{second})  # another stop while the cleanup runs
+        with open(sys.argv[1], "w") as f:  # a file: a hangup sends stdout to /dev/null
+            f.write("cleanup done")
+
+sys.exit(process.run_main(lambda: process.run_tool(work)))
+"""
+
+
+@pytest.mark.parametrize("first, second, code", [("TERM", "HUP", 143), ("TERM", "TERM", 143),
+                                                 ("INT", "TERM", 130), ("HUP", "TERM", 129)])
+def test_a_stop_during_the_cleanup_of_another_leaves_its_cleanup_and_exit_code(first, second,
+                                                                               code, tmp_path):
+    """TERM, then HUP while its finally blocks run (a scheduler's second signal, a terminal
+    closing): the cleanup completes and the exit code is the first stop's."""
+    import sys
+
+    script = _MIXED_STOPS.format(first=first, second=second)
+    done = tmp_path / "done"
+    proc = subprocess.run([sys.executable, "-c", script, str(done)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == code, proc.stderr
+    assert done.read_text() == "cleanup done"
+
+
+_STOP_AT_EXIT = """
+import atexit, os, signal, sys, time
+import process
+
+def exit_handler():  # another library's, run after run_main's own
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(60)  # not reached: the Ctrl-C ends the process
+
+def main():
+    atexit.register(exit_handler)
+    return 3
+
+sys.exit(process.run_main(main))
+"""
+
+
+def test_a_ctrl_c_during_the_exit_ends_the_process_quietly_with_mains_code():
+    """A second Ctrl-C while the interpreter runs its exit handlers: the process ends at once
+    with main's exit code, not with a KeyboardInterrupt printed from inside an exit handler."""
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _STOP_AT_EXIT], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 3
+    assert "Exception ignored" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr
