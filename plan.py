@@ -11,6 +11,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Collection, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -203,8 +204,12 @@ def with_fallbacks(cfg: TrainConfig) -> TrainConfig:
 
 # The share of preset auto's budget it expects to train in (the data is yet to be prepared).
 TRAIN_SHARE = 0.85
-# Preset auto trains on a CPU in bf16 when that measures this many times fp32's speed.
+# Preset auto trains on a CPU in bf16 when that measures this many times fp32's speed, on the
+# ladder's rung PRECISION_RUNG (code-4x192): the first rung's matmuls are too narrow for the
+# difference to show above the noise (bf16/fp32 read 1.14-1.23 there and 1.38-1.39 on
+# code-4x192 on a 2-core avx512_bf16 CPU).
 CPU_BF16_SPEEDUP = 1.2
+PRECISION_RUNG = 2
 # Preset auto waits at most this share of its budget for other processes to leave the CPU.
 QUIET_WAIT_SHARE = 0.05
 # A step's time is the fastest of this many windows: a load that comes and goes slows some
@@ -314,17 +319,154 @@ def choose_rung(cfg: TrainConfig, probe: Callable[[TrainConfig], Probe], seconds
 
 
 def cpu_precision(cfg: TrainConfig, probe: Callable[[TrainConfig], Probe]) -> str:
-    """bf16 autocast where this CPU computes it natively (measured on the first rung, at least
-    CPU_BF16_SPEEDUP times fp32's tokens a second): the budget then buys more tokens."""
-    first = with_fallbacks(with_rung(cfg, BUDGET_LADDER[0]))
-    fp32 = probe(replace(first, precision="fp32")).tokens_per_s
-    bf16 = probe(replace(first, precision="bf16")).tokens_per_s
+    """bf16 autocast where this CPU computes it natively (measured on the rung PRECISION_RUNG,
+    at least CPU_BF16_SPEEDUP times fp32's tokens a second): the budget then buys more tokens."""
+    rung = with_fallbacks(with_rung(cfg, BUDGET_LADDER[PRECISION_RUNG]))
+    fp32 = probe(replace(rung, precision="fp32")).tokens_per_s
+    bf16 = probe(replace(rung, precision="bf16")).tokens_per_s
     return "bf16" if bf16 >= CPU_BF16_SPEEDUP * fp32 else "fp32"
 
 
 def millions(n: int) -> str:
     """A parameter count: 0.46M, but 3,072 rather than "0.00M"."""
     return f"{n / 1e6:.2f}M" if n >= 10_000 else f"{n:,}"
+
+
+# ---- One step's cost, known before the first: the memory it holds, the time it takes ----
+
+# The lengths whose saved activations give the fit (a longer block is scaled from them).
+MEASURED_LENGTHS = (32, 64, 128)
+# A step predicted to take longer than this is named before training.
+LONG_STEP_S = 60.0
+# A budgeted run needs at least this many steps in its time left (it times 8 of them first).
+FEWEST_BUDGET_STEPS = 20
+# The share of the memory free now that one micro-batch's activations may take.
+MEMORY_SHARE = 0.9
+
+
+class StepCost(NamedTuple):
+    """One training step of a shape on this machine, scaled from short sequences."""
+
+    activation_bytes: float  # what one micro-batch saves for its backward
+    seconds: float  # the whole optimizer step: every micro-batch's forward and backward
+
+
+def step_cost(model: torch.nn.Module, block_size: int, batch_size: int, grad_accum: int,
+              device: torch.device, autocast: Callable[[], AbstractContextManager]) -> StepCost:
+    """Measured on single sequences of MEASURED_LENGTHS tokens (of ``block_size`` where it is
+    no longer) and scaled to ``batch_size`` x ``block_size``: the bytes autograd saves, fitted
+    as c + a n + b n^2 (the square: attention that keeps its scores), and the seconds from the
+    step's FLOPs (6 a parameter a token, 6 n_layer n_embd n^2 for causal attention) at the rate
+    the longest measured sequence ran. The RNG streams are left as they were."""
+    lengths = MEASURED_LENGTHS if block_size > MEASURED_LENGTHS[-1] else (block_size,)
+    forks = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=forks):
+        saved = [_saved_bytes(model, n, device, autocast) for n in lengths]
+        longest = lengths[-1]
+        _forward_backward(model, longest, device, autocast)  # warm-up
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            _forward_backward(model, longest, device, autocast)
+            times.append(time.perf_counter() - start)
+    if len(lengths) == 1:  # measured at the block size itself
+        per_sequence = float(saved[0])
+    else:
+        powers = torch.tensor([[1.0, n, n * n] for n in lengths], dtype=torch.float64)
+        c, a, b = torch.linalg.solve(powers, torch.tensor(saved, dtype=torch.float64)).tolist()
+        per_sequence = max(c, 0.0) + max(a, 0.0) * block_size + max(b, 0.0) * block_size**2
+    params = sum(p.numel() for p in model.parameters())
+    width = model.cfg.n_layer * model.cfg.n_embd
+
+    def flops(n: int) -> float:
+        return 6 * params * n + 6 * width * n * n
+
+    seconds = min(times) * flops(block_size) / flops(longest) * batch_size * grad_accum
+    return StepCost(per_sequence * batch_size, seconds)
+
+
+def _loss(model: torch.nn.Module, n: int, device: torch.device,
+          autocast: Callable[[], AbstractContextManager]) -> torch.Tensor:
+    """The summed loss of one random sequence of ``n`` tokens, in training mode."""
+    ids = torch.randint(model.cfg.vocab_size, (1, n), device=device)
+    was_training = model.training
+    model.train()
+    with autocast():
+        loss = model(ids, ids, reduction="sum")
+    model.train(was_training)
+    return loss
+
+
+def _saved_bytes(model: torch.nn.Module, n: int, device: torch.device,
+                 autocast: Callable[[], AbstractContextManager]) -> int:
+    """Bytes of the tensors autograd saves for the backward of one sequence of ``n`` tokens
+    (the weights themselves, already in memory, not counted)."""
+    held = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    storages = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in held:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = _loss(model, n, device, autocast)
+    del loss
+    return sum(storages.values())
+
+
+def _forward_backward(model: torch.nn.Module, n: int, device: torch.device,
+                      autocast: Callable[[], AbstractContextManager]) -> None:
+    _loss(model, n, device, autocast).backward()
+    model.zero_grad(set_to_none=True)
+
+
+def free_memory(device: torch.device) -> float:
+    """Bytes free for a new allocation now: the GPU's, else the system's (MemAvailable), inf
+    where the system does not say."""
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        return math.inf
+    for line in meminfo.splitlines():
+        if line.startswith("MemAvailable:"):
+            return float(line.split()[1]) * 1024
+    return math.inf
+
+
+def check_step_cost(cfg: TrainConfig, cost: StepCost, block_size: int, free_bytes: float,
+                    seconds_left: float | None) -> str | None:
+    """Refuse a step whose micro-batch's activations exceed the memory free, or of which a
+    budgeted run (``seconds_left``) fits fewer than FEWEST_BUDGET_STEPS; a warning naming a
+    step that takes longer than LONG_STEP_S, else None."""
+    shape = (f"{setting(cfg, 'block_size')} ({block_size} tokens) x batch_size "
+             f"{cfg.batch_size}")
+    activations = _gib(cost.activation_bytes)
+    if cost.activation_bytes > MEMORY_SHARE * free_bytes:
+        raise ValueError(f"{shape}: one micro-batch saves about {activations} of activations, "
+                         f"more than the {_gib(free_bytes)} free: lower block_size or "
+                         "batch_size, or set gradient_checkpointing")
+    step = f"one step takes about {_minutes(cost.seconds)} here"
+    if seconds_left is not None and cost.seconds * FEWEST_BUDGET_STEPS > seconds_left:
+        raise ValueError(f"{shape}: {step}, and the time budget has {_minutes(seconds_left)} "
+                         f"left, fewer than {FEWEST_BUDGET_STEPS} steps: lower block_size or "
+                         "batch_size, or raise time_budget_min")
+    if cost.seconds > LONG_STEP_S:
+        return (f"warning: {shape}: {step}, with about {activations} of activations a "
+                "micro-batch (attention grows with the square of the length); a stop signal is "
+                "acted on between layers")
+    return None
+
+
+def _gib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.1f} GiB"
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
 # ---- The time budget: steps that fill it, a decay that ends on time ----

@@ -228,6 +228,10 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, 700.0))
 
 
+class StepAbandoned(Exception):
+    """A stop signal came mid-step: the step was dropped before its update, nothing applied."""
+
+
 @dataclass
 class StepStats:
     loss: float  # token-weighted mean over the whole (global) step, as validation computes it
@@ -268,6 +272,12 @@ class Trainer:
             device.type, enabled=self.precision == "fp16" or cfg.base_dtype == "fp16")
         self.model = self.eval_model = (torch.compile(self.raw_model) if cfg.compile
                                         else self.raw_model)
+        # One process alone may drop a step mid-way: a stop is checked at every block.
+        self.stop_pending: Callable[[], bool] | None = None  # set during a droppable step
+        self.droppable = not self.dist.enabled and not cfg.compile
+        if self.droppable:
+            for block in getattr(self.raw_model, "blocks", ()):
+                block.register_forward_pre_hook(self._check_stop)
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -280,10 +290,39 @@ class Trainer:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def train_step(self, micro_batches: Sequence[dict], inject_nan: bool = False) -> StepStats:
+    def _check_stop(self, block: nn.Module, args: tuple) -> None:
+        """Before a block's forward, and once its backward is done: a pending stop drops the
+        step."""
+        if self.stop_pending is None:
+            return
+        self._stop_if_pending()
+        hidden = args[0]
+        if hidden.requires_grad:  # its gradient is ready once the block's backward is done
+            hidden.register_hook(self._stop_if_pending)
+
+    def _stop_if_pending(self, *unused) -> None:
+        if self.stop_pending is not None and self.stop_pending():
+            raise StepAbandoned
+
+    @contextlib.contextmanager
+    def _droppable_step(self, stop_pending: Callable[[], bool] | None) -> Iterator[None]:
+        """Within: a stop ``stop_pending`` reports raises StepAbandoned at the next block, and
+        the step's gradients are dropped."""
+        self.stop_pending = stop_pending if self.droppable else None
+        try:
+            yield
+        except StepAbandoned:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
+        finally:
+            self.stop_pending = None
+
+    def train_step(self, micro_batches: Sequence[dict], inject_nan: bool = False,
+                   stop_pending: Callable[[], bool] | None = None) -> StepStats:
         """One optimizer step over ``micro_batches`` (this rank's share of the global batch). Each
         summed loss is divided by the whole global step's token count, so accumulation (and DDP's
-        average, undone by the world-size factor) gives exactly one big batch's gradient."""
+        average, undone by the world-size factor) gives exactly one big batch's gradient. A stop
+        that ``stop_pending`` reports mid-step raises StepAbandoned (one process alone)."""
         self.model.train()
         count = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
         positions = sum(b["input_ids"].numel() for b in micro_batches)
@@ -291,21 +330,23 @@ class Trainer:
             torch.tensor([float(count), float(positions)], device=self.device), self.dist)
         weight = self.dist.world / n_tokens.clamp(min=1.0)
         loss_sum = torch.zeros((), device=self.device)
-        for i, batch in enumerate(micro_batches):
-            batch = self._to_device(batch)
-            last = i == len(micro_batches) - 1
-            # Gradients are averaged across processes once, on the step's last micro-batch.
-            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.model.no_sync()
-            with sync:
-                with _autocast(self.device, self.precision):
-                    # Right-padded batches need no mask: causal attention never sees the padding.
-                    loss = self.model(batch["input_ids"], batch["labels"], reduction="sum",
-                                      label_smoothing=self.cfg.label_smoothing,
-                                      grad_scale=self.scaler.scale(weight))
-                if inject_nan:
-                    loss = loss * float("nan")
-                self.scaler.scale(loss * weight).backward()
-            loss_sum += loss.detach().float()
+        with self._droppable_step(stop_pending):
+            for i, batch in enumerate(micro_batches):
+                batch = self._to_device(batch)
+                last = i == len(micro_batches) - 1
+                # Gradients are averaged across processes once, on the step's last micro-batch.
+                sync = (contextlib.nullcontext() if last or not self.dist.enabled
+                        else self.model.no_sync())
+                with sync:
+                    with _autocast(self.device, self.precision):
+                        # Right-padded batches need no mask: causal attention never sees padding.
+                        loss = self.model(batch["input_ids"], batch["labels"], reduction="sum",
+                                          label_smoothing=self.cfg.label_smoothing,
+                                          grad_scale=self.scaler.scale(weight))
+                    if inject_nan:
+                        loss = loss * float("nan")
+                    self.scaler.scale(loss * weight).backward()
+                loss_sum += loss.detach().float()
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
@@ -435,6 +476,9 @@ class _StopSignals:
             process.note_stop(self.reason)
         elif signum == signal.SIGINT:  # stop now: exit code 130, whatever the first one was
             raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    def pending(self) -> bool:
+        return self.reason is not None
 
     def restore(self, taken: bool = True) -> None:
         """Put the previous handlers back; pass them a stop the loop did not act on."""
@@ -577,6 +621,7 @@ def _build(run: Run, has_weights: bool) -> None:
     if run.dist.enabled:  # same init everywhere, but each rank its own dropout stream
         seed_everything(cfg.seed + run.dist.rank)
     run.trainable_only = cfg.lora_r > 0 and cfg.init_from is not None
+    _check_step_cost(run, model.to(run.device))
     if cfg.max_steps is None and cfg.epochs is None:  # a new run on a budget: sized here, once
         cfg = run.cfg = _sized_to_budget(run, model)
     max_steps = cfg.max_steps if cfg.epochs is None else run.batches.steps_for(cfg.epochs)
@@ -611,6 +656,21 @@ def _probe(cfg: TrainConfig, device: torch.device, dist: Dist) -> Probe:
     tokens = cfg.batch_size * cfg.grad_accum * cfg.block_size * dist.world
     params = sum(p.numel() for p in model.parameters())
     return _broadcast(Probe(params, tokens / step_s), dist)
+
+
+def _check_step_cost(run: Run, model: nn.Module) -> None:
+    """Before the first step: refuse one that cannot fit the memory free or the time budget,
+    and name one that takes long (rank 0's measure, for all)."""
+    cfg, block_size = run.cfg, run.dcfg.block_size
+    autocast = partial(_autocast, run.device, _resolve_precision(cfg.precision, run.device))
+    cost = plan.step_cost(model, block_size, cfg.batch_size, cfg.grad_accum, run.device, autocast)
+    cost = _broadcast(cost, run.dist)
+    budgeted = cfg.max_steps is None and cfg.epochs is None
+    seconds_left = _seconds_left(run) if budgeted else None
+    warning = plan.check_step_cost(cfg, cost, block_size, plan.free_memory(run.device),
+                                   seconds_left)
+    if warning and run.main:
+        print(warning, file=sys.stderr)
 
 
 def _sized_to_budget(run: Run, model: nn.Module) -> TrainConfig:
@@ -929,6 +989,25 @@ def _stop_requested(run: Run, signals: _StopSignals, started: float | None = Non
     return "time budget" if over_time else None
 
 
+class StepStart(typing.NamedTuple):
+    """What a step changes before its update: the data order and the RNG streams."""
+
+    order: dict
+    rng: dict
+
+
+def _drop_step(run: Run, at_start: StepStart, signals: _StopSignals) -> str:
+    """A step dropped for a stop: the order and RNG back at its start, and a checkpoint there,
+    so a resume runs it exactly as it would have run; the stop's name."""
+    run.batches.order.load_state_dict(at_start.order)
+    set_rng_state(at_start.rng, run.device)
+    if run.last_saved_step != run.state.step:
+        save_checkpoint(run)
+    if run.main:
+        tqdm.write(f"{signals.reason}: step {run.state.step + 1} dropped mid-way, not applied")
+    return signals.reason
+
+
 def _nonfinite(run: Run, stats: StepStats, where: Where, log: RunLog) -> None:
     """Stop the run on a non-finite loss or gradient: where in the data, causes, how to go on."""
     step = run.state.step + 1
@@ -1099,11 +1178,17 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
                 _announce(run)
             result.early_stopped = _out_of_patience(run)
             while s.step < trainer.max_steps and not result.early_stopped:
+                at_start = StepStart(run.batches.order.state_dict(), rng_state(run.device))
                 micro, where = run.batches.next_step()
                 if _decay_due(run):
                     _retime(run)
                     bar.total = run.max_steps
-                stats = trainer.train_step(micro, inject_nan=cfg.inject_nan_at_step == s.step + 1)
+                try:
+                    stats = trainer.train_step(micro, cfg.inject_nan_at_step == s.step + 1,
+                                               signals.pending)
+                except StepAbandoned:  # a stop mid-step: the checkpoint is of the step's start
+                    stop = _drop_step(run, at_start, signals)
+                    break
                 skipped_in_a_row = skipped_in_a_row + 1 if stats.skipped else 0
                 if skipped_in_a_row > MAX_SKIPPED_STEPS:  # fp16 overflow every step: diverged
                     stats.nonfinite = "gradient"

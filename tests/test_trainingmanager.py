@@ -1133,6 +1133,50 @@ def test_a_checkpoint_with_flipped_bytes_is_set_aside_and_the_one_before_used(as
     assert_bit_equal(straight, final_weights(run, 8))
 
 
+def test_a_stop_mid_step_drops_the_step_and_the_resume_replays_it_exactly(assets, tmp_path,
+                                                                          monkeypatch, capsys):
+    """SIGTERM during the second micro-batch's forward of step 6: the stop is acted on at the
+    next block (here in the backward), the step is dropped before its update, the checkpoint is
+    of step 5 with the data order and RNG of step 6's start, and the resume runs to the end
+    bit-equal to a run never stopped."""
+    import signal
+    import threading
+
+    common = dict(grad_accum=3, max_steps=8, save_every=4, dropout=0.1)
+    tm.train(tiny_cfg(assets, tmp_path, name="straight", **common))
+    straight = final_weights(tmp_path / "runs" / "straight", 8)
+
+    original, calls = tm.Trainer.train_step, [0]
+
+    def train_step(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] != 6:
+            return original(self, *args, **kwargs)
+        forwards = [0]
+
+        def stop_in_second_micro_batch(block, args):
+            forwards[0] += 1
+            if forwards[0] == 2:
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+
+        last_block = self.raw_model.blocks[-1]
+        hook = last_block.register_forward_pre_hook(stop_in_second_micro_batch)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(tm.Trainer, "train_step", train_step)
+    cfg = tiny_cfg(assets, tmp_path, name="stopped", **common)
+    assert tm.train(cfg).interrupted == "SIGTERM"
+    assert "SIGTERM: step 6 dropped mid-way" in capsys.readouterr().out
+    run = tmp_path / "runs" / "stopped"
+    assert [p.name for p in rundir.list_checkpoints(run)] == ["step-4", "step-5"]
+    monkeypatch.setattr(tm.Trainer, "train_step", original)
+    _resume(run)
+    assert_bit_equal(straight, final_weights(run, 8))
+
+
 def test_a_checkpoint_is_written_only_with_finite_weights(assets, tmp_path, capsys):
     """lr 1e38 makes every weight inf at the first update: no checkpoint is written, so the
     non-finite stop names none as last good."""
@@ -1374,8 +1418,8 @@ def test_preset_auto_takes_the_largest_rung_the_budget_trains_and_a_resume_keeps
 
     def probe(cfg, device, dist):
         speed = 2.0 if cfg.precision == "bf16" else 1.0
-        return plan.Probe(100 * cfg.batch_size // 2,
-                          rates[cfg.batch_size] * speed * (cfg.batch_size < 8))
+        short = 1.0 if cfg.batch_size < 8 else 0.25  # in bf16 too
+        return plan.Probe(100 * cfg.batch_size // 2, rates[cfg.batch_size] * speed * short)
 
     monkeypatch.setattr(plan, "BUDGET_LADDER", ladder)
     monkeypatch.setattr(tm, "_probe", probe)
