@@ -442,8 +442,7 @@ def check_step_cost(cfg: TrainConfig, cost: StepCost, block_size: int, free_byte
     """Refuse a step whose micro-batch's activations exceed the memory free, or of which a
     budgeted run (``seconds_left``) fits fewer than FEWEST_BUDGET_STEPS; a warning naming a
     step that takes longer than LONG_STEP_S, else None."""
-    shape = (f"{setting(cfg, 'block_size')} ({block_size} tokens) x batch_size "
-             f"{cfg.batch_size}")
+    shape = f"block_size {block_size} x batch_size {cfg.batch_size}"
     activations = _gib(cost.activation_bytes)
     if cost.activation_bytes > MEMORY_SHARE * free_bytes:
         raise ValueError(f"{shape}: one micro-batch saves about {activations} of activations, "

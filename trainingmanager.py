@@ -272,12 +272,14 @@ class Trainer:
             device.type, enabled=self.precision == "fp16" or cfg.base_dtype == "fp16")
         self.model = self.eval_model = (torch.compile(self.raw_model) if cfg.compile
                                         else self.raw_model)
-        # One process alone may drop a step mid-way: a stop is checked at every block.
+        # One process alone may drop a step mid-way: a stop is checked before each block's
+        # attention and MLP, and once their backward is done.
         self.stop_pending: Callable[[], bool] | None = None  # set during a droppable step
         self.droppable = not self.dist.enabled and not cfg.compile
         if self.droppable:
             for block in getattr(self.raw_model, "blocks", ()):
-                block.register_forward_pre_hook(self._check_stop)
+                block.attn.register_forward_pre_hook(self._check_stop)
+                block.mlp.register_forward_pre_hook(self._check_stop)
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -290,14 +292,14 @@ class Trainer:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def _check_stop(self, block: nn.Module, args: tuple) -> None:
-        """Before a block's forward, and once its backward is done: a pending stop drops the
+    def _check_stop(self, module: nn.Module, args: tuple) -> None:
+        """Before a module's forward, and once its backward is done: a pending stop drops the
         step."""
         if self.stop_pending is None:
             return
         self._stop_if_pending()
         hidden = args[0]
-        if hidden.requires_grad:  # its gradient is ready once the block's backward is done
+        if hidden.requires_grad:  # its gradient is ready once the module's backward is done
             hidden.register_hook(self._stop_if_pending)
 
     def _stop_if_pending(self, *unused) -> None:
@@ -461,8 +463,9 @@ class _StopSignals:
     """SIGINT/SIGTERM/SIGHUP ask the loop to checkpoint and end; a second Ctrl-C interrupts at
     once, a second SIGTERM or SIGHUP (a scheduler's, sent twice) does not."""
 
-    def __init__(self) -> None:
+    def __init__(self, mid_step: bool = False) -> None:
         self.reason: str | None = None
+        self.mid_step = mid_step  # a stop is acted on inside a step (Trainer.droppable)
         self._previous: dict = {}
         if threading.current_thread() is threading.main_thread():
             for sig in process.STOP_SIGNALS:
@@ -474,6 +477,11 @@ class _StopSignals:
         if self.reason is None:
             self.reason = signal.Signals(signum).name
             process.note_stop(self.reason)
+            where = ("the next layer's attention or MLP (or the end of an evaluation under "
+                     "way)" if self.mid_step else "the end of this step or evaluation")
+            message = f"\n{self.reason}: stopping at {where}, then saving a checkpoint\n"
+            with contextlib.suppress(OSError):  # to fd 2: a print could land inside another's
+                os.write(2, message.encode())
         elif signum == signal.SIGINT:  # stop now: exit code 130, whatever the first one was
             raise KeyboardInterrupt(signal.Signals(signum).name)
 
@@ -1164,7 +1172,7 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
         cfg, s, trainer = run.cfg, run.state, run.trainer
         log = RunLog(run.run_dir, run.main, s.step if cfg.resume else None, run.config_dict,
                      cfg.report_to)
-        signals = _StopSignals()
+        signals = _StopSignals(trainer.droppable)
         # a progress bar on a terminal only; else (a log file, --no-progress) a line per log step
         bar = progress_bar(total=run.max_steps, initial=s.step, desc="train", unit="step",
                            enabled=run.main and cfg.progress, dynamic_ncols=True)
