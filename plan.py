@@ -360,6 +360,8 @@ def step_cost(model: torch.nn.Module, block_size: int, batch_size: int, grad_acc
     the longest measured sequence ran. The RNG streams are left as they were."""
     lengths = MEASURED_LENGTHS if block_size > MEASURED_LENGTHS[-1] else (block_size,)
     forks = [device] if device.type == "cuda" else []
+    was_training = model.training
+    model.train()  # through the backward: a recomputed block replays the forward's dropout
     with torch.random.fork_rng(devices=forks):
         saved = [_saved_bytes(model, n, device, autocast) for n in lengths]
         longest = lengths[-1]
@@ -369,6 +371,7 @@ def step_cost(model: torch.nn.Module, block_size: int, batch_size: int, grad_acc
             start = time.perf_counter()
             _forward_backward(model, longest, device, autocast)
             times.append(time.perf_counter() - start)
+    model.train(was_training)
     if len(lengths) == 1:  # measured at the block size itself
         per_sequence = float(saved[0])
     else:
@@ -387,14 +390,10 @@ def step_cost(model: torch.nn.Module, block_size: int, batch_size: int, grad_acc
 
 def _loss(model: torch.nn.Module, n: int, device: torch.device,
           autocast: Callable[[], AbstractContextManager]) -> torch.Tensor:
-    """The summed loss of one random sequence of ``n`` tokens, in training mode."""
+    """The summed loss of one random sequence of ``n`` tokens."""
     ids = torch.randint(model.cfg.vocab_size, (1, n), device=device)
-    was_training = model.training
-    model.train()
     with autocast():
-        loss = model(ids, ids, reduction="sum")
-    model.train(was_training)
-    return loss
+        return model(ids, ids, reduction="sum")
 
 
 def _saved_bytes(model: torch.nn.Module, n: int, device: torch.device,

@@ -173,6 +173,16 @@ def _resolve_precision(precision: str, device: torch.device) -> str:
     return "fp32"
 
 
+def checked_precision(cfg: TrainConfig, device: torch.device) -> str:
+    """``cfg.precision`` resolved for ``device``; bf16 on a GPU without it is refused."""
+    precision = _resolve_precision(cfg.precision, device)
+    if precision == "bf16" and lacks_native_bf16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"{setting(cfg, 'precision')}: this GPU (compute capability "
+                         f"{major}.{minor}) has no native bf16: set precision fp16 or fp32")
+    return precision
+
+
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -250,11 +260,7 @@ class Trainer:
                  token_bytes: torch.Tensor | None = None):
         self.cfg, self.device, self.dist = cfg, device, dist or Dist()
 
-        self.precision = _resolve_precision(cfg.precision, device)
-        if self.precision == "bf16" and lacks_native_bf16(device):
-            major, minor = torch.cuda.get_device_capability(device)
-            raise ValueError(f"{setting(cfg, 'precision')}: this GPU (compute capability "
-                             f"{major}.{minor}) has no native bf16: set precision fp16 or fp32")
+        self.precision = checked_precision(cfg, device)
         self.raw_model = model.to(device)
         # each id's UTF-8 bytes: the loss per byte
         self.token_bytes = None if token_bytes is None else token_bytes.to(device)
@@ -629,7 +635,7 @@ def _build(run: Run, has_weights: bool) -> None:
     if run.dist.enabled:  # same init everywhere, but each rank its own dropout stream
         seed_everything(cfg.seed + run.dist.rank)
     run.trainable_only = cfg.lora_r > 0 and cfg.init_from is not None
-    _check_step_cost(run, model.to(run.device))
+    _check_step_cost(run, model)
     if cfg.max_steps is None and cfg.epochs is None:  # a new run on a budget: sized here, once
         cfg = run.cfg = _sized_to_budget(run, model)
     max_steps = cfg.max_steps if cfg.epochs is None else run.batches.steps_for(cfg.epochs)
@@ -670,7 +676,8 @@ def _check_step_cost(run: Run, model: nn.Module) -> None:
     """Before the first step: refuse one that cannot fit the memory free or the time budget,
     and name one that takes long (rank 0's measure, for all)."""
     cfg, block_size = run.cfg, run.dcfg.block_size
-    autocast = partial(_autocast, run.device, _resolve_precision(cfg.precision, run.device))
+    autocast = partial(_autocast, run.device, checked_precision(cfg, run.device))
+    model = model.to(run.device)
     cost = plan.step_cost(model, block_size, cfg.batch_size, cfg.grad_accum, run.device, autocast)
     cost = _broadcast(cost, run.dist)
     budgeted = cfg.max_steps is None and cfg.epochs is None

@@ -471,10 +471,11 @@ def test_a_trial_stopped_by_two_sigterms_still_writes_its_checkpoint(tmp_path, c
 
     def step_with_two_sigterms(self, *args, **kwargs):
         calls[0] += 1
-        if calls[0] == 1:  # the run's first step: nothing is saved before the stop's own
+        stats = real_step(self, *args, **kwargs)
+        if calls[0] == 1:  # as the run's first step ends: nothing is saved before the stop's own
             os.kill(os.getpid(), sig)
             os.kill(os.getpid(), sig)
-        return real_step(self, *args, **kwargs)
+        return stats
 
     monkeypatch.setattr(trainingmanager.Trainer, "train_step", step_with_two_sigterms)
     argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="twice", n_trials=1)

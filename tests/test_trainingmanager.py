@@ -95,8 +95,8 @@ def final_weights(run_dir: Path, step: int, name: str = rundir.MODEL_FILE) -> di
 
 
 def sigterm_at_step(monkeypatch, step: int, *sigs: int):
-    """SIGTERM (or ``sigs``, one after the other) arrives during optimizer step ``step``
-    (counted from 1 in this process); returns the real train_step."""
+    """SIGTERM (or ``sigs``, one after the other) arrives as optimizer step ``step`` (counted
+    from 1 in this process) ends, its update applied; returns the real train_step."""
     import signal
     import threading
 
@@ -104,10 +104,11 @@ def sigterm_at_step(monkeypatch, step: int, *sigs: int):
 
     def train_step(self, *args, **kwargs):
         calls[0] += 1
+        stats = original(self, *args, **kwargs)
         if calls[0] == step:
             for sig in sigs or (signal.SIGTERM,):  # to the main thread: handled in this order
                 signal.pthread_kill(threading.main_thread().ident, sig)
-        return original(self, *args, **kwargs)
+        return stats
 
     monkeypatch.setattr(tm.Trainer, "train_step", train_step)
     return original
@@ -876,15 +877,16 @@ elif mode == "write":  # SIGKILL in the middle of writing checkpoint `at`
         return original(obj, path, *args, **kwargs)
 
     torch.save = save
-elif mode == "sigterm":  # a polite stop request during step `at`
+elif mode == "sigterm":  # a polite stop request as step `at` ends
     original = tm.Trainer.train_step
     calls = [0]
 
     def train_step(self, *args, **kwargs):
         calls[0] += 1
+        stats = original(self, *args, **kwargs)
         if calls[0] == at:
             os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, *args, **kwargs)
+        return stats
 
     tm.Trainer.train_step = train_step
 sys.exit(tm.main(sys.argv[3:]))
