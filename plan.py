@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -357,7 +358,7 @@ def step_cost(model: torch.nn.Module, block_size: int, batch_size: int, grad_acc
     no longer) and scaled to ``batch_size`` x ``block_size``: the bytes autograd saves, fitted
     as c + a n + b n^2 (the square: attention that keeps its scores), and the seconds from the
     step's FLOPs (6 a parameter a token, 6 n_layer n_embd n^2 for causal attention) at the rate
-    the longest measured sequence ran. The RNG streams are left as they were."""
+    the longest measured sequence ran (``seconds_a_step``). The RNG streams are left as they were."""
     lengths = MEASURED_LENGTHS if block_size > MEASURED_LENGTHS[-1] else (block_size,)
     forks = [device] if device.type == "cuda" else []
     was_training = model.training
@@ -365,12 +366,8 @@ def step_cost(model: torch.nn.Module, block_size: int, batch_size: int, grad_acc
     with torch.random.fork_rng(devices=forks):
         saved = [_saved_bytes(model, n, device, autocast) for n in lengths]
         longest = lengths[-1]
-        _forward_backward(model, longest, device, autocast)  # warm-up
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            _forward_backward(model, longest, device, autocast)
-            times.append(time.perf_counter() - start)
+        measured_s = seconds_a_step(partial(_forward_backward, model, longest, device, autocast),
+                                    at_least_s=0.0)
     model.train(was_training)
     if len(lengths) == 1:  # measured at the block size itself
         per_sequence = float(saved[0])
@@ -384,7 +381,7 @@ def step_cost(model: torch.nn.Module, block_size: int, batch_size: int, grad_acc
     def flops(n: int) -> float:
         return 6 * params * n + 6 * width * n * n
 
-    seconds = min(times) * flops(block_size) / flops(longest) * batch_size * grad_accum
+    seconds = measured_s * flops(block_size) / flops(longest) * batch_size * grad_accum
     return StepCost(per_sequence * batch_size, seconds)
 
 

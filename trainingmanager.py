@@ -1193,7 +1193,9 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
                 _announce(run)
             result.early_stopped = _out_of_patience(run)
             while s.step < trainer.max_steps and not result.early_stopped:
-                at_start = StepStart(run.batches.order.state_dict(), rng_state(run.device))
+                at_start = None  # where a step a stop may drop begins (trainer.droppable)
+                if trainer.droppable:
+                    at_start = StepStart(run.batches.order.state_dict(), rng_state(run.device))
                 micro, where = run.batches.next_step()
                 if _decay_due(run):
                     _retime(run)
