@@ -1,24 +1,55 @@
-"""What a run's settings build: its tokenizer (given, the pretrained model's, or trained on the
-data) and its model (from scratch or from ``init_from``, then the quantized base and LoRA), each
-through the module of its kind."""
+"""A run's parts, each built through the module of its kind: its tokenizer (given, the pretrained
+model's, or trained on the data), its model (from scratch or from ``init_from``, then the
+quantized base and LoRA), and for ``trainingmanager.train`` the whole run (``build_run``): the
+run directory claimed, data, model and trainer built, a continued run restored, a budgeted run
+sized to its budget."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import sys
+import time
+import typing
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
+import torch
 import torch.nn as nn
+from torch.utils.data import Subset
 
+import checkpoint
 import lora
+import plan
 import pretrained
 import rundir
 import settings
-from architecture import SHORT_DTYPES, Transformer
+from architecture import IGNORE_INDEX, SHORT_DTYPES, Transformer
+from batches import Batches
+from checkpoint import (
+    PATH_KEYS,
+    RunState,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    with_absolute_paths,
+)
 from dataconfig import DataConfig
-from dataset import prepare, publish_cache_entry, tokenizer_cache_dir
+from dataset import (
+    SamplePrompt,
+    make_cache_dir,
+    prepare,
+    publish_cache_entry,
+    tokenizer_cache_dir,
+)
+from distributed import Dist, barrier, broadcast, main_first
+from plan import MAX_EPOCHS, BudgetClock, Probe
 from process import progress_bar
+from record import RunRecord
+from rundir import list_checkpoints
 from settings import setting
 from tokenizer import (
     TOKENIZER_FILE,
@@ -29,13 +60,11 @@ from tokenizer import (
     tokenizer_path,
     where_tokenizer_is,
 )
-from trainconfig import TrainConfig, model_config
+from trainconfig import TrainConfig, data_config, default_block_size, model_config
+from trainer import Trainer, autocast, checked_precision
 
-# init_adapter's adapter_config.json -> the TrainConfig keys it sets (LoRAConfig's names).
-ADAPTER_KEYS = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
-                "use_dora": "lora_dora", "bias": "lora_bias",
-                "modules_to_save": "lora_modules_to_save",
-                "target_modules": "lora_targets"}
+if typing.TYPE_CHECKING:
+    from torch.utils.data import Dataset
 
 
 def check_lora_export(cfg: TrainConfig, model: nn.Module,
@@ -118,7 +147,340 @@ def build_model(cfg: TrainConfig, tok: CodeTokenizer | BPETokenizer,
             lora.load_adapter(model, cfg.init_adapter)
         else:
             lora.apply_lora(model, lora.LoRAConfig(**{  # no lora_targets: LoRAConfig's default
-                name: getattr(cfg, key) for name, key in ADAPTER_KEYS.items()
+                name: getattr(cfg, key) for name, key in lora.ADAPTER_KEYS.items()
                 if key != "lora_targets" or cfg.lora_targets}))
     model.gradient_checkpointing = cfg.gradient_checkpointing
     return model
+
+
+# ---- The run: its directory claimed, then data, model and trainer, restored if continued ----
+
+class Data(NamedTuple):
+    """A run's tokenizer and batches, and what its checkpoints record of the data."""
+
+    tok: CodeTokenizer | BPETokenizer
+    dcfg: DataConfig
+    batches: Batches
+    sample_prompt: SamplePrompt | None  # the held-out one data preparation picked
+    data_id: dict
+
+
+class Run(NamedTuple):
+    """What ``build_run`` builds for the step loop."""
+
+    cfg: TrainConfig  # as config.json records it: sized to the budget, fallbacks filled
+    device: torch.device
+    data: Data
+    trainer: Trainer
+    record: RunRecord
+    state: RunState  # the step loop's own: a checkpoint's, continued
+    clock: BudgetClock | None  # a new budgeted run's: its decay starts by the clock
+
+
+def build_run(cfg: TrainConfig, dist: Dist, device: torch.device, created: float,
+              hint: str | None, restarts: bool) -> Run:
+    """Claim the run directory, then build the run in it (``created``: when the time budget
+    started); a failed or stopped build leaves no directory it made."""
+    claimed, has_weights = claim_run_dir(cfg, dist, hint)
+    try:
+        return _build(cfg, claimed, has_weights, dist, device, created, hint, restarts)
+    except BaseException as e:
+        claimed.drop_if_unused()
+        claimed.release()
+        if isinstance(e, KeyboardInterrupt) and not isinstance(e, rundir.RunInterrupted):
+            raise rundir.interrupted(e, claimed.path, hint, restarts) from None
+        raise
+
+
+def claim_run_dir(cfg: TrainConfig, dist: Dist, hint: str | None
+                  ) -> tuple[rundir.ClaimedDir, bool]:
+    """Rank 0 claims the run directory; every rank learns it and whether it holds weights."""
+    claimed = None
+    answer = ("", False, None)
+    if dist.main:
+        stem = f"{Path(cfg.init_from).name if cfg.init_from else cfg.preset}-{cfg.task}"
+        try:
+            claimed = rundir.claim(cfg.resume, cfg.out_dir, cfg.name, stem, hint)
+            answer = (str(claimed.path), rundir.holds_weights(claimed.path), None)
+        except ValueError as e:
+            answer = ("", False, str(e))
+    path, has_weights, error = broadcast(answer, dist)
+    if error is not None:
+        raise ValueError(error)
+    return claimed or rundir.ClaimedDir(Path(path)), has_weights
+
+
+def _build(cfg: TrainConfig, claimed: rundir.ClaimedDir, has_weights: bool, dist: Dist,
+           device: torch.device, created: float, hint: str | None, restarts: bool) -> Run:
+    run_dir = claimed.path
+    hint = hint or f"--resume {run_dir}"
+    cfg, checkpoints = run_config(cfg, run_dir, has_weights, hint)
+    if cfg.resume and not checkpoints and dist.main:
+        print(f"{run_dir}: no checkpoint yet; starting the run from the beginning")
+    data = prepare_data(cfg, claimed, dist, own_tok=bool(cfg.resume) and has_weights)
+    seed_everything(cfg.seed)
+    # Continued from a checkpoint, an init_adapter run reads its LoRA layout from its own copy.
+    model = build_model(cfg, data.tok, run_dir if checkpoints else None)
+    first = {}  # atomic, the adapter's config first: a kill mid-write leaves a run that continues
+    if cfg.init_adapter is not None and not (checkpoints and rundir.adapter_copy(run_dir)):
+        first[run_dir / rundir.INIT_ADAPTER_COPY] = (
+            Path(cfg.init_adapter) / lora.ADAPTER_CONFIG).read_bytes()
+    check_lora_export(cfg, model)
+    if dist.enabled:  # same init everywhere, but each rank its own dropout stream
+        seed_everything(cfg.seed + dist.rank)
+    budgeted = cfg.max_steps is None and cfg.epochs is None
+    check_step_cost(cfg, model, data.dcfg.block_size, device, dist,
+                    budget_left(cfg, created) if budgeted else None)
+    clock = None
+    if budgeted:  # a new run on a budget: sized here, once
+        cfg, clock = size_to_budget(cfg, model, data.batches, device, dist, created)
+    max_steps = cfg.max_steps if cfg.epochs is None else data.batches.steps_for(cfg.epochs)
+    if clock is not None:  # the stable phase lasts until the clock starts the decay
+        max_steps = clock.last_step
+    trainer = Trainer(model, cfg, device, dist, max_steps,
+                      torch.tensor(data.tok.token_byte_lengths()))
+    state = RunState(precision=trainer.precision, max_steps=cfg.max_steps or max_steps,
+                     data=data.data_id)
+    trainable_only = cfg.lora_r > 0 and cfg.init_from is not None
+    record = RunRecord(claimed, dist, trainable_only, cfg.keep_last, hint, restarts)
+    if checkpoints:
+        state = restore(cfg, checkpoints, trainer, data, record)
+    with main_first(dist):
+        if dist.main and cfg.resume:  # first: a damaged log refuses the resume before any rewrite
+            rundir.trim_metrics(run_dir / rundir.METRICS_FILE, state.step)
+        record.write_config(cfg, first)
+    return Run(cfg, device, data, trainer, record, state, clock)
+
+
+def run_config(cfg: TrainConfig, run_dir: Path, has_weights: bool, hint: str
+               ) -> tuple[TrainConfig, list[Path]]:
+    """The settings a run trains with in ``run_dir``, and the checkpoints it continues from. A
+    run with weights continues in its own settings (and paths); a new one saves paths absolute
+    and fills what it leaves unset, once."""
+    resumed = bool(cfg.resume) and has_weights
+    if resumed and not list_checkpoints(run_dir):
+        raise ValueError(f"--resume {run_dir}: it {rundir.holds_no_checkpoint(run_dir)}")
+    if resumed:
+        saved = checkpoint.check_resume_config(cfg, run_dir, hint)
+    else:
+        saved = None
+    if saved is None:
+        cfg = with_absolute_paths(cfg)
+    else:
+        kept = {key: value for key, value in saved.items()
+                if key in PATH_KEYS or checkpoint.unset(key, getattr(cfg, key, None))}
+        cfg = dataclasses.replace(cfg, **kept)
+    checkpoints = list_checkpoints(run_dir) if cfg.resume else []
+    if not checkpoints:
+        cfg = plan.with_fallbacks(cfg)
+    return cfg, checkpoints
+
+
+def prepare_data(cfg: TrainConfig, claimed: rundir.ClaimedDir, dist: Dist, own_tok: bool) -> Data:
+    """Tokenizer and batches: rank 0 fills the caches, the others read them. ``own_tok``: a
+    continued run reads the tokenizer it saved."""
+    dcfg = data_config(cfg, cfg.block_size or default_block_size(cfg))
+    if dcfg.use_cache:
+        make_cache_dir(dcfg.cache_dir, "data_options.cache_dir"
+                       if "cache_dir" in cfg.data_options else None)
+    saved_tok = claimed.path / TOKENIZER_FILE
+    own_tok = own_tok and saved_tok.is_file()
+    with main_first(dist):
+        if dist.main and not own_tok:
+            tok = load_or_train_tokenizer(cfg, dcfg)
+        else:  # the run's own, or rank 0's just written
+            tok = load_tokenizer(saved_tok)
+        splits = prepare(dcfg, tok)
+        if dist.main and not own_tok:  # once the data is known good
+            claimed.wrote_tokenizer = True
+            tok.save(claimed.path)
+    if len(splits.val) == 0:
+        raise ValueError(f"the validation split of {dcfg.sources} is empty: add data or raise "
+                         "val_frac of data_options (--data-options)")
+    for split, examples in (("train", splits.train), ("val", splits.val)):
+        check_next_token_labels(examples, split)
+    if dist.main and cfg.val_data and not cfg.test_data and len(splits.test):
+        whole = round(dcfg.train_frac + dcfg.test_frac, 6)
+        print(f"note: --data still holds out test_frac {dcfg.test_frac:g} as the test split; "
+              f"--data-options '{{\"train_frac\": {whole:g}, \"test_frac\": 0}}' trains on all "
+              "of it", file=sys.stderr)
+    train_set, val_set = splits.train, splits.val
+    if cfg.overfit_batches:  # K fixed global batches; validation is the same examples
+        generator = torch.Generator().manual_seed(cfg.seed)
+        n = cfg.overfit_batches * cfg.batch_size * cfg.grad_accum * dist.world
+        chosen = torch.randperm(len(train_set), generator=generator)[:n].tolist()
+        train_set = val_set = Subset(train_set, chosen)
+    batches = Batches(train_set, val_set, tok.pad_id, cfg.batch_size, cfg.grad_accum, cfg.seed,
+                      cfg.eval_examples, dist.rank, dist.world)
+    data_id = {"entry": splits.cache_path.name if splits.cache_path else None,
+               "train_examples": len(splits.train)}
+    return Data(tok, dcfg, batches, splits.sample_prompt, data_id)
+
+
+def check_next_token_labels(examples: Dataset, split: str, n: int = 8) -> None:
+    """On a split's first examples: every counted label is the next input token, and some count."""
+    for i in range(min(n, len(examples))):
+        ids, labels = examples[i]["input_ids"], examples[i]["labels"]
+        counted = labels[:-1] != IGNORE_INDEX
+        if not bool((labels != IGNORE_INDEX).any()) or not torch.equal(
+                labels[:-1][counted], ids[1:][counted]):
+            raise ValueError(f"{split} example {i}: its labels are not the next input tokens "
+                             "(labels[t] must equal input_ids[t + 1]): a data bug")
+
+
+def budget_left(cfg: TrainConfig, created: float) -> float:
+    """Seconds left of the time budget that started at ``created``."""
+    return cfg.time_budget_min * 60 - (time.perf_counter() - created)
+
+
+def measure_speed(cfg: TrainConfig, device: torch.device, dist: Dist) -> Probe:
+    """``cfg``'s model size and training speed here, on random tokens (rank 0's, for all):
+    preset auto's measure of the machine."""
+    vocab = (cfg.tokenizer_max_vocab or 8000) + 262  # a trained CodeTokenizer's, about
+    model = Transformer(model_config(cfg, vocab, None, None))
+    trainer = Trainer(model, dataclasses.replace(cfg, warmup_steps=0, compile=False), device,
+                      max_steps=10**9)
+    ids = torch.randint(vocab, (cfg.batch_size, cfg.block_size + 1))
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+    step_s = plan.seconds_a_step(lambda: trainer.train_step([batch] * cfg.grad_accum), 2.0)
+    tokens = cfg.batch_size * cfg.grad_accum * cfg.block_size * dist.world
+    params = sum(p.numel() for p in model.parameters())
+    return broadcast(Probe(params, tokens / step_s), dist)
+
+
+def check_step_cost(cfg: TrainConfig, model: nn.Module, block_size: int, device: torch.device,
+                    dist: Dist, seconds_left: float | None) -> None:
+    """Before the first step: refuse one that cannot fit the memory free or the time budget
+    (``seconds_left``), and name one that takes long (rank 0's measure, for all)."""
+    precision = checked_precision(cfg, device)
+    model = model.to(device)
+    cost = plan.step_cost(model, block_size, cfg.batch_size, cfg.grad_accum, device,
+                          partial(autocast, device, precision))
+    cost = broadcast(cost, dist)
+    warning = plan.check_step_cost(cfg, cost, block_size, plan.free_memory(device), seconds_left)
+    if warning and dist.main:
+        print(warning, file=sys.stderr)
+
+
+def size_to_budget(cfg: TrainConfig, model: nn.Module, batches: Batches, device: torch.device,
+                   dist: Dist, created: float) -> tuple[TrainConfig, BudgetClock | None]:
+    """``cfg`` with max_steps, eval_every and warmup_steps filling what is left of its time
+    budget on this machine (plan.fit_budget), in place of the budget: config.json then
+    reproduces the run. The decay's start is kept by the clock."""
+    step_s, eval_s = broadcast(time_a_step(cfg, model, batches, device, dist), dist)
+    left = budget_left(cfg, created)
+    budget = plan.fit_budget(cfg, time.perf_counter(), left, step_s, eval_s,
+                             batches.steps_for(MAX_EPOCHS))
+    sized = budget.cfg
+    if dist.main:
+        if budget.clock is not None:
+            end = "the decay starts by the clock and is timed then"
+        else:
+            end = (f"{MAX_EPOCHS} epochs of the training data end the run before its budget: "
+                   "more data, --data, would use the rest")
+        print(f"time budget {cfg.time_budget_min:g} min, {left:.0f} s left after setup: "
+              f"{step_s:.3f} s a step, {eval_s:.1f} s an evaluation on {device.type} -> "
+              f"max_steps {sized.max_steps}, eval_every {sized.eval_every}, warmup_steps "
+              f"{sized.warmup_steps}, decay_steps {sized.decay_steps} (recorded in config.json; "
+              f"{end})")
+    return sized, budget.clock
+
+
+def time_a_step(cfg: TrainConfig, model: nn.Module, batches: Batches, device: torch.device,
+                dist: Dist) -> tuple[float, float]:
+    """Seconds a step and a whole evaluation take, timed on a copy of the model after three
+    warm-up steps; the RNG state is restored, so the run draws what it would have drawn."""
+    saved = rng_state(device)
+    probe = Trainer(copy.deepcopy(model), dataclasses.replace(cfg, warmup_steps=0), device, dist,
+                    max_steps=10**9)
+    own = copy.copy(batches)  # an order of its own: the run's starts at its beginning
+    own.order = copy.deepcopy(batches.order)
+
+    def step() -> None:
+        micro_batches, _ = own.next_step()
+        probe.train_step(micro_batches)
+
+    step_s = plan.seconds_a_step(step, min(10.0, cfg.time_budget_min))
+    val, n = own.validation()
+    start = time.perf_counter()
+    probe.evaluate([next(val)], total=1)
+    eval_s = (time.perf_counter() - start) * n
+    set_rng_state(saved, device)
+    return step_s, eval_s
+
+
+def restore(cfg: TrainConfig, checkpoints: list[Path], trainer: Trainer, data: Data,
+            record: RunRecord) -> RunState:
+    """Continue from the newest readable of ``checkpoints`` (the broken are set aside): weights,
+    optimizer, RNG, data position; the run's state there."""
+    dist = record.dist
+    restored = []
+
+    def load(path: Path) -> None:
+        restored.append(restore_checkpoint(cfg, path, trainer, data, record))
+
+    broken = checkpoint.restore_latest(checkpoints, load, dist.main)
+    barrier(dist)  # every rank has read its checkpoint before the broken are moved
+    if dist.main:
+        checkpoint.set_aside(broken)
+    return restored[-1]
+
+
+def restore_checkpoint(cfg: TrainConfig, path: Path, trainer: Trainer, data: Data,
+                       record: RunRecord) -> RunState:
+    """Continue from checkpoint ``path``: weights, optimizer, RNG, data position, progress."""
+    dist, device = record.dist, trainer.device
+    state = checkpoint.load(path, trainer.raw_model, record.trainable_only)
+    checkpoint.check_writers(path, len(state.rng), dist.world, cfg.batch_size * cfg.grad_accum)
+    checkpoint.check_precision(path, state.precision, trainer.precision, cfg.precision, device)
+    trainer.load_state_dict(state)
+    data.batches.order.load_state_dict(state.order)
+    set_rng_state(state.rng[dist.rank], device)
+    planned, trained_on = state.max_steps, state.data
+    steps = trainer.max_steps
+    state = dataclasses.replace(state, max_steps=steps, data=data.data_id, optimizer={},
+                                scheduler={}, scaler={}, rng=[], weights={})
+    record.last_saved_step = state.step
+    if state.step > steps:  # validate_config checks max_steps; epochs needs the data
+        raise ValueError(f"{setting(cfg, 'epochs')}: {steps} step(s), below the step of the "
+                         f"checkpoint it resumes from ({state.step}): set a larger epochs")
+    if dist.main:
+        print(f"resumed {record.run_dir} from {path.name} (step {state.step})")
+        if planned != steps:
+            print(f"note: the run planned {planned} steps and now runs {steps}: its "
+                  f"learning-rate schedule is planned anew over {steps} steps from step "
+                  f"{state.step} on")
+        checkpoint.note_other_data(record.run_dir.name, trained_on, data.data_id)
+    return state
+
+
+def announce(run: Run) -> None:
+    """The run's first line, and the warnings about its settings."""
+    cfg, trainer, batches, planned = run.cfg, run.trainer, run.data.batches, run.state.max_steps
+    n_params = sum(p.numel() for p in trainer.raw_model.parameters())
+    n_train = sum(p.numel() for p in trainer.params)
+    n = batches.examples_per_epoch
+    if batches.windows_at_every_token:
+        size = f"{batches.train.n_tokens} training tokens"
+        epoch = f"{n} windows of {run.data.dcfg.block_size} tokens"
+    else:
+        size = f"{len(batches.train)} training examples"
+        epoch = f"{n} examples"
+    processes = f" x {trainer.dist.world} processes" if trainer.dist.enabled else ""
+    print(f"run {run.record.run_dir}: {plan.millions(n_params)} parameters "
+          f"({plan.millions(n_train)} trainable), {size}, {planned} steps "
+          f"({batches.epoch(planned):.3g} epochs of {epoch}), {trainer.precision} on "
+          f"{run.device}{processes}")
+    if cfg.warmup_steps >= planned:
+        length = setting(cfg, "max_steps" if cfg.epochs is None else "epochs")
+        print(f"warning: {setting(cfg, 'warmup_steps')} >= the run's {planned} steps "
+              f"({length}): the learning rate never reaches lr {cfg.lr:g} (nor decays); lower "
+              "warmup_steps", file=sys.stderr)
+    if cfg.compile:
+        print("compiling the model: the first steps take a while", file=sys.stderr)
+    if trainer.precision == "fp16" and run.device.type == "cpu":
+        print("warning: precision fp16 on cpu computes many times slower than fp32 (precision "
+              "auto)", file=sys.stderr)
+    if run.state.out_of_patience(cfg.early_stop_patience):  # a resume of an early-stopped run
+        print(f"the run stopped early at step {run.state.step}: not trained on; a larger "
+              "--early-stop-patience trains on")

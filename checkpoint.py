@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -49,6 +50,25 @@ class RunState:
     rng: list = field(default_factory=list, repr=False)  # rng_state() of every rank
     weights: dict = field(default_factory=dict, repr=False)  # model_tensors(): the .safetensors
 
+    def note_evaluation(self, loss: float, min_delta: float) -> bool:
+        """Count an evaluation at this step toward early stopping and the best so far; whether
+        it is a new best. Patience counts from the last fall larger than ``min_delta`` (as Keras
+        does); best/ follows every new minimum."""
+        self.last_eval_step = self.step
+        if self.stop_ref is None or loss < self.stop_ref - min_delta:
+            self.stop_ref = loss
+            self.evals_since_best = 0
+        else:
+            self.evals_since_best += 1
+        improved = self.best_val_loss is None or loss < self.best_val_loss
+        if improved:
+            self.best_val_loss = loss
+            self.best_step = self.step
+        return improved
+
+    def out_of_patience(self, patience: int | None) -> bool:
+        return bool(patience) and self.evals_since_best >= patience
+
 
 class CorruptCheckpointError(ValueError):
     """A checkpoint that cannot be read back (a disk that filled up, a file edited or lost)."""
@@ -71,6 +91,13 @@ def rng_state(device: torch.device | None = None) -> dict:
     if device is not None and device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
+
+
+class StepStart(NamedTuple):
+    """What a step changes before its update: the data order and the RNG streams."""
+
+    order: dict
+    rng: dict
 
 
 def set_rng_state(state: dict, device: torch.device | None = None) -> None:

@@ -28,6 +28,12 @@ import process
 import settings
 from architecture import Transformer, dropout
 
+# init_adapter's adapter_config.json -> the TrainConfig keys it sets (by LoRAConfig's names).
+ADAPTER_KEYS = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
+                "use_dora": "lora_dora", "bias": "lora_bias",
+                "modules_to_save": "lora_modules_to_save",
+                "target_modules": "lora_targets"}
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 LEGACY_WEIGHTS = "adapter_model.bin"

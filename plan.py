@@ -23,7 +23,6 @@ import lora
 import pretrained
 import rundir
 import settings
-from build import ADAPTER_KEYS
 from settings import setting
 from trainconfig import (
     LOADED_MODEL_OPTIONS,
@@ -86,7 +85,7 @@ def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = (),
     if not path.is_dir():
         raise ValueError(f"{setting(cfg, 'init_adapter', where_set)}: not a directory")
     adapter = lora.read_adapter_config(path, config_name)
-    theirs = {key: getattr(adapter, name) for name, key in ADAPTER_KEYS.items()}
+    theirs = {key: getattr(adapter, name) for name, key in lora.ADAPTER_KEYS.items()}
     base = cfg.init_from or str(lora.adapter_base(path, "name the base with --init-from",
                                                   config_name))
 

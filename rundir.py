@@ -162,6 +162,21 @@ def lock_is_held(lock: Path) -> bool:
     return False
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """A stop signal raised out of a run; ``resume``: how to continue the run, if it can."""
+
+    def __init__(self, stop: KeyboardInterrupt, resume: str | None):
+        super().__init__(*stop.args)  # the signal's name, for process.interrupted_exit_code
+        self.resume = resume
+
+
+def interrupted(stop: KeyboardInterrupt, run_dir: Path | None, hint: str | None,
+                restarts: bool) -> RunInterrupted:
+    """``stop``, saying how to continue the run if it has a checkpoint (and is continued)."""
+    saved = run_dir is not None and bool(list_checkpoints(run_dir)) and not restarts
+    return RunInterrupted(stop, (hint or f"--resume {run_dir}") if saved else None)
+
+
 class RunDirTaken(ValueError):
     """The run directory belongs to another run (running now, or holding weights)."""
 

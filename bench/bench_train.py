@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import build  # noqa: E402
 import trainingmanager as tm  # noqa: E402
 from batches import Batches  # noqa: E402
 
@@ -103,10 +104,11 @@ def main(argv=None) -> int:
                              block_size=args.block_size, max_steps=args.steps + WARMUP + 1,
                              eval_every=10**9, eval_examples=args.batch_size, save_every=10**9, export=False,
                              log_every=10, out_dir=out, name="bench")
-        run = tm.setup_run(dataclasses.replace(cfg, name="bench-setup"), tm.Dist(), None, True)
-        run.claimed.release()
+        run = build.build_run(dataclasses.replace(cfg, name="bench-setup"), tm.Dist(),
+                              tm.resolve_device(cfg, tm.Dist()), time.perf_counter(), None, True)
+        run.record.claimed.release()
         model_cfg, trainer = run.trainer.raw_model.cfg, run.trainer
-        tokens = torch.from_numpy(run.batches.train.tokens[:4_000_000].astype("int64"))
+        tokens = torch.from_numpy(run.data.batches.train.tokens[:4_000_000].astype("int64"))
         torch.manual_seed(0)
         bare = BareLoop(Transformer(model_cfg), tokens, run.cfg, hf=False, trainer=trainer)
         torch.manual_seed(0)

@@ -20,16 +20,19 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import build
 import checkpoint
+import finish
 import generation
 import plan
 import process
+import record
 import rundir
 import settings
 import trainconfig
+import trainer as trainer_module
 import trainingmanager as tm
 from architecture import SHORT_DTYPES
 from batches import Batches, BatchOrder
@@ -235,7 +238,7 @@ def test_step_counts_every_position_of_every_process(monkeypatch):
     def all_reduce(t, dist):
         return t + torch.tensor([5.0, others]) if t.dim() == 1 else t * 2
 
-    monkeypatch.setattr(tm, "_all_reduce_sum", all_reduce)
+    monkeypatch.setattr(trainer_module, "all_reduce_sum", all_reduce)
     micro = [{"input_ids": torch.randint(0, 64, (2, n)), "labels": torch.randint(0, 64, (2, n))}
              for n in (16, 9)]
     assert trainer.train_step(micro).tokens == 2 * 16 + 2 * 9 + others
@@ -390,7 +393,7 @@ def test_auto_precision_takes_the_gpus_native_half(monkeypatch, capability, half
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
-    assert tm._resolve_precision("auto", cuda) == half
+    assert trainer_module.resolve_precision("auto", cuda) == half
     assert pretrained._auto_dtype({"torch_dtype": "float32"}, cuda) == getattr(
         torch, {"fp16": "float16", "bf16": "bfloat16"}[half])
     cfg = tm.TrainConfig(preset="tiny", precision="bf16")
@@ -816,13 +819,13 @@ def test_best_is_never_written_before_a_checkpoint(assets, tmp_path, monkeypatch
     """The first best/ follows a checkpoint of its step: a kill between the first best/ and the
     first checkpoint would leave a run that --resume and the same command both refuse."""
     seen = []
-    save_best = tm._save_best
+    save_best = record.RunRecord.best
 
-    def checked(run, metrics):
-        seen.append([p.name for p in tm.list_checkpoints(run.run_dir)])
-        save_best(run, metrics)
+    def checked(self, step, metrics, model):
+        seen.append([p.name for p in tm.list_checkpoints(self.run_dir)])
+        save_best(self, step, metrics, model)
 
-    monkeypatch.setattr(tm, "_save_best", checked)
+    monkeypatch.setattr(record.RunRecord, "best", checked)
     result = tm.train(tiny_cfg(assets, tmp_path, max_steps=4, eval_every=2, save_every=50))
     assert seen and seen[0] == ["step-2"]
     saved = [p.name for p in tm.list_checkpoints(result.run_dir)]
@@ -852,6 +855,7 @@ def test_labels_that_are_not_the_next_tokens_stop_the_run(assets, tmp_path, monk
 KILLER = r"""
 import os, signal, sys
 import torch
+import trainer as trainer_module
 import trainingmanager as tm
 
 mode, at = sys.argv[1], int(sys.argv[2])
@@ -1241,7 +1245,7 @@ def test_a_nonfinite_checkpoint_with_a_valid_manifest_is_set_aside_and_refused_b
         for file in newest.iterdir():
             if file.name != process.MANIFEST_FILE:
                 shutil.copy(file, tmp / file.name)
-        tm.save_file(weights, tmp / rundir.MODEL_FILE)
+        save_file(weights, tmp / rundir.MODEL_FILE)
 
     tm.write_dir_atomically(newest, write)
     assert process.manifest_problem(newest) is None
@@ -1252,7 +1256,7 @@ def test_a_nonfinite_checkpoint_with_a_valid_manifest_is_set_aside_and_refused_b
     assert sum(p.name.startswith("broken-step-8") for p in (run / "checkpoints").iterdir()) == 1
 
     def write_best(tmp: Path) -> None:
-        tm.save_file(weights, tmp / rundir.MODEL_FILE, metadata={"step": "8"})
+        save_file(weights, tmp / rundir.MODEL_FILE, metadata={"step": "8"})
         (tmp / rundir.BEST_METRICS).write_text(json.dumps({"step": 8}))
 
     tm.write_dir_atomically(run / rundir.BEST_DIR, write_best)
@@ -1349,14 +1353,14 @@ def test_a_time_budget_sizes_the_run_and_its_config_reproduces_it(assets, tmp_pa
     length)."""
     _one_second_a_step(monkeypatch)
     timed = []
-    time_a_step = tm._time_a_step
+    time_a_step = build.time_a_step
 
-    def measured(run, model):
-        timed.append(time_a_step(run, model))  # really run (RNG restored), its figures replaced
+    def measured(*args):
+        timed.append(time_a_step(*args))  # really run (RNG restored), its figures replaced
         return 1.0, 2.0
 
-    monkeypatch.setattr(tm, "_time_a_step", measured)
-    monkeypatch.setattr(tm, "_seconds_left", lambda run: 60.0)
+    monkeypatch.setattr(build, "time_a_step", measured)
+    monkeypatch.setattr(build, "budget_left", lambda cfg, created: 60.0)
     cfg = tiny_cfg(assets, tmp_path, name="budget", time_budget_min=1.0, warmup_steps=None,
                    max_steps=None, eval_every=100)
     first = tm.train(cfg)
@@ -1392,8 +1396,8 @@ def test_a_time_budget_larger_than_the_data_ends_after_max_epochs(assets, tmp_pa
     """A budget that would train past MAX_EPOCHS epochs of the data (a GPU on the stdlib) stops
     there, on its plan (no re-timing), and says so; config.json records the steps."""
     _one_second_a_step(monkeypatch)
-    monkeypatch.setattr(tm, "_time_a_step", lambda run, model: (1.0, 2.0))
-    monkeypatch.setattr(tm, "_seconds_left", lambda run: 10_000.0)
+    monkeypatch.setattr(build, "time_a_step", lambda *args: (1.0, 2.0))
+    monkeypatch.setattr(build, "budget_left", lambda cfg, created: 10_000.0)
     cfg = tiny_cfg(assets, tmp_path, name="data", time_budget_min=200.0, warmup_steps=None,
                    max_steps=None)
     run = tm.train(cfg)
@@ -1410,7 +1414,7 @@ def test_preset_auto_takes_the_largest_rung_the_budget_trains_and_a_resume_keeps
     """Preset auto probes BUDGET_LADDER's rungs, smallest first, and takes the largest that sees
     TOKENS_PER_PARAM tokens a parameter in the budget, in bf16 on a CPU that measures it faster;
     config.json records the choices and a resume keeps them."""
-    params, tokens = tm._probe(tiny_cfg(assets, tmp_path), torch.device("cpu"), tm.Dist())
+    params, tokens = build.measure_speed(tiny_cfg(assets, tmp_path), torch.device("cpu"), tm.Dist())
     assert params > 0 and tokens > 0  # the real probe trains the rung's model here
     ladder = tuple({"preset": "tiny", "block_size": 32, "batch_size": b, "lr": lr}
                    for b, lr in ((2, 3e-3), (4, 2e-3), (8, 1e-3)))
@@ -1424,9 +1428,9 @@ def test_preset_auto_takes_the_largest_rung_the_budget_trains_and_a_resume_keeps
         return plan.Probe(100 * cfg.batch_size // 2, rates[cfg.batch_size] * speed * short)
 
     monkeypatch.setattr(plan, "BUDGET_LADDER", ladder)
-    monkeypatch.setattr(tm, "_probe", probe)
-    monkeypatch.setattr(tm, "_time_a_step", lambda run, model: (0.5, 2.0))
-    monkeypatch.setattr(tm, "_seconds_left", lambda run: 12.0)
+    monkeypatch.setattr(build, "measure_speed", probe)
+    monkeypatch.setattr(build, "time_a_step", lambda *args: (0.5, 2.0))
+    monkeypatch.setattr(build, "budget_left", lambda cfg, created: 12.0)
     cfg = tiny_cfg(assets, tmp_path, name="auto", preset="auto", time_budget_min=1.0,
                    block_size=None, batch_size=None, lr=None, warmup_steps=None, max_steps=None)
     first = tm.train(cfg)
@@ -1495,7 +1499,7 @@ def test_the_end_of_run_sample_follows_the_runs_pair_special_tokens(assets, tmp_
                                                                     monkeypatch, reads):
     """The run's data option reaches its end-of-run sample (sample_completion's reading rule)."""
     asked = []
-    monkeypatch.setattr(tm, "sample_completion", lambda *a: asked.append(a) or "")
+    monkeypatch.setattr(finish, "sample_completion", lambda *a: asked.append(a) or "")
     options = {"cache_dir": assets["cache"], "progress": False, "pair_special_tokens": reads}
     tm.train(tiny_cfg(assets, tmp_path, task="method", max_steps=1, eval_every=1,
                       warmup_steps=0, export=True, data_options=options))
@@ -1608,10 +1612,10 @@ def test_an_epochs_run_rounds_its_steps_up_and_its_cosine_ends_there(assets, tmp
 
     common = dict(task="completion", batch_size=4, grad_accum=2, warmup_steps=2,
                   max_steps=tm.TrainConfig().max_steps)
-    probe = tm.setup_run(tiny_cfg(assets, tmp_path, name="probe", **common), tm.Dist(), None,
-                         False)
-    n = len(probe.batches.train)  # supervised pairs: an epoch is each of them once
-    probe.claimed.release()
+    probe = build.build_run(tiny_cfg(assets, tmp_path, name="probe", **common), tm.Dist(),
+                            torch.device("cpu"), time.perf_counter(), None, False)
+    n = len(probe.data.batches.train)  # supervised pairs: an epoch is each of them once
+    probe.record.claimed.release()
     steps, per_step = 5, 4 * 2  # batch_size x grad_accum
     epochs = (steps - 0.5) * per_step / n  # 4.5 steps' worth of examples
     cfg = tiny_cfg(assets, tmp_path, epochs=epochs, eval_every=steps, save_every=steps, **common)
@@ -1690,16 +1694,17 @@ def test_an_lm_split_of_fewer_windows_than_block_size_is_one_epoch_not_zero():
 
 def test_the_progress_bar_shows_the_epoch_its_metrics_line_logs():
     """The bar's postfix carries the epoch (examples seen over one epoch) as the train line."""
-    run = types.SimpleNamespace(cfg=tm.TrainConfig(batch_size=2, grad_accum=3), dist=tm.Dist(),
-                                state=checkpoint.RunState(step=5), device=torch.device("cpu"),
-                                lines=False)
-    run.batches = Batches(list(range(40)), [], pad_id=0, batch_size=2, grad_accum=3, seed=0)
-    run.trainer = types.SimpleNamespace(scaler=torch.amp.GradScaler("cpu", enabled=False))
+    batches = Batches(list(range(40)), [], pad_id=0, batch_size=2, grad_accum=3, seed=0)
+    trainer = types.SimpleNamespace(scaler=torch.amp.GradScaler("cpu", enabled=False),
+                                    device=torch.device("cpu"))
     lines, postfix = [], {}
-    log = types.SimpleNamespace(write=lambda step, kind, values: lines.append(values))
-    bar = types.SimpleNamespace(set_postfix=lambda **kw: postfix.update(kw))
-    stats = tm.StepStats(loss=1.5, grad_norm=1.0, tokens=64, lr=1e-3)
-    tm._log_step(run, log, bar, stats, tok_s=100.0)
+    kept = record.RunRecord(rundir.ClaimedDir(Path("run")), tm.Dist(), False, 1, "", False)
+    kept.log = types.SimpleNamespace(write=lambda step, kind, values: lines.append(values))
+    progress = record.Progress(10, 5, enabled=False, main=False)
+    progress.bar = types.SimpleNamespace(set_postfix=lambda **kw: postfix.update(kw))
+    run = types.SimpleNamespace(state=checkpoint.RunState(step=5), record=kept, trainer=trainer,
+                                data=types.SimpleNamespace(batches=batches))
+    tm._log_step(run, tm.StepStats(loss=1.5, grad_norm=1.0, tokens=64, lr=1e-3), progress)
     assert lines[0]["epoch"] == 5 * 2 * 3 / 40 and postfix["epoch"] == "0.75"
 
 
@@ -2094,8 +2099,9 @@ def test_tokens_per_s_counts_training_time_only(assets, tmp_path, monkeypatch):
     import types
 
     now = [0.0]
-    monkeypatch.setattr(tm, "time", types.SimpleNamespace(perf_counter=lambda: now[0],
-                                                          strftime=lambda fmt: "x"))
+    clock = types.SimpleNamespace(perf_counter=lambda: now[0], strftime=lambda fmt: "x")
+    monkeypatch.setattr(tm, "time", clock)
+    monkeypatch.setattr(record, "time", clock)
     for name, cost in (("train_step", 1.0), ("evaluate", 100.0)):
         original = getattr(tm.Trainer, name)
 
@@ -2104,13 +2110,13 @@ def test_tokens_per_s_counts_training_time_only(assets, tmp_path, monkeypatch):
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(tm.Trainer, name, timed)
-    save = tm.save_checkpoint
+    save = record.RunRecord.checkpoint
 
-    def slow_save(run):
+    def slow_save(self, *args):
         now[0] += 50.0
-        save(run)
+        save(self, *args)
 
-    monkeypatch.setattr(tm, "save_checkpoint", slow_save)
+    monkeypatch.setattr(record.RunRecord, "checkpoint", slow_save)
     result = tm.train(tiny_cfg(assets, tmp_path, max_steps=9, eval_every=3, save_every=3,
                                warmup_steps=0, log_every=2))
     lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -2226,13 +2232,14 @@ def test_the_validation_examples_do_not_depend_on_batch_size_or_accumulation(ass
     for i, (batch_size, grad_accum) in enumerate([(4, 2), (8, 1), (3, 1)]):
         cfg = tiny_cfg(assets, tmp_path, batch_size=batch_size, grad_accum=grad_accum,
                        eval_examples=10, name=f"v{i}")
-        run = tm.setup_run(cfg, tm.Dist(), None, False)
-        batches, _ = run.batches.validation()
+        run = build.build_run(cfg, tm.Dist(), torch.device("cpu"), time.perf_counter(), None,
+                              False)
+        batches, _ = run.data.batches.validation()
         batches = list(batches)
         examples.append([row[mask].tolist() for b in batches
                          for row, mask in zip(b["input_ids"], b["labels"] != tm.IGNORE_INDEX)])
         losses.append(run.trainer.evaluate(batches)["val_loss"])
-        run.claimed.release()
+        run.record.claimed.release()
     assert len(examples[0]) == 10 and examples[0] == examples[1] == examples[2]
     assert losses[0] == pytest.approx(losses[1], rel=1e-6) == pytest.approx(losses[2], rel=1e-6)
 
@@ -2801,8 +2808,6 @@ def test_a_failed_start_in_a_directory_of_the_users_leaves_their_files(assets, t
                                                                        monkeypatch):
     """A run stopped before its config.json removes the tokenizer files it wrote, never ones
     that were there before it (a --name naming the user's own tokenizer directory)."""
-    import dataset
-
     def fails(*args, **kwargs):
         raise ValueError("bad data")
 
@@ -2810,7 +2815,7 @@ def test_a_failed_start_in_a_directory_of_the_users_leaves_their_files(assets, t
     run.mkdir(parents=True)
     for name in rundir.WRITTEN_BEFORE_CONFIG:
         (run / name).write_text("mine")
-    monkeypatch.setattr(dataset, "prepare", fails)
+    monkeypatch.setattr(build, "prepare", fails)
     with pytest.raises(ValueError, match="bad data"):
         tm.train(tiny_cfg(assets, tmp_path))
     assert all((run / name).read_text() == "mine" for name in rundir.WRITTEN_BEFORE_CONFIG)
@@ -2851,8 +2856,9 @@ def _one_second_a_step(monkeypatch) -> None:
     import types
 
     now = [0.0]
-    monkeypatch.setattr(tm, "time", types.SimpleNamespace(perf_counter=lambda: now[0],
-                                                          strftime=lambda fmt: "x"))
+    clock = types.SimpleNamespace(perf_counter=lambda: now[0], strftime=lambda fmt: "x")
+    for module in (tm, build, record):
+        monkeypatch.setattr(module, "time", clock)
     original = tm.Trainer.train_step
 
     def timed(self, *args, **kwargs):
@@ -2914,14 +2920,14 @@ def test_a_resume_keeps_the_precision_auto_trained_in(assets, tmp_path, monkeypa
     """precision "auto" is not resolved again on resume (a bf16 run resumed on a T4 would train
     on in fp16, on the CPU in fp32, silently). The checkpoint records what it trained in; another
     precision is refused, naming --precision and the device, and --precision X keeps X."""
-    resolve = tm._resolve_precision
-    monkeypatch.setattr(tm, "_resolve_precision",  # "auto" on a GPU with native bf16
+    resolve = trainer_module.resolve_precision
+    monkeypatch.setattr(trainer_module, "resolve_precision",  # "auto" on a GPU with native bf16
                         lambda precision, device: "bf16" if precision == "auto"
                         else resolve(precision, device))
     assert tm.main(["--config", _tiny_config_file(assets, tmp_path, max_steps=4,
                                                   device="cpu")]) == 0
     run = tmp_path / "runs" / "run"
-    monkeypatch.setattr(tm, "_resolve_precision", resolve)  # resumed on the CPU: fp32
+    monkeypatch.setattr(trainer_module, "resolve_precision", resolve)  # resumed on the CPU: fp32
     saved = (run / "config.json").read_bytes()
     capsys.readouterr()
     assert tm.main(["--resume", str(run), "--max-steps", "6"]) == 2

@@ -34,9 +34,11 @@ from test_trainingmanager import (
 )
 
 import build
+import distributed
 import plan
 import process
 import rundir
+import trainer as trainer_module
 import trainingmanager as tm
 from tokenizer import CodeTokenizer, load_tokenizer
 
@@ -346,10 +348,10 @@ def test_a_stop_outside_the_step_loop_exits_with_the_signals_code(assets, tmp_pa
         raise KeyboardInterrupt
 
     config = _tiny_config_file(assets, tmp_path)
-    monkeypatch.setattr(tm, "load_or_train_tokenizer", killed)
+    monkeypatch.setattr(build, "load_or_train_tokenizer", killed)
     assert tm.main(["--config", config]) == 143
     assert "interrupted before the first checkpoint: nothing to resume" in capsys.readouterr().err
-    monkeypatch.setattr(tm, "load_or_train_tokenizer", ctrl_c)
+    monkeypatch.setattr(build, "load_or_train_tokenizer", ctrl_c)
     assert tm.main(["--config", config]) == 130
 
 
@@ -359,7 +361,7 @@ def test_a_ctrl_c_after_a_stop_interrupts_with_its_own_code_a_repeated_sigterm_n
     second must not skip the checkpoint the first asked for. A SIGTERM changes nothing once a
     stop is under way (its SIGKILL follows anyway); a Ctrl-C after it stops at once, 130."""
 
-    signals = tm._StopSignals()
+    signals = trainer_module.StopSignals()
     try:
         signals._handle(signal.Signals[first], None)  # the first asks for a checkpoint
         signals._handle(signal.SIGTERM, None)
@@ -457,7 +459,6 @@ def test_an_interrupt_outside_the_step_loop_says_what_is_left_to_resume(assets, 
     """An interrupt outside the step loop says what is left: "nothing to resume" before the run
     directory exists and under --overfit (which writes none), else "checkpoints written are
     kept" with the run's own --resume directory."""
-    import dataset
 
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
@@ -471,25 +472,25 @@ def test_an_interrupt_outside_the_step_loop_says_what_is_left_to_resume(assets, 
         assert all(w in err for w in words) and unsaid not in err, err
 
     nothing = ("before the first checkpoint", "nothing to resume", "same command again")
-    prepare = dataset.prepare
-    monkeypatch.setattr(dataset, "prepare", ctrl_c)  # Ctrl-C while the data is tokenized
+    prepare = build.prepare
+    monkeypatch.setattr(build, "prepare", ctrl_c)  # Ctrl-C while the data is tokenized
     assert tm.main(["--config", config]) == 130
     told(*nothing, unsaid="--resume")
     assert not run.exists()
-    monkeypatch.setattr(dataset, "prepare", prepare)
+    monkeypatch.setattr(build, "prepare", prepare)
     build_model = build.build_model
-    monkeypatch.setattr(tm, "build_model", ctrl_c)  # after the run's tokenizer is written
+    monkeypatch.setattr(build, "build_model", ctrl_c)  # after the run's tokenizer is written
     assert tm.main(["--config", config]) == 130
     told(*nothing, unsaid="--resume")
     assert not run.exists()  # a default timestamped name would leave one dead directory each
-    monkeypatch.setattr(tm, "build_model", build_model)
+    monkeypatch.setattr(build, "build_model", build_model)
     assert tm.main(["--config", config]) == 0
 
-    monkeypatch.setattr(dataset, "prepare", ctrl_c)  # a resume's: the run's checkpoints are kept
+    monkeypatch.setattr(build, "prepare", ctrl_c)  # a resume's: the run's checkpoints are kept
     assert tm.main(["--resume", str(run), "--max-steps", "8"]) == 130
     kept = ("checkpoints written are kept", f"--resume {run}")
     told(*kept, unsaid="nothing to resume")
-    monkeypatch.setattr(dataset, "prepare", prepare)
+    monkeypatch.setattr(build, "prepare", prepare)
 
     original, calls = tm.Trainer.train_step, [0]
 
@@ -573,16 +574,16 @@ def test_torchrun_with_more_processes_than_gpus_is_refused_on_every_rank(monkeyp
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
         with pytest.raises(ValueError, match=r"2 processes on 1 CUDA device.*"
                                              r"--nproc_per_node 1.*--device cpu"):
-            tm._init_distributed("auto")
+            distributed.join("auto")
     assert joined == []
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process per GPU: joins with NCCL
     monkeypatch.setattr(torch.cuda, "set_device", lambda i: None)
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    assert tm._init_distributed("auto")[1] and joined == [{"backend": "nccl"}]
+    assert distributed.join("auto")[1] and joined == [{"backend": "nccl"}]
     joined.clear()
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # --device cpu: gloo, GPUs not counted
-    assert tm._init_distributed("cpu")[1] and joined == [{"backend": "gloo"}]
+    assert distributed.join("cpu")[1] and joined == [{"backend": "gloo"}]
 
 
 @pytest.mark.slow

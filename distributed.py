@@ -1,0 +1,118 @@
+"""Where a process sits in a torchrun job, and the few collectives a run uses: one process
+(world 1) runs the same code with each collective a no-op."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import sys
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as td
+
+
+@dataclass
+class Dist:
+    """Where this process sits in a torchrun job (world 1: a plain process)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+class RankZeroFailed(RuntimeError):
+    """Raised on the other ranks when rank 0 fails in ``main_first`` (rank 0 reports it)."""
+
+
+def join(device_hint: str) -> tuple[Dist, bool]:
+    """Join the torchrun job if there is one; returns (dist, whether we initialised it)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(), False
+    dist = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if td.is_initialized():
+        return dist, False
+    use_cuda = torch.cuda.is_available() and device_hint != "cpu"
+    if use_cuda:
+        # Every rank checks, before joining: a rank without a GPU of its own would crash in
+        # set_device while the others waited for it in init_process_group.
+        gpus = torch.cuda.device_count()
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist.local_rank + 1))
+        if local_world > gpus:
+            raise ValueError(f"torchrun started {local_world} processes on {gpus} CUDA device(s): "
+                             f"use --nproc_per_node {gpus}, or --device cpu")
+        torch.cuda.set_device(dist.local_rank)
+    td.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return dist, True
+
+
+def leave() -> None:
+    """Leave the group, the DDP model freed first (an error's traceback frames may hold it: freed
+    at interpreter exit instead, gloo aborts now and then)."""
+    error, seen = sys.exc_info()[1], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__
+    gc.collect()
+    td.destroy_process_group()
+
+
+def is_rank_zero() -> bool:
+    """Whether this process reports for the job (readable before ``join``)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def broadcast(value, dist: Dist):
+    """Rank 0's ``value`` on every rank."""
+    box = [value]
+    if dist.enabled:
+        td.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce_sum(t: torch.Tensor, dist: Dist) -> torch.Tensor:
+    if dist.enabled:
+        td.all_reduce(t, op=td.ReduceOp.SUM)
+    return t
+
+
+def all_gather(value, dist: Dist) -> list:
+    """Every rank's ``value``, in rank order."""
+    values = [value] * dist.world
+    if dist.enabled:
+        td.all_gather_object(values, value)
+    return values
+
+
+def barrier(dist: Dist) -> None:
+    if dist.enabled:
+        td.barrier()
+
+
+@contextlib.contextmanager
+def main_first(dist: Dist) -> Iterator[None]:
+    """Rank 0 does what only it does (caches, checkpoints); if it fails, the others stop too."""
+    if not dist.main:
+        if broadcast(None, dist) is not None:
+            raise RankZeroFailed("rank 0 failed (its error says why)")
+        yield
+        return
+    try:
+        yield
+    except BaseException:
+        broadcast("failed", dist)
+        raise
+    broadcast(None, dist)

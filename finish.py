@@ -1,0 +1,137 @@
+"""The end of a training run: its best weights exported (the HF layout, or the PEFT adapter and
+the merged model) with a sample completion, and the final evaluation of the export."""
+
+from __future__ import annotations
+
+import json
+import typing
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+import checkpoint
+import generation
+import lora
+import pretrained
+import rundir
+from build import Run
+from checkpoint import load_model_tensors, write_dir_atomically
+from dataset import SamplePrompt, encode_prompts, prompt_prefix, reads_special_tokens
+from generation import FUNCTION_STOPS, GenerationConfig, truncate_at_stops
+from record import NonFiniteLossError
+from rundir import best_step
+from trainer import perplexity
+
+if typing.TYPE_CHECKING:
+    from tokenizer import BPETokenizer, CodeTokenizer
+
+
+def export_run(run: Run) -> tuple[Path | None, str | None]:
+    """Best weights back in the model, a sample completion, the HF export (rank 0); the export's
+    directory and the sample."""
+    cfg, model, tok, record = run.cfg, run.trainer.raw_model, run.data.tok, run.record
+    run_dir = record.run_dir
+    best = run_dir / rundir.BEST_DIR / checkpoint.weights_file(record.trainable_only)
+    exported_step = None
+    if best.is_file():
+        load_model_tensors(model, load_file(best), str(best), record.trainable_only)
+        exported_step = best_step(run_dir)
+    if not record.dist.main:
+        return None, None
+    if bad := checkpoint.nonfinite_tensor(model.state_dict()):  # export/ holds finite weights
+        raise NonFiniteLossError(f"{bad} holds inf or NaN: not exported", run.state.step)
+    prompt = run.data.sample_prompt  # --sample-prompt, else the held-out one in the task's format
+    if cfg.sample_prompt is not None:
+        prompt = SamplePrompt(cfg.sample_prompt, cfg.task in ("lm", "fim", "completion", "method"))
+    sample = None
+    if prompt is not None and prompt.text:
+        stops = FUNCTION_STOPS if prompt.ends_function else ()
+        sample = sample_completion(model, tok, prompt.text, cfg.sample_tokens, cfg.task,
+                                   run.data.dcfg.pair_special_tokens, stops)
+        print(f"sample completion (greedy, best checkpoint at step {run.state.best_step}):\n"
+              f"{prompt.text}{sample}")
+    export = run_dir / rundir.EXPORT_DIR
+
+    def write(tmp: Path) -> None:
+        if cfg.lora_r == 0:
+            pretrained.save(model, tmp)
+        else:  # on init_from (validate_config): the adapter, naming that base
+            base = str(Path(cfg.init_from).resolve())  # as PEFT records it: loadable alone
+            lora.save_adapter(model, tmp, base_model_name_or_path=base)
+            if cfg.export_merged:  # as `python lora.py` merges: into the base on disk, in the
+                # checkpoint's own dtype (a bf16 base: bf16, not the fp32 training copy)
+                merged = pretrained.load(cfg.init_from, dtype="auto", device="cpu")
+                lora.load_adapter(merged, tmp)
+                lora.merge_and_export(merged, tmp / rundir.MERGED_DIR)
+                tok.save(tmp / rundir.MERGED_DIR)
+                pretrained.copy_hf_companions(cfg.tokenizer, cfg.init_from, tok,
+                                               tmp / rundir.MERGED_DIR, weights=True)
+        tok.save(tmp)
+        pretrained.copy_hf_companions(cfg.tokenizer, cfg.init_from, tok, tmp,
+                                      weights=cfg.lora_r == 0)
+        # Which best/ it holds: eval.py scores best/ instead once a resume trains past it.
+        (tmp / rundir.EXPORT_RECORD).write_text(json.dumps({"best_step": exported_step}))
+
+    write_dir_atomically(export, write)
+    best_loss = run.state.best_val_loss
+    print(f"exported to {export} (best validation loss {best_loss:.4f}, perplexity "
+          f"{perplexity(best_loss):.2f})")
+    return export, sample
+
+
+def sample_completion(model: nn.Module, tok: CodeTokenizer | BPETokenizer, prompt: str,
+                      max_new_tokens: int, task: str, pair_special_tokens: bool = False,
+                      stops: Sequence[str] = ()) -> str:
+    """Greedy continuation of ``prompt``, formatted and encoded as the run's ``task`` data, cut
+    at the first of ``stops`` (eval's decoding)."""
+    from tokenizer import decode_generated, generation_eos_ids
+
+    eos = generation_eos_ids(tok, model.cfg.eos_id, model.name_or_path)
+    (prompt_ids,) = encode_prompts(tok, [prompt], reads_special_tokens(task, pair_special_tokens))
+    ids = prompt_prefix(tok, task) + prompt_ids
+    max_new_tokens = min(max_new_tokens, model.cfg.block_size - len(ids))
+    if max_new_tokens <= 0:
+        return ""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = generation.generate(model, torch.tensor([ids], device=device),
+                              GenerationConfig(max_new_tokens, eos_id=eos or None,
+                                               stop=list(stops) or None,
+                                               decode=partial(decode_generated, tok)))
+    model.train(was_training)
+    new = out[0, len(ids):].tolist()
+    end = len(new)
+    for i, token in enumerate(new):  # the first end-of-sequence token ends the completion
+        if token in eos:
+            end = i
+            break
+    text = decode_generated(tok, new[:end])
+    return truncate_at_stops(text, stops)
+
+
+def final_quality(run_dir: Path, last: dict | None, device: str) -> dict | None:
+    """A finished run scored as ``python eval.py --tasks line method`` scores it (the test split),
+    printed with its ``last`` validation metrics; an evaluation that cannot run is only noted."""
+    import eval as evaluation
+
+    out = run_dir / rundir.FINAL_EVAL_DIR
+    cfg = evaluation.EvalConfig(models=[str(run_dir)], tasks=["line", "method"],
+                                out_dir=str(out), progress=False, device=device)
+    try:
+        metrics = evaluation.evaluate(cfg)["rows"][0]["metrics"]
+    except ValueError as e:
+        print(f"note: no final evaluation: {e}")
+        return None
+    val = "" if last is None else (f"val loss {last['val_loss']:.4f} ({last['val_bpb']:.3f} "
+                                   "bits/byte), ")
+    print(f"final evaluation ({out}): {val}line completion exact match {metrics['line/EM']:.1f}%, "
+          f"edit similarity {metrics['line/edit_sim']:.1f}; function completions that parse "
+          f"{metrics['method/parses']:.0f}%")
+    return metrics
+
+

@@ -1,0 +1,248 @@
+"""What a training run keeps as it trains: in its directory config.json, metrics.jsonl (and the
+trackers), the checkpoints and best/ (``RunRecord``); on the console a progress bar or a line
+per logged step, and a line per evaluation (``Progress``). A run whose numbers diverge is
+reported with the last checkpoint that holds finite weights."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import resource
+import sys
+import time
+import typing
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+import checkpoint
+import process
+import rundir
+from checkpoint import RunState, model_tensors, rng_state, write_dir_atomically
+from distributed import Dist, all_gather, main_first
+from process import progress_bar
+from rundir import RunLog, list_checkpoints
+
+if typing.TYPE_CHECKING:
+    from trainconfig import TrainConfig
+    from trainer import StepStats, Trainer
+
+
+class NonFiniteLossError(RuntimeError):
+    """A non-finite loss or gradient; ``diagnosis``: the message without its advice on going on."""
+
+    def __init__(self, message: str, step: int | None = None, diagnosis: str | None = None):
+        super().__init__(message)
+        self.step = step
+        self.diagnosis = diagnosis or message
+
+
+def memory_mb(device: torch.device) -> float:
+    """The peak memory of this process so far: the GPU's allocations, or the CPU's resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class RunRecord:
+    """A run's directory as it trains (rank 0 writes; every rank takes part in a checkpoint)."""
+
+    def __init__(self, claimed: rundir.ClaimedDir, dist: Dist, trainable_only: bool,
+                 keep_last: int, hint: str, restarts: bool) -> None:
+        self.claimed = claimed  # its lock is released when the run ends
+        self.run_dir = claimed.path
+        self.dist = dist
+        self.trainable_only = trainable_only  # checkpoints hold only the adapter
+        self.keep_last = keep_last
+        self.config: dict = {}  # config.json: it reproduces the run
+        self.last_saved_step = -1
+        self.log: RunLog | None = None
+        self.hint = hint  # how the caller continues the run ("--resume DIR"), for messages
+        self.restarts = restarts  # the caller never continues the run: it starts it again
+
+    def write_config(self, cfg: TrainConfig, first: dict[Path, bytes | str] | None = None
+                     ) -> None:
+        """config.json from ``cfg`` (after the files ``first``, all written atomically)."""
+        self.config = {**dataclasses.asdict(cfg), "name": self.run_dir.name, "resume": None}
+        if self.dist.main:
+            files = {**(first or {}), self.run_dir / rundir.CONFIG_FILE:
+                     json.dumps(self.config, indent=1)}
+            process.write_atomic_files(files)
+
+    def open_log(self, resume_step: int | None, report_to: typing.Sequence[str]) -> None:
+        """metrics.jsonl: a new run's anew; a resumed run's goes on from ``resume_step``."""
+        self.log = RunLog(self.run_dir, self.dist.main, resume_step, self.config, report_to)
+
+    def log_step(self, state: RunState, stats: StepStats, tok_s: float, epoch: float,
+                 trainer: Trainer) -> None:
+        """The train line of this step (metrics.jsonl, the trackers)."""
+        values = {"loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
+                  "tokens_per_s": tok_s, "tokens_seen": state.tokens_seen,
+                  "memory_mb": memory_mb(trainer.device), "epoch": epoch}
+        if trainer.scaler.is_enabled():
+            values["loss_scale"] = trainer.scaler.get_scale()
+        self.log.write(state.step, "train", values)
+
+    def log_evaluation(self, state: RunState, metrics: dict, epoch: float) -> None:
+        self.log.write(state.step, "val", {**metrics, "best_val_loss": state.best_val_loss,
+                                           "epoch": epoch})
+
+    def saved(self, step: int) -> bool:
+        return self.last_saved_step == step
+
+    def checkpoint(self, state: RunState, trainer: Trainer, order: dict) -> None:
+        """Checkpoint this step (collective: every rank contributes its RNG state)."""
+        rng = all_gather(rng_state(trainer.device), self.dist)
+        with main_first(self.dist):  # the others wait for the write, and stop if it fails
+            if self.dist.main:
+                weights = model_tensors(trainer.raw_model, self.trainable_only)
+                full = dataclasses.replace(state, rng=rng, order=order, **trainer.state_dict(),
+                                           weights=weights)
+                self._write_checkpoint(full)
+        self.last_saved_step = state.step
+
+    def _write_checkpoint(self, state: RunState) -> None:
+        if bad := checkpoint.first_nonfinite(state):  # never a "last good" checkpoint
+            print(f"warning: step {state.step}: {bad} holds inf or NaN: no checkpoint written",
+                  file=sys.stderr)
+            return
+        name = f"{rundir.CHECKPOINT_PREFIX}{state.step}"
+        checkpoint.save(self.run_dir / rundir.CHECKPOINTS_DIR / name, state, self.config,
+                        self.trainable_only)
+        checkpoint.drop_old(self.run_dir, self.keep_last)
+
+    def best(self, step: int, metrics: dict, model: torch.nn.Module) -> None:
+        """best/: the weights of the best evaluation so far, with its metrics and config."""
+        with main_first(self.dist):
+            if self.dist.main:
+                self._write_best(step, metrics, model_tensors(model, self.trainable_only))
+
+    def _write_best(self, step: int, metrics: dict, tensors: dict) -> None:
+        if bad := checkpoint.nonfinite_tensor(tensors):  # best/ holds finite weights only
+            print(f"warning: step {step}: {bad} holds inf or NaN: best/ not written",
+                  file=sys.stderr)
+            return
+
+        def write(tmp: Path) -> None:
+            save_file(tensors, tmp / checkpoint.weights_file(self.trainable_only),
+                      metadata={"step": str(step)})
+            (tmp / rundir.BEST_METRICS).write_text(json.dumps({"step": step, **metrics}))
+            (tmp / rundir.CONFIG_FILE).write_text(json.dumps(self.config, indent=1))
+
+        write_dir_atomically(self.run_dir / rundir.BEST_DIR, write)
+
+    def diverged(self, what: str, step: int, causes: list[str]) -> typing.NoReturn:
+        """Stop the run, saying ``what`` went non-finite, its likely ``causes`` and the last
+        checkpoint that holds finite weights (none is written from others, and a resume sets
+        them aside)."""
+        good = checkpoint.finite_checkpoint(list_checkpoints(self.run_dir), self.trainable_only)
+        if good is not None:  # a resume replays the same steps, lr and precision
+            kept = (f"the last good checkpoint is {good}: --resume {self.run_dir} replays the "
+                    "same steps from there; a change of --lr or --precision needs a new run "
+                    "(another --name)")
+        else:
+            kept = ("no checkpoint with finite weights had been written yet: run the command "
+                    "again with the changes (the same --name starts the run anew)")
+        diagnosis = f"{what}. Likely causes: " + "; ".join(causes) + "."
+        message = f"{diagnosis} {kept}."
+        self.log.write(step, "error", {"message": message})
+        raise NonFiniteLossError(message, step, diagnosis)
+
+    def what_next(self) -> str:
+        return rundir.what_next(self.hint, self.restarts)
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+
+
+def divergence_causes(lr: float, precision: str, injected: bool) -> list[str]:
+    """What most often makes a run's loss or weights non-finite, the likeliest first."""
+    causes = [f"the learning rate is too high ({lr:.3g}): lower lr or lengthen warmup_steps",
+              "fp16 overflow: use precision bf16 or fp32" if precision == "fp16"
+              else "exploding gradients: keep grad_clip > 0",
+              "inf/NaN weights in a loaded checkpoint", "a model bug (mask, dtype casts)"]
+    if injected:
+        causes.insert(0, "injected on purpose: inject_nan_at_step is set")
+    return causes
+
+
+def duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes >= 60:
+        return f"{minutes // 60}h{minutes % 60:02d}m"
+    return f"{minutes}m{secs:02d}s"
+
+
+class Progress:
+    """The console's view of the step loop: a progress bar on a terminal, else (a log file,
+    --no-progress) a line per logged step; a line per evaluation with the time left. Tokens a
+    second count training time only (``paused`` leaves out evaluation and saving)."""
+
+    def __init__(self, planned_steps: int, step: int, enabled: bool, main: bool) -> None:
+        self.main = main
+        self.planned_steps = planned_steps
+        self.bar = progress_bar(total=planned_steps, initial=step, desc="train", unit="step",
+                                enabled=main and enabled, dynamic_ncols=True)
+        self.lines = main and self.bar.disable
+        self.started = time.perf_counter()
+        self.first_step = step  # this process's first: the ETA counts from here
+        self.window_start = self.started
+        self.window_tokens = 0
+        self.tok_s = 0.0  # the last logged throughput
+
+    def replan(self, planned_steps: int) -> None:
+        self.planned_steps = planned_steps
+        self.bar.total = planned_steps
+
+    def step_done(self, tokens: int) -> None:
+        self.window_tokens += tokens
+        self.bar.update(1)
+
+    def step_line(self, step: int, stats: StepStats, epoch: float) -> float:
+        """The bar's figures (or the console line) of a logged step; its tokens a second since
+        the last logged step, which starts the next window."""
+        now = time.perf_counter()
+        self.tok_s = self.window_tokens / max(now - self.window_start, 1e-9)
+        self.window_start = now
+        self.window_tokens = 0
+        self.bar.set_postfix(epoch=f"{epoch:.2f}", loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}",
+                             tok_s=f"{self.tok_s:.0f}", refresh=False)
+        if self.lines:
+            print(f"step {step}/{self.planned_steps} | loss {stats.loss:.4f} | lr "
+                  f"{stats.lr:.2e} | {self.tok_s:,.0f} tok/s | epoch {epoch:.2f}", flush=True)
+        return self.tok_s
+
+    def eval_line(self, state: RunState, metrics: dict) -> None:
+        """Where the run is, how it does, how long it takes."""
+        if not self.main:
+            return
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / max(state.step - self.first_step, 1) * (self.planned_steps - state.step)
+        train = "" if state.train_loss is None else f"train loss {state.train_loss:.4f} | "
+        bpb = f" ({metrics['val_bpb']:.3f} bits/byte)" if "val_bpb" in metrics else ""
+        self.say(f"eval step {state.step}/{self.planned_steps} | {train}val loss "
+                 f"{metrics['val_loss']:.4f}{bpb} | ppl {metrics['val_ppl']:.2f} | acc "
+                 f"{metrics['val_accuracy']:.3f} | {self.tok_s:,.0f} tok/s | elapsed "
+                 f"{duration(elapsed)} | ETA {duration(eta)}")
+
+    def say(self, line: str) -> None:
+        """A line on stdout from rank 0, above the bar."""
+        if self.main:
+            tqdm.write(line, file=sys.stdout)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Within: evaluation and saving, which are not training time."""
+        paused = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.window_start += time.perf_counter() - paused
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,0 +1,339 @@
+"""One training step and one evaluation: ``Trainer`` holds the model, optimizer, schedule and
+loss scaler. Training and validation share one loss; accumulation weights every micro-batch by
+its tokens, so it equals one big batch (and DDP one process)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+import process
+from architecture import IGNORE_INDEX, cuda_half_dtype, lacks_native_bf16
+from checkpoint import RunState
+from distributed import Dist, all_reduce_sum
+from optim import build_optimizer
+from process import progress_bar
+from settings import setting
+from trainconfig import TrainConfig
+
+
+def resolve_device(cfg: TrainConfig, dist: Dist) -> torch.device:
+    """The device a run trains on ("auto": this rank's GPU where there is one, else the CPU)."""
+    if cfg.device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", dist.local_rank)
+        if torch.backends.mps.is_available():  # a Mac: say so, a 1B model in fp32 takes days
+            print("note: training on the CPU (codelm trains on cpu or cuda, not mps)",
+                  file=sys.stderr)
+        return torch.device("cpu")
+    try:
+        device = torch.device(cfg.device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {cfg.device}: not a device (auto | cpu | cuda | cuda:N)"
+                         ) from None
+    if device.type not in ("cpu", "cuda"):  # mps, meta, ...: kernels this trainer never ran on
+        raise ValueError(f"--device {cfg.device}: training runs on cpu or cuda")
+    gpus = torch.cuda.device_count()  # under torchrun each rank takes its own (local_rank)
+    if device.type == "cuda" and (0 if dist.enabled else device.index or 0) >= gpus:
+        raise ValueError(f"--device {cfg.device}: this machine has {gpus} CUDA device(s)")
+    if device.type == "cuda" and dist.enabled:
+        return torch.device("cuda", dist.local_rank)
+    return device
+
+
+MAX_SKIPPED_STEPS = 25  # consecutive fp16 overflow skips before the run is declared diverged
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if cuda_half_dtype(device) == torch.bfloat16 else "fp16"
+    return "fp32"
+
+
+def checked_precision(cfg: TrainConfig, device: torch.device) -> str:
+    """``cfg.precision`` resolved for ``device``; bf16 on a GPU without it is refused."""
+    precision = resolve_precision(cfg.precision, device)
+    if precision == "bf16" and lacks_native_bf16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"{setting(cfg, 'precision')}: this GPU (compute capability "
+                         f"{major}.{minor}) has no native bf16: set precision fp16 or fp32")
+    return precision
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float,
+              decay_steps: int | None = None) -> float:
+    """Multiplier of the peak lr for optimizer step ``step`` (0-based): linear warmup, then a
+    cosine to the end, or (``decay_steps``) the peak held until the last ``decay_steps`` steps
+    decay it as 1 - sqrt (warmup-stable-decay: the run's length is free until its decay starts)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if step >= max_steps:
+        return min_lr_ratio
+    if decay_steps is not None:
+        progress = max(0.0, (step - (max_steps - decay_steps)) / decay_steps)
+        return min_lr_ratio + (1.0 - min_lr_ratio) * (1.0 - math.sqrt(progress))
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped: a diverged run's finite loss (say 23000) must not overflow math.exp."""
+    return math.exp(min(loss, 700.0))
+
+
+class StepAbandoned(Exception):
+    """A stop signal came mid-step: the step was dropped before its update, nothing applied."""
+
+
+@dataclass
+class StepStats:
+    loss: float  # token-weighted mean over the whole (global) step, as validation computes it
+    grad_norm: float
+    tokens: int  # input positions processed by all ranks (padding included: it is computed)
+    lr: float  # the learning rate this step used (the scheduler has moved on by the time it logs)
+    skipped: bool = False  # the fp16 scaler skipped the update (inf/NaN gradients)
+    nonfinite: str | None = None  # "loss" or "gradient": the step was not applied
+
+
+class Trainer:
+    """Model, optimizer, schedule and loss scaler: one training step, one evaluation."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device,
+                 dist: Dist | None = None, max_steps: int | None = None,
+                 token_bytes: torch.Tensor | None = None):
+        self.cfg, self.device, self.dist = cfg, device, dist or Dist()
+
+        self.precision = checked_precision(cfg, device)
+        self.raw_model = model.to(device)
+        # each id's UTF-8 bytes: the loss per byte
+        self.token_bytes = None if token_bytes is None else token_bytes.to(device)
+        self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
+        assert self.params, "the model has no trainable parameters"
+        self.optimizer = build_optimizer(self.raw_model, self.params, cfg)
+        # the schedule's length: a budgeted run sets both anew when its decay starts
+        self.max_steps = max_steps if max_steps is not None else cfg.max_steps
+        self.decay_steps = cfg.decay_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
+            s, cfg.warmup_steps, self.max_steps, cfg.min_lr_ratio, self.decay_steps))
+        # Loss scaling wherever the backward runs in fp16: fp16 autocast, or a frozen fp16 base
+        # under LoRA whatever the precision (its small per-token gradients would underflow).
+        self.scaler = torch.amp.GradScaler(
+            device.type, enabled=self.precision == "fp16" or cfg.base_dtype == "fp16")
+        self.skipped_in_a_row = 0  # fp16 overflow on every step is a diverged run
+        self.model = self.eval_model = (torch.compile(self.raw_model) if cfg.compile
+                                        else self.raw_model)
+        # One process alone may drop a step mid-way: a stop is checked before each block's
+        # attention and MLP, and once their backward is done.
+        self.stop_pending: Callable[[], bool] | None = None  # set during a droppable step
+        self.droppable = not self.dist.enabled and not cfg.compile
+        if self.droppable:
+            for block in getattr(self.raw_model, "blocks", ()):
+                block.attn.register_forward_pre_hook(self._check_stop)
+                block.mlp.register_forward_pre_hook(self._check_stop)
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index] if device.type == "cuda" else None
+            # Buffers (rotary tables, a quantized base) are alike on every rank and never trained:
+            # re-broadcasting them before each forward would send the whole QLoRA base each time.
+            self.model = DistributedDataParallel(self.model, device_ids=ids,
+                                                 forward_sync_buffers=False)
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _check_stop(self, module: nn.Module, args: tuple) -> None:
+        """Before a module's forward, and once its backward is done: a pending stop drops the
+        step."""
+        if self.stop_pending is None:
+            return
+        self._stop_if_pending()
+        hidden = args[0]
+        if hidden.requires_grad:  # its gradient is ready once the module's backward is done
+            hidden.register_hook(self._stop_if_pending)
+
+    def _stop_if_pending(self, *unused) -> None:
+        if self.stop_pending is not None and self.stop_pending():
+            raise StepAbandoned
+
+    @contextlib.contextmanager
+    def _droppable_step(self, stop_pending: Callable[[], bool] | None) -> Iterator[None]:
+        """Within: a stop ``stop_pending`` reports raises StepAbandoned at the next block, and
+        the step's gradients are dropped."""
+        self.stop_pending = stop_pending if self.droppable else None
+        try:
+            yield
+        except StepAbandoned:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
+        finally:
+            self.stop_pending = None
+
+    def train_step(self, micro_batches: Sequence[dict], inject_nan: bool = False,
+                   stop_pending: Callable[[], bool] | None = None) -> StepStats:
+        """One optimizer step over ``micro_batches`` (this rank's share of the global batch). Each
+        summed loss is divided by the whole global step's token count, so accumulation (and DDP's
+        average, undone by the world-size factor) gives exactly one big batch's gradient. A stop
+        that ``stop_pending`` reports mid-step raises StepAbandoned (one process alone)."""
+        self.model.train()
+        count = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
+        positions = sum(b["input_ids"].numel() for b in micro_batches)
+        n_tokens, n_positions = all_reduce_sum(
+            torch.tensor([float(count), float(positions)], device=self.device), self.dist)
+        weight = self.dist.world / n_tokens.clamp(min=1.0)
+        loss_sum = torch.zeros((), device=self.device)
+        with self._droppable_step(stop_pending):
+            for i, batch in enumerate(micro_batches):
+                batch = self._to_device(batch)
+                last = i == len(micro_batches) - 1
+                # Gradients are averaged across processes once, on the step's last micro-batch.
+                sync = (contextlib.nullcontext() if last or not self.dist.enabled
+                        else self.model.no_sync())
+                with sync:
+                    with autocast(self.device, self.precision):
+                        # Right-padded batches need no mask: causal attention never sees padding.
+                        loss = self.model(batch["input_ids"], batch["labels"], reduction="sum",
+                                          label_smoothing=self.cfg.label_smoothing,
+                                          grad_scale=self.scaler.scale(weight))
+                    if inject_nan:
+                        loss = loss * float("nan")
+                    self.scaler.scale(loss * weight).backward()
+                loss_sum += loss.detach().float()
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        loss_sum = all_reduce_sum(loss_sum, self.dist)
+        loss, norm, positions = torch.stack(
+            [loss_sum / n_tokens.clamp(min=1.0), grad_norm.float(), n_positions]).tolist()
+        positions = int(positions)
+        lr = self.optimizer.param_groups[0]["lr"]
+        if not math.isfinite(loss) or (not math.isfinite(norm) and not self.scaler.is_enabled()):
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepStats(loss, norm, positions, lr, nonfinite="loss" if not math.isfinite(loss)
+                             else "gradient")
+        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        skipped = self.scaler.is_enabled() and self.scaler.get_scale() < scale_before
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
+        diverged = "gradient" if self.skipped_in_a_row > MAX_SKIPPED_STEPS else None
+        return StepStats(loss, norm, positions, lr, skipped=skipped, nonfinite=diverged)
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterator[dict] | Sequence[dict], total: int | None = None) -> dict:
+        """Validation loss, perplexity and token accuracy over all tokens, unsmoothed; with
+        ``token_bytes``, bits per byte too (comparable across tokenizers)."""
+        batches = progress_bar(batches, total=total, desc="eval", unit="batch", leave=False,
+                               enabled=self.dist.main and self.cfg.progress, dynamic_ncols=True)
+        model = self.eval_model
+        was_training = model.training
+        model.eval()
+        totals = torch.zeros(4, dtype=torch.float64, device=self.device)
+        precision = "fp32" if self.cfg.eval_precision == "fp32" else self.precision
+        for batch in batches:
+            batch = self._to_device(batch)
+            labels = batch["labels"]
+            with autocast(self.device, precision):
+                loss, correct = model(batch["input_ids"], labels, reduction="sum",
+                                      count_correct=True)
+            totals[0] += loss.double()
+            totals[1] += (labels != IGNORE_INDEX).sum()
+            totals[2] += correct
+            if self.token_bytes is not None:
+                totals[3] += self.token_bytes[labels[labels != IGNORE_INDEX]].sum()
+        model.train(was_training)
+        loss_sum, n, correct, n_bytes = all_reduce_sum(totals, self.dist).tolist()
+        assert n > 0, "check_next_token_labels found labelled validation tokens"
+        loss = loss_sum / n
+        metrics = {"val_loss": loss, "val_ppl": perplexity(loss), "val_accuracy": correct / n,
+                   "val_tokens": int(n)}
+        if n_bytes:
+            metrics["val_bpb"] = loss_sum / n_bytes / math.log(2)
+        return metrics
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: RunState) -> None:
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        # The saved lr is the saved schedule's; a resume may change its length (max_steps, epochs).
+        step = self.scheduler.last_epoch
+        for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                       self.scheduler.lr_lambdas):
+            group["lr"] = base * factor(step)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        if state.scaler:
+            self.scaler.load_state_dict(state.scaler)
+
+
+STOP_SIGNALS = tuple(sig.name for sig in process.STOP_SIGNALS)  # SIGINT, SIGTERM, SIGHUP
+
+
+class StopSignals:
+    """SIGINT/SIGTERM/SIGHUP ask the loop to checkpoint and end; a second Ctrl-C interrupts at
+    once, a second SIGTERM or SIGHUP (a scheduler's, sent twice) does not."""
+
+    def __init__(self, mid_step: bool = False) -> None:
+        self.reason: str | None = None
+        self.mid_step = mid_step  # a stop is acted on inside a step (Trainer.droppable)
+        self._previous: dict = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in process.STOP_SIGNALS:
+                if signal.getsignal(sig) is not signal.SIG_IGN:  # `cmd &` in a script, nohup
+                    self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        process.leave_terminal_on_hangup(signum)
+        if self.reason is None:
+            self.reason = signal.Signals(signum).name
+            process.note_stop(self.reason)
+            where = ("the next layer's attention or MLP (or the end of an evaluation under "
+                     "way)" if self.mid_step else "the end of this step or evaluation")
+            message = f"\n{self.reason}: stopping at {where}, then saving a checkpoint\n"
+            with contextlib.suppress(OSError):  # to fd 2: a print could land inside another's
+                os.write(2, message.encode())
+        elif signum == signal.SIGINT:  # stop now: exit code 130, whatever the first one was
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    def pending(self) -> bool:
+        return self.reason is not None
+
+    def restore(self, taken: bool = True) -> None:
+        """Put the previous handlers back; pass them a stop the loop did not act on."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        if self.reason is not None and not taken:
+            process.forget_stop()
+            signal.raise_signal(signal.Signals[self.reason])
+
+    def stop_requested(self, dist: Dist, device: torch.device, over_time: bool = False
+                       ) -> str | None:
+        """Why every rank stops now (collective): a signal any rank received, or the time
+        budget (``over_time``)."""
+        flags = torch.tensor([self.reason is not None, over_time], dtype=torch.float32,
+                             device=device)
+        signalled, over_time = all_reduce_sum(flags, dist).tolist()
+        if signalled:
+            return self.reason or "SIGTERM"
+        return "time budget" if over_time else None
