@@ -58,6 +58,31 @@ def join(device_hint: str) -> tuple[Dist, bool]:
     return dist, True
 
 
+def resolve_device(spec: str, dist: Dist) -> torch.device:
+    """The device this rank trains on, from ``spec`` (--device: "auto" is this rank's GPU
+    where there is one, else the CPU)."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", dist.local_rank)
+        if torch.backends.mps.is_available():  # a Mac: say so, a 1B model in fp32 takes days
+            print("note: training on the CPU (codelm trains on cpu or cuda, not mps)",
+                  file=sys.stderr)
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {spec}: not a device (auto | cpu | cuda | cuda:N)"
+                         ) from None
+    if device.type not in ("cpu", "cuda"):  # mps, meta, ...: kernels this trainer never ran on
+        raise ValueError(f"--device {spec}: training runs on cpu or cuda")
+    gpus = torch.cuda.device_count()  # under torchrun each rank takes its own (local_rank)
+    if device.type == "cuda" and (0 if dist.enabled else device.index or 0) >= gpus:
+        raise ValueError(f"--device {spec}: this machine has {gpus} CUDA device(s)")
+    if device.type == "cuda" and dist.enabled:
+        return torch.device("cuda", dist.local_rank)
+    return device
+
+
 def leave() -> None:
     """Leave the group, the DDP model freed first (an error's traceback frames may hold it: freed
     at interpreter exit instead, gloo aborts now and then)."""

@@ -8,7 +8,6 @@ import contextlib
 import math
 import os
 import signal
-import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -24,31 +23,6 @@ from optim import build_optimizer
 from process import progress_bar
 from settings import setting
 from trainconfig import TrainConfig
-
-
-def resolve_device(cfg: TrainConfig, dist: Dist) -> torch.device:
-    """The device a run trains on ("auto": this rank's GPU where there is one, else the CPU)."""
-    if cfg.device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", dist.local_rank)
-        if torch.backends.mps.is_available():  # a Mac: say so, a 1B model in fp32 takes days
-            print("note: training on the CPU (codelm trains on cpu or cuda, not mps)",
-                  file=sys.stderr)
-        return torch.device("cpu")
-    try:
-        device = torch.device(cfg.device)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {cfg.device}: not a device (auto | cpu | cuda | cuda:N)"
-                         ) from None
-    if device.type not in ("cpu", "cuda"):  # mps, meta, ...: kernels this trainer never ran on
-        raise ValueError(f"--device {cfg.device}: training runs on cpu or cuda")
-    gpus = torch.cuda.device_count()  # under torchrun each rank takes its own (local_rank)
-    if device.type == "cuda" and (0 if dist.enabled else device.index or 0) >= gpus:
-        raise ValueError(f"--device {cfg.device}: this machine has {gpus} CUDA device(s)")
-    if device.type == "cuda" and dist.enabled:
-        return torch.device("cuda", dist.local_rank)
-    return device
-
 
 MAX_SKIPPED_STEPS = 25  # consecutive fp16 overflow skips before the run is declared diverged
 

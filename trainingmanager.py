@@ -38,14 +38,14 @@ from architecture import Transformer
 from batches import Where
 from build import Run
 from checkpoint import StepStart, rng_state, seed_everything, set_rng_state
-from distributed import Dist
+from distributed import Dist, resolve_device
 from generation import GenerationConfig, generate
 from plan import BUDGET_LADDER, BudgetClock, parse_config
 from process import progress_bar
 from record import NonFiniteLossError, Progress, divergence_causes
 from rundir import RunInterrupted
 from trainconfig import TrainConfig, build_parser, has_final_eval, model_config, overfit_settings
-from trainer import STOP_SIGNALS, StepAbandoned, StepStats, StopSignals, Trainer, resolve_device
+from trainer import STOP_SIGNALS, StepAbandoned, StepStats, StopSignals, Trainer
 
 OVERFIT_CORPUS = settings.bundled("data", "overfit")
 OVERFIT_LOSS = 0.05  # "memorised": the --overfit and --overfit-batches target
@@ -90,10 +90,10 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
     the run directory is consistent); ``resume_hint`` says "continue it with ..." in the caller's
     terms; ``restarts``: the caller runs it again from the start instead."""
     dist, owns_group = distributed.join(cfg.device)
-    run = None
+    run = trainer = None
     try:
         created = time.perf_counter()  # a time budget counts from here
-        device = resolve_device(cfg, dist)
+        device = resolve_device(cfg.device, dist)
         measure = partial(build.measure_speed, device=device, dist=dist)
         cfg = plan.plan_run(cfg, device.type, dist.enabled, dist.main, measure)
         run = build.build_run(cfg, dist, device, created, resume_hint, restarts)
@@ -162,7 +162,7 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
     finally:
         if run is not None:
             run.record.claimed.release()
-        del run  # the DDP model goes before the group
+        del run, trainer  # the DDP model goes before the group
         if owns_group:
             distributed.leave()
 
@@ -344,7 +344,7 @@ def run_overfit(cfg: TrainConfig, max_steps: int = 400, lr: float = 3e-3) -> tup
     )
     seed_everything(ocfg.seed)
     model = Transformer(model_config(ocfg, tok.vocab_size, tok.bos_id, tok.eos_id))
-    device = resolve_device(ocfg, Dist())
+    device = resolve_device(ocfg.device, Dist())
     trainer = Trainer(model, ocfg, device)
     if problem := structure_diagnosis(trainer.raw_model, tok.vocab_size, block):
         return False, f"FAIL before training: diagnosis: {problem}"

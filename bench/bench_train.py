@@ -105,7 +105,7 @@ def main(argv=None) -> int:
                              eval_every=10**9, eval_examples=args.batch_size, save_every=10**9, export=False,
                              log_every=10, out_dir=out, name="bench")
         run = build.build_run(dataclasses.replace(cfg, name="bench-setup"), tm.Dist(),
-                              tm.resolve_device(cfg, tm.Dist()), time.perf_counter(), None, True)
+                              tm.resolve_device(cfg.device, tm.Dist()), time.perf_counter(), None, True)
         run.record.claimed.release()
         model_cfg, trainer = run.trainer.raw_model.cfg, run.trainer
         tokens = torch.from_numpy(run.data.batches.train.tokens[:4_000_000].astype("int64"))

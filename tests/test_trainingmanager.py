@@ -3570,11 +3570,11 @@ def test_auto_on_a_mac_says_it_trains_on_the_cpu(monkeypatch, capsys):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    assert tm.resolve_device(tm.TrainConfig(), tm.Dist()) == torch.device("cpu")
+    assert tm.resolve_device(tm.TrainConfig().device, tm.Dist()) == torch.device("cpu")
     assert "note: training on the CPU (codelm trains on cpu or cuda, not mps)" \
         in capsys.readouterr().err
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    assert tm.resolve_device(tm.TrainConfig(), tm.Dist()) == torch.device("cpu")
+    assert tm.resolve_device(tm.TrainConfig().device, tm.Dist()) == torch.device("cpu")
     assert capsys.readouterr().err == ""
 
 
