@@ -49,7 +49,6 @@ from distributed import Dist, barrier, broadcast, main_first
 from plan import MAX_EPOCHS, BudgetClock, Probe
 from process import progress_bar
 from record import RunRecord
-from rundir import list_checkpoints
 from settings import setting
 from tokenizer import (
     TOKENIZER_FILE,
@@ -80,8 +79,12 @@ def check_lora_export(cfg: TrainConfig, model: nn.Module,
                      f"{settings.off_switch('export_merged', where_set)}")
 
 
-def load_or_train_tokenizer(cfg: TrainConfig, dcfg: DataConfig) -> CodeTokenizer | BPETokenizer:
-    """The given tokenizer, the pretrained model's, or one trained (and cached) on the data."""
+def load_or_train_tokenizer(cfg: TrainConfig, dcfg: DataConfig, saved: Path | None = None
+                            ) -> CodeTokenizer | BPETokenizer:
+    """The run's own (``saved``), the given tokenizer, the pretrained model's, or one trained
+    (and cached) on the data."""
+    if saved is not None:
+        return load_tokenizer(saved)
     own = Path(cfg.init_from) / TOKENIZER_FILE if cfg.init_from is not None else None
     if cfg.tokenizer is not None:
         tok = load_tokenizer(cfg.tokenizer)
@@ -116,9 +119,10 @@ def load_or_train_tokenizer(cfg: TrainConfig, dcfg: DataConfig) -> CodeTokenizer
 
 
 def build_model(cfg: TrainConfig, tok: CodeTokenizer | BPETokenizer,
-                run_dir: Path | None = None) -> nn.Module:
+                adapter_copy: Path | None = None) -> nn.Module:
     """From scratch or from ``init_from``; then the quantized base and LoRA if asked for.
-    ``run_dir``: a run continued, whose copy of its init_adapter's config gives the LoRA layout."""
+    ``adapter_copy``: a continued run's copy of its init_adapter's config (rundir.adapter_copy),
+    which gives the LoRA layout."""
     base_dtype = SHORT_DTYPES[cfg.base_dtype]
     if cfg.init_from is not None:
         model = pretrained.load(cfg.init_from, dtype=base_dtype, device="cpu")
@@ -135,9 +139,8 @@ def build_model(cfg: TrainConfig, tok: CodeTokenizer | BPETokenizer,
     if cfg.lora_r > 0:
         if cfg.quantize_bits:
             lora.quantize_base(model, bits=cfg.quantize_bits)
-        copy = rundir.adapter_copy(run_dir) if run_dir is not None else None
-        if cfg.init_adapter is not None and copy is not None:  # the weights: the run's own
-            lora.apply_adapter_layout(model, copy.parent, copy.name)
+        if cfg.init_adapter is not None and adapter_copy is not None:  # the weights: the run's
+            lora.apply_adapter_layout(model, adapter_copy.parent, adapter_copy.name)
         elif cfg.init_adapter is not None:  # its own config (with_init_adapter read it)
             if changed := lora.changed_base_tensors(model, cfg.init_adapter):
                 raise ValueError(
@@ -181,9 +184,9 @@ def build_run(cfg: TrainConfig, dist: Dist, device: torch.device, created: float
               hint: str | None, restarts: bool) -> Run:
     """Claim the run directory, then build the run in it (``created``: when the time budget
     started); a failed or stopped build leaves no directory it made."""
-    claimed, has_weights = claim_run_dir(cfg, dist, hint)
+    claimed = claim_run_dir(cfg, dist, hint)
     try:
-        return _build(cfg, claimed, has_weights, dist, device, created, hint, restarts)
+        return _build(cfg, claimed, dist, device, created, hint, restarts)
     except BaseException as e:
         claimed.drop_if_unused()
         claimed.release()
@@ -192,37 +195,37 @@ def build_run(cfg: TrainConfig, dist: Dist, device: torch.device, created: float
         raise
 
 
-def claim_run_dir(cfg: TrainConfig, dist: Dist, hint: str | None
-                  ) -> tuple[rundir.ClaimedDir, bool]:
-    """Rank 0 claims the run directory; every rank learns it and whether it holds weights."""
+def claim_run_dir(cfg: TrainConfig, dist: Dist, hint: str | None) -> rundir.ClaimedDir:
+    """Rank 0 claims the run directory; every rank learns it and what it holds."""
     claimed = None
-    answer = ("", False, None)
+    answer = (None, None)
     if dist.main:
         stem = f"{Path(cfg.init_from).name if cfg.init_from else cfg.preset}-{cfg.task}"
         try:
             claimed = rundir.claim(cfg.resume, cfg.out_dir, cfg.name, stem, hint)
-            answer = (str(claimed.path), rundir.holds_weights(claimed.path), None)
+            answer = (dataclasses.replace(claimed, lock=None), None)
         except ValueError as e:
-            answer = ("", False, str(e))
-    path, has_weights, error = broadcast(answer, dist)
+            answer = (None, str(e))
+    held, error = broadcast(answer, dist)
     if error is not None:
         raise ValueError(error)
-    return claimed or rundir.ClaimedDir(Path(path)), has_weights
+    return claimed or held
 
 
-def _build(cfg: TrainConfig, claimed: rundir.ClaimedDir, has_weights: bool, dist: Dist,
-           device: torch.device, created: float, hint: str | None, restarts: bool) -> Run:
+def _build(cfg: TrainConfig, claimed: rundir.ClaimedDir, dist: Dist, device: torch.device,
+           created: float, hint: str | None, restarts: bool) -> Run:
     run_dir = claimed.path
     hint = hint or f"--resume {run_dir}"
-    cfg, checkpoints = run_config(cfg, run_dir, has_weights, hint)
+    cfg, checkpoints = run_config(cfg, claimed, hint)
     if cfg.resume and not checkpoints and dist.main:
         print(f"{run_dir}: no checkpoint yet; starting the run from the beginning")
-    data = prepare_data(cfg, claimed, dist, own_tok=bool(cfg.resume) and has_weights)
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed)  # the data's order and splits draw from generators of their own
     # Continued from a checkpoint, an init_adapter run reads its LoRA layout from its own copy.
-    model = build_model(cfg, data.tok, run_dir if checkpoints else None)
+    adapter_copy = rundir.adapter_copy(run_dir) if checkpoints else None
+    data = prepare_data(cfg, claimed, dist, own_tok=bool(cfg.resume) and claimed.holds_weights)
+    model = build_model(cfg, data.tok, adapter_copy)
     first = {}  # atomic, the adapter's config first: a kill mid-write leaves a run that continues
-    if cfg.init_adapter is not None and not (checkpoints and rundir.adapter_copy(run_dir)):
+    if cfg.init_adapter is not None and adapter_copy is None:
         first[run_dir / rundir.INIT_ADAPTER_COPY] = (
             Path(cfg.init_adapter) / lora.ADAPTER_CONFIG).read_bytes()
     check_lora_export(cfg, model)
@@ -252,28 +255,24 @@ def _build(cfg: TrainConfig, claimed: rundir.ClaimedDir, has_weights: bool, dist
     return Run(cfg, device, data, trainer, record, state, clock)
 
 
-def run_config(cfg: TrainConfig, run_dir: Path, has_weights: bool, hint: str
+def run_config(cfg: TrainConfig, claimed: rundir.ClaimedDir, hint: str
                ) -> tuple[TrainConfig, list[Path]]:
-    """The settings a run trains with in ``run_dir``, and the checkpoints it continues from. A
-    run with weights continues in its own settings (and paths); a new one saves paths absolute
-    and fills what it leaves unset, once."""
-    resumed = bool(cfg.resume) and has_weights
-    if resumed and not list_checkpoints(run_dir):
-        raise ValueError(f"--resume {run_dir}: it {rundir.holds_no_checkpoint(run_dir)}")
-    if resumed:
-        saved = checkpoint.check_resume_config(cfg, run_dir, hint)
-    else:
-        saved = None
-    if saved is None:
-        cfg = with_absolute_paths(cfg)
-    else:
-        kept = {key: value for key, value in saved.items()
-                if key in PATH_KEYS or checkpoint.unset(key, getattr(cfg, key, None))}
-        cfg = dataclasses.replace(cfg, **kept)
-    checkpoints = list_checkpoints(run_dir) if cfg.resume else []
+    """The settings a run trains with in its directory, and the checkpoints it continues from.
+    A new run (or one that stopped before its first checkpoint) fills what it leaves unset and
+    saves its paths absolute; a continued one keeps its own settings (and paths)."""
+    checkpoints = claimed.checkpoints if cfg.resume else []
     if not checkpoints:
+        if cfg.resume and claimed.holds_weights:
+            raise ValueError(f"--resume {claimed.path}: it "
+                             f"{rundir.holds_no_checkpoint(claimed.path)}")
         cfg = plan.with_fallbacks(cfg)
-    return cfg, checkpoints
+        return with_absolute_paths(cfg), []
+    saved = checkpoint.check_resume_config(cfg, claimed.path, checkpoints, hint)
+    if saved is None:
+        return with_absolute_paths(cfg), checkpoints
+    kept = {key: value for key, value in saved.items()
+            if key in PATH_KEYS or checkpoint.unset(key, getattr(cfg, key, None))}
+    return dataclasses.replace(cfg, **kept), checkpoints
 
 
 def prepare_data(cfg: TrainConfig, claimed: rundir.ClaimedDir, dist: Dist, own_tok: bool) -> Data:
@@ -285,11 +284,8 @@ def prepare_data(cfg: TrainConfig, claimed: rundir.ClaimedDir, dist: Dist, own_t
                        if "cache_dir" in cfg.data_options else None)
     saved_tok = claimed.path / TOKENIZER_FILE
     own_tok = own_tok and saved_tok.is_file()
-    with main_first(dist):
-        if dist.main and not own_tok:
-            tok = load_or_train_tokenizer(cfg, dcfg)
-        else:  # the run's own, or rank 0's just written
-            tok = load_tokenizer(saved_tok)
+    with main_first(dist):  # the others read the run's own, or rank 0's just written
+        tok = load_or_train_tokenizer(cfg, dcfg, saved_tok if own_tok or not dist.main else None)
         splits = prepare(dcfg, tok)
         if dist.main and not own_tok:  # once the data is known good
             claimed.wrote_tokenizer = True

@@ -355,10 +355,12 @@ def unset(key: str, value: object) -> bool:
     return key in CHOSEN_BY_THE_RUN and value in (None, "auto")
 
 
-def check_resume_config(cfg, run_dir: Path, resume_hint: str) -> dict | None:
-    """Refuse a resumed run whose settings (a TrainConfig) differ from its newest checkpoint's
-    outside RESUME_MAY_CHANGE; return the saved values (None: nothing saved yet)."""
-    saved_path = next((c / CONFIG_FILE for c in reversed(list_checkpoints(run_dir))
+def check_resume_config(cfg, run_dir: Path, checkpoints: list[Path], resume_hint: str
+                        ) -> dict | None:
+    """Refuse a resumed run whose settings (a TrainConfig) differ from those of its newest
+    checkpoint (of ``checkpoints``, oldest first) outside RESUME_MAY_CHANGE; return the saved
+    values (None: nothing saved yet)."""
+    saved_path = next((c / CONFIG_FILE for c in reversed(checkpoints)
                        if not process.manifest_problem(c, [CONFIG_FILE])),
                       Path(run_dir) / CONFIG_FILE)
     if not saved_path.is_file():

@@ -36,16 +36,20 @@ class RankZeroFailed(RuntimeError):
     """Raised on the other ranks when rank 0 fails in ``main_first`` (rank 0 reports it)."""
 
 
-def join(device_hint: str) -> tuple[Dist, bool]:
-    """Join the torchrun job if there is one; returns (dist, whether we initialised it)."""
+def this_process() -> Dist:
+    """Where this process sits, from torchrun's environment (none: a plain process)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return Dist(), False
-    dist = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if td.is_initialized():
-        return dist, False
-    use_cuda = torch.cuda.is_available() and device_hint != "cpu"
-    if use_cuda:
+        return Dist()
+    return Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def join(dist: Dist, device: torch.device) -> bool:
+    """Join the torchrun job ``dist`` sits in, its collectives on ``device`` (nccl on CUDA, gloo
+    on the CPU); whether this call initialised the group (and so leaves it)."""
+    if not dist.enabled or td.is_initialized():
+        return False
+    if device.type == "cuda":
         # Every rank checks, before joining: a rank without a GPU of its own would crash in
         # set_device while the others waited for it in init_process_group.
         gpus = torch.cuda.device_count()
@@ -53,9 +57,9 @@ def join(device_hint: str) -> tuple[Dist, bool]:
         if local_world > gpus:
             raise ValueError(f"torchrun started {local_world} processes on {gpus} CUDA device(s): "
                              f"use --nproc_per_node {gpus}, or --device cpu")
-        torch.cuda.set_device(dist.local_rank)
-    td.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return dist, True
+        torch.cuda.set_device(device)
+    td.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return True
 
 
 def resolve_device(spec: str, dist: Dist) -> torch.device:

@@ -554,7 +554,7 @@ def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
     weights = weights_dir / checkpoint.weights_file(adapter_only)
     file = pretrained.SafetensorsFile(weights)  # a truncated file is an error naming it
     # an init_adapter run's LoRA layout comes from the run's own copy
-    model = build.build_model(cfg, load_tokenizer(tok_dir), run_dir)
+    model = build.build_model(cfg, load_tokenizer(tok_dir), rundir.adapter_copy(run_dir))
     checkpoint.load_model_tensors(model, {name: file.view(name) for name in file.entries},
                                   str(weights), adapter_only)
     if dtype is not None:  # else as it trained (a LoRA base in its base_dtype)

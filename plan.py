@@ -59,7 +59,8 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with hub ids replaced by local snapshots and an init_adapter's settings read."""
-    return with_init_adapter(with_local_checkpoints(cfg))
+    cfg = with_local_checkpoints(cfg)
+    return with_init_adapter(cfg)
 
 
 def with_local_checkpoints(cfg: TrainConfig) -> TrainConfig:
@@ -262,15 +263,15 @@ def plan_run(cfg: TrainConfig, device_type: str, distributed: bool, main: bool,
     """The settings a run trains with: hub ids replaced by their snapshots, an init_adapter's
     settings read, and for preset auto the rung for this machine (``probe`` times one); a
     budgeted run on a busy CPU first waits for it to settle."""
-    cfg = resolve(cfg)
     resumed = cfg.resume is not None and (Path(cfg.resume) / rundir.CONFIG_FILE).is_file()
-    if cfg.preset != "auto" or cfg.init_from is not None or resumed:  # its name says which
-        return cfg
-    seconds = cfg.time_budget_min * 60
-    budgeted = cfg.max_steps is None and cfg.epochs is None  # not a sweep's fixed steps
-    if budgeted and device_type == "cpu" and not distributed:  # the machine, not a load
-        wait_until_quiet(QUIET_WAIT_SHARE * seconds)
-    return choose_rung(cfg, probe, seconds, device_type, main)
+    pretrained_model = cfg.init_from is not None or cfg.init_adapter is not None
+    if cfg.preset == "auto" and not pretrained_model and not resumed:  # else its name says which
+        seconds = cfg.time_budget_min * 60
+        budgeted = cfg.max_steps is None and cfg.epochs is None  # not a sweep's fixed steps
+        if budgeted and device_type == "cpu" and not distributed:  # the machine, not a load
+            wait_until_quiet(QUIET_WAIT_SHARE * seconds)
+        return choose_rung(cfg, probe, seconds, device_type, main)
+    return resolve(cfg)
 
 
 def wait_until_quiet(at_most_s: float, announce: bool = True) -> float:

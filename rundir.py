@@ -14,7 +14,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import process
@@ -100,10 +100,12 @@ def is_run_dir(path: str | Path) -> bool:
 
 def failed_before_weights(run_dir: Path) -> bool:
     """Whether a directory holds only a codelm run that stopped before writing any weights."""
-    with contextlib.suppress(ValueError, OSError):
-        config = settings.read_json_object(run_dir / CONFIG_FILE, "run config")
-        return RUN_CONFIG_KEYS <= set(config) and not holds_weights(run_dir) and not any(
-            p.suffix in (".safetensors", ".bin", ".pt") for p in run_dir.rglob("*"))
+    with contextlib.suppress(ValueError, OSError):  # unreadable, or not JSON: not a run's
+        if holds_weights(run_dir) or any(p.suffix in (".safetensors", ".bin", ".pt")
+                                         for p in run_dir.rglob("*")):
+            return False
+        config = json.loads((run_dir / CONFIG_FILE).read_bytes())
+        return isinstance(config, dict) and RUN_CONFIG_KEYS <= set(config)
     return False
 
 
@@ -184,10 +186,13 @@ class RunDirTaken(ValueError):
 @dataclass
 class ClaimedDir:
     """A run directory this process holds the lock of (``lock`` None: a filesystem without
-    locks); ``wrote_tokenizer``: WRITTEN_BEFORE_CONFIG are this run's."""
+    locks), with what it held when claimed; ``wrote_tokenizer``: WRITTEN_BEFORE_CONFIG are this
+    run's."""
 
     path: Path
     lock: int | None = None
+    holds_weights: bool = False  # a checkpoint, best/ or export/
+    checkpoints: list[Path] = field(default_factory=list)  # complete ones, oldest first
     wrote_tokenizer: bool = False
 
     def release(self) -> None:
@@ -266,6 +271,8 @@ def _lock_dir(run_dir: Path, new: bool, hint: str | None) -> ClaimedDir:
             raise RunDirTaken(f"{run_dir} already holds a run: continue it with "
                               f"{hint or f'--resume {run_dir}'}, or choose another --name")
         print(f"{run_dir}: its run stopped before its first checkpoint; this run replaces it")
+    claimed.holds_weights = holds_weights(run_dir)
+    claimed.checkpoints = list_checkpoints(run_dir)
     return claimed
 
 

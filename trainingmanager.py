@@ -89,11 +89,12 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
     metrics)`` follows each evaluation (what it raises, e.g. optuna.TrialPruned, propagates once
     the run directory is consistent); ``resume_hint`` says "continue it with ..." in the caller's
     terms; ``restarts``: the caller runs it again from the start instead."""
-    dist, owns_group = distributed.join(cfg.device)
+    dist = distributed.this_process()
+    device = resolve_device(cfg.device, dist)
+    owns_group = distributed.join(dist, device)
+    created = time.perf_counter()  # a time budget counts from here
     run = trainer = None
     try:
-        created = time.perf_counter()  # a time budget counts from here
-        device = resolve_device(cfg.device, dist)
         measure = partial(build.measure_speed, device=device, dist=dist)
         cfg = plan.plan_run(cfg, device.type, dist.enabled, dist.main, measure)
         run = build.build_run(cfg, dist, device, created, resume_hint, restarts)

@@ -194,6 +194,14 @@ def test_readme_layout_names_every_module():
     assert modules <= named, sorted(modules - named)
 
 
+def test_the_package_installs_every_top_level_module():
+    """pyproject's py-modules lists every top-level module: ``pip install .`` (and the console
+    scripts it makes) import them from site-packages, where a module left out is missing."""
+    text = (ROOT / "pyproject.toml").read_text()
+    listed = set(re.findall(r'"(\w+)"', text.split("py-modules = [", 1)[1].split("]", 1)[0]))
+    assert listed == {p.stem for p in ROOT.glob("*.py")}
+
+
 SCRIPTS = ["trainingmanager.py", "eval.py", "dataset.py", "hyperparam_tune.py", "recipes.py",
            "scraping/__main__.py", "tokenizer.py", "architecture.py", "pretrained.py", "lora.py",
            "sandbox.py"]

@@ -3092,8 +3092,8 @@ def test_resume_refuses_a_change_of(tmp_path, key):
     """A changed seed, task, schedule or validation split is refused, naming the key."""
     cfg, run = _saved_run(tmp_path)
     with pytest.raises(ValueError, match=rf"\b{key}="):
-        checkpoint.check_resume_config(dataclasses.replace(cfg, **{key: RESUME_MUST_REFUSE[key]}), run,
-                               "hint")
+        checkpoint.check_resume_config(dataclasses.replace(cfg, **{key: RESUME_MUST_REFUSE[key]}),
+                                       run, tm.list_checkpoints(run), "hint")
 
 
 @pytest.mark.parametrize("key", sorted(RESUME_MAY_CHANGE))
@@ -3101,7 +3101,7 @@ def test_resume_accepts_a_change_of(tmp_path, key):
     """Length, logging, early stopping, export and device settings may change on resume."""
     cfg, run = _saved_run(tmp_path)
     checkpoint.check_resume_config(dataclasses.replace(cfg, **{key: RESUME_MAY_CHANGE[key]}), run,
-                           "hint")
+                                   tm.list_checkpoints(run), "hint")
 
 
 def test_parse_config_precedence_defaults_resumed_file_flags(tmp_path):
@@ -3428,9 +3428,11 @@ def test_resume_compares_with_the_newest_checkpoints_config(tmp_path):
         write_config(dataclasses.replace(cfg, lr=lr), run / rundir.CHECKPOINTS_DIR / f"step-{step}"
                      / rundir.CONFIG_FILE)
         process.write_manifest(run / rundir.CHECKPOINTS_DIR / f"step-{step}")
-    assert checkpoint.check_resume_config(dataclasses.replace(cfg, lr=0.2), run, "hint")["lr"] == 0.2
+    checkpoints = tm.list_checkpoints(run)
+    assert checkpoint.check_resume_config(dataclasses.replace(cfg, lr=0.2), run, checkpoints,
+                                          "hint")["lr"] == 0.2
     with pytest.raises(ValueError, match=r"lr=0\.2 \(now 0\.1\)"):
-        checkpoint.check_resume_config(dataclasses.replace(cfg, lr=0.1), run, "hint")
+        checkpoint.check_resume_config(dataclasses.replace(cfg, lr=0.1), run, checkpoints, "hint")
 
 
 @pytest.mark.parametrize("option, value", [("cache_dir", "elsewhere"), ("use_cache", False),
@@ -3438,7 +3440,8 @@ def test_resume_compares_with_the_newest_checkpoints_config(tmp_path):
 def test_resume_accepts_a_change_of_data_option(tmp_path, option, value):
     """Where and how fast the data is prepared may change on resume (a moved cache)."""
     cfg, run = _saved_run(tmp_path)
-    checkpoint.check_resume_config(dataclasses.replace(cfg, data_options={option: value}), run, "hint")
+    checkpoint.check_resume_config(dataclasses.replace(cfg, data_options={option: value}), run,
+                                   tm.list_checkpoints(run), "hint")
 
 
 def test_data_options_progress_beats_the_runs_progress():
