@@ -572,18 +572,22 @@ def test_torchrun_with_more_processes_than_gpus_is_refused_on_every_rank(monkeyp
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("LOCAL_RANK", str(rank))
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        dist = distributed.this_process()
         with pytest.raises(ValueError, match=r"2 processes on 1 CUDA device.*"
                                              r"--nproc_per_node 1.*--device cpu"):
-            distributed.join("auto")
+            distributed.join(dist, distributed.resolve_device("auto", dist))
     assert joined == []
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process per GPU: joins with NCCL
-    monkeypatch.setattr(torch.cuda, "set_device", lambda i: None)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    assert distributed.join("auto")[1] and joined == [{"backend": "nccl"}]
+    dist = distributed.this_process()
+    assert distributed.join(dist, distributed.resolve_device("auto", dist))
+    assert joined == [{"backend": "nccl"}]
     joined.clear()
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # --device cpu: gloo, GPUs not counted
-    assert distributed.join("cpu")[1] and joined == [{"backend": "gloo"}]
+    assert distributed.join(dist, distributed.resolve_device("cpu", dist))
+    assert joined == [{"backend": "gloo"}]
 
 
 @pytest.mark.slow
