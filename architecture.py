@@ -19,6 +19,7 @@ import math
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -28,19 +29,27 @@ from torch.utils.checkpoint import checkpoint
 import kernels
 from kernels import IGNORE_INDEX
 
-FAMILIES = ("gpt_bigcode", "codegen", "phi", "llama")
+FAMILIES = ("gpt_bigcode", "codegen", "phi", "llama", "qwen2", "qwen3", "mistral", "starcoder2",
+            "phi3", "gemma2")
 LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
                        "original_max_position_embeddings")
+# rope_scaling's "rope_type" -> the keys it needs besides it ("dynamic" keeps the plain
+# frequencies inside the context, where transformers' dynamic NTK scaling changes nothing).
+ROPE_SCALING_KEYS = {"llama3": LLAMA3_SCALING_KEYS, "linear": ("factor",),
+                     "dynamic": ("factor",), "yarn": ("factor", "original_max_position_embeddings")}
+# yarn's optional keys and their defaults (as transformers reads them).
+YARN_DEFAULTS = {"beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": None, "mscale": None,
+                 "mscale_all_dim": None, "truncate": True}
 
 
 @dataclass
 class ModelConfig:
-    """Every flag the four families and the from-scratch models need (litgpt style).
+    """Every flag the families and the from-scratch models need (litgpt style).
 
     n_kv_head, head_dim and rotary_dim are resolved from the others when left None; a config
     derived with `dataclasses.replace` keeps the resolved values, so set them there too."""
 
-    family: str = "llama"  # HF layout pretrained.save writes: gpt_bigcode, codegen, phi, llama
+    family: str = "llama"  # the HF layout pretrained.save writes: one of FAMILIES
     vocab_size: int = 8192
     block_size: int = 512  # context length
     n_layer: int = 6
@@ -48,16 +57,31 @@ class ModelConfig:
     n_kv_head: int | None = None  # None: n_head; 1: multi-query; fewer: grouped-query
     n_embd: int = 384
     head_dim: int | None = None  # None: n_embd // n_head
-    mlp_hidden: int = 1024  # MLP width (for SwiGLU the width of gate and of up each)
+    mlp_hidden: int = 1024  # MLP width (gated: the width of gate and of up each)
+    # -- norms
     norm: str = "rmsnorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
-    mlp: str = "swiglu"  # gelu (exact) | gelu_tanh | swiglu
+    norm_offset: float = 0.0  # RMSNorm scales by offset + weight (Gemma: 1, it stores weight - 1)
+    post_norms: bool = False  # norms on the attention's and the MLP's outputs too (Gemma 2)
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys, before RoPE (Qwen3)
+    # -- MLP
+    mlp: str = "swiglu"  # gelu (exact) | gelu_tanh | swiglu | geglu (gated, GELU-tanh: Gemma)
+    fused_gate_up: bool = False  # a gated MLP's gate and up as one Linear [gate | up] (Phi-3)
+    # -- positions
     positions: str = "rope"  # learned | rope
     rotary_dim: int | None = None  # rotated dims per head; None: all (partial for Phi, CodeGen)
     rope_interleaved: bool = False  # pairs (0,1),(2,3).. as in CodeGen/GPT-J; else half-split
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # Llama-3: {"factor", "low_freq_factor", ...}
+    rope_scaling: dict | None = None  # {"rope_type": one of ROPE_SCALING_KEYS, and its keys}
+    # -- attention
+    sliding_window: int | None = None  # a query sees this many latest positions, its own included
+    sliding_layers: list[bool] | None = None  # which layers slide; None: all (with a window)
+    attn_scale: float | None = None  # of the scores; None: 1 / sqrt(head_dim)
+    attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+    logit_softcap: float | None = None  # the same on the final logits (Gemma 2)
+    # -- layout
     parallel_residual: bool = False  # x + attn(ln(x)) + mlp(ln(x)) with one shared norm
+    scale_embeddings: bool = False  # the embeddings times sqrt(n_embd) (Gemma)
     qkv_bias: bool = False
     attn_proj_bias: bool = False
     mlp_bias: bool = False
@@ -70,18 +94,20 @@ class ModelConfig:
     init_std: float = 0.02
     bos_id: int | None = None  # written to the exported HF config
     eos_id: int | list[int] | None = None  # a list where the checkpoint has several (chat models)
+    pad_id: int | None = None  # written to the exported HF config
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> ValueError:
             return ValueError(f"ModelConfig.{key}={getattr(self, key)!r}: {why}")
 
         for key, allowed in (("family", FAMILIES), ("norm", ("layernorm", "rmsnorm")),
-                             ("mlp", ("gelu", "gelu_tanh", "swiglu")),
+                             ("mlp", ("gelu", "gelu_tanh", "swiglu", "geglu")),
                              ("positions", ("learned", "rope")), ("init", ("normal", "xavier"))):
             if getattr(self, key) not in allowed:
                 raise bad(key, f"expected one of {allowed}")
         for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_hidden",
-                    "n_kv_head", "head_dim", "rotary_dim"):  # the last three: None is resolved
+                    "n_kv_head", "head_dim", "rotary_dim",  # these three: None is resolved
+                    "sliding_window"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise bad(key, "must be a positive integer")
         if self.n_kv_head is None:
@@ -101,20 +127,40 @@ class ModelConfig:
         if self.rotary_dim > self.head_dim:  # a changed head_dim under a preset's rotary_dim
             raise bad("head_dim", f"smaller than rotary_dim={self.rotary_dim}, the dims per head "
                       "that rotary embeddings rotate; set rotary_dim too (at most head_dim)")
-        if self.rope_scaling is not None and (
-                missing := [k for k in LLAMA3_SCALING_KEYS if k not in self.rope_scaling]):
-            raise bad("rope_scaling", f"Llama-3 scaling needs keys {missing}")
+        if self.rope_scaling is not None:
+            rope_type = self.rope_scaling.get("rope_type")
+            if rope_type not in ROPE_SCALING_KEYS:
+                raise bad("rope_scaling", f"rope_type must be one of {sorted(ROPE_SCALING_KEYS)}")
+            if missing := [k for k in ROPE_SCALING_KEYS[rope_type] if k not in self.rope_scaling]:
+                raise bad("rope_scaling", f"{rope_type} scaling needs keys {missing}")
+        if self.sliding_layers is not None and len(self.sliding_layers) != self.n_layer:
+            raise bad("sliding_layers", f"needs one true/false for each of the {self.n_layer} "
+                      "layers")
+        if self.fused_gate_up and self.mlp not in GATED_MLPS:
+            raise bad("fused_gate_up", f"needs a gated mlp ({', '.join(GATED_MLPS)})")
         for key in ("dropout", "embd_dropout", "attn_dropout"):
             if getattr(self, key) is not None and not 0.0 <= getattr(self, key) < 1.0:
                 raise bad(key, "must be in [0, 1)")
         for key in ("init_std", "norm_eps", "rope_theta"):  # (rope_theta 0: inf frequencies)
             if not 0 < getattr(self, key) < math.inf:
                 raise bad(key, "must be > 0 and finite")
+        for key in ("attn_scale", "attn_softcap", "logit_softcap"):
+            if getattr(self, key) is not None and not 0 < getattr(self, key) < math.inf:
+                raise bad(key, "must be > 0 and finite (or None)")
+
+    def slides(self, layer: int) -> bool:
+        """Whether layer ``layer``'s attention sees only the last ``sliding_window`` positions."""
+        if self.sliding_window is None:
+            return False
+        return self.sliding_layers is None or self.sliding_layers[layer]
 
     @property
     def embedding_dropout(self) -> float:
         """Read live: with embd_dropout None, a later change of `dropout` counts here too."""
         return self.dropout if self.embd_dropout is None else self.embd_dropout
+
+
+GATED_MLPS = ("swiglu", "geglu")  # act(gate(x)) * up(x)
 
 
 # Named configs as data. The four real shapes carry their published hyperparameters.
@@ -138,8 +184,8 @@ PRESETS: dict[str, ModelConfig] = {
         family="llama", vocab_size=128256, block_size=131072, n_layer=16, n_head=32,
         n_kv_head=8, n_embd=2048, head_dim=64, mlp_hidden=8192, norm="rmsnorm", mlp="swiglu",
         positions="rope", rope_theta=500000.0,
-        rope_scaling={"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 8192},
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
         tie_embeddings=True, bos_id=128000, eos_id=128001),
     # From-scratch sizes of the research path (Llama-shaped, so they export as `llama`).
     # Set vocab_size to the tokenizer's on a copy: dataclasses.replace(preset, vocab_size=n).
@@ -190,35 +236,88 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    """x / rms(x) times (offset + weight): Gemma's weights are stored as weight - 1 (offset 1)."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.offset = offset
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        weight = self.weight + self.offset if self.offset else self.weight
+        return rms_norm(x, weight, self.eps)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return RMSNorm(cfg.n_embd, cfg.norm_eps)
+        return RMSNorm(cfg.n_embd, cfg.norm_eps, cfg.norm_offset)
     return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
 
 
 def rope_inv_freq(cfg: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor:
-    """Inverse frequencies (fp32) of the rotated dims, with Llama-3 scaling when configured."""
+    """Inverse frequencies (fp32) of the rotated dims, scaled as ``cfg.rope_scaling`` says."""
     dim = cfg.rotary_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32,
                                                       device=device) / dim))
-    if cfg.rope_scaling is None:
-        return inv_freq
-    factor, low, high, old_len = (cfg.rope_scaling[k] for k in LLAMA3_SCALING_KEYS)
+    scaling = cfg.rope_scaling or {"rope_type": "default"}
+    if scaling["rope_type"] == "linear":
+        return inv_freq / scaling["factor"]
+    if scaling["rope_type"] == "llama3":
+        return _llama3_inv_freq(inv_freq, scaling)
+    if scaling["rope_type"] == "yarn":
+        return _yarn_inv_freq(inv_freq, cfg.rope_theta, scaling)
+    return inv_freq  # default; dynamic inside the context
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama-3's: long wavelengths divided by the factor, short ones kept, a blend between."""
+    factor, low, high, old_len = (scaling[k] for k in LLAMA3_SCALING_KEYS)
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
     smooth = (old_len / wavelen - low) / (high - low)
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
     return torch.where(medium, smoothed, scaled)
+
+
+def _yarn_inv_freq(inv_freq: torch.Tensor, theta: float, scaling: dict) -> torch.Tensor:
+    """YaRN's: dims that turn fewer than beta_slow times over the original context divided by
+    the factor, those that turn more than beta_fast times kept, a linear ramp between."""
+    options = {**YARN_DEFAULTS, **scaling}
+    dim = 2 * inv_freq.numel()
+    old_len = scaling["original_max_position_embeddings"]
+
+    def dim_of(turns: float) -> float:  # the dim that turns `turns` times over old_len
+        return dim * math.log(old_len / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(options["beta_fast"]), dim_of(options["beta_slow"])
+    if options["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=inv_freq.device) - low)
+            / (high - low)).clamp(0, 1)
+    return inv_freq / scaling["factor"] * ramp + inv_freq * (1 - ramp)
+
+
+def rope_attention_factor(cfg: ModelConfig) -> float:
+    """What YaRN multiplies cos and sin by (so the scores by its square); 1 otherwise."""
+    scaling = cfg.rope_scaling
+    if scaling is None or scaling["rope_type"] != "yarn":
+        return 1.0
+    options = {**YARN_DEFAULTS, **scaling}
+    if options["attention_factor"] is not None:
+        return float(options["attention_factor"])
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    factor = scaling["factor"]
+    if options["mscale"] and options["mscale_all_dim"]:
+        return mscale(factor, options["mscale"]) / mscale(factor, options["mscale_all_dim"])
+    return mscale(factor)
 
 
 class RotaryEmbedding(nn.Module):
@@ -241,7 +340,11 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = (pos[..., None].float() * self.inv_freq)[:, :, None]  # (B, T, 1, rotary_dim / 2)
-        return freqs.cos().to(dtype), freqs.sin().to(dtype)
+        cos, sin = freqs.cos(), freqs.sin()
+        factor = rope_attention_factor(self.cfg)
+        if factor != 1.0:
+            cos, sin = cos * factor, sin * factor
+        return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -270,13 +373,31 @@ def split_heads(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | Non
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(x / cap): x's values squashed smoothly into (-cap, cap) (Gemma 2)."""
+    return torch.tanh(x / cap) * cap
+
+
 @kernels.faster(kernels.attention)
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-              dropout_p: float, grouped: bool) -> torch.Tensor:
+              dropout_p: float, grouped: bool, scale: float | None = None,
+              cap: float | None = None) -> torch.Tensor:
     """Causal attention (mask None), or with SDPA's boolean mask; grouped: k and v have fewer
-    heads than q."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                          dropout_p=dropout_p, enable_gqa=grouped)
+    heads than q; scale: of the scores (None: 1 / sqrt(head_dim)); cap: the scores soft-capped
+    (`softcap`), which SDPA's kernels cannot do: the scores are formed here then."""
+    if cap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                              dropout_p=dropout_p, enable_gqa=grouped,
+                                              scale=scale)
+    if grouped:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    scores = softcap(q @ k.transpose(-2, -1) * (scale or q.shape[-1] ** -0.5), cap)
+    if mask is None:
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return F.dropout(probs, dropout_p) @ v
 
 
 # One layer's preallocated (keys, values), each (B, n_kv_head, length, head_dim), written in place
@@ -291,6 +412,8 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim,
                              bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.attn_proj_bias)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 mask: torch.Tensor | None, slots: torch.Tensor | None = None,
@@ -300,6 +423,9 @@ class Attention(nn.Module):
         cfg = self.cfg
         B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, cfg.n_head + 2 * cfg.n_kv_head, cfg.head_dim)
+        if self.q_norm is not None:
+            q, k, v = qkv.split((cfg.n_head, cfg.n_kv_head, cfg.n_kv_head), dim=2)
+            qkv = torch.cat((self.q_norm(q), self.k_norm(k), v), dim=2)
         q, k, v = split_heads(qkv, rope, cfg.n_head, cfg.n_kv_head, cfg.rope_interleaved)
         if cache is not None:
             cache[0].index_copy_(2, slots, k)
@@ -307,26 +433,36 @@ class Attention(nn.Module):
             if mask is not None:  # no mask: a prompt without padding, which needs only its
                 k, v = cache      # own keys, causally
         y = attention(q, k, v, mask, cfg.attn_dropout if self.training else 0.0,
-                      cfg.n_kv_head != cfg.n_head)
+                      cfg.n_kv_head != cfg.n_head, cfg.attn_scale, cfg.attn_softcap)
         return self.proj(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))
 
 
 class MLP(nn.Module):
-    """fc: the up projection; SwiGLU adds `gate`. Gate and up stay two Linears, not one fused
-    (n_embd, 2 * hidden), which trains slower on CPU."""
+    """fc: the up projection; a gated MLP (SwiGLU, GeGLU) adds `gate`. Gate and up stay two
+    Linears, which train faster on CPU than one (n_embd, 2 * hidden), except where a family's
+    files hold them fused (fused_gate_up: fc is [gate | up])."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.fc = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.mlp_bias)
+        gated = cfg.mlp in GATED_MLPS
+        self.fused = cfg.fused_gate_up
+        width = 2 * cfg.mlp_hidden if self.fused else cfg.mlp_hidden
+        self.fc = nn.Linear(cfg.n_embd, width, bias=cfg.mlp_bias)
         self.gate = (nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.mlp_bias)
-                     if cfg.mlp == "swiglu" else None)
+                     if gated and not self.fused else None)
         self.proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.mlp_bias)
-        self.approximate = "tanh" if cfg.mlp == "gelu_tanh" else "none"
+        self.gated = gated
+        self.act = F.silu if cfg.mlp == "swiglu" else partial(
+            F.gelu, approximate="tanh" if cfg.mlp in ("gelu_tanh", "geglu") else "none")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate is not None:
-            return self.proj(F.silu(self.gate(x)) * self.fc(x))
-        return self.proj(F.gelu(self.fc(x), approximate=self.approximate))
+        if not self.gated:
+            return self.proj(self.act(self.fc(x)))
+        if self.fused:
+            gate, up = self.fc(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate(x), self.fc(x)
+        return self.proj(self.act(gate) * up)
 
 
 class Block(nn.Module):
@@ -336,6 +472,8 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.norm_2 = None if cfg.parallel_residual else make_norm(cfg)
         self.mlp = MLP(cfg)
+        self.attn_out_norm = make_norm(cfg) if cfg.post_norms else None
+        self.mlp_out_norm = make_norm(cfg) if cfg.post_norms else None
         self.cfg = cfg
 
     def drop(self, x: torch.Tensor) -> torch.Tensor:
@@ -346,11 +484,16 @@ class Block(nn.Module):
                 mask: torch.Tensor | None, slots: torch.Tensor | None = None,
                 cache: LayerCache | None = None) -> torch.Tensor:
         h = self.norm_1(x)
-        a = self.drop(self.attn(h, rope, mask, slots, cache))
+        a = self.attn(h, rope, mask, slots, cache)
+        if self.attn_out_norm is not None:
+            a = self.attn_out_norm(a)
         if self.norm_2 is None:
-            return x + a + self.drop(self.mlp(h))
-        x = x + a
-        return x + self.drop(self.mlp(self.norm_2(x)))
+            return x + self.drop(a) + self.drop(self.mlp(h))
+        x = x + self.drop(a)
+        m = self.mlp(self.norm_2(x))
+        if self.mlp_out_norm is not None:
+            m = self.mlp_out_norm(m)
+        return x + self.drop(m)
 
 
 def padded_mask(attention_mask: torch.Tensor, q_slots: torch.Tensor, length: int) -> torch.Tensor:
@@ -362,6 +505,15 @@ def padded_mask(attention_mask: torch.Tensor, q_slots: torch.Tensor, length: int
     return ((causal & attention_mask[:, None, :length]) | (k_slots == q_slots[:, None]))[:, None]
 
 
+def window_mask(mask: torch.Tensor | None, q_slots: torch.Tensor, length: int,
+                window: int) -> torch.Tensor:
+    """``mask`` (None: causal over ``length`` keys) with keys ``window`` or more slots before
+    each query hidden: a sliding layer's mask, as transformers slides it (over cache slots)."""
+    k_slots = torch.arange(length, device=q_slots.device)
+    near = (k_slots <= q_slots[:, None]) & (k_slots > q_slots[:, None] - window)
+    return near[None, None] if mask is None else mask & near
+
+
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position of each token counting real tokens only (left padding shifts nothing)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -370,13 +522,15 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
 @kernels.faster(kernels.head_cross_entropy)
 def head_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
               label_smoothing: float = 0.0, count_correct: bool = False,
-              grad_scale: torch.Tensor | float | None = None,
+              grad_scale: torch.Tensor | float | None = None, cap: float | None = None,
               ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Summed fp32 cross-entropy of head(hidden) over the labels that are not IGNORE_INDEX, and
     with count_correct how many of them are the top logit. grad_scale: what the caller's backward
     multiplies this sum's gradient by (the fp16 loss scale times any weighting); the fused kernel
-    forms its gradients in the forward and needs it in fp16."""
+    forms its gradients in the forward and needs it in fp16. cap: the logits soft-capped first."""
     logits = head(hidden).float()
+    if cap is not None:
+        logits = softcap(logits, cap)
     loss = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX,
                            label_smoothing=label_smoothing, reduction="sum")
     if not count_correct:
@@ -423,6 +577,9 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, 0.0, cfg.init_std / math.sqrt(2 * cfg.n_layer))
             else:
                 nn.init.normal_(p, 0.0, cfg.init_std)
+        for module in self.modules():  # an RMSNorm scales by offset + weight: 1 at the start
+            if isinstance(module, RMSNorm):
+                nn.init.constant_(module.weight, 1.0 - module.offset)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -444,18 +601,34 @@ class Transformer(nn.Module):
                    caches: list[LayerCache] | None = None) -> torch.Tensor:
         """The residual stream (B, T, C) after the last block, before the final norm. pos (B, T)
         or (1, T): positions; mask, slots, caches: as `Attention.forward` takes them."""
+        cfg = self.cfg
         x = self.wte(idx)
+        if cfg.scale_embeddings:
+            x = x * torch.tensor(cfg.n_embd ** 0.5, dtype=x.dtype)
         if self.wpe is not None:
             x = x + self.wpe(pos)
-        x = dropout(x, self.cfg.embedding_dropout, self.training)
+        x = dropout(x, cfg.embedding_dropout, self.training)
         rope = self.rope(pos, x.dtype) if self.rope is not None else None
+        sliding = None  # the sliding layers' mask
+        if cfg.sliding_window is not None:
+            q_slots = slots if slots is not None else torch.arange(idx.shape[1], device=x.device)
+            keys = caches[0][0].shape[2] if caches is not None else idx.shape[1]
+            sliding = window_mask(mask, q_slots, keys, cfg.sliding_window)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
+            layer_mask = sliding if cfg.slides(i) else mask
             if recompute:  # keep only each block's input; its activations are redone in backward
-                x = checkpoint(block, x, rope, mask, use_reentrant=False)
+                x = checkpoint(block, x, rope, layer_mask, use_reentrant=False)
             else:
-                x = block(x, rope, mask, slots, caches[i] if caches is not None else None)
+                x = block(x, rope, layer_mask, slots, caches[i] if caches is not None else None)
         return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The next-token logits of the residual stream x after the last block."""
+        logits = self.lm_head(self.norm_f(x))
+        if self.cfg.logit_softcap is not None:
+            logits = softcap(logits, self.cfg.logit_softcap)
+        return logits
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, *, reduction: str = "mean",
@@ -474,16 +647,16 @@ class Transformer(nn.Module):
             attention_mask = attention_mask.bool()
             mask = padded_mask(attention_mask, torch.arange(T, device=idx.device), T)
             x = self.run_blocks(idx, positions(attention_mask), mask)
-        x = self.norm_f(x)
         if targets is None:
-            return self.lm_head(x)
+            return self.logits(x)
+        x = self.norm_f(x)
         # a (time, batch) batch of the same size would be a silently wrong loss
         assert targets.shape == idx.shape and reduction in ("mean", "sum")
         count = (targets != IGNORE_INDEX).sum() if reduction == "mean" else None
         if count is not None and grad_scale is not None:  # the mean's gradient: the sum's / count
             grad_scale = grad_scale / count.clamp(min=1)
         loss, correct = head_loss(x, self.lm_head, targets, label_smoothing, count_correct,
-                                  grad_scale)
+                                  grad_scale, self.cfg.logit_softcap)
         if count is not None:
             loss = loss / count
         return (loss, correct) if count_correct else loss

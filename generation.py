@@ -216,7 +216,7 @@ def _prefill(model: Transformer, idx, attention_mask, caches):
     if attention_mask is not None and not bool(attention_mask.all()):
         mask = padded_mask(key_valid, slots, length)
     x = model.run_blocks(idx, pos, mask, slots, caches)
-    return model.lm_head(model.norm_f(x[:, -1])), key_valid, pos[:, -1:] + 1
+    return model.logits(x[:, -1]), key_valid, pos[:, -1:] + 1
 
 
 def _step(model: Transformer, tok, pos, slot, key_valid, caches) -> torch.Tensor:
@@ -224,7 +224,7 @@ def _step(model: Transformer, tok, pos, slot, key_valid, caches) -> torch.Tensor
     k_slots = torch.arange(key_valid.shape[1], device=tok.device)
     mask = ((k_slots <= slot) & key_valid)[:, None, None, :]
     x = model.run_blocks(tok, pos, mask, slot, caches)
-    return model.lm_head(model.norm_f(x[:, -1]))
+    return model.logits(x[:, -1])
 
 
 def _steps(model: Transformer, idx, cfg: GenerationConfig, attention_mask):

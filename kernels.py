@@ -177,14 +177,16 @@ def _sdpa_takes_gqa(device: torch.device, dtype: torch.dtype, masked: bool) -> b
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-              dropout_p: float, grouped: bool) -> torch.Tensor:
-    """Keys and values repeated to the query heads where CUDA's fused kernels need it."""
-    if not grouped or _sdpa_takes_gqa(q.device, q.dtype, mask is not None):
+              dropout_p: float, grouped: bool, scale: float | None = None,
+              cap: float | None = None) -> torch.Tensor:
+    """Keys and values repeated to the query heads where CUDA's fused kernels need it (soft-capped
+    scores: the plain op, which forms them)."""
+    if cap is not None or not grouped or _sdpa_takes_gqa(q.device, q.dtype, mask is not None):
         return PLAIN
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                          dropout_p=dropout_p)
+                                          dropout_p=dropout_p, scale=scale)
 
 
 # ----------------------------------------------------------------------- fused LM-head loss
@@ -288,10 +290,12 @@ class _HeadCrossEntropyFunction(torch.autograd.Function):
 
 def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
                        label_smoothing: float = 0.0, count_correct: bool = False,
-                       grad_scale: torch.Tensor | float | None = None):
+                       grad_scale: torch.Tensor | float | None = None, cap: float | None = None):
     """The LM head fused with its loss. Only for a plain nn.Linear head (a LoRA or quantized head
-    runs the plain op), and in fp16 training only with grad_scale: the gradients are formed in the
-    forward, at the magnitude the fp16 loss scaler chose."""
+    runs the plain op) and logits without a soft cap, and in fp16 training only with grad_scale:
+    the gradients are formed in the forward, at the magnitude the fp16 loss scaler chose."""
+    if cap is not None:
+        return PLAIN
     if torch.compiler.is_compiling():  # a compiled model's loss runs eagerly, outside the graph
         return torch.compiler.disable(head_cross_entropy)(
             hidden, head, labels, label_smoothing, count_correct, grad_scale)

@@ -479,11 +479,18 @@ def _leaf_names(names) -> list[str]:
     return list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))
 
 
+ALL_LINEAR = "all-linear"  # PEFT's target_modules shorthand
+
+
 def _resolve_targets(model: nn.Module, targets: list[str] | str,
                      peft_rules: bool = False) -> dict[str, list[str]]:
     """target -> the adapter-file module names it selects (HF names, else codelm names); each
-    must select something, or under ``peft_rules`` (HF names only) at least one."""
+    must select something, or under ``peft_rules`` (HF names only) at least one. ALL_LINEAR
+    selects what PEFT's shorthand does: by last name, every Linear but the output layer."""
     names = pretrained.hf_module_slots(model.cfg)
+    if targets in (ALL_LINEAR, [ALL_LINEAR]):
+        targets = _leaf_names(n for n, (path, _) in names.items() if path != "lm_head"
+                              and isinstance(model.get_submodule(path), (nn.Linear, QuantLinear)))
     codelm_paths = [p for p, m in model.named_modules()
                     if isinstance(m, (nn.Linear, nn.Embedding, QuantLinear))]
     by_path: dict[str, list[str]] = {}

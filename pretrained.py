@@ -28,8 +28,9 @@ import rundir
 import settings
 from architecture import (
     FAMILIES,
-    LLAMA3_SCALING_KEYS,
+    ROPE_SCALING_KEYS,
     SHORT_DTYPES,
+    YARN_DEFAULTS,
     ModelConfig,
     Transformer,
     cuda_half_dtype,
@@ -48,6 +49,51 @@ LLAMA_MODULES = {
     "model.layers.{i}.self_attn.v_proj": ("blocks.{i}.attn.qkv", "v"),
     "model.layers.{i}.self_attn.o_proj": ("blocks.{i}.attn.proj", None),
     "model.layers.{i}.post_attention_layernorm": ("blocks.{i}.norm_2", None),
+    "model.layers.{i}.mlp.gate_proj": ("blocks.{i}.mlp.gate", None),
+    "model.layers.{i}.mlp.up_proj": ("blocks.{i}.mlp.fc", None),
+    "model.layers.{i}.mlp.down_proj": ("blocks.{i}.mlp.proj", None),
+    "model.norm": ("norm_f", None),
+    "lm_head": ("lm_head", None),
+}
+QWEN3_MODULES = {
+    **LLAMA_MODULES,
+    "model.layers.{i}.self_attn.q_norm": ("blocks.{i}.attn.q_norm", None),
+    "model.layers.{i}.self_attn.k_norm": ("blocks.{i}.attn.k_norm", None),
+}
+STARCODER2_MODULES = {
+    "model.embed_tokens": ("wte", None),
+    "model.layers.{i}.input_layernorm": ("blocks.{i}.norm_1", None),
+    "model.layers.{i}.self_attn.q_proj": ("blocks.{i}.attn.qkv", "q"),
+    "model.layers.{i}.self_attn.k_proj": ("blocks.{i}.attn.qkv", "k"),
+    "model.layers.{i}.self_attn.v_proj": ("blocks.{i}.attn.qkv", "v"),
+    "model.layers.{i}.self_attn.o_proj": ("blocks.{i}.attn.proj", None),
+    "model.layers.{i}.post_attention_layernorm": ("blocks.{i}.norm_2", None),
+    "model.layers.{i}.mlp.c_fc": ("blocks.{i}.mlp.fc", None),
+    "model.layers.{i}.mlp.c_proj": ("blocks.{i}.mlp.proj", None),
+    "model.norm": ("norm_f", None),
+    "lm_head": ("lm_head", None),
+}
+PHI3_MODULES = {  # qkv_proj holds [Q | K | V] and gate_up_proj [gate | up], as codelm's do
+    "model.embed_tokens": ("wte", None),
+    "model.layers.{i}.input_layernorm": ("blocks.{i}.norm_1", None),
+    "model.layers.{i}.self_attn.qkv_proj": ("blocks.{i}.attn.qkv", None),
+    "model.layers.{i}.self_attn.o_proj": ("blocks.{i}.attn.proj", None),
+    "model.layers.{i}.post_attention_layernorm": ("blocks.{i}.norm_2", None),
+    "model.layers.{i}.mlp.gate_up_proj": ("blocks.{i}.mlp.fc", None),
+    "model.layers.{i}.mlp.down_proj": ("blocks.{i}.mlp.proj", None),
+    "model.norm": ("norm_f", None),
+    "lm_head": ("lm_head", None),
+}
+GEMMA2_MODULES = {
+    "model.embed_tokens": ("wte", None),
+    "model.layers.{i}.input_layernorm": ("blocks.{i}.norm_1", None),
+    "model.layers.{i}.self_attn.q_proj": ("blocks.{i}.attn.qkv", "q"),
+    "model.layers.{i}.self_attn.k_proj": ("blocks.{i}.attn.qkv", "k"),
+    "model.layers.{i}.self_attn.v_proj": ("blocks.{i}.attn.qkv", "v"),
+    "model.layers.{i}.self_attn.o_proj": ("blocks.{i}.attn.proj", None),
+    "model.layers.{i}.post_attention_layernorm": ("blocks.{i}.attn_out_norm", None),
+    "model.layers.{i}.pre_feedforward_layernorm": ("blocks.{i}.norm_2", None),
+    "model.layers.{i}.post_feedforward_layernorm": ("blocks.{i}.mlp_out_norm", None),
     "model.layers.{i}.mlp.gate_proj": ("blocks.{i}.mlp.gate", None),
     "model.layers.{i}.mlp.up_proj": ("blocks.{i}.mlp.fc", None),
     "model.layers.{i}.mlp.down_proj": ("blocks.{i}.mlp.proj", None),
@@ -97,8 +143,14 @@ NOT_IN_HF_CONFIG = ("init", "init_std", "dropout", "embd_dropout", "attn_dropout
 
 # ModelConfig dropout field -> (HF key, the HF config class's default), per family: where
 # transformers applies dropout in training (Llama: attention weights only).
+_ATTENTION_DROPOUT = {"attn_dropout": ("attention_dropout", 0.0)}
 DROPOUT_KEYS = {
-    "llama": {"attn_dropout": ("attention_dropout", 0.0)},
+    "llama": _ATTENTION_DROPOUT, "qwen2": _ATTENTION_DROPOUT, "qwen3": _ATTENTION_DROPOUT,
+    "mistral": _ATTENTION_DROPOUT, "gemma2": _ATTENTION_DROPOUT,
+    "starcoder2": {"dropout": ("residual_dropout", 0.0), "embd_dropout": ("embedding_dropout", 0.0),
+                   "attn_dropout": ("attention_dropout", 0.0)},
+    "phi3": {"dropout": ("resid_pdrop", 0.0), "embd_dropout": ("embd_pdrop", 0.0),
+             "attn_dropout": ("attention_dropout", 0.0)},
     "phi": {"dropout": ("resid_pdrop", 0.0), "embd_dropout": ("embd_pdrop", 0.0),
             "attn_dropout": ("attention_dropout", 0.0)},
     "codegen": {"dropout": ("resid_pdrop", 0.0), "embd_dropout": ("embd_pdrop", 0.0),
@@ -128,6 +180,21 @@ HF_FIELDS = {
     "llama": {**_LLAMA_LIKE, "head_dim": (("head_dim",), lambda f: f["n_embd"] // f["n_head"]),
               "norm_eps": (("rms_norm_eps",), 1e-6), "qkv_bias": (("attention_bias",), False),
               "mlp_bias": (("mlp_bias",), False)},
+    "qwen2": {**_LLAMA_LIKE, "block_size": (("max_position_embeddings",), 32768),
+              "norm_eps": (("rms_norm_eps",), 1e-6)},
+    "qwen3": {**_LLAMA_LIKE, "block_size": (("max_position_embeddings",), 32768),
+              "head_dim": (("head_dim",), 128), "norm_eps": (("rms_norm_eps",), 1e-6),
+              "qkv_bias": (("attention_bias",), False)},
+    "mistral": {**_LLAMA_LIKE, "block_size": (("max_position_embeddings",), 131072),
+                "head_dim": (("head_dim",), lambda f: f["n_embd"] // f["n_head"]),
+                "norm_eps": (("rms_norm_eps",), 1e-6)},
+    "starcoder2": {**_LLAMA_LIKE, "block_size": (("max_position_embeddings",), 4096),
+                   "norm_eps": (("norm_epsilon",), 1e-5), "qkv_bias": (("use_bias",), True)},
+    "phi3": {**_LLAMA_LIKE, "block_size": (("max_position_embeddings",), 4096),
+             "norm_eps": (("rms_norm_eps",), 1e-5)},
+    "gemma2": {**_LLAMA_LIKE, "block_size": (("max_position_embeddings",), 8192),
+               "head_dim": (("head_dim",), 256), "norm_eps": (("rms_norm_eps",), 1e-6),
+               "qkv_bias": (("attention_bias",), False)},
     "phi": {**_LLAMA_LIKE, "norm_eps": (("layer_norm_eps",), 1e-5)},
     "codegen": {"block_size": (("n_positions", "max_position_embeddings"), 2048), **_GPT_LIKE,
                 "n_head": (("n_head", "num_attention_heads"), 16),
@@ -215,17 +282,96 @@ def _rope(hf: dict, default_partial: float = 1.0) -> dict:
     out = {"rope_theta": field("rope_theta", float, 10000.0),
            "partial": field("partial_rotary_factor", float, default_partial),
            "rope_scaling": None}
-    if rope_type == "llama3":
-        src = dict(params)
-        top = "original_max_position_embeddings"
+    if rope_type != "default":
+        out["rope_scaling"] = _rope_scaling(hf, params, rope_type)
+    return out
+
+
+def _rope_scaling(hf: dict, params: dict, rope_type: str) -> dict:
+    """ModelConfig.rope_scaling of a scaled rope (``params``: the config's rope dict)."""
+    if rope_type not in ROPE_SCALING_KEYS:
+        raise ValueError(f"rope_type {rope_type!r} is not supported (supported: default, "
+                         f"{', '.join(ROPE_SCALING_KEYS)})")
+    src = dict(params)
+    top = "original_max_position_embeddings"
+    if rope_type in ("llama3", "yarn"):  # transformers prefers the top-level key
         src[top] = hf[top] if top in hf else src.get(top, hf.get("max_position_embeddings"))
-        if missing := [k for k in LLAMA3_SCALING_KEYS if src.get(k) is None]:
-            raise ValueError(f"llama3 rope scaling lacks {missing}")
-        out["rope_scaling"] = {k: _typed(k, src[k], int if k == top else float)
-                               for k in LLAMA3_SCALING_KEYS}
-    elif rope_type != "default":
-        raise ValueError(f"rope_type {rope_type!r} is not supported "
-                         "(supported: default, llama3)")
+    if rope_type == "yarn" and src.get("factor") is None and src.get(top):
+        src["factor"] = _get(hf, "max_position_embeddings") / src[top]
+    if missing := [k for k in ROPE_SCALING_KEYS[rope_type] if src.get(k) is None]:
+        raise ValueError(f"{rope_type} rope scaling lacks {missing}")
+    scaling = {"rope_type": rope_type}
+    for key in ROPE_SCALING_KEYS[rope_type]:
+        scaling[key] = _typed(key, src[key], int if key == top else float)
+    if rope_type == "yarn":
+        for key in YARN_DEFAULTS:
+            if src.get(key) is not None:
+                scaling[key] = _typed(key, src[key], bool if key == "truncate" else float)
+    return scaling
+
+
+def _write_rope(c: ModelConfig, **extra) -> dict:
+    """The rope keys of config.json: rope_parameters, and the keys transformers < 5 reads."""
+    rope = {"rope_type": "default", **(c.rope_scaling or {}), "rope_theta": c.rope_theta,
+            **extra}
+    legacy = {k: v for k, v in rope.items() if k != "rope_theta"} if c.rope_scaling else None
+    return {"rope_parameters": rope, "rope_theta": c.rope_theta, "rope_scaling": legacy}
+
+
+def _full_rope(hf: dict, family: str) -> dict:
+    """The rope fields of a family that rotates every dim of a head."""
+    rope = _rope(hf)
+    if rope["partial"] != 1.0:
+        raise ValueError(f"partial_rotary_factor != 1 cannot be honoured for {family}")
+    return {"rope_theta": rope["rope_theta"], "rope_scaling": rope["rope_scaling"]}
+
+
+def _nullable(hf: dict, key: str, kind: type, default):
+    """A field whose null switches it off (None); absent, the class's default."""
+    if key not in hf:
+        return default
+    return None if hf[key] is None else _typed(key, hf[key], kind)
+
+
+# The family's sliding window when config.json names none (transformers' class default).
+_WINDOW_DEFAULTS = {"mistral": 4096, "gemma2": 4096, "qwen2": 4096, "qwen3": 4096}
+_LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def _windows(hf: dict, family: str, n_layer: int) -> dict:
+    """sliding_window and sliding_layers as transformers derives them for the family: every
+    layer slides (Mistral, StarCoder2, Phi-3), or as ``layer_types`` says, else Gemma 2's every
+    other layer and Qwen's layers from max_window_layers on (with use_sliding_window)."""
+    window = _nullable(hf, "sliding_window", int, _WINDOW_DEFAULTS.get(family))
+    if family in ("qwen2", "qwen3") and not _get(hf, "use_sliding_window", kind=bool,
+                                                  default=False):
+        window = None
+    layers = None
+    types = hf.get("layer_types") if family in ("qwen2", "qwen3", "gemma2") else None
+    if types is not None:
+        if not (isinstance(types, list) and len(types) == n_layer
+                and all(t in _LAYER_TYPES for t in types)):
+            raise ValueError(f"layer_types: expected {n_layer} of {' or '.join(_LAYER_TYPES)}")
+        layers = [t == "sliding_attention" for t in types]
+    elif family == "gemma2":
+        layers = [i % 2 == 0 for i in range(n_layer)]
+    elif family in ("qwen2", "qwen3"):
+        first = _get(hf, "max_window_layers", default=28)
+        layers = [i >= first for i in range(n_layer)]
+    if window is None or (layers is not None and not any(layers)):
+        return {"sliding_window": None, "sliding_layers": None}
+    return {"sliding_window": window, "sliding_layers": None if layers is None or all(layers)
+            else layers}
+
+
+def _write_windows(c: ModelConfig) -> dict:
+    """The sliding-window keys of config.json (per-layer only where the family has them)."""
+    out = {"sliding_window": c.sliding_window}
+    if c.family in ("qwen2", "qwen3"):
+        out["use_sliding_window"] = c.sliding_window is not None
+    if c.family in ("qwen2", "qwen3", "gemma2"):
+        out["layer_types"] = [_LAYER_TYPES[0] if c.slides(i) else _LAYER_TYPES[1]
+                              for i in range(c.n_layer)]
     return out
 
 
@@ -242,7 +388,8 @@ def _shared(hf: dict, family: str, tie_default: bool = False) -> dict:
     """The ModelConfig fields every family reads alike."""
     return dict(family=family, vocab_size=_get(hf, "vocab_size"), **_dropouts(hf, family),
                 tie_embeddings=_get(hf, "tie_word_embeddings", kind=bool, default=tie_default),
-                bos_id=_get(hf, "bos_token_id", default=None), eos_id=_eos(hf))
+                bos_id=_get(hf, "bos_token_id", default=None), eos_id=_eos(hf),
+                pad_id=_get(hf, "pad_token_id", default=None))
 
 
 def _read_llama(hf: dict) -> ModelConfig:
@@ -254,6 +401,61 @@ def _read_llama(hf: dict) -> ModelConfig:
     return ModelConfig(**_shared(hf, "llama"), **f, norm="rmsnorm", mlp="swiglu", positions="rope",
                        rope_theta=rope["rope_theta"], rope_scaling=rope["rope_scaling"],
                        attn_proj_bias=f["qkv_bias"])
+
+
+def _read_qwen2(hf: dict) -> ModelConfig:
+    _require(hf, "hidden_act", "silu", "codelm's SwiGLU uses silu")
+    f = _fields(hf, "qwen2")
+    return ModelConfig(**_shared(hf, "qwen2"), **f, **_full_rope(hf, "qwen2"),
+                       **_windows(hf, "qwen2", f["n_layer"]), norm="rmsnorm", mlp="swiglu",
+                       positions="rope", qkv_bias=True)
+
+
+def _read_qwen3(hf: dict) -> ModelConfig:
+    _require(hf, "hidden_act", "silu", "codelm's SwiGLU uses silu")
+    f = _fields(hf, "qwen3")
+    return ModelConfig(**_shared(hf, "qwen3"), **f, **_full_rope(hf, "qwen3"),
+                       **_windows(hf, "qwen3", f["n_layer"]), norm="rmsnorm", mlp="swiglu",
+                       positions="rope", qk_norm=True, attn_proj_bias=f["qkv_bias"])
+
+
+def _read_mistral(hf: dict) -> ModelConfig:
+    _require(hf, "hidden_act", "silu", "codelm's SwiGLU uses silu")
+    f = _fields(hf, "mistral")
+    return ModelConfig(**_shared(hf, "mistral"), **f, **_full_rope(hf, "mistral"),
+                       **_windows(hf, "mistral", f["n_layer"]), norm="rmsnorm", mlp="swiglu",
+                       positions="rope")
+
+
+def _read_starcoder2(hf: dict) -> ModelConfig:
+    f = _fields(hf, "starcoder2")  # use_bias (qkv_bias): every linear's bias
+    return ModelConfig(**_shared(hf, "starcoder2", tie_default=True), **f,
+                       **_full_rope(hf, "starcoder2"), **_windows(hf, "starcoder2", f["n_layer"]),
+                       norm="layernorm", mlp=_act(hf, "hidden_act", "gelu_pytorch_tanh"),
+                       positions="rope", attn_proj_bias=f["qkv_bias"], mlp_bias=f["qkv_bias"])
+
+
+def _read_phi3(hf: dict) -> ModelConfig:
+    _require(hf, "hidden_act", "silu", "codelm's SwiGLU uses silu")
+    f = _fields(hf, "phi3")
+    rope = _rope(hf)
+    return ModelConfig(**_shared(hf, "phi3"), **f, **_windows(hf, "phi3", f["n_layer"]),
+                       norm="rmsnorm", mlp="swiglu", fused_gate_up=True, positions="rope",
+                       rotary_dim=int(f["n_embd"] // f["n_head"] * rope["partial"]),
+                       rope_theta=rope["rope_theta"], rope_scaling=rope["rope_scaling"])
+
+
+def _read_gemma2(hf: dict) -> ModelConfig:
+    _require(hf, "hidden_activation", "gelu_pytorch_tanh", "codelm's GeGLU uses GELU-tanh")
+    f = _fields(hf, "gemma2")
+    scalar = _get(hf, "query_pre_attn_scalar", kind=float, default=256.0)
+    return ModelConfig(
+        **_shared(hf, "gemma2", tie_default=True), **f, **_full_rope(hf, "gemma2"),
+        **_windows(hf, "gemma2", f["n_layer"]), norm="rmsnorm", norm_offset=1.0, post_norms=True,
+        mlp="geglu", positions="rope", attn_proj_bias=f["qkv_bias"], scale_embeddings=True,
+        attn_scale=scalar ** -0.5,
+        attn_softcap=_nullable(hf, "attn_logit_softcapping", float, 50.0),
+        logit_softcap=_nullable(hf, "final_logit_softcapping", float, 30.0))
 
 
 def _read_phi(hf: dict) -> ModelConfig:
@@ -299,12 +501,30 @@ _HF_ACT_NAME = {"gpt_bigcode": {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"
 
 
 def _write_llama(c: ModelConfig) -> dict:
-    rope = {"rope_type": "llama3" if c.rope_scaling else "default", "rope_theta": c.rope_theta,
-            **(c.rope_scaling or {})}
-    return {"hidden_act": "silu", "rope_parameters": rope, "rope_theta": c.rope_theta,
-            # the rope keys transformers < 5 reads
-            "rope_scaling": {k: v for k, v in rope.items() if k != "rope_theta"}
-            if c.rope_scaling else None}
+    return {"hidden_act": "silu", **_write_rope(c)}
+
+
+def _write_llama_like(c: ModelConfig) -> dict:
+    """Qwen2, Qwen3, Mistral: Llama's keys and the sliding window's."""
+    return {"hidden_act": "silu", **_write_rope(c), **_write_windows(c)}
+
+
+def _write_starcoder2(c: ModelConfig) -> dict:
+    return {"hidden_act": _HF_ACT_NAME["gpt_bigcode"].get(c.mlp), **_write_rope(c),
+            **_write_windows(c)}
+
+
+def _write_phi3(c: ModelConfig) -> dict:
+    return {"hidden_act": "silu", **_write_rope(c, partial_rotary_factor=c.rotary_dim / c.head_dim),
+            "partial_rotary_factor": c.rotary_dim / c.head_dim, **_write_windows(c)}
+
+
+def _write_gemma2(c: ModelConfig) -> dict:
+    # an integer in transformers' config; a scale it cannot give fails hf_config's round trip
+    scalar = round(c.attn_scale ** -2) if c.attn_scale is not None else None
+    return {"hidden_activation": "gelu_pytorch_tanh", **_write_rope(c), **_write_windows(c),
+            "query_pre_attn_scalar": scalar, "attn_logit_softcapping": c.attn_softcap,
+            "final_logit_softcapping": c.logit_softcap}
 
 
 def _write_phi(c: ModelConfig) -> dict:
@@ -334,6 +554,18 @@ class FamilyTable:
 TABLES: dict[str, FamilyTable] = {
     "llama": FamilyTable(LLAMA_MODULES, (".rotary_emb.inv_freq",), "LlamaForCausalLM",
                          _read_llama, _write_llama),
+    "qwen2": FamilyTable(LLAMA_MODULES, (".rotary_emb.inv_freq",), "Qwen2ForCausalLM",
+                         _read_qwen2, _write_llama_like),
+    "qwen3": FamilyTable(QWEN3_MODULES, (".rotary_emb.inv_freq",), "Qwen3ForCausalLM",
+                         _read_qwen3, _write_llama_like),
+    "mistral": FamilyTable(LLAMA_MODULES, (".rotary_emb.inv_freq",), "MistralForCausalLM",
+                           _read_mistral, _write_llama_like),
+    "starcoder2": FamilyTable(STARCODER2_MODULES, (".rotary_emb.inv_freq",),
+                              "Starcoder2ForCausalLM", _read_starcoder2, _write_starcoder2),
+    "phi3": FamilyTable(PHI3_MODULES, (".rotary_emb.inv_freq",), "Phi3ForCausalLM",
+                        _read_phi3, _write_phi3),
+    "gemma2": FamilyTable(GEMMA2_MODULES, (".rotary_emb.inv_freq",), "Gemma2ForCausalLM",
+                          _read_gemma2, _write_gemma2),
     "phi": FamilyTable(PHI_MODULES, (".rotary_emb.inv_freq",), "PhiForCausalLM",
                        _read_phi, _write_phi),
     "codegen": FamilyTable(CODEGEN_MODULES, (".attn.causal_mask", ".attn.masked_bias",
@@ -722,7 +954,7 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
            "vocab_size": cfg.vocab_size, **table.write_config(cfg), **_write_dropouts(cfg),
            **{keys[0]: getattr(cfg, f) for f, (keys, _) in HF_FIELDS[cfg.family].items()},
            "tie_word_embeddings": cfg.tie_embeddings,
-           "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id,
+           "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id, "pad_token_id": cfg.pad_id,
            "dtype": str(dtype).removeprefix("torch."),
            "torch_dtype": str(dtype).removeprefix("torch.")}  # the name transformers < 5 reads
     back = table.read_config(out)

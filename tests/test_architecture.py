@@ -59,7 +59,7 @@ def gen_stream(model, idx, max_new_tokens, attention_mask=None, **kw):
     (dict(n_head=6, n_kv_head=4), r"n_kv_head=4: must divide n_head=6"),
     (dict(rotary_dim=7), r"rotary_dim=7: must be even"),
     (dict(n_embd=100, n_head=6), r"n_embd=100: not divisible by n_head=6"),
-    (dict(rope_scaling={"factor": 8.0}), r"rope_scaling.*needs keys"),
+    (dict(rope_scaling={"factor": 8.0}), r"rope_scaling.*rope_type must be one of"),
     (dict(init="kaiming"), r"ModelConfig.init='kaiming'"),
     (dict(dropout=1.5), r"dropout=1.5: must be in"),
     (dict(embd_dropout=-0.1), r"embd_dropout=-0.1: must be in"),

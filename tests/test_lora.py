@@ -1,4 +1,4 @@
-"""lora.py against PEFT on the transformers models of the four families, plus merge and QLoRA."""
+"""lora.py against PEFT on the transformers models of every family, plus merge and QLoRA."""
 
 from __future__ import annotations
 
@@ -48,6 +48,17 @@ CASES = {
         "q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2", "lm_head", "embed_tokens"])),
     "llama": ("llama", {}, dict(r=16, alpha=32, dropout=0.05, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "embed_tokens"])),
+    # Today's families: Qwen2's biased q/k/v, StarCoder2's c_fc/c_proj, Phi-3's fused qkv_proj
+    # and gate_up_proj (one adapter each over the whole fused module), Qwen3, Gemma 2.
+    "qwen2": ("qwen2", {}, dict(r=8, alpha=16, dropout=0.05, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])),
+    "starcoder2": ("starcoder2", {}, dict(r=8, alpha=16, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"])),
+    "phi3": ("phi3", {}, dict(r=8, alpha=16, target_modules=[
+        "qkv_proj", "o_proj", "gate_up_proj", "down_proj"])),
+    "qwen3": ("qwen3", {}, dict(r=4, alpha=8, target_modules=["q_proj", "k_proj", "o_proj"])),
+    "gemma2": ("gemma2", {}, dict(r=4, alpha=8, target_modules=[
+        "q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])),
 }
 
 
@@ -119,6 +130,22 @@ def test_peft_adapter_loads_in_codelm(case, tmp_path):
     torch.testing.assert_close(_logits(model, ids), _logits(peft_model.eval(), ids),
                                atol=1e-4, rtol=0)
     assert report.trainable_params == peft_model.get_nb_trainable_parameters()[0]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "phi3", "gemma2"])
+def test_all_linear_adapts_what_peft_adapts_and_loads_there(family, tmp_path):
+    """PEFT's "all-linear": every Linear by its last name, the output layer left out."""
+    hf = save_tiny_hf(family, tmp_path / "hf")
+    model = pretrained.load(tmp_path / "hf")
+    report = apply_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
+    peft_model = get_peft_model(copy.deepcopy(hf), LoraConfig(r=4, lora_alpha=8,
+                                                             target_modules="all-linear"))
+    assert report.trainable_params == peft_model.get_nb_trainable_parameters()[0]
+    _train(model, steps=3)
+    save_adapter(model, tmp_path / "adapter")
+    theirs = PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "adapter").eval()
+    torch.testing.assert_close(_logits(model, _ids(1)), _logits(theirs, _ids(1)),
+                               atol=1e-4, rtol=0)
 
 
 # DoRA on each row layout: whole modules (gpt_bigcode), Llama's GQA slices, CodeGen's permuted
@@ -778,8 +805,9 @@ def test_quantized_base_memory_and_logits(bits, limit, tmp_path):
     assert rel < (0.02 if bits == 8 else 0.15)
 
 
-def test_qlora_on_nf4_base_lowers_the_loss(tmp_path):
-    _, model, _ = _pair("llama", tmp_path)
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_qlora_on_nf4_base_lowers_the_loss(family, tmp_path):
+    _, model, _ = _pair(family, tmp_path)
     quantize_base(model, bits=4)
     # QLoRA's recipe: every linear layer (the output head stays in full precision).
     apply_lora(model, LoRAConfig(r=8, alpha=16, target_modules=[

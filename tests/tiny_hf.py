@@ -30,6 +30,11 @@ LLAMA3_PATTERN = (
 )
 
 FAMILIES = ("gpt_bigcode", "codegen", "phi", "llama")
+# Today's families, and Llama with the other rope scalings; each named config keeps its real
+# models' traits (the window shorter than the tests' inputs).
+MODERN = ("qwen2", "qwen2-window", "qwen3", "mistral", "starcoder2", "phi3", "gemma2",
+          "llama-linear", "llama-dynamic", "llama-yarn")
+WINDOW = 48  # the sliding window of the tiny configs that slide
 
 
 def tiny_hf_config(family: str, **overrides):
@@ -57,10 +62,47 @@ def tiny_hf_config(family: str, **overrides):
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
                   rope_theta=500000.0)
         cls = tf.LlamaConfig
+    elif family in MODERN:
+        cls, kw = _modern_config(family)
     else:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES + MODERN}")
     # Special ids inside the toy vocabulary (the classes default to GPT-2's 50256).
     return cls(**{"bos_token_id": 1, "eos_token_id": 2, **kw, **overrides})
+
+
+def _modern_config(name: str):
+    """(config class, keywords) of one of MODERN: 256 positions, width 64, grouped queries."""
+    import transformers as tf
+
+    shape = dict(vocab_size=256, max_position_embeddings=256, hidden_size=64,
+                 intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2)
+    if name == "qwen2":  # Qwen2.5-Coder: q/k/v bias, rope_theta 1e6, tied, no window
+        return tf.Qwen2Config, dict(shape, tie_word_embeddings=True, rope_theta=1e6)
+    if name == "qwen2-window":  # Qwen2's sliding layers from max_window_layers on
+        return tf.Qwen2Config, dict(shape, num_hidden_layers=3, use_sliding_window=True,
+                                    sliding_window=WINDOW, max_window_layers=1)
+    if name == "qwen3":  # Qwen3: q/k RMSNorm, head_dim 32 (not width / heads), tied
+        return tf.Qwen3Config, dict(shape, head_dim=32, tie_word_embeddings=True, rope_theta=1e6)
+    if name == "mistral":  # Mistral: a sliding window on every layer
+        return tf.MistralConfig, dict(shape, sliding_window=WINDOW)
+    if name == "starcoder2":  # StarCoder2: LayerNorm, biases everywhere, GELU-tanh MLP, window
+        return tf.Starcoder2Config, dict(shape, sliding_window=WINDOW, use_bias=True,
+                                         hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True)
+    if name == "phi3":  # Phi-4-mini: fused qkv_proj and gate_up_proj, partial rotary; window
+        return tf.Phi3Config, dict(shape, partial_rotary_factor=0.75, sliding_window=WINDOW,
+                                   pad_token_id=0)
+    if name == "gemma2":  # Gemma 2: every other layer slides, soft caps, head_dim 32; caps
+        # low enough to bend a tiny model's scores (real: 50 and 30)
+        return tf.Gemma2Config, dict(shape, num_hidden_layers=3, head_dim=32,
+                                     query_pre_attn_scalar=24, sliding_window=WINDOW,
+                                     attn_logit_softcapping=0.5, final_logit_softcapping=0.2,
+                                     pad_token_id=0)
+    scaling = {"llama-linear": {"rope_type": "linear", "factor": 4.0},  # DeepSeek-Coder's
+               "llama-dynamic": {"rope_type": "dynamic", "factor": 2.0},
+               "llama-yarn": {"rope_type": "yarn", "factor": 4.0,
+                              "original_max_position_embeddings": 64}}[name]
+    return tf.LlamaConfig, dict(shape, rope_scaling=scaling)
 
 
 def tiny_hf_model(family: str, seed: int = 0, **overrides):

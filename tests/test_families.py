@@ -1,0 +1,128 @@
+"""codelm against transformers on tiny random checkpoints of today's code-model families (Qwen2
+as in Qwen2.5-Coder, Qwen3, Mistral, StarCoder2, Phi-3 as in Phi-4-mini, Gemma 2) and of Llama's
+linear, dynamic and YaRN rope scalings: logits over inputs longer than the sliding window,
+greedy generation past it, export back into transformers, bf16."""
+
+import json
+
+import pytest
+import torch
+from test_architecture import gen
+from tiny_hf import MODERN, WINDOW, save_tiny_hf
+
+import pretrained
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """name -> (HF directory, transformers model, codelm model loaded from the directory)."""
+    out = {}
+    for name in MODERN:
+        path = tmp_path_factory.mktemp(name)
+        hf = save_tiny_hf(name, path)
+        out[name] = (path, hf, pretrained.load(path))
+    return out
+
+
+def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 256, (batch, length), generator=g)
+
+
+def _hf_greedy(hf, idx, new_tokens, attention_mask=None):
+    """transformers' greedy continuation, EOS switched off so that it runs past the window."""
+    mask = torch.ones_like(idx) if attention_mask is None else attention_mask.long()
+    return hf.generate(idx, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                       eos_token_id=None, pad_token_id=0)
+
+
+@pytest.mark.parametrize("name", MODERN)
+def test_logits_match_transformers_on_inputs_longer_than_the_window(checkpoints, name):
+    _, hf, model = checkpoints[name]
+    idx = _ids(2, 200)  # 200 > WINDOW: the sliding layers see only their last 48 positions
+    with torch.no_grad():
+        ref = hf(idx).logits
+    got = model(idx)
+    assert got.shape == ref.shape == (2, 200, 256)
+    # 1e-5 (codelm is within 4e-7): the smallest trait tested, the scaling of dynamic aside,
+    # moves these logits by more than 1e-4
+    assert (got - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("name", MODERN)
+def test_greedy_generation_matches_transformers_past_the_window(checkpoints, name):
+    _, hf, model = checkpoints[name]
+    idx = _ids(2, 16, seed=1)
+    ref = _hf_greedy(hf, idx, 64)  # 16 + 64 positions, past the 48 of the window
+    got = gen(model, idx, 64)
+    assert ref.shape == (2, 80)
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("name", ["qwen2-window", "mistral", "gemma2"])
+def test_left_padded_generation_matches_transformers(checkpoints, name):
+    """Padding counts toward the window as transformers counts it: in cache slots."""
+    _, hf, model = checkpoints[name]
+    idx = _ids(2, 40, seed=2)
+    mask = torch.ones_like(idx, dtype=torch.bool)
+    mask[1, :7] = False
+    idx[1, :7] = 0
+    ref = _hf_greedy(hf, idx, 24, mask)
+    got = gen(model, idx, 24, attention_mask=mask)
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("name", MODERN)
+def test_export_loads_in_transformers_with_the_same_logits(checkpoints, name, tmp_path):
+    import transformers
+
+    _, hf, model = checkpoints[name]
+    pretrained.save(model, tmp_path)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(back) is type(hf)
+    idx = _ids(1, 100, seed=3)
+    with torch.no_grad():
+        assert (back(idx).logits - hf(idx).logits).abs().max().item() <= 1e-5
+    assert pretrained.load(tmp_path).cfg == model.cfg
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen3", "starcoder2", "phi3", "gemma2"])
+def test_bf16_logits_are_as_close_as_transformers_own_bf16(checkpoints, name):
+    """Against the fp32 logits, codelm in bf16 errs no more than transformers in bf16 does
+    (times 1.5: the two round at different places)."""
+    path, hf, _ = checkpoints[name]
+    idx = _ids(2, 100, seed=4)
+    with torch.no_grad():
+        ref = hf(idx).logits
+        theirs = hf.to(torch.bfloat16)(idx).logits.float()
+    hf.float()
+    ours = pretrained.load(path, dtype=torch.bfloat16)(idx).float()
+    their_error = (theirs - ref).abs().max().item()
+    assert their_error > 0
+    assert (ours - ref).abs().max().item() <= 1.5 * their_error
+
+
+def test_sliding_layers_are_read_as_transformers_lays_them_out(checkpoints):
+    assert checkpoints["gemma2"][2].cfg.sliding_layers == [True, False, True]
+    assert checkpoints["qwen2-window"][2].cfg.sliding_layers == [False, True, True]
+    assert checkpoints["mistral"][2].cfg.sliding_window == WINDOW
+    assert checkpoints["mistral"][2].cfg.sliding_layers is None  # every layer
+    assert checkpoints["qwen2"][2].cfg.sliding_window is None
+
+
+@pytest.mark.parametrize("rope, message", [
+    ({"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]},
+     r"rope_type 'longrope' is not supported \(supported: default, llama3, linear"),
+    ({"rope_type": "linear"}, r"linear rope scaling lacks \['factor'\]"),
+])
+def test_unsupported_rope_scaling_is_one_line_naming_the_file(tmp_path, rope, message):
+    save_tiny_hf("mistral", tmp_path)
+    config = tmp_path / "config.json"
+    values = json.loads(config.read_text())
+    values.pop("rope_parameters", None)
+    values["rope_scaling"] = rope
+    config.write_text(json.dumps(values))
+    with pytest.raises(ValueError, match=rf"config\.json: {message}"):
+        pretrained.read_config(tmp_path)
