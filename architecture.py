@@ -163,7 +163,7 @@ class ModelConfig:
 GATED_MLPS = ("swiglu", "geglu")  # act(gate(x)) * up(x)
 
 
-# Named configs as data. The four real shapes carry their published hyperparameters.
+# Named configs as data. The real shapes carry their published hyperparameters.
 PRESETS: dict[str, ModelConfig] = {
     "starcoderbase-1b": ModelConfig(
         family="gpt_bigcode", vocab_size=49152, block_size=8192, n_layer=24, n_head=16,
@@ -187,6 +187,11 @@ PRESETS: dict[str, ModelConfig] = {
         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
         tie_embeddings=True, bos_id=128000, eos_id=128001),
+    "qwen2.5-coder-1.5b": ModelConfig(
+        family="qwen2", vocab_size=151936, block_size=32768, n_layer=28, n_head=12,
+        n_kv_head=2, n_embd=1536, mlp_hidden=8960, norm="rmsnorm", norm_eps=1e-6, mlp="swiglu",
+        positions="rope", rope_theta=1000000.0, qkv_bias=True, tie_embeddings=True,
+        bos_id=151643, eos_id=151643),
     # From-scratch sizes of the research path (Llama-shaped, so they export as `llama`).
     # Set vocab_size to the tokenizer's on a copy: dataclasses.replace(preset, vocab_size=n).
     "tiny": ModelConfig(vocab_size=512, block_size=128, n_layer=2, n_head=4, n_kv_head=2,

@@ -171,6 +171,8 @@ SMOKE_TOKENIZERS = {
     "codegen": ("gpt2", ("<|endoftext|>",)),
     "phi": ("gpt2", ("<|endoftext|>",)),
     "llama": ("llama3", ("<|begin_of_text|>", "<|end_of_text|>")),
+    "qwen2": ("qwen2", ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|fim_prefix|>",
+                        "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>")),
 }
 SMOKE_VOCAB = 512
 SMOKE_SHAPE = {"n_layer": 2, "n_head": 4, "n_embd": 64, "mlp_hidden": 128}

