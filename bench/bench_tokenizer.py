@@ -122,14 +122,14 @@ def _train_sentencepiece_reference(style: str, texts: list[str], vocab_size: int
 def _trained(tok, texts: list[str], vocab_size: int, path: Path, byte_level: bool):
     from tokenizers import pre_tokenizers, trainers
 
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>"]
-        if byte_level else ["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if byte_level else [],
-        limit_alphabet=None if byte_level else 200,
-        show_progress=False,
-    )
+    if byte_level:
+        specials = ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>"]
+        alphabet = {"initial_alphabet": pre_tokenizers.ByteLevel.alphabet()}
+    else:  # rarer characters are left to byte fallback
+        specials = ["<unk>", "<s>", "</s>"]
+        alphabet = {"limit_alphabet": 200}
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  show_progress=False, **alphabet)
     tok.train_from_iterator(texts, trainer)
     tok.save(str(path))
     return tok
