@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import build  # noqa: E402
 import trainingmanager as tm  # noqa: E402
 from batches import Batches  # noqa: E402
+from trainer import autocast  # noqa: E402
 
 WARMUP = 2
 
@@ -57,7 +58,7 @@ class BareLoop:
         x = torch.stack([self.tokens[i:i + T] for i in ix])
         y = torch.stack([self.tokens[i + 1:i + T + 1] for i in ix])
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        with tm._autocast(self.device, self.precision):
+        with autocast(self.device, self.precision):
             if self.hf:
                 loss = F.cross_entropy(self.model(x).logits.flatten(0, 1).float(), y.flatten())
             else:

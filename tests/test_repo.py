@@ -3,6 +3,7 @@
 import argparse
 import ast
 import json
+import os
 import re
 import runpy
 import signal
@@ -66,6 +67,17 @@ def test_bench_help_gives_every_flags_default(script, monkeypatch):
         if (action.option_strings and action.help != argparse.SUPPRESS
                 and not isinstance(action, (argparse._HelpAction, argparse._StoreTrueAction))):
             assert "default" in action.help, f"{script} {action.option_strings[0]}"
+
+
+def test_bench_train_drives_the_real_train_loop(tmp_path):
+    """bench_train.py times trainingmanager.train itself against bare loops: on a tiny model it
+    runs end to end and prints the manager's overhead."""
+    out = subprocess.run([sys.executable, "bench/bench_train.py", "--steps", "2", "--preset",
+                          "tiny", "--batch-size", "2", "--block-size", "32", "--threads", "1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "CODELM_CACHE": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "manager overhead vs bare loop" in out.stdout
 
 
 def test_bench_lora_refuses_a_width_its_heads_do_not_divide(capsys, monkeypatch):
