@@ -41,64 +41,49 @@ from architecture import (
 
 # HF module -> (codelm module, part): which rows of the codelm module its output fills
 # (None: all; q/k/v: that block of the fused [Q | K | V]; qkv_*: see part_rows).
-LLAMA_MODULES = {
+# Llama's layout, which the later families keep: its ends, its attention, its SwiGLU MLP.
+_MODEL_ENDS = {
     "model.embed_tokens": ("wte", None),
+    "model.norm": ("norm_f", None),
+    "lm_head": ("lm_head", None),
+}
+_ATTENTION = {
     "model.layers.{i}.input_layernorm": ("blocks.{i}.norm_1", None),
     "model.layers.{i}.self_attn.q_proj": ("blocks.{i}.attn.qkv", "q"),
     "model.layers.{i}.self_attn.k_proj": ("blocks.{i}.attn.qkv", "k"),
     "model.layers.{i}.self_attn.v_proj": ("blocks.{i}.attn.qkv", "v"),
     "model.layers.{i}.self_attn.o_proj": ("blocks.{i}.attn.proj", None),
-    "model.layers.{i}.post_attention_layernorm": ("blocks.{i}.norm_2", None),
+}
+_SWIGLU = {
     "model.layers.{i}.mlp.gate_proj": ("blocks.{i}.mlp.gate", None),
     "model.layers.{i}.mlp.up_proj": ("blocks.{i}.mlp.fc", None),
     "model.layers.{i}.mlp.down_proj": ("blocks.{i}.mlp.proj", None),
-    "model.norm": ("norm_f", None),
-    "lm_head": ("lm_head", None),
 }
+_NORM_2 = {"model.layers.{i}.post_attention_layernorm": ("blocks.{i}.norm_2", None)}
+LLAMA_MODULES = {**_MODEL_ENDS, **_ATTENTION, **_NORM_2, **_SWIGLU}
 QWEN3_MODULES = {
     **LLAMA_MODULES,
     "model.layers.{i}.self_attn.q_norm": ("blocks.{i}.attn.q_norm", None),
     "model.layers.{i}.self_attn.k_norm": ("blocks.{i}.attn.k_norm", None),
 }
 STARCODER2_MODULES = {
-    "model.embed_tokens": ("wte", None),
-    "model.layers.{i}.input_layernorm": ("blocks.{i}.norm_1", None),
-    "model.layers.{i}.self_attn.q_proj": ("blocks.{i}.attn.qkv", "q"),
-    "model.layers.{i}.self_attn.k_proj": ("blocks.{i}.attn.qkv", "k"),
-    "model.layers.{i}.self_attn.v_proj": ("blocks.{i}.attn.qkv", "v"),
-    "model.layers.{i}.self_attn.o_proj": ("blocks.{i}.attn.proj", None),
-    "model.layers.{i}.post_attention_layernorm": ("blocks.{i}.norm_2", None),
+    **_MODEL_ENDS, **_ATTENTION, **_NORM_2,
     "model.layers.{i}.mlp.c_fc": ("blocks.{i}.mlp.fc", None),
     "model.layers.{i}.mlp.c_proj": ("blocks.{i}.mlp.proj", None),
-    "model.norm": ("norm_f", None),
-    "lm_head": ("lm_head", None),
 }
 PHI3_MODULES = {  # qkv_proj holds [Q | K | V] and gate_up_proj [gate | up], as codelm's do
-    "model.embed_tokens": ("wte", None),
+    **_MODEL_ENDS, **_NORM_2,
     "model.layers.{i}.input_layernorm": ("blocks.{i}.norm_1", None),
     "model.layers.{i}.self_attn.qkv_proj": ("blocks.{i}.attn.qkv", None),
     "model.layers.{i}.self_attn.o_proj": ("blocks.{i}.attn.proj", None),
-    "model.layers.{i}.post_attention_layernorm": ("blocks.{i}.norm_2", None),
     "model.layers.{i}.mlp.gate_up_proj": ("blocks.{i}.mlp.fc", None),
     "model.layers.{i}.mlp.down_proj": ("blocks.{i}.mlp.proj", None),
-    "model.norm": ("norm_f", None),
-    "lm_head": ("lm_head", None),
 }
-GEMMA2_MODULES = {
-    "model.embed_tokens": ("wte", None),
-    "model.layers.{i}.input_layernorm": ("blocks.{i}.norm_1", None),
-    "model.layers.{i}.self_attn.q_proj": ("blocks.{i}.attn.qkv", "q"),
-    "model.layers.{i}.self_attn.k_proj": ("blocks.{i}.attn.qkv", "k"),
-    "model.layers.{i}.self_attn.v_proj": ("blocks.{i}.attn.qkv", "v"),
-    "model.layers.{i}.self_attn.o_proj": ("blocks.{i}.attn.proj", None),
+GEMMA2_MODULES = {  # a norm on each branch's output too: the attention's takes Llama's name
+    **_MODEL_ENDS, **_ATTENTION, **_SWIGLU,
     "model.layers.{i}.post_attention_layernorm": ("blocks.{i}.attn_out_norm", None),
     "model.layers.{i}.pre_feedforward_layernorm": ("blocks.{i}.norm_2", None),
     "model.layers.{i}.post_feedforward_layernorm": ("blocks.{i}.mlp_out_norm", None),
-    "model.layers.{i}.mlp.gate_proj": ("blocks.{i}.mlp.gate", None),
-    "model.layers.{i}.mlp.up_proj": ("blocks.{i}.mlp.fc", None),
-    "model.layers.{i}.mlp.down_proj": ("blocks.{i}.mlp.proj", None),
-    "model.norm": ("norm_f", None),
-    "lm_head": ("lm_head", None),
 }
 PHI_MODULES = {
     "model.embed_tokens": ("wte", None),

@@ -909,6 +909,7 @@ class BPETokenizer(_BatchEncodeMixin):
             raise ValueError(f"{source}: malformed tokenizer.json ({type(e).__name__}: {e})") from None
         self.spec = spec
         self._roles = self._resolve_roles(roles or {})
+        self.chat_template: str | None = None  # an instruct model's (tokenizer_config.json)
 
     def _build(self, spec: dict) -> None:
         for key in ("truncation", "padding"):
@@ -1066,14 +1067,34 @@ class BPETokenizer(_BatchEncodeMixin):
         """Read a tokenizer.json; ``roles`` {"bos"/"eos"/"pad": token or None} override guesses."""
         path = tokenizer_path(path)
         spec = _read_json(path)
-        return cls(spec, str(path), _roles_from_config(path.parent) if roles is None else roles)
+        tok = cls(spec, str(path), _roles_from_config(path.parent) if roles is None else roles)
+        tok.chat_template = _chat_template_from_config(path.parent)
+        return tok  # (load_tokenizer reads it as this does)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the tokenizer.json; into a directory, with a tokenizer_config.json naming the
-        bos/eos/pad tokens (unless one is there) for transformers' AutoTokenizer."""
-        roles = {f"{role}_token": self.id_to_token(i) for role, i in self._roles.items()
-                 if i is not None}
-        return _write_tokenizer(path, self.spec, 2, config=roles)
+        bos/eos/pad tokens and the chat template (unless one is there) for transformers'
+        AutoTokenizer."""
+        config = {f"{role}_token": self.id_to_token(i) for role, i in self._roles.items()
+                  if i is not None}
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        return _write_tokenizer(path, self.spec, 2, config=config)
+
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False
+                            ) -> str:
+        """The text of a conversation (``messages``: [{"role": ..., "content": ...}, ...]) as
+        transformers' ``apply_chat_template(messages, tokenize=False)`` renders it with this
+        tokenizer's chat template; ``add_generation_prompt``: ends with the assistant's header."""
+        if self.chat_template is None:
+            raise ValueError(f"{self.source}: no chat_template (tokenizer_config.json or "
+                             "chat_template.jinja beside it): this is not an instruct model's "
+                             "tokenizer")
+        names = {f"{role}_token": self.id_to_token(i) if i is not None else None
+                 for role, i in self._roles.items()}
+        unk = self.id_to_token(self._unk_id) if self._unk_id is not None else None
+        return render_chat(self.chat_template, messages, add_generation_prompt,
+                           **names, unk_token=unk)
 
     def _bpe(self, symbols: list[str | None]) -> list[str | None]:
         """Merge the lowest-ranked adjacent pair, leftmost first, until none is left: HF's order,
@@ -1400,6 +1421,107 @@ def _roles_from_config(directory: Path) -> dict:
     return roles
 
 
+def _chat_template_from_config(directory: Path) -> str | None:
+    """The chat template transformers reads beside a tokenizer.json: chat_template.jinja, else
+    tokenizer_config.json's chat_template (a string, or named templates: the "default" one)."""
+    jinja_file = directory / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text("utf-8")
+    config = directory / "tokenizer_config.json"
+    template = _read_json(config).get("chat_template") if config.is_file() else None
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is not None and not isinstance(template, str):
+        raise ValueError(f"{config}: chat_template must be a Jinja template string, or a list "
+                         f"of {{'name', 'template'}} with a 'default' one, got "
+                         f"{_shown_json(template)}")
+    return template
+
+
+# ---- Chat templates: an instruct model's conversations, rendered as transformers renders them
+
+@functools.lru_cache(maxsize=8)
+def _compiled_chat_template(template: str):
+    """The template in transformers' sandboxed Jinja2 environment: no attribute or file access
+    beyond the data given, trim_blocks and lstrip_blocks, loop controls, its ``tojson`` filter,
+    ``raise_exception`` and ``strftime_now``, and ``{% generation %}`` blocks rendered as text."""
+    import datetime
+
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationBlocks(jinja2.ext.Extension):
+        """``{% generation %}...{% endgeneration %}`` (transformers marks assistant text so)."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body, lineno=lineno)
+
+    def raise_exception(message: str):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
+                          separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationBlocks, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise ValueError(f"chat_template: line {e.lineno}: {e.message}") from None
+
+
+def render_chat(template: str, messages: Sequence[dict], add_generation_prompt: bool = False,
+                **special_tokens: str | None) -> str:
+    """``messages`` rendered by a chat ``template`` as transformers renders them (bos_token,
+    eos_token, ... given as ``special_tokens``); the template's own errors are ValueErrors."""
+    import jinja2
+
+    try:
+        return _compiled_chat_template(template).render(
+            messages=list(messages), tools=None, documents=None,
+            add_generation_prompt=add_generation_prompt, **special_tokens)
+    except jinja2.exceptions.TemplateError as e:
+        raise ValueError(f"chat_template: {e}") from None
+
+
+def chat_ids(tok: BPETokenizer, messages: Sequence[dict]) -> tuple[list[int], list[bool]]:
+    """A conversation's ids, and for each id whether it is the assistant's (the tokens
+    supervised fine-tuning trains on): the text before each assistant turn is the template's
+    generation prompt; the assistant's text follows it, up to the template's end-of-turn marker
+    (the whitespace after it is the template's glue). Each part is encoded on its own, as
+    generation sees it: the prompt, then what it generates."""
+    ids: list[int] = []
+    trained: list[bool] = []
+    done = ""  # the rendered text encoded so far
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        prompt = tok.apply_chat_template(messages[:i], add_generation_prompt=True)
+        turn = tok.apply_chat_template(messages[: i + 1])
+        if not (prompt.startswith(done) and turn.startswith(prompt)):
+            raise ValueError("chat_template: the text before an assistant turn is not a prefix "
+                             "of the conversation's text: the assistant's tokens cannot be told "
+                             "apart")
+        answer = turn[len(prompt):].rstrip()
+        for text, is_assistant in ((prompt[len(done):], False), (answer, True)):
+            part = tok.encode(text)  # the template writes the special tokens it wants
+            ids += part
+            trained += [is_assistant] * len(part)
+        done = prompt + answer
+    rest = tok.encode(tok.apply_chat_template(messages)[len(done):])
+    return ids + rest, trained + [False] * len(rest)
+
+
 def tokenizer_path(path: str | os.PathLike) -> Path:
     """The tokenizer file ``path`` names (a directory's tokenizer.json)."""
     path = Path(path)
@@ -1427,7 +1549,9 @@ def load_tokenizer(path: str | os.PathLike) -> CodeTokenizer | BPETokenizer:
     if CodeTokenizer.is_hf_form(data):
         return CodeTokenizer.from_hf(data, str(path))
     if "model" in data:
-        return BPETokenizer(data, str(path), _roles_from_config(path.parent))
+        tok = BPETokenizer(data, str(path), _roles_from_config(path.parent))
+        tok.chat_template = _chat_template_from_config(path.parent)
+        return tok
     raise ValueError(f"{path}: neither a HF tokenizer.json (no 'model' key) nor a codelm tokenizer file")
 
 

@@ -11,6 +11,11 @@ for p in (ROOT, ROOT / "tests"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
+# A suite started in the background (a shell's `pytest &` without job control) inherits Ctrl-C
+# ignored, and so does every process it starts; the tests of stopping send it as a terminal does.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 # The suite's models are toys: one thread avoids oversubscribing the 2-core CI machine, where
 # a second thread makes a tiny generate 30-100x slower under load. Tests that need more set it.
 torch.set_num_threads(1)

@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 from test_architecture import gen
-from tiny_hf import MODERN, WINDOW, save_tiny_hf
+from test_pretrained import _ids
+from tiny_hf import MODERN, WINDOW, save_tiny_hf, tiny_checkpoints
 
 import pretrained
 
@@ -17,18 +18,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """name -> (HF directory, transformers model, codelm model loaded from the directory)."""
-    out = {}
-    for name in MODERN:
-        path = tmp_path_factory.mktemp(name)
-        hf = save_tiny_hf(name, path)
-        out[name] = (path, hf, pretrained.load(path))
-    return out
-
-
-def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 256, (batch, length), generator=g)
+    return tiny_checkpoints(MODERN, tmp_path_factory)
 
 
 def _hf_greedy(hf, idx, new_tokens, attention_mask=None):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_architecture import gen, gen_stream
-from tiny_hf import FAMILIES, save_tiny_hf, tiny_hf_model
+from tiny_hf import FAMILIES, save_tiny_hf, tiny_checkpoints, tiny_hf_model
 
 import pretrained
 from architecture import PRESETS, ModelConfig, Transformer
@@ -19,13 +19,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """family -> (HF directory, transformers model, codelm model loaded from the directory)."""
-    out = {}
-    for family in FAMILIES:
-        path = tmp_path_factory.mktemp(family)
-        hf = save_tiny_hf(family, path)
-        out[family] = (path, hf, pretrained.load(path))
-    return out
+    return tiny_checkpoints(FAMILIES, tmp_path_factory)
 
 
 def _copy(src, dst):

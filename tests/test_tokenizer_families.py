@@ -12,7 +12,7 @@ from test_tokenizer import EDGE_CASES, _first_mismatch, _hf_ids
 from tiny_hf import FAMILY_TOKENIZER_STYLES, QWEN2_SPECIALS, train_family_tokenizer
 
 import dataset
-from tokenizer import BPETokenizer, decode_generated, load_tokenizer
+from tokenizer import BPETokenizer, chat_ids, decode_generated, load_tokenizer
 
 JAVASCRIPT = '''import { readFile } from "node:fs/promises";
 
@@ -187,3 +187,94 @@ def test_each_familys_fim_markers_are_found(markers):
     assert (tok.fim_prefix_id, tok.fim_suffix_id, tok.fim_middle_id) == tuple(
         tok.token_to_id(m) for m in markers)
     assert None not in (tok.fim_prefix_id, tok.fim_suffix_id, tok.fim_middle_id)
+
+
+# A ChatML template as Qwen2.5-Coder-Instruct's (its default system message, a role check that
+# raises, assistant text in a generation block) and Llama-3's.
+CHATML_TEMPLATE = (
+    "{%- if messages[0].role != 'system' %}"
+    "{{- '<|im_start|>system\\nYou are a helpful coding assistant.<|im_end|>\\n' }}{%- endif %}\n"
+    "{%- for message in messages %}\n"
+    "  {%- if message.role not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role: ' + message.role) }}{%- endif %}\n"
+    "  {%- if message.role == 'assistant' %}{{- '<|im_start|>assistant\\n' }}"
+    "{% generation %}{{- message.content + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}\n"
+    "  {%- else %}{{- '<|im_start|>' + message.role + '\\n' + message.content + "
+    "'<|im_end|>\\n' }}{%- endif %}\n"
+    "  {%- if loop.last and message.role == 'tool' %}{% break %}{% endif %}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+LLAMA3_TEMPLATE = (
+    "{{- bos_token }}{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+    " + message['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{%- endif %}")
+CONVERSATIONS = [
+    [{"role": "user", "content": "Write fib(n)."},
+     {"role": "assistant", "content": "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)"}],
+    [{"role": "system", "content": "Answer in Python."},
+     {"role": "user", "content": "Reverse a list"},
+     {"role": "assistant", "content": "xs[::-1]"},
+     {"role": "user", "content": "In place?"},
+     {"role": "assistant", "content": "xs.reverse()  # é, 中文"}],
+]
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizers(family_tokenizers, tmp_path_factory) -> dict:
+    """name -> (transformers' tokenizer, ours) for a ChatML and a Llama-3 chat template."""
+    from transformers import AutoTokenizer
+
+    hf, _ = family_tokenizers["qwen2"]
+    out = {}
+    for name, template, roles in (
+            ("chatml", CHATML_TEMPLATE, {"eos_token": "<|im_end|>"}),
+            ("llama3", LLAMA3_TEMPLATE, {"bos_token": "<|endoftext|>"})):
+        directory = tmp_path_factory.mktemp(name)
+        hf.save(str(directory / "tokenizer.json"))
+        (directory / "tokenizer_config.json").write_text(json.dumps(
+            {**roles, "chat_template": template, "tokenizer_class": "PreTrainedTokenizerFast"}))
+        out[name] = (AutoTokenizer.from_pretrained(directory), load_tokenizer(directory))
+    return out
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3"])
+def test_chat_templates_render_as_transformers_renders_them(chat_tokenizers, name):
+    theirs, ours = chat_tokenizers[name]
+    for messages in CONVERSATIONS:
+        for prompt in (False, True):
+            assert ours.apply_chat_template(messages, add_generation_prompt=prompt) == (
+                theirs.apply_chat_template(messages, tokenize=False,
+                                           add_generation_prompt=prompt))
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3"])
+def test_chat_ids_train_on_the_assistant_turns_only(chat_tokenizers, name):
+    """The trained ids spell exactly each assistant turn and its end marker; all ids together
+    decode to the conversation transformers renders."""
+    theirs, ours = chat_tokenizers[name]
+    messages = CONVERSATIONS[1]
+    ids, trained = chat_ids(ours, messages)
+    assert ours.decode(ids) == theirs.apply_chat_template(messages, tokenize=False)
+    spans, span = [], []
+    for i, is_assistant in zip(ids, trained):
+        if is_assistant:
+            span.append(i)
+        elif span:
+            spans.append(ours.decode(span))
+            span = []
+    if span:
+        spans.append(ours.decode(span))
+    end = "<|im_end|>" if name == "chatml" else "<|eot_id|>"
+    assert spans == [m["content"] + end for m in messages if m["role"] == "assistant"]
+
+
+def test_a_template_error_is_one_line_naming_the_chat_template(chat_tokenizers):
+    _, ours = chat_tokenizers["chatml"]
+    with pytest.raises(ValueError, match=r"chat_template: unknown role: tool"):
+        ours.apply_chat_template([{"role": "tool", "content": "42"}])
+    plain = load_tokenizer(ours.source)  # the same tokenizer.json without a template beside it
+    plain.chat_template = None
+    with pytest.raises(ValueError, match=r"no chat_template"):
+        plain.apply_chat_template(CONVERSATIONS[0])

@@ -127,6 +127,18 @@ def save_tiny_hf(family: str, path: Path, seed: int = 0, **overrides):
     return model
 
 
+def tiny_checkpoints(names, tmp_path_factory) -> dict:
+    """name -> (HF directory, transformers model, codelm model loaded from the directory)."""
+    import pretrained
+
+    out = {}
+    for name in names:
+        path = tmp_path_factory.mktemp(name)
+        hf = save_tiny_hf(name, path)
+        out[name] = (path, hf, pretrained.load(path))
+    return out
+
+
 STARCODER_SPECIALS = ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"]
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
 
