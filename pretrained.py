@@ -131,7 +131,7 @@ NOT_IN_HF_CONFIG = ("init", "init_std", "dropout", "embd_dropout", "attn_dropout
 _ATTENTION_DROPOUT = {"attn_dropout": ("attention_dropout", 0.0)}
 DROPOUT_KEYS = {
     "llama": _ATTENTION_DROPOUT, "qwen2": _ATTENTION_DROPOUT, "qwen3": _ATTENTION_DROPOUT,
-    "mistral": _ATTENTION_DROPOUT, "gemma2": _ATTENTION_DROPOUT,
+    "mistral": _ATTENTION_DROPOUT, "gemma": _ATTENTION_DROPOUT, "gemma2": _ATTENTION_DROPOUT,
     "starcoder2": {"dropout": ("residual_dropout", 0.0), "embd_dropout": ("embedding_dropout", 0.0),
                    "attn_dropout": ("attention_dropout", 0.0)},
     "phi3": {"dropout": ("resid_pdrop", 0.0), "embd_dropout": ("embd_pdrop", 0.0),
@@ -177,6 +177,9 @@ HF_FIELDS = {
                    "norm_eps": (("norm_epsilon",), 1e-5), "qkv_bias": (("use_bias",), True)},
     "phi3": {**_LLAMA_LIKE, "block_size": (("max_position_embeddings",), 4096),
              "norm_eps": (("rms_norm_eps",), 1e-5)},
+    "gemma": {**_LLAMA_LIKE, "block_size": (("max_position_embeddings",), 8192),
+              "head_dim": (("head_dim",), 256), "norm_eps": (("rms_norm_eps",), 1e-6),
+              "qkv_bias": (("attention_bias",), False)},
     "gemma2": {**_LLAMA_LIKE, "block_size": (("max_position_embeddings",), 8192),
                "head_dim": (("head_dim",), 256), "norm_eps": (("rms_norm_eps",), 1e-6),
                "qkv_bias": (("attention_bias",), False)},
@@ -223,8 +226,8 @@ def _fields(hf: dict, family: str) -> dict:
 
 
 def _require(hf: dict, key: str, want, why: str) -> None:
-    """A field codelm honours one way only: absent, or exactly `want`."""
-    if key in hf and _typed(key, hf[key], type(want)) != want:
+    """A field codelm honours one way only: absent (or null), or exactly `want`."""
+    if hf.get(key) is not None and _typed(key, hf[key], type(want)) != want:
         raise ValueError(f"{key}={hf[key]!r} cannot be honoured: {why}")
 
 
@@ -430,8 +433,19 @@ def _read_phi3(hf: dict) -> ModelConfig:
                        rope_theta=rope["rope_theta"], rope_scaling=rope["rope_scaling"])
 
 
+def _read_gemma(hf: dict) -> ModelConfig:
+    """Gemma (CodeGemma): Llama's layout with GeGLU, scaled embeddings and weights + 1 norms."""
+    _require(hf, "hidden_act", "gelu_pytorch_tanh", "codelm's GeGLU uses GELU-tanh")
+    _require(hf, "use_bidirectional_attention", False, "attention is causal")
+    f = _fields(hf, "gemma")
+    return ModelConfig(**_shared(hf, "gemma", tie_default=True), **f, **_full_rope(hf, "gemma"),
+                       norm="rmsnorm", norm_offset=1.0, mlp="geglu", positions="rope",
+                       attn_proj_bias=f["qkv_bias"], scale_embeddings=True)
+
+
 def _read_gemma2(hf: dict) -> ModelConfig:
     _require(hf, "hidden_activation", "gelu_pytorch_tanh", "codelm's GeGLU uses GELU-tanh")
+    _require(hf, "use_bidirectional_attention", False, "attention is causal")
     f = _fields(hf, "gemma2")
     scalar = _get(hf, "query_pre_attn_scalar", kind=float, default=256.0)
     return ModelConfig(
@@ -504,6 +518,10 @@ def _write_phi3(c: ModelConfig) -> dict:
             "partial_rotary_factor": c.rotary_dim / c.head_dim, **_write_windows(c)}
 
 
+def _write_gemma(c: ModelConfig) -> dict:
+    return {"hidden_act": "gelu_pytorch_tanh", **_write_rope(c)}
+
+
 def _write_gemma2(c: ModelConfig) -> dict:
     # an integer in transformers' config; a scale it cannot give fails hf_config's round trip
     scalar = round(c.attn_scale ** -2) if c.attn_scale is not None else None
@@ -549,6 +567,8 @@ TABLES: dict[str, FamilyTable] = {
                               "Starcoder2ForCausalLM", _read_starcoder2, _write_starcoder2),
     "phi3": FamilyTable(PHI3_MODULES, (".rotary_emb.inv_freq",), "Phi3ForCausalLM",
                         _read_phi3, _write_phi3),
+    "gemma": FamilyTable(LLAMA_MODULES, (".rotary_emb.inv_freq",), "GemmaForCausalLM",
+                         _read_gemma, _write_gemma),
     "gemma2": FamilyTable(GEMMA2_MODULES, (".rotary_emb.inv_freq",), "Gemma2ForCausalLM",
                           _read_gemma2, _write_gemma2),
     "phi": FamilyTable(PHI_MODULES, (".rotary_emb.inv_freq",), "PhiForCausalLM",

@@ -33,7 +33,7 @@ LLAMA3_PATTERN = (
 FAMILIES = ("gpt_bigcode", "codegen", "phi", "llama")
 # Today's families, and Llama with the other rope scalings; each named config keeps its real
 # models' traits (the window shorter than the tests' inputs).
-MODERN = ("qwen2", "qwen2-window", "qwen3", "mistral", "starcoder2", "phi3", "gemma2",
+MODERN = ("qwen2", "qwen2-window", "qwen3", "mistral", "starcoder2", "phi3", "gemma", "gemma2",
           "llama-linear", "llama-dynamic", "llama-yarn")
 WINDOW = 48  # the sliding window of the tiny configs that slide
 
@@ -93,6 +93,8 @@ def _modern_config(name: str):
     if name == "phi3":  # Phi-4-mini: fused qkv_proj and gate_up_proj, partial rotary; window
         return tf.Phi3Config, dict(shape, partial_rotary_factor=0.75, sliding_window=WINDOW,
                                    pad_token_id=0)
+    if name == "gemma":  # CodeGemma 2B: multi-query attention, head_dim 32, tied
+        return tf.GemmaConfig, dict(shape, num_key_value_heads=1, head_dim=32, pad_token_id=0)
     if name == "gemma2":  # Gemma 2: every other layer slides, soft caps, head_dim 32; caps
         # low enough to bend a tiny model's scores (real: 50 and 30)
         return tf.Gemma2Config, dict(shape, num_hidden_layers=3, head_dim=32,
