@@ -1026,17 +1026,28 @@ def run_generation_task(lm: LoadedModel, task: str, examples: Sequence[TaskExamp
     loss = {"loss": score_supervised(lm, examples, cfg, data_cfg)} if cfg.reference_loss else {}
     metrics = {**loss, **_generation_metrics(task, preds, refs, cfg.progress)}
     if task == "method":  # the share of functions, header and generated body, that parse
-        metrics["parses"] = 100 * sum(map(_parses, (p + y for p, y in zip(prompts, preds)))) / len(
-            preds)
+        completed = [p + y for p, y in zip(prompts, preds)]
+        metrics["parses"] = 100 * sum(map(_body_parses, completed)) / len(preds)
     return metrics, records
 
 
-def _parses(source: str) -> bool:
+def _body_parses(source: str) -> bool:
+    """Whether a function (its header and docstring, then the generated body) parses with a body
+    of its own: a statement besides the docstring, which alone would parse."""
     try:
-        ast.parse(source)
+        tree = ast.parse(source)
     except (SyntaxError, ValueError):  # ValueError: a null byte
         return False
-    return True
+    function = next((node for node in tree.body
+                     if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)), None)
+    if function is None:
+        return False
+    statements = function.body
+    first = statements[0]
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(
+            first.value.value, str):  # the docstring
+        statements = statements[1:]
+    return bool(statements)
 
 
 def run_passk(lm: LoadedModel, problems: Sequence[dict], cfg: EvalConfig

@@ -1847,6 +1847,21 @@ def test_method_records_and_reference_loss_are_scored_as_the_table(tiny_models, 
     assert "loss" not in metrics and metrics["parses"] == 100  # tabs throughout: Python reads it
 
 
+@pytest.mark.parametrize("body, parses", [("", False), ("\n\n", False), ("    return x", True),
+                                          ("    ...", True)])
+def test_a_docstring_alone_is_no_body(tiny_models, monkeypatch, body, parses):
+    """method/parses counts a function whose generated body holds a statement of its own: the
+    prompt's docstring parses as a body by itself, so an empty completion would count."""
+    import torch
+
+    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    monkeypatch.setattr(ev, "generate_texts", lambda lm, prompts, cfg, stops=(), desc="", **kw:
+                        [body] * len(prompts))
+    example = ev.TaskExample("m", "    return 1", 'def f(x):\n    """Return x."""\n')
+    metrics, _ = ev.run_generation_task(lm, "method", [example], ev.EvalConfig(progress=False))
+    assert metrics["parses"] == (100 if parses else 0)
+
+
 @pytest.mark.parametrize("body, parses", [("    return (x", False), ("    return x\n  y = 1", False),
                                           ("    return x", True), ("    pass\n\n# done", True)])
 def test_a_function_parses_where_python_reads_it(tiny_models, monkeypatch, body, parses):
