@@ -11,7 +11,7 @@ from pathlib import Path
 # The sentinel tokens of a fim prompt (prefix, suffix, middle).
 FIM_SENTINELS = 3
 
-TASKS = ("lm", "completion", "method", "docstring", "refactor", "fim")
+TASKS = ("lm", "completion", "method", "docstring", "refactor", "fim", "chat")
 SPLITS = ("train", "val", "test")
 
 REFACTOR_TEMPLATE = "### Refactor the following Python code to improve quality:\n\n{input}\n"
@@ -39,10 +39,10 @@ class DataConfig:
     """Everything that decides what ``prepare`` builds; all but the runtime knobs key the cache."""
 
     # task and sources
-    task: str = "lm"  # lm | completion | method | docstring | refactor | fim
+    task: str = "lm"  # lm | completion | method | docstring | refactor | fim | chat
     sources: list[str] = field(default_factory=lambda: ["stdlib"])  # "stdlib", a directory, a
-    #   JSONL of code ({repo, path, text} or {"file_text"}) or of pairs ({input, output} or
-    #   {prompt, completion})
+    #   JSONL of code ({repo, path, text} or {"file_text"}), of pairs ({input, output} or
+    #   {prompt, completion}) or of conversations ({"messages": [{role, content}, ...]})
     val_sources: list[str] = field(default_factory=list)  # exactly the val split; `sources`
     #   fill the others, and a copy of one of its documents in `sources` leaves training
     test_sources: list[str] = field(default_factory=list)  # the same for the test split

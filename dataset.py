@@ -63,6 +63,7 @@ from tokenizer import (
     PYTHON_PARSE_ERRORS,
     BPETokenizer,
     CodeTokenizer,
+    chat_turns,
     docstring_statement,
     load_tokenizer,
     source_lines,
@@ -100,10 +101,16 @@ class Doc:
     target: str | None = None  # the completion of a pair; None for code files
     raw_pair: bool = False  # a {"prompt","completion"} pair: used verbatim, no template
     split: str | None = None  # "val"/"test" from val_sources/test_sources; None: by fraction
+    chat: bool = False  # a conversation: ``text`` holds its messages as JSON
 
     @property
     def is_python(self) -> bool:
-        return self.target is None and has_extension(self.id, (".py",))
+        return self.target is None and not self.chat and has_extension(self.id, (".py",))
+
+    @property
+    def messages(self) -> list[dict]:
+        """A conversation's [{"role", "content"}, ...]."""
+        return json.loads(self.text)
 
 
 def _source_files(source: str, extensions: Sequence[str]) -> tuple[Path, list[Path]]:
@@ -239,6 +246,9 @@ def _record_to_doc(rec: dict, cfg: DataConfig, name: str, where: str) -> Doc:
     for key in (*TEXT_KEYS, "repo", "path", "input", "output", "prompt", "completion"):
         if isinstance(rec.get(key), str) and not is_utf8(rec[key]):
             raise DataError(f"{where}: key {key!r} holds a lone surrogate (not valid UTF-8)")
+    if "messages" in rec:
+        return Doc(name, json.dumps(_checked_messages(rec["messages"], where),
+                                    ensure_ascii=False), chat=True)
     for a, b in (("input", "output"), ("prompt", "completion")):
         if a in rec or b in rec:
             if not (isinstance(rec.get(a), str) and isinstance(rec.get(b), str)):
@@ -253,6 +263,23 @@ def _record_to_doc(rec: dict, cfg: DataConfig, name: str, where: str) -> Doc:
     repo = rec.get("repo") if isinstance(rec.get("repo"), str) else None
     rel = rec.get("path") if isinstance(rec.get("path"), str) else name
     return Doc(f"{repo}/{rel}" if repo else rel, rec[key], repo=repo)
+
+
+def _checked_messages(messages: object, where: str) -> list[dict]:
+    """A conversation record's messages: [{"role": str, "content": str}, ...] with an
+    assistant's turn (what the chat task trains on); a DataError names ``where``."""
+    if not (isinstance(messages, list) and messages):
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
+    for i, message in enumerate(messages):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            raise DataError(f"{where}: messages[{i}] must be an object with string 'role' and "
+                            "'content'")
+        if not is_utf8(message["content"]):
+            raise DataError(f"{where}: messages[{i}] holds a lone surrogate (not valid UTF-8)")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: no 'assistant' message: nothing for the chat task to learn")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def _iter_sources(cfg: DataConfig, counts: Counter, pairs: list[int]) -> Iterator[Doc]:
@@ -444,6 +471,13 @@ def _clean_one(args: tuple[Doc, dict]) -> tuple[Doc | None, str | None, list[str
             return None, "empty_pair", mods
         (prompt, target), mods = _redact([raw.text, raw.target], opt)
         return replace(raw, text=prompt, target=target), None, mods
+    if raw.chat:  # a conversation: its messages redacted, never otherwise rewritten
+        messages = raw.messages
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+            return None, "empty_chat", mods
+        contents, mods = _redact([m["content"] for m in messages], opt)
+        redacted = [{**m, "content": c} for m, c in zip(messages, contents)]
+        return replace(raw, text=json.dumps(redacted, ensure_ascii=False)), None, mods
     text, reason = decode_source(raw.text)
     if text is None:
         return None, reason, mods
@@ -632,6 +666,8 @@ class Corpus:
 
 
 def _plain_text(doc: Doc) -> str:
+    if doc.chat:
+        return "\n".join(m["content"] for m in doc.messages)
     return doc.text if doc.target is None else doc.text + "\n" + doc.target
 
 
@@ -1050,8 +1086,9 @@ def _task_options(cfg: DataConfig) -> dict:
 
 
 def reads_special_tokens(task: str | None, pair_special_tokens: object) -> bool:
-    """Whether a run's pair records (and its prompts) read special-token text as the tokens."""
-    return bool(pair_special_tokens) and task != "lm"
+    """Whether a run's pair records (and its prompts) read special-token text as the tokens: a
+    chat template's always do."""
+    return task == "chat" or (bool(pair_special_tokens) and task != "lm")
 
 
 def _encode(tokenizer, texts: list[str], cfg: DataConfig, desc: str,
@@ -1178,6 +1215,8 @@ def held_out_prompt(docs: Iterable[Doc], cfg: DataConfig) -> SamplePrompt | None
     the first top-level function with a docstring, its header and docstring, else the first
     function's header), and whether its completion ends with its function."""
     header = None
+    if cfg.task == "chat":  # its prompts need the tokenizer's template
+        return None
     for doc in docs:
         if cfg.task not in ("lm", "fim", "completion"):
             if doc.target or cfg.task != "refactor":
@@ -1215,7 +1254,8 @@ def tokenize_examples(examples: list[Example], tokenizer: CodeTokenizer | BPETok
     pair reads special tokens' text as the tokens, and loses its own template prefix (one BOS)."""
     # Text far beyond what can survive truncation is cut before tokenizing.
     chars = _CHARS_PER_TOKEN_BOUND * (cfg.block_size + 1)
-    reads = [cfg.pair_special_tokens and e.pair for e in examples]
+    reads = [reads_special_tokens(cfg.task, cfg.pair_special_tokens) and e.pair
+             for e in examples]
     parts = []
     for e in examples:
         head, completion = e.head[-chars:], e.completion[:chars]
@@ -1350,15 +1390,35 @@ def _split_pairs(docs: list[Doc], tokenizer, cfg: DataConfig, s: str, events: Co
         else:
             pairs = [(p, c, False, (0, 0)) for ids in encoded for p, c in window_pairs(ids, cfg)]
         examples = [Example(d.text, d.target, pair=True) for d in docs if d.target is not None]
+    elif cfg.task == "chat":
+        examples = chat_examples(docs, tokenizer, cfg, s)
     else:
         examples = [e for d in progress_bar(docs, desc=f"{cfg.task} {s}", enabled=cfg.progress)
                     for e in _examples_for(d, cfg, events)]
+    ends = cfg.task != "chat"  # a chat answer ends with its template's end-of-turn marker
     for prompt, completion, span in tokenize_examples(examples, tokenizer, cfg, f"tokenize {s}"):
         if cfg.task == "docstring" and len(completion) < cfg.docstring_min_tokens:
             events["skipped_docstring_too_short"] += 1
         else:
-            pairs.append((prompt, completion, True, span))
+            pairs.append((prompt, completion, ends, span))
     return pairs
+
+
+def chat_examples(docs: list[Doc], tokenizer, cfg: DataConfig, split: str) -> list[Example]:
+    """One example an assistant turn of each conversation (tokenizer.chat_turns): the
+    conversation before it, rendered with the model's chat template, then the answer."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError("the chat task needs the tokenizer of an instruct model, whose "
+                        "tokenizer_config.json holds a chat_template (--init-from, --tokenizer)")
+    examples = []
+    for doc in progress_bar(docs, desc=f"chat {split}", enabled=cfg.progress):
+        if not doc.chat:
+            raise DataError(f"the chat task needs JSONL conversation records {{'messages': "
+                            f"[{{'role', 'content'}}, ...]}}; the data holds {doc.id}, which is "
+                            "not one")
+        for turn in chat_turns(tokenizer, doc.messages):
+            examples.append(Example(turn.prompt, turn.answer, pair=True))
+    return examples
 
 
 def _build_supervised(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path) -> dict:

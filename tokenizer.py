@@ -1494,30 +1494,46 @@ def render_chat(template: str, messages: Sequence[dict], add_generation_prompt: 
         raise ValueError(f"chat_template: {e}") from None
 
 
-def chat_ids(tok: BPETokenizer, messages: Sequence[dict]) -> tuple[list[int], list[bool]]:
-    """A conversation's ids, and for each id whether it is the assistant's (the tokens
-    supervised fine-tuning trains on): the text before each assistant turn is the template's
-    generation prompt; the assistant's text follows it, up to the template's end-of-turn marker
-    (the whitespace after it is the template's glue). Each part is encoded on its own, as
-    generation sees it: the prompt, then what it generates."""
-    ids: list[int] = []
-    trained: list[bool] = []
-    done = ""  # the rendered text encoded so far
+class ChatTurn(NamedTuple):
+    """One assistant turn of a conversation, as text."""
+
+    prompt: str  # the conversation before it, rendered with the generation prompt
+    answer: str  # the assistant's text, up to the template's end-of-turn marker
+
+
+def chat_turns(tok: BPETokenizer, messages: Sequence[dict]) -> list[ChatTurn]:
+    """Each assistant turn of a conversation: what generation is prompted with, and what it is
+    to answer (the whitespace after the end-of-turn marker is the template's glue)."""
+    turns = []
     for i, message in enumerate(messages):
         if message.get("role") != "assistant":
             continue
         prompt = tok.apply_chat_template(messages[:i], add_generation_prompt=True)
         turn = tok.apply_chat_template(messages[: i + 1])
-        if not (prompt.startswith(done) and turn.startswith(prompt)):
+        if not turn.startswith(prompt):
             raise ValueError("chat_template: the text before an assistant turn is not a prefix "
                              "of the conversation's text: the assistant's tokens cannot be told "
                              "apart")
-        answer = turn[len(prompt):].rstrip()
-        for text, is_assistant in ((prompt[len(done):], False), (answer, True)):
+        turns.append(ChatTurn(prompt, turn[len(prompt):].rstrip()))
+    return turns
+
+
+def chat_ids(tok: BPETokenizer, messages: Sequence[dict]) -> tuple[list[int], list[bool]]:
+    """A conversation's ids, and for each id whether it is the assistant's (the tokens
+    supervised fine-tuning trains on). Each part is encoded on its own, as generation sees it:
+    the prompt, then what it generates."""
+    ids: list[int] = []
+    trained: list[bool] = []
+    done = ""  # the rendered text encoded so far
+    for turn in chat_turns(tok, messages):
+        if not turn.prompt.startswith(done):
+            raise ValueError("chat_template: a turn's prompt does not continue the text before "
+                             "it: the conversation's tokens cannot be laid out in one sequence")
+        for text, is_assistant in ((turn.prompt[len(done):], False), (turn.answer, True)):
             part = tok.encode(text)  # the template writes the special tokens it wants
             ids += part
             trained += [is_assistant] * len(part)
-        done = prompt + answer
+        done = turn.prompt + turn.answer
     rest = tok.encode(tok.apply_chat_template(messages)[len(done):])
     return ids + rest, trained + [False] * len(rest)
 

@@ -425,13 +425,12 @@ def test_interrupted_sweep_reruns_the_interrupted_trial(tmp_path, corpus):
 def test_a_stopped_or_killed_sweep_stops_its_workers(tmp_path, corpus, sig):
     """SIGTERM (a scheduler's stop, ``kill``) to the command is passed on to the workers, which
     run in their own sessions: each ends its trial as interrupted, and the command exits 143
-    (SIGHUP, its terminal's hangup: 129)."""
+    (SIGHUP, its terminal's hangup: 129). Its output goes to a file: a hangup points a terminal
+    or a pipe at /dev/null."""
     space = tiny_space(tmp_path, corpus)
     argv = tune_args(tmp_path, space, study_name="term", n_trials=2, workers=2, max_steps=5000,
                      eval_every=4, pruner="none")
     storage = journal(tmp_path, "term")
-    sweep = popen([sys.executable, str(ROOT / "hyperparam_tune.py"), *argv],
-                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     running = []
 
     def both_training() -> bool:
@@ -446,7 +445,11 @@ def test_a_stopped_or_killed_sweep_stops_its_workers(tmp_path, corpus, sig):
         return [int(t.user_attrs[hyperparam_tune.ATTR_WORKER].rpartition(":")[2])
                 for t in running]
 
-    output, _ = signal_when(sweep, both_training, sig)
+    with open(tmp_path / "output", "w") as log:
+        sweep = popen([sys.executable, str(ROOT / "hyperparam_tune.py"), *argv],
+                      stdout=log, stderr=subprocess.STDOUT, text=True)
+        signal_when(sweep, both_training, sig)
+    output = (tmp_path / "output").read_text()
     assert sweep.returncode == 128 + sig, output[-3000:]
     assert "Traceback" not in output and "run the same command again" in output
     for pid in workers():
