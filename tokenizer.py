@@ -780,11 +780,14 @@ class _SentencePieces:
     """Pieces of SentencePiece-style text (no byte-level mapping). Metaspace: spaces become
     ``replacement``, which is prepended (``prepend_scheme`` always, or first: to the text's first
     segment only), and with ``split`` every ▁ starts a piece. Otherwise (or with no
-    pre-tokenizer) the segment is one word, cut before each ▁ run only where no token has ▁
-    after another character: no merge crosses a cut, so the ids are the same, and the cut
-    pieces can be cached."""
+    pre-tokenizer) the segment is one word, cut where no token of the vocabulary can span the
+    cut, so that the ids are the same and the pieces can be cached: between runs of letters,
+    digits and other characters (each with the ▁ before it) where every token is one such run,
+    as SentencePiece's training splits by script and digit; else before each ▁ run where no
+    token has ▁ after another character."""
 
-    def __init__(self, spec: dict | None, vocab: dict[str, int]):
+    def __init__(self, spec: dict | None, merges: Iterable[tuple[str, str]]):
+        """``merges``: the model's, whose results are every token BPE can make of characters."""
         self.metaspace = spec is not None
         self.replacement, self.prepend, split = SPIECE_SPACE, "never", False
         if spec is not None:
@@ -799,10 +802,15 @@ class _SentencePieces:
                     f"Metaspace prepend_scheme {self.prepend!r}")
             split = bool(spec.get("split", True))
         mark = regex.escape(self.replacement)
+        runs = regex.compile(rf"{mark}*[\p{{L}}\p{{M}}]+|{mark}*\p{{N}}|{mark}*[^\p{{L}}\p{{M}}\p{{N}}"
+                             rf"{mark}]+|{mark}+")
         joined = regex.compile(rf"[^{mark}]{mark}")  # a token gluing ▁ after a character
+        made = [first + second for first, second in merges]
         if split:
             self._pieces = regex.compile(rf"{mark}[^{mark}]*|[^{mark}]+")
-        elif not any(joined.search(token) for token in vocab):
+        elif all(runs.fullmatch(token) for token in made):
+            self._pieces = runs
+        elif not any(joined.search(token) for token in made):
             self._pieces = regex.compile(rf"{mark}*[^{mark}]+|{mark}+")
         else:
             self._pieces = None  # the whole segment, one word
@@ -973,7 +981,7 @@ class BPETokenizer(_BatchEncodeMixin):
             except regex.error as e:
                 raise _Unsupported(f"pre_tokenizer: Split regex does not compile: {e}") from None
         else:
-            self._pretokenize = _SentencePieces(pre_tokenizer, self._vocab)
+            self._pretokenize = _SentencePieces(pre_tokenizer, self._ranks)
         self._byte_level = byte_level
 
     def _build_added(self, added: list) -> None:

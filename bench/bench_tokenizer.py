@@ -90,14 +90,17 @@ def _train_reference(style: str, texts: list[str], vocab_size: int, path: Path):
 
 def _train_sentencepiece_reference(style: str, texts: list[str], vocab_size: int, path: Path):
     """Llama-2's form (``spm``) or Mistral's (``metaspace``) of a BPE with byte fallback,
-    trained on SentencePiece's pieces (a word with the spaces before it, or spaces)."""
+    trained on SentencePiece's pieces: runs of letters, digits or other characters, each with
+    the spaces before it (SentencePiece splits its training text by script and digit)."""
     import json
 
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     space = "\u2581"
     tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=True))
-    pieces = pre_tokenizers.Split(Regex(f"{space}*[^{space}]+|{space}+"), behavior="isolated")
+    runs = (rf"{space}*[\p{{L}}\p{{M}}]+|{space}*\p{{N}}|{space}*[^\p{{L}}\p{{M}}\p{{N}}{space}]+"
+            rf"|{space}+")
+    pieces = pre_tokenizers.Split(Regex(runs), behavior="isolated")
     if style == "spm":
         tok.normalizer = normalizers.Sequence([normalizers.Prepend(space),
                                                normalizers.Replace(" ", space)])

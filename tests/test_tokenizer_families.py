@@ -116,7 +116,7 @@ def test_ids_and_text_equal_hf_on_edge_strings(style, family_tokenizers):
     assert round_trips > len(FAMILY_EDGE_CASES) // 2
 
 
-@pytest.mark.parametrize("style", ["spm", "metaspace"])
+@pytest.mark.parametrize("style", ["spm", "spm-words", "metaspace"])
 def test_byte_fallback_spells_unknown_characters_as_hf_does(style, family_tokenizers):
     """Emoji and CJK are not in the 120-character alphabet: their UTF-8 bytes as <0xNN>."""
     hf, ours = family_tokenizers[style]
@@ -130,7 +130,7 @@ def test_byte_fallback_spells_unknown_characters_as_hf_does(style, family_tokeni
     assert ours.decode(bad) == hf.decode(bad) == "\ufffd\ufffdx"
 
 
-@pytest.mark.parametrize("style", ["spm", "metaspace"])
+@pytest.mark.parametrize("style", ["spm", "spm-words", "metaspace"])
 def test_a_generated_continuation_keeps_its_leading_space(style, family_tokenizers):
     """decode drops the space SentencePiece puts before a text, as HF's; a continuation's first
     token starts a word inside the text, so its space is kept."""
@@ -139,6 +139,19 @@ def test_a_generated_continuation_keeps_its_leading_space(style, family_tokenize
     word = ours.token_to_id(token)
     assert ours.decode([word]) == hf.decode([word]) == token[1:]
     assert decode_generated(ours, [word]) == " " + token[1:]
+
+
+def test_sentencepiece_text_is_cut_only_where_no_token_can_span_the_cut(family_tokenizers):
+    """The three ways a word is cut, each giving HF's ids (the tests above): between runs of
+    letters, digits and other characters where every token is one run (SentencePiece's own
+    vocabularies), before each run of spaces where no token glues a space after a character,
+    and not at all (the Metaspace vocabulary here has tokens across spaces)."""
+    text = "\u2581\u2581return\u2581self.x(1)"
+    cut = {style: family_tokenizers[style][1]._pretokenize(text, False)
+           for style in ("spm", "spm-words", "metaspace")}
+    assert cut["spm"] == ["\u2581\u2581return", "\u2581self", ".", "x", "(", "1", ")"]
+    assert cut["spm-words"] == ["\u2581\u2581return", "\u2581self.x(1)"]
+    assert cut["metaspace"] == [text]
 
 
 def test_qwen2_special_tokens_and_nfc(family_tokenizers):

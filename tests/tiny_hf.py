@@ -207,8 +207,12 @@ QWEN2_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|fim_prefix|>
 SPM_SPECIALS = ["<unk>", "<s>", "</s>"]
 # The tokenizer.json types of today's families: Qwen2/2.5/3 (NFC, a Split regex, byte-level
 # BPE), SentencePiece BPE with byte fallback as Llama-2, CodeLlama, Mistral v0.1 and Phi-3 ship
-# it (Prepend and Replace to U+2581, no pre-tokenizer), and the Metaspace form of the same.
-FAMILY_TOKENIZER_STYLES = ("qwen2", "spm", "metaspace")
+# it (Prepend and Replace to U+2581, no pre-tokenizer), and the Metaspace form of the same. The
+# vocabularies: "spm" as SentencePiece trains one (each token one run of letters, digits or
+# other characters, after its spaces), "spm-words" with punctuation glued to words (each token
+# after its spaces), "metaspace" with tokens across spaces.
+FAMILY_TOKENIZER_STYLES = ("qwen2", "spm", "spm-words", "metaspace")
+SPIECE_RUNS = r"▁*[\p{L}\p{M}]+|▁*\p{N}|▁*[^\p{L}\p{M}\p{N}▁]+|▁+"
 
 
 def train_family_tokenizer(style: str, texts: list[str], path) -> Tokenizer:
@@ -232,14 +236,12 @@ def train_family_tokenizer(style: str, texts: list[str], path) -> Tokenizer:
         tok.save(str(path))
         return tok
     tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=True))
-    if style == "spm":
+    if style in ("spm", "spm-words"):
         tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
                                                normalizers.Replace(" ", "\u2581")])
-        # Trained on SentencePiece's pieces (a word with the spaces before it, or spaces), so
-        # that no token glues a space after a character, as in Llama-2's vocabulary; the file
-        # has no pre-tokenizer, as Llama-2's.
-        tok.pre_tokenizer = pre_tokenizers.Split(Regex("\u2581*[^\u2581]+|\u2581+"),
-                                                 behavior="isolated")
+        # Trained on the style's pieces; the file has no pre-tokenizer, as Llama-2's.
+        pieces = SPIECE_RUNS if style == "spm" else "\u2581*[^\u2581]+|\u2581+"
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(pieces), behavior="isolated")
         tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
                                          decoders.Fuse(), decoders.Strip(" ", 1, 0)])
     else:
@@ -253,7 +255,7 @@ def train_family_tokenizer(style: str, texts: list[str], path) -> Tokenizer:
     tok.train_from_iterator(texts, trainer)
     # The 256 byte tokens join the vocabulary (not added tokens), as in Llama-2's file.
     spec = json.loads(tok.to_str())
-    if style == "spm":
+    if style != "metaspace":
         spec["pre_tokenizer"] = None
     vocab = spec["model"]["vocab"]
     for b in range(256):
