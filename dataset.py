@@ -1254,8 +1254,7 @@ def tokenize_examples(examples: list[Example], tokenizer: CodeTokenizer | BPETok
     pair reads special tokens' text as the tokens, and loses its own template prefix (one BOS)."""
     # Text far beyond what can survive truncation is cut before tokenizing.
     chars = _CHARS_PER_TOKEN_BOUND * (cfg.block_size + 1)
-    reads = [reads_special_tokens(cfg.task, cfg.pair_special_tokens) and e.pair
-             for e in examples]
+    reads = [(cfg.pair_special_tokens or cfg.task == "chat") and e.pair for e in examples]
     parts = []
     for e in examples:
         head, completion = e.head[-chars:], e.completion[:chars]
