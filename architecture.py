@@ -136,6 +136,8 @@ class ModelConfig:
         if self.sliding_layers is not None and len(self.sliding_layers) != self.n_layer:
             raise bad("sliding_layers", f"needs one true/false for each of the {self.n_layer} "
                       "layers")
+        if self.post_norms and self.parallel_residual:
+            raise bad("post_norms", "needs sequential residuals (parallel_residual=False)")
         if self.fused_gate_up and self.mlp not in GATED_MLPS:
             raise bad("fused_gate_up", f"needs a gated mlp ({', '.join(GATED_MLPS)})")
         for key in ("dropout", "embd_dropout", "attn_dropout"):
@@ -250,8 +252,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight + self.offset if self.offset else self.weight
-        return rms_norm(x, weight, self.eps)
+        if not self.offset:
+            return rms_norm(x, self.weight, self.eps)
+        # Gemma's order: normalized and scaled in fp32, then cast (bf16 weight + 1 rounds).
+        return rms_norm(x.float(), self.weight.float() + self.offset, self.eps).to(x.dtype)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -335,6 +339,7 @@ class RotaryEmbedding(nn.Module):
         if not inv_freq.is_meta:  # (on meta, pretrained.load: arange would import sympy)
             inv_freq = rope_inv_freq(cfg, device=inv_freq.device)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.attention_factor = rope_attention_factor(cfg)
 
     def _apply(self, fn, recurse=True):
         # Keep the frequencies exact in fp32 whatever `.to(dtype)`/`to_empty` does to buffers:
@@ -346,9 +351,8 @@ class RotaryEmbedding(nn.Module):
     def forward(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = (pos[..., None].float() * self.inv_freq)[:, :, None]  # (B, T, 1, rotary_dim / 2)
         cos, sin = freqs.cos(), freqs.sin()
-        factor = rope_attention_factor(self.cfg)
-        if factor != 1.0:
-            cos, sin = cos * factor, sin * factor
+        if self.attention_factor != 1.0:
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
         return cos.to(dtype), sin.to(dtype)
 
 
@@ -614,10 +618,10 @@ class Transformer(nn.Module):
             x = x + self.wpe(pos)
         x = dropout(x, cfg.embedding_dropout, self.training)
         rope = self.rope(pos, x.dtype) if self.rope is not None else None
-        sliding = None  # the sliding layers' mask
-        if cfg.sliding_window is not None:
+        sliding = mask  # the sliding layers' mask: the causal one while the window covers all
+        keys = caches[0][0].shape[2] if caches is not None else idx.shape[1]
+        if cfg.sliding_window is not None and cfg.sliding_window < keys:
             q_slots = slots if slots is not None else torch.arange(idx.shape[1], device=x.device)
-            keys = caches[0][0].shape[2] if caches is not None else idx.shape[1]
             sliding = window_mask(mask, q_slots, keys, cfg.sliding_window)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):

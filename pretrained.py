@@ -120,6 +120,7 @@ GPT_BIGCODE_MODULES = {
     "lm_head": ("lm_head", None),
 }
 
+GEMMA_TANH_ACTS = ("gelu_pytorch_tanh", "gelu")
 HF_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
           "gelu_fast": "gelu_tanh"}
 
@@ -435,7 +436,10 @@ def _read_phi3(hf: dict) -> ModelConfig:
 
 def _read_gemma(hf: dict) -> ModelConfig:
     """Gemma (CodeGemma): Llama's layout with GeGLU, scaled embeddings and weights + 1 norms."""
-    _require(hf, "hidden_act", "gelu_pytorch_tanh", "codelm's GeGLU uses GELU-tanh")
+    act = _get(hf, "hidden_act", kind=str, default="gelu_pytorch_tanh")
+    if act not in GEMMA_TANH_ACTS:  # GemmaConfig reads the released "gelu" as GELU-tanh
+        raise ValueError(f"hidden_act={act!r} cannot be honoured: codelm's GeGLU uses GELU-tanh "
+                         f"(Gemma reads {' or '.join(GEMMA_TANH_ACTS)})")
     _require(hf, "use_bidirectional_attention", False, "attention is causal")
     f = _fields(hf, "gemma")
     return ModelConfig(**_shared(hf, "gemma", tie_default=True), **f, **_full_rope(hf, "gemma"),
@@ -452,7 +456,7 @@ def _read_gemma2(hf: dict) -> ModelConfig:
         **_shared(hf, "gemma2", tie_default=True), **f, **_full_rope(hf, "gemma2"),
         **_windows(hf, "gemma2", f["n_layer"]), norm="rmsnorm", norm_offset=1.0, post_norms=True,
         mlp="geglu", positions="rope", attn_proj_bias=f["qkv_bias"], scale_embeddings=True,
-        attn_scale=scalar ** -0.5,
+        attn_scale=None if scalar == f["head_dim"] else scalar ** -0.5,  # None: SDPA's own
         attn_softcap=_nullable(hf, "attn_logit_softcapping", float, 50.0),
         logit_softcap=_nullable(hf, "final_logit_softcapping", float, 30.0))
 
@@ -524,7 +528,7 @@ def _write_gemma(c: ModelConfig) -> dict:
 
 def _write_gemma2(c: ModelConfig) -> dict:
     # an integer in transformers' config; a scale it cannot give fails hf_config's round trip
-    scalar = round(c.attn_scale ** -2) if c.attn_scale is not None else None
+    scalar = round(c.attn_scale ** -2) if c.attn_scale is not None else c.head_dim
     return {"hidden_activation": "gelu_pytorch_tanh", **_write_rope(c), **_write_windows(c),
             "query_pre_attn_scalar": scalar, "attn_logit_softcapping": c.attn_softcap,
             "final_logit_softcapping": c.logit_softcap}

@@ -765,6 +765,10 @@ class _Normalizer:
             raise _Unsupported(f"unsupported normalizer: {kind!r} (codelm reads NFC, NFD, NFKC, "
                                "NFKD, Prepend, Replace and Sequences of them)")
 
+    def replaces(self, old: str) -> bool:
+        """Whether no ``old`` is left in the normalized text (a Replace of it)."""
+        return any(step[0] == "replace" and step[1] == old for step in self.steps)
+
     def __call__(self, text: str) -> str:
         for kind, *args in self.steps:
             if kind == "form":
@@ -774,6 +778,11 @@ class _Normalizer:
             else:
                 text = text.replace(args[0], args[1])
         return text
+
+
+# Gemma's pre-tokenizer (after a normalizer that replaces every space with U+2581).
+_SPLIT_AFTER_SPACES = {"type": "Split", "pattern": {"String": " "},
+                       "behavior": "MergedWithPrevious", "invert": False}
 
 
 class _SentencePieces:
@@ -786,13 +795,19 @@ class _SentencePieces:
     as SentencePiece's training splits by script and digit; else before each ▁ run where no
     token has ▁ after another character."""
 
-    def __init__(self, spec: dict | None, merges: Iterable[tuple[str, str]]):
-        """``merges``: the model's, whose results are every token BPE can make of characters."""
+    def __init__(self, spec: dict | None, merges: Iterable[tuple[str, str]],
+                 spaces_replaced: bool = False):
+        """``merges``: the model's, whose results are every token BPE can make of characters;
+        ``spaces_replaced``: the normalizer leaves no space, so Gemma's Split after each space
+        (its tokenizer.json's pre-tokenizer) splits nothing."""
+        if spaces_replaced and spec == _SPLIT_AFTER_SPACES:
+            spec = None
         self.metaspace = spec is not None
         self.replacement, self.prepend, split = SPIECE_SPACE, "never", False
         if spec is not None:
             _expect(spec.get("type") == "Metaspace", "pre_tokenizer",
-                    f"{spec.get('type')!r} (a BPE without ByteLevel reads Metaspace or none)")
+                    f"{spec.get('type')!r} (a BPE without ByteLevel reads Metaspace, none, or "
+                    "Gemma's Split after spaces the normalizer replaced)")
             self.replacement = spec.get("replacement", SPIECE_SPACE)
             _expect(isinstance(self.replacement, str) and len(self.replacement) == 1,
                     "pre_tokenizer", f"Metaspace replacement {self.replacement!r}")
@@ -981,8 +996,8 @@ class BPETokenizer(_BatchEncodeMixin):
             except regex.error as e:
                 raise _Unsupported(f"pre_tokenizer: Split regex does not compile: {e}") from None
         else:
-            self._pretokenize = _SentencePieces(pre_tokenizer, self._ranks)
-        self._byte_level = byte_level
+            spaces_replaced = self._normalize is not None and self._normalize.replaces(" ")
+            self._pretokenize = _SentencePieces(pre_tokenizer, self._ranks, spaces_replaced)
 
     def _build_added(self, added: list) -> None:
         """Added tokens with the ids HF gives them (it ignores the JSON ``id``): a vocabulary
@@ -1132,7 +1147,7 @@ class BPETokenizer(_BatchEncodeMixin):
         return [s for s in symbols if s != ""]  # "": merged into its left neighbour
 
     def _encode_piece(self, piece: str) -> list[int]:
-        word = _byte_level(piece) if self._byte_level else piece
+        word = _byte_level(piece) if self._decoding.byte_level else piece
         vocab = self._vocab
         if self._ignore_merges and (i := vocab.get(word)) is not None:
             return [i]

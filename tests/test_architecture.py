@@ -78,6 +78,8 @@ def gen_stream(model, idx, max_new_tokens, attention_mask=None, **kw):
     # norm_eps zeroes every normalized activation.
     (dict(rope_theta=float("inf")), r"ModelConfig.rope_theta=inf: must be > 0 and finite"),
     (dict(norm_eps=float("inf")), r"ModelConfig.norm_eps=inf: must be > 0 and finite"),
+    # a parallel block has one shared norm and no place for Gemma 2's output norms
+    (dict(post_norms=True, parallel_residual=True), r"post_norms=True: needs sequential"),
 ])
 def test_config_rejects_bad_values(change, message):
     with pytest.raises(ValueError, match=message):

@@ -78,7 +78,7 @@ def test_export_loads_in_transformers_with_the_same_logits(checkpoints, name, tm
     assert pretrained.load(tmp_path).cfg == model.cfg
 
 
-@pytest.mark.parametrize("name", ["qwen2", "qwen3", "starcoder2", "phi3", "gemma2"])
+@pytest.mark.parametrize("name", ["qwen2", "qwen3", "starcoder2", "phi3", "gemma", "gemma2"])
 def test_bf16_logits_are_as_close_as_transformers_own_bf16(checkpoints, name):
     """Against the fp32 logits, codelm in bf16 errs no more than transformers in bf16 does
     (times 1.5: the two round at different places)."""
@@ -92,6 +92,43 @@ def test_bf16_logits_are_as_close_as_transformers_own_bf16(checkpoints, name):
     their_error = (theirs - ref).abs().max().item()
     assert their_error > 0
     assert (ours - ref).abs().max().item() <= 1.5 * their_error
+
+
+def _edit_config(path, **values) -> None:
+    config = path / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **values}))
+
+
+def test_released_gemma_gelu_reads_as_gelu_tanh_as_transformers_reads_it(tmp_path):
+    """Gemma's and CodeGemma's released configs say hidden_act "gelu"; GemmaConfig reads it as
+    GELU-tanh, and so does codelm (geglu: gated GELU-tanh)."""
+    import transformers
+
+    save_tiny_hf("gemma", tmp_path)
+    _edit_config(tmp_path, hidden_act="gelu")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert hf.config.hidden_act == "gelu_pytorch_tanh"
+    model = pretrained.load(tmp_path)
+    assert model.cfg.mlp == "geglu"
+    idx = _ids(1, 60, seed=5)
+    with torch.no_grad():
+        assert (model(idx) - hf(idx).logits).abs().max().item() <= 1e-5
+
+
+def test_gemma2_scalar_equal_to_head_dim_is_the_default_scale_and_written_back(tmp_path):
+    import transformers
+
+    save_tiny_hf("gemma2", tmp_path)
+    _edit_config(tmp_path, query_pre_attn_scalar=32)  # the tiny checkpoint's head_dim
+    model = pretrained.load(tmp_path)
+    assert model.cfg.attn_scale is None
+    pretrained.save(model, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())[
+        "query_pre_attn_scalar"] == 32
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    idx = _ids(1, 60, seed=6)
+    with torch.no_grad():
+        assert (model(idx) - hf(idx).logits).abs().max().item() <= 1e-5
 
 
 def test_sliding_layers_are_read_as_transformers_lays_them_out(checkpoints):

@@ -210,8 +210,9 @@ SPM_SPECIALS = ["<unk>", "<s>", "</s>"]
 # it (Prepend and Replace to U+2581, no pre-tokenizer), and the Metaspace form of the same. The
 # vocabularies: "spm" as SentencePiece trains one (each token one run of letters, digits or
 # other characters, after its spaces), "spm-words" with punctuation glued to words (each token
-# after its spaces), "metaspace" with tokens across spaces.
-FAMILY_TOKENIZER_STYLES = ("qwen2", "spm", "spm-words", "metaspace")
+# after its spaces), "metaspace" with tokens across spaces; "gemma" as transformers writes Gemma's
+# and CodeGemma's (Replace alone, a Split after spaces, no Strip).
+FAMILY_TOKENIZER_STYLES = ("qwen2", "spm", "spm-words", "metaspace", "gemma")
 SPIECE_RUNS = r"▁*[\p{L}\p{M}]+|▁*\p{N}|▁*[^\p{L}\p{M}\p{N}▁]+|▁+"
 
 
@@ -244,6 +245,11 @@ def train_family_tokenizer(style: str, texts: list[str], path) -> Tokenizer:
         tok.pre_tokenizer = pre_tokenizers.Split(Regex(pieces), behavior="isolated")
         tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
                                          decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    elif style == "gemma":
+        tok.normalizer = normalizers.Replace(" ", "\u2581")
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(SPIECE_RUNS), behavior="isolated")
+        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                         decoders.Fuse()])
     else:
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first",
                                                      split=False)
@@ -255,7 +261,10 @@ def train_family_tokenizer(style: str, texts: list[str], path) -> Tokenizer:
     tok.train_from_iterator(texts, trainer)
     # The 256 byte tokens join the vocabulary (not added tokens), as in Llama-2's file.
     spec = json.loads(tok.to_str())
-    if style != "metaspace":
+    if style == "gemma":  # transformers' GemmaConverter writes this pre-tokenizer
+        spec["pre_tokenizer"] = {"type": "Split", "pattern": {"String": " "},
+                                 "behavior": "MergedWithPrevious", "invert": False}
+    elif style != "metaspace":
         spec["pre_tokenizer"] = None
     vocab = spec["model"]["vocab"]
     for b in range(256):
