@@ -79,12 +79,8 @@ def check_lora_export(cfg: TrainConfig, model: nn.Module,
                      f"{settings.off_switch('export_merged', where_set)}")
 
 
-def load_or_train_tokenizer(cfg: TrainConfig, dcfg: DataConfig, saved: Path | None = None
-                            ) -> CodeTokenizer | BPETokenizer:
-    """The run's own (``saved``), the given tokenizer, the pretrained model's, or one trained
-    (and cached) on the data."""
-    if saved is not None:
-        return load_tokenizer(saved)
+def load_or_train_tokenizer(cfg: TrainConfig, dcfg: DataConfig) -> CodeTokenizer | BPETokenizer:
+    """The given tokenizer, the pretrained model's, or one trained (and cached) on the data."""
     own = Path(cfg.init_from) / TOKENIZER_FILE if cfg.init_from is not None else None
     if cfg.tokenizer is not None:
         tok = load_tokenizer(cfg.tokenizer)
@@ -219,10 +215,10 @@ def _build(cfg: TrainConfig, claimed: rundir.ClaimedDir, dist: Dist, device: tor
     cfg, checkpoints = run_config(cfg, claimed, hint)
     if cfg.resume and not checkpoints and dist.main:
         print(f"{run_dir}: no checkpoint yet; starting the run from the beginning")
-    seed_everything(cfg.seed)  # the data's order and splits draw from generators of their own
+    data = prepare_data(cfg, claimed, dist, own_tok=bool(cfg.resume) and claimed.holds_weights)
+    seed_everything(cfg.seed)  # right before the init: whatever the data's preparation drew
     # Continued from a checkpoint, an init_adapter run reads its LoRA layout from its own copy.
     adapter_copy = rundir.adapter_copy(run_dir) if checkpoints else None
-    data = prepare_data(cfg, claimed, dist, own_tok=bool(cfg.resume) and claimed.holds_weights)
     model = build_model(cfg, data.tok, adapter_copy)
     first = {}  # atomic, the adapter's config first: a kill mid-write leaves a run that continues
     if cfg.init_adapter is not None and adapter_copy is None:
@@ -285,7 +281,10 @@ def prepare_data(cfg: TrainConfig, claimed: rundir.ClaimedDir, dist: Dist, own_t
     saved_tok = claimed.path / TOKENIZER_FILE
     own_tok = own_tok and saved_tok.is_file()
     with main_first(dist):  # the others read the run's own, or rank 0's just written
-        tok = load_or_train_tokenizer(cfg, dcfg, saved_tok if own_tok or not dist.main else None)
+        if own_tok or not dist.main:
+            tok = load_tokenizer(saved_tok)
+        else:
+            tok = load_or_train_tokenizer(cfg, dcfg)
         splits = prepare(dcfg, tok)
         if dist.main and not own_tok:  # once the data is known good
             claimed.wrote_tokenizer = True

@@ -1394,12 +1394,13 @@ def _split_pairs(docs: list[Doc], tokenizer, cfg: DataConfig, s: str, events: Co
     else:
         examples = [e for d in progress_bar(docs, desc=f"{cfg.task} {s}", enabled=cfg.progress)
                     for e in _examples_for(d, cfg, events)]
-    ends = cfg.task != "chat"  # a chat answer ends with its template's end-of-turn marker
     for prompt, completion, span in tokenize_examples(examples, tokenizer, cfg, f"tokenize {s}"):
         if cfg.task == "docstring" and len(completion) < cfg.docstring_min_tokens:
             events["skipped_docstring_too_short"] += 1
-        else:
-            pairs.append((prompt, completion, ends, span))
+            continue
+        # a chat answer that ends with its template's end-of-turn token gets no EOS after it
+        marked = cfg.task == "chat" and bool(completion) and tokenizer.is_special(completion[-1])
+        pairs.append((prompt, completion, not marked, span))
     return pairs
 
 
@@ -1415,7 +1416,11 @@ def chat_examples(docs: list[Doc], tokenizer, cfg: DataConfig, split: str) -> li
             raise DataError(f"the chat task needs JSONL conversation records {{'messages': "
                             f"[{{'role', 'content'}}, ...]}}; the data holds {doc.id}, which is "
                             "not one")
-        for turn in chat_turns(tokenizer, doc.messages):
+        try:
+            turns = chat_turns(tokenizer, doc.messages)
+        except ValueError as e:  # the template's own error (raise_exception, an unknown role)
+            raise DataError(f"{doc.id}: {e}") from None
+        for turn in turns:
             examples.append(Example(turn.prompt, turn.answer, pair=True))
     return examples
 

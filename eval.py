@@ -1042,12 +1042,10 @@ def _body_parses(source: str) -> bool:
                      if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)), None)
     if function is None:
         return False
-    statements = function.body
-    first = statements[0]
-    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(
-            first.value.value, str):  # the docstring
-        statements = statements[1:]
-    return bool(statements)
+    from tokenizer import docstring_statement
+
+    has_docstring = docstring_statement(function) is not None
+    return len(function.body) > (1 if has_docstring else 0)
 
 
 def run_passk(lm: LoadedModel, problems: Sequence[dict], cfg: EvalConfig

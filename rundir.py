@@ -101,11 +101,11 @@ def is_run_dir(path: str | Path) -> bool:
 def failed_before_weights(run_dir: Path) -> bool:
     """Whether a directory holds only a codelm run that stopped before writing any weights."""
     with contextlib.suppress(ValueError, OSError):  # unreadable, or not JSON: not a run's
-        if holds_weights(run_dir) or any(p.suffix in (".safetensors", ".bin", ".pt")
-                                         for p in run_dir.rglob("*")):
+        config = settings.read_json_object(run_dir / CONFIG_FILE, "run config")
+        if not RUN_CONFIG_KEYS <= set(config):  # (before the walk of a tree that is no run)
             return False
-        config = json.loads((run_dir / CONFIG_FILE).read_bytes())
-        return isinstance(config, dict) and RUN_CONFIG_KEYS <= set(config)
+        return not holds_weights(run_dir) and not any(
+            p.suffix in (".safetensors", ".bin", ".pt") for p in run_dir.rglob("*"))
     return False
 
 

@@ -112,6 +112,10 @@ class _BatchEncodeMixin:
     def vocab_size(self) -> int:
         return len(self._id_to_bytes)
 
+    def is_special(self, token_id: int) -> bool:
+        """Whether ``token_id`` is a special token (one ``skip_special_tokens`` drops)."""
+        return token_id in self._special_ids
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False,
                continuation: bool = False) -> str:
         """Text of ``ids`` (invalid UTF-8 becomes U+FFFD, as in HF); special tokens are kept by
@@ -1539,26 +1543,6 @@ def chat_turns(tok: BPETokenizer, messages: Sequence[dict]) -> list[ChatTurn]:
                              "apart")
         turns.append(ChatTurn(prompt, turn[len(prompt):].rstrip()))
     return turns
-
-
-def chat_ids(tok: BPETokenizer, messages: Sequence[dict]) -> tuple[list[int], list[bool]]:
-    """A conversation's ids, and for each id whether it is the assistant's (the tokens
-    supervised fine-tuning trains on). Each part is encoded on its own, as generation sees it:
-    the prompt, then what it generates."""
-    ids: list[int] = []
-    trained: list[bool] = []
-    done = ""  # the rendered text encoded so far
-    for turn in chat_turns(tok, messages):
-        if not turn.prompt.startswith(done):
-            raise ValueError("chat_template: a turn's prompt does not continue the text before "
-                             "it: the conversation's tokens cannot be laid out in one sequence")
-        for text, is_assistant in ((turn.prompt[len(done):], False), (turn.answer, True)):
-            part = tok.encode(text)  # the template writes the special tokens it wants
-            ids += part
-            trained += [is_assistant] * len(part)
-        done = turn.prompt + turn.answer
-    rest = tok.encode(tok.apply_chat_template(messages)[len(done):])
-    return ids + rest, trained + [False] * len(rest)
 
 
 def tokenizer_path(path: str | os.PathLike) -> Path:

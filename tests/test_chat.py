@@ -58,6 +58,7 @@ def test_each_assistant_turn_is_an_example_trained_on_its_answer_alone(instruct,
         prompt = tok.decode(ids[: counted[0] + 1])
         assert prompt.endswith("<|im_start|>assistant\n")  # the generation prompt, then...
         assert answer.endswith("<|im_end|>")  # ...the answer and its end-of-turn marker only
+        assert answer.count("<|im_end|>") == 1  # (the marker is the eos: none added after it)
         assert "<|im_start|>" not in answer
         turn = answer.removesuffix("<|im_end|>")
         assert turn.startswith(("def square_", "def cube_"))
@@ -67,6 +68,37 @@ def test_each_assistant_turn_is_an_example_trained_on_its_answer_alone(instruct,
         before = messages[:1] if turn.startswith("def square_") else messages[:3]
         assert prompt == tok.apply_chat_template(before, add_generation_prompt=True)
         assert tok.token_to_id("<|im_start|>") in ids  # special tokens read as tokens
+
+
+# A template that writes no end-of-turn token: an answer is its message text alone.
+PLAIN_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                  "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+def test_an_answer_without_an_end_of_turn_token_is_trained_to_end_with_eos(instruct, tmp_path):
+    root, _ = instruct
+    tok = load_tokenizer(root)
+    tok.chat_template = PLAIN_TEMPLATE
+    cfg = DataConfig(task="chat", sources=[str(instruct[1])], block_size=128,
+                     cache_dir=str(tmp_path), progress=False, split_by="file", min_bytes=0,
+                     min_lines=0)
+    data = dataset.prepare(cfg, tok)
+    for i in range(len(data.train)):
+        labels = data.train[i]["labels"].tolist()
+        counted = [label for label in labels if label != IGNORE_INDEX]
+        assert counted[-1] == tok.eos_id
+        assert tok.decode(counted[:-1]).startswith(("def square_", "def cube_"))
+
+
+def test_a_template_error_names_the_conversation_line(instruct, tmp_path):
+    root, data = instruct
+    bad = tmp_path / "tool.jsonl"
+    bad.write_text(data.read_text().splitlines()[0] + "\n" + json.dumps({"messages": [
+        {"role": "tool", "content": "42"}, {"role": "assistant", "content": "ok"}]}) + "\n")
+    cfg = DataConfig(task="chat", sources=[str(bad)], cache_dir=str(tmp_path), progress=False,
+                     split_by="file", min_bytes=0, min_lines=0)
+    with pytest.raises(ValueError, match=r"tool\.jsonl:2: chat_template: unknown role: tool"):
+        dataset.prepare(cfg, load_tokenizer(root))
 
 
 def test_code_files_or_a_template_less_tokenizer_are_refused_naming_the_fix(instruct, tmp_path):

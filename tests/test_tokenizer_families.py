@@ -12,7 +12,7 @@ from test_tokenizer import EDGE_CASES, _first_mismatch, _hf_ids
 from tiny_hf import FAMILY_TOKENIZER_STYLES, QWEN2_SPECIALS, train_family_tokenizer
 
 import dataset
-from tokenizer import BPETokenizer, chat_ids, decode_generated, load_tokenizer
+from tokenizer import BPETokenizer, chat_turns, decode_generated, load_tokenizer
 
 JAVASCRIPT = '''import { readFile } from "node:fs/promises";
 
@@ -263,24 +263,23 @@ def test_chat_templates_render_as_transformers_renders_them(chat_tokenizers, nam
 
 
 @pytest.mark.parametrize("name", ["chatml", "llama3"])
-def test_chat_ids_train_on_the_assistant_turns_only(chat_tokenizers, name):
-    """The trained ids spell exactly each assistant turn and its end marker; all ids together
-    decode to the conversation transformers renders."""
+def test_chat_turns_are_the_generation_prompt_then_the_answer_and_its_end_marker(
+        chat_tokenizers, name):
+    """Each assistant turn's prompt is transformers' rendering of the conversation before it
+    with the generation prompt; its answer, the message and the template's end-of-turn marker,
+    continues it into transformers' rendering of the conversation up to that turn."""
     theirs, ours = chat_tokenizers[name]
     messages = CONVERSATIONS[1]
-    ids, trained = chat_ids(ours, messages)
-    assert ours.decode(ids) == theirs.apply_chat_template(messages, tokenize=False)
-    spans, span = [], []
-    for i, is_assistant in zip(ids, trained):
-        if is_assistant:
-            span.append(i)
-        elif span:
-            spans.append(ours.decode(span))
-            span = []
-    if span:
-        spans.append(ours.decode(span))
+    turns = chat_turns(ours, messages)
+    answered = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    assert len(turns) == len(answered) == 2
     end = "<|im_end|>" if name == "chatml" else "<|eot_id|>"
-    assert spans == [m["content"] + end for m in messages if m["role"] == "assistant"]
+    for turn, i in zip(turns, answered):
+        assert turn.prompt == theirs.apply_chat_template(messages[:i], tokenize=False,
+                                                         add_generation_prompt=True)
+        assert turn.answer == messages[i]["content"] + end
+        full = theirs.apply_chat_template(messages[: i + 1], tokenize=False)
+        assert full.startswith(turn.prompt + turn.answer)
 
 
 def test_a_template_error_is_one_line_naming_the_chat_template(chat_tokenizers):
