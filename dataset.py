@@ -17,6 +17,7 @@ import argparse
 import ast
 import contextlib
 import copy
+import gzip
 import hashlib
 import io
 import json
@@ -171,9 +172,15 @@ def _read_records(path: Path, cfg: DataConfig, counts: Counter) -> Iterator[Doc]
         yield doc
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+
+
 def jsonl_lines(path: Path) -> Iterator[tuple[int, str, bytes]]:
-    """(line number, "file:line", its bytes) of each non-blank line; ``json_object`` reads one."""
+    """(line number, "file:line", its bytes) of each non-blank line; ``json_object`` reads one.
+    A gzip file (its bytes say so, whatever its name) is read decompressed."""
     with open(path, "rb") as f:
+        gzipped = f.read(len(GZIP_MAGIC)) == GZIP_MAGIC
+    with (gzip.open if gzipped else open)(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             if raw.strip():  # rstrip: else an error at the line's end is json's "line 2"
                 yield lineno, f"{path}:{lineno}", raw.rstrip(b"\r\n")

