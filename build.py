@@ -11,7 +11,6 @@ import copy
 import dataclasses
 import sys
 import time
-import typing
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -27,7 +26,7 @@ import plan
 import pretrained
 import rundir
 import settings
-from architecture import IGNORE_INDEX, SHORT_DTYPES, Transformer
+from architecture import SHORT_DTYPES, Transformer
 from batches import Batches
 from checkpoint import (
     PATH_KEYS,
@@ -61,9 +60,6 @@ from tokenizer import (
 )
 from trainconfig import TrainConfig, data_config, default_block_size, model_config
 from trainer import Trainer, autocast, checked_precision
-
-if typing.TYPE_CHECKING:
-    from torch.utils.data import Dataset
 
 
 def check_lora_export(cfg: TrainConfig, model: nn.Module,
@@ -292,8 +288,6 @@ def prepare_data(cfg: TrainConfig, claimed: rundir.ClaimedDir, dist: Dist, own_t
     if len(splits.val) == 0:
         raise ValueError(f"the validation split of {dcfg.sources} is empty: add data or raise "
                          "val_frac of data_options (--data-options)")
-    for split, examples in (("train", splits.train), ("val", splits.val)):
-        check_next_token_labels(examples, split)
     if dist.main and cfg.val_data and not cfg.test_data and len(splits.test):
         whole = round(dcfg.train_frac + dcfg.test_frac, 6)
         print(f"note: --data still holds out test_frac {dcfg.test_frac:g} as the test split; "
@@ -310,17 +304,6 @@ def prepare_data(cfg: TrainConfig, claimed: rundir.ClaimedDir, dist: Dist, own_t
     data_id = {"entry": splits.cache_path.name if splits.cache_path else None,
                "train_examples": len(splits.train)}
     return Data(tok, dcfg, batches, splits.sample_prompt, data_id)
-
-
-def check_next_token_labels(examples: Dataset, split: str, n: int = 8) -> None:
-    """On a split's first examples: every counted label is the next input token, and some count."""
-    for i in range(min(n, len(examples))):
-        ids, labels = examples[i]["input_ids"], examples[i]["labels"]
-        counted = labels[:-1] != IGNORE_INDEX
-        if not bool((labels != IGNORE_INDEX).any()) or not torch.equal(
-                labels[:-1][counted], ids[1:][counted]):
-            raise ValueError(f"{split} example {i}: its labels are not the next input tokens "
-                             "(labels[t] must equal input_ids[t + 1]): a data bug")
 
 
 def budget_left(cfg: TrainConfig, created: float) -> float:

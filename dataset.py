@@ -57,6 +57,7 @@ from dataconfig import (
     DataConfig,
     DataError,
 )
+from kernels import IGNORE_INDEX
 from process import progress_bar
 from scraping.common import decode_source, has_extension, is_utf8, source_files
 from tokenizer import (
@@ -823,7 +824,7 @@ class SupervisedExamples(Dataset):
             raise IndexError(i)
         seq = torch.from_numpy(self.ids[self.offsets[i] : self.offsets[i + 1]].astype(np.int64))
         labels = seq[1:].clone()
-        labels[: max(0, int(self.prompt_lens[i]) - 1)] = -100
+        labels[: max(0, int(self.prompt_lens[i]) - 1)] = IGNORE_INDEX
         return {"input_ids": seq[:-1], "labels": labels}
 
 
@@ -837,7 +838,7 @@ def supervised_example(prompt_ids: Sequence[int], completion_ids: Sequence[int],
     prompt = [*start, *prompt]
     seq = torch.tensor(prompt + completion, dtype=torch.long)
     labels = seq[1:].clone()
-    labels[: max(0, len(prompt) - 1)] = -100
+    labels[: max(0, len(prompt) - 1)] = IGNORE_INDEX
     return {"input_ids": seq[:-1], "labels": labels}
 
 
@@ -872,7 +873,8 @@ def collate(examples: Sequence[dict[str, torch.Tensor]], pad_id: int | None
     pad = 0 if pad_id is None else int(pad_id)
     input_ids = pad_sequence([e["input_ids"] for e in examples], batch_first=True,
                              padding_value=pad)
-    labels = pad_sequence([e["labels"] for e in examples], batch_first=True, padding_value=-100)
+    labels = pad_sequence([e["labels"] for e in examples], batch_first=True,
+                          padding_value=IGNORE_INDEX)
     return {"input_ids": input_ids, "labels": labels}
 
 
@@ -1529,6 +1531,8 @@ def prepare(cfg: DataConfig, tokenizer: CodeTokenizer | BPETokenizer | None = No
     sample_prompt = meta.get("sample_prompt")
     if sample_prompt is not None:
         sample_prompt = SamplePrompt(*sample_prompt)
+    for split in ("train", "val"):
+        check_next_token_labels(splits[split], split)
     stats = {key: value for key, value in meta.items() if key != "sample_prompt"}
     return PreparedData(**splits, task=cfg.task, stats={**stats, "cache_hit": cache_hit},
                         cache_path=path, sample_prompt=sample_prompt)
@@ -1551,6 +1555,17 @@ def _note_pairs_as_text(cfg: DataConfig, meta: dict) -> None:
               "(e.g. <|eot_id|>), encoded as text: to read it as the token, as transformers' "
               "tokenizer(text) does, use --pair-special-tokens or --data-options "
               "'{\"pair_special_tokens\": true}'", file=sys.stderr)
+
+
+def check_next_token_labels(examples: Dataset, split: str, n: int = 8) -> None:
+    """On a split's first examples: every counted label is the next input token, and some count."""
+    for i in range(min(n, len(examples))):
+        ids, labels = examples[i]["input_ids"], examples[i]["labels"]
+        counted = labels[:-1] != IGNORE_INDEX
+        if not bool((labels != IGNORE_INDEX).any()) or not torch.equal(
+                labels[:-1][counted], ids[1:][counted]):
+            raise DataError(f"{split} example {i}: its labels are not the next input tokens "
+                             "(labels[t] must equal input_ids[t + 1]): a data bug")
 
 
 # --- CLI ---

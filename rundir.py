@@ -100,12 +100,13 @@ def is_run_dir(path: str | Path) -> bool:
 
 def failed_before_weights(run_dir: Path) -> bool:
     """Whether a directory holds only a codelm run that stopped before writing any weights."""
+    if holds_weights(run_dir):
+        return False
     with contextlib.suppress(ValueError, OSError):  # unreadable, or not JSON: not a run's
         config = settings.read_json_object(run_dir / CONFIG_FILE, "run config")
         if not RUN_CONFIG_KEYS <= set(config):  # (before the walk of a tree that is no run)
             return False
-        return not holds_weights(run_dir) and not any(
-            p.suffix in (".safetensors", ".bin", ".pt") for p in run_dir.rglob("*"))
+        return not any(p.suffix in (".safetensors", ".bin", ".pt") for p in run_dir.rglob("*"))
     return False
 
 
@@ -215,16 +216,23 @@ class ClaimedDir:
 
 def claim(resume: str | None, out_dir: str, name: str | None, stem: str, hint: str | None
           ) -> ClaimedDir:
-    """The locked run directory: ``resume``'s, ``name``'s, or ``stem``-<timestamp>[-2, -3, ...]."""
+    """The locked run directory: ``resume``'s, ``name``'s, or the first free one of
+    ``stem``-<timestamp>[-2, -3, ...]."""
     if resume:
-        return _lock_dir(Path(resume), False, hint)
-    if name:
-        return _lock_dir(Path(out_dir) / name, True, hint)
-    stem = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    for n in range(1, 1000):
-        with contextlib.suppress(RunDirTaken):
-            return _lock_dir(Path(out_dir) / (f"{stem}-{n}" if n > 1 else stem), True, hint)
-    raise ValueError(f"{out_dir}: no free run name {stem}-N; choose one with --name")
+        candidates = [Path(resume)]
+    elif name:
+        candidates = [Path(out_dir) / name]
+    else:
+        stamped = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        candidates = [Path(out_dir) / stamped]
+        candidates += [Path(out_dir) / f"{stamped}-{n}" for n in range(2, 1000)]
+    for run_dir in candidates:
+        try:
+            return _lock_dir(run_dir, not resume, hint)
+        except RunDirTaken:
+            if len(candidates) == 1:  # a directory the user named
+                raise
+    raise ValueError(f"{out_dir}: no free run name {stamped}-N; choose one with --name")
 
 
 def _lock_dir(run_dir: Path, new: bool, hint: str | None) -> ClaimedDir:
@@ -263,16 +271,16 @@ def _lock_dir(run_dir: Path, new: bool, hint: str | None) -> ClaimedDir:
     for directory in (run_dir, run_dir / CHECKPOINTS_DIR):  # under the lock: their writers are gone
         if directory.is_dir():
             process.recover_partial_writes(directory, every_owner_gone=True)
+    claimed.holds_weights = holds_weights(run_dir)
+    claimed.checkpoints = list_checkpoints(run_dir)
     if new and (run_dir / CONFIG_FILE).exists():
         if claimed.lock is None or not failed_before_weights(run_dir):
             claimed.release()
-            if holds_weights(run_dir) and not list_checkpoints(run_dir):
+            if claimed.holds_weights and not claimed.checkpoints:
                 raise RunDirTaken(f"{run_dir} already {holds_no_checkpoint(run_dir)}")
             raise RunDirTaken(f"{run_dir} already holds a run: continue it with "
                               f"{hint or f'--resume {run_dir}'}, or choose another --name")
         print(f"{run_dir}: its run stopped before its first checkpoint; this run replaces it")
-    claimed.holds_weights = holds_weights(run_dir)
-    claimed.checkpoints = list_checkpoints(run_dir)
     return claimed
 
 

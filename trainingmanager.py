@@ -52,7 +52,6 @@ OVERFIT_LOSS = 0.05  # "memorised": the --overfit and --overfit-batches target
 
 # What eval.py, recipes.py, hyperparam_tune.py and the tests read as trainingmanager.X.
 from architecture import IGNORE_INDEX  # noqa: E402,F401,I001
-from build import check_next_token_labels  # noqa: E402,F401
 from checkpoint import PATH_KEYS, RESUME_DATA_OPTIONS_MAY_CHANGE  # noqa: E402,F401
 from checkpoint import CorruptCheckpointError, read_state, with_absolute_paths  # noqa: E402,F401
 from checkpoint import load_model_tensors, model_tensors, write_dir_atomically  # noqa: E402,F401

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 import build
 import checkpoint
+import dataset
 import finish
 import generation
 import plan
@@ -757,8 +758,6 @@ def test_a_writer_killed_between_its_renames_leaves_the_old_copy_for_the_next_wr
 def test_a_tokenizer_another_run_cached_first_is_kept(assets, tmp_path, monkeypatch):
     """Two runs training the same tokenizer at once: the second to finish keeps the first's cache
     entry, which a third run may be loading, and does not replace it (published once)."""
-    import dataset
-
     cfg = tiny_cfg(assets, tmp_path, tokenizer=None,
                    data_options={"cache_dir": str(tmp_path / "cache"), "progress": False})
     dcfg = tm.data_config(cfg, cfg.block_size)
@@ -782,8 +781,6 @@ def test_a_tokenizer_another_run_cached_first_is_kept(assets, tmp_path, monkeypa
 def test_a_new_encoding_version_trains_a_new_tokenizer(assets, tmp_path, monkeypatch):
     """The cached vocabulary is keyed by tokenizer.ENCODING_VERSION: after a `regex` upgrade or
     a piece-rule change it is trained anew, not reused as trained under the old rule."""
-    import dataset
-
     cache = tmp_path / "cache"
     cfg = tiny_cfg(assets, tmp_path, tokenizer=None,
                    data_options={"cache_dir": str(cache), "progress": False})
@@ -801,8 +798,6 @@ def test_a_resume_on_data_built_anew_says_it_is_not_the_runs(assets, tmp_path, m
     """codelm's encoding changes between a run and its resume (an upgrade: ENCODING_VERSION, a
     task's cut rule): the data is rebuilt and the run goes on with other examples, so the resume
     says so. A resume on the same data says nothing."""
-    import dataset
-
     cfg = tiny_cfg(assets, tmp_path, max_steps=4, data_options={
         "cache_dir": str(tmp_path / "cache"), "progress": False})
     run = tm.train(cfg).run_dir
@@ -835,8 +830,6 @@ def test_best_is_never_written_before_a_checkpoint(assets, tmp_path, monkeypatch
 def test_labels_that_are_not_the_next_tokens_stop_the_run(assets, tmp_path, monkeypatch):
     """Unshifted labels (a data bug) make training trivially easy: --overfit-batches would pass
     in fewer steps than on intact data. The run refuses them before training."""
-    import dataset
-
     def unshifted(self, i):
         chunk = torch.from_numpy(self.tokens[i : i + self.block_size].astype("int64"))
         return {"input_ids": chunk, "labels": chunk.clone()}
@@ -3515,9 +3508,9 @@ def test_a_directory_with_config_and_export_only_is_a_run(tmp_path):
 def test_labels_that_count_nothing_are_a_data_bug():
     ids = torch.arange(6)
     with pytest.raises(ValueError, match="train example 0: its labels are not the next"):
-        tm.check_next_token_labels([{"input_ids": ids, "labels": torch.full((6,), -100)}],
+        dataset.check_next_token_labels([{"input_ids": ids, "labels": torch.full((6,), -100)}],
                                    "train")
-    tm.check_next_token_labels([{"input_ids": ids, "labels": ids.roll(-1)}], "train")
+    dataset.check_next_token_labels([{"input_ids": ids, "labels": ids.roll(-1)}], "train")
 
 
 def test_sample_completion_stays_within_the_models_context(monkeypatch):
