@@ -75,8 +75,12 @@ def check_lora_export(cfg: TrainConfig, model: nn.Module,
                      f"{settings.off_switch('export_merged', where_set)}")
 
 
-def load_or_train_tokenizer(cfg: TrainConfig, dcfg: DataConfig) -> CodeTokenizer | BPETokenizer:
-    """The given tokenizer, the pretrained model's, or one trained (and cached) on the data."""
+def load_or_train_tokenizer(cfg: TrainConfig, dcfg: DataConfig, saved: Path | None = None
+                            ) -> CodeTokenizer | BPETokenizer:
+    """The run's ``saved`` tokenizer, the given one, the pretrained model's, or one trained (and
+    cached) on the data."""
+    if saved is not None:
+        return load_tokenizer(saved)
     own = Path(cfg.init_from) / TOKENIZER_FILE if cfg.init_from is not None else None
     if cfg.tokenizer is not None:
         tok = load_tokenizer(cfg.tokenizer)
@@ -172,11 +176,10 @@ class Run(NamedTuple):
     clock: BudgetClock | None  # a new budgeted run's: its decay starts by the clock
 
 
-def build_run(cfg: TrainConfig, dist: Dist, device: torch.device, created: float,
-              hint: str | None, restarts: bool) -> Run:
-    """Claim the run directory, then build the run in it (``created``: when the time budget
-    started); a failed or stopped build leaves no directory it made."""
-    claimed = claim_run_dir(cfg, dist, hint)
+def build_run(cfg: TrainConfig, claimed: rundir.ClaimedDir, dist: Dist, device: torch.device,
+              created: float, hint: str | None, restarts: bool) -> Run:
+    """Build the run in its ``claimed`` directory (``created``: when the time budget started); a
+    failed or stopped build releases it, leaving no directory it made."""
     try:
         return _build(cfg, claimed, dist, device, created, hint, restarts)
     except BaseException as e:
@@ -185,23 +188,6 @@ def build_run(cfg: TrainConfig, dist: Dist, device: torch.device, created: float
         if isinstance(e, KeyboardInterrupt) and not isinstance(e, rundir.RunInterrupted):
             raise rundir.interrupted(e, claimed.path, hint, restarts) from None
         raise
-
-
-def claim_run_dir(cfg: TrainConfig, dist: Dist, hint: str | None) -> rundir.ClaimedDir:
-    """Rank 0 claims the run directory; every rank learns it and what it holds."""
-    claimed = None
-    answer = (None, None)
-    if dist.main:
-        stem = f"{Path(cfg.init_from).name if cfg.init_from else cfg.preset}-{cfg.task}"
-        try:
-            claimed = rundir.claim(cfg.resume, cfg.out_dir, cfg.name, stem, hint)
-            answer = (dataclasses.replace(claimed, lock=None), None)
-        except ValueError as e:
-            answer = (None, str(e))
-    held, error = broadcast(answer, dist)
-    if error is not None:
-        raise ValueError(error)
-    return claimed or held
 
 
 def _build(cfg: TrainConfig, claimed: rundir.ClaimedDir, dist: Dist, device: torch.device,
@@ -277,10 +263,7 @@ def prepare_data(cfg: TrainConfig, claimed: rundir.ClaimedDir, dist: Dist, own_t
     saved_tok = claimed.path / TOKENIZER_FILE
     own_tok = own_tok and saved_tok.is_file()
     with main_first(dist):  # the others read the run's own, or rank 0's just written
-        if own_tok or not dist.main:
-            tok = load_tokenizer(saved_tok)
-        else:
-            tok = load_or_train_tokenizer(cfg, dcfg)
+        tok = load_or_train_tokenizer(cfg, dcfg, saved_tok if own_tok or not dist.main else None)
         splits = prepare(dcfg, tok)
         if dist.main and not own_tok:  # once the data is known good
             claimed.wrote_tokenizer = True

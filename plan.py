@@ -80,12 +80,11 @@ def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = (),
     ``init_adapter``; a setting given (not the default, or typed) that differs is an error."""
     if cfg.init_adapter is None:
         return cfg
+    path = pretrained.checkpoint_dir(cfg.init_adapter, setting(cfg, "init_adapter", where_set))
+    config_name = lora.ADAPTER_CONFIG
     copy = rundir.adapter_copy(cfg.resume) if cfg.resume else None
     if copy is not None:  # a continued run reads its own copy of the adapter's config
         path, config_name = copy.parent, copy.name
-    else:
-        path = pretrained.checkpoint_dir(cfg.init_adapter, setting(cfg, "init_adapter", where_set))
-        config_name = lora.ADAPTER_CONFIG
     if not path.is_dir():
         raise ValueError(f"{setting(cfg, 'init_adapter', where_set)}: not a directory")
     adapter = lora.read_adapter_config(path, config_name)

@@ -14,11 +14,12 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import process
 import settings
+from distributed import Dist, broadcast
 
 # runs/<name>/ holds CONFIG_FILE, METRICS_FILE, tokenizer.json, LOCK_FILE, TB_DIR/,
 # CHECKPOINTS_DIR/<CHECKPOINT_PREFIX>N/, BEST_DIR/, EXPORT_DIR/ and EVAL_DIR/ (and
@@ -212,6 +213,23 @@ class ClaimedDir:
                 for name in sorted(names - {LOCK_FILE}) + [LOCK_FILE]:
                     (self.path / name).unlink()
                 self.path.rmdir()
+
+
+def claim_run_dir(resume: str | None, out_dir: str, name: str | None, stem: str,
+                  hint: str | None, dist: Dist) -> ClaimedDir:
+    """Rank 0 claims the run directory (``claim``); every rank learns it and what it holds."""
+    claimed = None
+    answer = (None, None)
+    if dist.main:
+        try:
+            claimed = claim(resume, out_dir, name, stem, hint)
+            answer = (replace(claimed, lock=None), None)
+        except ValueError as e:
+            answer = (None, str(e))
+    held, error = broadcast(answer, dist)
+    if error is not None:
+        raise ValueError(error)
+    return claimed or held
 
 
 def claim(resume: str | None, out_dir: str, name: str | None, stem: str, hint: str | None

@@ -133,6 +133,12 @@ class TrainConfig:
     overfit_batches: int = 0  # overfit K batches of the real training data
     inject_nan_at_step: int | None = None  # fault injection: make this step's loss NaN
 
+    @property
+    def run_stem(self) -> str:
+        """What an unnamed new run's directory is called before its timestamp."""
+        model = Path(self.init_from).name if self.init_from else self.preset
+        return f"{model}-{self.task}"
+
 
 _CHOICES = {
     "optimizer": OPTIMIZERS,

@@ -96,7 +96,9 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
     try:
         measure = partial(build.measure_speed, device=device, dist=dist)
         cfg = plan.plan_run(cfg, device.type, dist.enabled, dist.main, measure)
-        run = build.build_run(cfg, dist, device, created, resume_hint, restarts)
+        claimed = rundir.claim_run_dir(cfg.resume, cfg.out_dir, cfg.name, cfg.run_stem,
+                                       resume_hint, dist)
+        run = build.build_run(cfg, claimed, dist, device, created, resume_hint, restarts)
         cfg, s, trainer, batches, record = (run.cfg, run.state, run.trainer, run.data.batches,
                                             run.record)
         record.open_log(s.step if cfg.resume else None, cfg.report_to)

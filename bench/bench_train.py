@@ -32,6 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import build  # noqa: E402
+import rundir  # noqa: E402
 import trainingmanager as tm  # noqa: E402
 from batches import Batches  # noqa: E402
 from trainer import autocast  # noqa: E402
@@ -105,8 +106,10 @@ def main(argv=None) -> int:
                              block_size=args.block_size, max_steps=args.steps + WARMUP + 1,
                              eval_every=10**9, eval_examples=args.batch_size, save_every=10**9, export=False,
                              log_every=10, out_dir=out, name="bench")
-        run = build.build_run(dataclasses.replace(cfg, name="bench-setup"), tm.Dist(),
-                              tm.resolve_device(cfg.device, tm.Dist()), time.perf_counter(), None, True)
+        setup = dataclasses.replace(cfg, name="bench-setup")
+        claimed = rundir.claim_run_dir(None, out, setup.name, setup.run_stem, None, tm.Dist())
+        run = build.build_run(setup, claimed, tm.Dist(), tm.resolve_device(cfg.device, tm.Dist()),
+                              time.perf_counter(), None, True)
         run.record.claimed.release()
         model_cfg, trainer = run.trainer.raw_model.cfg, run.trainer
         tokens = torch.from_numpy(run.data.batches.train.tokens[:4_000_000].astype("int64"))

@@ -80,6 +80,14 @@ def tiny_cfg(assets, tmp_path, **overrides) -> tm.TrainConfig:
     return tm.TrainConfig(**values)
 
 
+def built_run(cfg: tm.TrainConfig) -> build.Run:
+    """``build.build_run`` on the CPU, in a directory claimed as ``train`` claims it."""
+    claimed = rundir.claim_run_dir(cfg.resume, cfg.out_dir, cfg.name, cfg.run_stem, None,
+                                   tm.Dist())
+    return build.build_run(cfg, claimed, tm.Dist(), torch.device("cpu"), time.perf_counter(),
+                           None, False)
+
+
 def tiny_llama(tmp_path: Path) -> Path:
     """A tiny random Llama checkpoint: a pretrained base for LoRA (wider than assets' vocab)."""
     from tiny_hf import save_tiny_hf
@@ -1605,8 +1613,7 @@ def test_an_epochs_run_rounds_its_steps_up_and_its_cosine_ends_there(assets, tmp
 
     common = dict(task="completion", batch_size=4, grad_accum=2, warmup_steps=2,
                   max_steps=tm.TrainConfig().max_steps)
-    probe = build.build_run(tiny_cfg(assets, tmp_path, name="probe", **common), tm.Dist(),
-                            torch.device("cpu"), time.perf_counter(), None, False)
+    probe = built_run(tiny_cfg(assets, tmp_path, name="probe", **common))
     n = len(probe.data.batches.train)  # supervised pairs: an epoch is each of them once
     probe.record.claimed.release()
     steps, per_step = 5, 4 * 2  # batch_size x grad_accum
@@ -2225,8 +2232,7 @@ def test_the_validation_examples_do_not_depend_on_batch_size_or_accumulation(ass
     for i, (batch_size, grad_accum) in enumerate([(4, 2), (8, 1), (3, 1)]):
         cfg = tiny_cfg(assets, tmp_path, batch_size=batch_size, grad_accum=grad_accum,
                        eval_examples=10, name=f"v{i}")
-        run = build.build_run(cfg, tm.Dist(), torch.device("cpu"), time.perf_counter(), None,
-                              False)
+        run = built_run(cfg)
         batches, _ = run.data.batches.validation()
         batches = list(batches)
         examples.append([row[mask].tolist() for b in batches
