@@ -115,13 +115,26 @@ class Doc:
         return json.loads(self.text)
 
 
-def _source_files(source: str, extensions: Sequence[str]) -> tuple[Path, list[Path]]:
-    """(root, files) of a directory source or the stdlib; deterministic order."""
+class SourceFiles(typing.NamedTuple):
+    """A data source's files: record files, or code files named relative to ``root``."""
+
+    records: bool  # JSONL, parquet, a datasets directory or a Hugging Face dataset id
+    root: Path | None  # code: the directory its files' names are relative to
+    files: list[Path]  # deterministic order
+
+
+def _source_listing(source: str, extensions: Sequence[str]) -> SourceFiles:
+    """The files of ``source``: its records (``_record_files``), or its code files (of
+    ``extensions``: the stdlib, or a directory)."""
+    records = _record_files(source)
+    if records is not None:
+        return SourceFiles(records=True, root=None, files=records)
     if source == "stdlib":
-        return stdlib_root(), stdlib_files()
+        return SourceFiles(records=False, root=stdlib_root(), files=stdlib_files())
     root = Path(source).expanduser()
     # The user's own directory: links to files are read (an HF hub snapshot's point into blobs/).
-    return root, source_files(root, extensions, follow_symlinks=True)
+    files = source_files(root, extensions, follow_symlinks=True)
+    return SourceFiles(records=False, root=root, files=files)
 
 
 def _record_files(source: str) -> list[Path] | None:
@@ -295,9 +308,11 @@ def _iter_sources(cfg: DataConfig, counts: Counter, pairs: list[int]) -> Iterato
     pair records in ``pairs``. A file over ``max_bytes`` is left unread (``text`` None)."""
     taken: Counter = Counter()  # documents yielded per role
     for i, (split, source) in enumerate(cfg.sources_by_split()):
-        files = _record_files(source)
-        docs = (_read_files(source, cfg, counts) if files is None
-                else (doc for f in files for doc in _read_records(f, cfg, counts)))
+        listing = _source_listing(source, cfg.extensions)
+        if listing.records:
+            docs = (doc for f in listing.files for doc in _read_records(f, cfg, counts))
+        else:
+            docs = _read_files(source, listing, cfg, counts)
         for raw in docs:
             if cfg.max_docs is not None and taken[split] >= cfg.max_docs:
                 break
@@ -308,11 +323,11 @@ def _iter_sources(cfg: DataConfig, counts: Counter, pairs: list[int]) -> Iterato
             yield raw
 
 
-def _read_files(source: str, cfg: DataConfig, counts: Counter) -> Iterator[Doc]:
-    root, files = _source_files(source, cfg.extensions)
-    prefix = "stdlib" if source == "stdlib" else root.name
-    for p in files:
-        doc_id = f"{prefix}/{p.relative_to(root).as_posix()}"
+def _read_files(source: str, listing: SourceFiles, cfg: DataConfig, counts: Counter
+                ) -> Iterator[Doc]:
+    prefix = "stdlib" if source == "stdlib" else listing.root.name
+    for p in listing.files:
+        doc_id = f"{prefix}/{p.relative_to(listing.root).as_posix()}"
         if not is_utf8(doc_id):  # os.walk spells undecodable name bytes as surrogates
             counts["not_utf8_name"] += 1
             continue
@@ -324,16 +339,18 @@ def _sources_fingerprint(sources: Sequence[str], extensions: Sequence[str]) -> l
     out = []
     for source in sources:
         # Every build computes its key first: sources are checked here.
-        if (files := _record_files(source)) is not None:
-            out += [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+        listing = _source_listing(source, extensions)
+        if listing.records:
+            out += [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns]
+                    for f in listing.files]
             continue
-        root, files = _source_files(source, extensions)
-        listing = hashlib.sha256()
-        for p in files:
+        names = hashlib.sha256()
+        for p in listing.files:
             st = p.stat()
-            entry = f"{p.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n"
-            listing.update(entry.encode("utf-8", "surrogateescape"))  # a non-UTF-8 name: its bytes
-        out.append([source if source == "stdlib" else str(root.resolve()), listing.hexdigest()])
+            entry = f"{p.relative_to(listing.root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n"
+            names.update(entry.encode("utf-8", "surrogateescape"))  # a non-UTF-8 name: its bytes
+        where = source if source == "stdlib" else str(listing.root.resolve())
+        out.append([where, names.hexdigest()])
     return out
 
 

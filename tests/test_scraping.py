@@ -1312,8 +1312,8 @@ def test_local_skips_the_directories_dataset_skips(tmp_path):
     out = tmp_path / "out.jsonl"
     collect_local(LocalConfig(sources=[str(src)], out=str(out), license="MIT", progress=False))
     assert [r["path"] for r in read_jsonl(out)] == ["app/main.py"]
-    root, files = dataset._source_files(str(src), [".py"])
-    assert [p.relative_to(root).as_posix() for p in files] == ["app/main.py"]
+    listing = dataset._source_listing(str(src), [".py"])
+    assert [p.relative_to(listing.root).as_posix() for p in listing.files] == ["app/main.py"]
 
 
 def test_local_and_dataset_walk_a_tree_alike(tmp_path):
@@ -1331,8 +1331,8 @@ def test_local_and_dataset_walk_a_tree_alike(tmp_path):
     out = tmp_path / "out.jsonl"
     summary = collect_local(LocalConfig(sources=[str(src)], out=str(out), progress=False))
     scraped = [r["path"] for r in read_jsonl(out)]
-    root, files = dataset._source_files(str(src), [".py"])
-    assert [p.relative_to(root).as_posix() for p in files] == sorted(scraped + ["link.py"])
+    listing = dataset._source_listing(str(src), [".py"])
+    assert [p.relative_to(listing.root).as_posix() for p in listing.files] == sorted(scraped + ["link.py"])
     assert scraped == ["B.PY", "a.py", "pkg/x.py", "z.py"]  # sorted by path, not dir by dir
     assert summary.files["symlink"] == 1 and summary.files["extension"] == 1
 
@@ -1355,8 +1355,8 @@ def test_a_git_work_tree_gives_what_its_clone_gives(tmp_path):
     summary = collect_local(LocalConfig(sources=[str(src)], out=str(out), progress=False))
     assert [r["path"] for r in read_jsonl(out)] == ["new.py", "pkg/a.py"]  # new work stays
     assert summary.files["gitignored"] == 2
-    root, files = dataset._source_files(str(src), [".py"])
-    assert [p.relative_to(root).as_posix() for p in files] == ["new.py", "pkg/a.py"]
+    listing = dataset._source_listing(str(src), [".py"])
+    assert [p.relative_to(listing.root).as_posix() for p in listing.files] == ["new.py", "pkg/a.py"]
 
 
 def _git_repo(root: Path, files: dict[str, str], commit: tuple[str, ...]) -> Path:
