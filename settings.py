@@ -113,6 +113,21 @@ def read_json_object(path: str | Path, what: str = "file", strict: bool = False)
     """The one JSON object a file holds (YAML for .yaml/.yml); failures name the file and line.
     ``strict`` (files users write): a key given twice is an error; other tools' files (HF
     config.json) load as their tools load them, the last of a repeated key winning."""
+    value = read_json(path, what, strict)
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: the {what} must be one JSON object, not {_json_kind(value)}")
+    return value
+
+
+def _json_kind(value: object) -> str:
+    """A JSON value's kind in words: "an array", "a string", ..."""
+    kinds = {dict: "an object", list: "an array", str: "a string", bool: "true/false",
+             type(None): "null"}
+    return kinds.get(type(value), "a number")
+
+
+def read_json(path: str | Path, what: str = "file", strict: bool = False) -> object:
+    """The JSON value a file holds (YAML for .yaml/.yml), as ``read_json_object`` reads it."""
     path = Path(path)
     try:  # utf-8-sig: a Windows editor's byte-order mark is not JSON, but no reason to refuse
         text = path.read_text("utf-8-sig")
@@ -128,10 +143,6 @@ def read_json_object(path: str | Path, what: str = "file", strict: bool = False)
     except _RepeatedKey as err:
         raise ValueError(f"{path}: key {err.args[0]!r} is given twice in one object; keep the "
                          "one you mean") from None
-    if not isinstance(value, dict):
-        kind = {list: "an array", str: "a string", bool: "true/false", type(None): "null"}.get(
-            type(value), "a number")
-        raise ValueError(f"{path}: the {what} must be one JSON object, not {kind}")
     return value
 
 

