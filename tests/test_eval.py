@@ -440,7 +440,7 @@ def test_duplicate_task_id_is_an_error_before_any_generation(tiny_models, tmp_pa
                                                              monkeypatch, capsys):
     dup = tmp_path / "dup.jsonl"
     dup.write_text(_problem_line("A") + _problem_line("B") + _problem_line("A"))
-    with pytest.raises(ValueError, match=r"dup.jsonl:3: duplicate task_id 'A' \(first on line 1\)"):
+    with pytest.raises(ValueError, match=r"dup.jsonl:3: duplicate task_id 'A' \(first at \S*dup.jsonl:1\)"):
         ev.load_problems(dup)
 
     def no_generation(*args, **kwargs):
@@ -614,7 +614,7 @@ def test_blank_lines_in_a_problems_file_are_skipped(tmp_path):
     assert ev.load_problems(spaced) == ev.load_problems(plain)
     spaced.write_text("\n" + _problem_line("A") + "  \n" + _problem_line("A"))
     with pytest.raises(ValueError, match=r"spaced.jsonl:4: duplicate task_id 'A' \(first "
-                                         r"on line 2\)"):
+                                         r"at \S*spaced.jsonl:2\)"):
         ev.load_problems(spaced)
 
 
@@ -1623,7 +1623,7 @@ def test_passk_task_executes_samples(tiny_models, tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "generate_texts",
                         lambda lm, prompts, cfg, stops=(), desc="", **kw: [answers[p] for p in prompts])
     lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
-    cfg = ev.EvalConfig(tasks=["passk"], problems=str(file), progress=False)
+    cfg = ev.EvalConfig(tasks=["passk"], problems=[str(file)], progress=False)
     metrics, records = ev.run_passk(lm, "passk", problems, cfg)
     assert metrics == {"pass@1": 50.0}
     assert [r["status"] for r in records] == ["passed", "failed", "passed", "failed"]
@@ -3487,3 +3487,96 @@ def test_a_generations_file_that_does_not_fit_is_one_line_naming_it(tmp_path, co
 def test_load_generations_takes_one_pass_at_k_task_and_no_model(argv, words):
     with pytest.raises(ValueError, match=re.escape(words)):
         ev.parse_config(argv)
+
+
+# MBPP records as google-research's mbpp.jsonl (and the HF dataset's parquet) hold them: its
+# test split is task_id 11-510; id 2 is of its prompt split. The code keeps MBPP's CRLF endings.
+MBPP_RECORDS = [
+    {"task_id": 2, "text": "Write a function to find the shared elements of two lists.",
+     "code": "def similar_elements(a, b):\r\n  return tuple(set(a) & set(b))",
+     "test_list": ["assert set(similar_elements((3, 4), (4, 5))) == {4}"],
+     "test_setup_code": "", "challenge_test_list": []},
+    {"task_id": 11, "text": "Write a python function to reverse the words of a sentence.",
+     "code": "def reverse_words(s):\r\n    return ' '.join(reversed(s.split()))",
+     "test_list": ['assert reverse_words("a b c") == "c b a"',
+                   'assert reverse_words("one") == "one"',
+                   'assert reverse_words("") == ""'],
+     "test_setup_code": "", "challenge_test_list": []},
+    {"task_id": 12, "text": "Write a function to sort a matrix by the sum of its rows.",
+     "code": "def sort_matrix(M):\n    return sorted(M, key=sum)",
+     "test_list": ["assert sort_matrix([[3], [1, 1], [0]]) == [[0], [1, 1], [3]]",
+                   "assert sort_matrix([]) == []"],
+     "test_setup_code": "", "challenge_test_list": []},
+    {"task_id": 13, "text": "Write a function to count the vowels in a string.",
+     "code": "def count_vowels(s):\n    return sum(c in 'aeiou' for c in s.lower())",
+     "test_list": ["assert count_vowels('Hello') == 2", "assert count_vowels('xyz') == 0"],
+     "test_setup_code": "", "challenge_test_list": []},
+]
+BIGCODE_MBPP_STOPS = ["\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n<|/", "\n```"]
+
+
+def _bigcode_mbpp_prompt(record: dict) -> str:
+    """The harness's MBPP prompt (bigcode_eval/tasks/mbpp.py, InCoder style)."""
+    return f'"""\n{record["text"]}\n{record["test_list"][0]}\n"""\n'
+
+
+def test_mbpp_reads_its_test_split_from_jsonl_or_the_datasets_parquet(tmp_path):
+    """MBPP's records (JSONL, or its HF dataset's full/test parquet) become problems prompted as
+    the harness prompts them, tested by every test of the record; the prompt split's record is
+    left out; canonical solutions pass in the sandbox and empty bodies fail."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    jsonl = tmp_path / "mbpp.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in MBPP_RECORDS))
+    snapshot = tmp_path / "snapshot" / "full"
+    snapshot.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(MBPP_RECORDS), snapshot / "test-00000-of-00001.parquet")
+    sandbox = ev.SandboxConfig(timeout_s=10.0)
+    problems = ev.load_problems(jsonl, sandbox, 2, form="mbpp")
+    assert ev.load_problems(snapshot.parent, form="mbpp") == problems
+    tested = MBPP_RECORDS[1:]
+    assert [p["task_id"] for p in problems] == ["MBPP/11", "MBPP/12", "MBPP/13"]
+    assert [p["prompt"] for p in problems] == [_bigcode_mbpp_prompt(r) for r in tested]
+    assert [p["test"] for p in problems] == ["\n".join(r["test_list"]) for r in tested]
+    stubs = ev.run_checks([(p, "def stub():\n    return None\n") for p in problems], sandbox, 2,
+                          "stubs", progress=False)
+    assert [r.status for r in stubs] == ["failed"] * 3
+
+
+def test_mbpp_stops_and_runs_as_the_harness_does(tiny_models, tmp_path, monkeypatch):
+    """--tasks mbpp: each generation cut at the harness's first MBPP stop word; the program,
+    prompt + completion + the tests, passes exactly where the harness's program, run by a plain
+    interpreter, does."""
+    import json
+    import subprocess
+    import sys
+
+    file = tmp_path / "mbpp.jsonl"
+    file.write_text("".join(json.dumps(r) + "\n" for r in MBPP_RECORDS))
+    tested = MBPP_RECORDS[1:]
+    raw = {_bigcode_mbpp_prompt(tested[0]): tested[0]["code"] + "\nassert False\n",
+           _bigcode_mbpp_prompt(tested[1]): tested[1]["code"] + '\n"""\nraise SystemExit(3)',
+           _bigcode_mbpp_prompt(tested[2]): "def count_vowels(s):\n    return 0\n"}
+
+    def generate(lm, prompts, cfg, stops=(), desc="", **kw):
+        return [ev.truncate_at_stops(raw[prompt], stops) for prompt in prompts]
+
+    monkeypatch.setattr(ev, "generate_texts", generate)
+    out = tmp_path / "out"
+    assert ev.main(["--models", str(tiny_models["base"]), "--tasks", "mbpp", "--problems",
+                    f"mbpp={file}", "--out-dir", str(out), "--no-progress", "--workers", "2"]) == 0
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    expected = []
+    for record, problem in zip(records, tested):
+        prompt = _bigcode_mbpp_prompt(problem)
+        harness = prompt + _bigcode_stop_at_stop_token(raw[prompt], BIGCODE_MBPP_STOPS)
+        assert prompt + record["prediction"] == harness
+        program = harness + "\n" + "\n".join(problem["test_list"])
+        run = subprocess.run([sys.executable, "-c", program], capture_output=True, timeout=60)
+        expected.append("passed" if run.returncode == 0 else "failed")
+    assert [r["status"] for r in records] == expected == ["passed", "passed", "failed"]
+    metrics = json.loads((out / "results.json").read_text())["rows"][0]["metrics"]
+    assert metrics == {"mbpp/pass@1": pytest.approx(200 / 3)}
