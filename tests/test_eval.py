@@ -3580,3 +3580,137 @@ def test_mbpp_stops_and_runs_as_the_harness_does(tiny_models, tmp_path, monkeypa
     assert [r["status"] for r in records] == expected == ["passed", "passed", "failed"]
     metrics = json.loads((out / "results.json").read_text())["rows"][0]["metrics"]
     assert metrics == {"mbpp/pass@1": pytest.approx(200 / 3)}
+
+
+# SantaCoder's FIM task as its dataset (bigcode/santacoder-fim-task) holds it: "prompt" the
+# prefix, "suffix", "canonical_solution" the middle, "language".
+FIM_RECORDS = [
+    {"name": "py_0", "language": "py", "prompt": "def add(a, b):\n    return ",
+     "suffix": "\n\nprint(add(1, 2))\n", "canonical_solution": "a + b"},
+    {"name": "py_1", "language": "py", "prompt": "def square(x):\n",
+     "suffix": "\n", "canonical_solution": "    return x * x"},
+    {"name": "py_2", "language": "py", "prompt": "for i in range(3):\n",
+     "suffix": "print('done')\n", "canonical_solution": "    print(i)\n"},
+    {"name": "js_0", "language": "js", "prompt": "function inc(x) {\n  return ",
+     "suffix": ";\n}\n", "canonical_solution": "x + 1"},
+]
+DEEPSEEK_FIM = ["<\uff5cfim\u2581begin\uff5c>", "<\uff5cfim\u2581hole\uff5c>",
+                "<\uff5cfim\u2581end\uff5c>"]
+
+
+def _fim_tokenizer(style: str, path: Path) -> Path:
+    """A tokenizer.json of StarCoder's, Qwen2.5-Coder's or DeepSeek-Coder's FIM spelling."""
+    from tiny_hf import train_hf_tokenizer
+    from tokenizers import AddedToken
+
+    texts = [r["prompt"] + r["canonical_solution"] + r["suffix"] for r in FIM_RECORDS] * 20
+    file = path / "tokenizer.json"
+    path.mkdir(parents=True, exist_ok=True)
+    tok = train_hf_tokenizer("gpt2" if style == "deepseek" else style, texts, file)
+    if style == "deepseek":
+        tok.add_special_tokens([AddedToken(t, special=True) for t in DEEPSEEK_FIM])
+        tok.save(str(file))
+    return file
+
+
+@pytest.mark.parametrize("style, spelling", [
+    ("starcoder", ["<fim_prefix>", "<fim_suffix>", "<fim_middle>"]),
+    ("qwen2", ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"]),
+    ("deepseek", DEEPSEEK_FIM),
+])
+def test_fim_prompts_are_the_familys_tokens_as_hf_encodes_the_harness_prompt(
+        tmp_path, style, spelling):
+    """A FIM prompt is the ids HF's tokenizer gives the harness's text prompt
+    (PREFIX prefix SUFFIX suffix MIDDLE) spelled in the family's own FIM tokens."""
+    from tokenizers import Tokenizer
+
+    from dataset import fim_prompt
+    from tokenizer import load_tokenizer
+
+    file = _fim_tokenizer(style, tmp_path / style)
+    tok, hf = load_tokenizer(file), Tokenizer.from_file(str(file))
+    for record in FIM_RECORDS:
+        text = (f"{spelling[0]}{record['prompt']}{spelling[1]}{record['suffix']}"
+                f"{spelling[2]}")
+        mine = fim_prompt(tok, tok.encode(record["prompt"]), tok.encode(record["suffix"]), 10**6)
+        assert mine == hf.encode(text, add_special_tokens=False).ids
+
+
+def test_fim_exact_match_is_the_hand_computed_share_overall_and_per_language(tmp_path,
+                                                                           monkeypatch):
+    """--tasks fim on the task's records (a JSONL file or its dataset's parquet directory):
+    a middle counts only when it is the canonical one exactly (a trailing space does not), as
+    the harness counts it; 3 of 4 overall, 2 of 3 py, 1 of 1 js."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tiny_hf import save_tiny_hf
+    from tokenizers import Tokenizer
+
+    model_dir = tmp_path / "starcoder"
+    vocab = Tokenizer.from_file(str(_fim_tokenizer("starcoder", model_dir))).get_vocab_size()
+    save_tiny_hf("gpt_bigcode", model_dir, vocab_size=vocab, bos_token_id=0, eos_token_id=0)
+    jsonl = tmp_path / "fim.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in FIM_RECORDS))
+    (tmp_path / "snapshot" / "data").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(FIM_RECORDS),
+                   tmp_path / "snapshot" / "data" / "train-00000-of-00001.parquet")
+    assert ev.load_fim_problems(tmp_path / "snapshot") == ev.load_fim_problems(jsonl)
+    answers = {r["prompt"]: r["canonical_solution"] for r in FIM_RECORDS}
+    answers["def square(x):\n"] += " "
+    seen = []
+
+    def generate(lm, prompts, cfg, stops=(), desc="", prompt_ids=None, **kw):
+        seen.extend(ids for ids, _ in prompt_ids)
+        return [answers[prefix] for prefix in prompts]
+
+    monkeypatch.setattr(ev, "generate_texts", generate)
+    out = tmp_path / "out"
+    assert ev.main(["--models", str(model_dir), "--tasks", "fim", "--problems", f"fim={jsonl}",
+                    "--out-dir", str(out), "--no-progress"]) == 0
+    metrics = json.loads((out / "results.json").read_text())["rows"][0]["metrics"]
+    assert metrics == {"fim/EM": 75.0, "fim/EM_js": 100.0, "fim/EM_py": pytest.approx(200 / 3)}
+    fim_prefix = Tokenizer.from_file(str(model_dir / "tokenizer.json")).token_to_id("<fim_prefix>")
+    assert len(seen) == 4 and all(ids[0] == fim_prefix for ids in seen)
+
+
+def test_fim_needs_a_tokenizer_with_fim_tokens(tmp_path):
+    import torch
+    from tiny_hf import train_hf_tokenizer
+
+    from tokenizer import load_tokenizer
+
+    train_hf_tokenizer("llama3", ["def f():\n    return 1\n"] * 20, tmp_path / "tokenizer.json")
+    lm = ev.LoadedModel("llama", str(tmp_path), torch.nn.Linear(1, 1),
+                        load_tokenizer(tmp_path / "tokenizer.json"))
+    problems = ev.load_fim_problems(_write_jsonl(tmp_path / "fim.jsonl", FIM_RECORDS))
+    with pytest.raises(ValueError, match="--tasks fim: the tokenizer of llama has no fill-in-the"):
+        ev.run_fim(lm, problems, ev.EvalConfig(tasks=["fim"]))
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_fim_generates_from_the_model_within_its_context(tmp_path):
+    """A real run: prompts longer than the model's context are cut to leave the completion its
+    room (the code next to the middle kept), and every problem gets a prediction."""
+    import json
+
+    from tiny_hf import save_tiny_hf
+    from tokenizers import Tokenizer
+
+    model_dir = tmp_path / "starcoder"
+    vocab = Tokenizer.from_file(str(_fim_tokenizer("starcoder", model_dir))).get_vocab_size()
+    save_tiny_hf("gpt_bigcode", model_dir, vocab_size=vocab, bos_token_id=0, eos_token_id=0)
+    long = [{**r, "prompt": r["prompt"] * 40, "suffix": r["suffix"] * 40} for r in FIM_RECORDS]
+    jsonl = _write_jsonl(tmp_path / "fim.jsonl", long)
+    out = tmp_path / "out"
+    assert ev.main(["--models", str(model_dir), "--tasks", "fim", "--problems", f"fim={jsonl}",
+                    "--max-new-tokens", "8", "--out-dir", str(out), "--no-progress"]) == 0
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == ["py_0", "py_1", "py_2", "js_0"]
