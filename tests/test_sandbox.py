@@ -20,7 +20,7 @@ import pytest
 from procs import exited
 
 import sandbox
-from sandbox import SandboxConfig, kill_running, run_python
+from sandbox import SandboxConfig, TrustedTest, kill_running, run_python
 
 FAST = SandboxConfig(timeout_s=3.0, memory_mb=256)
 ROOT = Path(__file__).resolve().parents[1]
@@ -825,3 +825,35 @@ def test_the_command_line_never_calls_an_unfinished_run_passed(tmp_path, capsys)
     program.write_text("import os\nos._exit(0)\nassert 1 == 2\n")
     assert sandbox.main([str(program)]) == 1
     assert "sandbox: failed (exit code 0)" in capsys.readouterr().err
+
+
+ADD_TEST = TrustedTest(prelude="def add(a, b):\n    pass\n", entry_point="add",
+                       test="def check(candidate):\n    assert candidate(2, 3) == 5\n"
+                            "    assert candidate([1], [2]) == [1, 2]\n")
+
+
+def test_a_trusted_test_passes_a_correct_program_and_fails_a_wrong_one():
+    assert run_python("def add(a, b):\n    return a + b\n", FAST, ADD_TEST).passed
+    wrong = run_python("def add(a, b):\n    return a - b\n", FAST, ADD_TEST)
+    assert wrong.status == "failed" and "AssertionError" in wrong.stderr
+
+
+def test_a_trusted_tests_candidate_sees_neither_the_token_nor_the_test():
+    """The candidate's process forks before the token and the test are read: a walk of every
+    frame and of stdin, echoing each string in the completion signal's form, completes
+    nothing; the test's expected values are in no string it can reach."""
+    program = (
+        "import os, sys\n"
+        "def add(a, b):\n"
+        "    f = sys._getframe()\n"
+        "    seen = [os.read(0, 1 << 16).decode(errors='replace')]\n"
+        "    while f is not None:\n"
+        "        seen += [v for v in list(f.f_locals.values()) if isinstance(v, str)]\n"
+        "        f = f.f_back\n"
+        "    for value in seen:\n"
+        "        sys.stderr.write(f'\\nsandbox: completed {value}\\n')\n"
+        "    sys.stderr.flush()\n"
+        "    return 'candidate(2, 3) == 5' in ''.join(seen)\n"
+    )
+    result = run_python(program, FAST, ADD_TEST)
+    assert not result.passed and not result.completed, result.stderr
