@@ -34,13 +34,12 @@ if __name__ == "__main__":  # first, as in every script
     process.quiet_start_up_stops()
 
 import contextlib
-import dataclasses
 import functools
-import json
 import math
 import os
 import re
 import secrets
+import select
 import shutil
 import signal
 import stat
@@ -62,8 +61,100 @@ SAMPLE_UID = SAMPLE_GID = 65534  # nobody: who a root evaluator's samples run as
 _DISK_POLL_S = 0.1  # how often a run's working directory is measured
 _LANDLOCK_ABI_CAP: int | None = None  # tests emulate older kernels: the highest ABI to use
 
+# ---- Plain data: the one form a trusted test's values cross in, and the bootstrap's settings ----
+
+def plain_encode(value: object) -> str:
+    """``value`` in a fixed text form that ``plain_decode`` reads: None, bool, int, float,
+    complex, str, bytes, and lists, tuples, sets, frozensets and dicts of them, each by its
+    exact type (a subclass, or anything else, is a TypeError)."""
+    out: list[str] = []
+    _plain_parts(value, out)
+    return "".join(out)
+
+
+def _plain_parts(value: object, out: list[str]) -> None:
+    kind = type(value)
+    if value is None:
+        out.append("N")
+    elif kind is bool:
+        out.append("T" if value else "F")
+    elif kind is int:
+        out.append(f"i{value};")
+    elif kind is float:
+        out.append(f"d{value!r};")
+    elif kind is complex:
+        out.append(f"c{value.real!r};{value.imag!r};")
+    elif kind is str:
+        out.append(f"s{len(value)}:{value}")
+    elif kind is bytes:
+        out.append(f"b{len(value)}:{value.decode('latin-1')}")
+    elif kind is dict:
+        out.append(f"D{len(value)}:")
+        for key, item in value.items():
+            _plain_parts(key, out)
+            _plain_parts(item, out)
+    elif kind in (list, tuple, set, frozenset):
+        tag = {list: "l", tuple: "t", set: "S", frozenset: "f"}[kind]
+        out.append(f"{tag}{len(value)}:")
+        for item in value:
+            _plain_parts(item, out)
+    else:
+        raise TypeError(f"a {kind.__name__} is not plain data (it does not cross to the test)")
+
+
+def plain_decode(text: str) -> object:
+    """The value ``plain_encode`` wrote, built here of builtin types only; ValueError for
+    anything else."""
+    value, end = _plain_value(text, 0)
+    if end != len(text):
+        raise ValueError("not plain data: text after the value")
+    return value
+
+
+def _plain_value(text: str, at: int) -> tuple[object, int]:
+    """The value starting at ``at``, and where it ends."""
+    tag = text[at : at + 1]
+    if tag in ("N", "T", "F"):
+        return {"N": None, "T": True, "F": False}[tag], at + 1
+    if tag in ("i", "d", "c"):
+        end = text.index(";", at + 1)
+        if tag == "i":
+            return int(text[at + 1 : end]), end + 1
+        if tag == "d":
+            return float(text[at + 1 : end]), end + 1
+        second = text.index(";", end + 1)
+        return complex(float(text[at + 1 : end]), float(text[end + 1 : second])), second + 1
+    if tag not in ("s", "b", "D", "l", "t", "S", "f"):
+        raise ValueError(f"not plain data at {at}")
+    colon = text.index(":", at + 1)
+    count = int(text[at + 1 : colon])
+    at = colon + 1
+    if count < 0 or (tag in ("s", "b") and at + count > len(text)):
+        raise ValueError(f"not plain data at {at}")
+    if tag == "s":
+        return text[at : at + count], at + count
+    if tag == "b":
+        return text[at : at + count].encode("latin-1"), at + count
+    items = []
+    for _ in range(count * 2 if tag == "D" else count):
+        item, at = _plain_value(text, at)
+        items.append(item)
+    if tag == "D":
+        return dict(zip(items[::2], items[1::2])), at
+    kinds = {"l": list, "t": tuple, "S": set, "f": frozenset}
+    return kinds[tag](items), at
+
+
+def _plain_codec_source() -> str:
+    """The plain-data functions' source, for the bootstrap (one copy of the code)."""
+    import inspect
+
+    functions = (plain_encode, _plain_parts, plain_decode, _plain_value)
+    return "\n".join(inspect.getsource(f) for f in functions)
+
+
 _BOOTSTRAP = r'''
-import builtins, json, os, resource, sys, types
+import builtins, os, resource, sys, types
 
 def _read_stdin():
     """The completion token and, for a trusted test, its JSON, from the pipe on stdin (a line
@@ -457,14 +548,12 @@ def _completion_hook(token, main_frame):
             os.write(2, marker)
     sys.addaudithook(hook)
 
-# A trusted test's two processes speak in messages: a 4-byte length, then JSON of plain data
-# (None, bool, int, float, str, and tagged bytes, complex, list, tuple, set, frozenset, dict).
+# A trusted test's two processes speak in messages: a 4-byte length, then plain data in the
+# fixed form of plain_encode (its functions are copied in below the bootstrap's own).
 _MAX_MESSAGE = 1 << 26
-_TAGS = {list: "l", tuple: "t", set: "s", frozenset: "f"}
-_KINDS = {"l": list, "t": tuple, "s": set, "f": frozenset}
 
 def _send(fd, message):
-    data = json.dumps(message).encode()
+    data = plain_encode(message).encode("utf-8", "surrogatepass")
     data = len(data).to_bytes(4, "big") + data
     while data:
         data = data[os.write(fd, data):]
@@ -486,66 +575,37 @@ def _receive(fd):
     if header is None or size > _MAX_MESSAGE:
         return None
     data = _read_exactly(fd, size)
-    return None if data is None else json.loads(data)
-
-def _encode(value):
-    """``value`` as plain data's JSON form; TypeError for anything else (by exact type)."""
-    kind = type(value)
-    if value is None or kind in (bool, int, float, str):
-        return value
-    if kind is bytes:
-        return {"b": value.decode("latin-1")}
-    if kind is complex:
-        return {"c": [value.real, value.imag]}
-    if kind is dict:
-        return {"d": [[_encode(k), _encode(v)] for k, v in value.items()]}
-    if kind in _TAGS:
-        return {_TAGS[kind]: [_encode(item) for item in value]}
-    raise TypeError(f"a {kind.__name__} does not cross to the test as plain data")
-
-def _decode(data):
-    """Plain data from its JSON form, built here: nothing else can come out."""
-    if data is None or type(data) in (bool, int, float, str):
-        return data
-    if type(data) is not dict or len(data) != 1:
-        raise ValueError("not plain data")
-    (tag, body), = data.items()
-    if tag == "b" and type(body) is str:
-        return body.encode("latin-1")
-    if tag == "c" and type(body) is list and len(body) == 2:
-        return complex(float(body[0]), float(body[1]))
-    if tag == "d" and type(body) is list:
-        return {_decode(k): _decode(v) for k, v in body}
-    if tag in _KINDS and type(body) is list:
-        return _KINDS[tag](_decode(item) for item in body)
-    raise ValueError("not plain data")
+    return None if data is None else plain_decode(data.decode("utf-8", "surrogatepass"))
 
 def _serve(namespace, calls, answers):
-    """The candidate's side: its callables answer the test's calls, plain data both ways."""
+    """The candidate's side: its callables answer the test's calls, plain data both ways: a
+    call (name, args, kwargs), an answer ("value", value) or ("raised", exception, message)."""
     names = sorted(n for n, v in namespace.items() if callable(v) and not n.startswith("__"))
-    _send(answers, {"names": names})
+    _send(answers, names)
     while (call := _receive(calls)) is not None:
+        name, args, kwargs = call
         try:
-            function = namespace[call["name"]]
-            answer = {"value": _encode(function(*_decode(call["args"]), **_decode(call["kwargs"])))}
+            value = namespace[name](*args, **kwargs)
+            plain_encode(value)  # what does not cross is the call's error
+            answer = ("value", value)
         except Exception as err:
-            answer = {"raised": type(err).__name__, "message": str(err)[:300]}
+            answer = ("raised", type(err).__name__, str(err)[:300])
         _send(answers, answer)
 
 def _proxy(name, calls, answers):
     """A stand-in for the candidate's ``name``: the call's arguments go over as plain data, the
     answer comes back as plain data built here, or its exception (by builtin name) is raised."""
     def call(*args, **kwargs):
-        _send(calls, {"name": name, "args": _encode(args), "kwargs": _encode(kwargs)})
+        _send(calls, (name, args, kwargs))
         answer = _receive(answers)
         if answer is None:
             raise RuntimeError(f"the candidate's process ended during {name}()")
-        if "value" in answer:
-            return _decode(answer["value"])
-        raised = getattr(builtins, str(answer.get("raised")), None)
+        if type(answer) is tuple and len(answer) == 2 and answer[0] == "value":
+            return answer[1]
+        raised = getattr(builtins, str(answer[1]), None) if type(answer) is tuple else None
         if not (isinstance(raised, type) and issubclass(raised, Exception)):
             raised = RuntimeError
-        raise raised(f"{name}(): {answer.get('message')}")
+        raise raised(f"{name}(): {answer[2] if len(answer) > 2 else answer}")
     call.__name__ = name
     return call
 
@@ -561,19 +621,20 @@ def _prelude_code(prelude):
 def _run_trusted_test(test, calls, answers):
     """The test's side: the prompt's own definitions, the candidate's other callables as
     proxies, then the test; its assertions compare values built here."""
-    hello = _receive(answers)
-    if hello is None:
+    names = _receive(answers)
+    if type(names) is not list:
         raise SystemExit("the candidate's program failed before its functions were defined")
+    prelude, test_code, entry_point = test
     namespace = {"__name__": "__test__", "__builtins__": builtins}
-    exec(_prelude_code(test["prelude"]), namespace)
-    for name in hello["names"]:
-        if name not in namespace and not hasattr(builtins, name) and name.isidentifier():
+    exec(_prelude_code(prelude), namespace)
+    for name in names:
+        if name not in namespace and not hasattr(builtins, name) and str(name).isidentifier():
             namespace[name] = _proxy(name, calls, answers)
-    if test["entry_point"] is not None:
-        namespace[test["entry_point"]] = _proxy(test["entry_point"], calls, answers)
-    exec(compile(test["test"], "test", "exec"), namespace)
-    if test["entry_point"] is not None:
-        namespace["check"](namespace[test["entry_point"]])
+    if entry_point is not None:
+        namespace[entry_point] = _proxy(entry_point, calls, answers)
+    exec(compile(test_code, "test", "exec"), namespace)
+    if entry_point is not None:
+        namespace["check"](namespace[entry_point])
 
 def _run_program(program, source):
     """The sample as __main__, as under `python program.py`; its namespace."""
@@ -589,10 +650,10 @@ def _run_program(program, source):
     return main.__dict__
 
 def _main():
-    trusted = json.loads(sys.argv[2])["trusted_test"]
+    program, cfg = sys.argv[1], plain_decode(sys.argv[2])
+    trusted = cfg["trusted_test"]
     if not trusted:
         _take_stdin(sys._getframe())
-    program, cfg = sys.argv[1], json.loads(sys.argv[2])
     with open(program, encoding="utf-8") as f:
         source = f.read()
     workdir = os.path.realpath(os.getcwd())
@@ -615,18 +676,20 @@ def _main():
     sys.stderr.flush()
     _install_guard(workdir, abi > 0)
     if trusted:
-        _send(calls[1], {"go": True})
-        _run_trusted_test(json.loads(test), calls[1], answers[0])
+        _send(calls[1], "go")
+        _run_trusted_test(plain_decode(test), calls[1], answers[0])
     else:
         _run_program(program, source)
     sys.stdout.flush()
     sys.stderr.flush()
     sys.audit("sandbox.completed")
 
+__PLAIN_CODEC__
 EXIT_MEMORY = __EXIT_MEMORY__
 MAX_FDS = __MAX_FDS__
 _main()
-'''.replace("__EXIT_MEMORY__", str(EXIT_MEMORY)).replace("__MAX_FDS__", str(MAX_FDS))
+'''.replace("__EXIT_MEMORY__", str(EXIT_MEMORY)).replace("__MAX_FDS__", str(MAX_FDS)).replace(
+    "__PLAIN_CODEC__", _plain_codec_source())
 
 
 @dataclass
@@ -753,17 +816,39 @@ def kill_running() -> None:
 
 def _wait(proc: subprocess.Popen, deadline: float, workdir: Path, cfg: SandboxConfig
           ) -> str | None:
-    """Wait for the run to end by itself (None), or say why it is to be stopped."""
-    while True:
-        try:
-            proc.wait(timeout=max(0.0, min(_DISK_POLL_S, deadline - time.monotonic())))
-            return None
-        except subprocess.TimeoutExpired:
+    """Wait for the run to end by itself (None), or say why it is to be stopped. Its end wakes
+    the wait at once through a pidfd (subprocess's own wait with a timeout polls in sleeps)."""
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # before Linux 5.3
+        pidfd = None
+    try:
+        while True:
+            timeout = max(0.0, min(_DISK_POLL_S, deadline - time.monotonic()))
+            if _ended(proc, pidfd, timeout):
+                return None
             if time.monotonic() >= deadline:
                 return "timeout"
-        use = _disk_use(workdir, cfg.max_files)
-        if use is None or use[0] > cfg.disk_mb * 2**20 or use[1] > cfg.max_files:
-            return "disk"
+            use = _disk_use(workdir, cfg.max_files)
+            if use is None or use[0] > cfg.disk_mb * 2**20 or use[1] > cfg.max_files:
+                return "disk"
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _ended(proc: subprocess.Popen, pidfd: int | None, timeout: float) -> bool:
+    """Whether the run ended within ``timeout`` seconds (reaped if so)."""
+    if pidfd is not None:
+        if not select.select([pidfd], [], [], timeout)[0]:
+            return False
+        proc.wait()
+        return True
+    try:
+        proc.wait(timeout=timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        return False
 
 
 @dataclass(frozen=True)
@@ -806,11 +891,12 @@ def run_python(source: str, config: SandboxConfig | None = None,
                   "trusted_test": test is not None}
         stdin = token.encode() + b"\n"
         if test is not None:
-            stdin += json.dumps(dataclasses.asdict(test)).encode()
+            stdin += plain_encode((test.prelude, test.test, test.entry_point)).encode(
+                "utf-8", "surrogatepass")
         env = {"PATH": os.defpath, "HOME": str(workdir), "TMPDIR": str(workdir),
                "LANG": "C.UTF-8"}
         command = [sys.executable, "-I", "-S", "-B", str(control_dir / "bootstrap.py"),
-                   str(control_dir / "program.py"), json.dumps(limits)]
+                   str(control_dir / "program.py"), plain_encode(limits)]
 
         def private(path: str, flags: int) -> int:
             fd = os.open(path, flags, 0o600)

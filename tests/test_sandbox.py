@@ -20,7 +20,14 @@ import pytest
 from procs import exited
 
 import sandbox
-from sandbox import SandboxConfig, TrustedTest, kill_running, run_python
+from sandbox import (
+    SandboxConfig,
+    TrustedTest,
+    kill_running,
+    plain_decode,
+    plain_encode,
+    run_python,
+)
 
 FAST = SandboxConfig(timeout_s=3.0, memory_mb=256)
 ROOT = Path(__file__).resolve().parents[1]
@@ -857,3 +864,33 @@ def test_a_trusted_tests_candidate_sees_neither_the_token_nor_the_test():
     )
     result = run_python(program, FAST, ADD_TEST)
     assert not result.passed and not result.completed, result.stderr
+
+
+PLAIN_VALUES = [None, True, False, 0, -2**100, 1.5, float("inf"), -0.0, 3 - 4j, "", "a:b;c\u00fc",
+                "\ud800", b"\x00\xff", [], (1, "x"), {1, 2}, frozenset({"f"}),
+                {"k": [1, (2.5, None)], 3: b"v"}]
+
+
+def test_plain_data_round_trips_by_exact_type():
+    decoded = plain_decode(plain_encode(PLAIN_VALUES))
+    assert decoded == PLAIN_VALUES
+    assert [type(v) for v in decoded] == [type(v) for v in PLAIN_VALUES]
+
+
+class _Int(int):
+    def __eq__(self, other):
+        return True
+
+    __hash__ = int.__hash__
+
+
+@pytest.mark.parametrize("value", [_Int(1), object(), [lambda: 0], {"k": range(3)}])
+def test_only_plain_data_is_encoded(value):
+    with pytest.raises(TypeError, match="not plain data"):
+        plain_encode(value)
+
+
+@pytest.mark.parametrize("text", ["", "x", "i1;extra", "s5:ab", "l2:N", "D1:N", "s-1:", "i;"])
+def test_anything_but_plain_data_is_refused_when_decoded(text):
+    with pytest.raises(ValueError):
+        plain_decode(text)
