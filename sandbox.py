@@ -48,6 +48,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -256,7 +257,7 @@ def _kernel(cfg, workdir, program, split=False):
         if os.getppid() != cfg["parent_pid"]:
             os._exit(1)
         caps = _capabilities()
-        abi = _landlock(ctypes, libc, workdir, program, cfg["landlock_cap"])
+        abi = _landlock(ctypes, libc, workdir, program, cfg["landlock_cap"], cfg["packages"])
         child = False
         if split:
             parent = os.getpid()
@@ -282,9 +283,10 @@ def _read_roots():
                 roots.add(os.path.dirname(os.path.realpath(path)))
     return sorted(roots)
 
-def _landlock(ctypes, libc, workdir, program, cap):
-    """Reads only of ``_read_roots()``, the program and the working directory, writes only
-    beneath it; the ABI version, 0 if unavailable."""
+def _landlock(ctypes, libc, workdir, program, cap, packages):
+    """Reads only of ``_read_roots()``, the program, the working directory and ``packages``'
+    directories (their parents listed, nothing else read there), writes only beneath the
+    working directory; the ABI version, 0 if unavailable."""
     try:
         syscall = libc.syscall
         syscall.restype = ctypes.c_long
@@ -318,6 +320,8 @@ def _landlock(ctypes, libc, workdir, program, cap):
             return 0
         rules = [(workdir, read | write), (program, read_file), (os.devnull, read_file | write_file)]
         rules += [(path, read) for path in _read_roots()]
+        for parent, directories in packages:
+            rules += [(parent, 1 << 3)] + [(path, read) for path in directories]  # READ_DIR
         rules += [(path, read_file) for path in ("/dev/urandom", "/dev/zero", "/etc/ld.so.cache")
                   if os.path.exists(path)]
         ok = True
@@ -674,7 +678,9 @@ def _main():
         test = _take_stdin(sys._getframe())
     sys.stderr.write(f"sandbox: landlock={abi} seccomp={int(seccomp)} caps={caps:x}\n")
     sys.stderr.flush()
-    _install_guard(workdir, abi > 0)
+    if not trusted:  # the test's side runs only the trusted test (which may import packages)
+        _install_guard(workdir, abi > 0)
+    sys.path += [parent for parent, _ in cfg["packages"]]  # what the test may import
     if trusted:
         _send(calls[1], "go")
         _run_trusted_test(plain_decode(test), calls[1], answers[0])
@@ -702,6 +708,7 @@ class SandboxConfig:
     max_output_chars: int = 20_000  # tail of stdout/stderr kept in the result
     disk_mb: int = 64  # all it keeps in its working directory; killed past it (status "disk")
     max_files: int = 10_000  # files and directories there; killed past it (status "disk")
+    packages: tuple[str, ...] = ()  # installed packages a test may import (numpy: EvalPlus's)
 
 
 @dataclass
@@ -888,7 +895,7 @@ def run_python(source: str, config: SandboxConfig | None = None,
                   "file_bytes": cfg.file_mb * 2**20, "landlock_cap": _LANDLOCK_ABI_CAP,
                   "parent_pid": os.getpid(),  # the sample dies with this process
                   "user": user, "stdlib_mount": str(stdlib_mount),
-                  "trusted_test": test is not None}
+                  "trusted_test": test is not None, "packages": _package_dirs(cfg.packages)}
         stdin = token.encode() + b"\n"
         if test is not None:
             stdin += plain_encode((test.prelude, test.test, test.entry_point)).encode(
@@ -940,6 +947,25 @@ def run_python(source: str, config: SandboxConfig | None = None,
     status = stopped or _status(code, completed, memory)
     return SandboxResult(status, code, stdout, stderr, duration, landlock, completed, seccomp,
                          capabilities)
+
+
+def _package_dirs(names: Sequence[str]) -> list[list]:
+    """[directory on sys.path, [the package's directories]] of each installed package: its own
+    and its bundled libraries' (numpy.libs); refused when it is not installed."""
+    import importlib.util
+
+    found = []
+    for name in names:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError(f"sandbox: package {name!r} is not installed here")
+        package = Path(spec.submodule_search_locations[0]).resolve()
+        directories = [str(package)]
+        libs = package.parent / f"{name}.libs"
+        if libs.is_dir():
+            directories.append(str(libs.resolve()))
+        found.append([str(package.parent), directories])
+    return found
 
 
 def _status(code: int, completed: bool, memory: bool) -> str:

