@@ -1892,10 +1892,17 @@ def _save(out: Path, results: dict, records: Sequence[dict]) -> None:
 
 # ---- CLI ----------------------------------------------------------------------------------
 
+# bigcode-evaluation-harness's spellings of pass@k's settings, read as codelm's.
+HARNESS_FLAGS = {"num_samples": ("--n-samples", "--n_samples"), "pass_k": ("--k",),
+                 "load_generations": ("--load-generations-path", "--load_generations_path")}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = settings.ArgumentParser(
         description="Evaluate codelm/HF models side by side: perplexity, CodeXGLUE line/method "
-        "metrics, docstring chrF/ROUGE-L, refactoring BLEU, pass@k in a sandbox. Without "
+        "metrics, docstring chrF/ROUGE-L, refactoring BLEU, pass@k in a sandbox, and the "
+        "benchmarks papers report (HumanEval(+), MBPP(+), FIM, CodeXGLUE method generation) "
+        "as their harnesses score them. Without "
         "--models: the latest run under --runs-dir, on the test split of the data it trained on "
         "(the stdlib for the default run). With --prompt: each model's completion of one text, "
         "printed as it is generated.",
@@ -1903,7 +1910,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="JSON or YAML file of EvalConfig keys, or a recipe "
                         "(configs/*.json) whose 'eval' section is read; flags override it")
     settings.add_print_config(parser)
-    return settings.add_config_flags(parser, EvalConfig)
+    return settings.add_config_flags(parser, EvalConfig, aliases=HARNESS_FLAGS)
+
 
 
 def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:

@@ -3977,3 +3977,11 @@ def test_codexglue_method_scores_as_its_evaluator_after_its_normalization(
     assert edits[:2] == [100, 100] and edits[2] < 100
     expected_bleu = ev.codexglue_bleu([r["prediction"] for r in records], refs)
     assert metrics["codexglue-method/BLEU"] == pytest.approx(expected_bleu)
+
+
+def test_the_harness_spellings_of_pass_at_k_settings_are_read():
+    cfg = ev.parse_config(["--tasks", "humaneval", "--n_samples", "20", "--k", "1,10",
+                           "--temperature", "0.8", "--top-p", "0.95"])
+    assert (cfg.num_samples, cfg.pass_k, cfg.top_p) == (20, [1, 10], 0.95)
+    cfg = ev.parse_config(["--tasks", "humaneval", "--load_generations_path", "g.json"])
+    assert cfg.load_generations == "g.json"
