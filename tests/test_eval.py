@@ -3985,3 +3985,21 @@ def test_the_harness_spellings_of_pass_at_k_settings_are_read():
     assert (cfg.num_samples, cfg.pass_k, cfg.top_p) == (20, [1, 10], 0.95)
     cfg = ev.parse_config(["--tasks", "humaneval", "--load_generations_path", "g.json"])
     assert cfg.load_generations == "g.json"
+
+
+def test_a_benchmarks_default_dataset_is_read_from_the_hub_cache(tmp_path, offline_hub):
+    """Without --problems, mbpp reads MBPP's Hugging Face dataset as the hub client caches it
+    (its full/test parquet among the others), offline."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tiny_hf import hub_cache
+
+    repo = tmp_path / "repo"
+    for split in ("train", "test", "validation"):
+        (repo / "full").mkdir(parents=True, exist_ok=True)
+        rows = MBPP_RECORDS if split == "test" else MBPP_RECORDS[:1]
+        pq.write_table(pa.Table.from_pylist(rows), repo / "full" / f"{split}-00000-of-00001.parquet")
+    hub_cache(offline_hub, ev.MBPP_DATASET, repo, repo_type="dataset")
+    sources = ev.problem_sources(ev.EvalConfig(tasks=["mbpp"]))
+    problems = ev.load_problems(sources["mbpp"], form="mbpp")
+    assert [p["task_id"] for p in problems] == ["MBPP/11", "MBPP/12", "MBPP/13"]
