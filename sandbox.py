@@ -64,6 +64,7 @@ _LANDLOCK_ABI_CAP: int | None = None  # tests emulate older kernels: the highest
 
 # ---- Plain data: the one form a trusted test's values cross in, and the bootstrap's settings ----
 
+
 def plain_encode(value: object) -> str:
     """``value`` in a fixed text form that ``plain_decode`` reads: None, bool, int, float,
     complex, str, bytes, and lists, tuples, sets, frozensets and dicts of them, each by its
