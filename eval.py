@@ -381,6 +381,10 @@ def _humaneval_problem(record: dict, where: str) -> dict:
     """A HumanEval-shaped record (task_id, prompt, entry_point, test: strings) as it is."""
     if missing := [k for k in PROBLEM_KEYS if not isinstance(record.get(k), str)]:
         raise ValueError(f"{where}: missing string field(s) {missing}")
+    if "plus_input" in record:  # its "test" is HumanEval's; the extra inputs have no results
+        raise ValueError(f"{where}: an EvalPlus release record (base_input, plus_input), whose "
+                         "test is HumanEval's alone: use EvalPlus's Hugging Face dataset "
+                         f"({EVALPLUS_DATASETS['humaneval-plus']}), whose test runs every input")
     return record
 
 

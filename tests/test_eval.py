@@ -4003,3 +4003,13 @@ def test_a_benchmarks_default_dataset_is_read_from_the_hub_cache(tmp_path, offli
     sources = ev.problem_sources(ev.EvalConfig(tasks=["mbpp"]))
     problems = ev.load_problems(sources["mbpp"], form="mbpp")
     assert [p["task_id"] for p in problems] == ["MBPP/11", "MBPP/12", "MBPP/13"]
+
+
+def test_an_evalplus_release_record_is_refused_naming_the_dataset_that_tests_it(tmp_path):
+    """EvalPlus's release JSONL keeps HumanEval's test and lists the extra inputs apart: read
+    as it is, it would score HumanEval, so it is refused, naming the dataset to use."""
+    record = {**ev.load_problems(ev.humaneval_file())[0], "base_input": [[[1.0], 0.5]],
+              "plus_input": [[[2.0, 2.1], 0.5]], "atol": 0}
+    file = _write_jsonl(tmp_path / "HumanEvalPlus.jsonl", [record])
+    with pytest.raises(ValueError, match=r"EvalPlus release record .* \(evalplus/humanevalplus\)"):
+        ev.load_problems(file)
