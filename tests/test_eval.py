@@ -1733,6 +1733,9 @@ def test_humaneval_prompts_and_stops_as_bigcode_harness_and_saves_human_eval_sam
     metrics = json.loads((out / "results.json").read_text())["rows"][0]["metrics"]
     assert metrics == {"humaneval/pass@1": pytest.approx(200 / 3)}
     samples = out / f"samples-{tiny_models['base'].name}-humaneval.jsonl"
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert [(r["result"], r["passed"]) for r in rows] == [
+        ("passed", True), ("passed", True), ("failed", False)]
     problem_file = tmp_path / "problems.jsonl"
     problem_file.write_text("".join(json.dumps(p) + "\n" for p in problems))
     reference = evaluate_functional_correctness(str(samples), k=[1], n_workers=2,
