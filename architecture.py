@@ -528,6 +528,24 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean SDPA mask (B, 1, T, T) of packed rows: causal, each token seeing only the tokens
+    of its own document (``document_ids`` (B, T): a run of equal ids is one document)."""
+    T = document_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()
+    return (causal & (document_ids[:, :, None] == document_ids[:, None, :]))[:, None]
+
+
+def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
+    """Each token's position in its own document: 0 at every document's first token."""
+    index = torch.arange(document_ids.shape[1], device=document_ids.device).expand_as(
+        document_ids)
+    first = torch.ones_like(document_ids, dtype=torch.bool)
+    first[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    starts = torch.where(first, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - starts
+
+
 @kernels.faster(kernels.head_cross_entropy)
 def head_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
               label_smoothing: float = 0.0, count_correct: bool = False,
@@ -642,15 +660,20 @@ class Transformer(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, *, reduction: str = "mean",
                 label_smoothing: float = 0.0, grad_scale: torch.Tensor | float | None = None,
-                count_correct: bool = False):
+                count_correct: bool = False, document_ids: torch.Tensor | None = None):
         """Logits (B, T, V) of the token ids idx (B, T); attention_mask (B, T), True = real
-        token, for left-padded batches (right padding needs none: attention is causal). With
-        targets (B, T) (IGNORE_INDEX where nothing is counted), the next-token cross-entropy
-        instead (see head_loss), never forming the whole logits: the mean over counted tokens,
-        or their sum; with count_correct, (loss, how many are the top logit)."""
+        token, for left-padded batches (right padding needs none: attention is causal);
+        document_ids (B, T) for packed rows: each run of equal ids a document of its own, its
+        positions from 0 and its tokens seeing only each other. With targets (B, T)
+        (IGNORE_INDEX where nothing is counted), the next-token cross-entropy instead (see
+        head_loss), never forming the whole logits: the mean over counted tokens, or their
+        sum; with count_correct, (loss, how many are the top logit)."""
         B, T = idx.shape
         assert T <= self.cfg.block_size, f"sequence length {T} > block_size {self.cfg.block_size}"
-        if attention_mask is None:
+        assert attention_mask is None or document_ids is None, "padding or packing, not both"
+        if document_ids is not None:
+            x = self.run_blocks(idx, document_positions(document_ids), document_mask(document_ids))
+        elif attention_mask is None:
             x = self.run_blocks(idx, torch.arange(T, device=idx.device)[None], None)
         else:
             attention_mask = attention_mask.bool()

@@ -1,0 +1,79 @@
+"""Packed rows: several examples in one row, each a document of its own (positions from 0,
+attention within it), give every example the logits, loss and gradients it has alone, for
+every family codelm loads, sliding windows and learned positions included."""
+
+import pytest
+import torch
+from tiny_hf import FAMILIES, MODERN, WINDOW, tiny_checkpoints
+
+from architecture import IGNORE_INDEX, document_positions
+
+NAMES = FAMILIES + MODERN
+LENGTHS = [9, WINDOW + 12, 5, 23]  # one example longer than the sliding window
+ROW = 104  # the examples and a tail of padding, itself a document
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return tiny_checkpoints(NAMES, tmp_path_factory)
+
+
+def _examples(seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 256, (n,), generator=generator) for n in LENGTHS]
+
+
+def _packed(examples: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row of the examples one after another, padded to ROW; and its document ids."""
+    ids = torch.cat(examples)
+    docs = torch.cat([torch.full((len(e),), i) for i, e in enumerate(examples)])
+    tail = ROW - len(ids)
+    ids = torch.cat([ids, torch.zeros(tail, dtype=ids.dtype)])
+    docs = torch.cat([docs, torch.full((tail,), len(examples))])
+    return ids[None], docs[None]
+
+
+def _next_tokens(example: torch.Tensor) -> torch.Tensor:
+    """An example's labels: each token's next, nothing after its last."""
+    labels = example.roll(-1)
+    labels[-1] = IGNORE_INDEX
+    return labels
+
+
+def test_positions_restart_at_each_document():
+    docs = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2], [5, 5, 5, 5, 5, 5, 5, 5, 5]])
+    assert document_positions(docs).tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3], list(range(9))]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_packed_rows_logits_are_each_examples_own(checkpoints, name):
+    _, _, model = checkpoints[name]
+    examples = _examples(0)
+    idx, docs = _packed(examples)
+    with torch.no_grad():
+        packed = model(idx, document_ids=docs)[0]
+        start = 0
+        for example in examples:
+            alone = model(example[None])[0]
+            assert (packed[start : start + len(example)] - alone).abs().max().item() <= 1e-5
+            start += len(example)
+
+
+@pytest.mark.parametrize("name", ["gpt_bigcode", "llama", "mistral", "gemma2"])
+def test_a_packed_batchs_loss_and_gradients_are_the_unpacked_batchs(checkpoints, name):
+    """Summed over counted tokens (training's token-weighted loss), a packed row and the same
+    examples run one by one give the same loss and the same gradient of every weight."""
+    _, _, model = checkpoints[name]
+    examples = _examples(1)
+    idx, docs = _packed(examples)
+    labels = torch.cat([_next_tokens(e) for e in examples])
+    labels = torch.cat([labels, torch.full((ROW - len(labels),), IGNORE_INDEX)])[None]
+
+    def gradients(loss: torch.Tensor) -> list[torch.Tensor]:
+        return torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+
+    packed = model(idx, labels, reduction="sum", document_ids=docs)
+    one_by_one = sum(model(e[None], _next_tokens(e)[None], reduction="sum") for e in examples)
+    assert packed.item() == pytest.approx(one_by_one.item(), rel=1e-6)
+    for got, want in zip(gradients(packed), gradients(one_by_one)):
+        assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
