@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import torch
 
-from dataset import collate
+from dataset import PackedExamples, collate
 
 if typing.TYPE_CHECKING:
     from torch.utils.data import Dataset
@@ -68,12 +68,14 @@ class BatchOrder:
 class Batches:
     """A run's training and validation splits as padded batches for this rank: ``grad_accum``
     micro-batches of ``batch_size`` a step, in ``BatchOrder``; validation in file order, its
-    first ``eval_examples`` (0: all), split between the ranks."""
+    first ``eval_examples`` (0: all), split between the ranks. With ``pack_into`` (tokens), the
+    training examples are packed into rows of that many (``PackedExamples``), and a batch holds
+    ``batch_size`` rows."""
 
     def __init__(self, train: Dataset, val: Dataset, pad_id: int, batch_size: int,
                  grad_accum: int, seed: int, eval_examples: int = 0, rank: int = 0,
-                 world: int = 1):
-        self.train = train
+                 world: int = 1, pack_into: int | None = None):
+        self.train = train if pack_into is None else PackedExamples(train, pack_into, seed)
         self.val = val
         self.pad_id = pad_id
         self.batch_size = batch_size

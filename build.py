@@ -283,7 +283,11 @@ def prepare_data(cfg: TrainConfig, claimed: rundir.ClaimedDir, dist: Dist, own_t
         chosen = torch.randperm(len(train_set), generator=generator)[:n].tolist()
         train_set = val_set = Subset(train_set, chosen)
     batches = Batches(train_set, val_set, tok.pad_id, cfg.batch_size, cfg.grad_accum, cfg.seed,
-                      cfg.eval_examples, dist.rank, dist.world)
+                      cfg.eval_examples, dist.rank, dist.world,
+                      pack_into=dcfg.block_size if cfg.packing else None)
+    if cfg.packing and dist.main:
+        print(f"packing: {len(train_set)} training examples in {len(batches.train)} rows of "
+              f"{dcfg.block_size} tokens ({len(train_set) / len(batches.train):.1f} a row)")
     data_id = {"entry": splits.cache_path.name if splits.cache_path else None,
                "train_examples": len(splits.train)}
     return Data(tok, dcfg, batches, splits.sample_prompt, data_id)

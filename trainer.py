@@ -182,10 +182,12 @@ class Trainer:
                         else self.model.no_sync())
                 with sync:
                     with autocast(self.device, self.precision):
-                        # Right-padded batches need no mask: causal attention never sees padding.
+                        # Right-padded batches need no mask: causal attention never sees padding;
+                        # packed rows keep each example to itself (document_ids).
                         loss = self.model(batch["input_ids"], batch["labels"], reduction="sum",
                                           label_smoothing=self.cfg.label_smoothing,
-                                          grad_scale=self.scaler.scale(weight))
+                                          grad_scale=self.scaler.scale(weight),
+                                          document_ids=batch.get("document_ids"))
                     if inject_nan:
                         loss = loss * float("nan")
                     self.scaler.scale(loss * weight).backward()
@@ -228,7 +230,7 @@ class Trainer:
             labels = batch["labels"]
             with autocast(self.device, precision):
                 loss, correct = model(batch["input_ids"], labels, reduction="sum",
-                                      count_correct=True)
+                                      count_correct=True, document_ids=batch.get("document_ids"))
             totals[0] += loss.double()
             totals[1] += (labels != IGNORE_INDEX).sum()
             totals[2] += correct

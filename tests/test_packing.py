@@ -77,3 +77,49 @@ def test_a_packed_batchs_loss_and_gradients_are_the_unpacked_batchs(checkpoints,
     assert packed.item() == pytest.approx(one_by_one.item(), rel=1e-6)
     for got, want in zip(gradients(packed), gradients(one_by_one)):
         assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
+
+
+def test_first_fit_rows_hold_every_example_once_within_the_row():
+    """The packer places each example once, in the first open row with room for it (over a
+    seeded shuffle), never past the row's capacity; the same seed gives the same rows."""
+    from dataset import OPEN_ROWS, first_fit_rows
+
+    generator = torch.Generator().manual_seed(3)
+    lengths = torch.randint(1, 64, (500,), generator=generator).tolist()
+    rows = first_fit_rows(lengths, 64, seed=7)
+    assert sorted(i for row in rows for i in row) == list(range(500))
+    assert all(sum(lengths[i] for i in row) <= 64 for row in rows)
+    assert rows == first_fit_rows(lengths, 64, seed=7) != first_fit_rows(lengths, 64, seed=8)
+    assert len(rows) < 0.7 * 500  # ~32 tokens an example: about two a row
+    order = torch.randperm(500, generator=torch.Generator().manual_seed(7)).tolist()
+    row_of = {i: r for r, row in enumerate(rows) for i in row}
+    used = [0] * len(rows)  # each row's tokens, replaying the order
+    created = 0
+    for i in order:  # no open row before the one it went to had room for it
+        first_open = max(0, created - OPEN_ROWS)
+        assert all(64 - used[r] < lengths[i] for r in range(first_open, row_of[i]))
+        created = max(created, row_of[i] + 1)
+        used[row_of[i]] += lengths[i]
+
+
+def test_a_packed_row_is_its_examples_one_after_another():
+    import numpy as np
+
+    from dataset import PackedExamples, SupervisedExamples, collate
+
+    seqs = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
+    examples = SupervisedExamples.__new__(SupervisedExamples)  # three examples, in memory
+    examples.ids = np.array([t for s in seqs for t in s], dtype=np.int64)
+    examples.offsets = np.cumsum([0] + [len(s) for s in seqs])
+    examples.prompt_lens = np.array([2, 1, 3])
+    packed = PackedExamples(examples, capacity=16, seed=0)
+    assert len(packed) == 1
+    row = packed[0]
+    parts = [examples[i] for i in packed.rows[0]]
+    assert torch.equal(row["input_ids"], torch.cat([p["input_ids"] for p in parts]))
+    assert torch.equal(row["labels"], torch.cat([p["labels"] for p in parts]))
+    assert row["document_ids"].tolist() == [k for k, p in enumerate(parts)
+                                            for _ in p["input_ids"]]
+    short = {key: value[:4] for key, value in row.items()}
+    batch = collate([row, short], pad_id=0)
+    assert batch["document_ids"][1, 4:].eq(-1).all()

@@ -930,6 +930,29 @@ def test_lora_resume_is_bit_exact_and_saves_only_the_adapter(assets, tmp_path):
     assert (run / "export" / "adapter_config.json").is_file()
 
 
+def test_a_packed_run_resumes_bit_exactly_after_kill_9(assets, tmp_path):
+    """--packing: the rows are packed once, from the seed, so a run killed mid-step and
+    resumed ends on the straight run's weights; rows hold several examples, and the packed run
+    trains other weights than the unpacked one."""
+    common = dict(task="completion", packing=True, block_size=64, max_steps=10, grad_accum=2)
+    straight = tm.train(tiny_cfg(assets, tmp_path, name="straight", **common))
+    cfg = tiny_cfg(assets, tmp_path, name="killed", **common)
+    proc, run = _interrupted_then_resumed(cfg, tmp_path, "step", 7)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert "packing: " in proc.stdout
+    _resume(run)
+    assert_bit_equal(final_weights(straight.run_dir, 10), final_weights(run, 10))
+    unpacked = tm.train(tiny_cfg(assets, tmp_path, name="unpacked",
+                                 **{**common, "packing": False}))
+    a, b = final_weights(straight.run_dir, 10), final_weights(unpacked.run_dir, 10)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_packing_is_refused_for_the_lm_task():
+    with pytest.raises(ValueError, match=r"packing .*lm task's windows are full rows"):
+        tm.validate_config(tm.TrainConfig(packing=True, task="lm", preset="tiny", max_steps=1))
+
+
 def test_lora_on_a_bf16_base_trains_like_the_fp32_base(assets, tmp_path):
     """--base-dtype bf16: the frozen base is held in bf16 (half the memory), the adapters in
     fp32; the run follows the fp32-base run's losses and its merged export is fp32 again."""

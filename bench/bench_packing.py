@@ -1,0 +1,124 @@
+"""Packing: real (non-padding) tokens trained per second with packed rows against padded
+batches of the same micro-batch, in one run.
+
+    python bench/bench_packing.py [--preset code-4x192] [--block-size 512] [--batch-size 8]
+
+The examples' lengths are those of the standard library's functions (about 3.5 characters a
+token, cut to the block), their ids random. Both loops take a training step (forward, loss,
+backward, AdamW) on the same model: ``padded`` collates ``batch_size`` examples right-padded to
+the longest, ``packed`` ``batch_size`` rows of ``dataset.first_fit_rows`` with their document
+ids. Medians over the steps after a warm-up one; the ratio is packed over padded tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import settings  # noqa: E402
+from architecture import IGNORE_INDEX, PRESETS, Transformer  # noqa: E402
+from dataset import collate, first_fit_rows, stdlib_files  # noqa: E402
+
+
+@dataclass
+class BenchConfig:
+    preset: str = "code-4x192"  # architecture.PRESETS name
+    block_size: int = 512  # a row's tokens
+    batch_size: int = 8  # examples (padded) or rows (packed) a step
+    steps: int = 6  # timed steps of each loop, after one warm-up step
+    threads: int = 2  # torch threads
+
+
+def function_lengths(block_size: int) -> list[int]:
+    """The stdlib's functions' lengths in tokens (3.5 characters a token), cut to the block."""
+    lengths = []
+    for file in stdlib_files()[:400]:
+        text = file.read_text(errors="replace")
+        try:
+            tree = ast.parse(text)
+        except (SyntaxError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                source = ast.get_source_segment(text, node) or ""
+                lengths.append(min(block_size, max(8, round(len(source) / 3.5))))
+    return lengths
+
+
+def example(n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    ids = torch.randint(10, 4000, (n + 1,), generator=generator)
+    return {"input_ids": ids[:-1], "labels": ids[1:]}
+
+
+def timed_steps(model: Transformer, batches: list[dict], steps: int) -> tuple[float, int]:
+    """Median seconds a step and the counted tokens a step (mean) over ``steps`` batches."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    seconds, tokens = [], []
+    for i, batch in enumerate(batches[: steps + 1]):
+        start = time.perf_counter()
+        loss = model(batch["input_ids"], batch["labels"], reduction="sum",
+                     document_ids=batch.get("document_ids"))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i:  # the first step warms up
+            seconds.append(time.perf_counter() - start)
+            tokens.append(int((batch["labels"] != IGNORE_INDEX).sum()))
+    return statistics.median(seconds), round(statistics.mean(tokens))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     argument_default=argparse.SUPPRESS)
+    settings.add_config_flags(parser, BenchConfig)
+    cfg = BenchConfig(**vars(parser.parse_args(argv)))
+    torch.set_num_threads(cfg.threads)
+    lengths = function_lengths(cfg.block_size)
+    generator = torch.Generator().manual_seed(0)
+    examples = [example(n, generator) for n in lengths]
+    rows = first_fit_rows(lengths, cfg.block_size, seed=0)
+    padded_batches, packed_batches = [], []
+    order = torch.randperm(len(examples), generator=generator).tolist()
+    for step in range(cfg.steps + 1):
+        chosen = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+        padded_batches.append(collate([examples[i] for i in chosen], pad_id=0))
+        packed = []
+        for row in rows[step * cfg.batch_size : (step + 1) * cfg.batch_size]:
+            parts = [examples[i] for i in row]
+            packed.append({
+                "input_ids": torch.cat([p["input_ids"] for p in parts]),
+                "labels": torch.cat([p["labels"] for p in parts]),
+                "document_ids": torch.cat([torch.full((len(p["input_ids"]),), k)
+                                           for k, p in enumerate(parts)])})
+        packed_batches.append(collate(packed, pad_id=0))
+    preset = PRESETS[cfg.preset]
+    model_cfg = dataclasses.replace(preset, block_size=max(preset.block_size, cfg.block_size))
+    torch.manual_seed(0)
+    model = Transformer(model_cfg).train()
+    padded_s, padded_tokens = timed_steps(model, padded_batches, cfg.steps)
+    packed_s, packed_tokens = timed_steps(model, packed_batches, cfg.steps)
+    mean_length = statistics.mean(lengths)
+    print(f"{len(lengths)} stdlib functions, {mean_length:.0f} tokens on average; "
+          f"{len(lengths) / len(rows):.1f} a packed row of {cfg.block_size}; {cfg}; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print("| batches | s/step | real tokens/step | real tokens/s |")
+    print("| --- | --- | --- | --- |")
+    print(f"| padded | {padded_s:.3f} | {padded_tokens} | {padded_tokens / padded_s:.0f} |")
+    print(f"| packed | {packed_s:.3f} | {packed_tokens} | {packed_tokens / packed_s:.0f} |")
+    ratio = (packed_tokens / packed_s) / (padded_tokens / padded_s)
+    print(f"packed over padded real tokens/s: {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
