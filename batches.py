@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import math
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
+from torch.utils.data import Dataset
 
-from dataset import PackedExamples, collate
-
-if typing.TYPE_CHECKING:
-    from torch.utils.data import Dataset
+from dataset import SupervisedExamples, collate
+from kernels import IGNORE_INDEX
 
 
 class Where(typing.NamedTuple):
@@ -70,12 +69,18 @@ class Batches:
     micro-batches of ``batch_size`` a step, in ``BatchOrder``; validation in file order, its
     first ``eval_examples`` (0: all), split between the ranks. With ``pack_into`` (tokens), the
     training examples are packed into rows of that many (``PackedExamples``), and a batch holds
-    ``batch_size`` rows."""
+    ``batch_size`` rows; with ``files_apart`` (EOS's id), lm windows keep their files apart
+    (``DocumentWindows``), in training and validation."""
 
     def __init__(self, train: Dataset, val: Dataset, pad_id: int, batch_size: int,
                  grad_accum: int, seed: int, eval_examples: int = 0, rank: int = 0,
-                 world: int = 1, pack_into: int | None = None):
-        self.train = train if pack_into is None else PackedExamples(train, pack_into, seed)
+                 world: int = 1, pack_into: int | None = None, files_apart: int | None = None):
+        if files_apart is not None:  # lm windows (full rows): their files, EOS-ended, apart
+            train = DocumentWindows(train, files_apart)
+            val = DocumentWindows(val, files_apart)
+        if pack_into is not None:
+            train = PackedExamples(train, pack_into, seed)
+        self.train = train
         self.val = val
         self.pad_id = pad_id
         self.batch_size = batch_size
@@ -133,3 +138,80 @@ class Batches:
     def steps_for(self, epochs: float) -> int:
         """The optimizer steps that train ``epochs`` epochs (at least one)."""
         return max(1, math.ceil(epochs * self.examples_per_epoch / self.examples_per_step))
+
+
+# ---- Packing: several examples in a row, or a window's files, each kept to itself ----
+
+OPEN_ROWS = 64  # rows a packer keeps filling; the oldest is closed when one more opens
+
+
+def first_fit_rows(lengths: Sequence[int], capacity: int, seed: int) -> list[list[int]]:
+    """Example indices packed into rows of at most ``capacity`` tokens: the examples in an order
+    shuffled by ``seed``, each into the first of the open rows (the OPEN_ROWS latest) it fits,
+    else into a new row. Deterministic: the same lengths and seed give the same rows."""
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed))
+    rows: list[list[int]] = []
+    room: list[int] = []  # the open rows' free tokens, oldest first
+    first_open = 0  # rows before it are closed
+    for i in order.tolist():
+        n = int(lengths[i])
+        fits = next((r for r in range(first_open, len(rows)) if room[r - first_open] >= n), None)
+        if fits is None:
+            rows.append([])
+            room.append(capacity)
+            fits = len(rows) - 1
+            if len(room) > OPEN_ROWS:
+                room.pop(0)
+                first_open += 1
+        rows[fits].append(i)
+        room[fits - first_open] -= n
+    return rows
+
+
+class PackedExamples(Dataset):
+    """Examples packed into rows (``first_fit_rows``): a row's examples one after another, their
+    labels as each has them (nothing counted across a boundary), and ``document_ids`` telling
+    them apart, so that each attends only to itself."""
+
+    def __init__(self, examples: Dataset, capacity: int, seed: int):
+        self.examples = examples
+        self.capacity = capacity
+        if isinstance(examples, SupervisedExamples):
+            lengths = examples.lengths
+        else:  # a Subset (--overfit-batches): its examples read
+            lengths = [len(examples[i]["input_ids"]) for i in range(len(examples))]
+        self.rows = first_fit_rows(lengths, capacity, seed)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        parts = [self.examples[j] for j in self.rows[i]]
+        document_ids = [torch.full_like(p["input_ids"], k) for k, p in enumerate(parts)]
+        return {"input_ids": torch.cat([p["input_ids"] for p in parts]),
+                "labels": torch.cat([p["labels"] for p in parts]),
+                "document_ids": torch.cat(document_ids)}
+
+
+class DocumentWindows(Dataset):
+    """lm windows (dataset.LMWindows, or a Subset of them) whose files keep to themselves:
+    a document starts after every EOS, and nothing is counted at an EOS (the next file's first
+    token is not the file's to predict)."""
+
+    def __init__(self, windows: Dataset, eos_id: int):
+        self.windows = windows
+        self.eos_id = eos_id
+
+    block_size = property(lambda self: self.windows.block_size)
+    stride = property(lambda self: getattr(self.windows, "stride", None))
+    n_tokens = property(lambda self: self.windows.n_tokens)
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = self.windows[i]
+        ends = item["input_ids"] == self.eos_id
+        item["labels"][ends] = IGNORE_INDEX
+        item["document_ids"] = ends.long().cumsum(0) - ends.long()  # an EOS ends its document
+        return item

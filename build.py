@@ -282,10 +282,12 @@ def prepare_data(cfg: TrainConfig, claimed: rundir.ClaimedDir, dist: Dist, own_t
         n = cfg.overfit_batches * cfg.batch_size * cfg.grad_accum * dist.world
         chosen = torch.randperm(len(train_set), generator=generator)[:n].tolist()
         train_set = val_set = Subset(train_set, chosen)
+    lm_packing = cfg.packing and cfg.task == "lm"  # the windows are full rows: files apart
+    pack_into = dcfg.block_size if cfg.packing and not lm_packing else None
     batches = Batches(train_set, val_set, tok.pad_id, cfg.batch_size, cfg.grad_accum, cfg.seed,
-                      cfg.eval_examples, dist.rank, dist.world,
-                      pack_into=dcfg.block_size if cfg.packing else None)
-    if cfg.packing and dist.main:
+                      cfg.eval_examples, dist.rank, dist.world, pack_into,
+                      files_apart=tok.eos_id if lm_packing else None)
+    if pack_into is not None and dist.main:
         print(f"packing: {len(train_set)} training examples in {len(batches.train)} rows of "
               f"{dcfg.block_size} tokens ({len(train_set) / len(batches.train):.1f} a row)")
     data_id = {"entry": splits.cache_path.name if splits.cache_path else None,

@@ -905,57 +905,6 @@ def collate(examples: Sequence[dict[str, torch.Tensor]], pad_id: int | None
     return batch
 
 
-OPEN_ROWS = 64  # rows a packer keeps filling; the oldest is closed when one more opens
-
-
-def first_fit_rows(lengths: Sequence[int], capacity: int, seed: int) -> list[list[int]]:
-    """Example indices packed into rows of at most ``capacity`` tokens: the examples in an order
-    shuffled by ``seed``, each into the first of the open rows (the OPEN_ROWS latest) it fits,
-    else into a new row. Deterministic: the same lengths and seed give the same rows."""
-    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed))
-    rows: list[list[int]] = []
-    room: list[int] = []  # the open rows' free tokens, oldest first
-    first_open = 0  # rows before it are closed
-    for i in order.tolist():
-        n = int(lengths[i])
-        fits = next((r for r in range(first_open, len(rows)) if room[r - first_open] >= n), None)
-        if fits is None:
-            rows.append([])
-            room.append(capacity)
-            fits = len(rows) - 1
-            if len(room) > OPEN_ROWS:
-                room.pop(0)
-                first_open += 1
-        rows[fits].append(i)
-        room[fits - first_open] -= n
-    return rows
-
-
-class PackedExamples(Dataset):
-    """Supervised examples packed into rows (``first_fit_rows``): a row's examples one after
-    another, their labels as each has them (nothing counted across a boundary), and
-    ``document_ids`` telling them apart, so that each attends only to itself."""
-
-    def __init__(self, examples: Dataset, capacity: int, seed: int):
-        self.examples = examples
-        self.capacity = capacity
-        if isinstance(examples, SupervisedExamples):
-            lengths = examples.lengths
-        else:  # a Subset (--overfit-batches): its examples read
-            lengths = [len(examples[i]["input_ids"]) for i in range(len(examples))]
-        self.rows = first_fit_rows(lengths, capacity, seed)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        parts = [self.examples[j] for j in self.rows[i]]
-        document_ids = [torch.full_like(p["input_ids"], k) for k, p in enumerate(parts)]
-        return {"input_ids": torch.cat([p["input_ids"] for p in parts]),
-                "labels": torch.cat([p["labels"] for p in parts]),
-                "document_ids": torch.cat(document_ids)}
-
-
 @dataclass
 class PreparedData:
     """The three splits of one task: Datasets, or without a tokenizer texts (to train one on)."""

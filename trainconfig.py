@@ -82,7 +82,8 @@ class TrainConfig:
     #   choice, else 4
     grad_accum: int = 1  # micro-batches per optimizer step, weighted by their tokens
     packing: bool = False  # pair and chat tasks: several examples in each row of block_size
-    #   tokens, each attending only to itself (batch_size then counts rows)
+    #   tokens, each attending only to itself (batch_size then counts rows); lm: each file of a
+    #   window attends only to itself
     max_steps: int | None = None  # optimizer steps; None: epochs, else time_budget_min's
     epochs: float | None = None  # the run's length in passes over the data (not with max_steps)
     optimizer: str | None = None  # adamw | muon (Muon on the blocks' matrices, AdamW on the
@@ -304,8 +305,6 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings
     need(cfg.preset != "auto" or cfg.init_from is not None or cfg.time_budget_min is not None,
          "preset", f"auto chooses the model for {named('time_budget_min')}: set a budget, or "
          f"name a preset of {sorted(PRESETS)}")
-    need(not cfg.packing or cfg.task != "lm", "packing",
-         "packs the examples of the pair and chat tasks: the lm task's windows are full rows")
     need(cfg.optimizer != "muon" or cfg.lora_r == 0, "optimizer",
          "muon trains whole weight matrices: LoRA adapters train with adamw")
     need(cfg.lora_alpha != 0, "lora_alpha", "must not be 0: the adapters would never train")

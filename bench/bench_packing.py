@@ -6,7 +6,7 @@ batches of the same micro-batch, in one run.
 The examples' lengths are those of the standard library's functions (about 3.5 characters a
 token, cut to the block), their ids random. Both loops take a training step (forward, loss,
 backward, AdamW) on the same model: ``padded`` collates ``batch_size`` examples right-padded to
-the longest, ``packed`` ``batch_size`` rows of ``dataset.first_fit_rows`` with their document
+the longest, ``packed`` ``batch_size`` rows of ``batches.first_fit_rows`` with their document
 ids. Medians over the steps after a warm-up one; the ratio is packed over padded tokens/s.
 """
 
@@ -28,7 +28,8 @@ import torch  # noqa: E402
 
 import settings  # noqa: E402
 from architecture import IGNORE_INDEX, PRESETS, Transformer  # noqa: E402
-from dataset import collate, first_fit_rows, stdlib_files  # noqa: E402
+from batches import first_fit_rows  # noqa: E402
+from dataset import collate, stdlib_files  # noqa: E402
 
 
 @dataclass

@@ -82,7 +82,7 @@ def test_a_packed_batchs_loss_and_gradients_are_the_unpacked_batchs(checkpoints,
 def test_first_fit_rows_hold_every_example_once_within_the_row():
     """The packer places each example once, in the first open row with room for it (over a
     seeded shuffle), never past the row's capacity; the same seed gives the same rows."""
-    from dataset import OPEN_ROWS, first_fit_rows
+    from batches import OPEN_ROWS, first_fit_rows
 
     generator = torch.Generator().manual_seed(3)
     lengths = torch.randint(1, 64, (500,), generator=generator).tolist()
@@ -105,7 +105,8 @@ def test_first_fit_rows_hold_every_example_once_within_the_row():
 def test_a_packed_row_is_its_examples_one_after_another():
     import numpy as np
 
-    from dataset import PackedExamples, SupervisedExamples, collate
+    from batches import PackedExamples
+    from dataset import SupervisedExamples, collate
 
     seqs = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
     examples = SupervisedExamples.__new__(SupervisedExamples)  # three examples, in memory
@@ -123,3 +124,26 @@ def test_a_packed_row_is_its_examples_one_after_another():
     short = {key: value[:4] for key, value in row.items()}
     batch = collate([row, short], pad_id=0)
     assert batch["document_ids"][1, 4:].eq(-1).all()
+
+
+def test_lm_windows_keep_each_file_to_itself(checkpoints, tmp_path):
+    """DocumentWindows: a document starts after every EOS, nothing is counted at an EOS, and
+    the model gives a file's tokens the logits they have from the file's own start."""
+    import numpy as np
+
+    from batches import DocumentWindows
+    from dataset import LMWindows
+
+    eos = 2
+    tokens = np.array([7, 8, 9, eos, 10, 11, 12, 13, eos, 14, 15, 16], dtype=np.uint16)
+    path = tmp_path / "train.bin"
+    tokens.tofile(path)
+    windows = DocumentWindows(LMWindows(path, "uint16", len(tokens), 10, 10), eos)
+    item = windows[0]
+    assert item["document_ids"].tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 1, 2]
+    assert item["labels"].tolist() == [8, 9, eos, IGNORE_INDEX, 11, 12, 13, eos, IGNORE_INDEX, 15]
+    _, _, model = checkpoints["llama"]
+    with torch.no_grad():
+        packed = model(item["input_ids"][None], document_ids=item["document_ids"][None])[0]
+        alone = model(item["input_ids"][None, 4:9])[0]
+    assert (packed[4:9] - alone).abs().max().item() <= 1e-5

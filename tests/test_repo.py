@@ -114,7 +114,7 @@ MAY_IMPORT = {
     "lora": {"process", "settings", "architecture", "pretrained"},
     "dataconfig": set(),
     "dataset": {"process", "settings", "tokenizer", "scraping", "dataconfig", "kernels"},
-    "batches": {"dataset"},
+    "batches": {"dataset", "kernels"},
     "trainconfig": {"process", "settings", "rundir", "checkpoint", "architecture", "optim",
                     "dataconfig"},
     "trainer": {"process", "settings", "architecture", "checkpoint", "distributed", "optim",

@@ -948,9 +948,15 @@ def test_a_packed_run_resumes_bit_exactly_after_kill_9(assets, tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-def test_packing_is_refused_for_the_lm_task():
-    with pytest.raises(ValueError, match=r"packing .*lm task's windows are full rows"):
-        tm.validate_config(tm.TrainConfig(packing=True, task="lm", preset="tiny", max_steps=1))
+def test_an_lm_run_with_packing_keeps_each_file_to_itself(assets, tmp_path):
+    """--packing on the lm task: the windows stay as they are, their files told apart (each
+    attends only to itself; nothing counted at an EOS): the run trains, and its validation
+    counts fewer tokens than the unpacked run's, the EOS positions'."""
+    common = dict(task="lm", max_steps=4, eval_every=4, save_every=4)
+    packed = tm.train(tiny_cfg(assets, tmp_path, name="packed", packing=True, **common))
+    plain = tm.train(tiny_cfg(assets, tmp_path, name="plain", **common))
+    assert math.isfinite(packed.val_metrics["val_loss"])
+    assert packed.val_metrics["val_loss"] != plain.val_metrics["val_loss"]
 
 
 def test_lora_on_a_bf16_base_trains_like_the_fp32_base(assets, tmp_path):
