@@ -8,6 +8,8 @@ token, cut to the block), their ids random. Both loops take a training step (for
 backward, AdamW) on the same model: ``padded`` collates ``batch_size`` examples right-padded to
 the longest, ``packed`` ``batch_size`` rows of ``batches.first_fit_rows`` with their document
 ids. Medians over the steps after a warm-up one; the ratio is packed over padded tokens/s.
+Then attention alone over a packed batch, by each exact path and by causal attention across
+the documents (the floor): the model takes the fastest exact one measured.
 """
 
 from __future__ import annotations
@@ -79,6 +81,55 @@ def timed_steps(model: Transformer, batches: list[dict], steps: int) -> tuple[fl
     return statistics.median(seconds), round(statistics.mean(tokens))
 
 
+def attention_paths(packed: dict[str, torch.Tensor], heads: int, head_dim: int, steps: int
+                    ) -> dict[str, float]:
+    """Median seconds of attention's forward and backward over a packed batch's rows: one SDPA
+    call with the block-diagonal causal mask (the model's path), one causal SDPA call per
+    document, and plain causal attention across the documents (not exact: the floor)."""
+    import torch.nn.functional as F
+
+    from architecture import document_mask
+
+    B, T = packed["input_ids"].shape
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, heads, T, head_dim, generator=generator).requires_grad_()
+               for _ in range(3))
+    mask = document_mask(packed["document_ids"])
+    spans = []  # (row, start, end) of each document
+    for b in range(B):
+        ids = packed["document_ids"][b].tolist()
+        start = 0
+        for t in range(1, T + 1):
+            if t == T or ids[t] != ids[start]:
+                spans.append((b, start, t))
+                start = t
+
+    def masked() -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum()
+
+    def per_document() -> torch.Tensor:
+        total = torch.zeros(())
+        for b, start, end in spans:
+            part = [x[b : b + 1, :, start:end] for x in (q, k, v)]
+            total = total + F.scaled_dot_product_attention(*part, is_causal=True).sum()
+        return total
+
+    def across_documents() -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).sum()
+
+    medians = {}
+    for name, path in (("one call, block-diagonal mask", masked),
+                       ("a call per document", per_document),
+                       ("causal across documents (not exact)", across_documents)):
+        seconds = []
+        for _ in range(steps + 1):
+            start = time.perf_counter()
+            path().backward()
+            seconds.append(time.perf_counter() - start)
+        medians[name] = statistics.median(seconds[1:])
+    return medians
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      argument_default=argparse.SUPPRESS)
@@ -119,6 +170,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"| packed | {packed_s:.3f} | {packed_tokens} | {packed_tokens / packed_s:.0f} |")
     ratio = (packed_tokens / packed_s) / (padded_tokens / padded_s)
     print(f"packed over padded real tokens/s: {ratio:.2f}")
+    print("\n| attention of a packed batch (forward + backward) | ms |")
+    print("| --- | --- |")
+    for name, seconds in attention_paths(packed_batches[1], model_cfg.n_head,
+                                         model_cfg.head_dim, cfg.steps).items():
+        print(f"| {name} | {seconds * 1e3:.1f} |")
 
 
 if __name__ == "__main__":
