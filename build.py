@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-from torch.utils.data import Subset
+from torch.utils.data import Dataset, Subset
 
 import checkpoint
 import lora
@@ -39,6 +39,7 @@ from checkpoint import (
 from dataconfig import DataConfig
 from dataset import (
     SamplePrompt,
+    SupervisedExamples,
     make_cache_dir,
     prepare,
     publish_cache_entry,
@@ -282,17 +283,32 @@ def prepare_data(cfg: TrainConfig, claimed: rundir.ClaimedDir, dist: Dist, own_t
         n = cfg.overfit_batches * cfg.batch_size * cfg.grad_accum * dist.world
         chosen = torch.randperm(len(train_set), generator=generator)[:n].tolist()
         train_set = val_set = Subset(train_set, chosen)
-    lm_packing = cfg.packing and cfg.task == "lm"  # the windows are full rows: files apart
-    pack_into = dcfg.block_size if cfg.packing and not lm_packing else None
+    lm_packing = bool(cfg.packing) and cfg.task == "lm"  # the windows are full rows: files apart
+    packing = cfg.task != "lm" and packing_pays(cfg.packing, train_set, dcfg.block_size)
     batches = Batches(train_set, val_set, tok.pad_id, cfg.batch_size, cfg.grad_accum, cfg.seed,
-                      cfg.eval_examples, dist.rank, dist.world, pack_into,
+                      cfg.eval_examples, dist.rank, dist.world,
+                      pack_into=dcfg.block_size if packing else None,
                       files_apart=tok.eos_id if lm_packing else None)
-    if pack_into is not None and dist.main:
+    if packing and dist.main:
         print(f"packing: {len(train_set)} training examples in {len(batches.train)} rows of "
-              f"{dcfg.block_size} tokens ({len(train_set) / len(batches.train):.1f} a row)")
+              f"{dcfg.block_size} tokens ({len(train_set) / len(batches.train):.1f} a row; "
+              "--no-packing pads each in its batch)")
+    elif cfg.task != "lm" and dist.main:
+        print(f"packing: off: the {len(train_set)} training examples padded in their batches "
+              "(--packing packs them)")
     data_id = {"entry": splits.cache_path.name if splits.cache_path else None,
                "train_examples": len(splits.train)}
     return Data(tok, dcfg, batches, splits.sample_prompt, data_id)
+
+
+def packing_pays(packing: bool | None, examples: Dataset, block_size: int) -> bool:
+    """Whether a pair task's examples are packed: as ``packing`` says, or (None) where they
+    average at most half a row, so that a row holds two or more."""
+    if packing is not None:
+        return packing
+    lengths = examples.lengths if isinstance(examples, SupervisedExamples) else [
+        len(examples[i]["input_ids"]) for i in range(len(examples))]
+    return sum(lengths) <= len(lengths) * block_size / 2
 
 
 def budget_left(cfg: TrainConfig, created: float) -> float:

@@ -81,9 +81,10 @@ class TrainConfig:
     batch_size: int | None = None  # sequences per micro-batch (per process); None: preset auto's
     #   choice, else 4
     grad_accum: int = 1  # micro-batches per optimizer step, weighted by their tokens
-    packing: bool = False  # pair and chat tasks: several examples in each row of block_size
-    #   tokens, each attending only to itself (batch_size then counts rows); lm: each file of a
-    #   window attends only to itself
+    packing: bool | None = None  # pair and chat tasks: several examples in each row of
+    #   block_size tokens, each attending only to itself (batch_size then counts rows); None:
+    #   where it pays (examples averaging at most half a row); lm (not by default): each file of
+    #   a window attends only to itself
     max_steps: int | None = None  # optimizer steps; None: epochs, else time_budget_min's
     epochs: float | None = None  # the run's length in passes over the data (not with max_steps)
     optimizer: str | None = None  # adamw | muon (Muon on the blocks' matrices, AdamW on the

@@ -147,3 +147,20 @@ def test_lm_windows_keep_each_file_to_itself(checkpoints, tmp_path):
         packed = model(item["input_ids"][None], document_ids=item["document_ids"][None])[0]
         alone = model(item["input_ids"][None, 4:9])[0]
     assert (packed[4:9] - alone).abs().max().item() <= 1e-5
+
+
+def test_packing_is_on_by_default_where_a_row_holds_two_examples_or_more():
+    import numpy as np
+
+    import build
+    from dataset import SupervisedExamples
+
+    def examples(lengths: list[int]) -> SupervisedExamples:
+        made = SupervisedExamples.__new__(SupervisedExamples)
+        made.offsets = np.cumsum([0] + [n + 1 for n in lengths])
+        made.prompt_lens = np.ones(len(lengths), dtype=np.int64)
+        return made
+
+    short, long = examples([100, 200, 150]), examples([400, 500, 300])
+    assert build.packing_pays(None, short, 512) and not build.packing_pays(None, long, 512)
+    assert build.packing_pays(True, long, 512) and not build.packing_pays(False, short, 512)
