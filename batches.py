@@ -145,6 +145,14 @@ class Batches:
 OPEN_ROWS = 64  # rows a packer keeps filling; the oldest is closed when one more opens
 
 
+def example_lengths(examples: Dataset) -> Sequence[int]:
+    """Each example's tokens: read off SupervisedExamples' offsets, else (a Subset of them,
+    --overfit-batches; a list) from the examples themselves."""
+    if isinstance(examples, SupervisedExamples):
+        return examples.lengths
+    return [len(examples[i]["input_ids"]) for i in range(len(examples))]
+
+
 def first_fit_rows(lengths: Sequence[int], capacity: int, seed: int) -> list[list[int]]:
     """Example indices packed into rows of at most ``capacity`` tokens: the examples in an order
     shuffled by ``seed``, each into the first of the open rows (the OPEN_ROWS latest) it fits,
@@ -176,11 +184,7 @@ class PackedExamples(Dataset):
     def __init__(self, examples: Dataset, capacity: int, seed: int):
         self.examples = examples
         self.capacity = capacity
-        if isinstance(examples, SupervisedExamples):
-            lengths = examples.lengths
-        else:  # a Subset (--overfit-batches): its examples read
-            lengths = [len(examples[i]["input_ids"]) for i in range(len(examples))]
-        self.rows = first_fit_rows(lengths, capacity, seed)
+        self.rows = first_fit_rows(example_lengths(examples), capacity, seed)
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -27,7 +27,7 @@ import pretrained
 import rundir
 import settings
 from architecture import SHORT_DTYPES, Transformer
-from batches import Batches
+from batches import Batches, example_lengths
 from checkpoint import (
     PATH_KEYS,
     RunState,
@@ -39,7 +39,6 @@ from checkpoint import (
 from dataconfig import DataConfig
 from dataset import (
     SamplePrompt,
-    SupervisedExamples,
     make_cache_dir,
     prepare,
     publish_cache_entry,
@@ -306,8 +305,7 @@ def packing_pays(packing: bool | None, examples: Dataset, block_size: int) -> bo
     average at most half a row, so that a row holds two or more."""
     if packing is not None:
         return packing
-    lengths = examples.lengths if isinstance(examples, SupervisedExamples) else [
-        len(examples[i]["input_ids"]) for i in range(len(examples))]
+    lengths = example_lengths(examples)
     return sum(lengths) <= len(lengths) * block_size / 2
 
 

@@ -6,7 +6,7 @@ batches of the same micro-batch, in one run.
 The examples' lengths are those of the standard library's functions (about 3.5 characters a
 token, cut to the block), their ids random. Both loops take a training step (forward, loss,
 backward, AdamW) on the same model: ``padded`` collates ``batch_size`` examples right-padded to
-the longest, ``packed`` ``batch_size`` rows of ``batches.first_fit_rows`` with their document
+the longest, ``packed`` ``batch_size`` rows of ``batches.PackedExamples`` with their document
 ids. Medians over the steps after a warm-up one; the ratio is packed over padded tokens/s.
 Then attention alone over a packed batch, by each exact path and by causal attention across
 the documents (the floor): the model takes the fastest exact one measured.
@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 import settings  # noqa: E402
 from architecture import IGNORE_INDEX, PRESETS, Transformer  # noqa: E402
-from batches import first_fit_rows  # noqa: E402
+from batches import PackedExamples  # noqa: E402
 from dataset import collate, stdlib_files  # noqa: E402
 
 
@@ -139,21 +139,14 @@ def main(argv: list[str] | None = None) -> None:
     lengths = function_lengths(cfg.block_size)
     generator = torch.Generator().manual_seed(0)
     examples = [example(n, generator) for n in lengths]
-    rows = first_fit_rows(lengths, cfg.block_size, seed=0)
+    packed_rows = PackedExamples(examples, cfg.block_size, seed=0)
     padded_batches, packed_batches = [], []
     order = torch.randperm(len(examples), generator=generator).tolist()
     for step in range(cfg.steps + 1):
         chosen = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
         padded_batches.append(collate([examples[i] for i in chosen], pad_id=0))
-        packed = []
-        for row in rows[step * cfg.batch_size : (step + 1) * cfg.batch_size]:
-            parts = [examples[i] for i in row]
-            packed.append({
-                "input_ids": torch.cat([p["input_ids"] for p in parts]),
-                "labels": torch.cat([p["labels"] for p in parts]),
-                "document_ids": torch.cat([torch.full((len(p["input_ids"]),), k)
-                                           for k, p in enumerate(parts)])})
-        packed_batches.append(collate(packed, pad_id=0))
+        rows = range(step * cfg.batch_size, (step + 1) * cfg.batch_size)
+        packed_batches.append(collate([packed_rows[r] for r in rows], pad_id=0))
     preset = PRESETS[cfg.preset]
     model_cfg = dataclasses.replace(preset, block_size=max(preset.block_size, cfg.block_size))
     torch.manual_seed(0)
@@ -162,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     packed_s, packed_tokens = timed_steps(model, packed_batches, cfg.steps)
     mean_length = statistics.mean(lengths)
     print(f"{len(lengths)} stdlib functions, {mean_length:.0f} tokens on average; "
-          f"{len(lengths) / len(rows):.1f} a packed row of {cfg.block_size}; {cfg}; "
+          f"{len(lengths) / len(packed_rows):.1f} a packed row of {cfg.block_size}; {cfg}; "
           f"load average {os.getloadavg()[0]:.1f}")
     print("| batches | s/step | real tokens/step | real tokens/s |")
     print("| --- | --- | --- | --- |")
