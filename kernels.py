@@ -101,6 +101,55 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
 
 
+def dropout_seed() -> int:
+    """A seed for ``dropout_keep``, drawn from the default CPU generator: a run seeded, resumed
+    or recomputed under gradient checkpointing draws the same masks."""
+    return int(torch.empty((), dtype=torch.int64).random_())
+
+
+def dropout_keep(x: torch.Tensor, p: float, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """The scaled keep mask (0 or 1 / (1 - p)) of dropout on ``x`` drawn from ``seed``: the same
+    mask each time it is drawn again."""
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    keep = torch.rand(x.shape, generator=generator, device=x.device) >= p
+    return keep.to(dtype).mul_(1.0 / (1.0 - p))
+
+
+class _DroppedLinearFunction(torch.autograd.Function):
+    """linear(dropout(x), weight) keeping only ``x`` and the mask's seed for the backward, which
+    draws the mask again: neither the dropped copy of x nor its mask stays alive."""
+
+    @staticmethod
+    def forward(ctx, x, weight, p, seed):
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+        ctx.save_for_backward(x, weight)
+        ctx.p, ctx.seed, ctx.dtype = p, seed, dt
+        dropped = x.to(weight.dtype) * dropout_keep(x, p, seed, weight.dtype)
+        with torch.autocast(dev, enabled=False):
+            return F.linear(dropped.to(dt), weight.to(dt))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        keep = dropout_keep(x, ctx.p, ctx.seed, weight.dtype)
+        grad = grad.to(ctx.dtype)
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad @ weight.to(ctx.dtype)).to(weight.dtype).mul_(keep).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            dropped = keep.mul_(x).to(ctx.dtype)
+            grad_weight = (grad.flatten(0, -2).t() @ dropped.flatten(0, -2)).to(weight.dtype)
+        return grad_x, grad_weight, None, None
+
+
+def dropped_linear(x: torch.Tensor, weight: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """LoRA's down projection of a dropped-out input, its backward drawing the mask again: on
+    the seeds' shapes it keeps 1-4 input-sized tensors per adapted layer fewer alive."""
+    return _DroppedLinearFunction.apply(x, weight, p, seed)
+
+
 # --------------------------------------------------------------------- split heads and rotate
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
             out: torch.Tensor, inverse: bool = False) -> torch.Tensor:

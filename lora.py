@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
 import pretrained
 import process
 import settings
-from architecture import Transformer, dropout
+from architecture import Transformer
 
 # init_adapter's adapter_config.json -> the TrainConfig keys it sets (by LoRAConfig's names).
 ADAPTER_KEYS = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
@@ -222,6 +223,12 @@ def quantize_base(model: nn.Module, bits: int = 4, skip: tuple[str, ...] = ("lm_
 
 # ----------------------------------------------------------------------------- LoRA layers
 
+@kernels.faster(kernels.dropped_linear)
+def dropped_linear(x: torch.Tensor, weight: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """linear(dropout(x), weight) with the mask ``seed`` draws, in the weight's dtype."""
+    return F.linear(x.to(weight.dtype) * kernels.dropout_keep(x, p, seed, weight.dtype), weight)
+
+
 class AdapterPlace(NamedTuple):
     """Where an adapter's rows sit in its fused module's output."""
 
@@ -357,16 +364,17 @@ class LoRALinear(nn.Module):
         if _skips_merged(self) or not self.lora_A:
             return out
         keys = list(self.lora_A.keys())
-        x = x.to(self.lora_A[keys[0]].dtype)
-        if self.training and self.dropout and len(keys) > 1:
-            xs = [dropout(x, self.dropout, True) for _ in keys]
-            hs = [F.linear(xd, self.lora_A[k]) for xd, k in zip(xs, keys)]
+        p = self.dropout if self.training else 0.0
+        if p:  # a mask per adapter, as PEFT's modules each draw one
+            seeds = [kernels.dropout_seed() for _ in keys]
+            hs = [dropped_linear(x, self.lora_A[k], p, seed) for k, seed in zip(keys, seeds)]
         else:
+            x = x.to(self.lora_A[keys[0]].dtype)
             A = torch.cat([self.lora_A[k] for k in keys]) if len(keys) > 1 else self.lora_A[keys[0]]
-            xs = [dropout(x, self.dropout, self.training)] * len(keys)
-            hs = F.linear(xs[0], A).split(self.r, dim=-1)
+            hs = F.linear(x, A).split(self.r, dim=-1)
         ys = {key: F.linear(h * self.scale, self._delta_B(key)) for key, h in zip(keys, hs)}
         if self.magnitude is not None:
+            xs = [self._dropped(x, p, seed) for seed in seeds] if p else [x] * len(keys)
             ys = {key: self._dora(key, y, xd, out) for (key, y), xd in zip(ys.items(), xs)}
         ys = {key: y.to(out.dtype) for key, y in ys.items()}
         if self._segments is None:
@@ -376,6 +384,11 @@ class LoRALinear(nn.Module):
         parts = [ys[s] if isinstance(s, str) else out.new_zeros(*out.shape[:-1], s)
                  for s in self._segments]
         return out + (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1))
+
+    def _dropped(self, x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+        """x dropped out by the mask ``seed`` draws, in the adapters' dtype."""
+        dtype = next(iter(self.lora_A.values())).dtype
+        return x.to(dtype) * kernels.dropout_keep(x, p, seed, dtype)
 
     def _weight_delta(self, key: str) -> torch.Tensor:
         return (self.lora_B[key].float() @ self.lora_A[key].float()) * self.scale

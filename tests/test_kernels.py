@@ -497,3 +497,55 @@ def test_cpu_dropout_drops_p_and_scales_the_rest_as_torch():
     out.sum().backward()
     assert torch.equal(x.grad, out.detach())  # the gradient takes the same mask and scale
     assert kernels.dropout(x, 0.25, False) is x and kernels.dropout(x, 0.0, True) is x
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_dropped_linear_equals_autograd_through_the_materialized_mask(autocast):
+    """The forward and both gradients equal autograd through x * mask @ A.T with the mask drawn
+    from the same seed, fp32 and under bf16 autocast (the plain op lora.dropped_linear runs)."""
+    from lora import dropped_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 32, requires_grad=True)
+    a = torch.randn(4, 32, requires_grad=True)
+    g = torch.randn(3, 7, 4)
+    seed = kernels.dropout_seed()
+    results = []
+    for op in (kernels.dropped_linear, dropped_linear.__wrapped__):
+        x.grad = a.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = op(x, a, 0.3, seed)
+        out.backward(g.to(out.dtype))
+        results.append((out, x.grad, a.grad))
+    (fast, fast_gx, fast_ga), (plain, plain_gx, plain_ga) = results
+    assert fast.dtype == plain.dtype == (torch.bfloat16 if autocast else torch.float32)
+    assert fast_gx.dtype == fast_ga.dtype == torch.float32
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast, plain, **tol)
+    torch.testing.assert_close(fast_gx, plain_gx, **tol)
+    torch.testing.assert_close(fast_ga, plain_ga, **tol)
+    mask = kernels.dropout_keep(x, 0.3, seed, torch.float32)
+    assert torch.equal(fast_gx == 0, mask == 0)  # dropped inputs get no gradient
+    assert abs(float((mask == 0).float().mean()) - 0.3) < 0.05
+
+
+def test_dropped_linear_keeps_only_its_input_for_the_backward():
+    """Autograd holds x (whoever else saves it, no new memory) and the weight: no dropped copy
+    and no mask of the input's size, which the plain op keeps."""
+    x = torch.randn(64, 32, requires_grad=True)
+    a = torch.randn(4, 32, requires_grad=True)
+
+    def saved_by(op) -> list[torch.Tensor]:
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            op(x, a, 0.1, 7)
+        return saved
+
+    from lora import dropped_linear
+
+    def new_storages(tensors):
+        return {t.untyped_storage().data_ptr() for t in tensors} - {
+            x.untyped_storage().data_ptr(), a.untyped_storage().data_ptr()}
+
+    assert not new_storages(saved_by(kernels.dropped_linear))
+    assert len(new_storages(saved_by(dropped_linear.__wrapped__))) == 2  # the mask, the copy

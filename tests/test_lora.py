@@ -17,9 +17,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tiny_hf import save_tiny_hf, tiny_hf_config, tiny_hf_model
 
+import kernels
 import lora
 import pretrained
-from architecture import PRESETS, Transformer, dropout
+from architecture import PRESETS, Transformer
 from lora import (
     LoRAConfig,
     LoRALinear,
@@ -750,7 +751,7 @@ def test_dropout_acts_on_the_input_of_A_in_training_only():
     torch.testing.assert_close(layer(x), expected)
     layer.train()
     torch.manual_seed(0)
-    mask = dropout(torch.ones_like(x), 0.5, training=True)
+    mask = kernels.dropout_keep(x, 0.5, kernels.dropout_seed(), torch.float32)
     assert 0.3 < (mask == 0).float().mean() < 0.7 and set(mask.unique().tolist()) == {0.0, 2.0}
     torch.manual_seed(0)
     expected = base(x) + (x * mask) @ layer.lora_A["a"].T @ layer.lora_B["a"].T
@@ -979,7 +980,8 @@ def test_each_adapter_of_a_fused_module_draws_its_own_dropout_mask():
     x = torch.randn(8, 16)
     layer.train()
     torch.manual_seed(0)
-    masks = {key: dropout(torch.ones_like(x), 0.5, training=True) for key in rows}
+    masks = {key: kernels.dropout_keep(x, 0.5, kernels.dropout_seed(), torch.float32)
+             for key in rows}
     assert not torch.equal(masks["a"], masks["b"])
     expected = base(x)
     for key, r in rows.items():

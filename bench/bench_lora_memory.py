@@ -1,0 +1,246 @@
+"""LoRA fine-tuning step memory and speed on the seeds' 1B-class shapes: codelm against
+transformers + PEFT.
+
+    python bench/bench_lora_memory.py [--families gpt_bigcode codegen phi llama] [--layers N]
+
+Each family is its seed model's real config (StarCoderBase-1B, CodeGen-350M-mono, Phi-1.5,
+Llama-3.2-1B) with random weights, saved once as an HF checkpoint, with one PEFT adapter of the
+seed's LoRA setting (B random, so the update counts) that both libraries load: the same weights,
+the same adapter, the same batch. The step is the seeds': batch 1, 1,024 tokens, gradient
+checkpointing (non-reentrant), train mode (LoRA dropout on), forward, each library's own loss
+(codelm's fused head; transformers' ``labels`` loss on its logits), backward, AdamW.
+
+Each library runs in its own process. Memory is the step's peak above the loaded model: on CPU
+the process's peak resident set (VmHWM, reset after loading, glibc told to hand large blocks
+straight back to the system) minus its resident set after loading; on CUDA max_memory_allocated
+minus memory_allocated after loading. Speed is tokens per second of the fastest timed step
+(the first step is a warm-up). Before the steps each library computes the batch's loss in eval
+mode (no dropout), which also reads every weight in: the two are equal when the weights and the
+adapter agree. The losses of every step are printed; dropout masks differ between libraries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import torch  # noqa: E402
+
+# The seeds' models: each real config's structural fields (base-model dropout off in both
+# libraries: only LoRA's dropout runs).
+SHAPES = {
+    "gpt_bigcode": ("StarCoderBase-1B", dict(
+        vocab_size=49152, n_positions=8192, n_embd=2048, n_inner=8192, n_layer=24, n_head=16,
+        multi_query=True, activation_function="gelu_pytorch_tanh", resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0)),
+    "codegen": ("CodeGen-350M-mono", dict(
+        vocab_size=51200, n_positions=2048, n_ctx=2048, n_embd=1024, n_layer=20, n_head=16,
+        rotary_dim=32, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0)),
+    "phi": ("Phi-1.5", dict(
+        vocab_size=51200, max_position_embeddings=2048, hidden_size=2048,
+        intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
+        partial_rotary_factor=0.5, hidden_act="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
+        attention_dropout=0.0)),
+    "llama": ("Llama-3.2-1B", dict(
+        vocab_size=128256, max_position_embeddings=131072, hidden_size=2048,
+        intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})),
+}
+LAYER_KEY = {"gpt_bigcode": "n_layer", "codegen": "n_layer", "phi": "num_hidden_layers",
+             "llama": "num_hidden_layers"}
+# Each seed's LoRA setting (as bench/bench_lora.py).
+SEED_LORA = {
+    "gpt_bigcode": dict(r=16, lora_alpha=32, lora_dropout=0.08, target_modules=["c_proj", "c_attn"]),
+    "codegen": dict(r=8, lora_alpha=32, lora_dropout=0.0,
+                    target_modules=["wte", "qkv_proj", "out_proj", "fc_in", "fc_out"]),
+    "phi": dict(r=16, lora_alpha=32, lora_dropout=0.05,
+                target_modules=["q_proj", "v_proj", "fc1", "fc2"]),
+    "llama": dict(r=16, lora_alpha=32, lora_dropout=0.05,
+                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+}
+
+
+def make_checkpoint(family: str, layers: int | None, out: Path) -> None:
+    """The family's random HF checkpoint and a PEFT adapter of its seed's setting, in ``out``."""
+    from peft import LoraConfig, get_peft_model
+    from tiny_hf import tiny_hf_model
+
+    _, shape = SHAPES[family]
+    if layers:
+        shape = {**shape, LAYER_KEY[family]: layers}
+    model = tiny_hf_model(family, seed=0, **shape)
+    model.save_pretrained(out / "model")
+    peft_model = get_peft_model(model, LoraConfig(**SEED_LORA[family]))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name or "lora_embedding_A" in name:
+                p.normal_(0, 0.02)
+    peft_model.save_pretrained(out / "adapter")
+
+
+def memory_mib() -> tuple[float, float]:
+    """(current, peak) resident set of this process in MiB."""
+    status = Path("/proc/self/status").read_text()
+    rss, hwm = (int(re.search(rf"{k}:\s+(\d+)", status).group(1)) for k in ("VmRSS", "VmHWM"))
+    return rss / 1024, hwm / 1024
+
+
+def reset_peak(device: torch.device) -> float:
+    """Hand freed memory back, reset the peak; return the memory now (MiB)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
+    return memory_mib()[0]
+
+
+def peak(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return memory_mib()[1]
+
+
+def load_codelm(ckpt: Path, device: torch.device):
+    """codelm's model with the adapter, checkpointing on, and its loss function."""
+    import lora
+    import pretrained
+
+    model = pretrained.load(ckpt / "model").to(device)
+    lora.load_adapter(model, ckpt / "adapter")
+    model.gradient_checkpointing = True
+    model.train()
+    return model, lambda x, y: model(x, y)
+
+
+def load_hf(ckpt: Path, device: torch.device):
+    """transformers + PEFT: the model with the adapter, checkpointing on, its labels loss."""
+    import transformers
+    from peft import PeftModel
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(
+        ckpt / "model", dtype=torch.float32, attn_implementation="sdpa").to(device)
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model = PeftModel.from_pretrained(base, ckpt / "adapter", is_trainable=True)
+    model.train()
+    return model, lambda x, y: model(input_ids=x, labels=y, shift_labels=y).loss
+
+
+def run_child(lib: str, ckpt: Path, args) -> dict:
+    """One library's steps in this process: peak memory above the loaded model, step times."""
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model, loss_of = (load_codelm if lib == "codelm" else load_hf)(ckpt, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size if lib == "hf" else model.cfg.vocab_size,
+                        (1, args.seq + 1), generator=gen).to(device)
+    x, y = ids[:, :-1], ids[:, 1:]
+    model.eval()
+    with torch.no_grad():  # touches every weight (a checkpoint may be mapped in lazily)
+        eval_loss = loss_of(x, y).item()
+    model.train()
+    torch.manual_seed(0)
+    loaded = reset_peak(device)
+    losses, seconds = [], []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        loss = loss_of(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        seconds.append(time.perf_counter() - start)
+    return dict(trainable=sum(p.numel() for p in params), eval_loss=eval_loss, loaded_mib=loaded,
+                above_mib=peak(device) - loaded, losses=losses, seconds=seconds)
+
+
+def spawn_child(lib: str, ckpt: Path, args) -> dict:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # large blocks go back on free
+    cmd = [sys.executable, __file__, "--child", lib, "--checkpoint", str(ckpt),
+           "--threads", str(args.threads), "--seq", str(args.seq), "--steps", str(args.steps),
+           "--device", args.device]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"{lib} child failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_family(family: str, args) -> dict:
+    with tempfile.TemporaryDirectory(prefix=f"lora-mem-{family}-") as tmp:
+        ckpt = Path(tmp)
+        subprocess.run([sys.executable, __file__, "--make", family, "--checkpoint", tmp,
+                        *(["--layers", str(args.layers)] if args.layers else [])], check=True)
+        results = {lib: spawn_child(lib, ckpt, args) for lib in ("codelm", "hf")}
+    codelm, hf = results["codelm"], results["hf"]
+    assert codelm["trainable"] == hf["trainable"], (codelm["trainable"], hf["trainable"])
+    timed = slice(1, None) if args.steps > 1 else slice(None)
+    speed = min(hf["seconds"][timed]) / min(codelm["seconds"][timed])
+    row = dict(family=family, model=SHAPES[family][0], trainable=codelm["trainable"],
+               codelm_mib=codelm["above_mib"], hf_mib=hf["above_mib"],
+               memory_ratio=codelm["above_mib"] / hf["above_mib"],
+               codelm_s=min(codelm["seconds"][timed]), hf_s=min(hf["seconds"][timed]),
+               speed_ratio=speed, codelm_eval_loss=codelm["eval_loss"],
+               hf_eval_loss=hf["eval_loss"], codelm_losses=codelm["losses"], hf_losses=hf["losses"])
+    print(json.dumps(row), file=sys.stderr)
+    return row
+
+
+def print_table(rows: list[dict], args) -> None:
+    print(f"\nbatch 1 x {args.seq} tokens, gradient checkpointing, {args.threads} threads, "
+          f"{args.device}; memory: step peak above the loaded model (MiB)\n")
+    print("| model | trainable | codelm MiB | HF+PEFT MiB | memory ratio | codelm s/step | "
+          "HF+PEFT s/step | speed ratio | eval loss codelm / HF |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['model']} | {r['trainable']:,} | {r['codelm_mib']:.0f} | {r['hf_mib']:.0f} "
+              f"| **{r['memory_ratio']:.2f}** | {r['codelm_s']:.1f} | {r['hf_s']:.1f} | "
+              f"**{r['speed_ratio']:.2f}** | {r['codelm_eval_loss']:.5f} / "
+              f"{r['hf_eval_loss']:.5f} |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--layers", type=int, default=None,
+                        help="blocks per model (default: the real model's)")
+    parser.add_argument("--seq", type=int, default=1024, help="tokens per step (default: 1024)")
+    parser.add_argument("--steps", type=int, default=3,
+                        help="steps per library, the first a warm-up (default: 3)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch threads (default: all)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--child", choices=("codelm", "hf"), help=argparse.SUPPRESS)
+    parser.add_argument("--make", choices=list(SHAPES), help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.make:
+        make_checkpoint(args.make, args.layers, args.checkpoint)
+        return
+    if args.child:
+        print(json.dumps(run_child(args.child, args.checkpoint, args)))
+        return
+    rows = [bench_family(family, args) for family in args.families]
+    print_table(rows, args)
+
+
+if __name__ == "__main__":
+    main()
