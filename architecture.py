@@ -18,6 +18,7 @@ import copy
 import math
 import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 
@@ -528,9 +529,11 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
+@kernels.faster(kernels.document_mask)
+def document_mask(document_ids: torch.Tensor, flex: bool = False) -> torch.Tensor:
     """Boolean SDPA mask (B, 1, T, T) of packed rows: causal, each token seeing only the tokens
-    of its own document (``document_ids`` (B, T): a run of equal ids is one document)."""
+    of its own document (``document_ids`` (B, T): a run of equal ids is one document). ``flex``:
+    the attention could take FlexAttention's block mask instead (kernels.document_mask)."""
     T = document_ids.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()
     return (causal & (document_ids[:, :, None] == document_ids[:, None, :]))[:, None]
@@ -588,6 +591,8 @@ class Transformer(nn.Module):
         # Recompute each block's activations in the backward: ~n_layer times less activation
         # memory for a slower step. A run setting, not in ModelConfig.
         self.gradient_checkpointing = False
+        # With it, on a GPU: those saved block inputs held in pinned host memory (a copy each way).
+        self.offload_activations = False
         if not self.wte.weight.is_meta:
             self.reset_parameters()
 
@@ -642,13 +647,23 @@ class Transformer(nn.Module):
             q_slots = slots if slots is not None else torch.arange(idx.shape[1], device=x.device)
             sliding = window_mask(mask, q_slots, keys, cfg.sliding_window)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        held = (torch.autograd.graph.save_on_cpu(pin_memory=True)
+                if recompute and self.offload_activations and x.is_cuda else nullcontext())
         for i, block in enumerate(self.blocks):
             layer_mask = sliding if cfg.slides(i) else mask
             if recompute:  # keep only each block's input; its activations are redone in backward
-                x = checkpoint(block, x, rope, layer_mask, use_reentrant=False)
+                with held:  # what checkpoint saves (the block's input) goes where `held` says
+                    x = checkpoint(block, x, rope, layer_mask, use_reentrant=False)
             else:
                 x = block(x, rope, layer_mask, slots, caches[i] if caches is not None else None)
         return x
+
+    def _flex_attends(self, length: int) -> bool:
+        """Whether FlexAttention computes these rows' attention exactly: no soft-capped scores,
+        no attention dropout, no sliding window shorter than the rows."""
+        cfg = self.cfg
+        window = cfg.sliding_window is not None and cfg.sliding_window < length
+        return cfg.attn_softcap is None and not (cfg.attn_dropout and self.training) and not window
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The next-token logits of the residual stream x after the last block."""
@@ -672,7 +687,8 @@ class Transformer(nn.Module):
         assert T <= self.cfg.block_size, f"sequence length {T} > block_size {self.cfg.block_size}"
         assert attention_mask is None or document_ids is None, "padding or packing, not both"
         if document_ids is not None:
-            x = self.run_blocks(idx, document_positions(document_ids), document_mask(document_ids))
+            mask = document_mask(document_ids, self._flex_attends(T))
+            x = self.run_blocks(idx, document_positions(document_ids), mask)
         elif attention_mask is None:
             x = self.run_blocks(idx, torch.arange(T, device=idx.device)[None], None)
         else:

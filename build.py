@@ -149,6 +149,7 @@ def build_model(cfg: TrainConfig, tok: CodeTokenizer | BPETokenizer,
                 name: getattr(cfg, key) for name, key in lora.ADAPTER_KEYS.items()
                 if key != "lora_targets" or cfg.lora_targets}))
     model.gradient_checkpointing = cfg.gradient_checkpointing
+    model.offload_activations = cfg.offload_activations
     return model
 
 

@@ -640,7 +640,8 @@ def check_before_trials(cfg: TuneConfig) -> tuple[SearchSpace, dict]:
 
 # TrainConfig keys that change how a trial is computed, not its result: a continued study may
 # change them.
-STUDY_MAY_CHANGE = ("device", "compile", "gradient_checkpointing", "log_every",
+STUDY_MAY_CHANGE = ("device", "compile", "gradient_checkpointing", "offload_activations",
+                    "log_every",
                     "export_merged", "sample_prompt", "sample_tokens")
 
 

@@ -107,6 +107,8 @@ class TrainConfig:
     eval_precision: str = "fp32"  # fp32 (no autocast) | same (as training)
     compile: bool = False  # torch.compile the model
     gradient_checkpointing: bool = False  # recompute each block in backward: less memory
+    offload_activations: bool = False  # with gradient_checkpointing on a GPU: the blocks' saved
+    #   inputs kept in pinned host memory (less GPU memory, a copy each way; on a CPU a no-op)
     # evaluation, logging, checkpoints
     eval_every: int = 175  # steps between evaluations (none before warmup_steps; one at the end)
     eval_examples: int | None = 80  # the validation split's first examples scored at each
@@ -308,6 +310,9 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings
          f"name a preset of {sorted(PRESETS)}")
     need(cfg.optimizer != "muon" or cfg.lora_r == 0, "optimizer",
          "muon trains whole weight matrices: LoRA adapters train with adamw")
+    need(not cfg.offload_activations or cfg.gradient_checkpointing, "offload_activations",
+         f"offloads what gradient checkpointing saves, and {named('gradient_checkpointing')} "
+         "is off: set it too")
     need(cfg.lora_alpha != 0, "lora_alpha", "must not be 0: the adapters would never train")
     need(cfg.lora_r == 0 or cfg.init_from is not None, "lora_r",
          f"LoRA needs a pretrained base (init_from, {where_set('init_from')}): a from-scratch "

@@ -118,7 +118,7 @@ def peak(device: torch.device) -> float:
     return memory_mib()[1]
 
 
-def load_codelm(ckpt: Path, device: torch.device):
+def load_codelm(ckpt: Path, device: torch.device, offload: bool = False):
     """codelm's model with the adapter, checkpointing on, and its loss function."""
     import lora
     import pretrained
@@ -126,18 +126,20 @@ def load_codelm(ckpt: Path, device: torch.device):
     model = pretrained.load(ckpt / "model").to(device)
     lora.load_adapter(model, ckpt / "adapter")
     model.gradient_checkpointing = True
+    model.offload_activations = offload
     model.train()
     return model, lambda x, y: model(x, y)
 
 
-def load_hf(ckpt: Path, device: torch.device):
+def load_hf(ckpt: Path, device: torch.device, offload: bool = False):
     """transformers + PEFT: the model with the adapter, checkpointing on, its labels loss."""
     import transformers
     from peft import PeftModel
 
     base = transformers.AutoModelForCausalLM.from_pretrained(
         ckpt / "model", dtype=torch.float32, attn_implementation="sdpa").to(device)
-    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                         offload=offload)
     model = PeftModel.from_pretrained(base, ckpt / "adapter", is_trainable=True)
     model.train()
     return model, lambda x, y: model(input_ids=x, labels=y, shift_labels=y).loss
@@ -147,7 +149,7 @@ def run_child(lib: str, ckpt: Path, args) -> dict:
     """One library's steps in this process: peak memory above the loaded model, step times."""
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model, loss_of = (load_codelm if lib == "codelm" else load_hf)(ckpt, device)
+    model, loss_of = (load_codelm if lib == "codelm" else load_hf)(ckpt, device, args.offload)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
     gen = torch.Generator().manual_seed(0)
@@ -177,7 +179,7 @@ def spawn_child(lib: str, ckpt: Path, args) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # large blocks go back on free
     cmd = [sys.executable, __file__, "--child", lib, "--checkpoint", str(ckpt),
            "--threads", str(args.threads), "--seq", str(args.seq), "--steps", str(args.steps),
-           "--device", args.device]
+           "--device", args.device, *(["--offload"] if args.offload else [])]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode:
         sys.exit(f"{lib} child failed:\n{out.stderr[-3000:]}")
@@ -205,8 +207,9 @@ def bench_family(family: str, args) -> dict:
 
 
 def print_table(rows: list[dict], args) -> None:
-    print(f"\nbatch 1 x {args.seq} tokens, gradient checkpointing, {args.threads} threads, "
-          f"{args.device}; memory: step peak above the loaded model (MiB)\n")
+    offload = " (offloaded)" if args.offload else ""
+    print(f"\nbatch 1 x {args.seq} tokens, gradient checkpointing{offload}, {args.threads} "
+          f"threads, {args.device}; memory: step peak above the loaded model (MiB)\n")
     print("| model | trainable | codelm MiB | HF+PEFT MiB | memory ratio | codelm s/step | "
           "HF+PEFT s/step | speed ratio | eval loss codelm / HF |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -228,6 +231,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads (default: all)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--offload", action="store_true",
+                        help="both libraries hold the checkpointed inputs in pinned host memory "
+                             "(CUDA)")
     parser.add_argument("--child", choices=("codelm", "hf"), help=argparse.SUPPRESS)
     parser.add_argument("--make", choices=list(SHAPES), help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)

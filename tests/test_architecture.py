@@ -263,6 +263,33 @@ def test_the_head_loss_ignores_masked_positions():
     assert hidden.grad[labels != IGNORE_INDEX].abs().max() > 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_offloaded_activations_leave_the_gpu_and_give_the_same_gradients():
+    """With gradient checkpointing and offload_activations the blocks' saved inputs wait in host
+    memory: the GPU holds less between forward and backward, the gradients are the same."""
+    cfg = dataclasses.replace(SHAPES["llama"], n_layer=4, dropout=0.1)
+    torch.manual_seed(0)
+    model = Transformer(cfg).cuda().train()
+    model.gradient_checkpointing = True
+    idx, labels = _ids(2, 256).cuda(), _ids(2, 256, seed=1).cuda()
+    grads, held = [], []
+    for offload in (False, True):
+        model.offload_activations = offload
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.manual_seed(1)
+        loss = model(idx, labels, reduction="sum")
+        torch.cuda.synchronize()
+        held.append(torch.cuda.memory_allocated() - before)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6, msg=n)
+    block_input = idx.numel() * cfg.n_embd * 4
+    assert held[0] - held[1] >= (cfg.n_layer - 1) * block_input, held
+
+
 def test_loss_refuses_targets_that_do_not_fit_idx():
     """A transposed (time, batch) batch of the same size is a loud error, never a wrong loss."""
     model, idx = _model("llama"), _ids(2, 7)

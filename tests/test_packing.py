@@ -164,3 +164,31 @@ def test_packing_is_on_by_default_where_a_row_holds_two_examples_or_more():
     short, long = examples([100, 200, 150]), examples([400, 500, 300])
     assert build.packing_pays(None, short, 512) and not build.packing_pays(None, long, 512)
     assert build.packing_pays(True, long, 512) and not build.packing_pays(False, short, 512)
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*:UserWarning")
+@pytest.mark.parametrize("name", ["gpt_bigcode", "codegen", "llama", "qwen3", "gemma2", "mistral"])
+def test_flex_attentions_block_mask_gives_the_boolean_masks_logits(checkpoints, name,
+                                                                   monkeypatch):
+    """The GPU path of packed rows (FlexAttention over kernels.document_mask's block mask, run
+    on CPU here in eager mode, forward only) gives the boolean mask's logits; a soft cap
+    (gemma2) or a window shorter than the row (mistral) keeps the boolean mask."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    import kernels
+
+    _, _, model = checkpoints[name]
+    idx, docs = _packed(_examples(2))
+    calls = []
+
+    def eager_flex(*args, **kwargs):
+        calls.append(kwargs["block_mask"])
+        return flex_attention(*args, **kwargs)
+
+    with torch.no_grad():
+        boolean = model(idx, document_ids=docs)
+        monkeypatch.setattr(kernels, "_flex_device", lambda device: True)
+        monkeypatch.setattr(kernels, "_flex_attention", lambda: eager_flex)
+        flex = model(idx, document_ids=docs)
+    assert (flex - boolean).abs().max().item() <= 1e-5
+    assert len(calls) == (0 if name in ("gemma2", "mistral") else model.cfg.n_layer)

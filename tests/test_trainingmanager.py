@@ -1812,6 +1812,7 @@ def test_resuming_a_finished_overfit_batches_run_reports_its_loss(assets, tmp_pa
     ("lr", float("nan"), "must be finite"),
     ("beta2", 1.0, r"must be in \[0, 1\)"),
     ("lora_alpha", 0.0, "must not be 0: .* would never train"),  # a run that trained nothing
+    ("offload_activations", True, "gradient checkpointing saves.*gradient_checkpointing.*off"),
 ])
 def test_validate_config_range_checks_name_the_key(key, value, message):
     with pytest.raises(ValueError, match=rf"{key} \(.*{message}"):
