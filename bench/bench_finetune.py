@@ -1,7 +1,7 @@
-"""LoRA fine-tuning step memory and speed on the seeds' 1B-class shapes: codelm against
-transformers + PEFT.
+"""The LoRA fine-tuning step on the seeds' 1B-class shapes, codelm against transformers + PEFT:
+its memory and speed on full rows, and its real tokens per second on examples of real lengths.
 
-    python bench/bench_lora_memory.py [--families gpt_bigcode codegen phi llama] [--layers N]
+    python bench/bench_finetune.py [--part memory packing] [--families ...] [--layers N]
 
 Each family is its seed model's real config (StarCoderBase-1B, CodeGen-350M-mono, Phi-1.5,
 Llama-3.2-1B) with random weights, saved once as an HF checkpoint, with one PEFT adapter of the
@@ -9,6 +9,17 @@ seed's LoRA setting (B random, so the update counts) that both libraries load: t
 the same adapter, the same batch. The step is the seeds': batch 1, 1,024 tokens, gradient
 checkpointing (non-reentrant), train mode (LoRA dropout on), forward, each library's own loss
 (codelm's fused head; transformers' ``labels`` loss on its logits), backward, AdamW.
+
+memory (the seeds' step): each library's step on one row of --seq random tokens.
+
+packing: examples of the standard library's functions' lengths (bench/bench_packing.py), one
+row of codelm's packer (batches.PackedExamples: first fit into rows of --seq tokens, each
+example attending to itself) a step, against the same examples right-padded to the longest
+(transformers + PEFT, attention mask) and flattened into one row by transformers'
+DataCollatorWithFlattening (position ids; its SDPA mask keeps the examples apart). The three
+count the same predictions, so their eval-mode losses are equal. Real tokens per second of the
+median step; --packing-layers blocks of each shape (default 2: the padded step at 1B would take
+minutes).
 
 Each library runs in its own process. Memory is the step's peak above the loaded model: on CPU
 the process's peak resident set (VmHWM, reset after loading, glibc told to hand large blocks
@@ -31,10 +42,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 
@@ -119,7 +132,7 @@ def peak(device: torch.device) -> float:
 
 
 def load_codelm(ckpt: Path, device: torch.device, offload: bool = False):
-    """codelm's model with the adapter, checkpointing on, and its loss function."""
+    """codelm's model with the adapter and checkpointing on; its loss of a batch."""
     import lora
     import pretrained
 
@@ -128,11 +141,15 @@ def load_codelm(ckpt: Path, device: torch.device, offload: bool = False):
     model.gradient_checkpointing = True
     model.offload_activations = offload
     model.train()
-    return model, lambda x, y: model(x, y)
+
+    def loss_of(batch: dict) -> torch.Tensor:
+        return model(batch["input_ids"], batch["labels"], document_ids=batch.get("document_ids"))
+
+    return model, loss_of
 
 
 def load_hf(ckpt: Path, device: torch.device, offload: bool = False):
-    """transformers + PEFT: the model with the adapter, checkpointing on, its labels loss."""
+    """transformers + PEFT with the adapter and checkpointing on; its labels loss of a batch."""
     import transformers
     from peft import PeftModel
 
@@ -142,7 +159,66 @@ def load_hf(ckpt: Path, device: torch.device, offload: bool = False):
                                          offload=offload)
     model = PeftModel.from_pretrained(base, ckpt / "adapter", is_trainable=True)
     model.train()
-    return model, lambda x, y: model(input_ids=x, labels=y, shift_labels=y).loss
+
+    def loss_of(batch: dict) -> torch.Tensor:
+        return model(**batch).loss
+
+    return model, loss_of
+
+
+class Example(NamedTuple):
+    ids: torch.Tensor  # the example's tokens
+
+
+def full_rows(args, vocab: int) -> list[list[Example]]:
+    """The memory part's steps: one example of --seq tokens, the same each step."""
+    ids = torch.randint(0, vocab, (args.seq,), generator=torch.Generator().manual_seed(0))
+    return [[Example(ids)]] * args.steps
+
+
+def packed_rows(args, vocab: int) -> list[list[Example]]:
+    """The packing part's steps: the examples of one of codelm's packed rows each."""
+    from bench_packing import function_lengths
+
+    from batches import first_fit_rows
+
+    lengths = function_lengths(args.seq)
+    generator = torch.Generator().manual_seed(0)
+    rows = first_fit_rows(lengths, args.seq, seed=0)[:args.steps]
+    return [[Example(torch.randint(0, vocab, (lengths[i],), generator=generator)) for i in row]
+            for row in rows]
+
+
+def codelm_batch(examples: list[Example]) -> dict:
+    """The examples as one packed row: each its own document, labels its next tokens."""
+    from kernels import IGNORE_INDEX
+
+    labels = [torch.cat([e.ids[1:], torch.tensor([IGNORE_INDEX])]) for e in examples]
+    documents = [torch.full_like(e.ids, k) for k, e in enumerate(examples)]
+    batch = {"input_ids": torch.cat([e.ids for e in examples])[None],
+             "labels": torch.cat(labels)[None]}
+    if len(examples) > 1:
+        batch["document_ids"] = torch.cat(documents)[None]
+    return batch
+
+
+def hf_batch(examples: list[Example], flatten: bool) -> dict:
+    """The examples right-padded to the longest (attention mask, -100 labels), or flattened by
+    DataCollatorWithFlattening; transformers shifts the labels itself."""
+    from transformers import DataCollatorWithFlattening
+
+    if flatten:
+        features = [{"input_ids": e.ids.tolist(), "labels": e.ids.tolist()} for e in examples]
+        return dict(DataCollatorWithFlattening(return_tensors="pt")(features))
+    longest = max(len(e.ids) for e in examples)
+    ids = torch.zeros(len(examples), longest, dtype=torch.long)
+    labels = torch.full((len(examples), longest), -100)
+    mask = torch.zeros(len(examples), longest, dtype=torch.long)
+    for row, e in enumerate(examples):
+        ids[row, :len(e.ids)] = e.ids
+        labels[row, :len(e.ids)] = e.ids
+        mask[row, :len(e.ids)] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 def run_child(lib: str, ckpt: Path, args) -> dict:
@@ -152,80 +228,118 @@ def run_child(lib: str, ckpt: Path, args) -> dict:
     model, loss_of = (load_codelm if lib == "codelm" else load_hf)(ckpt, device, args.offload)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size if lib == "hf" else model.cfg.vocab_size,
-                        (1, args.seq + 1), generator=gen).to(device)
-    x, y = ids[:, :-1], ids[:, 1:]
+    vocab = model.config.vocab_size if lib != "codelm" else model.cfg.vocab_size
+    steps = (full_rows if args.part == "memory" else packed_rows)(args, vocab)
+    batches = []
+    for examples in steps:
+        batch = codelm_batch(examples) if lib == "codelm" else hf_batch(examples, lib == "flat")
+        batches.append({k: v.to(device) for k, v in batch.items()})
     model.eval()
-    with torch.no_grad():  # touches every weight (a checkpoint may be mapped in lazily)
-        eval_loss = loss_of(x, y).item()
+    with torch.no_grad():  # reads every weight in (a checkpoint may be mapped in lazily)
+        eval_loss = loss_of(batches[0]).item()
     model.train()
     torch.manual_seed(0)
     loaded = reset_peak(device)
     losses, seconds = [], []
-    for _ in range(args.steps):
+    for batch in batches:
         start = time.perf_counter()
-        loss = loss_of(x, y)
+        loss = loss_of(batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         seconds.append(time.perf_counter() - start)
+    real = [sum(len(e.ids) for e in examples) for examples in steps]
     return dict(trainable=sum(p.numel() for p in params), eval_loss=eval_loss, loaded_mib=loaded,
-                above_mib=peak(device) - loaded, losses=losses, seconds=seconds)
+                above_mib=peak(device) - loaded, losses=losses, seconds=seconds,
+                real_tokens=real)
 
 
 def spawn_child(lib: str, ckpt: Path, args) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # large blocks go back on free
-    cmd = [sys.executable, __file__, "--child", lib, "--checkpoint", str(ckpt),
-           "--threads", str(args.threads), "--seq", str(args.seq), "--steps", str(args.steps),
-           "--device", args.device, *(["--offload"] if args.offload else [])]
+    cmd = [sys.executable, __file__, "--child", lib, "--checkpoint", str(ckpt), "--part",
+           args.part, "--threads", str(args.threads), "--seq", str(args.seq), "--steps",
+           str(args.steps), "--device", args.device, *(["--offload"] if args.offload else [])]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode:
         sys.exit(f"{lib} child failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def timed(result: dict) -> slice:
+    """The steps timed: all but the first (a warm-up), where there are several."""
+    return slice(1, None) if len(result["seconds"]) > 1 else slice(None)
+
+
+def step_seconds(result: dict) -> float:
+    return min(result["seconds"][timed(result)])
+
+
+def tokens_per_second(result: dict) -> float:
+    """Real tokens per second over the timed steps."""
+    part = timed(result)
+    return sum(result["real_tokens"][part]) / sum(result["seconds"][part])
+
+
 def bench_family(family: str, args) -> dict:
-    with tempfile.TemporaryDirectory(prefix=f"lora-mem-{family}-") as tmp:
+    libs = ("codelm", "hf") if args.part == "memory" else ("codelm", "hf", "flat")
+    layers = args.layers if args.part == "memory" else args.packing_layers
+    with tempfile.TemporaryDirectory(prefix=f"finetune-{family}-") as tmp:
         ckpt = Path(tmp)
         subprocess.run([sys.executable, __file__, "--make", family, "--checkpoint", tmp,
-                        *(["--layers", str(args.layers)] if args.layers else [])], check=True)
-        results = {lib: spawn_child(lib, ckpt, args) for lib in ("codelm", "hf")}
-    codelm, hf = results["codelm"], results["hf"]
-    assert codelm["trainable"] == hf["trainable"], (codelm["trainable"], hf["trainable"])
-    timed = slice(1, None) if args.steps > 1 else slice(None)
-    speed = min(hf["seconds"][timed]) / min(codelm["seconds"][timed])
-    row = dict(family=family, model=SHAPES[family][0], trainable=codelm["trainable"],
-               codelm_mib=codelm["above_mib"], hf_mib=hf["above_mib"],
-               memory_ratio=codelm["above_mib"] / hf["above_mib"],
-               codelm_s=min(codelm["seconds"][timed]), hf_s=min(hf["seconds"][timed]),
-               speed_ratio=speed, codelm_eval_loss=codelm["eval_loss"],
-               hf_eval_loss=hf["eval_loss"], codelm_losses=codelm["losses"], hf_losses=hf["losses"])
+                        *(["--layers", str(layers)] if layers else [])], check=True)
+        results = {lib: spawn_child(lib, ckpt, args) for lib in libs}
+    trainable = {r["trainable"] for r in results.values()}
+    assert len(trainable) == 1, trainable
+    row = dict(family=family, model=SHAPES[family][0], trainable=trainable.pop(),
+               results=results)
     print(json.dumps(row), file=sys.stderr)
     return row
 
 
-def print_table(rows: list[dict], args) -> None:
+def print_memory_table(rows: list[dict], args) -> None:
     offload = " (offloaded)" if args.offload else ""
-    print(f"\nbatch 1 x {args.seq} tokens, gradient checkpointing{offload}, {args.threads} "
-          f"threads, {args.device}; memory: step peak above the loaded model (MiB)\n")
+    print(f"\nmemory: batch 1 x {args.seq} tokens, gradient checkpointing{offload}, "
+          f"{args.threads} threads, {args.device}; step peak above the loaded model (MiB)\n")
     print("| model | trainable | codelm MiB | HF+PEFT MiB | memory ratio | codelm s/step | "
           "HF+PEFT s/step | speed ratio | eval loss codelm / HF |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['model']} | {r['trainable']:,} | {r['codelm_mib']:.0f} | {r['hf_mib']:.0f} "
-              f"| **{r['memory_ratio']:.2f}** | {r['codelm_s']:.1f} | {r['hf_s']:.1f} | "
-              f"**{r['speed_ratio']:.2f}** | {r['codelm_eval_loss']:.5f} / "
-              f"{r['hf_eval_loss']:.5f} |")
+        ours, hf = r["results"]["codelm"], r["results"]["hf"]
+        print(f"| {r['model']} | {r['trainable']:,} | {ours['above_mib']:.0f} | "
+              f"{hf['above_mib']:.0f} | **{ours['above_mib'] / hf['above_mib']:.2f}** | "
+              f"{step_seconds(ours):.1f} | {step_seconds(hf):.1f} | "
+              f"**{step_seconds(hf) / step_seconds(ours):.2f}** | {ours['eval_loss']:.5f} / "
+              f"{hf['eval_loss']:.5f} |")
+
+
+def print_packing_table(rows: list[dict], args) -> None:
+    print(f"\npacking: rows of {args.seq} tokens, {args.packing_layers or 'all'} blocks, "
+          f"gradient checkpointing, {args.threads} threads, {args.device}; real tokens/s and "
+          "step peak above the loaded model (MiB)\n")
+    print("| model | codelm packed | HF+PEFT padded | HF+PEFT flattened | packed / padded | "
+          "packed / flattened | MiB codelm / padded / flattened | eval loss codelm / padded / "
+          "flattened |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        ours, padded, flat = (r["results"][lib] for lib in ("codelm", "hf", "flat"))
+        speeds = [tokens_per_second(x) for x in (ours, padded, flat)]
+        print(f"| {r['model']} | {speeds[0]:.0f} | {speeds[1]:.0f} | {speeds[2]:.0f} | "
+              f"**{speeds[0] / speeds[1]:.2f}** | **{speeds[0] / speeds[2]:.2f}** | "
+              f"{ours['above_mib']:.0f} / {padded['above_mib']:.0f} / {flat['above_mib']:.0f} | "
+              f"{ours['eval_loss']:.5f} / {padded['eval_loss']:.5f} / {flat['eval_loss']:.5f} |")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", nargs="+", default=["memory", "packing"],
+                        choices=["memory", "packing"], help="which tables (default: both)")
     parser.add_argument("--families", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--layers", type=int, default=None,
-                        help="blocks per model (default: the real model's)")
-    parser.add_argument("--seq", type=int, default=1024, help="tokens per step (default: 1024)")
+                        help="blocks per model for memory (default: the real model's)")
+    parser.add_argument("--packing-layers", type=int, default=2,
+                        help="blocks per model for packing (default: 2; 0: the real model's)")
+    parser.add_argument("--seq", type=int, default=1024, help="tokens a row (default: 1024)")
     parser.add_argument("--steps", type=int, default=3,
                         help="steps per library, the first a warm-up (default: 3)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
@@ -234,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--offload", action="store_true",
                         help="both libraries hold the checkpointed inputs in pinned host memory "
                              "(CUDA)")
-    parser.add_argument("--child", choices=("codelm", "hf"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("codelm", "hf", "flat"), help=argparse.SUPPRESS)
     parser.add_argument("--make", choices=list(SHAPES), help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -242,10 +356,14 @@ def main(argv: list[str] | None = None) -> None:
         make_checkpoint(args.make, args.layers, args.checkpoint)
         return
     if args.child:
+        args.part = args.part[0]
         print(json.dumps(run_child(args.child, args.checkpoint, args)))
         return
-    rows = [bench_family(family, args) for family in args.families]
-    print_table(rows, args)
+    parts = list(args.part)
+    for part in parts:
+        args.part = part
+        rows = [bench_family(family, args) for family in args.families]
+        (print_memory_table if part == "memory" else print_packing_table)(rows, args)
 
 
 if __name__ == "__main__":
