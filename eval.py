@@ -962,9 +962,11 @@ def _split_adapter(path_spec: str) -> tuple[str, str]:
 
 
 def load_model(spec: str | os.PathLike, device: torch.device | str,
-               tokenizer: str | None = None, dtype: str | None = None) -> LoadedModel:
+               tokenizer: str | None = None, dtype: str | None = None,
+               what: str | None = None) -> LoadedModel:
     """Load ``[LABEL=]PATH``: an HF dir or hub id, a codelm run dir, an adapter whose config
-    names its base, or ``BASE+ADAPTER``; ``device`` and ``dtype`` as EvalConfig's."""
+    names its base, or ``BASE+ADAPTER``; ``device`` and ``dtype`` as EvalConfig's; ``what``:
+    where the spec was given, for errors (default: EvalConfig.models)."""
     from tokenizer import check_model_tokenizer, load_tokenizer, tokenizer_path, where_tokenizer_is
 
     spec = os.fspath(spec)
@@ -973,7 +975,7 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
     if not sep or not label or "/" in label:  # no label given: "=" belongs to the path
         label, path_spec = "", spec
     base_spec, adapter_spec = _split_adapter(path_spec)
-    where = f"EvalConfig.models {spec!r}:"
+    where = f"{what or 'EvalConfig.models'} {spec!r}:"
     path = pretrained.checkpoint_dir(base_spec, where)
     if not path.is_dir():
         raise ValueError(f"{where} {path} is not a directory")

@@ -14,6 +14,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -684,17 +685,25 @@ def unmerge_lora(model: nn.Module) -> None:
             module.merged = False
 
 
-def merge_and_export(model: nn.Module, out_dir: str | Path) -> Path:
-    """Merge the adapters and write a full HF checkpoint (the model is left merged)."""
+@contextmanager
+def merged(model: nn.Module) -> Iterator[nn.Module]:
+    """The model with its adapters merged and its LoRA layers swapped for their bases while
+    plain weights are written; the layers come back after (the model stays merged)."""
     merge_lora(model)
     wrapped = list(lora_modules(model))
     for path, module in wrapped:
         _set_submodule(model, path, module.base)
     try:
-        pretrained.save(model, out_dir)
+        yield model
     finally:
         for path, module in wrapped:
             _set_submodule(model, path, module)
+
+
+def merge_and_export(model: nn.Module, out_dir: str | Path) -> Path:
+    """Merge the adapters and write a full HF checkpoint (the model is left merged)."""
+    with merged(model):
+        pretrained.save(model, out_dir)
     return Path(out_dir)
 
 

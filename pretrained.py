@@ -975,15 +975,10 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     return out
 
 
-def save(model: Transformer, directory: str | Path, max_shard_bytes: float = 5 * 2**30) -> None:
-    """Write config.json + model.safetensors (or shards + index) in the family's HF layout, all
-    files in full before any replaces the last save's (config.json last)."""
-    directory = Path(directory)
-    check_output_dir(directory, "save_pretrained")
-    cfg = model.cfg
-    config = hf_config(cfg, model.wte.weight.dtype)
-    plan = _param_plan(model, TABLES[cfg.family])
-    if cfg.tie_embeddings:
+def hf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's weights under their HF names, in the family's layout (a tied head once)."""
+    plan = _param_plan(model, TABLES[model.cfg.family])
+    if model.cfg.tie_embeddings:
         plan.pop("lm_head.weight")
     params = dict(model.named_parameters(remove_duplicate=False))
     tensors: dict[str, torch.Tensor] = {}
@@ -991,7 +986,16 @@ def save(model: Transformer, directory: str | Path, max_shard_bytes: float = 5 *
         p = params[name].detach()
         for hf_name, rows in parts:
             tensors[hf_name] = p if rows is None else p[rows.to(p.device)]
-    files = _weight_files(tensors, max_shard_bytes)
+    return tensors
+
+
+def save(model: Transformer, directory: str | Path, max_shard_bytes: float = 5 * 2**30) -> None:
+    """Write config.json + model.safetensors (or shards + index) in the family's HF layout, all
+    files in full before any replaces the last save's (config.json last)."""
+    directory = Path(directory)
+    check_output_dir(directory, "save_pretrained")
+    config = hf_config(model.cfg, model.wte.weight.dtype)
+    files = _weight_files(hf_tensors(model), max_shard_bytes)
     files["config.json"] = json.dumps(config, indent=2) + "\n"
     directory.mkdir(parents=True, exist_ok=True)
     process.write_atomic_files({directory / name: data for name, data in files.items()})
@@ -1123,9 +1127,15 @@ def copy_hf_companions(tokenizer: str | None, init_from: str | None, tok, out: P
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export-gguf"]:
+        import gguf_export  # (it loads models as eval.py does, which imports this module)
+
+        return gguf_export.main(argv[1:])
     parser = settings.ArgumentParser(
         description="Convert a local HF checkpoint codelm loads (safetensors or .bin, sharded or "
-        "not) into a new safetensors directory in the family's HF layout, cast to --dtype.")
+        "not) into a new safetensors directory in the family's HF layout, cast to --dtype; "
+        "'pretrained.py export-gguf --help': write one as GGUF for llama.cpp and Ollama.")
     parser.add_argument("checkpoint", help="the checkpoint directory")
     parser.add_argument("out", help="the new directory (must not exist)")
     parser.add_argument("--dtype", default="auto",

@@ -22,10 +22,12 @@ median step; --packing-layers blocks of each shape (default 2: the padded step a
 minutes).
 
 Each library runs in its own process. Memory is the step's peak above the loaded model: on CPU
-the process's peak resident set (VmHWM, reset after loading, glibc told to hand large blocks
-straight back to the system) minus its resident set after loading; on CUDA max_memory_allocated
-minus memory_allocated after loading. Speed is tokens per second of the fastest timed step
-(the first step is a warm-up). Before the steps each library computes the batch's loss in eval
+the process's peak resident set (VmHWM, reset after loading) minus its resident set after
+loading, over one step with glibc told to hand every freed block over 64 KiB straight back (so
+the peak is what was alive, not what the allocator kept for reuse); on CUDA max_memory_allocated
+minus memory_allocated after loading. Speed, from another process with the allocator as it
+comes (handing blocks back costs both libraries page faults): the fastest timed step (the first
+step is a warm-up). Before the steps each library computes the batch's loss in eval
 mode (no dropout), which also reads every weight in: the two are equal when the weights and the
 adapter agree. The losses of every step are printed; dropout masks differ between libraries.
 """
@@ -255,15 +257,26 @@ def run_child(lib: str, ckpt: Path, args) -> dict:
                 real_tokens=real)
 
 
-def spawn_child(lib: str, ckpt: Path, args) -> dict:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # large blocks go back on free
+def spawn_child(lib: str, ckpt: Path, args, steps: int, eager_free: bool) -> dict:
+    """One library's ``steps`` in a process of its own; ``eager_free``: glibc hands every freed
+    block over 64 KiB back to the system at once."""
+    env = {**os.environ, **({"MALLOC_MMAP_THRESHOLD_": "65536"} if eager_free else {})}
     cmd = [sys.executable, __file__, "--child", lib, "--checkpoint", str(ckpt), "--part",
            args.part, "--threads", str(args.threads), "--seq", str(args.seq), "--steps",
-           str(args.steps), "--device", args.device, *(["--offload"] if args.offload else [])]
+           str(steps), "--device", args.device, *(["--offload"] if args.offload else [])]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode:
         sys.exit(f"{lib} child failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(lib: str, ckpt: Path, args) -> dict:
+    """Speed and losses of --steps steps; the memory of one step with eager freeing (on CUDA
+    the allocator's own count needs no second run)."""
+    speed = spawn_child(lib, ckpt, args, args.steps, eager_free=False)
+    if args.device != "cpu":
+        return speed
+    return {**speed, "above_mib": spawn_child(lib, ckpt, args, 1, eager_free=True)["above_mib"]}
 
 
 def timed(result: dict) -> slice:
@@ -288,7 +301,7 @@ def bench_family(family: str, args) -> dict:
         ckpt = Path(tmp)
         subprocess.run([sys.executable, __file__, "--make", family, "--checkpoint", tmp,
                         *(["--layers", str(layers)] if layers else [])], check=True)
-        results = {lib: spawn_child(lib, ckpt, args) for lib in libs}
+        results = {lib: measure(lib, ckpt, args) for lib in libs}
     trainable = {r["trainable"] for r in results.values()}
     assert len(trainable) == 1, trainable
     row = dict(family=family, model=SHAPES[family][0], trainable=trainable.pop(),

@@ -132,6 +132,7 @@ MAY_IMPORT = {
     "eval": BELOW_FLOOR_3 | {"trainingmanager"},
     "hyperparam_tune": {"process", "settings", "rundir", "trainingmanager"},
     "recipes": BELOW_FLOOR_3 | {"trainingmanager", "eval"},
+    "gguf_export": BELOW_FLOOR_3 | {"trainingmanager", "eval"},
 }
 
 # Imports each module fresh (the project's modules dropped from sys.modules in between; torch

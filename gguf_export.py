@@ -1,0 +1,290 @@
+"""GGUF export: a model codelm loads (an HF checkpoint, a run, an adapter on its base) written
+as one .gguf file that llama.cpp, Ollama and LM Studio run, its tokenizer inside, with an Ollama
+Modelfile beside it.
+
+    python pretrained.py export-gguf RUN_OR_DIR OUT.gguf [--outtype f32|f16|bf16|q8_0]
+
+Written through ``gguf``, llama.cpp's own writer: its tensor-name tables map the HF names,
+the metadata keys are llama.cpp's, and LoRA adapters are merged first. q4 and the other k-quants
+come from llama.cpp's quantizer run on an f16 export (docs/recipes.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import lora
+import pretrained
+import process
+import settings
+from architecture import Transformer, rope_inv_freq
+
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+@dataclass(frozen=True)
+class GgufFamily:
+    arch: str  # llama.cpp's architecture name
+    permute_qk: bool = False  # llama.cpp rotates pairs (0,1),(2,3): HF's half-split q/k rows move
+
+
+# codelm family -> llama.cpp architecture (CodeGen has none).
+GGUF_FAMILIES = {
+    "llama": GgufFamily("llama", permute_qk=True),
+    "mistral": GgufFamily("llama", permute_qk=True),
+    "qwen2": GgufFamily("qwen2"),
+    "qwen3": GgufFamily("qwen3"),
+    "starcoder2": GgufFamily("starcoder2"),
+    "gpt_bigcode": GgufFamily("starcoder"),
+    "phi": GgufFamily("phi2"),
+    "phi3": GgufFamily("phi3"),
+    "gemma": GgufFamily("gemma"),
+    "gemma2": GgufFamily("gemma2"),
+}
+# The pre-tokenizer (llama.cpp's tokenizer.ggml.pre) of each Split regex codelm reads.
+PRE_TOKENIZERS = {"GPT2_PATTERN": "gpt-2", "STARCODER_PATTERN": "starcoder",
+                  "LLAMA3_PATTERN": "llama-bpe", "QWEN2_PATTERN": "qwen2"}
+
+
+def _gguf():
+    import gguf
+
+    return gguf
+
+
+def check_exportable(model: Transformer, tok) -> None:
+    """Refuse, naming the reason, a model llama.cpp would run differently."""
+    cfg = model.cfg
+    if cfg.family not in GGUF_FAMILIES:
+        raise ValueError(f"family {cfg.family!r}: llama.cpp has no architecture for it; GGUF "
+                         f"export covers {', '.join(sorted(GGUF_FAMILIES))} (use the HF export "
+                         "with transformers, or vLLM)")
+    scaling = (cfg.rope_scaling or {}).get("rope_type")
+    if scaling not in (None, "linear", "llama3", "yarn") or (
+            scaling == "llama3" and not GGUF_FAMILIES[cfg.family].permute_qk):
+        raise ValueError(f"rope_scaling {scaling!r}: llama.cpp's {GGUF_FAMILIES[cfg.family].arch}"
+                         " has no such scaling")
+    if cfg.attn_scale is not None and abs(cfg.attn_scale - cfg.head_dim ** -0.5) > 1e-9:
+        raise ValueError(f"attention scale {cfg.attn_scale:g} (not 1/sqrt(head_dim)): llama.cpp "
+                         "derives the scale from head_dim")
+    if getattr(tok, "pattern", None) is None:
+        raise ValueError(
+            f"tokenizer {type(tok).__name__}: GGUF export writes byte-level BPE tokenizers "
+            "(tokenizer.json with ByteLevel); a from-scratch model's CodeTokenizer matches "
+            "pieces greedily, which llama.cpp's tokenizers cannot express: train with "
+            "--tokenizer TOKENIZER.json (an HF byte-level BPE) to run the model in llama.cpp")
+    if _pre_tokenizer(tok) is None:
+        raise ValueError("tokenizer: its pre-tokenizer regex is none of llama.cpp's (gpt-2, "
+                         "starcoder, llama-bpe, qwen2)")
+
+
+def _pre_tokenizer(tok) -> str | None:
+    import tokenizer
+
+    return next((pre for name, pre in PRE_TOKENIZERS.items()
+                 if getattr(tokenizer, name) == tok.pattern), None)
+
+
+def _metadata(writer, cfg, family: GgufFamily) -> None:
+    """The architecture's hyperparameters, under llama.cpp's keys."""
+    gguf = _gguf()
+    writer.add_context_length(cfg.block_size)
+    writer.add_embedding_length(cfg.n_embd)
+    writer.add_block_count(cfg.n_layer)
+    writer.add_feed_forward_length(cfg.mlp_hidden)
+    writer.add_head_count(cfg.n_head)
+    writer.add_head_count_kv(cfg.n_kv_head)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_vocab_size(cfg.vocab_size)
+    if cfg.norm == "rmsnorm":
+        writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    else:
+        writer.add_layer_norm_eps(cfg.norm_eps)
+    if cfg.positions == "rope":
+        writer.add_rope_dimension_count(cfg.rotary_dim)
+        writer.add_rope_freq_base(cfg.rope_theta)
+    scaling = cfg.rope_scaling or {}
+    if scaling.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(scaling["factor"])
+    elif scaling.get("rope_type") == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(scaling["factor"])
+        writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+    if cfg.sliding_window is not None:
+        writer.add_sliding_window(cfg.sliding_window)
+    if cfg.attn_softcap is not None:
+        writer.add_attn_logit_softcapping(cfg.attn_softcap)
+    if cfg.logit_softcap is not None:
+        writer.add_final_logit_softcapping(cfg.logit_softcap)
+
+
+def _vocabulary(writer, tok, vocab_size: int) -> None:
+    """The byte-level BPE tokenizer in llama.cpp's terms: tokens in id order (ids the tokenizer
+    lacks as unused padding entries), their types, merges, and the special and FIM ids."""
+    gguf = _gguf()
+    spec = tok.spec
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    for token, i in spec["model"]["vocab"].items():
+        tokens[i], types[i] = token, gguf.TokenType.NORMAL
+    for added in spec.get("added_tokens") or []:
+        i = tok.token_to_id(added["content"])
+        tokens[i] = added["content"]
+        types[i] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_pre_tokenizer(tok))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for key, value in ((gguf.Keys.Tokenizer.BOS_ID, tok.bos_id),
+                       (gguf.Keys.Tokenizer.EOS_ID, tok.eos_id),
+                       (gguf.Keys.Tokenizer.PAD_ID, tok.pad_id),
+                       (gguf.Keys.Tokenizer.FIM_PRE_ID, tok.fim_prefix_id),
+                       (gguf.Keys.Tokenizer.FIM_SUF_ID, tok.fim_suffix_id),
+                       (gguf.Keys.Tokenizer.FIM_MID_ID, tok.fim_middle_id)):
+        if value is not None:
+            writer.add_uint32(key, value)
+    writer.add_add_bos_token(bool(tok.template_prefix))
+    writer.add_add_eos_token(False)
+
+
+def _permuted(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """q or k rows from HF's half-split rotary layout to llama.cpp's interleaved pairs."""
+    return (weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's weights under llama.cpp's names, in its layouts, fp32."""
+    cfg = model.cfg
+    family = GGUF_FAMILIES[cfg.family]
+    names = _gguf().get_tensor_name_map(_arch_enum(family.arch), cfg.n_layer)
+    tensors = {}
+    for hf_name, tensor in pretrained.hf_tensors(model).items():
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ValueError(f"{hf_name}: no tensor of llama.cpp's {family.arch} takes it")
+        tensor = tensor.float()
+        if family.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+            tensor = _permuted(tensor, cfg.n_head)
+        if family.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+            tensor = _permuted(tensor, cfg.n_kv_head)
+        if name.endswith("norm.weight") and cfg.norm_offset:  # llama.cpp scales by the weight
+            tensor = tensor + cfg.norm_offset
+        tensors[name] = tensor
+    if (cfg.rope_scaling or {}).get("rope_type") == "llama3":  # per-frequency divisors
+        plain = rope_inv_freq(dataclasses.replace(cfg, rope_scaling=None))
+        tensors["rope_freqs.weight"] = plain / rope_inv_freq(cfg)
+    return tensors
+
+
+def _arch_enum(arch: str):
+    gguf = _gguf()
+    return next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+
+
+def _encoded(tensor: torch.Tensor, outtype: str):
+    """(data, raw dtype or None) of one tensor: vectors stay f32, as llama.cpp's converter
+    keeps them; a matrix whose rows do not fill q8_0's blocks of 32 is written f16."""
+    gguf = _gguf()
+    data = tensor.numpy()
+    if data.ndim < 2 or outtype == "f32":
+        return data.astype(np.float32), None
+    if outtype == "f16" or (outtype == "q8_0" and data.shape[-1] % 32):
+        return data.astype(np.float16), None
+    kind = gguf.GGMLQuantizationType.BF16 if outtype == "bf16" else gguf.GGMLQuantizationType.Q8_0
+    return gguf.quants.quantize(data, kind), kind
+
+
+FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
+
+
+def write_gguf(model: Transformer, tok, out: Path, outtype: str = "f16",
+               name: str = "codelm") -> Path:
+    """Write ``model`` (LoRA merged in) and ``tok`` to ``out`` as GGUF; return ``out``."""
+    gguf = _gguf()
+    check_exportable(model, tok)
+    family = GGUF_FAMILIES[model.cfg.family]
+    writer = gguf.GGUFWriter(str(out), family.arch)
+    writer.add_name(name)
+    writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[outtype]))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _metadata(writer, model.cfg, family)
+    _vocabulary(writer, tok, model.cfg.vocab_size)
+    with lora.merged(model):
+        for tensor_name, tensor in gguf_tensors(model).items():
+            data, kind = _encoded(tensor, outtype)
+            writer.add_tensor(tensor_name, data, raw_dtype=kind)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=False)
+        writer.close()
+    return out
+
+
+def modelfile(gguf_file: Path, tok) -> str:
+    """An Ollama Modelfile for the export: completion of the raw prompt, fill-in-the-middle in
+    the tokenizer's FIM tokens when Ollama passes a suffix, the end-of-text token as a stop."""
+    lines = [f"FROM ./{gguf_file.name}"]
+    fim = (tok.fim_prefix_id, tok.fim_suffix_id, tok.fim_middle_id)
+    if None not in fim:
+        prefix, suffix, middle = (tok.decode([i]) for i in fim)
+        lines.append(f'TEMPLATE """{{{{- if .Suffix }}}}{prefix}{{{{ .Prompt }}}}{suffix}'
+                     f'{{{{ .Suffix }}}}{middle}{{{{- else }}}}{{{{ .Prompt }}}}{{{{- end }}}}"""')
+    else:
+        lines.append('TEMPLATE """{{ .Prompt }}"""')
+    stops = [i for i in (tok.eos_id, *fim) if i is not None]
+    lines += [f'PARAMETER stop "{tok.decode([i])}"' for i in dict.fromkeys(stops)]
+    return "\n".join(lines) + "\n"
+
+
+def export(source: str, out: Path, outtype: str, tokenizer: str | None = None) -> Path:
+    """Load ``source`` as eval.py does, write ``out`` and its Modelfile beside it."""
+    import eval as evaluation
+
+    out = Path(out)
+    if out.suffix != ".gguf":
+        raise ValueError(f"{out}: name the output file NAME.gguf")
+    if not out.parent.is_dir():
+        raise ValueError(f"{out}: no directory {out.parent}")
+    loaded = evaluation.load_model(source, "cpu", tokenizer=tokenizer, dtype="fp32",
+                                   what="export-gguf")
+    check_exportable(loaded.model, loaded.tokenizer)
+    partial = out.with_name(out.name + ".partial")
+    try:
+        write_gguf(loaded.model, loaded.tokenizer, partial, outtype, name=loaded.label)
+    except OSError as e:
+        raise ValueError(f"{out}: cannot write ({e.strerror})") from None
+    partial.replace(out)
+    out.with_name("Modelfile").write_text(modelfile(out, loaded.tokenizer), encoding="utf-8")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = settings.ArgumentParser(
+        prog="pretrained.py export-gguf",
+        description="Write a model as GGUF for llama.cpp, Ollama and LM Studio: an HF checkpoint "
+        "directory, a codelm run (its export, best/ or last checkpoint, LoRA merged), an adapter "
+        "whose config names its base, or BASE+ADAPTER; an Ollama Modelfile goes beside it.")
+    parser.add_argument("source", help="the model (RUN_OR_DIR)")
+    parser.add_argument("out", help="the file to write, NAME.gguf")
+    parser.add_argument("--outtype", choices=OUTTYPES, default="f16",
+                        help="tensor type of the matrices (default: f16); vectors stay f32")
+    parser.add_argument("--tokenizer", default=None,
+                        help="a tokenizer.json (or its directory) where the source has none")
+    args = parser.parse_args(argv)
+
+    def run() -> None:
+        path = export(args.source, Path(args.out), args.outtype, args.tokenizer)
+        print(f"wrote {path} ({args.outtype}) and {path.with_name('Modelfile')}: "
+              f"ollama create NAME -f {path.with_name('Modelfile')}")
+
+    return process.run_tool(run, "interrupted: nothing written")

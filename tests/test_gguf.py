@@ -1,0 +1,254 @@
+"""GGUF export: llama.cpp's own reader (the gguf package) finds each family's hyperparameters
+and tokenizer under llama.cpp's keys, its tensors hold the model's weights in llama.cpp's
+layouts (q/k rows interleaved where its rotation pairs neighbours), and bad input is one line;
+llama.cpp itself (llama-cpp-python, built from the registry: slow) reads the same token ids and
+continues greedily as codelm does."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_hf import save_tiny_hf, train_family_tokenizer, train_hf_tokenizer
+
+import dataset
+import gguf_export
+import pretrained
+from architecture import PRESETS, Transformer
+from tokenizer import CodeTokenizer, load_tokenizer
+
+gguf = pytest.importorskip("gguf")
+
+# family -> (tokenizer style, llama.cpp architecture, its pre-tokenizer)
+CASES = {
+    "llama": ("llama3", "llama", "llama-bpe"),
+    "qwen2": ("qwen2", "qwen2", "qwen2"),
+    "qwen3": ("qwen2", "qwen3", "qwen2"),
+    "starcoder2": ("starcoder", "starcoder2", "starcoder"),
+    "gpt_bigcode": ("starcoder", "starcoder", "starcoder"),
+    "phi": ("gpt2", "phi2", "gpt-2"),
+    "phi3": ("gpt2", "phi3", "gpt-2"),
+}
+
+
+def _texts() -> list[str]:
+    return [p.read_text("utf-8", "replace") for p in dataset.stdlib_files()[::40]]
+
+
+def make_checkpoint(family: str, path: Path, texts: list[str]) -> Path:
+    """A tiny random checkpoint of ``family`` with a trained tokenizer of its real kind."""
+    style = CASES[family][0]
+    path.mkdir(parents=True)
+    train = train_family_tokenizer if style == "qwen2" else train_hf_tokenizer
+    hf_tok = train(style, texts, path / "tokenizer.json")
+    tok = load_tokenizer(path / "tokenizer.json")
+    save_tiny_hf(family, path, vocab_size=hf_tok.get_vocab_size(), bos_token_id=tok.bos_id,
+                 eos_token_id=tok.eos_id, **({"sliding_window": None} if family in (
+                     "starcoder2", "phi3") else {}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    texts = _texts()
+    root = tmp_path_factory.mktemp("gguf")
+    return {family: make_checkpoint(family, root / family, texts) for family in CASES}
+
+
+def _field(reader, key: str):
+    field = reader.fields[key]
+    value = field.contents()
+    return value
+
+
+def _export(checkpoint: Path, tmp_path: Path, outtype: str = "f32") -> Path:
+    return gguf_export.export(str(checkpoint), tmp_path / "model.gguf", outtype)
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_the_reader_finds_each_familys_hyperparameters_and_tokenizer(family, checkpoints,
+                                                                      tmp_path):
+    _, arch, pre = CASES[family]
+    model = pretrained.load(checkpoints[family])
+    cfg = model.cfg
+    reader = gguf.GGUFReader(_export(checkpoints[family], tmp_path))
+    assert _field(reader, "general.architecture") == arch
+    expected = {
+        f"{arch}.context_length": cfg.block_size, f"{arch}.embedding_length": cfg.n_embd,
+        f"{arch}.block_count": cfg.n_layer, f"{arch}.feed_forward_length": cfg.mlp_hidden,
+        f"{arch}.attention.head_count": cfg.n_head,
+        f"{arch}.attention.head_count_kv": cfg.n_kv_head,
+    }
+    if cfg.positions == "rope":
+        expected[f"{arch}.rope.dimension_count"] = cfg.rotary_dim
+        assert _field(reader, f"{arch}.rope.freq_base") == pytest.approx(cfg.rope_theta)
+    eps = f"{arch}.attention.layer_norm{'_rms' if cfg.norm == 'rmsnorm' else ''}_epsilon"
+    assert _field(reader, eps) == pytest.approx(cfg.norm_eps)
+    for key, value in expected.items():
+        assert _field(reader, key) == value, key
+    assert _field(reader, "tokenizer.ggml.model") == "gpt2"
+    assert _field(reader, "tokenizer.ggml.pre") == pre
+    tok = load_tokenizer(checkpoints[family])
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    assert len(tokens) == cfg.vocab_size
+    assert all(tokens[i] == t for t, i in json.loads(
+        (checkpoints[family] / "tokenizer.json").read_text())["model"]["vocab"].items())
+    assert _field(reader, "tokenizer.ggml.eos_token_id") == tok.eos_id
+    if tok.fim_prefix_id is not None:
+        assert _field(reader, "tokenizer.ggml.fim_pre_token_id") == tok.fim_prefix_id
+        assert _field(reader, "tokenizer.ggml.fim_mid_token_id") == tok.fim_middle_id
+
+
+def test_llama_tensors_hold_the_weights_with_q_and_k_rows_interleaved(checkpoints, tmp_path):
+    """llama.cpp's llama rotates neighbouring pairs: q and k rows go from HF's halves to pairs,
+    every other tensor is the HF weight as it is; the tied head is not written twice; the
+    llama3 scaling's per-frequency divisors ride along as rope_freqs."""
+    from safetensors.torch import load_file
+
+    hf = load_file(checkpoints["llama"] / "model.safetensors")
+    cfg = pretrained.load(checkpoints["llama"]).cfg
+    reader = gguf.GGUFReader(_export(checkpoints["llama"], tmp_path))
+    tensors = {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
+    q = tensors["blk.0.attn_q.weight"]
+    head = cfg.head_dim
+    halves = q.view(cfg.n_head, head // 2, 2, -1).transpose(1, 2).reshape(q.shape)
+    assert torch.equal(halves, hf["model.layers.0.self_attn.q_proj.weight"])
+    k = tensors["blk.1.attn_k.weight"]
+    halves = k.view(cfg.n_kv_head, head // 2, 2, -1).transpose(1, 2).reshape(k.shape)
+    assert torch.equal(halves, hf["model.layers.1.self_attn.k_proj.weight"])
+    assert torch.equal(tensors["blk.1.ffn_gate.weight"], hf["model.layers.1.mlp.gate_proj.weight"])
+    assert torch.equal(tensors["token_embd.weight"], hf["model.embed_tokens.weight"])
+    assert "output.weight" not in tensors
+    assert tensors["rope_freqs.weight"].shape == (head // 2,)
+    assert tensors["rope_freqs.weight"][0] == 1 and tensors["rope_freqs.weight"][-1] == 32
+
+
+@pytest.mark.parametrize("outtype, tol", [("f16", 1e-3), ("bf16", 1e-2), ("q8_0", 1e-2)])
+def test_each_outtype_holds_the_weights_to_its_precision(outtype, tol, checkpoints, tmp_path):
+    from gguf.quants import dequantize
+
+    reader = gguf.GGUFReader(_export(checkpoints["qwen2"], tmp_path, outtype))
+    model = pretrained.load(checkpoints["qwen2"])
+    want = gguf_export.gguf_tensors(model)
+    kinds = set()
+    for t in reader.tensors:
+        got = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).reshape(want[t.name].shape)
+        err = (got - want[t.name]).abs().max() / want[t.name].abs().max()
+        assert err <= tol, (t.name, err)
+        kinds.add((t.tensor_type.name, len(want[t.name].shape)))
+    assert kinds == {(outtype.upper(), 2), ("F32", 1)}
+
+
+def test_a_modelfile_completes_and_fills_in_the_middle_with_the_tokenizers_tokens(checkpoints,
+                                                                                   tmp_path):
+    out = _export(checkpoints["starcoder2"], tmp_path)
+    text = (tmp_path / "Modelfile").read_text()
+    assert text.startswith(f"FROM ./{out.name}\n")
+    assert ('TEMPLATE """{{- if .Suffix }}<fim_prefix>{{ .Prompt }}<fim_suffix>{{ .Suffix }}'
+            '<fim_middle>{{- else }}{{ .Prompt }}{{- end }}"""') in text
+    assert 'PARAMETER stop "<|endoftext|>"' in text
+
+
+def test_the_cli_writes_the_file_and_says_how_to_run_it(checkpoints, tmp_path, capsys):
+    out = tmp_path / "coder.gguf"
+    assert pretrained.main(["export-gguf", str(checkpoints["qwen2"]), str(out),
+                            "--outtype", "q8_0"]) == 0
+    assert out.is_file() and not out.with_name("coder.gguf.partial").exists()
+    assert "ollama create" in capsys.readouterr().out
+
+
+def test_bad_input_is_one_line_naming_what_and_why(checkpoints, tmp_path, capsys):
+    codegen = tmp_path / "codegen"
+    tokenizer = checkpoints["phi"] / "tokenizer.json"
+    save_tiny_hf("codegen", codegen, vocab_size=load_tokenizer(tokenizer).vocab_size)
+    (codegen / "tokenizer.json").write_bytes(tokenizer.read_bytes())
+    capsys.readouterr()
+    cases = [
+        ([str(codegen), str(tmp_path / "a.gguf")], r"family 'codegen'.*no architecture"),
+        ([str(checkpoints["llama"]), str(tmp_path / "nowhere" / "a.gguf")], r"no directory"),
+        ([str(checkpoints["llama"]), str(tmp_path / "a.bin")], r"NAME\.gguf"),
+        ([str(tmp_path / "missing"), str(tmp_path / "a.gguf")], r"export-gguf .*missing"),
+    ]
+    for argv, message in cases:
+        assert pretrained.main(["export-gguf", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        assert re.search(message, err), err
+
+
+def test_a_codelm_tokenizer_is_refused_with_what_to_use_instead():
+    tok = CodeTokenizer.train(["def f(x):\n    return x\n"] * 20, min_freq=2)
+    model = Transformer(PRESETS["tiny"])
+    with pytest.raises(ValueError, match=r"CodeTokenizer.*--tokenizer"):
+        gguf_export.check_exportable(model, tok)
+
+
+# ---- llama.cpp itself ------------------------------------------------------------------------
+
+LLAMA_CPP = Path.home() / ".cache" / "codelm" / "llama-cpp-python"
+
+
+def _llama_cpp():
+    """llama-cpp-python, built from the registry's source once into a cache directory."""
+    if not (LLAMA_CPP / "llama_cpp").is_dir():
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--target",
+                        str(LLAMA_CPP), "llama-cpp-python"], check=True,
+                       env={**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count())})
+    sys.path.insert(0, str(LLAMA_CPP))
+    import llama_cpp
+
+    return llama_cpp
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "qwen2", "starcoder2"])
+def test_llama_cpp_reads_codelms_ids_and_continues_as_codelm(family, checkpoints, tmp_path):
+    """f32: the same ids on held-out code and the same greedy continuation; q8_0: the same
+    top-1 token at most positions."""
+    from generation import GenerationConfig, generate
+
+    llama_cpp = _llama_cpp()
+    tok = load_tokenizer(checkpoints[family])
+    model = pretrained.load(checkpoints[family]).eval()
+    held_out = [p.read_text("utf-8", "replace")[:2000] for p in dataset.stdlib_files()[7::97]]
+    out = _export(checkpoints[family], tmp_path)
+    llm = llama_cpp.Llama(str(out), n_ctx=model.cfg.block_size, verbose=False, logits_all=True)
+    for text in held_out:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text)
+    prompt = tok.encode("def fibonacci(n):\n    ")
+    ours = generate(model, torch.tensor([prompt]), GenerationConfig(max_new_tokens=24))
+    theirs = []
+    for token in llm.generate(prompt, temp=0.0, top_k=1):
+        theirs.append(token)
+        if len(theirs) == 24:
+            break
+    assert theirs == ours[0, len(prompt):].tolist()
+
+
+def test_an_adapter_is_merged_into_its_base_before_writing(checkpoints, tmp_path):
+    """BASE+ADAPTER (as eval.py takes it) exports the merged weights: q rows carry the update."""
+    from lora import LoRAConfig, apply_lora, merge_lora, save_adapter
+
+    model = pretrained.load(checkpoints["llama"])
+    apply_lora(model, LoRAConfig(r=4, alpha=8, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    save_adapter(model, tmp_path / "adapter")
+    merge_lora(model)
+    merged = model.blocks[0].attn.qkv.base.weight[: model.cfg.n_head * model.cfg.head_dim]
+    out = gguf_export.export(f"{checkpoints['llama']}+{tmp_path / 'adapter'}",
+                             tmp_path / "tuned.gguf", "f32")
+    q = next(t for t in gguf.GGUFReader(out).tensors if t.name == "blk.0.attn_q.weight")
+    q = torch.from_numpy(q.data.copy())
+    halves = q.view(model.cfg.n_head, model.cfg.head_dim // 2, 2, -1).transpose(1, 2)
+    torch.testing.assert_close(halves.reshape(q.shape), merged, rtol=0, atol=1e-6)
+    original = pretrained.load(checkpoints["llama"]).blocks[0].attn.qkv.weight[: q.shape[0]]
+    assert not torch.allclose(merged, original, atol=1e-3)
