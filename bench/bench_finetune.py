@@ -347,7 +347,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", nargs="+", default=["memory", "packing"],
                         choices=["memory", "packing"], help="which tables (default: both)")
-    parser.add_argument("--families", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--families", nargs="+", default=list(SHAPES), choices=list(SHAPES),
+                        help="the seeds' models to run (default: all four)")
     parser.add_argument("--layers", type=int, default=None,
                         help="blocks per model for memory (default: the real model's)")
     parser.add_argument("--packing-layers", type=int, default=2,
@@ -357,7 +358,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="steps per library, the first a warm-up (default: 3)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads (default: all)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: cuda where there is one)")
     parser.add_argument("--offload", action="store_true",
                         help="both libraries hold the checkpointed inputs in pinned host memory "
                              "(CUDA)")
