@@ -1,5 +1,6 @@
 """process: how scripts stop (Ctrl-C, SIGTERM, SIGHUP) and write files whole."""
 
+import signal
 import subprocess
 from pathlib import Path
 
@@ -640,8 +641,11 @@ def test_a_stop_during_the_cleanup_of_another_leaves_its_cleanup_and_exit_code(f
 
     script = _MIXED_STOPS.format(first=first, second=second)
     done = tmp_path / "done"
+    # SIGHUP handled by default in the child even where the suite runs under nohup (which
+    # ignores it, and an ignored SIGHUP stays ignored)
     proc = subprocess.run([sys.executable, "-c", script, str(done)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     assert proc.returncode == code, proc.stderr
     assert done.read_text() == "cleanup done"
 
