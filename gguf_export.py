@@ -15,6 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 
@@ -49,12 +50,6 @@ GGUF_FAMILIES = {
 # The pre-tokenizer (llama.cpp's tokenizer.ggml.pre) of each Split regex codelm reads.
 PRE_TOKENIZERS = {"GPT2_PATTERN": "gpt-2", "STARCODER_PATTERN": "starcoder",
                   "LLAMA3_PATTERN": "llama-bpe", "QWEN2_PATTERN": "qwen2"}
-
-
-def _gguf():
-    import gguf
-
-    return gguf
 
 
 def check_exportable(model: Transformer, tok) -> None:
@@ -92,7 +87,6 @@ def _pre_tokenizer(tok) -> str | None:
 
 def _metadata(writer, cfg, family: GgufFamily) -> None:
     """The architecture's hyperparameters, under llama.cpp's keys."""
-    gguf = _gguf()
     writer.add_context_length(cfg.block_size)
     writer.add_embedding_length(cfg.n_embd)
     writer.add_block_count(cfg.n_layer)
@@ -128,7 +122,6 @@ def _metadata(writer, cfg, family: GgufFamily) -> None:
 def _vocabulary(writer, tok, vocab_size: int) -> None:
     """The byte-level BPE tokenizer in llama.cpp's terms: tokens in id order (ids the tokenizer
     lacks as unused padding entries), their types, merges, and the special and FIM ids."""
-    gguf = _gguf()
     spec = tok.spec
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [gguf.TokenType.UNUSED] * vocab_size
@@ -166,7 +159,7 @@ def gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     """The model's weights under llama.cpp's names, in its layouts, fp32."""
     cfg = model.cfg
     family = GGUF_FAMILIES[cfg.family]
-    names = _gguf().get_tensor_name_map(_arch_enum(family.arch), cfg.n_layer)
+    names = gguf.get_tensor_name_map(_arch_enum(family.arch), cfg.n_layer)
     tensors = {}
     for hf_name, tensor in pretrained.hf_tensors(model).items():
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
@@ -187,14 +180,12 @@ def gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
 
 
 def _arch_enum(arch: str):
-    gguf = _gguf()
     return next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
 
 
 def _encoded(tensor: torch.Tensor, outtype: str):
     """(data, raw dtype or None) of one tensor: vectors stay f32, as llama.cpp's converter
     keeps them; a matrix whose rows do not fill q8_0's blocks of 32 is written f16."""
-    gguf = _gguf()
     data = tensor.numpy()
     if data.ndim < 2 or outtype == "f32":
         return data.astype(np.float32), None
@@ -210,7 +201,6 @@ FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_
 def write_gguf(model: Transformer, tok, out: Path, outtype: str = "f16",
                name: str = "codelm") -> Path:
     """Write ``model`` (LoRA merged in) and ``tok`` to ``out`` as GGUF; return ``out``."""
-    gguf = _gguf()
     check_exportable(model, tok)
     family = GGUF_FAMILIES[model.cfg.family]
     writer = gguf.GGUFWriter(str(out), family.arch)
