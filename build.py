@@ -196,6 +196,10 @@ def _build(cfg: TrainConfig, claimed: rundir.ClaimedDir, dist: Dist, device: tor
     run_dir = claimed.path
     hint = hint or f"--resume {run_dir}"
     cfg, checkpoints = run_config(cfg, claimed, hint)
+    if cfg.strategy == "fsdp" and cfg.optimizer == "muon":  # preset auto's choice
+        raise ValueError(f"optimizer muon (preset {cfg.preset}'s) with {setting(cfg, 'strategy')}"
+                         ": muon orthogonalizes whole matrices, fsdp holds shards: set "
+                         "--optimizer adamw")
     if cfg.resume and not checkpoints and dist.main:
         print(f"{run_dir}: no checkpoint yet; starting the run from the beginning")
     data = prepare_data(cfg, claimed, dist, own_tok=bool(cfg.resume) and claimed.holds_weights)
@@ -412,12 +416,22 @@ def restore_checkpoint(cfg: TrainConfig, path: Path, trainer: Trainer, data: Dat
                        record: RunRecord) -> RunState:
     """Continue from checkpoint ``path``: weights, optimizer, RNG, data position, progress."""
     dist, device = record.dist, trainer.device
-    state = checkpoint.load(path, trainer.raw_model, record.trainable_only)
-    checkpoint.check_writers(path, len(state.rng), dist.world, cfg.batch_size * cfg.grad_accum)
+    if checkpoint.is_sharded(path):  # the model and the optimizer's moments, from their shards
+        state = checkpoint.load_sharded(path, trainer.raw_model, trainer.optimizer,
+                                        record.trainable_only, dist)
+    else:
+        state = checkpoint.load(path, trainer.raw_model, record.trainable_only)
+    continues = checkpoint.check_writers(path, len(state.rng), dist.world,
+                                         cfg.batch_size * cfg.grad_accum)
     checkpoint.check_precision(path, state.precision, trainer.precision, cfg.precision, device)
     trainer.load_state_dict(state)
     data.batches.order.load_state_dict(state.order)
-    set_rng_state(state.rng[dist.rank], device)
+    if continues:
+        set_rng_state(state.rng[dist.rank], device)
+    elif dist.main:
+        print(f"note: {path.name} was written by {len(state.rng)} process(es), this run has "
+              f"{dist.world}: each process's random streams (dropout) start from the seed, so "
+              "this resume is not bit-exact")
     planned, trained_on = state.max_steps, state.data
     steps = trainer.max_steps
     state = dataclasses.replace(state, max_steps=steps, data=data.data_id, optimizer={},
@@ -448,7 +462,8 @@ def announce(run: Run) -> None:
     else:
         size = f"{len(batches.train)} training examples"
         epoch = f"{n} examples"
-    processes = f" x {trainer.dist.world} processes" if trainer.dist.enabled else ""
+    processes = (f" x {trainer.dist.world} processes ({cfg.strategy})" if trainer.dist.enabled
+                 else "")
     print(f"run {run.record.run_dir}: {plan.millions(n_params)} parameters "
           f"({plan.millions(n_train)} trainable), {size}, {planned} steps "
           f"({batches.epoch(planned):.3g} epochs of {epoch}), {trainer.precision} on "

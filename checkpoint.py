@@ -17,15 +17,30 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
 
 import process
 import settings
+from distributed import Dist, RankZeroFailed, all_gather, broadcast
 from rundir import ADAPTER_FILE, CONFIG_FILE, MODEL_FILE, STATE_FILE, list_checkpoints
 
-FORMAT_VERSION = 1  # of state.pt; another is refused
+# A checkpoint's layout, named by its state.pt's format_version; another version is refused.
+FORMAT_VERSION = 1  # state.pt (the optimizer's state in it) beside the model's .safetensors
+SHARDED_FORMAT_VERSION = 2  # state.pt (no optimizer) beside SHARDED_DIR (--strategy fsdp)
+SHARDED_DIR = "sharded"  # torch.distributed.checkpoint's files: the model's and optimizer's
+#   shards, one file a writing process, and their .metadata
 
 
 @dataclass
@@ -203,9 +218,13 @@ def read_state(path: Path, mmap: bool = False) -> RunState:
                       ) from None
     if not isinstance(raw, dict) or "format_version" not in raw:
         raise _broken(path, f"{STATE_FILE} holds no format_version")
-    if (version := raw.pop("format_version")) != FORMAT_VERSION:
+    if (version := raw.pop("format_version")) not in (FORMAT_VERSION, SHARDED_FORMAT_VERSION):
         raise ValueError(f"{path / STATE_FILE}: checkpoint format_version {version!r}, not "
-                         f"{FORMAT_VERSION}: start a new run")
+                         f"{FORMAT_VERSION} (one file) or {SHARDED_FORMAT_VERSION} (sharded): "
+                         "start a new run")
+    if (version == SHARDED_FORMAT_VERSION) != is_sharded(path):
+        raise _broken(path, f"{STATE_FILE}'s format_version {version} and {SHARDED_DIR}/ "
+                      "disagree")
     if set(raw) != {f.name for f in dataclasses.fields(RunState)} - {"weights"}:
         raise _broken(path, f"{STATE_FILE} does not hold every RunState field")
     return RunState(**raw)
@@ -230,6 +249,108 @@ def load(path: Path, model: nn.Module, trainable_only: bool) -> RunState:
     load_model_tensors(model, tensors, str(weights), trainable_only)
     state.weights = tensors
     return state
+
+
+# ---- Sharded checkpoints (--strategy fsdp): each process writes and reads its shards ----
+
+def is_sharded(path: Path) -> bool:
+    """Whether checkpoint ``path`` holds shards (SHARDED_FORMAT_VERSION)."""
+    return (Path(path) / SHARDED_DIR).is_dir()
+
+
+def _shards(model: nn.Module, optimizer: torch.optim.Optimizer, trainable_only: bool) -> dict:
+    """The model's and optimizer's state as DCP saves and loads it: keyed by parameter names, so
+    that any number of processes, sharded or not, reads what any number wrote."""
+    options = StateDictOptions(ignore_frozen_params=trainable_only)
+    weights = get_model_state_dict(model, options=options)
+    if trainable_only:  # (a frozen tied weight comes through under its second name)
+        trainable = {n for n, p in model.named_parameters(remove_duplicate=False)
+                     if p.requires_grad}
+        weights = {name: t for name, t in weights.items() if name in trainable}
+    return {"model": weights,
+            "optimizer": get_optimizer_state_dict(model, optimizer, options=options)}
+
+
+def _nonfinite_shard(shards: dict, dist: Dist) -> str | None:
+    """The name of a tensor holding inf or NaN in any rank's shards (collective), or None."""
+    local = {name: t.to_local() if isinstance(t, DTensor) else t
+             for name, t in shards["model"].items()}
+    for name, slots in shards["optimizer"]["state"].items():
+        for key, t in slots.items():
+            local[f"optimizer state {name} {key}"] = t.to_local() if isinstance(t, DTensor) else t
+    return next((bad for bad in all_gather(nonfinite_tensor(local), dist) if bad), None)
+
+
+def save_sharded(path: Path, state: RunState, config: dict, model: nn.Module,
+                 optimizer: torch.optim.Optimizer, trainable_only: bool, dist: Dist) -> str | None:
+    """Checkpoint ``path`` in the sharded layout (collective): every rank writes its shards into
+    rank 0's temporary directory, rank 0 adds state.pt (``state``: no weights, no optimizer),
+    the config and the manifest, and publishes it atomically. Returns the name of a tensor
+    holding inf or NaN instead, writing nothing."""
+    shards = _shards(model, optimizer, trainable_only)
+    if bad := _nonfinite_shard(shards, dist):
+        return bad
+    if not dist.main:
+        tmp = broadcast(None, dist)
+        if tmp is None:
+            raise RankZeroFailed("rank 0 failed (its error says why)")
+        dcp.save(shards, checkpoint_id=Path(tmp) / SHARDED_DIR)
+        if broadcast(None, dist) is not None:
+            raise RankZeroFailed("rank 0 failed (its error says why)")
+        return None
+    rest = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+            if f.name != "weights"}
+    shared = []
+
+    def write(tmp: Path) -> None:
+        broadcast(str(tmp), dist)
+        shared.append(tmp)
+        dcp.save(shards, checkpoint_id=tmp / SHARDED_DIR)
+        torch.save({"format_version": SHARDED_FORMAT_VERSION, **rest}, tmp / STATE_FILE)
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+
+    try:
+        write_dir_atomically(path, write)
+    except BaseException:
+        broadcast("failed" if shared else None, dist)
+        raise
+    broadcast(None, dist)
+    return None
+
+
+def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 trainable_only: bool, dist: Dist) -> RunState:
+    """Load sharded checkpoint ``path`` into ``model`` and ``optimizer`` (sharded or not, on any
+    number of processes: DCP reshards) and return its RunState. The manifest is checked first;
+    shards holding inf or NaN are refused after loading (an earlier checkpoint then overwrites
+    them)."""
+    path = Path(path)
+    if problem := process.manifest_problem(path):
+        raise _broken(path, problem)
+    state = read_state(path)
+    shards = _shards(model, optimizer, trainable_only)
+    try:
+        dcp.load(shards, checkpoint_id=path / SHARDED_DIR, no_dist=not dist.enabled)
+    except (CheckpointException, RuntimeError, ValueError, OSError) as e:
+        raise _broken(path, f"{SHARDED_DIR}: {str(e).splitlines()[0]}") from None
+    options = StateDictOptions(ignore_frozen_params=trainable_only)
+    set_model_state_dict(model, shards["model"], options=options)
+    set_optimizer_state_dict(model, optimizer, shards["optimizer"], options=options)
+    if bad := _nonfinite_shard(shards, dist):
+        raise _broken(path, f"{SHARDED_DIR}: {bad} holds inf or NaN")
+    return state
+
+
+def gathered_tensors(model: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """``model_tensors`` of a sharded model, gathered whole into rank 0's memory (collective;
+    the other ranks get {}): best/ and the export are written from it."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True,
+                               ignore_frozen_params=trainable_only)
+    full = get_model_state_dict(model, options=options)
+    # A tied weight once, under its first name, as model_tensors keeps it.
+    aliases = (set(dict(model.named_parameters(remove_duplicate=False)))
+               - set(dict(model.named_parameters())))
+    return {name: t for name, t in full.items() if name not in aliases}
 
 
 def nonfinite_tensor(tensors: Mapping[str, object]) -> str | None:
@@ -302,7 +423,7 @@ def drop_old(run_dir: Path, keep_last: int) -> None:
 # model, the data, the optimizer state or the steps taken: the checkpoint would not load, or would
 # silently override it (AdamW's lr and betas come back from it).
 RESUME_MAY_CHANGE = (
-    "device", "compile", "gradient_checkpointing",  # how the same maths is computed
+    "device", "compile", "gradient_checkpointing", "strategy",  # how the same maths is computed
     "offload_activations",  # where it keeps what it saves
     "max_steps", "epochs", "max_time_s", "decay_steps",  # how far it goes (the schedule follows)
     "early_stop_patience", "early_stop_min_delta",  # when it may stop early
@@ -376,9 +497,13 @@ def check_resume_config(cfg, run_dir: Path, checkpoints: list[Path], resume_hint
             return _map_paths(key, values[key], lambda p: p.expanduser().resolve())
         return values[key]
 
+    # A sharded checkpoint continues on any number of processes that keeps its global batch
+    # (check_writers): the batch may be regrouped.
+    regrouped = ("batch_size", "grad_accum") if is_sharded(checkpoints[-1]) else ()
     # precision "auto" names a precision only with a device: check_precision compares that.
     changed = [f"{k}={saved[k]!r} (now {now[k]!r})" for k in now
-               if k not in ("name", "out_dir", "resume", *RESUME_MAY_CHANGE) and k in saved
+               if k not in ("name", "out_dir", "resume", *RESUME_MAY_CHANGE, *regrouped)
+               and k in saved
                and not unset(k, now[k]) and comparable(saved, k) != comparable(now, k)
                and not (k == "precision" and "auto" in (saved[k], now[k]))]
     if changed:
@@ -399,12 +524,24 @@ def check_precision(path: Path, trained: str, now: str, setting: str, device: to
                          "precision needs a new run")
 
 
-def check_writers(path: Path, writers: int, world: int, per_process: int) -> None:
-    """A checkpoint continues on as many processes as wrote it (one RNG state each)."""
+def check_writers(path: Path, writers: int, world: int, per_process: int) -> bool:
+    """A checkpoint continues on as many processes as wrote it (one RNG state each); a sharded
+    one on any number whose global batch (``per_process`` examples a step each) is the one it
+    trained with. Whether each process's RNG state continues (a bit-exact resume)."""
+    if is_sharded(path):
+        saved = json.loads((path / CONFIG_FILE).read_text())
+        then = saved["batch_size"] * saved["grad_accum"] * writers
+        if then != per_process * world:
+            raise ValueError(f"{path} trained with a global batch of {then} examples a step "
+                             f"({writers} process(es)); this run's is {per_process * world} "
+                             f"({world} x batch_size x grad_accum): set batch_size and "
+                             f"grad_accum to give {then} on {world}")
+        return writers == world
     if writers != world:
         raise ValueError(f"{path} was written by {writers} process(es), this run has {world}: its "
                          f"global batch would change from {per_process * writers} to "
                          f"{per_process * world} examples a step; resume it on {writers}")
+    return True
 
 
 def note_other_data(run_name: str, trained: dict | None, now: dict) -> None:

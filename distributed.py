@@ -1,9 +1,11 @@
-"""Where a process sits in a torchrun job, and the few collectives a run uses: one process
-(world 1) runs the same code with each collective a no-op."""
+"""Where a process sits in a torchrun job, the few collectives a run uses (one process, world 1,
+runs the same code with each collective a no-op), and how the model is spread over the processes
+(``wrap``: DDP replicates it, FSDP2 shards it)."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import os
 import sys
@@ -13,6 +15,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as td
+import torch.nn as nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+STRATEGIES = ("ddp", "fsdp")  # --strategy: replicate the model on every process, or shard it
 
 
 @dataclass
@@ -145,3 +152,55 @@ def main_first(dist: Dist) -> Iterator[None]:
         broadcast("failed", dist)
         raise
     broadcast(None, dist)
+
+
+# ---- The strategy: how the model is spread over the processes ----
+
+def wrap(model: nn.Module, strategy: str, dist: Dist, device: torch.device,
+         precision: str) -> nn.Module:
+    """What the step runs: ``model`` itself on one process; under torchrun DDP around it
+    (``strategy`` ddp), or ``model`` sharded in place (fsdp, ``shard``). The optimizer is built
+    after this call: sharding replaces the parameters."""
+    if not dist.enabled:
+        return model
+    if strategy == "fsdp":
+        shard(model, precision)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    # Buffers (rotary tables, a quantized base) are alike on every rank and never trained:
+    # re-broadcasting them before each forward would send the whole QLoRA base each time.
+    return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
+
+
+def shard(model: nn.Module, precision: str) -> None:
+    """FSDP2 on ``model`` (a Transformer): each block one group, gathered for its forward and
+    backward and freed after, then the root (embeddings, final norm, head). Each rank keeps
+    1/world of every parameter, gradient and optimizer moment. Under bf16 the gathered weights are
+    bf16 and gradients are reduced in fp32; else all stays fp32."""
+    if precision == "bf16":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        policy = MixedPrecisionPolicy()
+    for block in model.blocks:
+        fully_shard(block, mp_policy=policy)
+    # The root's floating inputs (the loss's grad_scale) keep their fp32: only the blocks cast.
+    fully_shard(model, mp_policy=dataclasses.replace(policy, cast_forward_inputs=False))
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def accumulating(model: nn.Module) -> contextlib.AbstractContextManager:
+    """Within: a micro-batch's backward that is not the step's last. DDP then skips its
+    all-reduce (gradients add up locally); FSDP reduce-scatters each micro-batch, so that only
+    a shard of the gradients is ever kept."""
+    return model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A sharded value (a DTensor, as clipping computes the norm of sharded gradients) whole on
+    every rank; any other tensor as it is."""
+    return t.full_tensor() if isinstance(t, DTensor) else t

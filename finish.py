@@ -13,7 +13,9 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
+import build
 import checkpoint
+import distributed
 import generation
 import lora
 import pretrained
@@ -35,6 +37,10 @@ def export_run(run: Run) -> tuple[Path | None, str | None]:
     directory and the sample."""
     cfg, model, tok, record = run.cfg, run.trainer.raw_model, run.data.tok, run.record
     run_dir = record.run_dir
+    if distributed.is_sharded(model):
+        model = unsharded_copy(run)
+        if model is None:
+            return None, None
     best = run_dir / rundir.BEST_DIR / checkpoint.weights_file(record.trainable_only)
     exported_step = None
     if best.is_file():
@@ -81,6 +87,17 @@ def export_run(run: Run) -> tuple[Path | None, str | None]:
     print(f"exported to {export} (best validation loss {best_loss:.4f}, perplexity "
           f"{perplexity(best_loss):.2f})")
     return export, sample
+
+
+def unsharded_copy(run: Run) -> nn.Module | None:
+    """The run's sharded model gathered whole into a model of its own on rank 0, built as the
+    run built it (collective; None on the other ranks): export and generation run on it."""
+    tensors = checkpoint.gathered_tensors(run.trainer.raw_model, trainable_only=False)
+    if not run.record.dist.main:
+        return None
+    model = build.build_model(run.cfg, run.data.tok, rundir.adapter_copy(run.record.run_dir))
+    load_model_tensors(model, tensors, "the gathered model", trainable_only=False)
+    return model
 
 
 def sample_completion(model: nn.Module, tok: CodeTokenizer | BPETokenizer, prompt: str,

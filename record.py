@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import checkpoint
+import distributed
 import process
 import rundir
 from checkpoint import RunState, model_tensors, rng_state, write_dir_atomically
@@ -97,6 +98,11 @@ class RunRecord:
     def checkpoint(self, state: RunState, trainer: Trainer, order: dict) -> None:
         """Checkpoint this step (collective: every rank contributes its RNG state)."""
         rng = all_gather(rng_state(trainer.device), self.dist)
+        if trainer.sharded:  # every rank writes its shards
+            self._write_sharded(dataclasses.replace(state, rng=rng, order=order,
+                                                    **trainer.state_dict()), trainer)
+            self.last_saved_step = state.step
+            return
         with main_first(self.dist):  # the others wait for the write, and stop if it fails
             if self.dist.main:
                 weights = model_tensors(trainer.raw_model, self.trainable_only)
@@ -115,11 +121,28 @@ class RunRecord:
                         self.trainable_only)
         checkpoint.drop_old(self.run_dir, self.keep_last)
 
+    def _write_sharded(self, state: RunState, trainer: Trainer) -> None:
+        name = f"{rundir.CHECKPOINT_PREFIX}{state.step}"
+        bad = checkpoint.save_sharded(self.run_dir / rundir.CHECKPOINTS_DIR / name, state,
+                                      self.config, trainer.raw_model, trainer.optimizer,
+                                      self.trainable_only, self.dist)
+        if bad and self.dist.main:  # never a "last good" checkpoint
+            print(f"warning: step {state.step}: {bad} holds inf or NaN: no checkpoint written",
+                  file=sys.stderr)
+        elif self.dist.main:
+            checkpoint.drop_old(self.run_dir, self.keep_last)
+
     def best(self, step: int, metrics: dict, model: torch.nn.Module) -> None:
-        """best/: the weights of the best evaluation so far, with its metrics and config."""
+        """best/: the weights of the best evaluation so far, with its metrics and config (a
+        sharded model's gathered to rank 0)."""
+        gathered = None
+        if distributed.is_sharded(model):
+            gathered = checkpoint.gathered_tensors(model, self.trainable_only)
         with main_first(self.dist):
             if self.dist.main:
-                self._write_best(step, metrics, model_tensors(model, self.trainable_only))
+                tensors = gathered if gathered is not None else model_tensors(
+                    model, self.trainable_only)
+                self._write_best(step, metrics, tensors)
 
     def _write_best(self, step: int, metrics: dict, tensors: dict) -> None:
         if bad := checkpoint.nonfinite_tensor(tensors):  # best/ holds finite weights only

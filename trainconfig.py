@@ -21,6 +21,7 @@ import settings
 from architecture import PRESETS, SHORT_DTYPES, ModelConfig
 from checkpoint import check_run_paths
 from dataconfig import DataConfig
+from distributed import STRATEGIES
 from optim import OPTIMIZERS
 from settings import setting
 
@@ -109,6 +110,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute each block in backward: less memory
     offload_activations: bool = False  # with gradient_checkpointing on a GPU: the blocks' saved
     #   inputs kept in pinned host memory (less GPU memory, a copy each way; on a CPU a no-op)
+    strategy: str = "ddp"  # under torchrun: ddp (every process holds the whole model and
+    #   optimizer) | fsdp (FSDP2: each holds 1/N of the weights, gradients and optimizer state;
+    #   sharded checkpoints)
     # evaluation, logging, checkpoints
     eval_every: int = 175  # steps between evaluations (none before warmup_steps; one at the end)
     eval_examples: int | None = 80  # the validation split's first examples scored at each
@@ -153,6 +157,7 @@ _CHOICES = {
     "quantize_bits": (0, 4, 8),
     "base_dtype": tuple(SHORT_DTYPES),
     "lora_bias": ("none", "lora_only", "all"),
+    "strategy": STRATEGIES,
 }
 
 
@@ -329,6 +334,7 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings
     if lora_only and cfg.lora_r == 0:  # else a full fine-tune would run, ignoring them
         raise ValueError(f"{', '.join(lora_only)}: LoRA settings, but {named('lora_r')} trains "
                          "every weight: set lora_r > 0, or drop them")
+    check_strategy(cfg, named)
     need(0 <= cfg.seed < 2**63, "seed", "must be in [0, 2**63)")
     check_run_name(cfg.name, named("name"))
     if cfg.resume is None:
@@ -347,6 +353,28 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings
         step = max(map(rundir.checkpoint_step, rundir.list_checkpoints(run)), default=0)
         need(step <= cfg.max_steps, "max_steps", f"below the step of the checkpoint it resumes "
              f"from ({step}); a resume can only extend its run: set max_steps to {step} or more")
+
+
+def check_strategy(cfg: TrainConfig, named: Callable[[str], str]) -> None:
+    """--strategy fsdp: under torchrun, and with the settings its sharding can hold."""
+    if cfg.strategy != "fsdp":
+        return
+    fsdp = named("strategy")
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        raise ValueError(f"{fsdp}: shards the model over torchrun's processes: start the run "
+                         "with torchrun --nproc_per_node N (docs/training.md), or use "
+                         "--strategy ddp")
+    refused = {  # key: why fsdp cannot take it, with the way on
+        "quantize_bits": "a quantized base is held in buffers, which fsdp does not shard: use "
+                         "--strategy ddp, or quantize_bits 0",
+        "base_dtype": "fsdp gathers the base in the run's precision (bf16 under --precision "
+                      "bf16): leave base_dtype fp32",
+        "optimizer": "muon orthogonalizes whole matrices, fsdp holds shards of them: use adamw",
+        "compile": "fsdp runs eager: drop compile",
+    }
+    for key, why in refused.items():
+        if getattr(cfg, key) not in (getattr(TrainConfig, key), "adamw"):
+            raise ValueError(f"{named(key)} with {fsdp}: {why}")
 
 
 # DataConfig keys that TrainConfig keys set (DataConfig -> TrainConfig): data_options may not.

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+import distributed
 import process
 from architecture import IGNORE_INDEX, cuda_half_dtype, lacks_native_bf16
 from checkpoint import RunState
-from distributed import Dist, all_reduce_sum
+from distributed import Dist, all_gather, all_reduce_sum
 from optim import build_optimizer
 from process import progress_bar
 from settings import setting
@@ -38,6 +39,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def checked_precision(cfg: TrainConfig, device: torch.device) -> str:
     """``cfg.precision`` resolved for ``device``; bf16 on a GPU without it is refused."""
     precision = resolve_precision(cfg.precision, device)
+    if precision == "fp16" and cfg.strategy == "fsdp":  # auto's choice on a GPU before Ampere
+        raise ValueError(f"{setting(cfg, 'precision')} computes in fp16 here, whose loss scaler "
+                         f"{setting(cfg, 'strategy')} does not shard: set precision fp32")
     if precision == "bf16" and lacks_native_bf16(device):
         major, minor = torch.cuda.get_device_capability(device)
         raise ValueError(f"{setting(cfg, 'precision')}: this GPU (compute capability "
@@ -98,6 +102,11 @@ class Trainer:
         self.raw_model = model.to(device)
         # each id's UTF-8 bytes: the loss per byte
         self.token_bytes = None if token_bytes is None else token_bytes.to(device)
+        self.eval_model = torch.compile(self.raw_model) if cfg.compile else self.raw_model
+        # The strategy's one decision (replicated or sharded), before the optimizer: sharding
+        # replaces the parameters.
+        self.model = distributed.wrap(self.eval_model, cfg.strategy, self.dist, device,
+                                      self.precision)
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
         assert self.params, "the model has no trainable parameters"
         self.optimizer = build_optimizer(self.raw_model, self.params, cfg)
@@ -111,8 +120,6 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(
             device.type, enabled=self.precision == "fp16" or cfg.base_dtype == "fp16")
         self.skipped_in_a_row = 0  # fp16 overflow on every step is a diverged run
-        self.model = self.eval_model = (torch.compile(self.raw_model) if cfg.compile
-                                        else self.raw_model)
         # One process alone may drop a step mid-way: a stop is checked before each block's
         # attention and MLP, and once their backward is done.
         self.stop_pending: Callable[[], bool] | None = None  # set during a droppable step
@@ -121,14 +128,7 @@ class Trainer:
             for block in getattr(self.raw_model, "blocks", ()):
                 block.attn.register_forward_pre_hook(self._check_stop)
                 block.mlp.register_forward_pre_hook(self._check_stop)
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [device.index] if device.type == "cuda" else None
-            # Buffers (rotary tables, a quantized base) are alike on every rank and never trained:
-            # re-broadcasting them before each forward would send the whole QLoRA base each time.
-            self.model = DistributedDataParallel(self.model, device_ids=ids,
-                                                 forward_sync_buffers=False)
+        self.sharded = distributed.is_sharded(self.raw_model)
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -163,7 +163,7 @@ class Trainer:
     def train_step(self, micro_batches: Sequence[dict], inject_nan: bool = False,
                    stop_pending: Callable[[], bool] | None = None) -> StepStats:
         """One optimizer step over ``micro_batches`` (this rank's share of the global batch). Each
-        summed loss is divided by the whole global step's token count, so accumulation (and DDP's
+        summed loss is divided by the whole global step's token count, so accumulation (and DDP's or FSDP's
         average, undone by the world-size factor) gives exactly one big batch's gradient. A stop
         that ``stop_pending`` reports mid-step raises StepAbandoned (one process alone)."""
         self.model.train()
@@ -177,9 +177,8 @@ class Trainer:
             for i, batch in enumerate(micro_batches):
                 batch = self._to_device(batch)
                 last = i == len(micro_batches) - 1
-                # Gradients are averaged across processes once, on the step's last micro-batch.
-                sync = (contextlib.nullcontext() if last or not self.dist.enabled
-                        else self.model.no_sync())
+                # DDP averages gradients across processes once, on the step's last micro-batch.
+                sync = contextlib.nullcontext() if last else distributed.accumulating(self.model)
                 with sync:
                     with autocast(self.device, self.precision):
                         # Right-padded batches need no mask: causal attention never sees padding;
@@ -194,7 +193,7 @@ class Trainer:
                 loss_sum += loss.detach().float()
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         loss_sum = all_reduce_sum(loss_sum, self.dist)
         loss, norm, positions = torch.stack(
             [loss_sum / n_tokens.clamp(min=1.0), grad_norm.float(), n_positions]).tolist()
@@ -225,7 +224,9 @@ class Trainer:
         model.eval()
         totals = torch.zeros(4, dtype=torch.float64, device=self.device)
         precision = "fp32" if self.cfg.eval_precision == "fp32" else self.precision
+        forwards = 0
         for batch in batches:
+            forwards += 1
             batch = self._to_device(batch)
             labels = batch["labels"]
             with autocast(self.device, precision):
@@ -236,6 +237,10 @@ class Trainer:
             totals[2] += correct
             if self.token_bytes is not None:
                 totals[3] += self.token_bytes[labels[labels != IGNORE_INDEX]].sum()
+        if self.sharded:  # each forward gathers every block's shards: all ranks take part
+            idle = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+            for _ in range(max(all_gather(forwards, self.dist)) - forwards):
+                model(idle)
         model.train(was_training)
         loss_sum, n, correct, n_bytes = all_reduce_sum(totals, self.dist).tolist()
         assert n > 0, "check_next_token_labels found labelled validation tokens"
@@ -247,11 +252,15 @@ class Trainer:
         return metrics
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        """What a checkpoint's state.pt keeps of the trainer; a sharded optimizer's moments are
+        saved with the model's shards (checkpoint.save_sharded)."""
+        optimizer = {} if self.sharded else self.optimizer.state_dict()
+        return {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: RunState) -> None:
-        self.optimizer.load_state_dict(state.optimizer)
+        if state.optimizer:  # else a sharded checkpoint's, loaded with the model
+            self.optimizer.load_state_dict(state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
         # The saved lr is the saved schedule's; a resume may change its length (max_steps, epochs).
         step = self.scheduler.last_epoch

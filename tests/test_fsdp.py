@@ -1,0 +1,240 @@
+"""--strategy fsdp (FSDP2 under torchrun, gloo on the CPU): the same losses as one process at the
+same global batch, a sharded checkpoint that resumes bit-exactly after kill -9 and loads into one
+process, LoRA on a sharded base exported as an adapter PEFT reads, two "nodes" through c10d."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import test_trainingmanager
+import torch
+from safetensors.torch import load_file
+from test_trainingmanager import (
+    ENV,
+    KILLER,
+    ROOT,
+    assert_bit_equal,
+    final_weights,
+    tiny_cfg,
+    tiny_llama,
+    write_config,
+)
+
+import checkpoint
+import rundir
+import trainingmanager as tm
+
+assets = test_trainingmanager.assets  # the fixtures: a small corpus and its tokenizer,
+one_thread = test_trainingmanager.one_thread  # one thread for bit-exact comparisons
+CPU_ENV = {**ENV, "CUDA_VISIBLE_DEVICES": ""}  # gloo ranks on the CPU
+# adam_eps 1e-6: with 1e-8, Adam turns gradients of ~1e-8 into lr-sized updates, so the rounding
+# of two correct reduction orders would show in the weights.
+COMMON = dict(grad_accum=2, adam_eps=1e-6, device="cpu")
+
+
+def _torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    """``torchrun`` of ``nproc`` CPU processes on this machine, its output captured."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={nproc}", *args], cwd=ROOT, env=CPU_ENV,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _train_on_two_ranks(cfg: tm.TrainConfig, tmp_path: Path) -> Path:
+    """Run ``cfg`` (per-rank batch) on two FSDP ranks; its run directory."""
+    proc = _torchrun("trainingmanager.py", "--config",
+                     str(write_config(cfg, tmp_path / f"{cfg.name}.json")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "x 2 processes (fsdp)" in proc.stdout
+    return Path(cfg.out_dir) / cfg.name
+
+
+def _losses(run_dir: Path) -> list[float]:
+    lines = (run_dir / rundir.METRICS_FILE).read_text().splitlines()
+    return [m["loss"] for m in map(json.loads, lines) if m["kind"] == "train"]
+
+
+def _sharded(path: Path) -> dict:
+    """A sharded checkpoint's model and optimizer tensors, whole (DCP's own reader)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    whole = path.parent / f"{path.name}.pt"
+    dcp_to_torch_save(path / checkpoint.SHARDED_DIR, whole)
+    return torch.load(whole, weights_only=False)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}/"))
+        elif isinstance(value, torch.Tensor):
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def test_fsdp_two_ranks_train_like_one_process_and_the_sharded_checkpoint_goes_on_in_one(
+        assets, tmp_path):
+    """Two FSDP ranks of batch 2 against one process of batch 4: the same losses step by step,
+    and the sharded checkpoint of step 6 (each rank wrote its shards) continued by one process,
+    regrouped to batch 4, ends on the weights the one-process run reaches."""
+    common = dict(max_steps=6, eval_every=6, save_every=6, **COMMON)
+    single = tm.train(tiny_cfg(assets, tmp_path, name="single", batch_size=4, **common))
+    cfg = tiny_cfg(assets, tmp_path, name="fsdp", batch_size=2, strategy="fsdp", **common)
+    run = _train_on_two_ranks(cfg, tmp_path)
+    step_6 = run / rundir.CHECKPOINTS_DIR / "step-6"
+    assert sorted(p.name for p in (step_6 / checkpoint.SHARDED_DIR).iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert not (step_6 / rundir.MODEL_FILE).exists()
+    assert _losses(run) == pytest.approx(_losses(single.run_dir), rel=1e-5)
+    # best/ holds the whole model, gathered to rank 0
+    best, reference = load_file(run / rundir.BEST_DIR / rundir.MODEL_FILE), final_weights(
+        single.run_dir, 6)
+    assert best.keys() == reference.keys()
+    for k in best:
+        assert torch.allclose(best[k], reference[k], atol=1e-6, rtol=0), k
+
+    with pytest.raises(ValueError, match=r"global batch of 8 .* this run's is 4"):
+        tm.train(dataclasses.replace(cfg, resume=str(run), strategy="ddp", max_steps=9))
+    tm.train(tiny_cfg(assets, tmp_path, name="single", batch_size=4,
+                      **{**common, "max_steps": 9}, resume=str(single.run_dir)))
+    tm.train(dataclasses.replace(cfg, resume=str(run), strategy="ddp", batch_size=4,
+                                 max_steps=9))
+    a, b = final_weights(single.run_dir, 9), final_weights(run, 9)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), k
+
+
+@pytest.mark.slow
+def test_fsdp_losses_equal_one_process_for_50_steps(assets, tmp_path):
+    """50 steps: two FSDP ranks of batch 2 and one process of batch 4 log the same losses to
+    within fp32's reduction-order rounding."""
+    common = dict(max_steps=50, eval_every=25, save_every=25, **COMMON)
+    single = tm.train(tiny_cfg(assets, tmp_path, name="single", batch_size=4, **common))
+    run = _train_on_two_ranks(tiny_cfg(assets, tmp_path, name="fsdp", batch_size=2,
+                                       strategy="fsdp", **common), tmp_path)
+    ours, reference = _losses(run), _losses(single.run_dir)
+    assert len(ours) == 50 and reference[-1] < reference[0] - 1.0
+    assert ours == pytest.approx(reference, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_fsdp_resume_after_kill_9_is_bit_exact(assets, tmp_path):
+    """Both ranks killed at the start of step 7: the resume from the sharded step-4 checkpoint
+    (dropout on: each rank's RNG comes back) ends with the model and optimizer shards of the
+    run never killed, bit for bit."""
+    common = dict(max_steps=10, dropout=0.1, batch_size=2, strategy="fsdp", **COMMON)
+    straight = _train_on_two_ranks(tiny_cfg(assets, tmp_path, name="straight", **common),
+                                   tmp_path)
+    cfg = tiny_cfg(assets, tmp_path, name="killed", **common)
+    killer = tmp_path / "killer.py"
+    killer.write_text(KILLER)
+    proc = _torchrun(str(killer), "step", "7", "--config",
+                     str(write_config(cfg, tmp_path / "killed.json")))
+    assert proc.returncode != 0 and "Signal 9" in proc.stderr, proc.stderr[-3000:]
+    run = Path(cfg.out_dir) / "killed"
+    assert [p.name for p in tm.list_checkpoints(run)] == ["step-4"]
+    proc = _torchrun("trainingmanager.py", "--resume", str(run))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed" in proc.stdout and "not bit-exact" not in proc.stdout
+    a = _flat(_sharded(straight / rundir.CHECKPOINTS_DIR / "step-10"))
+    b = _flat(_sharded(run / rundir.CHECKPOINTS_DIR / "step-10"))
+    assert any(k.startswith("optimizer/state/") for k in a)
+    assert_bit_equal(a, b)
+
+
+@pytest.mark.slow
+def test_lora_on_a_sharded_base_trains_as_one_process_and_exports_what_peft_loads(
+        assets, tmp_path):
+    """LoRA on a frozen base that FSDP shards: the adapter trains as one process's does, its
+    checkpoints hold only the adapter (and its optimizer state), and the exported adapter gives
+    in PEFT the logits codelm gives."""
+    import transformers
+    from peft import PeftModel
+
+    import lora
+    import pretrained
+
+    base = tiny_llama(tmp_path)
+    common = dict(init_from=str(base), lora_r=4, lora_alpha=8.0,
+                  lora_targets=["q_proj", "v_proj"], max_steps=6, eval_every=6, save_every=6,
+                  export=True, **COMMON)
+    single = tm.train(tiny_cfg(assets, tmp_path, name="single", batch_size=4, **common))
+    run = _train_on_two_ranks(tiny_cfg(assets, tmp_path, name="fsdp", batch_size=2,
+                                       strategy="fsdp", **common), tmp_path)
+    shards = _flat(_sharded(run / rundir.CHECKPOINTS_DIR / "step-6"))
+    assert shards and all("lora_" in k for k in shards)
+    assert _losses(run) == pytest.approx(_losses(single.run_dir), rel=1e-5)
+    ours = load_file(run / rundir.EXPORT_DIR / "adapter_model.safetensors")
+    reference = load_file(single.run_dir / rundir.EXPORT_DIR / "adapter_model.safetensors")
+    assert ours.keys() == reference.keys()
+    for k in ours:
+        assert torch.allclose(ours[k], reference[k], atol=1e-6, rtol=0), k
+    assert any("lora_B" in k and ours[k].abs().max() > 0 for k in ours)
+
+    model = pretrained.load(base, device="cpu")
+    lora.load_adapter(model, run / rundir.EXPORT_DIR)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(hf), run / rundir.EXPORT_DIR).eval()
+    ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        codelm_logits = model.eval()(ids)
+        torch.testing.assert_close(codelm_logits, peft_model(ids).logits, atol=1e-4, rtol=0)
+        assert (codelm_logits - hf(ids).logits).abs().max() > 1e-4  # the adapter counts
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_nodes_through_c10d_rendezvous_trains_like_one_process(assets, tmp_path):
+    """Two launchers, one process each, meeting at 127.0.0.1 through torchrun's c10d rendezvous
+    (as two machines would): the losses of one process at the same global batch."""
+    common = dict(max_steps=6, eval_every=6, save_every=6, **COMMON)
+    single = tm.train(tiny_cfg(assets, tmp_path, name="single", batch_size=4, **common))
+    cfg = tiny_cfg(assets, tmp_path, name="nodes", batch_size=2, strategy="fsdp", **common)
+    config = write_config(cfg, tmp_path / "nodes.json")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+              "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-id", "codelm-test",
+              "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--local-addr", "127.0.0.1",
+              "trainingmanager.py", "--config", str(config)]
+    nodes = [subprocess.Popen(launch, cwd=ROOT, env=CPU_ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        outputs = [node.communicate(timeout=600) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], [err[-3000:] for _, err in outputs]
+    assert sum("x 2 processes (fsdp)" in out for out, _ in outputs) == 1  # rank 0's node
+    run = Path(cfg.out_dir) / "nodes"
+    assert _losses(run) == pytest.approx(_losses(single.run_dir), rel=1e-5)
+
+
+def test_fsdp_is_refused_outside_torchrun_and_with_what_it_cannot_shard(monkeypatch, tmp_path):
+    """One line naming the key and the way on: fsdp needs torchrun; under it a quantized base,
+    a 16-bit base, muon and compile are refused."""
+    cfg = tm.TrainConfig(strategy="fsdp", max_steps=4, preset="tiny")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match=r"strategy.*torchrun --nproc_per_node"):
+        tm.validate_config(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    tm.validate_config(cfg)
+    base = dict(init_from=str(tiny_llama(tmp_path)), lora_r=4)
+    for changed, words in [({**base, "quantize_bits": 4}, r"quantize_bits.*buffers"),
+                           ({**base, "base_dtype": "bf16"}, r"base_dtype.*fp32"),
+                           ({"optimizer": "muon"}, r"optimizer.*adamw"),
+                           ({"compile": True}, r"compile.*eager")]:
+        with pytest.raises(ValueError, match=words):
+            tm.validate_config(dataclasses.replace(cfg, **changed))
+    with pytest.raises(SystemExit):
+        tm.build_parser().parse_args(["--strategy", "zero3"])
