@@ -12,6 +12,7 @@ come from llama.cpp's quantizer run on an f16 export (docs/recipes.md).
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import pretrained
 import process
 import settings
 from architecture import Transformer, rope_inv_freq
+from tokenizer import SPIECE_SPACE, BPETokenizer
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -47,6 +49,7 @@ GGUF_FAMILIES = {
     "gemma": GgufFamily("gemma"),
     "gemma2": GgufFamily("gemma2"),
 }
+BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")  # SentencePiece's byte fallback: <0x0A>
 # The pre-tokenizer (llama.cpp's tokenizer.ggml.pre) of each Split regex codelm reads.
 PRE_TOKENIZERS = {"GPT2_PATTERN": "gpt-2", "STARCODER_PATTERN": "starcoder",
                   "LLAMA3_PATTERN": "llama-bpe", "QWEN2_PATTERN": "qwen2"}
@@ -67,15 +70,26 @@ def check_exportable(model: Transformer, tok) -> None:
     if cfg.attn_scale is not None and abs(cfg.attn_scale - cfg.head_dim ** -0.5) > 1e-9:
         raise ValueError(f"attention scale {cfg.attn_scale:g} (not 1/sqrt(head_dim)): llama.cpp "
                          "derives the scale from head_dim")
-    if getattr(tok, "pattern", None) is None:
+    _tokenizer_kind(tok)
+
+
+def _tokenizer_kind(tok) -> str:
+    """llama.cpp's tokenizer model for ``tok``: "gpt2" (byte-level BPE, its merges and a
+    pre-tokenizer llama.cpp knows by name) or "llama" (SentencePiece-style BPE: spaces as ▁,
+    <0xNN> byte fallback); anything else is refused, naming why."""
+    if not isinstance(tok, BPETokenizer):
         raise ValueError(
-            f"tokenizer {type(tok).__name__}: GGUF export writes byte-level BPE tokenizers "
-            "(tokenizer.json with ByteLevel); a from-scratch model's CodeTokenizer matches "
-            "pieces greedily, which llama.cpp's tokenizers cannot express: train with "
-            "--tokenizer TOKENIZER.json (an HF byte-level BPE) to run the model in llama.cpp")
+            f"tokenizer {type(tok).__name__}: GGUF export writes HF BPE tokenizers "
+            "(tokenizer.json, byte-level or SentencePiece-style); a from-scratch model's "
+            "CodeTokenizer matches pieces greedily, which llama.cpp's tokenizers cannot express: "
+            "train with --tokenizer TOKENIZER.json (an HF BPE) to run the model in llama.cpp")
+    if tok.pattern is None:
+        _space_prefix(tok.spec)
+        return "llama"
     if _pre_tokenizer(tok) is None:
         raise ValueError("tokenizer: its pre-tokenizer regex is none of llama.cpp's (gpt-2, "
                          "starcoder, llama-bpe, qwen2)")
+    return "gpt2"
 
 
 def _pre_tokenizer(tok) -> str | None:
@@ -83,6 +97,54 @@ def _pre_tokenizer(tok) -> str | None:
 
     return next((pre for name, pre in PRE_TOKENIZERS.items()
                  if getattr(tokenizer, name) == tok.pattern), None)
+
+
+def _normalizer_steps(spec: dict | None) -> list[dict]:
+    if spec is None:
+        return []
+    if spec.get("type") == "Sequence":
+        return [step for inner in spec["normalizers"] for step in _normalizer_steps(inner)]
+    return [spec]
+
+
+def _space_prefix(spec: dict) -> bool:
+    """Whether a ▁ goes before the text (llama.cpp's add_space_prefix), for a SentencePiece-style
+    tokenizer.json that llama.cpp's SPM tokenizer reads alike. That tokenizer turns each space
+    into ▁ and nothing else, merges over the whole text, and writes a character outside the
+    vocabulary as its UTF-8 bytes' <0xNN> tokens; so the normalizer may only prepend ▁ and
+    replace spaces with it, a Metaspace that splits at every ▁ needs a vocabulary with ▁ only
+    at a token's start, and all 256 byte tokens must be there."""
+    model = spec["model"]
+    if not model.get("byte_fallback"):
+        raise ValueError("tokenizer: SentencePiece-style BPE without byte_fallback: llama.cpp "
+                         "writes characters outside the vocabulary as <0xNN> byte tokens")
+    missing = [b for b in range(256) if f"<0x{b:02X}>" not in model["vocab"]]
+    if missing:
+        raise ValueError(f"tokenizer: {len(missing)} of the 256 byte tokens <0xNN> missing "
+                         f"(<0x{missing[0]:02X}> first): llama.cpp's byte fallback needs them all")
+    prefix = False
+    spaces = False
+    for step in _normalizer_steps(spec.get("normalizer")):
+        if step["type"] == "Prepend" and step["prepend"] == SPIECE_SPACE:
+            prefix = True
+        elif step["type"] == "Replace" and (step["pattern"]["String"], step["content"]) == (
+                " ", SPIECE_SPACE):
+            spaces = True
+        else:
+            raise ValueError(f"tokenizer: normalizer step {step['type']}: llama.cpp's "
+                             "SentencePiece tokenizer only turns spaces into \u2581")
+    pre = spec.get("pre_tokenizer") or {}
+    if pre.get("type") == "Metaspace":
+        spaces = True
+        legacy = "always" if pre.get("add_prefix_space", True) else "never"
+        prefix = prefix or pre.get("prepend_scheme", legacy) != "never"
+        if pre.get("split", True) and any(SPIECE_SPACE in t[1:] for t in model["vocab"]):
+            raise ValueError("tokenizer: Metaspace split=true with tokens holding \u2581 after "
+                             "their start: llama.cpp merges across spaces")
+    if not spaces:
+        raise ValueError("tokenizer: SentencePiece-style BPE that keeps spaces: llama.cpp's "
+                         "SentencePiece tokenizer reads them as \u2581")
+    return prefix
 
 
 def _metadata(writer, cfg, family: GgufFamily) -> None:
@@ -119,26 +181,61 @@ def _metadata(writer, cfg, family: GgufFamily) -> None:
         writer.add_final_logit_softcapping(cfg.logit_softcap)
 
 
-def _vocabulary(writer, tok, vocab_size: int) -> None:
-    """The byte-level BPE tokenizer in llama.cpp's terms: tokens in id order (ids the tokenizer
-    lacks as unused padding entries), their types, merges, and the special and FIM ids."""
-    spec = tok.spec
+def _token_table(tok, vocab_size: int, byte_tokens: bool
+                 ) -> tuple[list[str], list[gguf.TokenType]]:
+    """Tokens in id order (ids the tokenizer lacks as unused padding entries) and their types;
+    ``byte_tokens``: <0xNN> tokens are byte fallback's."""
+    model = tok.spec["model"]
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [gguf.TokenType.UNUSED] * vocab_size
-    for token, i in spec["model"]["vocab"].items():
-        tokens[i], types[i] = token, gguf.TokenType.NORMAL
-    for added in spec.get("added_tokens") or []:
+    for token, i in model["vocab"].items():
+        tokens[i] = token
+        is_byte = byte_tokens and BYTE_TOKEN.fullmatch(token)
+        types[i] = gguf.TokenType.BYTE if is_byte else gguf.TokenType.NORMAL
+    for added in tok.spec.get("added_tokens") or []:
         i = tok.token_to_id(added["content"])
         tokens[i] = added["content"]
         types[i] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer(tok))
+    if model.get("unk_token") is not None:
+        types[tok.token_to_id(model["unk_token"])] = gguf.TokenType.UNKNOWN
+    return tokens, types
+
+
+def _merge_scores(spec: dict, vocab_size: int) -> list[float]:
+    """Scores for llama.cpp's SPM tokenizer, which merges first the adjacent pair whose joined
+    text is the highest-scoring token: minus the rank of the first merge making a token, so that
+    pairs merge in the tokenizer.json's order, and below every merge for tokens none makes."""
+    vocab = spec["model"]["vocab"]
+    merges = spec["model"].get("merges", [])
+    scores = [-float(len(merges))] * vocab_size
+    for rank in reversed(range(len(merges))):
+        merge = merges[rank]
+        left, right = merge.split(" ") if isinstance(merge, str) else merge
+        scores[vocab[left + right]] = -float(rank)
+    return scores
+
+
+def _vocabulary(writer, tok, vocab_size: int) -> None:
+    """The tokenizer in llama.cpp's terms: tokens, types, then merges and the pre-tokenizer
+    (byte-level BPE) or scores and the space prefix (SentencePiece-style), and the special and
+    FIM ids."""
+    kind = _tokenizer_kind(tok)
+    tokens, types = _token_table(tok, vocab_size, byte_tokens=kind == "llama")
+    writer.add_tokenizer_model(kind)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges(merges)
+    if kind == "gpt2":
+        merges = tok.spec["model"].get("merges", [])
+        writer.add_tokenizer_pre(_pre_tokenizer(tok))
+        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    else:
+        writer.add_tokenizer_pre("default")
+        writer.add_token_scores(_merge_scores(tok.spec, vocab_size))
+        writer.add_add_space_prefix(_space_prefix(tok.spec))
+    unk = tok.spec["model"].get("unk_token")
     for key, value in ((gguf.Keys.Tokenizer.BOS_ID, tok.bos_id),
                        (gguf.Keys.Tokenizer.EOS_ID, tok.eos_id),
+                       (gguf.Keys.Tokenizer.UNK_ID, None if unk is None else tok.token_to_id(unk)),
                        (gguf.Keys.Tokenizer.PAD_ID, tok.pad_id),
                        (gguf.Keys.Tokenizer.FIM_PRE_ID, tok.fim_prefix_id),
                        (gguf.Keys.Tokenizer.FIM_SUF_ID, tok.fim_suffix_id),

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -25,32 +27,48 @@ from tokenizer import CodeTokenizer, load_tokenizer
 
 gguf = pytest.importorskip("gguf")
 
-# family -> (tokenizer style, llama.cpp architecture, its pre-tokenizer)
-CASES = {
-    "llama": ("llama3", "llama", "llama-bpe"),
-    "qwen2": ("qwen2", "qwen2", "qwen2"),
-    "qwen3": ("qwen2", "qwen3", "qwen2"),
-    "starcoder2": ("starcoder", "starcoder2", "starcoder"),
-    "gpt_bigcode": ("starcoder", "starcoder", "starcoder"),
-    "phi": ("gpt2", "phi2", "gpt-2"),
-    "phi3": ("gpt2", "phi3", "gpt-2"),
+class Case(NamedTuple):
+    family: str
+    style: str  # the tokenizer's, as tiny_hf trains it
+    arch: str  # llama.cpp's architecture
+    pre: str  # llama.cpp's pre-tokenizer (tokenizer.ggml.pre)
+
+
+BYTE_LEVEL = {
+    "llama": Case("llama", "llama3", "llama", "llama-bpe"),
+    "qwen2": Case("qwen2", "qwen2", "qwen2", "qwen2"),
+    "qwen3": Case("qwen3", "qwen2", "qwen3", "qwen2"),
+    "starcoder2": Case("starcoder2", "starcoder", "starcoder2", "starcoder"),
+    "gpt_bigcode": Case("gpt_bigcode", "starcoder", "starcoder", "starcoder"),
+    "phi": Case("phi", "gpt2", "phi2", "gpt-2"),
+    "phi3": Case("phi3", "gpt2", "phi3", "gpt-2"),
 }
+# SentencePiece-style BPE with byte fallback: Mistral's and Llama-2's (Prepend and Replace to
+# U+2581), Gemma's (Replace alone), Phi-3-mini's in its Metaspace form.
+SENTENCEPIECE = {
+    "mistral": Case("mistral", "spm", "llama", "default"),
+    "gemma2": Case("gemma2", "gemma", "gemma2", "default"),
+    "phi3-spm": Case("phi3", "metaspace", "phi3", "default"),
+}
+CASES = {**BYTE_LEVEL, **SENTENCEPIECE}
 
 
 def _texts() -> list[str]:
     return [p.read_text("utf-8", "replace") for p in dataset.stdlib_files()[::40]]
 
 
-def make_checkpoint(family: str, path: Path, texts: list[str]) -> Path:
-    """A tiny random checkpoint of ``family`` with a trained tokenizer of its real kind."""
-    style = CASES[family][0]
+def make_checkpoint(case: Case, path: Path, texts: list[str]) -> Path:
+    """A tiny random checkpoint of ``case``'s family with a trained tokenizer of its kind."""
     path.mkdir(parents=True)
-    train = train_family_tokenizer if style == "qwen2" else train_hf_tokenizer
-    hf_tok = train(style, texts, path / "tokenizer.json")
+    byte_level = case.style in ("llama3", "starcoder", "gpt2")
+    train = train_hf_tokenizer if byte_level else train_family_tokenizer
+    hf_tok = train(case.style, texts, path / "tokenizer.json")
     tok = load_tokenizer(path / "tokenizer.json")
-    save_tiny_hf(family, path, vocab_size=hf_tok.get_vocab_size(), bos_token_id=tok.bos_id,
-                 eos_token_id=tok.eos_id, **({"sliding_window": None} if family in (
-                     "starcoder2", "phi3") else {}))
+    overrides = {"starcoder2": {"sliding_window": None}, "phi3": {"sliding_window": None},
+                 # llama.cpp's Gemma 2 below 27B scales queries by 1/sqrt(head_dim)
+                 "gemma2": {"query_pre_attn_scalar": 32}}.get(case.family, {})
+    save_tiny_hf(case.family, path, vocab_size=hf_tok.get_vocab_size(), bos_token_id=tok.bos_id,
+                 eos_token_id=tok.eos_id, **overrides)
     return path
 
 
@@ -58,7 +76,7 @@ def make_checkpoint(family: str, path: Path, texts: list[str]) -> Path:
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     texts = _texts()
     root = tmp_path_factory.mktemp("gguf")
-    return {family: make_checkpoint(family, root / family, texts) for family in CASES}
+    return {name: make_checkpoint(case, root / name, texts) for name, case in CASES.items()}
 
 
 def _field(reader, key: str):
@@ -71,13 +89,12 @@ def _export(checkpoint: Path, tmp_path: Path, outtype: str = "f32") -> Path:
     return gguf_export.export(str(checkpoint), tmp_path / "model.gguf", outtype)
 
 
-@pytest.mark.parametrize("family", list(CASES))
-def test_the_reader_finds_each_familys_hyperparameters_and_tokenizer(family, checkpoints,
-                                                                      tmp_path):
-    _, arch, pre = CASES[family]
-    model = pretrained.load(checkpoints[family])
+@pytest.mark.parametrize("name", list(CASES))
+def test_the_reader_finds_each_familys_hyperparameters_and_tokenizer(name, checkpoints, tmp_path):
+    arch = CASES[name].arch
+    model = pretrained.load(checkpoints[name])
     cfg = model.cfg
-    reader = gguf.GGUFReader(_export(checkpoints[family], tmp_path))
+    reader = gguf.GGUFReader(_export(checkpoints[name], tmp_path))
     assert _field(reader, "general.architecture") == arch
     expected = {
         f"{arch}.context_length": cfg.block_size, f"{arch}.embedding_length": cfg.n_embd,
@@ -88,21 +105,61 @@ def test_the_reader_finds_each_familys_hyperparameters_and_tokenizer(family, che
     if cfg.positions == "rope":
         expected[f"{arch}.rope.dimension_count"] = cfg.rotary_dim
         assert _field(reader, f"{arch}.rope.freq_base") == pytest.approx(cfg.rope_theta)
+    if cfg.sliding_window is not None:
+        expected[f"{arch}.attention.sliding_window"] = cfg.sliding_window
+    if cfg.attn_softcap is not None:
+        assert _field(reader, f"{arch}.attn_logit_softcapping") == pytest.approx(cfg.attn_softcap)
     eps = f"{arch}.attention.layer_norm{'_rms' if cfg.norm == 'rmsnorm' else ''}_epsilon"
     assert _field(reader, eps) == pytest.approx(cfg.norm_eps)
     for key, value in expected.items():
         assert _field(reader, key) == value, key
-    assert _field(reader, "tokenizer.ggml.model") == "gpt2"
-    assert _field(reader, "tokenizer.ggml.pre") == pre
-    tok = load_tokenizer(checkpoints[family])
+    assert _field(reader, "tokenizer.ggml.model") == ("gpt2" if name in BYTE_LEVEL else "llama")
+    assert _field(reader, "tokenizer.ggml.pre") == CASES[name].pre
+    tok = load_tokenizer(checkpoints[name])
     tokens = _field(reader, "tokenizer.ggml.tokens")
     assert len(tokens) == cfg.vocab_size
     assert all(tokens[i] == t for t, i in json.loads(
-        (checkpoints[family] / "tokenizer.json").read_text())["model"]["vocab"].items())
+        (checkpoints[name] / "tokenizer.json").read_text())["model"]["vocab"].items())
     assert _field(reader, "tokenizer.ggml.eos_token_id") == tok.eos_id
     if tok.fim_prefix_id is not None:
         assert _field(reader, "tokenizer.ggml.fim_pre_token_id") == tok.fim_prefix_id
         assert _field(reader, "tokenizer.ggml.fim_mid_token_id") == tok.fim_middle_id
+
+
+@pytest.mark.parametrize("name", list(SENTENCEPIECE))
+def test_a_sentencepiece_vocabulary_has_byte_tokens_scores_in_merge_order_and_its_prefix(
+        name, checkpoints, tmp_path):
+    """Against HF tokenizers: each id's token, <0xNN> as byte tokens, <unk> and the specials
+    typed so, scores falling along the merges (llama.cpp's SPM merges the best-scoring pair
+    first), the ▁ before a text exactly where HF puts one, BOS first."""
+    from tokenizers import Tokenizer
+
+    hf = Tokenizer.from_file(str(checkpoints[name] / "tokenizer.json"))
+    reader = gguf.GGUFReader(_export(checkpoints[name], tmp_path))
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    types = _field(reader, "tokenizer.ggml.token_type")
+    scores = _field(reader, "tokenizer.ggml.scores")
+    kinds = gguf.TokenType
+    for i in range(hf.get_vocab_size()):
+        token = hf.id_to_token(i)
+        assert tokens[i] == token
+        want = (kinds.BYTE if re.fullmatch(r"<0x[0-9A-F]{2}>", token) else kinds.UNKNOWN
+                if token == "<unk>" else kinds.CONTROL if token in ("<s>", "</s>")
+                else kinds.NORMAL)
+        assert types[i] == want, (i, token)
+    assert sum(t == kinds.BYTE for t in types) == 256
+    spec = json.loads((checkpoints[name] / "tokenizer.json").read_text())
+    made = list(dict.fromkeys("".join(m.split(" ") if isinstance(m, str) else m)
+                              for m in spec["model"]["merges"]))
+    made_scores = [scores[hf.token_to_id(t)] for t in made]
+    assert all(a > b for a, b in zip(made_scores, made_scores[1:]))
+    unmade = set(range(hf.get_vocab_size())) - {hf.token_to_id(t) for t in made}
+    assert max(scores[i] for i in unmade) < made_scores[-1]
+    prefixed = hf.encode("x", add_special_tokens=False).tokens[0].startswith("\u2581")
+    assert _field(reader, "tokenizer.ggml.add_space_prefix") == prefixed
+    assert _field(reader, "tokenizer.ggml.bos_token_id") == hf.token_to_id("<s>")
+    assert _field(reader, "tokenizer.ggml.unknown_token_id") == hf.token_to_id("<unk>")
+    assert _field(reader, "tokenizer.ggml.add_bos_token") is True
 
 
 def test_llama_tensors_hold_the_weights_with_q_and_k_rows_interleaved(checkpoints, tmp_path):
@@ -163,17 +220,32 @@ def test_the_cli_writes_the_file_and_says_how_to_run_it(checkpoints, tmp_path, c
     assert "ollama create" in capsys.readouterr().out
 
 
+def _with_tokenizer(checkpoint: Path, path: Path, change) -> Path:
+    """A copy of ``checkpoint`` whose tokenizer.json ``change`` edits in place."""
+    shutil.copytree(checkpoint, path)
+    spec = json.loads((path / "tokenizer.json").read_text())
+    change(spec)
+    (path / "tokenizer.json").write_text(json.dumps(spec))
+    return path
+
+
 def test_bad_input_is_one_line_naming_what_and_why(checkpoints, tmp_path, capsys):
     codegen = tmp_path / "codegen"
     tokenizer = checkpoints["phi"] / "tokenizer.json"
     save_tiny_hf("codegen", codegen, vocab_size=load_tokenizer(tokenizer).vocab_size)
     (codegen / "tokenizer.json").write_bytes(tokenizer.read_bytes())
+    nfkc = _with_tokenizer(checkpoints["mistral"], tmp_path / "nfkc", lambda spec: spec.update(
+        normalizer={"type": "Sequence", "normalizers": [{"type": "NFKC"}, spec["normalizer"]]}))
+    no_bytes = _with_tokenizer(checkpoints["mistral"], tmp_path / "no_bytes",
+                               lambda spec: spec["model"].update(byte_fallback=False))
     capsys.readouterr()
     cases = [
         ([str(codegen), str(tmp_path / "a.gguf")], r"family 'codegen'.*no architecture"),
         ([str(checkpoints["llama"]), str(tmp_path / "nowhere" / "a.gguf")], r"no directory"),
         ([str(checkpoints["llama"]), str(tmp_path / "a.bin")], r"NAME\.gguf"),
         ([str(tmp_path / "missing"), str(tmp_path / "a.gguf")], r"export-gguf .*missing"),
+        ([str(nfkc), str(tmp_path / "a.gguf")], r"normalizer step NFKC.*spaces"),
+        ([str(no_bytes), str(tmp_path / "a.gguf")], r"without byte_fallback.*<0xNN>"),
     ]
     for argv, message in cases:
         assert pretrained.main(["export-gguf", *argv]) == 2
