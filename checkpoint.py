@@ -499,7 +499,8 @@ def check_resume_config(cfg, run_dir: Path, checkpoints: list[Path], resume_hint
 
     # A sharded checkpoint continues on any number of processes that keeps its global batch
     # (check_writers): the batch may be regrouped.
-    regrouped = ("batch_size", "grad_accum") if is_sharded(checkpoints[-1]) else ()
+    sharded = bool(checkpoints) and is_sharded(checkpoints[-1])
+    regrouped = ("batch_size", "grad_accum") if sharded else ()
     # precision "auto" names a precision only with a device: check_precision compares that.
     changed = [f"{k}={saved[k]!r} (now {now[k]!r})" for k in now
                if k not in ("name", "out_dir", "resume", *RESUME_MAY_CHANGE, *regrouped)

@@ -3104,7 +3104,7 @@ RESUME_MAY_CHANGE = {
     "early_stop_min_delta": 0.1, "eval_every": 3, "log_every": 3, "save_every": 3,
     "keep_last": 3, "progress": True, "export": True, "export_merged": True,
     "sample_prompt": "x", "sample_tokens": 3, "device": "cpu", "compile": True,
-    "gradient_checkpointing": True, "data_options": {"num_workers": 2},
+    "gradient_checkpointing": True, "data_options": {"num_workers": 2}, "strategy": "fsdp",
 }
 
 
