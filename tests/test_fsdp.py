@@ -152,9 +152,10 @@ def test_fsdp_resume_after_kill_9_is_bit_exact(assets, tmp_path):
 @pytest.mark.slow
 def test_lora_on_a_sharded_base_trains_as_one_process_and_exports_what_peft_loads(
         assets, tmp_path):
-    """LoRA on a frozen base that FSDP shards: the adapter trains as one process's does, its
-    checkpoints hold only the adapter (and its optimizer state), and the exported adapter gives
-    in PEFT the logits codelm gives."""
+    """LoRA on a frozen base that FSDP shards, each block recomputed in the backward (gradient
+    checkpointing gathers it again): the adapter trains as one process's does, its checkpoints
+    hold only the adapter (and its optimizer state), and the exported adapter gives in PEFT the
+    logits codelm gives."""
     import transformers
     from peft import PeftModel
 
@@ -167,7 +168,8 @@ def test_lora_on_a_sharded_base_trains_as_one_process_and_exports_what_peft_load
                   export=True, **COMMON)
     single = tm.train(tiny_cfg(assets, tmp_path, name="single", batch_size=4, **common))
     run = _train_on_two_ranks(tiny_cfg(assets, tmp_path, name="fsdp", batch_size=2,
-                                       strategy="fsdp", **common), tmp_path)
+                                       strategy="fsdp", gradient_checkpointing=True, **common),
+                              tmp_path)
     shards = _flat(_sharded(run / rundir.CHECKPOINTS_DIR / "step-6"))
     assert shards and all("lora_" in k for k in shards)
     assert _losses(run) == pytest.approx(_losses(single.run_dir), rel=1e-5)
@@ -187,6 +189,21 @@ def test_lora_on_a_sharded_base_trains_as_one_process_and_exports_what_peft_load
         codelm_logits = model.eval()(ids)
         torch.testing.assert_close(codelm_logits, peft_model(ids).logits, atol=1e-4, rtol=0)
         assert (codelm_logits - hf(ids).logits).abs().max() > 1e-4  # the adapter counts
+
+
+@pytest.mark.slow
+def test_fsdp_in_bf16_follows_one_process_in_bf16(assets, tmp_path):
+    """--precision bf16: the blocks' weights are gathered in bf16 and the gradients reduced in
+    fp32 (the shards stay fp32); the losses follow one process's bf16 autocast run to within
+    bf16's rounding, and the checkpoint records bf16."""
+    common = dict(max_steps=6, eval_every=6, save_every=6, precision="bf16", **COMMON)
+    single = tm.train(tiny_cfg(assets, tmp_path, name="single", batch_size=4, **common))
+    run = _train_on_two_ranks(tiny_cfg(assets, tmp_path, name="fsdp", batch_size=2,
+                                       strategy="fsdp", **common), tmp_path)
+    assert _losses(run) == pytest.approx(_losses(single.run_dir), rel=1e-2)
+    assert tm.read_state(run / rundir.CHECKPOINTS_DIR / "step-6").precision == "bf16"
+    shards = _flat(_sharded(run / rundir.CHECKPOINTS_DIR / "step-6"))
+    assert {t.dtype for t in shards.values() if t.is_floating_point()} == {torch.float32}
 
 
 def _free_port() -> int:
