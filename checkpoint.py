@@ -10,6 +10,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -330,7 +331,9 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     state = read_state(path)
     shards = _shards(model, optimizer, trainable_only)
     try:
-        dcp.load(shards, checkpoint_id=path / SHARDED_DIR, no_dist=not dist.enabled)
+        with warnings.catch_warnings():  # one process reading shards: that is the intent
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.load(shards, checkpoint_id=path / SHARDED_DIR, no_dist=not dist.enabled)
     except (CheckpointException, RuntimeError, ValueError, OSError) as e:
         raise _broken(path, f"{SHARDED_DIR}: {str(e).splitlines()[0]}") from None
     options = StateDictOptions(ignore_frozen_params=trainable_only)
