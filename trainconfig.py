@@ -364,16 +364,17 @@ def check_strategy(cfg: TrainConfig, named: Callable[[str], str]) -> None:
         raise ValueError(f"{fsdp}: shards the model over torchrun's processes: start the run "
                          "with torchrun --nproc_per_node N (docs/training.md), or use "
                          "--strategy ddp")
-    refused = {  # key: why fsdp cannot take it, with the way on
-        "quantize_bits": "a quantized base is held in buffers, which fsdp does not shard: use "
-                         "--strategy ddp, or quantize_bits 0",
-        "base_dtype": "fsdp gathers the base in the run's precision (bf16 under --precision "
-                      "bf16): leave base_dtype fp32",
-        "optimizer": "muon orthogonalizes whole matrices, fsdp holds shards of them: use adamw",
-        "compile": "fsdp runs eager: drop compile",
-    }
-    for key, why in refused.items():
-        if getattr(cfg, key) not in (getattr(TrainConfig, key), "adamw"):
+    takes = (  # (key, the values fsdp takes, why no other, with the way on)
+        ("quantize_bits", (0,), "a quantized base is held in buffers, which fsdp does not "
+         "shard: use --strategy ddp, or quantize_bits 0"),
+        ("base_dtype", ("fp32",), "fsdp gathers the base in the run's precision (bf16 under "
+         "--precision bf16): leave base_dtype fp32"),
+        ("optimizer", (None, "adamw"), "muon orthogonalizes whole matrices, fsdp holds shards "
+         "of them: use adamw"),
+        ("compile", (False,), "fsdp runs eager: drop compile"),
+    )
+    for key, values, why in takes:
+        if getattr(cfg, key) not in values:
             raise ValueError(f"{named(key)} with {fsdp}: {why}")
 
 

@@ -163,9 +163,10 @@ class Trainer:
     def train_step(self, micro_batches: Sequence[dict], inject_nan: bool = False,
                    stop_pending: Callable[[], bool] | None = None) -> StepStats:
         """One optimizer step over ``micro_batches`` (this rank's share of the global batch). Each
-        summed loss is divided by the whole global step's token count, so accumulation (and DDP's or FSDP's
-        average, undone by the world-size factor) gives exactly one big batch's gradient. A stop
-        that ``stop_pending`` reports mid-step raises StepAbandoned (one process alone)."""
+        summed loss is divided by the whole global step's token count, so accumulation (and the
+        average of DDP or FSDP, undone by the world-size factor) gives exactly one big batch's
+        gradient. A stop that ``stop_pending`` reports mid-step raises StepAbandoned (one
+        process alone)."""
         self.model.train()
         count = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
         positions = sum(b["input_ids"].numel() for b in micro_batches)
