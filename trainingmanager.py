@@ -164,7 +164,7 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
     finally:
         if run is not None:
             run.record.claimed.release()
-        del run, trainer  # the DDP model goes before the group
+        del run, trainer  # the DDP or FSDP model goes before the group
         if owns_group:
             distributed.leave()
 
