@@ -34,6 +34,7 @@ OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 class GgufFamily:
     arch: str  # llama.cpp's architecture name
     permute_qk: bool = False  # llama.cpp rotates pairs (0,1),(2,3): HF's half-split q/k rows move
+    sliding: bool = False  # llama.cpp honours a sliding window (else every layer sees it all)
 
 
 # codelm family -> llama.cpp architecture (CodeGen has none).
@@ -47,7 +48,7 @@ GGUF_FAMILIES = {
     "phi": GgufFamily("phi2"),
     "phi3": GgufFamily("phi3"),
     "gemma": GgufFamily("gemma"),
-    "gemma2": GgufFamily("gemma2"),
+    "gemma2": GgufFamily("gemma2", sliding=True),
 }
 BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")  # SentencePiece's byte fallback: <0x0A>
 # The pre-tokenizer (llama.cpp's tokenizer.ggml.pre) of each Split regex codelm reads.
@@ -147,9 +148,18 @@ def _space_prefix(spec: dict) -> bool:
     return prefix
 
 
+def context_length(cfg, family: GgufFamily) -> int:
+    """The context over which llama.cpp computes what codelm does: an architecture that ignores
+    a sliding window agrees with it only up to the window's length."""
+    windowed = any(cfg.slides(layer) for layer in range(cfg.n_layer))
+    if windowed and not family.sliding:
+        return min(cfg.block_size, cfg.sliding_window)
+    return cfg.block_size
+
+
 def _metadata(writer, cfg, family: GgufFamily) -> None:
     """The architecture's hyperparameters, under llama.cpp's keys."""
-    writer.add_context_length(cfg.block_size)
+    writer.add_context_length(context_length(cfg, family))
     writer.add_embedding_length(cfg.n_embd)
     writer.add_block_count(cfg.n_layer)
     writer.add_feed_forward_length(cfg.mlp_hidden)
@@ -173,8 +183,9 @@ def _metadata(writer, cfg, family: GgufFamily) -> None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         writer.add_rope_scaling_factor(scaling["factor"])
         writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
-    if cfg.sliding_window is not None:
+    if family.sliding and cfg.sliding_window is not None:
         writer.add_sliding_window(cfg.sliding_window)
+        writer.add_sliding_window_pattern([cfg.slides(layer) for layer in range(cfg.n_layer)])
     if cfg.attn_softcap is not None:
         writer.add_attn_logit_softcapping(cfg.attn_softcap)
     if cfg.logit_softcap is not None:
@@ -292,6 +303,16 @@ def _encoded(tensor: torch.Tensor, outtype: str):
     return gguf.quants.quantize(data, kind), kind
 
 
+def _general_name(name: str, tok) -> str:
+    """``name``, unless llama.cpp would take the model for Phi-3 by it: for a name holding
+    "phi3" or "phi-3" llama.cpp looks up Phi-3's </s>, <unk>, <s> and <|endoftext|>, and fails
+    to load a vocabulary without them (Phi-4-mini's), so such a name is written as "phi"."""
+    phi3_tokens = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+    if all(tok.token_to_id(token) is not None for token in phi3_tokens):
+        return name
+    return re.sub(r"phi-?3", "phi", name, flags=re.IGNORECASE)
+
+
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
 
 
@@ -301,7 +322,7 @@ def write_gguf(model: Transformer, tok, out: Path, outtype: str = "f16",
     check_exportable(model, tok)
     family = GGUF_FAMILIES[model.cfg.family]
     writer = gguf.GGUFWriter(str(out), family.arch)
-    writer.add_name(name)
+    writer.add_name(_general_name(name, tok))
     writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[outtype]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _metadata(writer, model.cfg, family)
