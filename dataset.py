@@ -17,6 +17,7 @@ import argparse
 import ast
 import contextlib
 import copy
+import functools
 import gzip
 import hashlib
 import io
@@ -26,15 +27,18 @@ import multiprocessing
 import os
 import random
 import re
+import shutil
 import signal
 import sys
 import sysconfig
 import tempfile
+import threading
+import time
 import tokenize
 import typing
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cached_property
 from itertools import accumulate, chain, groupby
 from pathlib import Path
@@ -541,17 +545,23 @@ def _stored(data: bytes | str) -> bytes:
     return data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
 
 
-def _is_duplicate(doc: Doc, seen: dict[bytes, str | None], dedupe: bool) -> bool:
-    """Whether ``doc`` repeats an earlier document (``seen``: hash -> split of the first copy).
-    A copy in another split always does, so no document sits in two; ``dedupe`` decides the rest."""
+def _doc_digest(doc: Doc) -> bytes:
+    """The SHA-256 of a document as stored (a pair's target too): what exact dedupe compares."""
     h = hashlib.sha256(_stored(doc.text))
     if doc.target is not None:
         h.update(b"\0target\0" + _stored(doc.target))
-    key = h.digest()
+    return h.digest()
+
+
+def _is_duplicate(key: bytes, split: str | None, seen: dict[bytes, str | None], dedupe: bool
+                  ) -> bool:
+    """Whether the document of digest ``key`` repeats an earlier one (``seen``: digest -> split
+    of the first copy, which a first copy joins). A copy in another split always does, so no
+    document sits in two; ``dedupe`` decides the rest."""
     if key not in seen:
-        seen[key] = doc.split
+        seen[key] = split
         return False
-    return dedupe or seen[key] != doc.split
+    return dedupe or seen[key] != split
 
 
 _SHINGLE_WORDS = re.compile(r"\w+|[^\w\s]")
@@ -570,89 +580,447 @@ def minhash(text: str, num_perm: int = 64) -> datasketch.MinHash:
     return signature
 
 
+def signature(text: str, num_perm: int = 64) -> np.ndarray:
+    """The MinHash values of ``text`` as uint32 (datasketch's are below 2**32): 4 bytes a value."""
+    return minhash(text, num_perm).hashvalues.astype(np.uint32)
+
+
+class NearDuplicateIndex:
+    """MinHash LSH over the kept texts' signatures, as datasketch's MinHashLSH with bands of 4
+    rows: the candidates of a signature are the kept ones equal to it in a whole band, and a
+    candidate whose estimated Jaccard (equal values / values) reaches ``threshold`` makes it a
+    near duplicate. Signatures are rows of one uint32 array, a band a dict of 16-byte keys:
+    a kept file costs about 2 KB (64 values), not a MinHash object."""
+
+    ROWS = 4  # values per band
+    NUM_PERM = 64  # values per signature, unless given
+
+    def __init__(self, threshold: float, num_perm: int = NUM_PERM):
+        self.threshold = threshold
+        self.num_perm = num_perm
+        self.bands: list[dict[bytes, int | list[int]]] = [{} for _ in range(num_perm // self.ROWS)]
+        self.signatures = np.empty((0, num_perm), np.uint32)
+        self.n = 0
+
+    def _band_keys(self, sig: np.ndarray) -> list[bytes]:
+        return [sig[b * self.ROWS : (b + 1) * self.ROWS].tobytes() for b in range(len(self.bands))]
+
+    def is_near_duplicate(self, sig: np.ndarray) -> bool:
+        candidates: set[int] = set()
+        for band, key in zip(self.bands, self._band_keys(sig)):
+            found = band.get(key)
+            if found is not None:
+                candidates.update(found if isinstance(found, list) else (found,))
+        return any(np.count_nonzero(self.signatures[j] == sig) / self.num_perm >= self.threshold
+                   for j in candidates)
+
+    def add(self, sig: np.ndarray) -> None:
+        if self.n == len(self.signatures):  # grown by half: amortised appends
+            grown = np.empty((max(1024, self.n * 3 // 2), self.num_perm), np.uint32)
+            grown[: self.n] = self.signatures[: self.n]
+            self.signatures = grown
+        self.signatures[self.n] = sig
+        for band, key in zip(self.bands, self._band_keys(sig)):
+            found = band.get(key)
+            if found is None:
+                band[key] = self.n
+            elif isinstance(found, list):
+                found.append(self.n)
+            else:
+                band[key] = [found, self.n]
+        self.n += 1
+
+    def keep_if_new(self, sig: np.ndarray) -> bool:
+        """Whether ``sig`` is no near duplicate of a kept one; a new one is kept."""
+        if self.is_near_duplicate(sig):
+            return False
+        self.add(sig)
+        return True
+
+
 def near_duplicates(texts: Sequence[str], threshold: float = 0.85, num_perm: int = 64) -> set[int]:
     """Indices of texts whose estimated Jaccard similarity to an earlier kept text is >=
     threshold (LSH bands find candidates, the full signature confirms them)."""
-    import datasketch
+    index = NearDuplicateIndex(threshold, num_perm)
+    return {i for i, text in enumerate(texts) if not index.keep_if_new(signature(text, num_perm))}
 
-    index = datasketch.MinHashLSH(num_perm=num_perm, params=(num_perm // 4, 4))  # 4-row bands
-    kept: dict[int, datasketch.MinHash] = {}
-    dupes: set[int] = set()
-    for i, text in enumerate(texts):
-        signature = minhash(text, num_perm)
-        if any(signature.jaccard(kept[j]) >= threshold for j in index.query(signature)):
-            dupes.add(i)
+
+# --- The corpus as shards: read, cleaned and deduplicated in order, written as it streams ---
+
+# A corpus shard closes after this many documents read, or bytes read: what cleaning holds at
+# once, and what an interrupt loses. The cut depends on the sources alone, never on the workers.
+SHARD_DOCS = 2000
+SHARD_BYTES = 32_000_000
+IN_FLIGHT_BYTES = 64_000_000  # read but not yet cleaned, at most (a larger file goes alone)
+# The shards' manifest format (shard-N.json); shards of another version are built again.
+SHARD_FORMAT_VERSION = 1
+_SPLIT_CODES = {None: 0, "val": 1, "test": 2}  # a document's given split, in a shard's arrays
+_SPLIT_NAMES = dict(map(reversed, _SPLIT_CODES.items()))
+
+
+class _Read(typing.NamedTuple):
+    """A document as read, and what reading found, in source order."""
+
+    doc: Doc | None  # to clean; None: dropped while read (``reason``), or the closing item
+    reason: str | None  # "too_large" or "duplicate"
+    size: int  # bytes read (as stored; a pair's two texts)
+    skipped: dict[str, int]  # records skipped since the previous document, by reason
+    pair_source: int | None  # the source (index in sources_by_split) of a pair record
+    raw_key: tuple[bytes, str | None] | None  # (digest, split) it added to the read dedupe
+    last: bool = False  # the closing item: the sources are read to their end
+
+
+class _Cleaned(typing.NamedTuple):
+    read: _Read  # without its document
+    doc: Doc | None  # None: dropped in cleaning (``reason``)
+    reason: str | None
+    mods: list[str]
+    signature: np.ndarray | None  # the MinHash values of a kept document (near_dedupe)
+
+
+def _read_sources(cfg: DataConfig, seen_raw: dict[bytes, str | None], skip: int
+                  ) -> Iterator[_Read]:
+    """Every document of the sources in order, with what reading found: too large, or a copy of
+    an earlier one (``seen_raw``: digest -> split); then one closing item with the records
+    skipped after the last. The first ``skip`` documents are passed over (finished shards)."""
+    skipped: Counter = Counter()
+    pairs = [0] * len(cfg.sources_by_split())
+    sources = _iter_sources(cfg, skipped, pairs)
+    for _ in zip(range(skip), sources):
+        pass
+    skipped.clear()
+    counted = pairs[:]
+    for raw in sources:
+        size = None if raw.text is None else len(_stored(raw.text))  # None: a file left unread
+        read_bytes = (size or 0) + (0 if raw.target is None else len(_stored(raw.target)))
+        pair_source = None
+        if pairs != counted:
+            pair_source = next(i for i, (a, b) in enumerate(zip(pairs, counted)) if a != b)
+            counted = pairs[:]
+        reason = raw_key = None
+        if raw.target is None and (size is None or size > cfg.max_bytes):  # pairs: any size
+            reason = "too_large"
         else:
-            kept[i] = signature
-            index.insert(i, signature)
-    return dupes
+            key = _doc_digest(raw)
+            raw_key = None if key in seen_raw else (key, raw.split)
+            if _is_duplicate(key, raw.split, seen_raw, cfg.dedupe):  # cleaned once
+                reason = "duplicate"
+        yield _Read(None if reason else raw, reason, read_bytes, dict(skipped), pair_source,
+                    raw_key)
+        skipped.clear()
+    yield _Read(None, None, 0, dict(skipped), None, None, last=True)
+
+
+def _clean_read(item: _Read, opt: dict) -> _Cleaned:
+    """Clean one document read (in a worker): the document, or why it went, and its MinHash."""
+    if item.doc is None:
+        return _Cleaned(item, None, None, [], None)
+    doc, reason, mods = _clean_one((item.doc, opt))
+    sig = signature(_plain_text(doc)) if doc is not None and opt["near_dedupe"] else None
+    return _Cleaned(item._replace(doc=None), doc, reason, mods, sig)
+
+
+class _InFlight:
+    """Bytes read and not yet cleaned, bounded: the reader waits while ``limit`` are out (a
+    worker pool's feeder reads as fast as it can otherwise, the whole corpus into its queue)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.held = 0
+        self.closed = False
+        self.changed = threading.Condition()
+
+    @staticmethod
+    def cost(item: _Read) -> int:
+        return max(1024, item.size)  # many small files: their objects count too
+
+    def take(self, items: Iterable[_Read]) -> Iterator[_Read]:
+        for item in items:
+            cost = self.cost(item)
+            with self.changed:
+                self.changed.wait_for(lambda cost=cost: self.closed or not self.held
+                                      or self.held + cost <= self.limit)
+                if self.closed:
+                    return
+                self.held += cost
+            yield item
+
+    def give(self, item: _Read) -> None:
+        with self.changed:
+            self.held -= self.cost(item)
+            self.changed.notify_all()
+
+    def close(self) -> None:
+        with self.changed:
+            self.closed = True
+            self.changed.notify_all()
+
+
+@contextlib.contextmanager
+def _cleaned_in_order(cfg: DataConfig, items: Iterator[_Read]) -> Iterator[Iterator[_Cleaned]]:
+    """``items`` cleaned by ``cfg.num_workers`` processes, in their order, a bounded window
+    ahead of the consumer."""
+    opt = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name in _CLEANING_FIELDS}
+    clean = functools.partial(_clean_read, opt=opt)
+    if cfg.num_workers == 1:  # cleaned as read: nothing read ahead
+        yield map(clean, items)
+        return
+    window = _InFlight(IN_FLIGHT_BYTES)
+    ctx = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
+    # A worker leaves Ctrl-C to its parent, which ends the pool.
+    pool = ctx.Pool(cfg.num_workers, initializer=signal.signal,
+                    initargs=(signal.SIGINT, signal.SIG_IGN))
+    try:
+        chunksize = 1 if cfg.autopep8 else 16  # autopep8 files vary a lot in cost
+        results = pool.imap(clean, window.take(items), chunksize=chunksize)
+        yield (window.give(result.read) or result for result in results)
+    finally:
+        window.close()  # the feeder stops: the pool's ending joins its thread
+        pool.terminate()
+        pool.join()
+
+
+@dataclass
+class _Shard:
+    """A corpus shard as it fills: the documents kept from its inputs, and their counts."""
+
+    index: int
+    n_sources: int
+    inputs: int = 0  # documents read (and the closing item)
+    last: bool = False
+    files: int = 0
+    bytes: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    modified: Counter = field(default_factory=Counter)
+    pairs: list[int] = field(default_factory=list)
+    docs: list[Doc] = field(default_factory=list)
+    raw_keys: list[tuple[bytes, str | None]] = field(default_factory=list)
+    clean_keys: list[tuple[bytes, str | None]] = field(default_factory=list)
+    signatures: list[np.ndarray] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.pairs = self.pairs or [0] * self.n_sources
+
+    @property
+    def full(self) -> bool:
+        return self.last or self.inputs >= SHARD_DOCS or self.bytes >= SHARD_BYTES
+
+    def count_read(self, read: _Read) -> None:
+        self.inputs += 1
+        self.last = read.last
+        self.dropped.update(read.skipped)
+        if read.last:
+            return
+        self.files += 1
+        self.bytes += read.size
+        if read.pair_source is not None:
+            self.pairs[read.pair_source] += 1
+        if read.raw_key is not None:
+            self.raw_keys.append(read.raw_key)
+        if read.reason:
+            self.dropped[read.reason] += 1
+
+
+class _Dedupe:
+    """What deduplication has seen: digests of documents read and cleaned (-> the split of the
+    first copy), and the near-duplicate index of kept documents."""
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+        self.raw: dict[bytes, str | None] = {}
+        self.clean: dict[bytes, str | None] = {}
+        self.near = NearDuplicateIndex(cfg.near_dedupe_threshold) if cfg.near_dedupe else None
+
+    def keep(self, cleaned: _Cleaned, shard: _Shard) -> None:
+        """Count ``cleaned`` into ``shard``, and keep its document unless it repeats one."""
+        shard.modified.update(cleaned.mods)
+        doc = cleaned.doc
+        if doc is None:
+            if cleaned.reason:
+                shard.dropped[cleaned.reason] += 1
+            return
+        key = _doc_digest(doc)
+        new = key not in self.clean
+        if _is_duplicate(key, doc.split, self.clean, self.cfg.dedupe):  # cleaning made a copy
+            shard.dropped["duplicate"] += 1
+            return
+        if new:
+            shard.clean_keys.append((key, doc.split))
+        if self.near is not None:
+            if not self.near.keep_if_new(cleaned.signature):
+                shard.dropped["near_duplicate"] += 1
+                return
+            shard.signatures.append(cleaned.signature)
+        shard.docs.append(doc)
+
+    def restore(self, arrays: dict[str, np.ndarray]) -> None:
+        """Add what a finished shard saw (its ``_shard_arrays``)."""
+        for name, seen in (("raw", self.raw), ("clean", self.clean)):
+            codes = arrays[f"{name}_splits"].tolist()
+            for key, code in zip(arrays[f"{name}_keys"], codes):
+                seen[key.tobytes()] = _SPLIT_NAMES[code]
+        if self.near is not None:
+            for sig in arrays["signatures"]:
+                self.near.add(sig)
+
+
+def _shard_arrays(shard: _Shard) -> dict[str, np.ndarray]:
+    """What a shard's deduplication saw, as arrays: digests (n x 32 bytes) with their split
+    codes, and the kept documents' MinHash values."""
+    arrays = {}
+    for name, keys in (("raw", shard.raw_keys), ("clean", shard.clean_keys)):
+        digests = b"".join(key for key, _ in keys)
+        arrays[f"{name}_keys"] = np.frombuffer(digests, np.uint8).reshape(len(keys), 32)
+        arrays[f"{name}_splits"] = np.asarray([_SPLIT_CODES[s] for _, s in keys], np.int8)
+    signatures = np.zeros((len(shard.signatures), NearDuplicateIndex.NUM_PERM), np.uint32)
+    signatures[:] = shard.signatures or signatures
+    arrays["signatures"] = signatures
+    return arrays
+
+
+def _shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def _write_shard(work: Path, shard: _Shard) -> dict:
+    """Write a full shard: its documents (the corpus entry's JSONL lines), its dedupe arrays,
+    then its manifest (counts, keys, digests): a shard without a manifest is not trusted."""
+    import blake3
+
+    name = _shard_name(shard.index)
+    lines = "".join(json.dumps(asdict(d), ensure_ascii=False) + "\n" for d in shard.docs)
+    docs = lines.encode("utf-8")
+    buffer = io.BytesIO()
+    np.savez(buffer, **_shard_arrays(shard))
+    arrays = buffer.getvalue()
+    manifest = {
+        "format_version": SHARD_FORMAT_VERSION, "inputs": shard.inputs, "last": shard.last,
+        "read": {"files": shard.files, "bytes": shard.bytes},
+        "dropped": dict(shard.dropped), "modified": dict(shard.modified), "pairs": shard.pairs,
+        "kept": {"files": len(shard.docs),
+                 "bytes": sum(len((d.text + (d.target or "")).encode("utf-8"))
+                              for d in shard.docs)},
+        "keys": [[d.id, d.repo, d.split] for d in shard.docs],
+        "blake3": {f"{name}.jsonl": blake3.blake3(docs).hexdigest(),
+                   f"{name}.npz": blake3.blake3(arrays).hexdigest()},
+    }  # fmt: skip
+    try:
+        with cache_writes(work):
+            work.mkdir(parents=True, exist_ok=True)
+            process.write_atomic_files({work / f"{name}.jsonl": docs, work / f"{name}.npz": arrays,
+                                        work / f"{name}.json": json.dumps(manifest)})
+    except BaseException:
+        with contextlib.suppress(OSError):  # a directory of no whole shard goes
+            work.rmdir()
+        raise
+    return manifest
+
+
+def _finished_shards(work: Path, dedupe: _Dedupe) -> list[dict]:
+    """The manifests of the shards a build before this one finished, in order, up to the first
+    missing or not whole (its bytes differ from its manifest's digests); their dedupe state is
+    restored into ``dedupe``."""
+    done: list[dict] = []
+    while not (done and done[-1]["last"]):
+        name = _shard_name(len(done))
+        try:
+            manifest = json.loads((work / f"{name}.json").read_text("utf-8"))
+        except (OSError, ValueError):
+            break
+        problem = None
+        if manifest.get("format_version") != SHARD_FORMAT_VERSION:
+            problem = f"format_version {manifest.get('format_version')}, not {SHARD_FORMAT_VERSION}"
+        else:
+            for file, digest in manifest["blake3"].items():
+                if not (work / file).is_file() or process.file_digest(work / file) != digest:
+                    problem = f"{file} differs from its manifest"
+        if problem:
+            print(f"note: corpus shard {work / name}: {problem}; it is built again",
+                  file=sys.stderr)
+            break
+        with np.load(work / f"{name}.npz") as arrays:
+            dedupe.restore(dict(arrays))
+        done.append(manifest)
+    return done
+
+
+def build_corpus_shards(cfg: DataConfig, work: Path) -> list[dict]:
+    """Read, clean and deduplicate the sources into shards under ``work`` (see ``_write_shard``),
+    continuing after the last whole shard an earlier build left; their manifests, in order."""
+    dedupe = _Dedupe(cfg)
+    done = _finished_shards(work, dedupe)
+    if done and done[-1]["last"]:
+        return done
+    n_sources = len(cfg.sources_by_split())
+    skip = sum(m["inputs"] for m in done)
+    items = _read_sources(cfg, dedupe.raw, skip)
+    shard = _Shard(len(done), n_sources)
+    already = sum(m["read"]["files"] for m in done)
+    first = len(done)
+    started = time.perf_counter()
+    with (_cleaned_in_order(cfg, items) as results,
+          progress_bar(desc="read and clean", unit="file", initial=already,
+                       enabled=cfg.progress) as bar):
+        for cleaned in results:
+            shard.count_read(cleaned.read)
+            dedupe.keep(cleaned, shard)
+            bar.update(not cleaned.read.last)
+            if shard.full:
+                done.append(_write_shard(work, shard))
+                shard = _Shard(len(done), n_sources)
+    if cfg.progress:
+        read = sum(m["read"]["bytes"] for m in done[first:]) / 1e6
+        seconds = time.perf_counter() - started
+        print(f"read and clean: {read:.1f} MB in {seconds:.1f} s ({read / seconds:.2f} MB/s, "
+              f"{cfg.num_workers} workers, {len(done)} shards)", file=sys.stderr)
+    return done
+
+
+def corpus_stats(manifests: Sequence[dict], cfg: DataConfig) -> dict:
+    """The counts of every stage over a corpus's shards; a DataError when nothing is left."""
+    read, kept = Counter(), Counter()
+    dropped, modified = Counter(), Counter()
+    pairs = [0] * len(cfg.sources_by_split())
+    for m in manifests:
+        read.update(m["read"])
+        kept.update(m["kept"])
+        dropped.update(m["dropped"])
+        modified.update(m["modified"])
+        pairs = [a + b for a, b in zip(pairs, m["pairs"])]
+    if cfg.near_dedupe:  # counted when on, found or not
+        dropped["near_duplicate"] += 0
+    stats = {
+        "read": {"files": read["files"], "bytes": read["bytes"]},
+        "dropped": dict(sorted(dropped.items())),
+        "modified": dict(sorted(modified.items())),
+        "kept": {"files": kept["files"], "bytes": kept["bytes"]},
+        "pairs": pairs,
+    }
+    if not kept["files"] and not read["files"]:
+        raise DataError(f"sources {cfg.sources} hold no files with extensions {cfg.extensions} "
+                        "and no JSONL records (an empty .jsonl: a scrape that kept nothing?)")
+    if not kept["files"]:
+        raise DataError(f"no data left after cleaning sources {cfg.sources}: read "
+                        f"{read['files']} files/records, dropped {stats['dropped'] or 'none'}; "
+                        f"check the sources, extensions {cfg.extensions} and the "
+                        "size/line/literal limits")
+    return stats
+
+
+def shard_docs(work: Path, manifests: Sequence[dict]) -> Iterator[tuple[str, list]]:
+    """(JSONL line, [id, repo, given split]) of every kept document of the shards, in order."""
+    for i, manifest in enumerate(manifests):
+        with open(work / f"{_shard_name(i)}.jsonl", encoding="utf-8") as f:
+            yield from zip(f, manifest["keys"], strict=True)
 
 
 def clean_corpus(cfg: DataConfig) -> tuple[list[Doc], dict]:
-    """(kept docs in source order, stats) of one streaming read-and-clean pass over the sources."""
-    counts: Counter = Counter()  # drops by reason, in cleaning
-    mods: Counter = Counter()
-    # The reader's counts (it runs in the pool's task thread) are complete after the last result.
-    read = {"files": 0, "bytes": 0}
-    read_drops: Counter = Counter()  # drops by reason, before cleaning
-    opt = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name in _CLEANING_FIELDS}
-    seen_raw: dict[bytes, str | None] = {}
-    pairs = [0] * len(cfg.sources_by_split())  # pair records read, by source
-
-    def to_clean() -> Iterator[tuple[Doc, dict]]:
-        for raw in _iter_sources(cfg, read_drops, pairs):
-            read["files"] += 1
-            # The size as stored (None: a file left unread); pairs are not dropped for size.
-            size = None if raw.text is None else len(_stored(raw.text))
-            read["bytes"] += (size or 0) + (0 if raw.target is None else len(_stored(raw.target)))
-            if raw.target is None and (size is None or size > cfg.max_bytes):
-                read_drops["too_large"] += 1
-            elif _is_duplicate(raw, seen_raw, cfg.dedupe):  # identical files are cleaned once
-                read_drops["duplicate"] += 1
-            else:
-                yield raw, opt
-
-    docs: list[Doc] = []
-    seen: dict[bytes, str | None] = {}
-    with contextlib.ExitStack() as stack:
-        if cfg.num_workers > 1:
-            ctx = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
-            # A worker leaves Ctrl-C to its parent, which ends the pool.
-            pool = stack.enter_context(ctx.Pool(cfg.num_workers, initializer=signal.signal,
-                                                 initargs=(signal.SIGINT, signal.SIG_IGN)))
-            chunksize = 1 if cfg.autopep8 else 16  # autopep8 files vary a lot in cost
-            results = pool.imap(_clean_one, to_clean(), chunksize=chunksize)
-        else:
-            results = map(_clean_one, to_clean())
-        for doc, reason, doc_mods in progress_bar(results, desc="read and clean", unit="file",
-                                                  enabled=cfg.progress):
-            mods.update(doc_mods)
-            if doc is None:
-                counts[reason] += 1
-            elif _is_duplicate(doc, seen, cfg.dedupe):  # cleaning can make files identical
-                counts["duplicate"] += 1
-            else:
-                docs.append(doc)
-    counts.update(read_drops)
-    if cfg.near_dedupe and docs:
-        dupes = near_duplicates(list(map(_plain_text, docs)), cfg.near_dedupe_threshold)
-        counts["near_duplicate"] += len(dupes)
-        docs = [d for i, d in enumerate(docs) if i not in dupes]
-    stats = {
-        "read": read,
-        "dropped": dict(sorted(counts.items())),
-        "modified": dict(sorted(mods.items())),
-        "kept": {"files": len(docs),
-                 "bytes": sum(len((d.text + (d.target or "")).encode("utf-8")) for d in docs)},
-        "pairs": pairs,
-    }
-    if not docs and not read["files"]:
-        raise DataError(f"sources {cfg.sources} hold no files with extensions {cfg.extensions} "
-                        "and no JSONL records (an empty .jsonl: a scrape that kept nothing?)")
-    if not docs:
-        raise DataError(f"no data left after cleaning sources {cfg.sources}: read {read['files']} "
-                        f"files/records, dropped {dict(counts) or 'none'}; check the sources, "
-                        f"extensions {cfg.extensions} and the size/line/literal limits")
+    """(kept docs in source order, stats) of one streaming read-and-clean pass over the sources
+    (``build_corpus_shards`` in a temporary directory)."""
+    with tempfile.TemporaryDirectory(prefix="codelm-corpus-") as work:
+        manifests = build_corpus_shards(cfg, Path(work))
+        stats = corpus_stats(manifests, cfg)
+        docs = [Doc(**json.loads(line)) for line, _ in shard_docs(Path(work), manifests)]
     return docs, stats
 
 
@@ -675,19 +1043,77 @@ def assign_splits(keys: Iterable[str], fracs: tuple[float, float, float] = (0.8,
             for i, k in enumerate(unique)}
 
 
+class DocFile(Sequence[Doc]):
+    """One split of a cached corpus, its JSONL read as iterated: memory holds one document.
+    Indexing seeks through the lines' offsets (found on the first index)."""
+
+    def __init__(self, path: Path, length: int):
+        self.path = Path(path)
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[Doc]:
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                yield Doc(**json.loads(line))
+
+    @cached_property
+    def offsets(self) -> list[int]:
+        starts = [0]
+        with open(self.path, "rb") as f:
+            for line in f:
+                starts.append(starts[-1] + len(line))
+        return starts[:-1]
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        with open(self.path, "rb") as f:
+            f.seek(self.offsets[i % len(self)])
+            return Doc(**json.loads(f.readline()))
+
+    def __add__(self, other: Iterable[Doc]) -> list[Doc]:
+        return [*self, *other]
+
+    def __radd__(self, other: Iterable[Doc]) -> list[Doc]:
+        return [*other, *self]
+
+
+class Texts(Sequence[str]):
+    """The plain texts of a split's documents (``Corpus.texts``), made as iterated."""
+
+    def __init__(self, docs: Sequence[Doc]):
+        self.docs = docs
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def __iter__(self) -> Iterator[str]:
+        return map(_plain_text, self.docs)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return list(map(_plain_text, self.docs[i]))
+        return _plain_text(self.docs[i])
+
+
 @dataclass
 class Corpus:
     """Cleaned documents split without leaks, with per-stage counts."""
 
-    train: list[Doc]
-    val: list[Doc]
-    test: list[Doc]
+    train: Sequence[Doc]
+    val: Sequence[Doc]
+    test: Sequence[Doc]
     stats: dict
     key: str
 
     def texts(self, split: str = "train") -> list[str]:
         """Plain texts of one split (pairs as prompt + completion): what a tokenizer trains on."""
-        return [_plain_text(d) for d in getattr(self, split)]
+        return list(Texts(getattr(self, split)))
 
 
 def _plain_text(doc: Doc) -> str:
@@ -696,23 +1122,35 @@ def _plain_text(doc: Doc) -> str:
     return doc.text if doc.target is None else doc.text + "\n" + doc.target
 
 
-def split_corpus(docs: Sequence[Doc], cfg: DataConfig) -> tuple[dict[str, list[Doc]], str]:
-    """Docs by split, and the unit used: a corpus of too few repos is split by file."""
+class DocKey(typing.NamedTuple):
+    """What splitting reads of a document."""
+
+    id: str
+    repo: str | None
+    split: str | None  # given by val_sources/test_sources; None: by fraction
+
+
+def split_assignment(keys: Sequence[DocKey], cfg: DataConfig) -> tuple[dict[str, str], str]:
+    """split key -> split of the documents without a given split, and the unit used: a corpus
+    of too few repos is split by file."""
     given = {"val": bool(cfg.val_sources), "test": bool(cfg.test_sources)}
     fracs = tuple(0.0 if given.get(s) else f
                   for s, f in zip(SPLITS, (cfg.train_frac, cfg.val_frac, cfg.test_frac)))
-    out: dict[str, list[Doc]] = {s: [] for s in SPLITS}
-    rest = []
-    for d in docs:
-        (out[d.split] if d.split else rest).append(d)
+    rest = [k for k in keys if not k.split]
     unit = cfg.split_by
     if unit == "repo":
-        n_keys = len({split_key(d, "repo") for d in rest})
-        if n_keys < sum(f > 0 for f in fracs) or not any(d.repo for d in rest):
+        n_keys = len({split_key(k, "repo") for k in rest})
+        if n_keys < sum(f > 0 for f in fracs) or not any(k.repo for k in rest):
             unit = "file"
-    which = assign_splits((split_key(d, unit) for d in rest), fracs, cfg.seed)
-    for d in rest:
-        out[which[split_key(d, unit)]].append(d)
+    return assign_splits((split_key(k, unit) for k in rest), fracs, cfg.seed), unit
+
+
+def split_corpus(docs: Sequence[Doc], cfg: DataConfig) -> tuple[dict[str, list[Doc]], str]:
+    """Docs by split, and the unit used (``split_assignment``)."""
+    which, unit = split_assignment([DocKey(d.id, d.repo, d.split) for d in docs], cfg)
+    out: dict[str, list[Doc]] = {s: [] for s in SPLITS}
+    for d in docs:
+        out[d.split or which[split_key(d, unit)]].append(d)
     return out, unit
 
 
@@ -731,38 +1169,75 @@ def publish_cache_entry(final: Path, build: Callable[[Path], object],
                         replace: bool = False) -> None:
     """Build the cache entry ``final`` with ``process.write_dir_atomically`` (without
     ``replace`` the first complete build stays); a full disk names the cache directory."""
-    try:
+    with cache_writes(final):
         process.write_dir_atomically(final, build, replace=replace)
+
+
+@contextlib.contextmanager
+def cache_writes(entry: Path) -> Iterator[None]:
+    """Within: an OSError of a full disk (or without a file name) while writing ``entry`` of the
+    cache names the cache directory, and how to move it."""
+    try:
+        yield
     except OSError as err:
         full = process.is_disk_full(err)
         if err.filename is not None and not full:
             raise
         advice = (": free space, or move the data cache with CODELM_CACHE=DIR (or the cache_dir "
                   "data option)") if full else ""
-        raise OSError(err.errno, f"{err.strerror or err} while writing {final.name} there; "
-                      f"nothing half-built was kept{advice}", str(final.parent)) from None
+        raise OSError(err.errno, f"{err.strerror or err} while writing {entry.name} there; "
+                      f"nothing half-built was kept{advice}", str(entry.parent)) from None
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:
-    """Cleaned, split corpus (cached by sources + cleaning + split options); ``cfg`` validated."""
+    """Cleaned, split corpus (cached by sources + cleaning + split options); ``cfg`` validated.
+    Built through shards beside the entry (``corpus-KEY.shards``): an interrupted build continues
+    after its last whole shard; the shards go once the entry is published."""
     key = corpus_key(cfg)
     path = Path(cfg.cache_dir) / f"corpus-{key}"
     if cfg.use_cache and (path / "stats.json").exists():
-        splits = {}
-        for s in SPLITS:
-            with open(path / f"{s}.jsonl", encoding="utf-8") as f:
-                splits[s] = [Doc(**json.loads(line)) for line in f]
         stats = json.loads((path / "stats.json").read_text())
         stats["cache_hit"] = True
-        return Corpus(**splits, stats=stats, key=key)
-    docs, stats = clean_corpus(cfg)
-    splits, unit = split_corpus(docs, cfg)
-    stats["split"] = {s: len(v) for s, v in splits.items()}
+        return _corpus_at(path, stats, key)
+    work = path.with_name(f"{path.name}.shards")
+    if not cfg.use_cache:
+        shutil.rmtree(work, ignore_errors=True)
+    manifests = build_corpus_shards(cfg, work)
+    stats = corpus_stats(manifests, cfg)
+    keys = [DocKey(*k) for m in manifests for k in m["keys"]]
+    which, unit = split_assignment(keys, cfg)
+    routes = [k.split or which[split_key(k, unit)] for k in keys]
+    del keys
+    stats["split"] = {s: routes.count(s) for s in SPLITS}
     stats["split_by"] = unit
+    _check_splits(stats, cfg)
+
+    def write(tmp: Path) -> None:
+        with contextlib.ExitStack() as stack:
+            out = {s: stack.enter_context(open(tmp / f"{s}.jsonl", "w", encoding="utf-8"))
+                   for s in SPLITS}
+            for (line, _), split in zip(shard_docs(work, manifests), routes, strict=True):
+                out[split].write(line)
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
+
+    publish_cache_entry(path, write, replace=not cfg.use_cache)
+    shutil.rmtree(work, ignore_errors=True)
+    stats["cache_hit"] = False
+    return _corpus_at(path, stats, key)
+
+
+def _corpus_at(path: Path, stats: dict, key: str) -> Corpus:
+    splits = {s: DocFile(path / f"{s}.jsonl", stats["split"][s]) for s in SPLITS}
+    return Corpus(**splits, stats=stats, key=key)
+
+
+def _check_splits(stats: dict, cfg: DataConfig) -> None:
+    """A DataError when the train split, or a split given by val/test sources, is empty."""
+    splits = stats["split"]
     if not splits["train"]:  # every kept document is a val/test one
         copies = stats["dropped"].get("duplicate") and (cfg.val_sources or cfg.test_sources)
         raise DataError(
-            f"sources {cfg.sources} left no train documents (kept: {stats['split']}, dropped: "
+            f"sources {cfg.sources} left no train documents (kept: {splits}, dropped: "
             f"{stats['dropped'] or 'none'}); add data" + (
                 " (a training document identical to a val/test one is dropped as a duplicate: "
                 "a val/test source must not also be a training source)" if copies else ""))
@@ -770,17 +1245,6 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         if given and not splits[split]:
             raise DataError(f"{split}_sources {given} left no {split} documents after cleaning "
                             f"(dropped: {stats['dropped'] or 'none'})")
-
-    def write(tmp: Path) -> None:
-        for s in SPLITS:
-            with open(tmp / f"{s}.jsonl", "w", encoding="utf-8") as f:
-                for d in splits[s]:
-                    f.write(json.dumps(asdict(d), ensure_ascii=False) + "\n")
-        (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
-
-    publish_cache_entry(path, write, replace=not cfg.use_cache)
-    stats["cache_hit"] = False
-    return Corpus(**splits, stats=stats, key=key)
 
 
 # --- Datasets ---

@@ -2230,7 +2230,8 @@ def test_an_interrupted_corpus_write_leaves_no_temp_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(dataset, "asdict", interrupted)
     with pytest.raises(KeyboardInterrupt):
         dataset.load_corpus(cfg(tmp_path))
-    assert list((tmp_path / "cache").iterdir()) == []
+    cache = tmp_path / "cache"
+    assert not cache.exists() or list(cache.iterdir()) == []
 
 
 # The task build waits once its temp dir exists, so that a signal lands mid-build.
