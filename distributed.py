@@ -169,20 +169,26 @@ def wrap(model: nn.Module, strategy: str, dist: Dist, device: torch.device,
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    # Buffers (rotary tables, a quantized base) are alike on every rank and never trained:
-    # re-broadcasting them before each forward would send the whole QLoRA base each time.
+    # Buffers (rotary tables, LoRA row maps, NF4's level table) are alike on every rank and
+    # never trained: no re-broadcast before each forward.
     return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
 
 
 def shard(model: nn.Module, precision: str) -> None:
     """FSDP2 on ``model`` (a Transformer): each block one group, gathered for its forward and
     backward and freed after, then the root (embeddings, final norm, head). Each rank keeps
-    1/world of every parameter, gradient and optimizer moment. Under bf16 the gathered weights are
-    bf16 and gradients are reduced in fp32; else all stays fp32."""
+    1/world of every parameter, gradient and optimizer moment (a quantized base's codes and
+    scales too). Under bf16 the gathered weights are bf16 and gradients are reduced in fp32; else
+    all stays fp32."""
     if precision == "bf16":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
         policy = MixedPrecisionPolicy()
+    # A quantized Linear (lora.QuantLinear: integer codes, fp32 scales) is a group of its own,
+    # gathered as stored: cast to bf16, its scales would round, and every weight with them.
+    for module in model.modules():
+        if hasattr(module, "qweight"):
+            fully_shard(module, mp_policy=MixedPrecisionPolicy())
     for block in model.blocks:
         fully_shard(block, mp_policy=policy)
     # The root's floating inputs (the loss's grad_scale) keep their fp32: only the blocks cast.

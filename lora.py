@@ -105,6 +105,10 @@ def nf4_levels() -> torch.Tensor:
 NF4_BLOCK = 64
 
 
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
 class _DequantLinear(torch.autograd.Function):
     """x @ W.T with W dequantized in forward and again in backward: no full-precision W is kept."""
 
@@ -120,7 +124,9 @@ class _DequantLinear(torch.autograd.Function):
 
 class QuantLinear(nn.Module):
     """A frozen Linear whose weight is stored as int8 (per output row absmax) or NF4 (absmax per
-    block of 64 consecutive weights, two 4-bit codes per byte) and dequantized on each call."""
+    block of 64 consecutive weights, two 4-bit codes per byte) and dequantized on each call.
+    The codes (``qweight``) and scales are frozen parameters, one row per output row (int8) or
+    block (NF4): FSDP shards parameters along their rows, so each rank holds 1/N of them."""
 
     def __init__(self, linear: nn.Linear, bits: int):
         super().__init__()
@@ -130,8 +136,8 @@ class QuantLinear(nn.Module):
         w = linear.weight.detach().float()
         if bits == 8:
             scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-            self.register_buffer("qweight", torch.round(w / scale[:, None]).to(torch.int8))
-            self.register_buffer("scale", scale)
+            self.qweight = _frozen(torch.round(w / scale[:, None]).to(torch.int8))
+            self.scale = _frozen(scale)
         else:
             flat = w.flatten()
             flat = F.pad(flat, (0, (-flat.numel()) % NF4_BLOCK)).view(-1, NF4_BLOCK)
@@ -139,8 +145,8 @@ class QuantLinear(nn.Module):
             levels = nf4_levels().to(w.device)
             codes = torch.bucketize(flat / absmax[:, None], (levels[1:] + levels[:-1]) / 2)
             packed = (codes[:, 0::2] << 4) | codes[:, 1::2]
-            self.register_buffer("qweight", packed.to(torch.uint8))
-            self.register_buffer("scale", absmax)
+            self.qweight = _frozen(packed.to(torch.uint8))
+            self.scale = _frozen(absmax)
             # Byte -> its two levels, so dequantizing is one gather.
             byte = torch.arange(256, device=w.device)
             self.register_buffer("pairs", torch.stack((levels[byte >> 4], levels[byte & 15]), -1),
@@ -184,18 +190,34 @@ class QuantReport:
         return self.quantized_bytes / max(self.bf16_bytes, 1)
 
 
+def _quantized(model: nn.Module) -> list[QuantLinear]:
+    return [q for q in model.modules() if isinstance(q, QuantLinear)]
+
+
+def _quantized_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The codes and scales of every quantized Linear (not its bias)."""
+    return [p for q in _quantized(model) for p in (q.qweight, q.scale)]
+
+
+def parameter_count(model: nn.Module) -> int:
+    """The model's parameters as PEFT counts them: a quantized Linear's as the weights it holds."""
+    quantized = {id(p) for p in _quantized_parameters(model)}
+    return (sum(p.numel() for p in model.parameters() if id(p) not in quantized)
+            + sum(q.in_features * q.out_features for q in _quantized(model)))
+
+
 def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """``model.to(dtype)`` for its base weights only: adapters stay fp32, and a quantized base
     keeps its scales and levels (cast, they would change the weights) and dequantizes to dtype."""
-    adapters = [(p, p.data) for name, p in model.named_parameters() if ".lora_" in name]
-    quantized = [(q, dict(q.named_buffers(recurse=False))) for q in model.modules()
-                 if isinstance(q, QuantLinear)]
+    kept = [(p, p.data) for name, p in model.named_parameters() if ".lora_" in name]
+    kept += [(p, p.data) for p in _quantized_parameters(model)]
+    levels = [(q, q.pairs) for q in _quantized(model) if q.bits == 4]
     model.to(dtype)
-    for p, data in adapters:
+    for p, data in kept:
         p.data = data
-    for q, buffers in quantized:
-        for name, buffer in buffers.items():
-            setattr(q, name, buffer)
+    for q, pairs in levels:
+        q.pairs = pairs
+    for q in _quantized(model):
         q.weight_dtype = dtype
     return model
 
@@ -218,7 +240,8 @@ def quantize_base(model: nn.Module, bits: int = 4, skip: tuple[str, ...] = ("lm_
         bf16_bytes += 2 * module.weight.numel()
     if not names:
         raise ValueError("quantize_base: the model has no nn.Linear to quantize (already quantized?)")
-    rest = 2 * sum(p.numel() for p in model.parameters() if p.dtype.is_floating_point)
+    quantized_params = {id(p) for p in _quantized_parameters(model)}
+    rest = 2 * sum(p.numel() for p in model.parameters() if id(p) not in quantized_params)
     return QuantReport(bits, names, quant_bytes, bf16_bytes, quant_bytes + rest)
 
 
@@ -637,10 +660,7 @@ def _report(model: nn.Module, resolved: dict[str, list[str]]) -> LoRAReport:
         targets=resolved,
         modules=[path for path, _ in lora_modules(model)],
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
-        # a quantized weight (a buffer) counts as the weights it stands for, as in PEFT
-        total_params=sum(p.numel() for p in model.parameters())
-        + sum(q.in_features * q.out_features for q in model.modules()
-              if isinstance(q, QuantLinear)),
+        total_params=parameter_count(model),
     )
 
 

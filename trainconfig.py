@@ -365,8 +365,6 @@ def check_strategy(cfg: TrainConfig, named: Callable[[str], str]) -> None:
                          "with torchrun --nproc_per_node N (docs/training.md), or use "
                          "--strategy ddp")
     takes = (  # (key, the values fsdp takes, why no other, with the way on)
-        ("quantize_bits", (0,), "a quantized base is held in buffers, which fsdp does not "
-         "shard: use --strategy ddp, or quantize_bits 0"),
         ("base_dtype", ("fp32",), "fsdp gathers the base in the run's precision (bf16 under "
          "--precision bf16): leave base_dtype fp32"),
         ("optimizer", (None, "adamw"), "muon orthogonalizes whole matrices, fsdp holds shards "

@@ -3327,7 +3327,9 @@ def test_dtype_on_a_quantized_runs_best_keeps_the_base_it_trained_on(tiny_models
     assert want and got.keys() == want.keys()
     assert all(torch.equal(got[n], w) for n, w in want.items())
     for name, p in loaded.named_parameters():  # adapters in fp32, as trained and as export/'s
-        assert p.dtype == (torch.float32 if "lora_" in name else torch.bfloat16), name
+        kept = "lora_" in name or name.endswith((".qweight", ".scale"))
+        trained_dtype = trained.get_parameter(name).dtype
+        assert p.dtype == (trained_dtype if kept else torch.bfloat16), name
 
 
 def test_eval_py_loads_each_model_in_the_dtype_its_flag_names(tiny_models, tmp_path, monkeypatch):

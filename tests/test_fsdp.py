@@ -191,6 +191,106 @@ def test_lora_on_a_sharded_base_trains_as_one_process_and_exports_what_peft_load
         assert (codelm_logits - hf(ids).logits).abs().max() > 1e-4  # the adapter counts
 
 
+def _dequantized_base(base: Path, bits: int, out: Path) -> Path:
+    """``base`` with each Linear that a QLoRA run quantizes replaced by its dequantized weights,
+    saved as an HF checkpoint: the base a QLoRA adapter trained on, for PEFT."""
+    import lora
+    import pretrained
+
+    model = pretrained.load(base, device="cpu")
+    lora.quantize_base(model, bits=bits)
+    for path, q in list(model.named_modules()):
+        if isinstance(q, lora.QuantLinear):
+            linear = torch.nn.Linear(q.in_features, q.out_features, bias=q.bias is not None)
+            linear.weight.data = q.dequantize(torch.float32)
+            if q.bias is not None:
+                linear.bias.data = q.bias.data
+            model.set_submodule(path, linear)
+    pretrained.save(model, out)
+    return out
+
+
+# Under torchrun: the bytes of the quantized base's codes and scales whole and on this rank once
+# sharded in bf16, and the dtypes a block's LoRA and a quantized layer see in their forward.
+QUANTIZED_BYTES = r"""
+import json, sys
+import torch
+import build, distributed, lora, trainingmanager as tm
+
+cfg = tm.TrainConfig(**json.loads(open(sys.argv[1]).read()))
+dist = distributed.this_process()
+distributed.join(dist, torch.device("cpu"))
+model = build.build_model(cfg, type("Tok", (), {"vocab_size": 8})())
+whole = sum(p.nbytes for p in lora._quantized_parameters(model))
+distributed.shard(model, "bf16")
+held = sum(p.to_local().nbytes for p in lora._quantized_parameters(model))
+seen = {}
+qkv = model.blocks[0].attn.qkv
+qkv.register_forward_pre_hook(lambda m, args: seen.update(lora=str(m.lora_A["q_proj"].dtype)))
+qkv.base.register_forward_pre_hook(lambda m, args: seen.update(
+    codes=str(m.qweight.dtype), scales=str(m.scale.dtype)))
+model(torch.zeros(1, 8, dtype=torch.long))
+with open(f"{sys.argv[2]}.{dist.rank}", "w") as f:
+    json.dump({"whole": whole, "held": held, **seen}, f)
+distributed.leave()
+"""
+
+
+@pytest.mark.slow
+def test_qlora_on_a_sharded_nf4_base_trains_as_one_process_and_exports_what_peft_loads(
+        assets, tmp_path):
+    """QLoRA with FSDP: the NF4 base's codes and scales sharded (each rank holds half their
+    bytes), each block recomputed in the backward: the losses and the adapter of one process,
+    and the exported adapter gives in PEFT, on the dequantized base, the logits codelm gives."""
+    import transformers
+    from peft import PeftModel
+
+    import lora
+    import pretrained
+
+    base = tiny_llama(tmp_path)
+    common = dict(init_from=str(base), lora_r=4, lora_alpha=8.0, quantize_bits=4,
+                  lora_targets=["q_proj", "v_proj", "down_proj"], max_steps=6, eval_every=6,
+                  save_every=6, export=True, **COMMON)
+    single = tm.train(tiny_cfg(assets, tmp_path, name="single", batch_size=4, **common))
+    cfg = tiny_cfg(assets, tmp_path, name="fsdp", batch_size=2, strategy="fsdp",
+                   gradient_checkpointing=True, **common)
+    run = _train_on_two_ranks(cfg, tmp_path)
+    assert _losses(run) == pytest.approx(_losses(single.run_dir), rel=1e-5)
+    shards = _flat(_sharded(run / rundir.CHECKPOINTS_DIR / "step-6"))
+    assert shards and all("lora_" in k for k in shards)
+    ours = load_file(run / rundir.EXPORT_DIR / "adapter_model.safetensors")
+    reference = load_file(single.run_dir / rundir.EXPORT_DIR / "adapter_model.safetensors")
+    assert ours.keys() == reference.keys()
+    for k in ours:
+        assert torch.allclose(ours[k], reference[k], atol=1e-6, rtol=0), k
+
+    script = tmp_path / "quantized_bytes.py"
+    script.write_text(QUANTIZED_BYTES)
+    proc = _torchrun(str(script), str(write_config(cfg, tmp_path / "bytes.json")),
+                     str(tmp_path / "bytes"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"bytes.{rank}").read_text()) for rank in (0, 1)]
+    whole = ranks[0]["whole"]
+    assert whole > 0 and sum(r["held"] for r in ranks) == whole
+    assert all(0.45 * whole <= r["held"] <= 0.55 * whole for r in ranks), ranks
+    assert (ranks[0]["lora"], ranks[0]["codes"], ranks[0]["scales"]) == (
+        "torch.bfloat16", "torch.uint8", "torch.float32")  # the scales gathered as stored
+
+    model = pretrained.load(base, device="cpu")
+    lora.quantize_base(model, bits=4)
+    lora.load_adapter(model, run / rundir.EXPORT_DIR)
+    dequantized = transformers.AutoModelForCausalLM.from_pretrained(
+        _dequantized_base(base, 4, tmp_path / "dequantized"))
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(dequantized),
+                                           run / rundir.EXPORT_DIR).eval()
+    ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        codelm_logits = model.eval()(ids)
+        torch.testing.assert_close(codelm_logits, peft_model(ids).logits, atol=1e-4, rtol=0)
+        assert (codelm_logits - dequantized(ids).logits).abs().max() > 1e-4  # the adapter counts
+
+
 @pytest.mark.slow
 def test_fsdp_in_bf16_follows_one_process_in_bf16(assets, tmp_path):
     """--precision bf16: the blocks' weights are gathered in bf16 and the gradients reduced in
@@ -238,8 +338,8 @@ def test_fsdp_on_two_nodes_through_c10d_rendezvous_trains_like_one_process(asset
 
 
 def test_fsdp_is_refused_outside_torchrun_and_with_what_it_cannot_shard(monkeypatch, tmp_path):
-    """One line naming the key and the way on: fsdp needs torchrun; under it a quantized base,
-    a 16-bit base, muon and compile are refused."""
+    """One line naming the key and the way on: fsdp needs torchrun; under it a 16-bit base,
+    muon and compile are refused, a quantized base is taken."""
     cfg = tm.TrainConfig(strategy="fsdp", max_steps=4, preset="tiny")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(ValueError, match=r"strategy.*torchrun --nproc_per_node"):
@@ -247,8 +347,9 @@ def test_fsdp_is_refused_outside_torchrun_and_with_what_it_cannot_shard(monkeypa
     monkeypatch.setenv("WORLD_SIZE", "2")
     tm.validate_config(cfg)
     base = dict(init_from=str(tiny_llama(tmp_path)), lora_r=4)
-    for changed, words in [({**base, "quantize_bits": 4}, r"quantize_bits.*buffers"),
-                           ({**base, "base_dtype": "bf16"}, r"base_dtype.*fp32"),
+    for bits in (4, 8):
+        tm.validate_config(dataclasses.replace(cfg, **base, quantize_bits=bits))
+    for changed, words in [({**base, "base_dtype": "bf16"}, r"base_dtype.*fp32"),
                            ({"optimizer": "muon"}, r"optimizer.*adamw"),
                            ({"compile": True}, r"compile.*eager")]:
         with pytest.raises(ValueError, match=words):
