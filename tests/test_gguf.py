@@ -44,9 +44,10 @@ BYTE_LEVEL = {
     "phi3": Case("phi3", "gpt2", "phi3", "gpt-2"),
 }
 # SentencePiece-style BPE with byte fallback: Mistral's and Llama-2's (Prepend and Replace to
-# U+2581), Gemma's (Replace alone), Phi-3-mini's in its Metaspace form.
+# U+2581), Gemma's and CodeGemma's (Replace alone), Phi-3-mini's in its Metaspace form.
 SENTENCEPIECE = {
     "mistral": Case("mistral", "spm", "llama", "default"),
+    "gemma": Case("gemma", "gemma", "gemma", "default"),
     "gemma2": Case("gemma2", "gemma", "gemma2", "default"),
     "phi3-spm": Case("phi3", "metaspace", "phi3", "default"),
 }
@@ -300,8 +301,7 @@ def _held_out(chars: int) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "starcoder2", "phi3", "mistral",
-                                  "gemma2", "phi3-spm"])
+@pytest.mark.parametrize("name", list(CASES))
 def test_llama_cpp_reads_codelms_ids_and_continues_as_codelm(name, checkpoints, tmp_path):
     """An f32 export: llama.cpp's ids on held-out code are codelm's, and so are its 24 greedy
     tokens."""
@@ -340,8 +340,7 @@ def top1_agreement(llm, model: Transformer, texts: list[list[int]]) -> float:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("outtype, least", [("f16", 0.99), ("q8_0", 0.9)])
-@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "starcoder2", "phi3", "mistral",
-                                  "gemma2"])
+@pytest.mark.parametrize("name", list(CASES))
 def test_llama_cpp_picks_codelms_top_token_on_most_positions(name, outtype, least, checkpoints,
                                                              tmp_path):
     """f16 and q8_0 exports: on held-out code llama.cpp's top-1 next token is codelm's (fp32) at
