@@ -21,6 +21,7 @@ import functools
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import math
 import multiprocessing
@@ -1100,6 +1101,10 @@ class Texts(Sequence[str]):
             return list(map(_plain_text, self.docs[i]))
         return _plain_text(self.docs[i])
 
+    def after(self, n: int) -> Iterator[str]:
+        """The texts after the first ``n``, made as iterated."""
+        return itertools.islice(self, n, None)
+
 
 @dataclass
 class Corpus:
@@ -1373,9 +1378,9 @@ def collate(examples: Sequence[dict[str, torch.Tensor]], pad_id: int | None
 class PreparedData:
     """The three splits of one task: Datasets, or without a tokenizer texts (to train one on)."""
 
-    train: Dataset | list[str]
-    val: Dataset | list[str]
-    test: Dataset | list[str]
+    train: Dataset | Sequence[str]
+    val: Dataset | Sequence[str]
+    test: Dataset | Sequence[str]
     task: str
     stats: dict
     cache_path: Path | None = None
@@ -1670,19 +1675,100 @@ def packed_document(tokenizer: CodeTokenizer | BPETokenizer, ids: Sequence[int])
     return [*tokenizer.template_prefix, *ids, *eos]
 
 
-def _build_lm(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path) -> dict:
+# The lm task tokenizes a split's texts in shards of about this many characters, each written
+# when done (its ids: 8-16 bytes a character while encoded): what an interrupt loses.
+TOKEN_SHARD_CHARS = 8_000_000
+
+
+def _build_lm(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path, work: Path) -> dict:
+    """Each split's packed token file, concatenated from its token shards under ``work``."""
     if tokenizer.eos_id is None:
         raise DataError("the lm task packs files with EOS between them; the tokenizer has no eos_id")
     dtype = _token_dtype(tokenizer)
     meta = {"dtype": dtype, "n_tokens": {}}
     for s in SPLITS:
-        meta["n_tokens"][s] = 0
+        shards = _token_shards(Texts(getattr(corpus, s)), tokenizer, cfg, work, s)
         with open(out / f"{s}.bin", "wb") as f:
-            for ids in _encode(tokenizer, corpus.texts(s), cfg, f"tokenize {s}"):
-                arr = np.asarray(packed_document(tokenizer, ids), dtype=dtype)
-                f.write(arr.tobytes())
-                meta["n_tokens"][s] += len(arr)
+            for shard in shards:
+                with open(shard, "rb") as part:
+                    shutil.copyfileobj(part, f)
+        meta["n_tokens"][s] = (out / f"{s}.bin").stat().st_size // np.dtype(dtype).itemsize
     return meta
+
+
+def _text_chunks(texts: Iterable[str], chars: int) -> Iterator[list[str]]:
+    """Consecutive texts in lists of at least ``chars`` characters (the last: the rest)."""
+    chunk: list[str] = []
+    n = 0
+    for text in texts:
+        chunk.append(text)
+        n += len(text)
+        if n >= chars:
+            yield chunk
+            chunk, n = [], 0
+    if chunk:
+        yield chunk
+
+
+def _token_shards(texts: Texts, tokenizer, cfg: DataConfig, work: Path, split: str
+                  ) -> list[Path]:
+    """One split's packed ids (``packed_document``) in shards of TOKEN_SHARD_CHARS under
+    ``work``, continuing after the last whole shard an earlier build left; their paths."""
+    import blake3
+
+    dtype = _token_dtype(tokenizer)
+    done: list[Path] = []
+    skip = 0
+    while True:
+        path = work / f"{split}-{len(done):05d}.bin"
+        manifest = _whole_token_shard(path)
+        if manifest is None:
+            break
+        done.append(path)
+        skip += manifest["texts"]
+    started = time.perf_counter()
+    chars = 0
+    with progress_bar(total=len(texts), initial=skip, desc=f"tokenize {split}", unit="text",
+                      enabled=cfg.progress) as bar:
+        for chunk in _text_chunks(texts.after(skip), TOKEN_SHARD_CHARS):
+            encoded = tokenizer.encode_batch(chunk, num_workers=cfg.num_workers,
+                                             split_special_tokens=True)
+            packed = [np.asarray(packed_document(tokenizer, ids), dtype) for ids in encoded]
+            data = np.concatenate(packed).tobytes()
+            del encoded, packed
+            path = work / f"{split}-{len(done):05d}.bin"
+            manifest = {"format_version": SHARD_FORMAT_VERSION, "texts": len(chunk),
+                        "bytes": len(data), "blake3": blake3.blake3(data).hexdigest()}
+            with cache_writes(work):
+                work.mkdir(parents=True, exist_ok=True)
+                process.write_atomic_files({path: data,
+                                            path.with_suffix(".json"): json.dumps(manifest)})
+            done.append(path)
+            chars += sum(map(len, chunk))
+            bar.update(len(chunk))
+    if cfg.progress and chars:
+        seconds = time.perf_counter() - started
+        print(f"tokenize {split}: {chars / 1e6:.1f} M characters in {seconds:.1f} s "
+              f"({chars / 1e6 / seconds:.2f} M/s, {cfg.num_workers} workers)", file=sys.stderr)
+    return done
+
+
+def _whole_token_shard(path: Path) -> dict | None:
+    """The manifest of a token shard written whole (its bytes as its manifest says), else None."""
+    try:
+        manifest = json.loads(path.with_suffix(".json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    if manifest.get("format_version") != SHARD_FORMAT_VERSION:
+        print(f"note: token shard {path}: format_version {manifest.get('format_version')}, not "
+              f"{SHARD_FORMAT_VERSION}; it is built again", file=sys.stderr)
+        return None
+    if not path.is_file() or path.stat().st_size != manifest["bytes"] or (
+            process.file_digest(path) != manifest["blake3"]):
+        print(f"note: token shard {path} differs from its manifest; it is built again",
+              file=sys.stderr)
+        return None
+    return manifest
 
 
 def _examples_for(doc: Doc, cfg: DataConfig, events: Counter) -> list[Example]:
@@ -1932,7 +2018,8 @@ def chat_examples(docs: list[Doc], tokenizer, cfg: DataConfig, split: str) -> li
     return examples
 
 
-def _build_supervised(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path) -> dict:
+def _build_supervised(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path, work: Path) -> dict:
+    """The examples of each split, built in memory (``work`` unused: no shards)."""
     if cfg.task == "fim" and None in (tokenizer.fim_prefix_id, tokenizer.fim_middle_id,
                                       tokenizer.fim_suffix_id):
         raise DataError("the fim task needs a tokenizer with FIM tokens (fim_prefix/middle/suffix)")
@@ -1996,7 +2083,8 @@ def prepare(cfg: DataConfig, tokenizer: CodeTokenizer | BPETokenizer | None = No
     cfg.validate()
     if tokenizer is None:
         corpus = load_corpus(cfg)
-        return PreparedData(*map(corpus.texts, SPLITS), task=cfg.task,
+        texts = [Texts(getattr(corpus, s)) for s in SPLITS]  # read as iterated
+        return PreparedData(*texts, task=cfg.task,
                             stats={"corpus": corpus.stats, "cache_hit": corpus.stats["cache_hit"]})
     if cfg.task in ("method", "docstring") and getattr(tokenizer, "strip_comments", False):
         raise DataError(f"the {cfg.task} task needs the docstrings a tokenizer with "
@@ -2010,14 +2098,18 @@ def prepare(cfg: DataConfig, tokenizer: CodeTokenizer | BPETokenizer | None = No
     if not cache_hit:
         corpus = load_corpus(cfg)
         build = _build_lm if cfg.task == "lm" else _build_supervised
+        work = path.with_name(f"{path.name}.shards")  # the token shards of an unfinished build
+        if not cfg.use_cache:
+            shutil.rmtree(work, ignore_errors=True)
 
         def write(tmp: Path) -> None:
-            meta.update(corpus=corpus.stats, task=build(corpus, tokenizer, cfg, tmp))
+            meta.update(corpus=corpus.stats, task=build(corpus, tokenizer, cfg, tmp, work))
             held_out = chain(corpus.val, corpus.test, corpus.train)
             meta["sample_prompt"] = held_out_prompt(held_out, cfg)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
         publish_cache_entry(path, write, replace=not cfg.use_cache)
+        shutil.rmtree(work, ignore_errors=True)
     _note_pairs_as_text(cfg, meta)
     task = meta["task"]
     if cfg.task == "lm":
@@ -2102,8 +2194,8 @@ def main(argv: list[str] | None = None) -> int:
         if data.cache_path is not None:
             print(f"cached at {data.cache_path}")
 
-    return process.run_tool(work, "interrupted: no half-built cache entry is kept; the same "
-                                  "command builds it")
+    return process.run_tool(work, "interrupted: whole shards are kept, no half-built cache "
+                                  "entry; the same command continues from them")
 
 
 if __name__ == "__main__":

@@ -2238,7 +2238,7 @@ def test_an_interrupted_corpus_write_leaves_no_temp_dir(tmp_path, monkeypatch):
 SLOW_BUILD = """
 import sys, time
 import dataset
-def build(corpus, tokenizer, cfg, out):
+def build(corpus, tokenizer, cfg, out, work):
     (out / "started").write_text("")
     time.sleep(60)
 dataset._build_lm = build
@@ -2378,7 +2378,7 @@ def test_kotlin_sources_lose_copyright_and_long_literals(tmp_path, tok):
 def test_tokenizer_free_pass_gives_split_texts(tmp_path):
     data = prepare(cfg(tmp_path), None)
     corpus = dataset.load_corpus(cfg(tmp_path))
-    assert data.train == corpus.texts("train") and len(data.val) == len(corpus.val)
+    assert list(data.train) == corpus.texts("train") and len(data.val) == len(corpus.val)
     originals = {dataset.strip_license_header(t)[0] for t in email_texts().values()}
     assert set(data.train) <= originals
     sample = prepare(cfg(tmp_path, max_docs=5), None)

@@ -1,0 +1,193 @@
+"""dataset.py's streaming preparation: the corpus and the lm task's token files built in shards,
+the same bytes whatever the worker count or the shard size, an interrupted build continued
+after its whole shards, and memory bounded by a shard, not by the corpus. References: a build in
+one shard, a one-worker build, and the tokenizer's own encode of every text."""
+
+import json
+import shutil
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import dataset
+from dataset import DataConfig, prepare, stdlib_root
+from tokenizer import CodeTokenizer
+
+EMAIL = stdlib_root() / "email"  # 29 real stdlib files, about 380 KB
+
+
+@pytest.fixture
+def source(tmp_path) -> Path:
+    """The stdlib's email package, with an exact copy, a copy only after cleaning (CRLF), a file
+    too small and one too large: drops before and in cleaning."""
+    src = tmp_path / "src"
+    shutil.copytree(EMAIL, src)
+    (src / "copy.py").write_text((EMAIL / "utils.py").read_text("utf-8"))
+    (src / "crlf.py").write_bytes((EMAIL / "utils.py").read_bytes().replace(b"\n", b"\r\n"))
+    (src / "short.py").write_text("x = 1\n")
+    (src / "huge.py").write_text("x = 1\n" * 200_000)
+    return src
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> CodeTokenizer:
+    return CodeTokenizer.train(p.read_text("utf-8") for p in sorted(EMAIL.glob("*.py")))
+
+
+def config(cache: Path, src: Path, **kw) -> DataConfig:
+    return DataConfig(sources=[str(src)], cache_dir=str(cache), progress=False, **kw)
+
+
+def entry_bytes(path: Path) -> dict[str, bytes]:
+    """Every file of a cache entry but its counts (meta.json, stats.json), by name."""
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())
+            if p.name not in ("meta.json", "stats.json")}
+
+
+def small_shards(monkeypatch, docs: int = 4, chars: int = 40_000) -> None:
+    monkeypatch.setattr(dataset, "SHARD_DOCS", docs)
+    monkeypatch.setattr(dataset, "TOKEN_SHARD_CHARS", chars)
+
+
+def test_one_and_two_workers_and_any_shard_size_write_the_same_bytes(tmp_path, source, tokenizer,
+                                                                     monkeypatch):
+    """The corpus entry and the lm token files: identical at 1 and 2 workers in small shards,
+    and to a build in one shard; the token file is the tokenizer's encode of each text, packed."""
+    whole = prepare(config(tmp_path / "whole", source), tokenizer)
+    small_shards(monkeypatch)
+    one = prepare(config(tmp_path / "one", source, num_workers=1), tokenizer)
+    two = prepare(config(tmp_path / "two", source, num_workers=2), tokenizer)
+    corpus = {name: dataset.load_corpus(config(tmp_path / name, source))
+              for name in ("whole", "one", "two")}
+    corpus_dirs = {name: Path(c.train.path).parent for name, c in corpus.items()}
+    assert entry_bytes(corpus_dirs["one"]) == entry_bytes(corpus_dirs["two"]) == entry_bytes(
+        corpus_dirs["whole"])
+    assert corpus["one"].stats == corpus["two"].stats
+    dropped = corpus["one"].stats["dropped"]
+    assert dropped["duplicate"] == 2 and dropped["too_few_lines"] == dropped["too_large"] == 1
+    assert entry_bytes(one.cache_path) == entry_bytes(two.cache_path) == entry_bytes(
+        whole.cache_path)
+    for split in ("train", "val", "test"):
+        texts = corpus["one"].texts(split)
+        expected = [t for text in texts
+                    for t in dataset.packed_document(tokenizer, tokenizer.encode(text))]
+        got = np.fromfile(one.cache_path / f"{split}.bin", dtype=one.stats["task"]["dtype"])
+        assert got.tolist() == expected
+    assert not list(tmp_path.glob("*/*.shards"))  # the shards go once the entry is published
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupt_after(monkeypatch, name: str, n: int) -> list:
+    """Make ``dataset.<name>`` raise on its call number ``n + 1``; the calls' first arguments."""
+    real = getattr(dataset, name)
+    calls: list = []
+
+    def counted(*args, **kwargs):
+        if len(calls) == n:
+            raise Interrupted
+        calls.append(args[1] if name == "_write_shard" else args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dataset, name, counted)
+    return calls
+
+
+def test_an_interrupted_corpus_build_continues_after_its_whole_shards(tmp_path, source,
+                                                                      monkeypatch):
+    """Stopped after 3 shards, the next build writes only the shards after them (the first are
+    the same files, untouched), and its entry and counts equal an uninterrupted build's."""
+    small_shards(monkeypatch)
+    reference = dataset.load_corpus(config(tmp_path / "ref", source, num_workers=2))
+    c = config(tmp_path / "cache", source, num_workers=2)
+    real = dataset._write_shard
+    interrupt_after(monkeypatch, "_write_shard", 3)
+    with pytest.raises(Interrupted):
+        dataset.load_corpus(c)
+    work = next((tmp_path / "cache").glob("corpus-*.shards"))
+    assert sorted(p.name for p in work.glob("*.json")) == [
+        "shard-00000.json", "shard-00001.json", "shard-00002.json"]
+    first = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in work.iterdir()}
+    written = []
+
+    def check_and_write(directory, shard):
+        now = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in work.iterdir()
+               if p.name in first}
+        assert now == first  # the whole shards are the same files, not written again
+        written.append(shard.index)
+        return real(directory, shard)
+
+    monkeypatch.setattr(dataset, "_write_shard", check_and_write)
+    corpus = dataset.load_corpus(c)
+    assert written[0] == 3 and len(written) > 3
+    assert entry_bytes(Path(corpus.train.path).parent) == entry_bytes(
+        Path(reference.train.path).parent)
+    assert {**corpus.stats, "cache_hit": None} == {**reference.stats, "cache_hit": None}
+    assert not work.exists()
+
+
+def test_an_interrupted_lm_build_continues_after_its_whole_token_shards(tmp_path, source,
+                                                                        tokenizer, monkeypatch):
+    """Stopped while tokenizing, the next build encodes only the texts after the whole token
+    shards, and its token files equal an uninterrupted build's."""
+    small_shards(monkeypatch, docs=2000)
+    reference = prepare(config(tmp_path / "ref", source), tokenizer)
+    c = config(tmp_path / "cache", source)
+    prepare(c, None)  # the corpus first: only the token shards are interrupted
+    encoded: list = []
+    real = CodeTokenizer.encode_batch
+
+    def encode_batch(self, texts, **kwargs):
+        if len(encoded) == 3:
+            raise Interrupted
+        encoded.append(len(texts))
+        return real(self, texts, **kwargs)
+
+    monkeypatch.setattr(CodeTokenizer, "encode_batch", encode_batch)
+    with pytest.raises(Interrupted):
+        prepare(c, tokenizer)
+    work = next((tmp_path / "cache").glob("lm-*.shards"))
+    whole = sorted(p.name for p in work.glob("*.bin"))
+    assert len(whole) == 3
+    texts = sum(json.loads(p.with_suffix(".json").read_text())["texts"]
+                for p in work.glob("*.bin"))
+    counted: list = []
+    monkeypatch.setattr(CodeTokenizer, "encode_batch",
+                        lambda self, t, **kw: counted.append(len(t)) or real(self, t, **kw))
+    data = prepare(c, tokenizer)
+    n_texts = sum(len(getattr(dataset.load_corpus(c), s)) for s in ("train", "val", "test"))
+    assert sum(counted) == n_texts - texts  # the whole shards' texts are not encoded again
+    assert entry_bytes(data.cache_path) == entry_bytes(reference.cache_path)
+
+
+def synthetic_corpus(root: Path, files: int, size: int) -> Path:
+    """``files`` distinct Python files of about ``size`` bytes each."""
+    root.mkdir()
+    for i in range(files):
+        lines = [f"def f_{i}_{j}(x):\n    return x * {j} + {i}\n" for j in range(size // 36)]
+        (root / f"m{i:04d}.py").write_text("".join(lines))
+    return root
+
+
+def test_memory_follows_the_shard_not_the_corpus(tmp_path, monkeypatch):
+    """Python's allocations at their peak while the corpus is cleaned and split (one worker:
+    all in this process) stay near a shard's size, far below the corpus's 6 MB."""
+    src = synthetic_corpus(tmp_path / "src", 300, 20_000)
+    corpus_bytes = sum(p.stat().st_size for p in src.iterdir())
+    monkeypatch.setattr(dataset, "SHARD_DOCS", 10)  # about 200 KB a shard
+    tracemalloc.start()
+    try:
+        corpus = dataset.load_corpus(config(tmp_path / "cache", src, **dataset_whole()))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert corpus.stats["kept"]["files"] == 300
+    assert peak < corpus_bytes / 4, (peak, corpus_bytes)
+
+
+def dataset_whole() -> dict:
+    return dict(train_frac=1.0, val_frac=0.0, test_frac=0.0)
