@@ -24,7 +24,7 @@ import lora
 import pretrained
 import process
 import settings
-from architecture import Transformer, rope_inv_freq
+from architecture import ModelConfig, Transformer, rope_inv_freq
 from tokenizer import SPIECE_SPACE, BPETokenizer
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -148,7 +148,7 @@ def _space_prefix(spec: dict) -> bool:
     return prefix
 
 
-def context_length(cfg, family: GgufFamily) -> int:
+def context_length(cfg: ModelConfig, family: GgufFamily) -> int:
     """The context over which llama.cpp computes what codelm does: an architecture that ignores
     a sliding window agrees with it only up to the window's length."""
     windowed = any(cfg.slides(layer) for layer in range(cfg.n_layer))

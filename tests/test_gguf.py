@@ -1,8 +1,9 @@
 """GGUF export: llama.cpp's own reader (the gguf package) finds each family's hyperparameters
-and tokenizer under llama.cpp's keys, its tensors hold the model's weights in llama.cpp's
-layouts (q/k rows interleaved where its rotation pairs neighbours), and bad input is one line;
-llama.cpp itself (llama-cpp-python, built from the registry: slow) reads the same token ids and
-continues greedily as codelm does."""
+and tokenizer (byte-level BPE, or SentencePiece-style with byte tokens and scores in merge order)
+under llama.cpp's keys, its tensors hold the model's weights in llama.cpp's layouts (q/k rows
+interleaved where its rotation pairs neighbours), and bad input is one line; llama.cpp itself
+(llama-cpp-python, built from the registry: slow) reads the same token ids, continues greedily
+as codelm does, and picks codelm's top-1 token on most positions from f16 and q8_0 files."""
 
 from __future__ import annotations
 
