@@ -23,6 +23,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -259,16 +260,28 @@ def is_sharded(path: Path) -> bool:
     return (Path(path) / SHARDED_DIR).is_dir()
 
 
-def _shards(model: nn.Module, optimizer: torch.optim.Optimizer, trainable_only: bool) -> dict:
-    """The model's and optimizer's state as DCP saves and loads it: keyed by parameter names, so
-    that any number of processes, sharded or not, reads what any number wrote."""
+def _model_shards(model: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """The model's tensors as DCP saves and loads them: keyed by parameter names, so that any
+    number of processes, sharded or not, reads what any number wrote."""
     options = StateDictOptions(ignore_frozen_params=trainable_only)
     weights = get_model_state_dict(model, options=options)
     if trainable_only:  # (a frozen tied weight comes through under its second name)
         trainable = {n for n, p in model.named_parameters(remove_duplicate=False)
                      if p.requires_grad}
         weights = {name: t for name, t in weights.items() if name in trainable}
-    return {"model": weights,
+    return weights
+
+
+def _load_options(trainable_only: bool) -> StateDictOptions:
+    """How ``_shards`` is loaded back: only the trainable tensors when ``trainable_only`` (the
+    frozen base is the model's own, built from init_from; DCP has checked every key it reads)."""
+    return StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
+
+
+def _shards(model: nn.Module, optimizer: torch.optim.Optimizer, trainable_only: bool) -> dict:
+    """The model's and optimizer's state as DCP saves and loads it."""
+    options = StateDictOptions(ignore_frozen_params=trainable_only)
+    return {"model": _model_shards(model, trainable_only),
             "optimizer": get_optimizer_state_dict(model, optimizer, options=options)}
 
 
@@ -330,18 +343,46 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
         raise _broken(path, problem)
     state = read_state(path)
     shards = _shards(model, optimizer, trainable_only)
+    _read_shards(path, shards, dist)
+    options = _load_options(trainable_only)
+    set_model_state_dict(model, shards["model"], options=options)
+    set_optimizer_state_dict(model, optimizer, shards["optimizer"], options=options)
+    if bad := _nonfinite_shard(shards, dist):
+        raise _broken(path, f"{SHARDED_DIR}: {bad} holds inf or NaN")
+    return state
+
+
+def _read_shards(path: Path, shards: dict, dist: Dist) -> None:
+    """Fill ``shards`` (tensors keyed as written) in place from sharded checkpoint ``path``; an
+    unreadable one is a CorruptCheckpointError naming it."""
     try:
         with warnings.catch_warnings():  # one process reading shards: that is the intent
             warnings.filterwarnings("ignore", "torch.distributed is disabled")
             dcp.load(shards, checkpoint_id=path / SHARDED_DIR, no_dist=not dist.enabled)
     except (CheckpointException, RuntimeError, ValueError, OSError) as e:
         raise _broken(path, f"{SHARDED_DIR}: {str(e).splitlines()[0]}") from None
-    options = StateDictOptions(ignore_frozen_params=trainable_only)
-    set_model_state_dict(model, shards["model"], options=options)
-    set_optimizer_state_dict(model, optimizer, shards["optimizer"], options=options)
-    if bad := _nonfinite_shard(shards, dist):
-        raise _broken(path, f"{SHARDED_DIR}: {bad} holds inf or NaN")
-    return state
+
+
+def load_sharded_weights(path: Path, model: nn.Module, trainable_only: bool) -> None:
+    """Load the model's tensors of sharded checkpoint ``path`` into ``model`` (not sharded) in
+    this one process, which reads every rank's shards (eval.py scores a run's checkpoint so)."""
+    path = Path(path)
+    if problem := process.manifest_problem(path):
+        raise _broken(path, problem)
+    weights = _model_shards(model, trainable_only)
+    _read_shards(path, {"model": weights}, Dist())
+    set_model_state_dict(model, weights, options=_load_options(trainable_only))
+
+
+def sharded_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The model's tensors of sharded checkpoint ``path``, whole, read in this one process
+    without a model (their names and shapes from DCP's metadata)."""
+    reader = dcp.FileSystemReader(Path(path) / SHARDED_DIR)
+    tensors = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
+               for key, meta in reader.read_metadata().state_dict_metadata.items()
+               if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
+    _read_shards(Path(path), tensors, Dist())
+    return tensors
 
 
 def gathered_tensors(model: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
@@ -380,8 +421,11 @@ def finite_checkpoint(checkpoints: Sequence[Path], trainable_only: bool) -> Path
         if process.manifest_problem(path):
             continue
         try:
-            tensors = load_file(path / weights_file(trainable_only))
-        except (SafetensorError, OSError):
+            if is_sharded(path):
+                tensors = sharded_weights(path)
+            else:
+                tensors = load_file(path / weights_file(trainable_only))
+        except (CorruptCheckpointError, SafetensorError, OSError):
             continue
         if nonfinite_tensor(tensors) is None:
             return path

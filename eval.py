@@ -940,13 +940,17 @@ def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
     if weights_dir is None:
         raise ValueError(f"{run_dir}: no model in {rundir.EXPORT_DIR}/, and no intact "
                          f"{rundir.BEST_DIR}/ or checkpoint to score")
-    adapter_only = (weights_dir / rundir.ADAPTER_FILE).is_file()
-    weights = weights_dir / checkpoint.weights_file(adapter_only)
-    file = pretrained.SafetensorsFile(weights)  # a truncated file is an error naming it
     # an init_adapter run's LoRA layout comes from the run's own copy
     model = build.build_model(cfg, load_tokenizer(tok_dir), rundir.adapter_copy(run_dir))
-    checkpoint.load_model_tensors(model, {name: file.view(name) for name in file.entries},
-                                  str(weights), adapter_only)
+    if checkpoint.is_sharded(weights_dir):  # --strategy fsdp's: this process reads every shard
+        adapter_only = cfg.lora_r > 0 and cfg.init_from is not None  # as the run saved them
+        checkpoint.load_sharded_weights(weights_dir, model, adapter_only)
+    else:
+        adapter_only = (weights_dir / rundir.ADAPTER_FILE).is_file()
+        weights = weights_dir / checkpoint.weights_file(adapter_only)
+        file = pretrained.SafetensorsFile(weights)  # a truncated file is an error naming it
+        checkpoint.load_model_tensors(model, {name: file.view(name) for name in file.entries},
+                                      str(weights), adapter_only)
     if dtype is not None:  # else as it trained (a LoRA base in its base_dtype)
         model = lora.cast_model(model, SHORT_DTYPES[dtype])
     return model.to(device), tok_dir, config, _run_weights(run_dir, weights_dir)
@@ -1759,11 +1763,12 @@ def _identity(lm: LoadedModel) -> dict:
     a bf16 norm is too coarse to see a retrain)."""
     per_tensor: list[torch.Tensor] = []
     for p in lm.model.parameters():
-        parts = p.detach().flatten().split(_NORM_SLICE)
-        l1 = sum(torch.linalg.vector_norm(x, 1, dtype=torch.float64) for x in parts)
-        l2 = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(x, 2, dtype=torch.float64) for x in parts]))
-        per_tensor += [l1, l2]
+        l1s, l2s = [], []
+        for x in p.detach().flatten().split(_NORM_SLICE):
+            x = x.double()  # one slice at a time; a quantized base's codes are integers
+            l1s.append(torch.linalg.vector_norm(x, 1))
+            l2s.append(torch.linalg.vector_norm(x, 2))
+        per_tensor += [sum(l1s), torch.linalg.vector_norm(torch.stack(l2s))]
     norms = torch.stack(per_tensor).tolist()  # one device sync
     return {"label": lm.label, "source": lm.source,
             "weight_norms": [math.fsum(norms[0::2]), math.fsum(norms[1::2])],

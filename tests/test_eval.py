@@ -2684,6 +2684,43 @@ def test_a_run_still_training_before_its_first_checkpoint_is_named_so(tmp_path):
     assert "--resume" not in str(err.value) and "export" not in str(err.value)
 
 
+@pytest.mark.parametrize("qlora", [False, True])
+def test_a_sharded_checkpoint_is_scored_from_its_shards_in_one_process(tiny_models, tmp_path,
+                                                                       qlora):
+    """--strategy fsdp checkpoints hold DCP shards (step-N/sharded/), no .safetensors: eval
+    reads them in one process into the model the run builds: every tensor as saved, or under
+    QLoRA the adapter on the base quantized again from init_from."""
+    import dataclasses
+    import json
+
+    import torch
+
+    import checkpoint
+    import trainingmanager as tm
+
+    cfg = tm.TrainConfig(preset="tiny")
+    if qlora:
+        cfg = tm.TrainConfig(init_from=str(tiny_models["base"]), lora_r=4, quantize_bits=4)
+    run = tmp_path / "run"
+    run.mkdir()
+    config = dataclasses.asdict(cfg)
+    (run / rundir.CONFIG_FILE).write_text(json.dumps(config))
+    tiny_models["tok"].save(run)
+    torch.manual_seed(1)
+    saved = build.build_model(cfg, tiny_models["tok"])
+    trained = [p for p in saved.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in trained:  # (LoRA's B starts at zero)
+            p.normal_()
+    step = run / rundir.CHECKPOINTS_DIR / f"{rundir.CHECKPOINT_PREFIX}3"
+    assert checkpoint.save_sharded(step, checkpoint.RunState(step=3), config, saved,
+                                   torch.optim.AdamW(trained), qlora, tm.Dist()) is None
+    assert checkpoint.is_sharded(step) and not list(step.glob("*.safetensors"))
+    loaded = ev.load_model(str(run), torch.device("cpu")).model.state_dict()
+    assert loaded.keys() == saved.state_dict().keys()
+    assert all(torch.equal(t, loaded[k]) for k, t in saved.state_dict().items())
+
+
 def test_a_run_with_no_best_yet_scores_its_latest_checkpoint(tiny_models, tmp_path, capsys):
     """A run stopped (or still training) before its first evaluation holds checkpoints but no
     best/: eval scores its latest checkpoint, with a note naming it, not a bare

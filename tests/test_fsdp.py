@@ -292,6 +292,57 @@ def test_qlora_on_a_sharded_nf4_base_trains_as_one_process_and_exports_what_peft
 
 
 @pytest.mark.slow
+def test_a_diverged_fsdp_run_names_its_sharded_checkpoint_which_eval_scores_as_one_process(
+        assets, tmp_path):
+    """A QLoRA run on two FSDP ranks whose loss turns NaN at step 6: the stop names its sharded
+    step-4 checkpoint as the last good one, as one process's run names its step-4; eval.py,
+    with no best/ or export/ to score, reads that checkpoint's shards in one process and scores
+    it as it scores one process's step 4."""
+    import eval as ev
+
+    common = dict(init_from=str(tiny_llama(tmp_path)), lora_r=4, lora_alpha=8.0,
+                  quantize_bits=4, lora_targets=["q_proj", "v_proj"], max_steps=10,
+                  eval_every=100, save_every=4, inject_nan_at_step=6, **COMMON)
+    single = tiny_cfg(assets, tmp_path, name="single", batch_size=4, **common)
+    assert tm.main(["--config", str(write_config(single, tmp_path / "single.json"))]) == 1
+    cfg = tiny_cfg(assets, tmp_path, name="fsdp", batch_size=2, strategy="fsdp", **common)
+    proc = _torchrun("trainingmanager.py", "--config",
+                     str(write_config(cfg, tmp_path / "fsdp.json")))
+    assert proc.returncode != 0
+    runs = {name: Path(cfg.out_dir) / name for name in ("single", "fsdp")}
+    for name, run in runs.items():
+        step_4 = run / rundir.CHECKPOINTS_DIR / "step-4"
+        assert [p.name for p in rundir.list_checkpoints(run)] == ["step-4"], name
+        assert checkpoint.is_sharded(step_4) == (name == "fsdp")
+        error = json.loads((run / rundir.METRICS_FILE).read_text().splitlines()[-1])
+        assert "non-finite" in error["message"], error
+        assert f"last good checkpoint is {step_4}" in error["message"], error
+        assert not (run / rundir.BEST_DIR).exists() and not (run / rundir.EXPORT_DIR).exists()
+    scored = {}
+    for name, run in runs.items():
+        result = ev.evaluate(ev.EvalConfig(models=[str(run)], tasks=["lm"], lm_windows=8,
+                                           out_dir=str(tmp_path / f"eval-{name}"),
+                                           device="cpu", progress=False))
+        (row,) = result["rows"]
+        scored[name] = row["metrics"]
+        assert result["models"][0]["weights"] == "checkpoints/step-4/", result["models"]
+    assert scored["fsdp"].keys() == scored["single"].keys()
+    assert scored["fsdp"] == pytest.approx(scored["single"], rel=1e-4)
+
+    # Resumed without the NaN, each continues from its step 4: the sharded adapter and its
+    # AdamW moments come back on both ranks, and the two runs go on alike to step 10.
+    tm.train(dataclasses.replace(single, resume=str(runs["single"]), inject_nan_at_step=None))
+    resumed = dataclasses.replace(cfg, resume=str(runs["fsdp"]), inject_nan_at_step=None)
+    proc = _torchrun("trainingmanager.py", "--config",
+                     str(write_config(resumed, tmp_path / "resumed.json")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed" in proc.stdout
+    ours, reference = _losses(runs["fsdp"]), _losses(runs["single"])
+    assert len(ours) == len(reference) >= 10
+    assert ours == pytest.approx(reference, rel=1e-5, nan_ok=True)
+
+
+@pytest.mark.slow
 def test_fsdp_in_bf16_follows_one_process_in_bf16(assets, tmp_path):
     """--precision bf16: the blocks' weights are gathered in bf16 and the gradients reduced in
     fp32 (the shards stay fp32); the losses follow one process's bf16 autocast run to within
@@ -335,6 +386,31 @@ def test_fsdp_on_two_nodes_through_c10d_rendezvous_trains_like_one_process(asset
     assert sum("x 2 processes (fsdp)" in out for out, _ in outputs) == 1  # rank 0's node
     run = Path(cfg.out_dir) / "nodes"
     assert _losses(run) == pytest.approx(_losses(single.run_dir), rel=1e-5)
+
+
+def test_the_last_finite_checkpoint_is_found_among_sharded_ones(tmp_path):
+    """finite_checkpoint reads a sharded checkpoint's weights from its shards: the newest
+    whose shards are intact and finite."""
+    import torch.distributed.checkpoint as dcp
+
+    import process
+
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    steps = [tmp_path / f"step-{n}" for n in (2, 4, 6)]
+    for path in steps:
+        assert checkpoint.save_sharded(path, checkpoint.RunState(), {}, model, optimizer,
+                                       False, tm.Dist()) is None
+    assert checkpoint.finite_checkpoint(steps, trainable_only=False) == steps[2]
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    # step-6's shards hold a NaN under a manifest that matches them; step-4's shards changed
+    # under its manifest.
+    shards = {"model": model.state_dict()}
+    dcp.save(shards, checkpoint_id=steps[2] / checkpoint.SHARDED_DIR)
+    dcp.save(shards, checkpoint_id=steps[1] / checkpoint.SHARDED_DIR)
+    process.write_manifest(steps[2])
+    assert checkpoint.finite_checkpoint(steps, trainable_only=False) == steps[0]
 
 
 def test_fsdp_is_refused_outside_torchrun_and_with_what_it_cannot_shard(monkeypatch, tmp_path):
