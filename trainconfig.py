@@ -19,7 +19,7 @@ from typing import NamedTuple
 import rundir
 import settings
 from architecture import PRESETS, SHORT_DTYPES, ModelConfig
-from checkpoint import check_run_paths
+from checkpoint import check_run_paths, is_sharded
 from dataconfig import DataConfig
 from distributed import STRATEGIES
 from optim import OPTIMIZERS
@@ -342,7 +342,8 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings
     run = Path(cfg.resume)
     if not run.is_dir():
         raise ValueError(f"--resume {cfg.resume}: no such run directory")
-    if any((run / f).is_file() for f in (rundir.MODEL_FILE, rundir.ADAPTER_FILE)):
+    if is_sharded(run) or any((run / f).is_file() for f in (rundir.MODEL_FILE,
+                                                             rundir.ADAPTER_FILE)):
         # a checkpoint's, best/'s or export/'s config.json made it look like a run with no
         # checkpoint yet: a whole new run started inside it
         owner = run.parent.parent if run.parent.name == rundir.CHECKPOINTS_DIR else run.parent

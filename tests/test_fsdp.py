@@ -413,6 +413,18 @@ def test_the_last_finite_checkpoint_is_found_among_sharded_ones(tmp_path):
     assert checkpoint.finite_checkpoint(steps, trainable_only=False) == steps[0]
 
 
+def test_resume_of_a_sharded_checkpoint_directory_names_its_run(tmp_path):
+    """--resume RUN/checkpoints/step-N of a sharded checkpoint (a config.json, no .safetensors)
+    is weights, not a run: refused naming the run, as a one-file checkpoint is."""
+    run = tmp_path / "run"
+    step = run / rundir.CHECKPOINTS_DIR / "step-2"
+    model = torch.nn.Linear(4, 3)
+    checkpoint.save_sharded(step, checkpoint.RunState(step=2), {}, model,
+                            torch.optim.AdamW(model.parameters()), False, tm.Dist())
+    with pytest.raises(ValueError, match=rf"weights .*--resume {run} continues"):
+        tm.validate_config(tm.TrainConfig(resume=str(step), max_steps=4))
+
+
 def test_fsdp_is_refused_outside_torchrun_and_with_what_it_cannot_shard(monkeypatch, tmp_path):
     """One line naming the key and the way on: fsdp needs torchrun; under it a 16-bit base,
     muon and compile are refused, a quantized base is taken."""
