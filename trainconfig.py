@@ -133,6 +133,8 @@ class TrainConfig:
     # end of run
     export: bool = True  # write export/: HF model + tokenizer, or the PEFT adapter
     export_merged: bool = False  # under LoRA: also write the merged full model
+    export_gguf: str | None = None  # also write export/model.gguf (LoRA merged) and an Ollama
+    #   Modelfile, for llama.cpp, Ollama and LM Studio, matrices in f32 | f16 | bf16 | q8_0
     sample_prompt: str | None = None  # completed greedily at the end (with --export); None: a
     #   held-out prompt in the task's format (a function's header, a validation pair's input)
     sample_tokens: int = 96  # at most this many tokens of that sample
@@ -158,6 +160,7 @@ _CHOICES = {
     "base_dtype": tuple(SHORT_DTYPES),
     "lora_bias": ("none", "lora_only", "all"),
     "strategy": STRATEGIES,
+    "export_gguf": ("f32", "f16", "bf16", "q8_0"),  # gguf_export.OUTTYPES
 }
 
 
@@ -335,6 +338,12 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings
         raise ValueError(f"{', '.join(lora_only)}: LoRA settings, but {named('lora_r')} trains "
                          "every weight: set lora_r > 0, or drop them")
     check_strategy(cfg, named)
+    need(cfg.export_gguf is None or cfg.export, "export_gguf",
+         f"writes into export/, and {named('export')} is off: turn it on, or set export_gguf none")
+    need(cfg.export_gguf is None or cfg.init_from is not None or cfg.tokenizer is not None,
+         "export_gguf", "a from-scratch run trains codelm's CodeTokenizer, whose greedy pieces "
+         f"llama.cpp cannot run: set tokenizer ({where_set('tokenizer')}) to an HF BPE "
+         "tokenizer.json, or set export_gguf none")
     need(0 <= cfg.seed < 2**63, "seed", "must be in [0, 2**63)")
     check_run_name(cfg.name, named("name"))
     if cfg.resume is None:
@@ -487,7 +496,7 @@ OVERFIT_HONOURS = ("overfit", "max_steps", "lr", "preset", "n_layer", "n_head", 
 OVERFIT_IGNORES = ("name", "out_dir", "eval_every", "eval_examples", "eval_precision",
                    "early_stop_patience", "early_stop_min_delta", "log_every", "save_every",
                    "keep_last", "max_time_s", "time_budget_min", "export", "export_merged",
-                   "sample_prompt", "sample_tokens", "final_eval")
+                   "export_gguf", "sample_prompt", "sample_tokens", "final_eval")
 
 
 def overfit_settings(cfg: TrainConfig) -> dict:
