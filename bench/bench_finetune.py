@@ -26,8 +26,9 @@ the process's peak resident set (VmHWM, reset after loading) minus its resident 
 loading, over one step with glibc told to hand every freed block over 64 KiB straight back (so
 the peak is what was alive, not what the allocator kept for reuse); on CUDA max_memory_allocated
 minus memory_allocated after loading. Speed, from another process with the allocator as it
-comes (handing blocks back costs both libraries page faults): the fastest timed step (the first
-step is a warm-up). Before the steps each library computes the batch's loss in eval
+comes (handing blocks back costs both libraries page faults), the libraries' processes taking
+turns for --rounds rounds: the fastest timed step of any round (each process's first step is a
+warm-up). Before the steps each library computes the batch's loss in eval
 mode (no dropout), which also reads every weight in: the two are equal when the weights and the
 adapter agree. The losses of every step are printed; dropout masks differ between libraries.
 """
@@ -43,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -270,18 +272,35 @@ def spawn_child(lib: str, ckpt: Path, args, steps: int, eager_free: bool) -> dic
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(lib: str, ckpt: Path, args) -> dict:
-    """Speed and losses of --steps steps; the memory of one step with eager freeing (on CUDA
-    the allocator's own count needs no second run)."""
-    speed = spawn_child(lib, ckpt, args, args.steps, eager_free=False)
-    if args.device != "cpu":
-        return speed
-    return {**speed, "above_mib": spawn_child(lib, ckpt, args, 1, eager_free=True)["above_mib"]}
-
-
 def timed(result: dict) -> slice:
     """The steps timed: all but the first (a warm-up), where there are several."""
     return slice(1, None) if len(result["seconds"]) > 1 else slice(None)
+
+
+def joined(rounds: list[dict]) -> dict:
+    """One library's speed runs as one: the first run's warm-up, then every run's timed steps."""
+    first = rounds[0]
+    seconds, real = first["seconds"][:1], first["real_tokens"][:1]
+    for result in rounds:
+        seconds += result["seconds"][timed(result)]
+        real += result["real_tokens"][timed(result)]
+    return {**first, "seconds": seconds, "real_tokens": real}
+
+
+def measure(libs: Sequence[str], ckpt: Path, args) -> dict[str, dict]:
+    """Each library's speed and losses over --steps steps, its processes taking turns for
+    --rounds rounds (a busy spell of the machine falls on both); then the memory of one step
+    with eager freeing (on CUDA the allocator's own count needs no second run)."""
+    rounds: dict[str, list[dict]] = {lib: [] for lib in libs}
+    for _ in range(args.rounds):
+        for lib in libs:
+            rounds[lib].append(spawn_child(lib, ckpt, args, args.steps, eager_free=False))
+    results = {lib: joined(runs) for lib, runs in rounds.items()}
+    if args.device == "cpu":
+        for lib in libs:
+            one_step = spawn_child(lib, ckpt, args, 1, eager_free=True)
+            results[lib]["above_mib"] = one_step["above_mib"]
+    return results
 
 
 def step_seconds(result: dict) -> float:
@@ -301,7 +320,7 @@ def bench_family(family: str, args) -> dict:
         ckpt = Path(tmp)
         subprocess.run([sys.executable, __file__, "--make", family, "--checkpoint", tmp,
                         *(["--layers", str(layers)] if layers else [])], check=True)
-        results = {lib: measure(lib, ckpt, args) for lib in libs}
+        results = measure(libs, ckpt, args)
     trainable = {r["trainable"] for r in results.values()}
     assert len(trainable) == 1, trainable
     row = dict(family=family, model=SHAPES[family][0], trainable=trainable.pop(),
@@ -356,6 +375,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq", type=int, default=1024, help="tokens a row (default: 1024)")
     parser.add_argument("--steps", type=int, default=3,
                         help="steps per library, the first a warm-up (default: 3)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="speed runs per library, the libraries taking turns (default: 2)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads (default: all)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
