@@ -194,14 +194,14 @@ def _quantized(model: nn.Module) -> list[QuantLinear]:
     return [q for q in model.modules() if isinstance(q, QuantLinear)]
 
 
-def _quantized_parameters(model: nn.Module) -> list[nn.Parameter]:
+def quantized_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The codes and scales of every quantized Linear (not its bias)."""
     return [p for q in _quantized(model) for p in (q.qweight, q.scale)]
 
 
 def parameter_count(model: nn.Module) -> int:
     """The model's parameters as PEFT counts them: a quantized Linear's as the weights it holds."""
-    quantized = {id(p) for p in _quantized_parameters(model)}
+    quantized = {id(p) for p in quantized_parameters(model)}
     return (sum(p.numel() for p in model.parameters() if id(p) not in quantized)
             + sum(q.in_features * q.out_features for q in _quantized(model)))
 
@@ -210,7 +210,7 @@ def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """``model.to(dtype)`` for its base weights only: adapters stay fp32, and a quantized base
     keeps its scales and levels (cast, they would change the weights) and dequantizes to dtype."""
     kept = [(p, p.data) for name, p in model.named_parameters() if ".lora_" in name]
-    kept += [(p, p.data) for p in _quantized_parameters(model)]
+    kept += [(p, p.data) for p in quantized_parameters(model)]
     levels = [(q, q.pairs) for q in _quantized(model) if q.bits == 4]
     model.to(dtype)
     for p, data in kept:
@@ -240,7 +240,7 @@ def quantize_base(model: nn.Module, bits: int = 4, skip: tuple[str, ...] = ("lm_
         bf16_bytes += 2 * module.weight.numel()
     if not names:
         raise ValueError("quantize_base: the model has no nn.Linear to quantize (already quantized?)")
-    quantized_params = {id(p) for p in _quantized_parameters(model)}
+    quantized_params = {id(p) for p in quantized_parameters(model)}
     rest = 2 * sum(p.numel() for p in model.parameters() if id(p) not in quantized_params)
     return QuantReport(bits, names, quant_bytes, bf16_bytes, quant_bytes + rest)
 

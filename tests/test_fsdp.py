@@ -221,9 +221,9 @@ cfg = tm.TrainConfig(**json.loads(open(sys.argv[1]).read()))
 dist = distributed.this_process()
 distributed.join(dist, torch.device("cpu"))
 model = build.build_model(cfg, type("Tok", (), {"vocab_size": 8})())
-whole = sum(p.nbytes for p in lora._quantized_parameters(model))
+whole = sum(p.nbytes for p in lora.quantized_parameters(model))
 distributed.shard(model, "bf16")
-held = sum(p.to_local().nbytes for p in lora._quantized_parameters(model))
+held = sum(p.to_local().nbytes for p in lora.quantized_parameters(model))
 seen = {}
 qkv = model.blocks[0].attn.qkv
 qkv.register_forward_pre_hook(lambda m, args: seen.update(lora=str(m.lora_A["q_proj"].dtype)))
