@@ -509,11 +509,11 @@ def test_an_interrupt_outside_the_step_loop_says_what_is_left_to_resume(assets, 
 
 
 def test_ddp_broadcasts_no_buffers_which_every_rank_computes_alike(tmp_path, monkeypatch):
-    """DDP's default broadcast_buffers=True sends every buffer before each forward: under QLoRA
-    the whole quantized base. Every buffer (rotary frequencies, LoRA row maps, the quantized
-    base) is computed from the config and the weights, so each rank's copy is the same and
-    training never changes it: the broadcast before each forward is turned off (torch 2.13's
-    forward_sync_buffers; the deprecated broadcast_buffers warns on every rank)."""
+    """DDP's default broadcast_buffers=True sends every buffer before each forward. Every buffer
+    (rotary frequencies, LoRA row maps) is computed from the config and the weights, so each
+    rank's copy is the same and training never changes it: the broadcast before each forward
+    is turned off (torch 2.13's forward_sync_buffers; the deprecated broadcast_buffers warns on
+    every rank). The quantized base's codes and scales are frozen parameters, not buffers."""
 
     import torch.nn.parallel
 
@@ -531,7 +531,9 @@ def test_ddp_broadcasts_no_buffers_which_every_rank_computes_alike(tmp_path, mon
     models = [build.build_model(cfg, types.SimpleNamespace(vocab_size=8)) for _ in range(2)]
     buffers = [dict(m.named_buffers()) for m in models]
     assert {n.rsplit(".", 1)[-1].split("_")[0] for n in buffers[0]} == {
-        "inv", "rows", "order", "qweight", "scale", "pairs"}
+        "inv", "rows", "order", "pairs"}
+    frozen = {n.rsplit(".", 1)[-1] for n, p in models[0].named_parameters() if not p.requires_grad}
+    assert {"qweight", "scale"} <= frozen
     assert_bit_equal(buffers[0], buffers[1])  # two ranks build the same buffers
     before = {n: b.clone() for n, b in buffers[0].items()}
     trainer = tm.Trainer(models[0], plan.with_fallbacks(dataclasses.replace(cfg, max_steps=10)),
