@@ -21,6 +21,7 @@ import torch.nn as nn
 from torch.utils.data import Dataset, Subset
 
 import checkpoint
+import gguf_export
 import lora
 import plan
 import pretrained
@@ -73,6 +74,19 @@ def check_lora_export(cfg: TrainConfig, model: nn.Module,
                      f"({setting(cfg, 'lora_targets', where_set)}) is tied to {names}, so it "
                      f"cannot be merged: drop it from lora_targets, or train with "
                      f"{settings.off_switch('export_merged', where_set)}")
+
+
+def check_gguf_export(cfg: TrainConfig, model: nn.Module, tok: CodeTokenizer | BPETokenizer,
+                      where_set: Callable[[str], str] = settings.flag_of) -> None:
+    """Refuse, before training, an export_gguf of a model or tokenizer llama.cpp cannot run
+    (plan.py refuses what the checkpoint's config already shows, before the data)."""
+    if cfg.export_gguf is None:
+        return
+    try:
+        gguf_export.check_exportable(model, tok)
+    except ValueError as e:
+        raise ValueError(f"{setting(cfg, 'export_gguf', where_set)}: {e}; or set export_gguf "
+                         "none") from None
 
 
 def load_or_train_tokenizer(cfg: TrainConfig, dcfg: DataConfig, saved: Path | None = None
@@ -212,6 +226,7 @@ def _build(cfg: TrainConfig, claimed: rundir.ClaimedDir, dist: Dist, device: tor
         first[run_dir / rundir.INIT_ADAPTER_COPY] = (
             Path(cfg.init_adapter) / lora.ADAPTER_CONFIG).read_bytes()
     check_lora_export(cfg, model)
+    check_gguf_export(cfg, model, data.tok)
     if dist.enabled:  # same init everywhere, but each rank its own dropout stream
         seed_everything(cfg.seed + dist.rank)
     budgeted = cfg.max_steps is None and cfg.epochs is None

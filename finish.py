@@ -1,5 +1,6 @@
 """The end of a training run: its best weights exported (the HF layout, or the PEFT adapter and
-the merged model) with a sample completion, and the final evaluation of the export."""
+the merged model; with export_gguf a GGUF file too) with a sample completion, and the final
+evaluation of the export."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import build
 import checkpoint
 import distributed
 import generation
+import gguf_export
 import lora
 import pretrained
 import rundir
@@ -30,6 +32,7 @@ from trainer import perplexity
 
 if typing.TYPE_CHECKING:
     from tokenizer import BPETokenizer, CodeTokenizer
+    from trainconfig import TrainConfig
 
 
 def export_run(run: Run) -> tuple[Path | None, str | None]:
@@ -79,6 +82,8 @@ def export_run(run: Run) -> tuple[Path | None, str | None]:
         tok.save(tmp)
         pretrained.copy_hf_companions(cfg.tokenizer, cfg.init_from, tok, tmp,
                                       weights=cfg.lora_r == 0)
+        if cfg.export_gguf is not None:
+            write_gguf(cfg, model, tok, tmp, run_dir.name)
         # Which best/ it holds: eval.py scores best/ instead once a resume trains past it.
         (tmp / rundir.EXPORT_RECORD).write_text(json.dumps({"best_step": exported_step}))
 
@@ -86,7 +91,20 @@ def export_run(run: Run) -> tuple[Path | None, str | None]:
     best_loss = run.state.best_val_loss
     print(f"exported to {export} (best validation loss {best_loss:.4f}, perplexity "
           f"{perplexity(best_loss):.2f})")
+    if cfg.export_gguf is not None:
+        print(gguf_export.ollama_hint(export / rundir.GGUF_FILE, cfg.export_gguf))
     return export, sample
+
+
+def write_gguf(cfg: TrainConfig, model: nn.Module, tok: CodeTokenizer | BPETokenizer,
+               export: Path, name: str) -> Path:
+    """``export``/model.gguf and its Modelfile, of the model the export holds: ``model`` itself,
+    or under LoRA the adapter just written there merged into its base (fp32, on the CPU), as
+    ``pretrained.py export-gguf`` loads a LoRA run's export."""
+    if cfg.lora_r > 0:
+        model = pretrained.load(cfg.init_from, dtype="fp32", device="cpu")
+        lora.load_adapter(model, export)
+    return gguf_export.save(model, tok, export / rundir.GGUF_FILE, cfg.export_gguf, name)
 
 
 def unsharded_copy(run: Run) -> nn.Module | None:

@@ -1,8 +1,7 @@
-"""GGUF export: a model codelm loads (an HF checkpoint, a run, an adapter on its base) written
-as one .gguf file that llama.cpp, Ollama and LM Studio run, its tokenizer inside, with an Ollama
-Modelfile beside it.
-
-    python pretrained.py export-gguf RUN_OR_DIR OUT.gguf [--outtype f32|f16|bf16|q8_0]
+"""GGUF export: a model (LoRA merged) written as one .gguf file that llama.cpp, Ollama and LM
+Studio run, its tokenizer inside, with an Ollama Modelfile beside it (``save``). The command
+line, which loads any model eval.py loads, is gguf_cli.py's; a run's ``--export-gguf`` writes
+export/model.gguf through ``save`` (finish.py).
 
 Written through ``gguf``, llama.cpp's own writer: its tensor-name tables map the HF names,
 the metadata keys are llama.cpp's, and LoRA adapters are merged first. q4 and the other k-quants
@@ -22,8 +21,6 @@ import torch
 
 import lora
 import pretrained
-import process
-import settings
 from architecture import ModelConfig, Transformer, rope_inv_freq
 from tokenizer import SPIECE_SPACE, BPETokenizer
 
@@ -58,7 +55,13 @@ PRE_TOKENIZERS = {"GPT2_PATTERN": "gpt-2", "STARCODER_PATTERN": "starcoder",
 
 def check_exportable(model: Transformer, tok) -> None:
     """Refuse, naming the reason, a model llama.cpp would run differently."""
-    cfg = model.cfg
+    check_architecture(model.cfg)
+    _tokenizer_kind(tok)
+
+
+def check_architecture(cfg: ModelConfig) -> None:
+    """Refuse, naming the reason, an architecture llama.cpp lacks or computes differently: known
+    from the model's config alone, before its weights or tokenizer are read."""
     if cfg.family not in GGUF_FAMILIES:
         raise ValueError(f"family {cfg.family!r}: llama.cpp has no architecture for it; GGUF "
                          f"export covers {', '.join(sorted(GGUF_FAMILIES))} (use the HF export "
@@ -71,7 +74,6 @@ def check_exportable(model: Transformer, tok) -> None:
     if cfg.attn_scale is not None and abs(cfg.attn_scale - cfg.head_dim ** -0.5) > 1e-9:
         raise ValueError(f"attention scale {cfg.attn_scale:g} (not 1/sqrt(head_dim)): llama.cpp "
                          "derives the scale from head_dim")
-    _tokenizer_kind(tok)
 
 
 def _tokenizer_kind(tok) -> str:
@@ -264,7 +266,7 @@ def _permuted(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
-    """The model's weights under llama.cpp's names, in its layouts, fp32."""
+    """The model's weights under llama.cpp's names, in its layouts, fp32 on the CPU."""
     cfg = model.cfg
     family = GGUF_FAMILIES[cfg.family]
     names = gguf.get_tensor_name_map(_arch_enum(family.arch), cfg.n_layer)
@@ -273,7 +275,7 @@ def gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise ValueError(f"{hf_name}: no tensor of llama.cpp's {family.arch} takes it")
-        tensor = tensor.float()
+        tensor = tensor.float().cpu()
         if family.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             tensor = _permuted(tensor, cfg.n_head)
         if family.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
@@ -354,45 +356,24 @@ def modelfile(gguf_file: Path, tok) -> str:
     return "\n".join(lines) + "\n"
 
 
-def export(source: str, out: Path, outtype: str, tokenizer: str | None = None) -> Path:
-    """Load ``source`` as eval.py does, write ``out`` and its Modelfile beside it."""
-    import eval as evaluation
+MODELFILE = "Modelfile"  # beside the .gguf: ollama create NAME -f Modelfile
 
+
+def save(model: Transformer, tok, out: Path, outtype: str, name: str = "codelm") -> Path:
+    """Write ``model`` (LoRA merged in) and ``tok`` to ``out`` through ``out.partial`` (a stopped
+    write leaves no ``out``), and the Modelfile beside it; return ``out``."""
     out = Path(out)
-    if out.suffix != ".gguf":
-        raise ValueError(f"{out}: name the output file NAME.gguf")
-    if not out.parent.is_dir():
-        raise ValueError(f"{out}: no directory {out.parent}")
-    loaded = evaluation.load_model(source, "cpu", tokenizer=tokenizer, dtype="fp32",
-                                   what="export-gguf")
-    check_exportable(loaded.model, loaded.tokenizer)
     partial = out.with_name(out.name + ".partial")
     try:
-        write_gguf(loaded.model, loaded.tokenizer, partial, outtype, name=loaded.label)
+        write_gguf(model, tok, partial, outtype, name)
+        partial.replace(out)
+        out.with_name(MODELFILE).write_text(modelfile(out, tok), encoding="utf-8")
     except OSError as e:
         raise ValueError(f"{out}: cannot write ({e.strerror})") from None
-    partial.replace(out)
-    out.with_name("Modelfile").write_text(modelfile(out, loaded.tokenizer), encoding="utf-8")
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = settings.ArgumentParser(
-        prog="pretrained.py export-gguf",
-        description="Write a model as GGUF for llama.cpp, Ollama and LM Studio: an HF checkpoint "
-        "directory, a codelm run (its export, best/ or last checkpoint, LoRA merged), an adapter "
-        "whose config names its base, or BASE+ADAPTER; an Ollama Modelfile goes beside it.")
-    parser.add_argument("source", help="the model (RUN_OR_DIR)")
-    parser.add_argument("out", help="the file to write, NAME.gguf")
-    parser.add_argument("--outtype", choices=OUTTYPES, default="f16",
-                        help="tensor type of the matrices (default: f16); vectors stay f32")
-    parser.add_argument("--tokenizer", default=None,
-                        help="a tokenizer.json (or its directory) where the source has none")
-    args = parser.parse_args(argv)
-
-    def run() -> None:
-        path = export(args.source, Path(args.out), args.outtype, args.tokenizer)
-        print(f"wrote {path} ({args.outtype}) and {path.with_name('Modelfile')}: "
-              f"ollama create NAME -f {path.with_name('Modelfile')}")
-
-    return process.run_tool(run, "interrupted: nothing written")
+def ollama_hint(out: Path, outtype: str) -> str:
+    """What a written export is and how Ollama takes it in."""
+    recipe = out.with_name(MODELFILE)
+    return f"wrote {out} ({outtype}) and {recipe}: ollama create NAME -f {recipe}"

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import torch
 
+import gguf_export
 import lora
 import pretrained
 import rundir
@@ -148,6 +149,12 @@ def check_model_source(cfg: TrainConfig, where_set: Callable[[str], str] = setti
             context = pretrained.read_config(path)[0].block_size
             need(cfg.block_size <= context, "block_size",
                  f"longer than the context of {named('init_from')}, {context} positions")
+        if cfg.export_gguf is not None:  # the tokenizer: build.check_gguf_export
+            try:
+                gguf_export.check_architecture(pretrained.read_config(path)[0])
+            except ValueError as e:
+                raise ValueError(f"{named('export_gguf')}: {named('init_from')}: {e}; or set "
+                                 "export_gguf none") from None
     else:  # the preset, the shape and model_options, checked before the data is prepared
         try:
             shape = model_config(with_rung(cfg, BUDGET_LADDER[0]) if cfg.preset == "auto"

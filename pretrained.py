@@ -1129,9 +1129,9 @@ def copy_hf_companions(tokenizer: str | None, init_from: str | None, tok, out: P
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["export-gguf"]:
-        import gguf_export  # (it loads models as eval.py does, which imports this module)
+        import gguf_cli  # (it loads models as eval.py does, which imports this module)
 
-        return gguf_export.main(argv[1:])
+        return gguf_cli.main(argv[1:])
     parser = settings.ArgumentParser(
         description="Convert a local HF checkpoint codelm loads (safetensors or .bin, sharded or "
         "not) into a new safetensors directory in the family's HF layout, cast to --dtype; "

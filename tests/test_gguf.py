@@ -21,6 +21,7 @@ import torch
 from tiny_hf import save_tiny_hf, train_family_tokenizer, train_hf_tokenizer
 
 import dataset
+import gguf_cli
 import gguf_export
 import pretrained
 from architecture import PRESETS, Transformer
@@ -88,7 +89,7 @@ def _field(reader, key: str):
 
 
 def _export(checkpoint: Path, tmp_path: Path, outtype: str = "f32") -> Path:
-    return gguf_export.export(str(checkpoint), tmp_path / "model.gguf", outtype)
+    return gguf_cli.export(str(checkpoint), tmp_path / "model.gguf", outtype)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -368,7 +369,7 @@ def test_an_adapter_is_merged_into_its_base_before_writing(checkpoints, tmp_path
     save_adapter(model, tmp_path / "adapter")
     merge_lora(model)
     merged = model.blocks[0].attn.qkv.base.weight[: model.cfg.n_head * model.cfg.head_dim]
-    out = gguf_export.export(f"{checkpoints['llama']}+{tmp_path / 'adapter'}",
+    out = gguf_cli.export(f"{checkpoints['llama']}+{tmp_path / 'adapter'}",
                              tmp_path / "tuned.gguf", "f32")
     q = next(t for t in gguf.GGUFReader(out).tensors if t.name == "blk.0.attn_q.weight")
     q = torch.from_numpy(q.data.copy())
@@ -376,3 +377,107 @@ def test_an_adapter_is_merged_into_its_base_before_writing(checkpoints, tmp_path
     torch.testing.assert_close(halves.reshape(q.shape), merged, rtol=0, atol=1e-6)
     original = pretrained.load(checkpoints["llama"]).blocks[0].attn.qkv.weight[: q.shape[0]]
     assert not torch.allclose(merged, original, atol=1e-3)
+
+
+# ---- --export-gguf at the end of a training run ----------------------------------------------
+
+def _corpus(path: Path) -> Path:
+    """A few small stdlib files: data for a short run."""
+    path.mkdir()
+    files = [f for f in dataset.stdlib_files() if 1500 < f.stat().st_size < 5000][:12]
+    for i, f in enumerate(files):
+        shutil.copy(f, path / f"f{i:03d}.py")
+    return path
+
+
+def _run_config(tmp_path: Path, **overrides):
+    import trainingmanager as tm
+
+    values = dict(data=[str(_corpus(tmp_path / "corpus"))], block_size=32, batch_size=4,
+                  max_steps=3, warmup_steps=1, lr=3e-2, eval_every=3, eval_examples=4,
+                  progress=False, report_to=["none"], out_dir=str(tmp_path / "runs"),
+                  name="run", sample_tokens=4, precision="fp32",
+                  data_options={"cache_dir": str(tmp_path / "cache"), "progress": False})
+    return tm.TrainConfig(**{**values, **overrides})
+
+
+def test_a_lora_run_with_export_gguf_writes_its_merged_weights_and_a_modelfile(checkpoints,
+                                                                               tmp_path, capsys):
+    """--export-gguf f32 on a LoRA run: export/model.gguf holds, as gguf's reader reads it, the
+    base's tensors with W + alpha/r * B @ A added from the PEFT adapter files the run wrote
+    (llama's q and k rows interleaved), and export/Modelfile runs it."""
+    from safetensors.torch import load_file
+
+    import trainingmanager as tm
+
+    base = checkpoints["llama"]
+    cfg = _run_config(tmp_path, init_from=str(base), lora_r=4, lora_alpha=8.0,
+                      export_gguf="f32")
+    tm.validate_config(cfg)
+    export = tm.train(cfg).run_dir / "export"
+    want = load_file(base / "model.safetensors")
+    adapter = load_file(export / "adapter_model.safetensors")
+    scale = 8.0 / 4
+    for key, a in adapter.items():
+        if ".lora_A." in key:
+            b = adapter[key.replace(".lora_A.", ".lora_B.")]
+            name = key.removeprefix("base_model.model.").replace(".lora_A.", ".")
+            want[name] = want[name] + scale * b @ a
+    assert any(".lora_B." in k and v.abs().max() > 0 for k, v in adapter.items())
+    cfg_model = pretrained.load(base).cfg
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg_model.n_layer)
+    reader = gguf.GGUFReader(export / "model.gguf")
+    got = {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
+    heads = {"q_proj": cfg_model.n_head, "k_proj": cfg_model.n_kv_head}
+    compared = 0
+    for hf_name, tensor in want.items():
+        if hf_name == "lm_head.weight" and cfg_model.tie_embeddings:
+            continue
+        ours = got[names.get_name(hf_name, try_suffixes=(".weight", ".bias"))]
+        if (proj := hf_name.split(".")[-2]) in heads:  # llama.cpp's pairs back to HF's halves
+            n = heads[proj]
+            ours = ours.view(n, cfg_model.head_dim // 2, 2, -1).transpose(1, 2).reshape(ours.shape)
+        torch.testing.assert_close(ours, tensor, rtol=0, atol=1e-6, msg=hf_name)
+        compared += 1
+    assert compared == len(got) - ("rope_freqs.weight" in got)
+    assert (export / "Modelfile").read_text().startswith("FROM ./model.gguf\n")
+    assert f"ollama create NAME -f {export / 'Modelfile'}" in capsys.readouterr().out
+
+
+def test_export_gguf_is_refused_before_training_naming_the_setting(checkpoints, tmp_path,
+                                                                   capsys):
+    """A from-scratch run training codelm's CodeTokenizer, as its settings are read; a family
+    llama.cpp lacks, as its checkpoint's config is read; a CodeTokenizer file given as the
+    tokenizer, once loaded: one line naming export_gguf, and no run directory left."""
+    from tiny_hf import save_tiny_hf
+
+    import trainingmanager as tm
+
+    codegen = tmp_path / "codegen"
+    save_tiny_hf("codegen", codegen, vocab_size=load_tokenizer(checkpoints["phi"]).vocab_size)
+    shutil.copy(checkpoints["phi"] / "tokenizer.json", codegen / "tokenizer.json")
+    code_tokenizer = tmp_path / "code_tokenizer"
+    CodeTokenizer.train(["def f(x):\n    return x\n"] * 20, min_freq=2).save(code_tokenizer)
+    corpus = _corpus(tmp_path / "corpus")
+    runs = tmp_path / "runs"
+    common = ["--max-steps", "2", "--out-dir", str(runs), "--export-gguf", "f16", "--no-progress",
+              "--data", str(corpus), "--block-size", "32", "--data-options",
+              json.dumps({"cache_dir": str(tmp_path / "cache"), "progress": False})]
+    for argv, words in ((["--preset", "tiny"], ("CodeTokenizer", "--tokenizer")),
+                        (["--init-from", str(codegen), "--lora-r", "4"], ("codegen",)),
+                        (["--preset", "tiny", "--tokenizer", str(code_tokenizer)],
+                         ("CodeTokenizer", "--tokenizer"))):
+        capsys.readouterr()
+        assert tm.main([*argv, *common]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        for word in ("export_gguf", "--export-gguf", *words):
+            assert word in err, err
+        assert not runs.exists() or not any(runs.iterdir())
+
+
+def test_the_runs_choices_are_the_writers_outtypes():
+    import trainingmanager as tm
+
+    flag = next(a for a in tm.build_parser()._actions if "--export-gguf" in a.option_strings)
+    assert [c for c in flag.choices if c is not None] == list(gguf_export.OUTTYPES)

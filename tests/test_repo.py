@@ -97,7 +97,7 @@ def test_bench_lora_refuses_a_width_its_heads_do_not_divide(capsys, monkeypatch)
 BELOW_FLOOR_3 = {"process", "settings", "rundir", "checkpoint", "tokenizer", "kernels",
                  "architecture", "generation", "optim", "scraping", "pretrained", "lora", "dataset",
                  "dataconfig", "batches", "trainconfig", "distributed", "trainer", "record",
-                 "plan", "build", "finish", "sandbox"}
+                 "plan", "build", "finish", "sandbox", "gguf_export"}
 MAY_IMPORT = {
     "process": set(),
     "settings": set(),
@@ -112,6 +112,7 @@ MAY_IMPORT = {
     "scraping": {"process", "settings"},
     "pretrained": {"process", "settings", "rundir", "architecture"},
     "lora": {"process", "settings", "architecture", "pretrained"},
+    "gguf_export": {"architecture", "tokenizer", "pretrained", "lora"},
     "dataconfig": set(),
     "dataset": {"process", "settings", "tokenizer", "scraping", "dataconfig", "kernels"},
     "batches": {"dataset", "kernels"},
@@ -121,18 +122,18 @@ MAY_IMPORT = {
                 "trainconfig"},
     "record": {"process", "settings", "rundir", "checkpoint", "distributed"},
     "plan": {"process", "settings", "rundir", "architecture", "pretrained", "lora",
-             "trainconfig"},
+             "gguf_export", "trainconfig"},
     "build": {"process", "settings", "rundir", "checkpoint", "architecture", "tokenizer",
-              "pretrained", "lora", "dataconfig", "dataset", "batches", "trainconfig",
-              "distributed", "trainer", "record", "plan"},
-    "finish": {"process", "settings", "rundir", "checkpoint", "pretrained", "lora", "dataset",
-               "generation", "tokenizer", "trainer", "record", "build"},
+              "pretrained", "lora", "gguf_export", "dataconfig", "dataset", "batches",
+              "trainconfig", "distributed", "trainer", "record", "plan"},
+    "finish": {"process", "settings", "rundir", "checkpoint", "pretrained", "lora", "gguf_export",
+               "dataset", "generation", "tokenizer", "trainer", "record", "build"},
     "sandbox": {"process", "settings"},
     "trainingmanager": BELOW_FLOOR_3,
     "eval": BELOW_FLOOR_3 | {"trainingmanager"},
     "hyperparam_tune": {"process", "settings", "rundir", "trainingmanager"},
     "recipes": BELOW_FLOOR_3 | {"trainingmanager", "eval"},
-    "gguf_export": BELOW_FLOOR_3 | {"trainingmanager", "eval"},
+    "gguf_cli": BELOW_FLOOR_3 | {"trainingmanager", "eval"},
 }
 
 # Imports each module fresh (the project's modules dropped from sys.modules in between; torch

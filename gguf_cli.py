@@ -1,0 +1,48 @@
+"""``python pretrained.py export-gguf RUN_OR_DIR OUT.gguf [--outtype f32|f16|bf16|q8_0]``: any
+model eval.py loads (an HF checkpoint directory, a run: its export, best/ or last checkpoint, an
+adapter naming its base, or BASE+ADAPTER), loaded as eval.py loads it and written as GGUF with its
+Ollama Modelfile by gguf_export (LoRA merged). pretrained.py's command line hands this command
+over here: loading a run takes eval.py, which stands above pretrained."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import eval as evaluation
+import gguf_export
+import process
+import settings
+
+
+def export(source: str, out: Path, outtype: str, tokenizer: str | None = None) -> Path:
+    """Load ``source`` as eval.py does, write ``out`` and its Modelfile beside it."""
+    out = Path(out)
+    if out.suffix != ".gguf":
+        raise ValueError(f"{out}: name the output file NAME.gguf")
+    if not out.parent.is_dir():
+        raise ValueError(f"{out}: no directory {out.parent}")
+    loaded = evaluation.load_model(source, "cpu", tokenizer=tokenizer, dtype="fp32",
+                                   what="export-gguf")
+    gguf_export.check_exportable(loaded.model, loaded.tokenizer)
+    return gguf_export.save(loaded.model, loaded.tokenizer, out, outtype, name=loaded.label)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = settings.ArgumentParser(
+        prog="pretrained.py export-gguf",
+        description="Write a model as GGUF for llama.cpp, Ollama and LM Studio: an HF checkpoint "
+        "directory, a codelm run (its export, best/ or last checkpoint, LoRA merged), an adapter "
+        "whose config names its base, or BASE+ADAPTER; an Ollama Modelfile goes beside it.")
+    parser.add_argument("source", help="the model (RUN_OR_DIR)")
+    parser.add_argument("out", help="the file to write, NAME.gguf")
+    parser.add_argument("--outtype", choices=gguf_export.OUTTYPES, default="f16",
+                        help="tensor type of the matrices (default: f16); vectors stay f32")
+    parser.add_argument("--tokenizer", default=None,
+                        help="a tokenizer.json (or its directory) where the source has none")
+    args = parser.parse_args(argv)
+
+    def run() -> None:
+        path = export(args.source, Path(args.out), args.outtype, args.tokenizer)
+        print(gguf_export.ollama_hint(path, args.outtype))
+
+    return process.run_tool(run, "interrupted: nothing written")
