@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[30, 100, 300],
                         help="corpus sizes in MB (default: 30 100 300)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default: 2)")
-    parser.add_argument("--old", type=Path, help="a checkout of another commit, run in turn")
+    parser.add_argument("--old", type=Path, help="a checkout of another commit, run in turn (default: none)")
     args = parser.parse_args()
     files = python_files()
     available = sum(p.stat().st_size for p in files) / 1e6
