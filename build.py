@@ -468,7 +468,7 @@ def restore_checkpoint(cfg: TrainConfig, path: Path, trainer: Trainer, data: Dat
 def announce(run: Run) -> None:
     """The run's first line, and the warnings about its settings."""
     cfg, trainer, batches, planned = run.cfg, run.trainer, run.data.batches, run.state.max_steps
-    n_params = sum(p.numel() for p in trainer.raw_model.parameters())
+    n_params = lora.parameter_count(trainer.raw_model)
     n_train = sum(p.numel() for p in trainer.params)
     n = batches.examples_per_epoch
     if batches.windows_at_every_token:

@@ -384,7 +384,7 @@ def step_cost(model: torch.nn.Module, block_size: int, batch_size: int, grad_acc
         powers = torch.tensor([[1.0, n, n * n] for n in lengths], dtype=torch.float64)
         c, a, b = torch.linalg.solve(powers, torch.tensor(saved, dtype=torch.float64)).tolist()
         per_sequence = max(c, 0.0) + max(a, 0.0) * block_size + max(b, 0.0) * block_size**2
-    params = sum(p.numel() for p in model.parameters())
+    params = lora.parameter_count(model)  # a quantized base counts its weights, not its codes
     width = model.cfg.n_layer * model.cfg.n_embd
 
     def flops(n: int) -> float:
