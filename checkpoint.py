@@ -14,29 +14,21 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
-import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint import CheckpointException
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.tensor import DTensor
 
 import process
 import settings
 from distributed import Dist, RankZeroFailed, all_gather, broadcast
 from rundir import ADAPTER_FILE, CONFIG_FILE, MODEL_FILE, STATE_FILE, list_checkpoints
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
 
 # A checkpoint's layout, named by its state.pt's format_version; another version is refused.
 FORMAT_VERSION = 1  # state.pt (the optimizer's state in it) beside the model's .safetensors
@@ -254,6 +246,8 @@ def load(path: Path, model: nn.Module, trainable_only: bool) -> RunState:
 
 
 # ---- Sharded checkpoints (--strategy fsdp): each process writes and reads its shards ----
+# torch.distributed.checkpoint and DTensor are imported where a sharded checkpoint is handled:
+# importing them takes about a second, which no other run or script pays.
 
 def is_sharded(path: Path) -> bool:
     """Whether checkpoint ``path`` holds shards (SHARDED_FORMAT_VERSION)."""
@@ -263,6 +257,8 @@ def is_sharded(path: Path) -> bool:
 def _model_shards(model: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
     """The model's tensors as DCP saves and loads them: keyed by parameter names, so that any
     number of processes, sharded or not, reads what any number wrote."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     options = StateDictOptions(ignore_frozen_params=trainable_only)
     weights = get_model_state_dict(model, options=options)
     if trainable_only:  # (a frozen tied weight comes through under its second name)
@@ -275,11 +271,15 @@ def _model_shards(model: nn.Module, trainable_only: bool) -> dict[str, torch.Ten
 def _load_options(trainable_only: bool) -> StateDictOptions:
     """How ``_shards`` is loaded back: only the trainable tensors when ``trainable_only`` (the
     frozen base is the model's own, built from init_from; DCP has checked every key it reads)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
     return StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
 
 
 def _shards(model: nn.Module, optimizer: torch.optim.Optimizer, trainable_only: bool) -> dict:
     """The model's and optimizer's state as DCP saves and loads it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
     options = StateDictOptions(ignore_frozen_params=trainable_only)
     return {"model": _model_shards(model, trainable_only),
             "optimizer": get_optimizer_state_dict(model, optimizer, options=options)}
@@ -287,6 +287,8 @@ def _shards(model: nn.Module, optimizer: torch.optim.Optimizer, trainable_only: 
 
 def _nonfinite_shard(shards: dict, dist: Dist) -> str | None:
     """The name of a tensor holding inf or NaN in any rank's shards (collective), or None."""
+    from torch.distributed.tensor import DTensor
+
     local = {name: t.to_local() if isinstance(t, DTensor) else t
              for name, t in shards["model"].items()}
     for name, slots in shards["optimizer"]["state"].items():
@@ -301,6 +303,8 @@ def save_sharded(path: Path, state: RunState, config: dict, model: nn.Module,
     rank 0's temporary directory, rank 0 adds state.pt (``state``: no weights, no optimizer),
     the config and the manifest, and publishes it atomically. Returns the name of a tensor
     holding inf or NaN instead, writing nothing."""
+    import torch.distributed.checkpoint as dcp
+
     shards = _shards(model, optimizer, trainable_only)
     if bad := _nonfinite_shard(shards, dist):
         return bad
@@ -338,6 +342,11 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     number of processes: DCP reshards) and return its RunState. The manifest is checked first;
     shards holding inf or NaN are refused after loading (an earlier checkpoint then overwrites
     them)."""
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
     path = Path(path)
     if problem := process.manifest_problem(path):
         raise _broken(path, problem)
@@ -355,17 +364,21 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
 def _read_shards(path: Path, shards: dict, dist: Dist) -> None:
     """Fill ``shards`` (tensors keyed as written) in place from sharded checkpoint ``path``; an
     unreadable one is a CorruptCheckpointError naming it."""
+    import torch.distributed.checkpoint as dcp
+
     try:
         with warnings.catch_warnings():  # one process reading shards: that is the intent
             warnings.filterwarnings("ignore", "torch.distributed is disabled")
             dcp.load(shards, checkpoint_id=path / SHARDED_DIR, no_dist=not dist.enabled)
-    except (CheckpointException, RuntimeError, ValueError, OSError) as e:
+    except (dcp.CheckpointException, RuntimeError, ValueError, OSError) as e:
         raise _broken(path, f"{SHARDED_DIR}: {str(e).splitlines()[0]}") from None
 
 
 def load_sharded_weights(path: Path, model: nn.Module, trainable_only: bool) -> None:
     """Load the model's tensors of sharded checkpoint ``path`` into ``model`` (not sharded) in
     this one process, which reads every rank's shards (eval.py scores a run's checkpoint so)."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
     path = Path(path)
     if problem := process.manifest_problem(path):
         raise _broken(path, problem)
@@ -377,6 +390,9 @@ def load_sharded_weights(path: Path, model: nn.Module, trainable_only: bool) -> 
 def sharded_weights(path: Path) -> dict[str, torch.Tensor]:
     """The model's tensors of sharded checkpoint ``path``, whole, read in this one process
     without a model (their names and shapes from DCP's metadata)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
     reader = dcp.FileSystemReader(Path(path) / SHARDED_DIR)
     tensors = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
                for key, meta in reader.read_metadata().state_dict_metadata.items()
@@ -388,6 +404,8 @@ def sharded_weights(path: Path) -> dict[str, torch.Tensor]:
 def gathered_tensors(model: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
     """``model_tensors`` of a sharded model, gathered whole into rank 0's memory (collective;
     the other ranks get {}): best/ and the export are written from it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     options = StateDictOptions(full_state_dict=True, cpu_offload=True,
                                ignore_frozen_params=trainable_only)
     full = get_model_state_dict(model, options=options)

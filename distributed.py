@@ -16,8 +16,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as td
 import torch.nn as nn
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 STRATEGIES = ("ddp", "fsdp")  # --strategy: replicate the model on every process, or shard it
 
@@ -180,6 +178,8 @@ def shard(model: nn.Module, precision: str) -> None:
     1/world of every parameter, gradient and optimizer moment (a quantized base's codes and
     scales too). Under bf16 the gathered weights are bf16 and gradients are reduced in fp32; else
     all stays fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
     if precision == "bf16":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
@@ -196,6 +196,12 @@ def shard(model: nn.Module, precision: str) -> None:
 
 
 def is_sharded(model: nn.Module) -> bool:
+    """Whether ``shard`` sharded ``model`` (FSDP's modules are imported only where one runs:
+    the import takes about a second)."""
+    if "torch.distributed.fsdp" not in sys.modules:  # nothing can be sharded
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
     return isinstance(model, FSDPModule)
 
 
@@ -209,4 +215,8 @@ def accumulating(model: nn.Module) -> contextlib.AbstractContextManager:
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A sharded value (a DTensor, as clipping computes the norm of sharded gradients) whole on
     every rank; any other tensor as it is."""
+    if "torch.distributed.tensor" not in sys.modules:  # no tensor can be a DTensor
+        return t
+    from torch.distributed.tensor import DTensor
+
     return t.full_tensor() if isinstance(t, DTensor) else t
