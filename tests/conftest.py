@@ -42,3 +42,21 @@ def offline_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     return home / "hub"
+
+
+@pytest.fixture
+def email_with_drops(tmp_path) -> Path:
+    """The stdlib's email package with an exact copy, a copy only after cleaning (CRLF), a file
+    too small and one too large: drops before cleaning and in it."""
+    import shutil
+
+    from dataset import stdlib_root
+
+    email = stdlib_root() / "email"
+    src = tmp_path / "src"
+    shutil.copytree(email, src)
+    (src / "copy.py").write_text((email / "utils.py").read_text("utf-8"))
+    (src / "crlf.py").write_bytes((email / "utils.py").read_bytes().replace(b"\n", b"\r\n"))
+    (src / "short.py").write_text("x = 1\n")
+    (src / "huge.py").write_text("x = 1\n" * 200_000)
+    return src

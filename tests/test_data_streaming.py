@@ -4,7 +4,6 @@ after its whole shards, and memory bounded by a shard, not by the corpus. Refere
 one shard, a one-worker build, and the tokenizer's own encode of every text."""
 
 import json
-import shutil
 import tracemalloc
 from pathlib import Path
 
@@ -19,16 +18,8 @@ EMAIL = stdlib_root() / "email"  # 29 real stdlib files, about 380 KB
 
 
 @pytest.fixture
-def source(tmp_path) -> Path:
-    """The stdlib's email package, with an exact copy, a copy only after cleaning (CRLF), a file
-    too small and one too large: drops before and in cleaning."""
-    src = tmp_path / "src"
-    shutil.copytree(EMAIL, src)
-    (src / "copy.py").write_text((EMAIL / "utils.py").read_text("utf-8"))
-    (src / "crlf.py").write_bytes((EMAIL / "utils.py").read_bytes().replace(b"\n", b"\r\n"))
-    (src / "short.py").write_text("x = 1\n")
-    (src / "huge.py").write_text("x = 1\n" * 200_000)
-    return src
+def source(email_with_drops) -> Path:
+    return email_with_drops
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import io
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -666,15 +665,10 @@ def test_cleaning_streams_the_sources(tmp_path, monkeypatch):
     assert corpus.stats["read"]["files"] == len(read_so_far) == len(stdlib_files(EMAIL))
 
 
-def test_parallel_cleaning_matches_serial(tmp_path):
+def test_parallel_cleaning_matches_serial(tmp_path, email_with_drops):
     """Same documents, same order, same counts; drops happen both before cleaning (too large,
     a copy) and in it (too few lines, a copy once cleaned)."""
-    src = tmp_path / "src"
-    shutil.copytree(EMAIL, src)
-    (src / "copy.py").write_text((EMAIL / "utils.py").read_text("utf-8"))
-    (src / "crlf.py").write_bytes((EMAIL / "utils.py").read_bytes().replace(b"\n", b"\r\n"))
-    (src / "short.py").write_text("x = 1\n")
-    (src / "huge.py").write_text("x = 1\n" * 200_000)
+    src = email_with_drops
     one = dataset.load_corpus(cfg(tmp_path / "a", sources=[str(src)], num_workers=1))
     two = dataset.load_corpus(cfg(tmp_path / "b", sources=[str(src)], num_workers=2))
     assert [d.text for d in one.train] == [d.text for d in two.train]
