@@ -37,6 +37,7 @@ import threading
 import time
 import tokenize
 import typing
+from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -68,6 +69,7 @@ from scraping.common import decode_source, has_extension, is_utf8, source_files
 from tokenizer import (
     ENCODING_VERSION,
     PYTHON_PARSE_ERRORS,
+    BatchEncoder,
     BPETokenizer,
     CodeTokenizer,
     chat_turns,
@@ -1686,13 +1688,15 @@ def _build_lm(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path, work: Path)
         raise DataError("the lm task packs files with EOS between them; the tokenizer has no eos_id")
     dtype = _token_dtype(tokenizer)
     meta = {"dtype": dtype, "n_tokens": {}}
-    for s in SPLITS:
-        shards = _token_shards(Texts(getattr(corpus, s)), tokenizer, cfg, work, s)
-        with open(out / f"{s}.bin", "wb") as f:
-            for shard in shards:
-                with open(shard, "rb") as part:
-                    shutil.copyfileobj(part, f)
-        meta["n_tokens"][s] = (out / f"{s}.bin").stat().st_size // np.dtype(dtype).itemsize
+    # One pool of workers for every split: their piece caches stay warm from shard to shard.
+    with tokenizer.batch_encoder(cfg.num_workers, split_special_tokens=True) as encoder:
+        for s in SPLITS:
+            shards = _token_shards(Texts(getattr(corpus, s)), tokenizer, encoder, cfg, work, s)
+            with open(out / f"{s}.bin", "wb") as f:
+                for shard in shards:
+                    with open(shard, "rb") as part:
+                        shutil.copyfileobj(part, f)
+            meta["n_tokens"][s] = (out / f"{s}.bin").stat().st_size // np.dtype(dtype).itemsize
     return meta
 
 
@@ -1710,8 +1714,8 @@ def _text_chunks(texts: Iterable[str], chars: int) -> Iterator[list[str]]:
         yield chunk
 
 
-def _token_shards(texts: Texts, tokenizer, cfg: DataConfig, work: Path, split: str
-                  ) -> list[Path]:
+def _token_shards(texts: Texts, tokenizer, encoder: BatchEncoder, cfg: DataConfig, work: Path,
+                  split: str) -> list[Path]:
     """One split's packed ids (``packed_document``) in shards of TOKEN_SHARD_CHARS under
     ``work``, continuing after the last whole shard an earlier build left; their paths."""
     import blake3
@@ -1731,11 +1735,7 @@ def _token_shards(texts: Texts, tokenizer, cfg: DataConfig, work: Path, split: s
     with progress_bar(total=len(texts), initial=skip, desc=f"tokenize {split}", unit="text",
                       enabled=cfg.progress) as bar:
         for chunk in _text_chunks(texts.after(skip), TOKEN_SHARD_CHARS):
-            encoded = tokenizer.encode_batch(chunk, num_workers=cfg.num_workers,
-                                             split_special_tokens=True)
-            packed = [np.asarray(packed_document(tokenizer, ids), dtype) for ids in encoded]
-            data = np.concatenate(packed).tobytes()
-            del encoded, packed
+            data = _packed_documents(encoder.arrays(chunk), tokenizer, dtype)
             path = work / f"{split}-{len(done):05d}.bin"
             manifest = {"format_version": SHARD_FORMAT_VERSION, "texts": len(chunk),
                         "bytes": len(data), "blake3": blake3.blake3(data).hexdigest()}
@@ -1751,6 +1751,16 @@ def _token_shards(texts: Texts, tokenizer, cfg: DataConfig, work: Path, split: s
         print(f"tokenize {split}: {chars / 1e6:.1f} M characters in {seconds:.1f} s "
               f"({chars / 1e6 / seconds:.2f} M/s, {cfg.num_workers} workers)", file=sys.stderr)
     return done
+
+
+def _packed_documents(encoded: list[array], tokenizer, dtype: str) -> bytes:
+    """The bytes of texts' ids packed as ``packed_document`` packs one, in ``dtype``."""
+    start = np.asarray(tokenizer.template_prefix, dtype)
+    end = np.asarray([] if tokenizer.eos_id is None else [tokenizer.eos_id], dtype)
+    parts = []
+    for ids in encoded:
+        parts += [start, np.frombuffer(ids, np.uint32).astype(dtype), end]
+    return np.concatenate(parts).tobytes()
 
 
 def _whole_token_shard(path: Path) -> dict | None:

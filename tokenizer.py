@@ -17,6 +17,7 @@ import contextlib
 import functools
 import heapq
 import io
+import itertools
 import json
 import multiprocessing
 import operator
@@ -25,7 +26,7 @@ import sys
 import tokenize
 import unicodedata
 from array import array
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Container, Iterable, Iterator, Sequence
 from itertools import chain
 from pathlib import Path
@@ -78,11 +79,67 @@ def _encode_in_worker(text: str, **options) -> bytes:
     return array("I", _worker_tokenizer.encode(text, **options)).tobytes()
 
 
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """fork where the platform has it: workers inherit the tokenizer instead of unpickling it."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else None)
+
+
+class BatchEncoder:
+    """Encodes batches of texts on one pool of worker processes, started at the first batch
+    worth it and kept across batches (each worker's piece cache stays warm); a context manager
+    that stops the pool. Small batches, one worker, or a daemon process (a DataLoader worker,
+    which can have no children) encode in this process."""
+
+    def __init__(self, tokenizer, num_workers: int | None = None, **options):
+        self.tokenizer = tokenizer
+        self.workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
+        assert self.workers >= 1, num_workers
+        self.options = options
+        self._pool = None
+
+    def __enter__(self) -> BatchEncoder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool = None
+
+    def _in_process(self, texts: Sequence[str]) -> bool:
+        return (self.workers == 1 or len(texts) < 2
+                or sum(map(len, texts)) < _MIN_PARALLEL_CHARS
+                or multiprocessing.current_process().daemon)
+
+    def arrays(self, texts: Sequence[str]) -> list[array]:
+        """Each text's ids as an ``array("I")`` (no Python int per token)."""
+        if self._in_process(texts):
+            return [array("I", self.tokenizer.encode(t, **self.options)) for t in texts]
+        if self._pool is None:
+            self._pool = _pool_context().Pool(self.workers, initializer=_init_worker,
+                                  initargs=(self.tokenizer,))
+        # Many chunks per worker balance uneven files without paying per-text overhead.
+        results = self._pool.map(functools.partial(_encode_in_worker, **self.options), texts,
+                                 chunksize=max(1, len(texts) // (self.workers * 16)))
+        return [array("I", buf) for buf in results]
+
+    def __call__(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's ids."""
+        return [ids.tolist() for ids in self.arrays(texts)]
+
+
 class _BatchEncodeMixin:
     """encode_batch over processes, decode, and the piece cache (never pickled)."""
 
     _id_to_bytes: list[bytes]
     _special_ids: Container[int]  # the ids that skip_special_tokens drops
+
+    def batch_encoder(self, num_workers: int | None = None, add_special_tokens: bool = False,
+                      split_special_tokens: bool = False) -> BatchEncoder:
+        """A BatchEncoder of this tokenizer, for many batches on one pool of ``num_workers``
+        processes (default: every core)."""
+        return BatchEncoder(self, num_workers, add_special_tokens=add_special_tokens,
+                            split_special_tokens=split_special_tokens)
 
     def encode_batch(self, texts: Sequence[str], num_workers: int | None = None,
                      add_special_tokens: bool = False, split_special_tokens: bool = False
@@ -91,22 +148,8 @@ class _BatchEncodeMixin:
         if isinstance(texts, str):  # list() would make each character a text
             raise ValueError("encode_batch expects a list of texts, got a str; use encode(text) "
                              "for one text")
-        texts = list(texts)
-        options = {"add_special_tokens": add_special_tokens,
-                   "split_special_tokens": split_special_tokens}
-        workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
-        assert workers >= 1, num_workers
-        # A daemon process (a DataLoader worker) can have no children.
-        if (workers == 1 or len(texts) < 2 or sum(map(len, texts)) < _MIN_PARALLEL_CHARS
-                or multiprocessing.current_process().daemon):
-            return [self.encode(t, **options) for t in texts]
-        methods = multiprocessing.get_all_start_methods()
-        ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(self,)) as pool:
-            # Many chunks per worker balance uneven files without paying per-text overhead.
-            results = pool.map(functools.partial(_encode_in_worker, **options), texts,
-                               chunksize=max(1, len(texts) // (workers * 16)))
-        return [array("I", buf).tolist() for buf in results]
+        with self.batch_encoder(num_workers, add_special_tokens, split_special_tokens) as encode:
+            return encode(list(texts))
 
     @property
     def vocab_size(self) -> int:
@@ -258,6 +301,56 @@ def _cut(match: str) -> list[str]:
     return [match[i : i + k] for i in range(0, len(match), k)]
 
 
+def text_batches(texts: Iterable[str], chars: int) -> Iterator[list[str]]:
+    """Consecutive texts in lists of at least ``chars`` characters (the last: the rest)."""
+    batch: list[str] = []
+    n = 0
+    for text in texts:
+        batch.append(text)
+        n += len(text)
+        if n >= chars:
+            yield batch
+            batch, n = [], 0
+    if batch:
+        yield batch
+
+
+def _count_pieces(texts: Iterable[str], strip_comments: bool) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    for text in texts:
+        if strip_comments:
+            text = strip_comments_and_docstrings(text)
+        counts.update(_CODE_PIECE_RE.findall(text))  # long pieces are cut after counting
+    return counts
+
+
+# CodeTokenizer.train counts pieces in batches of about this many characters, at most two per
+# worker in flight: texts are read as they are counted.
+_COUNT_BATCH_CHARS = 2_000_000
+
+
+def _piece_counts(texts: Iterable[str], strip_comments: bool, num_workers: int | None
+                  ) -> Counter[str]:
+    """How often each code piece occurs in ``texts``, counted on ``num_workers`` processes
+    (default: every core; one batch of texts, or a daemon process: in this one)."""
+    workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
+    batches = text_batches(texts, _COUNT_BATCH_CHARS)
+    head = list(itertools.islice(batches, 2))
+    if len(head) < 2 or workers == 1 or multiprocessing.current_process().daemon:
+        return _count_pieces(chain.from_iterable(chain(head, batches)), strip_comments)
+    counts: Counter[str] = Counter()
+    count = functools.partial(_count_pieces, strip_comments=strip_comments)
+    with _pool_context().Pool(workers) as pool:
+        pending: deque = deque()
+        for batch in chain(head, batches):
+            pending.append(pool.apply_async(count, (batch,)))
+            if len(pending) >= 2 * workers:
+                counts.update(pending.popleft().get())
+        while pending:
+            counts.update(pending.popleft().get())
+    return counts
+
+
 # The character classes of the piece pattern: a piece longer than one character holds one only.
 _PIECE_CLASS_RES = [regex.compile(p) for p in
                     (r"\s", r"[\p{L}\p{M}]", r"\p{N}", r"_", r"[^\s\p{L}\p{N}\p{M}_]")]
@@ -295,16 +388,13 @@ class CodeTokenizer(_BatchEncodeMixin):
 
     @classmethod
     def train(cls, texts: Iterable[str], min_freq: int = 10, max_vocab: int | None = None,
-              strip_comments: bool = False, special_tokens: Sequence[str] = CODE_SPECIAL_TOKENS
-              ) -> CodeTokenizer:
-        """Keep each piece seen ``min_freq`` times, at most ``max_vocab`` (bytes come on top)."""
+              strip_comments: bool = False, special_tokens: Sequence[str] = CODE_SPECIAL_TOKENS,
+              num_workers: int | None = None) -> CodeTokenizer:
+        """Keep each piece seen ``min_freq`` times, at most ``max_vocab`` (bytes come on top);
+        pieces counted on ``num_workers`` processes (default: every core)."""
         if min_freq < 1:
             raise ValueError(f"min_freq must be >= 1, got {min_freq}")
-        counts: Counter[str] = Counter()
-        for text in texts:
-            if strip_comments:
-                text = strip_comments_and_docstrings(text)
-            counts.update(_CODE_PIECE_RE.findall(text))  # cut below: rare, and faster there
+        counts = _piece_counts(texts, strip_comments, num_workers)
         for match in [m for m in counts if len(m) > MAX_PIECE_CHARS]:
             n = counts.pop(match)
             for piece in _cut(match):

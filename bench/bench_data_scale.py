@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = """
-import json, sys, time
+import inspect, json, sys, time
 sys.path.insert(0, sys.argv[1])
 import dataset
 from tokenizer import CodeTokenizer
@@ -33,7 +33,10 @@ start = time.perf_counter()
 cfg = dataset.DataConfig(sources=[sys.argv[2]], cache_dir=sys.argv[3], num_workers=int(sys.argv[4]),
                          progress=False)
 texts = dataset.prepare(cfg, None)
-tok = CodeTokenizer.train(texts.train, min_freq=10)
+# A commit whose CodeTokenizer.train counts pieces in one process takes no num_workers.
+workers = {"num_workers": cfg.num_workers} if "num_workers" in inspect.signature(
+    CodeTokenizer.train).parameters else {}
+tok = CodeTokenizer.train(texts.train, min_freq=10, **workers)
 data = dataset.prepare(cfg, tok)
 took = time.perf_counter() - start
 hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))

@@ -12,7 +12,7 @@ import pytest
 
 import dataset
 from dataset import DataConfig, prepare, stdlib_root
-from tokenizer import CodeTokenizer
+from tokenizer import BatchEncoder, CodeTokenizer
 
 EMAIL = stdlib_root() / "email"  # 29 real stdlib files, about 380 KB
 
@@ -130,15 +130,15 @@ def test_an_interrupted_lm_build_continues_after_its_whole_token_shards(tmp_path
     c = config(tmp_path / "cache", source)
     prepare(c, None)  # the corpus first: only the token shards are interrupted
     encoded: list = []
-    real = CodeTokenizer.encode_batch
+    real = BatchEncoder.arrays
 
-    def encode_batch(self, texts, **kwargs):
+    def arrays(self, texts):
         if len(encoded) == 3:
             raise Interrupted
         encoded.append(len(texts))
-        return real(self, texts, **kwargs)
+        return real(self, texts)
 
-    monkeypatch.setattr(CodeTokenizer, "encode_batch", encode_batch)
+    monkeypatch.setattr(BatchEncoder, "arrays", arrays)
     with pytest.raises(Interrupted):
         prepare(c, tokenizer)
     work = next((tmp_path / "cache").glob("lm-*.shards"))
@@ -147,8 +147,8 @@ def test_an_interrupted_lm_build_continues_after_its_whole_token_shards(tmp_path
     texts = sum(json.loads(p.with_suffix(".json").read_text())["texts"]
                 for p in work.glob("*.bin"))
     counted: list = []
-    monkeypatch.setattr(CodeTokenizer, "encode_batch",
-                        lambda self, t, **kw: counted.append(len(t)) or real(self, t, **kw))
+    monkeypatch.setattr(BatchEncoder, "arrays",
+                        lambda self, t: counted.append(len(t)) or real(self, t))
     data = prepare(c, tokenizer)
     n_texts = sum(len(getattr(dataset.load_corpus(c), s)) for s in ("train", "val", "test"))
     assert sum(counted) == n_texts - texts  # the whole shards' texts are not encoded again

@@ -1205,6 +1205,40 @@ def test_parallel_encode_batch_adds_special_tokens_in_the_workers_too():
     assert out[1][0] == tok.bos_id and out[1][-1] == tok.eos_id
 
 
+def test_a_batch_encoder_keeps_one_pool_across_batches(code_tok, stdlib_texts):
+    """BatchEncoder starts its workers at the first batch over 1 MiB and encodes later batches on
+    the same pool (warm piece caches), each text's ids as encode gives them; leaving the context
+    stops the pool."""
+    texts = [t * 8 for t in _some_stdlib_texts(stdlib_texts, 20)]
+    assert sum(map(len, texts)) > (1 << 20)
+    with code_tok.batch_encoder(num_workers=2) as encode:
+        assert encode(texts[:2]) == [code_tok.encode(t) for t in texts[:2]]  # small: in-process
+        assert encode._pool is None
+        first = encode(texts)
+        pool = encode._pool
+        second = [ids.tolist() for ids in encode.arrays(texts[::-1])]
+        assert pool is not None and encode._pool is pool
+    assert encode._pool is None
+    assert first == [code_tok.encode(t) for t in texts] == second[::-1]
+
+
+@pytest.mark.parametrize("strip_comments", [False, True])
+def test_training_counts_pieces_the_same_on_one_or_two_workers(stdlib_texts, monkeypatch,
+                                                               strip_comments):
+    """CodeTokenizer.train counting pieces in many batches on 2 worker processes keeps the same
+    pieces in the same order as counting them in this process."""
+    import tokenizer
+
+    monkeypatch.setattr(tokenizer, "_COUNT_BATCH_CHARS", 50_000)
+    texts = [t for _, t in stdlib_texts[::40]]
+    assert sum(map(len, texts)) > 10 * tokenizer._COUNT_BATCH_CHARS
+    one = CodeTokenizer.train(texts, min_freq=3, strip_comments=strip_comments, num_workers=1)
+    two = CodeTokenizer.train(iter(texts), min_freq=3, strip_comments=strip_comments,
+                              num_workers=2)
+    assert len(one.pieces) > 1000
+    assert two.pieces == one.pieces
+
+
 def _encode_in_daemon(tok, texts, queue):
     try:
         queue.put(("ok", tok.encode_batch(texts, num_workers=2) == [tok.encode(t) for t in texts]))
