@@ -1,9 +1,11 @@
 """Data preparation at scale: peak memory and throughput of corpus + tokenizer + lm task.
 
-    python bench/bench_data_scale.py [--sizes 30 100 300] [--workers 2] [--old DIR]
+    python bench/bench_data_scale.py [--sizes 30 100 300 1000] [--workers 2] [--old DIR]
 
 Builds corpora of real Python (the .py files of this interpreter's site-packages and standard
-library, copied into a temporary directory up to each size in MB), then prepares each in a fresh
+library, then of the packages EXTRA_PACKAGES names, installed with pip into EXTRA_DIR when a size
+asks for more than this interpreter holds; copied into a temporary directory up to each size in
+MB, files over 1 MB left out), then prepares each in a fresh
 child process as a run does: load the corpus, train a CodeTokenizer (min_freq 10) on the train
 split, build the lm task's token files. Each child reports its peak RSS (VmHWM) and its time; MB/s
 is the corpus's bytes over that time. ``--old DIR`` runs the same in a checkout of another commit
@@ -45,13 +47,35 @@ print(json.dumps({"seconds": took, "peak_kb": hwm, "cache": str(data.cache_path)
 """
 
 
-def python_files() -> list[Path]:
-    """Every .py file of site-packages and the standard library, in a fixed order."""
+# Large pure-Python packages (cloud SDKs, automation, libraries), pinned: installed only as
+# corpus text, never imported.
+EXTRA_PACKAGES = ["ansible==12.3.0", "oci==2.189.0", "pulumi-aws==7.51.1", "pulumi-gcp==10.2.0",
+                  "kubernetes==37.0.2", "google-cloud-aiplatform==2.7.0", "sympy==1.14.0",
+                  "plotly==7.1.0", "homeassistant==2024.3.3", "django==5.2.19",
+                  "azure-mgmt-network==33.1.0"]
+EXTRA_DIR = Path.home() / ".cache" / "codelm" / "bench-python"
+
+
+def python_files(extra: bool) -> list[Path]:
+    """Every .py file of site-packages and the standard library, then (``extra``) of
+    EXTRA_DIR's packages, in a fixed order."""
     roots = [Path(sysconfig.get_paths()["purelib"]), Path(sysconfig.get_paths()["stdlib"])]
     files = []
-    for root in roots:
+    for root in roots + ([EXTRA_DIR] if extra else []):
         files += sorted(p for p in root.rglob("*.py") if p.is_file() and not p.is_symlink())
     return files
+
+
+def install_extra_packages() -> None:
+    """pip install EXTRA_PACKAGES (no dependencies) into EXTRA_DIR, once."""
+    done = EXTRA_DIR / "installed.txt"
+    if done.is_file() and done.read_text().split() == EXTRA_PACKAGES:
+        return
+    print(f"installing {len(EXTRA_PACKAGES)} packages into {EXTRA_DIR} as corpus text", flush=True)
+    shutil.rmtree(EXTRA_DIR, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                    "--no-compile", "--target", str(EXTRA_DIR), *EXTRA_PACKAGES], check=True)
+    done.write_text("\n".join(EXTRA_PACKAGES))
 
 
 def build_corpus(directory: Path, megabytes: int, files: list[Path]) -> int:
@@ -91,13 +115,17 @@ def token_digest(cache: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[30, 100, 300],
-                        help="corpus sizes in MB (default: 30 100 300)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[30, 100, 300, 1000],
+                        help="corpus sizes in MB (default: 30 100 300 1000)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default: 2)")
     parser.add_argument("--old", type=Path, help="a checkout of another commit, run in turn (default: none)")
     args = parser.parse_args()
-    files = python_files()
-    available = sum(p.stat().st_size for p in files) / 1e6
+    files = python_files(extra=False)
+    available = sum(p.stat().st_size for p in files if p.stat().st_size <= 1_000_000) / 1e6
+    if max(args.sizes) > available:
+        install_extra_packages()
+        files = python_files(extra=True)
+        available = sum(p.stat().st_size for p in files if p.stat().st_size <= 1_000_000) / 1e6
     print(f"{len(files)} .py files, {available:.0f} MB available; {args.workers} workers")
     print(f"{'MB':>6} {'code':>5} {'peak RSS GB':>12} {'seconds':>8} {'MB/s':>6} {'tokens':>17}")
     for megabytes in args.sizes:
