@@ -182,3 +182,84 @@ def test_memory_follows_the_shard_not_the_corpus(tmp_path, monkeypatch):
 
 def dataset_whole() -> dict:
     return dict(train_frac=1.0, val_frac=0.0, test_frac=0.0)
+
+
+KILLED_CHILD = """
+import sys, threading
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import dataset, process
+from tokenizer import load_tokenizer
+stage, source, cache, tokenizer, ready = sys.argv[2:7]
+dataset.SHARD_DOCS, dataset.TOKEN_SHARD_CHARS = 4, 40_000
+cfg = dataset.DataConfig(sources=[source], cache_dir=cache, num_workers=2, progress=False)
+if stage == "tokens":
+    dataset.prepare(cfg, None)  # the whole corpus first: the kill comes while tokenizing
+real = process.write_atomic_files
+shards = []
+
+def write_then_wait(files):
+    # The third shard is cut between its files' renames; then the process waits for its kill.
+    if Path(next(iter(files))).name.startswith("shard-" if stage == "corpus" else "train-"):
+        shards.append(files)
+        if len(shards) == 3:
+            real(dict([next(iter(files.items()))]))
+            Path(ready).touch()
+            threading.Event().wait()
+    real(files)
+
+process.write_atomic_files = write_then_wait
+dataset.prepare(cfg, None if stage == "corpus" else load_tokenizer(tokenizer))
+"""
+
+
+@pytest.mark.parametrize("stage", ["corpus", "tokens"])
+def test_a_build_killed_with_sigkill_continues_after_its_whole_shards(tmp_path, source, tokenizer,
+                                                                      monkeypatch, stage):
+    """SIGKILL (no handler runs) while a third shard's files are half renamed: the next build
+    keeps the two whole shards as they are, builds the third again, and its entry equals an
+    uninterrupted build's."""
+    import signal
+    import subprocess
+    import sys
+
+    import procs
+
+    small_shards(monkeypatch)
+    reference = prepare(config(tmp_path / "ref", source), tokenizer)
+    tokenizer_path = tokenizer.save(tmp_path / "tokenizer.json")
+    ready = tmp_path / "ready"
+    root = Path(dataset.__file__).parent
+    child = procs.popen([sys.executable, "-c", KILLED_CHILD, str(root), stage, str(source),
+                         str(tmp_path / "cache"), str(tokenizer_path), str(ready)],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs.signal_when(child, ready.exists, signal.SIGKILL)
+    assert child.returncode == -signal.SIGKILL
+    pattern = "corpus-*.shards" if stage == "corpus" else "lm-*.shards"
+    work = next((tmp_path / "cache").glob(pattern))
+    manifests = sorted(work.glob("shard-*.json" if stage == "corpus" else "train-*.json"))
+    assert len(manifests) == 2  # the third shard's first file only, no manifest
+    def whole_shards() -> dict:
+        return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in work.iterdir()
+                if p.name.split(".")[0].endswith(("00000", "00001"))}
+
+    kept = whole_shards()
+    written = []
+    real = dataset.process.write_atomic_files
+
+    def check_and_write(files):
+        name = Path(next(iter(files))).name
+        if name.startswith("shard-" if stage == "corpus" else "train-"):
+            assert whole_shards() == kept  # the whole shards are the same files
+            written.append(name)
+        real(files)
+
+    monkeypatch.setattr(dataset.process, "write_atomic_files", check_and_write)
+    data = prepare(config(tmp_path / "cache", source, num_workers=2), tokenizer)
+    assert written[0].split(".")[0].endswith("00002")
+    assert entry_bytes(data.cache_path) == entry_bytes(reference.cache_path)
+    corpus_dir = Path(dataset.load_corpus(config(tmp_path / "cache", source)).train.path).parent
+    reference_dir = Path(dataset.load_corpus(config(tmp_path / "ref", source)).train.path).parent
+    assert entry_bytes(corpus_dir) == entry_bytes(reference_dir)
+    assert not work.exists()  # published: the shards go
+    assert kept and len(kept) == (6 if stage == "corpus" else 4)
