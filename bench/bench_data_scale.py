@@ -4,13 +4,14 @@
 
 Builds corpora of real Python (the .py files of this interpreter's site-packages and standard
 library, then of the packages EXTRA_PACKAGES names, installed with pip into EXTRA_DIR when a size
-asks for more than this interpreter holds; copied into a temporary directory up to each size in
-MB, files over 1 MB left out), then prepares each in a fresh
-child process as a run does: load the corpus, train a CodeTokenizer (min_freq 10) on the train
-split, build the lm task's token files. Each child reports its peak RSS (VmHWM) and its time; MB/s
-is the corpus's bytes over that time. ``--old DIR`` runs the same in a checkout of another commit
-(``git worktree add DIR COMMIT``) in turn with this one, on the same corpus, so the ratio holds on
-a busy machine; both builds' token files are compared byte for byte.
+asks for more than this interpreter holds), copied into a temporary directory up to each size in
+MB (files over 1 MB left out). Each is prepared in a fresh child process as a run prepares it:
+load the corpus, train a CodeTokenizer (min_freq 10) on the train split, build the lm task's
+token files. Each child reports its peak RSS (VmHWM), the largest peak RSS of its worker
+processes (shared pages counted in both) and its time; MB/s is the corpus's bytes over that time.
+``--old DIR`` runs the same in a checkout of another commit (``git worktree add DIR COMMIT``) in
+turn with this one, on the same corpus, so the ratio holds on a busy machine; both builds' token
+files are compared byte for byte.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = """
-import inspect, json, sys, time
+import inspect, json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
 import dataset
 from tokenizer import CodeTokenizer
@@ -42,7 +43,9 @@ tok = CodeTokenizer.train(texts.train, min_freq=10, **workers)
 data = dataset.prepare(cfg, tok)
 took = time.perf_counter() - start
 hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
-print(json.dumps({"seconds": took, "peak_kb": hwm, "cache": str(data.cache_path),
+workers_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest worker's
+print(json.dumps({"seconds": took, "peak_kb": hwm, "workers_kb": workers_kb,
+                  "cache": str(data.cache_path),
                   "files": data.stats["corpus"]["read"]["files"]}))
 """
 
@@ -127,7 +130,8 @@ def main() -> None:
         files = python_files(extra=True)
         available = sum(p.stat().st_size for p in files if p.stat().st_size <= 1_000_000) / 1e6
     print(f"{len(files)} .py files, {available:.0f} MB available; {args.workers} workers")
-    print(f"{'MB':>6} {'code':>5} {'peak RSS GB':>12} {'seconds':>8} {'MB/s':>6} {'tokens':>17}")
+    print(f"{'MB':>6} {'code':>5} {'peak RSS GB':>12} {'worker GB':>10} {'seconds':>8} "
+          f"{'MB/s':>6} {'tokens':>17}")
     for megabytes in args.sizes:
         with tempfile.TemporaryDirectory(prefix="codelm-scale-") as tmp:
             corpus = Path(tmp) / "corpus"
@@ -140,6 +144,7 @@ def main() -> None:
                 cache = Path(tmp) / f"cache-{name}"
                 result = run(code_root, corpus, cache, args.workers)
                 print(f"{size:>6.0f} {name:>5} {result['peak_kb'] / 1e6:>12.2f} "
+                      f"{result['workers_kb'] / 1e6:>10.2f} "
                       f"{result['seconds']:>8.1f} {size / result['seconds']:>6.2f} "
                       f"{token_digest(Path(result['cache'])):>17}", flush=True)
                 shutil.rmtree(cache)
