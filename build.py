@@ -122,7 +122,7 @@ def load_or_train_tokenizer(cfg: TrainConfig, dcfg: DataConfig, saved: Path | No
     tok = CodeTokenizer.train(progress_bar(texts, desc="train tokenizer", unit="text",
                                            enabled=dcfg.progress),
                               min_freq=cfg.tokenizer_min_freq, max_vocab=cfg.tokenizer_max_vocab,
-                              num_workers=dcfg.num_workers)
+                              num_workers=dcfg.workers)
     if dcfg.use_cache:  # the first complete entry stays: another run may be loading it
         with contextlib.suppress(OSError):  # a read-only cache: the tokenizer is used uncached
             publish_cache_entry(cached, tok.save)

@@ -4,9 +4,12 @@ pipeline."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import process
 
 # The sentinel tokens of a fim prompt (prefix, suffix, middle).
 FIM_SENTINELS = 3
@@ -94,8 +97,16 @@ class DataConfig:
     # runtime (not part of the cache key)
     cache_dir: str = field(default_factory=_default_cache_dir)  # where prepared datasets are kept
     use_cache: bool = True  # False: rebuild, replacing what the cache holds
-    num_workers: int = 1  # processes cleaning and tokenizing
+    num_workers: int | None = None  # processes cleaning and tokenizing; None: every core
     progress: bool = True  # progress bars
+
+    @property
+    def workers(self) -> int:
+        """The processes that clean and tokenize: ``num_workers``, or every usable core; one
+        in a daemon process (a DataLoader worker), which can start none."""
+        if multiprocessing.current_process().daemon:
+            return 1
+        return self.num_workers or process.usable_cores()
 
     def sources_by_split(self) -> list[tuple[str | None, str]]:
         """(predefined split or None, source), val and test first: deduplication keeps the first

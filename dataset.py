@@ -655,6 +655,7 @@ def near_duplicates(texts: Sequence[str], threshold: float = 0.85, num_perm: int
 SHARD_DOCS = 2000
 SHARD_BYTES = 32_000_000
 IN_FLIGHT_BYTES = 64_000_000  # read but not yet cleaned, at most (a larger file goes alone)
+POOL_AFTER_BYTES = 1 << 20  # cleaned in the reading process before the workers start
 # The shards' manifest format (shard-N.json); shards of another version are built again.
 SHARD_FORMAT_VERSION = 1
 _SPLIT_CODES = {None: 0, "val": 1, "test": 2}  # a document's given split, in a shard's arrays
@@ -761,22 +762,31 @@ class _InFlight:
 
 @contextlib.contextmanager
 def _cleaned_in_order(cfg: DataConfig, items: Iterator[_Read]) -> Iterator[Iterator[_Cleaned]]:
-    """``items`` cleaned by ``cfg.num_workers`` processes, in their order, a bounded window
-    ahead of the consumer."""
+    """``items`` cleaned by ``cfg.workers`` processes, in their order, a bounded window
+    ahead of the consumer; the first POOL_AFTER_BYTES in this process (a small corpus starts
+    no pool)."""
     opt = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name in _CLEANING_FIELDS}
     clean = functools.partial(_clean_read, opt=opt)
-    if cfg.num_workers == 1:  # cleaned as read: nothing read ahead
-        yield map(clean, items)
+    head = []
+    read = 0
+    if cfg.workers > 1:
+        for item in items:
+            head.append(item)
+            read += _InFlight.cost(item)
+            if read >= POOL_AFTER_BYTES:
+                break
+    if cfg.workers == 1 or read < POOL_AFTER_BYTES:  # cleaned as read: nothing read ahead
+        yield map(clean, chain(head, items))
         return
     window = _InFlight(IN_FLIGHT_BYTES)
     ctx = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
     # A worker leaves Ctrl-C to its parent, which ends the pool.
-    pool = ctx.Pool(cfg.num_workers, initializer=signal.signal,
+    pool = ctx.Pool(cfg.workers, initializer=signal.signal,
                     initargs=(signal.SIGINT, signal.SIG_IGN))
     try:
         chunksize = 1 if cfg.autopep8 else 16  # autopep8 files vary a lot in cost
         results = pool.imap(clean, window.take(items), chunksize=chunksize)
-        yield (window.give(result.read) or result for result in results)
+        yield chain(map(clean, head), (window.give(result.read) or result for result in results))
     finally:
         window.close()  # the feeder stops: the pool's ending joins its thread
         pool.terminate()
@@ -975,7 +985,7 @@ def build_corpus_shards(cfg: DataConfig, work: Path) -> list[dict]:
         read = sum(m["read"]["bytes"] for m in done[first:]) / 1e6
         seconds = time.perf_counter() - started
         print(f"read and clean: {read:.1f} MB in {seconds:.1f} s ({read / seconds:.2f} MB/s, "
-              f"{cfg.num_workers} workers, {len(done)} shards)", file=sys.stderr)
+              f"{cfg.workers} workers, {len(done)} shards)", file=sys.stderr)
     return done
 
 
@@ -1610,7 +1620,7 @@ def _encode(tokenizer, texts: list[str], cfg: DataConfig, desc: str,
             for _, chunk in groupby(zip(which, ends), lambda pair: pair[1] // 16_000_000):
                 chunk = [i for i, _ in chunk]
                 encoded = tokenizer.encode_batch([texts[i] for i in chunk],
-                                                 num_workers=cfg.num_workers,
+                                                 num_workers=cfg.workers,
                                                  split_special_tokens=not read)
                 for i, ids in zip(chunk, encoded):
                     out[i] = ids
@@ -1689,7 +1699,7 @@ def _build_lm(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path, work: Path)
     dtype = _token_dtype(tokenizer)
     meta = {"dtype": dtype, "n_tokens": {}}
     # One pool of workers for every split: their piece caches stay warm from shard to shard.
-    with tokenizer.batch_encoder(cfg.num_workers, split_special_tokens=True) as encoder:
+    with tokenizer.batch_encoder(cfg.workers, split_special_tokens=True) as encoder:
         for s in SPLITS:
             shards = _token_shards(Texts(getattr(corpus, s)), tokenizer, encoder, cfg, work, s)
             with open(out / f"{s}.bin", "wb") as f:
@@ -1749,7 +1759,7 @@ def _token_shards(texts: Texts, tokenizer, encoder: BatchEncoder, cfg: DataConfi
     if cfg.progress and chars:
         seconds = time.perf_counter() - started
         print(f"tokenize {split}: {chars / 1e6:.1f} M characters in {seconds:.1f} s "
-              f"({chars / 1e6 / seconds:.2f} M/s, {cfg.num_workers} workers)", file=sys.stderr)
+              f"({chars / 1e6 / seconds:.2f} M/s, {cfg.workers} workers)", file=sys.stderr)
     return done
 
 

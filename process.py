@@ -28,6 +28,13 @@ from typing import BinaryIO
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity: taskset, a container's cpuset)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def leave_terminal_on_hangup(signum: int) -> None:
     """On SIGHUP, point stdout and stderr at /dev/null unless they are files: a hung-up terminal
     or a pipe whose reader the hangup ended fails every write, and the next progress bar would

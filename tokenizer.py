@@ -93,7 +93,7 @@ class BatchEncoder:
 
     def __init__(self, tokenizer, num_workers: int | None = None, **options):
         self.tokenizer = tokenizer
-        self.workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
+        self.workers = num_workers if num_workers is not None else process.usable_cores()
         assert self.workers >= 1, num_workers
         self.options = options
         self._pool = None
@@ -333,7 +333,7 @@ def _piece_counts(texts: Iterable[str], strip_comments: bool, num_workers: int |
                   ) -> Counter[str]:
     """How often each code piece occurs in ``texts``, counted on ``num_workers`` processes
     (default: every core; one batch of texts, or a daemon process: in this one)."""
-    workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
+    workers = num_workers if num_workers is not None else process.usable_cores()
     batches = text_batches(texts, _COUNT_BATCH_CHARS)
     head = list(itertools.islice(batches, 2))
     if len(head) < 2 or workers == 1 or multiprocessing.current_process().daemon:

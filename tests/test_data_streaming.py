@@ -38,8 +38,10 @@ def entry_bytes(path: Path) -> dict[str, bytes]:
 
 
 def small_shards(monkeypatch, docs: int = 4, chars: int = 40_000) -> None:
+    """Shards of a few documents, and cleaning workers started after the first 50 KB."""
     monkeypatch.setattr(dataset, "SHARD_DOCS", docs)
     monkeypatch.setattr(dataset, "TOKEN_SHARD_CHARS", chars)
+    monkeypatch.setattr(dataset, "POOL_AFTER_BYTES", 50_000)
 
 
 def test_one_and_two_workers_and_any_shard_size_write_the_same_bytes(tmp_path, source, tokenizer,
@@ -172,7 +174,8 @@ def test_memory_follows_the_shard_not_the_corpus(tmp_path, monkeypatch):
     monkeypatch.setattr(dataset, "SHARD_DOCS", 10)  # about 200 KB a shard
     tracemalloc.start()
     try:
-        corpus = dataset.load_corpus(config(tmp_path / "cache", src, **dataset_whole()))
+        corpus = dataset.load_corpus(config(tmp_path / "cache", src, num_workers=1,
+                                            **dataset_whole()))
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -191,7 +194,7 @@ sys.path.insert(0, sys.argv[1])
 import dataset, process
 from tokenizer import load_tokenizer
 stage, source, cache, tokenizer, ready = sys.argv[2:7]
-dataset.SHARD_DOCS, dataset.TOKEN_SHARD_CHARS = 4, 40_000
+dataset.SHARD_DOCS, dataset.TOKEN_SHARD_CHARS, dataset.POOL_AFTER_BYTES = 4, 40_000, 50_000
 cfg = dataset.DataConfig(sources=[source], cache_dir=cache, num_workers=2, progress=False)
 if stage == "tokens":
     dataset.prepare(cfg, None)  # the whole corpus first: the kill comes while tokenizing
@@ -263,3 +266,32 @@ def test_a_build_killed_with_sigkill_continues_after_its_whole_shards(tmp_path, 
     assert entry_bytes(corpus_dir) == entry_bytes(reference_dir)
     assert not work.exists()  # published: the shards go
     assert kept and len(kept) == (6 if stage == "corpus" else 4)
+
+
+def _workers_in_a_daemon(queue) -> None:
+    queue.put(DataConfig(sources=["stdlib"]).workers)
+
+
+def test_data_workers_default_to_every_usable_core_and_one_in_a_daemon(tmp_path, monkeypatch):
+    """num_workers unset: as many workers as the cores this process may use; set: that many; in
+    a daemon process (a DataLoader worker, which can start no processes): one. A corpus under
+    POOL_AFTER_BYTES is cleaned without starting a pool."""
+    import multiprocessing
+    import os
+
+    assert DataConfig(sources=["stdlib"]).workers == len(os.sched_getaffinity(0))
+    assert DataConfig(sources=["stdlib"], num_workers=3).workers == 3
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_workers_in_a_daemon, args=(queue,), daemon=True)
+    child.start()
+    assert queue.get(timeout=60) == 1
+    child.join(timeout=30)
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a pool started for a small corpus")
+
+    monkeypatch.setattr(multiprocessing.context.ForkContext, "Pool", no_pool)
+    src = synthetic_corpus(tmp_path / "src", 20, 2_000)
+    corpus = dataset.load_corpus(config(tmp_path / "cache", src, num_workers=2))
+    assert corpus.stats["kept"]["files"] == 20

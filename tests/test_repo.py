@@ -113,7 +113,7 @@ MAY_IMPORT = {
     "pretrained": {"process", "settings", "rundir", "architecture"},
     "lora": {"process", "settings", "architecture", "pretrained"},
     "gguf_export": {"architecture", "tokenizer", "pretrained", "lora"},
-    "dataconfig": set(),
+    "dataconfig": {"process"},
     "dataset": {"process", "settings", "tokenizer", "scraping", "dataconfig", "kernels"},
     "batches": {"dataset", "kernels"},
     "trainconfig": {"process", "settings", "rundir", "checkpoint", "architecture", "optim",
