@@ -77,6 +77,7 @@ from tokenizer import (
     load_tokenizer,
     source_lines,
     strip_comments_and_docstrings,
+    text_batches,
 )
 
 if typing.TYPE_CHECKING:
@@ -762,35 +763,39 @@ class _InFlight:
 
 @contextlib.contextmanager
 def _cleaned_in_order(cfg: DataConfig, items: Iterator[_Read]) -> Iterator[Iterator[_Cleaned]]:
-    """``items`` cleaned by ``cfg.workers`` processes, in their order, a bounded window
-    ahead of the consumer; the first POOL_AFTER_BYTES in this process (a small corpus starts
-    no pool)."""
+    """``items`` cleaned in their order: the first POOL_AFTER_BYTES as read, in this process (a
+    small corpus starts no pool), the rest by ``cfg.workers`` processes a bounded window ahead
+    of the consumer."""
     opt = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name in _CLEANING_FIELDS}
     clean = functools.partial(_clean_read, opt=opt)
-    head = []
-    read = 0
-    if cfg.workers > 1:
-        for item in items:
-            head.append(item)
-            read += _InFlight.cost(item)
-            if read >= POOL_AFTER_BYTES:
-                break
-    if cfg.workers == 1 or read < POOL_AFTER_BYTES:  # cleaned as read: nothing read ahead
-        yield map(clean, chain(head, items))
-        return
     window = _InFlight(IN_FLIGHT_BYTES)
-    ctx = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
-    # A worker leaves Ctrl-C to its parent, which ends the pool.
-    pool = ctx.Pool(cfg.workers, initializer=signal.signal,
-                    initargs=(signal.SIGINT, signal.SIG_IGN))
-    try:
+    pools = []
+
+    def cleaned() -> Iterator[_Cleaned]:
+        read = 0
+        for item in items:
+            yield clean(item)
+            read += window.cost(item)
+            if cfg.workers > 1 and read >= POOL_AFTER_BYTES:
+                break
+        else:
+            return
+        ctx = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
+        # A worker leaves Ctrl-C to its parent, which ends the pool.
+        pools.append(ctx.Pool(cfg.workers, initializer=signal.signal,
+                              initargs=(signal.SIGINT, signal.SIG_IGN)))
         chunksize = 1 if cfg.autopep8 else 16  # autopep8 files vary a lot in cost
-        results = pool.imap(clean, window.take(items), chunksize=chunksize)
-        yield chain(map(clean, head), (window.give(result.read) or result for result in results))
+        for result in pools[0].imap(clean, window.take(items), chunksize=chunksize):
+            window.give(result.read)
+            yield result
+
+    try:
+        yield cleaned()
     finally:
         window.close()  # the feeder stops: the pool's ending joins its thread
-        pool.terminate()
-        pool.join()
+        for pool in pools:
+            pool.terminate()
+            pool.join()
 
 
 @dataclass
@@ -1687,8 +1692,9 @@ def packed_document(tokenizer: CodeTokenizer | BPETokenizer, ids: Sequence[int])
     return [*tokenizer.template_prefix, *ids, *eos]
 
 
-# The lm task tokenizes a split's texts in shards of about this many characters, each written
-# when done (its ids: 8-16 bytes a character while encoded): what an interrupt loses.
+# The lm task tokenizes a split's texts, and a supervised task builds a split's examples from
+# its documents, in shards of about this many characters, each written when done (its ids: 8-16
+# bytes a character while encoded): what an interrupt loses.
 TOKEN_SHARD_CHARS = 8_000_000
 
 
@@ -1708,20 +1714,6 @@ def _build_lm(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path, work: Path)
                         shutil.copyfileobj(part, f)
             meta["n_tokens"][s] = (out / f"{s}.bin").stat().st_size // np.dtype(dtype).itemsize
     return meta
-
-
-def _text_chunks(texts: Iterable[str], chars: int) -> Iterator[list[str]]:
-    """Consecutive texts in lists of at least ``chars`` characters (the last: the rest)."""
-    chunk: list[str] = []
-    n = 0
-    for text in texts:
-        chunk.append(text)
-        n += len(text)
-        if n >= chars:
-            yield chunk
-            chunk, n = [], 0
-    if chunk:
-        yield chunk
 
 
 def _token_shards(texts: Texts, tokenizer, encoder: BatchEncoder, cfg: DataConfig, work: Path,
@@ -1744,7 +1736,7 @@ def _token_shards(texts: Texts, tokenizer, encoder: BatchEncoder, cfg: DataConfi
     chars = 0
     with progress_bar(total=len(texts), initial=skip, desc=f"tokenize {split}", unit="text",
                       enabled=cfg.progress) as bar:
-        for chunk in _text_chunks(texts.after(skip), TOKEN_SHARD_CHARS):
+        for chunk in text_batches(texts.after(skip), TOKEN_SHARD_CHARS):
             data = _packed_documents(encoder.arrays(chunk), tokenizer, dtype)
             path = work / f"{split}-{len(done):05d}.bin"
             manifest = {"format_version": SHARD_FORMAT_VERSION, "texts": len(chunk),
@@ -1774,7 +1766,8 @@ def _packed_documents(encoded: list[array], tokenizer, dtype: str) -> bytes:
 
 
 def _whole_token_shard(path: Path) -> dict | None:
-    """The manifest of a token shard written whole (its bytes as its manifest says), else None."""
+    """The manifest of a token shard (the lm task's ``.bin``, a supervised task's ``.npz``)
+    written whole (its bytes as its manifest says), else None."""
     try:
         manifest = json.loads(path.with_suffix(".json").read_text("utf-8"))
     except (OSError, ValueError):
@@ -1989,10 +1982,11 @@ def _fit_fim_context(prefix: list[int], suffix: list[int], max_prompt_tokens: in
 
 def _split_pairs(docs: list[Doc], tokenizer, cfg: DataConfig, s: str, events: Counter
                  ) -> list[tuple[list[int], list[int], bool, tuple[int, int]]]:
-    """One split's (prompt ids, completion ids, EOS follows it, the prompt's span truncation
-    cuts first), counting skipped examples in ``events``."""
+    """The (prompt ids, completion ids, EOS follows it, the prompt's span truncation cuts first)
+    of split ``s``'s documents ``docs`` (its consecutive ones in ``_example_order``), counting
+    skipped examples in ``events``."""
     pairs = []
-    if cfg.task == "fim" or (cfg.task == "completion" and cfg.completion_style == "window"):
+    if _encodes_files(cfg):
         code = [d for d in docs if d.target is None]
         encoded = _encode(tokenizer, [d.text for d in code], cfg, f"tokenize {s}")
         if cfg.task == "fim":
@@ -2039,61 +2033,215 @@ def chat_examples(docs: list[Doc], tokenizer, cfg: DataConfig, split: str) -> li
 
 
 def _build_supervised(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path, work: Path) -> dict:
-    """The examples of each split, built in memory (``work`` unused: no shards)."""
+    """The examples of each split, joined from its example shards under ``work``
+    (``_example_shards``): the files a build of the split's examples at once would write."""
     if cfg.task == "fim" and None in (tokenizer.fim_prefix_id, tokenizer.fim_middle_id,
                                       tokenizer.fim_suffix_id):
         raise DataError("the fim task needs a tokenizer with FIM tokens (fim_prefix/middle/suffix)")
-    eos = tokenizer.eos_id if cfg.add_eos else None
-    start = prompt_prefix(tokenizer, cfg.task)
     dtype = _token_dtype(tokenizer)
     meta: dict = {"dtype": dtype, "examples": {}, "tokens": {}, "events": {}}
-    in_train: set[bytes] = set()  # hashes of the train examples
-    special_text = _special_token_text(tokenizer)
+    in_train = None  # the keys of the train examples, once the train shards are written
     for s in SPLITS:
-        docs = getattr(corpus, s)
-        events: Counter = Counter()  # examples skipped or truncated, by reason
-        if special_text is not None:
-            events["pair_holds_special_token_text"] = sum(
-                bool(special_text.search(d.text) or special_text.search(d.target))
-                for d in docs if d.target is not None)
-        ids_out: list[int] = []
-        offsets, prompt_lens = [0], []
-        for prompt, completion, ends, code_span in _split_pairs(docs, tokenizer, cfg, s, events):
-            n_target = len(completion)
-            if ends and eos is not None:
-                completion = completion + [eos]
-            # A plain LM chunk of the fim task is not cut: its cut tokens would be in no example.
-            limit = cfg.max_completion_tokens if prompt or cfg.task != "fim" else None
-            kept_prompt, kept_completion = _truncate_pair(
-                prompt, completion, cfg.block_size - len(start), limit, cfg.max_prompt_tokens,
-                code_span)
-            if not kept_completion[:n_target]:  # nothing to learn (an EOS alone is no target)
-                events["skipped_empty_completion"] += 1
-                continue
-            events["prompt_truncated"] += len(kept_prompt) < len(prompt)
-            events["completion_truncated"] += len(kept_completion) < len(completion)
-            prompt, completion = start + kept_prompt, kept_completion
-            # Different files can hold the same code: such an example stays in train only.
-            ids = np.asarray([len(prompt)] + prompt + completion, np.int64)
-            key = hashlib.blake2b(ids, digest_size=16).digest()
-            if s == "train":
-                in_train.add(key)
-            elif key in in_train:
-                events["skipped_same_as_train"] += 1
-                continue
-            ids_out.extend(prompt + completion)
-            offsets.append(len(ids_out))
-            prompt_lens.append(len(prompt))
-        np.save(out / f"{s}.ids.npy", np.asarray(ids_out, dtype=dtype))
-        np.save(out / f"{s}.offsets.npy", np.asarray(offsets, dtype=np.int64))
-        np.save(out / f"{s}.prompt_lens.npy", np.asarray(prompt_lens, dtype=np.int32))
-        meta["examples"][s] = len(prompt_lens)
-        meta["tokens"][s] = len(ids_out)
+        shards = _example_shards(getattr(corpus, s), tokenizer, cfg, work, s, in_train)
+        if s == "train":
+            in_train = _train_keys(shards)
+        meta["examples"][s], meta["tokens"][s] = _join_example_shards(shards, out, s, dtype)
+        events: Counter = sum((Counter(shard.manifest["events"]) for shard in shards), Counter())
         meta["events"][s] = {k: v for k, v in sorted(events.items()) if v}
     if meta["examples"]["train"] == 0:
         raise DataError(f"task {cfg.task!r} built no training examples from {len(corpus.train)} "
                         "train documents; check the sources and task options")
     return meta
+
+
+class _Examples(typing.NamedTuple):
+    """Consecutive examples of a split, as its final files hold them."""
+
+    ids: np.ndarray  # the token dtype: the examples' ids back to back
+    offsets: np.ndarray  # int64: where each example starts in ``ids``, then its end (from 0)
+    prompt_lens: np.ndarray  # int32: each example's prompt tokens (with ``prompt_prefix``)
+    keys: np.ndarray  # S16: the examples' sorted unique ``_example_key`` (train shards only)
+
+
+class _ExampleShard(typing.NamedTuple):
+    """A whole example shard: its ``.npz`` of ``_Examples``, and its manifest (``docs`` read,
+    ``examples``, ``tokens``, ``events`` counted, the file's ``bytes`` and ``blake3``)."""
+
+    path: Path
+    manifest: dict
+
+
+def _example_key(seq: Sequence[int], prompt_len: int) -> bytes:
+    """What tells two examples apart: the hash of their prompt length and ids."""
+    return hashlib.blake2b(np.asarray([prompt_len, *seq], np.int64), digest_size=16).digest()
+
+
+def _encodes_files(cfg: DataConfig) -> bool:
+    """Whether the task encodes code files whole and cuts pairs from their ids (fim, window
+    completion): ``_split_pairs`` gives those before the examples of pair records."""
+    return cfg.task == "fim" or (cfg.task == "completion" and cfg.completion_style == "window")
+
+
+def _example_order(docs: Sequence[Doc], cfg: DataConfig) -> Iterator[Doc]:
+    """A split's documents in the order of their examples: ``_split_pairs`` of consecutive runs
+    of them, joined, are ``_split_pairs`` of the whole split."""
+    if not _encodes_files(cfg):
+        return iter(docs)
+    return chain((d for d in docs if d.target is None), (d for d in docs if d.target is not None))
+
+
+def _doc_chars(doc: Doc) -> int:
+    return len(_plain_text(doc))
+
+
+def _example_shards(docs: Sequence[Doc], tokenizer, cfg: DataConfig, work: Path, split: str,
+                    in_train: np.ndarray | None) -> list[_ExampleShard]:
+    """One split's examples in shards of about TOKEN_SHARD_CHARS characters of documents under
+    ``work``, continuing after the last whole shard an earlier build left; val/test examples
+    whose key is in ``in_train`` are dropped."""
+    done = _whole_example_shards(work, split)
+    skip = sum(shard.manifest["docs"] for shard in done)
+    quiet = replace(cfg, progress=False)  # one bar a split: this one
+    started = time.perf_counter()
+    chars = 0
+    with progress_bar(total=len(docs), initial=skip, desc=f"{cfg.task} {split}", unit="doc",
+                      enabled=cfg.progress) as bar:
+        ordered = itertools.islice(_example_order(docs, cfg), skip, None)
+        for chunk in text_batches(ordered, TOKEN_SHARD_CHARS, _doc_chars):
+            examples, events = _chunk_examples(chunk, tokenizer, quiet, split, in_train)
+            path = _example_shard_path(work, split, len(done))
+            done.append(_write_example_shard(path, examples, len(chunk), events))
+            chars += sum(map(_doc_chars, chunk))
+            bar.update(len(chunk))
+    if cfg.progress and chars:
+        seconds = time.perf_counter() - started
+        print(f"{cfg.task} {split}: {chars / 1e6:.1f} M characters in {seconds:.1f} s "
+              f"({chars / 1e6 / seconds:.2f} M/s, {cfg.workers} workers)", file=sys.stderr)
+    return done
+
+
+def _example_shard_path(work: Path, split: str, index: int) -> Path:
+    return work / f"{split}-{index:05d}.npz"
+
+
+def _whole_example_shards(work: Path, split: str) -> list[_ExampleShard]:
+    """The whole example shards of a split an earlier build left, up to the first that is not."""
+    done: list[_ExampleShard] = []
+    while True:
+        path = _example_shard_path(work, split, len(done))
+        manifest = _whole_token_shard(path)
+        if manifest is None:
+            return done
+        done.append(_ExampleShard(path, manifest))
+
+
+def _chunk_examples(docs: list[Doc], tokenizer, cfg: DataConfig, split: str,
+                    in_train: np.ndarray | None) -> tuple[_Examples, Counter]:
+    """The examples of consecutive documents of a split, truncated and filtered as the task's
+    options say, and the events counted on them (examples skipped or truncated, by reason)."""
+    eos = tokenizer.eos_id if cfg.add_eos else None
+    start = prompt_prefix(tokenizer, cfg.task)
+    events: Counter = Counter()
+    special_text = _special_token_text(tokenizer)
+    if special_text is not None:
+        events["pair_holds_special_token_text"] = sum(
+            bool(special_text.search(d.text) or special_text.search(d.target))
+            for d in docs if d.target is not None)
+    seqs: list[list[int]] = []
+    prompt_lens: list[int] = []
+    for prompt, completion, ends, code_span in _split_pairs(docs, tokenizer, cfg, split, events):
+        n_target = len(completion)
+        if ends and eos is not None:
+            completion = completion + [eos]
+        # A plain LM chunk of the fim task is not cut: its cut tokens would be in no example.
+        limit = cfg.max_completion_tokens if prompt or cfg.task != "fim" else None
+        kept_prompt, kept_completion = _truncate_pair(
+            prompt, completion, cfg.block_size - len(start), limit, cfg.max_prompt_tokens,
+            code_span)
+        if not kept_completion[:n_target]:  # nothing to learn (an EOS alone is no target)
+            events["skipped_empty_completion"] += 1
+            continue
+        events["prompt_truncated"] += len(kept_prompt) < len(prompt)
+        events["completion_truncated"] += len(kept_completion) < len(completion)
+        seqs.append(start + kept_prompt + kept_completion)
+        prompt_lens.append(len(start) + len(kept_prompt))
+    keys = np.array([_example_key(seq, n) for seq, n in zip(seqs, prompt_lens)], "S16")
+    # Different files can hold the same code: such an example stays in train only.
+    if in_train is not None:
+        kept = ~_in_sorted(keys, in_train)
+        events["skipped_same_as_train"] += int((~kept).sum())
+        seqs = list(itertools.compress(seqs, kept))
+        prompt_lens = list(itertools.compress(prompt_lens, kept))
+    ids = np.fromiter(chain.from_iterable(seqs), _token_dtype(tokenizer))
+    offsets = np.cumsum([0, *map(len, seqs)], dtype=np.int64)
+    own_keys = np.unique(keys) if split == "train" else np.zeros(0, "S16")
+    return _Examples(ids, offsets, np.asarray(prompt_lens, np.int32), own_keys), events
+
+
+def _in_sorted(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
+    """Whether each of ``keys`` is in the sorted array ``sorted_keys``."""
+    at = np.minimum(np.searchsorted(sorted_keys, keys), max(len(sorted_keys) - 1, 0))
+    return sorted_keys[at] == keys if len(sorted_keys) else np.zeros(len(keys), bool)
+
+
+def _write_example_shard(path: Path, examples: _Examples, docs: int, events: Counter
+                         ) -> _ExampleShard:
+    """``examples`` written atomically as ``path`` with its manifest (``.json``) beside it."""
+    import blake3
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **examples._asdict())
+    data = buffer.getvalue()
+    manifest = {"format_version": SHARD_FORMAT_VERSION, "docs": docs,
+                "examples": len(examples.prompt_lens), "tokens": len(examples.ids),
+                "events": {k: v for k, v in sorted(events.items()) if v},
+                "bytes": len(data), "blake3": blake3.blake3(data).hexdigest()}
+    with cache_writes(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        process.write_atomic_files({path: data, path.with_suffix(".json"): json.dumps(manifest)})
+    return _ExampleShard(path, manifest)
+
+
+def _train_keys(shards: Sequence[_ExampleShard]) -> np.ndarray:
+    """The sorted unique keys of the train examples in ``shards`` (16 bytes each)."""
+    keys = [np.zeros(0, "S16")]
+    for shard in shards:
+        with np.load(shard.path) as arrays:
+            keys.append(arrays["keys"])
+    return np.unique(np.concatenate(keys))
+
+
+def _join_example_shards(shards: Sequence[_ExampleShard], out: Path, split: str, dtype: str
+                         ) -> tuple[int, int]:
+    """A split's final files (``{split}.ids.npy``, ``.offsets.npy``, ``.prompt_lens.npy``, as
+    np.save writes them) filled from its shards one at a time; its examples and tokens."""
+    n_examples = sum(shard.manifest["examples"] for shard in shards)
+    n_tokens = sum(shard.manifest["tokens"] for shard in shards)
+    ids = _npy_to_fill(out / f"{split}.ids.npy", dtype, n_tokens)
+    offsets = _npy_to_fill(out / f"{split}.offsets.npy", np.int64, n_examples + 1)
+    prompt_lens = _npy_to_fill(out / f"{split}.prompt_lens.npy", np.int32, n_examples)
+    offsets[0] = 0
+    examples = tokens = 0
+    for shard in shards:
+        with np.load(shard.path) as arrays:  # all but the keys
+            part_ids, part_offsets, part_lens = (arrays[name] for name in _Examples._fields[:3])
+        n = len(part_lens)
+        ids[tokens : tokens + len(part_ids)] = part_ids
+        offsets[examples + 1 : examples + n + 1] = part_offsets[1:] + tokens
+        prompt_lens[examples : examples + n] = part_lens
+        examples, tokens = examples + n, tokens + len(part_ids)
+    for filled in (ids, offsets, prompt_lens):
+        if isinstance(filled, np.memmap):
+            filled.flush()
+    return n_examples, n_tokens
+
+
+def _npy_to_fill(path: Path, dtype, length: int) -> np.ndarray:
+    """A new ``.npy`` file of ``length`` zeros, mapped to be filled (an empty one: written)."""
+    if length == 0:
+        np.save(path, np.zeros(0, dtype))
+        return np.zeros(0, dtype)
+    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(length,))
 
 
 def prepare(cfg: DataConfig, tokenizer: CodeTokenizer | BPETokenizer | None = None

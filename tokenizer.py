@@ -27,10 +27,10 @@ import tokenize
 import unicodedata
 from array import array
 from collections import Counter, defaultdict, deque
-from collections.abc import Container, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from itertools import chain
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import regex
 
@@ -301,13 +301,18 @@ def _cut(match: str) -> list[str]:
     return [match[i : i + k] for i in range(0, len(match), k)]
 
 
-def text_batches(texts: Iterable[str], chars: int) -> Iterator[list[str]]:
-    """Consecutive texts in lists of at least ``chars`` characters (the last: the rest)."""
-    batch: list[str] = []
+T = TypeVar("T")
+
+
+def text_batches(texts: Iterable[T], chars: int, size: Callable[[T], int] = len
+                 ) -> Iterator[list[T]]:
+    """Consecutive texts (or documents, ``size`` their characters) in lists of at least
+    ``chars`` characters (the last: the rest)."""
+    batch: list[T] = []
     n = 0
     for text in texts:
         batch.append(text)
-        n += len(text)
+        n += size(text)
         if n >= chars:
             yield batch
             batch, n = [], 0

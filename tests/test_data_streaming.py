@@ -1,18 +1,23 @@
-"""dataset.py's streaming preparation: the corpus and the lm task's token files built in shards,
-the same bytes whatever the worker count or the shard size, an interrupted build continued
-after its whole shards, and memory bounded by a shard, not by the corpus. References: a build in
-one shard, a one-worker build, and the tokenizer's own encode of every text."""
+"""dataset.py's streaming preparation: the corpus, the lm task's token files and the supervised
+tasks' examples built in shards, the same bytes whatever the worker count or the shard size, an
+interrupted build continued after its whole shards, and memory bounded by a shard, not by the
+corpus. References: a build in one shard, a one-worker build, and the tokenizer's own encode of
+every text."""
 
+import ast
 import json
+import shutil
 import tracemalloc
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+import test_chat
 
 import dataset
 from dataset import DataConfig, prepare, stdlib_root
-from tokenizer import BatchEncoder, CodeTokenizer
+from tokenizer import BatchEncoder, CodeTokenizer, load_tokenizer
 
 EMAIL = stdlib_root() / "email"  # 29 real stdlib files, about 380 KB
 
@@ -295,3 +300,137 @@ def test_data_workers_default_to_every_usable_core_and_one_in_a_daemon(tmp_path,
     src = synthetic_corpus(tmp_path / "src", 20, 2_000)
     corpus = dataset.load_corpus(config(tmp_path / "cache", src, num_workers=2))
     assert corpus.stats["kept"]["files"] == 20
+
+
+@pytest.fixture
+def pairs(tmp_path) -> Path:
+    """Input/output pair records: each top-level function of the email package, and the same
+    function indented by two spaces."""
+    records = []
+    for path in sorted(EMAIL.glob("*.py")):
+        text = path.read_text("utf-8")
+        for node in ast.parse(text).body:
+            if isinstance(node, ast.FunctionDef):
+                code = ast.get_source_segment(text, node)
+                records.append({"input": code, "output": code.replace("    ", "  ")})
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def count_shards(monkeypatch) -> Counter:
+    """The example shards each split writes from here on, counted."""
+    written: Counter = Counter()
+    real = dataset._write_example_shard
+
+    def counted(path, *args, **kwargs):
+        written[path.name.split("-")[0]] += 1
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(dataset, "_write_example_shard", counted)
+    return written
+
+
+def entry_and_counts(c: DataConfig, tokenizer, monkeypatch, chars: int
+                     ) -> tuple[dict[str, bytes], dict, Counter]:
+    """A task's cache entry built in shards of ``chars`` characters, then removed (the corpus
+    stays): its files, its task counts and sample prompt, and its shards by split."""
+    monkeypatch.setattr(dataset, "TOKEN_SHARD_CHARS", chars)
+    written = count_shards(monkeypatch)
+    data = prepare(c, tokenizer)
+    files = entry_bytes(data.cache_path)
+    shutil.rmtree(data.cache_path)
+    return files, {"task": data.stats["task"], "sample": data.sample_prompt}, Counter(written)
+
+
+SUPERVISED = {  # task options, and whether the pair records come first among the sources
+    "completion": (dict(task="completion"), False),
+    "window completion, pairs first": (
+        dict(task="completion", completion_style="window"), True),
+    "method": (dict(task="method"), False),
+    "docstring": (dict(task="docstring"), False),
+    "refactor": (dict(task="refactor", block_size=256), None),  # the pairs alone
+    "fim, pairs first": (dict(task="fim", block_size=96, fim_rate=0.5), True),
+}
+
+
+@pytest.mark.parametrize("name", SUPERVISED)
+def test_a_supervised_task_writes_the_same_bytes_in_small_shards_and_in_one(
+        tmp_path, source, pairs, tokenizer, monkeypatch, name):
+    """Each split's examples, built from a few documents a shard, are the files and counts of one
+    shard a split. Window completion and fim take every code file's examples before the pair
+    records', wherever these are among the documents."""
+    options, pairs_first = SUPERVISED[name]
+    sources = {None: [pairs], True: [pairs, source], False: [source]}[pairs_first]
+    c = DataConfig(sources=[str(p) for p in sources], cache_dir=str(tmp_path / "cache"),
+                   progress=False, **options)
+    whole, whole_counts, one = entry_and_counts(c, tokenizer, monkeypatch, 10**9)
+    small, small_counts, several = entry_and_counts(c, tokenizer, monkeypatch, 8_000)
+    assert small == whole and small_counts == whole_counts
+    assert max(one.values()) == 1 and min(several[s] for s in ("train", "val", "test")) >= 2
+    assert whole_counts["task"]["examples"]["train"] > 20
+
+
+instruct = test_chat.instruct  # a tiny instruct model and its conversation records
+
+
+def test_the_chat_task_writes_the_same_bytes_in_small_shards_and_in_one(tmp_path, instruct,
+                                                                        monkeypatch):
+    """Conversations, a few a shard, give the files and counts of one shard a split."""
+    root, conversations = instruct
+    c = DataConfig(task="chat", sources=[str(conversations)], block_size=128, split_by="file",
+                   min_bytes=0, min_lines=0, cache_dir=str(tmp_path), progress=False)
+    whole, whole_counts, one = entry_and_counts(c, load_tokenizer(root), monkeypatch, 10**9)
+    small, small_counts, several = entry_and_counts(c, load_tokenizer(root), monkeypatch, 200)
+    assert small == whole and small_counts == whole_counts
+    assert max(one.values()) == 1 and min(several[s] for s in ("train", "val", "test")) >= 2
+
+
+def method_files(root: Path, names: list[str], shared: str = "") -> Path:
+    """Python files of two documented functions each (``shared``'s text first in m00.py)."""
+    root.mkdir()
+    for i, name in enumerate(names):
+        own = "".join(f'def {name}_{j}(x):\n    """Scale by {j}."""\n    return x * {j} + {i}\n\n\n'
+                      for j in range(2))
+        (root / f"{name}.py").write_text((shared if name == "m00" else "") + own)
+    return root
+
+
+def test_an_interrupted_supervised_build_continues_after_its_whole_shards(tmp_path, tokenizer,
+                                                                          monkeypatch):
+    """Stopped after 2 example shards, the next build writes only the shards after them (the
+    first are the same files, untouched), and its files and counts equal an uninterrupted
+    build's: the val example equal to one of the first train shard's is dropped from val."""
+    shared = 'def shared(x):\n    """Add one."""\n    return x + 1\n\n\n'
+    train = method_files(tmp_path / "train", [f"m{i:02d}" for i in range(8)], shared)
+    val = method_files(tmp_path / "val", ["v"])
+    (val / "v.py").write_text(shared + (val / "v.py").read_text())
+    options = dict(task="method", val_sources=[str(val)], **dataset_whole())
+    reference = prepare(config(tmp_path / "ref", train, **options), tokenizer)
+    assert reference.stats["task"]["events"]["val"] == {"skipped_same_as_train": 1}
+    monkeypatch.setattr(dataset, "TOKEN_SHARD_CHARS", 200)  # 2 files a shard
+    c = config(tmp_path / "cache", train, **options)
+    assert dataset.load_corpus(c).train[0].id.endswith("m00.py")  # in the first train shard
+    real = dataset._write_example_shard
+    interrupt_after(monkeypatch, "_write_example_shard", 2)
+    with pytest.raises(Interrupted):
+        prepare(c, tokenizer)
+    work = next((tmp_path / "cache").glob("method-*.shards"))
+    assert sorted(p.name for p in work.iterdir()) == [
+        "train-00000.json", "train-00000.npz", "train-00001.json", "train-00001.npz"]
+    first = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in work.iterdir()}
+    written = []
+
+    def check_and_write(path, *args):
+        now = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in work.iterdir()
+               if p.name in first}
+        assert now == first  # the whole shards are the same files, not written again
+        written.append(path.name)
+        return real(path, *args)
+
+    monkeypatch.setattr(dataset, "_write_example_shard", check_and_write)
+    data = prepare(c, tokenizer)
+    assert written == ["train-00002.npz", "train-00003.npz", "val-00000.npz"]
+    assert entry_bytes(data.cache_path) == entry_bytes(reference.cache_path)
+    assert data.stats["task"] == reference.stats["task"]
+    assert not work.exists()
