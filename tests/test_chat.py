@@ -24,7 +24,7 @@ CONVERSATIONS = [
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def instruct(tmp_path_factory):
     """A tiny Qwen2.5-Coder-Instruct-shaped checkpoint: ChatML template, <|im_end|> its eos."""
     root = tmp_path_factory.mktemp("instruct")

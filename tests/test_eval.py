@@ -3263,6 +3263,7 @@ def test_eval_loads_models_in_the_dtype_asked_for(tiny_models, tmp_path):
         ev.config_from_dict({"dtype": "half"})
 
 
+@pytest.mark.slow  # torch.compile; test_generation checks the compiled decode in the quick suite
 def test_compile_decodes_as_the_eager_step_does(tiny_models, tmp_path, capsys, monkeypatch):
     """--compile reaches generate and stream (on CUDA: the CUDA-graph decode): a LoRA-tuned
     model's batch of prompts of different lengths and its streamed --prompt give the eager

@@ -69,6 +69,7 @@ def test_bench_help_gives_every_flags_default(script, monkeypatch):
             assert "default" in action.help, f"{script} {action.option_strings[0]}"
 
 
+@pytest.mark.slow  # prepares the stdlib corpus from scratch
 def test_bench_train_drives_the_real_train_loop(tmp_path):
     """bench_train.py times trainingmanager.train itself against bare loops: on a tiny model it
     runs end to end and prints the manager's overhead."""
