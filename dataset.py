@@ -1710,48 +1710,30 @@ def _build_lm(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path, work: Path)
             shards = _token_shards(Texts(getattr(corpus, s)), tokenizer, encoder, cfg, work, s)
             with open(out / f"{s}.bin", "wb") as f:
                 for shard in shards:
-                    with open(shard, "rb") as part:
+                    with open(shard.path, "rb") as part:
                         shutil.copyfileobj(part, f)
             meta["n_tokens"][s] = (out / f"{s}.bin").stat().st_size // np.dtype(dtype).itemsize
     return meta
 
 
 def _token_shards(texts: Texts, tokenizer, encoder: BatchEncoder, cfg: DataConfig, work: Path,
-                  split: str) -> list[Path]:
+                  split: str) -> list[_TaskShard]:
     """One split's packed ids (``packed_document``) in shards of TOKEN_SHARD_CHARS under
-    ``work``, continuing after the last whole shard an earlier build left; their paths."""
-    import blake3
-
+    ``work``, continuing after the last whole shard an earlier build left."""
     dtype = _token_dtype(tokenizer)
-    done: list[Path] = []
-    skip = 0
-    while True:
-        path = work / f"{split}-{len(done):05d}.bin"
-        manifest = _whole_token_shard(path)
-        if manifest is None:
-            break
-        done.append(path)
-        skip += manifest["texts"]
+    done = _whole_task_shards(work, split, ".bin")
+    skip = sum(shard.manifest["texts"] for shard in done)
     started = time.perf_counter()
     chars = 0
     with progress_bar(total=len(texts), initial=skip, desc=f"tokenize {split}", unit="text",
                       enabled=cfg.progress) as bar:
         for chunk in text_batches(texts.after(skip), TOKEN_SHARD_CHARS):
             data = _packed_documents(encoder.arrays(chunk), tokenizer, dtype)
-            path = work / f"{split}-{len(done):05d}.bin"
-            manifest = {"format_version": SHARD_FORMAT_VERSION, "texts": len(chunk),
-                        "bytes": len(data), "blake3": blake3.blake3(data).hexdigest()}
-            with cache_writes(work):
-                work.mkdir(parents=True, exist_ok=True)
-                process.write_atomic_files({path: data,
-                                            path.with_suffix(".json"): json.dumps(manifest)})
-            done.append(path)
+            path = _task_shard_path(work, split, len(done), ".bin")
+            done.append(_write_task_shard(path, data, {"texts": len(chunk)}))
             chars += sum(map(len, chunk))
             bar.update(len(chunk))
-    if cfg.progress and chars:
-        seconds = time.perf_counter() - started
-        print(f"tokenize {split}: {chars / 1e6:.1f} M characters in {seconds:.1f} s "
-              f"({chars / 1e6 / seconds:.2f} M/s, {cfg.workers} workers)", file=sys.stderr)
+    _say_throughput(f"tokenize {split}", chars, started, cfg)
     return done
 
 
@@ -1765,20 +1747,65 @@ def _packed_documents(encoded: list[array], tokenizer, dtype: str) -> bytes:
     return np.concatenate(parts).tobytes()
 
 
-def _whole_token_shard(path: Path) -> dict | None:
-    """The manifest of a token shard (the lm task's ``.bin``, a supervised task's ``.npz``)
-    written whole (its bytes as its manifest says), else None."""
+class _TaskShard(typing.NamedTuple):
+    """A whole shard of a task's build (the lm task's ``.bin`` of ids, a supervised task's
+    ``.npz`` of ``_Examples``) and its manifest: what it holds (``texts`` or ``docs`` read, and
+    counts), its ``bytes`` and ``blake3``."""
+
+    path: Path
+    manifest: dict
+
+
+def _task_shard_path(work: Path, split: str, index: int, suffix: str) -> Path:
+    return work / f"{split}-{index:05d}{suffix}"
+
+
+def _whole_task_shards(work: Path, split: str, suffix: str) -> list[_TaskShard]:
+    """The whole shards of a split an earlier build left, up to the first that is not."""
+    done: list[_TaskShard] = []
+    while True:
+        path = _task_shard_path(work, split, len(done), suffix)
+        manifest = _whole_task_shard(path)
+        if manifest is None:
+            return done
+        done.append(_TaskShard(path, manifest))
+
+
+def _write_task_shard(path: Path, data: bytes, holds: dict) -> _TaskShard:
+    """``data`` written atomically as ``path`` with its manifest (``.json``: ``holds``, then
+    the bytes' count and digest) beside it."""
+    import blake3
+
+    manifest = {"format_version": SHARD_FORMAT_VERSION, **holds, "bytes": len(data),
+                "blake3": blake3.blake3(data).hexdigest()}
+    with cache_writes(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        process.write_atomic_files({path: data, path.with_suffix(".json"): json.dumps(manifest)})
+    return _TaskShard(path, manifest)
+
+
+def _say_throughput(stage: str, chars: int, started: float, cfg: DataConfig) -> None:
+    """A stage's throughput line (with progress on, when it built anything)."""
+    if cfg.progress and chars:
+        seconds = time.perf_counter() - started
+        print(f"{stage}: {chars / 1e6:.1f} M characters in {seconds:.1f} s "
+              f"({chars / 1e6 / seconds:.2f} M/s, {cfg.workers} workers)", file=sys.stderr)
+
+
+def _whole_task_shard(path: Path) -> dict | None:
+    """The manifest of a task shard written whole (its bytes as its manifest says), else
+    None."""
     try:
         manifest = json.loads(path.with_suffix(".json").read_text("utf-8"))
     except (OSError, ValueError):
         return None
     if manifest.get("format_version") != SHARD_FORMAT_VERSION:
-        print(f"note: token shard {path}: format_version {manifest.get('format_version')}, not "
+        print(f"note: shard {path}: format_version {manifest.get('format_version')}, not "
               f"{SHARD_FORMAT_VERSION}; it is built again", file=sys.stderr)
         return None
     if not path.is_file() or path.stat().st_size != manifest["bytes"] or (
             process.file_digest(path) != manifest["blake3"]):
-        print(f"note: token shard {path} differs from its manifest; it is built again",
+        print(f"note: shard {path} differs from its manifest; it is built again",
               file=sys.stderr)
         return None
     return manifest
@@ -2063,14 +2090,6 @@ class _Examples(typing.NamedTuple):
     keys: np.ndarray  # S16: the examples' sorted unique ``_example_key`` (train shards only)
 
 
-class _ExampleShard(typing.NamedTuple):
-    """A whole example shard: its ``.npz`` of ``_Examples``, and its manifest (``docs`` read,
-    ``examples``, ``tokens``, ``events`` counted, the file's ``bytes`` and ``blake3``)."""
-
-    path: Path
-    manifest: dict
-
-
 def _example_key(seq: Sequence[int], prompt_len: int) -> bytes:
     """What tells two examples apart: the hash of their prompt length and ids."""
     return hashlib.blake2b(np.asarray([prompt_len, *seq], np.int64), digest_size=16).digest()
@@ -2095,11 +2114,11 @@ def _doc_chars(doc: Doc) -> int:
 
 
 def _example_shards(docs: Sequence[Doc], tokenizer, cfg: DataConfig, work: Path, split: str,
-                    in_train: np.ndarray | None) -> list[_ExampleShard]:
+                    in_train: np.ndarray | None) -> list[_TaskShard]:
     """One split's examples in shards of about TOKEN_SHARD_CHARS characters of documents under
     ``work``, continuing after the last whole shard an earlier build left; val/test examples
     whose key is in ``in_train`` are dropped."""
-    done = _whole_example_shards(work, split)
+    done = _whole_task_shards(work, split, ".npz")
     skip = sum(shard.manifest["docs"] for shard in done)
     quiet = replace(cfg, progress=False)  # one bar a split: this one
     started = time.perf_counter()
@@ -2109,30 +2128,12 @@ def _example_shards(docs: Sequence[Doc], tokenizer, cfg: DataConfig, work: Path,
         ordered = itertools.islice(_example_order(docs, cfg), skip, None)
         for chunk in text_batches(ordered, TOKEN_SHARD_CHARS, _doc_chars):
             examples, events = _chunk_examples(chunk, tokenizer, quiet, split, in_train)
-            path = _example_shard_path(work, split, len(done))
+            path = _task_shard_path(work, split, len(done), ".npz")
             done.append(_write_example_shard(path, examples, len(chunk), events))
             chars += sum(map(_doc_chars, chunk))
             bar.update(len(chunk))
-    if cfg.progress and chars:
-        seconds = time.perf_counter() - started
-        print(f"{cfg.task} {split}: {chars / 1e6:.1f} M characters in {seconds:.1f} s "
-              f"({chars / 1e6 / seconds:.2f} M/s, {cfg.workers} workers)", file=sys.stderr)
+    _say_throughput(f"{cfg.task} {split}", chars, started, cfg)
     return done
-
-
-def _example_shard_path(work: Path, split: str, index: int) -> Path:
-    return work / f"{split}-{index:05d}.npz"
-
-
-def _whole_example_shards(work: Path, split: str) -> list[_ExampleShard]:
-    """The whole example shards of a split an earlier build left, up to the first that is not."""
-    done: list[_ExampleShard] = []
-    while True:
-        path = _example_shard_path(work, split, len(done))
-        manifest = _whole_token_shard(path)
-        if manifest is None:
-            return done
-        done.append(_ExampleShard(path, manifest))
 
 
 def _chunk_examples(docs: list[Doc], tokenizer, cfg: DataConfig, split: str,
@@ -2185,24 +2186,17 @@ def _in_sorted(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
 
 
 def _write_example_shard(path: Path, examples: _Examples, docs: int, events: Counter
-                         ) -> _ExampleShard:
-    """``examples`` written atomically as ``path`` with its manifest (``.json``) beside it."""
-    import blake3
-
+                         ) -> _TaskShard:
+    """``examples`` of ``docs`` documents written as a task shard, their counts in its
+    manifest."""
     buffer = io.BytesIO()
     np.savez(buffer, **examples._asdict())
-    data = buffer.getvalue()
-    manifest = {"format_version": SHARD_FORMAT_VERSION, "docs": docs,
-                "examples": len(examples.prompt_lens), "tokens": len(examples.ids),
-                "events": {k: v for k, v in sorted(events.items()) if v},
-                "bytes": len(data), "blake3": blake3.blake3(data).hexdigest()}
-    with cache_writes(path.parent):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        process.write_atomic_files({path: data, path.with_suffix(".json"): json.dumps(manifest)})
-    return _ExampleShard(path, manifest)
+    holds = {"docs": docs, "examples": len(examples.prompt_lens), "tokens": len(examples.ids),
+             "events": {k: v for k, v in sorted(events.items()) if v}}
+    return _write_task_shard(path, buffer.getvalue(), holds)
 
 
-def _train_keys(shards: Sequence[_ExampleShard]) -> np.ndarray:
+def _train_keys(shards: Sequence[_TaskShard]) -> np.ndarray:
     """The sorted unique keys of the train examples in ``shards`` (16 bytes each)."""
     keys = [np.zeros(0, "S16")]
     for shard in shards:
@@ -2211,7 +2205,7 @@ def _train_keys(shards: Sequence[_ExampleShard]) -> np.ndarray:
     return np.unique(np.concatenate(keys))
 
 
-def _join_example_shards(shards: Sequence[_ExampleShard], out: Path, split: str, dtype: str
+def _join_example_shards(shards: Sequence[_TaskShard], out: Path, split: str, dtype: str
                          ) -> tuple[int, int]:
     """A split's final files (``{split}.ids.npy``, ``.offsets.npy``, ``.prompt_lens.npy``, as
     np.save writes them) filled from its shards one at a time; its examples and tokens."""
@@ -2266,7 +2260,7 @@ def prepare(cfg: DataConfig, tokenizer: CodeTokenizer | BPETokenizer | None = No
     if not cache_hit:
         corpus = load_corpus(cfg)
         build = _build_lm if cfg.task == "lm" else _build_supervised
-        work = path.with_name(f"{path.name}.shards")  # the token shards of an unfinished build
+        work = path.with_name(f"{path.name}.shards")  # the shards of an unfinished build
         if not cfg.use_cache:
             shutil.rmtree(work, ignore_errors=True)
 
