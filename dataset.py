@@ -1614,9 +1614,15 @@ def reads_special_tokens(task: str | None, pair_special_tokens: object) -> bool:
 
 
 def _encode(tokenizer, texts: list[str], cfg: DataConfig, desc: str,
-            specials: Sequence[bool] = ()) -> list[list[int]]:
-    """encode_batch in chunks of about 16M characters (bounded memory, a progress bar); a special
-    token's text is text, except in the texts ``specials`` marks (``pair_special_tokens``)."""
+            specials: Sequence[bool] = (), encoder: BatchEncoder | None = None
+            ) -> list[list[int]]:
+    """The texts' ids, encoded in chunks of about 16M characters (bounded memory, a progress
+    bar) on ``encoder`` where it is the tokenizer's (a build's pool), else on a pool of this
+    call; a special token's text is text, except in the texts ``specials`` marks
+    (``pair_special_tokens``)."""
+    if encoder is None or encoder.tokenizer is not tokenizer:
+        with tokenizer.batch_encoder(cfg.workers) as own:
+            return _encode(tokenizer, texts, cfg, desc, specials, own)
     out: list[list[int]] = [[] for _ in texts]
     with progress_bar(total=len(texts), desc=desc, unit="text", enabled=cfg.progress) as bar:
         for read in (False, True):
@@ -1624,9 +1630,7 @@ def _encode(tokenizer, texts: list[str], cfg: DataConfig, desc: str,
             ends = accumulate(len(texts[i]) for i in which)  # characters up to each text
             for _, chunk in groupby(zip(which, ends), lambda pair: pair[1] // 16_000_000):
                 chunk = [i for i, _ in chunk]
-                encoded = tokenizer.encode_batch([texts[i] for i in chunk],
-                                                 num_workers=cfg.workers,
-                                                 split_special_tokens=not read)
+                encoded = encoder([texts[i] for i in chunk], split_special_tokens=not read)
                 for i, ids in zip(chunk, encoded):
                     out[i] = ids
                 bar.update(len(chunk))
@@ -1705,7 +1709,7 @@ def _build_lm(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path, work: Path)
     dtype = _token_dtype(tokenizer)
     meta = {"dtype": dtype, "n_tokens": {}}
     # One pool of workers for every split: their piece caches stay warm from shard to shard.
-    with tokenizer.batch_encoder(cfg.workers, split_special_tokens=True) as encoder:
+    with tokenizer.batch_encoder(cfg.workers) as encoder:
         for s in SPLITS:
             shards = _token_shards(Texts(getattr(corpus, s)), tokenizer, encoder, cfg, work, s)
             with open(out / f"{s}.bin", "wb") as f:
@@ -1728,7 +1732,8 @@ def _token_shards(texts: Texts, tokenizer, encoder: BatchEncoder, cfg: DataConfi
     with progress_bar(total=len(texts), initial=skip, desc=f"tokenize {split}", unit="text",
                       enabled=cfg.progress) as bar:
         for chunk in text_batches(texts.after(skip), TOKEN_SHARD_CHARS):
-            data = _packed_documents(encoder.arrays(chunk), tokenizer, dtype)
+            data = _packed_documents(encoder.arrays(chunk, split_special_tokens=True), tokenizer,
+                                     dtype)
             path = _task_shard_path(work, split, len(done), ".bin")
             done.append(_write_task_shard(path, data, {"texts": len(chunk)}))
             chars += sum(map(len, chunk))
@@ -1872,7 +1877,7 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def tokenize_examples(examples: list[Example], tokenizer: CodeTokenizer | BPETokenizer,
-                      cfg: DataConfig, desc: str
+                      cfg: DataConfig, desc: str, encoder: BatchEncoder | None = None
                       ) -> list[tuple[list[int], list[int], tuple[int, int]]]:
     """(prompt ids, completion ids, the body's span in the prompt) of each example. A body with a
     budget is tokenized apart, to be cut; otherwise the prompt is tokenized whole (as eval.py
@@ -1890,7 +1895,7 @@ def tokenize_examples(examples: list[Example], tokenizer: CodeTokenizer | BPETok
         else:
             parts += [head, e.body[: _CHARS_PER_TOKEN_BOUND * e.body_budget], e.tail]
         parts.append(completion)
-    ids = _encode(tokenizer, parts, cfg, desc, [r for r in reads for _ in range(4)])
+    ids = _encode(tokenizer, parts, cfg, desc, [r for r in reads for _ in range(4)], encoder)
     prefix = tokenizer.template_prefix
     out = []
     for i, e in enumerate(examples):
@@ -1954,7 +1959,8 @@ def _fim_plan(ids: list[int], doc_id: str, size: int, tokenizer, cfg: DataConfig
 
 
 def _fim_pairs(docs: list[tuple[list[int], str]], tokenizer, cfg: DataConfig,
-               desc: str = "fim parts") -> list[list[tuple[list[int], list[int]]]]:
+               desc: str = "fim parts", encoder: BatchEncoder | None = None
+               ) -> list[list[tuple[list[int], list[int]]]]:
     """(prompt, completion) pairs of each file ``(ids, doc id)``: plain LM chunks, and a
     ``fim_rate`` share of prefix-suffix-middle (PSM) examples whose parts are cut at characters
     and encoded alone, as at inference (StarCoder's FIM)."""
@@ -1963,7 +1969,7 @@ def _fim_pairs(docs: list[tuple[list[int], str]], tokenizer, cfg: DataConfig,
     byte_lengths = np.fromiter(map(len, tokenizer._id_to_bytes), np.int64)
     plans = [_fim_plan(ids, doc_id, size, tokenizer, cfg, byte_lengths) for ids, doc_id in docs]
     texts = [t for plan in plans for item in plan if isinstance(item, tuple) for t in item]
-    parts = iter(_encode(without_stripping(tokenizer), texts, cfg, desc))
+    parts = iter(_encode(without_stripping(tokenizer), texts, cfg, desc, encoder=encoder))
 
     def pair(item: list[int] | tuple[str, str, str]) -> tuple[list[int], list[int]]:
         if not isinstance(item, tuple):
@@ -2007,7 +2013,8 @@ def _fit_fim_context(prefix: list[int], suffix: list[int], max_prompt_tokens: in
     return prefix[len(prefix) - keep :], suffix[: room - keep]
 
 
-def _split_pairs(docs: list[Doc], tokenizer, cfg: DataConfig, s: str, events: Counter
+def _split_pairs(docs: list[Doc], tokenizer, cfg: DataConfig, s: str, events: Counter,
+                 encoder: BatchEncoder | None = None
                  ) -> list[tuple[list[int], list[int], bool, tuple[int, int]]]:
     """The (prompt ids, completion ids, EOS follows it, the prompt's span truncation cuts first)
     of split ``s``'s documents ``docs`` (its consecutive ones in ``_example_order``), counting
@@ -2015,10 +2022,11 @@ def _split_pairs(docs: list[Doc], tokenizer, cfg: DataConfig, s: str, events: Co
     pairs = []
     if _encodes_files(cfg):
         code = [d for d in docs if d.target is None]
-        encoded = _encode(tokenizer, [d.text for d in code], cfg, f"tokenize {s}")
+        encoded = _encode(tokenizer, [d.text for d in code], cfg, f"tokenize {s}",
+                          encoder=encoder)
         if cfg.task == "fim":
             files = _fim_pairs([(ids, d.id) for d, ids in zip(code, encoded)], tokenizer, cfg,
-                               f"fim parts {s}")
+                               f"fim parts {s}", encoder)
             pairs = [(p, c, bool(p), (0, 0)) for file_pairs in files for p, c in file_pairs]
         else:
             pairs = [(p, c, False, (0, 0)) for ids in encoded for p, c in window_pairs(ids, cfg)]
@@ -2028,7 +2036,8 @@ def _split_pairs(docs: list[Doc], tokenizer, cfg: DataConfig, s: str, events: Co
     else:
         examples = [e for d in progress_bar(docs, desc=f"{cfg.task} {s}", enabled=cfg.progress)
                     for e in _examples_for(d, cfg, events)]
-    for prompt, completion, span in tokenize_examples(examples, tokenizer, cfg, f"tokenize {s}"):
+    tokenized = tokenize_examples(examples, tokenizer, cfg, f"tokenize {s}", encoder)
+    for prompt, completion, span in tokenized:
         if cfg.task == "docstring" and len(completion) < cfg.docstring_min_tokens:
             events["skipped_docstring_too_short"] += 1
             continue
@@ -2068,13 +2077,16 @@ def _build_supervised(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path, wor
     dtype = _token_dtype(tokenizer)
     meta: dict = {"dtype": dtype, "examples": {}, "tokens": {}, "events": {}}
     in_train = None  # the keys of the train examples, once the train shards are written
-    for s in SPLITS:
-        shards = _example_shards(getattr(corpus, s), tokenizer, cfg, work, s, in_train)
-        if s == "train":
-            in_train = _train_keys(shards)
-        meta["examples"][s], meta["tokens"][s] = _join_example_shards(shards, out, s, dtype)
-        events: Counter = sum((Counter(shard.manifest["events"]) for shard in shards), Counter())
-        meta["events"][s] = {k: v for k, v in sorted(events.items()) if v}
+    # One pool of workers for every split: their piece caches stay warm from shard to shard.
+    with tokenizer.batch_encoder(cfg.workers) as encoder:
+        for s in SPLITS:
+            shards = _example_shards(getattr(corpus, s), encoder, cfg, work, s, in_train)
+            if s == "train":
+                in_train = _train_keys(shards)
+            meta["examples"][s], meta["tokens"][s] = _join_example_shards(shards, out, s, dtype)
+            events: Counter = sum((Counter(shard.manifest["events"]) for shard in shards),
+                                  Counter())
+            meta["events"][s] = {k: v for k, v in sorted(events.items()) if v}
     if meta["examples"]["train"] == 0:
         raise DataError(f"task {cfg.task!r} built no training examples from {len(corpus.train)} "
                         "train documents; check the sources and task options")
@@ -2113,8 +2125,8 @@ def _doc_chars(doc: Doc) -> int:
     return len(_plain_text(doc))
 
 
-def _example_shards(docs: Sequence[Doc], tokenizer, cfg: DataConfig, work: Path, split: str,
-                    in_train: np.ndarray | None) -> list[_TaskShard]:
+def _example_shards(docs: Sequence[Doc], encoder: BatchEncoder, cfg: DataConfig, work: Path,
+                    split: str, in_train: np.ndarray | None) -> list[_TaskShard]:
     """One split's examples in shards of about TOKEN_SHARD_CHARS characters of documents under
     ``work``, continuing after the last whole shard an earlier build left; val/test examples
     whose key is in ``in_train`` are dropped."""
@@ -2127,7 +2139,7 @@ def _example_shards(docs: Sequence[Doc], tokenizer, cfg: DataConfig, work: Path,
                       enabled=cfg.progress) as bar:
         ordered = itertools.islice(_example_order(docs, cfg), skip, None)
         for chunk in text_batches(ordered, TOKEN_SHARD_CHARS, _doc_chars):
-            examples, events = _chunk_examples(chunk, tokenizer, quiet, split, in_train)
+            examples, events = _chunk_examples(chunk, encoder, quiet, split, in_train)
             path = _task_shard_path(work, split, len(done), ".npz")
             done.append(_write_example_shard(path, examples, len(chunk), events))
             chars += sum(map(_doc_chars, chunk))
@@ -2136,10 +2148,11 @@ def _example_shards(docs: Sequence[Doc], tokenizer, cfg: DataConfig, work: Path,
     return done
 
 
-def _chunk_examples(docs: list[Doc], tokenizer, cfg: DataConfig, split: str,
+def _chunk_examples(docs: list[Doc], encoder: BatchEncoder, cfg: DataConfig, split: str,
                     in_train: np.ndarray | None) -> tuple[_Examples, Counter]:
     """The examples of consecutive documents of a split, truncated and filtered as the task's
     options say, and the events counted on them (examples skipped or truncated, by reason)."""
+    tokenizer = encoder.tokenizer
     eos = tokenizer.eos_id if cfg.add_eos else None
     start = prompt_prefix(tokenizer, cfg.task)
     events: Counter = Counter()
@@ -2150,7 +2163,8 @@ def _chunk_examples(docs: list[Doc], tokenizer, cfg: DataConfig, split: str,
             for d in docs if d.target is not None)
     seqs: list[list[int]] = []
     prompt_lens: list[int] = []
-    for prompt, completion, ends, code_span in _split_pairs(docs, tokenizer, cfg, split, events):
+    for prompt, completion, ends, code_span in _split_pairs(docs, tokenizer, cfg, split, events,
+                                                            encoder):
         n_target = len(completion)
         if ends and eos is not None:
             completion = completion + [eos]

@@ -89,13 +89,12 @@ class BatchEncoder:
     """Encodes batches of texts on one pool of worker processes, started at the first batch
     worth it and kept across batches (each worker's piece cache stays warm); a context manager
     that stops the pool. Small batches, one worker, or a daemon process (a DataLoader worker,
-    which can have no children) encode in this process."""
+    which can have no children) encode in this process. Options as ``encode``'s, per batch."""
 
-    def __init__(self, tokenizer, num_workers: int | None = None, **options):
+    def __init__(self, tokenizer, num_workers: int | None = None):
         self.tokenizer = tokenizer
         self.workers = num_workers if num_workers is not None else process.usable_cores()
         assert self.workers >= 1, num_workers
-        self.options = options
         self._pool = None
 
     def __enter__(self) -> BatchEncoder:
@@ -111,21 +110,26 @@ class BatchEncoder:
                 or sum(map(len, texts)) < _MIN_PARALLEL_CHARS
                 or multiprocessing.current_process().daemon)
 
-    def arrays(self, texts: Sequence[str]) -> list[array]:
+    def arrays(self, texts: Sequence[str], add_special_tokens: bool = False,
+               split_special_tokens: bool = False) -> list[array]:
         """Each text's ids as an ``array("I")`` (no Python int per token)."""
+        options = {"add_special_tokens": add_special_tokens,
+                   "split_special_tokens": split_special_tokens}
         if self._in_process(texts):
-            return [array("I", self.tokenizer.encode(t, **self.options)) for t in texts]
+            return [array("I", self.tokenizer.encode(t, **options)) for t in texts]
         if self._pool is None:
             self._pool = _pool_context().Pool(self.workers, initializer=_init_worker,
-                                  initargs=(self.tokenizer,))
+                                              initargs=(self.tokenizer,))
         # Many chunks per worker balance uneven files without paying per-text overhead.
-        results = self._pool.map(functools.partial(_encode_in_worker, **self.options), texts,
+        results = self._pool.map(functools.partial(_encode_in_worker, **options), texts,
                                  chunksize=max(1, len(texts) // (self.workers * 16)))
         return [array("I", buf) for buf in results]
 
-    def __call__(self, texts: Sequence[str]) -> list[list[int]]:
+    def __call__(self, texts: Sequence[str], add_special_tokens: bool = False,
+                 split_special_tokens: bool = False) -> list[list[int]]:
         """Each text's ids."""
-        return [ids.tolist() for ids in self.arrays(texts)]
+        arrays = self.arrays(texts, add_special_tokens, split_special_tokens)
+        return [ids.tolist() for ids in arrays]
 
 
 class _BatchEncodeMixin:
@@ -134,12 +138,10 @@ class _BatchEncodeMixin:
     _id_to_bytes: list[bytes]
     _special_ids: Container[int]  # the ids that skip_special_tokens drops
 
-    def batch_encoder(self, num_workers: int | None = None, add_special_tokens: bool = False,
-                      split_special_tokens: bool = False) -> BatchEncoder:
+    def batch_encoder(self, num_workers: int | None = None) -> BatchEncoder:
         """A BatchEncoder of this tokenizer, for many batches on one pool of ``num_workers``
         processes (default: every core)."""
-        return BatchEncoder(self, num_workers, add_special_tokens=add_special_tokens,
-                            split_special_tokens=split_special_tokens)
+        return BatchEncoder(self, num_workers)
 
     def encode_batch(self, texts: Sequence[str], num_workers: int | None = None,
                      add_special_tokens: bool = False, split_special_tokens: bool = False
@@ -148,8 +150,8 @@ class _BatchEncodeMixin:
         if isinstance(texts, str):  # list() would make each character a text
             raise ValueError("encode_batch expects a list of texts, got a str; use encode(text) "
                              "for one text")
-        with self.batch_encoder(num_workers, add_special_tokens, split_special_tokens) as encode:
-            return encode(list(texts))
+        with self.batch_encoder(num_workers) as encode:
+            return encode(list(texts), add_special_tokens, split_special_tokens)
 
     @property
     def vocab_size(self) -> int:

@@ -139,11 +139,11 @@ def test_an_interrupted_lm_build_continues_after_its_whole_token_shards(tmp_path
     encoded: list = []
     real = BatchEncoder.arrays
 
-    def arrays(self, texts):
+    def arrays(self, texts, **options):
         if len(encoded) == 3:
             raise Interrupted
         encoded.append(len(texts))
-        return real(self, texts)
+        return real(self, texts, **options)
 
     monkeypatch.setattr(BatchEncoder, "arrays", arrays)
     with pytest.raises(Interrupted):
@@ -155,7 +155,7 @@ def test_an_interrupted_lm_build_continues_after_its_whole_token_shards(tmp_path
                 for p in work.glob("*.bin"))
     counted: list = []
     monkeypatch.setattr(BatchEncoder, "arrays",
-                        lambda self, t: counted.append(len(t)) or real(self, t))
+                        lambda self, t, **kw: counted.append(len(t)) or real(self, t, **kw))
     data = prepare(c, tokenizer)
     n_texts = sum(len(getattr(dataset.load_corpus(c), s)) for s in ("train", "val", "test"))
     assert sum(counted) == n_texts - texts  # the whole shards' texts are not encoded again
