@@ -24,12 +24,10 @@ import io
 import itertools
 import json
 import math
-import multiprocessing
 import os
 import random
 import re
 import shutil
-import signal
 import sys
 import sysconfig
 import tempfile
@@ -769,6 +767,7 @@ def _cleaned_in_order(cfg: DataConfig, items: Iterator[_Read]) -> Iterator[Itera
     opt = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name in _CLEANING_FIELDS}
     clean = functools.partial(_clean_read, opt=opt)
     window = _InFlight(IN_FLIGHT_BYTES)
+    workers = cfg.workers
     pools = []
 
     def cleaned() -> Iterator[_Cleaned]:
@@ -776,14 +775,11 @@ def _cleaned_in_order(cfg: DataConfig, items: Iterator[_Read]) -> Iterator[Itera
         for item in items:
             yield clean(item)
             read += window.cost(item)
-            if cfg.workers > 1 and read >= POOL_AFTER_BYTES:
+            if workers > 1 and read >= POOL_AFTER_BYTES:
                 break
         else:
             return
-        ctx = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
-        # A worker leaves Ctrl-C to its parent, which ends the pool.
-        pools.append(ctx.Pool(cfg.workers, initializer=signal.signal,
-                              initargs=(signal.SIGINT, signal.SIG_IGN)))
+        pools.append(process.worker_pool(workers))
         chunksize = 1 if cfg.autopep8 else 16  # autopep8 files vary a lot in cost
         for result in pools[0].imap(clean, window.take(items), chunksize=chunksize):
             window.give(result.read)

@@ -28,6 +28,23 @@ from typing import BinaryIO
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+def worker_pool(processes: int, initializer: Callable | None = None, initargs: tuple = ()):
+    """A multiprocessing Pool whose workers leave Ctrl-C to their parent (which ends the pool),
+    forked where the platform can: they inherit the parent's objects instead of unpickling
+    them."""
+    import multiprocessing
+
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
+    return ctx.Pool(processes, initializer=_worker_start, initargs=(initializer, initargs))
+
+
+def _worker_start(initializer: Callable | None, initargs: tuple) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if initializer is not None:
+        initializer(*initargs)
+
+
 def usable_cores() -> int:
     """The CPU cores this process may run on (its affinity: taskset, a container's cpuset)."""
     if hasattr(os, "sched_getaffinity"):

@@ -79,12 +79,6 @@ def _encode_in_worker(text: str, **options) -> bytes:
     return array("I", _worker_tokenizer.encode(text, **options)).tobytes()
 
 
-def _pool_context() -> multiprocessing.context.BaseContext:
-    """fork where the platform has it: workers inherit the tokenizer instead of unpickling it."""
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else None)
-
-
 class BatchEncoder:
     """Encodes batches of texts on one pool of worker processes, started at the first batch
     worth it and kept across batches (each worker's piece cache stays warm); a context manager
@@ -118,8 +112,7 @@ class BatchEncoder:
         if self._in_process(texts):
             return [array("I", self.tokenizer.encode(t, **options)) for t in texts]
         if self._pool is None:
-            self._pool = _pool_context().Pool(self.workers, initializer=_init_worker,
-                                              initargs=(self.tokenizer,))
+            self._pool = process.worker_pool(self.workers, _init_worker, (self.tokenizer,))
         # Many chunks per worker balance uneven files without paying per-text overhead.
         results = self._pool.map(functools.partial(_encode_in_worker, **options), texts,
                                  chunksize=max(1, len(texts) // (self.workers * 16)))
@@ -341,13 +334,14 @@ def _piece_counts(texts: Iterable[str], strip_comments: bool, num_workers: int |
     """How often each code piece occurs in ``texts``, counted on ``num_workers`` processes
     (default: every core; one batch of texts, or a daemon process: in this one)."""
     workers = num_workers if num_workers is not None else process.usable_cores()
+    assert workers >= 1, num_workers
     batches = text_batches(texts, _COUNT_BATCH_CHARS)
     head = list(itertools.islice(batches, 2))
     if len(head) < 2 or workers == 1 or multiprocessing.current_process().daemon:
         return _count_pieces(chain.from_iterable(chain(head, batches)), strip_comments)
     counts: Counter[str] = Counter()
     count = functools.partial(_count_pieces, strip_comments=strip_comments)
-    with _pool_context().Pool(workers) as pool:
+    with process.worker_pool(workers) as pool:
         pending: deque = deque()
         for batch in chain(head, batches):
             pending.append(pool.apply_async(count, (batch,)))
