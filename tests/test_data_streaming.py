@@ -434,3 +434,57 @@ def test_an_interrupted_supervised_build_continues_after_its_whole_shards(tmp_pa
     assert entry_bytes(data.cache_path) == entry_bytes(reference.cache_path)
     assert data.stats["task"] == reference.stats["task"]
     assert not work.exists()
+
+
+ENCODING_WAITS = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import dataset, tokenizer
+tokenizer._MIN_PARALLEL_CHARS = 0  # the email corpus is encoded on the pool
+dataset.TOKEN_SHARD_CHARS = 40_000
+ready, argv = Path(sys.argv[2]), sys.argv[3:]
+packed = dataset._packed_documents
+
+def pack_then_wait(*args):
+    ready.touch()  # the workers have encoded a shard and wait for the next
+    time.sleep(60)
+
+dataset._packed_documents = pack_then_wait
+sys.exit(dataset.main(argv))
+"""
+
+
+def test_ctrl_c_to_the_process_group_while_workers_encode_says_one_line(tmp_path, source,
+                                                                         tokenizer):
+    """A terminal's Ctrl-C reaches every process of the group: the workers leave it to their
+    parent, which ends the pool and exits 130 with one line (no worker tracebacks), and no
+    worker is left behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import procs
+
+    tokenizer.save(tmp_path / "tok.json")
+    ready = tmp_path / "ready"
+    argv = ["--task", "lm", "--sources", str(source), "--tokenizer", str(tmp_path / "tok.json"),
+            "--cache-dir", str(tmp_path / "cache"), "--num-workers", "2", "--no-progress"]
+    child = procs.popen([sys.executable, "-c", ENCODING_WAITS, str(Path(dataset.__file__).parent),
+                         str(ready), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                        text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert time.monotonic() < deadline and child.poll() is None, child.communicate()
+            time.sleep(0.05)
+        os.killpg(child.pid, signal.SIGINT)
+        _, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 130, err
+    assert "Traceback" not in err and err.count("\n") == 1 and err.startswith("interrupted:"), err
+    with pytest.raises(ProcessLookupError):  # the group is empty: the workers are gone
+        os.killpg(child.pid, 0)
