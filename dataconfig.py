@@ -4,7 +4,6 @@ pipeline."""
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,11 +101,8 @@ class DataConfig:
 
     @property
     def workers(self) -> int:
-        """The processes that clean and tokenize: ``num_workers``, or every usable core; one
-        in a daemon process (a DataLoader worker), which can start none."""
-        if multiprocessing.current_process().daemon:
-            return 1
-        return self.num_workers or process.usable_cores()
+        """The processes that clean and tokenize (``process.worker_count``)."""
+        return process.worker_count(self.num_workers)
 
     def sources_by_split(self) -> list[tuple[str | None, str]]:
         """(predefined split or None, source), val and test first: deduplication keeps the first

@@ -1617,10 +1617,12 @@ def _encode(tokenizer, texts: list[str], cfg: DataConfig, desc: str,
     call; a special token's text is text, except in the texts ``specials`` marks
     (``pair_special_tokens``)."""
     if encoder is None or encoder.tokenizer is not tokenizer:
-        with tokenizer.batch_encoder(cfg.workers) as own:
-            return _encode(tokenizer, texts, cfg, desc, specials, own)
+        encoding = tokenizer.batch_encoder(cfg.workers)
+    else:
+        encoding = contextlib.nullcontext(encoder)
     out: list[list[int]] = [[] for _ in texts]
-    with progress_bar(total=len(texts), desc=desc, unit="text", enabled=cfg.progress) as bar:
+    with encoding as encoder, progress_bar(total=len(texts), desc=desc, unit="text",
+                                           enabled=cfg.progress) as bar:
         for read in (False, True):
             which = [i for i in range(len(texts)) if bool(specials and specials[i]) == read]
             ends = accumulate(len(texts[i]) for i in which)  # characters up to each text

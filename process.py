@@ -52,6 +52,16 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
+def worker_count(requested: int | None) -> int:
+    """The worker processes to use: ``requested``, or every usable core; one in a daemon process
+    (a DataLoader worker), which can start none."""
+    import multiprocessing
+
+    if multiprocessing.current_process().daemon:
+        return 1
+    return requested if requested is not None else usable_cores()
+
+
 def leave_terminal_on_hangup(signum: int) -> None:
     """On SIGHUP, point stdout and stderr at /dev/null unless they are files: a hung-up terminal
     or a pipe whose reader the hangup ended fails every write, and the next progress bar would

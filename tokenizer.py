@@ -19,7 +19,6 @@ import heapq
 import io
 import itertools
 import json
-import multiprocessing
 import operator
 import os
 import sys
@@ -87,7 +86,7 @@ class BatchEncoder:
 
     def __init__(self, tokenizer, num_workers: int | None = None):
         self.tokenizer = tokenizer
-        self.workers = num_workers if num_workers is not None else process.usable_cores()
+        self.workers = process.worker_count(num_workers)
         assert self.workers >= 1, num_workers
         self._pool = None
 
@@ -100,9 +99,7 @@ class BatchEncoder:
             self._pool = None
 
     def _in_process(self, texts: Sequence[str]) -> bool:
-        return (self.workers == 1 or len(texts) < 2
-                or sum(map(len, texts)) < _MIN_PARALLEL_CHARS
-                or multiprocessing.current_process().daemon)
+        return self.workers == 1 or len(texts) < 2 or sum(map(len, texts)) < _MIN_PARALLEL_CHARS
 
     def arrays(self, texts: Sequence[str], add_special_tokens: bool = False,
                split_special_tokens: bool = False) -> list[array]:
@@ -333,11 +330,11 @@ def _piece_counts(texts: Iterable[str], strip_comments: bool, num_workers: int |
                   ) -> Counter[str]:
     """How often each code piece occurs in ``texts``, counted on ``num_workers`` processes
     (default: every core; one batch of texts, or a daemon process: in this one)."""
-    workers = num_workers if num_workers is not None else process.usable_cores()
+    workers = process.worker_count(num_workers)
     assert workers >= 1, num_workers
     batches = text_batches(texts, _COUNT_BATCH_CHARS)
     head = list(itertools.islice(batches, 2))
-    if len(head) < 2 or workers == 1 or multiprocessing.current_process().daemon:
+    if len(head) < 2 or workers == 1:
         return _count_pieces(chain.from_iterable(chain(head, batches)), strip_comments)
     counts: Counter[str] = Counter()
     count = functools.partial(_count_pieces, strip_comments=strip_comments)
