@@ -14,7 +14,7 @@ import sys
 import process
 import settings
 from scraping.client import GitHubError
-from scraping.github import SERVER_ERROR, GitHubConfig, scrape_github
+from scraping.github import SERVER_ERROR, UNAVAILABLE, GitHubConfig, scrape_github
 from scraping.local import LocalConfig, collect_local
 
 
@@ -67,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: no file kept ({skipped} skipped: reasons above); do the filters "
                   "(--extensions, --language, size limits) match the code you want?",
                   file=sys.stderr)
-        if summary.repos[SERVER_ERROR]:
-            print(f"error: GitHub kept failing on {summary.repos[SERVER_ERROR]} repos, which "
-                  f"are not in {args['out']}; re-run the same command to retry them",
+        if unsaved := summary.repos[SERVER_ERROR] + summary.repos[UNAVAILABLE]:
+            print(f"error: GitHub kept failing on {unsaved} repos, which are not in "
+                  f"{args['out']}; re-run the same command to retry them",
                   file=sys.stderr)
             return 1
         return 0

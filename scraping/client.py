@@ -81,6 +81,11 @@ class GitHubClient:
         ceiling = min(self.max_backoff, self.backoff * 2**attempt)
         return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
 
+    def pause(self, attempt: int) -> None:
+        """Wait the backoff of retry ``attempt`` (0: the first) of a request whose final answer
+        the caller judges transient (a 404 of something listed at a commit), as for a 5xx."""
+        self._sleep(self._backoff_delay(attempt))
+
     def _wait_for(self, resource: str) -> None:
         with self._lock:
             until = self._blocked_until.get(resource, 0.0)

@@ -240,19 +240,29 @@ def encode_records(records: Iterable[dict]) -> bytes:
     return b"".join(json.dumps(r).encode("ascii") + b"\n" for r in records)
 
 
+# Repositories a summary names (one line each); the rest are counted.
+_NAMED_REPOS = 20
+
+
 @dataclass
 class Summary:
-    """Kept/skipped counts by reason, printed at the end of a run."""
+    """Kept/skipped counts by reason, printed at the end of a run, then a line for each repo
+    worth naming (one left for the next run, one GitHub blocks)."""
 
     repos: Counter = field(default_factory=Counter)
     files: Counter = field(default_factory=Counter)
     bytes_kept: int = 0
+    notes: list[str] = field(default_factory=list)
 
     def format(self) -> str:
         lines = [f"kept {self.files['kept']} files ({self.bytes_kept / 1e6:.2f} MB)"]
         lines += [f"  {title:5s} {reason:24s} {n}"
                   for title, counts in (("repos", self.repos), ("files", self.files))
                   for reason, n in sorted(counts.items()) if (title, reason) != ("files", "kept")]
+        lines += [f"  {note}" for note in self.notes[:_NAMED_REPOS]]
+        if len(self.notes) > _NAMED_REPOS:
+            lines.append(f"  and {len(self.notes) - _NAMED_REPOS} more repos (the warnings "
+                         "above name them)")
         return "\n".join(lines)
 
 

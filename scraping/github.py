@@ -35,8 +35,15 @@ log = logging.getLogger("scraping")
 SEARCH_CAP = 1000
 # A repo GitHub fails to serve is not saved (the next run retries it); this many in a row stop.
 SERVER_ERROR = "server_error"
-# Downloads of a file whose bytes miss its blob SHA before its repository is left for the next run.
+# A repo whose branch, tree or file GitHub kept refusing (4xx) is not saved either.
+UNAVAILABLE = "unavailable"
+# Downloads of a file (refused, or bytes that miss its blob SHA) before its repository is left
+# for the next run.
 DOWNLOAD_ATTEMPTS = 3
+# Requests for a branch or a tree GitHub refuses before its repository is left for the next run.
+LISTING_ATTEMPTS = 3
+# Refused files a repository's message names; the rest are counted.
+_NAMED_FILES = 5
 _FAILED_IN_A_ROW = 5
 DEFAULT_API_URL = "https://api.github.com"
 DEFAULT_RAW_URL = "https://raw.githubusercontent.com"
@@ -69,6 +76,11 @@ class GitHubConfig:
     max_wait: float = 3600.0  # longest rate-limit wait in seconds (then stop, resumably)
     timeout: float = 30.0  # HTTP timeout in seconds
     progress: bool = True  # show progress bars
+
+
+class NotServed(GitHubError):
+    """GitHub kept refusing (4xx) a branch, tree or file listed at a repository's commit: that
+    repository is left for the next run, not the ones after it."""
 
 
 @dataclass(frozen=True, order=True)
@@ -129,6 +141,19 @@ def _is_tree(data) -> bool:
         _holds(e, path=str, sha=str) and isinstance(e.get("size", 0), int) for e in data["tree"])
 
 
+def _blocked(resp: requests.Response) -> bool:
+    """GitHub's answer to every request of a repository it blocks: 451 (a legal takedown), or
+    403 with a ``block`` object (its terms of service)."""
+    if resp.status_code == 451:
+        return True
+    if resp.status_code != 403:
+        return False
+    try:
+        return _holds(resp.json(), block=dict)
+    except ValueError:
+        return False
+
+
 def search_repositories(client: GitHubClient, query: str, date_field: str, start: datetime,
                         end: datetime, *, cap: int = SEARCH_CAP, per_page: int = 100
                         ) -> Iterator[dict]:
@@ -170,12 +195,20 @@ def _read_slice(client: GitHubClient, params: dict, data: dict, resp: requests.R
 
 
 def _get_tree(client: GitHubClient, repo: str, sha: str, recursive: bool) -> dict | None:
-    """The tree, or None when GitHub will not give it (404, 409 for an empty repo, 451, ...)."""
+    """The tree, or None for GitHub's 409 of an empty repository. A tree named by SHA exists, so
+    another refusal (404, 403, 410, ...) is a replica behind: it is asked again after a pause,
+    and one that lasts raises NotServed. A refusal never makes a repository empty."""
     params = {"recursive": "1"} if recursive else None
-    tree, resp = client.get_reply(f"/repos/{repo}/git/trees/{sha}", params=params, valid=_is_tree)
-    if resp.status_code not in (200, 404, 409):
-        log.warning("tree %s of %s: HTTP %d, skipped", sha, repo, resp.status_code)
-    return tree
+    refused = []
+    for attempt in range(LISTING_ATTEMPTS):
+        if attempt:
+            client.pause(attempt - 1)
+        tree, resp = client.get_reply(f"/repos/{repo}/git/trees/{sha}", params=params,
+                                      valid=_is_tree)
+        if resp.status_code in (200, 409):
+            return tree
+        refused.append(str(resp.status_code))
+    raise NotServed(f"tree {sha}: HTTP {', '.join(refused)}")
 
 
 def _tree_files(entries: list[dict], prefix: str) -> list[TreeFile]:
@@ -284,18 +317,20 @@ class GitHubScraper:
         return self.summary
 
     def _scrape_repo(self, item: dict, store: ResumableOutput, pool: ThreadPoolExecutor) -> None:
-        """Read one repo and commit it whole, or count it under SERVER_ERROR for the next run."""
+        """Read one repo and commit it whole, or count it under SERVER_ERROR (5xx, bytes that
+        miss their blob) or UNAVAILABLE (refused) and name it in the summary, for the next run."""
         name = item["full_name"]
         files: Counter = Counter()
         try:
             how, records = self._read_repo(item, store, pool, files)
-        except ServerError as exc:
-            self.summary.repos[SERVER_ERROR] += 1
+        except (ServerError, NotServed) as exc:
+            self.summary.repos[SERVER_ERROR if isinstance(exc, ServerError) else UNAVAILABLE] += 1
             self._failed_in_a_row += 1
             if self._failed_in_a_row >= _FAILED_IN_A_ROW:
                 raise GitHubError(f"GitHub failed {_FAILED_IN_A_ROW} repos in a row; the "
                                   f"last: {exc}") from None
             log.warning("%s is not saved (a re-run retries it): %s", name, exc)
+            self.summary.notes.append(f"{name} is not saved (a re-run retries it): {exc}")
             return
         self._failed_in_a_row = 0
         store.commit(name, records)
@@ -311,15 +346,62 @@ class GitHubScraper:
         stars = item.get("stargazers_count")
         if not license_allowed(license_id, self.allowed):
             return "license", []
-        branch = item.get("default_branch") or "HEAD"
-        data, resp = self.client.get_reply(f"/repos/{name}/branches/{quote(branch)}",
-                                           valid=_is_branch)
-        if resp.status_code != 200:  # 404: empty repo; 403/451: access blocked
-            return ("empty" if resp.status_code == 404 else f"http_{resp.status_code}"), []
-        commit = data["commit"]["sha"]
+        commit, how = self._branch_commit(name, item.get("default_branch") or "HEAD")
+        if commit is None:
+            return how, []
         tree = list_repo_files(self.client, name, commit)
         if tree is None:
             return "empty", []
+        wanted = self._wanted(tree, store, files)
+        records, refused = [], []
+        for f, got in zip(wanted, pool.map(lambda f: self._download(name, commit, f), wanted)):
+            data, why = got
+            if data is None:
+                refused.append(f"{f.path}: {why}")
+                continue
+            text, reason = decode_source(data)
+            if text is None:
+                files[reason] += 1
+                continue
+            records.append(make_record(name, f.path, f.sha, license_id, stars, text))
+        if refused:
+            more = len(refused) - _NAMED_FILES
+            raise NotServed("; ".join(refused[:_NAMED_FILES])
+                            + (f"; and {more} more files" if more > 0 else ""))
+        files["kept"] += len(records)
+        return "scraped", records
+
+    def _branch_commit(self, repo: str, branch: str) -> tuple[str | None, str]:
+        """(the commit ``branch`` is at, "scraped"), or (None, how the repo ends): ``empty`` when
+        its tree answers GitHub's 409 for an empty repository (whose branch answers 404), or
+        ``http_451``/``http_403`` when GitHub blocks it (named in the summary). Another refusal
+        (a replica behind) is asked again after a pause; one that lasts raises NotServed."""
+        refused = []
+        for attempt in range(LISTING_ATTEMPTS):
+            if attempt:
+                self.client.pause(attempt - 1)
+            data, resp = self.client.get_reply(f"/repos/{repo}/branches/{quote(branch)}",
+                                               valid=_is_branch)
+            status = resp.status_code
+            if status == 200:
+                return data["commit"]["sha"], "scraped"
+            if _blocked(resp):
+                log.info("%s: blocked by GitHub (HTTP %d)", repo, status)
+                self.summary.notes.append(f"{repo}: blocked by GitHub (HTTP {status}); recorded "
+                                          "done with no file")
+                return None, f"http_{status}"
+            if not refused and self._is_empty(repo, branch):
+                return None, "empty"
+            refused.append(str(status))
+        raise NotServed(f"branch {branch}: HTTP {', '.join(refused)}")
+
+    def _is_empty(self, repo: str, branch: str) -> bool:
+        """Whether GitHub gives its answer for an empty repository (409) for its tree."""
+        return self.client.get(f"/repos/{repo}/git/trees/{quote(branch)}").status_code == 409
+
+    def _wanted(self, tree: list[TreeFile], store: ResumableOutput, files: Counter
+                ) -> list[TreeFile]:
+        """The files of ``tree`` to download, counting the others in ``files`` by reason."""
         wanted, new_shas = [], set()
         for f in tree:
             reason = "symlink" if f.mode == "120000" else self.filter.reject_reason(f.path, f.size)
@@ -330,37 +412,43 @@ class GitHubScraper:
             else:
                 new_shas.add(f.sha)
                 wanted.append(f)
-        records = []
-        for f, got in zip(wanted, pool.map(lambda f: self._download(name, commit, f), wanted)):
-            data, reason = got
-            text, reason = (None, reason) if data is None else decode_source(data)
-            if text is None:
-                files[reason] += 1
-                continue
-            records.append(make_record(name, f.path, f.sha, license_id, stars, text))
-        files["kept"] += len(records)
-        return "scraped", records
+        return wanted
 
-    def _download(self, repo: str, commit: str, f: TreeFile) -> tuple[bytes | None, str | None]:
-        """(the file's bytes, None), or (None, why) when GitHub will not serve it. The bytes
-        hash to the file's blob SHA: a reply that does not (altered, cut short, malformed) is
-        asked for again by blob SHA, and one that never does raises ServerError, which leaves
-        the repository for the next run."""
+    def _download(self, repo: str, commit: str, f: TreeFile) -> tuple[bytes | None, str]:
+        """(the file's bytes, ""), or (None, what each try got) when GitHub kept refusing them.
+        Tries alternate between the raw host (where there is one and the path is plain) and the
+        blob API by SHA. The file is listed at this commit, so a refusal (404, 403, 410, ...) is
+        a replica or cache behind: it is asked again after a pause. Bytes that miss the blob SHA
+        (altered, cut short, malformed) are asked again at once, and a file whose every try
+        misses raises ServerError. Either way its repository is left for the next run."""
+        sources = ("raw", "blob") if self.raw_url and _plain_path(f.path) else ("blob",)
+        tries, refusals = [], 0
         for attempt in range(DOWNLOAD_ATTEMPTS):
-            if attempt == 0 and self.raw_url and _plain_path(f.path):
-                resp = self.client.get(f"{self.raw_url}/{repo}/{commit}/{quote(f.path)}",
-                                       accept="*/*")
-            else:  # by blob SHA: odd paths never reach a URL, and Enterprise needs no raw host
-                resp = self.client.get(f"/repos/{repo}/git/blobs/{f.sha}",
-                                       accept="application/vnd.github.raw+json")
+            source = sources[attempt % len(sources)]
+            resp = self._get_file(source, repo, commit, f)
             if resp.status_code != 200:
-                return None, "missing" if resp.status_code == 404 else f"http_{resp.status_code}"
-            if git_blob_sha(resp.content) == f.sha:
-                return resp.content, None
-            log.warning("%s %s: %d bytes that are not its blob %s; downloading it again", repo,
-                        f.path, len(resp.content), f.sha)
-        raise ServerError(f"{repo} {f.path}: {DOWNLOAD_ATTEMPTS} downloads, none of them its "
-                          f"blob {f.sha}")
+                tries.append(f"{source} HTTP {resp.status_code}")
+                if attempt + 1 < DOWNLOAD_ATTEMPTS:
+                    self.client.pause(refusals)
+                refusals += 1
+            elif git_blob_sha(resp.content) == f.sha:
+                return resp.content, ""
+            else:
+                tries.append(f"{source} not its blob")
+                log.warning("%s %s: %d bytes that are not its blob %s; downloading it again",
+                            repo, f.path, len(resp.content), f.sha)
+        if not refusals:
+            raise ServerError(f"{repo} {f.path}: {DOWNLOAD_ATTEMPTS} downloads, none of them "
+                              f"its blob {f.sha}")
+        return None, ", ".join(tries)
+
+    def _get_file(self, source: str, repo: str, commit: str, f: TreeFile) -> requests.Response:
+        if source == "raw":
+            return self.client.get(f"{self.raw_url}/{repo}/{commit}/{quote(f.path)}",
+                                   accept="*/*")
+        # By blob SHA: odd paths never reach a URL, and Enterprise needs no raw host.
+        return self.client.get(f"/repos/{repo}/git/blobs/{f.sha}",
+                               accept="application/vnd.github.raw+json")
 
 
 def scrape_github(cfg: GitHubConfig, client: GitHubClient | None = None) -> Summary:

@@ -2,7 +2,8 @@
 
 It speaks the parts of the API the scraper uses (repository search with ``link`` pagination and
 the 1,000-result cap, branches, git trees with truncation, blobs, a raw file host) and can inject
-the failures GitHub produces: rate-limit 403s, 429s, 5xx, dropped connections.
+the failures GitHub produces: rate-limit 403s, 429s, 5xx, dropped connections, refusals (404,
+403, 410) of what exists, blocked repositories.
 
 ``fake_corpus()`` builds repositories from real standard-library source, and
 ``write_fake_scrape(path)`` runs the scraper against it, so other tests (e.g. training on scraped
@@ -45,6 +46,7 @@ class FakeRepo:
     submodules: list[str] = field(default_factory=list)
     truncated_dirs: set[str] = field(default_factory=set)  # dirs whose recursive listing is cut
     empty: bool = False
+    blocked: int | None = None  # 451 (legal) or 403 (terms): GitHub's answer to any API request
 
     @property
     def commit(self) -> str:
@@ -67,7 +69,8 @@ class FakeGitHub:
     ``drop`` (connection closed before any response), ``drop_body`` (closed half-way through the
     body), ``remaining_0`` (a normal answer that says the quota is spent until one second from
     now), ``altered`` (a file's bytes, raw or by blob, with a line added: not the blob its SHA
-    names, as a broken proxy or cache serves it).
+    names, as a broken proxy or cache serves it), ``404``, ``403``, ``410`` (a refusal of
+    something that exists: a replica or cache behind; the 403 is no rate limit).
 
     ``star_changes`` is a list of (request substring, repo, stars), each applied once, in order,
     when a request whose path and query contain the substring arrives (before it is answered):
@@ -190,6 +193,10 @@ class FakeGitHub:
         if len(parts) >= 5 and parts[1] == "repos":
             repo = self.repos.get(f"{parts[2]}/{parts[3]}")
             rest = parts[4:]
+            if repo is not None and repo.blocked:
+                return self._json(h, repo.blocked, {
+                    "message": "Repository access blocked",
+                    "block": {"reason": "dmca" if repo.blocked == 451 else "tos"}})
             if repo is not None and rest[0] == "branches" and len(rest) == 2:
                 return self._branch(h, repo, unquote(rest[1]))
             if repo is not None and rest[:2] == ["git", "trees"] and len(rest) == 3:
@@ -221,10 +228,19 @@ class FakeGitHub:
             h.wfile.write(b"x" * 100)
             h.wfile.flush()
             h.close_connection = True
+        elif kind in _REFUSALS:
+            self._refuse(h, int(kind))
         elif kind.startswith("body:"):  # a 200 whose body is this text (malformed JSON too)
             self._send(h, 200, kind[len("body:"):].encode())
         else:
             raise ValueError(f"unknown fault {kind!r}")
+
+    def _refuse(self, h, status: int) -> None:
+        """GitHub's refusal: plain text from the raw host, JSON from the API."""
+        if urlsplit(h.path).path.startswith("/raw/"):
+            return self._send(h, status, f"{status}: {_REFUSALS[str(status)]}".encode(),
+                              content_type="text/plain")
+        self._json(h, status, {"message": _REFUSALS[str(status)]})
 
     def _search(self, h, query: dict) -> None:
         min_stars, language, lo, hi = None, None, None, None
@@ -310,7 +326,7 @@ class FakeGitHub:
             parts = p.split("/")
             for depth in range(1, len(parts)):
                 dirs[repo.tree_sha("/".join(parts[:depth]))] = "/".join(parts[:depth])
-        directory = "" if sha == repo.commit else dirs.get(sha)
+        directory = "" if sha in (repo.commit, repo.default_branch) else dirs.get(sha)
         if directory is None:
             return self._json(h, 404, {"message": "Not Found"})
         entries = self._entries(repo, directory, recursive)
@@ -337,6 +353,10 @@ class FakeGitHub:
         if data is None:
             return self._send(h, 404, b"404: Not Found", content_type="text/plain")
         self._send(h, 200, _served(h, data), content_type="text/plain; charset=utf-8")
+
+
+# The refusals a fault can inject, with GitHub's message for each.
+_REFUSALS = {"403": "Forbidden", "404": "Not Found", "410": "Gone"}
 
 
 def _served(h: BaseHTTPRequestHandler, data: bytes) -> bytes:
@@ -443,6 +463,10 @@ DEFAULT_FAULTS = [
     ("/raw/alpha/", "drop"),
     ("/raw/beta/", "drop_body"),
     ("/git/blobs/", "500"),
+    ("/repos/gamma/mailer/branches/", "404"),
+    ("/repos/fill/repo0/git/trees/", "410"),
+    ("/raw/gamma/", "403"),
+    ("/git/blobs/", "404"),
 ]
 
 

@@ -949,8 +949,8 @@ def test_a_file_that_never_matches_its_blob_leaves_its_repo_for_the_next_run(tmp
     out = tmp_path / "out.jsonl"
     repos, expected = fake_corpus()
     path, sha = _a_file_of(repos, expected, "gamma/mailer")
-    faults = [(f"/{quote(path)}", "truncated")]
-    faults += [(f"/git/blobs/{sha}", "altered")] * (DOWNLOAD_ATTEMPTS - 1)
+    needles = [f"/{quote(path)}", f"/git/blobs/{sha}"]  # the tries alternate: raw, blob, ...
+    faults = [(needles[i % 2], "altered" if i else "truncated") for i in range(DOWNLOAD_ATTEMPTS)]
     with FakeGitHub(repos, faults=faults, max_per_page=3) as fake:
         assert _cli_scrape(fake, out, "--retries", "1", "--min-bytes", "1000") == 1
         err = capsys.readouterr().err
@@ -960,6 +960,94 @@ def test_a_file_that_never_matches_its_blob_leaves_its_repo_for_the_next_run(tmp
         assert fake.faults == []
     keys = [(r["repo"], r["path"]) for r in read_jsonl(out)]
     assert len(keys) == len(set(keys)) and set(keys) == expected
+
+
+def _refused_at(place: str) -> tuple[str, str, bool]:
+    """(request substring, what the run names, whether the raw host is used) for a refusal of
+    gamma/mailer's branch, tree or first kept file, or of beta/webkit's truncated sub-tree."""
+    repos, expected = fake_corpus()
+    path, sha = _a_file_of(repos, expected, "gamma/mailer")
+    webkit = next(r for r in repos if r.full_name == "beta/webkit").tree_sha("webkit")
+    return {
+        "raw": (f"/{quote(path)}", path, True),
+        "blob": (f"/git/blobs/{sha}", path, False),
+        "tree": ("/repos/gamma/mailer/git/trees/", "tree", True),
+        "subtree": (f"/repos/beta/webkit/git/trees/{webkit}", "tree", True),
+        "branch": ("/repos/gamma/mailer/branches/", "branch main", True),
+    }[place]
+
+
+@pytest.mark.parametrize("status", ["404", "403", "410"])
+@pytest.mark.parametrize("place", ["raw", "blob", "tree", "subtree", "branch"])
+def test_a_single_refusal_of_content_at_a_commit_loses_no_file(tmp_path, place, status):
+    """Branches, trees and files are read at a fixed commit: a 404, 403 or 410 there is a replica
+    or cache behind far more often than a file gone. It is asked again after a pause (a file by
+    blob SHA, then raw), so every file is kept and no repository is taken for empty."""
+    needle, _, raw = _refused_at(place)
+    out = tmp_path / "code.jsonl"
+    fake, summary, expected, sleep = run_scrape(out, [(needle, status)], raw=raw)
+    assert fake.faults == []  # the refusal was served
+    keys = [(r["repo"], r["path"]) for r in read_jsonl(out)]
+    assert len(keys) == len(set(keys)) and set(keys) == expected
+    assert summary.repos["scraped"] == 10 and summary.repos["empty"] == 1
+    assert summary.files["kept"] == len(expected) and len(sleep.calls) >= 1
+
+
+@pytest.mark.parametrize("place", ["raw", "blob", "tree", "branch"])
+def test_a_lasting_refusal_leaves_its_repo_for_the_next_run_naming_it(tmp_path, capsys, place):
+    """A refusal that outlasts every try (the file by raw and by blob) leaves the repository
+    unsaved: the run names it, what was refused and the status, and exits 1; the same command
+    run once the refusal ends keeps every file, none twice. The tries are bounded."""
+    needle, named, raw = _refused_at(place)
+    blob_needle = _refused_at("blob")[0]
+    faults = [(needle, "404")] * 10 + [(blob_needle, "410")] * 10
+    flags = ["--min-bytes", "1000"] + ([] if raw else ["--raw-url", ""])
+    out = tmp_path / "out.jsonl"
+    repos, expected = fake_corpus()
+    with FakeGitHub(repos, faults=faults, max_per_page=3) as fake:
+        assert _cli_scrape(fake, out, *flags) == 1
+        err = capsys.readouterr().err
+        assert re.search(r"repos unavailable +1\n", err)
+        assert f"gamma/mailer is not saved (a re-run retries it): {named}" in err
+        assert "HTTP 404" in err
+        assert "GitHub kept failing on 1 repos, which are not in" in err
+        assert "gamma/mailer" not in {r["repo"] for r in read_jsonl(out)}
+        assert sum(n == needle for n, _ in fake.faults) >= 5  # bounded: refusals left unasked
+        fake.faults.clear()
+        assert _cli_scrape(fake, out, *flags) == 0
+    keys = [(r["repo"], r["path"]) for r in read_jsonl(out)]
+    assert len(keys) == len(set(keys)) and set(keys) == expected
+
+
+@pytest.mark.parametrize("status", [451, 403])
+def test_a_blocked_repo_is_recorded_done_and_named(tmp_path, capsys, status):
+    """GitHub's block (451 for a legal takedown, 403 with a ``block`` object for its terms)
+    answers every request of the repository on every run: it is recorded done with no file and
+    named, the others are scraped, and a re-run does not ask for it again."""
+    repos = _ranked_repos(3)
+    repos[1].blocked = status
+    out = tmp_path / "out.jsonl"
+    with FakeGitHub(repos) as fake:
+        assert _cli_scrape(fake, out) == 0
+        err = capsys.readouterr().err
+        assert re.search(rf"repos http_{status} +1\n", err)
+        assert "o/r1: blocked by GitHub" in err
+        assert {r["repo"] for r in read_jsonl(out)} == {"o/r0", "o/r2"}
+        asked = len(fake.requests)
+        assert _cli_scrape(fake, out) == 0
+        assert re.search(r"repos already_done +3\n", capsys.readouterr().err)
+        assert not any("/o/r1/" in p for p in fake.requests[asked:])
+
+
+def test_an_empty_repo_is_recorded_empty_without_a_wait(tmp_path):
+    """GitHub answers an empty repository's branch with 404 and its tree with 409 ("Git
+    Repository is empty"): that is recorded done as empty at once, with no pause or retry."""
+    sleep = RecordingSleep()
+    with FakeGitHub([FakeRepo("o/empty", 500, "2020-01-01", empty=True)]) as fake:
+        summary = scrape_github(config(fake, tmp_path / "out.jsonl", min_bytes=1),
+                                make_client(fake, sleep))
+    assert summary.repos["empty"] == 1 and sleep.calls == []
+    assert read_jsonl(tmp_path / "out.jsonl.state")[1]["repo"] == "o/empty"
 
 
 MALFORMED_REPLIES = [  # 200 replies that are not what GitHub sends
