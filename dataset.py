@@ -15,6 +15,7 @@ if __name__ == "__main__":  # first: the imports below load torch for seconds
 
 import argparse
 import ast
+import bz2
 import contextlib
 import copy
 import functools
@@ -23,6 +24,7 @@ import hashlib
 import io
 import itertools
 import json
+import lzma
 import math
 import os
 import random
@@ -173,7 +175,12 @@ def _record_files(source: str) -> list[Path] | None:
     if not (path / "state.json").is_file():
         return None
     state = settings.read_json_object(path / "state.json", "datasets state")
-    return [path / f["filename"] for f in state["_data_files"]]
+    files = state.get("_data_files")
+    if not (isinstance(files, list) and all(
+            isinstance(f, dict) and isinstance(f.get("filename"), str) for f in files)):
+        raise DataError(f"{path / 'state.json'}: no '_data_files' list of {{filename}}, as "
+                        "datasets' save_to_disk writes it; save the dataset again")
+    return [path / f["filename"] for f in files]
 
 
 def _read_records(path: Path, cfg: DataConfig, counts: Counter) -> Iterator[Doc]:
@@ -192,30 +199,33 @@ def _read_records(path: Path, cfg: DataConfig, counts: Counter) -> Iterator[Doc]
         yield doc
 
 
-GZIP_MAGIC = b"\x1f\x8b"
+# A compressed file's first bytes, and how to open it: gzip, bz2, xz.
+COMPRESSED_MAGIC = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ\x00": lzma.open}
 
 
-def jsonl_lines(path: Path) -> Iterator[tuple[int, str, bytes]]:
+def jsonl_lines(path: Path, what: str = "JSONL file") -> Iterator[tuple[int, str, bytes]]:
     """(line number, "file:line", its bytes) of each non-blank line; ``json_object`` reads one.
-    A gzip file (its bytes say so, whatever its name) is read decompressed."""
-    with open(path, "rb") as f:
-        gzipped = f.read(len(GZIP_MAGIC)) == GZIP_MAGIC
-    with (gzip.open if gzipped else open)(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if raw.strip():  # rstrip: else an error at the line's end is json's "line 2"
-                yield lineno, f"{path}:{lineno}", raw.rstrip(b"\r\n")
+    A gzip, bz2 or xz file (its bytes say so, whatever its name) is read decompressed; one that
+    does not read or decompress is a DataError naming it (``what``) and the lines read."""
+    with settings.reading(path, what, DataError) as place:
+        with open(path, "rb") as f:
+            head = f.read(max(map(len, COMPRESSED_MAGIC)))
+        opener = next((o for magic, o in COMPRESSED_MAGIC.items() if head.startswith(magic)), open)
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                place.count = lineno
+                if raw.strip():  # rstrip: else an error at the line's end is json's "line 2"
+                    yield lineno, f"{path}:{lineno}", raw.rstrip(b"\r\n")
 
 
 def _table_rows(file: Path, cfg: DataConfig) -> Iterator[tuple[int, str, dict]]:
     """A parquet or datasets Arrow file's rows, streamed a batch at a time, the named columns;
-    a damaged file is a DataError naming it."""
-    import pyarrow as pa
-
+    a damaged file is a DataError naming it and the rows read."""
     kind = "parquet" if file.suffix == ".parquet" else "Arrow"
-    try:
-        yield from _arrow_rows(file, cfg)
-    except (pa.ArrowException, OSError) as e:  # pyarrow's own message names no file
-        raise DataError(f"{file}: not a readable {kind} file ({e})") from None
+    with settings.reading(file, f"{kind} file", DataError, "row") as place:
+        for number, where, row in _arrow_rows(file, cfg):
+            place.count = number
+            yield number, where, row
 
 
 def _arrow_rows(file: Path, cfg: DataConfig) -> Iterator[tuple[int, str, dict]]:

