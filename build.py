@@ -453,6 +453,7 @@ def restore_checkpoint(cfg: TrainConfig, path: Path, trainer: Trainer, data: Dat
     state = dataclasses.replace(state, max_steps=steps, data=data.data_id, optimizer={},
                                 scheduler={}, scaler={}, rng=[], weights={})
     record.last_saved_step = state.step
+    record.resumed_from = path
     if state.step > steps:  # validate_config checks max_steps; epochs needs the data
         raise ValueError(f"{setting(cfg, 'epochs')}: {steps} step(s), below the step of the "
                          f"checkpoint it resumes from ({state.step}): set a larger epochs")

@@ -19,13 +19,20 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 import process
 import settings
 from distributed import Dist, RankZeroFailed, all_gather, broadcast
-from rundir import ADAPTER_FILE, CONFIG_FILE, MODEL_FILE, STATE_FILE, list_checkpoints
+from rundir import (
+    ADAPTER_FILE,
+    CONFIG_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    checkpoint_step,
+    list_checkpoints,
+)
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
@@ -35,6 +42,7 @@ FORMAT_VERSION = 1  # state.pt (the optimizer's state in it) beside the model's 
 SHARDED_FORMAT_VERSION = 2  # state.pt (no optimizer) beside SHARDED_DIR (--strategy fsdp)
 SHARDED_DIR = "sharded"  # torch.distributed.checkpoint's files: the model's and optimizer's
 #   shards, one file a writing process, and their .metadata
+SHARD_SCAN_BYTES = 2**28  # a sharded checkpoint's tensors are checked this many bytes at a time
 
 
 @dataclass
@@ -224,24 +232,65 @@ def read_state(path: Path, mmap: bool = False) -> RunState:
     return RunState(**raw)
 
 
-def load(path: Path, model: nn.Module, trainable_only: bool) -> RunState:
-    """Load a checkpoint into ``model`` and return its RunState; all is checked and read first,
-    so a broken checkpoint leaves the model as it was and an earlier one can be tried."""
-    path = Path(path)
-    if problem := process.manifest_problem(path):
-        raise _broken(path, problem)
+class Weights(NamedTuple):
+    """A checkpoint's weights file as read: its tensors and the step its metadata records."""
+
+    tensors: dict[str, torch.Tensor]
+    step: str | None
+
+
+def _read_weights(path: Path, trainable_only: bool) -> Weights:
+    """Checkpoint ``path``'s weights file, read whole; a missing or unreadable one is a
+    CorruptCheckpointError naming it."""
     weights = path / weights_file(trainable_only)
     if not weights.is_file():
         raise _broken(path, f"no {weights.name}")
     try:
-        tensors = load_file(weights)
+        with safe_open(weights, "pt") as f:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+            metadata = f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise _broken(path, f"{weights.name}: {e}") from None
-    if bad := nonfinite_tensor(tensors):
-        raise _broken(path, f"{weights.name}: {bad} holds inf or NaN")
+    return Weights(tensors, metadata.get("step"))
+
+
+def _check_step(path: Path, step: int) -> None:
+    """A checkpoint's state.pt holds the step its directory's name ``step-N`` says: another is a
+    CorruptCheckpointError naming both (a resume would skip or repeat steps)."""
+    named = checkpoint_step(path)
+    if named is not None and step != named:
+        raise _broken(path, f"{STATE_FILE} holds step {step}, its directory's name says "
+                      f"step {named}")
+
+
+def verified(path: Path, trainable_only: bool) -> RunState:
+    """One-file checkpoint ``path`` read whole and checked: its manifest, its weights and
+    optimizer state finite, its step the one its name and its weights record. What is wrong is a
+    CorruptCheckpointError naming it (a resume then tries the checkpoint before)."""
+    path = Path(path)
+    if problem := process.manifest_problem(path):
+        raise _broken(path, problem)
+    weights = _read_weights(path, trainable_only)
+    name = weights_file(trainable_only)
+    if bad := nonfinite_tensor(weights.tensors):
+        raise _broken(path, f"{name}: {bad} holds inf or NaN")
     state = read_state(path)
-    load_model_tensors(model, tensors, str(weights), trainable_only)
-    state.weights = tensors
+    if bad := nonfinite_tensor(_optimizer_tensors(state.optimizer)):
+        raise _broken(path, f"{STATE_FILE}: {bad} holds inf or NaN")
+    _check_step(path, state.step)
+    if weights.step is not None and weights.step != str(state.step):
+        raise _broken(path, f"{name} records step {weights.step}, {STATE_FILE} step {state.step}")
+    state.weights = weights.tensors
+    return state
+
+
+def load(path: Path, model: nn.Module, trainable_only: bool) -> RunState:
+    """Load a checkpoint into ``model`` and return its RunState; all is checked and read first
+    (``verified``), so a broken checkpoint leaves the model as it was and an earlier one can be
+    tried."""
+    state = verified(path, trainable_only)
+    weights = Path(path) / weights_file(trainable_only)
+    load_model_tensors(model, state.weights, str(weights), trainable_only)
     return state
 
 
@@ -339,9 +388,9 @@ def save_sharded(path: Path, state: RunState, config: dict, model: nn.Module,
 def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                  trainable_only: bool, dist: Dist) -> RunState:
     """Load sharded checkpoint ``path`` into ``model`` and ``optimizer`` (sharded or not, on any
-    number of processes: DCP reshards) and return its RunState. The manifest is checked first;
-    shards holding inf or NaN are refused after loading (an earlier checkpoint then overwrites
-    them)."""
+    number of processes: DCP reshards) and return its RunState. The manifest and the step (its
+    state.pt's, its name's) are checked first; shards holding inf or NaN are refused after
+    loading (an earlier checkpoint then overwrites them)."""
     from torch.distributed.checkpoint.state_dict import (
         set_model_state_dict,
         set_optimizer_state_dict,
@@ -351,6 +400,7 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     if problem := process.manifest_problem(path):
         raise _broken(path, problem)
     state = read_state(path)
+    _check_step(path, state.step)
     shards = _shards(model, optimizer, trainable_only)
     _read_shards(path, shards, dist)
     options = _load_options(trainable_only)
@@ -387,18 +437,41 @@ def load_sharded_weights(path: Path, model: nn.Module, trainable_only: bool) -> 
     set_model_state_dict(model, weights, options=_load_options(trainable_only))
 
 
-def sharded_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The model's tensors of sharded checkpoint ``path``, whole, read in this one process
-    without a model (their names and shapes from DCP's metadata)."""
+def _nonfinite_in_shards(path: Path) -> str | None:
+    """The name of a tensor holding inf or NaN among sharded checkpoint ``path``'s (the model's
+    and the optimizer's), read in this one process without a model, SHARD_SCAN_BYTES at a time
+    (their names and shapes from DCP's metadata); or None."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     reader = dcp.FileSystemReader(Path(path) / SHARDED_DIR)
-    tensors = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
-               for key, meta in reader.read_metadata().state_dict_metadata.items()
-               if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
-    _read_shards(Path(path), tensors, Dist())
-    return tensors
+    group: dict[str, torch.Tensor] = {}
+    size = 0
+    items = reader.read_metadata().state_dict_metadata.items()
+    tensors = [(key, meta) for key, meta in items if isinstance(meta, TensorStorageMetadata)]
+    for i, (key, meta) in enumerate(tensors):
+        group[key] = torch.empty(meta.size, dtype=meta.properties.dtype)
+        size += group[key].nbytes
+        if size >= SHARD_SCAN_BYTES or i == len(tensors) - 1:
+            _read_shards(Path(path), group, Dist())
+            if bad := nonfinite_tensor(group):
+                return bad
+            group, size = {}, 0
+    return None
+
+
+def verified_sharded(path: Path) -> RunState:
+    """Sharded checkpoint ``path`` checked in this one process: its manifest, its step the one
+    its name says, every shard finite; its RunState (no weights, no optimizer). What is wrong is
+    a CorruptCheckpointError naming it."""
+    path = Path(path)
+    if problem := process.manifest_problem(path):
+        raise _broken(path, problem)
+    state = read_state(path)
+    _check_step(path, state.step)
+    if bad := _nonfinite_in_shards(path):
+        raise _broken(path, f"{SHARDED_DIR}: {bad} holds inf or NaN")
+    return state
 
 
 def gathered_tensors(model: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
@@ -424,29 +497,29 @@ def nonfinite_tensor(tensors: Mapping[str, object]) -> str | None:
     return None
 
 
+def _optimizer_tensors(optimizer: dict) -> dict[str, object]:
+    """An optimizer's state_dict's per-parameter state (its moments), named for messages."""
+    return {f"optimizer state {i} {key}": tensor
+            for i, slots in optimizer.get("state", {}).items() for key, tensor in slots.items()}
+
+
 def first_nonfinite(state: RunState) -> str | None:
     """The name of a weight or optimizer tensor holding inf or NaN, or None when all are finite."""
-    tensors = dict(state.weights)
-    for i, slots in state.optimizer.get("state", {}).items():
-        for key, tensor in slots.items():
-            tensors[f"optimizer state {i} {key}"] = tensor
-    return nonfinite_tensor(tensors)
+    return nonfinite_tensor({**state.weights, **_optimizer_tensors(state.optimizer)})
 
 
 def finite_checkpoint(checkpoints: Sequence[Path], trainable_only: bool) -> Path | None:
-    """The newest of ``checkpoints`` whose weights read back finite, or None."""
+    """The last good of ``checkpoints``, or None: the newest that reads back intact, finite
+    (weights and optimizer state) and at the step its name says (``verified``)."""
     for path in reversed(checkpoints):
-        if process.manifest_problem(path):
-            continue
         try:
             if is_sharded(path):
-                tensors = sharded_weights(path)
+                verified_sharded(path)
             else:
-                tensors = load_file(path / weights_file(trainable_only))
-        except (CorruptCheckpointError, SafetensorError, OSError):
+                verified(path, trainable_only)
+        except (ValueError, OSError):  # CorruptCheckpointError, another format_version
             continue
-        if nonfinite_tensor(tensors) is None:
-            return path
+        return path
     return None
 
 
@@ -454,16 +527,17 @@ def restore_latest(checkpoints: list[Path], restore: Callable[[Path], None], say
                    ) -> list[Path]:
     """Call ``restore`` on the newest checkpoint that reads back; return the broken ones."""
     errors: list[CorruptCheckpointError] = []
-    for path in reversed(checkpoints):
+    for i in reversed(range(len(checkpoints))):
         try:
-            restore(path)
+            restore(checkpoints[i])
             return checkpoints[len(checkpoints) - len(errors):]
         except CorruptCheckpointError as e:
             errors.append(e)
-            if say and path != checkpoints[0]:
-                print(f"warning: {e}; trying the checkpoint before it", file=sys.stderr)
+            if say and i > 0:
+                print(f"warning: {e}; trying the checkpoint before it, {checkpoints[i - 1].name}",
+                      file=sys.stderr)
     raise CorruptCheckpointError("; ".join(map(str, errors)) + ": no intact checkpoint to "
-                                 "resume from")
+                                 "resume from; start the run anew under another --name")
 
 
 def set_aside(broken: list[Path]) -> None:

@@ -1,7 +1,7 @@
 """What a training run keeps as it trains: in its directory config.json, metrics.jsonl (and the
 trackers), the checkpoints and best/ (``RunRecord``); on the console a progress bar or a line
 per logged step, and a line per evaluation (``Progress``). A run whose numbers diverge is
-reported with the last checkpoint that holds finite weights."""
+reported with the last good checkpoint to go on from."""
 
 from __future__ import annotations
 
@@ -61,6 +61,7 @@ class RunRecord:
         self.keep_last = keep_last
         self.config: dict = {}  # config.json: it reproduces the run
         self.last_saved_step = -1
+        self.resumed_from: Path | None = None  # the checkpoint this process continued from
         self.log: RunLog | None = None
         self.hint = hint  # how the caller continues the run ("--resume DIR"), for messages
         self.restarts = restarts  # the caller never continues the run: it starts it again
@@ -159,11 +160,15 @@ class RunRecord:
         write_dir_atomically(self.run_dir / rundir.BEST_DIR, write)
 
     def diverged(self, what: str, step: int, causes: list[str]) -> typing.NoReturn:
-        """Stop the run, saying ``what`` went non-finite, its likely ``causes`` and the last
-        checkpoint that holds finite weights (none is written from others, and a resume sets
-        them aside)."""
-        good = checkpoint.finite_checkpoint(list_checkpoints(self.run_dir), self.trainable_only)
-        if good is not None:  # a resume replays the same steps, lr and precision
+        """Stop the run, saying ``what`` went non-finite, its likely ``causes`` and the last good
+        checkpoint (finite weights and optimizer state at the step its name says: none is
+        written from others, and a resume sets them aside); never the one this process resumed
+        from, whose resume would replay the same steps to the same stop."""
+        checkpoints = list_checkpoints(self.run_dir)
+        good = checkpoint.finite_checkpoint(checkpoints, self.trainable_only)
+        if good is not None and good == self.resumed_from:
+            kept = self._replay_advice(good, step, checkpoints)
+        elif good is not None:  # a resume replays the same steps, lr and precision
             kept = (f"the last good checkpoint is {good}: --resume {self.run_dir} replays the "
                     "same steps from there; a change of --lr or --precision needs a new run "
                     "(another --name)")
@@ -174,6 +179,21 @@ class RunRecord:
         message = f"{diagnosis} {kept}."
         self.log.write(step, "error", {"message": message})
         raise NonFiniteLossError(message, step, diagnosis)
+
+    def _replay_advice(self, resumed: Path, step: int, checkpoints: list[Path]) -> str:
+        """How to go on from a stop before any checkpoint after ``resumed``, the one this
+        process continued from: a change in a new run, or the good checkpoint before it."""
+        advice = (f"the last checkpoint, {resumed}, is the one this run resumed from "
+                  f"{step - rundir.checkpoint_step(resumed)} step(s) before: --resume "
+                  f"{self.run_dir} would replay the same steps to the same stop; change what "
+                  "diverged (the causes above) in a new run (another --name)")
+        earlier = checkpoint.finite_checkpoint(checkpoints[:checkpoints.index(resumed)],
+                                               self.trainable_only)
+        if earlier is not None:
+            advice += (f"; if {resumed.name} itself is suspect, rename {resumed} to "
+                       f"broken-{resumed.name} and --resume {self.run_dir} continues from "
+                       f"{earlier}")
+        return advice
 
     def what_next(self) -> str:
         return rundir.what_next(self.hint, self.restarts)

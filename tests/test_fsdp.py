@@ -398,8 +398,8 @@ def test_the_last_finite_checkpoint_is_found_among_sharded_ones(tmp_path):
     model = torch.nn.Linear(4, 3)
     optimizer = torch.optim.AdamW(model.parameters())
     steps = [tmp_path / f"step-{n}" for n in (2, 4, 6)]
-    for path in steps:
-        assert checkpoint.save_sharded(path, checkpoint.RunState(), {}, model, optimizer,
+    for n, path in zip((2, 4, 6), steps):
+        assert checkpoint.save_sharded(path, checkpoint.RunState(step=n), {}, model, optimizer,
                                        False, tm.Dist()) is None
     assert checkpoint.finite_checkpoint(steps, trainable_only=False) == steps[2]
     with torch.no_grad():
@@ -411,6 +411,41 @@ def test_the_last_finite_checkpoint_is_found_among_sharded_ones(tmp_path):
     dcp.save(shards, checkpoint_id=steps[1] / checkpoint.SHARDED_DIR)
     process.write_manifest(steps[2])
     assert checkpoint.finite_checkpoint(steps, trainable_only=False) == steps[0]
+
+
+def test_a_sharded_checkpoint_at_another_step_or_with_nonfinite_moments_is_not_good(
+        tmp_path, monkeypatch):
+    """Sharded checkpoints under manifests that match them: step-4 whose state.pt says step 6,
+    step-6 whose Adam moments hold NaN (finite weights). Neither is the last good one (its
+    tensors read one at a time here), and loading either is a CorruptCheckpointError naming the
+    checkpoint and what is wrong."""
+    import torch.distributed.checkpoint as dcp
+
+    import process
+
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    step_2, step_4, step_6 = (tmp_path / f"step-{n}" for n in (2, 4, 6))
+    for path, step in ((step_2, 2), (step_4, 6), (step_6, 6)):
+        assert checkpoint.save_sharded(path, checkpoint.RunState(step=step), {}, model,
+                                       optimizer, False, tm.Dist()) is None
+    for slots in optimizer.state.values():
+        slots["exp_avg"].fill_(float("nan"))
+    dcp.save(checkpoint._shards(model, optimizer, False),
+             checkpoint_id=step_6 / checkpoint.SHARDED_DIR)
+    process.write_manifest(step_6)
+    monkeypatch.setattr(checkpoint, "SHARD_SCAN_BYTES", 1)
+    assert checkpoint.finite_checkpoint([step_2, step_4, step_6], trainable_only=False) == step_2
+    fresh = torch.nn.Linear(4, 3)
+    with pytest.raises(tm.CorruptCheckpointError, match=r"step-4: .*state.pt holds step 6, its "
+                       r"directory's name says step 4"):
+        checkpoint.load_sharded(step_4, fresh, torch.optim.AdamW(fresh.parameters()), False,
+                                tm.Dist())
+    with pytest.raises(tm.CorruptCheckpointError, match=r"step-6: .*exp_avg holds inf or NaN"):
+        checkpoint.load_sharded(step_6, fresh, torch.optim.AdamW(fresh.parameters()), False,
+                                tm.Dist())
 
 
 def test_resume_of_a_sharded_checkpoint_directory_names_its_run(tmp_path):

@@ -1294,6 +1294,130 @@ def test_a_nonfinite_checkpoint_with_a_valid_manifest_is_set_aside_and_refused_b
         evaluation.load_model(run, "cpu")
 
 
+def _rewrite_checkpoint(path: Path, state_change=None, weights_step: str | None = None) -> None:
+    """Rewrite checkpoint ``path`` with its state.pt changed by ``state_change`` (on the raw
+    dict) or its weights recording ``weights_step``, under a manifest that matches: only the
+    content can tell."""
+    state = torch.load(path / rundir.STATE_FILE, weights_only=True)
+    if state_change is not None:
+        state_change(state)
+    weights = load_file(path / rundir.MODEL_FILE)
+
+    def write(tmp: Path) -> None:
+        for file in path.iterdir():
+            if file.name != process.MANIFEST_FILE:
+                shutil.copy(file, tmp / file.name)
+        torch.save(state, tmp / rundir.STATE_FILE)
+        if weights_step is not None:
+            save_file(weights, tmp / rundir.MODEL_FILE, metadata={"step": weights_step})
+
+    tm.write_dir_atomically(path, write)
+    assert process.manifest_problem(path) is None
+
+
+def test_a_checkpoint_with_nonfinite_optimizer_moments_is_not_good_and_not_resumed(
+        assets, tmp_path, capsys):
+    """Adam moments holding NaN in state.pt under a manifest that matches them (finite weights):
+    the checkpoint is not the last good one, and the resume sets it aside naming the tensor and
+    continues from the one before to a finite end, instead of diverging steps later."""
+    config = _tiny_config_file(assets, tmp_path, max_steps=8)
+    assert tm.main(["--config", config]) == 0
+    run = tmp_path / "runs" / "run"
+    step_4, step_8 = rundir.list_checkpoints(run)
+
+    def poison(state: dict) -> None:
+        for slots in state["optimizer"]["state"].values():
+            for key, tensor in slots.items():
+                if tensor.is_floating_point() and tensor.dim() > 0:
+                    slots[key] = torch.full_like(tensor, float("nan"))
+
+    _rewrite_checkpoint(step_8, poison)
+    assert checkpoint.finite_checkpoint([step_4, step_8], trainable_only=False) == step_4
+    capsys.readouterr()
+    assert tm.main(["--resume", str(run), "--max-steps", "12"]) == 0
+    out, err = capsys.readouterr()
+    assert "step-8: corrupt or incomplete checkpoint (state.pt: optimizer state" in err
+    assert "holds inf or NaN" in err and "from step-4" in out
+    assert sum(p.name.startswith("broken-step-8") for p in (run / "checkpoints").iterdir()) == 1
+    assert _nonfinite_files(run) == []
+
+
+@pytest.mark.parametrize("disagreeing", ["state", "weights"])
+def test_a_checkpoint_whose_step_disagrees_with_its_name_is_not_good_and_not_resumed(
+        assets, tmp_path, capsys, disagreeing):
+    """step-8 whose state.pt says step 10 (or whose weights record step 6), under a manifest
+    that matches: not the last good checkpoint; the resume sets it aside naming both steps and
+    continues from step-4 rather than skipping steps."""
+    config = _tiny_config_file(assets, tmp_path, max_steps=8)
+    assert tm.main(["--config", config]) == 0
+    run = tmp_path / "runs" / "run"
+    step_4, step_8 = rundir.list_checkpoints(run)
+    if disagreeing == "state":
+        _rewrite_checkpoint(step_8, lambda state: state.update(step=10))
+    else:
+        _rewrite_checkpoint(step_8, weights_step="6")
+    assert checkpoint.finite_checkpoint([step_4, step_8], trainable_only=False) == step_4
+    capsys.readouterr()
+    assert tm.main(["--resume", str(run), "--max-steps", "12"]) == 0
+    out, err = capsys.readouterr()
+    assert "step-8: corrupt or incomplete checkpoint" in err
+    assert ("step 10" if disagreeing == "state" else "step 6") in err
+    assert "from step-4 (step 4)" in out
+    assert sum(p.name.startswith("broken-step-8") for p in (run / "checkpoints").iterdir()) == 1
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
+             if '"train"' in x]
+    assert steps == list(range(1, 13))  # no step skipped
+
+
+def test_a_checkpoint_is_not_written_with_nonfinite_optimizer_moments(assets, tmp_path,
+                                                                      monkeypatch, capsys):
+    """Moments that turn NaN with the weights still finite: the checkpoint of that step is not
+    written, and the stop that follows names the checkpoint before as the last good one."""
+    original, calls = tm.Trainer.train_step, [0]
+
+    def train_step(self, *args, **kwargs):
+        calls[0] += 1
+        stats = original(self, *args, **kwargs)
+        if calls[0] == 8:
+            for slots in self.optimizer.state.values():
+                for tensor in slots.values():
+                    if tensor.is_floating_point() and tensor.dim() > 0:
+                        tensor.fill_(float("nan"))
+        return stats
+
+    monkeypatch.setattr(tm.Trainer, "train_step", train_step)
+    cfg = tiny_cfg(assets, tmp_path, max_steps=12, eval_every=100)
+    with pytest.raises(tm.NonFiniteLossError) as info:
+        tm.train(cfg)
+    assert "step 8: optimizer state" in capsys.readouterr().err
+    run = Path(cfg.out_dir) / "run"
+    assert [p.name for p in rundir.list_checkpoints(run)] == ["step-4"]
+    assert f"last good checkpoint is {run / 'checkpoints' / 'step-4'}" in str(info.value)
+
+
+def test_a_run_that_diverges_soon_after_its_resume_is_not_sent_back_to_that_checkpoint(
+        assets, tmp_path, capsys):
+    """A resume from step-8 whose loss turns NaN at step 10, before its next checkpoint: a resume
+    from step-8 would replay the same steps to the same stop, so the advice names a change in a
+    new run and the checkpoint before, step-4, from which the advised resume continues."""
+    config = _tiny_config_file(assets, tmp_path, max_steps=8)
+    assert tm.main(["--config", config]) == 0
+    run = tmp_path / "runs" / "run"
+    step_4, step_8 = rundir.list_checkpoints(run)
+    capsys.readouterr()
+    assert tm.main(["--resume", str(run), "--max-steps", "12", "--inject-nan-at-step", "10"]) == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss (nan) at step 10" in err
+    assert f"last good checkpoint is {step_8}" not in err
+    assert f"{step_8}, is the one this run resumed from 2 step(s) before" in err
+    assert "would replay the same steps" in err and "in a new run" in err
+    assert f"rename {step_8} to broken-step-8" in err and f"continues from {step_4}" in err
+    step_8.rename(step_8.with_name("broken-step-8"))
+    assert tm.main(["--resume", str(run), "--max-steps", "12",
+                    "--inject-nan-at-step", "100"]) == 0
+    assert "from step-4 (step 4)" in capsys.readouterr().out
+
+
 def test_a_checkpoint_without_its_weights_or_with_a_state_short_of_keys_is_corrupt(tmp_path):
     """A torch-readable state.pt that lacks a key and a checkpoint whose weights file is gone are
     CorruptCheckpointError (resume then tries the one before), not a KeyError mid-resume; the
