@@ -6,6 +6,7 @@ over here: loading a run takes eval.py, which stands above pretrained."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import eval as evaluation
@@ -17,10 +18,16 @@ import settings
 def export(source: str, out: Path, outtype: str, tokenizer: str | None = None) -> Path:
     """Load ``source`` as eval.py does, write ``out`` and its Modelfile beside it."""
     out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"{out}: a directory; name the file to write in it, "
+                         f"{out / 'NAME.gguf'}")
     if out.suffix != ".gguf":
         raise ValueError(f"{out}: name the output file NAME.gguf")
     if not out.parent.is_dir():
         raise ValueError(f"{out}: no directory {out.parent}")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{out}: cannot write into {out.parent} (permission denied); name a "
+                         "directory you can write")
     loaded = evaluation.load_model(source, "cpu", tokenizer=tokenizer, dtype="fp32",
                                    what="export-gguf")
     gguf_export.check_exportable(loaded.model, loaded.tokenizer)

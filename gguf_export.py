@@ -11,8 +11,10 @@ come from llama.cpp's quantizer run on an f16 export (docs/recipes.md).
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import gguf
@@ -21,6 +23,7 @@ import torch
 
 import lora
 import pretrained
+import process
 from architecture import ModelConfig, Transformer, rope_inv_freq
 from tokenizer import SPIECE_SPACE, BPETokenizer
 
@@ -322,8 +325,17 @@ def write_gguf(model: Transformer, tok, out: Path, outtype: str = "f16",
                name: str = "codelm") -> Path:
     """Write ``model`` (LoRA merged in) and ``tok`` to ``out`` as GGUF; return ``out``."""
     check_exportable(model, tok)
+    writer = gguf.GGUFWriter(str(out), GGUF_FAMILIES[model.cfg.family].arch)
+    try:
+        _write(writer, model, tok, outtype, name)
+    finally:  # a failed write's file is closed before it is removed
+        writer.close()
+    return out
+
+
+def _write(writer, model: Transformer, tok, outtype: str, name: str) -> None:
+    """The metadata, the vocabulary and the tensors, through ``writer`` into its file."""
     family = GGUF_FAMILIES[model.cfg.family]
-    writer = gguf.GGUFWriter(str(out), family.arch)
     writer.add_name(_general_name(name, tok))
     writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[outtype]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -336,8 +348,6 @@ def write_gguf(model: Transformer, tok, out: Path, outtype: str = "f16",
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=False)
-        writer.close()
-    return out
 
 
 def modelfile(gguf_file: Path, tok) -> str:
@@ -357,23 +367,45 @@ def modelfile(gguf_file: Path, tok) -> str:
 
 
 MODELFILE = "Modelfile"  # beside the .gguf: ollama create NAME -f Modelfile
+FROM_LINE = re.compile(r"^\s*FROM\s+(\S+)", re.IGNORECASE | re.MULTILINE)
+
+
+def modelfile_path(out: Path) -> Path:
+    """Where ``out``'s Modelfile goes: ``Modelfile`` beside it, unless a Modelfile there runs
+    another file (another export's, or one the user wrote): that one is kept, and ``out``'s is
+    named after ``out``, ``NAME.Modelfile`` beside ``NAME.gguf``."""
+    shared = out.with_name(MODELFILE)
+    if not os.path.lexists(shared) or _runs(shared, out):
+        return shared
+    return out.with_name(f"{out.stem}.{MODELFILE}")
+
+
+def _runs(recipe: Path, out: Path) -> bool:
+    """Whether Modelfile ``recipe`` names ``out`` in its FROM line (unreadable: no)."""
+    try:
+        found = FROM_LINE.search(recipe.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        return False
+    return found is not None and (recipe.parent / found[1]).resolve() == out.resolve()
 
 
 def save(model: Transformer, tok, out: Path, outtype: str, name: str = "codelm") -> Path:
-    """Write ``model`` (LoRA merged in) and ``tok`` to ``out`` through ``out.partial`` (a stopped
-    write leaves no ``out``), and the Modelfile beside it; return ``out``."""
+    """Write ``model`` (LoRA merged in) and ``tok`` to ``out`` and its Modelfile
+    (``modelfile_path``) beside it, together through ``process.write_atomic_files``: a failed or
+    stopped write leaves neither, nor a temporary file; return ``out``."""
     out = Path(out)
-    partial = out.with_name(out.name + ".partial")
+    gguf_file = process.WrittenAt(partial(write_gguf, model, tok, outtype=outtype, name=name))
     try:
-        write_gguf(model, tok, partial, outtype, name)
-        partial.replace(out)
-        out.with_name(MODELFILE).write_text(modelfile(out, tok), encoding="utf-8")
+        process.write_atomic_files({out: gguf_file, modelfile_path(out): modelfile(out, tok)})
     except OSError as e:
-        raise ValueError(f"{out}: cannot write ({e.strerror})") from None
+        raise ValueError(f"{e.filename or out}: cannot write ({e.strerror or e})") from None
     return out
 
 
 def ollama_hint(out: Path, outtype: str) -> str:
     """What a written export is and how Ollama takes it in."""
-    recipe = out.with_name(MODELFILE)
-    return f"wrote {out} ({outtype}) and {recipe}: ollama create NAME -f {recipe}"
+    recipe = modelfile_path(out)
+    kept = ""
+    if recipe.name != MODELFILE:
+        kept = f" ({out.with_name(MODELFILE)} runs another file: left as it is)"
+    return f"wrote {out} ({outtype}) and {recipe}{kept}: ollama create NAME -f {recipe}"

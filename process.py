@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 # The signals that stop a script, each ending it with the shell's code 128 + its number: Ctrl-C's
 # SIGINT (130), SIGTERM (143: ``kill``, a scheduler), SIGHUP (129: the terminal hung up). An
@@ -407,9 +407,16 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-# What write_atomic writes: text (as UTF-8), bytes, or a function writing into the open binary
-# file (a stream too large to hold in memory, such as model weights).
-FileContent = str | bytes | Callable[[BinaryIO], object]
+class WrittenAt(NamedTuple):
+    """File content that ``write`` writes at the path it is given: for a writer that opens its
+    file itself (gguf's)."""
+
+    write: Callable[[Path], object]
+
+
+# What write_atomic writes: text (as UTF-8), bytes, a function writing into the open binary file
+# (a stream too large to hold in memory, such as model weights), or a ``WrittenAt``.
+FileContent = str | bytes | Callable[[BinaryIO], object] | WrittenAt
 
 
 def write_atomic(path: str | Path, data: FileContent) -> None:
@@ -429,13 +436,8 @@ def write_atomic_files(files: Mapping[str | Path, FileContent]) -> None:
             remove_dead_owners(path.parent, re.escape(f".{path.name}.tmp-"))
             tmp = partial_path(path, "tmp")
             temps.append((path, tmp))  # from here on removed if anything fails
-            with _naming(path, tmp), open(tmp, "wb") as f:
-                if callable(data):
-                    data(f)
-                else:
-                    f.write(data.encode("utf-8") if isinstance(data, str) else data)
-                f.flush()
-                os.fsync(f.fileno())
+            with _naming(path, tmp):
+                _write_temp(tmp, data)
         with stops_deferred():  # a Ctrl-C between two renames would leave a mixed set
             for path, tmp in temps:
                 with _naming(path, tmp):
@@ -445,6 +447,21 @@ def write_atomic_files(files: Mapping[str | Path, FileContent]) -> None:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
         raise
+
+
+def _write_temp(tmp: Path, data: FileContent) -> None:
+    """Write ``data`` to ``tmp`` and fsync it."""
+    if isinstance(data, WrittenAt):
+        data.write(tmp)
+        _fsync(tmp)
+        return
+    with open(tmp, "wb") as f:
+        if callable(data):
+            data(f)
+        else:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 @contextlib.contextmanager

@@ -412,22 +412,34 @@ def where_set_in(args: Mapping[str, Any], section: str, rest: str | None = None
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse as every script uses it: no prefix abbreviation (``--max-step`` is not
-    ``--max-steps``), and an unknown flag answered in one line naming the closest flags."""
+    """argparse as every script (and its subcommands: ``add_subparsers`` makes parsers of the
+    parent's class) uses it: no prefix abbreviation (``--max-step`` is not ``--max-steps``), and
+    a mistake on the command line answered in one line, exit 2, without the usage block: an
+    unknown flag naming the closest flags, any other the error and a pointer to ``--help``."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
+        message = " ".join(message.split())  # one line, whatever a type's error holds
         unknown = re.match(r"unrecognized arguments: (-\S+)", message)
         if unknown is None:
-            super().error(message)
+            self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
         flag = unknown[1].split("=")[0]
-        flags = [o for o, action in self._option_string_actions.items()
-                 if o.startswith("--") and action.help != argparse.SUPPRESS]
-        close = difflib.get_close_matches(flag, flags, n=3, cutoff=0.6)
+        close = difflib.get_close_matches(flag, sorted(self._flags()), n=3, cutoff=0.6)
         hint = f"did you mean {' or '.join(close)}?" if close else "--help lists the flags"
         self.exit(2, f"{self.prog}: error: unknown flag {flag}: {hint}\n")
+
+    def _flags(self) -> set[str]:
+        """The shown --flags of this parser and its subcommands' (a subcommand's unknown flag is
+        reported by the top parser)."""
+        flags = {o for o, action in self._option_string_actions.items()
+                 if o.startswith("--") and action.help != argparse.SUPPRESS}
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    flags |= sub._flags() if isinstance(sub, ArgumentParser) else set()
+        return flags
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls: type,

@@ -373,7 +373,7 @@ def test_overfits_one_batch(preset):
 
 def test_presets_table_rows_show_each_presets_sizes(capsys):
     """`python architecture.py`: each row's columns are its preset's fields, heads beside KV
-    heads and the MLP width beside its kind; an unknown preset name is argparse's usage error."""
+    heads and the MLP width beside its kind; an unknown preset name is argparse's one-line error."""
     import architecture
 
     assert architecture.main([]) == 0

@@ -226,8 +226,98 @@ def test_the_cli_writes_the_file_and_says_how_to_run_it(checkpoints, tmp_path, c
     out = tmp_path / "coder.gguf"
     assert pretrained.main(["export-gguf", str(checkpoints["qwen2"]), str(out),
                             "--outtype", "q8_0"]) == 0
-    assert out.is_file() and not out.with_name("coder.gguf.partial").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", "coder.gguf"]
     assert "ollama create" in capsys.readouterr().out
+
+
+def _read_only_dir(tmp_path: Path) -> Path:
+    """A directory no file can be created in: chmod 0o555, or procfs for root (whom the
+    permission bits do not bind)."""
+    if os.geteuid() == 0:
+        return Path("/proc")
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    return ro
+
+
+def _written(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def test_an_export_that_cannot_be_written_is_one_line_and_leaves_nothing(checkpoints, tmp_path,
+                                                                          capsys):
+    """An output that is a directory, or inside a directory no file can be created in, is one
+    line and exit 2, and no temporary file is left behind."""
+    existing = tmp_path / "out.gguf"
+    existing.mkdir()
+    read_only = _read_only_dir(tmp_path) / "a.gguf"
+    before = _written(tmp_path), _written(read_only.parent)
+    for out, said in ((existing, "a directory"), (read_only, str(read_only))):
+        assert pretrained.main(["export-gguf", str(checkpoints["qwen2"]), str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and said in err, err
+    assert (_written(tmp_path), _written(read_only.parent)) == before
+    assert _written(existing) == []
+
+
+@pytest.mark.parametrize("failure, code, said", [
+    (OSError(28, "No space left on device"), 2, "No space left on device"),
+    (KeyboardInterrupt(), 130, "interrupted: nothing written"),
+])
+def test_a_write_that_fails_midway_leaves_no_file(failure, code, said, checkpoints, tmp_path,
+                                                  capsys, monkeypatch):
+    """A failure or a stop after the header and the vocabulary are written leaves neither the
+    .gguf, nor its Modelfile, nor the half-written temporary file."""
+    def fail(writer, progress=False):
+        raise failure
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", fail)
+    out = tmp_path / "out" / "a.gguf"
+    out.parent.mkdir()
+    assert pretrained.main(["export-gguf", str(checkpoints["qwen2"]), str(out)]) == code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and said in err, err
+    assert _written(out.parent) == []
+
+
+def test_the_writer_removes_its_file_on_any_failure(checkpoints, tmp_path, monkeypatch):
+    """``save`` below the command line (the end of a run calls it): a directory in the way is a
+    ValueError naming it, any other exception passes through, and neither leaves a file."""
+    model = pretrained.load(checkpoints["qwen2"])
+    tok = load_tokenizer(checkpoints["qwen2"] / "tokenizer.json")
+    (tmp_path / "a.gguf").mkdir()
+    with pytest.raises(ValueError, match=r"a\.gguf: cannot write \(Is a directory\)"):
+        gguf_export.save(model, tok, tmp_path / "a.gguf", "f32")
+    assert _written(tmp_path) == ["a.gguf"]
+
+    def fail(writer, progress=False):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        gguf_export.save(model, tok, tmp_path / "b.gguf", "f32")
+    assert _written(tmp_path) == ["a.gguf"]
+
+
+def test_another_exports_modelfile_is_kept_and_the_new_one_named_after_its_file(checkpoints,
+                                                                                 tmp_path, capsys):
+    """Two exports into one directory: the second's Modelfile is NAME.Modelfile beside its
+    .gguf, the first's stays (the line says so); an export written again rewrites its own."""
+    source = str(checkpoints["qwen2"])
+    for name in ("a.gguf", "b.gguf"):
+        assert pretrained.main(["export-gguf", source, str(tmp_path / name)]) == 0
+    said = capsys.readouterr().out
+    assert (tmp_path / "Modelfile").read_text().startswith("FROM ./a.gguf\n")
+    assert (tmp_path / "b.Modelfile").read_text().startswith("FROM ./b.gguf\n")
+    assert f"and {tmp_path / 'b.Modelfile'} ({tmp_path / 'Modelfile'} runs another" in said
+    assert f"ollama create NAME -f {tmp_path / 'b.Modelfile'}" in said
+    assert pretrained.main(["export-gguf", source, str(tmp_path / "a.gguf")]) == 0
+    assert f"ollama create NAME -f {tmp_path / 'Modelfile'}\n" in capsys.readouterr().out
+    assert _written(tmp_path) == ["Modelfile", "a.gguf", "b.Modelfile", "b.gguf"]
+    (tmp_path / "Modelfile").write_text("FROM llama3\nPARAMETER temperature 0\n")
+    assert pretrained.main(["export-gguf", source, str(tmp_path / "a.gguf")]) == 0
+    assert (tmp_path / "Modelfile").read_text().startswith("FROM llama3\n")
+    assert (tmp_path / "a.Modelfile").read_text().startswith("FROM ./a.gguf\n")
 
 
 def _with_tokenizer(checkpoint: Path, path: Path, change) -> Path:

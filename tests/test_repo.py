@@ -236,6 +236,46 @@ def test_every_script_guards_its_start_up_and_runs_main_through_process():
         assert last == "if __name__ == '__main__':\n    sys.exit(process.run_main(main))", script
 
 
+# A mistake on each script's command line: a bad int, a bad choice, a flag without its value,
+# a missing operand, an unknown flag (subcommands included), and what the line must say.
+MISTAKES = [
+    ("trainingmanager.py --max-steps x", "invalid int value: 'x'"),
+    ("eval.py --print-config xml", "invalid choice: 'xml'"),
+    ("dataset.py --block-size", "--block-size: expected one argument"),
+    ("hyperparam_tune.py --pruner best", "invalid choice: 'best'"),
+    ("recipes.py", "required: recipe"),
+    ("scraping/__main__.py github --max-repos x", "invalid int value: 'x'"),
+    ("tokenizer.py", "required: tokenizer"),
+    ("architecture.py --presets", "unknown flag --presets"),
+    ("pretrained.py export-gguf RUN out.gguf --outtype q4", "invalid choice: 'q4'"),
+    ("pretrained.py x", "required: out"),
+    ("lora.py adapter out --dtype", "--dtype: expected one argument"),
+    ("sandbox.py --timeout-s soon", "invalid float value: 'soon'"),
+]
+
+
+def _command(script: str) -> list[str]:
+    """The arguments after ``python`` that run ``script`` (a package's __main__ through -m,
+    which puts the working directory, ROOT, first on the path)."""
+    name, *args = script.split()
+    if name.endswith("/__main__.py"):
+        return ["-m", name.split("/")[0], *args]
+    return [str(ROOT / name), *args]
+
+
+def test_a_command_line_mistake_is_one_line_on_stderr_in_every_script():
+    """Each script (and subcommand) answers a mistake with one stderr line and exit 2: the
+    usage block of every flag would bury it."""
+    assert {script.split()[0] for script, _ in MISTAKES} == set(SCRIPTS)
+    procs = [subprocess.Popen([sys.executable, *_command(script)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT)
+             for script, _ in MISTAKES]  # all at once: each spends its seconds importing torch
+    for (script, said), proc in zip(MISTAKES, procs, strict=True):
+        out, err = proc.communicate(timeout=120)
+        assert (proc.returncode, out, err.count("\n")) == (2, "", 1), (script, err)
+        assert said in err and "usage:" not in err, (script, err)
+
+
 STARTING = "interrupted while starting: nothing was written\n"
 
 

@@ -295,3 +295,41 @@ def test_print_config_of_eval_and_tune_reads_back_to_the_same_settings(script, f
     printed = tmp_path / "printed.yaml"
     printed.write_text(capsys.readouterr().out)
     assert module.parse_config(["--config", str(printed)]) == module.parse_config(argv)
+
+
+def _with_subcommand() -> settings.ArgumentParser:
+    parser = settings.ArgumentParser(prog="tool")
+    sub = parser.add_subparsers(dest="command", required=True)
+    fetch = sub.add_parser("fetch")
+    fetch.add_argument("--out", required=True)
+    fetch.add_argument("--max-repos", type=int, default=1)
+    fetch.add_argument("--mode", choices=("a", "b"), default="a")
+    return parser
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["fetch"], "tool fetch: error: the following arguments are required: --out"),
+    (["fetch", "--out", "o", "--max-repos", "x"], "invalid int value: 'x'"),
+    (["fetch", "--out", "o", "--mode", "c"], "invalid choice: 'c'"),
+    (["fetch", "--out"], "argument --out: expected one argument"),
+    (["pull"], "tool: error: argument command: invalid choice: 'pull'"),
+    ([], "required: command"),
+])
+def test_every_command_line_mistake_is_one_line_pointing_at_help(argv, said, capsys):
+    """A script's user sees the mistake, not a usage block of every flag above it: one line,
+    the --help pointer, exit 2, in subcommands too (their parsers are the parent's class)."""
+    with pytest.raises(SystemExit) as stop:
+        _with_subcommand().parse_args(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1, err
+    assert said in err and "--help lists the flags" in err and "usage:" not in err
+
+
+def test_a_subcommands_unknown_flag_is_answered_with_the_subcommands_closest_flags(capsys):
+    """argparse reports a subcommand's leftover flag from the top parser, which has no such
+    flag of its own: the closest flags come from its subcommands."""
+    with pytest.raises(SystemExit) as stop:
+        _with_subcommand().parse_args(["fetch", "--out", "o", "--max-repo", "3"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1, err
+    assert "unknown flag --max-repo: did you mean --max-repos" in err

@@ -239,6 +239,26 @@ def test_write_atomic_files_replace_none_of_a_set_when_one_write_fails(tmp_path)
     assert (weights.read_bytes(), config.read_text()) == (b"new weights", "new config")
 
 
+def test_a_file_its_writer_opens_itself_is_written_whole_or_not_at_all(tmp_path):
+    """``WrittenAt``: a library that opens its output by path (gguf's writer) writes at the
+    temporary name, and any exception it raises, not only a stop, removes that file."""
+    out = tmp_path / "model.gguf"
+    seen = []
+
+    def write(path: Path) -> None:
+        seen.append(path.name)
+        path.write_bytes(b"header")
+        raise RuntimeError("the writer failed")
+
+    with pytest.raises(RuntimeError, match="the writer failed"):
+        process.write_atomic_files({out: process.WrittenAt(write), tmp_path / "Modelfile": "F"})
+    assert seen == [f".model.gguf.tmp-{process.owner_tag()}"]
+    assert list(tmp_path.iterdir()) == []
+    process.write_atomic(out, process.WrittenAt(lambda path: path.write_bytes(b"whole")))
+    assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
+    assert out.read_bytes() == b"whole"
+
+
 def test_write_dir_atomically_replaces_or_lets_the_first_publisher_win(tmp_path):
     """One home for directory publishing: trainingmanager replaces its checkpoints, best/ and
     export/; a cache entry (dataset, the tokenizer cache) is published once, and a concurrent
