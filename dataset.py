@@ -778,7 +778,6 @@ def _cleaned_in_order(cfg: DataConfig, items: Iterator[_Read]) -> Iterator[Itera
     clean = functools.partial(_clean_read, opt=opt)
     window = _InFlight(IN_FLIGHT_BYTES)
     workers = cfg.workers
-    pools = []
 
     def cleaned() -> Iterator[_Cleaned]:
         read = 0
@@ -789,19 +788,20 @@ def _cleaned_in_order(cfg: DataConfig, items: Iterator[_Read]) -> Iterator[Itera
                 break
         else:
             return
-        pools.append(process.worker_pool(workers))
         chunksize = 1 if cfg.autopep8 else 16  # autopep8 files vary a lot in cost
-        for result in pools[0].imap(clean, window.take(items), chunksize=chunksize):
-            window.give(result.read)
-            yield result
+        with process.worker_pool(workers) as pool:
+            try:
+                for result in pool.imap(clean, window.take(items), chunksize=chunksize):
+                    window.give(result.read)
+                    yield result
+            finally:
+                window.close()  # the feeder thread stops: the pool's ending joins it
 
+    results = cleaned()
     try:
-        yield cleaned()
+        yield results
     finally:
-        window.close()  # the feeder stops: the pool's ending joins its thread
-        for pool in pools:
-            pool.terminate()
-            pool.join()
+        results.close()  # a pool still at work (an error, a stop) is terminated
 
 
 @dataclass

@@ -8,6 +8,7 @@ import atexit
 import contextlib
 import errno
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -28,19 +29,36 @@ from typing import BinaryIO, NamedTuple
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def worker_pool(processes: int, initializer: Callable | None = None, initargs: tuple = ()):
-    """A multiprocessing Pool whose workers leave Ctrl-C to their parent (which ends the pool),
-    forked where the platform can: they inherit the parent's objects instead of unpickling
-    them."""
-    import multiprocessing
-
+@contextlib.contextmanager
+def worker_pool(processes: int, initializer: Callable | None = None,
+                initargs: tuple = ()) -> Iterator[multiprocessing.pool.Pool]:
+    """A multiprocessing Pool, forked where the platform can (its workers inherit the parent's
+    objects instead of unpickling them), ended on leaving: closed and joined after its work
+    (each worker takes its last task and exits), terminated and joined on an exception or a
+    stop. See ``_worker_start`` for its workers' signals."""
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-    return ctx.Pool(processes, initializer=_worker_start, initargs=(initializer, initargs))
+    pool = ctx.Pool(processes, initializer=_worker_start, initargs=(initializer, initargs))
+    try:
+        yield pool
+    except BaseException:
+        pool.terminate()
+        raise
+    else:
+        pool.close()
+    finally:
+        pool.join()
 
 
 def _worker_start(initializer: Callable | None, initargs: tuple) -> None:
+    """A pool worker's signals: SIGTERM at its default, so the pool's terminate ends the worker
+    wherever it waits (a Python handler inherited from the parent misses a signal that lands
+    between a lock's quick try and its blocking wait, and the pool then waits for ever); Ctrl-C
+    and a hangup, which reach the whole process group, ignored: the parent takes them and ends
+    the pool. (A worker whose parent is gone ends by itself: it reads the end of its queue.)"""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if initializer is not None:
         initializer(*initargs)
 
@@ -55,8 +73,6 @@ def usable_cores() -> int:
 def worker_count(requested: int | None) -> int:
     """The worker processes to use: ``requested``, or every usable core; one in a daemon process
     (a DataLoader worker), which can start none."""
-    import multiprocessing
-
     if multiprocessing.current_process().daemon:
         return 1
     return requested if requested is not None else usable_cores()

@@ -89,14 +89,14 @@ class BatchEncoder:
         self.workers = process.worker_count(num_workers)
         assert self.workers >= 1, num_workers
         self._pool = None
+        self._ending = contextlib.ExitStack()  # ends the pool with the encoder
 
     def __enter__(self) -> BatchEncoder:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._pool is not None:
-            self._pool.terminate()
-            self._pool = None
+        self._pool = None
+        self._ending.__exit__(*exc)
 
     def _in_process(self, texts: Sequence[str]) -> bool:
         return self.workers == 1 or len(texts) < 2 or sum(map(len, texts)) < _MIN_PARALLEL_CHARS
@@ -109,7 +109,8 @@ class BatchEncoder:
         if self._in_process(texts):
             return [array("I", self.tokenizer.encode(t, **options)) for t in texts]
         if self._pool is None:
-            self._pool = process.worker_pool(self.workers, _init_worker, (self.tokenizer,))
+            pool = process.worker_pool(self.workers, _init_worker, (self.tokenizer,))
+            self._pool = self._ending.enter_context(pool)
         # Many chunks per worker balance uneven files without paying per-text overhead.
         results = self._pool.map(functools.partial(_encode_in_worker, **options), texts,
                                  chunksize=max(1, len(texts) // (self.workers * 16)))

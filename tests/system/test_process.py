@@ -164,6 +164,127 @@ def test_a_forked_worker_ends_on_sigterm_without_a_traceback(capfd, name):
     assert "Traceback" not in capfd.readouterr().err
 
 
+def _signal_dispositions(_) -> tuple:
+    return tuple(signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
+
+
+def test_pool_workers_take_sigterm_at_its_default_and_leave_stops_of_the_group_to_the_parent():
+    """A worker with a Python SIGTERM handler (inherited from a parent under
+    interrupt_on_sigterm) misses a SIGTERM landing between a lock's quick try and its blocking
+    wait, and the pool's terminate then waits for it for ever: workers take SIGTERM at its
+    default. Ctrl-C and a hangup reach the whole group: workers ignore them, the parent ends
+    the pool."""
+    with process.interrupt_on_sigterm(), process.worker_pool(2) as pool:
+        seen = pool.map(_signal_dispositions, range(4), chunksize=1)
+    assert set(seen) == {(signal.SIG_DFL, signal.SIG_IGN, signal.SIG_IGN)}
+
+
+def _mark_then_sleep(path: Path) -> None:
+    import time
+
+    path.touch()
+    time.sleep(600)
+
+
+def test_a_pool_is_joined_after_its_work_and_terminated_on_an_error(tmp_path):
+    """Leaving the pool's context after its work: every worker took its last task and exited
+    (code 0); on an exception: the workers are ended at once, in the middle of their tasks."""
+    import time
+
+    with process.worker_pool(2) as pool:
+        assert pool.map(abs, range(-3, 3)) == [3, 2, 1, 0, 1, 2]
+    assert [worker.exitcode for worker in pool._pool] == [0, 0]
+    started = [tmp_path / "a", tmp_path / "b"]
+    with pytest.raises(RuntimeError), process.worker_pool(2) as pool:
+        pool.map_async(_mark_then_sleep, started, chunksize=1)
+        deadline = time.monotonic() + 60
+        while not all(path.exists() for path in started):  # both workers are in a task
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        raise RuntimeError("the consumer failed")
+    assert [worker.exitcode for worker in pool._pool] == [-signal.SIGTERM] * 2
+
+
+_POOLS_UNDER_LOAD = """
+import sys
+import process
+
+def stop_early(pool):
+    for n in pool.imap(abs, range(1000), chunksize=4):
+        if n == 500:
+            raise ValueError(n)
+
+with process.interrupt_on_sigterm():  # the handlers a script's pools are started under
+    for round in range(int(sys.argv[1])):
+        try:
+            with process.worker_pool(2) as pool:
+                if round % 2:
+                    stop_early(pool)
+                else:
+                    sum(pool.imap(abs, range(1000), chunksize=4))
+        except ValueError:
+            pass
+print("done", flush=True)
+"""
+
+
+def test_pools_started_and_ended_many_times_under_cpu_burners_never_hang():
+    """Pools ended after their work and on an error, 40 times while 3 processes burn the CPU
+    (a busy machine widens every race): the script ends, within a generous watchdog."""
+    import sys
+
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(3)]
+    try:
+        done = subprocess.run([sys.executable, "-c", _POOLS_UNDER_LOAD, "40"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
+    assert done.returncode == 0 and done.stdout == "done\n", done.stderr
+
+
+_POOL_PARENT = """
+import os, sys, time
+import process
+
+def pid(_):
+    time.sleep(0.5)  # the other worker takes the second task
+    return os.getpid()
+
+with process.worker_pool(2) as pool:
+    print(*pool.map(pid, range(2), chunksize=1), flush=True)
+    time.sleep(600)  # killed here
+"""
+
+
+def test_pool_workers_end_when_their_parent_is_killed():
+    """kill -9 runs no cleanup in the parent: its pool's workers see it gone and end, within
+    seconds, instead of waiting on the pool's queue for ever."""
+    import os
+    import sys
+    import time
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from procs import exited
+
+    parent = subprocess.Popen([sys.executable, "-c", _POOL_PARENT], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    workers = [int(pid) for pid in parent.stdout.readline().split()]
+    try:
+        assert len(set(workers)) == 2, workers
+        parent.kill()
+        parent.wait(timeout=60)
+        deadline = time.monotonic() + 60  # a bound for a loaded machine; it takes about 1 s
+        while not all(exited(pid) for pid in workers):
+            assert time.monotonic() < deadline, "pool workers outlived their parent"
+            time.sleep(0.05)
+    finally:
+        for pid in workers:
+            if not exited(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_only_dead_processes_of_this_machine_and_pid_namespace_are_dead_owners():
     import os
     import re
