@@ -564,6 +564,7 @@ def drop_old(run_dir: Path, keep_last: int) -> None:
 RESUME_MAY_CHANGE = (
     "device", "compile", "gradient_checkpointing", "strategy",  # how the same maths is computed
     "offload_activations",  # where it keeps what it saves
+    "force",  # whether the step-cost check may refuse it
     "max_steps", "epochs", "max_time_s", "decay_steps",  # how far it goes (the schedule follows)
     "early_stop_patience", "early_stop_min_delta",  # when it may stop early
     "eval_every", "log_every", "save_every", "keep_last", "progress", "report_to",  # reporting

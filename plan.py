@@ -348,6 +348,10 @@ def millions(n: int) -> str:
 MEASURED_LENGTHS = (32, 64, 128)
 # A step predicted to take longer than this is named before training.
 LONG_STEP_S = 60.0
+# A step predicted to take longer than this is refused, whatever sets the run's length (force
+# trains it): twelve steps an hour at most, so a day of training makes fewer than 300 updates,
+# and evaluations and checkpoints lie hours apart.
+MAX_STEP_S = 300.0
 # A budgeted run needs at least this many steps in its time left (it times 8 of them first).
 FEWEST_BUDGET_STEPS = 20
 # The share of the memory free now that one micro-batch's activations may take.
@@ -444,24 +448,32 @@ def free_memory(device: torch.device) -> float:
 
 def check_step_cost(cfg: TrainConfig, cost: StepCost, block_size: int, free_bytes: float,
                     seconds_left: float | None) -> str | None:
-    """Refuse a step whose micro-batch's activations exceed the memory free, or of which a
-    budgeted run (``seconds_left``) fits fewer than FEWEST_BUDGET_STEPS; a warning naming a
-    step that takes longer than LONG_STEP_S, else None."""
+    """Refuse a step beyond this machine, in every run: one whose micro-batch's activations
+    exceed MEMORY_SHARE of the memory free, one longer than MAX_STEP_S, or one of which a
+    budgeted run (``seconds_left``) fits fewer than FEWEST_BUDGET_STEPS. With ``cfg.force`` the
+    refusal is a warning and the run trains. A step longer than LONG_STEP_S is named in a
+    warning; else None."""
     shape = f"block_size {block_size} x batch_size {cfg.batch_size}"
     activations = _gib(cost.activation_bytes)
-    if cost.activation_bytes > MEMORY_SHARE * free_bytes:
-        raise ValueError(f"{shape}: one micro-batch saves about {activations} of activations, "
-                         f"more than the {_gib(free_bytes)} free: lower block_size or "
-                         "batch_size, or set gradient_checkpointing")
     step = f"one step takes about {_minutes(cost.seconds)} here"
-    if seconds_left is not None and cost.seconds * FEWEST_BUDGET_STEPS > seconds_left:
-        raise ValueError(f"{shape}: {step}, and the time budget has {_minutes(seconds_left)} "
-                         f"left, fewer than {FEWEST_BUDGET_STEPS} steps: lower block_size or "
-                         "batch_size, or raise time_budget_min")
+    shorter = "lower --block-size or --batch-size"
+    refusal = None
+    if cost.activation_bytes > MEMORY_SHARE * free_bytes:
+        refusal = (f"one micro-batch saves about {activations} of activations, more than the "
+                   f"{_gib(free_bytes)} free: {shorter}, or set --gradient-checkpointing")
+    elif cost.seconds > MAX_STEP_S:
+        refusal = (f"{step}, more than the {_minutes(MAX_STEP_S)} a run's step may take "
+                   f"(attention grows with the square of the length): {shorter}")
+    elif seconds_left is not None and cost.seconds * FEWEST_BUDGET_STEPS > seconds_left:
+        refusal = (f"{step}, and the time budget has {_minutes(seconds_left)} left, fewer than "
+                   f"{FEWEST_BUDGET_STEPS} steps: {shorter}, or raise --time-budget-min")
+    if refusal is not None and not cfg.force:
+        raise ValueError(f"{shape}: {refusal}; or --force to train it anyway")
+    if refusal is not None:
+        return f"warning: {shape}: {refusal}; training it anyway (--force)"
     if cost.seconds > LONG_STEP_S:
         return (f"warning: {shape}: {step}, with about {activations} of activations a "
-                "micro-batch (attention grows with the square of the length); a stop signal is "
-                "acted on between layers")
+                "micro-batch (attention grows with the square of the length)")
     return None
 
 

@@ -18,10 +18,11 @@ import stat
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO, NamedTuple, NoReturn
 
 # The signals that stop a script, each ending it with the shell's code 128 + its number: Ctrl-C's
 # SIGINT (130), SIGTERM (143: ``kill``, a scheduler), SIGHUP (129: the terminal hung up). An
@@ -173,6 +174,73 @@ def stops_deferred() -> Iterator[None]:
     finally:
         if caught:
             signal.raise_signal(caught[0])
+
+
+class StopWatcher:
+    """Carries out a stop that the main thread cannot reach in time. Python runs a signal's
+    handler in the main thread, between operations: one long operation (a long block's
+    attention is one call, minutes long) holds the stop back, but the signal still wakes this
+    watcher's thread (``signal.set_wakeup_fd``). A stop that finds the main thread inside a
+    ``window`` and still there ``grace_s`` later is handed to the window's ``take_over`` on this
+    thread, while the main thread is held where it would leave the window; the process then
+    ends with the exit code ``take_over`` returns. Made in the main thread, after the stop
+    signals' handlers are set (the wakeup is written for signals that have one)."""
+
+    _CLOSE = b"\0"  # what ``close`` writes: no signal has number 0
+
+    def __init__(self, grace_s: float) -> None:
+        self.grace_s = grace_s
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)  # as set_wakeup_fd requires
+        self._previous_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        self._window = threading.Condition()
+        self._take_over: Callable[[str], int] | None = None  # the open window's
+        self._thread = threading.Thread(target=self._watch, name="stop-watcher", daemon=True)
+        self._thread.start()
+
+    @contextlib.contextmanager
+    def window(self, take_over: Callable[[str], int]) -> Iterator[None]:
+        """Within: a stop not acted on (the block not left) within ``grace_s`` is carried out by
+        ``take_over(signal name)``, which returns the process's exit code."""
+        with self._window:
+            self._take_over = take_over
+        try:
+            yield
+        finally:
+            with self._window:  # held for good by a take-over: here the process ends
+                self._take_over = None
+                self._window.notify_all()
+
+    def _watch(self) -> None:
+        names = {sig.value: sig.name for sig in STOP_SIGNALS}
+        while (woken := os.read(self._read, 1)) != self._CLOSE:
+            if woken[0] not in names:
+                continue
+            with self._window:
+                if not self._window.wait_for(lambda: self._take_over is None, self.grace_s):
+                    _end_process(self._take_over, names[woken[0]])
+
+    def close(self) -> None:
+        """Stop watching (main thread): the previous wakeup fd back, the thread ended."""
+        signal.set_wakeup_fd(self._previous_fd)
+        os.write(self._write, self._CLOSE)
+        self._thread.join()
+        os.close(self._read)
+        os.close(self._write)
+
+
+def _end_process(take_over: Callable[[str], int], stop: str) -> NoReturn:
+    """``take_over(stop)``, then the process's end with the exit code it returns (1 if it
+    fails: the main thread waits for the end, so a failure must not leave it waiting)."""
+    try:
+        code = take_over(stop)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    with contextlib.suppress(OSError, ValueError):  # closed, hung up: the exit still comes
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
 
 
 _START_UP_REPLACED: dict[int, Callable | int | None] = {}  # what quiet_start_up_stops replaced

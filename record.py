@@ -96,9 +96,11 @@ class RunRecord:
     def saved(self, step: int) -> bool:
         return self.last_saved_step == step
 
-    def checkpoint(self, state: RunState, trainer: Trainer, order: dict) -> None:
-        """Checkpoint this step (collective: every rank contributes its RNG state)."""
-        rng = all_gather(rng_state(trainer.device), self.dist)
+    def checkpoint(self, state: RunState, trainer: Trainer, order: dict, rng: dict | None = None
+                   ) -> None:
+        """Checkpoint this step (collective: every rank contributes its RNG state, ``rng`` or
+        its state now)."""
+        rng = all_gather(rng_state(trainer.device) if rng is None else rng, self.dist)
         if trainer.sharded:  # every rank writes its shards
             self._write_sharded(dataclasses.replace(state, rng=rng, order=order,
                                                     **trainer.state_dict()), trainer)

@@ -110,6 +110,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute each block in backward: less memory
     offload_activations: bool = False  # with gradient_checkpointing on a GPU: the blocks' saved
     #   inputs kept in pinned host memory (less GPU memory, a copy each way; on a CPU a no-op)
+    force: bool = False  # train on where the step-cost check before the first step refuses
+    #   (activations beyond the memory free; a step over 5 minutes or a twentieth of the budget)
     strategy: str = "ddp"  # under torchrun: ddp (every process holds the whole model and
     #   optimizer) | fsdp (FSDP2: each holds 1/N of the weights, gradients and optimizer state;
     #   sharded checkpoints)
@@ -496,7 +498,7 @@ OVERFIT_HONOURS = ("overfit", "max_steps", "lr", "preset", "n_layer", "n_head", 
 OVERFIT_IGNORES = ("name", "out_dir", "eval_every", "eval_examples", "eval_precision",
                    "early_stop_patience", "early_stop_min_delta", "log_every", "save_every",
                    "keep_last", "max_time_s", "time_budget_min", "export", "export_merged",
-                   "export_gguf", "sample_prompt", "sample_tokens", "final_eval")
+                   "export_gguf", "sample_prompt", "sample_tokens", "final_eval", "force")
 
 
 def overfit_settings(cfg: TrainConfig) -> dict:

@@ -11,6 +11,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -26,6 +27,9 @@ from settings import setting
 from trainconfig import TrainConfig
 
 MAX_SKIPPED_STEPS = 25  # consecutive fp16 overflow skips before the run is declared diverged
+# A stop that a step has not acted on this long after it came (one of its operations runs on) is
+# carried out without the step, where the caller lets the stop end the process (StopSignals).
+STOP_GRACE_S = 2.0
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -78,6 +82,14 @@ def perplexity(loss: float) -> float:
 
 class StepAbandoned(Exception):
     """A stop signal came mid-step: the step was dropped before its update, nothing applied."""
+
+
+class StepStop(NamedTuple):
+    """How a stop reaches a step that may be dropped (StopSignals.for_step)."""
+
+    pending: Callable[[], bool]  # asked before each block and once its backward is done
+    window: contextlib.AbstractContextManager  # around the forward and backward, left before
+    #   the update
 
 
 @dataclass
@@ -148,12 +160,16 @@ class Trainer:
             raise StepAbandoned
 
     @contextlib.contextmanager
-    def _droppable_step(self, stop_pending: Callable[[], bool] | None) -> Iterator[None]:
-        """Within: a stop ``stop_pending`` reports raises StepAbandoned at the next block, and
-        the step's gradients are dropped."""
-        self.stop_pending = stop_pending if self.droppable else None
-        try:
+    def _droppable_step(self, stop: StepStop | None) -> Iterator[None]:
+        """Within, inside ``stop.window``: a stop ``stop.pending`` reports raises StepAbandoned
+        at the next block, and the step's gradients are dropped."""
+        if stop is None or not self.droppable:
             yield
+            return
+        self.stop_pending = stop.pending
+        try:
+            with stop.window:
+                yield
         except StepAbandoned:
             self.optimizer.zero_grad(set_to_none=True)
             raise
@@ -161,12 +177,12 @@ class Trainer:
             self.stop_pending = None
 
     def train_step(self, micro_batches: Sequence[dict], inject_nan: bool = False,
-                   stop_pending: Callable[[], bool] | None = None) -> StepStats:
+                   stop: StepStop | None = None) -> StepStats:
         """One optimizer step over ``micro_batches`` (this rank's share of the global batch). Each
         summed loss is divided by the whole global step's token count, so accumulation (and the
         average of DDP or FSDP, undone by the world-size factor) gives exactly one big batch's
-        gradient. A stop that ``stop_pending`` reports mid-step raises StepAbandoned (one
-        process alone)."""
+        gradient. A stop that ``stop`` reports mid-step raises StepAbandoned (one process
+        alone)."""
         self.model.train()
         count = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
         positions = sum(b["input_ids"].numel() for b in micro_batches)
@@ -174,7 +190,7 @@ class Trainer:
             torch.tensor([float(count), float(positions)], device=self.device), self.dist)
         weight = self.dist.world / n_tokens.clamp(min=1.0)
         loss_sum = torch.zeros((), device=self.device)
-        with self._droppable_step(stop_pending):
+        with self._droppable_step(stop):
             for i, batch in enumerate(micro_batches):
                 batch = self._to_device(batch)
                 last = i == len(micro_batches) - 1
@@ -278,9 +294,11 @@ STOP_SIGNALS = tuple(sig.name for sig in process.STOP_SIGNALS)  # SIGINT, SIGTER
 
 class StopSignals:
     """SIGINT/SIGTERM/SIGHUP ask the loop to checkpoint and end; a second Ctrl-C interrupts at
-    once, a second SIGTERM or SIGHUP (a scheduler's, sent twice) does not."""
+    once, a second SIGTERM or SIGHUP (a scheduler's, sent twice) does not. With ``ends_process``
+    (the caller ends the process after the run) a stop that a step has not acted on within
+    STOP_GRACE_S is carried out from a watcher thread (process.StopWatcher, ``for_step``)."""
 
-    def __init__(self, mid_step: bool = False) -> None:
+    def __init__(self, mid_step: bool = False, ends_process: bool = False) -> None:
         self.reason: str | None = None
         self.mid_step = mid_step  # a stop is acted on inside a step (Trainer.droppable)
         self._previous: dict = {}
@@ -288,6 +306,9 @@ class StopSignals:
             for sig in process.STOP_SIGNALS:
                 if signal.getsignal(sig) is not signal.SIG_IGN:  # `cmd &` in a script, nohup
                     self._previous[sig] = signal.signal(sig, self._handle)
+        self._watcher = None
+        if mid_step and ends_process and self._previous:
+            self._watcher = process.StopWatcher(STOP_GRACE_S)
 
     def _handle(self, signum, frame) -> None:
         process.leave_terminal_on_hangup(signum)
@@ -305,8 +326,17 @@ class StopSignals:
     def pending(self) -> bool:
         return self.reason is not None
 
+    def for_step(self, take_over: Callable[[str], int]) -> StepStop:
+        """How a stop reaches the next step: ``take_over(signal name)`` carries out one that the
+        step does not act on in time and returns the exit code (with ``ends_process``)."""
+        if self._watcher is None:
+            return StepStop(self.pending, contextlib.nullcontext())
+        return StepStop(self.pending, self._watcher.window(take_over))
+
     def restore(self, taken: bool = True) -> None:
         """Put the previous handlers back; pass them a stop the loop did not act on."""
+        if self._watcher is not None:
+            self._watcher.close()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         if self.reason is not None and not taken:

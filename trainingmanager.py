@@ -37,7 +37,7 @@ import settings
 from architecture import Transformer
 from batches import Where
 from build import Run
-from checkpoint import StepStart, rng_state, seed_everything, set_rng_state
+from checkpoint import StepStart, rng_state, seed_everything
 from distributed import Dist, resolve_device
 from generation import GenerationConfig, generate
 from plan import BUDGET_LADDER, BudgetClock, parse_config
@@ -55,6 +55,7 @@ from architecture import IGNORE_INDEX  # noqa: E402,F401,I001
 from checkpoint import PATH_KEYS, RESUME_DATA_OPTIONS_MAY_CHANGE  # noqa: E402,F401
 from checkpoint import CorruptCheckpointError, read_state, with_absolute_paths  # noqa: E402,F401
 from checkpoint import load_model_tensors, model_tensors, write_dir_atomically  # noqa: E402,F401
+from checkpoint import set_rng_state  # noqa: E402,F401
 from distributed import RankZeroFailed  # noqa: E402,F401
 from finish import final_quality, sample_completion  # noqa: E402,F401
 from generation import FUNCTION_STOPS  # noqa: E402,F401
@@ -83,11 +84,14 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
-          resume_hint: str | None = None, restarts: bool = False) -> TrainResult:
+          resume_hint: str | None = None, restarts: bool = False,
+          ends_process: bool = False) -> TrainResult:
     """Run (or continue, with ``cfg.resume``) one training run of a valid ``cfg``. ``on_eval(step,
     metrics)`` follows each evaluation (what it raises, e.g. optuna.TrialPruned, propagates once
     the run directory is consistent); ``resume_hint`` says "continue it with ..." in the caller's
-    terms; ``restarts``: the caller runs it again from the start instead."""
+    terms; ``restarts``: the caller runs it again from the start instead. ``ends_process``: the
+    caller ends the process when the run returns (a command's main), so a stop that one long
+    operation of a step holds back may end it from another thread (``_stop_at_once``)."""
     dist = distributed.this_process()
     device = resolve_device(cfg.device, dist)
     owns_group = distributed.join(dist, device)
@@ -103,7 +107,7 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
                                             run.record)
         record.open_log(s.step if cfg.resume else None, cfg.report_to)
         progress = Progress(s.max_steps, s.step, cfg.progress, dist.main)
-        signals = StopSignals(trainer.droppable)
+        signals = StopSignals(trainer.droppable, ends_process)
         result = TrainResult(record.run_dir, s.best_val_loss, s.step)
         clock, stop = run.clock, None
         try:
@@ -118,11 +122,13 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
                 if clock is not None and _decay_due(clock, s.step, progress, dist):
                     _start_decay(run, clock, progress)
                     clock = None
+                take_over = partial(_stop_at_once, run, at_start, result, signals, progress)
                 try:
                     stats = trainer.train_step(micro_batches, cfg.inject_nan_at_step == s.step + 1,
-                                               signals.pending)
+                                               signals.for_step(take_over))
                 except StepAbandoned:  # a stop mid-step: the checkpoint is of the step's start
-                    stop = _drop_step(run, at_start, signals, progress)
+                    stop = signals.reason
+                    _drop_step(run, at_start, stop, progress)
                     break
                 if stats.nonfinite:
                     _nonfinite(run, stats, where)
@@ -236,16 +242,33 @@ def _start_decay(run: Run, clock: BudgetClock, progress: Progress) -> None:
               f"{decay}, max_steps {s.max_steps} (planned {planned}; recorded in config.json)")
 
 
-def _drop_step(run: Run, at_start: StepStart, signals: StopSignals, progress: Progress) -> str:
-    """A step dropped for a stop: the order and RNG back at its start, and a checkpoint there,
-    so a resume runs it exactly as it would have run; the stop's name."""
-    s, batches = run.state, run.data.batches
-    batches.order.load_state_dict(at_start.order)
-    set_rng_state(at_start.rng, run.device)
+def _drop_step(run: Run, at_start: StepStart, stop: str, progress: Progress) -> None:
+    """A step dropped for a stop: a checkpoint of the step before it with the data order and
+    RNG of the dropped step's start, so a resume runs it exactly as it would have run."""
+    s = run.state
     if not run.record.saved(s.step):
-        run.record.checkpoint(s, run.trainer, batches.order.state_dict())
-    progress.say(f"{signals.reason}: step {s.step + 1} dropped mid-way, not applied")
-    return signals.reason
+        run.record.checkpoint(s, run.trainer, at_start.order, at_start.rng)
+    progress.say(f"{stop}: step {s.step + 1} dropped mid-way, not applied")
+
+
+def _stop_at_once(run: Run, at_start: StepStart, result: TrainResult, signals: StopSignals,
+                  progress: Progress, stop: str) -> int:
+    """A stop that the step under way has not acted on in time (one of its operations runs on):
+    what the loop and ``train`` do for a stop mid-step, done from the watcher's thread while the
+    main thread is held before the step's update: the step dropped, its checkpoint, the log
+    closed and the run directory released. The exit code: the stop's, or an error's."""
+    progress.say(f"\n{stop}: step {run.state.step + 1} is inside one long operation: not "
+                 "waiting for it")
+    try:
+        _drop_step(run, at_start, stop, progress)
+        _end(run, result, signals, stop, progress, None)
+    except RUN_ERRORS as e:
+        return report_run_error(e)
+    finally:
+        progress.close()
+        run.record.close()
+        run.record.claimed.release()
+    return process.interrupted_exit_code(stop)
 
 
 def _nonfinite(run: Run, stats: StepStats, where: Where) -> None:
@@ -426,7 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 passed, report = run_overfit(cfg, **overfit_settings(cfg))
                 print(report)
                 return 0 if passed else 1
-            result = train(cfg)
+            result = train(cfg, ends_process=True)
     except RankZeroFailed:
         return 2
     except RUN_ERRORS as e:

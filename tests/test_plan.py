@@ -90,9 +90,8 @@ def test_the_saved_activations_fitted_on_short_sequences_predict_a_long_one():
 
 def test_a_block_size_whose_steps_cannot_fit_the_budget_or_memory_is_refused():
     """The tiny preset at 100,000 tokens a sequence: its attention alone makes a step longer
-    than a 15-minute budget can hold 20 of (refused, naming block_size and the budget); with
-    less memory free than its activations, refused naming them; given steps, a warning names
-    the step's time and memory."""
+    than a 15-minute budget can hold 20 of (refused, naming --block-size); with less memory
+    free than its activations, refused naming them; each refusal names --force."""
     import contextlib
 
     import torch
@@ -102,14 +101,40 @@ def test_a_block_size_whose_steps_cannot_fit_the_budget_or_memory_is_refused():
     cfg = TrainConfig(preset="tiny", block_size=100_000, batch_size=4, max_steps=None)
     cost = plan.step_cost(_tiny_model(), 100_000, cfg.batch_size, 1, torch.device("cpu"),
                           contextlib.nullcontext)
-    with pytest.raises(ValueError, match=r"block_size 100000 x batch_size 4.*time budget.*lower"):
+    with pytest.raises(ValueError, match=r"block_size 100000 x batch_size 4: one step takes "
+                                         r"about.*--block-size.*--force"):
         plan.check_step_cost(cfg, cost, 100_000, free_bytes=2**40, seconds_left=900.0)
-    with pytest.raises(ValueError, match=r"activations.*free.*gradient_checkpointing"):
+    with pytest.raises(ValueError, match=r"activations.*free.*--gradient-checkpointing.*--force"):
         plan.check_step_cost(cfg, cost, 100_000, free_bytes=cost.activation_bytes / 2,
                              seconds_left=None)
-    warning = plan.check_step_cost(cfg, cost, 100_000, free_bytes=2**40, seconds_left=None)
-    assert warning is not None and "GiB of activations" in warning and "between layers" in warning
     assert cost.seconds > plan.LONG_STEP_S
+
+
+def test_a_step_beyond_the_machine_is_refused_in_every_run_unless_forced():
+    """A step estimated longer than MAX_STEP_S is refused in a run of fixed steps too (no
+    budget to fit), naming the flags that shorten it and --force; with force the run trains,
+    the refusal turned into a warning. A step between LONG_STEP_S and MAX_STEP_S is named
+    with its time and memory, and trains."""
+    import dataclasses
+
+    from trainconfig import TrainConfig
+
+    cfg = TrainConfig(preset="tiny", block_size=100_000, batch_size=4, max_steps=12)
+    too_long = plan.StepCost(activation_bytes=2**30, seconds=2 * plan.MAX_STEP_S)
+    with pytest.raises(ValueError, match=r"block_size 100000 x batch_size 4: one step takes "
+                                         r"about \d+\.\d min.*--block-size.*--batch-size.*--force"):
+        plan.check_step_cost(cfg, too_long, 100_000, free_bytes=2**40, seconds_left=None)
+    forced = dataclasses.replace(cfg, force=True)
+    for free in (2**40, 2**29):  # the time's refusal, the memory's
+        warning = plan.check_step_cost(forced, too_long, 100_000, free_bytes=free,
+                                       seconds_left=None)
+        assert warning.startswith("warning: block_size 100000") and "--force" in warning
+    long = plan.StepCost(activation_bytes=2**30, seconds=2 * plan.LONG_STEP_S)
+    warning = plan.check_step_cost(cfg, long, 100_000, free_bytes=2**40, seconds_left=None)
+    assert "one step takes about 2.0 min" in warning and "1.0 GiB of activations" in warning
+    with pytest.raises(ValueError, match=r"2.0 min.*time budget has 15.0 min left.*"
+                                         r"--time-budget-min.*--force"):
+        plan.check_step_cost(cfg, long, 100_000, free_bytes=2**40, seconds_left=900.0)
 
 
 def test_a_short_block_is_measured_as_it_is_and_passes():

@@ -1213,6 +1213,23 @@ def test_a_stop_mid_step_drops_the_step_and_the_resume_replays_it_exactly(assets
     assert_bit_equal(straight, final_weights(run, 8))
 
 
+def test_a_step_beyond_the_machine_refuses_the_run_with_one_line_unless_forced(
+        assets, tmp_path, monkeypatch, capsys):
+    """A run of fixed steps whose step is estimated beyond plan.MAX_STEP_S (as the tiny
+    preset's is at --block-size 100000 on a CPU) ends before its first step, exit 2, with one
+    line naming --block-size, --batch-size and --force; with --force it trains, warned."""
+    slow = plan.StepCost(activation_bytes=2**20, seconds=2 * plan.MAX_STEP_S)
+    monkeypatch.setattr(plan, "step_cost", lambda *args: slow)
+    config = _tiny_config_file(assets, tmp_path, max_steps=2)
+    capsys.readouterr()
+    assert tm.main(["--config", config]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: block_size 32 x batch_size 4: one step takes about")
+    assert err.count("\n") == 1 and "--block-size" in err and "--force" in err
+    assert tm.main(["--config", config, "--force"]) == 0
+    assert "warning: block_size 32 x batch_size 4" in capsys.readouterr().err
+
+
 def test_a_checkpoint_is_written_only_with_finite_weights(assets, tmp_path, capsys):
     """lr 1e38 makes every weight inf at the first update: no checkpoint is written, so the
     non-finite stop names none as last good."""
@@ -3233,6 +3250,7 @@ RESUME_MAY_CHANGE = {
     "keep_last": 3, "progress": True, "export": True, "export_merged": True,
     "sample_prompt": "x", "sample_tokens": 3, "device": "cpu", "compile": True,
     "gradient_checkpointing": True, "data_options": {"num_workers": 2}, "strategy": "fsdp",
+    "force": True,
 }
 
 

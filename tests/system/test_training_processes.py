@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from procs import popen, signal_when
 from safetensors.torch import load_file
 from test_trainingmanager import (
     ENV,
@@ -184,6 +185,59 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_bit_exact(assets, tmp_
     assert [p.name for p in tm.list_checkpoints(run)] == ["step-4", "step-6"]
     _resume(run)
     assert_bit_equal(final_weights(straight.run_dir, 10), final_weights(run, 10))
+
+
+# The run's script with step AT's first attention never returning, as one operation of a long
+# block's step runs on for minutes (the trainer's own stop check before it has passed); READY
+# is created as it starts.
+STUCK_IN_A_STEP = r"""
+import sys, threading
+from pathlib import Path
+import trainingmanager as tm
+
+ready, at = Path(sys.argv[1]), int(sys.argv[2])
+original, calls = tm.Trainer.train_step, [0]
+
+
+def train_step(self, *args, **kwargs):
+    calls[0] += 1
+    if calls[0] == at:
+        def never_returns(module, inputs):
+            ready.touch()
+            threading.Event().wait()
+
+        self.raw_model.blocks[0].attn.register_forward_pre_hook(never_returns)
+    return original(self, *args, **kwargs)
+
+
+tm.Trainer.train_step = train_step
+sys.exit(tm.main(sys.argv[3:]))
+"""
+
+
+def test_a_stop_while_one_operation_of_a_step_runs_on_ends_the_run_at_once(assets, tmp_path):
+    """SIGTERM while step 6 is inside an operation that never returns (Python runs a signal's
+    handler only between operations): the run ends all the same, exit 143, within the wait's
+    bound, having dropped the step: the checkpoint is of step 5 with step 6's data order and
+    RNG, metrics.jsonl is whole up to step 5, and the resume ends bit-equal to a run never
+    stopped."""
+    common = dict(dropout=0.1, grad_accum=2, max_steps=8, save_every=4)
+    straight = tm.train(tiny_cfg(assets, tmp_path, name="straight", **common))
+    cfg = tiny_cfg(assets, tmp_path, name="stopped", **common)
+    config = write_config(cfg, tmp_path / "stopped.json")
+    ready = tmp_path / "inside-the-operation"
+    proc = popen([sys.executable, "-c", STUCK_IN_A_STEP, str(ready), "6", "--config",
+                  str(config)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                 stderr=subprocess.PIPE, text=True)
+    out, err = signal_when(proc, ready.exists, signal.SIGTERM)  # or TimeoutExpired: still stuck
+    assert proc.returncode == 143, err[-2000:]
+    assert "SIGTERM: step 6 dropped mid-way" in out
+    assert "SIGTERM: checkpoint saved at step 5" in out
+    run = Path(cfg.out_dir) / "stopped"
+    assert [p.name for p in tm.list_checkpoints(run)] == ["step-4", "step-5"]
+    assert [step for step, kind, _ in logged_epochs(run) if kind == "train"] == [1, 2, 3, 4, 5]
+    _resume(run)
+    assert_bit_equal(final_weights(straight.run_dir, 8), final_weights(run, 8))
 
 
 def _torchrun(nproc: int, *args: str, env: dict = ENV) -> subprocess.CompletedProcess:
