@@ -265,19 +265,45 @@ def _stopped_while_starting(quiet: bool, signum: int, frame) -> None:
     os._exit(interrupted_exit_code(signal.Signals(signum).name))
 
 
-def exit_with_parent(parent: int, poll_s: float = 1.0, grace_s: float = 5.0) -> None:
+def exit_with_parent(parent: int, poll_s: float = 1.0, grace_s: float = 5.0,
+                     notice: str | None = None) -> None:
     """End this process once ``parent``, the process that started it, is no longer its parent
-    (it died, even by kill -9): SIGTERM first, which a run answers with a checkpoint, then
-    SIGKILL ``grace_s`` later. A watcher thread looks every ``poll_s``."""
+    (it died, even by kill -9): ``notice`` on stderr, SIGTERM, which a run answers with a
+    checkpoint, then SIGKILL ``grace_s`` later. A watcher thread looks at each multiple of
+    ``poll_s`` on the clock, so the processes of one parent notice at the same moment: a
+    torchrun's ranks stopped apart would find their peers gone mid-collective."""
 
     def watch() -> None:
         while os.getppid() == parent:
-            time.sleep(poll_s)
+            time.sleep(poll_s - time.time() % poll_s)
+        if notice is not None:
+            with contextlib.suppress(OSError):  # closed, hung up: the stop still comes
+                os.write(2, f"{notice}\n".encode())
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(grace_s)
         os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+# What torchrun's agent sets in the environment of each process it starts.
+TORCHRUN_RUN_ID = "TORCHELASTIC_RUN_ID"
+# torchrun's own wait between its SIGTERM to its processes and their SIGKILL (30 s by default).
+TORCHRUN_SHUTDOWN_TIMEOUT = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
+
+
+def exit_with_torchrun() -> None:
+    """Under torchrun: stop this process as torchrun's own stop does (SIGTERM, SIGKILL after
+    torchrun's shutdown timeout) once torchrun, its parent, is gone, even by kill -9: torchrun
+    starts each process in a session of its own, which nothing else stops. Rank 0 says why.
+    Called first thing: a torchrun killed before the call leaves an orphan already."""
+    if TORCHRUN_RUN_ID not in os.environ:
+        return
+    grace_s = float(os.environ.get(TORCHRUN_SHUTDOWN_TIMEOUT, "30"))
+    notice = None
+    if os.environ.get("RANK", "0") == "0":
+        notice = "torchrun is gone: its processes stop as on its SIGTERM"
+    exit_with_parent(os.getppid(), grace_s=grace_s, notice=notice)
 
 
 def run_main(main: Callable[[], int | None]) -> int | None:

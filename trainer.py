@@ -351,5 +351,8 @@ class StopSignals:
                              device=device)
         signalled, over_time = all_reduce_sum(flags, dist).tolist()
         if signalled:
+            # Under way on every rank: this rank's own SIGTERM, coming later (a scheduler's to
+            # each process, the watch of a killed torchrun), is a repeat and changes nothing.
+            process.note_stop(self.reason or "SIGTERM")
             return self.reason or "SIGTERM"
         return "time budget" if over_time else None

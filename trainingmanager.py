@@ -13,6 +13,7 @@ if __name__ == "__main__":  # first: the imports below load torch for seconds
     import process
 
     process.quiet_start_up_stops()
+    process.exit_with_torchrun()  # a torchrun killed outright leaves no rank training on
 
 import dataclasses
 import math

@@ -16,6 +16,7 @@ import time
 import types
 from pathlib import Path
 
+import procs
 import pytest
 import torch
 from procs import popen, signal_when
@@ -359,6 +360,69 @@ def test_ddp_rank_zero_setup_error_stops_every_rank_with_its_one_line(assets, tm
     assert "Connection closed" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
 
 
+def _train_lines(run: Path) -> int:
+    metrics = run / rundir.METRICS_FILE
+    return metrics.read_text().count('"train"') if metrics.is_file() else 0
+
+
+def _stop_torchrun_mid_run(cfg: tm.TrainConfig, tmp_path: Path, sig: str) -> tuple[str, str]:
+    """Start ``cfg`` on two CPU ranks under torchrun, send torchrun alone ``sig`` once two
+    steps are done, and wait until every rank has ended (a watchdog fails the test after a
+    bound); torchrun's exit code is checked here; the run's (stdout, stderr)."""
+    run, out, err = Path(cfg.out_dir) / cfg.name, tmp_path / "out.txt", tmp_path / "err.txt"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "trainingmanager.py", "--config", str(write_config(cfg, tmp_path / "run.json"))]
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        torchrun = procs.popen(command, cwd=ROOT, env={**ENV, "CUDA_VISIBLE_DEVICES": ""},
+                               stdout=stdout, stderr=stderr)
+    ranks: list[int] = []
+    try:
+        deadline = time.monotonic() + 180
+        while _train_lines(run) < 2:
+            assert time.monotonic() < deadline and torchrun.poll() is None, err.read_text()
+            time.sleep(0.05)
+        ranks = procs.children(torchrun.pid)
+        assert len(ranks) == 2, ranks
+        torchrun.send_signal(signal.Signals[sig])
+        # torchrun's stop: exit 1 once its processes have stopped; its kill -9 ends it at once
+        assert torchrun.wait(timeout=120) == (-signal.SIGKILL if sig == "SIGKILL" else 1)
+        deadline = time.monotonic() + 120  # the watch stops them within seconds on an idle box
+        while not all(procs.exited(rank) for rank in ranks):
+            assert time.monotonic() < deadline, f"a rank outlived torchrun's {sig}"
+            time.sleep(0.05)
+    finally:
+        torchrun.kill()
+        for rank in ranks:
+            if not procs.exited(rank):
+                os.kill(rank, signal.SIGKILL)
+    return out.read_text(), err.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, strategy", [("SIGKILL", "ddp"), ("SIGKILL", "fsdp"),
+                                           ("SIGTERM", "ddp")])
+def test_every_rank_stops_with_a_checkpoint_when_torchrun_is_stopped_or_killed_outright(
+        assets, tmp_path, sig, strategy):
+    """torchrun starts each rank in a session of its own, so its kill -9 tells them nothing:
+    each rank watches it, and stopped either way they all stop as on torchrun's SIGTERM, within
+    a bound, at one step: its checkpoint, rank 0's one line naming the resume, no rank's
+    traceback (what torchrun prints of its own stop is its own). The run resumes."""
+    cfg = tiny_cfg(assets, tmp_path, name="stopped", max_steps=100_000, eval_every=100_000,
+                   save_every=100_000, strategy=strategy, device="cpu")
+    out, err = _stop_torchrun_mid_run(cfg, tmp_path, sig)
+    run = Path(cfg.out_dir) / cfg.name
+    [checkpoint] = tm.list_checkpoints(run)
+    step = tm.checkpoint_step(checkpoint)
+    assert out.count(f"SIGTERM: checkpoint saved at step {step}; continue with --resume {run}"
+                     ) == 1, out[-3000:] + err[-3000:]
+    assert ("torchrun is gone" in err) == (sig == "SIGKILL"), err[-3000:]
+    assert "[rank" not in err and "interrupted" not in err, err[-3000:]
+    proc = _on_two_ranks("trainingmanager.py", "--resume", str(run), "--max-steps",
+                         str(step + 2))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed {run} from step-{step}" in proc.stdout
+
+
 @pytest.mark.parametrize("sigs, code", [(("SIGTERM",), 143), (("SIGHUP", "SIGHUP"), 129)],
                          ids=["SIGTERM", "SIGHUP-twice"])
 def test_a_stop_signal_saves_and_exits_non_zero_with_the_resume_hint(assets, tmp_path, capsys,
@@ -426,6 +490,26 @@ def test_a_ctrl_c_after_a_stop_interrupts_with_its_own_code_a_repeated_sigterm_n
     finally:
         signals.restore()
     assert process.interrupted_exit_code(stop.value) == 130
+
+
+def test_a_stop_another_rank_received_is_under_way_on_this_one_too(monkeypatch):
+    """A SIGTERM reaches the ranks each at its own moment (a scheduler's to every process, each
+    rank's watch of a killed torchrun), and they agree to stop at the first one's: a rank's own
+    SIGTERM after that agreement is a repeat, as on one process, and leaves the checkpoint
+    under way and the stop's exit code as they are."""
+    monkeypatch.setattr(trainer_module, "all_reduce_sum",  # the other rank's SIGTERM
+                        lambda flags, dist: flags + torch.tensor([1.0, 0.0]))
+    with process.interrupt_on_sigterm():
+        signals = trainer_module.StopSignals()
+        try:
+            assert signals.stop_requested(tm.Dist(rank=0, world=2),
+                                          torch.device("cpu")) == "SIGTERM"
+        finally:
+            signals.restore()
+        try:
+            signal.raise_signal(signal.SIGTERM)  # this rank's own, as its run ends
+        except KeyboardInterrupt:
+            pytest.fail("this rank's own SIGTERM interrupted the stop under way")
 
 
 def test_the_lock_names_a_live_holder_only(tmp_path):
