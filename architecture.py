@@ -19,7 +19,7 @@ import math
 import sys
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 
 import torch
@@ -199,7 +199,7 @@ PRESETS: dict[str, ModelConfig] = {
     # Set vocab_size to the tokenizer's on a copy: dataclasses.replace(preset, vocab_size=n).
     "tiny": ModelConfig(vocab_size=512, block_size=128, n_layer=2, n_head=4, n_kv_head=2,
                     n_embd=64, mlp_hidden=176, tie_embeddings=True),
-    # The small rungs of trainconfig.BUDGET_LADDER, named layers x width.
+    # The small rungs of plan.BUDGET_LADDER, named layers x width.
     "code-3x128": ModelConfig(block_size=256, n_layer=3, n_head=4, n_embd=128, mlp_hidden=352,
                               tie_embeddings=True),
     "code-4x160": ModelConfig(block_size=256, n_layer=4, n_head=5, n_embd=160, mlp_hidden=448,
@@ -213,6 +213,15 @@ PRESETS: dict[str, ModelConfig] = {
     "llama-60m": ModelConfig(vocab_size=16384, block_size=1024, n_layer=10, n_head=10, n_kv_head=5,
                          n_embd=640, mlp_hidden=1728, tie_embeddings=True),
 }
+
+
+# The from-scratch presets: a run gives them its tokenizer's vocabulary (their vocab_size stands
+# in for it); the published shapes keep their checkpoints'.
+FROM_SCRATCH = ("tiny", "code-3x128", "code-4x160", "code-4x192", "code-6x256", "llama-14m",
+                "llama-60m")
+# The default from-scratch run's vocabulary: a CodeTokenizer's 6 special tokens and 256 bytes,
+# and tokenizer_max_vocab's 4,000 pieces (tests/test_architecture.py holds them equal).
+DEFAULT_RUN_VOCAB = 4262
 
 
 # codelm's short dtype names (flags such as --base-dtype, pretrained.load(dtype="bf16")).
@@ -710,16 +719,29 @@ class Transformer(nn.Module):
         return (loss, correct) if count_correct else loss
 
 
-def presets_table() -> str:
-    """The named configurations side by side, parameters counted on the meta device."""
+def parameter_count(cfg: ModelConfig) -> int:
+    """codelm's one count of a model's parameters (the tables, a run's announcement, README):
+    every weight once, a tied embedding and LM head once, counted on the meta device."""
+    with torch.device("meta"):
+        return Transformer(cfg).num_parameters()
+
+
+def presets_table(scratch_vocab: int = DEFAULT_RUN_VOCAB) -> str:
+    """The named configurations side by side, each counted at the vocabulary it shows: the
+    from-scratch presets at ``scratch_vocab``, the published shapes at their own."""
     rows = ["| preset | family | layers | width | heads (kv) | MLP | context | vocab | parameters |",
             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, c in PRESETS.items():
-        with torch.device("meta"):
-            n = Transformer(c).num_parameters()
+        vocab = scratch_vocab if name in FROM_SCRATCH else c.vocab_size
+        n = parameter_count(replace(c, vocab_size=vocab))
         rows.append(f"| {name} | {c.family} | {c.n_layer} | {c.n_embd} | {c.n_head} "
                     f"({c.n_kv_head}) | {c.mlp_hidden} ({c.mlp}) | {c.block_size} | "
-                    f"{c.vocab_size} | {n:,} |")
+                    f"{vocab} | {n:,} |")
+    rows.append("")
+    rows.append(f"parameters: every weight once (a tied embedding and LM head once) at the vocab "
+                f"shown; {', '.join(FROM_SCRATCH)} take their run's tokenizer's vocabulary, "
+                f"counted here at {scratch_vocab:,} (the default run's: --vocab-size N counts "
+                "them at N); the others keep their checkpoints'.")
     return "\n".join(rows)
 
 
@@ -734,9 +756,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "parameter counts, or one preset's every ModelConfig field as JSON.")
     parser.add_argument("preset", nargs="?", choices=list(PRESETS),
                         help="print this preset's fields as JSON")
+    parser.add_argument("--vocab-size", type=int, default=DEFAULT_RUN_VOCAB,
+                        help="the vocabulary the from-scratch presets are counted at (default: "
+                        "%(default)s, the default run's tokenizer's)")
     args = parser.parse_args(argv)
+    if args.vocab_size < 1:
+        parser.error(f"--vocab-size {args.vocab_size}: must be >= 1")
     return process.run_tool(lambda: print(
-        json.dumps(asdict(PRESETS[args.preset]), indent=2) if args.preset else presets_table()))
+        json.dumps(asdict(PRESETS[args.preset]), indent=2) if args.preset
+        else presets_table(args.vocab_size)))
 
 
 if __name__ == "__main__":

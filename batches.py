@@ -28,10 +28,10 @@ class BatchOrder:
     e's order is a permutation seeded by (seed, e): (epoch, position) is all a checkpoint keeps."""
 
     def __init__(self, n_examples: int, micro_batch: int, seed: int, rank: int = 0,
-                 world: int = 1):
+                 world: int = 1, unit: str = "examples"):
         self.global_batch = micro_batch * world
         if n_examples < self.global_batch:
-            raise ValueError(f"the training split has {n_examples} examples, fewer than one "
+            raise ValueError(f"the training split has {n_examples} {unit}, fewer than one "
                              f"global batch ({micro_batch} x {world}): lower --batch-size "
                              "or add data")
         self.n = n_examples
@@ -88,7 +88,7 @@ class Batches:
         self.eval_examples = eval_examples
         self.rank = rank
         self.world = world
-        self.order = BatchOrder(len(train), batch_size, seed, rank, world)
+        self.order = BatchOrder(len(train), batch_size, seed, rank, world, self.unit)
 
     def next_step(self) -> tuple[list[dict], Where]:
         """The next step's micro-batches, and where the first one is in the data."""
@@ -112,6 +112,11 @@ class Batches:
                 yield collate([self.val[i] for i in range(start, end)], self.pad_id)
 
         return batches(), len(starts)
+
+    @property
+    def unit(self) -> str:
+        """What a training item is called: packed rows (batch_size counts them), or examples."""
+        return "rows" if isinstance(self.train, PackedExamples) else "examples"
 
     @property
     def windows_at_every_token(self) -> bool:

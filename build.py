@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -237,6 +238,8 @@ def _build(cfg: TrainConfig, claimed: rundir.ClaimedDir, dist: Dist, device: tor
     if budgeted:  # a new run on a budget: sized here, once
         cfg, clock = size_to_budget(cfg, model, data.batches, device, dist, created)
     max_steps = cfg.max_steps if cfg.epochs is None else data.batches.steps_for(cfg.epochs)
+    if cfg.warmup_steps is None:  # a new run of fixed length: sized with its steps, known here
+        cfg = with_warmup(cfg, max_steps, dist.main)
     if clock is not None:  # the stable phase lasts until the clock starts the decay
         max_steps = clock.last_step
     trainer = Trainer(model, cfg, device, dist, max_steps,
@@ -252,6 +255,18 @@ def _build(cfg: TrainConfig, claimed: rundir.ClaimedDir, dist: Dist, device: tor
             rundir.trim_metrics(run_dir / rundir.METRICS_FILE, state.step)
         record.write_config(cfg, first)
     return Run(cfg, device, data, trainer, record, state, clock)
+
+
+def with_warmup(cfg: TrainConfig, steps: int, main: bool) -> TrainConfig:
+    """``cfg`` with the warmup of a run of ``steps`` steps (plan.warmup_for), said where a short
+    run scales it; config.json records it, so a resume keeps it whatever its length."""
+    warmup = plan.warmup_for(steps)
+    if warmup < plan.LONG_RUN_WARMUP and main:
+        long_run = round(plan.LONG_RUN_WARMUP / plan.SHORT_RUN_WARMUP_SHARE)
+        print(f"warmup_steps {warmup}: {plan.SHORT_RUN_WARMUP_SHARE:.0%} of the run's {steps} "
+              f"steps (a run of {long_run} steps or more warms up over {plan.LONG_RUN_WARMUP}; "
+              "--warmup-steps sets it)")
+    return dataclasses.replace(cfg, warmup_steps=warmup)
 
 
 def run_config(cfg: TrainConfig, claimed: rundir.ClaimedDir, hint: str
@@ -476,6 +491,9 @@ def announce(run: Run) -> None:
     if batches.windows_at_every_token:
         size = f"{batches.train.n_tokens} training tokens"
         epoch = f"{n} windows of {run.data.dcfg.block_size} tokens"
+    elif batches.unit == "rows":
+        size = f"{len(batches.train)} training rows ({len(batches.train.examples)} examples packed)"
+        epoch = f"{n} rows"
     else:
         size = f"{len(batches.train)} training examples"
         epoch = f"{n} examples"
@@ -490,6 +508,11 @@ def announce(run: Run) -> None:
         print(f"warning: {setting(cfg, 'warmup_steps')} >= the run's {planned} steps "
               f"({length}): the learning rate never reaches lr {cfg.lr:g} (nor decays); lower "
               "warmup_steps", file=sys.stderr)
+    if cfg.eval_every < cfg.warmup_steps < planned and run.state.step < cfg.eval_every:
+        first = min(math.ceil(cfg.warmup_steps / cfg.eval_every) * cfg.eval_every, planned)
+        print(f"warning: {setting(cfg, 'eval_every')} < {setting(cfg, 'warmup_steps')}: no "
+              f"evaluation runs during the warmup, so the first is at step {first}; lower "
+              "warmup_steps or raise eval_every", file=sys.stderr)
     if cfg.compile:
         print("compiling the model: the first steps take a while", file=sys.stderr)
     if trainer.precision == "fp16" and run.device.type == "cpu":

@@ -28,6 +28,7 @@ from settings import setting
 from trainconfig import (
     LOADED_MODEL_OPTIONS,
     MODEL_SHAPE_KEYS,
+    OVERFIT_STEPS,
     TrainConfig,
     has_final_eval,
     model_config,
@@ -43,9 +44,32 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
     """Defaults < ``--resume`` run's config.json < ``--config`` file < command-line flags; then
     checked (``validate_config``), each error naming its flag or file."""
     cfg, typed = read_config(argv)
+    if cfg.overfit_batches and not cfg.overfit:
+        cfg = with_overfit_batches_plan(cfg, typed)
     if not cfg.overfit:  # --overfit takes what it honours (trainconfig.overfit_settings)
         validate_config(cfg, where_set_of(argv), typed)
     return cfg
+
+
+def with_overfit_batches_plan(cfg: TrainConfig, typed: Collection[str]) -> TrainConfig:
+    """--overfit-batches K is a check, not a run planned by the clock: where ``cfg`` leaves them
+    unset, preset auto's smallest rung (nothing timed), OVERFIT_STEPS steps, and no export (no
+    sample, no final evaluation) unless one is asked for (``typed``: the keys given); said on
+    stderr."""
+    chosen, said = {}, []
+    if cfg.preset == "auto" and cfg.init_from is None and cfg.init_adapter is None:
+        cfg = with_rung(cfg, BUDGET_LADDER[0])
+        said.append(f"{cfg.preset} (preset auto's smallest, untimed; --preset sets it)")
+    if cfg.max_steps is None and cfg.epochs is None:
+        chosen["max_steps"] = OVERFIT_STEPS
+        said.append(f"at most {OVERFIT_STEPS} steps (--max-steps sets them)")
+    asked = "export" in typed or cfg.export_gguf is not None or cfg.export_merged
+    if cfg.export and not asked:
+        chosen["export"] = False
+        said.append("no export, sample or final evaluation (--export writes them)")
+    if said:
+        print(f"overfit_batches {cfg.overfit_batches}: {', '.join(said)}", file=sys.stderr)
+    return replace(cfg, **chosen)
 
 
 def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings.flag_of,
@@ -190,8 +214,13 @@ TOKENS_PER_PARAM = 3.5  # 2 idle cores clear it for code-4x192 by ~30%: a slow s
 WARMUP_SHARE = 0.02  # a budgeted run's warmup, as a share of its steps
 
 
-# What the settings left unset (None) take outside preset auto's choice.
-FALLBACKS = {"batch_size": 4, "lr": 1e-3, "warmup_steps": 50, "optimizer": "adamw"}
+# What the settings left unset (None) take outside preset auto's choice (the warmup: warmup_for).
+FALLBACKS = {"batch_size": 4, "lr": 1e-3, "optimizer": "adamw"}
+# The warmup a run of fixed length leaves unset: LONG_RUN_WARMUP steps, or SHORT_RUN_WARMUP_SHARE
+# of a shorter run's steps (50 of a 60-step run would skip its evaluations and leave 10 steps
+# for the decay).
+LONG_RUN_WARMUP = 50
+SHORT_RUN_WARMUP_SHARE = 0.1
 
 
 def with_rung(cfg: TrainConfig, rung: dict) -> TrainConfig:
@@ -202,12 +231,15 @@ def with_rung(cfg: TrainConfig, rung: dict) -> TrainConfig:
 
 
 def with_fallbacks(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with FALLBACKS where it leaves a setting unset (a budgeted run's warmup is sized
-    with its steps)."""
-    budgeted = cfg.max_steps is None and cfg.epochs is None
-    unset = {k: v for k, v in FALLBACKS.items()
-             if getattr(cfg, k) is None and not (budgeted and k == "warmup_steps")}
+    """``cfg`` with FALLBACKS where it leaves a setting unset (the warmup is sized with the
+    run's steps: ``warmup_for``, or a budgeted run's ``fit_budget``)."""
+    unset = {k: v for k, v in FALLBACKS.items() if getattr(cfg, k) is None}
     return replace(cfg, **unset)
+
+
+def warmup_for(steps: int) -> int:
+    """The warmup of a run of ``steps`` steps that leaves it unset."""
+    return min(LONG_RUN_WARMUP, int(round(SHORT_RUN_WARMUP_SHARE * steps, 6)))
 
 
 # ---- Preset auto: the largest rung the machine trains well in the budget ----

@@ -93,7 +93,7 @@ class TrainConfig:
     lr: float | None = None  # peak learning rate; None: preset auto's choice, else 1e-3
     min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
     warmup_steps: int | None = None  # linear warmup, then the decay; None: 2% of a budgeted
-    #   run's steps, else 50
+    #   run's steps, else 50, or a tenth of a run shorter than 500 steps (config.json records it)
     decay_steps: int | None = None  # None: cosine from the warmup to the end; N: the peak lr
     #   holds until the last N steps, which decay it (warmup-stable-decay); a budgeted run's
     #   is a fifth of its steps, re-timed on the clock when it starts
@@ -144,7 +144,8 @@ class TrainConfig:
     #   (eval.py's line and method tasks) on the test split, printed with the val loss
     # debugging
     overfit: bool = False  # train on the bundled tiny corpus until it is memorised
-    overfit_batches: int = 0  # overfit K batches of the real training data
+    overfit_batches: int = 0  # overfit K batches of the real training data (unset: preset
+    #   auto's smallest rung, untimed, for OVERFIT_STEPS steps, and no export)
     inject_nan_at_step: int | None = None  # fault injection: make this step's loss NaN
 
     @property
@@ -490,6 +491,10 @@ def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int | None,
         raise ValueError(f"model_options {json.dumps(cfg.model_options)}: {e}") from None
 
 
+# The steps --overfit and --overfit-batches take where --max-steps leaves them unset: a check
+# has a step budget of its own, never the time budget's.
+OVERFIT_STEPS = 400
+
 # What --overfit (a small model memorising the bundled corpus) honours, and what means nothing
 # to it (no run directory, no validation); any other setting is refused, not dropped.
 OVERFIT_HONOURS = ("overfit", "max_steps", "lr", "preset", "n_layer", "n_head", "n_embd",
@@ -510,7 +515,7 @@ def overfit_settings(cfg: TrainConfig) -> dict:
     if refused:
         raise ValueError(f"--overfit trains a small model on the bundled corpus: it cannot honour "
                          f"{', '.join(refused)}; --overfit-batches K memorises that setup's data")
-    return {"max_steps": cfg.max_steps or 400, "lr": cfg.lr or 3e-3}
+    return {"max_steps": cfg.max_steps or OVERFIT_STEPS, "lr": cfg.lr or 3e-3}
 
 
 def where_set_of(argv: Sequence[str] | None) -> Callable[[str], str]:

@@ -15,7 +15,9 @@ if __name__ == "__main__":  # first: the imports below load torch for seconds
     process.quiet_start_up_stops()
     process.exit_with_torchrun()  # a torchrun killed outright leaves no rank training on
 
+import contextlib
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -45,11 +47,19 @@ from plan import BUDGET_LADDER, BudgetClock, parse_config
 from process import progress_bar
 from record import NonFiniteLossError, Progress, divergence_causes
 from rundir import RunInterrupted
-from trainconfig import TrainConfig, build_parser, has_final_eval, model_config, overfit_settings
+from trainconfig import (
+    OVERFIT_STEPS,
+    TrainConfig,
+    build_parser,
+    has_final_eval,
+    model_config,
+    overfit_settings,
+)
 from trainer import STOP_SIGNALS, StepAbandoned, StepStats, StopSignals, Trainer
 
 OVERFIT_CORPUS = settings.bundled("data", "overfit")
 OVERFIT_LOSS = 0.05  # "memorised": the --overfit and --overfit-batches target
+OVERFIT_LINE_S = 30.0  # --overfit says how it goes at least this often (a log file has no bar)
 
 # What eval.py, recipes.py, hyperparam_tune.py and the tests read as trainingmanager.X.
 from architecture import IGNORE_INDEX  # noqa: E402,F401,I001
@@ -278,7 +288,7 @@ def _nonfinite(run: Run, stats: StepStats, where: Where) -> None:
     batches = run.data.batches
     value = stats.loss if stats.nonfinite == "loss" else stats.grad_norm
     last = where.position + batches.examples_per_step - 1
-    place = (f"epoch {batches.epoch(step):.3g}, training examples {where.position}..{last} of "
+    place = (f"epoch {batches.epoch(step):.3g}, training {batches.unit} {where.position}..{last} of "
              f"shuffled pass {where.shuffle} of the data; the update was not applied")
     causes = divergence_causes(stats.lr, run.trainer.precision, run.cfg.inject_nan_at_step == step)
     run.record.diverged(f"non-finite {stats.nonfinite} ({value}) at step {step}: {place}", step,
@@ -347,8 +357,10 @@ def structure_diagnosis(model: nn.Module, vocab_size: int, length: int) -> str |
     return None
 
 
-def run_overfit(cfg: TrainConfig, max_steps: int = 400, lr: float = 3e-3) -> tuple[bool, str]:
-    """Memorise ``data/overfit``, then reproduce each file from its first line: (passed, report)."""
+def run_overfit(cfg: TrainConfig, max_steps: int = OVERFIT_STEPS, lr: float = 3e-3,
+                clock: Callable[[], float] = time.monotonic) -> tuple[bool, str]:
+    """Memorise ``data/overfit``, then reproduce each file from its first line: (passed, report).
+    A line on stdout at least every OVERFIT_LINE_S seconds of ``clock`` says how it goes."""
     from dataset import collate
     from tokenizer import CodeTokenizer, decode_generated
 
@@ -376,6 +388,7 @@ def run_overfit(cfg: TrainConfig, max_steps: int = 400, lr: float = 3e-3) -> tup
         return False, f"FAIL before training: diagnosis: {problem}"
 
     losses: list[float] = []
+    began = said = clock()
     with progress_bar(total=max_steps, desc="overfit", unit="step", enabled=cfg.progress) as bar:
         for _ in range(max_steps):
             stats = trainer.train_step([batch])
@@ -388,18 +401,25 @@ def run_overfit(cfg: TrainConfig, max_steps: int = 400, lr: float = 3e-3) -> tup
             bar.set_postfix(loss=f"{stats.loss:.4f}", refresh=False)
             if stats.loss < OVERFIT_LOSS:
                 break
+            if clock() - said >= OVERFIT_LINE_S:  # a log file gets no bar
+                said = clock()
+                bar.write(f"overfit: step {len(losses)}/{max_steps} | loss {stats.loss:.4f} "
+                          f"(target {OVERFIT_LOSS}) | {said - began:.0f} s", file=sys.stdout)
+                sys.stdout.flush()
     steps, first, last = len(losses), losses[0], losses[-1]
     head = (f"{len(files)} files, {tok.vocab_size} tokens vocabulary, "
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; loss "
             f"{first:.3f} -> {last:.4f} in {steps} steps, {time.perf_counter() - started:.0f} s")
     if last >= OVERFIT_LOSS:
-        if last > 0.9 * first:
+        by_step = list(enumerate(losses, 1))
+        trend = loss_trend(by_step)
+        if trend == "flat":
             why = ("the loss barely moved: gradients do not reach the weights (frozen or detached "
                    "parameters, lr 0)")
-        elif last < 0.98 * losses[-1 - min(steps - 1, max(2, steps // 4))]:
-            # falling over the last quarter: too few steps (max_steps), not a stalled loss
+        elif trend == "falling":  # too few steps (max_steps), not a stalled loss
             why = (f"the loss was still falling when its {steps} steps ran out: raise "
-                   "--max-steps (--overfit's own is 400)")
+                   f"--max-steps to about {steps_to_memorise(by_step)} (--overfit's own is "
+                   f"{OVERFIT_STEPS})")
         else:
             why = ("the loss fell but stalled above the target: inputs and targets disagree "
                    "(labels shifted twice or not at all, masking) or the optimisation is broken")
@@ -425,6 +445,75 @@ def run_overfit(cfg: TrainConfig, max_steps: int = 400, lr: float = 3e-3) -> tup
             "KV cache, batch layout) or the tokenizer decodes differently than it encodes.")
     return True, (f"PASS: {head}; greedy completion of each file's first line reproduces all "
                   f"{len(files)} files exactly.")
+
+
+def loss_trend(losses: Sequence[tuple[int, float]]) -> str:
+    """How a loss that should have reached OVERFIT_LOSS ended: "flat" (it barely moved),
+    "falling" (still falling over its last quarter of steps: too few steps) or "stalled".
+    ``losses``: (step, loss) pairs, oldest first."""
+    first, last = losses[0][1], losses[-1][1]
+    if last > 0.9 * first:
+        return "flat"
+    return "falling" if last < 0.98 * _quarter_back(losses)[1] else "stalled"
+
+
+def steps_to_memorise(losses: Sequence[tuple[int, float]]) -> int:
+    """The step a falling loss reaches OVERFIT_LOSS at the pace of its last quarter (a
+    geometric fall), rounded up to two significant digits."""
+    last_step, last = losses[-1]
+    back_step, back = _quarter_back(losses)
+    pace = math.log(last / back) / (last_step - back_step)  # < 0
+    step = last_step + math.ceil(math.log(OVERFIT_LOSS / last) / pace)
+    unit = 10 ** max(0, len(str(step)) - 2)
+    return math.ceil(step / unit) * unit
+
+
+def _quarter_back(losses: Sequence[tuple[int, float]]) -> tuple[int, float]:
+    """The (step, loss) a quarter of the steps (at least 2) before the last one."""
+    last_step = losses[-1][0]
+    back_to = last_step - max(2, last_step // 4)
+    return next(((step, loss) for step, loss in reversed(losses) if step <= back_to), losses[0])
+
+
+def overfit_batches_report(cfg: TrainConfig, result: TrainResult) -> tuple[bool, str]:
+    """--overfit-batches' verdict: PASS, or FAIL saying what to change, from the loss's trend
+    (the steps metrics.jsonl logged) and the settings config.json recorded."""
+    ok = result.train_loss is not None and result.train_loss < OVERFIT_LOSS
+    loss = "no loss" if result.train_loss is None else f"loss {result.train_loss:.4f}"
+    head = (f"{'PASS' if ok else 'FAIL'}: {cfg.overfit_batches} batch(es) of the training data, "
+            f"{loss} after {result.step} steps (target {OVERFIT_LOSS})")
+    if ok:
+        return True, head
+    losses = _logged_losses(result.run_dir)
+    if len(losses) < 2:
+        return False, f"{head}: not memorised; raise --max-steps or --lr"
+    ran = settings.read_json_object(result.run_dir / rundir.CONFIG_FILE, "run config")
+    trend = loss_trend(losses)
+    if trend == "flat":
+        why = (f"the loss barely moved: raise --lr ({ran['lr']:g}), or check that gradients "
+               "reach the weights (--overfit checks the model and the loss alone)")
+    elif trend == "falling":
+        why = (f"the loss was still falling when its {result.step} steps ran out: raise "
+               f"--max-steps to about {steps_to_memorise(losses)}")
+    else:
+        held = [f"--{key.replace('_', '-')} 0 (it is {ran[key]:g})"
+                for key in ("dropout", "label_smoothing", "weight_decay") if ran.get(key)]
+        also = f", or {', '.join(held)}: they hold a training loss up" if held else ""
+        why = (f"the loss fell but stalled above the target: try a lower --lr ({ran['lr']:g})"
+               f"{also}; --overfit checks the model and the loss alone")
+    return False, f"{head}: not memorised: {why}"
+
+
+def _logged_losses(run_dir: Path) -> list[tuple[int, float]]:
+    """The (step, loss) of each train line of the run's metrics.jsonl, oldest first."""
+    losses = []
+    with contextlib.suppress(OSError):
+        for line in (run_dir / rundir.METRICS_FILE).read_text("utf-8").splitlines():
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                entry = json.loads(line)
+                if entry["kind"] == "train":
+                    losses.append((int(entry["step"]), float(entry["loss"])))
+    return losses
 
 
 # ---- Command line ----
@@ -468,11 +557,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not distributed.is_rank_zero():  # under torchrun rank 0 reports for all
         return 0
     if cfg.overfit_batches:
-        ok = result.train_loss is not None and result.train_loss < OVERFIT_LOSS
-        loss = "no loss" if result.train_loss is None else f"loss {result.train_loss:.4f}"
-        print(f"{'PASS' if ok else 'FAIL'}: {cfg.overfit_batches} batch(es) of the training data, "
-              f"{loss} after {result.step} steps (target {OVERFIT_LOSS})"
-              + ("" if ok else ": not memorised; raise --max-steps or --lr, or run --overfit"))
+        ok, report = overfit_batches_report(cfg, result)
+        print(report)
         return 0 if ok else 1
     if has_final_eval(cfg) and result.export_dir is not None:
         finish.final_quality(result.run_dir, result.val_metrics, cfg.device)

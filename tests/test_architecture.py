@@ -381,14 +381,37 @@ def test_presets_table_rows_show_each_presets_sizes(capsys):
     assert [c.strip() for c in header.strip("|").split("|")] == [
         "preset", "family", "layers", "width", "heads (kv)", "MLP", "context", "vocab",
         "parameters"]
-    for row, (name, c) in zip(rows, PRESETS.items(), strict=True):
+    for row, (name, c) in zip(rows[:len(PRESETS)], PRESETS.items(), strict=True):
         cells = [cell.strip() for cell in row.strip("|").split("|")]
+        vocab = architecture.DEFAULT_RUN_VOCAB if name in architecture.FROM_SCRATCH else c.vocab_size
         assert cells[:-1] == [name, c.family, str(c.n_layer), str(c.n_embd),
                               f"{c.n_head} ({c.n_kv_head})", f"{c.mlp_hidden} ({c.mlp})",
-                              str(c.block_size), str(c.vocab_size)]
+                              str(c.block_size), str(vocab)]
     with pytest.raises(SystemExit) as e:
         architecture.main(["llama-3.2-1B"])
     assert e.value.code == 2 and "invalid choice: 'llama-3.2-1B'" in capsys.readouterr().err
+
+
+def test_the_presets_table_counts_from_scratch_presets_at_the_default_runs_vocabulary(capsys):
+    """A from-scratch preset takes its run's tokenizer's vocabulary: the table counts it at the
+    default run's (a CodeTokenizer's specials and bytes, and tokenizer_max_vocab pieces), which
+    the run's own announcement reaches, or at --vocab-size; it says which vocabulary it used."""
+    import architecture
+    from tokenizer import CODE_SPECIAL_TOKENS
+    from trainconfig import TrainConfig
+
+    assert architecture.DEFAULT_RUN_VOCAB == (len(CODE_SPECIAL_TOKENS) + 256
+                                              + TrainConfig().tokenizer_max_vocab)
+    assert architecture.main([]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| code-3x128 |"))
+    assert row.endswith("| 4262 | 1,148,544 |")  # 1.15M, as a default run announces it
+    assert "4262" in out.split("| llama-60m |")[1] and "tied" in out  # the count's definition
+    assert architecture.main(["--vocab-size", "8192"]) == 0
+    out = capsys.readouterr().out
+    assert "| code-3x128 |" in out and out.count("| 8192 | 1,651,584 |") == 1
+    published = next(row for row in out.splitlines() if row.startswith("| starcoderbase-1b |"))
+    assert "| 49152 | 1,137,207,296 |" in published  # a checkpoint's own vocabulary
 
 
 def test_a_ctrl_c_while_the_presets_table_is_built_is_one_line(capsys, monkeypatch):
@@ -396,7 +419,7 @@ def test_a_ctrl_c_while_the_presets_table_is_built_is_one_line(capsys, monkeypat
     line and 130 (contracts), not a KeyboardInterrupt traceback from inside torch."""
     import architecture
 
-    def interrupted():
+    def interrupted(scratch_vocab):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(architecture, "presets_table", interrupted)

@@ -151,3 +151,8 @@ def test_a_short_block_is_measured_as_it_is_and_passes():
     assert cost.activation_bytes == 4 * plan._saved_bytes(_tiny_model(), 64, torch.device("cpu"),
                                                           contextlib.nullcontext)
     assert plan.check_step_cost(cfg, cost, 64, free_bytes=2**34, seconds_left=900.0) is None
+
+
+def test_the_warmup_of_a_run_shorter_than_500_steps_is_a_tenth_of_them():
+    """The warmup a run leaves unset: 50 steps, or a tenth of a run shorter than 500."""
+    assert [plan.warmup_for(n) for n in (1, 9, 60, 200, 500, 10_000)] == [0, 0, 6, 20, 50, 50]

@@ -31,6 +31,27 @@ def test_readme_opens_with_two_setup_commands():
     assert "requirements-dev.txt" in commands[1] and "pytest" in commands[1]
 
 
+def test_readme_counts_parameters_as_the_presets_table_does_and_says_how_to_compare_runs():
+    """README's parameter figures are `python architecture.py`'s (every weight once, at the
+    default run's vocabulary), to the digits it gives; it says what a busy machine's default
+    run gets and how to pin the model; it stays a page (150 lines)."""
+    import dataclasses
+
+    import architecture
+
+    text = (ROOT / "README.md").read_text()
+    figures = re.findall(r"`([\w.-]+)` \((\d+(?:\.(\d+))?)M", text)
+    assert {name for name, *_ in figures} >= {"code-4x192", "code-3x128", "llama-60m"}
+    for name, figure, decimals in figures:
+        preset = dataclasses.replace(architecture.PRESETS[name],
+                                     vocab_size=architecture.DEFAULT_RUN_VOCAB)
+        count = architecture.parameter_count(preset) / 1e6
+        assert float(figure) == round(count, len(decimals)), (name, figure, count)
+    flat = " ".join(text.split())
+    assert "busy machine" in flat and "`--preset code-4x192" in flat
+    assert len(text.splitlines()) <= 150
+
+
 def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert _readme_commands()[1] in ci

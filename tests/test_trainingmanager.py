@@ -139,7 +139,10 @@ def assert_bit_equal(a: dict, b: dict) -> None:
 
 def _ready(cfg: tm.TrainConfig) -> tm.TrainConfig:
     """A config a Trainer takes as it is: a length, and the settings a run fills in."""
-    return plan.with_fallbacks(dataclasses.replace(cfg, max_steps=cfg.max_steps or 100))
+    cfg = plan.with_fallbacks(dataclasses.replace(cfg, max_steps=cfg.max_steps or 100))
+    if cfg.warmup_steps is None:
+        cfg = dataclasses.replace(cfg, warmup_steps=plan.warmup_for(cfg.max_steps))
+    return cfg
 
 
 def _trainer(cfg: tm.TrainConfig, vocab: int = 64) -> tm.Trainer:
@@ -948,6 +951,25 @@ def test_a_packed_run_resumes_bit_exactly_after_kill_9(assets, tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_packed_run_counts_its_rows_as_rows(assets, tmp_path, capsys):
+    """--packing: a row holds several examples, and batch_size counts rows: the run's first
+    line and its epochs count rows, never calling them examples."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"input": f"x = {i}\n", "output": f"x = {i + 1}\n"})
+                             + "\n" for i in range(60)))
+    tm.train(tiny_cfg(assets, tmp_path, task="refactor", data=[str(pairs)], packing=True,
+                      block_size=128, max_steps=1, eval_every=1))
+    out = capsys.readouterr().out
+    examples, rows = map(int, re.search(r"packing: (\d+) training examples in (\d+) rows",
+                                        out).groups())
+    assert rows < examples
+    assert f"{rows} training rows ({examples} examples packed)" in out
+    assert f"epochs of {rows} rows)" in out and f"{rows} training examples" not in out
+    with pytest.raises(ValueError, match=r"has \d+ rows, fewer than one global batch"):
+        Batches([{"input_ids": torch.tensor([1, 2]), "labels": torch.tensor([2, 3])}] * 3, [],
+                0, batch_size=8, grad_accum=1, seed=0, pack_into=64)
+
+
 def test_an_lm_run_with_packing_keeps_each_file_to_itself(assets, tmp_path):
     """--packing on the lm task: the windows stay as they are, their files told apart (each
     attends only to itself; nothing counted at an EOS): the run trains, and its validation
@@ -1078,6 +1100,28 @@ def test_overfit_passes_on_the_bundled_corpus(capsys):
     assert tm.main(["--overfit", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("PASS") and "reproduces all 4 files exactly" in out
+
+
+@pytest.mark.parametrize("step_s, lines_at", [(31.0, [1, 2, 3, 4, 5, 6]), (10.0, [3, 6])])
+def test_overfit_says_how_it_goes_at_least_every_30_s_without_a_bar(monkeypatch, capsys, step_s,
+                                                                     lines_at):
+    """--overfit --no-progress (or in a log file, where no bar shows) prints a line of its step
+    and loss within OVERFIT_LINE_S of the last, on a clock that each step moves by ``step_s``;
+    the verdict stays the last line."""
+    now = [0.0]
+    train_step = tm.Trainer.train_step
+
+    def timed(self, *args, **kwargs):
+        now[0] += step_s
+        return train_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(tm.Trainer, "train_step", timed)
+    cfg = tm.TrainConfig(overfit=True, progress=False)
+    passed, report = tm.run_overfit(cfg, max_steps=6, clock=lambda: now[0])
+    lines = capsys.readouterr().out.splitlines()
+    assert [int(re.match(r"overfit: step (\d+)/6 \| loss ", line).group(1))
+            for line in lines] == lines_at
+    assert not passed and report.startswith("FAIL")
 
 
 def test_overfit_fails_with_a_diagnosis_on_a_transposed_batch(monkeypatch, capsys):
@@ -3481,6 +3525,22 @@ def test_an_lm_run_counts_its_training_tokens_not_windows(assets, tmp_path, caps
     assert "fp16 on cpu" not in err
 
 
+def test_a_run_announces_the_parameter_count_the_presets_table_gives(assets, tmp_path, capsys):
+    """The run's first line counts its model as `python architecture.py --vocab-size V` does at
+    the run's vocabulary V: one definition (every weight once, a tied head once)."""
+    import architecture
+
+    tm.train(tiny_cfg(assets, tmp_path, max_steps=1, eval_every=1))
+    out = capsys.readouterr().out
+    vocab = load_tokenizer(assets["tokenizer"]).vocab_size
+    n = architecture.parameter_count(
+        dataclasses.replace(architecture.PRESETS["tiny"], vocab_size=vocab))
+    assert f": {n:,} parameters (" in out or f": {plan.millions(n)} parameters (" in out
+    assert architecture.main(["--vocab-size", str(vocab)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert next(row for row in table if row.startswith("| tiny |")).endswith(f"| {n:,} |")
+
+
 @pytest.mark.parametrize("test_frac, noted", [(0.1, True), (0.0, False)])
 def test_val_data_alone_says_that_data_still_holds_out_a_test_split(assets, tmp_path, capsys,
                                                                     test_frac, noted):
@@ -3497,6 +3557,47 @@ def test_val_data_alone_says_that_data_still_holds_out_a_test_split(assets, tmp_
     assert ("note: --data still holds out test_frac 0.1 as the test split; --data-options "
             "'{\"train_frac\": 0.9, \"test_frac\": 0}' trains on all of it"
             in capsys.readouterr().err) == noted
+
+
+def test_a_short_runs_warmup_is_a_tenth_of_its_steps_and_said(assets, tmp_path, capsys):
+    """A 60-step run evaluating every 20 steps, its warmup unset, warms up over 6 steps (50
+    would skip the evaluations at 20 and 40, none running in the warmup, and decay over 10
+    steps), says so, and records 6 in config.json: a resume that lengthens the run keeps it."""
+    cfg = tiny_cfg(assets, tmp_path, max_steps=60, eval_every=20, save_every=20,
+                   warmup_steps=None, log_every=20)
+    result = tm.train(cfg)
+    out = capsys.readouterr().out
+    assert "warmup_steps 6: 10% of the run's 60 steps" in out and "--warmup-steps" in out
+    assert _val_steps(result.run_dir) == [20, 40, 60]
+    assert json.loads((result.run_dir / "config.json").read_text())["warmup_steps"] == 6
+    assert tm.main(["--resume", str(result.run_dir), "--max-steps", "80"]) == 0
+    assert "warmup_steps 8" not in capsys.readouterr().out
+    assert json.loads((result.run_dir / "config.json").read_text())["warmup_steps"] == 6
+    assert _val_steps(result.run_dir) == [20, 40, 60, 80]
+
+
+def test_a_run_of_epochs_sizes_its_warmup_once_its_steps_are_known(assets, tmp_path):
+    """--epochs: the run's length follows from the data, and the warmup from the length."""
+    run = built_run(tiny_cfg(assets, tmp_path, max_steps=None, epochs=0.05, warmup_steps=None))
+    try:
+        assert run.cfg.warmup_steps == plan.warmup_for(run.state.max_steps)
+    finally:
+        run.record.claimed.release()
+
+
+@pytest.mark.parametrize("warmup, warned", [(50, True), (20, False)])
+def test_evaluations_that_fall_inside_the_warmup_are_warned_of(assets, tmp_path, capsys, warmup,
+                                                               warned):
+    """No evaluation runs during the warmup: eval_every 20 under a warmup of 50 skips the
+    evaluations at 20 and 40, which the run says before training, with the first it makes."""
+    run = built_run(tiny_cfg(assets, tmp_path, max_steps=60, eval_every=20, warmup_steps=warmup))
+    try:
+        build.announce(run)
+    finally:
+        run.record.claimed.release()
+    err = capsys.readouterr().err
+    assert ("warning: eval_every (20, --eval-every) < warmup_steps (50, --warmup-steps): no "
+            "evaluation runs during the warmup, so the first is at step 60" in err) == warned
 
 
 @pytest.mark.parametrize("warmup, warned", [
@@ -3530,6 +3631,74 @@ def test_overfit_batches_stops_when_memorised(assets, tmp_path):
     losses = _train_losses(result.run_dir)
     assert list(losses)[-1] == result.step and list(losses.values())[-2] >= tm.OVERFIT_LOSS
     assert _val_steps(result.run_dir) == [result.step]
+
+
+def _overfit_batches_config(assets, tmp_path: Path, **values) -> str:
+    """A --config file of only the keys an --overfit-batches check on the tiny model needs: what
+    it leaves out (max_steps, export) is the check's own choice."""
+    config = {"preset": "tiny", "data": [assets["corpus"]], "tokenizer": assets["tokenizer"],
+              "data_options": {"cache_dir": assets["cache"], "progress": False},
+              "block_size": 32, "batch_size": 4, "overfit_batches": 1, "progress": False,
+              "out_dir": str(tmp_path / "runs"), "name": "run", **values}
+    path = tmp_path / f"{config['name']}.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def test_overfit_batches_plans_its_own_steps_and_model_not_by_the_clock(capsys):
+    """--overfit-batches K without --max-steps: preset auto's smallest rung for OVERFIT_STEPS
+    steps, no export (so no sample, no final evaluation) unless asked, and it says so; nothing
+    is timed, the 15-minute budget plays no part."""
+    cfg = plan.parse_config(["--overfit-batches", "2"])
+    assert (cfg.preset, cfg.max_steps, cfg.export) == ("code-3x128", trainconfig.OVERFIT_STEPS,
+                                                       False)
+    assert (cfg.block_size, cfg.batch_size) == (256, 8)  # the rung's
+    err = capsys.readouterr().err
+    assert "code-3x128" in err and f"{trainconfig.OVERFIT_STEPS} steps" in err
+    assert "no export" in err and "--export" in err
+    cfg = plan.parse_config(["--overfit-batches", "2", "--export", "--max-steps", "50",
+                             "--preset", "tiny"])
+    assert (cfg.preset, cfg.max_steps, cfg.export) == ("tiny", 50, True)
+    assert capsys.readouterr().err == ""
+
+
+def test_overfit_batches_runs_its_own_step_budget_without_export(assets, tmp_path, monkeypatch,
+                                                                   capsys):
+    """End to end: no machine timing, max_steps recorded as OVERFIT_STEPS, no export/."""
+    def timed(*args, **kwargs):
+        raise AssertionError("--overfit-batches timed the machine")
+
+    monkeypatch.setattr(build, "measure_speed", timed)
+    monkeypatch.setattr(build, "size_to_budget", timed)
+    assert tm.main(["--config", _overfit_batches_config(assets, tmp_path, lr=1e-2,
+                                                        weight_decay=0.0)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("PASS")
+    run = tmp_path / "runs" / "run"
+    assert json.loads((run / "config.json").read_text())["max_steps"] == trainconfig.OVERFIT_STEPS
+    assert not (run / "export").exists() and not (run / "final_eval").exists()
+
+
+def test_overfit_batches_fail_says_what_to_try(assets, tmp_path, monkeypatch, capsys):
+    """A FAIL names what to change: a loss still falling, the steps its pace needs; a loss that
+    stalled, a lower lr and the settings that hold a training loss up; a flat one, the lr."""
+    config = _overfit_batches_config(assets, tmp_path, lr=3e-3, warmup_steps=1, log_every=1)
+    assert tm.main(["--config", config, "--max-steps", "8"]) == 1
+    out = capsys.readouterr().out.splitlines()[-1]
+    assert out.startswith("FAIL") and "after 8 steps" in out and "still falling" in out
+    steps = int(re.search(r"raise --max-steps to about (\d+)", out).group(1))
+    assert steps > 8
+    config = _overfit_batches_config(assets, tmp_path, name="again", max_steps=20, log_every=1)
+    for losses, told in (
+            ([6.0, 5.0, 4.0, *[3.0] * 17],
+             r"stalled.*lower --lr \(0.001\), or --weight-decay 0 \(it is 0.1\)"),
+            ([6.0] * 20, r"barely moved: raise --lr \(0.001\)")):  # the lr the run took
+        scripted = iter(losses)
+        monkeypatch.setattr(tm.Trainer, "train_step", lambda self, *a, losses=scripted, **k:
+                            tm.StepStats(next(losses), 1.0, 1, 1e-3))
+        assert tm.main(["--config", config]) == 1
+        out = capsys.readouterr().out.splitlines()[-1]
+        assert re.search(told, out) and "raise --max-steps" not in out, out
+        shutil.rmtree(tmp_path / "runs" / "again")
 
 
 def test_a_budget_reached_on_the_last_step_is_a_finished_run(assets, tmp_path, monkeypatch,
