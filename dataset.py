@@ -1193,6 +1193,83 @@ def corpus_key(cfg: DataConfig) -> str:
     return _hash_json({"v": PIPELINE_VERSION, "corpus": opts})
 
 
+# A build keeps its shards beside its cache entry ENTRY, in ``ENTRY.shards``, until ENTRY is
+# published; then they are garbage. Publishing and removing them are two steps, and a kill
+# between them leaves the shards for the next lookup of the cache (``sweep_cache``) to remove.
+_SHARDS_OF = re.compile(r"(?P<entry>[a-z]+-[0-9a-f]{24})\.shards")
+# A process building ENTRY marks it with an empty file named as its temporaries are
+# (``.ENTRY.shards.tmp-<owner tag>building-...``): a later writer removes it once that process
+# has died, and until then no other process removes the shards.
+_BUILDING = "building-"
+
+
+def shards_dir(entry: Path) -> Path:
+    """Where the build of the cache entry ``entry`` keeps its shards until it is published."""
+    return entry.with_name(f"{entry.name}.shards")
+
+
+@contextlib.contextmanager
+def building(entry: Path, fresh: bool) -> Iterator[Path]:
+    """Within: this process builds the cache entry ``entry`` through its shards directory
+    (yielded; ``fresh``: an earlier build's shards removed first), marked as under way. Once
+    the body has published the entry its shards go, unless another live process builds it too
+    (which removes them when done); an interrupted body keeps them for the next build."""
+    marker = process.partial_path(shards_dir(entry), "tmp", _BUILDING + os.urandom(4).hex())
+    with cache_writes(entry):
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    try:
+        if fresh:
+            remove_shards(entry)
+        yield shards_dir(entry)
+        if not _builders(entry, besides=marker):
+            remove_shards(entry)
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def _builders(entry: Path, besides: Path | None = None) -> list[Path]:
+    """The markers (``building``) of the processes building ``entry`` that have not died, but
+    ``besides``."""
+    pattern = re.compile(re.escape(f".{shards_dir(entry).name}.tmp-") + process.OWNER_PATTERN
+                         + _BUILDING)
+    try:
+        entries = list(entry.parent.iterdir())
+    except OSError:  # no cache: no builder
+        return []
+    return [path for path in entries if path != besides and (match := pattern.match(path.name))
+            and not process.owner_is_dead(match)]
+
+
+def remove_shards(entry: Path) -> None:
+    """Remove the shards of ``entry``'s build: renamed aside first to a name tagged with this
+    process (``process.partial_path``), so they go whole for any other process, and a kill
+    while deleting leaves a temporary that later writers remove."""
+    work = shards_dir(entry)
+    aside = process.partial_path(work, "tmp", os.urandom(4).hex())
+    try:
+        os.rename(work, aside)
+    except OSError:  # none, another process removed them first, or a read-only cache
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def sweep_cache(cache_dir: str | Path) -> None:
+    """Remove what killed builds left in the data cache: the temporaries and markers of dead
+    writers, and the shards of every published entry that no live process builds. The shards
+    of an entry not published are kept: its next build continues after them."""
+    process.recover_partial_writes(cache_dir)
+    try:
+        names = [path.name for path in Path(cache_dir).iterdir()]
+    except OSError:  # no cache yet, or unreadable: nothing to sweep
+        return
+    for name in names:
+        match = _SHARDS_OF.fullmatch(name)
+        entry = Path(cache_dir) / match["entry"] if match else None
+        if entry is not None and entry.is_dir() and not _builders(entry):
+            remove_shards(entry)
+
+
 def publish_cache_entry(final: Path, build: Callable[[Path], object],
                         replace: bool = False) -> None:
     """Build the cache entry ``final`` with ``process.write_dir_atomically`` (without
@@ -1220,16 +1297,22 @@ def cache_writes(entry: Path) -> Iterator[None]:
 def load_corpus(cfg: DataConfig) -> Corpus:
     """Cleaned, split corpus (cached by sources + cleaning + split options); ``cfg`` validated.
     Built through shards beside the entry (``corpus-KEY.shards``): an interrupted build continues
-    after its last whole shard; the shards go once the entry is published."""
+    after its last whole shard; the shards go once the entry is published (``sweep_cache``)."""
+    sweep_cache(cfg.cache_dir)
     key = corpus_key(cfg)
     path = Path(cfg.cache_dir) / f"corpus-{key}"
     if cfg.use_cache and (path / "stats.json").exists():
         stats = json.loads((path / "stats.json").read_text())
         stats["cache_hit"] = True
         return _corpus_at(path, stats, key)
-    work = path.with_name(f"{path.name}.shards")
-    if not cfg.use_cache:
-        shutil.rmtree(work, ignore_errors=True)
+    with building(path, fresh=not cfg.use_cache) as work:
+        stats = _publish_corpus(cfg, path, work)
+    stats["cache_hit"] = False
+    return _corpus_at(path, stats, key)
+
+
+def _publish_corpus(cfg: DataConfig, path: Path, work: Path) -> dict:
+    """Build the corpus entry ``path`` through its shards under ``work``; its stats."""
     manifests = build_corpus_shards(cfg, work)
     stats = corpus_stats(manifests, cfg)
     keys = [DocKey(*k) for m in manifests for k in m["keys"]]
@@ -1249,9 +1332,7 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
 
     publish_cache_entry(path, write, replace=not cfg.use_cache)
-    shutil.rmtree(work, ignore_errors=True)
-    stats["cache_hit"] = False
-    return _corpus_at(path, stats, key)
+    return stats
 
 
 def _corpus_at(path: Path, stats: dict, key: str) -> Corpus:
@@ -2277,23 +2358,21 @@ def prepare(cfg: DataConfig, tokenizer: CodeTokenizer | BPETokenizer | None = No
     key = _hash_json({"corpus": corpus_key(cfg), "tokenizer": tokenizer_fingerprint(tokenizer),
                       "task": _task_options(cfg)})
     path = Path(cfg.cache_dir) / f"{cfg.task}-{key}"
+    sweep_cache(cfg.cache_dir)
     cache_hit = cfg.use_cache and (path / "meta.json").exists()
     meta: dict = json.loads((path / "meta.json").read_text()) if cache_hit else {}
     if not cache_hit:
         corpus = load_corpus(cfg)
         build = _build_lm if cfg.task == "lm" else _build_supervised
-        work = path.with_name(f"{path.name}.shards")  # the shards of an unfinished build
-        if not cfg.use_cache:
-            shutil.rmtree(work, ignore_errors=True)
+        with building(path, fresh=not cfg.use_cache) as work:
 
-        def write(tmp: Path) -> None:
-            meta.update(corpus=corpus.stats, task=build(corpus, tokenizer, cfg, tmp, work))
-            held_out = chain(corpus.val, corpus.test, corpus.train)
-            meta["sample_prompt"] = held_out_prompt(held_out, cfg)
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            def write(tmp: Path) -> None:
+                meta.update(corpus=corpus.stats, task=build(corpus, tokenizer, cfg, tmp, work))
+                held_out = chain(corpus.val, corpus.test, corpus.train)
+                meta["sample_prompt"] = held_out_prompt(held_out, cfg)
+                (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
-        publish_cache_entry(path, write, replace=not cfg.use_cache)
-        shutil.rmtree(work, ignore_errors=True)
+            publish_cache_entry(path, write, replace=not cfg.use_cache)
     _note_pairs_as_text(cfg, meta)
     task = meta["task"]
     if cfg.task == "lm":

@@ -273,6 +273,120 @@ def test_a_build_killed_with_sigkill_continues_after_its_whole_shards(tmp_path, 
     assert kept and len(kept) == (6 if stage == "corpus" else 4)
 
 
+KILLED_AFTER_PUBLISHING = """
+import sys, threading
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import dataset, process
+from tokenizer import load_tokenizer
+stage, source, cache, tokenizer, ready = sys.argv[2:7]
+dataset.SHARD_DOCS, dataset.TOKEN_SHARD_CHARS, dataset.POOL_AFTER_BYTES = 4, 40_000, 50_000
+task = "lm" if stage == "corpus" else stage
+cfg = dataset.DataConfig(sources=[source], cache_dir=cache, task=task, num_workers=2,
+                         progress=False)
+real = process.write_dir_atomically
+
+def publish_then_wait(target, build, replace=True):
+    # The stage's entry is published and its shards are not yet removed: the process waits for
+    # its kill.
+    published = real(target, build, replace)
+    if Path(target).name.startswith(stage + "-"):
+        Path(ready).touch()
+        threading.Event().wait()
+    return published
+
+process.write_dir_atomically = publish_then_wait
+dataset.prepare(cfg, None if stage == "corpus" else load_tokenizer(tokenizer))
+"""
+
+
+def files_of(directory: Path) -> dict:
+    """Each file's inode and mtime, by name: the same files, not written again."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in directory.iterdir()}
+
+
+@pytest.mark.parametrize("stage", ["corpus", "lm", "method"])
+def test_the_shards_a_kill_left_beside_a_published_entry_go_with_the_next_run(
+        tmp_path, source, tokenizer, monkeypatch, stage):
+    """SIGKILL after an entry is published and before its shards are removed: the next run, a
+    cache hit, removes them (and a removal a kill cut short); the shards of a build not yet
+    published stay, the same files, and its next run continues after them."""
+    import signal
+    import subprocess
+    import sys
+
+    import procs
+
+    small_shards(monkeypatch)
+    cache = tmp_path / "cache"
+    task = "lm" if stage == "corpus" else stage
+    use = None if stage == "corpus" else tokenizer
+    tokenizer_path = tokenizer.save(tmp_path / "tokenizer.json")
+    ready = tmp_path / "ready"
+    child = procs.popen([sys.executable, "-c", KILLED_AFTER_PUBLISHING,
+                         str(Path(dataset.__file__).parent), stage, str(source), str(cache),
+                         str(tokenizer_path), str(ready)],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs.signal_when(child, ready.exists, signal.SIGKILL)
+    assert child.returncode == -signal.SIGKILL
+    orphan = next(cache.glob(f"{stage}-*.shards"))
+    assert orphan.with_suffix("").is_dir() and any(orphan.iterdir())  # published, shards left
+    _, host, ns, _ = dataset.process.owner_tag().split("@")
+    cut_short = cache / f".{orphan.name}.tmp-{child.pid}@{host}@{ns}@ab12"  # the dead child's
+    shutil.copytree(orphan, cut_short)
+
+    hit = prepare(config(cache, source, task=task), use)
+    assert hit.stats["cache_hit"]
+    assert not orphan.exists() and not cut_short.exists()
+
+    other = config(cache, source, task=task, seed=1)  # another key, interrupted before publishing
+    writer = "_write_shard" if stage == "corpus" else "_write_task_shard"
+    real = getattr(dataset, writer)
+    interrupt_after(monkeypatch, writer, 2)
+    with pytest.raises(Interrupted):
+        prepare(other, use)
+    monkeypatch.setattr(dataset, writer, real)
+    unpublished = next(cache.glob("*.shards"))
+    assert not unpublished.with_suffix("").exists()
+    kept = files_of(unpublished)
+    assert prepare(config(cache, source, task=task), use).stats["cache_hit"]
+    assert files_of(unpublished) == kept
+    written = interrupt_after(monkeypatch, writer, 10**6)
+    prepare(other, use)
+    first = written[0].index if stage == "corpus" else written[0].name
+    assert first in (2, "train-00002.bin", "train-00002.npz")
+    assert not list(cache.glob("*shards*"))
+
+
+def test_the_shards_of_a_build_under_way_stay_until_its_process_is_gone(tmp_path, source,
+                                                                         monkeypatch):
+    """Another live process building the same entry (marked beside its shards): the build that
+    publishes the entry first, and each later lookup of the cache, leave the shards to it; once
+    that process has died the next lookup removes them and its mark."""
+    import os
+    import subprocess
+    import sys
+
+    small_shards(monkeypatch)
+    c = config(tmp_path / "cache", source)
+    entry = tmp_path / "cache" / f"corpus-{dataset.corpus_key(c)}"
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True).stdout)
+    _, host, ns, _ = dataset.process.owner_tag().split("@")
+    mark = f".{entry.name}.shards.tmp-{{}}@{host}@{ns}@building-ab12"
+    live = entry.parent / mark.format(os.getppid())
+    entry.parent.mkdir()
+    live.touch()
+
+    assert not dataset.load_corpus(c).stats["cache_hit"]
+    shards = entry.with_name(f"{entry.name}.shards")
+    assert entry.is_dir() and any(shards.glob("shard-*.json"))  # left to the live builder
+    assert dataset.load_corpus(c).stats["cache_hit"] and shards.is_dir()
+    live.rename(entry.parent / mark.format(dead))
+    assert dataset.load_corpus(c).stats["cache_hit"]
+    assert sorted(p.name for p in entry.parent.iterdir()) == [entry.name]
+
+
 def _workers_in_a_daemon(queue) -> None:
     queue.put(DataConfig(sources=["stdlib"]).workers)
 

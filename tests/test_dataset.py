@@ -2262,8 +2262,12 @@ def test_an_interrupted_build_exits_cleanly_and_leaves_nothing(tmp_path, tok, si
     if sig != signal.SIGKILL:
         assert "Traceback" not in err and err.count("\n") == 1, err
         assert err.startswith("interrupted:"), err
-    partial = [p.name for p in cache.iterdir() if ".tmp-" in p.name]
-    assert len(partial) == (1 if sig == signal.SIGKILL else 0), partial
+    partial = sorted(p.name for p in cache.iterdir() if ".tmp-" in p.name)
+    if sig == signal.SIGKILL:  # the half-built entry, and the mark of its build under way
+        assert [p.is_dir() for p in map(cache.joinpath, partial)] == [False, True], partial
+        assert "@building-" in partial[0], partial
+    else:
+        assert partial == [], partial
     prepare(cfg(tmp_path, task="lm", block_size=32), tok)  # the next build
     assert not [p.name for p in cache.iterdir() if ".tmp-" in p.name]
 
