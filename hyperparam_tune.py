@@ -503,7 +503,8 @@ def run_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
 
     try:
         train_cfg, best = _prepare_trial(cfg, space, base, trial)
-        result = trainingmanager.train(train_cfg, on_eval=on_eval, resume_hint=RESUME_HINT)
+        with process.labelled_lines(f"trial {trial.number}: "):  # workers' lines interleave
+            result = trainingmanager.train(train_cfg, on_eval=on_eval, resume_hint=RESUME_HINT)
     except KeyboardInterrupt:
         _mark_interrupted(trial)
         raise
@@ -730,6 +731,8 @@ def write_reports(study: optuna.Study, cfg: TuneConfig, show: bool = True) -> di
     if not show:
         return best
     widths = [max(len(_short(r[i])) for r in rows) for i in range(len(rows[0]))]
+    print(f"study {cfg.study_name}: value is a trial's best validation bits per byte (val_bpb; "
+          "lower is better)")
     for row in rows:
         print("  ".join(_short(v).ljust(w) for v, w in zip(row, widths)).rstrip())
     if importances:

@@ -1,6 +1,7 @@
 """How every script starts, stops and writes files: Ctrl-C, SIGTERM and SIGHUP end it the same
 way (one line, the shell's exit code, ``finally`` blocks run); files and directories are written
-whole or not at all, and what killed writers left is settled by the next writer."""
+whole or not at all, and what killed writers left is settled by the next writer. A long phase
+shows a progress bar on a terminal, else a plain line every 30 s (``Heartbeat``)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import BinaryIO, NamedTuple, NoReturn
 
@@ -585,11 +586,123 @@ def _naming(path: Path, tmp: Path) -> Iterator[None]:
         raise
 
 
-def progress_bar(*args, enabled: bool = True, **kwargs):
-    """A tqdm bar, shown only when asked for and stderr is a terminal: a log file gets no frames."""
+class _Labelled:
+    """A text stream that starts each non-blank line written to ``stream`` with ``label``."""
+
+    def __init__(self, stream, label: str) -> None:
+        self.stream = stream
+        self.label = label
+        self.at_line_start = True
+
+    def write(self, text: str) -> int:
+        for piece in re.findall(r"[^\n]*\n|[^\n]+", text):  # lines, the last maybe unended
+            if self.at_line_start and piece != "\n":
+                self.stream.write(self.label)
+            self.stream.write(piece)
+            self.at_line_start = piece.endswith("\n")
+        return len(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)  # flush, isatty, fileno, encoding
+
+
+@contextlib.contextmanager
+def labelled_lines(label: str) -> Iterator[None]:
+    """Within: each line printed on stdout and stderr starts with ``label`` (a sweep worker's
+    ``trial 3: ``, so that two workers' interleaved lines say whose they are)."""
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Labelled(sys.stdout, label), _Labelled(sys.stderr, label)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = streams
+
+
+def duration(seconds: float) -> str:
+    """A time span as a console line gives it: 4m05s, 1h02m."""
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes >= 60:
+        return f"{minutes // 60}h{minutes % 60:02d}m"
+    return f"{minutes}m{secs:02d}s"
+
+
+# The longest a long phase whose bar is hidden goes without a line (at its next update).
+HEARTBEAT_S = 30.0
+
+
+class Heartbeat:
+    """A long phase's plain line on stderr ("tokenize train: 1200/5000 texts, 1m30s"), at the
+    first update ``every`` seconds (HEARTBEAT_S) after the phase began or its last line: what a
+    log gets of a phase whose progress bar is hidden (--no-progress hides bars, not the log).
+    ``clock``: seconds, monotonic (a test's fake)."""
+
+    def __init__(self, desc: str, total: float | None = None, unit: str = "it",
+                 initial: float = 0, every: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.desc = desc
+        self.total = total
+        self.unit = unit
+        self.n = initial
+        self.every = HEARTBEAT_S if every is None else every
+        self.clock = clock
+        self.started = self.last = clock()
+
+    def update(self, n: float = 1) -> None:
+        """``n`` more done; the line, if ``every`` seconds passed since the last."""
+        self.n += n
+        now = self.clock()
+        if now - self.last >= self.every:
+            self.last = now
+            from tqdm import tqdm
+
+            tqdm.write(self.line(now), file=sys.stderr)  # above any bar shown
+
+    def line(self, now: float) -> str:
+        count = f"{self.n:g}" if self.total is None else f"{self.n:g}/{self.total:g}"
+        plural = "es" if self.unit.endswith(("s", "x", "ch", "sh")) else "s"  # batches
+        unit = "" if self.unit == "it" else f" {self.unit}{plural}"
+        return f"{self.desc or 'working'}: {count}{unit}, {duration(now - self.started)}"
+
+
+def progress_bar(*args, enabled: bool = True, lines: bool = True, **kwargs):
+    """A tqdm bar, shown only when asked for and stderr is a terminal: a log file gets no frames.
+    A hidden bar counts all the same and, unless ``lines`` is False (a caller with lines of its
+    own), keeps a ``Heartbeat``: a plain line at least every HEARTBEAT_S seconds of updates."""
+    return _bar_class()(*args, disable=not (enabled and sys.stderr.isatty()), lines=lines,
+                        **kwargs)
+
+
+@cache
+def _bar_class() -> type:
+    """tqdm with a hidden bar's Heartbeat (tqdm is imported when a bar is first made)."""
     from tqdm import tqdm
 
-    return tqdm(*args, disable=not (enabled and sys.stderr.isatty()), **kwargs)
+    class Bar(tqdm):
+        def __init__(self, *args, lines: bool = True, **kwargs) -> None:
+            self.heartbeat = None
+            super().__init__(*args, **kwargs)
+            if self.disable and lines:
+                self.heartbeat = Heartbeat(kwargs.get("desc") or "", self.total,
+                                           kwargs.get("unit", "it"), self.n)
+
+        def update(self, n: float = 1) -> bool | None:
+            if not self.disable:
+                return super().update(n)
+            self.n += n  # a hidden tqdm counts nothing
+            if self.heartbeat is not None:
+                self.heartbeat.total = self.total  # a caller may change it
+                self.heartbeat.update(n)
+            return None
+
+        def __iter__(self):
+            if not self.disable:
+                yield from super().__iter__()
+                return
+            for item in self.iterable:
+                yield item
+                self.update(1)
+
+    return Bar
 
 
 MANIFEST_FILE = "manifest.json"  # each file's size and BLAKE3 digest, written last

@@ -25,7 +25,7 @@ import process
 import rundir
 from checkpoint import RunState, model_tensors, rng_state, write_dir_atomically
 from distributed import Dist, all_gather, main_first
-from process import progress_bar
+from process import duration, progress_bar
 from rundir import RunLog, list_checkpoints
 
 if typing.TYPE_CHECKING:
@@ -216,13 +216,6 @@ def divergence_causes(lr: float, precision: str, injected: bool) -> list[str]:
     return causes
 
 
-def duration(seconds: float) -> str:
-    minutes, secs = divmod(round(seconds), 60)
-    if minutes >= 60:
-        return f"{minutes // 60}h{minutes % 60:02d}m"
-    return f"{minutes}m{secs:02d}s"
-
-
 class Progress:
     """The console's view of the step loop: a progress bar on a terminal, else (a log file,
     --no-progress) a line per logged step; a line per evaluation with the time left. Tokens a
@@ -232,7 +225,7 @@ class Progress:
         self.main = main
         self.planned_steps = planned_steps
         self.bar = progress_bar(total=planned_steps, initial=step, desc="train", unit="step",
-                                enabled=main and enabled, dynamic_ncols=True)
+                                enabled=main and enabled, lines=False, dynamic_ncols=True)
         self.lines = main and self.bar.disable
         self.started = time.perf_counter()
         self.first_step = step  # this process's first: the ETA counts from here

@@ -79,16 +79,41 @@ def type_error(hint: Any, value: Any) -> str | None:
     return None if _matches(base, value) else f"must be {_describe(base)}, got {value!r}"
 
 
-def key_hint(key: str, known: Collection[str], kind: str) -> str:
-    """What to say of an unknown ``key``: the close match of a typo, else every known key."""
-    if close := difflib.get_close_matches(key, list(known), n=1, cutoff=0.75):
-        return f"did you mean {close[0]!r}?"
+def _spelling(name: str) -> str:
+    """A key or flag as compared for a hint: ``--Learning-Rate`` and ``learning_rate`` alike."""
+    return name.strip().lstrip("-").replace("-", "_").lower()
+
+
+def closest_key(key: str, known: Collection[str],
+                aliases: Mapping[str, Sequence[str]] | None = None) -> str | None:
+    """The known key an unknown ``key`` stands for: the same key spelt as a flag (dashes, case),
+    another spelling of it (``aliases``: key -> its other flags, as ``add_config_flags`` takes
+    them: ``learning_rate`` for lr), or the close match of a typo; None if none is close."""
+    names = {_spelling(name): k for k, spellings in (aliases or {}).items() if k in known
+             for name in spellings}
+    names.update({_spelling(k): k for k in known})  # a key's own spelling wins
+    spelled = _spelling(key)
+    if spelled in names:
+        return names[spelled]
+    close = difflib.get_close_matches(spelled, list(names), n=1, cutoff=0.75)
+    return names[close[0]] if close else None
+
+
+def key_hint(key: str, known: Collection[str], kind: str,
+             aliases: Mapping[str, Sequence[str]] | None = None) -> str:
+    """What to say of an unknown ``key``: the key it stands for (``closest_key``), else every
+    known key."""
+    if (close := closest_key(key, known, aliases)) is not None:
+        return f"did you mean {close!r}?"
     return f"{kind} keys are: {', '.join(sorted(known))}"
 
 
 def config_from_dict(cls: type, values: Mapping[str, Any], source: str = "<dict>",
-                     choices: Mapping[str, Sequence] | None = None) -> Any:
-    """An instance of the dataclass ``cls`` from JSON-like values, type-checked key by key."""
+                     choices: Mapping[str, Sequence] | None = None,
+                     aliases: Mapping[str, Sequence[str]] | None = None) -> Any:
+    """An instance of the dataclass ``cls`` from JSON-like values, type-checked key by key; an
+    unknown key is refused with the key it stands for (``key_hint``: ``aliases`` are the other
+    spellings of the script's flags)."""
     hints = typing.get_type_hints(cls)
     known = [f.name for f in dataclasses.fields(cls)]
     if "model_type" in values and "model_type" not in known:
@@ -98,7 +123,7 @@ def config_from_dict(cls: type, values: Mapping[str, Any], source: str = "<dict>
     for key, value in values.items():
         if key not in known:
             raise ValueError(f"{source}: unknown key {key!r}; "
-                             f"{key_hint(key, known, cls.__name__)}")
+                             f"{key_hint(key, known, cls.__name__, aliases)}")
         if problem := type_error(hints[key], value):
             raise ValueError(f"{source}: key {key!r} {problem}")
         allowed = (choices or {}).get(key)
@@ -426,19 +451,27 @@ class ArgumentParser(argparse.ArgumentParser):
         if unknown is None:
             self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
         flag = unknown[1].split("=")[0]
-        close = difflib.get_close_matches(flag, sorted(self._flags()), n=3, cutoff=0.6)
+        flags = self._flags()
+        close = difflib.get_close_matches(flag, sorted(flags), n=3, cutoff=0.6)
+        close = list(dict.fromkeys(flags[c] for c in close))  # an alias's match: its flag
         hint = f"did you mean {' or '.join(close)}?" if close else "--help lists the flags"
         self.exit(2, f"{self.prog}: error: unknown flag {flag}: {hint}\n")
 
-    def _flags(self) -> set[str]:
-        """The shown --flags of this parser and its subcommands' (a subcommand's unknown flag is
-        reported by the top parser)."""
-        flags = {o for o, action in self._option_string_actions.items()
-                 if o.startswith("--") and action.help != argparse.SUPPRESS}
+    def _flags(self) -> dict[str, str]:
+        """The --flags of this parser and its subcommands' (a subcommand's unknown flag is
+        reported by the top parser), each to the flag --help shows for it: a hidden other
+        spelling (HF Trainer's ``--learning_rate``) to the shown flag of its setting."""
+        options = {o: a for o, a in self._option_string_actions.items() if o.startswith("--")}
+        flags = {o: o for o, action in options.items() if action.help != argparse.SUPPRESS}
+        shown: dict[str, str] = {}  # a setting's first shown flag
+        for o in flags:
+            shown.setdefault(options[o].dest, o)
+        flags |= {o: shown[action.dest] for o, action in options.items()
+                  if o not in flags and action.dest in shown}
         for action in self._actions:
             if isinstance(action, argparse._SubParsersAction):
                 for sub in action.choices.values():
-                    flags |= sub._flags() if isinstance(sub, ArgumentParser) else set()
+                    flags |= sub._flags() if isinstance(sub, ArgumentParser) else {}
         return flags
 
 
@@ -483,12 +516,14 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type,
 
 def resolve_config(cls: type, args: Mapping[str, Any], section: str,
                    base: Mapping[str, Any] | None = None,
-                   choices: Mapping[str, Sequence] | None = None) -> Any:
-    """Defaults < ``base`` < the ``--config`` file (``args["config"]``) < the typed flags."""
+                   choices: Mapping[str, Sequence] | None = None,
+                   aliases: Mapping[str, Sequence[str]] | None = None) -> Any:
+    """Defaults < ``base`` < the ``--config`` file (``args["config"]``) < the typed flags;
+    ``aliases`` as ``add_config_flags`` took them, for the hint at an unknown key."""
     values = dict(base or {})
     if args.get("config") is not None:
         file_values, source = read_config_file(args["config"], section)
-        config_from_dict(cls, file_values, source, choices)  # errors name the file
+        config_from_dict(cls, file_values, source, choices, aliases)  # errors name the file
         values.update(file_values)
     flags = {k: v for k, v in args.items() if k not in ("config", "print_config")}
-    return config_from_dict(cls, {**values, **flags}, "command line", choices)
+    return config_from_dict(cls, {**values, **flags}, "command line", choices, aliases)

@@ -169,7 +169,7 @@ _CHOICES = {
 
 def config_from_dict(values: dict, source: str = "<dict>") -> TrainConfig:
     """A TrainConfig from a dict, nested options included; errors name the source and key."""
-    cfg = settings.config_from_dict(TrainConfig, values, source, _CHOICES)
+    cfg = settings.config_from_dict(TrainConfig, values, source, _CHOICES, HF_FLAGS)
     check_options(values, source)
     if cfg.max_steps is not None and cfg.epochs is not None:  # flags: validate_config's check
         raise ValueError(f"{source}: max_steps and epochs both set the run's length: unset one")
@@ -236,7 +236,7 @@ def read_config(argv: Sequence[str] | None = None) -> ReadConfig:
         paths = ("init_from", "init_adapter", "data", "val_data", "test_data")
         check_run_paths(resumed, [k for k in paths if k not in {*args, *given, *owned}], str(saved))
     cfg = settings.resolve_config(TrainConfig, args, "train", base={**resumed, **given},
-                                   choices=_CHOICES)
+                                   choices=_CHOICES, aliases=HF_FLAGS)
     return ReadConfig(cfg, {*args, *given})
 
 

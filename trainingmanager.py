@@ -389,7 +389,8 @@ def run_overfit(cfg: TrainConfig, max_steps: int = OVERFIT_STEPS, lr: float = 3e
 
     losses: list[float] = []
     began = said = clock()
-    with progress_bar(total=max_steps, desc="overfit", unit="step", enabled=cfg.progress) as bar:
+    with progress_bar(total=max_steps, desc="overfit", unit="step", enabled=cfg.progress,
+                      lines=False) as bar:  # its own lines say the loss
         for _ in range(max_steps):
             stats = trainer.train_step([batch])
             if stats.nonfinite:

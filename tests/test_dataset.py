@@ -980,6 +980,18 @@ def test_collate_pads_inputs_with_the_tokenizers_pad_id():
 # ----------------------------------------------------------------------------- task builders
 
 
+def test_data_preparation_without_bars_says_where_each_stage_is(tmp_path, tok, monkeypatch,
+                                                                capsys):
+    """--no-progress hides the bars, not the log: reading and tokenizing each say how far they
+    are, with their counts, at least every process.HEARTBEAT_S seconds (0 here: at each step)."""
+    monkeypatch.setattr(process, "HEARTBEAT_S", 0)
+    prepare(cfg(tmp_path, task="lm", block_size=64), tok)
+    said = [line.split(",")[0] for line in capsys.readouterr().err.splitlines()]
+    files = len(stdlib_files(EMAIL))
+    assert f"read and clean: {files} files" in said, said
+    assert any(re.fullmatch(r"tokenize train: (\d+)/\1 texts", line) for line in said), said
+
+
 def test_lm_packs_files_with_eos_and_windows_tile_the_split(tmp_path, tok):
     data = prepare(cfg(tmp_path, task="lm", block_size=64), tok)
     corpus = dataset.load_corpus(cfg(tmp_path))

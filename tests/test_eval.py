@@ -1411,6 +1411,24 @@ def test_models_base_and_finetuned_print_one_table(tiny_models, tmp_path, monkey
 
 
 
+def test_no_progress_hides_the_bars_not_the_lines_of_each_model_and_task(tiny_models, tmp_path,
+                                                                         monkeypatch, capsys):
+    """Under --no-progress a long phase still says where it is, at least every
+    process.HEARTBEAT_S seconds (0 here: at each step): each model's generation, sandbox runs
+    and scoring per task, with its count, and the data preparation."""
+    monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(process, "HEARTBEAT_S", 0)
+    m = tiny_models
+    assert ev.main(["--models", f"base={m['base']}", f"tuned={m['base']}+{m['adapter']}",
+                    "--data", str(m["code"]), "--tasks", "passk", "lm", "line",
+                    "--out-dir", str(tmp_path / "out"), "--workers", "2", *FAST_FLAGS]) == 0
+    said = {line.split(",")[0] for line in capsys.readouterr().err.splitlines()}
+    for model in ("base", "tuned"):
+        assert {f"{model} passk: 2/2 prompts", f"{model} passk run: 2/2 programs"} <= said, said
+        assert any(line.startswith(f"{model} line: ") for line in said), said
+    assert any(line.startswith("read and clean: ") for line in said), said
+
+
 def test_models_with_different_tokenizers_get_a_note_under_the_table(tiny_models, tmp_path,
                                                                       monkeypatch, capsys):
     """lm loss, perplexity and token accuracy are per token of each model's tokenizer: rows of
@@ -3675,6 +3693,46 @@ def test_a_generations_file_that_does_not_fit_is_one_line_naming_it(tmp_path, co
     problems = ev.prompted_problems("humaneval", ev.load_problems(ev.humaneval_file())[:2])
     with pytest.raises(ValueError, match=re.escape(words)):
         ev.load_generations(file, "humaneval", problems, 1)
+
+
+@pytest.mark.parametrize(("task", "write", "words"), [
+    ("humaneval", lambda p: p["prompt"] + p["canonical_solution"],  # the raw prompt's newlines
+     ["1 of 3 generation(s)", "humaneval stripped prompt", "prompt.strip() + completion",
+      "HumanEval/2's begins '\\n\\ndef truncate_number", "stripped prompt 'def truncate_number",
+      "generation.lstrip()"]),
+    ("humaneval", lambda p: "Here is the code:\n" + p["prompt"].strip() + "\n    pass\n",
+     ["3 of 3 generation(s)", "HumanEval/0's begins 'Here is the code:",
+      "write each generation as its problem's prompt.strip() + completion"]),
+    ("passk", lambda p: "  " + p["prompt"] + "pass\n",
+     ["3 of 3", "passk prompt (", "each is prompt + completion", "generation.lstrip()"]),
+])
+def test_generations_that_miss_the_prompt_convention_get_a_warning_saying_how_to_fix_the_file(
+        tmp_path, capsys, task, write, words):
+    """Generations that do not start with the prompt as the task gives it (HumanEval's stripped:
+    raw prompt + canonical solution scores about 40%) get one warning: the convention, the first
+    such generation's beginning against its prompt's, how to write the file, and the doc."""
+    import json
+
+    path = ev.humaneval_file() if task == "humaneval" else ev.PROBLEMS_FILE
+    problems = ev.load_problems(path)[:3]
+    file = tmp_path / "gen.json"
+    file.write_text(json.dumps([[write(p)] for p in problems]))
+    ev.load_generations(file, task, ev.prompted_problems(task, problems), 1)
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith(f"warning: {file}: "), err
+    assert all(w in err for w in [*words, "docs/evaluation.md"]), err
+    file.write_text(json.dumps([[p["prompt"] + "pass\n"] for p in
+                                ev.prompted_problems(task, problems)]))
+    ev.load_generations(file, task, ev.prompted_problems(task, problems), 1)
+    assert capsys.readouterr().err == ""  # the convention kept: no warning
+
+
+def test_help_names_both_spellings_of_load_generations_and_its_format():
+    text = " ".join(ev.build_parser().format_help().split())
+    assert "--load-generations" in text and "--load_generations_path" in text
+    assert "docs/evaluation.md" in text
+    assert ev.parse_config(["--tasks", "humaneval", "--load_generations_path", "g.json"]
+                           ).load_generations == "g.json"
 
 
 @pytest.mark.parametrize(("argv", "words"), [

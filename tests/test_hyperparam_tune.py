@@ -108,6 +108,8 @@ def test_two_local_workers_share_one_journal(tmp_path, corpus, capfd):
     assert hyperparam_tune.main(argv) == 0
     out, err = capfd.readouterr()
     assert "worker" not in err  # workers that ran their trials are not told
+    evals = [line for line in out.splitlines() if "eval step" in line]
+    assert evals and all(re.match(r"trial \d+: eval step", line) for line in evals), evals
     assert "(pip install optuna-dashboard)" in out  # not in the requirements
     assert ("parameter importances (over 6 complete trials; with so few, a rough guide "
             "at best): lr ") in out
@@ -1709,6 +1711,30 @@ def test_a_relative_sqlite_url_is_recorded_absolute(tmp_path, corpus, monkeypatc
     assert hyperparam_tune.main(argv) == 0, capsys.readouterr().err
     assert len(load_study(recorded, "sq").get_trials()) == 2
     assert list((tmp_path / "other").iterdir()) == []
+
+
+def test_a_trials_lines_carry_its_number_and_the_table_names_its_objective(tmp_path, corpus,
+                                                                          monkeypatch, capsys):
+    """Workers' trials print at once: each line a trial's training prints, on stdout or stderr,
+    starts with "trial N: ". The table's heading says its value column is the validation bits
+    per byte."""
+    def train(cfg, on_eval=None, resume_hint=None, **_):
+        print(f"eval step {cfg.max_steps}/{cfg.max_steps} | val loss 1.0")
+        print("note: a data note", file=sys.stderr)
+        return trainingmanager.TrainResult(run_dir=Path(cfg.out_dir) / cfg.name,
+                                           best_val_loss=1.0 + cfg.lr, step=cfg.max_steps)
+
+    monkeypatch.setattr(trainingmanager, "train", train)
+    argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="lab", n_trials=2,
+                     pruner="none")
+    assert hyperparam_tune.main(argv) == 0
+    out, err = capsys.readouterr()
+    for n in (0, 1):
+        assert f"trial {n}: eval step 4/4 | val loss 1.0" in out.splitlines(), out
+        assert f"trial {n}: note: a data note" in err.splitlines(), err
+    lines = out.splitlines()
+    heading = lines[next(i for i, line in enumerate(lines) if line.startswith("number")) - 1]
+    assert "value" in heading and "bits per byte" in heading, heading
 
 
 def test_reports_hold_each_trials_values_and_best_json_is_the_best_recipe(tmp_path, corpus,

@@ -220,6 +220,25 @@ def test_docs_point_only_at_what_the_repository_holds():
         assert "../shared" not in text, doc.name
 
 
+def test_the_readme_leads_to_the_generations_formats_and_says_how_long_the_tests_take():
+    """A newcomer scoring a generations file finds its format from the README's evaluation
+    lines: the document they link names the stripped-prompt convention, both formats and both
+    spellings of the flag. The paragraph under the set-up commands says how long the quick
+    suite runs. Every docs/*.md a document names exists."""
+    readme = (ROOT / "README.md").read_text()
+    evaluation = readme.split("## Evaluation\n", 1)[1].split("\n## ", 1)[0]
+    assert "`docs/evaluation.md`" in evaluation and "--load-generations" in evaluation
+    doc = (ROOT / "docs" / "evaluation.md").read_text()
+    for words in ("prompt.strip()", "generations.json", "samples-", "--load-generations FILE",
+                  "--load_generations_path"):
+        assert words in doc, words
+    setup = readme.split("```", 2)[2].split("\n\n", 2)[1]  # the paragraph after the commands
+    assert "minutes" in setup and "-m slow" in setup
+    for text in [readme, *(p.read_text() for p in (ROOT / "docs").glob("*.md"))]:
+        for name in re.findall(r"docs/([\w-]+\.md)", text):
+            assert (ROOT / "docs" / name).is_file(), name
+
+
 def test_readme_layout_names_every_module():
     """README's Layout table names every top-level module and package."""
     table = (ROOT / "README.md").read_text().split("## Layout\n", 1)[1]

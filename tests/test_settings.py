@@ -264,6 +264,38 @@ def test_hugging_face_trainer_spellings_are_aliases_of_the_codelm_flags():
     assert "learning_rate" not in trainconfig.build_parser().format_help()
 
 
+@pytest.mark.parametrize(("script", "text", "meant"), [
+    ("trainingmanager", "learning_rate: 1.0e-3\n", "'lr'"),  # HF Trainer's name of the key
+    ("trainingmanager", "max-steps: 3\n", "'max_steps'"),  # the flag's spelling
+    ("trainingmanager", "Warmup_Stpes: 3\n", "'warmup_steps'"),
+    ("eval", "k: [1, 10]\n", "'pass_k'"),  # bigcode-evaluation-harness's name of the key
+])
+def test_a_config_files_unknown_key_gets_the_did_you_mean_a_flag_gets(script, text, meant,
+                                                                      tmp_path):
+    """A YAML (or JSON) config's mistyped key names the key it stands for, as a mistyped flag
+    does, other spellings of the script's flags included; not the list of every key."""
+    import importlib
+
+    module = importlib.import_module(script)
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    with pytest.raises(ValueError) as err:
+        module.parse_config(["--config", str(config)])
+    assert str(config) in str(err.value) and f"did you mean {meant}?" in str(err.value)
+    assert "keys are" not in str(err.value)
+
+
+def test_a_mistyped_other_spelling_of_a_flag_is_answered_with_the_flag_help_shows(capsys):
+    """--learning-rate is close to HF Trainer's hidden --learning_rate: the hint is --lr, the
+    flag --help lists; a shown flag's own spellings stay as they are."""
+    for typed, meant in (("--learning-rate", "--lr"), ("--progres", "--progress")):
+        with pytest.raises(SystemExit):
+            plan.parse_config([typed, "1"])
+        err = capsys.readouterr().err
+        assert f"unknown flag {typed}: did you mean {meant}" in err, err
+        assert "learning_rate" not in err
+
+
 def test_yaml_config_files_read_as_json_ones_do(tmp_path):
 
     config = tmp_path / "run.yaml"

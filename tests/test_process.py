@@ -1,0 +1,86 @@
+"""process: a long phase's lines when its progress bar is hidden, and a worker's labelled lines."""
+
+import io
+import sys
+
+import pytest
+
+import process
+
+
+class Clock:
+    """A fake monotonic clock: ``now`` seconds, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_heartbeat_says_where_its_phase_is_once_30_seconds_have_passed(capsys):
+    """No line before HEARTBEAT_S (30 s) of the phase, one at the first update after, with the
+    count, its total, the unit and the time; the next 30 s after that line."""
+    clock = Clock()
+    beat = process.Heartbeat("base humaneval", total=164, unit="prompt", clock=clock)
+    for _ in range(3):  # 29 s: quiet
+        clock.now += 9.7
+        beat.update(8)
+    assert capsys.readouterr().err == ""
+    clock.now += 1.0
+    beat.update(8)
+    assert capsys.readouterr().err == "base humaneval: 32/164 prompts, 0m30s\n"
+    clock.now += 29.0
+    beat.update(8)
+    assert capsys.readouterr().err == ""
+    clock.now += 61.0
+    beat.update(2)
+    assert capsys.readouterr().err == "base humaneval: 42/164 prompts, 2m00s\n"
+
+
+def test_a_hidden_bar_counts_and_keeps_a_heartbeat_a_shown_one_does_not(monkeypatch, capsys):
+    """--no-progress (or a log file) hides the bar, not the log: iterated or updated, a hidden
+    bar says where it is (each update here: HEARTBEAT_S 0); ``lines=False`` (a caller with its
+    own lines) and a shown bar give no such line."""
+    monkeypatch.setattr(process, "HEARTBEAT_S", 0)
+    assert list(process.progress_bar(range(3), desc="tokenize train", unit="text",
+                                     enabled=False)) == [0, 1, 2]
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(",")[0] for line in err] == [f"tokenize train: {n}/3 texts"
+                                                    for n in (1, 2, 3)]
+    with process.progress_bar(desc="read and clean", unit="file", initial=5,
+                              enabled=False) as bar:
+        bar.update(2)
+    assert bar.n == 7 and capsys.readouterr().err.startswith("read and clean: 7 files, ")
+    for _ in process.progress_bar(range(2), desc="eval", unit="batch", enabled=False):
+        pass
+    assert capsys.readouterr().err.startswith("eval: 1/2 batches, ")
+    with process.progress_bar(total=4, desc="train", enabled=False, lines=False) as bar:
+        bar.update(4)
+    assert capsys.readouterr().err == ""
+    shown = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", shown)
+    monkeypatch.setattr(shown, "isatty", lambda: True, raising=False)
+    with process.progress_bar(total=2, desc="bar", file=shown) as bar:
+        bar.update(2)
+    assert "bar: 2/2 its" not in shown.getvalue() and "2/2" in shown.getvalue()  # tqdm's frame
+
+
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+def test_labelled_lines_start_every_line_written_within_with_the_label(stream, capsys):
+    """Each line a sweep worker's trial prints (whole, in pieces, or several at once) starts
+    with the trial's label, a blank line left blank; the streams are given back after."""
+    with process.labelled_lines("trial 3: "):
+        out = getattr(sys, stream)
+        out.write("step 1/4 | loss 2.0\neval step")
+        out.write(" 2/4\n\n")
+        print("done", file=out)
+    print("after", file=getattr(sys, stream))
+    text = getattr(capsys.readouterr(), stream.replace("std", ""))
+    assert text == "trial 3: step 1/4 | loss 2.0\ntrial 3: eval step 2/4\n\ntrial 3: done\nafter\n"
+
+
+def test_duration_reads_as_minutes_and_hours():
+    assert [process.duration(s) for s in (5, 65.4, 3599.6, 3720)] == [
+        "0m05s", "1m05s", "1h00m", "1h02m"]
+    assert process.HEARTBEAT_S == 30
