@@ -353,7 +353,7 @@ def budget_left(cfg: TrainConfig, created: float) -> float:
 def measure_speed(cfg: TrainConfig, device: torch.device, dist: Dist) -> Probe:
     """``cfg``'s model size and training speed here, on random tokens (rank 0's, for all):
     preset auto's measure of the machine."""
-    vocab = (cfg.tokenizer_max_vocab or 8000) + 262  # a trained CodeTokenizer's, about
+    vocab = plan.probe_vocab(cfg)
     model = Transformer(model_config(cfg, vocab, None, None))
     trainer = Trainer(model, dataclasses.replace(cfg, warmup_steps=0, compile=False), device,
                       max_steps=10**9)
@@ -363,6 +363,18 @@ def measure_speed(cfg: TrainConfig, device: torch.device, dist: Dist) -> Probe:
     tokens = cfg.batch_size * cfg.grad_accum * cfg.block_size * dist.world
     params = sum(p.numel() for p in model.parameters())
     return broadcast(Probe(params, tokens / step_s), dist)
+
+
+def measure_step_cost(cfg: TrainConfig, device: torch.device, dist: Dist) -> plan.StepMeasure:
+    """A step of ``cfg``'s model here before any is timed (plan.step_cost: short sequences,
+    scaled), and the memory free (rank 0's, for all): preset auto's check of its first rung."""
+    free = plan.free_memory(device)  # before this model takes its share
+    model = Transformer(model_config(cfg, plan.probe_vocab(cfg), None, None)).to(device)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    model.offload_activations = cfg.offload_activations
+    cost = plan.step_cost(model, cfg.block_size, cfg.batch_size, cfg.grad_accum, device,
+                          partial(autocast, device, checked_precision(cfg, device)))
+    return broadcast(plan.StepMeasure(cost, free), dist)
 
 
 def check_step_cost(cfg: TrainConfig, model: nn.Module, block_size: int, device: torch.device,

@@ -24,6 +24,7 @@ import lora
 import pretrained
 import rundir
 import settings
+from architecture import Transformer
 from settings import setting
 from trainconfig import (
     LOADED_MODEL_OPTIONS,
@@ -300,19 +301,45 @@ def others_running() -> int:
 
 
 def plan_run(cfg: TrainConfig, device_type: str, distributed: bool, main: bool,
-             probe: Callable[[TrainConfig], Probe]) -> TrainConfig:
+             probe: Callable[[TrainConfig], Probe],
+             measure: Callable[[TrainConfig], StepMeasure]) -> TrainConfig:
     """The settings a run trains with: hub ids replaced by their snapshots, an init_adapter's
-    settings read, and for preset auto the rung for this machine (``probe`` times one); a
-    budgeted run on a busy CPU first waits for it to settle."""
+    settings read, and for preset auto the rung for this machine (``auto_rung``)."""
     resumed = cfg.resume is not None and (Path(cfg.resume) / rundir.CONFIG_FILE).is_file()
     pretrained_model = cfg.init_from is not None or cfg.init_adapter is not None
     if cfg.preset == "auto" and not pretrained_model and not resumed:  # else its name says which
-        seconds = cfg.time_budget_min * 60
-        budgeted = cfg.max_steps is None and cfg.epochs is None  # not a sweep's fixed steps
-        if budgeted and device_type == "cpu" and not distributed:  # the machine, not a load
-            wait_until_quiet(QUIET_WAIT_SHARE * seconds)
-        return choose_rung(cfg, probe, seconds, device_type, main)
+        return auto_rung(cfg, device_type, distributed, main, probe, measure)
     return resolve(cfg)
+
+
+def auto_rung(cfg: TrainConfig, device_type: str, distributed: bool, main: bool,
+              probe: Callable[[TrainConfig], Probe],
+              measure: Callable[[TrainConfig], StepMeasure]) -> TrainConfig:
+    """Preset auto's rung (``choose_rung``; ``probe`` times one). Before any rung is timed,
+    the first rung's step is measured (``measure``) and refused as check_step_cost refuses it,
+    unless forced (then taken untimed). A budgeted run on a CPU waits for other processes to
+    leave it before timing rungs, and before measuring again a first step found beyond the
+    limits, so that a passing load cannot refuse the run."""
+    seconds = cfg.time_budget_min * 60
+    budgeted = cfg.max_steps is None and cfg.epochs is None  # not a sweep's fixed steps
+    seconds_left = seconds if budgeted else None
+    waits = budgeted and device_type == "cpu" and not distributed  # the machine, not a load
+    first = with_fallbacks(with_rung(cfg, BUDGET_LADDER[0]))
+    measured = measure(first)
+    refusal = step_refusal(measured.cost, measured.free_bytes, seconds_left)
+    if refusal is not None and waits:  # a load that passes must not refuse the run
+        wait_until_quiet(QUIET_WAIT_SHARE * seconds)
+        waits = False
+        measured = measure(first)
+        refusal = step_refusal(measured.cost, measured.free_bytes, seconds_left)
+    if refusal is not None:  # every rung's step is beyond the machine: refused, or forced
+        check_step_cost(first, measured.cost, first.block_size, measured.free_bytes,
+                        seconds_left)
+        return untimed_first_rung(cfg, refusal, device_type, main)
+    if waits:
+        wait_until_quiet(QUIET_WAIT_SHARE * seconds)
+    within = partial(within_limits, measured, first, measure, seconds_left)
+    return choose_rung(cfg, probe, within, seconds, device_type, main)
 
 
 def wait_until_quiet(at_most_s: float, announce: bool = True) -> float:
@@ -329,13 +356,44 @@ def wait_until_quiet(at_most_s: float, announce: bool = True) -> float:
     return time.monotonic() - start
 
 
-def choose_rung(cfg: TrainConfig, probe: Callable[[TrainConfig], Probe], seconds: float,
-                device_type: str, announce: bool = True) -> TrainConfig:
+def within_limits(first_measured: StepMeasure, first: TrainConfig,
+                  measure: Callable[[TrainConfig], StepMeasure], seconds_left: float | None,
+                  candidate: TrainConfig) -> bool:
+    """Whether a rung's step is within check_step_cost's limits, known before it is timed:
+    predicted from the first rung's (``scaled_cost``), which is cheap and errs high; where that
+    prediction is beyond them, the rung's own ``measure`` on short sequences decides."""
+    predicted = scaled_cost(first_measured.cost, first, candidate)
+    if step_refusal(predicted, first_measured.free_bytes, seconds_left) is None:
+        return True
+    own = measure(candidate)
+    return step_refusal(own.cost, own.free_bytes, seconds_left) is None
+
+
+def untimed_first_rung(cfg: TrainConfig, refusal: str, device_type: str,
+                       announce: bool = True) -> TrainConfig:
+    """Preset auto, forced (--force) past a first rung's step beyond the machine (``refusal``):
+    that rung, untimed (a step of it takes too long to time), on a CPU in fp32."""
+    if cfg.precision == "auto" and device_type == "cpu":
+        cfg = replace(cfg, precision="fp32")
+    chosen = with_fallbacks(with_rung(cfg, BUDGET_LADDER[0]))
+    if announce:
+        print(f"preset auto: {chosen.preset} ({millions(model_shape(chosen).params)} "
+              f"parameters, context {chosen.block_size}), batch {chosen.batch_size}, lr "
+              f"{chosen.lr:g}, {chosen.precision}: the smallest, untimed: {refusal} (--force)")
+    return chosen
+
+
+def choose_rung(cfg: TrainConfig, probe: Callable[[TrainConfig], Probe],
+                within: Callable[[TrainConfig], bool], seconds: float, device_type: str,
+                announce: bool = True) -> TrainConfig:
     """Preset auto: the largest BUDGET_LADDER rung whose measured speed lets it see
     TOKENS_PER_PARAM tokens per parameter in ``seconds``. The first rung that falls short is
-    measured once more before it is refused, so that a passing load cannot refuse it."""
+    measured once more before it is refused, so that a passing load cannot refuse it. A rung
+    whose step is beyond the machine (not ``within``) is not timed, nor any above it; the
+    first rung is within."""
     if cfg.precision == "auto" and device_type == "cpu":
-        cfg = replace(cfg, precision=cpu_precision(cfg, probe))
+        timed = within(with_fallbacks(with_rung(cfg, BUDGET_LADDER[PRECISION_RUNG])))
+        cfg = replace(cfg, precision=cpu_precision(cfg, probe) if timed else "fp32")
 
     def fits(measured: Probe) -> bool:
         return measured.tokens_per_s * seconds * TRAIN_SHARE >= TOKENS_PER_PARAM * measured.params
@@ -344,6 +402,8 @@ def choose_rung(cfg: TrainConfig, probe: Callable[[TrainConfig], Probe], seconds
     chosen_probe = probe(chosen)
     for rung in BUDGET_LADDER[1:]:
         candidate = with_fallbacks(with_rung(cfg, rung))
+        if not within(candidate):
+            break
         measured = probe(candidate)
         if not fits(measured):
             measured = max(measured, probe(candidate), key=lambda p: p.tokens_per_s)
@@ -367,6 +427,11 @@ def cpu_precision(cfg: TrainConfig, probe: Callable[[TrainConfig], Probe]) -> st
     fp32 = probe(replace(rung, precision="fp32")).tokens_per_s
     bf16 = probe(replace(rung, precision="bf16")).tokens_per_s
     return "bf16" if bf16 >= CPU_BF16_SPEEDUP * fp32 else "fp32"
+
+
+def probe_vocab(cfg: TrainConfig) -> int:
+    """The vocabulary of the models preset auto measures: a trained CodeTokenizer's, about."""
+    return (cfg.tokenizer_max_vocab or 8000) + 262
 
 
 def millions(n: int) -> str:
@@ -397,6 +462,19 @@ class StepCost(NamedTuple):
     seconds: float  # the whole optimizer step: every micro-batch's forward and backward
 
 
+class StepMeasure(NamedTuple):
+    """A step's cost measured on this machine before it is timed, and the memory free there."""
+
+    cost: StepCost
+    free_bytes: float
+
+
+def step_flops(params: int, width: int, n: int) -> float:
+    """A training step's FLOPs for one sequence of ``n`` tokens: 6 a parameter a token, and
+    6 ``width`` (n_layer x n_embd) n^2 for causal attention."""
+    return 6 * params * n + 6 * width * n * n
+
+
 def step_cost(model: torch.nn.Module, block_size: int, batch_size: int, grad_accum: int,
               device: torch.device, autocast: Callable[[], AbstractContextManager]) -> StepCost:
     """Measured on single sequences of MEASURED_LENGTHS tokens (of ``block_size`` where it is
@@ -422,12 +500,40 @@ def step_cost(model: torch.nn.Module, block_size: int, batch_size: int, grad_acc
         per_sequence = max(c, 0.0) + max(a, 0.0) * block_size + max(b, 0.0) * block_size**2
     params = lora.parameter_count(model)  # a quantized base counts its weights, not its codes
     width = model.cfg.n_layer * model.cfg.n_embd
+    ratio = step_flops(params, width, block_size) / step_flops(params, width, longest)
+    return StepCost(per_sequence * batch_size, measured_s * ratio * batch_size * grad_accum)
 
-    def flops(n: int) -> float:
-        return 6 * params * n + 6 * width * n * n
 
-    seconds = measured_s * flops(block_size) / flops(longest) * batch_size * grad_accum
-    return StepCost(per_sequence * batch_size, seconds)
+class ModelShape(NamedTuple):
+    params: int
+    width: int  # n_layer x n_embd
+
+
+def model_shape(cfg: TrainConfig) -> ModelShape:
+    """The size of ``cfg``'s model as preset auto measures it, built on the meta device: no
+    memory, no init."""
+    with torch.device("meta"):
+        model = Transformer(model_config(cfg, probe_vocab(cfg), None, None))
+    return ModelShape(model.num_parameters(), model.cfg.n_layer * model.cfg.n_embd)
+
+
+def scaled_cost(measured: StepCost, of: TrainConfig, to: TrainConfig) -> StepCost:
+    """The step of ``to``'s model and shape predicted from one ``measured`` of ``of``'s: the
+    seconds by the step's FLOPs (``step_flops``), the activations by the width and the tokens of
+    a micro-batch (SDPA's kernels save no scores). A larger model computes a FLOP faster than
+    the one measured, so its seconds are predicted high rather than low."""
+    mine, theirs = model_shape(of), model_shape(to)
+
+    def flops(cfg: TrainConfig, shape: ModelShape) -> float:
+        sequences = cfg.batch_size * cfg.grad_accum
+        return step_flops(shape.params, shape.width, cfg.block_size) * sequences
+
+    def activations(cfg: TrainConfig, shape: ModelShape) -> float:
+        return shape.width * cfg.block_size * cfg.batch_size
+
+    return StepCost(
+        measured.activation_bytes * activations(to, theirs) / activations(of, mine),
+        measured.seconds * flops(to, theirs) / flops(of, mine))
 
 
 def _loss(model: torch.nn.Module, n: int, device: torch.device,
@@ -478,34 +584,39 @@ def free_memory(device: torch.device) -> float:
     return math.inf
 
 
-def check_step_cost(cfg: TrainConfig, cost: StepCost, block_size: int, free_bytes: float,
-                    seconds_left: float | None) -> str | None:
-    """Refuse a step beyond this machine, in every run: one whose micro-batch's activations
-    exceed MEMORY_SHARE of the memory free, one longer than MAX_STEP_S, or one of which a
-    budgeted run (``seconds_left``) fits fewer than FEWEST_BUDGET_STEPS. With ``cfg.force`` the
-    refusal is a warning and the run trains. A step longer than LONG_STEP_S is named in a
-    warning; else None."""
-    shape = f"block_size {block_size} x batch_size {cfg.batch_size}"
-    activations = _gib(cost.activation_bytes)
+def step_refusal(cost: StepCost, free_bytes: float, seconds_left: float | None) -> str | None:
+    """Why a step is beyond this machine, in every run: its micro-batch's activations exceed
+    MEMORY_SHARE of the memory free, it takes longer than MAX_STEP_S, or a budgeted run
+    (``seconds_left``) fits fewer than FEWEST_BUDGET_STEPS of it; None where it is not."""
     step = f"one step takes about {_minutes(cost.seconds)} here"
     shorter = "lower --block-size or --batch-size"
-    refusal = None
     if cost.activation_bytes > MEMORY_SHARE * free_bytes:
-        refusal = (f"one micro-batch saves about {activations} of activations, more than the "
-                   f"{_gib(free_bytes)} free: {shorter}, or set --gradient-checkpointing")
-    elif cost.seconds > MAX_STEP_S:
-        refusal = (f"{step}, more than the {_minutes(MAX_STEP_S)} a run's step may take "
-                   f"(attention grows with the square of the length): {shorter}")
-    elif seconds_left is not None and cost.seconds * FEWEST_BUDGET_STEPS > seconds_left:
-        refusal = (f"{step}, and the time budget has {_minutes(seconds_left)} left, fewer than "
-                   f"{FEWEST_BUDGET_STEPS} steps: {shorter}, or raise --time-budget-min")
+        return (f"one micro-batch saves about {_gib(cost.activation_bytes)} of activations, more "
+                f"than the {_gib(free_bytes)} free: {shorter}, or set --gradient-checkpointing")
+    if cost.seconds > MAX_STEP_S:
+        return (f"{step}, more than the {_minutes(MAX_STEP_S)} a run's step may take "
+                f"(attention grows with the square of the length): {shorter}")
+    if seconds_left is not None and cost.seconds * FEWEST_BUDGET_STEPS > seconds_left:
+        return (f"{step}, and the time budget has {_minutes(seconds_left)} left, fewer than "
+                f"{FEWEST_BUDGET_STEPS} steps: {shorter}, or raise --time-budget-min")
+    return None
+
+
+def check_step_cost(cfg: TrainConfig, cost: StepCost, block_size: int, free_bytes: float,
+                    seconds_left: float | None) -> str | None:
+    """Refuse a step beyond this machine (``step_refusal``), in every run. With ``cfg.force``
+    the refusal is a warning and the run trains. A step longer than LONG_STEP_S is named in a
+    warning; else None."""
+    shape = f"block_size {block_size} x batch_size {cfg.batch_size}"
+    refusal = step_refusal(cost, free_bytes, seconds_left)
     if refusal is not None and not cfg.force:
         raise ValueError(f"{shape}: {refusal}; or --force to train it anyway")
     if refusal is not None:
         return f"warning: {shape}: {refusal}; training it anyway (--force)"
     if cost.seconds > LONG_STEP_S:
-        return (f"warning: {shape}: {step}, with about {activations} of activations a "
-                "micro-batch (attention grows with the square of the length)")
+        return (f"warning: {shape}: one step takes about {_minutes(cost.seconds)} here, with "
+                f"about {_gib(cost.activation_bytes)} of activations a micro-batch (attention "
+                "grows with the square of the length)")
     return None
 
 

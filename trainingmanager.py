@@ -109,8 +109,9 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
     created = time.perf_counter()  # a time budget counts from here
     run = trainer = None
     try:
-        measure = partial(build.measure_speed, device=device, dist=dist)
-        cfg = plan.plan_run(cfg, device.type, dist.enabled, dist.main, measure)
+        probe = partial(build.measure_speed, device=device, dist=dist)
+        measure = partial(build.measure_step_cost, device=device, dist=dist)
+        cfg = plan.plan_run(cfg, device.type, dist.enabled, dist.main, probe, measure)
         claimed = rundir.claim_run_dir(cfg.resume, cfg.out_dir, cfg.name, cfg.run_stem,
                                        resume_hint, dist)
         run = build.build_run(cfg, claimed, dist, device, created, resume_hint, restarts)

@@ -156,3 +156,96 @@ def test_a_short_block_is_measured_as_it_is_and_passes():
 def test_the_warmup_of_a_run_shorter_than_500_steps_is_a_tenth_of_them():
     """The warmup a run leaves unset: 50 steps, or a tenth of a run shorter than 500."""
     assert [plan.warmup_for(n) for n in (1, 9, 60, 200, 500, 10_000)] == [0, 0, 6, 20, 50, 50]
+
+
+def _auto_plan(monkeypatch, first_step_s: float, force: bool = False):
+    """plan_run's preset auto over a ladder of one model at batches 1, 2 and 4, each rung's
+    step faked at ``first_step_s`` a sequence; returns (its choice, the batches measured
+    on short sequences, the batches timed)."""
+    from trainconfig import TrainConfig
+
+    ladder = tuple({"preset": "tiny", "block_size": 32, "batch_size": b, "lr": 1e-3}
+                   for b in (1, 2, 4))
+    monkeypatch.setattr(plan, "BUDGET_LADDER", ladder)
+    measured, timed = [], []
+
+    def measure(cfg):
+        measured.append(cfg.batch_size)
+        cost = plan.StepCost(activation_bytes=2**20, seconds=first_step_s * cfg.batch_size)
+        return plan.StepMeasure(cost, free_bytes=2**40)
+
+    def probe(cfg):
+        timed.append(cfg.batch_size)
+        return plan.Probe(params=1, tokens_per_s=1e9)  # every rung fits the budget
+
+    cfg = TrainConfig(preset="auto", block_size=None, batch_size=None, lr=None, max_steps=10,
+                      force=force)
+    chosen = plan.plan_run(cfg, "cpu", False, True, probe, measure)
+    return chosen, measured, timed
+
+
+def test_preset_auto_times_no_rung_whose_step_is_beyond_the_machine(monkeypatch):
+    """The first rung's step measured at 100 s predicts the second's at 200 s and the third's
+    at 400 s, beyond plan.MAX_STEP_S: its own measure confirms it, and it is never timed, for
+    the CPU's precision (fp32 then) nor for the ladder, which takes the second."""
+    chosen, measured, timed = _auto_plan(monkeypatch, first_step_s=100.0)
+    assert (chosen.batch_size, chosen.precision) == (2, "fp32")
+    assert 4 not in timed and timed == [1, 2]
+    assert measured[0] == 1 and set(measured[1:]) == {4}
+
+
+def test_preset_auto_refuses_a_first_rung_beyond_the_machine_untimed_unless_forced(
+        monkeypatch, capsys):
+    """A first rung whose step is beyond plan.MAX_STEP_S refuses the run before any rung is
+    timed, in check_step_cost's words (--block-size, --batch-size, --force); with force the
+    first rung is taken untimed, in fp32 on a CPU, and the choice says so."""
+    with pytest.raises(ValueError, match=r"^block_size 32 x batch_size 1: one step takes about "
+                                         r"6.7 min.*--block-size.*--batch-size.*--force"):
+        _auto_plan(monkeypatch, first_step_s=400.0)
+    chosen, measured, timed = _auto_plan(monkeypatch, first_step_s=400.0, force=True)
+    assert (chosen.preset, chosen.batch_size, chosen.precision) == ("tiny", 1, "fp32")
+    assert (measured, timed) == ([1], [])
+    assert "preset auto: tiny" in capsys.readouterr().out
+
+
+def test_a_larger_rung_s_step_is_predicted_from_the_first_by_its_flops_and_width():
+    """The same model and shape predict the measure itself; twice the batch twice its seconds
+    and activations; a longer block grows the seconds faster than the tokens (attention)."""
+    import dataclasses
+
+    from trainconfig import TrainConfig
+
+    small = TrainConfig(preset="tiny", block_size=64, batch_size=2, grad_accum=1)
+    measured = plan.StepCost(activation_bytes=1000.0, seconds=1.0)
+    assert plan.scaled_cost(measured, small, small) == measured
+    doubled = plan.scaled_cost(measured, small, dataclasses.replace(small, batch_size=4))
+    assert doubled == pytest.approx(plan.StepCost(2000.0, 2.0))
+    longer = plan.scaled_cost(measured, small, dataclasses.replace(small, block_size=1024))
+    assert longer.activation_bytes == pytest.approx(16_000.0) and longer.seconds > 16.0
+
+
+def test_a_first_rung_beyond_the_limits_on_a_busy_cpu_is_measured_again_once_it_settles(
+        monkeypatch):
+    """A budgeted CPU run whose first rung measures beyond the limits while the CPU is busy
+    waits for quiet and measures it again: a load that passes does not refuse the run, and the
+    rungs are timed after the wait, not before."""
+    from trainconfig import TrainConfig
+
+    ladder = ({"preset": "tiny", "block_size": 32, "batch_size": 1, "lr": 1e-3},)
+    monkeypatch.setattr(plan, "BUDGET_LADDER", ladder)
+    events = []
+    steps_s = iter([400.0, 1.0])  # under the load, then on the settled machine
+
+    def measure(cfg):
+        events.append("measured")
+        return plan.StepMeasure(plan.StepCost(2**20, next(steps_s)), free_bytes=2**40)
+
+    def probe(cfg):
+        events.append("timed")
+        return plan.Probe(params=1, tokens_per_s=1e9)
+
+    monkeypatch.setattr(plan, "wait_until_quiet", lambda at_most_s: events.append("waited"))
+    cfg = TrainConfig(preset="auto", block_size=None, batch_size=None, lr=None, max_steps=None,
+                      precision="fp32")
+    assert plan.plan_run(cfg, "cpu", False, False, probe, measure).batch_size == 1
+    assert events == ["measured", "waited", "measured", "timed"]

@@ -1274,6 +1274,42 @@ def test_a_step_beyond_the_machine_refuses_the_run_with_one_line_unless_forced(
     assert "warning: block_size 32 x batch_size 4" in capsys.readouterr().err
 
 
+def test_preset_auto_refuses_a_block_beyond_the_machine_before_timing_a_rung_unless_forced(
+        assets, tmp_path, monkeypatch, capsys):
+    """Preset auto measures its smallest rung's step on short sequences before it times any
+    rung: at --block-size 100000 that step is beyond the machine (its memory, or
+    plan.MAX_STEP_S), and on a quiet CPU the run ends at once, exit 2, in one line naming
+    --block-size and --force, with no rung timed and no data prepared. With --force (a step
+    faked beyond the limit) it takes the smallest rung untimed and trains."""
+
+    def never(*args, **kwargs):
+        raise AssertionError("preset auto timed a rung beyond the machine's limit")
+
+    monkeypatch.setattr(build, "measure_speed", never)
+    monkeypatch.setattr(build, "prepare_data", never)
+    monkeypatch.setattr(plan, "others_running", lambda: 0)
+    config = _tiny_config_file(assets, tmp_path, preset="auto", max_steps=None, lr=None,
+                               warmup_steps=None)
+    capsys.readouterr()
+    assert tm.main(["--config", config, "--block-size", "100000"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: block_size 100000 x batch_size 4:"), err
+    assert err.count("\n") == 1 and "--block-size" in err and "--force" in err
+    monkeypatch.undo()
+    monkeypatch.setattr(build, "measure_speed", never)
+    slow = plan.StepCost(activation_bytes=2**20, seconds=2 * plan.MAX_STEP_S)
+    monkeypatch.setattr(plan, "step_cost", lambda *args: slow)
+    fixed = _tiny_config_file(assets, tmp_path, name="forced", preset="auto", max_steps=2,
+                              lr=None, warmup_steps=None)
+    assert tm.main(["--config", fixed, "--force"]) == 0
+    captured = capsys.readouterr()
+    smallest = plan.BUDGET_LADDER[0]["preset"]
+    assert f"preset auto: {smallest}" in captured.out and "untimed" in captured.out
+    assert "warning: block_size 32 x batch_size 4" in captured.err
+    saved = json.loads((tmp_path / "runs" / "forced" / "config.json").read_text())
+    assert saved["preset"] == smallest
+
+
 def test_a_checkpoint_is_written_only_with_finite_weights(assets, tmp_path, capsys):
     """lr 1e38 makes every weight inf at the first update: no checkpoint is written, so the
     non-finite stop names none as last good."""
