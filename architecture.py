@@ -585,7 +585,7 @@ class Transformer(nn.Module):
         self.cfg = cfg = copy.deepcopy(cfg)
         # The directory pretrained.load read: lora.save_adapter records it as the adapter's base.
         self.name_or_path: str | None = None
-        # _weight: nn.Embedding draws nothing (on meta, normal_ would import sympy: 65 MiB RSS).
+        # _weight: nn.Embedding draws nothing (on meta, normal_ would import sympy, a large import).
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd,
                                 _weight=torch.empty(cfg.vocab_size, cfg.n_embd))
         self.wpe = (nn.Embedding(cfg.block_size, cfg.n_embd,

@@ -96,7 +96,7 @@ def generate(model: Transformer, idx: torch.Tensor, cfg: GenerationConfig,
     row that finished early is filled with pad_id. T + max_new_tokens may reach block_size + 1
     (the last new token is never fed back). In train mode dropout is on, as in transformers:
     call `model.eval()` first for deterministic output."""
-    # inference_mode (not no_grad) drops view and version tracking: ~5% per decode step.
+    # inference_mode (not no_grad) drops view and version tracking, which every decode step pays.
     with torch.inference_mode():
         if cfg.num_beams > 1:
             out = _beam_search(model, idx, cfg, attention_mask)

@@ -211,7 +211,7 @@ BUDGET_LADDER = (
     {"preset": "llama-14m", "block_size": 512, "batch_size": 16, "lr": 1e-3},
     {"preset": "llama-60m", "block_size": 1024, "batch_size": 32, "lr": 6e-4},
 )
-TOKENS_PER_PARAM = 3.5  # 2 idle cores clear it for code-4x192 by ~30%: a slow start keeps it
+TOKENS_PER_PARAM = 3.5  # 2 idle cores clear it for code-4x192 with room: a slow start keeps it
 WARMUP_SHARE = 0.02  # a budgeted run's warmup, as a share of its steps
 
 
@@ -249,8 +249,7 @@ def warmup_for(steps: int) -> int:
 TRAIN_SHARE = 0.85
 # Preset auto trains on a CPU in bf16 when that measures this many times fp32's speed, on the
 # ladder's rung PRECISION_RUNG (code-4x192): the first rung's matmuls are too narrow for the
-# difference to show above the noise (bf16/fp32 read 1.14-1.23 there and 1.38-1.39 on
-# code-4x192 on a 2-core avx512_bf16 CPU).
+# difference to show above the noise.
 CPU_BF16_SPEEDUP = 1.2
 PRECISION_RUNG = 2
 # Preset auto waits at most this share of its budget for other processes to leave the CPU.
