@@ -1818,7 +1818,7 @@ def test_bad_paths_and_devices_are_clear_errors(assets, tmp_path, capsys, monkey
     assert len(err.splitlines()) == 1 and "not a run dir" not in err, err
     assert all(w in err for w in (f"--resume {tmp_path / 'nope'}", "no such run directory")), err
 
-    def full_disk(cfg, on_eval=None):
+    def full_disk(cfg, **options):
         raise OSError(28, "No space left on device", "/runs/x/checkpoints/.tmp-step-8")
 
     stuck = tmp_path / "stuck"  # a lock that cannot be opened names itself, not --out-dir
