@@ -44,13 +44,16 @@ from optuna.storages._heartbeat import get_heartbeat_thread  # what Study.optimi
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
+import checkpoint as checkpoint_module
 import plan
 import process
 import rundir
 import settings
+import trainconfig
 import trainingmanager
 from process import progress_bar
-from trainingmanager import NonFiniteLossError, TrainConfig
+from record import NonFiniteLossError
+from trainconfig import TrainConfig
 
 ROOT = Path(__file__).resolve().parent
 SPACES_DIR = settings.bundled("configs", "search_spaces")
@@ -179,8 +182,8 @@ def _check_spec_types(spec: typing.Any, where: str) -> None:
 
 def absolute_paths(values: dict, source: str) -> dict:
     """TrainConfig ``values`` with their paths absolute, as a run's config.json holds them."""
-    paths = {k: values[k] for k in trainingmanager.PATH_KEYS if k in values}
-    absolute = trainingmanager.with_absolute_paths(trainingmanager.config_from_dict(paths, source))
+    paths = {k: values[k] for k in checkpoint_module.PATH_KEYS if k in values}
+    absolute = checkpoint_module.with_absolute_paths(trainconfig.config_from_dict(paths, source))
     return {**values, **{k: getattr(absolute, k) for k in paths}}
 
 
@@ -206,7 +209,7 @@ def load_space(space: str) -> SearchSpace:
         SpaceFile, settings.read_json_object(path, "search space", strict=True), source)
     if not data.params:
         raise ValueError(f"{source}: a search space needs a non-empty 'params' object")
-    trainingmanager.config_from_dict(data.base, f"{source}: base")
+    trainconfig.config_from_dict(data.base, f"{source}: base")
     _check_no_resume_or_time_budget(data.base, f"{source}: base")
     _check_no_resume_or_time_budget(data.params, f"{source}: params")
     for name in sorted(set(data.params) & SWEEP_KEYS):  # sampled, then overwritten
@@ -227,7 +230,7 @@ def load_space(space: str) -> SearchSpace:
     space = SearchSpace(**{**vars(data), "base": absolute_paths(data.base, f"{source}: base")},
                         source=source)
     for name, value in space.extremes():
-        trainingmanager.config_from_dict({**space.base, name: value}, f"{source}: params.{name}")
+        trainconfig.config_from_dict({**space.base, name: value}, f"{source}: params.{name}")
     return space
 
 
@@ -432,14 +435,14 @@ def interrupted_run(trial: optuna.Trial) -> tuple[Path | None, dict[int, float]]
     if not run or not (Path(run) / rundir.CONFIG_FILE).is_file():
         return None, {}
     lock = Path(run) / rundir.LOCK_FILE  # held by a worker declared dead that still trains it
-    if trainingmanager.lock_is_held(lock):  # until its next evaluation
-        holder = trainingmanager.lock_holder(lock) or "another process"
+    if rundir.lock_is_held(lock):  # until its next evaluation
+        holder = rundir.lock_holder(lock) or "another process"
         tqdm.write(f"trial {trial.number}: waiting for {run}, the run it continues: {holder} "
                    "holds it", file=sys.stderr)
-    while trainingmanager.lock_is_held(lock):
+    while rundir.lock_is_held(lock):
         time.sleep(2)
-    checkpoints = trainingmanager.list_checkpoints(Path(run))
-    step = trainingmanager.checkpoint_step(checkpoints[-1]) if checkpoints else 0
+    checkpoints = rundir.list_checkpoints(Path(run))
+    step = rundir.checkpoint_step(checkpoints[-1]) if checkpoints else 0
     reported: dict[int, float] = {}
     for t in (trials[n] for n in history if n in trials):  # oldest first: the latest wins
         if t.user_attrs.get(ATTR_RUN) == run:
@@ -449,9 +452,9 @@ def interrupted_run(trial: optuna.Trial) -> tuple[Path | None, dict[int, float]]
 
 def recorded_precision(run: Path) -> str | None:
     """The precision ("auto" resolved) of the checkpoint a resume of ``run`` continues from."""
-    for checkpoint in reversed(trainingmanager.list_checkpoints(run)):
-        with contextlib.suppress(trainingmanager.CorruptCheckpointError):
-            return trainingmanager.read_state(checkpoint, mmap=True).precision
+    for checkpoint in reversed(rundir.list_checkpoints(run)):
+        with contextlib.suppress(checkpoint_module.CorruptCheckpointError):
+            return checkpoint_module.read_state(checkpoint, mmap=True).precision
     return None
 
 
@@ -468,7 +471,7 @@ def _prepare_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
     recipe = trial_recipe(cfg, space, base, trial)
     trial.set_user_attr(ATTR_CONFIG, recipe)
     resume, reported = interrupted_run(trial)
-    train_cfg = trainingmanager.config_from_dict(
+    train_cfg = trainconfig.config_from_dict(
         {**recipe, **_trial_run(cfg, trial.number, resume)}, f"trial {trial.number}")
     # A continued "auto" run keeps its checkpoint's precision (the trainer refuses a change; a
     # GPU without bf16 refuses bf16).
@@ -604,7 +607,7 @@ def check_before_trials(cfg: TuneConfig) -> tuple[SearchSpace, dict]:
     space = load_space(cfg.space)
     base: dict = {}
     if cfg.train_config:
-        base = trainingmanager.load_config_file(cfg.train_config)
+        base = trainconfig.load_config_file(cfg.train_config)
         _check_no_resume_or_time_budget(base, cfg.train_config)
         base = absolute_paths(base, cfg.train_config)
     for key in space.requires:
@@ -620,15 +623,15 @@ def check_before_trials(cfg: TuneConfig) -> tuple[SearchSpace, dict]:
     where_is = where_set(cfg, space, base)
     for label, params in trials:
         values = {**space.base, **base, **params, **_budget(cfg), **_trial_run(cfg, 0)}
-        train_cfg = trainingmanager.config_from_dict(values, where)
+        train_cfg = trainconfig.config_from_dict(values, where)
         try:
-            trainingmanager.validate_config(train_cfg, where_is)
+            plan.validate_config(train_cfg, where_is)
             # lora_* values the sweep sets that differ from its init_adapter's are refused
             plan.with_init_adapter(train_cfg, typed={*space.base, *base, *params},
                                               where_set=where_is)
-            trainingmanager.data_config(train_cfg, train_cfg.block_size or 256)
+            trainconfig.data_config(train_cfg, train_cfg.block_size or 256)
             if train_cfg.init_from is None:  # the vocabulary size (the tokenizer's) checks nothing
-                trainingmanager.model_config(train_cfg, 1, None, None)
+                trainconfig.model_config(train_cfg, 1, None, None)
         except ValueError as e:
             raise ValueError(f"{where}: {label}{e}") from None
         for key in ("data", "val_data", "test_data", "tokenizer"):
@@ -651,10 +654,10 @@ def check_study_settings(cfg: TuneConfig, space: SearchSpace, base: dict,
     """Record the TrainConfig values every trial's result depends on besides its sampled
     parameters with a study that has none; refuse a continuation that changed them (its trials
     would be ranked against each other)."""
-    shared = trainingmanager.config_from_dict({**space.base, **base, **_budget(cfg)}, space.source)
+    shared = trainconfig.config_from_dict({**space.base, **base, **_budget(cfg)}, space.source)
     values = dataclasses.asdict(shared)
     values["data_options"] = {k: v for k, v in shared.data_options.items()
-                              if k not in trainingmanager.RESUME_DATA_OPTIONS_MAY_CHANGE}
+                              if k not in checkpoint_module.RESUME_DATA_OPTIONS_MAY_CHANGE}
     skip = {*space.params, *STUDY_MAY_CHANGE, *_trial_run(cfg, 0)}
     now = {"format_version": FORMAT_VERSION,
            **json.loads(json.dumps({k: v for k, v in values.items() if k not in skip}))}

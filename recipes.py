@@ -29,6 +29,7 @@ import plan
 import process
 import rundir
 import settings
+import trainconfig
 import trainingmanager as tm
 from scraping import is_git_source
 
@@ -60,7 +61,7 @@ def load_recipe(path: str | Path) -> Recipe:
 def check_sections(recipe: Recipe, note: str = "", sets: Sequence[str] = ()) -> None:
     """Both sections' keys and value types; ``note`` and ``sets``: as ``--set`` changed them."""
     where = f"{recipe.path} (train section{note})"
-    tm.config_from_dict(recipe.train, where)
+    trainconfig.config_from_dict(recipe.train, where)
     ev.config_from_dict(recipe.eval, f"{recipe.path} (eval section{note})",
                         partial(where_in_recipe, recipe.path, section="eval",
                                 typed=set_train_keys(sets, "eval")))
@@ -455,7 +456,7 @@ def resume_hint(smoke: bool) -> str:
 
 def what_next(smoke: bool) -> str:
     """What the user of a stopped run does next, in trainingmanager's words."""
-    return tm.what_next(resume_hint(smoke), restarts=smoke)
+    return rundir.what_next(resume_hint(smoke), restarts=smoke)
 
 
 class TrainedRunInterrupted(KeyboardInterrupt):
@@ -466,7 +467,7 @@ class TrainedRunInterrupted(KeyboardInterrupt):
         self.run_dir = run_dir
 
 
-def eval_config(recipe: Recipe, opts: RecipeOptions, cfg: tm.TrainConfig, run_dir: Path,
+def eval_config(recipe: Recipe, opts: RecipeOptions, cfg: trainconfig.TrainConfig, run_dir: Path,
                 own_run: str, own_base: str) -> ev.EvalConfig:
     """The recipe's eval section for ``run_dir``: its own run and base named are this run's."""
     values = smoke_eval_values(recipe.eval) if opts.smoke else dict(recipe.eval)
@@ -541,7 +542,8 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
         check_sections(recipe, ", with --set", opts.set)
     values = dict(recipe.train)
     name = opts.name or values.get("name") or Path(opts.recipe).stem
-    tm.check_run_name(name, f"--name {name}" if opts.name else f"{opts.recipe}: train.name {name}")
+    trainconfig.check_run_name(name, f"--name {name}" if opts.name
+                               else f"{opts.recipe}: train.name {name}")
     out_dir = Path(opts.out_dir or ("runs/smoke" if opts.smoke else values.get("out_dir", "runs")))
     values.update(name=name, out_dir=str(out_dir), device=opts.device, progress=opts.progress,
                   resume=str(out_dir / name) if opts.resume else None)
@@ -558,14 +560,14 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
     else:
         check_paths(values, opts.recipe)
     if values.get("init_adapter") is not None:  # its lora_* keys as --config reads them
-        plan.with_init_adapter(tm.config_from_dict(values, f"{opts.recipe} (train section)"),
-                             typed=set(recipe.train), where_set=where_set)
+        init_cfg = trainconfig.config_from_dict(values, f"{opts.recipe} (train section)")
+        plan.with_init_adapter(init_cfg, typed=set(recipe.train), where_set=where_set)
     if values.get("data"):
         extensions = values.get("data_options", {}).get("extensions", [".py"])
         values["data"] = collect_git_sources(values["data"], extensions, out_dir / f"{name}-data",
                                              opts.progress)
-    cfg = tm.config_from_dict(values, f"{opts.recipe} (train section)")
-    tm.validate_config(cfg, where_set)
+    cfg = trainconfig.config_from_dict(values, f"{opts.recipe} (train section)")
+    plan.validate_config(cfg, where_set)
     if opts.smoke:  # only once the new run can start
         shutil.rmtree(out_dir / name, ignore_errors=True)
     eval_remedy = (f"remove {out_dir / name / rundir.EVAL_DIR}, then run the same command with "
@@ -658,7 +660,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif isinstance(e, TrainedRunInterrupted):
             print(f"interrupted: training is complete and saved in {e.run_dir}; finish the "
                   f"evaluation with {resume_hint(opts.smoke)}", file=sys.stderr)
-        elif isinstance(e, tm.RunInterrupted) and e.resume is not None:
+        elif isinstance(e, rundir.RunInterrupted) and e.resume is not None:
             print(f"interrupted: continue with {e.resume}", file=sys.stderr)
         else:  # before training, or before its first checkpoint: no run to resume
             print("interrupted before the first checkpoint: nothing to resume; run the same "

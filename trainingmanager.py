@@ -41,7 +41,7 @@ from architecture import Transformer
 from batches import Where
 from build import Run
 from checkpoint import StepStart, rng_state, seed_everything
-from distributed import Dist, resolve_device
+from distributed import Dist, RankZeroFailed, resolve_device
 from generation import GenerationConfig, generate
 from plan import BUDGET_LADDER, BudgetClock, parse_config
 from process import progress_bar
@@ -55,27 +55,11 @@ from trainconfig import (
     model_config,
     overfit_settings,
 )
-from trainer import STOP_SIGNALS, StepAbandoned, StepStats, StopSignals, Trainer
+from trainer import STOP_SIGNALS, StepAbandoned, StepStats, StopSignals, Trainer, perplexity
 
 OVERFIT_CORPUS = settings.bundled("data", "overfit")
 OVERFIT_LOSS = 0.05  # "memorised": the --overfit and --overfit-batches target
 OVERFIT_LINE_S = 30.0  # --overfit says how it goes at least this often (a log file has no bar)
-
-# What eval.py, recipes.py, hyperparam_tune.py and the tests read as trainingmanager.X.
-from architecture import IGNORE_INDEX  # noqa: E402,F401,I001
-from checkpoint import PATH_KEYS, RESUME_DATA_OPTIONS_MAY_CHANGE  # noqa: E402,F401
-from checkpoint import CorruptCheckpointError, read_state, with_absolute_paths  # noqa: E402,F401
-from checkpoint import load_model_tensors, model_tensors, write_dir_atomically  # noqa: E402,F401
-from checkpoint import set_rng_state  # noqa: E402,F401
-from distributed import RankZeroFailed  # noqa: E402,F401
-from finish import final_quality, sample_completion  # noqa: E402,F401
-from generation import FUNCTION_STOPS  # noqa: E402,F401
-from plan import validate_config  # noqa: E402,F401
-from rundir import RunLog, best_step, checkpoint_step, is_run_dir  # noqa: E402,F401
-from rundir import list_checkpoints, lock_holder, lock_is_held, what_next  # noqa: E402,F401
-from trainconfig import check_run_name, config_from_dict, load_config_file  # noqa: E402,F401
-from trainconfig import data_config, default_block_size  # noqa: E402,F401
-from trainer import lr_factor, perplexity  # noqa: E402,F401
 
 
 @dataclass

@@ -11,6 +11,7 @@ from test_tokenizer_families import CHATML_TEMPLATE
 from tiny_hf import save_tiny_hf, train_family_tokenizer
 
 import dataset
+import trainconfig
 from architecture import IGNORE_INDEX
 from dataconfig import DataConfig
 from tokenizer import load_tokenizer
@@ -134,12 +135,12 @@ def test_a_chat_run_fine_tunes_an_instruct_model_on_its_conversations(instruct, 
     import trainingmanager as tm
 
     root, data = instruct
-    cfg = tm.TrainConfig(task="chat", init_from=str(root), data=[str(data)],
-                         block_size=128, batch_size=8, max_steps=30, lr=1e-2,
-                         warmup_steps=2, eval_every=30, out_dir=str(tmp_path / "runs"),
-                         name="chat", progress=False, precision="fp32",
-                         data_options={"split_by": "file", "min_bytes": 0, "min_lines": 0,
-                                       "cache_dir": str(tmp_path / "cache")})
+    cfg = trainconfig.TrainConfig(task="chat", init_from=str(root), data=[str(data)],
+                                  block_size=128, batch_size=8, max_steps=30, lr=1e-2,
+                                  warmup_steps=2, eval_every=30, out_dir=str(tmp_path / "runs"),
+                                  name="chat", progress=False, precision="fp32",
+                                  data_options={"split_by": "file", "min_bytes": 0, "min_lines": 0,
+                                                "cache_dir": str(tmp_path / "cache")})
     result = tm.train(cfg)
     metrics = (result.run_dir / "metrics.jsonl").read_text().splitlines()
     losses = [m["loss"] for m in map(json.loads, metrics) if "loss" in m]

@@ -15,9 +15,12 @@ import sacrebleu
 from rapidfuzz import fuzz
 
 import build
+import checkpoint as checkpoint_module
+import distributed
 import eval as ev
 import process
 import rundir
+import trainconfig
 
 WORDS = ["def", "f(x):", "return", "x", "+", "1", "self", "if", "else:", "for", "i", "in",
          "range(n):", "print(i)", "'s'", "None", "==", "(", ")", "a_b", "Foo", "éλ", "\t", "\n"]
@@ -2175,8 +2178,6 @@ def test_the_latest_run_is_the_newest_that_holds_a_model(tmp_path):
     import json
     import os
 
-    import trainingmanager as tm
-
     runs = tmp_path / "runs"
     older, newer = runs / "older", runs / "newer"
     (older / rundir.EXPORT_DIR).mkdir(parents=True)
@@ -2184,7 +2185,7 @@ def test_the_latest_run_is_the_newest_that_holds_a_model(tmp_path):
     for run in (older, newer):
         (run / rundir.CONFIG_FILE).write_text(json.dumps({}))
     os.utime(older / rundir.EXPORT_DIR, (1_000_000, 1_000_000))
-    assert tm.is_run_dir(newer)
+    assert rundir.is_run_dir(newer)
     assert ev.latest_run(runs) == older
 
 
@@ -2326,9 +2327,8 @@ def test_a_run_dir_scores_best_when_its_export_holds_an_older_best(tiny_models, 
     from safetensors.torch import save_file
 
     import pretrained
-    import trainingmanager as tm
 
-    cfg = tm.TrainConfig(preset="tiny")
+    cfg = trainconfig.TrainConfig(preset="tiny")
     torch.manual_seed(0)
     old = build.build_model(cfg, tiny_models["tok"])
     torch.manual_seed(1)
@@ -2337,7 +2337,7 @@ def test_a_run_dir_scores_best_when_its_export_holds_an_older_best(tiny_models, 
     (run / "best").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
     tiny_models["tok"].save(run)
-    save_file(tm.model_tensors(new, False), run / "best" / rundir.MODEL_FILE)
+    save_file(checkpoint_module.model_tensors(new, False), run / "best" / rundir.MODEL_FILE)
     process.write_manifest(run / "best")
     (run / "best" / "metrics.json").write_text(json.dumps({"step": 30, "val_loss": 2.0}))
     pretrained.save(old, run / "export")
@@ -2437,9 +2437,9 @@ def test_default_eval_after_a_real_training_run(tiny_models, tmp_path, monkeypat
     import trainingmanager as tm
 
     monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
-    cfg = tm.TrainConfig(preset="tiny", data=[str(tiny_models["code"])], max_steps=3,
-                         eval_every=2, batch_size=2, warmup_steps=1, tokenizer_min_freq=2,
-                         out_dir=str(tmp_path / "runs"), name="r1", progress=False)
+    cfg = trainconfig.TrainConfig(preset="tiny", data=[str(tiny_models["code"])], max_steps=3,
+                                  eval_every=2, batch_size=2, warmup_steps=1, tokenizer_min_freq=2,
+                                  out_dir=str(tmp_path / "runs"), name="r1", progress=False)
     tm.train(cfg)
     assert ev.main(["--runs-dir", str(tmp_path / "runs"), *FAST_FLAGS]) == 0
     exported = capsys.readouterr().out
@@ -2461,20 +2461,19 @@ def test_eval_splits_a_run_with_predefined_files_as_its_training_did(tmp_path):
     import torch
 
     import dataset
-    import trainingmanager as tm
 
     dirs = {}
     for name in ("train", "valid", "test"):
         dirs[name] = tmp_path / name
         dirs[name].mkdir()
         (dirs[name] / f"{name}.py").write_text(f"def {name}():\n    return 1\n")
-    run = tm.TrainConfig(data=[str(dirs["train"])], val_data=[str(dirs["valid"])],
-                         test_data=[str(dirs["test"])])
+    run = trainconfig.TrainConfig(data=[str(dirs["train"])], val_data=[str(dirs["valid"])],
+                                  test_data=[str(dirs["test"])])
     model = ev.LoadedModel("r", "runs/r", torch.nn.Linear(1, 1), None,
                            run_config=dataclasses.asdict(run))
     ours = ev.corpus_config(ev.EvalConfig(), [model])
     assert (ours.val_sources, ours.test_sources) == ([str(dirs["valid"])], [str(dirs["test"])])
-    assert dataset.corpus_key(ours) == dataset.corpus_key(tm.data_config(run, 64))
+    assert dataset.corpus_key(ours) == dataset.corpus_key(trainconfig.data_config(run, 64))
     other = ev.corpus_config(ev.EvalConfig(data=[str(dirs["test"])]), [model])
     assert other.val_sources == other.test_sources == []
     # Runs split differently share no held-out split: not every model scored on the first run's.
@@ -2494,11 +2493,9 @@ def test_data_options_given_to_eval_override_the_runs_own(tmp_path):
 
     import torch
 
-    import trainingmanager as tm
-
     (tmp_path / "code").mkdir()
     run = ev.LoadedModel("r", "runs/r", torch.nn.Linear(1, 1), None, run_config={
-        **dataclasses.asdict(tm.TrainConfig(data=[str(tmp_path / "code")])),
+        **dataclasses.asdict(trainconfig.TrainConfig(data=[str(tmp_path / "code")])),
         "data_options": {"seed": 7, "split_by": "file"}})
     given = ev.corpus_config(ev.EvalConfig(data_options={"seed": 3}), [run])
     assert (given.seed, given.split_by) == (3, "file")
@@ -2780,16 +2777,14 @@ def test_a_truncated_run_checkpoint_is_an_error_naming_it(tiny_models, tmp_path,
     import torch
     from safetensors.torch import save_file
 
-    import trainingmanager as tm
-
-    cfg = tm.TrainConfig(preset="tiny")
+    cfg = trainconfig.TrainConfig(preset="tiny")
     model = build.build_model(cfg, tiny_models["tok"])
     run = tmp_path / "run"
     (run / "best").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
     tiny_models["tok"].save(run)
     weights = run / "best" / rundir.MODEL_FILE
-    save_file(tm.model_tensors(model, False), weights)
+    save_file(checkpoint_module.model_tensors(model, False), weights)
     process.write_manifest(run / "best")
     loaded = ev.load_model(str(run), torch.device("cpu")).model
     assert all(torch.equal(p, q) for p, q in zip(loaded.state_dict().values(),
@@ -2807,7 +2802,7 @@ def test_a_truncated_run_checkpoint_is_an_error_naming_it(tiny_models, tmp_path,
 
 
 def test_a_run_killed_in_its_first_checkpoint_is_no_run_to_load(tmp_path):
-    """eval's "is this a run directory" is training's (trainingmanager.is_run_dir): a run killed
+    """eval's "is this a run directory" is training's (rundir.is_run_dir): a run killed
     while writing its first checkpoint holds no weights, refused as one that stopped before
     checkpoints/ existed."""
     import dataclasses
@@ -2815,17 +2810,15 @@ def test_a_run_killed_in_its_first_checkpoint_is_no_run_to_load(tmp_path):
 
     import torch
 
-    import trainingmanager as tm
-
     run = tmp_path / "run"
     (run / rundir.CHECKPOINTS_DIR / f".tmp-{rundir.CHECKPOINT_PREFIX}5-x").mkdir(parents=True)
-    (run / rundir.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(tm.TrainConfig())))
-    assert not tm.is_run_dir(run)
+    (run / rundir.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(trainconfig.TrainConfig())))
+    assert not rundir.is_run_dir(run)
     with pytest.raises(ValueError,
                        match=f"before its first checkpoint.*no weights.*--resume {run}"):
         ev.load_model(str(run), torch.device("cpu"))
     (run / rundir.CHECKPOINTS_DIR / f"{rundir.CHECKPOINT_PREFIX}5").mkdir()
-    assert tm.is_run_dir(run)
+    assert rundir.is_run_dir(run)
 
 
 def test_a_run_still_training_before_its_first_checkpoint_is_named_so(tmp_path):
@@ -2839,11 +2832,9 @@ def test_a_run_still_training_before_its_first_checkpoint_is_named_so(tmp_path):
 
     import torch
 
-    import trainingmanager as tm
-
     run = tmp_path / "run"
     run.mkdir()
-    (run / rundir.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(tm.TrainConfig())))
+    (run / rundir.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(trainconfig.TrainConfig())))
     (run / rundir.LOCK_FILE).write_text("")
     fd = os.open(run / rundir.LOCK_FILE, os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX)  # the run, training towards its first checkpoint
@@ -2869,11 +2860,10 @@ def test_a_sharded_checkpoint_is_scored_from_its_shards_in_one_process(tiny_mode
     import torch
 
     import checkpoint
-    import trainingmanager as tm
 
-    cfg = tm.TrainConfig(preset="tiny")
+    cfg = trainconfig.TrainConfig(preset="tiny")
     if qlora:
-        cfg = tm.TrainConfig(init_from=str(tiny_models["base"]), lora_r=4, quantize_bits=4)
+        cfg = trainconfig.TrainConfig(init_from=str(tiny_models["base"]), lora_r=4, quantize_bits=4)
     run = tmp_path / "run"
     run.mkdir()
     config = dataclasses.asdict(cfg)
@@ -2887,7 +2877,7 @@ def test_a_sharded_checkpoint_is_scored_from_its_shards_in_one_process(tiny_mode
             p.normal_()
     step = run / rundir.CHECKPOINTS_DIR / f"{rundir.CHECKPOINT_PREFIX}3"
     assert checkpoint.save_sharded(step, checkpoint.RunState(step=3), config, saved,
-                                   torch.optim.AdamW(trained), qlora, tm.Dist()) is None
+                                   torch.optim.AdamW(trained), qlora, distributed.Dist()) is None
     assert checkpoint.is_sharded(step) and not list(step.glob("*.safetensors"))
     loaded = ev.load_model(str(run), torch.device("cpu")).model.state_dict()
     assert loaded.keys() == saved.state_dict().keys()
@@ -2907,9 +2897,7 @@ def test_a_run_with_no_best_yet_scores_its_latest_checkpoint(tiny_models, tmp_pa
     import torch
     from safetensors.torch import save_file
 
-    import trainingmanager as tm
-
-    cfg = tm.TrainConfig(preset="tiny")
+    cfg = trainconfig.TrainConfig(preset="tiny")
     run = tmp_path / "run"
     run.mkdir()
     (run / rundir.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg)))
@@ -2920,7 +2908,8 @@ def test_a_run_with_no_best_yet_scores_its_latest_checkpoint(tiny_models, tmp_pa
         saved[step] = build.build_model(cfg, tiny_models["tok"])
         checkpoint = run / rundir.CHECKPOINTS_DIR / f"{rundir.CHECKPOINT_PREFIX}{step}"
         checkpoint.mkdir(parents=True)
-        save_file(tm.model_tensors(saved[step], False), checkpoint / rundir.MODEL_FILE)
+        save_file(checkpoint_module.model_tensors(saved[step], False),
+                  checkpoint / rundir.MODEL_FILE)
         process.write_manifest(checkpoint)
     loaded = ev.load_model(str(run), torch.device("cpu")).model.state_dict()
     assert all(torch.equal(t, loaded[k]) for k, t in saved[10].state_dict().items())
@@ -2958,16 +2947,16 @@ def test_results_name_the_step_of_a_runs_scored_weights_and_whether_it_still_tra
     from safetensors.torch import save_file
 
     import process
-    import trainingmanager as tm
 
     monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
-    cfg = tm.TrainConfig(preset="tiny", n_layer=1, n_embd=32, n_head=2)
+    cfg = trainconfig.TrainConfig(preset="tiny", n_layer=1, n_embd=32, n_head=2)
     run, out = tmp_path / "run", tmp_path / "out"
     (run / rundir.BEST_DIR).mkdir(parents=True)
     (run / rundir.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg)))
     tiny_models["tok"].save(run)
     model = build.build_model(cfg, tiny_models["tok"])
-    save_file(tm.model_tensors(model, False), run / rundir.BEST_DIR / rundir.MODEL_FILE)
+    save_file(checkpoint_module.model_tensors(model, False),
+              run / rundir.BEST_DIR / rundir.MODEL_FILE)
     process.write_manifest(run / rundir.BEST_DIR)
     (run / rundir.BEST_DIR / rundir.BEST_METRICS).write_text(json.dumps({"step": 7}))
     (run / rundir.LOCK_FILE).write_text(process.owner_tag() + "\n")
@@ -3017,13 +3006,11 @@ def test_a_run_without_its_tokenizer_names_the_missing_file(tiny_models, tmp_pat
     import torch
     from safetensors.torch import save_file
 
-    import trainingmanager as tm
-
-    cfg = tm.TrainConfig(preset="tiny")
+    cfg = trainconfig.TrainConfig(preset="tiny")
     run = tmp_path / "run"
     (run / "best").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
-    save_file(tm.model_tensors(build.build_model(cfg, tiny_models["tok"]), False),
+    save_file(checkpoint_module.model_tensors(build.build_model(cfg, tiny_models["tok"]), False),
               run / "best" / rundir.MODEL_FILE)
     process.write_manifest(run / "best")
     cpu = torch.device("cpu")
@@ -3517,17 +3504,17 @@ def test_dtype_on_a_quantized_runs_best_keeps_the_base_it_trained_on(tiny_models
     from safetensors.torch import save_file
 
     import lora
-    import trainingmanager as tm
 
     m = tiny_models
-    cfg = tm.TrainConfig(init_from=str(m["base"]), lora_r=4, quantize_bits=bits)
+    cfg = trainconfig.TrainConfig(init_from=str(m["base"]), lora_r=4, quantize_bits=bits)
     torch.manual_seed(0)
     trained = build.build_model(cfg, m["tok"])
     run = tmp_path / "qlora"
     (run / rundir.BEST_DIR).mkdir(parents=True)
     (run / rundir.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg)))
     shutil.copy(m["base"] / "tokenizer.json", run / "tokenizer.json")
-    save_file(tm.model_tensors(trained, True), run / rundir.BEST_DIR / rundir.ADAPTER_FILE)
+    save_file(checkpoint_module.model_tensors(trained, True),
+              run / rundir.BEST_DIR / rundir.ADAPTER_FILE)
     process.write_manifest(run / rundir.BEST_DIR)
     (run / rundir.BEST_DIR / rundir.BEST_METRICS).write_text(json.dumps({"step": 1}))
     loaded = ev.load_model(str(run), "cpu", dtype="bf16").model

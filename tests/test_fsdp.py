@@ -28,7 +28,10 @@ from test_trainingmanager import (
 )
 
 import checkpoint
+import distributed
+import plan
 import rundir
+import trainconfig
 import trainingmanager as tm
 
 assets = test_trainingmanager.assets  # the fixtures: a small corpus and its tokenizer,
@@ -46,7 +49,7 @@ def _torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-def _train_on_two_ranks(cfg: tm.TrainConfig, tmp_path: Path) -> Path:
+def _train_on_two_ranks(cfg: trainconfig.TrainConfig, tmp_path: Path) -> Path:
     """Run ``cfg`` (per-rank batch) on two FSDP ranks; its run directory."""
     proc = _torchrun("trainingmanager.py", "--config",
                      str(write_config(cfg, tmp_path / f"{cfg.name}.json")))
@@ -139,7 +142,7 @@ def test_fsdp_resume_after_kill_9_is_bit_exact(assets, tmp_path):
                      str(write_config(cfg, tmp_path / "killed.json")))
     assert proc.returncode != 0 and "Signal 9" in proc.stderr, proc.stderr[-3000:]
     run = Path(cfg.out_dir) / "killed"
-    assert [p.name for p in tm.list_checkpoints(run)] == ["step-4"]
+    assert [p.name for p in rundir.list_checkpoints(run)] == ["step-4"]
     proc = _torchrun("trainingmanager.py", "--resume", str(run))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed" in proc.stdout and "not bit-exact" not in proc.stdout
@@ -215,9 +218,9 @@ def _dequantized_base(base: Path, bits: int, out: Path) -> Path:
 QUANTIZED_BYTES = r"""
 import json, sys
 import torch
-import build, distributed, lora, trainingmanager as tm
+import build, distributed, lora, trainconfig
 
-cfg = tm.TrainConfig(**json.loads(open(sys.argv[1]).read()))
+cfg = trainconfig.TrainConfig(**json.loads(open(sys.argv[1]).read()))
 dist = distributed.this_process()
 distributed.join(dist, torch.device("cpu"))
 model = build.build_model(cfg, type("Tok", (), {"vocab_size": 8})())
@@ -352,7 +355,7 @@ def test_fsdp_in_bf16_follows_one_process_in_bf16(assets, tmp_path):
     run = _train_on_two_ranks(tiny_cfg(assets, tmp_path, name="fsdp", batch_size=2,
                                        strategy="fsdp", **common), tmp_path)
     assert _losses(run) == pytest.approx(_losses(single.run_dir), rel=1e-2)
-    assert tm.read_state(run / rundir.CHECKPOINTS_DIR / "step-6").precision == "bf16"
+    assert checkpoint.read_state(run / rundir.CHECKPOINTS_DIR / "step-6").precision == "bf16"
     shards = _flat(_sharded(run / rundir.CHECKPOINTS_DIR / "step-6"))
     assert {t.dtype for t in shards.values() if t.is_floating_point()} == {torch.float32}
 
@@ -400,7 +403,7 @@ def test_the_last_finite_checkpoint_is_found_among_sharded_ones(tmp_path):
     steps = [tmp_path / f"step-{n}" for n in (2, 4, 6)]
     for n, path in zip((2, 4, 6), steps):
         assert checkpoint.save_sharded(path, checkpoint.RunState(step=n), {}, model, optimizer,
-                                       False, tm.Dist()) is None
+                                       False, distributed.Dist()) is None
     assert checkpoint.finite_checkpoint(steps, trainable_only=False) == steps[2]
     with torch.no_grad():
         model.weight[0, 0] = float("nan")
@@ -430,7 +433,7 @@ def test_a_sharded_checkpoint_at_another_step_or_with_nonfinite_moments_is_not_g
     step_2, step_4, step_6 = (tmp_path / f"step-{n}" for n in (2, 4, 6))
     for path, step in ((step_2, 2), (step_4, 6), (step_6, 6)):
         assert checkpoint.save_sharded(path, checkpoint.RunState(step=step), {}, model,
-                                       optimizer, False, tm.Dist()) is None
+                                       optimizer, False, distributed.Dist()) is None
     for slots in optimizer.state.values():
         slots["exp_avg"].fill_(float("nan"))
     dcp.save(checkpoint._shards(model, optimizer, False),
@@ -439,13 +442,14 @@ def test_a_sharded_checkpoint_at_another_step_or_with_nonfinite_moments_is_not_g
     monkeypatch.setattr(checkpoint, "SHARD_SCAN_BYTES", 1)
     assert checkpoint.finite_checkpoint([step_2, step_4, step_6], trainable_only=False) == step_2
     fresh = torch.nn.Linear(4, 3)
-    with pytest.raises(tm.CorruptCheckpointError, match=r"step-4: .*state.pt holds step 6, its "
-                       r"directory's name says step 4"):
+    with pytest.raises(checkpoint.CorruptCheckpointError,
+                       match=r"step-4: .*state.pt holds step 6, its directory's name says step 4"):
         checkpoint.load_sharded(step_4, fresh, torch.optim.AdamW(fresh.parameters()), False,
-                                tm.Dist())
-    with pytest.raises(tm.CorruptCheckpointError, match=r"step-6: .*exp_avg holds inf or NaN"):
+                                distributed.Dist())
+    with pytest.raises(checkpoint.CorruptCheckpointError,
+                       match=r"step-6: .*exp_avg holds inf or NaN"):
         checkpoint.load_sharded(step_6, fresh, torch.optim.AdamW(fresh.parameters()), False,
-                                tm.Dist())
+                                distributed.Dist())
 
 
 def test_resume_of_a_sharded_checkpoint_directory_names_its_run(tmp_path):
@@ -455,27 +459,27 @@ def test_resume_of_a_sharded_checkpoint_directory_names_its_run(tmp_path):
     step = run / rundir.CHECKPOINTS_DIR / "step-2"
     model = torch.nn.Linear(4, 3)
     checkpoint.save_sharded(step, checkpoint.RunState(step=2), {}, model,
-                            torch.optim.AdamW(model.parameters()), False, tm.Dist())
+                            torch.optim.AdamW(model.parameters()), False, distributed.Dist())
     with pytest.raises(ValueError, match=rf"weights .*--resume {run} continues"):
-        tm.validate_config(tm.TrainConfig(resume=str(step), max_steps=4))
+        plan.validate_config(trainconfig.TrainConfig(resume=str(step), max_steps=4))
 
 
 def test_fsdp_is_refused_outside_torchrun_and_with_what_it_cannot_shard(monkeypatch, tmp_path):
     """One line naming the key and the way on: fsdp needs torchrun; under it a 16-bit base,
     muon and compile are refused, a quantized base is taken."""
-    cfg = tm.TrainConfig(strategy="fsdp", max_steps=4, preset="tiny")
+    cfg = trainconfig.TrainConfig(strategy="fsdp", max_steps=4, preset="tiny")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(ValueError, match=r"strategy.*torchrun --nproc_per_node"):
-        tm.validate_config(cfg)
+        plan.validate_config(cfg)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    tm.validate_config(cfg)
+    plan.validate_config(cfg)
     base = dict(init_from=str(tiny_llama(tmp_path)), lora_r=4)
     for bits in (4, 8):
-        tm.validate_config(dataclasses.replace(cfg, **base, quantize_bits=bits))
+        plan.validate_config(dataclasses.replace(cfg, **base, quantize_bits=bits))
     for changed, words in [({**base, "base_dtype": "bf16"}, r"base_dtype.*fp32"),
                            ({"optimizer": "muon"}, r"optimizer.*adamw"),
                            ({"compile": True}, r"compile.*eager")]:
         with pytest.raises(ValueError, match=words):
-            tm.validate_config(dataclasses.replace(cfg, **changed))
+            plan.validate_config(dataclasses.replace(cfg, **changed))
     with pytest.raises(SystemExit):
-        tm.build_parser().parse_args(["--strategy", "zero3"])
+        trainconfig.build_parser().parse_args(["--strategy", "zero3"])

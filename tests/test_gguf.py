@@ -23,7 +23,9 @@ from tiny_hf import save_tiny_hf, train_family_tokenizer, train_hf_tokenizer
 import dataset
 import gguf_cli
 import gguf_export
+import plan
 import pretrained
+import trainconfig
 from architecture import PRESETS, Transformer
 from tokenizer import CodeTokenizer, load_tokenizer
 
@@ -481,14 +483,12 @@ def _corpus(path: Path) -> Path:
 
 
 def _run_config(tmp_path: Path, **overrides):
-    import trainingmanager as tm
-
     values = dict(data=[str(_corpus(tmp_path / "corpus"))], block_size=32, batch_size=4,
                   max_steps=3, warmup_steps=1, lr=3e-2, eval_every=3, eval_examples=4,
                   progress=False, report_to=["none"], out_dir=str(tmp_path / "runs"),
                   name="run", sample_tokens=4, precision="fp32",
                   data_options={"cache_dir": str(tmp_path / "cache"), "progress": False})
-    return tm.TrainConfig(**{**values, **overrides})
+    return trainconfig.TrainConfig(**{**values, **overrides})
 
 
 def test_a_lora_run_with_export_gguf_writes_its_merged_weights_and_a_modelfile(checkpoints,
@@ -503,7 +503,7 @@ def test_a_lora_run_with_export_gguf_writes_its_merged_weights_and_a_modelfile(c
     base = checkpoints["llama"]
     cfg = _run_config(tmp_path, init_from=str(base), lora_r=4, lora_alpha=8.0,
                       export_gguf="f32")
-    tm.validate_config(cfg)
+    plan.validate_config(cfg)
     export = tm.train(cfg).run_dir / "export"
     want = load_file(base / "model.safetensors")
     adapter = load_file(export / "adapter_model.safetensors")
@@ -567,7 +567,6 @@ def test_export_gguf_is_refused_before_training_naming_the_setting(checkpoints, 
 
 
 def test_the_runs_choices_are_the_writers_outtypes():
-    import trainingmanager as tm
-
-    flag = next(a for a in tm.build_parser()._actions if "--export-gguf" in a.option_strings)
+    flag = next(a for a in trainconfig.build_parser()._actions
+                if "--export-gguf" in a.option_strings)
     assert [c for c in flag.choices if c is not None] == list(gguf_export.OUTTYPES)

@@ -29,8 +29,12 @@ from procs import popen, signal_when
 from tiny_hf import save_tiny_hf
 
 import hyperparam_tune
+import plan
 import process
+import record
 import rundir
+import trainconfig
+import trainer
 import trainingmanager
 from dataset import DataError, stdlib_files, stdlib_root
 from tokenizer import CodeTokenizer
@@ -122,7 +126,7 @@ def test_two_local_workers_share_one_journal(tmp_path, corpus, capfd):
 
     out = tmp_path / "runs" / "two"
     best_trial = min(trials, key=lambda t: t.value)
-    best = trainingmanager.parse_config(["--config", str(out / "best.json")])
+    best = plan.parse_config(["--config", str(out / "best.json")])
     assert best.lr == best_trial.params["lr"]
     assert best.max_steps == 4 and best.name == "two-best"
     table = (out / "trials.csv").read_text().splitlines()
@@ -130,8 +134,8 @@ def test_two_local_workers_share_one_journal(tmp_path, corpus, capfd):
     assert "lr" in json.loads((out / "importances.json").read_text())
 
     # The best config is a ready trainingmanager config: what `--config best.json` runs.
-    again = trainingmanager.parse_config(["--config", str(out / "best.json"), "--max-steps", "2",
-                                          "--out-dir", str(tmp_path / "again")])
+    again = plan.parse_config(["--config", str(out / "best.json"), "--max-steps", "2",
+                               "--out-dir", str(tmp_path / "again")])
     result = trainingmanager.train(again)
     assert result.step == 2 and result.run_dir == tmp_path / "again" / "two-best"
 
@@ -291,7 +295,7 @@ def test_a_trial_declared_dead_after_its_last_write_is_left_and_nothing_is_lost(
             if outcome == "pruned":
                 raise optuna.TrialPruned("pruned")
             if outcome == "failed":
-                raise trainingmanager.NonFiniteLossError("non-finite loss at step 4", 4)
+                raise record.NonFiniteLossError("non-finite loss at step 4", 4)
         return trainingmanager.TrainResult(run_dir=run, best_val_loss=2.5, step=4)
 
     if when == "before the tell":
@@ -472,7 +476,7 @@ def test_a_trial_stopped_by_two_sigterms_still_writes_its_checkpoint(tmp_path, c
     writes its checkpoint, so the re-run does not go back to the one before (here: none at all).
     A hangup's SIGHUP comes twice too (the kernel's, the shell's); it stops the trial the same
     way, 129 (capsys: it would point a terminal running pytest -s at /dev/null)."""
-    real_step, calls = trainingmanager.Trainer.train_step, [0]
+    real_step, calls = trainer.Trainer.train_step, [0]
 
     def step_with_two_sigterms(self, *args, **kwargs):
         calls[0] += 1
@@ -482,14 +486,14 @@ def test_a_trial_stopped_by_two_sigterms_still_writes_its_checkpoint(tmp_path, c
             os.kill(os.getpid(), sig)
         return stats
 
-    monkeypatch.setattr(trainingmanager.Trainer, "train_step", step_with_two_sigterms)
+    monkeypatch.setattr(trainer.Trainer, "train_step", step_with_two_sigterms)
     argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="twice", n_trials=1)
     assert hyperparam_tune.main(argv) == 128 + sig
     (trial,) = load_study(journal(tmp_path, "twice"), "twice").get_trials()
     assert trial.user_attrs[hyperparam_tune.ATTR_REASON] == hyperparam_tune.INTERRUPTED
     run = Path(trial.user_attrs[hyperparam_tune.ATTR_RUN])
-    checkpoints = trainingmanager.list_checkpoints(run)
-    assert [trainingmanager.checkpoint_step(c) for c in checkpoints] == [1]
+    checkpoints = rundir.list_checkpoints(run)
+    assert [rundir.checkpoint_step(c) for c in checkpoints] == [1]
     assert trial.user_attrs[hyperparam_tune.ATTR_STEP] == 1
 
 
@@ -590,7 +594,7 @@ def _first_trial_trains_in_bf16_and_stops(monkeypatch) -> list:
         calls.append(cfg)
         result = real(cfg, on_eval=on_eval, resume_hint=resume_hint)
         if len(calls) == 1:
-            state_file = trainingmanager.list_checkpoints(result.run_dir)[-1] / \
+            state_file = rundir.list_checkpoints(result.run_dir)[-1] / \
                 rundir.STATE_FILE
             state = torch.load(state_file, weights_only=True)
             state["precision"] = "bf16"
@@ -617,14 +621,14 @@ def test_a_trial_continued_on_another_kind_of_machine_keeps_the_precision_it_tra
     run = tmp_path / "runs" / "prec" / "trials" / "trial-0000"
     assert [(c.resume, c.precision) for c in calls] == [
         (None, "auto"), (str(run), "bf16"), (None, "auto")]
-    checkpoint = trainingmanager.list_checkpoints(run)[-1] / rundir.STATE_FILE
+    checkpoint = rundir.list_checkpoints(run)[-1] / rundir.STATE_FILE
     assert torch.load(checkpoint, weights_only=True)["precision"] == "bf16"
     study = load_study(journal(tmp_path, "prec"), "prec")
     assert [t.state for t in study.get_trials()] == [
         TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
     assert study.user_attrs[hyperparam_tune.ATTR_SETTINGS]["precision"] == "auto"
     best = json.loads((tmp_path / "runs" / "prec" / "best.json").read_text())
-    assert trainingmanager.config_from_dict(best).precision == "auto"
+    assert trainconfig.config_from_dict(best).precision == "auto"
 
 
 @pytest.mark.skipif(POSTGRES_URL is None, reason="no PostgreSQL server: CODELM_TEST_POSTGRES_URL "
@@ -1538,7 +1542,7 @@ def test_storage_that_is_another_file_is_refused_untouched(tmp_path, corpus, cap
 
 FAKE_TRAIN = """
 import sys
-import hyperparam_tune, trainingmanager
+import hyperparam_tune, record, trainingmanager
 def train(cfg, on_eval=None, resume_hint=None, **_):
     raise {error}
 trainingmanager.train = train
@@ -1547,7 +1551,7 @@ sys.exit(hyperparam_tune.main(sys.argv[1:]))
 
 
 @pytest.mark.parametrize("error, code, line", [
-    ("trainingmanager.NonFiniteLossError('non-finite gradient at step 2')", 1,
+    ("record.NonFiniteLossError('non-finite gradient at step 2')", 1,
      "trial 0 failed with parameters"),  # exit 1: the sweep's only trial failed, no best.json
     ("KeyboardInterrupt()", 130, "interrupted: run the same command again"),
     pytest.param("KeyboardInterrupt('SIGTERM')", 143, "interrupted: run the same command again",
@@ -1664,8 +1668,8 @@ def test_a_trials_settings_are_named_where_the_sweeps_user_sets_them(tmp_path, c
     """A trial's settings are checked naming no trainer flag a sweep user cannot pass: the
     search space's range of a sampled key, the sweep's own flag, the --train-config file or the
     space's base that sets a key, else a --train-config file."""
-    told, validate = [], trainingmanager.validate_config
-    monkeypatch.setattr(trainingmanager, "validate_config",
+    told, validate = [], plan.validate_config
+    monkeypatch.setattr(plan, "validate_config",
                         lambda cfg, where_set: told.append(where_set) or validate(cfg, where_set))
     monkeypatch.setattr(trainingmanager, "train", lambda cfg, on_eval=None, resume_hint=None:
                         trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=cfg.lr,
@@ -1770,11 +1774,11 @@ def test_reports_hold_each_trials_values_and_best_json_is_the_best_recipe(tmp_pa
         assert row["run_dir"] == str(out / "trials" / f"trial-{t.number:04d}")
 
     best_trial = min(trials.values(), key=lambda t: t.value)
-    cfg = trainingmanager.parse_config(["--config", str(out / "best.json")])
+    cfg = plan.parse_config(["--config", str(out / "best.json")])
     assert (cfg.lr, cfg.weight_decay) == (best_trial.params["lr"],
                                           best_trial.params["weight_decay"])
     assert (cfg.max_steps, cfg.eval_every, cfg.epochs) == (4, 2, None)
-    defaults = trainingmanager.TrainConfig()
+    defaults = trainconfig.TrainConfig()
     assert (cfg.export, cfg.progress, cfg.keep_last, cfg.save_every, cfg.resume) == (
         defaults.export, defaults.progress, defaults.keep_last, defaults.save_every, None)
     assert cfg.name == "rep-best" and cfg.out_dir == str((tmp_path / "runs").absolute())

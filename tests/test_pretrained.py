@@ -12,6 +12,7 @@ from test_architecture import gen, gen_stream
 from tiny_hf import FAMILIES, save_tiny_hf, tiny_checkpoints, tiny_hf_model
 
 import pretrained
+import trainconfig
 from architecture import PRESETS, ModelConfig, Transformer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -319,12 +320,11 @@ def test_save_refuses_a_run_directory_or_an_adapter_directory(checkpoints, tmp_p
     import dataclasses
 
     import lora
-    import trainingmanager
 
     model = checkpoints["llama"][2]
     run = tmp_path / "run"
     run.mkdir()
-    train_config = json.dumps(dataclasses.asdict(trainingmanager.TrainConfig()))
+    train_config = json.dumps(dataclasses.asdict(trainconfig.TrainConfig()))
     (run / "config.json").write_text(train_config)
     with pytest.raises(ValueError) as e:
         pretrained.save(model, run)
@@ -797,10 +797,8 @@ def test_error_codelm_run_directory_names_its_export(tmp_path):
     (the merged model is in export/merged)."""
     import dataclasses
 
-    import trainingmanager
-
     (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(
-        trainingmanager.TrainConfig())))
+        trainconfig.TrainConfig())))
     with pytest.raises(ValueError) as err:
         pretrained.load(tmp_path)
     message = str(err.value)

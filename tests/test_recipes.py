@@ -23,9 +23,11 @@ import torch
 from procs import popen, signal_when
 
 import eval as ev
+import plan
 import recipes
 import rundir
 import settings
+import trainconfig
 import trainingmanager as tm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,7 +151,7 @@ def test_code_completion_trains_on_the_fake_github_scrape(tmp_path, monkeypatch)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        result = tm.train(tm.config_from_dict(values))
+        result = tm.train(trainconfig.config_from_dict(values))
     finally:
         torch.set_num_threads(threads)
     losses = recipes.train_losses(result.run_dir)
@@ -210,7 +212,7 @@ def test_interrupted_evaluation_says_the_training_is_saved(tmp_path, sig, code):
 
 def _trainingmanager_reads_sections() -> bool:
     try:
-        tm.load_config_file(CONFIGS / "code_completion.json")
+        trainconfig.load_config_file(CONFIGS / "code_completion.json")
     except ValueError:
         return False
     return True
@@ -443,16 +445,14 @@ def test_completion_eval_of_a_base_model_on_kotlin_files(tiny_starcoder, tmp_pat
 def test_trainingmanager_config_reads_the_train_section_and_names_bad_keys(tmp_path):
     import json
 
-    import trainingmanager as tm
-
     good = tmp_path / "good.json"
     good.write_text(json.dumps({"_seed": "notes", "train": {"lr": 0.5, "_why": "x"},
                                 "eval": {"tasks": ["lm"]}}))
-    assert tm.parse_config(["--config", str(good)]).lr == 0.5
+    assert plan.parse_config(["--config", str(good)]).lr == 0.5
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"train": {"learning_rate": 0.5}}))
     with pytest.raises(ValueError, match=r"bad\.json \(train section\): unknown key"):
-        tm.parse_config(["--config", str(bad)])
+        plan.parse_config(["--config", str(bad)])
 
 
 @pytest.mark.parametrize("flag", ["--model", "--data", "--val-data"])
@@ -548,7 +548,7 @@ def test_a_stopped_smoke_run_says_it_starts_again_not_that_it_continues(tmp_path
 
     def stopped(cfg, resume_hint=None, restarts=False, **_):
         asked.append(restarts)
-        raise tm.RunInterrupted(KeyboardInterrupt("SIGTERM"), None)
+        raise rundir.RunInterrupted(KeyboardInterrupt("SIGTERM"), None)
 
     monkeypatch.setattr(tm, "train", stopped)
     recipe = tmp_path / "tiny.json"  # from scratch: no tiny checkpoint to build
@@ -610,8 +610,8 @@ def test_a_budget_stop_and_an_early_interrupt_say_what_is_left(tmp_path, capsys,
     recipe.write_text(json.dumps({"train": {"preset": "tiny", "data": [str(data)],
                                             "name": "tiny"}, "eval": {"tasks": ["lm"]}}))
     flags = [str(recipe), "--out-dir", str(tmp_path / "runs"), "--no-progress"]
-    stops = [KeyboardInterrupt(), tm.RunInterrupted(KeyboardInterrupt("SIGTERM"), None),
-             tm.RunInterrupted(KeyboardInterrupt("SIGTERM"), recipes.resume_hint(False))]
+    stops = [KeyboardInterrupt(), rundir.RunInterrupted(KeyboardInterrupt("SIGTERM"), None),
+             rundir.RunInterrupted(KeyboardInterrupt("SIGTERM"), recipes.resume_hint(False))]
 
     def train(cfg, resume_hint=None, restarts=False, **_):
         raise stops.pop(0)
@@ -913,7 +913,7 @@ def test_the_recipes_base_in_eval_models_is_the_model_given(tmp_path, monkeypatc
     mine = tmp_path / "mine"
     mine.mkdir()
     seen = _evaluated_models(monkeypatch)
-    monkeypatch.setattr(tm, "validate_config", lambda cfg, where_set=None: None)  # a toy base
+    monkeypatch.setattr(plan, "validate_config", lambda cfg, where_set=None: None)  # a toy base
     runs = tmp_path / "runs"
     assert recipes.main([str(recipe), "--model", str(mine), "--out-dir", str(runs),
                          "--no-progress"]) == 0
@@ -1033,7 +1033,7 @@ def test_a_recipes_lora_key_at_its_default_that_differs_from_its_init_adapter_is
     _, adapter = save_tiny_adapter(tmp_path)
     recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"]}, init_adapter=str(adapter))
     with pytest.raises(ValueError) as refused:
-        tm.parse_config(["--config", str(recipe), "--lora-alpha", "16"])
+        plan.parse_config(["--config", str(recipe), "--lora-alpha", "16"])
     said = str(refused.value)
     assert said.startswith("lora_alpha (16.0, --lora-alpha)"), said
     assert all(w in said for w in ("the adapter's: 4",
@@ -1048,7 +1048,7 @@ def test_a_recipes_lora_key_at_its_default_that_differs_from_its_init_adapter_is
     assert all(w in err for w in ("the adapter's: 4", f"init_adapter ({str(adapter)!r}, "
                                   f"train.init_adapter in {recipe}",
                                   "--set train.init_adapter=VALUE", "fixes these")), err
-    monkeypatch.setattr(tm, "validate_config", lambda cfg, where_set=None: None)  # a toy base
+    monkeypatch.setattr(plan, "validate_config", lambda cfg, where_set=None: None)  # a toy base
     assert recipes.main([*flags, "--set", "train.lora_alpha=4"]) == 2  # the adapter's: trains
     assert "stopped before training" in capsys.readouterr().err
     assert [cfg.lora_alpha for cfg in trained] == [4]
@@ -1091,7 +1091,7 @@ def test_a_recipes_training_advice_names_its_train_section_not_a_trainer_flag(tm
                                                 "max_steps")])
         raise ValueError("stopped before training")
 
-    monkeypatch.setattr(tm, "validate_config", validate_config)
+    monkeypatch.setattr(plan, "validate_config", validate_config)
     recipe = CONFIGS / "refactotron.json"
     assert recipes.main([str(recipe), "--smoke", "--out-dir", str(tmp_path / "runs"),
                          "--no-progress", "--set", "train.lora_r=4"]) == 2

@@ -8,6 +8,7 @@ import pytest
 
 import plan
 import settings
+import trainconfig
 
 
 @dataclass
@@ -162,10 +163,8 @@ def test_help_says_which_flags_take_none():
 
 
 def test_trainingmanager_eval_examples_none_is_the_whole_split():
-    import trainingmanager
-
-    assert trainingmanager.parse_config([]).eval_examples == 80
-    assert trainingmanager.parse_config(["--eval-examples", "none"]).eval_examples is None
+    assert plan.parse_config([]).eval_examples == 80
+    assert plan.parse_config(["--eval-examples", "none"]).eval_examples is None
 
 
 def test_help_comes_from_the_field_comments_grouped_by_section():
@@ -186,13 +185,12 @@ def test_help_comes_from_the_field_comments_grouped_by_section():
 
 def test_every_flag_of_the_scripts_explains_itself():
     import hyperparam_tune
-    import trainingmanager
     from dataset import DataConfig
     from eval import EvalConfig
     from recipes import RecipeOptions
     from scraping import GitHubConfig, LocalConfig
 
-    for cls in (trainingmanager.TrainConfig, EvalConfig, hyperparam_tune.TuneConfig, DataConfig,
+    for cls in (trainconfig.TrainConfig, EvalConfig, hyperparam_tune.TuneConfig, DataConfig,
                 RecipeOptions, GitHubConfig, LocalConfig):
         helps, _ = settings.field_docs(cls)
         assert not [f for f in cls.__dataclass_fields__ if not helps.get(f)], cls.__name__

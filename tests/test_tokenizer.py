@@ -1907,7 +1907,7 @@ def test_legitimate_model_and_tokenizer_pairs_pass_silently(role_tokenizers, tmp
     check_model_tokenizer(load_tokenizer(gpt2), gpt2 / "tokenizer.json", tmp_path / "none")
     for tok in (CodeTokenizer.train(ROLE_TEXTS, min_freq=1), load_tokenizer(llama3)):
         cfg = dataclasses.replace(PRESETS["tiny"], vocab_size=tok.vocab_size, bos_id=tok.bos_id,
-                                  eos_id=tok.eos_id)  # as trainingmanager.model_config sets them
+                                  eos_id=tok.eos_id)  # as trainconfig.model_config sets them
         export = tmp_path / f"export_{type(tok).__name__}"
         pretrained.save(Transformer(cfg), export)
         tok.save(export)

@@ -25,8 +25,10 @@ from safetensors.torch import load_file, save_file
 import build
 import checkpoint
 import dataset
+import distributed
 import finish
 import generation
+import kernels
 import plan
 import process
 import record
@@ -68,7 +70,7 @@ def assets(tmp_path_factory):
             "cache": str(root / "cache")}
 
 
-def tiny_cfg(assets, tmp_path, **overrides) -> tm.TrainConfig:
+def tiny_cfg(assets, tmp_path, **overrides) -> trainconfig.TrainConfig:
     values = dict(
         preset="tiny", data=[assets["corpus"]], tokenizer=assets["tokenizer"],
         data_options={"cache_dir": assets["cache"], "progress": False}, block_size=32,
@@ -77,15 +79,15 @@ def tiny_cfg(assets, tmp_path, **overrides) -> tm.TrainConfig:
         out_dir=str(tmp_path / "runs"), name="run", sample_tokens=8,
     )
     values.update(overrides)
-    return tm.TrainConfig(**values)
+    return trainconfig.TrainConfig(**values)
 
 
-def built_run(cfg: tm.TrainConfig) -> build.Run:
+def built_run(cfg: trainconfig.TrainConfig) -> build.Run:
     """``build.build_run`` on the CPU, in a directory claimed as ``train`` claims it."""
     claimed = rundir.claim_run_dir(cfg.resume, cfg.out_dir, cfg.name, cfg.run_stem, None,
-                                   tm.Dist())
-    return build.build_run(cfg, claimed, tm.Dist(), torch.device("cpu"), time.perf_counter(),
-                           None, False)
+                                   distributed.Dist())
+    return build.build_run(cfg, claimed, distributed.Dist(), torch.device("cpu"),
+                           time.perf_counter(), None, False)
 
 
 def tiny_llama(tmp_path: Path) -> Path:
@@ -97,7 +99,7 @@ def tiny_llama(tmp_path: Path) -> Path:
     return base
 
 
-def write_config(cfg: tm.TrainConfig, path: Path) -> Path:
+def write_config(cfg: trainconfig.TrainConfig, path: Path) -> Path:
     path.write_text(json.dumps(dataclasses.asdict(cfg)))
     return path
 
@@ -112,7 +114,7 @@ def sigterm_at_step(monkeypatch, step: int, *sigs: int):
     import signal
     import threading
 
-    original, calls = tm.Trainer.train_step, [0]
+    original, calls = trainer_module.Trainer.train_step, [0]
 
     def train_step(self, *args, **kwargs):
         calls[0] += 1
@@ -122,7 +124,7 @@ def sigterm_at_step(monkeypatch, step: int, *sigs: int):
                 signal.pthread_kill(threading.main_thread().ident, sig)
         return stats
 
-    monkeypatch.setattr(tm.Trainer, "train_step", train_step)
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", train_step)
     return original
 
 
@@ -137,7 +139,7 @@ def assert_bit_equal(a: dict, b: dict) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _ready(cfg: tm.TrainConfig) -> tm.TrainConfig:
+def _ready(cfg: trainconfig.TrainConfig) -> trainconfig.TrainConfig:
     """A config a Trainer takes as it is: a length, and the settings a run fills in."""
     cfg = plan.with_fallbacks(dataclasses.replace(cfg, max_steps=cfg.max_steps or 100))
     if cfg.warmup_steps is None:
@@ -145,18 +147,19 @@ def _ready(cfg: tm.TrainConfig) -> tm.TrainConfig:
     return cfg
 
 
-def _trainer(cfg: tm.TrainConfig, vocab: int = 64) -> tm.Trainer:
+def _trainer(cfg: trainconfig.TrainConfig, vocab: int = 64) -> trainer_module.Trainer:
     from architecture import Transformer
 
     torch.manual_seed(0)
-    model = Transformer(tm.model_config(cfg, vocab, None, None))
-    return tm.Trainer(model, _ready(cfg), torch.device("cpu"))
+    model = Transformer(trainconfig.model_config(cfg, vocab, None, None))
+    return trainer_module.Trainer(model, _ready(cfg), torch.device("cpu"))
 
 
 def test_accumulation_equals_one_big_batch_and_validation_equals_training_loss(tmp_path):
     """Micro-batches of very different token counts (padding, masks) accumulate to exactly the
     big batch's step; the validation loss of a training batch is the training loss on it."""
-    cfg = tm.TrainConfig(preset="tiny", dropout=0.0, block_size=32, lr=1e-2, warmup_steps=0)
+    cfg = trainconfig.TrainConfig(preset="tiny", dropout=0.0, block_size=32, lr=1e-2,
+                                  warmup_steps=0)
     g = torch.Generator().manual_seed(1)
     examples = []
     for length, n_prompt in ((30, 5), (6, 0), (12, 10), (31, 20)):
@@ -191,7 +194,7 @@ def test_accumulation_equals_one_big_batch_and_validation_equals_training_loss(t
 def test_fp16_overflow_is_skipped_by_the_scaler_not_applied():
     """fp16 + GradScaler: an overflowing step changes no weight, halves the scale, and training
     goes on; bf16 and fp16 runs train without a scaler error."""
-    cfg = tm.TrainConfig(preset="tiny", dropout=0.0, block_size=16, precision="fp16")
+    cfg = trainconfig.TrainConfig(preset="tiny", dropout=0.0, block_size=16, precision="fp16")
     trainer = _trainer(cfg)
     trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60)
     batch = {"input_ids": torch.randint(0, 64, (2, 16)), "labels": torch.randint(0, 64, (2, 16))}
@@ -230,7 +233,7 @@ def test_lora_on_an_fp16_base_scales_the_loss_at_any_precision():
         for p in model.parameters():
             if p.requires_grad:
                 p.data.normal_(0, 0.02)  # B != 0: every adapter gets a gradient
-        trainer = tm.Trainer(model, _ready(tm.TrainConfig(
+        trainer = trainer_module.Trainer(model, _ready(trainconfig.TrainConfig(
             grad_clip=0.0, precision="fp32", lora_r=4, base_dtype=base_dtype, progress=False)),
             torch.device("cpu"))
         trainer.train_step([batch])
@@ -244,7 +247,7 @@ def test_lora_on_an_fp16_base_scales_the_loss_at_any_precision():
 def test_step_counts_every_position_of_every_process(monkeypatch):
     """tokens_seen / tokens_per_s count what all processes computed: the sum of their batches,
     not this process's count times the number of processes."""
-    trainer = _trainer(tm.TrainConfig(preset="tiny", dropout=0.0, block_size=16))
+    trainer = _trainer(trainconfig.TrainConfig(preset="tiny", dropout=0.0, block_size=16))
     others = 37.0  # the positions of the other process's (shorter) batches
 
     def all_reduce(t, dist):
@@ -260,21 +263,19 @@ def test_fp16_step_runs_the_head_fused_with_the_unfused_heads_gradients(monkeypa
     """Under fp16 the Trainer hands the loss scale times the token weight to the fused head
     loss, which then forms the gradients the unfused fp16 head would (Adam's first moment after
     one step is 0.1 x the gradient)."""
-    import kernels
-
-    cfg = tm.TrainConfig(preset="tiny", dropout=0.0, block_size=16, precision="fp16",
-                         grad_clip=0.0)
+    cfg = trainconfig.TrainConfig(preset="tiny", dropout=0.0, block_size=16, precision="fp16",
+                                  grad_clip=0.0)
     trainer = _trainer(cfg)
     model = trainer.raw_model
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))
     labels = ids.roll(-1, 1)
-    labels[:, :3] = tm.IGNORE_INDEX
+    labels[:, :3] = kernels.IGNORE_INDEX
     scale = trainer.scaler.scale(torch.ones(()))
     with torch.autocast("cpu", torch.float16):
         logits = model(ids).float()
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
                                              reduction="sum")
-    count = int((labels != tm.IGNORE_INDEX).sum())
+    count = int((labels != kernels.IGNORE_INDEX).sum())
     (loss * scale / count).backward()
     ref = {n: p.grad / scale for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
@@ -303,7 +304,7 @@ def test_fp16_step_runs_the_head_fused_with_the_unfused_heads_gradients(monkeypa
 def _shifted_batch() -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))
     labels = ids.roll(-1, 1)
-    labels[:, :3] = tm.IGNORE_INDEX
+    labels[:, :3] = kernels.IGNORE_INDEX
     return ids, labels
 
 
@@ -313,14 +314,14 @@ def _plain_backward(model, ids, labels, smoothing=0.0, clip=float("inf")):
     Returns the loss, the total gradient norm before the clip and the gradients by name."""
     ref = copy.deepcopy(model).float()
     logits = ref(ids)
-    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=tm.IGNORE_INDEX,
-                           label_smoothing=smoothing)
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(),
+                           ignore_index=kernels.IGNORE_INDEX, label_smoothing=smoothing)
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), clip)
     return loss.item(), float(norm), {n: p.grad for n, p in ref.named_parameters()}
 
 
-def _worst_relative_error(trainer: tm.Trainer, grads: dict[str, torch.Tensor]) -> float:
+def _worst_relative_error(trainer: trainer_module.Trainer, grads: dict[str, torch.Tensor]) -> float:
     """How far the gradient the step applied (Adam's first moment after one step is 0.1 x it)
     is from ``grads``: the largest |got - ref| / |ref| over the tensors."""
     state, beta1 = trainer.optimizer.state, trainer.cfg.beta1
@@ -337,8 +338,8 @@ def test_grad_clip_clips_the_unscaled_gradient_as_torch_does(precision, tol):
     scaled gradient would compare a norm 65536x too large with grad_clip, report it, and shrink
     the step as much. Every other fp16 test runs with grad_clip=0."""
     clip = 0.05
-    cfg = tm.TrainConfig(preset="tiny", dropout=0.0, block_size=16, grad_clip=clip,
-                         precision=precision)
+    cfg = trainconfig.TrainConfig(preset="tiny", dropout=0.0, block_size=16, grad_clip=clip,
+                                  precision=precision)
     trainer = _trainer(cfg)
     ids, labels = _shifted_batch()
     _, norm, clipped = _plain_backward(trainer.raw_model, ids, labels, clip=clip)
@@ -353,8 +354,8 @@ def test_training_loss_and_gradient_use_label_smoothing_as_torch_cross_entropy()
     F.cross_entropy(label_smoothing=0.1). The model's own smoothing is tested in
     test_architecture.py; this guards
     that the Trainer passes the setting on."""
-    cfg = tm.TrainConfig(preset="tiny", dropout=0.0, block_size=16, label_smoothing=0.1,
-                         grad_clip=0.0)
+    cfg = trainconfig.TrainConfig(preset="tiny", dropout=0.0, block_size=16, label_smoothing=0.1,
+                                  grad_clip=0.0)
     trainer = _trainer(cfg)
     ids, labels = _shifted_batch()
     loss, _, grads = _plain_backward(trainer.raw_model, ids, labels, smoothing=0.1)
@@ -368,7 +369,7 @@ def test_weight_decay_falls_on_linear_and_embedding_weights_only():
     """AdamW decays the weight matrices (Linear, Embedding) and nothing else: biases and norm
     gains sit in a group with weight_decay 0, as in nanoGPT and HF's Trainer. The model has every
     kind: LayerNorm weights and biases, biased Linears, learned positions."""
-    cfg = tm.TrainConfig(preset="tiny", weight_decay=0.1, model_options={
+    cfg = trainconfig.TrainConfig(preset="tiny", weight_decay=0.1, model_options={
         "norm": "layernorm", "positions": "learned", "qkv_bias": True, "attn_proj_bias": True,
         "mlp_bias": True, "lm_head_bias": True})
     trainer = _trainer(cfg)
@@ -408,16 +409,16 @@ def test_auto_precision_takes_the_gpus_native_half(monkeypatch, capability, half
     assert trainer_module.resolve_precision("auto", cuda) == half
     assert pretrained._auto_dtype({"torch_dtype": "float32"}, cuda) == getattr(
         torch, {"fp16": "float16", "bf16": "bfloat16"}[half])
-    cfg = tm.TrainConfig(preset="tiny", precision="bf16")
+    cfg = trainconfig.TrainConfig(preset="tiny", precision="bf16")
     model = torch.nn.Linear(2, 2)
     if half == "fp16":
         with pytest.raises(ValueError, match=r"^precision \('bf16', --precision\).*"
                                              r"compute capability 7\.5.*set precision fp16"):
-            tm.Trainer(model, _ready(cfg), cuda)
+            trainer_module.Trainer(model, _ready(cfg), cuda)
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
-    f = [tm.lr_factor(s, 10, 110, 0.1) for s in range(120)]
+    f = [trainer_module.lr_factor(s, 10, 110, 0.1) for s in range(120)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert f[10] == pytest.approx(1.0) and f[60] == pytest.approx(0.55)
     assert f[110] == pytest.approx(0.1) and f[119] == pytest.approx(0.1)
@@ -427,7 +428,7 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 def test_warmup_stable_decay_holds_the_peak_then_decays_as_one_minus_sqrt():
     """decay_steps 40 of 110: the peak from the warmup's end to step 70, then 1 - sqrt of the
     decay's progress down to the floor (Hägele et al. 2024's cooldown)."""
-    f = [tm.lr_factor(s, 10, 110, 0.1, decay_steps=40) for s in range(120)]
+    f = [trainer_module.lr_factor(s, 10, 110, 0.1, decay_steps=40) for s in range(120)]
     assert f[0] == pytest.approx(0.1) and f[9] == f[10] == f[70] == pytest.approx(1.0)
     assert f[80] == pytest.approx(0.1 + 0.9 * (1 - 0.5))  # a quarter of the decay: sqrt 0.5
     assert f[110] == pytest.approx(0.1) and f[119] == pytest.approx(0.1)
@@ -442,20 +443,20 @@ def test_warmup_stable_decay_holds_the_peak_then_decays_as_one_minus_sqrt():
 def test_config_file_with_cli_overrides_and_clear_errors(tmp_path, capsys):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"lr": 0.002, "lora_targets": ["q_proj"], "batch_size": 3}))
-    cfg = tm.parse_config(["--config", str(path), "--lr", "0.5", "--lora-targets", "a,b",
-                           "--init-from", str(tiny_llama(tmp_path)), "--lora-r", "4"])
+    cfg = plan.parse_config(["--config", str(path), "--lr", "0.5", "--lora-targets", "a,b",
+                             "--init-from", str(tiny_llama(tmp_path)), "--lora-r", "4"])
     assert (cfg.lr, cfg.batch_size, cfg.lora_targets) == (0.5, 3, ["a", "b"])
 
     path.write_text(json.dumps({"lr": 0.002, "learning_rate": 1}))
     with pytest.raises(ValueError, match=r"c\.json: unknown key 'learning_rate'"):
-        tm.parse_config(["--config", str(path)])
+        plan.parse_config(["--config", str(path)])
     assert tm.main(["--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert "learning_rate" in err and str(path) in err and "Traceback" not in err
 
     path.write_text(json.dumps({"batch_size": "8"}))
     with pytest.raises(ValueError, match="'batch_size' must be an integer"):
-        tm.parse_config(["--config", str(path)])
+        plan.parse_config(["--config", str(path)])
 
 
 @pytest.mark.parametrize("options, message", [
@@ -473,33 +474,33 @@ def test_a_nested_option_mistake_names_the_config_file_or_the_flag(tmp_path, opt
     path = tmp_path / "c.json"
     path.write_text(json.dumps(options))
     with pytest.raises(ValueError) as err:
-        tm.parse_config(["--config", str(path)])
+        plan.parse_config(["--config", str(path)])
     assert str(err.value).startswith(f"{path}: {message}")
     ((key, value),) = options.items()
     flag = "--" + key.replace("_", "-")
     with pytest.raises(ValueError) as err:
-        tm.parse_config([flag, json.dumps(value)])
+        plan.parse_config([flag, json.dumps(value)])
     assert str(err.value).startswith(f"{flag}: {message.removeprefix(key + ': ')}")
 
 
 def test_unknown_data_and_model_options_are_named():
     with pytest.raises(ValueError, match="unknown DataConfig key 'blocksize'"):
-        tm.config_from_dict({"data_options": {"blocksize": 3}})
+        trainconfig.config_from_dict({"data_options": {"blocksize": 3}})
     with pytest.raises(ValueError, match="unknown ModelConfig key 'width'"):
-        tm.config_from_dict({"preset": "tiny", "model_options": {"width": 3}})
+        trainconfig.config_from_dict({"preset": "tiny", "model_options": {"width": 3}})
 
 
 def test_a_typo_in_data_or_model_options_suggests_the_key(tmp_path):
     """A misspelt config key gets "did you mean", inside data_options or model_options too, not a
     list of all 40 DataConfig keys to search."""
     with pytest.raises(ValueError, match="DataConfig key 'train_fracc'.*'train_frac'"):
-        tm.config_from_dict({"data_options": {"train_fracc": 0.5}})
+        trainconfig.config_from_dict({"data_options": {"train_fracc": 0.5}})
     with pytest.raises(ValueError) as listed:  # no close match: the keys data_options may set
-        tm.config_from_dict({"data_options": {"zzz": 1}})
+        trainconfig.config_from_dict({"data_options": {"zzz": 1}})
     keys = str(listed.value).split("; DataConfig keys are: ")[1].split(", ")
     assert "train_frac" in keys and not {"task", "sources", "val_sources"} & set(keys)
     with pytest.raises(ValueError, match="unknown ModelConfig key 'inti'; did you mean 'init'"):
-        tm.config_from_dict({"preset": "tiny", "model_options": {"inti": "xavier"}})
+        trainconfig.config_from_dict({"preset": "tiny", "model_options": {"inti": "xavier"}})
 
 
 def test_val_data_files_are_the_validation_split(assets, tmp_path):
@@ -514,7 +515,7 @@ def test_val_data_files_are_the_validation_split(assets, tmp_path):
         shutil.copy(f, val_dir / f.name)
     cfg = tiny_cfg(assets, tmp_path, val_data=[str(val_dir)], max_steps=2, eval_every=2,
                    eval_examples=None)
-    dcfg = tm.data_config(cfg, 32)
+    dcfg = trainconfig.data_config(cfg, 32)
     assert dcfg.val_sources == [str(val_dir)] and dcfg.sources == [assets["corpus"]]
     val = prepare(dcfg, load_tokenizer(assets["tokenizer"])).val
     expected = sum(int((val[i]["labels"] != -100).sum()) for i in range(len(val)))
@@ -523,7 +524,7 @@ def test_val_data_files_are_the_validation_split(assets, tmp_path):
     plain = tm.train(dataclasses.replace(cfg, val_data=None, name="plain"))
     assert plain.val_metrics["val_tokens"] != expected
     with pytest.raises(ValueError, match="set 'val_sources' with the TrainConfig key 'val_data'"):
-        tm.config_from_dict({"data_options": {"val_sources": ["x"]}})
+        trainconfig.config_from_dict({"data_options": {"val_sources": ["x"]}})
 
 
 # --------------------------------------------------------------------------------------------
@@ -539,7 +540,7 @@ def test_run_directory_best_checkpoint_and_hf_export(assets, tmp_path):
     result = tm.train(tiny_cfg(assets, tmp_path, export=True, max_steps=8, keep_last=1))
     run = result.run_dir
     assert json.loads((run / "config.json").read_text())["max_steps"] == 8
-    assert [p.name for p in tm.list_checkpoints(run)] == ["step-8"]
+    assert [p.name for p in rundir.list_checkpoints(run)] == ["step-8"]
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "lr", "grad_norm", "tokens_per_s"} <= lines[0].keys()
     vals = [m for m in lines if m["kind"] == "val"]
@@ -550,7 +551,7 @@ def test_run_directory_best_checkpoint_and_hf_export(assets, tmp_path):
     # The export is the best checkpoint, in HF format, with the tokenizer; transformers agrees.
     ours = pretrained.load(run / "export").eval()
     best = load_file(run / "best" / rundir.MODEL_FILE)
-    for name, t in tm.model_tensors(ours, False).items():
+    for name, t in checkpoint.model_tensors(ours, False).items():
         assert torch.equal(t, best[name]), name
     hf = transformers.AutoModelForCausalLM.from_pretrained(run / "export").eval()
     ids = torch.randint(0, ours.cfg.vocab_size, (2, 16))
@@ -566,7 +567,7 @@ def test_run_directory_best_checkpoint_and_hf_export(assets, tmp_path):
 
 def test_injected_nan_stops_loudly_and_keeps_the_last_good_checkpoint(assets, tmp_path):
     cfg = tiny_cfg(assets, tmp_path, inject_nan_at_step=7, batch_size=2, grad_accum=2)
-    with pytest.raises(tm.NonFiniteLossError) as info:
+    with pytest.raises(record.NonFiniteLossError) as info:
         tm.train(cfg)
     message = str(info.value)
     assert "non-finite loss (nan) at step 7" in message
@@ -582,7 +583,7 @@ def test_injected_nan_stops_loudly_and_keeps_the_last_good_checkpoint(assets, tm
     assert "Likely causes" in message and "learning rate" in message
     assert "checkpoints/step-4" in message
     run = Path(cfg.out_dir) / "run"
-    assert [p.name for p in tm.list_checkpoints(run)] == ["step-4"]
+    assert [p.name for p in rundir.list_checkpoints(run)] == ["step-4"]
     model = build.build_model(cfg, build.load_or_train_tokenizer(cfg, None))
     state = checkpoint.load(run / "checkpoints" / "step-4", model, False)
     assert state.step == 4
@@ -629,14 +630,14 @@ def test_a_failed_directory_write_is_one_oserror_and_leaves_the_old_one(tmp_path
     """A full disk makes torch.save / safetensors raise their own types: the run reports one
     line (an OSError naming the target), removes the half-written copy and keeps the old."""
     target = tmp_path / "best"
-    tm.write_dir_atomically(target, lambda d: (d / "a.txt").write_text("old"))
+    checkpoint.write_dir_atomically(target, lambda d: (d / "a.txt").write_text("old"))
 
     def full_disk(d):
         (d / "a.txt").write_text("new, half")
         raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos")
 
     with pytest.raises(OSError, match=r"best: could not write.*MiB free.*intact.*RuntimeError"):
-        tm.write_dir_atomically(target, full_disk)
+        checkpoint.write_dir_atomically(target, full_disk)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
     assert (target / "a.txt").read_text() == "old"
 
@@ -660,7 +661,7 @@ def test_a_write_that_fills_the_disk_says_so_first(tmp_path, monkeypatch):
             raise error
 
         with pytest.raises(OSError) as failed:
-            tm.write_dir_atomically(target, full_disk)
+            checkpoint.write_dir_atomically(target, full_disk)
         assert str(failed.value).startswith(f"{target}: could not write it: the disk is full "
                                             "(0 MiB free); free some space")
         assert str(failed.value).endswith(f"({type(error).__name__}: {error})")
@@ -712,7 +713,7 @@ def test_a_stopped_directory_write_removes_its_half_written_copy(tmp_path):
         raise KeyboardInterrupt("SIGTERM")
 
     with pytest.raises(KeyboardInterrupt):
-        tm.write_dir_atomically(tmp_path / "tokenizer-abc", stopped)
+        checkpoint.write_dir_atomically(tmp_path / "tokenizer-abc", stopped)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -720,7 +721,7 @@ def test_a_directory_whose_replacement_failed_to_land_is_put_back(tmp_path, monk
     """The new copy's rename failing (another process wrote the target meanwhile, a full
     directory) puts the old copy back, not leaving it aside as `.old-...` with no target."""
     target = tmp_path / "best"
-    tm.write_dir_atomically(target, lambda d: (d / "a.txt").write_text("old"))
+    checkpoint.write_dir_atomically(target, lambda d: (d / "a.txt").write_text("old"))
     rename = os.rename
 
     def failing(src, dst):
@@ -730,7 +731,7 @@ def test_a_directory_whose_replacement_failed_to_land_is_put_back(tmp_path, monk
 
     monkeypatch.setattr(os, "rename", failing)
     with pytest.raises(OSError, match="No space left"):
-        tm.write_dir_atomically(target, lambda d: (d / "a.txt").write_text("new"))
+        checkpoint.write_dir_atomically(target, lambda d: (d / "a.txt").write_text("new"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
     assert (target / "a.txt").read_text() == "old"
 
@@ -743,7 +744,7 @@ def test_a_writer_killed_between_its_renames_leaves_the_old_copy_for_the_next_wr
     import signal
 
     target = tmp_path / "best"
-    tm.write_dir_atomically(target, lambda d: (d / "a.txt").write_text("old"))
+    checkpoint.write_dir_atomically(target, lambda d: (d / "a.txt").write_text("old"))
 
     def killed_writer():
         rename = os.rename
@@ -754,14 +755,14 @@ def test_a_writer_killed_between_its_renames_leaves_the_old_copy_for_the_next_wr
             rename(src, dst)
 
         os.rename = kill_on_landing
-        tm.write_dir_atomically(target, lambda d: (d / "a.txt").write_text("new"))
+        checkpoint.write_dir_atomically(target, lambda d: (d / "a.txt").write_text("new"))
 
     child = multiprocessing.get_context("fork").Process(target=killed_writer)
     child.start()
     child.join()
     assert child.exitcode == -signal.SIGKILL
     assert not target.exists()
-    tm.write_dir_atomically(tmp_path / "step-2", lambda d: (d / "b.txt").write_text("b"))
+    checkpoint.write_dir_atomically(tmp_path / "step-2", lambda d: (d / "b.txt").write_text("b"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "step-2"]
     assert (target / "a.txt").read_text() == "old"
 
@@ -771,7 +772,7 @@ def test_a_tokenizer_another_run_cached_first_is_kept(assets, tmp_path, monkeypa
     entry, which a third run may be loading, and does not replace it (published once)."""
     cfg = tiny_cfg(assets, tmp_path, tokenizer=None,
                    data_options={"cache_dir": str(tmp_path / "cache"), "progress": False})
-    dcfg = tm.data_config(cfg, cfg.block_size)
+    dcfg = trainconfig.data_config(cfg, cfg.block_size)
     cached = dataset.tokenizer_cache_dir(dcfg, cfg.tokenizer_min_freq, cfg.tokenizer_max_vocab)
     train = CodeTokenizer.train
 
@@ -795,7 +796,7 @@ def test_a_new_encoding_version_trains_a_new_tokenizer(assets, tmp_path, monkeyp
     cache = tmp_path / "cache"
     cfg = tiny_cfg(assets, tmp_path, tokenizer=None,
                    data_options={"cache_dir": str(cache), "progress": False})
-    dcfg = tm.data_config(cfg, cfg.block_size)
+    dcfg = trainconfig.data_config(cfg, cfg.block_size)
     build.load_or_train_tokenizer(cfg, dcfg)
     build.load_or_train_tokenizer(cfg, dcfg)  # a cache hit
     assert len(list(cache.glob("tokenizer-*"))) == 1
@@ -828,13 +829,13 @@ def test_best_is_never_written_before_a_checkpoint(assets, tmp_path, monkeypatch
     save_best = record.RunRecord.best
 
     def checked(self, step, metrics, model):
-        seen.append([p.name for p in tm.list_checkpoints(self.run_dir)])
+        seen.append([p.name for p in rundir.list_checkpoints(self.run_dir)])
         save_best(self, step, metrics, model)
 
     monkeypatch.setattr(record.RunRecord, "best", checked)
     result = tm.train(tiny_cfg(assets, tmp_path, max_steps=4, eval_every=2, save_every=50))
     assert seen and seen[0] == ["step-2"]
-    saved = [p.name for p in tm.list_checkpoints(result.run_dir)]
+    saved = [p.name for p in rundir.list_checkpoints(result.run_dir)]
     assert saved[-1] == "step-4"
 
 
@@ -864,7 +865,7 @@ import trainingmanager as tm
 
 mode, at = sys.argv[1], int(sys.argv[2])
 if mode == "step":  # SIGKILL itself at the start of training step `at`
-    original = tm.Trainer.train_step
+    original = trainer_module.Trainer.train_step
     calls = [0]
 
     def train_step(self, *args, **kwargs):
@@ -873,7 +874,7 @@ if mode == "step":  # SIGKILL itself at the start of training step `at`
             os.kill(os.getpid(), getattr(signal, "SIGKILL"))
         return original(self, *args, **kwargs)
 
-    tm.Trainer.train_step = train_step
+    trainer_module.Trainer.train_step = train_step
 elif mode == "write":  # SIGKILL in the middle of writing checkpoint `at`
     original = torch.save
 
@@ -886,7 +887,7 @@ elif mode == "write":  # SIGKILL in the middle of writing checkpoint `at`
 
     torch.save = save
 elif mode == "sigterm":  # a polite stop request as step `at` ends
-    original = tm.Trainer.train_step
+    original = trainer_module.Trainer.train_step
     calls = [0]
 
     def train_step(self, *args, **kwargs):
@@ -896,12 +897,12 @@ elif mode == "sigterm":  # a polite stop request as step `at` ends
             os.kill(os.getpid(), signal.SIGTERM)
         return stats
 
-    tm.Trainer.train_step = train_step
+    trainer_module.Trainer.train_step = train_step
 sys.exit(tm.main(sys.argv[3:]))
 """
 
 
-def _interrupted_then_resumed(cfg: tm.TrainConfig, tmp_path: Path, mode: str, at: int):
+def _interrupted_then_resumed(cfg: trainconfig.TrainConfig, tmp_path: Path, mode: str, at: int):
     config = write_config(cfg, tmp_path / f"{cfg.name}.json")
     proc = subprocess.run([sys.executable, "-c", KILLER, mode, str(at), "--config", str(config)],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
@@ -1013,14 +1014,14 @@ def test_lora_on_a_bf16_base_trains_like_the_fp32_base(assets, tmp_path):
     merged = load_file(runs["bf16"].run_dir / "export" / "merged" / "model.safetensors")
     assert {t.dtype for t in merged.values()} == {torch.float32}
     with pytest.raises(ValueError, match=r"base_dtype \('bf16', --base-dtype\): only a frozen base"):
-        tm.validate_config(tm.TrainConfig(base_dtype="bf16"))
+        plan.validate_config(trainconfig.TrainConfig(base_dtype="bf16"))
 
 
 def test_full_training_with_a_16_bit_base_names_the_precision_flag_to_use():
     """The advice names the key with its flag, "precision bf16 (--precision)", not a bare
     "precision bf16", which a trainingmanager.py user cannot type."""
     with pytest.raises(ValueError, match=r"or precision bf16 \(--precision\) for 16-bit compute$"):
-        tm.validate_config(tm.TrainConfig(base_dtype="bf16"))
+        plan.validate_config(trainconfig.TrainConfig(base_dtype="bf16"))
 
 
 def test_model_options_on_a_loaded_model_set_its_dropouts_or_are_refused(assets, tmp_path):
@@ -1029,7 +1030,7 @@ def test_model_options_on_a_loaded_model_set_its_dropouts_or_are_refused(assets,
     base = tiny_llama(tmp_path)
     cfg = tiny_cfg(assets, tmp_path, init_from=str(base), lora_r=4,
                    model_options={"attn_dropout": 0.25, "embd_dropout": 0.0})
-    tm.validate_config(cfg)
+    plan.validate_config(cfg)
     model = build.build_model(cfg, load_tokenizer(assets["tokenizer"]))
     assert (model.cfg.attn_dropout, model.cfg.embd_dropout) == (0.25, 0.0)
     for options, message in (
@@ -1039,7 +1040,7 @@ def test_model_options_on_a_loaded_model_set_its_dropouts_or_are_refused(assets,
              "attn_dropout, dropout, embd_dropout"),
             ({"attn_dropout": 1.5}, "attn_dropout must be a probability in [0, 1), got 1.5")):
         with pytest.raises(ValueError, match=re.escape(message)):
-            tm.validate_config(dataclasses.replace(cfg, model_options=options))
+            plan.validate_config(dataclasses.replace(cfg, model_options=options))
 
 
 def test_merged_export_of_a_bf16_checkpoint_is_bf16_as_lora_py_merges(assets, tmp_path):
@@ -1109,14 +1110,14 @@ def test_overfit_says_how_it_goes_at_least_every_30_s_without_a_bar(monkeypatch,
     and loss within OVERFIT_LINE_S of the last, on a clock that each step moves by ``step_s``;
     the verdict stays the last line."""
     now = [0.0]
-    train_step = tm.Trainer.train_step
+    train_step = trainer_module.Trainer.train_step
 
     def timed(self, *args, **kwargs):
         now[0] += step_s
         return train_step(self, *args, **kwargs)
 
-    monkeypatch.setattr(tm.Trainer, "train_step", timed)
-    cfg = tm.TrainConfig(overfit=True, progress=False)
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", timed)
+    cfg = trainconfig.TrainConfig(overfit=True, progress=False)
     passed, report = tm.run_overfit(cfg, max_steps=6, clock=lambda: now[0])
     lines = capsys.readouterr().out.splitlines()
     assert [int(re.match(r"overfit: step (\d+)/6 \| loss ", line).group(1))
@@ -1226,7 +1227,7 @@ def test_a_stop_mid_step_drops_the_step_and_the_resume_replays_it_exactly(assets
     tm.train(tiny_cfg(assets, tmp_path, name="straight", **common))
     straight = final_weights(tmp_path / "runs" / "straight", 8)
 
-    original, calls = tm.Trainer.train_step, [0]
+    original, calls = trainer_module.Trainer.train_step, [0]
 
     def train_step(self, *args, **kwargs):
         calls[0] += 1
@@ -1246,13 +1247,13 @@ def test_a_stop_mid_step_drops_the_step_and_the_resume_replays_it_exactly(assets
         finally:
             hook.remove()
 
-    monkeypatch.setattr(tm.Trainer, "train_step", train_step)
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", train_step)
     cfg = tiny_cfg(assets, tmp_path, name="stopped", **common)
     assert tm.train(cfg).interrupted == "SIGTERM"
     assert "SIGTERM: step 6 dropped mid-way" in capsys.readouterr().out
     run = tmp_path / "runs" / "stopped"
     assert [p.name for p in rundir.list_checkpoints(run)] == ["step-4", "step-5"]
-    monkeypatch.setattr(tm.Trainer, "train_step", original)
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", original)
     _resume(run)
     assert_bit_equal(straight, final_weights(run, 8))
 
@@ -1374,7 +1375,7 @@ def test_a_nonfinite_checkpoint_with_a_valid_manifest_is_set_aside_and_refused_b
                 shutil.copy(file, tmp / file.name)
         save_file(weights, tmp / rundir.MODEL_FILE)
 
-    tm.write_dir_atomically(newest, write)
+    checkpoint.write_dir_atomically(newest, write)
     assert process.manifest_problem(newest) is None
     capsys.readouterr()
     assert tm.main(["--resume", str(run), "--max-steps", "12"]) == 0
@@ -1386,7 +1387,7 @@ def test_a_nonfinite_checkpoint_with_a_valid_manifest_is_set_aside_and_refused_b
         save_file(weights, tmp / rundir.MODEL_FILE, metadata={"step": "8"})
         (tmp / rundir.BEST_METRICS).write_text(json.dumps({"step": 8}))
 
-    tm.write_dir_atomically(run / rundir.BEST_DIR, write_best)
+    checkpoint.write_dir_atomically(run / rundir.BEST_DIR, write_best)
     with pytest.raises(ValueError, match=f"{name} holds inf or NaN"):
         evaluation.load_model(run, "cpu")
 
@@ -1408,7 +1409,7 @@ def _rewrite_checkpoint(path: Path, state_change=None, weights_step: str | None 
         if weights_step is not None:
             save_file(weights, tmp / rundir.MODEL_FILE, metadata={"step": weights_step})
 
-    tm.write_dir_atomically(path, write)
+    checkpoint.write_dir_atomically(path, write)
     assert process.manifest_problem(path) is None
 
 
@@ -1470,7 +1471,7 @@ def test_a_checkpoint_is_not_written_with_nonfinite_optimizer_moments(assets, tm
                                                                       monkeypatch, capsys):
     """Moments that turn NaN with the weights still finite: the checkpoint of that step is not
     written, and the stop that follows names the checkpoint before as the last good one."""
-    original, calls = tm.Trainer.train_step, [0]
+    original, calls = trainer_module.Trainer.train_step, [0]
 
     def train_step(self, *args, **kwargs):
         calls[0] += 1
@@ -1482,9 +1483,9 @@ def test_a_checkpoint_is_not_written_with_nonfinite_optimizer_moments(assets, tm
                         tensor.fill_(float("nan"))
         return stats
 
-    monkeypatch.setattr(tm.Trainer, "train_step", train_step)
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", train_step)
     cfg = tiny_cfg(assets, tmp_path, max_steps=12, eval_every=100)
-    with pytest.raises(tm.NonFiniteLossError) as info:
+    with pytest.raises(record.NonFiniteLossError) as info:
         tm.train(cfg)
     assert "step 8: optimizer state" in capsys.readouterr().err
     run = Path(cfg.out_dir) / "run"
@@ -1529,18 +1530,18 @@ def test_a_checkpoint_without_its_weights_or_with_a_state_short_of_keys_is_corru
     for state in ({k: v for k, v in whole.items() if k != "rng"},
                   {k: v for k, v in whole.items() if k != "format_version"}, [whole]):
         torch.save(state, ckpt / rundir.STATE_FILE)
-        with pytest.raises(tm.CorruptCheckpointError, match=r"step-4: corrupt or incomplete "
-                           r"checkpoint \(state.pt"):
-            tm.read_state(ckpt)
+        with pytest.raises(checkpoint.CorruptCheckpointError,
+                           match=r"step-4: corrupt or incomplete checkpoint \(state.pt"):
+            checkpoint.read_state(ckpt)
     torch.save({**whole, "format_version": 99}, ckpt / rundir.STATE_FILE)
     with pytest.raises(ValueError, match=r"step-4/state.pt: checkpoint format_version 99"):
-        tm.read_state(ckpt)
+        checkpoint.read_state(ckpt)
     torch.save(whole, ckpt / rundir.STATE_FILE)
-    assert tm.read_state(ckpt) == checkpoint.RunState()
+    assert checkpoint.read_state(ckpt) == checkpoint.RunState()
     process.write_manifest(ckpt)
     model = Transformer(PRESETS["tiny"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(tm.CorruptCheckpointError,
+    with pytest.raises(checkpoint.CorruptCheckpointError,
                        match=r"step-4: corrupt.*no model\.safetensors"):
         checkpoint.load(ckpt, model, trainable_only=False)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
@@ -1567,13 +1568,14 @@ def test_resume_refuses_settings_that_would_change_the_run(assets, tmp_path, cap
     assert (run / "config.json").read_text() == saved
     assert tm.main(["--resume", str(run), "--max-steps", "6", "--eval-every", "3",
                     "--data-options", json.dumps({"cache_dir": assets["cache"]})]) == 0
-    assert tm.list_checkpoints(run)[-1].name == "step-6"
+    assert rundir.list_checkpoints(run)[-1].name == "step-6"
     resumed = json.loads((run / "config.json").read_text())
     assert resumed["max_steps"] == 6
     lrs = {r["step"]: r["lr"] for r in map(json.loads, (run / "metrics.jsonl").open())
            if r["kind"] == "train"}
     for step in (5, 6):  # step 5 too: not at the 4-step schedule's lr
-        factor = tm.lr_factor(step - 1, resumed["warmup_steps"], 6, resumed["min_lr_ratio"])
+        factor = trainer_module.lr_factor(step - 1, resumed["warmup_steps"], 6,
+                                          resumed["min_lr_ratio"])
         assert lrs[step] == pytest.approx(resumed["lr"] * factor, rel=1e-12)
 
 
@@ -1588,7 +1590,7 @@ def test_sample_prompt_is_formatted_as_the_task_trained(assets, tmp_path, monkey
 
     monkeypatch.setattr(generation, "generate", generate)
     for task in ("lm", "refactor"):
-        tm.sample_completion(model, tok, "def f(", 4, task)
+        finish.sample_completion(model, tok, "def f(", 4, task)
     body = tok.encode("def f(")
     assert seen == [[tok.eos_id, *body], body]  # supervised examples do not start after an EOS
 
@@ -1632,14 +1634,14 @@ def test_a_time_budget_sizes_the_run_and_its_config_reproduces_it(assets, tmp_pa
     assert first.step == saved["max_steps"] > planned
     config = tmp_path / "again.json"
     config.write_text(json.dumps({**saved, "name": "again"}))
-    again = tm.train(tm.config_from_dict(json.loads(config.read_text())))
+    again = tm.train(trainconfig.config_from_dict(json.loads(config.read_text())))
     assert "the decay starts" not in capsys.readouterr().out
     assert_bit_equal(final_weights(first.run_dir, first.step),
                      final_weights(again.run_dir, again.step))
     with pytest.raises(ValueError, match=r"time_budget_min .*unset.*set one of them"):
-        tm.validate_config(tm.TrainConfig(time_budget_min=None))
+        plan.validate_config(trainconfig.TrainConfig(time_budget_min=None))
     with pytest.raises(ValueError, match=r"preset .*auto chooses the model for time_budget_min"):
-        tm.validate_config(tm.TrainConfig(time_budget_min=None, max_steps=5))
+        plan.validate_config(trainconfig.TrainConfig(time_budget_min=None, max_steps=5))
 
 
 def test_a_time_budget_larger_than_the_data_ends_after_max_epochs(assets, tmp_path, monkeypatch,
@@ -1669,7 +1671,8 @@ def test_preset_auto_takes_the_largest_rung_the_budget_trains_and_a_resume_keeps
     """Preset auto probes BUDGET_LADDER's rungs, smallest first, and takes the largest that sees
     TOKENS_PER_PARAM tokens a parameter in the budget, in bf16 on a CPU that measures it faster;
     config.json records the choices and a resume keeps them."""
-    params, tokens = build.measure_speed(tiny_cfg(assets, tmp_path), torch.device("cpu"), tm.Dist())
+    params, tokens = build.measure_speed(tiny_cfg(assets, tmp_path), torch.device("cpu"),
+                                         distributed.Dist())
     assert params > 0 and tokens > 0  # the real probe trains the rung's model here
     ladder = tuple({"preset": "tiny", "block_size": 32, "batch_size": b, "lr": lr}
                    for b, lr in ((2, 3e-3), (4, 2e-3), (8, 1e-3)))
@@ -1710,9 +1713,9 @@ def test_the_sample_stops_where_its_function_ends(assets, tmp_path, monkeypatch)
         return torch.cat([idx, torch.tensor([more])], dim=1)
 
     monkeypatch.setattr(generation, "generate", generate)
-    assert tm.sample_completion(model, tok, "def f():\n", 32, "lm", stops=tm.FUNCTION_STOPS) == (
-        "    return 1")
-    assert tm.sample_completion(model, tok, "def f():\n", 32, "lm").startswith(
+    assert finish.sample_completion(model, tok, "def f():\n", 32, "lm",
+                                    stops=generation.FUNCTION_STOPS) == "    return 1"
+    assert finish.sample_completion(model, tok, "def f():\n", 32, "lm").startswith(
         "    return 1\ndef g():")
 
 
@@ -1730,22 +1733,22 @@ def test_sample_prompt_reads_special_token_text_as_the_runs_pairs_did(tmp_path, 
     train_hf_tokenizer("llama3", texts, tmp_path / "tokenizer.json")
     tok = load_tokenizer(tmp_path / "tokenizer.json")
     hf = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
-    model = Transformer(tm.model_config(tm.TrainConfig(preset="tiny", block_size=64),
-                                        tok.vocab_size, tok.bos_id, tok.eos_id))
+    cfg = trainconfig.TrainConfig(preset="tiny", block_size=64)
+    model = Transformer(trainconfig.model_config(cfg, tok.vocab_size, tok.bos_id, tok.eos_id))
     seen = []
     monkeypatch.setattr(generation, "generate",
                         lambda model, idx, *a, **k: seen.append(idx[0].tolist()) or idx)
     prompt = "<|begin_of_text|>def f(x):<|eot_id|>"
     as_text = hf(prompt, split_special_tokens=True)["input_ids"]
-    tm.sample_completion(model, tok, prompt, 4, "refactor", True)
+    finish.sample_completion(model, tok, prompt, 4, "refactor", True)
     assert seen[-1] == hf(prompt, add_special_tokens=False)["input_ids"] != as_text[1:]
     assert capsys.readouterr().err == ""
     for task, start in (("refactor", []), ("lm", [tok.eos_id])):
-        tm.sample_completion(model, tok, prompt, 4, task, task == "lm")
+        finish.sample_completion(model, tok, prompt, 4, task, task == "lm")
         assert seen[-1] == start + as_text
         assert "note: 1 prompt(s) hold the text of special token(s) of the tokenizer " \
                "(<|begin_of_text|>, <|eot_id|>)" in capsys.readouterr().err
-    tm.sample_completion(model, tok, prompt, 4, "refactor")  # a caller that names no option
+    finish.sample_completion(model, tok, prompt, 4, "refactor")  # a caller that names no option
     assert seen[-1] == as_text
 
 
@@ -1759,7 +1762,7 @@ def test_the_end_of_run_sample_follows_the_runs_pair_special_tokens(assets, tmp_
     tm.train(tiny_cfg(assets, tmp_path, task="method", max_steps=1, eval_every=1,
                       warmup_steps=0, export=True, data_options=options))
     (prompt, *rest), = [a[2:] for a in asked]  # a held-out method example's header
-    assert prompt.startswith("def ") and rest == [8, "method", reads, tm.FUNCTION_STOPS]
+    assert prompt.startswith("def ") and rest == [8, "method", reads, generation.FUNCTION_STOPS]
 
 
 def test_loading_tensors_of_another_shape_names_the_tensor(assets, tmp_path):
@@ -1768,7 +1771,8 @@ def test_loading_tensors_of_another_shape_names_the_tensor(assets, tmp_path):
     wide = build.build_model(tiny_cfg(assets, tmp_path, n_embd=96), tok)
     with pytest.raises(ValueError, match=r"src\.safetensors: .*wte\.weight.*\(\d+, 64\).*"
                                          r"\(\d+, 96\)"):
-        tm.load_model_tensors(wide, tm.model_tensors(small, False), "src.safetensors", False)
+        checkpoint.load_model_tensors(wide, checkpoint.model_tensors(small, False),
+                                      "src.safetensors", False)
 
 
 def test_recipe_resume_refuses_a_lora_rank_change_and_hints_its_own_flag(assets, tmp_path,
@@ -1843,8 +1847,9 @@ def test_a_diverged_finite_run_ends_with_a_capped_perplexity(assets, tmp_path, c
     out = capsys.readouterr().out
     best = json.loads((tmp_path / "runs" / "run" / "best" / "metrics.json").read_text())
     assert best["val_loss"] > 710  # math.exp overflows past ~709.8
-    assert f"perplexity {tm.perplexity(best['val_loss']):.2f}) at step" in out
-    assert tm.perplexity(1e6) == tm.perplexity(700.0) and tm.perplexity(0.0) == 1.0
+    assert f"perplexity {trainer_module.perplexity(best['val_loss']):.2f}) at step" in out
+    assert trainer_module.perplexity(1e6) == trainer_module.perplexity(700.0)
+    assert trainer_module.perplexity(0.0) == 1.0
 
 
 def test_logged_lr_is_the_lr_the_step_used(assets, tmp_path):
@@ -1852,7 +1857,7 @@ def test_logged_lr_is_the_lr_the_step_used(assets, tmp_path):
     result = tm.train(cfg)
     lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     lrs = [m["lr"] for m in lines if m["kind"] == "train"]
-    expected = [cfg.lr * tm.lr_factor(s, 2, 3, cfg.min_lr_ratio) for s in range(3)]
+    expected = [cfg.lr * trainer_module.lr_factor(s, 2, 3, cfg.min_lr_ratio) for s in range(3)]
     assert lrs == pytest.approx(expected)
 
 
@@ -1866,7 +1871,7 @@ def test_an_epochs_run_rounds_its_steps_up_and_its_cosine_ends_there(assets, tmp
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
     common = dict(task="completion", batch_size=4, grad_accum=2, warmup_steps=2,
-                  max_steps=tm.TrainConfig().max_steps)
+                  max_steps=trainconfig.TrainConfig().max_steps)
     probe = built_run(tiny_cfg(assets, tmp_path, name="probe", **common))
     n = len(probe.data.batches.train)  # supervised pairs: an epoch is each of them once
     probe.record.claimed.release()
@@ -1907,8 +1912,9 @@ def test_an_lm_epoch_is_n_over_block_size_windows_in_the_logged_epoch_too(assets
     options = {"cache_dir": assets["cache"], "progress": False, "train_frac": 1.0,
                "val_frac": 0.0, "test_frac": 0.0}
     cfg = tiny_cfg(assets, tmp_path, data=[str(train)], val_data=[str(val)], data_options=options,
-                   epochs=1, batch_size=2, grad_accum=2, max_steps=tm.TrainConfig().max_steps,
-                   warmup_steps=0, eval_every=100, save_every=100)
+                   epochs=1, batch_size=2, grad_accum=2,
+                   max_steps=trainconfig.TrainConfig().max_steps, warmup_steps=0, eval_every=100,
+                   save_every=100)
     result = tm.train(cfg)
     out = capsys.readouterr().out
     n_tokens = int(re.search(r"(\d+) training tokens", out).group(1))
@@ -1952,13 +1958,14 @@ def test_the_progress_bar_shows_the_epoch_its_metrics_line_logs():
     trainer = types.SimpleNamespace(scaler=torch.amp.GradScaler("cpu", enabled=False),
                                     device=torch.device("cpu"))
     lines, postfix = [], {}
-    kept = record.RunRecord(rundir.ClaimedDir(Path("run")), tm.Dist(), False, 1, "", False)
+    kept = record.RunRecord(rundir.ClaimedDir(Path("run")), distributed.Dist(), False, 1, "", False)
     kept.log = types.SimpleNamespace(write=lambda step, kind, values: lines.append(values))
     progress = record.Progress(10, 5, enabled=False, main=False)
     progress.bar = types.SimpleNamespace(set_postfix=lambda **kw: postfix.update(kw))
     run = types.SimpleNamespace(state=checkpoint.RunState(step=5), record=kept, trainer=trainer,
                                 data=types.SimpleNamespace(batches=batches))
-    tm._log_step(run, tm.StepStats(loss=1.5, grad_norm=1.0, tokens=64, lr=1e-3), progress)
+    stats = trainer_module.StepStats(loss=1.5, grad_norm=1.0, tokens=64, lr=1e-3)
+    tm._log_step(run, stats, progress)
     assert lines[0]["epoch"] == 5 * 2 * 3 / 40 and postfix["epoch"] == "0.75"
 
 
@@ -1967,10 +1974,10 @@ def test_resume_without_a_checkpoint_and_a_torn_metrics_line(assets, tmp_path, c
     a torn last line (full disk) is dropped, any other bad line is an error naming the line."""
     cfg = tiny_cfg(assets, tmp_path, max_steps=4, eval_every=4, save_every=100,
                    inject_nan_at_step=3)
-    with pytest.raises(tm.NonFiniteLossError):
+    with pytest.raises(record.NonFiniteLossError):
         tm.train(cfg)
     run = Path(cfg.out_dir) / "run"
-    assert tm.list_checkpoints(run) == []
+    assert rundir.list_checkpoints(run) == []
     tm.train(dataclasses.replace(cfg, resume=str(run), inject_nan_at_step=None))
     metrics = run / "metrics.jsonl"
     steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()
@@ -2005,7 +2012,7 @@ def test_resume_refuses_a_run_with_weights_but_no_checkpoint(assets, tmp_path, c
     assert tm.main(["--resume", str(run), "--max-steps", "10"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no checkpoint to continue from" in err
-    step = tm.best_step(run)
+    step = rundir.best_step(run)
     assert f"best/ (step {step}) and export/" in err and f"--init-from {run / 'export'}" in err
     assert all(p.read_bytes() == data for p, data in kept.items())
     # the same command again (a new run under that name) points the same way, not to --resume
@@ -2041,7 +2048,7 @@ def test_resuming_a_finished_overfit_batches_run_reports_its_loss(assets, tmp_pa
 ])
 def test_validate_config_range_checks_name_the_key(key, value, message):
     with pytest.raises(ValueError, match=rf"{key} \(.*{message}"):
-        tm.validate_config(tm.TrainConfig(**{key: value}))
+        plan.validate_config(trainconfig.TrainConfig(**{key: value}))
 
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", "a/", "..", "."])
@@ -2050,8 +2057,8 @@ def test_a_run_name_is_one_directory_name_not_a_path(name):
     where eval.py's latest_run never looks."""
     with pytest.raises(ValueError, match=rf"name \({re.escape(repr(name))}, --name\): .*"
                                          r"not a path.*--out-dir"):
-        tm.validate_config(tm.TrainConfig(name=name))
-    tm.validate_config(tm.TrainConfig(name="v1.2_run-3"))
+        plan.validate_config(trainconfig.TrainConfig(name=name))
+    plan.validate_config(trainconfig.TrainConfig(name="v1.2_run-3"))
 
 
 def test_an_unwritable_data_cache_names_where_it_was_set(assets, tmp_path, capsys, monkeypatch):
@@ -2072,7 +2079,7 @@ def test_init_from_without_a_tokenizer_asks_for_tokenizer(assets, tmp_path):
     cfg = tiny_cfg(assets, tmp_path, init_from=str(tiny_llama(tmp_path)), tokenizer=None)
     with pytest.raises(ValueError, match=rf"--init-from {re.escape(cfg.init_from)}: no "
                                          r"tokenizer\.json.*--tokenizer"):
-        build.load_or_train_tokenizer(cfg, tm.data_config(cfg, 32))
+        build.load_or_train_tokenizer(cfg, trainconfig.data_config(cfg, 32))
 
 
 def test_init_from_a_runs_export_without_a_tokenizer_names_the_run(assets, tmp_path):
@@ -2086,7 +2093,7 @@ def test_init_from_a_runs_export_without_a_tokenizer_names_the_run(assets, tmp_p
     with pytest.raises(ValueError, match=rf"--init-from {re.escape(str(export))}: no "
                                          rf"tokenizer\.json.*{re.escape(str(run.resolve()))} "
                                          r"above it.*--tokenizer"):
-        build.load_or_train_tokenizer(cfg, tm.data_config(cfg, 32))
+        build.load_or_train_tokenizer(cfg, trainconfig.data_config(cfg, 32))
 
 
 def test_init_from_with_a_tokenizer_that_is_not_the_models_is_refused(assets, tmp_path):
@@ -2103,11 +2110,11 @@ def test_init_from_with_a_tokenizer_that_is_not_the_models_is_refused(assets, tm
     refused = (rf"^{re.escape(str(other / 'tokenizer.json'))} is not the tokenizer of the model "
                rf"in {re.escape(str(base))}: .* but the tokenizer's bos is 0 \('<bos>'\)")
     with pytest.raises(ValueError, match=refused + r".*; pass --tokenizer with the tokenizer"):
-        build.load_or_train_tokenizer(cfg, tm.data_config(cfg, 32))
+        build.load_or_train_tokenizer(cfg, trainconfig.data_config(cfg, 32))
     shutil.copy(other / "tokenizer.json", base / "tokenizer.json")  # now the checkpoint's own
     own = dataclasses.replace(cfg, tokenizer=None)
     with pytest.raises(ValueError, match=rf"^{re.escape(str(base / 'tokenizer.json'))} is not "):
-        build.load_or_train_tokenizer(own, tm.data_config(own, 32))
+        build.load_or_train_tokenizer(own, trainconfig.data_config(own, 32))
 
 
 def test_a_tokenizer_other_than_the_checkpoints_own_is_warned_about(assets, tmp_path, capsys):
@@ -2118,13 +2125,14 @@ def test_a_tokenizer_other_than_the_checkpoints_own_is_warned_about(assets, tmp_
     CodeTokenizer.train(texts, min_freq=2, max_vocab=150).save(base)
     cfg = tiny_cfg(assets, tmp_path, init_from=str(base))
     capsys.readouterr()
-    assert build.load_or_train_tokenizer(cfg, tm.data_config(cfg, 32)).vocab_size < 512  # fits
+    data_cfg = trainconfig.data_config(cfg, 32)
+    assert build.load_or_train_tokenizer(cfg, data_cfg).vocab_size < 512  # fits
     err = capsys.readouterr().err
     assert err.startswith(f"warning: --tokenizer {assets['tokenizer']} "), err
     assert all(w in err for w in ("differs", str(base / "tokenizer.json"),
                                   f"--init-from {base}")), err
     same = dataclasses.replace(cfg, tokenizer=str(base))  # its own, named again: no warning
-    build.load_or_train_tokenizer(same, tm.data_config(same, 32))
+    build.load_or_train_tokenizer(same, trainconfig.data_config(same, 32))
     assert capsys.readouterr().err == ""
 
 
@@ -2135,7 +2143,7 @@ def test_cli_range_error_exits_2(capsys):
 
 def test_evaluation_has_its_own_progress_bar(capsys, monkeypatch):
     """On a terminal evaluation shows its own bar; off one (a log file) or without progress, none."""
-    cfg = tm.TrainConfig(preset="tiny", block_size=16, progress=True)
+    cfg = trainconfig.TrainConfig(preset="tiny", block_size=16, progress=True)
     batch = {"input_ids": torch.randint(0, 64, (2, 16)), "labels": torch.randint(0, 64, (2, 16))}
     _trainer(cfg).evaluate([batch] * 3, total=3)
     assert "eval" not in capsys.readouterr().err  # not a terminal
@@ -2176,22 +2184,22 @@ def test_a_run_that_failed_before_its_first_checkpoint_can_be_run_again(assets, 
     """No weights in the directory: the corrected command may reuse the name (or --resume may
     change its settings); the NaN message says only what resume can do."""
     cfg = tiny_cfg(assets, tmp_path, max_steps=4, eval_every=4, inject_nan_at_step=1)
-    with pytest.raises(tm.NonFiniteLossError, match="the same --name starts the run anew"):
+    with pytest.raises(record.NonFiniteLossError, match="the same --name starts the run anew"):
         tm.train(cfg)
     run = Path(cfg.out_dir) / "run"
-    assert (run / "config.json").is_file() and not tm.list_checkpoints(run)
+    assert (run / "config.json").is_file() and not rundir.list_checkpoints(run)
     result = tm.train(dataclasses.replace(cfg, inject_nan_at_step=None, lr=1e-3))
     assert result.step == 4 and json.loads((run / "config.json").read_text())["lr"] == 1e-3
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
              if '"train"' in x]
     assert steps == [1, 2, 3, 4]  # the failed attempt's lines are gone
 
-    with pytest.raises(tm.NonFiniteLossError) as info:  # now with a checkpoint (step 4)
+    with pytest.raises(record.NonFiniteLossError) as info:  # now with a checkpoint (step 4)
         tm.train(dataclasses.replace(cfg, name="later", inject_nan_at_step=6, max_steps=8))
     message = str(info.value)
     assert "replays the same steps" in message and "needs a new run (another --name)" in message
 
-    with pytest.raises(tm.NonFiniteLossError):
+    with pytest.raises(record.NonFiniteLossError):
         tm.train(dataclasses.replace(cfg, name="again", inject_nan_at_step=2))
     capsys.readouterr()
     assert tm.main(["--resume", str(Path(cfg.out_dir) / "again"), "--lr", "0.002",
@@ -2218,7 +2226,7 @@ def test_a_new_run_replaces_nothing_but_a_failed_codelm_run(assets, tmp_path, mo
     assert sorted(p.name for p in hf.iterdir() if p.name != rundir.LOCK_FILE) == before
 
     failed = tiny_cfg(assets, tmp_path, max_steps=2, name="failed", inject_nan_at_step=1)
-    with pytest.raises(tm.NonFiniteLossError):
+    with pytest.raises(record.NonFiniteLossError):
         tm.train(failed)
     run = Path(cfg.out_dir) / "failed"
     (run / "stray.bin").write_bytes(b"weights of some kind")
@@ -2243,8 +2251,8 @@ def test_block_size_beyond_the_init_from_context_is_refused_before_any_work(asse
     save_tiny_hf("llama", base, vocab_size=512)  # 128 positions
     with pytest.raises(ValueError, match=r"block_size \(256, --block-size\).*context.*"
                                          r"init_from \('.*', --init-from\), 128 positions"):
-        tm.validate_config(tm.TrainConfig(init_from=str(base), block_size=256))
-    tm.validate_config(tm.TrainConfig(init_from=str(base), block_size=128))
+        plan.validate_config(trainconfig.TrainConfig(init_from=str(base), block_size=256))
+    plan.validate_config(trainconfig.TrainConfig(init_from=str(base), block_size=128))
 
 
 @pytest.mark.parametrize("dora", [False, True])
@@ -2344,7 +2352,7 @@ def test_a_merge_into_a_tied_embedding_is_refused_before_training(assets, tmp_pa
                                          r"target wte \(lora_targets \(.*\)\) .* tied.* or "
                                          r"train with --no-export-merged$"):
         tm.train(cfg)
-    assert not tm.list_checkpoints(Path(cfg.out_dir) / "run")
+    assert not rundir.list_checkpoints(Path(cfg.out_dir) / "run")
     assert tm.train(dataclasses.replace(cfg, export_merged=False)).export_dir is not None
 
 
@@ -2358,13 +2366,13 @@ def test_tokens_per_s_counts_training_time_only(assets, tmp_path, monkeypatch):
     monkeypatch.setattr(tm, "time", clock)
     monkeypatch.setattr(record, "time", clock)
     for name, cost in (("train_step", 1.0), ("evaluate", 100.0)):
-        original = getattr(tm.Trainer, name)
+        original = getattr(trainer_module.Trainer, name)
 
         def timed(self, *args, _original=original, _cost=cost, **kwargs):
             now[0] += _cost
             return _original(self, *args, **kwargs)
 
-        monkeypatch.setattr(tm.Trainer, name, timed)
+        monkeypatch.setattr(trainer_module.Trainer, name, timed)
     save = record.RunRecord.checkpoint
 
     def slow_save(self, *args):
@@ -2386,17 +2394,18 @@ def test_dropout_flag_sets_residual_dropout_and_model_options_attention_dropout(
     the model's own, or model_options' from scratch."""
     from tiny_hf import save_tiny_hf
 
-    cfg = tm.model_config(tm.TrainConfig(preset="tiny", dropout=0.2), 64, None, None)
+    cfg = trainconfig.model_config(trainconfig.TrainConfig(preset="tiny", dropout=0.2), 64,
+                                   None, None)
     assert (cfg.dropout, cfg.attn_dropout) == (0.2, 0.0)
-    both = tm.TrainConfig(preset="tiny", dropout=0.2, model_options={"attn_dropout": 0.1})
-    assert tm.model_config(both, 64, None, None).attn_dropout == 0.1
+    both = trainconfig.TrainConfig(preset="tiny", dropout=0.2, model_options={"attn_dropout": 0.1})
+    assert trainconfig.model_config(both, 64, None, None).attn_dropout == 0.1
     base = tmp_path / "base"
     save_tiny_hf("llama", base, vocab_size=512, attention_dropout=0.05)
-    model = build.build_model(tm.TrainConfig(init_from=str(base), dropout=0.15),
+    model = build.build_model(trainconfig.TrainConfig(init_from=str(base), dropout=0.15),
                            load_tokenizer(assets["tokenizer"]))
     assert (model.cfg.dropout, model.cfg.attn_dropout) == (0.15, 0.05)
     save_tiny_hf("phi", tmp_path / "phi", vocab_size=512, embd_pdrop=0.1, resid_pdrop=0.1)
-    model = build.build_model(tm.TrainConfig(init_from=str(tmp_path / "phi"), dropout=0.0),
+    model = build.build_model(trainconfig.TrainConfig(init_from=str(tmp_path / "phi"), dropout=0.0),
                            load_tokenizer(assets["tokenizer"]))
     assert (model.cfg.embedding_dropout, model.cfg.dropout) == (0.0, 0.0)
 
@@ -2473,8 +2482,8 @@ def test_overfit_cut_short_by_max_steps_says_so_a_stalled_loss_does_not(monkeypa
     assert "the loss was still falling when its 30 steps ran out: raise --max-steps" in out
     assert "disagree" not in out
     losses = iter([6.0, 5.0, 4.0, *[3.0] * 37])
-    monkeypatch.setattr(tm.Trainer, "train_step",
-                        lambda self, batches: tm.StepStats(next(losses), 1.0, 1, 1e-3))
+    monkeypatch.setattr(trainer_module.Trainer, "train_step",
+                        lambda self, batches: trainer_module.StepStats(next(losses), 1.0, 1, 1e-3))
     assert tm.main(["--overfit", "--max-steps", "40", "--no-progress"]) == 1
     out = capsys.readouterr().out
     assert "stalled above the target" in out and "still falling" not in out
@@ -2491,7 +2500,7 @@ def test_the_validation_examples_do_not_depend_on_batch_size_or_accumulation(ass
         batches, _ = run.data.batches.validation()
         batches = list(batches)
         examples.append([row[mask].tolist() for b in batches
-                         for row, mask in zip(b["input_ids"], b["labels"] != tm.IGNORE_INDEX)])
+                         for row, mask in zip(b["input_ids"], b["labels"] != kernels.IGNORE_INDEX)])
         losses.append(run.trainer.evaluate(batches)["val_loss"])
         run.record.claimed.release()
     assert len(examples[0]) == 10 and examples[0] == examples[1] == examples[2]
@@ -2519,8 +2528,8 @@ def test_lora_settings_without_lora_r_are_refused(capsys, tmp_path):
                        ("export_merged", True)]:
         with pytest.raises(ValueError, match=rf"^{key} \(.*: LoRA settings, but "
                                              r"lora_r \(0, --lora-r\) .*: set lora_r > 0, or drop them$"):
-            tm.validate_config(tm.TrainConfig(**{key: value}))
-        tm.validate_config(tm.TrainConfig(lora_r=4, init_from=str(base), **{key: value}))
+            plan.validate_config(trainconfig.TrainConfig(**{key: value}))
+        plan.validate_config(trainconfig.TrainConfig(lora_r=4, init_from=str(base), **{key: value}))
     assert tm.main(["--lora-alpha", "32", "--lora-dropout", "0.1", "--export-merged"]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
@@ -2529,8 +2538,8 @@ def test_lora_settings_without_lora_r_are_refused(capsys, tmp_path):
                                   "export_merged (True, --export-merged)", "lora_r (0, --lora-r)",
                                   "set lora_r > 0", "drop them")), err
     for recipe in sorted((ROOT / "configs").glob("*.json")):  # their bases are not here
-        cfg = tm.config_from_dict(tm.load_config_file(recipe), str(recipe))
-        tm.validate_config(dataclasses.replace(cfg, init_from=cfg.init_from and str(base)))
+        cfg = trainconfig.config_from_dict(trainconfig.load_config_file(recipe), str(recipe))
+        plan.validate_config(dataclasses.replace(cfg, init_from=cfg.init_from and str(base)))
 
 
 def test_init_from_a_lora_adapter_says_what_to_load_instead(tmp_path):
@@ -2545,17 +2554,17 @@ def test_init_from_a_lora_adapter_says_what_to_load_instead(tmp_path):
     export.mkdir(parents=True)
     (export / "adapter_config.json").write_text(json.dumps(
         {"peft_type": "LORA", "base_model_name_or_path": str(base)}))
-    cfg = tm.TrainConfig(init_from=str(export), lora_r=4)
+    cfg = trainconfig.TrainConfig(init_from=str(export), lora_r=4)
     with pytest.raises(ValueError) as refused:
-        tm.validate_config(cfg)
+        plan.validate_config(cfg)
     assert str(refused.value) == (
         f"init_from ({str(export)!r}, --init-from): a LoRA adapter (adapter_config.json), not a "
         "model: use its base, or the merged model (a run with --export-merged writes it to "
         "export/merged); to train that adapter on, set init_adapter (--init-adapter) to "
         f"{export}")
     shutil.copytree(base, export / "merged")
-    tm.validate_config(dataclasses.replace(cfg, init_from=str(export / "merged")))
-    assert "its export/merged/" in " ".join(tm.build_parser().format_help().split())
+    plan.validate_config(dataclasses.replace(cfg, init_from=str(export / "merged")))
+    assert "its export/merged/" in " ".join(trainconfig.build_parser().format_help().split())
 
 
 def _peft_adapter(base: Path, out: Path, target_modules=("q_proj", "v_proj")):
@@ -2615,9 +2624,10 @@ def test_init_adapter_trains_on_and_exports_an_adapter_peft_loads_on_the_same_ba
     assert start.keys() == end.keys()
     assert all(0 < (start[k] - end[k]).abs().max() < 0.01 for k in start if "lora_B" in k)
     assert all((start[k] - end[k]).abs().max() < 0.01 for k in start)
-    run_cfg = tm.config_from_dict(json.loads((run / rundir.CONFIG_FILE).read_text()))
+    run_cfg = trainconfig.config_from_dict(json.loads((run / rundir.CONFIG_FILE).read_text()))
     ours = build.build_model(run_cfg, load_tokenizer(run))
-    tm.load_model_tensors(ours, load_file(run / rundir.BEST_DIR / rundir.ADAPTER_FILE), "best", True)
+    checkpoint.load_model_tensors(ours, load_file(run / rundir.BEST_DIR / rundir.ADAPTER_FILE),
+                                  "best", True)
     peft_model = PeftModel.from_pretrained(
         transformers.AutoModelForCausalLM.from_pretrained(base), run / "export").eval()
     ids = torch.randint(0, 512, (2, 16))
@@ -2671,7 +2681,7 @@ def test_an_init_adapter_run_resumes_and_evaluates_after_its_adapter_dir_is_gone
     ids = torch.randint(0, 256, (2, 16))
 
     def resumed_and_scored(run_dir: Path) -> tuple[tm.TrainResult, torch.Tensor]:
-        result = tm.train(tm.parse_config(["--resume", str(run_dir), "--max-steps", "3"]))
+        result = tm.train(plan.parse_config(["--resume", str(run_dir), "--max-steps", "3"]))
         model = ev._load_run(run_dir, torch.device("cpu"))[0]
         with torch.no_grad():
             return result, model.eval()(ids)
@@ -2692,12 +2702,12 @@ def test_init_adapter_refuses_a_lora_setting_that_differs_from_the_adapter(tmp_p
     base = tiny_llama(tmp_path)
     _peft_adapter(base, tmp_path / "peft")
     adapter = str(tmp_path / "peft")
-    tm.validate_config(tm.TrainConfig(init_adapter=adapter, lora_r=4, lora_alpha=8,
-                                      lora_targets=["v_proj", "q_proj"]))
+    plan.validate_config(trainconfig.TrainConfig(init_adapter=adapter, lora_r=4, lora_alpha=8,
+                                                 lora_targets=["v_proj", "q_proj"]))
     for key, value in [("lora_r", 8), ("lora_alpha", 32.0), ("lora_dropout", 0.1),
                        ("lora_targets", ["q_proj"])]:
         with pytest.raises(ValueError, match=rf"^{key} \(.*\) \(the adapter's: "):
-            tm.validate_config(tm.TrainConfig(init_adapter=adapter, **{key: value}))
+            plan.validate_config(trainconfig.TrainConfig(init_adapter=adapter, **{key: value}))
     assert tm.main(["--init-adapter", adapter, "--lora-r", "8"]) == 2
     err = capsys.readouterr().err
     last = err.splitlines()[-1]
@@ -2709,8 +2719,8 @@ def test_init_adapter_refuses_a_lora_setting_that_differs_from_the_adapter(tmp_p
     for flag, value, key in [("--lora-alpha", "16", "lora_alpha"),
                              ("--lora-dropout", "0", "lora_dropout")]:
         with pytest.raises(ValueError, match=rf"^{key} \(.*\) \(the adapter's: "):
-            tm.parse_config(["--init-adapter", adapter, flag, value])
-    assert tm.parse_config(["--init-adapter", adapter, "--lora-alpha", "8"]).lora_alpha == 8
+            plan.parse_config(["--init-adapter", adapter, flag, value])
+    assert plan.parse_config(["--init-adapter", adapter, "--lora-alpha", "8"]).lora_alpha == 8
 
 
 def test_init_adapter_reads_lora_targets_none_as_the_adapters_targets(tmp_path):
@@ -2725,7 +2735,7 @@ def test_init_adapter_reads_lora_targets_none_as_the_adapters_targets(tmp_path):
     config.write_text(json.dumps({"lora_targets": None}))
     for typed in (["--lora-targets", "none"], ["--config", str(config)]):
         for adapter in (narrow, attention):
-            cfg = tm.parse_config(["--init-adapter", str(adapter), *typed])
+            cfg = plan.parse_config(["--init-adapter", str(adapter), *typed])
             assert plan.with_init_adapter(cfg).lora_targets == json.loads(
                 (adapter / "adapter_config.json").read_text())["target_modules"]
 
@@ -2736,14 +2746,15 @@ def test_init_adapter_targets_must_name_the_adapters_modules_the_same_way(tmp_pa
     q/k/v/o_proj), are refused naming the adapter's."""
     adapter = _adapter_config(tmp_path / "peft", tiny_llama(tmp_path),
                               ["q_proj", "k_proj", "v_proj", "o_proj"])
-    cfg = plan.with_init_adapter(tm.TrainConfig(
+    cfg = plan.with_init_adapter(trainconfig.TrainConfig(
         init_adapter=adapter, lora_targets=["o_proj", "v_proj", "k_proj", "q_proj"]))
     assert cfg.lora_targets == ["o_proj", "v_proj", "k_proj", "q_proj"]
     for targets in (["qkv", "attn.proj"], ["q_proj"], ["nowhere"]):
         with pytest.raises(ValueError, match=re.escape(
                 f"lora_targets ({targets!r}, --lora-targets) (the adapter's: ") + r".*\): "
                 rf"init_adapter \('{re.escape(adapter)}', --init-adapter\) fixes these"):
-            tm.validate_config(tm.TrainConfig(init_adapter=adapter, lora_targets=targets))
+            plan.validate_config(trainconfig.TrainConfig(init_adapter=adapter,
+                                                         lora_targets=targets))
 
 
 def test_init_adapter_that_cannot_be_honoured_is_an_error_naming_the_path(tmp_path, offline_hub):
@@ -2751,7 +2762,7 @@ def test_init_adapter_that_cannot_be_honoured_is_an_error_naming_the_path(tmp_pa
     refuses (the check load_adapter makes), and a base neither local nor in the hub cache."""
     def refused(**values) -> str:
         with pytest.raises(ValueError) as e:
-            tm.validate_config(tm.TrainConfig(**values))
+            plan.validate_config(trainconfig.TrainConfig(**values))
         return str(e.value)
 
     missing = tmp_path / "nowhere"
@@ -2771,8 +2782,8 @@ def test_init_adapter_that_cannot_be_honoured_is_an_error_naming_the_path(tmp_pa
     error = refused(init_adapter=str(run / "export"))
     assert error.startswith(f"{file}: base_model_name_or_path org/model: no such directory")
     assert "hf download org/model" in error and error.endswith("name the base with --init-from")
-    tm.validate_config(tm.TrainConfig(init_adapter=str(run / "export"),
-                                      init_from=str(tmp_path / "base")))
+    plan.validate_config(trainconfig.TrainConfig(init_adapter=str(run / "export"),
+                                                 init_from=str(tmp_path / "base")))
 
 
 def _adapter_config(path: Path, base: Path, target_modules) -> str:
@@ -2792,14 +2803,14 @@ def test_init_adapter_targets_agree_in_any_order_and_a_regex_is_left_to_the_file
     keeps lora_targets unset and load_adapter reads the file's."""
     base = tmp_path / "base"
     listed = _adapter_config(tmp_path / "listed", base, ["q_proj", "v_proj"])
-    cfg = plan.with_init_adapter(tm.TrainConfig(init_adapter=listed,
+    cfg = plan.with_init_adapter(trainconfig.TrainConfig(init_adapter=listed,
                                               lora_targets=["v_proj", "q_proj"]))
     assert (cfg.init_from, cfg.lora_r, cfg.lora_alpha, sorted(cfg.lora_targets)) == (
         str(base), 4, 8.0, ["q_proj", "v_proj"])
     regex = _adapter_config(tmp_path / "regex", base, r".*\.(q_proj|v_proj)$")
-    cfg = plan.with_init_adapter(tm.TrainConfig(init_adapter=regex))
+    cfg = plan.with_init_adapter(trainconfig.TrainConfig(init_adapter=regex))
     assert (cfg.lora_r, cfg.lora_targets) == (4, None)
-    tm.validate_config(cfg)
+    plan.validate_config(cfg)
 
 
 def test_a_config_files_lora_key_at_its_default_that_differs_from_the_init_adapter_is_refused(
@@ -2811,9 +2822,9 @@ def test_a_config_files_lora_key_at_its_default_that_differs_from_the_init_adapt
     config.write_text(json.dumps({"lora_alpha": 16.0}))
     with pytest.raises(ValueError, match=rf"^lora_alpha \(16\.0, --config {re.escape(str(config))}"
                                          r"\).*adapter's: 8.*--init-adapter\) fixes"):
-        tm.parse_config(["--init-adapter", adapter, "--config", str(config)])
+        plan.parse_config(["--init-adapter", adapter, "--config", str(config)])
     config.write_text(json.dumps({"lora_alpha": 8}))
-    assert tm.parse_config(["--init-adapter", adapter, "--config", str(config)]).lora_alpha == 8
+    assert plan.parse_config(["--init-adapter", adapter, "--config", str(config)]).lora_alpha == 8
 
 
 def test_init_adapter_given_a_file_is_refused_as_not_a_directory(tmp_path):
@@ -2822,14 +2833,14 @@ def test_init_adapter_given_a_file_is_refused_as_not_a_directory(tmp_path):
     file.write_text("{}")
     with pytest.raises(ValueError, match=rf"^init_adapter \({re.escape(repr(str(file)))}, "
                                          r"--init-adapter\): not a directory$"):
-        tm.validate_config(tm.TrainConfig(init_adapter=str(file)))
+        plan.validate_config(trainconfig.TrainConfig(init_adapter=str(file)))
 
 
 def test_init_adapter_is_a_run_path_saved_absolute_and_checked_on_resume(tmp_path, monkeypatch):
     """Like --init-from, --init-adapter is kept absolute in config.json (eval.py and --resume
     from elsewhere find it), and a resume whose adapter has gone names it at once."""
     monkeypatch.chdir(tmp_path)
-    cfg = tm.with_absolute_paths(tm.TrainConfig(init_adapter="peft"))
+    cfg = checkpoint.with_absolute_paths(trainconfig.TrainConfig(init_adapter="peft"))
     assert Path(cfg.init_adapter) == tmp_path / "peft"
     run = tmp_path / "run"
     run.mkdir()
@@ -2837,7 +2848,7 @@ def test_init_adapter_is_a_run_path_saved_absolute_and_checked_on_resume(tmp_pat
     (run / rundir.CONFIG_FILE).write_text(json.dumps({"init_adapter": str(gone)}))
     with pytest.raises(ValueError, match=rf"^{re.escape(str(run / rundir.CONFIG_FILE))}: "
                                          rf"init_adapter {re.escape(repr(str(gone)))} not found$"):
-        tm.parse_config(["--resume", str(run)])
+        plan.parse_config(["--resume", str(run)])
 
 
 def test_a_run_without_weights_needs_its_adapter_directory_not_its_copy(tmp_path):
@@ -2853,7 +2864,7 @@ def test_a_run_without_weights_needs_its_adapter_directory_not_its_copy(tmp_path
     assert rundir.adapter_copy(run) is None
     with pytest.raises(ValueError, match=rf"init_adapter {re.escape(repr(str(adapter)))} not "
                                          "found$"):
-        tm.parse_config(["--resume", str(run)])
+        plan.parse_config(["--resume", str(run)])
     (run / rundir.BEST_DIR).mkdir()
     assert rundir.adapter_copy(run) == run / rundir.INIT_ADAPTER_COPY
 
@@ -2867,13 +2878,15 @@ def test_a_resume_of_a_run_with_weights_takes_the_adapter_settings_from_its_copy
     (run / rundir.BEST_DIR).mkdir(parents=True)
     shutil.copy(adapter / "adapter_config.json", run / rundir.INIT_ADAPTER_COPY)
     shutil.rmtree(adapter)
-    cfg = plan.with_init_adapter(tm.TrainConfig(init_adapter=str(adapter), resume=str(run)))
+    cfg = plan.with_init_adapter(trainconfig.TrainConfig(init_adapter=str(adapter),
+                                                         resume=str(run)))
     assert (cfg.init_from, cfg.lora_r, cfg.lora_alpha, sorted(cfg.lora_targets)) == (
         str(tmp_path / "base"), 4, 8.0, ["q_proj", "v_proj"])
     with pytest.raises(ValueError, match=r"^lora_r \(8, --lora-r\) \(the adapter's: 4\): "
                                          rf".*fixes these \({re.escape(str(run))}/"
                                          r"init_adapter_config\.json\)"):
-        plan.with_init_adapter(tm.TrainConfig(init_adapter=str(adapter), resume=str(run), lora_r=8))
+        plan.with_init_adapter(trainconfig.TrainConfig(init_adapter=str(adapter), resume=str(run),
+                                                       lora_r=8))
 
 
 def test_eval_scores_best_when_a_resume_trained_past_the_export(assets, tmp_path, capsys):
@@ -2883,7 +2896,7 @@ def test_eval_scores_best_when_a_resume_trained_past_the_export(assets, tmp_path
 
     cfg = tiny_cfg(assets, tmp_path, max_steps=4, eval_every=2, export=True)
     run = tm.train(cfg).run_dir
-    exported = tm.best_step(run)
+    exported = rundir.best_step(run)
     assert json.loads((run / "export" / rundir.EXPORT_RECORD).read_text()) == {"best_step": exported}
     assert rundir.stale_export(run) is None
     tm.train(dataclasses.replace(cfg, resume=str(run), max_steps=12, export=False))
@@ -2895,7 +2908,8 @@ def test_eval_scores_best_when_a_resume_trained_past_the_export(assets, tmp_path
     assert len(err.splitlines()) == 1 and err.startswith("note: "), err
     assert all(w in err for w in (f"{run / 'export'} is not used", f"step {exported}",
                                   f"step {best}", "scoring best/")), err
-    assert_bit_equal(tm.model_tensors(loaded, False), load_file(run / "best" / rundir.MODEL_FILE))
+    assert_bit_equal(checkpoint.model_tensors(loaded, False),
+                     load_file(run / "best" / rundir.MODEL_FILE))
 
 
 def test_resume_compares_with_the_settings_the_checkpoint_was_trained_with(assets, tmp_path,
@@ -2970,7 +2984,7 @@ def test_lora_without_a_pretrained_base_is_refused(assets, tmp_path, capsys):
     assert re.fullmatch(r"\d{1,3}(,\d{3})*", trainable), trainable  # not "0.00M"
     run = tmp_path / "runs" / "run"
     assert tm.main(["--resume", str(run), "--max-steps", "3"]) == 0
-    assert tm.list_checkpoints(run)[-1].name == "step-3"
+    assert rundir.list_checkpoints(run)[-1].name == "step-3"
 
 
 def test_resume_of_a_checkpoint_or_best_dir_is_refused_naming_the_run(assets, tmp_path, capsys):
@@ -2979,7 +2993,7 @@ def test_resume_of_a_checkpoint_or_best_dir_is_refused_naming_the_run(assets, tm
     config = _tiny_config_file(assets, tmp_path, max_steps=2, eval_every=2)
     assert tm.main(["--config", config]) == 0
     run = tmp_path / "runs" / "run"
-    for weights in (tm.list_checkpoints(run)[-1], run / rundir.BEST_DIR):
+    for weights in (rundir.list_checkpoints(run)[-1], run / rundir.BEST_DIR):
         before = sorted(p.name for p in weights.iterdir())
         capsys.readouterr()
         assert tm.main(["--resume", str(weights), "--max-steps", "4"]) == 2
@@ -3007,7 +3021,7 @@ def test_resume_refuses_a_name_or_out_dir_of_another_run(assets, tmp_path, capsy
     assert tm.main(["--resume", str(run), "--out-dir", str(elsewhere), "--max-steps", "4"]) == 2
     err = capsys.readouterr().err
     assert f"--out-dir {elsewhere} names another run ({elsewhere / 'run'})" in err
-    assert [p.name for p in tm.list_checkpoints(run)] == ["step-2"]
+    assert [p.name for p in rundir.list_checkpoints(run)] == ["step-2"]
     assert not (run.parent / "other").exists() and not elsewhere.exists()
     (tmp_path / "b").mkdir()
     other = Path(_tiny_config_file(assets, tmp_path / "b", max_steps=2, eval_every=2))
@@ -3016,7 +3030,7 @@ def test_resume_refuses_a_name_or_out_dir_of_another_run(assets, tmp_path, capsy
         capsys.readouterr().err)
     assert tm.main(["--resume", f"{run}/", "--name", "run", "--out-dir",
                     os.path.relpath(run.parent), "--max-steps", "4"]) == 0
-    assert tm.list_checkpoints(run)[-1].name == "step-4"
+    assert rundir.list_checkpoints(run)[-1].name == "step-4"
     assert tm.main(["--resume", str(run), "--config", config, "--max-steps", "5"]) == 0
 
 
@@ -3050,7 +3064,7 @@ def test_the_last_step_is_logged_whatever_ends_the_run(assets, tmp_path, monkeyp
     assert tm.train(cfg).interrupted == "SIGTERM"
     run = Path(cfg.out_dir) / "stopped"
     assert _train_steps(run) == [1, 5, 6]
-    monkeypatch.setattr(tm.Trainer, "train_step", original)
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", original)
     tm.train(dataclasses.replace(cfg, resume=str(run)))
     assert _train_steps(run) == [1, 5, 6, 9]
     losses, reference = _train_losses(run), _train_losses(straight.run_dir)
@@ -3113,13 +3127,13 @@ def _one_second_a_step(monkeypatch) -> None:
     clock = types.SimpleNamespace(perf_counter=lambda: now[0], strftime=lambda fmt: "x")
     for module in (tm, build, record):
         monkeypatch.setattr(module, "time", clock)
-    original = tm.Trainer.train_step
+    original = trainer_module.Trainer.train_step
 
     def timed(self, *args, **kwargs):
         now[0] += 1.0
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(tm.Trainer, "train_step", timed)
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", timed)
 
 
 def test_a_time_budget_stop_says_the_run_is_not_finished(assets, tmp_path, monkeypatch, capsys):
@@ -3136,7 +3150,7 @@ def test_a_time_budget_stop_says_the_run_is_not_finished(assets, tmp_path, monke
         f"time budget (--max-time-s 2.5) reached at step 3/12: the run is not finished; "
         f"checkpoint saved; export/ holds its best weights so far (step 3); continue with "
         f"--resume {run}") in capsys.readouterr().out
-    assert _train_steps(run) == [1, 3] and tm.list_checkpoints(run)[-1].name == "step-3"
+    assert _train_steps(run) == [1, 3] and rundir.list_checkpoints(run)[-1].name == "step-3"
     resumed = tm.train(dataclasses.replace(cfg, resume=str(run), max_time_s=None))
     assert not resumed.stopped_by_budget and resumed.step == 12
     assert _train_steps(run) == [1, 3, 5, 10, 12]
@@ -3160,12 +3174,12 @@ def test_checkpoints_hold_the_training_gpus_rng_and_resume_where_fewer_are_visib
     """Only the training GPU's generator is saved: saving every visible one (8 on an 8-GPU node)
     and restoring them all would raise IndexError on a resume with fewer visible."""
     gpus = _simulated_gpus(monkeypatch, 8)
-    state = tm.rng_state(torch.device("cuda", 1))
+    state = checkpoint.rng_state(torch.device("cuda", 1))
     assert torch.equal(state["cuda"], gpus[1].get_state())
-    assert "cuda" not in tm.rng_state(torch.device("cpu"))
+    assert "cuda" not in checkpoint.rng_state(torch.device("cpu"))
     gpus = _simulated_gpus(monkeypatch, 2)
     untouched = gpus[1].get_state()
-    tm.set_rng_state(state, torch.device("cuda", 0))
+    checkpoint.set_rng_state(state, torch.device("cuda", 0))
     assert torch.equal(gpus[0].get_state(), state["cuda"])
     assert torch.equal(gpus[1].get_state(), untouched)
 
@@ -3209,10 +3223,10 @@ def fake_val_losses(monkeypatch, losses) -> None:
 
     def evaluate(self, *args, **kwargs):
         loss = next(it)
-        return {"val_loss": loss, "val_ppl": tm.perplexity(loss), "val_accuracy": 0.0,
+        return {"val_loss": loss, "val_ppl": trainer_module.perplexity(loss), "val_accuracy": 0.0,
                 "val_tokens": 1}
 
-    monkeypatch.setattr(tm.Trainer, "evaluate", evaluate)
+    monkeypatch.setattr(trainer_module.Trainer, "evaluate", evaluate)
 
 
 def _val_steps(run_dir: Path) -> list[int]:
@@ -3334,8 +3348,8 @@ RESUME_MAY_CHANGE = {
 }
 
 
-def _saved_run(tmp_path: Path) -> tuple[tm.TrainConfig, Path]:
-    cfg = tm.TrainConfig(preset="tiny", data=["stdlib"], max_steps=12)
+def _saved_run(tmp_path: Path) -> tuple[trainconfig.TrainConfig, Path]:
+    cfg = trainconfig.TrainConfig(preset="tiny", data=["stdlib"], max_steps=12)
     run = tmp_path / "run"
     run.mkdir()
     write_config(cfg, run / rundir.CONFIG_FILE)
@@ -3348,7 +3362,7 @@ def test_resume_refuses_a_change_of(tmp_path, key):
     cfg, run = _saved_run(tmp_path)
     with pytest.raises(ValueError, match=rf"\b{key}="):
         checkpoint.check_resume_config(dataclasses.replace(cfg, **{key: RESUME_MUST_REFUSE[key]}),
-                                       run, tm.list_checkpoints(run), "hint")
+                                       run, rundir.list_checkpoints(run), "hint")
 
 
 @pytest.mark.parametrize("key", sorted(RESUME_MAY_CHANGE))
@@ -3356,7 +3370,7 @@ def test_resume_accepts_a_change_of(tmp_path, key):
     """Length, logging, early stopping, export and device settings may change on resume."""
     cfg, run = _saved_run(tmp_path)
     checkpoint.check_resume_config(dataclasses.replace(cfg, **{key: RESUME_MAY_CHANGE[key]}), run,
-                                   tm.list_checkpoints(run), "hint")
+                                   rundir.list_checkpoints(run), "hint")
 
 
 def test_parse_config_precedence_defaults_resumed_file_flags(tmp_path):
@@ -3364,11 +3378,11 @@ def test_parse_config_precedence_defaults_resumed_file_flags(tmp_path):
     layer sets its own key, --resume and --config together too."""
     run = tmp_path / "runs" / "run"
     run.mkdir(parents=True)
-    write_config(tm.TrainConfig(preset="tiny", data=["stdlib"], max_steps=12, eval_every=6,
-                                log_every=3, keep_last=4), run / rundir.CONFIG_FILE)
+    write_config(trainconfig.TrainConfig(preset="tiny", data=["stdlib"], max_steps=12, eval_every=6,
+                                         log_every=3, keep_last=4), run / rundir.CONFIG_FILE)
     file = tmp_path / "more.json"
     file.write_text(json.dumps({"max_steps": 20, "eval_every": 5}))
-    cfg = tm.parse_config(["--resume", str(run), "--config", str(file), "--max-steps", "30"])
+    cfg = plan.parse_config(["--resume", str(run), "--config", str(file), "--max-steps", "30"])
     assert cfg.max_steps == 30  # the flag beats the file
     assert cfg.eval_every == 5  # the file beats the resumed run
     assert cfg.log_every == 3 and cfg.keep_last == 4  # the resumed run beats the defaults
@@ -3385,13 +3399,13 @@ def test_export_holds_and_records_the_best_step_not_the_last(assets, tmp_path, m
     result = tm.train(tiny_cfg(assets, tmp_path, max_steps=4, eval_every=2, warmup_steps=0,
                                export=True))
     run = result.run_dir
-    assert result.best_step == 2 and tm.best_step(run) == 2
+    assert result.best_step == 2 and rundir.best_step(run) == 2
     assert json.loads((run / "export" / rundir.EXPORT_RECORD).read_text()) == {"best_step": 2}
     assert rundir.stale_export(run) is None
     best = load_file(run / "best" / rundir.MODEL_FILE)
     last = final_weights(run, 4)
     assert any(not torch.equal(best[k], last[k]) for k in best)
-    exported = tm.model_tensors(pretrained.load(run / "export"), False)
+    exported = checkpoint.model_tensors(pretrained.load(run / "export"), False)
     for k, t in exported.items():
         assert torch.equal(t, best[k]), k
 
@@ -3729,8 +3743,9 @@ def test_overfit_batches_fail_says_what_to_try(assets, tmp_path, monkeypatch, ca
              r"stalled.*lower --lr \(0.001\), or --weight-decay 0 \(it is 0.1\)"),
             ([6.0] * 20, r"barely moved: raise --lr \(0.001\)")):  # the lr the run took
         scripted = iter(losses)
-        monkeypatch.setattr(tm.Trainer, "train_step", lambda self, *a, losses=scripted, **k:
-                            tm.StepStats(next(losses), 1.0, 1, 1e-3))
+        monkeypatch.setattr(trainer_module.Trainer, "train_step",
+                            lambda self, *a, losses=scripted, **k:
+                            trainer_module.StepStats(next(losses), 1.0, 1, 1e-3))
         assert tm.main(["--config", config]) == 1
         out = capsys.readouterr().out.splitlines()[-1]
         assert re.search(told, out) and "raise --max-steps" not in out, out
@@ -3762,7 +3777,7 @@ def test_validate_config_refuses(values, message):
     """Range bounds and cross-key refusals beyond the five keys above; --init-from with a
     shape flag would otherwise train the full model, ignoring the flag."""
     with pytest.raises(ValueError, match=message):
-        tm.validate_config(tm.TrainConfig(**values))
+        plan.validate_config(trainconfig.TrainConfig(**values))
 
 
 @pytest.mark.parametrize("values", [{"min_lr_ratio": 0.0}, {"min_lr_ratio": 1.0},
@@ -3770,7 +3785,7 @@ def test_validate_config_refuses(values, message):
                                     {"label_smoothing": 0.0}, {"warmup_steps": 0}])
 def test_validate_config_accepts_the_bounds(values):
     """The closed ends of each range are legal values."""
-    tm.validate_config(tm.TrainConfig(**values))
+    plan.validate_config(trainconfig.TrainConfig(**values))
 
 
 def test_batch_order_restored_in_a_later_epoch_continues_that_epochs_order():
@@ -3796,7 +3811,7 @@ def test_validate_config_refuses_bounds_no_run_reaches(values, message):
     """Bounds no other test reached: each would otherwise fail late (eval_examples 0 as "no
     labelled tokens") or not at all."""
     with pytest.raises(ValueError, match=message):
-        tm.validate_config(tm.TrainConfig(**values))
+        plan.validate_config(trainconfig.TrainConfig(**values))
 
 
 def test_resume_compares_with_the_newest_checkpoints_config(tmp_path):
@@ -3808,7 +3823,7 @@ def test_resume_compares_with_the_newest_checkpoints_config(tmp_path):
         write_config(dataclasses.replace(cfg, lr=lr), run / rundir.CHECKPOINTS_DIR / f"step-{step}"
                      / rundir.CONFIG_FILE)
         process.write_manifest(run / rundir.CHECKPOINTS_DIR / f"step-{step}")
-    checkpoints = tm.list_checkpoints(run)
+    checkpoints = rundir.list_checkpoints(run)
     assert checkpoint.check_resume_config(dataclasses.replace(cfg, lr=0.2), run, checkpoints,
                                           "hint")["lr"] == 0.2
     with pytest.raises(ValueError, match=r"lr=0\.2 \(now 0\.1\)"):
@@ -3821,27 +3836,30 @@ def test_resume_accepts_a_change_of_data_option(tmp_path, option, value):
     """Where and how fast the data is prepared may change on resume (a moved cache)."""
     cfg, run = _saved_run(tmp_path)
     checkpoint.check_resume_config(dataclasses.replace(cfg, data_options={option: value}), run,
-                                   tm.list_checkpoints(run), "hint")
+                                   rundir.list_checkpoints(run), "hint")
 
 
 def test_data_options_progress_beats_the_runs_progress():
-    assert tm.data_config(tm.TrainConfig(progress=False), 32).progress is False
-    assert tm.data_config(tm.TrainConfig(progress=True), 32).progress is True
-    assert tm.data_config(tm.TrainConfig(progress=True, data_options={"progress": False}),
-                          32).progress is False
+    assert trainconfig.data_config(trainconfig.TrainConfig(progress=False), 32).progress is False
+    assert trainconfig.data_config(trainconfig.TrainConfig(progress=True), 32).progress is True
+    quiet = trainconfig.TrainConfig(progress=True, data_options={"progress": False})
+    assert trainconfig.data_config(quiet, 32).progress is False
 
 
 def test_shape_overrides_rederive_head_dim_and_kv_heads():
     """--n-embd re-derives head_dim (n_embd // n_head) and --n-head n_kv_head (= n_head),
     unless model_options sets it: the preset's resolved values would not fit the new shape."""
-    tiny = tm.model_config(tm.TrainConfig(preset="tiny"), 64, None, None)
+    tiny = trainconfig.model_config(trainconfig.TrainConfig(preset="tiny"), 64, None, None)
     assert (tiny.n_head, tiny.n_kv_head, tiny.head_dim) == (4, 2, 16)
-    wide = tm.model_config(tm.TrainConfig(preset="tiny", n_embd=128), 64, None, None)
+    wide = trainconfig.model_config(trainconfig.TrainConfig(preset="tiny", n_embd=128), 64,
+                                    None, None)
     assert (wide.n_kv_head, wide.head_dim, wide.rotary_dim) == (2, 32, 32)
-    heads = tm.model_config(tm.TrainConfig(preset="tiny", n_head=8), 64, None, None)
+    heads = trainconfig.model_config(trainconfig.TrainConfig(preset="tiny", n_head=8), 64,
+                                     None, None)
     assert (heads.n_kv_head, heads.head_dim) == (8, 8)
-    gqa = tm.model_config(tm.TrainConfig(preset="tiny", n_head=8, model_options={"n_kv_head": 4}),
-                          64, None, None)
+    gqa = trainconfig.model_config(trainconfig.TrainConfig(preset="tiny", n_head=8,
+                                                           model_options={"n_kv_head": 4}),
+                                   64, None, None)
     assert gqa.n_kv_head == 4
 
 
@@ -3850,13 +3868,13 @@ def test_shape_overrides_rederive_head_dim_and_kv_heads():
     ({"n_ctx": 100}, 100), ({}, 1024), ({"max_position_embeddings": 512}, 512)])
 def test_default_block_size_is_the_init_froms_context_up_to_1024(tmp_path, hf_config, expected):
     (tmp_path / rundir.HF_CONFIG).write_text(json.dumps(hf_config))
-    run = types.SimpleNamespace(cfg=tm.TrainConfig(init_from=str(tmp_path)))
-    assert tm.default_block_size(run.cfg) == expected
+    run = types.SimpleNamespace(cfg=trainconfig.TrainConfig(init_from=str(tmp_path)))
+    assert trainconfig.default_block_size(run.cfg) == expected
 
 
 def test_default_block_size_from_scratch_is_the_presets():
-    run = types.SimpleNamespace(cfg=tm.TrainConfig(preset="tiny"))
-    assert tm.default_block_size(run.cfg) == 128
+    run = types.SimpleNamespace(cfg=trainconfig.TrainConfig(preset="tiny"))
+    assert trainconfig.default_block_size(run.cfg) == 128
 
 
 def test_eval_precision_fp32_evaluates_without_autocast_whatever_the_training_precision():
@@ -3865,13 +3883,13 @@ def test_eval_precision_fp32_evaluates_without_autocast_whatever_the_training_pr
     ids, labels = _shifted_batch()
     losses = {}
     for eval_precision in ("fp32", "same"):
-        trainer = _trainer(tm.TrainConfig(preset="tiny", precision="bf16", dropout=0.0,
-                                          eval_precision=eval_precision))
+        trainer = _trainer(trainconfig.TrainConfig(preset="tiny", precision="bf16", dropout=0.0,
+                                                   eval_precision=eval_precision))
         losses[eval_precision] = trainer.evaluate([{"input_ids": ids, "labels": labels}])["val_loss"]
     model = trainer.raw_model.eval()
     with torch.no_grad():
         ref = F.cross_entropy(model(ids).flatten(0, 1),
-                              labels.flatten(), ignore_index=tm.IGNORE_INDEX).item()
+                              labels.flatten(), ignore_index=kernels.IGNORE_INDEX).item()
     assert losses["fp32"] == pytest.approx(ref, rel=1e-6)
     assert losses["same"] != pytest.approx(ref, rel=1e-6)
 
@@ -3880,16 +3898,17 @@ def test_checkpoint_names_and_their_numeric_order(tmp_path):
     for name in ("step-10", "step-9", "step-x", "step-", "broken-step-3", "step-2"):
         (tmp_path / rundir.CHECKPOINTS_DIR / name).mkdir(parents=True)
     (tmp_path / rundir.CHECKPOINTS_DIR / "step-11").write_text("a file, not a checkpoint")
-    assert [p.name for p in tm.list_checkpoints(tmp_path)] == ["step-2", "step-9", "step-10"]
-    assert tm.checkpoint_step(Path("step-12")) == 12
-    assert tm.checkpoint_step(Path("step-1e3")) is None and tm.checkpoint_step(Path("x-3")) is None
+    assert [p.name for p in rundir.list_checkpoints(tmp_path)] == ["step-2", "step-9", "step-10"]
+    assert rundir.checkpoint_step(Path("step-12")) == 12
+    assert rundir.checkpoint_step(Path("step-1e3")) is None
+    assert rundir.checkpoint_step(Path("x-3")) is None
 
 
 def test_a_directory_with_config_and_export_only_is_a_run(tmp_path):
     (tmp_path / rundir.CONFIG_FILE).write_text("{}")
-    assert not tm.is_run_dir(tmp_path)
+    assert not rundir.is_run_dir(tmp_path)
     (tmp_path / rundir.EXPORT_DIR).mkdir()
-    assert tm.is_run_dir(tmp_path)
+    assert rundir.is_run_dir(tmp_path)
 
 
 def test_labels_that_count_nothing_are_a_data_bug():
@@ -3906,16 +3925,16 @@ def test_sample_completion_stays_within_the_models_context(monkeypatch):
     from architecture import Transformer
 
     tok = CodeTokenizer.train(["def f(x):\n    return x\n"] * 2, min_freq=1)
-    model = Transformer(tm.model_config(tm.TrainConfig(preset="tiny", block_size=16),
-                                        tok.vocab_size, tok.bos_id, tok.eos_id))
+    cfg = trainconfig.TrainConfig(preset="tiny", block_size=16)
+    model = Transformer(trainconfig.model_config(cfg, tok.vocab_size, tok.bos_id, tok.eos_id))
     asked = []
     monkeypatch.setattr(generation, "generate", lambda model, idx, cfg: (
         asked.append((idx.shape[1], cfg.max_new_tokens)), idx)[1])
     prompt = "def f(x):\n"
     n_prompt = 1 + len(tok.encode(prompt))  # after the EOS an lm sample starts with
-    tm.sample_completion(model, tok, prompt, 48, "lm")
+    finish.sample_completion(model, tok, prompt, 48, "lm")
     assert n_prompt < 16 and asked == [(n_prompt, 16 - n_prompt)]
-    assert tm.sample_completion(model, tok, prompt * 20, 48, "lm") == "" and len(asked) == 1
+    assert finish.sample_completion(model, tok, prompt * 20, 48, "lm") == "" and len(asked) == 1
 
 
 def test_sample_completion_decodes_an_id_past_the_tokenizer_to_nothing(monkeypatch):
@@ -3927,18 +3946,18 @@ def test_sample_completion_decodes_an_id_past_the_tokenizer_to_nothing(monkeypat
     from architecture import Transformer
 
     tok = CodeTokenizer.train(["def f(x):\n    return x\n"] * 2, min_freq=1)
-    model = Transformer(tm.model_config(tm.TrainConfig(preset="tiny", block_size=16),
-                                        tok.vocab_size + 8, tok.bos_id, tok.eos_id))
+    cfg = trainconfig.TrainConfig(preset="tiny", block_size=16)
+    model = Transformer(trainconfig.model_config(cfg, tok.vocab_size + 8, tok.bos_id, tok.eos_id))
     new = [*tok.encode("return"), tok.vocab_size + 3, *tok.encode(" x")]
     monkeypatch.setattr(generation, "generate",
                         lambda model, idx, cfg: torch.cat((idx, torch.tensor([new])), 1))
-    assert tm.sample_completion(model, tok, "def f(x):\n", 8, "lm") == "return x"
+    assert finish.sample_completion(model, tok, "def f(x):\n", 8, "lm") == "return x"
 
 
 def test_a_diverged_run_exits_1_and_a_bad_setting_2(capsys):
     """Scripts tell a diverged run (exit 1: the data or the lr, the run itself was sound) from a
     refused setting or an unwritable path (exit 2)."""
-    assert tm.report_run_error(tm.NonFiniteLossError("non-finite loss", step=3)) == 1
+    assert tm.report_run_error(record.NonFiniteLossError("non-finite loss", step=3)) == 1
     assert tm.report_run_error(ValueError("lr (0.0, --lr): must be > 0")) == 2
     assert tm.report_run_error(OSError(28, "No space left on device", "runs/x")) == 2
     assert capsys.readouterr().err.splitlines() == [
@@ -3953,11 +3972,13 @@ def test_auto_on_a_mac_says_it_trains_on_the_cpu(monkeypatch, capsys):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    assert tm.resolve_device(tm.TrainConfig().device, tm.Dist()) == torch.device("cpu")
+    device = trainconfig.TrainConfig().device
+    assert distributed.resolve_device(device, distributed.Dist()) == torch.device("cpu")
     assert "note: training on the CPU (codelm trains on cpu or cuda, not mps)" \
         in capsys.readouterr().err
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    assert tm.resolve_device(tm.TrainConfig().device, tm.Dist()) == torch.device("cpu")
+    device = trainconfig.TrainConfig().device
+    assert distributed.resolve_device(device, distributed.Dist()) == torch.device("cpu")
     assert capsys.readouterr().err == ""
 
 
@@ -4024,20 +4045,20 @@ def test_a_from_scratch_model_the_hf_layout_cannot_hold_is_refused_before_traini
     values = {"preset": "tiny", "model_options": {"family": "phi"}, "data": ["x"]}
     with pytest.raises(ValueError, match=r"^preset \('tiny', --preset\), model_options .*"
                        r"cannot export as 'phi'.*to train it without an HF export"):
-        tm.validate_config(tm.config_from_dict(values, "t"))
-    tm.validate_config(tm.config_from_dict({**values, "export": False}, "t"))
+        plan.validate_config(trainconfig.config_from_dict(values, "t"))
+    plan.validate_config(trainconfig.config_from_dict({**values, "export": False}, "t"))
 
 
 def test_the_advice_to_turn_export_off_names_what_turns_it_off():
     """The advice names --no-export, not "set export false (--export)" (typing --export keeps
     it on), and for a --config file's export, that file."""
     values = {"preset": "tiny", "model_options": {"family": "phi"}, "data": ["x"]}
-    cfg = tm.config_from_dict(values, "t")
+    cfg = trainconfig.config_from_dict(values, "t")
     with pytest.raises(ValueError, match=r"HF export: --no-export$"):
-        tm.validate_config(cfg)
+        plan.validate_config(cfg)
     with pytest.raises(ValueError, match=r"HF export: export false \(--config run.json\)$"):
-        tm.validate_config(cfg, lambda key: "--config run.json" if key == "export"
-                           else settings.flag_of(key))
+        plan.validate_config(cfg, lambda key: "--config run.json" if key == "export"
+                             else settings.flag_of(key))
 
 
 def test_validate_config_names_each_setting_where_the_callers_user_set_it(tmp_path):
@@ -4059,7 +4080,8 @@ def test_validate_config_names_each_setting_where_the_callers_user_set_it(tmp_pa
          r"without an HF export: export false \(<export>\)$"),
     ]:
         with pytest.raises(ValueError, match=message):
-            tm.validate_config(tm.config_from_dict({"data": ["x"], **values}, "t"), where)
+            plan.validate_config(trainconfig.config_from_dict({"data": ["x"], **values}, "t"),
+                                 where)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -4117,7 +4139,7 @@ def test_print_config_writes_a_config_file_that_reads_back_to_the_same_run(tmp_p
     printed = tmp_path / f"run.{fmt}"
     printed.write_text(capsys.readouterr().out)
     assert not (tmp_path / "runs").exists()  # nothing trained
-    assert tm.parse_config(["--config", str(printed)]) == tm.parse_config(argv)
+    assert plan.parse_config(["--config", str(printed)]) == plan.parse_config(argv)
 
 
 def test_tensorboard_holds_the_runs_hyperparameters(assets, tmp_path):
@@ -4272,8 +4294,8 @@ def test_muon_steps_as_torchs_own_adamw_and_muon_side_by_side():
     torch.manual_seed(0)
     ours = Transformer(dataclasses.replace(PRESETS["tiny"], tie_embeddings=False))
     theirs = copy.deepcopy(ours)
-    optimizer = build_optimizer(ours, list(ours.parameters()),
-                                tm.TrainConfig(optimizer="muon", lr=1e-2, weight_decay=0.1))
+    muon_cfg = trainconfig.TrainConfig(optimizer="muon", lr=1e-2, weight_decay=0.1)
+    optimizer = build_optimizer(ours, list(ours.parameters()), muon_cfg)
     lookups = {id(theirs.wte.weight), id(theirs.lm_head.weight)}
     matrices = [p for p in theirs.parameters() if p.dim() == 2]
     hidden = [p for p in matrices if id(p) not in lookups]
@@ -4308,9 +4330,10 @@ def test_a_muon_run_resumes_bit_exactly_and_a_lora_run_refuses_it(assets, tmp_pa
     original = sigterm_at_step(monkeypatch, 6)
     cfg = tiny_cfg(assets, tmp_path, name="stopped", **common)
     assert tm.train(cfg).interrupted == "SIGTERM"
-    monkeypatch.setattr(tm.Trainer, "train_step", original)
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", original)
     tm.train(dataclasses.replace(cfg, resume=str(Path(cfg.out_dir) / "stopped")))
     assert_bit_equal(final_weights(straight.run_dir, 8),
                      final_weights(Path(cfg.out_dir) / "stopped", 8))
     with pytest.raises(ValueError, match=r"optimizer.*muon.*LoRA.*adamw"):
-        tm.validate_config(tm.TrainConfig(optimizer="muon", lora_r=4, init_from=str(tmp_path)))
+        plan.validate_config(trainconfig.TrainConfig(optimizer="muon", lora_r=4,
+                                                     init_from=str(tmp_path)))

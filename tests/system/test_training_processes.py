@@ -36,10 +36,12 @@ from test_trainingmanager import (
 )
 
 import build
+import checkpoint as checkpoint_module
 import distributed
 import plan
 import process
 import rundir
+import trainconfig
 import trainer as trainer_module
 import trainingmanager as tm
 from tokenizer import CodeTokenizer, load_tokenizer
@@ -64,7 +66,7 @@ def test_a_kill_while_old_checkpoints_are_removed_leaves_no_checkpoint_half_gone
 
     monkeypatch.setattr(shutil, "rmtree", kill_in_checkpoints)
     tm.train(tiny_cfg(assets, tmp_path, max_steps=8, keep_last=1))
-    assert [p.name for p in tm.list_checkpoints(root.parent)] == ["step-8"]
+    assert [p.name for p in rundir.list_checkpoints(root.parent)] == ["step-8"]
     assert removing and all(p.name.startswith(".step-") for p in removing)
     monkeypatch.undo()
     tm.train(tiny_cfg(assets, tmp_path, max_steps=12, keep_last=1, resume=str(root.parent)))
@@ -81,7 +83,7 @@ def test_the_next_tokenizer_cache_write_removes_what_a_killed_one_left(assets, t
     cache = tmp_path / "cache"
     cfg = tiny_cfg(assets, tmp_path, tokenizer=None,
                    data_options={"cache_dir": str(cache), "progress": False})
-    dcfg = tm.data_config(cfg, cfg.block_size)
+    dcfg = trainconfig.data_config(cfg, cfg.block_size)
 
     def killed_run():
         def save(self, path):
@@ -115,7 +117,7 @@ def test_resume_after_kill_9_is_bit_exact(assets, tmp_path, mode):
     cfg = tiny_cfg(assets, tmp_path, name="killed", **common)
     proc, run = _interrupted_then_resumed(cfg, tmp_path, mode, 7 if mode == "step" else 8)
     assert proc.returncode == -9, proc.stderr[-2000:]
-    assert [p.name for p in tm.list_checkpoints(run)] == ["step-4"]
+    assert [p.name for p in rundir.list_checkpoints(run)] == ["step-4"]
     if mode == "write":  # the half-written checkpoint is a temporary directory, never step-8
         assert any(p.name.startswith(".step-8.tmp-") for p in (run / "checkpoints").iterdir())
     _resume(run)
@@ -171,8 +173,8 @@ def test_a_closed_terminal_saves_a_checkpoint_and_exits_129(assets, tmp_path):
     finally:
         proc.kill()
     assert code == 129, code
-    (checkpoint,) = tm.list_checkpoints(run)
-    assert tm.checkpoint_step(checkpoint) >= _HUNG_UP_AT_STEP
+    (checkpoint,) = rundir.list_checkpoints(run)
+    assert rundir.checkpoint_step(checkpoint) >= _HUNG_UP_AT_STEP
 
 
 @pytest.mark.slow
@@ -183,7 +185,7 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_bit_exact(assets, tmp_
     proc, run = _interrupted_then_resumed(cfg, tmp_path, "sigterm", 6)
     assert proc.returncode == 143, proc.stderr[-2000:]
     assert "SIGTERM: checkpoint saved at step 6" in proc.stdout
-    assert [p.name for p in tm.list_checkpoints(run)] == ["step-4", "step-6"]
+    assert [p.name for p in rundir.list_checkpoints(run)] == ["step-4", "step-6"]
     _resume(run)
     assert_bit_equal(final_weights(straight.run_dir, 10), final_weights(run, 10))
 
@@ -194,10 +196,11 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_bit_exact(assets, tmp_
 STUCK_IN_A_STEP = r"""
 import sys, threading
 from pathlib import Path
+import trainer
 import trainingmanager as tm
 
 ready, at = Path(sys.argv[1]), int(sys.argv[2])
-original, calls = tm.Trainer.train_step, [0]
+original, calls = trainer.Trainer.train_step, [0]
 
 
 def train_step(self, *args, **kwargs):
@@ -211,7 +214,7 @@ def train_step(self, *args, **kwargs):
     return original(self, *args, **kwargs)
 
 
-tm.Trainer.train_step = train_step
+trainer.Trainer.train_step = train_step
 sys.exit(tm.main(sys.argv[3:]))
 """
 
@@ -235,7 +238,7 @@ def test_a_stop_while_one_operation_of_a_step_runs_on_ends_the_run_at_once(asset
     assert "SIGTERM: step 6 dropped mid-way" in out
     assert "SIGTERM: checkpoint saved at step 5" in out
     run = Path(cfg.out_dir) / "stopped"
-    assert [p.name for p in tm.list_checkpoints(run)] == ["step-4", "step-5"]
+    assert [p.name for p in rundir.list_checkpoints(run)] == ["step-4", "step-5"]
     assert [step for step, kind, _ in logged_epochs(run) if kind == "train"] == [1, 2, 3, 4, 5]
     _resume(run)
     assert_bit_equal(final_weights(straight.run_dir, 8), final_weights(run, 8))
@@ -365,7 +368,8 @@ def _train_lines(run: Path) -> int:
     return metrics.read_text().count('"train"') if metrics.is_file() else 0
 
 
-def _stop_torchrun_mid_run(cfg: tm.TrainConfig, tmp_path: Path, sig: str) -> tuple[str, str]:
+def _stop_torchrun_mid_run(cfg: trainconfig.TrainConfig, tmp_path: Path,
+                           sig: str) -> tuple[str, str]:
     """Start ``cfg`` on two CPU ranks under torchrun, send torchrun alone ``sig`` once two
     steps are done, and wait until every rank has ended (a watchdog fails the test after a
     bound); torchrun's exit code is checked here; the run's (stdout, stderr)."""
@@ -411,8 +415,8 @@ def test_every_rank_stops_with_a_checkpoint_when_torchrun_is_stopped_or_killed_o
                    save_every=100_000, strategy=strategy, device="cpu")
     out, err = _stop_torchrun_mid_run(cfg, tmp_path, sig)
     run = Path(cfg.out_dir) / cfg.name
-    [checkpoint] = tm.list_checkpoints(run)
-    step = tm.checkpoint_step(checkpoint)
+    [checkpoint] = rundir.list_checkpoints(run)
+    step = rundir.checkpoint_step(checkpoint)
     assert out.count(f"SIGTERM: checkpoint saved at step {step}; continue with --resume {run}"
                      ) == 1, out[-3000:] + err[-3000:]
     assert ("torchrun is gone" in err) == (sig == "SIGKILL"), err[-3000:]
@@ -438,7 +442,7 @@ def test_a_stop_signal_saves_and_exits_non_zero_with_the_resume_hint(assets, tmp
     run = tmp_path / "runs" / "run"
     assert f"{sigs[0]}: checkpoint saved at step 2; continue with --resume {run}" in (
         capsys.readouterr().out)
-    assert [p.name for p in tm.list_checkpoints(run)] == ["step-2"]
+    assert [p.name for p in rundir.list_checkpoints(run)] == ["step-2"]
     assert process.interrupted_exit_code("SIGINT") == 130
 
 
@@ -502,7 +506,7 @@ def test_a_stop_another_rank_received_is_under_way_on_this_one_too(monkeypatch):
     with process.interrupt_on_sigterm():
         signals = trainer_module.StopSignals()
         try:
-            assert signals.stop_requested(tm.Dist(rank=0, world=2),
+            assert signals.stop_requested(distributed.Dist(rank=0, world=2),
                                           torch.device("cpu")) == "SIGTERM"
         finally:
             signals.restore()
@@ -516,11 +520,11 @@ def test_the_lock_names_a_live_holder_only(tmp_path):
     """The lock file keeps its last holder's tag after that run ends: a dead one holds nothing."""
     lock = tmp_path / rundir.LOCK_FILE
     lock.write_text(process.owner_tag())
-    assert tm.lock_holder(lock) == f"process {os.getpid()} on {socket.gethostname()}"
+    assert rundir.lock_holder(lock) == f"process {os.getpid()} on {socket.gethostname()}"
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                            capture_output=True, text=True, check=True).stdout.strip()
     lock.write_text(process.owner_tag().replace(f"{os.getpid()}@", f"{ended}@", 1))
-    assert tm.lock_holder(lock) is None
+    assert rundir.lock_holder(lock) is None
 
 
 def test_two_runs_never_share_a_run_directory(assets, tmp_path, monkeypatch):
@@ -550,7 +554,7 @@ def test_two_runs_never_share_a_run_directory(assets, tmp_path, monkeypatch):
     for run, steps in ((first.run_dir, 4), (started[0], 2)):
         config = json.loads((run / "config.json").read_text())
         assert (config["name"], config["max_steps"]) == (run.name, steps)
-        assert tm.list_checkpoints(run)[-1].name == f"step-{steps}"
+        assert rundir.list_checkpoints(run)[-1].name == f"step-{steps}"
     with pytest.raises(ValueError, match="already holds a run: continue it with --resume"):
         tm.train(tiny_cfg(assets, tmp_path, name=name, max_steps=2))  # ended: not in use
     third = tm.train(tiny_cfg(assets, tmp_path, name=None, max_steps=2, eval_every=2))
@@ -562,21 +566,21 @@ def test_a_stop_signal_during_the_final_evaluation_exits_with_its_code(assets, t
     """The first SIGTERM during the end-of-run evaluation stops the run: a checkpoint, no
     export, exit 143, so `train && eval` stops; --resume then finishes it."""
 
-    original = tm.Trainer.evaluate
+    original = trainer_module.Trainer.evaluate
 
     def evaluate(self, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(tm.Trainer, "evaluate", evaluate)
+    monkeypatch.setattr(trainer_module.Trainer, "evaluate", evaluate)
     config = _tiny_config_file(assets, tmp_path, max_steps=3, eval_every=100, export=True)
     assert tm.main(["--config", config]) == 143
     run = tmp_path / "runs" / "run"
     assert f"SIGTERM: checkpoint saved at step 3; continue with --resume {run}" in (
         capsys.readouterr().out)
-    assert [p.name for p in tm.list_checkpoints(run)] == ["step-3"]
+    assert [p.name for p in rundir.list_checkpoints(run)] == ["step-3"]
     assert not (run / "export").exists()
-    monkeypatch.setattr(tm.Trainer, "evaluate", original)
+    monkeypatch.setattr(trainer_module.Trainer, "evaluate", original)
     assert tm.main(["--resume", str(run)]) == 0 and (run / "export" / "config.json").is_file()
 
 
@@ -630,7 +634,7 @@ def test_an_interrupt_outside_the_step_loop_says_what_is_left_to_resume(assets, 
     told(*kept, unsaid="nothing to resume")
     monkeypatch.setattr(build, "prepare", prepare)
 
-    original, calls = tm.Trainer.train_step, [0]
+    original, calls = trainer_module.Trainer.train_step, [0]
 
     def second_signal(self, *args, **kwargs):  # a second Ctrl-C stops at once, mid-step
         calls[0] += 1
@@ -638,7 +642,7 @@ def test_an_interrupt_outside_the_step_loop_says_what_is_left_to_resume(assets, 
             raise KeyboardInterrupt("SIGINT")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(tm.Trainer, "train_step", second_signal)
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", second_signal)
     assert tm.main(["--resume", str(run), "--max-steps", "8"]) == 130
     told(*kept, unsaid="nothing to resume")
     monkeypatch.setattr(tm, "run_overfit", ctrl_c)
@@ -664,8 +668,8 @@ def test_ddp_broadcasts_no_buffers_which_every_rank_computes_alike(tmp_path, mon
             built.update(kwargs)
 
     monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", Recorded)
-    cfg = tm.TrainConfig(init_from=str(tiny_llama(tmp_path)), lora_r=4, quantize_bits=4,
-                         block_size=16)
+    cfg = trainconfig.TrainConfig(init_from=str(tiny_llama(tmp_path)), lora_r=4, quantize_bits=4,
+                                  block_size=16)
     models = [build.build_model(cfg, types.SimpleNamespace(vocab_size=8)) for _ in range(2)]
     buffers = [dict(m.named_buffers()) for m in models]
     assert {n.rsplit(".", 1)[-1].split("_")[0] for n in buffers[0]} == {
@@ -674,9 +678,9 @@ def test_ddp_broadcasts_no_buffers_which_every_rank_computes_alike(tmp_path, mon
     assert {"qweight", "scale"} <= frozen
     assert_bit_equal(buffers[0], buffers[1])  # two ranks build the same buffers
     before = {n: b.clone() for n, b in buffers[0].items()}
-    trainer = tm.Trainer(models[0], plan.with_fallbacks(dataclasses.replace(cfg, max_steps=10,
-                                                                        warmup_steps=1)),
-                         torch.device("cpu"), tm.Dist(rank=0, world=2))
+    trainer_cfg = plan.with_fallbacks(dataclasses.replace(cfg, max_steps=10, warmup_steps=1))
+    trainer = trainer_module.Trainer(models[0], trainer_cfg, torch.device("cpu"),
+                                     distributed.Dist(rank=0, world=2))
     assert isinstance(trainer.model, Recorded) and built["forward_sync_buffers"] is False
     ids = torch.randint(0, 64, (2, 16))
     trainer.raw_model(ids).float().mean().backward()
@@ -694,7 +698,7 @@ def test_torchrun_on_one_gpu_trains_with_nccl_in_bf16(assets, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "bf16 on cuda:0" in proc.stdout, proc.stdout
     run = Path(cfg.out_dir) / "nccl"
-    assert tm.read_state(run / rundir.CHECKPOINTS_DIR / "step-4").precision == "bf16"
+    assert checkpoint_module.read_state(run / rundir.CHECKPOINTS_DIR / "step-4").precision == "bf16"
     import transformers
 
     assert transformers.AutoModelForCausalLM.from_pretrained(run / "export") is not None
@@ -742,7 +746,7 @@ def test_ddp_ranks_draw_their_own_dropout_and_share_the_validation_out(assets, t
     proc = _on_two_ranks("trainingmanager.py", "--config", str(config))
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = Path(cfg.out_dir) / "ddp"
-    rng = tm.read_state(run / rundir.CHECKPOINTS_DIR / "step-2").rng
+    rng = checkpoint_module.read_state(run / rundir.CHECKPOINTS_DIR / "step-2").rng
     assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
     val = [json.loads(line) for line in (run / rundir.METRICS_FILE).read_text().splitlines()
            if json.loads(line)["kind"] == "val"]
@@ -769,15 +773,15 @@ def test_a_stop_the_loop_did_not_act_on_is_passed_on_not_lost(assets, tmp_path, 
         sigterm_at_step(monkeypatch, 2)
         on_eval = prune
     else:
-        close = tm.RunLog.close
+        close = rundir.RunLog.close
 
         def close_with_a_stop(self):
             os.kill(os.getpid(), signal.SIGTERM)
             close(self)
 
-        monkeypatch.setattr(tm.RunLog, "close", close_with_a_stop)
+        monkeypatch.setattr(rundir.RunLog, "close", close_with_a_stop)
     cfg = tiny_cfg(assets, tmp_path, max_steps=4, eval_every=2)
-    with pytest.raises(tm.RunInterrupted) as stop, process.interrupt_on_sigterm():
+    with pytest.raises(rundir.RunInterrupted) as stop, process.interrupt_on_sigterm():
         tm.train(cfg, on_eval=on_eval)
     assert process.interrupted_exit_code(stop.value) == 143
     assert stop.value.resume == f"--resume {tmp_path / 'runs' / 'run'}"
@@ -789,7 +793,7 @@ def test_a_ctrl_c_after_a_sigterm_mid_step_stops_with_its_own_code_not_the_first
     it overtook is not passed on again over it."""
 
     sigterm_at_step(monkeypatch, 2, signal.SIGTERM, signal.SIGINT)
-    with pytest.raises(tm.RunInterrupted) as stop, process.interrupt_on_sigterm():
+    with pytest.raises(rundir.RunInterrupted) as stop, process.interrupt_on_sigterm():
         tm.train(tiny_cfg(assets, tmp_path, max_steps=4))
     assert process.interrupted_exit_code(stop.value) == 130
 
@@ -804,7 +808,7 @@ def test_a_sigterm_after_a_ctrl_c_mid_step_still_saves_the_checkpoint(assets, tm
     with process.interrupt_on_sigterm():
         result = tm.train(tiny_cfg(assets, tmp_path, max_steps=4))
     assert (result.interrupted, result.step) == ("SIGINT", 2)
-    assert [p.name for p in tm.list_checkpoints(result.run_dir)] == ["step-2"]
+    assert [p.name for p in rundir.list_checkpoints(result.run_dir)] == ["step-2"]
 
 
 @pytest.mark.parametrize("name", ["SIGINT", "SIGHUP"])
