@@ -35,7 +35,9 @@ import build  # noqa: E402
 import rundir  # noqa: E402
 import trainingmanager as tm  # noqa: E402
 from batches import Batches  # noqa: E402
-from trainer import autocast  # noqa: E402
+from distributed import Dist, resolve_device  # noqa: E402
+from trainconfig import TrainConfig  # noqa: E402
+from trainer import Trainer, autocast  # noqa: E402
 
 WARMUP = 2
 
@@ -45,8 +47,8 @@ class BareLoop:
     model takes its own loss (the head fused with it, as the Trainer's), so the manager's
     overhead is measured on equal model work; the HF model takes F.cross_entropy of its logits."""
 
-    def __init__(self, model: torch.nn.Module, tokens: torch.Tensor, cfg: tm.TrainConfig,
-                 hf: bool, trainer: tm.Trainer):
+    def __init__(self, model: torch.nn.Module, tokens: torch.Tensor, cfg: TrainConfig,
+                 hf: bool, trainer: Trainer):
         self.device, self.precision = trainer.device, trainer.precision  # the manager's
         self.model, self.tokens, self.cfg, self.hf = model.to(self.device).train(), tokens, cfg, hf
         self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
@@ -102,13 +104,13 @@ def main(argv=None) -> int:
     from architecture import Transformer
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = tm.TrainConfig(preset=args.preset, batch_size=args.batch_size,
+        cfg = TrainConfig(preset=args.preset, batch_size=args.batch_size,
                              block_size=args.block_size, max_steps=args.steps + WARMUP + 1,
                              eval_every=10**9, eval_examples=args.batch_size, save_every=10**9, export=False,
                              log_every=10, out_dir=out, name="bench")
         setup = dataclasses.replace(cfg, name="bench-setup")
-        claimed = rundir.claim_run_dir(None, out, setup.name, setup.run_stem, None, tm.Dist())
-        run = build.build_run(setup, claimed, tm.Dist(), tm.resolve_device(cfg.device, tm.Dist()),
+        claimed = rundir.claim_run_dir(None, out, setup.name, setup.run_stem, None, Dist())
+        run = build.build_run(setup, claimed, Dist(), resolve_device(cfg.device, Dist()),
                               time.perf_counter(), None, True)
         run.record.claimed.release()
         model_cfg, trainer = run.trainer.raw_model.cfg, run.trainer
@@ -125,7 +127,7 @@ def main(argv=None) -> int:
 
         times: dict[str, list[float]] = {"bare": [], "hf": [], "manager": []}
         data_time: list[float] = []
-        fetch, manager_step = Batches.next_step, tm.Trainer.train_step
+        fetch, manager_step = Batches.next_step, Trainer.train_step
         last_exit = [None]
 
         def timed_fetch(self):
@@ -146,7 +148,7 @@ def main(argv=None) -> int:
             return manager_step(self, *a, **k)
 
         Batches.next_step = timed_fetch
-        tm.Trainer.train_step = interleaved_step
+        Trainer.train_step = interleaved_step
         tm.train(cfg)
 
     med = {n: statistics.median(v[WARMUP:]) for n, v in times.items()}
