@@ -10,7 +10,7 @@ pretrained.py.
 from __future__ import annotations
 
 if __name__ == "__main__":  # first: the imports below load torch for seconds
-    import process
+    from codelm.runtime import process
 
     process.quiet_start_up_stops()
 
@@ -748,8 +748,7 @@ def presets_table(scratch_vocab: int = DEFAULT_RUN_VOCAB) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     import json
 
-    import process
-    import settings
+    from codelm.runtime import process, settings
 
     parser = settings.ArgumentParser(
         description="codelm's named model configurations (architecture.PRESETS): a table with "

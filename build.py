@@ -27,17 +27,18 @@ import lora
 import plan
 import pretrained
 import rundir
-import settings
 from architecture import SHORT_DTYPES, Transformer
 from batches import Batches, example_lengths
 from checkpoint import (
     PATH_KEYS,
     RunState,
-    rng_state,
-    seed_everything,
-    set_rng_state,
     with_absolute_paths,
 )
+from codelm.runtime import settings
+from codelm.runtime.distributed import Dist, barrier, broadcast, main_first
+from codelm.runtime.process import progress_bar
+from codelm.runtime.rng import rng_state, seed_everything, set_rng_state
+from codelm.runtime.settings import setting
 from dataconfig import DataConfig
 from dataset import (
     SamplePrompt,
@@ -46,11 +47,8 @@ from dataset import (
     publish_cache_entry,
     tokenizer_cache_dir,
 )
-from distributed import Dist, barrier, broadcast, main_first
 from plan import MAX_EPOCHS, BudgetClock, Probe
-from process import progress_bar
 from record import RunRecord
-from settings import setting
 from tokenizer import (
     TOKENIZER_FILE,
     BPETokenizer,

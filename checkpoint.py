@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
-import random
 import shutil
 import sys
 import time
@@ -16,15 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-import numpy as np
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-import process
-import settings
-from distributed import Dist, RankZeroFailed, all_gather, broadcast
+from codelm.runtime import process, settings
+from codelm.runtime.distributed import Dist, RankZeroFailed, all_gather, broadcast
 from rundir import (
     ADAPTER_FILE,
     CONFIG_FILE,
@@ -91,41 +88,11 @@ class CorruptCheckpointError(ValueError):
     """A checkpoint that cannot be read back (a disk that filled up, a file edited or lost)."""
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state(device: torch.device | None = None) -> dict:
-    """This process's RNG state; on a CUDA ``device``, that GPU's generator only."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-        "torch": torch.get_rng_state(),
-    }
-    if device is not None and device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
 class StepStart(NamedTuple):
     """What a step changes before its update: the data order and the RNG streams."""
 
     order: dict
     rng: dict
-
-
-def set_rng_state(state: dict, device: torch.device | None = None) -> None:
-    """Restore ``rng_state`` (as torch.load gives it back)."""
-    version, internal, gauss = state["python"]  # weights_only loading makes tuples lists
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and device is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def model_tensors(model: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:

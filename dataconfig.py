@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import process
+from codelm.runtime import process
 
 # The sentinel tokens of a fim prompt (prefix, suffix, middle).
 FIM_SENTINELS = 3

@@ -9,7 +9,7 @@ The default corpus is the Python standard library's source: present on every mac
 from __future__ import annotations
 
 if __name__ == "__main__":  # first: the imports below load torch for seconds
-    import process
+    from codelm.runtime import process
 
     process.quiet_start_up_stops()
 
@@ -50,8 +50,8 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
-import process
-import settings
+from codelm.runtime import hub, process, settings
+from codelm.runtime.process import progress_bar
 from dataconfig import (
     _CHOICES,
     _CLEANING_FIELDS,
@@ -64,7 +64,6 @@ from dataconfig import (
     DataError,
 )
 from kernels import IGNORE_INDEX
-from process import progress_bar
 from scraping.common import decode_source, has_extension, is_utf8, source_files
 from tokenizer import (
     ENCODING_VERSION,
@@ -149,13 +148,11 @@ def _record_files(source: str) -> list[Path] | None:
     """The files of a record source (JSONL, parquet, a datasets ``save_to_disk`` directory, a
     Hugging Face dataset id: its train split's files, or all); None for code (stdlib, a folder).
     A source that is none of these is refused here, naming the fix."""
-    import pretrained
-
     if source == "stdlib":
         return None
-    if pretrained.is_hub_id(source):  # not a local path
+    if hub.is_hub_id(source):  # not a local path
         try:
-            snapshot = pretrained.checkpoint_dir(source, "data source", repo_type="dataset")
+            snapshot = hub.checkpoint_dir(source, "data source", repo_type="dataset")
         except ValueError as e:
             raise DataError(str(e)) from None
         files = sorted(p for p in snapshot.rglob("*") if p.suffix in (".parquet", ".jsonl"))

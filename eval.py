@@ -10,7 +10,7 @@ command with the same ``--out-dir`` resumes. ``--prompt TEXT`` streams each mode
 from __future__ import annotations
 
 if __name__ == "__main__":  # first: the imports below load torch for seconds
-    import process
+    from codelm.runtime import process
 
     process.quiet_start_up_stops()
 
@@ -44,11 +44,11 @@ import build
 import checkpoint
 import lora
 import pretrained
-import process
 import rundir
-import settings
 import trainconfig
 from architecture import SHORT_DTYPES
+from codelm.runtime import hub, process, settings
+from codelm.runtime.process import progress_bar
 from generation import (
     FUNCTION_STOPS,
     MIN_TEMPERATURE,
@@ -57,7 +57,6 @@ from generation import (
     stream,
     truncate_at_stops,
 )
-from process import progress_bar
 from sandbox import (
     MIN_MEMORY_MB,
     SandboxConfig,
@@ -477,8 +476,8 @@ def problem_file(source: str | Path, form: str) -> Path:
     """The file a task of ``form`` reads its problems from: ``source``, or, for a directory or
     a Hugging Face dataset id (from the hub cache), the split in it (SPLIT_FILES)."""
     path = Path(source)
-    if form in SPLIT_FILES and not path.exists() and pretrained.is_hub_id(str(path)):
-        path = pretrained.checkpoint_dir(str(path), f"--problems {form}=", repo_type="dataset")
+    if form in SPLIT_FILES and not path.exists() and hub.is_hub_id(str(path)):
+        path = hub.checkpoint_dir(str(path), f"--problems {form}=", repo_type="dataset")
     if form in SPLIT_FILES and path.is_dir():
         patterns = SPLIT_FILES[form]
         found = next((sorted(path.glob(p)) for p in patterns if any(path.glob(p))), [])
@@ -1027,7 +1026,7 @@ def _split_adapter(path_spec: str) -> tuple[str, str]:
     """(base, adapter) of ``BASE+ADAPTER``, split at the first "+" after a directory's name."""
     if not Path(path_spec).is_dir():
         for plus in (i for i, ch in enumerate(path_spec) if ch == "+"):
-            if Path(path_spec[:plus]).is_dir() or pretrained.is_hub_id(path_spec[:plus]):
+            if Path(path_spec[:plus]).is_dir() or hub.is_hub_id(path_spec[:plus]):
                 return path_spec[:plus], path_spec[plus + 1 :]
     return path_spec, ""
 
@@ -1047,12 +1046,12 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
         label, path_spec = "", spec
     base_spec, adapter_spec = _split_adapter(path_spec)
     where = f"{what or 'EvalConfig.models'} {spec!r}:"
-    path = pretrained.checkpoint_dir(base_spec, where)
+    path = hub.checkpoint_dir(base_spec, where)
     if not path.is_dir():
         raise ValueError(f"{where} {path} is not a directory")
     run_config = run_weights = None
     if adapter_spec or (path / lora.ADAPTER_CONFIG).is_file():
-        adapter = pretrained.checkpoint_dir(adapter_spec, where) if adapter_spec else path
+        adapter = hub.checkpoint_dir(adapter_spec, where) if adapter_spec else path
         if not (adapter / lora.ADAPTER_CONFIG).is_file():
             raise ValueError(f"{where} {adapter} holds no {lora.ADAPTER_CONFIG}"
                              f"{lora.adapters_below(adapter)}")

@@ -16,7 +16,6 @@ from safetensors.torch import load_file
 
 import build
 import checkpoint
-import distributed
 import generation
 import gguf_export
 import lora
@@ -24,6 +23,7 @@ import pretrained
 import rundir
 from build import Run
 from checkpoint import load_model_tensors, write_dir_atomically
+from codelm.runtime import distributed
 from dataset import SamplePrompt, encode_prompts, prompt_prefix, reads_special_tokens
 from generation import FUNCTION_STOPS, GenerationConfig, truncate_at_stops
 from record import NonFiniteLossError

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import eval as evaluation
 import gguf_export
-import process
-import settings
+from codelm.runtime import process, settings
 
 
 def export(source: str, out: Path, outtype: str, tokenizer: str | None = None) -> Path:

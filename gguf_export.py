@@ -23,8 +23,8 @@ import torch
 
 import lora
 import pretrained
-import process
 from architecture import ModelConfig, Transformer, rope_inv_freq
+from codelm.runtime import process
 from tokenizer import SPIECE_SPACE, BPETokenizer
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")

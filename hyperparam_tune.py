@@ -11,7 +11,7 @@ from __future__ import annotations
 if __name__ == "__main__":  # first: the imports below load torch for seconds
     import sys
 
-    import process
+    from codelm.runtime import process
 
     process.quiet_start_up_stops(quiet="--worker" in sys.argv)  # its parent tells a stop
 
@@ -46,12 +46,11 @@ from tqdm import tqdm
 
 import checkpoint as checkpoint_module
 import plan
-import process
 import rundir
-import settings
 import trainconfig
 import trainingmanager
-from process import progress_bar
+from codelm.runtime import process, settings
+from codelm.runtime.process import progress_bar
 from record import NonFiniteLossError
 from trainconfig import TrainConfig
 

@@ -4,7 +4,7 @@ a quantized base (int8 or NF4) for QLoRA."""
 from __future__ import annotations
 
 if __name__ == "__main__":  # first: the imports below load torch for seconds
-    import process
+    from codelm.runtime import process
 
     process.quiet_start_up_stops()
 
@@ -26,9 +26,8 @@ from torch import nn
 
 import kernels
 import pretrained
-import process
-import settings
 from architecture import Transformer
+from codelm.runtime import hub, process, settings
 
 # init_adapter's adapter_config.json -> the TrainConfig keys it sets (by LoRAConfig's names).
 ADAPTER_KEYS = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
@@ -860,7 +859,7 @@ def adapter_base(adapter_dir: str | Path, remedy: str, config_name: str = ADAPTE
     file = Path(adapter_dir) / config_name
     base = settings.read_json_object(file, "adapter config").get("base_model_name_or_path")
     try:
-        path = pretrained.checkpoint_dir(base, f"{file}: base_model_name_or_path") if base else None
+        path = hub.checkpoint_dir(base, f"{file}: base_model_name_or_path") if base else None
     except ValueError as e:
         raise ValueError(f"{e}; or {remedy}") from None
     if path is None or not path.is_dir():

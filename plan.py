@@ -23,9 +23,9 @@ import gguf_export
 import lora
 import pretrained
 import rundir
-import settings
 from architecture import Transformer
-from settings import setting
+from codelm.runtime import hub, settings
+from codelm.runtime.settings import setting
 from trainconfig import (
     LOADED_MODEL_OPTIONS,
     MODEL_SHAPE_KEYS,
@@ -94,8 +94,8 @@ def with_local_checkpoints(cfg: TrainConfig) -> TrainConfig:
     directory in the hub cache (fetched unless offline): config.json records that revision."""
     local = {}
     for key in ("init_from", "init_adapter"):
-        if (value := getattr(cfg, key)) is not None and pretrained.is_hub_id(value):
-            local[key] = str(pretrained.checkpoint_dir(value, key))
+        if (value := getattr(cfg, key)) is not None and hub.is_hub_id(value):
+            local[key] = str(hub.checkpoint_dir(value, key))
             print(f"{key} {value}: {local[key]}", file=sys.stderr)
     return replace(cfg, **local)
 
@@ -106,7 +106,7 @@ def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = (),
     ``init_adapter``; a setting given (not the default, or typed) that differs is an error."""
     if cfg.init_adapter is None:
         return cfg
-    path = pretrained.checkpoint_dir(cfg.init_adapter, setting(cfg, "init_adapter", where_set))
+    path = hub.checkpoint_dir(cfg.init_adapter, setting(cfg, "init_adapter", where_set))
     config_name = lora.ADAPTER_CONFIG
     copy = rundir.adapter_copy(cfg.resume) if cfg.resume else None
     if copy is not None:  # a continued run reads its own copy of the adapter's config
@@ -161,7 +161,7 @@ def check_model_source(cfg: TrainConfig, where_set: Callable[[str], str] = setti
         for key, value in cfg.model_options.items():
             need(settings.is_number(value) and 0 <= value < 1, "model_options",
                  f"{key} must be a probability in [0, 1), got {value!r}")
-        path = pretrained.checkpoint_dir(cfg.init_from, named("init_from"))
+        path = hub.checkpoint_dir(cfg.init_from, named("init_from"))
         if not path.is_dir():
             raise ValueError(f"{named('init_from')}: not a directory")
         if (path / lora.ADAPTER_CONFIG).is_file() and not (path / rundir.HF_CONFIG).is_file():

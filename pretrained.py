@@ -4,13 +4,12 @@ exporting and LoRA targeting), and load/save that never hold two copies of the w
 from __future__ import annotations
 
 if __name__ == "__main__":  # first: the imports below load torch for seconds
-    import process
+    from codelm.runtime import process
 
     process.quiet_start_up_stops()
 
 import contextlib
 import json
-import re
 import shutil
 import sys
 import zipfile
@@ -23,9 +22,7 @@ from typing import BinaryIO, NamedTuple
 import torch
 from safetensors import SafetensorError, safe_open
 
-import process
 import rundir
-import settings
 from architecture import (
     FAMILIES,
     ROPE_SCALING_KEYS,
@@ -36,6 +33,8 @@ from architecture import (
     cuda_half_dtype,
     rope_inv_freq,
 )
+from codelm.runtime import process, settings
+from codelm.runtime.hub import checkpoint_dir
 
 # --------------------------------------------------------------------------- tables
 
@@ -877,35 +876,6 @@ def _checked_plan(directory: Path, cfg: ModelConfig, table: FamilyTable,
                 raise ValueError(f"{directory}: shape mismatch for {hf_name}: expected {want} "
                                  f"(from config.json), found {found}")
     return model, plan
-
-
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
-_NOT_PYTORCH = ["*.msgpack", "*.h5", "*.ot", "*.onnx", "*.tflite", "*.gguf", "onnx/*", "*.mlmodel"]
-
-
-def is_hub_id(spec: str | Path) -> bool:
-    """Whether ``spec`` names a Hugging Face repo (``org/name[@revision]``), not a local path."""
-    return not Path(spec).expanduser().exists() and _HUB_ID.fullmatch(str(spec)) is not None
-
-
-def checkpoint_dir(spec: str | Path, what: str = "checkpoint", repo_type: str = "model") -> Path:
-    """A local directory, or else the snapshot of a Hugging Face id ``org/name[@revision]`` (a
-    model's, or with ``repo_type="dataset"`` a dataset's): from the hub cache when there or
-    offline (``HF_HUB_OFFLINE=1``), else downloaded into it."""
-    if not is_hub_id(spec):
-        return Path(spec).expanduser()
-    from huggingface_hub import snapshot_download
-
-    repo, _, revision = str(spec).partition("@")
-    try:
-        return Path(snapshot_download(repo, revision=revision or None, repo_type=repo_type,
-                                      ignore_patterns=_NOT_PYTORCH))
-    except Exception as e:  # not cached while offline, no such repo, no network: many types
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{what} {spec}: no such directory, and no Hugging Face snapshot of "
-                         f"{repo} ({why}); download it (`hf download {repo}"
-                         f"{' --repo-type dataset' if repo_type == 'dataset' else ''}`) or give a "
-                         "local directory") from None
 
 
 def load(directory: str | Path, dtype: torch.dtype | str | None = None,

@@ -6,7 +6,7 @@ the loss fell and the saved adapter computes what the merged export computes."""
 from __future__ import annotations
 
 if __name__ == "__main__":  # first: the imports below load torch for seconds
-    import process
+    from codelm.runtime import process
 
     process.quiet_start_up_stops()
 
@@ -26,11 +26,11 @@ import torch
 
 import eval as ev
 import plan
-import process
 import rundir
-import settings
 import trainconfig
 import trainingmanager as tm
+from codelm.runtime import process, settings
+from codelm.runtime.hub import checkpoint_dir
 from scraping import is_git_source
 
 # --------------------------------------------------------------------------------------- recipes
@@ -143,8 +143,6 @@ def check_family(model_dir: str, preset: str | None) -> None:
 
 def check_paths(values: dict, recipe: str) -> None:
     """The recipe's model and data paths are placeholders: say which flag replaces them."""
-    from pretrained import checkpoint_dir
-
     init_from = values.get("init_from")
     if init_from is not None:
         how = (f"pass --model DIR or ID, an HF checkpoint of {values.get('preset')} (see "

@@ -20,12 +20,12 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import checkpoint
-import distributed
-import process
 import rundir
-from checkpoint import RunState, model_tensors, rng_state, write_dir_atomically
-from distributed import Dist, all_gather, main_first
-from process import duration, progress_bar
+from checkpoint import RunState, model_tensors, write_dir_atomically
+from codelm.runtime import distributed, process
+from codelm.runtime.distributed import Dist, all_gather, main_first
+from codelm.runtime.process import duration, progress_bar
+from codelm.runtime.rng import rng_state
 from rundir import RunLog, list_checkpoints
 
 if typing.TYPE_CHECKING:

@@ -17,9 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import process
-import settings
-from distributed import Dist, broadcast
+from codelm.runtime import process, settings
+from codelm.runtime.distributed import Dist, broadcast
 
 # runs/<name>/ holds CONFIG_FILE, METRICS_FILE, tokenizer.json, LOCK_FILE, TB_DIR/,
 # CHECKPOINTS_DIR/<CHECKPOINT_PREFIX>N/, BEST_DIR/, EXPORT_DIR/ and EVAL_DIR/ (and

@@ -29,7 +29,7 @@ and the exec ban keep it unused). Not a substitute for a VM against a determined
 from __future__ import annotations
 
 if __name__ == "__main__":  # first, as in every script
-    import process
+    from codelm.runtime import process
 
     process.quiet_start_up_stops()
 
@@ -52,8 +52,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import process
-import settings
+from codelm.runtime import process, settings
 
 EXIT_MEMORY = 113  # the bootstrap's exit status when the sample ran out of memory
 MIN_MEMORY_MB = 64  # the interpreter alone maps about 15 MB before any test

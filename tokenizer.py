@@ -8,7 +8,7 @@ Main path: ``load_tokenizer(path)`` -> ``.encode(text)`` / ``.decode(ids)``.
 from __future__ import annotations
 
 if __name__ == "__main__":  # first, as in every script
-    import process
+    from codelm.runtime import process
 
     process.quiet_start_up_stops()
 
@@ -33,8 +33,7 @@ from typing import NamedTuple, TypeVar
 
 import regex
 
-import process
-import settings
+from codelm.runtime import process, settings
 
 TOKENIZER_FILE = "tokenizer.json"
 CODE_TOKENIZER_TYPE = "codelm-code-tokenizer"

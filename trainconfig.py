@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import NamedTuple
 
 import rundir
-import settings
 from architecture import PRESETS, SHORT_DTYPES, ModelConfig
 from checkpoint import check_run_paths, is_sharded
+from codelm.runtime import settings
+from codelm.runtime.distributed import STRATEGIES
+from codelm.runtime.settings import setting
 from dataconfig import DataConfig
-from distributed import STRATEGIES
 from optim import OPTIMIZERS
-from settings import setting
 
 
 @dataclass

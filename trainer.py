@@ -16,14 +16,13 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-import distributed
-import process
 from architecture import IGNORE_INDEX, cuda_half_dtype, lacks_native_bf16
 from checkpoint import RunState
-from distributed import Dist, all_gather, all_reduce_sum
+from codelm.runtime import distributed, process
+from codelm.runtime.distributed import Dist, all_gather, all_reduce_sum
+from codelm.runtime.process import progress_bar
+from codelm.runtime.settings import setting
 from optim import build_optimizer
-from process import progress_bar
-from settings import setting
 from trainconfig import TrainConfig
 
 MAX_SKIPPED_STEPS = 25  # consecutive fp16 overflow skips before the run is declared diverged

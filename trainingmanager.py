@@ -10,7 +10,7 @@ loss stops the run naming the last good checkpoint; checkpoints continue bit-exa
 from __future__ import annotations
 
 if __name__ == "__main__":  # first: the imports below load torch for seconds
-    import process
+    from codelm.runtime import process
 
     process.quiet_start_up_stops()
     process.exit_with_torchrun()  # a torchrun killed outright leaves no rank training on
@@ -31,20 +31,19 @@ import torch
 import torch.nn as nn
 
 import build
-import distributed
 import finish
 import plan
-import process
 import rundir
-import settings
 from architecture import Transformer
 from batches import Where
 from build import Run
-from checkpoint import StepStart, rng_state, seed_everything
-from distributed import Dist, RankZeroFailed, resolve_device
+from checkpoint import StepStart
+from codelm.runtime import distributed, process, settings
+from codelm.runtime.distributed import Dist, RankZeroFailed, resolve_device
+from codelm.runtime.process import progress_bar
+from codelm.runtime.rng import rng_state, seed_everything
 from generation import GenerationConfig, generate
 from plan import BUDGET_LADDER, BudgetClock, parse_config
-from process import progress_bar
 from record import NonFiniteLossError, Progress, divergence_causes
 from rundir import RunInterrupted
 from trainconfig import (

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_model import make_checkpoint  # noqa: E402
 
-import process  # noqa: E402
+from codelm.runtime import process  # noqa: E402
 
 
 def best_of(repeats: int, fn) -> float:

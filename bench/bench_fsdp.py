@@ -26,9 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-import distributed  # noqa: E402
-import settings  # noqa: E402
 from architecture import PRESETS, Transformer  # noqa: E402
+from codelm.runtime import distributed, settings  # noqa: E402
 from optim import build_optimizer  # noqa: E402
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import settings  # noqa: E402
+from codelm.runtime import settings  # noqa: E402
 
 
 @dataclass

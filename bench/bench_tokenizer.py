@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dataset  # noqa: E402
-import settings  # noqa: E402
+from codelm.runtime import settings  # noqa: E402
 from tokenizer import PRETOKENIZER_STYLES, CodeTokenizer, load_tokenizer  # noqa: E402
 
 STYLES = (*PRETOKENIZER_STYLES, "spm", "metaspace")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 if __name__ == "__main__":  # first, as in every script: the imports below take a while
-    import process
+    from codelm.runtime import process
 
     process.quiet_start_up_stops()
 
@@ -11,8 +11,7 @@ import argparse
 import logging
 import sys
 
-import process
-import settings
+from codelm.runtime import process, settings
 from scraping.client import GitHubError
 from scraping.github import SERVER_ERROR, UNAVAILABLE, GitHubConfig, scrape_github
 from scraping.local import LocalConfig, collect_local

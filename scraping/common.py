@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import process
+from codelm.runtime import process
 
 # Licences that allow reuse with attribution only; ``--licenses permissive`` expands to these.
 PERMISSIVE_LICENSES = frozenset(

@@ -14,7 +14,7 @@ from urllib.parse import quote, urlsplit
 
 import requests
 
-from process import progress_bar
+from codelm.runtime.process import progress_bar
 from scraping.client import GitHubClient, GitHubError, ServerError
 from scraping.common import (
     EXCLUDED_DIRS,

@@ -11,8 +11,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import process
-from process import progress_bar
+from codelm.runtime import process
+from codelm.runtime.process import progress_bar
 from scraping.common import (
     FileFilter,
     ResumableOutput,

@@ -196,7 +196,8 @@ KILLED_CHILD = """
 import sys, threading
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-import dataset, process
+import dataset
+from codelm.runtime import process
 from tokenizer import load_tokenizer
 stage, source, cache, tokenizer, ready = sys.argv[2:7]
 dataset.SHARD_DOCS, dataset.TOKEN_SHARD_CHARS, dataset.POOL_AFTER_BYTES = 4, 40_000, 50_000
@@ -277,7 +278,8 @@ KILLED_AFTER_PUBLISHING = """
 import sys, threading
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-import dataset, process
+import dataset
+from codelm.runtime import process
 from tokenizer import load_tokenizer
 stage, source, cache, tokenizer, ready = sys.argv[2:7]
 dataset.SHARD_DOCS, dataset.TOKEN_SHARD_CHARS, dataset.POOL_AFTER_BYTES = 4, 40_000, 50_000

@@ -23,8 +23,7 @@ from procs import popen, signal_when
 
 import dataconfig
 import dataset
-import process
-import settings
+from codelm.runtime import process, settings
 from dataset import (
     DOCSTRING_PROMPTS,
     REFACTOR_TEMPLATE,

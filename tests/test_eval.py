@@ -16,11 +16,10 @@ from rapidfuzz import fuzz
 
 import build
 import checkpoint as checkpoint_module
-import distributed
 import eval as ev
-import process
 import rundir
 import trainconfig
+from codelm.runtime import distributed, process
 
 WORDS = ["def", "f(x):", "return", "x", "+", "1", "self", "if", "else:", "for", "i", "in",
          "range(n):", "print(i)", "'s'", "None", "==", "(", ")", "a_b", "Foo", "éλ", "\t", "\n"]
@@ -2946,7 +2945,7 @@ def test_results_name_the_step_of_a_runs_scored_weights_and_whether_it_still_tra
 
     from safetensors.torch import save_file
 
-    import process
+    from codelm.runtime import process
 
     monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
     cfg = trainconfig.TrainConfig(preset="tiny", n_layer=1, n_embd=32, n_head=2)

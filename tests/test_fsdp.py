@@ -28,11 +28,11 @@ from test_trainingmanager import (
 )
 
 import checkpoint
-import distributed
 import plan
 import rundir
 import trainconfig
 import trainingmanager as tm
+from codelm.runtime import distributed
 
 assets = test_trainingmanager.assets  # the fixtures: a small corpus and its tokenizer,
 one_thread = test_trainingmanager.one_thread  # one thread for bit-exact comparisons
@@ -218,7 +218,8 @@ def _dequantized_base(base: Path, bits: int, out: Path) -> Path:
 QUANTIZED_BYTES = r"""
 import json, sys
 import torch
-import build, distributed, lora, trainconfig
+import build, lora, trainconfig
+from codelm.runtime import distributed
 
 cfg = trainconfig.TrainConfig(**json.loads(open(sys.argv[1]).read()))
 dist = distributed.this_process()
@@ -396,7 +397,7 @@ def test_the_last_finite_checkpoint_is_found_among_sharded_ones(tmp_path):
     whose shards are intact and finite."""
     import torch.distributed.checkpoint as dcp
 
-    import process
+    from codelm.runtime import process
 
     model = torch.nn.Linear(4, 3)
     optimizer = torch.optim.AdamW(model.parameters())
@@ -424,7 +425,7 @@ def test_a_sharded_checkpoint_at_another_step_or_with_nonfinite_moments_is_not_g
     checkpoint and what is wrong."""
     import torch.distributed.checkpoint as dcp
 
-    import process
+    from codelm.runtime import process
 
     model = torch.nn.Linear(4, 3)
     optimizer = torch.optim.AdamW(model.parameters())

@@ -30,12 +30,12 @@ from tiny_hf import save_tiny_hf
 
 import hyperparam_tune
 import plan
-import process
 import record
 import rundir
 import trainconfig
 import trainer
 import trainingmanager
+from codelm.runtime import process
 from dataset import DataError, stdlib_files, stdlib_root
 from tokenizer import CodeTokenizer
 

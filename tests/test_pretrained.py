@@ -14,6 +14,7 @@ from tiny_hf import FAMILIES, save_tiny_hf, tiny_checkpoints, tiny_hf_model
 import pretrained
 import trainconfig
 from architecture import PRESETS, ModelConfig, Transformer
+from codelm.runtime import hub
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -1379,9 +1380,9 @@ def test_a_hub_id_loads_from_the_hub_cache_offline(tmp_path, offline_hub):
     ids = torch.randint(0, 256, (1, 12))
     want = pretrained.load(tmp_path / "dir").eval()(ids)
     for spec in ("org/tiny", f"org/tiny@{commit}"):
-        assert pretrained.checkpoint_dir(spec) == offline_hub / "models--org--tiny" / "snapshots" / commit
+        assert hub.checkpoint_dir(spec) == offline_hub / "models--org--tiny" / "snapshots" / commit
         torch.testing.assert_close(pretrained.load(spec).eval()(ids), want, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"org/other: no such directory.*snapshot.*"
                                          r"hf download org/other"):
         pretrained.load("org/other")
-    assert not pretrained.is_hub_id(tmp_path / "dir") and not pretrained.is_hub_id("a/b/c")
+    assert not hub.is_hub_id(tmp_path / "dir") and not hub.is_hub_id("a/b/c")

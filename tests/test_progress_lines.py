@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-import process
+from codelm.runtime import process
 
 
 class Clock:

@@ -26,9 +26,9 @@ import eval as ev
 import plan
 import recipes
 import rundir
-import settings
 import trainconfig
 import trainingmanager as tm
+from codelm.runtime import settings
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"

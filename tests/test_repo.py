@@ -116,68 +116,84 @@ def test_bench_lora_refuses_a_width_its_heads_do_not_divide(capsys, monkeypatch)
 # docs/contracts.md's import floors: what each project module may import directly at import
 # time (settings and process, the ground-floor utilities, are open to all). A module may also load what those
 # load.
-BELOW_FLOOR_3 = {"process", "settings", "rundir", "checkpoint", "tokenizer", "kernels",
+PROCESS, SETTINGS, DISTRIBUTED = ("codelm.runtime.process", "codelm.runtime.settings",
+                                  "codelm.runtime.distributed")
+HUB, RNG = "codelm.runtime.hub", "codelm.runtime.rng"
+BELOW_FLOOR_3 = {PROCESS, SETTINGS, HUB, RNG, "rundir", "checkpoint", "tokenizer", "kernels",
                  "architecture", "generation", "optim", "scraping", "pretrained", "lora", "dataset",
-                 "dataconfig", "batches", "trainconfig", "distributed", "trainer", "record",
+                 "dataconfig", "batches", "trainconfig", DISTRIBUTED, "trainer", "record",
                  "plan", "build", "finish", "sandbox", "gguf_export"}
 MAY_IMPORT = {
-    "process": set(),
-    "settings": set(),
-    "distributed": set(),
-    "rundir": {"process", "settings", "distributed"},
-    "checkpoint": {"process", "settings", "rundir"},
-    "tokenizer": {"process", "settings"},
+    PROCESS: set(),
+    SETTINGS: set(),
+    DISTRIBUTED: set(),
+    HUB: set(),
+    RNG: set(),
+    "rundir": {PROCESS, SETTINGS, DISTRIBUTED},
+    "checkpoint": {PROCESS, SETTINGS, "rundir"},
+    "tokenizer": {PROCESS, SETTINGS},
     "kernels": set(),
     "architecture": {"kernels"},
     "generation": {"architecture", "kernels"},
     "optim": set(),
-    "scraping": {"process", "settings"},
-    "pretrained": {"process", "settings", "rundir", "architecture"},
-    "lora": {"process", "settings", "architecture", "pretrained"},
+    "scraping": {PROCESS, SETTINGS},
+    "pretrained": {PROCESS, SETTINGS, HUB, "rundir", "architecture"},
+    "lora": {PROCESS, SETTINGS, HUB, "architecture", "pretrained"},
     "gguf_export": {"architecture", "tokenizer", "pretrained", "lora"},
-    "dataconfig": {"process"},
-    "dataset": {"process", "settings", "tokenizer", "scraping", "dataconfig", "kernels"},
+    "dataconfig": {PROCESS},
+    "dataset": {PROCESS, SETTINGS, HUB, "tokenizer", "scraping", "dataconfig", "kernels"},
     "batches": {"dataset", "kernels"},
-    "trainconfig": {"process", "settings", "rundir", "checkpoint", "architecture", "optim",
+    "trainconfig": {PROCESS, SETTINGS, "rundir", "checkpoint", "architecture", "optim",
                     "dataconfig"},
-    "trainer": {"process", "settings", "architecture", "checkpoint", "distributed", "optim",
+    "trainer": {PROCESS, SETTINGS, "architecture", "checkpoint", DISTRIBUTED, "optim",
                 "trainconfig"},
-    "record": {"process", "settings", "rundir", "checkpoint", "distributed"},
-    "plan": {"process", "settings", "rundir", "architecture", "pretrained", "lora",
+    "record": {PROCESS, SETTINGS, RNG, "rundir", "checkpoint", DISTRIBUTED},
+    "plan": {PROCESS, SETTINGS, HUB, "rundir", "architecture", "pretrained", "lora",
              "gguf_export", "trainconfig"},
-    "build": {"process", "settings", "rundir", "checkpoint", "architecture", "tokenizer",
+    "build": {PROCESS, SETTINGS, RNG, "rundir", "checkpoint", "architecture", "tokenizer",
               "pretrained", "lora", "gguf_export", "dataconfig", "dataset", "batches",
-              "trainconfig", "distributed", "trainer", "record", "plan"},
-    "finish": {"process", "settings", "rundir", "checkpoint", "pretrained", "lora", "gguf_export",
+              "trainconfig", DISTRIBUTED, "trainer", "record", "plan"},
+    "finish": {PROCESS, SETTINGS, "rundir", "checkpoint", "pretrained", "lora", "gguf_export",
                "dataset", "generation", "tokenizer", "trainer", "record", "build"},
-    "sandbox": {"process", "settings"},
+    "sandbox": {PROCESS, SETTINGS},
     "trainingmanager": BELOW_FLOOR_3,
     "eval": BELOW_FLOOR_3 | {"trainingmanager"},
-    "hyperparam_tune": {"process", "settings", "rundir", "trainingmanager"},
+    "hyperparam_tune": {PROCESS, SETTINGS, "rundir", "trainingmanager"},
     "recipes": BELOW_FLOOR_3 | {"trainingmanager", "eval"},
     "gguf_cli": BELOW_FLOOR_3 | {"trainingmanager", "eval"},
 }
 
 # Imports each module fresh (the project's modules dropped from sys.modules in between; torch
-# and the other libraries stay, which keeps it one cheap process) and prints what it loaded.
+# and the other libraries stay, which keeps it one cheap process) and prints what it loaded: a
+# project module by its dotted name, scraping's modules as the one package.
 _LOADED_BY_EACH = """
 import json, sys
 project = set(sys.argv[1].split())
+tops = {name.split(".")[0] for name in project}
+def named(module):
+    return next((p for p in project if module == p or module.startswith(p + ".")), None)
 loaded = {}
 for module in sys.argv[2].split():
-    for name in [m for m in sys.modules if m.split(".")[0] in project]:
+    for name in [m for m in sys.modules if m.split(".")[0] in tops]:
         del sys.modules[name]
     __import__(module)
-    loaded[module] = sorted({m.split(".")[0] for m in sys.modules} & project - {module})
+    loaded[module] = sorted({named(m) for m in sys.modules} - {None, module})
 print(json.dumps(loaded))
 """
+
+
+def _project_modules() -> set[str]:
+    """The root modules, the scraping package, and every module under codelm/ by dotted name."""
+    under = {".".join(p.relative_to(ROOT).with_suffix("").parts)
+             for p in ROOT.glob("codelm/**/*.py") if p.name != "__init__.py"}
+    return {p.stem for p in ROOT.glob("*.py")} | {"scraping"} | under
 
 
 def test_every_module_imports_only_what_its_floor_allows():
     """docs/contracts.md's import floors, as a fresh `import MODULE` really loads them: no import
     runs upward (dataset never loads trainingmanager, the ground floor nothing but settings and process),
     so no two modules import each other; a new module must be given its floor here."""
-    project = {p.stem for p in ROOT.glob("*.py")} | {"scraping"}
+    project = _project_modules()
     assert project == set(MAY_IMPORT), "place each module on a floor (docs/contracts.md)"
     order = list(MAY_IMPORT)  # bottom up: a module's allowed imports come before it
     run = subprocess.run([sys.executable, "-c", _LOADED_BY_EACH, " ".join(project),
@@ -240,21 +256,29 @@ def test_the_readme_leads_to_the_generations_formats_and_says_how_long_the_tests
 
 
 def test_readme_layout_names_every_module():
-    """README's Layout table names every top-level module and package."""
+    """README's Layout table names every top-level module and package, and codelm/'s modules
+    and sub-packages (`codelm/runtime/`)."""
     table = (ROOT / "README.md").read_text().split("## Layout\n", 1)[1]
     named = set(re.findall(r"^\| `([^`]+)`(?:, `([^`]+)`)?", table, re.M))
     named = {name.rstrip("/") for pair in named for name in pair if name}
+    inside = {p.relative_to(ROOT).as_posix() for p in ROOT.glob("codelm/*.py")
+              if p.name != "__init__.py"}
+    inside |= {p.parent.relative_to(ROOT).as_posix() for p in ROOT.glob("codelm/*/__init__.py")}
     modules = ({p.name for p in ROOT.glob("*.py")}
-               | {p.parent.name for p in ROOT.glob("*/__init__.py")})
+               | {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"codelm"} | inside)
     assert modules <= named, sorted(modules - named)
 
 
 def test_the_package_installs_every_top_level_module():
-    """pyproject's py-modules lists every top-level module: ``pip install .`` (and the console
-    scripts it makes) import them from site-packages, where a module left out is missing."""
+    """pyproject's py-modules lists every top-level module and its packages every package
+    (codelm's sub-packages included): ``pip install .`` (and the console scripts it makes) import
+    them from site-packages, where a module left out is missing."""
     text = (ROOT / "pyproject.toml").read_text()
     listed = set(re.findall(r'"(\w+)"', text.split("py-modules = [", 1)[1].split("]", 1)[0]))
     assert listed == {p.stem for p in ROOT.glob("*.py")}
+    packages = set(re.findall(r'"([\w.]+)"', text.split("packages = [", 1)[1].split("]", 1)[0]))
+    found = [*ROOT.glob("*/__init__.py"), *ROOT.glob("codelm/**/__init__.py")]
+    assert packages == {".".join(p.parent.relative_to(ROOT).parts) for p in found}
 
 
 SCRIPTS = ["trainingmanager.py", "eval.py", "dataset.py", "hyperparam_tune.py", "recipes.py",

@@ -18,8 +18,8 @@ import pytest
 from fake_github import DEFAULT_FAULTS, FakeGitHub, FakeRepo, blob_sha, fake_corpus
 from procs import popen, signal_when
 
-import process
 import scraping.github
+from codelm.runtime import process
 from scraping import (
     GitHubClient,
     GitHubConfig,

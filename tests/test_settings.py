@@ -3,12 +3,22 @@
 import argparse
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
 import plan
-import settings
 import trainconfig
+from codelm.runtime import settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bundled_files_are_found_in_the_checkout():
+    """In a checkout the bundled data/ and configs/ are the repository's own, wherever the
+    module that finds them sits in the package."""
+    assert settings.bundled("configs", "search_spaces") == ROOT / "configs" / "search_spaces"
+    assert settings.bundled("data", "overfit").is_dir()
 
 
 @dataclass

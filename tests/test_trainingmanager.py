@@ -25,20 +25,18 @@ from safetensors.torch import load_file, save_file
 import build
 import checkpoint
 import dataset
-import distributed
 import finish
 import generation
 import kernels
 import plan
-import process
 import record
 import rundir
-import settings
 import trainconfig
 import trainer as trainer_module
 import trainingmanager as tm
 from architecture import SHORT_DTYPES
 from batches import Batches, BatchOrder
+from codelm.runtime import distributed, process, rng, settings
 from dataset import collate, stdlib_files, supervised_example
 from tokenizer import CodeTokenizer, load_tokenizer
 
@@ -3174,12 +3172,12 @@ def test_checkpoints_hold_the_training_gpus_rng_and_resume_where_fewer_are_visib
     """Only the training GPU's generator is saved: saving every visible one (8 on an 8-GPU node)
     and restoring them all would raise IndexError on a resume with fewer visible."""
     gpus = _simulated_gpus(monkeypatch, 8)
-    state = checkpoint.rng_state(torch.device("cuda", 1))
+    state = rng.rng_state(torch.device("cuda", 1))
     assert torch.equal(state["cuda"], gpus[1].get_state())
-    assert "cuda" not in checkpoint.rng_state(torch.device("cpu"))
+    assert "cuda" not in rng.rng_state(torch.device("cpu"))
     gpus = _simulated_gpus(monkeypatch, 2)
     untouched = gpus[1].get_state()
-    checkpoint.set_rng_state(state, torch.device("cuda", 0))
+    rng.set_rng_state(state, torch.device("cuda", 0))
     assert torch.equal(gpus[0].get_state(), state["cuda"])
     assert torch.equal(gpus[1].get_state(), untouched)
 

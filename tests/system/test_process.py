@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-import process
+from codelm.runtime import process
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: scripts import process from it
 
@@ -207,7 +207,7 @@ def test_a_pool_is_joined_after_its_work_and_terminated_on_an_error(tmp_path):
 
 _POOLS_UNDER_LOAD = """
 import sys
-import process
+from codelm.runtime import process
 
 def stop_early(pool):
     for n in pool.imap(abs, range(1000), chunksize=4):
@@ -246,7 +246,7 @@ def test_pools_started_and_ended_many_times_under_cpu_burners_never_hang():
 
 _POOL_PARENT = """
 import os, sys, time
-import process
+from codelm.runtime import process
 
 def pid(_):
     time.sleep(0.5)  # the other worker takes the second task
@@ -644,7 +644,8 @@ def test_a_reader_that_stops_reading_ends_a_script_quietly():
     import subprocess
     import sys
 
-    script = ("import process, sys\n"
+    script = ("import sys\n"
+              "from codelm.runtime import process\n"
               "sys.exit(process.run_main(lambda: process.run_tool(\n"
               "    lambda: [print('x' * 100) for _ in range(10**6)])))\n")
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
@@ -657,7 +658,7 @@ def test_a_reader_that_stops_reading_ends_a_script_quietly():
 
 _SWALLOWING_IMPORT = """
 import atexit, os, signal, sys
-import process
+from codelm.runtime import process
 process.quiet_start_up_stops()
 atexit.register(lambda: print("exit handler ran"))
 try:  # an extension's init that clears any error, as torch's of numpy does
@@ -708,7 +709,7 @@ def test_a_ctrl_c_between_the_renames_of_a_set_lands_after_the_last(tmp_path, mo
 _ORPHAN = """
 import os, signal, sys, time
 sys.path.insert(0, sys.argv[1])
-import process
+from codelm.runtime import process
 if sys.argv[2] == "ignore":  # a child that never answers SIGTERM: SIGKILL ends it
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 process.exit_with_parent(os.getppid(), poll_s=0.05, grace_s=0.5)
@@ -757,7 +758,7 @@ def test_a_child_dies_with_its_parent_even_after_kill_9(answer):
 
 _MIXED_STOPS = """
 import os, signal, sys, time
-import process
+from codelm.runtime import process
 
 def work():
     try:
@@ -793,7 +794,7 @@ def test_a_stop_during_the_cleanup_of_another_leaves_its_cleanup_and_exit_code(f
 
 _STOP_AT_EXIT = """
 import atexit, os, signal, sys, time
-import process
+from codelm.runtime import process
 
 def exit_handler():  # another library's, run after run_main's own
     os.kill(os.getpid(), signal.SIGINT)

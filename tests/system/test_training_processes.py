@@ -37,13 +37,12 @@ from test_trainingmanager import (
 
 import build
 import checkpoint as checkpoint_module
-import distributed
 import plan
-import process
 import rundir
 import trainconfig
 import trainer as trainer_module
 import trainingmanager as tm
+from codelm.runtime import distributed, process
 from tokenizer import CodeTokenizer, load_tokenizer
 
 

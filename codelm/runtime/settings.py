@@ -34,9 +34,9 @@ def _field_type(hint: Any) -> tuple[Any, bool]:
 
 
 def bundled(*parts: str) -> Path:
-    """A file shipped with codelm (data/, configs/): beside the modules in a checkout or an
-    editable install, else under ``<prefix>/share/codelm`` (where ``pip install .`` puts it)."""
-    here = Path(__file__).resolve().parent.joinpath(*parts)
+    """A file shipped with codelm (data/, configs/): at the root of a checkout or an editable
+    install, else under ``<prefix>/share/codelm`` (where ``pip install .`` puts it)."""
+    here = Path(__file__).resolve().parents[2].joinpath(*parts)  # codelm/runtime/ -> the checkout
     return here if here.exists() else Path(sys.prefix, "share", "codelm", *parts)
 
 
