@@ -2,9 +2,9 @@
 from-scratch models of the research path.
 
 The families differ only in flags of `ModelConfig`; `Transformer` is the one model class. Every op
-is plain PyTorch; a function marked `@kernels.faster(...)` runs a faster equivalent from kernels.py
-(on by default). Generation lives in generation.py; HF checkpoints are read and written by
-pretrained.py.
+is plain PyTorch; a function marked `@kernels.faster(...)` runs a faster equivalent from
+codelm/kernels.py (on by default). Generation lives in codelm/models/generation.py; HF checkpoints
+are read and written by pretrained.py.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import kernels
-from kernels import IGNORE_INDEX
+from codelm import kernels
+from codelm.kernels import IGNORE_INDEX
 
 FAMILIES = ("gpt_bigcode", "codegen", "phi", "llama", "qwen2", "qwen3", "mistral", "starcoder2",
             "phi3", "gemma", "gemma2")
@@ -420,7 +420,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 
 # One layer's preallocated (keys, values), each (B, n_kv_head, length, head_dim), written in place
-# at the decode step's slots (generation.py).
+# at the decode step's slots (codelm/models/generation.py).
 LayerCache = tuple[torch.Tensor, torch.Tensor]
 
 

@@ -11,8 +11,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from codelm.kernels import IGNORE_INDEX
 from dataset import SupervisedExamples, collate
-from kernels import IGNORE_INDEX
 
 
 class Where(typing.NamedTuple):

@@ -50,6 +50,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
+from codelm.kernels import IGNORE_INDEX
 from codelm.runtime import hub, process, settings
 from codelm.runtime.process import progress_bar
 from dataconfig import (
@@ -63,7 +64,6 @@ from dataconfig import (
     DataConfig,
     DataError,
 )
-from kernels import IGNORE_INDEX
 from scraping.common import decode_source, has_extension, is_utf8, source_files
 from tokenizer import (
     ENCODING_VERSION,

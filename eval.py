@@ -47,9 +47,7 @@ import pretrained
 import rundir
 import trainconfig
 from architecture import SHORT_DTYPES
-from codelm.runtime import hub, process, settings
-from codelm.runtime.process import progress_bar
-from generation import (
+from codelm.models.generation import (
     FUNCTION_STOPS,
     MIN_TEMPERATURE,
     GenerationConfig,
@@ -57,6 +55,8 @@ from generation import (
     stream,
     truncate_at_stops,
 )
+from codelm.runtime import hub, process, settings
+from codelm.runtime.process import progress_bar
 from sandbox import (
     MIN_MEMORY_MB,
     SandboxConfig,

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
 import pretrained
 from architecture import Transformer
+from codelm import kernels
 from codelm.runtime import hub, process, settings
 
 # init_adapter's adapter_config.json -> the TrainConfig keys it sets (by LoRAConfig's names).

@@ -38,11 +38,11 @@ from architecture import Transformer
 from batches import Where
 from build import Run
 from checkpoint import StepStart
+from codelm.models.generation import GenerationConfig, generate
 from codelm.runtime import distributed, process, settings
 from codelm.runtime.distributed import Dist, RankZeroFailed, resolve_device
 from codelm.runtime.process import progress_bar
 from codelm.runtime.rng import rng_state, seed_everything
-from generation import GenerationConfig, generate
 from plan import BUDGET_LADDER, BudgetClock, parse_config
 from record import NonFiniteLossError, Progress, divergence_causes
 from rundir import RunInterrupted

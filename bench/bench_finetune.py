@@ -195,7 +195,7 @@ def packed_rows(args, vocab: int) -> list[list[Example]]:
 
 def codelm_batch(examples: list[Example]) -> dict:
     """The examples as one packed row: each its own document, labels its next tokens."""
-    from kernels import IGNORE_INDEX
+    from codelm.kernels import IGNORE_INDEX
 
     labels = [torch.cat([e.ids[1:], torch.tensor([IGNORE_INDEX])]) for e in examples]
     documents = [torch.full_like(e.ids, k) for k, e in enumerate(examples)]

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from load_child import _status_mib  # noqa: E402  (bench/, the script folder, is on sys.path)
 
-from kernels import head_cross_entropy  # noqa: E402
+from codelm.kernels import head_cross_entropy  # noqa: E402
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOSS_SCALE = 1024.0  # fp16's: what a GradScaler multiplies the loss by

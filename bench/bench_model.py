@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from architecture import PRESETS, Transformer  # noqa: E402
-from generation import GenerationConfig, generate  # noqa: E402
+from codelm.models.generation import GenerationConfig, generate  # noqa: E402
 
 
 @dataclass

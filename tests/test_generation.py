@@ -10,9 +10,9 @@ import pytest
 import torch
 from test_architecture import SHAPES, _ids, _model, _spy_sdpa, gen, gen_stream
 
-import generation
 import pretrained
 from architecture import Transformer
+from codelm.models import generation
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -576,7 +576,7 @@ def test_sampling_filter_equals_transformers_warpers_with_ties():
         TopPLogitsWarper,
     )
 
-    from generation import sampling_logits
+    from codelm.models.generation import sampling_logits
 
     g = torch.Generator().manual_seed(0)
     cases = [torch.ones(1, 4),  # all tied: top_p 0.5 keeps two of them

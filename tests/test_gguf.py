@@ -399,7 +399,7 @@ def _held_out(chars: int) -> list[str]:
 def test_llama_cpp_reads_codelms_ids_and_continues_as_codelm(name, checkpoints, tmp_path):
     """An f32 export: llama.cpp's ids on held-out code are codelm's, and so are its 24 greedy
     tokens."""
-    from generation import GenerationConfig, generate
+    from codelm.models.generation import GenerationConfig, generate
 
     llama_cpp = _llama_cpp()
     tok = load_tokenizer(checkpoints[name])

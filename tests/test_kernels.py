@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from test_architecture import SHAPES, _ids, _model, _spy_sdpa, gen
 
-import kernels
 from architecture import Transformer, head_loss, split_heads
+from codelm import kernels
 
 
 def _hidden(model: Transformer, idx: torch.Tensor) -> torch.Tensor:
@@ -143,7 +143,7 @@ def test_decode_layout_stays_out_of_state_dict(tmp_path):
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2),
                                         (torch.float64, 1e-12)])
 def test_one_row_matmul_rewrite_equals_linear(dtype, tol):
-    from kernels import _addmm_one_row, _mm_one_row
+    from codelm.kernels import _addmm_one_row, _mm_one_row
 
     g = torch.Generator().manual_seed(0)
     x, w, b = (torch.randn(*s, generator=g).to(dtype) for s in ((1, 96), (40, 96), (40,)))
@@ -178,7 +178,7 @@ def test_split_rotated_backward_equals_autograd_of_the_composite(n_head, n_kv, h
                                                                  interleaved):
     """The qkv split + rotary Function with its hand-written backward, against gradcheck and
     against autograd through HF's formula (rotate_half) with a plain split."""
-    from kernels import _split_rotated, _SplitRotatedFunction
+    from codelm.kernels import _split_rotated, _SplitRotatedFunction
 
     g = torch.Generator().manual_seed(0)
     B, T = 2, 5
@@ -209,7 +209,7 @@ def test_rmsnorm_backward_equals_autograd_of_the_composite():
     """The hand-written RMSNorm backward against torch's gradcheck and against autograd through
     F.rms_norm, with and without a trainable weight, and bf16 activations on fp32 weights."""
     from architecture import RMSNorm
-    from kernels import _RMSNormFunction
+    from codelm.kernels import _RMSNormFunction
 
     x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
     w = (1 + 0.1 * torch.randn(8, dtype=torch.float64)).requires_grad_()
@@ -444,7 +444,7 @@ def test_cuda_training_rmsnorm_is_the_hand_written_one_in_torchs_kernels():
     """On CUDA an fp32 RMSNorm under autograd runs torch's fused F.rms_norm (13% faster a bf16
     training step): its output and gradients are the CPU path's hand-written function's."""
     from architecture import RMSNorm
-    from kernels import _RMSNormFunction
+    from codelm.kernels import _RMSNormFunction
 
     torch.manual_seed(0)
     norm = RMSNorm(96, 1e-5).cuda()

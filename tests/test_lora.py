@@ -17,10 +17,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tiny_hf import save_tiny_hf, tiny_hf_config, tiny_hf_model
 
-import kernels
 import lora
 import pretrained
 from architecture import PRESETS, Transformer
+from codelm import kernels
 from lora import (
     LoRAConfig,
     LoRALinear,

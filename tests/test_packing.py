@@ -175,7 +175,7 @@ def test_flex_attentions_block_mask_gives_the_boolean_masks_logits(checkpoints, 
     (gemma2) or a window shorter than the row (mistral) keeps the boolean mask."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    import kernels
+    from codelm import kernels
 
     _, _, model = checkpoints[name]
     idx, docs = _packed(_examples(2))

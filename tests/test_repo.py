@@ -119,8 +119,9 @@ def test_bench_lora_refuses_a_width_its_heads_do_not_divide(capsys, monkeypatch)
 PROCESS, SETTINGS, DISTRIBUTED = ("codelm.runtime.process", "codelm.runtime.settings",
                                   "codelm.runtime.distributed")
 HUB, RNG = "codelm.runtime.hub", "codelm.runtime.rng"
-BELOW_FLOOR_3 = {PROCESS, SETTINGS, HUB, RNG, "rundir", "checkpoint", "tokenizer", "kernels",
-                 "architecture", "generation", "optim", "scraping", "pretrained", "lora", "dataset",
+KERNELS, GENERATION = "codelm.kernels", "codelm.models.generation"
+BELOW_FLOOR_3 = {PROCESS, SETTINGS, HUB, RNG, "rundir", "checkpoint", "tokenizer", KERNELS,
+                 "architecture", GENERATION, "optim", "scraping", "pretrained", "lora", "dataset",
                  "dataconfig", "batches", "trainconfig", DISTRIBUTED, "trainer", "record",
                  "plan", "build", "finish", "sandbox", "gguf_export"}
 MAY_IMPORT = {
@@ -132,17 +133,17 @@ MAY_IMPORT = {
     "rundir": {PROCESS, SETTINGS, DISTRIBUTED},
     "checkpoint": {PROCESS, SETTINGS, "rundir"},
     "tokenizer": {PROCESS, SETTINGS},
-    "kernels": set(),
-    "architecture": {"kernels"},
-    "generation": {"architecture", "kernels"},
+    KERNELS: set(),
+    "architecture": {KERNELS},
+    GENERATION: {"architecture", KERNELS},
     "optim": set(),
     "scraping": {PROCESS, SETTINGS},
     "pretrained": {PROCESS, SETTINGS, HUB, "rundir", "architecture"},
     "lora": {PROCESS, SETTINGS, HUB, "architecture", "pretrained"},
     "gguf_export": {"architecture", "tokenizer", "pretrained", "lora"},
     "dataconfig": {PROCESS},
-    "dataset": {PROCESS, SETTINGS, HUB, "tokenizer", "scraping", "dataconfig", "kernels"},
-    "batches": {"dataset", "kernels"},
+    "dataset": {PROCESS, SETTINGS, HUB, "tokenizer", "scraping", "dataconfig", KERNELS},
+    "batches": {"dataset", KERNELS},
     "trainconfig": {PROCESS, SETTINGS, "rundir", "checkpoint", "architecture", "optim",
                     "dataconfig"},
     "trainer": {PROCESS, SETTINGS, "architecture", "checkpoint", DISTRIBUTED, "optim",
@@ -154,7 +155,7 @@ MAY_IMPORT = {
               "pretrained", "lora", "gguf_export", "dataconfig", "dataset", "batches",
               "trainconfig", DISTRIBUTED, "trainer", "record", "plan"},
     "finish": {PROCESS, SETTINGS, "rundir", "checkpoint", "pretrained", "lora", "gguf_export",
-               "dataset", "generation", "tokenizer", "trainer", "record", "build"},
+               "dataset", GENERATION, "tokenizer", "trainer", "record", "build"},
     "sandbox": {PROCESS, SETTINGS},
     "trainingmanager": BELOW_FLOOR_3,
     "eval": BELOW_FLOOR_3 | {"trainingmanager"},

@@ -26,8 +26,6 @@ import build
 import checkpoint
 import dataset
 import finish
-import generation
-import kernels
 import plan
 import record
 import rundir
@@ -36,6 +34,8 @@ import trainer as trainer_module
 import trainingmanager as tm
 from architecture import SHORT_DTYPES
 from batches import Batches, BatchOrder
+from codelm import kernels
+from codelm.models import generation
 from codelm.runtime import distributed, process, rng, settings
 from dataset import collate, stdlib_files, supervised_example
 from tokenizer import CodeTokenizer, load_tokenizer
@@ -1701,7 +1701,7 @@ def test_preset_auto_takes_the_largest_rung_the_budget_trains_and_a_resume_keeps
 
 def test_the_sample_stops_where_its_function_ends(assets, tmp_path, monkeypatch):
     """The end-of-run sample decodes as eval does: cut at EOS or at the first stop string."""
-    import generation
+    from codelm.models import generation
 
     tok = load_tokenizer(assets["tokenizer"])
     model = build.build_model(tiny_cfg(assets, tmp_path), tok)

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-import kernels
 from architecture import LayerCache, Transformer, padded_mask, positions
+from codelm import kernels
 
 # The CUDA-graph decode step's cache lengths are multiples of this (masked beyond the prompt
 # and its new tokens): one graph serves prompts of many lengths.
