@@ -21,15 +21,14 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset, Subset
 
-import checkpoint
 import gguf_export
 import lora
 import plan
 import pretrained
-import rundir
 from architecture import SHORT_DTYPES, Transformer
 from batches import Batches, example_lengths
-from checkpoint import (
+from codelm.runs import checkpoint, rundir
+from codelm.runs.checkpoint import (
     PATH_KEYS,
     RunState,
     with_absolute_paths,

@@ -41,10 +41,8 @@ from rapidfuzz.distance import Indel
 from torch.nn.utils.rnn import pad_sequence
 
 import build
-import checkpoint
 import lora
 import pretrained
-import rundir
 import trainconfig
 from architecture import SHORT_DTYPES
 from codelm.models.generation import (
@@ -55,6 +53,7 @@ from codelm.models.generation import (
     stream,
     truncate_at_stops,
 )
+from codelm.runs import checkpoint, rundir
 from codelm.runtime import hub, process, settings
 from codelm.runtime.process import progress_bar
 from sandbox import (

@@ -15,19 +15,18 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 import build
-import checkpoint
 import gguf_export
 import lora
 import pretrained
-import rundir
 from build import Run
-from checkpoint import load_model_tensors, write_dir_atomically
 from codelm.models import generation
 from codelm.models.generation import FUNCTION_STOPS, GenerationConfig, truncate_at_stops
+from codelm.runs import checkpoint, rundir
+from codelm.runs.checkpoint import load_model_tensors, write_dir_atomically
+from codelm.runs.rundir import best_step
 from codelm.runtime import distributed
 from dataset import SamplePrompt, encode_prompts, prompt_prefix, reads_special_tokens
 from record import NonFiniteLossError
-from rundir import best_step
 from trainer import perplexity
 
 if typing.TYPE_CHECKING:

@@ -44,11 +44,11 @@ from optuna.storages._heartbeat import get_heartbeat_thread  # what Study.optimi
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
-import checkpoint as checkpoint_module
 import plan
-import rundir
 import trainconfig
 import trainingmanager
+from codelm.runs import checkpoint as checkpoint_module
+from codelm.runs import rundir
 from codelm.runtime import process, settings
 from codelm.runtime.process import progress_bar
 from record import NonFiniteLossError

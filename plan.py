@@ -22,8 +22,8 @@ import torch
 import gguf_export
 import lora
 import pretrained
-import rundir
 from architecture import Transformer
+from codelm.runs import rundir
 from codelm.runtime import hub, settings
 from codelm.runtime.settings import setting
 from trainconfig import (

@@ -22,7 +22,6 @@ from typing import BinaryIO, NamedTuple
 import torch
 from safetensors import SafetensorError, safe_open
 
-import rundir
 from architecture import (
     FAMILIES,
     ROPE_SCALING_KEYS,
@@ -33,6 +32,7 @@ from architecture import (
     cuda_half_dtype,
     rope_inv_freq,
 )
+from codelm.runs import rundir
 from codelm.runtime import process, settings
 from codelm.runtime.hub import checkpoint_dir
 

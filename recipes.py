@@ -26,9 +26,9 @@ import torch
 
 import eval as ev
 import plan
-import rundir
 import trainconfig
 import trainingmanager as tm
+from codelm.runs import rundir
 from codelm.runtime import process, settings
 from codelm.runtime.hub import checkpoint_dir
 from scraping import is_git_source

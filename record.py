@@ -19,14 +19,14 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-import checkpoint
-import rundir
-from checkpoint import RunState, model_tensors, write_dir_atomically
+from codelm.runs import checkpoint, rundir
+from codelm.runs.checkpoint import RunState, model_tensors, write_dir_atomically
+from codelm.runs.rundir import list_checkpoints
+from codelm.runs.trackers import RunLog
 from codelm.runtime import distributed, process
 from codelm.runtime.distributed import Dist, all_gather, main_first
 from codelm.runtime.process import duration, progress_bar
 from codelm.runtime.rng import rng_state
-from rundir import RunLog, list_checkpoints
 
 if typing.TYPE_CHECKING:
     from trainconfig import TrainConfig

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-import rundir
 from architecture import PRESETS, SHORT_DTYPES, ModelConfig
-from checkpoint import check_run_paths, is_sharded
+from codelm.runs import rundir
+from codelm.runs.checkpoint import check_run_paths, is_sharded
+from codelm.runs.trackers import TRACKERS
 from codelm.runtime import settings
 from codelm.runtime.distributed import STRATEGIES
 from codelm.runtime.settings import setting
@@ -303,8 +304,8 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings
         for key in keys:
             need(getattr(cfg, key) is None or test(getattr(cfg, key)), key, why)
     trackers = set(cfg.report_to)
-    need(trackers <= set(rundir.TRACKERS) | {"none"} and not ("none" in trackers and len(
-        trackers) > 1), "report_to", f"name trackers of {sorted(rundir.TRACKERS)}, or none alone")
+    need(trackers <= set(TRACKERS) | {"none"} and not ("none" in trackers and len(
+        trackers) > 1), "report_to", f"name trackers of {sorted(TRACKERS)}, or none alone")
     for name in trackers - {"none", "tensorboard"}:
         need(importlib.util.find_spec(name) is not None, "report_to",
              f"{name} is not installed: pip install {name}")

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from architecture import IGNORE_INDEX, cuda_half_dtype, lacks_native_bf16
-from checkpoint import RunState
+from codelm.runs.checkpoint import RunState
 from codelm.runtime import distributed, process
 from codelm.runtime.distributed import Dist, all_gather, all_reduce_sum
 from codelm.runtime.process import progress_bar

@@ -33,19 +33,19 @@ import torch.nn as nn
 import build
 import finish
 import plan
-import rundir
 from architecture import Transformer
 from batches import Where
 from build import Run
-from checkpoint import StepStart
 from codelm.models.generation import GenerationConfig, generate
+from codelm.runs import rundir
+from codelm.runs.checkpoint import StepStart
+from codelm.runs.rundir import RunInterrupted
 from codelm.runtime import distributed, process, settings
 from codelm.runtime.distributed import Dist, RankZeroFailed, resolve_device
 from codelm.runtime.process import progress_bar
 from codelm.runtime.rng import rng_state, seed_everything
 from plan import BUDGET_LADDER, BudgetClock, parse_config
 from record import NonFiniteLossError, Progress, divergence_causes
-from rundir import RunInterrupted
 from trainconfig import (
     OVERFIT_STEPS,
     TrainConfig,

@@ -15,10 +15,10 @@ import sacrebleu
 from rapidfuzz import fuzz
 
 import build
-import checkpoint as checkpoint_module
 import eval as ev
-import rundir
 import trainconfig
+from codelm.runs import checkpoint as checkpoint_module
+from codelm.runs import rundir
 from codelm.runtime import distributed, process
 
 WORDS = ["def", "f(x):", "return", "x", "+", "1", "self", "if", "else:", "for", "i", "in",
@@ -2858,7 +2858,7 @@ def test_a_sharded_checkpoint_is_scored_from_its_shards_in_one_process(tiny_mode
 
     import torch
 
-    import checkpoint
+    from codelm.runs import checkpoint
 
     cfg = trainconfig.TrainConfig(preset="tiny")
     if qlora:

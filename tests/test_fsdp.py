@@ -27,11 +27,10 @@ from test_trainingmanager import (
     write_config,
 )
 
-import checkpoint
 import plan
-import rundir
 import trainconfig
 import trainingmanager as tm
+from codelm.runs import checkpoint, rundir
 from codelm.runtime import distributed
 
 assets = test_trainingmanager.assets  # the fixtures: a small corpus and its tokenizer,

@@ -31,10 +31,10 @@ from tiny_hf import save_tiny_hf
 import hyperparam_tune
 import plan
 import record
-import rundir
 import trainconfig
 import trainer
 import trainingmanager
+from codelm.runs import rundir
 from codelm.runtime import process
 from dataset import DataError, stdlib_files, stdlib_root
 from tokenizer import CodeTokenizer

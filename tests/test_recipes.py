@@ -25,9 +25,9 @@ from procs import popen, signal_when
 import eval as ev
 import plan
 import recipes
-import rundir
 import trainconfig
 import trainingmanager as tm
+from codelm.runs import rundir
 from codelm.runtime import settings
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -23,12 +23,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import build
-import checkpoint
 import dataset
 import finish
 import plan
 import record
-import rundir
 import trainconfig
 import trainer as trainer_module
 import trainingmanager as tm
@@ -36,6 +34,7 @@ from architecture import SHORT_DTYPES
 from batches import Batches, BatchOrder
 from codelm import kernels
 from codelm.models import generation
+from codelm.runs import checkpoint, rundir, trackers
 from codelm.runtime import distributed, process, rng, settings
 from dataset import collate, stdlib_files, supervised_example
 from tokenizer import CodeTokenizer, load_tokenizer
@@ -692,7 +691,7 @@ def test_a_full_disk_while_logging_names_the_file_and_is_not_raised_again(assets
             self.flush()
             self.f.close()
 
-    monkeypatch.setattr(rundir, "open", lambda *a, **k: FullDisk(real_open(*a, **k)), raising=False)
+    monkeypatch.setattr(trackers, "open", lambda *a, **k: FullDisk(real_open(*a, **k)), raising=False)
     handler = signal.getsignal(signal.SIGTERM)
     cfg = tiny_cfg(assets, tmp_path)
     assert tm.main(["--config", str(write_config(cfg, tmp_path / "c.json"))]) == 2

@@ -36,12 +36,12 @@ from test_trainingmanager import (
 )
 
 import build
-import checkpoint as checkpoint_module
 import plan
-import rundir
 import trainconfig
 import trainer as trainer_module
 import trainingmanager as tm
+from codelm.runs import checkpoint as checkpoint_module
+from codelm.runs import rundir, trackers
 from codelm.runtime import distributed, process
 from tokenizer import CodeTokenizer, load_tokenizer
 
@@ -323,7 +323,7 @@ def test_ddp_model_is_freed_before_the_group_is_destroyed(assets, tmp_path, fail
 
 FAILING_SECOND_CHECKPOINT = """
 import errno, sys
-import checkpoint
+from codelm.runs import checkpoint
 import trainingmanager as tm
 save, calls = checkpoint.save, []
 def failing(*args, **kwargs):
@@ -772,13 +772,13 @@ def test_a_stop_the_loop_did_not_act_on_is_passed_on_not_lost(assets, tmp_path, 
         sigterm_at_step(monkeypatch, 2)
         on_eval = prune
     else:
-        close = rundir.RunLog.close
+        close = trackers.RunLog.close
 
         def close_with_a_stop(self):
             os.kill(os.getpid(), signal.SIGTERM)
             close(self)
 
-        monkeypatch.setattr(rundir.RunLog, "close", close_with_a_stop)
+        monkeypatch.setattr(trackers.RunLog, "close", close_with_a_stop)
     cfg = tiny_cfg(assets, tmp_path, max_steps=4, eval_every=2)
     with pytest.raises(rundir.RunInterrupted) as stop, process.interrupt_on_sigterm():
         tm.train(cfg, on_eval=on_eval)

@@ -20,9 +20,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from codelm.runtime import process, settings
-from codelm.runtime.distributed import Dist, RankZeroFailed, all_gather, broadcast
-from rundir import (
+from codelm.runs.rundir import (
     ADAPTER_FILE,
     CONFIG_FILE,
     MODEL_FILE,
@@ -30,6 +28,8 @@ from rundir import (
     checkpoint_step,
     list_checkpoints,
 )
+from codelm.runtime import process, settings
+from codelm.runtime.distributed import Dist, RankZeroFailed, all_gather, broadcast
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.state_dict import StateDictOptions

@@ -1,0 +1,142 @@
+"""metrics.jsonl and the trackers a run reports to (TensorBoard, W&B, MLflow): ``RunLog`` writes
+both; W&B's and MLflow's run ids are kept in the run directory, so that a resume continues them."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from codelm.runs.rundir import METRICS_FILE, TB_DIR
+from codelm.runtime import process
+
+
+class _TensorBoard:
+    def __init__(self, run_dir: Path, config: dict, resume_step: int | None):
+        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams
+
+        if resume_step is None:  # a new run: nothing of an attempt it replaces (rundir._lock_dir)
+            shutil.rmtree(run_dir / TB_DIR, ignore_errors=True)
+        self.path = run_dir / TB_DIR
+        self.writer = SummaryWriter(str(self.path),
+                                    purge_step=None if resume_step is None else resume_step + 1)
+        if resume_step is None:  # the config in the hparams plugin, beside the scalars
+            plain = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+                     for k, v in config.items()}
+            for summary in hparams(plain, {"val/val_loss": 0.0, "train/loss": 0.0}):
+                self.writer._get_file_writer().add_summary(summary)
+
+    def log(self, step: int, scalars: dict) -> None:
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _WandB:
+    """A W&B run named after the run directory; a resume continues it (its id in the run dir).
+    WANDB_MODE=offline keeps it in the run directory; WANDB_PROJECT names the project."""
+
+    def __init__(self, run_dir: Path, config: dict, resume_step: int | None):
+        import wandb
+
+        self.path = run_dir / "wandb"
+        run_id = _tracker_id(run_dir, "wandb", lambda: uuid.uuid4().hex[:12])
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "codelm"), dir=run_dir,
+                              name=run_dir.name, id=run_id, resume="allow", config=config)
+
+    def log(self, step: int, scalars: dict) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class _MLflow:
+    """An MLflow run named after the run directory, at MLFLOW_TRACKING_URI (MLflow's default
+    else); a resume continues it (its id in the run directory)."""
+
+    def __init__(self, run_dir: Path, config: dict, resume_step: int | None):
+        import mlflow
+
+        self.path, self.mlflow = run_dir, mlflow
+        saved = _tracker_id(run_dir, "mlflow", lambda: None)
+        run = mlflow.start_run(run_id=saved, run_name=run_dir.name)
+        _tracker_id(run_dir, "mlflow", lambda: run.info.run_id)
+        if saved is None:
+            mlflow.log_params({k: json.dumps(v)[:6000] for k, v in config.items()})
+
+    def log(self, step: int, scalars: dict) -> None:
+        self.mlflow.log_metrics({k.replace("/", "_"): v for k, v in scalars.items()}, step=step)
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+TRACKERS = {"tensorboard": _TensorBoard, "wandb": _WandB, "mlflow": _MLflow}
+TRACKER_IDS = "trackers.json"  # each tracker's run id, so that a resume continues that run
+
+
+def _tracker_id(run_dir: Path, tracker: str, new: Callable[[], str | None]) -> str | None:
+    """The id ``tracker`` gave this run, or ``new()``'s, recorded."""
+    path = run_dir / TRACKER_IDS
+    ids = json.loads(path.read_text()) if path.is_file() else {}
+    if ids.get(tracker) is None and (made := new()) is not None:
+        ids[tracker] = made
+        process.write_atomic(path, json.dumps(ids))
+    return ids.get(tracker)
+
+
+class RunLog:
+    """metrics.jsonl (one line per log step and per evaluation) and the trackers; rank 0 only."""
+
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None,
+                 config: dict | None = None, report_to: Sequence[str] = ("tensorboard",)):
+        """``resume_step``: the step a resumed run continues from (None: a new run);
+        ``config``: the run's, which each tracker records; ``report_to``: TRACKERS or "none"."""
+        self.enabled, self.run_dir = enabled, run_dir
+        self.file, self.trackers = None, []
+        self._failed = False  # a write failed (a full disk): its error said so, close stays quiet
+        if not enabled:
+            return
+        path = run_dir / METRICS_FILE  # a resumed run's is trimmed (rundir.trim_metrics)
+        if resume_step is None:  # a new run: nothing of an attempt it replaces (rundir._lock_dir)
+            path.unlink(missing_ok=True)
+            (run_dir / TRACKER_IDS).unlink(missing_ok=True)  # nor its tracker runs
+        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self.trackers = [TRACKERS[name](run_dir, config or {}, resume_step)
+                         for name in report_to if name != "none"]
+
+    def write(self, step: int, kind: str, values: dict) -> None:
+        if not self.enabled:
+            return
+        target = self.run_dir / METRICS_FILE
+        try:
+            self.file.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
+            self.file.flush()
+            scalars = {f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float))
+                       and not isinstance(v, bool) and math.isfinite(v)}
+            for tracker in self.trackers:
+                target = tracker.path
+                tracker.log(step, scalars)
+        except OSError as e:  # a full disk: write() and TensorBoard name no file
+            self._failed = True
+            raise OSError(e.errno, e.strerror, str(target)) from None
+
+    def close(self) -> None:
+        if self.file is not None:
+            file, trackers, self.file, self.trackers = self.file, self.trackers, None, []
+            # after a failed write, quietly: its error is already on its way out
+            with contextlib.suppress(OSError) if self._failed else contextlib.nullcontext():
+                try:
+                    file.close()
+                finally:
+                    for tracker in trackers:
+                        tracker.close()
