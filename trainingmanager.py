@@ -117,10 +117,13 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
                 if clock is not None and _decay_due(clock, s.step, progress, dist):
                     _start_decay(run, clock, progress)
                     clock = None
-                take_over = partial(_stop_at_once, run, at_start, result, signals, progress)
+                # Only a stop watcher keeps the take-over: a local holding the run would keep a DDP
+                # model alive past the group's end (below).
+                stop_in_step = signals.for_step(
+                    partial(_stop_at_once, run, at_start, result, signals, progress))
                 try:
                     stats = trainer.train_step(micro_batches, cfg.inject_nan_at_step == s.step + 1,
-                                               signals.for_step(take_over))
+                                               stop_in_step)
                 except StepAbandoned:  # a stop mid-step: the checkpoint is of the step's start
                     stop = signals.reason
                     _drop_step(run, at_start, stop, progress)
