@@ -253,12 +253,15 @@ def test_an_export_that_cannot_be_written_is_one_line_and_leaves_nothing(checkpo
     existing = tmp_path / "out.gguf"
     existing.mkdir()
     read_only = _read_only_dir(tmp_path) / "a.gguf"
-    before = _written(tmp_path), _written(read_only.parent)
+    before = _written(tmp_path)
     for out, said in ((existing, "a directory"), (read_only, str(read_only))):
         assert pretrained.main(["export-gguf", str(checkpoints["qwen2"]), str(out)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and said in err, err
-    assert (_written(tmp_path), _written(read_only.parent)) == before
+    assert _written(tmp_path) == before
+    # procfs lists the machine's processes as they come and go: only an export's names count
+    assert [name for name in _written(read_only.parent) if "gguf" in name or "Modelfile" in name
+            ] == []
     assert _written(existing) == []
 
 
