@@ -38,6 +38,8 @@ from codelm.runtime.distributed import Dist, barrier, broadcast, main_first
 from codelm.runtime.process import progress_bar
 from codelm.runtime.rng import rng_state, seed_everything, set_rng_state
 from codelm.runtime.settings import setting
+from codelm.tokenization.bpe import BPETokenizer
+from codelm.tokenization.files import TOKENIZER_FILE, tokenizer_path
 from dataconfig import DataConfig
 from dataset import (
     SamplePrompt,
@@ -48,15 +50,7 @@ from dataset import (
 )
 from plan import MAX_EPOCHS, BudgetClock, Probe
 from record import RunRecord
-from tokenizer import (
-    TOKENIZER_FILE,
-    BPETokenizer,
-    CodeTokenizer,
-    check_model_tokenizer,
-    load_tokenizer,
-    tokenizer_path,
-    where_tokenizer_is,
-)
+from tokenizer import CodeTokenizer, check_model_tokenizer, load_tokenizer, where_tokenizer_is
 from trainconfig import TrainConfig, data_config, default_block_size, model_config
 from trainer import Trainer, autocast, checked_precision
 

@@ -53,6 +53,14 @@ from torch.utils.data import Dataset
 from codelm.kernels import IGNORE_INDEX
 from codelm.runtime import hub, process, settings
 from codelm.runtime.process import progress_bar
+from codelm.tokenization.batching import BatchEncoder, text_batches
+from codelm.tokenization.bpe import BPETokenizer
+from codelm.tokenization.source import (
+    PYTHON_PARSE_ERRORS,
+    docstring_statement,
+    source_lines,
+    strip_comments_and_docstrings,
+)
 from dataconfig import (
     _CHOICES,
     _CLEANING_FIELDS,
@@ -65,19 +73,7 @@ from dataconfig import (
     DataError,
 )
 from scraping.common import decode_source, has_extension, is_utf8, source_files
-from tokenizer import (
-    ENCODING_VERSION,
-    PYTHON_PARSE_ERRORS,
-    BatchEncoder,
-    BPETokenizer,
-    CodeTokenizer,
-    chat_turns,
-    docstring_statement,
-    load_tokenizer,
-    source_lines,
-    strip_comments_and_docstrings,
-    text_batches,
-)
+from tokenizer import ENCODING_VERSION, CodeTokenizer, chat_turns, load_tokenizer
 
 if typing.TYPE_CHECKING:
     import datasketch

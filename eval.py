@@ -67,8 +67,9 @@ from sandbox import (
 )
 
 if TYPE_CHECKING:  # annotations only: eval loads dataset and tokenizer where a task needs them
+    from codelm.tokenization.bpe import BPETokenizer
     from dataset import DataConfig, Doc
-    from tokenizer import BPETokenizer, CodeTokenizer
+    from tokenizer import CodeTokenizer
 
 # ---- Metrics ------------------------------------------------------------------------------
 
@@ -1036,7 +1037,8 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
     """Load ``[LABEL=]PATH``: an HF dir or hub id, a codelm run dir, an adapter whose config
     names its base, or ``BASE+ADAPTER``; ``device`` and ``dtype`` as EvalConfig's; ``what``:
     where the spec was given, for errors (default: EvalConfig.models)."""
-    from tokenizer import check_model_tokenizer, load_tokenizer, tokenizer_path, where_tokenizer_is
+    from codelm.tokenization.files import tokenizer_path
+    from tokenizer import check_model_tokenizer, load_tokenizer, where_tokenizer_is
 
     spec = os.fspath(spec)
     device = _device(device) if isinstance(device, str) else device
@@ -1518,7 +1520,7 @@ def _body_parses(source: str) -> bool:
                      if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)), None)
     if function is None:
         return False
-    from tokenizer import docstring_statement
+    from codelm.tokenization.source import docstring_statement
 
     has_docstring = docstring_statement(function) is not None
     return len(function.body) > (1 if has_docstring else 0)
@@ -1530,8 +1532,8 @@ def run_fim(lm: LoadedModel, problems: Sequence[dict], cfg: EvalConfig
     tokens (prefix and suffix encoded apart, as training encodes them), up to EOS; exact match
     with the canonical middle, as bigcode-evaluation-harness's santacoder_fim scores it: EM over
     all problems and EM_<language> over each language's (0-100)."""
+    from codelm.tokenization.bpe import FIM_TOKENS
     from dataset import fim_prompt, without_stripping
-    from tokenizer import FIM_TOKENS
 
     tok = lm.tokenizer
     if None in (tok.fim_prefix_id, tok.fim_suffix_id, tok.fim_middle_id):

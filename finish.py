@@ -30,7 +30,8 @@ from record import NonFiniteLossError
 from trainer import perplexity
 
 if typing.TYPE_CHECKING:
-    from tokenizer import BPETokenizer, CodeTokenizer
+    from codelm.tokenization.bpe import BPETokenizer
+    from tokenizer import CodeTokenizer
     from trainconfig import TrainConfig
 
 

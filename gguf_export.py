@@ -25,7 +25,14 @@ import lora
 import pretrained
 from architecture import ModelConfig, Transformer, rope_inv_freq
 from codelm.runtime import process
-from tokenizer import SPIECE_SPACE, BPETokenizer
+from codelm.tokenization.bpe import (
+    GPT2_PATTERN,
+    LLAMA3_PATTERN,
+    QWEN2_PATTERN,
+    SPIECE_SPACE,
+    STARCODER_PATTERN,
+    BPETokenizer,
+)
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -52,8 +59,8 @@ GGUF_FAMILIES = {
 }
 BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")  # SentencePiece's byte fallback: <0x0A>
 # The pre-tokenizer (llama.cpp's tokenizer.ggml.pre) of each Split regex codelm reads.
-PRE_TOKENIZERS = {"GPT2_PATTERN": "gpt-2", "STARCODER_PATTERN": "starcoder",
-                  "LLAMA3_PATTERN": "llama-bpe", "QWEN2_PATTERN": "qwen2"}
+PRE_TOKENIZERS = {GPT2_PATTERN: "gpt-2", STARCODER_PATTERN: "starcoder",
+                  LLAMA3_PATTERN: "llama-bpe", QWEN2_PATTERN: "qwen2"}
 
 
 def check_exportable(model: Transformer, tok) -> None:
@@ -99,10 +106,7 @@ def _tokenizer_kind(tok) -> str:
 
 
 def _pre_tokenizer(tok) -> str | None:
-    import tokenizer
-
-    return next((pre for name, pre in PRE_TOKENIZERS.items()
-                 if getattr(tokenizer, name) == tok.pattern), None)
+    return PRE_TOKENIZERS.get(tok.pattern)
 
 
 def _normalizer_steps(spec: dict | None) -> list[dict]:

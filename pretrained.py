@@ -1067,7 +1067,8 @@ def copy_hf_companions(tokenizer: str | None, init_from: str | None, tok, out: P
                        weights: bool) -> None:
     """Copy into a run's export the HF files beside its tokenizer (``tokenizer``, else
     ``init_from``'s, when it is the run's ``tok``) and ``init_from``'s generation config."""
-    from tokenizer import BPETokenizer, tokenizer_path
+    from codelm.tokenization.bpe import BPETokenizer
+    from codelm.tokenization.files import tokenizer_path
 
     def holds_runs_tokenizer(directory: str | None) -> bool:
         with contextlib.suppress(OSError, ValueError):

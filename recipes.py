@@ -212,7 +212,7 @@ def _has_class_docstring(text: str) -> bool:
 
 def _refactor_pairs(count: int) -> list[dict]:
     """Stdlib functions with their docstrings and comments -> the same code without them."""
-    from tokenizer import PYTHON_PARSE_ERRORS, strip_comments_and_docstrings
+    from codelm.tokenization.source import PYTHON_PARSE_ERRORS, strip_comments_and_docstrings
 
     pairs = []
     for _, text in _stdlib_texts(20000, None):
@@ -274,7 +274,7 @@ def tiny_checkpoint(preset: str, texts: Sequence[str], out: Path, seed: int = 0)
     """A random toy-size HF checkpoint of the preset's family, with a BPE tokenizer of ``texts``."""
     import pretrained
     from architecture import PRESETS, Transformer
-    from tokenizer import BPETokenizer
+    from codelm.tokenization.bpe import BPETokenizer
 
     base = PRESETS[preset]
     pretokenizer, specials = SMOKE_TOKENIZERS[base.family]

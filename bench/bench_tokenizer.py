@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dataset  # noqa: E402
 from codelm.runtime import settings  # noqa: E402
-from tokenizer import PRETOKENIZER_STYLES, CodeTokenizer, load_tokenizer  # noqa: E402
+from codelm.tokenization.bpe import PRETOKENIZER_STYLES  # noqa: E402
+from tokenizer import CodeTokenizer, load_tokenizer  # noqa: E402
 
 STYLES = (*PRETOKENIZER_STYLES, "spm", "metaspace")
 
@@ -66,7 +67,7 @@ def _ours_each(tok, texts: list[str]) -> list[list[int]]:
 def _train_reference(style: str, texts: list[str], vocab_size: int, path: Path):
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-    from tokenizer import LLAMA3_PATTERN, QWEN2_PATTERN
+    from codelm.tokenization.bpe import LLAMA3_PATTERN, QWEN2_PATTERN
 
     if style in ("spm", "metaspace"):
         return _train_sentencepiece_reference(style, texts, vocab_size, path)

@@ -16,8 +16,9 @@ import pytest
 import test_chat
 
 import dataset
+from codelm.tokenization.batching import BatchEncoder
 from dataset import DataConfig, prepare, stdlib_root
-from tokenizer import BatchEncoder, CodeTokenizer, load_tokenizer
+from tokenizer import CodeTokenizer, load_tokenizer
 
 EMAIL = stdlib_root() / "email"  # 29 real stdlib files, about 380 KB
 
@@ -556,8 +557,9 @@ ENCODING_WAITS = """
 import sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-import dataset, tokenizer
-tokenizer._MIN_PARALLEL_CHARS = 0  # the email corpus is encoded on the pool
+import dataset
+import codelm.tokenization.batching as batching
+batching._MIN_PARALLEL_CHARS = 0  # the email corpus is encoded on the pool
 dataset.TOKEN_SHARD_CHARS = 40_000
 ready, argv = Path(sys.argv[2]), sys.argv[3:]
 packed = dataset._packed_documents

@@ -24,6 +24,7 @@ from procs import popen, signal_when
 import dataconfig
 import dataset
 from codelm.runtime import process, settings
+from codelm.tokenization.source import PYTHON_PARSE_ERRORS, strip_comments_and_docstrings
 from dataset import (
     DOCSTRING_PROMPTS,
     REFACTOR_TEMPLATE,
@@ -35,7 +36,7 @@ from dataset import (
     stdlib_root,
     supervised_example,
 )
-from tokenizer import PYTHON_PARSE_ERRORS, CodeTokenizer, strip_comments_and_docstrings
+from tokenizer import CodeTokenizer
 
 EMAIL = stdlib_root() / "email"  # 29 real stdlib files, about 380 KB
 

@@ -1301,7 +1301,8 @@ def test_prompt_reads_chat_template_text_as_the_model_learned_it(tmp_path, capsy
 def test_generation_eos_ids_keep_special_config_ids_only():
     """A config.json eos id naming an ordinary token (a class default such as Phi's 2, '#' in
     GPT-2's vocabulary) must not end generated code; one past the tokenizer names nothing."""
-    from tokenizer import BPETokenizer, generation_eos_ids
+    from codelm.tokenization.bpe import BPETokenizer
+    from tokenizer import generation_eos_ids
 
     tok = BPETokenizer.train(["def f(x):\n    return x  # one\n"] * 4, 300,
                              special_tokens=["<|endoftext|>", "<|im_end|>"])

@@ -122,10 +122,15 @@ HUB, RNG = "codelm.runtime.hub", "codelm.runtime.rng"
 KERNELS, GENERATION = "codelm.kernels", "codelm.models.generation"
 RUNDIR, CHECKPOINT, TRACKERS = ("codelm.runs.rundir", "codelm.runs.checkpoint",
                                 "codelm.runs.trackers")
-BELOW_FLOOR_3 = {PROCESS, SETTINGS, HUB, RNG, RUNDIR, CHECKPOINT, TRACKERS, "tokenizer", KERNELS,
-                 "architecture", GENERATION, "optim", "scraping", "pretrained", "lora", "dataset",
-                 "dataconfig", "batches", "trainconfig", DISTRIBUTED, "trainer", "record",
-                 "plan", "build", "finish", "sandbox", "gguf_export"}
+TOKENIZER_FILES, BATCHING, SOURCE = ("codelm.tokenization.files", "codelm.tokenization.batching",
+                                     "codelm.tokenization.source")
+BPE, CHAT = "codelm.tokenization.bpe", "codelm.tokenization.chat"
+TOKENIZATION = {TOKENIZER_FILES, BATCHING, SOURCE, BPE, CHAT}
+BELOW_FLOOR_3 = TOKENIZATION | {
+    PROCESS, SETTINGS, HUB, RNG, RUNDIR, CHECKPOINT, TRACKERS, "tokenizer", KERNELS,
+    "architecture", GENERATION, "optim", "scraping", "pretrained", "lora", "dataset",
+    "dataconfig", "batches", "trainconfig", DISTRIBUTED, "trainer", "record", "plan", "build",
+    "finish", "sandbox", "gguf_export"}
 MAY_IMPORT = {
     PROCESS: set(),
     SETTINGS: set(),
@@ -135,7 +140,12 @@ MAY_IMPORT = {
     RUNDIR: {PROCESS, SETTINGS, DISTRIBUTED},
     CHECKPOINT: {PROCESS, SETTINGS, RUNDIR},
     TRACKERS: {PROCESS, RUNDIR},
-    "tokenizer": {PROCESS, SETTINGS},
+    TOKENIZER_FILES: {SETTINGS},
+    BATCHING: {PROCESS},
+    SOURCE: set(),
+    CHAT: {TOKENIZER_FILES},
+    BPE: {TOKENIZER_FILES, BATCHING, CHAT},
+    "tokenizer": {PROCESS, SETTINGS} | TOKENIZATION,
     KERNELS: set(),
     "architecture": {KERNELS},
     GENERATION: {"architecture", KERNELS},
@@ -143,9 +153,10 @@ MAY_IMPORT = {
     "scraping": {PROCESS, SETTINGS},
     "pretrained": {PROCESS, SETTINGS, HUB, RUNDIR, "architecture"},
     "lora": {PROCESS, SETTINGS, HUB, "architecture", "pretrained"},
-    "gguf_export": {"architecture", "tokenizer", "pretrained", "lora"},
+    "gguf_export": {"architecture", BPE, "pretrained", "lora"},
     "dataconfig": {PROCESS},
-    "dataset": {PROCESS, SETTINGS, HUB, "tokenizer", "scraping", "dataconfig", KERNELS},
+    "dataset": {PROCESS, SETTINGS, HUB, "tokenizer", SOURCE, BATCHING, BPE, "scraping",
+                "dataconfig", KERNELS},
     "batches": {"dataset", KERNELS},
     "trainconfig": {PROCESS, SETTINGS, RUNDIR, CHECKPOINT, TRACKERS, "architecture", "optim",
                     "dataconfig"},
@@ -154,7 +165,8 @@ MAY_IMPORT = {
     "record": {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, TRACKERS, DISTRIBUTED},
     "plan": {PROCESS, SETTINGS, HUB, RUNDIR, "architecture", "pretrained", "lora",
              "gguf_export", "trainconfig"},
-    "build": {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, "architecture", "tokenizer",
+    "build": {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, "architecture", "tokenizer", BPE,
+              TOKENIZER_FILES,
               "pretrained", "lora", "gguf_export", "dataconfig", "dataset", "batches",
               "trainconfig", DISTRIBUTED, "trainer", "record", "plan"},
     "finish": {PROCESS, SETTINGS, RUNDIR, CHECKPOINT, "pretrained", "lora", "gguf_export",

@@ -40,17 +40,14 @@ from tokenizers import (
 )
 
 import dataset
+from codelm.tokenization.bpe import BYTE_TO_UNICODE, PRETOKENIZER_STYLES, BPETokenizer
+from codelm.tokenization.source import PYTHON_PARSE_ERRORS, strip_comments_and_docstrings
 from tokenizer import (
-    BYTE_TO_UNICODE,
     ENCODING_VERSION,
     MAX_PIECE_CHARS,
-    PRETOKENIZER_STYLES,
-    PYTHON_PARSE_ERRORS,
-    BPETokenizer,
     CodeTokenizer,
     check_model_tokenizer,
     load_tokenizer,
-    strip_comments_and_docstrings,
 )
 
 
@@ -1359,10 +1356,10 @@ def test_strip_at_line_breaks_python_does_not_count():
 def test_strict_stripping_refuses_output_that_does_not_parse(monkeypatch):
     """A strict caller (dataset cleaning) never gets text that does not parse, whatever goes
     wrong inside: here a lone docstring is wrongly removed without its ``pass``."""
-    import tokenizer
+    from codelm.tokenization import source as source_module
 
     source = 'def f():\n    """Only a docstring."""\n'
-    monkeypatch.setattr(tokenizer, "_docstring_nodes",
+    monkeypatch.setattr(source_module, "_docstring_nodes",
                         lambda tree: [(tree.body[0].body[0], False)])
     assert strip_comments_and_docstrings(source) == "def f():\n"  # best effort: as it came out
     with pytest.raises(PYTHON_PARSE_ERRORS):

@@ -12,7 +12,8 @@ from test_tokenizer import EDGE_CASES, _first_mismatch, _hf_ids
 from tiny_hf import FAMILY_TOKENIZER_STYLES, QWEN2_SPECIALS, train_family_tokenizer
 
 import dataset
-from tokenizer import BPETokenizer, chat_turns, decode_generated, load_tokenizer
+from codelm.tokenization.bpe import BPETokenizer
+from tokenizer import chat_turns, decode_generated, load_tokenizer
 
 JAVASCRIPT = '''import { readFile } from "node:fs/promises";
 

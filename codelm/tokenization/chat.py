@@ -1,0 +1,100 @@
+"""Chat templates: the roles and template beside a tokenizer file, and ``render_chat``
+(a sandboxed jinja2 render, as HF renders it)."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from codelm.tokenization.files import read_json, shown_json
+
+
+def roles_from_config(directory: Path) -> dict:
+    """bos/eos/pad names from a tokenizer_config.json beside the file (null: none; absent: guess)."""
+    config = directory / "tokenizer_config.json"
+    data = read_json(config) if config.is_file() else {}
+    roles = {role: data[f"{role}_token"] for role in ("bos", "eos", "pad")
+             if f"{role}_token" in data}
+    for role, value in roles.items():
+        if isinstance(value, dict) and isinstance(value.get("content"), str):
+            roles[role] = value = value["content"]  # an AddedToken as transformers writes it
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{config}: {role}_token must be a token string, an AddedToken "
+                             f"object (its content a string) or null for none, got "
+                             f"{shown_json(value)}")
+    return roles
+
+
+def chat_template_from_config(directory: Path) -> str | None:
+    """The chat template transformers reads beside a tokenizer.json: chat_template.jinja, else
+    tokenizer_config.json's chat_template (a string, or named templates: the "default" one)."""
+    jinja_file = directory / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text("utf-8")
+    config = directory / "tokenizer_config.json"
+    template = read_json(config).get("chat_template") if config.is_file() else None
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is not None and not isinstance(template, str):
+        raise ValueError(f"{config}: chat_template must be a Jinja template string, or a list "
+                         f"of {{'name', 'template'}} with a 'default' one, got "
+                         f"{shown_json(template)}")
+    return template
+
+
+# ---- Chat templates: an instruct model's conversations, rendered as transformers renders them
+
+@functools.lru_cache(maxsize=8)
+def _compiled_chat_template(template: str):
+    """The template in transformers' sandboxed Jinja2 environment: no attribute or file access
+    beyond the data given, trim_blocks and lstrip_blocks, loop controls, its ``tojson`` filter,
+    ``raise_exception`` and ``strftime_now``, and ``{% generation %}`` blocks rendered as text."""
+    import datetime
+
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationBlocks(jinja2.ext.Extension):
+        """``{% generation %}...{% endgeneration %}`` (transformers marks assistant text so)."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body, lineno=lineno)
+
+    def raise_exception(message: str):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
+                          separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationBlocks, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise ValueError(f"chat_template: line {e.lineno}: {e.message}") from None
+
+
+def render_chat(template: str, messages: Sequence[dict], add_generation_prompt: bool = False,
+                **special_tokens: str | None) -> str:
+    """``messages`` rendered by a chat ``template`` as transformers renders them (bos_token,
+    eos_token, ... given as ``special_tokens``); the template's own errors are ValueErrors."""
+    import jinja2
+
+    try:
+        return _compiled_chat_template(template).render(
+            messages=list(messages), tools=None, documents=None,
+            add_generation_prompt=add_generation_prompt, **special_tokens)
+    except jinja2.exceptions.TemplateError as e:
+        raise ValueError(f"chat_template: {e}") from None
