@@ -21,12 +21,12 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset, Subset
 
-import gguf_export
 import lora
 import plan
 import pretrained
 from architecture import SHORT_DTYPES, Transformer
 from batches import Batches, example_lengths
+from codelm.gguf import writer
 from codelm.runs import checkpoint, rundir
 from codelm.runs.checkpoint import (
     PATH_KEYS,
@@ -75,7 +75,7 @@ def check_gguf_export(cfg: TrainConfig, model: nn.Module, tok: CodeTokenizer | B
     if cfg.export_gguf is None:
         return
     try:
-        gguf_export.check_exportable(model, tok)
+        writer.check_exportable(model, tok)
     except ValueError as e:
         raise ValueError(f"{setting(cfg, 'export_gguf', where_set)}: {e}; or set export_gguf "
                          "none") from None

@@ -15,10 +15,10 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 import build
-import gguf_export
 import lora
 import pretrained
 from build import Run
+from codelm.gguf import writer
 from codelm.models import generation
 from codelm.models.generation import FUNCTION_STOPS, GenerationConfig, truncate_at_stops
 from codelm.runs import checkpoint, rundir
@@ -92,7 +92,7 @@ def export_run(run: Run) -> tuple[Path | None, str | None]:
     print(f"exported to {export} (best validation loss {best_loss:.4f}, perplexity "
           f"{perplexity(best_loss):.2f})")
     if cfg.export_gguf is not None:
-        print(gguf_export.ollama_hint(export / rundir.GGUF_FILE, cfg.export_gguf))
+        print(writer.ollama_hint(export / rundir.GGUF_FILE, cfg.export_gguf))
     return export, sample
 
 
@@ -100,11 +100,11 @@ def write_gguf(cfg: TrainConfig, model: nn.Module, tok: CodeTokenizer | BPEToken
                export: Path, name: str) -> Path:
     """``export``/model.gguf and its Modelfile, of the model the export holds: ``model`` itself,
     or under LoRA the adapter just written there merged into its base (fp32, on the CPU), as
-    ``pretrained.py export-gguf`` loads a LoRA run's export."""
+    ``python -m codelm.gguf`` loads a LoRA run's export."""
     if cfg.lora_r > 0:
         model = pretrained.load(cfg.init_from, dtype="fp32", device="cpu")
         lora.load_adapter(model, export)
-    return gguf_export.save(model, tok, export / rundir.GGUF_FILE, cfg.export_gguf, name)
+    return writer.save(model, tok, export / rundir.GGUF_FILE, cfg.export_gguf, name)
 
 
 def unsharded_copy(run: Run) -> nn.Module | None:

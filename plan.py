@@ -19,10 +19,10 @@ from typing import NamedTuple
 
 import torch
 
-import gguf_export
 import lora
 import pretrained
 from architecture import Transformer
+from codelm.gguf import writer
 from codelm.runs import rundir
 from codelm.runtime import hub, settings
 from codelm.runtime.settings import setting
@@ -176,7 +176,7 @@ def check_model_source(cfg: TrainConfig, where_set: Callable[[str], str] = setti
                  f"longer than the context of {named('init_from')}, {context} positions")
         if cfg.export_gguf is not None:  # the tokenizer: build.check_gguf_export
             try:
-                gguf_export.check_architecture(pretrained.read_config(path)[0])
+                writer.check_architecture(pretrained.read_config(path)[0])
             except ValueError as e:
                 raise ValueError(f"{named('export_gguf')}: {named('init_from')}: {e}; or set "
                                  "export_gguf none") from None

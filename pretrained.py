@@ -1098,15 +1098,10 @@ def copy_hf_companions(tokenizer: str | None, init_from: str | None, tok, out: P
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["export-gguf"]:
-        import gguf_cli  # (it loads models as eval.py does, which imports this module)
-
-        return gguf_cli.main(argv[1:])
     parser = settings.ArgumentParser(
         description="Convert a local HF checkpoint codelm loads (safetensors or .bin, sharded or "
         "not) into a new safetensors directory in the family's HF layout, cast to --dtype; "
-        "'pretrained.py export-gguf --help': write one as GGUF for llama.cpp and Ollama.")
+        "'python -m codelm.gguf --help': write one as GGUF for llama.cpp and Ollama.")
     parser.add_argument("checkpoint", help="the checkpoint directory")
     parser.add_argument("out", help="the new directory (must not exist)")
     parser.add_argument("--dtype", default="auto",

@@ -21,12 +21,12 @@ import torch
 from tiny_hf import save_tiny_hf, train_family_tokenizer, train_hf_tokenizer
 
 import dataset
-import gguf_cli
-import gguf_export
 import plan
 import pretrained
 import trainconfig
 from architecture import PRESETS, Transformer
+from codelm.gguf import __main__ as export_gguf
+from codelm.gguf import writer as gguf_writer
 from tokenizer import CodeTokenizer, load_tokenizer
 
 gguf = pytest.importorskip("gguf")
@@ -91,7 +91,7 @@ def _field(reader, key: str):
 
 
 def _export(checkpoint: Path, tmp_path: Path, outtype: str = "f32") -> Path:
-    return gguf_cli.export(str(checkpoint), tmp_path / "model.gguf", outtype)
+    return export_gguf.export(str(checkpoint), tmp_path / "model.gguf", outtype)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -204,7 +204,7 @@ def test_each_outtype_holds_the_weights_to_its_precision(outtype, tol, checkpoin
 
     reader = gguf.GGUFReader(_export(checkpoints["qwen2"], tmp_path, outtype))
     model = pretrained.load(checkpoints["qwen2"])
-    want = gguf_export.gguf_tensors(model)
+    want = gguf_writer.gguf_tensors(model)
     kinds = set()
     for t in reader.tensors:
         got = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).reshape(want[t.name].shape)
@@ -226,8 +226,7 @@ def test_a_modelfile_completes_and_fills_in_the_middle_with_the_tokenizers_token
 
 def test_the_cli_writes_the_file_and_says_how_to_run_it(checkpoints, tmp_path, capsys):
     out = tmp_path / "coder.gguf"
-    assert pretrained.main(["export-gguf", str(checkpoints["qwen2"]), str(out),
-                            "--outtype", "q8_0"]) == 0
+    assert export_gguf.main([str(checkpoints["qwen2"]), str(out), "--outtype", "q8_0"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", "coder.gguf"]
     assert "ollama create" in capsys.readouterr().out
 
@@ -255,7 +254,7 @@ def test_an_export_that_cannot_be_written_is_one_line_and_leaves_nothing(checkpo
     read_only = _read_only_dir(tmp_path) / "a.gguf"
     before = _written(tmp_path)
     for out, said in ((existing, "a directory"), (read_only, str(read_only))):
-        assert pretrained.main(["export-gguf", str(checkpoints["qwen2"]), str(out)]) == 2
+        assert export_gguf.main([str(checkpoints["qwen2"]), str(out)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and said in err, err
     assert _written(tmp_path) == before
@@ -279,7 +278,7 @@ def test_a_write_that_fails_midway_leaves_no_file(failure, code, said, checkpoin
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", fail)
     out = tmp_path / "out" / "a.gguf"
     out.parent.mkdir()
-    assert pretrained.main(["export-gguf", str(checkpoints["qwen2"]), str(out)]) == code
+    assert export_gguf.main([str(checkpoints["qwen2"]), str(out)]) == code
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and said in err, err
     assert _written(out.parent) == []
@@ -292,7 +291,7 @@ def test_the_writer_removes_its_file_on_any_failure(checkpoints, tmp_path, monke
     tok = load_tokenizer(checkpoints["qwen2"] / "tokenizer.json")
     (tmp_path / "a.gguf").mkdir()
     with pytest.raises(ValueError, match=r"a\.gguf: cannot write \(Is a directory\)"):
-        gguf_export.save(model, tok, tmp_path / "a.gguf", "f32")
+        gguf_writer.save(model, tok, tmp_path / "a.gguf", "f32")
     assert _written(tmp_path) == ["a.gguf"]
 
     def fail(writer, progress=False):
@@ -300,7 +299,7 @@ def test_the_writer_removes_its_file_on_any_failure(checkpoints, tmp_path, monke
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", fail)
     with pytest.raises(RuntimeError, match="injected"):
-        gguf_export.save(model, tok, tmp_path / "b.gguf", "f32")
+        gguf_writer.save(model, tok, tmp_path / "b.gguf", "f32")
     assert _written(tmp_path) == ["a.gguf"]
 
 
@@ -310,17 +309,17 @@ def test_another_exports_modelfile_is_kept_and_the_new_one_named_after_its_file(
     .gguf, the first's stays (the line says so); an export written again rewrites its own."""
     source = str(checkpoints["qwen2"])
     for name in ("a.gguf", "b.gguf"):
-        assert pretrained.main(["export-gguf", source, str(tmp_path / name)]) == 0
+        assert export_gguf.main([source, str(tmp_path / name)]) == 0
     said = capsys.readouterr().out
     assert (tmp_path / "Modelfile").read_text().startswith("FROM ./a.gguf\n")
     assert (tmp_path / "b.Modelfile").read_text().startswith("FROM ./b.gguf\n")
     assert f"and {tmp_path / 'b.Modelfile'} ({tmp_path / 'Modelfile'} runs another" in said
     assert f"ollama create NAME -f {tmp_path / 'b.Modelfile'}" in said
-    assert pretrained.main(["export-gguf", source, str(tmp_path / "a.gguf")]) == 0
+    assert export_gguf.main([source, str(tmp_path / "a.gguf")]) == 0
     assert f"ollama create NAME -f {tmp_path / 'Modelfile'}\n" in capsys.readouterr().out
     assert _written(tmp_path) == ["Modelfile", "a.gguf", "b.Modelfile", "b.gguf"]
     (tmp_path / "Modelfile").write_text("FROM llama3\nPARAMETER temperature 0\n")
-    assert pretrained.main(["export-gguf", source, str(tmp_path / "a.gguf")]) == 0
+    assert export_gguf.main([source, str(tmp_path / "a.gguf")]) == 0
     assert (tmp_path / "Modelfile").read_text().startswith("FROM llama3\n")
     assert (tmp_path / "a.Modelfile").read_text().startswith("FROM ./a.gguf\n")
 
@@ -353,7 +352,7 @@ def test_bad_input_is_one_line_naming_what_and_why(checkpoints, tmp_path, capsys
         ([str(no_bytes), str(tmp_path / "a.gguf")], r"without byte_fallback.*<0xNN>"),
     ]
     for argv, message in cases:
-        assert pretrained.main(["export-gguf", *argv]) == 2
+        assert export_gguf.main(argv) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1, err
         assert re.search(message, err), err
@@ -363,7 +362,7 @@ def test_a_codelm_tokenizer_is_refused_with_what_to_use_instead():
     tok = CodeTokenizer.train(["def f(x):\n    return x\n"] * 20, min_freq=2)
     model = Transformer(PRESETS["tiny"])
     with pytest.raises(ValueError, match=r"CodeTokenizer.*--tokenizer"):
-        gguf_export.check_exportable(model, tok)
+        gguf_writer.check_exportable(model, tok)
 
 
 # ---- llama.cpp itself ------------------------------------------------------------------------
@@ -464,7 +463,7 @@ def test_an_adapter_is_merged_into_its_base_before_writing(checkpoints, tmp_path
     save_adapter(model, tmp_path / "adapter")
     merge_lora(model)
     merged = model.blocks[0].attn.qkv.base.weight[: model.cfg.n_head * model.cfg.head_dim]
-    out = gguf_cli.export(f"{checkpoints['llama']}+{tmp_path / 'adapter'}",
+    out = export_gguf.export(f"{checkpoints['llama']}+{tmp_path / 'adapter'}",
                              tmp_path / "tuned.gguf", "f32")
     q = next(t for t in gguf.GGUFReader(out).tensors if t.name == "blk.0.attn_q.weight")
     q = torch.from_numpy(q.data.copy())
@@ -572,4 +571,4 @@ def test_export_gguf_is_refused_before_training_naming_the_setting(checkpoints, 
 def test_the_runs_choices_are_the_writers_outtypes():
     flag = next(a for a in trainconfig.build_parser()._actions
                 if "--export-gguf" in a.option_strings)
-    assert [c for c in flag.choices if c is not None] == list(gguf_export.OUTTYPES)
+    assert [c for c in flag.choices if c is not None] == list(gguf_writer.OUTTYPES)

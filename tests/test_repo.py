@@ -125,12 +125,13 @@ RUNDIR, CHECKPOINT, TRACKERS = ("codelm.runs.rundir", "codelm.runs.checkpoint",
 TOKENIZER_FILES, BATCHING, SOURCE = ("codelm.tokenization.files", "codelm.tokenization.batching",
                                      "codelm.tokenization.source")
 BPE, CHAT = "codelm.tokenization.bpe", "codelm.tokenization.chat"
+GGUF_WRITER, GGUF_COMMAND = "codelm.gguf.writer", "codelm.gguf.__main__"
 TOKENIZATION = {TOKENIZER_FILES, BATCHING, SOURCE, BPE, CHAT}
 BELOW_FLOOR_3 = TOKENIZATION | {
     PROCESS, SETTINGS, HUB, RNG, RUNDIR, CHECKPOINT, TRACKERS, "tokenizer", KERNELS,
     "architecture", GENERATION, "optim", "scraping", "pretrained", "lora", "dataset",
     "dataconfig", "batches", "trainconfig", DISTRIBUTED, "trainer", "record", "plan", "build",
-    "finish", "sandbox", "gguf_export"}
+    "finish", "sandbox", GGUF_WRITER}
 MAY_IMPORT = {
     PROCESS: set(),
     SETTINGS: set(),
@@ -153,7 +154,7 @@ MAY_IMPORT = {
     "scraping": {PROCESS, SETTINGS},
     "pretrained": {PROCESS, SETTINGS, HUB, RUNDIR, "architecture"},
     "lora": {PROCESS, SETTINGS, HUB, "architecture", "pretrained"},
-    "gguf_export": {"architecture", BPE, "pretrained", "lora"},
+    GGUF_WRITER: {PROCESS, "architecture", BPE, "pretrained", "lora"},
     "dataconfig": {PROCESS},
     "dataset": {PROCESS, SETTINGS, HUB, "tokenizer", SOURCE, BATCHING, BPE, "scraping",
                 "dataconfig", KERNELS},
@@ -164,19 +165,19 @@ MAY_IMPORT = {
                 "trainconfig"},
     "record": {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, TRACKERS, DISTRIBUTED},
     "plan": {PROCESS, SETTINGS, HUB, RUNDIR, "architecture", "pretrained", "lora",
-             "gguf_export", "trainconfig"},
+             GGUF_WRITER, "trainconfig"},
     "build": {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, "architecture", "tokenizer", BPE,
               TOKENIZER_FILES,
-              "pretrained", "lora", "gguf_export", "dataconfig", "dataset", "batches",
+              "pretrained", "lora", GGUF_WRITER, "dataconfig", "dataset", "batches",
               "trainconfig", DISTRIBUTED, "trainer", "record", "plan"},
-    "finish": {PROCESS, SETTINGS, RUNDIR, CHECKPOINT, "pretrained", "lora", "gguf_export",
+    "finish": {PROCESS, SETTINGS, RUNDIR, CHECKPOINT, "pretrained", "lora", GGUF_WRITER,
                "dataset", GENERATION, "tokenizer", "trainer", "record", "build"},
     "sandbox": {PROCESS, SETTINGS},
     "trainingmanager": BELOW_FLOOR_3,
     "eval": BELOW_FLOOR_3 | {"trainingmanager"},
     "hyperparam_tune": {PROCESS, SETTINGS, RUNDIR, "trainingmanager"},
     "recipes": BELOW_FLOOR_3 | {"trainingmanager", "eval"},
-    "gguf_cli": BELOW_FLOOR_3 | {"trainingmanager", "eval"},
+    GGUF_COMMAND: BELOW_FLOOR_3 | {"trainingmanager", "eval"},
 }
 
 # Imports each module fresh (the project's modules dropped from sys.modules in between; torch
@@ -221,6 +222,82 @@ def test_every_module_imports_only_what_its_floor_allows():
         allowed = direct.union(*(loaded[d] for d in direct))
         assert set(loaded[module]) <= allowed, (
             f"import {module} loads {sorted(set(loaded[module]) - allowed)}, above its floor")
+
+
+def _source_modules() -> dict[str, Path]:
+    """Every project file by its dotted module name: the root modules, scraping's and codelm's
+    (a package's __init__.py by the package's name)."""
+    found = [*ROOT.glob("*.py"), *ROOT.glob("scraping/**/*.py"), *ROOT.glob("codelm/**/*.py")]
+    modules = {}
+    for path in found:
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def _imported(name: str, path: Path, modules: dict[str, Path]) -> dict[str, int]:
+    """The project modules ``name`` (at ``path``) imports, each with the line of its first
+    import: every import statement, at any depth (a function's, a TYPE_CHECKING block's),
+    relative ones resolved."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: dict[str, int] = {}
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # from . import x: x in the package, from .. : in the one above
+                above = package.rsplit(".", node.level - 1)[0]
+                base = f"{above}.{base}" if base else above
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+                       for alias in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in modules:  # a name inside a module: the module
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                found[target] = min(found.get(target, node.lineno), node.lineno)
+    return found
+
+
+def _circle(graph: dict[str, dict[str, int]]) -> list[str]:
+    """One import loop of ``graph`` (module -> {imported module: line}) as its modules in
+    order, the first repeated last; [] when there is none."""
+    done: set[str] = set()
+    path: list[str] = []
+
+    def visit(module: str) -> list[str]:
+        if module in path:
+            return [*path[path.index(module):], module]
+        if module in done:
+            return []
+        path.append(module)
+        for imported in sorted(graph[module]):
+            loop = visit(imported)
+            if loop:
+                return loop
+        path.pop()
+        done.add(module)
+        return []
+
+    for module in sorted(graph):
+        loop = visit(module)
+        if loop:
+            return loop
+    return []
+
+
+def test_the_imports_form_no_circle():
+    """Read from the source, the project's imports form no circle: no module reaches itself
+    through any import, lazy or under TYPE_CHECKING included (a lazy import that closes a loop
+    passes the floors' check, which only sees what an import at load time loads)."""
+    modules = _source_modules()
+    graph = {name: _imported(name, path, modules) for name, path in modules.items()}
+    loop = _circle(graph)
+    steps = [f"{modules[a].relative_to(ROOT)}:{graph[a][b]} imports {b}"
+             for a, b in zip(loop, loop[1:])]
+    assert not loop, "import circle: " + " -> ".join(steps)
 
 
 def test_scripts_the_readme_says_list_flags_by_section_do():
@@ -299,13 +376,14 @@ def test_the_package_installs_every_top_level_module():
 
 SCRIPTS = ["trainingmanager.py", "eval.py", "dataset.py", "hyperparam_tune.py", "recipes.py",
            "scraping/__main__.py", "tokenizer.py", "architecture.py", "pretrained.py", "lora.py",
-           "sandbox.py"]
+           "sandbox.py", "codelm/gguf/__main__.py"]
 
 
 def test_every_script_guards_its_start_up_and_runs_main_through_process():
     """Each script's first statement quiets Ctrl-C/SIGTERM while its imports load torch, and
     its main runs through process.run_main, which gives the signals back."""
-    scripts = {str(p.relative_to(ROOT)) for p in [*ROOT.glob("*.py"), *ROOT.glob("scraping/*.py")]
+    found = [*ROOT.glob("*.py"), *ROOT.glob("scraping/*.py"), *ROOT.glob("codelm/**/*.py")]
+    scripts = {p.relative_to(ROOT).as_posix() for p in found
                if 'if __name__ == "__main__":' in p.read_text()}
     assert scripts == set(SCRIPTS)
     for script in SCRIPTS:
@@ -327,7 +405,7 @@ MISTAKES = [
     ("scraping/__main__.py github --max-repos x", "invalid int value: 'x'"),
     ("tokenizer.py", "required: tokenizer"),
     ("architecture.py --presets", "unknown flag --presets"),
-    ("pretrained.py export-gguf RUN out.gguf --outtype q4", "invalid choice: 'q4'"),
+    ("codelm/gguf/__main__.py RUN out.gguf --outtype q4", "invalid choice: 'q4'"),
     ("pretrained.py x", "required: out"),
     ("lora.py adapter out --dtype", "--dtype: expected one argument"),
     ("sandbox.py --timeout-s soon", "invalid float value: 'soon'"),
@@ -339,7 +417,7 @@ def _command(script: str) -> list[str]:
     which puts the working directory, ROOT, first on the path)."""
     name, *args = script.split()
     if name.endswith("/__main__.py"):
-        return ["-m", name.split("/")[0], *args]
+        return ["-m", ".".join(name.split("/")[:-1]), *args]
     return [str(ROOT / name), *args]
 
 

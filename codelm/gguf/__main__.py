@@ -1,16 +1,21 @@
-"""``python pretrained.py export-gguf RUN_OR_DIR OUT.gguf [--outtype f32|f16|bf16|q8_0]``: any
-model eval.py loads (an HF checkpoint directory, a run: its export, best/ or last checkpoint, an
-adapter naming its base, or BASE+ADAPTER), loaded as eval.py loads it and written as GGUF with its
-Ollama Modelfile by gguf_export (LoRA merged). pretrained.py's command line hands this command
-over here: loading a run takes eval.py, which stands above pretrained."""
+"""``python -m codelm.gguf RUN_OR_DIR OUT.gguf [--outtype f32|f16|bf16|q8_0]`` (installed:
+``codelm-export-gguf``): any model eval.py loads (an HF checkpoint directory, a run: its export,
+best/ or last checkpoint, an adapter naming its base, or BASE+ADAPTER), loaded as eval.py loads it
+and written as GGUF with its Ollama Modelfile by codelm.gguf.writer (LoRA merged)."""
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, as in every script: the imports below take a while
+    from codelm.runtime import process
+
+    process.quiet_start_up_stops()
+
 import os
+import sys
 from pathlib import Path
 
 import eval as evaluation
-import gguf_export
+from codelm.gguf import writer
 from codelm.runtime import process, settings
 
 
@@ -29,19 +34,19 @@ def export(source: str, out: Path, outtype: str, tokenizer: str | None = None) -
                          "directory you can write")
     loaded = evaluation.load_model(source, "cpu", tokenizer=tokenizer, dtype="fp32",
                                    what="export-gguf")
-    gguf_export.check_exportable(loaded.model, loaded.tokenizer)
-    return gguf_export.save(loaded.model, loaded.tokenizer, out, outtype, name=loaded.label)
+    writer.check_exportable(loaded.model, loaded.tokenizer)
+    return writer.save(loaded.model, loaded.tokenizer, out, outtype, name=loaded.label)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = settings.ArgumentParser(
-        prog="pretrained.py export-gguf",
+        prog="python -m codelm.gguf",
         description="Write a model as GGUF for llama.cpp, Ollama and LM Studio: an HF checkpoint "
         "directory, a codelm run (its export, best/ or last checkpoint, LoRA merged), an adapter "
         "whose config names its base, or BASE+ADAPTER; an Ollama Modelfile goes beside it.")
     parser.add_argument("source", help="the model (RUN_OR_DIR)")
     parser.add_argument("out", help="the file to write, NAME.gguf")
-    parser.add_argument("--outtype", choices=gguf_export.OUTTYPES, default="f16",
+    parser.add_argument("--outtype", choices=writer.OUTTYPES, default="f16",
                         help="tensor type of the matrices (default: f16); vectors stay f32")
     parser.add_argument("--tokenizer", default=None,
                         help="a tokenizer.json (or its directory) where the source has none")
@@ -49,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> None:
         path = export(args.source, Path(args.out), args.outtype, args.tokenizer)
-        print(gguf_export.ollama_hint(path, args.outtype))
+        print(writer.ollama_hint(path, args.outtype))
 
     return process.run_tool(run, "interrupted: nothing written")
+
+
+if __name__ == "__main__":
+    sys.exit(process.run_main(main))
