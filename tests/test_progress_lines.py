@@ -80,6 +80,36 @@ def test_labelled_lines_start_every_line_written_within_with_the_label(stream, c
     assert text == "trial 3: step 1/4 | loss 2.0\ntrial 3: eval step 2/4\n\ntrial 3: done\nafter\n"
 
 
+class _Writes(io.StringIO):
+    """A stream that keeps each write apart, as an unbuffered file shared by two processes
+    receives them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+def test_a_labelled_line_reaches_the_stream_in_one_write(monkeypatch):
+    """print() writes a line and its newline apart; the labelled stream joins them so that
+    another process writing the same file between the two cannot cut the line. A flush in the
+    middle of a line writes its start, and its end goes on without a second label."""
+    shared = _Writes()
+    monkeypatch.setattr(sys, "stdout", shared)
+    with process.labelled_lines("trial 1: "):
+        print("eval step 2/4 | val loss 6.2")
+        print("a", "b", sep=" | ")
+        sys.stdout.write("step 3")
+        sys.stdout.flush()
+        sys.stdout.write("/4\n")
+        sys.stdout.write("unended")
+    assert shared.writes == ["trial 1: eval step 2/4 | val loss 6.2\n", "trial 1: a | b\n",
+                             "trial 1: step 3", "/4\n", "trial 1: unended"]
+
+
 def test_duration_reads_as_minutes_and_hours():
     assert [process.duration(s) for s in (5, 65.4, 3599.6, 3720)] == [
         "0m05s", "1m05s", "1h00m", "1h02m"]

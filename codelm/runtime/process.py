@@ -587,23 +587,39 @@ def _naming(path: Path, tmp: Path) -> Iterator[None]:
 
 
 class _Labelled:
-    """A text stream that starts each non-blank line written to ``stream`` with ``label``."""
+    """A text stream that starts each non-blank line written to ``stream`` with ``label``. A
+    labelled line reaches ``stream`` in one write and a flush, once it ends (or at a flush): two
+    processes that share a file then never cut into each other's lines."""
 
     def __init__(self, stream, label: str) -> None:
         self.stream = stream
         self.label = label
-        self.at_line_start = True
+        self.pending = ""  # the start of a line not ended yet
+        self.mid_line = False  # a flush wrote the start of the current line to ``stream``
 
     def write(self, text: str) -> int:
-        for piece in re.findall(r"[^\n]*\n|[^\n]+", text):  # lines, the last maybe unended
-            if self.at_line_start and piece != "\n":
-                self.stream.write(self.label)
-            self.stream.write(piece)
-            self.at_line_start = piece.endswith("\n")
+        lines = (self.pending + text).split("\n")
+        self.pending = lines.pop()
+        if lines:
+            self.stream.write("".join(self._labelled(line) + "\n" for line in lines))
+            self.stream.flush()  # out now, not cut where a buffer fills
         return len(text)
 
+    def flush(self) -> None:
+        if self.pending:
+            self.stream.write(self._labelled(self.pending))
+            self.pending = ""
+            self.mid_line = True
+        self.stream.flush()
+
+    def _labelled(self, line: str) -> str:
+        if self.mid_line:  # its label went out with its start
+            self.mid_line = False
+            return line
+        return self.label + line if line else line
+
     def __getattr__(self, name: str):
-        return getattr(self.stream, name)  # flush, isatty, fileno, encoding
+        return getattr(self.stream, name)  # isatty, fileno, encoding
 
 
 @contextlib.contextmanager
@@ -615,6 +631,8 @@ def labelled_lines(label: str) -> Iterator[None]:
     try:
         yield
     finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
         sys.stdout, sys.stderr = streams
 
 
